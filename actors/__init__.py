@@ -1,0 +1,1 @@
+"""Ray actors (the live engine); see issue 3."""

@@ -1,0 +1,1 @@
+"""smartbatch core."""

@@ -1,0 +1,229 @@
+"""The one cost model. Every dollar figure in smartbatch comes from these functions.
+
+The rules and formulas are stated in docs/cost-model.md; this module is their only implementation.
+Modes: ``sync`` (one call, list price), ``batch_api`` (provider batch API, discounted), ``gpu_batch``
+(compatible jobs share one warm-up on a GPU-priced provider), ``reuse`` (served from our cache: free).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Literal, NamedTuple
+
+from engine.catalog import Catalog, ModelSpec, ProviderSpec
+from engine.errors import CatalogError
+from engine.request import Request
+
+__all__ = [
+    "MODES",
+    "CacheSplit",
+    "Mode",
+    "Price",
+    "cache_split",
+    "gpu_unit_seconds",
+    "mode_allowed",
+    "price_alone",
+    "price_batch",
+    "price_text",
+]
+
+Mode = Literal["sync", "batch_api", "gpu_batch", "reuse"]
+MODES: tuple[Mode, ...] = ("sync", "batch_api", "gpu_batch", "reuse")
+_M = 1e-6
+
+
+class Price(NamedTuple):
+    """USD of one request, split so a report can say where the money went."""
+
+    total: float
+    input: float = 0.0
+    cached_input: float = 0.0
+    cache_write: float = 0.0
+    output: float = 0.0
+    media: float = 0.0
+
+
+class CacheSplit(NamedTuple):
+    """How a text request's input tokens are billed: read from the provider cache, written to it, or plain."""
+
+    read: int
+    write: int
+    plain: int
+
+
+def mode_allowed(provider: ProviderSpec, spec: ModelSpec, mode: Mode) -> bool:
+    """Whether ``mode`` exists for this model at this provider (capabilities are declared in the catalog)."""
+    if mode in ("sync", "reuse"):
+        return True
+    if mode == "batch_api":
+        return provider.supports_batch_api(spec.kind)
+    return spec.gpu_priced  # gpu_batch
+
+
+def _check_mode(provider: ProviderSpec, spec: ModelSpec, model: str, mode: Mode) -> None:
+    if not mode_allowed(provider, spec, mode):
+        raise CatalogError(
+            f"mode {mode!r} is not available for {provider.name}/{model}: "
+            + ("the provider declares no batch_api for this kind" if mode == "batch_api"
+               else "the model is not GPU-priced")
+        )
+
+
+def cache_split(provider: ProviderSpec, spec: ModelSpec, input_tokens: int, n_blocks: int, warm_blocks: int,
+                mark_blocks: int, block_tokens: int) -> CacheSplit:
+    """Split ``input_tokens`` of a request whose prompt starts with ``n_blocks`` prefix blocks of
+    ``block_tokens`` tokens, the first ``warm_blocks`` of them warm at the provider.
+
+    Reads are rounded down to the provider's cache granularity and need at least the minimum cacheable
+    prefix. A provider with automatic caching writes the whole cold prefix (at ``write_multiplier``, 1.0 for
+    the automatic providers in the default catalog); one with explicit caching writes only up to the
+    breakpoint the caller marks (``mark_blocks`` leading blocks), and only if that prefix is cacheable.
+    """
+    pc = provider.prompt_cache
+    if pc is None or n_blocks == 0:
+        return CacheSplit(0, 0, input_tokens)
+    prefix = min(n_blocks * block_tokens, input_tokens)
+    min_tokens = max(spec.cache_min_tokens if spec.cache_min_tokens is not None else pc.min_tokens, 1)
+    if prefix < min_tokens:
+        return CacheSplit(0, 0, input_tokens)
+    read = min(warm_blocks * block_tokens, prefix)
+    read -= read % pc.block_tokens
+    if read < min_tokens:
+        read = 0
+    upto = prefix if pc.automatic else min(mark_blocks * block_tokens, prefix)
+    write = upto - read if upto >= min_tokens and upto > read else 0
+    return CacheSplit(read, write, input_tokens - read - write)
+
+
+def price_text(provider: ProviderSpec, spec: ModelSpec, split: CacheSplit, output_tokens: int,
+               mode: Mode) -> Price:
+    """Price of a text call with its input split into cache read / write / plain tokens."""
+    if mode == "reuse":
+        return Price(0.0)
+    pc = provider.prompt_cache
+    f = 1.0 - provider.batch_api.discount if mode == "batch_api" and provider.batch_api else 1.0
+    p_in = spec.input_per_mtok * _M  # type: ignore[operator]
+    if pc is not None and (mode != "batch_api" or pc.stacks_with_batch):
+        r = spec.cache_read_multiplier if spec.cache_read_multiplier is not None else pc.read_multiplier
+        cached = f * p_in * r * split.read
+        write = f * p_in * pc.write_multiplier * split.write
+        plain = f * p_in * split.plain
+    else:
+        cached, write = 0.0, 0.0
+        plain = f * p_in * (split.read + split.write + split.plain)
+    out = f * spec.output_per_mtok * _M * output_tokens  # type: ignore[operator]
+    return Price(plain + cached + write + out, plain, cached, write, out)
+
+
+def gpu_unit_seconds(spec: ModelSpec, params: dict) -> float:
+    """GPU seconds one job needs at batch size 1, without the warm-up."""
+    if spec.gpu_s_per_image:
+        return spec.gpu_s_per_image[str(params.get("size", spec.default_size))]
+    if spec.gpu_s_per_video_second:
+        res = str(params.get("resolution", spec.default_resolution))
+        return spec.gpu_s_per_video_second[res] * float(params.get("duration_s", spec.default_duration_s))
+    raise CatalogError("model is not GPU-priced")
+
+
+def _media_list_price(spec: ModelSpec, params: dict) -> float:
+    if spec.per_image:
+        return spec.per_image[str(params.get("size", spec.default_size))]
+    if spec.per_second:
+        res = str(params.get("resolution", spec.default_resolution))
+        return spec.per_second[res] * float(params.get("duration_s", spec.default_duration_s))
+    raise CatalogError("model has no per-unit price")
+
+
+def price_alone(req: Request, catalog: Catalog, mode: Mode = "sync", *, warm_blocks: int = 0,
+                write: bool = False, block_tokens: int = 512) -> Price:
+    """Price of one request sent on its own under ``mode`` with ``warm_blocks`` of its prefix warm;
+    ``write`` marks its whole prefix for caching at a provider with explicit caching."""
+    provider = catalog.provider(req.provider)
+    spec = catalog.model(req.provider, req.model)
+    _check_mode(provider, spec, req.model, mode)
+    if mode == "reuse":
+        return Price(0.0)
+    if spec.kind == "text":
+        n = len(req.prefix_blocks)
+        split = cache_split(provider, spec, req.input_tokens, n, warm_blocks, n if write else 0, block_tokens)
+        return price_text(provider, spec, split, req.output_tokens, mode)
+    if spec.gpu_priced:
+        return price_batch([req], catalog, "gpu_batch" if mode == "sync" else mode, block_tokens=block_tokens)[0]
+    f = 1.0 - provider.batch_api.discount if mode == "batch_api" and provider.batch_api else 1.0
+    p = f * _media_list_price(spec, req.params)
+    return Price(p, media=p)
+
+
+def _marks(reqs: Sequence[Request]) -> list[int]:
+    """For each member, how many leading prefix blocks some later member also starts with.
+
+    Block ids name a whole prefix up to and including that block (as Mooncake's ``hash_ids`` do), so a block
+    id found in a later member is a prefix that member shares.
+    """
+    later: set[int] = set()
+    marks = [0] * len(reqs)
+    for i in range(len(reqs) - 1, -1, -1):
+        k = 0
+        for b in reqs[i].prefix_blocks:
+            if b not in later:
+                break
+            k += 1
+        marks[i] = k
+        later.update(reqs[i].prefix_blocks)
+    return marks
+
+
+def price_batch(reqs: Sequence[Request], catalog: Catalog, mode: Mode, *,
+                warm: Iterable[int] = (), block_tokens: int = 512) -> list[Price]:
+    """Price of each member of one dispatch of ``reqs`` (same provider and model) under ``mode``.
+
+    ``batch_api``/``sync``: members run in the given order; a prefix written by an earlier member is read
+    by later ones when the provider's cache stacks with the mode. At a provider with explicit caching a
+    member marks only the prefix a later member starts with, so no write is paid that nobody reads.
+    ``gpu_batch``: members share one warm-up, ``setup_s + sum(unit) / speedup(b)`` GPU seconds, each paying
+    its own unit share plus an equal share of the warm-up.
+    """
+    if not reqs:
+        return []
+    first = reqs[0]
+    provider = catalog.provider(first.provider)
+    spec = catalog.model(first.provider, first.model)
+    for r in reqs:
+        if (r.provider, r.model) != (first.provider, first.model):
+            raise CatalogError(f"one batch holds one model; got {first.provider}/{first.model} "
+                               f"and {r.provider}/{r.model}")
+    _check_mode(provider, spec, first.model, mode)
+    if mode == "reuse":
+        return [Price(0.0)] * len(reqs)
+    if spec.gpu_priced:
+        gb = provider.gpu_batching
+        assert gb is not None  # ensured by ProviderSpec validation
+        b = len(reqs)
+        if mode == "gpu_batch" and b > gb.max_batch:
+            raise CatalogError(f"a GPU batch holds at most gpu_batching.max_batch={gb.max_batch} jobs, got {b}")
+        s = gb.speedup_at(b) if mode == "gpu_batch" else 1.0
+        out = []
+        for r in reqs:
+            unit = gpu_unit_seconds(spec, r.params)
+            secs = (gb.setup_s / b + unit / s) if mode == "gpu_batch" else (gb.setup_s + unit)
+            p = gb.price_per_gpu_s * secs
+            out.append(Price(p, media=p))
+        return out
+    if spec.kind != "text":
+        return [price_alone(r, catalog, mode) for r in reqs]
+    pc = provider.prompt_cache
+    use_cache = pc is not None and (mode != "batch_api" or pc.stacks_with_batch)
+    warm_set = set(warm) if use_cache else set()
+    marks = _marks(reqs) if use_cache else [0] * len(reqs)
+    prices = []
+    for r, mark in zip(reqs, marks):
+        n_warm = 0
+        for blk in r.prefix_blocks:
+            if blk not in warm_set:
+                break
+            n_warm += 1
+        split = cache_split(provider, spec, r.input_tokens, len(r.prefix_blocks), n_warm, mark, block_tokens)
+        prices.append(price_text(provider, spec, split, r.output_tokens, mode))
+        if use_cache and (split.write or split.read):
+            warm_set.update(r.prefix_blocks)
+    return prices

@@ -1,0 +1,53 @@
+"""One settings object, built once by the driver or CLI and passed down (never read at import time)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["DeadlineDefaults", "Settings", "SimSettings"]
+
+
+class DeadlineDefaults(BaseModel):
+    """Deadline (seconds after arrival) of a request whose line sets none, by priority."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    urgent: float = Field(default=300.0, gt=0)
+    normal: float = Field(default=3600.0, gt=0)
+    background: float = Field(default=86400.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DeadlineDefaults:
+        if not self.urgent <= self.normal <= self.background:
+            raise ValueError(
+                f"deadlines must grow as priority falls: urgent={self.urgent} <= normal={self.normal} "
+                f"<= background={self.background}"
+            )
+        return self
+
+
+class SimSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    seed: int = 0
+    max_attempts: int = Field(default=4, ge=1, description="tries per request before it resolves as failed")
+    backoff_base_s: float = Field(default=1.0, ge=0, description="retry k waits backoff_base_s * 2**(k-1)")
+    batch_slot_s: float = Field(
+        default=60.0, gt=0,
+        description="batches submitted in the same slot of this length share one drawn turnaround "
+                    "(the provider's queue load at that time)",
+    )
+
+
+class Settings(BaseSettings):
+    """Environment: ``SMARTBATCH_<FIELD>``, nested with ``__`` (``SMARTBATCH_DEADLINES__URGENT=60``)."""
+
+    model_config = SettingsConfigDict(env_prefix="SMARTBATCH_", env_nested_delimiter="__", frozen=True,
+                                      extra="forbid")
+    catalog_path: Path | None = None
+    deadlines: DeadlineDefaults = DeadlineDefaults()
+    sim: SimSettings = SimSettings()
+    chars_per_token: float = Field(default=4.0, gt=0, description="token estimate for a line without counts")
+    default_output_tokens: int = Field(default=256, ge=0, description="output estimate for a text line without one")
+    prefix_block_tokens: int = Field(default=512, ge=1, description="tokens per prefix block id in traces")
