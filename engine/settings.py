@@ -33,6 +33,11 @@ class SimSettings(BaseModel):
     seed: int = 0
     max_attempts: int = Field(default=4, ge=1, description="tries per request before it resolves as failed")
     backoff_base_s: float = Field(default=1.0, ge=0, description="retry k waits backoff_base_s * 2**(k-1)")
+    near_floor: float = Field(
+        default=0.85, ge=0, le=1,
+        description="no near-duplicate hit below this cosine is granted, whatever a policy asks; the lower "
+                    "bound counts every guarded match at or above it as free",
+    )
     batch_slot_s: float = Field(
         default=60.0, gt=0,
         description="batches submitted in the same slot of this length share one drawn turnaround "

@@ -1,0 +1,88 @@
+"""What a policy sees and returns: open groups of pending requests, and decisions about them.
+
+The runtime (simulator or actors) owns the groups and the loop; a policy only reads a ``Group`` and returns a
+``Decision``. Both live on the core floor so that policies and both runtimes can import them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Literal, NamedTuple
+
+from engine.catalog import ModelSpec, ProviderSpec
+from engine.cost import Mode
+from engine.request import Request
+
+__all__ = ["RECOMMENDATIONS", "Decision", "Group", "Recommendation", "ReuseSettings"]
+
+Recommendation = Literal["process_as_batch", "consider_batch", "process_individually"]
+RECOMMENDATIONS: tuple[Recommendation, ...] = ("process_as_batch", "consider_batch", "process_individually")
+
+
+class ReuseSettings(NamedTuple):
+    """What reuse a policy allows. The runtime applies it; a request's own ``reuse`` field can only narrow it."""
+
+    exact: bool = False
+    in_flight: bool = False
+    near: bool = False
+    near_threshold: float = 0.92
+
+
+class Decision(NamedTuple):
+    """``wait`` until ``wake_at`` (or the next arrival to the group), or ``dispatch`` the first ``take``
+    members (0 = all) in ``mode``. ``hedge_at``: for ``batch_api``, the time at which an unfinished batch is
+    cancelled and its members sent synchronously. ``cache_write``: mark the shared prompt prefix for the
+    provider's cache (explicit-caching providers)."""
+
+    action: Literal["wait", "dispatch"]
+    mode: Mode | None = None
+    take: int = 0
+    wake_at: float | None = None
+    hedge_at: float | None = None
+    cache_write: bool = False
+    recommendation: Recommendation = "process_individually"
+    reason: str = ""
+
+    @staticmethod
+    def wait(until: float | None, reason: str = "") -> Decision:
+        return Decision("wait", wake_at=until, reason=reason)
+
+
+@dataclass(eq=False)
+class Group:
+    """Pending requests that a policy put under one key, in arrival order, with running aggregates so a
+    policy can decide in O(1) per arrival."""
+
+    key: Hashable
+    provider: ProviderSpec
+    spec: ModelSpec
+    members: list[Request] = field(default_factory=list)
+    earliest_deadline_at: float = float("inf")
+    oldest_arrival_s: float = float("inf")
+    max_output_tokens: int = 0
+    version: int = 0
+
+    def add(self, req: Request) -> None:
+        self.members.append(req)
+        self.earliest_deadline_at = min(self.earliest_deadline_at, req.deadline_at)
+        self.oldest_arrival_s = min(self.oldest_arrival_s, req.arrival_s)
+        self.max_output_tokens = max(self.max_output_tokens, req.output_tokens)
+        self.version += 1
+
+    def take(self, k: int) -> list[Request]:
+        """Remove and return the first ``k`` members (all for k <= 0), recomputing the aggregates."""
+        k = len(self.members) if k <= 0 else k
+        out, self.members = self.members[:k], self.members[k:]
+        self.earliest_deadline_at = min((r.deadline_at for r in self.members), default=float("inf"))
+        self.oldest_arrival_s = min((r.arrival_s for r in self.members), default=float("inf"))
+        self.max_output_tokens = max((r.output_tokens for r in self.members), default=0)
+        self.version += 1
+        return out
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def __repr__(self) -> str:
+        return (f"Group(key={self.key!r}, n={len(self.members)}, earliest_deadline_at={self.earliest_deadline_at:.1f}, "
+                f"oldest_arrival_s={self.oldest_arrival_s:.1f})")

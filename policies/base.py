@@ -1,0 +1,100 @@
+"""Policy base class and registry.
+
+A policy is a pure decision object: ``group_key`` says which open group a request joins, ``decide`` says
+whether a group waits or is dispatched and how. It does no I/O and makes no Ray call, so the simulator and the
+live actors run the same objects. Policies are registered by name (registering a name twice is an error) and
+can also be loaded as ``module:Class``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Hashable, Mapping
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from engine.catalog import Catalog
+from engine.errors import ConfigError, RegistryError
+from engine.grouping import Decision, Group, ReuseSettings
+from engine.request import Request
+
+__all__ = ["Policy", "PolicyParams", "available_policies", "load_policy", "register"]
+
+
+class PolicyParams(BaseModel):
+    """Typed, validated, frozen parameters of a policy; each policy subclasses this."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Policy:
+    """Base of all policies. Subclasses set ``name``, ``Params`` and implement ``group_key``/``decide``."""
+
+    name: ClassVar[str] = ""
+    Params: ClassVar[type[PolicyParams]] = PolicyParams
+
+    def __init__(self, catalog: Catalog, params: PolicyParams | Mapping[str, Any] | None = None):
+        self.catalog = catalog
+        if params is None or isinstance(params, Mapping):
+            try:
+                params = self.Params.model_validate(dict(params or {}))
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                loc = ".".join(str(x) for x in first["loc"])
+                raise ConfigError(f"policy {self.name!r}: parameter '{loc}': {first['msg']}; "
+                                  f"valid parameters: {sorted(self.Params.model_fields)}") from exc
+        self.params = params
+
+    @property
+    def reuse(self) -> ReuseSettings:
+        return ReuseSettings()
+
+    def group_key(self, req: Request, compat: tuple, now: float) -> Hashable:
+        raise NotImplementedError
+
+    def decide(self, group: Group, now: float) -> Decision:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.params!r})"
+
+
+# The registry is filled once, at import of the policy modules, by their @register decorators.
+_REGISTRY: dict[str, type[Policy]] = {}
+
+
+def register(cls: type[Policy]) -> type[Policy]:
+    if not cls.name:
+        raise RegistryError(f"{cls.__qualname__} has no 'name'; set name = '...' on the class")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise RegistryError(f"policy name {cls.name!r} is already registered by {_REGISTRY[cls.name].__qualname__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_policies() -> list[str]:
+    import policies  # noqa: F401  (registers the built-in policies)
+
+    return sorted(_REGISTRY)
+
+
+def load_policy(spec: str, catalog: Catalog, params: Mapping[str, Any] | None = None) -> Policy:
+    """A policy by registered name (``smart``) or import path (``mypkg.mod:MyPolicy``)."""
+    import policies  # noqa: F401
+
+    if ":" in spec:
+        mod_name, _, attr = spec.partition(":")
+        try:
+            cls = getattr(importlib.import_module(mod_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise RegistryError(f"cannot load policy {spec!r}: {exc}; use module.path:ClassName") from exc
+        if not (isinstance(cls, type) and issubclass(cls, Policy)):
+            raise RegistryError(f"{spec!r} is not a Policy subclass")
+    else:
+        try:
+            cls = _REGISTRY[spec]
+        except KeyError:
+            raise RegistryError(f"unknown policy {spec!r}; choose one of {sorted(_REGISTRY)} "
+                                "or give module:Class") from None
+    return cls(catalog, params)

@@ -1,0 +1,161 @@
+"""``smart``: the product policy.
+
+Per request, the cheapest way that still meets the deadline:
+
+* reuse (exact, in flight, near-duplicate with guards), applied by the runtime from ``reuse``;
+* text with a provider batch API goes to a *batch lane* when the batch has a fair chance of finishing before
+  its hedge time; the batch is submitted with ``hedge_at = earliest deadline - (sync p99 x drain) - margin``
+  so a late batch is cancelled (billing nothing) and its members sent synchronously in time. The expected
+  cost ``P * batch + (1 - P) * sync`` is compared with sync, so the risk of a late batch is priced in;
+* GPU-priced media gathers compatible jobs (same compat key) until the GPU batch is full or the latest start
+  that still meets the earliest deadline, amortising the warm-up;
+* everything else is sent at once, alone; on an explicit-caching provider the prompt prefix is marked for
+  caching when the same cacheable prefix was seen within the cache TTL.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable
+
+from pydantic import Field
+
+from engine.cost import price_alone, price_batch
+from engine.grouping import Decision, Group, ReuseSettings
+from engine.latency import Z99, gpu_batch_seconds, sync_latency_p99
+from engine.request import Request
+from policies.base import Policy, PolicyParams, register
+
+__all__ = ["Smart", "SmartParams"]
+
+
+class SmartParams(PolicyParams):
+    reuse_exact: bool = True
+    reuse_in_flight: bool = True
+    reuse_near: bool = True
+    near_threshold: float = Field(default=0.92, ge=0.5, le=1.0)
+    batch_gather_s: float = Field(default=60.0, ge=0, description="longest wait to gather a batch-API batch")
+    gather_frac: float = Field(default=0.1, ge=0, le=1, description="and at most this share of the slack")
+    hedge_margin_s: float = Field(default=15.0, ge=0, description="spare seconds after the sync fallback")
+    min_on_time_p: float = Field(default=0.02, ge=0, le=1,
+                                 description="try the batch API only when P(done before hedge) >= this")
+    confident_p: float = Field(default=0.9, ge=0, le=1,
+                               description="P at or above which a batch is 'process_as_batch', else 'consider'")
+    gpu_margin_s: float = Field(default=60.0, ge=0, description="spare seconds before a GPU batch's deadline")
+    gpu_max_wait_s: float | None = Field(default=None, gt=0, description="cap on gathering GPU jobs (None: "
+                                                                        "deadline-driven)")
+    block_tokens: int = Field(default=512, ge=1, description="tokens per prefix block in the traces")
+
+
+@register
+class Smart(Policy):
+    name = "smart"
+    Params = SmartParams
+
+    def __init__(self, catalog, params=None):
+        super().__init__(catalog, params)
+        # Last time each cacheable prompt prefix was seen, per (provider, model): predicts reuse of a write.
+        self._prefix_seen: dict[tuple, float] = {}
+
+    @property
+    def reuse(self) -> ReuseSettings:
+        p = self.params
+        return ReuseSettings(exact=p.reuse_exact, in_flight=p.reuse_in_flight, near=p.reuse_near,
+                             near_threshold=p.near_threshold)
+
+    # -- grouping ----------------------------------------------------------------------------------------------
+    def _hedge_lead(self, provider, spec, req: Request, n: int) -> float:
+        drain = math.ceil(max(n, 1) / provider.rate_limits.max_concurrency)
+        return sync_latency_p99(provider, spec, req) * drain + self.params.hedge_margin_s
+
+    def group_key(self, req: Request, compat: tuple, now: float) -> Hashable:
+        provider = self.catalog.provider(req.provider)
+        spec = provider.models[req.model]
+        if spec.gpu_priced:
+            return ("gpu", compat)
+        if provider.supports_batch_api(req.kind):
+            usable = req.deadline_at - now - self._hedge_lead(provider, spec, req, 1)
+            if provider.batch_api.turnaround_cdf(usable) >= self.params.min_on_time_p:
+                # Deadlines within a factor of two share a batch, so one urgent member does not hedge
+                # (and push to sync) members that could have waited for the batch.
+                bucket = int(math.log2(max(req.deadline_s, 1.0)))
+                return ("batch", compat, bucket)
+        return ("sync", req.id)
+
+    def _mark_prefix(self, req: Request, now: float) -> bool:
+        provider = self.catalog.provider(req.provider)
+        pc = provider.prompt_cache
+        if pc is None or not req.prefix_blocks:
+            return False
+        spec = provider.models[req.model]
+        min_tokens = spec.cache_min_tokens if spec.cache_min_tokens is not None else pc.min_tokens
+        k = max(1, math.ceil(min_tokens / self.params.block_tokens))
+        if len(req.prefix_blocks) < k or req.input_tokens < min_tokens:
+            return False
+        key = (req.provider, req.model, req.prefix_blocks[:k])
+        last = self._prefix_seen.get(key)
+        self._prefix_seen[key] = now
+        return last is not None and now - last <= pc.ttl_s
+
+    # -- decisions ---------------------------------------------------------------------------------------------
+    def decide(self, group: Group, now: float) -> Decision:
+        lane = group.key[0] if isinstance(group.key, tuple) else "sync"
+        if lane == "gpu":
+            return self._decide_gpu(group, now)
+        if lane == "batch":
+            return self._decide_batch(group, now)
+        req = group.members[0]
+        write = self._mark_prefix(req, now)
+        why = "deadline too close for a batch" if group.provider.supports_batch_api(req.kind) else (
+            "no batch lever for this model")
+        return Decision("dispatch", mode="sync", cache_write=write, recommendation="process_individually",
+                        reason=f"sync now: {why}" + ("; prefix marked for caching" if write else ""))
+
+    def _decide_batch(self, group: Group, now: float) -> Decision:
+        p = self.params
+        ba = group.provider.batch_api
+        assert ba is not None
+        n = len(group)
+        flush_at = group.oldest_arrival_s + min(
+            p.batch_gather_s, p.gather_frac * (group.earliest_deadline_at - group.oldest_arrival_s))
+        if n < ba.max_requests and now < flush_at:
+            return Decision.wait(flush_at, "gathering a batch")
+        members = group.members[: ba.max_requests]
+        slowest = max(members, key=lambda r: r.output_tokens)
+        lead = self._hedge_lead(group.provider, group.spec, slowest, len(members))
+        hedge_at = min(r.deadline_at for r in members) - lead
+        p_on_time = ba.turnaround_cdf(hedge_at - now)
+        c_sync = sum(price_alone(r, self.catalog, "sync", block_tokens=p.block_tokens).total for r in members)
+        c_batch = sum(x.total for x in price_batch(members, self.catalog, "batch_api", block_tokens=p.block_tokens))
+        expected = p_on_time * c_batch + (1 - p_on_time) * c_sync
+        if p_on_time < p.min_on_time_p or expected >= c_sync:
+            return Decision("dispatch", mode="sync", take=len(members), recommendation="process_individually",
+                            reason=f"sync: P(batch done by hedge)={p_on_time:.2f} too low")
+        rec = "process_as_batch" if p_on_time >= p.confident_p else "consider_batch"
+        return Decision("dispatch", mode="batch_api", take=len(members), hedge_at=hedge_at, recommendation=rec,
+                        reason=(f"batch API: {len(members)} requests, expected ${c_sync - expected:.4f} saved "
+                                f"of ${c_sync:.4f}, P(on time)={p_on_time:.2f}, hedge at t={hedge_at:.0f}s"))
+
+    def _decide_gpu(self, group: Group, now: float) -> Decision:
+        p = self.params
+        gb = group.provider.gpu_batching
+        assert gb is not None
+        n = len(group)
+        if n >= gb.max_batch:
+            return Decision("dispatch", mode="gpu_batch", take=gb.max_batch, recommendation="process_as_batch",
+                            reason=f"GPU batch full at {gb.max_batch}: one warm-up for {gb.max_batch} jobs")
+        full = [group.members[0]] * gb.max_batch
+        sigma = group.provider.sync_latency.sigma
+        run_full = gpu_batch_seconds(group.provider, group.spec, full) * math.exp(Z99 * sigma)
+        flush_at = group.earliest_deadline_at - run_full - p.gpu_margin_s
+        if p.gpu_max_wait_s is not None:
+            flush_at = min(flush_at, group.oldest_arrival_s + p.gpu_max_wait_s)
+        if now < flush_at:
+            return Decision.wait(flush_at, f"gathering GPU jobs ({n}/{gb.max_batch})")
+        if n == 1:
+            return Decision("dispatch", mode="gpu_batch", recommendation="process_individually",
+                            reason="no compatible job arrived before the latest safe start")
+        alone = gb.setup_s * n
+        return Decision("dispatch", mode="gpu_batch", recommendation="process_as_batch" if n >= 2 else
+                        "consider_batch", reason=f"GPU batch of {n} at the latest safe start: saves "
+                                                 f"{alone - gb.setup_s:.0f}s of warm-up")
