@@ -386,7 +386,8 @@ class _Sim:
 
     def batch_api(self, idxs: list[int], t: float, hedge_at: float | None, bid: int) -> None:
         members = [self.reqs[i] for i in idxs]
-        prov = self.catalog.providers[members[0].provider]
+        first = members[0]
+        prov = self.catalog.providers[first.provider]
         done = t + self.draws.turnaround(prov.name, prov.batch_api, t)
         if hedge_at is not None and done > hedge_at:
             # Cancelled at the hedge: a cancelled batch bills only finished work, and none has finished.
@@ -395,15 +396,30 @@ class _Sim:
                                            rec.recommendation, rec.reason, outcome="hedged")
             self.push(max(hedge_at, t), "hedge", (idxs, bid))
             return
-        prices = price_batch(members, self.catalog, "batch_api", block_tokens=self.bt)
+        pc = prov.prompt_cache
+        warm_blocks: set[int] = set()
+        if pc is not None and pc.stacks_with_batch:
+            # The batch runs somewhere in [t, done]; prefixes another call wrote and that are still warm at
+            # submission are read, and this batch's own prefixes stay warm until done + ttl.
+            warm = self.warm.setdefault((first.provider, first.model), {})
+            for r in members:
+                for b in r.prefix_blocks:
+                    if warm.get(b, -1.0) >= t:
+                        warm_blocks.add(b)
+        prices = price_batch(members, self.catalog, "batch_api", warm=warm_blocks, block_tokens=self.bt)
         fail_u = self.draws.fail_u
-        for i, p in zip(idxs, prices):
+        for i, r, p in zip(idxs, members, prices):
             k = int(self.attempts[i])
             self.attempts[i] = k + 1
             if fail_u[i, k] < prov.failure_rate:
                 self.retry_or_fail(i, done)
             else:
                 self.complete(i, done, p.total, _BATCH, bid)
+                if pc is not None and pc.stacks_with_batch and (p.cached_input or p.cache_write):
+                    until = done + pc.ttl_s
+                    for b in r.prefix_blocks:
+                        if warm.get(b, -1.0) < until:
+                            warm[b] = until
 
 
 def simulate(requests: Sequence[Request], policy, *, catalog: Catalog | None = None,

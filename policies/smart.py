@@ -34,8 +34,9 @@ class SmartParams(PolicyParams):
     reuse_in_flight: bool = True
     reuse_near: bool = True
     near_threshold: float = Field(default=0.92, ge=0.5, le=1.0)
-    batch_gather_s: float = Field(default=60.0, ge=0, description="longest wait to gather a batch-API batch")
-    gather_frac: float = Field(default=0.1, ge=0, le=1, description="and at most this share of the slack")
+    batch_gather_s: float = Field(default=4 * 3600.0, ge=0, description="longest wait to gather a batch-API batch")
+    gather_p_loss: float = Field(default=0.01, ge=0, le=1,
+                                 description="gather only while P(batch done before hedge) drops by at most this")
     hedge_margin_s: float = Field(default=15.0, ge=0, description="spare seconds after the sync fallback")
     min_on_time_p: float = Field(default=0.02, ge=0, le=1,
                                  description="try the batch API only when P(done before hedge) >= this")
@@ -111,13 +112,31 @@ class Smart(Policy):
         return Decision("dispatch", mode="sync", cache_write=write, recommendation="process_individually",
                         reason=f"sync now: {why}" + ("; prefix marked for caching" if write else ""))
 
+    def _gather_budget(self, group: Group) -> float:
+        """Seconds a batch may gather after its oldest arrival: the longest wait that lowers the chance of
+        finishing before the hedge by at most ``gather_p_loss`` (so long deadlines gather long, large batches
+        that share cached prefixes, and short ones go almost at once)."""
+        ba = group.provider.batch_api
+        slowest_lead = self._hedge_lead(group.provider, group.spec, group.members[0], len(group))
+        usable = group.earliest_deadline_at - group.oldest_arrival_s - slowest_lead
+        target = ba.turnaround_cdf(usable) - self.params.gather_p_loss
+        lo, hi = 0.0, min(self.params.batch_gather_s, max(usable, 0.0))
+        if ba.turnaround_cdf(usable - hi) >= target:
+            return hi
+        for _ in range(30):
+            mid = 0.5 * (lo + hi)
+            if ba.turnaround_cdf(usable - mid) >= target:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+
     def _decide_batch(self, group: Group, now: float) -> Decision:
         p = self.params
         ba = group.provider.batch_api
         assert ba is not None
         n = len(group)
-        flush_at = group.oldest_arrival_s + min(
-            p.batch_gather_s, p.gather_frac * (group.earliest_deadline_at - group.oldest_arrival_s))
+        flush_at = group.oldest_arrival_s + self._gather_budget(group)
         if n < ba.max_requests and now < flush_at:
             return Decision.wait(flush_at, "gathering a batch")
         members = group.members[: ba.max_requests]

@@ -1,0 +1,177 @@
+"""The ``smartbatch`` command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from engine.catalog import load_catalog
+from engine.errors import SmartbatchError
+from engine.settings import Settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="smartbatch: cut the bill of paid generation APIs by deciding how and when each request "
+                       "is sent.")
+trace_app = typer.Typer(no_args_is_help=True, help="Build traces (JSONL) from real data or a seeded generator.")
+app.add_typer(trace_app, name="trace")
+# Wide enough for the results table when output goes to a file or CI log (rich assumes 80 columns there).
+console = Console(width=None if Console().is_terminal else 120)
+err_console = Console(stderr=True)
+
+
+def _fail(exc: SmartbatchError) -> None:
+    err_console.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(2)
+
+
+def _settings(catalog: Optional[Path]) -> tuple[Settings, object]:
+    settings = Settings()
+    return settings, load_catalog(catalog or settings.catalog_path)
+
+
+@trace_app.command("from-azure")
+def trace_from_azure(csv: Path = typer.Argument(..., help="an Azure LLM inference trace CSV"),
+                     out: Path = typer.Option(..., "--out", help="where to write the JSONL trace"),
+                     seed: int = typer.Option(0, help="seed of the assignment rules"),
+                     model: Optional[str] = typer.Option(None, help="force one model, as provider/model"),
+                     limit: Optional[int] = typer.Option(None, min=1, help="only the first N rows"),
+                     catalog: Optional[Path] = typer.Option(None, help="catalog YAML (default: packaged)")) -> None:
+    """Azure CSV (TIMESTAMP, ContextTokens, GeneratedTokens) to a trace."""
+    from engine.trace import write_trace
+    from engine.tracegen import from_azure
+
+    try:
+        settings, cat = _settings(catalog)
+        n = write_trace(from_azure(csv, seed=seed, model=model, catalog=cat, settings=settings, limit=limit), out)
+    except SmartbatchError as exc:
+        _fail(exc)
+    console.print(f"wrote {n:,} requests to {out}")
+
+
+@trace_app.command("from-mooncake")
+def trace_from_mooncake(jsonl: Path = typer.Argument(..., help="a Mooncake trace JSONL"),
+                        out: Path = typer.Option(..., "--out"),
+                        seed: int = typer.Option(0),
+                        model: Optional[str] = typer.Option(None, help="force one model, as provider/model"),
+                        limit: Optional[int] = typer.Option(None, min=1),
+                        catalog: Optional[Path] = typer.Option(None)) -> None:
+    """Mooncake JSONL (timestamp, input_length, output_length, hash_ids) to a trace."""
+    from engine.trace import write_trace
+    from engine.tracegen import from_mooncake
+
+    try:
+        settings, cat = _settings(catalog)
+        n = write_trace(from_mooncake(jsonl, seed=seed, model=model, catalog=cat, settings=settings, limit=limit),
+                        out)
+    except SmartbatchError as exc:
+        _fail(exc)
+    console.print(f"wrote {n:,} requests to {out}")
+
+
+@trace_app.command("synth")
+def trace_synth(out: Path = typer.Option(..., "--out"),
+                n: int = typer.Option(5000, "--n", min=1, help="number of requests"),
+                seed: int = typer.Option(0, "--seed"),
+                duration: float = typer.Option(3600.0, min=1.0, help="seconds the arrivals span"),
+                catalog: Optional[Path] = typer.Option(None)) -> None:
+    """A seeded text/image/video workload with campaigns, re-submissions and a priority mix."""
+    from engine.trace import write_trace
+    from engine.tracegen import synth
+
+    try:
+        settings, cat = _settings(catalog)
+        count = write_trace(synth(n, seed=seed, duration_s=duration, catalog=cat, settings=settings), out)
+    except SmartbatchError as exc:
+        _fail(exc)
+    console.print(f"wrote {count:,} requests to {out}")
+
+
+def _print_table(doc: dict) -> None:
+    t = Table(title=f"{doc['trace']}: {doc['requests']:,} requests; lower bound ${doc['lower_bound_usd']:.2f}")
+    for col in ("policy", "cost $", "saving", "capture", "met", "hits e/f/n", "batch/consider/indiv",
+                "sim req/s"):
+        t.add_column(col, justify="left" if col == "policy" else "right", no_wrap=True)
+    for r in doc["results"]:
+        cap = r["capture_of_achievable"]
+        rc = r["recommendations"]
+        recs = "/".join(str(rc.get(k, 0)) for k in ("process_as_batch", "consider_batch", "process_individually"))
+        t.add_row(r["policy"], f"{r['cost_usd']:.2f}", f"{100 * r['saving_vs_naive'] + 0.0:.1f}%",
+                  "n/a" if cap is None else f"{100 * cap + 0.0:.1f}%", f"{100 * r['deadline_met_frac']:.2f}%",
+                  f"{r['exact_hits']}/{r['in_flight_hits']}/{r['near_hits']}", recs,
+                  f"{r['sim_requests_per_s']:,.0f}")
+    console.print(t)
+
+
+def _bench(requests, name: str, policies: str, variants: Optional[Path], out: Path, seed: int, cat,
+           settings: Settings) -> dict:
+    from engine.bench import load_variants, resolve_policies, run_bench, write_outputs
+
+    specs = resolve_policies(policies, load_variants(variants))
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=err_console, transient=True) as bar:
+        task = bar.add_task(f"bench {name}", total=len(specs) + 1)
+        doc = run_bench(requests, specs, trace_name=name, catalog=cat, settings=settings, seed=seed,
+                        on_progress=lambda label: bar.update(task, advance=1, description=f"done: {label}"))
+    paths = write_outputs(doc, out)
+    _print_table(doc)
+    console.print(f"wrote {paths['json']}, {paths['markdown']}, {paths['plot']}")
+    return doc
+
+
+@app.command()
+def bench(trace: Path = typer.Argument(..., help="a JSONL trace"),
+          policies: str = typer.Option("naive,cache-only,fixed,batch-all,smart", help="comma-separated names "
+                                       "(registered, module:Class, or variants from --variants)"),
+          out: Path = typer.Option(Path("out/bench"), "--out", help="output directory"),
+          variants: Optional[Path] = typer.Option(None, help="YAML with variants: [{name, policy, params}]"),
+          seed: int = typer.Option(0, help="simulation seed"),
+          skip_invalid: bool = typer.Option(False, "--skip-invalid", help="skip and count invalid lines"),
+          catalog: Optional[Path] = typer.Option(None, help="catalog YAML (default: packaged)")) -> None:
+    """Run policies on a trace in the simulator; write results.json, results.md and plot.png."""
+    from engine.trace import load_trace
+
+    try:
+        settings, cat = _settings(catalog)
+        tr = load_trace(trace, catalog=cat, settings=settings, skip_invalid=skip_invalid)
+        if tr.skipped:
+            err_console.print(f"[yellow]skipped {tr.skipped} invalid line(s)[/]; first: {tr.problems[0]}")
+        _bench(tr.requests, tr.name, policies, variants, out, seed, cat, settings)
+    except SmartbatchError as exc:
+        _fail(exc)
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("out/demo"), "--out"),
+         n: int = typer.Option(5000, "--n", min=1),
+         seed: int = typer.Option(0, "--seed")) -> None:
+    """Generate a synthetic workload and compare every policy on it (needs no data files)."""
+    from engine.tracegen import synth
+
+    try:
+        settings, cat = _settings(None)
+        reqs = synth(n, seed=seed, catalog=cat, settings=settings)
+        _bench(reqs, f"synth-{n}-seed{seed}", "naive,cache-only,fixed,batch-all,smart", None, out, seed, cat,
+               settings)
+    except SmartbatchError as exc:
+        _fail(exc)
+
+
+@app.command("policies")
+def list_policies() -> None:
+    """List the registered policies and their parameters."""
+    from engine.catalog import default_catalog
+    from policies import available_policies, load_policy
+
+    for name in available_policies():
+        p = load_policy(name, default_catalog())
+        params = ", ".join(f"{k}={v!r}" for k, v in p.params.model_dump().items()) or "(none)"
+        console.print(f"[bold]{name}[/]: {(type(p).__doc__ or '').strip().splitlines()[0]}\n    {params}")
+
+
+if __name__ == "__main__":
+    app()
