@@ -1,1 +1,51 @@
-"""smartbatch core."""
+"""smartbatch core: request model, catalog, cost model, features, traces, simulator and lower bound.
+
+Floors (imports only go down): core (this package minus ``simulator``/``lower_bound``/``bench``/``cli``) ->
+``policies`` -> runtimes (``engine.simulator``, ``actors``) -> driver API and CLI.
+"""
+
+from engine.catalog import Catalog, default_catalog, load_catalog
+from engine.cost import Price, price_alone, price_batch
+from engine.errors import (
+    CatalogError,
+    ConfigError,
+    PolicyError,
+    ProviderError,
+    RegistryError,
+    SmartbatchError,
+    TraceError,
+)
+from engine.features import compat_key, featurize, fingerprint
+from engine.lower_bound import LowerBound, lower_bound
+from engine.request import Request
+from engine.settings import Settings
+from engine.simulator import SimResult, simulate
+from engine.trace import Trace, load_trace, write_trace
+
+__all__ = [
+    "Catalog",
+    "CatalogError",
+    "ConfigError",
+    "LowerBound",
+    "PolicyError",
+    "Price",
+    "ProviderError",
+    "RegistryError",
+    "Request",
+    "Settings",
+    "SimResult",
+    "SmartbatchError",
+    "Trace",
+    "TraceError",
+    "compat_key",
+    "default_catalog",
+    "featurize",
+    "fingerprint",
+    "load_catalog",
+    "load_trace",
+    "lower_bound",
+    "price_alone",
+    "price_batch",
+    "simulate",
+    "write_trace",
+]

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from engine.catalog import load_catalog
 from engine.errors import SmartbatchError
@@ -21,11 +22,12 @@ trace_app = typer.Typer(no_args_is_help=True, help="Build traces (JSONL) from re
 app.add_typer(trace_app, name="trace")
 # Wide enough for the results table when output goes to a file or CI log (rich assumes 80 columns there).
 console = Console(width=None if Console().is_terminal else 120)
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _fail(exc: SmartbatchError) -> None:
-    err_console.print(f"[bold red]error:[/] {exc}")
+    # Text, not markup: messages quote user input and lists such as ['512x512'] that rich would eat.
+    err_console.print(Text.assemble(("error: ", "bold red"), str(exc)))
     raise typer.Exit(2)
 
 
@@ -139,7 +141,9 @@ def bench(trace: Path = typer.Argument(..., help="a JSONL trace"),
         settings, cat = _settings(catalog)
         tr = load_trace(trace, catalog=cat, settings=settings, skip_invalid=skip_invalid)
         if tr.skipped:
-            err_console.print(f"[yellow]skipped {tr.skipped} invalid line(s)[/]; first: {tr.problems[0]}")
+            p = tr.problems[0]
+            err_console.print(Text(f"skipped {tr.skipped} invalid line(s); first: {p[0]}:{p[1]}: field '{p[2]}': "
+                                   f"{p[3]}", style="yellow"))
         _bench(tr.requests, tr.name, policies, variants, out, seed, cat, settings)
     except SmartbatchError as exc:
         _fail(exc)

@@ -77,8 +77,6 @@ def from_azure(path: str | Path, *, seed: int = 0, model: str | None = None, cat
             data = list(csv.DictReader(fh))
     except OSError as exc:
         raise TraceError([(str(p), 0, "file", f"cannot read: {exc.strerror}")]) from exc
-    if limit is not None:
-        data = data[:limit]
     need = {"TIMESTAMP", "ContextTokens", "GeneratedTokens"}
     if data and not need <= set(data[0]):
         raise TraceError([(str(p), 1, "header", f"expected columns {sorted(need)}, got {sorted(data[0])}")])
@@ -86,7 +84,8 @@ def from_azure(path: str | Path, *, seed: int = 0, model: str | None = None, cat
     tenants, prios = _common(rng, len(data))
     models = rng.choice(len(TEXT_MIX), size=len(data), p=[m[2] for m in TEXT_MIX])
     rows, t0 = [], None
-    for i, row in enumerate(data):
+    # Assignments are drawn for the whole file, then cut, so row i gets the same values whatever the limit.
+    for i, row in enumerate(data[:limit] if limit is not None else data):
         try:
             # Fractional seconds carry 7 digits; Python parses at most 6.
             ts = datetime.strptime(row["TIMESTAMP"][:26], "%Y-%m-%d %H:%M:%S.%f").timestamp()
@@ -124,13 +123,11 @@ def from_mooncake(path: str | Path, *, seed: int = 0, model: str | None = None, 
                         raw.append(json.loads(line))
                     except json.JSONDecodeError as exc:
                         raise TraceError([(str(p), no, "line", f"not valid JSON: {exc.msg}")]) from exc
-                if limit is not None and len(raw) >= limit:
-                    break
     except OSError as exc:
         raise TraceError([(str(p), 0, "file", f"cannot read: {exc.strerror}")]) from exc
     tenants, prios = _common(rng, len(raw))
     rows = []
-    for i, r in enumerate(raw):
+    for i, r in enumerate(raw[:limit] if limit is not None else raw):
         blocks = [int(b) for b in r.get("hash_ids", [])]
         key = hashlib.blake2b(f"{salt}:{blocks[:2]}".encode(), digest_size=8).digest()
         u = int.from_bytes(key, "big") / 2**64

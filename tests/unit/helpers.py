@@ -1,0 +1,34 @@
+"""Small traces of one provider kind, built in code."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from engine.request import Request
+
+KINDS = {
+    # name: (model, extra fields)
+    "text-batch-api-auto-cache": ("gpt-5-mini", {}),
+    "text-batch-api-explicit-cache": ("claude-sonnet-4-5", {}),
+    "hosted-image-per-image": ("imagen-4", {"prompt": "a koi pond"}),
+    "hosted-video-per-second": ("sora-2-pro", {"prompt": "a boat", "params": {"resolution": "1024p"}}),
+    "gpu-image": ("flux-1-dev", {"prompt": "a cabin"}),
+    "gpu-video": ("wan-2.1-t2v", {"prompt": "a storm", "params": {"resolution": "480p", "duration_s": 4}}),
+}
+
+
+def kind_trace(kind: str, n: int = 120, seed: int = 0, span_s: float = 900.0) -> list[Request]:
+    model, extra = KINDS[kind]
+    rng = np.random.default_rng(seed)
+    prios = rng.choice(["urgent", "normal", "background"], size=n, p=[0.2, 0.5, 0.3])
+    out = []
+    for i in range(n):
+        d = {"id": f"{kind}-{i}", "arrival_s": float(np.round(rng.uniform(0, span_s), 3)), "model": model,
+             "priority": str(prios[i]), **extra}
+        if "prompt" in extra:
+            d["prompt"] = f"{extra['prompt']} variant {int(rng.integers(0, n // 3 + 1))}"
+        else:
+            d.update(input_tokens=int(rng.integers(1200, 6000)), output_tokens=int(rng.integers(20, 600)),
+                     prefix_blocks=[7, 8] if rng.random() < 0.5 else [], prompt=f"task {int(rng.integers(0, n))}")
+        out.append(Request.model_validate(d))
+    return sorted(out, key=lambda r: r.arrival_s)

@@ -1,0 +1,175 @@
+"""The cost model's documented rules, as properties (docs/cost-model.md)."""
+
+import math
+
+import pytest
+from hypothesis import given, settings as hsettings, strategies as st
+
+from engine.catalog import default_catalog
+from engine.cost import cache_split, price_alone, price_batch
+from engine.errors import CatalogError
+from engine.request import Request
+
+CAT = default_catalog()
+TEXT_MODELS = [(p, m) for p, spec in CAT.providers.items() for m, ms in spec.models.items() if ms.kind == "text"]
+GPU_MODELS = [(p, m) for p, spec in CAT.providers.items() for m, ms in spec.models.items() if ms.gpu_priced]
+HOSTED_MEDIA = [(p, m) for p, spec in CAT.providers.items() for m, ms in spec.models.items()
+                if ms.kind != "text" and not ms.gpu_priced]
+
+
+@st.composite
+def text_requests(draw, provider=None, model=None, n=None):
+    if provider is None:
+        provider, model = draw(st.sampled_from(TEXT_MODELS))
+    k = n or draw(st.integers(1, 12))
+    roots = draw(st.lists(st.integers(0, 3), min_size=k, max_size=k))
+    out = []
+    for i in range(k):
+        depth = draw(st.integers(0, 8))
+        # Prefix ids name a whole prefix: requests of one root share its leading ids.
+        blocks = [roots[i] * 100 + j for j in range(depth)]
+        tail = draw(st.integers(0, 3000))
+        out.append(Request.model_validate({
+            "id": f"r{i}", "arrival_s": 0, "provider": provider, "model": model,
+            "input_tokens": depth * 512 + tail, "output_tokens": draw(st.integers(0, 4000)),
+            "prefix_blocks": blocks}))
+    return out
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(text_requests(), st.sampled_from(["sync", "batch_api"]), st.integers(0, 8), st.booleans())
+def test_text_cost_is_never_negative(reqs, mode, warm, write):
+    for r in reqs:
+        assert price_alone(r, CAT, mode, warm_blocks=warm, write=write).total >= 0
+    assert all(p.total >= 0 for p in price_batch(reqs, CAT, mode))
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(text_requests(), st.sampled_from(["sync", "batch_api"]))
+def test_a_text_batch_never_costs_more_than_its_items_alone(reqs, mode):
+    together = sum(p.total for p in price_batch(reqs, CAT, mode))
+    alone = sum(price_alone(r, CAT, mode).total for r in reqs)
+    assert together <= alone + 1e-12
+
+
+@hsettings(max_examples=100, deadline=None)
+@given(st.sampled_from(GPU_MODELS), st.integers(1, 8), st.data())
+def test_a_gpu_batch_never_costs_more_than_its_jobs_alone(pm, b, data):
+    provider, model = pm
+    spec = CAT.model(provider, model)
+    table = spec.gpu_s_per_image or spec.gpu_s_per_video_second
+    key = "size" if spec.gpu_s_per_image else "resolution"
+    choice = data.draw(st.sampled_from(sorted(table)))
+    reqs = [Request.model_validate({"id": f"g{i}", "arrival_s": 0, "provider": provider, "model": model,
+                                    "prompt": "p", "params": {key: choice}}) for i in range(b)]
+    together = price_batch(reqs, CAT, "gpu_batch")
+    alone = [price_alone(r, CAT, "sync") for r in reqs]
+    assert sum(p.total for p in together) <= sum(p.total for p in alone) + 1e-12
+    assert all(p.total > 0 for p in together)
+
+
+@pytest.mark.parametrize("provider, model", TEXT_MODELS)
+def test_batch_discount_is_exactly_the_catalogs(provider, model):
+    r = Request.model_validate({"id": "a", "arrival_s": 0, "provider": provider, "model": model,
+                                "input_tokens": 1234, "output_tokens": 567})
+    spec, prov = CAT.model(provider, model), CAT.provider(provider)
+    sync = price_alone(r, CAT, "sync").total
+    assert sync == pytest.approx((1234 * spec.input_per_mtok + 567 * spec.output_per_mtok) / 1e6, rel=1e-12)
+    assert price_alone(r, CAT, "batch_api").total == pytest.approx((1 - prov.batch_api.discount) * sync, rel=1e-12)
+    assert price_alone(r, CAT, "reuse").total == 0
+
+
+def test_cache_read_and_write_multipliers_are_exact():
+    # Anthropic: explicit cache, write 1.25x, read 0.1x, stacks with the batch discount.
+    prov, spec = CAT.provider("anthropic"), CAT.model("anthropic", "claude-sonnet-4-5")
+    p_in = spec.input_per_mtok / 1e6
+    mk = lambda i: Request.model_validate({"id": str(i), "arrival_s": 0, "model": "claude-sonnet-4-5",
+                                           "input_tokens": 3000, "output_tokens": 0, "prefix_blocks": [1, 2, 3, 4 + i]})
+    r0, r1 = mk(0), mk(1)
+    assert price_alone(r0, CAT, "sync").total == pytest.approx(3000 * p_in)  # unmarked: no cache
+    written = price_alone(r0, CAT, "sync", write=True)
+    assert written.cache_write == pytest.approx(2048 * 1.25 * p_in) and written.input == pytest.approx(952 * p_in)
+    read = price_alone(r1, CAT, "sync", warm_blocks=3)
+    assert read.cached_input == pytest.approx(1536 * 0.1 * p_in) and read.input == pytest.approx(1464 * p_in)
+    b = price_batch([r0, r1], CAT, "batch_api")
+    # r0 marks the 3 blocks r1 shares (1536 tokens, >= 1024 minimum); r1 reads them; all at 50 %.
+    assert b[0].cache_write == pytest.approx(0.5 * 1536 * 1.25 * p_in)
+    assert b[1].cached_input == pytest.approx(0.5 * 1536 * 0.1 * p_in)
+    assert prov.prompt_cache.stacks_with_batch
+
+
+def test_reads_below_the_minimum_or_off_granularity_are_not_cached():
+    prov, spec = CAT.provider("openai"), CAT.model("openai", "gpt-5")
+    assert cache_split(prov, spec, 5000, 1, 1, 0, 512) == (0, 0, 5000)  # 512-token prefix < 1024 minimum
+    s = cache_split(prov, spec, 5000, 3, 3, 0, 500)  # 1500 warm -> rounded down to 1408 (128-token steps)
+    assert s.read == 1408 and s.read % prov.prompt_cache.block_tokens == 0
+    assert cache_split(prov, spec, 5000, 3, 0, 0, 512).write == 1536  # automatic cache writes the prefix
+
+
+def test_gpu_batch_formula():
+    prov, spec = CAT.provider("modal-h100"), CAT.model("modal-h100", "flux-1-dev")
+    gb = prov.gpu_batching
+    reqs = [Request.model_validate({"id": str(i), "arrival_s": 0, "model": "flux-1-dev", "prompt": "x"})
+            for i in range(4)]
+    unit = spec.gpu_s_per_image["1024x1024"]
+    share = gb.price_per_gpu_s * (gb.setup_s / 4 + unit / gb.speedup_at(4))
+    assert [p.total for p in price_batch(reqs, CAT, "gpu_batch")] == pytest.approx([share] * 4)
+    assert price_alone(reqs[0], CAT, "sync").total == pytest.approx(gb.price_per_gpu_s * (gb.setup_s + unit))
+
+
+@pytest.mark.parametrize("provider, model", HOSTED_MEDIA)
+def test_hosted_media_is_list_price(provider, model):
+    spec = CAT.model(provider, model)
+    r = Request.model_validate({"id": "m", "arrival_s": 0, "provider": provider, "model": model, "prompt": "x"})
+    want = (spec.per_image[r.params["size"]] if spec.kind == "image"
+            else spec.per_second[r.params["resolution"]] * r.params["duration_s"])
+    assert price_alone(r, CAT, "sync").total == pytest.approx(want)
+
+
+def test_unavailable_modes_are_refused_with_the_reason():
+    img = Request.model_validate({"id": "i", "arrival_s": 0, "model": "imagen-4", "prompt": "x"})
+    with pytest.raises(CatalogError, match="no batch_api"):
+        price_alone(img, CAT, "batch_api")
+    with pytest.raises(CatalogError, match="not GPU-priced"):
+        price_batch([img], CAT, "gpu_batch")
+    flux = [Request.model_validate({"id": str(i), "arrival_s": 0, "model": "flux-1-dev", "prompt": "x"})
+            for i in range(9)]
+    with pytest.raises(CatalogError, match="max_batch"):
+        price_batch(flux, CAT, "gpu_batch")
+
+
+def test_speedup_curve_must_be_physical(tmp_path):
+    from engine.catalog import load_catalog
+
+    bad = (tmp_path / "c.yaml")
+    bad.write_text("""
+providers:
+  gpu:
+    failure_rate: 0
+    rate_limits: {rpm: 1, tpm: 1, max_concurrency: 1}
+    sync_latency: {base_s: 1}
+    gpu_batching: {price_per_gpu_s: 1, setup_s: 1, max_batch: 4, speedup: [[1, 1.0], [2, 2.5]]}
+    models:
+      m: {kind: image, gpu_s_per_image: {"1x1": 1}}
+""")
+    with pytest.raises(CatalogError, match=r"providers.gpu.gpu_batching.speedup.*faster than linear"):
+        load_catalog(bad)
+
+
+def test_default_catalog_has_the_required_models_with_sources():
+    from importlib import resources
+
+    kinds = {(p, m): (ms.kind, ms.gpu_priced, bool(ms.per_second), bool(ms.per_image))
+             for p, spec in CAT.providers.items() for m, ms in spec.models.items()}
+    assert sum(1 for (p, _), k in kinds.items() if p == "openai" and k[0] == "text") >= 2
+    assert sum(1 for (p, _), k in kinds.items() if p == "anthropic" and k[0] == "text") >= 2
+    assert any(p == "google" and k[0] == "text" for (p, _), k in kinds.items())
+    assert any(k[0] == "video" and k[2] and len(CAT.model(*pm).per_second) >= 2 for pm, k in kinds.items())
+    assert any(k[0] == "image" and k[3] for k in kinds.values())
+    assert any(k[1] for k in kinds.values())
+    text = resources.files("engine").joinpath("data/catalog.yaml").read_text()
+    for name in CAT.providers:
+        block = text.split(f"\n  {name}:", 1)[1]
+        assert "Source: https://" in block.split("\n  ", 2)[1] or "Source: https://" in block[:400], name
+    assert text.count("ASSUMPTION") >= 10
+    assert math.isclose(CAT.provider("anthropic").prompt_cache.write_multiplier, 1.25)

@@ -1,0 +1,62 @@
+import numpy as np
+
+from engine.features import compat_key, featurize, featurize_texts, fingerprint
+from engine.request import Request
+
+
+def req(**kw):
+    base = {"id": "a", "arrival_s": 0, "model": "flux-1-dev", "prompt": "a red car at night"}
+    base.update(kw)
+    return Request.model_validate(base)
+
+
+def test_vectors_are_fixed_length_unit_float32_and_stable():
+    texts = ["a red car at night", "", "Hugging Face Hub is a platform", "x"]
+    m = featurize_texts(texts)
+    assert m.shape == (4, 1024) and m.dtype == np.float32
+    norms = np.linalg.norm(m, axis=1)
+    assert np.allclose(norms[[0, 2, 3]], 1.0, atol=1e-5) and norms[1] == 0
+    assert np.array_equal(m, featurize_texts(texts))  # hashing is stable (crc32, not hash())
+
+
+def test_paraphrases_score_higher_than_unrelated_prompts():
+    m = featurize_texts([
+        "Hugging Face Hub is a platform to host Git-based models, datasets, and Spaces.",
+        "Hugging Face Hub serves as a repository for Git-based models, datasets, and Spaces.",
+        "What is the best way to cook rice in a pressure cooker?",
+    ])
+    assert m[0] @ m[1] > 0.5 > m[0] @ m[2]
+
+
+def test_params_change_the_vector_and_dim_is_configurable():
+    a, b = featurize([req(), req(params={"size": "512x512"})])
+    assert 0.5 < a @ b < 0.999
+    assert featurize([req()], dim=64).shape == (1, 64)
+
+
+def test_ten_thousand_requests_in_one_call():
+    reqs = [req(id=str(i), prompt=f"product {i} description in a friendly tone") for i in range(10_000)]
+    m = featurize(reqs)
+    assert m.shape == (10_000, 1024) and np.isfinite(m).all()
+    assert len({m[i].tobytes() for i in range(0, 10_000, 997)}) == len(range(0, 10_000, 997))
+
+
+def test_compat_key_separates_what_cannot_share_a_batch():
+    assert compat_key(req()) == compat_key(req(id="b", prompt="other", priority="urgent"))
+    assert compat_key(req()) != compat_key(req(params={"size": "512x512"}))
+    v1 = req(model="wan-2.1-t2v", params={"resolution": "480p", "duration_s": 5})
+    v2 = req(model="wan-2.1-t2v", params={"resolution": "480p", "duration_s": 4})
+    assert compat_key(v1) != compat_key(v2)
+    t1 = Request.model_validate({"id": "t", "arrival_s": 0, "model": "gpt-5", "prompt": "x"})
+    assert compat_key(t1) == ("openai", "gpt-5", "text")
+
+
+def test_fingerprint_covers_output_and_ignores_scheduling_fields():
+    base = req()
+    same = req(id="other", arrival_s=99, priority="background", deadline_s=5, reuse="near",
+               prompt="  a red   car at night ")
+    assert fingerprint(base) == fingerprint(same)
+    assert fingerprint(base) != fingerprint(req(tenant="t2"))
+    assert fingerprint(base, share_across_tenants=True) == fingerprint(req(tenant="t2"), share_across_tenants=True)
+    assert fingerprint(base) != fingerprint(req(params={"size": "512x512"}))
+    assert fingerprint(base) != fingerprint(req(prompt="A red car at night"))  # case can change an output

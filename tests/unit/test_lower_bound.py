@@ -1,0 +1,83 @@
+import numpy as np
+import pytest
+
+from engine.catalog import default_catalog
+from engine.lower_bound import _max_overlap, batch_eligible, lower_bound
+from engine.simulator import simulate
+from engine.tracegen import from_azure, from_mooncake, synth
+from policies import load_policy
+
+from .helpers import KINDS, kind_trace
+
+CAT = default_catalog()
+POLICIES = ["naive", "cache-only", "fixed", "batch-all", "smart"]
+VARIANTS = [("smart", {"gather_p_loss": 0.2}), ("smart", {"min_on_time_p": 0.0, "hedge_margin_s": 0}),
+            ("fixed", {"max_batch_size": 8, "batch_wait_timeout_s": 600}), ("batch-all", {"batch_wait_s": 3600}),
+            ("cache-only", {"in_flight": True})]
+
+
+def _check_no_policy_beats_the_bound(reqs, seed=0):
+    lb = lower_bound(reqs, seed=seed)
+    naive = None
+    for name, params in [(p, {}) for p in POLICIES] + VARIANTS:
+        res = simulate(reqs, load_policy(name, CAT, params), seed=seed)
+        relaxed = lower_bound(reqs, seed=seed, relax=~res.met)
+        assert res.total_cost >= relaxed.total_usd - 1e-9, (name, params, res.total_cost, relaxed.total_usd)
+        if res.met.all():
+            assert res.total_cost >= lb.total_usd - 1e-9, (name, params)
+        if name == "naive":
+            naive = res.total_cost
+    assert 0 < lb.total_usd <= naive
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_no_policy_beats_the_bound_on_synthetic_traces(seed):
+    _check_no_policy_beats_the_bound(synth(1200, seed=seed, duration_s=1800), seed=seed)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_no_policy_beats_the_bound_per_provider_kind(kind):
+    _check_no_policy_beats_the_bound(kind_trace(kind, n=150, seed=4), seed=4)
+
+
+def test_no_policy_beats_the_bound_on_real_traces(real_data):
+    _check_no_policy_beats_the_bound(from_azure(real_data / "azure_llm_2023_code.csv", limit=1500))
+    _check_no_policy_beats_the_bound(from_mooncake(real_data / "mooncake_conversation_trace.jsonl", limit=1500))
+
+
+def test_bound_is_tight_enough_to_be_useful():
+    # smart must be able to get most of the way to it; a loose bound would make this fail
+    reqs = synth(1500, seed=3)
+    lb = lower_bound(reqs).total_usd
+    naive = simulate(reqs, load_policy("naive", CAT)).total_cost
+    smart = simulate(reqs, load_policy("smart", CAT)).total_cost
+    assert (naive - smart) / (naive - lb) > 0.8
+
+
+def test_batch_eligibility_matches_brute_force():
+    rng = np.random.default_rng(0)
+    slot_s = 60.0
+    slot_t = rng.uniform(30, 900, size=200)
+    a = rng.uniform(0, 6000, size=500)
+    d = a + rng.uniform(10, 3000, size=500)
+    got = batch_eligible(a, d, slot_t, slot_s)
+    for i in range(500):
+        want = any(max(a[i], k * slot_s) + slot_t[k] <= d[i] and max(a[i], k * slot_s) <= d[i]
+                   for k in range(slot_t.size) if (k + 1) * slot_s > a[i])
+        assert got[i] == want, i
+
+
+def test_max_overlap_matches_brute_force():
+    rng = np.random.default_rng(1)
+    a = rng.uniform(0, 100, 80)
+    d = a + rng.uniform(0, 30, 80)
+    got = _max_overlap(a, d)
+    for i in range(80):
+        pts = [x for x in a if a[i] <= x <= d[i]]
+        assert got[i] == max(sum(1 for j in range(80) if a[j] <= x <= d[j]) for x in pts)
+
+
+def test_relaxing_deadlines_never_raises_the_bound():
+    reqs = synth(600, seed=9)
+    lb = lower_bound(reqs).total_usd
+    assert lower_bound(reqs, relax=np.ones(len(reqs), bool)).total_usd <= lb + 1e-12

@@ -1,0 +1,121 @@
+"""Every policy against every provider kind (one matrix), plus the registry and parameters."""
+
+import numpy as np
+import pytest
+
+from engine.catalog import default_catalog
+from engine.cost import mode_allowed
+from engine.errors import ConfigError, RegistryError
+from engine.grouping import RECOMMENDATIONS
+from engine.simulator import MODES, simulate
+from policies import Policy, available_policies, load_policy, register
+
+from .helpers import KINDS, kind_trace
+
+CAT = default_catalog()
+POLICIES = ["naive", "cache-only", "fixed", "batch-all", "smart"]
+
+
+def test_builtin_policies_are_registered():
+    assert set(POLICIES) <= set(available_policies())
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+@pytest.mark.parametrize("policy", POLICIES)
+def test_policy_on_provider_kind(policy, kind):
+    reqs = kind_trace(kind)
+    res = simulate(reqs, load_policy(policy, CAT))
+    assert (res.status != 0).all(), "every request resolves"
+    prov = CAT.provider(reqs[0].provider)
+    spec = CAT.model(reqs[0].provider, reqs[0].model)
+    for m in set(res.mode[res.mode >= 0].tolist()):
+        assert MODES[m] == "reuse" or mode_allowed(prov, spec, MODES[m])
+    assert all(b.recommendation in RECOMMENDATIONS and b.reason for b in res.batches)
+    naive = simulate(reqs, load_policy("naive", CAT))
+    if policy == "smart":
+        # smart never costs more than naive and meets at least as many deadlines
+        assert res.total_cost <= naive.total_cost + 1e-9
+        assert res.met.sum() >= naive.met.sum()
+    if policy == "naive":
+        assert (res.mode == 0).all() or spec.gpu_priced
+        assert all(b.size == 1 for b in res.batches)
+    if policy == "batch-all" and prov.supports_batch_api(spec.kind):
+        assert (res.mode == 1).sum() > 0.8 * len(reqs)
+
+
+@pytest.mark.parametrize("kind", ["gpu-image", "gpu-video"])
+def test_smart_amortises_gpu_warm_up(kind):
+    reqs = kind_trace(kind, n=200)
+    smart = simulate(reqs, load_policy("smart", CAT))
+    naive = simulate(reqs, load_policy("naive", CAT))
+    sizes = [b.size for b in smart.batches if b.mode == "gpu_batch"]
+    assert max(sizes) == CAT.provider("modal-h100").gpu_batching.max_batch
+    assert smart.total_cost < 0.7 * naive.total_cost
+    assert any(b.recommendation == "process_as_batch" for b in smart.batches)
+
+
+def test_smart_hedges_text_batches_and_explains():
+    reqs = kind_trace("text-batch-api-explicit-cache", n=300)
+    res = simulate(reqs, load_policy("smart", CAT))
+    api = [b for b in res.batches if b.mode == "batch_api"]
+    assert api and all("hedge at" in b.reason and "P(on time)" in b.reason for b in api)
+    assert res.met.all()
+    urgent_sync = [b for b in res.batches if b.mode == "sync"]
+    assert all(b.recommendation == "process_individually" for b in urgent_sync)
+
+
+def test_fixed_flushes_at_size_or_timeout():
+    from engine.catalog import Catalog
+
+    raw = CAT.model_dump()
+    raw["providers"]["modal-h100"]["failure_rate"] = 0.0  # no retries, so every flush is a fresh one
+    cat = Catalog.model_validate(raw)
+    reqs = kind_trace("gpu-image", n=64, span_s=1.0)
+    res = simulate(reqs, load_policy("fixed", cat, {"max_batch_size": 4, "batch_wait_timeout_s": 100}),
+                   catalog=cat)
+    assert [b.size for b in res.batches] == [4] * 16
+    res = simulate(reqs[:3], load_policy("fixed", cat, {"max_batch_size": 4, "batch_wait_timeout_s": 2.0}),
+                   catalog=cat)
+    assert [b.size for b in res.batches] == [3] and res.batches[0].t == pytest.approx(reqs[0].arrival_s + 2.0)
+
+
+def test_params_are_typed_and_errors_name_the_parameter():
+    with pytest.raises(ConfigError, match=r"parameter 'max_batch_size'.*greater than or equal to 1"):
+        load_policy("fixed", CAT, {"max_batch_size": 0})
+    with pytest.raises(ConfigError, match=r"parameter 'max_batch'.*valid parameters"):
+        load_policy("fixed", CAT, {"max_batch": 3})
+
+
+def test_registry_refuses_duplicates_and_unknown_names():
+    class Dup(Policy):
+        name = "naive"
+
+    with pytest.raises(RegistryError, match="already registered"):
+        register(Dup)
+    with pytest.raises(RegistryError, match="unknown policy 'smrt'.*smart"):
+        load_policy("smrt", CAT)
+
+
+def test_policy_loads_from_import_path():
+    p = load_policy("policies.smart:Smart", CAT, {"near_threshold": 0.97})
+    assert p.name == "smart" and p.reuse.near_threshold == 0.97
+    with pytest.raises(RegistryError, match="module.path:ClassName"):
+        load_policy("policies.smart:Nope", CAT)
+    with pytest.raises(RegistryError, match="not a Policy"):
+        load_policy("engine.cost:price_alone", CAT)
+
+
+def test_decisions_are_pure_functions_of_group_and_time():
+    from engine.grouping import Group
+
+    reqs = [r.model_copy(update={"arrival_s": 10.0, "priority": "normal", "deadline_s": 3600.0})
+            for r in kind_trace("gpu-image", n=3)]
+    prov = CAT.provider("modal-h100")
+    p = load_policy("smart", CAT)
+    g = Group(("gpu", ()), prov, prov.models["flux-1-dev"])
+    for r in reqs:
+        g.add(r)
+    assert p.decide(g, reqs[-1].arrival_s) == p.decide(g, reqs[-1].arrival_s)
+    d = p.decide(g, 10.0)
+    assert d.action == "wait" and 10.0 < d.wake_at < 3610.0
+    assert p.decide(g, d.wake_at).action == "dispatch"  # at the latest safe start it flushes what it has

@@ -1,0 +1,38 @@
+import engine
+import policies
+
+
+def test_engine_public_surface_is_pinned():
+    assert sorted(engine.__all__) == sorted([
+        "Catalog", "CatalogError", "ConfigError", "LowerBound", "PolicyError", "Price", "ProviderError",
+        "RegistryError", "Request", "Settings", "SimResult", "SmartbatchError", "Trace", "TraceError",
+        "compat_key", "default_catalog", "featurize", "fingerprint", "load_catalog", "load_trace",
+        "lower_bound", "price_alone", "price_batch", "simulate", "write_trace",
+    ])
+    for name in engine.__all__:
+        assert hasattr(engine, name), name
+
+
+def test_policies_public_surface_is_pinned():
+    assert sorted(policies.__all__) == sorted([
+        "BatchAll", "CacheOnly", "Fixed", "Naive", "Policy", "PolicyParams", "Smart", "SmartParams",
+        "available_policies", "load_policy", "register",
+    ])
+
+
+def test_core_and_policies_never_import_ray():
+    import ast
+    from pathlib import Path
+
+    root = Path(engine.__file__).parent.parent
+    for pkg in ("engine", "policies"):
+        for f in (root / pkg).rglob("*.py"):
+            tree = ast.parse(f.read_text())
+            for node in ast.walk(tree):
+                names = []
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module]
+                for n in names:
+                    assert not n.startswith(("ray", "actors")), f"{f} imports {n}"

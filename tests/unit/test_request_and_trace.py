@@ -1,0 +1,108 @@
+import json
+
+import pytest
+from hypothesis import given, settings as hsettings, strategies as st
+from pydantic import ValidationError
+
+from engine.errors import TraceError
+from engine.request import Request, validation_context
+from engine.settings import DeadlineDefaults, Settings
+from engine.trace import load_trace, parse_trace_lines, write_trace
+
+
+def line(**kw):
+    base = {"id": "r1", "arrival_s": 0.0, "model": "gpt-5", "input_tokens": 100, "output_tokens": 10}
+    base.update(kw)
+    return json.dumps(base)
+
+
+def test_defaults_are_resolved_from_catalog_and_settings():
+    s = Settings(deadlines=DeadlineDefaults(urgent=10, normal=20, background=30))
+    r = Request.model_validate({"id": "a", "arrival_s": 1.5, "model": "claude-haiku-4-5", "prompt": "x" * 40,
+                                "priority": "urgent"}, context=validation_context(settings=s))
+    assert (r.provider, r.kind, r.tenant, r.reuse) == ("anthropic", "text", "default", "exact")
+    assert r.input_tokens == 10 and r.output_tokens == s.default_output_tokens
+    assert r.deadline_s == 10 and r.deadline_at == 11.5
+
+
+def test_media_defaults_fill_params():
+    r = Request.model_validate({"id": "v", "arrival_s": 0, "model": "sora-2-pro", "prompt": "a boat"})
+    assert r.kind == "video" and r.params == {"resolution": "720p", "duration_s": 8}
+
+
+def test_request_is_frozen():
+    r = Request.model_validate({"id": "a", "arrival_s": 0, "model": "gpt-5", "input_tokens": 1})
+    with pytest.raises(ValidationError):
+        r.id = "b"
+
+
+@pytest.mark.parametrize("bad, field, hint", [
+    ({"model": "gpt-9"}, "model", "offered by no provider"),
+    ({"provider": "openai", "model": "claude-haiku-4-5"}, "model", "has no model"),
+    ({"provider": "acme"}, "provider", "unknown provider"),
+    ({"input_tokens": -1}, "input_tokens", "greater than or equal to 0"),
+    ({"arrival_s": -3}, "arrival_s", "greater than or equal to 0"),
+    ({"kind": "image"}, "kind", "does not match"),
+    ({"priority": "asap"}, "priority", "urgent"),
+    ({"deadline_s": 0}, "deadline_s", "greater than 0"),
+    ({"deadlin_s": 5}, "deadlin_s", "not a trace field"),
+    ({"output_tokens": 10**9}, "output_tokens", "maximum"),
+])
+def test_bad_lines_name_line_field_and_fix(bad, field, hint):
+    lines = [line(id="ok"), line(id="bad", **bad)]
+    with pytest.raises(TraceError) as ei:
+        parse_trace_lines(lines, source="t.jsonl")
+    (path, no, f, msg), = ei.value.problems
+    assert (path, no, f) == ("t.jsonl", 2, field)
+    assert hint in msg
+    assert "t.jsonl:2: field" in str(ei.value) and "--skip-invalid" in str(ei.value)
+
+
+def test_media_without_prompt_and_unknown_size_are_refused():
+    lines = [json.dumps({"id": "a", "arrival_s": 0, "model": "flux-1-dev"}),
+             json.dumps({"id": "b", "arrival_s": 0, "model": "flux-1-dev", "prompt": "x",
+                         "params": {"size": "9x9"}})]
+    with pytest.raises(TraceError) as ei:
+        parse_trace_lines(lines)
+    assert [(p[1], p[2]) for p in ei.value.problems] == [(1, "prompt"), (2, "params.size")]
+
+
+def test_duplicate_ids_and_bad_json_are_reported_and_skippable_without_losing_valid_lines():
+    lines = [line(id="a"), "{not json", line(id="a"), "", line(id="b", arrival_s=5), line(id="c", arrival_s=1)]
+    with pytest.raises(TraceError) as ei:
+        parse_trace_lines(lines)
+    assert [(p[1], p[2]) for p in ei.value.problems] == [(2, "line"), (3, "id")]
+    tr = parse_trace_lines(lines, skip_invalid=True)
+    assert [r.id for r in tr.requests] == ["a", "c", "b"]  # sorted by arrival, nothing valid lost
+    assert tr.skipped == 2
+
+
+def test_write_then_load_round_trips(tmp_path):
+    reqs = [Request.model_validate({"id": f"r{i}", "arrival_s": i, "model": "wan-2.1-t2v", "prompt": f"p{i}",
+                                    "params": {"resolution": "720p", "duration_s": 4}}) for i in range(5)]
+    path = tmp_path / "t.jsonl"
+    assert write_trace(reqs, path) == 5
+    assert load_trace(path).requests == reqs
+
+
+def test_missing_file_is_a_trace_error(tmp_path):
+    with pytest.raises(TraceError, match="cannot read"):
+        load_trace(tmp_path / "nope.jsonl")
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8),
+                           lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
+                           max_leaves=8)
+
+
+@hsettings(max_examples=150, deadline=None)
+@given(st.dictionaries(st.sampled_from(["id", "arrival_s", "model", "provider", "kind", "prompt", "input_tokens",
+                                        "output_tokens", "prefix_blocks", "params", "priority", "deadline_s",
+                                        "reuse", "tenant", "junk"]), json_values, max_size=8))
+def test_arbitrary_input_gives_a_trace_error_or_a_valid_request(d):
+    try:
+        tr = parse_trace_lines([json.dumps(d)])
+    except TraceError as exc:
+        assert exc.problems and all(p[2] for p in exc.problems)
+    else:
+        assert len(tr.requests) == 1 and tr.requests[0].input_tokens >= 0

@@ -1,0 +1,151 @@
+import numpy as np
+import pytest
+
+from engine.catalog import Catalog, default_catalog
+from engine.cost import price_alone
+from engine.errors import PolicyError
+from engine.grouping import Decision
+from engine.request import Request
+from engine.settings import Settings, SimSettings
+from engine.simulator import simulate
+from engine.tracegen import synth
+from policies import Policy, load_policy
+
+CAT = default_catalog()
+
+
+@pytest.fixture(scope="module")
+def trace():
+    return synth(1500, seed=11)
+
+
+def test_same_seed_same_outcome_other_seed_other_draws(trace):
+    a = simulate(trace, load_policy("smart", CAT), seed=5)
+    b = simulate(trace, load_policy("smart", CAT), seed=5)
+    c = simulate(trace, load_policy("smart", CAT), seed=6)
+    assert np.array_equal(a.cost, b.cost) and np.array_equal(a.done_at, b.done_at)
+    assert [x.reason for x in a.batches] == [x.reason for x in b.batches]
+    assert not np.array_equal(a.done_at, c.done_at)
+
+
+def test_every_request_is_resolved_and_naive_bills_list_price_alone():
+    reqs = [Request.model_validate({"id": f"r{i}", "arrival_s": i * 7.0, "model": m, "prompt": "p",
+                                    "input_tokens": 900, "output_tokens": 50})
+            for i, m in enumerate(["gpt-5", "claude-haiku-4-5", "gemini-2.5-flash", "imagen-4"] * 5)]
+    s = Settings(sim=SimSettings(max_attempts=10))
+    res = simulate(reqs, load_policy("naive", CAT), settings=s)
+    assert set(res.status.tolist()) == {1}
+    assert res.total_cost == pytest.approx(sum(price_alone(r, CAT, "sync").total for r in reqs))
+    assert (res.done_at >= np.array([r.arrival_s for r in reqs])).all()
+
+
+def _catalog_with(**changes) -> Catalog:
+    raw = CAT.model_dump()
+    for path, value in changes.items():
+        node = raw
+        keys = path.split("__")
+        for k in keys[:-1]:
+            node = node[k]
+        node[keys[-1]] = value
+    return Catalog.model_validate(raw)
+
+
+def test_concurrency_limit_serialises_calls():
+    cat = _catalog_with(providers__google__rate_limits__max_concurrency=1, providers__google__failure_rate=0.0)
+    reqs = [Request.model_validate({"id": f"r{i}", "arrival_s": 0.0, "model": "imagen-4", "prompt": "p"})
+            for i in range(5)]
+    res = simulate(reqs, load_policy("naive", cat), catalog=cat)
+    done = np.sort(res.done_at)
+    assert (np.diff(done) > 0).all()  # one at a time: each finishes after the previous
+    assert done[-1] > 4 * cat.provider("google").media_latency.image_s * 0.3
+
+
+def test_failures_are_retried_then_fail_for_good():
+    cat = _catalog_with(providers__openai__failure_rate=0.999999)
+    reqs = [Request.model_validate({"id": "a", "arrival_s": 0, "model": "gpt-5", "input_tokens": 10})]
+    res = simulate(reqs, load_policy("naive", cat), catalog=cat, settings=Settings(sim=SimSettings(max_attempts=3)))
+    assert res.status[0] == 3 and res.cost[0] == 0  # failed calls are not billed
+    cat_ok = _catalog_with(providers__openai__failure_rate=0.5)
+    many = [Request.model_validate({"id": str(i), "arrival_s": i, "model": "gpt-5", "input_tokens": 10})
+            for i in range(200)]
+    res = simulate(many, load_policy("naive", cat_ok), catalog=cat_ok, settings=Settings(sim=SimSettings(max_attempts=4)))
+    assert 0.85 < (res.status == 1).mean() < 0.98  # 1 - 0.5**4 = 0.94 succeed
+    assert ((res.status == 3) == (res.cost == 0)).all()
+
+
+class _OneBatch(Policy):
+    name = "test-one-batch"
+
+    def __init__(self, catalog, hedge_at):
+        super().__init__(catalog)
+        self.hedge_at = hedge_at
+
+    def group_key(self, req, compat, now):
+        return "all"
+
+    def decide(self, group, now):
+        if len(group) < 3:
+            return Decision.wait(None)
+        return Decision("dispatch", mode="batch_api", hedge_at=self.hedge_at, recommendation="process_as_batch")
+
+
+def _three():
+    return [Request.model_validate({"id": str(i), "arrival_s": float(i), "model": "gpt-5", "input_tokens": 100,
+                                    "output_tokens": 10, "deadline_s": 5000}) for i in range(3)]
+
+
+def test_a_late_batch_is_hedged_to_sync_and_meets_the_deadline():
+    reqs = _three()
+    late = simulate(reqs, _OneBatch(CAT, hedge_at=3.0))  # the batch cannot finish by t=3
+    assert late.batches[0].outcome == "hedged"
+    assert (late.mode == 0).all() and late.met.all()
+    assert late.total_cost == pytest.approx(sum(price_alone(r, CAT, "sync").total for r in reqs))
+    on_time = simulate(reqs, _OneBatch(CAT, hedge_at=None))
+    assert (on_time.mode == 1).all()
+    assert on_time.total_cost == pytest.approx(0.5 * late.total_cost)
+
+
+def test_a_policy_that_never_dispatches_is_reported():
+    class Never(_OneBatch):
+        def decide(self, group, now):
+            return Decision.wait(None)
+
+    with pytest.raises(PolicyError, match="never dispatched"):
+        simulate(_three(), Never(CAT, None))
+
+
+def test_a_policy_asking_for_an_unavailable_mode_is_reported():
+    class Bad(_OneBatch):
+        def decide(self, group, now):
+            return Decision("dispatch", mode="gpu_batch")
+
+    with pytest.raises(PolicyError, match="gpu_batch.*not available"):
+        simulate(_three(), Bad(CAT, None))
+
+
+def test_prompt_cache_warmth_expires_after_ttl():
+    def two(gap):
+        return [Request.model_validate({"id": str(i), "arrival_s": i * gap, "model": "gpt-5", "input_tokens": 3000,
+                                        "output_tokens": 0, "prefix_blocks": [1, 2, 3]}) for i in range(2)]
+    warm = simulate(two(10.0), load_policy("naive", CAT))
+    cold = simulate(two(10_000.0), load_policy("naive", CAT))
+    assert warm.cost[1] < 0.6 * warm.cost[0]
+    assert cold.cost[1] == pytest.approx(cold.cost[0])
+
+
+def test_exact_and_in_flight_reuse(trace):
+    smart = simulate(trace, load_policy("smart", CAT)).summary()
+    cache = simulate(trace, load_policy("cache-only", CAT)).summary()
+    naive = simulate(trace, load_policy("naive", CAT)).summary()
+    assert naive["exact_hits"] == naive["in_flight_hits"] == naive["near_hits"] == 0
+    assert cache["exact_hits"] > 50 and cache["in_flight_hits"] == 0
+    assert smart["in_flight_hits"] > 0 and smart["near_hits"] > 0
+    assert smart["cost_usd"] < cache["cost_usd"] < naive["cost_usd"]
+
+
+def test_reuse_none_is_never_served_from_cache(trace):
+    res = simulate(trace, load_policy("smart", CAT))
+    no_reuse = np.array([r.reuse == "none" for r in res.requests])
+    near_ok = np.array([r.reuse == "near" for r in res.requests])
+    assert no_reuse.any() and (res.hit[no_reuse] == 0).all()
+    assert ((res.hit == 3) <= near_ok).all()  # near hits only where the request allows them
