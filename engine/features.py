@@ -51,21 +51,18 @@ def compat_key(req: Request) -> tuple:
 
 def fingerprint(req: Request, *, share_across_tenants: bool = False) -> str:
     """Hex digest of what determines the output: tenant scope, provider, model, kind, normalised prompt,
-    parameters, and (for text) the prefix blocks and token counts standing in for prompt text a trace may
+    parameters, and (for text) the prefix blocks and input size standing in for prompt text a trace may
     lack. Not the id, arrival, priority, deadline or reuse setting."""
-    body = {
-        "t": "*" if share_across_tenants else req.tenant,
-        "p": req.provider,
-        "m": req.model,
-        "k": req.kind,
-        "q": normalise_prompt(req.prompt),
-        "a": req.params,
-    }
+    parts = [
+        "*" if share_across_tenants else req.tenant, req.provider, req.model, req.kind,
+        normalise_prompt(req.prompt),
+        json.dumps(req.params, sort_keys=True, separators=(",", ":"), default=str) if req.params else "",
+    ]
     if req.kind == "text":
-        body["b"] = req.prefix_blocks
-        body["n"] = req.input_tokens
-    raw = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()
-    return hashlib.blake2b(raw, digest_size=16).hexdigest()
+        parts.append(",".join(map(str, req.prefix_blocks)))
+        parts.append(str(req.input_tokens))
+    # The separator \x1f counts as whitespace, so normalise_prompt folds any inside the prompt to a space.
+    return hashlib.blake2b("\x1f".join(parts).encode(), digest_size=16).hexdigest()
 
 
 def _char_ngram_hashes(texts: Sequence[str], n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -115,21 +115,16 @@ class Smart(Policy):
     def _gather_budget(self, group: Group) -> float:
         """Seconds a batch may gather after its oldest arrival: the longest wait that lowers the chance of
         finishing before the hedge by at most ``gather_p_loss`` (so long deadlines gather long, large batches
-        that share cached prefixes, and short ones go almost at once)."""
+        that share cached prefixes, and short ones go almost at once). Closed form through the turnaround
+        quantile: wait ``g`` such that ``usable - g`` is the quantile of ``cdf(usable) - gather_p_loss``."""
         ba = group.provider.batch_api
-        slowest_lead = self._hedge_lead(group.provider, group.spec, group.members[0], len(group))
-        usable = group.earliest_deadline_at - group.oldest_arrival_s - slowest_lead
+        lead = self._hedge_lead(group.provider, group.spec, group.members[0], len(group))
+        usable = group.earliest_deadline_at - group.oldest_arrival_s - lead
+        if usable <= 0:
+            return 0.0
         target = ba.turnaround_cdf(usable) - self.params.gather_p_loss
-        lo, hi = 0.0, min(self.params.batch_gather_s, max(usable, 0.0))
-        if ba.turnaround_cdf(usable - hi) >= target:
-            return hi
-        for _ in range(30):
-            mid = 0.5 * (lo + hi)
-            if ba.turnaround_cdf(usable - mid) >= target:
-                lo = mid
-            else:
-                hi = mid
-        return lo
+        g = usable - ba.turnaround_quantile(target) if target > 0 else usable - ba.turnaround_min_s
+        return min(max(g, 0.0), self.params.batch_gather_s)
 
     def _decide_batch(self, group: Group, now: float) -> Decision:
         p = self.params
