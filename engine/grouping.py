@@ -49,7 +49,7 @@ class Decision(NamedTuple):
         return Decision("wait", wake_at=until, reason=reason)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Group:
     """Pending requests that a policy put under one key, in arrival order, with running aggregates so a
     policy can decide in O(1) per arrival."""
@@ -74,10 +74,14 @@ class Group:
         """Remove and return the first ``k`` members (all for k <= 0), recomputing the aggregates."""
         k = len(self.members) if k <= 0 else k
         out, self.members = self.members[:k], self.members[k:]
+        self.version += 1
+        if not self.members:
+            self.earliest_deadline_at = self.oldest_arrival_s = float("inf")
+            self.max_output_tokens = 0
+            return out
         self.earliest_deadline_at = min((r.deadline_at for r in self.members), default=float("inf"))
         self.oldest_arrival_s = min((r.arrival_s for r in self.members), default=float("inf"))
         self.max_output_tokens = max((r.output_tokens for r in self.members), default=0)
-        self.version += 1
         return out
 
     def __len__(self) -> int:

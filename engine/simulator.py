@@ -39,7 +39,7 @@ _PENDING, _OK, _REUSED, _FAILED = range(4)
 _FAILED_CALL_FRACTION = 0.3  # a failing call errors after this share of its latency
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BatchRecord:
     """One dispatch decision, with the seed's recommendation and its reason."""
 
@@ -269,9 +269,13 @@ class _Sim:
         if mode not in ("sync", "batch_api", "gpu_batch") or not mode_allowed(g.provider, g.spec, mode):
             raise PolicyError(f"{self.policy.name}: mode {mode!r} is not available for "
                               f"{g.provider.name}/{g.members[0].model}")
-        limit = {"batch_api": g.provider.batch_api.max_requests if g.provider.batch_api else 1,
-                 "gpu_batch": g.provider.gpu_batching.max_batch if g.provider.gpu_batching else 1}.get(mode)
         take = d.take if d.take > 0 else len(g.members)
+        if mode == "sync":
+            limit = None
+        elif mode == "batch_api":
+            limit = g.provider.batch_api.max_requests
+        else:
+            limit = g.provider.gpu_batching.max_batch
         if limit is not None and take > limit:
             raise PolicyError(f"{self.policy.name}: a {mode} dispatch of {take} exceeds the provider limit {limit}")
         members = g.take(take)

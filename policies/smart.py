@@ -17,16 +17,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable
+from typing import NamedTuple
 
 from pydantic import Field
 
-from engine.cost import price_alone, price_batch
 from engine.grouping import Decision, Group, ReuseSettings
-from engine.latency import Z99, gpu_batch_seconds, sync_latency_p99
+from engine.latency import Z99, gpu_batch_seconds
 from engine.request import Request
 from policies.base import Policy, PolicyParams, register
 
 __all__ = ["Smart", "SmartParams"]
+
+
+class _TextConsts(NamedTuple):
+    base: float
+    per_tok: float
+    p99_factor: float
+    max_conc: int
+    p_in: float
+    p_out: float
 
 
 class SmartParams(PolicyParams):
@@ -57,6 +66,10 @@ class Smart(Policy):
         super().__init__(catalog, params)
         # Last time each cacheable prompt prefix was seen, per (provider, model): predicts reuse of a write.
         self._prefix_seen: dict[tuple, float] = {}
+        # Per (provider, model) constants, and flush times per group state: both derived, so caching them
+        # changes no decision, only the simulator's speed.
+        self._consts: dict[tuple[str, str], _TextConsts] = {}
+        self._flush_memo: dict[Hashable, tuple[float, float, int, float]] = {}
 
     @property
     def reuse(self) -> ReuseSettings:
@@ -65,17 +78,30 @@ class Smart(Policy):
                              near_threshold=p.near_threshold)
 
     # -- grouping ----------------------------------------------------------------------------------------------
-    def _hedge_lead(self, provider, spec, req: Request, n: int) -> float:
-        drain = math.ceil(max(n, 1) / provider.rate_limits.max_concurrency)
-        return sync_latency_p99(provider, spec, req) * drain + self.params.hedge_margin_s
+    def _text_consts(self, provider, spec, model: str) -> _TextConsts:
+        key = (provider.name, model)
+        c = self._consts.get(key)
+        if c is None:
+            lat = provider.sync_latency
+            c = self._consts[key] = _TextConsts(
+                lat.base_s, lat.per_output_token_s, math.exp(Z99 * lat.sigma), provider.rate_limits.max_concurrency,
+                spec.input_per_mtok * 1e-6, spec.output_per_mtok * 1e-6)
+        return c
+
+    def _hedge_lead(self, c: _TextConsts, output_tokens: int, n: int) -> float:
+        """Seconds before the earliest deadline at which a late batch must fall back to sync: the sync p99 of
+        its slowest member, once per wave of ``max_concurrency`` calls, plus the margin."""
+        drain = -(-max(n, 1) // c.max_conc)
+        return (c.base + c.per_tok * output_tokens) * c.p99_factor * drain + self.params.hedge_margin_s
 
     def group_key(self, req: Request, compat: tuple, now: float) -> Hashable:
-        provider = self.catalog.provider(req.provider)
+        provider = self.catalog.providers[req.provider]
         spec = provider.models[req.model]
         if spec.gpu_priced:
             return ("gpu", compat)
-        if provider.supports_batch_api(req.kind):
-            usable = req.deadline_at - now - self._hedge_lead(provider, spec, req, 1)
+        if spec.kind == "text" and provider.supports_batch_api(req.kind):
+            c = self._text_consts(provider, spec, req.model)
+            usable = req.deadline_at - now - self._hedge_lead(c, req.output_tokens, 1)
             if provider.batch_api.turnaround_cdf(usable) >= self.params.min_on_time_p:
                 # Deadlines within a factor of two share a batch, so one urgent member does not hedge
                 # (and push to sync) members that could have waited for the batch.
@@ -112,14 +138,14 @@ class Smart(Policy):
         return Decision("dispatch", mode="sync", cache_write=write, recommendation="process_individually",
                         reason=f"sync now: {why}" + ("; prefix marked for caching" if write else ""))
 
-    def _gather_budget(self, group: Group) -> float:
+    def _gather_budget(self, group: Group, c: _TextConsts) -> float:
         """Seconds a batch may gather after its oldest arrival: the longest wait that lowers the chance of
         finishing before the hedge by at most ``gather_p_loss`` (so long deadlines gather long, large batches
         that share cached prefixes, and short ones go almost at once). Closed form through the turnaround
         quantile: wait ``g`` such that ``usable - g`` is the quantile of ``cdf(usable) - gather_p_loss``."""
         ba = group.provider.batch_api
-        lead = self._hedge_lead(group.provider, group.spec, group.members[0], len(group))
-        usable = group.earliest_deadline_at - group.oldest_arrival_s - lead
+        usable = (group.earliest_deadline_at - group.oldest_arrival_s
+                  - self._hedge_lead(c, group.max_output_tokens, len(group)))
         if usable <= 0:
             return 0.0
         target = ba.turnaround_cdf(usable) - self.params.gather_p_loss
@@ -131,16 +157,27 @@ class Smart(Policy):
         ba = group.provider.batch_api
         assert ba is not None
         n = len(group)
-        flush_at = group.oldest_arrival_s + self._gather_budget(group)
+        c = self._text_consts(group.provider, group.spec, group.members[0].model)
+        drain = -(-n // c.max_conc)
+        memo = self._flush_memo.get(group.key)
+        if memo is not None and memo[:3] == (group.earliest_deadline_at, group.oldest_arrival_s, drain):
+            flush_at = memo[3]
+        else:
+            flush_at = group.oldest_arrival_s + self._gather_budget(group, c)
+            self._flush_memo[group.key] = (group.earliest_deadline_at, group.oldest_arrival_s, drain, flush_at)
         if n < ba.max_requests and now < flush_at:
             return Decision.wait(flush_at, "gathering a batch")
         members = group.members[: ba.max_requests]
-        slowest = max(members, key=lambda r: r.output_tokens)
-        lead = self._hedge_lead(group.provider, group.spec, slowest, len(members))
-        hedge_at = min(r.deadline_at for r in members) - lead
+        if len(members) == n:
+            max_out, earliest = group.max_output_tokens, group.earliest_deadline_at
+        else:
+            max_out, earliest = max(r.output_tokens for r in members), min(r.deadline_at for r in members)
+        hedge_at = earliest - self._hedge_lead(c, max_out, len(members))
         p_on_time = ba.turnaround_cdf(hedge_at - now)
-        c_sync = sum(price_alone(r, self.catalog, "sync", block_tokens=p.block_tokens).total for r in members)
-        c_batch = sum(x.total for x in price_batch(members, self.catalog, "batch_api", block_tokens=p.block_tokens))
+        # List prices without cache effects: the batch reads the provider cache as sync calls would, so the
+        # comparison (and the saving quoted in the reason) holds with caching too.
+        c_sync = c.p_in * sum(r.input_tokens for r in members) + c.p_out * sum(r.output_tokens for r in members)
+        c_batch = (1.0 - ba.discount) * c_sync
         expected = p_on_time * c_batch + (1 - p_on_time) * c_sync
         if p_on_time < p.min_on_time_p or expected >= c_sync:
             return Decision("dispatch", mode="sync", take=len(members), recommendation="process_individually",
@@ -148,7 +185,8 @@ class Smart(Policy):
         rec = "process_as_batch" if p_on_time >= p.confident_p else "consider_batch"
         return Decision("dispatch", mode="batch_api", take=len(members), hedge_at=hedge_at, recommendation=rec,
                         reason=(f"batch API: {len(members)} requests, expected ${c_sync - expected:.4f} saved "
-                                f"of ${c_sync:.4f}, P(on time)={p_on_time:.2f}, hedge at t={hedge_at:.0f}s"))
+                                f"of ${c_sync:.4f} at list price, P(on time)={p_on_time:.2f}, "
+                                f"hedge at t={hedge_at:.0f}s"))
 
     def _decide_gpu(self, group: Group, now: float) -> Decision:
         p = self.params
