@@ -154,6 +154,7 @@ class _Sim:
         self.hit = np.zeros(n, dtype=np.int8)
         self.batch_of = np.full(n, -1, dtype=np.int64)
         self.attempts = np.zeros(n, dtype=np.int64)
+        self.hedges = np.zeros(n, dtype=np.int64)
         self.idx_of = {r.id: i for i, r in enumerate(reqs)}
         self.compat = [compat_key(r) for r in reqs]
         self.reuse = policy.reuse
@@ -199,9 +200,15 @@ class _Sim:
                 elif kind == "retry":
                     self.admit(payload, fresh=False)
                 elif kind == "hedge":
-                    idxs, bid = payload
-                    for j in idxs:
-                        self.sync_call(j, t, False, bid)
+                    # Back to the policy, not straight to sync: the member whose deadline set the hedge now
+                    # has no time for a batch and goes sync, while members with later deadlines may ride
+                    # another batch.
+                    for j in payload:
+                        self.hedges[j] += 1
+                        if self.hedges[j] >= self.max_att:  # progress guard against a policy that re-batches forever
+                            self.sync_call(j, t, False, int(self.batch_of[j]))
+                        else:
+                            self.admit(j, fresh=False)
             elif i < n:
                 self.now = t_arr
                 self.admit(i, fresh=True)
@@ -392,13 +399,19 @@ class _Sim:
         members = [self.reqs[i] for i in idxs]
         first = members[0]
         prov = self.catalog.providers[first.provider]
+        if hedge_at is not None and hedge_at <= t:
+            # Hedged before it starts: that is a sync dispatch.
+            for i in idxs:
+                self.sync_call(i, t, False, bid)
+            return
         done = t + self.draws.turnaround(prov.name, prov.batch_api, t)
         if hedge_at is not None and done > hedge_at:
             # Cancelled at the hedge: a cancelled batch bills only finished work, and none has finished.
             rec = self.batches[-1]
             self.batches[-1] = BatchRecord(rec.id, rec.t, rec.provider, rec.model, rec.mode, rec.size,
                                            rec.recommendation, rec.reason, outcome="hedged")
-            self.push(max(hedge_at, t), "hedge", (idxs, bid))
+            self.batch_of[idxs] = bid
+            self.push(hedge_at, "hedge", idxs)
             return
         pc = prov.prompt_cache
         warm_blocks: set[int] = set()

@@ -149,3 +149,26 @@ def test_reuse_none_is_never_served_from_cache(trace):
     near_ok = np.array([r.reuse == "near" for r in res.requests])
     assert no_reuse.any() and (res.hit[no_reuse] == 0).all()
     assert ((res.hit == 3) <= near_ok).all()  # near hits only where the request allows them
+
+
+def test_hedged_members_go_back_to_the_policy_and_can_ride_another_batch():
+    class Rebatch(_OneBatch):
+        def decide(self, group, now):
+            if len(group) < 3:
+                return Decision.wait(None)
+            return Decision("dispatch", mode="batch_api", hedge_at=3.0 if now < 3.0 else None)
+
+    res = simulate(_three(), Rebatch(CAT, None))
+    assert [b.outcome for b in res.batches] == ["hedged", "sent"]
+    assert (res.mode == 1).all() and res.met.all()
+
+
+def test_a_policy_that_always_hedges_too_early_still_finishes():
+    class Eager(_OneBatch):
+        def decide(self, group, now):
+            return Decision("dispatch", mode="batch_api", hedge_at=now + 1.0)
+
+    res = simulate(_three(), Eager(CAT, None))
+    assert (res.status == 1).all() and (res.mode == 0).all()
+    # each request is hedged max_attempts times, then the runtime sends it sync
+    assert sum(b.outcome == "hedged" for b in res.batches) == 3 * Settings().sim.max_attempts
