@@ -44,6 +44,8 @@ class SmartParams(PolicyParams):
     reuse_near: bool = True
     near_threshold: float = Field(default=0.92, ge=0.5, le=1.0)
     batch_gather_s: float = Field(default=4 * 3600.0, ge=0, description="longest wait to gather a batch-API batch")
+    chain_cache: bool = Field(default=True, description="where the prompt cache stacks with the batch API, "
+                              "flush at least every median turnaround + cache TTL so batches chain warm prefixes")
     gather_p_loss: float = Field(default=0.01, ge=0, le=1,
                                  description="gather only while P(batch done before hedge) drops by at most this")
     hedge_margin_s: float = Field(default=15.0, ge=0, description="spare seconds after the sync fallback")
@@ -150,7 +152,14 @@ class Smart(Policy):
             return 0.0
         target = ba.turnaround_cdf(usable) - self.params.gather_p_loss
         g = usable - ba.turnaround_quantile(target) if target > 0 else usable - ba.turnaround_min_s
-        return min(max(g, 0.0), self.params.batch_gather_s)
+        cap = self.params.batch_gather_s
+        pc = group.provider.prompt_cache
+        if self.params.chain_cache and pc is not None and pc.stacks_with_batch:
+            # Flush at least once per (median turnaround + cache TTL): the next batch is then submitted while
+            # this one's prefixes are still warm, so prefixes shared across batches (and with other lanes)
+            # are read, not written again.
+            cap = min(cap, ba.turnaround_median_s + pc.ttl_s)
+        return min(max(g, 0.0), cap)
 
     def _decide_batch(self, group: Group, now: float) -> Decision:
         p = self.params

@@ -1,0 +1,60 @@
+"""Where a policy's money goes, per priority and mode, next to the lower bound's per-request part.
+
+    .venv/bin/python benchmarks/breakdown.py mooncake [--policy smart] [--data ../shared/data/real]
+
+Trace names: azure_conv, azure_code, mooncake. Prints figures; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from engine.catalog import default_catalog  # noqa: E402
+from engine.cost import price_batch  # noqa: E402
+from engine.lower_bound import lower_bound  # noqa: E402
+from engine.simulator import MODES, simulate  # noqa: E402
+from engine.tracegen import from_azure, from_mooncake  # noqa: E402
+from policies import load_policy  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("trace", choices=["azure_conv", "azure_code", "mooncake"])
+    ap.add_argument("--policy", default="smart")
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "real")
+    a = ap.parse_args()
+    files = {"azure_conv": "azure_llm_2023_conv.csv", "azure_code": "azure_llm_2023_code.csv",
+             "mooncake": "mooncake_conversation_trace.jsonl"}
+    path = a.data / files[a.trace]
+    reqs = from_mooncake(path) if a.trace == "mooncake" else from_azure(path)
+    cat = default_catalog()
+    res = simulate(reqs, load_policy(a.policy, cat))
+    lb = lower_bound(reqs)
+    print(f"{a.trace}: {a.policy} ${res.total_cost:.2f}, lower bound ${lb.total_usd:.2f} "
+          f"(of which one-per-cluster cache writes ${lb.cache_write_usd:.2f})")
+    prio = np.array([r.priority for r in res.requests])
+    for p in ("urgent", "normal", "background"):
+        sel = prio == p
+        modes = {MODES[m]: int((res.mode[sel] == m).sum()) for m in range(4) if (res.mode[sel] == m).any()}
+        sub = [r for r, s in zip(res.requests, sel) if s]
+        one_batch = sum(sum(x.total for x in price_batch([r for r in sub if r.model == m], cat, "batch_api"))
+                        for m in {r.model for r in sub})
+        print(f"  {p:10s} n={sel.sum():6d} cost ${res.cost[sel].sum():8.2f}  modes {modes}  "
+              f"bound of this subset alone ${lower_bound(sub).total_usd:8.2f}  all in one batch per model "
+              f"${one_batch:8.2f}")
+    outcomes: dict[str, int] = {}
+    for b in res.batches:
+        if b.mode == "batch_api":
+            outcomes[b.outcome] = outcomes.get(b.outcome, 0) + 1
+    print(f"  batch-API dispatches: {outcomes}")
+
+
+if __name__ == "__main__":
+    main()
