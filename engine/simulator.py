@@ -31,9 +31,8 @@ from engine.settings import Settings
 
 __all__ = ["BatchRecord", "SimResult", "simulate"]
 
+# Codes of SimResult.mode, .status (pending/ok/reused/failed) and .hit (none/exact/in_flight/near).
 MODES = ("sync", "batch_api", "gpu_batch", "reuse")
-STATUSES = ("pending", "ok", "reused", "failed")
-HITS = ("", "exact", "in_flight", "near")
 _SYNC, _BATCH, _GPU, _REUSE = range(4)
 _PENDING, _OK, _REUSED, _FAILED = range(4)
 _FAILED_CALL_FRACTION = 0.3  # a failing call errors after this share of its latency
@@ -320,11 +319,19 @@ class _Sim:
         for f in self.followers.pop(i, ()):
             self.admit(f, fresh=False)
 
-    def retry_or_fail(self, i: int, at: float) -> None:
-        if self.attempts[i] >= self.max_att:
+    def settle(self, i: int, at: float, cost: float, mode: int, bid: int, failure_rate: float) -> bool:
+        """One attempt of a batch member ends at ``at``: complete it, or hand it back to the policy as a retry
+        (or fail it for good after the last attempt). Returns whether it succeeded."""
+        k = int(self.attempts[i])
+        self.attempts[i] = k + 1
+        if self.draws.fail_u[i, k] >= failure_rate:
+            self.complete(i, at, cost, mode, bid)
+            return True
+        if k + 1 >= self.max_att:
             self.fail_final(i, at)
         else:
             self.push(at, "retry", i)
+        return False
 
     def sync_call(self, i: int, t: float, cache_write: bool, bid: int) -> None:
         r = self.reqs[i]
@@ -386,14 +393,8 @@ class _Sim:
         start = self.gates[members[0].provider].acquire(t, 0, run)
         end = start + run
         prices = price_batch(members, self.catalog, "gpu_batch", block_tokens=self.bt)
-        fail_u = self.draws.fail_u
         for i, p in zip(idxs, prices):
-            k = int(self.attempts[i])
-            self.attempts[i] = k + 1
-            if fail_u[i, k] < prov.failure_rate:
-                self.retry_or_fail(i, end)
-            else:
-                self.complete(i, end, p.total, _GPU, bid)
+            self.settle(i, end, p.total, _GPU, bid, prov.failure_rate)
 
     def batch_api(self, idxs: list[int], t: float, hedge_at: float | None, bid: int) -> None:
         members = [self.reqs[i] for i in idxs]
@@ -424,14 +425,8 @@ class _Sim:
                     if warm.get(b, -1.0) >= t:
                         warm_blocks.add(b)
         prices = price_batch(members, self.catalog, "batch_api", warm=warm_blocks, block_tokens=self.bt)
-        fail_u = self.draws.fail_u
         for i, r, p in zip(idxs, members, prices):
-            k = int(self.attempts[i])
-            self.attempts[i] = k + 1
-            if fail_u[i, k] < prov.failure_rate:
-                self.retry_or_fail(i, done)
-            else:
-                self.complete(i, done, p.total, _BATCH, bid)
+            if self.settle(i, done, p.total, _BATCH, bid, prov.failure_rate):
                 if pc is not None and pc.stacks_with_batch and (p.cached_input or p.cache_write):
                     until = done + pc.ttl_s
                     for b in r.prefix_blocks:
