@@ -23,13 +23,28 @@ _CHUNK = 4096
 
 class Draws:
     def __init__(self, n_requests: int, max_attempts: int, seed: int, slot_s: float):
-        rng = np.random.default_rng([seed, 1])
-        self.fail_u = rng.random((n_requests, max_attempts))
-        self.lat_z = rng.standard_normal((n_requests, max_attempts))
+        # Separate generators, grown row-chunk by row-chunk: row i has the same values whether the arrays
+        # were drawn for the whole trace at once (simulator) or grown as requests arrive (live engine).
+        self._fail_gen = np.random.default_rng([seed, 1])
+        self._lat_gen = np.random.default_rng([seed, 3])
+        self.max_attempts = max_attempts
+        self.fail_u = np.empty((0, max_attempts))
+        self.lat_z = np.empty((0, max_attempts))
+        self.ensure(n_requests)
         self.seed = seed
         self.slot_s = slot_s
         self._slots: dict[str, np.ndarray] = {}
         self._gens: dict[str, np.random.Generator] = {}
+
+    def ensure(self, n_requests: int) -> None:
+        """Make rows ``0..n_requests-1`` exist (in chunks of _CHUNK rows, so row values never depend on how
+        far the arrays were grown before)."""
+        have = self.fail_u.shape[0]
+        if have >= n_requests:
+            return
+        rows = -(-(n_requests - have) // _CHUNK) * _CHUNK
+        self.fail_u = np.concatenate([self.fail_u, self._fail_gen.random((rows, self.max_attempts))])
+        self.lat_z = np.concatenate([self.lat_z, self._lat_gen.standard_normal((rows, self.max_attempts))])
 
     def _ensure(self, provider: str, ba: BatchApi, n_slots: int) -> np.ndarray:
         arr = self._slots.get(provider)
@@ -60,4 +75,5 @@ class Draws:
     def attempts_all_fail(self, catalog: Catalog, providers: list[str]) -> np.ndarray:
         """Requests whose every allowed attempt fails: no policy can complete (or pay for) them."""
         rates = np.array([catalog.provider(p).failure_rate for p in providers])
-        return np.all(self.fail_u < rates[:, None], axis=1)
+        self.ensure(len(providers))
+        return np.all(self.fail_u[: len(providers)] < rates[:, None], axis=1)

@@ -13,18 +13,18 @@ import heapq
 import itertools
 import math
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine.catalog import Catalog, RateLimits, default_catalog
-from engine.cost import cache_split, mode_allowed, price_alone, price_batch, price_text
+from engine.catalog import Catalog, default_catalog
 from engine.draws import Draws
 from engine.errors import PolicyError
 from engine.features import compat_key, featurize, fingerprint
-from engine.grouping import Decision, Group
-from engine.latency import gpu_batch_seconds, sync_latency_median
+from engine.grouping import Decision
+from engine.scheduler import Dispatch, GroupTable, Wake
+from engine.providers import Attempt, SimProvider
 from engine.request import Request
 from engine.reuse import ReuseIndex
 from engine.settings import Settings
@@ -35,7 +35,6 @@ __all__ = ["BatchRecord", "SimResult", "simulate"]
 MODES = ("sync", "batch_api", "gpu_batch", "reuse")
 _SYNC, _BATCH, _GPU, _REUSE = range(4)
 _PENDING, _OK, _REUSED, _FAILED = range(4)
-_FAILED_CALL_FRACTION = 0.3  # a failing call errors after this share of its latency
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,30 +111,6 @@ class SimResult:
         }
 
 
-class _Gate:
-    """Sync-call admission of one provider: paced requests and tokens per minute, bounded concurrency."""
-
-    __slots__ = ("busy", "max_conc", "req_gap", "tat_req", "tat_tok", "tok_gap")
-
-    def __init__(self, rl: RateLimits):
-        self.req_gap = 60.0 / rl.rpm
-        self.tok_gap = 60.0 / rl.tpm
-        self.tat_req = 0.0
-        self.tat_tok = 0.0
-        self.busy: list[float] = []
-        self.max_conc = rl.max_concurrency
-
-    def acquire(self, t: float, tokens: int, duration: float) -> float:
-        """Start time of a call ready at ``t``; books its slot until start + duration."""
-        s = max(t, self.tat_req, self.tat_tok)
-        if len(self.busy) >= self.max_conc:
-            s = max(s, heapq.heappop(self.busy))
-        heapq.heappush(self.busy, s + duration)
-        self.tat_req = s + self.req_gap
-        self.tat_tok = s + tokens * self.tok_gap
-        return s
-
-
 class _Sim:
     def __init__(self, reqs: Sequence[Request], policy, catalog: Catalog, settings: Settings, draws: Draws):
         self.reqs = reqs
@@ -144,7 +119,6 @@ class _Sim:
         self.settings = settings
         self.draws = draws
         self.max_att = settings.sim.max_attempts
-        self.bt = settings.prefix_block_tokens
         n = len(reqs)
         self.cost = np.zeros(n)
         self.done_at = np.full(n, np.nan)
@@ -171,9 +145,8 @@ class _Sim:
                 self.vecs = dict(zip(need, mat))
         self.pending_leader: dict[str, int] = {}
         self.followers: dict[int, list[int]] = {}
-        self.groups: dict[Hashable, Group] = {}
-        self.gates = {name: _Gate(p.rate_limits) for name, p in catalog.providers.items()}
-        self.warm: dict[tuple[str, str], dict[int, float]] = {}
+        self.table = GroupTable(policy, catalog)
+        self.providers = {name: SimProvider(p, catalog, settings, draws) for name, p in catalog.providers.items()}
         self.heap: list[tuple] = []
         self.seq = itertools.count()
         self.batch_ids = itertools.count()
@@ -193,9 +166,7 @@ class _Sim:
                 t, _, kind, payload = heapq.heappop(heap)
                 self.now = t
                 if kind == "wake":
-                    g, version = payload
-                    if self.groups.get(g.key) is g and g.version == version:
-                        self.decide(g)
+                    self.apply(*self.table.wake(payload, t))
                 elif kind == "retry":
                     self.admit(payload, fresh=False)
                 elif kind == "hedge":
@@ -247,44 +218,17 @@ class _Sim:
                     return
         if fps is not None:
             self.pending_leader.setdefault(fps[i], i)
-        key = self.policy.group_key(r, self.compat[i], now)
-        g = self.groups.get(key)
-        if g is None:
-            prov = self.catalog.provider(r.provider)
-            g = self.groups[key] = Group(key, prov, prov.models[r.model])
-        g.add(r)
-        self.decide(g)
+        self.apply(*self.table.add(r, self.compat[i], now))
 
-    def decide(self, g: Group) -> None:
-        now = self.now
-        while g.members:
-            d: Decision = self.policy.decide(g, now)
-            if d.action == "wait":
-                if d.wake_at is not None:
-                    if not d.wake_at > now:
-                        raise PolicyError(f"{self.policy.name}: wait until {d.wake_at} is not after now={now}; "
-                                          "return a later wake_at or dispatch")
-                    self.push(d.wake_at, "wake", (g, g.version))
-                return
-            self.dispatch(g, d)
-        del self.groups[g.key]
+    def apply(self, dispatches: list[Dispatch], wake: Wake | None) -> None:
+        for d in dispatches:
+            self.dispatch(d.decision, d.members)
+        if wake is not None:
+            self.push(wake.at, "wake", wake)
 
     # -- dispatch ------------------------------------------------------------------------------------------
-    def dispatch(self, g: Group, d: Decision) -> None:
+    def dispatch(self, d: Decision, members: list[Request]) -> None:
         mode = d.mode
-        if mode not in ("sync", "batch_api", "gpu_batch") or not mode_allowed(g.provider, g.spec, mode):
-            raise PolicyError(f"{self.policy.name}: mode {mode!r} is not available for "
-                              f"{g.provider.name}/{g.members[0].model}")
-        take = d.take if d.take > 0 else len(g.members)
-        if mode == "sync":
-            limit = None
-        elif mode == "batch_api":
-            limit = g.provider.batch_api.max_requests
-        else:
-            limit = g.provider.gpu_batching.max_batch
-        if limit is not None and take > limit:
-            raise PolicyError(f"{self.policy.name}: a {mode} dispatch of {take} exceeds the provider limit {limit}")
-        members = g.take(take)
         bid = next(self.batch_ids)
         first = members[0]
         self.batches.append(BatchRecord(bid, self.now, first.provider, first.model, mode, len(members),
@@ -319,119 +263,53 @@ class _Sim:
         for f in self.followers.pop(i, ()):
             self.admit(f, fresh=False)
 
-    def settle(self, i: int, at: float, cost: float, mode: int, bid: int, failure_rate: float) -> bool:
-        """One attempt of a batch member ends at ``at``: complete it, or hand it back to the policy as a retry
-        (or fail it for good after the last attempt). Returns whether it succeeded."""
-        k = int(self.attempts[i])
-        self.attempts[i] = k + 1
-        if self.draws.fail_u[i, k] >= failure_rate:
-            self.complete(i, at, cost, mode, bid)
-            return True
-        if k + 1 >= self.max_att:
-            self.fail_final(i, at)
+    def settle(self, i: int, a: Attempt, mode: int, bid: int) -> None:
+        """One attempt of a batch or GPU member ended: complete it, or hand it back to the policy as a retry
+        (or fail it for good after the last attempt)."""
+        self.attempts[i] += 1
+        if a.ok:
+            self.complete(i, a.at, a.cost, mode, bid)
+        elif self.attempts[i] >= self.max_att:
+            self.fail_final(i, a.at)
         else:
-            self.push(at, "retry", i)
-        return False
+            self.push(a.at, "retry", i)
 
     def sync_call(self, i: int, t: float, cache_write: bool, bid: int) -> None:
         r = self.reqs[i]
-        prov = self.catalog.providers[r.provider]
-        spec = prov.models[r.model]
-        if spec.gpu_priced:
-            self.gpu_run([i], t, bid)
-            return
-        gate = self.gates[r.provider]
-        base = sync_latency_median(prov, spec, r)
-        sigma = prov.sync_latency.sigma if spec.kind == "text" else prov.media_latency.sigma
-        fail_u, lat_z = self.draws.fail_u, self.draws.lat_z
-        k, tcur = int(self.attempts[i]), t
-        while k < self.max_att:
-            lat = base * math.exp(sigma * lat_z[i, k])
-            failed = fail_u[i, k] < prov.failure_rate
-            start = gate.acquire(tcur, r.input_tokens + r.output_tokens,
-                                 lat * _FAILED_CALL_FRACTION if failed else lat)
-            k += 1
-            if failed:
-                tcur = start + lat * _FAILED_CALL_FRACTION + self.settings.sim.backoff_base_s * 2 ** (k - 1)
-                continue
-            self.attempts[i] = k
-            self.complete(i, start + lat, self.sync_price(r, prov, spec, start, cache_write), _SYNC, bid)
-            return
-        self.attempts[i] = k
-        self.fail_final(i, tcur)
+        out = self.providers[r.provider].sync(i, r, t, int(self.attempts[i]), cache_write)
+        self.attempts[i] = out.attempts
+        if out.ok:
+            self.complete(i, out.at, out.cost, _GPU if self.gpu_priced(r) else _SYNC, bid)
+        else:
+            self.fail_final(i, out.at)
 
-    def sync_price(self, r: Request, prov, spec, start: float, cache_write: bool) -> float:
-        if spec.kind != "text":
-            return price_alone(r, self.catalog, "sync").total
-        pc = prov.prompt_cache
-        blocks = r.prefix_blocks
-        if pc is None or not blocks:
-            return price_text(prov, spec, cache_split(prov, spec, r.input_tokens, 0, 0, 0, self.bt),
-                              r.output_tokens, "sync").total
-        warm = self.warm.setdefault((r.provider, r.model), {})
-        n_warm = 0
-        for b in blocks:
-            if warm.get(b, -1.0) < start:
-                break
-            n_warm += 1
-        split = cache_split(prov, spec, r.input_tokens, len(blocks), n_warm, len(blocks) if cache_write else 0,
-                            self.bt)
-        cached = split.read + split.write
-        if cached:
-            expiry = start + pc.ttl_s
-            for b in blocks[: math.ceil(cached / self.bt)]:
-                warm[b] = expiry
-        return price_text(prov, spec, split, r.output_tokens, "sync").total
+    def gpu_priced(self, r: Request) -> bool:
+        return self.catalog.providers[r.provider].models[r.model].gpu_priced
 
     def gpu_run(self, idxs: list[int], t: float, bid: int) -> None:
         members = [self.reqs[i] for i in idxs]
-        prov = self.catalog.providers[members[0].provider]
-        spec = prov.models[members[0].model]
-        run = gpu_batch_seconds(prov, spec, members)
-        run *= math.exp(prov.sync_latency.sigma * self.draws.lat_z[idxs[0], min(self.attempts[idxs[0]],
-                                                                                 self.max_att - 1)])
-        start = self.gates[members[0].provider].acquire(t, 0, run)
-        end = start + run
-        prices = price_batch(members, self.catalog, "gpu_batch", block_tokens=self.bt)
-        for i, p in zip(idxs, prices):
-            self.settle(i, end, p.total, _GPU, bid, prov.failure_rate)
+        attempts = [int(self.attempts[i]) for i in idxs]
+        for i, a in zip(idxs, self.providers[members[0].provider].gpu(idxs, members, t, attempts)):
+            self.settle(i, a, _GPU, bid)
 
     def batch_api(self, idxs: list[int], t: float, hedge_at: float | None, bid: int) -> None:
         members = [self.reqs[i] for i in idxs]
-        first = members[0]
-        prov = self.catalog.providers[first.provider]
         if hedge_at is not None and hedge_at <= t:
             # Hedged before it starts: that is a sync dispatch.
             for i in idxs:
                 self.sync_call(i, t, False, bid)
             return
-        done = t + self.draws.turnaround(prov.name, prov.batch_api, t)
-        if hedge_at is not None and done > hedge_at:
-            # Cancelled at the hedge: a cancelled batch bills only finished work, and none has finished.
+        attempts = [int(self.attempts[i]) for i in idxs]
+        out = self.providers[members[0].provider].batch(idxs, members, t, hedge_at, attempts)
+        if out.hedged:
             rec = self.batches[-1]
             self.batches[-1] = BatchRecord(rec.id, rec.t, rec.provider, rec.model, rec.mode, rec.size,
                                            rec.recommendation, rec.reason, outcome="hedged")
             self.batch_of[idxs] = bid
-            self.push(hedge_at, "hedge", idxs)
+            self.push(out.at, "hedge", idxs)
             return
-        pc = prov.prompt_cache
-        warm_blocks: set[int] = set()
-        if pc is not None and pc.stacks_with_batch:
-            # The batch runs somewhere in [t, done]; prefixes another call wrote and that are still warm at
-            # submission are read, and this batch's own prefixes stay warm until done + ttl.
-            warm = self.warm.setdefault((first.provider, first.model), {})
-            for r in members:
-                for b in r.prefix_blocks:
-                    if warm.get(b, -1.0) >= t:
-                        warm_blocks.add(b)
-        prices = price_batch(members, self.catalog, "batch_api", warm=warm_blocks, block_tokens=self.bt)
-        for i, r, p in zip(idxs, members, prices):
-            if self.settle(i, done, p.total, _BATCH, bid, prov.failure_rate):
-                if pc is not None and pc.stacks_with_batch and (p.cached_input or p.cache_write):
-                    until = done + pc.ttl_s
-                    for b in r.prefix_blocks:
-                        if warm.get(b, -1.0) < until:
-                            warm[b] = until
+        for i, a in zip(idxs, out.members):
+            self.settle(i, a, _BATCH, bid)
 
 
 def simulate(requests: Sequence[Request], policy, *, catalog: Catalog | None = None,
