@@ -18,6 +18,7 @@ from engine.errors import (
 from engine.features import compat_key, featurize, fingerprint
 from engine.lower_bound import LowerBound, lower_bound
 from engine.request import Request
+from engine.result import Result
 from engine.settings import Settings
 from engine.simulator import SimResult, simulate
 from engine.trace import Trace, load_trace, write_trace
@@ -25,6 +26,7 @@ from engine.trace import Trace, load_trace, write_trace
 __all__ = [
     "Catalog",
     "CatalogError",
+    "Engine",
     "ConfigError",
     "LowerBound",
     "PolicyError",
@@ -32,6 +34,7 @@ __all__ = [
     "ProviderError",
     "RegistryError",
     "Request",
+    "Result",
     "Settings",
     "SimResult",
     "SmartbatchError",
@@ -49,3 +52,12 @@ __all__ = [
     "simulate",
     "write_trace",
 ]
+
+
+def __getattr__(name: str):
+    # The driver starts Ray; importing it lazily keeps `import engine` light and the core free of Ray.
+    if name == "Engine":
+        from engine.driver import Engine
+
+        return Engine
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")

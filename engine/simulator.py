@@ -204,7 +204,9 @@ class _Sim:
                 if done <= now and reuse.exact:
                     self.resolve_reused(i, now, 1)
                     return
-                if done > now and reuse.in_flight and done <= r.deadline_at:
+                # In flight: attach when the leader's deadline is no later than ours. A live engine cannot
+                # know when a call will finish, so the simulator does not use that either.
+                if done > now and reuse.in_flight and self.reqs[found[0]].deadline_at <= r.deadline_at:
                     self.resolve_reused(i, done, 2)
                     return
             leader = self.pending_leader.get(fp)

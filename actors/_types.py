@@ -1,0 +1,36 @@
+"""Messages between actors: plain, picklable, batch-shaped."""
+
+from __future__ import annotations
+
+import zlib
+from typing import NamedTuple
+
+from engine.features import compat_key
+from engine.request import Request
+
+__all__ = ["BatchJob", "Job", "shard_of"]
+
+
+def shard_of(req: Request, n: int) -> int:
+    """The grouper that owns a request: by its compatibility key, so requests that may share a batch (and a
+    request's retries) always meet in one grouper."""
+    return 0 if n == 1 else zlib.crc32(repr(compat_key(req)).encode()) % n
+
+
+class Job(NamedTuple):
+    seq: int  # engine-wide sequence number: the row of this request's simulated draws
+    req: Request
+    fp: str
+    attempts: int = 0
+    hedges: int = 0
+
+
+class BatchJob(NamedTuple):
+    bid: str
+    mode: str
+    hedge_at: float | None
+    cache_write: bool
+    recommendation: str
+    reason: str
+    jobs: list[Job]
+    reserved_usd: float

@@ -1,0 +1,71 @@
+"""The result hub: collects finished results for the driver (long-poll) and keeps the running report."""
+
+from __future__ import annotations
+
+import asyncio
+
+from engine.result import Result
+
+from actors._peer import Warm
+
+__all__ = ["ResultHub"]
+
+
+class ResultHub(Warm):
+    def __init__(self) -> None:
+        self._ready: list[Result] = []
+        self._event = asyncio.Event()
+        self._stats: dict = {"requests": 0, "cost_usd": 0.0, "list_price_usd": 0.0, "by_status": {},
+                             "by_mode": {}, "hits": {}, "deadline_met": 0, "deadline_known": 0, "by_provider": {}}
+
+    def __repr__(self) -> str:
+        return f"ResultHub(waiting={len(self._ready)}, seen={self._stats['requests']})"
+
+    async def push(self, results: list[Result], list_prices: list[float] | None = None) -> None:
+        s = self._stats
+        for k, r in enumerate(results):
+            s["requests"] += 1
+            s["cost_usd"] += r.cost_usd
+            s["list_price_usd"] += list_prices[k] if list_prices else 0.0
+            s["by_status"][r.status] = s["by_status"].get(r.status, 0) + 1
+            if r.mode:
+                s["by_mode"][r.mode] = s["by_mode"].get(r.mode, 0) + 1
+            if r.hit:
+                s["hits"][r.hit] = s["hits"].get(r.hit, 0) + 1
+            if r.deadline_met is not None:
+                s["deadline_known"] += 1
+                s["deadline_met"] += bool(r.deadline_met)
+            if r.provider:
+                p = s["by_provider"].setdefault(r.provider, {"requests": 0, "cost_usd": 0.0})
+                p["requests"] += 1
+                p["cost_usd"] += r.cost_usd
+        self._ready.extend(results)
+        self._event.set()
+
+    async def pull(self, max_wait_s: float = 0.25) -> list[Result]:
+        """Everything finished since the last pull; waits up to ``max_wait_s`` when nothing is ready."""
+        if not self._ready:
+            try:
+                await asyncio.wait_for(self._event.wait(), timeout=max_wait_s)
+            except asyncio.TimeoutError:
+                return []
+        out, self._ready = self._ready, []
+        self._event.clear()
+        return out
+
+    async def report(self) -> dict:
+        s = self._stats
+        saving = s["list_price_usd"] - s["cost_usd"]
+        return {
+            "requests": s["requests"],
+            "spend_usd": round(s["cost_usd"], 6),
+            "list_price_usd": round(s["list_price_usd"], 6),
+            "saving_usd": round(saving, 6),
+            "saving_frac": round(saving / s["list_price_usd"], 6) if s["list_price_usd"] > 0 else 0.0,
+            "by_status": dict(s["by_status"]),
+            "by_mode": dict(s["by_mode"]),
+            "hits": dict(s["hits"]),
+            "deadline_met_frac": (s["deadline_met"] / s["deadline_known"]) if s["deadline_known"] else None,
+            "by_provider": {k: {"requests": v["requests"], "cost_usd": round(v["cost_usd"], 6)}
+                            for k, v in s["by_provider"].items()},
+        }

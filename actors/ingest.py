@@ -1,0 +1,45 @@
+"""Ingest: admits requests in batches, drops duplicate ids, fingerprints, asks the cache, forwards misses."""
+
+from __future__ import annotations
+
+from engine.features import fingerprint
+from engine.request import Request
+
+from actors._peer import Peer, Warm, as_peer
+from actors._types import Job, shard_of
+
+__all__ = ["Ingest"]
+
+
+class Ingest(Warm):
+    def __init__(self, groupers: list, cache=None):
+        self.groupers = [as_peer(g) for g in groupers]
+        self.cache = as_peer(cache)
+        self.seen: set[str] = set()
+        self.next_seq = 0
+        self.duplicates = 0
+
+    def __repr__(self) -> str:
+        return f"Ingest(admitted={self.next_seq}, duplicates={self.duplicates})"
+
+    async def submit(self, requests: list[Request]) -> int:
+        """Admit a batch; returns how many were new. A repeated id is the same request (idempotency key):
+        it is never generated twice."""
+        jobs: list[Job] = []
+        for r in requests:
+            if r.id in self.seen:
+                self.duplicates += 1
+                continue
+            self.seen.add(r.id)
+            jobs.append(Job(self.next_seq, r, fingerprint(r)))
+            self.next_seq += 1
+        if not jobs:
+            return 0
+        misses = await self.cache.call("lookup", jobs) if self.cache is not None else jobs
+        shards: list[list[Job]] = [[] for _ in self.groupers]
+        for m in misses:
+            shards[shard_of(m.req, len(shards))].append(m)
+        for g, part in zip(self.groupers, shards):
+            if part:
+                g.send("add", part)
+        return len(jobs)

@@ -1,0 +1,53 @@
+"""Wires the actor classes to Ray: one hub, budget, cache, ingest, N groupers and one dispatcher per provider.
+
+Every actor takes ``num_cpus=0`` (they are I/O-bound event loops; the machine has 2 cores). A dispatcher is
+pinned to nodes that offer the custom resource ``provider:<name>`` when the cluster has one (cluster.yaml),
+so a provider's traffic can leave from chosen machines.
+"""
+
+from __future__ import annotations
+
+import ray
+
+from actors.budget import BudgetLedger
+from actors.cache import ResultCache
+from actors.dispatcher import Dispatcher
+from actors.grouper import Grouper
+from actors.hub import ResultHub
+from actors.ingest import Ingest
+
+__all__ = ["provider_resource", "start_actors"]
+
+_OPTS = {"num_cpus": 0, "max_concurrency": 1000}
+
+
+def provider_resource(provider: str) -> str:
+    return f"provider:{provider}"
+
+
+def start_actors(policy, catalog, settings, clock, *, seed: int, budget_usd: float | None,
+                 num_groupers: int = 1) -> dict:
+    """Create and wire the actors; ``clock()`` makes the engine clock once they are all up."""
+    hub = ray.remote(ResultHub).options(**_OPTS).remote()
+    budget = ray.remote(BudgetLedger).options(**_OPTS).remote(budget_usd)
+    reuse = policy.reuse
+    cache = (ray.remote(ResultCache).options(**_OPTS).remote(reuse, hub, None)
+             if (reuse.exact or reuse.in_flight) else None)
+    groupers = [ray.remote(Grouper).options(**_OPTS).remote(policy, catalog, None, {}, budget, hub, f"g{k}")
+                for k in range(num_groupers)]
+    cluster = ray.cluster_resources()
+    dispatchers = {}
+    for name in catalog.providers:
+        opts = dict(_OPTS)
+        if provider_resource(name) in cluster:
+            opts["resources"] = {provider_resource(name): 0.001}
+        dispatchers[name] = ray.remote(Dispatcher).options(**opts).remote(
+            name, catalog, settings, seed, None, groupers, hub, cache, budget)
+    ray.get([g.set_dispatchers.remote(dispatchers) for g in groupers])
+    ingest = ray.remote(Ingest).options(**_OPTS).remote(groupers, cache)
+    everything = [ingest, *groupers, *dispatchers.values(), budget, hub] + ([cache] if cache else [])
+    ray.get([a.warm.remote() for a in everything])
+    clock = clock()
+    ray.get([a.set_clock.remote(clock) for a in [*groupers, *dispatchers.values()] + ([cache] if cache else [])])
+    return {"clock": clock, "ingest": ingest, "groupers": groupers, "dispatchers": dispatchers, "budget": budget, "hub": hub,
+            "cache": cache, "all": everything}

@@ -1,0 +1,243 @@
+"""The driver API: ``Engine.start()``, ``submit``/``submit_many``, ``report``, ``stop``.
+
+Floor 4: this module starts Ray and the actors. ``submit`` returns a ``concurrent.futures.Future`` that resolves
+to a ``Result``. The client buffers ``submit`` calls into micro-batches (flushed at ``micro_batch`` requests,
+every ``flush_ms``, and at once for urgent requests) because one actor call per request caps an engine near
+300 requests/s; results come back the same way, in batches pulled by one background thread.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from engine.catalog import Catalog, load_catalog
+from engine.errors import ConfigError, TraceError
+from engine.request import Request, validation_context
+from engine.result import Result
+from engine.settings import Settings
+
+__all__ = ["Engine"]
+
+Future = concurrent.futures.Future
+
+
+class Engine:
+    """A running smartbatch engine. Use ``Engine.start(...)``, or ``with Engine.start(...) as eng:``."""
+
+    def __init__(self, *, handles: dict, clock, settings: Settings, catalog: Catalog, started_ray: bool,
+                 micro_batch: int, flush_ms: float):
+        import ray
+
+        self._ray = ray
+        self._h = handles
+        self.clock = clock
+        self.settings = settings
+        self.catalog = catalog
+        self._ctx = validation_context(catalog, settings)
+        self._started_ray = started_ray
+        self._micro_batch = micro_batch
+        self._flush_s = flush_ms / 1000.0
+        self._lock = threading.Lock()
+        self._futs: dict[str, Future] = {}
+        self._buffer: list[Request] = []
+        self._inflight_refs: dict[Any, list[str]] = {}
+        self._running = True
+        self._flusher = threading.Thread(target=self._flush_loop, name="smartbatch-flush", daemon=True)
+        self._puller = threading.Thread(target=self._pull_loop, name="smartbatch-pull", daemon=True)
+        self._flusher.start()
+        self._puller.start()
+
+    # -- start / stop -------------------------------------------------------------------------------------------
+    @classmethod
+    def start(cls, settings: Settings | None = None, *, policy: str = "smart",
+              policy_params: Mapping[str, Any] | None = None, catalog: Catalog | None = None,
+              address: str | None = None, speedup: float = 1.0, offset_s: float = 0.0,
+              budget_usd: float | None = None, seed: int | None = None, num_groupers: int = 1,
+              micro_batch: int = 1000, flush_ms: float = 2.0) -> Engine:
+        """Start the actors on Ray: an embedded local Ray when none is running and ``address`` is None, else
+        attach (``address="auto"`` for a cluster started with ``ray up``). ``speedup`` runs the engine clock
+        faster than the wall clock (replaying a trace time-compressed); ``offset_s`` is the clock's start."""
+        import ray
+
+        from actors.remote import start_actors
+        from policies import load_policy
+
+        settings = settings or Settings()
+        catalog = catalog or load_catalog(settings.catalog_path)
+        if micro_batch < 1 or flush_ms <= 0 or num_groupers < 1:
+            raise ConfigError("micro_batch and num_groupers must be >= 1 and flush_ms > 0; got "
+                              f"micro_batch={micro_batch}, flush_ms={flush_ms}, num_groupers={num_groupers}")
+        pol = load_policy(policy, catalog, policy_params)  # fails fast on a bad name or parameter
+        started = False
+        if not ray.is_initialized():
+            ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)
+            started = True
+        from engine.clock import ScaledClock
+
+        handles = start_actors(pol, catalog, settings, lambda: ScaledClock(time.time(), speedup, offset_s),
+                               seed=settings.sim.seed if seed is None else seed, budget_usd=budget_usd,
+                               num_groupers=num_groupers)
+        return cls(handles=handles, clock=handles["clock"], settings=settings, catalog=catalog, started_ray=started,
+                   micro_batch=micro_batch, flush_ms=flush_ms)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Flush, stop the threads and the actors; any future still open resolves as failed ("engine
+        stopped"), so none hangs."""
+        if not self._running:
+            return
+        self._flush()
+        self._running = False
+        self._flusher.join(timeout_s)
+        self._puller.join(timeout_s)
+        with self._lock:
+            open_futs = [(k, f) for k, f in self._futs.items() if not f.done()]
+        for rid, f in open_futs:
+            f.set_result(Result(id=rid, status="failed", error="engine stopped before the request finished"))
+        for h in self._h["all"]:
+            try:
+                self._ray.kill(h)
+            except Exception:  # already gone: nothing to stop
+                pass
+        if self._started_ray:
+            self._ray.shutdown()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def now(self) -> float:
+        return self.clock.now()
+
+    # -- submitting -------------------------------------------------------------------------------------------
+    def _as_request(self, r: Request | Mapping) -> Request:
+        if isinstance(r, Request):
+            return r
+        d = dict(r)
+        d.setdefault("arrival_s", max(self.clock.now(), 0.0))
+        try:
+            return Request.model_validate(d, context=self._ctx)
+        except ValidationError as exc:
+            from engine.trace import _problems_of
+
+            raise TraceError([("submit", 0, f, m) for f, m in _problems_of(exc)]) from exc
+
+    def submit(self, request: Request | Mapping) -> Future:
+        """Queue one request; returns its future. A repeated id returns the first submission's future."""
+        req = self._as_request(request)
+        with self._lock:
+            fut = self._futs.get(req.id)
+            if fut is not None:
+                return fut
+            fut = self._futs[req.id] = Future()
+            self._buffer.append(req)
+            flush_now = req.priority == "urgent" or len(self._buffer) >= self._micro_batch
+        if flush_now:
+            self._flush()
+        return fut
+
+    def submit_many(self, requests: Iterable[Request | Mapping]) -> list[Future]:
+        """Queue many requests; validation errors are raised before any is queued."""
+        reqs = [self._as_request(r) for r in requests]
+        futs: list[Future] = []
+        with self._lock:
+            for r in reqs:
+                fut = self._futs.get(r.id)
+                if fut is None:
+                    fut = self._futs[r.id] = Future()
+                    self._buffer.append(r)
+                futs.append(fut)
+        self._flush()
+        return futs
+
+    def _flush(self) -> None:
+        with self._lock:
+            batch, self._buffer = self._buffer, []
+        for k in range(0, len(batch), self._micro_batch):
+            part = batch[k:k + self._micro_batch]
+            ref = self._h["ingest"].submit.remote(part)
+            with self._lock:
+                self._inflight_refs[ref] = [r.id for r in part]
+
+    def _flush_loop(self) -> None:
+        while self._running:
+            time.sleep(self._flush_s)
+            if self._buffer:
+                self._flush()
+
+    def _pull_loop(self) -> None:
+        ray = self._ray
+        hub = self._h["hub"]
+        while self._running:
+            try:
+                results: list[Result] = ray.get(hub.pull.remote(0.2))
+            except Exception as exc:  # the hub is gone: fail everything open rather than hang
+                self._fail_open(f"engine failure: {exc}")
+                return
+            for res in results:
+                with self._lock:
+                    fut = self._futs.get(res.id)
+                if fut is not None and not fut.done():
+                    fut.set_result(res)
+            self._check_ingest()
+
+    def _check_ingest(self) -> None:
+        with self._lock:
+            refs = list(self._inflight_refs)
+        if not refs:
+            return
+        ready, _ = self._ray.wait(refs, num_returns=len(refs), timeout=0)
+        for ref in ready:
+            with self._lock:
+                ids = self._inflight_refs.pop(ref, [])
+            try:
+                self._ray.get(ref)
+            except Exception as exc:
+                self._fail_ids(ids, f"ingest failed: {exc}")
+
+    def _fail_ids(self, ids: Sequence[str], error: str) -> None:
+        for rid in ids:
+            with self._lock:
+                fut = self._futs.get(rid)
+            if fut is not None and not fut.done():
+                fut.set_result(Result(id=rid, status="failed", error=error))
+
+    def _fail_open(self, error: str) -> None:
+        with self._lock:
+            ids = [k for k, f in self._futs.items() if not f.done()]
+        self._fail_ids(ids, error)
+
+    # -- reading ------------------------------------------------------------------------------------------------
+    def report(self) -> dict:
+        """Spend, saving against each request's list price, hits, deadlines, per provider, and the budget."""
+        ray = self._ray
+        rep = ray.get(self._h["hub"].report.remote())
+        rep["budget"] = ray.get(self._h["budget"].report.remote())
+        return rep
+
+    def replay(self, requests: Sequence[Request], *, on_submit=None) -> list[Future]:
+        """Submit ``requests`` (sorted by arrival) as the engine clock reaches each arrival time."""
+        reqs = sorted(requests, key=lambda r: r.arrival_s)
+        futs: list[Future] = []
+        k = 0
+        while k < len(reqs):
+            now = self.clock.now()
+            j = k
+            while j < len(reqs) and reqs[j].arrival_s <= now:
+                j += 1
+            if j > k:
+                futs.extend(self.submit_many(reqs[k:j]))
+                if on_submit is not None:
+                    on_submit(j - k)
+                k = j
+            else:
+                time.sleep(min(self.clock.real_delay(reqs[k].arrival_s - now), 0.05))
+        return futs

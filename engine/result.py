@@ -1,0 +1,31 @@
+"""What every submitted request resolves to."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+__all__ = ["Result", "Status"]
+
+Status = Literal["ok", "reused", "failed", "rejected", "expired"]
+
+
+class Result(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    status: Status
+    output: str | None = None  # the output, or a reference to it (simulated providers return a reference)
+    cost_usd: float = 0.0
+    mode: str | None = None  # sync | batch_api | gpu_batch | reuse
+    hit: str | None = None  # exact | in_flight | near, for reused results
+    provider: str | None = None
+    model: str | None = None
+    batch_id: str | None = None
+    arrival_s: float = 0.0
+    done_s: float | None = None
+    deadline_met: bool | None = None
+    recommendation: str | None = None
+    reason: str = ""
+    error: str | None = None
