@@ -4,13 +4,14 @@ import policies
 
 def test_engine_public_surface_is_pinned():
     assert sorted(engine.__all__) == sorted([
-        "Catalog", "CatalogError", "ConfigError", "LowerBound", "PolicyError", "Price", "ProviderError",
-        "RegistryError", "Request", "Settings", "SimResult", "SmartbatchError", "Trace", "TraceError",
+        "Catalog", "CatalogError", "ConfigError", "Engine", "LowerBound", "PolicyError", "Price", "ProviderError",
+        "RegistryError", "Request", "Result", "Settings", "SimResult", "SmartbatchError", "Trace", "TraceError",
         "compat_key", "default_catalog", "featurize", "fingerprint", "load_catalog", "load_trace",
         "lower_bound", "price_alone", "price_batch", "simulate", "write_trace",
     ])
     for name in engine.__all__:
-        assert hasattr(engine, name), name
+        if name != "Engine":  # lazy: importing it starts nothing, but pulls in Ray
+            assert hasattr(engine, name), name
 
 
 def test_policies_public_surface_is_pinned():
@@ -21,12 +22,16 @@ def test_policies_public_surface_is_pinned():
 
 
 def test_core_and_policies_never_import_ray():
+    # Floor 4 (driver, CLI) may; everything below it must not.
+    upper = {"driver.py", "cli.py"}
     import ast
     from pathlib import Path
 
     root = Path(engine.__file__).parent.parent
     for pkg in ("engine", "policies"):
         for f in (root / pkg).rglob("*.py"):
+            if f.name in upper:
+                continue
             tree = ast.parse(f.read_text())
             for node in ast.walk(tree):
                 names = []

@@ -1,0 +1,174 @@
+"""The actor classes driven directly, without Ray (peers are plain objects, time is a ManualClock)."""
+
+import asyncio
+
+import pytest
+
+from actors import BudgetLedger, Dispatcher, Grouper, Ingest, ResultCache, ResultHub
+from actors._types import BatchJob, Job
+from engine.catalog import default_catalog
+from engine.clock import ManualClock
+from engine.grouping import ReuseSettings
+from engine.request import Request
+from engine.settings import Settings
+from policies import load_policy
+
+CAT = default_catalog()
+
+
+def req(i, **kw):
+    d = {"id": f"r{i}", "arrival_s": 0.0, "model": "gpt-5-mini", "input_tokens": 100 + i, "output_tokens": 10}
+    d.update(kw)
+    return Request.model_validate(d)
+
+
+class Recorder:
+    """A stand-in peer that records what it was sent."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        async def method(*args):
+            self.calls.append((name, args))
+            return True
+        return method
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_budget_refuses_a_reservation_past_the_limit_and_settles():
+    async def go():
+        b = BudgetLedger(limit_usd=1.0)
+        assert await b.reserve_many([("a", 0.6), ("b", 0.5), ("c", 0.4)]) == [True, False, True]
+        await b.settle_many([("a", 0.2)])
+        await b.release_many(["a"])
+        rep = await b.report()
+        assert rep["spent_usd"] == pytest.approx(0.2) and rep["remaining_usd"] == pytest.approx(0.4)
+        assert rep["refused_reservations"] == 1
+        with pytest.raises(ValueError, match="amount must be >= 0"):
+            await b.reserve_many([("d", -1.0)])
+    run(go())
+
+
+def test_hub_long_poll_and_report():
+    async def go():
+        from engine.result import Result
+
+        hub = ResultHub()
+        assert await hub.pull(0.01) == []
+        waiter = asyncio.create_task(hub.pull(5.0))
+        await asyncio.sleep(0)
+        await hub.push([Result(id="x", status="ok", cost_usd=1.0, mode="sync", provider="openai",
+                               deadline_met=True)], [2.0])
+        assert [r.id for r in await waiter] == ["x"]
+        rep = await hub.report()
+        assert rep["saving_usd"] == pytest.approx(1.0) and rep["deadline_met_frac"] == 1.0
+    run(go())
+
+
+def test_cache_hits_attaches_in_flight_and_resolves_followers():
+    async def go():
+        hub = ResultHub()
+        clock = ManualClock(10.0)
+        cache = ResultCache(ReuseSettings(exact=True, in_flight=True), hub, clock)
+        a, b = req(1), req(1, id="dup")  # same content, new id
+        none = req(1, id="noreuse", reuse="none")
+        misses = await cache.lookup([Job(0, a, "fp"), Job(1, b, "fp"), Job(2, none, "fp")])
+        assert [m.req.id for m in misses] == ["r1", "noreuse"]  # b attached to a in flight
+        from engine.result import Result
+
+        await cache.complete([("fp", Result(id="r1", status="ok", cost_usd=0.1, done_s=12.0))])
+        got = {r.id: r for r in await hub.pull(0.01)}
+        assert got["dup"].status == "reused" and got["dup"].hit == "in_flight" and got["dup"].done_s == 12.0
+        later = await cache.lookup([Job(3, req(1, id="later"), "fp")])
+        assert later == [] and (await hub.pull(0.01))[0].hit == "exact"
+    run(go())
+
+
+def test_ingest_drops_duplicate_ids_and_shards_by_compat_key():
+    async def go():
+        g0, g1 = Recorder(), Recorder()
+        ing = Ingest([g0, g1], cache=None)
+        reqs = [req(i, model=m) for i, m in enumerate(["gpt-5-mini", "claude-haiku-4-5", "gemini-2.5-flash"] * 3)]
+        assert await ing.submit(reqs) == 9
+        assert await ing.submit(reqs[:4]) == 0 and ing.duplicates == 4
+        await asyncio.sleep(0)
+        sent = [j for g in (g0, g1) for _, (jobs,) in g.calls for j in jobs]
+        assert sorted(j.req.id for j in sent) == sorted(r.id for r in reqs)
+        for g in (g0, g1):  # one model never spans two groupers
+            models = [{j.req.model for j in jobs} for _, (jobs,) in g.calls]
+            assert all(not (m & {j.req.model for _, (js,) in (g1 if g is g0 else g0).calls for j in js})
+                       for m in models)
+        assert [j.seq for j in sorted(sent, key=lambda j: j.seq)] == list(range(9))
+    run(go())
+
+
+def test_grouper_waits_then_dispatches_after_a_reservation():
+    async def go():
+        disp, hub = Recorder(), ResultHub()
+        budget = BudgetLedger()
+        clock = ManualClock(0.0)
+        g = Grouper(load_policy("fixed", CAT, {"max_batch_size": 2, "batch_wait_timeout_s": 100}), CAT, clock,
+                    {"openai": disp}, budget, hub)
+        await g.add([Job(0, req(0), "a")])
+        await asyncio.sleep(0)
+        assert disp.calls == [] and (await g.stats())["pending"] == 1
+        await g.add([Job(1, req(1), "b")])
+        await asyncio.sleep(0)
+        (name, (batch,)), = disp.calls
+        assert name == "run" and batch.mode == "sync" and [j.req.id for j in batch.jobs] == ["r0", "r1"]
+        assert batch.recommendation == "process_as_batch" and batch.reserved_usd > 0
+        assert sum(budget.reserved.values()) == pytest.approx(batch.reserved_usd)
+    run(go())
+
+
+def test_grouper_rejects_when_the_budget_is_spent():
+    async def go():
+        disp, hub = Recorder(), ResultHub()
+        g = Grouper(load_policy("naive", CAT), CAT, ManualClock(0.0), {"openai": disp}, BudgetLedger(0.0), hub)
+        await g.add([Job(0, req(0), "a")])
+        (res,) = await hub.pull(0.01)
+        assert res.status == "rejected" and res.error == "budget_exhausted" and disp.calls == []
+    run(go())
+
+
+def test_a_policy_error_fails_its_requests_not_the_engine():
+    class Broken:
+        name = "broken"
+
+        def group_key(self, req, compat, now):
+            raise RuntimeError("boom")
+
+    async def go():
+        hub = ResultHub()
+        g = Grouper(Broken(), CAT, ManualClock(0.0), {}, BudgetLedger(), hub)
+        await g.add([Job(0, req(0), "a")])
+        (res,) = await hub.pull(0.01)
+        assert res.status == "failed" and "policy error: boom" in res.error
+    run(go())
+
+
+def test_dispatcher_resolves_sync_and_batch_and_hands_back_hedges():
+    async def go():
+        hub, budget, grouper = ResultHub(), BudgetLedger(), Recorder()
+        clock = ManualClock(0.0)
+        d = Dispatcher("openai", CAT, Settings(), 0, clock, [grouper], hub, None, budget)
+        jobs = [Job(i, req(i), f"fp{i}") for i in range(3)]
+        await budget.reserve_many([("b0", 1.0), ("b1", 1.0), ("b2", 1.0)])
+        await d.run(BatchJob("b0", "sync", None, False, "process_individually", "now", jobs[:1], 1.0))
+        await d.run(BatchJob("b1", "batch_api", None, False, "process_as_batch", "cheap", jobs[1:], 1.0))
+        await d.run(BatchJob("b2", "batch_api", 1.0, False, "consider_batch", "hedged", [jobs[0]._replace(seq=9)],
+                             1.0))
+        for _ in range(20):  # timers fire at once on a ManualClock; let the loop run them and the outbox
+            await asyncio.sleep(0.01)
+        got = {r.id: r for r in await hub.pull(0.01)}
+        assert got["r0"].mode == "sync" and got["r1"].mode == "batch_api" and got["r2"].batch_id == "b1"
+        assert got["r1"].cost_usd < got["r0"].cost_usd
+        (name, (readmit,)), = grouper.calls  # the hedged batch went back to the policy
+        assert name == "add" and readmit[0].hedges == 1
+        assert budget.reserved == {}  # every batch settled and released
+        assert budget.spent_usd == pytest.approx(got["r0"].cost_usd + got["r1"].cost_usd + got["r2"].cost_usd)
+    run(go())
