@@ -6,6 +6,8 @@ flight attaches to it (one provider call, every future resolved); a miss becomes
 
 from __future__ import annotations
 
+from engine.catalog import default_catalog
+from engine.cost import price_alone
 from engine.grouping import ReuseSettings
 from engine.result import Result
 
@@ -18,14 +20,16 @@ Item = Job
 
 
 class ResultCache(Warm):
-    def __init__(self, reuse: ReuseSettings, hub, clock, max_entries: int = 1_000_000):
+    def __init__(self, reuse: ReuseSettings, hub, clock, catalog=None, max_entries: int = 1_000_000):
         self.reuse = reuse
+        self.catalog = catalog or default_catalog()
         self.hub = as_peer(hub)
         self.clock = clock
         self.max_entries = max_entries
         self.done: dict[str, Result] = {}
         self.leaders: dict[str, Item] = {}
         self.followers: dict[str, list[Item]] = {}
+        self._resolved: list[Item] = []
 
     async def set_clock(self, clock) -> None:
         """The engine sets the clock once every actor is up, so engine time 0 is when submitting can start."""
@@ -40,6 +44,11 @@ class ResultCache(Warm):
         return Result(id=r.id, status="reused", output=src.output, cost_usd=0.0, mode="reuse", hit=hit,
                       provider=r.provider, model=r.model, arrival_s=r.arrival_s, done_s=at,
                       deadline_met=at <= r.deadline_at + 1e-9, reason=f"reused {hit} result of {src.id}")
+
+    def _list_prices(self, results: list[Result], items: list[Item]) -> list[float]:
+        """What each reused request would have cost alone: its saving, for the report."""
+        by_id = {it.req.id: it.req for it in items}
+        return [price_alone(by_id[r.id], self.catalog, "sync").total for r in results]
 
     async def lookup(self, items: list[Item]) -> list[Item]:
         """Resolve hits and attach in-flight duplicates; return the misses, which must be generated."""
@@ -60,7 +69,7 @@ class ResultCache(Warm):
             self.leaders.setdefault(fp, item)
             misses.append(item)
         if hits:
-            await self.hub.call("push", hits, [0.0] * len(hits))
+            await self.hub.call("push", hits, self._list_prices(hits, items))
         return misses
 
     async def complete(self, done: list[tuple[str, Result]]) -> None:
@@ -77,8 +86,10 @@ class ResultCache(Warm):
             self.done[fp] = res
             for item in self.followers.pop(fp, ()):
                 out.append(self._reused(item, res, "in_flight", res.done_s or self.clock.now()))
+                self._resolved.append(item)
         if out:
-            await self.hub.call("push", out, [0.0] * len(out))
+            await self.hub.call("push", out, self._list_prices(out, self._resolved))
+        self._resolved = []
 
     async def orphans(self, fps: list[str]) -> list[Item]:
         """Followers whose leader failed for good: they must be generated after all."""

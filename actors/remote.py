@@ -31,7 +31,7 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, budget_usd: flo
     hub = ray.remote(ResultHub).options(**_OPTS).remote()
     budget = ray.remote(BudgetLedger).options(**_OPTS).remote(budget_usd)
     reuse = policy.reuse
-    cache = (ray.remote(ResultCache).options(**_OPTS).remote(reuse, hub, None)
+    cache = (ray.remote(ResultCache).options(**_OPTS).remote(reuse, hub, None, catalog)
              if (reuse.exact or reuse.in_flight) else None)
     groupers = [ray.remote(Grouper).options(**_OPTS).remote(policy, catalog, None, {}, budget, hub, f"g{k}")
                 for k in range(num_groupers)]

@@ -152,7 +152,7 @@ def _markdown(doc: dict) -> str:
             f"{'n/a' if cap is None else f'{100 * cap:.1f} %'} | {100 * r['deadline_met_frac']:.2f} % | "
             f"{'n/a' if urgent is None else f'{100 * urgent:.1f} %'} | "
             f"{r['exact_hits']}/{r['in_flight_hits']}/{r['near_hits']} | {r['failed']} | "
-            f"{r['sim_requests_per_s']:,.0f} |")
+            f"{'live' if r.get('sim_requests_per_s') is None else format(r['sim_requests_per_s'], ',.0f')} |")
     return "\n".join(lines) + "\n"
 
 
