@@ -61,6 +61,7 @@ class Dispatcher(Warm):
         jobs = b.jobs
         self._open[b.bid] = [len(jobs), 0.0]
         self.in_flight += len(jobs)
+        self.hub.send("observe_dispatch", self.name, b.mode, [t - j.req.arrival_s for j in jobs], self.in_flight)
         if b.mode == "batch_api" and (b.hedge_at is None or b.hedge_at > t):
             out = self.sim.batch([j.seq for j in jobs], [j.req for j in jobs], t, b.hedge_at,
                                  [j.attempts for j in jobs])

@@ -6,6 +6,8 @@ import asyncio
 
 from engine.result import Result
 
+from actors.metrics import EngineMetrics
+
 from actors._peer import Warm
 
 __all__ = ["ResultHub"]
@@ -13,6 +15,7 @@ __all__ = ["ResultHub"]
 
 class ResultHub(Warm):
     def __init__(self) -> None:
+        self.metrics = EngineMetrics()
         self._ready: list[Result] = []
         self._event = asyncio.Event()
         self._stats: dict = {"requests": 0, "cost_usd": 0.0, "list_price_usd": 0.0, "by_status": {},
@@ -39,8 +42,15 @@ class ResultHub(Warm):
                 p = s["by_provider"].setdefault(r.provider, {"requests": 0, "cost_usd": 0.0})
                 p["requests"] += 1
                 p["cost_usd"] += r.cost_usd
+        self.metrics.observe_results(results, list_prices)
         self._ready.extend(results)
         self._event.set()
+
+    async def observe_dispatch(self, provider: str, mode: str, waits: list[float], in_flight: int) -> None:
+        self.metrics.observe_dispatch(provider, mode, waits, in_flight)
+
+    async def serve_metrics(self, port: int = 0) -> int:
+        return self.metrics.serve(port)
 
     async def pull(self, max_wait_s: float = 0.25) -> list[Result]:
         """Everything finished since the last pull; waits up to ``max_wait_s`` when nothing is ready."""

@@ -43,6 +43,7 @@ class Engine:
         self._started_ray = started_ray
         self._micro_batch = micro_batch
         self._flush_s = flush_ms / 1000.0
+        self.metrics_port: int | None = None
         self._lock = threading.Lock()
         self._futs: dict[str, Future] = {}
         self._buffer: list[Request] = []
@@ -59,10 +60,12 @@ class Engine:
               policy_params: Mapping[str, Any] | None = None, catalog: Catalog | None = None,
               address: str | None = None, speedup: float = 1.0, offset_s: float = 0.0,
               budget_usd: float | None = None, seed: int | None = None, num_groupers: int = 1,
-              micro_batch: int = 1000, flush_ms: float = 2.0) -> Engine:
+              micro_batch: int = 1000, flush_ms: float = 2.0, metrics_port: int | None = 0) -> Engine:
         """Start the actors on Ray: an embedded local Ray when none is running and ``address`` is None, else
         attach (``address="auto"`` for a cluster started with ``ray up``). ``speedup`` runs the engine clock
-        faster than the wall clock (replaying a trace time-compressed); ``offset_s`` is the clock's start."""
+        faster than the wall clock (replaying a trace time-compressed); ``offset_s`` is the clock's start.
+        Prometheus metrics are served on ``metrics_port`` (0: a free port, None: not served); the port is
+        ``engine.metrics_port``."""
         import ray
 
         from actors.remote import start_actors
@@ -84,8 +87,11 @@ class Engine:
         handles = start_actors(pol, catalog, settings, lambda: ScaledClock(time.time(), speedup, offset_s),
                                seed=settings.sim.seed if seed is None else seed, budget_usd=budget_usd,
                                num_groupers=num_groupers)
-        return cls(handles=handles, clock=handles["clock"], settings=settings, catalog=catalog, started_ray=started,
-                   micro_batch=micro_batch, flush_ms=flush_ms)
+        eng = cls(handles=handles, clock=handles["clock"], settings=settings, catalog=catalog,
+                  started_ray=started, micro_batch=micro_batch, flush_ms=flush_ms)
+        if metrics_port is not None:
+            eng.metrics_port = ray.get(handles["hub"].serve_metrics.remote(metrics_port))
+        return eng
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Flush, stop the threads and the actors; any future still open resolves as failed ("engine

@@ -71,3 +71,27 @@ def test_a_budget_is_never_overrun(ray_session):
     assert rejected and all(r.error == "budget_exhausted" for r in rejected)
     assert rep["budget"]["spent_usd"] <= 2.0 + 1e-9
     assert sum(r.cost_usd for r in results) <= 2.0 + 1e-9
+
+
+def test_metrics_are_served_and_scraped_over_http(ray_session):
+    import urllib.request
+
+    reqs = short_trace(120, seed=6, span_s=60, max_deadline_s=600)
+    with Engine.start(speedup=500) as eng:
+        results = [f.result(timeout=120) for f in eng.replay(reqs)]
+        assert eng.metrics_port
+        body = urllib.request.urlopen(f"http://127.0.0.1:{eng.metrics_port}/metrics", timeout=10).read().decode()
+    samples = {}
+    for line in body.splitlines():
+        if line.startswith("smartbatch_") and " " in line:
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    done = sum(v for k, v in samples.items() if k.startswith("smartbatch_requests_total"))
+    assert done == len(results)
+    cost = sum(v for k, v in samples.items() if k.startswith("smartbatch_cost_usd_total"))
+    assert cost == pytest.approx(sum(r.cost_usd for r in results), rel=1e-6)
+    assert any(k.startswith("smartbatch_batch_size_bucket") for k in samples)
+    assert any(k.startswith("smartbatch_queue_depth") for k in samples)
+    assert any(k.startswith("smartbatch_end_to_end_seconds_count") for k in samples)
+    hits = sum(v for k, v in samples.items() if k.startswith("smartbatch_cache_hits_total"))
+    assert hits == sum(r.status == "reused" for r in results)
