@@ -9,6 +9,7 @@ one actor call per request.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 
 from engine.catalog import Catalog
 from engine.cost import price_alone
@@ -44,9 +45,11 @@ class Dispatcher(Warm):
         self._readmit: list[Job] = []
         self._settle: list[tuple[str, float]] = []
         self._release: list[str] = []
+        self._observed: list[tuple[str, list[float], int]] = []
         self._flusher: asyncio.Task | None = None
         self._timers: set[asyncio.TimerHandle] = set()
         self.in_flight = 0
+        self.waits: deque[float] = deque(maxlen=10_000)  # engine seconds from arrival to dispatch, for benchmarks
 
     async def set_clock(self, clock) -> None:
         """The engine sets the clock once every actor is up, so engine time 0 is when submitting can start."""
@@ -56,12 +59,19 @@ class Dispatcher(Warm):
         return f"Dispatcher({self.name}, in_flight={self.in_flight}, open_batches={len(self._open)}, {self.sim!r})"
 
     # -- carrying out -----------------------------------------------------------------------------------------
+    async def run_many(self, batches: list[BatchJob]) -> None:
+        for b in batches:
+            await self.run(b)
+        self._kick()
+
     async def run(self, b: BatchJob) -> None:
         t = self.clock.now()
         jobs = b.jobs
         self._open[b.bid] = [len(jobs), 0.0]
         self.in_flight += len(jobs)
-        self.hub.send("observe_dispatch", self.name, b.mode, [t - j.req.arrival_s for j in jobs], self.in_flight)
+        waits = [t - j.req.arrival_s for j in jobs]
+        self.waits.extend(waits)
+        self._observed.append((b.mode, waits, self.in_flight))
         if b.mode == "batch_api" and (b.hedge_at is None or b.hedge_at > t):
             out = self.sim.batch([j.seq for j in jobs], [j.req for j in jobs], t, b.hedge_at,
                                  [j.attempts for j in jobs])
@@ -144,7 +154,7 @@ class Dispatcher(Warm):
 
     def _outbox_empty(self) -> bool:
         return not (self._results or self._fills or self._orphans or self._readmit or self._settle
-                    or self._release)
+                    or self._release or self._observed)
 
     async def _flush_soon(self) -> None:
         # Loop until empty: what timers add while a flush awaits the cache must not wait for a later kick
@@ -160,6 +170,9 @@ class Dispatcher(Warm):
         readmit, self._readmit = self._readmit, []
         settle, self._settle = self._settle, []
         release, self._release = self._release, []
+        observed, self._observed = self._observed, []
+        if observed:
+            self.hub.send("observe_dispatches", self.name, observed)
         if results:
             self.hub.send("push", results, prices)
         if fills and self.cache is not None:
@@ -178,5 +191,8 @@ class Dispatcher(Warm):
                 if part:
                     g.send("add", part)
 
-    async def stats(self) -> dict:
-        return {"provider": self.name, "in_flight": self.in_flight, "open_batches": len(self._open)}
+    async def stats(self, waits: bool = False) -> dict:
+        out = {"provider": self.name, "in_flight": self.in_flight, "open_batches": len(self._open)}
+        if waits:
+            out["waits"] = list(self.waits)
+        return out

@@ -108,12 +108,15 @@ class Grouper(Warm):
                                     dec.recommendation, dec.reason, jobs, est))
         allowed = await self.budget.call("reserve_many", [(b.bid, b.reserved_usd) for b in batches])
         refused: list[Result] = []
+        per_provider: dict[str, list[BatchJob]] = {}
         for b, ok in zip(batches, allowed):
             if ok:
                 self.dispatched += len(b.jobs)
-                self.dispatchers[b.jobs[0].req.provider].send("run", b)
+                per_provider.setdefault(b.jobs[0].req.provider, []).append(b)
             else:
                 refused.extend(self._failed(j, "budget_exhausted", status="rejected") for j in b.jobs)
+        for provider, part in per_provider.items():  # one call per dispatcher, however many dispatches
+            self.dispatchers[provider].send("run_many", part)
         if refused:
             await self.hub.call("push", refused, [0.0] * len(refused))
 

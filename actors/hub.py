@@ -46,8 +46,9 @@ class ResultHub(Warm):
         self._ready.extend(results)
         self._event.set()
 
-    async def observe_dispatch(self, provider: str, mode: str, waits: list[float], in_flight: int) -> None:
-        self.metrics.observe_dispatch(provider, mode, waits, in_flight)
+    async def observe_dispatches(self, provider: str, observed: list[tuple[str, list[float], int]]) -> None:
+        for mode, waits, in_flight in observed:
+            self.metrics.observe_dispatch(provider, mode, waits, in_flight)
 
     async def serve_metrics(self, port: int = 0) -> int:
         return self.metrics.serve(port)

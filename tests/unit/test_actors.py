@@ -118,8 +118,8 @@ def test_grouper_waits_then_dispatches_after_a_reservation():
         assert disp.calls == [] and (await g.stats())["pending"] == 1
         await g.add([Job(1, req(1), "b")])
         await asyncio.sleep(0)
-        (name, (batch,)), = disp.calls
-        assert name == "run" and batch.mode == "sync" and [j.req.id for j in batch.jobs] == ["r0", "r1"]
+        (name, ([batch],)), = disp.calls
+        assert name == "run_many" and batch.mode == "sync" and [j.req.id for j in batch.jobs] == ["r0", "r1"]
         assert batch.recommendation == "process_as_batch" and batch.reserved_usd > 0
         assert sum(budget.reserved.values()) == pytest.approx(batch.reserved_usd)
     run(go())
