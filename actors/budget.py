@@ -51,6 +51,7 @@ class BudgetLedger(Warm):
             self.spent_usd += actual
 
     async def release_many(self, bids: list[str]) -> None:
+        # A batch never reserved (no limit set) has nothing to release.
         for bid in bids:
             self.reserved.pop(bid, None)
 

@@ -50,12 +50,13 @@ class ResultCache(Warm):
         by_id = {it.req.id: it.req for it in items}
         return [price_alone(by_id[r.id], self.catalog, "sync").total for r in results]
 
-    async def lookup(self, items: list[Item]) -> list[Item]:
-        """Resolve hits and attach in-flight duplicates; return the misses, which must be generated."""
+    async def lookup(self, items: list[Item]) -> list[int]:
+        """Resolve hits and attach in-flight duplicates; return the positions of the misses, which must be
+        generated (positions, not the items: the caller has them, and sending them back costs a pickling)."""
         now = self.clock.now()
         hits: list[Result] = []
-        misses: list[Item] = []
-        for item in items:
+        misses: list[int] = []
+        for pos, item in enumerate(items):
             r, fp = item.req, item.fp
             if r.reuse != "none":
                 src = self.done.get(fp) if self.reuse.exact else None
@@ -67,7 +68,7 @@ class ResultCache(Warm):
                     self.followers.setdefault(fp, []).append(item)
                     continue
             self.leaders.setdefault(fp, item)
-            misses.append(item)
+            misses.append(pos)
         if hits:
             await self.hub.call("push", hits, self._list_prices(hits, items))
         return misses

@@ -24,7 +24,7 @@ __all__ = ["Grouper"]
 
 class Grouper(Warm):
     def __init__(self, policy, catalog: Catalog, clock, dispatchers: dict, budget, hub,
-                 name: str = "g0"):
+                 name: str = "g0", budget_limited: bool = True):
         self.policy = policy
         self.catalog = catalog
         self.clock = clock
@@ -32,6 +32,7 @@ class Grouper(Warm):
         self.budget = as_peer(budget)
         self.hub = as_peer(hub)
         self.name = name
+        self.budget_limited = budget_limited
         self.table = GroupTable(policy, catalog)
         self.pending: dict[str, Job] = {}
         self._bids = itertools.count()
@@ -106,7 +107,10 @@ class Grouper(Warm):
             dec = d.decision
             batches.append(BatchJob(f"{self.name}-{next(self._bids)}", dec.mode, dec.hedge_at, dec.cache_write,
                                     dec.recommendation, dec.reason, jobs, est))
-        allowed = await self.budget.call("reserve_many", [(b.bid, b.reserved_usd) for b in batches])
+        if self.budget_limited:
+            allowed = await self.budget.call("reserve_many", [(b.bid, b.reserved_usd) for b in batches])
+        else:  # no limit: nothing can be refused, so urgent work does not wait for a round trip
+            allowed = [True] * len(batches)
         refused: list[Result] = []
         per_provider: dict[str, list[BatchJob]] = {}
         for b, ok in zip(batches, allowed):

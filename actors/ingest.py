@@ -35,7 +35,7 @@ class Ingest(Warm):
             self.next_seq += 1
         if not jobs:
             return 0
-        misses = await self.cache.call("lookup", jobs) if self.cache is not None else jobs
+        misses = [jobs[k] for k in await self.cache.call("lookup", jobs)] if self.cache is not None else jobs
         shards: list[list[Job]] = [[] for _ in self.groupers]
         for m in misses:
             shards[shard_of(m.req, len(shards))].append(m)

@@ -33,7 +33,8 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, budget_usd: flo
     reuse = policy.reuse
     cache = (ray.remote(ResultCache).options(**_OPTS).remote(reuse, hub, None, catalog)
              if (reuse.exact or reuse.in_flight) else None)
-    groupers = [ray.remote(Grouper).options(**_OPTS).remote(policy, catalog, None, {}, budget, hub, f"g{k}")
+    groupers = [ray.remote(Grouper).options(**_OPTS).remote(policy, catalog, None, {}, budget, hub, f"g{k}",
+                                                            budget_usd is not None)
                 for k in range(num_groupers)]
     cluster = ray.cluster_resources()
     dispatchers = {}
