@@ -46,13 +46,11 @@ class BudgetLedger(Warm):
         return out
 
     async def settle_many(self, items: list[tuple[str, float]]) -> None:
-        """Record actual costs; a batch's reservation is released when it is settled with ``close=True``."""
+        """Record each finished batch's actual cost and release its reservation, in one step. (Two calls would
+        race: Ray does not order calls to an async actor, and a release seen before its settlement would let
+        a reservation through that the limit cannot cover.) A batch never reserved (no limit) just adds spend."""
         for bid, actual in items:
             self.spent_usd += actual
-
-    async def release_many(self, bids: list[str]) -> None:
-        # A batch never reserved (no limit set) has nothing to release.
-        for bid in bids:
             self.reserved.pop(bid, None)
 
     async def report(self) -> dict:

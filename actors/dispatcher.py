@@ -44,7 +44,6 @@ class Dispatcher(Warm):
         self._orphans: list[str] = []
         self._readmit: list[Job] = []
         self._settle: list[tuple[str, float]] = []
-        self._release: list[str] = []
         self._observed: list[tuple[str, list[float], int]] = []
         self._flusher: asyncio.Task | None = None
         self._timers: set[asyncio.TimerHandle] = set()
@@ -110,7 +109,6 @@ class Dispatcher(Warm):
         if entry[0] == 0:
             del self._open[b.bid]
             self._settle.append((b.bid, entry[1]))
-            self._release.append(b.bid)
 
     def _attempt(self, b: BatchJob, j: Job, ok: bool, cost: float, mode: str) -> None:
         """A batch or GPU member's attempt ended; a failure goes back to the policy while attempts remain."""
@@ -154,7 +152,7 @@ class Dispatcher(Warm):
 
     def _outbox_empty(self) -> bool:
         return not (self._results or self._fills or self._orphans or self._readmit or self._settle
-                    or self._release or self._observed)
+                    or self._observed)
 
     async def _flush_soon(self) -> None:
         # Loop until empty: what timers add while a flush awaits the cache must not wait for a later kick
@@ -169,7 +167,6 @@ class Dispatcher(Warm):
         orphans, self._orphans = self._orphans, []
         readmit, self._readmit = self._readmit, []
         settle, self._settle = self._settle, []
-        release, self._release = self._release, []
         observed, self._observed = self._observed, []
         if observed:
             self.hub.send("observe_dispatches", self.name, observed)
@@ -181,8 +178,6 @@ class Dispatcher(Warm):
             readmit.extend(await self.cache.call("orphans", orphans))
         if settle:
             self.budget.send("settle_many", settle)
-        if release:
-            self.budget.send("release_many", release)
         if readmit:
             shards: list[list[Job]] = [[] for _ in self.groupers]
             for j in readmit:

@@ -43,8 +43,7 @@ def test_budget_refuses_a_reservation_past_the_limit_and_settles():
     async def go():
         b = BudgetLedger(limit_usd=1.0)
         assert await b.reserve_many([("a", 0.6), ("b", 0.5), ("c", 0.4)]) == [True, False, True]
-        await b.settle_many([("a", 0.2)])
-        await b.release_many(["a"])
+        await b.settle_many([("a", 0.2)])  # settles and releases "a" in one step
         rep = await b.report()
         assert rep["spent_usd"] == pytest.approx(0.2) and rep["remaining_usd"] == pytest.approx(0.4)
         assert rep["refused_reservations"] == 1
