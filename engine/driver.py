@@ -25,6 +25,8 @@ from engine.settings import Settings
 __all__ = ["Engine"]
 
 Future = concurrent.futures.Future
+HEALTH_EVERY_S = 1.0  # how often the driver checks that every engine actor is alive
+HEALTH_TIMEOUT_S = 2.0  # a busy actor may answer late; only an actor that errors is counted dead
 
 
 class Engine:
@@ -182,11 +184,12 @@ class Engine:
     def _pull_loop(self) -> None:
         ray = self._ray
         hub = self._h["hub"]
+        last_check = time.monotonic()
         while self._running:
             try:
                 results: list[Result] = ray.get(hub.pull.remote(0.2))
             except Exception as exc:  # the hub is gone: fail everything open rather than hang
-                self._fail_open(f"engine failure: {exc}")
+                self._fail_open(f"engine failure: the result hub died ({type(exc).__name__})")
                 return
             for res in results:
                 with self._lock:
@@ -194,6 +197,30 @@ class Engine:
                 if fut is not None and not fut.done():
                     fut.set_result(res)
             self._check_ingest()
+            if time.monotonic() - last_check > HEALTH_EVERY_S:
+                last_check = time.monotonic()
+                dead = self._dead_actors()
+                if dead:
+                    # Requests may sit in the dead actor's groups or timers; nothing can resolve them now,
+                    # so every open future fails with the reason instead of hanging.
+                    self._fail_open(f"engine failure: actor(s) died: {', '.join(dead)}")
+
+    def _dead_actors(self) -> list[str]:
+        ray = self._ray
+        named = [("ingest", self._h["ingest"]), ("budget", self._h["budget"])]
+        named += [(f"grouper-{k}", g) for k, g in enumerate(self._h["groupers"])]
+        named += [(f"dispatcher-{p}", d) for p, d in self._h["dispatchers"].items()]
+        if self._h["cache"] is not None:
+            named.append(("cache", self._h["cache"]))
+        refs = {a.ping.remote(): name for name, a in named}
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=HEALTH_TIMEOUT_S)
+        dead = []
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except Exception:  # RayActorError and kin: the actor is gone
+                dead.append(refs[ref])
+        return sorted(dead)
 
     def _check_ingest(self) -> None:
         with self._lock:

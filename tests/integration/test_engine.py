@@ -95,3 +95,16 @@ def test_metrics_are_served_and_scraped_over_http(ray_session):
     assert any(k.startswith("smartbatch_end_to_end_seconds_count") for k in samples)
     hits = sum(v for k, v in samples.items() if k.startswith("smartbatch_cache_hits_total"))
     assert hits == sum(r.status == "reused" for r in results)
+
+
+def test_a_dead_actor_fails_open_futures_instead_of_hanging(ray_session):
+    import ray
+
+    reqs = short_trace(100, seed=7, span_s=10, max_deadline_s=3600)
+    with Engine.start(speedup=1.0) as eng:  # real time: the batches and GPU groups are still open below
+        futs = eng.submit_many(reqs)
+        ray.kill(eng._h["groupers"][0])
+        results = [f.result(timeout=60) for f in futs]
+    failed = [r for r in results if r.status == "failed"]
+    assert failed and all("grouper-0" in r.error for r in failed)
+    assert all(r.status in ("failed", "ok", "reused") for r in results)
