@@ -8,7 +8,7 @@ from typing import NamedTuple
 from engine.features import compat_key
 from engine.request import Request
 
-__all__ = ["BatchJob", "Job", "shard_of"]
+__all__ = ["BatchJob", "Job", "send_sharded", "shard_of"]
 
 
 def shard_of(req: Request, n: int) -> int:
@@ -34,3 +34,13 @@ class BatchJob(NamedTuple):
     reason: str
     jobs: list[Job]
     reserved_usd: float
+
+
+def send_sharded(groupers: list, jobs: list[Job]) -> None:
+    """Send each job to the grouper that owns it: one call per grouper, none for an empty share."""
+    shards: list[list[Job]] = [[] for _ in groupers]
+    for j in jobs:
+        shards[shard_of(j.req, len(shards))].append(j)
+    for g, part in zip(groupers, shards):
+        if part:
+            g.send("add", part)

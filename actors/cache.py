@@ -11,7 +11,7 @@ from engine.cost import price_alone
 from engine.grouping import ReuseSettings
 from engine.result import Result
 
-from actors._peer import Peer, Warm, as_peer
+from actors._peer import Warm, as_peer
 from actors._types import Job
 
 __all__ = ["ResultCache"]

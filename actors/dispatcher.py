@@ -18,8 +18,8 @@ from engine.providers import SimProvider
 from engine.result import Result
 from engine.settings import Settings
 
-from actors._peer import Peer, Warm, as_peer
-from actors._types import BatchJob, Job, shard_of
+from actors._peer import Warm, as_peer
+from actors._types import BatchJob, Job, send_sharded
 
 __all__ = ["Dispatcher"]
 
@@ -179,12 +179,7 @@ class Dispatcher(Warm):
         if settle:
             self.budget.send("settle_many", settle)
         if readmit:
-            shards: list[list[Job]] = [[] for _ in self.groupers]
-            for j in readmit:
-                shards[shard_of(j.req, len(shards))].append(j)
-            for g, part in zip(self.groupers, shards):
-                if part:
-                    g.send("add", part)
+            send_sharded(self.groupers, readmit)
 
     async def stats(self, waits: bool = False) -> dict:
         out = {"provider": self.name, "in_flight": self.in_flight, "open_batches": len(self._open)}

@@ -16,7 +16,7 @@ from engine.features import compat_key
 from engine.result import Result
 from engine.scheduler import Dispatch, GroupTable, Wake
 
-from actors._peer import Peer, Warm, as_peer
+from actors._peer import Warm, as_peer
 from actors._types import BatchJob, Job
 
 __all__ = ["Grouper"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 from engine.features import fingerprint
 from engine.request import Request
 
-from actors._peer import Peer, Warm, as_peer
-from actors._types import Job, shard_of
+from actors._peer import Warm, as_peer
+from actors._types import Job, send_sharded
 
 __all__ = ["Ingest"]
 
@@ -36,10 +36,5 @@ class Ingest(Warm):
         if not jobs:
             return 0
         misses = [jobs[k] for k in await self.cache.call("lookup", jobs)] if self.cache is not None else jobs
-        shards: list[list[Job]] = [[] for _ in self.groupers]
-        for m in misses:
-            shards[shard_of(m.req, len(shards))].append(m)
-        for g, part in zip(self.groupers, shards):
-            if part:
-                g.send("add", part)
+        send_sharded(self.groupers, misses)
         return len(jobs)

@@ -1,6 +1,5 @@
 """Every policy against every provider kind (one matrix), plus the registry and parameters."""
 
-import numpy as np
 import pytest
 
 from engine.catalog import default_catalog
