@@ -65,3 +65,21 @@ class Warm:
         for p in peers:
             await p.call("ping")
         return len(peers)
+
+    async def profile(self, action: str, top: int = 8) -> tuple[float, list[str]] | None:
+        """Diagnostics: ``start`` profiles this actor's event loop (cProfile sees only the thread it runs in,
+        so this must be an async method), ``stop`` returns (CPU seconds, top functions by own time)."""
+        import cProfile
+        import io
+        import pstats
+
+        if action == "start":
+            self._profiler = cProfile.Profile()
+            self._profiler.enable()
+            return None
+        self._profiler.disable()
+        out = io.StringIO()
+        st = pstats.Stats(self._profiler, stream=out)
+        st.sort_stats("tottime").print_stats(top)
+        lines = [ln.strip() for ln in out.getvalue().splitlines() if "(" in ln and ("/" in ln or "{" in ln)]
+        return st.total_tt, lines[:top]
