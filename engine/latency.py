@@ -3,13 +3,11 @@ its quantiles)."""
 
 from __future__ import annotations
 
-import math
-
 from engine.catalog import ModelSpec, ProviderSpec
 from engine.cost import gpu_unit_seconds
 from engine.request import Request
 
-__all__ = ["Z99", "gpu_batch_seconds", "sync_latency_median", "sync_latency_p99"]
+__all__ = ["Z99", "gpu_batch_seconds", "sync_latency_median"]
 
 Z99 = 2.3263478740408408
 
@@ -28,16 +26,6 @@ def sync_latency_median(provider: ProviderSpec, spec: ModelSpec, req: Request) -
     if spec.kind == "image":
         return ml.image_s
     return ml.video_base_s + ml.video_per_second_s * float(req.params.get("duration_s", spec.default_duration_s))
-
-
-def _sigma(provider: ProviderSpec, spec: ModelSpec) -> float:
-    if spec.kind == "text" or spec.gpu_priced:
-        return provider.sync_latency.sigma
-    return provider.media_latency.sigma if provider.media_latency else 0.3
-
-
-def sync_latency_p99(provider: ProviderSpec, spec: ModelSpec, req: Request) -> float:
-    return sync_latency_median(provider, spec, req) * math.exp(Z99 * _sigma(provider, spec))
 
 
 def gpu_batch_seconds(provider: ProviderSpec, spec: ModelSpec, reqs: list[Request]) -> float:

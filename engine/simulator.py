@@ -25,7 +25,7 @@ from engine.features import compat_key, featurize, fingerprint
 from engine.grouping import Decision
 from engine.scheduler import Dispatch, GroupTable, Wake
 from engine.providers import Attempt, SimProvider
-from engine.request import Request
+from engine.request import PRIORITIES, Request
 from engine.reuse import ReuseIndex
 from engine.settings import Settings
 
@@ -85,7 +85,7 @@ class SimResult:
         met = self.met
         prios = np.array([r.priority for r in self.requests])
         by_prio = {p: (float(met[prios == p].mean()) if (prios == p).any() else None)
-                   for p in ("urgent", "normal", "background")}
+                   for p in PRIORITIES}
         by_mode = {m: int((self.mode == k).sum()) for k, m in enumerate(MODES)}
         providers = np.array([r.provider for r in self.requests])
         by_provider = {p: round(float(self.cost[providers == p].sum()), 6) for p in sorted(set(providers))}
