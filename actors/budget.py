@@ -6,19 +6,20 @@ engine. (Budgets shared across engines through Redis are issue 5.)
 
 from __future__ import annotations
 
-from actors._peer import Warm
+from actors._peer import Warm, as_peer
 
 __all__ = ["BudgetLedger"]
 
 
 class BudgetLedger(Warm):
-    def __init__(self, limit_usd: float | None = None):
+    def __init__(self, limit_usd: float | None = None, hub=None):
         if limit_usd is not None and limit_usd < 0:
             raise ValueError(f"budget limit_usd must be >= 0 or None, got {limit_usd}")
         self.limit_usd = limit_usd
         self.spent_usd = 0.0
         self.reserved: dict[str, float] = {}
         self.refused = 0
+        self.hub = as_peer(hub)  # told the spend and what remains after each settlement (for the metrics)
 
     def __repr__(self) -> str:
         return (f"BudgetLedger(limit={self.limit_usd}, spent={self.spent_usd:.4f}, "
@@ -52,6 +53,8 @@ class BudgetLedger(Warm):
         for bid, actual in items:
             self.spent_usd += actual
             self.reserved.pop(bid, None)
+        if self.hub is not None:
+            self.hub.send("observe_budget", self.spent_usd, self.remaining_usd)
 
     async def report(self) -> dict:
         return {"limit_usd": self.limit_usd, "spent_usd": round(self.spent_usd, 6),

@@ -50,6 +50,11 @@ class ResultHub(Warm):
         for mode, waits, in_flight in observed:
             self.metrics.observe_dispatch(provider, mode, waits, in_flight)
 
+    async def observe_budget(self, spent_usd: float, remaining_usd: float | None) -> None:
+        self.metrics.budget_spent.set(spent_usd)
+        if remaining_usd is not None:
+            self.metrics.budget_remaining.set(remaining_usd)
+
     async def serve_metrics(self, port: int = 0) -> int:
         return self.metrics.serve(port)
 

@@ -31,6 +31,11 @@ class EngineMetrics:
                                     ["provider"], buckets=_SECONDS, registry=r)
         self.e2e_s = Histogram("smartbatch_end_to_end_seconds", "Engine seconds from arrival to result",
                                ["provider"], buckets=_SECONDS, registry=r)
+        self.budget_remaining = Gauge("smartbatch_budget_remaining_usd",
+                                      "Budget limit minus spend and open reservations (absent without a limit)",
+                                      registry=r)
+        self.budget_spent = Gauge("smartbatch_budget_spent_usd", "Settled spend counted by the budget controller",
+                                  registry=r)
         self.port: int | None = None
 
     def serve(self, port: int = 0, addr: str = "127.0.0.1") -> int:

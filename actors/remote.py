@@ -29,7 +29,7 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, budget_usd: flo
                  num_groupers: int = 1) -> dict:
     """Create and wire the actors; ``clock()`` makes the engine clock once they are all up."""
     hub = ray.remote(ResultHub).options(**_OPTS).remote()
-    budget = ray.remote(BudgetLedger).options(**_OPTS).remote(budget_usd)
+    budget = ray.remote(BudgetLedger).options(**_OPTS).remote(budget_usd, hub)
     reuse = policy.reuse
     cache = (ray.remote(ResultCache).options(**_OPTS).remote(reuse, hub, None, catalog)
              if (reuse.exact or reuse.in_flight) else None)

@@ -77,7 +77,7 @@ def test_metrics_are_served_and_scraped_over_http(ray_session):
     import urllib.request
 
     reqs = short_trace(120, seed=6, span_s=60, max_deadline_s=600)
-    with Engine.start(speedup=500) as eng:
+    with Engine.start(speedup=500, budget_usd=1000.0) as eng:
         results = [f.result(timeout=120) for f in eng.replay(reqs)]
         assert eng.metrics_port
         body = urllib.request.urlopen(f"http://127.0.0.1:{eng.metrics_port}/metrics", timeout=10).read().decode()
@@ -95,6 +95,14 @@ def test_metrics_are_served_and_scraped_over_http(ray_session):
     assert any(k.startswith("smartbatch_end_to_end_seconds_count") for k in samples)
     hits = sum(v for k, v in samples.items() if k.startswith("smartbatch_cache_hits_total"))
     assert hits == sum(r.status == "reused" for r in results)
+    # The budget reaches the hub one hop after the results, so the last settlement may still be on its way;
+    # remaining is the limit minus spend minus reservations still open when it was sent.
+    spent = samples["smartbatch_budget_spent_usd"]
+    assert 0 < spent <= cost + 1e-9
+    from engine.cost import price_alone
+
+    list_total = sum(price_alone(r, CAT, "sync").total for r in reqs)  # reservations never exceed list prices
+    assert 1000.0 - list_total - 1e-9 <= samples["smartbatch_budget_remaining_usd"] <= 1000.0 - spent + 1e-9
 
 
 def test_a_dead_actor_fails_open_futures_instead_of_hanging(ray_session):
