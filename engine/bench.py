@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,8 @@ from engine.request import Request
 from engine.settings import Settings
 from engine.simulator import SimResult, simulate
 
-__all__ = ["PolicySpec", "load_variants", "resolve_policies", "run_bench", "write_outputs"]
+__all__ = ["PolicySpec", "document", "load_variants", "resolve_policies", "result_row", "run_bench",
+           "write_outputs"]
 
 
 class PolicySpec(BaseModel):
@@ -72,7 +73,31 @@ class _Run:
     spec: PolicySpec
     result: SimResult
     relaxed_bound: float
-    extra: dict = field(default_factory=dict)
+
+
+def result_row(name: str, policy_class: str, params: dict, result: SimResult, naive_cost: float,
+               bound: float, relaxed_bound: float) -> dict:
+    """One row of ``results``: the contract keys, judged against naive and the bound, plus the summary."""
+    s = result.summary()
+    cost = s["cost_usd"]
+    achievable = naive_cost - bound
+    row = {
+        "policy": name,
+        "policy_class": policy_class,
+        "params": params,
+        "cost_usd": cost,
+        "naive_cost_usd": round(naive_cost, 6),
+        "saving_vs_naive": _round((naive_cost - cost) / naive_cost if naive_cost > 0 else 0.0),
+        "capture_of_achievable": _round((naive_cost - cost) / achievable if achievable > 1e-12 else None),
+        "lower_bound_for_its_misses_usd": round(relaxed_bound, 6),
+    }
+    row.update({k: v for k, v in s.items() if k not in ("policy", "cost_usd")})
+    return row
+
+
+def document(trace_name: str, n_requests: int, seed: int, lb, rows: list[dict]) -> dict:
+    return {"trace": trace_name, "requests": n_requests, "seed": seed, "lower_bound_usd": round(lb.total_usd, 6),
+            "lower_bound": lb.as_dict(), "results": rows}
 
 
 def run_bench(requests: Sequence[Request], specs: Sequence[PolicySpec], *, trace_name: str,
@@ -107,31 +132,9 @@ def run_bench(requests: Sequence[Request], specs: Sequence[PolicySpec], *, trace
             on_progress(spec.name)
     if naive_cost is None:
         naive_cost = sim(load_policy("naive", catalog)).total_cost
-    achievable = naive_cost - lb.total_usd
-    results = []
-    for run in runs:
-        s = run.result.summary()
-        cost = s["cost_usd"]
-        row = {
-            "policy": run.spec.name,
-            "policy_class": run.spec.policy,
-            "params": run.spec.params,
-            "cost_usd": cost,
-            "naive_cost_usd": round(naive_cost, 6),
-            "saving_vs_naive": _round((naive_cost - cost) / naive_cost if naive_cost > 0 else 0.0),
-            "capture_of_achievable": _round((naive_cost - cost) / achievable if achievable > 1e-12 else None),
-            "lower_bound_for_its_misses_usd": round(run.relaxed_bound, 6),
-        }
-        row.update({k: v for k, v in s.items() if k not in ("policy", "cost_usd")})
-        results.append(row)
-    return {
-        "trace": trace_name,
-        "requests": len(reqs),
-        "seed": seed,
-        "lower_bound_usd": round(lb.total_usd, 6),
-        "lower_bound": lb.as_dict(),
-        "results": results,
-    }
+    rows = [result_row(r.spec.name, r.spec.policy, r.spec.params, r.result, naive_cost, lb.total_usd,
+                       r.relaxed_bound) for r in runs]
+    return document(trace_name, len(reqs), seed, lb, rows)
 
 
 def _markdown(doc: dict) -> str:

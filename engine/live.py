@@ -13,7 +13,8 @@ from engine.lower_bound import lower_bound
 from engine.request import Request
 from engine.result import Result
 from engine.settings import Settings
-from engine.simulator import MODES, SimResult, simulate
+from engine.bench import document, result_row
+from engine.simulator import MODES, BatchRecord, SimResult, simulate
 
 __all__ = ["as_sim_result", "run_live"]
 
@@ -27,6 +28,13 @@ def as_sim_result(policy: str, trace: str, requests: Sequence[Request], results:
     by_id = {r.id: r for r in results}
     rs = [by_id[q.id] for q in requests]
     mode_code = {m: k for k, m in enumerate(MODES)}
+    batches: dict[str, BatchRecord] = {}
+    for r in rs:
+        if r.batch_id and r.recommendation:
+            b = batches.get(r.batch_id)
+            size = 1 if b is None else b.size + 1
+            batches[r.batch_id] = BatchRecord(len(batches) if b is None else b.id, r.arrival_s, r.provider or "",
+                                              r.model or "", r.mode or "", size, r.recommendation, r.reason)
     return SimResult(
         policy, trace, list(requests),
         cost=np.array([r.cost_usd for r in rs]),
@@ -34,8 +42,8 @@ def as_sim_result(policy: str, trace: str, requests: Sequence[Request], results:
         status=np.array([_STATUS[r.status] for r in rs], dtype=np.int8),
         mode=np.array([mode_code.get(r.mode, -1) for r in rs], dtype=np.int8),
         hit=np.array([_HITS.get(r.hit, 0) for r in rs], dtype=np.int8),
-        batch_of=np.full(len(rs), -1), batches=[], wall_s=wall_s,
-        extra={"rejected": sum(r.status == "rejected" for r in rs)})
+        batch_of=np.full(len(rs), -1), batches=list(batches.values()), wall_s=wall_s,
+        extra={"rejected": sum(r.status == "rejected" for r in rs), "live": True})
 
 
 def run_live(requests: Sequence[Request], *, trace_name: str, policy: str = "smart",
@@ -67,24 +75,9 @@ def run_live(requests: Sequence[Request], *, trace_name: str, policy: str = "sma
                      draws=draws).total_cost
     lb = lower_bound(reqs, catalog=catalog, settings=settings, draws=draws)
     live = as_sim_result(policy, trace_name, reqs, results, wall)
-    s = live.summary()
-    recs: dict[str, int] = {}
-    seen: set[str] = set()
-    for r in results:
-        if r.batch_id and r.batch_id not in seen and r.recommendation:
-            seen.add(r.batch_id)
-            recs[r.recommendation] = recs.get(r.recommendation, 0) + 1
-    s["recommendations"], s["batches"] = recs, len(seen)
-    s["rejected"] = live.extra["rejected"]
-    s.pop("sim_requests_per_s", None)
-    cost = s.pop("cost_usd")
-    achievable = naive - lb.total_usd
-    row = {"policy": f"{policy} (live)", "policy_class": policy, "params": params or {}, "cost_usd": cost,
-           "naive_cost_usd": round(naive, 6), "saving_vs_naive": round((naive - cost) / naive, 6) + 0.0 if naive else 0.0,
-           "capture_of_achievable": round((naive - cost) / achievable, 6) if achievable > 1e-12 else None,
-           "lower_bound_for_its_misses_usd": round(lower_bound(reqs, catalog=catalog, settings=settings,
-                                                               draws=draws, relax=~live.met).total_usd, 6),
-           **{k: v for k, v in s.items() if k != "policy"},
-           "sim_requests_per_s": None, "live_wall_s": round(wall, 2), "speedup": speedup}
-    return {"trace": trace_name, "requests": len(reqs), "seed": seed, "lower_bound_usd": round(lb.total_usd, 6),
-            "lower_bound": lb.as_dict(), "results": [row], "engine_report": report}
+    relaxed = lower_bound(reqs, catalog=catalog, settings=settings, draws=draws, relax=~live.met).total_usd
+    row = result_row(f"{policy} (live)", policy, params or {}, live, naive, lb.total_usd, relaxed)
+    row.update(live_wall_s=round(wall, 2), speedup=speedup)
+    doc = document(trace_name, len(reqs), seed, lb, [row])
+    doc["engine_report"] = report
+    return doc

@@ -99,7 +99,7 @@ class SimResult:
             "deadline_met_by_priority": by_prio,
             "completed": int(((self.status == _OK) | (self.status == _REUSED)).sum()),
             "failed": int((self.status == _FAILED).sum()),
-            "rejected": 0,
+            "rejected": int(self.extra.get("rejected", 0)),
             "exact_hits": int((self.hit == 1).sum()),
             "in_flight_hits": int((self.hit == 2).sum()),
             "near_hits": int((self.hit == 3).sum()),
@@ -107,7 +107,9 @@ class SimResult:
             "cost_by_provider": by_provider,
             "batches": len(self.batches),
             "recommendations": recs,
-            "sim_requests_per_s": round(n / self.wall_s, 1) if self.wall_s > 0 else None,
+            # A live run is not a simulation: its speed is reported as live_wall_s instead.
+            "sim_requests_per_s": (round(n / self.wall_s, 1) if self.wall_s > 0 and not self.extra.get("live")
+                                   else None),
         }
 
 
