@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 
 from engine.result import Result
 
@@ -12,12 +13,18 @@ from actors._peer import Warm
 
 __all__ = ["ResultHub"]
 
+# Results kept after delivery so that an ObjectRef asked for just as its result was pulled still resolves;
+# the window between the driver's check and the hub's answer is milliseconds, far below this many results.
+RECENT = 16_384
+
 
 class ResultHub(Warm):
     def __init__(self) -> None:
         self.metrics = EngineMetrics()
         self._ready: list[Result] = []
         self._event = asyncio.Event()
+        self._recent: OrderedDict[str, Result] = OrderedDict()
+        self._waiters: dict[str, asyncio.Future] = {}
         self._stats: dict = {"requests": 0, "cost_usd": 0.0, "list_price_usd": 0.0, "by_status": {},
                              "by_mode": {}, "hits": {}, "deadline_met": 0, "deadline_known": 0, "by_provider": {}}
 
@@ -45,6 +52,24 @@ class ResultHub(Warm):
         self.metrics.observe_results(results, list_prices)
         self._ready.extend(results)
         self._event.set()
+        recent = self._recent
+        for r in results:
+            recent[r.id] = r
+            w = self._waiters.pop(r.id, None)
+            if w is not None and not w.done():
+                w.set_result(r)
+        while len(recent) > RECENT:
+            recent.popitem(last=False)
+
+    async def result_of(self, request_id: str) -> Result:
+        """The result of one request, as soon as it exists: what ``ResultFuture.object_ref()`` resolves to."""
+        r = self._recent.get(request_id)
+        if r is not None:
+            return r
+        w = self._waiters.get(request_id)
+        if w is None:
+            w = self._waiters[request_id] = asyncio.get_running_loop().create_future()
+        return await asyncio.shield(w)
 
     async def observe_dispatches(self, provider: str, observed: list[tuple[str, list[float], int]]) -> None:
         for mode, waits, in_flight in observed:

@@ -35,6 +35,7 @@ __all__ = [
     "RegistryError",
     "Request",
     "Result",
+    "ResultFuture",
     "Settings",
     "SimResult",
     "SmartbatchError",
@@ -56,8 +57,8 @@ __all__ = [
 
 def __getattr__(name: str):
     # The driver starts Ray; importing it lazily keeps `import engine` light and the core free of Ray.
-    if name == "Engine":
-        from engine.driver import Engine
+    if name in ("Engine", "ResultFuture"):
+        from engine import driver
 
-        return Engine
+        return getattr(driver, name)
     raise AttributeError(f"module 'engine' has no attribute {name!r}")

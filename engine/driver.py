@@ -1,8 +1,9 @@
 """The driver API: ``Engine.start()``, ``submit``/``submit_many``, ``report``, ``stop``.
 
-Floor 4: this module starts Ray and the actors. ``submit`` returns a ``concurrent.futures.Future`` that resolves
-to a ``Result``. The client buffers ``submit`` calls into micro-batches (flushed at ``micro_batch`` requests,
-every ``flush_ms``, and at once for urgent requests) because one actor call per request caps an engine near
+Floor 4: this module starts Ray and the actors. ``submit`` returns a ``ResultFuture`` (a
+``concurrent.futures.Future`` of a ``Result``, with ``object_ref()`` for a Ray ``ObjectRef``). The client
+buffers ``submit`` calls into micro-batches (flushed at ``micro_batch`` requests, every ``flush_ms``, and at
+once for urgent requests) because one actor call per request caps an engine near
 300 requests/s; results come back the same way, in batches pulled by one background thread.
 """
 
@@ -22,11 +23,37 @@ from engine.request import Request, validation_context
 from engine.result import Result
 from engine.settings import Settings
 
-__all__ = ["Engine"]
+__all__ = ["Engine", "ResultFuture"]
 
-Future = concurrent.futures.Future
 HEALTH_EVERY_S = 1.0  # how often the driver checks that every engine actor is alive
 HEALTH_TIMEOUT_S = 2.0  # a busy actor may answer late; only an actor that errors is counted dead
+
+
+class ResultFuture(concurrent.futures.Future):
+    """The future of one request: ``result()`` blocks for its ``Result``; ``object_ref()`` gives a Ray
+    ``ObjectRef[Result]`` to pass to Ray tasks or ``ray.get``/``ray.wait``.
+
+    Why not an ObjectRef from the start: a Ray ref exists only as the return of a task or actor call, so one
+    ref per request would cost one actor call per request (about 300 requests/s through an actor chain here)
+    or tie a micro-batch's results together (``num_returns`` resolves all at once, so an urgent result would
+    wait for a background one). The ref is made on demand, by one call to the result hub for this request.
+    """
+
+    def __init__(self, request_id: str, engine: Engine):
+        super().__init__()
+        self.request_id = request_id
+        self._engine = engine
+        self._ref = None
+
+    def object_ref(self):
+        """An ``ObjectRef`` that resolves to this request's ``Result`` (the same one each call)."""
+        if self._ref is None:
+            ray = self._engine._ray
+            if self.done():
+                self._ref = ray.put(self.result())
+            else:
+                self._ref = self._engine._h["hub"].result_of.remote(self.request_id)
+        return self._ref
 
 
 class Engine:
@@ -47,7 +74,7 @@ class Engine:
         self._flush_s = flush_ms / 1000.0
         self.metrics_port: int | None = None
         self._lock = threading.Lock()
-        self._futs: dict[str, Future] = {}
+        self._futs: dict[str, ResultFuture] = {}
         self._buffer: list[Request] = []
         self._inflight_refs: dict[Any, list[str]] = {}
         self._running = True
@@ -140,14 +167,14 @@ class Engine:
 
             raise TraceError([("submit", 0, f, m) for f, m in _problems_of(exc)]) from exc
 
-    def submit(self, request: Request | Mapping) -> Future:
+    def submit(self, request: Request | Mapping) -> ResultFuture:
         """Queue one request; returns its future. A repeated id returns the first submission's future."""
         req = self._as_request(request)
         with self._lock:
             fut = self._futs.get(req.id)
             if fut is not None:
                 return fut
-            fut = self._futs[req.id] = Future()
+            fut = self._futs[req.id] = ResultFuture(req.id, self)
             self._buffer.append(req)
             full = len(self._buffer) >= self._micro_batch
         if full:
@@ -158,15 +185,15 @@ class Engine:
             self._wake.set()
         return fut
 
-    def submit_many(self, requests: Iterable[Request | Mapping]) -> list[Future]:
+    def submit_many(self, requests: Iterable[Request | Mapping]) -> list[ResultFuture]:
         """Queue many requests; validation errors are raised before any is queued."""
         reqs = [self._as_request(r) for r in requests]
-        futs: list[Future] = []
+        futs: list[ResultFuture] = []
         with self._lock:
             for r in reqs:
                 fut = self._futs.get(r.id)
                 if fut is None:
-                    fut = self._futs[r.id] = Future()
+                    fut = self._futs[r.id] = ResultFuture(r.id, self)
                     self._buffer.append(r)
                 futs.append(fut)
         self._flush()
@@ -263,10 +290,10 @@ class Engine:
         rep["budget"] = ray.get(self._h["budget"].report.remote())
         return rep
 
-    def replay(self, requests: Sequence[Request], *, on_submit=None) -> list[Future]:
+    def replay(self, requests: Sequence[Request], *, on_submit=None) -> list[ResultFuture]:
         """Submit ``requests`` (sorted by arrival) as the engine clock reaches each arrival time."""
         reqs = sorted(requests, key=lambda r: r.arrival_s)
-        futs: list[Future] = []
+        futs: list[ResultFuture] = []
         k = 0
         while k < len(reqs):
             now = self.clock.now()

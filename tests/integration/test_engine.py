@@ -35,6 +35,21 @@ def test_every_future_resolves_and_the_report_adds_up(ray_session):
     assert all(r.recommendation and r.reason and r.batch_id for r in ok)
 
 
+def test_object_refs_resolve_to_the_results(ray_session):
+    import ray
+
+    reqs = short_trace(40, seed=5, span_s=10, max_deadline_s=600)
+    with Engine.start(speedup=500) as eng:
+        futs = eng.submit_many(reqs)
+        early = [f.object_ref() for f in futs]  # asked for before the results exist
+        results = [f.result(timeout=120) for f in futs]
+        late = [f.object_ref() for f in futs]  # and after
+        got_early, got_late = ray.get(early, timeout=60), ray.get(late, timeout=60)
+    assert [r.id for r in got_early] == [r.id for r in reqs] == [r.id for r in got_late]
+    assert got_early == results == got_late
+    assert futs[0].object_ref() is late[0]  # one ref per future
+
+
 def test_bad_input_is_refused_with_the_field(ray_session):
     with Engine.start() as eng:
         with pytest.raises(TraceError, match="field 'input_tokens'"):
