@@ -6,13 +6,12 @@ flight attaches to it (one provider call, every future resolved); a miss becomes
 
 from __future__ import annotations
 
+from actors._peer import Warm, as_peer
+from actors._types import Job
 from engine.catalog import default_catalog
 from engine.cost import price_alone
 from engine.grouping import ReuseSettings
 from engine.result import Result
-
-from actors._peer import Warm, as_peer
-from actors._types import Job
 
 __all__ = ["ResultCache"]
 

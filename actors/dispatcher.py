@@ -11,15 +11,14 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
+from actors._peer import Warm, as_peer
+from actors._types import BatchJob, Job, send_sharded
 from engine.catalog import Catalog
 from engine.cost import price_alone
 from engine.draws import Draws
 from engine.providers import SimProvider
 from engine.result import Result
 from engine.settings import Settings
-
-from actors._peer import Warm, as_peer
-from actors._types import BatchJob, Job, send_sharded
 
 __all__ = ["Dispatcher"]
 

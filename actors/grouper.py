@@ -10,14 +10,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 
+from actors._peer import Warm, as_peer
+from actors._types import BatchJob, Job
 from engine.catalog import Catalog
 from engine.cost import price_alone
 from engine.features import compat_key
 from engine.result import Result
 from engine.scheduler import Dispatch, GroupTable, Wake
-
-from actors._peer import Warm, as_peer
-from actors._types import BatchJob, Job
 
 __all__ = ["Grouper"]
 

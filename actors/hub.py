@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 
-from engine.result import Result
-
-from actors.metrics import EngineMetrics
-
 from actors._peer import Warm
+from actors.metrics import EngineMetrics
+from engine.result import Result
 
 __all__ = ["ResultHub"]
 

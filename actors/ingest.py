@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from engine.features import fingerprint
-from engine.request import Request
-
 from actors._peer import Warm, as_peer
 from actors._types import Job, send_sharded
+from engine.features import fingerprint
+from engine.request import Request
 
 __all__ = ["Ingest"]
 

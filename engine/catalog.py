@@ -10,11 +10,10 @@ import functools
 import math
 from importlib import resources
 from pathlib import Path
+from statistics import NormalDist
 from typing import Literal
 
 import yaml
-from statistics import NormalDist
-
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from engine.errors import CatalogError

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -31,7 +30,7 @@ def _fail(exc: SmartbatchError) -> None:
     raise typer.Exit(2)
 
 
-def _settings(catalog: Optional[Path]) -> tuple[Settings, object]:
+def _settings(catalog: Path | None) -> tuple[Settings, object]:
     settings = Settings()
     return settings, load_catalog(catalog or settings.catalog_path)
 
@@ -40,9 +39,9 @@ def _settings(catalog: Optional[Path]) -> tuple[Settings, object]:
 def trace_from_azure(csv: Path = typer.Argument(..., help="an Azure LLM inference trace CSV"),
                      out: Path = typer.Option(..., "--out", help="where to write the JSONL trace"),
                      seed: int = typer.Option(0, help="seed of the assignment rules"),
-                     model: Optional[str] = typer.Option(None, help="force one model, as provider/model"),
-                     limit: Optional[int] = typer.Option(None, min=1, help="only the first N rows"),
-                     catalog: Optional[Path] = typer.Option(None, help="catalog YAML (default: packaged)")) -> None:
+                     model: str | None = typer.Option(None, help="force one model, as provider/model"),
+                     limit: int | None = typer.Option(None, min=1, help="only the first N rows"),
+                     catalog: Path | None = typer.Option(None, help="catalog YAML (default: packaged)")) -> None:
     """Azure CSV (TIMESTAMP, ContextTokens, GeneratedTokens) to a trace."""
     from engine.trace import write_trace
     from engine.tracegen import from_azure
@@ -59,9 +58,9 @@ def trace_from_azure(csv: Path = typer.Argument(..., help="an Azure LLM inferenc
 def trace_from_mooncake(jsonl: Path = typer.Argument(..., help="a Mooncake trace JSONL"),
                         out: Path = typer.Option(..., "--out"),
                         seed: int = typer.Option(0),
-                        model: Optional[str] = typer.Option(None, help="force one model, as provider/model"),
-                        limit: Optional[int] = typer.Option(None, min=1),
-                        catalog: Optional[Path] = typer.Option(None)) -> None:
+                        model: str | None = typer.Option(None, help="force one model, as provider/model"),
+                        limit: int | None = typer.Option(None, min=1),
+                        catalog: Path | None = typer.Option(None)) -> None:
     """Mooncake JSONL (timestamp, input_length, output_length, hash_ids) to a trace."""
     from engine.trace import write_trace
     from engine.tracegen import from_mooncake
@@ -80,7 +79,7 @@ def trace_synth(out: Path = typer.Option(..., "--out"),
                 n: int = typer.Option(5000, "--n", min=1, help="number of requests"),
                 seed: int = typer.Option(0, "--seed"),
                 duration: float = typer.Option(3600.0, min=1.0, help="seconds the arrivals span"),
-                catalog: Optional[Path] = typer.Option(None)) -> None:
+                catalog: Path | None = typer.Option(None)) -> None:
     """A seeded text/image/video workload with campaigns, re-submissions and a priority mix."""
     from engine.trace import write_trace
     from engine.tracegen import synth
@@ -109,7 +108,7 @@ def _print_table(doc: dict) -> None:
     console.print(t)
 
 
-def _bench(requests, name: str, policies: str, variants: Optional[Path], out: Path, seed: int, cat,
+def _bench(requests, name: str, policies: str, variants: Path | None, out: Path, seed: int, cat,
            settings: Settings) -> dict:
     from engine.bench import load_variants, resolve_policies, run_bench, write_outputs
 
@@ -128,10 +127,10 @@ def bench(trace: Path = typer.Argument(..., help="a JSONL trace"),
           policies: str = typer.Option("naive,cache-only,fixed,batch-all,smart", help="comma-separated names "
                                        "(registered, module:Class, or variants from --variants)"),
           out: Path = typer.Option(Path("out/bench"), "--out", help="output directory"),
-          variants: Optional[Path] = typer.Option(None, help="YAML with variants: [{name, policy, params}]"),
+          variants: Path | None = typer.Option(None, help="YAML with variants: [{name, policy, params}]"),
           seed: int = typer.Option(0, help="simulation seed"),
           skip_invalid: bool = typer.Option(False, "--skip-invalid", help="skip and count invalid lines"),
-          catalog: Optional[Path] = typer.Option(None, help="catalog YAML (default: packaged)")) -> None:
+          catalog: Path | None = typer.Option(None, help="catalog YAML (default: packaged)")) -> None:
     """Run policies on a trace in the simulator; write results.json, results.md and plot.png."""
     from engine.trace import load_trace
 
@@ -149,8 +148,8 @@ def bench(trace: Path = typer.Argument(..., help="a JSONL trace"),
     console.print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'plot.png'}")
 
 
-def _live(requests, name: str, policy: str, speedup: float, address: Optional[str], seed: int, settings,
-          cat, budget: Optional[float]) -> dict:
+def _live(requests, name: str, policy: str, speedup: float, address: str | None, seed: int, settings,
+          cat, budget: float | None) -> dict:
     from engine.live import run_live
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -166,12 +165,12 @@ def run(trace: Path = typer.Argument(..., help="a JSONL trace"),
         policy: str = typer.Option("smart", help="registered name or module:Class"),
         speedup: float = typer.Option(100.0, min=0.001, help="engine seconds per real second"),
         out: Path = typer.Option(Path("out/run"), "--out"),
-        address: Optional[str] = typer.Option(None, help="attach to a Ray cluster (e.g. auto); default: "
+        address: str | None = typer.Option(None, help="attach to a Ray cluster (e.g. auto); default: "
                                               "an embedded local Ray"),
-        budget: Optional[float] = typer.Option(None, min=0, help="hard budget in USD"),
+        budget: float | None = typer.Option(None, min=0, help="hard budget in USD"),
         seed: int = typer.Option(0),
         skip_invalid: bool = typer.Option(False, "--skip-invalid"),
-        catalog: Optional[Path] = typer.Option(None)) -> None:
+        catalog: Path | None = typer.Option(None)) -> None:
     """Replay a trace through the live engine on Ray (time-compressed); same report and results.json as bench."""
     from engine.bench import write_outputs
     from engine.trace import load_trace

@@ -7,13 +7,13 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from engine.bench import document, result_row
 from engine.catalog import Catalog
 from engine.draws import Draws
 from engine.lower_bound import lower_bound
 from engine.request import Request
 from engine.result import Result
 from engine.settings import Settings
-from engine.bench import document, result_row
 from engine.simulator import MODES, BatchRecord, SimResult, simulate
 
 __all__ = ["as_sim_result", "run_live"]

@@ -23,10 +23,10 @@ from engine.draws import Draws
 from engine.errors import PolicyError
 from engine.features import compat_key, featurize, fingerprint
 from engine.grouping import Decision
-from engine.scheduler import Dispatch, GroupTable, Wake
 from engine.providers import Attempt, SimProvider
 from engine.request import PRIORITIES, Request
 from engine.reuse import ReuseIndex
+from engine.scheduler import Dispatch, GroupTable, Wake
 from engine.settings import Settings
 
 __all__ = ["BatchRecord", "SimResult", "simulate"]

@@ -3,7 +3,9 @@
 import math
 
 import pytest
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
 from engine.catalog import default_catalog
 from engine.cost import cache_split, price_alone, price_batch
