@@ -1,95 +1,282 @@
-"""The cache actor (in-memory exact reuse in this version; near-duplicate and Redis layers are issue 4).
+"""The cache actor: exact, near-duplicate and in-flight reuse over memory -> Redis -> blob store.
 
-It routes every request that allows reuse: an exact hit resolves at once; an identical request already in
-flight attaches to it (one provider call, every future resolved); a miss becomes the in-flight leader.
+It routes every request that allows reuse (``reuse`` "exact" or "near"; "none" neither reads nor feeds the
+cache):
+
+1. exact: the fingerprint (tenant scope, model, kind, normalised prompt, output-affecting parameters) in the
+   in-process LRU, then in Redis (one MGET per batch);
+2. in flight: an identical request already being generated takes this one along (one provider call, every
+   future resolved), if it is due no later than this one;
+3. near: the top-1 cosine match within the same tenant scope and compatibility class, above the policy's
+   threshold (never below the engine's floor) and past every guard of the policy;
+4. else a miss, which the caller generates.
+
+Tenants never see each other's results unless ``share_across_tenants`` is set: the tenant scope is part of
+the fingerprint, of the Redis key and of the near-duplicate class.
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable
+
 from actors._peer import Warm, as_peer
 from actors._types import Job
+from actors.cache_layers import CorruptValue, Entry, LocalBlobStore, MemoryLRU, RedisLayer, decode, encode
 from engine.catalog import default_catalog
 from engine.cost import price_alone
+from engine.features import NEAR_DIM, compat_key, featurize
 from engine.grouping import ReuseSettings
 from engine.result import Result
+from engine.reuse import ReuseIndex
+from engine.settings import CacheSettings, Settings
 
-__all__ = ["ResultCache"]
+__all__ = ["ResultCache", "tenant_scope"]
 
 Item = Job
+SHARED = "_shared"
+
+
+def tenant_scope(tenant: str, share_across_tenants: bool) -> str:
+    return SHARED if share_across_tenants else tenant
 
 
 class ResultCache(Warm):
-    def __init__(self, reuse: ReuseSettings, hub, clock, catalog=None, max_entries: int = 1_000_000):
+    def __init__(self, reuse: ReuseSettings, hub, clock, catalog=None, settings: Settings | None = None, *,
+                 redis: RedisLayer | None = None, blobs=None):
         self.reuse = reuse
         self.catalog = catalog or default_catalog()
+        settings = settings or Settings()
+        self.cfg: CacheSettings = settings.cache
+        self.near_threshold = max(reuse.near_threshold, settings.sim.near_floor)
         self.hub = as_peer(hub)
         self.clock = clock
-        self.max_entries = max_entries
-        self.done: dict[str, Result] = {}
+        self.memory = MemoryLRU(self.cfg.memory_max_entries, int(self.cfg.memory_max_mb * 2**20),
+                                self._now)
+        if redis is None and self.cfg.redis_url:
+            redis = RedisLayer(self.cfg.redis_url, prefix=self.cfg.redis_prefix,
+                               timeout_s=self.cfg.redis_timeout_s, retry_s=self.cfg.redis_retry_s)
+        self.redis = redis
+        self.blobs = blobs if blobs is not None else LocalBlobStore(self.cfg.blob_dir)
+        self.index = ReuseIndex(NEAR_DIM)
         self.leaders: dict[str, Item] = {}
         self.followers: dict[str, list[Item]] = {}
-        self._resolved: list[Item] = []
+        self.generating: dict[str, Item] = {}  # request id -> item, for misses whose result will feed the cache
+        self.stats = {"exact_memory": 0, "exact_redis": 0, "near": 0, "in_flight": 0, "miss": 0,
+                      "corrupt": 0, "stale_near": 0, "blobs": 0}
+        self._reported: dict[str, int] = {}
+        self._from_redis: set[int] = set()
 
     async def set_clock(self, clock) -> None:
         """The engine sets the clock once every actor is up, so engine time 0 is when submitting can start."""
         self.clock = clock
 
+    def _now(self) -> float:
+        return self.clock.now() if self.clock is not None else 0.0
+
     def __repr__(self) -> str:
-        return (f"ResultCache(entries={len(self.done)}, in_flight={len(self.leaders)}, "
+        return (f"ResultCache({self.memory!r}, {self.redis!r}, {self.index!r}, in_flight={len(self.leaders)}, "
                 f"followers={sum(len(v) for v in self.followers.values())})")
 
-    def _reused(self, item: Item, src: Result, hit: str, at: float) -> Result:
-        r = item.req
-        return Result(id=r.id, status="reused", output=src.output, cost_usd=0.0, mode="reuse", hit=hit,
-                      provider=r.provider, model=r.model, arrival_s=r.arrival_s, done_s=at,
-                      deadline_met=at <= r.deadline_at + 1e-9, reason=f"reused {hit} result of {src.id}")
+    # -- keys -------------------------------------------------------------------------------------------------
+    def _scope(self, item: Item) -> str:
+        return tenant_scope(item.req.tenant, self.cfg.share_across_tenants)
 
-    def _list_prices(self, results: list[Result], items: list[Item]) -> list[float]:
+    def _near_key(self, item: Item) -> Hashable:
+        return (self._scope(item), compat_key(item.req))
+
+    def _wants_near(self, item: Item) -> bool:
+        return self.reuse.near and item.req.reuse == "near"
+
+    # -- reading ----------------------------------------------------------------------------------------------
+    async def _fetch(self, pairs: list[tuple[str, str]]) -> list[Entry | None]:
+        """Entries for (scope, fingerprint) pairs: memory first, then one Redis MGET for the rest. Sets
+        ``self._from_redis`` to the positions Redis answered."""
+        out: list[Entry | None] = [self.memory.get(fp) for _, fp in pairs]
+        self._from_redis: set[int] = set()
+        if self.redis is None:
+            return out
+        todo = [k for k, e in enumerate(out) if e is None]
+        if not todo:
+            return out
+        raws = await self.redis.get_many([self.redis.key(*pairs[k]) for k in todo])
+        for k, raw in zip(todo, raws):
+            if raw is None:
+                continue
+            try:
+                e = decode(raw, pairs[k][1])
+            except CorruptValue:
+                self.stats["corrupt"] += 1
+                continue
+            out[k] = e
+            self._from_redis.add(k)
+            self.memory.put(e, self.cfg.ttl_s)  # promoted: the next hit on it stays in this process
+        return out
+
+    def _output(self, e: Entry) -> str | None:
+        if e.blob is None:
+            return e.result.output
+        data = self.blobs.get(e.blob)
+        return None if data is None else data.decode()
+
+    def _reused(self, item: Item, e: Entry, hit: str, at: float, similarity: float | None = None) -> Result | None:
+        output = self._output(e)
+        if output is None and e.blob is not None:
+            return None  # the blob is gone: a miss, never an empty answer
+        r, src = item.req, e.result
+        why = f"reused {hit} result of {src.id}" + (f" (cosine {similarity:.3f})" if similarity is not None else "")
+        return Result(id=r.id, status="reused", output=output, cost_usd=0.0, mode="reuse", hit=hit,
+                      provider=r.provider, model=r.model, arrival_s=r.arrival_s, done_s=at,
+                      deadline_met=at <= r.deadline_at + 1e-9, reason=why)
+
+    def _list_prices(self, items: list[Item]) -> list[float]:
         """What each reused request would have cost alone: its saving, for the report."""
-        by_id = {it.req.id: it.req for it in items}
-        return [price_alone(by_id[r.id], self.catalog, "sync").total for r in results]
+        return [price_alone(it.req, self.catalog, "sync").total for it in items]
 
     async def lookup(self, items: list[Item]) -> list[int]:
         """Resolve hits and attach in-flight duplicates; return the positions of the misses, which must be
         generated (positions, not the items: the caller has them, and sending them back costs a pickling)."""
-        now = self.clock.now()
+        now = self._now()
         hits: list[Result] = []
+        hit_items: list[Item] = []
         misses: list[int] = []
+        asks = [k for k, it in enumerate(items) if it.req.reuse != "none"]
+        found = await self._fetch([(self._scope(items[k]), items[k].fp) for k in asks]) if self.reuse.exact \
+            else [None] * len(asks)
+        entry_of = dict(zip(asks, found))
+        redis_pos = {asks[k] for k in self._from_redis} if self.reuse.exact else set()
+        near_asks: list[int] = []
         for pos, item in enumerate(items):
-            r, fp = item.req, item.fp
-            if r.reuse != "none":
-                src = self.done.get(fp) if self.reuse.exact else None
-                if src is not None:
-                    hits.append(self._reused(item, src, "exact", max(now, r.arrival_s)))
+            r = item.req
+            if r.reuse == "none":
+                misses.append(pos)
+                continue
+            e = entry_of.get(pos)
+            if e is None and self.reuse.exact:
+                # Re-read memory: a leader may have completed while this batch waited on Redis, and its
+                # followers are gone with it, so only the stored entry can still spare a second call.
+                e = self.memory.get(item.fp)
+            if e is not None:
+                res = self._reused(item, e, "exact", max(now, r.arrival_s))
+                if res is not None:
+                    self.stats["exact_redis" if pos in redis_pos else "exact_memory"] += 1
+                    hits.append(res)
+                    hit_items.append(item)
                     continue
-                lead = self.leaders.get(fp)
-                if self.reuse.in_flight and lead is not None and lead.req.deadline_at <= r.deadline_at:
-                    self.followers.setdefault(fp, []).append(item)
-                    continue
-            self.leaders.setdefault(fp, item)
+            if self._attach(item):
+                continue
+            if self._wants_near(item):
+                near_asks.append(pos)
+                continue
+            self._lead(item)
             misses.append(pos)
+        if near_asks:
+            near_hits = await self._near([items[k] for k in near_asks], now)
+            for pos, res in zip(near_asks, near_hits):
+                if res is not None:
+                    hits.append(res)
+                    hit_items.append(items[pos])
+                elif not self._attach(items[pos]):  # an identical ask earlier in this batch may lead now
+                    self._lead(items[pos])
+                    misses.append(pos)
+            misses.sort()
+        self.stats["miss"] += len(misses)
         if hits:
-            await self.hub.call("push", hits, self._list_prices(hits, items))
+            await self.hub.call("push", hits, self._list_prices(hit_items))
+        await self._report()
         return misses
 
+    def _attach(self, item: Item) -> bool:
+        """Follow an identical request in flight that is due no later than this one."""
+        lead = self.leaders.get(item.fp)
+        if self.reuse.in_flight and lead is not None and lead.req.deadline_at <= item.req.deadline_at:
+            self.followers.setdefault(item.fp, []).append(item)
+            self.stats["in_flight"] += 1
+            return True
+        return False
+
+    def _lead(self, item: Item) -> None:
+        self.leaders.setdefault(item.fp, item)
+        self.generating[item.req.id] = item
+
+    async def _near(self, items: list[Item], now: float) -> list[Result | None]:
+        vecs = featurize([it.req for it in items], dim=NEAR_DIM)
+        by_class: dict[Hashable, list[int]] = {}
+        for k, it in enumerate(items):
+            by_class.setdefault(self._near_key(it), []).append(k)
+        matches: dict[int, tuple[str, str, float]] = {}
+        for key, ks in by_class.items():
+            found = self.index.near_many(key, vecs[ks], [items[k].req.prompt for k in ks], self.near_threshold,
+                                         self.reuse.guards)
+            for k, h in zip(ks, found):
+                if h is not None:
+                    matches[k] = (key[0], h.source, h.similarity)
+        out: list[Result | None] = [None] * len(items)
+        if not matches:
+            return out
+        ks = list(matches)
+        entries = await self._fetch([(matches[k][0], matches[k][1]) for k in ks])
+        for k, e in zip(ks, entries):
+            it = items[k]
+            if e is None:
+                self.stats["stale_near"] += 1  # expired or evicted since it was indexed
+                continue
+            res = self._reused(it, e, "near", max(now, it.req.arrival_s), matches[k][2])
+            if res is not None:
+                self.stats["near"] += 1
+                out[k] = res
+        return out
+
+    # -- writing ----------------------------------------------------------------------------------------------
+    def _entry(self, item: Item, res: Result) -> Entry:
+        blob = None
+        output = res.output
+        if output is not None and len(output) > self.cfg.blob_min_kb * 1024:
+            blob = self.blobs.put(output.encode())
+            res = res.model_copy(update={"output": None})
+            self.stats["blobs"] += 1
+        return Entry(item.fp, res, self._near_key(item) if self.reuse.near else None, item.req.prompt, blob)
+
     async def complete(self, done: list[tuple[str, Result]]) -> None:
-        """Leaders finished: store their results and resolve the requests attached to them."""
+        """Requests finished: store the results that may feed the cache and resolve the requests attached."""
         out: list[Result] = []
+        out_items: list[Item] = []
+        stored: list[tuple[Item, Entry]] = []
         for fp, res in done:
+            item = self.generating.pop(res.id, None)
             lead = self.leaders.get(fp)
             if lead is not None and lead.req.id == res.id:
                 del self.leaders[fp]
-            if res.status != "ok":
+            if res.status != "ok" or item is None:
                 continue
-            if len(self.done) >= self.max_entries:
-                self.done.pop(next(iter(self.done)))  # oldest first: dicts keep insertion order
-            self.done[fp] = res
-            for item in self.followers.pop(fp, ()):
-                out.append(self._reused(item, res, "in_flight", res.done_s or self.clock.now()))
-                self._resolved.append(item)
+            e = self._entry(item, res)
+            self.memory.put(e, self.cfg.ttl_s)
+            stored.append((item, e))
+            for f in self.followers.pop(fp, ()):
+                r = self._reused(f, e, "in_flight", res.done_s or self._now())
+                if r is not None:
+                    out.append(r)
+                    out_items.append(f)
+        if stored:
+            self._index_near(stored)
+            if self.redis is not None:
+                ttl_ms = int(self.cfg.ttl_s * 1000)
+                await self.redis.put_many([(self.redis.key(self._scope(it), e.fp), encode(e), ttl_ms)
+                                           for it, e in stored])
         if out:
-            await self.hub.call("push", out, self._list_prices(out, self._resolved))
-        self._resolved = []
+            await self.hub.call("push", out, self._list_prices(out_items))
+        await self._report()
+
+    def _index_near(self, stored: list[tuple[Item, Entry]]) -> None:
+        todo = [(it, e) for it, e in stored if e.near_key is not None]
+        if not todo:
+            return
+        vecs = featurize([it.req for it, _ in todo], dim=NEAR_DIM)
+        by_class: dict[Hashable, list[int]] = {}
+        for k, (_, e) in enumerate(todo):
+            by_class.setdefault(e.near_key, []).append(k)
+        for key, ks in by_class.items():
+            self.index.add_near(key, vecs[ks], [todo[k][1].fp for k in ks], [todo[k][1].text for k in ks],
+                                [todo[k][1].result.done_s or 0.0 for k in ks])
 
     async def orphans(self, fps: list[str]) -> list[Item]:
         """Followers whose leader failed for good: they must be generated after all."""
@@ -97,4 +284,61 @@ class ResultCache(Warm):
         for fp in fps:
             out.extend(self.followers.pop(fp, ()))
             self.leaders.pop(fp, None)
+        for it in out:
+            self.generating[it.req.id] = it
         return out
+
+    # -- restart and reporting --------------------------------------------------------------------------------
+    async def warm_from_redis(self) -> int:
+        """Rebuild the near-duplicate index (and the memory layer, newest last) from Redis after a restart;
+        returns how many entries were read. Entries of another tenant scope stay in Redis but can only be
+        found under their own scope."""
+        if self.redis is None or self.cfg.warm_max_entries == 0:
+            return 0
+        pairs = await self.redis.scan_values(self.cfg.warm_max_entries)
+        entries: list[Entry] = []
+        for _, raw in pairs:
+            try:
+                entries.append(decode(raw))
+            except CorruptValue:
+                self.stats["corrupt"] += 1
+        entries.sort(key=lambda e: e.result.done_s or 0.0)
+        near = [e for e in entries if e.near_key is not None]
+        if near:
+            from engine.features import featurize_texts
+
+            vecs = featurize_texts([e.text for e in near], dim=NEAR_DIM)
+            by_class: dict[Hashable, list[int]] = {}
+            for k, e in enumerate(near):
+                by_class.setdefault(e.near_key, []).append(k)
+            for key, ks in by_class.items():
+                self.index.add_near(key, vecs[ks], [near[k].fp for k in ks], [near[k].text for k in ks],
+                                    [near[k].result.done_s or 0.0 for k in ks])
+        for e in entries[-self.cfg.memory_max_entries:]:
+            self.memory.put(e, self.cfg.ttl_s)
+        return len(entries)
+
+    def cache_stats(self) -> dict:
+        s = dict(self.stats)
+        s.update(memory_entries=len(self.memory), memory_bytes=self.memory.bytes, evicted=self.memory.evicted,
+                 expired=self.memory.expired, near_entries=self.index.near_entries)
+        if self.redis is not None:
+            s.update(redis_up=int(self.redis.up), redis_errors=self.redis.errors,
+                     redis_reconnects=self.redis.reconnects, redis_dropped_writes=self.redis.dropped_writes)
+        return s
+
+    async def stats_now(self) -> dict:
+        return self.cache_stats()
+
+    async def _report(self) -> None:
+        """Push counter deltas and gauges to the hub's metrics, once per batch."""
+        s = self.cache_stats()
+        delta = {k: v - self._reported.get(k, 0) for k, v in s.items()}
+        self._reported = s
+        if any(delta.values()):
+            self.hub.send("observe_cache", delta, s)
+
+    async def close(self) -> None:
+        if self.redis is not None:
+            await self.redis.close()
+

@@ -23,6 +23,7 @@ class ResultHub(Warm):
         self._event = asyncio.Event()
         self._recent: OrderedDict[str, Result] = OrderedDict()
         self._waiters: dict[str, asyncio.Future] = {}
+        self._cache: dict = {}
         self._stats: dict = {"requests": 0, "cost_usd": 0.0, "list_price_usd": 0.0, "by_status": {},
                              "by_mode": {}, "hits": {}, "deadline_met": 0, "deadline_known": 0, "by_provider": {}}
 
@@ -78,6 +79,10 @@ class ResultHub(Warm):
         if remaining_usd is not None:
             self.metrics.budget_remaining.set(remaining_usd)
 
+    async def observe_cache(self, delta: dict, now: dict) -> None:
+        self.metrics.observe_cache(delta, now)
+        self._cache = now
+
     async def serve_metrics(self, port: int = 0) -> int:
         return self.metrics.serve(port)
 
@@ -107,4 +112,5 @@ class ResultHub(Warm):
             "deadline_met_frac": (s["deadline_met"] / s["deadline_known"]) if s["deadline_known"] else None,
             "by_provider": {k: {"requests": v["requests"], "cost_usd": round(v["cost_usd"], 6)}
                             for k, v in s["by_provider"].items()},
+            "cache": dict(self._cache),
         }

@@ -11,12 +11,13 @@ __all__ = ["Ingest"]
 
 
 class Ingest(Warm):
-    def __init__(self, groupers: list, cache=None):
+    def __init__(self, groupers: list, cache=None, share_across_tenants: bool = False):
         self.groupers = [as_peer(g) for g in groupers]
         self.cache = as_peer(cache)
         self.seen: set[str] = set()
         self.next_seq = 0
         self.duplicates = 0
+        self.share = share_across_tenants
 
     def __repr__(self) -> str:
         return f"Ingest(admitted={self.next_seq}, duplicates={self.duplicates})"
@@ -30,7 +31,7 @@ class Ingest(Warm):
                 self.duplicates += 1
                 continue
             self.seen.add(r.id)
-            jobs.append(Job(self.next_seq, r, fingerprint(r)))
+            jobs.append(Job(self.next_seq, r, fingerprint(r, share_across_tenants=self.share)))
             self.next_seq += 1
         if not jobs:
             return 0

@@ -36,6 +36,17 @@ class EngineMetrics:
                                       registry=r)
         self.budget_spent = Gauge("smartbatch_budget_spent_usd", "Settled spend counted by the budget controller",
                                   registry=r)
+        self.cache_lookups = Counter("smartbatch_cache_lookups", "Cache lookups by result (exact_memory, "
+                                     "exact_redis, near, in_flight, miss)", ["result"], registry=r)
+        self.cache_redis_up = Gauge("smartbatch_cache_redis_up", "1 while the cache reaches Redis, 0 while it "
+                                    "serves from memory only", registry=r)
+        self.cache_redis_errors = Counter("smartbatch_cache_redis_errors", "Failed Redis operations", registry=r)
+        self.cache_corrupt = Counter("smartbatch_cache_corrupt_values", "Values under our keys that were not "
+                                     "valid entries (ignored, never served)", registry=r)
+        self.cache_evictions = Counter("smartbatch_cache_evictions", "Entries dropped from memory by size or "
+                                       "TTL", ["why"], registry=r)
+        self.cache_entries = Gauge("smartbatch_cache_entries", "Entries held in this process", ["layer"],
+                                   registry=r)
         self.port: int | None = None
 
     def serve(self, port: int = 0, addr: str = "127.0.0.1") -> int:
@@ -84,3 +95,19 @@ class EngineMetrics:
         for w in waits:
             child.observe(max(w, 0.0))
         self.queue.labels(provider).set(in_flight)
+
+    def observe_cache(self, delta: dict, now: dict) -> None:
+        for k in ("exact_memory", "exact_redis", "near", "in_flight", "miss"):
+            if delta.get(k):
+                self.cache_lookups.labels(k).inc(delta[k])
+        if delta.get("redis_errors"):
+            self.cache_redis_errors.inc(delta["redis_errors"])
+        if delta.get("corrupt"):
+            self.cache_corrupt.inc(delta["corrupt"])
+        for why in ("evicted", "expired"):
+            if delta.get(why):
+                self.cache_evictions.labels(why).inc(delta[why])
+        if "redis_up" in now:
+            self.cache_redis_up.set(now["redis_up"])
+        self.cache_entries.labels("memory").set(now.get("memory_entries", 0))
+        self.cache_entries.labels("near_index").set(now.get("near_entries", 0))

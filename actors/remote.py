@@ -31,8 +31,8 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, budget_usd: flo
     hub = ray.remote(ResultHub).options(**_OPTS).remote()
     budget = ray.remote(BudgetLedger).options(**_OPTS).remote(budget_usd, hub)
     reuse = policy.reuse
-    cache = (ray.remote(ResultCache).options(**_OPTS).remote(reuse, hub, None, catalog)
-             if (reuse.exact or reuse.in_flight) else None)
+    cache = (ray.remote(ResultCache).options(**_OPTS).remote(reuse, hub, None, catalog, settings)
+             if (reuse.exact or reuse.in_flight or reuse.near) else None)
     groupers = [ray.remote(Grouper).options(**_OPTS).remote(policy, catalog, None, {}, budget, hub, f"g{k}",
                                                             budget_usd is not None)
                 for k in range(num_groupers)]
@@ -45,9 +45,11 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, budget_usd: flo
         dispatchers[name] = ray.remote(Dispatcher).options(**opts).remote(
             name, catalog, settings, seed, None, groupers, hub, cache, budget)
     ray.get([g.set_dispatchers.remote(dispatchers) for g in groupers])
-    ingest = ray.remote(Ingest).options(**_OPTS).remote(groupers, cache)
+    ingest = ray.remote(Ingest).options(**_OPTS).remote(groupers, cache, settings.cache.share_across_tenants)
     everything = [ingest, *groupers, *dispatchers.values(), budget, hub] + ([cache] if cache else [])
     ray.get([a.warm.remote() for a in everything])
+    if cache is not None:
+        ray.get(cache.warm_from_redis.remote())  # a restarted engine finds its near duplicates again
     clock = clock()
     ray.get([a.set_clock.remote(clock) for a in [*groupers, *dispatchers.values()] + ([cache] if cache else [])])
     return {"clock": clock, "ingest": ingest, "groupers": groupers, "dispatchers": dispatchers, "budget": budget, "hub": hub,

@@ -25,10 +25,13 @@ import numpy as np
 
 from engine.request import Request
 
-__all__ = ["DEFAULT_DIM", "MEDIA_COMPAT_PARAMS", "compat_key", "featurize", "featurize_texts", "fingerprint",
+__all__ = ["DEFAULT_DIM", "MEDIA_COMPAT_PARAMS", "NEAR_DIM", "compat_key", "featurize", "featurize_texts", "fingerprint",
            "normalise_prompt"]
 
 DEFAULT_DIM = 1024
+# Near-duplicate search reads every probed vector once per batch, so its cost is memory traffic: 256 dims
+# read 4x less than 1024 at the same precision and recall on the real pairs (benchmarks/bench_cache.py).
+NEAR_DIM = 256
 # Parameters that change the shape of the work: jobs that differ in them cannot run in one GPU batch.
 MEDIA_COMPAT_PARAMS: tuple[str, ...] = ("size", "resolution", "duration_s", "steps", "fps", "quality", "sampler")
 _WORD = re.compile(r"\w+", re.UNICODE)

@@ -13,6 +13,7 @@ from typing import Literal, NamedTuple
 from engine.catalog import ModelSpec, ProviderSpec
 from engine.cost import Mode
 from engine.request import Request
+from engine.similarity import Guards
 
 __all__ = ["RECOMMENDATIONS", "Decision", "Group", "Recommendation", "ReuseSettings"]
 
@@ -27,6 +28,7 @@ class ReuseSettings(NamedTuple):
     in_flight: bool = False
     near: bool = False
     near_threshold: float = 0.92
+    guards: Guards = Guards()
 
 
 class Decision(NamedTuple):

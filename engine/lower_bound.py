@@ -37,7 +37,7 @@ import numpy as np
 from engine.catalog import Catalog, default_catalog
 from engine.cost import gpu_unit_seconds, price_alone
 from engine.draws import Draws
-from engine.features import compat_key, featurize, fingerprint
+from engine.features import NEAR_DIM, compat_key, featurize, fingerprint
 from engine.request import Request
 from engine.settings import Settings
 from engine.similarity import guard_reason
@@ -87,7 +87,7 @@ def _near_free(reqs: Sequence[Request], candidates: list[int], settings: Setting
         targets = [i for i in members if i in cand]
         if not targets:
             continue
-        mat = featurize([reqs[i] for i in members])
+        mat = featurize([reqs[i] for i in members], dim=NEAR_DIM)
         pos = {i: p for p, i in enumerate(members)}
         for i in targets:
             p = pos[i]

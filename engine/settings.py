@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["DeadlineDefaults", "Settings", "SimSettings"]
+__all__ = ["CacheSettings", "DeadlineDefaults", "Settings", "SimSettings"]
 
 
 class DeadlineDefaults(BaseModel):
@@ -45,6 +45,23 @@ class SimSettings(BaseModel):
     )
 
 
+class CacheSettings(BaseModel):
+    """The result cache of the live engine (``SMARTBATCH_CACHE__REDIS_URL=redis://host:6379/0`` and so on)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    memory_max_entries: int = Field(default=100_000, ge=1, description="entries kept in the process")
+    memory_max_mb: float = Field(default=512.0, gt=0, description="bytes kept in the process, in MiB")
+    ttl_s: float = Field(default=7 * 86400.0, gt=0, description="how long a result may be reused, per entry")
+    redis_url: str | None = Field(default=None, description="None: memory only; else a redis:// URL")
+    redis_prefix: str = Field(default="smartbatch", min_length=1, description="namespace of every key")
+    redis_timeout_s: float = Field(default=0.25, gt=0, description="a slower Redis answer counts as down")
+    redis_retry_s: float = Field(default=5.0, gt=0, description="wait before trying a down Redis again")
+    blob_dir: Path | None = Field(default=None, description="blob store directory (None: <tmp>/smartbatch-blobs)")
+    blob_min_kb: float = Field(default=64.0, ge=0, description="outputs larger than this go to the blob store")
+    share_across_tenants: bool = Field(default=False, description="let one tenant reuse another's results")
+    warm_max_entries: int = Field(default=200_000, ge=0, description="entries read from Redis at start-up")
+
+
 class Settings(BaseSettings):
     """Environment: ``SMARTBATCH_<FIELD>``, nested with ``__`` (``SMARTBATCH_DEADLINES__URGENT=60``)."""
 
@@ -53,6 +70,7 @@ class Settings(BaseSettings):
     catalog_path: Path | None = None
     deadlines: DeadlineDefaults = DeadlineDefaults()
     sim: SimSettings = SimSettings()
+    cache: CacheSettings = CacheSettings()
     chars_per_token: float = Field(default=4.0, gt=0, description="token estimate for a line without counts")
     default_output_tokens: int = Field(default=256, ge=0, description="output estimate for a text line without one")
     prefix_block_tokens: int = Field(default=512, ge=1, description="tokens per prefix block id in traces")

@@ -21,7 +21,7 @@ import numpy as np
 from engine.catalog import Catalog, default_catalog
 from engine.draws import Draws
 from engine.errors import PolicyError
-from engine.features import compat_key, featurize, fingerprint
+from engine.features import NEAR_DIM, compat_key, featurize, fingerprint
 from engine.grouping import Decision
 from engine.providers import Attempt, SimProvider
 from engine.request import PRIORITIES, Request
@@ -142,7 +142,7 @@ class _Sim:
             classes = {(r.tenant, self.compat[i]) for i, r in enumerate(reqs) if r.reuse == "near"}
             need = [i for i, r in enumerate(reqs) if (r.tenant, self.compat[i]) in classes]
             if need:
-                mat = featurize([reqs[i] for i in need])
+                mat = featurize([reqs[i] for i in need], dim=NEAR_DIM)
                 self.index = ReuseIndex(dim=mat.shape[1])
                 self.vecs = dict(zip(need, mat))
         self.pending_leader: dict[str, int] = {}
@@ -216,7 +216,8 @@ class _Sim:
                 self.followers.setdefault(leader, []).append(i)
                 return
             if reuse.near and r.reuse == "near" and i in self.vecs:
-                h = self.index.near((r.tenant, self.compat[i]), self.vecs[i], r.prompt, self.near_threshold)
+                h = self.index.near((r.tenant, self.compat[i]), self.vecs[i], r.prompt, self.near_threshold,
+                                   reuse.guards)
                 if h is not None and h.done_at <= r.deadline_at:
                     self.resolve_reused(i, max(now, h.done_at), 3)
                     return

@@ -19,11 +19,12 @@ import math
 from collections.abc import Hashable
 from typing import NamedTuple
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from engine.grouping import Decision, Group, ReuseSettings
 from engine.latency import Z99, gpu_batch_seconds
 from engine.request import Request
+from engine.similarity import GUARDS, Guards
 from policies.base import Policy, PolicyParams, register
 
 __all__ = ["Smart", "SmartParams"]
@@ -43,6 +44,8 @@ class SmartParams(PolicyParams):
     reuse_in_flight: bool = True
     reuse_near: bool = True
     near_threshold: float = Field(default=0.92, ge=0.5, le=1.0)
+    near_guards: tuple[str, ...] = Field(default=GUARDS, description="guards that refuse a near-duplicate "
+                                         f"match above the threshold; any of {list(GUARDS)}")
     batch_gather_s: float = Field(default=4 * 3600.0, ge=0, description="longest wait to gather a batch-API batch")
     chain_cache: bool = Field(default=True, description="where the prompt cache stacks with the batch API, "
                               "flush at least every median turnaround + cache TTL so batches chain warm prefixes")
@@ -57,6 +60,12 @@ class SmartParams(PolicyParams):
     gpu_max_wait_s: float | None = Field(default=None, gt=0, description="cap on gathering GPU jobs (None: "
                                                                         "deadline-driven)")
     block_tokens: int = Field(default=512, ge=1, description="tokens per prefix block in the traces")
+
+    @field_validator("near_guards")
+    @classmethod
+    def _known_guards(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        Guards.of(v)  # raises with the list of known guards
+        return v
 
 
 @register
@@ -77,7 +86,7 @@ class Smart(Policy):
     def reuse(self) -> ReuseSettings:
         p = self.params
         return ReuseSettings(exact=p.reuse_exact, in_flight=p.reuse_in_flight, near=p.reuse_near,
-                             near_threshold=p.near_threshold)
+                             near_threshold=p.near_threshold, guards=Guards.of(p.near_guards))
 
     # -- grouping ----------------------------------------------------------------------------------------------
     def _text_consts(self, provider, spec, model: str) -> _TextConsts:

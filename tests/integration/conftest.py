@@ -12,3 +12,82 @@ def ray_session():
     ray.init(address="local", include_dashboard=False, num_cpus=2, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+class RedisServer:
+    """A real redis-server on a free port, no persistence; ``stop``/``start`` keep the port (Redis down and
+    back). Waiting for it to listen is waiting on the server, bounded, never a fixed sleep."""
+
+    def __init__(self, tmp_dir):
+        import shutil
+        import socket
+
+        self.binary = shutil.which("redis-server")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.dir = tmp_dir
+        self.proc = None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        import subprocess
+
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.dir), "--enable-debug-command", "yes", "--loglevel", "notice"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # Wait for the server's own "ready" line: an event, not a guessed delay.
+        seen = []
+        for line in self.proc.stdout:
+            seen.append(line)
+            if "Ready to accept connections" in line:
+                break
+        else:
+            raise RuntimeError(f"redis-server did not start on port {self.port}: {''.join(seen[-5:])}")
+        # Keep draining its output so a full pipe never blocks the server.
+        import threading
+
+        self._drain = threading.Thread(target=lambda out=self.proc.stdout: [None for _ in out], daemon=True)
+        self._drain.start()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self._drain.join(10)  # ends at the pipe's EOF, once the server is gone
+            self.proc.stdout.close()
+            self.proc = None
+
+    def client(self):
+        import redis
+
+        return redis.Redis(port=self.port)
+
+
+def _need_redis():
+    import shutil
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (apt-get install -y redis-server; scripts/test does it "
+                    "when run as root)")
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """One redis-server for the session; each test uses its own key prefix."""
+    _need_redis()
+    srv = RedisServer(tmp_path_factory.mktemp("redis"))
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A redis-server of this test alone, for stopping and restarting it."""
+    _need_redis()
+    srv = RedisServer(tmp_path)
+    srv.start()
+    yield srv
+    srv.stop()

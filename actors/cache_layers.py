@@ -1,0 +1,279 @@
+"""The cache's storage layers: an in-process LRU, Redis, and a content-addressed blob store.
+
+Lookups go memory -> Redis; an output larger than ``blob_min_kb`` is kept once in the blob store and the
+layers hold its reference. Redis is an accelerator, never a dependency of a request: when it is unreachable
+or slow the layer marks itself down, logs one line, and answers "miss" (reads) or buffers (writes) without
+waiting, until a retry after ``redis_retry_s`` finds it back; then buffered writes are replayed.
+
+A stored value is a versioned JSON document that names its own fingerprint. Anything else under our keys
+(a corrupt value, another program's, an older schema) is ignored and counted, never served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable
+from pathlib import Path
+from typing import NamedTuple, Protocol
+
+from engine.result import Result
+
+__all__ = ["SCHEMA", "BlobStore", "CorruptValue", "Entry", "LocalBlobStore", "MemoryLRU", "RedisLayer",
+           "decode", "encode"]
+
+SCHEMA = 1
+_APP = "smartbatch.cache"
+log = logging.getLogger("smartbatch.cache")
+
+
+class CorruptValue(ValueError):
+    """A stored value that is not one of ours, or not for this key."""
+
+
+class Entry(NamedTuple):
+    """One generated result as the cache keeps it. ``near_key`` and ``text`` let a restarted cache rebuild
+    its near-duplicate index from Redis; ``blob`` is set when the output lives in the blob store."""
+
+    fp: str
+    result: Result
+    near_key: Hashable | None = None
+    text: str = ""
+    blob: str | None = None
+
+    def size(self) -> int:
+        return 400 + len(self.text) + len(self.result.output or "")
+
+
+def _tuples(x):
+    return tuple(_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+def encode(e: Entry) -> bytes:
+    return json.dumps({"app": _APP, "v": SCHEMA, "fp": e.fp, "result": e.result.model_dump(mode="json"),
+                       "near_key": e.near_key, "text": e.text, "blob": e.blob},
+                      separators=(",", ":")).encode()
+
+
+def decode(raw: bytes, fp: str | None = None) -> Entry:
+    """The entry stored in ``raw``; raises ``CorruptValue`` for anything that is not a current entry for
+    ``fp`` (when given)."""
+    try:
+        d = json.loads(raw)
+        if not isinstance(d, dict) or d.get("app") != _APP or d.get("v") != SCHEMA:
+            raise CorruptValue("not a smartbatch cache entry of this schema version")
+        if fp is not None and d.get("fp") != fp:
+            raise CorruptValue("entry stored under another fingerprint")
+        res = Result.model_validate(d["result"])
+        nk = d.get("near_key")
+        return Entry(d["fp"], res, _tuples(nk) if nk is not None else None, str(d.get("text", "")),
+                     d.get("blob"))
+    except CorruptValue:
+        raise
+    except Exception as exc:  # JSON, schema or type errors: all mean "not ours"
+        raise CorruptValue(f"{type(exc).__name__}: {exc}") from exc
+
+
+class MemoryLRU:
+    """Least-recently-used entries, bounded by count and by bytes, each expiring ``ttl_s`` after it was
+    stored (on the injected clock)."""
+
+    def __init__(self, max_entries: int, max_bytes: int, now: Callable[[], float]):
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._now = now
+        self._d: OrderedDict[str, tuple[Entry, float, int]] = OrderedDict()
+        self.bytes = 0
+        self.evicted = 0
+        self.expired = 0
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __repr__(self) -> str:
+        return f"MemoryLRU(entries={len(self._d)}, bytes={self.bytes}, evicted={self.evicted}, expired={self.expired})"
+
+    def get(self, fp: str) -> Entry | None:
+        hit = self._d.get(fp)
+        if hit is None:
+            return None
+        if hit[1] <= self._now():
+            self._drop(fp)
+            self.expired += 1
+            return None
+        self._d.move_to_end(fp)
+        return hit[0]
+
+    def put(self, e: Entry, ttl_s: float) -> None:
+        if e.fp in self._d:
+            self._drop(e.fp)
+        size = e.size()
+        self._d[e.fp] = (e, self._now() + ttl_s, size)
+        self.bytes += size
+        while len(self._d) > self.max_entries or (self.bytes > self.max_bytes and len(self._d) > 1):
+            self._drop(next(iter(self._d)))
+            self.evicted += 1
+
+    def _drop(self, fp: str) -> None:
+        _, _, size = self._d.pop(fp)
+        self.bytes -= size
+
+
+class BlobStore(Protocol):
+    """Content-addressed storage for large outputs: ``put`` returns a reference, ``get`` the bytes back."""
+
+    def put(self, data: bytes) -> str: ...
+
+    def get(self, ref: str) -> bytes | None: ...
+
+
+class LocalBlobStore:
+    """Blobs as files named by their SHA-256 under ``root`` (written to a temporary name, then renamed, so a
+    reader never sees half a blob); the same content is stored once."""
+
+    def __init__(self, root: Path | str | None = None):
+        self.root = Path(root) if root is not None else Path(tempfile.gettempdir()) / "smartbatch-blobs"
+
+    def __repr__(self) -> str:
+        return f"LocalBlobStore({str(self.root)!r})"
+
+    def _path(self, digest: str) -> Path:
+        return self.root / digest[:2] / digest
+
+    def put(self, data: bytes) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        path = self._path(digest)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        return f"sha256:{digest}"
+
+    def get(self, ref: str) -> bytes | None:
+        if not ref.startswith("sha256:"):
+            return None
+        digest = ref[7:]
+        try:
+            data = self._path(digest).read_bytes()
+        except OSError:
+            return None
+        # A blob that no longer matches its name was damaged on disk: a miss, never a wrong output.
+        return data if hashlib.sha256(data).hexdigest() == digest else None
+
+
+class RedisLayer:
+    """Batched reads and writes of entries in Redis, namespaced ``{prefix}:v1:{scope}:{fp}``, each with a TTL.
+
+    Every failure (refused, timed out, reset) marks the layer down for ``retry_s`` (on ``now``) and is
+    counted; while down, reads miss at once and writes wait in a bounded buffer."""
+
+    def __init__(self, url: str, *, prefix: str = "smartbatch", timeout_s: float = 0.25, retry_s: float = 5.0,
+                 now: Callable[[], float] = time.monotonic, buffer_max: int = 10_000):
+        import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        self.url = url
+        self.prefix = prefix
+        self.retry_s = retry_s
+        self._now = now
+        # No client-side retries: a retry would multiply a slow Redis's latency into every lookup. This
+        # layer's own down/retry cycle is the policy.
+        self.client = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                              retry=Retry(NoBackoff(), 0))
+        self.up = True
+        self._retry_at = 0.0
+        self._pending: deque[tuple[str, bytes, int]] = deque(maxlen=buffer_max)
+        self.errors = 0
+        self.reconnects = 0
+        self.dropped_writes = 0
+
+    def __repr__(self) -> str:
+        return (f"RedisLayer({self.url!r}, up={self.up}, errors={self.errors}, reconnects={self.reconnects}, "
+                f"pending_writes={len(self._pending)})")
+
+    def key(self, scope: str, fp: str) -> str:
+        return f"{self.prefix}:v{SCHEMA}:{scope}:{fp}"
+
+    def _usable(self) -> bool:
+        return self.up or self._now() >= self._retry_at
+
+    def _failed(self, exc: BaseException) -> None:
+        self.errors += 1
+        if self.up:
+            log.warning("Redis at %s unreachable (%s: %s): serving from memory, retrying every %.0f s",
+                        self.url, type(exc).__name__, exc, self.retry_s)
+        self.up = False
+        self._retry_at = self._now() + self.retry_s
+
+    async def _recovered(self) -> None:
+        if self.up:
+            return
+        self.up = True
+        self.reconnects += 1
+        log.warning("Redis at %s is back: %d buffered writes replayed", self.url, len(self._pending))
+        pending, self._pending = list(self._pending), deque(maxlen=self._pending.maxlen)
+        await self.put_many(pending)
+
+    async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        if not keys or not self._usable():
+            return [None] * len(keys)
+        try:
+            vals = await self.client.mget(keys)
+        except Exception as exc:  # any failure of the cache's Redis is a miss, never a failed request
+            self._failed(exc)
+            return [None] * len(keys)
+        await self._recovered()
+        return vals
+
+    async def put_many(self, items: list[tuple[str, bytes, int]]) -> None:
+        """``(key, value, ttl_ms)`` triples in one pipeline."""
+        if not items:
+            return
+        if not self._usable():
+            self._buffer(items)
+            return
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for k, v, ttl_ms in items:
+                pipe.set(k, v, px=max(int(ttl_ms), 1))
+            await pipe.execute()
+        except Exception as exc:
+            self._failed(exc)
+            self._buffer(items)
+            return
+        await self._recovered()
+
+    def _buffer(self, items: list[tuple[str, bytes, int]]) -> None:
+        room = self._pending.maxlen - len(self._pending)
+        self.dropped_writes += max(0, len(items) - room)
+        self._pending.extend(items)
+
+    async def scan_values(self, limit: int, batch: int = 1000) -> list[tuple[str, bytes]]:
+        """Up to ``limit`` (key, value) pairs under this prefix and schema, for warming up after a restart."""
+        out: list[tuple[str, bytes]] = []
+        if not self._usable():
+            return out
+        try:
+            keys: list[bytes] = []
+            async for k in self.client.scan_iter(match=f"{self.prefix}:v{SCHEMA}:*", count=batch):
+                keys.append(k)
+                if len(keys) >= limit:
+                    break
+            for lo in range(0, len(keys), batch):
+                part = keys[lo:lo + batch]
+                vals = await self.client.mget(part)
+                out.extend((k.decode(), v) for k, v in zip(part, vals) if v is not None)
+        except Exception as exc:
+            self._failed(exc)
+        return out
+
+    async def close(self) -> None:
+        await self.client.aclose()

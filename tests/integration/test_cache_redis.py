@@ -1,0 +1,185 @@
+"""The cache against a real redis-server: keys and TTLs, expiry, eviction to Redis, restart warm-up, tenant
+isolation, corrupt values, and Redis slow, down and back."""
+
+import asyncio
+import itertools
+import logging
+
+from actors import ResultCache, ResultHub
+from actors._types import Job
+from actors.cache_layers import Entry, RedisLayer, encode
+from engine.clock import ManualClock
+from engine.features import fingerprint
+from engine.grouping import ReuseSettings
+from engine.request import Request
+from engine.result import Result
+from engine.settings import CacheSettings, Settings
+
+REUSE = ReuseSettings(exact=True, in_flight=True, near=True, near_threshold=0.92)
+_prefixes = itertools.count()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def job(i, prompt, *, tenant="acme", reuse="near", share=False):
+    r = Request.model_validate({"id": f"r{i}", "arrival_s": 0.0, "model": "gpt-image-1", "prompt": prompt,
+                                "tenant": tenant, "reuse": reuse})
+    return Job(i, r, fingerprint(r, share_across_tenants=share))
+
+
+def ok(j, done_s=1.0):
+    return (j.fp, Result(id=j.req.id, status="ok", output=f"img://{j.req.id}", cost_usd=0.04, mode="sync",
+                         provider=j.req.provider, model=j.req.model, done_s=done_s))
+
+
+class Caches:
+    """Cache instances of one test, sharing one Redis namespace (a fresh instance = a restarted actor)."""
+
+    def __init__(self, url, tmp_path, **cfg):
+        self.url = url
+        self.prefix = f"sbtest{next(_prefixes)}"
+        self.cfg = CacheSettings(redis_url=url, redis_prefix=self.prefix, blob_dir=tmp_path / "blobs", **cfg)
+        self.clock = ManualClock(0.0)
+
+    def new(self, redis_layer=None):
+        hub = ResultHub()
+        cache = ResultCache(REUSE, hub, self.clock, settings=Settings(cache=self.cfg), redis=redis_layer)
+        return hub, cache
+
+
+async def generate(cache, hub, *jobs):
+    assert await cache.lookup(list(jobs)) == list(range(len(jobs)))
+    await cache.complete([ok(j) for j in jobs])
+    await hub.pull(0.01)
+
+
+def test_entries_are_namespaced_versioned_and_carry_their_ttl(redis_server, tmp_path):
+    cs = Caches(redis_server.url, tmp_path, ttl_s=3600)
+
+    async def go():
+        hub, cache = cs.new()
+        j = job(0, "A koi pond at dawn")
+        await generate(cache, hub, j)
+        r = redis_server.client()
+        key = f"{cs.prefix}:v1:acme:{j.fp}"
+        assert r.exists(key) and 3_590_000 < r.pttl(key) <= 3_600_000
+        hub2, fresh = cs.new()  # a restarted actor: empty memory, same Redis
+        assert await fresh.lookup([job(1, "A koi pond at dawn")]) == []
+        assert (await hub2.pull(0.01))[0].output == "img://r0"
+        assert fresh.cache_stats()["exact_redis"] == 1
+        await cache.close()
+        await fresh.close()
+    run(go())
+
+
+def test_expired_entries_are_not_served(redis_server, tmp_path):
+    cs = Caches(redis_server.url, tmp_path, ttl_s=0.3)
+
+    async def go():
+        hub, cache = cs.new()
+        j = job(0, "A paper crane on a desk")
+        await generate(cache, hub, j)
+        key = f"{cs.prefix}:v1:acme:{j.fp}"
+        r = redis_server.client()
+        # Wait on Redis itself: its keyspace notification says when the key expired.
+        r.config_set("notify-keyspace-events", "Ex")
+        sub = r.pubsub()
+        sub.subscribe("__keyevent@0__:expired")
+        deadline = asyncio.get_running_loop().time() + 10
+        while r.exists(key):
+            sub.get_message(timeout=0.5)
+            assert asyncio.get_running_loop().time() < deadline, "Redis never expired the key"
+        sub.close()
+        cs.clock.advance(0.3)  # the memory layer's TTL runs on the engine clock
+        assert await cache.lookup([job(1, "A paper crane on a desk")]) == [0]
+        await cache.close()
+    run(go())
+
+
+def test_an_entry_evicted_from_memory_is_still_served_from_redis(redis_server, tmp_path):
+    cs = Caches(redis_server.url, tmp_path, memory_max_entries=2)
+
+    async def go():
+        hub, cache = cs.new()
+        jobs = [job(k, f"Logo sketch number {w}") for k, w in enumerate(["one", "two", "three"])]
+        await generate(cache, hub, *jobs)
+        assert len(cache.memory) == 2 and cache.memory.evicted == 1
+        assert await cache.lookup([job(9, "Logo sketch number one")]) == []
+        assert cache.cache_stats()["exact_redis"] == 1
+        await cache.close()
+    run(go())
+
+
+def test_a_restarted_cache_warms_its_near_duplicate_index_from_redis(redis_server, tmp_path):
+    cs = Caches(redis_server.url, tmp_path)
+
+    async def go():
+        hub, cache = cs.new()
+        await generate(cache, hub, job(0, "Draw a red car parked on a wet street at night"),
+                       job(1, "A bowl of ramen, studio lighting", tenant="globex"))
+        await cache.close()
+        hub2, fresh = cs.new()
+        assert await fresh.warm_from_redis() == 2 and fresh.index.near_entries == 2
+        fresh.memory = type(fresh.memory)(10, 10**6, cs.clock.now)  # empty memory: the hit must come via Redis
+        near = job(2, "draw a red car parked on a wet street at night.")
+        other_tenant = job(3, "Draw a red car parked on a wet street at night.", tenant="globex")
+        assert await fresh.lookup([near, other_tenant]) == [1]
+        (res,) = await hub2.pull(0.01)
+        assert res.id == "r2" and res.hit == "near" and res.output == "img://r0"
+        await fresh.close()
+    run(go())
+
+
+def test_corrupt_and_foreign_values_are_ignored_and_counted(redis_server, tmp_path):
+    cs = Caches(redis_server.url, tmp_path)
+
+    async def go():
+        hub, cache = cs.new()
+        a, b = job(0, "A snowy cabin"), job(1, "A desert road")
+        r = redis_server.client()
+        r.set(f"{cs.prefix}:v1:acme:{a.fp}", b"\x80\x81 not json")
+        foreign = Entry(b.fp, Result(id="elsewhere", status="ok", output="wrong"))  # valid, but not a's
+        r.set(f"{cs.prefix}:v1:acme:{b.fp}", encode(foreign)[:-1] + b"")  # truncated: corrupt
+        r.set(f"{cs.prefix}:v1:acme:{job(2, 'A city at dusk').fp}", encode(foreign))  # another fingerprint's
+        assert await cache.lookup([a, b, job(2, "A city at dusk")]) == [0, 1, 2]
+        assert await hub.pull(0.01) == [] and cache.cache_stats()["corrupt"] == 3
+        await cache.close()
+    run(go())
+
+
+def test_redis_slow_down_and_back(own_redis, tmp_path, caplog):
+    cs = Caches(own_redis.url, tmp_path)
+    clock = ManualClock(0.0)  # the layer's retry timer, separate from the engine clock
+
+    async def go():
+        layer = RedisLayer(own_redis.url, prefix=cs.prefix, timeout_s=0.2, retry_s=5.0, now=clock.now)
+        hub, cache = cs.new(layer)
+        await generate(cache, hub, job(0, "A lantern in fog"))
+        # Slow: the server holds every command for 10 s; the lookup gives up after 0.2 s and serves from memory.
+        admin = own_redis.client()
+        admin.execute_command("CLIENT", "PAUSE", "10000", "ALL")
+        assert await cache.lookup([job(1, "A lantern in fog"), job(2, "A harbour at noon")]) == [1]
+        assert not layer.up and layer.errors == 1
+        admin.execute_command("CLIENT", "UNPAUSE")
+        # Down: requests still resolve from memory, writes wait in the buffer.
+        own_redis.stop()
+        clock.advance(5.0)
+        await generate(cache, hub, job(3, "A tram in the rain"))
+        assert await cache.lookup([job(4, "A tram in the rain")]) == []
+        assert not layer.up and layer.errors == 2 and len(layer._pending) == 1
+        assert cache.cache_stats()["redis_up"] == 0
+        # Back: after the retry interval the next operation reconnects and replays the buffered writes.
+        own_redis.start()
+        clock.advance(5.0)
+        await generate(cache, hub, job(5, "A kite over dunes"))
+        assert layer.up and layer.reconnects == 1 and len(layer._pending) == 0
+        keys = {k.decode() for k in own_redis.client().keys(f"{cs.prefix}:*")}
+        assert {f"{cs.prefix}:v1:acme:{job(k, p).fp}" for k, p in
+                [(3, "A tram in the rain"), (5, "A kite over dunes")]} <= keys
+        await cache.close()
+
+    with caplog.at_level(logging.WARNING, logger="smartbatch.cache"):
+        run(go())
+    assert any("unreachable" in m for m in caplog.messages) and any("is back" in m for m in caplog.messages)

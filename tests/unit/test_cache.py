@@ -1,0 +1,186 @@
+"""The cache without Redis: memory LRU, blob store, codec, near-duplicate reuse with guards, tenant scopes,
+single-flight under concurrency, and the inverted-file index against exact search."""
+
+import asyncio
+
+import numpy as np
+import pytest
+
+import engine.reuse as reuse_mod
+from actors import ResultCache, ResultHub
+from actors._types import Job
+from actors.cache_layers import CorruptValue, Entry, LocalBlobStore, MemoryLRU, decode, encode
+from engine.clock import ManualClock
+from engine.features import NEAR_DIM, featurize_texts, fingerprint
+from engine.grouping import ReuseSettings
+from engine.request import Request
+from engine.result import Result
+from engine.reuse import ReuseIndex
+from engine.settings import CacheSettings, Settings, SimSettings
+from engine.similarity import Guards, guard_reason
+
+NEAR = ReuseSettings(exact=True, in_flight=True, near=True, near_threshold=0.85)
+LOW_FLOOR = Settings(sim=SimSettings(near_floor=0.5))
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def job(i, prompt, *, tenant="acme", reuse="near", share=False, model="gpt-image-1", **kw):
+    r = Request.model_validate({"id": f"r{i}", "arrival_s": 0.0, "model": model, "prompt": prompt,
+                                "tenant": tenant, "reuse": reuse, **kw})
+    return Job(i, r, fingerprint(r, share_across_tenants=share))
+
+
+def ok(j, output="img://out", done_s=1.0):
+    return (j.fp, Result(id=j.req.id, status="ok", output=output, cost_usd=0.04, mode="sync",
+                         provider=j.req.provider, model=j.req.model, done_s=done_s))
+
+
+def make_cache(tmp_path, reuse=NEAR, settings=LOW_FLOOR, **cache_kw):
+    hub = ResultHub()
+    cfg = settings.model_copy(update={"cache": CacheSettings(blob_dir=tmp_path / "blobs", **cache_kw)})
+    return hub, ResultCache(reuse, hub, ManualClock(5.0), settings=cfg)
+
+
+async def generated(cache, hub, j, **kw):
+    """Look ``j`` up (a miss), complete it, and drain the hub."""
+    assert await cache.lookup([j]) == [0]
+    await cache.complete([ok(j, **kw)])
+    await hub.pull(0.01)
+
+
+def test_memory_lru_evicts_the_least_recent_and_expires_by_ttl():
+    clock = ManualClock(0.0)
+    lru = MemoryLRU(max_entries=2, max_bytes=10**6, now=clock.now)
+    e = {k: Entry(k, Result(id=k, status="ok")) for k in "abc"}
+    lru.put(e["a"], ttl_s=10)
+    lru.put(e["b"], ttl_s=100)
+    assert lru.get("a") is e["a"]  # a is now the most recent
+    lru.put(e["c"], ttl_s=100)
+    assert lru.get("b") is None and lru.get("a") is e["a"] and lru.evicted == 1
+    clock.advance(10.0)
+    assert lru.get("a") is None and lru.expired == 1 and lru.get("c") is e["c"]
+    small = MemoryLRU(max_entries=100, max_bytes=2 * e["a"].size(), now=clock.now)
+    for x in e.values():
+        small.put(x, ttl_s=100)
+    assert len(small) == 2 and small.bytes <= 2 * e["a"].size()
+
+
+def test_blob_store_is_content_addressed_and_refuses_a_damaged_blob(tmp_path):
+    store = LocalBlobStore(tmp_path)
+    ref = store.put(b"frame" * 1000)
+    assert store.put(b"frame" * 1000) == ref and store.get(ref) == b"frame" * 1000
+    assert len(list(tmp_path.rglob("*"))) == 2  # one folder, one file: stored once
+    path = next(p for p in tmp_path.rglob("*") if p.is_file())
+    path.write_bytes(b"tampered")
+    assert store.get(ref) is None and store.get("md5:abc") is None
+
+
+def test_codec_round_trips_and_rejects_foreign_values():
+    e = Entry("fp1", Result(id="x", status="ok", output="o"), ("acme", ("openai", "gpt-5", "text")), "hi")
+    assert decode(encode(e), "fp1") == e
+    for raw in (b"\x00garbage", b'{"app": "other", "v": 1}', encode(e).replace(b'"v":1', b'"v":99')):
+        with pytest.raises(CorruptValue):
+            decode(raw, "fp1")
+    with pytest.raises(CorruptValue, match="another fingerprint"):
+        decode(encode(e), "fp2")
+
+
+def test_near_duplicate_is_reused_unless_a_guard_objects(tmp_path):
+    async def go():
+        hub, cache = make_cache(tmp_path)
+        await generated(cache, hub, job(0, "Draw a red car parked on a wet street at night"))
+        await generated(cache, hub, job(1, "A photo of a dog chasing a cat in the park"))
+        asks = [job(10, "draw a red car parked on a wet street at night."),  # 0.998: reused
+                job(11, "Draw a blue car parked on a wet street at night"),  # colour
+                job(12, "A photo of a cat chasing a dog in the park"),  # swapped roles
+                job(13, "Draw a red car parked on a wet street at night", reuse="exact", params={"seed": 1})]
+        misses = await cache.lookup(asks)
+        got = {r.id: r for r in await hub.pull(0.01)}
+        assert misses == [1, 2, 3]
+        assert got["r10"].hit == "near" and got["r10"].output == "img://out" and "cosine" in got["r10"].reason
+        assert cache.cache_stats()["near"] == 1
+    run(go())
+
+
+def test_tenants_never_see_each_other_unless_sharing_is_set(tmp_path):
+    async def go(share):
+        hub, cache = make_cache(tmp_path, share_across_tenants=share)
+        prompt = "A watercolour of a lighthouse in a storm"
+        await generated(cache, hub, job(0, prompt, tenant="acme", share=share))
+        other_exact = job(1, prompt, tenant="globex", share=share)
+        other_near = job(2, prompt + ".", tenant="globex", share=share)
+        misses = await cache.lookup([other_exact, other_near])
+        return misses, {r.id: r.hit for r in await hub.pull(0.01)}
+
+    assert run(go(False)) == ([0, 1], {})
+    assert run(go(True)) == ([], {"r1": "exact", "r2": "near"})
+
+
+def test_reuse_none_neither_reads_nor_feeds_the_cache(tmp_path):
+    async def go():
+        hub, cache = make_cache(tmp_path)
+        private = job(0, "A secret product render", reuse="none")
+        await generated(cache, hub, private)
+        again = job(1, "A secret product render", reuse="exact")
+        assert await cache.lookup([again]) == [0]  # nothing was stored
+        assert await cache.lookup([job(2, "A secret product render", reuse="none")]) == [0]
+    run(go())
+
+
+def test_identical_concurrent_requests_make_one_provider_call(tmp_path):
+    async def go():
+        hub, cache = make_cache(tmp_path)
+        jobs = [job(i, "An isometric pixel-art castle") for i in range(50)]
+        # 50 lookups in flight at once, one request each, as 50 callers would send them
+        misses = await asyncio.gather(*(cache.lookup([j]) for j in jobs))
+        leaders = [j for j, m in zip(jobs, misses) if m == [0]]
+        assert len(leaders) == 1
+        await cache.complete([ok(leaders[0])])
+        got = await hub.pull(0.01)
+        assert len(got) == 49 and {r.hit for r in got} == {"in_flight"}
+    run(go())
+
+
+def test_large_outputs_live_in_the_blob_store_and_come_back_whole(tmp_path):
+    async def go():
+        hub, cache = make_cache(tmp_path, blob_min_kb=1)
+        big = "v" * 5000
+        j = job(0, "A ten-second video of waves")
+        await generated(cache, hub, j, output=big)
+        e = cache.memory.get(j.fp)
+        assert e.blob and e.result.output is None  # the entry holds the reference only
+        assert await cache.lookup([job(1, "A ten-second video of waves")]) == []
+        (res,) = await hub.pull(0.01)
+        assert res.output == big and res.hit == "exact"
+    run(go())
+
+
+def test_qualifier_and_known_guards():
+    assert guard_reason("What are the best ways to lose weight?", "What are the best ways to lose weight fast?")
+    assert guard_reason("How can I fall in love again?", "How can I fall in love?")
+    assert guard_reason("How do I learn Python quickly?", "How can I learn Python quickly?") is None
+    with pytest.raises(ValueError, match="unknown near-duplicate guard"):
+        Guards.of(["colour"])
+    assert Guards.of(["numbers"]) == Guards(True, False, False, False, False, False)
+
+
+def test_the_inverted_file_index_finds_what_exact_search_finds(monkeypatch):
+    monkeypatch.setattr(reuse_mod, "BRUTE_MAX", 500)  # index a small class so the test stays fast
+    rng = np.random.default_rng(1)
+    words = [f"w{k}" for k in range(400)]
+    texts = [" ".join(rng.choice(words, 8)) + f" item {k}" for k in range(6000)]
+    vecs = featurize_texts(texts, dim=NEAR_DIM)
+    idx = ReuseIndex(NEAR_DIM)
+    for lo in range(0, 6000, 1000):  # grows past the re-clustering point, as a live cache does
+        idx.add_near("c", vecs[lo:lo + 1000], list(range(lo, lo + 1000)), texts[lo:lo + 1000], [0.0] * 1000)
+    assert idx._shelves["c"].centroids is not None
+    picks = rng.choice(6000, 300, replace=False)
+    queries = [texts[k].replace(" item ", " item  ") + " " for k in picks]  # same n-grams, other spacing
+    qv = featurize_texts(queries, dim=NEAR_DIM)
+    hits = idx.near_many("c", qv, queries, 0.9, Guards.of(()))
+    brute = (qv @ vecs.T).argmax(axis=1)
+    assert [h.source for h in hits] == list(brute)
+    assert idx.near_entries == 6000
