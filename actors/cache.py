@@ -1,7 +1,8 @@
 """The cache actor: exact, near-duplicate and in-flight reuse over memory -> Redis -> blob store.
 
-It routes every request that allows reuse (``reuse`` "exact" or "near"; "none" neither reads nor feeds the
-cache):
+It routes every request that allows reuse (``reuse`` "exact" or "near"; a request with "none" is never
+served from the cache, but its result feeds it for later requests of the same tenant scope, as in the
+simulator):
 
 1. exact: the fingerprint (tenant scope, model, kind, normalised prompt, output-affecting parameters) in the
    in-process LRU, then in Redis (one MGET per batch);
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 
+import numpy as np
+
 from actors._peer import Warm, as_peer
 from actors._types import Job
 from actors.cache_layers import CorruptValue, Entry, LocalBlobStore, MemoryLRU, RedisLayer, decode, encode
@@ -29,11 +32,13 @@ from engine.grouping import ReuseSettings
 from engine.result import Result
 from engine.reuse import ReuseIndex
 from engine.settings import CacheSettings, Settings
+from engine.similarity import guard_reason
 
 __all__ = ["ResultCache", "tenant_scope"]
 
 Item = Job
 SHARED = "_shared"
+FOLLOWING = Result(id="", status="reused")  # marker: attached to a near duplicate in flight
 
 
 def tenant_scope(tenant: str, share_across_tenants: bool) -> str:
@@ -61,10 +66,13 @@ class ResultCache(Warm):
         self.leaders: dict[str, Item] = {}
         self.followers: dict[str, list[Item]] = {}
         self.generating: dict[str, Item] = {}  # request id -> item, for misses whose result will feed the cache
+        self.near_followers: set[str] = set()  # ids that follow a near-duplicate in flight
+        self.indexed: set[str] = set()  # fingerprints already in the near index (indexed when they start)
         self.stats = {"exact_memory": 0, "exact_redis": 0, "near": 0, "in_flight": 0, "miss": 0,
                       "corrupt": 0, "stale_near": 0, "blobs": 0}
         self._reported: dict[str, int] = {}
         self._from_redis: set[int] = set()
+        self._new_leads: list[Item] = []
 
     async def set_clock(self, clock) -> None:
         """The engine sets the clock once every actor is up, so engine time 0 is when submitting can start."""
@@ -145,9 +153,12 @@ class ResultCache(Warm):
         entry_of = dict(zip(asks, found))
         redis_pos = {asks[k] for k in self._from_redis} if self.reuse.exact else set()
         near_asks: list[int] = []
+        asked_fps: set[str] = set()
+        after_near: list[int] = []  # identical to a near ask of this batch: decided once that one is
         for pos, item in enumerate(items):
             r = item.req
             if r.reuse == "none":
+                self._lead(item)
                 misses.append(pos)
                 continue
             e = entry_of.get(pos)
@@ -166,19 +177,31 @@ class ResultCache(Warm):
                 continue
             if self._wants_near(item):
                 near_asks.append(pos)
+                asked_fps.add(item.fp)
+                continue
+            if item.fp in asked_fps:
+                after_near.append(pos)
                 continue
             self._lead(item)
             misses.append(pos)
+        vecs: dict = {}
         if near_asks:
-            near_hits = await self._near([items[k] for k in near_asks], now)
+            near_hits, vecs = await self._near([items[k] for k in near_asks], now)
             for pos, res in zip(near_asks, near_hits):
+                if res is FOLLOWING:
+                    continue
                 if res is not None:
                     hits.append(res)
                     hit_items.append(items[pos])
                 elif not self._attach(items[pos]):  # an identical ask earlier in this batch may lead now
                     self._lead(items[pos])
                     misses.append(pos)
+            for pos in after_near:
+                if not self._attach(items[pos]):
+                    self._lead(items[pos])
+                    misses.append(pos)
             misses.sort()
+        self._index_leaders(vecs)
         self.stats["miss"] += len(misses)
         if hits:
             await self.hub.call("push", hits, self._list_prices(hit_items))
@@ -195,10 +218,12 @@ class ResultCache(Warm):
         return False
 
     def _lead(self, item: Item) -> None:
-        self.leaders.setdefault(item.fp, item)
+        if self.leaders.setdefault(item.fp, item) is item:
+            self._new_leads.append(item)
         self.generating[item.req.id] = item
 
-    async def _near(self, items: list[Item], now: float) -> list[Result | None]:
+    async def _near(self, items: list[Item], now: float) -> tuple[list[Result | None], dict]:
+        """Near hits (or FOLLOWING) per item, and the vectors of the rest, by request id."""
         vecs = featurize([it.req for it in items], dim=NEAR_DIM)
         by_class: dict[Hashable, list[int]] = {}
         for k, it in enumerate(items):
@@ -211,20 +236,80 @@ class ResultCache(Warm):
                 if h is not None:
                     matches[k] = (key[0], h.source, h.similarity)
         out: list[Result | None] = [None] * len(items)
-        if not matches:
-            return out
         ks = list(matches)
-        entries = await self._fetch([(matches[k][0], matches[k][1]) for k in ks])
+        entries = await self._fetch([(matches[k][0], matches[k][1]) for k in ks]) if ks else []
         for k, e in zip(ks, entries):
             it = items[k]
             if e is None:
-                self.stats["stale_near"] += 1  # expired or evicted since it was indexed
+                # Not stored: the source may still be in flight (indexed when it started), as in the
+                # simulator; follow it if it is due no later than this request.
+                lead = self.leaders.get(matches[k][1])
+                if self.reuse.in_flight and lead is not None and lead.req.deadline_at <= it.req.deadline_at:
+                    self.followers.setdefault(lead.fp, []).append(it)
+                    self.near_followers.add(it.req.id)
+                    self.stats["near"] += 1
+                    out[k] = FOLLOWING
+                else:
+                    self.stats["stale_near"] += 1  # failed, expired or evicted since it was indexed
                 continue
             res = self._reused(it, e, "near", max(now, it.req.arrival_s), matches[k][2])
             if res is not None:
                 self.stats["near"] += 1
                 out[k] = res
-        return out
+        # Misses among the near asks will lead: index them now, so near duplicates arriving while they are
+        # generated can follow them.
+        self._follow_within(items, vecs, out)
+        return out, {it.req.id: vecs[k] for k, it in enumerate(items) if out[k] is None}
+
+    def _follow_within(self, items: list[Item], vecs: np.ndarray, out: list) -> None:
+        """Near duplicates among this batch's misses: a later one follows the earliest that it matches (the
+        earlier one will lead), as it would had they arrived in two batches."""
+        if not self.reuse.in_flight:
+            return
+        by_class: dict[Hashable, list[int]] = {}
+        for k, it in enumerate(items):
+            if out[k] is None:
+                by_class.setdefault(self._near_key(it), []).append(k)
+        for ks in by_class.values():
+            if len(ks) < 2:
+                continue
+            sims = vecs[ks] @ vecs[ks].T
+            leads: list[int] = []  # positions in ks
+            for a in range(len(ks)):
+                it = items[ks[a]]
+                src = next((b for b in leads if sims[a, b] >= self.near_threshold and items[ks[b]].fp != it.fp
+                            and items[ks[b]].req.deadline_at <= it.req.deadline_at
+                            and guard_reason(it.req.prompt, items[ks[b]].req.prompt, self.reuse.guards) is None),
+                           None)
+                if src is None:
+                    leads.append(a)
+                    continue
+                self.followers.setdefault(items[ks[src]].fp, []).append(it)
+                self.near_followers.add(it.req.id)
+                self.stats["near"] += 1
+                out[ks[a]] = FOLLOWING
+
+    def _index_leaders(self, vecs: dict) -> None:
+        """Index the requests that started generating, so near duplicates arriving meanwhile can follow them
+        (the simulator's index holds a dispatched request too). ``vecs``: vectors already made, by id."""
+        leading, self._new_leads = self._new_leads, []
+        if not self.reuse.near:
+            return
+        leading = [it for it in leading if it.fp not in self.indexed]
+        if not leading:
+            return
+        todo = [it for it in leading if it.req.id not in vecs]
+        if todo:
+            made = featurize([it.req for it in todo], dim=NEAR_DIM)
+            vecs = {**vecs, **{it.req.id: made[k] for k, it in enumerate(todo)}}
+        rows: dict[Hashable, list[Item]] = {}
+        for it in leading:
+            if it.fp not in self.indexed:
+                self.indexed.add(it.fp)
+                rows.setdefault(self._near_key(it), []).append(it)
+        for key, its in rows.items():
+            self.index.add_near(key, np.stack([vecs[it.req.id] for it in its]), [it.fp for it in its],
+                                [it.req.prompt for it in its], [float("inf")] * len(its))
 
     # -- writing ----------------------------------------------------------------------------------------------
     def _entry(self, item: Item, res: Result) -> Entry:
@@ -252,7 +337,9 @@ class ResultCache(Warm):
             self.memory.put(e, self.cfg.ttl_s)
             stored.append((item, e))
             for f in self.followers.pop(fp, ()):
-                r = self._reused(f, e, "in_flight", res.done_s or self._now())
+                hit = "near" if f.req.id in self.near_followers else "in_flight"
+                self.near_followers.discard(f.req.id)
+                r = self._reused(f, e, hit, res.done_s or self._now())
                 if r is not None:
                     out.append(r)
                     out_items.append(f)
@@ -267,9 +354,10 @@ class ResultCache(Warm):
         await self._report()
 
     def _index_near(self, stored: list[tuple[Item, Entry]]) -> None:
-        todo = [(it, e) for it, e in stored if e.near_key is not None]
+        todo = [(it, e) for it, e in stored if e.near_key is not None and e.fp not in self.indexed]
         if not todo:
             return
+        self.indexed.update(e.fp for _, e in todo)
         vecs = featurize([it.req for it, _ in todo], dim=NEAR_DIM)
         by_class: dict[Hashable, list[int]] = {}
         for k, (_, e) in enumerate(todo):
@@ -286,6 +374,7 @@ class ResultCache(Warm):
             self.leaders.pop(fp, None)
         for it in out:
             self.generating[it.req.id] = it
+            self.near_followers.discard(it.req.id)
         return out
 
     # -- restart and reporting --------------------------------------------------------------------------------

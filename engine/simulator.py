@@ -218,7 +218,10 @@ class _Sim:
             if reuse.near and r.reuse == "near" and i in self.vecs:
                 h = self.index.near((r.tenant, self.compat[i]), self.vecs[i], r.prompt, self.near_threshold,
                                    reuse.guards)
-                if h is not None and h.done_at <= r.deadline_at:
+                # A source still in flight is followed only under the rule for identical ones (due no
+                # later than this request): its completion time is not known to a live engine.
+                if h is not None and (h.done_at <= now or (
+                        reuse.in_flight and self.reqs[h.source].deadline_at <= r.deadline_at)):
                     self.resolve_reused(i, max(now, h.done_at), 3)
                     return
         if fps is not None:

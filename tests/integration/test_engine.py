@@ -63,7 +63,7 @@ def test_live_engine_agrees_with_the_simulator(ray_session):
     """Same trace, same policy objects: the live engine (time-compressed) and the simulator make the same
     decisions up to timing noise, and total cost agrees within 2 %."""
     reqs = short_trace(500, seed=4, span_s=500, max_deadline_s=1800)
-    params = {"reuse_near": False}  # near-duplicate reuse lives in the cache actor of issue 4
+    params = {}
     sim = simulate(reqs, load_policy("smart", CAT, params))
     with Engine.start(speedup=100, policy_params=params) as eng:
         results = [f.result(timeout=300) for f in eng.replay(reqs)]
@@ -131,3 +131,49 @@ def test_a_dead_actor_fails_open_futures_instead_of_hanging(ray_session):
     failed = [r for r in results if r.status == "failed"]
     assert failed and all("grouper-0" in r.error for r in failed)
     assert all(r.status in ("failed", "ok", "reused") for r in results)
+
+
+def test_identical_concurrent_submits_make_one_provider_call(ray_session):
+    import threading
+
+    prompt = {"model": "gpt-image-1", "prompt": "A lighthouse in a storm, oil painting", "priority": "urgent",
+              "deadline_s": 120}
+    with Engine.start(speedup=50) as eng:
+        futs = [None] * 40
+        go = threading.Barrier(40)
+
+        def caller(k):
+            go.wait()  # all 40 submit at once, as 40 users of one driver would
+            futs[k] = eng.submit({"id": f"same-{k}", **prompt})
+
+        threads = [threading.Thread(target=caller, args=(k,)) for k in range(40)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        results = [f.result(timeout=120) for f in futs]
+        rep = eng.report()
+    assert sorted(r.status for r in results).count("ok") == 1  # one provider call
+    assert {r.status for r in results} == {"ok", "reused"} and all(r.output for r in results)
+    assert rep["cache"]["miss"] == 1 and rep["cache"]["in_flight"] + rep["cache"]["exact_memory"] == 39
+
+
+def test_redis_cache_serves_a_restarted_engine_and_keeps_tenants_apart(ray_session, redis_server):
+    from engine.settings import CacheSettings, Settings
+
+    settings = Settings(cache=CacheSettings(redis_url=redis_server.url, redis_prefix="sbtest-engine"))
+    base = {"model": "gpt-image-1", "prompt": "A red fox in fresh snow, morning light", "deadline_s": 120,
+            "priority": "urgent", "reuse": "near"}
+    with Engine.start(settings=settings, speedup=50) as eng:
+        first = eng.submit({"id": "a1", "tenant": "acme", **base}).result(timeout=120)
+    assert first.status == "ok"
+    with Engine.start(settings=settings, speedup=50) as eng:  # new actors, empty memory: Redis remembers
+        same = eng.submit({"id": "a2", "tenant": "acme", **base})
+        near = eng.submit({"id": "a3", "tenant": "acme", **base, "prompt": base["prompt"].lower() + "."})
+        other = eng.submit({"id": "g1", "tenant": "globex", **base})
+        same, near, other = (f.result(timeout=120) for f in (same, near, other))
+        rep = eng.report()
+    assert (same.status, same.hit, same.output) == ("reused", "exact", first.output)
+    assert (near.status, near.hit, near.output) == ("reused", "near", first.output)
+    assert other.status == "ok" and other.output != first.output  # globex never gets acme's result
+    assert rep["cache"]["redis_up"] == 1  # (warm-up loaded the entry, so the exact hit came from memory)

@@ -111,22 +111,22 @@ def test_tenants_never_see_each_other_unless_sharing_is_set(tmp_path):
         prompt = "A watercolour of a lighthouse in a storm"
         await generated(cache, hub, job(0, prompt, tenant="acme", share=share))
         other_exact = job(1, prompt, tenant="globex", share=share)
-        other_near = job(2, prompt + ".", tenant="globex", share=share)
+        other_near = job(2, prompt + ".", tenant="initech", share=share)
         misses = await cache.lookup([other_exact, other_near])
         return misses, {r.id: r.hit for r in await hub.pull(0.01)}
 
-    assert run(go(False)) == ([0, 1], {})
+    assert run(go(False)) == ([0, 1], {})  # both generated for their own tenants
     assert run(go(True)) == ([], {"r1": "exact", "r2": "near"})
 
 
-def test_reuse_none_neither_reads_nor_feeds_the_cache(tmp_path):
+def test_reuse_none_is_never_served_but_feeds_later_requests(tmp_path):
     async def go():
         hub, cache = make_cache(tmp_path)
-        private = job(0, "A secret product render", reuse="none")
-        await generated(cache, hub, private)
-        again = job(1, "A secret product render", reuse="exact")
-        assert await cache.lookup([again]) == [0]  # nothing was stored
-        assert await cache.lookup([job(2, "A secret product render", reuse="none")]) == [0]
+        first = job(0, "A product render", reuse="none")
+        await generated(cache, hub, first)
+        assert await cache.lookup([job(1, "A product render", reuse="none")]) == [0]  # never served
+        assert await cache.lookup([job(2, "A product render", reuse="exact")]) == []  # fed the cache
+        assert (await hub.pull(0.01))[0].hit == "exact"
     run(go())
 
 
@@ -184,3 +184,17 @@ def test_the_inverted_file_index_finds_what_exact_search_finds(monkeypatch):
     brute = (qv @ vecs.T).argmax(axis=1)
     assert [h.source for h in hits] == list(brute)
     assert idx.near_entries == 6000
+
+
+def test_a_near_duplicate_follows_its_source_while_in_flight(tmp_path):
+    async def go():
+        hub, cache = make_cache(tmp_path)
+        src = job(0, "Draw a red car parked on a wet street at night")
+        assert await cache.lookup([src]) == [0]
+        follower = job(1, "draw a red car parked on a wet street at night.")
+        assert await cache.lookup([follower]) == []  # no second provider call
+        assert await hub.pull(0.01) == []  # and nothing to serve yet
+        await cache.complete([ok(src)])
+        (res,) = await hub.pull(0.01)
+        assert (res.id, res.hit, res.output) == ("r1", "near", "img://out")
+    run(go())
