@@ -1,0 +1,122 @@
+"""Budgets shared by several engines: the rules of ``engine.budgets`` applied atomically inside Redis.
+
+Each reservation batch and each settlement batch is one Lua script, so Redis runs it whole, with no other
+client's command in between: there is no check-then-increment window. (LiteLLM's budgets were overrun that
+way: "with N pods the effective budget was N x max_budget", issues #34732 and #6288.)
+
+Keys: ``{prefix}:w:{spec}@{window start}`` is a hash {spent, reserved} that expires a day after its window;
+``{prefix}:c:{claim id}`` records which windows a claim reserved and how much, so settling releases exactly
+that, even after the window rolled over.
+"""
+
+from __future__ import annotations
+
+import math
+
+from engine.budgets import BudgetSpec, Claim, Throttle, Verdict, verdict_of, window_bounds
+
+__all__ = ["RedisBudgetBook"]
+
+_RESERVE = """
+local prefix = ARGV[1]
+local n = tonumber(ARGV[2])
+local i = 3
+local out = {}
+for c = 1, n do
+  local rid, amount, frac, nk = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
+  i = i + 4
+  local refused = {}
+  for j = 0, nk - 1 do
+    local h = prefix .. ':w:' .. ARGV[i + 3 * j]
+    local limit = tonumber(ARGV[i + 3 * j + 1])
+    local used = tonumber(redis.call('HGET', h, 'spent') or '0') + tonumber(redis.call('HGET', h, 'reserved') or '0')
+    if used + amount > limit * frac + 1e-9 then
+      refused[#refused + 1] = tostring(j + 1) .. ':' .. tostring(limit - used)
+    end
+  end
+  if #refused == 0 and nk > 0 then
+    local claim = prefix .. ':c:' .. rid
+    for j = 0, nk - 1 do
+      local k, ttl = ARGV[i + 3 * j], tonumber(ARGV[i + 3 * j + 2])
+      local h = prefix .. ':w:' .. k
+      redis.call('HINCRBYFLOAT', h, 'reserved', amount)
+      if ttl > 0 then redis.call('EXPIRE', h, ttl) end
+      redis.call('HINCRBYFLOAT', claim, k, amount)
+    end
+    redis.call('EXPIRE', claim, 30 * 86400)
+  end
+  out[c] = table.concat(refused, ',')
+  i = i + 3 * nk
+end
+return out
+"""
+
+_SETTLE = """
+local prefix = ARGV[1]
+local n = tonumber(ARGV[2])
+for c = 0, n - 1 do
+  local claim = prefix .. ':c:' .. ARGV[3 + 2 * c]
+  local actual = tonumber(ARGV[4 + 2 * c])
+  local kv = redis.call('HGETALL', claim)
+  for j = 1, #kv, 2 do
+    local h = prefix .. ':w:' .. kv[j]
+    redis.call('HINCRBYFLOAT', h, 'reserved', -tonumber(kv[j + 1]))
+    redis.call('HINCRBYFLOAT', h, 'spent', actual)
+  end
+  redis.call('DEL', claim)
+end
+return n
+"""
+
+
+class RedisBudgetBook:
+    """``BudgetBook``'s interface (async), state in Redis. ``client``: a ``redis.asyncio.Redis``."""
+
+    def __init__(self, client, specs: list[BudgetSpec], throttle: Throttle = Throttle(), *,
+                 prefix: str = "smartbatch:budget"):
+        self.client = client
+        self.specs = list(specs)
+        self.throttle = throttle
+        self.prefix = prefix
+        self._reserve = client.register_script(_RESERVE)
+        self._settle = client.register_script(_SETTLE)
+
+    def __repr__(self) -> str:
+        return f"RedisBudgetBook(specs={len(self.specs)}, prefix={self.prefix!r})"
+
+    async def reserve_many(self, claims: list[Claim], now: float) -> list[Verdict]:
+        if not claims:
+            return []
+        args: list = [self.prefix, len(claims)]
+        touched_all = []
+        for c in claims:
+            if c.amount < 0:
+                raise ValueError(f"claim {c.rid}: amount must be >= 0, got {c.amount}")
+            touched = [s for s in self.specs if s.covers(c.tenant, c.provider, c.model)]
+            touched_all.append(touched)
+            args += [c.rid, repr(float(c.amount)), repr(self.throttle.of(c.priority)), len(touched)]
+            for s in touched:
+                end = window_bounds(s.budget_duration, now)[1]
+                ttl = 0 if end == math.inf else int(end - now) + 86400
+                args += [s.key(now), repr(float(s.max_budget)), ttl]
+        raw = await self._reserve(args=args)
+        out = []
+        for c, touched, r in zip(claims, touched_all, raw):
+            text = r.decode() if isinstance(r, bytes) else r
+            refusals = [(touched[int(j) - 1], float(rem)) for j, rem in
+                        (part.split(":") for part in text.split(",") if part)]
+            out.append(verdict_of(refusals, c.priority, now))
+        return out
+
+    async def settle_many(self, items: list[tuple[str, float]]) -> None:
+        if not items:
+            return
+        args: list = [self.prefix, len(items)]
+        for rid, actual in items:
+            args += [rid, repr(float(actual))]
+        await self._settle(args=args)
+
+    async def window(self, spec: BudgetSpec, now: float) -> tuple[float, float]:
+        """(spent, reserved) of ``spec``'s window at ``now``."""
+        h = await self.client.hgetall(f"{self.prefix}:w:{spec.key(now)}")
+        return float(h.get(b"spent", 0) or 0), float(h.get(b"reserved", 0) or 0)

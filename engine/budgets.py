@@ -1,0 +1,208 @@
+"""Budgets: who may spend how much, per window, and what to do as the limit nears.
+
+Pure and I/O-free (time is a parameter), so the simulator, the budget actor and the Redis-backed ledger share
+one set of rules:
+
+* A ``BudgetSpec`` covers the requests of one tenant, provider and/or model (a field left empty matches
+  all) with a hard limit ``max_budget`` and an optional ``soft_budget`` (an alert), per ``budget_duration``
+  window (names as in LiteLLM: ``30s``, ``1h``, ``1d``, ``30d``, ``1mo`` for the calendar month, UTC; none: one
+  window forever).
+* A reservation is checked against every spec that covers it: it passes only if, in each, what is spent plus
+  what is reserved plus it stays within the limit scaled by the request's priority (``Throttle``):
+  background work stops at 80 % of the limit, normal at 95 %, urgent at 100 %. Past its threshold a
+  request is deferred to the next window when the window resets, else rejected (``budget_exhausted``).
+* Settling records the actual cost in the windows the reservation was made in and releases the rest.
+"""
+
+from __future__ import annotations
+
+import calendar
+import math
+import re
+from datetime import datetime, timezone
+from typing import Literal, NamedTuple
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = ["BudgetBook", "BudgetSpec", "Claim", "Throttle", "Verdict", "parse_duration", "verdict_of",
+           "window_bounds"]
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|mo)\s*$")
+_UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+EPS = 1e-9
+
+
+def parse_duration(text: str | None) -> tuple[float, str] | None:
+    """``"1h"`` -> (1.0, "h"); ``"1mo"`` -> (1.0, "mo"); None -> None (no reset)."""
+    if text is None:
+        return None
+    m = _DURATION.match(text)
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"budget_duration {text!r}: use a positive number and a unit, e.g. 30s, 15m, 1h, 1d, 30d, "
+                         "1mo (calendar month)")
+    return float(m.group(1)), m.group(2)
+
+
+def window_bounds(duration: str | None, t: float) -> tuple[float, float]:
+    """The [start, end) of the window holding epoch second ``t``: fixed windows are aligned to the epoch,
+    months to the calendar (UTC)."""
+    d = parse_duration(duration)
+    if d is None:
+        return (0.0, math.inf)
+    n, unit = d
+    if unit != "mo":
+        size = n * _UNIT_S[unit]
+        start = math.floor(t / size) * size
+        return (start, start + size)
+    dt = datetime.fromtimestamp(t, tz=timezone.utc)
+    months = dt.year * 12 + (dt.month - 1)
+    first = months - months % int(n)
+
+    def epoch(m: int) -> float:
+        return float(calendar.timegm((m // 12, m % 12 + 1, 1, 0, 0, 0)))
+
+    return (epoch(first), epoch(first + int(n)))
+
+
+class BudgetSpec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tenant: str | None = None
+    provider: str | None = None
+    model: str | None = None
+    max_budget: float = Field(ge=0, description="hard limit in USD per window")
+    soft_budget: float | None = Field(default=None, ge=0, description="alert above this spend, USD")
+    budget_duration: str | None = Field(default=None, description="30s, 1h, 1d, 30d, 1mo; None: never resets")
+
+    @model_validator(mode="after")
+    def _check(self) -> BudgetSpec:
+        parse_duration(self.budget_duration)
+        if self.soft_budget is not None and self.soft_budget > self.max_budget:
+            raise ValueError(f"soft_budget {self.soft_budget} must be <= max_budget {self.max_budget}")
+        return self
+
+    @property
+    def name(self) -> str:
+        parts = [f"{k}={v}" for k, v in (("tenant", self.tenant), ("provider", self.provider),
+                                          ("model", self.model)) if v is not None]
+        return ",".join(parts) or "global"
+
+    def covers(self, tenant: str, provider: str, model: str) -> bool:
+        return ((self.tenant is None or self.tenant == tenant) and (self.provider is None or self.provider == provider)
+                and (self.model is None or self.model == model))
+
+    def key(self, t: float) -> str:
+        """The name of this spec's window at ``t`` (a ledger key)."""
+        return f"{self.name}@{window_bounds(self.budget_duration, t)[0]:.0f}"
+
+
+class Throttle(BaseModel):
+    """Fractions of a hard limit up to which each priority may reserve."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    background: float = Field(default=0.80, ge=0, le=1)
+    normal: float = Field(default=0.95, ge=0, le=1)
+    urgent: float = Field(default=1.0, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Throttle:
+        if not self.background <= self.normal <= self.urgent:
+            raise ValueError(f"throttle fractions must grow with priority: background={self.background} <= "
+                             f"normal={self.normal} <= urgent={self.urgent}")
+        return self
+
+    def of(self, priority: str) -> float:
+        return getattr(self, priority)
+
+
+class Claim(NamedTuple):
+    """One reservation request: an id (settled later), who spends, at what priority, and an upper bound."""
+
+    rid: str
+    tenant: str
+    provider: str
+    model: str
+    priority: Literal["urgent", "normal", "background"]
+    amount: float
+
+
+class Verdict(NamedTuple):
+    ok: bool
+    reason: str | None = None  # "budget_exhausted" or "deferred"
+    retry_at: float | None = None  # deferred: when the blocking window resets
+    remaining_usd: float | None = None  # of the tightest covering budget, for the rejection message
+    budget: str | None = None  # the spec that refused
+
+
+def verdict_of(refusals: list[tuple[BudgetSpec, float]], priority: str, now: float) -> Verdict:
+    """The verdict on a claim given the specs that refuse it and what each has left. A rejection outranks a
+    deferral (waiting cannot help when some budget never resets); among deferrals the latest reset wins."""
+    worst: Verdict | None = None
+    for s, remaining in refusals:
+        end = window_bounds(s.budget_duration, now)[1]
+        rem = max(remaining, 0.0)
+        v = (Verdict(False, "deferred", end, rem, s.name) if priority != "urgent" and end < math.inf
+             else Verdict(False, "budget_exhausted", None, rem, s.name))
+        if worst is None or (v.reason == "budget_exhausted" and worst.reason != "budget_exhausted") or (
+                v.reason == worst.reason == "deferred" and v.retry_at > worst.retry_at):
+            worst = v
+    return worst or Verdict(True)
+
+
+class BudgetBook:
+    """The reference ledger, in one process. ``RedisBudgetBook`` (actors/) applies the same rules atomically
+    in Redis for budgets shared by several engines."""
+
+    def __init__(self, specs: list[BudgetSpec], throttle: Throttle = Throttle()):
+        self.specs = list(specs)
+        self.throttle = throttle
+        self.spent: dict[str, float] = {}
+        self.reserved: dict[str, float] = {}
+        self.claims: dict[str, list[tuple[str, float]]] = {}  # rid -> [(window key, amount)]
+
+    def __repr__(self) -> str:
+        return (f"BudgetBook(specs={len(self.specs)}, open={len(self.claims)}, "
+                f"reserved={sum(self.reserved.values()):.4f}, spent={sum(self.spent.values()):.4f})")
+
+    def plan(self, c: Claim, now: float) -> tuple[list[tuple[BudgetSpec, str]], Verdict]:
+        """The windows a claim touches and whether it may pass (no change made)."""
+        touched = [(s, s.key(now)) for s in self.specs if s.covers(c.tenant, c.provider, c.model)]
+        if c.amount < 0:
+            raise ValueError(f"claim {c.rid}: amount must be >= 0, got {c.amount}")
+        frac = self.throttle.of(c.priority)
+        refusals = []
+        for s, k in touched:
+            used = self.spent.get(k, 0.0) + self.reserved.get(k, 0.0)
+            if used + c.amount > s.max_budget * frac + EPS:
+                refusals.append((s, s.max_budget - used))
+        return touched, verdict_of(refusals, c.priority, now)
+
+    def reserve_many(self, claims: list[Claim], now: float) -> list[Verdict]:
+        out = []
+        for c in claims:
+            touched, v = self.plan(c, now)
+            if v.ok:
+                self.claims[c.rid] = [(k, c.amount) for _, k in touched]
+                for _, k in touched:
+                    self.reserved[k] = self.reserved.get(k, 0.0) + c.amount
+            out.append(v)
+        return out
+
+    def settle_many(self, items: list[tuple[str, float]]) -> None:
+        """(claim id, actual cost): record it in the windows the claim reserved in, release the reservation.
+        An unknown id (never reserved, or settled already) changes nothing, so a repeat is harmless."""
+        for rid, actual in items:
+            for k, amount in self.claims.pop(rid, ()):
+                self.reserved[k] = self.reserved.get(k, 0.0) - amount
+                self.spent[k] = self.spent.get(k, 0.0) + actual
+
+    def report(self, now: float) -> list[dict]:
+        rows = []
+        for s in self.specs:
+            k = s.key(now)
+            spent, reserved = self.spent.get(k, 0.0), self.reserved.get(k, 0.0)
+            rows.append({"budget": s.name, "window": k.split("@")[1], "max_budget": s.max_budget,
+                         "soft_budget": s.soft_budget, "spent_usd": round(spent, 6), "reserved_usd": round(reserved, 6),
+                         "remaining_usd": round(s.max_budget - spent - reserved, 6),
+                         "soft_exceeded": s.soft_budget is not None and spent > s.soft_budget})
+        return rows
