@@ -18,6 +18,7 @@ the fingerprint, of the Redis key and of the near-duplicate class.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Hashable
 
 import numpy as np
@@ -38,6 +39,7 @@ __all__ = ["ResultCache", "tenant_scope"]
 
 Item = Job
 SHARED = "_shared"
+REPORT_EVERY_S = 0.5
 FOLLOWING = Result(id="", status="reused")  # marker: attached to a near duplicate in flight
 
 
@@ -73,6 +75,8 @@ class ResultCache(Warm):
         self._reported: dict[str, int] = {}
         self._from_redis: set[int] = set()
         self._new_leads: list[Item] = []
+        self._next_report = 0.0
+        self._reported_up: bool | None = None
 
     async def set_clock(self, clock) -> None:
         """The engine sets the clock once every actor is up, so engine time 0 is when submitting can start."""
@@ -201,7 +205,7 @@ class ResultCache(Warm):
                     self._lead(items[pos])
                     misses.append(pos)
             misses.sort()
-        self._index_leaders(vecs)
+        self._index_leaders(vecs, lazy=True)
         self.stats["miss"] += len(misses)
         if hits:
             await self.hub.call("push", hits, self._list_prices(hit_items))
@@ -224,6 +228,7 @@ class ResultCache(Warm):
 
     async def _near(self, items: list[Item], now: float) -> tuple[list[Result | None], dict]:
         """Near hits (or FOLLOWING) per item, and the vectors of the rest, by request id."""
+        self._index_leaders({})  # leaders not indexed yet must be findable now
         vecs = featurize([it.req for it in items], dim=NEAR_DIM)
         by_class: dict[Hashable, list[int]] = {}
         for k, it in enumerate(items):
@@ -289,12 +294,20 @@ class ResultCache(Warm):
                 self.stats["near"] += 1
                 out[ks[a]] = FOLLOWING
 
-    def _index_leaders(self, vecs: dict) -> None:
+    def _index_leaders(self, vecs: dict, lazy: bool = False) -> None:
         """Index the requests that started generating, so near duplicates arriving meanwhile can follow them
-        (the simulator's index holds a dispatched request too). ``vecs``: vectors already made, by id."""
-        leading, self._new_leads = self._new_leads, []
+        (the simulator's index holds a dispatched request too). ``vecs``: vectors already made, by id.
+        ``lazy``: only those with a vector already; the rest wait for the next near ask or completion, so a
+        lookup without near asks (an urgent exact request) does not pay for featurising."""
         if not self.reuse.near:
+            self._new_leads = []
             return
+        if lazy:
+            ready = [it for it in self._new_leads if it.req.id in vecs]
+            self._new_leads = [it for it in self._new_leads if it.req.id not in vecs]
+            leading = ready
+        else:
+            leading, self._new_leads = self._new_leads, []
         leading = [it for it in leading if it.fp not in self.indexed]
         if not leading:
             return
@@ -344,6 +357,7 @@ class ResultCache(Warm):
                     out.append(r)
                     out_items.append(f)
         if stored:
+            self._index_leaders({})
             self._index_near(stored)
             if self.redis is not None:
                 ttl_ms = int(self.cfg.ttl_s * 1000)
@@ -420,7 +434,13 @@ class ResultCache(Warm):
         return self.cache_stats()
 
     async def _report(self) -> None:
-        """Push counter deltas and gauges to the hub's metrics, once per batch."""
+        """Push counter deltas and gauges to the hub's metrics: at most every ``REPORT_EVERY_S`` (an actor
+        call per lookup would sit on the urgent path), at once when Redis goes down or comes back."""
+        up = None if self.redis is None else self.redis.up
+        t = time.monotonic()
+        if t < self._next_report and up == self._reported_up:
+            return
+        self._next_report, self._reported_up = t + REPORT_EVERY_S, up
         s = self.cache_stats()
         delta = {k: v - self._reported.get(k, 0) for k, v in s.items()}
         self._reported = s

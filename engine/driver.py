@@ -288,6 +288,8 @@ class Engine:
         ray = self._ray
         rep = ray.get(self._h["hub"].report.remote())
         rep["budget"] = ray.get(self._h["budget"].report.remote())
+        if self._h["cache"] is not None:  # read from the cache itself: the hub's copy is pushed every 0.5 s
+            rep["cache"] = ray.get(self._h["cache"].stats_now.remote())
         return rep
 
     def replay(self, requests: Sequence[Request], *, on_submit=None) -> list[ResultFuture]:
