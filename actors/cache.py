@@ -18,6 +18,7 @@ the fingerprint, of the Redis key and of the near-duplicate class.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Hashable
 
@@ -28,7 +29,7 @@ from actors._types import Job
 from actors.cache_layers import CorruptValue, Entry, LocalBlobStore, MemoryLRU, RedisLayer, decode, encode
 from engine.catalog import default_catalog
 from engine.cost import price_alone
-from engine.features import NEAR_DIM, compat_key, featurize
+from engine.features import NEAR_DIM, compat_key, featurize, featurize_texts
 from engine.grouping import ReuseSettings
 from engine.result import Result
 from engine.reuse import ReuseIndex
@@ -315,14 +316,18 @@ class ResultCache(Warm):
         if todo:
             made = featurize([it.req for it in todo], dim=NEAR_DIM)
             vecs = {**vecs, **{it.req.id: made[k] for k, it in enumerate(todo)}}
-        rows: dict[Hashable, list[Item]] = {}
-        for it in leading:
-            if it.fp not in self.indexed:
-                self.indexed.add(it.fp)
-                rows.setdefault(self._near_key(it), []).append(it)
-        for key, its in rows.items():
-            self.index.add_near(key, np.stack([vecs[it.req.id] for it in its]), [it.fp for it in its],
-                                [it.req.prompt for it in its], [float("inf")] * len(its))
+        self._index_rows([(self._near_key(it), vecs[it.req.id], it.fp, it.req.prompt, math.inf)
+                          for it in {it.fp: it for it in leading}.values()])
+
+    def _index_rows(self, rows: list[tuple[Hashable, np.ndarray, str, str, float]]) -> None:
+        """(near key, vector, fingerprint, text, done) rows into the near index, one call per class."""
+        by_class: dict[Hashable, list[tuple]] = {}
+        for row in rows:
+            by_class.setdefault(row[0], []).append(row)
+        for key, rs in by_class.items():
+            self.index.add_near(key, np.stack([r[1] for r in rs]), [r[2] for r in rs], [r[3] for r in rs],
+                                [r[4] for r in rs])
+        self.indexed.update(r[2] for r in rows)
 
     # -- writing ----------------------------------------------------------------------------------------------
     def _entry(self, item: Item, res: Result) -> Entry:
@@ -332,7 +337,8 @@ class ResultCache(Warm):
             blob = self.blobs.put(output.encode())
             res = res.model_copy(update={"output": None})
             self.stats["blobs"] += 1
-        return Entry(item.fp, res, self._near_key(item) if self.reuse.near else None, item.req.prompt, blob)
+        return Entry(item.fp, res, self._near_key(item) if self.reuse.near else None, item.req.prompt, blob,
+                     dict(item.req.params))
 
     async def complete(self, done: list[tuple[str, Result]]) -> None:
         """Requests finished: store the results that may feed the cache and resolve the requests attached."""
@@ -371,14 +377,8 @@ class ResultCache(Warm):
         todo = [(it, e) for it, e in stored if e.near_key is not None and e.fp not in self.indexed]
         if not todo:
             return
-        self.indexed.update(e.fp for _, e in todo)
         vecs = featurize([it.req for it, _ in todo], dim=NEAR_DIM)
-        by_class: dict[Hashable, list[int]] = {}
-        for k, (_, e) in enumerate(todo):
-            by_class.setdefault(e.near_key, []).append(k)
-        for key, ks in by_class.items():
-            self.index.add_near(key, vecs[ks], [todo[k][1].fp for k in ks], [todo[k][1].text for k in ks],
-                                [todo[k][1].result.done_s or 0.0 for k in ks])
+        self._index_rows([(e.near_key, v, e.fp, e.text, e.result.done_s or 0.0) for (_, e), v in zip(todo, vecs)])
 
     async def orphans(self, fps: list[str]) -> list[Item]:
         """Followers whose leader failed for good: they must be generated after all."""
@@ -408,15 +408,9 @@ class ResultCache(Warm):
         entries.sort(key=lambda e: e.result.done_s or 0.0)
         near = [e for e in entries if e.near_key is not None]
         if near:
-            from engine.features import featurize_texts
-
-            vecs = featurize_texts([e.text for e in near], dim=NEAR_DIM)
-            by_class: dict[Hashable, list[int]] = {}
-            for k, e in enumerate(near):
-                by_class.setdefault(e.near_key, []).append(k)
-            for key, ks in by_class.items():
-                self.index.add_near(key, vecs[ks], [near[k].fp for k in ks], [near[k].text for k in ks],
-                                    [near[k].result.done_s or 0.0 for k in ks])
+            # The same vectors as live requests get: the text and its parameters.
+            vecs = featurize_texts([e.text for e in near], [e.params for e in near], dim=NEAR_DIM)
+            self._index_rows([(e.near_key, v, e.fp, e.text, e.result.done_s or 0.0) for e, v in zip(near, vecs)])
         for e in entries[-self.cfg.memory_max_entries:]:
             self.memory.put(e, self.cfg.ttl_s)
         return len(entries)

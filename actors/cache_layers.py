@@ -45,6 +45,7 @@ class Entry(NamedTuple):
     near_key: Hashable | None = None
     text: str = ""
     blob: str | None = None
+    params: dict | None = None  # the request's parameters: part of its near-duplicate vector
 
     def size(self) -> int:
         return 400 + len(self.text) + len(self.result.output or "")
@@ -56,7 +57,7 @@ def _tuples(x):
 
 def encode(e: Entry) -> bytes:
     return json.dumps({"app": _APP, "v": SCHEMA, "fp": e.fp, "result": e.result.model_dump(mode="json"),
-                       "near_key": e.near_key, "text": e.text, "blob": e.blob},
+                       "near_key": e.near_key, "text": e.text, "blob": e.blob, "params": e.params},
                       separators=(",", ":")).encode()
 
 
@@ -71,8 +72,11 @@ def decode(raw: bytes, fp: str | None = None) -> Entry:
             raise CorruptValue("entry stored under another fingerprint")
         res = Result.model_validate(d["result"])
         nk = d.get("near_key")
+        params = d.get("params")
+        if params is not None and not isinstance(params, dict):
+            raise CorruptValue("params must be an object")
         return Entry(d["fp"], res, _tuples(nk) if nk is not None else None, str(d.get("text", "")),
-                     d.get("blob"))
+                     d.get("blob"), params)
     except CorruptValue:
         raise
     except Exception as exc:  # JSON, schema or type errors: all mean "not ours"
