@@ -139,6 +139,9 @@ def test_identical_concurrent_submits_make_one_provider_call(ray_session):
     prompt = {"model": "gpt-image-1", "prompt": "A lighthouse in a storm, oil painting", "priority": "urgent",
               "deadline_s": 120}
     with Engine.start(speedup=50) as eng:
+        # One arrival time for all: a follower must be due no later than the call it rides on, and threads
+        # stamping their own arrival would order the deadlines by thread scheduling.
+        prompt["arrival_s"] = eng.now()
         futs = [None] * 40
         go = threading.Barrier(40)
 
