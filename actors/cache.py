@@ -74,7 +74,6 @@ class ResultCache(Warm):
         self.stats = {"exact_memory": 0, "exact_redis": 0, "near": 0, "in_flight": 0, "miss": 0,
                       "corrupt": 0, "stale_near": 0, "blobs": 0}
         self._reported: dict[str, int] = {}
-        self._from_redis: set[int] = set()
         self._new_leads: list[Item] = []
         self._next_report = 0.0
         self._reported_up: bool | None = None
@@ -101,16 +100,16 @@ class ResultCache(Warm):
         return self.reuse.near and item.req.reuse == "near"
 
     # -- reading ----------------------------------------------------------------------------------------------
-    async def _fetch(self, pairs: list[tuple[str, str]]) -> list[Entry | None]:
-        """Entries for (scope, fingerprint) pairs: memory first, then one Redis MGET for the rest. Sets
-        ``self._from_redis`` to the positions Redis answered."""
+    async def _fetch(self, pairs: list[tuple[str, str]]) -> tuple[list[Entry | None], set[int]]:
+        """Entries for (scope, fingerprint) pairs: memory first, then one Redis MGET for the rest; and the
+        positions Redis answered. (Returned, not kept on the actor: another lookup may run during the await.)"""
         out: list[Entry | None] = [self.memory.get(fp) for _, fp in pairs]
-        self._from_redis: set[int] = set()
+        from_redis: set[int] = set()
         if self.redis is None:
-            return out
+            return out, from_redis
         todo = [k for k, e in enumerate(out) if e is None]
         if not todo:
-            return out
+            return out, from_redis
         raws = await self.redis.get_many([self.redis.key(*pairs[k]) for k in todo])
         for k, raw in zip(todo, raws):
             if raw is None:
@@ -121,9 +120,9 @@ class ResultCache(Warm):
                 self.stats["corrupt"] += 1
                 continue
             out[k] = e
-            self._from_redis.add(k)
+            from_redis.add(k)
             self.memory.put(e, self.cfg.ttl_s)  # promoted: the next hit on it stays in this process
-        return out
+        return out, from_redis
 
     def _output(self, e: Entry) -> str | None:
         if e.blob is None:
@@ -153,10 +152,10 @@ class ResultCache(Warm):
         hit_items: list[Item] = []
         misses: list[int] = []
         asks = [k for k, it in enumerate(items) if it.req.reuse != "none"]
-        found = await self._fetch([(self._scope(items[k]), items[k].fp) for k in asks]) if self.reuse.exact \
-            else [None] * len(asks)
+        found, from_redis = (await self._fetch([(self._scope(items[k]), items[k].fp) for k in asks])
+                             if self.reuse.exact else ([None] * len(asks), set()))
         entry_of = dict(zip(asks, found))
-        redis_pos = {asks[k] for k in self._from_redis} if self.reuse.exact else set()
+        redis_pos = {asks[k] for k in from_redis}
         near_asks: list[int] = []
         asked_fps: set[str] = set()
         after_near: list[int] = []  # identical to a near ask of this batch: decided once that one is
@@ -167,7 +166,7 @@ class ResultCache(Warm):
                 misses.append(pos)
                 continue
             e = entry_of.get(pos)
-            if e is None and self.reuse.exact:
+            if e is None and self.reuse.exact and self.redis is not None:
                 # Re-read memory: a leader may have completed while this batch waited on Redis, and its
                 # followers are gone with it, so only the stored entry can still spare a second call.
                 e = self.memory.get(item.fp)
@@ -243,7 +242,7 @@ class ResultCache(Warm):
                     matches[k] = (key[0], h.source, h.similarity)
         out: list[Result | None] = [None] * len(items)
         ks = list(matches)
-        entries = await self._fetch([(matches[k][0], matches[k][1]) for k in ks]) if ks else []
+        entries = (await self._fetch([(matches[k][0], matches[k][1]) for k in ks]))[0] if ks else []
         for k, e in zip(ks, entries):
             it = items[k]
             if e is None:
