@@ -71,8 +71,18 @@ def test_live_engine_agrees_with_the_simulator(ray_session):
     assert live_cost == pytest.approx(sim.total_cost, rel=0.02)
     live_modes = collections.Counter(r.mode for r in results)
     sim_modes = collections.Counter(MODES[m] for m in sim.mode)
+    # Timing noise moves whole batches: a batch submitted a few engine seconds later falls in another
+    # turnaround slot (the live clock runs 100x, so 20 ms of actor latency is 2 s) and lands on time or
+    # hedges to sync. So sync and batch_api may differ by up to one batch-API batch besides the 5 %.
+    one_batch = max(collections.Counter(r.batch_id for r in results if r.mode == "batch_api").values(), default=0)
     for mode in MODES:
-        assert abs(live_modes[mode] - sim_modes[mode]) <= max(3, 0.05 * sim_modes[mode]), (live_modes, sim_modes)
+        slack = one_batch if mode in ("sync", "batch_api") else 0
+        assert abs(live_modes[mode] - sim_modes[mode]) <= max(3, 0.05 * sim_modes[mode]) + slack, \
+            (live_modes, sim_modes)
+    # The text lane as a whole (batch or its sync hedge) still agrees within 5 %.
+    text = ("sync", "batch_api")
+    assert abs(sum(live_modes[m] for m in text) - sum(sim_modes[m] for m in text)) <= max(
+        3, 0.05 * sum(sim_modes[m] for m in text)), (live_modes, sim_modes)
     met_live = sum(bool(r.deadline_met) for r in results) / len(results)
     assert met_live == pytest.approx(sim.met.mean(), abs=0.01)
 
