@@ -23,6 +23,7 @@ class Job(NamedTuple):
     fp: str
     attempts: int = 0
     hedges: int = 0
+    claim: str | None = None  # the budget reservation this dispatch holds, settled when it ends
 
 
 class BatchJob(NamedTuple):
@@ -33,7 +34,6 @@ class BatchJob(NamedTuple):
     recommendation: str
     reason: str
     jobs: list[Job]
-    reserved_usd: float
 
 
 def send_sharded(groupers: list, jobs: list[Job]) -> None:

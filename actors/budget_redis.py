@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import math
 
-from engine.budgets import BudgetSpec, Claim, Throttle, Verdict, verdict_of, window_bounds
+from engine.budgets import BudgetSpec, Claim, Refusal, Throttle, Verdict, verdict_of, window_bounds
 
 __all__ = ["RedisBudgetBook"]
+
+_SEP = "\x1f"  # joins tenant, provider and model in the spend hash (a character no name contains)
 
 _RESERVE = """
 local prefix = ARGV[1]
@@ -29,13 +31,16 @@ for c = 1, n do
   for j = 0, nk - 1 do
     local h = prefix .. ':w:' .. ARGV[i + 3 * j]
     local limit = tonumber(ARGV[i + 3 * j + 1])
-    local used = tonumber(redis.call('HGET', h, 'spent') or '0') + tonumber(redis.call('HGET', h, 'reserved') or '0')
+    local spent = tonumber(redis.call('HGET', h, 'spent') or '0')
+    local used = spent + tonumber(redis.call('HGET', h, 'reserved') or '0')
     if used + amount > limit * frac + 1e-9 then
-      refused[#refused + 1] = tostring(j + 1) .. ':' .. tostring(limit - used)
+      local fits = (spent + amount <= limit * frac + 1e-9) and '1' or '0'
+      refused[#refused + 1] = tostring(j + 1) .. ':' .. tostring(limit - used) .. ':' .. fits
     end
   end
   if #refused == 0 and nk > 0 then
     local claim = prefix .. ':c:' .. rid
+    redis.call('HSET', claim, '_who', ARGV[i + 3 * nk])
     for j = 0, nk - 1 do
       local k, ttl = ARGV[i + 3 * j], tonumber(ARGV[i + 3 * j + 2])
       local h = prefix .. ':w:' .. k
@@ -46,7 +51,7 @@ for c = 1, n do
     redis.call('EXPIRE', claim, 30 * 86400)
   end
   out[c] = table.concat(refused, ',')
-  i = i + 3 * nk
+  i = i + 3 * nk + 1
 end
 return out
 """
@@ -59,9 +64,13 @@ for c = 0, n - 1 do
   local actual = tonumber(ARGV[4 + 2 * c])
   local kv = redis.call('HGETALL', claim)
   for j = 1, #kv, 2 do
-    local h = prefix .. ':w:' .. kv[j]
-    redis.call('HINCRBYFLOAT', h, 'reserved', -tonumber(kv[j + 1]))
-    redis.call('HINCRBYFLOAT', h, 'spent', actual)
+    if kv[j] == '_who' then
+      redis.call('HINCRBYFLOAT', prefix .. ':spend', kv[j + 1], actual)
+    else
+      local h = prefix .. ':w:' .. kv[j]
+      redis.call('HINCRBYFLOAT', h, 'reserved', -tonumber(kv[j + 1]))
+      redis.call('HINCRBYFLOAT', h, 'spent', actual)
+    end
   end
   redis.call('DEL', claim)
 end
@@ -99,11 +108,12 @@ class RedisBudgetBook:
                 end = window_bounds(s.budget_duration, now)[1]
                 ttl = 0 if end == math.inf else int(end - now) + 86400
                 args += [s.key(now), repr(float(s.max_budget)), ttl]
+            args.append(_SEP.join((c.tenant, c.provider, c.model)))
         raw = await self._reserve(args=args)
         out = []
         for c, touched, r in zip(claims, touched_all, raw):
             text = r.decode() if isinstance(r, bytes) else r
-            refusals = [(touched[int(j) - 1], float(rem)) for j, rem in
+            refusals = [Refusal(touched[int(j) - 1], float(rem), fits == "1") for j, rem, fits in
                         (part.split(":") for part in text.split(",") if part)]
             out.append(verdict_of(refusals, c.priority, now))
         return out
@@ -115,6 +125,25 @@ class RedisBudgetBook:
         for rid, actual in items:
             args += [rid, repr(float(actual))]
         await self._settle(args=args)
+
+    async def spend_report(self) -> list[dict]:
+        """Settled spend per tenant, provider and model, over every engine sharing this Redis."""
+        h = await self.client.hgetall(f"{self.prefix}:spend")
+        rows = []
+        for k, v in h.items():
+            t, p, m = (k.decode() if isinstance(k, bytes) else k).split(_SEP)
+            rows.append({"tenant": t, "provider": p, "model": m, "spent_usd": round(float(v), 6)})
+        return sorted(rows, key=lambda r: (r["tenant"], r["provider"], r["model"]))
+
+    async def report(self, now: float) -> list[dict]:
+        """Each budget's current window, as ``BudgetBook.report``."""
+        from engine.budgets import window_row
+
+        rows = []
+        for s in self.specs:
+            spent, reserved = await self.window(s, now)
+            rows.append(window_row(s, s.key(now), spent, reserved))
+        return rows
 
     async def window(self, spec: BudgetSpec, now: float) -> tuple[float, float]:
         """(spent, reserved) of ``spec``'s window at ``now``."""

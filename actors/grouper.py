@@ -1,6 +1,11 @@
 """The similarity grouper: runs the policy over open groups (the same ``GroupTable`` the simulator uses) and
 sends each dispatch, after its budget reservation, to the provider's dispatcher.
 
+Budgets: each member reserves the upper bound of its dispatch (``reserve_bound``). A member refused because
+open reservations hold the budget waits here and tries again every ``PARK_RETRY_S`` engine seconds (until its
+deadline, then it is rejected); one deferred to the next window is re-added then; one refused outright
+resolves as ``rejected`` with ``budget_exhausted`` and what the budget has left.
+
 Shardable by compatibility key: the driver routes each request to one grouper by a hash of its key, so
 several groupers can split the load and a group never spans two of them.
 """
@@ -12,18 +17,23 @@ import itertools
 
 from actors._peer import Warm, as_peer
 from actors._types import BatchJob, Job
+from engine.budgets import Claim
 from engine.catalog import Catalog
-from engine.cost import price_alone
+from engine.cost import reserve_bound
 from engine.features import compat_key
+from engine.grouping import Decision
 from engine.result import Result
 from engine.scheduler import Dispatch, GroupTable, Wake
 
 __all__ = ["Grouper"]
 
+PARK_RETRY_S = 1.0
+
 
 class Grouper(Warm):
     def __init__(self, policy, catalog: Catalog, clock, dispatchers: dict, budget, hub,
-                 name: str = "g0", budget_limited: bool = True):
+                 name: str = "g0", budget_limited: bool = True, *, max_attempts: int = 4,
+                 reserve_model_max: bool = True):
         self.policy = policy
         self.catalog = catalog
         self.clock = clock
@@ -32,6 +42,11 @@ class Grouper(Warm):
         self.hub = as_peer(hub)
         self.name = name
         self.budget_limited = budget_limited
+        self.max_attempts = max_attempts
+        self.reserve_model_max = reserve_model_max
+        self.parked: dict[str, Job] = {}  # waiting for open reservations to settle
+        self._park_timer: asyncio.TimerHandle | None = None
+        self._claims = itertools.count()
         self.table = GroupTable(policy, catalog)
         self.pending: dict[str, Job] = {}
         self._bids = itertools.count()
@@ -52,6 +67,11 @@ class Grouper(Warm):
         failed: list[Result] = []
         for job in jobs:
             self.pending[job.req.id] = job
+            if job.hedges >= self.max_attempts:
+                # Progress guard (as in the simulator): a request hedged this often is sent sync now.
+                dispatches.append(Dispatch(Decision("dispatch", mode="sync", reason="hedged too often"),
+                                           [job.req]))
+                continue
             try:
                 ds, wake = self.table.add(job.req, compat_key(job.req), now)
             except Exception as exc:  # a policy failure fails its requests, never the engine
@@ -64,10 +84,10 @@ class Grouper(Warm):
             await self.hub.call("push", failed, [0.0] * len(failed))
         await self._send(dispatches)
 
-    def _failed(self, job: Job, error: str, status: str = "failed") -> Result:
+    def _failed(self, job: Job, error: str, status: str = "failed", reason: str = "") -> Result:
         r = job.req
         return Result(id=r.id, status=status, provider=r.provider, model=r.model, arrival_s=r.arrival_s,
-                      done_s=self.clock.now(), deadline_met=False, error=error)
+                      done_s=self.clock.now(), deadline_met=False, error=error, reason=reason)
 
     def _schedule(self, wake: Wake | None) -> None:
         if wake is None:
@@ -98,34 +118,96 @@ class Grouper(Warm):
     async def _send(self, dispatches: list[Dispatch]) -> None:
         if not dispatches:
             return
+        now = self.clock.now()
         batches: list[BatchJob] = []
         for d in dispatches:
             jobs = [self.pending.pop(r.id) for r in d.members]
-            # Reserve the list price of each member alone: no mode or cache state bills more than that.
-            est = sum(price_alone(j.req, self.catalog, "sync").total for j in jobs)
             dec = d.decision
             batches.append(BatchJob(f"{self.name}-{next(self._bids)}", dec.mode, dec.hedge_at, dec.cache_write,
-                                    dec.recommendation, dec.reason, jobs, est))
-        if self.budget_limited:
-            allowed = await self.budget.call("reserve_many", [(b.bid, b.reserved_usd) for b in batches])
-        else:  # no limit: nothing can be refused, so urgent work does not wait for a round trip
-            allowed = [True] * len(batches)
+                                    dec.recommendation, dec.reason, jobs))
         refused: list[Result] = []
+        if self.budget_limited:
+            batches = await self._reserve(batches, now, refused)
         per_provider: dict[str, list[BatchJob]] = {}
-        for b, ok in zip(batches, allowed):
-            if ok:
-                self.dispatched += len(b.jobs)
-                per_provider.setdefault(b.jobs[0].req.provider, []).append(b)
-            else:
-                refused.extend(self._failed(j, "budget_exhausted", status="rejected") for j in b.jobs)
+        for b in batches:
+            self.dispatched += len(b.jobs)
+            per_provider.setdefault(b.jobs[0].req.provider, []).append(b)
         for provider, part in per_provider.items():  # one call per dispatcher, however many dispatches
             self.dispatchers[provider].send("run_many", part)
         if refused:
             await self.hub.call("push", refused, [0.0] * len(refused))
+
+    async def _reserve(self, batches: list[BatchJob], now: float, refused: list[Result]) -> list[BatchJob]:
+        """Reserve every member's upper bound in one call; keep the members that may go."""
+        claims: list[Claim] = []
+        for b in batches:
+            # A batch hedged before it starts goes sync (the dispatcher does so), at the sync price.
+            mode = "sync" if b.mode == "batch_api" and b.hedge_at is not None and b.hedge_at <= now else b.mode
+            for j in b.jobs:
+                r = j.req
+                amount = reserve_bound(r, self.catalog, mode, None if self.reserve_model_max else r.output_tokens)
+                claims.append(Claim(f"{r.id}#{self.name}-{next(self._claims)}", r.tenant, r.provider, r.model,
+                                    r.priority, amount))
+        verdicts = await self.budget.call("reserve_many", claims)
+        out: list[BatchJob] = []
+        k = 0
+        for b in batches:
+            keep = []
+            for j in b.jobs:
+                c, v = claims[k], verdicts[k]
+                k += 1
+                if v.ok:
+                    keep.append(j._replace(claim=c.rid))
+                elif v.reason == "wait":
+                    self.parked[j.req.id] = j
+                elif v.reason == "deferred" and v.retry_at <= j.req.deadline_at:
+                    self._later(v.retry_at, [j])
+                else:
+                    why = (f"budget {v.budget} has ${v.remaining_usd:.6f} left" if v.reason == "budget_exhausted"
+                           else f"budget {v.budget} resets at t={v.retry_at:.0f}s, after the deadline")
+                    refused.append(self._failed(j, "budget_exhausted", status="rejected", reason=why))
+            if keep:
+                out.append(b._replace(jobs=keep))
+        if self.parked and self._park_timer is None:
+            self._park_timer = asyncio.get_running_loop().call_later(
+                self.clock.real_delay(PARK_RETRY_S), self._retry_parked)
+        return out
+
+    def _later(self, at: float, jobs: list[Job]) -> None:
+        """Re-add ``jobs`` to the policy at engine time ``at`` (a deferral to the next budget window)."""
+        loop = asyncio.get_running_loop()
+
+        def fire() -> None:
+            self._timers.discard(handle)
+            task = loop.create_task(self.add(jobs))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        handle = loop.call_later(self.clock.real_delay(at - self.clock.now()), fire)
+        self._timers.add(handle)
+
+    def _retry_parked(self) -> None:
+        self._park_timer = None
+        now = self.clock.now()
+        jobs, self.parked = list(self.parked.values()), {}
+        late = [j for j in jobs if j.req.deadline_at <= now]
+        again = [j for j in jobs if j.req.deadline_at > now]
+        loop = asyncio.get_running_loop()
+        if late:
+            task = loop.create_task(self.hub.call("push", [self._failed(
+                j, "budget_exhausted", status="rejected",
+                reason="open reservations held the budget until the deadline") for j in late], [0.0] * len(late)))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        if again:
+            task = loop.create_task(self.add(again))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def set_dispatchers(self, dispatchers: dict) -> None:
         """Dispatchers need this grouper's handle and it needs theirs: the engine wires them after creation."""
         self.dispatchers = {k: as_peer(v) for k, v in dispatchers.items()}
 
     async def stats(self) -> dict:
-        return {"pending": len(self.pending), "groups": len(self.table.groups), "dispatched": self.dispatched}
+        return {"pending": len(self.pending), "groups": len(self.table.groups), "dispatched": self.dispatched,
+                "parked": len(self.parked)}

@@ -74,10 +74,8 @@ class ResultHub(Warm):
         for mode, waits, in_flight in observed:
             self.metrics.observe_dispatch(provider, mode, waits, in_flight)
 
-    async def observe_budget(self, spent_usd: float, remaining_usd: float | None) -> None:
-        self.metrics.budget_spent.set(spent_usd)
-        if remaining_usd is not None:
-            self.metrics.budget_remaining.set(remaining_usd)
+    async def observe_budget(self, rows: list[dict], refusals: dict[str, int]) -> None:
+        self.metrics.observe_budget(rows, refusals)
 
     async def observe_cache(self, delta: dict, now: dict) -> None:
         self.metrics.observe_cache(delta, now)

@@ -31,11 +31,17 @@ class EngineMetrics:
                                     ["provider"], buckets=_SECONDS, registry=r)
         self.e2e_s = Histogram("smartbatch_end_to_end_seconds", "Engine seconds from arrival to result",
                                ["provider"], buckets=_SECONDS, registry=r)
-        self.budget_remaining = Gauge("smartbatch_budget_remaining_usd",
-                                      "Budget limit minus spend and open reservations (absent without a limit)",
-                                      registry=r)
-        self.budget_spent = Gauge("smartbatch_budget_spent_usd", "Settled spend counted by the budget controller",
-                                  registry=r)
+        self.budget_limit = Gauge("smartbatch_budget_limit_usd", "Hard limit of each budget (max_budget)",
+                                  ["budget"], registry=r)
+        self.budget_spent = Gauge("smartbatch_budget_spent_usd", "Settled spend in each budget's current window",
+                                  ["budget"], registry=r)
+        self.budget_reserved = Gauge("smartbatch_budget_reserved_usd", "Open reservations in each budget's "
+                                     "current window", ["budget"], registry=r)
+        self.budget_remaining = Gauge("smartbatch_budget_remaining_usd", "Limit minus spend and open "
+                                      "reservations, per budget", ["budget"], registry=r)
+        self.budget_refusals = Counter("smartbatch_budget_refusals", "Reservations refused, by reason (wait, "
+                                       "deferred, budget_exhausted)", ["reason"], registry=r)
+        self._refusals_seen: dict[str, int] = {}
         self.cache_lookups = Counter("smartbatch_cache_lookups", "Cache lookups by result (exact_memory, "
                                      "exact_redis, near, in_flight, miss)", ["result"], registry=r)
         self.cache_redis_up = Gauge("smartbatch_cache_redis_up", "1 while the cache reaches Redis, 0 while it "
@@ -95,6 +101,19 @@ class EngineMetrics:
         for w in waits:
             child.observe(max(w, 0.0))
         self.queue.labels(provider).set(in_flight)
+
+    def observe_budget(self, rows: list[dict], refusals: dict[str, int]) -> None:
+        for row in rows:
+            b = row["budget"]
+            self.budget_limit.labels(b).set(row["max_budget"])
+            self.budget_spent.labels(b).set(row["spent_usd"])
+            self.budget_reserved.labels(b).set(row["reserved_usd"])
+            self.budget_remaining.labels(b).set(row["remaining_usd"])
+        for reason, n in refusals.items():  # totals arrive; the counter takes what is new
+            new = n - self._refusals_seen.get(reason, 0)
+            if new > 0:
+                self.budget_refusals.labels(reason).inc(new)
+                self._refusals_seen[reason] = n
 
     def observe_cache(self, delta: dict, now: dict) -> None:
         for k in ("exact_memory", "exact_redis", "near", "in_flight", "miss"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ray
 
-from actors.budget import BudgetLedger
+from actors.budget import BudgetController
 from actors.cache import ResultCache
 from actors.dispatcher import Dispatcher
 from actors.grouper import Grouper
@@ -25,17 +25,20 @@ def provider_resource(provider: str) -> str:
     return f"provider:{provider}"
 
 
-def start_actors(policy, catalog, settings, clock, *, seed: int, budget_usd: float | None,
-                 num_groupers: int = 1) -> dict:
+def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: int = 1) -> dict:
     """Create and wire the actors; ``clock()`` makes the engine clock once they are all up."""
+    from engine.providers import check_fallbacks
+
+    check_fallbacks(catalog, settings.resilience)
     hub = ray.remote(ResultHub).options(**_OPTS).remote()
-    budget = ray.remote(BudgetLedger).options(**_OPTS).remote(budget_usd, hub)
+    budgets = settings.budgets
+    budget = ray.remote(BudgetController).options(**_OPTS).remote(budgets, hub)
     reuse = policy.reuse
     cache = (ray.remote(ResultCache).options(**_OPTS).remote(reuse, hub, None, catalog, settings)
              if (reuse.exact or reuse.in_flight or reuse.near) else None)
-    groupers = [ray.remote(Grouper).options(**_OPTS).remote(policy, catalog, None, {}, budget, hub, f"g{k}",
-                                                            budget_usd is not None)
-                for k in range(num_groupers)]
+    groupers = [ray.remote(Grouper).options(**_OPTS).remote(
+        policy, catalog, None, {}, budget, hub, f"g{k}", bool(budgets.specs), max_attempts=settings.sim.max_attempts,
+        reserve_model_max=budgets.reserve_output == "model_max") for k in range(num_groupers)]
     cluster = ray.cluster_resources()
     dispatchers = {}
     for name in catalog.providers:
@@ -43,7 +46,7 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, budget_usd: flo
         if provider_resource(name) in cluster:
             opts["resources"] = {provider_resource(name): 0.001}
         dispatchers[name] = ray.remote(Dispatcher).options(**opts).remote(
-            name, catalog, settings, seed, None, groupers, hub, cache, budget)
+            name, catalog, settings, seed, None, groupers, hub, cache, budget, policy.scheduling)
     ray.get([g.set_dispatchers.remote(dispatchers) for g in groupers])
     ingest = ray.remote(Ingest).options(**_OPTS).remote(groupers, cache, settings.cache.share_across_tenants)
     everything = [ingest, *groupers, *dispatchers.values(), budget, hub] + ([cache] if cache else [])
@@ -52,5 +55,8 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, budget_usd: flo
         ray.get(cache.warm_from_redis.remote())  # a restarted engine finds its near duplicates again
     clock = clock()
     ray.get([a.set_clock.remote(clock) for a in [*groupers, *dispatchers.values()] + ([cache] if cache else [])])
+    # At real speed, budget windows follow the calendar; a time-compressed replay budgets on trace time.
+    real_time = clock.speedup == 1.0 and clock.offset == 0.0
+    ray.get(budget.set_clock.remote(clock, clock.epoch if real_time else 0.0))
     return {"clock": clock, "ingest": ingest, "groupers": groupers, "dispatchers": dispatchers, "budget": budget, "hub": hub,
             "cache": cache, "all": everything}

@@ -10,7 +10,9 @@ one set of rules:
 * A reservation is checked against every spec that covers it: it passes only if, in each, what is spent plus
   what is reserved plus it stays within the limit scaled by the request's priority (``Throttle``):
   background work stops at 80 % of the limit, normal at 95 %, urgent at 100 %. Past its threshold a
-  request is deferred to the next window when the window resets, else rejected (``budget_exhausted``).
+  request *waits* when the spend alone leaves room (open reservations hold the rest, and settling releases
+  what the upper-bound estimates overstated), is *deferred* to the next window when the window resets (never
+  urgent work: that is what the last 5 % are for), and is otherwise rejected (``budget_exhausted``).
 * Settling records the actual cost in the windows the reservation was made in and releases the rest.
 """
 
@@ -24,8 +26,8 @@ from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["BudgetBook", "BudgetSpec", "Claim", "Throttle", "Verdict", "parse_duration", "verdict_of",
-           "window_bounds"]
+__all__ = ["BudgetBook", "BudgetSettings", "BudgetSpec", "Claim", "Refusal", "Throttle", "Verdict",
+           "parse_duration", "verdict_of", "window_bounds", "window_row"]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|mo)\s*$")
 _UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -85,7 +87,8 @@ class BudgetSpec(BaseModel):
     def name(self) -> str:
         parts = [f"{k}={v}" for k, v in (("tenant", self.tenant), ("provider", self.provider),
                                           ("model", self.model)) if v is not None]
-        return ",".join(parts) or "global"
+        base = ",".join(parts) or "global"
+        return f"{base}/{self.budget_duration}" if self.budget_duration else base
 
     def covers(self, tenant: str, provider: str, model: str) -> bool:
         return ((self.tenant is None or self.tenant == tenant) and (self.provider is None or self.provider == provider)
@@ -128,22 +131,36 @@ class Claim(NamedTuple):
 
 class Verdict(NamedTuple):
     ok: bool
-    reason: str | None = None  # "budget_exhausted" or "deferred"
+    reason: str | None = None  # "wait" (for reservations to settle), "deferred" or "budget_exhausted"
     retry_at: float | None = None  # deferred: when the blocking window resets
     remaining_usd: float | None = None  # of the tightest covering budget, for the rejection message
     budget: str | None = None  # the spec that refused
 
 
-def verdict_of(refusals: list[tuple[BudgetSpec, float]], priority: str, now: float) -> Verdict:
-    """The verdict on a claim given the specs that refuse it and what each has left. A rejection outranks a
-    deferral (waiting cannot help when some budget never resets); among deferrals the latest reset wins."""
+class Refusal(NamedTuple):
+    spec: BudgetSpec
+    remaining: float  # limit - spent - reserved
+    fits_settled: bool  # the claim would pass on the spend alone, were every open reservation released
+
+
+_RANK = {"wait": 0, "deferred": 1, "budget_exhausted": 2}
+
+
+def verdict_of(refusals: list[Refusal], priority: str, now: float) -> Verdict:
+    """The verdict on a claim given the specs that refuse it. The worst refusal decides: a rejection outranks
+    a deferral (waiting for a reset cannot help when some budget never resets), which outranks waiting for
+    open reservations; among deferrals the latest reset wins."""
     worst: Verdict | None = None
-    for s, remaining in refusals:
+    for s, remaining, fits_settled in refusals:
         end = window_bounds(s.budget_duration, now)[1]
         rem = max(remaining, 0.0)
-        v = (Verdict(False, "deferred", end, rem, s.name) if priority != "urgent" and end < math.inf
-             else Verdict(False, "budget_exhausted", None, rem, s.name))
-        if worst is None or (v.reason == "budget_exhausted" and worst.reason != "budget_exhausted") or (
+        if fits_settled:
+            v = Verdict(False, "wait", None, rem, s.name)
+        elif priority != "urgent" and end < math.inf:
+            v = Verdict(False, "deferred", end, rem, s.name)
+        else:
+            v = Verdict(False, "budget_exhausted", None, rem, s.name)
+        if worst is None or _RANK[v.reason] > _RANK[worst.reason] or (
                 v.reason == worst.reason == "deferred" and v.retry_at > worst.retry_at):
             worst = v
     return worst or Verdict(True)
@@ -158,7 +175,9 @@ class BudgetBook:
         self.throttle = throttle
         self.spent: dict[str, float] = {}
         self.reserved: dict[str, float] = {}
-        self.claims: dict[str, list[tuple[str, float]]] = {}  # rid -> [(window key, amount)]
+        self.claims: dict[str, tuple[tuple[str, str, str], list[tuple[str, float]]]] = {}  # rid -> (who, windows)
+        self.spend: dict[tuple[str, str, str], float] = {}  # (tenant, provider, model) -> settled USD
+        self.by_name = {s.name: s for s in self.specs}
 
     def __repr__(self) -> str:
         return (f"BudgetBook(specs={len(self.specs)}, open={len(self.claims)}, "
@@ -172,9 +191,11 @@ class BudgetBook:
         frac = self.throttle.of(c.priority)
         refusals = []
         for s, k in touched:
-            used = self.spent.get(k, 0.0) + self.reserved.get(k, 0.0)
-            if used + c.amount > s.max_budget * frac + EPS:
-                refusals.append((s, s.max_budget - used))
+            spent = self.spent.get(k, 0.0)
+            used = spent + self.reserved.get(k, 0.0)
+            limit = s.max_budget * frac
+            if used + c.amount > limit + EPS:
+                refusals.append(Refusal(s, s.max_budget - used, spent + c.amount <= limit + EPS))
         return touched, verdict_of(refusals, c.priority, now)
 
     def reserve_many(self, claims: list[Claim], now: float) -> list[Verdict]:
@@ -182,7 +203,7 @@ class BudgetBook:
         for c in claims:
             touched, v = self.plan(c, now)
             if v.ok:
-                self.claims[c.rid] = [(k, c.amount) for _, k in touched]
+                self.claims[c.rid] = ((c.tenant, c.provider, c.model), [(k, c.amount) for _, k in touched])
                 for _, k in touched:
                     self.reserved[k] = self.reserved.get(k, 0.0) + c.amount
             out.append(v)
@@ -192,17 +213,62 @@ class BudgetBook:
         """(claim id, actual cost): record it in the windows the claim reserved in, release the reservation.
         An unknown id (never reserved, or settled already) changes nothing, so a repeat is harmless."""
         for rid, actual in items:
-            for k, amount in self.claims.pop(rid, ()):
+            entry = self.claims.pop(rid, None)
+            if entry is None:
+                continue
+            who, windows = entry
+            self.spend[who] = self.spend.get(who, 0.0) + actual
+            for k, amount in windows:
                 self.reserved[k] = self.reserved.get(k, 0.0) - amount
                 self.spent[k] = self.spent.get(k, 0.0) + actual
 
     def report(self, now: float) -> list[dict]:
-        rows = []
-        for s in self.specs:
-            k = s.key(now)
-            spent, reserved = self.spent.get(k, 0.0), self.reserved.get(k, 0.0)
-            rows.append({"budget": s.name, "window": k.split("@")[1], "max_budget": s.max_budget,
-                         "soft_budget": s.soft_budget, "spent_usd": round(spent, 6), "reserved_usd": round(reserved, 6),
-                         "remaining_usd": round(s.max_budget - spent - reserved, 6),
-                         "soft_exceeded": s.soft_budget is not None and spent > s.soft_budget})
-        return rows
+        """Each budget's current window."""
+        return [window_row(s, s.key(now), self.spent.get(s.key(now), 0.0), self.reserved.get(s.key(now), 0.0))
+                for s in self.specs]
+
+    def windows(self) -> list[dict]:
+        """Every window any budget has spent or reserved in, oldest first."""
+        keys = sorted(set(self.spent) | set(self.reserved), key=lambda k: (float(k.rsplit("@", 1)[1]), k))
+        return [window_row(self.by_name[k.rsplit("@", 1)[0]], k, self.spent.get(k, 0.0), self.reserved.get(k, 0.0))
+                for k in keys]
+
+    def overrun_usd(self) -> float:
+        """Spend past the hard limit, summed over every window (the invariant says 0)."""
+        return sum(max(r["spent_usd"] - r["max_budget"], 0.0) for r in self.windows())
+
+    def spend_report(self) -> list[dict]:
+        """Settled spend per tenant, provider and model."""
+        return [{"tenant": t, "provider": p, "model": m, "spent_usd": round(v, 6)}
+                for (t, p, m), v in sorted(self.spend.items())]
+
+
+def window_row(s: BudgetSpec, key: str, spent: float, reserved: float) -> dict:
+    return {"budget": s.name, "window": key.rsplit("@", 1)[1], "budget_duration": s.budget_duration,
+            "max_budget": s.max_budget, "soft_budget": s.soft_budget, "spent_usd": round(spent, 6),
+            "reserved_usd": round(reserved, 6), "remaining_usd": round(s.max_budget - spent - reserved, 6),
+            "soft_exceeded": s.soft_budget is not None and spent > s.soft_budget}
+
+
+class BudgetSettings(BaseModel):
+    """Budgets of an engine or a simulation (``SMARTBATCH_BUDGETS__SPECS='[{"tenant": "acme",
+    "max_budget": 50, "budget_duration": "1d"}]'``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    specs: tuple[BudgetSpec, ...] = ()
+    throttle: Throttle = Throttle()
+    reserve_output: Literal["model_max", "request"] = Field(
+        default="model_max",
+        description="output tokens a reservation assumes: the model's maximum (the hard limit holds whatever "
+                    "the output), or the request's output_tokens (only when it is sent as max_tokens)")
+    redis_url: str | None = Field(default=None, description="share the budgets with other engines through "
+                                                          "this Redis (None: this engine alone)")
+    redis_prefix: str = Field(default="smartbatch:budget", min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> BudgetSettings:
+        names = [s.name for s in self.specs]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"budgets.specs: two budgets cover {sorted(dup)}; merge them into one")
+        return self

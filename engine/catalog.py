@@ -171,6 +171,8 @@ class ModelSpec(_Frozen):
     default_size: str | None = None
     default_resolution: str | None = None
     default_duration_s: float = Field(default=5.0, gt=0)
+    # limits of this model alone (providers such as OpenAI limit per model); None: it shares the provider's
+    rate_limits: RateLimits | None = None
 
     @model_validator(mode="after")
     def _priced(self) -> ModelSpec:
@@ -194,6 +196,9 @@ class ModelSpec(_Frozen):
 class ProviderSpec(_Frozen):
     name: str = ""
     failure_rate: float = Field(ge=0, lt=1)
+    throttled_share: float = Field(default=0.5, ge=0, le=1,
+                                   description="share of failures that are 429s (the rest are 5xx)")
+    retry_after_s: float = Field(default=10.0, ge=0, description="the Retry-After of this provider's 429s")
     rate_limits: RateLimits
     sync_latency: Latency
     media_latency: MediaLatency | None = None

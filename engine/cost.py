@@ -25,6 +25,7 @@ __all__ = [
     "price_alone",
     "price_batch",
     "price_text",
+    "reserve_bound",
 ]
 
 Mode = Literal["sync", "batch_api", "gpu_batch", "reuse"]
@@ -152,6 +153,27 @@ def price_alone(req: Request, catalog: Catalog, mode: Mode = "sync", *, warm_blo
     f = 1.0 - provider.batch_api.discount if mode == "batch_api" and provider.batch_api else 1.0
     p = f * _media_list_price(spec, req.params)
     return Price(p, media=p)
+
+
+def reserve_bound(req: Request, catalog: Catalog, mode: Mode, output_tokens: int | None = None) -> float:
+    """An upper bound of what ``req`` can be billed when dispatched in ``mode``: what a budget reserves.
+
+    Text: every input token at the dearer of the plain and cache-write prices (a cache read only lowers the
+    bill), and ``output_tokens`` (default: the model's maximum output) at the output price; the batch API's
+    discount applies to both. Media: the price alone, which for GPU-priced work is one warm-up per job, the
+    most a GPU batch share can cost.
+    """
+    provider = catalog.provider(req.provider)
+    spec = catalog.model(req.provider, req.model)
+    if mode == "reuse":
+        return 0.0
+    if spec.kind != "text":
+        return price_alone(req, catalog, "sync" if mode == "gpu_batch" else mode).total
+    f = 1.0 - provider.batch_api.discount if mode == "batch_api" and provider.batch_api else 1.0
+    pc = provider.prompt_cache
+    w = max(1.0, pc.write_multiplier) if pc is not None and (mode != "batch_api" or pc.stacks_with_batch) else 1.0
+    out = spec.max_output_tokens if output_tokens is None else output_tokens
+    return f * (spec.input_per_mtok * w * req.input_tokens + spec.output_per_mtok * out) * _M  # type: ignore[operator]
 
 
 def _marks(reqs: Sequence[Request]) -> list[int]:

@@ -1,7 +1,7 @@
 """Everything random in a simulation, drawn up front from one seed.
 
 Draws are keyed by what they describe, never by the order a policy happens to ask: attempt ``k`` of request
-``i`` fails iff ``fail_u[i, k] < failure_rate``; its latency noise is ``lat_z[i, k]``; a batch submitted to
+``i`` fails iff ``fail_u[i, k] < failure_rate``; its latency noise is ``lat_z[i, k]``, its backoff jitter ``jit_u[i, k]``; a batch submitted to
 provider ``p`` at time ``t`` takes ``turnaround(p, t)``, one draw per slot of ``batch_slot_s`` seconds (the
 provider's batch queue load at that time). So every policy faces the same world, and the offline lower bound
 can use the same draws with hindsight.
@@ -27,9 +27,11 @@ class Draws:
         # were drawn for the whole trace at once (simulator) or grown as requests arrive (live engine).
         self._fail_gen = np.random.default_rng([seed, 1])
         self._lat_gen = np.random.default_rng([seed, 3])
+        self._jit_gen = np.random.default_rng([seed, 4])
         self.max_attempts = max_attempts
         self.fail_u = np.empty((0, max_attempts))
         self.lat_z = np.empty((0, max_attempts))
+        self.jit_u = np.empty((0, max_attempts))  # backoff jitter of a retry after attempt k
         self.ensure(n_requests)
         self.seed = seed
         self.slot_s = slot_s
@@ -45,6 +47,7 @@ class Draws:
         rows = -(-(n_requests - have) // _CHUNK) * _CHUNK
         self.fail_u = np.concatenate([self.fail_u, self._fail_gen.random((rows, self.max_attempts))])
         self.lat_z = np.concatenate([self.lat_z, self._lat_gen.standard_normal((rows, self.max_attempts))])
+        self.jit_u = np.concatenate([self.jit_u, self._jit_gen.random((rows, self.max_attempts))])
 
     def _ensure(self, provider: str, ba: BatchApi, n_slots: int) -> np.ndarray:
         arr = self._slots.get(provider)

@@ -21,7 +21,7 @@ from engine.catalog import Catalog, load_catalog
 from engine.errors import ConfigError, TraceError
 from engine.request import Request, validation_context
 from engine.result import Result
-from engine.settings import Settings
+from engine.settings import Settings, with_budget
 
 __all__ = ["Engine", "ResultFuture"]
 
@@ -114,9 +114,10 @@ class Engine:
             started = True
         from engine.clock import ScaledClock
 
+        if budget_usd is not None:
+            settings = with_budget(settings, budget_usd)
         handles = start_actors(pol, catalog, settings, lambda: ScaledClock(time.time(), speedup, offset_s),
-                               seed=settings.sim.seed if seed is None else seed, budget_usd=budget_usd,
-                               num_groupers=num_groupers)
+                               seed=settings.sim.seed if seed is None else seed, num_groupers=num_groupers)
         eng = cls(handles=handles, clock=handles["clock"], settings=settings, catalog=catalog,
                   started_ray=started, micro_batch=micro_batch, flush_ms=flush_ms)
         if metrics_port is not None:
@@ -284,7 +285,8 @@ class Engine:
 
     # -- reading ------------------------------------------------------------------------------------------------
     def report(self) -> dict:
-        """Spend, saving against each request's list price, hits, deadlines, per provider, and the budget."""
+        """Spend, saving against each request's list price, hits, deadlines, per provider, and the budgets
+        (``budget``: each budget's window, spend per tenant/provider/model, refusals by reason)."""
         ray = self._ray
         rep = ray.get(self._h["hub"].report.remote())
         rep["budget"] = ray.get(self._h["budget"].report.remote())

@@ -1,35 +1,43 @@
 """Simulated providers: the catalog's behaviour of one provider, shared by the simulator and the live
 dispatcher actors (which run it in compressed real time), so both runtimes bill and time calls alike.
 
-A ``SimProvider`` answers "what happens to this dispatch started at time t": when each call starts (rate
-limits, concurrency), when it ends (latency, batch turnaround, GPU runtime), whether each attempt fails
-(``Draws``), and what it costs (the cost model, with this provider's prompt-cache warmth).
+A runtime hands a ``SimProvider`` work (``enqueue``) and asks it what may start now (``pump``). Work waits in
+a ``FairQueue`` per rate gate (docs/scheduling.md) and starts when the gate allows: requests and tokens per
+sliding minute and concurrent calls, per provider or per model with limits of its own; batch-API batches wait
+for the enqueued-token limit. What happens to a started call is drawn from ``Draws``: its latency, whether
+it fails (a 429 with the provider's ``Retry-After``, or a 5xx), what it costs (the cost model, with this
+provider's prompt-cache warmth). A model whose circuit is open (``engine.resilience``) sends its work to the
+fallback model, or holds it until the cool-down ends.
 """
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from engine.catalog import Catalog, ProviderSpec, RateLimits
+from engine.catalog import Catalog, ProviderSpec
 from engine.cost import cache_split, price_alone, price_batch, price_text
 from engine.draws import Draws
+from engine.errors import CatalogError, ConfigError
 from engine.latency import gpu_batch_seconds, sync_latency_median
+from engine.ratelimit import EnqueuedTokens, RateGate
 from engine.request import Request
+from engine.resilience import CircuitBreaker, Resilience, retry_delay
+from engine.scheduling import FairQueue, Scheduling, Unit
 from engine.settings import Settings
 
-__all__ = ["Attempt", "BatchOutcome", "SimProvider", "SyncOutcome"]
+__all__ = ["Attempt", "BatchOutcome", "Event", "SimProvider", "SyncAttempt", "Work", "check_fallbacks"]
 
 FAILED_CALL_FRACTION = 0.3  # a failing call errors after this share of its latency
+_INF = math.inf
 
 
-class SyncOutcome(NamedTuple):
+class SyncAttempt(NamedTuple):
     ok: bool
-    at: float  # completion (ok) or the time the last attempt gave up
+    at: float  # when the call ended (result or error)
     cost: float
-    attempts: int  # attempts used in total, including earlier ones
+    retry_after_s: float | None  # a 429's Retry-After; None for success or a 5xx
 
 
 class Attempt(NamedTuple):
@@ -46,70 +54,189 @@ class BatchOutcome(NamedTuple):
     members: list[Attempt]
 
 
-class _Gate:
-    """Sync-call admission: paced requests and tokens per minute, bounded concurrency."""
+class Work(NamedTuple):
+    """What a runtime hands a provider: one sync call, one GPU dispatch or one batch-API batch."""
 
-    __slots__ = ("busy", "max_conc", "req_gap", "tat_req", "tat_tok", "tok_gap")
+    kind: str  # sync | gpu | batch
+    item: Any  # the runtime's own handle, returned in the Event
+    reqs: list[Request]
+    idxs: list[int]  # rows of the draws
+    attempts: list[int]
+    cache_write: bool = False
+    hedge_at: float | None = None
 
-    def __init__(self, rl: RateLimits):
-        self.req_gap = 60.0 / rl.rpm
-        self.tok_gap = 60.0 / rl.tpm
-        self.tat_req = 0.0
-        self.tat_tok = 0.0
-        self.busy: list[float] = []
-        self.max_conc = rl.max_concurrency
 
-    def acquire(self, t: float, tokens: int, duration: float) -> float:
-        """Start time of a call ready at ``t``; books its slot until start + duration."""
-        s = max(t, self.tat_req, self.tat_tok)
-        if len(self.busy) >= self.max_conc:
-            s = max(s, heapq.heappop(self.busy))
-        heapq.heappush(self.busy, s + duration)
-        self.tat_req = s + self.req_gap
-        self.tat_tok = s + tokens * self.tok_gap
-        return s
+class Event(NamedTuple):
+    """Work that left the queue: started (``sync``/``gpu``/``batch`` with its outcome) or ``reroute``d to the
+    fallback ``provider/model`` in ``outcome`` because its model's circuit is open."""
+
+    kind: str
+    work: Work
+    start: float
+    outcome: Any
+
+
+def check_fallbacks(catalog: Catalog, res: Resilience) -> None:
+    """Every fallback names models of the catalog that generate the same kind."""
+    for a, b in res.fallbacks.items():
+        specs = []
+        for name in (a, b):
+            p, m = name.split("/", 1)
+            try:
+                specs.append(catalog.model(p, m))
+            except CatalogError as exc:
+                raise ConfigError(f"resilience.fallbacks {a!r} -> {b!r}: {exc}") from None
+        if specs[0].kind != specs[1].kind:
+            raise ConfigError(f"resilience.fallbacks {a!r} -> {b!r}: a {specs[0].kind} model cannot fall back to "
+                              f"a {specs[1].kind} model; map it to one of the same kind")
 
 
 class SimProvider:
-    def __init__(self, provider: ProviderSpec, catalog: Catalog, settings: Settings, draws: Draws):
+    def __init__(self, provider: ProviderSpec, catalog: Catalog, settings: Settings, draws: Draws, *,
+                 scheduling: Scheduling | None = None, record: bool = False):
         self.spec = provider
         self.catalog = catalog
         self.draws = draws
         self.max_att = settings.sim.max_attempts
         self.backoff = settings.sim.backoff_base_s
         self.bt = settings.prefix_block_tokens
-        self.gate = _Gate(provider.rate_limits)
+        res: Resilience = settings.resilience
+        self.backoff_max = res.backoff_max_s
+        self.breaker = CircuitBreaker(res.allowed_fails, res.window_s, res.cooldown_time)
+        self.fallbacks = {a.split("/", 1)[1]: b for a, b in res.fallbacks.items()
+                          if a.split("/", 1)[0] == provider.name}
+        sched = scheduling or Scheduling()
+        self.history: dict[str | None, list] | None = {} if record else None
+        # One gate and queue per model with limits of its own; the rest share the provider's (key None).
+        self.gates: dict[str | None, RateGate] = {}
+        self.queues: dict[str | None, FairQueue] = {}
+        for key, rl in [(None, provider.rate_limits)] + [(m, s.rate_limits) for m, s in provider.models.items()
+                                                         if s.rate_limits is not None]:
+            hist = self.history.setdefault(key, []) if self.history is not None else None
+            self.gates[key] = RateGate(rl, history=hist)
+            self.queues[key] = FairQueue(sched, self.max_att)
+        self._gate_of = {m: (m if s.rate_limits is not None else None) for m, s in provider.models.items()}
+        ba = provider.batch_api
+        self.enqueued = EnqueuedTokens(ba.max_enqueued_tokens) if ba is not None else None
+        self.batch_queue = FairQueue(sched, self.max_att)
+        self.parked: list[tuple[float, Unit]] = []  # (circuit closes at, unit) of models without a fallback
         self.warm: dict[str, dict[int, float]] = {}  # model -> block -> warm until
+        self._lead: dict[str, float] = {}
 
     def __repr__(self) -> str:
-        return (f"SimProvider({self.spec.name}, busy={len(self.gate.busy)}/{self.gate.max_conc}, "
-                f"warm_blocks={sum(len(w) for w in self.warm.values())})")
+        waiting = sum(len(q) for q in self.queues.values()) + len(self.batch_queue)
+        return (f"SimProvider({self.spec.name}, waiting={waiting}, parked={len(self.parked)}, "
+                f"running={sum(g.running for g in self.gates.values())}, {self.breaker!r})")
+
+    @property
+    def waiting(self) -> int:
+        return sum(len(q) for q in self.queues.values()) + len(self.batch_queue) + len(self.parked)
+
+    # -- the queue ------------------------------------------------------------------------------------------
+    def enqueue(self, w: Work) -> None:
+        reqs = w.reqs
+        first = reqs[0]
+        spec = self.spec.models[first.model]
+        if w.kind == "sync" and spec.gpu_priced:
+            w = w._replace(kind="gpu")
+        lead = self._lead.get(first.model)
+        if lead is None:
+            lead = self._lead[first.model] = sync_latency_median(self.spec, spec, first) * 2.0
+        text = spec.kind == "text"
+        tokens = sum(r.input_tokens + r.output_tokens for r in reqs) if text and w.kind != "gpu" else 0
+        cost = (sum(r.input_tokens * spec.input_per_mtok + r.output_tokens * spec.output_per_mtok for r in reqs)
+                * 1e-6 if text else 0.0)
+        prio = min((r.priority for r in reqs), key=("urgent", "normal", "background").index)
+        u = Unit(w, first.tenant, prio, min(r.deadline_at for r in reqs), min(r.arrival_s for r in reqs),
+                 tokens, cost, max(w.attempts), 0.0 if w.kind == "batch" else lead)
+        if w.kind == "batch":
+            self.batch_queue.push(u)
+        else:
+            self.queues[self._gate_of[first.model]].push(u)
+
+    def pump(self, now: float) -> tuple[list[Event], float | None]:
+        """Start everything the gates allow at ``now``, in the queues' order. Returns what left the queues
+        and when to pump again (None: nothing waits)."""
+        events: list[Event] = []
+        next_at = _INF
+        if self.parked:
+            keep = []
+            for until, u in self.parked:
+                if until <= now:
+                    self.queues[self._gate_of[u.item.reqs[0].model]].push(u)
+                else:
+                    keep.append((until, u))
+                    next_at = min(next_at, until)
+            self.parked = keep
+        for key, q in self.queues.items():
+            gate = self.gates[key]
+            while len(q):
+                picked = q.peek(now)
+                u = picked[2]
+                w: Work = u.item
+                model = w.reqs[0].model
+                until = self.breaker.open_until(model, now)
+                if until is not None:
+                    q.take(picked)
+                    fb = self.fallbacks.get(model)
+                    if fb is not None:
+                        events.append(Event("reroute", w, now, fb))
+                    else:
+                        self.parked.append((until, u))
+                        next_at = min(next_at, until)
+                    continue
+                s = gate.earliest(now, u.tokens)
+                if s > now + 1e-9:
+                    next_at = min(next_at, s)
+                    break
+                q.take(picked)
+                events.append(self._start(w, now, gate))
+        bq = self.batch_queue
+        while len(bq):
+            picked = bq.peek(now)
+            u = picked[2]
+            s = self.enqueued.earliest(now, u.tokens)
+            if s > now + 1e-9:
+                next_at = min(next_at, s)
+                break
+            bq.take(picked)
+            events.append(self._start_batch(u.item, now, u.tokens))
+        return events, (None if next_at == _INF else next_at)
+
+    def failure(self, model: str, t: float) -> None:
+        """A call of ``model`` failed at ``t`` (told when the failure happens, not when it was drawn)."""
+        self.breaker.failure(model, t)
+
+    def retry_at(self, i: int, attempt: int, a: SyncAttempt) -> float:
+        """When attempt ``attempt + 1`` of draw row ``i`` may be queued after attempt ``attempt`` failed."""
+        return a.at + retry_delay(attempt + 1, self.backoff, self.backoff_max, float(self.draws.jit_u[i, attempt]),
+                                  a.retry_after_s)
+
+    def _start(self, w: Work, s: float, gate: RateGate) -> Event:
+        if w.kind == "gpu":
+            outs = self.gpu(w.idxs, w.reqs, s, w.attempts, gate)
+            return Event("gpu", w, s, outs)
+        return Event("sync", w, s, self.sync(w.idxs[0], w.reqs[0], s, w.attempts[0], w.cache_write, gate))
 
     # -- sync calls ---------------------------------------------------------------------------------------
-    def sync(self, i: int, r: Request, t: float, attempt: int, cache_write: bool) -> SyncOutcome:
-        """Call ``r`` (draw row ``i``) from attempt ``attempt`` on, retrying with backoff until success or the
-        last attempt."""
+    def sync(self, i: int, r: Request, s: float, attempt: int, cache_write: bool,
+             gate: RateGate | None = None) -> SyncAttempt:
+        """Attempt ``attempt`` of ``r`` (draw row ``i``), starting at ``s``."""
         prov = self.spec
         spec = prov.models[r.model]
-        if spec.gpu_priced:
-            a = self.gpu([i], [r], t, [attempt])[0]
-            return SyncOutcome(a.ok, a.at, a.cost, attempt + 1)
         self.draws.ensure(i + 1)
         base = sync_latency_median(prov, spec, r)
         sigma = prov.sync_latency.sigma if spec.kind == "text" else prov.media_latency.sigma
-        fail_u, lat_z = self.draws.fail_u, self.draws.lat_z
-        k, tcur = attempt, t
-        while k < self.max_att:
-            lat = base * math.exp(sigma * lat_z[i, k])
-            failed = fail_u[i, k] < prov.failure_rate
-            start = self.gate.acquire(tcur, r.input_tokens + r.output_tokens,
-                                      lat * FAILED_CALL_FRACTION if failed else lat)
-            k += 1
-            if failed:
-                tcur = start + lat * FAILED_CALL_FRACTION + self.backoff * 2 ** (k - 1)
-                continue
-            return SyncOutcome(True, start + lat, self._sync_price(r, spec, start, cache_write), k)
-        return SyncOutcome(False, tcur, 0.0, k)
+        k = min(attempt, self.max_att - 1)
+        lat = base * math.exp(sigma * self.draws.lat_z[i, k])
+        u = self.draws.fail_u[i, k]
+        failed = u < prov.failure_rate
+        dur = lat * FAILED_CALL_FRACTION if failed else lat
+        (gate or self.gates[self._gate_of[r.model]]).take(s, r.input_tokens + r.output_tokens, dur)
+        if failed:
+            throttled = u < prov.failure_rate * prov.throttled_share
+            return SyncAttempt(False, s + dur, 0.0, prov.retry_after_s if throttled else None)
+        return SyncAttempt(True, s + lat, self._sync_price(r, spec, s, cache_write), None)
 
     def _sync_price(self, r: Request, spec, start: float, cache_write: bool) -> float:
         prov = self.spec
@@ -136,25 +263,34 @@ class SimProvider:
         return price_text(prov, spec, split, r.output_tokens, "sync").total
 
     # -- GPU batches ----------------------------------------------------------------------------------------
-    def gpu(self, idxs: Sequence[int], reqs: Sequence[Request], t: float, attempts: Sequence[int]) -> list[Attempt]:
-        """One GPU dispatch of compatible jobs: one slot for warm-up plus the batch at its speed-up."""
+    def gpu(self, idxs: Sequence[int], reqs: Sequence[Request], t: float, attempts: Sequence[int],
+            gate: RateGate | None = None) -> list[Attempt]:
+        """One GPU dispatch of compatible jobs starting at ``t``: one warm-up plus the batch at its speed-up."""
         prov = self.spec
         spec = prov.models[reqs[0].model]
         self.draws.ensure(max(idxs) + 1)
         run = gpu_batch_seconds(prov, spec, list(reqs))
         run *= math.exp(prov.sync_latency.sigma * self.draws.lat_z[idxs[0], min(attempts[0], self.max_att - 1)])
-        end = self.gate.acquire(t, 0, run) + run
+        (gate or self.gates[self._gate_of[reqs[0].model]]).take(t, 0, run)
+        end = t + run
         prices = price_batch(list(reqs), self.catalog, "gpu_batch", block_tokens=self.bt)
         fail_u = self.draws.fail_u
         return [Attempt(fail_u[i, k] >= prov.failure_rate, end, p.total) for i, k, p in zip(idxs, attempts, prices)]
 
     # -- batch API ------------------------------------------------------------------------------------------
+    def _start_batch(self, w: Work, s: float, tokens: int) -> Event:
+        out = self.batch(w.idxs, w.reqs, s, w.hedge_at, w.attempts)
+        self.enqueued.take(s, tokens, out.at)  # held until it ends or is cancelled
+        return Event("batch", w, s, out)
+
     def batch(self, idxs: Sequence[int], reqs: Sequence[Request], t: float, hedge_at: float | None,
               attempts: Sequence[int]) -> BatchOutcome:
         """Submit a batch at ``t``. If it would finish after ``hedge_at`` it is cancelled then (billing nothing,
         a cancelled batch bills only finished work and none has finished)."""
         prov = self.spec
         ba = prov.batch_api
+        if hedge_at is not None and hedge_at <= t:  # it waited in the queue past its hedge: never submitted
+            return BatchOutcome(True, t, [])
         done = t + self.draws.turnaround(prov.name, ba, t)
         if hedge_at is not None and done > hedge_at:
             return BatchOutcome(True, hedge_at, [])

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-__all__ = ["CacheSettings", "DeadlineDefaults", "Settings", "SimSettings"]
+from engine.budgets import BudgetSettings, BudgetSpec
+from engine.resilience import Resilience
+
+__all__ = ["BudgetSettings", "CacheSettings", "DeadlineDefaults", "Resilience", "Settings", "SimSettings",
+           "with_budget"]
 
 
 class DeadlineDefaults(BaseModel):
@@ -71,6 +76,21 @@ class Settings(BaseSettings):
     deadlines: DeadlineDefaults = DeadlineDefaults()
     sim: SimSettings = SimSettings()
     cache: CacheSettings = CacheSettings()
+    budgets: BudgetSettings = BudgetSettings()
+    resilience: Resilience = Resilience()
     chars_per_token: float = Field(default=4.0, gt=0, description="token estimate for a line without counts")
     default_output_tokens: int = Field(default=256, ge=0, description="output estimate for a text line without one")
     prefix_block_tokens: int = Field(default=512, ge=1, description="tokens per prefix block id in traces")
+
+
+def with_budget(settings: Settings, total_usd: float | None = None,
+                tenants: Mapping[str, float] | None = None, duration: str | None = None) -> Settings:
+    """``settings`` plus a hard budget over everything (``total_usd``) and per tenant, each over
+    ``duration`` (None: the whole run)."""
+    specs = list(settings.budgets.specs)
+    if total_usd is not None:
+        specs.append(BudgetSpec(max_budget=total_usd, budget_duration=duration))
+    for tenant, usd in (tenants or {}).items():
+        specs.append(BudgetSpec(tenant=tenant, max_budget=usd, budget_duration=duration))
+    budgets = BudgetSettings.model_validate({**settings.budgets.model_dump(), "specs": specs})
+    return settings.model_copy(update={"budgets": budgets})

@@ -9,6 +9,7 @@ docs/simulator.md.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import itertools
 import math
@@ -18,15 +19,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from engine.budgets import BudgetBook, Claim
 from engine.catalog import Catalog, default_catalog
+from engine.cost import reserve_bound
 from engine.draws import Draws
 from engine.errors import PolicyError
 from engine.features import NEAR_DIM, compat_key, featurize, fingerprint
 from engine.grouping import Decision
-from engine.providers import Attempt, SimProvider
+from engine.providers import Attempt, Event, SimProvider, Work, check_fallbacks
 from engine.request import PRIORITIES, Request
 from engine.reuse import ReuseIndex
 from engine.scheduler import Dispatch, GroupTable, Wake
+from engine.scheduling import Scheduling
 from engine.settings import Settings
 
 __all__ = ["BatchRecord", "SimResult", "simulate"]
@@ -34,7 +38,8 @@ __all__ = ["BatchRecord", "SimResult", "simulate"]
 # Codes of SimResult.mode, .status (pending/ok/reused/failed) and .hit (none/exact/in_flight/near).
 MODES = ("sync", "batch_api", "gpu_batch", "reuse")
 _SYNC, _BATCH, _GPU, _REUSE = range(4)
-_PENDING, _OK, _REUSED, _FAILED = range(4)
+_PENDING, _OK, _REUSED, _FAILED, _REJECTED = range(5)
+_PRIO = {"urgent": 0, "normal": 1, "background": 2}
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +104,7 @@ class SimResult:
             "deadline_met_by_priority": by_prio,
             "completed": int(((self.status == _OK) | (self.status == _REUSED)).sum()),
             "failed": int((self.status == _FAILED).sum()),
-            "rejected": int(self.extra.get("rejected", 0)),
+            "rejected": dict(self.extra.get("rejected", {})),
             "exact_hits": int((self.hit == 1).sum()),
             "in_flight_hits": int((self.hit == 2).sum()),
             "near_hits": int((self.hit == 3).sum()),
@@ -114,8 +119,9 @@ class SimResult:
 
 
 class _Sim:
-    def __init__(self, reqs: Sequence[Request], policy, catalog: Catalog, settings: Settings, draws: Draws):
-        self.reqs = reqs
+    def __init__(self, reqs: Sequence[Request], policy, catalog: Catalog, settings: Settings, draws: Draws,
+                 record_calls: bool = False):
+        self.reqs = list(reqs)  # a rerouted request is replaced by its fallback copy
         self.policy = policy
         self.catalog = catalog
         self.settings = settings
@@ -148,7 +154,24 @@ class _Sim:
         self.pending_leader: dict[str, int] = {}
         self.followers: dict[int, list[int]] = {}
         self.table = GroupTable(policy, catalog)
-        self.providers = {name: SimProvider(p, catalog, settings, draws) for name, p in catalog.providers.items()}
+        sched = getattr(policy, "scheduling", None) or Scheduling(order="fifo", fair_share=False)
+        check_fallbacks(catalog, settings.resilience)
+        self.providers = {name: SimProvider(p, catalog, settings, draws, scheduling=sched, record=record_calls)
+                          for name, p in catalog.providers.items()}
+        self.pump_at: dict[str, float] = {}
+        self.rerouted = 0
+        b = settings.budgets
+        self.book = BudgetBook(list(b.specs), b.throttle) if b.specs else None
+        self.model_max = b.reserve_output == "model_max"
+        self.claim_ids = itertools.count()
+        self.claim_of: dict[int, tuple[str, float]] = {}
+        self.budget_wait: list[tuple] = []
+        self.waiting: set[int] = set()
+        self.wait_credit = 0.0
+        self.budget_waits = 0
+        self.deferrals = 0
+        self.rejected: dict[str, int] = {}
+        self.reject_why: dict[int, str] = {}
         self.heap: list[tuple] = []
         self.seq = itertools.count()
         self.batch_ids = itertools.count()
@@ -167,26 +190,64 @@ class _Sim:
             if heap and heap[0][0] <= t_arr:
                 t, _, kind, payload = heapq.heappop(heap)
                 self.now = t
-                if kind == "wake":
-                    self.apply(*self.table.wake(payload, t))
-                elif kind == "retry":
-                    self.admit(payload, fresh=False)
-                elif kind == "hedge":
-                    # Back to the policy, not straight to sync: the member whose deadline set the hedge now
-                    # has no time for a batch and goes sync, while members with later deadlines may ride
-                    # another batch.
-                    for j in payload:
-                        self.hedges[j] += 1
-                        if self.hedges[j] >= self.max_att:  # progress guard against a policy that re-batches forever
-                            self.sync_call(j, t, False, int(self.batch_of[j]))
-                        else:
-                            self.admit(j, fresh=False)
+                getattr(self, "on_" + kind)(payload)
             elif i < n:
                 self.now = t_arr
                 self.admit(i, fresh=True)
                 i += 1
             else:
                 break
+
+    def on_wake(self, w: Wake) -> None:
+        self.apply(*self.table.wake(w, self.now))
+
+    def on_retry(self, i: int) -> None:
+        self.admit(i, fresh=False)
+
+    def on_hedge(self, idxs: list[int]) -> None:
+        # Back to the policy, not straight to sync: the member whose deadline set the hedge now has no time
+        # for a batch and goes sync, while members with later deadlines may ride another batch.
+        for j in idxs:
+            self.settle_claim(j, 0.0, self.now)  # a cancelled batch bills nothing unfinished
+            self.hedges[j] += 1
+            if self.hedges[j] >= self.max_att:  # progress guard against a policy that re-batches forever
+                self.send(Decision("dispatch", mode="sync"), [j], int(self.batch_of[j]))
+            else:
+                self.admit(j, fresh=False)
+
+    def on_pump(self, name: str) -> None:
+        if self.pump_at.get(name) == self.now:
+            del self.pump_at[name]
+        self.pump(name)
+
+    def on_sync_fail(self, payload) -> None:
+        i, k, a, w = payload
+        prov = self.providers[self.reqs[i].provider]
+        prov.failure(self.reqs[i].model, self.now)
+        if self.attempts[i] >= self.max_att:
+            self.settle_claim(i, 0.0, self.now)
+            self.fail_final(i, self.now)
+        else:
+            self.push(prov.retry_at(i, k, a), "requeue", w._replace(attempts=[int(self.attempts[i])]))
+
+    def on_requeue(self, w: Work) -> None:
+        r = w.reqs[0]
+        self.providers[r.provider].enqueue(w)
+        self.pump(r.provider)
+
+    def on_settle(self, item: tuple[str, float, float]) -> None:
+        rid, actual, amount = item
+        self.book.settle_many([(rid, actual)])
+        self.wait_credit += amount - actual
+        self.release_waiters()
+
+    def on_readmit(self, i: int) -> None:
+        self.admit(i, fresh=False)
+
+    def on_budget_expire(self, i: int) -> None:
+        if i in self.waiting:
+            self.waiting.discard(i)
+            self.reject(i, "budget_exhausted", "open reservations held the budget until the deadline")
 
     # -- admission and reuse -------------------------------------------------------------------------------
     def resolve_reused(self, i: int, at: float, hit: int) -> None:
@@ -234,23 +295,147 @@ class _Sim:
         if wake is not None:
             self.push(wake.at, "wake", wake)
 
+    # -- budgets -------------------------------------------------------------------------------------------
+    def reserve(self, idxs: list[int], mode: str) -> list[int]:
+        """Reserve each member's upper bound; return those that may go. The others wait for reservations to
+        settle, are deferred to the next window, or are rejected."""
+        if self.book is None:
+            return idxs
+        claims = []
+        for i in idxs:
+            r = self.reqs[i]
+            amount = reserve_bound(r, self.catalog, mode, None if self.model_max else r.output_tokens)
+            claims.append(Claim(f"{r.id}#{next(self.claim_ids)}", r.tenant, r.provider, r.model, r.priority,
+                                amount))
+        ok = []
+        for i, c, v in zip(idxs, claims, self.book.reserve_many(claims, self.now)):
+            r = self.reqs[i]
+            if v.ok:
+                self.claim_of[i] = (c.rid, c.amount)
+                ok.append(i)
+            elif v.reason == "wait":
+                self.budget_waits += 1
+                heapq.heappush(self.budget_wait, (_PRIO[r.priority], r.deadline_at, i, c.amount))
+                if i not in self.waiting:
+                    self.waiting.add(i)
+                    self.push(max(r.deadline_at, self.now), "budget_expire", i)
+            elif v.reason == "deferred" and v.retry_at <= r.deadline_at:
+                self.deferrals += 1
+                self.push(v.retry_at, "readmit", i)
+            else:
+                why = (f"budget {v.budget} has ${v.remaining_usd:.6f} left" if v.reason == "budget_exhausted" else
+                       f"budget {v.budget} resets at t={v.retry_at:.0f}s, after the deadline")
+                self.reject(i, "budget_exhausted", why)
+        return ok
+
+    def settle_claim(self, i: int, actual: float, at: float) -> None:
+        entry = self.claim_of.pop(i, None)
+        if entry is None:
+            return
+        self.push(at, "settle", (entry[0], actual, entry[1]))
+
+    def release_waiters(self) -> None:
+        """Let waiting requests try again as settlements free what their estimates would need; all of them
+        once nothing is reserved any more (no later settlement would wake them)."""
+        q = self.budget_wait
+        everyone = not self.book.claims
+        while q:
+            _, _, i, amount = q[0]
+            if i not in self.waiting:
+                heapq.heappop(q)
+                continue
+            if not everyone and amount > self.wait_credit:
+                break
+            heapq.heappop(q)
+            self.wait_credit = max(self.wait_credit - amount, 0.0)
+            self.waiting.discard(i)
+            self.admit(i, fresh=False)
+        if everyone:
+            self.wait_credit = 0.0
+
+    def reject(self, i: int, reason: str, why: str) -> None:
+        self.status[i], self.done_at[i] = _REJECTED, self.now
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+        self.reject_why[i] = why
+        if self.fps is not None and self.pending_leader.get(self.fps[i]) == i:
+            del self.pending_leader[self.fps[i]]
+        for f in self.followers.pop(i, ()):
+            self.admit(f, fresh=False)
+
     # -- dispatch ------------------------------------------------------------------------------------------
     def dispatch(self, d: Decision, members: list[Request]) -> None:
+        self.send(d, [self.idx_of[r.id] for r in members], None)
+
+    def send(self, d: Decision, idxs: list[int], bid: int | None) -> None:
         mode = d.mode
-        bid = next(self.batch_ids)
-        first = members[0]
-        self.batches.append(BatchRecord(bid, self.now, first.provider, first.model, mode, len(members),
-                                        d.recommendation, d.reason))
-        idxs = [self.idx_of[r.id] for r in members]
+        if mode == "batch_api" and d.hedge_at is not None and d.hedge_at <= self.now:
+            mode = "sync"  # hedged before it starts: that is a sync dispatch
+        idxs = self.reserve(idxs, mode)
+        if not idxs:
+            return
+        first = self.reqs[idxs[0]]
+        if bid is None:
+            bid = next(self.batch_ids)
+            self.batches.append(BatchRecord(bid, self.now, first.provider, first.model, mode, len(idxs),
+                                            d.recommendation, d.reason))
+        prov = self.providers[first.provider]
         if mode == "sync":
             for i in idxs:
-                self.sync_call(i, self.now, d.cache_write, bid)
-        elif mode == "gpu_batch":
-            self.gpu_run(idxs, self.now, bid)
+                prov.enqueue(Work("sync", bid, [self.reqs[i]], [i], [int(self.attempts[i])], d.cache_write))
         else:
-            self.batch_api(idxs, self.now, d.hedge_at, bid)
+            prov.enqueue(Work("gpu" if mode == "gpu_batch" else "batch", bid, [self.reqs[i] for i in idxs], idxs,
+                              [int(self.attempts[i]) for i in idxs], False, d.hedge_at))
+        self.pump(first.provider)
+
+    def pump(self, name: str) -> None:
+        prov = self.providers[name]
+        events, nxt = prov.pump(self.now)
+        for e in events:
+            getattr(self, "start_" + e.kind)(e)
+        if nxt is not None and nxt < self.pump_at.get(name, math.inf):
+            self.pump_at[name] = nxt
+            self.push(nxt, "pump", name)
+
+    def start_sync(self, e: Event) -> None:
+        w, a = e.work, e.outcome
+        i = w.idxs[0]
+        k = w.attempts[0]
+        self.attempts[i] = k + 1
+        if a.ok:
+            self.settle_claim(i, a.cost, a.at)
+            self.complete(i, a.at, a.cost, _SYNC, w.item)
+        else:
+            self.push(a.at, "sync_fail", (i, k, a, w))
+
+    def start_gpu(self, e: Event) -> None:
+        for i, a in zip(e.work.idxs, e.outcome):
+            self.settle_claim(i, a.cost if a.ok else 0.0, a.at)
+            self.settle(i, a, _GPU, e.work.item)
+
+    def start_batch(self, e: Event) -> None:
+        w, out = e.work, e.outcome
+        if out.hedged:
+            self.batches[w.item] = dataclasses.replace(self.batches[w.item], outcome="hedged")
+            self.batch_of[w.idxs] = w.item
+            self.push(out.at, "hedge", w.idxs)
+            return
+        for i, a in zip(w.idxs, out.members):
+            self.settle_claim(i, a.cost if a.ok else 0.0, a.at)
+            self.settle(i, a, _BATCH, w.item)
+
+    def start_reroute(self, e: Event) -> None:
+        """The model's circuit is open: its work goes back to the policy as requests for the fallback."""
+        provider, model = e.outcome.split("/", 1)
+        self.rerouted += len(e.work.idxs)
+        for i in e.work.idxs:
+            self.settle_claim(i, 0.0, self.now)
+            self.reqs[i] = self.reqs[i].model_copy(update={"provider": provider, "model": model})
+            self.compat[i] = compat_key(self.reqs[i])
+            self.admit(i, fresh=False)
 
     def complete(self, i: int, at: float, cost: float, mode: int, bid: int) -> None:
+        if mode == _SYNC and self.gpu_priced(self.reqs[i]):
+            mode = _GPU
         self.status[i], self.mode[i], self.cost[i], self.done_at[i], self.batch_of[i] = _OK, mode, cost, at, bid
         fps = self.fps
         if fps is not None:
@@ -282,48 +467,16 @@ class _Sim:
         else:
             self.push(a.at, "retry", i)
 
-    def sync_call(self, i: int, t: float, cache_write: bool, bid: int) -> None:
-        r = self.reqs[i]
-        out = self.providers[r.provider].sync(i, r, t, int(self.attempts[i]), cache_write)
-        self.attempts[i] = out.attempts
-        if out.ok:
-            self.complete(i, out.at, out.cost, _GPU if self.gpu_priced(r) else _SYNC, bid)
-        else:
-            self.fail_final(i, out.at)
-
     def gpu_priced(self, r: Request) -> bool:
         return self.catalog.providers[r.provider].models[r.model].gpu_priced
-
-    def gpu_run(self, idxs: list[int], t: float, bid: int) -> None:
-        members = [self.reqs[i] for i in idxs]
-        attempts = [int(self.attempts[i]) for i in idxs]
-        for i, a in zip(idxs, self.providers[members[0].provider].gpu(idxs, members, t, attempts)):
-            self.settle(i, a, _GPU, bid)
-
-    def batch_api(self, idxs: list[int], t: float, hedge_at: float | None, bid: int) -> None:
-        members = [self.reqs[i] for i in idxs]
-        if hedge_at is not None and hedge_at <= t:
-            # Hedged before it starts: that is a sync dispatch.
-            for i in idxs:
-                self.sync_call(i, t, False, bid)
-            return
-        attempts = [int(self.attempts[i]) for i in idxs]
-        out = self.providers[members[0].provider].batch(idxs, members, t, hedge_at, attempts)
-        if out.hedged:
-            rec = self.batches[-1]
-            self.batches[-1] = BatchRecord(rec.id, rec.t, rec.provider, rec.model, rec.mode, rec.size,
-                                           rec.recommendation, rec.reason, outcome="hedged")
-            self.batch_of[idxs] = bid
-            self.push(out.at, "hedge", idxs)
-            return
-        for i, a in zip(idxs, out.members):
-            self.settle(i, a, _BATCH, bid)
 
 
 def simulate(requests: Sequence[Request], policy, *, catalog: Catalog | None = None,
              settings: Settings | None = None, seed: int | None = None, trace_name: str = "trace",
-             draws: Draws | None = None) -> SimResult:
-    """Replay ``requests`` (in arrival order) through ``policy``; deterministic for a given seed."""
+             draws: Draws | None = None, record_calls: bool = False) -> SimResult:
+    """Replay ``requests`` (in arrival order) through ``policy``; deterministic for a given seed.
+    ``record_calls`` keeps every provider call's (start, tokens, end) per rate gate in
+    ``extra["calls"][provider][model or None]``."""
     settings = settings or Settings()
     catalog = catalog or default_catalog()
     seed = settings.sim.seed if seed is None else seed
@@ -332,12 +485,20 @@ def simulate(requests: Sequence[Request], policy, *, catalog: Catalog | None = N
         reqs.sort(key=lambda r: r.arrival_s)
     draws = draws or Draws(len(reqs), settings.sim.max_attempts, seed, settings.sim.batch_slot_s)
     t0 = time.perf_counter()
-    sim = _Sim(reqs, policy, catalog, settings, draws)
+    sim = _Sim(reqs, policy, catalog, settings, draws, record_calls)
     sim.run()
     wall = time.perf_counter() - t0
     pending = int((sim.status == _PENDING).sum())
     if pending:
         raise PolicyError(f"{policy.name}: {pending} request(s) were never dispatched; a policy must dispatch "
                           "or set wake_at for every group it keeps waiting")
-    return SimResult(getattr(policy, "name", type(policy).__name__), trace_name, reqs, sim.cost, sim.done_at,
-                     sim.status, sim.mode, sim.hit, sim.batch_of, sim.batches, wall)
+    extra: dict = {"rejected": dict(sim.rejected), "reject_why": sim.reject_why, "rerouted": sim.rerouted,
+                   "circuit_opened": {n: p.breaker.opened for n, p in sim.providers.items() if p.breaker.opened}}
+    if sim.book is not None:
+        extra["budget"] = {"overrun_usd": round(sim.book.overrun_usd(), 6), "windows": sim.book.windows(),
+                           "spend": sim.book.spend_report(), "deferrals": sim.deferrals,
+                           "waits": sim.budget_waits}
+    if record_calls:
+        extra["calls"] = {n: p.history for n, p in sim.providers.items()}
+    return SimResult(getattr(policy, "name", type(policy).__name__), trace_name, sim.reqs, sim.cost, sim.done_at,
+                     sim.status, sim.mode, sim.hit, sim.batch_of, sim.batches, wall, extra)

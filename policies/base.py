@@ -18,6 +18,7 @@ from engine.catalog import Catalog
 from engine.errors import ConfigError, RegistryError
 from engine.grouping import Decision, Group, ReuseSettings
 from engine.request import Request
+from engine.scheduling import Scheduling
 
 __all__ = ["Policy", "PolicyParams", "available_policies", "load_policy", "register"]
 
@@ -49,6 +50,11 @@ class Policy:
     @property
     def reuse(self) -> ReuseSettings:
         return ReuseSettings()
+
+    @property
+    def scheduling(self) -> Scheduling:
+        """How provider queues order this policy's ready work; the base is plain arrival order."""
+        return Scheduling(order="fifo", fair_share=False)
 
     def group_key(self, req: Request, compat: tuple, now: float) -> Hashable:
         raise NotImplementedError

@@ -24,6 +24,7 @@ from pydantic import Field, field_validator
 from engine.grouping import Decision, Group, ReuseSettings
 from engine.latency import Z99, gpu_batch_seconds
 from engine.request import Request
+from engine.scheduling import Scheduling
 from engine.similarity import GUARDS, Guards
 from policies.base import Policy, PolicyParams, register
 
@@ -60,6 +61,8 @@ class SmartParams(PolicyParams):
     gpu_max_wait_s: float | None = Field(default=None, gt=0, description="cap on gathering GPU jobs (None: "
                                                                         "deadline-driven)")
     block_tokens: int = Field(default=512, ge=1, description="tokens per prefix block in the traces")
+    scheduling: Scheduling = Field(default=Scheduling(), description="order of ready work at a rate-limited "
+                                   "provider: deadline promotion, fair share across tenants, score weights")
 
     @field_validator("near_guards")
     @classmethod
@@ -87,6 +90,10 @@ class Smart(Policy):
         p = self.params
         return ReuseSettings(exact=p.reuse_exact, in_flight=p.reuse_in_flight, near=p.reuse_near,
                              near_threshold=p.near_threshold, guards=Guards.of(p.near_guards))
+
+    @property
+    def scheduling(self) -> Scheduling:
+        return self.params.scheduling
 
     # -- grouping ----------------------------------------------------------------------------------------------
     def _text_consts(self, provider, spec, model: str) -> _TextConsts:

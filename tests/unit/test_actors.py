@@ -4,8 +4,9 @@ import asyncio
 
 import pytest
 
-from actors import BudgetLedger, Dispatcher, Grouper, Ingest, ResultCache, ResultHub
+from actors import BudgetController, Dispatcher, Grouper, Ingest, ResultCache, ResultHub
 from actors._types import BatchJob, Job
+from engine.budgets import BudgetSettings, BudgetSpec, Claim
 from engine.catalog import default_catalog
 from engine.clock import ManualClock
 from engine.grouping import ReuseSettings
@@ -39,16 +40,33 @@ def run(coro):
     return asyncio.run(coro)
 
 
-def test_budget_refuses_a_reservation_past_the_limit_and_settles():
+def ledger(limit=None, **kw):
+    specs = () if limit is None else (BudgetSpec(max_budget=limit, **kw),)
+    return BudgetController(BudgetSettings(specs=specs), None, ManualClock(0.0))
+
+
+def test_budget_controller_refuses_past_the_limit_and_settles():
     async def go():
-        b = BudgetLedger(limit_usd=1.0)
-        assert await b.reserve_many([("a", 0.6), ("b", 0.5), ("c", 0.4)]) == [True, False, True]
+        b = ledger(1.0)
+        c = [Claim(k, "t", "openai", "gpt-5-mini", "urgent", amt) for k, amt in (("a", 0.6), ("b", 0.5), ("c", 0.4))]
+        assert [v.ok for v in await b.reserve_many(c)] == [True, False, True]
         await b.settle_many([("a", 0.2)])  # settles and releases "a" in one step
         rep = await b.report()
-        assert rep["spent_usd"] == pytest.approx(0.2) and rep["remaining_usd"] == pytest.approx(0.4)
-        assert rep["refused_reservations"] == 1
+        assert rep["spent_usd"] == pytest.approx(0.2) and rep["budgets"][0]["remaining_usd"] == pytest.approx(0.4)
+        assert rep["refusals"]["wait"] == 1 and rep["overrun_usd"] == 0.0
+        assert rep["spend"] == [{"tenant": "t", "provider": "openai", "model": "gpt-5-mini", "spent_usd": 0.2}]
         with pytest.raises(ValueError, match="amount must be >= 0"):
-            await b.reserve_many([("d", -1.0)])
+            await b.reserve_many([Claim("d", "t", "openai", "gpt-5-mini", "urgent", -1.0)])
+    run(go())
+
+
+def test_budget_controller_reports_deferrals_in_engine_time():
+    async def go():
+        b = BudgetController(BudgetSettings(specs=(BudgetSpec(max_budget=1.0, budget_duration="1h"),)), None,
+                             ManualClock(100.0), base=7200.0)
+        (v,) = await b.reserve_many([Claim("a", "t", "openai", "gpt-5-mini", "background", 0.9)])
+        # budget time 7,300 s is in the window [7,200, 10,800): it ends at engine time 10,800 - 7,200
+        assert (v.ok, v.reason, v.retry_at) == (False, "deferred", 3600.0)
     run(go())
 
 
@@ -108,7 +126,7 @@ def test_ingest_drops_duplicate_ids_and_shards_by_compat_key():
 def test_grouper_waits_then_dispatches_after_a_reservation():
     async def go():
         disp, hub = Recorder(), ResultHub()
-        budget = BudgetLedger()
+        budget = ledger(100.0)
         clock = ManualClock(0.0)
         g = Grouper(load_policy("fixed", CAT, {"max_batch_size": 2, "batch_wait_timeout_s": 100}), CAT, clock,
                     {"openai": disp}, budget, hub)
@@ -119,18 +137,23 @@ def test_grouper_waits_then_dispatches_after_a_reservation():
         await asyncio.sleep(0)
         (name, ([batch],)), = disp.calls
         assert name == "run_many" and batch.mode == "sync" and [j.req.id for j in batch.jobs] == ["r0", "r1"]
-        assert batch.recommendation == "process_as_batch" and batch.reserved_usd > 0
-        assert sum(budget.reserved.values()) == pytest.approx(batch.reserved_usd)
+        assert batch.recommendation == "process_as_batch" and all(j.claim for j in batch.jobs)
+        # Each member reserved its upper bound: the model's whole output at list price, at least its cost.
+        gpt = CAT.model("openai", "gpt-5-mini")
+        bound = sum((j.req.input_tokens * gpt.input_per_mtok + gpt.max_output_tokens * gpt.output_per_mtok) * 1e-6
+                    for j in batch.jobs)
+        assert sum(budget.book.reserved.values()) == pytest.approx(bound)
     run(go())
 
 
 def test_grouper_rejects_when_the_budget_is_spent():
     async def go():
         disp, hub = Recorder(), ResultHub()
-        g = Grouper(load_policy("naive", CAT), CAT, ManualClock(0.0), {"openai": disp}, BudgetLedger(0.0), hub)
+        g = Grouper(load_policy("naive", CAT), CAT, ManualClock(0.0), {"openai": disp}, ledger(0.0), hub)
         await g.add([Job(0, req(0), "a")])
         (res,) = await hub.pull(0.01)
         assert res.status == "rejected" and res.error == "budget_exhausted" and disp.calls == []
+        assert res.reason == "budget global has $0.000000 left"
     run(go())
 
 
@@ -143,7 +166,7 @@ def test_a_policy_error_fails_its_requests_not_the_engine():
 
     async def go():
         hub = ResultHub()
-        g = Grouper(Broken(), CAT, ManualClock(0.0), {}, BudgetLedger(), hub)
+        g = Grouper(Broken(), CAT, ManualClock(0.0), {}, ledger(), hub)
         await g.add([Job(0, req(0), "a")])
         (res,) = await hub.pull(0.01)
         assert res.status == "failed" and "policy error: boom" in res.error
@@ -152,22 +175,23 @@ def test_a_policy_error_fails_its_requests_not_the_engine():
 
 def test_dispatcher_resolves_sync_and_batch_and_hands_back_hedges():
     async def go():
-        hub, budget, grouper = ResultHub(), BudgetLedger(), Recorder()
+        hub, budget, grouper = ResultHub(), ledger(100.0), Recorder()
         clock = ManualClock(0.0)
         d = Dispatcher("openai", CAT, Settings(), 0, clock, [grouper], hub, None, budget)
-        jobs = [Job(i, req(i), f"fp{i}") for i in range(3)]
-        await budget.reserve_many([("b0", 1.0), ("b1", 1.0), ("b2", 1.0)])
-        await d.run(BatchJob("b0", "sync", None, False, "process_individually", "now", jobs[:1], 1.0))
-        await d.run(BatchJob("b1", "batch_api", None, False, "process_as_batch", "cheap", jobs[1:], 1.0))
-        await d.run(BatchJob("b2", "batch_api", 1.0, False, "consider_batch", "hedged", [jobs[0]._replace(seq=9)],
-                             1.0))
+        jobs = [Job(i, req(i), f"fp{i}", claim=f"c{i}") for i in range(3)]
+        hedged = jobs[0]._replace(seq=9, claim="c9")
+        await budget.reserve_many([Claim(f"c{k}", "t", "openai", "gpt-5-mini", "urgent", 1.0) for k in (0, 1, 2, 9)])
+        await d.run_many([BatchJob("b0", "sync", None, False, "process_individually", "now", jobs[:1]),
+                          BatchJob("b1", "batch_api", None, False, "process_as_batch", "cheap", jobs[1:]),
+                          BatchJob("b2", "batch_api", 1.0, False, "consider_batch", "hedged", [hedged])])
         for _ in range(20):  # timers fire at once on a ManualClock; let the loop run them and the outbox
             await asyncio.sleep(0.01)
         got = {r.id: r for r in await hub.pull(0.01)}
         assert got["r0"].mode == "sync" and got["r1"].mode == "batch_api" and got["r2"].batch_id == "b1"
         assert got["r1"].cost_usd < got["r0"].cost_usd
-        (name, (readmit,)), = grouper.calls  # the hedged batch went back to the policy
-        assert name == "add" and readmit[0].hedges == 1
-        assert budget.reserved == {}  # every batch settled and released
-        assert budget.spent_usd == pytest.approx(got["r0"].cost_usd + got["r1"].cost_usd + got["r2"].cost_usd)
+        (name, (readmit,)), = grouper.calls  # the hedged batch went back to the policy, its claim released
+        assert name == "add" and readmit[0].hedges == 1 and readmit[0].claim is None
+        book = budget.book
+        assert book.claims == {}  # every member settled and released
+        assert sum(book.spend.values()) == pytest.approx(got["r0"].cost_usd + got["r1"].cost_usd + got["r2"].cost_usd)
     run(go())

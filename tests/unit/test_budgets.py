@@ -32,18 +32,28 @@ def test_durations_and_windows():
 def test_background_then_normal_stop_before_urgent_and_the_window_decides_deferral():
     book = BudgetBook([BudgetSpec(tenant="acme", max_budget=10.0, budget_duration="1d")])
     assert book.reserve_many([claim("a", 7.9, "background")], T0)[0].ok
-    v = book.reserve_many([claim("b", 0.2, "background")], T0)[0]  # 8.1 > 80 %
+    v = book.reserve_many([claim("b", 0.2, "background")], T0)[0]  # 8.1 > 80 %, but only while "a" is open
+    assert (v.ok, v.reason, v.retry_at) == (False, "wait", None)
+    book.settle_many([("a", 7.9)])
+    v = book.reserve_many([claim("b", 0.2, "background")], T0)[0]  # now spent: wait for the next window
     assert (v.ok, v.reason, v.retry_at) == (False, "deferred", window_bounds("1d", T0)[1])
     assert book.reserve_many([claim("c", 1.5, "normal")], T0)[0].ok  # 9.4 <= 95 %
-    assert not book.reserve_many([claim("d", 0.2, "normal")], T0)[0].ok
+    book.settle_many([("c", 1.5)])
+    assert book.reserve_many([claim("d", 0.2, "normal")], T0)[0].reason == "deferred"
     assert book.reserve_many([claim("e", 0.6, "urgent")], T0)[0].ok  # 10.0 <= 100 %
-    v = book.reserve_many([claim("f", 0.01, "urgent")], T0)[0]
+    book.settle_many([("e", 0.6)])
+    v = book.reserve_many([claim("f", 0.01, "urgent")], T0)[0]  # urgent work is never deferred
     assert (v.ok, v.reason, v.remaining_usd) == (False, "budget_exhausted", pytest.approx(0.0, abs=1e-9))
     assert book.reserve_many([claim("g", 5, "normal", tenant="globex")], T0)[0].ok  # not covered
-    book.settle_many([("a", 1.0), ("a", 1.0)])  # settles once; the repeat changes nothing
+    book.settle_many([("g", 1.0), ("g", 1.0)])  # settles once; the repeat changes nothing
     (row,) = book.report(T0)
-    assert row["spent_usd"] == 1.0 and row["reserved_usd"] == pytest.approx(2.1)
+    assert row["spent_usd"] == pytest.approx(10.0) and row["reserved_usd"] == pytest.approx(0.0)
+    assert book.spend_report() == [{"tenant": "acme", "provider": "openai", "model": "gpt-5", "spent_usd": 10.0},
+                                   {"tenant": "globex", "provider": "openai", "model": "gpt-5", "spent_usd": 1.0}]
+    assert book.overrun_usd() == 0.0
     assert book.reserve_many([claim("h", 7.9, "background")], T0 + 86400)[0].ok  # a new day, a new window
+    assert [w["window"] for w in book.windows()] == [f"{window_bounds('1d', T0)[0]:.0f}",
+                                                     f"{window_bounds('1d', T0 + 86400)[0]:.0f}"]
 
 
 def test_a_budget_that_never_resets_rejects_and_the_tightest_spec_wins():
