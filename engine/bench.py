@@ -92,12 +92,20 @@ def result_row(name: str, policy_class: str, params: dict, result: SimResult, na
         "lower_bound_for_its_misses_usd": round(relaxed_bound, 6),
     }
     row.update({k: v for k, v in s.items() if k not in ("policy", "cost_usd")})
+    budget = result.extra.get("budget")
+    row["budget_overrun_usd"] = budget["overrun_usd"] if budget else 0.0
+    if budget:
+        row["budget"] = budget
     return row
 
 
-def document(trace_name: str, n_requests: int, seed: int, lb, rows: list[dict]) -> dict:
-    return {"trace": trace_name, "requests": n_requests, "seed": seed, "lower_bound_usd": round(lb.total_usd, 6),
-            "lower_bound": lb.as_dict(), "results": rows}
+def document(trace_name: str, n_requests: int, seed: int, lb, rows: list[dict],
+             budgets: list[dict] | None = None) -> dict:
+    doc = {"trace": trace_name, "requests": n_requests, "seed": seed, "lower_bound_usd": round(lb.total_usd, 6),
+           "lower_bound": lb.as_dict(), "results": rows}
+    if budgets:
+        doc["budgets"] = budgets
+    return doc
 
 
 def run_bench(requests: Sequence[Request], specs: Sequence[PolicySpec], *, trace_name: str,
@@ -120,32 +128,40 @@ def run_bench(requests: Sequence[Request], specs: Sequence[PolicySpec], *, trace
         return simulate(reqs, policy, catalog=catalog, settings=settings, seed=seed, trace_name=trace_name,
                         draws=draws)
 
+    # The naive reference is the bill without budgets: what the trace would cost if nothing held it back.
+    budgeted = bool(settings.budgets.specs)
     naive_cost = None
     runs: list[_Run] = []
     for spec, policy in policies:
         res = sim(policy)
         relaxed = lower_bound(reqs, catalog=catalog, settings=settings, draws=draws, relax=~res.met).total_usd
         runs.append(_Run(spec, res, relaxed))
-        if spec.policy == "naive" and not spec.params and naive_cost is None:
+        if spec.policy == "naive" and not spec.params and naive_cost is None and not budgeted:
             naive_cost = res.total_cost
         if on_progress:
             on_progress(spec.name)
     if naive_cost is None:
-        naive_cost = sim(load_policy("naive", catalog)).total_cost
+        free = settings.model_copy(update={"budgets": type(settings.budgets)()})
+        naive_cost = simulate(reqs, load_policy("naive", catalog), catalog=catalog, settings=free, seed=seed,
+                              trace_name=trace_name, draws=draws).total_cost
     rows = [result_row(r.spec.name, r.spec.policy, r.spec.params, r.result, naive_cost, lb.total_usd,
                        r.relaxed_bound) for r in runs]
-    return document(trace_name, len(reqs), seed, lb, rows)
+    return document(trace_name, len(reqs), seed, lb, rows,
+                    [b.model_dump() for b in settings.budgets.specs] if budgeted else None)
 
 
 def _markdown(doc: dict) -> str:
     lines = [
         f"### {doc['trace']} ({doc['requests']:,} requests, seed {doc['seed']})",
         "",
-        f"Lower bound: ${doc['lower_bound_usd']:.2f}; naive: ${doc['results'][0]['naive_cost_usd']:.2f}.",
+        f"Lower bound: ${doc['lower_bound_usd']:.2f}; naive: ${doc['results'][0]['naive_cost_usd']:.2f}."
+        + ("" if not doc.get("budgets") else " Budgets: " + "; ".join(
+            f"{b.get('tenant') or 'all'} ${b['max_budget']:g}" + (f"/{b['budget_duration']}" if b.get(
+                "budget_duration") else "") for b in doc["budgets"]) + "."),
         "",
         "| policy | cost USD | saving vs naive | capture of achievable | deadlines met | urgent met | "
-        "exact/in-flight/near hits | failed | sim req/s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "exact/in-flight/near hits | failed | rejected | sim req/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in doc["results"]:
         cap = r["capture_of_achievable"]
@@ -155,6 +171,7 @@ def _markdown(doc: dict) -> str:
             f"{'n/a' if cap is None else f'{100 * cap:.1f} %'} | {100 * r['deadline_met_frac']:.2f} % | "
             f"{'n/a' if urgent is None else f'{100 * urgent:.1f} %'} | "
             f"{r['exact_hits']}/{r['in_flight_hits']}/{r['near_hits']} | {r['failed']} | "
+            f"{sum(r['rejected'].values())} | "
             f"{'live' if r.get('sim_requests_per_s') is None else format(r['sim_requests_per_s'], ',.0f')} |")
     return "\n".join(lines) + "\n"
 

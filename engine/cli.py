@@ -94,18 +94,52 @@ def trace_synth(out: Path = typer.Option(..., "--out"),
 
 def _print_table(doc: dict) -> None:
     t = Table(title=f"{doc['trace']}: {doc['requests']:,} requests; lower bound ${doc['lower_bound_usd']:.2f}")
-    for col in ("policy", "cost $", "saving", "capture", "met", "hits e/f/n", "batch/consider/indiv",
-                "sim req/s"):
+    budgeted = bool(doc.get("budgets"))
+    cols = ["policy", "cost $", "saving", "capture", "met", "urgent met", "hits e/f/n", "batch/consider/indiv"]
+    cols += ["rejected", "overrun $"] if budgeted else []
+    for col in cols + ["sim req/s"]:
         t.add_column(col, justify="left" if col == "policy" else "right", no_wrap=True)
     for r in doc["results"]:
         cap = r["capture_of_achievable"]
         rc = r["recommendations"]
         recs = "/".join(str(rc.get(k, 0)) for k in ("process_as_batch", "consider_batch", "process_individually"))
-        t.add_row(r["policy"], f"{r['cost_usd']:.2f}", f"{100 * r['saving_vs_naive'] + 0.0:.1f}%",
-                  "n/a" if cap is None else f"{100 * cap + 0.0:.1f}%", f"{100 * r['deadline_met_frac']:.2f}%",
-                  f"{r['exact_hits']}/{r['in_flight_hits']}/{r['near_hits']}", recs,
-                  "live" if r.get("sim_requests_per_s") is None else f"{r['sim_requests_per_s']:,.0f}")
+        urgent = r["deadline_met_by_priority"].get("urgent")
+        cells = [r["policy"], f"{r['cost_usd']:.2f}", f"{100 * r['saving_vs_naive'] + 0.0:.1f}%",
+                 "n/a" if cap is None else f"{100 * cap + 0.0:.1f}%", f"{100 * r['deadline_met_frac']:.2f}%",
+                 "n/a" if urgent is None else f"{100 * urgent:.1f}%",
+                 f"{r['exact_hits']}/{r['in_flight_hits']}/{r['near_hits']}", recs]
+        if budgeted:
+            cells += [str(sum(r["rejected"].values())), f"{r.get('budget_overrun_usd', 0.0):.2f}"]
+        t.add_row(*cells, "live" if r.get("sim_requests_per_s") is None else f"{r['sim_requests_per_s']:,.0f}")
     console.print(t)
+
+
+def _budgets(settings: Settings, budget: float | None, tenant_budget: list[str] | None,
+             duration: str | None) -> Settings:
+    """``--budget``/``--tenant-budget NAME=USD``/``--budget-duration`` on top of the settings' budgets."""
+    from engine.errors import ConfigError
+    from engine.settings import with_budget
+
+    tenants: dict[str, float] = {}
+    for item in tenant_budget or []:
+        name, sep, usd = item.partition("=")
+        try:
+            value = float(usd)
+        except ValueError:
+            value = -1.0
+        if not sep or not name or value < 0:
+            raise ConfigError(f"--tenant-budget {item!r}: write NAME=USD with USD >= 0, e.g. --tenant-budget acme=25")
+        if name in tenants:
+            raise ConfigError(f"--tenant-budget names tenant {name!r} twice")
+        tenants[name] = value
+    if budget is None and not tenants:
+        if duration is not None:
+            raise ConfigError("--budget-duration needs --budget or --tenant-budget")
+        return settings
+    try:
+        return with_budget(settings, budget, tenants, duration)
+    except ValueError as exc:
+        raise ConfigError(f"--budget-duration {duration!r}: {exc}") from None
 
 
 def _bench(requests, name: str, policies: str, variants: Path | None, out: Path, seed: int, cat,
@@ -130,12 +164,18 @@ def bench(trace: Path = typer.Argument(..., help="a JSONL trace"),
           variants: Path | None = typer.Option(None, help="YAML with variants: [{name, policy, params}]"),
           seed: int = typer.Option(0, help="simulation seed"),
           skip_invalid: bool = typer.Option(False, "--skip-invalid", help="skip and count invalid lines"),
+          budget: float | None = typer.Option(None, min=0, help="hard budget over all spend, USD"),
+          tenant_budget: list[str] | None = typer.Option(None, "--tenant-budget",
+                                                         help="hard budget of one tenant, NAME=USD (repeatable)"),
+          budget_duration: str | None = typer.Option(None, help="budget window (30s, 1h, 1d, 30d, 1mo); default: "
+                                                      "the whole trace"),
           catalog: Path | None = typer.Option(None, help="catalog YAML (default: packaged)")) -> None:
     """Run policies on a trace in the simulator; write results.json, results.md and plot.png."""
     from engine.trace import load_trace
 
     try:
         settings, cat = _settings(catalog)
+        settings = _budgets(settings, budget, tenant_budget, budget_duration)
         tr = load_trace(trace, catalog=cat, settings=settings, skip_invalid=skip_invalid)
         if tr.skipped:
             p = tr.problems[0]
@@ -149,14 +189,14 @@ def bench(trace: Path = typer.Argument(..., help="a JSONL trace"),
 
 
 def _live(requests, name: str, policy: str, speedup: float, address: str | None, seed: int, settings,
-          cat, budget: float | None) -> dict:
+          cat) -> dict:
     from engine.live import run_live
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=err_console, transient=True) as bar:
         task = bar.add_task(f"live {policy} x{speedup:g}", total=len(requests))
         return run_live(requests, trace_name=name, policy=policy, speedup=speedup, address=address, seed=seed,
-                        catalog=cat, settings=settings, budget_usd=budget,
+                        catalog=cat, settings=settings,
                         on_done=lambda k: bar.update(task, advance=k))
 
 
@@ -167,7 +207,10 @@ def run(trace: Path = typer.Argument(..., help="a JSONL trace"),
         out: Path = typer.Option(Path("out/run"), "--out"),
         address: str | None = typer.Option(None, help="attach to a Ray cluster (e.g. auto); default: "
                                               "an embedded local Ray"),
-        budget: float | None = typer.Option(None, min=0, help="hard budget in USD"),
+        budget: float | None = typer.Option(None, min=0, help="hard budget over all spend, USD"),
+        tenant_budget: list[str] | None = typer.Option(None, "--tenant-budget",
+                                                       help="hard budget of one tenant, NAME=USD (repeatable)"),
+        budget_duration: str | None = typer.Option(None, help="budget window (30s, 1h, 1d, 30d, 1mo)"),
         seed: int = typer.Option(0),
         skip_invalid: bool = typer.Option(False, "--skip-invalid"),
         catalog: Path | None = typer.Option(None)) -> None:
@@ -177,8 +220,9 @@ def run(trace: Path = typer.Argument(..., help="a JSONL trace"),
 
     try:
         settings, cat = _settings(catalog)
+        settings = _budgets(settings, budget, tenant_budget, budget_duration)
         tr = load_trace(trace, catalog=cat, settings=settings, skip_invalid=skip_invalid)
-        doc = _live(tr.requests, tr.name, policy, speedup, address, seed, settings, cat, budget)
+        doc = _live(tr.requests, tr.name, policy, speedup, address, seed, settings, cat)
         paths = write_outputs(doc, out)
     except SmartbatchError as exc:
         _fail(exc)
@@ -203,7 +247,7 @@ def demo(out: Path = typer.Option(Path("out/demo"), "--out"),
                 for r in synth(n, seed=seed, duration_s=600.0, catalog=cat, settings=settings)]
         name = f"synth-{n}-seed{seed}"
         doc = _bench(reqs, name, "naive,cache-only,fixed,batch-all,smart", None, out, seed, cat, settings)
-        live = _live(reqs, name, "smart", speedup, None, seed, settings, cat, None)
+        live = _live(reqs, name, "smart", speedup, None, seed, settings, cat)
         doc["results"].append(live["results"][0])
         doc["engine_report"] = live["engine_report"]
         paths = write_outputs(doc, out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Callable, Sequence
 
@@ -18,7 +19,7 @@ from engine.simulator import MODES, BatchRecord, SimResult, simulate
 
 __all__ = ["as_sim_result", "run_live"]
 
-_STATUS = {"ok": 1, "reused": 2, "failed": 3, "rejected": 3, "expired": 3}
+_STATUS = {"ok": 1, "reused": 2, "failed": 3, "rejected": 4, "expired": 3}
 _HITS = {None: 0, "exact": 1, "in_flight": 2, "near": 3}
 
 
@@ -43,13 +44,14 @@ def as_sim_result(policy: str, trace: str, requests: Sequence[Request], results:
         mode=np.array([mode_code.get(r.mode, -1) for r in rs], dtype=np.int8),
         hit=np.array([_HITS.get(r.hit, 0) for r in rs], dtype=np.int8),
         batch_of=np.full(len(rs), -1), batches=list(batches.values()), wall_s=wall_s,
-        extra={"rejected": sum(r.status == "rejected" for r in rs), "live": True})
+        extra={"rejected": dict(collections.Counter(r.error or "unknown" for r in rs if r.status == "rejected")),
+               "live": True})
 
 
 def run_live(requests: Sequence[Request], *, trace_name: str, policy: str = "smart",
              params: dict | None = None, speedup: float = 100.0, address: str | None = None,
              seed: int | None = None, catalog: Catalog | None = None, settings: Settings | None = None,
-             budget_usd: float | None = None, on_done: Callable[[int], None] | None = None) -> dict:
+             on_done: Callable[[int], None] | None = None) -> dict:
     """Replay ``requests`` through a live engine; return the results document of ``bench`` for one policy
     (plus ``engine_report``), judged against the simulated naive cost and the offline lower bound."""
     from engine.driver import Engine
@@ -61,7 +63,7 @@ def run_live(requests: Sequence[Request], *, trace_name: str, policy: str = "sma
     seed = settings.sim.seed if seed is None else seed
     t0 = time.perf_counter()
     with Engine.start(settings, policy=policy, policy_params=params, catalog=catalog, address=address,
-                      speedup=speedup, offset_s=offset, budget_usd=budget_usd, seed=seed) as eng:
+                      speedup=speedup, offset_s=offset, seed=seed) as eng:
         futs = eng.replay(reqs)
         if on_done is not None:
             for f in futs:
@@ -71,13 +73,18 @@ def run_live(requests: Sequence[Request], *, trace_name: str, policy: str = "sma
     wall = time.perf_counter() - t0
     catalog = eng.catalog
     draws = Draws(len(reqs), settings.sim.max_attempts, seed, settings.sim.batch_slot_s)
-    naive = simulate(reqs, load_policy("naive", catalog), catalog=catalog, settings=settings, seed=seed,
+    free = settings.model_copy(update={"budgets": type(settings.budgets)()})  # the bill nothing held back
+    naive = simulate(reqs, load_policy("naive", catalog), catalog=catalog, settings=free, seed=seed,
                      draws=draws).total_cost
     lb = lower_bound(reqs, catalog=catalog, settings=settings, draws=draws)
     live = as_sim_result(policy, trace_name, reqs, results, wall)
     relaxed = lower_bound(reqs, catalog=catalog, settings=settings, draws=draws, relax=~live.met).total_usd
     row = result_row(f"{policy} (live)", policy, params or {}, live, naive, lb.total_usd, relaxed)
     row.update(live_wall_s=round(wall, 2), speedup=speedup)
-    doc = document(trace_name, len(reqs), seed, lb, [row])
+    b = report.get("budget") or {}
+    if "overrun_usd" in b:
+        row["budget_overrun_usd"] = b["overrun_usd"]
+    doc = document(trace_name, len(reqs), seed, lb, [row],
+                   [b.model_dump() for b in settings.budgets.specs] if settings.budgets.specs else None)
     doc["engine_report"] = report
     return doc

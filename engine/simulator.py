@@ -339,6 +339,7 @@ class _Sim:
         once nothing is reserved any more (no later settlement would wake them)."""
         q = self.budget_wait
         everyone = not self.book.claims
+        go: list[int] = []
         while q:
             _, _, i, amount = q[0]
             if i not in self.waiting:
@@ -349,9 +350,11 @@ class _Sim:
             heapq.heappop(q)
             self.wait_credit = max(self.wait_credit - amount, 0.0)
             self.waiting.discard(i)
-            self.admit(i, fresh=False)
+            go.append(i)
         if everyone:
             self.wait_credit = 0.0
+        for i in go:  # after the loop: one that must wait again waits for the next settlement
+            self.admit(i, fresh=False)
 
     def reject(self, i: int, reason: str, why: str) -> None:
         self.status[i], self.done_at[i] = _REJECTED, self.now
