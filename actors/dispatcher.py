@@ -114,7 +114,11 @@ class Dispatcher(Warm):
         a = e.outcome
         mode = "gpu_batch" if self.sim.spec.models[j.req.model].gpu_priced else "sync"
         if a.ok:
-            self._at(a.at, lambda: self._final(b, j, True, a.cost, mode))
+            def answered() -> None:
+                self.sim.success(j.req.model, self.clock.now())
+                self._final(b, j, True, a.cost, mode)
+
+            self._at(a.at, answered)
             return
 
         def failed() -> None:

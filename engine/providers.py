@@ -12,6 +12,8 @@ fallback model, or holds it until the cool-down ends.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -102,7 +104,7 @@ class SimProvider:
         self.bt = settings.prefix_block_tokens
         res: Resilience = settings.resilience
         self.backoff_max = res.backoff_max_s
-        self.breaker = CircuitBreaker(res.allowed_fails, res.window_s, res.cooldown_time)
+        self.breaker = CircuitBreaker(res.allowed_fails, res.window_s, res.cooldown_time, res.failure_share)
         self.fallbacks = {a.split("/", 1)[1]: b for a, b in res.fallbacks.items()
                           if a.split("/", 1)[0] == provider.name}
         sched = scheduling or Scheduling()
@@ -119,7 +121,9 @@ class SimProvider:
         ba = provider.batch_api
         self.enqueued = EnqueuedTokens(ba.max_enqueued_tokens) if ba is not None else None
         self.batch_queue = FairQueue(sched, self.max_att)
-        self.parked: list[tuple[float, Unit]] = []  # (circuit closes at, unit) of models without a fallback
+        # Work of models whose circuit is open and that have no fallback: a heap by when the circuit closes.
+        self.parked: list[tuple[float, int, Unit]] = []
+        self._parked_seq = itertools.count()
         self.warm: dict[str, dict[int, float]] = {}  # model -> block -> warm until
         self._lead: dict[str, float] = {}
 
@@ -159,15 +163,12 @@ class SimProvider:
         and when to pump again (None: nothing waits)."""
         events: list[Event] = []
         next_at = _INF
-        if self.parked:
-            keep = []
-            for until, u in self.parked:
-                if until <= now:
-                    self.queues[self._gate_of[u.item.reqs[0].model]].push(u)
-                else:
-                    keep.append((until, u))
-                    next_at = min(next_at, until)
-            self.parked = keep
+        parked = self.parked
+        while parked and parked[0][0] <= now:
+            u = heapq.heappop(parked)[2]
+            self.queues[self._gate_of[u.item.reqs[0].model]].push(u)
+        if parked:
+            next_at = parked[0][0]
         for key, q in self.queues.items():
             gate = self.gates[key]
             while len(q):
@@ -182,7 +183,7 @@ class SimProvider:
                     if fb is not None:
                         events.append(Event("reroute", w, now, fb))
                     else:
-                        self.parked.append((until, u))
+                        heapq.heappush(parked, (until, next(self._parked_seq), u))
                         next_at = min(next_at, until)
                     continue
                 s = gate.earliest(now, u.tokens)
@@ -206,6 +207,10 @@ class SimProvider:
     def failure(self, model: str, t: float) -> None:
         """A call of ``model`` failed at ``t`` (told when the failure happens, not when it was drawn)."""
         self.breaker.failure(model, t)
+
+    def success(self, model: str, t: float) -> None:
+        """A call of ``model`` answered at ``t``."""
+        self.breaker.success(model, t)
 
     def retry_at(self, i: int, attempt: int, a: SyncAttempt) -> float:
         """When attempt ``attempt + 1`` of draw row ``i`` may be queued after attempt ``attempt`` failed."""

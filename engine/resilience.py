@@ -3,8 +3,10 @@
 * ``retry_delay``: a 429's ``Retry-After`` is honoured as given; otherwise exponential backoff
   ``base * 2**(k-1)`` capped at ``max_s``, with "equal jitter" (half fixed, half drawn), so that the calls of
   one failing burst do not retry in lockstep and hit the provider again together.
-* ``CircuitBreaker``: per provider and model, ``allowed_fails`` failures within ``window_s`` open the
-  circuit for ``cooldown_time`` seconds (the names are LiteLLM's). While open, work goes to the fallback
+* ``CircuitBreaker``: per provider and model, at least ``allowed_fails`` failures within ``window_s`` that
+  are also at least ``failure_share`` of the calls that ended there open the circuit for ``cooldown_time``
+  seconds (the names are LiteLLM's; a count alone would keep a busy model's circuit open at a normal 1 %
+  error rate, which is why LiteLLM added a failure percentage too). While open, work goes to the fallback
   model when one is mapped, else waits for the circuit to close. After the cool-down, calls flow again; a
   failure that keeps on opens it again.
 
@@ -27,6 +29,8 @@ class Resilience(BaseModel):
     backoff_max_s: float = Field(default=60.0, gt=0, description="cap on one backoff wait")
     allowed_fails: int = Field(default=5, ge=1, description="failures within window_s that open the circuit")
     window_s: float = Field(default=60.0, gt=0, description="how far back failures count")
+    failure_share: float = Field(default=0.5, gt=0, le=1, description="and at least this share of the calls "
+                                 "that ended within window_s failed")
     cooldown_time: float = Field(default=30.0, ge=0, description="seconds a circuit stays open")
     fallbacks: dict[str, str] = Field(
         default_factory=dict,
@@ -54,23 +58,36 @@ def retry_delay(attempt: int, base_s: float, max_s: float, jitter_u: float,
 
 
 class CircuitBreaker:
-    def __init__(self, allowed_fails: int, window_s: float, cooldown_s: float):
+    def __init__(self, allowed_fails: int, window_s: float, cooldown_s: float, failure_share: float = 0.5):
         self.allowed_fails = allowed_fails
         self.window_s = window_s
         self.cooldown_s = cooldown_s
+        self.failure_share = failure_share
         self._fails: dict[str, deque[float]] = {}
+        self._oks: dict[str, deque[float]] = {}
         self._open_until: dict[str, float] = {}
         self.opened = 0  # times a circuit opened, for reports
 
     def __repr__(self) -> str:
         return f"CircuitBreaker(open={sorted(self._open_until)}, opened={self.opened})"
 
+    def _trim(self, q: deque[float], t: float) -> None:
+        while q and q[0] <= t - self.window_s:
+            q.popleft()
+
+    def success(self, model: str, t: float) -> None:
+        q = self._oks.setdefault(model, deque())
+        q.append(t)
+        self._trim(q, t)
+
     def failure(self, model: str, t: float) -> None:
         q = self._fails.setdefault(model, deque())
         q.append(t)
-        while q and q[0] <= t - self.window_s:
-            q.popleft()
-        if len(q) >= self.allowed_fails and self._open_until.get(model, -1.0) <= t:
+        self._trim(q, t)
+        oks = self._oks.get(model, deque())
+        self._trim(oks, t)
+        if (len(q) >= self.allowed_fails and len(q) >= self.failure_share * (len(q) + len(oks))
+                and self._open_until.get(model, -1.0) <= t):
             self._open_until[model] = t + self.cooldown_s
             self.opened += 1
             q.clear()

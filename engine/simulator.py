@@ -230,6 +230,9 @@ class _Sim:
         else:
             self.push(prov.retry_at(i, k, a), "requeue", w._replace(attempts=[int(self.attempts[i])]))
 
+    def on_sync_ok(self, i: int) -> None:
+        self.providers[self.reqs[i].provider].success(self.reqs[i].model, self.now)
+
     def on_requeue(self, w: Work) -> None:
         r = w.reqs[0]
         self.providers[r.provider].enqueue(w)
@@ -407,6 +410,7 @@ class _Sim:
         if a.ok:
             self.settle_claim(i, a.cost, a.at)
             self.complete(i, a.at, a.cost, _SYNC, w.item)
+            self.push(a.at, "sync_ok", i)
         else:
             self.push(a.at, "sync_fail", (i, k, a, w))
 
