@@ -25,24 +25,25 @@ local n = tonumber(ARGV[2])
 local i = 3
 local out = {}
 for c = 1, n do
-  local rid, amount, frac, nk = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
-  i = i + 4
+  local rid, amount, nk = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  i = i + 3
   local refused = {}
   for j = 0, nk - 1 do
-    local h = prefix .. ':w:' .. ARGV[i + 3 * j]
-    local limit = tonumber(ARGV[i + 3 * j + 1])
+    local h = prefix .. ':w:' .. ARGV[i + 4 * j]
+    local limit = tonumber(ARGV[i + 4 * j + 1])
+    local allowed = tonumber(ARGV[i + 4 * j + 2])
     local spent = tonumber(redis.call('HGET', h, 'spent') or '0')
     local used = spent + tonumber(redis.call('HGET', h, 'reserved') or '0')
-    if used + amount > limit * frac + 1e-9 then
-      local fits = (spent + amount <= limit * frac + 1e-9) and '1' or '0'
+    if used + amount > allowed + 1e-9 then
+      local fits = (spent + amount <= allowed + 1e-9) and '1' or '0'
       refused[#refused + 1] = tostring(j + 1) .. ':' .. tostring(limit - used) .. ':' .. fits
     end
   end
   if #refused == 0 and nk > 0 then
     local claim = prefix .. ':c:' .. rid
-    redis.call('HSET', claim, '_who', ARGV[i + 3 * nk])
+    redis.call('HSET', claim, '_who', ARGV[i + 4 * nk])
     for j = 0, nk - 1 do
-      local k, ttl = ARGV[i + 3 * j], tonumber(ARGV[i + 3 * j + 2])
+      local k, ttl = ARGV[i + 4 * j], tonumber(ARGV[i + 4 * j + 3])
       local h = prefix .. ':w:' .. k
       redis.call('HINCRBYFLOAT', h, 'reserved', amount)
       if ttl > 0 then redis.call('EXPIRE', h, ttl) end
@@ -51,7 +52,7 @@ for c = 1, n do
     redis.call('EXPIRE', claim, 30 * 86400)
   end
   out[c] = table.concat(refused, ',')
-  i = i + 3 * nk + 1
+  i = i + 4 * nk + 1
 end
 return out
 """
@@ -103,18 +104,24 @@ class RedisBudgetBook:
                 raise ValueError(f"claim {c.rid}: amount must be >= 0, got {c.amount}")
             touched = [s for s in self.specs if s.covers(c.tenant, c.provider, c.model)]
             touched_all.append(touched)
-            args += [c.rid, repr(float(c.amount)), repr(self.throttle.of(c.priority)), len(touched)]
+            args += [c.rid, repr(float(c.amount)), len(touched)]
+            th = self.throttle
             for s in touched:
                 end = window_bounds(s.budget_duration, now)[1]
                 ttl = 0 if end == math.inf else int(end - now) + 86400
-                args += [s.key(now), repr(float(s.max_budget)), ttl]
+                allowed = s.max_budget * th.of(c.priority) * th.pace_of(s, c.priority, now)
+                args += [s.key(now), repr(float(s.max_budget)), repr(float(allowed)), ttl]
             args.append(_SEP.join((c.tenant, c.provider, c.model)))
         raw = await self._reserve(args=args)
         out = []
         for c, touched, r in zip(claims, touched_all, raw):
             text = r.decode() if isinstance(r, bytes) else r
-            refusals = [Refusal(touched[int(j) - 1], float(rem), fits == "1") for j, rem, fits in
-                        (part.split(":") for part in text.split(",") if part)]
+            refusals = []
+            for j, rem, fits in (part.split(":") for part in text.split(",") if part):
+                s = touched[int(j) - 1]
+                used = s.max_budget - float(rem)
+                refusals.append(Refusal(s, float(rem), fits == "1",
+                                        self.throttle.paced_until(s, c.priority, now, used + c.amount)))
             out.append(verdict_of(refusals, c.priority, now))
         return out
 

@@ -2,9 +2,10 @@
 sends each dispatch, after its budget reservation, to the provider's dispatcher.
 
 Budgets: each member reserves the upper bound of its dispatch (``reserve_bound``). A member refused because
-open reservations hold the budget waits here and tries again every ``PARK_RETRY_S`` engine seconds (until its
-deadline, then it is rejected); one deferred to the next window is re-added then; one refused outright
-resolves as ``rejected`` with ``budget_exhausted`` and what the budget has left.
+open reservations hold the budget waits here and tries again every ``PARK_RETRY_S`` engine seconds; one
+deferred (by pacing or to the next window) tries again when its verdict says; either is rejected once its
+deadline passes. Tries are batched: one timer, one re-add, one reservation call for everything due. One
+refused outright resolves as ``rejected`` with ``budget_exhausted`` and what the budget has left.
 
 Shardable by compatibility key: the driver routes each request to one grouper by a hash of its key, so
 several groupers can split the load and a group never spans two of them.
@@ -44,8 +45,8 @@ class Grouper(Warm):
         self.budget_limited = budget_limited
         self.max_attempts = max_attempts
         self.reserve_model_max = reserve_model_max
-        self.parked: dict[str, Job] = {}  # waiting for open reservations to settle
-        self._park_timer: asyncio.TimerHandle | None = None
+        self.parked: dict[str, tuple[float, Job]] = {}  # request id -> (try again at, job)
+        self._park_timer: tuple[float, asyncio.TimerHandle] | None = None
         self._claims = itertools.count()
         self.table = GroupTable(policy, catalog)
         self.pending: dict[str, Job] = {}
@@ -159,50 +160,55 @@ class Grouper(Warm):
                 if v.ok:
                     keep.append(j._replace(claim=c.rid))
                 elif v.reason == "wait":
-                    self.parked[j.req.id] = j
+                    self.parked[j.req.id] = (now + PARK_RETRY_S, j)
                 elif v.reason == "deferred" and v.retry_at <= j.req.deadline_at:
-                    self._later(v.retry_at, [j])
+                    self.parked[j.req.id] = (max(v.retry_at, now + PARK_RETRY_S), j)
                 else:
                     why = (f"budget {v.budget} has ${v.remaining_usd:.6f} left" if v.reason == "budget_exhausted"
                            else f"budget {v.budget} resets at t={v.retry_at:.0f}s, after the deadline")
                     refused.append(self._failed(j, "budget_exhausted", status="rejected", reason=why))
             if keep:
                 out.append(b._replace(jobs=keep))
-        if self.parked and self._park_timer is None:
-            self._park_timer = asyncio.get_running_loop().call_later(
-                self.clock.real_delay(PARK_RETRY_S), self._retry_parked)
+        self._arm_parked()
         return out
 
-    def _later(self, at: float, jobs: list[Job]) -> None:
-        """Re-add ``jobs`` to the policy at engine time ``at`` (a deferral to the next budget window)."""
-        loop = asyncio.get_running_loop()
-
-        def fire() -> None:
-            self._timers.discard(handle)
-            task = loop.create_task(self.add(jobs))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-        handle = loop.call_later(self.clock.real_delay(at - self.clock.now()), fire)
-        self._timers.add(handle)
+    def _arm_parked(self) -> None:
+        if not self.parked:
+            return
+        due = min(min(d for d, _ in self.parked.values()),
+                  min(j.req.deadline_at for _, j in self.parked.values()))
+        if self._park_timer is not None:
+            if self._park_timer[0] <= due:
+                return
+            self._park_timer[1].cancel()
+        handle = asyncio.get_running_loop().call_later(self.clock.real_delay(due - self.clock.now()),
+                                                       self._retry_parked)
+        self._park_timer = (due, handle)
 
     def _retry_parked(self) -> None:
         self._park_timer = None
         now = self.clock.now()
-        jobs, self.parked = list(self.parked.values()), {}
-        late = [j for j in jobs if j.req.deadline_at <= now]
-        again = [j for j in jobs if j.req.deadline_at > now]
+        late, again = [], []
+        for rid, (due, j) in list(self.parked.items()):
+            if j.req.deadline_at <= now:
+                late.append(j)
+            elif due <= now + 1e-9:
+                again.append(j)
+            else:
+                continue
+            del self.parked[rid]
         loop = asyncio.get_running_loop()
         if late:
             task = loop.create_task(self.hub.call("push", [self._failed(
                 j, "budget_exhausted", status="rejected",
-                reason="open reservations held the budget until the deadline") for j in late], [0.0] * len(late)))
+                reason="the budget held it back until its deadline") for j in late], [0.0] * len(late)))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         if again:
             task = loop.create_task(self.add(again))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        self._arm_parked()
 
     async def set_dispatchers(self, dispatchers: dict) -> None:
         """Dispatchers need this grouper's handle and it needs theirs: the engine wires them after creation."""

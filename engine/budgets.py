@@ -75,6 +75,8 @@ class BudgetSpec(BaseModel):
     max_budget: float = Field(ge=0, description="hard limit in USD per window")
     soft_budget: float | None = Field(default=None, ge=0, description="alert above this spend, USD")
     budget_duration: str | None = Field(default=None, description="30s, 1h, 1d, 30d, 1mo; None: never resets")
+    horizon_s: float | None = Field(default=None, gt=0, description="a budget that never resets is paced over "
+                                    "this many seconds from time 0 (e.g. a job's planned length); None: not paced")
 
     @model_validator(mode="after")
     def _check(self) -> BudgetSpec:
@@ -98,14 +100,30 @@ class BudgetSpec(BaseModel):
         """The name of this spec's window at ``t`` (a ledger key)."""
         return f"{self.name}@{window_bounds(self.budget_duration, t)[0]:.0f}"
 
+    def span(self, t: float) -> tuple[float, float] | None:
+        """The stretch of time over which spend is paced at ``t``: the window, or [0, horizon_s)."""
+        if self.budget_duration is not None:
+            return window_bounds(self.budget_duration, t)
+        return (0.0, self.horizon_s) if self.horizon_s is not None else None
+
 
 class Throttle(BaseModel):
-    """Fractions of a hard limit up to which each priority may reserve."""
+    """Fractions of a hard limit up to which each priority may reserve, and pacing.
+
+    Thresholds alone are first come, first served: a budget that demand outruns is spent by whatever arrives
+    first, and urgent work arriving later finds 5 % left. With ``pace``, non-urgent work may use its fraction
+    of the limit only in step with time: at a share ``x`` of the window (or horizon) it may reach
+    ``fraction * limit * min(1, x + pace_slack)``. Urgent work is never paced, so it finds the rest of the
+    budget whenever it comes, and non-urgent work is spread over the window (as ad servers pace a daily
+    budget). A paced-out request is deferred until the line reaches it.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     background: float = Field(default=0.80, ge=0, le=1)
     normal: float = Field(default=0.95, ge=0, le=1)
     urgent: float = Field(default=1.0, ge=0, le=1)
+    pace: bool = True
+    pace_slack: float = Field(default=0.1, ge=0, le=1, description="share of the limit usable at the start")
 
     @model_validator(mode="after")
     def _ordered(self) -> Throttle:
@@ -116,6 +134,23 @@ class Throttle(BaseModel):
 
     def of(self, priority: str) -> float:
         return getattr(self, priority)
+
+    def pace_of(self, spec: BudgetSpec, priority: str, t: float) -> float:
+        """The share of its fraction that ``priority`` may use at ``t`` (1: all of it)."""
+        span = spec.span(t) if self.pace and priority != "urgent" else None
+        if span is None:
+            return 1.0
+        start, end = span
+        return min(1.0, max(t - start, 0.0) / (end - start) + self.pace_slack)
+
+    def paced_until(self, spec: BudgetSpec, priority: str, t: float, need: float) -> float | None:
+        """When the paced allowance of ``priority`` reaches ``need`` USD, if pacing is what holds it back."""
+        span = spec.span(t) if self.pace and priority != "urgent" else None
+        full = spec.max_budget * self.of(priority)
+        if span is None or need > full + EPS or full <= 0:
+            return None
+        start, end = span
+        return min(max(start + (need / full - self.pace_slack) * (end - start), t), end)
 
 
 class Claim(NamedTuple):
@@ -141,6 +176,7 @@ class Refusal(NamedTuple):
     spec: BudgetSpec
     remaining: float  # limit - spent - reserved
     fits_settled: bool  # the claim would pass on the spend alone, were every open reservation released
+    paced_until: float | None = None  # pacing holds it back until then
 
 
 _RANK = {"wait": 0, "deferred": 1, "budget_exhausted": 2}
@@ -151,11 +187,13 @@ def verdict_of(refusals: list[Refusal], priority: str, now: float) -> Verdict:
     a deferral (waiting for a reset cannot help when some budget never resets), which outranks waiting for
     open reservations; among deferrals the latest reset wins."""
     worst: Verdict | None = None
-    for s, remaining, fits_settled in refusals:
+    for s, remaining, fits_settled, paced in refusals:
         end = window_bounds(s.budget_duration, now)[1]
         rem = max(remaining, 0.0)
         if fits_settled:
             v = Verdict(False, "wait", None, rem, s.name)
+        elif paced is not None and paced > now:
+            v = Verdict(False, "deferred", paced, rem, s.name)
         elif priority != "urgent" and end < math.inf:
             v = Verdict(False, "deferred", end, rem, s.name)
         else:
@@ -188,14 +226,16 @@ class BudgetBook:
         touched = [(s, s.key(now)) for s in self.specs if s.covers(c.tenant, c.provider, c.model)]
         if c.amount < 0:
             raise ValueError(f"claim {c.rid}: amount must be >= 0, got {c.amount}")
-        frac = self.throttle.of(c.priority)
+        th = self.throttle
+        frac = th.of(c.priority)
         refusals = []
         for s, k in touched:
             spent = self.spent.get(k, 0.0)
             used = spent + self.reserved.get(k, 0.0)
-            limit = s.max_budget * frac
+            limit = s.max_budget * frac * th.pace_of(s, c.priority, now)
             if used + c.amount > limit + EPS:
-                refusals.append(Refusal(s, s.max_budget - used, spent + c.amount <= limit + EPS))
+                refusals.append(Refusal(s, s.max_budget - used, spent + c.amount <= limit + EPS,
+                                        th.paced_until(s, c.priority, now, used + c.amount)))
         return touched, verdict_of(refusals, c.priority, now)
 
     def reserve_many(self, claims: list[Claim], now: float) -> list[Verdict]:

@@ -115,8 +115,9 @@ def _print_table(doc: dict) -> None:
 
 
 def _budgets(settings: Settings, budget: float | None, tenant_budget: list[str] | None,
-             duration: str | None) -> Settings:
-    """``--budget``/``--tenant-budget NAME=USD``/``--budget-duration`` on top of the settings' budgets."""
+             duration: str | None, requests) -> Settings:
+    """``--budget``/``--tenant-budget NAME=USD``/``--budget-duration`` on top of the settings' budgets. A
+    budget without a window covers the whole trace and is paced over its span."""
     from engine.errors import ConfigError
     from engine.settings import with_budget
 
@@ -137,7 +138,8 @@ def _budgets(settings: Settings, budget: float | None, tenant_budget: list[str] 
             raise ConfigError("--budget-duration needs --budget or --tenant-budget")
         return settings
     try:
-        return with_budget(settings, budget, tenants, duration)
+        horizon = max((r.arrival_s for r in requests), default=0.0)
+        return with_budget(settings, budget, tenants, duration, horizon_s=horizon)
     except ValueError as exc:
         raise ConfigError(f"--budget-duration {duration!r}: {exc}") from None
 
@@ -175,8 +177,8 @@ def bench(trace: Path = typer.Argument(..., help="a JSONL trace"),
 
     try:
         settings, cat = _settings(catalog)
-        settings = _budgets(settings, budget, tenant_budget, budget_duration)
         tr = load_trace(trace, catalog=cat, settings=settings, skip_invalid=skip_invalid)
+        settings = _budgets(settings, budget, tenant_budget, budget_duration, tr.requests)
         if tr.skipped:
             p = tr.problems[0]
             err_console.print(Text(f"skipped {tr.skipped} invalid line(s); first: {p[0]}:{p[1]}: field '{p[2]}': "
@@ -220,8 +222,8 @@ def run(trace: Path = typer.Argument(..., help="a JSONL trace"),
 
     try:
         settings, cat = _settings(catalog)
-        settings = _budgets(settings, budget, tenant_budget, budget_duration)
         tr = load_trace(trace, catalog=cat, settings=settings, skip_invalid=skip_invalid)
+        settings = _budgets(settings, budget, tenant_budget, budget_duration, tr.requests)
         doc = _live(tr.requests, tr.name, policy, speedup, address, seed, settings, cat)
         paths = write_outputs(doc, out)
     except SmartbatchError as exc:

@@ -84,13 +84,15 @@ class Settings(BaseSettings):
 
 
 def with_budget(settings: Settings, total_usd: float | None = None,
-                tenants: Mapping[str, float] | None = None, duration: str | None = None) -> Settings:
+                tenants: Mapping[str, float] | None = None, duration: str | None = None,
+                horizon_s: float | None = None) -> Settings:
     """``settings`` plus a hard budget over everything (``total_usd``) and per tenant, each over
-    ``duration`` (None: the whole run)."""
+    ``duration`` (None: the whole run, paced over ``horizon_s`` seconds when given)."""
     specs = list(settings.budgets.specs)
+    horizon = horizon_s if duration is None and horizon_s and horizon_s > 0 else None
     if total_usd is not None:
-        specs.append(BudgetSpec(max_budget=total_usd, budget_duration=duration))
+        specs.append(BudgetSpec(max_budget=total_usd, budget_duration=duration, horizon_s=horizon))
     for tenant, usd in (tenants or {}).items():
-        specs.append(BudgetSpec(tenant=tenant, max_budget=usd, budget_duration=duration))
+        specs.append(BudgetSpec(tenant=tenant, max_budget=usd, budget_duration=duration, horizon_s=horizon))
     budgets = BudgetSettings.model_validate({**settings.budgets.model_dump(), "specs": specs})
     return settings.model_copy(update={"budgets": budgets})

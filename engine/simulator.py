@@ -167,7 +167,7 @@ class _Sim:
         self.claim_of: dict[int, tuple[str, float]] = {}
         self.budget_wait: list[tuple] = []
         self.waiting: set[int] = set()
-        self.wait_credit = 0.0
+        self.tick_at = math.inf
         self.budget_waits = 0
         self.deferrals = 0
         self.rejected: dict[str, int] = {}
@@ -238,14 +238,14 @@ class _Sim:
         self.providers[r.provider].enqueue(w)
         self.pump(r.provider)
 
-    def on_settle(self, item: tuple[str, float, float]) -> None:
-        rid, actual, amount = item
-        self.book.settle_many([(rid, actual)])
-        self.wait_credit += amount - actual
+    def on_settle(self, item: tuple[str, float]) -> None:
+        self.book.settle_many([item])
         self.release_waiters()
 
-    def on_readmit(self, i: int) -> None:
-        self.admit(i, fresh=False)
+    def on_budget_tick(self, at: float) -> None:
+        if self.tick_at == at:
+            self.tick_at = math.inf
+        self.release_waiters()
 
     def on_budget_expire(self, i: int) -> None:
         if i in self.waiting:
@@ -316,15 +316,18 @@ class _Sim:
             if v.ok:
                 self.claim_of[i] = (c.rid, c.amount)
                 ok.append(i)
-            elif v.reason == "wait":
-                self.budget_waits += 1
-                heapq.heappush(self.budget_wait, (_PRIO[r.priority], r.deadline_at, i, c.amount))
+            elif v.reason == "wait" or (v.reason == "deferred" and v.retry_at <= r.deadline_at):
+                # Waits for reservations to settle, for the pacing line, or for the next window: in one
+                # queue, tried head first, so a crowd held back together is not re-tried as a crowd.
+                if v.reason == "wait":
+                    self.budget_waits += 1
+                else:
+                    self.deferrals += 1
+                    self.tick(v.retry_at)
+                heapq.heappush(self.budget_wait, (_PRIO[r.priority], r.deadline_at, next(self.seq), i, c.amount))
                 if i not in self.waiting:
                     self.waiting.add(i)
                     self.push(max(r.deadline_at, self.now), "budget_expire", i)
-            elif v.reason == "deferred" and v.retry_at <= r.deadline_at:
-                self.deferrals += 1
-                self.push(v.retry_at, "readmit", i)
             else:
                 why = (f"budget {v.budget} has ${v.remaining_usd:.6f} left" if v.reason == "budget_exhausted" else
                        f"budget {v.budget} resets at t={v.retry_at:.0f}s, after the deadline")
@@ -335,29 +338,41 @@ class _Sim:
         entry = self.claim_of.pop(i, None)
         if entry is None:
             return
-        self.push(at, "settle", (entry[0], actual, entry[1]))
+        self.push(at, "settle", (entry[0], actual))
+
+    def tick(self, at: float) -> None:
+        """Try the waiting queue again at ``at`` (a pacing line or a window reset reaching its head)."""
+        if at < self.tick_at:
+            self.tick_at = at
+            self.push(at, "budget_tick", at)
 
     def release_waiters(self) -> None:
-        """Let waiting requests try again as settlements free what their estimates would need; all of them
-        once nothing is reserved any more (no later settlement would wake them)."""
-        q = self.budget_wait
-        everyone = not self.book.claims
-        go: list[int] = []
+        """Admit waiting requests, head first (priority, then deadline), while the budget would take them."""
+        q, book, now = self.budget_wait, self.book, self.now
+        released: set[int] = set()
         while q:
-            _, _, i, amount = q[0]
+            _, _, _, i, amount = q[0]
             if i not in self.waiting:
                 heapq.heappop(q)
                 continue
-            if not everyone and amount > self.wait_credit:
+            if i in released:  # admitted and back already: try again at the next change
                 break
-            heapq.heappop(q)
-            self.wait_credit = max(self.wait_credit - amount, 0.0)
-            self.waiting.discard(i)
-            go.append(i)
-        if everyone:
-            self.wait_credit = 0.0
-        for i in go:  # after the loop: one that must wait again waits for the next settlement
-            self.admit(i, fresh=False)
+            r = self.reqs[i]
+            v = book.plan(Claim("probe", r.tenant, r.provider, r.model, r.priority, amount), now)[1]
+            if v.ok:
+                heapq.heappop(q)
+                self.waiting.discard(i)
+                released.add(i)
+                self.admit(i, fresh=False)  # reserves now (or joins a group): the next probe sees it
+            elif v.reason == "wait":
+                break
+            elif v.reason == "deferred" and v.retry_at <= r.deadline_at:
+                self.tick(v.retry_at)
+                break
+            else:
+                heapq.heappop(q)
+                self.waiting.discard(i)
+                self.reject(i, "budget_exhausted", f"budget {v.budget} has ${v.remaining_usd:.6f} left")
 
     def reject(self, i: int, reason: str, why: str) -> None:
         self.status[i], self.done_at[i] = _REJECTED, self.now

@@ -30,7 +30,7 @@ def test_durations_and_windows():
 
 
 def test_background_then_normal_stop_before_urgent_and_the_window_decides_deferral():
-    book = BudgetBook([BudgetSpec(tenant="acme", max_budget=10.0, budget_duration="1d")])
+    book = BudgetBook([BudgetSpec(tenant="acme", max_budget=10.0, budget_duration="1d")], Throttle(pace=False))
     assert book.reserve_many([claim("a", 7.9, "background")], T0)[0].ok
     v = book.reserve_many([claim("b", 0.2, "background")], T0)[0]  # 8.1 > 80 %, but only while "a" is open
     assert (v.ok, v.reason, v.retry_at) == (False, "wait", None)
@@ -56,6 +56,22 @@ def test_background_then_normal_stop_before_urgent_and_the_window_decides_deferr
                                                      f"{window_bounds('1d', T0 + 86400)[0]:.0f}"]
 
 
+def test_pacing_spreads_non_urgent_spend_over_the_window_and_never_holds_urgent_work():
+    spec = BudgetSpec(max_budget=100.0, budget_duration="1d")
+    book = BudgetBook([spec])  # pacing on, 10 % up front
+    start = window_bounds("1d", T0)[0]  # T0 is 10:30 UTC: 43.75 % of the day has passed
+    a = 0.8 * (0.4375 + 0.1) * 100 - 0.01
+    assert book.reserve_many([claim("a", a, "background")], T0)[0].ok
+    book.settle_many([("a", a)])
+    v = book.reserve_many([claim("b", 1.0, "background")], T0)[0]  # deferred until the line reaches a + 1
+    assert v.reason == "deferred" and v.retry_at == pytest.approx(start + ((a + 1.0) / 80 - 0.1) * 86400)
+    assert book.reserve_many([claim("c", 1.0, "normal")], T0)[0].ok  # normal's line is higher (95 %)
+    assert book.reserve_many([claim("d", 50.0, "urgent")], T0)[0].ok  # urgent is never paced
+    never = BudgetBook([BudgetSpec(max_budget=100.0, horizon_s=1000.0)])
+    assert not never.reserve_many([claim("e", 20.0, "normal")], 50.0)[0].ok  # 95 % x (5 % + 10 %) = 14.25
+    assert never.reserve_many([claim("e", 20.0, "normal")], 200.0)[0].ok
+
+
 def test_a_budget_that_never_resets_rejects_and_the_tightest_spec_wins():
     book = BudgetBook([BudgetSpec(max_budget=100.0), BudgetSpec(model="gpt-5", max_budget=1.0)])
     v = book.reserve_many([claim("a", 2.0, "background")], T0)[0]
@@ -70,7 +86,7 @@ def test_spend_never_passes_the_hard_limit(ops):
     """Whatever the estimates, priorities and failures: actual cost <= its reservation (the estimate is an
     upper bound), so spent + reserved never passes the limit."""
     spec = BudgetSpec(max_budget=10.0, budget_duration="1h")
-    book = BudgetBook([spec])
+    book = BudgetBook([spec], Throttle(pace=False))
     open_claims = []
     for k, (amount, prio, frac, fail) in enumerate(ops):
         if book.reserve_many([claim(str(k), amount, prio)], T0)[0].ok:
@@ -80,3 +96,119 @@ def test_spend_never_passes_the_hard_limit(ops):
             book.settle_many([(rid, 0.0 if failed else amt * f)])
         (row,) = book.report(T0)
         assert row["spent_usd"] + row["reserved_usd"] <= spec.max_budget + 1e-6
+
+
+# -- the controller under concurrency, and budgets in the simulator ------------------------------------------
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(500, 3000), st.floats(0, 0.5), st.floats(0.01, 1.0),
+       st.integers(1, 50))
+def test_thousands_of_concurrent_reservations_never_pass_the_limit(seed, n, fail_rate, max_amount, width):
+    """Reservations and settlements interleave on one event loop as the grouper's and dispatchers' calls do;
+    actual costs are at most the reservation, some calls fail (settle 0). Spend never passes the limit."""
+    import asyncio
+
+    from actors.budget import BudgetController
+    from engine.budgets import BudgetSettings
+    from engine.clock import ManualClock
+
+    import random
+
+    limit = 20.0
+    rng = random.Random(seed)
+    ops = [(rng.uniform(0, max_amount), rng.choice(["urgent", "normal", "background"]), rng.random(),
+            rng.random() < fail_rate) for _ in range(n)]
+
+    async def go():
+        ctl = BudgetController(BudgetSettings(specs=(BudgetSpec(max_budget=limit, budget_duration="1d"),)), None,
+                               ManualClock(T0))
+        checked = []
+
+        async def worker(part):
+            for k, (amount, prio, frac, fail) in part:
+                (v,) = await ctl.reserve_many([claim(f"c{k}", amount, prio)])
+                await asyncio.sleep(0)  # let every other worker in between
+                if v.ok:
+                    await ctl.settle_many([(f"c{k}", 0.0 if fail else amount * frac)])
+                rep = await ctl.report()
+                checked.append(rep["budgets"][0]["spent_usd"] + rep["budgets"][0]["reserved_usd"])
+
+        await asyncio.gather(*(worker(list(enumerate(ops))[w::width]) for w in range(width)))
+        assert max(checked) <= limit + 1e-6
+        rep = await ctl.report()
+        assert rep["overrun_usd"] == 0.0 and rep["spent_usd"] <= limit + 1e-6
+
+    asyncio.run(go())
+
+
+def small_trace(n=600):
+    from engine.tracegen import synth
+
+    return synth(n, seed=11, duration_s=1800.0)
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.floats(0.05, 1.2), st.sampled_from([None, "5m", "15m"]), st.floats(0.1, 0.6),
+       st.sampled_from(["naive", "smart", "batch-all"]))
+def test_the_simulator_never_spends_past_a_budget(share, duration, tenant_share, policy):
+    from engine.catalog import default_catalog
+    from engine.settings import Settings, with_budget
+    from engine.simulator import simulate
+    from policies import load_policy
+
+    reqs = small_trace()
+    cat = default_catalog()
+    naive = simulate(reqs, load_policy("naive", cat), catalog=cat).total_cost
+    total, tenant_a = share * naive, tenant_share * share * naive
+    s = with_budget(Settings(), total, {"tenant-a": tenant_a}, duration)
+    res = simulate(reqs, load_policy(policy, cat), catalog=cat, settings=s)
+    budget = res.extra["budget"]
+    assert budget["overrun_usd"] == 0.0
+    for w in budget["windows"]:
+        assert w["spent_usd"] <= w["max_budget"] + 1e-9 and w["reserved_usd"] == pytest.approx(0.0, abs=1e-9)
+    if duration is None:  # one window: check against the results themselves
+        assert res.cost.sum() <= total + 1e-9
+        assert sum(c for c, r in zip(res.cost, res.requests) if r.tenant == "tenant-a") <= tenant_a + 1e-9
+    s = res.summary()
+    assert s["completed"] + s["failed"] + sum(s["rejected"].values()) == len(reqs)  # nothing is lost
+
+
+def test_under_a_tight_budget_urgent_work_goes_first():
+    from engine.catalog import default_catalog
+    from engine.settings import Settings, with_budget
+    from engine.simulator import simulate
+    from policies import load_policy
+
+    reqs = small_trace(1500)
+    cat = default_catalog()
+    naive = simulate(reqs, load_policy("naive", cat), catalog=cat).total_cost
+    s = with_budget(Settings(), naive / 3, horizon_s=max(r.arrival_s for r in reqs))
+    res = simulate(reqs, load_policy("smart", cat), catalog=cat, settings=s)
+    met = res.summary()["deadline_met_by_priority"]
+    # Paced over the trace's span, non-urgent spend is spread over time and urgent work finds the rest.
+    assert met["urgent"] > 0.9 and met["urgent"] > met["normal"] > met["background"]
+    assert res.summary()["rejected"]["budget_exhausted"] > 0
+    assert res.total_cost <= naive / 3 + 1e-9
+
+
+def test_background_work_past_its_threshold_is_deferred_to_the_next_window():
+    from engine.catalog import default_catalog
+    from engine.request import Request, validation_context
+    from engine.settings import Settings, with_budget
+    from engine.simulator import simulate
+    from policies import load_policy
+
+    cat = default_catalog()
+    ctx = validation_context(cat, Settings())
+    reqs = [Request.model_validate({"id": f"bg{i}", "arrival_s": i * 3.0, "model": "gemini-2.5-flash",
+                                    "input_tokens": 2000, "output_tokens": 300, "priority": "background",
+                                    "deadline_s": 4 * 3600.0}, context=ctx) for i in range(1200)]  # one hour
+    hourly = 0.4 * simulate(reqs, load_policy("naive", cat), catalog=cat).total_cost
+    res = simulate(reqs, load_policy("naive", cat), catalog=cat, settings=with_budget(Settings(), hourly, None, "1h"))
+    b = res.extra["budget"]
+    assert b["deferrals"] > 0 and b["overrun_usd"] == 0.0
+    for w in b["windows"]:  # background work stops at 80 % of each window's limit
+        assert w["spent_usd"] <= 0.8 * hourly + 1e-9
+    later = [r for r, st_, d in zip(res.requests, res.status, res.done_at) if st_ == 1 and d >= 3600.0]
+    assert len(later) > 0 and len(b["windows"]) >= 2  # deferred work ran in the next hour
