@@ -81,3 +81,47 @@ def test_the_lua_ledger_decides_as_the_reference_does(redis_server):
         for c in clients:
             await c.aclose()
     asyncio.run(go())
+
+
+def test_two_live_engines_sharing_a_budget_in_redis_never_pass_it(ray_session, redis_server):
+    """Two engines (each its own actors, as two drivers or clusters would have) replay traces that would cost
+    four times the shared budget: together they spend at most the budget."""
+    import concurrent.futures
+
+    from engine import Engine
+    from engine.budgets import BudgetSettings
+    from engine.catalog import default_catalog
+    from engine.settings import Settings
+    from engine.simulator import simulate
+    from engine.tracegen import synth
+    from policies import load_policy
+
+    cat = default_catalog()
+    traces = [[r.model_copy(update={"id": f"{k}-{r.id}", "deadline_s": min(r.deadline_s, 600.0)})
+               for r in synth(150, seed=20 + k, duration_s=120.0)] for k in range(2)]
+    naive = sum(simulate(t, load_policy("naive", cat), catalog=cat).total_cost for t in traces)
+    limit = naive / 4
+    budgets = BudgetSettings(specs=(BudgetSpec(max_budget=limit),), redis_url=redis_server.url,
+                             redis_prefix=f"sbtest-engines{next(_prefix)}", reserve_output="request")
+    settings = Settings(budgets=budgets)
+
+    def run(trace):
+        with Engine.start(settings, speedup=200, policy="naive", metrics_port=None) as eng:
+            results = [f.result(timeout=300) for f in eng.replay(trace)]
+            return results, eng.report()["budget"]
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        (res_a, rep_a), (res_b, rep_b) = pool.map(run, traces)
+    spent = sum(r.cost_usd for r in res_a + res_b)
+    assert spent <= limit + 1e-9
+    assert spent > 0.5 * limit  # the budget was used, not refused wholesale
+    assert all(any(r.status == "ok" for r in res) for res in (res_a, res_b))  # both engines got work through
+    rejected = [r for r in res_a + res_b if r.status == "rejected"]
+    assert rejected and all(r.error == "budget_exhausted" for r in rejected)
+    # One ledger for both: a settlement still in flight when an engine stopped leaves its reservation (an upper
+    # bound of the cost) open, so the ledger holds at least what the results billed, and never passes the limit.
+    h = redis_server.client().hgetall(f"{budgets.redis_prefix}:w:{budgets.specs[0].key(0.0)}")
+    led_spent, led_reserved = float(h.get(b"spent", 0)), float(h.get(b"reserved", 0))
+    assert led_spent <= spent + 1e-9 and led_spent + led_reserved >= spent - 1e-9
+    assert led_spent + led_reserved <= limit + 1e-9
+    assert max(rep_a["spent_usd"], rep_b["spent_usd"]) <= spent + 1e-6  # reports round to the micro-dollar
