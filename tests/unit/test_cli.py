@@ -68,3 +68,36 @@ def test_trace_builders_from_the_command_line(real_data, tmp_path):
                             "--limit", "30", "--model", "google/gemini-2.5-flash"])
     assert r.exit_code == 0, r.output
     assert all(json.loads(x)["model"] == "gemini-2.5-flash" for x in out.read_text().splitlines())
+
+
+def test_bench_with_budgets_reports_overrun_and_rejections(tmp_path):
+    trace = tmp_path / "t.jsonl"
+    assert runner.invoke(app, ["trace", "synth", "--n", "600", "--seed", "4", "--out", str(trace)]).exit_code == 0
+    free = tmp_path / "free"
+    assert runner.invoke(app, ["bench", str(trace), "--policies", "naive", "--out", str(free)]).exit_code == 0
+    naive = json.loads((free / "results.json").read_text())["results"][0]["cost_usd"]
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["bench", str(trace), "--policies", "naive,smart", "--out", str(out), "--budget",
+                            f"{naive / 3:.6f}", "--tenant-budget", f"tenant-a={naive / 10:.6f}"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads((out / "results.json").read_text())
+    assert [b["tenant"] for b in doc["budgets"]] == [None, "tenant-a"]
+    for row in doc["results"]:
+        assert row["naive_cost_usd"] == naive  # judged against the bill without budgets
+        assert row["budget_overrun_usd"] == 0 and row["cost_usd"] <= naive / 3 + 1e-6
+        assert row["rejected"]["budget_exhausted"] > 0
+        tenant_a = [w for w in row["budget"]["windows"] if w["budget"] == "tenant=tenant-a"]
+        assert tenant_a and tenant_a[0]["spent_usd"] <= naive / 10 + 1e-6
+    assert "rejected" in (out / "results.md").read_text()
+
+
+def test_bad_budget_flags_name_the_flag_and_the_fix(tmp_path):
+    trace = tmp_path / "t.jsonl"
+    runner.invoke(app, ["trace", "synth", "--n", "20", "--out", str(trace)])
+    r = runner.invoke(app, ["bench", str(trace), "--tenant-budget", "acme", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "--tenant-budget 'acme': write NAME=USD" in r.output
+    r = runner.invoke(app, ["bench", str(trace), "--budget", "5", "--budget-duration", "weekly", "--out",
+                            str(tmp_path / "o")])
+    assert r.exit_code == 2 and "budget_duration 'weekly'" in r.output
+    r = runner.invoke(app, ["bench", str(trace), "--budget-duration", "1h", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "--budget-duration needs --budget" in r.output
