@@ -95,7 +95,8 @@ def trace_synth(out: Path = typer.Option(..., "--out"),
 def _print_table(doc: dict) -> None:
     t = Table(title=f"{doc['trace']}: {doc['requests']:,} requests; lower bound ${doc['lower_bound_usd']:.2f}")
     budgeted = bool(doc.get("budgets"))
-    cols = ["policy", "cost $", "saving", "capture", "met", "urgent met", "hits e/f/n", "batch/consider/indiv"]
+    cols = ["policy", "cost $", "saving", "capture", "met", "urgent", "hits e/f/n",
+            "batch/consider/indiv" if not budgeted else "b/c/i"]
     cols += ["rejected", "overrun $"] if budgeted else []
     for col in cols + ["sim req/s"]:
         t.add_column(col, justify="left" if col == "policy" else "right", no_wrap=True)
@@ -115,12 +116,17 @@ def _print_table(doc: dict) -> None:
 
 
 def _budgets(settings: Settings, budget: float | None, tenant_budget: list[str] | None,
-             duration: str | None, requests) -> Settings:
+             duration: str | None, requests, reserve_output: str | None = None) -> Settings:
     """``--budget``/``--tenant-budget NAME=USD``/``--budget-duration`` on top of the settings' budgets. A
     budget without a window covers the whole trace and is paced over its span."""
     from engine.errors import ConfigError
     from engine.settings import with_budget
 
+    if reserve_output is not None:
+        if reserve_output not in ("model_max", "request"):
+            raise ConfigError(f"--reserve-output {reserve_output!r}: use model_max or request")
+        budgets = settings.budgets.model_copy(update={"reserve_output": reserve_output})
+        settings = settings.model_copy(update={"budgets": budgets})
     tenants: dict[str, float] = {}
     for item in tenant_budget or []:
         name, sep, usd = item.partition("=")
@@ -171,6 +177,9 @@ def bench(trace: Path = typer.Argument(..., help="a JSONL trace"),
                                                          help="hard budget of one tenant, NAME=USD (repeatable)"),
           budget_duration: str | None = typer.Option(None, help="budget window (30s, 1h, 1d, 30d, 1mo); default: "
                                                       "the whole trace"),
+          reserve_output: str | None = typer.Option(None, help="output a reservation assumes without a "
+                                                    "max_output_tokens cap: model_max (default, safe) or request "
+                                                    "(output_tokens, when it is sent as max_tokens)"),
           catalog: Path | None = typer.Option(None, help="catalog YAML (default: packaged)")) -> None:
     """Run policies on a trace in the simulator; write results.json, results.md and plot.png."""
     from engine.trace import load_trace
@@ -178,7 +187,7 @@ def bench(trace: Path = typer.Argument(..., help="a JSONL trace"),
     try:
         settings, cat = _settings(catalog)
         tr = load_trace(trace, catalog=cat, settings=settings, skip_invalid=skip_invalid)
-        settings = _budgets(settings, budget, tenant_budget, budget_duration, tr.requests)
+        settings = _budgets(settings, budget, tenant_budget, budget_duration, tr.requests, reserve_output)
         if tr.skipped:
             p = tr.problems[0]
             err_console.print(Text(f"skipped {tr.skipped} invalid line(s); first: {p[0]}:{p[1]}: field '{p[2]}': "

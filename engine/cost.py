@@ -159,8 +159,8 @@ def reserve_bound(req: Request, catalog: Catalog, mode: Mode, output_tokens: int
     """An upper bound of what ``req`` can be billed when dispatched in ``mode``: what a budget reserves.
 
     Text: every input token at the dearer of the plain and cache-write prices (a cache read only lowers the
-    bill), and ``output_tokens`` (default: the model's maximum output) at the output price; the batch API's
-    discount applies to both. Media: the price alone, which for GPU-priced work is one warm-up per job, the
+    bill), and the request's ``max_output_tokens`` cap, else ``output_tokens`` when given, else the model's
+    maximum output, at the output price; the batch API's discount applies to both. Media: the price alone, which for GPU-priced work is one warm-up per job, the
     most a GPU batch share can cost.
     """
     provider = catalog.provider(req.provider)
@@ -172,7 +172,8 @@ def reserve_bound(req: Request, catalog: Catalog, mode: Mode, output_tokens: int
     f = 1.0 - provider.batch_api.discount if mode == "batch_api" and provider.batch_api else 1.0
     pc = provider.prompt_cache
     w = max(1.0, pc.write_multiplier) if pc is not None and (mode != "batch_api" or pc.stacks_with_batch) else 1.0
-    out = spec.max_output_tokens if output_tokens is None else output_tokens
+    out = (req.max_output_tokens if req.max_output_tokens is not None
+           else spec.max_output_tokens if output_tokens is None else output_tokens)
     return f * (spec.input_per_mtok * w * req.input_tokens + spec.output_per_mtok * out) * _M  # type: ignore[operator]
 
 

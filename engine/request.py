@@ -56,6 +56,8 @@ class Request(BaseModel):
     prompt: str = ""
     input_tokens: int = Field(ge=0)
     output_tokens: int = Field(ge=0)
+    max_output_tokens: int | None = Field(default=None, ge=1, description="the cap sent to the provider "
+                                          "(max_tokens); a budget reserves for it. None: the model's maximum")
     prefix_blocks: tuple[int, ...] = ()
     params: dict[str, ParamValue] = Field(default_factory=dict)
     priority: Priority = "normal"
@@ -135,6 +137,10 @@ class Request(BaseModel):
             raise FieldProblem(
                 "output_tokens", f"output_tokens {self.output_tokens} exceeds {self.model}'s maximum {spec.max_output_tokens}"
             )
+        cap = self.max_output_tokens
+        if cap is not None and not self.output_tokens <= cap <= spec.max_output_tokens:
+            raise FieldProblem("max_output_tokens", f"max_output_tokens {cap} must be between output_tokens "
+                               f"{self.output_tokens} and {self.model}'s maximum {spec.max_output_tokens}")
         return self
 
     @property

@@ -212,3 +212,53 @@ def test_background_work_past_its_threshold_is_deferred_to_the_next_window():
         assert w["spent_usd"] <= 0.8 * hourly + 1e-9
     later = [r for r, st_, d in zip(res.requests, res.status, res.done_at) if st_ == 1 and d >= 3600.0]
     assert len(later) > 0 and len(b["windows"]) >= 2  # deferred work ran in the next hour
+
+
+def test_the_reservation_bound_honours_a_cap_and_names_a_bad_one():
+    from engine.catalog import default_catalog
+    from engine.cost import reserve_bound
+    from pydantic import ValidationError
+
+    from engine.request import Request, validation_context
+    from engine.settings import Settings
+    from engine.trace import _problems_of
+
+    cat = default_catalog()
+    ctx = validation_context(cat, Settings())
+    r = Request.model_validate({"id": "a", "arrival_s": 0, "model": "gpt-5-mini", "input_tokens": 1000,
+                                "output_tokens": 200}, context=ctx)
+    capped = r.model_copy(update={"max_output_tokens": 500})
+    assert reserve_bound(r, cat, "sync") == pytest.approx((1000 * 0.25 + 128_000 * 2.0) * 1e-6)
+    assert reserve_bound(r, cat, "sync", 200) == pytest.approx((1000 * 0.25 + 200 * 2.0) * 1e-6)
+    assert reserve_bound(capped, cat, "sync") == pytest.approx((1000 * 0.25 + 500 * 2.0) * 1e-6)
+    assert reserve_bound(capped, cat, "batch_api") == pytest.approx(0.5 * (1000 * 0.25 + 500 * 2.0) * 1e-6)
+    with pytest.raises(ValidationError) as err:
+        Request.model_validate({"id": "b", "arrival_s": 0, "model": "gpt-5-mini", "input_tokens": 10,
+                                "output_tokens": 200, "max_output_tokens": 100}, context=ctx)
+    problems = _problems_of(err.value)
+    assert problems[0][0] == "max_output_tokens" and "between output_tokens 200" in problems[0][1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(["gpt-5-mini", "claude-sonnet-4-5", "gemini-2.5-flash", "flux-1-dev", "imagen-4"]),
+       st.integers(1, 20_000), st.integers(0, 4000), st.lists(st.integers(0, 5), max_size=4),
+       st.sampled_from(["sync", "batch_api", "gpu_batch"]), st.integers(1, 6))
+def test_no_dispatch_bills_more_than_its_reservation(model, inp, out, blocks, mode, n):
+    """The estimate is an upper bound whatever the cache state and batch: the hard limit rests on this."""
+    from engine.catalog import default_catalog
+    from engine.cost import mode_allowed, price_batch, reserve_bound
+    from engine.request import Request, validation_context
+    from engine.settings import Settings
+
+    cat = default_catalog()
+    prov_name, spec = cat.find_model(model)
+    prov = cat.providers[prov_name]
+    if not mode_allowed(prov, spec, mode):
+        return
+    ctx = validation_context(cat, Settings())
+    reqs = [Request.model_validate({"id": f"r{k}", "arrival_s": 0, "model": model, "input_tokens": inp,
+                                    "output_tokens": out, "prefix_blocks": blocks, "prompt": f"p {k % 2}"},
+                                   context=ctx) for k in range(n)]
+    for warm in ((), tuple(blocks)):
+        for r, p in zip(reqs, price_batch(reqs, cat, mode, warm=warm)):
+            assert p.total <= reserve_bound(r, cat, mode) + 1e-12
