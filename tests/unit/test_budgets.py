@@ -108,12 +108,11 @@ def test_thousands_of_concurrent_reservations_never_pass_the_limit(seed, n, fail
     """Reservations and settlements interleave on one event loop as the grouper's and dispatchers' calls do;
     actual costs are at most the reservation, some calls fail (settle 0). Spend never passes the limit."""
     import asyncio
+    import random
 
     from actors.budget import BudgetController
     from engine.budgets import BudgetSettings
     from engine.clock import ManualClock
-
-    import random
 
     limit = 20.0
     rng = random.Random(seed)
@@ -215,10 +214,10 @@ def test_background_work_past_its_threshold_is_deferred_to_the_next_window():
 
 
 def test_the_reservation_bound_honours_a_cap_and_names_a_bad_one():
-    from engine.catalog import default_catalog
-    from engine.cost import reserve_bound
     from pydantic import ValidationError
 
+    from engine.catalog import default_catalog
+    from engine.cost import reserve_bound
     from engine.request import Request, validation_context
     from engine.settings import Settings
     from engine.trace import _problems_of
