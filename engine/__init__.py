@@ -4,6 +4,7 @@ Floors (imports only go down): core (this package minus ``simulator``/``lower_bo
 ``policies`` -> runtimes (``engine.simulator``, ``actors``) -> driver API and CLI.
 """
 
+from engine.budgets import BudgetSettings, BudgetSpec
 from engine.catalog import Catalog, default_catalog, load_catalog
 from engine.cost import Price, price_alone, price_batch
 from engine.errors import (
@@ -19,11 +20,13 @@ from engine.features import compat_key, featurize, fingerprint
 from engine.lower_bound import LowerBound, lower_bound
 from engine.request import Request
 from engine.result import Result
-from engine.settings import Settings
+from engine.settings import Settings, with_budget
 from engine.simulator import SimResult, simulate
 from engine.trace import Trace, load_trace, write_trace
 
 __all__ = [
+    "BudgetSettings",
+    "BudgetSpec",
     "Catalog",
     "CatalogError",
     "Engine",
@@ -51,6 +54,7 @@ __all__ = [
     "price_alone",
     "price_batch",
     "simulate",
+    "with_budget",
     "write_trace",
 ]
 

@@ -4,10 +4,10 @@ import policies
 
 def test_engine_public_surface_is_pinned():
     assert sorted(engine.__all__) == sorted([
-        "Catalog", "CatalogError", "ConfigError", "Engine", "LowerBound", "PolicyError", "Price", "ProviderError",
+        "BudgetSettings", "BudgetSpec", "Catalog", "CatalogError", "ConfigError", "Engine", "LowerBound", "PolicyError", "Price", "ProviderError",
         "RegistryError", "Request", "Result", "ResultFuture", "Settings", "SimResult", "SmartbatchError", "Trace", "TraceError",
         "compat_key", "default_catalog", "featurize", "fingerprint", "load_catalog", "load_trace",
-        "lower_bound", "price_alone", "price_batch", "simulate", "write_trace",
+        "lower_bound", "price_alone", "price_batch", "simulate", "with_budget", "write_trace",
     ])
     for name in engine.__all__:
         if name not in ("Engine", "ResultFuture"):  # lazy: importing it starts nothing, but pulls in Ray
