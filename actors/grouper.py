@@ -28,24 +28,26 @@ from engine.scheduler import Dispatch, GroupTable, Wake
 
 __all__ = ["Grouper"]
 
-PARK_RETRY_S = 1.0
+PARK_RETRY_S = 1.0  # engine seconds between tries of work waiting for reservations to settle
+PARK_RETRY_REAL_S = 0.05  # and at least this many real seconds (a replay at 1000x would poll at 1 kHz)
 
 
 class Grouper(Warm):
     def __init__(self, policy, catalog: Catalog, clock, dispatchers: dict, budget, hub,
                  name: str = "g0", budget_limited: bool = True, *, max_attempts: int = 4,
-                 reserve_model_max: bool = True):
+                 reserve_model_max: bool = True, cache=None):
         self.policy = policy
         self.catalog = catalog
         self.clock = clock
         self.dispatchers = {k: as_peer(v) for k, v in dispatchers.items()}
         self.budget = as_peer(budget)
         self.hub = as_peer(hub)
+        self.cache = as_peer(cache)  # told of requests resolved here, so their in-flight followers go on
         self.name = name
         self.budget_limited = budget_limited
         self.max_attempts = max_attempts
         self.reserve_model_max = reserve_model_max
-        self.parked: dict[str, tuple[float, Job]] = {}  # request id -> (try again at, job)
+        self.parked: dict[str, tuple[float, Job, str]] = {}  # request id -> (try again at, job, budget)
         self._park_timer: tuple[float, asyncio.TimerHandle] | None = None
         self._claims = itertools.count()
         self.table = GroupTable(policy, catalog)
@@ -65,7 +67,7 @@ class Grouper(Warm):
     async def add(self, jobs: list[Job]) -> None:
         now = self.clock.now()
         dispatches: list[Dispatch] = []
-        failed: list[Result] = []
+        failed: list[tuple[Job, Result]] = []
         for job in jobs:
             self.pending[job.req.id] = job
             if job.hedges >= self.max_attempts:
@@ -77,13 +79,22 @@ class Grouper(Warm):
                 ds, wake = self.table.add(job.req, compat_key(job.req), now)
             except Exception as exc:  # a policy failure fails its requests, never the engine
                 self.pending.pop(job.req.id, None)
-                failed.append(self._failed(job, f"policy error: {exc}"))
+                failed.append((job, self._failed(job, f"policy error: {exc}")))
                 continue
             dispatches.extend(ds)
             self._schedule(wake)
         if failed:
-            await self.hub.call("push", failed, [0.0] * len(failed))
+            await self._resolve(failed)
         await self._send(dispatches)
+
+    async def _resolve(self, results: list[tuple[Job, Result]]) -> None:
+        """Deliver results of requests that end here (rejected, policy error). Identical requests may be
+        following them in the cache: they are handed back and generated after all, never left waiting."""
+        await self.hub.call("push", [r for _, r in results], [0.0] * len(results))
+        if self.cache is not None:
+            followers = await self.cache.call("orphans", [j.fp for j, _ in results])
+            if followers:  # the same fingerprint, so the same compatibility key: this grouper's shard
+                await self.add(followers)
 
     def _failed(self, job: Job, error: str, status: str = "failed", reason: str = "") -> Result:
         r = job.req
@@ -111,7 +122,7 @@ class Grouper(Warm):
             members = list(wake.group.members)
             self.table.groups.pop(wake.group.key, None)
             jobs = [self.pending.pop(r.id) for r in members if r.id in self.pending]
-            await self.hub.call("push", [self._failed(j, f"policy error: {exc}") for j in jobs], [0.0] * len(jobs))
+            await self._resolve([(j, self._failed(j, f"policy error: {exc}")) for j in jobs])
             return
         self._schedule(nxt)
         await self._send(ds)
@@ -126,7 +137,7 @@ class Grouper(Warm):
             dec = d.decision
             batches.append(BatchJob(f"{self.name}-{next(self._bids)}", dec.mode, dec.hedge_at, dec.cache_write,
                                     dec.recommendation, dec.reason, jobs))
-        refused: list[Result] = []
+        refused: list[tuple[Job, Result]] = []
         if self.budget_limited:
             batches = await self._reserve(batches, now, refused)
         per_provider: dict[str, list[BatchJob]] = {}
@@ -136,9 +147,10 @@ class Grouper(Warm):
         for provider, part in per_provider.items():  # one call per dispatcher, however many dispatches
             self.dispatchers[provider].send("run_many", part)
         if refused:
-            await self.hub.call("push", refused, [0.0] * len(refused))
+            await self._resolve(refused)
 
-    async def _reserve(self, batches: list[BatchJob], now: float, refused: list[Result]) -> list[BatchJob]:
+    async def _reserve(self, batches: list[BatchJob], now: float,
+                       refused: list[tuple[Job, Result]]) -> list[BatchJob]:
         """Reserve every member's upper bound in one call; keep the members that may go."""
         claims: list[Claim] = []
         for b in batches:
@@ -150,6 +162,7 @@ class Grouper(Warm):
                 claims.append(Claim(f"{r.id}#{self.name}-{next(self._claims)}", r.tenant, r.provider, r.model,
                                     r.priority, amount))
         verdicts = await self.budget.call("reserve_many", claims)
+        step = max(PARK_RETRY_S, PARK_RETRY_REAL_S * getattr(self.clock, "speedup", 1.0))
         out: list[BatchJob] = []
         k = 0
         for b in batches:
@@ -160,13 +173,13 @@ class Grouper(Warm):
                 if v.ok:
                     keep.append(j._replace(claim=c.rid))
                 elif v.reason == "wait":
-                    self.parked[j.req.id] = (now + PARK_RETRY_S, j)
+                    self.parked[j.req.id] = (now + step, j, v.budget)
                 elif v.reason == "deferred" and v.retry_at <= j.req.deadline_at:
-                    self.parked[j.req.id] = (max(v.retry_at, now + PARK_RETRY_S), j)
+                    self.parked[j.req.id] = (max(v.retry_at, now + step), j, v.budget)
                 else:
                     why = (f"budget {v.budget} has ${v.remaining_usd:.6f} left" if v.reason == "budget_exhausted"
                            else f"budget {v.budget} resets at t={v.retry_at:.0f}s, after the deadline")
-                    refused.append(self._failed(j, "budget_exhausted", status="rejected", reason=why))
+                    refused.append((j, self._failed(j, "budget_exhausted", status="rejected", reason=why)))
             if keep:
                 out.append(b._replace(jobs=keep))
         self._arm_parked()
@@ -175,8 +188,8 @@ class Grouper(Warm):
     def _arm_parked(self) -> None:
         if not self.parked:
             return
-        due = min(min(d for d, _ in self.parked.values()),
-                  min(j.req.deadline_at for _, j in self.parked.values()))
+        due = min(min(d for d, _, _ in self.parked.values()),
+                  min(j.req.deadline_at for _, j, _ in self.parked.values()))
         if self._park_timer is not None:
             if self._park_timer[0] <= due:
                 return
@@ -189,9 +202,9 @@ class Grouper(Warm):
         self._park_timer = None
         now = self.clock.now()
         late, again = [], []
-        for rid, (due, j) in list(self.parked.items()):
+        for rid, (due, j, budget) in list(self.parked.items()):
             if j.req.deadline_at <= now:
-                late.append(j)
+                late.append((j, budget))
             elif due <= now + 1e-9:
                 again.append(j)
             else:
@@ -199,9 +212,9 @@ class Grouper(Warm):
             del self.parked[rid]
         loop = asyncio.get_running_loop()
         if late:
-            task = loop.create_task(self.hub.call("push", [self._failed(
+            task = loop.create_task(self._resolve([(j, self._failed(
                 j, "budget_exhausted", status="rejected",
-                reason="the budget held it back until its deadline") for j in late], [0.0] * len(late)))
+                reason=f"budget {budget} held it back until its deadline")) for j, budget in late]))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         if again:

@@ -250,7 +250,7 @@ class _Sim:
     def on_budget_expire(self, i: int) -> None:
         if i in self.waiting:
             self.waiting.discard(i)
-            self.reject(i, "budget_exhausted", "open reservations held the budget until the deadline")
+            self.reject(i, "budget_exhausted", "the budget held it back until its deadline")
 
     # -- admission and reuse -------------------------------------------------------------------------------
     def resolve_reused(self, i: int, at: float, hit: int) -> None:

@@ -87,15 +87,18 @@ def test_live_engine_agrees_with_the_simulator(ray_session):
     assert met_live == pytest.approx(sim.met.mean(), abs=0.01)
 
 
-def test_a_budget_is_never_overrun(ray_session):
-    reqs = short_trace(200, seed=5, span_s=100, max_deadline_s=600)
-    with Engine.start(speedup=500, budget_usd=2.0, policy="naive") as eng:
+@pytest.mark.parametrize("policy", ["naive", "smart"])
+def test_a_budget_is_never_overrun_and_every_request_resolves(ray_session, policy):
+    """With smart, the cache's in-flight followers of a rejected leader must resolve too."""
+    reqs = short_trace(300, seed=5, span_s=100, max_deadline_s=600)
+    with Engine.start(speedup=500, budget_usd=2.0, policy=policy, metrics_port=None) as eng:
         results = [f.result(timeout=120) for f in eng.replay(reqs)]
         rep = eng.report()
     rejected = [r for r in results if r.status == "rejected"]
-    assert rejected and all(r.error == "budget_exhausted" for r in rejected)
-    assert rep["budget"]["spent_usd"] <= 2.0 + 1e-9
+    assert rejected and all(r.error == "budget_exhausted" and "budget global" in r.reason for r in rejected)
+    assert rep["budget"]["overrun_usd"] == 0.0 and rep["budget"]["spent_usd"] <= 2.0 + 1e-9
     assert sum(r.cost_usd for r in results) <= 2.0 + 1e-9
+    assert any(r.status in ("ok", "reused") for r in results)
 
 
 def test_metrics_are_served_and_scraped_over_http(ray_session):

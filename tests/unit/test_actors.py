@@ -195,3 +195,26 @@ def test_dispatcher_resolves_sync_and_batch_and_hands_back_hedges():
         assert book.claims == {}  # every member settled and released
         assert sum(book.spend.values()) == pytest.approx(got["r0"].cost_usd + got["r1"].cost_usd + got["r2"].cost_usd)
     run(go())
+
+
+def test_a_rejected_leader_hands_its_in_flight_followers_back():
+    """Identical requests that follow a leader in the cache must not hang when the leader is rejected."""
+    follower = Job(1, req(1), "same-fp")
+
+    class Cache:
+        def __init__(self):
+            self.asked = []
+
+        async def orphans(self, fps):
+            self.asked.append(fps)
+            return [follower] if fps == ["same-fp"] and len(self.asked) == 1 else []
+
+    async def go():
+        disp, hub, cache = Recorder(), ResultHub(), Cache()
+        g = Grouper(load_policy("naive", CAT), CAT, ManualClock(0.0), {"openai": disp}, ledger(0.0), hub,
+                    cache=cache)
+        await g.add([Job(0, req(0), "same-fp")])
+        got = {r.id: r for r in await hub.pull(0.01)}
+        assert set(got) == {"r0", "r1"} and all(r.status == "rejected" for r in got.values())
+        assert cache.asked == [["same-fp"], ["same-fp"]]
+    run(go())
