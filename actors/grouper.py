@@ -28,14 +28,16 @@ from engine.scheduler import Dispatch, GroupTable, Wake
 
 __all__ = ["Grouper"]
 
+_PRIO = {"urgent": 0, "normal": 1, "background": 2}
 PARK_RETRY_S = 1.0  # engine seconds between tries of work waiting for reservations to settle
 PARK_RETRY_REAL_S = 0.05  # and at least this many real seconds (a replay at 1000x would poll at 1 kHz)
+PARK_MIN_BATCH = 1
 
 
 class Grouper(Warm):
     def __init__(self, policy, catalog: Catalog, clock, dispatchers: dict, budget, hub,
                  name: str = "g0", budget_limited: bool = True, *, max_attempts: int = 4,
-                 reserve_model_max: bool = True, cache=None):
+                 reserve_model_max: bool = True, cache=None, budget_specs: tuple = ()):
         self.policy = policy
         self.catalog = catalog
         self.clock = clock
@@ -47,8 +49,13 @@ class Grouper(Warm):
         self.budget_limited = budget_limited
         self.max_attempts = max_attempts
         self.reserve_model_max = reserve_model_max
+        self.budget_specs = tuple(budget_specs)
         self.parked: dict[str, tuple[float, Job, str]] = {}  # request id -> (try again at, job, budget)
         self._park_timer: tuple[float, asyncio.TimerHandle] | None = None
+        # How many parked jobs one try re-adds: doubled while they get through, halved when one must wait
+        # again (additive increase would do too; the point is not to re-run the policy over every parked job
+        # at every try, which loaded a 2-core machine enough to make urgent work late).
+        self._park_batch = 32
         self._claims = itertools.count()
         self.table = GroupTable(policy, catalog)
         self.pending: dict[str, Job] = {}
@@ -152,6 +159,31 @@ class Grouper(Warm):
     async def _reserve(self, batches: list[BatchJob], now: float,
                        refused: list[tuple[Job, Result]]) -> list[BatchJob]:
         """Reserve every member's upper bound in one call; keep the members that may go."""
+        # No overtaking: while more urgent work waits on a budget, less urgent work under that budget waits
+        # behind it instead of taking the room the next settlement frees.
+        blocked_at: dict[str, int] = {}
+        for _, pj, name in self.parked.values():
+            blocked_at[name] = min(blocked_at.get(name, 3), _PRIO[pj.req.priority])
+        holds = [s for s in self.budget_specs if s.name in blocked_at]
+        step = max(PARK_RETRY_S, PARK_RETRY_REAL_S * getattr(self.clock, "speedup", 1.0))
+        if holds:
+            kept = []
+            for b in batches:
+                go = []
+                for j in b.jobs:
+                    r = j.req
+                    s = next((s for s in holds if blocked_at[s.name] < _PRIO[r.priority]
+                              and s.covers(r.tenant, r.provider, r.model)), None)
+                    if s is None:
+                        go.append(j)
+                    else:
+                        self.parked[r.id] = (now + step, j, s.name)
+                if go:
+                    kept.append(b._replace(jobs=go))
+            batches = kept
+            if not batches:
+                self._arm_parked()
+                return []
         claims: list[Claim] = []
         for b in batches:
             # A batch hedged before it starts goes sync (the dispatcher does so), at the sync price.
@@ -162,7 +194,8 @@ class Grouper(Warm):
                 claims.append(Claim(f"{r.id}#{self.name}-{next(self._claims)}", r.tenant, r.provider, r.model,
                                     r.priority, amount))
         verdicts = await self.budget.call("reserve_many", claims)
-        step = max(PARK_RETRY_S, PARK_RETRY_REAL_S * getattr(self.clock, "speedup", 1.0))
+        waits = sum(v.reason == "wait" for v in verdicts)
+        self._park_batch = max(PARK_MIN_BATCH, self._park_batch // 2) if waits else min(self._park_batch * 2, 4096)
         out: list[BatchJob] = []
         k = 0
         for b in batches:
@@ -205,11 +238,14 @@ class Grouper(Warm):
         for rid, (due, j, budget) in list(self.parked.items()):
             if j.req.deadline_at <= now:
                 late.append((j, budget))
+                del self.parked[rid]
             elif due <= now + 1e-9:
                 again.append(j)
-            else:
-                continue
-            del self.parked[rid]
+        # Most urgent first, and only as many as recently got through; the rest wait for the next try.
+        again.sort(key=lambda j: (_PRIO[j.req.priority], j.req.deadline_at))
+        again = again[: self._park_batch]
+        for j in again:
+            del self.parked[j.req.id]
         loop = asyncio.get_running_loop()
         if late:
             task = loop.create_task(self._resolve([(j, self._failed(
@@ -218,6 +254,8 @@ class Grouper(Warm):
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         if again:
+            # One reservation call takes them in this order, so the room that settled goes to urgent work
+            # before normal and background (as the simulator's waiting queue does).
             task = loop.create_task(self.add(again))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)

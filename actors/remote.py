@@ -38,7 +38,8 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
              if (reuse.exact or reuse.in_flight or reuse.near) else None)
     groupers = [ray.remote(Grouper).options(**_OPTS).remote(
         policy, catalog, None, {}, budget, hub, f"g{k}", bool(budgets.specs), max_attempts=settings.sim.max_attempts,
-        reserve_model_max=budgets.reserve_output == "model_max", cache=cache) for k in range(num_groupers)]
+        reserve_model_max=budgets.reserve_output == "model_max", cache=cache, budget_specs=budgets.specs)
+        for k in range(num_groupers)]
     cluster = ray.cluster_resources()
     dispatchers = {}
     for name in catalog.providers:
