@@ -191,7 +191,9 @@ class SimProvider:
                     next_at = min(next_at, s)
                     break
                 q.take(picked)
-                events.append(self._start(w, now, gate))
+                # Start at s, not now: s may pass now by a rounding error, and starting early by even that
+                # much would put a call inside a minute the gate had counted it out of.
+                events.append(self._start(w, s, gate))
         bq = self.batch_queue
         while len(bq):
             picked = bq.peek(now)
@@ -201,7 +203,7 @@ class SimProvider:
                 next_at = min(next_at, s)
                 break
             bq.take(picked)
-            events.append(self._start_batch(u.item, now, u.tokens))
+            events.append(self._start_batch(u.item, s, u.tokens))
         return events, (None if next_at == _INF else next_at)
 
     def failure(self, model: str, t: float) -> None:

@@ -19,9 +19,14 @@ import heapq
 
 from engine.catalog import RateLimits
 
-__all__ = ["EnqueuedTokens", "RateGate", "WINDOW_S"]
+__all__ = ["BURST_S", "BURST_SHARE", "EnqueuedTokens", "RateGate", "WINDOW_S"]
 
 WINDOW_S = 60.0
+# Within the minute, at most BURST_SHARE of its quota in any BURST_S seconds. A minute's whole quota may
+# otherwise start in its first instant (a flood takes it all), and work that comes a second later (urgent
+# work, a quiet tenant) waits for the minute to slide. The minute's limit is unchanged.
+BURST_S = 10.0
+BURST_SHARE = 1 / 3
 
 
 class _Window:
@@ -31,18 +36,22 @@ class _Window:
     is a binary search, not a scan (a full minute at 10,000 rpm is 10,000 entries). Weights are whole tokens
     or requests, so the sums are exact in floating point."""
 
-    __slots__ = ("at", "base", "cum", "head", "limit")
+    __slots__ = ("at", "base", "cum", "head", "limit", "span")
 
-    def __init__(self, limit: float):
+    def __init__(self, limit: float, span: float = WINDOW_S):
         self.limit = limit
+        self.span = span
         self.at: list[float] = []
         self.cum: list[float] = []  # weight started up to and including each entry
         self.head = 0  # first entry that may still count
         self.base = 0.0  # weight before ``head``
 
     def _first_live(self, t: float) -> tuple[int, float]:
-        """First entry still in the window at ``t`` (started after t - WINDOW_S) and the weight before it."""
-        k = bisect.bisect_right(self.at, t - WINDOW_S, lo=self.head)
+        """First entry still in the window at ``t`` (``at + span > t``) and the weight before it. The test is
+        written as ``at + span`` because ``earliest`` answers ``at + span``: ``t - span`` can round to just
+        below ``at`` and keep an entry alive at the very time it was said to leave."""
+        span = self.span
+        k = bisect.bisect_right(self.at, t, lo=self.head, key=lambda a: a + span)
         return k, (self.cum[k - 1] if k > self.head else self.base)
 
     def earliest(self, t: float, w: float) -> float:
@@ -57,7 +66,7 @@ class _Window:
             return t
         # The start is when the entry that frees enough weight leaves the window.
         m = bisect.bisect_left(self.cum, before + excess, lo=k)
-        return self.at[m] + WINDOW_S
+        return self.at[m] + self.span
 
     def take(self, t: float, w: float) -> None:
         k, before = self._first_live(t)
@@ -78,8 +87,9 @@ class RateGate:
 
     def __init__(self, limits: RateLimits, *, history: list | None = None):
         self.limits = limits
-        self._req = _Window(limits.rpm)
-        self._tok = _Window(limits.tpm)
+        self._windows = (_Window(limits.rpm), _Window(limits.tpm), _Window(max(limits.rpm * BURST_SHARE, 1.0), BURST_S),
+                         _Window(max(limits.tpm * BURST_SHARE, 1.0), BURST_S))
+        self._req = self._windows[0]
         self._busy: list[float] = []
         self.last_start = 0.0
         self.history = history
@@ -96,10 +106,14 @@ class RateGate:
             heapq.heappop(busy)
         if len(busy) >= self.limits.max_concurrency:
             s = max(s, busy[0])
-        # Each window's answer only moves later, so two passes settle both.
-        for _ in range(2):
-            s = self._tok.earliest(self._req.earliest(s, 1.0), float(tokens))
-        return s
+        # Each window's answer only moves later: repeat until none moves it.
+        req, tok, req_b, tok_b = self._windows
+        while True:
+            s2 = tok_b.earliest(req_b.earliest(tok.earliest(req.earliest(s, 1.0), float(tokens)), 1.0),
+                                float(tokens))
+            if s2 <= s:
+                return s
+            s = s2
 
     def take(self, s: float, tokens: int, duration: float) -> None:
         """Book a call starting at ``s`` (from ``earliest``) that runs ``duration`` seconds."""
@@ -107,8 +121,11 @@ class RateGate:
         while busy and busy[0] <= s:
             heapq.heappop(busy)
         heapq.heappush(busy, s + max(duration, 0.0))
-        self._req.take(s, 1.0)
-        self._tok.take(s, float(tokens))
+        req, tok, req_b, tok_b = self._windows
+        req.take(s, 1.0)
+        tok.take(s, float(tokens))
+        req_b.take(s, 1.0)
+        tok_b.take(s, float(tokens))
         self.last_start = s
         if self.history is not None:
             self.history.append((s, tokens, s + duration))
