@@ -52,8 +52,11 @@ class BudgetController(Warm):
     async def _maybe(self, out):
         return await out if asyncio.iscoroutine(out) else out
 
-    async def reserve_many(self, claims: list[Claim]) -> list[Verdict]:
-        """One verdict per claim; a deferral's ``retry_at`` is in engine time."""
+    async def reserve_many(self, claims: list[Claim], release: list[str] = ()) -> list[Verdict]:
+        """One verdict per claim; a deferral's ``retry_at`` is in engine time. ``release``: claims to let go
+        first (settled at 0), in the same call, so what they held goes to these claims and nobody between."""
+        if release:
+            await self._maybe(self.book.settle_many([(rid, 0.0) for rid in release]))
         verdicts = await self._maybe(self.book.reserve_many(claims, self.now()))
         out = []
         for v in verdicts:

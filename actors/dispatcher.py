@@ -177,8 +177,10 @@ class Dispatcher(Warm):
         self._final(b, j, ok, cost, mode)
 
     def _hedged(self, j: Job) -> None:
-        self._member_done(j, 0.0)
-        self._readmit.append(j._replace(hedges=j.hedges + 1, claim=None))
+        # The claim goes back with the job: the grouper releases it in the same budget call that reserves the
+        # sync fallback, so the room it held cannot be taken in between.
+        self.in_flight -= 1
+        self._readmit.append(j._replace(hedges=j.hedges + 1))
 
     def _final(self, b: BatchJob, j: Job, ok: bool, cost: float, mode: str) -> None:
         r = j.req

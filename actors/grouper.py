@@ -4,7 +4,8 @@ sends each dispatch, after its budget reservation, to the provider's dispatcher.
 Budgets: each member reserves the upper bound of its dispatch (``reserve_bound``). A member refused because
 open reservations hold the budget waits here and tries again every ``PARK_RETRY_S`` engine seconds; one
 deferred (by pacing or to the next window) tries again when its verdict says; either is rejected once its
-deadline passes. Tries are batched: one timer, one re-add, one reservation call for everything due. One
+deadline passes. Tries are batched: one timer and one reservation call for what is due, most urgent first, sent as the policy
+decided it. One
 refused outright resolves as ``rejected`` with ``budget_exhausted`` and what the budget has left.
 
 Shardable by compatibility key: the driver routes each request to one grouper by a hash of its key, so
@@ -50,7 +51,11 @@ class Grouper(Warm):
         self.max_attempts = max_attempts
         self.reserve_model_max = reserve_model_max
         self.budget_specs = tuple(budget_specs)
-        self.parked: dict[str, tuple[float, Job, str]] = {}  # request id -> (try again at, job, budget)
+        # request id -> (try again at, job, budget that held it, its dispatch without members): a try sends it
+        # as decided, without running the policy again (re-running it over every waiting job at every try
+        # loaded a 2-core machine enough to make urgent work late).
+        self.parked: dict[str, tuple[float, Job, str, BatchJob]] = {}
+        self._held: dict[str, list[int]] = {}  # budget -> parked jobs per priority rank (for "no overtaking")
         self._park_timer: tuple[float, asyncio.TimerHandle] | None = None
         # How many parked jobs one try re-adds: doubled while they get through, halved when one must wait
         # again (additive increase would do too; the point is not to re-run the policy over every parked job
@@ -98,6 +103,9 @@ class Grouper(Warm):
         """Deliver results of requests that end here (rejected, policy error). Identical requests may be
         following them in the cache: they are handed back and generated after all, never left waiting."""
         await self.hub.call("push", [r for _, r in results], [0.0] * len(results))
+        held = [(j.claim, 0.0) for j, _ in results if j.claim is not None]
+        if held:
+            self.budget.send("settle_many", held)
         if self.cache is not None:
             followers = await self.cache.call("orphans", [j.fp for j, _ in results])
             if followers:  # the same fingerprint, so the same compatibility key: this grouper's shard
@@ -137,13 +145,17 @@ class Grouper(Warm):
     async def _send(self, dispatches: list[Dispatch]) -> None:
         if not dispatches:
             return
-        now = self.clock.now()
         batches: list[BatchJob] = []
         for d in dispatches:
             jobs = [self.pending.pop(r.id) for r in d.members]
             dec = d.decision
             batches.append(BatchJob(f"{self.name}-{next(self._bids)}", dec.mode, dec.hedge_at, dec.cache_write,
                                     dec.recommendation, dec.reason, jobs))
+        await self._dispatch(batches)
+
+    async def _dispatch(self, batches: list[BatchJob]) -> None:
+        """Reserve, then send each dispatcher its batches in one call."""
+        now = self.clock.now()
         refused: list[tuple[Job, Result]] = []
         if self.budget_limited:
             batches = await self._reserve(batches, now, refused)
@@ -161,9 +173,8 @@ class Grouper(Warm):
         """Reserve every member's upper bound in one call; keep the members that may go."""
         # No overtaking: while more urgent work waits on a budget, less urgent work under that budget waits
         # behind it instead of taking the room the next settlement frees.
-        blocked_at: dict[str, int] = {}
-        for _, pj, name in self.parked.values():
-            blocked_at[name] = min(blocked_at.get(name, 3), _PRIO[pj.req.priority])
+        blocked_at = {name: next(k for k, n in enumerate(ranks) if n) for name, ranks in self._held.items()
+                      if any(ranks)}
         holds = [s for s in self.budget_specs if s.name in blocked_at]
         step = max(PARK_RETRY_S, PARK_RETRY_REAL_S * getattr(self.clock, "speedup", 1.0))
         if holds:
@@ -177,7 +188,10 @@ class Grouper(Warm):
                     if s is None:
                         go.append(j)
                     else:
-                        self.parked[r.id] = (now + step, j, s.name)
+                        if j.claim is not None:
+                            self.budget.send("settle_many", [(j.claim, 0.0)])
+                            j = j._replace(claim=None)
+                        self._park(j, now + step, s.name, b)
                 if go:
                     kept.append(b._replace(jobs=go))
             batches = kept
@@ -185,15 +199,18 @@ class Grouper(Warm):
                 self._arm_parked()
                 return []
         claims: list[Claim] = []
+        release = [j.claim for b in batches for j in b.jobs if j.claim is not None]  # held since a hedge
         for b in batches:
             # A batch hedged before it starts goes sync (the dispatcher does so), at the sync price.
             mode = "sync" if b.mode == "batch_api" and b.hedge_at is not None and b.hedge_at <= now else b.mode
             for j in b.jobs:
                 r = j.req
-                amount = reserve_bound(r, self.catalog, mode, None if self.reserve_model_max else r.output_tokens)
+                # An urgent member of a batch reserves the sync price, so its hedge is covered.
+                m = "sync" if mode == "batch_api" and r.priority == "urgent" else mode
+                amount = reserve_bound(r, self.catalog, m, None if self.reserve_model_max else r.output_tokens)
                 claims.append(Claim(f"{r.id}#{self.name}-{next(self._claims)}", r.tenant, r.provider, r.model,
                                     r.priority, amount))
-        verdicts = await self.budget.call("reserve_many", claims)
+        verdicts = await self.budget.call("reserve_many", claims, release)
         waits = sum(v.reason == "wait" for v in verdicts)
         self._park_batch = max(PARK_MIN_BATCH, self._park_batch // 2) if waits else min(self._park_batch * 2, 4096)
         out: list[BatchJob] = []
@@ -203,12 +220,13 @@ class Grouper(Warm):
             for j in b.jobs:
                 c, v = claims[k], verdicts[k]
                 k += 1
+                j = j._replace(claim=None)  # released by the call above
                 if v.ok:
                     keep.append(j._replace(claim=c.rid))
                 elif v.reason == "wait":
-                    self.parked[j.req.id] = (now + step, j, v.budget)
+                    self._park(j, now + step, v.budget, b)
                 elif v.reason == "deferred" and v.retry_at <= j.req.deadline_at:
-                    self.parked[j.req.id] = (max(v.retry_at, now + step), j, v.budget)
+                    self._park(j, max(v.retry_at, now + step), v.budget, b)
                 else:
                     why = (f"budget {v.budget} has ${v.remaining_usd:.6f} left" if v.reason == "budget_exhausted"
                            else f"budget {v.budget} resets at t={v.retry_at:.0f}s, after the deadline")
@@ -218,34 +236,49 @@ class Grouper(Warm):
         self._arm_parked()
         return out
 
+    def _park(self, j: Job, due: float, budget: str, b: BatchJob) -> None:
+        self._unpark(j.req.id)
+        self.parked[j.req.id] = (due, j, budget, b._replace(jobs=[]))
+        self._held.setdefault(budget, [0, 0, 0])[_PRIO[j.req.priority]] += 1
+
+    def _unpark(self, rid: str) -> None:
+        e = self.parked.pop(rid, None)
+        if e is not None:
+            self._held[e[2]][_PRIO[e[1].req.priority]] -= 1
+
     def _arm_parked(self) -> None:
         if not self.parked:
             return
-        due = min(min(d for d, _, _ in self.parked.values()),
-                  min(j.req.deadline_at for _, j, _ in self.parked.values()))
+        now = self.clock.now()
+        due = min(min(e[0] for e in self.parked.values()), min(e[1].req.deadline_at for e in self.parked.values()))
+        # At most one try per step: jobs left over by the last try are due already, and a timer at their due
+        # time would fire at once, again and again.
+        due = max(due, now + max(PARK_RETRY_S, PARK_RETRY_REAL_S * getattr(self.clock, "speedup", 1.0)) / 2)
         if self._park_timer is not None:
             if self._park_timer[0] <= due:
                 return
             self._park_timer[1].cancel()
-        handle = asyncio.get_running_loop().call_later(self.clock.real_delay(due - self.clock.now()),
-                                                       self._retry_parked)
+        handle = asyncio.get_running_loop().call_later(self.clock.real_delay(due - now), self._retry_parked)
         self._park_timer = (due, handle)
 
     def _retry_parked(self) -> None:
         self._park_timer = None
         now = self.clock.now()
         late, again = [], []
-        for rid, (due, j, budget) in list(self.parked.items()):
+        for rid, (due, j, budget, meta) in list(self.parked.items()):
             if j.req.deadline_at <= now:
                 late.append((j, budget))
-                del self.parked[rid]
+                self._unpark(rid)
             elif due <= now + 1e-9:
-                again.append(j)
+                again.append((j, meta))
         # Most urgent first, and only as many as recently got through; the rest wait for the next try.
-        again.sort(key=lambda j: (_PRIO[j.req.priority], j.req.deadline_at))
+        again.sort(key=lambda e: (_PRIO[e[0].req.priority], e[0].req.deadline_at))
         again = again[: self._park_batch]
-        for j in again:
-            del self.parked[j.req.id]
+        batches: dict[str, BatchJob] = {}
+        for j, meta in again:
+            self._unpark(j.req.id)
+            b = batches.get(meta.bid) or meta
+            batches[meta.bid] = b._replace(jobs=[*b.jobs, j])
         loop = asyncio.get_running_loop()
         if late:
             task = loop.create_task(self._resolve([(j, self._failed(
@@ -253,10 +286,10 @@ class Grouper(Warm):
                 reason=f"budget {budget} held it back until its deadline")) for j, budget in late]))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        if again:
+        if batches:
             # One reservation call takes them in this order, so the room that settled goes to urgent work
             # before normal and background (as the simulator's waiting queue does).
-            task = loop.create_task(self.add(again))
+            task = loop.create_task(self._dispatch(list(batches.values())))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         self._arm_parked()

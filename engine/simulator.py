@@ -208,7 +208,11 @@ class _Sim:
         # Back to the policy, not straight to sync: the member whose deadline set the hedge now has no time
         # for a batch and goes sync, while members with later deadlines may ride another batch.
         for j in idxs:
-            self.settle_claim(j, 0.0, self.now)  # a cancelled batch bills nothing unfinished
+            # A cancelled batch bills nothing unfinished: release the claim now, before the member reserves
+            # again for its sync fallback, so the room it held is its own to use.
+            entry = self.claim_of.pop(j, None)
+            if entry is not None:
+                self.book.settle_many([(entry[0], 0.0)])
             self.hedges[j] += 1
             if self.hedges[j] >= self.max_att:  # progress guard against a policy that re-batches forever
                 self.send(Decision("dispatch", mode="sync"), [j], int(self.batch_of[j]))
@@ -307,7 +311,10 @@ class _Sim:
         claims = []
         for i in idxs:
             r = self.reqs[i]
-            amount = reserve_bound(r, self.catalog, mode, None if self.model_max else r.output_tokens)
+            # An urgent member of a batch reserves the sync price: its hedge (the sync fallback) is then
+            # covered whatever the budget does meanwhile.
+            m = "sync" if mode == "batch_api" and r.priority == "urgent" else mode
+            amount = reserve_bound(r, self.catalog, m, None if self.model_max else r.output_tokens)
             claims.append(Claim(f"{r.id}#{next(self.claim_ids)}", r.tenant, r.provider, r.model, r.priority,
                                 amount))
         ok = []

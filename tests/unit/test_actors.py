@@ -189,11 +189,33 @@ def test_dispatcher_resolves_sync_and_batch_and_hands_back_hedges():
         got = {r.id: r for r in await hub.pull(0.01)}
         assert got["r0"].mode == "sync" and got["r1"].mode == "batch_api" and got["r2"].batch_id == "b1"
         assert got["r1"].cost_usd < got["r0"].cost_usd
-        (name, (readmit,)), = grouper.calls  # the hedged batch went back to the policy, its claim released
-        assert name == "add" and readmit[0].hedges == 1 and readmit[0].claim is None
+        # The hedged batch went back to the policy holding its claim: the grouper releases it in the call that
+        # reserves the fallback.
+        (name, (readmit,)), = grouper.calls
+        assert name == "add" and readmit[0].hedges == 1 and readmit[0].claim == "c9"
         book = budget.book
-        assert book.claims == {}  # every member settled and released
+        assert set(book.claims) == {"c9"}  # every other member settled and released
         assert sum(book.spend.values()) == pytest.approx(got["r0"].cost_usd + got["r1"].cost_usd + got["r2"].cost_usd)
+    run(go())
+
+
+def test_a_hedged_claim_is_released_in_the_call_that_reserves_its_fallback():
+    from engine.cost import reserve_bound
+
+    async def go():
+        disp, hub = Recorder(), ResultHub()
+        budget = ledger(1.0)
+        r = req(0, output_tokens=100, priority="urgent")
+        need = reserve_bound(r, CAT, "sync", r.output_tokens)
+        # The hedged member holds all but half of what its sync fallback needs: it fits only once released.
+        await budget.reserve_many([Claim("held", "default", "openai", "gpt-5-mini", "urgent", 1.0 - need / 2)])
+        g = Grouper(load_policy("naive", CAT), CAT, ManualClock(0.0), {"openai": disp}, budget, hub,
+                    reserve_model_max=False)
+        await g.add([Job(0, r, "fp", hedges=1, claim="held")])
+        await asyncio.sleep(0)  # the dispatcher's call is a task of its own (send does not wait)
+        (name, ([batch],)), = disp.calls
+        assert batch.jobs[0].claim not in (None, "held") and set(budget.book.claims) == {batch.jobs[0].claim}
+        assert sum(budget.book.reserved.values()) == pytest.approx(need)
     run(go())
 
 
