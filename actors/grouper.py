@@ -176,7 +176,7 @@ class Grouper(Warm):
         blocked_at = {name: next(k for k, n in enumerate(ranks) if n) for name, ranks in self._held.items()
                       if any(ranks)}
         holds = [s for s in self.budget_specs if s.name in blocked_at]
-        step = max(PARK_RETRY_S, PARK_RETRY_REAL_S * getattr(self.clock, "speedup", 1.0))
+        step = self._park_step
         if holds:
             kept = []
             for b in batches:
@@ -236,6 +236,11 @@ class Grouper(Warm):
         self._arm_parked()
         return out
 
+    @property
+    def _park_step(self) -> float:
+        """Engine seconds between tries of parked work."""
+        return max(PARK_RETRY_S, PARK_RETRY_REAL_S * getattr(self.clock, "speedup", 1.0))
+
     def _park(self, j: Job, due: float, budget: str, b: BatchJob) -> None:
         self._unpark(j.req.id)
         self.parked[j.req.id] = (due, j, budget, b._replace(jobs=[]))
@@ -253,7 +258,7 @@ class Grouper(Warm):
         due = min(min(e[0] for e in self.parked.values()), min(e[1].req.deadline_at for e in self.parked.values()))
         # At most one try per step: jobs left over by the last try are due already, and a timer at their due
         # time would fire at once, again and again.
-        due = max(due, now + max(PARK_RETRY_S, PARK_RETRY_REAL_S * getattr(self.clock, "speedup", 1.0)) / 2)
+        due = max(due, now + self._park_step / 2)
         if self._park_timer is not None:
             if self._park_timer[0] <= due:
                 return
