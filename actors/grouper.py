@@ -24,12 +24,12 @@ from engine.catalog import Catalog
 from engine.cost import reserve_bound
 from engine.features import compat_key
 from engine.grouping import Decision
+from engine.request import PRIORITY_RANK
 from engine.result import Result
 from engine.scheduler import Dispatch, GroupTable, Wake
 
 __all__ = ["Grouper"]
 
-_PRIO = {"urgent": 0, "normal": 1, "background": 2}
 PARK_RETRY_S = 1.0  # engine seconds between tries of work waiting for reservations to settle
 PARK_RETRY_REAL_S = 0.05  # and at least this many real seconds (a replay at 1000x would poll at 1 kHz)
 PARK_MIN_BATCH = 1
@@ -183,7 +183,7 @@ class Grouper(Warm):
                 go = []
                 for j in b.jobs:
                     r = j.req
-                    s = next((s for s in holds if blocked_at[s.name] < _PRIO[r.priority]
+                    s = next((s for s in holds if blocked_at[s.name] < PRIORITY_RANK[r.priority]
                               and s.covers(r.tenant, r.provider, r.model)), None)
                     if s is None:
                         go.append(j)
@@ -228,9 +228,7 @@ class Grouper(Warm):
                 elif v.reason == "deferred" and v.retry_at <= j.req.deadline_at:
                     self._park(j, max(v.retry_at, now + step), v.budget, b)
                 else:
-                    why = (f"budget {v.budget} has ${v.remaining_usd:.6f} left" if v.reason == "budget_exhausted"
-                           else f"budget {v.budget} resets at t={v.retry_at:.0f}s, after the deadline")
-                    refused.append((j, self._failed(j, "budget_exhausted", status="rejected", reason=why)))
+                    refused.append((j, self._failed(j, "budget_exhausted", status="rejected", reason=v.why())))
             if keep:
                 out.append(b._replace(jobs=keep))
         self._arm_parked()
@@ -244,12 +242,12 @@ class Grouper(Warm):
     def _park(self, j: Job, due: float, budget: str, b: BatchJob) -> None:
         self._unpark(j.req.id)
         self.parked[j.req.id] = (due, j, budget, b._replace(jobs=[]))
-        self._held.setdefault(budget, [0, 0, 0])[_PRIO[j.req.priority]] += 1
+        self._held.setdefault(budget, [0, 0, 0])[PRIORITY_RANK[j.req.priority]] += 1
 
     def _unpark(self, rid: str) -> None:
         e = self.parked.pop(rid, None)
         if e is not None:
-            self._held[e[2]][_PRIO[e[1].req.priority]] -= 1
+            self._held[e[2]][PRIORITY_RANK[e[1].req.priority]] -= 1
 
     def _arm_parked(self) -> None:
         if not self.parked:
@@ -277,7 +275,7 @@ class Grouper(Warm):
             elif due <= now + 1e-9:
                 again.append((j, meta))
         # Most urgent first, and only as many as recently got through; the rest wait for the next try.
-        again.sort(key=lambda e: (_PRIO[e[0].req.priority], e[0].req.deadline_at))
+        again.sort(key=lambda e: (PRIORITY_RANK[e[0].req.priority], e[0].req.deadline_at))
         again = again[: self._park_batch]
         batches: dict[str, BatchJob] = {}
         for j, meta in again:

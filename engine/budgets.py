@@ -171,6 +171,12 @@ class Verdict(NamedTuple):
     remaining_usd: float | None = None  # of the tightest covering budget, for the rejection message
     budget: str | None = None  # the spec that refused
 
+    def why(self) -> str:
+        """The ``reason`` a request rejected on this verdict carries."""
+        if self.reason == "deferred":
+            return f"budget {self.budget} resets at t={self.retry_at:.0f}s, after the deadline"
+        return f"budget {self.budget} has ${self.remaining_usd:.6f} left"
+
 
 class Refusal(NamedTuple):
     spec: BudgetSpec

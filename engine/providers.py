@@ -24,7 +24,7 @@ from engine.draws import Draws
 from engine.errors import CatalogError, ConfigError
 from engine.latency import gpu_batch_seconds, sync_latency_median
 from engine.ratelimit import EnqueuedTokens, RateGate
-from engine.request import Request
+from engine.request import PRIORITY_RANK, Request
 from engine.resilience import CircuitBreaker, Resilience, retry_delay
 from engine.scheduling import FairQueue, Scheduling, Unit
 from engine.settings import Settings
@@ -150,7 +150,7 @@ class SimProvider:
         tokens = sum(r.input_tokens + r.output_tokens for r in reqs) if text and w.kind != "gpu" else 0
         cost = (sum(r.input_tokens * spec.input_per_mtok + r.output_tokens * spec.output_per_mtok for r in reqs)
                 * 1e-6 if text else 0.0)
-        prio = min((r.priority for r in reqs), key=("urgent", "normal", "background").index)
+        prio = min((r.priority for r in reqs), key=PRIORITY_RANK.__getitem__)
         u = Unit(w, first.tenant, prio, min(r.deadline_at for r in reqs), min(r.arrival_s for r in reqs),
                  tokens, cost, max(w.attempts), 0.0 if w.kind == "batch" else lead)
         if w.kind == "batch":

@@ -11,11 +11,12 @@ from engine.catalog import Catalog, Kind, default_catalog
 from engine.errors import CatalogError
 from engine.settings import Settings
 
-__all__ = ["PRIORITIES", "FieldProblem", "Priority", "Request", "Reuse", "validation_context"]
+__all__ = ["PRIORITIES", "PRIORITY_RANK", "FieldProblem", "Priority", "Request", "Reuse", "validation_context"]
 
 Priority = Literal["urgent", "normal", "background"]
 Reuse = Literal["none", "exact", "near"]
 PRIORITIES: tuple[Priority, ...] = ("urgent", "normal", "background")
+PRIORITY_RANK: dict[str, int] = {p: k for k, p in enumerate(PRIORITIES)}  # 0 is the most urgent
 
 ParamValue = str | int | float | bool
 

@@ -27,7 +27,7 @@ from engine.errors import PolicyError
 from engine.features import NEAR_DIM, compat_key, featurize, fingerprint
 from engine.grouping import Decision
 from engine.providers import Attempt, Event, SimProvider, Work, check_fallbacks
-from engine.request import PRIORITIES, Request
+from engine.request import PRIORITIES, PRIORITY_RANK, Request
 from engine.reuse import ReuseIndex
 from engine.scheduler import Dispatch, GroupTable, Wake
 from engine.scheduling import Scheduling
@@ -39,7 +39,6 @@ __all__ = ["BatchRecord", "SimResult", "simulate"]
 MODES = ("sync", "batch_api", "gpu_batch", "reuse")
 _SYNC, _BATCH, _GPU, _REUSE = range(4)
 _PENDING, _OK, _REUSED, _FAILED, _REJECTED = range(5)
-_PRIO = {"urgent": 0, "normal": 1, "background": 2}
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,14 +330,12 @@ class _Sim:
                 else:
                     self.deferrals += 1
                     self.tick(v.retry_at)
-                heapq.heappush(self.budget_wait, (_PRIO[r.priority], r.deadline_at, next(self.seq), i, c.amount))
+                heapq.heappush(self.budget_wait, (PRIORITY_RANK[r.priority], r.deadline_at, next(self.seq), i, c.amount))
                 if i not in self.waiting:
                     self.waiting.add(i)
                     self.push(max(r.deadline_at, self.now), "budget_expire", i)
             else:
-                why = (f"budget {v.budget} has ${v.remaining_usd:.6f} left" if v.reason == "budget_exhausted" else
-                       f"budget {v.budget} resets at t={v.retry_at:.0f}s, after the deadline")
-                self.reject(i, "budget_exhausted", why)
+                self.reject(i, "budget_exhausted", v.why())
         return ok
 
     def settle_claim(self, i: int, actual: float, at: float) -> None:
@@ -379,7 +376,7 @@ class _Sim:
             else:
                 heapq.heappop(q)
                 self.waiting.discard(i)
-                self.reject(i, "budget_exhausted", f"budget {v.budget} has ${v.remaining_usd:.6f} left")
+                self.reject(i, "budget_exhausted", v.why())
 
     def reject(self, i: int, reason: str, why: str) -> None:
         self.status[i], self.done_at[i] = _REJECTED, self.now
