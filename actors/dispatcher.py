@@ -1,44 +1,69 @@
-"""One dispatcher per provider: carries out dispatches through the provider's adapter and resolves them.
+"""One dispatcher per provider: carries out dispatches through the provider and resolves them.
 
-The adapter here is the simulator's ``SimProvider`` run in (compressed) real time, queue and all: work waits
-in its fair queue until the provider's rate gate lets it start (``pump``, re-run by a timer when the gate
-next opens), the outcome of a call is drawn when it starts, and each member resolves when its completion
-time comes on the engine clock. A failed sync call is retried after ``Retry-After`` or a jittered backoff,
-and counts toward the model's circuit breaker when it fails, not when it was drawn. Results, cache fills,
-budget settlements (one per member's reservation) and retries leave in batches (an outbox flushed every few
-milliseconds), never one actor call per request.
+Work waits in the provider's fair queue until its rate gate lets it start (``SimProvider.pump`` with
+``draw=False``, re-run by a timer when the gate next opens and whenever a call ends). A started call or batch
+goes to the ``Provider`` (``engine.provider_api``): simulated (the catalog's draws on the engine clock) or
+over HTTP; the dispatcher knows only the protocol. A call holds its concurrency slot until its outcome arrives.
+A failed sync call is retried after ``Retry-After`` or a jittered backoff, and counts toward the model's
+circuit breaker when it fails. A batch is polled until it ends; at its hedge time it is cancelled, its finished
+members are used (billed once, never sent again) and only the unfinished ones go back to the policy. Results,
+cache fills, budget settlements (one per member's reservation) and retries leave in batches (an outbox flushed
+every few milliseconds), never one actor call per request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 
 from actors._peer import Warm, as_peer
 from actors._types import BatchJob, Job, send_sharded
+from actors.providers import make_provider
+from actors.providers._wire import redact
 from engine.catalog import Catalog
 from engine.cost import price_alone
 from engine.draws import Draws
+from engine.provider_api import CallJob, CallOutcome, Secret, call_key
 from engine.providers import Event, SimProvider, Work
 from engine.result import Result
 from engine.scheduling import Scheduling
 from engine.settings import Settings
+
+log = logging.getLogger("smartbatch.dispatcher")
 
 __all__ = ["Dispatcher"]
 
 FLUSH_S = 0.005
 
 
+def _short(exc: BaseException) -> str:
+    return redact(f"{type(exc).__name__}: {str(exc)[:200]}")
+
+
+class _DefaultEndpoint:
+    poll_min_s = 30.0
+
+
+_DEFAULT_EP = _DefaultEndpoint()
+
+
 class Dispatcher(Warm):
     def __init__(self, provider: str, catalog: Catalog, settings: Settings, seed: int, clock, groupers: list,
-                 hub, cache, budget, scheduling: Scheduling | None = None):
+                 hub, cache, budget, scheduling: Scheduling | None = None, key: Secret | None = None):
         self.name = provider
         self.catalog = catalog
+        self.settings = settings
         self.clock = clock
         self.max_att = settings.sim.max_attempts
         self.sim = SimProvider(catalog.provider(provider), catalog, settings,
                                Draws(0, settings.sim.max_attempts, seed, settings.sim.batch_slot_s),
-                               scheduling=scheduling)
+                               scheduling=scheduling, draw=False)
+        self._key = key
+        self.provider = make_provider(provider, catalog, settings, self.sim, clock, key)
+        self._tasks: set[asyncio.Task] = set()
+        self.batches_cancelled = 0
+        self.members_saved_by_cancel = 0  # finished members of cancelled batches: used, never sent again
         self.groupers = [as_peer(g) for g in groupers]
         self.hub, self.cache, self.budget = map(as_peer, (hub, cache, budget))
         self._results: list[Result] = []
@@ -58,9 +83,10 @@ class Dispatcher(Warm):
     async def set_clock(self, clock) -> None:
         """The engine sets the clock once every actor is up, so engine time 0 is when submitting can start."""
         self.clock = clock
+        self.provider.clock = clock
 
     def __repr__(self) -> str:
-        return f"Dispatcher({self.name}, in_flight={self.in_flight}, {self.sim!r})"
+        return f"Dispatcher({self.name}, in_flight={self.in_flight}, {self.provider!r}, {self.sim!r})"
 
     # -- carrying out -----------------------------------------------------------------------------------------
     async def run_many(self, batches: list[BatchJob]) -> None:
@@ -109,39 +135,117 @@ class Dispatcher(Warm):
         self._pump_timer = None
         self._pump()
 
+    def _spawn(self, coro, jobs: list[Job], b: BatchJob) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                # A bug, not a provider's failure (those are outcomes): fail the members rather than lose them.
+                log.error("dispatcher %s: %r", self.name, t.exception())
+                for j in jobs:
+                    self._final(b, j, False, 0.0, b.mode, error=f"engine error: {type(t.exception()).__name__}")
+                self._kick()
+
+        task.add_done_callback(done)
+
+    def _call_job(self, j: Job, start: float, cache_write: bool = False, batch: bool = False) -> CallJob:
+        r = j.req
+        key = call_key(r.tenant, r.id, r.model, j.attempts if batch else 0)
+        return CallJob(key, r, start, j.attempts, j.seq, cache_write)
+
     def _start_sync(self, e: Event, b: BatchJob, jobs: list[Job]) -> None:
         (j,) = jobs
-        a = e.outcome
-        mode = "gpu_batch" if self.sim.spec.models[j.req.model].gpu_priced else "sync"
+        self._spawn(self._run_sync(b, j, e.work.cache_write, e.start), jobs, b)
+
+    async def _run_sync(self, b: BatchJob, j: Job, cache_write: bool, start: float) -> None:
+        r = j.req
+        a = await self.provider.call(self._call_job(j, start, cache_write))
+        if a.usage is not None:
+            extra = max(a.usage.input_tokens + a.usage.output_tokens - r.input_tokens - r.output_tokens, 0)
+        self.sim.finish_sync(r.model, a.at, extra)
+        mode = "gpu_batch" if self.sim.spec.models[r.model].gpu_priced else "sync"
         if a.ok:
-            def answered() -> None:
-                self.sim.success(j.req.model, self.clock.now())
-                self._final(b, j, True, a.cost, mode)
-
-            self._at(a.at, answered)
-            return
-
-        def failed() -> None:
-            self.sim.failure(j.req.model, self.clock.now())
-            if j.attempts + 1 >= self.max_att:
-                self._final(b, j, False, 0.0, mode)
-                return
-            nj = j._replace(attempts=j.attempts + 1)
-            self._at(self.sim.retry_at(j.seq, j.attempts, a), lambda: (self._enqueue("sync", b, [nj]), self._pump()))
-
-        self._at(a.at, failed)
+            self.sim.success(r.model, self.clock.now())
+            self._final(b, j, True, a.cost, mode, a)
+        else:
+            self.sim.failure(r.model, self.clock.now())
+            if not a.retryable or j.attempts + 1 >= self.max_att:
+                self._final(b, j, False, 0.0, mode, a)
+            else:
+                nj = j._replace(attempts=j.attempts + 1)
+                self._at(self.sim.retry_at(j.seq, j.attempts, a),
+                         lambda: (self._enqueue("sync", b, [nj]), self._pump()))
+        self._pump()
 
     def _start_gpu(self, e: Event, b: BatchJob, jobs: list[Job]) -> None:
         for j, a in zip(jobs, e.outcome):
             self._at(a.at, lambda j=j, a=a: self._attempt(b, j, a.ok, a.cost, "gpu_batch"))
 
     def _start_batch(self, e: Event, b: BatchJob, jobs: list[Job]) -> None:
-        out = e.outcome
-        if out.hedged:  # cancelled at the hedge, billing nothing: members go back to the policy
-            self._at(out.at, lambda: [self._hedged(j) for j in jobs])
-            return
-        for j, a in zip(jobs, out.members):
-            self._at(a.at, lambda j=j, a=a: self._attempt(b, j, a.ok, a.cost, "batch_api"))
+        self._spawn(self._run_batch(b, jobs, e.start, e.outcome), jobs, b)
+
+    async def _sleep(self, engine_s: float) -> None:
+        await asyncio.sleep(min(self.clock.real_delay(engine_s), 3600.0))
+
+    async def _run_batch(self, b: BatchJob, jobs: list[Job], start: float, tokens: int) -> None:
+        """Submit, poll until the batch ends, cancel it at its hedge time, then resolve every member: finished
+        ones from the output (billed once, never sent again), the rest back to the policy."""
+        p = self.provider
+        cjobs = [self._call_job(j, start, batch=True) for j in jobs]
+        hedge_at = b.hedge_at
+        handle = None
+        try:
+            handle = await p.submit_batch(cjobs, hedge_at)
+        except Exception as exc:  # the provider refused the batch: nothing ran, so the members go sync
+            log.warning("dispatcher %s: batch submission failed: %s", self.name, _short(exc))
+        outs: dict = {}
+        was_cancelled = False
+        if handle is not None:
+            cancel_deadline = None
+            while True:
+                try:
+                    st = await p.poll(handle)
+                except Exception as exc:  # a failed poll is retried; the hedge below still bounds the wait
+                    log.warning("dispatcher %s: batch poll failed: %s", self.name, _short(exc))
+                    st = None
+                if st is not None and st.status == "ended":
+                    break
+                now = self.clock.now()
+                if hedge_at is not None and now >= hedge_at and cancel_deadline is None:
+                    try:
+                        await p.cancel(handle)
+                    except Exception as exc:
+                        log.warning("dispatcher %s: batch cancel failed: %s", self.name, _short(exc))
+                    self.batches_cancelled += 1
+                    was_cancelled = True
+                    cancel_deadline = now + self.catalog.provider(self.name).batch_api.cancel_s
+                    continue
+                if cancel_deadline is not None and now >= cancel_deadline:
+                    # The cancel outlasted its allowance: the deadline comes first. Unfinished members go sync;
+                    # any that the provider still finishes is counted as paid twice in the report.
+                    log.warning("dispatcher %s: batch cancel still pending; sending its unfinished members", self.name)
+                    break
+                wait = st.next_poll_s if st is not None else self.settings.providers.endpoints.get(
+                    self.name, _DEFAULT_EP).poll_min_s
+                limit = (hedge_at if cancel_deadline is None and hedge_at is not None else
+                         cancel_deadline if cancel_deadline is not None else float("inf"))
+                await self._sleep(max(min(wait, limit - now), 0.0))
+            try:
+                outs = dict(await p.fetch(handle))
+            except Exception as exc:
+                log.warning("dispatcher %s: batch results could not be read: %s", self.name, _short(exc))
+        self.sim.finish_batch(tokens, self.clock.now())
+        for j, cj in zip(jobs, cjobs, strict=True):
+            o = outs.get(cj.key)
+            if o is None:
+                self._hedged(j)
+            else:
+                if was_cancelled:
+                    self.members_saved_by_cancel += o.ok
+                self._attempt(b, j, o.ok, o.cost, "batch_api", o)
+        self._pump()
 
     def _start_reroute(self, e: Event, b: BatchJob, jobs: list[Job]) -> None:
         """The model's circuit is open: its work goes back to the policy as requests for the fallback."""
@@ -168,13 +272,13 @@ class Dispatcher(Warm):
         if j.claim is not None:
             self._settle.append((j.claim, cost))
 
-    def _attempt(self, b: BatchJob, j: Job, ok: bool, cost: float, mode: str) -> None:
+    def _attempt(self, b: BatchJob, j: Job, ok: bool, cost: float, mode: str, out: CallOutcome | None = None) -> None:
         """A batch or GPU member's attempt ended; a failure goes back to the policy while attempts remain."""
-        if not ok and j.attempts + 1 < self.max_att:
+        if not ok and j.attempts + 1 < self.max_att and (out is None or out.retryable):
             self._member_done(j, 0.0)
             self._readmit.append(j._replace(attempts=j.attempts + 1, claim=None))
             return
-        self._final(b, j, ok, cost, mode)
+        self._final(b, j, ok, cost, mode, out)
 
     def _hedged(self, j: Job) -> None:
         # The claim goes back with the job: the grouper releases it in the same budget call that reserves the
@@ -182,19 +286,28 @@ class Dispatcher(Warm):
         self.in_flight -= 1
         self._readmit.append(j._replace(hedges=j.hedges + 1))
 
-    def _final(self, b: BatchJob, j: Job, ok: bool, cost: float, mode: str) -> None:
+    def _final(self, b: BatchJob, j: Job, ok: bool, cost: float, mode: str, out: CallOutcome | None = None,
+               error: str | None = None) -> None:
         r = j.req
         now = max(self.clock.now(), r.arrival_s)
         self._member_done(j, cost if ok else 0.0)
+        real = out is not None and out.real
         if ok:
-            res = Result(id=r.id, status="ok", output=f"sim://{r.provider}/{r.model}/{r.id}", cost_usd=cost,
+            res = Result(id=r.id, status="ok", output=out.output if out is not None else
+                         f"sim://{r.provider}/{r.model}/{r.id}", cost_usd=cost,
+                         usage=out.usage.as_dict() if out is not None and out.usage is not None else None,
+                         provider_request_id=out.provider_request_id if out is not None else None,
+                         raw=out.raw if out is not None else None, real=real,
                          mode=mode, provider=r.provider, model=r.model, batch_id=b.bid, arrival_s=r.arrival_s,
                          done_s=now, deadline_met=now <= r.deadline_at + 1e-6, recommendation=b.recommendation,
                          reason=b.reason)
         else:
+            why = error or (out.error if out is not None and out.error else None)
+            tries = j.attempts + 1
             res = Result(id=r.id, status="failed", provider=r.provider, model=r.model, batch_id=b.bid,
                          arrival_s=r.arrival_s, done_s=now, deadline_met=False, recommendation=b.recommendation,
-                         error=f"{r.provider} failed {self.max_att} attempts")
+                         real=real, error=(f"{r.provider} failed after {tries} attempt(s): {why}" if why
+                                           else f"{r.provider} failed {self.max_att} attempts"))
             self._orphans.append(j.fp)
         self._results.append(res)
         self._list_prices.append(price_alone(r, self.catalog, "sync").total)
@@ -237,8 +350,10 @@ class Dispatcher(Warm):
             send_sharded(self.groupers, readmit)
 
     async def stats(self, waits: bool = False) -> dict:
-        out = {"provider": self.name, "in_flight": self.in_flight, "queued": self.sim.waiting,
-               "rerouted": self.rerouted, "circuit_opened": self.sim.breaker.opened}
+        out = {"provider": self.name, "calls": "http" if self.provider.real else "simulated",
+               "in_flight": self.in_flight, "queued": self.sim.waiting,
+               "rerouted": self.rerouted, "circuit_opened": self.sim.breaker.opened,
+               "batches_cancelled": self.batches_cancelled, "members_saved_by_cancel": self.members_saved_by_cancel}
         if waits:
             out["waits"] = list(self.waits)
         return out

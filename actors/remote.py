@@ -25,7 +25,7 @@ def provider_resource(provider: str) -> str:
     return f"provider:{provider}"
 
 
-def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: int = 1) -> dict:
+def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: int = 1, keys: dict | None = None) -> dict:
     """Create and wire the actors; ``clock()`` makes the engine clock once they are all up."""
     from engine.providers import check_fallbacks
 
@@ -47,7 +47,8 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
         if provider_resource(name) in cluster:
             opts["resources"] = {provider_resource(name): 0.001}
         dispatchers[name] = ray.remote(Dispatcher).options(**opts).remote(
-            name, catalog, settings, seed, None, groupers, hub, cache, budget, policy.scheduling)
+            name, catalog, settings, seed, None, groupers, hub, cache, budget, policy.scheduling,
+            (keys or {}).get(name))
     ray.get([g.set_dispatchers.remote(dispatchers) for g in groupers])
     ingest = ray.remote(Ingest).options(**_OPTS).remote(groupers, cache, settings.cache.share_across_tenants)
     everything = [ingest, *groupers, *dispatchers.values(), budget, hub] + ([cache] if cache else [])

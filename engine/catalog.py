@@ -71,6 +71,10 @@ class BatchApi(_Frozen):
     turnaround_min_s: float = Field(ge=0)
     max_requests: int = Field(ge=1)
     max_enqueued_tokens: float = Field(gt=0)
+    cancel_s: float = Field(default=0.0, ge=0, description=(
+        "seconds a cancel may take before the finished members are known (a real batch sits in 'cancelling' "
+        "for up to 10 min); the hedge falls back this much earlier. Simulated batches cancel at once (0); "
+        "the engine sets it from providers.endpoints.<name>.cancel_s for providers it calls over HTTP"))
 
     @model_validator(mode="after")
     def _ordered(self) -> BatchApi:
@@ -173,6 +177,10 @@ class ModelSpec(_Frozen):
     default_duration_s: float = Field(default=5.0, gt=0)
     # limits of this model alone (providers such as OpenAI limit per model); None: it shares the provider's
     rate_limits: RateLimits | None = None
+    # which endpoint of an OpenAI-compatible provider serves the model over HTTP
+    api: Literal["chat", "responses"] = "chat"
+    context_window: int | None = Field(default=None, ge=1, description="input + output tokens the model "
+                                       "accepts (None: not checked)")
 
     @model_validator(mode="after")
     def _priced(self) -> ModelSpec:
@@ -194,13 +202,14 @@ class ModelSpec(_Frozen):
 
 
 class ProviderSpec(_Frozen):
+    # The simulation-only fields have defaults, so an overlay can add a provider with prices alone.
     name: str = ""
-    failure_rate: float = Field(ge=0, lt=1)
+    failure_rate: float = Field(default=0.0, ge=0, lt=1)
     throttled_share: float = Field(default=0.5, ge=0, le=1,
                                    description="share of failures that are 429s (the rest are 5xx)")
     retry_after_s: float = Field(default=10.0, ge=0, description="the Retry-After of this provider's 429s")
-    rate_limits: RateLimits
-    sync_latency: Latency
+    rate_limits: RateLimits = RateLimits(rpm=10_000, tpm=4_000_000, max_concurrency=256)
+    sync_latency: Latency = Latency(base_s=1.0, per_output_token_s=0.01)
     media_latency: MediaLatency | None = None
     batch_api: BatchApi | None = None
     prompt_cache: PromptCache | None = None
@@ -257,8 +266,7 @@ class Catalog(_Frozen):
         return hits[0]
 
 
-def load_catalog(path: str | Path | None = None) -> Catalog:
-    """Load and validate a catalog YAML file (the packaged default when ``path`` is None)."""
+def _read_yaml(path: str | Path | None, flag: str) -> tuple[dict, str]:
     if path is None:
         text = resources.files("engine").joinpath("data/catalog.yaml").read_text(encoding="utf-8")
         where = "<default catalog>"
@@ -266,12 +274,33 @@ def load_catalog(path: str | Path | None = None) -> Catalog:
         where = str(path)
         try:
             text = Path(path).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise CatalogError(f"cannot read catalog {where}: {exc}; pass an existing file to --catalog") from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CatalogError(f"cannot read catalog {where}: {exc}; pass an existing UTF-8 file to {flag}") from exc
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise CatalogError(f"catalog {where} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise CatalogError(f"catalog {where} must be a YAML mapping with 'providers'")
+    return raw, where
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``, mapping by mapping (a value that is not a mapping replaces)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_catalog(path: str | Path | None = None, overlay: str | Path | None = None) -> Catalog:
+    """Load and validate a catalog YAML file (the packaged default when ``path`` is None). ``overlay`` is a
+    YAML file merged on top, mapping by mapping: it adds or overrides providers, models and prices without
+    copying the whole catalog (a new provider needs only its models and prices)."""
+    raw, where = _read_yaml(path, "--catalog")
+    if overlay is not None:
+        extra, owhere = _read_yaml(overlay, "--catalog-overlay")
+        raw, where = _merge(raw, extra), f"{where} + overlay {owhere}"
     try:
         return Catalog.model_validate(raw)
     except ValidationError as exc:

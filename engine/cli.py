@@ -30,9 +30,34 @@ def _fail(exc: SmartbatchError) -> None:
     raise typer.Exit(2)
 
 
-def _settings(catalog: Path | None) -> tuple[Settings, object]:
+def _settings(catalog: Path | None, overlay: Path | None = None) -> tuple[Settings, object]:
     settings = Settings()
-    return settings, load_catalog(catalog or settings.catalog_path)
+    return settings, load_catalog(catalog or settings.catalog_path, overlay or settings.catalog_overlay)
+
+
+def _providers(settings: Settings, mode: str | None, base_urls: list[str] | None) -> Settings:
+    """``--providers sim|http`` and ``--base-url NAME=URL`` on top of ``settings.providers``."""
+    from engine.errors import ConfigError
+    from engine.settings import ProvidersSettings
+
+    raw = settings.providers.model_dump()
+    if mode is not None:
+        if mode not in ("sim", "http"):
+            raise ConfigError(f"--providers {mode!r}: use sim (every provider simulated) or http (real calls to the "
+                              "providers with an endpoint)")
+        raw["mode"] = mode
+    for item in base_urls or []:
+        name, sep, url = item.partition("=")
+        if not sep or not name or not url:
+            raise ConfigError(f"--base-url {item!r}: write NAME=URL, e.g. --base-url openai=http://127.0.0.1:8000/v1")
+        if name not in raw["endpoints"]:
+            raise ConfigError(f"--base-url {item!r}: no endpoint named {name!r}; endpoints are "
+                              f"{sorted(raw['endpoints'])} (add one with SMARTBATCH_PROVIDERS__ENDPOINTS)")
+        raw["endpoints"][name]["base_url"] = url
+    try:
+        return settings.model_copy(update={"providers": ProvidersSettings.model_validate(raw)})
+    except ValueError as exc:
+        raise ConfigError(f"providers: {exc}") from None
 
 
 @trace_app.command("from-azure")
@@ -200,14 +225,14 @@ def bench(trace: Path = typer.Argument(..., help="a JSONL trace"),
 
 
 def _live(requests, name: str, policy: str, speedup: float, address: str | None, seed: int, settings,
-          cat) -> dict:
+          cat, results: list | None = None) -> dict:
     from engine.live import run_live
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=err_console, transient=True) as bar:
         task = bar.add_task(f"live {policy} x{speedup:g}", total=len(requests))
         return run_live(requests, trace_name=name, policy=policy, speedup=speedup, address=address, seed=seed,
-                        catalog=cat, settings=settings,
+                        catalog=cat, settings=settings, results=results,
                         on_done=lambda k: bar.update(task, advance=k))
 
 
@@ -215,30 +240,89 @@ def _live(requests, name: str, policy: str, speedup: float, address: str | None,
 def run(trace: Path = typer.Argument(..., help="a JSONL trace"),
         policy: str = typer.Option("smart", help="registered name or module:Class"),
         speedup: float = typer.Option(100.0, min=0.001, help="engine seconds per real second"),
-        out: Path = typer.Option(Path("out/run"), "--out"),
+        out: Path = typer.Option(Path("out/run"), "--out", help="where results.json, results.md and plot.png go"),
         address: str | None = typer.Option(None, help="attach to a Ray cluster (e.g. auto); default: "
                                               "an embedded local Ray"),
+        providers: str | None = typer.Option(None, "--providers", help="sim: every provider simulated; http: real "
+                                             "calls to the providers with an endpoint (default: settings)"),
+        base_url: list[str] | None = typer.Option(None, "--base-url", help="NAME=URL: where provider NAME is "
+                                                  "reached over HTTP (repeatable)"),
+        dry_run: bool = typer.Option(False, "--dry-run", help="print what would be sent and its estimated "
+                                     "cost; send nothing"),
         budget: float | None = typer.Option(None, min=0, help="hard budget over all spend, USD"),
         tenant_budget: list[str] | None = typer.Option(None, "--tenant-budget",
                                                        help="hard budget of one tenant, NAME=USD (repeatable)"),
         budget_duration: str | None = typer.Option(None, help="budget window (30s, 1h, 1d, 30d, 1mo)"),
-        seed: int = typer.Option(0),
-        skip_invalid: bool = typer.Option(False, "--skip-invalid"),
-        catalog: Path | None = typer.Option(None)) -> None:
+        seed: int = typer.Option(0, help="seed of the simulated draws"),
+        skip_invalid: bool = typer.Option(False, "--skip-invalid", help="skip and count bad trace lines"),
+        catalog: Path | None = typer.Option(None, help="a catalog YAML replacing the packaged one"),
+        catalog_overlay: Path | None = typer.Option(None, "--catalog-overlay", help="a YAML merged over the "
+                                                    "catalog: adds or overrides providers, models, prices")) -> None:
     """Replay a trace through the live engine on Ray (time-compressed); same report and results.json as bench."""
     from engine.bench import write_outputs
     from engine.trace import load_trace
 
     try:
-        settings, cat = _settings(catalog)
+        settings, cat = _settings(catalog, catalog_overlay)
+        settings = _providers(settings, providers, base_url)
         tr = load_trace(trace, catalog=cat, settings=settings, skip_invalid=skip_invalid)
         settings = _budgets(settings, budget, tenant_budget, budget_duration, tr.requests)
+        if dry_run:
+            from engine.live import dry_run as plan
+
+            _print_plan(plan(tr.requests, policy=policy, catalog=cat, settings=settings, seed=seed))
+            return
         doc = _live(tr.requests, tr.name, policy, speedup, address, seed, settings, cat)
         paths = write_outputs(doc, out)
     except SmartbatchError as exc:
         _fail(exc)
     _print_table(doc)
+    _print_providers(doc)
     console.print(f"wrote {paths['json']}, {paths['markdown']}, {paths['plot']}")
+
+
+def _print_plan(plan: dict) -> None:
+    t = Table(title=f"dry run: {plan['requests']:,} requests, nothing sent; estimated ${plan['cost_usd']:.4f} "
+                    f"(${plan['list_price_usd']:.4f} at list price)")
+    for col in ("provider", "calls", "requests", "sync", "batch API", "GPU batch", "reused", "est. $"):
+        t.add_column(col, justify="left" if col in ("provider", "calls") else "right", no_wrap=True)
+    for name, row in plan["providers"].items():
+        m = row["modes"]
+        t.add_row(name, row["calls"], str(row["requests"]), str(m.get("sync", 0)), str(m.get("batch_api", 0)),
+                  str(m.get("gpu_batch", 0)), str(m.get("reuse", 0)), f"{row['cost_usd']:.4f}")
+    console.print(t)
+    for name, sample in plan["samples"].items():
+        console.print(f"[bold]{name}[/] {sample['route']} at {sample['base_url']}:")
+        console.print_json(data=sample["body"])
+
+
+def _print_providers(doc: dict) -> None:
+    rep = doc.get("engine_report") or {}
+    for name, p in (rep.get("providers") or {}).items():
+        if p.get("calls") == "http":
+            console.print(f"{name}: real calls over HTTP; batches cancelled at their hedge: "
+                          f"{p.get('batches_cancelled', 0)}, finished members kept from them: "
+                          f"{p.get('members_saved_by_cancel', 0)}")
+    for r in doc.get("samples", []):
+        console.print(f"  {r['id']} ({r['provider']}/{r['model']}, {r['mode']}, ${r['cost_usd']:.6f}): "
+                      f"{r['output']}")
+
+
+@app.command()
+def emulate(port: int = typer.Option(8765, help="port on 127.0.0.1 (0: a free one)"),
+            speedup: float = typer.Option(1.0, min=0.001, help="emulated seconds per real second (match the "
+                                          "engine's --speedup)"),
+            seed: int = typer.Option(0, help="seed of latencies, turnarounds and random faults"),
+            catalog: Path | None = typer.Option(None, help="a catalog YAML replacing the packaged one")) -> None:
+    """Serve the loopback provider emulator (OpenAI and Anthropic wire formats) until interrupted. Point the
+    engine at it with --base-url openai=http://127.0.0.1:PORT/openai/v1 --base-url
+    anthropic=http://127.0.0.1:PORT/anthropic."""
+    from engine.emulator import serve
+
+    try:
+        serve(port, catalog_path=catalog, speedup=speedup, seed=seed)
+    except SmartbatchError as exc:
+        _fail(exc)
 
 
 @app.command()

@@ -25,7 +25,9 @@ __all__ = [
     "price_alone",
     "price_batch",
     "price_text",
+    "price_usage",
     "reserve_bound",
+    "shared_prefix_marks",
 ]
 
 Mode = Literal["sync", "batch_api", "gpu_batch", "reuse"]
@@ -116,6 +118,19 @@ def price_text(provider: ProviderSpec, spec: ModelSpec, split: CacheSplit, outpu
     return Price(plain + cached + write + out, plain, cached, write, out)
 
 
+def price_usage(req: Request, catalog: Catalog, mode: Mode, *, input_tokens: int, output_tokens: int,
+                cache_read: int = 0, cache_write: int = 0) -> Price:
+    """What a provider bills for a call that reported this usage: ``input_tokens`` counts every input token,
+    the cached and cache-written ones included. Media: the catalog's unit price (one image or video)."""
+    provider = catalog.provider(req.provider)
+    spec = catalog.model(req.provider, req.model)
+    if spec.kind != "text":
+        return price_alone(req, catalog, "sync" if mode == "gpu_batch" else mode)
+    read = max(min(cache_read, input_tokens), 0)
+    write = max(min(cache_write, input_tokens - read), 0)
+    return price_text(provider, spec, CacheSplit(read, write, input_tokens - read - write), output_tokens, mode)
+
+
 def gpu_unit_seconds(spec: ModelSpec, params: dict) -> float:
     """GPU seconds one job needs at batch size 1, without the warm-up."""
     if spec.gpu_s_per_image:
@@ -177,7 +192,7 @@ def reserve_bound(req: Request, catalog: Catalog, mode: Mode, output_tokens: int
     return f * (spec.input_per_mtok * w * req.input_tokens + spec.output_per_mtok * out) * _M  # type: ignore[operator]
 
 
-def _marks(reqs: Sequence[Request]) -> list[int]:
+def shared_prefix_marks(reqs: Sequence[Request]) -> list[int]:
     """For each member, how many leading prefix blocks some later member also starts with.
 
     Block ids name a whole prefix up to and including that block (as Mooncake's ``hash_ids`` do), so a block
@@ -237,7 +252,7 @@ def price_batch(reqs: Sequence[Request], catalog: Catalog, mode: Mode, *,
     pc = provider.prompt_cache
     use_cache = pc is not None and (mode != "batch_api" or pc.stacks_with_batch)
     warm_set = set(warm) if use_cache else set()
-    marks = _marks(reqs) if use_cache else [0] * len(reqs)
+    marks = shared_prefix_marks(reqs) if use_cache else [0] * len(reqs)
     prices = []
     for r, mark in zip(reqs, marks):
         n_warm = 0

@@ -19,14 +19,44 @@ from pydantic import ValidationError
 
 from engine.catalog import Catalog, load_catalog
 from engine.errors import ConfigError, TraceError
+from engine.provider_api import Secret
 from engine.request import Request, validation_context
 from engine.result import Result
 from engine.settings import Settings, with_budget
 
-__all__ = ["Engine", "ResultFuture"]
+__all__ = ["Engine", "ResultFuture", "http_setup"]
 
 HEALTH_EVERY_S = 1.0  # how often the driver checks that every engine actor is alive
 HEALTH_TIMEOUT_S = 2.0  # a busy actor may answer late; only an actor that errors is counted dead
+
+
+def http_setup(catalog: Catalog, settings: Settings, *, need_keys: bool = True) -> tuple[Catalog, dict[str, Secret]]:
+    """The catalog the engine plans with when some providers are called over HTTP, and their keys.
+
+    A real batch takes up to ``cancel_s`` to cancel, so for those providers the catalog's ``batch_api.cancel_s``
+    becomes the endpoint's and every hedge falls back that much earlier. Keys are read here, from the
+    driver's environment, and travel to the dispatchers inside a ``Secret`` (a cluster's workers need not have
+    them); a missing key is a start-up error, not a run of 401s."""
+    import os
+
+    keys: dict[str, Secret] = {}
+    providers = dict(catalog.providers)
+    for name in settings.providers.http_providers(catalog.providers):
+        ep = settings.providers.endpoints[name]
+        value = os.environ.get(ep.api_key_env) if need_keys else "unread"
+        if not value:
+            raise ConfigError(f"providers.endpoints.{name}: the environment variable {ep.api_key_env} holding the "
+                              f"API key is not set; export it, or name another variable with "
+                              f"SMARTBATCH_PROVIDERS__ENDPOINTS (api_key_env), or run with providers.mode=sim")
+        keys[name] = Secret(value)
+        spec = providers[name]
+        if spec.batch_api is not None and spec.batch_api.cancel_s != ep.cancel_s:
+            providers[name] = spec.model_copy(update={"batch_api": spec.batch_api.model_copy(
+                update={"cancel_s": ep.cancel_s})})
+    if providers != catalog.providers:
+        catalog = Catalog.model_validate({"schema_version": catalog.schema_version,
+                                          "providers": {k: v.model_dump() for k, v in providers.items()}})
+    return catalog, (keys if need_keys else {})
 
 
 class ResultFuture(concurrent.futures.Future):
@@ -102,7 +132,8 @@ class Engine:
         from policies import load_policy
 
         settings = settings or Settings()
-        catalog = catalog or load_catalog(settings.catalog_path)
+        catalog = catalog or load_catalog(settings.catalog_path, settings.catalog_overlay)
+        catalog, keys = http_setup(catalog, settings)
         if micro_batch < 1 or flush_ms <= 0 or num_groupers < 1:
             raise ConfigError("micro_batch and num_groupers must be >= 1 and flush_ms > 0; got "
                               f"micro_batch={micro_batch}, flush_ms={flush_ms}, num_groupers={num_groupers}")
@@ -117,7 +148,8 @@ class Engine:
         if budget_usd is not None:
             settings = with_budget(settings, budget_usd)
         handles = start_actors(pol, catalog, settings, lambda: ScaledClock(time.time(), speedup, offset_s),
-                               seed=settings.sim.seed if seed is None else seed, num_groupers=num_groupers)
+                               seed=settings.sim.seed if seed is None else seed, num_groupers=num_groupers,
+                               keys=keys)
         eng = cls(handles=handles, clock=handles["clock"], settings=settings, catalog=catalog,
                   started_ray=started, micro_batch=micro_batch, flush_ms=flush_ms)
         if metrics_port is not None:
@@ -290,6 +322,9 @@ class Engine:
         ray = self._ray
         rep = ray.get(self._h["hub"].report.remote())
         rep["budget"] = ray.get(self._h["budget"].report.remote())
+        # Per provider: were its calls real (http) or simulated, and what its batches did.
+        rep["providers"] = {s["provider"]: {k: v for k, v in s.items() if k != "provider"}
+                            for s in ray.get([d.stats.remote() for d in self._h["dispatchers"].values()])}
         if self._h["cache"] is not None:  # read from the cache itself: the hub's copy is pushed every 0.5 s
             rep["cache"] = ray.get(self._h["cache"].stats_now.remote())
         return rep

@@ -64,6 +64,8 @@ def fingerprint(req: Request, *, share_across_tenants: bool = False) -> str:
     if req.kind == "text":
         parts.append(",".join(map(str, req.prefix_blocks)))
         parts.append(str(req.input_tokens))
+    if req.body:  # temperature, tools, a system prompt...: all of the body shapes the output
+        parts.append(json.dumps(req.body, sort_keys=True, separators=(",", ":"), default=str))
     # The separator \x1f counts as whitespace, so normalise_prompt folds any inside the prompt to a space.
     return hashlib.blake2b("\x1f".join(parts).encode(), digest_size=16).hexdigest()
 

@@ -17,7 +17,9 @@ from engine.result import Result
 from engine.settings import Settings
 from engine.simulator import MODES, BatchRecord, SimResult, simulate
 
-__all__ = ["as_sim_result", "run_live"]
+__all__ = ["as_sim_result", "dry_run", "follow_engine", "point_at_emulator", "run_live"]
+
+EMULATOR_KEY_ENV = "SMARTBATCH_EMULATOR_KEY"
 
 _STATUS = {"ok": 1, "reused": 2, "failed": 3, "rejected": 4, "expired": 3}
 _HITS = {None: 0, "exact": 1, "in_flight": 2, "near": 3}
@@ -51,25 +53,34 @@ def as_sim_result(policy: str, trace: str, requests: Sequence[Request], results:
 def run_live(requests: Sequence[Request], *, trace_name: str, policy: str = "smart",
              params: dict | None = None, speedup: float = 100.0, address: str | None = None,
              seed: int | None = None, catalog: Catalog | None = None, settings: Settings | None = None,
-             on_done: Callable[[int], None] | None = None) -> dict:
+             on_done: Callable[[int], None] | None = None, results: list | None = None,
+             on_start: Callable | None = None) -> dict:
     """Replay ``requests`` through a live engine; return the results document of ``bench`` for one policy
     (plus ``engine_report``), judged against the simulated naive cost and the offline lower bound."""
     from engine.driver import Engine
     from policies import load_policy
 
     settings = settings or Settings()
+    if settings.providers.mode == "http" and not settings.providers.replay:
+        # A trace line is sent at its recorded size, so the bill from real usage compares with the simulator's.
+        settings = settings.model_copy(update={"providers": settings.providers.model_copy(update={"replay": True})})
     reqs = sorted(requests, key=lambda r: r.arrival_s)
     offset = reqs[0].arrival_s if reqs else 0.0
     seed = settings.sim.seed if seed is None else seed
     t0 = time.perf_counter()
     with Engine.start(settings, policy=policy, policy_params=params, catalog=catalog, address=address,
                       speedup=speedup, offset_s=offset, seed=seed) as eng:
+        if on_start is not None:
+            on_start(eng)
         futs = eng.replay(reqs)
         if on_done is not None:
             for f in futs:
                 f.add_done_callback(lambda _f: on_done(1))
-        results = [f.result() for f in futs]
+        got = [f.result() for f in futs]
         report = eng.report()
+    if results is not None:
+        results.extend(got)
+    results = got
     wall = time.perf_counter() - t0
     catalog = eng.catalog
     draws = Draws(len(reqs), settings.sim.max_attempts, seed, settings.sim.batch_slot_s)
@@ -87,4 +98,89 @@ def run_live(requests: Sequence[Request], *, trace_name: str, policy: str = "sma
     doc = document(trace_name, len(reqs), seed, lb, [row],
                    [b.model_dump() for b in settings.budgets.specs] if settings.budgets.specs else None)
     doc["engine_report"] = report
+    # A few outputs, to show what came back (real text when the providers were called over HTTP).
+    shown = [r for r in results if r.status == "ok" and r.real][:3] or [r for r in results if r.status == "ok"][:3]
+    doc["samples"] = [{"id": r.id, "provider": r.provider, "model": r.model, "mode": r.mode, "cost_usd": r.cost_usd,
+                       "output": (r.output or "")[:100]} for r in shown]
     return doc
+
+
+def follow_engine(emu, settings: Settings, seed: int) -> Callable:
+    """An ``on_start`` for ``run_live``: the emulator runs on the engine's clock with the simulator's turnaround
+    draws, so the HTTP run and the simulated one face the same batch turnarounds."""
+    return lambda eng: emu.follow(eng.clock, seed=seed, slot_s=settings.sim.batch_slot_s)
+
+
+def point_at_emulator(settings: Settings, emu, providers: Sequence[str] = ("openai", "anthropic")) -> Settings:
+    """``settings`` with ``providers`` called over HTTP at the loopback emulator ``emu``, with a test key (never a
+    real one) and the emulator's cancel time, so the hedge leaves room for its ``cancelling`` state."""
+    import os
+
+    from engine.settings import ProviderEndpoint, ProvidersSettings
+
+    os.environ.setdefault(EMULATOR_KEY_ENV, "emulator-test-key")
+    endpoints = dict(settings.providers.endpoints)
+    for name in providers:
+        api = "anthropic" if name == "anthropic" else "openai"
+        url = emu.anthropic_base_url(name) if api == "anthropic" else emu.base_url(name)
+        endpoints[name] = ProviderEndpoint(api=api, base_url=url, api_key_env=EMULATOR_KEY_ENV, timeout_s=60.0,
+                                           cancel_s=emu.cancel_s, poll_min_s=10.0, poll_max_s=60.0)
+    return settings.model_copy(update={"providers": ProvidersSettings(mode="http", endpoints=endpoints)})
+
+
+def dry_run(requests: Sequence[Request], *, policy: str = "smart", params: dict | None = None,
+            catalog: Catalog, settings: Settings, seed: int = 0) -> dict:
+    """What a live run would send, and its estimated cost, without sending anything: the policy's plan in the
+    simulator, per provider, with one sample request body of each provider called over HTTP (no key)."""
+    from actors.providers import make_provider
+    from engine.clock import ManualClock
+    from engine.cost import price_alone
+    from engine.driver import http_setup
+    from engine.provider_api import CallJob, Secret, call_key
+    from engine.providers import SimProvider
+    from policies import load_policy
+
+    http = settings.providers.http_providers(catalog.providers)
+    # Plan with the catalog the live engine would use (its hedges leave room for real cancels); no key is
+    # needed to plan, so none is read.
+    cat, _ = http_setup(catalog, settings, need_keys=False)
+    res = simulate(list(requests), load_policy(policy, cat, params), catalog=cat, settings=settings, seed=seed)
+    rows: dict[str, dict] = {}
+    list_total = 0.0
+    for k, r in enumerate(res.requests):
+        row = rows.setdefault(r.provider, {"calls": "http" if r.provider in http else "simulated", "requests": 0,
+                                           "modes": {}, "cost_usd": 0.0})
+        row["requests"] += 1
+        m = int(res.mode[k])
+        mode = MODES[m] if 0 <= m < len(MODES) else "none"
+        row["modes"][mode] = row["modes"].get(mode, 0) + 1
+        row["cost_usd"] += float(res.cost[k])
+        list_total += price_alone(r, cat, "sync").total
+    samples = {}
+    draws = Draws(0, settings.sim.max_attempts, seed, settings.sim.batch_slot_s)
+    for name in http:
+        first = next((r for r in res.requests if r.provider == name), None)
+        if first is None:
+            continue
+        sim = SimProvider(cat.provider(name), cat, settings, draws, draw=False)
+        prov = make_provider(name, cat, settings, sim, ManualClock(), Secret("dry-run"))
+        job = CallJob(call_key(first.tenant, first.id, first.model), first, 0.0, 0, 0)
+        body = prov.body(job)
+        text_key = "messages" if "messages" in body else None
+        if text_key:  # show the shape, not kilobytes of replayed prompt
+            body = {**body, "messages": _clip(body["messages"])}
+        samples[name] = {"route": getattr(prov, "_route", lambda j: "/v1/messages")(job),
+                         "base_url": settings.providers.endpoints[name].base_url or "(the SDK's default)",
+                         "body": body}
+    return {"requests": len(res.requests), "cost_usd": float(res.total_cost), "list_price_usd": list_total,
+            "providers": rows, "samples": samples}
+
+
+def _clip(value, n: int = 120):
+    if isinstance(value, str):
+        return value if len(value) <= n else value[:n] + f"... ({len(value)} chars)"
+    if isinstance(value, list):
+        return [_clip(v, n) for v in value]
+    if isinstance(value, dict):
+        return {k: _clip(v, n) for k, v in value.items()}
+    return value

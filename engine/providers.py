@@ -95,7 +95,11 @@ def check_fallbacks(catalog: Catalog, res: Resilience) -> None:
 
 class SimProvider:
     def __init__(self, provider: ProviderSpec, catalog: Catalog, settings: Settings, draws: Draws, *,
-                 scheduling: Scheduling | None = None, record: bool = False):
+                 scheduling: Scheduling | None = None, record: bool = False, draw: bool = True):
+        # draw=False (the live dispatcher): sync calls and batch-API batches leave the queue without an
+        # outcome; they hold their gate slot until ``finish_sync``/``finish_batch`` says when they ended, as
+        # a real provider's calls do. GPU dispatches are always drawn (no HTTP provider runs them).
+        self.draw = draw
         self.spec = provider
         self.catalog = catalog
         self.draws = draws
@@ -223,12 +227,31 @@ class SimProvider:
         if w.kind == "gpu":
             outs = self.gpu(w.idxs, w.reqs, s, w.attempts, gate)
             return Event("gpu", w, s, outs)
+        if not self.draw:
+            r = w.reqs[0]
+            gate.take(s, r.input_tokens + r.output_tokens, _INF)
+            return Event("sync", w, s, None)
         return Event("sync", w, s, self.sync(w.idxs[0], w.reqs[0], s, w.attempts[0], w.cache_write, gate))
+
+    def finish_sync(self, model: str, end: float, extra_tokens: int = 0) -> None:
+        """A sync call started without a drawn outcome ended at ``end`` (``extra_tokens``: real usage beyond
+        the estimate the gate counted)."""
+        self.gates[self._gate_of[model]].finish(end, extra_tokens)
+
+    def finish_batch(self, tokens: int, end: float) -> None:
+        if self.enqueued is not None:
+            self.enqueued.finish(tokens, end)
 
     # -- sync calls ---------------------------------------------------------------------------------------
     def sync(self, i: int, r: Request, s: float, attempt: int, cache_write: bool,
              gate: RateGate | None = None) -> SyncAttempt:
         """Attempt ``attempt`` of ``r`` (draw row ``i``), starting at ``s``."""
+        a, dur = self.draw_sync(i, r, s, attempt, cache_write)
+        (gate or self.gates[self._gate_of[r.model]]).take(s, r.input_tokens + r.output_tokens, dur)
+        return a
+
+    def draw_sync(self, i: int, r: Request, s: float, attempt: int, cache_write: bool) -> tuple[SyncAttempt, float]:
+        """The drawn outcome of a sync attempt and how long it holds its slot (the gate is not touched)."""
         prov = self.spec
         spec = prov.models[r.model]
         self.draws.ensure(i + 1)
@@ -239,11 +262,10 @@ class SimProvider:
         u = self.draws.fail_u[i, k]
         failed = u < prov.failure_rate
         dur = lat * FAILED_CALL_FRACTION if failed else lat
-        (gate or self.gates[self._gate_of[r.model]]).take(s, r.input_tokens + r.output_tokens, dur)
         if failed:
             throttled = u < prov.failure_rate * prov.throttled_share
-            return SyncAttempt(False, s + dur, 0.0, prov.retry_after_s if throttled else None)
-        return SyncAttempt(True, s + lat, self._sync_price(r, spec, s, cache_write), None)
+            return SyncAttempt(False, s + dur, 0.0, prov.retry_after_s if throttled else None), dur
+        return SyncAttempt(True, s + lat, self._sync_price(r, spec, s, cache_write), None), dur
 
     def _sync_price(self, r: Request, spec, start: float, cache_write: bool) -> float:
         prov = self.spec
@@ -286,6 +308,9 @@ class SimProvider:
 
     # -- batch API ------------------------------------------------------------------------------------------
     def _start_batch(self, w: Work, s: float, tokens: int) -> Event:
+        if not self.draw:
+            self.enqueued.take(s, tokens, _INF)
+            return Event("batch", w, s, tokens)
         out = self.batch(w.idxs, w.reqs, s, w.hedge_at, w.attempts)
         self.enqueued.take(s, tokens, out.at)  # held until it ends or is cancelled
         return Event("batch", w, s, out)

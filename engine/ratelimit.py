@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import math
 
 from engine.catalog import RateLimits
 
@@ -130,6 +131,22 @@ class RateGate:
         if self.history is not None:
             self.history.append((s, tokens, s + duration))
 
+    def finish(self, end: float, extra_tokens: float = 0.0) -> None:
+        """A call booked with an unknown duration (``take(s, tokens, inf)``) ended at ``end``: its
+        concurrency slot frees then, and tokens its real usage showed beyond the estimate count at ``end``
+        (a smaller usage is not given back: the windows only grow, and over-counting is the safe side)."""
+        busy = self._busy
+        try:
+            i = busy.index(math.inf)
+        except ValueError:
+            return  # nothing open: the call was booked with its duration
+        busy[i] = end
+        heapq.heapify(busy)
+        if extra_tokens > 0:
+            req, tok, req_b, tok_b = self._windows
+            for w in (tok, tok_b):
+                w.take(max(end, w.at[-1] if w.at else end), float(extra_tokens))
+
     @property
     def running(self) -> int:
         return len(self._busy)
@@ -168,3 +185,13 @@ class EnqueuedTokens:
         w = min(float(tokens), self.limit)
         heapq.heappush(self._open, (end, w))
         self.held += w
+
+    def finish(self, tokens: int, end: float) -> None:
+        """A batch taken with an unknown end (``take(s, tokens, inf)``) ended at ``end``."""
+        w = min(float(tokens), self.limit)
+        try:
+            i = self._open.index((math.inf, w))
+        except ValueError:
+            return
+        self._open[i] = (end, w)
+        heapq.heapify(self._open)

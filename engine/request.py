@@ -11,7 +11,8 @@ from engine.catalog import Catalog, Kind, default_catalog
 from engine.errors import CatalogError
 from engine.settings import Settings
 
-__all__ = ["PRIORITIES", "PRIORITY_RANK", "FieldProblem", "Priority", "Request", "Reuse", "validation_context"]
+__all__ = ["BODY_KEYS", "PRIORITIES", "PRIORITY_RANK", "FieldProblem", "Priority", "Request", "Reuse", "body_text",
+           "validation_context"]
 
 Priority = Literal["urgent", "normal", "background"]
 Reuse = Literal["none", "exact", "near"]
@@ -19,6 +20,82 @@ PRIORITIES: tuple[Priority, ...] = ("urgent", "normal", "background")
 PRIORITY_RANK: dict[str, int] = {p: k for k, p in enumerate(PRIORITIES)}  # 0 is the most urgent
 
 ParamValue = str | int | float | bool
+
+# Fields of the providers' own request bodies. A submitted dict may carry them at its top level (as an OpenAI or
+# Anthropic call would); they move into ``body`` and are sent unchanged.
+BODY_KEYS = frozenset({
+    "messages", "system", "temperature", "top_p", "top_k", "max_tokens", "max_completion_tokens",
+    "tools", "tool_choice", "response_format", "stop", "stop_sequences", "seed",
+    "frequency_penalty", "presence_penalty", "logit_bias", "logprobs", "top_logprobs", "user", "metadata",
+    "reasoning_effort", "reasoning", "thinking", "input", "instructions", "text", "quality", "style",
+    "background", "output_format", "moderation", "n", "prompt_cache_key", "service_tier", "parallel_tool_calls", "size",
+})
+_CAP_KEYS = ("max_output_tokens", "max_completion_tokens", "max_tokens")
+# An OpenAI Batch input line: {"custom_id", "method", "url", "body"}.
+BATCH_LINE_URLS = ("/v1/chat/completions", "/v1/responses", "/v1/images/generations")
+
+
+def body_text(body: dict) -> str:
+    """The text of a provider body that counts as prompt: system/instructions, then every message's text
+    (strings and text content blocks), then ``input`` or ``prompt``. Used to estimate tokens before the call
+    (the provider's ``usage`` replaces the estimate after it) and as the request's prompt for reuse."""
+    parts: list[str] = []
+
+    def add(v: Any) -> None:
+        if isinstance(v, str):
+            parts.append(v)
+        elif isinstance(v, list):
+            for b in v:
+                if isinstance(b, str):
+                    parts.append(b)
+                elif isinstance(b, dict):
+                    if isinstance(b.get("text"), str):
+                        parts.append(b["text"])
+                    elif "content" in b:
+                        add(b["content"])
+
+    for key in ("system", "instructions"):
+        add(body.get(key))
+    for m in body.get("messages") or ():
+        if isinstance(m, dict):
+            add(m.get("content"))
+    add(body.get("input"))
+    add(body.get("prompt"))
+    return "\n".join(parts)
+
+
+def _from_batch_line(d: dict) -> dict:
+    """A line of an OpenAI Batch input file as a request: ``custom_id`` is the id, ``body`` is sent as is."""
+    body = d.get("body")
+    if not isinstance(body, dict):
+        raise FieldProblem("body", "a batch line with 'custom_id' needs a 'body' object (the API request body)")
+    url = d.get("url", "/v1/chat/completions")
+    if url not in BATCH_LINE_URLS:
+        raise FieldProblem("url", f"url {url!r} is not supported; use one of {list(BATCH_LINE_URLS)}")
+    if d.get("method", "POST") != "POST":
+        raise FieldProblem("method", "a batch line's method must be POST")
+    out = {k: v for k, v in d.items() if k not in ("custom_id", "method", "url")}
+    out["id"] = d["custom_id"]
+    out.setdefault("model", body.get("model"))
+    return out
+
+
+def _check_text(value: Any, where: str) -> None:
+    """Strings must be valid Unicode: a lone surrogate (what json.loads gives for an escaped half pair) cannot
+    be encoded for any provider, so it is refused here, per request, rather than failing a whole batch later."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise FieldProblem(where, f"{where} is not valid Unicode (a lone surrogate such as \\ud800); "
+                               "send UTF-8 text") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_text(k, where)
+            _check_text(v, where)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _check_text(v, where)
 
 
 class FieldProblem(ValueError):
@@ -64,6 +141,8 @@ class Request(BaseModel):
     priority: Priority = "normal"
     deadline_s: float = Field(gt=0)
     reuse: Reuse = "exact"
+    body: dict[str, Any] | None = Field(default=None, description="the provider's own request body "
+                                        "(messages, system, temperature, tools, ...), sent unchanged")
 
     @field_validator("arrival_s", "deadline_s")
     @classmethod
@@ -79,6 +158,40 @@ class Request(BaseModel):
             raise FieldProblem("line", "a request must be a JSON object")
         catalog, settings = _ctx(info)
         d = dict(data)
+        for k, v in d.items():
+            _check_text(k, "line")
+            _check_text(v, str(k))
+        if "custom_id" in d:
+            d = _from_batch_line(d)
+        moved = {k: d.pop(k) for k in list(d) if k in BODY_KEYS}
+        if moved:
+            body = d.get("body")
+            if body is not None and not isinstance(body, dict):
+                raise FieldProblem("body", "body must be a JSON object (the provider's request body)")
+            d["body"] = {**(body or {}), **moved}
+        body = d.get("body")
+        if body is not None:
+            if not isinstance(body, dict):
+                raise FieldProblem("body", "body must be a JSON object (the provider's request body)")
+            if d.get("model") is None and isinstance(body.get("model"), str):
+                d["model"] = body["model"]
+            if "model" in body and body["model"] != d.get("model"):
+                raise FieldProblem("body.model", f"body.model {body['model']!r} differs from model "
+                                   f"{d.get('model')!r}; give one model")
+            if not d.get("prompt"):
+                text = body_text(body)
+                if text:
+                    d["prompt"] = text
+            if d.get("max_output_tokens") is None:
+                cap = next((body[k] for k in _CAP_KEYS if body.get(k) is not None), None)
+                if cap is not None:
+                    d["max_output_tokens"] = cap
+            if isinstance(body.get("size"), str):
+                d["params"] = {**(d.get("params") or {}), "size": body["size"]}
+            n = body.get("n", 1)
+            if n != 1 or isinstance(n, bool):
+                raise FieldProblem("body.n", f"n={n!r}: one request makes one output here, so n must be 1; "
+                                   "submit n requests with ids of their own")
         model = d.get("model")
         if not isinstance(model, str):
             return d  # field validation reports the missing/invalid model
@@ -104,7 +217,11 @@ class Request(BaseModel):
                 raise FieldProblem("input_tokens", "a text request needs 'input_tokens' or a 'prompt' to estimate them from")
             d["input_tokens"] = math.ceil(len(prompt) / settings.chars_per_token) if isinstance(prompt, str) else 0
         if d.get("output_tokens") is None:
-            d["output_tokens"] = settings.default_output_tokens if spec.kind == "text" else 0
+            out = settings.default_output_tokens if spec.kind == "text" else 0
+            cap = d.get("max_output_tokens")
+            if isinstance(cap, int) and not isinstance(cap, bool) and cap >= 1:
+                out = min(out, cap)
+            d["output_tokens"] = out
         if d.get("deadline_s") is None:
             prio = d.get("priority", "normal")
             d["deadline_s"] = getattr(settings.deadlines, prio, settings.deadlines.normal)

@@ -16,7 +16,12 @@ class Result(BaseModel):
 
     id: str
     status: Status
-    output: str | None = None  # the output, or a reference to it (simulated providers return a reference)
+    # The output: a text answer, an image (base64 or URL); a simulated provider returns a sim:// reference.
+    output: str | None = None
+    usage: dict[str, int] | None = None  # the provider's token counts (input, output, cached, cache_write)
+    provider_request_id: str | None = None  # the provider's id of the call, or of the batch that carried it
+    raw: dict | None = None  # the provider's whole response body (HTTP providers only)
+    real: bool = False  # the call went to a provider over HTTP (False: simulated)
     cost_usd: float = 0.0
     mode: str | None = None  # sync | batch_api | gpu_batch | reuse
     hit: str | None = None  # exact | in_flight | near, for reused results

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -11,8 +12,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from engine.budgets import BudgetSettings, BudgetSpec
 from engine.resilience import Resilience
 
-__all__ = ["BudgetSettings", "CacheSettings", "DeadlineDefaults", "Resilience", "Settings", "SimSettings",
-           "with_budget"]
+__all__ = ["BudgetSettings", "CacheSettings", "DeadlineDefaults", "ProviderEndpoint", "ProvidersSettings",
+           "Resilience", "Settings", "SimSettings", "with_budget"]
 
 
 class DeadlineDefaults(BaseModel):
@@ -67,6 +68,56 @@ class CacheSettings(BaseModel):
     warm_max_entries: int = Field(default=200_000, ge=0, description="entries read from Redis at start-up")
 
 
+class ProviderEndpoint(BaseModel):
+    """How to reach one provider over HTTP. The key is read from the environment variable named here, by the
+    driver, and handed to the dispatcher inside a ``Secret`` that never prints."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    api: Literal["openai", "anthropic"] = Field(description="wire format: openai (any OpenAI-compatible server: "
+                                                "vLLM, Ollama, Together, Groq, a LiteLLM proxy) or anthropic")
+    base_url: str | None = Field(default=None, description="None: the SDK's default (or OPENAI_BASE_URL / "
+                                 "ANTHROPIC_BASE_URL)")
+    api_key_env: str = Field(min_length=1, description="environment variable that holds the API key")
+    timeout_s: float = Field(default=600.0, gt=0, description="real seconds before one HTTP call times out")
+    cancel_s: float = Field(default=600.0, ge=0, description="engine seconds a batch cancel may take (real "
+                            "batches sit in 'cancelling' up to 10 min); the hedge falls back this much earlier")
+    poll_min_s: float = Field(default=30.0, gt=0, description="first wait between polls of a batch (engine s)")
+    poll_max_s: float = Field(default=300.0, gt=0, description="longest wait between polls (engine s)")
+
+    @model_validator(mode="after")
+    def _url(self) -> ProviderEndpoint:
+        if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, got {self.base_url!r}")
+        if self.poll_max_s < self.poll_min_s:
+            raise ValueError(f"poll_max_s={self.poll_max_s} must be >= poll_min_s={self.poll_min_s}")
+        return self
+
+
+def _default_endpoints() -> dict[str, ProviderEndpoint]:
+    return {"openai": ProviderEndpoint(api="openai", api_key_env="OPENAI_API_KEY"),
+            "anthropic": ProviderEndpoint(api="anthropic", api_key_env="ANTHROPIC_API_KEY")}
+
+
+class ProvidersSettings(BaseModel):
+    """Which providers the live engine calls for real (``SMARTBATCH_PROVIDERS__MODE=http``). Providers without
+    an endpoint (the GPU-priced and video providers of the default catalog, Gemini unless you add one) stay
+    simulated in a mixed run, and the report says which were real."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    mode: Literal["sim", "http"] = Field(default="sim", description="sim: every provider simulated; http: "
+                                         "providers with an endpoint are called over HTTP")
+    endpoints: dict[str, ProviderEndpoint] = Field(default_factory=_default_endpoints)
+    replay: bool = Field(default=False, description="send each request at its recorded size (a trace replay: "
+                         "a prompt of input_tokens, naming the recorded output length for the emulator); "
+                         "set by `smartbatch run`")
+
+    def http_providers(self, catalog_providers) -> list[str]:
+        """The providers called over HTTP in this configuration."""
+        if self.mode != "http":
+            return []
+        return [p for p in catalog_providers if p in self.endpoints]
+
+
 class Settings(BaseSettings):
     """Environment: ``SMARTBATCH_<FIELD>``, nested with ``__`` (``SMARTBATCH_DEADLINES__URGENT=60``)."""
 
@@ -78,6 +129,9 @@ class Settings(BaseSettings):
     cache: CacheSettings = CacheSettings()
     budgets: BudgetSettings = BudgetSettings()
     resilience: Resilience = Resilience()
+    providers: ProvidersSettings = ProvidersSettings()
+    catalog_overlay: Path | None = Field(default=None, description="YAML merged over the catalog: adds or "
+                                         "overrides providers, models and prices")
     chars_per_token: float = Field(default=4.0, gt=0, description="token estimate for a line without counts")
     default_output_tokens: int = Field(default=256, ge=0, description="output estimate for a text line without one")
     prefix_block_tokens: int = Field(default=512, ge=1, description="tokens per prefix block id in traces")

@@ -184,7 +184,8 @@ def test_dispatcher_resolves_sync_and_batch_and_hands_back_hedges():
         await d.run_many([BatchJob("b0", "sync", None, False, "process_individually", "now", jobs[:1]),
                           BatchJob("b1", "batch_api", None, False, "process_as_batch", "cheap", jobs[1:]),
                           BatchJob("b2", "batch_api", 1.0, False, "consider_batch", "hedged", [hedged])])
-        for _ in range(20):  # timers fire at once on a ManualClock; let the loop run them and the outbox
+        for _ in range(20):  # move engine time past every outcome; timers fire at once on a ManualClock
+            clock.advance(10_000.0)
             await asyncio.sleep(0.01)
         got = {r.id: r for r in await hub.pull(0.01)}
         assert got["r0"].mode == "sync" and got["r1"].mode == "batch_api" and got["r2"].batch_id == "b1"

@@ -1,0 +1,71 @@
+"""What the HTTP providers share: engine time, the poll backoff of a batch, pricing from real usage, and turning
+an SDK error into an outcome (the engine retries; the SDK does not)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from actors.providers._wire import redact, retry_after
+from engine.catalog import Catalog
+from engine.cost import Mode, price_usage
+from engine.provider_api import CallJob, CallOutcome, Secret, Usage
+from engine.settings import ProviderEndpoint, Settings
+
+__all__ = ["HttpBase", "PollBackoff"]
+
+# A 4xx other than these means the request itself is wrong: sending it again cannot help.
+_RETRYABLE_4XX = {408, 409, 429}
+
+
+class PollBackoff:
+    """Waits between polls of one batch: ``poll_min_s`` growing by half each time up to ``poll_max_s``."""
+
+    __slots__ = ("cur", "hi")
+
+    def __init__(self, lo: float, hi: float):
+        self.cur, self.hi = lo, hi
+
+    def next(self) -> float:
+        s = self.cur
+        self.cur = min(self.cur * 1.5, self.hi)
+        return s
+
+
+class HttpBase:
+    real = True
+
+    def __init__(self, name: str, catalog: Catalog, settings: Settings, endpoint: ProviderEndpoint,
+                 key: Secret | None, clock):
+        self.name = name
+        self.catalog = catalog
+        self.spec = catalog.provider(name)
+        self.settings = settings
+        self.endpoint = endpoint
+        self._key = key or Secret("")
+        self.clock = clock
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name}, base_url={self.endpoint.base_url!r})"
+
+    def _redact(self, text: str) -> str:
+        return redact(text, [self._key.get()])
+
+    def _priced(self, job: CallJob, usage: Usage, mode: Mode) -> float:
+        return price_usage(job.req, self.catalog, mode, input_tokens=usage.input_tokens,
+                           output_tokens=usage.output_tokens, cache_read=usage.cache_read,
+                           cache_write=usage.cache_write).total
+
+    def _error(self, exc: BaseException, status_error: type, timeout_error: type) -> CallOutcome:
+        """An SDK exception as a failed, unbilled outcome."""
+        now = self.clock.now()
+        if isinstance(exc, timeout_error):
+            return CallOutcome(False, now, 0.0, error=f"{self.name}: timed out after {self.endpoint.timeout_s:g} s")
+        if isinstance(exc, status_error):
+            resp: Any = getattr(exc, "response", None)
+            code = getattr(exc, "status_code", None) or getattr(resp, "status_code", 0)
+            ra = retry_after(getattr(resp, "headers", None)) if code == 429 else None
+            retryable = code >= 500 or code in _RETRYABLE_4XX
+            msg = self._redact(str(getattr(exc, "message", "") or exc))
+            return CallOutcome(False, now, 0.0, ra, error=f"{self.name} HTTP {code}: {msg}", retryable=retryable)
+        # A connection error and the like: nothing reached the provider's billing.
+        return CallOutcome(False, now, 0.0, error=f"{self.name}: {type(exc).__name__}: {self._redact(str(exc))}")

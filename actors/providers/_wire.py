@@ -1,0 +1,92 @@
+"""Request bodies and usage, shared by the HTTP providers: what goes on the wire for a ``Request`` and how a
+provider's answer becomes a ``CallOutcome``.
+
+A request that carries the provider's own ``body`` is sent as it is (only ``model`` is set, since a circuit
+breaker may have moved the request to a fallback model). A request with only a ``prompt`` becomes one user
+message. A *replayed* trace line, whose prompt is a placeholder far shorter than its recorded token count, is
+sent with a synthetic prompt of that size: its shared prefix blocks as deterministic text (so requests that
+share blocks share a real prompt prefix and hit the provider's prompt cache), then its own tail, which names the
+recorded output length as ``[[emulator:output_tokens=N]]`` (the loopback emulator answers that long).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Iterable
+
+from engine.request import Request
+
+__all__ = ["message_parts", "redact", "retry_after"]
+
+_KEYLIKE = re.compile(r"(sk-(?:proj-|ant-)?[A-Za-z0-9_\-]{6,})")
+_WORDS = ("alpha", "bravo", "cobalt", "delta", "ember", "fjord", "garnet", "harbor", "indigo", "juniper",
+          "kestrel", "lumen", "meadow", "nimbus", "onyx", "prairie", "quartz", "river", "saffron", "tundra")
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """``text`` with every given secret and anything shaped like a provider key replaced: errors from a
+    provider may quote the key that was sent."""
+    for s in secrets:
+        if s:
+            text = text.replace(s, "[redacted]")
+    return _KEYLIKE.sub("[redacted]", text)
+
+
+def retry_after(headers) -> float | None:
+    """Seconds from a ``Retry-After`` (or ``retry-after-ms``) header; None when absent or unreadable."""
+    if headers is None:
+        return None
+    ms = headers.get("retry-after-ms")
+    try:
+        if ms is not None:
+            return max(float(ms) / 1000.0, 0.0)
+        v = headers.get("retry-after")
+        return None if v is None else max(float(v), 0.0)
+    except (TypeError, ValueError):
+        return None  # an HTTP date: the engine's own backoff applies
+
+
+def _block_text(block: int, chars: int) -> str:
+    seed = hashlib.blake2b(str(block).encode(), digest_size=8).digest()
+    words = [_WORDS[b % len(_WORDS)] for b in seed]
+    unit = f"[block {block}] " + " ".join(words) + " "
+    return (unit * (chars // len(unit) + 1))[:chars]
+
+
+def _filler(chars: int, seed: str) -> str:
+    if chars <= 0:
+        return ""
+    unit = " " + " ".join(_WORDS[b % len(_WORDS)] for b in hashlib.blake2b(seed.encode(), digest_size=8).digest())
+    return (unit * (chars // len(unit) + 1))[:chars]
+
+
+def message_parts(req: Request, block_tokens: int, chars_per_token: float,
+                  replay: bool = False) -> tuple[list[str], str]:
+    """The prompt of a request without a body: (texts of its shared prefix blocks, its own tail). A prompt
+    long enough for its token count is sent as it is (no blocks); a replayed trace line (``replay``, or a
+    placeholder prompt far shorter than its token count) is sent at its recorded size, exactly
+    ``input_tokens * chars_per_token`` characters, naming its recorded output length."""
+    cpt = chars_per_token
+    prompt = req.prompt
+    if not replay and len(prompt) > (req.input_tokens - 1) * cpt:
+        return [], prompt or " "
+    total = int(req.input_tokens * cpt)
+    block_chars = int(block_tokens * cpt)
+    blocks: list[str] = []
+    used = 0
+    for b in req.prefix_blocks:
+        if used + block_chars > total:
+            break
+        blocks.append(_block_text(b, block_chars))
+        used += block_chars
+    marker = f" [[emulator:output_tokens={req.output_tokens}]]"
+    head = f"[{req.id}] {prompt}"[: max(total - used - len(marker), 1)]
+    tail = head + marker
+    tail += _filler(total - used - len(tail), req.id)
+    return blocks, tail
+
+
+def tokens_of(text: str, chars_per_token: float) -> int:
+    return math.ceil(len(text) / chars_per_token)

@@ -1,0 +1,163 @@
+"""Anthropic over HTTP (the official ``anthropic`` SDK): Messages and Message Batches (create, retrieve, results
+stream, cancel; cancelled members are not billed, succeeded ones are), with prompt caching by ``cache_control``
+breakpoints on the shared prefix blocks, billed from ``cache_creation_input_tokens``/``cache_read_input_tokens``.
+
+Breakpoints: a request marks the end of the prefix it believes warm at the provider (so the read is found) and,
+when the policy asks for a cache write, the end of its whole shared prefix. Warmth is learnt from the usage the
+provider returns: a call that read or wrote its prefix keeps its blocks warm for the cache's TTL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from actors.providers._http import HttpBase, PollBackoff
+from actors.providers._wire import message_parts
+from engine.cost import shared_prefix_marks
+from engine.provider_api import BatchState, CallJob, CallOutcome, Usage
+
+__all__ = ["AnthropicProvider"]
+
+_EPHEMERAL = {"type": "ephemeral"}
+
+
+def _usage(u: Mapping | None) -> Usage:
+    u = u or {}
+    read = int(u.get("cache_read_input_tokens") or 0)
+    write = int(u.get("cache_creation_input_tokens") or 0)
+    return Usage(int(u.get("input_tokens") or 0) + read + write, int(u.get("output_tokens") or 0), read, write)
+
+
+def _text(msg: Mapping) -> str | None:
+    parts = [c.get("text", "") for c in msg.get("content") or [] if c.get("type") == "text"]
+    return "".join(parts) if parts else None
+
+
+class _Batch:
+    __slots__ = ("backoff", "batch", "id", "jobs")
+
+    def __init__(self, bid: str, jobs: Sequence[CallJob], backoff: PollBackoff):
+        self.id, self.jobs, self.backoff, self.batch = bid, {j.key: j for j in jobs}, backoff, None
+
+
+class AnthropicProvider(HttpBase):
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        import anthropic
+
+        self._sdk = anthropic
+        self.client = anthropic.AsyncAnthropic(api_key=self._key.get() or "unset", base_url=self.endpoint.base_url,
+                                               max_retries=0, timeout=self.endpoint.timeout_s)
+        self._warm: dict[str, dict[int, float]] = {}  # model -> prefix block -> warm until (engine time)
+
+    def _warm_blocks(self, job: CallJob) -> int:
+        warm = self._warm.get(job.req.model, {})
+        now = self.clock.now()
+        n = 0
+        for b in job.req.prefix_blocks:
+            if warm.get(b, -1.0) < now:
+                break
+            n += 1
+        return n
+
+    def _keep_warm(self, job: CallJob, usage: Usage) -> None:
+        pc = self.spec.prompt_cache
+        if pc is None or not (usage.cache_read or usage.cache_write) or not job.req.prefix_blocks:
+            return
+        until = self.clock.now() + pc.ttl_s
+        warm = self._warm.setdefault(job.req.model, {})
+        for b in job.req.prefix_blocks:
+            warm[b] = max(warm.get(b, -1.0), until)
+
+    def body(self, job: CallJob, warm_blocks: int = 0, mark_blocks: int = 0) -> dict[str, Any]:
+        """The Messages body. Breakpoints (``cache_control``) go at the end of the prefix believed warm
+        (``warm_blocks``: so the read is found), at the end of the prefix a later member of its batch shares
+        (``mark_blocks``: written once, read by the others) and, when the policy asks for a write, at the end of
+        its whole shared prefix."""
+        r = job.req
+        body: dict[str, Any] = dict(r.body or {})
+        body["model"] = r.model
+        if "max_tokens" not in body:
+            # Required by the Messages API: the request's cap, else the model's maximum (never a hidden cut).
+            body["max_tokens"] = r.max_output_tokens or self.spec.models[r.model].max_output_tokens
+        if "messages" in body:
+            return body
+        blocks, tail = message_parts(r, self.settings.prefix_block_tokens, self.settings.chars_per_token,
+                                         self.settings.providers.replay)
+        content: list[dict[str, Any]] = [{"type": "text", "text": t} for t in blocks]
+        marks = {k - 1 for k in (warm_blocks, mark_blocks) if 0 < k <= len(blocks)}
+        if job.cache_write and blocks:
+            marks.add(len(blocks) - 1)
+        for k in marks:
+            content[k]["cache_control"] = _EPHEMERAL
+        content.append({"type": "text", "text": tail})
+        body["messages"] = [{"role": "user", "content": content}]
+        return body
+
+    def _outcome(self, job: CallJob, msg: dict, rid: str | None, mode: str) -> CallOutcome:
+        usage = _usage(msg.get("usage"))
+        self._keep_warm(job, usage)
+        return CallOutcome(True, self.clock.now(), self._priced(job, usage, mode), output=_text(msg), usage=usage,
+                           provider_request_id=rid or msg.get("id"), raw=msg, real=True)
+
+    async def call(self, job: CallJob) -> CallOutcome:
+        sdk = self._sdk
+        body = self.body(job, self._warm_blocks(job))
+        try:
+            msg = await self.client.messages.create(**body, extra_headers={"Idempotency-Key": job.key})
+        except sdk.APIError as exc:
+            return self._error(exc, sdk.APIStatusError, sdk.APITimeoutError)
+        except TypeError as exc:
+            return CallOutcome(False, self.clock.now(), 0.0, error=f"{self.name}: bad request body: {exc}",
+                               retryable=False)
+        return self._outcome(job, msg.model_dump(mode="json", exclude_none=True), getattr(msg, "_request_id", None),
+                             "sync")
+
+    async def submit_batch(self, jobs: Sequence[CallJob], hedge_at: float | None) -> Any:
+        # Members run in order: a prefix an earlier member writes (or that is warm) is read by the later ones,
+        # as the cost model prices a batch (engine.cost.price_batch).
+        marks = shared_prefix_marks([j.req for j in jobs])
+        seen: set[int] = set()
+        reqs = []
+        for j, mark in zip(jobs, marks, strict=True):
+            blocks = j.req.prefix_blocks
+            earlier = next((k for k, b in enumerate(blocks) if b not in seen), len(blocks))
+            reqs.append({"custom_id": j.key, "params": self.body(j, max(self._warm_blocks(j), earlier), mark)})
+            seen.update(blocks)
+        b = await self.client.messages.batches.create(requests=reqs)
+        return _Batch(b.id, jobs, PollBackoff(self.endpoint.poll_min_s, self.endpoint.poll_max_s))
+
+    async def poll(self, handle: _Batch) -> BatchState:
+        handle.batch = b = await self.client.messages.batches.retrieve(handle.id)
+        if b.processing_status == "ended":
+            return BatchState("ended", 0.0)
+        return BatchState("cancelling" if b.processing_status == "canceling" else "running", handle.backoff.next())
+
+    async def cancel(self, handle: _Batch) -> None:
+        handle.batch = await self.client.messages.batches.cancel(handle.id)
+
+    async def fetch(self, handle: _Batch) -> Mapping[str, CallOutcome]:
+        out: dict[str, CallOutcome] = {}
+        if handle.batch is None or handle.batch.processing_status != "ended":
+            return out
+        async for line in await self.client.messages.batches.results(handle.id):
+            item = line.model_dump(mode="json", exclude_none=True)
+            job = handle.jobs.get(item.get("custom_id"))
+            res = item.get("result") or {}
+            if job is None:
+                continue
+            kind = res.get("type")
+            if kind == "succeeded":
+                out[job.key] = self._outcome(job, res.get("message") or {}, handle.id, "batch_api")
+            elif kind == "errored":
+                err = (res.get("error") or {}).get("error") or res.get("error") or {}
+                etype = err.get("type", "api_error")
+                out[job.key] = CallOutcome(False, self.clock.now(), 0.0, retryable=etype != "invalid_request_error",
+                                           error=f"{self.name} batch member {etype}: "
+                                                 f"{self._redact(str(err.get('message', '')))}")
+            # canceled / expired: never ran, not billed; absent, so it is sent again
+        return out
+
+    async def close(self) -> None:
+        await self.client.close()

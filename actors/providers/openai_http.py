@@ -1,0 +1,196 @@
+"""OpenAI-compatible provider over HTTP (the official ``openai`` SDK): chat completions or the Responses API (as
+the catalog's ``api`` says), image generation, and the Batch API (JSONL upload, create, poll with backoff,
+output and error files mapped back by ``custom_id``). Works with any server that speaks the OpenAI API at a
+``base_url``: vLLM, Ollama, Together, Groq, a LiteLLM proxy, and the project's emulator."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from actors.providers._http import HttpBase, PollBackoff
+from actors.providers._wire import message_parts
+from engine.provider_api import BatchState, CallJob, CallOutcome, Usage
+
+__all__ = ["OpenAIProvider"]
+
+_ENDED = {"completed", "failed", "expired", "cancelled"}
+
+
+def _usage_chat(u: Mapping | None) -> Usage:
+    u = u or {}
+    det = u.get("prompt_tokens_details") or {}
+    return Usage(int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0),
+                 int(det.get("cached_tokens") or 0))
+
+
+def _usage_responses(u: Mapping | None) -> Usage:
+    u = u or {}
+    det = u.get("input_tokens_details") or {}
+    return Usage(int(u.get("input_tokens") or 0), int(u.get("output_tokens") or 0), int(det.get("cached_tokens") or 0))
+
+
+def _text_chat(body: Mapping) -> str | None:
+    choices = body.get("choices") or []
+    msg = (choices[0] or {}).get("message") or {} if choices else {}
+    content = msg.get("content")
+    if content is None and msg.get("tool_calls"):
+        return json.dumps(msg["tool_calls"])
+    return content
+
+
+def _text_responses(body: Mapping) -> str | None:
+    if isinstance(body.get("output_text"), str):
+        return body["output_text"]
+    parts = []
+    for item in body.get("output") or []:
+        for c in item.get("content") or []:
+            if c.get("type") == "output_text":
+                parts.append(c.get("text", ""))
+    return "".join(parts) if parts else None
+
+
+class _Batch:
+    __slots__ = ("backoff", "batch", "id", "jobs")
+
+    def __init__(self, bid: str, jobs: Sequence[CallJob], backoff: PollBackoff):
+        self.id, self.jobs, self.backoff, self.batch = bid, {j.key: j for j in jobs}, backoff, None
+
+
+class OpenAIProvider(HttpBase):
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        import openai
+
+        self._sdk = openai
+        # max_retries=0: the engine's retry, Retry-After, backoff and circuit breaker are the only ones.
+        self.client = openai.AsyncOpenAI(api_key=self._key.get() or "unset", base_url=self.endpoint.base_url,
+                                         max_retries=0, timeout=self.endpoint.timeout_s)
+
+    # -- bodies ---------------------------------------------------------------------------------------------
+    def _route(self, job: CallJob) -> str:
+        spec = self.spec.models[job.req.model]
+        if spec.kind == "image":
+            return "/v1/images/generations"
+        return "/v1/responses" if spec.api == "responses" else "/v1/chat/completions"
+
+    def body(self, job: CallJob) -> dict[str, Any]:
+        r = job.req
+        route = self._route(job)
+        body: dict[str, Any] = dict(r.body or {})
+        body["model"] = r.model
+        if route == "/v1/images/generations":
+            body.setdefault("prompt", r.prompt)
+            if "size" in r.params:
+                body.setdefault("size", r.params["size"])
+            return body
+        has_input = "messages" in body or "input" in body
+        if not has_input:
+            blocks, tail = message_parts(r, self.settings.prefix_block_tokens, self.settings.chars_per_token,
+                                         self.settings.providers.replay)
+            text = "".join(blocks) + tail
+            if route == "/v1/responses":
+                body["input"] = text
+            else:
+                body["messages"] = [{"role": "user", "content": text}]
+            if blocks:
+                # Requests that share a prefix share a cache key, so the provider routes them to one cache.
+                body.setdefault("prompt_cache_key", f"sb-{r.prefix_blocks[0]}")
+        if r.max_output_tokens is not None and not any(k in body for k in ("max_tokens", "max_completion_tokens",
+                                                                           "max_output_tokens")):
+            body["max_output_tokens" if route == "/v1/responses" else "max_completion_tokens"] = r.max_output_tokens
+        return body
+
+    # -- sync -----------------------------------------------------------------------------------------------
+    def _outcome(self, job: CallJob, route: str, raw: dict, rid: str | None, mode: str) -> CallOutcome:
+        now = self.clock.now()
+        if route == "/v1/images/generations":
+            data = (raw.get("data") or [{}])[0]
+            usage = Usage(0, 0)
+            output = data.get("b64_json") or data.get("url")
+        elif route == "/v1/responses":
+            usage, output = _usage_responses(raw.get("usage")), _text_responses(raw)
+        else:
+            usage, output = _usage_chat(raw.get("usage")), _text_chat(raw)
+        return CallOutcome(True, now, self._priced(job, usage, mode), output=output, usage=usage,
+                           provider_request_id=rid or raw.get("id"), raw=raw, real=True)
+
+    async def call(self, job: CallJob) -> CallOutcome:
+        sdk = self._sdk
+        route = self._route(job)
+        body = self.body(job)
+        headers = {"Idempotency-Key": job.key}
+        try:
+            if route == "/v1/images/generations":
+                resp = await self.client.images.generate(**body, extra_headers=headers)
+            elif route == "/v1/responses":
+                resp = await self.client.responses.create(**body, extra_headers=headers)
+            else:
+                resp = await self.client.chat.completions.create(**body, extra_headers=headers)
+        except sdk.APIError as exc:
+            return self._error(exc, sdk.APIStatusError, sdk.APITimeoutError)
+        except TypeError as exc:  # a body field this SDK does not know
+            return CallOutcome(False, self.clock.now(), 0.0, error=f"{self.name}: bad request body: {exc}",
+                               retryable=False)
+        return self._outcome(job, route, resp.model_dump(mode="json", exclude_none=True),
+                             getattr(resp, "_request_id", None), "sync")
+
+    # -- batch API ------------------------------------------------------------------------------------------
+    async def submit_batch(self, jobs: Sequence[CallJob], hedge_at: float | None) -> Any:
+        route = self._route(jobs[0])
+        lines = [json.dumps({"custom_id": j.key, "method": "POST", "url": route, "body": self.body(j)},
+                            ensure_ascii=False) for j in jobs]
+        data = ("\n".join(lines) + "\n").encode("utf-8")
+        f = await self.client.files.create(file=("smartbatch.jsonl", data, "application/jsonl"), purpose="batch")
+        b = await self.client.batches.create(input_file_id=f.id, endpoint=route, completion_window="24h",
+                                             metadata={"origin": "smartbatch"})
+        return _Batch(b.id, jobs, PollBackoff(self.endpoint.poll_min_s, self.endpoint.poll_max_s))
+
+    async def poll(self, handle: _Batch) -> BatchState:
+        handle.batch = b = await self.client.batches.retrieve(handle.id)
+        if b.status in _ENDED:
+            return BatchState("ended", 0.0)
+        return BatchState("cancelling" if b.status == "cancelling" else "running", handle.backoff.next())
+
+    async def cancel(self, handle: _Batch) -> None:
+        handle.batch = await self.client.batches.cancel(handle.id)
+
+    async def _lines(self, file_id: str | None) -> list[dict]:
+        if not file_id:
+            return []
+        content = await self.client.files.content(file_id)
+        return [json.loads(x) for x in content.text.splitlines() if x.strip()]
+
+    async def fetch(self, handle: _Batch) -> Mapping[str, CallOutcome]:
+        b = handle.batch
+        out: dict[str, CallOutcome] = {}
+        if b is None:
+            return out
+        route = b.endpoint
+        for line in await self._lines(b.output_file_id):
+            job = handle.jobs.get(line.get("custom_id"))
+            resp = line.get("response") or {}
+            if job is None:
+                continue
+            if resp.get("status_code") == 200:
+                out[job.key] = self._outcome(job, route, resp.get("body") or {}, resp.get("request_id"), "batch_api")
+            else:
+                out[job.key] = self._member_error(resp, line.get("error"))
+        for line in await self._lines(b.error_file_id):
+            job = handle.jobs.get(line.get("custom_id"))
+            err = line.get("error") or {}
+            # Cancelled or expired members never ran: not billed, and absent from the map so they go again.
+            if job is None or err.get("code") in ("batch_cancelled", "batch_expired"):
+                continue
+            out.setdefault(job.key, self._member_error(line.get("response") or {}, err))
+        return out
+
+    def _member_error(self, resp: Mapping, err: Mapping | None) -> CallOutcome:
+        code = resp.get("status_code") or 500
+        msg = (err or {}).get("message") or ((resp.get("body") or {}).get("error") or {}).get("message") or "failed"
+        return CallOutcome(False, self.clock.now(), 0.0, error=f"{self.name} batch member HTTP {code}: "
+                           f"{self._redact(str(msg))}", retryable=code >= 500 or code == 429)
+
+    async def close(self) -> None:
+        await self.client.close()

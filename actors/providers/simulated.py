@@ -1,0 +1,87 @@
+"""The simulated provider behind the ``Provider`` protocol: the catalog's draws (``engine.providers.SimProvider``)
+in engine time. An outcome is drawn when the call starts and returned when its end comes on the clock, so a
+live run with simulated providers bills and times calls exactly as the simulator does."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from engine.provider_api import BatchState, CallJob, CallOutcome, Usage
+from engine.providers import BatchOutcome, SimProvider
+
+__all__ = ["SimulatedProvider"]
+
+_EPS = 1e-6  # engine seconds: a timer may wake a hair before the time it was set for
+
+
+def _sim_output(job: CallJob) -> str:
+    r = job.req
+    return f"sim://{r.provider}/{r.model}/{r.id}"
+
+
+class _Handle:
+    __slots__ = ("cancelled", "jobs", "out")
+
+    def __init__(self, jobs: Sequence[CallJob], out: BatchOutcome):
+        self.jobs, self.out, self.cancelled = list(jobs), out, False
+
+
+class SimulatedProvider:
+    real = False
+
+    def __init__(self, sim: SimProvider, clock):
+        self.name = sim.spec.name
+        self.sim = sim
+        self.clock = clock
+
+    def __repr__(self) -> str:
+        return f"SimulatedProvider({self.name})"
+
+    async def _until(self, at: float) -> None:
+        delay = self.clock.real_delay(at - self.clock.now())
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    async def call(self, job: CallJob) -> CallOutcome:
+        a, _ = self.sim.draw_sync(job.row, job.req, job.start, job.attempt, job.cache_write)
+        await self._until(a.at)
+        r = job.req
+        if not a.ok:
+            return CallOutcome(False, a.at, 0.0, a.retry_after_s,
+                               error=f"{r.provider} {'429 rate limited' if a.retry_after_s is not None else '5xx'}")
+        return CallOutcome(True, a.at, a.cost, output=_sim_output(job), usage=Usage(r.input_tokens, r.output_tokens))
+
+    async def submit_batch(self, jobs: Sequence[CallJob], hedge_at: float | None) -> Any:
+        # The draws know when the batch ends; a batch that would end after its hedge is drawn as cancelled
+        # there, billing nothing (all members of a simulated batch finish together).
+        out = self.sim.batch([j.row for j in jobs], [j.req for j in jobs], jobs[0].start, hedge_at,
+                             [j.attempt for j in jobs])
+        return _Handle(jobs, out)
+
+    async def poll(self, handle: _Handle) -> BatchState:
+        if handle.cancelled:
+            return BatchState("ended", 0.0)
+        if handle.out.hedged:
+            return BatchState("running", float("inf"))
+        left = handle.out.at - self.clock.now()
+        return BatchState("ended", 0.0) if left <= _EPS else BatchState("running", left)
+
+    async def cancel(self, handle: _Handle) -> None:
+        if handle.out.hedged or self.clock.now() < handle.out.at - _EPS:
+            handle.cancelled = True
+
+    async def fetch(self, handle: _Handle) -> Mapping[str, CallOutcome]:
+        if handle.cancelled or handle.out.hedged:
+            return {}
+        out = {}
+        for j, a in zip(handle.jobs, handle.out.members, strict=True):
+            r = j.req
+            out[j.key] = (CallOutcome(True, a.at, a.cost, output=_sim_output(j),
+                                      usage=Usage(r.input_tokens, r.output_tokens)) if a.ok
+                          else CallOutcome(False, a.at, 0.0, error=f"{r.provider} batch member failed"))
+        return out
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,73 @@
+"""A loopback emulator of the providers' HTTP APIs: the test double the engine's HTTP providers run against.
+
+It is a real HTTP server (stdlib ``ThreadingHTTPServer``) on 127.0.0.1 that speaks the OpenAI and Anthropic
+wire formats, so the official SDK clients work against it unchanged given a ``base_url``::
+
+    with Emulator(latency_scale=0, speedup=1e4) as emu:
+        oai = openai.OpenAI(base_url=emu.base_url("openai"), api_key="k", max_retries=0)
+        ant = anthropic.Anthropic(base_url=emu.anthropic_base_url("anthropic"), api_key="k")
+        ...
+        emu.bill()          # what it billed, priced by engine.cost
+
+Conventions of this test double
+-------------------------------
+Paths. Every catalog provider is served under its catalog name, with both route families:
+``/<provider>/v1/chat/completions``, ``/v1/responses``, ``/v1/images/generations``, ``/v1/files``,
+``/v1/files/{id}``, ``/v1/files/{id}/content``, ``/v1/batches``, ``/v1/batches/{id}``,
+``/v1/batches/{id}/cancel`` (OpenAI format: ``Authorization: Bearer <key>``, ``x-request-id``) and
+``/<provider>/v1/messages``, ``/v1/messages/batches``, ``.../{id}``, ``.../{id}/cancel``, ``.../{id}/results``
+(Anthropic format: ``x-api-key: <key>``, or the Bearer header the SDK's ``auth_token`` sends; ``request-id``).
+A missing key is a 401 in the family's error shape; any non-empty key passes and is never kept or echoed.
+Prices, cache rules and batch timings come from the provider's catalog entry, whatever the wire format.
+Control: ``GET /_emulator/bill``, ``GET /_emulator/calls``, ``POST /_emulator/faults`` (``FaultPlan.configure``).
+
+Tokens. Prompt tokens = ``ceil(chars / 4)`` of the prompt text: tool definitions (canonical JSON, if any),
+then system / instructions, then every message's text (text blocks of block lists), concatenated in that
+order. This is the engine's own estimate (``chars_per_token = 4``).
+
+Output. Natural length N = the last ``[[emulator:output_tokens=N]]`` in the last user message, else
+``default_output_tokens``; output tokens = min(the cap asked, N), the cap being ``max_completion_tokens`` /
+``max_tokens`` (chat), ``max_output_tokens`` (Responses), ``max_tokens`` (Anthropic, required) or the
+model's maximum. The text is exactly ``4 * output_tokens`` characters: ``[emulator <sha256(prompt)[:16]>]``
+then filler (``filler_text``), so it counts back to the same tokens and differs between prompts.
+finish_reason ``length``/``stop`` (Anthropic stop_reason ``max_tokens``/``end_turn``).
+
+Prompt cache, per model, from the catalog's ``prompt_cache`` (and the model's ``cache_min_tokens``):
+automatic providers cache every prefix of every prompt for ``ttl_s``; a call reads the longest warm prefix,
+rounded down to ``block_tokens``, if it reaches the minimum (``usage.prompt_tokens_details.cached_tokens``).
+Explicit providers cache only prefixes ending at a ``cache_control: {"type": "ephemeral"}`` block (tools,
+system blocks, message blocks): a call reads the longest warm one (refreshing it) and writes up to its last
+breakpoint beyond that if that prefix reaches the minimum (``cache_read_input_tokens`` /
+``cache_creation_input_tokens``; ``input_tokens`` is the rest).
+
+Billing. Each successful call, and each succeeded batch member (once, mode ``batch_api``), is priced by
+``engine.cost.price_text`` (text) or ``engine.cost.price_alone`` times ``n`` (images). Error answers,
+injected faults, replays of an ``Idempotency-Key`` and calls cut by ``stop()`` bill nothing. A sync call is
+billed when its answer is ready, even if the client has given up by then, as real providers do.
+
+Time. Emulator time is a virtual unix time running ``speedup`` times the wall clock; a sync call sleeps its
+catalog latency ``/ speedup * latency_scale`` real seconds. Batches advance lazily on every read: member
+k of n finishes at ``in_progress_at + turnaround * (k + 1) / n``, the turnaround drawn from the catalog's
+``batch_api`` lognormal. Random draws are seeded (``seed``).
+"""
+
+from __future__ import annotations
+
+from engine.emulator._app import ROUTE_NAMES, Call
+from engine.emulator._bill import Bill, BilledItem
+from engine.emulator._emulator import Emulator, serve
+from engine.emulator._faults import FaultPlan, FaultSpec
+from engine.emulator._text import MARKER, filler_text
+
+__all__ = [
+    "MARKER",
+    "ROUTE_NAMES",
+    "Bill",
+    "BilledItem",
+    "Call",
+    "Emulator",
+    "FaultPlan",
+    "FaultSpec",
+    "filler_text",
+    "serve",
+]

@@ -1,0 +1,154 @@
+"""Anthropic wire format: messages and Message Batches.
+
+Bodies follow the official SDK's types (anthropic/types), so ``Anthropic(base_url=...)`` parses them unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from engine.emulator._batches import MemberOutcome, MessageBatch, Schedule
+from engine.emulator._core import Core, TextCall
+from engine.emulator._faults import FaultPlan
+from engine.emulator._routing import Ctx, Route, route
+from engine.emulator._text import anthropic_prompt
+from engine.emulator._wire import ApiError, Reply, error_object, json_reply
+
+__all__ = ["ROUTES", "message_result"]
+
+_CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+
+
+def message_result(core: Core, provider: str, body: dict, mode: str, at: float | None = None
+                   ) -> tuple[TextCall, dict[str, Any]]:
+    """One message: the call (priced, cache updated) and the response body. Bills nothing."""
+    if body.get("stream"):
+        raise ApiError(400, "stream=true is not supported by the emulator; send stream=false (or omit it)",
+                       param="stream")
+    p, spec = core.model(provider, body.get("model"), "text")
+    if body.get("max_tokens") is None:
+        raise ApiError(400, "max_tokens: Field required", param="max_tokens")
+    prompt = anthropic_prompt(body)
+    call = core.text_call(p, spec, body["model"], prompt, body["max_tokens"], "max_tokens", mode, at)
+    out = {
+        "id": core.new_id("msg_"), "type": "message", "role": "assistant", "model": body["model"],
+        "content": [{"type": "text", "text": call.text, "citations": None}],
+        "stop_reason": "max_tokens" if call.capped else "end_turn", "stop_sequence": None,
+        "usage": {"input_tokens": call.split.plain, "output_tokens": call.output_tokens,
+                  "cache_creation_input_tokens": call.split.write, "cache_read_input_tokens": call.split.read,
+                  "cache_creation": {"ephemeral_5m_input_tokens": call.split.write, "ephemeral_1h_input_tokens": 0},
+                  "service_tier": "batch" if mode == "batch_api" else "standard"},
+    }
+    return call, out
+
+
+def _messages(ctx: Ctx) -> Reply:
+    core = ctx.core
+    call, out = message_result(core, ctx.provider, ctx.json(), "sync")
+    core.wait(core.text_latency_s(core.catalog.provider(ctx.provider), call.model, call))
+    core.bill_text(call, "sync", ctx.route, ctx.request_id)  # only once the answer is ready
+    return json_reply("anthropic", 200, out, ctx.request_id)
+
+
+def _create(ctx: Ctx) -> Reply:
+    body, core = ctx.json(), ctx.core
+    reqs = body.get("requests")
+    if not isinstance(reqs, list) or not reqs:
+        raise ApiError(400, "requests: must be a non-empty list of {custom_id, params}", param="requests")
+    p = core.catalog.provider(ctx.provider)
+    if not p.supports_batch_api("text") or p.batch_api is None:
+        raise ApiError(400, f"provider {ctx.provider} declares no batch API in the catalog")
+    if len(reqs) > p.batch_api.max_requests:
+        raise ApiError(400, f"a batch holds at most {p.batch_api.max_requests} requests, got {len(reqs)}")
+    members: list[tuple[str, dict]] = []
+    seen: set[str] = set()
+    for i, r in enumerate(reqs):
+        cid = r.get("custom_id") if isinstance(r, dict) else None
+        params = r.get("params") if isinstance(r, dict) else None
+        if not isinstance(cid, str) or not _CUSTOM_ID.match(cid):
+            raise ApiError(400, f"requests.{i}.custom_id: must match ^[a-zA-Z0-9_-]{{1,64}}$, got {cid!r}")
+        if cid in seen:
+            raise ApiError(400, f"requests.{i}.custom_id: {cid!r} is used more than once; custom_ids must be "
+                           "unique")
+        if not isinstance(params, dict):
+            raise ApiError(400, f"requests.{i}.params: must be an object")
+        seen.add(cid)
+        members.append((cid, params))
+    now = core.now()
+    turnaround = core.draw_turnaround(p)
+    fraction = ctx.faults.take_expiry()
+    nominal = now + p.batch_api.completion_window_s
+    bid = core.new_id("msgbatch_")
+    batch = MessageBatch(
+        id=bid, provider=ctx.provider, members=members, created_at=now,
+        schedule=Schedule(now, turnaround, len(members), core.members_together),
+        expire_at=nominal if fraction is None else now + turnaround * fraction, expires_at=nominal,
+        cancel_s=core.cancel_s, results_url=f"{ctx.origin}/{ctx.provider}/v1/messages/batches/{bid}/results")
+    with core.lock:
+        core.batches[bid] = batch
+        core.advancers[bid] = lambda t: _advance(core, ctx.faults, batch, t)
+        return json_reply("anthropic", 200, batch.view(now), ctx.request_id)
+
+
+def _advance(core: Core, faults: FaultPlan, batch: MessageBatch, now: float) -> None:
+    """Run the members due by ``now``; called under ``core.lock``."""
+    def run(cid: str, params: dict, at: float) -> MemberOutcome:
+        rid = core.new_id("req_")
+        if faults.member_fails(cid):
+            err = ApiError(500, "Internal server error (injected member fault).")
+            return MemberOutcome(False, 500, error_object("anthropic", err, rid), rid, "api_error", err.message)
+        try:
+            call, out = message_result(core, batch.provider, params, "batch_api", at)
+        except ApiError as err:
+            return MemberOutcome(False, err.status, error_object("anthropic", err, rid), rid,
+                                 err.code or "invalid_request_error", err.message)
+        core.bill_text(call, "batch_api", "messages.batches", rid, cid)
+        return MemberOutcome(True, 200, out, rid)
+
+    batch.advance(now, run)
+
+
+def _batch(ctx: Ctx) -> MessageBatch:
+    batch = ctx.core.batches.get(ctx.params["batch_id"])
+    if not isinstance(batch, MessageBatch) or batch.provider != ctx.provider:
+        raise ApiError(404, f"No message batch with id {ctx.params['batch_id']!r}")
+    return batch
+
+
+def _retrieve(ctx: Ctx) -> Reply:
+    with ctx.core.lock:  # one advance at a time, so a member is never run (or billed) twice
+        batch, now = _batch(ctx), ctx.core.now()
+        _advance(ctx.core, ctx.faults, batch, now)
+        return json_reply("anthropic", 200, batch.view(now), ctx.request_id)
+
+
+def _cancel(ctx: Ctx) -> Reply:
+    with ctx.core.lock:
+        batch, now = _batch(ctx), ctx.core.now()
+        _advance(ctx.core, ctx.faults, batch, now)
+        if batch.status(now) == "in_progress":
+            batch.cancel_at = now
+            _advance(ctx.core, ctx.faults, batch, now)
+        return json_reply("anthropic", 200, batch.view(now), ctx.request_id)
+
+
+def _results(ctx: Ctx) -> Reply:
+    with ctx.core.lock:
+        batch, now = _batch(ctx), ctx.core.now()
+        _advance(ctx.core, ctx.faults, batch, now)
+        if batch.status(now) != "ended":
+            raise ApiError(400, f"Message Batch {batch.id} has not yet ended; results are available once "
+                           "processing_status is 'ended'")
+        data = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in batch.results).encode()
+    return Reply(200, {"content-type": "application/x-jsonl", "request-id": ctx.request_id}, data)
+
+
+ROUTES: list[Route] = [
+    route("POST", "/v1/messages", "anthropic", "messages", _messages, generating=True),
+    route("POST", "/v1/messages/batches", "anthropic", "messages.batches.create", _create),
+    route("GET", "/v1/messages/batches/{batch_id}", "anthropic", "messages.batches.retrieve", _retrieve),
+    route("POST", "/v1/messages/batches/{batch_id}/cancel", "anthropic", "messages.batches.cancel", _cancel),
+    route("GET", "/v1/messages/batches/{batch_id}/results", "anthropic", "messages.batches.results", _results),
+]

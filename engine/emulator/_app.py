@@ -1,0 +1,194 @@
+"""The request pipeline, independent of sockets: route, authenticate, inject faults, honour Idempotency-Key,
+run the handler, record the call. ``App.handle`` maps (method, path, headers, body) to one ``Reply``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from typing import Any, NamedTuple
+
+from engine.emulator import _anthropic, _openai, _openai_batch
+from engine.emulator._core import Core
+from engine.emulator._faults import FaultPlan, FaultSpec
+from engine.emulator._routing import Ctx, Route
+from engine.emulator._wire import ApiError, Dropped, Family, Reply, error_reply, json_reply
+from engine.errors import ConfigError
+
+__all__ = ["ROUTE_NAMES", "App", "Call"]
+
+_ROUTES: list[Route] = [*_openai.ROUTES, *_openai_batch.ROUTES, *_anthropic.ROUTES]
+ROUTE_NAMES: tuple[str, ...] = tuple(r.name for r in _ROUTES)
+_DROP = Reply(0, {}, b"", drop=True)
+
+
+class Call(NamedTuple):
+    """One received request (never its credentials)."""
+
+    provider: str
+    route: str  # a route name such as "chat.completions", or "?" when no route matched
+    method: str
+    status: int  # 0: the connection was dropped without an answer
+    at: float  # emulator time
+
+
+class _Pending:
+    __slots__ = ("body_hash", "done", "reply")
+
+    def __init__(self, body_hash: bytes):
+        self.body_hash, self.done, self.reply = body_hash, threading.Event(), None
+
+
+class App:
+    def __init__(self, core: Core, faults: FaultPlan, origin: str = ""):
+        self.core, self.faults, self.origin = core, faults, origin
+        self._lock = threading.Lock()
+        self._calls: list[Call] = []
+        self._idem: dict[tuple[str, str, str], _Pending] = {}
+
+    # -- bookkeeping ---------------------------------------------------------------------------------------
+    def calls(self) -> list[Call]:
+        with self._lock:
+            return list(self._calls)
+
+    def reset(self) -> None:
+        with self._lock:
+            self._calls.clear()
+            self._idem.clear()
+
+    def _record(self, provider: str, route: str, method: str, reply: Reply) -> Reply:
+        with self._lock:
+            self._calls.append(Call(provider, route, method, 0 if reply.drop else reply.status, self.core.now()))
+        return reply
+
+    # -- the pipeline --------------------------------------------------------------------------------------
+    def handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Reply:
+        path = path.split("?", 1)[0]
+        if path.startswith("/_emulator/"):
+            return self._control(method, path, body)
+        provider, _, rest = path.lstrip("/").partition("/")
+        rest = "/" + rest
+        family: Family = "anthropic" if rest.startswith("/v1/messages") else "openai"
+        rid = self.core.new_id("req_")
+        if provider not in self.core.catalog.providers:
+            err = ApiError(404, f"unknown provider {provider!r} in the path; serve one of "
+                           f"{sorted(self.core.catalog.providers)} as /<provider>/v1/...")
+            return self._record(provider, "?", method, error_reply(family, err, rid))
+        found = self._match(method, rest)
+        if found is None:
+            err = ApiError(404, f"no route {method} {rest} (the emulator serves {sorted(set(ROUTE_NAMES))})")
+            return self._record(provider, "?", method, error_reply(family, err, rid))
+        r, params = found
+        if not self._authorized(r.family, headers):
+            where = "an 'Authorization: Bearer <key>'" if r.family == "openai" else "an 'x-api-key: <key>'"
+            err = ApiError(401, f"missing API key: send {where} header", code="invalid_api_key")
+            return self._record(provider, r.name, method, error_reply(r.family, err, rid))
+        ctx = Ctx(self.core, self.faults, provider, r.name, params, headers, body, rid, r.family, self.origin)
+        return self._record(provider, r.name, method, self._serve(r, ctx))
+
+    def _serve(self, r: Route, ctx: Ctx) -> Reply:
+        fault = self.faults.next_fault(ctx.provider, r.name, r.generating,
+                                       529 if r.family == "anthropic" else 500)
+        if fault is not None:
+            return self._fault(fault, ctx)
+        key = ctx.headers.get("idempotency-key")
+        if r.generating and key:
+            return self._idempotent((ctx.provider, r.name, key), r, ctx)
+        return self._run(r, ctx)
+
+    def _run(self, r: Route, ctx: Ctx) -> Reply:
+        try:
+            return r.handler(ctx)
+        except ApiError as err:
+            return error_reply(ctx.family, err, ctx.request_id)
+        except Dropped:
+            return _DROP
+        except Exception as exc:  # a bug of the emulator: answer it plainly rather than cut the connection
+            err = ApiError(500, f"emulator internal error in {r.name}: {type(exc).__name__}: {exc}")
+            return error_reply(ctx.family, err, ctx.request_id)
+
+    def _fault(self, fault: FaultSpec, ctx: Ctx) -> Reply:
+        # Held in real seconds: the point is to outlast a client's (real) timeout.
+        if fault.timeout_s and self.core.stopping.wait(fault.timeout_s):
+            return _DROP
+        if fault.status is None:
+            return _DROP
+        retry = fault.retry_after_s
+        if fault.status == 429 and retry is None:
+            retry = self.faults.retry_after_s  # a 429 always says when to come back, as both providers do
+        message = fault.message or {429: "Rate limit reached (injected fault).",
+                                    529: "Overloaded (injected fault)."}.get(
+                                        fault.status, "The server had an error while processing your request "
+                                                      "(injected fault).")
+        code = {429: "rate_limit_exceeded"}.get(fault.status, "server_error" if fault.status >= 500 else None)
+        return error_reply(ctx.family, ApiError(fault.status, message, code=code, retry_after_s=retry),
+                           ctx.request_id)
+
+    def _idempotent(self, key: tuple[str, str, str], r: Route, ctx: Ctx) -> Reply:
+        """The same key again gets the same answer and bills nothing more; an answer in flight is waited for.
+        Only successes are kept, so a retry after an error is served afresh."""
+        body_hash = hashlib.sha256(ctx.body).digest()
+        while True:
+            with self._lock:
+                pending = self._idem.get(key)
+                if pending is None:
+                    pending = self._idem[key] = _Pending(body_hash)
+                    break
+            pending.done.wait()
+            if pending.reply is not None:
+                if pending.body_hash != body_hash:
+                    err = ApiError(409, "Idempotency-Key was already used with a different request body; use a "
+                                   "new key for a new request", code="idempotency_key_reused")
+                    return error_reply(ctx.family, err, ctx.request_id)
+                return pending.reply._replace(headers={**pending.reply.headers, "idempotent-replayed": "true"})
+        reply = self._run(r, ctx)
+        with self._lock:
+            if 200 <= reply.status < 300 and not reply.drop:
+                pending.reply = reply
+            else:
+                del self._idem[key]
+        pending.done.set()
+        return reply
+
+    # -- helpers -------------------------------------------------------------------------------------------
+    @staticmethod
+    def _match(method: str, rest: str) -> tuple[Route, dict[str, str]] | None:
+        for r in _ROUTES:
+            if r.method == method:
+                m = r.pattern.match(rest)
+                if m:
+                    return r, m.groupdict()
+        return None
+
+    @staticmethod
+    def _authorized(family: Family, headers: dict[str, str]) -> bool:
+        # Any non-empty key passes; the key itself is only tested for presence and never kept.
+        auth = headers.get("authorization", "")
+        bearer = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+        if family == "openai":
+            return bool(bearer)
+        return bool(headers.get("x-api-key", "").strip()) or bool(bearer)
+
+    def _control(self, method: str, path: str, body: bytes) -> Reply:
+        rid = self.core.new_id("req_")
+        try:
+            if method == "GET" and path == "/_emulator/bill":
+                return json_reply("openai", 200, self._bill_json(), rid)
+            if method == "GET" and path == "/_emulator/calls":
+                return json_reply("openai", 200, [c._asdict() for c in self.calls()], rid)
+            if method == "POST" and path == "/_emulator/faults":
+                cfg = json.loads(body or b"{}")
+                if not isinstance(cfg, dict):
+                    raise ConfigError("the fault plan must be a JSON object")
+                self.faults.configure(cfg)
+                return json_reply("openai", 200, {"ok": True, "faults": repr(self.faults)}, rid)
+        except (ConfigError, ValueError) as exc:
+            return error_reply("openai", ApiError(400, str(exc)), rid)
+        return error_reply("openai", ApiError(404, f"no control route {method} {path}; use GET /_emulator/bill, "
+                                              "GET /_emulator/calls or POST /_emulator/faults"), rid)
+
+    def _bill_json(self) -> Any:
+        self.core.advance_batches()
+        with self.core.lock:
+            return self.core.ledger.bill().model_dump(mode="json")

@@ -1,0 +1,169 @@
+"""Provider prompt caches, per model, as each provider documents them.
+
+Automatic (OpenAI-style, ``prompt_cache.automatic``): after a call every prefix of its prompt is warm for
+``ttl_s``; a call reads the longest warm prefix, rounded down to ``block_tokens``, if it reaches the minimum.
+Explicit (Anthropic-style): only prefixes ending at a ``cache_control`` breakpoint are entries; a call reads
+the longest warm one (refreshing it) and writes the prefix up to its last breakpoint beyond that.
+The split is priced by ``engine.cost.price_text``; these classes only decide how many tokens fall where.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from engine.catalog import ModelSpec, ProviderSpec
+from engine.cost import CacheSplit
+from engine.emulator._text import CHARS_PER_TOKEN, Prompt, tokens
+
+__all__ = ["PrefixTree", "PromptCaches"]
+
+_PRUNE_EVERY = 1024
+
+
+class _Node:
+    __slots__ = ("edges", "expiry")
+
+    def __init__(self, expiry: float):
+        self.edges: dict[str, tuple[str, _Node]] = {}
+        # The latest expiry of any prompt through this node, so every character above it is warm until then.
+        self.expiry = expiry
+
+
+def _common(label: str, text: str, start: int) -> int:
+    """Length of the common prefix of ``label`` and ``text[start:]`` (C-speed comparisons, no char loop)."""
+    if text.startswith(label, start):
+        return len(label)
+    lo, hi = 0, min(len(label), len(text) - start)
+    while lo < hi:  # largest k with label[:k] == text[start:start+k]
+        mid = (lo + hi + 1) // 2
+        if text.startswith(label[:mid], start):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+class PrefixTree:
+    """A radix tree of prompts with an expiry per node: the warm prefix of a text in one walk, and shared
+    prefixes stored once (a per-prefix hash table would hold one entry per block of every prompt)."""
+
+    def __init__(self) -> None:
+        self._root = _Node(float("inf"))
+        self._inserts = 0
+
+    def warm_chars(self, text: str, now: float) -> int:
+        node, i = self._root, 0
+        while i < len(text):
+            edge = node.edges.get(text[i])
+            if edge is None:
+                break
+            label, child = edge
+            if child.expiry <= now:
+                break
+            k = _common(label, text, i)
+            i += k
+            if k < len(label):
+                break
+            node = child
+        return i
+
+    def insert(self, text: str, expiry: float) -> None:
+        node, i = self._root, 0
+        while i < len(text):
+            c = text[i]
+            edge = node.edges.get(c)
+            if edge is None:
+                node.edges[c] = (text[i:], _Node(expiry))
+                break
+            label, child = edge
+            k = _common(label, text, i)
+            if k < len(label):  # split the edge where the texts part
+                mid = _Node(child.expiry)
+                mid.edges[label[k]] = (label[k:], child)
+                node.edges[c] = (label[:k], mid)
+                child = mid
+            child.expiry = max(child.expiry, expiry)
+            i += k
+            node = child
+        self._inserts += 1
+
+    def prune(self, now: float) -> None:
+        stack = [self._root]
+        while stack:
+            node = stack.pop()
+            for c, (_, child) in list(node.edges.items()):
+                if child.expiry <= now:
+                    del node.edges[c]
+                else:
+                    stack.append(child)
+
+    @property
+    def inserts(self) -> int:
+        return self._inserts
+
+
+class PromptCaches:
+    """Every model's cache of one emulator. Not thread-safe: the emulator calls it under its lock."""
+
+    def __init__(self) -> None:
+        self._trees: dict[tuple[str, str], PrefixTree] = {}
+        self._entries: dict[tuple[str, str], dict[bytes, float]] = {}
+        self._writes = 0
+
+    def use(self, provider: ProviderSpec, spec: ModelSpec, model: str, prompt: Prompt, now: float) -> CacheSplit:
+        """Split the prompt's tokens into read / written / plain and update the cache as the call does."""
+        total = prompt.tokens
+        pc = provider.prompt_cache
+        if pc is None:
+            return CacheSplit(0, 0, total)
+        min_tokens = max(spec.cache_min_tokens if spec.cache_min_tokens is not None else pc.min_tokens, 1)
+        key = (provider.name, model)
+        if pc.automatic:
+            tree = self._trees.setdefault(key, PrefixTree())
+            block = pc.block_tokens
+            read = tree.warm_chars(prompt.text, now) // CHARS_PER_TOKEN // block * block
+            read = read if read >= min_tokens else 0
+            cacheable = len(prompt.text) // CHARS_PER_TOKEN // block * block
+            # As engine.cost.cache_split: an automatic cache writes the whole cold cacheable prefix.
+            write = cacheable - read if cacheable >= min_tokens and cacheable > read else 0
+            tree.insert(prompt.text, now + pc.ttl_s)
+            if tree.inserts % _PRUNE_EVERY == 0:
+                tree.prune(now)
+            return CacheSplit(read, write, total - read - write)
+        return self._explicit(key, prompt, now, pc.ttl_s, min_tokens, total)
+
+    def _explicit(self, key: tuple[str, str], prompt: Prompt, now: float, ttl: float, min_tokens: int,
+                  total: int) -> CacheSplit:
+        bps = sorted(set(prompt.breakpoints))
+        if not bps:
+            return CacheSplit(0, 0, total)
+        entries = self._entries.setdefault(key, {})
+        h = hashlib.sha256()
+        digests, prev = [], 0
+        for bp in bps:  # one pass over the text: each digest names the prefix up to its breakpoint
+            h.update(prompt.text[prev:bp].encode())
+            digests.append(h.copy().digest())
+            prev = bp
+        hit = -1
+        for i in range(len(bps) - 1, -1, -1):
+            if entries.get(digests[i], 0.0) > now:
+                hit = i
+                break
+        read = tokens(bps[hit]) if hit >= 0 else 0
+        last = tokens(bps[-1])
+        write = last - read if hit < len(bps) - 1 and last >= min_tokens else 0
+        if hit >= 0:
+            entries[digests[hit]] = now + ttl  # a hit refreshes the entry
+        if write:
+            for i in range(hit + 1, len(bps)):
+                if tokens(bps[i]) >= min_tokens:
+                    entries[digests[i]] = now + ttl
+        self._writes += 1
+        if self._writes % _PRUNE_EVERY == 0:
+            for k in [k for k, exp in entries.items() if exp <= now]:
+                del entries[k]
+        return CacheSplit(read, write, total - read - write)
+
+    def clear(self) -> None:
+        self._trees.clear()
+        self._entries.clear()

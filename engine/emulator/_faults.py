@@ -1,0 +1,189 @@
+"""Injectable faults: scripted answers per route, seeded random error rates, and batch faults.
+
+No fault answer is billed: a fault is decided before the call reaches the model.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from engine.errors import ConfigError
+
+__all__ = ["FaultPlan", "FaultSpec"]
+
+
+class FaultSpec(BaseModel):
+    """One scripted answer. ``status``: answer that error (429 carries ``retry-after``). ``timeout_s``: hold the
+    connection that many *real* seconds first (to trip a client timeout); alone, the connection is then closed
+    without an answer, so a client that waits longer sees a dropped connection, never a free result."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    status: int | None = Field(default=None, ge=400, le=599)
+    retry_after_s: float | None = Field(default=None, ge=0)
+    timeout_s: float | None = Field(default=None, ge=0)
+    message: str | None = None
+
+    @model_validator(mode="after")
+    def _something(self) -> FaultSpec:
+        if self.status is None and self.timeout_s is None:
+            raise ValueError("a fault needs 'status' (e.g. 429, 500, 529) or 'timeout_s'")
+        return self
+
+
+def _specs(specs: Iterable[FaultSpec | Mapping[str, Any]]) -> list[FaultSpec]:
+    out = []
+    for s in specs:
+        try:
+            out.append(s if isinstance(s, FaultSpec) else FaultSpec.model_validate(dict(s)))
+        except ValidationError as exc:
+            raise ConfigError(f"bad fault spec {s!r}: {exc.errors()[0]['msg']}; e.g. "
+                              "{'status': 429, 'retry_after_s': 2} or {'timeout_s': 5}") from exc
+    return out
+
+
+def _rate(name: str, v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+        raise ConfigError(f"{name} must be a probability in [0, 1], got {v!r}")
+    return float(v)
+
+
+class FaultPlan:
+    """Faults of one emulator. Thread-safe; set from Python or by ``POST /_emulator/faults`` (see ``configure``).
+
+    ``rate_429``/``rate_5xx`` apply to the generating routes only (chat.completions, responses,
+    images.generations, messages); 5xx is 500 on OpenAI routes and 529 (overloaded) on Anthropic routes.
+    ``fail_members``: custom_ids that fail with a server error inside any batch, until cleared.
+    """
+
+    def __init__(self, seed: int, routes: Iterable[str], providers: Iterable[str]):
+        self._lock = threading.Lock()
+        self._seed = seed
+        self._routes = frozenset(routes)
+        self._providers = frozenset(providers)
+        self._rng = np.random.default_rng([seed, 7])
+        self._scripts: dict[tuple[str, str], deque[FaultSpec]] = {}
+        self._expiries: deque[float] = deque()
+        self._rate_429 = 0.0
+        self._rate_5xx = 0.0
+        self._retry_after_s = 1.0
+        self.fail_members: set[str] = set()
+
+    # -- settings ------------------------------------------------------------------------------------------
+    @property
+    def rate_429(self) -> float:
+        return self._rate_429
+
+    @rate_429.setter
+    def rate_429(self, v: float) -> None:
+        self._rate_429 = _rate("rate_429", v)
+
+    @property
+    def rate_5xx(self) -> float:
+        return self._rate_5xx
+
+    @rate_5xx.setter
+    def rate_5xx(self, v: float) -> None:
+        self._rate_5xx = _rate("rate_5xx", v)
+
+    @property
+    def retry_after_s(self) -> float:
+        return self._retry_after_s
+
+    @retry_after_s.setter
+    def retry_after_s(self, v: float) -> None:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise ConfigError(f"retry_after_s must be a number of seconds >= 0, got {v!r}")
+        self._retry_after_s = float(v)
+
+    def script(self, provider: str, route: str, specs: Iterable[FaultSpec | Mapping[str, Any]]) -> None:
+        """The next calls to ``route`` of ``provider`` get these answers in order, then normal service."""
+        if provider not in self._providers:
+            raise ConfigError(f"unknown provider {provider!r}; the catalog has {sorted(self._providers)}")
+        if route not in self._routes:
+            raise ConfigError(f"unknown route {route!r}; routes are {sorted(self._routes)}")
+        parsed = _specs(specs)
+        with self._lock:
+            self._scripts.setdefault((provider, route), deque()).extend(parsed)
+
+    def expire_batches(self, n: int = 1, finished_fraction: float = 0.0) -> None:
+        """The next ``n`` batches (of any provider) expire once ``finished_fraction`` of their members finished."""
+        if n < 1:
+            raise ConfigError(f"expire_batches needs n >= 1, got {n}")
+        f = _rate("finished_fraction", finished_fraction)
+        with self._lock:
+            self._expiries.extend([f] * n)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._scripts.clear()
+            self._expiries.clear()
+            self._rate_429 = self._rate_5xx = 0.0
+            self._retry_after_s = 1.0
+            self.fail_members = set()
+            self._rng = np.random.default_rng([self._seed, 7])
+
+    def configure(self, cfg: Mapping[str, Any]) -> None:
+        """Apply a JSON plan: ``{"clear": true, "rate_429": 0.1, "rate_5xx": 0.05, "retry_after_s": 2,
+        "fail_members": ["a"], "expire_batches": {"n": 1, "finished_fraction": 0.5},
+        "script": [{"provider": "openai", "route": "chat.completions", "specs": [{"status": 429}]}]}``."""
+        known = {"clear", "rate_429", "rate_5xx", "retry_after_s", "fail_members", "expire_batches", "script"}
+        unknown = set(cfg) - known
+        if unknown:
+            raise ConfigError(f"unknown fault settings {sorted(unknown)}; known: {sorted(known)}")
+        if cfg.get("clear"):
+            self.clear()
+        for name in ("rate_429", "rate_5xx", "retry_after_s"):
+            if name in cfg:
+                setattr(self, name, cfg[name])
+        if "fail_members" in cfg:
+            ids = cfg["fail_members"]
+            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+                raise ConfigError("fail_members must be a list of custom_id strings")
+            self.fail_members = set(ids)
+        if "expire_batches" in cfg:
+            e = cfg["expire_batches"]
+            if not isinstance(e, Mapping):
+                raise ConfigError("expire_batches must be an object like {'n': 1, 'finished_fraction': 0.5}")
+            self.expire_batches(int(e.get("n", 1)), e.get("finished_fraction", 0.0))
+        for entry in cfg.get("script", []):
+            if not isinstance(entry, Mapping) or not {"provider", "route", "specs"} <= set(entry):
+                raise ConfigError("each script entry needs 'provider', 'route' and 'specs'")
+            self.script(entry["provider"], entry["route"], entry["specs"])
+
+    # -- used by the emulator ----------------------------------------------------------------------------
+    def next_fault(self, provider: str, route: str, generating: bool, status_5xx: int = 500) -> FaultSpec | None:
+        """The scripted answer of this call, else a random one under the rates (generating routes only)."""
+        with self._lock:
+            queue = self._scripts.get((provider, route))
+            if queue:
+                return queue.popleft()
+            if not generating or (self._rate_429 == 0 and self._rate_5xx == 0):
+                return None
+            u = float(self._rng.random())  # drawn only under a rate, so scripted runs draw nothing
+            if u < self._rate_429:
+                return FaultSpec(status=429, retry_after_s=self._retry_after_s)
+            if u < self._rate_429 + self._rate_5xx:
+                return FaultSpec(status=status_5xx)
+            return None
+
+    def take_expiry(self) -> float | None:
+        """The finished fraction of the next batch if it is set to expire, else None."""
+        with self._lock:
+            return self._expiries.popleft() if self._expiries else None
+
+    def member_fails(self, custom_id: str) -> bool:
+        with self._lock:
+            return custom_id in self.fail_members
+
+    def __repr__(self) -> str:
+        with self._lock:
+            scripted = sum(len(q) for q in self._scripts.values())
+            return (f"FaultPlan(scripted={scripted}, rate_429={self._rate_429}, rate_5xx={self._rate_5xx}, "
+                    f"fail_members={len(self.fail_members)}, expiring_batches={len(self._expiries)})")

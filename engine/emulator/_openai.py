@@ -1,0 +1,196 @@
+"""OpenAI wire format: chat completions, Responses, image generations and files.
+
+Bodies follow the official SDK's types (openai/types), so ``OpenAI(base_url=...)`` parses them unchanged.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.parser
+import email.policy
+import struct
+import zlib
+from typing import Any
+
+from engine.emulator._bill import BilledItem
+from engine.emulator._core import Core, TextCall
+from engine.emulator._routing import Ctx, Route, route
+from engine.emulator._text import chat_prompt, responses_prompt
+from engine.emulator._wire import ApiError, Reply, json_reply
+
+__all__ = ["ROUTES", "chat_result", "responses_result"]
+
+_FILE_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
+
+
+def _png_1x1() -> bytes:
+    """A valid 1x1 transparent PNG, built rather than pasted so its checksums are right by construction."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", 1, 1, 8, 6, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00\x00\x00\x00\x00"))
+            + chunk(b"IEND", b""))
+
+
+_PNG_B64 = base64.b64encode(_png_1x1()).decode()
+
+
+def _no_stream(body: dict) -> None:
+    if body.get("stream"):
+        raise ApiError(400, "stream=true is not supported by the emulator; send stream=false (or omit it)",
+                       param="stream")
+
+
+def _cap(body: dict, *names: str) -> tuple[Any, str]:
+    for name in names:
+        if body.get(name) is not None:
+            return body[name], name
+    return None, names[0]
+
+
+def _prompt_details(call: TextCall) -> dict[str, int]:
+    return {"cached_tokens": call.split.read, "cache_write_tokens": call.split.write, "audio_tokens": 0}
+
+
+def chat_result(core: Core, provider: str, body: dict, mode: str, at: float | None = None
+                ) -> tuple[TextCall, dict[str, Any]]:
+    """One chat completion: the call (priced, cache updated) and the response body. Bills nothing."""
+    _no_stream(body)
+    p, spec = core.model(provider, body.get("model"), "text")
+    if body.get("n") not in (None, 1):
+        raise ApiError(400, "the emulator answers n=1 only", param="n")
+    prompt = chat_prompt(body)  # parsed before the cap, so a bad body is reported as such
+    cap, cap_param = _cap(body, "max_completion_tokens", "max_tokens")
+    call = core.text_call(p, spec, body["model"], prompt, cap, cap_param, mode, at)
+    out = {
+        "id": core.new_id("chatcmpl-"), "object": "chat.completion",
+        "created": int(core.now() if at is None else at),
+        "model": body["model"], "system_fingerprint": "fp_emulator",
+        "choices": [{"index": 0, "finish_reason": "length" if call.capped else "stop", "logprobs": None,
+                     "message": {"role": "assistant", "content": call.text, "refusal": None, "annotations": []}}],
+        "usage": {"prompt_tokens": call.input_tokens, "completion_tokens": call.output_tokens,
+                  "total_tokens": call.input_tokens + call.output_tokens,
+                  "prompt_tokens_details": _prompt_details(call),
+                  "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
+                                                "accepted_prediction_tokens": 0,
+                                                "rejected_prediction_tokens": 0}},
+    }
+    return call, out
+
+
+def responses_result(core: Core, provider: str, body: dict, mode: str, at: float | None = None
+                     ) -> tuple[TextCall, dict[str, Any]]:
+    """One Responses call (minimal: text in, one output_text message out). Bills nothing."""
+    _no_stream(body)
+    p, spec = core.model(provider, body.get("model"), "text")
+    prompt = responses_prompt(body)
+    cap, cap_param = _cap(body, "max_output_tokens")
+    call = core.text_call(p, spec, body["model"], prompt, cap, cap_param, mode, at)
+    now = core.now() if at is None else at
+    out = {
+        "id": core.new_id("resp_"), "object": "response", "created_at": now, "completed_at": now,
+        "model": body["model"], "status": "incomplete" if call.capped else "completed",
+        "incomplete_details": {"reason": "max_output_tokens"} if call.capped else None, "error": None,
+        "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
+        "metadata": body.get("metadata"), "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
+        "prompt_cache_key": body.get("prompt_cache_key"),
+        "output": [{"type": "message", "id": core.new_id("msg_"), "role": "assistant",
+                    "status": "incomplete" if call.capped else "completed",
+                    "content": [{"type": "output_text", "text": call.text, "annotations": []}]}],
+        "usage": {"input_tokens": call.input_tokens,
+                  "input_tokens_details": {"cached_tokens": call.split.read,
+                                           "cache_write_tokens": call.split.write},
+                  "output_tokens": call.output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                  "total_tokens": call.input_tokens + call.output_tokens},
+    }
+    return call, out
+
+
+def _sync_text(ctx: Ctx, result: Any) -> Reply:
+    call, out = result(ctx.core, ctx.provider, ctx.json(), "sync")
+    p = ctx.core.catalog.provider(ctx.provider)
+    ctx.core.wait(ctx.core.text_latency_s(p, call.model, call))
+    # Billed once the answer is ready: a call cut short by the emulator stopping is never billed.
+    ctx.core.bill_text(call, "sync", ctx.route, ctx.request_id)
+    return json_reply("openai", 200, out, ctx.request_id)
+
+
+def _chat(ctx: Ctx) -> Reply:
+    return _sync_text(ctx, chat_result)
+
+
+def _responses(ctx: Ctx) -> Reply:
+    return _sync_text(ctx, responses_result)
+
+
+def _images(ctx: Ctx) -> Reply:
+    body = ctx.json()
+    _no_stream(body)
+    core = ctx.core
+    p, spec = core.model(ctx.provider, body.get("model"), "image")
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ApiError(400, "'prompt' must be a non-empty string", param="prompt")
+    n = body.get("n") if body.get("n") is not None else 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 10:
+        raise ApiError(400, f"n must be an integer in [1, 10], got {n!r}", param="n")
+    table = spec.per_image or spec.gpu_s_per_image or {}
+    size = body.get("size") or "auto"
+    size = spec.default_size if size == "auto" else size
+    if size not in table:
+        raise ApiError(400, f"size {size!r} is not offered by {body['model']}; use one of {sorted(table)}",
+                       param="size")
+    req = core.image_request(p, body["model"], prompt, size)
+    unit = core.image_price(req)
+    core.wait(core.image_latency_s(p, req))  # the n images are drawn in parallel: one latency
+    core.bill(BilledItem(provider=ctx.provider, model=body["model"], mode="sync", route=ctx.route,
+                         request_id=ctx.request_id, usage={"images": n, "size": size}, cost_usd=unit * n))
+    out = {"created": int(core.now()), "data": [{"b64_json": _PNG_B64} for _ in range(n)], "size": size,
+           "output_format": "png"}
+    return json_reply("openai", 200, out, ctx.request_id)
+
+
+def _multipart(ctx: Ctx) -> dict[str, tuple[str | None, bytes]]:
+    """Form fields of a multipart body: name -> (filename, bytes)."""
+    ctype = ctx.headers.get("content-type", "")
+    if not ctype.startswith("multipart/form-data"):
+        raise ApiError(400, "POST /v1/files takes multipart/form-data with 'purpose' and 'file'")
+    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + ctype.encode() + b"\r\n\r\n" + ctx.body)
+    fields: dict[str, tuple[str | None, bytes]] = {}
+    for part in msg.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if name:
+            fields[str(name)] = (part.get_filename(), part.get_payload(decode=True) or b"")
+    return fields
+
+
+def _files_create(ctx: Ctx) -> Reply:
+    fields = _multipart(ctx)
+    purpose = fields.get("purpose", (None, b""))[1].decode(errors="replace")
+    if purpose not in _FILE_PURPOSES:
+        raise ApiError(400, f"purpose must be one of {list(_FILE_PURPOSES)}, got {purpose!r}", param="purpose")
+    if "file" not in fields:
+        raise ApiError(400, "the form needs a 'file' part", param="file")
+    filename, data = fields["file"]
+    rec = ctx.core.add_file(filename or "upload", purpose, data)
+    return json_reply("openai", 200, rec.view(), ctx.request_id)
+
+
+def _files_retrieve(ctx: Ctx) -> Reply:
+    return json_reply("openai", 200, ctx.core.file(ctx.params["file_id"]).view(), ctx.request_id)
+
+
+def _files_content(ctx: Ctx) -> Reply:
+    rec = ctx.core.file(ctx.params["file_id"])
+    return Reply(200, {"content-type": "application/octet-stream", "x-request-id": ctx.request_id}, rec.data)
+
+
+ROUTES: list[Route] = [
+    route("POST", "/v1/chat/completions", "openai", "chat.completions", _chat, generating=True),
+    route("POST", "/v1/responses", "openai", "responses", _responses, generating=True),
+    route("POST", "/v1/images/generations", "openai", "images.generations", _images, generating=True),
+    route("POST", "/v1/files", "openai", "files.create", _files_create),
+    route("GET", "/v1/files/{file_id}", "openai", "files.retrieve", _files_retrieve),
+    route("GET", "/v1/files/{file_id}/content", "openai", "files.content", _files_content),
+]

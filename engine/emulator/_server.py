@@ -1,0 +1,98 @@
+"""The socket side: a stdlib ThreadingHTTPServer that hands each request to ``App.handle``."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from engine.emulator._app import App
+
+__all__ = ["EmulatorServer"]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as the SDKs' connection pools expect
+    server_version = "smartbatch-emulator"
+    sys_version = ""
+    server: EmulatorServer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        # Silenced: stderr noise in tests, and a log line is one more place a credential could leak to.
+        return
+
+    def _read_body(self) -> bytes:
+        if "chunked" in self.headers.get("transfer-encoding", "").lower():
+            parts = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass  # trailers
+                    return b"".join(parts)
+                parts.append(self.rfile.read(size))
+                self.rfile.readline()
+        length = int(self.headers.get("content-length") or 0)
+        return self.rfile.read(length) if length > 0 else b""
+
+    def _dispatch(self, method: str) -> None:
+        body = self._read_body()
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        reply = self.server.app.handle(method, self.path, headers, body)
+        if reply.drop:
+            self.close_connection = True
+            return
+        self.send_response(reply.status)
+        for k, v in reply.headers.items():
+            self.send_header(k, v)
+        self.send_header("content-length", str(len(reply.body)))
+        self.end_headers()
+        self.wfile.write(reply.body)
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def do_DELETE(self) -> None:
+        self._dispatch("DELETE")
+
+
+class EmulatorServer(ThreadingHTTPServer):
+    """Daemon handler threads; open connections are tracked so ``close`` can cut keep-alive ones, or a pooled
+    client connection would still be answered by a stopped emulator."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], app: App):
+        self.app = app
+        self._conns: set[socket.socket] = set()
+        self._conns_lock = threading.Lock()
+        super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._conns_lock:
+            self._conns.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._conns_lock:
+            self._conns.discard(request)
+        super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that hung up (it timed out, or was killed) is routine here; say nothing, as with log_message.
+        return
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+        with self._conns_lock:
+            conns, self._conns = list(self._conns), set()
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed by the peer

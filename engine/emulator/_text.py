@@ -1,0 +1,167 @@
+"""The emulator's token convention: a prompt's text, its cache breakpoints, its token count and the output.
+
+Tokens are ``ceil(chars / 4)``, the engine's own estimate (``Settings.chars_per_token``), so a caller that
+estimates from the same text gets the same counts the emulator bills.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any, NamedTuple
+
+from engine.emulator._wire import ApiError
+
+__all__ = [
+    "CHARS_PER_TOKEN",
+    "MARKER",
+    "Prompt",
+    "anthropic_prompt",
+    "chat_prompt",
+    "filler_text",
+    "natural_tokens",
+    "responses_prompt",
+    "tokens",
+]
+
+CHARS_PER_TOKEN = 4
+MARKER = "[[emulator:output_tokens=N]]"
+_MARKER_RE = re.compile(r"\[\[emulator:output_tokens=(\d+)\]\]")
+_TEXT_TYPES = ("text", "input_text", "output_text")
+_FILLER = " lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor incididunt"
+
+
+class Prompt(NamedTuple):
+    """The request's text in cache order (tools, system/instructions, messages), the character offsets where
+    a block marked ``cache_control`` ends, and the text of the last user message (where the marker is read)."""
+
+    text: str
+    breakpoints: tuple[int, ...]
+    last_user: str
+
+    @property
+    def tokens(self) -> int:
+        return tokens(len(self.text))
+
+
+def tokens(chars: int) -> int:
+    """Tokens of ``chars`` characters of text: ``ceil(chars / 4)``."""
+    return -(-chars // CHARS_PER_TOKEN)
+
+
+def natural_tokens(last_user: str, default: int) -> int:
+    """The output the "model" wants to write: N from the last ``[[emulator:output_tokens=N]]``, else ``default``."""
+    hits = _MARKER_RE.findall(last_user)
+    return int(hits[-1]) if hits else default
+
+
+def filler_text(prompt_text: str, output_tokens: int) -> str:
+    """Exactly ``4 * output_tokens`` characters, deterministic, and different for different prompts (it starts
+    with a digest of the prompt), so a result paired with the wrong request shows."""
+    n = CHARS_PER_TOKEN * output_tokens
+    head = f"[emulator {hashlib.sha256(prompt_text.encode()).hexdigest()[:16]}]"
+    reps = n // len(_FILLER) + 1
+    return (head + _FILLER * reps)[:n]
+
+
+class _Builder:
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.length = 0
+        self.breakpoints: list[int] = []
+        self.last_user = ""
+
+    def add(self, text: str, marked: bool) -> None:
+        self.parts.append(text)
+        self.length += len(text)
+        if marked and self.length > 0:
+            self.breakpoints.append(self.length)
+
+    def tools(self, tools: Any) -> None:
+        # Tool definitions are tokens too and come first in the cache prefix (both providers document this
+        # order); they are counted as their canonical JSON without the cache_control marker.
+        if tools is None:
+            return
+        if not isinstance(tools, list):
+            raise ApiError(400, "tools must be a list", param="tools")
+        for tool in tools:
+            if not isinstance(tool, dict):
+                raise ApiError(400, "each tool must be an object", param="tools")
+            plain = {k: v for k, v in tool.items() if k != "cache_control"}
+            self.add(json.dumps(plain, sort_keys=True, separators=(",", ":")), _marked(tool))
+
+    def content(self, content: Any, where: str) -> str:
+        """Add a message's content (a string or a list of blocks); return its text."""
+        if content is None:
+            return ""
+        if isinstance(content, str):
+            self.add(content, False)
+            return content
+        if not isinstance(content, list):
+            raise ApiError(400, f"{where} must be a string or a list of content blocks", param=where)
+        texts = []
+        for block in content:
+            if not isinstance(block, dict):
+                raise ApiError(400, f"each block of {where} must be an object", param=where)
+            text = block.get("text") if block.get("type") in _TEXT_TYPES else None
+            if text is not None and not isinstance(text, str):
+                raise ApiError(400, f"a text block of {where} needs a string 'text'", param=where)
+            self.add(text or "", _marked(block))
+            texts.append(text or "")
+        return "".join(texts)
+
+    def messages(self, messages: Any, param: str) -> None:
+        if not isinstance(messages, list) or not messages:
+            raise ApiError(400, f"'{param}' must be a non-empty list of messages", param=param)
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict):
+                raise ApiError(400, f"{param}[{i}] must be an object with 'role' and 'content'", param=param)
+            if m.get("type", "message") != "message":
+                continue  # Responses input items other than messages (tool outputs ...) carry no prompt text here
+            text = self.content(m.get("content"), f"{param}[{i}].content")
+            if m.get("role") == "user":
+                self.last_user = text
+
+    def build(self) -> Prompt:
+        return Prompt("".join(self.parts), tuple(self.breakpoints), self.last_user)
+
+
+def _marked(block: dict) -> bool:
+    cc = block.get("cache_control")
+    return isinstance(cc, dict) and cc.get("type") == "ephemeral"
+
+
+def chat_prompt(body: dict) -> Prompt:
+    """OpenAI chat completions: tools, then every message (system and developer messages included) in order."""
+    b = _Builder()
+    b.tools(body.get("tools"))
+    b.messages(body.get("messages"), "messages")
+    return b.build()
+
+
+def responses_prompt(body: dict) -> Prompt:
+    """OpenAI Responses: tools, ``instructions``, then ``input`` (a string or a list of message items)."""
+    b = _Builder()
+    b.tools(body.get("tools"))
+    instructions = body.get("instructions")
+    if instructions is not None:
+        if not isinstance(instructions, str):
+            raise ApiError(400, "instructions must be a string", param="instructions")
+        b.add(instructions, False)
+    inp = body.get("input")
+    if isinstance(inp, str):
+        b.add(inp, False)
+        b.last_user = inp
+    else:
+        b.messages(inp, "input")
+    return b.build()
+
+
+def anthropic_prompt(body: dict) -> Prompt:
+    """Anthropic messages: tools, ``system`` (a string or text blocks), then the messages."""
+    b = _Builder()
+    b.tools(body.get("tools"))
+    b.content(body.get("system"), "system")
+    b.messages(body.get("messages"), "messages")
+    return b.build()
