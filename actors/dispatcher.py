@@ -64,6 +64,8 @@ class Dispatcher(Warm):
         self._tasks: set[asyncio.Task] = set()
         self.batches_cancelled = 0
         self.members_saved_by_cancel = 0  # finished members of cancelled batches: used, never sent again
+        self.paid_twice = 0  # members a too-slow cancel still finished after they were sent again
+        self.paid_twice_usd = 0.0
         self.groupers = [as_peer(g) for g in groupers]
         self.hub, self.cache, self.budget = map(as_peer, (hub, cache, budget))
         self._results: list[Result] = []
@@ -205,37 +207,42 @@ class Dispatcher(Warm):
         if handle is not None:
             cancel_deadline = None
             while True:
+                now = self.clock.now()
+                if hedge_at is not None and now >= hedge_at and cancel_deadline is None:
+                    # Cancel first, poll after: every moment before the cancel reaches the provider is a moment
+                    # in which a late batch still finishes members that sync calls will also pay for.
+                    try:
+                        await p.cancel(handle)
+                    except Exception as exc:  # e.g. it ended meanwhile; the poll below tells
+                        log.warning("dispatcher %s: batch cancel failed: %s", self.name, _short(exc))
+                    self.batches_cancelled += 1
+                    was_cancelled = True
+                    cancel_deadline = now + self.catalog.provider(self.name).batch_api.cancel_s
                 try:
                     st = await p.poll(handle)
-                except Exception as exc:  # a failed poll is retried; the hedge below still bounds the wait
+                except Exception as exc:  # a failed poll is retried; the hedge still bounds the wait
                     log.warning("dispatcher %s: batch poll failed: %s", self.name, _short(exc))
                     st = None
                 if st is not None and st.status == "ended":
                     break
                 now = self.clock.now()
-                if hedge_at is not None and now >= hedge_at and cancel_deadline is None:
-                    try:
-                        await p.cancel(handle)
-                    except Exception as exc:
-                        log.warning("dispatcher %s: batch cancel failed: %s", self.name, _short(exc))
-                    self.batches_cancelled += 1
-                    was_cancelled = True
-                    cancel_deadline = now + self.catalog.provider(self.name).batch_api.cancel_s
-                    continue
                 if cancel_deadline is not None and now >= cancel_deadline:
                     # The cancel outlasted its allowance: the deadline comes first. Unfinished members go sync;
                     # any that the provider still finishes is counted as paid twice in the report.
                     log.warning("dispatcher %s: batch cancel still pending; sending its unfinished members", self.name)
+                    self._spawn(self._watch_late_cancel(handle, cjobs), [], b)
+                    handle = None
                     break
                 wait = st.next_poll_s if st is not None else self.settings.providers.endpoints.get(
                     self.name, _DEFAULT_EP).poll_min_s
                 limit = (hedge_at if cancel_deadline is None and hedge_at is not None else
                          cancel_deadline if cancel_deadline is not None else float("inf"))
                 await self._sleep(max(min(wait, limit - now), 0.0))
-            try:
-                outs = dict(await p.fetch(handle))
-            except Exception as exc:
-                log.warning("dispatcher %s: batch results could not be read: %s", self.name, _short(exc))
+            if handle is not None:
+                try:
+                    outs = dict(await p.fetch(handle))
+                except Exception as exc:
+                    log.warning("dispatcher %s: batch results could not be read: %s", self.name, _short(exc))
         self.sim.finish_batch(tokens, self.clock.now())
         for j, cj in zip(jobs, cjobs, strict=True):
             o = outs.get(cj.key)
@@ -246,6 +253,19 @@ class Dispatcher(Warm):
                     self.members_saved_by_cancel += o.ok
                 self._attempt(b, j, o.ok, o.cost, "batch_api", o)
         self._pump()
+
+    async def _watch_late_cancel(self, handle, cjobs: list[CallJob]) -> None:
+        """A cancel that outlasted ``cancel_s``: its unfinished members were sent again for their deadlines.
+        Follow the batch to its end, so any member it still finished (billed twice) is counted, not hidden."""
+        p = self.provider
+        for _ in range(100):
+            st = await p.poll(handle)
+            if st.status == "ended":
+                late = [o for o in (await p.fetch(handle)).values() if o.ok]
+                self.paid_twice += len(late)
+                self.paid_twice_usd += sum(o.cost for o in late)
+                return
+            await self._sleep(st.next_poll_s)
 
     def _start_reroute(self, e: Event, b: BatchJob, jobs: list[Job]) -> None:
         """The model's circuit is open: its work goes back to the policy as requests for the fallback."""
@@ -353,7 +373,8 @@ class Dispatcher(Warm):
         out = {"provider": self.name, "calls": "http" if self.provider.real else "simulated",
                "in_flight": self.in_flight, "queued": self.sim.waiting,
                "rerouted": self.rerouted, "circuit_opened": self.sim.breaker.opened,
-               "batches_cancelled": self.batches_cancelled, "members_saved_by_cancel": self.members_saved_by_cancel}
+               "batches_cancelled": self.batches_cancelled, "members_saved_by_cancel": self.members_saved_by_cancel, "paid_twice": self.paid_twice,
+               "paid_twice_usd": round(self.paid_twice_usd, 6)}
         if waits:
             out["waits"] = list(self.waits)
         return out

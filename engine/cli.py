@@ -225,14 +225,14 @@ def bench(trace: Path = typer.Argument(..., help="a JSONL trace"),
 
 
 def _live(requests, name: str, policy: str, speedup: float, address: str | None, seed: int, settings,
-          cat, results: list | None = None) -> dict:
+          cat, results: list | None = None, on_start=None) -> dict:
     from engine.live import run_live
 
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=err_console, transient=True) as bar:
         task = bar.add_task(f"live {policy} x{speedup:g}", total=len(requests))
         return run_live(requests, trace_name=name, policy=policy, speedup=speedup, address=address, seed=seed,
-                        catalog=cat, settings=settings, results=results,
+                        catalog=cat, settings=settings, results=results, on_start=on_start,
                         on_done=lambda k: bar.update(task, advance=k))
 
 
@@ -304,8 +304,9 @@ def _print_providers(doc: dict) -> None:
                           f"{p.get('batches_cancelled', 0)}, finished members kept from them: "
                           f"{p.get('members_saved_by_cancel', 0)}")
     for r in doc.get("samples", []):
-        console.print(f"  {r['id']} ({r['provider']}/{r['model']}, {r['mode']}, ${r['cost_usd']:.6f}): "
-                      f"{r['output']}")
+        how = "over HTTP" if r.get("real") else "simulated"
+        console.print(Text(f"  {r['id']} ({r['provider']}/{r['model']}, {r['mode']}, {how}, ${r['cost_usd']:.6f}): "
+                           f"{r['output']}"))
 
 
 @app.command()
@@ -326,25 +327,45 @@ def emulate(port: int = typer.Option(8765, help="port on 127.0.0.1 (0: a free on
 
 
 @app.command()
-def demo(out: Path = typer.Option(Path("out/demo"), "--out"),
-         n: int = typer.Option(2000, "--n", min=1),
-         seed: int = typer.Option(0, "--seed"),
-         speedup: float = typer.Option(100.0, min=1.0)) -> None:
+def demo(out: Path = typer.Option(Path("out/demo"), "--out", help="where results.json, results.md and plot.png go"),
+         n: int = typer.Option(2000, "--n", min=1, help="requests in the synthetic workload"),
+         seed: int = typer.Option(0, "--seed", help="seed of the workload and the draws"),
+         speedup: float = typer.Option(100.0, min=1.0, help="engine seconds per real second"),
+         providers: str = typer.Option("http", "--providers", help="http: OpenAI and Anthropic calls go over HTTP "
+                                       "to the loopback emulator; sim: every provider simulated")) -> None:
     """A synthetic workload through the live engine on an embedded local Ray (smart policy), next to every
-    policy in the simulator: report, results.json and plot. Needs no data files. Deadlines are capped at one
-    hour so the run ends in well under a minute at the default speed-up."""
+    policy in the simulator: report, results.json and plot. Needs no data files and no API key: OpenAI and
+    Anthropic calls go over HTTP, through the official SDKs, to the project's provider emulator on 127.0.0.1
+    (the other providers stay simulated). Deadlines are capped at one hour so the run ends in about a minute."""
     from engine.bench import write_outputs
     from engine.tracegen import synth
 
     try:
         settings, cat = _settings(None)
+        settings = _providers(settings, providers, None)
         reqs = [r.model_copy(update={"deadline_s": min(r.deadline_s, 3600.0)})
                 for r in synth(n, seed=seed, duration_s=600.0, catalog=cat, settings=settings)]
         name = f"synth-{n}-seed{seed}"
         doc = _bench(reqs, name, "naive,cache-only,fixed,batch-all,smart", None, out, seed, cat, settings)
-        live = _live(reqs, name, "smart", speedup, None, seed, settings, cat)
+        emu = None
+        on_start = None
+        if providers == "http":
+            from engine.emulator import Emulator
+            from engine.live import follow_engine, point_at_emulator
+
+            emu = Emulator(cat, speedup=speedup, seed=seed).start()
+            settings = point_at_emulator(settings, emu)
+            on_start = follow_engine(emu, settings, seed)
+            console.print(f"provider emulator on {emu.base_url('openai')} and {emu.anthropic_base_url('anthropic')}")
+        try:
+            live = _live(reqs, name, "smart", speedup, None, seed, settings, cat, on_start=on_start)
+            bill = emu.bill() if emu is not None else None
+        finally:
+            if emu is not None:
+                emu.stop()
         doc["results"].append(live["results"][0])
         doc["engine_report"] = live["engine_report"]
+        doc["samples"] = live.get("samples", [])
         paths = write_outputs(doc, out)
     except SmartbatchError as exc:
         _fail(exc)
@@ -352,6 +373,12 @@ def demo(out: Path = typer.Option(Path("out/demo"), "--out"),
     rep = doc["engine_report"]
     console.print(f"live engine: {rep['requests']:,} requests, spend ${rep['spend_usd']:.2f}, saving "
                   f"${rep['saving_usd']:.2f} against list prices, hits {rep['hits']}")
+    _print_providers(doc)
+    if bill is not None:
+        http = {k for k, p in rep.get("providers", {}).items() if p.get("calls") == "http"}
+        engine_real = sum(p["cost_usd"] for k, p in rep["by_provider"].items() if k in http)
+        console.print(f"real calls ({', '.join(sorted(http))}): the emulator billed ${bill.total_usd:.4f}; the "
+                      f"engine's results for them add up to ${engine_real:.4f}")
     console.print(f"wrote {paths['json']}, {paths['markdown']}, {paths['plot']}")
 
 

@@ -99,9 +99,13 @@ def run_live(requests: Sequence[Request], *, trace_name: str, policy: str = "sma
                    [b.model_dump() for b in settings.budgets.specs] if settings.budgets.specs else None)
     doc["engine_report"] = report
     # A few outputs, to show what came back (real text when the providers were called over HTTP).
-    shown = [r for r in results if r.status == "ok" and r.real][:3] or [r for r in results if r.status == "ok"][:3]
+    shown, seen = [], set()
+    for r in sorted(results, key=lambda r: not r.real):  # one per provider, model and mode, real calls first
+        if r.status == "ok" and (r.provider, r.model, r.mode) not in seen and len(shown) < 4:
+            seen.add((r.provider, r.model, r.mode))
+            shown.append(r)
     doc["samples"] = [{"id": r.id, "provider": r.provider, "model": r.model, "mode": r.mode, "cost_usd": r.cost_usd,
-                       "output": (r.output or "")[:100]} for r in shown]
+                       "output": (r.output or "")[:72], "real": r.real} for r in shown]
     return doc
 
 

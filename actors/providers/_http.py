@@ -3,11 +3,14 @@ an SDK error into an outcome (the engine retries; the SDK does not)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from actors.providers._wire import redact, retry_after
 from engine.catalog import Catalog
 from engine.cost import Mode, price_usage
+from engine.errors import ProviderError
 from engine.provider_api import CallJob, CallOutcome, Secret, Usage
 from engine.settings import ProviderEndpoint, Settings
 
@@ -50,6 +53,17 @@ class HttpBase:
     def _redact(self, text: str) -> str:
         return redact(text, [self._key.get()])
 
+    @contextmanager
+    def _refused(self, what: str) -> Iterator[None]:
+        """An SDK error of a batch call (which the dispatcher catches and logs) as a ``ProviderError`` whose text
+        cannot show the key: a provider's error may quote the key it was sent. ``from None``: the SDK error,
+        unredacted, must not ride along as the cause either (a traceback would print it)."""
+        try:
+            yield
+        except self._sdk.APIError as exc:
+            raise ProviderError(f"{self.name}: {what} failed: {type(exc).__name__}: "
+                                f"{self._redact(str(exc))}") from None
+
     def _priced(self, job: CallJob, usage: Usage, mode: Mode) -> float:
         return price_usage(job.req, self.catalog, mode, input_tokens=usage.input_tokens,
                            output_tokens=usage.output_tokens, cache_read=usage.cache_read,
@@ -59,13 +73,16 @@ class HttpBase:
         """An SDK exception as a failed, unbilled outcome."""
         now = self.clock.now()
         if isinstance(exc, timeout_error):
-            return CallOutcome(False, now, 0.0, error=f"{self.name}: timed out after {self.endpoint.timeout_s:g} s")
+            return CallOutcome(False, now, 0.0, error=f"{self.name}: timed out after {self.endpoint.timeout_s:g} s",
+                               real=True)
         if isinstance(exc, status_error):
             resp: Any = getattr(exc, "response", None)
             code = getattr(exc, "status_code", None) or getattr(resp, "status_code", 0)
             ra = retry_after(getattr(resp, "headers", None)) if code == 429 else None
             retryable = code >= 500 or code in _RETRYABLE_4XX
             msg = self._redact(str(getattr(exc, "message", "") or exc))
-            return CallOutcome(False, now, 0.0, ra, error=f"{self.name} HTTP {code}: {msg}", retryable=retryable)
+            return CallOutcome(False, now, 0.0, ra, error=f"{self.name} HTTP {code}: {msg}", retryable=retryable,
+                               real=True)
         # A connection error and the like: nothing reached the provider's billing.
-        return CallOutcome(False, now, 0.0, error=f"{self.name}: {type(exc).__name__}: {self._redact(str(exc))}")
+        return CallOutcome(False, now, 0.0, error=f"{self.name}: {type(exc).__name__}: {self._redact(str(exc))}",
+                           real=True)

@@ -67,7 +67,9 @@ def message_parts(req: Request, block_tokens: int, chars_per_token: float,
     """The prompt of a request without a body: (texts of its shared prefix blocks, its own tail). A prompt
     long enough for its token count is sent as it is (no blocks); a replayed trace line (``replay``, or a
     placeholder prompt far shorter than its token count) is sent at its recorded size, exactly
-    ``input_tokens * chars_per_token`` characters, naming its recorded output length."""
+    ``input_tokens * chars_per_token`` characters, naming its recorded output length. When the blocks leave less
+    room than the marker needs (a tiny request, or one barely longer than its prefix), the blocks and the marker
+    are kept and the prompt runs over by at most the marker's length plus one character."""
     cpt = chars_per_token
     prompt = req.prompt
     if not replay and len(prompt) > (req.input_tokens - 1) * cpt:

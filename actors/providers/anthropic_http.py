@@ -125,24 +125,29 @@ class AnthropicProvider(HttpBase):
             earlier = next((k for k, b in enumerate(blocks) if b not in seen), len(blocks))
             reqs.append({"custom_id": j.key, "params": self.body(j, max(self._warm_blocks(j), earlier), mark)})
             seen.update(blocks)
-        b = await self.client.messages.batches.create(requests=reqs)
+        with self._refused("batch submission"):
+            b = await self.client.messages.batches.create(requests=reqs)
         return _Batch(b.id, jobs, PollBackoff(self.endpoint.poll_min_s, self.endpoint.poll_max_s))
 
     async def poll(self, handle: _Batch) -> BatchState:
-        handle.batch = b = await self.client.messages.batches.retrieve(handle.id)
+        with self._refused("batch poll"):
+            handle.batch = b = await self.client.messages.batches.retrieve(handle.id)
         if b.processing_status == "ended":
             return BatchState("ended", 0.0)
         return BatchState("cancelling" if b.processing_status == "canceling" else "running", handle.backoff.next())
 
     async def cancel(self, handle: _Batch) -> None:
-        handle.batch = await self.client.messages.batches.cancel(handle.id)
+        with self._refused("batch cancel"):
+            handle.batch = await self.client.messages.batches.cancel(handle.id)
 
     async def fetch(self, handle: _Batch) -> Mapping[str, CallOutcome]:
         out: dict[str, CallOutcome] = {}
         if handle.batch is None or handle.batch.processing_status != "ended":
             return out
-        async for line in await self.client.messages.batches.results(handle.id):
-            item = line.model_dump(mode="json", exclude_none=True)
+        with self._refused("reading a batch's results"):
+            lines = [line.model_dump(mode="json", exclude_none=True)
+                     async for line in await self.client.messages.batches.results(handle.id)]
+        for item in lines:
             job = handle.jobs.get(item.get("custom_id"))
             res = item.get("result") or {}
             if job is None:
@@ -155,7 +160,7 @@ class AnthropicProvider(HttpBase):
                 etype = err.get("type", "api_error")
                 out[job.key] = CallOutcome(False, self.clock.now(), 0.0, retryable=etype != "invalid_request_error",
                                            error=f"{self.name} batch member {etype}: "
-                                                 f"{self._redact(str(err.get('message', '')))}")
+                                                 f"{self._redact(str(err.get('message', '')))}", real=True)
             # canceled / expired: never ran, not billed; absent, so it is sent again
         return out
 

@@ -142,24 +142,29 @@ class OpenAIProvider(HttpBase):
         lines = [json.dumps({"custom_id": j.key, "method": "POST", "url": route, "body": self.body(j)},
                             ensure_ascii=False) for j in jobs]
         data = ("\n".join(lines) + "\n").encode("utf-8")
-        f = await self.client.files.create(file=("smartbatch.jsonl", data, "application/jsonl"), purpose="batch")
-        b = await self.client.batches.create(input_file_id=f.id, endpoint=route, completion_window="24h",
-                                             metadata={"origin": "smartbatch"})
+        with self._refused("batch submission"):
+            f = await self.client.files.create(file=("smartbatch.jsonl", data, "application/jsonl"),
+                                               purpose="batch")
+            b = await self.client.batches.create(input_file_id=f.id, endpoint=route, completion_window="24h",
+                                                 metadata={"origin": "smartbatch"})
         return _Batch(b.id, jobs, PollBackoff(self.endpoint.poll_min_s, self.endpoint.poll_max_s))
 
     async def poll(self, handle: _Batch) -> BatchState:
-        handle.batch = b = await self.client.batches.retrieve(handle.id)
+        with self._refused("batch poll"):
+            handle.batch = b = await self.client.batches.retrieve(handle.id)
         if b.status in _ENDED:
             return BatchState("ended", 0.0)
         return BatchState("cancelling" if b.status == "cancelling" else "running", handle.backoff.next())
 
     async def cancel(self, handle: _Batch) -> None:
-        handle.batch = await self.client.batches.cancel(handle.id)
+        with self._refused("batch cancel"):
+            handle.batch = await self.client.batches.cancel(handle.id)
 
     async def _lines(self, file_id: str | None) -> list[dict]:
         if not file_id:
             return []
-        content = await self.client.files.content(file_id)
+        with self._refused("reading a batch's results"):
+            content = await self.client.files.content(file_id)
         return [json.loads(x) for x in content.text.splitlines() if x.strip()]
 
     async def fetch(self, handle: _Batch) -> Mapping[str, CallOutcome]:
@@ -190,7 +195,7 @@ class OpenAIProvider(HttpBase):
         code = resp.get("status_code") or 500
         msg = (err or {}).get("message") or ((resp.get("body") or {}).get("error") or {}).get("message") or "failed"
         return CallOutcome(False, self.clock.now(), 0.0, error=f"{self.name} batch member HTTP {code}: "
-                           f"{self._redact(str(msg))}", retryable=code >= 500 or code == 429)
+                           f"{self._redact(str(msg))}", retryable=code >= 500 or code == 429, real=True)
 
     async def close(self) -> None:
         await self.client.close()

@@ -1,0 +1,101 @@
+"""The live engine over HTTP: real SDK calls to the loopback provider emulator, billed from the usage they return."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from engine.catalog import default_catalog
+from engine.emulator import Emulator
+from engine.live import follow_engine, point_at_emulator, run_live
+from engine.request import Request, validation_context
+from engine.settings import Settings
+from engine.tracegen import synth
+
+CAT = default_catalog()
+KEY = "sk-test-NEVERSHOWN-0123456789abcdefghij"  # an obvious fake: it must show up nowhere
+
+
+def mixed_trace(n=300, seed=1):
+    """Text (sync and batch API, with hedges: deadlines from 5 min), images, a few Gemini and GPU calls.
+
+    Deadlines are capped at 2 h, not 1 h: with 1 h, a cluster of one-request batches of one turnaround slot
+    ends within seconds of their hedges, and whether a cancel reaches the provider before they finish is then
+    actor latency at 100x (the HTTP run keeps the members that finished; the simulated one pays sync)."""
+    reqs = synth(n, seed=seed, duration_s=300.0)
+    images = [Request.model_validate({"id": f"img{k}", "arrival_s": 20.0 * k, "model": "gpt-image-1",
+                                      "prompt": f"a lighthouse at dawn, study {k}", "priority": "urgent"},
+                                     context=validation_context(CAT)) for k in range(5)]
+    return [r.model_copy(update={"deadline_s": min(r.deadline_s, 7200.0)}) for r in reqs] + images
+
+
+@pytest.fixture
+def emulator():
+    # cancel_s small: the emulator cancels at once, as the simulated provider does, so the runs compare.
+    with Emulator(CAT, speedup=100, seed=0, cancel_s=1.0) as emu:
+        yield emu
+
+
+def test_a_mixed_trace_over_http_is_billed_from_usage_once_and_agrees_with_the_simulated_run(
+        ray_session, emulator, monkeypatch):
+    reqs = mixed_trace()
+    base = Settings()
+    settings = point_at_emulator(base, emulator)
+    monkeypatch.setenv(settings.providers.endpoints["openai"].api_key_env, KEY)
+    http_results: list = []
+    doc = run_live(reqs, trace_name="mixed", policy="smart", speedup=100, settings=settings, catalog=CAT,
+                   results=http_results, on_start=follow_engine(emulator, settings, 0))
+    sim_results: list = []
+    run_live(reqs, trace_name="mixed", policy="smart", speedup=100, settings=base, catalog=CAT, results=sim_results)
+
+    by_id = {r.id: r for r in reqs}
+    assert len(http_results) == len(reqs) and {r.status for r in http_results} <= {"ok", "reused"}
+    http = {"openai", "anthropic"}
+    called = [r for r in http_results if r.status == "ok" and r.provider in http]
+    # Real outputs in every result of a real call; the others stayed simulated and say so.
+    assert called and all(r.real and r.output and not r.output.startswith("sim://") for r in called)
+    assert all(not r.real for r in http_results if r.provider not in http)
+    assert {r.mode for r in called} >= {"sync", "batch_api"}
+    assert any(by_id[r.id].kind == "image" for r in called)
+    # Every cost comes from the returned usage; reused results inherit the leader's output at no cost.
+    for r in called:
+        if by_id[r.id].kind == "text":
+            assert r.usage["input_tokens"] == by_id[r.id].input_tokens
+    bill = emulator.bill()
+    assert sum(r.cost_usd for r in called) == pytest.approx(bill.total_usd, abs=1e-9)
+    # Nothing paid twice: one billed item per real result, none billed for a reuse.
+    assert len(bill.items) == len(called)
+    assert len({(i.custom_id or i.request_id) for i in bill.items}) == len(bill.items)
+    # The same trace with every provider simulated costs within 3 %.
+    http_cost, sim_cost = sum(r.cost_usd for r in http_results), sum(r.cost_usd for r in sim_results)
+    assert http_cost == pytest.approx(sim_cost, rel=0.03)
+    rep = doc["engine_report"]["providers"]
+    assert rep["openai"]["calls"] == "http" and rep["google"]["calls"] == "simulated"
+    assert rep["openai"]["batches_cancelled"] + rep["anthropic"]["batches_cancelled"] > 0  # hedges happened
+    assert rep["openai"]["paid_twice"] == rep["anthropic"]["paid_twice"] == 0
+
+
+def test_the_key_appears_in_no_result_report_metric_or_log(ray_session, emulator, monkeypatch):
+    settings = point_at_emulator(Settings(), emulator)
+    monkeypatch.setenv(settings.providers.endpoints["openai"].api_key_env, KEY)
+    emulator.faults.script("openai", "chat.completions", [{"status": 401}, {"status": 500}])
+    from engine import Engine
+
+    with Engine.start(settings, speedup=100) as eng:
+        futs = [eng.submit({"id": f"k{i}", "model": "gpt-4o-mini", "prompt": f"say {i}", "deadline_s": 20})
+                for i in range(4)]
+        results = [f.result(timeout=120) for f in futs]
+        report = eng.report()
+        import urllib.request
+
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{eng.metrics_port}/metrics").read().decode()
+    assert any(r.status == "failed" for r in results) and any(r.status == "ok" for r in results)
+    texts = [r.model_dump_json() for r in results] + [json.dumps(report, default=str), metrics,
+                                                      emulator.bill().model_dump_json()]
+    logs = Path("/tmp/ray/session_latest/logs")  # every actor's stdout, stderr and Python log lines
+    files = [p for p in logs.glob("*") if p.is_file() and p.stat().st_size < 5e7]
+    assert files, f"no Ray logs under {logs} to check"
+    texts += [p.read_text(errors="replace") for p in files]
+    assert not [t for t in texts if KEY in t or KEY[:20] in t]
+    assert os.environ[settings.providers.endpoints["openai"].api_key_env] == KEY  # it was really in use
