@@ -38,6 +38,7 @@ class _TextConsts(NamedTuple):
     max_conc: int
     p_in: float
     p_out: float
+    cancel_s: float  # how long a cancel may take before the batch's finished members are known
 
 
 class SmartParams(PolicyParams):
@@ -103,14 +104,16 @@ class Smart(Policy):
             lat = provider.sync_latency
             c = self._consts[key] = _TextConsts(
                 lat.base_s, lat.per_output_token_s, math.exp(Z99 * lat.sigma), provider.rate_limits.max_concurrency,
-                spec.input_per_mtok * 1e-6, spec.output_per_mtok * 1e-6)
+                spec.input_per_mtok * 1e-6, spec.output_per_mtok * 1e-6,
+                provider.batch_api.cancel_s if provider.batch_api is not None else 0.0)
         return c
 
     def _hedge_lead(self, c: _TextConsts, output_tokens: int, n: int) -> float:
         """Seconds before the earliest deadline at which a late batch must fall back to sync: the sync p99 of
-        its slowest member, once per wave of ``max_concurrency`` calls, plus the margin."""
+        its slowest member, once per wave of ``max_concurrency`` calls, plus the margin, plus the time a cancel
+        takes at that provider (the unfinished members are known only once the cancel ends)."""
         drain = -(-max(n, 1) // c.max_conc)
-        return (c.base + c.per_tok * output_tokens) * c.p99_factor * drain + self.params.hedge_margin_s
+        return (c.base + c.per_tok * output_tokens) * c.p99_factor * drain + self.params.hedge_margin_s + c.cancel_s
 
     def group_key(self, req: Request, compat: tuple, now: float) -> Hashable:
         provider = self.catalog.providers[req.provider]

@@ -1,0 +1,139 @@
+"""Requests that speak the providers' APIs, provider configuration, the catalog overlay and the dry run."""
+
+import json
+import math
+
+import pytest
+from pydantic import ValidationError
+from typer.testing import CliRunner
+
+from engine.catalog import default_catalog, load_catalog
+from engine.cli import app
+from engine.cost import price_usage
+from engine.driver import http_setup
+from engine.emulator import Emulator
+from engine.errors import CatalogError, ConfigError
+from engine.features import fingerprint
+from engine.request import Request, validation_context
+from engine.settings import ProvidersSettings, Settings
+
+CAT = default_catalog()
+CTX = validation_context(CAT)
+runner = CliRunner()
+
+
+def req(d):
+    return Request.model_validate({"arrival_s": 0, **d}, context=CTX)
+
+
+def test_a_request_may_carry_the_providers_own_body():
+    r = req({"id": "a", "model": "gpt-5-mini", "messages": [{"role": "system", "content": "be brief"},
+                                                            {"role": "user", "content": "hello there"}],
+             "temperature": 0.2, "max_tokens": 50, "response_format": {"type": "json_object"}})
+    assert r.body == {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}],
+                      "temperature": 0.2, "max_tokens": 50, "response_format": {"type": "json_object"}}
+    assert r.max_output_tokens == 50 and r.output_tokens == 50  # the cap bounds the estimate and the budget
+    assert r.input_tokens == math.ceil(len("be brief\nhello there") / 4) and r.prompt == "be brief\nhello there"
+    # The body shapes the output, so it is part of what makes two requests the same.
+    other = req({"id": "b", "model": "gpt-5-mini", "messages": r.body["messages"], "temperature": 0.9,
+                 "max_tokens": 50, "response_format": {"type": "json_object"}})
+    assert fingerprint(r) != fingerprint(other)
+
+
+def test_a_line_of_an_openai_batch_file_is_a_request():
+    r = req({"custom_id": "job-7", "method": "POST", "url": "/v1/chat/completions",
+             "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}})
+    assert (r.id, r.provider, r.model) == ("job-7", "openai", "gpt-4o-mini")
+    with pytest.raises(ValidationError, match="url"):
+        req({"custom_id": "x", "method": "POST", "url": "/v1/embeddings", "body": {"model": "gpt-4o-mini"}})
+    with pytest.raises(ValidationError, match="body.model"):
+        req({"id": "y", "model": "gpt-5", "body": {"model": "gpt-4o-mini", "messages": []}})
+
+
+def test_bad_strings_and_n_are_refused_per_request():
+    with pytest.raises(ValidationError, match="not valid Unicode"):
+        req({"id": "s", "model": "gpt-5", "prompt": "bad \ud800 text"})
+    with pytest.raises(ValidationError, match="n must be 1"):
+        req({"id": "n", "model": "gpt-image-1", "prompt": "a cat", "n": 4})
+
+
+def test_price_usage_bills_cached_and_written_tokens_at_their_prices():
+    r = req({"id": "c", "model": "claude-sonnet-4-5", "input_tokens": 5000, "output_tokens": 100})
+    p = price_usage(r, CAT, "sync", input_tokens=5000, output_tokens=100, cache_read=2000, cache_write=1000)
+    spec = CAT.model("anthropic", "claude-sonnet-4-5")
+    expect = (3.0 * (2000 * 0.1 + 1000 * 1.25 + 2000) + 15.0 * 100) * 1e-6
+    assert p.total == pytest.approx(expect) and spec.input_per_mtok == 3.0
+    half = price_usage(r, CAT, "batch_api", input_tokens=5000, output_tokens=100, cache_read=2000, cache_write=1000)
+    assert half.total == pytest.approx(expect / 2)
+
+
+def test_an_overlay_adds_a_provider_with_prices_alone_and_overrides_a_price(tmp_path):
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("providers:\n"
+                       "  local-vllm:\n"
+                       "    models:\n"
+                       "      llama-3.1-8b: {kind: text, input_per_mtok: 0.02, output_per_mtok: 0.05}\n"
+                       "  openai:\n"
+                       "    models:\n"
+                       "      gpt-5: {input_per_mtok: 1.0}\n")
+    cat = load_catalog(None, overlay)
+    assert cat.model("local-vllm", "llama-3.1-8b").output_per_mtok == 0.05
+    assert cat.model("openai", "gpt-5").input_per_mtok == 1.0
+    assert cat.model("openai", "gpt-5").output_per_mtok == CAT.model("openai", "gpt-5").output_per_mtok
+    assert set(CAT.providers) < set(cat.providers)
+    overlay.write_text("providers:\n  openai:\n    models:\n      gpt-5: {input_per_mtok: -1}\n")
+    with pytest.raises(CatalogError, match="overlay"):
+        load_catalog(None, overlay)
+
+
+def test_http_providers_need_their_key_and_plan_with_the_real_cancel_time(monkeypatch):
+    settings = Settings(providers=ProvidersSettings(mode="http"))
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(ConfigError, match="OPENAI_API_KEY"):
+        http_setup(CAT, settings)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-fake")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-fake")
+    cat, keys = http_setup(CAT, settings)
+    assert set(keys) == {"openai", "anthropic"} and "sk-test-fake" not in repr(keys)
+    assert cat.provider("openai").batch_api.cancel_s == 600.0  # a real cancel takes up to 10 min
+    assert cat.provider("google").batch_api.cancel_s == 0.0  # simulated: cancels at once
+    assert CAT.provider("openai").batch_api.cancel_s == 0.0  # the packaged catalog is untouched
+    with pytest.raises(ValidationError, match="base_url"):
+        ProvidersSettings.model_validate({"endpoints": {"x": {"api": "openai", "api_key_env": "K", "base_url": "ftp://x"}}})
+
+
+def test_the_hedge_of_a_real_batch_leaves_room_for_its_cancel(monkeypatch):
+    from policies import load_policy
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-fake")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-fake")
+    real, _ = http_setup(CAT, Settings(providers=ProvidersSettings(mode="http")))
+    sim_p, real_p = load_policy("smart", CAT), load_policy("smart", real)
+    spec = CAT.model("openai", "gpt-5-mini")
+    lead_sim = sim_p._hedge_lead(sim_p._text_consts(CAT.provider("openai"), spec, "gpt-5-mini"), 256, 1)
+    lead_real = real_p._hedge_lead(real_p._text_consts(real.provider("openai"), spec, "gpt-5-mini"), 256, 1)
+    assert lead_real - lead_sim == pytest.approx(600.0)
+
+
+def test_dry_run_prints_the_plan_and_sends_nothing(tmp_path):
+    trace = tmp_path / "t.jsonl"
+    assert runner.invoke(app, ["trace", "synth", "--n", "200", "--seed", "3", "--out", str(trace)]).exit_code == 0
+    with Emulator(CAT, latency_scale=0) as emu:
+        r = runner.invoke(app, ["run", str(trace), "--providers", "http", "--dry-run",
+                                "--base-url", f"openai={emu.base_url('openai')}",
+                                "--base-url", f"anthropic={emu.anthropic_base_url('anthropic')}"],
+                          env={"OPENAI_API_KEY": "", "ANTHROPIC_API_KEY": "", "COLUMNS": "200"})
+        assert r.exit_code == 0, r.output
+        assert emu.calls == []  # nothing was sent
+    assert "dry run: 200 requests, nothing sent" in r.output
+    assert "openai" in r.output and "http" in r.output and "simulated" in r.output
+    assert "/v1/chat/completions" in r.output  # the sample body of the OpenAI route
+
+
+def test_run_refuses_a_bad_providers_flag(tmp_path):
+    trace = tmp_path / "t.jsonl"
+    trace.write_text(json.dumps({"id": "a", "arrival_s": 0, "model": "gpt-5", "input_tokens": 5}) + "\n")
+    r = runner.invoke(app, ["run", str(trace), "--providers", "live"])
+    assert r.exit_code == 2 and "--providers 'live'" in r.output
+    r = runner.invoke(app, ["run", str(trace), "--base-url", "nowhere"])
+    assert r.exit_code == 2 and "NAME=URL" in r.output
