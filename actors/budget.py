@@ -7,18 +7,31 @@ race exists inside the engine either.
 
 Budget windows run on the calendar when the engine runs at real speed (``base`` is the wall time of engine
 time 0) and on trace time when it replays a trace (``base`` 0), as the simulator does.
+
+Redis faults: ``check_ledger`` (awaited at start) turns an unreachable Redis into a ``ConfigError``, because a
+budget that cannot be enforced must not silently pass. Mid-run, every call has a timeout
+(``budgets.redis_timeout_s``) and a failed one marks Redis down for ``budgets.redis_retry_s``: claims are
+answered ``budget_unavailable`` (nothing reserved; the grouper holds the work until Redis is back or its
+deadline passes), and settlements wait in an outbox replayed, first thing, once Redis answers. A reservation
+whose reply was lost (Redis may still run a script it received before it paused) is released through the
+same outbox; what a crash loses anyway expires (``budgets.reservation_ttl_s``). No Redis error leaves this
+actor's methods.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 
 from actors._peer import Warm, as_peer
-from engine.budgets import BudgetBook, BudgetSettings, Claim, Verdict
+from engine.budgets import LEDGER, BudgetBook, BudgetSettings, Claim, Verdict
+from engine.errors import ConfigError
 
 __all__ = ["BudgetController"]
 
 METRICS_EVERY_S = 0.5
+log = logging.getLogger("smartbatch.budget")
 
 
 class BudgetController(Warm):
@@ -27,21 +40,104 @@ class BudgetController(Warm):
         self.hub = as_peer(hub)
         self.clock = clock
         self.base = base
+        self._errors: tuple[type[BaseException], ...] = ()  # what a failed ledger call raises
+        self._config_error: str | None = None  # raised by check_ledger (never from here: the actor would die)
+        self._down_until: float | None = None  # monotonic time Redis is tried again; None: up
+        self._last_error = ""
+        self._outbox: list[tuple[str, float]] = []  # settlements Redis has not taken yet
+        self._settling = 0  # settlements in a call to Redis now
+        self._flusher: asyncio.Task | None = None
         if settings.redis_url:
             import redis.asyncio as aioredis
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
+            from redis.exceptions import RedisError
 
             from actors.budget_redis import RedisBudgetBook
+            from engine.settings import _masked
 
-            self.book = RedisBudgetBook(aioredis.Redis.from_url(settings.redis_url), list(settings.specs),
-                                        settings.throttle, prefix=settings.redis_prefix)
+            self._errors = (RedisError, OSError, asyncio.TimeoutError)
+            self._url = _masked(settings.redis_url)
+            t = settings.redis_timeout_s
+            try:
+                # No client-side retries: the outage policy is this actor's (answer at once while down).
+                client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=t, socket_connect_timeout=t,
+                                                 retry=Retry(NoBackoff(), 0))
+            except Exception as exc:  # a URL redis-py refuses: reported by check_ledger, at start
+                self._config_error = f"setting budgets.redis_url = {self._url!r}: {exc}"
+                self.book = BudgetBook(list(settings.specs), settings.throttle)
+            else:
+                self.book = RedisBudgetBook(client, list(settings.specs), settings.throttle,
+                                            prefix=settings.redis_prefix,
+                                            reservation_ttl_s=settings.reservation_ttl_s)
         else:
             self.book = BudgetBook(list(settings.specs), settings.throttle)
-        self.refusals = {"wait": 0, "deferred": 0, "budget_exhausted": 0}
+        self.refusals = {"wait": 0, "deferred": 0, "budget_exhausted": 0, "budget_unavailable": 0}
         self._reported: asyncio.Task | None = None
         self._dirty = False
 
     def __repr__(self) -> str:
-        return f"BudgetController({self.book!r}, refusals={self.refusals})"
+        ledger = "" if not self._errors else f", redis_up={self._down_until is None}, unsettled={len(self._outbox)}"
+        return f"BudgetController({self.book!r}, refusals={self.refusals}{ledger})"
+
+    async def check_ledger(self) -> None:
+        """Raise ``ConfigError`` when budgets are set and their Redis does not answer (or refuses the ledger's
+        scripts): awaited at engine start, so a budget that cannot be enforced stops the start."""
+        if not self.settings.specs:
+            return
+        if self._config_error is not None:
+            raise ConfigError(self._config_error)
+        if not self._errors:
+            return
+        try:
+            await self.book.sweep()  # runs a ledger script: reachable, authorised, scripting allowed
+        except self._errors as exc:
+            names = ", ".join(s.name for s in self.settings.specs)
+            raise ConfigError(
+                f"setting budgets.redis_url: the budget ledger's Redis at {self._url} did not answer "
+                f"({self._describe(exc)}), so budgets {names} cannot be enforced; start Redis there, point "
+                "SMARTBATCH_BUDGETS__REDIS_URL at a running one, or unset it to keep the budgets in this "
+                "engine alone") from None
+
+    async def close(self) -> None:
+        """Close the ledger's Redis connections (settlements still in the outbox stay unsettled: they expire)."""
+        if self._flusher is not None:
+            self._flusher.cancel()
+        client = getattr(self.book, "client", None)
+        if client is not None:
+            await client.aclose()
+
+    def _describe(self, exc: BaseException) -> str:
+        """The error, never showing the URL's password."""
+        from urllib.parse import urlsplit
+
+        text = f"{type(exc).__name__}: {exc}".rstrip(": ")
+        try:
+            pw = urlsplit(self.settings.redis_url or "").password
+        except ValueError:
+            pw = None
+        return text.replace(pw, "***") if pw else text
+
+    def _usable(self) -> bool:
+        return self._down_until is None or time.monotonic() >= self._down_until
+
+    def _failed(self, exc: BaseException) -> None:
+        self._last_error = self._describe(exc)
+        if self._down_until is None:
+            log.warning("budget ledger: Redis at %s unavailable (%s): claims wait (budget_unavailable), "
+                        "settlements are kept until it answers; retrying every %.1f s",
+                        self._url, self._last_error, self.settings.redis_retry_s)
+        self._down_until = time.monotonic() + self.settings.redis_retry_s
+
+    def _recovered(self) -> None:
+        if self._down_until is not None:
+            self._down_until = None
+            log.warning("budget ledger: Redis at %s answers again", self._url)
+
+    def _unavailable(self, n: int) -> list[Verdict]:
+        self.refusals["budget_unavailable"] += n
+        return [Verdict(False, "budget_unavailable", budget=LEDGER,
+                        detail=f"Redis at {self._url} is unavailable ({self._last_error})")] * n
 
     async def set_clock(self, clock, base: float = 0.0) -> None:
         self.clock, self.base = clock, base
@@ -55,9 +151,17 @@ class BudgetController(Warm):
     async def reserve_many(self, claims: list[Claim], release: list[str] = ()) -> list[Verdict]:
         """One verdict per claim; a deferral's ``retry_at`` is in engine time. ``release``: claims to let go
         first (settled at 0), in the same call, so what they held goes to these claims and nobody between."""
-        if release:
-            await self._maybe(self.book.settle_many([(rid, 0.0) for rid in release]))
-        verdicts = await self._maybe(self.book.reserve_many(claims, self.now()))
+        if not await self._settle([(rid, 0.0) for rid in release]) or not self._usable():
+            return self._unavailable(len(claims))
+        try:
+            verdicts = await self._maybe(self.book.reserve_many(claims, self.now()))
+        except self._errors as exc:
+            self._failed(exc)
+            # Redis may have run the script and lost only the reply: release whatever it reserved.
+            self._outbox.extend((c.rid, 0.0) for c in claims)
+            self._arm_flush()
+            return self._unavailable(len(claims))
+        self._recovered()
         out = []
         for v in verdicts:
             if not v.ok:
@@ -72,8 +176,42 @@ class BudgetController(Warm):
         """(claim id, actual cost) of finished, failed or cancelled work, in one step: Ray does not order
         calls to an async actor, so a release sent apart from its settlement could let a reservation through
         that the limit cannot cover."""
-        await self._maybe(self.book.settle_many(items))
+        await self._settle(items)
         self._changed()
+
+    async def _settle(self, items: list[tuple[str, float]]) -> bool:
+        """Settle ``items`` after whatever the outbox holds; on a Redis failure keep them all in the outbox
+        (settling is idempotent per claim, so a replay of one Redis did take changes nothing)."""
+        items = [*self._outbox, *items]
+        self._outbox = []
+        if not items:
+            return True
+        if self._usable():
+            self._settling += len(items)
+            try:
+                await self._maybe(self.book.settle_many(items))
+            except self._errors as exc:
+                self._failed(exc)
+            else:
+                self._recovered()
+                return True
+            finally:
+                self._settling -= len(items)
+        # Bounded by the claims open when Redis went away: no reservation succeeds while it is away.
+        self._outbox = items + self._outbox
+        self._arm_flush()
+        return False
+
+    def _arm_flush(self) -> None:
+        """Replay the outbox once Redis is back, even if no other call comes to do it."""
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_outbox())
+
+    async def _flush_outbox(self) -> None:
+        while self._outbox:
+            await asyncio.sleep(self.settings.redis_retry_s)
+            if self._usable() and await self._settle([]):
+                self._changed()
 
     def _changed(self) -> None:
         self._dirty = True
@@ -83,7 +221,12 @@ class BudgetController(Warm):
     async def _report_soon(self) -> None:
         while self._dirty:
             self._dirty = False
-            self.hub.send("observe_budget", await self._rows(), dict(self.refusals))
+            try:
+                rows = await self._rows() if self._usable() else []
+            except self._errors as exc:
+                self._failed(exc)
+                rows = []
+            self.hub.send("observe_budget", rows, dict(self.refusals))
             await asyncio.sleep(METRICS_EVERY_S)
 
     async def _rows(self) -> list[dict]:
@@ -92,8 +235,17 @@ class BudgetController(Warm):
     async def report(self) -> dict:
         """Each budget's current window, settled spend per tenant/provider/model, refusals by reason, and (for
         a ledger of this engine alone) every window so far and the overrun, which must be 0."""
-        out = {"budgets": await self._rows(), "spend": await self._maybe(self.book.spend_report()),
-               "refusals": dict(self.refusals)}
+        out = {"budgets": [], "spend": [], "refusals": dict(self.refusals)}
+        try:
+            if self._usable():
+                out["budgets"] = await self._rows()
+                out["spend"] = await self._maybe(self.book.spend_report())
+        except self._errors as exc:  # Redis down: the report says so instead of failing
+            self._failed(exc)
+        if self._errors:
+            down = self._down_until is not None
+            out["ledger"] = {"redis_url": self._url, "up": not down, "error": self._last_error if down else None,
+                             "unsettled": len(self._outbox) + self._settling}
         if isinstance(self.book, BudgetBook):
             out["windows"] = self.book.windows()
             out["overrun_usd"] = round(self.book.overrun_usd(), 6)

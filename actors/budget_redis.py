@@ -6,23 +6,59 @@ way: "with N pods the effective budget was N x max_budget", issues #34732 and #6
 
 Keys: ``{prefix}:w:{spec}@{window start}`` is a hash {spent, reserved} that expires a day after its window;
 ``{prefix}:c:{claim id}`` records which windows a claim reserved and how much, so settling releases exactly
-that, even after the window rolled over.
+that, even after the window rolled over; ``{prefix}:exp`` orders open claims by expiry; ``{prefix}:spend``
+holds settled spend per tenant, provider and model.
+
+Reservations expire: a claim still open ``reservation_ttl_s`` after it was made (on Redis's clock, ``TIME``,
+one clock for every engine) is released by the next script that runs (both sweep first), so an engine that
+crashed holding reservations cannot keep them for good. The claim's record stays, marked swept, so a
+settlement that comes after all still counts its spend (and releases nothing twice).
 """
 
 from __future__ import annotations
 
 import math
+import re
 
 from engine.budgets import BudgetSpec, Claim, Refusal, Throttle, Verdict, verdict_of, window_bounds
 
 __all__ = ["RedisBudgetBook"]
 
-_SEP = "\x1f"  # joins tenant, provider and model in the spend hash (a character no name contains)
+_SEP = "\x1f"  # joins tenant, provider and model in the spend hash; escaped inside a name (see _who)
+SWEEP_MAX = 1000  # expired claims released per script, so one script never runs long
 
-_RESERVE = """
+# Run first by every script: release the reservations of claims past their expiry.
+_SWEEP = """
+if redis.replicate_commands then redis.replicate_commands() end
+local function sweep(prefix, limit)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  local exp = prefix .. ':exp'
+  local due = redis.call('ZRANGEBYSCORE', exp, '-inf', now, 'LIMIT', 0, limit)
+  for _, rid in ipairs(due) do
+    local claim = prefix .. ':c:' .. rid
+    if redis.call('HEXISTS', claim, '_swept') == 0 then
+      local kv = redis.call('HGETALL', claim)
+      for j = 1, #kv, 2 do
+        local h = prefix .. ':w:' .. kv[j]
+        if kv[j] ~= '_who' and redis.call('EXISTS', h) == 1 then
+          redis.call('HINCRBYFLOAT', h, 'reserved', -tonumber(kv[j + 1]))
+        end
+      end
+      if #kv > 0 then redis.call('HSET', claim, '_swept', '1') end
+    end
+    redis.call('ZREM', exp, rid)
+  end
+  return now, #due
+end
+"""
+
+_RESERVE = _SWEEP + """
 local prefix = ARGV[1]
-local n = tonumber(ARGV[2])
-local i = 3
+local ttl = tonumber(ARGV[2])
+local n = tonumber(ARGV[3])
+local now = sweep(prefix, tonumber(ARGV[4]))
+local i = 5
 local out = {}
 for c = 1, n do
   local rid, amount, nk = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
@@ -49,7 +85,9 @@ for c = 1, n do
       if ttl > 0 then redis.call('EXPIRE', h, ttl) end
       redis.call('HINCRBYFLOAT', claim, k, amount)
     end
-    redis.call('EXPIRE', claim, 30 * 86400)
+    -- The record outlives its expiry by a day, so the sweep finds what to release.
+    redis.call('EXPIRE', claim, math.ceil(ttl) + 86400)
+    redis.call('ZADD', prefix .. ':exp', now + ttl, rid)
   end
   out[c] = table.concat(refused, ',')
   i = i + 4 * nk + 1
@@ -57,39 +95,66 @@ end
 return out
 """
 
-_SETTLE = """
+_SETTLE = _SWEEP + """
 local prefix = ARGV[1]
 local n = tonumber(ARGV[2])
+sweep(prefix, tonumber(ARGV[3]))
 for c = 0, n - 1 do
-  local claim = prefix .. ':c:' .. ARGV[3 + 2 * c]
-  local actual = tonumber(ARGV[4 + 2 * c])
+  local rid = ARGV[4 + 2 * c]
+  local claim = prefix .. ':c:' .. rid
+  local actual = tonumber(ARGV[5 + 2 * c])
+  -- A swept claim's reservation was released already: count its spend, release nothing again.
+  local swept = redis.call('HEXISTS', claim, '_swept') == 1
   local kv = redis.call('HGETALL', claim)
   for j = 1, #kv, 2 do
     if kv[j] == '_who' then
       redis.call('HINCRBYFLOAT', prefix .. ':spend', kv[j + 1], actual)
-    else
+    elseif kv[j] ~= '_swept' then
       local h = prefix .. ':w:' .. kv[j]
-      redis.call('HINCRBYFLOAT', h, 'reserved', -tonumber(kv[j + 1]))
-      redis.call('HINCRBYFLOAT', h, 'spent', actual)
+      if redis.call('EXISTS', h) == 1 then  -- never recreate an expired window without its TTL
+        if not swept then redis.call('HINCRBYFLOAT', h, 'reserved', -tonumber(kv[j + 1])) end
+        redis.call('HINCRBYFLOAT', h, 'spent', actual)
+      end
     end
   end
   redis.call('DEL', claim)
+  redis.call('ZREM', prefix .. ':exp', rid)
 end
 return n
 """
+
+_SWEEP_ONLY = _SWEEP + """
+local now, swept = sweep(ARGV[1], tonumber(ARGV[2]))
+return swept
+"""
+
+
+def _who(tenant: str, provider: str, model: str) -> str:
+    """The spend hash's field for a tenant, provider and model. ``%`` and the separator are escaped inside
+    each name, so a tenant name holding the separator can neither pass for another tenant's row nor make the
+    report unreadable for every engine sharing the ledger (names without them are stored as before)."""
+    return _SEP.join(x.replace("%", "%25").replace(_SEP, "%1F") for x in (tenant, provider, model))
+
+
+def _names(field: str) -> list[str]:
+    return [re.sub("%(25|1F)", lambda m: "%" if m.group(1) == "25" else _SEP, x) for x in field.split(_SEP)]
 
 
 class RedisBudgetBook:
     """``BudgetBook``'s interface (async), state in Redis. ``client``: a ``redis.asyncio.Redis``."""
 
     def __init__(self, client, specs: list[BudgetSpec], throttle: Throttle = Throttle(), *,
-                 prefix: str = "smartbatch:budget"):
+                 prefix: str = "smartbatch:budget", reservation_ttl_s: float = 172_800.0):
+        if reservation_ttl_s <= 0:
+            raise ValueError(f"reservation_ttl_s must be > 0, got {reservation_ttl_s}")
         self.client = client
         self.specs = list(specs)
         self.throttle = throttle
         self.prefix = prefix
+        self.reservation_ttl_s = reservation_ttl_s
         self._reserve = client.register_script(_RESERVE)
         self._settle = client.register_script(_SETTLE)
+        self._sweep = client.register_script(_SWEEP_ONLY)
 
     def __repr__(self) -> str:
         return f"RedisBudgetBook(specs={len(self.specs)}, prefix={self.prefix!r})"
@@ -97,7 +162,7 @@ class RedisBudgetBook:
     async def reserve_many(self, claims: list[Claim], now: float) -> list[Verdict]:
         if not claims:
             return []
-        args: list = [self.prefix, len(claims)]
+        args: list = [self.prefix, repr(float(self.reservation_ttl_s)), len(claims), SWEEP_MAX]
         touched_all = []
         for c in claims:
             if c.amount < 0:
@@ -111,7 +176,7 @@ class RedisBudgetBook:
                 ttl = 0 if end == math.inf else int(end - now) + 86400
                 allowed = s.max_budget * th.of(c.priority) * th.pace_of(s, c.priority, now)
                 args += [s.key(now), repr(float(s.max_budget)), repr(float(allowed)), ttl]
-            args.append(_SEP.join((c.tenant, c.provider, c.model)))
+            args.append(_who(c.tenant, c.provider, c.model))
         raw = await self._reserve(args=args)
         out = []
         for c, touched, r in zip(claims, touched_all, raw):
@@ -128,17 +193,22 @@ class RedisBudgetBook:
     async def settle_many(self, items: list[tuple[str, float]]) -> None:
         if not items:
             return
-        args: list = [self.prefix, len(items)]
+        args: list = [self.prefix, len(items), SWEEP_MAX]
         for rid, actual in items:
             args += [rid, repr(float(actual))]
         await self._settle(args=args)
+
+    async def sweep(self) -> int:
+        """Release the reservations of expired claims now (every reservation or settlement does it too);
+        returns how many were released. Also a check that the ledger's Redis answers and runs its scripts."""
+        return int(await self._sweep(args=[self.prefix, SWEEP_MAX]))
 
     async def spend_report(self) -> list[dict]:
         """Settled spend per tenant, provider and model, over every engine sharing this Redis."""
         h = await self.client.hgetall(f"{self.prefix}:spend")
         rows = []
         for k, v in h.items():
-            t, p, m = (k.decode() if isinstance(k, bytes) else k).split(_SEP)
+            t, p, m = _names(k.decode() if isinstance(k, bytes) else k)
             rows.append({"tenant": t, "provider": p, "model": m, "spent_usd": round(float(v), 6)})
         return sorted(rows, key=lambda r: (r["tenant"], r["provider"], r["model"]))
 

@@ -136,7 +136,7 @@ class ResultCache(Warm):
             return None  # the blob is gone: a miss, never an empty answer
         r, src = item.req, e.result
         why = f"reused {hit} result of {src.id}" + (f" (cosine {similarity:.3f})" if similarity is not None else "")
-        return Result(id=r.id, status="reused", output=output, cost_usd=0.0, mode="reuse", hit=hit,
+        return Result(id=r.id, tenant=r.tenant, status="reused", output=output, cost_usd=0.0, mode="reuse", hit=hit,
                       provider=r.provider, model=r.model, arrival_s=r.arrival_s, done_s=at,
                       deadline_met=at <= r.deadline_at + 1e-9, reason=why)
 
@@ -224,7 +224,7 @@ class ResultCache(Warm):
     def _lead(self, item: Item) -> None:
         if self.leaders.setdefault(item.fp, item) is item:
             self._new_leads.append(item)
-        self.generating[item.req.id] = item
+        self.generating[item.req.uid] = item
 
     async def _near(self, items: list[Item], now: float) -> tuple[list[Result | None], dict]:
         """Near hits (or FOLLOWING) per item, and the vectors of the rest, by request id."""
@@ -251,7 +251,7 @@ class ResultCache(Warm):
                 lead = self.leaders.get(matches[k][1])
                 if self.reuse.in_flight and lead is not None and lead.req.deadline_at <= it.req.deadline_at:
                     self.followers.setdefault(lead.fp, []).append(it)
-                    self.near_followers.add(it.req.id)
+                    self.near_followers.add(it.req.uid)
                     self.stats["near"] += 1
                     out[k] = FOLLOWING
                 else:
@@ -264,7 +264,7 @@ class ResultCache(Warm):
         # Misses among the near asks will lead: index them now, so near duplicates arriving while they are
         # generated can follow them.
         self._follow_within(items, vecs, out)
-        return out, {it.req.id: vecs[k] for k, it in enumerate(items) if out[k] is None}
+        return out, {it.req.uid: vecs[k] for k, it in enumerate(items) if out[k] is None}
 
     def _follow_within(self, items: list[Item], vecs: np.ndarray, out: list) -> None:
         """Near duplicates among this batch's misses: a later one follows the earliest that it matches (the
@@ -290,7 +290,7 @@ class ResultCache(Warm):
                     leads.append(a)
                     continue
                 self.followers.setdefault(items[ks[src]].fp, []).append(it)
-                self.near_followers.add(it.req.id)
+                self.near_followers.add(it.req.uid)
                 self.stats["near"] += 1
                 out[ks[a]] = FOLLOWING
 
@@ -303,19 +303,19 @@ class ResultCache(Warm):
             self._new_leads = []
             return
         if lazy:
-            ready = [it for it in self._new_leads if it.req.id in vecs]
-            self._new_leads = [it for it in self._new_leads if it.req.id not in vecs]
+            ready = [it for it in self._new_leads if it.req.uid in vecs]
+            self._new_leads = [it for it in self._new_leads if it.req.uid not in vecs]
             leading = ready
         else:
             leading, self._new_leads = self._new_leads, []
         leading = [it for it in leading if it.fp not in self.indexed]
         if not leading:
             return
-        todo = [it for it in leading if it.req.id not in vecs]
+        todo = [it for it in leading if it.req.uid not in vecs]
         if todo:
             made = featurize([it.req for it in todo], dim=NEAR_DIM)
-            vecs = {**vecs, **{it.req.id: made[k] for k, it in enumerate(todo)}}
-        self._index_rows([(self._near_key(it), vecs[it.req.id], it.fp, it.req.prompt, math.inf)
+            vecs = {**vecs, **{it.req.uid: made[k] for k, it in enumerate(todo)}}
+        self._index_rows([(self._near_key(it), vecs[it.req.uid], it.fp, it.req.prompt, math.inf)
                           for it in {it.fp: it for it in leading}.values()])
 
     def _index_rows(self, rows: list[tuple[Hashable, np.ndarray, str, str, float]]) -> None:
@@ -345,9 +345,9 @@ class ResultCache(Warm):
         out_items: list[Item] = []
         stored: list[tuple[Item, Entry]] = []
         for fp, res in done:
-            item = self.generating.pop(res.id, None)
+            item = self.generating.pop(res.uid, None)
             lead = self.leaders.get(fp)
-            if lead is not None and lead.req.id == res.id:
+            if lead is not None and lead.req.uid == res.uid:
                 del self.leaders[fp]
             if res.status != "ok" or item is None:
                 continue
@@ -355,8 +355,8 @@ class ResultCache(Warm):
             self.memory.put(e, self.cfg.ttl_s)
             stored.append((item, e))
             for f in self.followers.pop(fp, ()):
-                hit = "near" if f.req.id in self.near_followers else "in_flight"
-                self.near_followers.discard(f.req.id)
+                hit = "near" if f.req.uid in self.near_followers else "in_flight"
+                self.near_followers.discard(f.req.uid)
                 r = self._reused(f, e, hit, res.done_s or self._now())
                 if r is not None:
                     out.append(r)
@@ -386,8 +386,8 @@ class ResultCache(Warm):
             out.extend(self.followers.pop(fp, ()))
             self.leaders.pop(fp, None)
         for it in out:
-            self.generating[it.req.id] = it
-            self.near_followers.discard(it.req.id)
+            self.generating[it.req.uid] = it
+            self.near_followers.discard(it.req.uid)
         return out
 
     # -- restart and reporting --------------------------------------------------------------------------------

@@ -164,6 +164,7 @@ class Dispatcher(Warm):
     async def _run_sync(self, b: BatchJob, j: Job, cache_write: bool, start: float) -> None:
         r = j.req
         a = await self.provider.call(self._call_job(j, start, cache_write))
+        extra = 0
         if a.usage is not None:
             extra = max(a.usage.input_tokens + a.usage.output_tokens - r.input_tokens - r.output_tokens, 0)
         self.sim.finish_sync(r.model, a.at, extra)
@@ -217,7 +218,9 @@ class Dispatcher(Warm):
                         log.warning("dispatcher %s: batch cancel failed: %s", self.name, _short(exc))
                     self.batches_cancelled += 1
                     was_cancelled = True
-                    cancel_deadline = now + self.catalog.provider(self.name).batch_api.cancel_s
+                    # Counted from when the cancel was accepted: the time it spent on the wire is not the
+                    # provider's cancelling time.
+                    cancel_deadline = self.clock.now() + self.catalog.provider(self.name).batch_api.cancel_s
                 try:
                     st = await p.poll(handle)
                 except Exception as exc:  # a failed poll is retried; the hedge still bounds the wait
@@ -313,7 +316,7 @@ class Dispatcher(Warm):
         self._member_done(j, cost if ok else 0.0)
         real = out is not None and out.real
         if ok:
-            res = Result(id=r.id, status="ok", output=out.output if out is not None else
+            res = Result(id=r.id, tenant=r.tenant, status="ok", output=out.output if out is not None else
                          f"sim://{r.provider}/{r.model}/{r.id}", cost_usd=cost,
                          usage=out.usage.as_dict() if out is not None and out.usage is not None else None,
                          provider_request_id=out.provider_request_id if out is not None else None,
@@ -324,7 +327,7 @@ class Dispatcher(Warm):
         else:
             why = error or (out.error if out is not None and out.error else None)
             tries = j.attempts + 1
-            res = Result(id=r.id, status="failed", provider=r.provider, model=r.model, batch_id=b.bid,
+            res = Result(id=r.id, tenant=r.tenant, status="failed", provider=r.provider, model=r.model, batch_id=b.bid,
                          arrival_s=r.arrival_s, done_s=now, deadline_met=False, recommendation=b.recommendation,
                          real=real, error=(f"{r.provider} failed after {tries} attempt(s): {why}" if why
                                            else f"{r.provider} failed {self.max_att} attempts"))

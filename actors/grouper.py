@@ -19,7 +19,7 @@ import itertools
 
 from actors._peer import Warm, as_peer
 from actors._types import BatchJob, Job
-from engine.budgets import Claim
+from engine.budgets import LEDGER, Claim, Verdict
 from engine.catalog import Catalog
 from engine.cost import reserve_bound
 from engine.features import compat_key
@@ -62,6 +62,7 @@ class Grouper(Warm):
         # at every try, which loaded a 2-core machine enough to make urgent work late).
         self._park_batch = 32
         self._claims = itertools.count()
+        self._ledger_down = ""  # why the budget ledger last failed to answer (the reason of work it held back)
         self.table = GroupTable(policy, catalog)
         self.pending: dict[str, Job] = {}
         self._bids = itertools.count()
@@ -81,7 +82,7 @@ class Grouper(Warm):
         dispatches: list[Dispatch] = []
         failed: list[tuple[Job, Result]] = []
         for job in jobs:
-            self.pending[job.req.id] = job
+            self.pending[job.req.uid] = job
             if job.hedges >= self.max_attempts:
                 # Progress guard (as in the simulator): a request hedged this often is sent sync now.
                 dispatches.append(Dispatch(Decision("dispatch", mode="sync", reason="hedged too often"),
@@ -90,7 +91,7 @@ class Grouper(Warm):
             try:
                 ds, wake = self.table.add(job.req, compat_key(job.req), now)
             except Exception as exc:  # a policy failure fails its requests, never the engine
-                self.pending.pop(job.req.id, None)
+                self.pending.pop(job.req.uid, None)
                 failed.append((job, self._failed(job, f"policy error: {exc}")))
                 continue
             dispatches.extend(ds)
@@ -113,7 +114,7 @@ class Grouper(Warm):
 
     def _failed(self, job: Job, error: str, status: str = "failed", reason: str = "") -> Result:
         r = job.req
-        return Result(id=r.id, status=status, provider=r.provider, model=r.model, arrival_s=r.arrival_s,
+        return Result(id=r.id, tenant=r.tenant, status=status, provider=r.provider, model=r.model, arrival_s=r.arrival_s,
                       done_s=self.clock.now(), deadline_met=False, error=error, reason=reason)
 
     def _schedule(self, wake: Wake | None) -> None:
@@ -136,7 +137,7 @@ class Grouper(Warm):
         except Exception as exc:
             members = list(wake.group.members)
             self.table.groups.pop(wake.group.key, None)
-            jobs = [self.pending.pop(r.id) for r in members if r.id in self.pending]
+            jobs = [self.pending.pop(r.uid) for r in members if r.uid in self.pending]
             await self._resolve([(j, self._failed(j, f"policy error: {exc}")) for j in jobs])
             return
         self._schedule(nxt)
@@ -147,7 +148,7 @@ class Grouper(Warm):
             return
         batches: list[BatchJob] = []
         for d in dispatches:
-            jobs = [self.pending.pop(r.id) for r in d.members]
+            jobs = [self.pending.pop(r.uid) for r in d.members]
             dec = d.decision
             batches.append(BatchJob(f"{self.name}-{next(self._bids)}", dec.mode, dec.hedge_at, dec.cache_write,
                                     dec.recommendation, dec.reason, jobs))
@@ -210,7 +211,13 @@ class Grouper(Warm):
                 amount = reserve_bound(r, self.catalog, m, None if self.reserve_model_max else r.output_tokens)
                 claims.append(Claim(f"{r.id}#{self.name}-{next(self._claims)}", r.tenant, r.provider, r.model,
                                     r.priority, amount))
-        verdicts = await self.budget.call("reserve_many", claims, release)
+        try:
+            verdicts = await self.budget.call("reserve_many", claims, release)
+            if len(verdicts) != len(claims):
+                raise RuntimeError(f"{len(verdicts)} verdicts for {len(claims)} claims")
+        except Exception as exc:  # the budget actor failed: nothing reserved, the work waits (or ends at its deadline)
+            verdicts = [Verdict(False, "budget_unavailable", budget=LEDGER,
+                                detail=f"the budget actor failed ({type(exc).__name__}: {exc})"[:500])] * len(claims)
         waits = sum(v.reason == "wait" for v in verdicts)
         self._park_batch = max(PARK_MIN_BATCH, self._park_batch // 2) if waits else min(self._park_batch * 2, 4096)
         out: list[BatchJob] = []
@@ -225,6 +232,9 @@ class Grouper(Warm):
                     keep.append(j._replace(claim=c.rid))
                 elif v.reason == "wait":
                     self._park(j, now + step, v.budget, b)
+                elif v.reason == "budget_unavailable":  # the ledger did not answer: try again, until the deadline
+                    self._ledger_down = v.why()
+                    self._park(j, now + step, LEDGER, b)
                 elif v.reason == "deferred" and v.retry_at <= j.req.deadline_at:
                     self._park(j, max(v.retry_at, now + step), v.budget, b)
                 else:
@@ -240,8 +250,8 @@ class Grouper(Warm):
         return max(PARK_RETRY_S, PARK_RETRY_REAL_S * getattr(self.clock, "speedup", 1.0))
 
     def _park(self, j: Job, due: float, budget: str, b: BatchJob) -> None:
-        self._unpark(j.req.id)
-        self.parked[j.req.id] = (due, j, budget, b._replace(jobs=[]))
+        self._unpark(j.req.uid)
+        self.parked[j.req.uid] = (due, j, budget, b._replace(jobs=[]))
         self._held.setdefault(budget, [0, 0, 0])[PRIORITY_RANK[j.req.priority]] += 1
 
     def _unpark(self, rid: str) -> None:
@@ -279,14 +289,12 @@ class Grouper(Warm):
         again = again[: self._park_batch]
         batches: dict[str, BatchJob] = {}
         for j, meta in again:
-            self._unpark(j.req.id)
+            self._unpark(j.req.uid)
             b = batches.get(meta.bid) or meta
             batches[meta.bid] = b._replace(jobs=[*b.jobs, j])
         loop = asyncio.get_running_loop()
         if late:
-            task = loop.create_task(self._resolve([(j, self._failed(
-                j, "budget_exhausted", status="rejected",
-                reason=f"budget {budget} held it back until its deadline")) for j, budget in late]))
+            task = loop.create_task(self._resolve([(j, self._held_back(j, budget)) for j, budget in late]))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         if batches:
@@ -296,6 +304,14 @@ class Grouper(Warm):
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         self._arm_parked()
+
+    def _held_back(self, j: Job, budget: str) -> Result:
+        """The rejection of work a budget (or an unanswering ledger) held back until its deadline."""
+        if budget == LEDGER:
+            return self._failed(j, "budget_unavailable", status="rejected",
+                                reason=f"{self._ledger_down}; still so at the request's deadline")
+        return self._failed(j, "budget_exhausted", status="rejected",
+                            reason=f"budget {budget} held it back until its deadline")
 
     async def set_dispatchers(self, dispatchers: dict) -> None:
         """Dispatchers need this grouper's handle and it needs theirs: the engine wires them after creation."""

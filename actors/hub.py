@@ -53,15 +53,16 @@ class ResultHub(Warm):
         self._event.set()
         recent = self._recent
         for r in results:
-            recent[r.id] = r
-            w = self._waiters.pop(r.id, None)
+            recent[r.uid] = r
+            w = self._waiters.pop(r.uid, None)
             if w is not None and not w.done():
                 w.set_result(r)
         while len(recent) > RECENT:
             recent.popitem(last=False)
 
     async def result_of(self, request_id: str) -> Result:
-        """The result of one request, as soon as it exists: what ``ResultFuture.object_ref()`` resolves to."""
+        """The result of one request (its ``Request.uid``), as soon as it exists: what
+        ``ResultFuture.object_ref()`` resolves to."""
         r = self._recent.get(request_id)
         if r is not None:
             return r

@@ -22,15 +22,20 @@ class Ingest(Warm):
     def __repr__(self) -> str:
         return f"Ingest(admitted={self.next_seq}, duplicates={self.duplicates})"
 
+    async def forget(self, uids: list[str]) -> None:
+        """Requests finished longer ago than the driver's retention window: their ids may be used again."""
+        for u in uids:
+            self.seen.discard(u)
+
     async def submit(self, requests: list[Request]) -> int:
-        """Admit a batch; returns how many were new. A repeated id is the same request (idempotency key):
-        it is never generated twice."""
+        """Admit a batch; returns how many were new. A repeated (tenant, id) is the same request (the
+        idempotency key): it is never generated twice."""
         jobs: list[Job] = []
         for r in requests:
-            if r.id in self.seen:
+            if r.uid in self.seen:
                 self.duplicates += 1
                 continue
-            self.seen.add(r.id)
+            self.seen.add(r.uid)
             jobs.append(Job(self.next_seq, r, fingerprint(r, share_across_tenants=self.share)))
             self.next_seq += 1
         if not jobs:

@@ -15,6 +15,7 @@ from actors.dispatcher import Dispatcher
 from actors.grouper import Grouper
 from actors.hub import ResultHub
 from actors.ingest import Ingest
+from engine.errors import SmartbatchError
 
 __all__ = ["provider_resource", "start_actors"]
 
@@ -25,6 +26,21 @@ def provider_resource(provider: str) -> str:
     return f"provider:{provider}"
 
 
+def _ledger_ready(budget, started: list) -> None:
+    """Wait for the budget ledger to answer (a budget on a Redis that does not answer cannot be enforced).
+    On failure, stop the actors started so far and raise the actor's own error (a ``ConfigError`` naming
+    ``budgets.redis_url``), not Ray's wrapper of it."""
+    try:
+        ray.get(budget.check_ledger.remote())
+    except Exception as exc:
+        for h in started:
+            ray.kill(h)
+        cause = getattr(exc, "cause", None)  # RayTaskError carries the actor's exception
+        if isinstance(exc, ray.exceptions.RayTaskError) and isinstance(cause, SmartbatchError):
+            raise cause from None
+        raise
+
+
 def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: int = 1, keys: dict | None = None) -> dict:
     """Create and wire the actors; ``clock()`` makes the engine clock once they are all up."""
     from engine.providers import check_fallbacks
@@ -33,6 +49,7 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
     hub = ray.remote(ResultHub).options(**_OPTS).remote()
     budgets = settings.budgets
     budget = ray.remote(BudgetController).options(**_OPTS).remote(budgets, hub)
+    _ledger_ready(budget, [hub, budget])
     reuse = policy.reuse
     cache = (ray.remote(ResultCache).options(**_OPTS).remote(reuse, hub, None, catalog, settings)
              if (reuse.exact or reuse.in_flight or reuse.near) else None)

@@ -26,7 +26,7 @@ from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["BudgetBook", "BudgetSettings", "BudgetSpec", "Claim", "Refusal", "Throttle", "Verdict",
+__all__ = ["LEDGER", "BudgetBook", "BudgetSettings", "BudgetSpec", "Claim", "Refusal", "Throttle", "Verdict",
            "parse_duration", "verdict_of", "window_bounds", "window_row"]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|mo)\s*$")
@@ -164,17 +164,25 @@ class Claim(NamedTuple):
     amount: float
 
 
+LEDGER = "ledger"  # Verdict.budget of a claim the ledger could not decide (no spec has this name)
+
+
 class Verdict(NamedTuple):
     ok: bool
-    reason: str | None = None  # "wait" (for reservations to settle), "deferred" or "budget_exhausted"
+    # "wait" (for reservations to settle), "deferred", "budget_exhausted", or "budget_unavailable" (the ledger
+    # did not answer: its Redis is down or slow; nothing was reserved)
+    reason: str | None = None
     retry_at: float | None = None  # deferred: when the blocking window resets
     remaining_usd: float | None = None  # of the tightest covering budget, for the rejection message
-    budget: str | None = None  # the spec that refused
+    budget: str | None = None  # the spec that refused (LEDGER when the ledger did not answer)
+    detail: str | None = None  # budget_unavailable: what failed
 
     def why(self) -> str:
         """The ``reason`` a request rejected on this verdict carries."""
         if self.reason == "deferred":
             return f"budget {self.budget} resets at t={self.retry_at:.0f}s, after the deadline"
+        if self.reason == "budget_unavailable":
+            return f"the budget ledger did not answer: {self.detail}"
         return f"budget {self.budget} has ${self.remaining_usd:.6f} left"
 
 
@@ -310,6 +318,17 @@ class BudgetSettings(BaseModel):
     redis_url: str | None = Field(default=None, description="share the budgets with other engines through "
                                                           "this Redis (None: this engine alone)")
     redis_prefix: str = Field(default="smartbatch:budget", min_length=1)
+    redis_timeout_s: float = Field(
+        default=2.0, gt=0, description="connect and read timeout of each call to the ledger's Redis: a call that "
+                                       "takes longer counts as Redis unavailable, so a paused Redis never blocks")
+    redis_retry_s: float = Field(
+        default=1.0, gt=0, description="after a failed call, claims are answered budget_unavailable at once for "
+                                       "this long (real seconds), then Redis is tried again")
+    reservation_ttl_s: float = Field(
+        default=172_800.0, gt=0,
+        description="a reservation in the Redis ledger still unsettled after this long (real seconds) is released, "
+                    "so an engine that crashed holding it cannot keep it for good; keep it above the longest "
+                    "dispatch (a batch API's window is 24 h). A settlement that comes later still counts its spend")
 
     @model_validator(mode="after")
     def _unique(self) -> BudgetSettings:

@@ -181,6 +181,8 @@ class ModelSpec(_Frozen):
     api: Literal["chat", "responses"] = "chat"
     context_window: int | None = Field(default=None, ge=1, description="input + output tokens the model "
                                        "accepts (None: not checked)")
+    max_input_tokens: int | None = Field(default=None, ge=1, description="input tokens the model accepts, where "
+                                         "the provider limits input on its own (None: only the context window)")
 
     @model_validator(mode="after")
     def _priced(self) -> ModelSpec:

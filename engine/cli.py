@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, NoReturn
 
+import click
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -12,9 +14,32 @@ from rich.text import Text
 
 from engine.catalog import load_catalog
 from engine.errors import SmartbatchError
-from engine.settings import Settings
+from engine.settings import Settings, load_settings
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+_DEBUG = "smartbatch.debug"  # key in click's context meta, shared by every sub-command's context
+
+
+class _Group(typer.core.TyperGroup):
+    """Every error ends the command with one ``error:`` message, never a traceback, unless ``--debug``."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            if ctx.meta.get(_DEBUG):
+                raise
+            if isinstance(exc, SmartbatchError):
+                _print_error(str(exc))
+                raise typer.Exit(2) from None
+            first = (str(exc).strip().splitlines() or [""])[0]
+            _print_error(f"{type(exc).__name__}: {first} (unexpected, so a bug in smartbatch: rerun with --debug "
+                         "for the traceback and report it)")
+            raise typer.Exit(1) from None
+
+
+app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True,
                   help="smartbatch: cut the bill of paid generation APIs by deciding how and when each request "
                        "is sent.")
 trace_app = typer.Typer(no_args_is_help=True, help="Build traces (JSONL) from real data or a seeded generator.")
@@ -24,14 +49,25 @@ console = Console(width=None if Console().is_terminal else 120)
 err_console = Console(stderr=True, soft_wrap=True)
 
 
-def _fail(exc: SmartbatchError) -> None:
-    # Text, not markup: messages quote user input and lists such as ['512x512'] that rich would eat.
-    err_console.print(Text.assemble(("error: ", "bold red"), str(exc)))
-    raise typer.Exit(2)
+@app.callback()
+def _main(ctx: typer.Context,
+          debug: bool = typer.Option(False, "--debug", help="show the full traceback of an error")) -> None:
+    ctx.meta[_DEBUG] = debug
+
+
+def _print_error(message: str) -> None:
+    # Text, not markup: messages quote user input and lists such as ['512x512'] that rich would eat. A lone
+    # surrogate (from a file name or a bad line) is escaped, so printing the error cannot fail in turn.
+    safe = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    err_console.print(Text.assemble(("error: ", "bold red"), safe))
+
+
+def _fail(exc: SmartbatchError) -> NoReturn:
+    raise exc  # _Group prints it as one error (exit status 2), or its traceback with --debug
 
 
 def _settings(catalog: Path | None, overlay: Path | None = None) -> tuple[Settings, object]:
-    settings = Settings()
+    settings = load_settings()
     return settings, load_catalog(catalog or settings.catalog_path, overlay or settings.catalog_overlay)
 
 
@@ -217,6 +253,9 @@ def bench(trace: Path = typer.Argument(..., help="a JSONL trace"),
             p = tr.problems[0]
             err_console.print(Text(f"skipped {tr.skipped} invalid line(s); first: {p[0]}:{p[1]}: field '{p[2]}': "
                                    f"{p[3]}", style="yellow"))
+        if tr.rebased_s:
+            err_console.print(Text(f"arrivals rebased by {tr.rebased_s / 86400:,.0f} day(s) ({tr.rebased_s:,.0f} s), "
+                                   "so the trace starts on its first day", style="yellow"))
         doc = _bench(tr.requests, tr.name, policies, variants, out, seed, cat, settings)
     except SmartbatchError as exc:
         _fail(exc)
@@ -391,7 +430,8 @@ def list_policies() -> None:
     for name in available_policies():
         p = load_policy(name, default_catalog())
         params = ", ".join(f"{k}={v!r}" for k, v in p.params.model_dump().items()) or "(none)"
-        console.print(f"[bold]{name}[/]: {(type(p).__doc__ or '').strip().splitlines()[0]}\n    {params}")
+        summary = " ".join((type(p).__doc__ or "").strip().split("\n\n")[0].split()) or "(no description)"
+        console.print(Text.assemble((name, "bold"), f": {summary}\n    {params}"))
 
 
 if __name__ == "__main__":

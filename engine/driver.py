@@ -9,16 +9,18 @@ once for urgent requests) because one actor call per request caps an engine near
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import ValidationError
 
 from engine.catalog import Catalog, load_catalog
-from engine.errors import ConfigError, TraceError
+from engine.errors import ConfigError, EngineStopped, Overloaded, RequestError
 from engine.provider_api import Secret
 from engine.request import Request, validation_context
 from engine.result import Result
@@ -69,9 +71,11 @@ class ResultFuture(concurrent.futures.Future):
     wait for a background one). The ref is made on demand, by one call to the result hub for this request.
     """
 
-    def __init__(self, request_id: str, engine: Engine):
+    def __init__(self, req: Request, engine: Engine):
         super().__init__()
-        self.request_id = request_id
+        self.request_id = req.id
+        self.tenant = req.tenant
+        self._req = req  # what was asked under this (tenant, id): a resubmission must ask the same
         self._engine = engine
         self._ref = None
 
@@ -82,15 +86,20 @@ class ResultFuture(concurrent.futures.Future):
             if self.done():
                 self._ref = ray.put(self.result())
             else:
-                self._ref = self._engine._h["hub"].result_of.remote(self.request_id)
+                self._ref = self._engine._h["hub"].result_of.remote(self._req.uid)
         return self._ref
 
 
 class Engine:
     """A running smartbatch engine. Use ``Engine.start(...)``, or ``with Engine.start(...) as eng:``."""
 
+    # Engines running in this process: Ray is process-wide, so the last one to stop shuts down the Ray that
+    # one of them started, never one still in use by another.
+    _running_engines: ClassVar[weakref.WeakSet] = weakref.WeakSet()
+
     def __init__(self, *, handles: dict, clock, settings: Settings, catalog: Catalog, started_ray: bool,
-                 micro_batch: int, flush_ms: float):
+                 micro_batch: int, flush_ms: float, max_pending: int = 100_000, overload: str = "block",
+                 submit_timeout_s: float = 60.0, retention_s: float = 3600.0):
         import ray
 
         self._ray = ray
@@ -104,7 +113,12 @@ class Engine:
         self._flush_s = flush_ms / 1000.0
         self.metrics_port: int | None = None
         self._lock = threading.Lock()
-        self._futs: dict[str, ResultFuture] = {}
+        self._room = threading.Condition(self._lock)  # signalled when unfinished requests drop
+        self._max_pending, self._overload, self._submit_timeout_s = max_pending, overload, submit_timeout_s
+        self._retention_s = retention_s
+        self._pending = 0  # accepted and not finished
+        self._finished: collections.deque[tuple[float, str]] = collections.deque()  # (when, uid), to forget
+        self._futs: dict[str, ResultFuture] = {}  # by Request.uid: (tenant, id)
         self._buffer: list[Request] = []
         self._inflight_refs: dict[Any, list[str]] = {}
         self._running = True
@@ -113,6 +127,7 @@ class Engine:
         self._puller = threading.Thread(target=self._pull_loop, name="smartbatch-pull", daemon=True)
         self._flusher.start()
         self._puller.start()
+        Engine._running_engines.add(self)
 
     # -- start / stop -------------------------------------------------------------------------------------------
     @classmethod
@@ -120,12 +135,20 @@ class Engine:
               policy_params: Mapping[str, Any] | None = None, catalog: Catalog | None = None,
               address: str | None = None, speedup: float = 1.0, offset_s: float = 0.0,
               budget_usd: float | None = None, seed: int | None = None, num_groupers: int = 1,
-              micro_batch: int = 1000, flush_ms: float = 2.0, metrics_port: int | None = 0) -> Engine:
+              micro_batch: int = 1000, flush_ms: float = 2.0, metrics_port: int | None = 0,
+              max_pending: int = 100_000, overload: str = "block", submit_timeout_s: float = 60.0,
+              retention_s: float = 3600.0) -> Engine:
         """Start the actors on Ray: an embedded local Ray when none is running and ``address`` is None, else
         attach (``address="auto"`` for a cluster started with ``ray up``). ``speedup`` runs the engine clock
         faster than the wall clock (replaying a trace time-compressed); ``offset_s`` is the clock's start.
         Prometheus metrics are served on ``metrics_port`` (0: a free port, None: not served); the port is
-        ``engine.metrics_port``."""
+        ``engine.metrics_port``.
+
+        Backpressure: at most ``max_pending`` requests are accepted and unfinished; past that, ``submit``
+        waits up to ``submit_timeout_s`` for room (``overload="block"``) or raises ``Overloaded`` at once
+        (``overload="raise"``). A finished request's future and id are forgotten ``retention_s`` seconds after
+        it finished: a resubmission of its (tenant, id) within that window returns the same future, never a
+        second call."""
         import ray
 
         from actors.remote import start_actors
@@ -137,6 +160,10 @@ class Engine:
         if micro_batch < 1 or flush_ms <= 0 or num_groupers < 1:
             raise ConfigError("micro_batch and num_groupers must be >= 1 and flush_ms > 0; got "
                               f"micro_batch={micro_batch}, flush_ms={flush_ms}, num_groupers={num_groupers}")
+        if max_pending < 1 or overload not in ("block", "raise") or submit_timeout_s < 0 or retention_s < 0:
+            raise ConfigError("max_pending must be >= 1, overload 'block' or 'raise', submit_timeout_s and "
+                              f"retention_s >= 0; got max_pending={max_pending}, overload={overload!r}, "
+                              f"submit_timeout_s={submit_timeout_s}, retention_s={retention_s}")
         pol = load_policy(policy, catalog, policy_params)  # fails fast on a bad name or parameter
         started = False
         if not ray.is_initialized():
@@ -151,7 +178,8 @@ class Engine:
                                seed=settings.sim.seed if seed is None else seed, num_groupers=num_groupers,
                                keys=keys)
         eng = cls(handles=handles, clock=handles["clock"], settings=settings, catalog=catalog,
-                  started_ray=started, micro_batch=micro_batch, flush_ms=flush_ms)
+                  started_ray=started, micro_batch=micro_batch, flush_ms=flush_ms, max_pending=max_pending,
+                  overload=overload, submit_timeout_s=submit_timeout_s, retention_s=retention_s)
         if metrics_port is not None:
             eng.metrics_port = ray.get(handles["hub"].serve_metrics.remote(metrics_port))
         return eng
@@ -166,17 +194,21 @@ class Engine:
         self._wake.set()
         self._flusher.join(timeout_s)
         self._puller.join(timeout_s)
-        with self._lock:
-            open_futs = [(k, f) for k, f in self._futs.items() if not f.done()]
-        for rid, f in open_futs:
-            f.set_result(Result(id=rid, status="failed", error="engine stopped before the request finished"))
+        self._fail_open("engine stopped before the request finished")
+        with self._room:
+            self._room.notify_all()  # a submit waiting for room learns the engine stopped
         for h in self._h["all"]:
             try:
                 self._ray.kill(h)
             except Exception:  # already gone: nothing to stop
                 pass
+        Engine._running_engines.discard(self)
         if self._started_ray:
-            self._ray.shutdown()
+            heir = next(iter(Engine._running_engines), None)
+            if heir is None:
+                self._ray.shutdown()
+            else:  # another engine still runs on this Ray: it shuts Ray down when it stops
+                heir._started_ray = True
 
     def __enter__(self) -> Engine:
         return self
@@ -191,6 +223,8 @@ class Engine:
     def _as_request(self, r: Request | Mapping) -> Request:
         if isinstance(r, Request):
             return r
+        if not isinstance(r, Mapping):
+            raise RequestError(None, "request", f"a request is a dict (or a Request), got {type(r).__name__}")
         d = dict(r)
         d.setdefault("arrival_s", max(self.clock.now(), 0.0))
         try:
@@ -198,37 +232,91 @@ class Engine:
         except ValidationError as exc:
             from engine.trace import _problems_of
 
-            raise TraceError([("submit", 0, f, m) for f, m in _problems_of(exc)]) from exc
+            rid = d.get("id") if isinstance(d.get("id"), str) else None
+            field, msg = next(iter(_problems_of(exc)), ("request", str(exc)))
+            raise RequestError(rid, field, msg) from None
+
+    def _admit(self, reqs: list[Request]) -> tuple[list[ResultFuture], bool]:
+        """Futures for ``reqs`` (existing ones for a repeated (tenant, id)), queuing the new ones; waits for
+        room as ``overload`` says. Holds the lock."""
+        if not self._running:
+            raise EngineStopped("this engine was stopped; start a new one with Engine.start()")
+        futs: list[ResultFuture] = []
+        new: list[Request] = []
+        seen: dict[str, ResultFuture] = {}
+        for r in reqs:
+            fut = self._futs.get(r.uid) or seen.get(r.uid)
+            if fut is not None:
+                if r.model_copy(update={"arrival_s": fut._req.arrival_s}) != fut._req:
+                    raise RequestError(r.id, "id", f"tenant {r.tenant!r} already submitted id {r.id!r} with other "
+                                       "content; an id names one request: use a new id for a new request")
+            else:
+                fut = seen[r.uid] = ResultFuture(r, self)
+                new.append(r)
+            futs.append(fut)
+        if new:
+            deadline = time.monotonic() + self._submit_timeout_s
+            while self._pending + len(new) > self._max_pending and self._pending > 0:
+                left = deadline - time.monotonic()
+                if self._overload == "raise" or left <= 0:
+                    raise Overloaded(f"{self._pending:,} requests are unfinished (max_pending={self._max_pending:,}); "
+                                     "retry later, or start the engine with a larger max_pending")
+                self._room.wait(left)
+                if not self._running:
+                    raise EngineStopped("the engine was stopped while this submit waited for room")
+            for r in new:
+                self._futs[r.uid] = seen[r.uid]
+            self._pending += len(new)
+            self._buffer.extend(new)
+        return futs, bool(new)
+
+    def _resolve(self, fut: ResultFuture, res: Result) -> None:
+        if fut.done():
+            return
+        fut.set_result(res)
+        with self._room:
+            self._pending -= 1
+            self._finished.append((time.monotonic(), fut._req.uid))
+            self._room.notify_all()
+
+    def _forget_finished(self) -> None:
+        """Drop futures (and so requests and results) finished more than ``retention_s`` ago."""
+        horizon = time.monotonic() - self._retention_s
+        gone: list[str] = []
+        with self._lock:
+            fin = self._finished
+            while fin and fin[0][0] < horizon:
+                _, uid = fin.popleft()
+                f = self._futs.get(uid)
+                if f is not None and f.done():
+                    del self._futs[uid]
+                    gone.append(uid)
+            if gone:
+                self._room.notify_all()
+        if gone:  # ingest forgets them too, so neither side grows with the engine's life
+            self._h["ingest"].forget.remote(gone)
 
     def submit(self, request: Request | Mapping) -> ResultFuture:
-        """Queue one request; returns its future. A repeated id returns the first submission's future."""
+        """Queue one request; returns its future. The same (tenant, id) again returns the first submission's
+        future (never a second call); with other content it is refused (``RequestError``). A bad request
+        raises ``RequestError`` naming the field; nothing is queued and its id stays free."""
         req = self._as_request(request)
         with self._lock:
-            fut = self._futs.get(req.id)
-            if fut is not None:
-                return fut
-            fut = self._futs[req.id] = ResultFuture(req.id, self)
-            self._buffer.append(req)
+            (fut,), new = self._admit([req])
             full = len(self._buffer) >= self._micro_batch
         if full:
             self._flush()
-        elif req.priority == "urgent":
+        elif new and req.priority == "urgent":
             # Wake the flusher now rather than flushing here: urgent requests that arrive in a burst leave in
             # one batch, and each still leaves within the thread's wake-up time (microseconds).
             self._wake.set()
         return fut
 
     def submit_many(self, requests: Iterable[Request | Mapping]) -> list[ResultFuture]:
-        """Queue many requests; validation errors are raised before any is queued."""
+        """Queue many requests; a bad one raises ``RequestError`` before any is queued."""
         reqs = [self._as_request(r) for r in requests]
-        futs: list[ResultFuture] = []
         with self._lock:
-            for r in reqs:
-                fut = self._futs.get(r.id)
-                if fut is None:
-                    fut = self._futs[r.id] = ResultFuture(r.id, self)
-                    self._buffer.append(r)
-                futs.append(fut)
+            futs, _ = self._admit(reqs)
         self._flush()
         return futs
 
@@ -239,7 +327,7 @@ class Engine:
             part = batch[k:k + self._micro_batch]
             ref = self._h["ingest"].submit.remote(part)
             with self._lock:
-                self._inflight_refs[ref] = [r.id for r in part]
+                self._inflight_refs[ref] = [r.uid for r in part]
 
     def _flush_loop(self) -> None:
         while self._running:
@@ -260,10 +348,11 @@ class Engine:
                 return
             for res in results:
                 with self._lock:
-                    fut = self._futs.get(res.id)
-                if fut is not None and not fut.done():
-                    fut.set_result(res)
+                    fut = self._futs.get(res.uid)
+                if fut is not None:
+                    self._resolve(fut, res)
             self._check_ingest()
+            self._forget_finished()
             if time.monotonic() - last_check > HEALTH_EVERY_S:
                 last_check = time.monotonic()
                 dead = self._dead_actors()
@@ -303,12 +392,12 @@ class Engine:
             except Exception as exc:
                 self._fail_ids(ids, f"ingest failed: {exc}")
 
-    def _fail_ids(self, ids: Sequence[str], error: str) -> None:
-        for rid in ids:
+    def _fail_ids(self, uids: Sequence[str], error: str) -> None:
+        for uid in uids:
             with self._lock:
-                fut = self._futs.get(rid)
+                fut = self._futs.get(uid)
             if fut is not None and not fut.done():
-                fut.set_result(Result(id=rid, status="failed", error=error))
+                self._resolve(fut, Result(id=fut.request_id, tenant=fut.tenant, status="failed", error=error))
 
     def _fail_open(self, error: str) -> None:
         with self._lock:

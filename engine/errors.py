@@ -6,7 +6,10 @@
     ├── TraceError           a trace line is invalid (file, line, field, fix)
     ├── RegistryError        unknown or doubly registered policy name
     ├── PolicyError          a policy returned something the engine cannot carry out
-    └── ProviderError        a (simulated or real) provider call failed for good
+    ├── ProviderError        a (simulated or real) provider call failed for good
+    ├── RequestError         a request given to submit() is invalid (names the field)
+    ├── EngineStopped        submit() on a stopped engine
+    └── Overloaded           too many unfinished requests: submit() could not wait
 
 Library errors are wrapped with ``raise X(...) from exc`` so callers only catch ours.
 """
@@ -16,6 +19,9 @@ from __future__ import annotations
 __all__ = [
     "CatalogError",
     "ConfigError",
+    "EngineStopped",
+    "Overloaded",
+    "RequestError",
     "PolicyError",
     "ProviderError",
     "RegistryError",
@@ -39,18 +45,29 @@ class CatalogError(ConfigError):
 class TraceError(SmartbatchError):
     """One or more trace lines are invalid.
 
-    ``problems`` holds ``(path, line_no, field, message)`` tuples, one per bad line, so a caller
-    can show them all at once instead of making the user fix one line per run.
+    ``problems`` holds ``(path, line_no, field, message)`` tuples, one per bad line (line 0: the whole file
+    or a command-line option), so a caller can show them all at once instead of making the user fix one line
+    per run. ``hint`` ends the message: what to do about them.
     """
 
-    def __init__(self, problems: list[tuple[str, int, str, str]]):
+    HINT = "fix the line(s) named, or pass --skip-invalid to skip and count bad lines"
+
+    def __init__(self, problems: list[tuple[str, int, str, str]], hint: str | None = None):
         self.problems = problems
-        head = "\n".join(f"{p}:{n}: field '{f}': {m}" for p, n, f, m in problems[:20])
-        more = f"\n... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        super().__init__(
-            f"{len(problems)} invalid trace line(s):\n{head}{more}\n"
-            "Fix these lines, or pass --skip-invalid to skip and count them."
-        )
+        hint = self.HINT if hint is None else hint
+        lines = [_where(p, n, f, m) for p, n, f, m in problems[:20]]
+        if len(problems) == 1:
+            text = lines[0] + (f"; {hint}" if hint else "")
+        else:
+            more = f"\n... and {len(problems) - 20} more" if len(problems) > 20 else ""
+            tail = f"\n{hint[:1].upper()}{hint[1:]}." if hint else ""
+            text = f"{len(problems)} invalid trace line(s):\n" + "\n".join(lines) + more + tail
+        super().__init__(text)
+
+
+def _where(path: str, line: int, field: str, message: str) -> str:
+    at = f"{path}:{line}" if line else path
+    return f"{at}: field '{field}': {message}"
 
 
 class RegistryError(SmartbatchError):
@@ -63,3 +80,21 @@ class PolicyError(SmartbatchError):
 
 class ProviderError(SmartbatchError):
     """A provider call failed after all retries."""
+
+
+class EngineStopped(SmartbatchError):
+    """``submit`` on an engine that was stopped (start a new one with ``Engine.start``)."""
+
+
+class Overloaded(SmartbatchError):
+    """The engine holds ``max_pending`` unfinished requests and ``submit`` could not wait (or waited
+    ``submit_timeout_s`` in vain): retry later, or raise ``max_pending``."""
+
+
+class RequestError(SmartbatchError):
+    """A request given to ``submit`` is invalid. ``field`` names what to fix; nothing was queued."""
+
+    def __init__(self, request_id: str | None, field: str, message: str):
+        self.request_id, self.field = request_id, field
+        rid = f"request {request_id!r}" if request_id else "request"
+        super().__init__(f"{rid}: field '{field}': {message}")

@@ -220,6 +220,7 @@ class SimProvider:
 
     def retry_at(self, i: int, attempt: int, a: SyncAttempt) -> float:
         """When attempt ``attempt + 1`` of draw row ``i`` may be queued after attempt ``attempt`` failed."""
+        self.draws.ensure(i + 1)  # a real provider's failure drew nothing for this row yet
         return a.at + retry_delay(attempt + 1, self.backoff, self.backoff_max, float(self.draws.jit_u[i, attempt]),
                                   a.retry_after_s)
 

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from engine.catalog import Catalog, Kind, default_catalog
 from engine.errors import CatalogError
-from engine.settings import Settings
+from engine.settings import MAX_DEADLINE_S, Settings
 
-__all__ = ["BODY_KEYS", "PRIORITIES", "PRIORITY_RANK", "FieldProblem", "Priority", "Request", "Reuse", "body_text",
-           "validation_context"]
+__all__ = ["BODY_KEYS", "MAX_DEADLINE_S", "MEDIA_PARAMS", "PRIORITIES", "PRIORITY_RANK", "FieldProblem", "Priority",
+           "Request", "Reuse", "body_text", "validation_context"]
 
 Priority = Literal["urgent", "normal", "background"]
 Reuse = Literal["none", "exact", "near"]
@@ -20,6 +28,26 @@ PRIORITIES: tuple[Priority, ...] = ("urgent", "normal", "background")
 PRIORITY_RANK: dict[str, int] = {p: k for k, p in enumerate(PRIORITIES)}  # 0 is the most urgent
 
 ParamValue = str | int | float | bool
+# The params a media request may carry, by kind; the priced ones (size, resolution, duration_s) are checked
+# against the model's catalog entry. A text request takes none: its provider fields go in ``body``.
+MEDIA_PARAMS: dict[str, tuple[str, ...]] = {
+    "text": (),
+    "image": ("size", "quality", "steps", "sampler", "seed"),
+    "video": ("resolution", "duration_s", "fps", "quality", "steps", "sampler", "seed"),
+}
+
+
+def _number(v: Any) -> Any:
+    """A JSON number only: ``true`` is not 1 and ``"12"`` is not 12 (pydantic's lax mode would coerce both)."""
+    if isinstance(v, (bool, str, bytes)):
+        what = "a boolean" if isinstance(v, bool) else "a string"
+        shown = repr(v) if len(repr(v)) <= 40 else repr(v)[:37] + "..."
+        raise ValueError(f"must be a number, not {what} ({shown}); write it as a bare JSON number")
+    return v
+
+
+Float = Annotated[float, BeforeValidator(_number)]
+Int = Annotated[int, BeforeValidator(_number)]
 
 # Fields of the providers' own request bodies. A submitted dict may carry them at its top level (as an OpenAI or
 # Anthropic call would); they move into ``body`` and are sent unchanged.
@@ -56,7 +84,8 @@ def body_text(body: dict) -> str:
 
     for key in ("system", "instructions"):
         add(body.get(key))
-    for m in body.get("messages") or ():
+    messages = body.get("messages")
+    for m in messages if isinstance(messages, list) else ():
         if isinstance(m, dict):
             add(m.get("content"))
     add(body.get("input"))
@@ -82,20 +111,73 @@ def _from_batch_line(d: dict) -> dict:
 
 def _check_text(value: Any, where: str) -> None:
     """Strings must be valid Unicode: a lone surrogate (what json.loads gives for an escaped half pair) cannot
-    be encoded for any provider, so it is refused here, per request, rather than failing a whole batch later."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise FieldProblem(where, f"{where} is not valid Unicode (a lone surrogate such as \\ud800); "
-                               "send UTF-8 text") from None
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            _check_text(k, where)
-            _check_text(v, where)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            _check_text(v, where)
+    be encoded for any provider, so it is refused here, per request, rather than failing a whole batch later.
+    Walked with a stack, not recursion, so a deeply nested body cannot exhaust Python's stack."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise FieldProblem(where, f"{where} is not valid Unicode (a lone surrogate such as \\ud800); "
+                                   "send UTF-8 text") from None
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+
+
+def _check_params(params: dict, kind: str, model: str) -> None:
+    """Unknown params are refused (a typo would otherwise be billed as the default), and so are values of the
+    wrong type; the priced ones are checked against the catalog by the caller."""
+    known = MEDIA_PARAMS.get(kind, ())
+    for key, value in params.items():
+        if key not in known:
+            if not known:
+                raise FieldProblem(f"params.{key}", f"a {kind} request takes no params; provider fields such as "
+                                   f"{key!r} go in 'body' (or at the top level of the line)")
+            raise FieldProblem(f"params.{key}", f"{model!r} ({kind}) has no parameter {key!r}; the known ones "
+                               f"are {list(known)}")
+        numeric = key in ("steps", "seed", "fps", "duration_s")
+        if numeric and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise FieldProblem(f"params.{key}", f"params.{key} must be a number, got {value!r}")
+        if not numeric and not isinstance(value, str):
+            raise FieldProblem(f"params.{key}", f"params.{key} must be a string, got {value!r}")
+        if key == "steps" and (not isinstance(value, int) or not 1 <= value <= 1000):
+            raise FieldProblem("params.steps", f"params.steps must be a whole number in [1, 1000], got {value!r}")
+        if key == "seed" and not isinstance(value, int):
+            raise FieldProblem("params.seed", f"params.seed must be a whole number, got {value!r}")
+        if key == "fps" and not 0 < value <= 240:
+            raise FieldProblem("params.fps", f"params.fps must be in (0, 240], got {value!r}")
+
+
+def _check_window(req: Request, catalog: Catalog) -> None:
+    """Input plus the output the call may produce (its cap when it has one) must fit the model's context
+    window, and input its input limit: the provider would refuse the call, after it was queued and reserved."""
+    spec = catalog.model(req.provider, req.model)
+    out = max(req.output_tokens, req.max_output_tokens or 0)
+    need, limit = req.input_tokens + out, spec.context_window
+    if spec.max_input_tokens is not None and req.input_tokens > spec.max_input_tokens:
+        raise FieldProblem("input_tokens", f"input_tokens {req.input_tokens:,} exceeds {req.model}'s input limit of "
+                           f"{spec.max_input_tokens:,}; shorten the prompt{_larger(catalog, req.input_tokens, need)}")
+    if limit is not None and need > limit:
+        if req.input_tokens >= limit:
+            field, fix = "input_tokens", "shorten the prompt"
+        else:
+            field = "max_output_tokens" if (req.max_output_tokens or 0) > req.output_tokens else "output_tokens"
+            fix = f"lower {field} to at most {limit - req.input_tokens:,} or shorten the prompt"
+        raise FieldProblem(field, f"input_tokens {req.input_tokens:,} + output {out:,} = {need:,} tokens exceeds "
+                           f"{req.model}'s context window of {limit:,}; {fix}"
+                           f"{_larger(catalog, req.input_tokens, need)}")
+
+
+def _larger(catalog: Catalog, input_tokens: int, need: int) -> str:
+    fits = sorted((m.context_window, name) for p in catalog.providers.values() for name, m in p.models.items()
+                  if m.kind == "text" and m.context_window is not None and m.context_window >= need
+                  and (m.max_input_tokens is None or m.max_input_tokens >= input_tokens))
+    return f", or use a model with a larger window ({', '.join(n for _, n in fits[:3])})" if fits else ""
 
 
 class FieldProblem(ValueError):
@@ -126,29 +208,32 @@ class Request(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     id: str = Field(min_length=1)
-    arrival_s: float = Field(ge=0)
+    arrival_s: Float = Field(ge=0)
     tenant: str = Field(default="default", min_length=1)
     provider: str
     model: str
     kind: Kind
     prompt: str = ""
-    input_tokens: int = Field(ge=0)
-    output_tokens: int = Field(ge=0)
-    max_output_tokens: int | None = Field(default=None, ge=1, description="the cap sent to the provider "
+    input_tokens: Int = Field(ge=0)
+    output_tokens: Int = Field(ge=0)
+    max_output_tokens: Int | None = Field(default=None, ge=1, description="the cap sent to the provider "
                                           "(max_tokens); a budget reserves for it. None: the model's maximum")
-    prefix_blocks: tuple[int, ...] = ()
+    prefix_blocks: tuple[Int, ...] = ()
     params: dict[str, ParamValue] = Field(default_factory=dict)
     priority: Priority = "normal"
-    deadline_s: float = Field(gt=0)
+    deadline_s: Float = Field(gt=0)
     reuse: Reuse = "exact"
     body: dict[str, Any] | None = Field(default=None, description="the provider's own request body "
                                         "(messages, system, temperature, tools, ...), sent unchanged")
 
     @field_validator("arrival_s", "deadline_s")
     @classmethod
-    def _finite(cls, v: float) -> float:
+    def _finite(cls, v: float, info: ValidationInfo) -> float:
         if not math.isfinite(v):
             raise ValueError("must be a finite number of seconds")
+        if info.field_name == "deadline_s" and v > MAX_DEADLINE_S:
+            raise ValueError(f"must be at most {MAX_DEADLINE_S:,.0f} s (366 days); a later deadline changes "
+                             "nothing, so give a shorter one or priority 'background'")
         return v
 
     @model_validator(mode="before")
@@ -160,7 +245,7 @@ class Request(BaseModel):
         d = dict(data)
         for k, v in d.items():
             _check_text(k, "line")
-            _check_text(v, str(k))
+            _check_text(v, str(k) or "line")
         if "custom_id" in d:
             d = _from_batch_line(d)
         moved = {k: d.pop(k) for k in list(d) if k in BODY_KEYS}
@@ -186,7 +271,10 @@ class Request(BaseModel):
                 cap = next((body[k] for k in _CAP_KEYS if body.get(k) is not None), None)
                 if cap is not None:
                     d["max_output_tokens"] = cap
-            if isinstance(body.get("size"), str):
+            if not isinstance(body.get("messages", []), list):
+                raise FieldProblem("body.messages", "messages must be a list of message objects, e.g. "
+                                   '[{"role": "user", "content": "..."}]')
+            if isinstance(body.get("size"), str) and isinstance(d.get("params") or {}, dict):
                 d["params"] = {**(d.get("params") or {}), "size": body["size"]}
             n = body.get("n", 1)
             if n != 1 or isinstance(n, bool):
@@ -224,10 +312,11 @@ class Request(BaseModel):
             d["output_tokens"] = out
         if d.get("deadline_s") is None:
             prio = d.get("priority", "normal")
-            d["deadline_s"] = getattr(settings.deadlines, prio, settings.deadlines.normal)
+            d["deadline_s"] = getattr(settings.deadlines, prio if prio in PRIORITIES else "normal")
         params = d.get("params") or {}
         if isinstance(params, dict):
             params = dict(params)
+            _check_params(params, spec.kind, model)
             if spec.kind == "image":
                 table = spec.per_image or spec.gpu_s_per_image or {}
                 params.setdefault("size", spec.default_size or next(iter(table)))
@@ -259,7 +348,15 @@ class Request(BaseModel):
         if cap is not None and not self.output_tokens <= cap <= spec.max_output_tokens:
             raise FieldProblem("max_output_tokens", f"max_output_tokens {cap} must be between output_tokens "
                                f"{self.output_tokens} and {self.model}'s maximum {spec.max_output_tokens}")
+        if self.kind == "text":
+            _check_window(self, catalog)
         return self
+
+    @property
+    def uid(self) -> str:
+        """The request's identity inside the engine: its id within its tenant. Two tenants may use the same
+        id; they are two requests, and neither ever sees the other's result."""
+        return f"{self.tenant}\x1f{self.id}"
 
     @property
     def deadline_at(self) -> float:

@@ -16,6 +16,7 @@ class Result(BaseModel):
 
     id: str
     status: Status
+    tenant: str = "default"
     # The output: a text answer, an image (base64 or URL); a simulated provider returns a sim:// reference.
     output: str | None = None
     usage: dict[str, int] | None = None  # the provider's token counts (input, output, cached, cache_write)
@@ -34,3 +35,8 @@ class Result(BaseModel):
     recommendation: str | None = None
     reason: str = ""
     error: str | None = None
+
+    @property
+    def uid(self) -> str:
+        """The identity of the request this result answers (``Request.uid``)."""
+        return f"{self.tenant}\x1f{self.id}"

@@ -2,27 +2,37 @@
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from engine.budgets import BudgetSettings, BudgetSpec
+from engine.errors import ConfigError
 from engine.resilience import Resilience
 
-__all__ = ["BudgetSettings", "CacheSettings", "DeadlineDefaults", "ProviderEndpoint", "ProvidersSettings",
-           "Resilience", "Settings", "SimSettings", "with_budget"]
+__all__ = ["MAX_DEADLINE_S", "BudgetSettings", "CacheSettings", "DeadlineDefaults", "ProviderEndpoint",
+           "ProvidersSettings", "Resilience", "Settings", "SimSettings", "check_redis_url", "load_settings",
+           "with_budget"]
+
+ENV_PREFIX = "SMARTBATCH_"
+# A deadline further out changes nothing (batch windows are 24 h) and would make the lower bound's per-slot
+# arrays span it; requests and the defaults below are refused past it.
+MAX_DEADLINE_S = 366 * 86400.0
 
 
 class DeadlineDefaults(BaseModel):
     """Deadline (seconds after arrival) of a request whose line sets none, by priority."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    urgent: float = Field(default=300.0, gt=0)
-    normal: float = Field(default=3600.0, gt=0)
-    background: float = Field(default=86400.0, gt=0)
+    urgent: float = Field(default=300.0, gt=0, le=MAX_DEADLINE_S)
+    normal: float = Field(default=3600.0, gt=0, le=MAX_DEADLINE_S)
+    background: float = Field(default=86400.0, gt=0, le=MAX_DEADLINE_S)
 
     @model_validator(mode="after")
     def _ordered(self) -> DeadlineDefaults:
@@ -66,6 +76,11 @@ class CacheSettings(BaseModel):
     blob_min_kb: float = Field(default=64.0, ge=0, description="outputs larger than this go to the blob store")
     share_across_tenants: bool = Field(default=False, description="let one tenant reuse another's results")
     warm_max_entries: int = Field(default=200_000, ge=0, description="entries read from Redis at start-up")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str | None) -> str | None:
+        return check_redis_url(v, "cache.redis_url")
 
 
 class ProviderEndpoint(BaseModel):
@@ -135,6 +150,88 @@ class Settings(BaseSettings):
     chars_per_token: float = Field(default=4.0, gt=0, description="token estimate for a line without counts")
     default_output_tokens: int = Field(default=256, ge=0, description="output estimate for a text line without one")
     prefix_block_tokens: int = Field(default=512, ge=1, description="tokens per prefix block id in traces")
+
+    @model_validator(mode="after")
+    def _budget_redis_url(self) -> Settings:
+        check_redis_url(self.budgets.redis_url, "budgets.redis_url")
+        return self
+
+
+def check_redis_url(url: str | None, setting: str) -> str | None:
+    """A Redis URL redis-py can use (``redis://``, ``rediss://`` or ``unix://``), checked when the settings are
+    built. It raises ``ConfigError`` itself rather than a ``ValueError``, so pydantic lets it through as is:
+    ``Settings()``, and so ``Engine.start``, fail with it before any actor starts (a bad URL used to surface
+    later as ``ActorDiedError``). The message never shows a password."""
+    if url is None:
+        return None
+    env = f"{ENV_PREFIX}{setting.replace('.', '__').upper()}"
+    shown = _masked(url)
+    fix = (f"set {setting} ({env}) to redis://HOST:6379/0, rediss://HOST:6380/0 (TLS) or "
+           "unix:///path/to/redis.sock, or leave it unset")
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises on a port that is not a number in 0..65535
+    except ValueError as exc:
+        raise ConfigError(f"setting {setting} = {shown!r} is not a Redis URL ({exc}); {fix}") from None
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        why = f"scheme {parts.scheme!r} is not redis, rediss or unix" if parts.scheme else "it has no scheme"
+        raise ConfigError(f"setting {setting} = {shown!r} is not a Redis URL: {why}; {fix}")
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ConfigError(f"setting {setting} = {shown!r} names no socket path; {fix}")
+        return url
+    db = parts.path.strip("/")
+    if not parts.hostname or (db and not db.isdigit()) or port == 0:
+        why = "names no host" if not parts.hostname else ("has port 0" if port == 0 else
+                                                           f"has database {db!r}, not a number")
+        raise ConfigError(f"setting {setting} = {shown!r} {why}; {fix}")
+    return url
+
+
+def _masked(url: str) -> str:
+    return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)
+
+
+def load_settings(**values: Any) -> Settings:
+    """``Settings(**values)`` on top of the environment, with any problem raised as one ``ConfigError`` that
+    names the setting, the ``SMARTBATCH_*`` variable it came from and what to change (the CLI's way in;
+    pydantic's own report runs to dozens of lines)."""
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        errors = exc.errors()
+        parts = [_explain(e) for e in errors[:3]]
+        more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+        raise ConfigError("; ".join(parts) + more) from exc
+    except SettingsError as exc:  # a nested setting that is not valid JSON
+        m = re.search(r'field "([^"]+)"', str(exc))
+        name = m.group(1) if m else "?"
+        cause = f" ({exc.__cause__})" if exc.__cause__ else ""
+        raise ConfigError(f"setting {name} (from {_env_names([name])}): cannot parse its value{cause}; write it "
+                          "as JSON, e.g. SMARTBATCH_BUDGETS__SPECS='[{\"max_budget\": 50}]'") from exc
+
+
+def _explain(err: Any) -> str:
+    loc = [str(x) for x in err["loc"]]
+    setting = ".".join(loc) or "settings"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return f"{_env_names(loc)}: there is no setting {setting}; remove it or fix its spelling"
+    value = err.get("input")
+    got = f" = {value!r:.60}" if isinstance(value, (str, int, float)) else ""
+    env = _env_names(loc)
+    return f"setting {setting}{got} (from {env}): {msg}; fix or unset {env}"
+
+
+def _env_names(loc: list[str]) -> str:
+    """The environment variable(s) a setting came from: the longest prefix of its path that is set."""
+    keys = {k.upper(): k for k in os.environ if k.upper().startswith(ENV_PREFIX)}
+    for n in range(len(loc), 0, -1):
+        name = ENV_PREFIX + "__".join(loc[:n]).upper()
+        hits = sorted(v for k, v in keys.items() if k == name or k.startswith(name + "__"))
+        if hits:
+            return ", ".join(hits)
+    return ENV_PREFIX + "__".join(loc).upper() if loc else "the arguments"
 
 
 def with_budget(settings: Settings, total_usd: float | None = None,

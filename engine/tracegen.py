@@ -21,11 +21,13 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+from pydantic import ValidationError
 
 from engine.catalog import Catalog, default_catalog
-from engine.errors import TraceError
+from engine.errors import CatalogError, TraceError
 from engine.request import Request, validation_context
 from engine.settings import Settings
+from engine.trace import _problems_of, read_lines
 
 __all__ = ["TEXT_MIX", "from_azure", "from_mooncake", "synth"]
 
@@ -40,14 +42,24 @@ _TENANTS = ("tenant-a", "tenant-b", "tenant-c", "tenant-d")
 _TENANT_P = (0.4, 0.3, 0.2, 0.1)
 _PRIOS = ("urgent", "normal", "background")
 _PRIO_P = (0.10, 0.60, 0.30)
+_HINT = "fix or remove the rows named (every row must be valid: a builder writes all of them or nothing)"
+Problems = list[tuple[str, int, str, str]]
 
 
-def _parse_model(model: str | None) -> tuple[str, str] | None:
+def _parse_model(model: str | None, catalog: Catalog) -> tuple[str, str] | None:
     if model is None:
         return None
     if "/" not in model:
-        raise TraceError([("--model", 0, "model", f"{model!r}: write it as provider/model, e.g. openai/gpt-5")])
+        raise TraceError([("--model", 0, "model", f"{model!r}: write it as provider/model, e.g. openai/gpt-5")],
+                         hint="")
     prov, name = model.split("/", 1)
+    try:
+        spec = catalog.model(prov, name)
+    except CatalogError as exc:
+        raise TraceError([("--model", 0, "model", f"{model!r}: {exc}")], hint="") from None
+    if spec.kind != "text":
+        raise TraceError([("--model", 0, "model", f"{model!r} makes {spec.kind}s; the traces' rows are text "
+                           f"requests, so pick a text model such as {'/'.join(TEXT_MIX[0][:2])}")], hint="")
     return prov, name
 
 
@@ -57,9 +69,36 @@ def _common(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
     return tenants, prios
 
 
-def _build(rows: list[dict], catalog: Catalog, settings: Settings | None) -> list[Request]:
+def _build(rows: list[tuple[int, dict]], catalog: Catalog, settings: Settings | None, source: str,
+           problems: Problems) -> list[Request]:
+    """Validate the rows (each with its line in the source); any problem, here or found while reading, is
+    raised as one ``TraceError`` naming every bad row, its field and the fix."""
     ctx = validation_context(catalog, settings)
-    return [Request.model_validate(r, context=ctx) for r in rows]
+    out = []
+    for no, row in rows:
+        try:
+            out.append(Request.model_validate(row, context=ctx))
+        except ValidationError as exc:
+            problems.extend((source, no, f, m) for f, m in _problems_of(exc))
+    if problems:
+        raise TraceError(sorted(problems, key=lambda p: p[1]), hint=_HINT)
+    if not out:
+        raise TraceError([(source, 0, "file", f"{Path(source).name} has no rows; give a file with at least one")],
+                         hint="")
+    return out
+
+
+def _count(value: object, source: str, no: int, field: str, problems: Problems, *, cell: bool = False) -> int | None:
+    """A whole number >= 0 (from a CSV ``cell``'s text, or a JSON number); a problem (and None) otherwise."""
+    if cell and isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        problems.append((source, no, field, f"must be a whole number >= 0, got {value!r:.60}"))
+        return None
+    return value
 
 
 def _cap_output(catalog: Catalog, prov: str, model: str, out: int) -> int:
@@ -70,37 +109,48 @@ def from_azure(path: str | Path, *, seed: int = 0, model: str | None = None, cat
                settings: Settings | None = None, limit: int | None = None) -> list[Request]:
     """Azure LLM inference trace CSV (TIMESTAMP, ContextTokens, GeneratedTokens) to requests."""
     catalog = catalog or default_catalog()
-    forced = _parse_model(model)
+    forced = _parse_model(model, catalog)
     p = Path(path)
-    try:
-        with p.open(newline="", encoding="utf-8") as fh:
-            data = list(csv.DictReader(fh))
-    except OSError as exc:
-        raise TraceError([(str(p), 0, "file", f"cannot read: {exc.strerror}")]) from exc
-    need = {"TIMESTAMP", "ContextTokens", "GeneratedTokens"}
-    if data and not need <= set(data[0]):
-        raise TraceError([(str(p), 1, "header", f"expected columns {sorted(need)}, got {sorted(data[0])}")])
+    src = str(p)
+    problems: Problems = []
+    numbered = list(read_lines(p, problems))
+    nos = [no for no, _ in numbered]
+    reader = csv.DictReader(text for _, text in numbered)
+    need = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
+    missing = [c for c in need if c not in (reader.fieldnames or [])]
+    if missing:
+        got = reader.fieldnames or "an empty file"
+        raise TraceError([(src, nos[0] if nos else 0, "header", f"missing column(s) {missing}; the first line must "
+                           f"name {list(need)}, got {got}")], hint="")
+    data = [(nos[reader.line_num - 1], row) for row in reader]
     rng = np.random.default_rng(seed)
     tenants, prios = _common(rng, len(data))
     models = rng.choice(len(TEXT_MIX), size=len(data), p=[m[2] for m in TEXT_MIX])
-    rows, t0 = [], None
+    parsed = []
     # Assignments are drawn for the whole file, then cut, so row i gets the same values whatever the limit.
-    for i, row in enumerate(data[:limit] if limit is not None else data):
+    for i, (no, row) in enumerate(data[:limit] if limit is not None else data):
+        stamp = row.get("TIMESTAMP")
         try:
             # Fractional seconds carry 7 digits; Python parses at most 6.
-            ts = datetime.strptime(row["TIMESTAMP"][:26], "%Y-%m-%d %H:%M:%S.%f").timestamp()
-            ctx_tokens, gen_tokens = int(row["ContextTokens"]), int(row["GeneratedTokens"])
-        except (ValueError, KeyError) as exc:
-            raise TraceError([(str(p), i + 2, "row", f"cannot parse {row}: {exc}")]) from exc
-        t0 = ts if t0 is None else t0
+            ts = datetime.strptime((stamp or "").strip()[:26], "%Y-%m-%d %H:%M:%S.%f").timestamp()
+        except ValueError:
+            problems.append((src, no, "TIMESTAMP", f"{stamp!r} is not a time like 2023-11-16 18:15:46.6805900"))
+            ts = None
+        ctx_tokens = _count(row.get("ContextTokens"), src, no, "ContextTokens", problems, cell=True)
+        gen_tokens = _count(row.get("GeneratedTokens"), src, no, "GeneratedTokens", problems, cell=True)
+        if ts is not None and ctx_tokens is not None and gen_tokens is not None:
+            parsed.append((i, no, ts, ctx_tokens, gen_tokens))
+    t0 = min((x[2] for x in parsed), default=0.0)  # the first row, in a file sorted by time
+    rows = []
+    for i, no, ts, ctx_tokens, gen_tokens in parsed:
         prov, name = forced or TEXT_MIX[models[i]][:2]
-        rows.append({
+        rows.append((no, {
             "id": f"{p.stem}-{i}", "arrival_s": round(ts - t0, 6), "tenant": _TENANTS[tenants[i]],
             "provider": prov, "model": name, "prompt": f"{p.stem} request {i}",
             "input_tokens": ctx_tokens, "output_tokens": _cap_output(catalog, prov, name, gen_tokens),
             "priority": _PRIOS[prios[i]], "reuse": "exact",
-        })
-    return _build(rows, catalog, settings)
+        }))
+    return _build(rows, catalog, settings, src, problems)
 
 
 def from_mooncake(path: str | Path, *, seed: int = 0, model: str | None = None, catalog: Catalog | None = None,
@@ -108,39 +158,52 @@ def from_mooncake(path: str | Path, *, seed: int = 0, model: str | None = None, 
     """Mooncake JSONL (timestamp ms, input_length, output_length, hash_ids) to requests; hash_ids become
     prefix_blocks (512 tokens each)."""
     catalog = catalog or default_catalog()
-    forced = _parse_model(model)
+    forced = _parse_model(model, catalog)
     p = Path(path)
+    src = str(p)
     rng = np.random.default_rng(seed)
     weights = np.array([m[2] for m in TEXT_MIX])
     cum = np.cumsum(weights) / weights.sum()
     salt = int(rng.integers(1 << 62))
+    problems: Problems = []
     raw = []
-    try:
-        with p.open(encoding="utf-8") as fh:
-            for no, line in enumerate(fh, start=1):
-                if line.strip():
-                    try:
-                        raw.append(json.loads(line))
-                    except json.JSONDecodeError as exc:
-                        raise TraceError([(str(p), no, "line", f"not valid JSON: {exc.msg}")]) from exc
-    except OSError as exc:
-        raise TraceError([(str(p), 0, "file", f"cannot read: {exc.strerror}")]) from exc
+    for no, line in read_lines(p, problems):
+        if line.strip():
+            try:
+                raw.append((no, json.loads(line)))
+            except (ValueError, RecursionError) as exc:
+                why = exc.msg if isinstance(exc, json.JSONDecodeError) else "too deep or too long a number"
+                problems.append((src, no, "line", f"not valid JSON ({why})"))
     tenants, prios = _common(rng, len(raw))
     rows = []
-    for i, r in enumerate(raw[:limit] if limit is not None else raw):
-        blocks = [int(b) for b in r.get("hash_ids", [])]
+    for i, (no, r) in enumerate(raw[:limit] if limit is not None else raw):
+        if not isinstance(r, dict):
+            problems.append((src, no, "line", "a row must be a JSON object with timestamp, input_length, "
+                                              "output_length and hash_ids"))
+            continue
+        stamp = r.get("timestamp")
+        ok = not isinstance(stamp, bool) and isinstance(stamp, (int, float)) and 0 <= stamp < float("inf")
+        if not ok:
+            problems.append((src, no, "timestamp", f"must be a number of milliseconds >= 0, got {stamp!r:.60}"))
+        n_in = _count(r.get("input_length"), src, no, "input_length", problems)
+        n_out = _count(r.get("output_length"), src, no, "output_length", problems)
+        blocks = r.get("hash_ids", [])
+        if not isinstance(blocks, list) or not all(isinstance(b, int) and not isinstance(b, bool) for b in blocks):
+            problems.append((src, no, "hash_ids", f"must be a list of whole numbers, got {blocks!r:.60}"))
+            ok = False
+        if not ok or n_in is None or n_out is None:
+            continue
         key = hashlib.blake2b(f"{salt}:{blocks[:2]}".encode(), digest_size=8).digest()
         u = int.from_bytes(key, "big") / 2**64
         prov, name = forced or TEXT_MIX[int(np.searchsorted(cum, u, side="right"))][:2]
         digest = hashlib.blake2b(json.dumps(blocks).encode(), digest_size=8).hexdigest()
-        rows.append({
-            "id": f"{p.stem}-{i}", "arrival_s": float(r["timestamp"]) / 1000.0, "tenant": _TENANTS[tenants[i]],
+        rows.append((no, {
+            "id": f"{p.stem}-{i}", "arrival_s": float(stamp) / 1000.0, "tenant": _TENANTS[tenants[i]],
             "provider": prov, "model": name, "prompt": f"mooncake prompt {digest}",
-            "input_tokens": int(r["input_length"]),
-            "output_tokens": _cap_output(catalog, prov, name, int(r["output_length"])),
+            "input_tokens": n_in, "output_tokens": _cap_output(catalog, prov, name, n_out),
             "prefix_blocks": blocks, "priority": _PRIOS[prios[i]], "reuse": "exact",
-        })
-    return _build(rows, catalog, settings)
+        }))
+    return _build(rows, catalog, settings, src, problems)
 
 
 # --- synthetic workload -------------------------------------------------------------------------------------
@@ -174,7 +237,7 @@ def synth(n: int = 5000, *, seed: int = 0, duration_s: float = 3600.0, catalog: 
     campaigns of similar prompts, exact re-submissions (8 %), near-duplicate paraphrases (5 %), look-alikes
     that change a colour or number (3 %, must not be reused), several tenants and a priority mix."""
     if n < 1:
-        raise TraceError([("synth", 0, "n", "--n must be >= 1")])
+        raise TraceError([("--n", 0, "n", f"--n must be >= 1, got {n}")], hint="")
     catalog = catalog or default_catalog()
     rng = np.random.default_rng(seed)
     n_campaigns = max(3, n // 150)
@@ -247,4 +310,4 @@ def synth(n: int = 5000, *, seed: int = 0, duration_s: float = 3600.0, catalog: 
         elif prio == "normal":
             row["deadline_s"] = float(rng.uniform(1800, 4 * 3600))
         rows.append(row)
-    return _build(rows, catalog, settings)
+    return _build(list(enumerate(rows, start=1)), catalog, settings, "synth", [])

@@ -14,6 +14,7 @@ __all__ = ["EmulatorServer"]
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as the SDKs' connection pools expect
+    disable_nagle_algorithm = True  # else each loopback answer waits ~40 ms for the client's delayed ACK
     server_version = "smartbatch-emulator"
     sys_version = ""
     server: EmulatorServer

@@ -125,3 +125,87 @@ def test_two_live_engines_sharing_a_budget_in_redis_never_pass_it(ray_session, r
     assert led_spent <= spent + 1e-9 and led_spent + led_reserved >= spent - 1e-9
     assert led_spent + led_reserved <= limit + 1e-9
     assert max(rep_a["spent_usd"], rep_b["spent_usd"]) <= spent + 1e-6  # reports round to the micro-dollar
+
+
+def _aged(r, prefix, rid, by_s):
+    """Move claim ``rid``'s expiry ``by_s`` seconds into the past: time passing, without waiting for it."""
+    score = r.zscore(f"{prefix}:exp", rid)
+    assert score is not None, rid
+    r.zadd(f"{prefix}:exp", {rid: score - by_s})
+
+
+def test_expired_reservations_are_released_and_a_late_settlement_still_counts(redis_server):
+    """A claim left open past ``reservation_ttl_s`` (its engine crashed) is released by the next script; if its
+    settlement comes after all, the spend counts and nothing is released twice."""
+    import redis.asyncio as aioredis
+
+    spec = BudgetSpec(tenant="acme", max_budget=10.0, budget_duration="1d")
+    prefix = f"sbtest-budget{next(_prefix)}"
+    r = redis_server.client()
+
+    async def go():
+        client = aioredis.Redis.from_url(redis_server.url)
+        book = RedisBudgetBook(client, [spec], prefix=prefix, reservation_ttl_s=600)
+        vs = await book.reserve_many([Claim("lost", "acme", "openai", "gpt-5", "urgent", 4.0),
+                                      Claim("late", "acme", "openai", "gpt-5", "urgent", 3.0),
+                                      Claim("live", "acme", "openai", "gpt-5", "urgent", 2.0)], T0)
+        assert all(v.ok for v in vs)
+        assert await book.window(spec, T0) == (0.0, 9.0)
+        exp = r.zscore(f"{prefix}:exp", "live") - float(r.time()[0])
+        assert 590 < exp <= 601 and r.ttl(f"{prefix}:c:live") > 600  # the record outlives its expiry
+        assert not (await book.reserve_many([Claim("x", "acme", "openai", "gpt-5", "urgent", 2.0)], T0))[0].ok
+        _aged(r, prefix, "lost", 601)
+        _aged(r, prefix, "late", 601)
+        assert await book.sweep() == 2
+        assert await book.window(spec, T0) == (0.0, 2.0)  # only the live claim still holds room
+        assert await book.sweep() == 0  # released once
+        await book.settle_many([("late", 2.5), ("live", 1.0)])  # one settles after its expiry, one before
+        assert await book.window(spec, T0) == (3.5, 0.0)
+        assert await book.spend_report() == [{"tenant": "acme", "provider": "openai", "model": "gpt-5",
+                                              "spent_usd": 3.5}]
+        await book.settle_many([("late", 2.5), ("lost", 0.0)])  # repeats and unknown claims change nothing
+        assert await book.window(spec, T0) == (3.5, 0.0)
+        assert r.zcard(f"{prefix}:exp") == 0 and not r.keys(f"{prefix}:c:*")
+        await client.aclose()
+    asyncio.run(go())
+
+
+def test_expiry_is_swept_by_every_reservation_and_settlement(redis_server):
+    import redis.asyncio as aioredis
+
+    spec = BudgetSpec(max_budget=5.0)
+    prefix = f"sbtest-budget{next(_prefix)}"
+    r = redis_server.client()
+
+    async def go():
+        client = aioredis.Redis.from_url(redis_server.url)
+        book = RedisBudgetBook(client, [spec], prefix=prefix, reservation_ttl_s=60)
+        assert (await book.reserve_many([Claim("a", "t", "openai", "gpt-5", "urgent", 5.0)], T0))[0].ok
+        _aged(r, prefix, "a", 61)
+        # The sweep runs first in the same script, so the expired room goes to this claim.
+        assert (await book.reserve_many([Claim("b", "t", "openai", "gpt-5", "urgent", 5.0)], T0))[0].ok
+        _aged(r, prefix, "b", 61)
+        await book.settle_many([("unknown", 0.0)])  # any settlement sweeps too
+        assert await book.window(spec, T0) == (0.0, 0.0)
+        await client.aclose()
+    asyncio.run(go())
+
+
+def test_a_separator_in_a_tenant_name_cannot_poison_the_shared_ledger(redis_server):
+    """The spend hash joins tenant, provider and model with a separator: names holding it (or the escape
+    character) are stored apart and reported back as they were, and the report stays readable."""
+    spec = BudgetSpec(max_budget=100.0)
+    tenants = ["acme", "acme\x1fopenai", "acme%1Fopenai", "a%25b", "%", "\x1f"]
+
+    async def go():
+        clients, (a, b) = book_pair(redis_server.url, [spec])
+        claims = [Claim(f"c{k}", t, "openai", "gpt-5", "urgent", 1.0) for k, t in enumerate(tenants)]
+        assert all(v.ok for v in await a.reserve_many(claims, T0))
+        await b.settle_many([(c.rid, 1.0 + k) for k, c in enumerate(claims)])
+        rows = await b.spend_report()
+        assert sorted((r["tenant"], r["spent_usd"]) for r in rows) == sorted(
+            (t, 1.0 + k) for k, t in enumerate(tenants))
+        assert {(r["provider"], r["model"]) for r in rows} == {("openai", "gpt-5")}
+        for c in clients:
+            await c.aclose()
+    asyncio.run(go())

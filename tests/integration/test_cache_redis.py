@@ -30,7 +30,7 @@ def job(i, prompt, *, tenant="acme", reuse="near", share=False):
 
 
 def ok(j, done_s=1.0):
-    return (j.fp, Result(id=j.req.id, status="ok", output=f"img://{j.req.id}", cost_usd=0.04, mode="sync",
+    return (j.fp, Result(id=j.req.id, tenant=j.req.tenant, status="ok", output=f"img://{j.req.id}", cost_usd=0.04, mode="sync",
                          provider=j.req.provider, model=j.req.model, done_s=done_s))
 
 

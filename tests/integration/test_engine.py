@@ -4,7 +4,8 @@ import collections
 
 import pytest
 
-from engine import Engine, TraceError
+from engine import Engine
+from engine.errors import RequestError
 from engine.catalog import default_catalog
 from engine.simulator import MODES, simulate
 from engine.tracegen import synth
@@ -52,7 +53,7 @@ def test_object_refs_resolve_to_the_results(ray_session):
 
 def test_bad_input_is_refused_with_the_field(ray_session):
     with Engine.start() as eng:
-        with pytest.raises(TraceError, match="field 'input_tokens'"):
+        with pytest.raises(RequestError, match="field 'input_tokens'"):
             eng.submit({"id": "x", "model": "gpt-5", "input_tokens": -1})
         # 20 s leaves no time for a batch: smart sends it at once (at speed-up 1 a batch would take minutes)
         f = eng.submit({"id": "y", "model": "gpt-5-mini", "prompt": "hello", "priority": "urgent", "deadline_s": 20})

@@ -34,7 +34,7 @@ def job(i, prompt, *, tenant="acme", reuse="near", share=False, model="gpt-image
 
 
 def ok(j, output="img://out", done_s=1.0):
-    return (j.fp, Result(id=j.req.id, status="ok", output=output, cost_usd=0.04, mode="sync",
+    return (j.fp, Result(id=j.req.id, tenant=j.req.tenant, status="ok", output=output, cost_usd=0.04, mode="sync",
                          provider=j.req.provider, model=j.req.model, done_s=done_s))
 
 

@@ -101,3 +101,94 @@ def test_bad_budget_flags_name_the_flag_and_the_fix(tmp_path):
     assert r.exit_code == 2 and "budget_duration 'weekly'" in r.output
     r = runner.invoke(app, ["bench", str(trace), "--budget-duration", "1h", "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "--budget-duration needs --budget" in r.output
+
+
+# --- every error is one `error:` line naming the file, line and field (or the setting), no traceback ------------
+
+def _one_error(r, *needles):
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output and r.output.count("error:") == 1, r.output
+    for n in needles:
+        assert n in r.output, (n, r.output)
+
+
+def test_policies_lists_every_registered_policy():
+    from policies import available_policies
+
+    r = runner.invoke(app, ["policies"])
+    assert r.exit_code == 0, r.output
+    assert all(f"{name}:" in r.output for name in available_policies())
+
+
+def test_a_bad_environment_setting_is_one_line_naming_the_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("SMARTBATCH_SIM__SEED", "abc")
+    r = runner.invoke(app, ["trace", "synth", "--n", "5", "--out", str(tmp_path / "t.jsonl")])
+    _one_error(r, "SMARTBATCH_SIM__SEED", "sim.seed")
+    assert len(r.output.strip().splitlines()) <= 3  # was a 150-line pydantic traceback
+
+
+def test_a_malformed_redis_url_is_a_settings_error_not_an_actor_death(tmp_path, monkeypatch):
+    trace = tmp_path / "t.jsonl"
+    assert runner.invoke(app, ["trace", "synth", "--n", "5", "--out", str(trace)]).exit_code == 0
+    for var in ("SMARTBATCH_CACHE__REDIS_URL", "SMARTBATCH_BUDGETS__REDIS_URL"):
+        monkeypatch.setenv(var, "notaurl")
+        r = runner.invoke(app, ["bench", str(trace), "--policies", "naive", "--out", str(tmp_path / "o")])
+        _one_error(r, var, "redis://")
+        monkeypatch.delenv(var)
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch):
+    monkeypatch.setenv("SMARTBATCH_SIM__SEED", "abc")
+    from engine.errors import ConfigError
+
+    r = runner.invoke(app, ["--debug", "trace", "synth", "--n", "5", "--out", str(tmp_path / "t.jsonl")])
+    assert r.exit_code != 0 and isinstance(r.exception, ConfigError)
+
+
+def test_an_unexpected_exception_is_one_line_unless_debug(tmp_path, monkeypatch):
+    import engine.trace
+
+    def boom(*a, **k):
+        raise IndexError("list index out of range")
+
+    monkeypatch.setattr(engine.trace, "load_trace", boom)
+    r = runner.invoke(app, ["bench", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "Traceback" not in r.output and r.output.count("error:") == 1
+    assert "IndexError: list index out of range" in r.output and "--debug" in r.output
+    r = runner.invoke(app, ["--debug", "bench", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "o")])
+    assert isinstance(r.exception, IndexError)
+
+
+def test_builder_errors_name_file_line_and_column(tmp_path):
+    csv = tmp_path / "a.csv"
+    csv.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.1,12,3\n2023-11-16 18:15:47.1,x,3\n")
+    r = runner.invoke(app, ["trace", "from-azure", str(csv), "--out", str(tmp_path / "t.jsonl")])
+    _one_error(r, f"{csv}:3: field 'ContextTokens'")
+    mc = tmp_path / "m.jsonl"
+    mc.write_text('{"timestamp": 0, "input_length": 5, "output_length": 3}\n{"timestamp": 1, "output_length": 3}\n')
+    r = runner.invoke(app, ["trace", "from-mooncake", str(mc), "--out", str(tmp_path / "t.jsonl")])
+    _one_error(r, f"{mc}:2: field 'input_length'")
+    assert not (tmp_path / "t.jsonl").exists()  # nothing written
+
+
+def test_bench_on_non_utf8_surrogates_and_empty_traces(tmp_path):
+    good = '{"id": "a", "arrival_s": 0, "model": "gpt-5", "input_tokens": 5}\n'
+    trace = tmp_path / "t.jsonl"
+    trace.write_bytes(good.encode() + b'{"id": "b", "prompt": "\xff"}\n' + b'{"id": "c\\ud800", "arrival_s": 0}\n')
+    out = str(tmp_path / "o")
+    _one_error(runner.invoke(app, ["bench", str(trace), "--policies", "naive", "--out", out]),
+               f"{trace}:2: field 'line': not UTF-8", f"{trace}:3: field 'id'")
+    r = runner.invoke(app, ["bench", str(trace), "--policies", "naive", "--out", out, "--skip-invalid"])
+    assert r.exit_code == 0 and "skipped 2 invalid line(s)" in r.output, r.output
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    _one_error(runner.invoke(app, ["bench", str(empty), "--out", out]), "trace empty.jsonl has no requests")
+
+
+def test_bench_rebases_an_epoch_trace_and_says_so(tmp_path):
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("".join(json.dumps({"id": f"r{i}", "arrival_s": 1.7e9 + 10 * i, "model": "gpt-5-mini",
+                                         "prompt": f"task {i}"}) + "\n" for i in range(5)))
+    r = runner.invoke(app, ["bench", str(trace), "--policies", "naive", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    assert "arrivals rebased by 19,675 day(s)" in r.output

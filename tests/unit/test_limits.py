@@ -7,13 +7,17 @@ from hypothesis import strategies as st
 
 from engine.catalog import Catalog, RateLimits, default_catalog
 from engine.errors import ConfigError
-from engine.ratelimit import WINDOW_S, EnqueuedTokens, RateGate
+from engine.ratelimit import EnqueuedTokens, RateGate
 from engine.request import Request, validation_context
 from engine.resilience import CircuitBreaker, Resilience, retry_delay
 from engine.scheduling import FairQueue, Scheduling, Unit
 from engine.settings import Settings
 from engine.simulator import simulate
 from policies import load_policy
+
+# Providers count requests and tokens per minute over a sliding minute. Stated here, not imported from the
+# module under test: a test that reads the window from the gate would check the gate against itself.
+MINUTE_S = 60.0
 
 
 def catalog_with(provider="openai", **update) -> Catalog:
@@ -27,14 +31,14 @@ def catalog_with(provider="openai", **update) -> Catalog:
 
 
 def assert_within_limits(history, rl: RateLimits):
-    """No window [x, x + 60 s) holds more than rpm starts or tpm tokens; never more than max_concurrency
+    """No window [x, x + MINUTE_S) holds more than rpm starts or tpm tokens; never more than max_concurrency
     calls run at once."""
     assert history, "no call was recorded"
     starts = np.array([h[0] for h in history])
     assert np.all(np.diff(starts) >= 0)
     tokens = np.minimum(np.array([h[1] for h in history], dtype=float), rl.tpm)
     ends = np.array([h[2] for h in history])
-    upto = np.searchsorted(starts, starts + WINDOW_S, side="left")  # the window opening at each start
+    upto = np.searchsorted(starts, starts + MINUTE_S, side="left")  # the window opening at each start
     counts = upto - np.arange(len(starts))
     csum = np.concatenate([[0.0], np.cumsum(tokens)])
     window_tokens = csum[upto] - csum[np.arange(len(starts))]
@@ -58,6 +62,21 @@ def test_the_gate_never_lets_a_sliding_minute_pass_its_limits(calls):
         gate.take(s, tok, dur)
     history = gate.history
     assert_within_limits(history, rl)
+
+
+@pytest.mark.parametrize("rpm,tpm,tokens", [(20, 10**9, 1), (10**6, 30_000, 10_000)])
+def test_the_call_past_a_minutes_quota_starts_a_minute_after_the_first(rpm, tpm, tokens):
+    """Calls all ready at t=0: the quota (rpm calls, or tpm tokens) starts within the first minute, the next
+    call exactly when the first leaves the sliding minute (60 s, not sooner and not later), and the quota after
+    that a minute later again."""
+    quota = min(rpm, tpm // tokens)
+    gate = RateGate(RateLimits(rpm=rpm, tpm=tpm, max_concurrency=10_000), history=[])
+    for _ in range(2 * quota + 1):
+        gate.take(gate.earliest(0.0, tokens), tokens, 0.01)
+    starts = [h[0] for h in gate.history]
+    assert starts[0] == 0.0 and starts[quota - 1] < MINUTE_S
+    assert starts[quota] == starts[0] + MINUTE_S
+    assert starts[2 * quota - 1] < 2 * MINUTE_S and starts[2 * quota] == starts[quota] + MINUTE_S
 
 
 def test_a_burst_of_10000_requests_never_exceeds_a_limit_in_any_minute():

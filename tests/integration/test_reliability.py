@@ -1,0 +1,74 @@
+"""Identity, idempotency, stopping, backpressure and retention of the live engine (issue 11, first part)."""
+
+import pytest
+
+from engine import Engine
+from engine.errors import EngineStopped, Overloaded, RequestError
+
+
+def text(i, tenant="default", **kw):
+    return {"id": f"q{i}", "tenant": tenant, "model": "gpt-4o-mini", "prompt": f"question {i}", "deadline_s": 20, **kw}
+
+
+def test_two_tenants_with_the_same_ids_and_prompts_never_see_each_others_results(ray_session):
+    with Engine.start(speedup=100) as eng:
+        a = [eng.submit(text(i, "tenant-a")) for i in range(5)]
+        b = [eng.submit(text(i, "tenant-b")) for i in range(5)]
+        assert all(fa is not fb for fa, fb in zip(a, b))
+        ra, rb = [f.result(timeout=60) for f in a], [f.result(timeout=60) for f in b]
+        rep = eng.report()
+    assert [r.tenant for r in ra] == ["tenant-a"] * 5 and [r.tenant for r in rb] == ["tenant-b"] * 5
+    assert [r.id for r in ra] == [r.id for r in rb] == [f"q{i}" for i in range(5)]
+    # Both tenants' requests ran: the cache keeps tenants apart (share_across_tenants is off by default).
+    assert all(r.status == "ok" for r in ra + rb) and rep["requests"] == 10
+
+
+def test_a_repeated_id_returns_the_same_future_and_other_content_is_refused(ray_session):
+    with Engine.start(speedup=100) as eng:
+        f = eng.submit(text(1))
+        assert eng.submit(text(1)) is f and eng.submit_many([text(1)])[0] is f
+        with pytest.raises(RequestError, match="already submitted id 'q1' with other content"):
+            eng.submit(text(1, prompt="something else"))
+        with pytest.raises(RequestError, match="field 'prompt'.*not valid Unicode"):
+            eng.submit_many([text(2), text(3, prompt="bad \ud800")])
+        # Nothing of the refused batch was queued: its ids are still free.
+        g = eng.submit_many([text(2), text(3)])
+        assert f.result(timeout=60).status == "ok" and all(x.result(timeout=60).status == "ok" for x in g)
+
+
+def test_submit_on_a_stopped_engine_raises_and_a_second_engine_runs_on(ray_session):
+    first = Engine.start(speedup=100)
+    second = Engine.start(speedup=100)
+    first.stop()
+    with pytest.raises(EngineStopped):
+        first.submit(text(1))
+    try:
+        assert second.submit(text(1)).result(timeout=60).status == "ok"  # Ray is still up under it
+    finally:
+        second.stop()
+
+
+def test_backpressure_bounds_the_unfinished_requests(ray_session):
+    # A 10-minute deadline at speed-up 1: the requests wait for a batch, so they stay unfinished.
+    slow = {"deadline_s": 600, "priority": "background"}
+    with Engine.start(speedup=1, max_pending=3, overload="raise") as eng:
+        eng.submit_many([text(i, **slow) for i in range(3)])
+        with pytest.raises(Overloaded, match="max_pending=3"):
+            eng.submit(text(9, **slow))
+    with Engine.start(speedup=1, max_pending=2, submit_timeout_s=0.2) as eng:
+        eng.submit_many([text(i, **slow) for i in range(2)])
+        with pytest.raises(Overloaded):
+            eng.submit(text(9, **slow))  # waited 0.2 s for room, in vain
+
+
+def test_finished_requests_are_forgotten_after_the_retention_window(ray_session):
+    with Engine.start(speedup=100, retention_s=0.0) as eng:
+        f = eng.submit(text(1))
+        assert f.result(timeout=60).status == "ok"
+        # The pull loop forgets it on its next turn (at most its 0.2 s long-poll): wait on that, bounded.
+        with eng._room:
+            eng._room.wait_for(lambda: not eng._futs, timeout=10)
+            assert not eng._futs
+        g = eng.submit(text(1))  # the id is free again: a new request (answered from the result cache)
+        assert g is not f and g.result(timeout=60).status in ("ok", "reused")
+        assert eng.report()["requests"] == 2

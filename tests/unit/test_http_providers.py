@@ -1,0 +1,751 @@
+"""The HTTP providers (OpenAI and Anthropic over the official SDKs) against the loopback emulator, driven through a
+``Dispatcher`` as a plain asyncio class (no Ray) and, where that is simpler, directly.
+
+Time: the engine runs on a ``ScaledClock`` and the emulator at the same speed-up, so engine seconds and emulator
+seconds pass alike. Batch turnarounds are fixed (the test catalog's turnaround distribution is a point), so member
+``k`` of ``n`` finishes at ``start + T * (k + 1) / n``. One HTTP round trip to the emulator takes up to ~50 ms real
+(tens of engine seconds), so a test that races the clock asserts only what holds whatever the round trips take,
+plus the invariant (billed by the provider <=> a result, else handed back). Every wait is a bounded poll of the
+hub, the grouper stand-in or the emulator; none is a fixed sleep as the synchronisation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import given, settings
+
+from actors import BudgetController, Dispatcher, ResultHub
+from actors._types import BatchJob, Job
+from actors.providers import make_provider
+from actors.providers._wire import message_parts, redact, retry_after
+from actors.providers.anthropic_http import AnthropicProvider
+from actors.providers.openai_http import OpenAIProvider
+from engine.budgets import BudgetSettings, Claim
+from engine.catalog import Catalog, default_catalog
+from engine.clock import ManualClock, ScaledClock
+from engine.cost import price_usage
+from engine.draws import Draws
+from engine.driver import http_setup
+from engine.emulator import Emulator
+from engine.live import point_at_emulator
+from engine.provider_api import CallJob, CallOutcome, Provider, Secret, call_key
+from engine.providers import SimProvider
+from engine.request import Request
+from engine.result import Result
+from engine.settings import Resilience, Settings, SimSettings
+
+# The Anthropic SDK warns that catalog models such as claude-sonnet-4-5 near their end of life: not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:The model .* is deprecated:DeprecationWarning")
+
+KEY = "sk-test-NEVERSHOWN-1234567890abcdef"
+SPEED = 1000.0  # engine (and emulator) seconds per real second
+T = 1000.0  # every batch's turnaround, engine seconds: 1 s real
+N = 4  # members of a test batch: they finish T/4 = 250 engine s (250 ms real) apart
+EMU_CANCEL_S = 20.0  # engine seconds the emulator takes to cancel a batch
+VALIDATING_S = {"openai": 1.0, "anthropic": 0.0}  # OpenAI batches validate first; Message Batches do not
+MODEL = {"openai": "gpt-5-mini", "anthropic": "claude-sonnet-4-5"}
+ROUTE = {"openai": "chat.completions", "anthropic": "messages"}
+BATCH_ROUTE = {"openai": "batches", "anthropic": "messages.batches"}  # the bill's route of a batch member
+PROVIDERS = pytest.mark.parametrize("provider", ["openai", "anthropic"])
+
+
+def fixed_turnaround_catalog(turnaround_s: float) -> Catalog:
+    """The default catalog with every batch of openai and anthropic taking exactly ``turnaround_s``."""
+    cat = default_catalog()
+    providers = dict(cat.providers)
+    for name in ("openai", "anthropic"):
+        p = providers[name]
+        providers[name] = p.model_copy(update={"batch_api": p.batch_api.model_copy(update={
+            "turnaround_min_s": turnaround_s, "turnaround_median_s": turnaround_s,
+            "turnaround_p95_s": turnaround_s})})
+    return Catalog.model_validate({"schema_version": cat.schema_version,
+                                   "providers": {k: v.model_dump() for k, v in providers.items()}})
+
+
+CAT = fixed_turnaround_catalog(T)
+
+
+# -- harness -------------------------------------------------------------------------------------------------------
+class Recorder:
+    """A stand-in peer (grouper) that records what it was sent."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple]] = []
+
+    def __getattr__(self, name: str) -> Callable:
+        async def method(*args: Any) -> bool:
+            self.calls.append((name, args))
+            return True
+        return method
+
+    def readmitted(self) -> list[Job]:
+        return [j for name, (jobs,) in self.calls if name == "add" for j in jobs]
+
+
+@pytest.fixture
+def emu() -> Iterator[Emulator]:
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED, cancel_s=EMU_CANCEL_S, validating_s=VALIDATING_S["openai"],
+                  finalizing_s=1.0) as e:
+        yield e
+
+
+def http_settings(emu: Emulator, *, timeout_s: float = 30.0, cancel_s: float | None = None,
+                  **kw: Any) -> Settings:
+    """Settings whose openai and anthropic are called over HTTP at ``emu`` (``point_at_emulator``), with short
+    polls, the given client timeout (real s) and cancel allowance (engine s), replaying requests at their size."""
+    s = point_at_emulator(Settings(**kw), emu)
+    eps = {name: ep.model_copy(update={"timeout_s": timeout_s, "poll_min_s": 10.0, "poll_max_s": 40.0,
+                                       **({} if cancel_s is None else {"cancel_s": cancel_s})})
+           for name, ep in s.providers.endpoints.items()}
+    return s.model_copy(update={"providers": s.providers.model_copy(update={"endpoints": eps, "replay": True})})
+
+
+class Rig:
+    """One dispatcher over HTTP at the emulator, with a hub, a budget ledger and a recording grouper."""
+
+    def __init__(self, emu: Emulator, provider: str = "openai", *, key: str = KEY, **settings_kw: Any):
+        self.emu, self.name = emu, provider
+        self.settings = http_settings(emu, **settings_kw)
+        # The catalog the engine plans with: its batch_api.cancel_s is the endpoint's (engine.driver).
+        self.catalog, _ = http_setup(emu.catalog, self.settings, need_keys=False)
+        self.clock = ScaledClock(time.time(), SPEED)
+        self.hub, self.grouper = ResultHub(), Recorder()
+        self.budget = BudgetController(BudgetSettings(), None, ManualClock(0.0))
+        self.d = Dispatcher(provider, self.catalog, self.settings, 0, self.clock, [self.grouper], self.hub, None,
+                            self.budget, key=Secret(key))
+        self.results: dict[str, Result] = {}
+        self.calls: list[tuple[CallJob, float, CallOutcome]] = []  # (job, engine start, outcome) of every call
+        inner = self.d.provider.call
+
+        async def spy(job: CallJob) -> CallOutcome:
+            start = self.clock.now()
+            out = await inner(job)
+            self.calls.append((job, start, out))
+            return out
+
+        self.d.provider.call = spy  # an instance attribute shadows the method: the dispatcher calls this
+
+    async def reserve(self, jobs: list[Job]) -> None:
+        claims = [Claim(j.claim, j.req.tenant, j.req.provider, j.req.model, j.req.priority, 1.0) for j in jobs]
+        assert all(v.ok for v in await self.budget.reserve_many(claims))
+
+    async def run(self, mode: str, jobs: list[Job], hedge_at: float | None = None, bid: str = "b") -> None:
+        await self.d.run_many([BatchJob(bid, mode, hedge_at, False, "test", "test", jobs)])
+
+    async def until(self, probe: Callable[[], Any], what: str, timeout_s: float = 10.0) -> Any:
+        """Pull results into ``self.results`` until ``probe()`` is truthy; fail after ``timeout_s`` (a bound)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for r in await self.hub.pull(0.01):
+                assert r.id not in self.results, f"{r.id} resolved twice"
+                self.results[r.id] = r
+            got = probe()
+            if got:
+                return got
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout_s} s waiting for {what}: results {self.results}, "
+                                     f"grouper {self.grouper.readmitted()}")
+
+    async def resolved(self, jobs: list[Job], timeout_s: float = 10.0) -> None:
+        """Wait until every job has a result or went back to the grouper (whichever way it ends)."""
+        def done() -> bool:
+            back = {j.req.id for j in self.grouper.readmitted()}
+            return all(j.req.id in self.results or j.req.id in back for j in jobs)
+        await self.until(done, f"{[j.req.id for j in jobs]} to resolve", timeout_s)
+
+    async def close(self) -> None:
+        await self.d.provider.close()
+
+
+def req(i: int, provider: str = "openai", **kw: Any) -> Request:
+    d = {"id": f"{provider}-{i}", "arrival_s": 0.0, "model": MODEL[provider], "input_tokens": 300 + 10 * i,
+         "output_tokens": 20 + i, "prompt": f"task {i}"}
+    d.update(kw)
+    return Request.model_validate(d)
+
+
+def jobs_of(provider: str, n: int = N, claims: bool = False, **kw: Any) -> list[Job]:
+    return [Job(i, req(i, provider, **kw), f"fp-{provider}-{i}", claim=f"c{i}" if claims else None)
+            for i in range(n)]
+
+
+def batch_key(j: Job) -> str:
+    return call_key(j.req.tenant, j.req.id, j.req.model, j.attempts)
+
+
+def priced(r: Result, req_: Request, mode: str) -> float:
+    u = r.usage
+    assert u is not None
+    return price_usage(req_, CAT, mode, input_tokens=u["input_tokens"], output_tokens=u["output_tokens"],
+                       cache_read=u["cache_read"], cache_write=u["cache_write"]).total
+
+
+def billed_by_custom_id(emu: Emulator) -> dict[str, Any]:
+    items = [i for i in emu.bill().items if i.custom_id is not None]
+    ids = [i.custom_id for i in items]
+    assert len(ids) == len(set(ids)), f"a batch member was billed twice: {ids}"
+    return {i.custom_id: i for i in items}
+
+
+def assert_batch_member(r: Result, j: Job, item: Any, provider: str) -> None:
+    """``r`` came from the batch output: real text, billed once at the batch price, as the emulator billed it."""
+    assert r.status == "ok" and r.mode == "batch_api" and r.real, r
+    assert r.output and not r.output.startswith("sim://") and len(r.output) == 4 * j.req.output_tokens
+    assert r.usage["input_tokens"] == j.req.input_tokens and r.usage["output_tokens"] == j.req.output_tokens
+    assert item.mode == "batch_api" and item.route == BATCH_ROUTE[provider]
+    assert r.cost_usd == pytest.approx(priced(r, j.req, "batch_api"), abs=1e-12)
+    assert r.cost_usd == pytest.approx(item.cost_usd, abs=1e-12)
+    assert r.cost_usd < priced(r, j.req, "sync")  # the batch discount
+
+
+# -- 1. sync round trip --------------------------------------------------------------------------------------------
+@PROVIDERS
+def test_sync_call_round_trip_bills_real_usage_once(emu, provider):
+    async def go():
+        rig = Rig(emu, provider)
+        try:
+            (j,) = jobs_of(provider, 1)
+            await rig.run("sync", [j])
+            r = (await rig.until(lambda: rig.results.get(j.req.id), "the result"))
+            assert r.status == "ok" and r.real and r.mode == "sync", r
+            assert r.output.startswith("[emulator ") and len(r.output) == 4 * j.req.output_tokens
+            # Replayed at its recorded size: the provider counted exactly the request's tokens.
+            assert r.usage == {"input_tokens": j.req.input_tokens, "output_tokens": j.req.output_tokens,
+                               "cache_read": 0, "cache_write": 0}
+            assert r.raw and r.raw["usage"]
+            (item,) = emu.bill().items
+            assert r.provider_request_id == item.request_id and item.mode == "sync" and item.custom_id is None
+            assert r.cost_usd > 0
+            assert r.cost_usd == pytest.approx(priced(r, j.req, "sync"), abs=1e-12)
+            assert r.cost_usd == pytest.approx(item.cost_usd, abs=1e-12)
+            assert emu.count(ROUTE[provider]) == 1 and rig.d.in_flight == 0
+            (job, _, _), = rig.calls
+            assert job.key == call_key(j.req.tenant, j.req.id, j.req.model, 0)
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+# -- 2. batch round trip -------------------------------------------------------------------------------------------
+@PROVIDERS
+def test_batch_round_trip_resolves_every_member_billed_once_at_the_batch_price(emu, provider):
+    # Anthropic: the members share a 1,024-token prefix (two blocks), so the first writes the cache and the
+    # later ones read it, through the breakpoints the provider places.
+    extra = {"input_tokens": 1500, "prefix_blocks": [11, 12]} if provider == "anthropic" else {}
+    jobs = jobs_of(provider, claims=True, **extra)
+
+    async def go():
+        rig = Rig(emu, provider)
+        try:
+            await rig.reserve(jobs)
+            await rig.run("batch_api", jobs)
+            await rig.resolved(jobs)
+            assert rig.grouper.readmitted() == []
+            billed = billed_by_custom_id(emu)
+            assert set(billed) == {batch_key(j) for j in jobs}
+            for j in jobs:
+                assert_batch_member(rig.results[j.req.id], j, billed[batch_key(j)], provider)
+            bill = emu.bill()
+            assert len(bill.items) == N and sum(r.cost_usd for r in rig.results.values()) == pytest.approx(
+                bill.total_usd, abs=1e-12)
+            assert emu.count(ROUTE[provider]) == 0  # nothing went sync
+            if provider == "anthropic":
+                usage = [rig.results[j.req.id].usage for j in jobs]
+                assert usage[0]["cache_write"] == 1024 and usage[0]["cache_read"] == 0
+                assert all(u["cache_read"] == 1024 and u["cache_write"] == 0 for u in usage[1:])
+            # The budget settled every claim at its member's cost.
+            await rig.until(lambda: not rig.budget.book.claims, "every claim settled")
+            assert sum(rig.budget.book.spend.values()) == pytest.approx(bill.total_usd, abs=1e-12)
+            assert rig.d.in_flight == 0
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+# -- 3. a failed member --------------------------------------------------------------------------------------------
+@PROVIDERS
+def test_a_failed_batch_member_is_retried_unbilled_and_the_others_billed_once(emu, provider):
+    jobs = jobs_of(provider, claims=True)
+    emu.faults.fail_members = {batch_key(jobs[1])}
+
+    async def go():
+        rig = Rig(emu, provider)
+        try:
+            await rig.reserve(jobs)
+            await rig.run("batch_api", jobs)
+            await rig.resolved(jobs)
+            (back,) = rig.grouper.readmitted()
+            # Handed back to the policy as its next attempt (a new custom_id), its claim settled at 0.
+            assert back.req.id == jobs[1].req.id and back.attempts == 1 and back.hedges == 0 and back.claim is None
+            assert jobs[1].req.id not in rig.results and await rig.hub.pull(0) == []
+            billed = billed_by_custom_id(emu)
+            assert set(billed) == {batch_key(j) for j in jobs if j is not jobs[1]}
+            for j in jobs:
+                if j is not jobs[1]:
+                    assert_batch_member(rig.results[j.req.id], j, billed[batch_key(j)], provider)
+            await rig.until(lambda: not rig.budget.book.claims, "every claim settled")
+            # The retry, sent as the policy would (here sync), is billed once: nothing was paid twice.
+            await rig.run("sync", [back], bid="retry")
+            r = await rig.until(lambda: rig.results.get(back.req.id), "the retried member")
+            assert r.status == "ok" and r.mode == "sync"
+            bill = emu.bill()
+            assert len(bill.items) == N
+            assert sum(r.cost_usd for r in rig.results.values()) == pytest.approx(bill.total_usd, abs=1e-12)
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+# -- 4. an expired batch -------------------------------------------------------------------------------------------
+@PROVIDERS
+def test_an_expired_batch_keeps_its_finished_members_and_hands_back_the_rest(emu, provider):
+    jobs = jobs_of(provider, claims=True)
+    emu.faults.expire_batches(1, finished_fraction=0.6)  # members 0 and 1 finish (at 0.25 T and 0.5 T)
+
+    async def go():
+        rig = Rig(emu, provider)
+        try:
+            await rig.reserve(jobs)
+            await rig.run("batch_api", jobs)
+            await rig.resolved(jobs)
+            back = rig.grouper.readmitted()
+            assert sorted(j.req.id for j in back) == [jobs[2].req.id, jobs[3].req.id]
+            # Not failed and not a new attempt: unfinished, so sent again (the claim goes back with the job).
+            assert all(j.hedges == 1 and j.attempts == 0 and j.claim is not None for j in back)
+            assert set(rig.results) == {jobs[0].req.id, jobs[1].req.id}
+            billed = billed_by_custom_id(emu)
+            assert set(billed) == {batch_key(jobs[0]), batch_key(jobs[1])}
+            for j in jobs[:2]:
+                assert_batch_member(rig.results[j.req.id], j, billed[batch_key(j)], provider)
+            assert sum(r.cost_usd for r in rig.results.values()) == pytest.approx(emu.bill().total_usd, abs=1e-12)
+            await rig.until(lambda: set(rig.budget.book.claims) == {"c2", "c3"}, "finished claims settled")
+            assert rig.d.batches_cancelled == 0 and rig.d.in_flight == 0
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+# -- 5. cancel at the hedge, with partial results ------------------------------------------------------------------
+def assert_split_by_the_bill(rig: Rig, emu: Emulator, jobs: list[Job], provider: str) -> set[str]:
+    """Every member either came back as a result billed once at the batch price (it finished) or went back to the
+    grouper unbilled (it did not run), never both and never neither. Returns the ids that finished."""
+    billed = billed_by_custom_id(emu)
+    back = {j.req.id: j for j in rig.grouper.readmitted()}
+    for j in jobs:
+        in_results, in_back = j.req.id in rig.results, j.req.id in back
+        assert in_results != in_back, (j.req.id, in_results, in_back)
+        assert (batch_key(j) in billed) is in_results, (j.req.id, "billed" if batch_key(j) in billed else "unbilled")
+        if in_results:
+            assert_batch_member(rig.results[j.req.id], j, billed[batch_key(j)], provider)
+        else:
+            assert back[j.req.id].hedges == 1 and back[j.req.id].attempts == 0
+    assert set(billed) <= {batch_key(j) for j in jobs}
+    return {j.req.id for j in jobs if j.req.id in rig.results}
+
+
+@PROVIDERS
+def test_a_batch_cancelled_at_its_hedge_keeps_finished_members_and_never_sends_them_again(emu, provider):
+    jobs = jobs_of(provider, claims=True)
+
+    async def go():
+        # The allowance for the cancel (engine s) exceeds the emulator's cancel time, as a real provider's
+        # maximum exceeds a typical cancel.
+        rig = Rig(emu, provider, cancel_s=10 * EMU_CANCEL_S)
+        cancels: list[float] = []
+        inner = rig.d.provider.cancel
+
+        async def cancel(handle: Any) -> None:
+            cancels.append(rig.clock.now())
+            await inner(handle)
+
+        rig.d.provider.cancel = cancel
+        try:
+            await rig.reserve(jobs)
+            # Member 0 finishes before the hedge (at 0.25 T, plus the submission's round trips), member 3 (at T)
+            # long after the cancel; members 1 and 2 go either way, depending on how long the round trips take.
+            hedge_at = rig.clock.now() + VALIDATING_S[provider] + 0.6 * T
+            await rig.run("batch_api", jobs, hedge_at=hedge_at)
+            await rig.resolved(jobs)
+            assert len(cancels) == 1 and cancels[0] >= hedge_at
+            finished = assert_split_by_the_bill(rig, emu, jobs, provider)
+            assert jobs[0].req.id in finished and jobs[3].req.id not in finished
+            assert rig.d.batches_cancelled == 1 and rig.d.members_saved_by_cancel == len(finished)
+            assert rig.d.paid_twice == 0
+            unfinished = [j for j in jobs if j.req.id not in finished]
+            await rig.until(lambda: set(rig.budget.book.claims) == {j.claim for j in unfinished},
+                            "finished claims settled, unfinished ones held")
+            # The policy's fallback sends what came back (sync): only the unfinished members are sent.
+            await rig.run("sync", rig.grouper.readmitted(), bid="fallback")
+            await rig.until(lambda: len(rig.results) == N, "the fallback results")
+            assert emu.count(ROUTE[provider]) == len(unfinished)
+            assert emu.count("batches.create") + emu.count("messages.batches.create") == 1
+            assert sorted(job.req.id for job, _, _ in rig.calls) == sorted(j.req.id for j in unfinished)
+            bill = emu.bill()
+            assert sorted(i.mode for i in bill.items) == ["batch_api"] * len(finished) + ["sync"] * len(unfinished)
+            assert sum(r.cost_usd for r in rig.results.values()) == pytest.approx(bill.total_usd, abs=1e-12)
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+def test_the_cancel_allowance_counts_from_when_the_provider_took_the_cancel():
+    cancel_s = 300.0  # engine s; far longer than a round trip, so the outcome does not depend on one
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED, cancel_s=cancel_s) as slow_cancel:
+        jobs = jobs_of("openai")
+
+        async def go():
+            rig = Rig(slow_cancel, "openai")  # the allowance is emu.cancel_s, as point_at_emulator sets it
+            assert rig.catalog.provider("openai").batch_api.cancel_s == cancel_s
+            inner = rig.d.provider.cancel
+
+            async def cancel_over_a_slow_link(handle: Any) -> None:
+                await asyncio.sleep(100.0 / SPEED)  # 100 engine s on the wire before the provider takes it
+                await inner(handle)
+
+            rig.d.provider.cancel = cancel_over_a_slow_link
+            try:
+                # The cancel is taken at >= 0.2 T + 100 and ends 300 later: members 0 (and likely 1) finish.
+                await rig.run("batch_api", jobs, hedge_at=rig.clock.now() + VALIDATING_S["openai"] + 0.2 * T)
+                await rig.resolved(jobs)
+                assert batch_key(jobs[0]) in billed_by_custom_id(slow_cancel)
+                assert_split_by_the_bill(rig, slow_cancel, jobs, "openai")
+            finally:
+                await rig.close()
+        asyncio.run(go())
+
+
+# -- 6-9. sync failures: the providers' outcomes, then the dispatcher's retries ----------------------------------
+def direct(emu: Emulator, provider: str, key: str = KEY, **settings_kw: Any) -> Provider:
+    """The HTTP provider alone (``make_provider``), on an engine clock at the emulator's speed."""
+    s = http_settings(emu, **settings_kw)
+    cat, _ = http_setup(emu.catalog, s, need_keys=False)
+    sim = SimProvider(cat.provider(provider), cat, s, Draws(0, 4, 0, 60.0), draw=False)
+    p = make_provider(provider, cat, s, sim, ScaledClock(time.time(), SPEED), Secret(key))
+    assert p.real and isinstance(p, Provider)
+    return p
+
+
+def job_of(r: Request, attempt: int = 0) -> CallJob:
+    return CallJob(call_key(r.tenant, r.id, r.model, 0), r, 0.0, attempt, 0)
+
+
+@pytest.mark.parametrize(("provider", "status", "retryable"), [
+    ("openai", 429, True), ("openai", 500, True), ("openai", 400, False), ("openai", 401, False),
+    ("anthropic", 429, True), ("anthropic", 529, True), ("anthropic", 400, False)])
+def test_an_error_answer_is_an_unbilled_outcome_and_the_sdk_does_not_retry(emu, provider, status, retryable):
+    emu.faults.script(provider, ROUTE[provider], [{"status": status, "retry_after_s": 7.5 if status == 429 else None}])
+
+    async def go():
+        p = direct(emu, provider)
+        try:
+            out = await p.call(job_of(req(0, provider)))
+        finally:
+            await p.close()
+        assert not out.ok and out.cost == 0.0 and out.usage is None and out.retryable is retryable and out.real
+        assert out.error.startswith(f"{provider} HTTP {status}: "), out.error
+        assert out.retry_after_s == (7.5 if status == 429 else None)
+        assert emu.count(ROUTE[provider]) == 1 and emu.bill().items == ()  # max_retries=0: one call, not billed
+    asyncio.run(go())
+
+
+def test_a_429_is_retried_no_earlier_than_its_retry_after(emu):
+    wait_s = 100.0  # engine seconds (100 ms real)
+    emu.faults.script("openai", "chat.completions", [{"status": 429, "retry_after_s": wait_s}])
+
+    async def go():
+        rig = Rig(emu)
+        try:
+            (j,) = jobs_of("openai", 1)
+            await rig.run("sync", [j])
+            r = await rig.until(lambda: rig.results.get(j.req.id), "the result")
+            assert r.status == "ok" and r.real, r
+            (j1, _, o1), (j2, start2, o2) = rig.calls
+            assert not o1.ok and o1.retry_after_s == wait_s and o2.ok
+            assert (j1.attempt, j2.attempt) == (0, 1) and j1.key == j2.key
+            assert start2 >= o1.at + wait_s - 1e-3 * SPEED  # engine time (1 ms real: the two clocks' reads)
+            # The SDK retried nothing: the emulator saw exactly the engine's two calls.
+            assert emu.count("chat.completions", status=429) == 1 and emu.count("chat.completions", status=200) == 1
+            assert len(emu.bill().items) == 1 and r.cost_usd == pytest.approx(emu.bill().total_usd, abs=1e-12)
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+def test_5xx_is_retried_with_backoff_then_failed_unbilled(emu):
+    emu.faults.script("openai", "chat.completions", [{"status": 500}] * 3)
+
+    async def go():
+        rig = Rig(emu, sim=SimSettings(max_attempts=3))
+        try:
+            (j,) = jobs_of("openai", 1)
+            await rig.run("sync", [j])
+            r = await rig.until(lambda: rig.results.get(j.req.id), "the result")
+            assert r.status == "failed" and r.cost_usd == 0.0 and r.real, r
+            assert "openai failed after 3 attempt(s): openai HTTP 500" in r.error
+            assert [job.attempt for job, _, _ in rig.calls] == [0, 1, 2]
+            for (_, _, prev), (_, start, _) in zip(rig.calls, rig.calls[1:]):
+                assert start > prev.at  # a backoff between attempts
+            assert emu.count("chat.completions", status=500) == 3 and emu.bill().items == ()
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+def test_failures_open_the_circuit_and_send_the_work_to_the_fallback_model(emu):
+    emu.faults.script("openai", "chat.completions", [{"status": 500}] * 4)
+    res = Resilience(allowed_fails=2, window_s=3600.0, cooldown_time=3600.0,
+                     fallbacks={"openai/gpt-5-mini": "openai/gpt-5"})
+
+    async def go():
+        rig = Rig(emu, resilience=res)
+        try:
+            (j,) = jobs_of("openai", 1)
+            await rig.run("sync", [j])
+            await rig.resolved([j])
+            (back,) = rig.grouper.readmitted()
+            assert (back.req.provider, back.req.model) == ("openai", "gpt-5") and j.req.id not in rig.results
+            stats = await rig.d.stats()
+            assert stats["circuit_opened"] == 1 and stats["rerouted"] == 1
+            assert emu.count("chat.completions") == 2 and emu.bill().items == ()  # the third try never left
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+def test_a_timed_out_call_is_retried_with_the_same_idempotency_key_and_billed_once(emu):
+    emu.faults.script("openai", "chat.completions", [{"timeout_s": 2.0}])  # held past the client's timeout
+
+    async def go():
+        rig = Rig(emu, timeout_s=0.25)
+        sent: list[dict] = []
+        completions = rig.d.provider.client.chat.completions
+        create = completions.create
+
+        async def spy(**kw: Any) -> Any:
+            sent.append(dict(kw["extra_headers"]))
+            return await create(**kw)
+
+        completions.create = spy
+        try:
+            (j,) = jobs_of("openai", 1)
+            await rig.run("sync", [j])
+            r = await rig.until(lambda: rig.results.get(j.req.id), "the result")
+            assert r.status == "ok", r
+            (_, _, o1), (_, _, o2) = rig.calls
+            assert not o1.ok and "timed out" in o1.error and o2.ok
+            key = call_key(j.req.tenant, j.req.id, j.req.model, 0)
+            assert sent == [{"Idempotency-Key": key}] * 2
+            assert len(emu.bill().items) == 1 and r.cost_usd == pytest.approx(emu.bill().total_usd, abs=1e-12)
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+def test_a_retry_after_a_timeout_is_answered_from_the_first_calls_bill():
+    """A call the provider finished (and billed) after the client gave up: the retry, with the same
+    Idempotency-Key, gets that answer and pays nothing more."""
+    with Emulator(CAT, latency_scale=300.0, speedup=1000.0) as slow:  # ~0.25 s real per call (seeded draw)
+        async def go():
+            p = direct(slow, "openai", timeout_s=0.1)
+            try:
+                job = job_of(req(0))
+                first = await p.call(job)
+                assert not first.ok and first.retryable and "timed out after 0.1 s" in first.error
+                deadline = time.monotonic() + 10.0
+                while not slow.bill().items:  # the provider finishes the abandoned call and bills it
+                    assert time.monotonic() < deadline, "the abandoned call was never billed"
+                    await asyncio.sleep(0.01)
+                again = await p.call(job)
+            finally:
+                await p.close()
+            (item,) = slow.bill().items
+            assert again.ok and again.provider_request_id == item.request_id
+            assert again.cost == pytest.approx(item.cost_usd, abs=1e-12)
+        asyncio.run(go())
+
+
+def test_a_400_fails_at_once_without_a_retry(emu):
+    emu.faults.script("openai", "chat.completions", [{"status": 400, "message": "max_tokens is too large"}])
+
+    async def go():
+        rig = Rig(emu)
+        try:
+            (j,) = jobs_of("openai", 1)
+            await rig.run("sync", [j])
+            r = await rig.until(lambda: rig.results.get(j.req.id), "the result")
+            assert r.status == "failed" and r.cost_usd == 0.0
+            assert r.error.startswith("openai failed after 1 attempt(s): openai HTTP 400: ") and r.real
+            assert r.error.endswith("max_tokens is too large")
+            assert len(rig.calls) == 1 and emu.count("chat.completions") == 1 and emu.bill().items == ()
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+# -- 10. the key never shows -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("key", [KEY, "NEVERSHOWN-plain-key-1234567890abcdef"], ids=["sk-shaped", "plain"])
+def test_the_api_key_never_shows(emu, caplog, key):
+    """Neither a key shaped like one nor one that is not: the provider redacts the key it holds by value."""
+    caplog.set_level(logging.DEBUG)
+    quoting = f"Incorrect API key provided: {key}"
+
+    async def go() -> list[str]:
+        rig = Rig(emu, key=key)
+        seen: list[str] = []
+        try:
+            jobs = jobs_of("openai", 2)
+            await rig.run("sync", jobs[:1])  # a call that succeeds
+            await rig.until(lambda: rig.results.get(jobs[0].req.id), "the result")
+            # An error answer that quotes the key back: as an outcome ...
+            emu.faults.script("openai", "chat.completions", [{"status": 401, "message": quoting}])
+            out = await rig.d.provider.call(job_of(jobs[1].req))
+            assert not out.ok and "[redacted]" in out.error
+            seen.append(out.error)
+            # ... and as the refusal of a batch, which the dispatcher logs and hands back.
+            emu.faults.script("openai", "batches.create", [{"status": 401, "message": quoting}])
+            with pytest.raises(Exception) as refused:
+                await rig.d.provider.submit_batch([job_of(jobs[1].req)], None)
+            seen += [str(refused.value), repr(refused.value), "".join(traceback.format_exception(refused.value))]
+            emu.faults.script("openai", "batches.create", [{"status": 401, "message": quoting}])
+            await rig.run("batch_api", jobs[1:], bid="refused")
+            await rig.resolved(jobs[1:])
+            assert [j.req.id for j in rig.grouper.readmitted()] == [jobs[1].req.id]
+            seen += [r.model_dump_json() for r in rig.results.values()]
+            seen += [repr(rig.d), repr(rig.d.provider), str(await rig.d.stats())]
+        finally:
+            await rig.close()
+        return seen
+
+    seen = asyncio.run(go())
+    seen += [rec.getMessage() for rec in caplog.records] + [caplog.text]
+    seen += [emu.bill().model_dump_json(), repr(emu.calls), repr(emu)]
+    assert any("batch submission failed" in s for s in seen)  # the refusal was logged ...
+    leaks = [s for s in seen if key in s]
+    assert not leaks, leaks  # ... and nothing showed the key
+
+
+# -- _wire -----------------------------------------------------------------------------------------------------------
+_MARKER_CHARS = len(" [[emulator:output_tokens=]]")
+
+
+def replayed(input_tokens: int, output_tokens: int = 50, blocks: tuple[int, ...] = (), rid: str = "r",
+             prompt: str = "p") -> Request:
+    return Request.model_validate({"id": rid, "arrival_s": 0.0, "model": "gpt-5-mini", "input_tokens": input_tokens,
+                                   "output_tokens": output_tokens, "prefix_blocks": list(blocks), "prompt": prompt})
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 6000), st.integers(0, 100_000), st.lists(st.integers(0, 50), max_size=6, unique=True),
+       st.text(max_size=40))
+def test_a_replayed_line_is_sent_at_its_recorded_size_naming_its_output(input_tokens, output_tokens, blocks, prompt):
+    r = replayed(input_tokens, output_tokens, tuple(blocks), prompt=prompt)
+    parts, tail = message_parts(r, 512, 4.0, replay=True)
+    text = "".join(parts) + tail
+    assert all(len(p) == 2048 for p in parts) and len(parts) <= len(blocks)
+    assert tail.count(f"[[emulator:output_tokens={output_tokens}]]") >= 1
+    room = input_tokens * 4 - 2048 * len(parts)
+    if room > len(str(output_tokens)) + _MARKER_CHARS:
+        assert len(text) == input_tokens * 4  # exactly the recorded size
+    else:  # no room left for the marker: a few characters over, at most the marker and one more
+        assert input_tokens * 4 <= len(text) <= input_tokens * 4 + len(str(output_tokens)) + _MARKER_CHARS + 1
+    # Every block that fits whole is sent.
+    assert len(parts) == min(len(blocks), input_tokens * 4 // 2048)
+
+
+def test_requests_that_share_prefix_blocks_share_their_text():
+    a = message_parts(replayed(3000, blocks=(1, 2, 3), rid="a", prompt="first"), 512, 4.0, replay=True)
+    b = message_parts(replayed(2600, blocks=(1, 2, 9), rid="b", prompt="second"), 512, 4.0, replay=True)
+    assert a[0][:2] == b[0][:2] and a[0][2] != b[0][2] and a[0][0] != a[0][1]
+    assert a[1] != b[1] and a[1].startswith("[a] first") and b[1].startswith("[b] second")
+    # Not replayed, a prompt long enough for its count is sent as it is; a placeholder is still replayed.
+    long = Request.model_validate({"id": "l", "arrival_s": 0.0, "model": "gpt-5-mini", "prompt": "x" * 400,
+                                   "input_tokens": 100, "prefix_blocks": [1]})
+    assert message_parts(long, 512, 4.0) == ([], "x" * 400)
+    assert len("".join(message_parts(replayed(3000, blocks=(1,)), 512, 4.0)[0])) == 2048
+
+
+def test_redact_hides_given_secrets_and_anything_shaped_like_a_key():
+    assert redact(f"bad key {KEY}!") == "bad key [redacted]!"
+    assert redact("k=sk-proj-abcDEF123_-x and sk-ant-api03-zzzzzz") == "k=[redacted] and [redacted]"
+    assert redact("token plainsecret42 here", ["plainsecret42"]) == "token [redacted] here"
+    assert redact("nothing to hide: sk-abc", ["", "absent"]) == "nothing to hide: sk-abc"  # too short for a key
+
+
+@pytest.mark.parametrize(("headers", "seconds"), [
+    ({"retry-after": "7"}, 7.0), ({"retry-after": "0.5"}, 0.5), ({"retry-after-ms": "1500", "retry-after": "9"}, 1.5),
+    ({"retry-after": "-3"}, 0.0), ({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}, None), ({}, None),
+    (None, None), ({"retry-after-ms": "soon"}, None)])
+def test_retry_after_reads_seconds_or_milliseconds(headers, seconds):
+    assert retry_after(headers) == seconds
+
+
+# -- Anthropic cache_control breakpoints -----------------------------------------------------------------------------
+def anthropic_body(r: Request, *args: int, cache_write: bool = False) -> dict:
+    s = Settings().model_copy(update={"providers": Settings().providers.model_copy(update={"replay": True})})
+    p = AnthropicProvider("anthropic", CAT, s, s.providers.endpoints["anthropic"], Secret(KEY), ManualClock(0.0))
+    try:
+        return p.body(CallJob("k", r, 0.0, 0, 0, cache_write), *args)
+    finally:
+        asyncio.run(p.close())
+
+
+def marked(body: dict) -> list[int]:
+    (msg,) = body["messages"]
+    return [k for k, block in enumerate(msg["content"]) if "cache_control" in block]
+
+
+def test_anthropic_breakpoints_mark_the_warm_prefix_the_shared_prefix_and_a_requested_write():
+    r = replayed(4000, blocks=(1, 2, 3)).model_copy(update={"provider": "anthropic", "model": "claude-sonnet-4-5"})
+    body = anthropic_body(r)
+    assert len(body["messages"][0]["content"]) == 4 and marked(body) == []  # three blocks and the tail
+    assert body["max_tokens"] == CAT.model("anthropic", "claude-sonnet-4-5").max_output_tokens
+    assert marked(anthropic_body(r, 2)) == [1]  # the end of the prefix believed warm
+    assert marked(anthropic_body(r, 0, 3)) == [2]  # the end of the prefix a later batch member shares
+    assert marked(anthropic_body(r, 1, 2)) == [0, 1]
+    assert marked(anthropic_body(r, cache_write=True)) == [2]  # the whole shared prefix
+    assert marked(anthropic_body(r, 9, 9)) == []  # beyond the blocks: nothing to mark
+    assert anthropic_body(r, 2)["messages"][0]["content"][1]["cache_control"] == {"type": "ephemeral"}
+    # A request with its own messages is sent as it is, with the model and the cap set.
+    own = r.model_copy(update={"body": {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}})
+    assert anthropic_body(own, 2) == {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5,
+                                      "model": "claude-sonnet-4-5"}
+
+
+def test_anthropic_learns_warmth_from_usage_and_reads_what_it_wrote(emu):
+    first, second = (replayed(1500, 20, (11, 12), rid=f"w{i}").model_copy(
+        update={"provider": "anthropic", "model": "claude-sonnet-4-5"}) for i in range(2))
+
+    async def go() -> list[CallOutcome]:
+        p = direct(emu, "anthropic")
+        try:
+            a = await p.call(job_of(first)._replace(cache_write=True))
+            b = await p.call(job_of(second))  # no write asked: the breakpoint is at the prefix now warm
+            return [a, b]
+        finally:
+            await p.close()
+
+    a, b = asyncio.run(go())
+    assert a.ok and b.ok and (a.usage.cache_write, a.usage.cache_read) == (1024, 0)
+    assert (b.usage.cache_write, b.usage.cache_read) == (0, 1024) and b.usage.input_tokens == 1500
+    items = emu.bill().items
+    assert [i.cost_usd for i in items] == pytest.approx([a.cost, b.cost], abs=1e-12)
+    assert b.cost < a.cost
+
+
+def test_openai_and_anthropic_providers_are_built_from_settings(emu):
+    async def go():
+        for name, cls in (("openai", OpenAIProvider), ("anthropic", AnthropicProvider)):
+            p = direct(emu, name)
+            try:
+                assert type(p) is cls and f"{emu.port}/{name}" in repr(p) and KEY not in repr(p)
+            finally:
+                await p.close()
+    asyncio.run(go())
