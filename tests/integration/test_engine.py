@@ -5,8 +5,8 @@ import collections
 import pytest
 
 from engine import Engine
-from engine.errors import RequestError
 from engine.catalog import default_catalog
+from engine.errors import RequestError
 from engine.simulator import MODES, simulate
 from engine.tracegen import synth
 from policies import load_policy
