@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import secrets
 
 from actors._peer import Warm, as_peer
 from actors._types import BatchJob, Job
@@ -62,6 +63,8 @@ class Grouper(Warm):
         # at every try, which loaded a 2-core machine enough to make urgent work late).
         self._park_batch = 32
         self._claims = itertools.count()
+        # Claim ids must be unique across engines sharing one Redis ledger and across restarts.
+        self._claim_prefix = f"{name}-{secrets.token_hex(4)}"
         self._ledger_down = ""  # why the budget ledger last failed to answer (the reason of work it held back)
         self.table = GroupTable(policy, catalog)
         self.pending: dict[str, Job] = {}
@@ -75,7 +78,12 @@ class Grouper(Warm):
         self.clock = clock
 
     def __repr__(self) -> str:
-        return f"Grouper({self.name}, pending={len(self.pending)}, dispatched={self.dispatched}, {self.table!r})"
+        # Ray may call repr from another thread while the loop changes the groups: never let that kill the actor.
+        try:
+            table = repr(self.table)
+        except RuntimeError:
+            table = "GroupTable(changing)"
+        return f"Grouper({self.name}, pending={len(self.pending)}, dispatched={self.dispatched}, {table})"
 
     async def add(self, jobs: list[Job]) -> None:
         now = self.clock.now()
@@ -209,7 +217,7 @@ class Grouper(Warm):
                 # An urgent member of a batch reserves the sync price, so its hedge is covered.
                 m = "sync" if mode == "batch_api" and r.priority == "urgent" else mode
                 amount = reserve_bound(r, self.catalog, m, None if self.reserve_model_max else r.output_tokens)
-                claims.append(Claim(f"{r.id}#{self.name}-{next(self._claims)}", r.tenant, r.provider, r.model,
+                claims.append(Claim(f"{r.id}#{self._claim_prefix}-{next(self._claims)}", r.tenant, r.provider, r.model,
                                     r.priority, amount))
         try:
             verdicts = await self.budget.call("reserve_many", claims, release)

@@ -174,9 +174,14 @@ class Engine:
 
         if budget_usd is not None:
             settings = with_budget(settings, budget_usd)
-        handles = start_actors(pol, catalog, settings, lambda: ScaledClock(time.time(), speedup, offset_s),
-                               seed=settings.sim.seed if seed is None else seed, num_groupers=num_groupers,
-                               keys=keys)
+        try:
+            handles = start_actors(pol, catalog, settings, lambda: ScaledClock(time.time(), speedup, offset_s),
+                                   seed=settings.sim.seed if seed is None else seed, num_groupers=num_groupers,
+                                   keys=keys)
+        except BaseException:
+            if started and not Engine._running_engines:  # leave no Ray behind that only this start needed
+                ray.shutdown()
+            raise
         eng = cls(handles=handles, clock=handles["clock"], settings=settings, catalog=catalog,
                   started_ray=started, micro_batch=micro_batch, flush_ms=flush_ms, max_pending=max_pending,
                   overload=overload, submit_timeout_s=submit_timeout_s, retention_s=retention_s)

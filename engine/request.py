@@ -209,7 +209,8 @@ class Request(BaseModel):
 
     id: str = Field(min_length=1)
     arrival_s: Float = Field(ge=0)
-    tenant: str = Field(default="default", min_length=1)
+    tenant: str = Field(default="default", min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$",
+                        description="who the request is for; no control characters")
     provider: str
     model: str
     kind: Kind
@@ -356,7 +357,7 @@ class Request(BaseModel):
     def uid(self) -> str:
         """The request's identity inside the engine: its id within its tenant. Two tenants may use the same
         id; they are two requests, and neither ever sees the other's result."""
-        return f"{self.tenant}\x1f{self.id}"
+        return f"{len(self.tenant)}:{self.tenant}/{self.id}"  # length-prefixed: no two pairs share a uid
 
     @property
     def deadline_at(self) -> float:

@@ -39,4 +39,4 @@ class Result(BaseModel):
     @property
     def uid(self) -> str:
         """The identity of the request this result answers (``Request.uid``)."""
-        return f"{self.tenant}\x1f{self.id}"
+        return f"{len(self.tenant)}:{self.tenant}/{self.id}"

@@ -80,7 +80,9 @@ class AnthropicProvider(HttpBase):
         body["model"] = r.model
         if "max_tokens" not in body:
             # Required by the Messages API: the request's cap, else the model's maximum (never a hidden cut).
-            body["max_tokens"] = r.max_output_tokens or self.spec.models[r.model].max_output_tokens
+            spec = self.spec.models[r.model]
+            room = spec.context_window - r.input_tokens if spec.context_window else spec.max_output_tokens
+            body["max_tokens"] = r.max_output_tokens or max(min(spec.max_output_tokens, room), 1)
         if "messages" in body:
             return body
         blocks, tail = message_parts(r, self.settings.prefix_block_tokens, self.settings.chars_per_token,

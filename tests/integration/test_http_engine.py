@@ -14,6 +14,7 @@ from engine.settings import Settings
 from engine.tracegen import synth
 
 CAT = default_catalog()
+SPEEDUP = 200.0  # engine seconds per real second: a 2-hour trace in about 40 s
 KEY = "sk-test-NEVERSHOWN-0123456789abcdefghij"  # an obvious fake: it must show up nowhere
 
 
@@ -33,7 +34,7 @@ def mixed_trace(n=300, seed=1):
 @pytest.fixture
 def emulator():
     # cancel_s small: the emulator cancels at once, as the simulated provider does, so the runs compare.
-    with Emulator(CAT, speedup=100, seed=0, cancel_s=1.0) as emu:
+    with Emulator(CAT, speedup=SPEEDUP, seed=0, cancel_s=1.0) as emu:
         yield emu
 
 
@@ -44,10 +45,10 @@ def test_a_mixed_trace_over_http_is_billed_from_usage_once_and_agrees_with_the_s
     settings = point_at_emulator(base, emulator)
     monkeypatch.setenv(settings.providers.endpoints["openai"].api_key_env, KEY)
     http_results: list = []
-    doc = run_live(reqs, trace_name="mixed", policy="smart", speedup=100, settings=settings, catalog=CAT,
+    doc = run_live(reqs, trace_name="mixed", policy="smart", speedup=SPEEDUP, settings=settings, catalog=CAT,
                    results=http_results, on_start=follow_engine(emulator, settings, 0))
     sim_results: list = []
-    run_live(reqs, trace_name="mixed", policy="smart", speedup=100, settings=base, catalog=CAT, results=sim_results)
+    run_live(reqs, trace_name="mixed", policy="smart", speedup=SPEEDUP, settings=base, catalog=CAT, results=sim_results)
 
     by_id = {r.id: r for r in reqs}
     assert len(http_results) == len(reqs) and {r.status for r in http_results} <= {"ok", "reused"}
