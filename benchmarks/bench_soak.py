@@ -25,12 +25,8 @@ import ray  # noqa: E402
 
 from engine import Engine  # noqa: E402
 
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_engine import rss_mb  # noqa: E402
 
 
 def main() -> None:

@@ -3,7 +3,7 @@ an SDK error into an outcome (the engine retries; the SDK does not)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -14,7 +14,7 @@ from engine.errors import ProviderError
 from engine.provider_api import CallJob, CallOutcome, Secret, Usage
 from engine.settings import ProviderEndpoint, Settings
 
-__all__ = ["HttpBase", "PollBackoff"]
+__all__ = ["BatchHandle", "HttpBase", "PollBackoff"]
 
 # A 4xx other than these means the request itself is wrong: sending it again cannot help.
 _RETRYABLE_4XX = {408, 409, 429}
@@ -32,6 +32,15 @@ class PollBackoff:
         s = self.cur
         self.cur = min(self.cur * 1.5, self.hi)
         return s
+
+
+class BatchHandle:
+    """A submitted batch: its provider id, its members by key, its poll backoff and the last state read."""
+
+    __slots__ = ("backoff", "batch", "id", "jobs")
+
+    def __init__(self, bid: str, jobs: Sequence[CallJob], backoff: PollBackoff):
+        self.id, self.jobs, self.backoff, self.batch = bid, {j.key: j for j in jobs}, backoff, None
 
 
 class HttpBase:

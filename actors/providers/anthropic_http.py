@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from actors.providers._http import HttpBase, PollBackoff
+from actors.providers._http import BatchHandle, HttpBase, PollBackoff
 from actors.providers._wire import message_parts
 from engine.cost import shared_prefix_marks
 from engine.provider_api import BatchState, CallJob, CallOutcome, Usage
@@ -32,13 +32,6 @@ def _usage(u: Mapping | None) -> Usage:
 def _text(msg: Mapping) -> str | None:
     parts = [c.get("text", "") for c in msg.get("content") or [] if c.get("type") == "text"]
     return "".join(parts) if parts else None
-
-
-class _Batch:
-    __slots__ = ("backoff", "batch", "id", "jobs")
-
-    def __init__(self, bid: str, jobs: Sequence[CallJob], backoff: PollBackoff):
-        self.id, self.jobs, self.backoff, self.batch = bid, {j.key: j for j in jobs}, backoff, None
 
 
 class AnthropicProvider(HttpBase):
@@ -129,20 +122,20 @@ class AnthropicProvider(HttpBase):
             seen.update(blocks)
         with self._refused("batch submission"):
             b = await self.client.messages.batches.create(requests=reqs)
-        return _Batch(b.id, jobs, PollBackoff(self.endpoint.poll_min_s, self.endpoint.poll_max_s))
+        return BatchHandle(b.id, jobs, PollBackoff(self.endpoint.poll_min_s, self.endpoint.poll_max_s))
 
-    async def poll(self, handle: _Batch) -> BatchState:
+    async def poll(self, handle: BatchHandle) -> BatchState:
         with self._refused("batch poll"):
             handle.batch = b = await self.client.messages.batches.retrieve(handle.id)
         if b.processing_status == "ended":
             return BatchState("ended", 0.0)
         return BatchState("cancelling" if b.processing_status == "canceling" else "running", handle.backoff.next())
 
-    async def cancel(self, handle: _Batch) -> None:
+    async def cancel(self, handle: BatchHandle) -> None:
         with self._refused("batch cancel"):
             handle.batch = await self.client.messages.batches.cancel(handle.id)
 
-    async def fetch(self, handle: _Batch) -> Mapping[str, CallOutcome]:
+    async def fetch(self, handle: BatchHandle) -> Mapping[str, CallOutcome]:
         out: dict[str, CallOutcome] = {}
         if handle.batch is None or handle.batch.processing_status != "ended":
             return out

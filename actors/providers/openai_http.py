@@ -9,7 +9,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from actors.providers._http import HttpBase, PollBackoff
+from actors.providers._http import BatchHandle, HttpBase, PollBackoff
 from actors.providers._wire import message_parts
 from engine.provider_api import BatchState, CallJob, CallOutcome, Usage
 
@@ -49,13 +49,6 @@ def _text_responses(body: Mapping) -> str | None:
             if c.get("type") == "output_text":
                 parts.append(c.get("text", ""))
     return "".join(parts) if parts else None
-
-
-class _Batch:
-    __slots__ = ("backoff", "batch", "id", "jobs")
-
-    def __init__(self, bid: str, jobs: Sequence[CallJob], backoff: PollBackoff):
-        self.id, self.jobs, self.backoff, self.batch = bid, {j.key: j for j in jobs}, backoff, None
 
 
 class OpenAIProvider(HttpBase):
@@ -147,16 +140,16 @@ class OpenAIProvider(HttpBase):
                                                purpose="batch")
             b = await self.client.batches.create(input_file_id=f.id, endpoint=route, completion_window="24h",
                                                  metadata={"origin": "smartbatch"})
-        return _Batch(b.id, jobs, PollBackoff(self.endpoint.poll_min_s, self.endpoint.poll_max_s))
+        return BatchHandle(b.id, jobs, PollBackoff(self.endpoint.poll_min_s, self.endpoint.poll_max_s))
 
-    async def poll(self, handle: _Batch) -> BatchState:
+    async def poll(self, handle: BatchHandle) -> BatchState:
         with self._refused("batch poll"):
             handle.batch = b = await self.client.batches.retrieve(handle.id)
         if b.status in _ENDED:
             return BatchState("ended", 0.0)
         return BatchState("cancelling" if b.status == "cancelling" else "running", handle.backoff.next())
 
-    async def cancel(self, handle: _Batch) -> None:
+    async def cancel(self, handle: BatchHandle) -> None:
         with self._refused("batch cancel"):
             handle.batch = await self.client.batches.cancel(handle.id)
 
@@ -167,7 +160,7 @@ class OpenAIProvider(HttpBase):
             content = await self.client.files.content(file_id)
         return [json.loads(x) for x in content.text.splitlines() if x.strip()]
 
-    async def fetch(self, handle: _Batch) -> Mapping[str, CallOutcome]:
+    async def fetch(self, handle: BatchHandle) -> Mapping[str, CallOutcome]:
         b = handle.batch
         out: dict[str, CallOutcome] = {}
         if b is None:

@@ -15,7 +15,7 @@ from engine.tracegen import synth
 
 CAT = default_catalog()
 SPEEDUP = 200.0  # engine seconds per real second: a 2-hour trace in about 40 s
-KEY = "sk-test-NEVERSHOWN-0123456789abcdefghij"  # an obvious fake: it must show up nowhere
+KEY = "sk-fake-NEVERSHOWN-42"  # an obvious fake: it must show up nowhere
 
 
 def mixed_trace(n=300, seed=1):

@@ -26,7 +26,7 @@ from engine.errors import CatalogError, ConfigError
 # The Anthropic SDK warns that catalog models such as claude-sonnet-4-5 near their end of life: not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:The model .* is deprecated:DeprecationWarning")
 
-KEY = "sk-EMULATOR-TEST-SECRET-0123456789"
+KEY = "sk-EMULATOR-TEST-KEY"
 FAST = {"latency_scale": 0.0, "speedup": 1e4}
 
 

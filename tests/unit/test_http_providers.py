@@ -45,7 +45,7 @@ from engine.settings import Resilience, Settings, SimSettings
 # The Anthropic SDK warns that catalog models such as claude-sonnet-4-5 near their end of life: not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:The model .* is deprecated:DeprecationWarning")
 
-KEY = "sk-test-NEVERSHOWN-1234567890abcdef"
+KEY = "sk-test-NEVERSHOWN-9"
 SPEED = 1000.0  # engine (and emulator) seconds per real second
 T = 1000.0  # every batch's turnaround, engine seconds: 1 s real
 N = 4  # members of a test batch: they finish T/4 = 250 engine s (250 ms real) apart
