@@ -170,10 +170,8 @@ def dry_run(requests: Sequence[Request], *, policy: str = "smart", params: dict 
         prov = make_provider(name, cat, settings, sim, ManualClock(), Secret("dry-run"))
         job = CallJob(call_key(first.tenant, first.id, first.model), first, 0.0, 0, 0)
         body = prov.body(job)
-        text_key = "messages" if "messages" in body else None
-        if text_key:  # show the shape, not kilobytes of replayed prompt
-            body = {**body, "messages": _clip(body["messages"])}
-        samples[name] = {"route": getattr(prov, "_route", lambda j: "/v1/messages")(job),
+        body = _clip(body)  # the shape, not kilobytes of a replayed prompt
+        samples[name] = {"route": prov.route(job),
                          "base_url": settings.providers.endpoints[name].base_url or "(the SDK's default)",
                          "body": body}
     return {"requests": len(res.requests), "cost_usd": float(res.total_cost), "list_price_usd": list_total,

@@ -44,6 +44,9 @@ class AnthropicProvider(HttpBase):
                                                max_retries=0, timeout=self.endpoint.timeout_s)
         self._warm: dict[str, dict[int, float]] = {}  # model -> prefix block -> warm until (engine time)
 
+    def route(self, job: CallJob) -> str:
+        return "/v1/messages"
+
     def _warm_blocks(self, job: CallJob) -> int:
         warm = self._warm.get(job.req.model, {})
         now = self.clock.now()

@@ -62,7 +62,7 @@ class OpenAIProvider(HttpBase):
                                          max_retries=0, timeout=self.endpoint.timeout_s)
 
     # -- bodies ---------------------------------------------------------------------------------------------
-    def _route(self, job: CallJob) -> str:
+    def route(self, job: CallJob) -> str:
         spec = self.spec.models[job.req.model]
         if spec.kind == "image":
             return "/v1/images/generations"
@@ -70,7 +70,7 @@ class OpenAIProvider(HttpBase):
 
     def body(self, job: CallJob) -> dict[str, Any]:
         r = job.req
-        route = self._route(job)
+        route = self.route(job)
         body: dict[str, Any] = dict(r.body or {})
         body["model"] = r.model
         if route == "/v1/images/generations":
@@ -111,7 +111,7 @@ class OpenAIProvider(HttpBase):
 
     async def call(self, job: CallJob) -> CallOutcome:
         sdk = self._sdk
-        route = self._route(job)
+        route = self.route(job)
         body = self.body(job)
         headers = {"Idempotency-Key": job.key}
         try:
@@ -131,7 +131,7 @@ class OpenAIProvider(HttpBase):
 
     # -- batch API ------------------------------------------------------------------------------------------
     async def submit_batch(self, jobs: Sequence[CallJob], hedge_at: float | None) -> Any:
-        route = self._route(jobs[0])
+        route = self.route(jobs[0])
         lines = [json.dumps({"custom_id": j.key, "method": "POST", "url": route, "body": self.body(j)},
                             ensure_ascii=False) for j in jobs]
         data = ("\n".join(lines) + "\n").encode("utf-8")
