@@ -1,0 +1,153 @@
+"""OpenAI Batch files without Ray: reading them, the trace builder, the output/error lines and the report."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from engine.batchfile import (
+    from_openai_batch,
+    parse_window,
+    read_batch_file,
+    report,
+    response_body,
+    write_results,
+)
+from engine.catalog import default_catalog
+from engine.cli import app
+from engine.cost import price_alone
+from engine.errors import ConfigError, TraceError
+from engine.result import Result
+from engine.trace import load_trace
+
+CAT = default_catalog()
+runner = CliRunner()
+
+
+def line(cid, content="Name three rivers.", model="gpt-5-mini", **extra):
+    return json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
+                       "body": {"model": model, "messages": [{"role": "user", "content": content}],
+                                "max_tokens": 50}, **extra})
+
+
+@pytest.fixture
+def batch(tmp_path):
+    p = tmp_path / "in.jsonl"
+    p.write_text("\n".join([line("a"), line("b", "Name two seas."),
+                            line("bad", model="no-such-model"), ""]) + "\n")
+    return p
+
+
+def test_window_parses_to_seconds_and_refuses_nonsense():
+    assert parse_window("24h") == 86400.0 and parse_window("90m") == 5400.0 and parse_window("1d") == 86400.0
+    for bad in ("24", "1mo", "-1h", "soon"):
+        with pytest.raises(ConfigError, match="--window"):
+            parse_window(bad)
+
+
+def test_reading_keeps_the_body_and_sets_arrival_deadline_and_tenant(batch):
+    bf = read_batch_file(batch, window_s=3600.0, tenant="acme", catalog=CAT)
+    assert [ln.custom_id for ln in bf.lines] == ["a", "b", "bad"]
+    a = bf.requests[0]
+    assert (a.id, a.arrival_s, a.deadline_s, a.tenant) == ("a", 0.0, 3600.0, "acme")
+    assert a.body["messages"][0]["content"] == "Name three rivers." and a.max_output_tokens == 50
+    (bad,) = bf.invalid
+    assert bad.no == 3 and bad.problem[0] == "model" and not bf.file_problems
+
+
+def test_lines_with_no_usable_custom_id_are_problems_of_the_file(tmp_path):
+    p = tmp_path / "in.jsonl"
+    p.write_text("\n".join([line("a"), line("a"), "{not json", "[1]", json.dumps({"body": {}})]) + "\n")
+    bf = read_batch_file(p, window_s=60.0, catalog=CAT)
+    assert [ln.custom_id for ln in bf.lines] == ["a"]
+    assert [(no, f) for _, no, f, _ in bf.file_problems] == [(2, "custom_id"), (3, "line"), (4, "line"),
+                                                           (5, "custom_id")]
+    assert "duplicate custom_id 'a' (first on line 1)" in bf.file_problems[0][3]
+
+
+def test_builder_refuses_bad_lines_naming_file_line_field_or_skips_them(batch):
+    with pytest.raises(TraceError) as exc:
+        from_openai_batch(batch, window_s=86400.0, catalog=CAT)
+    assert f"{batch}:3: field 'model'" in str(exc.value) and "--skip-invalid" in str(exc.value)
+    tr = from_openai_batch(batch, window_s=86400.0, catalog=CAT, skip_invalid=True)
+    assert [r.id for r in tr.requests] == ["a", "b"] and tr.skipped == 1
+
+
+def test_trace_from_openai_batch_command_writes_a_trace_bench_can_load(batch, tmp_path):
+    out = tmp_path / "t.jsonl"
+    r = runner.invoke(app, ["trace", "from-openai-batch", str(batch), "--out", str(out), "--window", "2h",
+                            "--tenant", "acme"])
+    assert r.exit_code == 2 and "error:" in r.output and ":3: field 'model'" in r.output
+    r = runner.invoke(app, ["trace", "from-openai-batch", str(batch), "--out", str(out), "--window", "2h",
+                            "--tenant", "acme", "--skip-invalid"])
+    assert r.exit_code == 0, r.output
+    tr = load_trace(out, catalog=CAT)
+    assert [(q.id, q.arrival_s, q.deadline_s, q.tenant) for q in tr.requests] == [
+        ("a", 0.0, 7200.0, "acme"), ("b", 0.0, 7200.0, "acme")]
+    assert tr.requests[1].body["messages"][0]["content"] == "Name two seas."
+
+
+def results_for(bf):
+    a, b = bf.requests
+    return [Result(id="a", status="ok", output="Nile, Amazon, Rhine", usage={"input_tokens": 5, "output_tokens": 6},
+                   provider_request_id="req_1", raw={"id": "chatcmpl-1", "object": "chat.completion"},
+                   real=True, cost_usd=0.001, mode="batch_api", provider=a.provider, model=a.model),
+            Result(id="b", status="failed", error="HTTP 500 after 3 tries", provider=b.provider, model=b.model)]
+
+
+def test_output_and_error_files_have_openai_shapes_and_every_custom_id_once(batch, tmp_path):
+    bf = read_batch_file(batch, window_s=3600.0, catalog=CAT)
+    out, err = tmp_path / "o.jsonl", tmp_path / "e.jsonl"
+    assert write_results(bf, results_for(bf), out, err) == (1, 2)
+    (o,) = [json.loads(x) for x in out.read_text().splitlines()]
+    assert o["custom_id"] == "a" and o["id"].startswith("batch_req_") and o["error"] is None
+    assert o["response"] == {"status_code": 200, "request_id": "req_1",
+                             "body": {"id": "chatcmpl-1", "object": "chat.completion"}}
+    errs = {e["custom_id"]: e for e in map(json.loads, err.read_text().splitlines())}
+    assert set(errs) == {"b", "bad"} and all(e["response"] is None for e in errs.values())
+    assert errs["b"]["error"] == {"code": "request_failed", "message": "HTTP 500 after 3 tries"}
+    assert errs["bad"]["error"]["code"] == "invalid_request" and ":3: field 'model'" in errs["bad"]["error"]["message"]
+
+
+def test_results_must_pair_one_to_one(batch, tmp_path):
+    bf = read_batch_file(batch, window_s=3600.0, catalog=CAT)
+    with pytest.raises(ValueError, match="pair one to one"):
+        write_results(bf, results_for(bf)[:1], tmp_path / "o.jsonl")
+    with pytest.raises(ValueError, match="request order"):
+        write_results(bf, results_for(bf)[::-1], tmp_path / "o.jsonl")
+
+
+def test_a_simulated_or_reused_result_gets_a_chat_completion_body(tmp_path):
+    p = tmp_path / "in.jsonl"
+    p.write_text(line("x") + "\n" + line("y") + "\n")  # the same body twice: y reuses x
+    bf = read_batch_file(p, window_s=3600.0, catalog=CAT)
+    x, y = bf.requests
+    sim = Result(id="x", status="ok", output="sim://openai/gpt-5-mini/x", usage={"input_tokens": 5,
+                 "output_tokens": 7}, cost_usd=0.002, mode="sync", provider=x.provider, model=x.model)
+    body = response_body("/v1/chat/completions", x, sim)
+    assert body["object"] == "chat.completion" and body["choices"][0]["message"]["content"] == sim.output
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12}
+    reused = Result(id="y", status="reused", output=sim.output, mode="reuse", hit="exact", provider=y.provider,
+                    model=y.model)
+    write_results(bf, [sim, reused], tmp_path / "o.jsonl")
+    rows = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert [r["custom_id"] for r in rows] == ["x", "y"]
+    assert rows[1]["response"]["body"]["choices"][0]["message"]["content"] == sim.output
+    assert (tmp_path / "o.errors.jsonl").read_text() == ""
+    # A reused line whose leader was called over HTTP gets the leader's raw body and request id.
+    real = sim.model_copy(update={"raw": {"id": "chatcmpl-9"}, "provider_request_id": "req_9", "real": True})
+    write_results(bf, [real, reused], tmp_path / "o.jsonl")
+    rows = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert rows[1]["response"]["body"] == {"id": "chatcmpl-9"} and rows[1]["response"]["request_id"] == "req_9"
+
+
+def test_report_sums_the_lines_costs_against_list_prices(batch):
+    bf = read_batch_file(batch, window_s=3600.0, catalog=CAT)
+    doc = report(bf, results_for(bf), CAT, window_s=3600.0, policy="smart")
+    rows = {r["custom_id"]: r for r in doc["lines"]}
+    assert rows["a"]["list_price_usd"] == pytest.approx(price_alone(bf.requests[0], CAT, "sync").total)
+    assert rows["b"]["status"] == "failed" and rows["bad"]["status"] == "invalid"
+    tot = doc["totals"]
+    assert tot["cost_usd"] == pytest.approx(sum(r["cost_usd"] for r in doc["lines"])) == pytest.approx(0.001)
+    assert tot["saving_usd"] == pytest.approx(tot["list_price_usd"] - tot["cost_usd"])
+    assert (tot["lines"], tot["succeeded"], tot["failed"], tot["modes"]) == (3, 1, 2, {"batch_api": 1})
