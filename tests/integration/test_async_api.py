@@ -1,0 +1,153 @@
+"""The asyncio API of the live engine: ``asubmit``, ``asubmit_many``, ``as_completed``.
+
+At speed-up 100 an urgent request with a 20 s deadline is sent at once (~0.1 s real); a normal one with a
+300 s deadline waits for batch company and is sent sync shortly before its deadline (~2.8 s real). So "fast"
+and "slow" below differ by seconds, not by milliseconds of noise.
+"""
+
+import asyncio
+import time
+
+import pytest
+
+from engine import Engine
+from engine.errors import EngineStopped, Overloaded, RequestError
+
+
+def fast(rid, **kw):
+    return {"id": rid, "model": "gpt-4o-mini", "prompt": f"fast {rid}", "priority": "urgent", "deadline_s": 20, **kw}
+
+
+def slow(rid, deadline_s=300, **kw):
+    return {"id": rid, "model": "gpt-4o-mini", "prompt": f"slow {rid}", "deadline_s": deadline_s, **kw}
+
+
+class Ticker:
+    """A task that ticks every 10 ms: the longest gap between ticks shows whether the loop was ever blocked."""
+
+    def __init__(self):
+        self.ticks, self.max_gap = 0, 0.0
+
+    async def run(self):
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            self.ticks, self.max_gap = self.ticks + 1, max(self.max_gap, now - last)
+            last = now
+
+
+async def with_ticker(coro):
+    ticker = Ticker()
+    task = asyncio.create_task(ticker.run())
+    try:
+        return await coro, ticker
+    finally:
+        task.cancel()
+
+
+@pytest.fixture(scope="module")
+def eng(ray_session):
+    with Engine.start(speedup=100) as e:
+        yield e
+
+
+def test_asubmit_returns_the_result(eng):
+    async def main():
+        one = await eng.asubmit(fast("a1"))
+        many = await eng.asubmit_many([fast("a2"), fast("a3", tenant="t2"), fast("a2")])
+        return one, many
+
+    one, many = asyncio.run(main())
+    assert one.id == "a1" and one.status == "ok" and one.mode == "sync"
+    assert [(r.id, r.tenant) for r in many] == [("a2", "default"), ("a3", "t2"), ("a2", "default")]
+    assert {r.status for r in many} == {"ok"} and many[0] == many[2]  # one request, one result
+    assert eng.submit(fast("a1")).result(timeout=1) == one  # the same (tenant, id): the same future
+
+
+def test_as_completed_yields_each_result_once_in_completion_order(eng):
+    async def main():
+        futs = eng.submit_many([slow("c-slow"), fast("c-fast")])
+        seen = []
+        async for res in eng.as_completed([*futs, futs[0]], timeout=60):  # futs[0] twice: yielded once
+            seen.append((res.id, time.monotonic()))
+        return seen
+
+    seen, ticker = asyncio.run(with_ticker(main()))
+    assert [rid for rid, _ in seen] == ["c-fast", "c-slow"]
+    assert seen[1][1] - seen[0][1] > 1.0  # yielded as each finished, not all at the end
+    assert ticker.ticks > 100 and ticker.max_gap < 0.5  # the loop ran other tasks throughout (~3 s)
+
+
+def test_the_event_loop_stays_responsive_while_asubmit_waits(eng):
+    res, ticker = asyncio.run(with_ticker(eng.asubmit(slow("r1"))))
+    assert res.status == "ok"
+    assert ticker.ticks > 50 and ticker.max_gap < 0.5  # ~3 s of waiting, never blocked
+
+
+def test_as_completed_takes_awaitables_and_propagates_their_errors(eng):
+    async def boom():
+        await asyncio.sleep(0.05)
+        raise ValueError("boom")
+
+    async def main():
+        got = [r.id async for r in eng.as_completed([eng.asubmit(fast("w1")), eng.submit(fast("w2"))])]
+        with pytest.raises(ValueError, match="boom"):
+            async for _ in eng.as_completed([boom()]):
+                pass
+        return got
+
+    assert sorted(asyncio.run(main())) == ["w1", "w2"]
+
+
+def test_timeouts_and_cancellation_leave_the_requests_running(eng):
+    async def main():
+        futs = [eng.submit(fast("t-fast")), eng.submit(slow("t-slow"))]
+        got = []
+        with pytest.raises(asyncio.TimeoutError, match="1 of 2 results were not ready"):
+            async for res in eng.as_completed(futs, timeout=0.6):
+                got.append(res.id)
+        with pytest.raises(asyncio.TimeoutError):  # cancels the task awaiting asubmit
+            await asyncio.wait_for(eng.asubmit(slow("t-slow")), 0.2)
+        return futs, got
+
+    futs, got = asyncio.run(main())
+    assert got == ["t-fast"]
+    assert eng.submit(slow("t-slow")) is futs[1]  # the same request, never sent twice
+    assert not futs[1].cancelled() and futs[1].result(timeout=30).status == "ok"  # ran to the end
+
+
+def test_errors_propagate_from_asubmit(eng):
+    async def main():
+        with pytest.raises(RequestError, match="field 'input_tokens'"):
+            await eng.asubmit({"id": "e1", "model": "gpt-5", "input_tokens": -1})
+        with pytest.raises(RequestError, match="field 'model'"):  # a bad one: none of them is queued
+            await eng.asubmit_many([fast("e2"), {"id": "e3", "model": "no-such-model", "prompt": "x"}])
+        with pytest.raises(RequestError, match="other content"):
+            await eng.asubmit(fast("a1", prompt="something else"))  # a1 was sent by the first test
+
+    asyncio.run(main())
+    # e2 was not queued, so its id is still free for other content
+    assert eng.submit(fast("e2", prompt="other")).result(timeout=30).status == "ok"
+
+
+def test_backpressure_waits_off_the_loop_and_stopped_engine_refuses(ray_session):
+    async def main(e):
+        first = asyncio.create_task(e.asubmit(slow("b1")))
+        await asyncio.sleep(0.05)  # b1 holds the one slot, so b2 waits for room (in a worker thread)
+        second = await e.asubmit(fast("b2"))
+        return await first, second, time.monotonic()
+
+    with Engine.start(speedup=100, max_pending=1) as e:
+        (first, second, _), ticker = asyncio.run(with_ticker(main(e)))
+        assert first.status == second.status == "ok"
+        assert second.done_s > first.done_s  # b2 was admitted only when b1 finished
+        assert ticker.ticks > 50 and ticker.max_gap < 0.5
+        e._overload = "raise"  # the same engine with overload="raise" (saves a start-up)
+        e.submit(slow("b3"))
+        with pytest.raises(Overloaded, match="max_pending=1"):
+            asyncio.run(e.asubmit(fast("b4")))
+    with pytest.raises(EngineStopped):
+        asyncio.run(e.asubmit(fast("b5")))
+    with pytest.raises(EngineStopped):
+        asyncio.run(e.asubmit_many([fast("b6")]))
