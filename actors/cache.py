@@ -433,11 +433,14 @@ class ResultCache(Warm):
         t = time.monotonic()
         if t < self._next_report and up == self._reported_up:
             return
+        # A change of Redis's state is reported even when no counter moved (e.g. down from the start), so
+        # smartbatch_cache_redis_up exists as soon as Redis is configured, and never without it.
+        up_changed = up != self._reported_up
         self._next_report, self._reported_up = t + REPORT_EVERY_S, up
         s = self.cache_stats()
         delta = {k: v - self._reported.get(k, 0) for k, v in s.items()}
         self._reported = s
-        if any(delta.values()):
+        if any(delta.values()) or (up_changed and up is not None):
             self.hub.send("observe_cache", delta, s)
 
     async def close(self) -> None:

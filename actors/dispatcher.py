@@ -19,6 +19,7 @@ from collections import deque
 
 from actors._peer import Warm, as_peer
 from actors._types import BatchJob, Job, send_sharded
+from actors.metrics import DispatchCounts, retry_reason
 from actors.providers import make_provider
 from actors.providers._wire import redact
 from engine.catalog import Catalog
@@ -75,6 +76,11 @@ class Dispatcher(Warm):
         self._readmit: list[Job] = []
         self._settle: list[tuple[str, float]] = []
         self._observed: list[tuple[str, list[float], int]] = []
+        # Counters for the hub's metrics, sent with the dispatch observations (see ``flush``).
+        self._counts = DispatchCounts()
+        self._queued_at: dict[int, float] = {}  # id(work item) -> engine time it joined the rate gate's queue
+        self._breaker_reported: dict[str, int] = {}
+        self._breaker_dirty = True  # the first flush reports every model's circuit as closed
         self._flusher: asyncio.Task | None = None
         self._timers: set[asyncio.TimerHandle] = set()
         self._pump_timer: tuple[float, asyncio.TimerHandle] | None = None
@@ -110,7 +116,10 @@ class Dispatcher(Warm):
                 self._enqueue("sync", b, [j])
 
     def _enqueue(self, kind: str, b: BatchJob, jobs: list[Job]) -> None:
-        self.sim.enqueue(Work(kind, (b, jobs), [j.req for j in jobs], [j.seq for j in jobs],
+        item = (b, jobs)
+        # Keyed by identity: the Work holds the item until it starts, so the id is not reused before then.
+        self._queued_at[id(item)] = self.clock.now()
+        self.sim.enqueue(Work(kind, item, [j.req for j in jobs], [j.seq for j in jobs],
                               [j.attempts for j in jobs], b.cache_write and kind == "sync",
                               b.hedge_at if kind == "batch" else None))
 
@@ -120,8 +129,12 @@ class Dispatcher(Warm):
         observed: dict[str, list[float]] = {}
         for e in events:
             b, jobs = e.work.item
+            queued_at = self._queued_at.pop(id(e.work.item), None)
             if e.kind != "reroute":
                 observed.setdefault(b.mode, []).extend(now - j.req.arrival_s for j in jobs)
+                if queued_at is not None:
+                    self._counts.rate_limit_wait_s.setdefault(b.mode, []).extend(
+                        [max(e.start - queued_at, 0.0)] * len(jobs))  # one per request, as dispatch waits
             getattr(self, "_start_" + e.kind)(e, b, jobs)
         for mode, waits in observed.items():
             self.waits.extend(waits)
@@ -173,8 +186,10 @@ class Dispatcher(Warm):
             self.sim.success(r.model, self.clock.now())
             self._final(b, j, True, a.cost, mode, a)
         else:
-            self.sim.failure(r.model, self.clock.now())
-            if not a.retryable or j.attempts + 1 >= self.max_att:
+            self._breaker_failure(r.model)
+            retried = a.retryable and j.attempts + 1 < self.max_att
+            self._counts.failed(retry_reason(a.retry_after_s, a.error), retried)
+            if not retried:
                 self._final(b, j, False, 0.0, mode, a)
             else:
                 nj = j._replace(attempts=j.attempts + 1)
@@ -217,6 +232,7 @@ class Dispatcher(Warm):
                     except Exception as exc:  # e.g. it ended meanwhile; the poll below tells
                         log.warning("dispatcher %s: batch cancel failed: %s", self.name, _short(exc))
                     self.batches_cancelled += 1
+                    self._counts.hedged_batches += 1
                     was_cancelled = True
                     # Counted from when the cancel was accepted: the time it spent on the wire is not the
                     # provider's cancelling time.
@@ -247,6 +263,7 @@ class Dispatcher(Warm):
                 except Exception as exc:
                     log.warning("dispatcher %s: batch results could not be read: %s", self.name, _short(exc))
         self.sim.finish_batch(tokens, self.clock.now())
+        self._counts.turnaround_s.append(self.clock.now() - start)
         for j, cj in zip(jobs, cjobs, strict=True):
             o = outs.get(cj.key)
             if o is None:
@@ -254,6 +271,7 @@ class Dispatcher(Warm):
             else:
                 if was_cancelled:
                     self.members_saved_by_cancel += o.ok
+                    self._counts.hedge_kept_members += o.ok
                 self._attempt(b, j, o.ok, o.cost, "batch_api", o)
         self._pump()
 
@@ -267,6 +285,9 @@ class Dispatcher(Warm):
                 late = [o for o in (await p.fetch(handle)).values() if o.ok]
                 self.paid_twice += len(late)
                 self.paid_twice_usd += sum(o.cost for o in late)
+                self._counts.paid_twice_members += len(late)
+                self._counts.paid_twice_usd += sum(o.cost for o in late)
+                self._kick()
                 return
             await self._sleep(st.next_poll_s)
 
@@ -278,6 +299,31 @@ class Dispatcher(Warm):
             self._member_done(j, 0.0)
             self._readmit.append(j._replace(req=j.req.model_copy(update={"provider": provider, "model": model}),
                                             claim=None))
+
+    def _breaker_failure(self, model: str) -> None:
+        """Tell the breaker; count an opening and note when the circuit closes again, so the 0/1 gauge
+        follows it even if no call of the model comes after."""
+        before = self.sim.breaker.opened
+        now = self.clock.now()
+        self.sim.failure(model, now)
+        if self.sim.breaker.opened > before:
+            c = self._counts.breaker_openings
+            c[model] = c.get(model, 0) + 1
+            self._breaker_dirty = True
+            until = self.sim.breaker.open_until(model, now)
+            if until is not None:
+                self._at(until + 1e-6, lambda: setattr(self, "_breaker_dirty", True))
+
+    def _breaker_changes(self) -> dict[str, int]:
+        """Models whose circuit state changed since the last report (all of them on the first)."""
+        self._breaker_dirty = False
+        now = self.clock.now()
+        out = {}
+        for m in self.sim.spec.models:
+            state = int(self.sim.breaker.open_until(m, now) is not None)
+            if self._breaker_reported.get(m) != state:
+                out[m] = self._breaker_reported[m] = state
+        return out
 
     def _at(self, at: float, fn) -> None:
         loop = asyncio.get_running_loop()
@@ -297,6 +343,9 @@ class Dispatcher(Warm):
 
     def _attempt(self, b: BatchJob, j: Job, ok: bool, cost: float, mode: str, out: CallOutcome | None = None) -> None:
         """A batch or GPU member's attempt ended; a failure goes back to the policy while attempts remain."""
+        if not ok:
+            retried = j.attempts + 1 < self.max_att and (out is None or out.retryable)
+            self._counts.failed(retry_reason(out.retry_after_s, out.error) if out is not None else "other", retried)
         if not ok and j.attempts + 1 < self.max_att and (out is None or out.retryable):
             self._member_done(j, 0.0)
             self._readmit.append(j._replace(attempts=j.attempts + 1, claim=None))
@@ -314,6 +363,9 @@ class Dispatcher(Warm):
         r = j.req
         now = max(self.clock.now(), r.arrival_s)
         self._member_done(j, cost if ok else 0.0)
+        if not ok or now > r.deadline_at + 1e-6:  # the result's deadline_met is False
+            missed = self._counts.deadline_missed
+            missed[r.priority] = missed.get(r.priority, 0) + 1
         real = out is not None and out.real
         if ok:
             res = Result(id=r.id, tenant=r.tenant, status="ok", output=out.output if out is not None else
@@ -343,7 +395,7 @@ class Dispatcher(Warm):
 
     def _outbox_empty(self) -> bool:
         return not (self._results or self._fills or self._orphans or self._readmit or self._settle
-                    or self._observed)
+                    or self._observed or self._counts or self._breaker_dirty)
 
     async def _flush_soon(self) -> None:
         # Loop until empty: what timers add while a flush awaits the cache must not wait for a later kick
@@ -359,8 +411,11 @@ class Dispatcher(Warm):
         readmit, self._readmit = self._readmit, []
         settle, self._settle = self._settle, []
         observed, self._observed = self._observed, []
-        if observed:
-            self.hub.send("observe_dispatches", self.name, observed)
+        if self._breaker_dirty:
+            self._counts.breaker_open.update(self._breaker_changes())
+        counts, self._counts = self._counts, DispatchCounts()
+        if observed or counts:
+            self.hub.send("observe_dispatches", self.name, observed, counts.as_dict())
         if results:
             self.hub.send("push", results, prices)
         if fills and self.cache is not None:

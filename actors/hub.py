@@ -71,9 +71,14 @@ class ResultHub(Warm):
             w = self._waiters[request_id] = asyncio.get_running_loop().create_future()
         return await asyncio.shield(w)
 
-    async def observe_dispatches(self, provider: str, observed: list[tuple[str, list[float], int]]) -> None:
+    async def observe_dispatches(self, provider: str, observed: list[tuple[str, list[float], int]],
+                                 counts: dict | None = None) -> None:
+        """A dispatcher's batched observations: dispatch waits, and (``DispatchCounts.as_dict()``) its retries,
+        429s, circuit states, hedges, turnarounds and rate-limit waits since its last flush."""
         for mode, waits, in_flight in observed:
             self.metrics.observe_dispatch(provider, mode, waits, in_flight)
+        if counts:
+            self.metrics.observe_counts(provider, counts)
 
     async def observe_budget(self, rows: list[dict], refusals: dict[str, int]) -> None:
         self.metrics.observe_budget(rows, refusals)

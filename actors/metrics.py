@@ -3,13 +3,63 @@ served on one port from there."""
 
 from __future__ import annotations
 
+import re
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from engine.result import Result
 
-__all__ = ["EngineMetrics"]
+__all__ = ["EngineMetrics", "DispatchCounts", "retry_reason"]
 
 _SECONDS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, 24 * 3600)
+_HTTP_5XX = re.compile(r"\b5(\d\d|xx)\b")
+_REASON = re.compile(r"[a-z][a-z0-9_]{0,39}")
+
+
+def retry_reason(retry_after_s: float | None, error: str | None) -> str:
+    """The ``reason`` label of a failed call: ``429``, ``5xx``, ``timeout`` or ``other``. A Retry-After or a
+    429 in the message is a rate limit; the providers' messages say ``HTTP 503``, ``5xx`` or ``timed out``."""
+    e = error or ""
+    if retry_after_s is not None or re.search(r"\b429\b", e):
+        return "429"
+    if _HTTP_5XX.search(e):
+        return "5xx"
+    if "timed out" in e or "timeout" in e.lower():
+        return "timeout"
+    return "other"
+
+
+class DispatchCounts:
+    """What one dispatcher saw since its last flush, sent to the hub with its ``observe_dispatches`` message
+    (never one actor call per request). Plain dicts and lists, so it pickles cheaply."""
+
+    def __init__(self) -> None:
+        self.retries: dict[str, int] = {}  # reason -> retried calls
+        self.http_429 = 0
+        self.deadline_missed: dict[str, int] = {}  # priority -> requests
+        self.breaker_open: dict[str, int] = {}  # model -> 0/1, only what changed
+        self.breaker_openings: dict[str, int] = {}  # model -> openings
+        self.hedged_batches = 0
+        self.hedge_kept_members = 0
+        self.paid_twice_members = 0
+        self.paid_twice_usd = 0.0
+        self.turnaround_s: list[float] = []
+        self.rate_limit_wait_s: dict[str, list[float]] = {}  # mode -> engine seconds queued at the gate
+
+    def __repr__(self) -> str:
+        return f"DispatchCounts({self.as_dict()})"
+
+    def failed(self, reason: str, retried: bool) -> None:
+        if reason == "429":
+            self.http_429 += 1
+        if retried:
+            self.retries[reason] = self.retries.get(reason, 0) + 1
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in vars(self).items() if v}
+
+    def __bool__(self) -> bool:
+        return any(vars(self).values())
 
 
 class EngineMetrics:
@@ -44,8 +94,12 @@ class EngineMetrics:
         self._refusals_seen: dict[str, int] = {}
         self.cache_lookups = Counter("smartbatch_cache_lookups", "Cache lookups by result (exact_memory, "
                                      "exact_redis, near, in_flight, miss)", ["result"], registry=r)
+        # Registered on the cache's first report with Redis configured: without Redis it would read 0 and fire
+        # a "Redis down" alert for a cache that never had one.
         self.cache_redis_up = Gauge("smartbatch_cache_redis_up", "1 while the cache reaches Redis, 0 while it "
-                                    "serves from memory only", registry=r)
+                                    "serves from memory only (exported only when Redis is configured)",
+                                    registry=None)
+        self._redis_up_registered = False
         self.cache_redis_errors = Counter("smartbatch_cache_redis_errors", "Failed Redis operations", registry=r)
         self.cache_corrupt = Counter("smartbatch_cache_corrupt_values", "Values under our keys that were not "
                                      "valid entries (ignored, never served)", registry=r)
@@ -53,6 +107,35 @@ class EngineMetrics:
                                        "TTL", ["why"], registry=r)
         self.cache_entries = Gauge("smartbatch_cache_entries", "Entries held in this process", ["layer"],
                                    registry=r)
+        # Reliability (issue 14): every name carries its unit (seconds, usd, or the thing counted).
+        self.deadline_missed = Counter("smartbatch_deadline_missed_requests", "Requests a provider answered "
+                                       "after their deadline or that failed, by provider and priority",
+                                       ["provider", "priority"], registry=r)
+        self.retries = Counter("smartbatch_retried_calls", "Failed calls or batch members sent again, by reason "
+                               "(429, 5xx, timeout, other)", ["provider", "reason"], registry=r)
+        self.http_429 = Counter("smartbatch_http_429_responses", "Rate-limit answers (429) received",
+                                ["provider"], registry=r)
+        self.breaker_open = Gauge("smartbatch_circuit_breaker_open_bool", "1 while a model's circuit is open "
+                                  "(its work goes to the fallback or waits), else 0", ["provider", "model"],
+                                  registry=r)
+        self.breaker_openings = Counter("smartbatch_circuit_breaker_openings", "Times a model's circuit opened",
+                                        ["provider", "model"], registry=r)
+        self.hedged_batches = Counter("smartbatch_hedge_cancelled_batches", "Provider batches cancelled at "
+                                      "their hedge time", ["provider"], registry=r)
+        self.hedge_kept = Counter("smartbatch_hedge_kept_members", "Finished members of cancelled batches, "
+                                  "used (billed once, never sent again)", ["provider"], registry=r)
+        self.paid_twice = Counter("smartbatch_paid_twice_members", "Members a too-slow cancel still finished "
+                                  "after they were sent again", ["provider"], registry=r)
+        self.paid_twice_usd = Counter("smartbatch_paid_twice_usd", "What those members cost a second time, USD",
+                                      ["provider"], registry=r)
+        self.turnaround_s = Histogram("smartbatch_batch_turnaround_seconds", "Engine seconds from a provider "
+                                      "batch's submission to its end (done, cancelled or given up)",
+                                      ["provider"], buckets=_SECONDS, registry=r)
+        self.rate_limit_wait_s = Histogram("smartbatch_rate_limit_wait_seconds", "Engine seconds requests "
+                                           "waited at a provider's rate gate before they started", ["provider", "mode"],
+                                           buckets=(0,) + _SECONDS, registry=r)
+        self.rejected = Counter("smartbatch_rejected_requests", "Requests rejected, by reason "
+                                "(budget_exhausted, budget_unavailable, other)", ["reason"], registry=r)
         self.port: int | None = None
 
     def serve(self, port: int = 0, addr: str = "127.0.0.1") -> int:
@@ -70,8 +153,13 @@ class EngineMetrics:
         saving: dict[str, float] = {}
         hits: dict[str, int] = {}
         e2e: dict[str, list[float]] = {}
+        rejected: dict[str, int] = {}
         for k, res in enumerate(results):
             outcomes[res.status] = outcomes.get(res.status, 0) + 1
+            if res.status == "rejected":
+                # A bounded label: the grouper's fixed reasons; anything free-form counts as "other".
+                why = res.error if res.error and _REASON.fullmatch(res.error) else "other"
+                rejected[why] = rejected.get(why, 0) + 1
             prov = res.provider or "unknown"
             if res.cost_usd:
                 key = (prov, res.mode or "none")
@@ -90,6 +178,8 @@ class EngineMetrics:
             self.saving.labels(prov).inc(usd)
         for kind, n in hits.items():
             self.hits.labels(kind).inc(n)
+        for why, n in rejected.items():
+            self.rejected.labels(why).inc(n)
         for prov, values in e2e.items():
             child = self.e2e_s.labels(prov)
             for v in values:
@@ -101,6 +191,31 @@ class EngineMetrics:
         for w in waits:
             child.observe(max(w, 0.0))
         self.queue.labels(provider).set(in_flight)
+
+    def observe_counts(self, provider: str, c: dict) -> None:
+        """A dispatcher's ``DispatchCounts.as_dict()`` since its last flush."""
+        for reason, n in c.get("retries", {}).items():
+            self.retries.labels(provider, reason).inc(n)
+        if c.get("http_429"):
+            self.http_429.labels(provider).inc(c["http_429"])
+        for prio, n in c.get("deadline_missed", {}).items():
+            self.deadline_missed.labels(provider, prio).inc(n)
+        for model, state in c.get("breaker_open", {}).items():
+            self.breaker_open.labels(provider, model).set(state)
+        for model, n in c.get("breaker_openings", {}).items():
+            self.breaker_openings.labels(provider, model).inc(n)
+        for key, counter in (("hedged_batches", self.hedged_batches), ("hedge_kept_members", self.hedge_kept),
+                             ("paid_twice_members", self.paid_twice), ("paid_twice_usd", self.paid_twice_usd)):
+            if c.get(key):
+                counter.labels(provider).inc(c[key])
+        if c.get("turnaround_s"):
+            child = self.turnaround_s.labels(provider)
+            for v in c["turnaround_s"]:
+                child.observe(max(v, 0.0))
+        for mode, waits in c.get("rate_limit_wait_s", {}).items():
+            child = self.rate_limit_wait_s.labels(provider, mode)
+            for v in waits:
+                child.observe(max(v, 0.0))
 
     def observe_budget(self, rows: list[dict], refusals: dict[str, int]) -> None:
         for row in rows:
@@ -126,7 +241,10 @@ class EngineMetrics:
         for why in ("evicted", "expired"):
             if delta.get(why):
                 self.cache_evictions.labels(why).inc(delta[why])
-        if "redis_up" in now:
+        if "redis_up" in now:  # only a cache with Redis configured reports it
+            if not self._redis_up_registered:
+                self.registry.register(self.cache_redis_up)
+                self._redis_up_registered = True
             self.cache_redis_up.set(now["redis_up"])
         self.cache_entries.labels("memory").set(now.get("memory_entries", 0))
         self.cache_entries.labels("near_index").set(now.get("near_entries", 0))

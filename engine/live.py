@@ -139,8 +139,8 @@ def dry_run(requests: Sequence[Request], *, policy: str = "smart", params: dict 
     from actors.providers import make_provider
     from engine.clock import ManualClock
     from engine.cost import price_alone
-    from engine.driver import http_setup
     from engine.provider_api import CallJob, Secret, call_key
+    from engine.provider_setup import http_setup
     from engine.providers import SimProvider
     from policies import load_policy
 

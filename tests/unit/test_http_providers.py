@@ -33,10 +33,10 @@ from engine.catalog import Catalog, default_catalog
 from engine.clock import ManualClock, ScaledClock
 from engine.cost import price_usage
 from engine.draws import Draws
-from engine.driver import http_setup
 from engine.emulator import Emulator
 from engine.live import point_at_emulator
 from engine.provider_api import CallJob, CallOutcome, Provider, Secret, call_key
+from engine.provider_setup import http_setup
 from engine.providers import SimProvider
 from engine.request import Request
 from engine.result import Result

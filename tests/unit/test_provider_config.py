@@ -10,10 +10,10 @@ from typer.testing import CliRunner
 from engine.catalog import default_catalog, load_catalog
 from engine.cli import app
 from engine.cost import price_usage
-from engine.driver import http_setup
 from engine.emulator import Emulator
 from engine.errors import CatalogError, ConfigError
 from engine.features import fingerprint
+from engine.provider_setup import http_setup
 from engine.request import Request, validation_context
 from engine.settings import ProvidersSettings, Settings
 

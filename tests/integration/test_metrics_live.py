@@ -1,0 +1,72 @@
+"""The reliability metrics of a live engine, scraped from the hub's /metrics: a request that misses its deadline,
+a 429 and a 5xx that are retried, the circuit state and the rate-limit wait, over HTTP to the emulator."""
+
+import time
+import urllib.request
+
+import pytest
+
+from engine.catalog import default_catalog
+from engine.driver import Engine
+from engine.emulator import Emulator
+from engine.live import point_at_emulator
+from engine.settings import Settings
+
+CAT = default_catalog()
+SPEEDUP = 100.0
+
+
+def scrape(port: int) -> dict[str, float]:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    samples = {}
+    for line in body.splitlines():
+        if line.startswith("smartbatch_") and " " in line:
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+def total(samples: dict[str, float], prefix: str) -> float:
+    return sum(v for k, v in samples.items() if k.startswith(prefix))
+
+
+def test_reliability_metrics_are_scraped_with_plausible_values(ray_session):
+    with Emulator(CAT, speedup=SPEEDUP, seed=0, cancel_s=1.0) as emu:
+        settings = point_at_emulator(Settings(), emu)
+        # The first two calls fail (a 429 with Retry-After, then a 500); both are retried and then served.
+        emu.faults.script("openai", "chat.completions", [{"status": 429, "retry_after_s": 1}, {"status": 500}])
+        reqs = [{"id": f"r{k}", "model": "gpt-4o-mini", "prompt": f"summarise ticket {k}", "priority": "urgent",
+                 "deadline_s": 600.0} for k in range(3)]
+        # An engine second is 10 ms here: no call answers within 0.05 engine seconds, so this one is late.
+        reqs.append({"id": "late", "model": "gpt-4o-mini", "prompt": "a reply needed at once",
+                     "priority": "urgent", "deadline_s": 0.05})
+        with Engine.start(settings, catalog=CAT, speedup=SPEEDUP) as eng:
+            results = [f.result(timeout=120) for f in eng.submit_many(reqs)]
+            assert eng.metrics_port
+            # Results and the dispatcher's counters leave in separate batched messages: wait for the counters.
+            samples = scrape(eng.metrics_port)
+            for _ in range(50):
+                if total(samples, "smartbatch_retried_calls_total") >= 2:
+                    break
+                time.sleep(0.1)
+                samples = scrape(eng.metrics_port)
+
+    by_id = {r.id: r for r in results}
+    assert all(r.status == "ok" for r in results), [r.error for r in results]
+    assert by_id["late"].deadline_met is False
+    late = sum(not r.deadline_met for r in results)
+    assert samples['smartbatch_deadline_missed_requests_total{priority="urgent",provider="openai"}'] == late
+    assert samples['smartbatch_retried_calls_total{provider="openai",reason="429"}'] == 1
+    assert samples['smartbatch_retried_calls_total{provider="openai",reason="5xx"}'] == 1
+    assert samples['smartbatch_http_429_responses_total{provider="openai"}'] == 1
+    # Two failures do not open the circuit (allowed_fails is larger): every openai model reads closed.
+    assert samples['smartbatch_circuit_breaker_open_bool{model="gpt-4o-mini",provider="openai"}'] == 0
+    assert total(samples, "smartbatch_circuit_breaker_openings_total") == 0
+    # One rate-gate wait per started request (first tries and retries, whatever the mode), as dispatch waits.
+    waits = total(samples, "smartbatch_rate_limit_wait_seconds_count")
+    assert waits == total(samples, "smartbatch_dispatch_seconds_count") >= len(reqs) + 2
+    assert 0 <= total(samples, "smartbatch_rate_limit_wait_seconds_sum") < 3600 * waits
+    assert total(samples, "smartbatch_rejected_requests_total") == 0
+    assert "smartbatch_cache_redis_up" not in samples  # no Redis configured, so no false "Redis down"
+    assert sum(v for k, v in samples.items() if k.startswith("smartbatch_requests_total")) == len(reqs)
+    assert emu.bill().total_usd == pytest.approx(sum(r.cost_usd for r in results), abs=1e-9)

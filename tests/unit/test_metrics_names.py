@@ -1,0 +1,143 @@
+"""The Grafana dashboard uses only metrics the engine exports, and the reliability metrics carry their units."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from actors.metrics import DispatchCounts, EngineMetrics, retry_reason
+from engine.result import Result
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "docs" / "grafana" / "smartbatch.json"
+
+_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "offset", "and", "or",
+             "unless", "inf", "nan"}
+_SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+
+
+def promql_metric_names(expr: str) -> set[str]:
+    """Metric names of a PromQL expression: identifiers that are not functions, keywords, label names of
+    ``by``/``without``/``on``/``ignoring`` clauses or matchers, durations or numbers."""
+    s = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # string literals (label values)
+    s = re.sub(r"\{[^}]*\}", " ", s)  # label matchers
+    s = re.sub(r"\[[^\]]*\]", " ", s)  # ranges and subqueries
+    s = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", s)  # label lists
+    names = set()
+    for m in re.finditer(r"(?<![\w.])([a-zA-Z_:][a-zA-Z0-9_:]*)(\s*\()?", s):
+        word, call = m.group(1), m.group(2)
+        if call or word.lower() in _KEYWORDS:
+            continue
+        names.add(word)
+    return names
+
+
+def exported_names(metrics: EngineMetrics) -> set[str]:
+    names = set()
+    for fam in metrics.registry.collect():
+        for suffix in _SUFFIXES.get(fam.type, ("",)):
+            names.add(fam.name + suffix)
+    return names
+
+
+def dashboard_exprs() -> list[str]:
+    doc = json.loads(DASHBOARD.read_text())
+    return [t["expr"] for p in doc["panels"] for t in p.get("targets", []) if t.get("expr")]
+
+
+def test_the_parser_finds_metric_names_and_skips_the_rest():
+    expr = ('histogram_quantile(0.95, sum by (provider, le) (rate(smartbatch_x_seconds_bucket{mode="sync"}[5m])))'
+            ' / on (provider) group_left smartbatch_y_usd * 3600')
+    assert promql_metric_names(expr) == {"smartbatch_x_seconds_bucket", "smartbatch_y_usd"}
+
+
+def test_every_metric_of_the_dashboard_exists():
+    metrics = EngineMetrics()
+    metrics.observe_cache({}, {"redis_up": 1})  # registered only once a cache with Redis reports
+    known = exported_names(metrics)
+    exprs = dashboard_exprs()
+    assert len(exprs) >= 16
+    used = set()
+    for e in exprs:
+        names = promql_metric_names(e)
+        assert names, f"no metric in {e!r}"
+        used |= names
+    missing = sorted(used - known)
+    assert not missing, f"the dashboard uses metrics the engine does not export: {missing}"
+    # The dashboard covers what operators alert on.
+    for needed in ("smartbatch_deadline_missed_requests_total", "smartbatch_retried_calls_total",
+                   "smartbatch_http_429_responses_total", "smartbatch_circuit_breaker_open_bool",
+                   "smartbatch_hedge_cancelled_batches_total", "smartbatch_batch_turnaround_seconds_bucket",
+                   "smartbatch_rate_limit_wait_seconds_bucket", "smartbatch_budget_remaining_usd",
+                   "smartbatch_cache_hits_total", "smartbatch_cost_usd_total", "smartbatch_saving_usd_total"):
+        assert needed in used
+
+
+def test_the_reliability_metrics_carry_units():
+    units = ("_seconds", "_usd", "_requests", "_calls", "_responses", "_bool", "_openings", "_batches", "_members")
+    new = {"deadline_missed", "retries", "http_429", "breaker_open", "breaker_openings", "hedged_batches",
+           "hedge_kept", "paid_twice", "paid_twice_usd", "turnaround_s", "rate_limit_wait_s", "rejected"}
+    m = EngineMetrics()
+    for attr in new:
+        name = getattr(m, attr)._name
+        assert name.startswith("smartbatch_") and name.endswith(units), name
+
+
+def test_redis_up_is_exported_only_when_redis_is_configured():
+    m = EngineMetrics()
+    m.observe_cache({"miss": 1}, {"memory_entries": 1})  # a memory-only cache: no redis_up in its report
+    assert "smartbatch_cache_redis_up" not in exported_names(m)
+    m.observe_cache({}, {"redis_up": 0})
+    m.observe_cache({}, {"redis_up": 1})
+    assert m.registry.get_sample_value("smartbatch_cache_redis_up") == 1.0
+
+
+@pytest.mark.parametrize("retry_after, error, reason", [
+    (2.0, "openai HTTP 429: slow down", "429"),
+    (None, "openai 429 rate limited", "429"),
+    (None, "anthropic HTTP 529: overloaded", "5xx"),
+    (None, "openai 5xx", "5xx"),
+    (None, "openai: timed out after 60 s", "timeout"),
+    (None, "openai: ConnectError: refused", "other"),
+    (None, None, "other"),
+])
+def test_retry_reasons(retry_after, error, reason):
+    assert retry_reason(retry_after, error) == reason
+
+
+def test_dispatch_counts_reach_the_metrics():
+    c = DispatchCounts()
+    assert not c
+    c.failed("429", retried=True)
+    c.failed("5xx", retried=False)
+    c.deadline_missed["urgent"] = 2
+    c.breaker_open["gpt-4o"] = 1
+    c.breaker_openings["gpt-4o"] = 1
+    c.hedged_batches, c.hedge_kept_members = 1, 3
+    c.turnaround_s.append(120.0)
+    c.rate_limit_wait_s["sync"] = [0.0, 1.5]
+    m = EngineMetrics()
+    m.observe_counts("openai", c.as_dict())
+    v = m.registry.get_sample_value
+    assert v("smartbatch_retried_calls_total", {"provider": "openai", "reason": "429"}) == 1
+    assert v("smartbatch_retried_calls_total", {"provider": "openai", "reason": "5xx"}) is None
+    assert v("smartbatch_http_429_responses_total", {"provider": "openai"}) == 1
+    assert v("smartbatch_deadline_missed_requests_total", {"provider": "openai", "priority": "urgent"}) == 2
+    assert v("smartbatch_circuit_breaker_open_bool", {"provider": "openai", "model": "gpt-4o"}) == 1
+    assert v("smartbatch_circuit_breaker_openings_total", {"provider": "openai", "model": "gpt-4o"}) == 1
+    assert v("smartbatch_hedge_cancelled_batches_total", {"provider": "openai"}) == 1
+    assert v("smartbatch_hedge_kept_members_total", {"provider": "openai"}) == 3
+    assert v("smartbatch_batch_turnaround_seconds_count", {"provider": "openai"}) == 1
+    assert v("smartbatch_rate_limit_wait_seconds_sum", {"provider": "openai", "mode": "sync"}) == 1.5
+
+
+def test_rejections_are_counted_by_a_bounded_reason():
+    m = EngineMetrics()
+    m.observe_results([Result(id="a", status="rejected", error="budget_exhausted"),
+                       Result(id="b", status="rejected", error="policy error: boom, with free text"),
+                       Result(id="c", status="ok")], None)
+    v = m.registry.get_sample_value
+    assert v("smartbatch_rejected_requests_total", {"reason": "budget_exhausted"}) == 1
+    assert v("smartbatch_rejected_requests_total", {"reason": "other"}) == 1
