@@ -47,9 +47,23 @@ console = Console(width=None if Console().is_terminal else 120)
 err_console = Console(stderr=True, soft_wrap=True)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            v = version("smartbatch")
+        except PackageNotFoundError:  # run from a checkout that was not installed
+            v = "unknown (not installed)"
+        typer.echo(f"smartbatch {v}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _main(ctx: typer.Context,
-          debug: bool = typer.Option(False, "--debug", help="show the full traceback of an error")) -> None:
+          debug: bool = typer.Option(False, "--debug", help="show the full traceback of an error"),
+          version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the version and exit")) -> None:
     ctx.meta[_DEBUG] = debug
 
 

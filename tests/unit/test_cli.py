@@ -192,3 +192,10 @@ def test_bench_rebases_an_epoch_trace_and_says_so(tmp_path):
     r = runner.invoke(app, ["bench", str(trace), "--policies", "naive", "--out", str(tmp_path / "o")])
     assert r.exit_code == 0, r.output
     assert "arrivals rebased by 19,675 day(s)" in r.output
+
+
+def test_version_prints_the_installed_version():
+    from importlib.metadata import version
+
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.output.strip() == f"smartbatch {version('smartbatch')}"
