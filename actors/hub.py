@@ -87,8 +87,16 @@ class ResultHub(Warm):
         self.metrics.observe_cache(delta, now)
         self._cache = now
 
-    async def serve_metrics(self, port: int = 0) -> int:
-        return self.metrics.serve(port)
+    async def serve_metrics(self, port: int = 0, host: str = "127.0.0.1") -> str:
+        """Serve /metrics on ``host:port`` (port 0: a free one); returns the URL to scrape. A wildcard bind is
+        reported with this node's address, so a driver on another machine can reach it."""
+        port = self.metrics.serve(port, host)
+        shown = host
+        if host in ("0.0.0.0", "::", ""):
+            import ray
+
+            shown = ray.util.get_node_ip_address()
+        return f"http://{shown}:{port}/metrics"
 
     async def pull(self, max_wait_s: float = 0.25) -> list[Result]:
         """Everything finished since the last pull; waits up to ``max_wait_s`` when nothing is ready."""

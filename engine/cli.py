@@ -17,26 +17,67 @@ from engine.settings import Settings
 
 
 def _print_table(doc: dict) -> None:
-    t = Table(title=f"{doc['trace']}: {doc['requests']:,} requests; lower bound ${doc['lower_bound_usd']:.2f}")
+    """Print the results table on the CLI console. When the full table is wider than the console, headers
+    shorten (a caption spells them out) and the columns that matter least move, in order, to a second table
+    keyed by policy, so nothing wraps or is cut at 80 columns."""
+    out = console  # read at call time, so tests can patch engine.cli.console
     budgeted = bool(doc.get("budgets"))
-    cols = ["policy", "cost $", "saving", "capture", "met", "urgent", "hits e/f/n",
-            "batch/consider/indiv" if not budgeted else "b/c/i"]
-    cols += ["rejected", "overrun $"] if budgeted else []
-    for col in cols + ["sim req/s"]:
-        t.add_column(col, justify="left" if col == "policy" else "right", no_wrap=True)
-    for r in doc["results"]:
-        cap = r["capture_of_achievable"]
-        rc = r["recommendations"]
-        recs = "/".join(str(rc.get(k, 0)) for k in ("process_as_batch", "consider_batch", "process_individually"))
-        urgent = r["deadline_met_by_priority"].get("urgent")
-        cells = [r["policy"], f"{r['cost_usd']:.2f}", f"{100 * r['saving_vs_naive'] + 0.0:.1f}%",
-                 "n/a" if cap is None else f"{100 * cap + 0.0:.1f}%", f"{100 * r['deadline_met_frac']:.2f}%",
-                 "n/a" if urgent is None else f"{100 * urgent:.1f}%",
-                 f"{r['exact_hits']}/{r['in_flight_hits']}/{r['near_hits']}", recs]
-        if budgeted:
-            cells += [str(sum(r["rejected"].values())), f"{r.get('budget_overrun_usd', 0.0):.2f}"]
-        t.add_row(*cells, "live" if r.get("sim_requests_per_s") is None else f"{r['sim_requests_per_s']:,.0f}")
-    console.print(t)
+    rows = doc["results"]
+
+    def pct(x: float | None, nd: int = 1) -> str:
+        return "n/a" if x is None else f"{100 * x + 0.0:.{nd}f}%"
+
+    # (full header, short header, cells); policy, cost, saving and met never fold.
+    cols = {
+        "policy": ("policy", "policy", [r["policy"] for r in rows]),
+        "cost": ("cost $", "cost $", [f"{r['cost_usd']:.2f}" for r in rows]),
+        "saving": ("saving", "save", [pct(r["saving_vs_naive"]) for r in rows]),
+        "capture": ("capture", "capt", [pct(r["capture_of_achievable"]) for r in rows]),
+        "met": ("met", "met", [pct(r["deadline_met_frac"], 2) for r in rows]),
+        "urgent": ("urgent", "urg", [pct(r["deadline_met_by_priority"].get("urgent")) for r in rows]),
+        "hits": ("hits e/f/n", "hits", [f"{r['exact_hits']}/{r['in_flight_hits']}/{r['near_hits']}" for r in rows]),
+        "recs": ("b/c/i" if budgeted else "batch/consider/indiv", "b/c/i",
+                 ["/".join(str(r["recommendations"].get(k, 0)) for k in
+                           ("process_as_batch", "consider_batch", "process_individually")) for r in rows]),
+    }
+    if budgeted:
+        cols["rejected"] = ("rejected", "rej", [str(sum(r["rejected"].values())) for r in rows])
+        cols["overrun"] = ("overrun $", "over $", [f"{r.get('budget_overrun_usd', 0.0):.2f}" for r in rows])
+    cols["speed"] = ("sim req/s", "req/s", ["live" if r.get("sim_requests_per_s") is None
+                                            else f"{r['sim_requests_per_s']:,.0f}" for r in rows])
+    fold_order = ["speed", "recs", "hits", "overrun", "rejected", "capture", "urgent"]
+    title = f"{doc['trace']}: {doc['requests']:,} requests; lower bound ${doc['lower_bound_usd']:.2f}"
+
+    legend = {"saving": "save: vs naive", "capture": "capt: of achievable", "urgent": "urg: urgent met",
+              "hits": "hits: exact/in-flight/near", "recs": "b/c/i: batch/consider/indiv",
+              "speed": "req/s: simulated"}
+
+    def build(keys: list[str], short: bool, title: str | None = None) -> Table:
+        caption = "; ".join(legend[k] for k in keys if k in legend) if short else None
+        t = Table(title=title, caption=caption)
+        for k in keys:
+            t.add_column(cols[k][1 if short else 0], justify="left" if k == "policy" else "right", no_wrap=True)
+        for i in range(len(rows)):
+            t.add_row(*(cols[k][2][i] for k in keys))
+        return t
+
+    def width(t: Table) -> int:
+        return out.measure(t, options=out.options.update_width(10_000)).maximum
+
+    main, folded = list(cols), []
+    table = build(main, short=False, title=title)
+    if width(table) > out.width:
+        table = build(main, short=True, title=title)
+        for k in fold_order:
+            if width(table) <= out.width:
+                break
+            if k in main:
+                main.remove(k)
+                folded.append(k)
+                table = build(main, short=True, title=title)
+    out.print(table)
+    if folded:
+        out.print(build(["policy", *reversed(folded)], short=True))
 
 
 def _budgets(settings: Settings, budget: float | None, tenant_budget: list[str] | None,
@@ -126,6 +167,16 @@ def bench(trace: Path = typer.Argument(..., help="a JSONL trace"),
     console.print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'plot.png'}")
 
 
+def _started(then=None):
+    """Say where the engine serves its metrics as soon as it is up, then run ``then``."""
+    def started(eng) -> None:
+        if eng.metrics_url:
+            err_console.print(f"metrics at {eng.metrics_url}")
+        if then is not None:
+            then(eng)
+    return started
+
+
 def _live(requests, name: str, policy: str, speedup: float, address: str | None, seed: int, settings,
           cat, results: list | None = None, on_start=None) -> dict:
     from engine.live import run_live
@@ -134,7 +185,7 @@ def _live(requests, name: str, policy: str, speedup: float, address: str | None,
                   TimeElapsedColumn(), console=err_console, transient=True) as bar:
         task = bar.add_task(f"live {policy} x{speedup:g}", total=len(requests))
         return run_live(requests, trace_name=name, policy=policy, speedup=speedup, address=address, seed=seed,
-                        catalog=cat, settings=settings, results=results, on_start=on_start,
+                        catalog=cat, settings=settings, results=results, on_start=_started(on_start),
                         on_done=lambda k: bar.update(task, advance=k))
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import logging
 import threading
 import time
 import weakref
@@ -28,6 +29,8 @@ from engine.result import Result
 from engine.settings import Settings, with_budget
 
 __all__ = ["Engine", "ResultFuture"]
+
+log = logging.getLogger("smartbatch")
 
 HEALTH_EVERY_S = 1.0  # how often the driver checks that every engine actor is alive
 HEALTH_TIMEOUT_S = 2.0  # a busy actor may answer late; only an actor that errors is counted dead
@@ -84,6 +87,7 @@ class Engine(AsyncSubmit):
         self._micro_batch = micro_batch
         self._flush_s = flush_ms / 1000.0
         self.metrics_port: int | None = None
+        self.metrics_url: str | None = None  # where Prometheus scrapes this engine
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)  # signalled when unfinished requests drop
         self._max_pending, self._overload, self._submit_timeout_s = max_pending, overload, submit_timeout_s
@@ -107,14 +111,14 @@ class Engine(AsyncSubmit):
               policy_params: Mapping[str, Any] | None = None, catalog: Catalog | None = None,
               address: str | None = None, speedup: float = 1.0, offset_s: float = 0.0,
               budget_usd: float | None = None, seed: int | None = None, num_groupers: int = 1,
-              micro_batch: int = 1000, flush_ms: float = 2.0, metrics_port: int | None = 0,
+              micro_batch: int = 1000, flush_ms: float = 2.0, metrics_port: int | None | str = "settings",
               max_pending: int = 100_000, overload: str = "block", submit_timeout_s: float = 60.0,
               retention_s: float = 3600.0) -> Engine:
         """Start the actors on Ray: an embedded local Ray when none is running and ``address`` is None, else
         attach (``address="auto"`` for a cluster started with ``ray up``). ``speedup`` runs the engine clock
         faster than the wall clock (replaying a trace time-compressed); ``offset_s`` is the clock's start.
-        Prometheus metrics are served on ``metrics_port`` (0: a free port, None: not served); the port is
-        ``engine.metrics_port``.
+        Prometheus metrics are served at ``engine.metrics_url``, on ``settings.metrics`` (host 127.0.0.1, a free
+        port) unless ``metrics_port`` is given (0: a free port, None: not served); the address is logged.
 
         Backpressure: at most ``max_pending`` requests are accepted and unfinished; past that, ``submit``
         waits up to ``submit_timeout_s`` for room (``overload="block"``) or raises ``Overloaded`` at once
@@ -157,8 +161,11 @@ class Engine(AsyncSubmit):
         eng = cls(handles=handles, clock=handles["clock"], settings=settings, catalog=catalog,
                   started_ray=started, micro_batch=micro_batch, flush_ms=flush_ms, max_pending=max_pending,
                   overload=overload, submit_timeout_s=submit_timeout_s, retention_s=retention_s)
-        if metrics_port is not None:
-            eng.metrics_port = ray.get(handles["hub"].serve_metrics.remote(metrics_port))
+        port = settings.metrics.port if metrics_port == "settings" else metrics_port
+        if port is not None:
+            eng.metrics_url = ray.get(handles["hub"].serve_metrics.remote(port, settings.metrics.host))
+            eng.metrics_port = int(eng.metrics_url.rsplit(":", 1)[1].split("/", 1)[0])
+            log.info("smartbatch metrics at %s", eng.metrics_url)
         return eng
 
     def stop(self, timeout_s: float = 5.0) -> None:

@@ -133,6 +133,15 @@ class ProvidersSettings(BaseModel):
         return [p for p in catalog_providers if p in self.endpoints]
 
 
+class MetricsSettings(BaseModel):
+    """Where the engine serves Prometheus metrics (``SMARTBATCH_METRICS__HOST``, ``SMARTBATCH_METRICS__PORT``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    host: str = Field(default="127.0.0.1", min_length=1, description="address to bind; 0.0.0.0 to be scraped from "
+                      "other machines")
+    port: int | None = Field(default=0, ge=0, le=65535, description="0: a free port; None: not served")
+
+
 class Settings(BaseSettings):
     """Environment: ``SMARTBATCH_<FIELD>``, nested with ``__`` (``SMARTBATCH_DEADLINES__URGENT=60``)."""
 
@@ -145,6 +154,7 @@ class Settings(BaseSettings):
     budgets: BudgetSettings = BudgetSettings()
     resilience: Resilience = Resilience()
     providers: ProvidersSettings = ProvidersSettings()
+    metrics: MetricsSettings = MetricsSettings()
     catalog_overlay: Path | None = Field(default=None, description="YAML merged over the catalog: adds or "
                                          "overrides providers, models and prices")
     chars_per_token: float = Field(default=4.0, gt=0, description="token estimate for a line without counts")

@@ -222,3 +222,20 @@ def test_a_flooding_tenant_does_not_delay_another_in_the_live_engine(ray_session
         (r.id, r.done_s - r.arrival_s) for r in quiet_res if not r.deadline_met]
     # The flood took minutes to drain: it was the bottleneck, not an idle provider.
     assert max(r.done_s for r in results if r.id.startswith("flood")) > 240
+
+
+def test_the_metrics_address_comes_from_the_settings(ray_session):
+    import socket
+    import urllib.request
+
+    from engine.settings import MetricsSettings, Settings
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = Settings(metrics=MetricsSettings(host="127.0.0.1", port=port))
+    with Engine.start(settings, speedup=100) as eng:
+        assert eng.metrics_url == f"http://127.0.0.1:{port}/metrics" and eng.metrics_port == port
+        assert "smartbatch_requests_total" in urllib.request.urlopen(eng.metrics_url).read().decode()
+    with Engine.start(Settings(metrics=MetricsSettings(port=None)), speedup=100) as eng:
+        assert eng.metrics_url is None
