@@ -33,5 +33,14 @@ def test_every_provider_has_a_node_with_its_resource(config):
 
 def test_start_commands_are_strings(config):
     # An unquoted {...} in a YAML list becomes a mapping and the launcher fails late; keep them strings.
-    for key in ("setup_commands", "head_start_ray_commands", "worker_start_ray_commands"):
+    for key in ("setup_commands", "head_setup_commands", "head_start_ray_commands", "worker_start_ray_commands"):
         assert all(isinstance(c, str) for c in config[key]), key
+
+
+def test_nodes_install_what_they_need(config):
+    # Every node needs pip, Ray (with the metrics extras) and smartbatch; the head also needs boto3, which the
+    # autoscaler uses to launch the AWS workers.
+    setup = " ".join(config["setup_commands"])
+    assert "python3-pip" in setup and "ray[default]" in setup and "/home/ubuntu/smartbatch" in setup
+    assert any("boto3" in c for c in config["head_setup_commands"])
+    assert setup.index("ray[default]") < setup.index("/home/ubuntu/smartbatch")  # Ray before the package
