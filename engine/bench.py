@@ -178,17 +178,21 @@ def _markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(doc: dict, path: Path) -> None:
-    import matplotlib
+def _plot(doc: dict, path: Path) -> Any:
+    """Cost against deadline attainment, one labelled point per policy. Returns the figure, so tests can
+    inspect where the labels landed."""
+    # An Agg canvas bound to a bare Figure: no pyplot state, no GUI backend, nothing to close.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig = Figure(figsize=(7, 4.5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    labels = []
     for r in doc["results"]:
         ax.scatter(100 * r["deadline_met_frac"], r["cost_usd"], s=40)
-        ax.annotate(r["policy"], (100 * r["deadline_met_frac"], r["cost_usd"]), textcoords="offset points",
-                    xytext=(5, 4), fontsize=8)
+        labels.append(ax.annotate(r["policy"], (100 * r["deadline_met_frac"], r["cost_usd"]),
+                                  textcoords="offset points", xytext=(5, 4), fontsize=8))
     naive = doc["results"][0]["naive_cost_usd"]
     ax.axhline(naive, color="grey", linestyle="--", linewidth=1, label=f"naive ${naive:.2f}")
     ax.axhline(doc["lower_bound_usd"], color="green", linestyle=":", linewidth=1,
@@ -199,8 +203,28 @@ def _plot(doc: dict, path: Path) -> None:
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
+    # Greedy de-collision, done after the layout is final (nothing rescales the axes afterwards): take the
+    # labels bottom to top and lift each one just clear of every label already placed that it overlaps.
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    px_per_pt = fig.dpi / 72.0
+    placed = []
+    for label in sorted(labels, key=lambda a: a.get_window_extent(renderer).y0):
+        box = label.get_window_extent(renderer)
+        lift = 0.0
+        moved = True
+        while moved:  # ends: each pass lifts above one more placed box, and there are finitely many
+            moved = False
+            for other in placed:
+                if box.translated(0, lift).overlaps(other):
+                    lift = other.y1 - box.y0 + 1.0
+                    moved = True
+        if lift:
+            dx, dy = label.xyann
+            label.xyann = (dx, dy + lift / px_per_pt)
+        placed.append(box.translated(0, lift))
     fig.savefig(path)
-    plt.close(fig)
+    return fig
 
 
 def write_outputs(doc: dict, out_dir: str | Path) -> dict[str, Path]:

@@ -1,0 +1,93 @@
+"""Issue 14 item 5: the results table fits 80 columns and the plot's labels never overlap."""
+
+from __future__ import annotations
+
+import copy
+import io
+import itertools
+
+import pytest
+from rich.console import Console
+
+import engine.cli as cli
+from engine.bench import _plot, resolve_policies, run_bench
+from engine.tracegen import synth
+
+POLICIES = "naive,cache-only,fixed,batch-all,smart"
+
+
+@pytest.fixture(scope="module")
+def doc() -> dict:
+    return run_bench(synth(200, seed=1), resolve_policies(POLICIES, {}), trace_name="synth")
+
+
+def _render(doc: dict, width: int, monkeypatch) -> list[str]:
+    con = Console(width=width, record=True, file=io.StringIO())
+    monkeypatch.setattr(cli, "console", con)
+    cli._print_table(doc)
+    return con.export_text().splitlines()
+
+
+def _budgeted(doc: dict) -> dict:
+    d = copy.deepcopy(doc)
+    d["budgets"] = [{"tenant": None, "max_budget": 1.0, "budget_duration": None}]
+    return d
+
+
+@pytest.mark.parametrize("budgeted", [False, True])
+def test_table_fits_80_columns_and_keeps_policy_and_cost(doc, budgeted, monkeypatch):
+    d = _budgeted(doc) if budgeted else doc
+    lines = _render(d, 80, monkeypatch)
+    assert all(len(line) <= 80 for line in lines), "\n".join(lines)
+    text = "\n".join(lines)
+    assert "…" not in text  # nothing cut
+    assert "cost $" in text
+    for r in d["results"]:
+        assert any(line.split("│")[1].strip() == r["policy"] for line in lines if line.count("│") > 2)
+        assert f"{r['cost_usd']:.2f}" in text
+    # folded columns are moved to a second table, not lost
+    assert "req/s" in text and "b/c/i" in text and "hits" in text
+
+
+def test_wide_console_keeps_one_table_with_full_headers(doc, monkeypatch):
+    text = "\n".join(_render(doc, 200, monkeypatch))
+    assert "batch/consider/indiv" in text and "sim req/s" in text and "hits e/f/n" in text
+    assert text.count("┏") == 1
+
+
+def test_long_variant_names_still_fit(doc, monkeypatch):
+    d = copy.deepcopy(doc)
+    d["results"][-1]["policy"] = "smart-eager-gather-0s"
+    lines = _render(d, 80, monkeypatch)
+    assert all(len(line) <= 80 for line in lines)
+    assert "smart-eager-gather-0s" in "\n".join(lines)
+
+
+def _label_boxes(fig):
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    (ax,) = fig.axes
+    return {t.get_text(): t.get_window_extent(renderer) for t in ax.texts}
+
+
+@pytest.mark.parametrize("stacked", [2, 4])
+def test_plot_labels_of_coinciding_points_do_not_overlap(doc, stacked, tmp_path):
+    d = copy.deepcopy(doc)
+    # the first `stacked` policies sit at (almost) the same point; the last one, far away, sets the axes' scale
+    for k, r in enumerate(d["results"][:stacked]):
+        r["deadline_met_frac"], r["cost_usd"] = 0.99 + 1e-5 * k, 1.0 + 1e-4 * k
+    d["results"][-1]["deadline_met_frac"], d["results"][-1]["cost_usd"] = 0.5, 0.2
+    fig = _plot(d, tmp_path / "plot.png")
+    (ax,) = fig.axes
+    assert len({t.xyann for t in ax.texts}) > 1  # the stacked labels were nudged apart
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    boxes = _label_boxes(fig)
+    assert set(boxes) == {r["policy"] for r in d["results"]}
+    for (a, ba), (b, bb) in itertools.combinations(boxes.items(), 2):
+        assert not ba.overlaps(bb), f"labels {a!r} and {b!r} overlap: {ba} vs {bb}"
+
+
+def test_plot_draws_on_agg(doc, tmp_path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    assert isinstance(_plot(doc, tmp_path / "plot.png").canvas, FigureCanvasAgg)
