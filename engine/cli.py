@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from engine import cli_batch, cli_trace  # noqa: F401  (importing them registers their commands on the app)
-from engine.cli_common import _fail, _providers, _settings, app, console, err_console
+from engine.cli_common import _fail, _providers, _settings, _warn_skipped, app, console, err_console
 from engine.errors import SmartbatchError
 from engine.settings import Settings
 
@@ -154,9 +154,7 @@ def bench(trace: Path = typer.Argument(..., help="a JSONL trace"),
         tr = load_trace(trace, catalog=cat, settings=settings, skip_invalid=skip_invalid)
         settings = _budgets(settings, budget, tenant_budget, budget_duration, tr.requests, reserve_output)
         if tr.skipped:
-            p = tr.problems[0]
-            err_console.print(Text(f"skipped {tr.skipped} invalid line(s); first: {p[0]}:{p[1]}: field '{p[2]}': "
-                                   f"{p[3]}", style="yellow"))
+            _warn_skipped(tr.skipped, "invalid line(s)", tr.problems[0])
         if tr.rebased_s:
             err_console.print(Text(f"arrivals rebased by {tr.rebased_s / 86400:,.0f} day(s) ({tr.rebased_s:,.0f} s), "
                                    "so the trace starts on its first day", style="yellow"))

@@ -6,9 +6,8 @@ from pathlib import Path
 
 import typer
 from rich.table import Table
-from rich.text import Text
 
-from engine.cli_common import _fail, _providers, _settings, app, console, err_console
+from engine.cli_common import _fail, _providers, _settings, _warn_skipped, app, console
 from engine.errors import SmartbatchError
 
 
@@ -71,9 +70,7 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
     except SmartbatchError as exc:
         _fail(exc)
     if bf.file_problems:
-        p = bf.file_problems[0]
-        err_console.print(Text(f"skipped {len(bf.file_problems)} line(s) with no usable custom_id; first: "
-                               f"{p[0]}:{p[1]}: field '{p[2]}': {p[3]}", style="yellow"))
+        _warn_skipped(len(bf.file_problems), "line(s) with no usable custom_id", bf.file_problems[0])
     _print_batch_report(doc)
     err_path = errors if errors is not None else out.with_name(out.stem + ".errors.jsonl")
     console.print(f"wrote {n_out:,} output line(s) to {out}, {n_err:,} error line(s) to {err_path}"

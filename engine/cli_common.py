@@ -108,3 +108,9 @@ def _providers(settings: Settings, mode: str | None, base_urls: list[str] | None
         raise ConfigError(f"providers: {exc}") from None
 
 
+
+
+def _warn_skipped(count: int, what: str, first: tuple) -> None:
+    """One yellow line: how many lines were skipped and the first one's place, field and problem."""
+    err_console.print(Text(f"skipped {count} {what}; first: {first[0]}:{first[1]}: field '{first[2]}': {first[3]}",
+                           style="yellow"))

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.text import Text
 
-from engine.cli_common import _fail, _settings, console, err_console, trace_app
+from engine.cli_common import _fail, _settings, _warn_skipped, console, trace_app
 from engine.errors import SmartbatchError
 
 
@@ -91,9 +90,7 @@ def trace_from_openai_batch(jsonl: Path = typer.Argument(..., help="an OpenAI Ba
     except SmartbatchError as exc:
         _fail(exc)
     if tr.skipped:
-        p = tr.problems[0]
-        err_console.print(Text(f"skipped {tr.skipped} invalid line(s); first: {p[0]}:{p[1]}: field '{p[2]}': "
-                               f"{p[3]}", style="yellow"))
+        _warn_skipped(tr.skipped, "invalid line(s)", tr.problems[0])
     console.print(f"wrote {n:,} requests to {out}")
 
 
