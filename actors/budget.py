@@ -54,10 +54,10 @@ class BudgetController(Warm):
             from redis.exceptions import RedisError
 
             from actors.budget_redis import RedisBudgetBook
-            from engine.settings import _masked
+            from engine.settings import masked_url
 
             self._errors = (RedisError, OSError, asyncio.TimeoutError)
-            self._url = _masked(settings.redis_url)
+            self._url = masked_url(settings.redis_url)
             t = settings.redis_timeout_s
             try:
                 # No client-side retries: the outage policy is this actor's (answer at once while down).

@@ -42,11 +42,7 @@ def _short(exc: BaseException) -> str:
     return redact(f"{type(exc).__name__}: {str(exc)[:200]}")
 
 
-class _DefaultEndpoint:
-    poll_min_s = 30.0
-
-
-_DEFAULT_EP = _DefaultEndpoint()
+POLL_RETRY_S = 30.0  # engine seconds before polling again after a failed poll
 
 
 class Dispatcher(Warm):
@@ -252,8 +248,7 @@ class Dispatcher(Warm):
                     self._spawn(self._watch_late_cancel(handle, cjobs), [], b)
                     handle = None
                     break
-                wait = st.next_poll_s if st is not None else self.settings.providers.endpoints.get(
-                    self.name, _DEFAULT_EP).poll_min_s
+                wait = st.next_poll_s if st is not None else POLL_RETRY_S
                 limit = (hedge_at if cancel_deadline is None and hedge_at is not None else
                          cancel_deadline if cancel_deadline is not None else float("inf"))
                 await self._sleep(max(min(wait, limit - now), 0.0))

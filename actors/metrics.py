@@ -90,7 +90,7 @@ class EngineMetrics:
         self.budget_remaining = Gauge("smartbatch_budget_remaining_usd", "Limit minus spend and open "
                                       "reservations, per budget", ["budget"], registry=r)
         self.budget_refusals = Counter("smartbatch_budget_refusals", "Reservations refused, by reason (wait, "
-                                       "deferred, budget_exhausted)", ["reason"], registry=r)
+                                       "deferred, budget_exhausted, budget_unavailable)", ["reason"], registry=r)
         self._refusals_seen: dict[str, int] = {}
         self.cache_lookups = Counter("smartbatch_cache_lookups", "Cache lookups by result (exact_memory, "
                                      "exact_redis, near, in_flight, miss)", ["result"], registry=r)

@@ -16,9 +16,9 @@ from engine.budgets import BudgetSettings, BudgetSpec
 from engine.errors import ConfigError
 from engine.resilience import Resilience
 
-__all__ = ["MAX_DEADLINE_S", "BudgetSettings", "CacheSettings", "DeadlineDefaults", "ProviderEndpoint",
-           "ProvidersSettings", "Resilience", "Settings", "SimSettings", "check_redis_url", "load_settings",
-           "with_budget"]
+__all__ = ["MAX_DEADLINE_S", "BudgetSettings", "CacheSettings", "DeadlineDefaults", "MetricsSettings",
+           "ProviderEndpoint", "ProvidersSettings", "Resilience", "Settings", "SimSettings", "check_redis_url",
+           "load_settings", "masked_url", "with_budget"]
 
 ENV_PREFIX = "SMARTBATCH_"
 # A deadline further out changes nothing (batch windows are 24 h) and would make the lower bound's per-slot
@@ -175,7 +175,7 @@ def check_redis_url(url: str | None, setting: str) -> str | None:
     if url is None:
         return None
     env = f"{ENV_PREFIX}{setting.replace('.', '__').upper()}"
-    shown = _masked(url)
+    shown = masked_url(url)
     fix = (f"set {setting} ({env}) to redis://HOST:6379/0, rediss://HOST:6380/0 (TLS) or "
            "unix:///path/to/redis.sock, or leave it unset")
     try:
@@ -198,7 +198,8 @@ def check_redis_url(url: str | None, setting: str) -> str | None:
     return url
 
 
-def _masked(url: str) -> str:
+def masked_url(url: str) -> str:
+    """``url`` with any password replaced by ***, for messages and logs."""
     return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)
 
 
