@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import secrets
 from typing import Any
 
 __all__ = ["Peer", "Warm", "as_peer"]
@@ -49,7 +50,7 @@ def as_peer(x: Any) -> Peer | None:
 
 
 class Warm:
-    """Mixin: ``ping`` answers at once; ``warm`` pings every peer once, so the first real message does not pay
+    """Mixin: ``ping`` answers at once (with the actor's incarnation); ``warm`` pings every peer once, so the first real message does not pay
     for opening the connection between two actor processes (about a second on the first hop here)."""
 
     def _peers(self) -> list[Peer]:
@@ -57,8 +58,13 @@ class Warm:
             p for v in vars(self).values() if isinstance(v, (list, dict))
             for p in (v.values() if isinstance(v, dict) else v) if isinstance(p, Peer)]
 
-    async def ping(self) -> bool:
-        return True
+    async def ping(self) -> str:
+        """This actor's incarnation: a token drawn at its first ping. Ray re-runs ``__init__`` when it restarts
+        an actor, so a new token tells the supervisor that the actor came back without its memory."""
+        tok = self.__dict__.get("_incarnation")
+        if tok is None:
+            tok = self.__dict__["_incarnation"] = secrets.token_hex(6)
+        return tok
 
     async def warm(self) -> int:
         peers = self._peers()

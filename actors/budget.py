@@ -25,19 +25,26 @@ import logging
 import time
 
 from actors._peer import Warm, as_peer
+from actors.journal import HubJournal
 from engine.budgets import LEDGER, BudgetBook, BudgetSettings, Claim, Verdict
 from engine.errors import ConfigError
 
 __all__ = ["BudgetController"]
 
 METRICS_EVERY_S = 0.5
+JOURNAL_EVERY_S = 0.05  # the memory ledger's snapshot is at most this old when the actor dies
+JOURNAL_KEY = ("budget", "ledger")
 log = logging.getLogger("smartbatch.budget")
 
 
 class BudgetController(Warm):
-    def __init__(self, settings: BudgetSettings, hub=None, clock=None, base: float = 0.0):
+    def __init__(self, settings: BudgetSettings, hub=None, clock=None, base: float = 0.0, engine: str = "engine"):
         self.settings = settings
         self.hub = as_peer(hub)
+        # A ledger in this actor's memory is journaled in the hub (a Redis ledger needs no journal).
+        self.journal = HubJournal(self.hub) if self.hub is not None and not settings.redis_url else None
+        self._journaling: asyncio.Task | None = None
+        self._journal_dirty = False
         self.clock = clock
         self.base = base
         self._errors: tuple[type[BaseException], ...] = ()  # what a failed ledger call raises
@@ -214,6 +221,10 @@ class BudgetController(Warm):
                 self._changed()
 
     def _changed(self) -> None:
+        if self.journal is not None and self.settings.specs:
+            self._journal_dirty = True
+            if self._journaling is None or self._journaling.done():
+                self._journaling = asyncio.get_running_loop().create_task(self._journal_soon())
         self._dirty = True
         if self.hub is not None and (self._reported is None or self._reported.done()):
             self._reported = asyncio.get_running_loop().create_task(self._report_soon())
@@ -228,6 +239,56 @@ class BudgetController(Warm):
                 rows = []
             self.hub.send("observe_budget", rows, dict(self.refusals))
             await asyncio.sleep(METRICS_EVERY_S)
+
+    # -- journal (memory ledger only) ----------------------------------------------------------------------------
+    def _snapshot(self) -> tuple:
+        b = self.book
+        return (dict(b.spent), dict(b.reserved), dict(b.claims), dict(b.spend), dict(self.refusals))
+
+    async def _journal_soon(self) -> None:
+        while self._journal_dirty:
+            self._journal_dirty = False
+            await self.rejournal()
+            await asyncio.sleep(JOURNAL_EVERY_S)
+
+    async def rejournal(self) -> None:
+        """Write the ledger's snapshot to the journal (also after the hub, which keeps it, restarted)."""
+        if self.journal is None:
+            return
+        try:
+            await self.journal.put(*JOURNAL_KEY, self._snapshot())
+        except Exception as exc:
+            log.warning("budget ledger: snapshot not journaled (%s: %s)", type(exc).__name__, exc)
+
+    async def recover(self) -> bool:
+        """After a restart: take the memory ledger back from the journal. Its reservations still open are
+        released after ``budgets.reservation_ttl_s`` if nobody settles them (their settlement may have come
+        between the snapshot and the restart)."""
+        if self.journal is None:
+            return False
+        try:
+            snap = (await self.journal.items(JOURNAL_KEY[0])).get(JOURNAL_KEY[1])
+        except Exception as exc:
+            log.error("budget ledger: journal unreadable after a restart (%s); spend restarts from zero", exc)
+            return False
+        if snap is None:
+            return False
+        b = self.book
+        b.spent, b.reserved, b.claims, b.spend, refusals = (dict(x) for x in snap)
+        self.refusals.update(refusals)
+        stale = list(b.claims)
+        if stale:
+            asyncio.get_running_loop().call_later(self.settings.reservation_ttl_s, self._expire, stale)
+        log.warning("budget ledger: restored after a restart (spent %.6f USD, %d reservation(s) open)",
+                    sum(b.spend.values()), len(stale))
+        self._changed()
+        return True
+
+    def _expire(self, rids: list[str]) -> None:
+        open_ = [r for r in rids if r in self.book.claims]
+        if open_:
+            self.book.settle_many([(r, 0.0) for r in open_])
+            self._changed()
 
     async def _rows(self) -> list[dict]:
         return await self._maybe(self.book.report(self.now()))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Hashable
 
 import numpy as np
@@ -46,6 +47,9 @@ FOLLOWING = Result(id="", status="reused")  # marker: attached to a near duplica
 
 def tenant_scope(tenant: str, share_across_tenants: bool) -> str:
     return SHARED if share_across_tenants else tenant
+
+
+RECALL_KEEP = 65_536  # results of reused requests kept for ``recall``
 
 
 class ResultCache(Warm):
@@ -77,6 +81,9 @@ class ResultCache(Warm):
         self._new_leads: list[Item] = []
         self._next_report = 0.0
         self._reported_up: bool | None = None
+        # Requests this cache resolved lately, with their results: a re-admission after the hub lost them gets
+        # them again instead of a call (see ``recall``).
+        self._delivered: OrderedDict[str, tuple[Result, float]] = OrderedDict()
 
     async def set_clock(self, clock) -> None:
         """The engine sets the clock once every actor is up, so engine time 0 is when submitting can start."""
@@ -208,9 +215,28 @@ class ResultCache(Warm):
         self._index_leaders(vecs, lazy=True)
         self.stats["miss"] += len(misses)
         if hits:
-            await self.hub.call("push", hits, self._list_prices(hit_items))
+            await self._deliver(hits, hit_items)
         await self._report()
         return misses
+
+    async def _deliver(self, results: list[Result], items: list[Item]) -> None:
+        prices = self._list_prices(items)
+        d = self._delivered
+        for r, p in zip(results, prices):
+            d[r.uid] = (r, p)
+        while len(d) > RECALL_KEEP:
+            d.popitem(last=False)
+        await self.hub.call("push", results, prices)
+
+    async def recall(self, uids: list[str]) -> list[str]:
+        """Of ``uids`` (requests re-admitted after a restart), those this cache holds: following an identical
+        request in flight, or resolved here lately (their results are sent again). The rest must go on."""
+        want = set(uids)
+        waiting = {f.req.uid for fs in self.followers.values() for f in fs if f.req.uid in want}
+        again = [self._delivered[u] for u in uids if u in self._delivered and u not in waiting]
+        if again:
+            await self.hub.call("push", [r for r, _ in again], [p for _, p in again])
+        return [u for u in uids if u in waiting or u in self._delivered]
 
     def _attach(self, item: Item) -> bool:
         """Follow an identical request in flight that is due no later than this one."""
@@ -369,7 +395,7 @@ class ResultCache(Warm):
                 await self.redis.put_many([(self.redis.key(self._scope(it), e.fp), encode(e), ttl_ms)
                                            for it, e in stored])
         if out:
-            await self.hub.call("push", out, self._list_prices(out_items))
+            await self._deliver(out, out_items)
         await self._report()
 
     def _index_near(self, stored: list[tuple[Item, Entry]]) -> None:

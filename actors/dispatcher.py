@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
+import secrets
+import time
+from collections import OrderedDict, deque
 
 from actors._peer import Warm, as_peer
 from actors._types import BatchJob, Job, send_sharded
+from actors.journal import make_journal
 from actors.metrics import DispatchCounts, retry_reason
 from actors.providers import make_provider
 from actors.providers._wire import redact
@@ -36,6 +39,12 @@ log = logging.getLogger("smartbatch.dispatcher")
 __all__ = ["Dispatcher"]
 
 FLUSH_S = 0.005
+# Finished requests remembered with their results: a request re-admitted after a restart elsewhere (the hub
+# lost the result, or a grouper lost track of it) gets this result again instead of a second call.
+# Bounded by count and by age: a re-admission follows its restart within seconds, and a request submitted again
+# long after (past the driver's retention) is a new request.
+DONE_KEEP = 65_536
+DONE_KEEP_S = 300.0
 
 
 def _short(exc: BaseException) -> str:
@@ -47,7 +56,8 @@ POLL_RETRY_S = 30.0  # engine seconds before polling again after a failed poll
 
 class Dispatcher(Warm):
     def __init__(self, provider: str, catalog: Catalog, settings: Settings, seed: int, clock, groupers: list,
-                 hub, cache, budget, scheduling: Scheduling | None = None, key: Secret | None = None):
+                 hub, cache, budget, scheduling: Scheduling | None = None, key: Secret | None = None,
+                 engine: str = "engine"):
         self.name = provider
         self.catalog = catalog
         self.settings = settings
@@ -65,6 +75,11 @@ class Dispatcher(Warm):
         self.paid_twice_usd = 0.0
         self.groupers = [as_peer(g) for g in groupers]
         self.hub, self.cache, self.budget = map(as_peer, (hub, cache, budget))
+        self.journal = make_journal(settings, engine, self.hub)
+        self._space = f"batches:{provider}"
+        self._open: dict[str, tuple] = {}  # journal key -> (BatchJob, jobs, start, tokens, handle) of open batches
+        self._known: set[str] = set()  # uids this dispatcher is carrying out (queued, calling, in a batch, retrying)
+        self._done: OrderedDict[str, tuple[Result, float, float]] = OrderedDict()  # uid -> (result, price, when)
         self._results: list[Result] = []
         self._list_prices: list[float] = []
         self._fills: list[tuple[str, Result]] = []
@@ -81,6 +96,7 @@ class Dispatcher(Warm):
         self._timers: set[asyncio.TimerHandle] = set()
         self._pump_timer: tuple[float, asyncio.TimerHandle] | None = None
         self.in_flight = 0
+        self.reattached = 0  # journaled batches followed again after a restart
         self.rerouted = 0
         self.waits: deque[float] = deque(maxlen=10_000)  # engine seconds from arrival to start, for benchmarks
 
@@ -98,10 +114,35 @@ class Dispatcher(Warm):
             self.run(b)
         self._pump()
 
+    def _fresh(self, jobs: list[Job]) -> list[Job]:
+        """The jobs not already here: a request re-admitted after a restart elsewhere may arrive while its first
+        dispatch runs (it must not run twice) or after it finished (its result is sent again, no new call)."""
+        known, done = self._known, self._done
+        if not any(j.req.uid in known or j.req.uid in done for j in jobs):
+            return jobs
+        out = []
+        for j in jobs:
+            uid = j.req.uid
+            if uid in done:
+                res, price, _ = done[uid]
+                self._results.append(res)
+                self._list_prices.append(price)
+            elif uid not in known:
+                out.append(j)
+            if j.claim is not None and uid in known | done.keys():
+                self._settle.append((j.claim, 0.0))  # the duplicate's own reservation is not needed
+        self._kick()
+        return out
+
     def run(self, b: BatchJob) -> None:
         """Queue a dispatch at the provider (``run_many`` then starts what the gates allow)."""
+        jobs = self._fresh(b.jobs)
+        if not jobs:
+            return
+        if jobs is not b.jobs:
+            b = b._replace(jobs=jobs)
+        self._known.update(j.req.uid for j in jobs)
         t = self.clock.now()
-        jobs = b.jobs
         self.in_flight += len(jobs)
         if b.mode == "batch_api" and (b.hedge_at is None or b.hedge_at > t):
             self._enqueue("batch", b, jobs)
@@ -204,16 +245,32 @@ class Dispatcher(Warm):
         await asyncio.sleep(min(self.clock.real_delay(engine_s), 3600.0))
 
     async def _run_batch(self, b: BatchJob, jobs: list[Job], start: float, tokens: int) -> None:
-        """Submit, poll until the batch ends, cancel it at its hedge time, then resolve every member: finished
-        ones from the output (billed once, never sent again), the rest back to the policy."""
-        p = self.provider
+        """Submit, journal the batch (so a restarted dispatcher re-attaches to it, never submits it again),
+        then follow it."""
         cjobs = [self._call_job(j, start, batch=True) for j in jobs]
-        hedge_at = b.hedge_at
         handle = None
         try:
-            handle = await p.submit_batch(cjobs, hedge_at)
+            handle = await self.provider.submit_batch(cjobs, b.hedge_at)
         except Exception as exc:  # the provider refused the batch: nothing ran, so the members go sync
             log.warning("dispatcher %s: batch submission failed: %s", self.name, _short(exc))
+        key = f"{b.bid}-{secrets.token_hex(4)}"
+        if handle is not None:
+            self._open[key] = (b, jobs, start, tokens, handle)
+            await self._journal_put(key)
+        await self._follow_batch(key, b, jobs, start, tokens, handle, cjobs)
+
+    async def _journal_put(self, key: str) -> None:
+        try:
+            await self.journal.put(self._space, key, self._open[key])
+        except Exception as exc:  # the batch still runs; only a restart of this dispatcher would lose track of it
+            log.warning("dispatcher %s: could not journal batch %s: %s", self.name, key, _short(exc))
+
+    async def _follow_batch(self, key: str, b: BatchJob, jobs: list[Job], start: float, tokens: int, handle,
+                            cjobs: list[CallJob]) -> None:
+        """Poll until the batch ends, cancel it at its hedge time, then resolve every member: finished ones
+        from the output (billed once, never sent again), the rest back to the policy."""
+        p = self.provider
+        hedge_at = b.hedge_at
         outs: dict = {}
         was_cancelled = False
         if handle is not None:
@@ -257,6 +314,12 @@ class Dispatcher(Warm):
                     outs = dict(await p.fetch(handle))
                 except Exception as exc:
                     log.warning("dispatcher %s: batch results could not be read: %s", self.name, _short(exc))
+        if self._open.pop(key, None) is not None:
+            try:
+                await self.journal.delete(self._space, [key])
+            except Exception as exc:  # a stale record only makes a restarted dispatcher poll an ended batch
+                log.warning("dispatcher %s: could not clear batch %s from the journal: %s", self.name, key,
+                            _short(exc))
         self.sim.finish_batch(tokens, self.clock.now())
         self._counts.turnaround_s.append(self.clock.now() - start)
         for j, cj in zip(jobs, cjobs, strict=True):
@@ -333,6 +396,7 @@ class Dispatcher(Warm):
 
     def _member_done(self, j: Job, cost: float) -> None:
         self.in_flight -= 1
+        self._known.discard(j.req.uid)
         if j.claim is not None:
             self._settle.append((j.claim, cost))
 
@@ -351,6 +415,7 @@ class Dispatcher(Warm):
         # The claim goes back with the job: the grouper releases it in the same budget call that reserves the
         # sync fallback, so the room it held cannot be taken in between.
         self.in_flight -= 1
+        self._known.discard(j.req.uid)
         self._readmit.append(j._replace(hedges=j.hedges + 1))
 
     def _final(self, b: BatchJob, j: Job, ok: bool, cost: float, mode: str, out: CallOutcome | None = None,
@@ -379,9 +444,15 @@ class Dispatcher(Warm):
                          real=real, error=(f"{r.provider} failed after {tries} attempt(s): {why}" if why
                                            else f"{r.provider} failed {self.max_att} attempts"))
             self._orphans.append(j.fp)
+        price = price_alone(r, self.catalog, "sync").total
         self._results.append(res)
-        self._list_prices.append(price_alone(r, self.catalog, "sync").total)
+        self._list_prices.append(price)
         self._fills.append((j.fp, res))
+        done = self._done
+        t = time.monotonic()
+        done[r.uid] = (res, price, t)
+        while done and (len(done) > DONE_KEEP or next(iter(done.values()))[2] < t - DONE_KEEP_S):
+            done.popitem(last=False)
 
     # -- the outbox -----------------------------------------------------------------------------------------------
     def _kick(self) -> None:
@@ -413,21 +484,79 @@ class Dispatcher(Warm):
             self.hub.send("observe_dispatches", self.name, observed, counts.as_dict())
         if results:
             self.hub.send("push", results, prices)
+        # A peer that died (and restarts) must not stop the rest of the outbox: the cache's losses are made
+        # good by the driver's re-admission, a lost settlement by the reservation's TTL.
         if fills and self.cache is not None:
-            await self.cache.call("complete", fills)
+            try:
+                await self.cache.call("complete", fills)
+            except Exception as exc:
+                log.warning("dispatcher %s: cache did not take %d result(s): %s", self.name, len(fills), _short(exc))
         if orphans and self.cache is not None:
-            readmit.extend(await self.cache.call("orphans", orphans))
+            try:
+                readmit.extend(await self.cache.call("orphans", orphans))
+            except Exception as exc:
+                log.warning("dispatcher %s: cache did not answer for orphans: %s", self.name, _short(exc))
         if settle:
             self.budget.send("settle_many", settle)
         if readmit:
             send_sharded(self.groupers, readmit)
+
+    # -- recovery -----------------------------------------------------------------------------------------------
+    async def recall(self, uids: list[str]) -> list[str]:
+        """Of ``uids`` (requests re-admitted after a restart), those this dispatcher knows: still carrying them
+        out, or finished (their results are sent again). The rest are lost and must be dispatched afresh."""
+        known, done = self._known, self._done
+        out = []
+        for u in uids:
+            if u in done:
+                res, price, _ = done[u]
+                self._results.append(res)
+                self._list_prices.append(price)
+                out.append(u)
+            elif u in known:
+                out.append(u)
+        if out:
+            self._kick()
+        return out
+
+    async def recover(self) -> int:
+        """After a restart: re-attach to the batches the journal says this dispatcher had submitted, by their
+        ids, and follow them to their end (their members are never submitted again). Returns how many."""
+        try:
+            records = await self.journal.items(self._space)
+        except Exception as exc:
+            log.error("dispatcher %s: journal unreadable after a restart (%s); batches it had submitted are "
+                      "not followed and their members are sent again", self.name, _short(exc))
+            return 0
+        n = 0
+        for key, (b, jobs, start, tokens, handle) in records.items():
+            jobs = [j for j in jobs if j.req.uid not in self._known]
+            if key in self._open or not jobs:
+                continue
+            self._open[key] = (b, jobs, start, tokens, handle)
+            self._known.update(j.req.uid for j in jobs)
+            self.in_flight += len(jobs)
+            cjobs = [self._call_job(j, start, batch=True) for j in jobs]
+            self._spawn(self._follow_batch(key, b, jobs, start, tokens, handle, cjobs), jobs, b)
+            n += 1
+        self.reattached += n
+        if n:
+            log.warning("dispatcher %s: re-attached to %d open batch(es) after a restart", self.name, n)
+        return n
+
+    async def rejournal(self) -> int:
+        """Write every open batch to the journal again (after the hub, which keeps a memory journal, restarted)."""
+        for key in list(self._open):
+            await self._journal_put(key)
+        return len(self._open)
 
     async def stats(self, waits: bool = False) -> dict:
         out = {"provider": self.name, "calls": "http" if self.provider.real else "simulated",
                "in_flight": self.in_flight, "queued": self.sim.waiting,
                "rerouted": self.rerouted, "circuit_opened": self.sim.breaker.opened,
                "batches_cancelled": self.batches_cancelled, "members_saved_by_cancel": self.members_saved_by_cancel, "paid_twice": self.paid_twice,
-               "paid_twice_usd": round(self.paid_twice_usd, 6)}
+               "paid_twice_usd": round(self.paid_twice_usd, 6),
+               "open_batches": len(self._open), "reattached": self.reattached}
         if waits:
             out["waits"] = list(self.waits)
         return out

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import secrets
 
 from actors._peer import Warm, as_peer
@@ -30,6 +31,8 @@ from engine.result import Result
 from engine.scheduler import Dispatch, GroupTable, Wake
 
 __all__ = ["Grouper"]
+
+log = logging.getLogger("smartbatch.grouper")
 
 PARK_RETRY_S = 1.0  # engine seconds between tries of work waiting for reservations to settle
 PARK_RETRY_REAL_S = 0.05  # and at least this many real seconds (a replay at 1000x would poll at 1 kHz)
@@ -89,8 +92,15 @@ class Grouper(Warm):
         now = self.clock.now()
         dispatches: list[Dispatch] = []
         failed: list[tuple[Job, Result]] = []
+        dup_claims: list[tuple[str, float]] = []
         for job in jobs:
-            self.pending[job.req.uid] = job
+            uid = job.req.uid
+            if uid in self.pending or uid in self.parked:
+                # Re-admitted after a restart elsewhere while this grouper still holds it: one copy only.
+                if job.claim is not None:
+                    dup_claims.append((job.claim, 0.0))
+                continue
+            self.pending[uid] = job
             if job.hedges >= self.max_attempts:
                 # Progress guard (as in the simulator): a request hedged this often is sent sync now.
                 dispatches.append(Dispatch(Decision("dispatch", mode="sync", reason="hedged too often"),
@@ -104,6 +114,8 @@ class Grouper(Warm):
                 continue
             dispatches.extend(ds)
             self._schedule(wake)
+        if dup_claims:
+            self.budget.send("settle_many", dup_claims)
         if failed:
             await self._resolve(failed)
         await self._send(dispatches)
@@ -111,12 +123,21 @@ class Grouper(Warm):
     async def _resolve(self, results: list[tuple[Job, Result]]) -> None:
         """Deliver results of requests that end here (rejected, policy error). Identical requests may be
         following them in the cache: they are handed back and generated after all, never left waiting."""
-        await self.hub.call("push", [r for _, r in results], [0.0] * len(results))
+        # A peer that died (and restarts) loses these results or followers; the driver re-admits what it never
+        # heard of, so the grouper goes on rather than dropping the dispatches of the same call.
+        try:
+            await self.hub.call("push", [r for _, r in results], [0.0] * len(results))
+        except Exception as exc:
+            log.warning("grouper %s: hub did not take %d result(s): %s", self.name, len(results), exc)
         held = [(j.claim, 0.0) for j, _ in results if j.claim is not None]
         if held:
             self.budget.send("settle_many", held)
         if self.cache is not None:
-            followers = await self.cache.call("orphans", [j.fp for j, _ in results])
+            try:
+                followers = await self.cache.call("orphans", [j.fp for j, _ in results])
+            except Exception as exc:
+                log.warning("grouper %s: cache did not answer for orphans: %s", self.name, exc)
+                followers = []
             if followers:  # the same fingerprint, so the same compatibility key: this grouper's shard
                 await self.add(followers)
 

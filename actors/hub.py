@@ -6,6 +6,7 @@ import asyncio
 from collections import OrderedDict
 
 from actors._peer import Warm
+from actors.journal import MemoryJournalStore
 from actors.metrics import EngineMetrics
 from engine.result import Result
 
@@ -16,7 +17,7 @@ __all__ = ["ResultHub"]
 RECENT = 16_384
 
 
-class ResultHub(Warm):
+class ResultHub(Warm, MemoryJournalStore):
     def __init__(self) -> None:
         self.metrics = EngineMetrics()
         self._ready: list[Result] = []
@@ -31,6 +32,15 @@ class ResultHub(Warm):
         return f"ResultHub(waiting={len(self._ready)}, seen={self._stats['requests']})"
 
     async def push(self, results: list[Result], list_prices: list[float] | None = None) -> None:
+        recent = self._recent
+        if any(r.uid in recent for r in results):
+            # A result sent again (a dispatcher answering a re-admitted request it had already finished): the
+            # driver has it or will, and the report must not count it twice.
+            keep = [k for k, r in enumerate(results) if r.uid not in recent]
+            results = [results[k] for k in keep]
+            list_prices = [list_prices[k] for k in keep] if list_prices else None
+            if not results:
+                return
         s = self._stats
         for k, r in enumerate(results):
             s["requests"] += 1
@@ -51,7 +61,6 @@ class ResultHub(Warm):
         self.metrics.observe_results(results, list_prices)
         self._ready.extend(results)
         self._event.set()
-        recent = self._recent
         for r in results:
             recent[r.uid] = r
             w = self._waiters.pop(r.uid, None)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 from actors._peer import Warm, as_peer
 from actors._types import Job, send_sharded
 from engine.features import fingerprint
@@ -9,10 +12,14 @@ from engine.request import Request
 
 __all__ = ["Ingest"]
 
+log = logging.getLogger("smartbatch.ingest")
+
 
 class Ingest(Warm):
-    def __init__(self, groupers: list, cache=None, share_across_tenants: bool = False):
+    def __init__(self, groupers: list, cache=None, share_across_tenants: bool = False, dispatchers: list = ()):
         self.groupers = [as_peer(g) for g in groupers]
+        self.dispatchers = [as_peer(d) for d in dispatchers]
+        self.readmitted = 0
         self.cache = as_peer(cache)
         self.seen: set[str] = set()
         self.next_seq = 0
@@ -42,4 +49,30 @@ class Ingest(Warm):
             return 0
         misses = [jobs[k] for k in await self.cache.call("lookup", jobs)] if self.cache is not None else jobs
         send_sharded(self.groupers, misses)
+        return len(jobs)
+
+    async def readmit(self, requests: list[Request]) -> int:
+        """Requests accepted earlier that a restarted actor may have lost (the driver sends every unfinished
+        one). Each goes on only if no dispatcher and not the cache holds it: those carry it out, or send its
+        result again. The rest go straight to their groupers (no cache lookup: a request that is in fact still
+        in flight somewhere must not be answered a second time from the cache), which keep one copy of each."""
+        uids = [r.uid for r in requests]
+        known: set[str] = set()
+
+        async def ask(peer):
+            try:
+                known.update(await peer.call("recall", uids))
+            except Exception as exc:  # that actor is gone too: it holds nothing
+                log.warning("ingest: recall failed (%s: %s)", type(exc).__name__, exc)
+
+        await asyncio.gather(*(ask(p) for p in [*self.dispatchers, *([self.cache] if self.cache else [])]))
+        jobs = []
+        for r in requests:
+            if r.uid in known:
+                continue
+            self.seen.add(r.uid)
+            jobs.append(Job(self.next_seq, r, fingerprint(r, share_across_tenants=self.share)))
+            self.next_seq += 1
+        send_sharded(self.groupers, jobs)
+        self.readmitted += len(jobs)
         return len(jobs)

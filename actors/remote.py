@@ -17,9 +17,19 @@ from actors.hub import ResultHub
 from actors.ingest import Ingest
 from engine.errors import SmartbatchError
 
-__all__ = ["provider_resource", "start_actors"]
+__all__ = ["NAMESPACE", "actor_name", "provider_resource", "rewire", "start_actors"]
 
-_OPTS = {"num_cpus": 0, "max_concurrency": 1000}
+# Supervised: Ray restarts an actor that dies (its process, not a bug in a method: those are outcomes), with
+# its constructor's arguments; ``rewire`` gives it back what was set after construction, and the driver then
+# re-admits its unfinished requests. Calls in flight at the death fail rather than run twice.
+_OPTS = {"num_cpus": 0, "max_concurrency": 1000, "max_restarts": -1, "max_task_retries": 0}
+NAMESPACE = "smartbatch"
+
+
+def actor_name(engine: str, kind: str) -> str:
+    """The Ray name of an engine's actor, in namespace ``smartbatch``: ``<engine>.<kind>``, e.g.
+    ``prod.dispatcher-openai``, found with ``ray.get_actor(name, namespace="smartbatch")``."""
+    return f"{engine}.{kind}"
 
 
 def provider_resource(provider: str) -> str:
@@ -41,33 +51,40 @@ def _ledger_ready(budget, started: list) -> None:
         raise
 
 
-def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: int = 1, keys: dict | None = None) -> dict:
-    """Create and wire the actors; ``clock()`` makes the engine clock once they are all up."""
+def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: int = 1, keys: dict | None = None,
+                 engine: str = "engine") -> dict:
+    """Create and wire the actors, named ``<engine>.<kind>``; ``clock()`` makes the engine clock once they are
+    all up."""
     from engine.providers import check_fallbacks
 
     check_fallbacks(catalog, settings.resilience)
-    hub = ray.remote(ResultHub).options(**_OPTS).remote()
+
+    def opts(kind: str, **more) -> dict:
+        return {**_OPTS, "name": actor_name(engine, kind), "namespace": NAMESPACE, **more}
+
+    hub = ray.remote(ResultHub).options(**opts("hub")).remote()
     budgets = settings.budgets
-    budget = ray.remote(BudgetController).options(**_OPTS).remote(budgets, hub)
+    budget = ray.remote(BudgetController).options(**opts("budget")).remote(budgets, hub, None, 0.0, engine)
     _ledger_ready(budget, [hub, budget])
     reuse = policy.reuse
-    cache = (ray.remote(ResultCache).options(**_OPTS).remote(reuse, hub, None, catalog, settings)
+    cache = (ray.remote(ResultCache).options(**opts("cache")).remote(reuse, hub, None, catalog, settings)
              if (reuse.exact or reuse.in_flight or reuse.near) else None)
-    groupers = [ray.remote(Grouper).options(**_OPTS).remote(
+    groupers = [ray.remote(Grouper).options(**opts(f"grouper-{k}")).remote(
         policy, catalog, None, {}, budget, hub, f"g{k}", bool(budgets.specs), max_attempts=settings.sim.max_attempts,
         reserve_model_max=budgets.reserve_output == "model_max", cache=cache, budget_specs=budgets.specs)
         for k in range(num_groupers)]
     cluster = ray.cluster_resources()
     dispatchers = {}
     for name in catalog.providers:
-        opts = dict(_OPTS)
+        more = {}
         if provider_resource(name) in cluster:
-            opts["resources"] = {provider_resource(name): 0.001}
-        dispatchers[name] = ray.remote(Dispatcher).options(**opts).remote(
+            more["resources"] = {provider_resource(name): 0.001}
+        dispatchers[name] = ray.remote(Dispatcher).options(**opts(f"dispatcher-{name}", **more)).remote(
             name, catalog, settings, seed, None, groupers, hub, cache, budget, policy.scheduling,
-            (keys or {}).get(name))
+            (keys or {}).get(name), engine)
     ray.get([g.set_dispatchers.remote(dispatchers) for g in groupers])
-    ingest = ray.remote(Ingest).options(**_OPTS).remote(groupers, cache, settings.cache.share_across_tenants)
+    ingest = ray.remote(Ingest).options(**opts("ingest")).remote(groupers, cache, settings.cache.share_across_tenants,
+                                                                 list(dispatchers.values()))
     everything = [ingest, *groupers, *dispatchers.values(), budget, hub] + ([cache] if cache else [])
     ray.get([a.warm.remote() for a in everything])
     if cache is not None:
@@ -76,6 +93,36 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
     ray.get([a.set_clock.remote(clock) for a in [*groupers, *dispatchers.values()] + ([cache] if cache else [])])
     # At real speed, budget windows follow the calendar; a time-compressed replay budgets on trace time.
     real_time = clock.speedup == 1.0 and clock.offset == 0.0
-    ray.get(budget.set_clock.remote(clock, clock.epoch if real_time else 0.0))
+    base = clock.epoch if real_time else 0.0
+    ray.get(budget.set_clock.remote(clock, base))
+    named = {"ingest": ingest, "budget": budget, "hub": hub}
+    named.update({f"grouper-{k}": g for k, g in enumerate(groupers)})
+    named.update({f"dispatcher-{p}": d for p, d in dispatchers.items()})
+    if cache is not None:
+        named["cache"] = cache
     return {"clock": clock, "ingest": ingest, "groupers": groupers, "dispatchers": dispatchers, "budget": budget, "hub": hub,
-            "cache": cache, "all": everything}
+            "cache": cache, "all": everything, "named": named, "budget_base": base, "engine": engine}
+
+
+def rewire(h: dict, kind: str, metrics: tuple[int, str] | None = None) -> None:
+    """Give a restarted actor (``kind`` as in ``h["named"]``) what the engine set after construction, and let
+    it recover its journaled state: a dispatcher re-attaches to its open batches, the budget controller takes
+    its memory ledger back, the hub serves metrics on the same port and has the journal written again."""
+    clock = h["clock"]
+    if kind == "hub":
+        if metrics is not None:
+            ray.get(h["hub"].serve_metrics.remote(*metrics))
+        ray.get([d.rejournal.remote() for d in h["dispatchers"].values()] + [h["budget"].rejournal.remote()])
+    elif kind.startswith("grouper-"):
+        g = h["named"][kind]
+        ray.get([g.set_dispatchers.remote(h["dispatchers"]), g.set_clock.remote(clock)])
+    elif kind.startswith("dispatcher-"):
+        d = h["named"][kind]
+        ray.get(d.set_clock.remote(clock))
+        ray.get(d.recover.remote())
+    elif kind == "cache":
+        ray.get(h["cache"].set_clock.remote(clock))
+        ray.get(h["cache"].warm_from_redis.remote())
+    elif kind == "budget":
+        ray.get(h["budget"].set_clock.remote(clock, h["budget_base"]))
+        ray.get(h["budget"].recover.remote())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import logging
+import secrets
 import threading
 import time
 import weakref
@@ -21,6 +22,7 @@ from typing import Any, ClassVar
 from pydantic import ValidationError
 
 from engine._driver_async import AsyncSubmit
+from engine._supervise import HEALTH_EVERY_S, Supervised
 from engine.catalog import Catalog, load_catalog
 from engine.errors import ConfigError, EngineStopped, Overloaded, RequestError
 from engine.provider_setup import http_setup
@@ -32,8 +34,6 @@ __all__ = ["Engine", "ResultFuture"]
 
 log = logging.getLogger("smartbatch")
 
-HEALTH_EVERY_S = 1.0  # how often the driver checks that every engine actor is alive
-HEALTH_TIMEOUT_S = 2.0  # a busy actor may answer late; only an actor that errors is counted dead
 
 
 class ResultFuture(concurrent.futures.Future):
@@ -65,7 +65,7 @@ class ResultFuture(concurrent.futures.Future):
         return self._ref
 
 
-class Engine(AsyncSubmit):
+class Engine(AsyncSubmit, Supervised):
     """A running smartbatch engine. Use ``Engine.start(...)``, or ``with Engine.start(...) as eng:``."""
 
     # Engines running in this process: Ray is process-wide, so the last one to stop shuts down the Ray that
@@ -96,8 +96,9 @@ class Engine(AsyncSubmit):
         self._finished: collections.deque[tuple[float, str]] = collections.deque()  # (when, uid), to forget
         self._futs: dict[str, ResultFuture] = {}  # by Request.uid: (tenant, id)
         self._buffer: list[Request] = []
-        self._inflight_refs: dict[Any, list[str]] = {}
+        self._inflight_refs: dict[Any, tuple[list[str], int]] = {}  # ingest call -> (uids, tries)
         self._running = True
+        self._init_supervision()
         self._wake = threading.Event()
         self._flusher = threading.Thread(target=self._flush_loop, name="smartbatch-flush", daemon=True)
         self._puller = threading.Thread(target=self._pull_loop, name="smartbatch-pull", daemon=True)
@@ -113,7 +114,7 @@ class Engine(AsyncSubmit):
               budget_usd: float | None = None, seed: int | None = None, num_groupers: int = 1,
               micro_batch: int = 1000, flush_ms: float = 2.0, metrics_port: int | None | str = "settings",
               max_pending: int = 100_000, overload: str = "block", submit_timeout_s: float = 60.0,
-              retention_s: float = 3600.0) -> Engine:
+              retention_s: float = 3600.0, name: str | None = None) -> Engine:
         """Start the actors on Ray: an embedded local Ray when none is running and ``address`` is None, else
         attach (``address="auto"`` for a cluster started with ``ray up``). ``speedup`` runs the engine clock
         faster than the wall clock (replaying a trace time-compressed); ``offset_s`` is the clock's start.
@@ -124,7 +125,11 @@ class Engine(AsyncSubmit):
         waits up to ``submit_timeout_s`` for room (``overload="block"``) or raises ``Overloaded`` at once
         (``overload="raise"``). A finished request's future and id are forgotten ``retention_s`` seconds after
         it finished: a resubmission of its (tenant, id) within that window returns the same future, never a
-        second call."""
+        second call.
+
+        The actors are named ``<name>.<kind>`` in Ray namespace ``smartbatch`` (``name``: a random
+        ``sb-xxxxxx`` unless given) and supervised: one that dies is restarted and recovers (see
+        docs/reliability.md)."""
         import ray
 
         from actors.remote import start_actors
@@ -153,7 +158,7 @@ class Engine(AsyncSubmit):
         try:
             handles = start_actors(pol, catalog, settings, lambda: ScaledClock(time.time(), speedup, offset_s),
                                    seed=settings.sim.seed if seed is None else seed, num_groupers=num_groupers,
-                                   keys=keys)
+                                   keys=keys, engine=name or f"sb-{secrets.token_hex(3)}")
         except BaseException:
             if started and not Engine._running_engines:  # leave no Ray behind that only this start needed
                 ray.shutdown()
@@ -311,7 +316,7 @@ class Engine(AsyncSubmit):
             part = batch[k:k + self._micro_batch]
             ref = self._h["ingest"].submit.remote(part)
             with self._lock:
-                self._inflight_refs[ref] = [r.uid for r in part]
+                self._inflight_refs[ref] = ([r.uid for r in part], 0)
 
     def _flush_loop(self) -> None:
         while self._running:
@@ -327,9 +332,10 @@ class Engine(AsyncSubmit):
         while self._running:
             try:
                 results: list[Result] = ray.get(hub.pull.remote(0.2))
-            except Exception as exc:  # the hub is gone: fail everything open rather than hang
-                self._fail_open(f"engine failure: the result hub died ({type(exc).__name__})")
-                return
+            except Exception as exc:  # the hub died: wait for its restart (see engine._supervise)
+                if not self._hub_lost(exc):
+                    return
+                continue
             for res in results:
                 with self._lock:
                     fut = self._futs.get(res.uid)
@@ -339,28 +345,7 @@ class Engine(AsyncSubmit):
             self._forget_finished()
             if time.monotonic() - last_check > HEALTH_EVERY_S:
                 last_check = time.monotonic()
-                dead = self._dead_actors()
-                if dead:
-                    # Requests may sit in the dead actor's groups or timers; nothing can resolve them now,
-                    # so every open future fails with the reason instead of hanging.
-                    self._fail_open(f"engine failure: actor(s) died: {', '.join(dead)}")
-
-    def _dead_actors(self) -> list[str]:
-        ray = self._ray
-        named = [("ingest", self._h["ingest"]), ("budget", self._h["budget"])]
-        named += [(f"grouper-{k}", g) for k, g in enumerate(self._h["groupers"])]
-        named += [(f"dispatcher-{p}", d) for p, d in self._h["dispatchers"].items()]
-        if self._h["cache"] is not None:
-            named.append(("cache", self._h["cache"]))
-        refs = {a.ping.remote(): name for name, a in named}
-        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=HEALTH_TIMEOUT_S)
-        dead = []
-        for ref in ready:
-            try:
-                ray.get(ref)
-            except Exception:  # RayActorError and kin: the actor is gone
-                dead.append(refs[ref])
-        return sorted(dead)
+                self._health()
 
     def _check_ingest(self) -> None:
         with self._lock:
@@ -370,11 +355,11 @@ class Engine(AsyncSubmit):
         ready, _ = self._ray.wait(refs, num_returns=len(refs), timeout=0)
         for ref in ready:
             with self._lock:
-                ids = self._inflight_refs.pop(ref, [])
+                ids, tries = self._inflight_refs.pop(ref, ([], 0))
             try:
                 self._ray.get(ref)
             except Exception as exc:
-                self._fail_ids(ids, f"ingest failed: {exc}")
+                self._submission_failed(ids, tries, exc)
 
     def _fail_ids(self, uids: Sequence[str], error: str) -> None:
         for uid in uids:

@@ -16,8 +16,8 @@ from engine.budgets import BudgetSettings, BudgetSpec
 from engine.errors import ConfigError
 from engine.resilience import Resilience
 
-__all__ = ["MAX_DEADLINE_S", "BudgetSettings", "CacheSettings", "DeadlineDefaults", "MetricsSettings",
-           "ProviderEndpoint", "ProvidersSettings", "Resilience", "Settings", "SimSettings", "check_redis_url",
+__all__ = ["MAX_DEADLINE_S", "BudgetSettings", "CacheSettings", "DeadlineDefaults", "JournalSettings",
+           "MetricsSettings", "ProviderEndpoint", "ProvidersSettings", "Resilience", "Settings", "SimSettings", "check_redis_url",
            "load_settings", "masked_url", "with_budget"]
 
 ENV_PREFIX = "SMARTBATCH_"
@@ -142,6 +142,19 @@ class MetricsSettings(BaseModel):
     port: int | None = Field(default=0, ge=0, le=65535, description="0: a free port; None: not served")
 
 
+class JournalSettings(BaseModel):
+    """Where the engine journals what must survive an actor's restart (``SMARTBATCH_JOURNAL__REDIS_URL``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    redis_url: str | None = Field(default=None, description="None: the budgets' or the cache's Redis when one is "
+                                  "set, else the result hub's memory")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str | None) -> str | None:
+        return check_redis_url(v, "journal.redis_url")
+
+
 class Settings(BaseSettings):
     """Environment: ``SMARTBATCH_<FIELD>``, nested with ``__`` (``SMARTBATCH_DEADLINES__URGENT=60``)."""
 
@@ -155,6 +168,7 @@ class Settings(BaseSettings):
     resilience: Resilience = Resilience()
     providers: ProvidersSettings = ProvidersSettings()
     metrics: MetricsSettings = MetricsSettings()
+    journal: JournalSettings = JournalSettings()
     catalog_overlay: Path | None = Field(default=None, description="YAML merged over the catalog: adds or "
                                          "overrides providers, models and prices")
     chars_per_token: float = Field(default=4.0, gt=0, description="token estimate for a line without counts")
@@ -165,6 +179,10 @@ class Settings(BaseSettings):
     def _budget_redis_url(self) -> Settings:
         check_redis_url(self.budgets.redis_url, "budgets.redis_url")
         return self
+
+    def journal_redis_url(self) -> str | None:
+        """The Redis the journal uses: its own setting, else the budgets', else the cache's (None: memory)."""
+        return self.journal.redis_url or self.budgets.redis_url or self.cache.redis_url
 
 
 def check_redis_url(url: str | None, setting: str) -> str | None:

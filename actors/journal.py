@@ -1,0 +1,104 @@
+"""The engine's journal: the little state that must outlive the actor that holds it.
+
+Two records only, because everything else is either held by the driver (every accepted, unfinished request:
+it re-admits them after a restart) or rebuilt from them:
+
+- a dispatcher's **open provider batches** (batch id, members, hedge time), so a restarted dispatcher
+  re-attaches to them by id and never submits their members again;
+- the **in-memory budget ledger** (a snapshot), so a restarted budget controller does not start from zero.
+  A ledger on Redis is its own journal and writes nothing here.
+
+Where it lives: in Redis when the engine has one (``journal.redis_url``, else the budgets' or the cache's
+URL), under ``<prefix>:journal:<engine>:<space>``; otherwise in the result hub's memory, which survives the
+death of any other actor. When the hub itself restarts, each holder writes its records again
+(``rejournal``), so one death at a time loses nothing. docs/reliability.md lists what survives what.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+from typing import Any
+
+from actors._peer import Peer, as_peer
+
+__all__ = ["HubJournal", "MemoryJournalStore", "RedisJournal", "make_journal"]
+
+log = logging.getLogger("smartbatch.journal")
+
+
+class MemoryJournalStore:
+    """The store behind ``HubJournal``: kept by the result hub (mixed into it)."""
+
+    def _journal(self) -> dict[str, dict[str, bytes]]:
+        j = self.__dict__.get("_journal_spaces")
+        if j is None:
+            j = self.__dict__["_journal_spaces"] = {}
+        return j
+
+    async def journal_put(self, space: str, key: str, blob: bytes) -> None:
+        self._journal().setdefault(space, {})[key] = blob
+
+    async def journal_del(self, space: str, keys: list[str]) -> None:
+        d = self._journal().get(space, {})
+        for k in keys:
+            d.pop(k, None)
+
+    async def journal_items(self, space: str) -> dict[str, bytes]:
+        return dict(self._journal().get(space, {}))
+
+
+class HubJournal:
+    """Journal records kept in the result hub's memory."""
+
+    durable = False
+
+    def __init__(self, hub: Any):
+        self.hub: Peer = as_peer(hub)
+
+    async def put(self, space: str, key: str, value: Any) -> None:
+        await self.hub.call("journal_put", space, key, pickle.dumps(value))
+
+    async def delete(self, space: str, keys: list[str]) -> None:
+        if keys:
+            await self.hub.call("journal_del", space, list(keys))
+
+    async def items(self, space: str) -> dict[str, Any]:
+        return {k: pickle.loads(v) for k, v in (await self.hub.call("journal_items", space)).items()}
+
+    async def close(self) -> None:
+        return None
+
+
+class RedisJournal:
+    """Journal records in a Redis hash per space: they survive every actor and the driver."""
+
+    durable = True
+
+    def __init__(self, url: str, prefix: str, engine: str, timeout_s: float = 1.0):
+        import redis.asyncio as aioredis
+
+        self._client = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self._base = f"{prefix}:journal:{engine}:"
+
+    async def put(self, space: str, key: str, value: Any) -> None:
+        await self._client.hset(self._base + space, key, pickle.dumps(value))
+
+    async def delete(self, space: str, keys: list[str]) -> None:
+        if keys:
+            await self._client.hdel(self._base + space, *keys)
+
+    async def items(self, space: str) -> dict[str, Any]:
+        raw = await self._client.hgetall(self._base + space)
+        return {k.decode(): pickle.loads(v) for k, v in raw.items()}
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+def make_journal(settings, engine: str, hub: Any):
+    """The journal for an engine named ``engine``: Redis when one is configured, else the hub's memory."""
+    url = settings.journal_redis_url()
+    if url:
+        return RedisJournal(url, settings.cache.redis_prefix, engine, settings.cache.redis_timeout_s)
+    return HubJournal(hub)

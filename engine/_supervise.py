@@ -1,0 +1,139 @@
+"""The driver's side of supervision: notice a restarted actor, give it back its wiring, re-admit the work it
+may have lost.
+
+Ray restarts a dead engine actor (``max_restarts``) by running its constructor again, so it comes back without
+its memory. Every actor answers ``ping`` with a token drawn at its start: a new token means a restart. The
+driver then calls ``actors.remote.rewire`` for it (clock, peers, metrics port, journaled batches and ledger)
+and sends every request it holds unfinished to ``Ingest.readmit``, where dispatchers and the cache keep what
+they still carry (or send its result again) and the groupers keep one copy of the rest. The driver is the
+journal of accepted requests: it holds each one until its result arrives.
+
+An actor that does not come back (restarts exhausted, or killed for good) fails the open futures with its
+name, as before: nothing hangs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+__all__ = ["Supervised"]
+
+log = logging.getLogger("smartbatch")
+
+HEALTH_EVERY_S = 1.0  # how often the driver checks every engine actor
+HEALTH_TIMEOUT_S = 2.0  # a busy (or restarting) actor may answer late; only repeated errors count as dead
+DEAD_AFTER = 3  # consecutive failed checks before an actor counts as gone for good
+HUB_BACK_S = 60.0  # how long the driver waits for a restarted result hub before failing the open futures
+READMIT_TRIES = 5  # tries of one re-admission before its requests fail
+
+
+class Supervised:
+    """Mixin for ``Engine``: needs ``_ray``, ``_h``, ``_lock``, ``_futs``, ``_buffer``, ``_inflight_refs``,
+    ``_micro_batch``, ``_fail_open``, ``_fail_ids`` and ``metrics_port``/``settings``."""
+
+    def _init_supervision(self) -> None:
+        ray = self._ray
+        named = self._h["named"]
+        self._incarnation: dict[str, str] = dict(zip(named, ray.get([a.ping.remote() for a in named.values()])))
+        self._misses: dict[str, int] = {}
+        self.restarts: dict[str, int] = {}  # actor kind -> restarts recovered from, for the report and tests
+
+    def _metrics_addr(self) -> tuple[int, str] | None:
+        return None if self.metrics_port is None else (self.metrics_port, self.settings.metrics.host)
+
+    def _health(self) -> None:
+        """Ping every actor: recover the ones that restarted; fail open futures if one is gone for good."""
+        ray = self._ray
+        named = self._h["named"]
+        refs = {a.ping.remote(): kind for kind, a in named.items()}
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=HEALTH_TIMEOUT_S)
+        restarted, dead = [], []
+        for ref in ready:
+            kind = refs[ref]
+            try:
+                tok = ray.get(ref)
+            except ray.exceptions.ActorUnavailableError:  # restarting: it comes back as a new incarnation
+                continue
+            except Exception as exc:  # ActorDiedError: gone for good, or dying just as it was asked
+                log.debug("smartbatch: %s did not answer its health check: %r", kind, exc)
+                self._misses[kind] = self._misses.get(kind, 0) + 1
+                if self._misses[kind] >= DEAD_AFTER:
+                    dead.append(kind)
+                continue
+            self._misses.pop(kind, None)
+            if tok != self._incarnation.get(kind):
+                self._incarnation[kind] = tok
+                restarted.append(kind)
+        if restarted:
+            self._recover(restarted)
+        if dead:
+            # Requests may sit in the dead actor's groups or timers; nothing can resolve them now, so every open
+            # future fails with the reason instead of hanging.
+            self._fail_open(f"engine failure: actor(s) died: {', '.join(sorted(dead))}")
+
+    def _recover(self, kinds: list[str]) -> None:
+        from actors.remote import rewire
+
+        for kind in kinds:
+            log.warning("smartbatch: engine actor %s restarted; recovering its state and re-admitting open work",
+                        kind)
+            try:
+                rewire(self._h, kind, self._metrics_addr())
+            except Exception as exc:  # it died again meanwhile: the next check sees the new incarnation
+                log.warning("smartbatch: rewiring %s failed (%s); trying again at the next check", kind, exc)
+                self._incarnation[kind] = ""
+                continue
+            self.restarts[kind] = self.restarts.get(kind, 0) + 1
+        self._readmit_open()
+
+    def _readmit_open(self, uids: list[str] | None = None, tries: int = 0) -> None:
+        """Send unfinished requests (all of them, or ``uids``) to ``Ingest.readmit``, in micro-batches."""
+        with self._lock:
+            queued = {r.uid for r in self._buffer}  # not sent yet: they leave with the next flush
+            if uids is None:
+                reqs = [f._req for u, f in self._futs.items() if not f.done() and u not in queued]
+            else:
+                reqs = [f._req for u in uids if (f := self._futs.get(u)) is not None and not f.done()]
+        ingest = self._h["ingest"]
+        for k in range(0, len(reqs), self._micro_batch):
+            part = reqs[k:k + self._micro_batch]
+            ref = ingest.readmit.remote(part)
+            with self._lock:
+                self._inflight_refs[ref] = ([r.uid for r in part], tries + 1)
+
+    def _submission_failed(self, uids: list[str], tries: int, exc: BaseException) -> None:
+        """A call to ingest failed (it died, or a peer it called did): re-admit its requests once it is back."""
+        if tries >= READMIT_TRIES:
+            self._fail_ids(uids, f"ingest failed {tries} times: {exc}")
+            return
+        log.warning("smartbatch: a submission to ingest failed (%s); re-admitting its %d request(s)",
+                    type(exc).__name__, len(uids))
+        self._readmit_open(uids, tries)
+
+    def _hub_lost(self, exc: BaseException) -> bool:
+        """The hub's pull failed: wait for Ray to restart it, rewire it and re-admit. False if it never came back
+        (the open futures have then failed)."""
+        ray = self._ray
+        hub = self._h["hub"]
+        until = time.monotonic() + HUB_BACK_S
+        while self._running and time.monotonic() < until:
+            try:
+                tok = ray.get(hub.ping.remote(), timeout=HEALTH_TIMEOUT_S)
+            except Exception:  # restarting (the ping waits) or refused at once: ask again shortly
+                time.sleep(0.1)
+                continue
+            if tok != self._incarnation.get("hub"):
+                self._incarnation["hub"] = tok
+                self._recover(["hub"])
+            return True
+        if self._running:
+            self._fail_open(f"engine failure: the result hub died ({type(exc).__name__}) and did not come back")
+        return False
+
+    def actor_names(self) -> dict[str, Any]:
+        """This engine's actors by kind, as Ray names them (namespace ``smartbatch``)."""
+        from actors.remote import actor_name
+
+        return {kind: actor_name(self._h["engine"], kind) for kind in self._h["named"]}
