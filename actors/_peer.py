@@ -10,22 +10,39 @@ from __future__ import annotations
 import asyncio
 import inspect
 import secrets
-from typing import Any
+from typing import Any, NamedTuple
 
-__all__ = ["Peer", "Warm", "as_peer"]
+__all__ = ["Named", "Peer", "Warm", "as_peer"]
+
+
+class Named(NamedTuple):
+    """A Ray actor by name, looked up at first use. Actors get their peers this way rather than as handles: a
+    restarted actor is built again from its constructor's arguments, and names stay valid (and need nothing
+    kept in the object store) where a handle passed as an argument is a reference Ray must keep alive."""
+
+    name: str
+    namespace: str
 
 
 class Peer:
-    __slots__ = ("_is_ray", "_target", "_tasks")
+    __slots__ = ("_is_ray", "_named", "_target", "_tasks")
 
     def __init__(self, target: Any):
-        self._target = target
+        self._named = target if isinstance(target, Named) else None
+        self._target = None if self._named else target
         # A Ray actor handle's methods have .remote; plain objects' methods do not.
-        self._is_ray = type(target).__name__ == "ActorHandle"
+        self._is_ray = self._named is not None or type(target).__name__ == "ActorHandle"
         self._tasks: set[asyncio.Task] = set()
 
+    def _resolve(self) -> Any:
+        if self._target is None:
+            import ray
+
+            self._target = ray.get_actor(self._named.name, namespace=self._named.namespace)
+        return self._target
+
     async def call(self, method: str, *args: Any) -> Any:
-        fn = getattr(self._target, method)
+        fn = getattr(self._resolve(), method)
         if self._is_ray:
             return await fn.remote(*args)
         out = fn(*args)
@@ -33,7 +50,7 @@ class Peer:
 
     def send(self, method: str, *args: Any) -> None:
         if self._is_ray:
-            getattr(self._target, method).remote(*args)
+            getattr(self._resolve(), method).remote(*args)
             return
         task = asyncio.get_running_loop().create_task(self.call(method, *args))
         self._tasks.add(task)  # keep a reference until done, or the task may be collected mid-flight
@@ -41,7 +58,7 @@ class Peer:
 
     @property
     def target(self) -> Any:
-        return self._target
+        return self._resolve()
 
 
 def as_peer(x: Any) -> Peer | None:

@@ -21,7 +21,7 @@ from collections import OrderedDict, deque
 
 from actors._peer import Warm, as_peer
 from actors._types import BatchJob, Job, send_sharded
-from actors.journal import make_journal
+from actors.journal import JournalWriter, make_journal
 from actors.metrics import DispatchCounts, retry_reason
 from actors.providers import make_provider
 from actors.providers._wire import redact
@@ -77,6 +77,13 @@ class Dispatcher(Warm):
         self.hub, self.cache, self.budget = map(as_peer, (hub, cache, budget))
         self.journal = make_journal(settings, engine, self.hub)
         self._space = f"batches:{provider}"
+        # idempotency key -> (dispatch, job, cache_write, body) of a sync call over HTTP, until it ends
+        self._sync_calls: dict[str, tuple] = {}
+        # Journal records of work that ended: cleared only once its results are with the hub, so a restart in
+        # between finds the record (and re-makes the call under its key, or re-reads the batch) instead of
+        # losing results that were billed.
+        self._unjournal: list[tuple[str, str]] = []
+        self._sync_journal = JournalWriter(self.journal, f"sync:{provider}")
         self._open: dict[str, tuple] = {}  # journal key -> (BatchJob, jobs, start, tokens, handle) of open batches
         self._known: set[str] = set()  # uids this dispatcher is carrying out (queued, calling, in a batch, retrying)
         self._done: OrderedDict[str, tuple[Result, float, float]] = OrderedDict()  # uid -> (result, price, when)
@@ -97,6 +104,7 @@ class Dispatcher(Warm):
         self._pump_timer: tuple[float, asyncio.TimerHandle] | None = None
         self.in_flight = 0
         self.reattached = 0  # journaled batches followed again after a restart
+        self.resumed_calls = 0  # journaled sync calls made again (same key and body) after a restart
         self.rerouted = 0
         self.waits: deque[float] = deque(maxlen=10_000)  # engine seconds from arrival to start, for benchmarks
 
@@ -213,7 +221,16 @@ class Dispatcher(Warm):
 
     async def _run_sync(self, b: BatchJob, j: Job, cache_write: bool, start: float) -> None:
         r = j.req
-        a = await self.provider.call(self._call_job(j, start, cache_write))
+        cj = self._call_job(j, start, cache_write)
+        if self.provider.real:
+            # One body per idempotency key, journaled before the first try: a retry (here, or after this
+            # dispatcher restarted) must send what the provider may already have billed under that key.
+            rec = self._sync_calls.get(cj.key)
+            if rec is None:
+                rec = self._sync_calls[cj.key] = (b._replace(jobs=[]), j, cache_write, self.provider.sync_body(cj))
+                await self._sync_journal.put(cj.key, rec)
+            cj = cj._replace(body=rec[3])
+        a = await self.provider.call(cj)
         extra = 0
         if a.usage is not None:
             extra = max(a.usage.input_tokens + a.usage.output_tokens - r.input_tokens - r.output_tokens, 0)
@@ -222,17 +239,23 @@ class Dispatcher(Warm):
         if a.ok:
             self.sim.success(r.model, self.clock.now())
             self._final(b, j, True, a.cost, mode, a)
+            self._body_done(cj.key)
         else:
             self._breaker_failure(r.model)
             retried = a.retryable and j.attempts + 1 < self.max_att
             self._counts.failed(retry_reason(a.retry_after_s, a.error), retried)
             if not retried:
                 self._final(b, j, False, 0.0, mode, a)
+                self._body_done(cj.key)
             else:
                 nj = j._replace(attempts=j.attempts + 1)
                 self._at(self.sim.retry_at(j.seq, j.attempts, a),
                          lambda: (self._enqueue("sync", b, [nj]), self._pump()))
         self._pump()
+
+    def _body_done(self, key: str) -> None:
+        if self._sync_calls.pop(key, None) is not None:
+            self._unjournal.append((self._sync_journal.space, key))
 
     def _start_gpu(self, e: Event, b: BatchJob, jobs: list[Job]) -> None:
         for j, a in zip(jobs, e.outcome):
@@ -315,11 +338,7 @@ class Dispatcher(Warm):
                 except Exception as exc:
                     log.warning("dispatcher %s: batch results could not be read: %s", self.name, _short(exc))
         if self._open.pop(key, None) is not None:
-            try:
-                await self.journal.delete(self._space, [key])
-            except Exception as exc:  # a stale record only makes a restarted dispatcher poll an ended batch
-                log.warning("dispatcher %s: could not clear batch %s from the journal: %s", self.name, key,
-                            _short(exc))
+            self._unjournal.append((self._space, key))
         self.sim.finish_batch(tokens, self.clock.now())
         self._counts.turnaround_s.append(self.clock.now() - start)
         for j, cj in zip(jobs, cjobs, strict=True):
@@ -461,7 +480,7 @@ class Dispatcher(Warm):
 
     def _outbox_empty(self) -> bool:
         return not (self._results or self._fills or self._orphans or self._readmit or self._settle
-                    or self._observed or self._counts or self._breaker_dirty)
+                    or self._observed or self._counts or self._breaker_dirty or self._unjournal)
 
     async def _flush_soon(self) -> None:
         # Loop until empty: what timers add while a flush awaits the cache must not wait for a later kick
@@ -480,10 +499,26 @@ class Dispatcher(Warm):
         if self._breaker_dirty:
             self._counts.breaker_open.update(self._breaker_changes())
         counts, self._counts = self._counts, DispatchCounts()
+        unjournal, self._unjournal = self._unjournal, []
         if observed or counts:
             self.hub.send("observe_dispatches", self.name, observed, counts.as_dict())
         if results:
-            self.hub.send("push", results, prices)
+            try:
+                await self.hub.call("push", results, prices)
+            except Exception as exc:  # the hub died: its restart re-admits these; keep their records
+                log.warning("dispatcher %s: hub did not take %d result(s): %s", self.name, len(results), _short(exc))
+                unjournal = []
+        for space in {sp for sp, _ in unjournal}:
+            keys = [k for sp, k in unjournal if sp == space]
+            if space == self._sync_journal.space:
+                for k in keys:
+                    self._sync_journal.delete(k)
+            else:
+                try:
+                    await self.journal.delete(space, keys)
+                except Exception as exc:  # a stale record only makes a restarted dispatcher poll an ended batch
+                    log.warning("dispatcher %s: could not clear %d journal record(s): %s", self.name, len(keys),
+                                _short(exc))
         # A peer that died (and restarts) must not stop the rest of the outbox: the cache's losses are made
         # good by the driver's re-admission, a lost settlement by the reservation's TTL.
         if fills and self.cache is not None:
@@ -520,15 +555,28 @@ class Dispatcher(Warm):
         return out
 
     async def recover(self) -> int:
-        """After a restart: re-attach to the batches the journal says this dispatcher had submitted, by their
-        ids, and follow them to their end (their members are never submitted again). Returns how many."""
+        """After a restart: make again, under the same key and with the same body, the sync calls the journal
+        says were under way, and re-attach to the batches it says were submitted, by their ids, following them
+        to their end (their members are never submitted again). Returns how many batches."""
         try:
             records = await self.journal.items(self._space)
+            bodies = await self.journal.items(self._sync_journal.space)
         except Exception as exc:
             log.error("dispatcher %s: journal unreadable after a restart (%s); batches it had submitted are "
                       "not followed and their members are sent again", self.name, _short(exc))
             return 0
         n = 0
+        for key, rec in bodies.items():
+            b, j, cache_write, _ = rec
+            # A call that may have reached the provider (and been billed): made again under its key with its
+            # body, so a provider that honours the key answers it without billing it twice.
+            if j.req.uid in self._known or key in self._sync_calls:
+                continue
+            self._sync_calls[key] = rec
+            self._known.add(j.req.uid)
+            self.in_flight += 1
+            self._spawn(self._run_sync(b, j, cache_write, self.clock.now()), [j], b)
+            self.resumed_calls += 1
         for key, (b, jobs, start, tokens, handle) in records.items():
             jobs = [j for j in jobs if j.req.uid not in self._known]
             if key in self._open or not jobs:
@@ -540,14 +588,21 @@ class Dispatcher(Warm):
             self._spawn(self._follow_batch(key, b, jobs, start, tokens, handle, cjobs), jobs, b)
             n += 1
         self.reattached += n
-        if n:
-            log.warning("dispatcher %s: re-attached to %d open batch(es) after a restart", self.name, n)
+        if n or self.resumed_calls:
+            log.warning("dispatcher %s: after a restart, re-attached to %d open batch(es) and resumed %d call(s)",
+                        self.name, n, self.resumed_calls)
         return n
 
     async def rejournal(self) -> int:
-        """Write every open batch to the journal again (after the hub, which keeps a memory journal, restarted)."""
+        """Write every open batch and sync body to the journal again (after the hub, which keeps a memory
+        journal, restarted)."""
         for key in list(self._open):
             await self._journal_put(key)
+        if self._sync_calls:
+            try:
+                await self.journal.put_many(self._sync_journal.space, dict(self._sync_calls))
+            except Exception as exc:
+                log.warning("dispatcher %s: could not journal sync bodies: %s", self.name, _short(exc))
         return len(self._open)
 
     async def stats(self, waits: bool = False) -> dict:
@@ -556,7 +611,8 @@ class Dispatcher(Warm):
                "rerouted": self.rerouted, "circuit_opened": self.sim.breaker.opened,
                "batches_cancelled": self.batches_cancelled, "members_saved_by_cancel": self.members_saved_by_cancel, "paid_twice": self.paid_twice,
                "paid_twice_usd": round(self.paid_twice_usd, 6),
-               "open_batches": len(self._open), "reattached": self.reattached}
+               "open_batches": len(self._open), "reattached": self.reattached,
+               "resumed_calls": self.resumed_calls}
         if waits:
             out["waits"] = list(self.waits)
         return out

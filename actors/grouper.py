@@ -71,6 +71,7 @@ class Grouper(Warm):
         self._ledger_down = ""  # why the budget ledger last failed to answer (the reason of work it held back)
         self.table = GroupTable(policy, catalog)
         self.pending: dict[str, Job] = {}
+        self._reserving: set[str] = set()  # uids whose budget reservation call is under way
         self._bids = itertools.count()
         self._timers: set[asyncio.TimerHandle] = set()
         self._tasks: set[asyncio.Task] = set()
@@ -95,7 +96,7 @@ class Grouper(Warm):
         dup_claims: list[tuple[str, float]] = []
         for job in jobs:
             uid = job.req.uid
-            if uid in self.pending or uid in self.parked:
+            if uid in self.pending or uid in self.parked or uid in self._reserving:
                 # Re-admitted after a restart elsewhere while this grouper still holds it: one copy only.
                 if job.claim is not None:
                     dup_claims.append((job.claim, 0.0))
@@ -188,7 +189,14 @@ class Grouper(Warm):
         now = self.clock.now()
         refused: list[tuple[Job, Result]] = []
         if self.budget_limited:
-            batches = await self._reserve(batches, now, refused)
+            # While the reservation call is out, these requests are neither pending nor parked: a copy
+            # re-admitted meanwhile must still be recognised, or both would go on.
+            uids = [j.req.uid for b in batches for j in b.jobs]
+            self._reserving.update(uids)
+            try:
+                batches = await self._reserve(batches, now, refused)
+            finally:
+                self._reserving.difference_update(uids)
         per_provider: dict[str, list[BatchJob]] = {}
         for b in batches:
             self.dispatched += len(b.jobs)

@@ -69,6 +69,10 @@ class ResultHub(Warm, MemoryJournalStore):
         while len(recent) > RECENT:
             recent.popitem(last=False)
 
+    async def recall(self, uids: list[str]) -> list[str]:
+        """Of ``uids`` (re-admitted after a restart), those whose result is here (the driver has it or will)."""
+        return [u for u in uids if u in self._recent]
+
     async def result_of(self, request_id: str) -> Result:
         """The result of one request (its ``Request.uid``), as soon as it exists: what
         ``ResultFuture.object_ref()`` resolves to."""

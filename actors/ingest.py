@@ -16,8 +16,10 @@ log = logging.getLogger("smartbatch.ingest")
 
 
 class Ingest(Warm):
-    def __init__(self, groupers: list, cache=None, share_across_tenants: bool = False, dispatchers: list = ()):
+    def __init__(self, groupers: list, cache=None, share_across_tenants: bool = False, dispatchers: list = (),
+                 hub=None):
         self.groupers = [as_peer(g) for g in groupers]
+        self.hub = as_peer(hub)
         self.dispatchers = [as_peer(d) for d in dispatchers]
         self.readmitted = 0
         self.cache = as_peer(cache)
@@ -53,8 +55,8 @@ class Ingest(Warm):
 
     async def readmit(self, requests: list[Request]) -> int:
         """Requests accepted earlier that a restarted actor may have lost (the driver sends every unfinished
-        one). Each goes on only if no dispatcher and not the cache holds it: those carry it out, or send its
-        result again. The rest go straight to their groupers (no cache lookup: a request that is in fact still
+        one). Each goes on only if no dispatcher, not the cache and not the hub holds it: those carry it out, send its
+        result again, or have it. The rest go straight to their groupers (no cache lookup: a request that is in fact still
         in flight somewhere must not be answered a second time from the cache), which keep one copy of each."""
         uids = [r.uid for r in requests]
         known: set[str] = set()
@@ -65,7 +67,9 @@ class Ingest(Warm):
             except Exception as exc:  # that actor is gone too: it holds nothing
                 log.warning("ingest: recall failed (%s: %s)", type(exc).__name__, exc)
 
-        await asyncio.gather(*(ask(p) for p in [*self.dispatchers, *([self.cache] if self.cache else [])]))
+        # The hub too: a result it holds but the driver had not pulled when it listed its unfinished requests.
+        asked = [*self.dispatchers, *(p for p in (self.cache, self.hub) if p is not None)]
+        await asyncio.gather(*(ask(p) for p in asked))
         jobs = []
         for r in requests:
             if r.uid in known:

@@ -16,13 +16,14 @@ death of any other actor. When the hub itself restarts, each holder writes its r
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import pickle
 from typing import Any
 
 from actors._peer import Peer, as_peer
 
-__all__ = ["HubJournal", "MemoryJournalStore", "RedisJournal", "make_journal"]
+__all__ = ["HubJournal", "JournalWriter", "MemoryJournalStore", "RedisJournal", "make_journal"]
 
 log = logging.getLogger("smartbatch.journal")
 
@@ -38,6 +39,9 @@ class MemoryJournalStore:
 
     async def journal_put(self, space: str, key: str, blob: bytes) -> None:
         self._journal().setdefault(space, {})[key] = blob
+
+    async def journal_put_many(self, space: str, blobs: dict[str, bytes]) -> None:
+        self._journal().setdefault(space, {}).update(blobs)
 
     async def journal_del(self, space: str, keys: list[str]) -> None:
         d = self._journal().get(space, {})
@@ -58,6 +62,9 @@ class HubJournal:
 
     async def put(self, space: str, key: str, value: Any) -> None:
         await self.hub.call("journal_put", space, key, pickle.dumps(value))
+
+    async def put_many(self, space: str, values: dict[str, Any]) -> None:
+        await self.hub.call("journal_put_many", space, {k: pickle.dumps(v) for k, v in values.items()})
 
     async def delete(self, space: str, keys: list[str]) -> None:
         if keys:
@@ -84,6 +91,9 @@ class RedisJournal:
     async def put(self, space: str, key: str, value: Any) -> None:
         await self._client.hset(self._base + space, key, pickle.dumps(value))
 
+    async def put_many(self, space: str, values: dict[str, Any]) -> None:
+        await self._client.hset(self._base + space, mapping={k: pickle.dumps(v) for k, v in values.items()})
+
     async def delete(self, space: str, keys: list[str]) -> None:
         if keys:
             await self._client.hdel(self._base + space, *keys)
@@ -94,6 +104,52 @@ class RedisJournal:
 
     async def close(self) -> None:
         await self._client.aclose()
+
+
+class JournalWriter:
+    """Coalesces journal writes of one space: ``await put(k, v)`` returns once a write holding it is done; all
+    puts made while one write is under way go in the next, so a burst of calls costs one round trip, not one
+    each. Deletes are sent with the next write (or on their own, later): a stale record costs nothing but a
+    look when recovering."""
+
+    def __init__(self, journal, space: str):
+        self.journal, self.space = journal, space
+        self._puts: dict[str, Any] = {}
+        self._dels: list[str] = []
+        self._done: asyncio.Future | None = None
+        self._task: asyncio.Task | None = None
+
+    async def put(self, key: str, value: Any) -> None:
+        self._puts[key] = value
+        fut = self._arm()
+        await asyncio.shield(fut)
+
+    def delete(self, key: str) -> None:
+        self._puts.pop(key, None)
+        self._dels.append(key)
+        self._arm()
+
+    def _arm(self) -> asyncio.Future:
+        if self._done is None:
+            self._done = asyncio.get_running_loop().create_future()
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        return self._done
+
+    async def _run(self) -> None:
+        while self._puts or self._dels:
+            puts, self._puts = self._puts, {}
+            dels, self._dels = self._dels, []
+            done, self._done = self._done, None
+            try:
+                if dels:
+                    await self.journal.delete(self.space, dels)
+                if puts:
+                    await self.journal.put_many(self.space, puts)
+            except Exception as exc:  # the call goes on unjournaled: only a restart just now would lose it
+                log.warning("journal %s: write failed (%s: %s)", self.space, type(exc).__name__, exc)
+            if done is not None and not done.done():
+                done.set_result(None)
 
 
 def make_journal(settings, engine: str, hub: Any):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ray
 
+from actors._peer import Named
 from actors.budget import BudgetController
 from actors.cache import ResultCache
 from actors.dispatcher import Dispatcher
@@ -62,17 +63,24 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
     def opts(kind: str, **more) -> dict:
         return {**_OPTS, "name": actor_name(engine, kind), "namespace": NAMESPACE, **more}
 
+    def ref(kind: str) -> Named:  # peers by name: see actors._peer.Named
+        return Named(actor_name(engine, kind), NAMESPACE)
+
     hub = ray.remote(ResultHub).options(**opts("hub")).remote()
     budgets = settings.budgets
-    budget = ray.remote(BudgetController).options(**opts("budget")).remote(budgets, hub, None, 0.0, engine)
+    budget = ray.remote(BudgetController).options(**opts("budget")).remote(budgets, ref("hub"), None, 0.0, engine)
     _ledger_ready(budget, [hub, budget])
     reuse = policy.reuse
-    cache = (ray.remote(ResultCache).options(**opts("cache")).remote(reuse, hub, None, catalog, settings)
-             if (reuse.exact or reuse.in_flight or reuse.near) else None)
+    with_cache = reuse.exact or reuse.in_flight or reuse.near
+    cache = (ray.remote(ResultCache).options(**opts("cache")).remote(reuse, ref("hub"), None, catalog, settings)
+             if with_cache else None)
+    cache_ref = ref("cache") if with_cache else None
+    grouper_refs = [ref(f"grouper-{k}") for k in range(num_groupers)]
+    dispatcher_refs = {name: ref(f"dispatcher-{name}") for name in catalog.providers}
     groupers = [ray.remote(Grouper).options(**opts(f"grouper-{k}")).remote(
-        policy, catalog, None, {}, budget, hub, f"g{k}", bool(budgets.specs), max_attempts=settings.sim.max_attempts,
-        reserve_model_max=budgets.reserve_output == "model_max", cache=cache, budget_specs=budgets.specs)
-        for k in range(num_groupers)]
+        policy, catalog, None, dispatcher_refs, ref("budget"), ref("hub"), f"g{k}", bool(budgets.specs),
+        max_attempts=settings.sim.max_attempts, reserve_model_max=budgets.reserve_output == "model_max",
+        cache=cache_ref, budget_specs=budgets.specs) for k in range(num_groupers)]
     cluster = ray.cluster_resources()
     dispatchers = {}
     for name in catalog.providers:
@@ -80,11 +88,11 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
         if provider_resource(name) in cluster:
             more["resources"] = {provider_resource(name): 0.001}
         dispatchers[name] = ray.remote(Dispatcher).options(**opts(f"dispatcher-{name}", **more)).remote(
-            name, catalog, settings, seed, None, groupers, hub, cache, budget, policy.scheduling,
-            (keys or {}).get(name), engine)
-    ray.get([g.set_dispatchers.remote(dispatchers) for g in groupers])
-    ingest = ray.remote(Ingest).options(**opts("ingest")).remote(groupers, cache, settings.cache.share_across_tenants,
-                                                                 list(dispatchers.values()))
+            name, catalog, settings, seed, None, grouper_refs, ref("hub"), cache_ref, ref("budget"),
+            policy.scheduling, (keys or {}).get(name), engine)
+    ingest = ray.remote(Ingest).options(**opts("ingest")).remote(grouper_refs, cache_ref,
+                                                                 settings.cache.share_across_tenants,
+                                                                 list(dispatcher_refs.values()), ref("hub"))
     everything = [ingest, *groupers, *dispatchers.values(), budget, hub] + ([cache] if cache else [])
     ray.get([a.warm.remote() for a in everything])
     if cache is not None:
@@ -114,8 +122,7 @@ def rewire(h: dict, kind: str, metrics: tuple[int, str] | None = None) -> None:
             ray.get(h["hub"].serve_metrics.remote(*metrics))
         ray.get([d.rejournal.remote() for d in h["dispatchers"].values()] + [h["budget"].rejournal.remote()])
     elif kind.startswith("grouper-"):
-        g = h["named"][kind]
-        ray.get([g.set_dispatchers.remote(h["dispatchers"]), g.set_clock.remote(clock)])
+        ray.get(h["named"][kind].set_clock.remote(clock))
     elif kind.startswith("dispatcher-"):
         d = h["named"][kind]
         ray.get(d.set_clock.remote(clock))

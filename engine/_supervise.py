@@ -15,6 +15,7 @@ name, as before: nothing hangs.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -38,6 +39,7 @@ class Supervised:
         named = self._h["named"]
         self._incarnation: dict[str, str] = dict(zip(named, ray.get([a.ping.remote() for a in named.values()])))
         self._misses: dict[str, int] = {}
+        self._recovering = threading.Lock()
         self.restarts: dict[str, int] = {}  # actor kind -> restarts recovered from, for the report and tests
 
     def _metrics_addr(self) -> tuple[int, str] | None:
@@ -67,13 +69,19 @@ class Supervised:
                 self._incarnation[kind] = tok
                 restarted.append(kind)
         if restarted:
-            self._recover(restarted)
+            # In a thread of its own: rewiring waits on the restarted actor (seconds on a loaded machine), and
+            # the pull loop that runs this check must keep delivering results meanwhile.
+            threading.Thread(target=self._recover, args=(restarted,), name="smartbatch-recover", daemon=True).start()
         if dead:
             # Requests may sit in the dead actor's groups or timers; nothing can resolve them now, so every open
             # future fails with the reason instead of hanging.
             self._fail_open(f"engine failure: actor(s) died: {', '.join(sorted(dead))}")
 
     def _recover(self, kinds: list[str]) -> None:
+        with self._recovering:  # one recovery at a time: each re-admits everything still open
+            self._recover_now(kinds)
+
+    def _recover_now(self, kinds: list[str]) -> None:
         from actors.remote import rewire
 
         for kind in kinds:

@@ -44,6 +44,9 @@ class CallJob(NamedTuple):
     attempt: int
     row: int  # the request's row of simulated draws
     cache_write: bool = False  # mark the whole shared prefix for caching (explicit-cache providers)
+    # The sync body, fixed at the first try (``Provider.sync_body``) and journaled: every retry under the same
+    # idempotency key, after a restart too, sends the same body, as a provider that honours the key requires.
+    body: dict | None = None
 
 
 class CallOutcome(NamedTuple):
@@ -106,8 +109,12 @@ class Provider(Protocol):
     name: str
     real: bool  # True: calls leave over HTTP; False: simulated
 
+    def sync_body(self, job: CallJob) -> dict | None:
+        """The body ``call`` would send for ``job`` now (None: nothing is sent). The dispatcher fixes it at the
+        first try and passes it back in ``CallJob.body`` on every retry of the same key."""
+
     async def call(self, job: CallJob) -> CallOutcome:
-        """One synchronous call; returns when it ends."""
+        """One synchronous call, with ``job.body`` when it is set; returns when it ends."""
 
     async def submit_batch(self, jobs: Sequence[CallJob], hedge_at: float | None) -> Any:
         """Submit a batch-API batch; returns a handle for ``poll``/``cancel``/``fetch``."""

@@ -99,9 +99,12 @@ class AnthropicProvider(HttpBase):
         return CallOutcome(True, self.clock.now(), self._priced(job, usage, mode), output=_text(msg), usage=usage,
                            provider_request_id=rid or msg.get("id"), raw=msg, real=True)
 
+    def sync_body(self, job: CallJob) -> dict[str, Any]:
+        return self.body(job, self._warm_blocks(job))
+
     async def call(self, job: CallJob) -> CallOutcome:
         sdk = self._sdk
-        body = self.body(job, self._warm_blocks(job))
+        body = job.body if job.body is not None else self.sync_body(job)
         try:
             msg = await self.client.messages.create(**body, extra_headers={"Idempotency-Key": job.key})
         except sdk.APIError as exc:

@@ -109,10 +109,13 @@ class OpenAIProvider(HttpBase):
         return CallOutcome(True, now, self._priced(job, usage, mode), output=output, usage=usage,
                            provider_request_id=rid or raw.get("id"), raw=raw, real=True)
 
+    def sync_body(self, job: CallJob) -> dict[str, Any]:
+        return self.body(job)
+
     async def call(self, job: CallJob) -> CallOutcome:
         sdk = self._sdk
         route = self.route(job)
-        body = self.body(job)
+        body = job.body if job.body is not None else self.body(job)
         headers = {"Idempotency-Key": job.key}
         try:
             if route == "/v1/images/generations":

@@ -44,6 +44,9 @@ class SimulatedProvider:
         if delay > 0:
             await asyncio.sleep(delay)
 
+    def sync_body(self, job: CallJob) -> None:
+        return None  # nothing is sent: no body to keep for retries
+
     async def call(self, job: CallJob) -> CallOutcome:
         a, _ = self.sim.draw_sync(job.row, job.req, job.start, job.attempt, job.cache_write)
         await self._until(a.at)

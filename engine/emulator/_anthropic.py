@@ -48,7 +48,8 @@ def _messages(ctx: Ctx) -> Reply:
     core = ctx.core
     call, out = message_result(core, ctx.provider, ctx.json(), "sync")
     core.wait(core.text_latency_s(core.catalog.provider(ctx.provider), call.model, call))
-    core.bill_text(call, "sync", ctx.route, ctx.request_id)  # only once the answer is ready
+    # Only once the answer is ready.
+    core.bill_text(call, "sync", ctx.route, ctx.request_id, idempotency_key=ctx.headers.get("idempotency-key"))
     return json_reply("anthropic", 200, out, ctx.request_id)
 
 

@@ -21,6 +21,7 @@ class BilledItem(BaseModel):
     route: str
     request_id: str
     custom_id: str | None = None
+    idempotency_key: str | None = None  # a sync call's Idempotency-Key header, when it had one
     usage: dict[str, int | str]
     cost_usd: float
 

@@ -173,10 +173,10 @@ class Core:
         return TextCall(provider.name, model, split, out, filler_text(prompt.text, out), natural > cap, price)
 
     def bill_text(self, call: TextCall, mode: BillMode, route: str, request_id: str,
-                  custom_id: str | None = None) -> None:
+                  custom_id: str | None = None, idempotency_key: str | None = None) -> None:
         self.bill(BilledItem(provider=call.provider, model=call.model, mode=mode, route=route,
-                             request_id=request_id, custom_id=custom_id, usage=call.usage(),
-                             cost_usd=call.price.total))
+                             request_id=request_id, custom_id=custom_id, idempotency_key=idempotency_key,
+                             usage=call.usage(), cost_usd=call.price.total))
 
     def bill(self, item: BilledItem) -> None:
         with self.lock:

@@ -111,7 +111,8 @@ def _sync_text(ctx: Ctx, result: Any) -> Reply:
     p = ctx.core.catalog.provider(ctx.provider)
     ctx.core.wait(ctx.core.text_latency_s(p, call.model, call))
     # Billed once the answer is ready: a call cut short by the emulator stopping is never billed.
-    ctx.core.bill_text(call, "sync", ctx.route, ctx.request_id)
+    ctx.core.bill_text(call, "sync", ctx.route, ctx.request_id,
+                       idempotency_key=ctx.headers.get("idempotency-key"))
     return json_reply("openai", 200, out, ctx.request_id)
 
 
@@ -144,7 +145,8 @@ def _images(ctx: Ctx) -> Reply:
     unit = core.image_price(req)
     core.wait(core.image_latency_s(p, req))  # the n images are drawn in parallel: one latency
     core.bill(BilledItem(provider=ctx.provider, model=body["model"], mode="sync", route=ctx.route,
-                         request_id=ctx.request_id, usage={"images": n, "size": size}, cost_usd=unit * n))
+                         request_id=ctx.request_id, idempotency_key=ctx.headers.get("idempotency-key"),
+                         usage={"images": n, "size": size}, cost_usd=unit * n))
     out = {"created": int(core.now()), "data": [{"b64_json": _PNG_B64} for _ in range(n)], "size": size,
            "output_format": "png"}
     return json_reply("openai", 200, out, ctx.request_id)

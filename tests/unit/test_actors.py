@@ -179,7 +179,7 @@ def test_dispatcher_resolves_sync_and_batch_and_hands_back_hedges():
         clock = ManualClock(0.0)
         d = Dispatcher("openai", CAT, Settings(), 0, clock, [grouper], hub, None, budget)
         jobs = [Job(i, req(i), f"fp{i}", claim=f"c{i}") for i in range(3)]
-        hedged = jobs[0]._replace(seq=9, claim="c9")
+        hedged = Job(9, req(3), "fp3", claim="c9")
         await budget.reserve_many([Claim(f"c{k}", "t", "openai", "gpt-5-mini", "urgent", 1.0) for k in (0, 1, 2, 9)])
         await d.run_many([BatchJob("b0", "sync", None, False, "process_individually", "now", jobs[:1]),
                           BatchJob("b1", "batch_api", None, False, "process_as_batch", "cheap", jobs[1:]),

@@ -1,0 +1,161 @@
+"""The journal: a dispatcher that dies and comes back re-attaches to its batch and re-makes its sync call under
+the same key and body; a budget controller takes its memory ledger back. In the hub's memory and in Redis.
+
+The actors run as plain objects on one event loop (no Ray): "dying" is dropping the object with its tasks
+cancelled, "restarting" is building a new one from the same arguments, as Ray does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+
+import pytest
+
+from actors import BudgetController, Dispatcher, ResultHub
+from actors._types import BatchJob, Job
+from engine.budgets import BudgetSettings, BudgetSpec, Claim
+from engine.catalog import default_catalog
+from engine.clock import ManualClock
+from engine.provider_api import CallOutcome, Usage
+from engine.request import Request
+from engine.settings import JournalSettings, Settings
+
+CAT = default_catalog()
+
+
+def req(i: int) -> Request:
+    return Request.model_validate({"id": f"r{i}", "arrival_s": 0.0, "model": "gpt-5-mini", "input_tokens": 100 + i,
+                                   "output_tokens": 10, "priority": "background"})
+
+
+class Peer:
+    """A stand-in grouper/cache: records what it is sent."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        async def method(*args):
+            self.calls.append((name, args))
+            return []
+        return method
+
+
+async def die(actor) -> None:
+    for t in list(actor._tasks):
+        t.cancel()
+    await actor.journal.close()  # its connections die with its process
+
+
+async def until(cond, what: str, steps: int = 500) -> None:
+    """Yield to the loop until ``cond()`` holds (bounded): the actors here are coroutines on this loop."""
+    for _ in range(steps):
+        if cond():
+            return
+        await asyncio.sleep(0.002)
+    raise AssertionError(f"never happened: {what}")
+
+
+@pytest.fixture(params=["memory", "redis"])
+def settings(request):
+    if request.param == "memory":
+        return Settings()
+    url = request.getfixturevalue("redis_server").url
+    return Settings().model_copy(update={"journal": JournalSettings(redis_url=url)})
+
+
+def test_a_restarted_dispatcher_follows_its_journaled_batch_and_never_resubmits_it(settings):
+    async def go():
+        engine = f"t{secrets.token_hex(3)}"
+        hub, clock = ResultHub(), ManualClock(0.0)
+        args = ("openai", CAT, settings, 0, clock, [Peer()], hub, None, Peer(), None, None, engine)
+        d1 = Dispatcher(*args)
+        jobs = [Job(i, req(i), f"fp{i}") for i in range(3)]
+        await d1.run_many([BatchJob("b1", "batch_api", None, False, "process_as_batch", "cheap", jobs)])
+        for _ in range(500):  # until the batch is submitted and journaled
+            if await d1.journal.items(d1._space):
+                break
+            await asyncio.sleep(0.002)
+        await die(d1)
+
+        d2 = Dispatcher(*args)
+        submitted = []
+        real_submit = d2.provider.submit_batch
+        d2.provider.submit_batch = lambda *a: submitted.append(a) or real_submit(*a)
+        assert await d2.recover() == 1
+        assert await d2.recall(["1:t/r0", jobs[0].req.uid]) == [jobs[0].req.uid]  # it knows its members
+        for _ in range(50):  # past the batch's end; timers fire at once on a ManualClock
+            clock.advance(3600.0)
+            await asyncio.sleep(0.005)
+        got = await hub.pull(0.01)
+        assert sorted(r.id for r in got) == ["r0", "r1", "r2"]
+        assert {r.mode for r in got} == {"batch_api"} and {r.batch_id for r in got} == {"b1"}
+        assert submitted == []  # followed by its journaled handle, never submitted again
+        assert not d2._open and not await d2.journal.items(d2._space)  # cleared once it ended
+        await d2.journal.close()
+    asyncio.run(go())
+
+
+class HttpLike:
+    """A provider that "calls over HTTP": the first dispatcher's call never returns (it dies mid-call), the
+    second's answers. Bodies differ on every build, as a body that depends on cache warmth can."""
+
+    real = True
+
+    def __init__(self, hang: bool):
+        self.hang, self.bodies, self.keys = hang, [], []
+
+    def sync_body(self, job):
+        return {"model": job.req.model, "nonce": secrets.token_hex(4)}
+
+    async def call(self, job):
+        self.keys.append(job.key)
+        self.bodies.append(job.body)
+        if self.hang:
+            await asyncio.Event().wait()
+        return CallOutcome(True, 0.0, 0.001, output="hi", usage=Usage(100, 10), real=True)
+
+
+def test_a_restarted_dispatcher_makes_its_cut_call_again_under_the_same_key_and_body(settings):
+    async def go():
+        engine = f"t{secrets.token_hex(3)}"
+        hub, clock = ResultHub(), ManualClock(0.0)
+        args = ("openai", CAT, settings, 0, clock, [Peer()], hub, None, Peer(), None, None, engine)
+        d1 = Dispatcher(*args)
+        d1.provider = first = HttpLike(hang=True)
+        await d1.run_many([BatchJob("b0", "sync", None, False, "process_individually", "now", [Job(0, req(0), "fp")])])
+        await until(lambda: first.keys, "the call left")
+        await die(d1)
+
+        d2 = Dispatcher(*args)
+        d2.provider = second = HttpLike(hang=False)
+        await d2.recover()
+        await until(lambda: second.keys, "the call was made again")
+        assert second.keys == first.keys and second.bodies == first.bodies
+        (res,) = await hub.pull(1.0)
+        assert res.id == "r0" and res.status == "ok" and res.cost_usd == pytest.approx(0.001)
+        await until(lambda: not d2._sync_calls, "the call left the journal")
+        await d2.journal.close()
+    asyncio.run(go())
+
+
+def test_a_restarted_budget_controller_takes_its_memory_ledger_back():
+    async def go():
+        hub = ResultHub()
+        cfg = BudgetSettings(specs=(BudgetSpec(max_budget=10.0),))
+        b1 = BudgetController(cfg, hub, ManualClock(0.0))
+        await b1.reserve_many([Claim(f"c{k}", "t", "openai", "gpt-5-mini", "normal", 1.0) for k in range(4)])
+        await b1.settle_many([("c0", 0.7), ("c1", 0.2)])
+        await until(lambda: b1._journaling is not None and b1._journaling.done(), "the snapshot was written")
+
+        b2 = BudgetController(cfg, hub, ManualClock(0.0))
+        assert await b2.recover()
+        rep = await b2.report()
+        assert rep["spent_usd"] == pytest.approx(0.9) and rep["reserved_usd"] == pytest.approx(2.0)
+        # Its open claims settle as before; one that is never settled is released after the TTL.
+        await b2.settle_many([("c2", 0.5)])
+        assert (await b2.report())["spent_usd"] == pytest.approx(1.4)
+        b2._expire(["c3"])
+        assert (await b2.report())["reserved_usd"] == 0
+    asyncio.run(go())
