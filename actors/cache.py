@@ -228,6 +228,10 @@ class ResultCache(Warm):
             d.popitem(last=False)
         await self.hub.call("push", results, prices)
 
+    async def forget(self, uids: list[str]) -> None:
+        for u in uids:
+            self._delivered.pop(u, None)
+
     async def recall(self, uids: list[str]) -> list[str]:
         """Of ``uids`` (requests re-admitted after a restart), those this cache holds: following an identical
         request in flight, or resolved here lately (their results are sent again). The rest must go on."""

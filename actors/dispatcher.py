@@ -537,6 +537,15 @@ class Dispatcher(Warm):
             send_sharded(self.groupers, readmit)
 
     # -- recovery -----------------------------------------------------------------------------------------------
+    async def holds(self, uids: list[str]) -> list[str]:
+        """Of ``uids``, those this dispatcher is carrying out or has finished (nothing is sent again)."""
+        return [u for u in uids if u in self._known or u in self._done]
+
+    async def forget(self, uids: list[str]) -> None:
+        """Finished requests past the driver's retention: a new request may use their ids."""
+        for u in uids:
+            self._done.pop(u, None)
+
     async def recall(self, uids: list[str]) -> list[str]:
         """Of ``uids`` (requests re-admitted after a restart), those this dispatcher knows: still carrying them
         out, or finished (their results are sent again). The rest are lost and must be dispatched afresh."""

@@ -121,15 +121,40 @@ class Grouper(Warm):
             await self._resolve(failed)
         await self._send(dispatches)
 
-    async def _resolve(self, results: list[tuple[Job, Result]]) -> None:
+    async def _resolve(self, results: list[tuple[Job, Result]], release: list[str] = ()) -> None:
         """Deliver results of requests that end here (rejected, policy error). Identical requests may be
         following them in the cache: they are handed back and generated after all, never left waiting."""
+        # After a restart, a re-admitted copy of a request may have been dispatched while this one waited here:
+        # the dispatcher's result stands, and this copy (rejected, never sent) is dropped. Rare enough (results
+        # that end here) for one question per provider.
+        by_provider: dict[str, list[str]] = {}
+        for j, _ in results:
+            by_provider.setdefault(j.req.provider, []).append(j.req.uid)
+        served: set[str] = set()
+        for provider, uids in by_provider.items():
+            d = self.dispatchers.get(provider)
+            if d is not None:
+                try:
+                    served.update(await d.call("holds", uids))
+                except Exception as exc:
+                    log.warning("grouper %s: dispatcher %s did not answer: %s", self.name, provider, exc)
+        if served:
+            dropped = [j for j, _ in results if j.req.uid in served]
+            results = [(j, r) for j, r in results if j.req.uid not in served]
+            claims = [(j.claim, 0.0) for j in dropped if j.claim is not None]
+            if claims:
+                self.budget.send("settle_many", claims)
+            if not results:
+                self._reserving.difference_update(release)
+                return
         # A peer that died (and restarts) loses these results or followers; the driver re-admits what it never
         # heard of, so the grouper goes on rather than dropping the dispatches of the same call.
         try:
             await self.hub.call("push", [r for _, r in results], [0.0] * len(results))
         except Exception as exc:
             log.warning("grouper %s: hub did not take %d result(s): %s", self.name, len(results), exc)
+        finally:
+            self._reserving.difference_update(release)
         held = [(j.claim, 0.0) for j, _ in results if j.claim is not None]
         if held:
             self.budget.send("settle_many", held)
@@ -324,6 +349,10 @@ class Grouper(Warm):
         # Most urgent first, and only as many as recently got through; the rest wait for the next try.
         again.sort(key=lambda e: (PRIORITY_RANK[e[0].req.priority], e[0].req.deadline_at))
         again = again[: self._park_batch]
+        # Until the tasks below take them, these are neither parked nor pending: a copy re-admitted meanwhile
+        # must still be recognised (``add``), or both would go on.
+        self._reserving.update(j.req.uid for j, _ in late)
+        self._reserving.update(j.req.uid for j, _ in again)
         batches: dict[str, BatchJob] = {}
         for j, meta in again:
             self._unpark(j.req.uid)
@@ -331,7 +360,8 @@ class Grouper(Warm):
             batches[meta.bid] = b._replace(jobs=[*b.jobs, j])
         loop = asyncio.get_running_loop()
         if late:
-            task = loop.create_task(self._resolve([(j, self._held_back(j, budget)) for j, budget in late]))
+            task = loop.create_task(self._resolve([(j, self._held_back(j, budget)) for j, budget in late],
+                                                  release=[j.req.uid for j, _ in late]))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         if batches:

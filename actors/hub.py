@@ -69,6 +69,10 @@ class ResultHub(Warm, MemoryJournalStore):
         while len(recent) > RECENT:
             recent.popitem(last=False)
 
+    async def forget(self, uids: list[str]) -> None:
+        for u in uids:
+            self._recent.pop(u, None)
+
     async def recall(self, uids: list[str]) -> list[str]:
         """Of ``uids`` (re-admitted after a restart), those whose result is here (the driver has it or will)."""
         return [u for u in uids if u in self._recent]

@@ -32,9 +32,12 @@ class Ingest(Warm):
         return f"Ingest(admitted={self.next_seq}, duplicates={self.duplicates})"
 
     async def forget(self, uids: list[str]) -> None:
-        """Requests finished longer ago than the driver's retention window: their ids may be used again."""
+        """Requests finished longer ago than the driver's retention window: their ids may be used again, so
+        the actors that remember finished requests (to answer a re-admission) forget them too."""
         for u in uids:
             self.seen.discard(u)
+        for p in [*self.dispatchers, *(p for p in (self.cache, self.hub) if p is not None)]:
+            p.send("forget", uids)
 
     async def submit(self, requests: list[Request]) -> int:
         """Admit a batch; returns how many were new. A repeated (tenant, id) is the same request (the

@@ -40,6 +40,8 @@ class Supervised:
         self._incarnation: dict[str, str] = dict(zip(named, ray.get([a.ping.remote() for a in named.values()])))
         self._misses: dict[str, int] = {}
         self._recovering = threading.Lock()
+        self._readmit_after: set = set()  # ingest calls out during a recovery: re-admit theirs when they return
+        self._recovered = threading.Condition()
         self.restarts: dict[str, int] = {}  # actor kind -> restarts recovered from, for the report and tests
 
     def _metrics_addr(self) -> tuple[int, str] | None:
@@ -95,12 +97,24 @@ class Supervised:
                 continue
             self.restarts[kind] = self.restarts.get(kind, 0) + 1
         self._readmit_open()
+        with self._recovered:
+            self._recovered.notify_all()
+
+    def wait_recovered(self, kind: str, times: int = 1, timeout: float | None = None) -> bool:
+        """Block until actor ``kind`` has been recovered from ``times`` restarts (for operators and tests)."""
+        with self._recovered:
+            return self._recovered.wait_for(lambda: self.restarts.get(kind, 0) >= times, timeout)
 
     def _readmit_open(self, uids: list[str] | None = None, tries: int = 0) -> None:
         """Send unfinished requests (all of them, or ``uids``) to ``Ingest.readmit``, in micro-batches."""
         with self._lock:
             queued = {r.uid for r in self._buffer}  # not sent yet: they leave with the next flush
             if uids is None:
+                # Requests whose call to ingest is still out are re-admitted once it returns, not now: re-admitted
+                # before their cache lookup ends, they could both follow an identical request and be sent.
+                for ref, (ids, _) in self._inflight_refs.items():
+                    queued.update(ids)
+                    self._readmit_after.add(ref)
                 reqs = [f._req for u, f in self._futs.items() if not f.done() and u not in queued]
             else:
                 reqs = [f._req for u in uids if (f := self._futs.get(u)) is not None and not f.done()]

@@ -356,10 +356,16 @@ class Engine(AsyncSubmit, Supervised):
         for ref in ready:
             with self._lock:
                 ids, tries = self._inflight_refs.pop(ref, ([], 0))
+            with self._lock:
+                after = ref in self._readmit_after
+                self._readmit_after.discard(ref)
             try:
                 self._ray.get(ref)
             except Exception as exc:
                 self._submission_failed(ids, tries, exc)
+            else:
+                if after:  # a restart happened while this call was out: what it sent may have been lost
+                    self._readmit_open(ids, tries)
 
     def _fail_ids(self, uids: Sequence[str], error: str) -> None:
         for uid in uids:

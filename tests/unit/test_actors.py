@@ -152,7 +152,9 @@ def test_grouper_rejects_when_the_budget_is_spent():
         g = Grouper(load_policy("naive", CAT), CAT, ManualClock(0.0), {"openai": disp}, ledger(0.0), hub)
         await g.add([Job(0, req(0), "a")])
         (res,) = await hub.pull(0.01)
-        assert res.status == "rejected" and res.error == "budget_exhausted" and disp.calls == []
+        # The dispatcher was only asked whether it serves the request (a re-admitted copy), never sent it.
+        assert res.status == "rejected" and res.error == "budget_exhausted"
+        assert [name for name, _ in disp.calls] == ["holds"]
         assert res.reason == "budget global has $0.000000 left"
     run(go())
 

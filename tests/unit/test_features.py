@@ -1,13 +1,16 @@
 import numpy as np
 
 from engine.features import compat_key, featurize, featurize_texts, fingerprint
-from engine.request import Request
+from engine.request import Request, validation_context
+
+
+CTX = validation_context()  # settings read once, not per request
 
 
 def req(**kw):
     base = {"id": "a", "arrival_s": 0, "model": "flux-1-dev", "prompt": "a red car at night"}
     base.update(kw)
-    return Request.model_validate(base)
+    return Request.model_validate(base, context=CTX)
 
 
 def test_vectors_are_fixed_length_unit_float32_and_stable():
