@@ -137,7 +137,7 @@ class Dispatcher(Warm):
                 self._list_prices.append(price)
             elif uid not in known:
                 out.append(j)
-            if j.claim is not None and uid in known | done.keys():
+            if j.claim is not None and (uid in known or uid in done):
                 self._settle.append((j.claim, 0.0))  # the duplicate's own reservation is not needed
         self._kick()
         return out

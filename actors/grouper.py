@@ -18,6 +18,7 @@ import asyncio
 import itertools
 import logging
 import secrets
+from collections import OrderedDict
 
 from actors._peer import Warm, as_peer
 from actors._types import BatchJob, Job
@@ -37,6 +38,7 @@ log = logging.getLogger("smartbatch.grouper")
 PARK_RETRY_S = 1.0  # engine seconds between tries of work waiting for reservations to settle
 PARK_RETRY_REAL_S = 0.05  # and at least this many real seconds (a replay at 1000x would poll at 1 kHz)
 PARK_MIN_BATCH = 1
+ENDED_KEEP = 65_536  # results of requests ended here, for copies re-admitted after a restart
 
 
 class Grouper(Warm):
@@ -72,6 +74,7 @@ class Grouper(Warm):
         self.table = GroupTable(policy, catalog)
         self.pending: dict[str, Job] = {}
         self._reserving: set[str] = set()  # uids whose budget reservation call is under way
+        self._ended: OrderedDict[str, Result] = OrderedDict()  # requests resolved here lately (rejected, failed)
         self._bids = itertools.count()
         self._timers: set[asyncio.TimerHandle] = set()
         self._tasks: set[asyncio.Task] = set()
@@ -94,8 +97,14 @@ class Grouper(Warm):
         dispatches: list[Dispatch] = []
         failed: list[tuple[Job, Result]] = []
         dup_claims: list[tuple[str, float]] = []
+        again: list[Result] = []
         for job in jobs:
             uid = job.req.uid
+            if uid in self._ended:  # ended here (rejected): a late re-admitted copy gets that result again
+                again.append(self._ended[uid])
+                if job.claim is not None:
+                    dup_claims.append((job.claim, 0.0))
+                continue
             if uid in self.pending or uid in self.parked or uid in self._reserving:
                 # Re-admitted after a restart elsewhere while this grouper still holds it: one copy only.
                 if job.claim is not None:
@@ -117,6 +126,8 @@ class Grouper(Warm):
             self._schedule(wake)
         if dup_claims:
             self.budget.send("settle_many", dup_claims)
+        if again:
+            self.hub.send("push", again, [0.0] * len(again))
         if failed:
             await self._resolve(failed)
         await self._send(dispatches)
@@ -149,6 +160,11 @@ class Grouper(Warm):
                 return
         # A peer that died (and restarts) loses these results or followers; the driver re-admits what it never
         # heard of, so the grouper goes on rather than dropping the dispatches of the same call.
+        ended = self._ended
+        for _, r in results:
+            ended[r.uid] = r
+        while len(ended) > ENDED_KEEP:
+            ended.popitem(last=False)
         try:
             await self.hub.call("push", [r for _, r in results], [0.0] * len(results))
         except Exception as exc:

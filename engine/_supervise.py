@@ -28,6 +28,10 @@ HEALTH_TIMEOUT_S = 2.0  # a busy (or restarting) actor may answer late; only rep
 DEAD_AFTER = 3  # consecutive failed checks before an actor counts as gone for good
 HUB_BACK_S = 60.0  # how long the driver waits for a restarted result hub before failing the open futures
 READMIT_TRIES = 5  # tries of one re-admission before its requests fail
+# The safety net under every recovery path: a request still open this long (real seconds) past its deadline is
+# re-admitted (idempotent: whoever still carries it says so, and nothing runs twice), at most every SWEEP_EVERY_S.
+SWEEP_GRACE_S = 5.0
+SWEEP_EVERY_S = 5.0
 
 
 class Supervised:
@@ -39,6 +43,8 @@ class Supervised:
         named = self._h["named"]
         self._incarnation: dict[str, str] = dict(zip(named, ray.get([a.ping.remote() for a in named.values()])))
         self._misses: dict[str, int] = {}
+        self._next_sweep = time.monotonic() + SWEEP_EVERY_S
+        self.swept = 0  # overdue requests re-admitted by the sweep
         self._recovering = threading.Lock()
         self._readmit_after: set = set()  # ingest calls out during a recovery: re-admit theirs when they return
         self._recovered = threading.Condition()
@@ -70,6 +76,7 @@ class Supervised:
             if tok != self._incarnation.get(kind):
                 self._incarnation[kind] = tok
                 restarted.append(kind)
+        self._sweep()
         if restarted:
             # In a thread of its own: rewiring waits on the restarted actor (seconds on a loaded machine), and
             # the pull loop that runs this check must keep delivering results meanwhile.
@@ -78,6 +85,20 @@ class Supervised:
             # Requests may sit in the dead actor's groups or timers; nothing can resolve them now, so every open
             # future fails with the reason instead of hanging.
             self._fail_open(f"engine failure: actor(s) died: {', '.join(sorted(dead))}")
+
+    def _sweep(self) -> None:
+        """Re-admit requests open well past their deadline: if a fault lost one on a path no recovery saw,
+        it is served late rather than never (the futures of a lost request would otherwise hang)."""
+        if time.monotonic() < self._next_sweep:
+            return
+        self._next_sweep = time.monotonic() + SWEEP_EVERY_S
+        late = self.clock.now() - max(SWEEP_GRACE_S * getattr(self.clock, "speedup", 1.0), 60.0)
+        with self._lock:
+            overdue = [u for u, f in self._futs.items() if not f.done() and f._req.deadline_at < late]
+        if overdue:
+            log.warning("smartbatch: %d request(s) open past their deadline; re-admitting them", len(overdue))
+            self.swept += len(overdue)
+            self._readmit_open(overdue)
 
     def _recover(self, kinds: list[str]) -> None:
         with self._recovering:  # one recovery at a time: each re-admits everything still open
