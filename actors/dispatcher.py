@@ -132,9 +132,7 @@ class Dispatcher(Warm):
         for j in jobs:
             uid = j.req.uid
             if uid in done:
-                res, price, _ = done[uid]
-                self._results.append(res)
-                self._list_prices.append(price)
+                self._send_again(uid)
             elif uid not in known:
                 out.append(j)
             if j.claim is not None and (uid in known or uid in done):
@@ -549,19 +547,19 @@ class Dispatcher(Warm):
     async def recall(self, uids: list[str]) -> list[str]:
         """Of ``uids`` (requests re-admitted after a restart), those this dispatcher knows: still carrying them
         out, or finished (their results are sent again). The rest are lost and must be dispatched afresh."""
-        known, done = self._known, self._done
-        out = []
-        for u in uids:
-            if u in done:
-                res, price, _ = done[u]
-                self._results.append(res)
-                self._list_prices.append(price)
-                out.append(u)
-            elif u in known:
-                out.append(u)
+        out = await self.holds(uids)
+        for u in out:
+            if u in self._done:
+                self._send_again(u)
         if out:
             self._kick()
         return out
+
+    def _send_again(self, uid: str) -> None:
+        """Put a finished request's result in the outbox again (the hub counts it once)."""
+        res, price, _ = self._done[uid]
+        self._results.append(res)
+        self._list_prices.append(price)
 
     async def recover(self) -> int:
         """After a restart: make again, under the same key and with the same body, the sync calls the journal

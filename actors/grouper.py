@@ -396,10 +396,6 @@ class Grouper(Warm):
         return self._failed(j, "budget_exhausted", status="rejected",
                             reason=f"budget {budget} held it back until its deadline")
 
-    async def set_dispatchers(self, dispatchers: dict) -> None:
-        """Dispatchers need this grouper's handle and it needs theirs: the engine wires them after creation."""
-        self.dispatchers = {k: as_peer(v) for k, v in dispatchers.items()}
-
     async def stats(self) -> dict:
         return {"pending": len(self.pending), "groups": len(self.table.groups), "dispatched": self.dispatched,
                 "parked": len(self.parked)}

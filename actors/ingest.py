@@ -36,8 +36,17 @@ class Ingest(Warm):
         the actors that remember finished requests (to answer a re-admission) forget them too."""
         for u in uids:
             self.seen.discard(u)
-        for p in [*self.dispatchers, *(p for p in (self.cache, self.hub) if p is not None)]:
+        for p in self._rememberers():
             p.send("forget", uids)
+
+    def _rememberers(self) -> list:
+        """The actors that remember requests they carry or finished: asked by ``readmit``, told by ``forget``."""
+        return [*self.dispatchers, *(p for p in (self.cache, self.hub) if p is not None)]
+
+    def _job(self, r: Request) -> Job:
+        self.seen.add(r.uid)
+        self.next_seq += 1
+        return Job(self.next_seq - 1, r, fingerprint(r, share_across_tenants=self.share))
 
     async def submit(self, requests: list[Request]) -> int:
         """Admit a batch; returns how many were new. A repeated (tenant, id) is the same request (the
@@ -47,9 +56,7 @@ class Ingest(Warm):
             if r.uid in self.seen:
                 self.duplicates += 1
                 continue
-            self.seen.add(r.uid)
-            jobs.append(Job(self.next_seq, r, fingerprint(r, share_across_tenants=self.share)))
-            self.next_seq += 1
+            jobs.append(self._job(r))
         if not jobs:
             return 0
         misses = [jobs[k] for k in await self.cache.call("lookup", jobs)] if self.cache is not None else jobs
@@ -71,15 +78,8 @@ class Ingest(Warm):
                 log.warning("ingest: recall failed (%s: %s)", type(exc).__name__, exc)
 
         # The hub too: a result it holds but the driver had not pulled when it listed its unfinished requests.
-        asked = [*self.dispatchers, *(p for p in (self.cache, self.hub) if p is not None)]
-        await asyncio.gather(*(ask(p) for p in asked))
-        jobs = []
-        for r in requests:
-            if r.uid in known:
-                continue
-            self.seen.add(r.uid)
-            jobs.append(Job(self.next_seq, r, fingerprint(r, share_across_tenants=self.share)))
-            self.next_seq += 1
+        await asyncio.gather(*(ask(p) for p in self._rememberers()))
+        jobs = [self._job(r) for r in requests if r.uid not in known]
         send_sharded(self.groupers, jobs)
         self.readmitted += len(jobs)
         return len(jobs)

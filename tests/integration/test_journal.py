@@ -42,6 +42,13 @@ class Peer:
         return method
 
 
+def dispatcher_args(settings):
+    """A hub, a clock, and the constructor arguments a dispatcher (and its restart, as Ray does) is built from."""
+    hub, clock = ResultHub(), ManualClock(0.0)
+    engine = f"t{secrets.token_hex(3)}"  # its own journal keys in a shared Redis
+    return hub, clock, ("openai", CAT, settings, 0, clock, [Peer()], hub, None, Peer(), None, None, engine)
+
+
 async def die(actor) -> None:
     for t in list(actor._tasks):
         t.cancel()
@@ -67,9 +74,7 @@ def settings(request):
 
 def test_a_restarted_dispatcher_follows_its_journaled_batch_and_never_resubmits_it(settings):
     async def go():
-        engine = f"t{secrets.token_hex(3)}"
-        hub, clock = ResultHub(), ManualClock(0.0)
-        args = ("openai", CAT, settings, 0, clock, [Peer()], hub, None, Peer(), None, None, engine)
+        hub, clock, args = dispatcher_args(settings)
         d1 = Dispatcher(*args)
         jobs = [Job(i, req(i), f"fp{i}") for i in range(3)]
         await d1.run_many([BatchJob("b1", "batch_api", None, False, "process_as_batch", "cheap", jobs)])
@@ -119,9 +124,7 @@ class HttpLike:
 
 def test_a_restarted_dispatcher_makes_its_cut_call_again_under_the_same_key_and_body(settings):
     async def go():
-        engine = f"t{secrets.token_hex(3)}"
-        hub, clock = ResultHub(), ManualClock(0.0)
-        args = ("openai", CAT, settings, 0, clock, [Peer()], hub, None, Peer(), None, None, engine)
+        hub, clock, args = dispatcher_args(settings)
         d1 = Dispatcher(*args)
         d1.provider = first = HttpLike(hang=True)
         await d1.run_many([BatchJob("b0", "sync", None, False, "process_individually", "now", [Job(0, req(0), "fp")])])
