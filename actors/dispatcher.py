@@ -52,6 +52,7 @@ def _short(exc: BaseException) -> str:
 
 
 POLL_RETRY_S = 30.0  # engine seconds before polling again after a failed poll
+FIND_TRIES = 5  # lookups of a batch whose create a restart cut, before it is created again
 
 
 class Dispatcher(Warm):
@@ -84,7 +85,9 @@ class Dispatcher(Warm):
         # losing results that were billed.
         self._unjournal: list[tuple[str, str]] = []
         self._sync_journal = JournalWriter(self.journal, f"sync:{provider}")
-        self._open: dict[str, tuple] = {}  # journal key -> (BatchJob, jobs, start, tokens, handle) of open batches
+        # journal key -> (BatchJob, jobs, start, tokens, handle, body) of open batches; handle None while
+        # being created (body: what the create sends, when it must be sent the same again)
+        self._open: dict[str, tuple] = {}
         self._known: set[str] = set()  # uids this dispatcher is carrying out (queued, calling, in a batch, retrying)
         self._done: OrderedDict[str, tuple[Result, float, float]] = OrderedDict()  # uid -> (result, price, when)
         self._results: list[Result] = []
@@ -265,20 +268,43 @@ class Dispatcher(Warm):
     async def _sleep(self, engine_s: float) -> None:
         await asyncio.sleep(min(self.clock.real_delay(engine_s), 3600.0))
 
-    async def _run_batch(self, b: BatchJob, jobs: list[Job], start: float, tokens: int) -> None:
-        """Submit, journal the batch (so a restarted dispatcher re-attaches to it, never submits it again),
-        then follow it."""
+    async def _run_batch(self, b: BatchJob, jobs: list[Job], start: float, tokens: int, key: str | None = None,
+                         body=None) -> None:
+        """Journal the batch about to be created, create it, journal its handle (so a restarted dispatcher
+        re-attaches to it, never submits it again), then follow it. With ``key``: a create that a restart cut;
+        the provider is asked for the batch first, and a create made again sends the same name and body."""
         cjobs = [self._call_job(j, start, batch=True) for j in jobs]
-        handle = None
+        p, handle = self.provider, None
+        cut = key is not None
+        if key is None:
+            key = f"{b.bid}-{secrets.token_hex(4)}"
+            if p.real:  # the create may reach the provider and this dispatcher die before it hears back
+                body = p.batch_body(cjobs)
+                self._open[key] = (b, jobs, start, tokens, None, body)
+                await self._journal_put(key)
         try:
-            handle = await self.provider.submit_batch(cjobs, b.hedge_at)
+            if cut:
+                handle = await self._find_batch(cjobs, key)
+            if handle is None:
+                handle = await p.submit_batch(cjobs, b.hedge_at, key, body)
         except Exception as exc:  # the provider refused the batch: nothing ran, so the members go sync
             log.warning("dispatcher %s: batch submission failed: %s", self.name, _short(exc))
-        key = f"{b.bid}-{secrets.token_hex(4)}"
         if handle is not None:
-            self._open[key] = (b, jobs, start, tokens, handle)
+            self._open[key] = (b, jobs, start, tokens, handle, None)
             await self._journal_put(key)
         await self._follow_batch(key, b, jobs, start, tokens, handle, cjobs)
+
+    async def _find_batch(self, cjobs: list[CallJob], key: str):
+        """The provider's batch for a cut create; a lookup that fails is tried again (creating a second
+        batch would bill its members twice), then given up on with a warning."""
+        for attempt in range(FIND_TRIES):
+            try:
+                return await self.provider.find_batch(cjobs, key)
+            except Exception as exc:
+                log.warning("dispatcher %s: looking up batch %s failed (%s)", self.name, key, _short(exc))
+                await asyncio.sleep(0.2 * 2 ** attempt)
+        log.error("dispatcher %s: batch %s could not be looked up; creating it again", self.name, key)
+        return None
 
     async def _journal_put(self, key: str) -> None:
         try:
@@ -584,15 +610,18 @@ class Dispatcher(Warm):
             self.in_flight += 1
             self._spawn(self._run_sync(b, j, cache_write, self.clock.now()), [j], b)
             self.resumed_calls += 1
-        for key, (b, jobs, start, tokens, handle) in records.items():
-            jobs = [j for j in jobs if j.req.uid not in self._known]
+        for key, (b, jobs, start, tokens, handle, body) in records.items():
+            jobs = [j for j in jobs if j.req.uid not in self._known]  # e.g. a hedged member already sent sync
             if key in self._open or not jobs:
                 continue
-            self._open[key] = (b, jobs, start, tokens, handle)
+            self._open[key] = (b, jobs, start, tokens, handle, body)
             self._known.update(j.req.uid for j in jobs)
             self.in_flight += len(jobs)
-            cjobs = [self._call_job(j, start, batch=True) for j in jobs]
-            self._spawn(self._follow_batch(key, b, jobs, start, tokens, handle, cjobs), jobs, b)
+            if handle is None:  # its create was cut: find it at the provider, or create it under the same name
+                self._spawn(self._run_batch(b, jobs, start, tokens, key, body), jobs, b)
+            else:
+                cjobs = [self._call_job(j, start, batch=True) for j in jobs]
+                self._spawn(self._follow_batch(key, b, jobs, start, tokens, handle, cjobs), jobs, b)
             n += 1
         self.reattached += n
         if n or self.resumed_calls:

@@ -116,8 +116,18 @@ class Provider(Protocol):
     async def call(self, job: CallJob) -> CallOutcome:
         """One synchronous call, with ``job.body`` when it is set; returns when it ends."""
 
-    async def submit_batch(self, jobs: Sequence[CallJob], hedge_at: float | None) -> Any:
-        """Submit a batch-API batch; returns a handle for ``poll``/``cancel``/``fetch``."""
+    def batch_body(self, jobs: Sequence[CallJob]) -> Any:
+        """What ``submit_batch`` will send, when it must be the same on a second try (None: build it then). The
+        dispatcher journals it before the create, so a create made again after a restart sends the same body."""
+
+    async def submit_batch(self, jobs: Sequence[CallJob], hedge_at: float | None, ref: str,
+                           body: Any = None) -> Any:
+        """Submit a batch-API batch named ``ref`` (unique per batch, the same on every try); returns a handle for
+        ``poll``/``cancel``/``fetch``."""
+
+    async def find_batch(self, jobs: Sequence[CallJob], ref: str) -> Any:
+        """After a restart cut a create: the handle of the batch named ``ref`` if the provider has it, else None
+        (it was never created; a create under ``ref`` follows)."""
 
     async def poll(self, handle: Any) -> BatchState:
         """Where the batch stands."""

@@ -115,9 +115,10 @@ class AnthropicProvider(HttpBase):
         return self._outcome(job, msg.model_dump(mode="json", exclude_none=True), getattr(msg, "_request_id", None),
                              "sync")
 
-    async def submit_batch(self, jobs: Sequence[CallJob], hedge_at: float | None) -> Any:
+    def batch_body(self, jobs: Sequence[CallJob]) -> list[dict]:
         # Members run in order: a prefix an earlier member writes (or that is warm) is read by the later ones,
-        # as the cost model prices a batch (engine.cost.price_batch).
+        # as the cost model prices a batch (engine.cost.price_batch). Built once: which prefixes are warm
+        # changes, and a create made again under its key must send the same body.
         marks = shared_prefix_marks([j.req for j in jobs])
         seen: set[int] = set()
         reqs = []
@@ -126,8 +127,18 @@ class AnthropicProvider(HttpBase):
             earlier = next((k for k, b in enumerate(blocks) if b not in seen), len(blocks))
             reqs.append({"custom_id": j.key, "params": self.body(j, max(self._warm_blocks(j), earlier), mark)})
             seen.update(blocks)
+        return reqs
+
+    async def find_batch(self, jobs: Sequence[CallJob], ref: str) -> None:
+        # A message batch carries no metadata to be found by: the create is made again under its
+        # Idempotency-Key with the journaled body (see docs/reliability.md for providers that ignore the key).
+        return None
+
+    async def submit_batch(self, jobs: Sequence[CallJob], hedge_at: float | None, ref: str,
+                           body: Any = None) -> Any:
+        reqs = body if body is not None else self.batch_body(jobs)
         with self._refused("batch submission"):
-            b = await self.client.messages.batches.create(requests=reqs)
+            b = await self.client.messages.batches.create(requests=reqs, extra_headers={"Idempotency-Key": ref})
         return BatchHandle(b.id, jobs, PollBackoff(self.endpoint.poll_min_s, self.endpoint.poll_max_s))
 
     async def poll(self, handle: BatchHandle) -> BatchState:

@@ -16,6 +16,8 @@ from engine.provider_api import BatchState, CallJob, CallOutcome, Usage
 __all__ = ["OpenAIProvider"]
 
 _ENDED = {"completed", "failed", "expired", "cancelled"}
+_REF = "smartbatch_ref"  # the batch's metadata key naming it, so a restarted dispatcher finds a create it cut
+FIND_SCAN = 1_000  # most recent batches looked through for it
 
 
 def _usage_chat(u: Mapping | None) -> Usage:
@@ -133,7 +135,29 @@ class OpenAIProvider(HttpBase):
                              getattr(resp, "_request_id", None), "sync")
 
     # -- batch API ------------------------------------------------------------------------------------------
-    async def submit_batch(self, jobs: Sequence[CallJob], hedge_at: float | None) -> Any:
+    def batch_body(self, jobs: Sequence[CallJob]) -> None:
+        return None  # a batch is found again by its metadata (find_batch): a new create may send a new file
+
+    async def find_batch(self, jobs: Sequence[CallJob], ref: str) -> BatchHandle | None:
+        """The batch whose metadata names ``ref``, among the most recent ones (newest first; a restart follows
+        its cut create within seconds, so it is near the top)."""
+        with self._refused("batch lookup"):
+            seen = 0
+            async for b in self.client.batches.list(limit=100):
+                if (b.metadata or {}).get(_REF) == ref:
+                    handle = self._handle(b.id, jobs)
+                    handle.batch = b
+                    return handle
+                seen += 1
+                if seen >= FIND_SCAN:
+                    break
+        return None
+
+    def _handle(self, bid: str, jobs: Sequence[CallJob]) -> BatchHandle:
+        return BatchHandle(bid, jobs, PollBackoff(self.endpoint.poll_min_s, self.endpoint.poll_max_s))
+
+    async def submit_batch(self, jobs: Sequence[CallJob], hedge_at: float | None, ref: str,
+                           body: Any = None) -> Any:
         route = self.route(jobs[0])
         lines = [json.dumps({"custom_id": j.key, "method": "POST", "url": route, "body": self.body(j)},
                             ensure_ascii=False) for j in jobs]
@@ -142,8 +166,8 @@ class OpenAIProvider(HttpBase):
             f = await self.client.files.create(file=("smartbatch.jsonl", data, "application/jsonl"),
                                                purpose="batch")
             b = await self.client.batches.create(input_file_id=f.id, endpoint=route, completion_window="24h",
-                                                 metadata={"origin": "smartbatch"})
-        return BatchHandle(b.id, jobs, PollBackoff(self.endpoint.poll_min_s, self.endpoint.poll_max_s))
+                                                 metadata={"origin": "smartbatch", _REF: ref})
+        return self._handle(b.id, jobs)
 
     async def poll(self, handle: BatchHandle) -> BatchState:
         with self._refused("batch poll"):

@@ -56,7 +56,14 @@ class SimulatedProvider:
                                error=f"{r.provider} {'429 rate limited' if a.retry_after_s is not None else '5xx'}")
         return CallOutcome(True, a.at, a.cost, output=_sim_output(job), usage=Usage(r.input_tokens, r.output_tokens))
 
-    async def submit_batch(self, jobs: Sequence[CallJob], hedge_at: float | None) -> Any:
+    def batch_body(self, jobs: Sequence[CallJob]) -> None:
+        return None
+
+    async def find_batch(self, jobs: Sequence[CallJob], ref: str) -> None:
+        return None  # nothing real was created: the draws run again
+
+    async def submit_batch(self, jobs: Sequence[CallJob], hedge_at: float | None, ref: str = "",
+                           body: Any = None) -> Any:
         # The draws know when the batch ends; a batch that would end after its hedge is drawn as cancelled
         # there, billing nothing (all members of a simulated batch finish together).
         out = self.sim.batch([j.row for j in jobs], [j.req for j in jobs], jobs[0].start, hedge_at,

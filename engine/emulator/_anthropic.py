@@ -148,7 +148,7 @@ def _results(ctx: Ctx) -> Reply:
 
 ROUTES: list[Route] = [
     route("POST", "/v1/messages", "anthropic", "messages", _messages, generating=True),
-    route("POST", "/v1/messages/batches", "anthropic", "messages.batches.create", _create),
+    route("POST", "/v1/messages/batches", "anthropic", "messages.batches.create", _create, idempotent=True),
     route("GET", "/v1/messages/batches/{batch_id}", "anthropic", "messages.batches.retrieve", _retrieve),
     route("POST", "/v1/messages/batches/{batch_id}/cancel", "anthropic", "messages.batches.cancel", _cancel),
     route("GET", "/v1/messages/batches/{batch_id}/results", "anthropic", "messages.batches.results", _results),

@@ -8,6 +8,7 @@ import hashlib
 import json
 import threading
 from typing import Any, NamedTuple
+from urllib.parse import parse_qsl
 
 from engine.emulator import _anthropic, _openai, _openai_batch
 from engine.emulator._core import Core
@@ -64,7 +65,7 @@ class App:
 
     # -- the pipeline --------------------------------------------------------------------------------------
     def handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Reply:
-        path = path.split("?", 1)[0]
+        path, _, query = path.partition("?")
         if path.startswith("/_emulator/"):
             return self._control(method, path, body)
         provider, _, rest = path.lstrip("/").partition("/")
@@ -80,6 +81,7 @@ class App:
             err = ApiError(404, f"no route {method} {rest} (the emulator serves {sorted(set(ROUTE_NAMES))})")
             return self._record(provider, "?", method, error_reply(family, err, rid))
         r, params = found
+        params = {**dict(parse_qsl(query)), **params}  # a list's cursor and limit, e.g. ?after=...&limit=100
         if not self._authorized(r.family, headers):
             where = "an 'Authorization: Bearer <key>'" if r.family == "openai" else "an 'x-api-key: <key>'"
             err = ApiError(401, f"missing API key: send {where} header", code="invalid_api_key")
@@ -93,7 +95,7 @@ class App:
         if fault is not None:
             return self._fault(fault, ctx)
         key = ctx.headers.get("idempotency-key")
-        if r.generating and key:
+        if r.idempotent and key:
             return self._idempotent((ctx.provider, r.name, key), r, ctx)
         return self._run(r, ctx)
 

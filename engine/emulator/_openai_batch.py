@@ -1,4 +1,4 @@
-"""OpenAI Batch API: create (validating the input file), retrieve, cancel; output and error files."""
+"""OpenAI Batch API: create (validating the input file), retrieve, list, cancel; output and error files."""
 
 from __future__ import annotations
 
@@ -172,8 +172,34 @@ def _cancel(ctx: Ctx) -> Reply:
         return json_reply("openai", 200, batch.view(now), ctx.request_id)
 
 
+def _list(ctx: Ctx) -> Reply:
+    """Newest first, ``limit`` (1-100, default 20) at a time after the cursor ``after`` (a batch id)."""
+    try:
+        limit = int(ctx.params.get("limit", 20))
+    except ValueError:
+        raise ApiError(400, "limit must be an integer from 1 to 100", param="limit") from None
+    if not 1 <= limit <= 100:
+        raise ApiError(400, f"limit must be from 1 to 100, got {limit}", param="limit")
+    core, after = ctx.core, ctx.params.get("after")
+    with core.lock:
+        now = core.now()
+        mine = [b for b in reversed(core.batches.values())
+                if isinstance(b, OpenAIBatch) and b.provider == ctx.provider]
+        if after is not None:
+            ids = [b.id for b in mine]
+            mine = mine[ids.index(after) + 1:] if after in ids else []
+        page = mine[:limit]
+        for b in page:
+            _advance(core, ctx.faults, b, now)
+        data = [b.view(now) for b in page]
+    return json_reply("openai", 200, {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                                      "last_id": data[-1]["id"] if data else None,
+                                      "has_more": len(mine) > limit}, ctx.request_id)
+
+
 ROUTES: list[Route] = [
     route("POST", "/v1/batches", "openai", "batches.create", _create),
+    route("GET", "/v1/batches", "openai", "batches.list", _list),
     route("GET", "/v1/batches/{batch_id}", "openai", "batches.retrieve", _retrieve),
     route("POST", "/v1/batches/{batch_id}/cancel", "openai", "batches.cancel", _cancel),
 ]

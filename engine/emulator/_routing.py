@@ -46,11 +46,13 @@ class Route(NamedTuple):
     family: Family
     name: str
     handler: Callable[[Ctx], Reply]
-    generating: bool  # a model call: random fault rates and Idempotency-Key apply
+    generating: bool  # a model call: random fault rates apply
+    idempotent: bool  # an Idempotency-Key is honoured: model calls and batch creates
 
 
 def route(method: str, path: str, family: Family, name: str, handler: Callable[[Ctx], Reply],
-          generating: bool = False) -> Route:
+          generating: bool = False, idempotent: bool | None = None) -> Route:
     """``path`` below the provider prefix, with ``{name}`` segments, e.g. ``/v1/files/{file_id}/content``."""
     regex = "^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path) + "$"
-    return Route(method, re.compile(regex), family, name, handler, generating)
+    return Route(method, re.compile(regex), family, name, handler, generating,
+                 generating if idempotent is None else idempotent)

@@ -396,6 +396,50 @@ def test_a_batch_cancelled_at_its_hedge_keeps_finished_members_and_never_sends_t
     asyncio.run(go())
 
 
+@PROVIDERS
+def test_a_batch_create_cut_by_the_dispatchers_death_is_followed_after_its_restart_never_created_twice(emu, provider):
+    """The dispatcher dies after its create reached the provider, before it heard back. Restarted from the same
+    arguments (as Ray does), it finds the batch (OpenAI: by its metadata) or makes the create again under the
+    same Idempotency-Key and body (Anthropic), follows it, and every member is billed once, as a batch member."""
+    jobs = jobs_of(provider, claims=True)
+    create = "batches.create" if provider == "openai" else "messages.batches.create"
+
+    async def go():
+        rig = Rig(emu, provider)
+        inner = rig.d.provider.submit_batch
+
+        async def create_then_die(*args: Any) -> Any:
+            await inner(*args)
+            await asyncio.Event().wait()  # the answer never comes back: the process died here
+
+        rig.d.provider.submit_batch = create_then_die
+        try:
+            await rig.reserve(jobs)
+            await rig.run("batch_api", jobs)
+            await rig.until(lambda: emu.count(create, status=200) == 1, "the create reached the provider")
+            for t in list(rig.d._tasks):
+                t.cancel()
+            d2 = Dispatcher(provider, rig.catalog, rig.settings, 0, rig.clock, [rig.grouper], rig.hub, None,
+                            rig.budget, key=Secret(KEY))
+            assert await d2.recover() == 1
+            assert await d2.recall([j.req.uid for j in jobs]) == [j.req.uid for j in jobs]
+            await rig.resolved(jobs)
+            assert rig.grouper.readmitted() == []
+            billed = billed_by_custom_id(emu)  # no member billed twice
+            assert set(billed) == {batch_key(j) for j in jobs}
+            for j in jobs:
+                assert_batch_member(rig.results[j.req.id], j, billed[batch_key(j)], provider)
+            assert emu.count(ROUTE[provider]) == 0  # nothing went sync
+            # OpenAI's batch was found (one create); Anthropic's create was made again and answered with the
+            # batch it had created (billed once, above).
+            assert emu.count(create, status=200) == (1 if provider == "openai" else 2)
+            await rig.until(lambda: not d2._open, "the batch left the journal")
+            await d2.provider.close()
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
 def test_the_cancel_allowance_counts_from_when_the_provider_took_the_cancel():
     cancel_s = 300.0  # engine s; far longer than a round trip, so the outcome does not depend on one
     with Emulator(CAT, latency_scale=0.0, speedup=SPEED, cancel_s=cancel_s) as slow_cancel:
