@@ -17,7 +17,7 @@ from pydantic import (
 
 from engine.catalog import Catalog, Kind, default_catalog
 from engine.errors import CatalogError
-from engine.settings import MAX_DEADLINE_S, Settings
+from engine.settings import MAX_DEADLINE_S, Settings, default_settings
 
 __all__ = ["BODY_KEYS", "MAX_DEADLINE_S", "MEDIA_PARAMS", "PRIORITIES", "PRIORITY_RANK", "FieldProblem", "Priority",
            "Request", "Reuse", "body_text", "validation_context"]
@@ -190,12 +190,12 @@ class FieldProblem(ValueError):
 
 def validation_context(catalog: Catalog | None = None, settings: Settings | None = None) -> dict[str, Any]:
     """The context ``Request.model_validate(d, context=...)`` reads to fill defaults and check the model."""
-    return {"catalog": catalog or default_catalog(), "settings": settings or Settings()}
+    return {"catalog": catalog or default_catalog(), "settings": settings or default_settings()}
 
 
 def _ctx(info: ValidationInfo) -> tuple[Catalog, Settings]:
     ctx = info.context or {}
-    return ctx.get("catalog") or default_catalog(), ctx.get("settings") or Settings()
+    return ctx.get("catalog") or default_catalog(), ctx.get("settings") or default_settings()
 
 
 class Request(BaseModel):

@@ -108,3 +108,21 @@ def test_arbitrary_input_gives_a_trace_error_or_a_valid_request(d):
         assert exc.problems and all(p[2] for p in exc.problems)
     else:
         assert len(tr.requests) == 1 and tr.requests[0].input_tokens >= 0
+
+
+def test_a_request_without_a_context_uses_the_settings_read_once_from_the_environment(monkeypatch):
+    """Reading ``SMARTBATCH_*`` costs milliseconds and a request validates in microseconds: the process's
+    settings are read once, not per request; ``default_settings.cache_clear()`` reads them again."""
+    from engine.settings import default_settings
+
+    line = {"id": "a", "arrival_s": 0, "model": "gpt-5-mini", "input_tokens": 10, "output_tokens": 1}
+    default_settings.cache_clear()
+    try:
+        assert Request.model_validate(line).deadline_s == default_settings().deadlines.normal
+        monkeypatch.setenv("SMARTBATCH_DEADLINES__NORMAL", "1234")
+        assert Request.model_validate(line).deadline_s == default_settings().deadlines.normal != 1234
+        default_settings.cache_clear()
+        assert Request.model_validate(line).deadline_s == 1234
+    finally:
+        monkeypatch.delenv("SMARTBATCH_DEADLINES__NORMAL")
+        default_settings.cache_clear()
