@@ -32,6 +32,7 @@ from engine.catalog import default_catalog
 from engine.cost import price_alone
 from engine.features import NEAR_DIM, compat_key, featurize, featurize_texts
 from engine.grouping import ReuseSettings
+from engine.outcomes import reused_result
 from engine.result import Result
 from engine.reuse import ReuseIndex
 from engine.settings import CacheSettings, Settings
@@ -141,11 +142,7 @@ class ResultCache(Warm):
         output = self._output(e)
         if output is None and e.blob is not None:
             return None  # the blob is gone: a miss, never an empty answer
-        r, src = item.req, e.result
-        why = f"reused {hit} result of {src.id}" + (f" (cosine {similarity:.3f})" if similarity is not None else "")
-        return Result(id=r.id, tenant=r.tenant, status="reused", output=output, cost_usd=0.0, mode="reuse", hit=hit,
-                      provider=r.provider, model=r.model, arrival_s=r.arrival_s, done_s=at,
-                      deadline_met=at <= r.deadline_at + 1e-9, reason=why)
+        return reused_result(item.req, at=at, hit=hit, source_id=e.result.id, output=output, similarity=similarity)
 
     def _list_prices(self, items: list[Item]) -> list[float]:
         """What each reused request would have cost alone: its saving, for the report."""

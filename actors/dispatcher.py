@@ -28,6 +28,7 @@ from actors.providers._wire import redact
 from engine.catalog import Catalog
 from engine.cost import price_alone
 from engine.draws import Draws
+from engine.outcomes import call_mode, failed_result, ok_result, verdict
 from engine.provider_api import CallJob, CallOutcome, Secret, call_key
 from engine.providers import Event, SimProvider, Work
 from engine.result import Result
@@ -154,9 +155,9 @@ class Dispatcher(Warm):
         t = self.clock.now()
         self.in_flight += len(jobs)
         if b.mode == "batch_api" and (b.hedge_at is None or b.hedge_at > t):
-            self._enqueue("batch", b, jobs)
+            self._enqueue("batch_api", b, jobs)
         elif b.mode == "gpu_batch":
-            self._enqueue("gpu", b, jobs)
+            self._enqueue("gpu_batch", b, jobs)
         else:  # sync, or a batch hedged before it started
             for j in jobs:
                 self._enqueue("sync", b, [j])
@@ -167,7 +168,7 @@ class Dispatcher(Warm):
         self._queued_at[id(item)] = self.clock.now()
         self.sim.enqueue(Work(kind, item, [j.req for j in jobs], [j.seq for j in jobs],
                               [j.attempts for j in jobs], b.cache_write and kind == "sync",
-                              b.hedge_at if kind == "batch" else None))
+                              b.hedge_at if kind == "batch_api" else None))
 
     def _pump(self) -> None:
         now = self.clock.now()
@@ -236,33 +237,30 @@ class Dispatcher(Warm):
         if a.usage is not None:
             extra = max(a.usage.input_tokens + a.usage.output_tokens - r.input_tokens - r.output_tokens, 0)
         self.sim.finish_sync(r.model, a.at, extra)
-        mode = "gpu_batch" if self.sim.spec.models[r.model].gpu_priced else "sync"
+        mode = call_mode(self.sim.spec.models[r.model])
+        v = verdict(a.ok, j.attempts + 1, self.max_att, a.retryable)
         if a.ok:
             self.sim.success(r.model, self.clock.now())
-            self._final(b, j, True, a.cost, mode, a)
-            self._body_done(cj.key)
         else:
             self._breaker_failure(r.model)
-            retried = a.retryable and j.attempts + 1 < self.max_att
-            self._counts.failed(retry_reason(a.retry_after_s, a.error), retried)
-            if not retried:
-                self._final(b, j, False, 0.0, mode, a)
-                self._body_done(cj.key)
-            else:
-                nj = j._replace(attempts=j.attempts + 1)
-                self._at(self.sim.retry_at(j.seq, j.attempts, a),
-                         lambda: (self._enqueue("sync", b, [nj]), self._pump()))
+            self._counts.failed(retry_reason(a.retry_after_s, a.error), v == "retry")
+        if v != "retry":
+            self._final(b, j, a.ok, a.cost if a.ok else 0.0, mode, a)
+            self._body_done(cj.key)
+        else:
+            nj = j._replace(attempts=j.attempts + 1)
+            self._at(self.sim.retry_at(j.seq, j.attempts, a), lambda: (self._enqueue("sync", b, [nj]), self._pump()))
         self._pump()
 
     def _body_done(self, key: str) -> None:
         if self._sync_calls.pop(key, None) is not None:
             self._unjournal.append((self._sync_journal.space, key))
 
-    def _start_gpu(self, e: Event, b: BatchJob, jobs: list[Job]) -> None:
+    def _start_gpu_batch(self, e: Event, b: BatchJob, jobs: list[Job]) -> None:
         for j, a in zip(jobs, e.outcome):
             self._at(a.at, lambda j=j, a=a: self._attempt(b, j, a.ok, a.cost, "gpu_batch"))
 
-    def _start_batch(self, e: Event, b: BatchJob, jobs: list[Job]) -> None:
+    def _start_batch_api(self, e: Event, b: BatchJob, jobs: list[Job]) -> None:
         self._spawn(self._run_batch(b, jobs, e.start, e.outcome), jobs, b)
 
     async def _sleep(self, engine_s: float) -> None:
@@ -445,10 +443,11 @@ class Dispatcher(Warm):
 
     def _attempt(self, b: BatchJob, j: Job, ok: bool, cost: float, mode: str, out: CallOutcome | None = None) -> None:
         """A batch or GPU member's attempt ended; a failure goes back to the policy while attempts remain."""
+        v = verdict(ok, j.attempts + 1, self.max_att, out is None or out.retryable)
         if not ok:
-            retried = j.attempts + 1 < self.max_att and (out is None or out.retryable)
-            self._counts.failed(retry_reason(out.retry_after_s, out.error) if out is not None else "other", retried)
-        if not ok and j.attempts + 1 < self.max_att and (out is None or out.retryable):
+            self._counts.failed(retry_reason(out.retry_after_s, out.error) if out is not None else "other",
+                                v == "retry")
+        if v == "retry":
             self._member_done(j, 0.0)
             self._readmit.append(j._replace(attempts=j.attempts + 1, claim=None))
             return
@@ -466,26 +465,16 @@ class Dispatcher(Warm):
         r = j.req
         now = max(self.clock.now(), r.arrival_s)
         self._member_done(j, cost if ok else 0.0)
-        if not ok or now > r.deadline_at + 1e-6:  # the result's deadline_met is False
+        if not ok or not r.met_by(now):
             missed = self._counts.deadline_missed
             missed[r.priority] = missed.get(r.priority, 0) + 1
-        real = out is not None and out.real
         if ok:
-            res = Result(id=r.id, tenant=r.tenant, status="ok", output=out.output if out is not None else
-                         f"sim://{r.provider}/{r.model}/{r.id}", cost_usd=cost,
-                         usage=out.usage.as_dict() if out is not None and out.usage is not None else None,
-                         provider_request_id=out.provider_request_id if out is not None else None,
-                         raw=out.raw if out is not None else None, real=real,
-                         mode=mode, provider=r.provider, model=r.model, batch_id=b.bid, arrival_s=r.arrival_s,
-                         done_s=now, deadline_met=now <= r.deadline_at + 1e-6, recommendation=b.recommendation,
-                         reason=b.reason)
+            res = ok_result(r, at=now, cost=cost, mode=mode, batch_id=b.bid, recommendation=b.recommendation,
+                            reason=b.reason, out=out)
         else:
-            why = error or (out.error if out is not None and out.error else None)
-            tries = j.attempts + 1
-            res = Result(id=r.id, tenant=r.tenant, status="failed", provider=r.provider, model=r.model, batch_id=b.bid,
-                         arrival_s=r.arrival_s, done_s=now, deadline_met=False, recommendation=b.recommendation,
-                         real=real, error=(f"{r.provider} failed after {tries} attempt(s): {why}" if why
-                                           else f"{r.provider} failed {self.max_att} attempts"))
+            res = failed_result(r, at=now, batch_id=b.bid, recommendation=b.recommendation, tries=j.attempts + 1,
+                                max_attempts=self.max_att, real=out is not None and out.real,
+                                error=error or (out.error if out is not None and out.error else None))
             self._orphans.append(j.fp)
         price = price_alone(r, self.catalog, "sync").total
         self._results.append(res)

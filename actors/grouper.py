@@ -27,6 +27,7 @@ from engine.catalog import Catalog
 from engine.cost import reserve_bound
 from engine.features import compat_key
 from engine.grouping import Decision
+from engine.outcomes import refused_result
 from engine.request import PRIORITY_RANK
 from engine.result import Result
 from engine.scheduler import Dispatch, GroupTable, Wake
@@ -184,9 +185,7 @@ class Grouper(Warm):
                 await self.add(followers)
 
     def _failed(self, job: Job, error: str, status: str = "failed", reason: str = "") -> Result:
-        r = job.req
-        return Result(id=r.id, tenant=r.tenant, status=status, provider=r.provider, model=r.model, arrival_s=r.arrival_s,
-                      done_s=self.clock.now(), deadline_met=False, error=error, reason=reason)
+        return refused_result(job.req, at=self.clock.now(), status=status, error=error, reason=reason)
 
     def _schedule(self, wake: Wake | None) -> None:
         if wake is None:

@@ -19,15 +19,21 @@ __all__ = [
     "CacheSplit",
     "Mode",
     "Price",
+    "cache_read_multiplier",
     "cache_split",
+    "gpu_share_price",
     "gpu_unit_seconds",
+    "list_price_text",
+    "min_cacheable_tokens",
     "mode_allowed",
+    "mode_factor",
     "price_alone",
     "price_batch",
     "price_text",
     "price_usage",
     "reserve_bound",
     "shared_prefix_marks",
+    "token_prices",
 ]
 
 Mode = Literal["sync", "batch_api", "gpu_batch", "reuse"]
@@ -52,6 +58,45 @@ class CacheSplit(NamedTuple):
     read: int
     write: int
     plain: int
+
+
+def mode_factor(provider: ProviderSpec, mode: Mode) -> float:
+    """What ``mode`` multiplies list prices by: one minus the batch discount for ``batch_api``, else 1."""
+    return 1.0 - provider.batch_api.discount if mode == "batch_api" and provider.batch_api else 1.0
+
+
+def token_prices(spec: ModelSpec) -> tuple[float, float]:
+    """List USD per input token and per output token of a text model."""
+    return spec.input_per_mtok * _M, spec.output_per_mtok * _M  # type: ignore[operator]
+
+
+def list_price_text(spec: ModelSpec, input_tokens: int, output_tokens: int) -> float:
+    """List (sync, uncached) USD of text tokens."""
+    return (input_tokens * spec.input_per_mtok + output_tokens * spec.output_per_mtok) * _M  # type: ignore[operator]
+
+
+def min_cacheable_tokens(provider: ProviderSpec, spec: ModelSpec) -> int:
+    """The shortest prefix the provider caches for this model (0: no prompt cache)."""
+    pc = provider.prompt_cache
+    if pc is None:
+        return 0
+    return spec.cache_min_tokens if spec.cache_min_tokens is not None else pc.min_tokens
+
+
+def cache_read_multiplier(provider: ProviderSpec, spec: ModelSpec) -> float:
+    """The share of the input price a cache read costs (1.0: no prompt cache)."""
+    pc = provider.prompt_cache
+    if pc is None:
+        return 1.0
+    return spec.cache_read_multiplier if spec.cache_read_multiplier is not None else pc.read_multiplier
+
+
+def gpu_share_price(provider: ProviderSpec, unit_s: float, b: int) -> float:
+    """USD of one job's share of a GPU batch of ``b`` jobs: its unit seconds at the batch's speed-up plus an
+    equal share of the warm-up."""
+    gb = provider.gpu_batching
+    assert gb is not None  # ensured by ProviderSpec validation for GPU-priced models
+    return gb.price_per_gpu_s * (gb.setup_s / b + unit_s / gb.speedup_at(b))
 
 
 def mode_allowed(provider: ProviderSpec, spec: ModelSpec, mode: Mode) -> bool:
@@ -86,7 +131,7 @@ def cache_split(provider: ProviderSpec, spec: ModelSpec, input_tokens: int, n_bl
     if pc is None or n_blocks == 0:
         return CacheSplit(0, 0, input_tokens)
     prefix = min(n_blocks * block_tokens, input_tokens)
-    min_tokens = max(spec.cache_min_tokens if spec.cache_min_tokens is not None else pc.min_tokens, 1)
+    min_tokens = max(min_cacheable_tokens(provider, spec), 1)
     if prefix < min_tokens:
         return CacheSplit(0, 0, input_tokens)
     read = min(warm_blocks * block_tokens, prefix)
@@ -104,17 +149,17 @@ def price_text(provider: ProviderSpec, spec: ModelSpec, split: CacheSplit, outpu
     if mode == "reuse":
         return Price(0.0)
     pc = provider.prompt_cache
-    f = 1.0 - provider.batch_api.discount if mode == "batch_api" and provider.batch_api else 1.0
-    p_in = spec.input_per_mtok * _M  # type: ignore[operator]
+    f = mode_factor(provider, mode)
+    p_in, p_out = token_prices(spec)
     if pc is not None and (mode != "batch_api" or pc.stacks_with_batch):
-        r = spec.cache_read_multiplier if spec.cache_read_multiplier is not None else pc.read_multiplier
+        r = cache_read_multiplier(provider, spec)
         cached = f * p_in * r * split.read
         write = f * p_in * pc.write_multiplier * split.write
         plain = f * p_in * split.plain
     else:
         cached, write = 0.0, 0.0
         plain = f * p_in * (split.read + split.write + split.plain)
-    out = f * spec.output_per_mtok * _M * output_tokens  # type: ignore[operator]
+    out = f * p_out * output_tokens
     return Price(plain + cached + write + out, plain, cached, write, out)
 
 
@@ -165,8 +210,7 @@ def price_alone(req: Request, catalog: Catalog, mode: Mode = "sync", *, warm_blo
         return price_text(provider, spec, split, req.output_tokens, mode)
     if spec.gpu_priced:
         return price_batch([req], catalog, "gpu_batch" if mode == "sync" else mode, block_tokens=block_tokens)[0]
-    f = 1.0 - provider.batch_api.discount if mode == "batch_api" and provider.batch_api else 1.0
-    p = f * _media_list_price(spec, req.params)
+    p = mode_factor(provider, mode) * _media_list_price(spec, req.params)
     return Price(p, media=p)
 
 
@@ -184,7 +228,7 @@ def reserve_bound(req: Request, catalog: Catalog, mode: Mode, output_tokens: int
         return 0.0
     if spec.kind != "text":
         return price_alone(req, catalog, "sync" if mode == "gpu_batch" else mode).total
-    f = 1.0 - provider.batch_api.discount if mode == "batch_api" and provider.batch_api else 1.0
+    f = mode_factor(provider, mode)
     pc = provider.prompt_cache
     w = max(1.0, pc.write_multiplier) if pc is not None and (mode != "batch_api" or pc.stacks_with_batch) else 1.0
     out = (req.max_output_tokens if req.max_output_tokens is not None
@@ -239,12 +283,10 @@ def price_batch(reqs: Sequence[Request], catalog: Catalog, mode: Mode, *,
         b = len(reqs)
         if mode == "gpu_batch" and b > gb.max_batch:
             raise CatalogError(f"a GPU batch holds at most gpu_batching.max_batch={gb.max_batch} jobs, got {b}")
-        s = gb.speedup_at(b) if mode == "gpu_batch" else 1.0
         out = []
         for r in reqs:
             unit = gpu_unit_seconds(spec, r.params)
-            secs = (gb.setup_s / b + unit / s) if mode == "gpu_batch" else (gb.setup_s + unit)
-            p = gb.price_per_gpu_s * secs
+            p = gpu_share_price(provider, unit, b) if mode == "gpu_batch" else gb.price_per_gpu_s * (gb.setup_s + unit)
             out.append(Price(p, media=p))
         return out
     if spec.kind != "text":

@@ -6,16 +6,17 @@ The runtime (simulator or actors) owns the groups and the loop; a policy only re
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from engine.catalog import ModelSpec, ProviderSpec
 from engine.cost import Mode
 from engine.request import Request
 from engine.similarity import Guards
 
-__all__ = ["RECOMMENDATIONS", "Decision", "Group", "Recommendation", "ReuseSettings"]
+__all__ = ["RECOMMENDATIONS", "Decision", "Group", "PrefixSightings", "Recommendation", "ReuseSettings"]
 
 Recommendation = Literal["process_as_batch", "consider_batch", "process_individually"]
 RECOMMENDATIONS: tuple[Recommendation, ...] = ("process_as_batch", "consider_batch", "process_individually")
@@ -35,7 +36,8 @@ class Decision(NamedTuple):
     """``wait`` until ``wake_at`` (or the next arrival to the group), or ``dispatch`` the first ``take``
     members (0 = all) in ``mode``. ``hedge_at``: for ``batch_api``, the time at which an unfinished batch is
     cancelled and its members sent synchronously. ``cache_write``: mark the shared prompt prefix for the
-    provider's cache (explicit-caching providers)."""
+    provider's cache (explicit-caching providers). ``prefix``: the key of a prompt prefix this dispatch sends,
+    for the runtime to record in the group's ``PrefixSightings`` (a policy never records it itself)."""
 
     action: Literal["wait", "dispatch"]
     mode: Mode | None = None
@@ -45,16 +47,44 @@ class Decision(NamedTuple):
     cache_write: bool = False
     recommendation: Recommendation = "process_individually"
     reason: str = ""
+    prefix: Hashable | None = None
 
     @staticmethod
     def wait(until: float | None, reason: str = "") -> Decision:
         return Decision("wait", wake_at=until, reason=reason)
 
 
+class PrefixSightings:
+    """When each prompt prefix was last dispatched (keys are a policy's, e.g. (provider, model, leading blocks)):
+    what tells a policy that a cache write would be read again. Runtime state, not a policy's: the table
+    records a dispatch's ``Decision.prefix`` after the decision, so ``decide`` stays pure. Bounded: the prefix
+    seen least recently is forgotten first."""
+
+    __slots__ = ("_last", "capacity")
+
+    def __init__(self, capacity: int = 65_536):
+        self._last: OrderedDict[Hashable, float] = OrderedDict()
+        self.capacity = capacity
+
+    def last(self, key: Hashable) -> float | None:
+        return self._last.get(key)
+
+    def see(self, key: Hashable, now: float) -> None:
+        self._last[key] = now
+        self._last.move_to_end(key)
+        if len(self._last) > self.capacity:
+            self._last.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._last)
+
+
 @dataclass(eq=False, slots=True)
 class Group:
     """Pending requests that a policy put under one key, in arrival order, with running aggregates so a
-    policy can decide in O(1) per arrival."""
+    policy can decide in O(1) per arrival. ``sightings``: the runtime's record of recent prompt prefixes (read
+    only, for a policy). ``memo``: a policy may keep values derived from the group here (they live and die with
+    it); the runtime never reads it."""
 
     key: Hashable
     provider: ProviderSpec
@@ -64,6 +94,8 @@ class Group:
     oldest_arrival_s: float = float("inf")
     max_output_tokens: int = 0
     version: int = 0
+    sightings: PrefixSightings | None = None
+    memo: Any = None
 
     def add(self, req: Request) -> None:
         self.members.append(req)

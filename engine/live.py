@@ -10,12 +10,13 @@ import numpy as np
 
 from engine.bench import document, result_row
 from engine.catalog import Catalog
+from engine.cost import MODES
 from engine.draws import Draws
 from engine.lower_bound import lower_bound
 from engine.request import Request
 from engine.result import Result
 from engine.settings import Settings
-from engine.simulator import MODES, BatchRecord, SimResult, simulate
+from engine.simulator import BatchRecord, SimResult, simulate
 
 __all__ = ["as_sim_result", "dry_run", "follow_engine", "point_at_emulator", "run_live"]
 

@@ -35,7 +35,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.catalog import Catalog, default_catalog
-from engine.cost import gpu_unit_seconds, price_alone
+from engine.cost import (
+    cache_read_multiplier,
+    gpu_share_price,
+    gpu_unit_seconds,
+    min_cacheable_tokens,
+    mode_factor,
+    price_alone,
+    token_prices,
+)
 from engine.draws import Draws
 from engine.features import NEAR_DIM, compat_key, featurize, fingerprint
 from engine.request import Request
@@ -172,22 +180,21 @@ def lower_bound(requests: Sequence[Request], *, catalog: Catalog | None = None, 
             continue
         prov = catalog.providers[r.provider]
         spec = prov.models[r.model]
-        f = 1.0 - prov.batch_api.discount if elig[i] and prov.batch_api else 1.0
+        f = mode_factor(prov, "batch_api" if elig[i] else "sync")
         if spec.kind != "text":
             if spec.gpu_priced:
                 gpu_classes.setdefault(compat_key(r), []).append(i)
             else:
                 per[i] = f * price_alone(r, catalog, "sync").total
             continue
-        p_in = spec.input_per_mtok * 1e-6
-        out = f * spec.output_per_mtok * 1e-6 * r.output_tokens
+        p_in, p_out = token_prices(spec)
+        out = f * p_out * r.output_tokens
         pc = prov.prompt_cache
         prefix = min(len(r.prefix_blocks) * bt, r.input_tokens)
-        min_tok = spec.cache_min_tokens if spec.cache_min_tokens is not None else (pc.min_tokens if pc else 0)
-        if pc is None or prefix == 0 or prefix < max(min_tok, 1):
+        if pc is None or prefix == 0 or prefix < max(min_cacheable_tokens(prov, spec), 1):
             per[i] = f * p_in * r.input_tokens + out
             continue
-        rm = spec.cache_read_multiplier if spec.cache_read_multiplier is not None else pc.read_multiplier
+        rm = cache_read_multiplier(prov, spec)
         rc = f * rm if pc.stacks_with_batch else min(f, rm)
         per[i] = f * p_in * (r.input_tokens - prefix) + rc * p_in * prefix + out
         extra_per_token = p_in * (f - rc)
@@ -219,7 +226,6 @@ def lower_bound(requests: Sequence[Request], *, catalog: Catalog | None = None, 
         ix = np.array(idxs)
         b = np.minimum(_max_overlap(arrival[ix], deadline[ix]), gb.max_batch)
         for j, i in enumerate(idxs):
-            unit = gpu_unit_seconds(spec, reqs[i].params)
-            per[i] = gb.price_per_gpu_s * (gb.setup_s / b[j] + unit / gb.speedup_at(int(b[j])))
+            per[i] = gpu_share_price(prov, gpu_unit_seconds(spec, reqs[i].params), int(b[j]))
     total = float(per.sum() + write_total)
     return LowerBound(total, per, write_total, int(unserv.sum()), exact_free, len(near), int(elig.sum()))

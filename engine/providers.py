@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from engine.catalog import Catalog, ProviderSpec
-from engine.cost import cache_split, price_alone, price_batch, price_text
+from engine.cost import Mode, cache_split, list_price_text, price_alone, price_batch, price_text
 from engine.draws import Draws
 from engine.errors import CatalogError, ConfigError
 from engine.latency import gpu_batch_seconds, sync_latency_median
@@ -59,7 +59,7 @@ class BatchOutcome(NamedTuple):
 class Work(NamedTuple):
     """What a runtime hands a provider: one sync call, one GPU dispatch or one batch-API batch."""
 
-    kind: str  # sync | gpu | batch
+    kind: Mode  # sync | gpu_batch | batch_api: the modes of engine.cost, one vocabulary
     item: Any  # the runtime's own handle, returned in the Event
     reqs: list[Request]
     idxs: list[int]  # rows of the draws
@@ -69,7 +69,7 @@ class Work(NamedTuple):
 
 
 class Event(NamedTuple):
-    """Work that left the queue: started (``sync``/``gpu``/``batch`` with its outcome) or ``reroute``d to the
+    """Work that left the queue: started (``sync``/``gpu_batch``/``batch_api`` with its outcome) or ``reroute``d to the
     fallback ``provider/model`` in ``outcome`` because its model's circuit is open."""
 
     kind: str
@@ -146,18 +146,18 @@ class SimProvider:
         first = reqs[0]
         spec = self.spec.models[first.model]
         if w.kind == "sync" and spec.gpu_priced:
-            w = w._replace(kind="gpu")
+            w = w._replace(kind="gpu_batch")
         lead = self._lead.get(first.model)
         if lead is None:
             lead = self._lead[first.model] = sync_latency_median(self.spec, spec, first) * 2.0
         text = spec.kind == "text"
-        tokens = sum(r.input_tokens + r.output_tokens for r in reqs) if text and w.kind != "gpu" else 0
-        cost = (sum(r.input_tokens * spec.input_per_mtok + r.output_tokens * spec.output_per_mtok for r in reqs)
-                * 1e-6 if text else 0.0)
+        tokens = sum(r.input_tokens + r.output_tokens for r in reqs) if text and w.kind != "gpu_batch" else 0
+        cost = (list_price_text(spec, sum(r.input_tokens for r in reqs), sum(r.output_tokens for r in reqs))
+                if text else 0.0)
         prio = min((r.priority for r in reqs), key=PRIORITY_RANK.__getitem__)
         u = Unit(w, first.tenant, prio, min(r.deadline_at for r in reqs), min(r.arrival_s for r in reqs),
-                 tokens, cost, max(w.attempts), 0.0 if w.kind == "batch" else lead)
-        if w.kind == "batch":
+                 tokens, cost, max(w.attempts), 0.0 if w.kind == "batch_api" else lead)
+        if w.kind == "batch_api":
             self.batch_queue.push(u)
         else:
             self.queues[self._gate_of[first.model]].push(u)
@@ -225,9 +225,9 @@ class SimProvider:
                                   a.retry_after_s)
 
     def _start(self, w: Work, s: float, gate: RateGate) -> Event:
-        if w.kind == "gpu":
+        if w.kind == "gpu_batch":
             outs = self.gpu(w.idxs, w.reqs, s, w.attempts, gate)
-            return Event("gpu", w, s, outs)
+            return Event("gpu_batch", w, s, outs)
         if not self.draw:
             r = w.reqs[0]
             gate.take(s, r.input_tokens + r.output_tokens, _INF)
@@ -311,10 +311,10 @@ class SimProvider:
     def _start_batch(self, w: Work, s: float, tokens: int) -> Event:
         if not self.draw:
             self.enqueued.take(s, tokens, _INF)
-            return Event("batch", w, s, tokens)
+            return Event("batch_api", w, s, tokens)
         out = self.batch(w.idxs, w.reqs, s, w.hedge_at, w.attempts)
         self.enqueued.take(s, tokens, out.at)  # held until it ends or is cancelled
-        return Event("batch", w, s, out)
+        return Event("batch_api", w, s, out)
 
     def batch(self, idxs: Sequence[int], reqs: Sequence[Request], t: float, hedge_at: float | None,
               attempts: Sequence[int]) -> BatchOutcome:

@@ -19,7 +19,7 @@ from engine.catalog import Catalog, Kind, default_catalog
 from engine.errors import CatalogError
 from engine.settings import MAX_DEADLINE_S, Settings, default_settings
 
-__all__ = ["BODY_KEYS", "MAX_DEADLINE_S", "MEDIA_PARAMS", "PRIORITIES", "PRIORITY_RANK", "FieldProblem", "Priority",
+__all__ = ["BODY_KEYS", "DEADLINE_SLACK_S", "MAX_DEADLINE_S", "MEDIA_PARAMS", "PRIORITIES", "PRIORITY_RANK", "FieldProblem", "Priority",
            "Request", "Reuse", "body_text", "validation_context"]
 
 Priority = Literal["urgent", "normal", "background"]
@@ -198,6 +198,11 @@ def _ctx(info: ValidationInfo) -> tuple[Catalog, Settings]:
     return ctx.get("catalog") or default_catalog(), ctx.get("settings") or default_settings()
 
 
+# A result this close after its deadline still meets it: a timer may fire a hair late, and float sums of
+# arrival and deadline round. One value for the simulator and the actors (engine seconds).
+DEADLINE_SLACK_S = 1e-6
+
+
 class Request(BaseModel):
     """A generation request. Validated once; every default is resolved here so that later code never guesses.
 
@@ -363,3 +368,7 @@ class Request(BaseModel):
     def deadline_at(self) -> float:
         """Absolute time by which the result must exist."""
         return self.arrival_s + self.deadline_s
+
+    def met_by(self, done_at: float) -> bool:
+        """Whether a result at ``done_at`` meets the deadline: the one rule, for both runtimes."""
+        return done_at <= self.arrival_s + self.deadline_s + DEADLINE_SLACK_S

@@ -14,7 +14,7 @@ from typing import NamedTuple
 from engine.catalog import Catalog
 from engine.cost import mode_allowed
 from engine.errors import PolicyError
-from engine.grouping import Decision, Group
+from engine.grouping import Decision, Group, PrefixSightings
 from engine.request import Request
 
 __all__ = ["Dispatch", "GroupTable", "Wake"]
@@ -36,6 +36,7 @@ class GroupTable:
         self.policy = policy
         self.catalog = catalog
         self.groups: dict[Hashable, Group] = {}
+        self.sightings = PrefixSightings()
 
     def __len__(self) -> int:
         return sum(len(g) for g in self.groups.values())
@@ -48,7 +49,7 @@ class GroupTable:
         g = self.groups.get(key)
         if g is None:
             prov = self.catalog.providers[req.provider]
-            g = self.groups[key] = Group(key, prov, prov.models[req.model])
+            g = self.groups[key] = Group(key, prov, prov.models[req.model], sightings=self.sightings)
         g.add(req)
         return self._decide(g, now)
 
@@ -70,6 +71,8 @@ class GroupTable:
                                       "return a later wake_at or dispatch")
                 return out, Wake(d.wake_at, g, g.version)
             out.append(Dispatch(d, g.take(self._checked_take(g, d))))
+            if d.prefix is not None:
+                self.sightings.see(d.prefix, now)
         del self.groups[g.key]
         return out, None
 

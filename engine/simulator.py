@@ -21,13 +21,14 @@ import numpy as np
 
 from engine.budgets import BudgetBook, Claim
 from engine.catalog import Catalog, default_catalog
-from engine.cost import reserve_bound
+from engine.cost import MODES, reserve_bound
 from engine.draws import Draws
 from engine.errors import PolicyError
 from engine.features import NEAR_DIM, compat_key, featurize, fingerprint
 from engine.grouping import Decision
+from engine.outcomes import call_mode, verdict
 from engine.providers import Attempt, Event, SimProvider, Work, check_fallbacks
-from engine.request import PRIORITIES, PRIORITY_RANK, Request
+from engine.request import DEADLINE_SLACK_S, PRIORITIES, PRIORITY_RANK, Request
 from engine.reuse import ReuseIndex
 from engine.scheduler import Dispatch, GroupTable, Wake
 from engine.scheduling import Scheduling
@@ -35,8 +36,8 @@ from engine.settings import Settings
 
 __all__ = ["BatchRecord", "SimResult", "simulate"]
 
-# Codes of SimResult.mode, .status (pending/ok/reused/failed) and .hit (none/exact/in_flight/near).
-MODES = ("sync", "batch_api", "gpu_batch", "reuse")
+# Codes of SimResult.mode (indexes of engine.cost.MODES), .status (pending/ok/reused/failed) and .hit
+# (none/exact/in_flight/near).
 _SYNC, _BATCH, _GPU, _REUSE = range(4)
 _PENDING, _OK, _REUSED, _FAILED, _REJECTED = range(5)
 
@@ -82,7 +83,7 @@ class SimResult:
     @property
     def met(self) -> np.ndarray:
         done = (self.status == _OK) | (self.status == _REUSED)
-        return done & (self.done_at <= self.deadline_at + 1e-9)
+        return done & (self.done_at <= self.deadline_at + DEADLINE_SLACK_S)
 
     def summary(self) -> dict:
         n = len(self.requests)
@@ -227,7 +228,7 @@ class _Sim:
         i, k, a, w = payload
         prov = self.providers[self.reqs[i].provider]
         prov.failure(self.reqs[i].model, self.now)
-        if self.attempts[i] >= self.max_att:
+        if verdict(False, int(self.attempts[i]), self.max_att) == "fail":
             self.settle_claim(i, 0.0, self.now)
             self.fail_final(i, self.now)
         else:
@@ -408,7 +409,7 @@ class _Sim:
             for i in idxs:
                 prov.enqueue(Work("sync", bid, [self.reqs[i]], [i], [int(self.attempts[i])], d.cache_write))
         else:
-            prov.enqueue(Work("gpu" if mode == "gpu_batch" else "batch", bid, [self.reqs[i] for i in idxs], idxs,
+            prov.enqueue(Work(mode, bid, [self.reqs[i] for i in idxs], idxs,
                               [int(self.attempts[i]) for i in idxs], False, d.hedge_at))
         self.pump(first.provider)
 
@@ -433,12 +434,12 @@ class _Sim:
         else:
             self.push(a.at, "sync_fail", (i, k, a, w))
 
-    def start_gpu(self, e: Event) -> None:
+    def start_gpu_batch(self, e: Event) -> None:
         for i, a in zip(e.work.idxs, e.outcome):
             self.settle_claim(i, a.cost if a.ok else 0.0, a.at)
             self.settle(i, a, _GPU, e.work.item)
 
-    def start_batch(self, e: Event) -> None:
+    def start_batch_api(self, e: Event) -> None:
         w, out = e.work, e.outcome
         if out.hedged:
             self.batches[w.item] = dataclasses.replace(self.batches[w.item], outcome="hedged")
@@ -460,8 +461,9 @@ class _Sim:
             self.admit(i, fresh=False)
 
     def complete(self, i: int, at: float, cost: float, mode: int, bid: int) -> None:
-        if mode == _SYNC and self.gpu_priced(self.reqs[i]):
-            mode = _GPU
+        if mode == _SYNC:
+            r = self.reqs[i]
+            mode = MODES.index(call_mode(self.catalog.providers[r.provider].models[r.model]))
         self.status[i], self.mode[i], self.cost[i], self.done_at[i], self.batch_of[i] = _OK, mode, cost, at, bid
         fps = self.fps
         if fps is not None:
@@ -486,15 +488,13 @@ class _Sim:
         """One attempt of a batch or GPU member ended: complete it, or hand it back to the policy as a retry
         (or fail it for good after the last attempt)."""
         self.attempts[i] += 1
-        if a.ok:
+        v = verdict(a.ok, int(self.attempts[i]), self.max_att)
+        if v == "complete":
             self.complete(i, a.at, a.cost, mode, bid)
-        elif self.attempts[i] >= self.max_att:
+        elif v == "fail":
             self.fail_final(i, a.at)
         else:
             self.push(a.at, "retry", i)
-
-    def gpu_priced(self, r: Request) -> bool:
-        return self.catalog.providers[r.provider].models[r.model].gpu_priced
 
 
 def simulate(requests: Sequence[Request], policy, *, catalog: Catalog | None = None,

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from engine.catalog import Catalog
 from engine.errors import ConfigError, RegistryError
 from engine.grouping import Decision, Group, ReuseSettings
+from engine.policy_api import check_policy
 from engine.request import Request
 from engine.scheduling import Scheduling
 
@@ -95,12 +96,15 @@ def load_policy(spec: str, catalog: Catalog, params: Mapping[str, Any] | None = 
             cls = getattr(importlib.import_module(mod_name), attr)
         except (ImportError, AttributeError) as exc:
             raise RegistryError(f"cannot load policy {spec!r}: {exc}; use module.path:ClassName") from exc
-        if not (isinstance(cls, type) and issubclass(cls, Policy)):
-            raise RegistryError(f"{spec!r} is not a Policy subclass")
+        if not isinstance(cls, type):
+            raise RegistryError(f"{spec!r} is not a class; give module:Class of a policy "
+                                "(see engine.policy_api.Policy)")
     else:
         try:
             cls = _REGISTRY[spec]
         except KeyError:
             raise RegistryError(f"unknown policy {spec!r}; choose one of {sorted(_REGISTRY)} "
                                 "or give module:Class") from None
-    return cls(catalog, params)
+    policy = cls(catalog, params)
+    check_policy(policy, spec)
+    return policy

@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 from pydantic import Field, field_validator
 
+from engine.cost import min_cacheable_tokens, mode_factor, token_prices
 from engine.grouping import Decision, Group, ReuseSettings
 from engine.latency import Z99, gpu_batch_seconds
 from engine.request import Request
@@ -79,12 +80,10 @@ class Smart(Policy):
 
     def __init__(self, catalog, params=None):
         super().__init__(catalog, params)
-        # Last time each cacheable prompt prefix was seen, per (provider, model): predicts reuse of a write.
-        self._prefix_seen: dict[tuple, float] = {}
-        # Per (provider, model) constants, and flush times per group state: both derived, so caching them
-        # changes no decision, only the simulator's speed.
-        self._consts: dict[tuple[str, str], _TextConsts] = {}
-        self._flush_memo: dict[Hashable, tuple[float, float, int, float]] = {}
+        # Per (provider, model) constants, computed once here so that ``decide`` never writes to the policy.
+        self._consts: dict[tuple[str, str], _TextConsts] = {
+            (p.name, m): self._consts_of(p, spec) for p in catalog.providers.values()
+            for m, spec in p.models.items() if spec.kind == "text"}
 
     @property
     def reuse(self) -> ReuseSettings:
@@ -97,16 +96,17 @@ class Smart(Policy):
         return self.params.scheduling
 
     # -- grouping ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def _consts_of(provider, spec) -> _TextConsts:
+        lat = provider.sync_latency
+        p_in, p_out = token_prices(spec)
+        return _TextConsts(lat.base_s, lat.per_output_token_s, math.exp(Z99 * lat.sigma),
+                           provider.rate_limits.max_concurrency, p_in, p_out,
+                           provider.batch_api.cancel_s if provider.batch_api is not None else 0.0)
+
     def _text_consts(self, provider, spec, model: str) -> _TextConsts:
-        key = (provider.name, model)
-        c = self._consts.get(key)
-        if c is None:
-            lat = provider.sync_latency
-            c = self._consts[key] = _TextConsts(
-                lat.base_s, lat.per_output_token_s, math.exp(Z99 * lat.sigma), provider.rate_limits.max_concurrency,
-                spec.input_per_mtok * 1e-6, spec.output_per_mtok * 1e-6,
-                provider.batch_api.cancel_s if provider.batch_api is not None else 0.0)
-        return c
+        c = self._consts.get((provider.name, model))
+        return c if c is not None else self._consts_of(provider, spec)
 
     def _hedge_lead(self, c: _TextConsts, output_tokens: int, n: int) -> float:
         """Seconds before the earliest deadline at which a late batch must fall back to sync: the sync p99 of
@@ -130,20 +130,20 @@ class Smart(Policy):
                 return ("batch", compat, bucket)
         return ("sync", req.id)
 
-    def _mark_prefix(self, req: Request, now: float) -> bool:
+    def _prefix(self, req: Request, group: Group, now: float) -> tuple[bool, tuple | None]:
+        """Whether to mark ``req``'s cacheable prefix for a cache write (the same prefix was sent within the
+        cache's TTL, so a write is likely read again), and the prefix's key for the runtime to record."""
         provider = self.catalog.provider(req.provider)
         pc = provider.prompt_cache
         if pc is None or not req.prefix_blocks:
-            return False
-        spec = provider.models[req.model]
-        min_tokens = spec.cache_min_tokens if spec.cache_min_tokens is not None else pc.min_tokens
+            return False, None
+        min_tokens = min_cacheable_tokens(provider, provider.models[req.model])
         k = max(1, math.ceil(min_tokens / self.params.block_tokens))
         if len(req.prefix_blocks) < k or req.input_tokens < min_tokens:
-            return False
+            return False, None
         key = (req.provider, req.model, req.prefix_blocks[:k])
-        last = self._prefix_seen.get(key)
-        self._prefix_seen[key] = now
-        return last is not None and now - last <= pc.ttl_s
+        last = group.sightings.last(key) if group.sightings is not None else None
+        return last is not None and now - last <= pc.ttl_s, key
 
     # -- decisions ---------------------------------------------------------------------------------------------
     def decide(self, group: Group, now: float) -> Decision:
@@ -153,11 +153,11 @@ class Smart(Policy):
         if lane == "batch":
             return self._decide_batch(group, now)
         req = group.members[0]
-        write = self._mark_prefix(req, now)
+        write, prefix = self._prefix(req, group, now)
         why = "deadline too close for a batch" if group.provider.supports_batch_api(req.kind) else (
             "no batch lever for this model")
         return Decision("dispatch", mode="sync", cache_write=write, recommendation="process_individually",
-                        reason=f"sync now: {why}" + ("; prefix marked for caching" if write else ""))
+                        reason=f"sync now: {why}" + ("; prefix marked for caching" if write else ""), prefix=prefix)
 
     def _gather_budget(self, group: Group, c: _TextConsts) -> float:
         """Seconds a batch may gather after its oldest arrival: the longest wait that lowers the chance of
@@ -187,12 +187,12 @@ class Smart(Policy):
         n = len(group)
         c = self._text_consts(group.provider, group.spec, group.members[0].model)
         drain = -(-n // c.max_conc)
-        memo = self._flush_memo.get(group.key)
+        memo = group.memo  # derived from the group alone: caching it on the group changes no decision
         if memo is not None and memo[:3] == (group.earliest_deadline_at, group.oldest_arrival_s, drain):
             flush_at = memo[3]
         else:
             flush_at = group.oldest_arrival_s + self._gather_budget(group, c)
-            self._flush_memo[group.key] = (group.earliest_deadline_at, group.oldest_arrival_s, drain, flush_at)
+            group.memo = (group.earliest_deadline_at, group.oldest_arrival_s, drain, flush_at)
         if n < ba.max_requests and now < flush_at:
             return Decision.wait(flush_at, "gathering a batch")
         members = group.members[: ba.max_requests]
@@ -205,7 +205,7 @@ class Smart(Policy):
         # List prices without cache effects: the batch reads the provider cache as sync calls would, so the
         # comparison (and the saving quoted in the reason) holds with caching too.
         c_sync = c.p_in * sum(r.input_tokens for r in members) + c.p_out * sum(r.output_tokens for r in members)
-        c_batch = (1.0 - ba.discount) * c_sync
+        c_batch = mode_factor(group.provider, "batch_api") * c_sync
         expected = p_on_time * c_batch + (1 - p_on_time) * c_sync
         if p_on_time < p.min_on_time_p or expected >= c_sync:
             return Decision("dispatch", mode="sync", take=len(members), recommendation="process_individually",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 
 from engine.catalog import ModelSpec, ProviderSpec
-from engine.cost import CacheSplit
+from engine.cost import CacheSplit, min_cacheable_tokens
 from engine.emulator._text import CHARS_PER_TOKEN, Prompt, tokens
 
 __all__ = ["PrefixTree", "PromptCaches"]
@@ -116,7 +116,7 @@ class PromptCaches:
         pc = provider.prompt_cache
         if pc is None:
             return CacheSplit(0, 0, total)
-        min_tokens = max(spec.cache_min_tokens if spec.cache_min_tokens is not None else pc.min_tokens, 1)
+        min_tokens = max(min_cacheable_tokens(provider, spec), 1)
         key = (provider.name, model)
         if pc.automatic:
             tree = self._trees.setdefault(key, PrefixTree())

@@ -6,8 +6,9 @@ import pytest
 
 from engine import Engine
 from engine.catalog import default_catalog
+from engine.cost import MODES
 from engine.errors import RequestError
-from engine.simulator import MODES, simulate
+from engine.simulator import simulate
 from engine.tracegen import synth
 from policies import load_policy
 

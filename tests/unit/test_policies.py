@@ -1,12 +1,17 @@
 """Every policy against every provider kind (one matrix), plus the registry and parameters."""
 
+import pickle
+
 import pytest
 
 from engine.catalog import default_catalog
-from engine.cost import mode_allowed
+from engine.cost import MODES, mode_allowed
 from engine.errors import ConfigError, RegistryError
-from engine.grouping import RECOMMENDATIONS
-from engine.simulator import MODES, simulate
+from engine.grouping import RECOMMENDATIONS, Decision, Group, PrefixSightings, ReuseSettings
+from engine.policy_api import Policy as PolicyProtocol
+from engine.scheduler import GroupTable
+from engine.scheduling import Scheduling
+from engine.simulator import simulate
 from policies import Policy, available_policies, load_policy, register
 
 from .helpers import KINDS, kind_trace
@@ -100,8 +105,97 @@ def test_policy_loads_from_import_path():
     assert p.name == "smart" and p.reuse.near_threshold == 0.97
     with pytest.raises(RegistryError, match="module.path:ClassName"):
         load_policy("policies.smart:Nope", CAT)
-    with pytest.raises(RegistryError, match="not a Policy"):
+    with pytest.raises(RegistryError, match="not a class"):
         load_policy("engine.cost:price_alone", CAT)
+
+
+class DuckPolicy:
+    """A policy that does not subclass ``policies.Policy``: the protocol is what counts."""
+
+    name = "duck"
+
+    def __init__(self, catalog, params=None):
+        self.catalog = catalog
+
+    reuse = ReuseSettings()
+    scheduling = Scheduling()
+
+    def group_key(self, req, compat, now):
+        return ("sync", req.id)
+
+    def decide(self, group, now):
+        return Decision("dispatch", mode="sync", reason="duck")
+
+
+class NoDecide:
+    name = "nodecide"
+    reuse = ReuseSettings()
+    scheduling = Scheduling()
+
+    def __init__(self, catalog, params=None):
+        pass
+
+    def group_key(self, req, compat, now):
+        return req.id
+
+
+class BadDecide(DuckPolicy):
+    def decide(self, group):  # the time is missing
+        return Decision("dispatch", mode="sync")
+
+
+def test_a_policy_loaded_by_path_is_checked_against_the_protocol_when_built():
+    p = load_policy(f"{__name__}:DuckPolicy", CAT)
+    assert isinstance(p, PolicyProtocol)
+    res = simulate(kind_trace("text-batch-api-auto-cache", n=20), p)
+    assert (res.status != 0).all() and (res.mode[res.mode >= 0] == MODES.index("sync")).all()
+    with pytest.raises(RegistryError, match="missing decide"):
+        load_policy(f"{__name__}:NoDecide", CAT)
+    with pytest.raises(RegistryError, match=r"decide must take 2 arguments \(group, now\)"):
+        load_policy(f"{__name__}:BadDecide", CAT)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_decide_is_pure_on_every_lane(policy):
+    """Deciding leaves the policy as it was, and the same group at the same time gets the same decision,
+    on every lane (sync, batch API, GPU, hosted media); what changes with the traffic (prompt-prefix
+    sightings) is the runtime's, recorded from ``Decision.prefix``."""
+    p = load_policy(policy, CAT)
+    table = GroupTable(p, CAT)
+    lanes = set()
+    for kind in sorted(KINDS):
+        for r in kind_trace(kind, n=12):
+            key = p.group_key(r, (r.model,), r.arrival_s)
+            g = table.groups.get(key)
+            if g is None:
+                prov = CAT.provider(r.provider)
+                g = table.groups[key] = Group(key, prov, prov.models[r.model], sightings=table.sightings)
+            g.add(r)
+            lanes.add(key[0] if isinstance(key, tuple) else "sync")
+            for now in (r.arrival_s, r.arrival_s + 60.0, r.deadline_at - 1.0):
+                before = pickle.dumps(vars(p))
+                first = p.decide(g, now)
+                assert p.decide(g, now) == first, (kind, now)
+                assert pickle.dumps(vars(p)) == before, f"{policy}.decide changed the policy ({kind})"
+    assert len(lanes) >= (3 if policy == "smart" else 1), lanes
+
+
+def test_prefix_sightings_are_the_runtimes_and_bounded():
+    p = load_policy("smart", CAT)
+    table = GroupTable(p, CAT)
+    r = kind_trace("text-batch-api-explicit-cache", n=40)
+    urgent = [x.model_copy(update={"priority": "urgent", "deadline_s": 30.0, "input_tokens": 4000,
+                                   "prefix_blocks": (7, 8, 9, 10)}) for x in r[:2]]
+    first, _ = table.add(urgent[0], (), 0.0)
+    second, _ = table.add(urgent[1], (), 10.0)
+    assert first[0].decision.mode == "sync" and not first[0].decision.cache_write
+    # The same prefix sent 10 s ago (within the cache's TTL): this time it is marked for a write.
+    assert second[0].decision.cache_write and first[0].decision.prefix == second[0].decision.prefix
+    assert len(table.sightings) == 1
+    small = PrefixSightings(capacity=3)
+    for k in range(5):
+        small.see(k, float(k))
+    assert len(small) == 3 and small.last(0) is None and small.last(4) == 4.0
 
 
 def test_decisions_are_pure_functions_of_group_and_time():
