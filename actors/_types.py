@@ -5,8 +5,8 @@ from __future__ import annotations
 import zlib
 from typing import NamedTuple
 
-from engine.features import compat_key
-from engine.request import Request
+from engine.core.features import compat_key
+from engine.core.request import Request
 
 __all__ = ["BatchJob", "Job", "send_sharded", "shard_of"]
 

@@ -1,6 +1,6 @@
 """The budget controller: reserve an upper-bound estimate before a dispatch, settle the actual cost after.
 
-The rules are ``engine.budgets``'s. With ``budgets.redis_url`` the ledger lives in Redis (``RedisBudgetBook``,
+The rules are ``engine.core.budgets``'s. With ``budgets.redis_url`` the ledger lives in Redis (``RedisBudgetBook``,
 one Lua script per batch of reservations or settlements), so every engine on that Redis shares one budget;
 without it, one ``BudgetBook`` in this actor, whose calls run on one event loop, so no check-then-increment
 race exists inside the engine either.
@@ -26,8 +26,8 @@ import time
 
 from actors._peer import Warm, as_peer
 from actors.journal import HubJournal
-from engine.budgets import LEDGER, BudgetBook, BudgetSettings, Claim, Verdict
-from engine.errors import ConfigError
+from engine.core.budgets import LEDGER, BudgetBook, BudgetSettings, Claim, Verdict
+from engine.core.errors import ConfigError
 
 __all__ = ["BudgetController"]
 
@@ -61,7 +61,7 @@ class BudgetController(Warm):
             from redis.exceptions import RedisError
 
             from actors.budget_redis import RedisBudgetBook
-            from engine.settings import masked_url
+            from engine.core.settings import masked_url
 
             self._errors = (RedisError, OSError, asyncio.TimeoutError)
             self._url = masked_url(settings.redis_url)

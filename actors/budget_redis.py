@@ -1,4 +1,4 @@
-"""Budgets shared by several engines: the rules of ``engine.budgets`` applied atomically inside Redis.
+"""Budgets shared by several engines: the rules of ``engine.core.budgets`` applied atomically inside Redis.
 
 Each reservation batch and each settlement batch is one Lua script, so Redis runs it whole, with no other
 client's command in between: there is no check-then-increment window. (LiteLLM's budgets were overrun that
@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import re
 
-from engine.budgets import BudgetSpec, Claim, Refusal, Throttle, Verdict, verdict_of, window_bounds
+from engine.core.budgets import BudgetSpec, Claim, Refusal, Throttle, Verdict, verdict_of, window_bounds
 
 __all__ = ["RedisBudgetBook"]
 
@@ -214,7 +214,7 @@ class RedisBudgetBook:
 
     async def report(self, now: float) -> list[dict]:
         """Each budget's current window, as ``BudgetBook.report``."""
-        from engine.budgets import window_row
+        from engine.core.budgets import window_row
 
         rows = []
         for s in self.specs:

@@ -1,8 +1,7 @@
 """The cache actor: exact, near-duplicate and in-flight reuse over memory -> Redis -> blob store.
 
-It routes every request that allows reuse (``reuse`` "exact" or "near"; a request with "none" is never
-served from the cache, but its result feeds it for later requests of the same tenant scope, as in the
-simulator):
+It routes every request that allows reuse (``reuse`` "exact" or "near"; one with "none" is never served from
+the cache, but its result feeds it for later requests of the same tenant scope, as in the simulator):
 
 1. exact: the fingerprint (tenant scope, model, kind, normalised prompt, output-affecting parameters) in the
    in-process LRU, then in Redis (one MGET per batch);
@@ -18,32 +17,26 @@ the fingerprint, of the Redis key and of the near-duplicate class.
 
 from __future__ import annotations
 
-import math
 import time
 from collections import OrderedDict
 from collections.abc import Hashable
 
-import numpy as np
-
+from actors._near_index import FOLLOWING, Item, NearIndex
 from actors._peer import Warm, as_peer
-from actors._types import Job
 from actors.cache_layers import CorruptValue, Entry, LocalBlobStore, MemoryLRU, RedisLayer, decode, encode
-from engine.catalog import default_catalog
-from engine.cost import price_alone
-from engine.features import NEAR_DIM, compat_key, featurize, featurize_texts
-from engine.grouping import ReuseSettings
-from engine.outcomes import reused_result
-from engine.result import Result
-from engine.reuse import ReuseIndex
-from engine.settings import CacheSettings, Settings
-from engine.similarity import guard_reason
+from engine.core.catalog import default_catalog
+from engine.core.cost import price_alone
+from engine.core.features import NEAR_DIM, compat_key, featurize, featurize_texts
+from engine.core.grouping import ReuseSettings
+from engine.core.result import Result
+from engine.core.settings import CacheSettings, Settings
+from engine.runtime.outcomes import reused_result
+from engine.runtime.reuse import ReuseIndex
 
 __all__ = ["ResultCache", "tenant_scope"]
 
-Item = Job
 SHARED = "_shared"
 REPORT_EVERY_S = 0.5
-FOLLOWING = Result(id="", status="reused")  # marker: attached to a near duplicate in flight
 
 
 def tenant_scope(tenant: str, share_across_tenants: bool) -> str:
@@ -53,7 +46,7 @@ def tenant_scope(tenant: str, share_across_tenants: bool) -> str:
 RECALL_KEEP = 65_536  # results of reused requests kept for ``recall``
 
 
-class ResultCache(Warm):
+class ResultCache(NearIndex, Warm):
     def __init__(self, reuse: ReuseSettings, hub, clock, catalog=None, settings: Settings | None = None, *,
                  redis: RedisLayer | None = None, blobs=None):
         self.reuse = reuse
@@ -293,68 +286,6 @@ class ResultCache(Warm):
         self._follow_within(items, vecs, out)
         return out, {it.req.uid: vecs[k] for k, it in enumerate(items) if out[k] is None}
 
-    def _follow_within(self, items: list[Item], vecs: np.ndarray, out: list) -> None:
-        """Near duplicates among this batch's misses: a later one follows the earliest that it matches (the
-        earlier one will lead), as it would had they arrived in two batches."""
-        if not self.reuse.in_flight:
-            return
-        by_class: dict[Hashable, list[int]] = {}
-        for k, it in enumerate(items):
-            if out[k] is None:
-                by_class.setdefault(self._near_key(it), []).append(k)
-        for ks in by_class.values():
-            if len(ks) < 2:
-                continue
-            sims = vecs[ks] @ vecs[ks].T
-            leads: list[int] = []  # positions in ks
-            for a in range(len(ks)):
-                it = items[ks[a]]
-                src = next((b for b in leads if sims[a, b] >= self.near_threshold and items[ks[b]].fp != it.fp
-                            and items[ks[b]].req.deadline_at <= it.req.deadline_at
-                            and guard_reason(it.req.prompt, items[ks[b]].req.prompt, self.reuse.guards) is None),
-                           None)
-                if src is None:
-                    leads.append(a)
-                    continue
-                self.followers.setdefault(items[ks[src]].fp, []).append(it)
-                self.near_followers.add(it.req.uid)
-                self.stats["near"] += 1
-                out[ks[a]] = FOLLOWING
-
-    def _index_leaders(self, vecs: dict, lazy: bool = False) -> None:
-        """Index the requests that started generating, so near duplicates arriving meanwhile can follow them
-        (the simulator's index holds a dispatched request too). ``vecs``: vectors already made, by id.
-        ``lazy``: only those with a vector already; the rest wait for the next near ask or completion, so a
-        lookup without near asks (an urgent exact request) does not pay for featurising."""
-        if not self.reuse.near:
-            self._new_leads = []
-            return
-        if lazy:
-            ready = [it for it in self._new_leads if it.req.uid in vecs]
-            self._new_leads = [it for it in self._new_leads if it.req.uid not in vecs]
-            leading = ready
-        else:
-            leading, self._new_leads = self._new_leads, []
-        leading = [it for it in leading if it.fp not in self.indexed]
-        if not leading:
-            return
-        todo = [it for it in leading if it.req.uid not in vecs]
-        if todo:
-            made = featurize([it.req for it in todo], dim=NEAR_DIM)
-            vecs = {**vecs, **{it.req.uid: made[k] for k, it in enumerate(todo)}}
-        self._index_rows([(self._near_key(it), vecs[it.req.uid], it.fp, it.req.prompt, math.inf)
-                          for it in {it.fp: it for it in leading}.values()])
-
-    def _index_rows(self, rows: list[tuple[Hashable, np.ndarray, str, str, float]]) -> None:
-        """(near key, vector, fingerprint, text, done) rows into the near index, one call per class."""
-        by_class: dict[Hashable, list[tuple]] = {}
-        for row in rows:
-            by_class.setdefault(row[0], []).append(row)
-        for key, rs in by_class.items():
-            self.index.add_near(key, np.stack([r[1] for r in rs]), [r[2] for r in rs], [r[3] for r in rs],
-                                [r[4] for r in rs])
-        self.indexed.update(r[2] for r in rows)
-
     # -- writing ----------------------------------------------------------------------------------------------
     def _entry(self, item: Item, res: Result) -> Entry:
         blob = None
@@ -398,13 +329,6 @@ class ResultCache(Warm):
         if out:
             await self._deliver(out, out_items)
         await self._report()
-
-    def _index_near(self, stored: list[tuple[Item, Entry]]) -> None:
-        todo = [(it, e) for it, e in stored if e.near_key is not None and e.fp not in self.indexed]
-        if not todo:
-            return
-        vecs = featurize([it.req for it, _ in todo], dim=NEAR_DIM)
-        self._index_rows([(e.near_key, v, e.fp, e.text, e.result.done_s or 0.0) for (_, e), v in zip(todo, vecs)])
 
     async def orphans(self, fps: list[str]) -> list[Item]:
         """Followers whose leader failed for good: they must be generated after all."""

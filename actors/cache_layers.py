@@ -22,7 +22,7 @@ from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
-from engine.result import Result
+from engine.core.result import Result
 
 __all__ = ["SCHEMA", "BlobStore", "CorruptValue", "Entry", "LocalBlobStore", "MemoryLRU", "RedisLayer",
            "decode", "encode"]

@@ -2,7 +2,7 @@
 
 Work waits in the provider's fair queue until its rate gate lets it start (``SimProvider.pump`` with
 ``draw=False``, re-run by a timer when the gate next opens and whenever a call ends). A started call or batch
-goes to the ``Provider`` (``engine.provider_api``): simulated (the catalog's draws on the engine clock) or
+goes to the ``Provider`` (``engine.core.provider_api``): simulated (the catalog's draws on the engine clock) or
 over HTTP; the dispatcher knows only the protocol. A call holds its concurrency slot until its outcome arrives.
 A failed sync call is retried after ``Retry-After`` or a jittered backoff, and counts toward the model's
 circuit breaker when it fails. A batch is polled until it ends; at its hedge time it is cancelled, its finished
@@ -15,31 +15,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
 import time
 from collections import OrderedDict, deque
 
+from actors._batch_api import BatchApiRuns
+from actors._dispatch_outbox import Outbox
+from actors._dispatch_recovery import Recovery
 from actors._peer import Warm, as_peer
-from actors._types import BatchJob, Job, send_sharded
+from actors._types import BatchJob, Job
 from actors.journal import JournalWriter, make_journal
 from actors.metrics import DispatchCounts, retry_reason
 from actors.providers import make_provider
-from actors.providers._wire import redact
-from engine.catalog import Catalog
-from engine.cost import price_alone
-from engine.draws import Draws
-from engine.outcomes import call_mode, failed_result, ok_result, verdict
-from engine.provider_api import CallJob, CallOutcome, Secret, call_key
-from engine.providers import Event, SimProvider, Work
-from engine.result import Result
-from engine.scheduling import Scheduling
-from engine.settings import Settings
+from engine.core.catalog import Catalog
+from engine.core.cost import price_alone
+from engine.core.draws import Draws
+from engine.core.provider_api import CallJob, CallOutcome, Secret, call_key
+from engine.core.result import Result
+from engine.core.scheduling import Scheduling
+from engine.core.settings import Settings
+from engine.runtime.outcomes import call_mode, failed_result, ok_result, verdict
+from engine.runtime.providers import Event, SimProvider, Work
 
 log = logging.getLogger("smartbatch.dispatcher")
 
 __all__ = ["Dispatcher"]
 
-FLUSH_S = 0.005
 # Finished requests remembered with their results: a request re-admitted after a restart elsewhere (the hub
 # lost the result, or a grouper lost track of it) gets this result again instead of a second call.
 # Bounded by count and by age: a re-admission follows its restart within seconds, and a request submitted again
@@ -48,15 +48,9 @@ DONE_KEEP = 65_536
 DONE_KEEP_S = 300.0
 
 
-def _short(exc: BaseException) -> str:
-    return redact(f"{type(exc).__name__}: {str(exc)[:200]}")
 
 
-POLL_RETRY_S = 30.0  # engine seconds before polling again after a failed poll
-FIND_TRIES = 5  # lookups of a batch whose create a restart cut, before it is created again
-
-
-class Dispatcher(Warm):
+class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
     def __init__(self, provider: str, catalog: Catalog, settings: Settings, seed: int, clock, groupers: list,
                  hub, cache, budget, scheduling: Scheduling | None = None, key: Secret | None = None,
                  engine: str = "engine"):
@@ -260,136 +254,6 @@ class Dispatcher(Warm):
         for j, a in zip(jobs, e.outcome):
             self._at(a.at, lambda j=j, a=a: self._attempt(b, j, a.ok, a.cost, "gpu_batch"))
 
-    def _start_batch_api(self, e: Event, b: BatchJob, jobs: list[Job]) -> None:
-        self._spawn(self._run_batch(b, jobs, e.start, e.outcome), jobs, b)
-
-    async def _sleep(self, engine_s: float) -> None:
-        await asyncio.sleep(min(self.clock.real_delay(engine_s), 3600.0))
-
-    async def _run_batch(self, b: BatchJob, jobs: list[Job], start: float, tokens: int, key: str | None = None,
-                         body=None) -> None:
-        """Journal the batch about to be created, create it, journal its handle (so a restarted dispatcher
-        re-attaches to it, never submits it again), then follow it. With ``key``: a create that a restart cut;
-        the provider is asked for the batch first, and a create made again sends the same name and body."""
-        cjobs = [self._call_job(j, start, batch=True) for j in jobs]
-        p, handle = self.provider, None
-        cut = key is not None
-        if key is None:
-            key = f"{b.bid}-{secrets.token_hex(4)}"
-            if p.real:  # the create may reach the provider and this dispatcher die before it hears back
-                body = p.batch_body(cjobs)
-                self._open[key] = (b, jobs, start, tokens, None, body)
-                await self._journal_put(key)
-        try:
-            if cut:
-                handle = await self._find_batch(cjobs, key)
-            if handle is None:
-                handle = await p.submit_batch(cjobs, b.hedge_at, key, body)
-        except Exception as exc:  # the provider refused the batch: nothing ran, so the members go sync
-            log.warning("dispatcher %s: batch submission failed: %s", self.name, _short(exc))
-        if handle is not None:
-            self._open[key] = (b, jobs, start, tokens, handle, None)
-            await self._journal_put(key)
-        await self._follow_batch(key, b, jobs, start, tokens, handle, cjobs)
-
-    async def _find_batch(self, cjobs: list[CallJob], key: str):
-        """The provider's batch for a cut create; a lookup that fails is tried again (creating a second
-        batch would bill its members twice), then given up on with a warning."""
-        for attempt in range(FIND_TRIES):
-            try:
-                return await self.provider.find_batch(cjobs, key)
-            except Exception as exc:
-                log.warning("dispatcher %s: looking up batch %s failed (%s)", self.name, key, _short(exc))
-                await asyncio.sleep(0.2 * 2 ** attempt)
-        log.error("dispatcher %s: batch %s could not be looked up; creating it again", self.name, key)
-        return None
-
-    async def _journal_put(self, key: str) -> None:
-        try:
-            await self.journal.put(self._space, key, self._open[key])
-        except Exception as exc:  # the batch still runs; only a restart of this dispatcher would lose track of it
-            log.warning("dispatcher %s: could not journal batch %s: %s", self.name, key, _short(exc))
-
-    async def _follow_batch(self, key: str, b: BatchJob, jobs: list[Job], start: float, tokens: int, handle,
-                            cjobs: list[CallJob]) -> None:
-        """Poll until the batch ends, cancel it at its hedge time, then resolve every member: finished ones
-        from the output (billed once, never sent again), the rest back to the policy."""
-        p = self.provider
-        hedge_at = b.hedge_at
-        outs: dict = {}
-        was_cancelled = False
-        if handle is not None:
-            cancel_deadline = None
-            while True:
-                now = self.clock.now()
-                if hedge_at is not None and now >= hedge_at and cancel_deadline is None:
-                    # Cancel first, poll after: every moment before the cancel reaches the provider is a moment
-                    # in which a late batch still finishes members that sync calls will also pay for.
-                    try:
-                        await p.cancel(handle)
-                    except Exception as exc:  # e.g. it ended meanwhile; the poll below tells
-                        log.warning("dispatcher %s: batch cancel failed: %s", self.name, _short(exc))
-                    self.batches_cancelled += 1
-                    self._counts.hedged_batches += 1
-                    was_cancelled = True
-                    # Counted from when the cancel was accepted: the time it spent on the wire is not the
-                    # provider's cancelling time.
-                    cancel_deadline = self.clock.now() + self.catalog.provider(self.name).batch_api.cancel_s
-                try:
-                    st = await p.poll(handle)
-                except Exception as exc:  # a failed poll is retried; the hedge still bounds the wait
-                    log.warning("dispatcher %s: batch poll failed: %s", self.name, _short(exc))
-                    st = None
-                if st is not None and st.status == "ended":
-                    break
-                now = self.clock.now()
-                if cancel_deadline is not None and now >= cancel_deadline:
-                    # The cancel outlasted its allowance: the deadline comes first. Unfinished members go sync;
-                    # any that the provider still finishes is counted as paid twice in the report.
-                    log.warning("dispatcher %s: batch cancel still pending; sending its unfinished members", self.name)
-                    self._spawn(self._watch_late_cancel(handle, cjobs), [], b)
-                    handle = None
-                    break
-                wait = st.next_poll_s if st is not None else POLL_RETRY_S
-                limit = (hedge_at if cancel_deadline is None and hedge_at is not None else
-                         cancel_deadline if cancel_deadline is not None else float("inf"))
-                await self._sleep(max(min(wait, limit - now), 0.0))
-            if handle is not None:
-                try:
-                    outs = dict(await p.fetch(handle))
-                except Exception as exc:
-                    log.warning("dispatcher %s: batch results could not be read: %s", self.name, _short(exc))
-        if self._open.pop(key, None) is not None:
-            self._unjournal.append((self._space, key))
-        self.sim.finish_batch(tokens, self.clock.now())
-        self._counts.turnaround_s.append(self.clock.now() - start)
-        for j, cj in zip(jobs, cjobs, strict=True):
-            o = outs.get(cj.key)
-            if o is None:
-                self._hedged(j)
-            else:
-                if was_cancelled:
-                    self.members_saved_by_cancel += o.ok
-                    self._counts.hedge_kept_members += o.ok
-                self._attempt(b, j, o.ok, o.cost, "batch_api", o)
-        self._pump()
-
-    async def _watch_late_cancel(self, handle, cjobs: list[CallJob]) -> None:
-        """A cancel that outlasted ``cancel_s``: its unfinished members were sent again for their deadlines.
-        Follow the batch to its end, so any member it still finished (billed twice) is counted, not hidden."""
-        p = self.provider
-        for _ in range(100):
-            st = await p.poll(handle)
-            if st.status == "ended":
-                late = [o for o in (await p.fetch(handle)).values() if o.ok]
-                self.paid_twice += len(late)
-                self.paid_twice_usd += sum(o.cost for o in late)
-                self._counts.paid_twice_members += len(late)
-                self._counts.paid_twice_usd += sum(o.cost for o in late)
-                self._kick()
-                return
-            await self._sleep(st.next_poll_s)
-
     def _start_reroute(self, e: Event, b: BatchJob, jobs: list[Job]) -> None:
         """The model's circuit is open: its work goes back to the policy as requests for the fallback."""
         provider, model = e.outcome.split("/", 1)
@@ -486,149 +350,6 @@ class Dispatcher(Warm):
         while done and (len(done) > DONE_KEEP or next(iter(done.values()))[2] < t - DONE_KEEP_S):
             done.popitem(last=False)
 
-    # -- the outbox -----------------------------------------------------------------------------------------------
-    def _kick(self) -> None:
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.get_running_loop().create_task(self._flush_soon())
-
-    def _outbox_empty(self) -> bool:
-        return not (self._results or self._fills or self._orphans or self._readmit or self._settle
-                    or self._observed or self._counts or self._breaker_dirty or self._unjournal)
-
-    async def _flush_soon(self) -> None:
-        # Loop until empty: what timers add while a flush awaits the cache must not wait for a later kick
-        # that may never come (the dispatcher's last completions).
-        while not self._outbox_empty():
-            await asyncio.sleep(FLUSH_S)
-            await self.flush()
-
-    async def flush(self) -> None:
-        results, prices, self._results, self._list_prices = self._results, self._list_prices, [], []
-        fills, self._fills = self._fills, []
-        orphans, self._orphans = self._orphans, []
-        readmit, self._readmit = self._readmit, []
-        settle, self._settle = self._settle, []
-        observed, self._observed = self._observed, []
-        if self._breaker_dirty:
-            self._counts.breaker_open.update(self._breaker_changes())
-        counts, self._counts = self._counts, DispatchCounts()
-        unjournal, self._unjournal = self._unjournal, []
-        if observed or counts:
-            self.hub.send("observe_dispatches", self.name, observed, counts.as_dict())
-        if results:
-            try:
-                await self.hub.call("push", results, prices)
-            except Exception as exc:  # the hub died: its restart re-admits these; keep their records
-                log.warning("dispatcher %s: hub did not take %d result(s): %s", self.name, len(results), _short(exc))
-                unjournal = []
-        for space in {sp for sp, _ in unjournal}:
-            keys = [k for sp, k in unjournal if sp == space]
-            if space == self._sync_journal.space:
-                for k in keys:
-                    self._sync_journal.delete(k)
-            else:
-                try:
-                    await self.journal.delete(space, keys)
-                except Exception as exc:  # a stale record only makes a restarted dispatcher poll an ended batch
-                    log.warning("dispatcher %s: could not clear %d journal record(s): %s", self.name, len(keys),
-                                _short(exc))
-        # A peer that died (and restarts) must not stop the rest of the outbox: the cache's losses are made
-        # good by the driver's re-admission, a lost settlement by the reservation's TTL.
-        if fills and self.cache is not None:
-            try:
-                await self.cache.call("complete", fills)
-            except Exception as exc:
-                log.warning("dispatcher %s: cache did not take %d result(s): %s", self.name, len(fills), _short(exc))
-        if orphans and self.cache is not None:
-            try:
-                readmit.extend(await self.cache.call("orphans", orphans))
-            except Exception as exc:
-                log.warning("dispatcher %s: cache did not answer for orphans: %s", self.name, _short(exc))
-        if settle:
-            self.budget.send("settle_many", settle)
-        if readmit:
-            send_sharded(self.groupers, readmit)
-
-    # -- recovery -----------------------------------------------------------------------------------------------
-    async def holds(self, uids: list[str]) -> list[str]:
-        """Of ``uids``, those this dispatcher is carrying out or has finished (nothing is sent again)."""
-        return [u for u in uids if u in self._known or u in self._done]
-
-    async def forget(self, uids: list[str]) -> None:
-        """Finished requests past the driver's retention: a new request may use their ids."""
-        for u in uids:
-            self._done.pop(u, None)
-
-    async def recall(self, uids: list[str]) -> list[str]:
-        """Of ``uids`` (requests re-admitted after a restart), those this dispatcher knows: still carrying them
-        out, or finished (their results are sent again). The rest are lost and must be dispatched afresh."""
-        out = await self.holds(uids)
-        for u in out:
-            if u in self._done:
-                self._send_again(u)
-        if out:
-            self._kick()
-        return out
-
-    def _send_again(self, uid: str) -> None:
-        """Put a finished request's result in the outbox again (the hub counts it once)."""
-        res, price, _ = self._done[uid]
-        self._results.append(res)
-        self._list_prices.append(price)
-
-    async def recover(self) -> int:
-        """After a restart: make again, under the same key and with the same body, the sync calls the journal
-        says were under way, and re-attach to the batches it says were submitted, by their ids, following them
-        to their end (their members are never submitted again). Returns how many batches."""
-        try:
-            records = await self.journal.items(self._space)
-            bodies = await self.journal.items(self._sync_journal.space)
-        except Exception as exc:
-            log.error("dispatcher %s: journal unreadable after a restart (%s); batches it had submitted are "
-                      "not followed and their members are sent again", self.name, _short(exc))
-            return 0
-        n = 0
-        for key, rec in bodies.items():
-            b, j, cache_write, _ = rec
-            # A call that may have reached the provider (and been billed): made again under its key with its
-            # body, so a provider that honours the key answers it without billing it twice.
-            if j.req.uid in self._known or key in self._sync_calls:
-                continue
-            self._sync_calls[key] = rec
-            self._known.add(j.req.uid)
-            self.in_flight += 1
-            self._spawn(self._run_sync(b, j, cache_write, self.clock.now()), [j], b)
-            self.resumed_calls += 1
-        for key, (b, jobs, start, tokens, handle, body) in records.items():
-            jobs = [j for j in jobs if j.req.uid not in self._known]  # e.g. a hedged member already sent sync
-            if key in self._open or not jobs:
-                continue
-            self._open[key] = (b, jobs, start, tokens, handle, body)
-            self._known.update(j.req.uid for j in jobs)
-            self.in_flight += len(jobs)
-            if handle is None:  # its create was cut: find it at the provider, or create it under the same name
-                self._spawn(self._run_batch(b, jobs, start, tokens, key, body), jobs, b)
-            else:
-                cjobs = [self._call_job(j, start, batch=True) for j in jobs]
-                self._spawn(self._follow_batch(key, b, jobs, start, tokens, handle, cjobs), jobs, b)
-            n += 1
-        self.reattached += n
-        if n or self.resumed_calls:
-            log.warning("dispatcher %s: after a restart, re-attached to %d open batch(es) and resumed %d call(s)",
-                        self.name, n, self.resumed_calls)
-        return n
-
-    async def rejournal(self) -> int:
-        """Write every open batch and sync body to the journal again (after the hub, which keeps a memory
-        journal, restarted)."""
-        for key in list(self._open):
-            await self._journal_put(key)
-        if self._sync_calls:
-            try:
-                await self.journal.put_many(self._sync_journal.space, dict(self._sync_calls))
-            except Exception as exc:
-                log.warning("dispatcher %s: could not journal sync bodies: %s", self.name, _short(exc))
-        return len(self._open)
 
     async def stats(self, waits: bool = False) -> dict:
         out = {"provider": self.name, "calls": "http" if self.provider.real else "simulated",

@@ -22,15 +22,15 @@ from collections import OrderedDict
 
 from actors._peer import Warm, as_peer
 from actors._types import BatchJob, Job
-from engine.budgets import LEDGER, Claim, Verdict
-from engine.catalog import Catalog
-from engine.cost import reserve_bound
-from engine.features import compat_key
-from engine.grouping import Decision
-from engine.outcomes import refused_result
-from engine.request import PRIORITY_RANK
-from engine.result import Result
-from engine.scheduler import Dispatch, GroupTable, Wake
+from engine.core.budgets import LEDGER, Claim, Verdict
+from engine.core.catalog import Catalog
+from engine.core.cost import reserve_bound
+from engine.core.features import compat_key
+from engine.core.grouping import Decision
+from engine.core.request import PRIORITY_RANK
+from engine.core.result import Result
+from engine.runtime.outcomes import refused_result
+from engine.runtime.scheduler import Dispatch, GroupTable, Wake
 
 __all__ = ["Grouper"]
 

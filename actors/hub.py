@@ -8,7 +8,7 @@ from collections import OrderedDict
 from actors._peer import Warm
 from actors.journal import MemoryJournalStore
 from actors.metrics import EngineMetrics
-from engine.result import Result
+from engine.core.result import Result
 
 __all__ = ["ResultHub"]
 

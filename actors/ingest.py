@@ -7,8 +7,8 @@ import logging
 
 from actors._peer import Warm, as_peer
 from actors._types import Job, send_sharded
-from engine.features import fingerprint
-from engine.request import Request
+from engine.core.features import fingerprint
+from engine.core.request import Request
 
 __all__ = ["Ingest"]
 

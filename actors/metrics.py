@@ -7,7 +7,7 @@ import re
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from engine.result import Result
+from engine.core.result import Result
 
 __all__ = ["EngineMetrics", "DispatchCounts", "retry_reason"]
 

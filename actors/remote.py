@@ -16,7 +16,7 @@ from actors.dispatcher import Dispatcher
 from actors.grouper import Grouper
 from actors.hub import ResultHub
 from actors.ingest import Ingest
-from engine.errors import SmartbatchError
+from engine.core.errors import SmartbatchError
 
 __all__ = ["NAMESPACE", "actor_name", "provider_resource", "rewire", "start_actors"]
 
@@ -56,7 +56,7 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
                  engine: str = "engine") -> dict:
     """Create and wire the actors, named ``<engine>.<kind>``; ``clock()`` makes the engine clock once they are
     all up."""
-    from engine.providers import check_fallbacks
+    from engine.runtime.providers import check_fallbacks
 
     check_fallbacks(catalog, settings.resilience)
 

@@ -25,13 +25,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine.budgets import BudgetSettings  # noqa: E402
-from engine.catalog import Catalog, default_catalog  # noqa: E402
-from engine.ratelimit import WINDOW_S  # noqa: E402
-from engine.request import Request, validation_context  # noqa: E402
-from engine.settings import Settings, with_budget  # noqa: E402
-from engine.simulator import simulate  # noqa: E402
-from engine.tracegen import from_azure, synth  # noqa: E402
+from engine.core.budgets import BudgetSettings  # noqa: E402
+from engine.core.catalog import Catalog, default_catalog  # noqa: E402
+from engine.core.request import Request, validation_context  # noqa: E402
+from engine.core.settings import Settings, with_budget  # noqa: E402
+from engine.core.tracegen import from_azure, synth  # noqa: E402
+from engine.runtime.ratelimit import WINDOW_S  # noqa: E402
+from engine.sim.simulator import simulate  # noqa: E402
 from policies import load_policy  # noqa: E402
 
 

@@ -7,7 +7,7 @@ GPTCache's own benchmark does. A hit is right when it returns the origin's pair,
 same question recurs across rows, so rows are first joined into duplicate clusters (union-find over the
 pairs): a hit inside the origin's cluster is right (the "raw" column counts it wrong, as the file's row
 order would). Speed: a batch of 1,000 lookups against 100,000 entries, exact (fingerprint dict, then Redis
-MGET if a URL is given) and near (one class, the index of ``engine/reuse.py``), with the agreement of the
+MGET if a URL is given) and near (one class, the index of ``engine/runtime/reuse.py``), with the agreement of the
 indexed search with exact search.
 """
 
@@ -24,9 +24,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.features import NEAR_DIM, featurize_texts  # noqa: E402
-from engine.reuse import ReuseIndex  # noqa: E402
-from engine.similarity import GUARDS, Guards, guard_reason  # noqa: E402
+from engine.core.features import NEAR_DIM, featurize_texts  # noqa: E402
+from engine.core.similarity import GUARDS, Guards, guard_reason  # noqa: E402
+from engine.runtime.reuse import ReuseIndex  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "real"
 THRESHOLDS = (0.7, 0.75, 0.8, 0.85, 0.88, 0.9, 0.92, 0.95)
@@ -86,8 +86,8 @@ def quality(rows: list[dict], guards: Guards) -> list[dict]:
 
 
 def speed(n_entries: int = 100_000, batch: int = 1000, redis_url: str | None = None) -> dict:
-    from engine.features import fingerprint
-    from engine.tracegen import synth
+    from engine.core.features import fingerprint
+    from engine.core.tracegen import synth
 
     reqs = synth(n_entries, seed=7)
     texts = [f"{r.prompt} #{k}" for k, r in enumerate(reqs)]  # distinct entries

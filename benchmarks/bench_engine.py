@@ -28,9 +28,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import ray  # noqa: E402
 
 from engine import Engine  # noqa: E402
-from engine.catalog import default_catalog  # noqa: E402
-from engine.simulator import simulate  # noqa: E402
-from engine.tracegen import synth  # noqa: E402
+from engine.core.catalog import default_catalog  # noqa: E402
+from engine.core.tracegen import synth  # noqa: E402
+from engine.sim.simulator import simulate  # noqa: E402
 from policies import load_policy  # noqa: E402
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.features import featurize, fingerprint  # noqa: E402
-from engine.tracegen import synth  # noqa: E402
+from engine.core.features import featurize, fingerprint  # noqa: E402
+from engine.core.tracegen import synth  # noqa: E402
 
 
 def main() -> None:

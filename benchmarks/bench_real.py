@@ -16,13 +16,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine.bench import (  # noqa: E402
+from engine.app.bench import (  # noqa: E402
     PolicySpec,
     _markdown,  # noqa: E402
     run_bench,
     write_outputs,
 )
-from engine.tracegen import from_azure, from_mooncake  # noqa: E402
+from engine.core.tracegen import from_azure, from_mooncake  # noqa: E402
 
 POLICIES = ["naive", "cache-only", "fixed", "batch-all", "smart"]
 

@@ -16,11 +16,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine.catalog import default_catalog  # noqa: E402
-from engine.cost import price_batch  # noqa: E402
-from engine.lower_bound import lower_bound  # noqa: E402
-from engine.simulator import MODES, simulate  # noqa: E402
-from engine.tracegen import from_azure, from_mooncake  # noqa: E402
+from engine.core.catalog import default_catalog  # noqa: E402
+from engine.core.cost import price_batch  # noqa: E402
+from engine.core.tracegen import from_azure, from_mooncake  # noqa: E402
+from engine.sim.lower_bound import lower_bound  # noqa: E402
+from engine.sim.simulator import MODES, simulate  # noqa: E402
 from policies import load_policy  # noqa: E402
 
 

@@ -35,12 +35,12 @@ ROOT = Path(__file__).resolve().parent.parent
 # joins this list once it exists). Each module is judged by its own tests only: a mutant that survives them
 # is a rule that no test of that module states.
 MODULES = {
-    "cost": ("engine/cost.py", ["tests/unit/test_cost.py", "tests/unit/test_budgets.py"]),
-    "budgets": ("engine/budgets.py", ["tests/unit/test_budgets.py", "tests/unit/test_rules.py",
+    "cost": ("engine/core/cost.py", ["tests/unit/test_cost.py", "tests/unit/test_budgets.py"]),
+    "budgets": ("engine/core/budgets.py", ["tests/unit/test_budgets.py", "tests/unit/test_rules.py",
                                       "tests/unit/test_actors.py"]),
-    "similarity": ("engine/similarity.py", ["tests/unit/test_rules.py", "tests/unit/test_cache.py"]),
-    "lower_bound": ("engine/lower_bound.py", ["tests/unit/test_lower_bound.py"]),
-    "ratelimit": ("engine/ratelimit.py", ["tests/unit/test_limits.py"]),
+    "similarity": ("engine/core/similarity.py", ["tests/unit/test_rules.py", "tests/unit/test_cache.py"]),
+    "lower_bound": ("engine/sim/lower_bound.py", ["tests/unit/test_lower_bound.py"]),
+    "ratelimit": ("engine/runtime/ratelimit.py", ["tests/unit/test_limits.py"]),
     "smart": ("policies/smart.py", ["tests/unit/test_rules_timing.py", "tests/unit/test_policies.py",
                                     "tests/unit/test_rules.py"]),
 }

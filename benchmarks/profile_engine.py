@@ -18,7 +18,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import ray  # noqa: E402
 
 from engine import Engine  # noqa: E402
-from engine.tracegen import synth  # noqa: E402
+from engine.core.tracegen import synth  # noqa: E402
 
 
 def main() -> None:

@@ -1,13 +1,13 @@
 """smartbatch core: request model, catalog, cost model, features, traces, simulator and lower bound.
 
 Floors (imports only go down): core (this package minus ``simulator``/``lower_bound``/``bench``/``cli``) ->
-``policies`` -> runtimes (``engine.simulator``, ``actors``) -> driver API and CLI.
+``policies`` -> runtimes (``engine.sim.simulator``, ``actors``) -> driver API and CLI.
 """
 
-from engine.budgets import BudgetSettings, BudgetSpec
-from engine.catalog import Catalog, default_catalog, load_catalog
-from engine.cost import Price, price_alone, price_batch
-from engine.errors import (
+from engine.core.budgets import BudgetSettings, BudgetSpec
+from engine.core.catalog import Catalog, default_catalog, load_catalog
+from engine.core.cost import Price, price_alone, price_batch
+from engine.core.errors import (
     CatalogError,
     ConfigError,
     PolicyError,
@@ -16,13 +16,13 @@ from engine.errors import (
     SmartbatchError,
     TraceError,
 )
-from engine.features import compat_key, featurize, fingerprint
-from engine.lower_bound import LowerBound, lower_bound
-from engine.request import Request
-from engine.result import Result
-from engine.settings import Settings, with_budget
-from engine.simulator import SimResult, simulate
-from engine.trace import Trace, load_trace, write_trace
+from engine.core.features import compat_key, featurize, fingerprint
+from engine.core.request import Request
+from engine.core.result import Result
+from engine.core.settings import Settings, with_budget
+from engine.core.trace import Trace, load_trace, write_trace
+from engine.sim.lower_bound import LowerBound, lower_bound
+from engine.sim.simulator import SimResult, simulate
 
 __all__ = [
     "BudgetSettings",
@@ -62,7 +62,7 @@ __all__ = [
 def __getattr__(name: str):
     # The driver starts Ray; importing it lazily keeps `import engine` light and the core free of Ray.
     if name in ("Engine", "ResultFuture"):
-        from engine import driver
+        from engine.app import driver
 
         return getattr(driver, name)
     raise AttributeError(f"module 'engine' has no attribute {name!r}")

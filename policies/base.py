@@ -14,12 +14,12 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from engine.catalog import Catalog
-from engine.errors import ConfigError, RegistryError
-from engine.grouping import Decision, Group, ReuseSettings
-from engine.policy_api import check_policy
-from engine.request import Request
-from engine.scheduling import Scheduling
+from engine.core.catalog import Catalog
+from engine.core.errors import ConfigError, RegistryError
+from engine.core.grouping import Decision, Group, ReuseSettings
+from engine.core.policy_api import check_policy
+from engine.core.request import Request
+from engine.core.scheduling import Scheduling
 
 __all__ = ["Policy", "PolicyParams", "available_policies", "load_policy", "register"]
 
@@ -98,7 +98,7 @@ def load_policy(spec: str, catalog: Catalog, params: Mapping[str, Any] | None = 
             raise RegistryError(f"cannot load policy {spec!r}: {exc}; use module.path:ClassName") from exc
         if not isinstance(cls, type):
             raise RegistryError(f"{spec!r} is not a class; give module:Class of a policy "
-                                "(see engine.policy_api.Policy)")
+                                "(see engine.core.policy_api.Policy)")
     else:
         try:
             cls = _REGISTRY[spec]

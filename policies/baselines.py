@@ -6,8 +6,8 @@ from collections.abc import Hashable
 
 from pydantic import Field
 
-from engine.grouping import Decision, Group, ReuseSettings
-from engine.request import Request
+from engine.core.grouping import Decision, Group, ReuseSettings
+from engine.core.request import Request
 from policies.base import Policy, PolicyParams, register
 
 __all__ = ["BatchAll", "CacheOnly", "Fixed", "Naive"]

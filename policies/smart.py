@@ -21,12 +21,12 @@ from typing import NamedTuple
 
 from pydantic import Field, field_validator
 
-from engine.cost import min_cacheable_tokens, mode_factor, token_prices
-from engine.grouping import Decision, Group, ReuseSettings
-from engine.latency import Z99, gpu_batch_seconds
-from engine.request import Request
-from engine.scheduling import Scheduling
-from engine.similarity import GUARDS, Guards
+from engine.core.cost import min_cacheable_tokens, mode_factor, token_prices
+from engine.core.grouping import Decision, Group, ReuseSettings
+from engine.core.latency import Z99, gpu_batch_seconds
+from engine.core.request import Request
+from engine.core.scheduling import Scheduling
+from engine.core.similarity import GUARDS, Guards
 from policies.base import Policy, PolicyParams, register
 
 __all__ = ["Smart", "SmartParams"]

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.catalog import default_catalog
-from engine.settings import Settings
+from engine.core.catalog import default_catalog
+from engine.core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 

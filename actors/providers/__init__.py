@@ -1,14 +1,14 @@
-"""Implementations of ``engine.provider_api.Provider``: simulated, OpenAI-compatible over HTTP, Anthropic over
+"""Implementations of ``engine.core.provider_api.Provider``: simulated, OpenAI-compatible over HTTP, Anthropic over
 HTTP. ``make_provider`` picks one by configuration; the dispatcher knows only the protocol."""
 
 from __future__ import annotations
 
 from actors.providers.simulated import SimulatedProvider
-from engine.catalog import Catalog
-from engine.errors import ConfigError
-from engine.provider_api import Provider, Secret
-from engine.providers import SimProvider
-from engine.settings import Settings
+from engine.core.catalog import Catalog
+from engine.core.errors import ConfigError
+from engine.core.provider_api import Provider, Secret
+from engine.core.settings import Settings
+from engine.runtime.providers import SimProvider
 
 __all__ = ["SimulatedProvider", "make_provider"]
 

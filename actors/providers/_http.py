@@ -8,11 +8,11 @@ from contextlib import contextmanager
 from typing import Any
 
 from actors.providers._wire import redact, retry_after
-from engine.catalog import Catalog
-from engine.cost import Mode, price_usage
-from engine.errors import ProviderError
-from engine.provider_api import CallJob, CallOutcome, Secret, Usage
-from engine.settings import ProviderEndpoint, Settings
+from engine.core.catalog import Catalog
+from engine.core.cost import Mode, price_usage
+from engine.core.errors import ProviderError
+from engine.core.provider_api import CallJob, CallOutcome, Secret, Usage
+from engine.core.settings import ProviderEndpoint, Settings
 
 __all__ = ["BatchHandle", "HttpBase", "PollBackoff"]
 

@@ -16,7 +16,7 @@ import math
 import re
 from collections.abc import Iterable
 
-from engine.request import Request
+from engine.core.request import Request
 
 __all__ = ["message_parts", "redact", "retry_after"]
 

@@ -14,8 +14,8 @@ from typing import Any
 
 from actors.providers._http import BatchHandle, HttpBase, PollBackoff
 from actors.providers._wire import message_parts
-from engine.cost import shared_prefix_marks
-from engine.provider_api import BatchState, CallJob, CallOutcome, Usage
+from engine.core.cost import shared_prefix_marks
+from engine.core.provider_api import BatchState, CallJob, CallOutcome, Usage
 
 __all__ = ["AnthropicProvider"]
 
@@ -117,7 +117,7 @@ class AnthropicProvider(HttpBase):
 
     def batch_body(self, jobs: Sequence[CallJob]) -> list[dict]:
         # Members run in order: a prefix an earlier member writes (or that is warm) is read by the later ones,
-        # as the cost model prices a batch (engine.cost.price_batch). Built once: which prefixes are warm
+        # as the cost model prices a batch (engine.core.cost.price_batch). Built once: which prefixes are warm
         # changes, and a create made again under its key must send the same body.
         marks = shared_prefix_marks([j.req for j in jobs])
         seen: set[int] = set()

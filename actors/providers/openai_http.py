@@ -11,7 +11,7 @@ from typing import Any
 
 from actors.providers._http import BatchHandle, HttpBase, PollBackoff
 from actors.providers._wire import message_parts
-from engine.provider_api import BatchState, CallJob, CallOutcome, Usage
+from engine.core.provider_api import BatchState, CallJob, CallOutcome, Usage
 
 __all__ = ["OpenAIProvider"]
 

@@ -1,4 +1,4 @@
-"""The simulated provider behind the ``Provider`` protocol: the catalog's draws (``engine.providers.SimProvider``)
+"""The simulated provider behind the ``Provider`` protocol: the catalog's draws (``engine.runtime.providers.SimProvider``)
 in engine time. An outcome is drawn when the call starts and returned when its end comes on the clock, so a
 live run with simulated providers bills and times calls exactly as the simulator does."""
 
@@ -8,8 +8,8 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from engine.provider_api import BatchState, CallJob, CallOutcome, Usage
-from engine.providers import BatchOutcome, SimProvider
+from engine.core.provider_api import BatchState, CallJob, CallOutcome, Usage
+from engine.runtime.providers import BatchOutcome, SimProvider
 
 __all__ = ["SimulatedProvider"]
 

@@ -7,7 +7,7 @@ wire formats, so the official SDK clients work against it unchanged given a ``ba
         oai = openai.OpenAI(base_url=emu.base_url("openai"), api_key="k", max_retries=0)
         ant = anthropic.Anthropic(base_url=emu.anthropic_base_url("anthropic"), api_key="k")
         ...
-        emu.bill()          # what it billed, priced by engine.cost
+        emu.bill()          # what it billed, priced by engine.core.cost
 
 Conventions of this test double
 -------------------------------
@@ -41,7 +41,7 @@ breakpoint beyond that if that prefix reaches the minimum (``cache_read_input_to
 ``cache_creation_input_tokens``; ``input_tokens`` is the rest).
 
 Billing. Each successful call, and each succeeded batch member (once, mode ``batch_api``), is priced by
-``engine.cost.price_text`` (text) or ``engine.cost.price_alone`` times ``n`` (images). Error answers,
+``engine.core.cost.price_text`` (text) or ``engine.core.cost.price_alone`` times ``n`` (images). Error answers,
 injected faults, replays of an ``Idempotency-Key`` and calls cut by ``stop()`` bill nothing. A sync call is
 billed when its answer is ready, even if the client has given up by then, as real providers do.
 

@@ -10,12 +10,12 @@ import threading
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl
 
+from engine.core.errors import ConfigError
 from engine.emulator import _anthropic, _openai, _openai_batch
 from engine.emulator._core import Core
 from engine.emulator._faults import FaultPlan, FaultSpec
 from engine.emulator._routing import Ctx, Route
 from engine.emulator._wire import ApiError, Dropped, Family, Reply, error_reply, json_reply
-from engine.errors import ConfigError
 
 __all__ = ["ROUTE_NAMES", "App", "Call"]
 

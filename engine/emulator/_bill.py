@@ -1,4 +1,4 @@
-"""What the emulator has billed. Every cost comes from ``engine.cost``; this module only keeps the items."""
+"""What the emulator has billed. Every cost comes from ``engine.core.cost``; this module only keeps the items."""
 
 from __future__ import annotations
 

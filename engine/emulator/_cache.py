@@ -4,15 +4,15 @@ Automatic (OpenAI-style, ``prompt_cache.automatic``): after a call every prefix 
 ``ttl_s``; a call reads the longest warm prefix, rounded down to ``block_tokens``, if it reaches the minimum.
 Explicit (Anthropic-style): only prefixes ending at a ``cache_control`` breakpoint are entries; a call reads
 the longest warm one (refreshing it) and writes the prefix up to its last breakpoint beyond that.
-The split is priced by ``engine.cost.price_text``; these classes only decide how many tokens fall where.
+The split is priced by ``engine.core.cost.price_text``; these classes only decide how many tokens fall where.
 """
 
 from __future__ import annotations
 
 import hashlib
 
-from engine.catalog import ModelSpec, ProviderSpec
-from engine.cost import CacheSplit, min_cacheable_tokens
+from engine.core.catalog import ModelSpec, ProviderSpec
+from engine.core.cost import CacheSplit, min_cacheable_tokens
 from engine.emulator._text import CHARS_PER_TOKEN, Prompt, tokens
 
 __all__ = ["PrefixTree", "PromptCaches"]
@@ -124,7 +124,7 @@ class PromptCaches:
             read = tree.warm_chars(prompt.text, now) // CHARS_PER_TOKEN // block * block
             read = read if read >= min_tokens else 0
             cacheable = len(prompt.text) // CHARS_PER_TOKEN // block * block
-            # As engine.cost.cache_split: an automatic cache writes the whole cold cacheable prefix.
+            # As engine.core.cost.cache_split: an automatic cache writes the whole cold cacheable prefix.
             write = cacheable - read if cacheable >= min_tokens and cacheable > read else 0
             tree.insert(prompt.text, now + pc.ttl_s)
             if tree.inserts % _PRUNE_EVERY == 0:

@@ -11,17 +11,17 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
-from engine.catalog import Catalog, ModelSpec, ProviderSpec
-from engine.clock import ScaledClock
-from engine.cost import CacheSplit, Price, price_alone, price_text
+from engine.core.catalog import Catalog, ModelSpec, ProviderSpec
+from engine.core.clock import ScaledClock
+from engine.core.cost import CacheSplit, Price, price_alone, price_text
+from engine.core.errors import ConfigError
+from engine.core.latency import sync_latency_median
+from engine.core.request import Request, validation_context
+from engine.core.settings import Settings
 from engine.emulator._bill import BilledItem, Ledger
 from engine.emulator._cache import PromptCaches
 from engine.emulator._text import Prompt, filler_text, natural_tokens
 from engine.emulator._wire import ApiError, Dropped
-from engine.errors import ConfigError
-from engine.latency import sync_latency_median
-from engine.request import Request, validation_context
-from engine.settings import Settings
 
 __all__ = ["Core", "FileRecord", "TextCall"]
 
@@ -116,7 +116,7 @@ class Core:
 
     def follow(self, clock, draws) -> None:
         """Run on ``clock`` (an engine's clock) and take batch turnarounds from ``draws`` (an
-        ``engine.draws.Draws``) by submission time, with every member finishing at the batch's end, as the
+        ``engine.core.draws.Draws``) by submission time, with every member finishing at the batch's end, as the
         simulator does: a live run over HTTP then faces the batches its simulated twin faces, so their bills
         compare."""
         with self.lock:

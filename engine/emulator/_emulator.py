@@ -7,13 +7,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from engine.catalog import Catalog, default_catalog, load_catalog
+from engine.core.catalog import Catalog, default_catalog, load_catalog
+from engine.core.errors import ConfigError
 from engine.emulator._app import ROUTE_NAMES, App, Call
 from engine.emulator._bill import Bill
 from engine.emulator._core import Core
 from engine.emulator._faults import FaultPlan
 from engine.emulator._server import EmulatorServer
-from engine.errors import ConfigError
 
 __all__ = ["Emulator", "serve"]
 
@@ -90,7 +90,7 @@ class Emulator:
         """Run on an engine's ``clock`` and draw batch turnarounds as the simulator does with ``seed`` (one
         draw per ``slot_s`` of submission time), members of a batch finishing together at its end, so a live
         run over HTTP compares with the simulated one. Timestamps then read as engine seconds."""
-        from engine.draws import Draws
+        from engine.core.draws import Draws
 
         self._core.follow(clock, Draws(0, 1, seed, slot_s))
 

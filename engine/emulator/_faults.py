@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from engine.errors import ConfigError
+from engine.core.errors import ConfigError
 
 __all__ = ["FaultPlan", "FaultSpec"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from engine.catalog import ProviderSpec
+from engine.core.catalog import ProviderSpec
 from engine.emulator._batches import MemberOutcome, OpenAIBatch, Schedule
 from engine.emulator._core import Core
 from engine.emulator._faults import FaultPlan

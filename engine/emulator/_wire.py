@@ -6,7 +6,7 @@ import json
 from datetime import datetime, timezone
 from typing import Any, Literal, NamedTuple
 
-from engine.errors import SmartbatchError
+from engine.core.errors import SmartbatchError
 
 __all__ = [
     "ApiError",

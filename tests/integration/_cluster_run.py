@@ -11,9 +11,9 @@ import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from engine import Engine  # noqa: E402
-from engine.catalog import default_catalog  # noqa: E402
-from engine.simulator import simulate  # noqa: E402
-from engine.tracegen import synth  # noqa: E402
+from engine.core.catalog import default_catalog  # noqa: E402
+from engine.core.tracegen import synth  # noqa: E402
+from engine.sim.simulator import simulate  # noqa: E402
 from policies import load_policy  # noqa: E402
 
 GROUPS = [{"provider:openai": 1, "provider:anthropic": 1}, {"provider:google": 1}, {"provider:modal-h100": 1}]

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from engine import Engine
-from engine.errors import EngineStopped, Overloaded, RequestError
+from engine.core.errors import EngineStopped, Overloaded, RequestError
 
 
 def fast(rid, **kw):

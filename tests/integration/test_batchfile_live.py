@@ -5,8 +5,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from engine.catalog import default_catalog
-from engine.cli import app
+from engine.app.cli import app
+from engine.core.catalog import default_catalog
 from engine.emulator import Emulator
 
 CAT = default_catalog()

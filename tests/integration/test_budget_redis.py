@@ -9,7 +9,7 @@ import random
 import pytest
 
 from actors.budget_redis import RedisBudgetBook
-from engine.budgets import BudgetBook, BudgetSpec, Claim
+from engine.core.budgets import BudgetBook, BudgetSpec, Claim
 
 T0 = float(calendar.timegm((2026, 11, 29, 10, 30, 0)))
 _prefix = itertools.count()
@@ -89,11 +89,11 @@ def test_two_live_engines_sharing_a_budget_in_redis_never_pass_it(ray_session, r
     import concurrent.futures
 
     from engine import Engine
-    from engine.budgets import BudgetSettings
-    from engine.catalog import default_catalog
-    from engine.settings import Settings
-    from engine.simulator import simulate
-    from engine.tracegen import synth
+    from engine.core.budgets import BudgetSettings
+    from engine.core.catalog import default_catalog
+    from engine.core.settings import Settings
+    from engine.core.tracegen import synth
+    from engine.sim.simulator import simulate
     from policies import load_policy
 
     cat = default_catalog()

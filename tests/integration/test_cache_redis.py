@@ -8,12 +8,12 @@ import logging
 from actors import ResultCache, ResultHub
 from actors._types import Job
 from actors.cache_layers import Entry, RedisLayer, encode
-from engine.clock import ManualClock
-from engine.features import fingerprint
-from engine.grouping import ReuseSettings
-from engine.request import Request
-from engine.result import Result
-from engine.settings import CacheSettings, Settings
+from engine.core.clock import ManualClock
+from engine.core.features import fingerprint
+from engine.core.grouping import ReuseSettings
+from engine.core.request import Request
+from engine.core.result import Result
+from engine.core.settings import CacheSettings, Settings
 
 REUSE = ReuseSettings(exact=True, in_flight=True, near=True, near_threshold=0.92)
 _prefixes = itertools.count()

@@ -16,13 +16,13 @@ import os
 
 import pytest
 
-from engine.catalog import default_catalog
-from engine.driver import Engine
+from engine.app.driver import Engine
+from engine.app.live import follow_engine, point_at_emulator
+from engine.core.catalog import default_catalog
+from engine.core.provider_api import call_key
+from engine.core.settings import Settings
+from engine.core.tracegen import synth
 from engine.emulator import Emulator
-from engine.live import follow_engine, point_at_emulator
-from engine.provider_api import call_key
-from engine.settings import Settings
-from engine.tracegen import synth
 
 CAT = default_catalog()
 SPEEDUP = 400.0

@@ -5,11 +5,11 @@ import collections
 import pytest
 
 from engine import Engine
-from engine.catalog import default_catalog
-from engine.cost import MODES
-from engine.errors import RequestError
-from engine.simulator import simulate
-from engine.tracegen import synth
+from engine.core.catalog import default_catalog
+from engine.core.cost import MODES
+from engine.core.errors import RequestError
+from engine.core.tracegen import synth
+from engine.sim.simulator import simulate
 from policies import load_policy
 
 CAT = default_catalog()
@@ -175,7 +175,7 @@ def test_identical_concurrent_submits_make_one_provider_call(ray_session):
 
 
 def test_redis_cache_serves_a_restarted_engine_and_keeps_tenants_apart(ray_session, redis_server):
-    from engine.settings import CacheSettings, Settings
+    from engine.core.settings import CacheSettings, Settings
 
     settings = Settings(cache=CacheSettings(redis_url=redis_server.url, redis_prefix="sbtest-engine"))
     base = {"model": "gpt-image-1", "prompt": "A red fox in fresh snow, morning light", "deadline_s": 120,
@@ -199,9 +199,9 @@ def test_a_flooding_tenant_does_not_delay_another_in_the_live_engine(ray_session
     """The dispatchers run the simulator's provider queues: fair share holds through Ray as well."""
     import numpy as np
 
-    from engine.catalog import Catalog
-    from engine.request import Request, validation_context
-    from engine.settings import Settings
+    from engine.core.catalog import Catalog
+    from engine.core.request import Request, validation_context
+    from engine.core.settings import Settings
 
     base = CAT.model_dump()
     base["providers"]["openai"].update(batch_api=None, rate_limits={"rpm": 600, "tpm": 10_000_000,
@@ -229,7 +229,7 @@ def test_the_metrics_address_comes_from_the_settings(ray_session):
     import socket
     import urllib.request
 
-    from engine.settings import MetricsSettings, Settings
+    from engine.core.settings import MetricsSettings, Settings
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from engine.catalog import default_catalog
+from engine.app.live import follow_engine, point_at_emulator, run_live
+from engine.core.catalog import default_catalog
+from engine.core.request import Request, validation_context
+from engine.core.settings import Settings
+from engine.core.tracegen import synth
 from engine.emulator import Emulator
-from engine.live import follow_engine, point_at_emulator, run_live
-from engine.request import Request, validation_context
-from engine.settings import Settings
-from engine.tracegen import synth
 
 CAT = default_catalog()
 SPEEDUP = 200.0  # engine seconds per real second: a 2-hour trace in about 40 s

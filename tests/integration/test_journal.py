@@ -14,12 +14,12 @@ import pytest
 
 from actors import BudgetController, Dispatcher, ResultHub
 from actors._types import BatchJob, Job
-from engine.budgets import BudgetSettings, BudgetSpec, Claim
-from engine.catalog import default_catalog
-from engine.clock import ManualClock
-from engine.provider_api import CallOutcome, Usage
-from engine.request import Request
-from engine.settings import JournalSettings, Settings
+from engine.core.budgets import BudgetSettings, BudgetSpec, Claim
+from engine.core.catalog import default_catalog
+from engine.core.clock import ManualClock
+from engine.core.provider_api import CallOutcome, Usage
+from engine.core.request import Request
+from engine.core.settings import JournalSettings, Settings
 
 CAT = default_catalog()
 

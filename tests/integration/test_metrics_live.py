@@ -6,11 +6,11 @@ import urllib.request
 
 import pytest
 
-from engine.catalog import default_catalog
-from engine.driver import Engine
+from engine.app.driver import Engine
+from engine.app.live import point_at_emulator
+from engine.core.catalog import default_catalog
+from engine.core.settings import Settings
 from engine.emulator import Emulator
-from engine.live import point_at_emulator
-from engine.settings import Settings
 
 CAT = default_catalog()
 SPEEDUP = 100.0

@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from engine.budgets import BudgetSettings, BudgetSpec, Claim
-from engine.errors import ConfigError
+from engine.core.budgets import BudgetSettings, BudgetSpec, Claim
+from engine.core.errors import ConfigError
 
 _prefix = itertools.count()
 SPEEDUP = 100.0
@@ -56,7 +56,7 @@ def ledger(srv, b: BudgetSettings) -> tuple[float, float]:
 
 def test_unreachable_redis_at_start_is_a_config_error_naming_the_setting(ray_session, own_redis):
     from engine import Engine
-    from engine.settings import Settings
+    from engine.core.settings import Settings
 
     own_redis.stop()  # nothing listens on its port now
     url = f"redis://:s3cret-pw@127.0.0.1:{own_redis.port}/0"
@@ -155,7 +155,7 @@ def workload(n=240, seed=1):
     (cache hits through Redis)."""
     import random
 
-    from engine.request import Request
+    from engine.core.request import Request
 
     rng = random.Random(seed)
     return [Request.model_validate({
@@ -169,9 +169,9 @@ def run_through_fault(srv, tmp_path, fault, *, ttl_s=8.0):
     """Replay the workload with budget and cache on ``srv``; ``fault()`` runs once a third is submitted.
     Returns the results, the budget limit, its settings, and the engine time the fault ended."""
     from engine import Engine
-    from engine.catalog import default_catalog
-    from engine.settings import CacheSettings, Settings
-    from engine.simulator import simulate
+    from engine.core.catalog import default_catalog
+    from engine.core.settings import CacheSettings, Settings
+    from engine.sim.simulator import simulate
     from policies import load_policy
 
     reqs = workload()

@@ -3,7 +3,7 @@
 import pytest
 
 from engine import Engine
-from engine.errors import EngineStopped, Overloaded, RequestError
+from engine.core.errors import EngineStopped, Overloaded, RequestError
 
 
 def text(i, tenant="default", **kw):

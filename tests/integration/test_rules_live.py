@@ -11,7 +11,7 @@ import itertools
 import pytest
 
 from actors.budget_redis import RedisBudgetBook
-from engine.budgets import BudgetSpec, Claim, Throttle
+from engine.core.budgets import BudgetSpec, Claim, Throttle
 
 T0 = float(calendar.timegm((2026, 11, 29, 10, 30, 0)))
 _prefix = itertools.count()

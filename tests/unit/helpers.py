@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.request import Request
+from engine.core.request import Request
 
 KINDS = {
     # name: (model, extra fields)

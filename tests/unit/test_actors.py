@@ -6,12 +6,12 @@ import pytest
 
 from actors import BudgetController, Dispatcher, Grouper, Ingest, ResultCache, ResultHub
 from actors._types import BatchJob, Job
-from engine.budgets import BudgetSettings, BudgetSpec, Claim
-from engine.catalog import default_catalog
-from engine.clock import ManualClock
-from engine.grouping import ReuseSettings
-from engine.request import Request
-from engine.settings import Settings
+from engine.core.budgets import BudgetSettings, BudgetSpec, Claim
+from engine.core.catalog import default_catalog
+from engine.core.clock import ManualClock
+from engine.core.grouping import ReuseSettings
+from engine.core.request import Request
+from engine.core.settings import Settings
 from policies import load_policy
 
 CAT = default_catalog()
@@ -72,7 +72,7 @@ def test_budget_controller_reports_deferrals_in_engine_time():
 
 def test_hub_long_poll_and_report():
     async def go():
-        from engine.result import Result
+        from engine.core.result import Result
 
         hub = ResultHub()
         assert await hub.pull(0.01) == []
@@ -95,7 +95,7 @@ def test_cache_hits_attaches_in_flight_and_resolves_followers():
         none = req(1, id="noreuse", reuse="none")
         misses = await cache.lookup([Job(0, a, "fp"), Job(1, b, "fp"), Job(2, none, "fp")])
         assert misses == [0, 2]  # positions of r1 and noreuse; b attached to a in flight
-        from engine.result import Result
+        from engine.core.result import Result
 
         await cache.complete([("fp", Result(id="r1", status="ok", cost_usd=0.1, done_s=12.0))])
         got = {r.id: r for r in await hub.pull(0.01)}
@@ -203,7 +203,7 @@ def test_dispatcher_resolves_sync_and_batch_and_hands_back_hedges():
 
 
 def test_a_hedged_claim_is_released_in_the_call_that_reserves_its_fallback():
-    from engine.cost import reserve_bound
+    from engine.core.cost import reserve_bound
 
     async def go():
         disp, hub = Recorder(), ResultHub()

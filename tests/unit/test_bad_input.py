@@ -13,15 +13,15 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from engine.catalog import default_catalog
-from engine.draws import Draws
-from engine.errors import ConfigError, TraceError
-from engine.lower_bound import lower_bound
-from engine.request import MAX_DEADLINE_S, MEDIA_PARAMS, Request, validation_context
-from engine.settings import CacheSettings, Settings, check_redis_url, load_settings
-from engine.simulator import simulate
-from engine.trace import MAX_SPAN_S, _problems_of, load_trace, parse_trace_lines
-from engine.tracegen import from_azure, from_mooncake
+from engine.core.catalog import default_catalog
+from engine.core.draws import Draws
+from engine.core.errors import ConfigError, TraceError
+from engine.core.request import MAX_DEADLINE_S, MEDIA_PARAMS, Request, validation_context
+from engine.core.settings import CacheSettings, Settings, check_redis_url, load_settings
+from engine.core.trace import MAX_SPAN_S, _problems_of, load_trace, parse_trace_lines
+from engine.core.tracegen import from_azure, from_mooncake
+from engine.sim.lower_bound import lower_bound
+from engine.sim.simulator import simulate
 from policies import load_policy
 
 CAT = default_catalog()

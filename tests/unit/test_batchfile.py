@@ -5,7 +5,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from engine.batchfile import (
+from engine.app.cli import app
+from engine.core.batchfile import (
     from_openai_batch,
     parse_window,
     read_batch_file,
@@ -13,12 +14,11 @@ from engine.batchfile import (
     response_body,
     write_results,
 )
-from engine.catalog import default_catalog
-from engine.cli import app
-from engine.cost import price_alone
-from engine.errors import ConfigError, TraceError
-from engine.result import Result
-from engine.trace import load_trace
+from engine.core.catalog import default_catalog
+from engine.core.cost import price_alone
+from engine.core.errors import ConfigError, TraceError
+from engine.core.result import Result
+from engine.core.trace import load_trace
 
 CAT = default_catalog()
 runner = CliRunner()

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.budgets import BudgetBook, BudgetSpec, Claim, Throttle, parse_duration, window_bounds
+from engine.core.budgets import BudgetBook, BudgetSpec, Claim, Throttle, parse_duration, window_bounds
 
 T0 = float(calendar.timegm((2026, 11, 29, 10, 30, 0)))
 
@@ -111,8 +111,8 @@ def test_thousands_of_concurrent_reservations_never_pass_the_limit(seed, n, fail
     import random
 
     from actors.budget import BudgetController
-    from engine.budgets import BudgetSettings
-    from engine.clock import ManualClock
+    from engine.core.budgets import BudgetSettings
+    from engine.core.clock import ManualClock
 
     limit = 20.0
     rng = random.Random(seed)
@@ -142,7 +142,7 @@ def test_thousands_of_concurrent_reservations_never_pass_the_limit(seed, n, fail
 
 
 def small_trace(n=600):
-    from engine.tracegen import synth
+    from engine.core.tracegen import synth
 
     return synth(n, seed=11, duration_s=1800.0)
 
@@ -151,9 +151,9 @@ def small_trace(n=600):
 @given(st.floats(0.05, 1.2), st.sampled_from([None, "5m", "15m"]), st.floats(0.1, 0.6),
        st.sampled_from(["naive", "smart", "batch-all"]))
 def test_the_simulator_never_spends_past_a_budget(share, duration, tenant_share, policy):
-    from engine.catalog import default_catalog
-    from engine.settings import Settings, with_budget
-    from engine.simulator import simulate
+    from engine.core.catalog import default_catalog
+    from engine.core.settings import Settings, with_budget
+    from engine.sim.simulator import simulate
     from policies import load_policy
 
     reqs = small_trace()
@@ -174,9 +174,9 @@ def test_the_simulator_never_spends_past_a_budget(share, duration, tenant_share,
 
 
 def test_under_a_tight_budget_urgent_work_goes_first():
-    from engine.catalog import default_catalog
-    from engine.settings import Settings, with_budget
-    from engine.simulator import simulate
+    from engine.core.catalog import default_catalog
+    from engine.core.settings import Settings, with_budget
+    from engine.sim.simulator import simulate
     from policies import load_policy
 
     reqs = small_trace(1500)
@@ -192,10 +192,10 @@ def test_under_a_tight_budget_urgent_work_goes_first():
 
 
 def test_background_work_past_its_threshold_is_deferred_to_the_next_window():
-    from engine.catalog import default_catalog
-    from engine.request import Request, validation_context
-    from engine.settings import Settings, with_budget
-    from engine.simulator import simulate
+    from engine.core.catalog import default_catalog
+    from engine.core.request import Request, validation_context
+    from engine.core.settings import Settings, with_budget
+    from engine.sim.simulator import simulate
     from policies import load_policy
 
     cat = default_catalog()
@@ -216,11 +216,11 @@ def test_background_work_past_its_threshold_is_deferred_to_the_next_window():
 def test_the_reservation_bound_honours_a_cap_and_names_a_bad_one():
     from pydantic import ValidationError
 
-    from engine.catalog import default_catalog
-    from engine.cost import reserve_bound
-    from engine.request import Request, validation_context
-    from engine.settings import Settings
-    from engine.trace import _problems_of
+    from engine.core.catalog import default_catalog
+    from engine.core.cost import reserve_bound
+    from engine.core.request import Request, validation_context
+    from engine.core.settings import Settings
+    from engine.core.trace import _problems_of
 
     cat = default_catalog()
     ctx = validation_context(cat, Settings())
@@ -244,10 +244,10 @@ def test_the_reservation_bound_honours_a_cap_and_names_a_bad_one():
        st.sampled_from(["sync", "batch_api", "gpu_batch"]), st.integers(1, 6))
 def test_no_dispatch_bills_more_than_its_reservation(model, inp, out, blocks, mode, n):
     """The estimate is an upper bound whatever the cache state and batch: the hard limit rests on this."""
-    from engine.catalog import default_catalog
-    from engine.cost import mode_allowed, price_batch, reserve_bound
-    from engine.request import Request, validation_context
-    from engine.settings import Settings
+    from engine.core.catalog import default_catalog
+    from engine.core.cost import mode_allowed, price_batch, reserve_bound
+    from engine.core.request import Request, validation_context
+    from engine.core.settings import Settings
 
     cat = default_catalog()
     prov_name, spec = cat.find_model(model)

@@ -6,18 +6,18 @@ import asyncio
 import numpy as np
 import pytest
 
-import engine.reuse as reuse_mod
+import engine.runtime.reuse as reuse_mod
 from actors import ResultCache, ResultHub
 from actors._types import Job
 from actors.cache_layers import CorruptValue, Entry, LocalBlobStore, MemoryLRU, decode, encode
-from engine.clock import ManualClock
-from engine.features import NEAR_DIM, featurize_texts, fingerprint
-from engine.grouping import ReuseSettings
-from engine.request import Request
-from engine.result import Result
-from engine.reuse import ReuseIndex
-from engine.settings import CacheSettings, Settings, SimSettings
-from engine.similarity import Guards, guard_reason
+from engine.core.clock import ManualClock
+from engine.core.features import NEAR_DIM, featurize_texts, fingerprint
+from engine.core.grouping import ReuseSettings
+from engine.core.request import Request
+from engine.core.result import Result
+from engine.core.settings import CacheSettings, Settings, SimSettings
+from engine.core.similarity import Guards, guard_reason
+from engine.runtime.reuse import ReuseIndex
 
 NEAR = ReuseSettings(exact=True, in_flight=True, near=True, near_threshold=0.85)
 LOW_FLOOR = Settings(sim=SimSettings(near_floor=0.5))

@@ -2,7 +2,7 @@ import json
 
 from typer.testing import CliRunner
 
-from engine.cli import app
+from engine.app.cli import app
 
 runner = CliRunner()
 CONTRACT = {"policy", "cost_usd", "naive_cost_usd", "saving_vs_naive", "capture_of_achievable",
@@ -139,19 +139,19 @@ def test_a_malformed_redis_url_is_a_settings_error_not_an_actor_death(tmp_path, 
 
 def test_debug_shows_the_traceback(tmp_path, monkeypatch):
     monkeypatch.setenv("SMARTBATCH_SIM__SEED", "abc")
-    from engine.errors import ConfigError
+    from engine.core.errors import ConfigError
 
     r = runner.invoke(app, ["--debug", "trace", "synth", "--n", "5", "--out", str(tmp_path / "t.jsonl")])
     assert r.exit_code != 0 and isinstance(r.exception, ConfigError)
 
 
 def test_an_unexpected_exception_is_one_line_unless_debug(tmp_path, monkeypatch):
-    import engine.trace
+    import engine.core.trace
 
     def boom(*a, **k):
         raise IndexError("list index out of range")
 
-    monkeypatch.setattr(engine.trace, "load_trace", boom)
+    monkeypatch.setattr(engine.core.trace, "load_trace", boom)
     r = runner.invoke(app, ["bench", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "o")])
     assert r.exit_code == 1 and "Traceback" not in r.output and r.output.count("error:") == 1
     assert "IndexError: list index out of range" in r.output and "--debug" in r.output

@@ -9,9 +9,9 @@ import itertools
 import pytest
 from rich.console import Console
 
-import engine.cli as cli
-from engine.bench import _plot, resolve_policies, run_bench
-from engine.tracegen import synth
+import engine.app.cli as cli
+from engine.app.bench import _plot, resolve_policies, run_bench
+from engine.core.tracegen import synth
 
 POLICIES = "naive,cache-only,fixed,batch-all,smart"
 

@@ -8,7 +8,7 @@ import jsonschema
 import pytest
 import yaml
 
-from engine.catalog import default_catalog
+from engine.core.catalog import default_catalog
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -7,10 +7,10 @@ from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from engine.catalog import default_catalog
-from engine.cost import cache_split, price_alone, price_batch
-from engine.errors import CatalogError
-from engine.request import Request
+from engine.core.catalog import default_catalog
+from engine.core.cost import cache_split, price_alone, price_batch
+from engine.core.errors import CatalogError
+from engine.core.request import Request
 
 CAT = default_catalog()
 TEXT_MODELS = [(p, m) for p, spec in CAT.providers.items() for m, ms in spec.models.items() if ms.kind == "text"]
@@ -141,7 +141,7 @@ def test_unavailable_modes_are_refused_with_the_reason():
 
 
 def test_speedup_curve_must_be_physical(tmp_path):
-    from engine.catalog import load_catalog
+    from engine.core.catalog import load_catalog
 
     bad = (tmp_path / "c.yaml")
     bad.write_text("""

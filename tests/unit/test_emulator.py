@@ -18,10 +18,10 @@ import openai
 import pytest
 
 import engine.emulator as emulator_pkg
-from engine.catalog import Catalog, default_catalog
-from engine.cost import CacheSplit, price_text
+from engine.core.catalog import Catalog, default_catalog
+from engine.core.cost import CacheSplit, price_text
+from engine.core.errors import CatalogError, ConfigError
 from engine.emulator import Emulator, filler_text, serve
-from engine.errors import CatalogError, ConfigError
 
 # The Anthropic SDK warns that catalog models such as claude-sonnet-4-5 near their end of life: not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:The model .* is deprecated:DeprecationWarning")

@@ -1,7 +1,7 @@
 import numpy as np
 
-from engine.features import compat_key, featurize, featurize_texts, fingerprint
-from engine.request import Request, validation_context
+from engine.core.features import compat_key, featurize, featurize_texts, fingerprint
+from engine.core.request import Request, validation_context
 
 CTX = validation_context()  # settings read once, not per request
 

@@ -28,19 +28,19 @@ from actors.providers import make_provider
 from actors.providers._wire import message_parts, redact, retry_after
 from actors.providers.anthropic_http import AnthropicProvider
 from actors.providers.openai_http import OpenAIProvider
-from engine.budgets import BudgetSettings, Claim
-from engine.catalog import Catalog, default_catalog
-from engine.clock import ManualClock, ScaledClock
-from engine.cost import price_usage
-from engine.draws import Draws
+from engine.app.live import point_at_emulator
+from engine.app.provider_setup import http_setup
+from engine.core.budgets import BudgetSettings, Claim
+from engine.core.catalog import Catalog, default_catalog
+from engine.core.clock import ManualClock, ScaledClock
+from engine.core.cost import price_usage
+from engine.core.draws import Draws
+from engine.core.provider_api import CallJob, CallOutcome, Provider, Secret, call_key
+from engine.core.request import Request
+from engine.core.result import Result
+from engine.core.settings import Resilience, Settings, SimSettings
 from engine.emulator import Emulator
-from engine.live import point_at_emulator
-from engine.provider_api import CallJob, CallOutcome, Provider, Secret, call_key
-from engine.provider_setup import http_setup
-from engine.providers import SimProvider
-from engine.request import Request
-from engine.result import Result
-from engine.settings import Resilience, Settings, SimSettings
+from engine.runtime.providers import SimProvider
 
 # The Anthropic SDK warns that catalog models such as claude-sonnet-4-5 near their end of life: not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:The model .* is deprecated:DeprecationWarning")
@@ -114,7 +114,7 @@ class Rig:
     def __init__(self, emu: Emulator, provider: str = "openai", *, key: str = KEY, **settings_kw: Any):
         self.emu, self.name = emu, provider
         self.settings = http_settings(emu, **settings_kw)
-        # The catalog the engine plans with: its batch_api.cancel_s is the endpoint's (engine.driver).
+        # The catalog the engine plans with: its batch_api.cancel_s is the endpoint's (engine.app.driver).
         self.catalog, _ = http_setup(emu.catalog, self.settings, need_keys=False)
         self.clock = ScaledClock(time.time(), SPEED)
         self.hub, self.grouper = ResultHub(), Recorder()

@@ -5,14 +5,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.catalog import Catalog, RateLimits, default_catalog
-from engine.errors import ConfigError
-from engine.ratelimit import EnqueuedTokens, RateGate
-from engine.request import Request, validation_context
-from engine.resilience import CircuitBreaker, Resilience, retry_delay
-from engine.scheduling import FairQueue, Scheduling, Unit
-from engine.settings import Settings
-from engine.simulator import simulate
+from engine.core.catalog import Catalog, RateLimits, default_catalog
+from engine.core.errors import ConfigError
+from engine.core.request import Request, validation_context
+from engine.core.resilience import CircuitBreaker, Resilience, retry_delay
+from engine.core.scheduling import FairQueue, Scheduling, Unit
+from engine.core.settings import Settings
+from engine.runtime.ratelimit import EnqueuedTokens, RateGate
+from engine.sim.simulator import simulate
 from policies import load_policy
 
 # Providers count requests and tokens per minute over a sliding minute. Stated here, not imported from the

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from engine.catalog import default_catalog
-from engine.lower_bound import _max_overlap, batch_eligible, lower_bound
-from engine.simulator import simulate
-from engine.tracegen import from_azure, from_mooncake, synth
+from engine.core.catalog import default_catalog
+from engine.core.tracegen import from_azure, from_mooncake, synth
+from engine.sim.lower_bound import _max_overlap, batch_eligible, lower_bound
+from engine.sim.simulator import simulate
 from policies import load_policy
 
 from .helpers import KINDS, kind_trace

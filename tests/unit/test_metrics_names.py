@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from actors.metrics import DispatchCounts, EngineMetrics, retry_reason
-from engine.result import Result
+from engine.core.result import Result
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "docs" / "grafana" / "smartbatch.json"
 

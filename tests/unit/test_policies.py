@@ -4,14 +4,14 @@ import pickle
 
 import pytest
 
-from engine.catalog import default_catalog
-from engine.cost import MODES, mode_allowed
-from engine.errors import ConfigError, RegistryError
-from engine.grouping import RECOMMENDATIONS, Decision, Group, PrefixSightings, ReuseSettings
-from engine.policy_api import Policy as PolicyProtocol
-from engine.scheduler import GroupTable
-from engine.scheduling import Scheduling
-from engine.simulator import simulate
+from engine.core.catalog import default_catalog
+from engine.core.cost import MODES, mode_allowed
+from engine.core.errors import ConfigError, RegistryError
+from engine.core.grouping import RECOMMENDATIONS, Decision, Group, PrefixSightings, ReuseSettings
+from engine.core.policy_api import Policy as PolicyProtocol
+from engine.core.scheduling import Scheduling
+from engine.runtime.scheduler import GroupTable
+from engine.sim.simulator import simulate
 from policies import Policy, available_policies, load_policy, register
 
 from .helpers import KINDS, kind_trace
@@ -69,7 +69,7 @@ def test_smart_hedges_text_batches_and_explains():
 
 
 def test_fixed_flushes_at_size_or_timeout():
-    from engine.catalog import Catalog
+    from engine.core.catalog import Catalog
 
     raw = CAT.model_dump()
     raw["providers"]["modal-h100"]["failure_rate"] = 0.0  # no retries, so every flush is a fresh one
@@ -106,7 +106,7 @@ def test_policy_loads_from_import_path():
     with pytest.raises(RegistryError, match="module.path:ClassName"):
         load_policy("policies.smart:Nope", CAT)
     with pytest.raises(RegistryError, match="not a class"):
-        load_policy("engine.cost:price_alone", CAT)
+        load_policy("engine.core.cost:price_alone", CAT)
 
 
 class DuckPolicy:
@@ -199,7 +199,7 @@ def test_prefix_sightings_are_the_runtimes_and_bounded():
 
 
 def test_decisions_are_pure_functions_of_group_and_time():
-    from engine.grouping import Group
+    from engine.core.grouping import Group
 
     reqs = [r.model_copy(update={"arrival_s": 10.0, "priority": "normal", "deadline_s": 3600.0})
             for r in kind_trace("gpu-image", n=3)]

@@ -7,15 +7,15 @@ import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from engine.catalog import default_catalog, load_catalog
-from engine.cli import app
-from engine.cost import price_usage
+from engine.app.cli import app
+from engine.app.provider_setup import http_setup
+from engine.core.catalog import default_catalog, load_catalog
+from engine.core.cost import price_usage
+from engine.core.errors import CatalogError, ConfigError
+from engine.core.features import fingerprint
+from engine.core.request import Request, validation_context
+from engine.core.settings import ProvidersSettings, Settings
 from engine.emulator import Emulator
-from engine.errors import CatalogError, ConfigError
-from engine.features import fingerprint
-from engine.provider_setup import http_setup
-from engine.request import Request, validation_context
-from engine.settings import ProvidersSettings, Settings
 
 CAT = default_catalog()
 CTX = validation_context(CAT)

@@ -6,10 +6,10 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from engine.errors import TraceError
-from engine.request import Request, validation_context
-from engine.settings import DeadlineDefaults, Settings
-from engine.trace import load_trace, parse_trace_lines, write_trace
+from engine.core.errors import TraceError
+from engine.core.request import Request, validation_context
+from engine.core.settings import DeadlineDefaults, Settings
+from engine.core.trace import load_trace, parse_trace_lines, write_trace
 
 
 def line(**kw):
@@ -113,7 +113,7 @@ def test_arbitrary_input_gives_a_trace_error_or_a_valid_request(d):
 def test_a_request_without_a_context_uses_the_settings_read_once_from_the_environment(monkeypatch):
     """Reading ``SMARTBATCH_*`` costs milliseconds and a request validates in microseconds: the process's
     settings are read once, not per request; ``default_settings.cache_clear()`` reads them again."""
-    from engine.settings import default_settings
+    from engine.core.settings import default_settings
 
     line = {"id": "a", "arrival_s": 0, "model": "gpt-5-mini", "input_tokens": 10, "output_tokens": 1}
     default_settings.cache_clear()

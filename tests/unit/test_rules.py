@@ -17,17 +17,17 @@ from hypothesis import strategies as st
 
 from actors import BudgetController, ResultCache, ResultHub
 from actors._types import Job
-from engine.budgets import BudgetBook, BudgetSettings, BudgetSpec, Claim, Throttle
-from engine.catalog import Catalog, default_catalog
-from engine.clock import ManualClock
-from engine.features import NEAR_DIM, featurize_texts, fingerprint
-from engine.grouping import ReuseSettings
-from engine.request import Request
-from engine.result import Result
-from engine.reuse import ReuseIndex
-from engine.settings import CacheSettings, Settings
-from engine.similarity import guard_reason
-from engine.simulator import simulate
+from engine.core.budgets import BudgetBook, BudgetSettings, BudgetSpec, Claim, Throttle
+from engine.core.catalog import Catalog, default_catalog
+from engine.core.clock import ManualClock
+from engine.core.features import NEAR_DIM, featurize_texts, fingerprint
+from engine.core.grouping import ReuseSettings
+from engine.core.request import Request
+from engine.core.result import Result
+from engine.core.settings import CacheSettings, Settings
+from engine.core.similarity import guard_reason
+from engine.runtime.reuse import ReuseIndex
+from engine.sim.simulator import simulate
 from policies import load_policy
 
 CAT = default_catalog()
@@ -68,7 +68,7 @@ def test_prompts_that_differ_only_in_a_number_are_never_near_duplicates(a, b):
 
 def test_the_index_would_serve_these_pairs_but_for_the_numbers_guard():
     """The pairs above are a real test of the guard: above the threshold, and served with the guard off."""
-    from engine.similarity import Guards
+    from engine.core.similarity import Guards
 
     a, b = NUMBER_PAIRS[0]
     vecs = featurize_texts([a, b], dim=NEAR_DIM)
@@ -137,7 +137,7 @@ GUARD_CASES = [
 
 @pytest.mark.parametrize("guard,a,b,named", GUARD_CASES)
 def test_each_guard_refuses_a_pair_that_differs_only_in_what_it_guards(guard, a, b, named):
-    from engine.similarity import GUARDS, Guards
+    from engine.core.similarity import GUARDS, Guards
 
     for x, y in ((a, b), (b, a)):
         reason = guard_reason(x, y)

@@ -18,11 +18,11 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 
-from engine.catalog import Catalog, default_catalog
-from engine.grouping import Group
-from engine.request import Request
-from engine.simulator import simulate
-from engine.tracegen import synth
+from engine.core.catalog import Catalog, default_catalog
+from engine.core.grouping import Group
+from engine.core.request import Request
+from engine.core.tracegen import synth
+from engine.sim.simulator import simulate
 from policies import load_policy
 
 from .helpers import kind_trace

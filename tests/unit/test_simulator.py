@@ -1,14 +1,14 @@
 import numpy as np
 import pytest
 
-from engine.catalog import Catalog, default_catalog
-from engine.cost import price_alone
-from engine.errors import PolicyError
-from engine.grouping import Decision
-from engine.request import Request
-from engine.settings import Settings, SimSettings
-from engine.simulator import simulate
-from engine.tracegen import synth
+from engine.core.catalog import Catalog, default_catalog
+from engine.core.cost import price_alone
+from engine.core.errors import PolicyError
+from engine.core.grouping import Decision
+from engine.core.request import Request
+from engine.core.settings import Settings, SimSettings
+from engine.core.tracegen import synth
+from engine.sim.simulator import simulate
 from policies import Policy, load_policy
 
 CAT = default_catalog()

@@ -4,9 +4,9 @@ from collections import Counter
 
 import pytest
 
-from engine.errors import TraceError
-from engine.trace import load_trace, write_trace
-from engine.tracegen import from_azure, from_mooncake, synth
+from engine.core.errors import TraceError
+from engine.core.trace import load_trace, write_trace
+from engine.core.tracegen import from_azure, from_mooncake, synth
 
 
 @pytest.mark.parametrize("name", ["azure_llm_2023_conv.csv", "azure_llm_2023_code.csv"])

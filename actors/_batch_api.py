@@ -1,0 +1,158 @@
+"""A dispatcher's batch-API work: journal the batch before its create, create it (or find the one a restart
+cut), follow it to its end, cancel it at its hedge and resolve its members. A mixin of ``Dispatcher``: it uses
+the dispatcher's state."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+
+from actors._types import BatchJob, Job
+from actors.providers._wire import redact
+from engine.core.provider_api import CallJob
+from engine.runtime.providers import Event
+
+log = logging.getLogger("smartbatch.dispatcher")
+
+POLL_RETRY_S = 30.0  # engine seconds before polling again after a failed poll
+FIND_TRIES = 5  # lookups of a batch whose create a restart cut, before it is created again
+
+
+def _short(exc: BaseException) -> str:
+    return redact(f"{type(exc).__name__}: {str(exc)[:200]}")
+
+
+class BatchApiRuns:
+    """Batch-API methods of ``Dispatcher``."""
+
+    def _start_batch_api(self, e: Event, b: BatchJob, jobs: list[Job]) -> None:
+        self._spawn(self._run_batch(b, jobs, e.start, e.outcome), jobs, b)
+
+    async def _sleep(self, engine_s: float) -> None:
+        await asyncio.sleep(min(self.clock.real_delay(engine_s), 3600.0))
+
+    async def _run_batch(self, b: BatchJob, jobs: list[Job], start: float, tokens: int, key: str | None = None,
+                         body=None) -> None:
+        """Journal the batch about to be created, create it, journal its handle (so a restarted dispatcher
+        re-attaches to it, never submits it again), then follow it. With ``key``: a create that a restart cut;
+        the provider is asked for the batch first, and a create made again sends the same name and body."""
+        cjobs = [self._call_job(j, start, batch=True) for j in jobs]
+        p, handle = self.provider, None
+        cut = key is not None
+        if key is None:
+            key = f"{b.bid}-{secrets.token_hex(4)}"
+            if p.real:  # the create may reach the provider and this dispatcher die before it hears back
+                body = p.batch_body(cjobs)
+                self._open[key] = (b, jobs, start, tokens, None, body)
+                await self._journal_put(key)
+        try:
+            if cut:
+                handle = await self._find_batch(cjobs, key)
+            if handle is None:
+                handle = await p.submit_batch(cjobs, b.hedge_at, key, body)
+        except Exception as exc:  # the provider refused the batch: nothing ran, so the members go sync
+            log.warning("dispatcher %s: batch submission failed: %s", self.name, _short(exc))
+        if handle is not None:
+            self._open[key] = (b, jobs, start, tokens, handle, None)
+            await self._journal_put(key)
+        await self._follow_batch(key, b, jobs, start, tokens, handle, cjobs)
+
+    async def _find_batch(self, cjobs: list[CallJob], key: str):
+        """The provider's batch for a cut create; a lookup that fails is tried again (creating a second
+        batch would bill its members twice), then given up on with a warning."""
+        for attempt in range(FIND_TRIES):
+            try:
+                return await self.provider.find_batch(cjobs, key)
+            except Exception as exc:
+                log.warning("dispatcher %s: looking up batch %s failed (%s)", self.name, key, _short(exc))
+                await asyncio.sleep(0.2 * 2 ** attempt)
+        log.error("dispatcher %s: batch %s could not be looked up; creating it again", self.name, key)
+        return None
+
+    async def _journal_put(self, key: str) -> None:
+        try:
+            await self.journal.put(self._space, key, self._open[key])
+        except Exception as exc:  # the batch still runs; only a restart of this dispatcher would lose track of it
+            log.warning("dispatcher %s: could not journal batch %s: %s", self.name, key, _short(exc))
+
+    async def _follow_batch(self, key: str, b: BatchJob, jobs: list[Job], start: float, tokens: int, handle,
+                            cjobs: list[CallJob]) -> None:
+        """Poll until the batch ends, cancel it at its hedge time, then resolve every member: finished ones
+        from the output (billed once, never sent again), the rest back to the policy."""
+        p = self.provider
+        hedge_at = b.hedge_at
+        outs: dict = {}
+        was_cancelled = False
+        if handle is not None:
+            cancel_deadline = None
+            while True:
+                now = self.clock.now()
+                if hedge_at is not None and now >= hedge_at and cancel_deadline is None:
+                    # Cancel first, poll after: every moment before the cancel reaches the provider is a moment
+                    # in which a late batch still finishes members that sync calls will also pay for.
+                    try:
+                        await p.cancel(handle)
+                    except Exception as exc:  # e.g. it ended meanwhile; the poll below tells
+                        log.warning("dispatcher %s: batch cancel failed: %s", self.name, _short(exc))
+                    self.batches_cancelled += 1
+                    self._counts.hedged_batches += 1
+                    was_cancelled = True
+                    # Counted from when the cancel was accepted: the time it spent on the wire is not the
+                    # provider's cancelling time.
+                    cancel_deadline = self.clock.now() + self.catalog.provider(self.name).batch_api.cancel_s
+                try:
+                    st = await p.poll(handle)
+                except Exception as exc:  # a failed poll is retried; the hedge still bounds the wait
+                    log.warning("dispatcher %s: batch poll failed: %s", self.name, _short(exc))
+                    st = None
+                if st is not None and st.status == "ended":
+                    break
+                now = self.clock.now()
+                if cancel_deadline is not None and now >= cancel_deadline:
+                    # The cancel outlasted its allowance: the deadline comes first. Unfinished members go sync;
+                    # any that the provider still finishes is counted as paid twice in the report.
+                    log.warning("dispatcher %s: batch cancel still pending; sending its unfinished members", self.name)
+                    self._spawn(self._watch_late_cancel(handle, cjobs), [], b)
+                    handle = None
+                    break
+                wait = st.next_poll_s if st is not None else POLL_RETRY_S
+                limit = (hedge_at if cancel_deadline is None and hedge_at is not None else
+                         cancel_deadline if cancel_deadline is not None else float("inf"))
+                await self._sleep(max(min(wait, limit - now), 0.0))
+            if handle is not None:
+                try:
+                    outs = dict(await p.fetch(handle))
+                except Exception as exc:
+                    log.warning("dispatcher %s: batch results could not be read: %s", self.name, _short(exc))
+        if self._open.pop(key, None) is not None:
+            self._unjournal.append((self._space, key))
+        self.sim.finish_batch(tokens, self.clock.now())
+        self._counts.turnaround_s.append(self.clock.now() - start)
+        for j, cj in zip(jobs, cjobs, strict=True):
+            o = outs.get(cj.key)
+            if o is None:
+                self._hedged(j)
+            else:
+                if was_cancelled:
+                    self.members_saved_by_cancel += o.ok
+                    self._counts.hedge_kept_members += o.ok
+                self._attempt(b, j, o.ok, o.cost, "batch_api", o)
+        self._pump()
+
+    async def _watch_late_cancel(self, handle, cjobs: list[CallJob]) -> None:
+        """A cancel that outlasted ``cancel_s``: its unfinished members were sent again for their deadlines.
+        Follow the batch to its end, so any member it still finished (billed twice) is counted, not hidden."""
+        p = self.provider
+        for _ in range(100):
+            st = await p.poll(handle)
+            if st.status == "ended":
+                late = [o for o in (await p.fetch(handle)).values() if o.ok]
+                self.paid_twice += len(late)
+                self.paid_twice_usd += sum(o.cost for o in late)
+                self._counts.paid_twice_members += len(late)
+                self._counts.paid_twice_usd += sum(o.cost for o in late)
+                self._kick()
+                return
+            await self._sleep(st.next_poll_s)
+

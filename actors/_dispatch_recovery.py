@@ -1,0 +1,97 @@
+"""A dispatcher's recovery, after its own restart or another actor's: which requests it knows (``recall``,
+``holds``), the finished results it sends again, and the journaled calls and batches it resumes (``recover``,
+``rejournal``). A mixin of ``Dispatcher``: it uses the dispatcher's state."""
+
+from __future__ import annotations
+
+import logging
+
+from actors._batch_api import _short
+
+log = logging.getLogger("smartbatch.dispatcher")
+
+
+class Recovery:
+    """Recovery methods of ``Dispatcher``."""
+
+    # -- recovery -----------------------------------------------------------------------------------------------
+    async def holds(self, uids: list[str]) -> list[str]:
+        """Of ``uids``, those this dispatcher is carrying out or has finished (nothing is sent again)."""
+        return [u for u in uids if u in self._known or u in self._done]
+
+    async def forget(self, uids: list[str]) -> None:
+        """Finished requests past the driver's retention: a new request may use their ids."""
+        for u in uids:
+            self._done.pop(u, None)
+
+    async def recall(self, uids: list[str]) -> list[str]:
+        """Of ``uids`` (requests re-admitted after a restart), those this dispatcher knows: still carrying them
+        out, or finished (their results are sent again). The rest are lost and must be dispatched afresh."""
+        out = await self.holds(uids)
+        for u in out:
+            if u in self._done:
+                self._send_again(u)
+        if out:
+            self._kick()
+        return out
+
+    def _send_again(self, uid: str) -> None:
+        """Put a finished request's result in the outbox again (the hub counts it once)."""
+        res, price, _ = self._done[uid]
+        self._results.append(res)
+        self._list_prices.append(price)
+
+    async def recover(self) -> int:
+        """After a restart: make again, under the same key and with the same body, the sync calls the journal
+        says were under way, and re-attach to the batches it says were submitted, by their ids, following them
+        to their end (their members are never submitted again). Returns how many batches."""
+        try:
+            records = await self.journal.items(self._space)
+            bodies = await self.journal.items(self._sync_journal.space)
+        except Exception as exc:
+            log.error("dispatcher %s: journal unreadable after a restart (%s); batches it had submitted are "
+                      "not followed and their members are sent again", self.name, _short(exc))
+            return 0
+        n = 0
+        for key, rec in bodies.items():
+            b, j, cache_write, _ = rec
+            # A call that may have reached the provider (and been billed): made again under its key with its
+            # body, so a provider that honours the key answers it without billing it twice.
+            if j.req.uid in self._known or key in self._sync_calls:
+                continue
+            self._sync_calls[key] = rec
+            self._known.add(j.req.uid)
+            self.in_flight += 1
+            self._spawn(self._run_sync(b, j, cache_write, self.clock.now()), [j], b)
+            self.resumed_calls += 1
+        for key, (b, jobs, start, tokens, handle, body) in records.items():
+            jobs = [j for j in jobs if j.req.uid not in self._known]  # e.g. a hedged member already sent sync
+            if key in self._open or not jobs:
+                continue
+            self._open[key] = (b, jobs, start, tokens, handle, body)
+            self._known.update(j.req.uid for j in jobs)
+            self.in_flight += len(jobs)
+            if handle is None:  # its create was cut: find it at the provider, or create it under the same name
+                self._spawn(self._run_batch(b, jobs, start, tokens, key, body), jobs, b)
+            else:
+                cjobs = [self._call_job(j, start, batch=True) for j in jobs]
+                self._spawn(self._follow_batch(key, b, jobs, start, tokens, handle, cjobs), jobs, b)
+            n += 1
+        self.reattached += n
+        if n or self.resumed_calls:
+            log.warning("dispatcher %s: after a restart, re-attached to %d open batch(es) and resumed %d call(s)",
+                        self.name, n, self.resumed_calls)
+        return n
+
+    async def rejournal(self) -> int:
+        """Write every open batch and sync body to the journal again (after the hub, which keeps a memory
+        journal, restarted)."""
+        for key in list(self._open):
+            await self._journal_put(key)
+        if self._sync_calls:
+            try:
+                await self.journal.put_many(self._sync_journal.space, dict(self._sync_calls))
+            except Exception as exc:
+                log.warning("dispatcher %s: could not journal sync bodies: %s", self.name, _short(exc))
+        return len(self._open)
+

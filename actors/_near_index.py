@@ -1,0 +1,93 @@
+"""The result cache's near-duplicate index: requests about to lead are indexed by embedding so near
+duplicates arriving while they are generated can follow them, and stored results so later ones can be reused.
+A mixin of ``ResultCache``: it uses the cache's state."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable
+
+import numpy as np
+
+from actors._types import Job
+from actors.cache_layers import Entry
+from engine.core.features import NEAR_DIM, featurize
+from engine.core.result import Result
+from engine.core.similarity import guard_reason
+
+Item = Job
+FOLLOWING = Result(id="", status="reused")  # marker: attached to a near duplicate in flight
+
+
+class NearIndex:
+    """Near-duplicate index methods of ``ResultCache``."""
+
+    def _follow_within(self, items: list[Item], vecs: np.ndarray, out: list) -> None:
+        """Near duplicates among this batch's misses: a later one follows the earliest that it matches (the
+        earlier one will lead), as it would had they arrived in two batches."""
+        if not self.reuse.in_flight:
+            return
+        by_class: dict[Hashable, list[int]] = {}
+        for k, it in enumerate(items):
+            if out[k] is None:
+                by_class.setdefault(self._near_key(it), []).append(k)
+        for ks in by_class.values():
+            if len(ks) < 2:
+                continue
+            sims = vecs[ks] @ vecs[ks].T
+            leads: list[int] = []  # positions in ks
+            for a in range(len(ks)):
+                it = items[ks[a]]
+                src = next((b for b in leads if sims[a, b] >= self.near_threshold and items[ks[b]].fp != it.fp
+                            and items[ks[b]].req.deadline_at <= it.req.deadline_at
+                            and guard_reason(it.req.prompt, items[ks[b]].req.prompt, self.reuse.guards) is None),
+                           None)
+                if src is None:
+                    leads.append(a)
+                    continue
+                self.followers.setdefault(items[ks[src]].fp, []).append(it)
+                self.near_followers.add(it.req.uid)
+                self.stats["near"] += 1
+                out[ks[a]] = FOLLOWING
+
+    def _index_leaders(self, vecs: dict, lazy: bool = False) -> None:
+        """Index the requests that started generating, so near duplicates arriving meanwhile can follow them
+        (the simulator's index holds a dispatched request too). ``vecs``: vectors already made, by id.
+        ``lazy``: only those with a vector already; the rest wait for the next near ask or completion, so a
+        lookup without near asks (an urgent exact request) does not pay for featurising."""
+        if not self.reuse.near:
+            self._new_leads = []
+            return
+        if lazy:
+            ready = [it for it in self._new_leads if it.req.uid in vecs]
+            self._new_leads = [it for it in self._new_leads if it.req.uid not in vecs]
+            leading = ready
+        else:
+            leading, self._new_leads = self._new_leads, []
+        leading = [it for it in leading if it.fp not in self.indexed]
+        if not leading:
+            return
+        todo = [it for it in leading if it.req.uid not in vecs]
+        if todo:
+            made = featurize([it.req for it in todo], dim=NEAR_DIM)
+            vecs = {**vecs, **{it.req.uid: made[k] for k, it in enumerate(todo)}}
+        self._index_rows([(self._near_key(it), vecs[it.req.uid], it.fp, it.req.prompt, math.inf)
+                          for it in {it.fp: it for it in leading}.values()])
+
+    def _index_rows(self, rows: list[tuple[Hashable, np.ndarray, str, str, float]]) -> None:
+        """(near key, vector, fingerprint, text, done) rows into the near index, one call per class."""
+        by_class: dict[Hashable, list[tuple]] = {}
+        for row in rows:
+            by_class.setdefault(row[0], []).append(row)
+        for key, rs in by_class.items():
+            self.index.add_near(key, np.stack([r[1] for r in rs]), [r[2] for r in rs], [r[3] for r in rs],
+                                [r[4] for r in rs])
+        self.indexed.update(r[2] for r in rows)
+
+    def _index_near(self, stored: list[tuple[Item, Entry]]) -> None:
+        todo = [(it, e) for it, e in stored if e.near_key is not None and e.fp not in self.indexed]
+        if not todo:
+            return
+        vecs = featurize([it.req for it, _ in todo], dim=NEAR_DIM)
+        self._index_rows([(e.near_key, v, e.fp, e.text, e.result.done_s or 0.0) for (_, e), v in zip(todo, vecs)])
+

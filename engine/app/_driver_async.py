@@ -1,0 +1,102 @@
+"""The asyncio face of ``Engine``: ``asubmit``, ``asubmit_many`` and ``as_completed`` (a mixin, so the driver module
+stays the threads-and-futures core)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from engine.core.request import Request
+from engine.core.result import Result
+
+if TYPE_CHECKING:
+    from engine.app.driver import ResultFuture
+
+__all__ = ["AsyncSubmit"]
+
+
+class AsyncSubmit:
+    """Mixed into ``Engine``; uses its ``_as_request``, ``_admit``, ``_flush`` and lock."""
+
+    async def asubmit(self, request: Request | Mapping) -> Result:
+        """``submit`` for asyncio: queue one request and await its ``Result`` without blocking the event loop.
+        Raises as ``submit`` does (``RequestError``, ``EngineStopped``, ``Overloaded``). Cancelling the awaiting
+        task ends the wait, not the request: it still runs, and its future is ``submit`` of the same id."""
+        (fut,) = await self._asubmit_futures([request])
+        return await _awaited(fut)
+
+    async def asubmit_many(self, requests: Iterable[Request | Mapping]) -> list[Result]:
+        """``submit_many`` for asyncio: the ``Result`` of each request, in the order given. A bad request
+        raises ``RequestError`` before any is queued."""
+        futs = await self._asubmit_futures(list(requests))
+        return list(await asyncio.gather(*(_awaited(f) for f in futs)))
+
+    async def as_completed(self, futures: Iterable[concurrent.futures.Future | Awaitable[Result]], *,
+                           timeout: float | None = None) -> AsyncIterator[Result]:
+        """Yield each ``Result`` as its future completes (in completion order), given ``ResultFuture``s (or
+        any ``concurrent.futures.Future`` or awaitable); the same future given twice yields once. Past
+        ``timeout`` seconds in all, raises ``asyncio.TimeoutError`` as ``asyncio.as_completed`` does; the
+        futures are never cancelled (leaving the loop early leaves every request running)."""
+        loop = asyncio.get_running_loop()
+        arrived: asyncio.Queue = asyncio.Queue()  # futures, in the order they finished
+
+        def from_thread(f: concurrent.futures.Future) -> None:  # runs in the thread that resolved f
+            try:
+                loop.call_soon_threadsafe(arrived.put_nowait, f)
+            except RuntimeError:  # the loop has closed: nobody waits for this any more
+                pass
+
+        # A done callback rather than asyncio.wrap_future: cancelling a wrapped future cancels the
+        # ResultFuture itself, and a cancelled ResultFuture would never release its max_pending slot.
+        todo: dict[int, Any] = {}
+        for f in futures:
+            if not isinstance(f, concurrent.futures.Future):
+                f = asyncio.ensure_future(f)
+            todo.setdefault(id(f), f)
+        for f in todo.values():
+            f.add_done_callback(from_thread if isinstance(f, concurrent.futures.Future) else arrived.put_nowait)
+        deadline = None if timeout is None else loop.time() + timeout
+        for k in range(len(todo)):
+            if arrived.empty():
+                left = None if deadline is None else max(deadline - loop.time(), 0.0)
+                try:
+                    f = await asyncio.wait_for(arrived.get(), left)
+                except asyncio.TimeoutError:
+                    raise asyncio.TimeoutError(f"{len(todo) - k} of {len(todo)} results were not ready within "
+                                               f"timeout={timeout} s") from None
+            else:  # finished already: yielded even past the deadline, as asyncio.as_completed does
+                f = arrived.get_nowait()
+            yield f.result()
+
+    async def _asubmit_futures(self, requests: list[Request | Mapping]) -> list[ResultFuture]:
+        reqs = [self._as_request(r) for r in requests]  # RequestError here, before anything is queued
+        futs = self._admit_nowait(reqs)
+        if futs is None:  # no room: submit_many waits for it (up to submit_timeout_s) in a worker thread
+            futs = await asyncio.to_thread(self.submit_many, reqs)
+        return futs
+
+    def _admit_nowait(self, reqs: list[Request]) -> list[ResultFuture] | None:
+        """Admit ``reqs`` as ``submit`` (one) or ``submit_many`` (several) do, or None where that would wait
+        for room. The room check and the admission hold the lock together, so room cannot fill in between
+        and ``_admit`` never waits here: an event loop may call this."""
+        with self._lock:
+            if self._running and self._overload == "block":
+                fresh = {r.uid for r in reqs if r.uid not in self._futs}  # what _admit would queue
+                if fresh and self._pending + len(fresh) > self._max_pending and self._pending > 0:
+                    return None
+            futs, new = self._admit(reqs)
+            full = len(self._buffer) >= self._micro_batch
+        if len(reqs) != 1 or full:
+            self._flush()
+        elif new and reqs[0].priority == "urgent":
+            self._wake.set()  # as submit does: the flusher sends an urgent burst in one batch
+        return futs
+
+
+
+def _awaited(fut: concurrent.futures.Future) -> Awaitable[Result]:
+    """Await ``fut`` from asyncio. Shielded: cancelling the awaiting task must not cancel the ResultFuture
+    (``wrap_future`` would), which would lose the result and never release its ``max_pending`` slot."""
+    return asyncio.shield(asyncio.wrap_future(fut))

@@ -1,0 +1,237 @@
+"""``bench``: several policies on one trace in the simulator, judged against naive and the lower bound."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from engine.core.catalog import Catalog, default_catalog
+from engine.core.draws import Draws
+from engine.core.errors import ConfigError
+from engine.core.request import Request
+from engine.core.settings import Settings
+from engine.sim.lower_bound import lower_bound
+from engine.sim.simulator import SimResult, simulate
+
+__all__ = ["PolicySpec", "document", "load_variants", "resolve_policies", "result_row", "run_bench",
+           "write_outputs"]
+
+
+class PolicySpec(BaseModel):
+    """One entry of a bench: a label, the policy (name or module:Class) and its parameters."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str = Field(min_length=1)
+    policy: str = Field(min_length=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+def load_variants(path: str | Path | None) -> dict[str, PolicySpec]:
+    """Named variants from YAML: ``variants: [{name, policy, params}]``."""
+    if path is None:
+        return {}
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read variants file {path}: {exc}") from exc
+    items = raw.get("variants") if isinstance(raw, dict) else None
+    if not isinstance(items, list):
+        raise ConfigError(f"{path}: expected a top-level 'variants:' list of {{name, policy, params}}")
+    out: dict[str, PolicySpec] = {}
+    for k, item in enumerate(items):
+        try:
+            spec = PolicySpec.model_validate(item)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise ConfigError(f"{path}: variants[{k}].{'.'.join(map(str, first['loc']))}: {first['msg']}") from exc
+        if spec.name in out:
+            raise ConfigError(f"{path}: variant name {spec.name!r} appears twice")
+        out[spec.name] = spec
+    return out
+
+
+def resolve_policies(names: str | Sequence[str], variants: dict[str, PolicySpec]) -> list[PolicySpec]:
+    items = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
+    items = [n for n in items if n]
+    if not items:
+        raise ConfigError("--policies is empty; give e.g. --policies naive,smart")
+    return [variants.get(n) or PolicySpec(name=n, policy=n) for n in items]
+
+
+def _round(x: float | None, nd: int = 6) -> float | None:
+    return None if x is None else round(x, nd) + 0.0  # + 0.0 turns -0.0 into 0.0
+
+
+@dataclass
+class _Run:
+    spec: PolicySpec
+    result: SimResult
+    relaxed_bound: float
+
+
+def result_row(name: str, policy_class: str, params: dict, result: SimResult, naive_cost: float,
+               bound: float, relaxed_bound: float) -> dict:
+    """One row of ``results``: the contract keys, judged against naive and the bound, plus the summary."""
+    s = result.summary()
+    cost = s["cost_usd"]
+    achievable = naive_cost - bound
+    row = {
+        "policy": name,
+        "policy_class": policy_class,
+        "params": params,
+        "cost_usd": cost,
+        "naive_cost_usd": round(naive_cost, 6),
+        "saving_vs_naive": _round((naive_cost - cost) / naive_cost if naive_cost > 0 else 0.0),
+        # Against the bound of serving every request: meaningless when some were refused (budgets).
+        "capture_of_achievable": _round((naive_cost - cost) / achievable
+                                        if achievable > 1e-12 and not sum(s["rejected"].values()) else None),
+        "lower_bound_for_its_misses_usd": round(relaxed_bound, 6),
+    }
+    row.update({k: v for k, v in s.items() if k not in ("policy", "cost_usd")})
+    budget = result.extra.get("budget")
+    row["budget_overrun_usd"] = budget["overrun_usd"] if budget else 0.0
+    if budget:
+        row["budget"] = budget
+    return row
+
+
+def document(trace_name: str, n_requests: int, seed: int, lb, rows: list[dict],
+             budgets: list[dict] | None = None) -> dict:
+    doc = {"trace": trace_name, "requests": n_requests, "seed": seed, "lower_bound_usd": round(lb.total_usd, 6),
+           "lower_bound": lb.as_dict(), "results": rows}
+    if budgets:
+        doc["budgets"] = budgets
+    return doc
+
+
+def run_bench(requests: Sequence[Request], specs: Sequence[PolicySpec], *, trace_name: str,
+              catalog: Catalog | None = None, settings: Settings | None = None, seed: int | None = None,
+              on_progress: Callable[[str], None] | None = None) -> dict:
+    """Simulate every policy, the naive baseline and the lower bound; return the results document."""
+    from policies import load_policy
+
+    settings = settings or Settings()
+    catalog = catalog or default_catalog()
+    seed = settings.sim.seed if seed is None else seed
+    reqs = sorted(requests, key=lambda r: r.arrival_s)
+    draws = Draws(len(reqs), settings.sim.max_attempts, seed, settings.sim.batch_slot_s)
+    policies = [(s, load_policy(s.policy, catalog, s.params)) for s in specs]  # fail fast on bad params
+    lb = lower_bound(reqs, catalog=catalog, settings=settings, draws=draws)
+    if on_progress:
+        on_progress("lower bound")
+
+    def sim(policy) -> SimResult:
+        return simulate(reqs, policy, catalog=catalog, settings=settings, seed=seed, trace_name=trace_name,
+                        draws=draws)
+
+    # The naive reference is the bill without budgets: what the trace would cost if nothing held it back.
+    budgeted = bool(settings.budgets.specs)
+    naive_cost = None
+    runs: list[_Run] = []
+    for spec, policy in policies:
+        res = sim(policy)
+        relaxed = lower_bound(reqs, catalog=catalog, settings=settings, draws=draws, relax=~res.met).total_usd
+        runs.append(_Run(spec, res, relaxed))
+        if spec.policy == "naive" and not spec.params and naive_cost is None and not budgeted:
+            naive_cost = res.total_cost
+        if on_progress:
+            on_progress(spec.name)
+    if naive_cost is None:
+        free = settings.model_copy(update={"budgets": type(settings.budgets)()})
+        naive_cost = simulate(reqs, load_policy("naive", catalog), catalog=catalog, settings=free, seed=seed,
+                              trace_name=trace_name, draws=draws).total_cost
+    rows = [result_row(r.spec.name, r.spec.policy, r.spec.params, r.result, naive_cost, lb.total_usd,
+                       r.relaxed_bound) for r in runs]
+    return document(trace_name, len(reqs), seed, lb, rows,
+                    [b.model_dump() for b in settings.budgets.specs] if budgeted else None)
+
+
+def _markdown(doc: dict) -> str:
+    lines = [
+        f"### {doc['trace']} ({doc['requests']:,} requests, seed {doc['seed']})",
+        "",
+        f"Lower bound: ${doc['lower_bound_usd']:.2f}; naive: ${doc['results'][0]['naive_cost_usd']:.2f}."
+        + ("" if not doc.get("budgets") else " Budgets: " + "; ".join(
+            f"{b.get('tenant') or 'all'} ${b['max_budget']:g}" + (f"/{b['budget_duration']}" if b.get(
+                "budget_duration") else "") for b in doc["budgets"]) + "."),
+        "",
+        "| policy | cost USD | saving vs naive | capture of achievable | deadlines met | urgent met | "
+        "exact/in-flight/near hits | failed | rejected | sim req/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in doc["results"]:
+        cap = r["capture_of_achievable"]
+        urgent = r["deadline_met_by_priority"].get("urgent")
+        lines.append(
+            f"| {r['policy']} | {r['cost_usd']:.2f} | {100 * r['saving_vs_naive']:.1f} % | "
+            f"{'n/a' if cap is None else f'{100 * cap:.1f} %'} | {100 * r['deadline_met_frac']:.2f} % | "
+            f"{'n/a' if urgent is None else f'{100 * urgent:.1f} %'} | "
+            f"{r['exact_hits']}/{r['in_flight_hits']}/{r['near_hits']} | {r['failed']} | "
+            f"{sum(r['rejected'].values())} | "
+            f"{'live' if r.get('sim_requests_per_s') is None else format(r['sim_requests_per_s'], ',.0f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(doc: dict, path: Path) -> Any:
+    """Cost against deadline attainment, one labelled point per policy. Returns the figure, so tests can
+    inspect where the labels landed."""
+    # An Agg canvas bound to a bare Figure: no pyplot state, no GUI backend, nothing to close.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    labels = []
+    for r in doc["results"]:
+        ax.scatter(100 * r["deadline_met_frac"], r["cost_usd"], s=40)
+        labels.append(ax.annotate(r["policy"], (100 * r["deadline_met_frac"], r["cost_usd"]),
+                                  textcoords="offset points", xytext=(5, 4), fontsize=8))
+    naive = doc["results"][0]["naive_cost_usd"]
+    ax.axhline(naive, color="grey", linestyle="--", linewidth=1, label=f"naive ${naive:.2f}")
+    ax.axhline(doc["lower_bound_usd"], color="green", linestyle=":", linewidth=1,
+               label=f"lower bound ${doc['lower_bound_usd']:.2f}")
+    ax.set_xlabel("deadlines met (%)")
+    ax.set_ylabel("cost (USD)")
+    ax.set_title(f"{doc['trace']}: cost against deadline attainment")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    # Greedy de-collision, done after the layout is final (nothing rescales the axes afterwards): take the
+    # labels bottom to top and lift each one just clear of every label already placed that it overlaps.
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    px_per_pt = fig.dpi / 72.0
+    placed = []
+    for label in sorted(labels, key=lambda a: a.get_window_extent(renderer).y0):
+        box = label.get_window_extent(renderer)
+        lift = 0.0
+        moved = True
+        while moved:  # ends: each pass lifts above one more placed box, and there are finitely many
+            moved = False
+            for other in placed:
+                if box.translated(0, lift).overlaps(other):
+                    lift = other.y1 - box.y0 + 1.0
+                    moved = True
+        if lift:
+            dx, dy = label.xyann
+            label.xyann = (dx, dy + lift / px_per_pt)
+        placed.append(box.translated(0, lift))
+    fig.savefig(path)
+    return fig
+
+
+def write_outputs(doc: dict, out_dir: str | Path) -> dict[str, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "markdown": out / "results.md", "plot": out / "plot.png"}
+    paths["json"].write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    paths["markdown"].write_text(_markdown(doc), encoding="utf-8")
+    _plot(doc, paths["plot"])
+    return paths

@@ -1,0 +1,333 @@
+"""The ``smartbatch`` command line: bench, run, demo and policies here; trace builders in ``cli_trace``, batch
+files and the emulator in ``cli_batch``; what they share in ``cli_common``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from engine.app import cli_batch, cli_trace  # noqa: F401  (importing them registers their commands on the app)
+from engine.app.cli_common import _fail, _providers, _settings, _warn_skipped, app, console, err_console
+from engine.core.errors import SmartbatchError
+from engine.core.settings import Settings
+
+
+def _print_table(doc: dict) -> None:
+    """Print the results table on the CLI console. When the full table is wider than the console, headers
+    shorten (a caption spells them out) and the columns that matter least move, in order, to a second table
+    keyed by policy, so nothing wraps or is cut at 80 columns."""
+    out = console  # read at call time, so tests can patch engine.app.cli.console
+    budgeted = bool(doc.get("budgets"))
+    rows = doc["results"]
+
+    def pct(x: float | None, nd: int = 1) -> str:
+        return "n/a" if x is None else f"{100 * x + 0.0:.{nd}f}%"
+
+    # (full header, short header, cells); policy, cost, saving and met never fold.
+    cols = {
+        "policy": ("policy", "policy", [r["policy"] for r in rows]),
+        "cost": ("cost $", "cost $", [f"{r['cost_usd']:.2f}" for r in rows]),
+        "saving": ("saving", "save", [pct(r["saving_vs_naive"]) for r in rows]),
+        "capture": ("capture", "capt", [pct(r["capture_of_achievable"]) for r in rows]),
+        "met": ("met", "met", [pct(r["deadline_met_frac"], 2) for r in rows]),
+        "urgent": ("urgent", "urg", [pct(r["deadline_met_by_priority"].get("urgent")) for r in rows]),
+        "hits": ("hits e/f/n", "hits", [f"{r['exact_hits']}/{r['in_flight_hits']}/{r['near_hits']}" for r in rows]),
+        "recs": ("b/c/i" if budgeted else "batch/consider/indiv", "b/c/i",
+                 ["/".join(str(r["recommendations"].get(k, 0)) for k in
+                           ("process_as_batch", "consider_batch", "process_individually")) for r in rows]),
+    }
+    if budgeted:
+        cols["rejected"] = ("rejected", "rej", [str(sum(r["rejected"].values())) for r in rows])
+        cols["overrun"] = ("overrun $", "over $", [f"{r.get('budget_overrun_usd', 0.0):.2f}" for r in rows])
+    cols["speed"] = ("sim req/s", "req/s", ["live" if r.get("sim_requests_per_s") is None
+                                            else f"{r['sim_requests_per_s']:,.0f}" for r in rows])
+    fold_order = ["speed", "recs", "hits", "overrun", "rejected", "capture", "urgent"]
+    title = f"{doc['trace']}: {doc['requests']:,} requests; lower bound ${doc['lower_bound_usd']:.2f}"
+
+    legend = {"saving": "save: vs naive", "capture": "capt: of achievable", "urgent": "urg: urgent met",
+              "hits": "hits: exact/in-flight/near", "recs": "b/c/i: batch/consider/indiv",
+              "speed": "req/s: simulated"}
+
+    def build(keys: list[str], short: bool, title: str | None = None) -> Table:
+        caption = "; ".join(legend[k] for k in keys if k in legend) if short else None
+        t = Table(title=title, caption=caption)
+        for k in keys:
+            t.add_column(cols[k][1 if short else 0], justify="left" if k == "policy" else "right", no_wrap=True)
+        for i in range(len(rows)):
+            t.add_row(*(cols[k][2][i] for k in keys))
+        return t
+
+    def width(t: Table) -> int:
+        return out.measure(t, options=out.options.update_width(10_000)).maximum
+
+    main, folded = list(cols), []
+    table = build(main, short=False, title=title)
+    if width(table) > out.width:
+        table = build(main, short=True, title=title)
+        for k in fold_order:
+            if width(table) <= out.width:
+                break
+            if k in main:
+                main.remove(k)
+                folded.append(k)
+                table = build(main, short=True, title=title)
+    out.print(table)
+    if folded:
+        out.print(build(["policy", *reversed(folded)], short=True))
+
+
+def _budgets(settings: Settings, budget: float | None, tenant_budget: list[str] | None,
+             duration: str | None, requests, reserve_output: str | None = None) -> Settings:
+    """``--budget``/``--tenant-budget NAME=USD``/``--budget-duration`` on top of the settings' budgets. A
+    budget without a window covers the whole trace and is paced over its span."""
+    from engine.core.errors import ConfigError
+    from engine.core.settings import with_budget
+
+    if reserve_output is not None:
+        if reserve_output not in ("model_max", "request"):
+            raise ConfigError(f"--reserve-output {reserve_output!r}: use model_max or request")
+        budgets = settings.budgets.model_copy(update={"reserve_output": reserve_output})
+        settings = settings.model_copy(update={"budgets": budgets})
+    tenants: dict[str, float] = {}
+    for item in tenant_budget or []:
+        name, sep, usd = item.partition("=")
+        try:
+            value = float(usd)
+        except ValueError:
+            value = -1.0
+        if not sep or not name or value < 0:
+            raise ConfigError(f"--tenant-budget {item!r}: write NAME=USD with USD >= 0, e.g. --tenant-budget acme=25")
+        if name in tenants:
+            raise ConfigError(f"--tenant-budget names tenant {name!r} twice")
+        tenants[name] = value
+    if budget is None and not tenants:
+        if duration is not None:
+            raise ConfigError("--budget-duration needs --budget or --tenant-budget")
+        return settings
+    try:
+        horizon = max((r.arrival_s for r in requests), default=0.0)
+        return with_budget(settings, budget, tenants, duration, horizon_s=horizon)
+    except ValueError as exc:
+        raise ConfigError(f"--budget-duration {duration!r}: {exc}") from None
+
+
+def _bench(requests, name: str, policies: str, variants: Path | None, out: Path, seed: int, cat,
+           settings: Settings) -> dict:
+    from engine.app.bench import load_variants, resolve_policies, run_bench, write_outputs
+
+    specs = resolve_policies(policies, load_variants(variants))
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=err_console, transient=True) as bar:
+        task = bar.add_task(f"bench {name}", total=len(specs) + 1)
+        doc = run_bench(requests, specs, trace_name=name, catalog=cat, settings=settings, seed=seed,
+                        on_progress=lambda label: bar.update(task, advance=1, description=f"done: {label}"))
+    write_outputs(doc, out)
+    return doc
+
+
+@app.command()
+def bench(trace: Path = typer.Argument(..., help="a JSONL trace"),
+          policies: str = typer.Option("naive,cache-only,fixed,batch-all,smart", help="comma-separated names "
+                                       "(registered, module:Class, or variants from --variants)"),
+          out: Path = typer.Option(Path("out/bench"), "--out", help="output directory"),
+          variants: Path | None = typer.Option(None, help="YAML with variants: [{name, policy, params}]"),
+          seed: int = typer.Option(0, help="simulation seed"),
+          skip_invalid: bool = typer.Option(False, "--skip-invalid", help="skip and count invalid lines"),
+          budget: float | None = typer.Option(None, min=0, help="hard budget over all spend, USD"),
+          tenant_budget: list[str] | None = typer.Option(None, "--tenant-budget",
+                                                         help="hard budget of one tenant, NAME=USD (repeatable)"),
+          budget_duration: str | None = typer.Option(None, help="budget window (30s, 1h, 1d, 30d, 1mo); default: "
+                                                      "the whole trace"),
+          reserve_output: str | None = typer.Option(None, help="output a reservation assumes without a "
+                                                    "max_output_tokens cap: model_max (default, safe) or request "
+                                                    "(output_tokens, when it is sent as max_tokens)"),
+          catalog: Path | None = typer.Option(None, help="catalog YAML (default: packaged)")) -> None:
+    """Run policies on a trace in the simulator; write results.json, results.md and plot.png."""
+    from engine.core.trace import load_trace
+
+    try:
+        settings, cat = _settings(catalog)
+        tr = load_trace(trace, catalog=cat, settings=settings, skip_invalid=skip_invalid)
+        settings = _budgets(settings, budget, tenant_budget, budget_duration, tr.requests, reserve_output)
+        if tr.skipped:
+            _warn_skipped(tr.skipped, "invalid line(s)", tr.problems[0])
+        if tr.rebased_s:
+            err_console.print(Text(f"arrivals rebased by {tr.rebased_s / 86400:,.0f} day(s) ({tr.rebased_s:,.0f} s), "
+                                   "so the trace starts on its first day", style="yellow"))
+        doc = _bench(tr.requests, tr.name, policies, variants, out, seed, cat, settings)
+    except SmartbatchError as exc:
+        _fail(exc)
+    _print_table(doc)
+    console.print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'plot.png'}")
+
+
+def _started(then=None):
+    """Say where the engine serves its metrics as soon as it is up, then run ``then``."""
+    def started(eng) -> None:
+        if eng.metrics_url:
+            err_console.print(f"metrics at {eng.metrics_url}")
+        if then is not None:
+            then(eng)
+    return started
+
+
+def _live(requests, name: str, policy: str, speedup: float, address: str | None, seed: int, settings,
+          cat, results: list | None = None, on_start=None) -> dict:
+    from engine.app.live import run_live
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=err_console, transient=True) as bar:
+        task = bar.add_task(f"live {policy} x{speedup:g}", total=len(requests))
+        return run_live(requests, trace_name=name, policy=policy, speedup=speedup, address=address, seed=seed,
+                        catalog=cat, settings=settings, results=results, on_start=_started(on_start),
+                        on_done=lambda k: bar.update(task, advance=k))
+
+
+@app.command()
+def run(trace: Path = typer.Argument(..., help="a JSONL trace"),
+        policy: str = typer.Option("smart", help="registered name or module:Class"),
+        speedup: float = typer.Option(100.0, min=0.001, help="engine seconds per real second"),
+        out: Path = typer.Option(Path("out/run"), "--out", help="where results.json, results.md and plot.png go"),
+        address: str | None = typer.Option(None, help="attach to a Ray cluster (e.g. auto); default: "
+                                              "an embedded local Ray"),
+        providers: str | None = typer.Option(None, "--providers", help="sim: every provider simulated; http: real "
+                                             "calls to the providers with an endpoint (default: settings)"),
+        base_url: list[str] | None = typer.Option(None, "--base-url", help="NAME=URL: where provider NAME is "
+                                                  "reached over HTTP (repeatable)"),
+        dry_run: bool = typer.Option(False, "--dry-run", help="print what would be sent and its estimated "
+                                     "cost; send nothing"),
+        budget: float | None = typer.Option(None, min=0, help="hard budget over all spend, USD"),
+        tenant_budget: list[str] | None = typer.Option(None, "--tenant-budget",
+                                                       help="hard budget of one tenant, NAME=USD (repeatable)"),
+        budget_duration: str | None = typer.Option(None, help="budget window (30s, 1h, 1d, 30d, 1mo)"),
+        seed: int = typer.Option(0, help="seed of the simulated draws"),
+        skip_invalid: bool = typer.Option(False, "--skip-invalid", help="skip and count bad trace lines"),
+        catalog: Path | None = typer.Option(None, help="a catalog YAML replacing the packaged one"),
+        catalog_overlay: Path | None = typer.Option(None, "--catalog-overlay", help="a YAML merged over the "
+                                                    "catalog: adds or overrides providers, models, prices")) -> None:
+    """Replay a trace through the live engine on Ray (time-compressed); same report and results.json as bench."""
+    from engine.app.bench import write_outputs
+    from engine.core.trace import load_trace
+
+    try:
+        settings, cat = _settings(catalog, catalog_overlay)
+        settings = _providers(settings, providers, base_url)
+        tr = load_trace(trace, catalog=cat, settings=settings, skip_invalid=skip_invalid)
+        settings = _budgets(settings, budget, tenant_budget, budget_duration, tr.requests)
+        if dry_run:
+            from engine.app.live import dry_run as plan
+
+            _print_plan(plan(tr.requests, policy=policy, catalog=cat, settings=settings, seed=seed))
+            return
+        doc = _live(tr.requests, tr.name, policy, speedup, address, seed, settings, cat)
+        paths = write_outputs(doc, out)
+    except SmartbatchError as exc:
+        _fail(exc)
+    _print_table(doc)
+    _print_providers(doc)
+    console.print(f"wrote {paths['json']}, {paths['markdown']}, {paths['plot']}")
+
+
+def _print_plan(plan: dict) -> None:
+    t = Table(title=f"dry run: {plan['requests']:,} requests, nothing sent; estimated ${plan['cost_usd']:.4f} "
+                    f"(${plan['list_price_usd']:.4f} at list price)")
+    for col in ("provider", "calls", "requests", "sync", "batch API", "GPU batch", "reused", "est. $"):
+        t.add_column(col, justify="left" if col in ("provider", "calls") else "right", no_wrap=True)
+    for name, row in plan["providers"].items():
+        m = row["modes"]
+        t.add_row(name, row["calls"], str(row["requests"]), str(m.get("sync", 0)), str(m.get("batch_api", 0)),
+                  str(m.get("gpu_batch", 0)), str(m.get("reuse", 0)), f"{row['cost_usd']:.4f}")
+    console.print(t)
+    for name, sample in plan["samples"].items():
+        console.print(f"[bold]{name}[/] {sample['route']} at {sample['base_url']}:")
+        console.print_json(data=sample["body"])
+
+
+def _print_providers(doc: dict) -> None:
+    rep = doc.get("engine_report") or {}
+    for name, p in (rep.get("providers") or {}).items():
+        if p.get("calls") == "http":
+            console.print(f"{name}: real calls over HTTP; batches cancelled at their hedge: "
+                          f"{p.get('batches_cancelled', 0)}, finished members kept from them: "
+                          f"{p.get('members_saved_by_cancel', 0)}")
+    for r in doc.get("samples", []):
+        how = "over HTTP" if r.get("real") else "simulated"
+        console.print(Text(f"  {r['id']} ({r['provider']}/{r['model']}, {r['mode']}, {how}, ${r['cost_usd']:.6f}): "
+                           f"{r['output']}"))
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("out/demo"), "--out", help="where results.json, results.md and plot.png go"),
+         n: int = typer.Option(2000, "--n", min=1, help="requests in the synthetic workload"),
+         seed: int = typer.Option(0, "--seed", help="seed of the workload and the draws"),
+         speedup: float = typer.Option(100.0, min=1.0, help="engine seconds per real second"),
+         providers: str = typer.Option("http", "--providers", help="http: OpenAI and Anthropic calls go over HTTP "
+                                       "to the loopback emulator; sim: every provider simulated")) -> None:
+    """A synthetic workload through the live engine on an embedded local Ray (smart policy), next to every
+    policy in the simulator: report, results.json and plot. Needs no data files and no API key: OpenAI and
+    Anthropic calls go over HTTP, through the official SDKs, to the project's provider emulator on 127.0.0.1
+    (the other providers stay simulated). Deadlines are capped at one hour so the run ends in about a minute."""
+    from engine.app.bench import write_outputs
+    from engine.core.tracegen import synth
+
+    try:
+        settings, cat = _settings(None)
+        settings = _providers(settings, providers, None)
+        reqs = [r.model_copy(update={"deadline_s": min(r.deadline_s, 3600.0)})
+                for r in synth(n, seed=seed, duration_s=600.0, catalog=cat, settings=settings)]
+        name = f"synth-{n}-seed{seed}"
+        doc = _bench(reqs, name, "naive,cache-only,fixed,batch-all,smart", None, out, seed, cat, settings)
+        emu = None
+        on_start = None
+        if providers == "http":
+            from engine.app.live import follow_engine, point_at_emulator
+            from engine.emulator import Emulator
+
+            emu = Emulator(cat, speedup=speedup, seed=seed).start()
+            settings = point_at_emulator(settings, emu)
+            on_start = follow_engine(emu, settings, seed)
+            console.print(f"provider emulator on {emu.base_url('openai')} and {emu.anthropic_base_url('anthropic')}")
+        try:
+            live = _live(reqs, name, "smart", speedup, None, seed, settings, cat, on_start=on_start)
+            bill = emu.bill() if emu is not None else None
+        finally:
+            if emu is not None:
+                emu.stop()
+        doc["results"].append(live["results"][0])
+        doc["engine_report"] = live["engine_report"]
+        doc["samples"] = live.get("samples", [])
+        paths = write_outputs(doc, out)
+    except SmartbatchError as exc:
+        _fail(exc)
+    _print_table(doc)
+    rep = doc["engine_report"]
+    console.print(f"live engine: {rep['requests']:,} requests, spend ${rep['spend_usd']:.2f}, saving "
+                  f"${rep['saving_usd']:.2f} against list prices, hits {rep['hits']}")
+    _print_providers(doc)
+    if bill is not None:
+        http = {k for k, p in rep.get("providers", {}).items() if p.get("calls") == "http"}
+        engine_real = sum(p["cost_usd"] for k, p in rep["by_provider"].items() if k in http)
+        console.print(f"real calls ({', '.join(sorted(http))}): the emulator billed ${bill.total_usd:.4f}; the "
+                      f"engine's results for them add up to ${engine_real:.4f}")
+    console.print(f"wrote {paths['json']}, {paths['markdown']}, {paths['plot']}")
+
+
+@app.command("policies")
+def list_policies() -> None:
+    """List the registered policies and their parameters."""
+    from engine.core.catalog import default_catalog
+    from policies import available_policies, load_policy
+
+    for name in available_policies():
+        p = load_policy(name, default_catalog())
+        params = ", ".join(f"{k}={v!r}" for k, v in p.params.model_dump().items()) or "(none)"
+        summary = " ".join((type(p).__doc__ or "").strip().split("\n\n")[0].split()) or "(no description)"
+        console.print(Text.assemble((name, "bold"), f": {summary}\n    {params}"))
+
+
+if __name__ == "__main__":
+    app()

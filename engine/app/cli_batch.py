@@ -1,0 +1,113 @@
+"""``smartbatch batch`` (OpenAI batch files through the engine) and ``smartbatch emulate`` (the provider emulator)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from engine.app.cli_common import _fail, _providers, _settings, _warn_skipped, app, console
+from engine.core.errors import SmartbatchError
+
+
+@app.command("batch")
+def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", help="an OpenAI Batch input file"),
+               out: Path = typer.Option(..., "--out", help="the output file (OpenAI's batch output format)"),
+               window: str = typer.Option("24h", help="the completion window: every line's deadline (e.g. 24h)"),
+               errors: Path | None = typer.Option(None, "--errors", help="the error file (default: "
+                                                  "OUT's stem + .errors.jsonl)"),
+               report_path: Path | None = typer.Option(None, "--report", help="where to write the cost report "
+                                                       "(JSON)"),
+               policy: str = typer.Option("smart", help="registered name or module:Class"),
+               tenant: str = typer.Option("default", help="the tenant of every line (budgets, cache)"),
+               providers: str | None = typer.Option(None, "--providers", help="sim: every provider simulated; "
+                                                    "http: real calls to the providers with an endpoint"),
+               base_url: list[str] | None = typer.Option(None, "--base-url", help="NAME=URL: where provider NAME "
+                                                         "is reached over HTTP (repeatable)"),
+               speedup: float = typer.Option(1.0, min=0.001, help="engine seconds per real second (1: real "
+                                             "time; higher only against simulated or emulated providers)"),
+               address: str | None = typer.Option(None, help="attach to a Ray cluster (e.g. auto); default: "
+                                                  "an embedded local Ray"),
+               seed: int = typer.Option(0, help="seed of the simulated draws"),
+               skip_invalid: bool = typer.Option(False, "--skip-invalid", help="skip lines that have no usable "
+                                                 "custom_id (bad JSON, missing or repeated) instead of refusing "
+                                                 "the file"),
+               catalog: Path | None = typer.Option(None, help="a catalog YAML replacing the packaged one")) -> None:
+    """Send an OpenAI Batch input file through the live engine within its completion window; write OpenAI's
+    output and error files and a report of each line's cost against its list price. Lines that are not valid
+    requests are answered in the error file (invalid_request)."""
+    import json
+    import time
+
+    from engine.app.driver import Engine
+    from engine.core.batchfile import parse_window, read_batch_file, report, write_results
+    from engine.core.errors import TraceError
+
+    try:
+        window_s = parse_window(window)
+        settings, cat = _settings(catalog)
+        settings = _providers(settings, providers, base_url)
+        bf = read_batch_file(input_file, window_s=window_s, tenant=tenant, catalog=cat, settings=settings)
+        if bf.file_problems and not skip_invalid:
+            raise TraceError(bf.file_problems, hint="fix the lines named (each needs a unique custom_id), or pass "
+                                                    "--skip-invalid to skip them")
+        if not bf.lines:
+            raise TraceError([(bf.source, 0, "file", "no line can be answered; give at least one line with a "
+                                                     "custom_id")], hint="")
+        results = []
+        if bf.requests:
+            with Engine.start(settings, policy=policy, catalog=cat, address=address, speedup=speedup,
+                              seed=seed) as eng:
+                futs = eng.submit_many(bf.requests)
+                results = [f.result() for f in futs]
+                cat = eng.catalog
+        n_out, n_err = write_results(bf, results, out, errors, created=int(time.time()))
+        doc = report(bf, results, cat, window_s=window_s, policy=policy)
+        if report_path is not None:
+            report_path.parent.mkdir(parents=True, exist_ok=True)
+            report_path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    except SmartbatchError as exc:
+        _fail(exc)
+    if bf.file_problems:
+        _warn_skipped(len(bf.file_problems), "line(s) with no usable custom_id", bf.file_problems[0])
+    _print_batch_report(doc)
+    err_path = errors if errors is not None else out.with_name(out.stem + ".errors.jsonl")
+    console.print(f"wrote {n_out:,} output line(s) to {out}, {n_err:,} error line(s) to {err_path}"
+                  + (f", the report to {report_path}" if report_path is not None else ""))
+
+
+def _print_batch_report(doc: dict) -> None:
+    tot = doc["totals"]
+    t = Table(title=f"batch {Path(doc['input']).name}: {tot['lines']:,} lines, {tot['succeeded']:,} answered; "
+                    f"${tot['cost_usd']:.4f} against ${tot['list_price_usd']:.4f} at list price")
+    for col in ("mode", "lines", "cost $", "list $", "saving $"):
+        t.add_column(col, justify="left" if col == "mode" else "right", no_wrap=True)
+    groups: dict[str, list[dict]] = {}
+    for r in doc["lines"]:
+        groups.setdefault(r["mode"] or r["status"], []).append(r)
+    for mode, rows in sorted(groups.items()):
+        cost, listed = sum(r["cost_usd"] for r in rows), sum(r["list_price_usd"] for r in rows)
+        t.add_row(mode, str(len(rows)), f"{cost:.4f}", f"{listed:.4f}", f"{listed - cost:.4f}")
+    t.add_row("total", str(tot["lines"]), f"{tot['cost_usd']:.4f}", f"{tot['list_price_usd']:.4f}",
+              f"{tot['saving_usd']:.4f}", style="bold")
+    console.print(t)
+
+
+@app.command()
+def emulate(port: int = typer.Option(8765, help="port on 127.0.0.1 (0: a free one)"),
+            speedup: float = typer.Option(1.0, min=0.001, help="emulated seconds per real second (match the "
+                                          "engine's --speedup)"),
+            seed: int = typer.Option(0, help="seed of latencies, turnarounds and random faults"),
+            catalog: Path | None = typer.Option(None, help="a catalog YAML replacing the packaged one")) -> None:
+    """Serve the loopback provider emulator (OpenAI and Anthropic wire formats) until interrupted. Point the
+    engine at it with --base-url openai=http://127.0.0.1:PORT/openai/v1 --base-url
+    anthropic=http://127.0.0.1:PORT/anthropic."""
+    from engine.emulator import serve
+
+    try:
+        serve(port, catalog_path=catalog, speedup=speedup, seed=seed)
+    except SmartbatchError as exc:
+        _fail(exc)
+
+

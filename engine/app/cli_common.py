@@ -1,0 +1,116 @@
+"""What every ``smartbatch`` command shares: the app, its consoles, one-line errors, settings and providers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from engine.core.catalog import load_catalog
+from engine.core.errors import SmartbatchError
+from engine.core.settings import Settings, load_settings
+
+_DEBUG = "smartbatch.debug"  # key in click's context meta, shared by every sub-command's context
+
+
+class _Group(typer.core.TyperGroup):
+    """Every error ends the command with one ``error:`` message, never a traceback, unless ``--debug``."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            if ctx.meta.get(_DEBUG):
+                raise
+            if isinstance(exc, SmartbatchError):
+                _print_error(str(exc))
+                raise typer.Exit(2) from None
+            first = (str(exc).strip().splitlines() or [""])[0]
+            _print_error(f"{type(exc).__name__}: {first} (unexpected, so a bug in smartbatch: rerun with --debug "
+                         "for the traceback and report it)")
+            raise typer.Exit(1) from None
+
+
+app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True,
+                  help="smartbatch: cut the bill of paid generation APIs by deciding how and when each request "
+                       "is sent.")
+trace_app = typer.Typer(no_args_is_help=True, help="Build traces (JSONL) from real data or a seeded generator.")
+app.add_typer(trace_app, name="trace")
+# Wide enough for the results table when output goes to a file or CI log (rich assumes 80 columns there).
+console = Console(width=None if Console().is_terminal else 120)
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            v = version("smartbatch")
+        except PackageNotFoundError:  # run from a checkout that was not installed
+            v = "unknown (not installed)"
+        typer.echo(f"smartbatch {v}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(ctx: typer.Context,
+          debug: bool = typer.Option(False, "--debug", help="show the full traceback of an error"),
+          version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the version and exit")) -> None:
+    ctx.meta[_DEBUG] = debug
+
+
+def _print_error(message: str) -> None:
+    # Text, not markup: messages quote user input and lists such as ['512x512'] that rich would eat. A lone
+    # surrogate (from a file name or a bad line) is escaped, so printing the error cannot fail in turn.
+    safe = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    err_console.print(Text.assemble(("error: ", "bold red"), safe))
+
+
+def _fail(exc: SmartbatchError) -> NoReturn:
+    raise exc  # _Group prints it as one error (exit status 2), or its traceback with --debug
+
+
+def _settings(catalog: Path | None, overlay: Path | None = None) -> tuple[Settings, object]:
+    settings = load_settings()
+    return settings, load_catalog(catalog or settings.catalog_path, overlay or settings.catalog_overlay)
+
+
+def _providers(settings: Settings, mode: str | None, base_urls: list[str] | None) -> Settings:
+    """``--providers sim|http`` and ``--base-url NAME=URL`` on top of ``settings.providers``."""
+    from engine.core.errors import ConfigError
+    from engine.core.settings import ProvidersSettings
+
+    raw = settings.providers.model_dump()
+    if mode is not None:
+        if mode not in ("sim", "http"):
+            raise ConfigError(f"--providers {mode!r}: use sim (every provider simulated) or http (real calls to the "
+                              "providers with an endpoint)")
+        raw["mode"] = mode
+    for item in base_urls or []:
+        name, sep, url = item.partition("=")
+        if not sep or not name or not url:
+            raise ConfigError(f"--base-url {item!r}: write NAME=URL, e.g. --base-url openai=http://127.0.0.1:8000/v1")
+        if name not in raw["endpoints"]:
+            raise ConfigError(f"--base-url {item!r}: no endpoint named {name!r}; endpoints are "
+                              f"{sorted(raw['endpoints'])} (add one with SMARTBATCH_PROVIDERS__ENDPOINTS)")
+        raw["endpoints"][name]["base_url"] = url
+    try:
+        return settings.model_copy(update={"providers": ProvidersSettings.model_validate(raw)})
+    except ValueError as exc:
+        raise ConfigError(f"providers: {exc}") from None
+
+
+
+
+def _warn_skipped(count: int, what: str, first: tuple) -> None:
+    """One yellow line: how many lines were skipped and the first one's place, field and problem."""
+    err_console.print(Text(f"skipped {count} {what}; first: {first[0]}:{first[1]}: field '{first[2]}': {first[3]}",
+                           style="yellow"))

@@ -1,0 +1,96 @@
+"""``smartbatch trace ...``: build traces from real data, a seeded generator or an OpenAI batch file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from engine.app.cli_common import _fail, _settings, _warn_skipped, console, trace_app
+from engine.core.errors import SmartbatchError
+
+
+@trace_app.command("from-azure")
+def trace_from_azure(csv: Path = typer.Argument(..., help="an Azure LLM inference trace CSV"),
+                     out: Path = typer.Option(..., "--out", help="where to write the JSONL trace"),
+                     seed: int = typer.Option(0, help="seed of the assignment rules"),
+                     model: str | None = typer.Option(None, help="force one model, as provider/model"),
+                     limit: int | None = typer.Option(None, min=1, help="only the first N rows"),
+                     catalog: Path | None = typer.Option(None, help="catalog YAML (default: packaged)")) -> None:
+    """Azure CSV (TIMESTAMP, ContextTokens, GeneratedTokens) to a trace."""
+    from engine.core.trace import write_trace
+    from engine.core.tracegen import from_azure
+
+    try:
+        settings, cat = _settings(catalog)
+        n = write_trace(from_azure(csv, seed=seed, model=model, catalog=cat, settings=settings, limit=limit), out)
+    except SmartbatchError as exc:
+        _fail(exc)
+    console.print(f"wrote {n:,} requests to {out}")
+
+
+@trace_app.command("from-mooncake")
+def trace_from_mooncake(jsonl: Path = typer.Argument(..., help="a Mooncake trace JSONL"),
+                        out: Path = typer.Option(..., "--out"),
+                        seed: int = typer.Option(0),
+                        model: str | None = typer.Option(None, help="force one model, as provider/model"),
+                        limit: int | None = typer.Option(None, min=1),
+                        catalog: Path | None = typer.Option(None)) -> None:
+    """Mooncake JSONL (timestamp, input_length, output_length, hash_ids) to a trace."""
+    from engine.core.trace import write_trace
+    from engine.core.tracegen import from_mooncake
+
+    try:
+        settings, cat = _settings(catalog)
+        n = write_trace(from_mooncake(jsonl, seed=seed, model=model, catalog=cat, settings=settings, limit=limit),
+                        out)
+    except SmartbatchError as exc:
+        _fail(exc)
+    console.print(f"wrote {n:,} requests to {out}")
+
+
+@trace_app.command("synth")
+def trace_synth(out: Path = typer.Option(..., "--out"),
+                n: int = typer.Option(5000, "--n", min=1, help="number of requests"),
+                seed: int = typer.Option(0, "--seed"),
+                duration: float = typer.Option(3600.0, min=1.0, help="seconds the arrivals span"),
+                catalog: Path | None = typer.Option(None)) -> None:
+    """A seeded text/image/video workload with campaigns, re-submissions and a priority mix."""
+    from engine.core.trace import write_trace
+    from engine.core.tracegen import synth
+
+    try:
+        settings, cat = _settings(catalog)
+        count = write_trace(synth(n, seed=seed, duration_s=duration, catalog=cat, settings=settings), out)
+    except SmartbatchError as exc:
+        _fail(exc)
+    console.print(f"wrote {count:,} requests to {out}")
+
+
+@trace_app.command("from-openai-batch")
+def trace_from_openai_batch(jsonl: Path = typer.Argument(..., help="an OpenAI Batch input file (JSONL of "
+                                                         "custom_id, method, url, body)"),
+                            out: Path = typer.Option(..., "--out", help="where to write the JSONL trace"),
+                            window: str = typer.Option("24h", help="the completion window: every line's deadline "
+                                                       "(e.g. 24h, 90m)"),
+                            tenant: str = typer.Option("default", help="the tenant of every line"),
+                            skip_invalid: bool = typer.Option(False, "--skip-invalid", help="skip and count "
+                                                              "invalid lines"),
+                            catalog: Path | None = typer.Option(None, help="catalog YAML (default: packaged)")) -> None:
+    """OpenAI Batch input file to a trace: every line arrives at 0 with the window as its deadline, its body
+    kept, so bench can compare policies on the workload before anything is sent."""
+    from engine.core.batchfile import from_openai_batch, parse_window
+    from engine.core.trace import write_trace
+
+    try:
+        settings, cat = _settings(catalog)
+        tr = from_openai_batch(jsonl, window_s=parse_window(window), tenant=tenant, catalog=cat, settings=settings,
+                               skip_invalid=skip_invalid)
+        n = write_trace(tr.requests, out)
+    except SmartbatchError as exc:
+        _fail(exc)
+    if tr.skipped:
+        _warn_skipped(tr.skipped, "invalid line(s)", tr.problems[0])
+    console.print(f"wrote {n:,} requests to {out}")
+
+

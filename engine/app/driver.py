@@ -1,0 +1,384 @@
+"""The driver API: ``Engine.start()``, ``submit``/``submit_many``, ``report``, ``stop``.
+
+Floor 4: this module starts Ray and the actors. ``submit`` returns a ``ResultFuture`` (a
+``concurrent.futures.Future`` of a ``Result``, with ``object_ref()`` for a Ray ``ObjectRef``). The client
+buffers ``submit`` calls into micro-batches (flushed at ``micro_batch`` requests, every ``flush_ms``, and at
+once for urgent requests) because one actor call per request caps an engine near
+300 requests/s; results come back the same way, in batches pulled by one background thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import secrets
+import threading
+import time
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, ClassVar
+
+from pydantic import ValidationError
+
+from engine.app._driver_async import AsyncSubmit
+from engine.app._future import ResultFuture
+from engine.app._supervise import HEALTH_EVERY_S, Supervised
+from engine.app.provider_setup import http_setup
+from engine.core.catalog import Catalog, load_catalog
+from engine.core.errors import ConfigError, EngineStopped, Overloaded, RequestError
+from engine.core.request import Request, validation_context
+from engine.core.result import Result
+from engine.core.settings import Settings, with_budget
+
+__all__ = ["Engine", "ResultFuture"]
+
+log = logging.getLogger("smartbatch")
+
+
+class Engine(AsyncSubmit, Supervised):
+    """A running smartbatch engine. Use ``Engine.start(...)``, or ``with Engine.start(...) as eng:``."""
+
+    # Engines running in this process: Ray is process-wide, so the last one to stop shuts down the Ray that
+    # one of them started, never one still in use by another.
+    _running_engines: ClassVar[weakref.WeakSet] = weakref.WeakSet()
+
+    def __init__(self, *, handles: dict, clock, settings: Settings, catalog: Catalog, started_ray: bool,
+                 micro_batch: int, flush_ms: float, max_pending: int = 100_000, overload: str = "block",
+                 submit_timeout_s: float = 60.0, retention_s: float = 3600.0):
+        import ray
+
+        self._ray = ray
+        self._h = handles
+        self.clock = clock
+        self.settings = settings
+        self.catalog = catalog
+        self._ctx = validation_context(catalog, settings)
+        self._started_ray = started_ray
+        self._micro_batch = micro_batch
+        self._flush_s = flush_ms / 1000.0
+        self.metrics_port: int | None = None
+        self.metrics_url: str | None = None  # where Prometheus scrapes this engine
+        self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)  # signalled when unfinished requests drop
+        self._max_pending, self._overload, self._submit_timeout_s = max_pending, overload, submit_timeout_s
+        self._retention_s = retention_s
+        self._pending = 0  # accepted and not finished
+        self._finished: collections.deque[tuple[float, str]] = collections.deque()  # (when, uid), to forget
+        self._futs: dict[str, ResultFuture] = {}  # by Request.uid: (tenant, id)
+        self._buffer: list[Request] = []
+        self._inflight_refs: dict[Any, tuple[list[str], int]] = {}  # ingest call -> (uids, tries)
+        self._running = True
+        self._init_supervision()
+        self._wake = threading.Event()
+        self._flusher = threading.Thread(target=self._flush_loop, name="smartbatch-flush", daemon=True)
+        self._puller = threading.Thread(target=self._pull_loop, name="smartbatch-pull", daemon=True)
+        self._flusher.start()
+        self._puller.start()
+        Engine._running_engines.add(self)
+
+    # -- start / stop -------------------------------------------------------------------------------------------
+    @classmethod
+    def start(cls, settings: Settings | None = None, *, policy: str = "smart",
+              policy_params: Mapping[str, Any] | None = None, catalog: Catalog | None = None,
+              address: str | None = None, speedup: float = 1.0, offset_s: float = 0.0,
+              budget_usd: float | None = None, seed: int | None = None, num_groupers: int = 1,
+              micro_batch: int = 1000, flush_ms: float = 2.0, metrics_port: int | None | str = "settings",
+              max_pending: int = 100_000, overload: str = "block", submit_timeout_s: float = 60.0,
+              retention_s: float = 3600.0, name: str | None = None) -> Engine:
+        """Start the actors on Ray: an embedded local Ray when none is running and ``address`` is None, else
+        attach (``address="auto"`` for a cluster started with ``ray up``). ``speedup`` runs the engine clock
+        faster than the wall clock (replaying a trace time-compressed); ``offset_s`` is the clock's start.
+        Prometheus metrics are served at ``engine.metrics_url``, on ``settings.metrics`` (host 127.0.0.1, a free
+        port) unless ``metrics_port`` is given (0: a free port, None: not served); the address is logged.
+
+        Backpressure: at most ``max_pending`` requests are accepted and unfinished; past that, ``submit``
+        waits up to ``submit_timeout_s`` for room (``overload="block"``) or raises ``Overloaded`` at once
+        (``overload="raise"``). A finished request's future and id are forgotten ``retention_s`` seconds after
+        it finished: a resubmission of its (tenant, id) within that window returns the same future, never a
+        second call.
+
+        The actors are named ``<name>.<kind>`` in Ray namespace ``smartbatch`` (``name``: a random
+        ``sb-xxxxxx`` unless given) and supervised: one that dies is restarted and recovers (see
+        docs/reliability.md)."""
+        import ray
+
+        from actors.remote import start_actors
+        from policies import load_policy
+
+        settings = settings or Settings()
+        catalog = catalog or load_catalog(settings.catalog_path, settings.catalog_overlay)
+        catalog, keys = http_setup(catalog, settings)
+        if micro_batch < 1 or flush_ms <= 0 or num_groupers < 1:
+            raise ConfigError("micro_batch and num_groupers must be >= 1 and flush_ms > 0; got "
+                              f"micro_batch={micro_batch}, flush_ms={flush_ms}, num_groupers={num_groupers}")
+        if max_pending < 1 or overload not in ("block", "raise") or submit_timeout_s < 0 or retention_s < 0:
+            raise ConfigError("max_pending must be >= 1, overload 'block' or 'raise', submit_timeout_s and "
+                              f"retention_s >= 0; got max_pending={max_pending}, overload={overload!r}, "
+                              f"submit_timeout_s={submit_timeout_s}, retention_s={retention_s}")
+        pol = load_policy(policy, catalog, policy_params)  # fails fast on a bad name or parameter
+        started = False
+        if not ray.is_initialized():
+            ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
+                     configure_logging=False)
+            started = True
+        from engine.core.clock import ScaledClock
+
+        if budget_usd is not None:
+            settings = with_budget(settings, budget_usd)
+        try:
+            handles = start_actors(pol, catalog, settings, lambda: ScaledClock(time.time(), speedup, offset_s),
+                                   seed=settings.sim.seed if seed is None else seed, num_groupers=num_groupers,
+                                   keys=keys, engine=name or f"sb-{secrets.token_hex(3)}")
+        except BaseException:
+            if started and not Engine._running_engines:  # leave no Ray behind that only this start needed
+                ray.shutdown()
+            raise
+        eng = cls(handles=handles, clock=handles["clock"], settings=settings, catalog=catalog,
+                  started_ray=started, micro_batch=micro_batch, flush_ms=flush_ms, max_pending=max_pending,
+                  overload=overload, submit_timeout_s=submit_timeout_s, retention_s=retention_s)
+        port = settings.metrics.port if metrics_port == "settings" else metrics_port
+        if port is not None:
+            eng.metrics_url = ray.get(handles["hub"].serve_metrics.remote(port, settings.metrics.host))
+            eng.metrics_port = int(eng.metrics_url.rsplit(":", 1)[1].split("/", 1)[0])
+            log.info("smartbatch metrics at %s", eng.metrics_url)
+        return eng
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Flush, stop the threads and the actors; any future still open resolves as failed ("engine
+        stopped"), so none hangs."""
+        if not self._running:
+            return
+        self._flush()
+        self._running = False
+        self._wake.set()
+        self._flusher.join(timeout_s)
+        self._puller.join(timeout_s)
+        self._fail_open("engine stopped before the request finished")
+        with self._room:
+            self._room.notify_all()  # a submit waiting for room learns the engine stopped
+        for h in self._h["all"]:
+            try:
+                self._ray.kill(h)
+            except Exception:  # already gone: nothing to stop
+                pass
+        Engine._running_engines.discard(self)
+        if self._started_ray:
+            heir = next(iter(Engine._running_engines), None)
+            if heir is None:
+                self._ray.shutdown()
+            else:  # another engine still runs on this Ray: it shuts Ray down when it stops
+                heir._started_ray = True
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def now(self) -> float:
+        return self.clock.now()
+
+    # -- submitting -------------------------------------------------------------------------------------------
+    def _as_request(self, r: Request | Mapping) -> Request:
+        if isinstance(r, Request):
+            return r
+        if not isinstance(r, Mapping):
+            raise RequestError(None, "request", f"a request is a dict (or a Request), got {type(r).__name__}")
+        d = dict(r)
+        d.setdefault("arrival_s", max(self.clock.now(), 0.0))
+        try:
+            return Request.model_validate(d, context=self._ctx)
+        except ValidationError as exc:
+            from engine.core.trace import _problems_of
+
+            rid = d.get("id") if isinstance(d.get("id"), str) else None
+            field, msg = next(iter(_problems_of(exc)), ("request", str(exc)))
+            raise RequestError(rid, field, msg) from None
+
+    def _admit(self, reqs: list[Request]) -> tuple[list[ResultFuture], bool]:
+        """Futures for ``reqs`` (existing ones for a repeated (tenant, id)), queuing the new ones; waits for
+        room as ``overload`` says. Holds the lock."""
+        if not self._running:
+            raise EngineStopped("this engine was stopped; start a new one with Engine.start()")
+        futs: list[ResultFuture] = []
+        new: list[Request] = []
+        seen: dict[str, ResultFuture] = {}
+        for r in reqs:
+            fut = self._futs.get(r.uid) or seen.get(r.uid)
+            if fut is not None:
+                if r.model_copy(update={"arrival_s": fut._req.arrival_s}) != fut._req:
+                    raise RequestError(r.id, "id", f"tenant {r.tenant!r} already submitted id {r.id!r} with other "
+                                       "content; an id names one request: use a new id for a new request")
+            else:
+                fut = seen[r.uid] = ResultFuture(r, self)
+                new.append(r)
+            futs.append(fut)
+        if new:
+            deadline = time.monotonic() + self._submit_timeout_s
+            while self._pending + len(new) > self._max_pending and self._pending > 0:
+                left = deadline - time.monotonic()
+                if self._overload == "raise" or left <= 0:
+                    raise Overloaded(f"{self._pending:,} requests are unfinished (max_pending={self._max_pending:,}); "
+                                     "retry later, or start the engine with a larger max_pending")
+                self._room.wait(left)
+                if not self._running:
+                    raise EngineStopped("the engine was stopped while this submit waited for room")
+            for r in new:
+                self._futs[r.uid] = seen[r.uid]
+            self._pending += len(new)
+            self._buffer.extend(new)
+        return futs, bool(new)
+
+    def _resolve(self, fut: ResultFuture, res: Result) -> None:
+        if fut.done():
+            return
+        fut.set_result(res)
+        with self._room:
+            self._pending -= 1
+            self._finished.append((time.monotonic(), fut._req.uid))
+            self._room.notify_all()
+
+    def _forget_finished(self) -> None:
+        """Drop futures (and so requests and results) finished more than ``retention_s`` ago."""
+        horizon = time.monotonic() - self._retention_s
+        gone: list[str] = []
+        with self._lock:
+            fin = self._finished
+            while fin and fin[0][0] < horizon:
+                _, uid = fin.popleft()
+                f = self._futs.get(uid)
+                if f is not None and f.done():
+                    del self._futs[uid]
+                    gone.append(uid)
+            if gone:
+                self._room.notify_all()
+        if gone:  # ingest forgets them too, so neither side grows with the engine's life
+            self._h["ingest"].forget.remote(gone)
+
+    def submit(self, request: Request | Mapping) -> ResultFuture:
+        """Queue one request; returns its future. The same (tenant, id) again returns the first submission's
+        future (never a second call); with other content it is refused (``RequestError``). A bad request
+        raises ``RequestError`` naming the field; nothing is queued and its id stays free."""
+        req = self._as_request(request)
+        with self._lock:
+            (fut,), new = self._admit([req])
+            full = len(self._buffer) >= self._micro_batch
+        if full:
+            self._flush()
+        elif new and req.priority == "urgent":
+            # Wake the flusher now rather than flushing here: urgent requests that arrive in a burst leave in
+            # one batch, and each still leaves within the thread's wake-up time (microseconds).
+            self._wake.set()
+        return fut
+
+    def submit_many(self, requests: Iterable[Request | Mapping]) -> list[ResultFuture]:
+        """Queue many requests; a bad one raises ``RequestError`` before any is queued."""
+        reqs = [self._as_request(r) for r in requests]
+        with self._lock:
+            futs, _ = self._admit(reqs)
+        self._flush()
+        return futs
+
+    def _flush(self) -> None:
+        with self._lock:
+            batch, self._buffer = self._buffer, []
+        for k in range(0, len(batch), self._micro_batch):
+            part = batch[k:k + self._micro_batch]
+            ref = self._h["ingest"].submit.remote(part)
+            with self._lock:
+                self._inflight_refs[ref] = ([r.uid for r in part], 0)
+
+    def _flush_loop(self) -> None:
+        while self._running:
+            self._wake.wait(self._flush_s)
+            self._wake.clear()
+            if self._buffer:
+                self._flush()
+
+    def _pull_loop(self) -> None:
+        ray = self._ray
+        hub = self._h["hub"]
+        last_check = time.monotonic()
+        while self._running:
+            try:
+                results: list[Result] = ray.get(hub.pull.remote(0.2))
+            except Exception as exc:  # the hub died: wait for its restart (see engine.app._supervise)
+                if not self._hub_lost(exc):
+                    return
+                continue
+            for res in results:
+                with self._lock:
+                    fut = self._futs.get(res.uid)
+                if fut is not None:
+                    self._resolve(fut, res)
+            self._check_ingest()
+            self._forget_finished()
+            if time.monotonic() - last_check > HEALTH_EVERY_S:
+                last_check = time.monotonic()
+                self._health()
+
+    def _check_ingest(self) -> None:
+        with self._lock:
+            refs = list(self._inflight_refs)
+        if not refs:
+            return
+        ready, _ = self._ray.wait(refs, num_returns=len(refs), timeout=0)
+        for ref in ready:
+            with self._lock:
+                ids, tries = self._inflight_refs.pop(ref, ([], 0))
+            with self._lock:
+                after = ref in self._readmit_after
+                self._readmit_after.discard(ref)
+            try:
+                self._ray.get(ref)
+            except Exception as exc:
+                self._submission_failed(ids, tries, exc)
+            else:
+                if after:  # a restart happened while this call was out: what it sent may have been lost
+                    self._readmit_open(ids, tries)
+
+    def _fail_ids(self, uids: Sequence[str], error: str) -> None:
+        for uid in uids:
+            with self._lock:
+                fut = self._futs.get(uid)
+            if fut is not None and not fut.done():
+                self._resolve(fut, Result(id=fut.request_id, tenant=fut.tenant, status="failed", error=error))
+
+    def _fail_open(self, error: str) -> None:
+        with self._lock:
+            ids = [k for k, f in self._futs.items() if not f.done()]
+        self._fail_ids(ids, error)
+
+    # -- reading ------------------------------------------------------------------------------------------------
+    def report(self) -> dict:
+        """Spend, saving against each request's list price, hits, deadlines, per provider, and the budgets
+        (``budget``: each budget's window, spend per tenant/provider/model, refusals by reason)."""
+        ray = self._ray
+        rep = ray.get(self._h["hub"].report.remote())
+        rep["budget"] = ray.get(self._h["budget"].report.remote())
+        # Per provider: were its calls real (http) or simulated, and what its batches did.
+        rep["providers"] = {s["provider"]: {k: v for k, v in s.items() if k != "provider"}
+                            for s in ray.get([d.stats.remote() for d in self._h["dispatchers"].values()])}
+        if self._h["cache"] is not None:  # read from the cache itself: the hub's copy is pushed every 0.5 s
+            rep["cache"] = ray.get(self._h["cache"].stats_now.remote())
+        return rep
+
+    def replay(self, requests: Sequence[Request], *, on_submit=None) -> list[ResultFuture]:
+        """Submit ``requests`` (sorted by arrival) as the engine clock reaches each arrival time."""
+        reqs = sorted(requests, key=lambda r: r.arrival_s)
+        futs: list[ResultFuture] = []
+        k = 0
+        while k < len(reqs):
+            now = self.clock.now()
+            j = k
+            while j < len(reqs) and reqs[j].arrival_s <= now:
+                j += 1
+            if j > k:
+                futs.extend(self.submit_many(reqs[k:j]))
+                if on_submit is not None:
+                    on_submit(j - k)
+                k = j
+            else:
+                time.sleep(min(self.clock.real_delay(reqs[k].arrival_s - now), 0.05))
+        return futs
+

@@ -1,0 +1,189 @@
+"""Running a trace through the live engine and reporting it like ``bench`` does (floor 4: starts Ray)."""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from engine.app.bench import document, result_row
+from engine.core.catalog import Catalog
+from engine.core.cost import MODES
+from engine.core.draws import Draws
+from engine.core.request import Request
+from engine.core.result import Result
+from engine.core.settings import Settings
+from engine.sim.lower_bound import lower_bound
+from engine.sim.simulator import BatchRecord, SimResult, simulate
+
+__all__ = ["as_sim_result", "dry_run", "follow_engine", "point_at_emulator", "run_live"]
+
+EMULATOR_KEY_ENV = "SMARTBATCH_EMULATOR_KEY"
+
+_STATUS = {"ok": 1, "reused": 2, "failed": 3, "rejected": 4, "expired": 3}
+_HITS = {None: 0, "exact": 1, "in_flight": 2, "near": 3}
+
+
+def as_sim_result(policy: str, trace: str, requests: Sequence[Request], results: Sequence[Result],
+                  wall_s: float) -> SimResult:
+    """Live results in the simulator's result shape, so one summary and one report format serve both."""
+    by_id = {r.id: r for r in results}
+    rs = [by_id[q.id] for q in requests]
+    mode_code = {m: k for k, m in enumerate(MODES)}
+    batches: dict[str, BatchRecord] = {}
+    for r in rs:
+        if r.batch_id and r.recommendation:
+            b = batches.get(r.batch_id)
+            size = 1 if b is None else b.size + 1
+            batches[r.batch_id] = BatchRecord(len(batches) if b is None else b.id, r.arrival_s, r.provider or "",
+                                              r.model or "", r.mode or "", size, r.recommendation, r.reason)
+    return SimResult(
+        policy, trace, list(requests),
+        cost=np.array([r.cost_usd for r in rs]),
+        done_at=np.array([r.done_s if r.done_s is not None else np.inf for r in rs]),
+        status=np.array([_STATUS[r.status] for r in rs], dtype=np.int8),
+        mode=np.array([mode_code.get(r.mode, -1) for r in rs], dtype=np.int8),
+        hit=np.array([_HITS.get(r.hit, 0) for r in rs], dtype=np.int8),
+        batch_of=np.full(len(rs), -1), batches=list(batches.values()), wall_s=wall_s,
+        extra={"rejected": dict(collections.Counter(r.error or "unknown" for r in rs if r.status == "rejected")),
+               "live": True})
+
+
+def run_live(requests: Sequence[Request], *, trace_name: str, policy: str = "smart",
+             params: dict | None = None, speedup: float = 100.0, address: str | None = None,
+             seed: int | None = None, catalog: Catalog | None = None, settings: Settings | None = None,
+             on_done: Callable[[int], None] | None = None, results: list | None = None,
+             on_start: Callable | None = None) -> dict:
+    """Replay ``requests`` through a live engine; return the results document of ``bench`` for one policy
+    (plus ``engine_report``), judged against the simulated naive cost and the offline lower bound."""
+    from engine.app.driver import Engine
+    from policies import load_policy
+
+    settings = settings or Settings()
+    if settings.providers.mode == "http" and not settings.providers.replay:
+        # A trace line is sent at its recorded size, so the bill from real usage compares with the simulator's.
+        settings = settings.model_copy(update={"providers": settings.providers.model_copy(update={"replay": True})})
+    reqs = sorted(requests, key=lambda r: r.arrival_s)
+    offset = reqs[0].arrival_s if reqs else 0.0
+    seed = settings.sim.seed if seed is None else seed
+    t0 = time.perf_counter()
+    with Engine.start(settings, policy=policy, policy_params=params, catalog=catalog, address=address,
+                      speedup=speedup, offset_s=offset, seed=seed) as eng:
+        if on_start is not None:
+            on_start(eng)
+        futs = eng.replay(reqs)
+        if on_done is not None:
+            for f in futs:
+                f.add_done_callback(lambda _f: on_done(1))
+        got = [f.result() for f in futs]
+        report = eng.report()
+    if results is not None:
+        results.extend(got)
+    results = got
+    wall = time.perf_counter() - t0
+    catalog = eng.catalog
+    draws = Draws(len(reqs), settings.sim.max_attempts, seed, settings.sim.batch_slot_s)
+    free = settings.model_copy(update={"budgets": type(settings.budgets)()})  # the bill nothing held back
+    naive = simulate(reqs, load_policy("naive", catalog), catalog=catalog, settings=free, seed=seed,
+                     draws=draws).total_cost
+    lb = lower_bound(reqs, catalog=catalog, settings=settings, draws=draws)
+    live = as_sim_result(policy, trace_name, reqs, results, wall)
+    relaxed = lower_bound(reqs, catalog=catalog, settings=settings, draws=draws, relax=~live.met).total_usd
+    row = result_row(f"{policy} (live)", policy, params or {}, live, naive, lb.total_usd, relaxed)
+    row.update(live_wall_s=round(wall, 2), speedup=speedup)
+    b = report.get("budget") or {}
+    if "overrun_usd" in b:
+        row["budget_overrun_usd"] = b["overrun_usd"]
+    doc = document(trace_name, len(reqs), seed, lb, [row],
+                   [b.model_dump() for b in settings.budgets.specs] if settings.budgets.specs else None)
+    doc["engine_report"] = report
+    # A few outputs, to show what came back (real text when the providers were called over HTTP).
+    shown, seen = [], set()
+    for r in sorted(results, key=lambda r: not r.real):  # one per provider, model and mode, real calls first
+        if r.status == "ok" and (r.provider, r.model, r.mode) not in seen and len(shown) < 4:
+            seen.add((r.provider, r.model, r.mode))
+            shown.append(r)
+    doc["samples"] = [{"id": r.id, "provider": r.provider, "model": r.model, "mode": r.mode, "cost_usd": r.cost_usd,
+                       "output": (r.output or "")[:72], "real": r.real} for r in shown]
+    return doc
+
+
+def follow_engine(emu, settings: Settings, seed: int) -> Callable:
+    """An ``on_start`` for ``run_live``: the emulator runs on the engine's clock with the simulator's turnaround
+    draws, so the HTTP run and the simulated one face the same batch turnarounds."""
+    return lambda eng: emu.follow(eng.clock, seed=seed, slot_s=settings.sim.batch_slot_s)
+
+
+def point_at_emulator(settings: Settings, emu, providers: Sequence[str] = ("openai", "anthropic")) -> Settings:
+    """``settings`` with ``providers`` called over HTTP at the loopback emulator ``emu``, with a test key (never a
+    real one) and the emulator's cancel time, so the hedge leaves room for its ``cancelling`` state."""
+    import os
+
+    from engine.core.settings import ProviderEndpoint, ProvidersSettings
+
+    os.environ.setdefault(EMULATOR_KEY_ENV, "emulator-test-key")
+    endpoints = dict(settings.providers.endpoints)
+    for name in providers:
+        api = "anthropic" if name == "anthropic" else "openai"
+        url = emu.anthropic_base_url(name) if api == "anthropic" else emu.base_url(name)
+        endpoints[name] = ProviderEndpoint(api=api, base_url=url, api_key_env=EMULATOR_KEY_ENV, timeout_s=60.0,
+                                           cancel_s=emu.cancel_s, poll_min_s=10.0, poll_max_s=60.0)
+    return settings.model_copy(update={"providers": ProvidersSettings(mode="http", endpoints=endpoints)})
+
+
+def dry_run(requests: Sequence[Request], *, policy: str = "smart", params: dict | None = None,
+            catalog: Catalog, settings: Settings, seed: int = 0) -> dict:
+    """What a live run would send, and its estimated cost, without sending anything: the policy's plan in the
+    simulator, per provider, with one sample request body of each provider called over HTTP (no key)."""
+    from actors.providers import make_provider
+    from engine.app.provider_setup import http_setup
+    from engine.core.clock import ManualClock
+    from engine.core.cost import price_alone
+    from engine.core.provider_api import CallJob, Secret, call_key
+    from engine.runtime.providers import SimProvider
+    from policies import load_policy
+
+    http = settings.providers.http_providers(catalog.providers)
+    # Plan with the catalog the live engine would use (its hedges leave room for real cancels); no key is
+    # needed to plan, so none is read.
+    cat, _ = http_setup(catalog, settings, need_keys=False)
+    res = simulate(list(requests), load_policy(policy, cat, params), catalog=cat, settings=settings, seed=seed)
+    rows: dict[str, dict] = {}
+    list_total = 0.0
+    for k, r in enumerate(res.requests):
+        row = rows.setdefault(r.provider, {"calls": "http" if r.provider in http else "simulated", "requests": 0,
+                                           "modes": {}, "cost_usd": 0.0})
+        row["requests"] += 1
+        m = int(res.mode[k])
+        mode = MODES[m] if 0 <= m < len(MODES) else "none"
+        row["modes"][mode] = row["modes"].get(mode, 0) + 1
+        row["cost_usd"] += float(res.cost[k])
+        list_total += price_alone(r, cat, "sync").total
+    samples = {}
+    draws = Draws(0, settings.sim.max_attempts, seed, settings.sim.batch_slot_s)
+    for name in http:
+        first = next((r for r in res.requests if r.provider == name), None)
+        if first is None:
+            continue
+        sim = SimProvider(cat.provider(name), cat, settings, draws, draw=False)
+        prov = make_provider(name, cat, settings, sim, ManualClock(), Secret("dry-run"))
+        job = CallJob(call_key(first.tenant, first.id, first.model), first, 0.0, 0, 0)
+        body = prov.body(job)
+        body = _clip(body)  # the shape, not kilobytes of a replayed prompt
+        samples[name] = {"route": prov.route(job),
+                         "base_url": settings.providers.endpoints[name].base_url or "(the SDK's default)",
+                         "body": body}
+    return {"requests": len(res.requests), "cost_usd": float(res.total_cost), "list_price_usd": list_total,
+            "providers": rows, "samples": samples}
+
+
+def _clip(value, n: int = 120):
+    if isinstance(value, str):
+        return value if len(value) <= n else value[:n] + f"... ({len(value)} chars)"
+    if isinstance(value, list):
+        return [_clip(v, n) for v in value]
+    if isinstance(value, dict):
+        return {k: _clip(v, n) for k, v in value.items()}
+    return value

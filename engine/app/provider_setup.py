@@ -1,0 +1,39 @@
+"""What the engine needs to call providers over HTTP: the catalog it plans with and the keys, read once."""
+
+from __future__ import annotations
+
+import os
+
+from engine.core.catalog import Catalog
+from engine.core.errors import ConfigError
+from engine.core.provider_api import Secret
+from engine.core.settings import Settings
+
+__all__ = ["http_setup"]
+
+
+def http_setup(catalog: Catalog, settings: Settings, *, need_keys: bool = True) -> tuple[Catalog, dict[str, Secret]]:
+    """The catalog the engine plans with when some providers are called over HTTP, and their keys.
+
+    A real batch takes up to ``cancel_s`` to cancel, so for those providers the catalog's ``batch_api.cancel_s``
+    becomes the endpoint's and every hedge falls back that much earlier. Keys are read here, from the
+    driver's environment, and travel to the dispatchers inside a ``Secret`` (a cluster's workers need not have
+    them); a missing key is a start-up error, not a run of 401s."""
+    keys: dict[str, Secret] = {}
+    providers = dict(catalog.providers)
+    for name in settings.providers.http_providers(catalog.providers):
+        ep = settings.providers.endpoints[name]
+        value = os.environ.get(ep.api_key_env) if need_keys else "unread"
+        if not value:
+            raise ConfigError(f"providers.endpoints.{name}: the environment variable {ep.api_key_env} holding the "
+                              f"API key is not set; export it, or name another variable with "
+                              f"SMARTBATCH_PROVIDERS__ENDPOINTS (api_key_env), or run with providers.mode=sim")
+        keys[name] = Secret(value)
+        spec = providers[name]
+        if spec.batch_api is not None and spec.batch_api.cancel_s != ep.cancel_s:
+            providers[name] = spec.model_copy(update={"batch_api": spec.batch_api.model_copy(
+                update={"cancel_s": ep.cancel_s})})
+    if providers != catalog.providers:
+        catalog = Catalog.model_validate({"schema_version": catalog.schema_version,
+                                          "providers": {k: v.model_dump() for k, v in providers.items()}})
+    return catalog, (keys if need_keys else {})

@@ -1,0 +1,283 @@
+"""OpenAI Batch files: read an input file into requests, write the output and error files, and report cost.
+
+The input format is OpenAI's (one ``{"custom_id", "method": "POST", "url", "body"}`` per line). Every line
+arrives at once (``arrival_s`` 0) and must finish within the batch's completion window (``deadline_s``).
+
+Lines are sorted into three kinds, so that every ``custom_id`` of the input ends up exactly once across the
+output and error files:
+
+* a valid line becomes a ``Request`` (``custom_id`` is its id, ``body`` is sent unchanged);
+* a line with a usable ``custom_id`` that is not a valid request is *invalid*: the trace builder reports it
+  (file, line, field, fix), ``smartbatch batch`` answers it in the error file (code ``invalid_request``);
+* a line with no usable ``custom_id`` (not JSON, not an object, a missing or repeated ``custom_id``) cannot be
+  answered by id: it is a problem of the file, refused unless ``skip_invalid``.
+
+The output line shapes are OpenAI's: ``{"id": "batch_req_...", "custom_id", "response": {"status_code": 200,
+"request_id", "body"}, "error": null}`` and ``{"id", "custom_id", "response": null, "error": {"code",
+"message"}}``. This module does no I/O beyond the files it is given and never starts Ray (floor 1).
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from engine.core.budgets import parse_duration
+from engine.core.catalog import Catalog, default_catalog
+from engine.core.cost import price_alone
+from engine.core.errors import ConfigError, TraceError
+from engine.core.request import Request, validation_context
+from engine.core.result import Result
+from engine.core.settings import MAX_DEADLINE_S, Settings
+from engine.core.trace import Trace, _problems_of, read_lines
+
+__all__ = ["BatchFile", "BatchLine", "error_line", "from_openai_batch", "output_line", "parse_window",
+           "read_batch_file", "report", "response_body", "write_results"]
+
+Problem = tuple[str, int, str, str]  # (file, line, field, message), as in engine.core.trace
+_UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+# Error codes of the error file, by the status of the request's result.
+ERROR_CODES = {"failed": "request_failed", "rejected": "request_rejected", "expired": "batch_expired"}
+
+
+def parse_window(text: str) -> float:
+    """A completion window (``24h``, ``90m``, ``1d``, ``3600s``) in seconds."""
+    try:
+        parsed = parse_duration(text)
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed[1] not in _UNIT_S:
+        raise ConfigError(f"--window {text!r}: use a positive number and a unit s, m, h or d, e.g. 24h (OpenAI's "
+                          "completion window)")
+    seconds = parsed[0] * _UNIT_S[parsed[1]]
+    if seconds > MAX_DEADLINE_S:
+        raise ConfigError(f"--window {text!r} is {seconds:,.0f} s; a deadline is at most {MAX_DEADLINE_S:,.0f} s "
+                          "(366 days)")
+    return seconds
+
+
+@dataclass(frozen=True)
+class BatchLine:
+    """One answerable line: its number, ``custom_id`` and ``url``, and either its request or its problem."""
+
+    no: int
+    custom_id: str
+    url: str
+    request: Request | None = None
+    problem: tuple[str, str] | None = None  # (field, message) when the line is not a valid request
+
+
+@dataclass(frozen=True)
+class BatchFile:
+    """The lines of an input file in file order, plus the problems of lines that cannot be answered by id."""
+
+    source: str
+    lines: list[BatchLine]
+    file_problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def requests(self) -> list[Request]:
+        return [ln.request for ln in self.lines if ln.request is not None]
+
+    @property
+    def invalid(self) -> list[BatchLine]:
+        return [ln for ln in self.lines if ln.request is None]
+
+    def problems(self) -> list[Problem]:
+        """Every problem, file-level and per line, in line order (as ``TraceError`` shows them)."""
+        per_line = [(self.source, ln.no, *ln.problem) for ln in self.invalid if ln.problem is not None]
+        return sorted(self.file_problems + per_line, key=lambda p: p[1])
+
+
+def read_batch_file(path: str | Path, *, window_s: float, tenant: str = "default", catalog: Catalog | None = None,
+                    settings: Settings | None = None) -> BatchFile:
+    """Read and validate an OpenAI Batch input file (see the module docstring); raises ``TraceError`` only when
+    the file cannot be read."""
+    src = str(Path(path))
+    ctx = validation_context(catalog or default_catalog(), settings)
+    problems: list[Problem] = []
+    lines: list[BatchLine] = []
+    seen: dict[str, int] = {}
+    for no, text in read_lines(path, problems):
+        if not text.strip():
+            continue
+        try:
+            raw = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            why = exc.msg if isinstance(exc, json.JSONDecodeError) else "too deep or too long a number"
+            problems.append((src, no, "line", f"not valid JSON ({why}); fix the line"))
+            continue
+        if not isinstance(raw, dict):
+            problems.append((src, no, "line", 'a batch line is a JSON object {"custom_id", "method", "url", "body"}'))
+            continue
+        cid = raw.get("custom_id")
+        if not isinstance(cid, str) or not cid:
+            problems.append((src, no, "custom_id", "is required and must be a non-empty string: the id that pairs "
+                                                   "the line with its output"))
+            continue
+        if cid in seen:
+            problems.append((src, no, "custom_id", f"duplicate custom_id {cid!r} (first on line {seen[cid]}); "
+                                                   "every line needs a custom_id of its own"))
+            continue
+        seen[cid] = no
+        url = raw.get("url", "/v1/chat/completions")
+        url = url if isinstance(url, str) else "/v1/chat/completions"
+        fixed = next((k for k in ("arrival_s", "deadline_s", "tenant") if k in raw), None)
+        if fixed is not None:
+            lines.append(BatchLine(no, cid, url, problem=(fixed, f"{fixed} is set by the batch (--window, --tenant); "
+                                                                 "remove it from the line")))
+            continue
+        try:
+            req = Request.model_validate({**raw, "arrival_s": 0.0, "deadline_s": window_s, "tenant": tenant},
+                                         context=ctx)
+        except ValidationError as exc:
+            first = next(iter(_problems_of(exc)), ("line", str(exc)))
+            lines.append(BatchLine(no, cid, url, problem=first))
+            continue
+        lines.append(BatchLine(no, cid, url, request=req))
+    return BatchFile(src, lines, problems)
+
+
+def from_openai_batch(path: str | Path, *, window_s: float = 86400.0, tenant: str = "default",
+                      catalog: Catalog | None = None, settings: Settings | None = None,
+                      skip_invalid: bool = False) -> Trace:
+    """An OpenAI Batch input file as a trace: every line arrives at 0 with the window as its deadline. Any bad
+    line raises one ``TraceError`` naming every one (file, line, field, fix), unless ``skip_invalid``."""
+    bf = read_batch_file(path, window_s=window_s, tenant=tenant, catalog=catalog, settings=settings)
+    problems = bf.problems()
+    if problems and not skip_invalid:
+        raise TraceError(problems)
+    if not bf.requests:
+        why = f"all {len({p[1] for p in problems})} non-empty line(s) are invalid" if problems else "it is empty"
+        raise TraceError(problems + [(bf.source, 0, "file", f"{Path(path).name} has no requests ({why}); give at "
+                                                            "least one valid line")], hint="")
+    return Trace(name=Path(path).stem, requests=bf.requests, skipped=len({p[1] for p in problems}),
+                 problems=problems)
+
+
+# --- the output and error files -----------------------------------------------------------------------------
+
+def _req_id(tenant: str, custom_id: str) -> str:
+    # Deterministic, so a rerun of the same file names its lines the same way.
+    return "batch_req_" + hashlib.sha256(f"{len(tenant)}:{tenant}/{custom_id}".encode()).hexdigest()[:32]
+
+
+def response_body(url: str, req: Request, res: Result, created: int = 0) -> dict:
+    """The response body of one line: the provider's raw body when it was called over HTTP, else one built in
+    the shape of ``url``'s response from the result's output and usage (simulated providers, reuse)."""
+    if res.raw is not None:
+        return res.raw
+    usage = res.usage or {}
+    n_in, n_out = int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0))
+    rid = hashlib.sha256(f"{res.uid}".encode()).hexdigest()[:24]
+    text = res.output or ""
+    if url == "/v1/images/generations":
+        item = {"url": text} if "://" in text else {"b64_json": text}
+        return {"created": created, "data": [item]}
+    if url == "/v1/responses":
+        return {"id": f"resp_{rid}", "object": "response", "created_at": created, "model": res.model or req.model,
+                "status": "completed",
+                "output": [{"type": "message", "role": "assistant",
+                            "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+                "usage": {"input_tokens": n_in, "output_tokens": n_out, "total_tokens": n_in + n_out}}
+    return {"id": f"chatcmpl-{rid}", "object": "chat.completion", "created": created, "model": res.model or req.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}}
+
+
+def output_line(line: BatchLine, res: Result, *, created: int = 0, raw: dict | None = None,
+                request_id: str | None = None) -> dict:
+    """A line of the output file for a succeeded (or reused) request; ``raw`` and ``request_id`` stand in for a
+    reused result's, which carries neither (the response of the line it reused)."""
+    assert line.request is not None
+    body = raw if res.raw is None and raw is not None else response_body(line.url, line.request, res, created)
+    rid = res.provider_request_id or request_id or "smartbatch_" + _req_id(res.tenant, line.custom_id)[10:]
+    return {"id": _req_id(line.request.tenant, line.custom_id), "custom_id": line.custom_id,
+            "response": {"status_code": 200, "request_id": rid, "body": body}, "error": None}
+
+
+def error_line(custom_id: str, code: str, message: str, *, tenant: str = "default") -> dict:
+    """A line of the error file."""
+    return {"id": _req_id(tenant, custom_id), "custom_id": custom_id, "response": None,
+            "error": {"code": code, "message": message}}
+
+
+def _content_key(req: Request) -> str:
+    return json.dumps([req.provider, req.model, req.prompt, req.body], sort_keys=True, default=str)
+
+
+def write_results(bf: BatchFile, results: Sequence[Result], out: str | Path, errors: str | Path | None = None, *,
+                  created: int = 0) -> tuple[int, int]:
+    """Write the output file (succeeded and reused lines) and the error file (invalid, failed, rejected and
+    expired lines; beside ``out`` as ``<stem>.errors.jsonl`` when not given), in input order. ``results`` pair
+    with ``bf.requests`` one to one. Returns (output lines, error lines)."""
+    reqs = bf.requests
+    if len(results) != len(reqs):
+        raise ValueError(f"{len(results)} results for {len(reqs)} requests; they must pair one to one")
+    by_id = {}
+    for req, res in zip(reqs, results, strict=True):
+        if res.id != req.id:
+            raise ValueError(f"result {res.id!r} answers request {req.id!r}; results must be in request order")
+        by_id[req.id] = res
+    # A reused result carries no raw body: give it the raw body of a line with the same content that was called.
+    called = {_content_key(r): by_id[r.id] for r in reqs if by_id[r.id].raw is not None}
+    out_p = Path(out)
+    err_p = Path(errors) if errors is not None else out_p.with_name(out_p.stem + ".errors.jsonl")
+    for p in (out_p, err_p):
+        p.parent.mkdir(parents=True, exist_ok=True)
+    n_out = n_err = 0
+    with out_p.open("w", encoding="utf-8") as fo, err_p.open("w", encoding="utf-8") as fe:
+        for ln in bf.lines:
+            if ln.request is None:
+                fld, msg = ln.problem or ("line", "invalid")
+                row = error_line(ln.custom_id, "invalid_request", f"{bf.source}:{ln.no}: field '{fld}': {msg}")
+            else:
+                res = by_id[ln.request.id]
+                if res.status in ("ok", "reused"):
+                    src = called.get(_content_key(ln.request)) if res.raw is None else None
+                    row = output_line(ln, res, created=created, raw=src.raw if src else None,
+                                      request_id=src.provider_request_id if src else None)
+                else:
+                    code = ERROR_CODES.get(res.status, "request_failed")
+                    row = error_line(ln.custom_id, code, res.error or res.reason or res.status,
+                                     tenant=ln.request.tenant)
+            is_out = row["error"] is None
+            (fo if is_out else fe).write(json.dumps(row, separators=(",", ":")) + "\n")
+            n_out += is_out
+            n_err += not is_out
+    return n_out, n_err
+
+
+def report(bf: BatchFile, results: Sequence[Result], catalog: Catalog, *, window_s: float, policy: str) -> dict:
+    """What each line cost against its list price (sent alone, synchronously), the totals and the modes used.
+    ``list_price_usd`` and ``saving_usd`` count the answered lines (succeeded or reused); ``cost_usd`` is every
+    line's cost, so ``saving_usd = list_price_usd - cost_usd``."""
+    by_id = {r.id: r for r in results}
+    rows = []
+    for ln in bf.lines:
+        if ln.request is None:
+            rows.append({"line": ln.no, "custom_id": ln.custom_id, "status": "invalid", "mode": None, "hit": None,
+                         "provider": None, "model": None, "cost_usd": 0.0, "list_price_usd": 0.0, "saving_usd": 0.0})
+            continue
+        res = by_id[ln.request.id]
+        answered = res.status in ("ok", "reused")
+        listed = price_alone(ln.request, catalog, "sync").total if answered else 0.0
+        rows.append({"line": ln.no, "custom_id": ln.custom_id, "status": res.status, "mode": res.mode,
+                     "hit": res.hit, "provider": ln.request.provider, "model": ln.request.model,
+                     "cost_usd": res.cost_usd, "list_price_usd": listed, "saving_usd": listed - res.cost_usd})
+    cost = sum(r["cost_usd"] for r in rows)
+    listed = sum(r["list_price_usd"] for r in rows)
+    return {"input": bf.source, "window_s": window_s, "policy": policy,
+            "totals": {"lines": len(rows),
+                       "succeeded": sum(r["status"] in ("ok", "reused") for r in rows),
+                       "failed": sum(r["status"] not in ("ok", "reused") for r in rows),
+                       "statuses": dict(collections.Counter(r["status"] for r in rows)),
+                       "modes": dict(collections.Counter(r["mode"] for r in rows if r["mode"])),
+                       "cost_usd": cost, "list_price_usd": listed, "saving_usd": listed - cost},
+            "lines": rows}

@@ -1,0 +1,317 @@
+"""The provider/model catalog: prices, limits and capabilities, validated on load.
+
+Providers *declare* what they can do (``batch_api``, ``prompt_cache``, ``gpu_batching``); the cost model and
+the policies read those declarations and never guess a capability from a provider's name.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from importlib import resources
+from pathlib import Path
+from statistics import NormalDist
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from engine.core.errors import CatalogError
+
+__all__ = [
+    "BatchApi",
+    "Catalog",
+    "GpuBatching",
+    "Kind",
+    "Latency",
+    "MediaLatency",
+    "ModelSpec",
+    "PromptCache",
+    "ProviderSpec",
+    "RateLimits",
+    "default_catalog",
+    "load_catalog",
+]
+
+Kind = Literal["text", "image", "video"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class RateLimits(_Frozen):
+    rpm: float = Field(gt=0, description="requests per minute")
+    tpm: float = Field(gt=0, description="tokens per minute (input + output)")
+    max_concurrency: int = Field(ge=1)
+
+
+class Latency(_Frozen):
+    """Sync latency of a text call: ``(base_s + per_output_token_s * out) * exp(sigma * z)``, z ~ N(0,1)."""
+
+    base_s: float = Field(ge=0)
+    per_output_token_s: float = Field(ge=0, default=0.0)
+    per_unit_s: float = Field(ge=0, default=0.0)
+    sigma: float = Field(ge=0, le=2, default=0.3)
+
+
+class MediaLatency(_Frozen):
+    image_s: float = Field(gt=0)
+    video_base_s: float = Field(gt=0)
+    video_per_second_s: float = Field(ge=0)
+    sigma: float = Field(ge=0, le=2, default=0.3)
+
+
+class BatchApi(_Frozen):
+    kinds: tuple[Kind, ...] = ("text",)
+    discount: float = Field(gt=0, lt=1)
+    completion_window_s: float = Field(gt=0)
+    turnaround_median_s: float = Field(gt=0)
+    turnaround_p95_s: float = Field(gt=0)
+    turnaround_min_s: float = Field(ge=0)
+    max_requests: int = Field(ge=1)
+    max_enqueued_tokens: float = Field(gt=0)
+    cancel_s: float = Field(default=0.0, ge=0, description=(
+        "seconds a cancel may take before the finished members are known (a real batch sits in 'cancelling' "
+        "for up to 10 min); the hedge falls back this much earlier. Simulated batches cancel at once (0); "
+        "the engine sets it from providers.endpoints.<name>.cancel_s for providers it calls over HTTP"))
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BatchApi:
+        if not (self.turnaround_min_s <= self.turnaround_median_s <= self.turnaround_p95_s
+                <= self.completion_window_s):
+            raise ValueError(
+                "need turnaround_min_s <= turnaround_median_s <= turnaround_p95_s <= completion_window_s, got "
+                f"{self.turnaround_min_s} / {self.turnaround_median_s} / {self.turnaround_p95_s} / "
+                f"{self.completion_window_s}"
+            )
+        return self
+
+    @property
+    def turnaround_sigma(self) -> float:
+        """Lognormal sigma that puts the 95th percentile at ``turnaround_p95_s``."""
+        return max(math.log(self.turnaround_p95_s / self.turnaround_median_s) / 1.6448536, 1e-9)
+
+    def turnaround_cdf(self, t: float) -> float:
+        """P(turnaround <= t) under the catalog's lognormal, clipped to [min, completion window]."""
+        if t < self.turnaround_min_s:
+            return 0.0
+        if t >= self.completion_window_s:
+            return 1.0
+        # Inline sigma: a property or private attribute of a pydantic model costs more than the arithmetic.
+        sigma = max(math.log(self.turnaround_p95_s / self.turnaround_median_s) / 1.6448536, 1e-9)
+        z = math.log(max(t, 1e-9) / self.turnaround_median_s) / (sigma * 1.4142135623730951)
+        return 0.5 * (1.0 + math.erf(z))
+
+    def turnaround_quantile(self, p: float) -> float:
+        """Smallest t with P(turnaround <= t) >= p (the inverse of ``turnaround_cdf``)."""
+        if p <= 0.0:
+            return self.turnaround_min_s
+        if p >= 1.0:
+            return self.completion_window_s
+        t = self.turnaround_median_s * math.exp(self.turnaround_sigma * NormalDist().inv_cdf(p))
+        return min(max(t, self.turnaround_min_s), self.completion_window_s)
+
+
+class PromptCache(_Frozen):
+    automatic: bool
+    min_tokens: int = Field(ge=0)
+    block_tokens: int = Field(ge=1)
+    ttl_s: float = Field(gt=0)
+    read_multiplier: float = Field(ge=0, le=1)
+    write_multiplier: float = Field(ge=1)
+    stacks_with_batch: bool
+
+
+class GpuBatching(_Frozen):
+    price_per_gpu_s: float = Field(gt=0)
+    setup_s: float = Field(ge=0)
+    max_batch: int = Field(ge=1)
+    speedup: tuple[tuple[int, float], ...]
+
+    @field_validator("speedup")
+    @classmethod
+    def _physical(cls, v: tuple[tuple[int, float], ...]) -> tuple[tuple[int, float], ...]:
+        # The cost model's "a batch never costs more than its items alone" rests on these three facts.
+        if not v or v[0] != (1, 1.0):
+            raise ValueError("speedup must start at [1, 1.0] (a batch of one runs at base speed)")
+        for (b0, s0), (b1, s1) in zip(v, v[1:]):
+            if b1 <= b0 or s1 < s0:
+                raise ValueError(f"speedup must increase in batch size and never fall: {b0}->{s0}, {b1}->{s1}")
+        for b, s in v:
+            if s > b:
+                raise ValueError(f"speedup {s} at batch size {b} is faster than linear; at most {b}")
+        return v
+
+    def speedup_at(self, b: int) -> float:
+        """Throughput multiplier at batch size ``b``, linear between the catalog's points."""
+        pts = self.speedup
+        if b <= pts[0][0]:
+            return pts[0][1]
+        for (b0, s0), (b1, s1) in zip(pts, pts[1:]):
+            if b <= b1:
+                return s0 + (s1 - s0) * (b - b0) / (b1 - b0)
+        return pts[-1][1]
+
+    def runtime_s(self, unit_gpu_s: float, b: int) -> float:
+        """GPU seconds of one dispatch of ``b`` jobs of ``unit_gpu_s`` each (one warm-up)."""
+        return self.setup_s + unit_gpu_s * b / self.speedup_at(b)
+
+
+class ModelSpec(_Frozen):
+    kind: Kind
+    # text
+    input_per_mtok: float | None = Field(default=None, ge=0)
+    output_per_mtok: float | None = Field(default=None, ge=0)
+    max_output_tokens: int = Field(default=4096, ge=1)
+    cache_read_multiplier: float | None = Field(default=None, ge=0, le=1)
+    cache_min_tokens: int | None = Field(default=None, ge=0)
+    # hosted media priced per unit
+    per_image: dict[str, float] | None = None
+    per_second: dict[str, float] | None = None
+    # self-hosted media priced by GPU time
+    gpu_s_per_image: dict[str, float] | None = None
+    gpu_s_per_video_second: dict[str, float] | None = None
+    default_size: str | None = None
+    default_resolution: str | None = None
+    default_duration_s: float = Field(default=5.0, gt=0)
+    # limits of this model alone (providers such as OpenAI limit per model); None: it shares the provider's
+    rate_limits: RateLimits | None = None
+    # which endpoint of an OpenAI-compatible provider serves the model over HTTP
+    api: Literal["chat", "responses"] = "chat"
+    context_window: int | None = Field(default=None, ge=1, description="input + output tokens the model "
+                                       "accepts (None: not checked)")
+    max_input_tokens: int | None = Field(default=None, ge=1, description="input tokens the model accepts, where "
+                                         "the provider limits input on its own (None: only the context window)")
+
+    @model_validator(mode="after")
+    def _priced(self) -> ModelSpec:
+        if self.kind == "text" and (self.input_per_mtok is None or self.output_per_mtok is None):
+            raise ValueError("a text model needs input_per_mtok and output_per_mtok")
+        if self.kind == "image" and not (self.per_image or self.gpu_s_per_image):
+            raise ValueError("an image model needs per_image (hosted) or gpu_s_per_image (GPU-priced)")
+        if self.kind == "video" and not (self.per_second or self.gpu_s_per_video_second):
+            raise ValueError("a video model needs per_second (hosted) or gpu_s_per_video_second (GPU-priced)")
+        for table, default in ((self.per_image or self.gpu_s_per_image, self.default_size),
+                               (self.per_second or self.gpu_s_per_video_second, self.default_resolution)):
+            if table and default is not None and default not in table:
+                raise ValueError(f"default {default!r} is not one of the priced options {sorted(table)}")
+        return self
+
+    @property
+    def gpu_priced(self) -> bool:
+        return bool(self.gpu_s_per_image or self.gpu_s_per_video_second)
+
+
+class ProviderSpec(_Frozen):
+    # The simulation-only fields have defaults, so an overlay can add a provider with prices alone.
+    name: str = ""
+    failure_rate: float = Field(default=0.0, ge=0, lt=1)
+    throttled_share: float = Field(default=0.5, ge=0, le=1,
+                                   description="share of failures that are 429s (the rest are 5xx)")
+    retry_after_s: float = Field(default=10.0, ge=0, description="the Retry-After of this provider's 429s")
+    rate_limits: RateLimits = RateLimits(rpm=10_000, tpm=4_000_000, max_concurrency=256)
+    sync_latency: Latency = Latency(base_s=1.0, per_output_token_s=0.01)
+    media_latency: MediaLatency | None = None
+    batch_api: BatchApi | None = None
+    prompt_cache: PromptCache | None = None
+    gpu_batching: GpuBatching | None = None
+    models: dict[str, ModelSpec]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ProviderSpec:
+        for mname, m in self.models.items():
+            if m.gpu_priced and self.gpu_batching is None:
+                raise ValueError(f"model {mname!r} is GPU-priced but the provider declares no gpu_batching")
+            if m.kind != "text" and not m.gpu_priced and self.media_latency is None:
+                raise ValueError(f"model {mname!r} is a hosted {m.kind} model; add media_latency to the provider")
+        return self
+
+    def supports_batch_api(self, kind: str) -> bool:
+        return self.batch_api is not None and kind in self.batch_api.kinds
+
+
+class Catalog(_Frozen):
+    schema_version: int = 1
+    providers: dict[str, ProviderSpec]
+
+    @model_validator(mode="after")
+    def _name_providers(self) -> Catalog:
+        for name, p in self.providers.items():
+            if p.name != name:
+                object.__setattr__(p, "name", name)  # frozen, but the key is the single source of the name
+        return self
+
+    def provider(self, name: str) -> ProviderSpec:
+        try:
+            return self.providers[name]
+        except KeyError:
+            raise CatalogError(
+                f"unknown provider {name!r}; the catalog has {sorted(self.providers)}"
+            ) from None
+
+    def model(self, provider: str, model: str) -> ModelSpec:
+        p = self.provider(provider)
+        try:
+            return p.models[model]
+        except KeyError:
+            raise CatalogError(
+                f"provider {provider!r} has no model {model!r}; it has {sorted(p.models)}"
+            ) from None
+
+    def find_model(self, model: str) -> tuple[str, ModelSpec]:
+        """The provider of a model name, when a trace line names only the model."""
+        hits = [(pn, p.models[model]) for pn, p in self.providers.items() if model in p.models]
+        if len(hits) != 1:
+            where = "no provider" if not hits else f"several providers {[h[0] for h in hits]}"
+            raise CatalogError(f"model {model!r} is offered by {where}; set 'provider' on the line")
+        return hits[0]
+
+
+def _read_yaml(path: str | Path | None, flag: str) -> tuple[dict, str]:
+    if path is None:
+        text = resources.files("engine").joinpath("data/catalog.yaml").read_text(encoding="utf-8")
+        where = "<default catalog>"
+    else:
+        where = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CatalogError(f"cannot read catalog {where}: {exc}; pass an existing UTF-8 file to {flag}") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise CatalogError(f"catalog {where} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise CatalogError(f"catalog {where} must be a YAML mapping with 'providers'")
+    return raw, where
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """``over`` on top of ``base``, mapping by mapping (a value that is not a mapping replaces)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_catalog(path: str | Path | None = None, overlay: str | Path | None = None) -> Catalog:
+    """Load and validate a catalog YAML file (the packaged default when ``path`` is None). ``overlay`` is a
+    YAML file merged on top, mapping by mapping: it adds or overrides providers, models and prices without
+    copying the whole catalog (a new provider needs only its models and prices)."""
+    raw, where = _read_yaml(path, "--catalog")
+    if overlay is not None:
+        extra, owhere = _read_yaml(overlay, "--catalog-overlay")
+        raw, where = _merge(raw, extra), f"{where} + overlay {owhere}"
+    try:
+        return Catalog.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"])
+        raise CatalogError(f"catalog {where}: field '{loc}': {first['msg']} ({exc.error_count()} error(s))") from exc
+
+
+@functools.cache
+def default_catalog() -> Catalog:
+    """The packaged catalog, parsed once (it is immutable, so sharing it is safe)."""
+    return load_catalog(None)

@@ -1,0 +1,309 @@
+"""The one cost model. Every dollar figure in smartbatch comes from these functions.
+
+The rules and formulas are stated in docs/cost-model.md; this module is their only implementation.
+Modes: ``sync`` (one call, list price), ``batch_api`` (provider batch API, discounted), ``gpu_batch``
+(compatible jobs share one warm-up on a GPU-priced provider), ``reuse`` (served from our cache: free).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Literal, NamedTuple
+
+from engine.core.catalog import Catalog, ModelSpec, ProviderSpec
+from engine.core.errors import CatalogError
+from engine.core.request import Request
+
+__all__ = [
+    "MODES",
+    "CacheSplit",
+    "Mode",
+    "Price",
+    "cache_read_multiplier",
+    "cache_split",
+    "gpu_share_price",
+    "gpu_unit_seconds",
+    "list_price_text",
+    "min_cacheable_tokens",
+    "mode_allowed",
+    "mode_factor",
+    "price_alone",
+    "price_batch",
+    "price_text",
+    "price_usage",
+    "reserve_bound",
+    "shared_prefix_marks",
+    "token_prices",
+]
+
+Mode = Literal["sync", "batch_api", "gpu_batch", "reuse"]
+MODES: tuple[Mode, ...] = ("sync", "batch_api", "gpu_batch", "reuse")
+_M = 1e-6
+
+
+class Price(NamedTuple):
+    """USD of one request, split so a report can say where the money went."""
+
+    total: float
+    input: float = 0.0
+    cached_input: float = 0.0
+    cache_write: float = 0.0
+    output: float = 0.0
+    media: float = 0.0
+
+
+class CacheSplit(NamedTuple):
+    """How a text request's input tokens are billed: read from the provider cache, written to it, or plain."""
+
+    read: int
+    write: int
+    plain: int
+
+
+def mode_factor(provider: ProviderSpec, mode: Mode) -> float:
+    """What ``mode`` multiplies list prices by: one minus the batch discount for ``batch_api``, else 1."""
+    return 1.0 - provider.batch_api.discount if mode == "batch_api" and provider.batch_api else 1.0
+
+
+def token_prices(spec: ModelSpec) -> tuple[float, float]:
+    """List USD per input token and per output token of a text model."""
+    return spec.input_per_mtok * _M, spec.output_per_mtok * _M  # type: ignore[operator]
+
+
+def list_price_text(spec: ModelSpec, input_tokens: int, output_tokens: int) -> float:
+    """List (sync, uncached) USD of text tokens."""
+    return (input_tokens * spec.input_per_mtok + output_tokens * spec.output_per_mtok) * _M  # type: ignore[operator]
+
+
+def min_cacheable_tokens(provider: ProviderSpec, spec: ModelSpec) -> int:
+    """The shortest prefix the provider caches for this model (0: no prompt cache)."""
+    pc = provider.prompt_cache
+    if pc is None:
+        return 0
+    return spec.cache_min_tokens if spec.cache_min_tokens is not None else pc.min_tokens
+
+
+def cache_read_multiplier(provider: ProviderSpec, spec: ModelSpec) -> float:
+    """The share of the input price a cache read costs (1.0: no prompt cache)."""
+    pc = provider.prompt_cache
+    if pc is None:
+        return 1.0
+    return spec.cache_read_multiplier if spec.cache_read_multiplier is not None else pc.read_multiplier
+
+
+def gpu_share_price(provider: ProviderSpec, unit_s: float, b: int) -> float:
+    """USD of one job's share of a GPU batch of ``b`` jobs: its unit seconds at the batch's speed-up plus an
+    equal share of the warm-up."""
+    gb = provider.gpu_batching
+    assert gb is not None  # ensured by ProviderSpec validation for GPU-priced models
+    return gb.price_per_gpu_s * (gb.setup_s / b + unit_s / gb.speedup_at(b))
+
+
+def mode_allowed(provider: ProviderSpec, spec: ModelSpec, mode: Mode) -> bool:
+    """Whether ``mode`` exists for this model at this provider (capabilities are declared in the catalog)."""
+    if mode in ("sync", "reuse"):
+        return True
+    if mode == "batch_api":
+        return provider.supports_batch_api(spec.kind)
+    return spec.gpu_priced  # gpu_batch
+
+
+def _check_mode(provider: ProviderSpec, spec: ModelSpec, model: str, mode: Mode) -> None:
+    if not mode_allowed(provider, spec, mode):
+        raise CatalogError(
+            f"mode {mode!r} is not available for {provider.name}/{model}: "
+            + ("the provider declares no batch_api for this kind" if mode == "batch_api"
+               else "the model is not GPU-priced")
+        )
+
+
+def cache_split(provider: ProviderSpec, spec: ModelSpec, input_tokens: int, n_blocks: int, warm_blocks: int,
+                mark_blocks: int, block_tokens: int) -> CacheSplit:
+    """Split ``input_tokens`` of a request whose prompt starts with ``n_blocks`` prefix blocks of
+    ``block_tokens`` tokens, the first ``warm_blocks`` of them warm at the provider.
+
+    Reads are rounded down to the provider's cache granularity and need at least the minimum cacheable
+    prefix. A provider with automatic caching writes the whole cold prefix (at ``write_multiplier``, 1.0 for
+    the automatic providers in the default catalog); one with explicit caching writes only up to the
+    breakpoint the caller marks (``mark_blocks`` leading blocks), and only if that prefix is cacheable.
+    """
+    pc = provider.prompt_cache
+    if pc is None or n_blocks == 0:
+        return CacheSplit(0, 0, input_tokens)
+    prefix = min(n_blocks * block_tokens, input_tokens)
+    min_tokens = max(min_cacheable_tokens(provider, spec), 1)
+    if prefix < min_tokens:
+        return CacheSplit(0, 0, input_tokens)
+    read = min(warm_blocks * block_tokens, prefix)
+    read -= read % pc.block_tokens
+    if read < min_tokens:
+        read = 0
+    upto = prefix if pc.automatic else min(mark_blocks * block_tokens, prefix)
+    write = upto - read if upto >= min_tokens and upto > read else 0
+    return CacheSplit(read, write, input_tokens - read - write)
+
+
+def price_text(provider: ProviderSpec, spec: ModelSpec, split: CacheSplit, output_tokens: int,
+               mode: Mode) -> Price:
+    """Price of a text call with its input split into cache read / write / plain tokens."""
+    if mode == "reuse":
+        return Price(0.0)
+    pc = provider.prompt_cache
+    f = mode_factor(provider, mode)
+    p_in, p_out = token_prices(spec)
+    if pc is not None and (mode != "batch_api" or pc.stacks_with_batch):
+        r = cache_read_multiplier(provider, spec)
+        cached = f * p_in * r * split.read
+        write = f * p_in * pc.write_multiplier * split.write
+        plain = f * p_in * split.plain
+    else:
+        cached, write = 0.0, 0.0
+        plain = f * p_in * (split.read + split.write + split.plain)
+    out = f * p_out * output_tokens
+    return Price(plain + cached + write + out, plain, cached, write, out)
+
+
+def price_usage(req: Request, catalog: Catalog, mode: Mode, *, input_tokens: int, output_tokens: int,
+                cache_read: int = 0, cache_write: int = 0) -> Price:
+    """What a provider bills for a call that reported this usage: ``input_tokens`` counts every input token,
+    the cached and cache-written ones included. Media: the catalog's unit price (one image or video)."""
+    provider = catalog.provider(req.provider)
+    spec = catalog.model(req.provider, req.model)
+    if spec.kind != "text":
+        return price_alone(req, catalog, "sync" if mode == "gpu_batch" else mode)
+    read = max(min(cache_read, input_tokens), 0)
+    write = max(min(cache_write, input_tokens - read), 0)
+    return price_text(provider, spec, CacheSplit(read, write, input_tokens - read - write), output_tokens, mode)
+
+
+def gpu_unit_seconds(spec: ModelSpec, params: dict) -> float:
+    """GPU seconds one job needs at batch size 1, without the warm-up."""
+    if spec.gpu_s_per_image:
+        return spec.gpu_s_per_image[str(params.get("size", spec.default_size))]
+    if spec.gpu_s_per_video_second:
+        res = str(params.get("resolution", spec.default_resolution))
+        return spec.gpu_s_per_video_second[res] * float(params.get("duration_s", spec.default_duration_s))
+    raise CatalogError("model is not GPU-priced")
+
+
+def _media_list_price(spec: ModelSpec, params: dict) -> float:
+    if spec.per_image:
+        return spec.per_image[str(params.get("size", spec.default_size))]
+    if spec.per_second:
+        res = str(params.get("resolution", spec.default_resolution))
+        return spec.per_second[res] * float(params.get("duration_s", spec.default_duration_s))
+    raise CatalogError("model has no per-unit price")
+
+
+def price_alone(req: Request, catalog: Catalog, mode: Mode = "sync", *, warm_blocks: int = 0,
+                write: bool = False, block_tokens: int = 512) -> Price:
+    """Price of one request sent on its own under ``mode`` with ``warm_blocks`` of its prefix warm;
+    ``write`` marks its whole prefix for caching at a provider with explicit caching."""
+    provider = catalog.provider(req.provider)
+    spec = catalog.model(req.provider, req.model)
+    _check_mode(provider, spec, req.model, mode)
+    if mode == "reuse":
+        return Price(0.0)
+    if spec.kind == "text":
+        n = len(req.prefix_blocks)
+        split = cache_split(provider, spec, req.input_tokens, n, warm_blocks, n if write else 0, block_tokens)
+        return price_text(provider, spec, split, req.output_tokens, mode)
+    if spec.gpu_priced:
+        return price_batch([req], catalog, "gpu_batch" if mode == "sync" else mode, block_tokens=block_tokens)[0]
+    p = mode_factor(provider, mode) * _media_list_price(spec, req.params)
+    return Price(p, media=p)
+
+
+def reserve_bound(req: Request, catalog: Catalog, mode: Mode, output_tokens: int | None = None) -> float:
+    """An upper bound of what ``req`` can be billed when dispatched in ``mode``: what a budget reserves.
+
+    Text: every input token at the dearer of the plain and cache-write prices (a cache read only lowers the
+    bill), and the request's ``max_output_tokens`` cap, else ``output_tokens`` when given, else the model's
+    maximum output, at the output price; the batch API's discount applies to both. Media: the price alone, which for GPU-priced work is one warm-up per job, the
+    most a GPU batch share can cost.
+    """
+    provider = catalog.provider(req.provider)
+    spec = catalog.model(req.provider, req.model)
+    if mode == "reuse":
+        return 0.0
+    if spec.kind != "text":
+        return price_alone(req, catalog, "sync" if mode == "gpu_batch" else mode).total
+    f = mode_factor(provider, mode)
+    pc = provider.prompt_cache
+    w = max(1.0, pc.write_multiplier) if pc is not None and (mode != "batch_api" or pc.stacks_with_batch) else 1.0
+    out = (req.max_output_tokens if req.max_output_tokens is not None
+           else spec.max_output_tokens if output_tokens is None else output_tokens)
+    return f * (spec.input_per_mtok * w * req.input_tokens + spec.output_per_mtok * out) * _M  # type: ignore[operator]
+
+
+def shared_prefix_marks(reqs: Sequence[Request]) -> list[int]:
+    """For each member, how many leading prefix blocks some later member also starts with.
+
+    Block ids name a whole prefix up to and including that block (as Mooncake's ``hash_ids`` do), so a block
+    id found in a later member is a prefix that member shares.
+    """
+    later: set[int] = set()
+    marks = [0] * len(reqs)
+    for i in range(len(reqs) - 1, -1, -1):
+        k = 0
+        for b in reqs[i].prefix_blocks:
+            if b not in later:
+                break
+            k += 1
+        marks[i] = k
+        later.update(reqs[i].prefix_blocks)
+    return marks
+
+
+def price_batch(reqs: Sequence[Request], catalog: Catalog, mode: Mode, *,
+                warm: Iterable[int] = (), block_tokens: int = 512) -> list[Price]:
+    """Price of each member of one dispatch of ``reqs`` (same provider and model) under ``mode``.
+
+    ``batch_api``/``sync``: members run in the given order; a prefix written by an earlier member is read
+    by later ones when the provider's cache stacks with the mode. At a provider with explicit caching a
+    member marks only the prefix a later member starts with, so no write is paid that nobody reads.
+    ``gpu_batch``: members share one warm-up, ``setup_s + sum(unit) / speedup(b)`` GPU seconds, each paying
+    its own unit share plus an equal share of the warm-up.
+    """
+    if not reqs:
+        return []
+    first = reqs[0]
+    provider = catalog.provider(first.provider)
+    spec = catalog.model(first.provider, first.model)
+    for r in reqs:
+        if (r.provider, r.model) != (first.provider, first.model):
+            raise CatalogError(f"one batch holds one model; got {first.provider}/{first.model} "
+                               f"and {r.provider}/{r.model}")
+    _check_mode(provider, spec, first.model, mode)
+    if mode == "reuse":
+        return [Price(0.0)] * len(reqs)
+    if spec.gpu_priced:
+        gb = provider.gpu_batching
+        assert gb is not None  # ensured by ProviderSpec validation
+        b = len(reqs)
+        if mode == "gpu_batch" and b > gb.max_batch:
+            raise CatalogError(f"a GPU batch holds at most gpu_batching.max_batch={gb.max_batch} jobs, got {b}")
+        out = []
+        for r in reqs:
+            unit = gpu_unit_seconds(spec, r.params)
+            p = gpu_share_price(provider, unit, b) if mode == "gpu_batch" else gb.price_per_gpu_s * (gb.setup_s + unit)
+            out.append(Price(p, media=p))
+        return out
+    if spec.kind != "text":
+        return [price_alone(r, catalog, mode) for r in reqs]
+    pc = provider.prompt_cache
+    use_cache = pc is not None and (mode != "batch_api" or pc.stacks_with_batch)
+    warm_set = set(warm) if use_cache else set()
+    marks = shared_prefix_marks(reqs) if use_cache else [0] * len(reqs)
+    prices = []
+    for r, mark in zip(reqs, marks):
+        n_warm = 0
+        for blk in r.prefix_blocks:
+            if blk not in warm_set:
+                break
+            n_warm += 1
+        split = cache_split(provider, spec, r.input_tokens, len(r.prefix_blocks), n_warm, mark, block_tokens)
+        prices.append(price_text(provider, spec, split, r.output_tokens, mode))
+        if use_cache and (split.write or split.read):
+            warm_set.update(r.prefix_blocks)
+    return prices

@@ -1,0 +1,137 @@
+"""Feature vectors, compatibility keys and fingerprints of requests.
+
+* ``featurize``: a fixed-length float32 vector per request (signed feature hashing of word unigrams and
+  bigrams, character 3- and 4-grams of the normalised prompt, and the parameters), L2-normalised so a dot
+  product is a cosine. Character n-grams are hashed for all requests at once with numpy; only word hashing
+  runs per word.
+* ``compat_key``: what must be equal for two requests to share one batch (same provider and model; for media
+  also the output-shaping parameters such as size, resolution, duration, steps).
+* ``fingerprint``: a stable hash of everything that determines the output, for exact reuse.
+
+All hashes are stable across processes and machines (crc32 / blake2b, never Python's ``hash``), so vectors and
+fingerprints stored in an external cache stay valid after a restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import unicodedata
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from engine.core.request import Request
+
+__all__ = ["DEFAULT_DIM", "MEDIA_COMPAT_PARAMS", "NEAR_DIM", "compat_key", "featurize", "featurize_texts", "fingerprint",
+           "normalise_prompt"]
+
+DEFAULT_DIM = 1024
+# Near-duplicate search reads every probed vector once per batch, so its cost is memory traffic: 256 dims
+# read 4x less than 1024 at the same precision and recall on the real pairs (benchmarks/bench_cache.py).
+NEAR_DIM = 256
+# Parameters that change the shape of the work: jobs that differ in them cannot run in one GPU batch.
+MEDIA_COMPAT_PARAMS: tuple[str, ...] = ("size", "resolution", "duration_s", "steps", "fps", "quality", "sampler")
+_WORD = re.compile(r"\w+", re.UNICODE)
+_WS = re.compile(r"\s+")
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+
+
+def normalise_prompt(text: str) -> str:
+    """NFKC, trimmed, inner whitespace folded to one space. Case is kept: it can change an output."""
+    return _WS.sub(" ", unicodedata.normalize("NFKC", text)).strip()
+
+
+def compat_key(req: Request) -> tuple:
+    """Requests with equal keys may share a batch."""
+    if req.kind == "text":
+        return (req.provider, req.model, "text")
+    shape = tuple((k, str(req.params[k])) for k in MEDIA_COMPAT_PARAMS if k in req.params)
+    return (req.provider, req.model, req.kind, shape)
+
+
+def fingerprint(req: Request, *, share_across_tenants: bool = False) -> str:
+    """Hex digest of what determines the output: tenant scope, provider, model, kind, normalised prompt,
+    parameters, and (for text) the prefix blocks and input size standing in for prompt text a trace may
+    lack. Not the id, arrival, priority, deadline or reuse setting."""
+    parts = [
+        "*" if share_across_tenants else req.tenant, req.provider, req.model, req.kind,
+        normalise_prompt(req.prompt),
+        json.dumps(req.params, sort_keys=True, separators=(",", ":"), default=str) if req.params else "",
+    ]
+    if req.kind == "text":
+        parts.append(",".join(map(str, req.prefix_blocks)))
+        parts.append(str(req.input_tokens))
+    if req.body:  # temperature, tools, a system prompt...: all of the body shapes the output
+        parts.append(json.dumps(req.body, sort_keys=True, separators=(",", ":"), default=str))
+    # The separator \x1f counts as whitespace, so normalise_prompt folds any inside the prompt to a space.
+    return hashlib.blake2b("\x1f".join(parts).encode(), digest_size=16).hexdigest()
+
+
+def _char_ngram_hashes(texts: Sequence[str], n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(doc index, 64-bit hash) of every character n-gram of every text, computed in one numpy pass."""
+    encoded = [t.encode("utf-8") for t in texts]
+    lens = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
+    buf = np.frombuffer(b"".join(encoded), dtype=np.uint8).astype(np.uint64)
+    if buf.size < n:
+        return np.empty(0, np.int64), np.empty(0, np.uint64)
+    doc = np.repeat(np.arange(len(texts), dtype=np.int64), lens)
+    m = buf.size - n + 1
+    h = np.zeros(m, dtype=np.uint64)
+    for j in range(n):
+        h = h * np.uint64(257) + buf[j:j + m] + np.uint64(1)
+    h = (h + np.uint64(n)) * _MIX
+    h ^= h >> np.uint64(29)
+    same_doc = doc[:m] == doc[n - 1:n - 1 + m]
+    return doc[:m][same_doc], h[same_doc]
+
+
+def featurize_texts(texts: Sequence[str], params: Sequence[dict] | None = None, *,
+                    dim: int = DEFAULT_DIM) -> np.ndarray:
+    """Feature matrix ``(len(texts), dim)`` float32 with unit rows (all-zero rows for empty input)."""
+    if dim < 16:
+        raise ValueError(f"dim must be >= 16, got {dim}")
+    n_docs = len(texts)
+    norm = [normalise_prompt(t).lower() for t in texts]
+    unigrams: list[str] = []
+    bigrams: list[str] = []
+    n_uni = np.zeros(n_docs, dtype=np.int64)
+    n_bi = np.zeros(n_docs, dtype=np.int64)
+    for i, t in enumerate(norm):
+        words = _WORD.findall(t)
+        if params is not None and params[i]:
+            words += [f"\x00{k}={v}" for k, v in sorted(params[i].items())]
+        unigrams += words
+        bigrams += [f"{a} {b}" for a, b in zip(words, words[1:])]
+        n_uni[i] = len(words)
+        n_bi[i] = max(len(words) - 1, 0)
+    doc_parts, hash_parts, w_parts = [], [], []
+    docs = np.arange(n_docs, dtype=np.int64)
+    for grams, counts, weight in ((unigrams, n_uni, 1.5), (bigrams, n_bi, 2.0)):
+        h = np.fromiter(map(zlib.crc32, map(str.encode, grams)), dtype=np.uint64, count=len(grams))
+        doc_parts.append(np.repeat(docs, counts))
+        hash_parts.append((h + np.uint64(1)) * _MIX)
+        w_parts.append(np.full(h.size, weight))
+    for n in (3, 4):
+        d, h = _char_ngram_hashes(norm, n)
+        doc_parts.append(d)
+        hash_parts.append(h)
+        w_parts.append(np.full(d.size, 0.5))
+    doc = np.concatenate(doc_parts)
+    h = np.concatenate(hash_parts)
+    w = np.concatenate(w_parts)
+    col = ((h >> np.uint64(1)) % np.uint64(dim)).astype(np.int64)
+    sign = np.where((h & np.uint64(1)) == 1, 1.0, -1.0)
+    flat = np.bincount(doc * dim + col, weights=w * sign, minlength=n_docs * dim)
+    mat = flat.reshape(n_docs, dim).astype(np.float32)
+    lengths = np.sqrt(np.einsum("ij,ij->i", mat, mat))
+    lengths[lengths == 0] = 1.0
+    mat *= (1.0 / lengths)[:, None]
+    return mat
+
+
+def featurize(requests: Sequence[Request], *, dim: int = DEFAULT_DIM) -> np.ndarray:
+    """Feature matrix of requests: prompt n-grams plus their parameters; one call for any number."""
+    return featurize_texts([r.prompt for r in requests], [r.params for r in requests], dim=dim)

@@ -1,0 +1,126 @@
+"""What a policy sees and returns: open groups of pending requests, and decisions about them.
+
+The runtime (simulator or actors) owns the groups and the loop; a policy only reads a ``Group`` and returns a
+``Decision``. Both live on the core floor so that policies and both runtimes can import them.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
+
+from engine.core.catalog import ModelSpec, ProviderSpec
+from engine.core.cost import Mode
+from engine.core.request import Request
+from engine.core.similarity import Guards
+
+__all__ = ["RECOMMENDATIONS", "Decision", "Group", "PrefixSightings", "Recommendation", "ReuseSettings"]
+
+Recommendation = Literal["process_as_batch", "consider_batch", "process_individually"]
+RECOMMENDATIONS: tuple[Recommendation, ...] = ("process_as_batch", "consider_batch", "process_individually")
+
+
+class ReuseSettings(NamedTuple):
+    """What reuse a policy allows. The runtime applies it; a request's own ``reuse`` field can only narrow it."""
+
+    exact: bool = False
+    in_flight: bool = False
+    near: bool = False
+    near_threshold: float = 0.92
+    guards: Guards = Guards()
+
+
+class Decision(NamedTuple):
+    """``wait`` until ``wake_at`` (or the next arrival to the group), or ``dispatch`` the first ``take``
+    members (0 = all) in ``mode``. ``hedge_at``: for ``batch_api``, the time at which an unfinished batch is
+    cancelled and its members sent synchronously. ``cache_write``: mark the shared prompt prefix for the
+    provider's cache (explicit-caching providers). ``prefix``: the key of a prompt prefix this dispatch sends,
+    for the runtime to record in the group's ``PrefixSightings`` (a policy never records it itself)."""
+
+    action: Literal["wait", "dispatch"]
+    mode: Mode | None = None
+    take: int = 0
+    wake_at: float | None = None
+    hedge_at: float | None = None
+    cache_write: bool = False
+    recommendation: Recommendation = "process_individually"
+    reason: str = ""
+    prefix: Hashable | None = None
+
+    @staticmethod
+    def wait(until: float | None, reason: str = "") -> Decision:
+        return Decision("wait", wake_at=until, reason=reason)
+
+
+class PrefixSightings:
+    """When each prompt prefix was last dispatched (keys are a policy's, e.g. (provider, model, leading blocks)):
+    what tells a policy that a cache write would be read again. Runtime state, not a policy's: the table
+    records a dispatch's ``Decision.prefix`` after the decision, so ``decide`` stays pure. Bounded: the prefix
+    seen least recently is forgotten first."""
+
+    __slots__ = ("_last", "capacity")
+
+    def __init__(self, capacity: int = 65_536):
+        self._last: OrderedDict[Hashable, float] = OrderedDict()
+        self.capacity = capacity
+
+    def last(self, key: Hashable) -> float | None:
+        return self._last.get(key)
+
+    def see(self, key: Hashable, now: float) -> None:
+        self._last[key] = now
+        self._last.move_to_end(key)
+        if len(self._last) > self.capacity:
+            self._last.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._last)
+
+
+@dataclass(eq=False, slots=True)
+class Group:
+    """Pending requests that a policy put under one key, in arrival order, with running aggregates so a
+    policy can decide in O(1) per arrival. ``sightings``: the runtime's record of recent prompt prefixes (read
+    only, for a policy). ``memo``: a policy may keep values derived from the group here (they live and die with
+    it); the runtime never reads it."""
+
+    key: Hashable
+    provider: ProviderSpec
+    spec: ModelSpec
+    members: list[Request] = field(default_factory=list)
+    earliest_deadline_at: float = float("inf")
+    oldest_arrival_s: float = float("inf")
+    max_output_tokens: int = 0
+    version: int = 0
+    sightings: PrefixSightings | None = None
+    memo: Any = None
+
+    def add(self, req: Request) -> None:
+        self.members.append(req)
+        self.earliest_deadline_at = min(self.earliest_deadline_at, req.deadline_at)
+        self.oldest_arrival_s = min(self.oldest_arrival_s, req.arrival_s)
+        self.max_output_tokens = max(self.max_output_tokens, req.output_tokens)
+        self.version += 1
+
+    def take(self, k: int) -> list[Request]:
+        """Remove and return the first ``k`` members (all for k <= 0), recomputing the aggregates."""
+        k = len(self.members) if k <= 0 else k
+        out, self.members = self.members[:k], self.members[k:]
+        self.version += 1
+        if not self.members:
+            self.earliest_deadline_at = self.oldest_arrival_s = float("inf")
+            self.max_output_tokens = 0
+            return out
+        self.earliest_deadline_at = min((r.deadline_at for r in self.members), default=float("inf"))
+        self.oldest_arrival_s = min((r.arrival_s for r in self.members), default=float("inf"))
+        self.max_output_tokens = max((r.output_tokens for r in self.members), default=0)
+        return out
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def __repr__(self) -> str:
+        return (f"Group(key={self.key!r}, n={len(self.members)}, earliest_deadline_at={self.earliest_deadline_at:.1f}, "
+                f"oldest_arrival_s={self.oldest_arrival_s:.1f})")

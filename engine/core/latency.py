@@ -1,0 +1,36 @@
+"""The catalog's latency model, shared by the simulator (which draws from it) and policies (which plan with
+its quantiles)."""
+
+from __future__ import annotations
+
+from engine.core.catalog import ModelSpec, ProviderSpec
+from engine.core.cost import gpu_unit_seconds
+from engine.core.request import Request
+
+__all__ = ["Z99", "gpu_batch_seconds", "sync_latency_median"]
+
+Z99 = 2.3263478740408408
+
+
+def sync_latency_median(provider: ProviderSpec, spec: ModelSpec, req: Request) -> float:
+    """Median seconds of one synchronous call (for GPU-priced models: one job with its warm-up)."""
+    if spec.kind == "text":
+        lat = provider.sync_latency
+        return lat.base_s + lat.per_output_token_s * req.output_tokens
+    if spec.gpu_priced:
+        gb = provider.gpu_batching
+        assert gb is not None
+        return provider.sync_latency.base_s + gb.runtime_s(gpu_unit_seconds(spec, req.params), 1)
+    ml = provider.media_latency
+    assert ml is not None
+    if spec.kind == "image":
+        return ml.image_s
+    return ml.video_base_s + ml.video_per_second_s * float(req.params.get("duration_s", spec.default_duration_s))
+
+
+def gpu_batch_seconds(provider: ProviderSpec, spec: ModelSpec, reqs: list[Request]) -> float:
+    """Wall seconds of one GPU dispatch of ``reqs`` (warm-up plus the batch at its speed-up)."""
+    gb = provider.gpu_batching
+    assert gb is not None
+    units = sum(gpu_unit_seconds(spec, r.params) for r in reqs)
+    return provider.sync_latency.base_s + gb.setup_s + units / gb.speedup_at(len(reqs))

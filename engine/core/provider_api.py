@@ -1,0 +1,143 @@
+"""The one boundary between the engine and a provider: the ``Provider`` protocol and the values it trades.
+
+The dispatcher knows only this protocol. Two kinds of implementation sit behind it (``actors/providers``): the
+simulated provider, which draws outcomes from the catalog (``engine.runtime.providers.SimProvider``), and HTTP providers
+built on the official SDKs (OpenAI-compatible servers, Anthropic). Time is engine time (``Clock.now()``): an
+outcome's ``at`` is when the call ended, so the rate gate releases a concurrency slot when the answer arrives,
+not when it was sent.
+
+The engine is the only one that retries: an HTTP provider turns the SDK's own retries off (``max_retries=0``)
+and reports a failure as an outcome (``ok=False``, with the provider's ``Retry-After`` when it gave one), so
+the dispatcher's retry, backoff and circuit breaker decide what happens next.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
+
+from engine.core.request import Request
+
+__all__ = ["BatchState", "CallJob", "CallOutcome", "Provider", "Secret", "Usage", "call_key"]
+
+
+class Usage(NamedTuple):
+    """Tokens a provider reported for one call. ``input_tokens`` counts every input token, the ones read
+    from or written to the provider's prompt cache included."""
+
+    input_tokens: int
+    output_tokens: int
+    cache_read: int = 0
+    cache_write: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return self._asdict()
+
+
+class CallJob(NamedTuple):
+    """One request's attempt, as a provider sees it."""
+
+    key: str  # idempotency key and batch custom_id: call_key(...)
+    req: Request
+    start: float  # engine time the rate gate let it through
+    attempt: int
+    row: int  # the request's row of simulated draws
+    cache_write: bool = False  # mark the whole shared prefix for caching (explicit-cache providers)
+    # The sync body, fixed at the first try (``Provider.sync_body``) and journaled: every retry under the same
+    # idempotency key, after a restart too, sends the same body, as a provider that honours the key requires.
+    body: dict | None = None
+
+
+class CallOutcome(NamedTuple):
+    ok: bool
+    at: float  # engine time the call ended (answer or error)
+    cost: float  # USD billed for it (0 when it failed: a failed call is not billed)
+    retry_after_s: float | None = None  # a 429's Retry-After
+    output: str | None = None
+    usage: Usage | None = None
+    provider_request_id: str | None = None
+    raw: dict | None = None
+    error: str | None = None
+    retryable: bool = True  # False: the request itself is wrong (a 400); trying again cannot help
+    real: bool = False
+
+
+class BatchState(NamedTuple):
+    status: Literal["running", "cancelling", "ended"]
+    next_poll_s: float  # engine seconds until a poll is worth making
+
+
+def call_key(tenant: str, request_id: str, model: str, attempt: int = 0) -> str:
+    """The idempotency key of a request's call to ``model``: stable across retries and restarts, unique per
+    tenant and id, and a valid custom_id for every batch API (Anthropic allows ``[A-Za-z0-9_-]{1,64}``).
+
+    Sync calls use ``attempt=0`` on every try: a provider that honours ``Idempotency-Key`` (keeping successes
+    only) then answers a retry after a timeout with the answer it already billed, and a retry after a definite
+    error afresh, so a call is never paid twice. The model is part of the key because a fallback model is a new
+    call."""
+    h = hashlib.blake2b(f"{tenant}\x1f{request_id}\x1f{model}".encode(), digest_size=12).hexdigest()
+    return f"sb-{h}-{attempt}"
+
+
+class Secret:
+    """An API key that never prints: its repr and str are masked, so a log line, a result or an exception
+    that formats it shows nothing of the key."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str):
+        self._value = value
+
+    def get(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __reduce__(self):
+        return Secret, (self._value,)
+
+
+@runtime_checkable
+class Provider(Protocol):
+    """What the dispatcher asks of a provider. Every method is async; none raises for a provider's refusal
+    or failure (those are outcomes), only for a bug."""
+
+    name: str
+    real: bool  # True: calls leave over HTTP; False: simulated
+
+    def sync_body(self, job: CallJob) -> dict | None:
+        """The body ``call`` would send for ``job`` now (None: nothing is sent). The dispatcher fixes it at the
+        first try and passes it back in ``CallJob.body`` on every retry of the same key."""
+
+    async def call(self, job: CallJob) -> CallOutcome:
+        """One synchronous call, with ``job.body`` when it is set; returns when it ends."""
+
+    def batch_body(self, jobs: Sequence[CallJob]) -> Any:
+        """What ``submit_batch`` will send, when it must be the same on a second try (None: build it then). The
+        dispatcher journals it before the create, so a create made again after a restart sends the same body."""
+
+    async def submit_batch(self, jobs: Sequence[CallJob], hedge_at: float | None, ref: str,
+                           body: Any = None) -> Any:
+        """Submit a batch-API batch named ``ref`` (unique per batch, the same on every try); returns a handle for
+        ``poll``/``cancel``/``fetch``."""
+
+    async def find_batch(self, jobs: Sequence[CallJob], ref: str) -> Any:
+        """After a restart cut a create: the handle of the batch named ``ref`` if the provider has it, else None
+        (it was never created; a create under ``ref`` follows)."""
+
+    async def poll(self, handle: Any) -> BatchState:
+        """Where the batch stands."""
+
+    async def cancel(self, handle: Any) -> None:
+        """Ask for a cancel; the batch ends (``poll`` says ``ended``) once the provider has stopped it."""
+
+    async def fetch(self, handle: Any) -> Mapping[str, CallOutcome]:
+        """Outcomes of the members that finished, by ``CallJob.key`` (ok, or failed inside the batch). A member
+        absent from the map did not run (cancelled or expired): it was not billed and may be sent again."""
+
+    async def close(self) -> None:
+        """Release connections."""

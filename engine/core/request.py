@@ -1,0 +1,374 @@
+"""The request: one line of a trace, and the unit every decision is about."""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from engine.core.catalog import Catalog, Kind, default_catalog
+from engine.core.errors import CatalogError
+from engine.core.settings import MAX_DEADLINE_S, Settings, default_settings
+
+__all__ = ["BODY_KEYS", "DEADLINE_SLACK_S", "MAX_DEADLINE_S", "MEDIA_PARAMS", "PRIORITIES", "PRIORITY_RANK", "FieldProblem", "Priority",
+           "Request", "Reuse", "body_text", "validation_context"]
+
+Priority = Literal["urgent", "normal", "background"]
+Reuse = Literal["none", "exact", "near"]
+PRIORITIES: tuple[Priority, ...] = ("urgent", "normal", "background")
+PRIORITY_RANK: dict[str, int] = {p: k for k, p in enumerate(PRIORITIES)}  # 0 is the most urgent
+
+ParamValue = str | int | float | bool
+# The params a media request may carry, by kind; the priced ones (size, resolution, duration_s) are checked
+# against the model's catalog entry. A text request takes none: its provider fields go in ``body``.
+MEDIA_PARAMS: dict[str, tuple[str, ...]] = {
+    "text": (),
+    "image": ("size", "quality", "steps", "sampler", "seed"),
+    "video": ("resolution", "duration_s", "fps", "quality", "steps", "sampler", "seed"),
+}
+
+
+def _number(v: Any) -> Any:
+    """A JSON number only: ``true`` is not 1 and ``"12"`` is not 12 (pydantic's lax mode would coerce both)."""
+    if isinstance(v, (bool, str, bytes)):
+        what = "a boolean" if isinstance(v, bool) else "a string"
+        shown = repr(v) if len(repr(v)) <= 40 else repr(v)[:37] + "..."
+        raise ValueError(f"must be a number, not {what} ({shown}); write it as a bare JSON number")
+    return v
+
+
+Float = Annotated[float, BeforeValidator(_number)]
+Int = Annotated[int, BeforeValidator(_number)]
+
+# Fields of the providers' own request bodies. A submitted dict may carry them at its top level (as an OpenAI or
+# Anthropic call would); they move into ``body`` and are sent unchanged.
+BODY_KEYS = frozenset({
+    "messages", "system", "temperature", "top_p", "top_k", "max_tokens", "max_completion_tokens",
+    "tools", "tool_choice", "response_format", "stop", "stop_sequences", "seed",
+    "frequency_penalty", "presence_penalty", "logit_bias", "logprobs", "top_logprobs", "user", "metadata",
+    "reasoning_effort", "reasoning", "thinking", "input", "instructions", "text", "quality", "style",
+    "background", "output_format", "moderation", "n", "prompt_cache_key", "service_tier", "parallel_tool_calls", "size",
+})
+_CAP_KEYS = ("max_output_tokens", "max_completion_tokens", "max_tokens")
+# An OpenAI Batch input line: {"custom_id", "method", "url", "body"}.
+BATCH_LINE_URLS = ("/v1/chat/completions", "/v1/responses", "/v1/images/generations")
+
+
+def body_text(body: dict) -> str:
+    """The text of a provider body that counts as prompt: system/instructions, then every message's text
+    (strings and text content blocks), then ``input`` or ``prompt``. Used to estimate tokens before the call
+    (the provider's ``usage`` replaces the estimate after it) and as the request's prompt for reuse."""
+    parts: list[str] = []
+
+    def add(v: Any) -> None:
+        if isinstance(v, str):
+            parts.append(v)
+        elif isinstance(v, list):
+            for b in v:
+                if isinstance(b, str):
+                    parts.append(b)
+                elif isinstance(b, dict):
+                    if isinstance(b.get("text"), str):
+                        parts.append(b["text"])
+                    elif "content" in b:
+                        add(b["content"])
+
+    for key in ("system", "instructions"):
+        add(body.get(key))
+    messages = body.get("messages")
+    for m in messages if isinstance(messages, list) else ():
+        if isinstance(m, dict):
+            add(m.get("content"))
+    add(body.get("input"))
+    add(body.get("prompt"))
+    return "\n".join(parts)
+
+
+def _from_batch_line(d: dict) -> dict:
+    """A line of an OpenAI Batch input file as a request: ``custom_id`` is the id, ``body`` is sent as is."""
+    body = d.get("body")
+    if not isinstance(body, dict):
+        raise FieldProblem("body", "a batch line with 'custom_id' needs a 'body' object (the API request body)")
+    url = d.get("url", "/v1/chat/completions")
+    if url not in BATCH_LINE_URLS:
+        raise FieldProblem("url", f"url {url!r} is not supported; use one of {list(BATCH_LINE_URLS)}")
+    if d.get("method", "POST") != "POST":
+        raise FieldProblem("method", "a batch line's method must be POST")
+    out = {k: v for k, v in d.items() if k not in ("custom_id", "method", "url")}
+    out["id"] = d["custom_id"]
+    out.setdefault("model", body.get("model"))
+    return out
+
+
+def _check_text(value: Any, where: str) -> None:
+    """Strings must be valid Unicode: a lone surrogate (what json.loads gives for an escaped half pair) cannot
+    be encoded for any provider, so it is refused here, per request, rather than failing a whole batch later.
+    Walked with a stack, not recursion, so a deeply nested body cannot exhaust Python's stack."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise FieldProblem(where, f"{where} is not valid Unicode (a lone surrogate such as \\ud800); "
+                                   "send UTF-8 text") from None
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+
+
+def _check_params(params: dict, kind: str, model: str) -> None:
+    """Unknown params are refused (a typo would otherwise be billed as the default), and so are values of the
+    wrong type; the priced ones are checked against the catalog by the caller."""
+    known = MEDIA_PARAMS.get(kind, ())
+    for key, value in params.items():
+        if key not in known:
+            if not known:
+                raise FieldProblem(f"params.{key}", f"a {kind} request takes no params; provider fields such as "
+                                   f"{key!r} go in 'body' (or at the top level of the line)")
+            raise FieldProblem(f"params.{key}", f"{model!r} ({kind}) has no parameter {key!r}; the known ones "
+                               f"are {list(known)}")
+        numeric = key in ("steps", "seed", "fps", "duration_s")
+        if numeric and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise FieldProblem(f"params.{key}", f"params.{key} must be a number, got {value!r}")
+        if not numeric and not isinstance(value, str):
+            raise FieldProblem(f"params.{key}", f"params.{key} must be a string, got {value!r}")
+        if key == "steps" and (not isinstance(value, int) or not 1 <= value <= 1000):
+            raise FieldProblem("params.steps", f"params.steps must be a whole number in [1, 1000], got {value!r}")
+        if key == "seed" and not isinstance(value, int):
+            raise FieldProblem("params.seed", f"params.seed must be a whole number, got {value!r}")
+        if key == "fps" and not 0 < value <= 240:
+            raise FieldProblem("params.fps", f"params.fps must be in (0, 240], got {value!r}")
+
+
+def _check_window(req: Request, catalog: Catalog) -> None:
+    """Input plus the output the call may produce (its cap when it has one) must fit the model's context
+    window, and input its input limit: the provider would refuse the call, after it was queued and reserved."""
+    spec = catalog.model(req.provider, req.model)
+    out = max(req.output_tokens, req.max_output_tokens or 0)
+    need, limit = req.input_tokens + out, spec.context_window
+    if spec.max_input_tokens is not None and req.input_tokens > spec.max_input_tokens:
+        raise FieldProblem("input_tokens", f"input_tokens {req.input_tokens:,} exceeds {req.model}'s input limit of "
+                           f"{spec.max_input_tokens:,}; shorten the prompt{_larger(catalog, req.input_tokens, need)}")
+    if limit is not None and need > limit:
+        if req.input_tokens >= limit:
+            field, fix = "input_tokens", "shorten the prompt"
+        else:
+            field = "max_output_tokens" if (req.max_output_tokens or 0) > req.output_tokens else "output_tokens"
+            fix = f"lower {field} to at most {limit - req.input_tokens:,} or shorten the prompt"
+        raise FieldProblem(field, f"input_tokens {req.input_tokens:,} + output {out:,} = {need:,} tokens exceeds "
+                           f"{req.model}'s context window of {limit:,}; {fix}"
+                           f"{_larger(catalog, req.input_tokens, need)}")
+
+
+def _larger(catalog: Catalog, input_tokens: int, need: int) -> str:
+    fits = sorted((m.context_window, name) for p in catalog.providers.values() for name, m in p.models.items()
+                  if m.kind == "text" and m.context_window is not None and m.context_window >= need
+                  and (m.max_input_tokens is None or m.max_input_tokens >= input_tokens))
+    return f", or use a model with a larger window ({', '.join(n for _, n in fits[:3])})" if fits else ""
+
+
+class FieldProblem(ValueError):
+    """A cross-field problem found while filling defaults, tagged with the field the user should fix."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def validation_context(catalog: Catalog | None = None, settings: Settings | None = None) -> dict[str, Any]:
+    """The context ``Request.model_validate(d, context=...)`` reads to fill defaults and check the model."""
+    return {"catalog": catalog or default_catalog(), "settings": settings or default_settings()}
+
+
+def _ctx(info: ValidationInfo) -> tuple[Catalog, Settings]:
+    ctx = info.context or {}
+    return ctx.get("catalog") or default_catalog(), ctx.get("settings") or default_settings()
+
+
+# A result this close after its deadline still meets it: a timer may fire a hair late, and float sums of
+# arrival and deadline round. One value for the simulator and the actors (engine seconds).
+DEADLINE_SLACK_S = 1e-6
+
+
+class Request(BaseModel):
+    """A generation request. Validated once; every default is resolved here so that later code never guesses.
+
+    ``deadline_s`` is relative to ``arrival_s``: the request meets its deadline when its result exists by
+    ``arrival_s + deadline_s``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str = Field(min_length=1)
+    arrival_s: Float = Field(ge=0)
+    tenant: str = Field(default="default", min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$",
+                        description="who the request is for; no control characters")
+    provider: str
+    model: str
+    kind: Kind
+    prompt: str = ""
+    input_tokens: Int = Field(ge=0)
+    output_tokens: Int = Field(ge=0)
+    max_output_tokens: Int | None = Field(default=None, ge=1, description="the cap sent to the provider "
+                                          "(max_tokens); a budget reserves for it. None: the model's maximum")
+    prefix_blocks: tuple[Int, ...] = ()
+    params: dict[str, ParamValue] = Field(default_factory=dict)
+    priority: Priority = "normal"
+    deadline_s: Float = Field(gt=0)
+    reuse: Reuse = "exact"
+    body: dict[str, Any] | None = Field(default=None, description="the provider's own request body "
+                                        "(messages, system, temperature, tools, ...), sent unchanged")
+
+    @field_validator("arrival_s", "deadline_s")
+    @classmethod
+    def _finite(cls, v: float, info: ValidationInfo) -> float:
+        if not math.isfinite(v):
+            raise ValueError("must be a finite number of seconds")
+        if info.field_name == "deadline_s" and v > MAX_DEADLINE_S:
+            raise ValueError(f"must be at most {MAX_DEADLINE_S:,.0f} s (366 days); a later deadline changes "
+                             "nothing, so give a shorter one or priority 'background'")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_defaults(cls, data: Any, info: ValidationInfo) -> Any:
+        if not isinstance(data, dict):
+            raise FieldProblem("line", "a request must be a JSON object")
+        catalog, settings = _ctx(info)
+        d = dict(data)
+        for k, v in d.items():
+            _check_text(k, "line")
+            _check_text(v, str(k) or "line")
+        if "custom_id" in d:
+            d = _from_batch_line(d)
+        moved = {k: d.pop(k) for k in list(d) if k in BODY_KEYS}
+        if moved:
+            body = d.get("body")
+            if body is not None and not isinstance(body, dict):
+                raise FieldProblem("body", "body must be a JSON object (the provider's request body)")
+            d["body"] = {**(body or {}), **moved}
+        body = d.get("body")
+        if body is not None:
+            if not isinstance(body, dict):
+                raise FieldProblem("body", "body must be a JSON object (the provider's request body)")
+            if d.get("model") is None and isinstance(body.get("model"), str):
+                d["model"] = body["model"]
+            if "model" in body and body["model"] != d.get("model"):
+                raise FieldProblem("body.model", f"body.model {body['model']!r} differs from model "
+                                   f"{d.get('model')!r}; give one model")
+            if not d.get("prompt"):
+                text = body_text(body)
+                if text:
+                    d["prompt"] = text
+            if d.get("max_output_tokens") is None:
+                cap = next((body[k] for k in _CAP_KEYS if body.get(k) is not None), None)
+                if cap is not None:
+                    d["max_output_tokens"] = cap
+            if not isinstance(body.get("messages", []), list):
+                raise FieldProblem("body.messages", "messages must be a list of message objects, e.g. "
+                                   '[{"role": "user", "content": "..."}]')
+            if isinstance(body.get("size"), str) and isinstance(d.get("params") or {}, dict):
+                d["params"] = {**(d.get("params") or {}), "size": body["size"]}
+            n = body.get("n", 1)
+            if n != 1 or isinstance(n, bool):
+                raise FieldProblem("body.n", f"n={n!r}: one request makes one output here, so n must be 1; "
+                                   "submit n requests with ids of their own")
+        model = d.get("model")
+        if not isinstance(model, str):
+            return d  # field validation reports the missing/invalid model
+        provider = d.get("provider")
+        try:
+            if provider is None:
+                provider, spec = catalog.find_model(model)
+                d["provider"] = provider
+            elif isinstance(provider, str):
+                spec = catalog.model(provider, model)
+            else:
+                return d
+        except CatalogError as exc:
+            raise FieldProblem("provider" if "has no model" not in str(exc) and provider is not None else "model", str(exc)) from None
+        kind = d.setdefault("kind", spec.kind)
+        if kind != spec.kind:
+            raise FieldProblem("kind", f"kind {kind!r} does not match model {model!r}, which generates {spec.kind!r}")
+        prompt = d.get("prompt", "")
+        if spec.kind != "text" and (not isinstance(prompt, str) or not prompt.strip()):
+            raise FieldProblem("prompt", f"a {spec.kind} request needs a non-empty 'prompt'")
+        if d.get("input_tokens") is None:
+            if spec.kind == "text" and not (isinstance(prompt, str) and prompt):
+                raise FieldProblem("input_tokens", "a text request needs 'input_tokens' or a 'prompt' to estimate them from")
+            d["input_tokens"] = math.ceil(len(prompt) / settings.chars_per_token) if isinstance(prompt, str) else 0
+        if d.get("output_tokens") is None:
+            out = settings.default_output_tokens if spec.kind == "text" else 0
+            cap = d.get("max_output_tokens")
+            if isinstance(cap, int) and not isinstance(cap, bool) and cap >= 1:
+                out = min(out, cap)
+            d["output_tokens"] = out
+        if d.get("deadline_s") is None:
+            prio = d.get("priority", "normal")
+            d["deadline_s"] = getattr(settings.deadlines, prio if prio in PRIORITIES else "normal")
+        params = d.get("params") or {}
+        if isinstance(params, dict):
+            params = dict(params)
+            _check_params(params, spec.kind, model)
+            if spec.kind == "image":
+                table = spec.per_image or spec.gpu_s_per_image or {}
+                params.setdefault("size", spec.default_size or next(iter(table)))
+                if params["size"] not in table:
+                    raise FieldProblem("params.size", f"params.size {params['size']!r} is not offered by {model!r}; "
+                                     f"use one of {sorted(table)}")
+            elif spec.kind == "video":
+                table = spec.per_second or spec.gpu_s_per_video_second or {}
+                params.setdefault("resolution", spec.default_resolution or next(iter(table)))
+                params.setdefault("duration_s", spec.default_duration_s)
+                if params["resolution"] not in table:
+                    raise FieldProblem("params.resolution", f"params.resolution {params['resolution']!r} is not offered by {model!r}; "
+                                     f"use one of {sorted(table)}")
+                dur = params["duration_s"]
+                if isinstance(dur, bool) or not isinstance(dur, (int, float)) or not 0 < dur <= 600:
+                    raise FieldProblem("params.duration_s", f"params.duration_s must be a number of seconds in (0, 600], got {dur!r}")
+            d["params"] = params
+        return d
+
+    @model_validator(mode="after")
+    def _output_within_model(self, info: ValidationInfo) -> Request:
+        catalog, _ = _ctx(info)
+        spec = catalog.model(self.provider, self.model)
+        if self.kind == "text" and self.output_tokens > spec.max_output_tokens:
+            raise FieldProblem(
+                "output_tokens", f"output_tokens {self.output_tokens} exceeds {self.model}'s maximum {spec.max_output_tokens}"
+            )
+        cap = self.max_output_tokens
+        if cap is not None and not self.output_tokens <= cap <= spec.max_output_tokens:
+            raise FieldProblem("max_output_tokens", f"max_output_tokens {cap} must be between output_tokens "
+                               f"{self.output_tokens} and {self.model}'s maximum {spec.max_output_tokens}")
+        if self.kind == "text":
+            _check_window(self, catalog)
+        return self
+
+    @property
+    def uid(self) -> str:
+        """The request's identity inside the engine: its id within its tenant. Two tenants may use the same
+        id; they are two requests, and neither ever sees the other's result."""
+        return f"{len(self.tenant)}:{self.tenant}/{self.id}"  # length-prefixed: no two pairs share a uid
+
+    @property
+    def deadline_at(self) -> float:
+        """Absolute time by which the result must exist."""
+        return self.arrival_s + self.deadline_s
+
+    def met_by(self, done_at: float) -> bool:
+        """Whether a result at ``done_at`` meets the deadline: the one rule, for both runtimes."""
+        return done_at <= self.arrival_s + self.deadline_s + DEADLINE_SLACK_S

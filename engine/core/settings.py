@@ -1,0 +1,288 @@
+"""One settings object, built once by the driver or CLI and passed down (never read at import time)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+
+from engine.core.budgets import BudgetSettings, BudgetSpec
+from engine.core.errors import ConfigError
+from engine.core.resilience import Resilience
+
+__all__ = ["MAX_DEADLINE_S", "BudgetSettings", "CacheSettings", "DeadlineDefaults", "JournalSettings",
+           "MetricsSettings", "ProviderEndpoint", "ProvidersSettings", "Resilience", "Settings", "SimSettings", "check_redis_url",
+           "default_settings", "load_settings", "masked_url", "with_budget"]
+
+ENV_PREFIX = "SMARTBATCH_"
+# A deadline further out changes nothing (batch windows are 24 h) and would make the lower bound's per-slot
+# arrays span it; requests and the defaults below are refused past it.
+MAX_DEADLINE_S = 366 * 86400.0
+
+
+class DeadlineDefaults(BaseModel):
+    """Deadline (seconds after arrival) of a request whose line sets none, by priority."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    urgent: float = Field(default=300.0, gt=0, le=MAX_DEADLINE_S)
+    normal: float = Field(default=3600.0, gt=0, le=MAX_DEADLINE_S)
+    background: float = Field(default=86400.0, gt=0, le=MAX_DEADLINE_S)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> DeadlineDefaults:
+        if not self.urgent <= self.normal <= self.background:
+            raise ValueError(
+                f"deadlines must grow as priority falls: urgent={self.urgent} <= normal={self.normal} "
+                f"<= background={self.background}"
+            )
+        return self
+
+
+class SimSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    seed: int = 0
+    max_attempts: int = Field(default=4, ge=1, description="tries per request before it resolves as failed")
+    backoff_base_s: float = Field(default=1.0, ge=0, description="retry k waits backoff_base_s * 2**(k-1)")
+    near_floor: float = Field(
+        default=0.85, ge=0, le=1,
+        description="no near-duplicate hit below this cosine is granted, whatever a policy asks; the lower "
+                    "bound counts every guarded match at or above it as free",
+    )
+    batch_slot_s: float = Field(
+        default=60.0, gt=0,
+        description="batches submitted in the same slot of this length share one drawn turnaround "
+                    "(the provider's queue load at that time)",
+    )
+
+
+class CacheSettings(BaseModel):
+    """The result cache of the live engine (``SMARTBATCH_CACHE__REDIS_URL=redis://host:6379/0`` and so on)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    memory_max_entries: int = Field(default=100_000, ge=1, description="entries kept in the process")
+    memory_max_mb: float = Field(default=512.0, gt=0, description="bytes kept in the process, in MiB")
+    ttl_s: float = Field(default=7 * 86400.0, gt=0, description="how long a result may be reused, per entry")
+    redis_url: str | None = Field(default=None, description="None: memory only; else a redis:// URL")
+    redis_prefix: str = Field(default="smartbatch", min_length=1, description="namespace of every key")
+    redis_timeout_s: float = Field(default=0.25, gt=0, description="a slower Redis answer counts as down")
+    redis_retry_s: float = Field(default=5.0, gt=0, description="wait before trying a down Redis again")
+    blob_dir: Path | None = Field(default=None, description="blob store directory (None: <tmp>/smartbatch-blobs)")
+    blob_min_kb: float = Field(default=64.0, ge=0, description="outputs larger than this go to the blob store")
+    share_across_tenants: bool = Field(default=False, description="let one tenant reuse another's results")
+    warm_max_entries: int = Field(default=200_000, ge=0, description="entries read from Redis at start-up")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str | None) -> str | None:
+        return check_redis_url(v, "cache.redis_url")
+
+
+class ProviderEndpoint(BaseModel):
+    """How to reach one provider over HTTP. The key is read from the environment variable named here, by the
+    driver, and handed to the dispatcher inside a ``Secret`` that never prints."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    api: Literal["openai", "anthropic"] = Field(description="wire format: openai (any OpenAI-compatible server: "
+                                                "vLLM, Ollama, Together, Groq, a LiteLLM proxy) or anthropic")
+    base_url: str | None = Field(default=None, description="None: the SDK's default (or OPENAI_BASE_URL / "
+                                 "ANTHROPIC_BASE_URL)")
+    api_key_env: str = Field(min_length=1, description="environment variable that holds the API key")
+    timeout_s: float = Field(default=600.0, gt=0, description="real seconds before one HTTP call times out")
+    cancel_s: float = Field(default=600.0, ge=0, description="engine seconds a batch cancel may take (real "
+                            "batches sit in 'cancelling' up to 10 min); the hedge falls back this much earlier")
+    poll_min_s: float = Field(default=30.0, gt=0, description="first wait between polls of a batch (engine s)")
+    poll_max_s: float = Field(default=300.0, gt=0, description="longest wait between polls (engine s)")
+
+    @model_validator(mode="after")
+    def _url(self) -> ProviderEndpoint:
+        if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, got {self.base_url!r}")
+        if self.poll_max_s < self.poll_min_s:
+            raise ValueError(f"poll_max_s={self.poll_max_s} must be >= poll_min_s={self.poll_min_s}")
+        return self
+
+
+def _default_endpoints() -> dict[str, ProviderEndpoint]:
+    return {"openai": ProviderEndpoint(api="openai", api_key_env="OPENAI_API_KEY"),
+            "anthropic": ProviderEndpoint(api="anthropic", api_key_env="ANTHROPIC_API_KEY")}
+
+
+class ProvidersSettings(BaseModel):
+    """Which providers the live engine calls for real (``SMARTBATCH_PROVIDERS__MODE=http``). Providers without
+    an endpoint (the GPU-priced and video providers of the default catalog, Gemini unless you add one) stay
+    simulated in a mixed run, and the report says which were real."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    mode: Literal["sim", "http"] = Field(default="sim", description="sim: every provider simulated; http: "
+                                         "providers with an endpoint are called over HTTP")
+    endpoints: dict[str, ProviderEndpoint] = Field(default_factory=_default_endpoints)
+    replay: bool = Field(default=False, description="send each request at its recorded size (a trace replay: "
+                         "a prompt of input_tokens, naming the recorded output length for the emulator); "
+                         "set by `smartbatch run`")
+
+    def http_providers(self, catalog_providers) -> list[str]:
+        """The providers called over HTTP in this configuration."""
+        if self.mode != "http":
+            return []
+        return [p for p in catalog_providers if p in self.endpoints]
+
+
+class MetricsSettings(BaseModel):
+    """Where the engine serves Prometheus metrics (``SMARTBATCH_METRICS__HOST``, ``SMARTBATCH_METRICS__PORT``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    host: str = Field(default="127.0.0.1", min_length=1, description="address to bind; 0.0.0.0 to be scraped from "
+                      "other machines")
+    port: int | None = Field(default=0, ge=0, le=65535, description="0: a free port; None: not served")
+
+
+class JournalSettings(BaseModel):
+    """Where the engine journals what must survive an actor's restart (``SMARTBATCH_JOURNAL__REDIS_URL``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    redis_url: str | None = Field(default=None, description="None: the budgets' or the cache's Redis when one is "
+                                  "set, else the result hub's memory")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, v: str | None) -> str | None:
+        return check_redis_url(v, "journal.redis_url")
+
+
+class Settings(BaseSettings):
+    """Environment: ``SMARTBATCH_<FIELD>``, nested with ``__`` (``SMARTBATCH_DEADLINES__URGENT=60``)."""
+
+    model_config = SettingsConfigDict(env_prefix="SMARTBATCH_", env_nested_delimiter="__", frozen=True,
+                                      extra="forbid")
+    catalog_path: Path | None = None
+    deadlines: DeadlineDefaults = DeadlineDefaults()
+    sim: SimSettings = SimSettings()
+    cache: CacheSettings = CacheSettings()
+    budgets: BudgetSettings = BudgetSettings()
+    resilience: Resilience = Resilience()
+    providers: ProvidersSettings = ProvidersSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    journal: JournalSettings = JournalSettings()
+    catalog_overlay: Path | None = Field(default=None, description="YAML merged over the catalog: adds or "
+                                         "overrides providers, models and prices")
+    chars_per_token: float = Field(default=4.0, gt=0, description="token estimate for a line without counts")
+    default_output_tokens: int = Field(default=256, ge=0, description="output estimate for a text line without one")
+    prefix_block_tokens: int = Field(default=512, ge=1, description="tokens per prefix block id in traces")
+
+    @model_validator(mode="after")
+    def _budget_redis_url(self) -> Settings:
+        check_redis_url(self.budgets.redis_url, "budgets.redis_url")
+        return self
+
+    def journal_redis_url(self) -> str | None:
+        """The Redis the journal uses: its own setting, else the budgets', else the cache's (None: memory)."""
+        return self.journal.redis_url or self.budgets.redis_url or self.cache.redis_url
+
+
+def check_redis_url(url: str | None, setting: str) -> str | None:
+    """A Redis URL redis-py can use (``redis://``, ``rediss://`` or ``unix://``), checked when the settings are
+    built. It raises ``ConfigError`` itself rather than a ``ValueError``, so pydantic lets it through as is:
+    ``Settings()``, and so ``Engine.start``, fail with it before any actor starts (a bad URL used to surface
+    later as ``ActorDiedError``). The message never shows a password."""
+    if url is None:
+        return None
+    env = f"{ENV_PREFIX}{setting.replace('.', '__').upper()}"
+    shown = masked_url(url)
+    fix = (f"set {setting} ({env}) to redis://HOST:6379/0, rediss://HOST:6380/0 (TLS) or "
+           "unix:///path/to/redis.sock, or leave it unset")
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises on a port that is not a number in 0..65535
+    except ValueError as exc:
+        raise ConfigError(f"setting {setting} = {shown!r} is not a Redis URL ({exc}); {fix}") from None
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        why = f"scheme {parts.scheme!r} is not redis, rediss or unix" if parts.scheme else "it has no scheme"
+        raise ConfigError(f"setting {setting} = {shown!r} is not a Redis URL: {why}; {fix}")
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ConfigError(f"setting {setting} = {shown!r} names no socket path; {fix}")
+        return url
+    db = parts.path.strip("/")
+    if not parts.hostname or (db and not db.isdigit()) or port == 0:
+        why = "names no host" if not parts.hostname else ("has port 0" if port == 0 else
+                                                           f"has database {db!r}, not a number")
+        raise ConfigError(f"setting {setting} = {shown!r} {why}; {fix}")
+    return url
+
+
+def masked_url(url: str) -> str:
+    """``url`` with any password replaced by ***, for messages and logs."""
+    return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)
+
+
+@functools.cache
+def default_settings() -> Settings:
+    """The process's settings from the environment, read once (``load_settings`` on first use). What validates
+    a ``Request`` without a context: reading ``SMARTBATCH_*`` costs milliseconds, a request microseconds. An
+    engine or a simulation reads its own settings once and passes them down; ``default_settings.cache_clear()``
+    reads the environment again."""
+    return load_settings()
+
+
+def load_settings(**values: Any) -> Settings:
+    """``Settings(**values)`` on top of the environment, with any problem raised as one ``ConfigError`` that
+    names the setting, the ``SMARTBATCH_*`` variable it came from and what to change (the CLI's way in;
+    pydantic's own report runs to dozens of lines)."""
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        errors = exc.errors()
+        parts = [_explain(e) for e in errors[:3]]
+        more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+        raise ConfigError("; ".join(parts) + more) from exc
+    except SettingsError as exc:  # a nested setting that is not valid JSON
+        m = re.search(r'field "([^"]+)"', str(exc))
+        name = m.group(1) if m else "?"
+        cause = f" ({exc.__cause__})" if exc.__cause__ else ""
+        raise ConfigError(f"setting {name} (from {_env_names([name])}): cannot parse its value{cause}; write it "
+                          "as JSON, e.g. SMARTBATCH_BUDGETS__SPECS='[{\"max_budget\": 50}]'") from exc
+
+
+def _explain(err: Any) -> str:
+    loc = [str(x) for x in err["loc"]]
+    setting = ".".join(loc) or "settings"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return f"{_env_names(loc)}: there is no setting {setting}; remove it or fix its spelling"
+    value = err.get("input")
+    got = f" = {value!r:.60}" if isinstance(value, (str, int, float)) else ""
+    env = _env_names(loc)
+    return f"setting {setting}{got} (from {env}): {msg}; fix or unset {env}"
+
+
+def _env_names(loc: list[str]) -> str:
+    """The environment variable(s) a setting came from: the longest prefix of its path that is set."""
+    keys = {k.upper(): k for k in os.environ if k.upper().startswith(ENV_PREFIX)}
+    for n in range(len(loc), 0, -1):
+        name = ENV_PREFIX + "__".join(loc[:n]).upper()
+        hits = sorted(v for k, v in keys.items() if k == name or k.startswith(name + "__"))
+        if hits:
+            return ", ".join(hits)
+    return ENV_PREFIX + "__".join(loc).upper() if loc else "the arguments"
+
+
+def with_budget(settings: Settings, total_usd: float | None = None,
+                tenants: Mapping[str, float] | None = None, duration: str | None = None,
+                horizon_s: float | None = None) -> Settings:
+    """``settings`` plus a hard budget over everything (``total_usd``) and per tenant, each over
+    ``duration`` (None: the whole run, paced over ``horizon_s`` seconds when given)."""
+    specs = list(settings.budgets.specs)
+    horizon = horizon_s if duration is None and horizon_s and horizon_s > 0 else None
+    if total_usd is not None:
+        specs.append(BudgetSpec(max_budget=total_usd, budget_duration=duration, horizon_s=horizon))
+    for tenant, usd in (tenants or {}).items():
+        specs.append(BudgetSpec(tenant=tenant, max_budget=usd, budget_duration=duration, horizon_s=horizon))
+    budgets = BudgetSettings.model_validate({**settings.budgets.model_dump(), "specs": specs})
+    return settings.model_copy(update={"budgets": budgets})

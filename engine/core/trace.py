@@ -1,0 +1,172 @@
+"""Reading and writing traces (JSONL, one request per line; the format is in README and docs/traces.md)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from engine.core.catalog import Catalog, default_catalog
+from engine.core.errors import TraceError
+from engine.core.request import FieldProblem, Request, validation_context
+from engine.core.settings import Settings
+
+__all__ = ["MAX_SPAN_S", "REBASE_UNIT_S", "Trace", "load_trace", "parse_trace_lines", "read_lines", "write_trace"]
+
+# Arrivals are rebased by whole days (a trace in Unix-epoch seconds starts on its first day, keeping the time of
+# day), and a trace may span at most a year: the lower bound keeps one value per batch slot up to the last
+# deadline, so memory follows the span, never the absolute value of an arrival.
+REBASE_UNIT_S = 86400.0
+MAX_SPAN_S = 365 * 86400.0
+
+
+@dataclass(frozen=True)
+class Trace:
+    """Validated requests in arrival order, plus what was skipped (only with ``skip_invalid``)."""
+
+    name: str
+    requests: list[Request]
+    skipped: int = 0
+    problems: list[tuple[str, int, str, str]] = field(default_factory=list)
+    rebased_s: float = 0.0  # subtracted from every arrival at load (whole days)
+
+    def __len__(self) -> int:
+        return len(self.requests)
+
+
+def _problems_of(exc: ValidationError) -> list[tuple[str, str]]:
+    out = []
+    for err in exc.errors():
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, FieldProblem):
+            out.append((cause.field, str(cause)))
+            continue
+        loc = ".".join(str(x) for x in err["loc"]) or "line"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "missing":
+            msg = "is required; add it to the line"
+        elif err["type"] == "extra_forbidden":
+            msg = "is not a trace field; remove it or fix its spelling (see docs/traces.md)"
+        out.append((loc, msg))
+    return out
+
+
+def read_lines(path: str | Path, problems: list[tuple[str, int, str, str]]) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of a UTF-8 file, decoded line by line: a line that is not UTF-8 is reported in
+    ``problems`` with its number and skipped, never a traceback (a byte-order mark on line 1 is dropped).
+    An unreadable file raises ``TraceError``."""
+    p = Path(path)
+    try:
+        with p.open("rb") as fh:
+            for no, raw in enumerate(fh, start=1):
+                try:
+                    text = raw.decode("utf-8-sig" if no == 1 else "utf-8")
+                except UnicodeDecodeError as exc:
+                    problems.append((str(p), no, "line", f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                                                       f"{exc.start + 1}); save the file as UTF-8"))
+                    continue
+                yield no, text
+    except OSError as exc:
+        raise TraceError([(str(p), 0, "file", f"cannot read it: {exc.strerror}; pass an existing, readable file")],
+                         hint="") from exc
+
+
+def parse_trace_lines(lines: Iterable[str] | Iterable[tuple[int, str]], *, source: str = "<trace>",
+                      catalog: Catalog | None = None, settings: Settings | None = None, skip_invalid: bool = False,
+                      problems: list[tuple[str, int, str, str]] | None = None) -> Trace:
+    """Validate JSONL lines (strings, or ``(line number, string)`` pairs). Every problem is collected (file,
+    line, field, fix); without ``skip_invalid`` any problem raises ``TraceError`` listing them all, so nothing
+    is silently dropped. A trace with no valid request is an error either way.
+
+    Arrivals are rebased by whole days when the first one is a day or more (docs/traces.md), and a request
+    arriving more than ``MAX_SPAN_S`` after that is refused."""
+    ctx = validation_context(catalog or default_catalog(), settings)
+    numbered: list[tuple[int, Request]] = []
+    problems = problems if problems is not None else []
+    seen: dict[str, int] = {}
+    for no, line in _numbered(lines):
+        if not line.strip():
+            continue
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError as exc:
+            problems.append((source, no, "line", f"not valid JSON ({exc.msg} at column {exc.colno})"))
+            continue
+        except (ValueError, RecursionError) as exc:  # a number of over 4,300 digits; nesting past the stack
+            why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            problems.append((source, no, "line", f"not valid JSON here ({why}); fix the line"))
+            continue
+        try:
+            req = Request.model_validate(raw, context=ctx)
+        except ValidationError as exc:
+            problems.extend((source, no, f, m) for f, m in _problems_of(exc))
+            continue
+        if req.id in seen:
+            problems.append((source, no, "id", f"duplicate id {req.id!r} (first on line {seen[req.id]}); "
+                                                "ids are idempotency keys and must be unique"))
+            continue
+        seen[req.id] = no
+        numbered.append((no, req))
+    requests, shift = _rebase(numbered, source, problems)
+    problems.sort(key=lambda p: p[1])  # stable: a line's problems stay in the order found
+    if problems and not skip_invalid:
+        raise TraceError(problems)
+    bad_lines = len({(p[0], p[1]) for p in problems})
+    if not requests:
+        why = f"all {bad_lines} non-empty line(s) are invalid" if bad_lines else "it is empty"
+        raise TraceError(problems + [(source, 0, "file", f"trace {Path(source).name} has no requests ({why}); "
+                                                         "give at least one valid line")], hint="")
+    requests.sort(key=lambda r: r.arrival_s)  # stable: equal arrivals keep file order
+    return Trace(name=Path(source).stem, requests=requests, skipped=bad_lines, problems=problems, rebased_s=shift)
+
+
+def _numbered(lines: Iterable[str] | Iterable[tuple[int, str]]) -> Iterator[tuple[int, str]]:
+    for no, item in enumerate(lines, start=1):
+        yield item if isinstance(item, tuple) else (no, item)
+
+
+def _rebase(numbered: list[tuple[int, Request]], source: str,
+            problems: list[tuple[str, int, str, str]]) -> tuple[list[Request], float]:
+    """Shift arrivals back by whole days so the first falls in day one, and refuse requests beyond the span
+    (memory never follows the absolute value of an arrival)."""
+    if not numbered:
+        return [], 0.0
+    head_no, head = min(numbered, key=lambda x: x[1].arrival_s)
+    first = head.arrival_s
+    shift = math.floor(first / REBASE_UNIT_S) * REBASE_UNIT_S
+    kept = []
+    for no, r in numbered:
+        if r.arrival_s - first > MAX_SPAN_S:
+            problems.append((source, no, "arrival_s",
+                             f"arrival_s {r.arrival_s:,.3f} is {r.arrival_s - first:,.0f} s after the first arrival "
+                             f"({first:,.3f}, line {head_no}); a trace spans at most "
+                             f"{MAX_SPAN_S:,.0f} s (365 days): split it, or fix the outlier"))
+            continue
+        # r.arrival_s - shift is exact: shift is a whole number below it, a multiple of its float spacing.
+        kept.append(r if shift == 0 else r.model_copy(update={"arrival_s": r.arrival_s - shift}))
+    return kept, shift
+
+
+def load_trace(path: str | Path, *, catalog: Catalog | None = None, settings: Settings | None = None,
+               skip_invalid: bool = False) -> Trace:
+    """Read and validate a JSONL trace file (see ``parse_trace_lines``); bytes that are not UTF-8 are a
+    problem of their line, like any other."""
+    problems: list[tuple[str, int, str, str]] = []
+    return parse_trace_lines(read_lines(path, problems), source=str(Path(path)), catalog=catalog,
+                             settings=settings, skip_invalid=skip_invalid, problems=problems)
+
+
+def write_trace(requests: Iterable[Request], path: str | Path) -> int:
+    """Write requests as JSONL with every default resolved; returns the number of lines."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    with p.open("w", encoding="utf-8") as fh:
+        for r in requests:
+            fh.write(json.dumps(r.model_dump(mode="json"), separators=(",", ":")) + "\n")
+            n += 1
+    return n

@@ -1,0 +1,313 @@
+"""Trace builders: from the real Azure and Mooncake traces, and a seeded synthetic workload.
+
+Token counts, arrival times and prefix hashes from real data stay exactly as recorded. What the real data
+lacks is assigned by the seeded rules below (also in docs/traces.md), so the same seed gives the same trace:
+
+* tenant: ``tenant-a..d`` with probabilities 0.4 / 0.3 / 0.2 / 0.1;
+* priority: urgent 0.10, normal 0.60, background 0.30; deadline: the settings' default for that priority;
+* provider/model: the text mix ``TEXT_MIX`` (or one model forced with ``model=``). For Mooncake the draw is
+  keyed on the request's first two prefix blocks, so a conversation and its follow-ups stay on one model and
+  their shared prefix can hit that model's prompt cache;
+* prompt: a placeholder naming the source row (Azure: unique per row; Mooncake: derived from the full
+  ``hash_ids`` list, so a re-sent identical prompt is an exact duplicate); reuse: ``exact``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+from pydantic import ValidationError
+
+from engine.core.catalog import Catalog, default_catalog
+from engine.core.errors import CatalogError, TraceError
+from engine.core.request import Request, validation_context
+from engine.core.settings import Settings
+from engine.core.trace import _problems_of, read_lines
+
+__all__ = ["TEXT_MIX", "from_azure", "from_mooncake", "synth"]
+
+TEXT_MIX: tuple[tuple[str, str, float], ...] = (
+    ("openai", "gpt-5-mini", 0.30),
+    ("openai", "gpt-5", 0.15),
+    ("anthropic", "claude-sonnet-4-5", 0.25),
+    ("anthropic", "claude-haiku-4-5", 0.10),
+    ("google", "gemini-2.5-flash", 0.20),
+)
+_TENANTS = ("tenant-a", "tenant-b", "tenant-c", "tenant-d")
+_TENANT_P = (0.4, 0.3, 0.2, 0.1)
+_PRIOS = ("urgent", "normal", "background")
+_PRIO_P = (0.10, 0.60, 0.30)
+_HINT = "fix or remove the rows named (every row must be valid: a builder writes all of them or nothing)"
+Problems = list[tuple[str, int, str, str]]
+
+
+def _parse_model(model: str | None, catalog: Catalog) -> tuple[str, str] | None:
+    if model is None:
+        return None
+    if "/" not in model:
+        raise TraceError([("--model", 0, "model", f"{model!r}: write it as provider/model, e.g. openai/gpt-5")],
+                         hint="")
+    prov, name = model.split("/", 1)
+    try:
+        spec = catalog.model(prov, name)
+    except CatalogError as exc:
+        raise TraceError([("--model", 0, "model", f"{model!r}: {exc}")], hint="") from None
+    if spec.kind != "text":
+        raise TraceError([("--model", 0, "model", f"{model!r} makes {spec.kind}s; the traces' rows are text "
+                           f"requests, so pick a text model such as {'/'.join(TEXT_MIX[0][:2])}")], hint="")
+    return prov, name
+
+
+def _common(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    tenants = rng.choice(len(_TENANTS), size=n, p=_TENANT_P)
+    prios = rng.choice(len(_PRIOS), size=n, p=_PRIO_P)
+    return tenants, prios
+
+
+def _build(rows: list[tuple[int, dict]], catalog: Catalog, settings: Settings | None, source: str,
+           problems: Problems) -> list[Request]:
+    """Validate the rows (each with its line in the source); any problem, here or found while reading, is
+    raised as one ``TraceError`` naming every bad row, its field and the fix."""
+    ctx = validation_context(catalog, settings)
+    out = []
+    for no, row in rows:
+        try:
+            out.append(Request.model_validate(row, context=ctx))
+        except ValidationError as exc:
+            problems.extend((source, no, f, m) for f, m in _problems_of(exc))
+    if problems:
+        raise TraceError(sorted(problems, key=lambda p: p[1]), hint=_HINT)
+    if not out:
+        raise TraceError([(source, 0, "file", f"{Path(source).name} has no rows; give a file with at least one")],
+                         hint="")
+    return out
+
+
+def _count(value: object, source: str, no: int, field: str, problems: Problems, *, cell: bool = False) -> int | None:
+    """A whole number >= 0 (from a CSV ``cell``'s text, or a JSON number); a problem (and None) otherwise."""
+    if cell and isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        problems.append((source, no, field, f"must be a whole number >= 0, got {value!r:.60}"))
+        return None
+    return value
+
+
+def _cap_output(catalog: Catalog, prov: str, model: str, out: int) -> int:
+    return min(out, catalog.model(prov, model).max_output_tokens)
+
+
+def from_azure(path: str | Path, *, seed: int = 0, model: str | None = None, catalog: Catalog | None = None,
+               settings: Settings | None = None, limit: int | None = None) -> list[Request]:
+    """Azure LLM inference trace CSV (TIMESTAMP, ContextTokens, GeneratedTokens) to requests."""
+    catalog = catalog or default_catalog()
+    forced = _parse_model(model, catalog)
+    p = Path(path)
+    src = str(p)
+    problems: Problems = []
+    numbered = list(read_lines(p, problems))
+    nos = [no for no, _ in numbered]
+    reader = csv.DictReader(text for _, text in numbered)
+    need = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
+    missing = [c for c in need if c not in (reader.fieldnames or [])]
+    if missing:
+        got = reader.fieldnames or "an empty file"
+        raise TraceError([(src, nos[0] if nos else 0, "header", f"missing column(s) {missing}; the first line must "
+                           f"name {list(need)}, got {got}")], hint="")
+    data = [(nos[reader.line_num - 1], row) for row in reader]
+    rng = np.random.default_rng(seed)
+    tenants, prios = _common(rng, len(data))
+    models = rng.choice(len(TEXT_MIX), size=len(data), p=[m[2] for m in TEXT_MIX])
+    parsed = []
+    # Assignments are drawn for the whole file, then cut, so row i gets the same values whatever the limit.
+    for i, (no, row) in enumerate(data[:limit] if limit is not None else data):
+        stamp = row.get("TIMESTAMP")
+        try:
+            # Fractional seconds carry 7 digits; Python parses at most 6.
+            ts = datetime.strptime((stamp or "").strip()[:26], "%Y-%m-%d %H:%M:%S.%f").timestamp()
+        except ValueError:
+            problems.append((src, no, "TIMESTAMP", f"{stamp!r} is not a time like 2023-11-16 18:15:46.6805900"))
+            ts = None
+        ctx_tokens = _count(row.get("ContextTokens"), src, no, "ContextTokens", problems, cell=True)
+        gen_tokens = _count(row.get("GeneratedTokens"), src, no, "GeneratedTokens", problems, cell=True)
+        if ts is not None and ctx_tokens is not None and gen_tokens is not None:
+            parsed.append((i, no, ts, ctx_tokens, gen_tokens))
+    t0 = min((x[2] for x in parsed), default=0.0)  # the first row, in a file sorted by time
+    rows = []
+    for i, no, ts, ctx_tokens, gen_tokens in parsed:
+        prov, name = forced or TEXT_MIX[models[i]][:2]
+        rows.append((no, {
+            "id": f"{p.stem}-{i}", "arrival_s": round(ts - t0, 6), "tenant": _TENANTS[tenants[i]],
+            "provider": prov, "model": name, "prompt": f"{p.stem} request {i}",
+            "input_tokens": ctx_tokens, "output_tokens": _cap_output(catalog, prov, name, gen_tokens),
+            "priority": _PRIOS[prios[i]], "reuse": "exact",
+        }))
+    return _build(rows, catalog, settings, src, problems)
+
+
+def from_mooncake(path: str | Path, *, seed: int = 0, model: str | None = None, catalog: Catalog | None = None,
+                  settings: Settings | None = None, limit: int | None = None) -> list[Request]:
+    """Mooncake JSONL (timestamp ms, input_length, output_length, hash_ids) to requests; hash_ids become
+    prefix_blocks (512 tokens each)."""
+    catalog = catalog or default_catalog()
+    forced = _parse_model(model, catalog)
+    p = Path(path)
+    src = str(p)
+    rng = np.random.default_rng(seed)
+    weights = np.array([m[2] for m in TEXT_MIX])
+    cum = np.cumsum(weights) / weights.sum()
+    salt = int(rng.integers(1 << 62))
+    problems: Problems = []
+    raw = []
+    for no, line in read_lines(p, problems):
+        if line.strip():
+            try:
+                raw.append((no, json.loads(line)))
+            except (ValueError, RecursionError) as exc:
+                why = exc.msg if isinstance(exc, json.JSONDecodeError) else "too deep or too long a number"
+                problems.append((src, no, "line", f"not valid JSON ({why})"))
+    tenants, prios = _common(rng, len(raw))
+    rows = []
+    for i, (no, r) in enumerate(raw[:limit] if limit is not None else raw):
+        if not isinstance(r, dict):
+            problems.append((src, no, "line", "a row must be a JSON object with timestamp, input_length, "
+                                              "output_length and hash_ids"))
+            continue
+        stamp = r.get("timestamp")
+        ok = not isinstance(stamp, bool) and isinstance(stamp, (int, float)) and 0 <= stamp < float("inf")
+        if not ok:
+            problems.append((src, no, "timestamp", f"must be a number of milliseconds >= 0, got {stamp!r:.60}"))
+        n_in = _count(r.get("input_length"), src, no, "input_length", problems)
+        n_out = _count(r.get("output_length"), src, no, "output_length", problems)
+        blocks = r.get("hash_ids", [])
+        if not isinstance(blocks, list) or not all(isinstance(b, int) and not isinstance(b, bool) for b in blocks):
+            problems.append((src, no, "hash_ids", f"must be a list of whole numbers, got {blocks!r:.60}"))
+            ok = False
+        if not ok or n_in is None or n_out is None:
+            continue
+        key = hashlib.blake2b(f"{salt}:{blocks[:2]}".encode(), digest_size=8).digest()
+        u = int.from_bytes(key, "big") / 2**64
+        prov, name = forced or TEXT_MIX[int(np.searchsorted(cum, u, side="right"))][:2]
+        digest = hashlib.blake2b(json.dumps(blocks).encode(), digest_size=8).hexdigest()
+        rows.append((no, {
+            "id": f"{p.stem}-{i}", "arrival_s": float(stamp) / 1000.0, "tenant": _TENANTS[tenants[i]],
+            "provider": prov, "model": name, "prompt": f"mooncake prompt {digest}",
+            "input_tokens": n_in, "output_tokens": _cap_output(catalog, prov, name, n_out),
+            "prefix_blocks": blocks, "priority": _PRIOS[prios[i]], "reuse": "exact",
+        }))
+    return _build(rows, catalog, settings, src, problems)
+
+
+# --- synthetic workload -------------------------------------------------------------------------------------
+
+_PRODUCTS = ["espresso machine", "trail running shoe", "noise-cancelling headphones", "standing desk",
+             "cast iron skillet", "mechanical keyboard", "yoga mat", "electric kettle", "camping tent",
+             "smart thermostat", "leather wallet", "robot vacuum", "air purifier", "road bike helmet"]
+_TONES = ["friendly", "formal", "playful", "concise", "luxurious", "technical"]
+_TASKS = ["Write a {tone} product description for a {item}.",
+          "Summarise customer reviews of the {item} in a {tone} voice.",
+          "Draft a {tone} marketing email announcing a sale on the {item}.",
+          "List five {tone} social media captions for the {item}."]
+_SUBJECTS = ["a red vintage car", "a golden retriever puppy", "a lighthouse on a cliff", "a bowl of ramen",
+             "a futuristic city skyline", "an astronaut riding a horse", "a cup of coffee on a wooden table",
+             "a snowy mountain cabin", "a koi pond", "a hot air balloon"]
+_STYLES = ["watercolor", "photorealistic", "studio ghibli", "oil painting", "isometric 3d", "neon cyberpunk"]
+_LIGHT = ["at sunset", "at night", "in soft morning light", "under studio lights", "in the rain"]
+_COLOURS = ["red", "blue", "green", "black", "white", "yellow"]
+_IMAGE_MODELS = (("openai", "gpt-image-1", 0.3), ("google", "imagen-4", 0.2), ("modal-h100", "flux-1-dev", 0.5))
+_VIDEO_MODELS = (("openai", "sora-2", 0.25), ("google", "veo-3-fast", 0.25), ("modal-h100", "wan-2.1-t2v", 0.5))
+
+
+def _pick(rng: np.random.Generator, options: tuple[tuple[str, str, float], ...]) -> tuple[str, str]:
+    i = rng.choice(len(options), p=[o[2] for o in options])
+    return options[i][0], options[i][1]
+
+
+def synth(n: int = 5000, *, seed: int = 0, duration_s: float = 3600.0, catalog: Catalog | None = None,
+          settings: Settings | None = None) -> list[Request]:
+    """A seeded mixed workload: text campaigns sharing a system prompt (prefix blocks), image and video
+    campaigns of similar prompts, exact re-submissions (8 %), near-duplicate paraphrases (5 %), look-alikes
+    that change a colour or number (3 %, must not be reused), several tenants and a priority mix."""
+    if n < 1:
+        raise TraceError([("--n", 0, "n", f"--n must be >= 1, got {n}")], hint="")
+    catalog = catalog or default_catalog()
+    rng = np.random.default_rng(seed)
+    n_campaigns = max(3, n // 150)
+    campaigns = []
+    for c in range(n_campaigns):
+        kind = rng.choice(["text", "image", "video"], p=[0.6, 0.25, 0.15])
+        start = float(rng.uniform(0, duration_s * 0.9))
+        window = float(rng.uniform(60, 900))
+        prio_p = [(0.5, 0.5, 0.0), (0.05, 0.75, 0.2), (0.0, 0.3, 0.7)][rng.choice(3, p=[0.15, 0.55, 0.30])]
+        if kind == "text":
+            prov, model = _pick(rng, TEXT_MIX)
+            prefix = [int(x) for x in (10_000_000 + c * 100 + np.arange(int(rng.integers(2, 7))))]
+            params: dict = {}
+        elif kind == "image":
+            prov, model = _pick(rng, _IMAGE_MODELS)
+            prefix = []
+            table = catalog.model(prov, model).per_image or catalog.model(prov, model).gpu_s_per_image or {}
+            params = {"size": str(rng.choice(sorted(table)))}
+        else:
+            prov, model = _pick(rng, _VIDEO_MODELS)
+            prefix = []
+            spec = catalog.model(prov, model)
+            table = spec.per_second or spec.gpu_s_per_video_second or {}
+            params = {"resolution": str(rng.choice(sorted(table))), "duration_s": float(rng.choice([4, 5, 8]))}
+        campaigns.append(dict(kind=str(kind), start=start, window=window, prio_p=prio_p, provider=prov,
+                              model=model, prefix=prefix, params=params,
+                              tenant=_TENANTS[rng.choice(4, p=_TENANT_P)], style=str(rng.choice(_STYLES))))
+    rows: list[dict] = []
+    for i in range(n):
+        u = rng.random()
+        if rows and u < 0.08:  # exact re-submission of an earlier request
+            src = rows[int(rng.integers(len(rows)))]
+            row = dict(src, id=f"synth-{i}", arrival_s=min(src["arrival_s"] + float(rng.exponential(300)),
+                                                           duration_s * 1.2))
+            rows.append(row)
+            continue
+        if rows and u < 0.16:  # a paraphrase (reuse welcome) or a look-alike that changes the output
+            src = rows[int(rng.integers(len(rows)))]
+            if u < 0.13:
+                prompt = "Please " + src["prompt"][0].lower() + src["prompt"][1:]
+            elif src["kind"] == "text":
+                prompt = src["prompt"].replace("five", "ten") if "five" in src["prompt"] else "Do not " + src[
+                    "prompt"][0].lower() + src["prompt"][1:]
+            else:
+                old = next((c for c in _COLOURS if c in src["prompt"]), None)
+                prompt = src["prompt"].replace(old, "blue" if old != "blue" else "green") if old else (
+                    src["prompt"] + " with two moons")
+            row = dict(src, id=f"synth-{i}", prompt=prompt, reuse="near",
+                       arrival_s=min(src["arrival_s"] + float(rng.exponential(300)), duration_s * 1.2))
+            rows.append(row)
+            continue
+        c = campaigns[int(rng.integers(n_campaigns))]
+        arrival = c["start"] + float(rng.uniform(0, c["window"]))
+        prio = _PRIOS[rng.choice(3, p=c["prio_p"])]
+        reuse = str(rng.choice(["exact", "near", "none"], p=[0.7, 0.2, 0.1]))
+        row = {"id": f"synth-{i}", "arrival_s": round(arrival, 3), "tenant": c["tenant"], "provider": c["provider"],
+               "model": c["model"], "kind": c["kind"], "priority": prio, "reuse": reuse, "params": dict(c["params"])}
+        if c["kind"] == "text":
+            tpl = _TASKS[int(rng.integers(len(_TASKS)))]
+            row["prompt"] = tpl.format(tone=rng.choice(_TONES), item=rng.choice(_PRODUCTS)) + f" Ref {i}."
+            row["prefix_blocks"] = c["prefix"]
+            row["input_tokens"] = len(c["prefix"]) * 512 + int(rng.integers(40, 600))
+            row["output_tokens"] = int(rng.integers(80, 900))
+        else:
+            colour = rng.choice(_COLOURS)
+            subj = str(rng.choice(_SUBJECTS)).replace("a red", f"a {colour}")
+            row["prompt"] = f"{subj}, {c['style']} style, {rng.choice(_LIGHT)}"
+        if prio == "urgent":
+            row["deadline_s"] = float(rng.uniform(120, 600)) if c["kind"] != "text" else float(rng.uniform(30, 300))
+        elif prio == "normal":
+            row["deadline_s"] = float(rng.uniform(1800, 4 * 3600))
+        rows.append(row)
+    return _build(list(enumerate(rows, start=1)), catalog, settings, "synth", [])

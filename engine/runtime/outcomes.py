@@ -1,0 +1,65 @@
+"""Outcomes, the runtime kernel's last step: what an attempt that ended becomes, and the ``Result`` a request
+resolves to. Pure functions, used by the simulator and by the actors alike (one copy of each rule).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from engine.core.catalog import ModelSpec
+from engine.core.result import Result, Status
+
+__all__ = ["Verdict", "call_mode", "failed_result", "ok_result", "refused_result", "reused_result", "verdict"]
+
+Verdict = Literal["complete", "retry", "fail"]
+
+
+def verdict(ok: bool, tries: int, max_attempts: int, retryable: bool = True) -> Verdict:
+    """An attempt ended, the ``tries``-th of its request: complete it, try again (a retryable failure with
+    attempts left), or fail the request for good."""
+    if ok:
+        return "complete"
+    return "retry" if retryable and tries < max_attempts else "fail"
+
+
+def call_mode(spec: ModelSpec) -> str:
+    """The mode a lone call is billed in: a GPU-priced model runs it as a GPU batch of one."""
+    return "gpu_batch" if spec.gpu_priced else "sync"
+
+
+def ok_result(req, *, at: float, cost: float, mode: str, batch_id: str | None, recommendation: str | None,
+              reason: str, out=None) -> Result:
+    """A request the provider answered: ``out`` is the call's ``CallOutcome`` (None: simulated)."""
+    usage = out.usage if out is not None else None
+    return Result(id=req.id, tenant=req.tenant, status="ok",
+                  output=out.output if out is not None else f"sim://{req.provider}/{req.model}/{req.id}",
+                  cost_usd=cost, usage=usage.as_dict() if usage is not None else None,
+                  provider_request_id=out.provider_request_id if out is not None else None,
+                  raw=out.raw if out is not None else None, real=out is not None and out.real, mode=mode,
+                  provider=req.provider, model=req.model, batch_id=batch_id, arrival_s=req.arrival_s, done_s=at,
+                  deadline_met=req.met_by(at), recommendation=recommendation, reason=reason)
+
+
+def failed_result(req, *, at: float, batch_id: str | None, recommendation: str | None, tries: int,
+                  max_attempts: int, error: str | None, real: bool = False) -> Result:
+    """A request whose last attempt failed: the error names the provider and the attempts made."""
+    msg = (f"{req.provider} failed after {tries} attempt(s): {error}" if error
+           else f"{req.provider} failed {max_attempts} attempts")
+    return Result(id=req.id, tenant=req.tenant, status="failed", provider=req.provider, model=req.model,
+                  batch_id=batch_id, arrival_s=req.arrival_s, done_s=at, deadline_met=False,
+                  recommendation=recommendation, real=real, error=msg)
+
+
+def refused_result(req, *, at: float, status: Status, error: str, reason: str = "") -> Result:
+    """A request the engine did not send: ``rejected`` (a budget) or ``failed`` before any call."""
+    return Result(id=req.id, tenant=req.tenant, status=status, provider=req.provider, model=req.model,
+                  arrival_s=req.arrival_s, done_s=at, deadline_met=False, error=error, reason=reason)
+
+
+def reused_result(req, *, at: float, hit: str, source_id: str, output: str | None,
+                  similarity: float | None = None) -> Result:
+    """A request answered from the result of ``source_id`` (exact, in flight or near), free."""
+    why = f"reused {hit} result of {source_id}" + (f" (cosine {similarity:.3f})" if similarity is not None else "")
+    return Result(id=req.id, tenant=req.tenant, status="reused", output=output, cost_usd=0.0, mode="reuse", hit=hit,
+                  provider=req.provider, model=req.model, arrival_s=req.arrival_s, done_s=at,
+                  deadline_met=req.met_by(at), reason=why)

@@ -1,0 +1,348 @@
+"""Simulated providers: the catalog's behaviour of one provider, shared by the simulator and the live
+dispatcher actors (which run it in compressed real time), so both runtimes bill and time calls alike.
+
+A runtime hands a ``SimProvider`` work (``enqueue``) and asks it what may start now (``pump``). Work waits in
+a ``FairQueue`` per rate gate (docs/scheduling.md) and starts when the gate allows: requests and tokens per
+sliding minute and concurrent calls, per provider or per model with limits of its own; batch-API batches wait
+for the enqueued-token limit. What happens to a started call is drawn from ``Draws``: its latency, whether
+it fails (a 429 with the provider's ``Retry-After``, or a 5xx), what it costs (the cost model, with this
+provider's prompt-cache warmth). A model whose circuit is open (``engine.core.resilience``) sends its work to the
+fallback model, or holds it until the cool-down ends.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+from engine.core.catalog import Catalog, ProviderSpec
+from engine.core.cost import Mode, cache_split, list_price_text, price_alone, price_batch, price_text
+from engine.core.draws import Draws
+from engine.core.errors import CatalogError, ConfigError
+from engine.core.latency import gpu_batch_seconds, sync_latency_median
+from engine.core.request import PRIORITY_RANK, Request
+from engine.core.resilience import CircuitBreaker, Resilience, retry_delay
+from engine.core.scheduling import FairQueue, Scheduling, Unit
+from engine.core.settings import Settings
+from engine.runtime.ratelimit import EnqueuedTokens, RateGate
+
+__all__ = ["Attempt", "BatchOutcome", "Event", "SimProvider", "SyncAttempt", "Work", "check_fallbacks"]
+
+FAILED_CALL_FRACTION = 0.3  # a failing call errors after this share of its latency
+_INF = math.inf
+
+
+class SyncAttempt(NamedTuple):
+    ok: bool
+    at: float  # when the call ended (result or error)
+    cost: float
+    retry_after_s: float | None  # a 429's Retry-After; None for success or a 5xx
+
+
+class Attempt(NamedTuple):
+    """One member's attempt in a batch or GPU dispatch."""
+
+    ok: bool
+    at: float
+    cost: float
+
+
+class BatchOutcome(NamedTuple):
+    hedged: bool
+    at: float  # hedge time when hedged, else completion
+    members: list[Attempt]
+
+
+class Work(NamedTuple):
+    """What a runtime hands a provider: one sync call, one GPU dispatch or one batch-API batch."""
+
+    kind: Mode  # sync | gpu_batch | batch_api: the modes of engine.core.cost, one vocabulary
+    item: Any  # the runtime's own handle, returned in the Event
+    reqs: list[Request]
+    idxs: list[int]  # rows of the draws
+    attempts: list[int]
+    cache_write: bool = False
+    hedge_at: float | None = None
+
+
+class Event(NamedTuple):
+    """Work that left the queue: started (``sync``/``gpu_batch``/``batch_api`` with its outcome) or ``reroute``d to the
+    fallback ``provider/model`` in ``outcome`` because its model's circuit is open."""
+
+    kind: str
+    work: Work
+    start: float
+    outcome: Any
+
+
+def check_fallbacks(catalog: Catalog, res: Resilience) -> None:
+    """Every fallback names models of the catalog that generate the same kind."""
+    for a, b in res.fallbacks.items():
+        specs = []
+        for name in (a, b):
+            p, m = name.split("/", 1)
+            try:
+                specs.append(catalog.model(p, m))
+            except CatalogError as exc:
+                raise ConfigError(f"resilience.fallbacks {a!r} -> {b!r}: {exc}") from None
+        if specs[0].kind != specs[1].kind:
+            raise ConfigError(f"resilience.fallbacks {a!r} -> {b!r}: a {specs[0].kind} model cannot fall back to "
+                              f"a {specs[1].kind} model; map it to one of the same kind")
+
+
+class SimProvider:
+    def __init__(self, provider: ProviderSpec, catalog: Catalog, settings: Settings, draws: Draws, *,
+                 scheduling: Scheduling | None = None, record: bool = False, draw: bool = True):
+        # draw=False (the live dispatcher): sync calls and batch-API batches leave the queue without an
+        # outcome; they hold their gate slot until ``finish_sync``/``finish_batch`` says when they ended, as
+        # a real provider's calls do. GPU dispatches are always drawn (no HTTP provider runs them).
+        self.draw = draw
+        self.spec = provider
+        self.catalog = catalog
+        self.draws = draws
+        self.max_att = settings.sim.max_attempts
+        self.backoff = settings.sim.backoff_base_s
+        self.bt = settings.prefix_block_tokens
+        res: Resilience = settings.resilience
+        self.backoff_max = res.backoff_max_s
+        self.breaker = CircuitBreaker(res.allowed_fails, res.window_s, res.cooldown_time, res.failure_share)
+        self.fallbacks = {a.split("/", 1)[1]: b for a, b in res.fallbacks.items()
+                          if a.split("/", 1)[0] == provider.name}
+        sched = scheduling or Scheduling()
+        self.history: dict[str | None, list] | None = {} if record else None
+        # One gate and queue per model with limits of its own; the rest share the provider's (key None).
+        self.gates: dict[str | None, RateGate] = {}
+        self.queues: dict[str | None, FairQueue] = {}
+        for key, rl in [(None, provider.rate_limits)] + [(m, s.rate_limits) for m, s in provider.models.items()
+                                                         if s.rate_limits is not None]:
+            hist = self.history.setdefault(key, []) if self.history is not None else None
+            self.gates[key] = RateGate(rl, history=hist)
+            self.queues[key] = FairQueue(sched, self.max_att)
+        self._gate_of = {m: (m if s.rate_limits is not None else None) for m, s in provider.models.items()}
+        ba = provider.batch_api
+        self.enqueued = EnqueuedTokens(ba.max_enqueued_tokens) if ba is not None else None
+        self.batch_queue = FairQueue(sched, self.max_att)
+        # Work of models whose circuit is open and that have no fallback: a heap by when the circuit closes.
+        self.parked: list[tuple[float, int, Unit]] = []
+        self._parked_seq = itertools.count()
+        self.warm: dict[str, dict[int, float]] = {}  # model -> block -> warm until
+        self._lead: dict[str, float] = {}
+
+    def __repr__(self) -> str:
+        waiting = sum(len(q) for q in self.queues.values()) + len(self.batch_queue)
+        return (f"SimProvider({self.spec.name}, waiting={waiting}, parked={len(self.parked)}, "
+                f"running={sum(g.running for g in self.gates.values())}, {self.breaker!r})")
+
+    @property
+    def waiting(self) -> int:
+        return sum(len(q) for q in self.queues.values()) + len(self.batch_queue) + len(self.parked)
+
+    # -- the queue ------------------------------------------------------------------------------------------
+    def enqueue(self, w: Work) -> None:
+        reqs = w.reqs
+        first = reqs[0]
+        spec = self.spec.models[first.model]
+        if w.kind == "sync" and spec.gpu_priced:
+            w = w._replace(kind="gpu_batch")
+        lead = self._lead.get(first.model)
+        if lead is None:
+            lead = self._lead[first.model] = sync_latency_median(self.spec, spec, first) * 2.0
+        text = spec.kind == "text"
+        tokens = sum(r.input_tokens + r.output_tokens for r in reqs) if text and w.kind != "gpu_batch" else 0
+        cost = (list_price_text(spec, sum(r.input_tokens for r in reqs), sum(r.output_tokens for r in reqs))
+                if text else 0.0)
+        prio = min((r.priority for r in reqs), key=PRIORITY_RANK.__getitem__)
+        u = Unit(w, first.tenant, prio, min(r.deadline_at for r in reqs), min(r.arrival_s for r in reqs),
+                 tokens, cost, max(w.attempts), 0.0 if w.kind == "batch_api" else lead)
+        if w.kind == "batch_api":
+            self.batch_queue.push(u)
+        else:
+            self.queues[self._gate_of[first.model]].push(u)
+
+    def pump(self, now: float) -> tuple[list[Event], float | None]:
+        """Start everything the gates allow at ``now``, in the queues' order. Returns what left the queues
+        and when to pump again (None: nothing waits)."""
+        events: list[Event] = []
+        next_at = _INF
+        parked = self.parked
+        while parked and parked[0][0] <= now:
+            u = heapq.heappop(parked)[2]
+            self.queues[self._gate_of[u.item.reqs[0].model]].push(u)
+        if parked:
+            next_at = parked[0][0]
+        for key, q in self.queues.items():
+            gate = self.gates[key]
+            while len(q):
+                picked = q.peek(now)
+                u = picked[2]
+                w: Work = u.item
+                model = w.reqs[0].model
+                until = self.breaker.open_until(model, now)
+                if until is not None:
+                    q.take(picked)
+                    fb = self.fallbacks.get(model)
+                    if fb is not None:
+                        events.append(Event("reroute", w, now, fb))
+                    else:
+                        heapq.heappush(parked, (until, next(self._parked_seq), u))
+                        next_at = min(next_at, until)
+                    continue
+                s = gate.earliest(now, u.tokens)
+                if s > now + 1e-9:
+                    next_at = min(next_at, s)
+                    break
+                q.take(picked)
+                # Start at s, not now: s may pass now by a rounding error, and starting early by even that
+                # much would put a call inside a minute the gate had counted it out of.
+                events.append(self._start(w, s, gate))
+        bq = self.batch_queue
+        while len(bq):
+            picked = bq.peek(now)
+            u = picked[2]
+            s = self.enqueued.earliest(now, u.tokens)
+            if s > now + 1e-9:
+                next_at = min(next_at, s)
+                break
+            bq.take(picked)
+            events.append(self._start_batch(u.item, s, u.tokens))
+        return events, (None if next_at == _INF else next_at)
+
+    def failure(self, model: str, t: float) -> None:
+        """A call of ``model`` failed at ``t`` (told when the failure happens, not when it was drawn)."""
+        self.breaker.failure(model, t)
+
+    def success(self, model: str, t: float) -> None:
+        """A call of ``model`` answered at ``t``."""
+        self.breaker.success(model, t)
+
+    def retry_at(self, i: int, attempt: int, a: SyncAttempt) -> float:
+        """When attempt ``attempt + 1`` of draw row ``i`` may be queued after attempt ``attempt`` failed."""
+        self.draws.ensure(i + 1)  # a real provider's failure drew nothing for this row yet
+        return a.at + retry_delay(attempt + 1, self.backoff, self.backoff_max, float(self.draws.jit_u[i, attempt]),
+                                  a.retry_after_s)
+
+    def _start(self, w: Work, s: float, gate: RateGate) -> Event:
+        if w.kind == "gpu_batch":
+            outs = self.gpu(w.idxs, w.reqs, s, w.attempts, gate)
+            return Event("gpu_batch", w, s, outs)
+        if not self.draw:
+            r = w.reqs[0]
+            gate.take(s, r.input_tokens + r.output_tokens, _INF)
+            return Event("sync", w, s, None)
+        return Event("sync", w, s, self.sync(w.idxs[0], w.reqs[0], s, w.attempts[0], w.cache_write, gate))
+
+    def finish_sync(self, model: str, end: float, extra_tokens: int = 0) -> None:
+        """A sync call started without a drawn outcome ended at ``end`` (``extra_tokens``: real usage beyond
+        the estimate the gate counted)."""
+        self.gates[self._gate_of[model]].finish(end, extra_tokens)
+
+    def finish_batch(self, tokens: int, end: float) -> None:
+        if self.enqueued is not None:
+            self.enqueued.finish(tokens, end)
+
+    # -- sync calls ---------------------------------------------------------------------------------------
+    def sync(self, i: int, r: Request, s: float, attempt: int, cache_write: bool,
+             gate: RateGate | None = None) -> SyncAttempt:
+        """Attempt ``attempt`` of ``r`` (draw row ``i``), starting at ``s``."""
+        a, dur = self.draw_sync(i, r, s, attempt, cache_write)
+        (gate or self.gates[self._gate_of[r.model]]).take(s, r.input_tokens + r.output_tokens, dur)
+        return a
+
+    def draw_sync(self, i: int, r: Request, s: float, attempt: int, cache_write: bool) -> tuple[SyncAttempt, float]:
+        """The drawn outcome of a sync attempt and how long it holds its slot (the gate is not touched)."""
+        prov = self.spec
+        spec = prov.models[r.model]
+        self.draws.ensure(i + 1)
+        base = sync_latency_median(prov, spec, r)
+        sigma = prov.sync_latency.sigma if spec.kind == "text" else prov.media_latency.sigma
+        k = min(attempt, self.max_att - 1)
+        lat = base * math.exp(sigma * self.draws.lat_z[i, k])
+        u = self.draws.fail_u[i, k]
+        failed = u < prov.failure_rate
+        dur = lat * FAILED_CALL_FRACTION if failed else lat
+        if failed:
+            throttled = u < prov.failure_rate * prov.throttled_share
+            return SyncAttempt(False, s + dur, 0.0, prov.retry_after_s if throttled else None), dur
+        return SyncAttempt(True, s + lat, self._sync_price(r, spec, s, cache_write), None), dur
+
+    def _sync_price(self, r: Request, spec, start: float, cache_write: bool) -> float:
+        prov = self.spec
+        if spec.kind != "text":
+            return price_alone(r, self.catalog, "sync").total
+        pc = prov.prompt_cache
+        blocks = r.prefix_blocks
+        if pc is None or not blocks:
+            return price_text(prov, spec, cache_split(prov, spec, r.input_tokens, 0, 0, 0, self.bt),
+                              r.output_tokens, "sync").total
+        warm = self.warm.setdefault(r.model, {})
+        n_warm = 0
+        for b in blocks:
+            if warm.get(b, -1.0) < start:
+                break
+            n_warm += 1
+        split = cache_split(prov, spec, r.input_tokens, len(blocks), n_warm, len(blocks) if cache_write else 0,
+                            self.bt)
+        cached = split.read + split.write
+        if cached:
+            expiry = start + pc.ttl_s
+            for b in blocks[: math.ceil(cached / self.bt)]:
+                warm[b] = expiry
+        return price_text(prov, spec, split, r.output_tokens, "sync").total
+
+    # -- GPU batches ----------------------------------------------------------------------------------------
+    def gpu(self, idxs: Sequence[int], reqs: Sequence[Request], t: float, attempts: Sequence[int],
+            gate: RateGate | None = None) -> list[Attempt]:
+        """One GPU dispatch of compatible jobs starting at ``t``: one warm-up plus the batch at its speed-up."""
+        prov = self.spec
+        spec = prov.models[reqs[0].model]
+        self.draws.ensure(max(idxs) + 1)
+        run = gpu_batch_seconds(prov, spec, list(reqs))
+        run *= math.exp(prov.sync_latency.sigma * self.draws.lat_z[idxs[0], min(attempts[0], self.max_att - 1)])
+        (gate or self.gates[self._gate_of[reqs[0].model]]).take(t, 0, run)
+        end = t + run
+        prices = price_batch(list(reqs), self.catalog, "gpu_batch", block_tokens=self.bt)
+        fail_u = self.draws.fail_u
+        return [Attempt(fail_u[i, k] >= prov.failure_rate, end, p.total) for i, k, p in zip(idxs, attempts, prices)]
+
+    # -- batch API ------------------------------------------------------------------------------------------
+    def _start_batch(self, w: Work, s: float, tokens: int) -> Event:
+        if not self.draw:
+            self.enqueued.take(s, tokens, _INF)
+            return Event("batch_api", w, s, tokens)
+        out = self.batch(w.idxs, w.reqs, s, w.hedge_at, w.attempts)
+        self.enqueued.take(s, tokens, out.at)  # held until it ends or is cancelled
+        return Event("batch_api", w, s, out)
+
+    def batch(self, idxs: Sequence[int], reqs: Sequence[Request], t: float, hedge_at: float | None,
+              attempts: Sequence[int]) -> BatchOutcome:
+        """Submit a batch at ``t``. If it would finish after ``hedge_at`` it is cancelled then (billing nothing,
+        a cancelled batch bills only finished work and none has finished)."""
+        prov = self.spec
+        ba = prov.batch_api
+        if hedge_at is not None and hedge_at <= t:  # it waited in the queue past its hedge: never submitted
+            return BatchOutcome(True, t, [])
+        done = t + self.draws.turnaround(prov.name, ba, t)
+        if hedge_at is not None and done > hedge_at:
+            return BatchOutcome(True, hedge_at, [])
+        self.draws.ensure(max(idxs) + 1)
+        pc = prov.prompt_cache
+        stacks = pc is not None and pc.stacks_with_batch
+        warm = self.warm.setdefault(reqs[0].model, {}) if stacks else {}
+        # The batch runs somewhere in [t, done]: prefixes still warm at submission are read, and the batch's own
+        # prefixes stay warm until done + ttl.
+        warm_blocks = {b for r in reqs for b in r.prefix_blocks if warm.get(b, -1.0) >= t} if stacks else set()
+        prices = price_batch(list(reqs), self.catalog, "batch_api", warm=warm_blocks, block_tokens=self.bt)
+        fail_u = self.draws.fail_u
+        out = []
+        for i, k, r, p in zip(idxs, attempts, reqs, prices):
+            ok = fail_u[i, k] >= prov.failure_rate
+            out.append(Attempt(ok, done, p.total))
+            if ok and stacks and (p.cached_input or p.cache_write):
+                until = done + pc.ttl_s
+                for b in r.prefix_blocks:
+                    if warm.get(b, -1.0) < until:
+                        warm[b] = until
+        return BatchOutcome(False, done, out)

@@ -1,0 +1,197 @@
+"""Provider rate limits as a gate that says when a call may start.
+
+A provider counts requests and tokens per minute over a *sliding* minute. A token bucket with a burst lets up
+to twice its rate through in one sliding minute (a full bucket, then a minute of refill), and GCRA with a
+burst tolerance does the same by the tolerance; a provider that enforces a sliding minute answers that with
+429s. So the gate keeps the starts of the last minute (a moving window, as the ``limits`` library calls it)
+and admits a call only when, counting it, the window holds at most ``rpm`` requests and ``tpm`` tokens. A
+call's whole weight is spent at its start, so a batch or a long prompt is never split across windows.
+
+Starts are monotone: a call never starts before the previous one, so each window is a sorted list with running
+sums and each check a binary search. Concurrency is a heap of the end times of running calls (the simulated provider knows each
+call's duration when it starts). The gate is pure: time is a parameter.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import math
+
+from engine.core.catalog import RateLimits
+
+__all__ = ["BURST_S", "BURST_SHARE", "EnqueuedTokens", "RateGate", "WINDOW_S"]
+
+WINDOW_S = 60.0
+# Within the minute, at most BURST_SHARE of its quota in any BURST_S seconds. A minute's whole quota may
+# otherwise start in its first instant (a flood takes it all), and work that comes a second later (urgent
+# work, a quiet tenant) waits for the minute to slide. The minute's limit is unchanged.
+BURST_S = 10.0
+BURST_SHARE = 1 / 3
+
+
+class _Window:
+    """Weights started in the last ``WINDOW_S`` seconds, against one limit.
+
+    Starts and running sums of weight are kept in two lists, so "when does enough weight leave the window"
+    is a binary search, not a scan (a full minute at 10,000 rpm is 10,000 entries). Weights are whole tokens
+    or requests, so the sums are exact in floating point."""
+
+    __slots__ = ("at", "base", "cum", "head", "limit", "span")
+
+    def __init__(self, limit: float, span: float = WINDOW_S):
+        self.limit = limit
+        self.span = span
+        self.at: list[float] = []
+        self.cum: list[float] = []  # weight started up to and including each entry
+        self.head = 0  # first entry that may still count
+        self.base = 0.0  # weight before ``head``
+
+    def _first_live(self, t: float) -> tuple[int, float]:
+        """First entry still in the window at ``t`` (``at + span > t``) and the weight before it. The test is
+        written as ``at + span`` because ``earliest`` answers ``at + span``: ``t - span`` can round to just
+        below ``at`` and keep an entry alive at the very time it was said to leave."""
+        span = self.span
+        k = bisect.bisect_right(self.at, t, lo=self.head, key=lambda a: a + span)
+        return k, (self.cum[k - 1] if k > self.head else self.base)
+
+    def earliest(self, t: float, w: float) -> float:
+        """Earliest start >= t at which adding ``w`` keeps the window within the limit. A weight above the
+        limit is capped at it (it starts in an empty window), so no call waits forever."""
+        w = min(w, self.limit)
+        if not self.at:
+            return t
+        k, before = self._first_live(t)
+        excess = self.cum[-1] - before + w - self.limit
+        if excess <= 0:
+            return t
+        # The start is when the entry that frees enough weight leaves the window.
+        m = bisect.bisect_left(self.cum, before + excess, lo=k)
+        return self.at[m] + self.span
+
+    def take(self, t: float, w: float) -> None:
+        k, before = self._first_live(t)
+        self.head, self.base = k, before
+        if k > 4096 and k * 2 > len(self.at):  # forget what left the window, now and then
+            del self.at[:k], self.cum[:k]
+            self.head = 0
+        self.at.append(t)
+        self.cum.append((self.cum[-1] if self.cum else self.base) + min(w, self.limit))
+
+    def __len__(self) -> int:
+        return len(self.at) - self.head
+
+
+class RateGate:
+    """Requests per minute, tokens per minute and concurrent calls of one provider (or one model with limits
+    of its own). ``history``, when a list, records every (start, tokens, end) for tests and reports."""
+
+    def __init__(self, limits: RateLimits, *, history: list | None = None):
+        self.limits = limits
+        self._windows = (_Window(limits.rpm), _Window(limits.tpm), _Window(max(limits.rpm * BURST_SHARE, 1.0), BURST_S),
+                         _Window(max(limits.tpm * BURST_SHARE, 1.0), BURST_S))
+        self._req = self._windows[0]
+        self._busy: list[float] = []
+        self.last_start = 0.0
+        self.history = history
+
+    def __repr__(self) -> str:
+        return (f"RateGate(rpm={self.limits.rpm:g}, tpm={self.limits.tpm:g}, busy={len(self._busy)}/"
+                f"{self.limits.max_concurrency}, window_requests={len(self._req)})")
+
+    def earliest(self, t: float, tokens: int) -> float:
+        """When a call of ``tokens`` ready at ``t`` may start (nothing is booked)."""
+        s = max(t, self.last_start)
+        busy = self._busy
+        while busy and busy[0] <= s:
+            heapq.heappop(busy)
+        if len(busy) >= self.limits.max_concurrency:
+            s = max(s, busy[0])
+        # Each window's answer only moves later: repeat until none moves it.
+        req, tok, req_b, tok_b = self._windows
+        while True:
+            s2 = tok_b.earliest(req_b.earliest(tok.earliest(req.earliest(s, 1.0), float(tokens)), 1.0),
+                                float(tokens))
+            if s2 <= s:
+                return s
+            s = s2
+
+    def take(self, s: float, tokens: int, duration: float) -> None:
+        """Book a call starting at ``s`` (from ``earliest``) that runs ``duration`` seconds."""
+        busy = self._busy
+        while busy and busy[0] <= s:
+            heapq.heappop(busy)
+        heapq.heappush(busy, s + max(duration, 0.0))
+        req, tok, req_b, tok_b = self._windows
+        req.take(s, 1.0)
+        tok.take(s, float(tokens))
+        req_b.take(s, 1.0)
+        tok_b.take(s, float(tokens))
+        self.last_start = s
+        if self.history is not None:
+            self.history.append((s, tokens, s + duration))
+
+    def finish(self, end: float, extra_tokens: float = 0.0) -> None:
+        """A call booked with an unknown duration (``take(s, tokens, inf)``) ended at ``end``: its
+        concurrency slot frees then, and tokens its real usage showed beyond the estimate count at ``end``
+        (a smaller usage is not given back: the windows only grow, and over-counting is the safe side)."""
+        busy = self._busy
+        try:
+            i = busy.index(math.inf)
+        except ValueError:
+            return  # nothing open: the call was booked with its duration
+        busy[i] = end
+        heapq.heapify(busy)
+        if extra_tokens > 0:
+            req, tok, req_b, tok_b = self._windows
+            for w in (tok, tok_b):
+                w.take(max(end, w.at[-1] if w.at else end), float(extra_tokens))
+
+    @property
+    def running(self) -> int:
+        return len(self._busy)
+
+
+class EnqueuedTokens:
+    """The batch API's limit on tokens in batches not yet finished (OpenAI's "enqueued tokens"). A batch holds
+    its whole weight from submission until it ends or is cancelled."""
+
+    def __init__(self, limit: float):
+        self.limit = limit
+        self._open: list[tuple[float, float]] = []  # (end, tokens)
+        self.held = 0.0
+
+    def __repr__(self) -> str:
+        return f"EnqueuedTokens(held={self.held:g}/{self.limit:g}, batches={len(self._open)})"
+
+    def _release(self, t: float) -> None:
+        while self._open and self._open[0][0] <= t:
+            self.held -= heapq.heappop(self._open)[1]
+
+    def earliest(self, t: float, tokens: int) -> float:
+        w = min(float(tokens), self.limit)
+        self._release(t)
+        if self.held + w <= self.limit + 1e-9:
+            return t
+        held = self.held
+        for end, tok in sorted(self._open):
+            held -= tok
+            if held + w <= self.limit + 1e-9:
+                return end
+        return t
+
+    def take(self, s: float, tokens: int, end: float) -> None:
+        self._release(s)
+        w = min(float(tokens), self.limit)
+        heapq.heappush(self._open, (end, w))
+        self.held += w
+
+    def finish(self, tokens: int, end: float) -> None:
+        """A batch taken with an unknown end (``take(s, tokens, inf)``) ended at ``end``."""
+        w = min(float(tokens), self.limit)
+        try:
+            i = self._open.index((math.inf, w))
+        except ValueError:
+            return
+        self._open[i] = (end, w)
+        heapq.heapify(self._open)

@@ -1,0 +1,89 @@
+"""The open groups and the policy loop over them, shared by both runtimes (simulator and grouper actor).
+
+``GroupTable.add`` puts a request in the group its policy names and asks the policy to decide;
+``GroupTable.wake`` asks again when a waiting group's time comes. Both return what to do: dispatches to carry
+out now, and at most one wake-up to schedule. The table checks every decision (mode available, size within
+the provider's limit) so a runtime only carries out valid dispatches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import NamedTuple
+
+from engine.core.catalog import Catalog
+from engine.core.cost import mode_allowed
+from engine.core.errors import PolicyError
+from engine.core.grouping import Decision, Group, PrefixSightings
+from engine.core.request import Request
+
+__all__ = ["Dispatch", "GroupTable", "Wake"]
+
+
+class Dispatch(NamedTuple):
+    decision: Decision
+    members: list[Request]
+
+
+class Wake(NamedTuple):
+    at: float
+    group: Group
+    version: int
+
+
+class GroupTable:
+    def __init__(self, policy, catalog: Catalog):
+        self.policy = policy
+        self.catalog = catalog
+        self.groups: dict[Hashable, Group] = {}
+        self.sightings = PrefixSightings()
+
+    def __len__(self) -> int:
+        return sum(len(g) for g in self.groups.values())
+
+    def __repr__(self) -> str:
+        return f"GroupTable(policy={self.policy.name!r}, groups={len(self.groups)}, pending={len(self)})"
+
+    def add(self, req: Request, compat: tuple, now: float) -> tuple[list[Dispatch], Wake | None]:
+        key = self.policy.group_key(req, compat, now)
+        g = self.groups.get(key)
+        if g is None:
+            prov = self.catalog.providers[req.provider]
+            g = self.groups[key] = Group(key, prov, prov.models[req.model], sightings=self.sightings)
+        g.add(req)
+        return self._decide(g, now)
+
+    def wake(self, w: Wake, now: float) -> tuple[list[Dispatch], Wake | None]:
+        """Re-decide a waiting group; a stale wake-up (the group changed or is gone) does nothing."""
+        if self.groups.get(w.group.key) is not w.group or w.group.version != w.version:
+            return [], None
+        return self._decide(w.group, now)
+
+    def _decide(self, g: Group, now: float) -> tuple[list[Dispatch], Wake | None]:
+        out: list[Dispatch] = []
+        while g.members:
+            d: Decision = self.policy.decide(g, now)
+            if d.action == "wait":
+                if d.wake_at is None:
+                    return out, None
+                if not d.wake_at > now:
+                    raise PolicyError(f"{self.policy.name}: wait until {d.wake_at} is not after now={now}; "
+                                      "return a later wake_at or dispatch")
+                return out, Wake(d.wake_at, g, g.version)
+            out.append(Dispatch(d, g.take(self._checked_take(g, d))))
+            if d.prefix is not None:
+                self.sightings.see(d.prefix, now)
+        del self.groups[g.key]
+        return out, None
+
+    def _checked_take(self, g: Group, d: Decision) -> int:
+        mode = d.mode
+        if mode not in ("sync", "batch_api", "gpu_batch") or not mode_allowed(g.provider, g.spec, mode):
+            raise PolicyError(f"{self.policy.name}: mode {mode!r} is not available for "
+                              f"{g.provider.name}/{g.members[0].model}")
+        take = d.take if d.take > 0 else len(g.members)
+        limit = (g.provider.batch_api.max_requests if mode == "batch_api"
+                 else g.provider.gpu_batching.max_batch if mode == "gpu_batch" else None)
+        if limit is not None and take > limit:
+            raise PolicyError(f"{self.policy.name}: a {mode} dispatch of {take} exceeds the provider limit {limit}")
+        return take

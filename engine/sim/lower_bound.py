@@ -1,0 +1,231 @@
+"""The offline lower bound: with hindsight of everything the simulator draws for a seed, the trace cannot
+cost less than this under the catalog while meeting every deadline.
+
+Each step only ever makes a request cheaper than any policy could make it, so the sum is a true bound
+(docs/lower-bound.md gives the argument step by step):
+
+1. *Unservable*: a request whose every allowed attempt fails (``Draws.fail_u``) is never billed, by any
+   policy; it costs 0.
+2. *Reuse*: among requests with the same fingerprint, the first servable one pays; every later one that
+   allows reuse is free. A ``near`` request is free when an earlier request of the same tenant and
+   compatibility class clears the simulator's near floor (``settings.sim.near_floor``) and every guard, the
+   most any policy may be granted.
+3. *Batch API*: a request gets the discount iff some submission time ``s`` in ``[arrival, deadline]`` has
+   ``s + turnaround(slot(s)) <= deadline`` under the seed's drawn turnarounds (a relaxed deadline of
+   infinity always qualifies).
+4. *Prompt cache*: every cacheable prefix token is billed at the cheapest read price the request can get;
+   on top, each (provider, model, block) pays one write per *cluster* of holders whose windows
+   ``[arrival, deadline + ttl]`` chain together (the cache must be written at least once in each period
+   it can stay warm), charged at the cheapest holder's price difference.
+5. *GPU batching*: a job's share is ``price * (setup / b + unit / speedup(b))`` with ``b`` the largest
+   number of compatible paying jobs whose windows contain one common instant (Helly: a batch's members all
+   start together), capped at ``max_batch``; the share falls with ``b``, so this is the least it can pay.
+6. Rate limits, latency, concurrency and cache granularity are ignored: each only adds cost or time.
+
+``relax`` marks requests whose deadline is treated as infinite: a policy that misses a deadline may use a
+cheaper mode than a deadline-respecting schedule could, so its cost is compared with the bound relaxed for
+the requests it missed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.core.catalog import Catalog, default_catalog
+from engine.core.cost import (
+    cache_read_multiplier,
+    gpu_share_price,
+    gpu_unit_seconds,
+    min_cacheable_tokens,
+    mode_factor,
+    price_alone,
+    token_prices,
+)
+from engine.core.draws import Draws
+from engine.core.features import NEAR_DIM, compat_key, featurize, fingerprint
+from engine.core.request import Request
+from engine.core.settings import Settings
+from engine.core.similarity import guard_reason
+
+__all__ = ["LowerBound", "batch_eligible", "lower_bound"]
+
+
+@dataclass(frozen=True)
+class LowerBound:
+    total_usd: float
+    per_request_usd: np.ndarray
+    cache_write_usd: float
+    unservable: int
+    exact_free: int
+    near_free: int
+    batch_eligible: int
+
+    def as_dict(self) -> dict:
+        return {"lower_bound_usd": round(self.total_usd, 6), "cache_write_usd": round(self.cache_write_usd, 6),
+                "unservable": self.unservable, "exact_free": self.exact_free, "near_free": self.near_free,
+                "batch_eligible": self.batch_eligible}
+
+
+def batch_eligible(arrival: np.ndarray, deadline_at: np.ndarray, slot_t: np.ndarray, slot_s: float) -> np.ndarray:
+    """Whether a batch submitted in ``[arrival, deadline]`` can finish by the deadline, per request."""
+    k = np.arange(slot_t.size)
+    finish = k * slot_s + slot_t  # best finish of a batch submitted at the start of slot k
+    sufmin = np.minimum.accumulate(finish[::-1])[::-1]
+    sufmin = np.append(sufmin, np.inf)
+    k0 = np.minimum((arrival // slot_s).astype(np.int64), slot_t.size - 1)
+    first = arrival + slot_t[k0] <= deadline_at
+    later = sufmin[k0 + 1] <= deadline_at
+    return first | later | np.isinf(deadline_at)
+
+
+def _near_free(reqs: Sequence[Request], candidates: list[int], settings: Settings) -> set[int]:
+    """Near requests with an earlier admissible source (same tenant and compat class)."""
+    if not candidates:
+        return set()
+    classes: dict[tuple, list[int]] = {}
+    for i, r in enumerate(reqs):
+        classes.setdefault((r.tenant, compat_key(r)), []).append(i)
+    cand = set(candidates)
+    free: set[int] = set()
+    floor = settings.sim.near_floor
+    for members in classes.values():
+        targets = [i for i in members if i in cand]
+        if not targets:
+            continue
+        mat = featurize([reqs[i] for i in members], dim=NEAR_DIM)
+        pos = {i: p for p, i in enumerate(members)}
+        for i in targets:
+            p = pos[i]
+            if p == 0:
+                continue
+            sims = mat[:p] @ mat[p]
+            for q in np.flatnonzero(sims >= floor)[np.argsort(-sims[sims >= floor])]:
+                if guard_reason(reqs[i].prompt, reqs[members[q]].prompt) is None:
+                    free.add(i)
+                    break
+    return free
+
+
+def _max_overlap(a: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """For each window i, the most windows that contain one instant inside window i."""
+    order = np.argsort(a, kind="stable")
+    a_s = a[order]
+    d_sorted = np.sort(d)
+    # Coverage just at each a_j: windows started by then minus windows already ended before it.
+    cov = np.searchsorted(a_s, a_s, side="right") - np.searchsorted(d_sorted, a_s, side="left")
+    out = np.empty(a.size, dtype=np.int64)
+    hi = np.searchsorted(a_s, d, side="right")
+    lo = np.searchsorted(a_s, a, side="left")
+    for i in range(a.size):
+        out[i] = cov[lo[i]:hi[i]].max() if hi[i] > lo[i] else 1
+    return out
+
+
+def lower_bound(requests: Sequence[Request], *, catalog: Catalog | None = None, settings: Settings | None = None,
+                seed: int | None = None, draws: Draws | None = None,
+                relax: np.ndarray | None = None) -> LowerBound:
+    settings = settings or Settings()
+    catalog = catalog or default_catalog()
+    reqs = sorted(requests, key=lambda r: r.arrival_s)
+    n = len(reqs)
+    seed = settings.sim.seed if seed is None else seed
+    draws = draws or Draws(n, settings.sim.max_attempts, seed, settings.sim.batch_slot_s)
+    bt = settings.prefix_block_tokens
+    arrival = np.array([r.arrival_s for r in reqs], dtype=np.float64)
+    deadline = np.array([r.deadline_at for r in reqs], dtype=np.float64)
+    if relax is not None:
+        deadline = np.where(relax, np.inf, deadline)
+    providers = [r.provider for r in reqs]
+    per = np.zeros(n)
+    unserv = draws.attempts_all_fail(catalog, providers) if n else np.zeros(0, bool)
+
+    # 2. reuse
+    free = unserv.copy()
+    payer: dict[str, int] = {}
+    exact_free = 0
+    for i, r in enumerate(reqs):
+        if unserv[i]:
+            continue
+        fp = fingerprint(r)
+        if fp in payer:
+            if r.reuse != "none":
+                free[i] = True
+                exact_free += 1
+        else:
+            payer[fp] = i
+    near = _near_free(reqs, [i for i, r in enumerate(reqs) if r.reuse == "near" and not free[i]], settings)
+    for i in near:
+        free[i] = True
+
+    # 3. batch API eligibility, per provider
+    elig = np.zeros(n, dtype=bool)
+    horizon = float(np.max(np.where(np.isinf(deadline), arrival, deadline))) if n else 0.0
+    for pname, prov in catalog.providers.items():
+        if prov.batch_api is None:
+            continue
+        idx = np.flatnonzero([(p == pname and prov.supports_batch_api(reqs[i].kind))
+                              for i, p in enumerate(providers)])
+        if idx.size:
+            slot_t = draws.slot_turnarounds(pname, prov.batch_api, horizon + 1.0)
+            elig[idx] = batch_eligible(arrival[idx], deadline[idx], slot_t, draws.slot_s)
+
+    # 4-5. price every paying request at its cheapest
+    write_holders: dict[tuple, list[tuple[float, float, float]]] = {}
+    gpu_classes: dict[tuple, list[int]] = {}
+    for i, r in enumerate(reqs):
+        if free[i]:
+            continue
+        prov = catalog.providers[r.provider]
+        spec = prov.models[r.model]
+        f = mode_factor(prov, "batch_api" if elig[i] else "sync")
+        if spec.kind != "text":
+            if spec.gpu_priced:
+                gpu_classes.setdefault(compat_key(r), []).append(i)
+            else:
+                per[i] = f * price_alone(r, catalog, "sync").total
+            continue
+        p_in, p_out = token_prices(spec)
+        out = f * p_out * r.output_tokens
+        pc = prov.prompt_cache
+        prefix = min(len(r.prefix_blocks) * bt, r.input_tokens)
+        if pc is None or prefix == 0 or prefix < max(min_cacheable_tokens(prov, spec), 1):
+            per[i] = f * p_in * r.input_tokens + out
+            continue
+        rm = cache_read_multiplier(prov, spec)
+        rc = f * rm if pc.stacks_with_batch else min(f, rm)
+        per[i] = f * p_in * (r.input_tokens - prefix) + rc * p_in * prefix + out
+        extra_per_token = p_in * (f - rc)
+        for k, b in enumerate(r.prefix_blocks):
+            tok = min(bt, prefix - k * bt)
+            if tok <= 0:
+                break
+            write_holders.setdefault((r.provider, r.model, b), []).append(
+                (arrival[i], deadline[i] + pc.ttl_s, extra_per_token * tok))
+    write_total = 0.0
+    for holders in write_holders.values():
+        holders.sort()
+        cluster_end, cluster_min = -np.inf, np.inf
+        for a, end, extra in holders:
+            if a > cluster_end:
+                if np.isfinite(cluster_min):
+                    write_total += cluster_min
+                cluster_min = extra
+            else:
+                cluster_min = min(cluster_min, extra)
+            cluster_end = max(cluster_end, end)
+        if np.isfinite(cluster_min):
+            write_total += cluster_min
+    for key, idxs in gpu_classes.items():
+        r0 = reqs[idxs[0]]
+        prov = catalog.providers[r0.provider]
+        spec = prov.models[r0.model]
+        gb = prov.gpu_batching
+        ix = np.array(idxs)
+        b = np.minimum(_max_overlap(arrival[ix], deadline[ix]), gb.max_batch)
+        for j, i in enumerate(idxs):
+            per[i] = gpu_share_price(prov, gpu_unit_seconds(spec, reqs[i].params), int(b[j]))
+    total = float(per.sum() + write_total)
+    return LowerBound(total, per, write_total, int(unserv.sum()), exact_free, len(near), int(elig.sum()))

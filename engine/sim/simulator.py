@@ -1,0 +1,376 @@
+"""Discrete-event simulator: replays a trace through a policy against simulated providers.
+
+The providers follow the catalog: sync latency (lognormal), failures with retries and exponential backoff,
+rate limits (requests and tokens per minute, max concurrency), batch-API turnaround per submission slot,
+prompt-cache warmth with TTL, and GPU batch runtimes. All randomness comes from ``Draws`` (one seed), so a
+run is deterministic and every policy faces the same world. Rules are in docs/cost-model.md and
+docs/simulator.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import itertools
+import math
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from engine.core.budgets import BudgetBook
+from engine.core.catalog import Catalog, default_catalog
+from engine.core.cost import MODES
+from engine.core.draws import Draws
+from engine.core.errors import PolicyError
+from engine.core.features import NEAR_DIM, compat_key, featurize, fingerprint
+from engine.core.grouping import Decision
+from engine.core.request import Request
+from engine.core.scheduling import Scheduling
+from engine.core.settings import Settings
+from engine.runtime.outcomes import call_mode, verdict
+from engine.runtime.providers import Attempt, Event, SimProvider, Work, check_fallbacks
+from engine.runtime.reuse import ReuseIndex
+from engine.runtime.scheduler import Dispatch, GroupTable, Wake
+from engine.sim._budget import SimBudget
+from engine.sim.results import (
+    _BATCH,
+    _FAILED,
+    _GPU,
+    _OK,
+    _PENDING,
+    _REUSE,
+    _REUSED,
+    _SYNC,
+    BatchRecord,
+    SimResult,
+)
+
+__all__ = ["BatchRecord", "SimResult", "simulate"]
+
+
+
+class _Sim(SimBudget):
+    def __init__(self, reqs: Sequence[Request], policy, catalog: Catalog, settings: Settings, draws: Draws,
+                 record_calls: bool = False):
+        self.reqs = list(reqs)  # a rerouted request is replaced by its fallback copy
+        self.policy = policy
+        self.catalog = catalog
+        self.settings = settings
+        self.draws = draws
+        self.max_att = settings.sim.max_attempts
+        n = len(reqs)
+        self.cost = np.zeros(n)
+        self.done_at = np.full(n, np.nan)
+        self.status = np.zeros(n, dtype=np.int8)
+        self.mode = np.full(n, -1, dtype=np.int8)
+        self.hit = np.zeros(n, dtype=np.int8)
+        self.batch_of = np.full(n, -1, dtype=np.int64)
+        self.attempts = np.zeros(n, dtype=np.int64)
+        self.hedges = np.zeros(n, dtype=np.int64)
+        self.idx_of = {r.id: i for i, r in enumerate(reqs)}
+        self.compat = [compat_key(r) for r in reqs]
+        self.reuse = policy.reuse
+        any_reuse = self.reuse.exact or self.reuse.in_flight or self.reuse.near
+        self.fps = [fingerprint(r) for r in reqs] if any_reuse else None
+        self.index = ReuseIndex(dim=1)
+        self.vecs: dict[int, np.ndarray] = {}
+        self.near_threshold = max(self.reuse.near_threshold, settings.sim.near_floor)
+        if self.reuse.near:
+            classes = {(r.tenant, self.compat[i]) for i, r in enumerate(reqs) if r.reuse == "near"}
+            need = [i for i, r in enumerate(reqs) if (r.tenant, self.compat[i]) in classes]
+            if need:
+                mat = featurize([reqs[i] for i in need], dim=NEAR_DIM)
+                self.index = ReuseIndex(dim=mat.shape[1])
+                self.vecs = dict(zip(need, mat))
+        self.pending_leader: dict[str, int] = {}
+        self.followers: dict[int, list[int]] = {}
+        self.table = GroupTable(policy, catalog)
+        sched = getattr(policy, "scheduling", None) or Scheduling(order="fifo", fair_share=False)
+        check_fallbacks(catalog, settings.resilience)
+        self.providers = {name: SimProvider(p, catalog, settings, draws, scheduling=sched, record=record_calls)
+                          for name, p in catalog.providers.items()}
+        self.pump_at: dict[str, float] = {}
+        self.rerouted = 0
+        b = settings.budgets
+        self.book = BudgetBook(list(b.specs), b.throttle) if b.specs else None
+        self.model_max = b.reserve_output == "model_max"
+        self.claim_ids = itertools.count()
+        self.claim_of: dict[int, tuple[str, float]] = {}
+        self.budget_wait: list[tuple] = []
+        self.waiting: set[int] = set()
+        self.tick_at = math.inf
+        self.budget_waits = 0
+        self.deferrals = 0
+        self.rejected: dict[str, int] = {}
+        self.reject_why: dict[int, str] = {}
+        self.heap: list[tuple] = []
+        self.seq = itertools.count()
+        self.batch_ids = itertools.count()
+        self.batches: list[BatchRecord] = []
+        self.now = 0.0
+
+    # -- event loop ----------------------------------------------------------------------------------------
+    def push(self, t: float, kind: str, payload) -> None:
+        heapq.heappush(self.heap, (t, next(self.seq), kind, payload))
+
+    def run(self) -> None:
+        reqs, heap = self.reqs, self.heap
+        n, i = len(reqs), 0
+        while True:
+            t_arr = reqs[i].arrival_s if i < n else math.inf
+            if heap and heap[0][0] <= t_arr:
+                t, _, kind, payload = heapq.heappop(heap)
+                self.now = t
+                getattr(self, "on_" + kind)(payload)
+            elif i < n:
+                self.now = t_arr
+                self.admit(i, fresh=True)
+                i += 1
+            else:
+                break
+
+    def on_wake(self, w: Wake) -> None:
+        self.apply(*self.table.wake(w, self.now))
+
+    def on_retry(self, i: int) -> None:
+        self.admit(i, fresh=False)
+
+    def on_hedge(self, idxs: list[int]) -> None:
+        # Back to the policy, not straight to sync: the member whose deadline set the hedge now has no time
+        # for a batch and goes sync, while members with later deadlines may ride another batch.
+        for j in idxs:
+            # A cancelled batch bills nothing unfinished: release the claim now, before the member reserves
+            # again for its sync fallback, so the room it held is its own to use.
+            entry = self.claim_of.pop(j, None)
+            if entry is not None:
+                self.book.settle_many([(entry[0], 0.0)])
+            self.hedges[j] += 1
+            if self.hedges[j] >= self.max_att:  # progress guard against a policy that re-batches forever
+                self.send(Decision("dispatch", mode="sync"), [j], int(self.batch_of[j]))
+            else:
+                self.admit(j, fresh=False)
+
+    def on_pump(self, name: str) -> None:
+        if self.pump_at.get(name) == self.now:
+            del self.pump_at[name]
+        self.pump(name)
+
+    def on_sync_fail(self, payload) -> None:
+        i, k, a, w = payload
+        prov = self.providers[self.reqs[i].provider]
+        prov.failure(self.reqs[i].model, self.now)
+        if verdict(False, int(self.attempts[i]), self.max_att) == "fail":
+            self.settle_claim(i, 0.0, self.now)
+            self.fail_final(i, self.now)
+        else:
+            self.push(prov.retry_at(i, k, a), "requeue", w._replace(attempts=[int(self.attempts[i])]))
+
+    def on_sync_ok(self, i: int) -> None:
+        self.providers[self.reqs[i].provider].success(self.reqs[i].model, self.now)
+
+    def on_requeue(self, w: Work) -> None:
+        r = w.reqs[0]
+        self.providers[r.provider].enqueue(w)
+        self.pump(r.provider)
+
+    def on_settle(self, item: tuple[str, float]) -> None:
+        self.book.settle_many([item])
+        self.release_waiters()
+
+    def on_budget_tick(self, at: float) -> None:
+        if self.tick_at == at:
+            self.tick_at = math.inf
+        self.release_waiters()
+
+    def on_budget_expire(self, i: int) -> None:
+        if i in self.waiting:
+            self.waiting.discard(i)
+            self.reject(i, "budget_exhausted", "the budget held it back until its deadline")
+
+    # -- admission and reuse -------------------------------------------------------------------------------
+    def resolve_reused(self, i: int, at: float, hit: int) -> None:
+        self.status[i], self.mode[i], self.hit[i], self.done_at[i] = _REUSED, _REUSE, hit, at
+
+    def admit(self, i: int, fresh: bool) -> None:
+        r, now, reuse = self.reqs[i], self.now, self.reuse
+        if self.attempts[i] >= self.max_att:
+            self.fail_final(i, now)
+            return
+        fps = self.fps
+        if fresh and fps is not None and r.reuse != "none":
+            fp = fps[i]
+            found = self.index.exact(fp)
+            if found is not None:
+                _, done = found
+                if done <= now and reuse.exact:
+                    self.resolve_reused(i, now, 1)
+                    return
+                # In flight: attach when the leader's deadline is no later than ours. A live engine cannot
+                # know when a call will finish, so the simulator does not use that either.
+                if done > now and reuse.in_flight and self.reqs[found[0]].deadline_at <= r.deadline_at:
+                    self.resolve_reused(i, done, 2)
+                    return
+            leader = self.pending_leader.get(fp)
+            if reuse.in_flight and leader is not None and self.reqs[leader].deadline_at <= r.deadline_at:
+                self.followers.setdefault(leader, []).append(i)
+                return
+            if reuse.near and r.reuse == "near" and i in self.vecs:
+                h = self.index.near((r.tenant, self.compat[i]), self.vecs[i], r.prompt, self.near_threshold,
+                                   reuse.guards)
+                # A source still in flight is followed only under the rule for identical ones (due no
+                # later than this request): its completion time is not known to a live engine.
+                if h is not None and (h.done_at <= now or (
+                        reuse.in_flight and self.reqs[h.source].deadline_at <= r.deadline_at)):
+                    self.resolve_reused(i, max(now, h.done_at), 3)
+                    return
+        if fps is not None:
+            self.pending_leader.setdefault(fps[i], i)
+        self.apply(*self.table.add(r, self.compat[i], now))
+
+    def apply(self, dispatches: list[Dispatch], wake: Wake | None) -> None:
+        for d in dispatches:
+            self.dispatch(d.decision, d.members)
+        if wake is not None:
+            self.push(wake.at, "wake", wake)
+
+    # -- dispatch ------------------------------------------------------------------------------------------
+    def dispatch(self, d: Decision, members: list[Request]) -> None:
+        self.send(d, [self.idx_of[r.id] for r in members], None)
+
+    def send(self, d: Decision, idxs: list[int], bid: int | None) -> None:
+        mode = d.mode
+        if mode == "batch_api" and d.hedge_at is not None and d.hedge_at <= self.now:
+            mode = "sync"  # hedged before it starts: that is a sync dispatch
+        idxs = self.reserve(idxs, mode)
+        if not idxs:
+            return
+        first = self.reqs[idxs[0]]
+        if bid is None:
+            bid = next(self.batch_ids)
+            self.batches.append(BatchRecord(bid, self.now, first.provider, first.model, mode, len(idxs),
+                                            d.recommendation, d.reason))
+        prov = self.providers[first.provider]
+        if mode == "sync":
+            for i in idxs:
+                prov.enqueue(Work("sync", bid, [self.reqs[i]], [i], [int(self.attempts[i])], d.cache_write))
+        else:
+            prov.enqueue(Work(mode, bid, [self.reqs[i] for i in idxs], idxs,
+                              [int(self.attempts[i]) for i in idxs], False, d.hedge_at))
+        self.pump(first.provider)
+
+    def pump(self, name: str) -> None:
+        prov = self.providers[name]
+        events, nxt = prov.pump(self.now)
+        for e in events:
+            getattr(self, "start_" + e.kind)(e)
+        if nxt is not None and nxt < self.pump_at.get(name, math.inf):
+            self.pump_at[name] = nxt
+            self.push(nxt, "pump", name)
+
+    def start_sync(self, e: Event) -> None:
+        w, a = e.work, e.outcome
+        i = w.idxs[0]
+        k = w.attempts[0]
+        self.attempts[i] = k + 1
+        if a.ok:
+            self.settle_claim(i, a.cost, a.at)
+            self.complete(i, a.at, a.cost, _SYNC, w.item)
+            self.push(a.at, "sync_ok", i)
+        else:
+            self.push(a.at, "sync_fail", (i, k, a, w))
+
+    def start_gpu_batch(self, e: Event) -> None:
+        for i, a in zip(e.work.idxs, e.outcome):
+            self.settle_claim(i, a.cost if a.ok else 0.0, a.at)
+            self.settle(i, a, _GPU, e.work.item)
+
+    def start_batch_api(self, e: Event) -> None:
+        w, out = e.work, e.outcome
+        if out.hedged:
+            self.batches[w.item] = dataclasses.replace(self.batches[w.item], outcome="hedged")
+            self.batch_of[w.idxs] = w.item
+            self.push(out.at, "hedge", w.idxs)
+            return
+        for i, a in zip(w.idxs, out.members):
+            self.settle_claim(i, a.cost if a.ok else 0.0, a.at)
+            self.settle(i, a, _BATCH, w.item)
+
+    def start_reroute(self, e: Event) -> None:
+        """The model's circuit is open: its work goes back to the policy as requests for the fallback."""
+        provider, model = e.outcome.split("/", 1)
+        self.rerouted += len(e.work.idxs)
+        for i in e.work.idxs:
+            self.settle_claim(i, 0.0, self.now)
+            self.reqs[i] = self.reqs[i].model_copy(update={"provider": provider, "model": model})
+            self.compat[i] = compat_key(self.reqs[i])
+            self.admit(i, fresh=False)
+
+    def complete(self, i: int, at: float, cost: float, mode: int, bid: int) -> None:
+        if mode == _SYNC:
+            r = self.reqs[i]
+            mode = MODES.index(call_mode(self.catalog.providers[r.provider].models[r.model]))
+        self.status[i], self.mode[i], self.cost[i], self.done_at[i], self.batch_of[i] = _OK, mode, cost, at, bid
+        fps = self.fps
+        if fps is not None:
+            r = self.reqs[i]
+            fp = fps[i]
+            vec = self.vecs.get(i)
+            self.index.add(fp, i, at, near_key=(r.tenant, self.compat[i]) if vec is not None else None, vec=vec,
+                           text=r.prompt)
+            if self.pending_leader.get(fp) == i:
+                del self.pending_leader[fp]
+        for f in self.followers.pop(i, ()):
+            self.resolve_reused(f, at, 2)
+
+    def fail_final(self, i: int, at: float) -> None:
+        self.status[i], self.done_at[i] = _FAILED, at
+        if self.fps is not None and self.pending_leader.get(self.fps[i]) == i:
+            del self.pending_leader[self.fps[i]]
+        for f in self.followers.pop(i, ()):
+            self.admit(f, fresh=False)
+
+    def settle(self, i: int, a: Attempt, mode: int, bid: int) -> None:
+        """One attempt of a batch or GPU member ended: complete it, or hand it back to the policy as a retry
+        (or fail it for good after the last attempt)."""
+        self.attempts[i] += 1
+        v = verdict(a.ok, int(self.attempts[i]), self.max_att)
+        if v == "complete":
+            self.complete(i, a.at, a.cost, mode, bid)
+        elif v == "fail":
+            self.fail_final(i, a.at)
+        else:
+            self.push(a.at, "retry", i)
+
+
+def simulate(requests: Sequence[Request], policy, *, catalog: Catalog | None = None,
+             settings: Settings | None = None, seed: int | None = None, trace_name: str = "trace",
+             draws: Draws | None = None, record_calls: bool = False) -> SimResult:
+    """Replay ``requests`` (in arrival order) through ``policy``; deterministic for a given seed.
+    ``record_calls`` keeps every provider call's (start, tokens, end) per rate gate in
+    ``extra["calls"][provider][model or None]``."""
+    settings = settings or Settings()
+    catalog = catalog or default_catalog()
+    seed = settings.sim.seed if seed is None else seed
+    reqs = list(requests)
+    if any(a.arrival_s > b.arrival_s for a, b in zip(reqs, reqs[1:])):
+        reqs.sort(key=lambda r: r.arrival_s)
+    draws = draws or Draws(len(reqs), settings.sim.max_attempts, seed, settings.sim.batch_slot_s)
+    t0 = time.perf_counter()
+    sim = _Sim(reqs, policy, catalog, settings, draws, record_calls)
+    sim.run()
+    wall = time.perf_counter() - t0
+    pending = int((sim.status == _PENDING).sum())
+    if pending:
+        raise PolicyError(f"{policy.name}: {pending} request(s) were never dispatched; a policy must dispatch "
+                          "or set wake_at for every group it keeps waiting")
+    extra: dict = {"rejected": dict(sim.rejected), "reject_why": sim.reject_why, "rerouted": sim.rerouted,
+                   "circuit_opened": {n: p.breaker.opened for n, p in sim.providers.items() if p.breaker.opened}}
+    if sim.book is not None:
+        extra["budget"] = {"overrun_usd": round(sim.book.overrun_usd(), 6), "windows": sim.book.windows(),
+                           "spend": sim.book.spend_report(), "deferrals": sim.deferrals,
+                           "waits": sim.budget_waits}
+    if record_calls:
+        extra["calls"] = {n: p.history for n, p in sim.providers.items()}
+    return SimResult(getattr(policy, "name", type(policy).__name__), trace_name, sim.reqs, sim.cost, sim.done_at,
+                     sim.status, sim.mode, sim.hit, sim.batch_of, sim.batches, wall, extra)
