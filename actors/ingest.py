@@ -1,4 +1,9 @@
-"""Ingest: admits requests in batches, drops duplicate ids, fingerprints, asks the cache, forwards misses."""
+"""Ingest: admits requests in batches, drops duplicate ids, fingerprints, asks the cache, forwards misses.
+
+With a Redis journal configured (``journal.redis_url``, else the budgets' or the cache's URL), every accepted
+request is written to it (space ``accepted``) before ``submit`` returns, and deleted when the driver forgets it
+(past its retention window): the engine's record of what it owes, which outlives the driver's memory. Without
+Redis the driver's memory is that record (a non-detached engine dies with its driver)."""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import logging
 
 from actors._peer import Warm, as_peer
 from actors._types import Job, send_sharded
+from actors.journal import RedisJournal, make_journal
 from engine.core.features import fingerprint
 from engine.core.request import Request
 
@@ -15,9 +21,12 @@ __all__ = ["Ingest"]
 log = logging.getLogger("smartbatch.ingest")
 
 
+ACCEPTED = "accepted"  # the journal space of accepted requests
+
+
 class Ingest(Warm):
     def __init__(self, groupers: list, cache=None, share_across_tenants: bool = False, dispatchers: list = (),
-                 hub=None):
+                 hub=None, settings=None, engine: str = "engine"):
         self.groupers = [as_peer(g) for g in groupers]
         self.hub = as_peer(hub)
         self.dispatchers = [as_peer(d) for d in dispatchers]
@@ -27,6 +36,9 @@ class Ingest(Warm):
         self.next_seq = 0
         self.duplicates = 0
         self.share = share_across_tenants
+        journal = make_journal(settings, engine, None) if settings is not None else None
+        self.journal = journal if isinstance(journal, RedisJournal) else None
+        self.journal_failures = 0
 
     def __repr__(self) -> str:
         return f"Ingest(admitted={self.next_seq}, duplicates={self.duplicates})"
@@ -38,6 +50,28 @@ class Ingest(Warm):
             self.seen.discard(u)
         for p in self._rememberers():
             p.send("forget", uids)
+        if self.journal is not None:
+            try:
+                await self.journal.delete(ACCEPTED, uids)
+            except Exception as exc:  # a stale record costs a re-admission that finds the request finished
+                log.warning("ingest: could not clear %d accepted record(s): %s", len(uids), type(exc).__name__)
+
+    async def accepted(self) -> list[Request]:
+        """The accepted requests the journal holds (those not yet forgotten): what a driver that lost its
+        memory re-admits (``readmit`` sends each on only if no actor has it). Empty without a Redis journal."""
+        if self.journal is None:
+            return []
+        return list((await self.journal.items(ACCEPTED)).values())
+
+    async def _journal(self, jobs: list[Job]) -> None:
+        if self.journal is None:
+            return
+        try:
+            await self.journal.put_many(ACCEPTED, {j.req.uid: j.req for j in jobs})
+        except Exception as exc:  # Redis is down: the driver's memory still holds them; go on, say so
+            self.journal_failures += 1
+            log.warning("ingest: %d accepted request(s) not journaled (%s); the driver still holds them",
+                        len(jobs), type(exc).__name__)
 
     def _rememberers(self) -> list:
         """The actors that remember requests they carry or finished: asked by ``readmit``, told by ``forget``."""
@@ -59,6 +93,7 @@ class Ingest(Warm):
             jobs.append(self._job(r))
         if not jobs:
             return 0
+        await self._journal(jobs)
         misses = [jobs[k] for k in await self.cache.call("lookup", jobs)] if self.cache is not None else jobs
         send_sharded(self.groupers, misses)
         return len(jobs)

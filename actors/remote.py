@@ -92,7 +92,8 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
             policy.scheduling, (keys or {}).get(name), engine)
     ingest = ray.remote(Ingest).options(**opts("ingest")).remote(grouper_refs, cache_ref,
                                                                  settings.cache.share_across_tenants,
-                                                                 list(dispatcher_refs.values()), ref("hub"))
+                                                                 list(dispatcher_refs.values()), ref("hub"),
+                                                                 settings, engine)
     everything = [ingest, *groupers, *dispatchers.values(), budget, hub] + ([cache] if cache else [])
     ray.get([a.warm.remote() for a in everything])
     if cache is not None:

@@ -162,3 +162,45 @@ def test_a_restarted_budget_controller_takes_its_memory_ledger_back():
         b2._expire(["c3"])
         assert (await b2.report())["reserved_usd"] == 0
     asyncio.run(go())
+
+
+def test_accepted_requests_are_journaled_in_redis_until_forgotten(settings):
+    """With Redis, what the engine accepted outlives the driver's memory: a rebuilt ingest (a restart, or a
+    driver that lost its own record) lists it; forgetting a finished request clears it. Without Redis the
+    driver's memory is the record, and ingest journals nothing."""
+    from actors import Ingest
+
+    async def go():
+        engine = f"t{secrets.token_hex(3)}"
+        grouper = Peer()
+        ing = Ingest([grouper], settings=settings, engine=engine)
+        assert await ing.submit([req(i) for i in range(3)]) == 3
+        await until(lambda: grouper.calls, "the requests went on to the grouper")
+        assert sorted(j.req.id for _, (jobs,) in grouper.calls for j in jobs) == ["r0", "r1", "r2"]
+        again = Ingest([Peer()], settings=settings, engine=engine)
+        got = await again.accepted()
+        if settings.journal_redis_url() is None:
+            assert got == [] and ing.journal is None
+            return
+        assert sorted(r.id for r in got) == ["r0", "r1", "r2"] and got[0] == req(int(got[0].id[1:]))
+        await again.forget([req(1).uid])
+        assert sorted(r.id for r in await ing.accepted()) == ["r0", "r2"]
+        await ing.journal.delete("accepted", [req(0).uid, req(2).uid])
+        await ing.journal.close()
+        await again.journal.close()
+    asyncio.run(go())
+
+
+def test_an_unreachable_journal_does_not_stop_admission():
+    from actors import Ingest
+
+    async def go():
+        down = Settings().model_copy(update={"journal": JournalSettings(redis_url="redis://127.0.0.1:1/0")})
+        grouper = Peer()
+        ing = Ingest([grouper], settings=down, engine="down")
+        assert await ing.submit([req(0), req(1)]) == 2
+        assert ing.journal_failures == 1
+        await until(lambda: grouper.calls, "the requests went on to the grouper")
+        assert sorted(j.req.id for _, (jobs,) in grouper.calls for j in jobs) == ["r0", "r1"]
+        await ing.journal.close()
+    asyncio.run(go())
