@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections import OrderedDict
 
 import numpy as np
 
@@ -23,35 +24,61 @@ _CHUNK = 4096
 # Slot turnarounds: chunks below this come from one sequential generator per provider (65,536 slots, 45 days
 # at 60 s slots); chunks at or above it are drawn from a generator keyed by the chunk number.
 _SEQ_CHUNKS = 16
+ROW_CHUNKS_KEPT = 64  # per-request row chunks held (262,144 requests, 25 MB at 4 attempts); older ones redrawn
 
 
 class Draws:
     def __init__(self, n_requests: int, max_attempts: int, seed: int, slot_s: float):
-        # Separate generators, grown row-chunk by row-chunk: row i has the same values whether the arrays
-        # were drawn for the whole trace at once (simulator) or grown as requests arrive (live engine).
-        self._fail_gen = np.random.default_rng([seed, 1])
-        self._lat_gen = np.random.default_rng([seed, 3])
-        self._jit_gen = np.random.default_rng([seed, 4])
+        # (``n_requests`` is a hint only: rows are drawn on first use.)
+        # Per-request rows come in chunks of _CHUNK rows: the first _SEQ_CHUNKS from one sequential generator
+        # per quantity (so row i has the same values whether drawn for a whole trace or grown as requests
+        # arrive), later ones from a generator keyed by the chunk number. At most ROW_CHUNKS_KEPT chunks are
+        # held; one asked for again is drawn again, identically. So a live engine's memory stays flat however
+        # many requests it serves.
         self.max_attempts = max_attempts
-        self.fail_u = np.empty((0, max_attempts))
-        self.lat_z = np.empty((0, max_attempts))
-        self.jit_u = np.empty((0, max_attempts))  # backoff jitter of a retry after attempt k
-        self.ensure(n_requests)
         self.seed = seed
+        self._rows: OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
+        self._seq: tuple[int, list[np.random.Generator]] | None = None  # next sequential chunk, generators
         self.slot_s = slot_s
         self._slots: dict[str, dict[int, np.ndarray]] = {}  # provider -> chunk number -> turnarounds
         self._gens: dict[str, np.random.Generator] = {}
 
-    def ensure(self, n_requests: int) -> None:
-        """Make rows ``0..n_requests-1`` exist (in chunks of _CHUNK rows, so row values never depend on how
-        far the arrays were grown before)."""
-        have = self.fail_u.shape[0]
-        if have >= n_requests:
-            return
-        rows = -(-(n_requests - have) // _CHUNK) * _CHUNK
-        self.fail_u = np.concatenate([self.fail_u, self._fail_gen.random((rows, self.max_attempts))])
-        self.lat_z = np.concatenate([self.lat_z, self._lat_gen.standard_normal((rows, self.max_attempts))])
-        self.jit_u = np.concatenate([self.jit_u, self._jit_gen.random((rows, self.max_attempts))])
+    def _row_chunk(self, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        got = self._rows.get(c)
+        if got is not None:
+            self._rows.move_to_end(c)
+            return got
+        shape = (_CHUNK, self.max_attempts)
+        if c < _SEQ_CHUNKS:
+            if self._seq is None or self._seq[0] > c:  # (again) from the start of the sequential streams
+                self._seq = (0, [np.random.default_rng([self.seed, k]) for k in (1, 3, 4)])
+            k, (fail, lat, jit) = self._seq
+            while True:
+                got = (fail.random(shape), lat.standard_normal(shape), jit.random(shape))
+                self._seq = (k + 1, [fail, lat, jit])
+                if k == c:
+                    break
+                k += 1
+        else:
+            got = tuple(draw(np.random.default_rng([self.seed, q, c]), shape) for q, draw in
+                        ((1, np.random.Generator.random), (3, np.random.Generator.standard_normal),
+                         (4, np.random.Generator.random)))
+        self._rows[c] = got
+        if len(self._rows) > ROW_CHUNKS_KEPT:
+            self._rows.popitem(last=False)
+        return got
+
+    def fail_u(self, i: int, k: int) -> float:
+        """Attempt ``k`` of request ``i`` fails iff this is below the provider's failure rate."""
+        return float(self._row_chunk(i // _CHUNK)[0][i % _CHUNK, k])
+
+    def lat_z(self, i: int, k: int) -> float:
+        """The standard-normal noise of attempt ``k``'s latency."""
+        return float(self._row_chunk(i // _CHUNK)[1][i % _CHUNK, k])
+
+    def jit_u(self, i: int, k: int) -> float:
+        """The backoff jitter of a retry after attempt ``k``."""
+        return float(self._row_chunk(i // _CHUNK)[2][i % _CHUNK, k])
 
     def _chunk(self, provider: str, ba: BatchApi, c: int) -> np.ndarray:
         """Turnarounds of slots ``c * _CHUNK .. (c + 1) * _CHUNK - 1`` of one provider."""
@@ -92,5 +119,9 @@ class Draws:
     def attempts_all_fail(self, catalog: Catalog, providers: list[str]) -> np.ndarray:
         """Requests whose every allowed attempt fails: no policy can complete (or pay for) them."""
         rates = np.array([catalog.provider(p).failure_rate for p in providers])
-        self.ensure(len(providers))
-        return np.all(self.fail_u[: len(providers)] < rates[:, None], axis=1)
+        n = len(providers)
+        out = np.empty(n, bool)
+        for c in range(-(-n // _CHUNK)):
+            lo, hi = c * _CHUNK, min((c + 1) * _CHUNK, n)
+            out[lo:hi] = np.all(self._row_chunk(c)[0][: hi - lo] < rates[lo:hi, None], axis=1)
+        return out

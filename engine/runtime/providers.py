@@ -220,8 +220,7 @@ class SimProvider:
 
     def retry_at(self, i: int, attempt: int, a: SyncAttempt) -> float:
         """When attempt ``attempt + 1`` of draw row ``i`` may be queued after attempt ``attempt`` failed."""
-        self.draws.ensure(i + 1)  # a real provider's failure drew nothing for this row yet
-        return a.at + retry_delay(attempt + 1, self.backoff, self.backoff_max, float(self.draws.jit_u[i, attempt]),
+        return a.at + retry_delay(attempt + 1, self.backoff, self.backoff_max, self.draws.jit_u(i, attempt),
                                   a.retry_after_s)
 
     def _start(self, w: Work, s: float, gate: RateGate) -> Event:
@@ -255,12 +254,11 @@ class SimProvider:
         """The drawn outcome of a sync attempt and how long it holds its slot (the gate is not touched)."""
         prov = self.spec
         spec = prov.models[r.model]
-        self.draws.ensure(i + 1)
         base = sync_latency_median(prov, spec, r)
         sigma = prov.sync_latency.sigma if spec.kind == "text" else prov.media_latency.sigma
         k = min(attempt, self.max_att - 1)
-        lat = base * math.exp(sigma * self.draws.lat_z[i, k])
-        u = self.draws.fail_u[i, k]
+        lat = base * math.exp(sigma * self.draws.lat_z(i, k))
+        u = self.draws.fail_u(i, k)
         failed = u < prov.failure_rate
         dur = lat * FAILED_CALL_FRACTION if failed else lat
         if failed:
@@ -298,14 +296,13 @@ class SimProvider:
         """One GPU dispatch of compatible jobs starting at ``t``: one warm-up plus the batch at its speed-up."""
         prov = self.spec
         spec = prov.models[reqs[0].model]
-        self.draws.ensure(max(idxs) + 1)
         run = gpu_batch_seconds(prov, spec, list(reqs))
-        run *= math.exp(prov.sync_latency.sigma * self.draws.lat_z[idxs[0], min(attempts[0], self.max_att - 1)])
+        run *= math.exp(prov.sync_latency.sigma * self.draws.lat_z(idxs[0], min(attempts[0], self.max_att - 1)))
         (gate or self.gates[self._gate_of[reqs[0].model]]).take(t, 0, run)
         end = t + run
         prices = price_batch(list(reqs), self.catalog, "gpu_batch", block_tokens=self.bt)
         fail_u = self.draws.fail_u
-        return [Attempt(fail_u[i, k] >= prov.failure_rate, end, p.total) for i, k, p in zip(idxs, attempts, prices)]
+        return [Attempt(fail_u(i, k) >= prov.failure_rate, end, p.total) for i, k, p in zip(idxs, attempts, prices)]
 
     # -- batch API ------------------------------------------------------------------------------------------
     def _start_batch(self, w: Work, s: float, tokens: int) -> Event:
@@ -327,7 +324,6 @@ class SimProvider:
         done = t + self.draws.turnaround(prov.name, ba, t)
         if hedge_at is not None and done > hedge_at:
             return BatchOutcome(True, hedge_at, [])
-        self.draws.ensure(max(idxs) + 1)
         pc = prov.prompt_cache
         stacks = pc is not None and pc.stacks_with_batch
         warm = self.warm.setdefault(reqs[0].model, {}) if stacks else {}
@@ -338,7 +334,7 @@ class SimProvider:
         fail_u = self.draws.fail_u
         out = []
         for i, k, r, p in zip(idxs, attempts, reqs, prices):
-            ok = fail_u[i, k] >= prov.failure_rate
+            ok = fail_u(i, k) >= prov.failure_rate
             out.append(Attempt(ok, done, p.total))
             if ok and stacks and (p.cached_input or p.cache_write):
                 until = done + pc.ttl_s

@@ -172,3 +172,22 @@ def test_a_policy_that_always_hedges_too_early_still_finishes():
     assert (res.status == 1).all() and (res.mode == 0).all()
     # each request is hedged max_attempts times, then the runtime sends it sync
     assert sum(b.outcome == "hedged" for b in res.batches) == 3 * Settings().sim.max_attempts
+
+
+def test_per_request_draws_are_the_same_however_far_apart_they_are_asked_and_memory_stays_bounded():
+    """Row i of the draws has the same values whether asked in order, out of order, or again after it was
+    dropped; a live engine's dispatcher holds at most ROW_CHUNKS_KEPT chunks of rows however many requests
+    it serves (96 B a request at 4 attempts otherwise)."""
+    from engine.core import draws as draws_mod
+    from engine.core.draws import Draws
+
+    rows = [0, 5, 4095, 4096, 70_000, 3 * 4096 + 7, 2_000_000, 1]
+    a = Draws(0, 4, seed=9, slot_s=60.0)
+    first = [(a.fail_u(i, 1), a.lat_z(i, 2), a.jit_u(i, 3)) for i in rows]
+    b = Draws(0, 4, seed=9, slot_s=60.0)
+    assert [(b.fail_u(i, 1), b.lat_z(i, 2), b.jit_u(i, 3)) for i in reversed(rows)] == first[::-1]
+    for i in range(0, (draws_mod.ROW_CHUNKS_KEPT + 8) * 4096, 4096):  # a long-running engine's rows
+        b.fail_u(i, 0)
+    assert len(b._rows) == draws_mod.ROW_CHUNKS_KEPT
+    assert [(b.fail_u(i, 1), b.lat_z(i, 2), b.jit_u(i, 3)) for i in rows] == first  # dropped, drawn again
+    assert Draws(0, 4, seed=10, slot_s=60.0).fail_u(5, 1) != first[1][0]
