@@ -10,8 +10,8 @@ from collections.abc import Hashable
 import numpy as np
 
 from actors._types import Job
-from actors.cache_layers import Entry
-from engine.core.features import NEAR_DIM, featurize
+from actors.cache_layers import CorruptValue, Entry, decode
+from engine.core.features import NEAR_DIM, featurize, featurize_texts
 from engine.core.result import Result
 from engine.core.similarity import guard_reason
 
@@ -91,3 +91,25 @@ class NearIndex:
         vecs = featurize([it.req for it, _ in todo], dim=NEAR_DIM)
         self._index_rows([(e.near_key, v, e.fp, e.text, e.result.done_s or 0.0) for (_, e), v in zip(todo, vecs)])
 
+    async def warm_from_redis(self) -> int:
+        """Rebuild the near-duplicate index (and the memory layer, newest last) from Redis after a restart;
+        returns how many entries were read. Entries of another tenant scope stay in Redis but can only be
+        found under their own scope."""
+        if self.redis is None or self.cfg.warm_max_entries == 0:
+            return 0
+        pairs = await self.redis.scan_values(self.cfg.warm_max_entries)
+        entries: list[Entry] = []
+        for _, raw in pairs:
+            try:
+                entries.append(decode(raw))
+            except CorruptValue:
+                self.stats["corrupt"] += 1
+        entries.sort(key=lambda e: e.result.done_s or 0.0)
+        near = [e for e in entries if e.near_key is not None]
+        if near:
+            # The same vectors as live requests get: the text and its parameters.
+            vecs = featurize_texts([e.text for e in near], [e.params for e in near], dim=NEAR_DIM)
+            self._index_rows([(e.near_key, v, e.fp, e.text, e.result.done_s or 0.0) for e, v in zip(near, vecs)])
+        for e in entries[-self.cfg.memory_max_entries:]:
+            self.memory.put(e, self.cfg.ttl_s)
+        return len(entries)

@@ -17,6 +17,7 @@ the fingerprint, of the Redis key and of the near-duplicate class.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Hashable
@@ -26,7 +27,7 @@ from actors._peer import Warm, as_peer
 from actors.cache_layers import CorruptValue, Entry, LocalBlobStore, MemoryLRU, RedisLayer, decode, encode
 from engine.core.catalog import default_catalog
 from engine.core.cost import price_alone
-from engine.core.features import NEAR_DIM, compat_key, featurize, featurize_texts
+from engine.core.features import NEAR_DIM, compat_key, featurize
 from engine.core.grouping import ReuseSettings
 from engine.core.result import Result
 from engine.core.settings import CacheSettings, Settings
@@ -34,6 +35,8 @@ from engine.runtime.outcomes import reused_result
 from engine.runtime.reuse import ReuseIndex
 
 __all__ = ["ResultCache", "tenant_scope"]
+
+log = logging.getLogger("smartbatch.cache")
 
 SHARED = "_shared"
 REPORT_EVERY_S = 0.5
@@ -229,7 +232,13 @@ class ResultCache(NearIndex, Warm):
         waiting = {f.req.uid for fs in self.followers.values() for f in fs if f.req.uid in want}
         again = [self._delivered[u] for u in uids if u in self._delivered and u not in waiting]
         if again:
-            await self.hub.call("push", [r for r, _ in again], [p for _, p in again])
+            try:
+                await self.hub.call("push", [r for r, _ in again], [p for _, p in again])
+            except Exception as exc:
+                # The answer stands even so: these requests are resolved here, and sending them on to be
+                # generated again would bill them although their result exists. The hub's own restart makes
+                # the driver ask again.
+                log.warning("cache: could not send %d result(s) again: %s", len(again), type(exc).__name__)
         return [u for u in uids if u in waiting or u in self._delivered]
 
     def _attach(self, item: Item) -> bool:
@@ -341,30 +350,7 @@ class ResultCache(NearIndex, Warm):
             self.near_followers.discard(it.req.uid)
         return out
 
-    # -- restart and reporting --------------------------------------------------------------------------------
-    async def warm_from_redis(self) -> int:
-        """Rebuild the near-duplicate index (and the memory layer, newest last) from Redis after a restart;
-        returns how many entries were read. Entries of another tenant scope stay in Redis but can only be
-        found under their own scope."""
-        if self.redis is None or self.cfg.warm_max_entries == 0:
-            return 0
-        pairs = await self.redis.scan_values(self.cfg.warm_max_entries)
-        entries: list[Entry] = []
-        for _, raw in pairs:
-            try:
-                entries.append(decode(raw))
-            except CorruptValue:
-                self.stats["corrupt"] += 1
-        entries.sort(key=lambda e: e.result.done_s or 0.0)
-        near = [e for e in entries if e.near_key is not None]
-        if near:
-            # The same vectors as live requests get: the text and its parameters.
-            vecs = featurize_texts([e.text for e in near], [e.params for e in near], dim=NEAR_DIM)
-            self._index_rows([(e.near_key, v, e.fp, e.text, e.result.done_s or 0.0) for e, v in zip(near, vecs)])
-        for e in entries[-self.cfg.memory_max_entries:]:
-            self.memory.put(e, self.cfg.ttl_s)
-        return len(entries)
-
+    # -- reporting --------------------------------------------------------------------------------------------
     def cache_stats(self) -> dict:
         s = dict(self.stats)
         s.update(memory_entries=len(self.memory), memory_bytes=self.memory.bytes, evicted=self.memory.evicted,

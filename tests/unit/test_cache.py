@@ -198,3 +198,29 @@ def test_a_near_duplicate_follows_its_source_while_in_flight(tmp_path):
         (res,) = await hub.pull(0.01)
         assert (res.id, res.hit, res.output) == ("r1", "near", "img://out")
     run(go())
+
+
+def test_recall_answers_what_it_holds_even_when_the_hub_cannot_take_the_results_again(tmp_path):
+    """After a restart the driver re-admits open requests; the cache says which it holds (following a leader,
+    or resolved here lately). A hub that is still down when the cache sends a resolved result again must not
+    turn that answer into "nothing": the request would be generated (and billed) although its result exists."""
+    async def go():
+        hub, cache = make_cache(tmp_path)
+        lead, follower, waiting = (job(i, "A red fox in the snow") for i in range(3))
+        assert await cache.lookup([lead]) == [0]
+        assert await cache.lookup([follower]) == []  # follows the leader in flight
+        await cache.complete([ok(lead)])
+        assert [r.id for r in await hub.pull(0.01)] == ["r1"]  # the follower's reused result
+        assert await cache.lookup([waiting]) == []  # served from memory at once (exact)
+        other = job(9, "A blue whale at dusk")
+        assert await cache.lookup([other]) == [0]
+        late = job(10, "A blue whale at dusk")
+        assert await cache.lookup([late]) == []  # following `other`, still in flight
+
+        async def down(*args):
+            raise ConnectionError("hub restarting")
+
+        hub.push = down
+        uids = [follower.req.uid, late.req.uid, job(11, "never seen").req.uid]
+        assert await cache.recall(uids) == uids[:2]
+    run(go())
