@@ -106,3 +106,58 @@ class Warm:
         st.sort_stats("tottime").print_stats(top)
         lines = [ln.strip() for ln in out.getvalue().splitlines() if "(" in ln and ("/" in ln or "{" in ln)]
         return st.total_tt, lines[:top]
+
+
+class ClockRef:
+    """Stands in a constructor for the engine clock, which the engine makes only once every actor is up (and
+    hands over with ``set_clock``). Ray restarts a dead actor with its constructor's arguments, so a restarted
+    actor holds this again and reads the clock the engine published (``publish_clock``): it has its clock
+    before its first call, not a second later when the driver rewires it (a call in between failed, and the
+    work it carried was lost until the deadline sweep)."""
+
+    __slots__ = ("engine",)
+
+    def __init__(self, engine: str):
+        self.engine = engine
+
+    def __repr__(self) -> str:
+        return f"ClockRef({self.engine!r})"
+
+
+_CLOCK_NS = "smartbatch"
+
+
+def publish_clock(engine: str, clock, base: float = 0.0) -> None:
+    """Make the engine clock (and the budget's time base) readable by actors Ray restarts."""
+    import pickle
+
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_put(f"{engine}:clock", pickle.dumps((clock, base)), overwrite=True,
+                                 namespace=_CLOCK_NS)
+
+
+def unpublish_clock(engine: str) -> None:
+    from ray.experimental import internal_kv
+
+    try:
+        internal_kv._internal_kv_del(f"{engine}:clock", namespace=_CLOCK_NS)
+    except Exception:  # Ray is already down: nothing is left to clean
+        pass
+
+
+def resolve_clock(clock) -> tuple[object | None, float | None]:
+    """(clock, budget time base) for a constructor argument: a ``ClockRef`` reads the published clock (None
+    before the engine published it, i.e. at the first start); anything else is the clock itself."""
+    if not isinstance(clock, ClockRef):
+        return clock, None
+    try:
+        import pickle
+
+        from ray.experimental import internal_kv
+
+        raw = internal_kv._internal_kv_get(f"{clock.engine}:clock", namespace=_CLOCK_NS)
+    except Exception:  # outside Ray (unit tests) or Ray not reachable: no clock yet
+        return None, None
+    return pickle.loads(raw) if raw else (None, None)
+

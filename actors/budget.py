@@ -24,7 +24,7 @@ import asyncio
 import logging
 import time
 
-from actors._peer import Warm, as_peer
+from actors._peer import Warm, as_peer, resolve_clock
 from actors.journal import HubJournal
 from engine.core.budgets import LEDGER, BudgetBook, BudgetSettings, Claim, Verdict
 from engine.core.errors import ConfigError
@@ -45,8 +45,8 @@ class BudgetController(Warm):
         self.journal = HubJournal(self.hub) if self.hub is not None and not settings.redis_url else None
         self._journaling: asyncio.Task | None = None
         self._journal_dirty = False
-        self.clock = clock
-        self.base = base
+        self.clock, published_base = resolve_clock(clock)
+        self.base = base if published_base is None else published_base
         self._errors: tuple[type[BaseException], ...] = ()  # what a failed ledger call raises
         self._config_error: str | None = None  # raised by check_ledger (never from here: the actor would die)
         self._down_until: float | None = None  # monotonic time Redis is tried again; None: up

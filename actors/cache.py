@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Hashable
 
 from actors._near_index import FOLLOWING, Item, NearIndex
-from actors._peer import Warm, as_peer
+from actors._peer import Warm, as_peer, resolve_clock
 from actors.cache_layers import CorruptValue, Entry, LocalBlobStore, MemoryLRU, RedisLayer, decode, encode
 from engine.core.catalog import default_catalog
 from engine.core.cost import price_alone
@@ -58,7 +58,7 @@ class ResultCache(NearIndex, Warm):
         self.cfg: CacheSettings = settings.cache
         self.near_threshold = max(reuse.near_threshold, settings.sim.near_floor)
         self.hub = as_peer(hub)
-        self.clock = clock
+        self.clock, _ = resolve_clock(clock)
         self.memory = MemoryLRU(self.cfg.memory_max_entries, int(self.cfg.memory_max_mb * 2**20),
                                 self._now)
         if redis is None and self.cfg.redis_url:

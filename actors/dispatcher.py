@@ -21,7 +21,7 @@ from collections import OrderedDict, deque
 from actors._batch_api import BatchApiRuns
 from actors._dispatch_outbox import Outbox
 from actors._dispatch_recovery import Recovery
-from actors._peer import Warm, as_peer
+from actors._peer import Warm, as_peer, resolve_clock
 from actors._types import BatchJob, Job
 from actors.journal import JournalWriter, make_journal
 from actors.metrics import DispatchCounts, retry_reason
@@ -57,7 +57,7 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
         self.name = provider
         self.catalog = catalog
         self.settings = settings
-        self.clock = clock
+        self.clock = clock = resolve_clock(clock)[0]
         self.max_att = settings.sim.max_attempts
         self.sim = SimProvider(catalog.provider(provider), catalog, settings,
                                Draws(0, settings.sim.max_attempts, seed, settings.sim.batch_slot_s),
@@ -124,16 +124,18 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
         """The jobs not already here: a request re-admitted after a restart elsewhere may arrive while its first
         dispatch runs (it must not run twice) or after it finished (its result is sent again, no new call)."""
         known, done = self._known, self._done
-        if not any(j.req.uid in known or j.req.uid in done for j in jobs):
+        if not any(j.req.uid in known or j.req.uid in done for j in jobs) and len({j.req.uid for j in jobs}) == len(jobs):
             return jobs
-        out = []
+        out, here = [], set()
         for j in jobs:
             uid = j.req.uid
+            dup = uid in known or uid in done or uid in here
             if uid in done:
                 self._send_again(uid)
-            elif uid not in known:
+            elif not dup:
                 out.append(j)
-            if j.claim is not None and (uid in known or uid in done):
+                here.add(uid)
+            if j.claim is not None and dup:
                 self._settle.append((j.claim, 0.0))  # the duplicate's own reservation is not needed
         self._kick()
         return out
@@ -145,8 +147,8 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
             return
         if jobs is not b.jobs:
             b = b._replace(jobs=jobs)
+        t = self.clock.now()  # first: a failure here must leave no trace (a uid known here is never re-sent)
         self._known.update(j.req.uid for j in jobs)
-        t = self.clock.now()
         self.in_flight += len(jobs)
         if b.mode == "batch_api" and (b.hedge_at is None or b.hedge_at > t):
             self._enqueue("batch_api", b, jobs)

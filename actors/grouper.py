@@ -20,7 +20,7 @@ import logging
 import secrets
 from collections import OrderedDict
 
-from actors._peer import Warm, as_peer
+from actors._peer import Warm, as_peer, resolve_clock
 from actors._types import BatchJob, Job
 from engine.core.budgets import LEDGER, Claim, Verdict
 from engine.core.catalog import Catalog
@@ -48,7 +48,7 @@ class Grouper(Warm):
                  reserve_model_max: bool = True, cache=None, budget_specs: tuple = ()):
         self.policy = policy
         self.catalog = catalog
-        self.clock = clock
+        self.clock, _ = resolve_clock(clock)
         self.dispatchers = {k: as_peer(v) for k, v in dispatchers.items()}
         self.budget = as_peer(budget)
         self.hub = as_peer(hub)

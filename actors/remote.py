@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ray
 
-from actors._peer import Named
+from actors._peer import ClockRef, Named, publish_clock
 from actors.budget import BudgetController
 from actors.cache import ResultCache
 from actors.dispatcher import Dispatcher
@@ -68,17 +68,18 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
 
     hub = ray.remote(ResultHub).options(**opts("hub")).remote()
     budgets = settings.budgets
-    budget = ray.remote(BudgetController).options(**opts("budget")).remote(budgets, ref("hub"), None, 0.0, engine)
+    later = ClockRef(engine)  # the clock is made once every actor is up; a restarted actor reads it (publish_clock)
+    budget = ray.remote(BudgetController).options(**opts("budget")).remote(budgets, ref("hub"), later, 0.0, engine)
     _ledger_ready(budget, [hub, budget])
     reuse = policy.reuse
     with_cache = reuse.exact or reuse.in_flight or reuse.near
-    cache = (ray.remote(ResultCache).options(**opts("cache")).remote(reuse, ref("hub"), None, catalog, settings)
+    cache = (ray.remote(ResultCache).options(**opts("cache")).remote(reuse, ref("hub"), later, catalog, settings)
              if with_cache else None)
     cache_ref = ref("cache") if with_cache else None
     grouper_refs = [ref(f"grouper-{k}") for k in range(num_groupers)]
     dispatcher_refs = {name: ref(f"dispatcher-{name}") for name in catalog.providers}
     groupers = [ray.remote(Grouper).options(**opts(f"grouper-{k}")).remote(
-        policy, catalog, None, dispatcher_refs, ref("budget"), ref("hub"), f"g{k}", bool(budgets.specs),
+        policy, catalog, later, dispatcher_refs, ref("budget"), ref("hub"), f"g{k}", bool(budgets.specs),
         max_attempts=settings.sim.max_attempts, reserve_model_max=budgets.reserve_output == "model_max",
         cache=cache_ref, budget_specs=budgets.specs) for k in range(num_groupers)]
     cluster = ray.cluster_resources()
@@ -88,7 +89,7 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
         if provider_resource(name) in cluster:
             more["resources"] = {provider_resource(name): 0.001}
         dispatchers[name] = ray.remote(Dispatcher).options(**opts(f"dispatcher-{name}", **more)).remote(
-            name, catalog, settings, seed, None, grouper_refs, ref("hub"), cache_ref, ref("budget"),
+            name, catalog, settings, seed, later, grouper_refs, ref("hub"), cache_ref, ref("budget"),
             policy.scheduling, (keys or {}).get(name), engine)
     ingest = ray.remote(Ingest).options(**opts("ingest")).remote(grouper_refs, cache_ref,
                                                                  settings.cache.share_across_tenants,
@@ -104,6 +105,7 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
     real_time = clock.speedup == 1.0 and clock.offset == 0.0
     base = clock.epoch if real_time else 0.0
     ray.get(budget.set_clock.remote(clock, base))
+    publish_clock(engine, clock, base)
     named = {"ingest": ingest, "budget": budget, "hub": hub}
     named.update({f"grouper-{k}": g for k, g in enumerate(groupers)})
     named.update({f"dispatcher-{p}": d for p, d in dispatchers.items()})

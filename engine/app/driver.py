@@ -161,6 +161,9 @@ class Engine(AsyncSubmit, Supervised):
                 self._ray.kill(h)
             except Exception:  # already gone: nothing to stop
                 pass
+        from actors._peer import unpublish_clock
+
+        unpublish_clock(self._h["engine"])
         Engine._running_engines.discard(self)
         if self._started_ray:
             heir = next(iter(Engine._running_engines), None)

@@ -66,6 +66,9 @@ class EmulatorServer(ThreadingHTTPServer):
     client connection would still be answered by a stopped emulator."""
 
     daemon_threads = True
+    # The listen backlog: socketserver's default of 5 drops the connection attempts of a burst (a restarted
+    # dispatcher polls hundreds of batches at once), and a dropped SYN is retried after 1, 3, 7, ... 63 s.
+    request_queue_size = 1024
 
     def __init__(self, address: tuple[str, int], app: App):
         self.app = app

@@ -136,3 +136,36 @@ def test_killing_each_actor_kind_mid_run_loses_nothing_and_pays_nothing_twice(ch
     # The budget ledger came back from its journal: its spend covers what was billed, and nothing overran.
     assert rep["budget"]["overrun_usd"] == 0
     assert rep["budget"]["spent_usd"] > 0
+
+
+def test_a_restarted_actor_has_the_engine_clock_before_its_first_call(ray_session):
+    """Ray rebuilds a dead actor from its constructor's arguments, where the clock is a ``ClockRef`` (the clock
+    is made once every actor is up). The restarted actor reads the published clock at once: a call that
+    reached it before the driver rewired it used to fail on a missing clock, and the work it carried was lost
+    until the deadline sweep (or, in a dispatcher, for good: its ids stayed marked as under way)."""
+    from actors import BudgetController, Dispatcher, Grouper, ResultCache
+    from actors._peer import ClockRef, publish_clock, resolve_clock, unpublish_clock
+    from engine.core.budgets import BudgetSettings
+    from engine.core.clock import ScaledClock
+    from policies import load_policy
+
+    engine = "clock-test"
+    assert resolve_clock(ClockRef(engine)) == (None, None)  # first start: not published yet
+    clock = ScaledClock(1000.0, 50.0, offset=3.0)
+    publish_clock(engine, clock, 7.0)
+
+    def same(c) -> bool:
+        return isinstance(c, ScaledClock) and (c.epoch, c.speedup, c.offset) == (1000.0, 50.0, 3.0)
+
+    try:
+        later = ClockRef(engine)
+        d = Dispatcher("openai", CAT, Settings(), 0, later, [], None, None, None, engine=engine)
+        g = Grouper(load_policy("smart", CAT), CAT, later, {}, None, None, "g0", False)
+        c = ResultCache(load_policy("smart", CAT).reuse, None, later, CAT, Settings())
+        b = BudgetController(BudgetSettings(), None, later, 0.0, engine)
+        for actor in (d, g, c, b):
+            assert same(actor.clock), type(actor).__name__
+        assert same(d.provider.clock) and b.base == 7.0
+    finally:
+        unpublish_clock(engine)
+    assert resolve_clock(ClockRef(engine)) == (None, None)
