@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from actors._peer import Warm, as_peer
 from actors._types import Job, send_sharded
@@ -22,6 +23,7 @@ log = logging.getLogger("smartbatch.ingest")
 
 
 ACCEPTED = "accepted"  # the journal space of accepted requests
+JOURNAL_RETRY_S = 5.0  # after a failed journal write, submits skip the journal this long (real seconds)
 
 
 class Ingest(Warm):
@@ -38,7 +40,8 @@ class Ingest(Warm):
         self.share = share_across_tenants
         journal = make_journal(settings, engine, None) if settings is not None else None
         self.journal = journal if isinstance(journal, RedisJournal) else None
-        self.journal_failures = 0
+        self.journal_failures = 0  # accepted micro-batches not journaled (Redis down)
+        self._journal_back_at = 0.0
 
     def __repr__(self) -> str:
         return f"Ingest(admitted={self.next_seq}, duplicates={self.duplicates})"
@@ -66,12 +69,16 @@ class Ingest(Warm):
     async def _journal(self, jobs: list[Job]) -> None:
         if self.journal is None:
             return
+        if time.monotonic() < self._journal_back_at:  # down lately: do not make every submit wait its timeout
+            self.journal_failures += 1
+            return
         try:
             await self.journal.put_many(ACCEPTED, {j.req.uid: j.req for j in jobs})
         except Exception as exc:  # Redis is down: the driver's memory still holds them; go on, say so
             self.journal_failures += 1
-            log.warning("ingest: %d accepted request(s) not journaled (%s); the driver still holds them",
-                        len(jobs), type(exc).__name__)
+            self._journal_back_at = time.monotonic() + JOURNAL_RETRY_S
+            log.warning("ingest: %d accepted request(s) not journaled (%s); the driver still holds them; "
+                        "trying again in %.0f s", len(jobs), type(exc).__name__, JOURNAL_RETRY_S)
 
     def _rememberers(self) -> list:
         """The actors that remember requests they carry or finished: asked by ``readmit``, told by ``forget``."""
