@@ -14,6 +14,7 @@ from actors.cache_layers import CorruptValue, Entry, decode
 from engine.core.features import NEAR_DIM, featurize, featurize_texts
 from engine.core.result import Result
 from engine.core.similarity import guard_reason
+from engine.runtime.admission import may_follow
 
 Item = Job
 FOLLOWING = Result(id="", status="reused")  # marker: attached to a near duplicate in flight
@@ -39,7 +40,7 @@ class NearIndex:
             for a in range(len(ks)):
                 it = items[ks[a]]
                 src = next((b for b in leads if sims[a, b] >= self.near_threshold and items[ks[b]].fp != it.fp
-                            and items[ks[b]].req.deadline_at <= it.req.deadline_at
+                            and may_follow(self.reuse, items[ks[b]].req, it.req)
                             and guard_reason(it.req.prompt, items[ks[b]].req.prompt, self.reuse.guards) is None),
                            None)
                 if src is None:

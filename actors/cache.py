@@ -31,6 +31,7 @@ from engine.core.features import NEAR_DIM, compat_key, featurize
 from engine.core.grouping import ReuseSettings
 from engine.core.result import Result
 from engine.core.settings import CacheSettings, Settings
+from engine.runtime.admission import may_follow
 from engine.runtime.outcomes import reused_result
 from engine.runtime.reuse import ReuseIndex
 
@@ -244,7 +245,7 @@ class ResultCache(NearIndex, Warm):
     def _attach(self, item: Item) -> bool:
         """Follow an identical request in flight that is due no later than this one."""
         lead = self.leaders.get(item.fp)
-        if self.reuse.in_flight and lead is not None and lead.req.deadline_at <= item.req.deadline_at:
+        if lead is not None and may_follow(self.reuse, lead.req, item.req):
             self.followers.setdefault(item.fp, []).append(item)
             self.stats["in_flight"] += 1
             return True
@@ -278,7 +279,7 @@ class ResultCache(NearIndex, Warm):
                 # Not stored: the source may still be in flight (indexed when it started), as in the
                 # simulator; follow it if it is due no later than this request.
                 lead = self.leaders.get(matches[k][1])
-                if self.reuse.in_flight and lead is not None and lead.req.deadline_at <= it.req.deadline_at:
+                if lead is not None and may_follow(self.reuse, lead.req, it.req):
                     self.followers.setdefault(lead.fp, []).append(it)
                     self.near_followers.add(it.req.uid)
                     self.stats["near"] += 1

@@ -28,6 +28,7 @@ from engine.core.grouping import Decision
 from engine.core.request import Request
 from engine.core.scheduling import Scheduling
 from engine.core.settings import Settings
+from engine.runtime.admission import may_follow
 from engine.runtime.outcomes import call_mode, verdict
 from engine.runtime.providers import Attempt, Event, SimProvider, Work, check_fallbacks
 from engine.runtime.reuse import ReuseIndex
@@ -208,11 +209,11 @@ class _Sim(SimBudget):
                     return
                 # In flight: attach when the leader's deadline is no later than ours. A live engine cannot
                 # know when a call will finish, so the simulator does not use that either.
-                if done > now and reuse.in_flight and self.reqs[found[0]].deadline_at <= r.deadline_at:
+                if done > now and may_follow(reuse, self.reqs[found[0]], r):
                     self.resolve_reused(i, done, 2)
                     return
             leader = self.pending_leader.get(fp)
-            if reuse.in_flight and leader is not None and self.reqs[leader].deadline_at <= r.deadline_at:
+            if leader is not None and may_follow(reuse, self.reqs[leader], r):
                 self.followers.setdefault(leader, []).append(i)
                 return
             if reuse.near and r.reuse == "near" and i in self.vecs:
@@ -221,7 +222,7 @@ class _Sim(SimBudget):
                 # A source still in flight is followed only under the rule for identical ones (due no
                 # later than this request): its completion time is not known to a live engine.
                 if h is not None and (h.done_at <= now or (
-                        reuse.in_flight and self.reqs[h.source].deadline_at <= r.deadline_at)):
+                        may_follow(reuse, self.reqs[h.source], r))):
                     self.resolve_reused(i, max(now, h.done_at), 3)
                     return
         if fps is not None:
