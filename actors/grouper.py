@@ -24,12 +24,12 @@ from actors._peer import Warm, as_peer, resolve_clock
 from actors._types import BatchJob, Job
 from engine.core.budgets import LEDGER, Claim, Verdict
 from engine.core.catalog import Catalog
-from engine.core.cost import reserve_bound
 from engine.core.features import compat_key
 from engine.core.grouping import Decision
 from engine.core.request import PRIORITY_RANK
 from engine.core.result import Result
 from engine.runtime.outcomes import refused_result
+from engine.runtime.reservation import claim_amount, dispatch_mode, triage
 from engine.runtime.scheduler import Dispatch, GroupTable, Wake
 
 __all__ = ["Grouper"]
@@ -280,12 +280,10 @@ class Grouper(Warm):
         release = [j.claim for b in batches for j in b.jobs if j.claim is not None]  # held since a hedge
         for b in batches:
             # A batch hedged before it starts goes sync (the dispatcher does so), at the sync price.
-            mode = "sync" if b.mode == "batch_api" and b.hedge_at is not None and b.hedge_at <= now else b.mode
+            mode = dispatch_mode(b.mode, b.hedge_at, now)
             for j in b.jobs:
                 r = j.req
-                # An urgent member of a batch reserves the sync price, so its hedge is covered.
-                m = "sync" if mode == "batch_api" and r.priority == "urgent" else mode
-                amount = reserve_bound(r, self.catalog, m, None if self.reserve_model_max else r.output_tokens)
+                amount = claim_amount(r, self.catalog, mode, self.reserve_model_max)
                 claims.append(Claim(f"{r.id}#{self._claim_prefix}-{next(self._claims)}", r.tenant, r.provider, r.model,
                                     r.priority, amount))
         try:
@@ -305,14 +303,15 @@ class Grouper(Warm):
                 c, v = claims[k], verdicts[k]
                 k += 1
                 j = j._replace(claim=None)  # released by the call above
-                if v.ok:
+                t = triage(v, j.req.deadline_at)
+                if t == "go":
                     keep.append(j._replace(claim=c.rid))
-                elif v.reason == "wait":
+                elif t == "wait":
                     self._park(j, now + step, v.budget, b)
-                elif v.reason == "budget_unavailable":  # the ledger did not answer: try again, until the deadline
+                elif t == "retry":  # the ledger did not answer: try again, until the deadline
                     self._ledger_down = v.why()
                     self._park(j, now + step, LEDGER, b)
-                elif v.reason == "deferred" and v.retry_at <= j.req.deadline_at:
+                elif t == "defer":
                     self._park(j, max(v.retry_at, now + step), v.budget, b)
                 else:
                     refused.append((j, self._failed(j, "budget_exhausted", status="rejected", reason=v.why())))

@@ -7,8 +7,8 @@ from __future__ import annotations
 import heapq
 
 from engine.core.budgets import Claim
-from engine.core.cost import reserve_bound
 from engine.core.request import PRIORITY_RANK
+from engine.runtime.reservation import claim_amount, triage
 from engine.sim.results import (
     _REJECTED,
 )
@@ -25,22 +25,20 @@ class SimBudget:
         claims = []
         for i in idxs:
             r = self.reqs[i]
-            # An urgent member of a batch reserves the sync price: its hedge (the sync fallback) is then
-            # covered whatever the budget does meanwhile.
-            m = "sync" if mode == "batch_api" and r.priority == "urgent" else mode
-            amount = reserve_bound(r, self.catalog, m, None if self.model_max else r.output_tokens)
+            amount = claim_amount(r, self.catalog, mode, self.model_max)
             claims.append(Claim(f"{r.id}#{next(self.claim_ids)}", r.tenant, r.provider, r.model, r.priority,
                                 amount))
         ok = []
         for i, c, v in zip(idxs, claims, self.book.reserve_many(claims, self.now)):
             r = self.reqs[i]
-            if v.ok:
+            t = triage(v, r.deadline_at)
+            if t == "go":
                 self.claim_of[i] = (c.rid, c.amount)
                 ok.append(i)
-            elif v.reason == "wait" or (v.reason == "deferred" and v.retry_at <= r.deadline_at):
+            elif t in ("wait", "defer"):
                 # Waits for reservations to settle, for the pacing line, or for the next window: in one
                 # queue, tried head first, so a crowd held back together is not re-tried as a crowd.
-                if v.reason == "wait":
+                if t == "wait":
                     self.budget_waits += 1
                 else:
                     self.deferrals += 1

@@ -31,6 +31,7 @@ from engine.core.settings import Settings
 from engine.runtime.admission import may_follow
 from engine.runtime.outcomes import call_mode, verdict
 from engine.runtime.providers import Attempt, Event, SimProvider, Work, check_fallbacks
+from engine.runtime.reservation import dispatch_mode
 from engine.runtime.reuse import ReuseIndex
 from engine.runtime.scheduler import Dispatch, GroupTable, Wake
 from engine.sim._budget import SimBudget
@@ -240,9 +241,7 @@ class _Sim(SimBudget):
         self.send(d, [self.idx_of[r.id] for r in members], None)
 
     def send(self, d: Decision, idxs: list[int], bid: int | None) -> None:
-        mode = d.mode
-        if mode == "batch_api" and d.hedge_at is not None and d.hedge_at <= self.now:
-            mode = "sync"  # hedged before it starts: that is a sync dispatch
+        mode = dispatch_mode(d.mode, d.hedge_at, self.now)
         idxs = self.reserve(idxs, mode)
         if not idxs:
             return

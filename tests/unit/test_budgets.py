@@ -7,6 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.core.budgets import BudgetBook, BudgetSpec, Claim, Throttle, parse_duration, window_bounds
+from engine.core.catalog import default_catalog
+from engine.core.request import Request
 
 T0 = float(calendar.timegm((2026, 11, 29, 10, 30, 0)))
 
@@ -261,3 +263,26 @@ def test_no_dispatch_bills_more_than_its_reservation(model, inp, out, blocks, mo
     for warm in ((), tuple(blocks)):
         for r, p in zip(reqs, price_batch(reqs, cat, mode, warm=warm)):
             assert p.total <= reserve_bound(r, cat, mode) + 1e-12
+
+
+def test_one_triage_of_a_budget_verdict_for_both_runtimes():
+    """The simulator and the grouper act on a verdict through one rule (engine.runtime.reservation)."""
+    from engine.core.budgets import LEDGER, Verdict
+    from engine.runtime.reservation import claim_amount, dispatch_mode, triage
+
+    CAT = default_catalog()
+
+    assert triage(Verdict(True), 10.0) == "go"
+    assert triage(Verdict(False, "wait", budget="b"), 10.0) == "wait"
+    assert triage(Verdict(False, "budget_unavailable", budget=LEDGER), 10.0) == "retry"
+    assert triage(Verdict(False, "deferred", retry_at=10.0, budget="b"), 10.0) == "defer"
+    assert triage(Verdict(False, "deferred", retry_at=10.5, budget="b"), 10.0) == "reject"  # after the deadline
+    assert triage(Verdict(False, "budget_exhausted", budget="b"), 10.0) == "reject"
+    assert dispatch_mode("batch_api", 5.0, 5.0) == "sync" and dispatch_mode("batch_api", 6.0, 5.0) == "batch_api"
+    urgent = Request.model_validate({"id": "u", "arrival_s": 0, "model": "gpt-5-mini", "input_tokens": 1000,
+                                     "output_tokens": 100, "priority": "urgent"})
+    normal = urgent.model_copy(update={"priority": "normal"})
+    # An urgent batch member reserves the sync price (its hedge is covered); a normal one the batch price.
+    assert claim_amount(urgent, CAT, "batch_api", False) == claim_amount(urgent, CAT, "sync", False)
+    assert claim_amount(normal, CAT, "batch_api", False) < claim_amount(normal, CAT, "sync", False)
+    assert claim_amount(normal, CAT, "sync", True) > claim_amount(normal, CAT, "sync", False)  # model max
