@@ -5,8 +5,8 @@ Ray restarts a dead engine actor (``max_restarts``) by running its constructor a
 its memory. Every actor answers ``ping`` with a token drawn at its start: a new token means a restart. The
 driver then calls ``actors.remote.rewire`` for it (clock, peers, metrics port, journaled batches and ledger)
 and sends every request it holds unfinished to ``Ingest.readmit``, where dispatchers and the cache keep what
-they still carry (or send its result again) and the groupers keep one copy of the rest. The driver is the
-journal of accepted requests: it holds each one until its result arrives.
+they still carry (or send its result again) and the groupers keep one copy of the rest. The driver holds every
+accepted request until its result arrives (with Redis, ingest also journals them: ``Ingest.accepted``).
 
 An actor that does not come back (restarts exhausted, or killed for good) fails the open futures with its
 name, as before: nothing hangs.
