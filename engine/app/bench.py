@@ -162,8 +162,8 @@ def _markdown(doc: dict) -> str:
                 "budget_duration") else "") for b in doc["budgets"]) + "."),
         "",
         "| policy | cost USD | saving vs naive | capture of achievable | deadlines met | urgent met | "
-        "exact/in-flight/near hits | failed | rejected | sim req/s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "latency p50 / p99 (urgent; normal; background) | exact/in-flight/near hits | failed | rejected | sim req/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in doc["results"]:
         cap = r["capture_of_achievable"]
@@ -171,11 +171,20 @@ def _markdown(doc: dict) -> str:
         lines.append(
             f"| {r['policy']} | {r['cost_usd']:.2f} | {100 * r['saving_vs_naive']:.1f} % | "
             f"{'n/a' if cap is None else f'{100 * cap:.1f} %'} | {100 * r['deadline_met_frac']:.2f} % | "
-            f"{'n/a' if urgent is None else f'{100 * urgent:.1f} %'} | "
+            f"{'n/a' if urgent is None else f'{100 * urgent:.1f} %'} | {_latency(r)} | "
             f"{r['exact_hits']}/{r['in_flight_hits']}/{r['near_hits']} | {r['failed']} | "
             f"{sum(r['rejected'].values())} | "
             f"{'live' if r.get('sim_requests_per_s') is None else format(r['sim_requests_per_s'], ',.0f')} |")
     return "\n".join(lines) + "\n"
+
+
+def _latency(row: dict) -> str:
+    """``p50 / p99`` seconds per priority, e.g. ``12 / 280; 900 / 3,400; n/a``."""
+    parts = []
+    for p in ("urgent", "normal", "background"):
+        q = (row.get("latency_s_by_priority") or {}).get(p)
+        parts.append("n/a" if q is None else f"{q['p50']:,.0f} / {q['p99']:,.0f}")
+    return "; ".join(parts)
 
 
 def _plot(doc: dict, path: Path) -> Any:

@@ -61,6 +61,20 @@ class SimResult:
         done = (self.status == _OK) | (self.status == _REUSED)
         return done & (self.done_at <= self.deadline_at + DEADLINE_SLACK_S)
 
+    def latency_by_priority(self) -> dict[str, dict[str, float] | None]:
+        """p50 and p99 (engine seconds) of completion time minus arrival of the served requests (ok or
+        reused), per priority (None where a priority has none): what waiting for a cheaper mode cost in time."""
+        served = (self.status == _OK) | (self.status == _REUSED)
+        arrival = np.fromiter((r.arrival_s for r in self.requests), dtype=np.float64, count=len(self.requests))
+        prios = np.array([r.priority for r in self.requests])
+        wait = self.done_at - arrival
+        out: dict[str, dict[str, float] | None] = {}
+        for p in PRIORITIES:
+            w = wait[served & (prios == p)]
+            out[p] = None if w.size == 0 else {"p50": round(float(np.percentile(w, 50)), 3),
+                                                "p99": round(float(np.percentile(w, 99)), 3)}
+        return out
+
     def summary(self) -> dict:
         n = len(self.requests)
         met = self.met
@@ -78,6 +92,7 @@ class SimResult:
             "cost_usd": round(self.total_cost, 6),
             "deadline_met_frac": float(met.mean()) if n else 1.0,
             "deadline_met_by_priority": by_prio,
+            "latency_s_by_priority": self.latency_by_priority(),
             "completed": int(((self.status == _OK) | (self.status == _REUSED)).sum()),
             "failed": int((self.status == _FAILED).sum()),
             "rejected": dict(self.extra.get("rejected", {})),
