@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import pickle
 import secrets
 from typing import Any, NamedTuple
 
@@ -129,8 +130,6 @@ _CLOCK_NS = "smartbatch"
 
 def publish_clock(engine: str, clock, base: float = 0.0) -> None:
     """Make the engine clock (and the budget's time base) readable by actors Ray restarts."""
-    import pickle
-
     from ray.experimental import internal_kv
 
     internal_kv._internal_kv_put(f"{engine}:clock", pickle.dumps((clock, base)), overwrite=True,
@@ -152,8 +151,6 @@ def resolve_clock(clock) -> tuple[object | None, float | None]:
     if not isinstance(clock, ClockRef):
         return clock, None
     try:
-        import pickle
-
         from ray.experimental import internal_kv
 
         raw = internal_kv._internal_kv_get(f"{clock.engine}:clock", namespace=_CLOCK_NS)

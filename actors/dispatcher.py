@@ -124,19 +124,20 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
         """The jobs not already here: a request re-admitted after a restart elsewhere may arrive while its first
         dispatch runs (it must not run twice) or after it finished (its result is sent again, no new call)."""
         known, done = self._known, self._done
-        if not any(j.req.uid in known or j.req.uid in done for j in jobs) and len({j.req.uid for j in jobs}) == len(jobs):
-            return jobs
         out, here = [], set()
         for j in jobs:
             uid = j.req.uid
-            dup = uid in known or uid in done or uid in here
-            if uid in done:
-                self._send_again(uid)
-            elif not dup:
+            if uid not in known and uid not in done and uid not in here:
                 out.append(j)
                 here.add(uid)
-            if j.claim is not None and dup:
+                continue
+            if uid in done and uid not in here:
+                self._send_again(uid)
+                here.add(uid)
+            if j.claim is not None:
                 self._settle.append((j.claim, 0.0))  # the duplicate's own reservation is not needed
+        if len(out) == len(jobs):
+            return jobs
         self._kick()
         return out
 

@@ -13,7 +13,7 @@ import time
 
 from actors._peer import Warm, as_peer
 from actors._types import Job, send_sharded
-from actors.journal import RedisJournal, make_journal
+from actors.journal import redis_journal
 from engine.core.features import fingerprint
 from engine.core.request import Request
 
@@ -38,8 +38,8 @@ class Ingest(Warm):
         self.next_seq = 0
         self.duplicates = 0
         self.share = share_across_tenants
-        journal = make_journal(settings, engine, None) if settings is not None else None
-        self.journal = journal if isinstance(journal, RedisJournal) else None
+        # Only a Redis journal: without one, the driver's memory is the record (see the module's docstring).
+        self.journal = redis_journal(settings, engine) if settings is not None else None
         self.journal_failures = 0  # accepted micro-batches not journaled (Redis down)
         self._journal_back_at = 0.0
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from actors._peer import Peer, as_peer
 
-__all__ = ["HubJournal", "JournalWriter", "MemoryJournalStore", "RedisJournal", "make_journal"]
+__all__ = ["HubJournal", "JournalWriter", "MemoryJournalStore", "RedisJournal", "make_journal", "redis_journal"]
 
 log = logging.getLogger("smartbatch.journal")
 
@@ -152,9 +152,12 @@ class JournalWriter:
                 done.set_result(None)
 
 
+def redis_journal(settings, engine: str) -> RedisJournal | None:
+    """The Redis journal of an engine named ``engine``, if Redis is configured."""
+    url = settings.journal_redis_url()
+    return RedisJournal(url, settings.cache.redis_prefix, engine, settings.cache.redis_timeout_s) if url else None
+
+
 def make_journal(settings, engine: str, hub: Any):
     """The journal for an engine named ``engine``: Redis when one is configured, else the hub's memory."""
-    url = settings.journal_redis_url()
-    if url:
-        return RedisJournal(url, settings.cache.redis_prefix, engine, settings.cache.redis_timeout_s)
-    return HubJournal(hub)
+    return redis_journal(settings, engine) or HubJournal(hub)

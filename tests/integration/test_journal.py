@@ -208,3 +208,21 @@ def test_an_unreachable_journal_does_not_stop_admission():
         assert sorted(j.req.id for _, (jobs,) in grouper.calls for j in jobs) == ["r0", "r1", "r2"]
         await ing.journal.close()
     asyncio.run(go())
+
+
+def test_a_dispatch_carrying_one_request_twice_makes_one_call_and_releases_the_copys_claim():
+    async def go():
+        hub, clock, args = dispatcher_args(Settings())
+        d = Dispatcher(*args)
+        d.provider = prov = HttpLike(hang=False)
+        j = Job(0, req(0), "fp", claim="c0")
+        await d.run_many([BatchJob("b0", "sync", None, False, "process_individually", "now",
+                                   [j, j._replace(claim="c1")])])
+        await until(lambda: prov.keys, "the call left")
+        (res,) = await hub.pull(1.0)
+        assert res.id == "r0" and prov.keys == [prov.keys[0]] and d.in_flight == 0
+        budget = args[8]
+        await until(lambda: any(n == "settle_many" for n, _ in budget.calls), "the claims were settled")
+        settled = [c for n, (s,) in budget.calls if n == "settle_many" for c in s]
+        assert ("c1", 0.0) in settled and any(c == "c0" for c, _ in settled)
+    asyncio.run(go())
