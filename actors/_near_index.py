@@ -13,49 +13,21 @@ from actors._types import Job
 from actors.cache_layers import CorruptValue, Entry, decode
 from engine.core.features import NEAR_DIM, featurize, featurize_texts
 from engine.core.result import Result
-from engine.core.similarity import guard_reason
-from engine.runtime.admission import may_follow
 
 Item = Job
 FOLLOWING = Result(id="", status="reused")  # marker: attached to a near duplicate in flight
+LEADS = Result(id="", status="failed")  # marker: generated, and a source for the asks after it
 
 
 class NearIndex:
     """Near-duplicate index methods of ``ResultCache``."""
 
-    def _follow_within(self, items: list[Item], vecs: np.ndarray, out: list) -> None:
-        """Near duplicates among this batch's misses: a later one follows the earliest that it matches (the
-        earlier one will lead), as it would had they arrived in two batches."""
-        if not self.reuse.in_flight:
-            return
-        by_class: dict[Hashable, list[int]] = {}
-        for k, it in enumerate(items):
-            if out[k] is None:
-                by_class.setdefault(self._near_key(it), []).append(k)
-        for ks in by_class.values():
-            if len(ks) < 2:
-                continue
-            sims = vecs[ks] @ vecs[ks].T
-            leads: list[int] = []  # positions in ks
-            for a in range(len(ks)):
-                it = items[ks[a]]
-                src = next((b for b in leads if sims[a, b] >= self.near_threshold and items[ks[b]].fp != it.fp
-                            and may_follow(self.reuse, items[ks[b]].req, it.req)
-                            and guard_reason(it.req.prompt, items[ks[b]].req.prompt, self.reuse.guards) is None),
-                           None)
-                if src is None:
-                    leads.append(a)
-                    continue
-                self.followers.setdefault(items[ks[src]].fp, []).append(it)
-                self.near_followers.add(it.req.uid)
-                self.stats["near"] += 1
-                out[ks[a]] = FOLLOWING
-
-    def _index_leaders(self, vecs: dict, lazy: bool = False) -> None:
+    def _index_leaders(self, vecs: dict, lazy: bool = False, skip: set[str] = frozenset()) -> None:
         """Index the requests that started generating, so near duplicates arriving meanwhile can follow them
         (the simulator's index holds a dispatched request too). ``vecs``: vectors already made, by id.
         ``lazy``: only those with a vector already; the rest wait for the next near ask or completion, so a
-        lookup without near asks (an urgent exact request) does not pay for featurising."""
+        lookup without near asks (an urgent exact request) does not pay for featurising. ``skip``: ids left
+        for later (leaders of the lookup under way, which its near asks weigh in arrival order)."""
         if not self.reuse.near:
             self._new_leads = []
             return
@@ -64,7 +36,8 @@ class NearIndex:
             self._new_leads = [it for it in self._new_leads if it.req.uid not in vecs]
             leading = ready
         else:
-            leading, self._new_leads = self._new_leads, []
+            leading = [it for it in self._new_leads if it.req.uid not in skip]
+            self._new_leads = [it for it in self._new_leads if it.req.uid in skip]
         leading = [it for it in leading if it.fp not in self.indexed]
         if not leading:
             return

@@ -22,7 +22,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Hashable
 
-from actors._near_index import FOLLOWING, Item, NearIndex
+from actors._near_index import FOLLOWING, LEADS, Item, NearIndex
 from actors._peer import Warm, as_peer, resolve_clock
 from actors.cache_layers import CorruptValue, Entry, LocalBlobStore, MemoryLRU, RedisLayer, decode, encode
 from engine.core.catalog import default_catalog
@@ -31,9 +31,10 @@ from engine.core.features import NEAR_DIM, compat_key, featurize
 from engine.core.grouping import ReuseSettings
 from engine.core.result import Result
 from engine.core.settings import CacheSettings, Settings
-from engine.runtime.admission import may_follow
+from engine.core.similarity import guard_between, guard_reason, traits
+from engine.runtime.admission import InFlight
 from engine.runtime.outcomes import reused_result
-from engine.runtime.reuse import ReuseIndex
+from engine.runtime.reuse import ReuseIndex, Top
 
 __all__ = ["ResultCache", "tenant_scope"]
 
@@ -68,10 +69,8 @@ class ResultCache(NearIndex, Warm):
         self.redis = redis
         self.blobs = blobs if blobs is not None else LocalBlobStore(self.cfg.blob_dir)
         self.index = ReuseIndex(NEAR_DIM)
-        self.leaders: dict[str, Item] = {}
-        self.followers: dict[str, list[Item]] = {}
+        self.inflight: InFlight[Item] = InFlight(reuse)  # leaders being generated and who waits for each
         self.generating: dict[str, Item] = {}  # request id -> item, for misses whose result will feed the cache
-        self.near_followers: set[str] = set()  # ids that follow a near-duplicate in flight
         self.indexed: set[str] = set()  # fingerprints already in the near index (indexed when they start)
         self.stats = {"exact_memory": 0, "exact_redis": 0, "near": 0, "in_flight": 0, "miss": 0,
                       "corrupt": 0, "stale_near": 0, "blobs": 0}
@@ -91,8 +90,8 @@ class ResultCache(NearIndex, Warm):
         return self.clock.now() if self.clock is not None else 0.0
 
     def __repr__(self) -> str:
-        return (f"ResultCache({self.memory!r}, {self.redis!r}, {self.index!r}, in_flight={len(self.leaders)}, "
-                f"followers={sum(len(v) for v in self.followers.values())})")
+        return (f"ResultCache({self.memory!r}, {self.redis!r}, {self.index!r}, in_flight={len(self.inflight)}, "
+                f"followers={self.inflight.n_following()})")
 
     # -- keys -------------------------------------------------------------------------------------------------
     def _scope(self, item: Item) -> str:
@@ -160,11 +159,13 @@ class ResultCache(NearIndex, Warm):
         near_asks: list[int] = []
         asked_fps: set[str] = set()
         after_near: list[int] = []  # identical to a near ask of this batch: decided once that one is
+        led: list[int] = []  # positions that lead before the near asks are decided
         for pos, item in enumerate(items):
             r = item.req
             if r.reuse == "none":
                 self._lead(item)
                 misses.append(pos)
+                led.append(pos)
                 continue
             e = entry_of.get(pos)
             if e is None and self.reuse.exact and self.redis is not None:
@@ -189,18 +190,16 @@ class ResultCache(NearIndex, Warm):
                 continue
             self._lead(item)
             misses.append(pos)
+            led.append(pos)
         vecs: dict = {}
         if near_asks:
-            near_hits, vecs = await self._near([items[k] for k in near_asks], now)
+            near_hits, vecs = await self._near(items, near_asks, led, now)
             for pos, res in zip(near_asks, near_hits):
-                if res is FOLLOWING:
-                    continue
-                if res is not None:
+                if res is LEADS:
+                    misses.append(pos)
+                elif res is not FOLLOWING:
                     hits.append(res)
                     hit_items.append(items[pos])
-                elif not self._attach(items[pos]):  # an identical ask earlier in this batch may lead now
-                    self._lead(items[pos])
-                    misses.append(pos)
             for pos in after_near:
                 if not self._attach(items[pos]):
                     self._lead(items[pos])
@@ -230,7 +229,7 @@ class ResultCache(NearIndex, Warm):
         """Of ``uids`` (requests re-admitted after a restart), those this cache holds: following an identical
         request in flight, or resolved here lately (their results are sent again). The rest must go on."""
         want = set(uids)
-        waiting = {f.req.uid for fs in self.followers.values() for f in fs if f.req.uid in want}
+        waiting = {f.req.uid for f in self.inflight.following() if f.req.uid in want}
         again = [self._delivered[u] for u in uids if u in self._delivered and u not in waiting]
         if again:
             try:
@@ -244,57 +243,98 @@ class ResultCache(NearIndex, Warm):
 
     def _attach(self, item: Item) -> bool:
         """Follow an identical request in flight that is due no later than this one."""
-        lead = self.leaders.get(item.fp)
-        if lead is not None and may_follow(self.reuse, lead.req, item.req):
-            self.followers.setdefault(item.fp, []).append(item)
+        if self.inflight.follow(item.fp, item.req, item):
             self.stats["in_flight"] += 1
             return True
         return False
 
     def _lead(self, item: Item) -> None:
-        if self.leaders.setdefault(item.fp, item) is item:
+        if self.inflight.lead(item.fp, item.req, item):
             self._new_leads.append(item)
         self.generating[item.req.uid] = item
 
-    async def _near(self, items: list[Item], now: float) -> tuple[list[Result | None], dict]:
-        """Near hits (or FOLLOWING) per item, and the vectors of the rest, by request id."""
-        self._index_leaders({})  # leaders not indexed yet must be findable now
+    async def _near(self, batch: list[Item], asks: list[int], led: list[int],
+                    now: float) -> tuple[list[Result | None], dict]:
+        """Near hits (or FOLLOWING) for the items of ``batch`` at positions ``asks``, and the vectors of the
+        items that lead, by request id. ``led``: positions that lead already (misses that ask no near reuse).
+
+        The items are decided in order, as if each had arrived alone (as the simulator admits them): an ask's
+        top match is the best of the index and of the items before it in this batch that lead; only that match
+        is weighed, against the threshold and every guard."""
+        self._index_leaders({}, skip={batch[p].req.uid for p in led})  # earlier leaders must be findable now
+        classes = {self._near_key(batch[p]) for p in asks}
+        rivals = [p for p in led if self._near_key(batch[p]) in classes]
+        order = sorted(asks + rivals)
+        items = [batch[p] for p in order]
+        leading = set(rivals)
         vecs = featurize([it.req for it in items], dim=NEAR_DIM)
         by_class: dict[Hashable, list[int]] = {}
         for k, it in enumerate(items):
             by_class.setdefault(self._near_key(it), []).append(k)
-        matches: dict[int, tuple[str, str, float]] = {}
+        tops: dict[int, Top] = {}
         for key, ks in by_class.items():
-            found = self.index.near_many(key, vecs[ks], [items[k].req.prompt for k in ks], self.near_threshold,
-                                         self.reuse.guards)
-            for k, h in zip(ks, found):
-                if h is not None:
-                    matches[k] = (key[0], h.source, h.similarity)
+            q = [k for k in ks if order[k] not in leading]
+            for k, top in zip(q, self.index.top_many(key, vecs[q])):
+                if top is not None and top.similarity >= self.near_threshold:
+                    tops[k] = top
+        ks = list(tops)
+        stored = (await self._fetch([(self._scope(items[k]), tops[k].source) for k in ks]))[0] if ks else []
+        entry_of = dict(zip(ks, stored))
         out: list[Result | None] = [None] * len(items)
-        ks = list(matches)
-        entries = (await self._fetch([(matches[k][0], matches[k][1]) for k in ks]))[0] if ks else []
-        for k, e in zip(ks, entries):
-            it = items[k]
-            if e is None:
-                # Not stored: the source may still be in flight (indexed when it started), as in the
-                # simulator; follow it if it is due no later than this request.
-                lead = self.leaders.get(matches[k][1])
-                if lead is not None and may_follow(self.reuse, lead.req, it.req):
-                    self.followers.setdefault(lead.fp, []).append(it)
-                    self.near_followers.add(it.req.uid)
-                    self.stats["near"] += 1
-                    out[k] = FOLLOWING
-                else:
-                    self.stats["stale_near"] += 1  # failed, expired or evicted since it was indexed
-                continue
-            res = self._reused(it, e, "near", max(now, it.req.arrival_s), matches[k][2])
-            if res is not None:
-                self.stats["near"] += 1
-                out[k] = res
-        # Misses among the near asks will lead: index them now, so near duplicates arriving while they are
-        # generated can follow them.
-        self._follow_within(items, vecs, out)
-        return out, {it.req.uid: vecs[k] for k, it in enumerate(items) if out[k] is None}
+        for key, ks in by_class.items():
+            sims = vecs[ks] @ vecs[ks].T
+            leads: list[int] = []  # positions in ks of the items that lead, in order
+            for a, k in enumerate(ks):
+                it = items[k]
+                if order[k] in leading:
+                    leads.append(a)
+                    continue
+                if any(items[ks[b]].fp == it.fp for b in leads):
+                    # Identical to an earlier one of this batch, which leads now: follow it as identical.
+                    out[k] = FOLLOWING if self._attach(it) else self._lead_now(it, leads, a)
+                    continue
+                top = tops.get(k)
+                b = max(leads, key=lambda b: sims[a, b], default=None)
+                if b is not None and sims[a, b] >= self.near_threshold and (top is None
+                                                                           or sims[a, b] > top.similarity):
+                    src = items[ks[b]]
+                    if (guard_reason(it.req.prompt, src.req.prompt, self.reuse.guards) is None
+                            and self._follow_near(it, src.fp)):
+                        out[k] = FOLLOWING
+                    else:
+                        out[k] = self._lead_now(it, leads, a)
+                    continue
+                if top is not None and guard_between(traits(it.req.prompt), top.traits(),
+                                                     self.reuse.guards) is None:
+                    e = entry_of.get(k)
+                    if e is not None:
+                        res = self._reused(it, e, "near", max(now, it.req.arrival_s), top.similarity)
+                        if res is not None:
+                            self.stats["near"] += 1
+                            out[k] = res
+                            continue
+                    elif self._follow_near(it, top.source):
+                        out[k] = FOLLOWING
+                        continue
+                    else:
+                        self.stats["stale_near"] += 1  # failed, expired or evicted since it was indexed
+                out[k] = self._lead_now(it, leads, a)
+        pos_of = {p: k for k, p in enumerate(order)}
+        return ([out[pos_of[p]] for p in asks],
+                {it.req.uid: vecs[k] for k, it in enumerate(items) if out[k] is None or out[k] is LEADS})
+
+    def _lead_now(self, item: Item, leads: list[int], a: int) -> Result:
+        """``item`` leads from here on, so the asks after it in this lookup may follow it."""
+        self._lead(item)
+        leads.append(a)
+        return LEADS
+
+    def _follow_near(self, item: Item, fp: str) -> bool:
+        """Follow the leader of ``fp``, a near duplicate in flight, if it is due no later than ``item``."""
+        if not self.inflight.follow(fp, item.req, item, "near"):
+            return False
+        self.stats["near"] += 1
+        return True
 
     # -- writing ----------------------------------------------------------------------------------------------
     def _entry(self, item: Item, res: Result) -> Entry:
@@ -314,18 +354,20 @@ class ResultCache(NearIndex, Warm):
         stored: list[tuple[Item, Entry]] = []
         for fp, res in done:
             item = self.generating.pop(res.uid, None)
-            lead = self.leaders.get(fp)
-            if lead is not None and lead.req.uid == res.uid:
-                del self.leaders[fp]
-            if res.status != "ok" or item is None:
+            if item is None:
+                continue
+            if res.status != "ok":
+                self.inflight.drop(fp, item)  # its followers wait for ``orphans``, which generates them
                 continue
             e = self._entry(item, res)
             self.memory.put(e, self.cfg.ttl_s)
             stored.append((item, e))
-            for f in self.followers.pop(fp, ()):
-                hit = "near" if f.req.uid in self.near_followers else "in_flight"
-                self.near_followers.discard(f.req.uid)
-                r = self._reused(f, e, hit, res.done_s or self._now())
+            at = res.done_s or self._now()
+            for f, how in self.inflight.done(fp, item):
+                # One that arrived once the result existed (it reached this cache later) found it stored, as
+                # the simulator says: an exact hit, resolved on arrival.
+                hit = "near" if how == "near" else "exact" if f.req.arrival_s >= at else "in_flight"
+                r = self._reused(f, e, hit, max(at, f.req.arrival_s))
                 if r is not None:
                     out.append(r)
                     out_items.append(f)
@@ -344,11 +386,9 @@ class ResultCache(NearIndex, Warm):
         """Followers whose leader failed for good: they must be generated after all."""
         out: list[Item] = []
         for fp in fps:
-            out.extend(self.followers.pop(fp, ()))
-            self.leaders.pop(fp, None)
+            out.extend(f for f, _ in self.inflight.orphans(fp))
         for it in out:
-            self.generating[it.req.uid] = it
-            self.near_followers.discard(it.req.uid)
+            self._lead(it)  # generated after all; the first of a fingerprint leads it, as in the simulator
         return out
 
     # -- reporting --------------------------------------------------------------------------------------------

@@ -84,6 +84,16 @@ def run_mutmut(workdir: Path, max_children: int, budget_s: float, log: Path) -> 
         sys.exit(f"mutmut is not installed in {sys.executable}'s environment: "
                  f"{sys.executable} -m pip install 'mutmut>=3.8,<4'")
     env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    # An editable install (``pip install -e .``) maps ``engine.*`` to the checkout ahead of the copy on
+    # sys.path, so the tests would import the unmutated code and every mutant would "survive". A
+    # sitecustomize on PYTHONPATH drops that finder in mutmut's process and its test workers.
+    shim = workdir / "_no_editable"
+    shim.mkdir(exist_ok=True)
+    (shim / "sitecustomize.py").write_text(
+        "import sys\n"
+        "sys.meta_path[:] = [f for f in sys.meta_path\n"
+        "                    if not getattr(f, '__module__', '').startswith('__editable__')]\n")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(shim), env.get("PYTHONPATH")]))
     # The copy lives outside the checkout's parent: point the real-trace tests at the same data.
     env.setdefault("SMARTBATCH_DATA_DIR", str(ROOT.parent / "shared" / "data" / "real"))
     with open(log, "ab") as out:

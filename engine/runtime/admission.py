@@ -1,12 +1,25 @@
 """Admission, the runtime kernel's first step: which reuse a request may take. One copy of each rule, used by
-the simulator and by the cache actor alike."""
+the simulator and by the cache actor alike.
+
+A request that allows reuse is, in this order: served from a stored result (exact, then near); attached to an
+identical or near request in flight (:class:`InFlight`, under :func:`may_follow`); or it leads: it is
+generated, and from then on it is a source that later identical and near requests may follow. A leader is a
+source from the moment it leads, not from the moment its last attempt starts: no runtime can tell in advance
+which attempt will succeed, so neither may the simulator.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Hashable, Iterator
+from typing import Generic, Literal, TypeVar
 
 from engine.core.grouping import ReuseSettings
 from engine.core.request import Request
 
-__all__ = ["may_follow"]
+__all__ = ["Follow", "InFlight", "may_follow"]
+
+T = TypeVar("T", bound=Hashable)
+Follow = Literal["in_flight", "near"]
 
 
 def may_follow(reuse: ReuseSettings, leader: Request, req: Request) -> bool:
@@ -14,3 +27,61 @@ def may_follow(reuse: ReuseSettings, leader: Request, req: Request) -> bool:
     only when the policy allows in-flight reuse and the leader is due no later than ``req``. A runtime cannot
     know when a call will finish, so the leader's deadline is the only promise it has."""
     return reuse.in_flight and leader.deadline_at <= req.deadline_at
+
+
+class InFlight(Generic[T]):
+    """Requests being generated, one leader per fingerprint, and the requests that wait for each leader's
+    result. ``T`` is how a runtime names a request (the simulator: its index; the cache: its job)."""
+
+    __slots__ = ("reuse", "_leaders", "_followers")
+
+    def __init__(self, reuse: ReuseSettings):
+        self.reuse = reuse
+        self._leaders: dict[str, tuple[Request, T]] = {}
+        self._followers: dict[str, list[tuple[T, Follow]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._leaders)
+
+    def leader(self, fp: str) -> T | None:
+        got = self._leaders.get(fp)
+        return None if got is None else got[1]
+
+    def lead(self, fp: str, req: Request, who: T) -> bool:
+        """``who`` is generated; it leads ``fp`` unless another request already does. Returns whether it leads."""
+        return self._leaders.setdefault(fp, (req, who))[1] == who
+
+    def follow(self, fp: str, req: Request, who: T, hit: Follow = "in_flight") -> bool:
+        """Attach ``who`` to the leader of ``fp`` if :func:`may_follow` allows it; returns whether it did."""
+        got = self._leaders.get(fp)
+        if got is None or not may_follow(self.reuse, got[0], req):
+            return False
+        self._followers.setdefault(fp, []).append((who, hit))
+        return True
+
+    def done(self, fp: str, who: T) -> list[tuple[T, Follow]]:
+        """``who`` has its result (or failed for good): it no longer leads ``fp``, and the requests attached
+        to ``fp`` are handed back, to resolve with that result (or to generate, see :meth:`orphans`)."""
+        got = self._leaders.get(fp)
+        if got is not None and got[1] == who:
+            del self._leaders[fp]
+        return self._followers.pop(fp, [])
+
+    def drop(self, fp: str, who: T) -> None:
+        """``who`` failed: it no longer leads ``fp``; the requests attached stay, for :meth:`orphans`."""
+        got = self._leaders.get(fp)
+        if got is not None and got[1] == who:
+            del self._leaders[fp]
+
+    def orphans(self, fp: str) -> list[tuple[T, Follow]]:
+        """The leader of ``fp`` failed for good: its followers, which must be generated after all."""
+        self._leaders.pop(fp, None)
+        return self._followers.pop(fp, [])
+
+    def following(self) -> Iterator[T]:
+        for fs in self._followers.values():
+            for who, _ in fs:
+                yield who
+
+    def n_following(self) -> int:
+        return sum(len(fs) for fs in self._followers.values())

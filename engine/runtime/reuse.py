@@ -20,7 +20,7 @@ import numpy as np
 
 from engine.core.similarity import Guards, Traits, guard_between, traits
 
-__all__ = ["BRUTE_MAX", "NearHit", "ReuseIndex"]
+__all__ = ["BRUTE_MAX", "NearHit", "ReuseIndex", "Top"]
 
 BRUTE_MAX = 8192  # rows up to which a class is searched exactly
 NPROBE = 4  # cells probed per query once a class is indexed
@@ -32,6 +32,20 @@ class NearHit(NamedTuple):
     source: Hashable
     done_at: float
     similarity: float
+
+
+class Top(NamedTuple):
+    """The best row for a query: its source, time and cosine; ``traits()`` reads what the guards compare (once
+    per row, and only for a row that clears the threshold)."""
+
+    source: Hashable
+    done_at: float
+    similarity: float
+    rows: _Rows
+    j: int
+
+    def traits(self) -> Traits:
+        return self.rows.traits(self.j)
 
 
 class _Rows:
@@ -242,20 +256,22 @@ class ReuseIndex:
     def near_many(self, near_key: Hashable, vecs: np.ndarray, texts: Sequence[str], threshold: float,
                   guards: Guards = Guards()) -> list[NearHit | None]:
         """``near`` for many queries of one class at once (one matrix product per probed cell)."""
-        shelf = self._shelves.get(near_key)
-        if shelf is None:
-            return [None] * len(texts)
         out: list[NearHit | None] = []
-        for text, best in zip(texts, shelf.top1(np.asarray(vecs, dtype=np.float32))):
-            if best is None or best[2] < threshold:
-                out.append(None)
-                continue
-            rows, j, s = best
+        for text, top in zip(texts, self.top_many(near_key, vecs)):
             # Precision first: only the top match is considered; a guard that refuses it means no hit,
             # never a fall-back to a weaker candidate.
-            out.append(None if guard_between(traits(text), rows.traits(j), guards) is not None
-                       else NearHit(rows.sources[j], rows.done[j], s))
+            out.append(None if top is None or top.similarity < threshold
+                       or guard_between(traits(text), top.traits(), guards) is not None
+                       else NearHit(top.source, top.done_at, top.similarity))
         return out
+
+    def top_many(self, near_key: Hashable, vecs: np.ndarray) -> list[Top | None]:
+        """The best row of the class per query, before any threshold or guard."""
+        shelf = self._shelves.get(near_key)
+        if shelf is None:
+            return [None] * len(vecs)
+        return [None if best is None else Top(best[0].sources[best[1]], best[0].done[best[1]], best[2], *best[:2])
+                for best in shelf.top1(np.asarray(vecs, dtype=np.float32))]
 
     def __repr__(self) -> str:
         return f"ReuseIndex(exact={len(self._exact)}, near_classes={len(self._shelves)})"

@@ -95,8 +95,5 @@ class SimBudget:
         self.status[i], self.done_at[i] = _REJECTED, self.now
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
         self.reject_why[i] = why
-        if self.fps is not None and self.pending_leader.get(self.fps[i]) == i:
-            del self.pending_leader[self.fps[i]]
-        for f in self.followers.pop(i, ()):
-            self.admit(f, fresh=False)
+        self.orphans(i)
 

@@ -28,7 +28,7 @@ from engine.core.grouping import Decision
 from engine.core.request import Request
 from engine.core.scheduling import Scheduling
 from engine.core.settings import Settings
-from engine.runtime.admission import may_follow
+from engine.runtime.admission import InFlight, may_follow
 from engine.runtime.outcomes import call_mode, verdict
 from engine.runtime.providers import Attempt, Event, SimProvider, Work, check_fallbacks
 from engine.runtime.reservation import dispatch_mode
@@ -85,8 +85,8 @@ class _Sim(SimBudget):
                 mat = featurize([reqs[i] for i in need], dim=NEAR_DIM)
                 self.index = ReuseIndex(dim=mat.shape[1])
                 self.vecs = dict(zip(need, mat))
-        self.pending_leader: dict[str, int] = {}
-        self.followers: dict[int, list[int]] = {}
+        self.inflight: InFlight[int] = InFlight(self.reuse)
+        self.near_indexed: set[str] = set()  # fingerprints with a row in the near index (one row each)
         self.table = GroupTable(policy, catalog)
         sched = getattr(policy, "scheduling", None) or Scheduling(order="fifo", fair_share=False)
         check_fallbacks(catalog, settings.resilience)
@@ -213,22 +213,38 @@ class _Sim(SimBudget):
                 if done > now and may_follow(reuse, self.reqs[found[0]], r):
                     self.resolve_reused(i, done, 2)
                     return
-            leader = self.pending_leader.get(fp)
-            if leader is not None and may_follow(reuse, self.reqs[leader], r):
-                self.followers.setdefault(leader, []).append(i)
+            if self.inflight.follow(fp, r, i):
                 return
-            if reuse.near and r.reuse == "near" and i in self.vecs:
-                h = self.index.near((r.tenant, self.compat[i]), self.vecs[i], r.prompt, self.near_threshold,
-                                   reuse.guards)
-                # A source still in flight is followed only under the rule for identical ones (due no
-                # later than this request): its completion time is not known to a live engine.
-                if h is not None and (h.done_at <= now or (
-                        may_follow(reuse, self.reqs[h.source], r))):
-                    self.resolve_reused(i, max(now, h.done_at), 3)
-                    return
-        if fps is not None:
-            self.pending_leader.setdefault(fps[i], i)
+            if reuse.near and r.reuse == "near" and i in self.vecs and self.near(i, r, now):
+                return
+        if fps is not None and self.inflight.lead(fps[i], r, i):
+            self.index_near(i, fps[i], math.inf)
         self.apply(*self.table.add(r, self.compat[i], now))
+
+    def near(self, i: int, r: Request, now: float) -> bool:
+        """Reuse or follow the top near match, found by its fingerprint: a stored result, or a source still in
+        flight under the rule for identical ones (due no later than this request)."""
+        h = self.index.near((r.tenant, self.compat[i]), self.vecs[i], r.prompt, self.near_threshold,
+                            self.reuse.guards)
+        if h is None:
+            return False
+        found = self.index.exact(h.source)
+        if found is not None:
+            j, done = found
+            if done <= now or may_follow(self.reuse, self.reqs[j], r):
+                self.resolve_reused(i, max(now, done), 3)
+                return True
+            return False
+        return self.inflight.follow(h.source, r, i, "near")
+
+    def index_near(self, i: int, fp: str, done: float) -> None:
+        """A source for near duplicates, from when it leads (or, if it never led, when it completes)."""
+        vec = self.vecs.get(i)
+        if vec is None or fp in self.near_indexed:
+            return
+        self.near_indexed.add(fp)
+        self.index.add_near((self.reqs[i].tenant, self.compat[i]), vec[None, :], [fp], [self.reqs[i].prompt],
+                            [done])
 
     def apply(self, dispatches: list[Dispatch], wake: Wake | None) -> None:
         for d in dispatches:
@@ -315,20 +331,21 @@ class _Sim(SimBudget):
         if fps is not None:
             r = self.reqs[i]
             fp = fps[i]
-            vec = self.vecs.get(i)
-            self.index.add(fp, i, at, near_key=(r.tenant, self.compat[i]) if vec is not None else None, vec=vec,
-                           text=r.prompt)
-            if self.pending_leader.get(fp) == i:
-                del self.pending_leader[fp]
-        for f in self.followers.pop(i, ()):
-            self.resolve_reused(f, at, 2)
+            self.index.add(fp, i, at)
+            self.index_near(i, fp, at)
+            for f, hit in self.inflight.done(fp, i):
+                self.resolve_reused(f, at, 2 if hit == "in_flight" else 3)
 
     def fail_final(self, i: int, at: float) -> None:
         self.status[i], self.done_at[i] = _FAILED, at
-        if self.fps is not None and self.pending_leader.get(self.fps[i]) == i:
-            del self.pending_leader[self.fps[i]]
-        for f in self.followers.pop(i, ()):
-            self.admit(f, fresh=False)
+        self.orphans(i)
+
+    def orphans(self, i: int) -> None:
+        """``i`` failed or was rejected for good: the requests that followed it must be generated after all."""
+        if self.fps is not None:
+            self.inflight.drop(self.fps[i], i)
+            for f, _ in self.inflight.orphans(self.fps[i]):
+                self.admit(f, fresh=False)
 
     def settle(self, i: int, a: Attempt, mode: int, bid: int) -> None:
         """One attempt of a batch or GPU member ended: complete it, or hand it back to the policy as a retry
