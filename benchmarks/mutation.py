@@ -31,8 +31,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# name -> (file, the fast unit tests that check its rules): the rule modules of issue 15 (the runtime kernel
-# joins this list once it exists). Each module is judged by its own tests only: a mutant that survives them
+# name -> (file, the fast unit tests that check its rules): the rule modules of issue 15, and the runtime
+# kernel. Each module is judged by its own tests only: a mutant that survives them
 # is a rule that no test of that module states.
 MODULES = {
     "cost": ("engine/core/cost.py", ["tests/unit/test_cost.py", "tests/unit/test_budgets.py"]),
@@ -43,6 +43,13 @@ MODULES = {
     "ratelimit": ("engine/runtime/ratelimit.py", ["tests/unit/test_limits.py"]),
     "smart": ("policies/smart.py", ["tests/unit/test_rules_timing.py", "tests/unit/test_policies.py",
                                     "tests/unit/test_rules.py"]),
+    # The runtime kernel: what both runtimes take from one copy.
+    "admission": ("engine/runtime/admission.py", ["tests/unit/test_admission.py", "tests/unit/test_rules.py",
+                                                  "tests/unit/test_cache.py"]),
+    "reservation": ("engine/runtime/reservation.py", ["tests/unit/test_budgets.py", "tests/unit/test_simulator.py",
+                                                      "tests/unit/test_actors.py"]),
+    "outcomes": ("engine/runtime/outcomes.py", ["tests/unit/test_simulator.py", "tests/unit/test_actors.py",
+                                                "tests/unit/test_rules.py"]),
 }
 KILLED = {"killed", "timeout", "caught by type check"}  # the tests (or the CPU limit) noticed the change
 NOT_RUN = {"not checked", "check was interrupted by user"}  # the budget ran out before this mutant
