@@ -44,12 +44,12 @@ MODULES = {
     "smart": ("policies/smart.py", ["tests/unit/test_rules_timing.py", "tests/unit/test_policies.py",
                                     "tests/unit/test_rules.py"]),
     # The runtime kernel: what both runtimes take from one copy.
-    "admission": ("engine/runtime/admission.py", ["tests/unit/test_admission.py", "tests/unit/test_rules.py",
-                                                  "tests/unit/test_cache.py"]),
-    "reservation": ("engine/runtime/reservation.py", ["tests/unit/test_budgets.py", "tests/unit/test_simulator.py",
-                                                      "tests/unit/test_actors.py"]),
-    "outcomes": ("engine/runtime/outcomes.py", ["tests/unit/test_simulator.py", "tests/unit/test_actors.py",
-                                                "tests/unit/test_rules.py"]),
+    "admission": ("engine/runtime/admission.py", ["tests/unit/test_admission.py", "tests/unit/test_outcomes.py",
+                                                  "tests/unit/test_rules.py", "tests/unit/test_cache.py"]),
+    "reservation": ("engine/runtime/reservation.py", ["tests/unit/test_outcomes.py", "tests/unit/test_budgets.py",
+                                                      "tests/unit/test_simulator.py", "tests/unit/test_actors.py"]),
+    "outcomes": ("engine/runtime/outcomes.py", ["tests/unit/test_outcomes.py", "tests/unit/test_simulator.py",
+                                                "tests/unit/test_actors.py", "tests/unit/test_rules.py"]),
 }
 KILLED = {"killed", "timeout", "caught by type check"}  # the tests (or the CPU limit) noticed the change
 NOT_RUN = {"not checked", "check was interrupted by user"}  # the budget ran out before this mutant

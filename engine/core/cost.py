@@ -222,6 +222,8 @@ def reserve_bound(req: Request, catalog: Catalog, mode: Mode, output_tokens: int
     maximum output, at the output price; the batch API's discount applies to both. Media: the price alone, which for GPU-priced work is one warm-up per job, the
     most a GPU batch share can cost.
     """
+    if mode not in MODES:  # a misspelt mode would otherwise be priced as sync, silently
+        raise ValueError(f"unknown mode {mode!r}: one of {MODES}")
     provider = catalog.provider(req.provider)
     spec = catalog.model(req.provider, req.model)
     if mode == "reuse":

@@ -1,5 +1,6 @@
 """Run by test_cluster.py in its own process (a process holds one Ray connection): a simulated cluster with
-one node per provider resource group, the engine on it, and a report of placement and cost as JSON."""
+one node per provider resource group, the engine on it with its groupers sharded, the exact-parity trace
+(_parity.py) through it and through the simulator, and a report of placement and differences as JSON."""
 
 import json
 import os
@@ -8,11 +9,12 @@ import sys
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import ray  # noqa: E402
+from _parity import MIN_GAP_S, SPEEDUP, closest_call, coverage, differences, wave_trace  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from engine import Engine  # noqa: E402
 from engine.core.catalog import default_catalog  # noqa: E402
-from engine.core.tracegen import synth  # noqa: E402
+from engine.core.cost import MODES  # noqa: E402
 from engine.sim.simulator import simulate  # noqa: E402
 from policies import load_policy  # noqa: E402
 
@@ -20,26 +22,32 @@ GROUPS = [{"provider:openai": 1, "provider:anthropic": 1}, {"provider:google": 1
 
 
 def main() -> None:
-    n = int(sys.argv[1])
+    groupers = int(sys.argv[1])
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     nodes = [cluster.add_node(num_cpus=1, resources=res) for res in GROUPS]
     cluster.wait_for_nodes()
     try:
         ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
-        reqs = [r.model_copy(update={"deadline_s": min(r.deadline_s, 1800.0)})
-                for r in synth(n, seed=4, duration_s=n)]
-        params = {"reuse_near": False}
-        sim = simulate(reqs, load_policy("smart", default_catalog(), params))
-        with Engine.start(speedup=100, policy_params=params) as eng:
-            results = [f.result(timeout=300) for f in eng.replay(reqs)]
-            placed = {name: ray.get(h.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))
-                      for name, h in eng._h["dispatchers"].items()}
+        reqs = wave_trace()
+        sim = simulate(reqs, load_policy("smart", default_catalog()))
+        modes, hits, hedged = coverage(sim)
+        # Every lane, every kind of reuse and a hedged batch; decisions clear of arrivals by MIN_GAP_S.
+        premise = bool(all(modes.get(m) for m in MODES) and all(hits.get(h) for h in (1, 2, 3)) and hedged > 0
+                       and closest_call(sim) >= MIN_GAP_S)
+        with Engine.start(speedup=SPEEDUP, num_groupers=groupers, metrics_port=None) as eng:
+            live = {r.id: r for r in (f.result(timeout=300) for f in eng.replay(reqs))}
+            where = lambda h: ray.get(h.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))  # noqa: E731
+            placed = {name: where(h) for name, h in eng._h["dispatchers"].items()}
+            grouper_nodes = {where(h) for h in eng._h["groupers"]}
         node_res = {nd.node_id: res for nd, res in zip(nodes, GROUPS)}
         print(json.dumps({
-            "live_cost": sum(r.cost_usd for r in results),
+            "premise": premise,
+            "coverage": [modes, hits, hedged, float(closest_call(sim))],
+            "differences": [list(map(str, d)) for d in differences(sim, live)],
+            "live_cost": sum(r.cost_usd for r in live.values()),
             "sim_cost": sim.total_cost,
-            "statuses": sorted({r.status for r in results}),
             "placement_ok": {name: f"provider:{name}" in node_res.get(node, {}) for name, node in placed.items()},
+            "grouper_nodes": len(grouper_nodes),
             "nodes": len(ray.nodes()),
         }))
     finally:

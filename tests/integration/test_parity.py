@@ -1,5 +1,5 @@
 """Exact parity: the same trace and seed through the simulator and through the live actors give the same
-decisions and the same cost, request by request.
+decisions and the same cost, request by request, on a simulated multi-node cluster with the groupers sharded.
 
 Both runtimes share the policy and the kernel (admission, reservation, outcomes), so the only thing that may
 tell them apart is time: the live clock runs while messages cross actors. The trace is built so that no
@@ -14,77 +14,29 @@ rules the runtimes had drifted on (``engine.runtime.admission``): a near duplica
 it leads, and the requests of one cache lookup are admitted in arrival order.
 """
 
-import collections
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from engine import Engine
-from engine.core.catalog import default_catalog
-from engine.core.cost import MODES
-from engine.core.features import fingerprint
-from engine.core.tracegen import synth
-from engine.sim.simulator import simulate
-from policies import load_policy
-
-SPEEDUP = 10
-MIN_GAP_S = 1.0  # engine seconds
-WAVE_S = 10.0
+HERE = Path(__file__).resolve().parent
 
 
-def wave_trace(n: int = 160, seed: int = 52, span_s: float = 150.0, max_deadline_s: float = 600.0):
-    """``synth`` squeezed into ``span_s`` and rounded into waves ``WAVE_S`` apart, deadlines capped."""
-    reqs = synth(n, seed=seed, duration_s=span_s)
-    a0, a1 = min(r.arrival_s for r in reqs), max(r.arrival_s for r in reqs)
-    return [r.model_copy(update={
-        "deadline_s": min(r.deadline_s, max_deadline_s),
-        "arrival_s": WAVE_S * round((r.arrival_s - a0) * span_s / (a1 - a0) / WAVE_S)}) for r in reqs]
-
-
-def closest_call(sim) -> float:
-    """Engine seconds between an arrival and the nearest event it could have changed: a batch of its lane
-    being sent, or the completion of an identical request."""
-    lane, same = collections.defaultdict(list), collections.defaultdict(list)
-    for r in sim.requests:
-        lane[(r.provider, r.model)].append(r.arrival_s)
-        same[fingerprint(r)].append(r.arrival_s)
-    gaps = [abs(a - b.t) for b in sim.batches if b.mode != "sync" for a in lane[(b.provider, b.model)]]
-    gaps += [abs(a - sim.done_at[i]) for i, r in enumerate(sim.requests) if MODES[sim.mode[i]] != "reuse"
-             and sim.status[i] != 0 for a in same[fingerprint(r)]]
-    return min(g for g in gaps if g > 1e-6)
-
-
-def test_the_live_engine_makes_the_simulators_decisions_request_by_request(ray_session):
-    reqs = wave_trace()
-    sim = simulate(reqs, load_policy("smart", default_catalog()))
-    modes = collections.Counter(MODES[m] for m in sim.mode)
-    hits = collections.Counter(int(h) for h in sim.hit)
-    # The trace exercises every lane and every kind of reuse, and a batch that hedges to sync.
-    assert all(modes[m] for m in MODES) and all(hits[h] for h in (1, 2, 3)), (modes, hits)
-    assert any(b.outcome == "hedged" for b in sim.batches)
-    assert closest_call(sim) >= MIN_GAP_S, "the trace no longer keeps its decisions clear of its arrivals"
-
-    with Engine.start(speedup=SPEEDUP, metrics_port=None) as eng:
-        live = {r.id: r for r in (f.result(timeout=300) for f in eng.replay(reqs))}
-
-    near = {0: None, 1: "identical", 2: "identical", 3: "near"}
-    diffs = []
-    for i, r in enumerate(sim.requests):
-        got = live[r.id]
-        want = (MODES[sim.mode[i]], round(float(sim.cost[i]), 9), bool(sim.met[i]), near[int(sim.hit[i])])
-        have = (got.mode, round(got.cost_usd, 9), bool(got.deadline_met),
-                None if got.hit is None else "near" if got.hit == "near" else "identical")
-        if want != have:
-            diffs.append((r.id, want, have))
-    assert not diffs, diffs[:10]
-    assert sum(x.cost_usd for x in live.values()) == pytest.approx(sim.total_cost, abs=1e-9)
-
-    # The same batches: every batch-API and GPU batch has the same members in both runtimes.
-    def batches(pairs):
-        out = collections.defaultdict(set)
-        for rid, mode, bid in pairs:
-            if mode in ("batch_api", "gpu_batch"):
-                out[bid].add(rid)
-        return sorted(sorted(s) for s in out.values())
-
-    assert batches((r.id, MODES[sim.mode[i]], int(sim.batch_of[i])) for i, r in enumerate(sim.requests)) == \
-        batches((x.id, x.mode, x.batch_id) for x in live.values())
+def test_the_engine_on_a_simulated_cluster_makes_the_simulators_decisions_request_by_request():
+    """Head plus one node per provider resource group (ray.cluster_utils, in a process of its own: a process
+    holds one Ray connection), two groupers sharding the lanes. Every dispatcher runs on a node with its
+    provider's resource, and every request gets the simulator's mode, cost, deadline outcome and reuse kind, in
+    the same batches. _parity.py checks the trace's premise and coverage first."""
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONPATH=os.pathsep.join([str(HERE.parents[1]), str(HERE)]))
+    proc = subprocess.run([sys.executable, str(HERE / "_cluster_run.py"), "2"], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["nodes"] == 4
+    assert all(out["placement_ok"].values()) and len(out["placement_ok"]) == 4, out["placement_ok"]
+    assert out["premise"] is True, out["coverage"]
+    assert out["differences"] == []
+    assert out["live_cost"] == pytest.approx(out["sim_cost"], abs=1e-9)

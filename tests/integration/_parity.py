@@ -1,0 +1,68 @@
+"""The exact-parity trace and comparison, shared by test_parity.py (one node) and _cluster_run.py (a simulated
+cluster): see test_parity.py for why the trace is built this way."""
+
+from __future__ import annotations
+
+import collections
+
+from engine.core.cost import MODES
+from engine.core.features import fingerprint
+from engine.core.tracegen import synth
+
+SPEEDUP = 10
+MIN_GAP_S = 1.0  # engine seconds
+WAVE_S = 10.0
+
+
+def wave_trace(n: int = 160, seed: int = 52, span_s: float = 150.0, max_deadline_s: float = 600.0):
+    """``synth`` squeezed into ``span_s`` and rounded into waves ``WAVE_S`` apart, deadlines capped."""
+    reqs = synth(n, seed=seed, duration_s=span_s)
+    a0, a1 = min(r.arrival_s for r in reqs), max(r.arrival_s for r in reqs)
+    return [r.model_copy(update={
+        "deadline_s": min(r.deadline_s, max_deadline_s),
+        "arrival_s": WAVE_S * round((r.arrival_s - a0) * span_s / (a1 - a0) / WAVE_S)}) for r in reqs]
+
+
+def closest_call(sim) -> float:
+    """Engine seconds between an arrival and the nearest event it could have changed: a batch of its lane
+    being sent, or the completion of an identical request."""
+    lane, same = collections.defaultdict(list), collections.defaultdict(list)
+    for r in sim.requests:
+        lane[(r.provider, r.model)].append(r.arrival_s)
+        same[fingerprint(r)].append(r.arrival_s)
+    gaps = [abs(a - b.t) for b in sim.batches if b.mode != "sync" for a in lane[(b.provider, b.model)]]
+    gaps += [abs(a - sim.done_at[i]) for i, r in enumerate(sim.requests) if MODES[sim.mode[i]] != "reuse"
+             and sim.status[i] != 0 for a in same[fingerprint(r)]]
+    return min(g for g in gaps if g > 1e-6)
+
+
+def coverage(sim) -> tuple[dict, dict, int]:
+    """Requests per mode, per reuse kind (0 none, 1 exact, 2 in flight, 3 near), and hedged batches."""
+    return (dict(collections.Counter(MODES[m] for m in sim.mode)),
+            dict(collections.Counter(int(h) for h in sim.hit)), sum(b.outcome == "hedged" for b in sim.batches))
+
+
+def differences(sim, live: dict) -> list:
+    """Requests whose mode, cost, deadline outcome or reuse kind differ (``live``: id -> Result), and whether
+    the batch-API and GPU batches have different members."""
+    near = {0: None, 1: "identical", 2: "identical", 3: "near"}
+    diffs = []
+    for i, r in enumerate(sim.requests):
+        got = live[r.id]
+        want = (MODES[sim.mode[i]], round(float(sim.cost[i]), 9), bool(sim.met[i]), near[int(sim.hit[i])])
+        have = (got.mode, round(got.cost_usd, 9), bool(got.deadline_met),
+                None if got.hit is None else "near" if got.hit == "near" else "identical")
+        if want != have:
+            diffs.append((r.id, want, have))
+
+    def batches(pairs):
+        out = collections.defaultdict(set)
+        for rid, mode, bid in pairs:
+            if mode in ("batch_api", "gpu_batch"):
+                out[bid].add(rid)
+        return sorted(sorted(s) for s in out.values())
+
+    if batches((r.id, MODES[sim.mode[i]], int(sim.batch_of[i])) for i, r in enumerate(sim.requests)) != \
+            batches((x.id, x.mode, x.batch_id) for x in live.values()):
+        diffs.append(("batches", "members differ", ""))
+    return diffs
