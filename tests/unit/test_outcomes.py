@@ -12,7 +12,14 @@ from engine.core.cost import reserve_bound
 from engine.core.provider_api import CallOutcome, Usage
 from engine.core.request import Request
 from engine.runtime.admission import InFlight
-from engine.runtime.outcomes import call_mode, failed_result, ok_result, refused_result, reused_result, verdict
+from engine.runtime.outcomes import (
+    call_mode,
+    failed_result,
+    ok_result,
+    refused_result,
+    reused_result,
+    verdict,
+)
 from engine.runtime.reservation import claim_amount
 from policies import load_policy
 
