@@ -27,14 +27,13 @@ from actors._peer import Warm, as_peer, resolve_clock
 from actors.cache_layers import CorruptValue, Entry, LocalBlobStore, MemoryLRU, RedisLayer, decode, encode
 from engine.core.catalog import default_catalog
 from engine.core.cost import price_alone
-from engine.core.features import NEAR_DIM, compat_key, featurize
+from engine.core.features import NEAR_DIM, compat_key
 from engine.core.grouping import ReuseSettings
 from engine.core.result import Result
 from engine.core.settings import CacheSettings, Settings
-from engine.core.similarity import guard_between, guard_reason, traits
 from engine.runtime.admission import InFlight
 from engine.runtime.outcomes import reused_result
-from engine.runtime.reuse import ReuseIndex, Top
+from engine.runtime.reuse import ReuseIndex
 
 __all__ = ["ResultCache", "tenant_scope"]
 
@@ -252,89 +251,6 @@ class ResultCache(NearIndex, Warm):
         if self.inflight.lead(item.fp, item.req, item):
             self._new_leads.append(item)
         self.generating[item.req.uid] = item
-
-    async def _near(self, batch: list[Item], asks: list[int], led: list[int],
-                    now: float) -> tuple[list[Result | None], dict]:
-        """Near hits (or FOLLOWING) for the items of ``batch`` at positions ``asks``, and the vectors of the
-        items that lead, by request id. ``led``: positions that lead already (misses that ask no near reuse).
-
-        The items are decided in order, as if each had arrived alone (as the simulator admits them): an ask's
-        top match is the best of the index and of the items before it in this batch that lead; only that match
-        is weighed, against the threshold and every guard."""
-        self._index_leaders({}, skip={batch[p].req.uid for p in led})  # earlier leaders must be findable now
-        classes = {self._near_key(batch[p]) for p in asks}
-        rivals = [p for p in led if self._near_key(batch[p]) in classes]
-        order = sorted(asks + rivals)
-        items = [batch[p] for p in order]
-        leading = set(rivals)
-        vecs = featurize([it.req for it in items], dim=NEAR_DIM)
-        by_class: dict[Hashable, list[int]] = {}
-        for k, it in enumerate(items):
-            by_class.setdefault(self._near_key(it), []).append(k)
-        tops: dict[int, Top] = {}
-        for key, ks in by_class.items():
-            q = [k for k in ks if order[k] not in leading]
-            for k, top in zip(q, self.index.top_many(key, vecs[q])):
-                if top is not None and top.similarity >= self.near_threshold:
-                    tops[k] = top
-        ks = list(tops)
-        stored = (await self._fetch([(self._scope(items[k]), tops[k].source) for k in ks]))[0] if ks else []
-        entry_of = dict(zip(ks, stored))
-        out: list[Result | None] = [None] * len(items)
-        for key, ks in by_class.items():
-            sims = vecs[ks] @ vecs[ks].T
-            leads: list[int] = []  # positions in ks of the items that lead, in order
-            for a, k in enumerate(ks):
-                it = items[k]
-                if order[k] in leading:
-                    leads.append(a)
-                    continue
-                if any(items[ks[b]].fp == it.fp for b in leads):
-                    # Identical to an earlier one of this batch, which leads now: follow it as identical.
-                    out[k] = FOLLOWING if self._attach(it) else self._lead_now(it, leads, a)
-                    continue
-                top = tops.get(k)
-                b = max(leads, key=lambda b: sims[a, b], default=None)
-                if b is not None and sims[a, b] >= self.near_threshold and (top is None
-                                                                           or sims[a, b] > top.similarity):
-                    src = items[ks[b]]
-                    if (guard_reason(it.req.prompt, src.req.prompt, self.reuse.guards) is None
-                            and self._follow_near(it, src.fp)):
-                        out[k] = FOLLOWING
-                    else:
-                        out[k] = self._lead_now(it, leads, a)
-                    continue
-                if top is not None and guard_between(traits(it.req.prompt), top.traits(),
-                                                     self.reuse.guards) is None:
-                    e = entry_of.get(k)
-                    if e is not None:
-                        res = self._reused(it, e, "near", max(now, it.req.arrival_s), top.similarity)
-                        if res is not None:
-                            self.stats["near"] += 1
-                            out[k] = res
-                            continue
-                    elif self._follow_near(it, top.source):
-                        out[k] = FOLLOWING
-                        continue
-                    else:
-                        self.stats["stale_near"] += 1  # failed, expired or evicted since it was indexed
-                out[k] = self._lead_now(it, leads, a)
-        pos_of = {p: k for k, p in enumerate(order)}
-        return ([out[pos_of[p]] for p in asks],
-                {it.req.uid: vecs[k] for k, it in enumerate(items) if out[k] is None or out[k] is LEADS})
-
-    def _lead_now(self, item: Item, leads: list[int], a: int) -> Result:
-        """``item`` leads from here on, so the asks after it in this lookup may follow it."""
-        self._lead(item)
-        leads.append(a)
-        return LEADS
-
-    def _follow_near(self, item: Item, fp: str) -> bool:
-        """Follow the leader of ``fp``, a near duplicate in flight, if it is due no later than ``item``."""
-        if not self.inflight.follow(fp, item.req, item, "near"):
-            return False
-        self.stats["near"] += 1
-        return True
 
     # -- writing ----------------------------------------------------------------------------------------------
     def _entry(self, item: Item, res: Result) -> Entry:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 from pydantic import Field, field_validator
 
@@ -57,6 +57,14 @@ class SmartParams(PolicyParams):
     hedge_margin_s: float = Field(default=15.0, ge=0, description="spare seconds after the sync fallback")
     min_on_time_p: float = Field(default=0.02, ge=0, le=1,
                                  description="try the batch API only when P(done before hedge) >= this")
+    min_batch_saving_usd: float = Field(default=0.001, ge=0, description=(
+        "value of time: hold requests for a batch only when it is expected to save at least this much in all "
+        "(its members now, plus those the lane's recent arrivals bring before it is sent); else send at once"))
+    min_saving_rel: float = Field(default=0.02, ge=0, le=1, description=(
+        "value of time: ... and at least this share of the members' list price (P(on time) x the discount)"))
+    wait_usd_per_hour: dict[Literal["urgent", "normal", "background"], float] = Field(
+        default_factory=dict, description="value of time: what an hour of waiting costs, per request and "
+        "priority; a batch must be expected to save more than its members' expected wait costs")
     confident_p: float = Field(default=0.9, ge=0, le=1,
                                description="P at or above which a batch is 'process_as_batch', else 'consider'")
     gpu_margin_s: float = Field(default=60.0, ge=0, description="spare seconds before a GPU batch's deadline")
@@ -189,32 +197,65 @@ class Smart(Policy):
         drain = -(-n // c.max_conc)
         memo = group.memo  # derived from the group alone: caching it on the group changes no decision
         if memo is not None and memo[:3] == (group.earliest_deadline_at, group.oldest_arrival_s, drain):
-            flush_at = memo[3]
+            flush_at, judged = memo[3], memo[4]
         else:
-            flush_at = group.oldest_arrival_s + self._gather_budget(group, c)
-            group.memo = (group.earliest_deadline_at, group.oldest_arrival_s, drain, flush_at)
-        if n < ba.max_requests and now < flush_at:
-            return Decision.wait(flush_at, "gathering a batch")
+            flush_at, judged = group.oldest_arrival_s + self._gather_budget(group, c), False
+            group.memo = (group.earliest_deadline_at, group.oldest_arrival_s, drain, flush_at, False)
+        gathering = n < ba.max_requests and now < flush_at
+        if gathering and judged:
+            return Decision.wait(flush_at, "gathering a batch")  # found worth its wait; judged again when sent
         members = group.members[: ba.max_requests]
         if len(members) == n:
             max_out, earliest = group.max_output_tokens, group.earliest_deadline_at
+            tokens_in, tokens_out = group.input_tokens, group.output_tokens
         else:
             max_out, earliest = max(r.output_tokens for r in members), min(r.deadline_at for r in members)
+            tokens_in, tokens_out = sum(r.input_tokens for r in members), sum(r.output_tokens for r in members)
         hedge_at = earliest - self._hedge_lead(c, max_out, len(members))
         p_on_time = ba.turnaround_cdf(hedge_at - now)
         # List prices without cache effects: the batch reads the provider cache as sync calls would, so the
         # comparison (and the saving quoted in the reason) holds with caching too.
-        c_sync = c.p_in * sum(r.input_tokens for r in members) + c.p_out * sum(r.output_tokens for r in members)
+        c_sync = c.p_in * tokens_in + c.p_out * tokens_out
         c_batch = mode_factor(group.provider, "batch_api") * c_sync
-        expected = p_on_time * c_batch + (1 - p_on_time) * c_sync
-        if p_on_time < p.min_on_time_p or expected >= c_sync:
+        saving = p_on_time * (c_sync - c_batch)  # expected: sync minus (P * batch + (1 - P) * sync)
+        # Value of time. P(on time) only falls while a batch waits, so a batch not worth it now never will be,
+        # unless company arrives: the lane's recent arrival rate says how much.
+        coming = group.arrival_rate(now) * (flush_at - now) if gathering else 0.0
+        why_not = self._not_worth(group, members, saving * (len(members) + coming) / len(members), c_sync,
+                                  p_on_time, hedge_at, flush_at if gathering else now, now, ba)
+        if why_not is not None:
             return Decision("dispatch", mode="sync", take=len(members), recommendation="process_individually",
-                            reason=f"sync: P(batch done by hedge)={p_on_time:.2f} too low")
+                            reason=f"sync now: {why_not}")
+        if gathering:
+            group.memo = (*group.memo[:4], True)
+            return Decision.wait(flush_at, "gathering a batch")
         rec = "process_as_batch" if p_on_time >= p.confident_p else "consider_batch"
         return Decision("dispatch", mode="batch_api", take=len(members), hedge_at=hedge_at, recommendation=rec,
-                        reason=(f"batch API: {len(members)} requests, expected ${c_sync - expected:.4f} saved "
+                        reason=(f"batch API: {len(members)} requests, expected ${saving:.4f} saved "
                                 f"of ${c_sync:.4f} at list price, P(on time)={p_on_time:.2f}, "
                                 f"hedge at t={hedge_at:.0f}s"))
+
+    def _not_worth(self, group: Group, members: list[Request], projected: float, c_sync: float, p_on_time: float,
+                   hedge_at: float, send_at: float, now: float, ba) -> str | None:
+        """Why a batch is not worth its wait (None when it is): P(on time) too low, an expected saving too small
+        in all or as a share of the price, or less than what its members' wait is worth."""
+        p = self.params
+        if p_on_time < p.min_on_time_p or projected <= 0:
+            return f"P(batch done by hedge)={p_on_time:.2f} too low"
+        if projected < p.min_batch_saving_usd:
+            return (f"a batch would save ${projected:.4f} expected, under min_batch_saving_usd "
+                    f"${p.min_batch_saving_usd:g}")
+        if c_sync > 0 and p_on_time * (1.0 - mode_factor(group.provider, "batch_api")) < p.min_saving_rel:
+            return (f"a batch would save {p_on_time * (1.0 - mode_factor(group.provider, 'batch_api')):.0%} of "
+                    f"the list price expected, under min_saving_rel {p.min_saving_rel:.0%}")
+        if p.wait_usd_per_hour:
+            # Expected wait: until it is sent, then the turnaround if on time, else until the hedge.
+            on_time = min(ba.turnaround_median_s, max(hedge_at - send_at, 0.0))
+            hours = (send_at - now + p_on_time * on_time + (1 - p_on_time) * max(hedge_at - send_at, 0.0)) / 3600
+            price = hours * sum(p.wait_usd_per_hour.get(r.priority, 0.0) for r in members)
+            if price >= projected:
+                return f"its wait is worth ${price:.4f}, the batch would save ${projected:.4f} expected"
+        return None
 
     def _decide_gpu(self, group: Group, now: float) -> Decision:
         p = self.params

@@ -6,6 +6,7 @@ The runtime (simulator or actors) owns the groups and the loop; a policy only re
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from engine.core.cost import Mode
 from engine.core.request import Request
 from engine.core.similarity import Guards
 
-__all__ = ["RECOMMENDATIONS", "Decision", "Group", "PrefixSightings", "Recommendation", "ReuseSettings"]
+__all__ = ["RECOMMENDATIONS", "Decision", "Group", "LaneRates", "PrefixSightings", "Recommendation", "ReuseSettings"]
 
 Recommendation = Literal["process_as_batch", "consider_batch", "process_individually"]
 RECOMMENDATIONS: tuple[Recommendation, ...] = ("process_as_batch", "consider_batch", "process_individually")
@@ -79,6 +80,34 @@ class PrefixSightings:
         return len(self._last)
 
 
+class LaneRates:
+    """How fast requests arrive under each group key lately: an arrival count that decays with time constant
+    ``tau_s``, so ``rate`` is about the arrivals of the last ``tau_s`` seconds over ``tau_s``. What tells a
+    policy whether a lone request will have company if it waits. Runtime state, like ``PrefixSightings``: the
+    table records every arrival before the policy decides. Bounded: the key seen least recently goes first."""
+
+    __slots__ = ("_seen", "capacity", "tau_s")
+
+    def __init__(self, tau_s: float = 600.0, capacity: int = 65_536):
+        self._seen: OrderedDict[Hashable, tuple[float, float]] = OrderedDict()  # key -> (count, at)
+        self.tau_s = tau_s
+        self.capacity = capacity
+
+    def see(self, key: Hashable, now: float) -> None:
+        count, at = self._seen.pop(key, (0.0, now))
+        self._seen[key] = (count * math.exp(min(0.0, at - now) / self.tau_s) + 1.0, now)
+        if len(self._seen) > self.capacity:
+            self._seen.popitem(last=False)
+
+    def rate(self, key: Hashable, now: float) -> float:
+        """Arrivals per second under ``key`` (the latest arrival included), 0 for a key never seen."""
+        count, at = self._seen.get(key, (0.0, now))
+        return count * math.exp(min(0.0, at - now) / self.tau_s) / self.tau_s
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+
 @dataclass(eq=False, slots=True)
 class Group:
     """Pending requests that a policy put under one key, in arrival order, with running aggregates so a
@@ -96,13 +125,22 @@ class Group:
     version: int = 0
     sightings: PrefixSightings | None = None
     memo: Any = None
+    rates: LaneRates | None = None
+    input_tokens: int = 0  # of the members, summed
+    output_tokens: int = 0
 
     def add(self, req: Request) -> None:
         self.members.append(req)
         self.earliest_deadline_at = min(self.earliest_deadline_at, req.deadline_at)
         self.oldest_arrival_s = min(self.oldest_arrival_s, req.arrival_s)
         self.max_output_tokens = max(self.max_output_tokens, req.output_tokens)
+        self.input_tokens += req.input_tokens
+        self.output_tokens += req.output_tokens
         self.version += 1
+
+    def arrival_rate(self, now: float) -> float:
+        """Arrivals per second lately under this group's key (``LaneRates``); 0 when the runtime keeps none."""
+        return self.rates.rate(self.key, now) if self.rates is not None else 0.0
 
     def take(self, k: int) -> list[Request]:
         """Remove and return the first ``k`` members (all for k <= 0), recomputing the aggregates."""
@@ -111,8 +149,10 @@ class Group:
         self.version += 1
         if not self.members:
             self.earliest_deadline_at = self.oldest_arrival_s = float("inf")
-            self.max_output_tokens = 0
+            self.max_output_tokens = self.input_tokens = self.output_tokens = 0
             return out
+        self.input_tokens -= sum(r.input_tokens for r in out)
+        self.output_tokens -= sum(r.output_tokens for r in out)
         self.earliest_deadline_at = min((r.deadline_at for r in self.members), default=float("inf"))
         self.oldest_arrival_s = min((r.arrival_s for r in self.members), default=float("inf"))
         self.max_output_tokens = max((r.output_tokens for r in self.members), default=0)

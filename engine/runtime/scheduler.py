@@ -14,7 +14,7 @@ from typing import NamedTuple
 from engine.core.catalog import Catalog
 from engine.core.cost import mode_allowed
 from engine.core.errors import PolicyError
-from engine.core.grouping import Decision, Group, PrefixSightings
+from engine.core.grouping import Decision, Group, LaneRates, PrefixSightings
 from engine.core.request import Request
 
 __all__ = ["Dispatch", "GroupTable", "Wake"]
@@ -37,6 +37,7 @@ class GroupTable:
         self.catalog = catalog
         self.groups: dict[Hashable, Group] = {}
         self.sightings = PrefixSightings()
+        self.rates = LaneRates()
 
     def __len__(self) -> int:
         return sum(len(g) for g in self.groups.values())
@@ -49,7 +50,9 @@ class GroupTable:
         g = self.groups.get(key)
         if g is None:
             prov = self.catalog.providers[req.provider]
-            g = self.groups[key] = Group(key, prov, prov.models[req.model], sightings=self.sightings)
+            g = self.groups[key] = Group(key, prov, prov.models[req.model], sightings=self.sightings,
+                                         rates=self.rates)
+        self.rates.see(key, now)
         g.add(req)
         return self._decide(g, now)
 

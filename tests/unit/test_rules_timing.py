@@ -58,7 +58,7 @@ def test_hedge_at_is_the_earliest_deadline_less_the_sync_p99_drain_and_margin(ma
     cat = catalog_with("openai", rate_limits__max_concurrency=2,  # 5 members drain in 3 waves
                        batch_api__cancel_s=cancel_s)
     prov = cat.providers["openai"]
-    policy = load_policy("smart", cat, {"hedge_margin_s": margin_s, "batch_gather_s": 0})
+    policy = load_policy("smart", cat, {"hedge_margin_s": margin_s, "batch_gather_s": 0, "min_batch_saving_usd": 0.0})
     members = [text_request(k, 100.0 + k, 86_400.0 - 500.0 * k, 40 + 97 * k) for k in range(n)]
     group = Group(("batch", (), 0), prov, prov.models["gpt-5-mini"])
     for r in members:

@@ -1,0 +1,93 @@
+"""Value of time (issue 13): ``smart`` holds a request for a batch only when the batch is worth the wait.
+
+A batch must be expected to save at least ``min_batch_saving_usd`` in all (its members now, plus those the
+lane's recent arrival rate brings before it is sent), at least ``min_saving_rel`` of the list price, and more
+than its members' wait is worth at ``wait_usd_per_hour``. Otherwise the requests go at once."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from engine.core.catalog import default_catalog
+from engine.core.cost import MODES
+from engine.core.grouping import LaneRates
+from engine.core.request import Request
+from engine.sim.simulator import simulate
+from policies import load_policy
+
+CAT = default_catalog()
+
+
+def req(i: int, deadline_s: float, arrival_s: float = 0.0, priority: str = "normal", **kw) -> Request:
+    return Request.model_validate({"id": f"q{i}", "arrival_s": arrival_s, "model": "gpt-5-mini",
+                                   "prompt": f"Summarise report {i}.", "deadline_s": deadline_s,
+                                   "priority": priority, **kw})
+
+
+@pytest.mark.parametrize("deadline_s", [300.0, 600.0, 3600.0, 86400.0])
+def test_a_lone_request_that_a_batch_would_barely_save_on_is_sent_at_once(deadline_s):
+    """The README's first example: one gpt-5-mini request. Before, it waited for a one-request batch with an
+    expected saving of $0.0001 and came back at 580 s of a 600 s deadline."""
+    res = simulate([req(0, deadline_s)], load_policy("smart", CAT))
+    (b,) = res.batches
+    assert (b.mode, b.t) == ("sync", 0.0) and res.done_at[0] < 10.0
+    assert "under min_batch_saving_usd" in b.reason
+    # With the threshold off, the same request waits for a batch (the old behaviour): the rule is what moved it.
+    off = simulate([req(0, deadline_s)], load_policy("smart", CAT, {"min_batch_saving_usd": 0.0}))
+    assert off.batches[0].mode == "batch_api" or off.batches[0].t > 0.0
+
+
+def test_a_batch_worth_its_wait_still_gathers_and_saves():
+    """Two thousand long-deadline requests at once: far above the threshold, they ride the batch API."""
+    reqs = [req(i, 86400.0, input_tokens=2000, output_tokens=500) for i in range(2000)]
+    res = simulate(reqs, load_policy("smart", CAT))
+    modes = [MODES[m] for m in res.mode]
+    assert modes.count("batch_api") >= 1900, modes.count("sync")
+    assert res.total_cost < simulate(reqs, load_policy("naive", CAT)).total_cost * 0.6
+
+
+def test_a_lone_request_waits_when_the_lane_brings_company():
+    """The same lone request gathers when its lane has seen steady arrivals: the projected batch (members now
+    plus the lane's rate times the gather) clears the threshold."""
+    threshold = {"min_batch_saving_usd": 0.05}
+    # One request every 5 s for 20 minutes in the same lane (same model, same deadline bucket).
+    steady = [req(i, 86400.0, arrival_s=5.0 * i, input_tokens=2000, output_tokens=500) for i in range(240)]
+    res = simulate(steady, load_policy("smart", CAT, threshold))
+    early = [b for b in res.batches if b.t < 60.0]
+    late = [b for b in res.batches if b.t >= 600.0 or b.mode == "batch_api"]
+    assert early and all(b.mode == "sync" for b in early)  # no history yet: nothing says company is coming
+    assert any(b.mode == "batch_api" and b.size > 10 for b in late)  # with history, the lane batches
+
+
+def test_a_price_of_waiting_sends_at_once_what_would_otherwise_wait():
+    reqs = [req(i, 86400.0, priority="background", input_tokens=2000, output_tokens=500) for i in range(50)]
+    cheap = simulate(reqs, load_policy("smart", CAT))
+    assert {MODES[m] for m in cheap.mode} == {"batch_api"}
+    dear = simulate(reqs, load_policy("smart", CAT, {"wait_usd_per_hour": {"background": 1.0}}))
+    assert {MODES[m] for m in dear.mode} == {"sync"} and "its wait is worth" in dear.batches[0].reason
+    # Priced for another priority only: background work still waits.
+    other = simulate(reqs, load_policy("smart", CAT, {"wait_usd_per_hour": {"urgent": 1.0}}))
+    assert {MODES[m] for m in other.mode} == {"batch_api"}
+
+
+def test_a_minimum_share_of_the_price_sends_a_long_shot_batch_at_once():
+    reqs = [req(i, 1800.0, input_tokens=20000, output_tokens=2000) for i in range(100)]
+    base = simulate(reqs, load_policy("smart", CAT))
+    assert "batch_api" in {b.mode for b in base.batches}
+    strict = simulate(reqs, load_policy("smart", CAT, {"min_saving_rel": 0.45}))  # needs P(on time) >= 0.9
+    assert {b.mode for b in strict.batches} == {"sync"} and "under min_saving_rel" in strict.batches[0].reason
+
+
+def test_lane_rates_decay_with_time_and_forget_the_oldest_lane():
+    r = LaneRates(tau_s=100.0, capacity=2)
+    for t in range(10):
+        r.see("a", float(t))
+    # An arrival k seconds ago counts exp(-k / tau); the rate is the count over tau.
+    assert r.rate("a", 9.0) == pytest.approx(sum(math.exp(-k / 100.0) for k in range(10)) / 100.0)
+    assert r.rate("a", 109.0) == pytest.approx(r.rate("a", 9.0) * math.exp(-1.0))
+    assert r.rate("never", 0.0) == 0.0
+    r.see("b", 10.0)
+    r.see("c", 11.0)
+    assert len(r) == 2 and r.rate("a", 11.0) == 0.0  # "a" was seen least recently: forgotten
