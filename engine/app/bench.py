@@ -188,33 +188,50 @@ def _latency(row: dict) -> str:
 
 
 def _plot(doc: dict, path: Path) -> Any:
-    """Cost against deadline attainment, one labelled point per policy. Returns the figure, so tests can
-    inspect where the labels landed."""
+    """Cost against deadline attainment, and cost against median latency (completion minus arrival), one
+    labelled point per policy in each panel. Returns the figure, so tests can inspect where the labels landed."""
     # An Agg canvas bound to a bare Figure: no pyplot state, no GUI backend, nothing to close.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4.5), dpi=120)
+    fig = Figure(figsize=(11, 4.5), dpi=120)
     FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    labels = []
-    for r in doc["results"]:
-        ax.scatter(100 * r["deadline_met_frac"], r["cost_usd"], s=40)
-        labels.append(ax.annotate(r["policy"], (100 * r["deadline_met_frac"], r["cost_usd"]),
-                                  textcoords="offset points", xytext=(5, 4), fontsize=8))
+    met_ax, lat_ax = fig.subplots(1, 2, sharey=True)
+    panels = [(met_ax, [100 * r["deadline_met_frac"] for r in doc["results"]], "deadlines met (%)",
+               "cost against deadline attainment")]
+    p50 = [((r.get("latency_s") or {}).get("p50")) for r in doc["results"]]
+    panels.append((lat_ax, p50, "median latency, completion minus arrival (s)", "cost against median latency"))
     naive = doc["results"][0]["naive_cost_usd"]
-    ax.axhline(naive, color="grey", linestyle="--", linewidth=1, label=f"naive ${naive:.2f}")
-    ax.axhline(doc["lower_bound_usd"], color="green", linestyle=":", linewidth=1,
-               label=f"lower bound ${doc['lower_bound_usd']:.2f}")
-    ax.set_xlabel("deadlines met (%)")
-    ax.set_ylabel("cost (USD)")
-    ax.set_title(f"{doc['trace']}: cost against deadline attainment")
-    ax.set_ylim(bottom=0)
-    ax.legend(fontsize=8, loc="best")
+    labels: dict[Any, list] = {}
+    for ax, xs, xlabel, title in panels:
+        labels[ax] = []
+        for r, x in zip(doc["results"], xs):
+            if x is None:
+                continue
+            ax.scatter(x, r["cost_usd"], s=40)
+            labels[ax].append(ax.annotate(r["policy"], (x, r["cost_usd"]), textcoords="offset points",
+                                          xytext=(5, 4), fontsize=8))
+        ax.axhline(naive, color="grey", linestyle="--", linewidth=1, label=f"naive ${naive:.2f}")
+        ax.axhline(doc["lower_bound_usd"], color="green", linestyle=":", linewidth=1,
+                   label=f"lower bound ${doc['lower_bound_usd']:.2f}")
+        ax.set_xlabel(xlabel)
+        ax.set_title(f"{doc['trace']}: {title}", fontsize=9)
+    if any(x is not None and x > 0 for x in p50):
+        lat_ax.set_xscale("symlog", linthresh=1.0)  # seconds to hours in one panel
+    met_ax.set_ylabel("cost (USD)")
+    met_ax.set_ylim(bottom=0)
+    met_ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    # Greedy de-collision, done after the layout is final (nothing rescales the axes afterwards): take the
-    # labels bottom to top and lift each one just clear of every label already placed that it overlaps.
     fig.canvas.draw()
+    for ax_labels in labels.values():
+        _separate(fig, ax_labels)
+    fig.savefig(path)
+    return fig
+
+
+def _separate(fig, labels: list) -> None:
+    """Greedy de-collision, done after the layout is final (nothing rescales the axes afterwards): take the
+    labels bottom to top and lift each one just clear of every label already placed that it overlaps."""
     renderer = fig.canvas.get_renderer()
     px_per_pt = fig.dpi / 72.0
     placed = []
@@ -232,8 +249,6 @@ def _plot(doc: dict, path: Path) -> Any:
             dx, dy = label.xyann
             label.xyann = (dx, dy + lift / px_per_pt)
         placed.append(box.translated(0, lift))
-    fig.savefig(path)
-    return fig
 
 
 def write_outputs(doc: dict, out_dir: str | Path) -> dict[str, Path]:

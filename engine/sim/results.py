@@ -61,6 +61,14 @@ class SimResult:
         done = (self.status == _OK) | (self.status == _REUSED)
         return done & (self.done_at <= self.deadline_at + DEADLINE_SLACK_S)
 
+    def latency(self) -> dict[str, float] | None:
+        """p50 and p99 (engine seconds) of completion time minus arrival of every served request."""
+        served = (self.status == _OK) | (self.status == _REUSED)
+        arrival = np.fromiter((r.arrival_s for r in self.requests), dtype=np.float64, count=len(self.requests))
+        w = (self.done_at - arrival)[served]
+        return None if w.size == 0 else {"p50": round(float(np.percentile(w, 50)), 3),
+                                          "p99": round(float(np.percentile(w, 99)), 3)}
+
     def latency_by_priority(self) -> dict[str, dict[str, float] | None]:
         """p50 and p99 (engine seconds) of completion time minus arrival of the served requests (ok or
         reused), per priority (None where a priority has none): what waiting for a cheaper mode cost in time."""
@@ -92,6 +100,7 @@ class SimResult:
             "cost_usd": round(self.total_cost, 6),
             "deadline_met_frac": float(met.mean()) if n else 1.0,
             "deadline_met_by_priority": by_prio,
+            "latency_s": self.latency(),
             "latency_s_by_priority": self.latency_by_priority(),
             "completed": int(((self.status == _OK) | (self.status == _REUSED)).sum()),
             "failed": int((self.status == _FAILED).sum()),

@@ -63,10 +63,10 @@ def test_long_variant_names_still_fit(doc, monkeypatch):
     assert "smart-eager-gather-0s" in "\n".join(lines)
 
 
-def _label_boxes(fig):
+def _label_boxes(fig, panel=0):
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
-    (ax,) = fig.axes
+    ax = fig.axes[panel]
     return {t.get_text(): t.get_window_extent(renderer) for t in ax.texts}
 
 
@@ -78,13 +78,27 @@ def test_plot_labels_of_coinciding_points_do_not_overlap(doc, stacked, tmp_path)
         r["deadline_met_frac"], r["cost_usd"] = 0.99 + 1e-5 * k, 1.0 + 1e-4 * k
     d["results"][-1]["deadline_met_frac"], d["results"][-1]["cost_usd"] = 0.5, 0.2
     fig = _plot(d, tmp_path / "plot.png")
-    (ax,) = fig.axes
+    ax = fig.axes[0]
     assert len({t.xyann for t in ax.texts}) > 1  # the stacked labels were nudged apart
     assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     boxes = _label_boxes(fig)
     assert set(boxes) == {r["policy"] for r in d["results"]}
     for (a, ba), (b, bb) in itertools.combinations(boxes.items(), 2):
         assert not ba.overlaps(bb), f"labels {a!r} and {b!r} overlap: {ba} vs {bb}"
+
+
+def test_the_plot_shows_cost_against_median_latency_too(doc, tmp_path):
+    d = copy.deepcopy(doc)
+    for k, r in enumerate(d["results"]):
+        r["latency_s"] = {"p50": 10.0 ** k, "p99": 10.0 ** (k + 1)}
+    fig = _plot(d, tmp_path / "plot.png")
+    met_ax, lat_ax = fig.axes
+    assert "latency" in lat_ax.get_xlabel() and "deadlines met" in met_ax.get_xlabel()
+    # One point per policy, at its p50 and cost.
+    points = sorted(tuple(map(float, c.get_offsets()[0])) for c in lat_ax.collections)
+    assert points == sorted((10.0 ** k, r["cost_usd"]) for k, r in enumerate(d["results"]))
+    boxes = _label_boxes(fig, panel=1)
+    assert set(boxes) == {r["policy"] for r in d["results"]}
 
 
 def test_plot_draws_on_agg(doc, tmp_path):
