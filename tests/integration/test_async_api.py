@@ -1,8 +1,9 @@
 """The asyncio API of the live engine: ``asubmit``, ``asubmit_many``, ``as_completed``.
 
 At speed-up 100 an urgent request with a 20 s deadline is sent at once (~0.1 s real); a normal one with a
-300 s deadline waits for batch company and is sent sync shortly before its deadline (~2.8 s real). So "fast"
-and "slow" below differ by seconds, not by milliseconds of noise.
+300 s deadline waits for batch company and is sent sync shortly before its deadline (~2.8 s real), because the
+engine here puts no value on waiting (``min_batch_saving_usd`` 0: by default a lone request would go at once).
+So "fast" and "slow" below differ by seconds, not by milliseconds of noise.
 """
 
 import asyncio
@@ -48,7 +49,7 @@ async def with_ticker(coro):
 
 @pytest.fixture(scope="module")
 def eng(ray_session):
-    with Engine.start(speedup=100) as e:
+    with Engine.start(speedup=100, policy_params={"min_batch_saving_usd": 0.0}) as e:
         yield e
 
 
@@ -138,7 +139,7 @@ def test_backpressure_waits_off_the_loop_and_stopped_engine_refuses(ray_session)
         second = await e.asubmit(fast("b2"))
         return await first, second, time.monotonic()
 
-    with Engine.start(speedup=100, max_pending=1) as e:
+    with Engine.start(speedup=100, max_pending=1, policy_params={"min_batch_saving_usd": 0.0}) as e:
         (first, second, _), ticker = asyncio.run(with_ticker(main(e)))
         assert first.status == second.status == "ok"
         assert second.done_s > first.done_s  # b2 was admitted only when b1 finished
