@@ -1,5 +1,7 @@
 """Rate gates, retries, circuit breaking and fair scheduling: as units and through the simulator."""
 
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -222,3 +224,41 @@ def test_a_flooding_tenant_does_not_make_another_miss_its_deadlines():
                     catalog=cat)
     assert fifo.met[quiet].mean() < 0.3  # the same trace in arrival order: the quiet tenant waits behind
     assert fair.summary()["completed"] == fifo.summary()["completed"] == len(reqs)
+
+
+# -- calls of unknown length (real providers): booked open, finished when their answer arrives ---------------
+
+def test_a_call_of_unknown_length_holds_its_slot_until_it_finishes():
+    gate = RateGate(RateLimits(rpm=1000, tpm=1e9, max_concurrency=1))
+    gate.take(0.0, 10, math.inf)  # a real call: its end is known only when it answers
+    assert gate.earliest(100.0, 10) == math.inf and gate.running == 1  # the one slot is held, however long
+    gate.finish(7.5)
+    assert gate.earliest(1.0, 10) == 7.5  # the slot frees when the call ended, not before
+    assert gate.earliest(9.0, 10) == 9.0
+    gate.finish(8.0)  # nothing open any more: no effect
+    assert gate.earliest(9.0, 10) == 9.0
+
+
+def test_tokens_a_call_used_beyond_its_estimate_count_in_the_minute_it_ended():
+    def gate_after(extra):
+        g = RateGate(RateLimits(rpm=1000, tpm=1000, max_concurrency=10))
+        g.take(0.0, 400, math.inf)
+        g.finish(10.0, extra_tokens=extra)
+        return g
+
+    # The estimate was 400 of the minute's 1,000 tokens; the answer showed 900 (500 more), counted at t=10.
+    assert gate_after(500).earliest(10.0, 200) == 60.0  # 900 + 200 > 1,000 until the 400 of t=0 leave
+    assert gate_after(500).earliest(10.0, 700) == 70.0  # ... and the 500 counted at t=10 leave at t=70
+    assert gate_after(0).earliest(10.0, 200) == 10.0
+    # A usage below the estimate is not given back: the windows only grow (over-counting is the safe side).
+    assert gate_after(-300).earliest(10.0, 600) == 10.0 and gate_after(-300).earliest(10.0, 700) == 60.0
+
+
+def test_a_batch_of_unknown_end_holds_its_enqueued_tokens_until_it_finishes():
+    q = EnqueuedTokens(1000)
+    q.take(0.0, 800, math.inf)
+    assert q.earliest(50.0, 300) == math.inf  # held until the batch ends, whenever that is
+    q.finish(800, 40.0)
+    assert q.earliest(30.0, 300) == 40.0 and q.earliest(50.0, 300) == 50.0
+    q.finish(800, 60.0)  # not open any more: no effect
+    assert q.earliest(41.0, 1000) == 41.0 and q.held == 0.0
