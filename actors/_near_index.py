@@ -24,45 +24,41 @@ LEADS = Result(id="", status="failed")  # marker: generated, and a source for th
 class NearIndex:
     """Near-duplicate index methods of ``ResultCache``."""
 
-    async def _near(self, batch: list[Item], asks: list[int], led: list[int],
-                    now: float) -> tuple[list[Result | None], dict]:
-        """Near hits (or FOLLOWING) for the items of ``batch`` at positions ``asks``, and the vectors of the
-        items that lead, by request id. ``led``: positions that lead already (misses that ask no near reuse).
+    async def _near(self, batch: list[Item], order: list[int], now: float) -> tuple[list[Result], dict]:
+        """Decide the items of ``batch`` at positions ``order`` (every one of a near-duplicate class with a near
+        ask in this lookup, in arrival order): a near hit, FOLLOWING (an identical or near request in flight)
+        or LEADS (generated); and the vectors of those that lead, by request id.
 
-        The items are decided in order, as if each had arrived alone (as the simulator admits them): an ask's
-        top match is the best of the index and of the items before it in this batch that lead; only that match
-        is weighed, against the threshold and every guard."""
-        self._index_leaders({}, skip={batch[p].req.uid for p in led})  # earlier leaders must be findable now
-        classes = {self._near_key(batch[p]) for p in asks}
-        rivals = [p for p in led if self._near_key(batch[p]) in classes]
-        order = sorted(asks + rivals)
+        Each is decided as if it had arrived alone, as the simulator admits them: an identical request in
+        flight first, then the top near match, the best of the index and of the items before it that lead;
+        only that match is weighed, against the threshold and every guard."""
+        self._index_leaders({})  # leaders of earlier lookups must be findable now
         items = [batch[p] for p in order]
-        leading = set(rivals)
         vecs = featurize([it.req for it in items], dim=NEAR_DIM)
         by_class: dict[Hashable, list[int]] = {}
         for k, it in enumerate(items):
             by_class.setdefault(self._near_key(it), []).append(k)
         tops: dict[int, Top] = {}
         for key, ks in by_class.items():
-            q = [k for k in ks if order[k] not in leading]
+            q = [k for k in ks if self._wants_near(items[k])]
             for k, top in zip(q, self.index.top_many(key, vecs[q])):
                 if top is not None and top.similarity >= self.near_threshold:
                     tops[k] = top
         ks = list(tops)
         stored = (await self._fetch([(self._scope(items[k]), tops[k].source) for k in ks]))[0] if ks else []
         entry_of = dict(zip(ks, stored))
-        out: list[Result | None] = [None] * len(items)
-        for key, ks in by_class.items():
+        out: list[Result] = [LEADS] * len(items)
+        for ks in by_class.values():
             sims = vecs[ks] @ vecs[ks].T
             leads: list[int] = []  # positions in ks of the items that lead, in order
             for a, k in enumerate(ks):
                 it = items[k]
-                if order[k] in leading:
-                    leads.append(a)
+                if it.req.reuse != "none" and self._attach(it):
+                    out[k] = FOLLOWING
                     continue
-                if any(items[ks[b]].fp == it.fp for b in leads):
-                    # Identical to an earlier one of this batch, which leads now: follow it as identical.
-                    out[k] = FOLLOWING if self._attach(it) else self._lead_now(it, leads, a)
+                if not self._wants_near(it) or any(items[ks[b]].fp == it.fp for b in leads):
+                    # No near ask, or identical to one that leads and is due later: generated.
+                    out[k] = self._lead_now(it, leads, a)
                     continue
                 top = tops.get(k)
                 b = max(leads, key=lambda b: sims[a, b], default=None)
@@ -90,9 +86,7 @@ class NearIndex:
                     else:
                         self.stats["stale_near"] += 1  # failed, expired or evicted since it was indexed
                 out[k] = self._lead_now(it, leads, a)
-        pos_of = {p: k for k, p in enumerate(order)}
-        return ([out[pos_of[p]] for p in asks],
-                {it.req.uid: vecs[k] for k, it in enumerate(items) if out[k] is None or out[k] is LEADS})
+        return out, {it.req.uid: vecs[k] for k, it in enumerate(items) if out[k] is LEADS}
 
     def _lead_now(self, item: Item, leads: list[int], a: int) -> Result:
         """``item`` leads from here on, so the asks after it in this lookup may follow it."""
@@ -107,12 +101,11 @@ class NearIndex:
         self.stats["near"] += 1
         return True
 
-    def _index_leaders(self, vecs: dict, lazy: bool = False, skip: set[str] = frozenset()) -> None:
+    def _index_leaders(self, vecs: dict, lazy: bool = False) -> None:
         """Index the requests that started generating, so near duplicates arriving meanwhile can follow them
         (the simulator's index holds a dispatched request too). ``vecs``: vectors already made, by id.
         ``lazy``: only those with a vector already; the rest wait for the next near ask or completion, so a
-        lookup without near asks (an urgent exact request) does not pay for featurising. ``skip``: ids left
-        for later (leaders of the lookup under way, which its near asks weigh in arrival order)."""
+        lookup without near asks (an urgent exact request) does not pay for featurising."""
         if not self.reuse.near:
             self._new_leads = []
             return
@@ -121,8 +114,7 @@ class NearIndex:
             self._new_leads = [it for it in self._new_leads if it.req.uid not in vecs]
             leading = ready
         else:
-            leading = [it for it in self._new_leads if it.req.uid not in skip]
-            self._new_leads = [it for it in self._new_leads if it.req.uid in skip]
+            leading, self._new_leads = self._new_leads, []
         leading = [it for it in leading if it.fp not in self.indexed]
         if not leading:
             return

@@ -155,54 +155,42 @@ class ResultCache(NearIndex, Warm):
                              if self.reuse.exact else ([None] * len(asks), set()))
         entry_of = dict(zip(asks, found))
         redis_pos = {asks[k] for k in from_redis}
-        near_asks: list[int] = []
-        asked_fps: set[str] = set()
-        after_near: list[int] = []  # identical to a near ask of this batch: decided once that one is
-        led: list[int] = []  # positions that lead before the near asks are decided
+        # Requests of a near-duplicate class are decided in arrival order, as if each had come alone (as the
+        # simulator admits them): a near ask may follow only what led before it. The others go at once.
+        near_classes = ({self._near_key(it) for it in items if self._wants_near(it)}
+                        if self.reuse.near else set())
+        deferred: list[int] = []
         for pos, item in enumerate(items):
             r = item.req
-            if r.reuse == "none":
-                self._lead(item)
-                misses.append(pos)
-                led.append(pos)
+            if r.reuse != "none":
+                e = entry_of.get(pos)
+                if e is None and self.reuse.exact and self.redis is not None:
+                    # Re-read memory: a leader may have completed while this batch waited on Redis, and its
+                    # followers are gone with it, so only the stored entry can still spare a second call.
+                    e = self.memory.get(item.fp)
+                if e is not None:
+                    res = self._reused(item, e, "exact", max(now, r.arrival_s))
+                    if res is not None:
+                        self.stats["exact_redis" if pos in redis_pos else "exact_memory"] += 1
+                        hits.append(res)
+                        hit_items.append(item)
+                        continue
+            if near_classes and self._near_key(item) in near_classes:
+                deferred.append(pos)
                 continue
-            e = entry_of.get(pos)
-            if e is None and self.reuse.exact and self.redis is not None:
-                # Re-read memory: a leader may have completed while this batch waited on Redis, and its
-                # followers are gone with it, so only the stored entry can still spare a second call.
-                e = self.memory.get(item.fp)
-            if e is not None:
-                res = self._reused(item, e, "exact", max(now, r.arrival_s))
-                if res is not None:
-                    self.stats["exact_redis" if pos in redis_pos else "exact_memory"] += 1
-                    hits.append(res)
-                    hit_items.append(item)
-                    continue
-            if self._attach(item):
-                continue
-            if self._wants_near(item):
-                near_asks.append(pos)
-                asked_fps.add(item.fp)
-                continue
-            if item.fp in asked_fps:
-                after_near.append(pos)
+            if r.reuse != "none" and self._attach(item):
                 continue
             self._lead(item)
             misses.append(pos)
-            led.append(pos)
         vecs: dict = {}
-        if near_asks:
-            near_hits, vecs = await self._near(items, near_asks, led, now)
-            for pos, res in zip(near_asks, near_hits):
+        if deferred:
+            decided, vecs = await self._near(items, deferred, now)
+            for pos, res in zip(deferred, decided):
                 if res is LEADS:
                     misses.append(pos)
                 elif res is not FOLLOWING:
                     hits.append(res)
                     hit_items.append(items[pos])
-            for pos in after_near:
-                if not self._attach(items[pos]):
-                    self._lead(items[pos])
-                    misses.append(pos)
             misses.sort()
         self._index_leaders(vecs, lazy=True)
         self.stats["miss"] += len(misses)
@@ -273,7 +261,7 @@ class ResultCache(NearIndex, Warm):
             if item is None:
                 continue
             if res.status != "ok":
-                self.inflight.drop(fp, item)  # its followers wait for ``orphans``, which generates them
+                self.inflight.drop(fp, res.uid)  # its followers wait for ``orphans``, which generates them
                 continue
             e = self._entry(item, res)
             self.memory.put(e, self.cfg.ttl_s)
@@ -298,11 +286,13 @@ class ResultCache(NearIndex, Warm):
             await self._deliver(out, out_items)
         await self._report()
 
-    async def orphans(self, fps: list[str]) -> list[Item]:
-        """Followers whose leader failed for good: they must be generated after all."""
+    async def orphans(self, failed: list[tuple[str, str]]) -> list[Item]:
+        """Followers of leaders that failed for good or were refused, as (fingerprint, request uid) pairs: they
+        must be generated after all. A request that did not lead its fingerprint has none."""
         out: list[Item] = []
-        for fp in fps:
-            out.extend(f for f, _ in self.inflight.orphans(fp))
+        for fp, uid in failed:
+            self.generating.pop(uid, None)  # a refused request never reaches ``complete``
+            out.extend(f for f, _ in self.inflight.orphans(fp, uid))
         for it in out:
             self._lead(it)  # generated after all; the first of a fingerprint leads it, as in the simulator
         return out

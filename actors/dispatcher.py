@@ -88,7 +88,7 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
         self._results: list[Result] = []
         self._list_prices: list[float] = []
         self._fills: list[tuple[str, Result]] = []
-        self._orphans: list[str] = []
+        self._orphans: list[tuple[str, str]] = []  # (fingerprint, uid) of requests failed for good
         self._readmit: list[Job] = []
         self._settle: list[tuple[str, float]] = []
         self._observed: list[tuple[str, list[float], int]] = []
@@ -342,7 +342,7 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
             res = failed_result(r, at=now, batch_id=b.bid, recommendation=b.recommendation, tries=j.attempts + 1,
                                 max_attempts=self.max_att, real=out is not None and out.real,
                                 error=error or (out.error if out is not None and out.error else None))
-            self._orphans.append(j.fp)
+            self._orphans.append((j.fp, r.uid))
         price = price_alone(r, self.catalog, "sync").total
         self._results.append(res)
         self._list_prices.append(price)

@@ -177,7 +177,7 @@ class Grouper(Warm):
             self.budget.send("settle_many", held)
         if self.cache is not None:
             try:
-                followers = await self.cache.call("orphans", [j.fp for j, _ in results])
+                followers = await self.cache.call("orphans", [(j.fp, j.req.uid) for j, _ in results])
             except Exception as exc:
                 log.warning("grouper %s: cache did not answer for orphans: %s", self.name, exc)
                 followers = []

@@ -1,7 +1,7 @@
 """Where the live engine's time goes, per actor kind, and what that predicts on more nodes. Prints figures;
 asserts nothing.
 
-    .venv/bin/python benchmarks/scale_out.py [--n 20000] [--groupers 2] [--cores-per-node 2]
+    .venv/bin/python benchmarks/scale_out.py [--n 10000] [--groupers 2] [--cores-per-node 2]
 
 1. CPU microseconds per request of every engine process (user + system time from /proc, before and after
    ``n`` requests go end to end through ``submit_many`` at a speed-up so high that simulated latencies vanish),
@@ -46,7 +46,7 @@ def kind_of(name: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n", type=int, default=20_000)
+    ap.add_argument("--n", type=int, default=10_000)
     ap.add_argument("--groupers", type=int, default=2)
     ap.add_argument("--cores-per-node", type=int, default=2)
     a = ap.parse_args()
@@ -63,7 +63,12 @@ def main() -> None:
             f.result(timeout=600)
         wall, drv = time.perf_counter() - t0, time.process_time() - drv0
         after = {k: cpu_s(p) for k, p in pids.items()}
+        swept = eng.swept
         providers = collections.Counter(r.provider for r in reqs)
+    if swept:
+        # At this speed-up every deadline passes within seconds: a run over 5 s re-admits what is still open
+        # (the driver's sweep), which adds work to ingest and the cache. Fewer requests keep the run shorter.
+        print(f"warning: the driver's sweep re-admitted {swept:,} requests; rerun with a smaller --n")
     us = {k: (after[k] - before[k]) * 1e6 / a.n for k in named}
     print(f"{a.n:,} requests end to end in {wall:.2f} s = {a.n / wall:,.0f} requests/s "
           f"({a.groupers} groupers; providers: {dict(providers)})\n")

@@ -197,13 +197,11 @@ class Smart(Policy):
         drain = -(-n // c.max_conc)
         memo = group.memo  # derived from the group alone: caching it on the group changes no decision
         if memo is not None and memo[:3] == (group.earliest_deadline_at, group.oldest_arrival_s, drain):
-            flush_at, judged = memo[3], memo[4]
+            flush_at = memo[3]
         else:
-            flush_at, judged = group.oldest_arrival_s + self._gather_budget(group, c), False
-            group.memo = (group.earliest_deadline_at, group.oldest_arrival_s, drain, flush_at, False)
+            flush_at = group.oldest_arrival_s + self._gather_budget(group, c)
+            group.memo = (group.earliest_deadline_at, group.oldest_arrival_s, drain, flush_at)
         gathering = n < ba.max_requests and now < flush_at
-        if gathering and judged:
-            return Decision.wait(flush_at, "gathering a batch")  # found worth its wait; judged again when sent
         members = group.members[: ba.max_requests]
         if len(members) == n:
             max_out, earliest = group.max_output_tokens, group.earliest_deadline_at
@@ -218,16 +216,21 @@ class Smart(Policy):
         c_sync = c.p_in * tokens_in + c.p_out * tokens_out
         c_batch = mode_factor(group.provider, "batch_api") * c_sync
         saving = p_on_time * (c_sync - c_batch)  # expected: sync minus (P * batch + (1 - P) * sync)
-        # Value of time. P(on time) only falls while a batch waits, so a batch not worth it now never will be,
-        # unless company arrives: the lane's recent arrival rate says how much.
-        coming = group.arrival_rate(now) * (flush_at - now) if gathering else 0.0
-        why_not = self._not_worth(group, members, saving * (len(members) + coming) / len(members), c_sync,
-                                  p_on_time, hedge_at, flush_at if gathering else now, now, ba)
+        # Value of time, judged on every decision. P(on time) only falls while a batch waits, so a batch not
+        # worth it now never will be, unless company arrives: the lane's recent arrival rate (others than
+        # these members) says how much. The projection takes P at the time the batch would be sent.
+        if gathering:
+            p_sent = ba.turnaround_cdf(hedge_at - flush_at)
+            per_member = p_sent * (c_sync - c_batch) / len(members)
+            projected = per_member * (len(members) + group.arrival_rate(now) * (flush_at - now))
+        else:
+            projected = saving
+        why_not = self._not_worth(group, projected, c_sync, p_on_time, hedge_at, flush_at if gathering else now,
+                                  now, ba)
         if why_not is not None:
             return Decision("dispatch", mode="sync", take=len(members), recommendation="process_individually",
                             reason=f"sync now: {why_not}")
         if gathering:
-            group.memo = (*group.memo[:4], True)
             return Decision.wait(flush_at, "gathering a batch")
         rec = "process_as_batch" if p_on_time >= p.confident_p else "consider_batch"
         return Decision("dispatch", mode="batch_api", take=len(members), hedge_at=hedge_at, recommendation=rec,
@@ -235,8 +238,8 @@ class Smart(Policy):
                                 f"of ${c_sync:.4f} at list price, P(on time)={p_on_time:.2f}, "
                                 f"hedge at t={hedge_at:.0f}s"))
 
-    def _not_worth(self, group: Group, members: list[Request], projected: float, c_sync: float, p_on_time: float,
-                   hedge_at: float, send_at: float, now: float, ba) -> str | None:
+    def _not_worth(self, group: Group, projected: float, c_sync: float, p_on_time: float, hedge_at: float,
+                   send_at: float, now: float, ba) -> str | None:
         """Why a batch is not worth its wait (None when it is): P(on time) too low, an expected saving too small
         in all or as a share of the price, or less than what its members' wait is worth."""
         p = self.params
@@ -252,7 +255,7 @@ class Smart(Policy):
             # Expected wait: until it is sent, then the turnaround if on time, else until the hedge.
             on_time = min(ba.turnaround_median_s, max(hedge_at - send_at, 0.0))
             hours = (send_at - now + p_on_time * on_time + (1 - p_on_time) * max(hedge_at - send_at, 0.0)) / 3600
-            price = hours * sum(p.wait_usd_per_hour.get(r.priority, 0.0) for r in members)
+            price = hours * sum(p.wait_usd_per_hour.get(k, 0.0) * n for k, n in group.by_priority.items())
             if price >= projected:
                 return f"its wait is worth ${price:.4f}, the batch would save ${projected:.4f} expected"
         return None

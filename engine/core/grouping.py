@@ -128,6 +128,7 @@ class Group:
     rates: LaneRates | None = None
     input_tokens: int = 0  # of the members, summed
     output_tokens: int = 0
+    by_priority: dict[str, int] = field(default_factory=dict)  # members per priority
 
     def add(self, req: Request) -> None:
         self.members.append(req)
@@ -136,11 +137,15 @@ class Group:
         self.max_output_tokens = max(self.max_output_tokens, req.output_tokens)
         self.input_tokens += req.input_tokens
         self.output_tokens += req.output_tokens
+        self.by_priority[req.priority] = self.by_priority.get(req.priority, 0) + 1
         self.version += 1
 
     def arrival_rate(self, now: float) -> float:
-        """Arrivals per second lately under this group's key (``LaneRates``); 0 when the runtime keeps none."""
-        return self.rates.rate(self.key, now) if self.rates is not None else 0.0
+        """Arrivals per second lately under this group's key (``LaneRates``), not counting the members waiting
+        here (what company to expect); 0 when the runtime keeps none."""
+        if self.rates is None:
+            return 0.0
+        return max(0.0, self.rates.rate(self.key, now) - len(self.members) / self.rates.tau_s)
 
     def take(self, k: int) -> list[Request]:
         """Remove and return the first ``k`` members (all for k <= 0), recomputing the aggregates."""
@@ -150,9 +155,12 @@ class Group:
         if not self.members:
             self.earliest_deadline_at = self.oldest_arrival_s = float("inf")
             self.max_output_tokens = self.input_tokens = self.output_tokens = 0
+            self.by_priority = {}
             return out
         self.input_tokens -= sum(r.input_tokens for r in out)
         self.output_tokens -= sum(r.output_tokens for r in out)
+        for r in out:
+            self.by_priority[r.priority] -= 1
         self.earliest_deadline_at = min((r.deadline_at for r in self.members), default=float("inf"))
         self.oldest_arrival_s = min((r.arrival_s for r in self.members), default=float("inf"))
         self.max_output_tokens = max((r.output_tokens for r in self.members), default=0)

@@ -33,12 +33,15 @@ class InFlight(Generic[T]):
     """Requests being generated, one leader per fingerprint, and the requests that wait for each leader's
     result. ``T`` is how a runtime names a request (the simulator: its index; the cache: its job)."""
 
-    __slots__ = ("reuse", "_leaders", "_followers")
+    __slots__ = ("reuse", "_leaders", "_followers", "_orphaned")
 
     def __init__(self, reuse: ReuseSettings):
         self.reuse = reuse
         self._leaders: dict[str, tuple[Request, T]] = {}
         self._followers: dict[str, list[tuple[T, Follow]]] = {}
+        # Followers of a leader that failed, set aside until the runtime asks for them (``orphans``): a request
+        # that leads the fingerprint next gets followers of its own.
+        self._orphaned: dict[tuple[str, str], list[tuple[T, Follow]]] = {}
 
     def __len__(self) -> int:
         return len(self._leaders)
@@ -67,21 +70,26 @@ class InFlight(Generic[T]):
             del self._leaders[fp]
         return self._followers.pop(fp, [])
 
-    def drop(self, fp: str, who: T) -> None:
-        """``who`` failed: it no longer leads ``fp``; the requests attached stay, for :meth:`orphans`."""
+    def drop(self, fp: str, uid: str) -> None:
+        """The request ``uid`` failed for good. If it leads ``fp``, it no longer does, and its followers are set
+        aside for :meth:`orphans`; a request that does not lead ``fp`` takes nobody's followers with it."""
         got = self._leaders.get(fp)
-        if got is not None and got[1] == who:
-            del self._leaders[fp]
+        if got is None or got[0].uid != uid:
+            return
+        del self._leaders[fp]
+        fs = self._followers.pop(fp, None)
+        if fs:
+            self._orphaned[(fp, uid)] = fs
 
-    def orphans(self, fp: str) -> list[tuple[T, Follow]]:
-        """The leader of ``fp`` failed for good: its followers, which must be generated after all."""
-        self._leaders.pop(fp, None)
-        return self._followers.pop(fp, [])
+    def orphans(self, fp: str, uid: str) -> list[tuple[T, Follow]]:
+        """The followers of ``uid``, which failed for good leading ``fp``: they must be generated after all."""
+        self.drop(fp, uid)
+        return self._orphaned.pop((fp, uid), [])
 
     def following(self) -> Iterator[T]:
-        for fs in self._followers.values():
+        for fs in (*self._followers.values(), *self._orphaned.values()):
             for who, _ in fs:
                 yield who
 
     def n_following(self) -> int:
-        return sum(len(fs) for fs in self._followers.values())
+        return sum(len(fs) for fs in (*self._followers.values(), *self._orphaned.values()))

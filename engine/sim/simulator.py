@@ -28,7 +28,7 @@ from engine.core.grouping import Decision
 from engine.core.request import Request
 from engine.core.scheduling import Scheduling
 from engine.core.settings import Settings
-from engine.runtime.admission import InFlight, may_follow
+from engine.runtime.admission import InFlight
 from engine.runtime.outcomes import call_mode, verdict
 from engine.runtime.providers import Attempt, Event, SimProvider, Work, check_fallbacks
 from engine.runtime.reservation import dispatch_mode
@@ -203,16 +203,11 @@ class _Sim(SimBudget):
         if fresh and fps is not None and r.reuse != "none":
             fp = fps[i]
             found = self.index.exact(fp)
-            if found is not None:
-                _, done = found
-                if done <= now and reuse.exact:
-                    self.resolve_reused(i, now, 1)
-                    return
-                # In flight: attach when the leader's deadline is no later than ours. A live engine cannot
-                # know when a call will finish, so the simulator does not use that either.
-                if done > now and may_follow(reuse, self.reqs[found[0]], r):
-                    self.resolve_reused(i, done, 2)
-                    return
+            if found is not None and found[1] <= now and reuse.exact:  # a stored result
+                self.resolve_reused(i, now, 1)
+                return
+            # In flight: attach to the leader when it is due no later than this request. A live engine cannot
+            # know when a call will finish, so the simulator does not use that either.
             if self.inflight.follow(fp, r, i):
                 return
             if reuse.near and r.reuse == "near" and i in self.vecs and self.near(i, r, now):
@@ -229,12 +224,9 @@ class _Sim(SimBudget):
         if h is None:
             return False
         found = self.index.exact(h.source)
-        if found is not None:
-            j, done = found
-            if done <= now or may_follow(self.reuse, self.reqs[j], r):
-                self.resolve_reused(i, max(now, done), 3)
-                return True
-            return False
+        if found is not None and found[1] <= now:
+            self.resolve_reused(i, now, 3)
+            return True
         return self.inflight.follow(h.source, r, i, "near")
 
     def index_near(self, i: int, fp: str, done: float) -> None:
@@ -333,8 +325,13 @@ class _Sim(SimBudget):
             fp = fps[i]
             self.index.add(fp, i, at)
             self.index_near(i, fp, at)
-            for f, hit in self.inflight.done(fp, i):
-                self.resolve_reused(f, at, 2 if hit == "in_flight" else 3)
+            # It leads until its result exists, as in the cache: the requests waiting on it resolve then.
+            self.push(at, "result", (fp, i))
+
+    def on_result(self, payload: tuple[str, int]) -> None:
+        fp, i = payload
+        for f, hit in self.inflight.done(fp, i):
+            self.resolve_reused(f, self.now, 2 if hit == "in_flight" else 3)
 
     def fail_final(self, i: int, at: float) -> None:
         self.status[i], self.done_at[i] = _FAILED, at
@@ -343,8 +340,7 @@ class _Sim(SimBudget):
     def orphans(self, i: int) -> None:
         """``i`` failed or was rejected for good: the requests that followed it must be generated after all."""
         if self.fps is not None:
-            self.inflight.drop(self.fps[i], i)
-            for f, _ in self.inflight.orphans(self.fps[i]):
+            for f, _ in self.inflight.orphans(self.fps[i], self.reqs[i].uid):
                 self.admit(f, fresh=False)
 
     def settle(self, i: int, a: Attempt, mode: int, bid: int) -> None:

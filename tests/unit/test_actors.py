@@ -230,9 +230,9 @@ def test_a_rejected_leader_hands_its_in_flight_followers_back():
         def __init__(self):
             self.asked = []
 
-        async def orphans(self, fps):
-            self.asked.append(fps)
-            return [follower] if fps == ["same-fp"] and len(self.asked) == 1 else []
+        async def orphans(self, failed):
+            self.asked.append(failed)
+            return [follower] if failed == [("same-fp", req(0).uid)] and len(self.asked) == 1 else []
 
     async def go():
         disp, hub, cache = Recorder(), ResultHub(), Cache()
@@ -241,5 +241,5 @@ def test_a_rejected_leader_hands_its_in_flight_followers_back():
         await g.add([Job(0, req(0), "same-fp")])
         got = {r.id: r for r in await hub.pull(0.01)}
         assert set(got) == {"r0", "r1"} and all(r.status == "rejected" for r in got.values())
-        assert cache.asked == [["same-fp"], ["same-fp"]]
+        assert cache.asked == [[("same-fp", req(0).uid)], [("same-fp", req(1).uid)]]
     run(go())

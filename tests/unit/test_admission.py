@@ -51,13 +51,30 @@ def test_one_leader_per_fingerprint_and_followers_only_under_the_deadline_rule()
 
 def test_a_failed_leader_keeps_its_followers_until_they_are_orphaned():
     t: InFlight[int] = InFlight(REUSE)
-    t.lead("fp", req(0, "x"), 0)
+    a = req(0, "x")
+    t.lead("fp", a, 0)
     t.follow("fp", req(1, "x", 900.0), 1)
-    t.drop("fp", 5)  # not the leader: nothing changes
+    t.drop("fp", req(5, "x").uid)  # not the leader: nothing changes
     assert t.leader("fp") == 0
-    t.drop("fp", 0)
-    assert t.leader("fp") is None and list(t.following()) == [1]
-    assert t.orphans("fp") == [(1, "in_flight")] and t.n_following() == 0
+    t.drop("fp", a.uid)
+    assert t.leader("fp") is None and list(t.following()) == [1]  # set aside, still counted as following
+    # Another request leads the fingerprint meanwhile: its followers are its own.
+    t.lead("fp", req(2, "x", 600.0), 2)
+    t.follow("fp", req(3, "x", 900.0), 3)
+    assert t.orphans("fp", a.uid) == [(1, "in_flight")] and t.leader("fp") == 2
+    assert t.done("fp", 2) == [(3, "in_flight")] and t.n_following() == 0
+
+
+def test_a_request_that_does_not_lead_takes_no_followers_when_it_fails():
+    """A is generating (due 600) and F follows it; B, identical but due sooner, could not follow A and is
+    generated too. B fails: F still waits for A (generating it again would bill it twice)."""
+    t: InFlight[int] = InFlight(REUSE)
+    a, b, f = req(0, "x", 600.0), req(1, "x", 300.0), req(2, "x", 900.0)
+    t.lead("fp", a, 0)
+    assert not t.follow("fp", b, 1) and not t.lead("fp", b, 1)
+    assert t.follow("fp", f, 2)
+    assert t.orphans("fp", b.uid) == [] and t.leader("fp") == 0
+    assert t.done("fp", 0) == [(2, "in_flight")]
 
 
 def test_without_in_flight_reuse_nothing_follows():
@@ -104,6 +121,12 @@ ORDER_CASES = {
     # A follower leads nothing: a copy of it follows the same source, as a near duplicate of that source.
     "two near asks": ([req(0, NEAR_PAIR[0]), req(1, NEAR_PAIR[1]), req(2, NEAR_PAIR[1])],
                       [None, "near", "near"]),
+    # Review cases: a request that asks no reuse, and an exact-only one, lead at their place in the batch.
+    "no-reuse leader in between": ([req(0, NEAR_PAIR[1], 3600.0), req(1, NEAR_PAIR[1], 1800.0, reuse="none"),
+                                    req(2, NEAR_PAIR[1], 3000.0)], [None, None, None]),
+    "exact-only leader in between": ([req(0, NEAR_PAIR[0], reuse="exact"), req(1, NEAR_PAIR[1]),
+                                      req(2, NEAR_PAIR[1], reuse="exact"), req(3, NEAR_PAIR[1])],
+                                     [None, "near", None, "in_flight"]),
     # A source due later is never followed, whichever runtime.
     "source due later": ([req(0, NEAR_PAIR[0], 900.0, reuse="exact"), req(1, NEAR_PAIR[1], 600.0)], [None, None]),
 }

@@ -112,8 +112,8 @@ def test_an_urgent_batch_member_reserves_exactly_the_sync_bound():
 
 def test_an_orphaned_fingerprint_is_free_to_lead_again():
     t: InFlight[int] = InFlight(load_policy("smart", CAT).reuse)
-    assert t.orphans("nobody") == []
+    assert t.orphans("nobody", REQ.uid) == []
     t.lead("fp", REQ, 0)
     t.follow("fp", REQ.model_copy(update={"deadline_s": 90.0}), 1)
-    assert t.orphans("fp") == [(1, "in_flight")]
-    assert t.leader("fp") is None and t.lead("fp", REQ, 2) and t.orphans("fp") == []
+    assert t.orphans("fp", REQ.uid) == [(1, "in_flight")]
+    assert t.leader("fp") is None and t.lead("fp", REQ, 2) and t.orphans("fp", "other") == []

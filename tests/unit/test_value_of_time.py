@@ -39,6 +39,14 @@ def test_a_lone_request_that_a_batch_would_barely_save_on_is_sent_at_once(deadli
     assert off.batches[0].mode == "batch_api" or off.batches[0].t > 0.0
 
 
+def test_a_lone_request_does_not_count_itself_as_company():
+    """Alone in a new lane, a request is judged on its own saving: it goes at once, not after a gather that
+    nothing joins (which would only make it late at the sync price)."""
+    res = simulate([req(0, 86400.0, input_tokens=2000, output_tokens=500)], load_policy("smart", CAT))
+    (b,) = res.batches
+    assert (b.mode, b.t) == ("sync", 0.0)
+
+
 def test_a_batch_worth_its_wait_still_gathers_and_saves():
     """Two thousand long-deadline requests at once: far above the threshold, they ride the batch API."""
     reqs = [req(i, 86400.0, input_tokens=2000, output_tokens=500) for i in range(2000)]
@@ -56,13 +64,14 @@ def test_a_lone_request_waits_when_the_lane_brings_company():
     steady = [req(i, 86400.0, arrival_s=5.0 * i, input_tokens=2000, output_tokens=500) for i in range(240)]
     res = simulate(steady, load_policy("smart", CAT, threshold))
     early = [b for b in res.batches if b.t < 60.0]
-    late = [b for b in res.batches if b.t >= 600.0 or b.mode == "batch_api"]
+    late = [b for b in res.batches if b.t >= 600.0]
     assert early and all(b.mode == "sync" for b in early)  # no history yet: nothing says company is coming
     assert any(b.mode == "batch_api" and b.size > 10 for b in late)  # with history, the lane batches
 
 
 def test_a_price_of_waiting_sends_at_once_what_would_otherwise_wait():
-    reqs = [req(i, 86400.0, priority="background", input_tokens=2000, output_tokens=500) for i in range(50)]
+    # Large enough that even the first, alone in its lane, is worth a batch.
+    reqs = [req(i, 86400.0, priority="background", input_tokens=20000, output_tokens=500) for i in range(50)]
     cheap = simulate(reqs, load_policy("smart", CAT))
     assert {MODES[m] for m in cheap.mode} == {"batch_api"}
     dear = simulate(reqs, load_policy("smart", CAT, {"wait_usd_per_hour": {"background": 1.0}}))
