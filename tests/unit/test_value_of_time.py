@@ -12,7 +12,7 @@ import pytest
 
 from engine.core.catalog import default_catalog
 from engine.core.cost import MODES
-from engine.core.grouping import LaneRates
+from engine.core.grouping import Group, LaneRates
 from engine.core.request import Request
 from engine.sim.simulator import simulate
 from policies import load_policy
@@ -100,3 +100,64 @@ def test_lane_rates_decay_with_time_and_forget_the_oldest_lane():
     r.see("b", 10.0)
     r.see("c", 11.0)
     assert len(r) == 2 and r.rate("a", 11.0) == 0.0  # "a" was seen least recently: forgotten
+
+
+# -- the rules at their boundaries, from the catalog's numbers (a Group decided directly) ----------------------
+
+def batch_group(n: int = 20, deadline_s: float = 7200.0, priority: str = "normal"):
+    """``n`` gpt-5-mini requests at t=0, sent at once (no gather): P(on time) and the hedge come from the
+    catalog (see test_rules_timing.py for the hedge rule)."""
+    prov = CAT.providers["openai"]
+    g = Group(("batch", (), 0), prov, prov.models["gpt-5-mini"])
+    for i in range(n):
+        g.add(req(i, deadline_s, priority=priority, input_tokens=3000, output_tokens=400))
+    return prov, g
+
+
+def known(prov, g):
+    """P(on time), the expected saving, and the expected wait in hours, as the rule states them."""
+    hedge_at = load_policy("smart", CAT, {"batch_gather_s": 0, "min_batch_saving_usd": 0.0,
+                                          "min_saving_rel": 0.0}).decide(g, 0.0).hedge_at
+    ba = prov.batch_api
+    p = ba.turnaround_cdf(hedge_at)
+    spec = prov.models["gpt-5-mini"]
+    price = (spec.input_per_mtok * g.input_tokens + spec.output_per_mtok * g.output_tokens) / 1e6
+    saving = p * ba.discount * price
+    hours = (p * min(ba.turnaround_median_s, hedge_at) + (1 - p) * hedge_at) / 3600
+    return p, saving, hours
+
+
+def mode_with(g, **params):
+    d = load_policy("smart", CAT, {"batch_gather_s": 0, **params}).decide(g, 0.0)
+    return d.mode, d.reason
+
+
+def test_the_minimum_saving_in_usd_is_the_expected_saving_itself():
+    prov, g = batch_group()
+    _, saving, _ = known(prov, g)
+    assert mode_with(g, min_batch_saving_usd=saving * 0.999, min_saving_rel=0.0)[0] == "batch_api"
+    mode, why = mode_with(g, min_batch_saving_usd=saving * 1.001, min_saving_rel=0.0)
+    assert mode == "sync" and f"${saving:.4f}" in why
+
+
+def test_the_minimum_share_is_p_on_time_times_the_discount():
+    prov, g = batch_group()
+    p, _, _ = known(prov, g)
+    share = p * prov.batch_api.discount
+    assert 0.05 < share < 0.5  # a boundary that means something
+    assert mode_with(g, min_batch_saving_usd=0.0, min_saving_rel=share)[0] == "batch_api"  # at it: worth it
+    mode, why = mode_with(g, min_batch_saving_usd=0.0, min_saving_rel=share + 1e-9)
+    assert mode == "sync" and f"save {share:.0%} of the list price" in why
+
+
+@pytest.mark.parametrize("priority", ["urgent", "normal", "background"])
+def test_the_wait_is_priced_per_member_by_its_priority(priority):
+    prov, g = batch_group(priority=priority)
+    _, saving, hours = known(prov, g)
+    per_hour = saving / (hours * len(g))  # the price at which the wait costs exactly the saving
+    base = {"min_batch_saving_usd": 0.0, "min_saving_rel": 0.0}
+    assert mode_with(g, **base, wait_usd_per_hour={priority: per_hour * 0.99})[0] == "batch_api"
+    mode, why = mode_with(g, **base, wait_usd_per_hour={priority: per_hour * 1.01})
+    assert mode == "sync" and "its wait is worth" in why
+    other = next(q for q in ("urgent", "normal", "background") if q != priority)
+    assert mode_with(g, **base, wait_usd_per_hour={other: per_hour * 100})[0] == "batch_api"
