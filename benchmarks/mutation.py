@@ -42,7 +42,7 @@ MODULES = {
     "lower_bound": ("engine/sim/lower_bound.py", ["tests/unit/test_lower_bound.py"]),
     "ratelimit": ("engine/runtime/ratelimit.py", ["tests/unit/test_limits.py"]),
     "smart": ("policies/smart.py", ["tests/unit/test_rules_timing.py", "tests/unit/test_policies.py",
-                                    "tests/unit/test_rules.py"]),
+                                    "tests/unit/test_rules.py", "tests/unit/test_value_of_time.py"]),
     # The runtime kernel: what both runtimes take from one copy.
     "admission": ("engine/runtime/admission.py", ["tests/unit/test_admission.py", "tests/unit/test_outcomes.py",
                                                   "tests/unit/test_rules.py", "tests/unit/test_cache.py"]),
