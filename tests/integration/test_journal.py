@@ -19,7 +19,7 @@ from engine.core.catalog import default_catalog
 from engine.core.clock import ManualClock
 from engine.core.provider_api import CallOutcome, Usage
 from engine.core.request import Request
-from engine.core.settings import JournalSettings, Settings
+from engine.core.settings import CacheSettings, JournalSettings, Settings
 
 CAT = default_catalog()
 
@@ -69,7 +69,10 @@ def settings(request):
     if request.param == "memory":
         return Settings()
     url = request.getfixturevalue("redis_server").url
-    return Settings().model_copy(update={"journal": JournalSettings(redis_url=url)})
+    # These tests check what the journal keeps, not how fast Redis answers: a connect slowed by a busy machine
+    # must not count as Redis down (the default 0.25 s did once, with mutation testing running beside them).
+    return Settings().model_copy(update={"journal": JournalSettings(redis_url=url),
+                                         "cache": CacheSettings(redis_timeout_s=5.0)})
 
 
 def test_a_restarted_dispatcher_follows_its_journaled_batch_and_never_resubmits_it(settings):
