@@ -202,39 +202,35 @@ class Smart(Policy):
             flush_at = group.oldest_arrival_s + self._gather_budget(group, c)
             group.memo = (group.earliest_deadline_at, group.oldest_arrival_s, drain, flush_at)
         gathering = n < ba.max_requests and now < flush_at
-        members = group.members[: ba.max_requests]
-        if len(members) == n:
-            max_out, earliest = group.max_output_tokens, group.earliest_deadline_at
+        if n <= ba.max_requests:  # the running aggregates, no pass over the members (decide is O(1) per arrival)
+            k, max_out, earliest = n, group.max_output_tokens, group.earliest_deadline_at
             tokens_in, tokens_out = group.input_tokens, group.output_tokens
         else:
-            max_out, earliest = max(r.output_tokens for r in members), min(r.deadline_at for r in members)
+            members = group.members[: ba.max_requests]
+            k, max_out, earliest = len(members), max(r.output_tokens for r in members), min(r.deadline_at
+                                                                                              for r in members)
             tokens_in, tokens_out = sum(r.input_tokens for r in members), sum(r.output_tokens for r in members)
-        hedge_at = earliest - self._hedge_lead(c, max_out, len(members))
-        p_on_time = ba.turnaround_cdf(hedge_at - now)
+        hedge_at = earliest - self._hedge_lead(c, max_out, k)
         # List prices without cache effects: the batch reads the provider cache as sync calls would, so the
         # comparison (and the saving quoted in the reason) holds with caching too.
         c_sync = c.p_in * tokens_in + c.p_out * tokens_out
         c_batch = mode_factor(group.provider, "batch_api") * c_sync
+        # Value of time, judged on every decision, with P(on time) at the time the batch would be sent. P only
+        # falls while a batch waits, so a batch not worth it now never will be, unless company arrives: the
+        # lane's recent arrival rate (others than these members) says how much.
+        send_at = flush_at if gathering else now
+        p_on_time = ba.turnaround_cdf(hedge_at - send_at)
         saving = p_on_time * (c_sync - c_batch)  # expected: sync minus (P * batch + (1 - P) * sync)
-        # Value of time, judged on every decision. P(on time) only falls while a batch waits, so a batch not
-        # worth it now never will be, unless company arrives: the lane's recent arrival rate (others than
-        # these members) says how much. The projection takes P at the time the batch would be sent.
-        if gathering:
-            p_sent = ba.turnaround_cdf(hedge_at - flush_at)
-            per_member = p_sent * (c_sync - c_batch) / len(members)
-            projected = per_member * (len(members) + group.arrival_rate(now) * (flush_at - now))
-        else:
-            projected = saving
-        why_not = self._not_worth(group, projected, c_sync, p_on_time, hedge_at, flush_at if gathering else now,
-                                  now, ba)
+        projected = saving * (1.0 + group.arrival_rate(now) * (flush_at - now) / k) if gathering else saving
+        why_not = self._not_worth(group, projected, c_sync, p_on_time, hedge_at, send_at, now, ba)
         if why_not is not None:
-            return Decision("dispatch", mode="sync", take=len(members), recommendation="process_individually",
+            return Decision("dispatch", mode="sync", take=k, recommendation="process_individually",
                             reason=f"sync now: {why_not}")
         if gathering:
             return Decision.wait(flush_at, "gathering a batch")
         rec = "process_as_batch" if p_on_time >= p.confident_p else "consider_batch"
-        return Decision("dispatch", mode="batch_api", take=len(members), hedge_at=hedge_at, recommendation=rec,
-                        reason=(f"batch API: {len(members)} requests, expected ${saving:.4f} saved "
+        return Decision("dispatch", mode="batch_api", take=k, hedge_at=hedge_at, recommendation=rec,
+                        reason=(f"batch API: {k} requests, expected ${saving:.4f} saved "
                                 f"of ${c_sync:.4f} at list price, P(on time)={p_on_time:.2f}, "
                                 f"hedge at t={hedge_at:.0f}s"))
 

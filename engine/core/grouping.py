@@ -94,10 +94,16 @@ class LaneRates:
         self.capacity = capacity
 
     def see(self, key: Hashable, now: float) -> None:
-        count, at = self._seen.pop(key, (0.0, now))
-        self._seen[key] = (count * math.exp(min(0.0, at - now) / self.tau_s) + 1.0, now)
-        if len(self._seen) > self.capacity:
-            self._seen.popitem(last=False)
+        seen = self._seen
+        got = seen.get(key)
+        if got is None:
+            seen[key] = (1.0, now)
+            if len(seen) > self.capacity:
+                seen.popitem(last=False)
+            return
+        count, at = got
+        seen[key] = (count * math.exp(min(0.0, at - now) / self.tau_s) + 1.0 if at != now else count + 1.0, now)
+        seen.move_to_end(key)
 
     def rate(self, key: Hashable, now: float) -> float:
         """Arrivals per second under ``key`` (the latest arrival included), 0 for a key never seen."""
