@@ -63,6 +63,12 @@ class Policy:
     def decide(self, group: Group, now: float) -> Decision:
         raise NotImplementedError
 
+    def tracks_arrivals(self, key: Hashable) -> bool:
+        """Whether the runtime keeps the arrival rate of group ``key`` (``Group.arrival_rate``). The base keeps
+        none: a policy that reads rates names its keys here, so one-request keys do not crowd the bounded table.
+        A policy object not built on this base, without the method, gets every key tracked."""
+        return False
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.params!r})"
 

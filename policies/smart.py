@@ -138,6 +138,9 @@ class Smart(Policy):
                 return ("batch", compat, bucket)
         return ("sync", req.id)
 
+    def tracks_arrivals(self, key: Hashable) -> bool:
+        return isinstance(key, tuple) and key[0] == "batch"  # only the batch lane weighs company to come
+
     def _prefix(self, req: Request, group: Group, now: float) -> tuple[bool, tuple | None]:
         """Whether to mark ``req``'s cacheable prefix for a cache write (the same prefix was sent within the
         cache's TTL, so a write is likely read again), and the prefix's key for the runtime to record."""

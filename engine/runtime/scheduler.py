@@ -38,6 +38,8 @@ class GroupTable:
         self.groups: dict[Hashable, Group] = {}
         self.sightings = PrefixSightings()
         self.rates = LaneRates()
+        # Every key, unless the policy says which (policies.base.Policy.tracks_arrivals).
+        self._tracks = getattr(policy, "tracks_arrivals", lambda key: True)
 
     def __len__(self) -> int:
         return sum(len(g) for g in self.groups.values())
@@ -52,7 +54,8 @@ class GroupTable:
             prov = self.catalog.providers[req.provider]
             g = self.groups[key] = Group(key, prov, prov.models[req.model], sightings=self.sightings,
                                          rates=self.rates)
-        self.rates.see(key, now)
+        if self._tracks(key):
+            self.rates.see(key, now)
         g.add(req)
         return self._decide(g, now)
 

@@ -161,3 +161,20 @@ def test_the_wait_is_priced_per_member_by_its_priority(priority):
     assert mode == "sync" and "its wait is worth" in why
     other = next(q for q in ("urgent", "normal", "background") if q != priority)
     assert mode_with(g, **base, wait_usd_per_hour={other: per_hour * 100})[0] == "batch_api"
+
+
+def test_only_the_lanes_a_policy_weighs_take_room_in_the_arrival_table():
+    """Smart reads arrival rates for its batch lanes only; its one-request sync keys (one per request) would
+    otherwise push slow lanes out of the bounded table under heavy sync traffic."""
+    from engine.core.features import compat_key
+    from engine.runtime.scheduler import GroupTable
+
+    pol = load_policy("smart", CAT)
+    table = GroupTable(pol, CAT)
+    sync = [Request.model_validate({"id": f"s{i}", "arrival_s": 0.0, "model": "gpt-5-mini", "prompt": f"hi {i}",
+                                    "deadline_s": 20.0, "priority": "urgent"}) for i in range(50)]
+    lane = [req(i, 86400.0, input_tokens=2000, output_tokens=500) for i in range(5)]
+    for r in sync + lane:
+        table.add(r, compat_key(r), 0.0)
+    keys = {pol.group_key(r, compat_key(r), 0.0) for r in lane}
+    assert len(table.rates) == len(keys) == 1  # the batch lane, none of the 50 sync keys
