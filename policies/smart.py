@@ -225,7 +225,7 @@ class Smart(Policy):
         p_on_time = ba.turnaround_cdf(hedge_at - send_at)
         saving = p_on_time * (c_sync - c_batch)  # expected: sync minus (P * batch + (1 - P) * sync)
         projected = saving * (1.0 + group.arrival_rate(now) * (flush_at - now) / k) if gathering else saving
-        why_not = self._not_worth(group, projected, c_sync, p_on_time, hedge_at, send_at, now, ba)
+        why_not = self._not_worth(group, projected, c_sync, p_on_time, hedge_at, send_at, now)
         if why_not is not None:
             return Decision("dispatch", mode="sync", take=k, recommendation="process_individually",
                             reason=f"sync now: {why_not}")
@@ -238,7 +238,7 @@ class Smart(Policy):
                                 f"hedge at t={hedge_at:.0f}s"))
 
     def _not_worth(self, group: Group, projected: float, c_sync: float, p_on_time: float, hedge_at: float,
-                   send_at: float, now: float, ba) -> str | None:
+                   send_at: float, now: float) -> str | None:
         """Why a batch is not worth its wait (None when it is): P(on time) too low, an expected saving too small
         in all or as a share of the price, or less than what its members' wait is worth."""
         p = self.params
@@ -247,13 +247,15 @@ class Smart(Policy):
         if projected < p.min_batch_saving_usd:
             return (f"a batch would save ${projected:.4f} expected, under min_batch_saving_usd "
                     f"${p.min_batch_saving_usd:g}")
-        if c_sync > 0 and p_on_time * (1.0 - mode_factor(group.provider, "batch_api")) < p.min_saving_rel:
-            return (f"a batch would save {p_on_time * (1.0 - mode_factor(group.provider, 'batch_api')):.0%} of "
-                    f"the list price expected, under min_saving_rel {p.min_saving_rel:.0%}")
+        share = p_on_time * (1.0 - mode_factor(group.provider, "batch_api"))
+        if c_sync > 0 and share < p.min_saving_rel:
+            return (f"a batch would save {share:.0%} of the list price expected, under min_saving_rel "
+                    f"{p.min_saving_rel:.0%}")
         if p.wait_usd_per_hour:
             # Expected wait: until it is sent, then the turnaround if on time, else until the hedge.
-            on_time = min(ba.turnaround_median_s, max(hedge_at - send_at, 0.0))
-            hours = (send_at - now + p_on_time * on_time + (1 - p_on_time) * max(hedge_at - send_at, 0.0)) / 3600
+            to_hedge = max(hedge_at - send_at, 0.0)
+            on_time = min(group.provider.batch_api.turnaround_median_s, to_hedge)
+            hours = (send_at - now + p_on_time * on_time + (1 - p_on_time) * to_hedge) / 3600
             price = hours * sum(p.wait_usd_per_hour.get(k, 0.0) * n for k, n in group.by_priority.items())
             if price >= projected:
                 return f"its wait is worth ${price:.4f}, the batch would save ${projected:.4f} expected"

@@ -102,7 +102,7 @@ class LaneRates:
                 seen.popitem(last=False)
             return
         count, at = got
-        seen[key] = (count * math.exp(min(0.0, at - now) / self.tau_s) + 1.0 if at != now else count + 1.0, now)
+        seen[key] = (count * math.exp(min(0.0, at - now) / self.tau_s) + 1.0, now)
         seen.move_to_end(key)
 
     def rate(self, key: Hashable, now: float) -> float:

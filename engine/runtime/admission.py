@@ -63,8 +63,8 @@ class InFlight(Generic[T]):
         return True
 
     def done(self, fp: str, who: T) -> list[tuple[T, Follow]]:
-        """``who`` has its result (or failed for good): it no longer leads ``fp``, and the requests attached
-        to ``fp`` are handed back, to resolve with that result (or to generate, see :meth:`orphans`)."""
+        """``who`` has its result: it no longer leads ``fp``, and the requests attached to ``fp`` are handed
+        back, to resolve with that result (a request that failed goes through :meth:`orphans` instead)."""
         got = self._leaders.get(fp)
         if got is not None and got[1] == who:
             del self._leaders[fp]
