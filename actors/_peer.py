@@ -84,6 +84,14 @@ class Warm:
             tok = self.__dict__["_incarnation"] = secrets.token_hex(6)
         return tok
 
+    async def set_logging(self, level: str, actor: str, hub) -> None:
+        """Ship this actor's ``smartbatch.*`` log records at ``level`` and up to the result hub ``hub`` (a
+        ``Named``), from where the drivers relay them into their own logging (see ``actors.logship``)."""
+        from actors.logship import ship_logs
+
+        peer = as_peer(hub)
+        ship_logs(level, actor, lambda records: peer.send("log", records))
+
     async def warm(self) -> int:
         peers = self._peers()
         for p in peers:
@@ -137,12 +145,38 @@ def publish_clock(engine: str, clock, base: float = 0.0) -> None:
 
 
 def unpublish_clock(engine: str) -> None:
+    """Remove what the engine published (its clock and its layout): the engine is gone."""
     from ray.experimental import internal_kv
 
-    try:
-        internal_kv._internal_kv_del(f"{engine}:clock", namespace=_CLOCK_NS)
-    except Exception:  # Ray is already down: nothing is left to clean
-        pass
+    for key in (f"{engine}:clock", f"{engine}:layout"):
+        try:
+            internal_kv._internal_kv_del(key, namespace=_CLOCK_NS)
+        except Exception:  # Ray is already down: nothing is left to clean
+            pass
+
+
+def publish_layout(engine: str, layout: dict) -> None:
+    """What a driver needs to attach to a running engine (``Engine.connect``): its actors' kinds, settings,
+    catalog and metrics address."""
+    from ray.experimental import internal_kv
+
+    internal_kv._internal_kv_put(f"{engine}:layout", pickle.dumps(layout), overwrite=True, namespace=_CLOCK_NS)
+
+
+def read_layout(engine: str) -> dict | None:
+    """The layout ``engine`` published, or None when no such engine runs on this Ray cluster."""
+    from ray.experimental import internal_kv
+
+    raw = internal_kv._internal_kv_get(f"{engine}:layout", namespace=_CLOCK_NS)
+    return pickle.loads(raw) if raw else None
+
+
+def running_engines() -> list[str]:
+    """The names of the engines whose layout is published on this Ray cluster."""
+    from ray.experimental import internal_kv
+
+    keys = internal_kv._internal_kv_list("", namespace=_CLOCK_NS)
+    return sorted(k.decode().rsplit(":", 1)[0] for k in keys if k.decode().endswith(":layout"))
 
 
 def resolve_clock(clock) -> tuple[object | None, float | None]:

@@ -263,9 +263,11 @@ class BudgetController(Warm):
     async def recover(self) -> bool:
         """After a restart: take the memory ledger back from the journal. Its reservations still open are
         released after ``budgets.reservation_ttl_s`` if nobody settles them (their settlement may have come
-        between the snapshot and the restart)."""
-        if self.journal is None:
+        between the snapshot and the restart). Once per incarnation: every driver of a shared engine that sees
+        the restart asks, and a second restore would overwrite what was spent since the first."""
+        if self.journal is None or self.__dict__.get("_restored"):
             return False
+        self._restored = True
         try:
             snap = (await self.journal.items(JOURNAL_KEY[0])).get(JOURNAL_KEY[1])
         except Exception as exc:

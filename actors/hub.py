@@ -1,12 +1,20 @@
-"""The result hub: collects finished results for the driver (long-poll) and keeps the running report."""
+"""The result hub: collects finished results for the drivers (long-poll) and keeps the running report.
+
+Several drivers may share one engine (``Engine.connect``). Each claims the ids it submits (``claim``) and pulls
+its own results (``pull(client=...)``); a result is handed to every driver that claimed its id, whichever came
+first, the claim or the result (a result that came first is kept among the recent ones and handed over at the
+claim). A hub that nobody claims from hands every result to its one puller."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict
+from dataclasses import dataclass, field
 
 from actors._peer import Warm
 from actors.journal import MemoryJournalStore
+from actors.logship import LogBook, ship_logs
 from actors.metrics import EngineMetrics
 from engine.core.result import Result
 
@@ -15,13 +23,29 @@ __all__ = ["ResultHub"]
 # Results kept after delivery so that an ObjectRef asked for just as its result was pulled still resolves;
 # the window between the driver's check and the hub's answer is milliseconds, far below this many results.
 RECENT = 16_384
+# A driver that has not pulled for this long (real seconds) is gone (killed without ``leave``): its queue is dropped.
+CLIENT_IDLE_S = 300.0
+
+
+@dataclass(eq=False)
+class _Client:
+    ready: list = field(default_factory=list)
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    seen_at: float = field(default_factory=time.monotonic)
+
+    def give(self, r: Result) -> None:
+        self.ready.append(r)
+        self.event.set()
 
 
 class ResultHub(Warm, MemoryJournalStore):
     def __init__(self) -> None:
         self.metrics = EngineMetrics()
-        self._ready: list[Result] = []
-        self._event = asyncio.Event()
+        self._clients: dict[str | None, _Client] = {None: _Client()}  # None: the one puller of an unclaimed hub
+        self._owners: dict[str, list[str]] = {}  # claimed id -> the drivers waiting for its result
+        self._routed = False  # set by the first claim
+        self._next_idle_check = 0.0
+        self._logs = LogBook()
         self._recent: OrderedDict[str, Result] = OrderedDict()
         self._waiters: dict[str, asyncio.Future] = {}
         self._cache: dict = {}
@@ -29,7 +53,8 @@ class ResultHub(Warm, MemoryJournalStore):
                              "by_mode": {}, "hits": {}, "deadline_met": 0, "deadline_known": 0, "by_provider": {}}
 
     def __repr__(self) -> str:
-        return f"ResultHub(waiting={len(self._ready)}, seen={self._stats['requests']})"
+        waiting = sum(len(c.ready) for c in self._clients.values())
+        return f"ResultHub(drivers={len(self._clients) - 1}, waiting={waiting}, seen={self._stats['requests']})"
 
     async def push(self, results: list[Result], list_prices: list[float] | None = None) -> None:
         recent = self._recent
@@ -59,8 +84,7 @@ class ResultHub(Warm, MemoryJournalStore):
                 p["requests"] += 1
                 p["cost_usd"] += r.cost_usd
         self.metrics.observe_results(results, list_prices)
-        self._ready.extend(results)
-        self._event.set()
+        self._route(results)
         for r in results:
             recent[r.uid] = r
             w = self._waiters.pop(r.uid, None)
@@ -68,6 +92,68 @@ class ResultHub(Warm, MemoryJournalStore):
                 w.set_result(r)
         while len(recent) > RECENT:
             recent.popitem(last=False)
+
+    def _route(self, results: list[Result]) -> None:
+        if not self._routed:
+            one = self._clients[None]
+            one.ready.extend(results)
+            one.event.set()
+            return
+        owners, clients = self._owners, self._clients
+        for r in results:
+            for c in owners.pop(r.uid, ()):
+                q = clients.get(c)
+                if q is not None:
+                    q.give(r)
+        now = time.monotonic()
+        if now >= self._next_idle_check:
+            self._next_idle_check = now + 10.0
+            for c, q in list(clients.items()):
+                if c is not None and now - q.seen_at > CLIENT_IDLE_S:
+                    del clients[c]
+
+    async def claim(self, client: str, uids: list[str]) -> int:
+        """Driver ``client`` waits for the results of ``uids``: each is handed to it (at once if it exists).
+        Returns how many were ready."""
+        self._routed = True
+        q = self._clients.get(client)
+        if q is None:
+            q = self._clients[client] = _Client()
+        q.seen_at = time.monotonic()
+        recent, ready = self._recent, 0
+        for u in uids:
+            r = recent.get(u)
+            if r is not None:
+                q.give(r)
+                ready += 1
+            else:
+                owners = self._owners.setdefault(u, [])
+                if client not in owners:
+                    owners.append(client)
+        return ready
+
+    async def refuse(self, client: str | None, results: list[Result]) -> None:
+        """Results for driver ``client`` alone (ingest refusing a request it sent): not the engine's results,
+        so neither counted nor kept among the recent ones."""
+        q = self._clients.get(client if self._routed else None)
+        if q is not None:
+            for r in results:
+                q.give(r)
+
+    async def set_logging(self, level: str, actor: str, hub=None) -> None:
+        ship_logs(level, actor, self._logs.add)  # the hub's own lines go straight to its book
+
+    async def log(self, records: list) -> None:
+        """Log lines shipped by the other actors (``actors.logship``)."""
+        self._logs.add(records)
+
+    async def logs_since(self, seq: int | None) -> tuple[list, int]:
+        """The actors' log lines numbered ``seq`` and up, and the number to ask from next."""
+        return self._logs.since(seq)
+
+    async def leave(self, client: str) -> None:
+        """Driver ``client`` left the engine (which runs on): its queue goes; results it claimed are not kept for it."""
+        self._clients.pop(client, None)
 
     async def forget(self, uids: list[str]) -> None:
         for u in uids:
@@ -115,15 +201,21 @@ class ResultHub(Warm, MemoryJournalStore):
             shown = ray.util.get_node_ip_address()
         return f"http://{shown}:{port}/metrics"
 
-    async def pull(self, max_wait_s: float = 0.25) -> list[Result]:
-        """Everything finished since the last pull; waits up to ``max_wait_s`` when nothing is ready."""
-        if not self._ready:
+    async def pull(self, max_wait_s: float = 0.25, client: str | None = None) -> list[Result]:
+        """The results for driver ``client`` finished since its last pull (every result, on a hub nobody claims
+        from); waits up to ``max_wait_s`` when nothing is ready."""
+        q = self._clients.get(client)
+        if q is None:  # a driver whose queue went (idle, or the hub restarted): its claims are made again
+            q = self._clients[client] = _Client()
+        q.seen_at = time.monotonic()
+        if not q.ready:
             try:
-                await asyncio.wait_for(self._event.wait(), timeout=max_wait_s)
+                await asyncio.wait_for(q.event.wait(), timeout=max_wait_s)
             except asyncio.TimeoutError:
                 return []
-        out, self._ready = self._ready, []
-        self._event.clear()
+        out, q.ready = q.ready, []
+        q.event.clear()
+        q.seen_at = time.monotonic()
         return out
 
     async def report(self) -> dict:

@@ -16,6 +16,7 @@ from actors._types import Job, send_sharded
 from actors.journal import redis_journal
 from engine.core.features import fingerprint
 from engine.core.request import Request
+from engine.core.result import Result
 
 __all__ = ["Ingest"]
 
@@ -34,7 +35,7 @@ class Ingest(Warm):
         self.dispatchers = [as_peer(d) for d in dispatchers]
         self.readmitted = 0
         self.cache = as_peer(cache)
-        self.seen: set[str] = set()
+        self.seen: dict[str, str] = {}  # admitted id -> its content's fingerprint
         self.next_seq = 0
         self.duplicates = 0
         self.share = share_across_tenants
@@ -50,7 +51,7 @@ class Ingest(Warm):
         """Requests finished longer ago than the driver's retention window: their ids may be used again, so
         the actors that remember finished requests (to answer a re-admission) forget them too."""
         for u in uids:
-            self.seen.discard(u)
+            self.seen.pop(u, None)
         for p in self._rememberers():
             p.send("forget", uids)
         if self.journal is not None:
@@ -85,19 +86,37 @@ class Ingest(Warm):
         return [*self.dispatchers, *(p for p in (self.cache, self.hub) if p is not None)]
 
     def _job(self, r: Request) -> Job:
-        self.seen.add(r.uid)
+        fp = self.seen[r.uid] = fingerprint(r, share_across_tenants=self.share)
         self.next_seq += 1
-        return Job(self.next_seq - 1, r, fingerprint(r, share_across_tenants=self.share))
+        return Job(self.next_seq - 1, r, fp)
 
-    async def submit(self, requests: list[Request]) -> int:
+    async def submit(self, requests: list[Request], client: str | None = None) -> int:
         """Admit a batch; returns how many were new. A repeated (tenant, id) is the same request (the
-        idempotency key): it is never generated twice."""
+        idempotency key): it is never generated twice. With other content (a driver of a shared engine reusing
+        an id another driver sent) it is refused: driver ``client`` gets a failed result naming the id."""
         jobs: list[Job] = []
+        refused: list[Result] = []
+        claims: list[str] = []
         for r in requests:
-            if r.uid in self.seen:
+            old = self.seen.get(r.uid)
+            if old is not None:
                 self.duplicates += 1
-                continue
-            jobs.append(self._job(r))
+                if old != fingerprint(r, share_across_tenants=self.share):
+                    refused.append(Result(id=r.id, tenant=r.tenant, status="failed", arrival_s=r.arrival_s,
+                                          error=f"field 'id': tenant {r.tenant!r} already submitted id {r.id!r} "
+                                                "with other content (another driver of this engine?); an id "
+                                                "names one request: use a new id for a new request"))
+                    continue
+            else:
+                jobs.append(self._job(r))
+            claims.append(r.uid)
+        if client is not None and self.hub is not None:
+            # Here, not by the driver: only a request whose content matches may be handed the result of its id.
+            # Sent before the jobs move on; a result that still comes first is handed over at the claim.
+            if claims:
+                self.hub.send("claim", client, claims)
+            if refused:
+                self.hub.send("refuse", client, refused)
         if not jobs:
             return 0
         await self._journal(jobs)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ray
 
-from actors._peer import ClockRef, Named, publish_clock
+from actors._peer import ClockRef, Named, publish_clock, read_layout, resolve_clock, unpublish_clock
 from actors.budget import BudgetController
 from actors.cache import ResultCache
 from actors.dispatcher import Dispatcher
@@ -18,7 +18,7 @@ from actors.hub import ResultHub
 from actors.ingest import Ingest
 from engine.core.errors import SmartbatchError
 
-__all__ = ["NAMESPACE", "actor_name", "provider_resource", "rewire", "start_actors"]
+__all__ = ["NAMESPACE", "actor_name", "attach_actors", "kill_engine", "provider_resource", "rewire", "start_actors"]
 
 # Supervised: Ray restarts an actor that dies (its process, not a bug in a method: those are outcomes), with
 # its constructor's arguments; ``rewire`` gives it back what was set after construction, and the driver then
@@ -53,15 +53,16 @@ def _ledger_ready(budget, started: list) -> None:
 
 
 def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: int = 1, keys: dict | None = None,
-                 engine: str = "engine") -> dict:
+                 engine: str = "engine", detached: bool = False) -> dict:
     """Create and wire the actors, named ``<engine>.<kind>``; ``clock()`` makes the engine clock once they are
-    all up."""
+    all up. ``detached``: the actors outlive the driver that started them (until ``kill_engine``)."""
     from engine.runtime.providers import check_fallbacks
 
     check_fallbacks(catalog, settings.resilience)
+    life = {"lifetime": "detached"} if detached else {}
 
     def opts(kind: str, **more) -> dict:
-        return {**_OPTS, "name": actor_name(engine, kind), "namespace": NAMESPACE, **more}
+        return {**_OPTS, "name": actor_name(engine, kind), "namespace": NAMESPACE, **life, **more}
 
     def ref(kind: str) -> Named:  # peers by name: see actors._peer.Named
         return Named(actor_name(engine, kind), NAMESPACE)
@@ -97,6 +98,12 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
                                                                  settings, engine)
     everything = [ingest, *groupers, *dispatchers.values(), budget, hub] + ([cache] if cache else [])
     ray.get([a.warm.remote() for a in everything])
+    named = {"ingest": ingest, "budget": budget, "hub": hub}
+    named.update({f"grouper-{k}": g for k, g in enumerate(groupers)})
+    named.update({f"dispatcher-{p}": d for p, d in dispatchers.items()})
+    if cache is not None:
+        named["cache"] = cache
+    ray.get([a.set_logging.remote(settings.log_level, kind, ref("hub")) for kind, a in named.items()])
     if cache is not None:
         ray.get(cache.warm_from_redis.remote())  # a restarted engine finds its near duplicates again
     clock = clock()
@@ -106,13 +113,54 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
     base = clock.epoch if real_time else 0.0
     ray.get(budget.set_clock.remote(clock, base))
     publish_clock(engine, clock, base)
-    named = {"ingest": ingest, "budget": budget, "hub": hub}
-    named.update({f"grouper-{k}": g for k, g in enumerate(groupers)})
-    named.update({f"dispatcher-{p}": d for p, d in dispatchers.items()})
-    if cache is not None:
-        named["cache"] = cache
-    return {"clock": clock, "ingest": ingest, "groupers": groupers, "dispatchers": dispatchers, "budget": budget, "hub": hub,
-            "cache": cache, "all": everything, "named": named, "budget_base": base, "engine": engine}
+    return _handles(engine, named, clock, base, settings.log_level)
+
+
+def _handles(engine: str, named: dict, clock, base: float, log_level: str) -> dict:
+    groupers = [named[f"grouper-{k}"] for k in range(sum(k.startswith("grouper-") for k in named))]
+    dispatchers = {k.split("-", 1)[1]: a for k, a in named.items() if k.startswith("dispatcher-")}
+    cache = named.get("cache")
+    everything = [named["ingest"], *groupers, *dispatchers.values(), named["budget"], named["hub"]]
+    return {"clock": clock, "ingest": named["ingest"], "groupers": groupers, "dispatchers": dispatchers,
+            "budget": named["budget"], "hub": named["hub"], "cache": cache,
+            "all": everything + ([cache] if cache is not None else []), "named": named, "budget_base": base,
+            "engine": engine, "log_level": log_level}
+
+
+def attach_actors(engine: str) -> tuple[dict, dict] | None:
+    """(handles as ``start_actors`` returns them, the published layout) of the running engine ``engine``, or
+    None when no engine of that name runs on this Ray cluster."""
+    layout = read_layout(engine)
+    if layout is None:
+        return None
+    clock, base = resolve_clock(ClockRef(engine))
+    try:
+        named = {kind: ray.get_actor(actor_name(engine, kind), namespace=NAMESPACE) for kind in layout["kinds"]}
+    except ValueError:  # an actor of it is gone for good: the engine is not running
+        return None
+    return _handles(engine, named, clock, base or 0.0, layout["settings"].log_level), layout
+
+
+def kill_engine(engine: str, handles: list | None = None) -> int:
+    """Stop every actor of engine ``engine`` (the given handles, else those its layout names) and remove what it
+    published. Returns how many actors were stopped."""
+    if handles is None:
+        layout = read_layout(engine) or {"kinds": []}
+        handles = []
+        for kind in layout["kinds"]:
+            try:
+                handles.append(ray.get_actor(actor_name(engine, kind), namespace=NAMESPACE))
+            except ValueError:  # already gone
+                pass
+    unpublish_clock(engine)  # first: drivers attached to it see it gone rather than a half-stopped engine
+    n = 0
+    for h in handles:
+        try:
+            ray.kill(h, no_restart=True)
+            n += 1
+        except Exception:  # already gone: nothing to stop
+            pass
+    return n
 
 
 def rewire(h: dict, kind: str, metrics: tuple[int, str] | None = None) -> None:
@@ -120,6 +168,8 @@ def rewire(h: dict, kind: str, metrics: tuple[int, str] | None = None) -> None:
     it recover its journaled state: a dispatcher re-attaches to its open batches, the budget controller takes
     its memory ledger back, the hub serves metrics on the same port and has the journal written again."""
     clock = h["clock"]
+    ray.get(h["named"][kind].set_logging.remote(h["log_level"], kind, Named(actor_name(h["engine"], "hub"),
+                                                                           NAMESPACE)))
     if kind == "hub":
         if metrics is not None:
             ray.get(h["hub"].serve_metrics.remote(*metrics))

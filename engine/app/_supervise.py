@@ -38,7 +38,7 @@ class Supervised:
     """Mixin for ``Engine``: needs ``_ray``, ``_h``, ``_lock``, ``_futs``, ``_buffer``, ``_inflight_refs``,
     ``_micro_batch``, ``_fail_open``, ``_fail_ids`` and ``metrics_port``/``settings``."""
 
-    def _init_supervision(self) -> None:
+    def _init_supervision(self, attached: bool = False) -> None:
         ray = self._ray
         named = self._h["named"]
         self._incarnation: dict[str, str] = dict(zip(named, ray.get([a.ping.remote() for a in named.values()])))
@@ -49,6 +49,9 @@ class Supervised:
         self._readmit_after: set = set()  # ingest calls out during a recovery: re-admit theirs when they return
         self._recovered = threading.Condition()
         self.restarts: dict[str, int] = {}  # actor kind -> restarts recovered from, for the report and tests
+        # Actor log lines relayed so far: the driver that started the engine reads them all; one that attaches
+        # reads those that come after it.
+        self._log_seq: int | None = None if attached else 0
 
     def _metrics_addr(self) -> tuple[int, str] | None:
         return None if self.metrics_port is None else (self.metrics_port, self.settings.metrics.host)
@@ -77,6 +80,7 @@ class Supervised:
                 self._incarnation[kind] = tok
                 restarted.append(kind)
         self._sweep()
+        self._relay_logs()
         if restarted:
             # In a thread of its own: rewiring waits on the restarted actor (seconds on a loaded machine), and
             # the pull loop that runs this check must keep delivering results meanwhile.
@@ -85,6 +89,17 @@ class Supervised:
             # Requests may sit in the dead actor's groups or timers; nothing can resolve them now, so every open
             # future fails with the reason instead of hanging.
             self._fail_open(f"engine failure: actor(s) died: {', '.join(sorted(dead))}")
+
+    def _relay_logs(self) -> None:
+        """The actors' latest log lines into this driver's Python logging, under their own loggers (e.g.
+        ``smartbatch.cache``), each prefixed with the actor that wrote it."""
+        try:
+            lines, self._log_seq = self._ray.get(self._h["hub"].logs_since.remote(self._log_seq),
+                                                 timeout=HEALTH_TIMEOUT_S)
+        except Exception:  # the hub is busy or restarting: the lines wait for the next check
+            return
+        for created, name, level, actor, msg in lines:
+            logging.getLogger(name).log(level, "[%s.%s] %s", self._h["engine"], actor, msg)
 
     def _sweep(self) -> None:
         """Re-admit requests open well past their deadline: if a fault lost one on a path no recovery saw,
@@ -139,12 +154,35 @@ class Supervised:
                 reqs = [f._req for u, f in self._futs.items() if not f.done() and u not in queued]
             else:
                 reqs = [f._req for u in uids if (f := self._futs.get(u)) is not None and not f.done()]
-        ingest = self._h["ingest"]
+        ingest, hub = self._h["ingest"], self._h["hub"]
         for k in range(0, len(reqs), self._micro_batch):
             part = reqs[k:k + self._micro_batch]
+            hub.claim.remote(self._client, [r.uid for r in part])  # again: a restarted hub has lost the claims
             ref = ingest.readmit.remote(part)
             with self._lock:
                 self._inflight_refs[ref] = ([r.uid for r in part], tries + 1)
+
+    def _check_ingest(self) -> None:
+        """Collect the ingest calls that returned: re-admit the requests of one that failed, or that was out
+        during a recovery."""
+        with self._lock:
+            refs = list(self._inflight_refs)
+        if not refs:
+            return
+        ready, _ = self._ray.wait(refs, num_returns=len(refs), timeout=0)
+        for ref in ready:
+            with self._lock:
+                ids, tries = self._inflight_refs.pop(ref, ([], 0))
+            with self._lock:
+                after = ref in self._readmit_after
+                self._readmit_after.discard(ref)
+            try:
+                self._ray.get(ref)
+            except Exception as exc:
+                self._submission_failed(ids, tries, exc)
+            else:
+                if after:  # a restart happened while this call was out: what it sent may have been lost
+                    self._readmit_open(ids, tries)
 
     def _submission_failed(self, uids: list[str], tries: int, exc: BaseException) -> None:
         """A call to ingest failed (it died, or a peer it called did): re-admit its requests once it is back."""

@@ -10,7 +10,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
-from engine.app import cli_batch, cli_trace  # noqa: F401  (importing them registers their commands on the app)
+from engine.app import cli_batch, cli_serve, cli_trace  # noqa: F401  (importing them registers their commands on the app)
 from engine.app.cli_common import _fail, _providers, _settings, _warn_skipped, app, console, err_console
 from engine.core.errors import SmartbatchError
 from engine.core.settings import Settings

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 from pydantic import ValidationError
 
 from engine.app._driver_async import AsyncSubmit
+from engine.app._driver_shared import SharedEngine
 from engine.app._future import ResultFuture
 from engine.app._supervise import HEALTH_EVERY_S, Supervised
 from engine.app.provider_setup import http_setup
@@ -35,7 +36,7 @@ __all__ = ["Engine", "ResultFuture"]
 log = logging.getLogger("smartbatch")
 
 
-class Engine(AsyncSubmit, Supervised):
+class Engine(AsyncSubmit, SharedEngine, Supervised):
     """A running smartbatch engine. Use ``Engine.start(...)``, or ``with Engine.start(...) as eng:``."""
 
     # Engines running in this process: Ray is process-wide, so the last one to stop shuts down the Ray that
@@ -44,11 +45,13 @@ class Engine(AsyncSubmit, Supervised):
 
     def __init__(self, *, handles: dict, clock, settings: Settings, catalog: Catalog, started_ray: bool,
                  micro_batch: int, flush_ms: float, max_pending: int = 100_000, overload: str = "block",
-                 submit_timeout_s: float = 60.0, retention_s: float = 3600.0):
+                 submit_timeout_s: float = 60.0, retention_s: float = 3600.0, owner: bool = True, attached: bool = False):
         import ray
 
         self._ray = ray
         self._h = handles
+        self._owner = owner  # stop() stops the actors too (else the engine runs on for its other drivers)
+        self._client = secrets.token_hex(6)  # this driver, to the result hub
         self.clock = clock
         self.settings = settings
         self.catalog = catalog
@@ -68,7 +71,7 @@ class Engine(AsyncSubmit, Supervised):
         self._buffer: list[Request] = []
         self._inflight_refs: dict[Any, tuple[list[str], int]] = {}  # ingest call -> (uids, tries)
         self._running = True
-        self._init_supervision()
+        self._init_supervision(attached)
         self._wake = threading.Event()
         self._flusher = threading.Thread(target=self._flush_loop, name="smartbatch-flush", daemon=True)
         self._puller = threading.Thread(target=self._pull_loop, name="smartbatch-pull", daemon=True)
@@ -84,7 +87,7 @@ class Engine(AsyncSubmit, Supervised):
               budget_usd: float | None = None, seed: int | None = None, num_groupers: int = 1,
               micro_batch: int = 1000, flush_ms: float = 2.0, metrics_port: int | None | str = "settings",
               max_pending: int = 100_000, overload: str = "block", submit_timeout_s: float = 60.0,
-              retention_s: float = 3600.0, name: str | None = None) -> Engine:
+              retention_s: float = 3600.0, name: str | None = None, detached: bool = False) -> Engine:
         """Start the actors on Ray: an embedded local Ray when none is running and ``address`` is None, else
         attach (``address="auto"`` for a cluster started with ``ray up``). ``speedup`` runs the engine clock
         faster than the wall clock (replaying a trace time-compressed); ``offset_s`` is the clock's start.
@@ -99,7 +102,10 @@ class Engine(AsyncSubmit, Supervised):
 
         The actors are named ``<name>.<kind>`` in Ray namespace ``smartbatch`` (``name``: a random
         ``sb-xxxxxx`` unless given) and supervised: one that dies is restarted and recovers (see
-        docs/reliability.md)."""
+        docs/reliability.md). Other drivers attach with ``Engine.connect(name)``. ``detached``: the engine
+        outlives this driver (its ``stop()`` ends only this driver's session; ``shutdown()`` or
+        ``Engine.stop_named(name)`` stop the engine); it needs a Ray that outlives it too (``ray start --head``,
+        or ``smartbatch serve``)."""
         import ray
 
         from actors.remote import start_actors
@@ -121,6 +127,14 @@ class Engine(AsyncSubmit, Supervised):
             ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
                      configure_logging=False)
             started = True
+        from actors._peer import read_layout
+
+        if name is not None and read_layout(name) is not None:
+            raise ConfigError(f"name={name!r}: an engine of that name already runs on this Ray cluster; attach "
+                              f"to it with Engine.connect({name!r}), or stop it first (smartbatch stop --name {name})")
+        if detached and started:
+            log.warning("smartbatch: engine %r is detached but runs on the Ray this process started, which stops "
+                        "with it; start Ray first (ray start --head) or use smartbatch serve", name)
         from engine.core.clock import ScaledClock
 
         if budget_usd is not None:
@@ -128,24 +142,26 @@ class Engine(AsyncSubmit, Supervised):
         try:
             handles = start_actors(pol, catalog, settings, lambda: ScaledClock(time.time(), speedup, offset_s),
                                    seed=settings.sim.seed if seed is None else seed, num_groupers=num_groupers,
-                                   keys=keys, engine=name or f"sb-{secrets.token_hex(3)}")
+                                   keys=keys, engine=name or f"sb-{secrets.token_hex(3)}", detached=detached)
         except BaseException:
             if started and not Engine._running_engines:  # leave no Ray behind that only this start needed
                 ray.shutdown()
             raise
         eng = cls(handles=handles, clock=handles["clock"], settings=settings, catalog=catalog,
                   started_ray=started, micro_batch=micro_batch, flush_ms=flush_ms, max_pending=max_pending,
-                  overload=overload, submit_timeout_s=submit_timeout_s, retention_s=retention_s)
+                  overload=overload, submit_timeout_s=submit_timeout_s, retention_s=retention_s, owner=not detached)
         port = settings.metrics.port if metrics_port == "settings" else metrics_port
         if port is not None:
             eng.metrics_url = ray.get(handles["hub"].serve_metrics.remote(port, settings.metrics.host))
             eng.metrics_port = int(eng.metrics_url.rsplit(":", 1)[1].split("/", 1)[0])
             log.info("smartbatch metrics at %s", eng.metrics_url)
+        eng._publish_layout(policy, detached)
         return eng
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        """Flush, stop the threads and the actors; any future still open resolves as failed ("engine
-        stopped"), so none hangs."""
+        """Flush, stop the threads and (for an engine this driver started, not detached) the actors; any future
+        still open resolves as failed, so none hangs. A driver of a shared engine leaves it running: its
+        open requests still run, and ``submit`` of the same (tenant, id) from any driver gets their results."""
         if not self._running:
             return
         self._flush()
@@ -153,17 +169,17 @@ class Engine(AsyncSubmit, Supervised):
         self._wake.set()
         self._flusher.join(timeout_s)
         self._puller.join(timeout_s)
-        self._fail_open("engine stopped before the request finished")
+        self._fail_open("engine stopped before the request finished" if self._owner else
+                        f"this driver left engine {self.name!r} before the request finished; it still runs there: "
+                        "submit the same tenant and id (from any driver) for its result")
         with self._room:
             self._room.notify_all()  # a submit waiting for room learns the engine stopped
-        for h in self._h["all"]:
-            try:
-                self._ray.kill(h)
-            except Exception:  # already gone: nothing to stop
-                pass
-        from actors._peer import unpublish_clock
+        from actors.remote import kill_engine
 
-        unpublish_clock(self._h["engine"])
+        if self._owner:
+            kill_engine(self._h["engine"], self._h["all"])
+        else:
+            self._h["hub"].leave.remote(self._client)
         Engine._running_engines.discard(self)
         if self._started_ray:
             heir = next(iter(Engine._running_engines), None)
@@ -287,7 +303,8 @@ class Engine(AsyncSubmit, Supervised):
             batch, self._buffer = self._buffer, []
         for k in range(0, len(batch), self._micro_batch):
             part = batch[k:k + self._micro_batch]
-            ref = self._h["ingest"].submit.remote(part)
+            # Ingest claims their results for this driver at the hub (see actors.hub).
+            ref = self._h["ingest"].submit.remote(part, self._client)
             with self._lock:
                 self._inflight_refs[ref] = ([r.uid for r in part], 0)
 
@@ -304,7 +321,7 @@ class Engine(AsyncSubmit, Supervised):
         last_check = time.monotonic()
         while self._running:
             try:
-                results: list[Result] = ray.get(hub.pull.remote(0.2))
+                results: list[Result] = ray.get(hub.pull.remote(0.2, self._client))
             except Exception as exc:  # the hub died: wait for its restart (see engine.app._supervise)
                 if not self._hub_lost(exc):
                     return
@@ -319,26 +336,6 @@ class Engine(AsyncSubmit, Supervised):
             if time.monotonic() - last_check > HEALTH_EVERY_S:
                 last_check = time.monotonic()
                 self._health()
-
-    def _check_ingest(self) -> None:
-        with self._lock:
-            refs = list(self._inflight_refs)
-        if not refs:
-            return
-        ready, _ = self._ray.wait(refs, num_returns=len(refs), timeout=0)
-        for ref in ready:
-            with self._lock:
-                ids, tries = self._inflight_refs.pop(ref, ([], 0))
-            with self._lock:
-                after = ref in self._readmit_after
-                self._readmit_after.discard(ref)
-            try:
-                self._ray.get(ref)
-            except Exception as exc:
-                self._submission_failed(ids, tries, exc)
-            else:
-                if after:  # a restart happened while this call was out: what it sent may have been lost
-                    self._readmit_open(ids, tries)
 
     def _fail_ids(self, uids: Sequence[str], error: str) -> None:
         for uid in uids:

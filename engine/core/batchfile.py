@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import io
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,10 +36,11 @@ from engine.core.errors import ConfigError, TraceError
 from engine.core.request import Request, validation_context
 from engine.core.result import Result
 from engine.core.settings import MAX_DEADLINE_S, Settings
-from engine.core.trace import Trace, _problems_of, read_lines
+from engine.core.trace import Trace, _problems_of, decode_lines, read_lines
 
-__all__ = ["BatchFile", "BatchLine", "error_line", "from_openai_batch", "output_line", "parse_window",
-           "read_batch_file", "report", "response_body", "write_results"]
+__all__ = ["BatchFile", "BatchLine", "error_line", "from_openai_batch", "list_price_usd", "output_line",
+           "parse_batch_file", "parse_window", "read_batch_file", "report", "response_body", "result_rows",
+           "write_results"]
 
 Problem = tuple[str, int, str, str]  # (file, line, field, message), as in engine.core.trace
 _UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -99,12 +101,24 @@ def read_batch_file(path: str | Path, *, window_s: float, tenant: str = "default
                     settings: Settings | None = None) -> BatchFile:
     """Read and validate an OpenAI Batch input file (see the module docstring); raises ``TraceError`` only when
     the file cannot be read."""
-    src = str(Path(path))
-    ctx = validation_context(catalog or default_catalog(), settings)
     problems: list[Problem] = []
+    return _parse(read_lines(path, problems), problems, str(Path(path)), window_s, tenant, catalog, settings)
+
+
+def parse_batch_file(data: bytes, *, source: str, window_s: float, tenant: str = "default",
+                     catalog: Catalog | None = None, settings: Settings | None = None) -> BatchFile:
+    """``read_batch_file`` of a file's bytes (an upload), named ``source`` in problems; never raises."""
+    problems: list[Problem] = []
+    lines = decode_lines(io.BytesIO(data), source, problems)  # split as a file is: on \n only
+    return _parse(lines, problems, source, window_s, tenant, catalog, settings)
+
+
+def _parse(numbered: Iterable[tuple[int, str]], problems: list[Problem], src: str, window_s: float, tenant: str,
+           catalog: Catalog | None, settings: Settings | None) -> BatchFile:
+    ctx = validation_context(catalog or default_catalog(), settings)
     lines: list[BatchLine] = []
     seen: dict[str, int] = {}
-    for no, text in read_lines(path, problems):
+    for no, text in numbered:
         if not text.strip():
             continue
         try:
@@ -212,11 +226,10 @@ def _content_key(req: Request) -> str:
     return json.dumps([req.provider, req.model, req.prompt, req.body], sort_keys=True, default=str)
 
 
-def write_results(bf: BatchFile, results: Sequence[Result], out: str | Path, errors: str | Path | None = None, *,
-                  created: int = 0) -> tuple[int, int]:
-    """Write the output file (succeeded and reused lines) and the error file (invalid, failed, rejected and
-    expired lines; beside ``out`` as ``<stem>.errors.jsonl`` when not given), in input order. ``results`` pair
-    with ``bf.requests`` one to one. Returns (output lines, error lines)."""
+def result_rows(bf: BatchFile, results: Sequence[Result], *, created: int = 0) -> list[dict]:
+    """The lines of the output file (succeeded and reused lines, ``error`` None) and of the error file
+    (invalid, failed, rejected and expired lines), in input order. ``results`` pair with ``bf.requests`` one to
+    one."""
     reqs = bf.requests
     if len(results) != len(reqs):
         raise ValueError(f"{len(results)} results for {len(reqs)} requests; they must pair one to one")
@@ -227,31 +240,47 @@ def write_results(bf: BatchFile, results: Sequence[Result], out: str | Path, err
         by_id[req.id] = res
     # A reused result carries no raw body: give it the raw body of a line with the same content that was called.
     called = {_content_key(r): by_id[r.id] for r in reqs if by_id[r.id].raw is not None}
+    rows = []
+    for ln in bf.lines:
+        if ln.request is None:
+            fld, msg = ln.problem or ("line", "invalid")
+            rows.append(error_line(ln.custom_id, "invalid_request", f"{bf.source}:{ln.no}: field '{fld}': {msg}"))
+            continue
+        res = by_id[ln.request.id]
+        if res.status in ("ok", "reused"):
+            src = called.get(_content_key(ln.request)) if res.raw is None else None
+            rows.append(output_line(ln, res, created=created, raw=src.raw if src else None,
+                                    request_id=src.provider_request_id if src else None))
+        else:
+            code = ERROR_CODES.get(res.status, "request_failed")
+            rows.append(error_line(ln.custom_id, code, res.error or res.reason or res.status,
+                                   tenant=ln.request.tenant))
+    return rows
+
+
+def write_results(bf: BatchFile, results: Sequence[Result], out: str | Path, errors: str | Path | None = None, *,
+                  created: int = 0) -> tuple[int, int]:
+    """Write ``result_rows`` to the output file and the error file (beside ``out`` as ``<stem>.errors.jsonl``
+    when not given). Returns (output lines, error lines)."""
+    rows = result_rows(bf, results, created=created)
     out_p = Path(out)
     err_p = Path(errors) if errors is not None else out_p.with_name(out_p.stem + ".errors.jsonl")
     for p in (out_p, err_p):
         p.parent.mkdir(parents=True, exist_ok=True)
     n_out = n_err = 0
     with out_p.open("w", encoding="utf-8") as fo, err_p.open("w", encoding="utf-8") as fe:
-        for ln in bf.lines:
-            if ln.request is None:
-                fld, msg = ln.problem or ("line", "invalid")
-                row = error_line(ln.custom_id, "invalid_request", f"{bf.source}:{ln.no}: field '{fld}': {msg}")
-            else:
-                res = by_id[ln.request.id]
-                if res.status in ("ok", "reused"):
-                    src = called.get(_content_key(ln.request)) if res.raw is None else None
-                    row = output_line(ln, res, created=created, raw=src.raw if src else None,
-                                      request_id=src.provider_request_id if src else None)
-                else:
-                    code = ERROR_CODES.get(res.status, "request_failed")
-                    row = error_line(ln.custom_id, code, res.error or res.reason or res.status,
-                                     tenant=ln.request.tenant)
+        for row in rows:
             is_out = row["error"] is None
             (fo if is_out else fe).write(json.dumps(row, separators=(",", ":")) + "\n")
             n_out += is_out
             n_err += not is_out
     return n_out, n_err
+
+
+def list_price_usd(req: Request, res: Result, catalog: Catalog) -> float:
+    """What an answered request would have cost sent alone and synchronously (0 for an unanswered one): the
+    price a saving is measured against."""
+    return price_alone(req, catalog, "sync").total if res.status in ("ok", "reused") else 0.0
 
 
 def report(bf: BatchFile, results: Sequence[Result], catalog: Catalog, *, window_s: float, policy: str) -> dict:
@@ -266,8 +295,7 @@ def report(bf: BatchFile, results: Sequence[Result], catalog: Catalog, *, window
                          "provider": None, "model": None, "cost_usd": 0.0, "list_price_usd": 0.0, "saving_usd": 0.0})
             continue
         res = by_id[ln.request.id]
-        answered = res.status in ("ok", "reused")
-        listed = price_alone(ln.request, catalog, "sync").total if answered else 0.0
+        listed = list_price_usd(ln.request, res, catalog)
         rows.append({"line": ln.no, "custom_id": ln.custom_id, "status": res.status, "mode": res.mode,
                      "hit": res.hit, "provider": ln.request.provider, "model": ln.request.model,
                      "cost_usd": res.cost_usd, "list_price_usd": listed, "saving_usd": listed - res.cost_usd})

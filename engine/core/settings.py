@@ -175,6 +175,14 @@ class Settings(BaseSettings):
     chars_per_token: float = Field(default=4.0, gt=0, description="token estimate for a line without counts")
     default_output_tokens: int = Field(default=256, ge=0, description="output estimate for a text line without one")
     prefix_block_tokens: int = Field(default=512, ge=1, description="tokens per prefix block id in traces")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        default="WARNING", description="the level from which the actors' log lines reach the drivers' logging "
+        "(loggers smartbatch.*)")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_name(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _budget_redis_url(self) -> Settings:

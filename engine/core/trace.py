@@ -15,7 +15,7 @@ from engine.core.errors import TraceError
 from engine.core.request import FieldProblem, Request, validation_context
 from engine.core.settings import Settings
 
-__all__ = ["MAX_SPAN_S", "REBASE_UNIT_S", "Trace", "load_trace", "parse_trace_lines", "read_lines", "write_trace"]
+__all__ = ["MAX_SPAN_S", "REBASE_UNIT_S", "Trace", "decode_lines", "load_trace", "parse_trace_lines", "read_lines", "write_trace"]
 
 # Arrivals are rebased by whole days (a trace in Unix-epoch seconds starts on its first day, keeping the time of
 # day), and a trace may span at most a year: the lower bound keeps one value per batch slot up to the last
@@ -55,21 +55,27 @@ def _problems_of(exc: ValidationError) -> list[tuple[str, str]]:
     return out
 
 
+def decode_lines(raw_lines: Iterable[bytes], source: str,
+                 problems: list[tuple[str, int, str, str]]) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of UTF-8 byte lines (a file's, or an upload's): a line that is not UTF-8 is
+    reported in ``problems`` with its number and skipped, never a traceback (a byte-order mark on line 1 is
+    dropped)."""
+    for no, raw in enumerate(raw_lines, start=1):
+        try:
+            text = raw.decode("utf-8-sig" if no == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            problems.append((source, no, "line", f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                                                 f"{exc.start + 1}); save the file as UTF-8"))
+            continue
+        yield no, text
+
+
 def read_lines(path: str | Path, problems: list[tuple[str, int, str, str]]) -> Iterator[tuple[int, str]]:
-    """``(line number, text)`` of a UTF-8 file, decoded line by line: a line that is not UTF-8 is reported in
-    ``problems`` with its number and skipped, never a traceback (a byte-order mark on line 1 is dropped).
-    An unreadable file raises ``TraceError``."""
+    """``decode_lines`` of a file. An unreadable file raises ``TraceError``."""
     p = Path(path)
     try:
         with p.open("rb") as fh:
-            for no, raw in enumerate(fh, start=1):
-                try:
-                    text = raw.decode("utf-8-sig" if no == 1 else "utf-8")
-                except UnicodeDecodeError as exc:
-                    problems.append((str(p), no, "line", f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
-                                                       f"{exc.start + 1}); save the file as UTF-8"))
-                    continue
-                yield no, text
+            yield from decode_lines(fh, str(p), problems)
     except OSError as exc:
         raise TraceError([(str(p), 0, "file", f"cannot read it: {exc.strerror}; pass an existing, readable file")],
                          hint="") from exc

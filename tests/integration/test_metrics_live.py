@@ -70,3 +70,36 @@ def test_reliability_metrics_are_scraped_with_plausible_values(ray_session):
     assert "smartbatch_cache_redis_up" not in samples  # no Redis configured, so no false "Redis down"
     assert sum(v for k, v in samples.items() if k.startswith("smartbatch_requests_total")) == len(reqs)
     assert emu.bill().total_usd == pytest.approx(sum(r.cost_usd for r in results), abs=1e-9)
+
+
+def test_an_actors_log_line_reaches_the_drivers_logging(ray_session):
+    """The cache actor finds its Redis down: the driver gets that line as a record of logger smartbatch.cache
+    (not only a line in a Ray worker's file), at the level set by ``log_level``."""
+    import logging
+    import socket
+    import threading
+
+    with socket.socket() as s:  # a port nothing listens on: Redis is down
+        s.bind(("127.0.0.1", 0))
+        dead = f"redis://127.0.0.1:{s.getsockname()[1]}/0"
+    heard = threading.Event()
+    got: list[logging.LogRecord] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record):
+            got.append(record)
+            if "unreachable" in record.getMessage():
+                heard.set()
+
+    logger = logging.getLogger("smartbatch.cache")
+    catch = Catch()
+    logger.addHandler(catch)
+    try:
+        settings = Settings(cache={"redis_url": dead, "redis_timeout_s": 0.5}, log_level="warning")
+        with Engine.start(settings, speedup=SPEEDUP, metrics_port=None) as eng:
+            assert heard.wait(30), [r.getMessage() for r in got]
+            rec = next(r for r in got if "unreachable" in r.getMessage())
+            assert rec.levelno == logging.WARNING and rec.name == "smartbatch.cache"
+            assert rec.getMessage().startswith(f"[{eng.name}.cache] Redis at redis://127.0.0.1:")
+    finally:
+        logger.removeHandler(catch)

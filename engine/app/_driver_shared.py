@@ -1,0 +1,113 @@
+"""Shared engines: ``Engine.connect(name)`` attaches a driver to an engine another driver (or ``smartbatch
+serve``) started, and ``Engine.stop_named`` / ``engine.shutdown()`` stop one for every driver (a mixin, so the
+driver module stays the threads-and-futures core).
+
+Every driver is a client of the engine's result hub: it claims the ids it submits and pulls its own results
+(see ``actors.hub``). An engine started with ``detached=True``, and one a driver attached to, outlive that
+driver: its ``stop()`` ends only its own session.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from engine.core.errors import ConfigError
+
+__all__ = ["SharedEngine"]
+
+log = logging.getLogger("smartbatch")
+
+
+def _init_ray(address: str) -> bool:
+    """Attach to the Ray cluster at ``address`` unless this process already is; True if this call attached."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    except ConnectionError as exc:
+        raise ConfigError(f"address={address!r}: no Ray cluster answers there ({exc}); give the address that "
+                          "`smartbatch serve` printed, or start Ray with `ray start --head`") from None
+    return True
+
+
+class SharedEngine:
+    """Mixed into ``Engine``."""
+
+    @classmethod
+    def connect(cls, name: str, *, address: str = "auto", micro_batch: int = 1000, flush_ms: float = 2.0,
+                max_pending: int = 100_000, overload: str = "block", submit_timeout_s: float = 60.0,
+                retention_s: float = 3600.0) -> Any:
+        """Attach this driver to the running engine ``name`` (started by ``Engine.start(name=...)`` or
+        ``smartbatch serve --name``) on the Ray cluster at ``address``. The engine's cache, budgets and
+        idempotency are shared with every other driver: the same (tenant, id) from two drivers is one request,
+        whose result both get. ``stop()`` ends this driver's session; the engine runs on."""
+        import ray
+
+        from actors._peer import running_engines
+        from actors.remote import attach_actors
+
+        started = _init_ray(address)
+        got = attach_actors(name)
+        if got is None or got[0]["clock"] is None:
+            others = running_engines()
+            if started and not cls._running_engines:
+                ray.shutdown()
+            raise ConfigError(f"no engine named {name!r} runs on this Ray cluster (running: "
+                              f"{', '.join(others) or 'none'}); start one with `smartbatch serve --name {name}` "
+                              f"or Engine.start(name={name!r}, detached=True)")
+        handles, layout = got
+        eng = cls(handles=handles, clock=handles["clock"], settings=layout["settings"], catalog=layout["catalog"],
+                  started_ray=started, micro_batch=micro_batch, flush_ms=flush_ms, max_pending=max_pending,
+                  overload=overload, submit_timeout_s=submit_timeout_s, retention_s=retention_s, owner=False,
+                  attached=True)
+        eng.metrics_url = layout.get("metrics_url")
+        eng.metrics_port = layout.get("metrics_port")
+        log.info("smartbatch: attached to engine %r (metrics at %s)", name, eng.metrics_url or "not served")
+        return eng
+
+    @staticmethod
+    def stop_named(name: str, *, address: str = "auto") -> int:
+        """Stop the running engine ``name`` for every driver (their open futures fail, naming the stop).
+        Returns how many actors were stopped; raises ``ConfigError`` when no such engine runs."""
+        import ray
+
+        from actors._peer import read_layout, running_engines
+        from actors.remote import kill_engine
+
+        started = _init_ray(address)
+        try:
+            if read_layout(name) is None:
+                raise ConfigError(f"no engine named {name!r} runs on this Ray cluster (running: "
+                                  f"{', '.join(running_engines()) or 'none'})")
+            return kill_engine(name)
+        finally:
+            if started:
+                ray.shutdown()
+
+    @staticmethod
+    def running(*, address: str = "auto") -> list[str]:
+        """The names of the engines running on the Ray cluster at ``address``."""
+        from actors._peer import running_engines
+
+        _init_ray(address)
+        return running_engines()
+
+    @property
+    def name(self) -> str:
+        """The engine's name: what ``Engine.connect`` takes, and the prefix of its actors' Ray names."""
+        return self._h["engine"]
+
+    def shutdown(self) -> None:
+        """Stop this driver and the engine itself, for every driver attached to it."""
+        self._owner = True  # stop() then stops the actors, as for an engine this driver started and owns
+        self.stop()
+
+    def _publish_layout(self, policy: str, detached: bool) -> None:
+        from actors._peer import publish_layout
+
+        publish_layout(self._h["engine"], {
+            "kinds": list(self._h["named"]), "settings": self.settings, "catalog": self.catalog, "policy": policy,
+            "detached": detached, "metrics_url": self.metrics_url, "metrics_port": self.metrics_port})

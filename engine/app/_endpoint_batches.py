@@ -1,0 +1,374 @@
+"""OpenAI's Files and Batches on the HTTP front (``/v1/files``, ``/v1/batches``), run through the engine.
+
+A batch's valid lines are submitted to the engine at once, each with the completion window as its deadline
+(the engine then picks per line: reuse, a provider's batch API, sync); a background task collects the results
+as they finish and, when the last one is in, writes the output and error files with ``engine.core.batchfile``
+(the lines ``smartbatch batch`` writes). Invalid lines are answered in the error file (``invalid_request``).
+
+State is per replica and in memory: files and batches live in this process's dicts. Another replica (or this
+one after a restart) does not know them, and a restart forgets them while their requests run on in the engine.
+Behind a load balancer, keep a client on one replica (session affinity) or run one replica.
+
+Cancel follows OpenAI: the batch turns ``cancelling``, then ``cancelled`` with the lines finished by then in
+the output file (billed) and the others in the error file (``batch_cancelled``). The engine has no per-request
+cancel, so those others still run (and may be billed); their results are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi import Request as HttpRequest
+from fastapi.responses import Response
+from starlette.datastructures import UploadFile
+
+from engine.app._endpoint_wire import (
+    ApiError,
+    AsyncEngine,
+    cursor_page,
+    engine_call,
+    json_body,
+    new_id,
+    smartbatch_fields,
+)
+from engine.core.batchfile import BatchFile, parse_batch_file, parse_window, report, result_rows
+from engine.core.catalog import Catalog
+from engine.core.errors import ConfigError
+from engine.core.request import BATCH_LINE_URLS, Request
+from engine.core.result import Result
+
+__all__ = ["FilesAndBatches", "MAX_FILE_BYTES"]
+
+MAX_FILE_BYTES = 200 * 1024 * 1024  # OpenAI's limit for a batch input file
+_ANSWERED = ("ok", "reused")
+_OPEN = ("validating", "in_progress")
+_CANCELLED = "This request was not executed because the batch was cancelled."
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    id: str
+    filename: str
+    purpose: str
+    data: bytes
+    created_at: int
+
+    def view(self) -> dict[str, Any]:
+        return {"id": self.id, "object": "file", "bytes": len(self.data), "created_at": self.created_at,
+                "filename": self.filename, "purpose": self.purpose, "status": "processed",
+                "status_details": None, "expires_at": None}
+
+
+@dataclass(eq=False)
+class BatchJob:
+    """One batch: its lines, the engine's futures of the valid ones, and the results collected so far (by
+    custom_id). Changed only on the event loop, so the collector and the routes never race."""
+
+    id: str
+    endpoint: str
+    input_file_id: str
+    completion_window: str
+    window_s: float
+    metadata: dict[str, str] | None
+    tenant: str
+    created_at: int
+    bf: BatchFile | None = None
+    status: str = "validating"
+    errors: list[dict] = field(default_factory=list)
+    at: dict[str, int] = field(default_factory=dict)  # when it entered each status
+    futures: dict[str, concurrent.futures.Future] = field(default_factory=dict)  # custom_id -> engine future
+    custom_ids: dict[str, str] = field(default_factory=dict)  # engine request id -> custom_id
+    results: dict[str, Result] = field(default_factory=dict)  # custom_id -> result (its id the custom_id)
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    report: dict | None = None
+    task: asyncio.Task | None = None
+
+    def take(self, res: Result) -> None:
+        cid = self.custom_ids.get(res.id)
+        if cid is not None:
+            self.results[cid] = res.model_copy(update={"id": cid})
+
+    def view(self) -> dict[str, Any]:
+        lines = self.bf.lines if self.bf is not None else []
+        done = sum(r.status in _ANSWERED for r in self.results.values())
+        invalid = sum(ln.request is None for ln in lines)
+        final = self.status in ("completed", "cancelled")
+        return {
+            "id": self.id, "object": "batch", "endpoint": self.endpoint,
+            "errors": {"object": "list", "data": self.errors} if self.errors else None,
+            "input_file_id": self.input_file_id, "completion_window": self.completion_window,
+            "status": self.status, "output_file_id": self.output_file_id, "error_file_id": self.error_file_id,
+            "created_at": self.created_at, "in_progress_at": self.at.get("in_progress"),
+            "expires_at": self.created_at + int(self.window_s), "finalizing_at": self.at.get("finalizing"),
+            "completed_at": self.at.get("completed"), "failed_at": self.at.get("failed"), "expired_at": None,
+            "cancelling_at": self.at.get("cancelling"), "cancelled_at": self.at.get("cancelled"),
+            "request_counts": {"total": len(lines), "completed": done,
+                               "failed": invalid + len(self.results) - done},
+            "metadata": self.metadata, "usage": self._usage() if final else None,
+        }
+
+    def _usage(self) -> dict[str, Any]:
+        used = [r.usage or {} for r in self.results.values() if r.status in _ANSWERED]
+        n_in = sum(u.get("input_tokens", 0) for u in used)
+        n_out = sum(u.get("output_tokens", 0) for u in used)
+        cached = sum(u.get("cache_read", 0) for u in used)
+        return {"input_tokens": n_in, "input_tokens_details": {"cached_tokens": cached},
+                "output_tokens": n_out, "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": n_in + n_out}
+
+    def __repr__(self) -> str:
+        return (f"BatchJob({self.id}, {self.status}, {len(self.results)}/{len(self.futures)} results, "
+                f"tenant={self.tenant!r})")
+
+
+class FilesAndBatches:
+    """The in-memory files and batches of one replica (see the module docstring), and their routes."""
+
+    def __init__(self, engine: AsyncEngine, catalog: Catalog, *, window_default_s: float,
+                 now: Callable[[], float] = time.time):
+        self.engine, self.catalog, self._now = engine, catalog, now
+        self.window_default_s = window_default_s
+        self.files: dict[str, StoredFile] = {}
+        self.batches: dict[str, BatchJob] = {}
+
+    def __repr__(self) -> str:
+        running = sum(b.status in _OPEN or b.status == "cancelling" for b in self.batches.values())
+        return f"FilesAndBatches({len(self.files)} files, {len(self.batches)} batches, {running} running)"
+
+    def router(self) -> APIRouter:
+        r = APIRouter()
+        r.add_api_route("/v1/files", self.create_file, methods=["POST"])
+        r.add_api_route("/v1/files", self.list_files, methods=["GET"])
+        r.add_api_route("/v1/files/{file_id}", self.get_file, methods=["GET"])
+        r.add_api_route("/v1/files/{file_id}", self.delete_file, methods=["DELETE"])
+        r.add_api_route("/v1/files/{file_id}/content", self.file_content, methods=["GET"])
+        r.add_api_route("/v1/batches", self.create_batch, methods=["POST"])
+        r.add_api_route("/v1/batches", self.list_batches, methods=["GET"])
+        r.add_api_route("/v1/batches/{batch_id}", self.get_batch, methods=["GET"])
+        r.add_api_route("/v1/batches/{batch_id}/cancel", self.cancel_batch, methods=["POST"])
+        r.add_api_route("/v1/batches/{batch_id}/smartbatch_report", self.batch_report, methods=["GET"])
+        return r
+
+    async def shutdown(self) -> None:
+        """Stop collecting (the engine's requests run on); a batch still open stays as it is."""
+        tasks = [b.task for b in self.batches.values() if b.task is not None and not b.task.done()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- files ----------------------------------------------------------------------------------------------
+    def _file(self, file_id: str) -> StoredFile:
+        f = self.files.get(file_id)
+        if f is None:
+            raise ApiError(404, f"No such File object: {file_id}", param="file_id")
+        return f
+
+    def _add_file(self, filename: str, purpose: str, data: bytes) -> StoredFile:
+        f = StoredFile(new_id("file-"), filename, purpose, data, int(self._now()))
+        self.files[f.id] = f
+        return f
+
+    async def create_file(self, http: HttpRequest) -> dict:
+        if not http.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise ApiError(400, "POST /v1/files takes multipart/form-data with the fields 'file' and "
+                                "'purpose'")
+        async with http.form(max_files=1, max_fields=4) as form:
+            purpose, upload = form.get("purpose"), form.get("file")
+            if purpose != "batch":
+                raise ApiError(400, f"purpose {purpose!r} is not supported here; upload batch input files "
+                                    "with purpose 'batch'", param="purpose")
+            if not isinstance(upload, UploadFile):
+                raise ApiError(400, "the form needs a 'file' part: the JSONL batch input file", param="file")
+            data = await upload.read(MAX_FILE_BYTES + 1)
+        if len(data) > MAX_FILE_BYTES:
+            raise ApiError(413, f"the file is over {MAX_FILE_BYTES:,} bytes (OpenAI's limit for a batch "
+                                "input file); split it into several batches", param="file")
+        return self._add_file(upload.filename or "upload.jsonl", purpose, data).view()
+
+    async def list_files(self, purpose: str | None = None, limit: str | None = None, after: str | None = None,
+                         order: str = "desc") -> dict:
+        if order not in ("asc", "desc"):
+            raise ApiError(400, f"order {order!r} must be 'asc' or 'desc'", param="order")
+        items = [f.view() for f in self.files.values() if purpose is None or f.purpose == purpose]
+        return cursor_page(items[::-1] if order == "desc" else items, after=after, limit=limit,
+                           default_limit=10_000, max_limit=10_000)
+
+    async def get_file(self, file_id: str) -> dict:
+        return self._file(file_id).view()
+
+    async def delete_file(self, file_id: str) -> dict:
+        self._file(file_id)
+        del self.files[file_id]  # a batch made from it keeps its parsed lines
+        return {"id": file_id, "object": "file", "deleted": True}
+
+    async def file_content(self, file_id: str) -> Response:
+        return Response(self._file(file_id).data, media_type="application/octet-stream")
+
+    # -- batches --------------------------------------------------------------------------------------------
+    def _batch(self, batch_id: str) -> BatchJob:
+        job = self.batches.get(batch_id)
+        if job is None:
+            raise ApiError(404, f"No such Batch object: {batch_id}", param="batch_id")
+        return job
+
+    async def create_batch(self, http: HttpRequest) -> dict:
+        body = await json_body(http)
+        tenant = smartbatch_fields(http.headers, deadline=False).get("tenant", "default")
+        file_id = body.get("input_file_id")
+        if not isinstance(file_id, str) or not file_id:
+            raise ApiError(400, "input_file_id is required: the id of a file uploaded with purpose 'batch'",
+                           param="input_file_id")
+        src = self._file(file_id)
+        if src.purpose != "batch":
+            raise ApiError(400, f"file {file_id} has purpose {src.purpose!r}; a batch reads a file uploaded "
+                                "with purpose 'batch'", param="input_file_id")
+        endpoint = body.get("endpoint")
+        if endpoint not in BATCH_LINE_URLS:
+            raise ApiError(400, f"endpoint {endpoint!r} is not supported; use one of {list(BATCH_LINE_URLS)}",
+                           param="endpoint")
+        window = body.get("completion_window")
+        window = _window_text(self.window_default_s) if window is None else window
+        try:
+            if not isinstance(window, str):
+                raise ConfigError(f"--window {window!r}: use a string such as '24h'")
+            window_s = parse_window(window)
+        except ConfigError as exc:
+            raise ApiError(400, str(exc).replace("--window", "completion_window"),
+                           param="completion_window") from None
+        metadata = body.get("metadata")
+        if metadata is not None and not (isinstance(metadata, dict) and len(metadata) <= 16 and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+            raise ApiError(400, "metadata must be an object of at most 16 string keys and string values",
+                           param="metadata")
+        job = BatchJob(new_id("batch_"), endpoint, file_id, window, window_s, metadata, tenant,
+                       int(self._now()))
+        bf = parse_batch_file(src.data, source=file_id, window_s=window_s, tenant=tenant,
+                              catalog=self.catalog, settings=self.engine.settings)
+        job.bf = _for_endpoint(bf, endpoint)
+        problems = bf.file_problems or ([] if bf.lines else [(file_id, 0, "file", "the file has no lines")])
+        if problems:  # lines that cannot be answered by custom_id: the batch fails validation, as OpenAI's
+            job.errors = [{"code": "invalid_custom_id" if fld == "custom_id" else "invalid_line",
+                           "message": msg, "param": fld, "line": no or None} for _, no, fld, msg in problems]
+            self._enter(job, "failed")
+            self.batches[job.id] = job
+            return job.view()
+        reqs = job.bf.requests
+        subs = [_submission(req, f"{job.id}/{req.id}") for req in reqs]
+        futs = []
+        if subs:  # submit_many may wait for room in the engine: in a worker thread, never on the loop
+            futs = await engine_call(asyncio.to_thread(self.engine.submit_many, subs), lambda _: None)
+        if len(futs) != len(subs):
+            raise ApiError(500, f"the engine gave {len(futs)} futures for {len(subs)} requests",
+                           type="server_error")
+        for req, sub, fut in zip(reqs, subs, futs, strict=True):
+            job.futures[req.id], job.custom_ids[sub["id"]] = fut, req.id
+        self._enter(job, "in_progress")
+        self.batches[job.id] = job
+        job.task = asyncio.create_task(self._collect(job), name=f"smartbatch-{job.id}")
+        return job.view()  # before the collector runs: status in_progress
+
+    async def _collect(self, job: BatchJob) -> None:
+        why = _CANCELLED
+        try:
+            async for res in self.engine.as_completed(job.futures.values()):
+                job.take(res)
+        except asyncio.CancelledError:
+            if job.status != "cancelling":
+                raise  # shutdown: the batch stays open
+        except Exception as exc:  # a future failed (e.g. the engine stopped): the lines without a result fail
+            why = f"the engine gave no result: {type(exc).__name__}: {exc}"
+        self._finish(job, why)
+
+    def _finish(self, job: BatchJob, why: str = _CANCELLED) -> None:
+        """Write the output and error files from the results in; a line with none is an error (``why``)."""
+        assert job.bf is not None
+        for cid, fut in job.futures.items():  # finished, but not yet delivered by as_completed
+            if cid not in job.results and fut.done() and not fut.cancelled() and fut.exception() is None:
+                job.take(fut.result())
+        self._enter(job, "finalizing")
+        missing = {cid for cid in job.futures if cid not in job.results}
+        for cid in missing:
+            job.results[cid] = Result(id=cid, status="failed", tenant=job.tenant, error=why)
+        results = [job.results[req.id] for req in job.bf.requests]
+        out: list[bytes] = []
+        err: list[bytes] = []
+        for row in result_rows(job.bf, results, created=int(self._now())):
+            # Line ids unique per batch, as OpenAI's are (batchfile's follow tenant and custom_id alone).
+            row["id"] = "batch_req_" + hashlib.sha256(f"{job.id}/{row['id']}".encode()).hexdigest()[:32]
+            if row["custom_id"] in missing and why == _CANCELLED:
+                row["error"]["code"] = "batch_cancelled"
+            text = json.dumps(row, separators=(",", ":")).encode() + b"\n"
+            (out if row["error"] is None else err).append(text)
+        if out:
+            job.output_file_id = self._add_file(f"{job.id}_output.jsonl", "batch_output", b"".join(out)).id
+        if err:
+            job.error_file_id = self._add_file(f"{job.id}_error.jsonl", "batch_output", b"".join(err)).id
+        job.report = report(job.bf, results, self.catalog, window_s=job.window_s, policy="engine")
+        self._enter(job, "cancelled" if job.status == "cancelling" else "completed")
+
+    def _enter(self, job: BatchJob, status: str) -> None:
+        if status == "finalizing" and job.status == "cancelling":  # a cancelled batch goes on cancelling
+            return
+        job.status = status
+        job.at.setdefault(status, int(self._now()))
+
+    async def list_batches(self, limit: str | None = None, after: str | None = None) -> dict:
+        items = [b.view() for b in reversed(self.batches.values())]  # newest first, as OpenAI lists them
+        return cursor_page(items, after=after, limit=limit, default_limit=20, max_limit=100)
+
+    async def get_batch(self, batch_id: str) -> dict:
+        return self._batch(batch_id).view()
+
+    async def cancel_batch(self, batch_id: str) -> dict:
+        job = self._batch(batch_id)
+        if job.status not in _OPEN:
+            raise ApiError(409, f"Cannot cancel batch {batch_id}: its status is {job.status!r}",
+                           param="batch_id")
+        self._enter(job, "cancelling")
+        shown = job.view()  # OpenAI answers a cancel with the batch cancelling
+        if job.task is not None:
+            job.task.cancel()
+            await asyncio.wait({job.task})
+        if job.status == "cancelling":  # cancelled before the collector ever ran
+            self._finish(job)
+        return shown
+
+    async def batch_report(self, batch_id: str) -> dict:
+        """smartbatch's extension: every line's cost against its list price, the totals and the modes used."""
+        job = self._batch(batch_id)
+        if job.report is None:
+            raise ApiError(409, f"batch {batch_id} is {job.status}; its report exists once it is completed "
+                                "or cancelled", param="batch_id")
+        return job.report
+
+
+def _for_endpoint(bf: BatchFile, endpoint: str) -> BatchFile:
+    """A line whose url is not the batch's endpoint is invalid (its response would have another shape)."""
+    def why(url: str) -> tuple[str, str]:
+        return "url", f"url {url!r} differs from the batch's endpoint {endpoint!r}; every line goes to it"
+
+    lines = [ln if ln.request is None or ln.url == endpoint else
+             replace(ln, request=None, problem=why(ln.url)) for ln in bf.lines]
+    return BatchFile(bf.source, lines, bf.file_problems)
+
+
+def _window_text(seconds: float) -> str:
+    for unit, size in (("h", 3600.0), ("m", 60.0)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+def _submission(req: Request, request_id: str) -> dict:
+    """The line as the engine takes it: validated already, with an id unique to the batch (a custom_id may
+    repeat across batches) and no arrival, which the engine sets to its now."""
+    return {**req.model_dump(exclude={"arrival_s"}), "id": request_id}

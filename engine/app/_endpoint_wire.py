@@ -1,0 +1,166 @@
+"""The OpenAI wire rules the HTTP front shares: error bodies, the ``X-Smartbatch-*`` headers, JSON bodies,
+ids, cursor pages, and the engine protocol the front drives."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import math
+import secrets
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol
+
+from fastapi import Request as HttpRequest
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from engine.core.catalog import Catalog
+from engine.core.errors import EngineStopped, Overloaded, RequestError
+from engine.core.request import PRIORITIES, Request, validation_context
+from engine.core.result import Result
+from engine.core.settings import Settings
+from engine.core.trace import _problems_of
+
+__all__ = ["HEADER_DEADLINE", "HEADER_PRIORITY", "HEADER_REQUEST_ID", "HEADER_TENANT", "ApiError",
+           "AsyncEngine", "Validator", "cursor_page", "engine_call", "json_body", "new_id", "refused",
+           "smartbatch_fields"]
+
+HEADER_DEADLINE = "X-Smartbatch-Deadline"
+HEADER_PRIORITY = "X-Smartbatch-Priority"
+HEADER_TENANT = "X-Smartbatch-Tenant"
+HEADER_REQUEST_ID = "X-Smartbatch-Request-Id"
+# A request field the headers set -> the header that set it, so a refused value names what the caller sent.
+_HEADER_OF = {"deadline_s": HEADER_DEADLINE, "priority": HEADER_PRIORITY, "tenant": HEADER_TENANT,
+              "id": HEADER_REQUEST_ID}
+RETRY_AFTER_S = 1  # what a 429 for a full engine asks: room comes back as requests finish
+
+
+class AsyncEngine(Protocol):
+    """What the front needs of an engine: ``engine.app.driver.Engine``'s asyncio face (or a test double)."""
+
+    settings: Settings
+
+    async def asubmit(self, request: Mapping) -> Result: ...
+
+    def submit_many(self, requests: Iterable[Mapping]) -> Sequence[concurrent.futures.Future]: ...
+
+    def as_completed(self, futures: Iterable[concurrent.futures.Future]) -> AsyncIterator[Result]: ...
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error", headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
+                                       "code": self.code}}, status_code=self.status, headers=self.headers)
+
+
+def new_id(prefix: str) -> str:
+    return prefix + secrets.token_hex(12)
+
+
+async def json_body(http: HttpRequest) -> dict[str, Any]:
+    """The request's JSON object, or a 400 saying what is wrong with it."""
+    try:
+        body = await http.json()
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the body is not valid JSON ({exc}); send a JSON object with Content-Type: "
+                            "application/json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def smartbatch_fields(headers: Mapping[str, str], *, deadline: bool = True) -> dict[str, Any]:
+    """The request fields the ``X-Smartbatch-*`` headers set (tenant, priority, deadline_s); an absent header
+    leaves the engine's default. ``deadline=False``: the deadline comes from elsewhere (a batch's window)."""
+    out: dict[str, Any] = {}
+    tenant = headers.get(HEADER_TENANT)
+    if tenant is not None:
+        if not tenant.strip():
+            raise ApiError(400, f"{HEADER_TENANT} is empty; give the tenant's name, or leave the header out "
+                                "for tenant 'default'", param=HEADER_TENANT)
+        out["tenant"] = tenant
+    if not deadline:
+        return out
+    priority = headers.get(HEADER_PRIORITY)
+    if priority is not None:
+        if priority not in PRIORITIES:
+            raise ApiError(400, f"{HEADER_PRIORITY} {priority!r} is not a priority; use one of "
+                                f"{', '.join(PRIORITIES)}", param=HEADER_PRIORITY)
+        out["priority"] = priority
+    text = headers.get(HEADER_DEADLINE)
+    if text is not None:
+        try:
+            seconds = float(text)
+        except ValueError:
+            seconds = math.nan
+        if not (math.isfinite(seconds) and seconds > 0):
+            raise ApiError(400, f"{HEADER_DEADLINE} {text!r} must be a number of seconds > 0 (e.g. 600): the "
+                                "time the answer may take", param=HEADER_DEADLINE)
+        out["deadline_s"] = seconds
+    return out
+
+
+class Validator:
+    """Validates a request dict as the engine will (same catalog and settings), naming a refused field by
+    what the caller sent: a header, or the field of the OpenAI body (``param_of``)."""
+
+    def __init__(self, catalog: Catalog, settings: Settings):
+        self._ctx = validation_context(catalog, settings)
+
+    def request(self, d: dict[str, Any], param_of: Callable[[str], str | None]) -> Request:
+        try:
+            # arrival_s 0 here: the engine sets the real arrival, and no check depends on it.
+            return Request.model_validate({**d, "arrival_s": 0.0}, context=self._ctx)
+        except ValidationError as exc:
+            field, message = next(iter(_problems_of(exc)), ("request", str(exc)))
+            raise refused(field, f"field '{field}': {message}", param_of) from None
+
+
+def refused(field: str, message: str, param_of: Callable[[str], str | None]) -> ApiError:
+    header = _HEADER_OF.get(field)
+    if header is not None:
+        return ApiError(400, f"header {header}: {message}", param=header)
+    return ApiError(400, message, param=param_of(field))
+
+
+async def engine_call(call: Any, param_of: Callable[[str], str | None]) -> Any:
+    """Await an engine call, turning the engine's refusals into OpenAI errors: ``RequestError`` 400 (naming
+    the field), ``Overloaded`` 429 with ``Retry-After``, ``EngineStopped`` 503."""
+    try:
+        return await call
+    except RequestError as exc:
+        raise refused(exc.field, str(exc), param_of) from None
+    except Overloaded as exc:
+        raise ApiError(429, f"the engine is full: {exc}", type="requests", code="rate_limit_exceeded",
+                       headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+    except EngineStopped as exc:
+        raise ApiError(503, str(exc), type="server_error", code="engine_stopped") from None
+
+
+def cursor_page(items: list[dict], *, after: str | None, limit: str | None, default_limit: int,
+                max_limit: int) -> dict[str, Any]:
+    """OpenAI's cursor page over ``items`` (already in the listed order): the ``limit`` items after the one
+    with id ``after``; the SDK pages on with the last id while ``has_more``."""
+    try:
+        n = default_limit if limit is None else int(limit)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= max_limit:
+        raise ApiError(400, f"limit {limit!r} must be a whole number in [1, {max_limit}]", param="limit")
+    start = 0
+    if after is not None:
+        ids = [it["id"] for it in items]
+        if after not in ids:
+            raise ApiError(400, f"after {after!r} is not an id of this list; pass the last id of the "
+                                "previous page", param="after")
+        start = ids.index(after) + 1
+    page = items[start:start + n]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": start + n < len(items)}

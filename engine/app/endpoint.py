@@ -1,0 +1,214 @@
+"""An OpenAI-compatible HTTP front for the engine, as a plain FastAPI app: the official ``openai`` SDK works
+against it unchanged (``OpenAI(base_url="http://host:port/v1")``), and smartbatch decides per request how it
+is sent (reuse, a provider's batch API, sync) within the deadline the caller gives.
+
+Routes (OpenAI's shapes): ``POST /v1/chat/completions``, ``POST /v1/images/generations``, ``/v1/files``
+(upload, list, retrieve, content, delete), ``/v1/batches`` (create, list, retrieve, cancel), ``/v1/models``;
+and one of ours, ``GET /v1/batches/{id}/smartbatch_report`` (each line's cost against its list price).
+
+Request headers (all optional; absent, the engine's defaults apply):
+
+* ``X-Smartbatch-Deadline``: seconds the answer may take (a float > 0); the longer, the cheaper it may ride;
+* ``X-Smartbatch-Priority``: ``urgent``, ``normal`` or ``background``;
+* ``X-Smartbatch-Tenant``: who the request is for (budgets, cache); also the tenant of a batch's lines;
+* ``X-Smartbatch-Request-Id``: the idempotency key (the same id and body again gets the same answer, never a
+  second call); without it each call gets a fresh id.
+
+Response headers of a generation: ``X-Smartbatch-Mode`` (sync, batch_api, gpu_batch, reuse),
+``X-Smartbatch-Cost-Usd``, ``X-Smartbatch-Saving-Usd`` (list price minus cost), ``X-Smartbatch-Hit`` (exact,
+in_flight, near or none) and ``X-Smartbatch-Request-Id``.
+
+Every error is OpenAI's ``{"error": {"message", "type", "param", "code"}}``; a bad header or body field is a
+400 whose ``param`` names it. Files and batches are held in memory per replica (``_endpoint_batches``).
+Serving it (uvicorn, Ray Serve) is the caller's business: this module starts nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi import Request as HttpRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine.app._endpoint_batches import MAX_FILE_BYTES, FilesAndBatches
+from engine.app._endpoint_wire import (
+    HEADER_DEADLINE,
+    HEADER_PRIORITY,
+    HEADER_REQUEST_ID,
+    HEADER_TENANT,
+    ApiError,
+    AsyncEngine,
+    Validator,
+    engine_call,
+    json_body,
+    new_id,
+    smartbatch_fields,
+)
+from engine.core.batchfile import list_price_usd, response_body
+from engine.core.catalog import Catalog
+from engine.core.request import Request
+from engine.core.result import Result
+
+__all__ = ["HEADER_COST", "HEADER_DEADLINE", "HEADER_HIT", "HEADER_MODE", "HEADER_PRIORITY",
+           "HEADER_REQUEST_ID", "HEADER_SAVING", "HEADER_TENANT", "MAX_FILE_BYTES", "AsyncEngine", "make_app"]
+
+HEADER_MODE = "X-Smartbatch-Mode"
+HEADER_COST = "X-Smartbatch-Cost-Usd"
+HEADER_SAVING = "X-Smartbatch-Saving-Usd"
+HEADER_HIT = "X-Smartbatch-Hit"
+CHAT_URL = "/v1/chat/completions"
+IMAGES_URL = "/v1/images/generations"
+# The status of a result that is not an answer -> (HTTP status, error type, code).
+_FAILURES = {"failed": (502, "api_error", "request_failed"),
+             "rejected": (429, "insufficient_quota", "request_rejected"),
+             "expired": (504, "api_error", "deadline_expired")}
+_PROVIDER_STATUS = re.compile(r"\bHTTP (\d{3})\b")  # how a provider's refusal reads in Result.error
+
+
+def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float = 86400.0) -> FastAPI:
+    """The OpenAI-compatible app over ``engine`` (anything with ``Engine``'s asyncio API: ``asubmit``,
+    ``submit_many``, ``as_completed`` and ``settings``). ``catalog`` validates requests, lists models and
+    prices the saving; ``window_default_s`` is a batch's completion window when the create call gives none."""
+    store = FilesAndBatches(engine, catalog, window_default_s=window_default_s)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await store.shutdown()
+
+    app = FastAPI(title="smartbatch", summary="OpenAI-compatible front of the smartbatch engine",
+                  lifespan=lifespan)
+    app.state.smartbatch = store  # per-replica state, for inspection
+    _errors_in_openai_shape(app)
+    validator = Validator(catalog, engine.settings)
+
+    async def generate(http: HttpRequest, body: dict[str, Any], url: str) -> JSONResponse:
+        fields = smartbatch_fields(http.headers)
+        rid = http.headers.get(HEADER_REQUEST_ID)
+        if rid is not None and not rid.strip():
+            raise ApiError(400, f"{HEADER_REQUEST_ID} is empty; give an id, or leave the header out for a "
+                                "fresh one", param=HEADER_REQUEST_ID)
+        d = {"id": rid or new_id("req_"), **fields, "body": body}
+        param_of = _param_in(body)
+        req = validator.request(d, param_of)
+        want = "image" if url == IMAGES_URL else "text"
+        if req.kind != want:
+            where = {"image": IMAGES_URL, "text": CHAT_URL}.get(req.kind, "the engine")
+            raise ApiError(400, f"model {req.model!r} makes {req.kind}, not {want}; send it to {where}",
+                           param="model")
+        res: Result = await engine_call(engine.asubmit(d), param_of)
+        if res.status not in ("ok", "reused"):
+            raise _failure(res)
+        return JSONResponse(_openai_body(url, req, res, int(time.time())),
+                            headers=_smartbatch_headers(req, res, catalog))
+
+    @app.post(CHAT_URL)
+    async def chat_completions(http: HttpRequest) -> JSONResponse:
+        body = await json_body(http)
+        if body.get("stream"):
+            raise ApiError(400, "stream=true is not supported: smartbatch answers with the whole completion "
+                                "once it is ready (it may ride a provider's batch); send stream=false or leave "
+                                "it out", param="stream")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise ApiError(400, "messages is required: a non-empty list such as [{\"role\": \"user\", "
+                                "\"content\": \"...\"}]", param="messages")
+        return await generate(http, body, CHAT_URL)
+
+    @app.post(IMAGES_URL)
+    async def images_generations(http: HttpRequest) -> JSONResponse:
+        body = await json_body(http)
+        if body.get("stream"):
+            raise ApiError(400, "stream=true is not supported for images; leave it out", param="stream")
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ApiError(400, "prompt is required: a non-empty string describing the image", param="prompt")
+        n = body.get("n", 1)
+        if n != 1 or isinstance(n, bool):
+            raise ApiError(400, f"n={n!r}: only n=1 is supported; send n requests for n images", param="n")
+        return await generate(http, body, IMAGES_URL)
+
+    models = [{"id": name, "object": "model", "created": 0, "owned_by": pname}
+              for pname, p in catalog.providers.items() for name in p.models]
+
+    @app.get("/v1/models")
+    async def list_models() -> dict:
+        return {"object": "list", "data": models}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> dict:
+        found = next((m for m in models if m["id"] == model_id), None)
+        if found is None:
+            raise ApiError(404, f"The model '{model_id}' does not exist; GET /v1/models lists the catalog's "
+                                "models",                           param="model", code="model_not_found")
+        return found
+
+    app.include_router(store.router())
+    return app
+
+
+def _errors_in_openai_shape(app: FastAPI) -> None:
+    async def api_error(_: HttpRequest, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ApiError)
+        return exc.response()
+
+    async def http_error(http: HttpRequest, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        where = f"{http.method} {http.url.path}"
+        msg = {404: f"Unknown request URL: {where}", 405: f"Method not allowed: {where}"}.get(exc.status_code,
+                                                                                           str(exc.detail))
+        return ApiError(exc.status_code, msg).response()
+
+    async def invalid(_: HttpRequest, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        err = next(iter(exc.errors()), {})
+        param = str(err.get("loc", ("", ""))[-1]) or None
+        return ApiError(400, f"{param}: {err.get('msg', 'invalid')}", param=param).response()
+
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, invalid)
+
+
+def _param_in(body: dict) -> Callable[[str], str | None]:
+    """The OpenAI body field behind a refused request field (``body.messages`` -> ``messages``)."""
+    cap = next((k for k in ("max_completion_tokens", "max_tokens") if body.get(k) is not None), "max_tokens")
+    text = "prompt" if "prompt" in body else "messages"
+    by_field = {"max_output_tokens": cap, "output_tokens": cap, "input_tokens": text, "prompt": text,
+                "provider": "model", "kind": "model", "params.size": "size", "line": None}
+
+    def param_of(field: str) -> str | None:
+        return by_field.get(field, field.removeprefix("body.").removeprefix("params."))
+
+    return param_of
+
+
+def _failure(res: Result) -> ApiError:
+    status, kind, code = _FAILURES.get(res.status, _FAILURES["failed"])
+    message = res.error or res.reason or res.status
+    m = _PROVIDER_STATUS.search(res.error or "") if res.status == "failed" else None
+    if m and 400 <= int(m.group(1)) <= 599:
+        status = int(m.group(1))  # the provider's own answer, passed through
+    return ApiError(status, f"request {res.id!r} {res.status}: {message}", type=kind, code=code)
+
+
+def _openai_body(url: str, req: Request, res: Result, created: int) -> dict:
+    """The response body in OpenAI's shape: the provider's own when it is that shape (an OpenAI call), else
+    built from the result (simulated providers, reuse, another provider's wire format)."""
+    raw = res.raw
+    if raw is not None and not (raw.get("object") == "chat.completion" if url == CHAT_URL else "data" in raw):
+        res = res.model_copy(update={"raw": None})
+    return response_body(url, req, res, created)
+
+
+def _smartbatch_headers(req: Request, res: Result, catalog: Catalog) -> dict[str, str]:
+    saving = list_price_usd(req, res, catalog) - res.cost_usd
+    return {HEADER_MODE: res.mode or "none", HEADER_COST: f"{res.cost_usd:.10f}",
+            HEADER_SAVING: f"{saving:.10f}", HEADER_HIT: res.hit or "none", HEADER_REQUEST_ID: req.id}

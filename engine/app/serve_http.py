@@ -1,0 +1,59 @@
+"""The OpenAI-compatible endpoint on Ray Serve: one deployment whose replica attaches to a named engine
+(``Engine.connect``) and serves ``engine.app.endpoint.make_app`` over Serve's HTTP proxy.
+
+Ray Serve is Ray's own HTTP layer: on a cluster the proxy runs where Serve puts it and the replica beside the
+engine, with no extra process to deploy. One replica: files and batches live in its memory (see
+``engine.app._endpoint_batches``).
+"""
+
+from __future__ import annotations
+
+import socket
+
+__all__ = ["app_name", "start_endpoint", "stop_endpoint"]
+
+
+def app_name(engine: str) -> str:
+    return f"smartbatch-{engine}"
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host if host not in ("", "0.0.0.0") else "127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _builder(engine: str):
+    def build():  # runs in the replica, which is already on the engine's Ray
+        from engine.app.driver import Engine
+        from engine.app.endpoint import make_app
+
+        eng = Engine.connect(engine)
+        return make_app(eng, catalog=eng.catalog)
+    return build
+
+
+def start_endpoint(engine: str, *, host: str = "127.0.0.1", port: int = 8000) -> str:
+    """Serve the endpoint of engine ``engine`` on ``host:port`` (port 0: a free one); returns its base URL
+    (``.../v1``), what an OpenAI SDK takes as ``base_url``. Ray must be initialised on the engine's cluster."""
+    from ray import serve
+
+    port = port or _free_port(host)
+    serve.start(http_options={"host": host, "port": port})
+    dep = serve.deployment(serve.ingress(_builder(engine))(), name=app_name(engine),
+                           ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+    serve.run(dep.bind(), name=app_name(engine), route_prefix="/", blocking=False)
+    shown = "127.0.0.1" if host in ("", "0.0.0.0") else host
+    return f"http://{shown}:{port}/v1"
+
+
+def stop_endpoint(engine: str) -> None:
+    """Remove the engine's endpoint, and Serve itself when nothing else runs on it."""
+    from ray import serve
+
+    try:
+        serve.delete(app_name(engine))
+        if not serve.status().applications:
+            serve.shutdown()
+    except Exception:  # Serve is already down (its controller went with the cluster): nothing to remove
+        pass

@@ -1,0 +1,101 @@
+"""The OpenAI-compatible endpoint end to end: the official ``openai`` SDK talks to Ray Serve, whose replica is a
+driver of a named live engine, whose OpenAI calls go over HTTP to the provider emulator on 127.0.0.1. Only
+``base_url`` differs from what an application sends to OpenAI."""
+
+import io
+import json
+import secrets
+import time
+import urllib.request
+
+import pytest
+
+from engine.app.driver import Engine
+from engine.app.live import point_at_emulator
+from engine.app.serve_http import start_endpoint, stop_endpoint
+from engine.core.catalog import default_catalog
+from engine.core.settings import Settings
+from engine.emulator import Emulator
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("ray.serve")
+
+CAT = default_catalog()
+SPEEDUP = 100.0
+
+
+@pytest.fixture(scope="module")
+def endpoint(ray_session):
+    name = f"ep-{secrets.token_hex(3)}"
+    with Emulator(CAT, speedup=SPEEDUP, seed=0) as emu:
+        settings = point_at_emulator(Settings(), emu)
+        with Engine.start(settings, speedup=SPEEDUP, name=name, metrics_port=None) as eng:
+            url = start_endpoint(name, port=0)
+            try:
+                with openai.OpenAI(base_url=url, api_key="not-a-key", max_retries=0, timeout=60) as client:
+                    yield eng, url, emu, client
+            finally:
+                stop_endpoint(name)
+
+
+def test_a_chat_completion_through_the_endpoint_carries_smartbatchs_decision(endpoint):
+    eng, url, emu, client = endpoint
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "Name three rivers."}], max_tokens=50,
+        extra_headers={"X-Smartbatch-Deadline": "60", "X-Smartbatch-Priority": "urgent",
+                       "X-Smartbatch-Tenant": "acme", "X-Smartbatch-Request-Id": "rivers-1"})
+    done = raw.parse()
+    assert done.object == "chat.completion" and done.choices[0].message.content  # the emulator's answer
+    assert raw.headers["x-smartbatch-mode"] == "sync" and raw.headers["x-smartbatch-request-id"] == "rivers-1"
+    cost = float(raw.headers["x-smartbatch-cost-usd"])
+    assert cost > 0 and float(raw.headers["x-smartbatch-saving-usd"]) >= 0
+    rep = eng.report()
+    assert rep["requests"] >= 1 and rep["spend_usd"] >= cost - 1e-9
+    # The same id again is the same request: answered without a second call to the provider.
+    calls = emu.count("chat.completions", "openai")
+    again = client.chat.completions.with_raw_response.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "Name three rivers."}], max_tokens=50,
+        extra_headers={"X-Smartbatch-Deadline": "60", "X-Smartbatch-Priority": "urgent",
+                       "X-Smartbatch-Tenant": "acme", "X-Smartbatch-Request-Id": "rivers-1"})
+    assert again.parse().choices[0].message.content == done.choices[0].message.content
+    assert eng.report()["requests"] == rep["requests"] and emu.count("chat.completions", "openai") == calls
+
+
+def test_a_bad_header_is_a_400_that_names_it(endpoint):
+    client = endpoint[3]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+                                             extra_headers={"X-Smartbatch-Deadline": "soon"})
+    assert err.value.body["param"] == "X-Smartbatch-Deadline"
+
+
+def test_a_standard_batch_file_round_trips_through_the_sdk(endpoint):
+    url, client = endpoint[1], endpoint[3]
+    lines = [{"custom_id": f"q{k}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"Question {k}?"}],
+                       "max_tokens": 40}} for k in range(3)]
+    lines.append({"custom_id": "bad", "method": "POST", "url": "/v1/chat/completions",
+                  "body": {"model": "no-such-model", "messages": [{"role": "user", "content": "x"}]}})
+    data = "\n".join(json.dumps(x) for x in lines).encode()
+    up = client.files.create(file=("input.jsonl", io.BytesIO(data)), purpose="batch")
+    batch = client.batches.create(input_file_id=up.id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert batch.status in ("validating", "in_progress")
+    until = time.monotonic() + 120
+    while batch.status not in ("completed", "failed", "cancelled", "expired") and time.monotonic() < until:
+        time.sleep(0.2)  # polling the HTTP API, as a client of OpenAI's batches does
+        batch = client.batches.retrieve(batch.id)
+    assert batch.status == "completed", batch
+    assert batch.request_counts.total == 4 and batch.request_counts.completed == 3
+    out = [json.loads(x) for x in client.files.content(batch.output_file_id).text.splitlines()]
+    assert sorted(x["custom_id"] for x in out) == ["q0", "q1", "q2"]
+    assert all(x["response"]["status_code"] == 200 and x["response"]["body"]["choices"][0]["message"]["content"]
+               for x in out)
+    errors = [json.loads(x) for x in client.files.content(batch.error_file_id).text.splitlines()]
+    assert [x["custom_id"] for x in errors] == ["bad"] and "no-such-model" in json.dumps(errors)
+    with urllib.request.urlopen(f"{url}/batches/{batch.id}/smartbatch_report", timeout=30) as r:
+        report = json.loads(r.read())
+    totals = report["totals"]
+    assert (totals["lines"], totals["succeeded"], totals["failed"]) == (4, 3, 1)
+    assert totals["cost_usd"] > 0 and totals["saving_usd"] == pytest.approx(totals["list_price_usd"] - totals["cost_usd"])
+    assert client.batches.retrieve(batch.id).id == batch.id and any(
+        b.id == batch.id for b in client.batches.list().data)

@@ -1,0 +1,335 @@
+"""The OpenAI-compatible front (engine.app.endpoint) served by uvicorn on a free port, driven with the
+official ``openai`` SDK against a fake engine that answers deterministically (no Ray)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import socket
+import threading
+import time
+
+import openai
+import pytest
+import uvicorn
+from pydantic import ValidationError
+
+from engine.app import endpoint
+from engine.app.endpoint import make_app
+from engine.core.catalog import default_catalog
+from engine.core.cost import price_alone
+from engine.core.errors import Overloaded, RequestError
+from engine.core.request import Request, validation_context
+from engine.core.result import Result
+from engine.core.settings import default_settings
+from engine.core.trace import _problems_of
+
+CAT = default_catalog()
+
+
+class FakeEngine:
+    """The engine's asyncio API, answering at once: text echoes the last message, cost is half the list price.
+    An id ending in ``boom`` fails (a provider's 503), ``full`` is refused as overloaded, and one ending in
+    ``slow`` stays unfinished until ``release()``. A (tenant, id) names one request, as in the engine."""
+
+    def __init__(self):
+        self.settings, self.catalog = default_settings(), CAT
+        self._ctx = validation_context(CAT, self.settings)
+        self.seen: dict[str, dict] = {}  # id -> the dict submitted
+        self._reqs: dict[tuple[str, str], Request] = {}
+        self._held: list[tuple[concurrent.futures.Future, Result]] = []
+
+    def _request(self, d: dict) -> Request:
+        try:
+            req = Request.model_validate({**d, "arrival_s": 0.0}, context=self._ctx)
+        except ValidationError as exc:
+            field, msg = _problems_of(exc)[0]
+            raise RequestError(d.get("id"), field, msg) from None
+        if req.id == "full":
+            raise Overloaded("max_pending=0 unfinished requests")
+        first = self._reqs.setdefault((req.tenant, req.id), req)
+        if first != req:
+            raise RequestError(req.id, "id", "already submitted with other content")
+        self.seen[req.id] = dict(d)
+        return req
+
+    def _result(self, req: Request) -> Result:
+        if req.id.endswith("boom"):
+            return Result(id=req.id, tenant=req.tenant, status="failed", error="openai HTTP 503: overloaded")
+        if req.kind == "image":
+            out = f"https://img.test/{req.id}.png"
+        else:
+            out = "echo: " + req.body["messages"][-1]["content"]
+        return Result(id=req.id, tenant=req.tenant, status="ok", output=out, model=req.model,
+                      provider=req.provider, usage={"input_tokens": 7, "output_tokens": 3},
+                      cost_usd=price_alone(req, CAT, "sync").total / 2, mode="batch_api", hit=None)
+
+    async def asubmit(self, d: dict) -> Result:
+        return self._result(self._request(d))
+
+    def submit_many(self, ds: list[dict]) -> list[concurrent.futures.Future]:
+        futs = []
+        for req in [self._request(d) for d in ds]:
+            fut: concurrent.futures.Future = concurrent.futures.Future()
+            if req.id.endswith("slow"):
+                self._held.append((fut, self._result(req)))
+            else:
+                fut.set_result(self._result(req))
+            futs.append(fut)
+        return futs
+
+    async def as_completed(self, futures):
+        loop, arrived = asyncio.get_running_loop(), asyncio.Queue()
+
+        def done(f):
+            try:
+                loop.call_soon_threadsafe(arrived.put_nowait, f)
+            except RuntimeError:  # the loop has closed
+                pass
+
+        futures = list(futures)
+        for f in futures:
+            f.add_done_callback(done)
+        for _ in futures:
+            yield (await arrived.get()).result()
+
+    def release(self):
+        for fut, res in self._held:
+            fut.set_result(res)
+        self._held.clear()
+
+
+@pytest.fixture(scope="module")
+def served():
+    eng = FakeEngine()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(make_app(eng, catalog=CAT), log_level="warning", ws="none",
+                                           lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    limit = time.monotonic() + 10
+    while not server.started and thread.is_alive() and time.monotonic() < limit:
+        time.sleep(0.01)
+    assert server.started, "uvicorn did not start"
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=10)
+    yield eng, client
+    client.close()
+    eng.release()
+    server.should_exit = True
+    thread.join(10)
+    sock.close()
+
+
+def wait_done(client, batch_id: str, limit_s: float = 5.0):
+    end = time.monotonic() + limit_s
+    while time.monotonic() < end:
+        b = client.batches.retrieve(batch_id)
+        if b.status in ("completed", "failed", "cancelled"):
+            return b
+        time.sleep(0.02)
+    raise AssertionError(f"batch {batch_id} still {b.status} after {limit_s} s")
+
+
+def chat(client, content="Name three rivers.", **kw):
+    return client.chat.completions.with_raw_response.create(
+        model="gpt-5-mini", messages=[{"role": "user", "content": content}], max_tokens=50, **kw)
+
+
+def test_chat_completion_answers_with_smartbatch_headers_and_fields_from_headers(served):
+    eng, client = served
+    raw = chat(client, extra_headers={endpoint.HEADER_DEADLINE: "120.5", endpoint.HEADER_TENANT: "acme",
+                                      endpoint.HEADER_PRIORITY: "background",
+                                      endpoint.HEADER_REQUEST_ID: "q1"})
+    done = raw.parse()
+    assert done.object == "chat.completion" and done.model == "gpt-5-mini"
+    assert done.choices[0].message.content == "echo: Name three rivers."
+    assert done.usage.prompt_tokens == 7 and done.usage.completion_tokens == 3
+    h = raw.headers
+    assert h[endpoint.HEADER_MODE] == "batch_api" and h[endpoint.HEADER_HIT] == "none"
+    assert h[endpoint.HEADER_REQUEST_ID] == "q1"
+    sent = eng.seen["q1"]
+    assert (sent["deadline_s"], sent["tenant"], sent["priority"]) == (120.5, "acme", "background")
+    assert sent["body"]["max_tokens"] == 50 and "arrival_s" not in sent
+    listed = price_alone(Request.model_validate({**sent, "arrival_s": 0.0}, context=validation_context(CAT)),
+                         CAT, "sync").total
+    assert listed > 0
+    assert float(h[endpoint.HEADER_COST]) == pytest.approx(listed / 2, abs=1e-9)
+    assert float(h[endpoint.HEADER_SAVING]) == pytest.approx(listed / 2, abs=1e-9)
+
+
+def test_without_headers_the_engine_defaults_apply_and_ids_are_fresh(served):
+    eng, client = served
+    ids = {chat(client, "Hi").headers[endpoint.HEADER_REQUEST_ID] for _ in range(2)}
+    assert len(ids) == 2
+    sent = eng.seen[ids.pop()]
+    assert not {"deadline_s", "tenant", "priority"} & set(sent)
+
+
+@pytest.mark.parametrize(("header", "value"), [
+    (endpoint.HEADER_DEADLINE, "soon"), (endpoint.HEADER_DEADLINE, "-5"), (endpoint.HEADER_DEADLINE, "1e9"),
+    (endpoint.HEADER_PRIORITY, "asap"), (endpoint.HEADER_TENANT, "t" * 300)])
+def test_a_bad_header_is_a_400_naming_it(served, header, value):
+    _, client = served
+    with pytest.raises(openai.BadRequestError) as exc:
+        chat(client, extra_headers={header: value})
+    assert exc.value.param == header and header in exc.value.message
+    assert exc.value.type == "invalid_request_error"
+
+
+def test_a_bad_body_is_a_400_naming_the_field(served):
+    _, client = served
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+    assert exc.value.param == "model" and "no-such-model" in exc.value.message
+    with pytest.raises(openai.BadRequestError) as exc:
+        chat(client, n=2)
+    assert exc.value.param == "n"
+    key = {endpoint.HEADER_REQUEST_ID: "q2"}
+    first = chat(client, "Same", extra_headers=key).parse()
+    assert chat(client, "Same", extra_headers=key).parse().id == first.id  # the idempotency key: one answer
+    with pytest.raises(openai.BadRequestError) as exc:  # the same key with other content
+        chat(client, "Other", extra_headers=key)
+    assert exc.value.param == endpoint.HEADER_REQUEST_ID
+
+
+def test_streaming_is_refused(served):
+    _, client = served
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model="gpt-5-mini", messages=[{"role": "user", "content": "x"}],
+                                       stream=True)
+    assert exc.value.param == "stream" and "not supported" in exc.value.message
+
+
+def test_a_failed_result_passes_the_providers_status_and_a_full_engine_is_a_429(served):
+    _, client = served
+    with pytest.raises(openai.InternalServerError) as exc:
+        chat(client, extra_headers={endpoint.HEADER_REQUEST_ID: "q-boom"})
+    assert exc.value.status_code == 503 and "HTTP 503" in exc.value.message
+    with pytest.raises(openai.RateLimitError) as exc:
+        chat(client, extra_headers={endpoint.HEADER_REQUEST_ID: "full"})
+    assert exc.value.response.headers["retry-after"] == "1"
+
+
+def test_images_come_back_in_openais_shape(served):
+    eng, client = served
+    raw = client.images.with_raw_response.generate(model="gpt-image-1", prompt="a red fox", size="1024x1536",
+                                                    extra_headers={endpoint.HEADER_REQUEST_ID: "img1"})
+    img = raw.parse()
+    assert img.created > 0 and [d.url for d in img.data] == ["https://img.test/img1.png"]
+    assert raw.headers[endpoint.HEADER_MODE] == "batch_api"
+    assert eng.seen["img1"]["body"]["prompt"] == "a red fox"
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.images.generate(model="gpt-image-1", prompt="a fox", n=2)
+    assert exc.value.param == "n"
+    with pytest.raises(openai.BadRequestError) as exc:  # a text model on the images route
+        client.images.generate(model="gpt-5-mini", prompt="a fox")
+    assert exc.value.param == "model"
+
+
+def test_models_list_the_catalog(served):
+    _, client = served
+    ids = {m.id for m in client.models.list()}
+    assert {"gpt-5-mini", "claude-haiku-4-5", "gpt-image-1"} <= ids
+    assert client.models.retrieve("gpt-5-mini").owned_by == "openai"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
+
+
+def batch_line(cid, content, model="gpt-5-mini"):
+    return json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
+                       "body": {"model": model, "messages": [{"role": "user", "content": content}],
+                                "max_tokens": 20}})
+
+
+def upload(client, lines):
+    return client.files.create(file=("in.jsonl", ("\n".join(lines) + "\n").encode()), purpose="batch")
+
+
+def test_a_batch_round_trip_through_files_and_batches(served):
+    eng, client = served
+    f = upload(client, [batch_line("a", "one"), batch_line("b", "two"), batch_line("bad", "x", model="nope"),
+                        batch_line("c-boom", "three")])
+    assert f.id.startswith("file-") and f.purpose == "batch" and f.status == "processed" and f.bytes > 0
+    assert client.files.retrieve(f.id).filename == "in.jsonl"
+    b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h",
+                              metadata={"job": "t1"}, extra_headers={endpoint.HEADER_TENANT: "acme"})
+    assert b.status == "in_progress" and b.request_counts.total == 4 and b.metadata == {"job": "t1"}
+    b = wait_done(client, b.id)
+    assert b.status == "completed" and b.completed_at is not None
+    assert (b.request_counts.total, b.request_counts.completed, b.request_counts.failed) == (4, 2, 2)
+    sent = eng.seen[f"{b.id}/a"]
+    assert sent["deadline_s"] == 86400.0 and sent["tenant"] == "acme"
+    out = [json.loads(x) for x in client.files.content(b.output_file_id).text.splitlines()]
+    assert [o["custom_id"] for o in out] == ["a", "b"]
+    assert out[1]["response"]["status_code"] == 200
+    assert out[1]["response"]["body"]["choices"][0]["message"]["content"] == "echo: two"
+    errs = {e["custom_id"]: e["error"]
+            for e in map(json.loads, client.files.content(b.error_file_id).text.splitlines())}
+    assert errs["bad"]["code"] == "invalid_request" and "field 'model'" in errs["bad"]["message"]
+    assert errs["c-boom"]["code"] == "request_failed" and "HTTP 503" in errs["c-boom"]["message"]
+    rep = client.get(f"/batches/{b.id}/smartbatch_report", cast_to=object)
+    assert rep["totals"]["succeeded"] == 2
+    assert rep["totals"]["saving_usd"] == pytest.approx(rep["totals"]["cost_usd"])  # half off
+    assert rep["totals"]["cost_usd"] > 0
+    assert b.id in [x.id for x in client.batches.list()]
+    assert client.files.retrieve(b.output_file_id).purpose == "batch_output"
+
+
+def test_a_custom_id_repeated_in_another_batch_is_another_request(served):
+    _, client = served
+    contents = []
+    for text in ("first", "second"):
+        b = client.batches.create(input_file_id=upload(client, [batch_line("same", text)]).id,
+                                  endpoint="/v1/chat/completions", completion_window="1h")
+        b = wait_done(client, b.id)
+        (line,) = map(json.loads, client.files.content(b.output_file_id).text.splitlines())
+        contents.append((line["id"], line["response"]["body"]["choices"][0]["message"]["content"]))
+    assert [c for _, c in contents] == ["echo: first", "echo: second"]
+    assert contents[0][0] != contents[1][0]
+
+
+def test_cancel_keeps_what_finished_and_errors_the_rest(served):
+    eng, client = served
+    f = upload(client, [batch_line("done", "one"), batch_line("x-slow", "two")])
+    b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert client.batches.cancel(b.id).status == "cancelling"
+    b = wait_done(client, b.id)
+    assert b.status == "cancelled" and b.cancelled_at is not None
+    assert (b.request_counts.completed, b.request_counts.failed) == (1, 1)
+    (out,) = map(json.loads, client.files.content(b.output_file_id).text.splitlines())
+    (err,) = map(json.loads, client.files.content(b.error_file_id).text.splitlines())
+    assert out["custom_id"] == "done"
+    assert (err["custom_id"], err["error"]["code"]) == ("x-slow", "batch_cancelled")
+    with pytest.raises(openai.ConflictError):
+        client.batches.cancel(b.id)
+
+
+def test_bad_batch_inputs_and_unknown_ids(served):
+    _, client = served
+    with pytest.raises(openai.NotFoundError) as exc:
+        client.files.retrieve("file-nope")
+    assert "file-nope" in exc.value.message
+    with pytest.raises(openai.NotFoundError) as exc:
+        client.batches.retrieve("batch_nope")
+    assert "batch_nope" in exc.value.message
+    with pytest.raises(openai.NotFoundError):
+        client.batches.create(input_file_id="file-nope", endpoint="/v1/chat/completions",
+                              completion_window="24h")
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.files.create(file=("x.jsonl", b"{}\n"), purpose="fine-tune")
+    assert exc.value.param == "purpose"
+    f = upload(client, [batch_line("a", "one")])
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="soon")
+    assert exc.value.param == "completion_window"
+    bad = upload(client, [batch_line("a", "one"), batch_line("a", "dup")])  # a repeated custom_id
+    b = client.batches.create(input_file_id=bad.id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert b.status == "failed" and b.errors.data[0].line == 2
+    assert "duplicate custom_id" in b.errors.data[0].message
+    assert client.files.delete(f.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.files.content(f.id)
+    assert f.id not in [x.id for x in client.files.list()]
