@@ -50,7 +50,8 @@ __all__ = ["FilesAndBatches", "MAX_FILE_BYTES"]
 MAX_FILE_BYTES = 200 * 1024 * 1024  # OpenAI's limit for a batch input file
 _ANSWERED = ("ok", "reused")
 _OPEN = ("validating", "in_progress")
-_CANCELLED = "This request was not executed because the batch was cancelled."
+_CANCELLED = ("The batch was cancelled before this line finished. The engine does not stop a request it has "
+              "accepted, so this one may still be generated and billed; its result is not in this batch's output.")
 
 
 @dataclass(frozen=True)

@@ -106,7 +106,7 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
         res: Result = await engine_call(engine.asubmit(d), param_of)
         if res.status not in ("ok", "reused"):
             raise _failure(res)
-        return JSONResponse(_openai_body(url, req, res, int(time.time())),
+        return JSONResponse(response_body(url, req, res, int(time.time())),
                             headers=_smartbatch_headers(req, res, catalog))
 
     @app.post(CHAT_URL)
@@ -197,15 +197,6 @@ def _failure(res: Result) -> ApiError:
     if m and 400 <= int(m.group(1)) <= 599:
         status = int(m.group(1))  # the provider's own answer, passed through
     return ApiError(status, f"request {res.id!r} {res.status}: {message}", type=kind, code=code)
-
-
-def _openai_body(url: str, req: Request, res: Result, created: int) -> dict:
-    """The response body in OpenAI's shape: the provider's own when it is that shape (an OpenAI call), else
-    built from the result (simulated providers, reuse, another provider's wire format)."""
-    raw = res.raw
-    if raw is not None and not (raw.get("object") == "chat.completion" if url == CHAT_URL else "data" in raw):
-        res = res.model_copy(update={"raw": None})
-    return response_body(url, req, res, created)
 
 
 def _smartbatch_headers(req: Request, res: Result, catalog: Catalog) -> dict[str, str]:

@@ -182,10 +182,17 @@ def _req_id(tenant: str, custom_id: str) -> str:
     return "batch_req_" + hashlib.sha256(f"{len(tenant)}:{tenant}/{custom_id}".encode()).hexdigest()[:32]
 
 
+def _in_shape(url: str, raw: dict) -> bool:
+    if url == "/v1/images/generations":
+        return isinstance(raw.get("data"), list)
+    return raw.get("object") == ("response" if url == "/v1/responses" else "chat.completion")
+
+
 def response_body(url: str, req: Request, res: Result, created: int = 0) -> dict:
-    """The response body of one line: the provider's raw body when it was called over HTTP, else one built in
-    the shape of ``url``'s response from the result's output and usage (simulated providers, reuse)."""
-    if res.raw is not None:
+    """The response body of one line: the provider's raw body when it was called over HTTP and answered in
+    ``url``'s shape, else one built in that shape from the result's output and usage (simulated providers,
+    reuse, and a provider with a wire format of its own, e.g. Anthropic's messages in an OpenAI batch file)."""
+    if res.raw is not None and _in_shape(url, res.raw):
         return res.raw
     usage = res.usage or {}
     n_in, n_out = int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0))

@@ -1,6 +1,6 @@
-"""One named engine shared by several driver processes: `smartbatch serve --name` starts it, drivers attach
-with `Engine.connect`, share its idempotency and its report, leave without stopping it, and `smartbatch stop`
-stops it (and `serve` then exits).
+"""One named engine shared by several driver processes: `smartbatch serve --name` starts it (with its
+OpenAI-compatible endpoint), drivers attach with `Engine.connect`, share its idempotency and its report, leave
+without stopping it, and `smartbatch stop` stops it (and `serve` then exits).
 
 Every process here is real: the server, three drivers and the stop command each attach to the server's own
 local Ray, as drivers on a machine or cluster would.
@@ -84,13 +84,14 @@ def _result(proc: subprocess.Popen) -> dict:
 @pytest.mark.timeout(400)
 def test_drivers_share_one_named_engine_and_leave_it_running():
     name = f"shared-{secrets.token_hex(3)}"
-    server = subprocess.Popen([str(BIN), "serve", "--name", name, "--speedup", "100"], env=_env(),
+    server = subprocess.Popen([str(BIN), "serve", "--name", name, "--speedup", "100", "--http-port", "0"], env=_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen: list[str] = []
     reader = None
     try:
         lines, reader = _lines(server)
         address = _wait_for(lines, "ray address:", seen)
+        base_url = _wait_for(lines, "OpenAI-compatible endpoint at", seen)
         _wait_for(lines, "stop:", seen)
 
         a, b = _driver(name, address, "a", 5), _driver(name, address, "b", 5)  # at the same time
@@ -108,10 +109,18 @@ def test_drivers_share_one_named_engine_and_leave_it_running():
                        if r["id"] == "clash")
         assert [s for s, _ in clash] == ["failed", "ok"] and "field 'id'" in clash[0][1]
 
-        # Both drivers have stopped; the engine runs on for a third, with everything the first two did.
+        # Both drivers have stopped; the engine runs on, for an application that speaks OpenAI's API to the
+        # endpoint `serve --http-port` started, and for a third driver, which sees everything the others did.
+        import openai
+
+        with openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=60) as client:
+            raw = client.chat.completions.with_raw_response.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "hello"}],
+                extra_headers={"X-Smartbatch-Priority": "urgent", "X-Smartbatch-Deadline": "30"})
+        assert raw.parse().choices[0].message.content and raw.headers["x-smartbatch-mode"] == "sync"
         rc = _result(_driver(name, address, "c", 1))
         assert rc["results"][0]["status"] == "ok"
-        assert rc["report"]["requests"] == 5 + 5 + 1 + 1 + 1  # common and clash generated once each
+        assert rc["report"]["requests"] == 5 + 5 + 1 + 1 + 1 + 1  # common and clash generated once each
         assert "no-such-engine" in rc["missing"] and name in rc["missing"]  # names what does run
 
         stop = subprocess.run([str(BIN), "stop", "--name", name, "--address", address], env=_env(),

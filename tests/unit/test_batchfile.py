@@ -135,10 +135,16 @@ def test_a_simulated_or_reused_result_gets_a_chat_completion_body(tmp_path):
     assert rows[1]["response"]["body"]["choices"][0]["message"]["content"] == sim.output
     assert (tmp_path / "o.errors.jsonl").read_text() == ""
     # A reused line whose leader was called over HTTP gets the leader's raw body and request id.
-    real = sim.model_copy(update={"raw": {"id": "chatcmpl-9"}, "provider_request_id": "req_9", "real": True})
+    raw = {"id": "chatcmpl-9", "object": "chat.completion"}
+    real = sim.model_copy(update={"raw": raw, "provider_request_id": "req_9", "real": True})
     write_results(bf, [real, reused], tmp_path / "o.jsonl")
     rows = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
-    assert rows[1]["response"]["body"] == {"id": "chatcmpl-9"} and rows[1]["response"]["request_id"] == "req_9"
+    assert rows[1]["response"]["body"] == raw and rows[1]["response"]["request_id"] == "req_9"
+    # Another provider's wire format (an Anthropic message) is answered in the shape the file asked for.
+    msg = sim.model_copy(update={"raw": {"id": "msg_1", "type": "message", "content": [{"type": "text",
+                                                                                       "text": "hi"}]}})
+    body = response_body("/v1/chat/completions", x, msg)
+    assert body["object"] == "chat.completion" and body["choices"][0]["message"]["content"] == sim.output
 
 
 def test_report_sums_the_lines_costs_against_list_prices(batch):
