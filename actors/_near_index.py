@@ -146,8 +146,9 @@ class NearIndex:
         """Rebuild the near-duplicate index (and the memory layer, newest last) from Redis after a restart;
         returns how many entries were read. Entries of another tenant scope stay in Redis but can only be
         found under their own scope."""
-        if self.redis is None or self.cfg.warm_max_entries == 0:
-            return 0
+        if self.redis is None or self.cfg.warm_max_entries == 0 or self.__dict__.get("_warmed"):
+            return 0  # once per incarnation: each driver of a shared engine rewires a restarted cache
+        self._warmed = True
         pairs = await self.redis.scan_values(self.cfg.warm_max_entries)
         entries: list[Entry] = []
         for _, raw in pairs:

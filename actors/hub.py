@@ -24,7 +24,8 @@ __all__ = ["ResultHub"]
 # the window between the driver's check and the hub's answer is milliseconds, far below this many results.
 RECENT = 16_384
 # A driver that has not pulled for this long (real seconds) is gone (killed without ``leave``): its queue is dropped.
-CLIENT_IDLE_S = 300.0
+# One that was only paused learns it at its next pull (``None``) and claims its open requests again.
+CLIENT_IDLE_S = 900.0
 
 
 @dataclass(eq=False)
@@ -112,33 +113,38 @@ class ResultHub(Warm, MemoryJournalStore):
                 if c is not None and now - q.seen_at > CLIENT_IDLE_S:
                     del clients[c]
 
-    async def claim(self, client: str, uids: list[str]) -> int:
-        """Driver ``client`` waits for the results of ``uids``: each is handed to it (at once if it exists).
-        Returns how many were ready."""
-        self._routed = True
+    def _client_queue(self, client: str) -> _Client:
+        if not self._routed:  # the first claim: what the unclaimed queue held is claimed from the recent ones
+            self._routed = True
+            self._clients[None] = _Client()
         q = self._clients.get(client)
         if q is None:
             q = self._clients[client] = _Client()
         q.seen_at = time.monotonic()
-        recent, ready = self._recent, 0
+        return q
+
+    async def claim(self, client: str, uids: list[str]) -> list[str]:
+        """Driver ``client`` waits for the results of ``uids``: each is handed to it, at once if it is here.
+        Returns the ids whose result is not here (still to come, or delivered too long ago)."""
+        q = self._client_queue(client)
+        recent, missing = self._recent, []
         for u in uids:
             r = recent.get(u)
             if r is not None:
                 q.give(r)
-                ready += 1
             else:
+                missing.append(u)
                 owners = self._owners.setdefault(u, [])
                 if client not in owners:
                     owners.append(client)
-        return ready
+        return missing
 
     async def refuse(self, client: str | None, results: list[Result]) -> None:
         """Results for driver ``client`` alone (ingest refusing a request it sent): not the engine's results,
         so neither counted nor kept among the recent ones."""
-        q = self._clients.get(client if self._routed else None)
-        if q is not None:
-            for r in results:
-                q.give(r)
+        q = self._client_queue(client) if client is not None else self._clients[None]
+        for r in results:
+            q.give(r)
 
     async def set_logging(self, level: str, actor: str, hub=None) -> None:
         ship_logs(level, actor, self._logs.add)  # the hub's own lines go straight to its book
@@ -201,12 +207,15 @@ class ResultHub(Warm, MemoryJournalStore):
             shown = ray.util.get_node_ip_address()
         return f"http://{shown}:{port}/metrics"
 
-    async def pull(self, max_wait_s: float = 0.25, client: str | None = None) -> list[Result]:
+    async def pull(self, max_wait_s: float = 0.25, client: str | None = None) -> list[Result] | None:
         """The results for driver ``client`` finished since its last pull (every result, on a hub nobody claims
-        from); waits up to ``max_wait_s`` when nothing is ready."""
+        from); waits up to ``max_wait_s`` when nothing is ready. ``None``: this hub does not know ``client``
+        (it restarted, or dropped the driver as idle), so results may have been lost for it: it must claim
+        its open requests again."""
         q = self._clients.get(client)
-        if q is None:  # a driver whose queue went (idle, or the hub restarted): its claims are made again
-            q = self._clients[client] = _Client()
+        if q is None:  # only a named driver: the unclaimed queue always exists
+            self._client_queue(client)
+            return None
         q.seen_at = time.monotonic()
         if not q.ready:
             try:

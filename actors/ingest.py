@@ -36,6 +36,7 @@ class Ingest(Warm):
         self.readmitted = 0
         self.cache = as_peer(cache)
         self.seen: dict[str, str] = {}  # admitted id -> its content's fingerprint
+        self.holders: dict[str, set[str]] = {}  # id -> the drivers that submitted it (shared engines)
         self.next_seq = 0
         self.duplicates = 0
         self.share = share_across_tenants
@@ -47,11 +48,25 @@ class Ingest(Warm):
     def __repr__(self) -> str:
         return f"Ingest(admitted={self.next_seq}, duplicates={self.duplicates})"
 
-    async def forget(self, uids: list[str]) -> None:
+    async def forget(self, uids: list[str], client: str | None = None) -> None:
         """Requests finished longer ago than the driver's retention window: their ids may be used again, so
-        the actors that remember finished requests (to answer a re-admission) forget them too."""
+        the actors that remember finished requests (to answer a re-admission) forget them too. An id that
+        several drivers submitted is forgotten when the last of them (``client``) forgets it."""
+        if client is not None:
+            gone = []
+            for u in uids:
+                holders = self.holders.get(u)
+                if holders is not None:
+                    holders.discard(client)
+                    if holders:
+                        continue
+                    del self.holders[u]
+                gone.append(u)
+            uids = gone
         for u in uids:
             self.seen.pop(u, None)
+        if not uids:
+            return
         for p in self._rememberers():
             p.send("forget", uids)
         if self.journal is not None:
@@ -90,33 +105,43 @@ class Ingest(Warm):
         self.next_seq += 1
         return Job(self.next_seq - 1, r, fp)
 
-    async def submit(self, requests: list[Request], client: str | None = None) -> int:
-        """Admit a batch; returns how many were new. A repeated (tenant, id) is the same request (the
-        idempotency key): it is never generated twice. With other content (a driver of a shared engine reusing
-        an id another driver sent) it is refused: driver ``client`` gets a failed result naming the id."""
-        jobs: list[Job] = []
+    def _sort(self, requests: list[Request], client: str | None) -> tuple[list[Request], list[Request]]:
+        """(requests whose id is new or whose content matches its id's, refused ones); refusals go to driver
+        ``client`` as failed results naming the id, and the others are claimed for it at the hub, here and not
+        by the driver: only a request whose content matches may be handed the result of its id."""
+        ok: list[Request] = []
         refused: list[Result] = []
-        claims: list[str] = []
         for r in requests:
             old = self.seen.get(r.uid)
-            if old is not None:
-                self.duplicates += 1
-                if old != fingerprint(r, share_across_tenants=self.share):
-                    refused.append(Result(id=r.id, tenant=r.tenant, status="failed", arrival_s=r.arrival_s,
-                                          error=f"field 'id': tenant {r.tenant!r} already submitted id {r.id!r} "
-                                                "with other content (another driver of this engine?); an id "
-                                                "names one request: use a new id for a new request"))
-                    continue
+            if old is not None and old != fingerprint(r, share_across_tenants=self.share):
+                refused.append(Result(id=r.id, tenant=r.tenant, status="failed", arrival_s=r.arrival_s,
+                                      error=f"field 'id': tenant {r.tenant!r} already submitted id {r.id!r} with "
+                                            "other content (another driver of this engine?); an id names one "
+                                            "request: use a new id for a new request"))
             else:
-                jobs.append(self._job(r))
-            claims.append(r.uid)
+                ok.append(r)
         if client is not None and self.hub is not None:
-            # Here, not by the driver: only a request whose content matches may be handed the result of its id.
-            # Sent before the jobs move on; a result that still comes first is handed over at the claim.
-            if claims:
-                self.hub.send("claim", client, claims)
             if refused:
                 self.hub.send("refuse", client, refused)
+            for r in ok:
+                self.holders.setdefault(r.uid, set()).add(client)
+        return ok, refused
+
+    async def submit(self, requests: list[Request], client: str | None = None) -> int:
+        """Admit a batch; returns how many were new. A repeated (tenant, id) is the same request (the
+        idempotency key): it is never generated twice, and driver ``client`` gets its result. With other content
+        (a driver of a shared engine reusing an id another driver sent) it is refused: ``client`` gets a failed
+        result naming the id."""
+        ok, _ = self._sort(requests, client)
+        jobs = [self._job(r) for r in ok if r.uid not in self.seen]
+        fresh = {j.req.uid for j in jobs}
+        repeats = [r.uid for r in ok if r.uid not in fresh] if len(jobs) < len(ok) else []
+        self.duplicates += len(requests) - len(jobs)
+        if client is not None and self.hub is not None:
+            if jobs:  # sent before the jobs move on; a result that still comes first is handed over at the claim
+                self.hub.send("claim", client, [j.req.uid for j in jobs])
+            if repeats:
+                await self._claim_repeats(client, repeats)
         if not jobs:
             return 0
         await self._journal(jobs)
@@ -124,12 +149,18 @@ class Ingest(Warm):
         send_sharded(self.groupers, misses)
         return len(jobs)
 
-    async def readmit(self, requests: list[Request]) -> int:
-        """Requests accepted earlier that a restarted actor may have lost (the driver sends every unfinished
-        one). Each goes on only if no dispatcher, not the cache and not the hub holds it: those carry it out, send its
-        result again, or have it. The rest go straight to their groupers (no cache lookup: a request that is in fact still
-        in flight somewhere must not be answered a second time from the cache), which keep one copy of each."""
-        uids = [r.uid for r in requests]
+    async def _claim_repeats(self, client: str, uids: list[str]) -> None:
+        """Another driver's request, submitted again: claim its result; one the hub no longer holds (delivered
+        long ago) is sent again by whoever finished it. One nobody finished yet comes to the claim."""
+        try:
+            missing = await self.hub.call("claim", client, uids)
+        except Exception as exc:  # the hub is restarting: the driver's re-admission claims them again
+            log.warning("ingest: claim failed (%s: %s)", type(exc).__name__, exc)
+            return
+        if missing:
+            await self._recall([p for p in self._rememberers() if p is not self.hub], missing)
+
+    async def _recall(self, peers: list, uids: list[str]) -> set[str]:
         known: set[str] = set()
 
         async def ask(peer):
@@ -138,8 +169,21 @@ class Ingest(Warm):
             except Exception as exc:  # that actor is gone too: it holds nothing
                 log.warning("ingest: recall failed (%s: %s)", type(exc).__name__, exc)
 
+        await asyncio.gather(*(ask(p) for p in peers))
+        return known
+
+    async def readmit(self, requests: list[Request], client: str | None = None) -> int:
+        """Requests accepted earlier that a restarted actor may have lost (driver ``client`` sends every
+        unfinished one, claimed again here). Each goes on only if no dispatcher, not the cache and not the hub
+        holds it: those carry it out, send its result again, or have it. The rest go straight to their groupers
+        (no cache lookup: a request that is in fact still in flight somewhere must not be answered a second time
+        from the cache), which keep one copy of each."""
+        requests, _ = self._sort(requests, client)
+        uids = [r.uid for r in requests]
+        if client is not None and self.hub is not None and uids:
+            self.hub.send("claim", client, uids)
         # The hub too: a result it holds but the driver had not pulled when it listed its unfinished requests.
-        await asyncio.gather(*(ask(p) for p in self._rememberers()))
+        known = await self._recall(self._rememberers(), uids)
         jobs = [self._job(r) for r in requests if r.uid not in known]
         send_sharded(self.groupers, jobs)
         self.readmitted += len(jobs)

@@ -14,7 +14,7 @@ from typing import Any
 
 from engine.core.errors import ConfigError
 
-__all__ = ["SharedEngine"]
+__all__ = ["SharedEngine", "stale_engine"]
 
 log = logging.getLogger("smartbatch")
 
@@ -30,6 +30,17 @@ def _init_ray(address: str) -> bool:
     except ConnectionError as exc:
         raise ConfigError(f"address={address!r}: no Ray cluster answers there ({exc}); give the address that "
                           "`smartbatch serve` printed, or start Ray with `ray start --head`") from None
+    return True
+
+
+def stale_engine(name: str) -> bool:
+    """Whether the engine ``name`` that Ray's KV store names has no actors left (its driver died without stopping
+    it): its layout is then removed, and the name is free again."""
+    from actors.remote import attach_actors, kill_engine
+
+    if attach_actors(name) is not None:
+        return False
+    kill_engine(name)
     return True
 
 
@@ -59,10 +70,15 @@ class SharedEngine:
                               f"{', '.join(others) or 'none'}); start one with `smartbatch serve --name {name}` "
                               f"or Engine.start(name={name!r}, detached=True)")
         handles, layout = got
-        eng = cls(handles=handles, clock=handles["clock"], settings=layout["settings"], catalog=layout["catalog"],
-                  started_ray=started, micro_batch=micro_batch, flush_ms=flush_ms, max_pending=max_pending,
-                  overload=overload, submit_timeout_s=submit_timeout_s, retention_s=retention_s, owner=False,
-                  attached=True)
+        try:
+            eng = cls(handles=handles, clock=handles["clock"], settings=layout["settings"],
+                      catalog=layout["catalog"], started_ray=started, micro_batch=micro_batch, flush_ms=flush_ms,
+                      max_pending=max_pending, overload=overload, submit_timeout_s=submit_timeout_s,
+                      retention_s=retention_s, owner=False, attached=True)
+        except BaseException:  # e.g. an actor died just now: leave this process as it was
+            if started and not cls._running_engines:
+                ray.shutdown()
+            raise
         eng.metrics_url = layout.get("metrics_url")
         eng.metrics_port = layout.get("metrics_port")
         log.info("smartbatch: attached to engine %r (metrics at %s)", name, eng.metrics_url or "not served")

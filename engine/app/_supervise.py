@@ -17,7 +17,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
+
+from engine.core.result import Result
 
 __all__ = ["Supervised"]
 
@@ -52,6 +55,7 @@ class Supervised:
         # Actor log lines relayed so far: the driver that started the engine reads them all; one that attaches
         # reads those that come after it.
         self._log_seq: int | None = None if attached else 0
+        self._gone: str | None = None  # why this driver can take no more work (the engine is gone)
 
     def _metrics_addr(self) -> tuple[int, str] | None:
         return None if self.metrics_port is None else (self.metrics_port, self.settings.metrics.host)
@@ -85,7 +89,7 @@ class Supervised:
             # In a thread of its own: rewiring waits on the restarted actor (seconds on a loaded machine), and
             # the pull loop that runs this check must keep delivering results meanwhile.
             threading.Thread(target=self._recover, args=(restarted,), name="smartbatch-recover", daemon=True).start()
-        if dead:
+        if dead and not self._engine_stopped():
             # Requests may sit in the dead actor's groups or timers; nothing can resolve them now, so every open
             # future fails with the reason instead of hanging.
             self._fail_open(f"engine failure: actor(s) died: {', '.join(sorted(dead))}")
@@ -154,13 +158,24 @@ class Supervised:
                 reqs = [f._req for u, f in self._futs.items() if not f.done() and u not in queued]
             else:
                 reqs = [f._req for u in uids if (f := self._futs.get(u)) is not None and not f.done()]
-        ingest, hub = self._h["ingest"], self._h["hub"]
+        ingest = self._h["ingest"]
         for k in range(0, len(reqs), self._micro_batch):
             part = reqs[k:k + self._micro_batch]
-            hub.claim.remote(self._client, [r.uid for r in part])  # again: a restarted hub has lost the claims
-            ref = ingest.readmit.remote(part)
+            ref = ingest.readmit.remote(part, self._client)  # claims them again: a restarted hub lost the claims
             with self._lock:
                 self._inflight_refs[ref] = ([r.uid for r in part], tries + 1)
+
+    def _fail_ids(self, uids: Sequence[str], error: str) -> None:
+        for uid in uids:
+            with self._lock:
+                fut = self._futs.get(uid)
+            if fut is not None and not fut.done():
+                self._resolve(fut, Result(id=fut.request_id, tenant=fut.tenant, status="failed", error=error))
+
+    def _fail_open(self, error: str) -> None:
+        with self._lock:
+            ids = [k for k, f in self._futs.items() if not f.done()]
+        self._fail_ids(ids, error)
 
     def _check_ingest(self) -> None:
         """Collect the ingest calls that returned: re-admit the requests of one that failed, or that was out
@@ -200,6 +215,8 @@ class Supervised:
         hub = self._h["hub"]
         until = time.monotonic() + HUB_BACK_S
         while self._running and time.monotonic() < until:
+            if self._engine_stopped():
+                return False
             try:
                 tok = ray.get(hub.ping.remote(), timeout=HEALTH_TIMEOUT_S)
             except Exception:  # restarting (the ping waits) or refused at once: ask again shortly
@@ -210,8 +227,26 @@ class Supervised:
                 self._recover(["hub"])
             return True
         if self._running:
-            self._fail_open(f"engine failure: the result hub died ({type(exc).__name__}) and did not come back")
+            self._end(f"engine failure: the result hub died ({type(exc).__name__}) and did not come back")
         return False
+
+    def _engine_stopped(self) -> bool:
+        """Whether the engine was stopped elsewhere (``shutdown``, ``smartbatch stop``): this driver then ends,
+        failing what it holds open and refusing new work, instead of waiting for actors that will not return."""
+        from actors._peer import read_layout
+
+        try:
+            gone = read_layout(self._h["engine"]) is None
+        except Exception:  # Ray itself is unreachable: the actors are gone with it
+            gone = True
+        if gone and self._running:
+            self._end(f"engine {self._h['engine']!r} was stopped")
+        return gone
+
+    def _end(self, why: str) -> None:
+        """This driver can do nothing more: new submits raise ``EngineStopped`` with ``why``, open futures fail."""
+        self._gone = why
+        self._fail_open(why)
 
     def actor_names(self) -> dict[str, Any]:
         """This engine's actors by kind, as Ray names them (namespace ``smartbatch``)."""

@@ -76,11 +76,13 @@ class _Run:
 
 
 def result_row(name: str, policy_class: str, params: dict, result: SimResult, naive_cost: float,
-               bound: float, relaxed_bound: float) -> dict:
-    """One row of ``results``: the contract keys, judged against naive and the bound, plus the summary."""
+               bound: float, relaxed_bound: float, online_bound: float | None = None) -> dict:
+    """One row of ``results``: the contract keys, judged against naive and the bound (and the online bound:
+    ``capture_of_online``), plus the summary."""
     s = result.summary()
     cost = s["cost_usd"]
     achievable = naive_cost - bound
+    refused = sum(s["rejected"].values())
     row = {
         "policy": name,
         "policy_class": policy_class,
@@ -90,7 +92,11 @@ def result_row(name: str, policy_class: str, params: dict, result: SimResult, na
         "saving_vs_naive": _round((naive_cost - cost) / naive_cost if naive_cost > 0 else 0.0),
         # Against the bound of serving every request: meaningless when some were refused (budgets).
         "capture_of_achievable": _round((naive_cost - cost) / achievable
-                                        if achievable > 1e-12 and not sum(s["rejected"].values()) else None),
+                                        if achievable > 1e-12 and not refused else None),
+        # Against what an online policy can achieve in expectation (docs/lower-bound.md: the online bound).
+        "capture_of_online": _round((naive_cost - cost) / (naive_cost - online_bound)
+                                    if online_bound is not None and naive_cost - online_bound > 1e-12
+                                    and not refused else None),
         "lower_bound_for_its_misses_usd": round(relaxed_bound, 6),
     }
     row.update({k: v for k, v in s.items() if k not in ("policy", "cost_usd")})
@@ -105,6 +111,9 @@ def document(trace_name: str, n_requests: int, seed: int, lb, rows: list[dict],
              budgets: list[dict] | None = None) -> dict:
     doc = {"trace": trace_name, "requests": n_requests, "seed": seed, "lower_bound_usd": round(lb.total_usd, 6),
            "lower_bound": lb.as_dict(), "results": rows}
+    online = rows[0].get("online_bound_usd") if rows else None
+    if online is not None:
+        doc["online_bound_usd"] = online
     if budgets:
         doc["budgets"] = budgets
     return doc
@@ -123,6 +132,7 @@ def run_bench(requests: Sequence[Request], specs: Sequence[PolicySpec], *, trace
     draws = Draws(len(reqs), settings.sim.max_attempts, seed, settings.sim.batch_slot_s)
     policies = [(s, load_policy(s.policy, catalog, s.params)) for s in specs]  # fail fast on bad params
     lb = lower_bound(reqs, catalog=catalog, settings=settings, draws=draws)
+    online = lower_bound(reqs, catalog=catalog, settings=settings, draws=draws, online=True).total_usd
     if on_progress:
         on_progress("lower bound")
 
@@ -147,7 +157,9 @@ def run_bench(requests: Sequence[Request], specs: Sequence[PolicySpec], *, trace
         naive_cost = simulate(reqs, load_policy("naive", catalog), catalog=catalog, settings=free, seed=seed,
                               trace_name=trace_name, draws=draws).total_cost
     rows = [result_row(r.spec.name, r.spec.policy, r.spec.params, r.result, naive_cost, lb.total_usd,
-                       r.relaxed_bound) for r in runs]
+                       r.relaxed_bound, online) for r in runs]
+    for row in rows:
+        row["online_bound_usd"] = round(online, 6)
     return document(trace_name, len(reqs), seed, lb, rows,
                     [b.model_dump() for b in settings.budgets.specs] if budgeted else None)
 
@@ -156,21 +168,26 @@ def _markdown(doc: dict) -> str:
     lines = [
         f"### {doc['trace']} ({doc['requests']:,} requests, seed {doc['seed']})",
         "",
-        f"Lower bound: ${doc['lower_bound_usd']:.2f}; naive: ${doc['results'][0]['naive_cost_usd']:.2f}."
+        f"Lower bound: ${doc['lower_bound_usd']:.2f}"
+        + (f" (online: ${doc['online_bound_usd']:.2f})" if doc.get("online_bound_usd") is not None else "")
+        + f"; naive: ${doc['results'][0]['naive_cost_usd']:.2f}."
         + ("" if not doc.get("budgets") else " Budgets: " + "; ".join(
             f"{b.get('tenant') or 'all'} ${b['max_budget']:g}" + (f"/{b['budget_duration']}" if b.get(
                 "budget_duration") else "") for b in doc["budgets"]) + "."),
         "",
-        "| policy | cost USD | saving vs naive | capture of achievable | deadlines met | urgent met | "
-        "latency p50 / p99 (urgent; normal; background) | exact/in-flight/near hits | failed | rejected | sim req/s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| policy | cost USD | saving vs naive | capture of achievable | capture of online | deadlines met | "
+        "urgent met | latency p50 / p99 (urgent; normal; background) | exact/in-flight/near hits | failed | "
+        "rejected | sim req/s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in doc["results"]:
         cap = r["capture_of_achievable"]
+        onl = r.get("capture_of_online")
         urgent = r["deadline_met_by_priority"].get("urgent")
         lines.append(
             f"| {r['policy']} | {r['cost_usd']:.2f} | {100 * r['saving_vs_naive']:.1f} % | "
-            f"{'n/a' if cap is None else f'{100 * cap:.1f} %'} | {100 * r['deadline_met_frac']:.2f} % | "
+            f"{'n/a' if cap is None else f'{100 * cap:.1f} %'} | {'n/a' if onl is None else f'{100 * onl:.1f} %'} | "
+            f"{100 * r['deadline_met_frac']:.2f} % | "
             f"{'n/a' if urgent is None else f'{100 * urgent:.1f} %'} | {_latency(r)} | "
             f"{r['exact_hits']}/{r['in_flight_hits']}/{r['near_hits']} | {r['failed']} | "
             f"{sum(r['rejected'].values())} | "

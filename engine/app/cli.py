@@ -176,20 +176,24 @@ def _started(then=None):
 
 
 def _live(requests, name: str, policy: str, speedup: float, address: str | None, seed: int, settings,
-          cat, results: list | None = None, on_start=None) -> dict:
+          cat, results: list | None = None, on_start=None, spec=None) -> dict:
     from engine.app.live import run_live
 
+    params, label = (spec.params, spec.name) if spec is not None else (None, None)
+    policy = spec.policy if spec is not None else policy
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=err_console, transient=True) as bar:
-        task = bar.add_task(f"live {policy} x{speedup:g}", total=len(requests))
-        return run_live(requests, trace_name=name, policy=policy, speedup=speedup, address=address, seed=seed,
-                        catalog=cat, settings=settings, results=results, on_start=_started(on_start),
-                        on_done=lambda k: bar.update(task, advance=k))
+        task = bar.add_task(f"live {label or policy} x{speedup:g}", total=len(requests))
+        return run_live(requests, trace_name=name, policy=policy, params=params, label=label, speedup=speedup,
+                        address=address, seed=seed, catalog=cat, settings=settings, results=results,
+                        on_start=_started(on_start), on_done=lambda k: bar.update(task, advance=k))
 
 
 @app.command()
 def run(trace: Path = typer.Argument(..., help="a JSONL trace"),
-        policy: str = typer.Option("smart", help="registered name or module:Class"),
+        policy: str = typer.Option("smart", help="registered name, module:Class, or a variant from --variants"),
+        variants: Path | None = typer.Option(None, help="YAML with variants: [{name, policy, params}], as for "
+                                             "bench"),
         speedup: float = typer.Option(100.0, min=0.001, help="engine seconds per real second"),
         out: Path = typer.Option(Path("out/run"), "--out", help="where results.json, results.md and plot.png go"),
         address: str | None = typer.Option(None, help="attach to a Ray cluster (e.g. auto); default: "
@@ -210,10 +214,15 @@ def run(trace: Path = typer.Argument(..., help="a JSONL trace"),
         catalog_overlay: Path | None = typer.Option(None, "--catalog-overlay", help="a YAML merged over the "
                                                     "catalog: adds or overrides providers, models, prices")) -> None:
     """Replay a trace through the live engine on Ray (time-compressed); same report and results.json as bench."""
-    from engine.app.bench import write_outputs
+    from engine.app.bench import load_variants, resolve_policies, write_outputs
+    from engine.core.errors import ConfigError
     from engine.core.trace import load_trace
 
     try:
+        specs = resolve_policies(policy, load_variants(variants))
+        if len(specs) != 1:
+            raise ConfigError(f"--policy {policy!r}: run takes one policy (bench compares several)")
+        (spec,) = specs
         settings, cat = _settings(catalog, catalog_overlay)
         settings = _providers(settings, providers, base_url)
         tr = load_trace(trace, catalog=cat, settings=settings, skip_invalid=skip_invalid)
@@ -221,9 +230,10 @@ def run(trace: Path = typer.Argument(..., help="a JSONL trace"),
         if dry_run:
             from engine.app.live import dry_run as plan
 
-            _print_plan(plan(tr.requests, policy=policy, catalog=cat, settings=settings, seed=seed))
+            _print_plan(plan(tr.requests, policy=spec.policy, params=spec.params, catalog=cat, settings=settings,
+                             seed=seed))
             return
-        doc = _live(tr.requests, tr.name, policy, speedup, address, seed, settings, cat)
+        doc = _live(tr.requests, tr.name, policy, speedup, address, seed, settings, cat, spec=spec)
         paths = write_outputs(doc, out)
     except SmartbatchError as exc:
         _fail(exc)

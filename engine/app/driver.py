@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 from pydantic import ValidationError
 
 from engine.app._driver_async import AsyncSubmit
-from engine.app._driver_shared import SharedEngine
+from engine.app._driver_shared import SharedEngine, stale_engine
 from engine.app._future import ResultFuture
 from engine.app._supervise import HEALTH_EVERY_S, Supervised
 from engine.app.provider_setup import http_setup
@@ -52,6 +52,7 @@ class Engine(AsyncSubmit, SharedEngine, Supervised):
         self._h = handles
         self._owner = owner  # stop() stops the actors too (else the engine runs on for its other drivers)
         self._client = secrets.token_hex(6)  # this driver, to the result hub
+        ray.get(handles["hub"].claim.remote(self._client, []))  # known to the hub before its first pull
         self.clock = clock
         self.settings = settings
         self.catalog = catalog
@@ -129,7 +130,7 @@ class Engine(AsyncSubmit, SharedEngine, Supervised):
             started = True
         from actors._peer import read_layout
 
-        if name is not None and read_layout(name) is not None:
+        if name is not None and read_layout(name) is not None and not stale_engine(name):
             raise ConfigError(f"name={name!r}: an engine of that name already runs on this Ray cluster; attach "
                               f"to it with Engine.connect({name!r}), or stop it first (smartbatch stop --name {name})")
         if detached and started:
@@ -147,15 +148,28 @@ class Engine(AsyncSubmit, SharedEngine, Supervised):
             if started and not Engine._running_engines:  # leave no Ray behind that only this start needed
                 ray.shutdown()
             raise
-        eng = cls(handles=handles, clock=handles["clock"], settings=settings, catalog=catalog,
-                  started_ray=started, micro_batch=micro_batch, flush_ms=flush_ms, max_pending=max_pending,
-                  overload=overload, submit_timeout_s=submit_timeout_s, retention_s=retention_s, owner=not detached)
-        port = settings.metrics.port if metrics_port == "settings" else metrics_port
-        if port is not None:
-            eng.metrics_url = ray.get(handles["hub"].serve_metrics.remote(port, settings.metrics.host))
-            eng.metrics_port = int(eng.metrics_url.rsplit(":", 1)[1].split("/", 1)[0])
-            log.info("smartbatch metrics at %s", eng.metrics_url)
-        eng._publish_layout(policy, detached)
+        eng = None
+        try:
+            eng = cls(handles=handles, clock=handles["clock"], settings=settings, catalog=catalog,
+                      started_ray=started, micro_batch=micro_batch, flush_ms=flush_ms, max_pending=max_pending,
+                      overload=overload, submit_timeout_s=submit_timeout_s, retention_s=retention_s,
+                      owner=not detached)
+            port = settings.metrics.port if metrics_port == "settings" else metrics_port
+            if port is not None:
+                eng.metrics_url = ray.get(handles["hub"].serve_metrics.remote(port, settings.metrics.host))
+                eng.metrics_port = int(eng.metrics_url.rsplit(":", 1)[1].split("/", 1)[0])
+                log.info("smartbatch metrics at %s", eng.metrics_url)
+            eng._publish_layout(policy, detached)
+        except BaseException:  # e.g. the metrics port is taken: leave no engine behind (a detached one would stay)
+            if eng is not None:
+                eng.shutdown()
+            else:
+                from actors.remote import kill_engine
+
+                kill_engine(handles["engine"], handles["all"])
+                if started and not Engine._running_engines:
+                    ray.shutdown()
+            raise
         return eng
 
     def stop(self, timeout_s: float = 5.0) -> None:
@@ -219,6 +233,8 @@ class Engine(AsyncSubmit, SharedEngine, Supervised):
         room as ``overload`` says. Holds the lock."""
         if not self._running:
             raise EngineStopped("this engine was stopped; start a new one with Engine.start()")
+        if self._gone is not None:
+            raise EngineStopped(f"{self._gone}; start a new one with Engine.start(), or connect to another")
         futs: list[ResultFuture] = []
         new: list[Request] = []
         seen: dict[str, ResultFuture] = {}
@@ -272,7 +288,7 @@ class Engine(AsyncSubmit, SharedEngine, Supervised):
             if gone:
                 self._room.notify_all()
         if gone:  # ingest forgets them too, so neither side grows with the engine's life
-            self._h["ingest"].forget.remote(gone)
+            self._h["ingest"].forget.remote(gone, self._client)
 
     def submit(self, request: Request | Mapping) -> ResultFuture:
         """Queue one request; returns its future. The same (tenant, id) again returns the first submission's
@@ -321,10 +337,13 @@ class Engine(AsyncSubmit, SharedEngine, Supervised):
         last_check = time.monotonic()
         while self._running:
             try:
-                results: list[Result] = ray.get(hub.pull.remote(0.2, self._client))
+                results: list[Result] | None = ray.get(hub.pull.remote(0.2, self._client))
             except Exception as exc:  # the hub died: wait for its restart (see engine.app._supervise)
                 if not self._hub_lost(exc):
                     return
+                continue
+            if results is None:  # the hub lost this driver's queue (it restarted, or took it for gone)
+                self._readmit_open()  # which claims every open request again
                 continue
             for res in results:
                 with self._lock:
@@ -336,18 +355,6 @@ class Engine(AsyncSubmit, SharedEngine, Supervised):
             if time.monotonic() - last_check > HEALTH_EVERY_S:
                 last_check = time.monotonic()
                 self._health()
-
-    def _fail_ids(self, uids: Sequence[str], error: str) -> None:
-        for uid in uids:
-            with self._lock:
-                fut = self._futs.get(uid)
-            if fut is not None and not fut.done():
-                self._resolve(fut, Result(id=fut.request_id, tenant=fut.tenant, status="failed", error=error))
-
-    def _fail_open(self, error: str) -> None:
-        with self._lock:
-            ids = [k for k, f in self._futs.items() if not f.done()]
-        self._fail_ids(ids, error)
 
     # -- reading ------------------------------------------------------------------------------------------------
     def report(self) -> dict:

@@ -55,9 +55,10 @@ def run_live(requests: Sequence[Request], *, trace_name: str, policy: str = "sma
              params: dict | None = None, speedup: float = 100.0, address: str | None = None,
              seed: int | None = None, catalog: Catalog | None = None, settings: Settings | None = None,
              on_done: Callable[[int], None] | None = None, results: list | None = None,
-             on_start: Callable | None = None) -> dict:
+             on_start: Callable | None = None, label: str | None = None) -> dict:
     """Replay ``requests`` through a live engine; return the results document of ``bench`` for one policy
-    (plus ``engine_report``), judged against the simulated naive cost and the offline lower bound."""
+    (plus ``engine_report``), judged against the simulated naive cost and the offline lower bound. ``label``
+    names its row (a variant's name; default: the policy's)."""
     from engine.app.driver import Engine
     from policies import load_policy
 
@@ -91,7 +92,7 @@ def run_live(requests: Sequence[Request], *, trace_name: str, policy: str = "sma
     lb = lower_bound(reqs, catalog=catalog, settings=settings, draws=draws)
     live = as_sim_result(policy, trace_name, reqs, results, wall)
     relaxed = lower_bound(reqs, catalog=catalog, settings=settings, draws=draws, relax=~live.met).total_usd
-    row = result_row(f"{policy} (live)", policy, params or {}, live, naive, lb.total_usd, relaxed)
+    row = result_row(f"{label or policy} (live)", policy, params or {}, live, naive, lb.total_usd, relaxed)
     row.update(live_wall_s=round(wall, 2), speedup=speedup)
     b = report.get("budget") or {}
     if "overrun_usd" in b:

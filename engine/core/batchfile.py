@@ -217,7 +217,9 @@ def output_line(line: BatchLine, res: Result, *, created: int = 0, raw: dict | N
     """A line of the output file for a succeeded (or reused) request; ``raw`` and ``request_id`` stand in for a
     reused result's, which carries neither (the response of the line it reused)."""
     assert line.request is not None
-    body = raw if res.raw is None and raw is not None else response_body(line.url, line.request, res, created)
+    if res.raw is None and raw is not None:  # the borrowed body, in the route's shape like any other
+        res = res.model_copy(update={"raw": raw})
+    body = response_body(line.url, line.request, res, created)
     rid = res.provider_request_id or request_id or "smartbatch_" + _req_id(res.tenant, line.custom_id)[10:]
     return {"id": _req_id(line.request.tenant, line.custom_id), "custom_id": line.custom_id,
             "response": {"status_code": 200, "request_id": rid, "body": body}, "error": None}

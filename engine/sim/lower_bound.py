@@ -25,6 +25,13 @@ Each step only ever makes a request cheaper than any policy could make it, so th
 ``relax`` marks requests whose deadline is treated as infinite: a policy that misses a deadline may use a
 cheaper mode than a deadline-respecting schedule could, so its cost is compared with the bound relaxed for
 the requests it missed.
+
+``online=True`` gives the *online bound*: step 3 without hindsight of the turnaround draws. No online policy
+knows whether a batch will be on time, only the turnaround distribution; at best it submits at arrival, and is
+on time with ``p = turnaround_cdf(deadline - arrival)``, paying the batch price with probability ``p`` and the
+sync price otherwise. Every other step keeps its hindsight, so this is still below what any online policy
+pays in expectation, and above the offline bound: the gap between the two is what no online policy can
+recover from batch turnarounds alone.
 """
 
 from __future__ import annotations
@@ -126,7 +133,7 @@ def _max_overlap(a: np.ndarray, d: np.ndarray) -> np.ndarray:
 
 def lower_bound(requests: Sequence[Request], *, catalog: Catalog | None = None, settings: Settings | None = None,
                 seed: int | None = None, draws: Draws | None = None,
-                relax: np.ndarray | None = None) -> LowerBound:
+                relax: np.ndarray | None = None, online: bool = False) -> LowerBound:
     settings = settings or Settings()
     catalog = catalog or default_catalog()
     reqs = sorted(requests, key=lambda r: r.arrival_s)
@@ -160,17 +167,23 @@ def lower_bound(requests: Sequence[Request], *, catalog: Catalog | None = None, 
     for i in near:
         free[i] = True
 
-    # 3. batch API eligibility, per provider
-    elig = np.zeros(n, dtype=bool)
+    # 3. batch API eligibility, per provider: p_batch is the probability the discount is had (0 or 1 offline)
+    p_batch = np.zeros(n)
     horizon = float(np.max(np.where(np.isinf(deadline), arrival, deadline))) if n else 0.0
     for pname, prov in catalog.providers.items():
         if prov.batch_api is None:
             continue
         idx = np.flatnonzero([(p == pname and prov.supports_batch_api(reqs[i].kind))
                               for i, p in enumerate(providers)])
-        if idx.size:
+        if not idx.size:
+            continue
+        if online:
+            cdf = prov.batch_api.turnaround_cdf
+            p_batch[idx] = [1.0 if np.isinf(deadline[i]) else cdf(deadline[i] - arrival[i]) for i in idx]
+        else:
             slot_t = draws.slot_turnarounds(pname, prov.batch_api, horizon + 1.0)
-            elig[idx] = batch_eligible(arrival[idx], deadline[idx], slot_t, draws.slot_s)
+            p_batch[idx] = batch_eligible(arrival[idx], deadline[idx], slot_t, draws.slot_s)
+    elig = p_batch >= 1.0
 
     # 4-5. price every paying request at its cheapest
     write_holders: dict[tuple, list[tuple[float, float, float]]] = {}
@@ -180,24 +193,27 @@ def lower_bound(requests: Sequence[Request], *, catalog: Catalog | None = None, 
             continue
         prov = catalog.providers[r.provider]
         spec = prov.models[r.model]
-        f = mode_factor(prov, "batch_api" if elig[i] else "sync")
+        p = p_batch[i]
+        # (probability, price factor) of the lanes it pays: batch with p, sync otherwise
+        lanes = [(w, f) for w, f in ((p, mode_factor(prov, "batch_api")), (1.0 - p, 1.0)) if w > 0]
         if spec.kind != "text":
             if spec.gpu_priced:
                 gpu_classes.setdefault(compat_key(r), []).append(i)
             else:
-                per[i] = f * price_alone(r, catalog, "sync").total
+                per[i] = sum(w * f for w, f in lanes) * price_alone(r, catalog, "sync").total
             continue
         p_in, p_out = token_prices(spec)
-        out = f * p_out * r.output_tokens
         pc = prov.prompt_cache
         prefix = min(len(r.prefix_blocks) * bt, r.input_tokens)
         if pc is None or prefix == 0 or prefix < max(min_cacheable_tokens(prov, spec), 1):
-            per[i] = f * p_in * r.input_tokens + out
+            per[i] = sum(w * f for w, f in lanes) * (p_in * r.input_tokens + p_out * r.output_tokens)
             continue
         rm = cache_read_multiplier(prov, spec)
-        rc = f * rm if pc.stacks_with_batch else min(f, rm)
-        per[i] = f * p_in * (r.input_tokens - prefix) + rc * p_in * prefix + out
-        extra_per_token = p_in * (f - rc)
+        extra_per_token = 0.0
+        for w, f in lanes:
+            rc = f * rm if pc.stacks_with_batch else min(f, rm)
+            per[i] += w * (f * p_in * (r.input_tokens - prefix) + rc * p_in * prefix + f * p_out * r.output_tokens)
+            extra_per_token += w * p_in * (f - rc)
         for k, b in enumerate(r.prefix_blocks):
             tok = min(bt, prefix - k * bt)
             if tok <= 0:

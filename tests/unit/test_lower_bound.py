@@ -81,3 +81,35 @@ def test_relaxing_deadlines_never_raises_the_bound():
     reqs = synth(600, seed=9)
     lb = lower_bound(reqs).total_usd
     assert lower_bound(reqs, relax=np.ones(len(reqs), bool)).total_usd <= lb + 1e-12
+
+
+def test_the_online_bound_prices_a_batch_at_its_chance_of_being_on_time():
+    from engine.core.cost import price_alone
+    from engine.core.request import Request
+
+    r = Request.model_validate({"id": "a", "arrival_s": 0.0, "model": "gpt-5-mini", "input_tokens": 2000,
+                                "output_tokens": 500, "deadline_s": 3 * 3600})
+    ba = CAT.providers[r.provider].batch_api
+    p = ba.turnaround_cdf(r.deadline_s)
+    assert 0.05 < p < 0.999  # a deadline that leaves the batch in doubt
+    sync, batch = price_alone(r, CAT, "sync").total, price_alone(r, CAT, "batch_api").total
+    online = lower_bound([r], online=True)
+    assert online.total_usd == pytest.approx(p * batch + (1 - p) * sync, rel=1e-12)
+    # Without hindsight it can only cost more than with it, when the drawn turnaround was on time.
+    offline = lower_bound([r])
+    assert offline.total_usd in (pytest.approx(batch), pytest.approx(sync))
+
+
+def test_the_online_bound_lies_between_the_offline_bound_and_naive():
+    # The online bound is an expectation over turnaround draws; the offline bound, one draw's hindsight. A lucky
+    # draw can take the offline bound above it on a trace where batches matter little, so: one trace, six draws.
+    seed = 0
+    reqs = synth(1200, seed=seed, duration_s=1800)
+    online = lower_bound(reqs, seed=seed, online=True)
+    offline = max(lower_bound(reqs, seed=s).total_usd for s in range(6))
+    naive = simulate(reqs, load_policy("naive", CAT), seed=seed).total_cost
+    assert offline < online.total_usd < naive
+    # With no deadline to meet, a batch is always on time: the two bounds are one.
+    free = np.ones(len(reqs), dtype=bool)
+    assert lower_bound(reqs, seed=seed, relax=free, online=True).total_usd == pytest.approx(
+        lower_bound(reqs, seed=seed, relax=free).total_usd, rel=1e-12)

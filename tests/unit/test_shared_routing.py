@@ -1,0 +1,153 @@
+"""The rules that let several drivers share one engine, on the plain actor classes (no Ray): the hub hands each
+driver the results it claimed, whichever came first; ingest claims only matching content, refuses an id reused
+with other content, finds the result of a repeated id the hub no longer holds, and forgets an id only when
+the last driver that submitted it forgets it."""
+
+import asyncio
+
+from actors import Ingest, ResultHub
+from actors import hub as hub_module
+from engine.core.request import Request
+from engine.core.result import Result
+
+
+def req(i, prompt="same", **kw):
+    return Request.model_validate({"id": f"r{i}", "arrival_s": 0.0, "model": "gpt-5-mini", "prompt": prompt,
+                                   "output_tokens": 10, **kw})
+
+
+def res(i, **kw):
+    return Result(id=f"r{i}", status="ok", output=f"out {i}", **kw)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+class Groupers:
+    """Stands in for a grouper: records what it was sent."""
+
+    def __init__(self):
+        self.jobs = []
+
+    async def add(self, jobs):
+        self.jobs.extend(jobs)
+
+
+class Finisher:
+    """Stands in for a dispatcher that finished some requests: ``recall`` sends their results again."""
+
+    def __init__(self, hub, done):
+        self.hub, self.done, self.forgotten = hub, done, []
+
+    async def recall(self, uids):
+        again = [self.done[u] for u in uids if u in self.done]
+        if again:
+            await self.hub.push(again)
+        return [r.uid for r in again]
+
+    async def forget(self, uids):
+        self.forgotten.extend(uids)
+
+
+async def settle():
+    for _ in range(5):  # let the tasks that Peer.send started run
+        await asyncio.sleep(0)
+
+
+def test_a_result_reaches_the_driver_that_claimed_it_whichever_came_first():
+    async def go():
+        hub = ResultHub()
+        assert await hub.claim("A", ["1:x/r1"]) == ["1:x/r1"]  # not here yet
+        await hub.claim("B", [])
+        await hub.push([res(1, tenant="x"), res(2, tenant="x")])
+        assert [r.id for r in await hub.pull(0, "A")] == ["r1"]
+        assert await hub.pull(0, "B") == []  # r2 was claimed by nobody: kept, handed to no one
+        assert await hub.claim("B", ["1:x/r2", "1:x/r1"]) == []  # both here: handed over at the claim
+        assert sorted(r.id for r in await hub.pull(0, "B")) == ["r1", "r2"]
+    run(go())
+
+
+def test_a_hub_that_lost_a_driver_says_so_and_a_refusal_is_never_dropped():
+    async def go():
+        hub = ResultHub()  # as after a restart: nobody has claimed yet
+        await hub.refuse("B", [res(7, tenant="x")])
+        assert [r.id for r in await hub.pull(0, "B")] == ["r7"]
+        assert await hub.pull(0, "C") is None  # unknown: C must claim its open requests again
+        assert await hub.pull(0, "C") == []  # known from now on
+    run(go())
+
+
+def test_an_idle_driver_is_dropped_and_told_at_its_next_pull(monkeypatch):
+    async def go():
+        now = [1000.0]
+        monkeypatch.setattr(hub_module.time, "monotonic", lambda: now[0])
+        hub = ResultHub()
+        await hub.claim("A", ["1:x/r1"])
+        await hub.claim("B", ["1:x/r2"])
+        now[0] += hub_module.CLIENT_IDLE_S + 20
+        await hub.pull(0, "B")  # B is alive
+        await hub.push([res(1, tenant="x"), res(2, tenant="x")])  # A has not pulled for too long: dropped
+        assert [r.id for r in await hub.pull(0, "B")] == ["r2"]
+        assert await hub.pull(0, "A") is None
+        assert await hub.claim("A", ["1:x/r1"]) == [] and [r.id for r in await hub.pull(0, "A")] == ["r1"]
+    run(go())
+
+
+def test_ingest_refuses_an_id_reused_with_other_content_and_claims_only_matching_content():
+    async def go():
+        hub, g = ResultHub(), Groupers()
+        ing = Ingest([g], hub=hub)
+        assert await ing.submit([req(1)], "A") == 1
+        assert await ing.submit([req(1)], "B") == 0  # the same request: not generated twice
+        assert await ing.submit([req(1, prompt="other")], "C") == 0
+        await settle()
+        (refusal,) = await hub.pull(0, "C")
+        assert refusal.status == "failed" and "field 'id'" in refusal.error
+        await hub.push([res(1)])
+        assert [r.output for r in await hub.pull(0, "A")] == ["out 1"]
+        assert [r.output for r in await hub.pull(0, "B")] == ["out 1"]
+        assert await hub.pull(0, "C") == []  # other content never gets this id's result
+        # Re-admission checks content too: a driver cannot claim another content's result that way.
+        assert await ing.readmit([req(1, prompt="other")], "C") == 0
+        await settle()
+        assert [r.status for r in await hub.pull(0, "C")] == ["failed"]
+        assert len(g.jobs) == 1
+    run(go())
+
+
+def test_a_repeated_id_whose_result_the_hub_no_longer_holds_is_sent_again_not_generated_again(monkeypatch):
+    async def go():
+        monkeypatch.setattr(hub_module, "RECENT", 2)
+        hub, g = ResultHub(), Groupers()
+        done = {req(1).uid: res(1)}
+        disp = Finisher(hub, done)
+        ing = Ingest([g], hub=hub, dispatchers=[disp])
+        await ing.submit([req(1)], "A")
+        await settle()
+        await hub.push([res(1)])
+        await hub.push([res(k) for k in (2, 3, 4)])  # r1 falls out of the hub's recent results
+        await hub.pull(0, "A")
+        assert await ing.submit([req(1)], "B") == 0
+        await settle()
+        assert [r.output for r in await hub.pull(0, "B")] == ["out 1"]  # sent again by who finished it
+        assert len(g.jobs) == 1  # and never generated a second time
+    run(go())
+
+
+def test_an_id_is_forgotten_when_the_last_driver_that_submitted_it_forgets_it():
+    async def go():
+        hub, g = ResultHub(), Groupers()
+        disp = Finisher(hub, {})
+        ing = Ingest([g], hub=hub, dispatchers=[disp])
+        await ing.submit([req(1)], "A")
+        await ing.submit([req(1)], "B")
+        await ing.forget([req(1).uid], "A")
+        await settle()
+        assert req(1).uid in ing.seen and disp.forgotten == []  # B still holds it
+        assert await ing.submit([req(1, prompt="other")], "C") == 0  # still refused
+        await ing.forget([req(1).uid], "B")
+        await settle()
+        assert req(1).uid not in ing.seen and disp.forgotten == [req(1).uid]
+        assert await ing.submit([req(1, prompt="other")], "C") == 1  # the id is free again
+    run(go())
