@@ -11,10 +11,10 @@ import numpy as np
 
 from actors._types import Job
 from actors.cache_layers import CorruptValue, Entry, decode
-from engine.core.features import NEAR_DIM, featurize, featurize_texts
+from engine.core.features import near_vectors, near_vectors_texts
 from engine.core.result import Result
 from engine.core.similarity import guard_between, guard_reason, traits
-from engine.runtime.reuse import Top
+from engine.runtime.reuse import Top, class_threshold
 
 Item = Job
 FOLLOWING = Result(id="", status="reused")  # marker: attached to a near duplicate in flight
@@ -34,21 +34,23 @@ class NearIndex:
         only that match is weighed, against the threshold and every guard."""
         self._index_leaders({})  # leaders of earlier lookups must be findable now
         items = [batch[p] for p in order]
-        vecs = featurize([it.req for it in items], dim=NEAR_DIM)
+        vecs = near_vectors([it.req for it in items])
         by_class: dict[Hashable, list[int]] = {}
         for k, it in enumerate(items):
             by_class.setdefault(self._near_key(it), []).append(k)
         tops: dict[int, Top] = {}
+        # The policy's threshold, raised to the tuned minimum of the class's kind, as the simulator's index does.
+        th = {key: class_threshold(key, self.near_threshold) for key in by_class}
         for key, ks in by_class.items():
             q = [k for k in ks if self._wants_near(items[k])]
             for k, top in zip(q, self.index.top_many(key, vecs[q])):
-                if top is not None and top.similarity >= self.near_threshold:
+                if top is not None and top.similarity >= th[key]:
                     tops[k] = top
         ks = list(tops)
         stored = (await self._fetch([(self._scope(items[k]), tops[k].source) for k in ks]))[0] if ks else []
         entry_of = dict(zip(ks, stored))
         out: list[Result] = [LEADS] * len(items)
-        for ks in by_class.values():
+        for key, ks in by_class.items():
             sims = vecs[ks] @ vecs[ks].T
             leads: list[int] = []  # positions in ks of the items that lead, in order
             for a, k in enumerate(ks):
@@ -62,8 +64,7 @@ class NearIndex:
                     continue
                 top = tops.get(k)
                 b = max(leads, key=lambda b: sims[a, b], default=None)
-                if b is not None and sims[a, b] >= self.near_threshold and (top is None
-                                                                           or sims[a, b] > top.similarity):
+                if b is not None and sims[a, b] >= th[key] and (top is None or sims[a, b] > top.similarity):
                     src = items[ks[b]]
                     if (guard_reason(it.req.prompt, src.req.prompt, self.reuse.guards) is None
                             and self._follow_near(it, src.fp)):
@@ -120,7 +121,7 @@ class NearIndex:
             return
         todo = [it for it in leading if it.req.uid not in vecs]
         if todo:
-            made = featurize([it.req for it in todo], dim=NEAR_DIM)
+            made = near_vectors([it.req for it in todo])
             vecs = {**vecs, **{it.req.uid: made[k] for k, it in enumerate(todo)}}
         self._index_rows([(self._near_key(it), vecs[it.req.uid], it.fp, it.req.prompt, math.inf)
                           for it in {it.fp: it for it in leading}.values()])
@@ -139,7 +140,7 @@ class NearIndex:
         todo = [(it, e) for it, e in stored if e.near_key is not None and e.fp not in self.indexed]
         if not todo:
             return
-        vecs = featurize([it.req for it, _ in todo], dim=NEAR_DIM)
+        vecs = near_vectors([it.req for it, _ in todo])
         self._index_rows([(e.near_key, v, e.fp, e.text, e.result.done_s or 0.0) for (_, e), v in zip(todo, vecs)])
 
     async def warm_from_redis(self) -> int:
@@ -160,7 +161,7 @@ class NearIndex:
         near = [e for e in entries if e.near_key is not None]
         if near:
             # The same vectors as live requests get: the text and its parameters.
-            vecs = featurize_texts([e.text for e in near], [e.params for e in near], dim=NEAR_DIM)
+            vecs = near_vectors_texts([e.text for e in near], [e.params for e in near])
             self._index_rows([(e.near_key, v, e.fp, e.text, e.result.done_s or 0.0) for e, v in zip(near, vecs)])
         for e in entries[-self.cfg.memory_max_entries:]:
             self.memory.put(e, self.cfg.ttl_s)

@@ -1,9 +1,16 @@
 """Feature vectors, compatibility keys and fingerprints of requests.
 
-* ``featurize``: a fixed-length float32 vector per request (signed feature hashing of word unigrams and
-  bigrams, character 3- and 4-grams of the normalised prompt, and the parameters), L2-normalised so a dot
-  product is a cosine. Character n-grams are hashed for all requests at once with numpy; only word hashing
-  runs per word.
+* ``near_vectors``: the one near-duplicate vector of a request, used by the simulator, the lower bound and
+  the live cache actor alike. 256 float32 columns with unit
+  rows: the first 128 columns of a sentence embedding (WordLlama, ``engine.core.embedding``, loaded once per
+  process from its package's files) beside 128 columns of hashed n-grams, weighted so that a cosine is
+  ``0.8 * embedding cosine + 0.2 * n-gram cosine``. The embedding sees a paraphrase ("is a platform to host" /
+  "serves as a repository for"); the n-grams keep the wording apart when topics agree. Without the embedding
+  package the vector is 256 hashed columns (and a log line says so). Requests whose parameters differ (an
+  image's ``seed``) are never near duplicates: their vectors are nearly orthogonal.
+* ``featurize_texts``: hashed n-gram vectors (signed feature hashing of word unigrams and bigrams, character
+  3- and 4-grams of the normalised prompt, and the parameters), L2-normalised so a dot product is a cosine.
+  Character n-grams are hashed for all requests at once with numpy; only word hashing runs per word.
 * ``compat_key``: what must be equal for two requests to share one batch (same provider and model; for media
   also the output-shaping parameters such as size, resolution, duration, steps).
 * ``fingerprint``: a stable hash of everything that determines the output, for exact reuse.
@@ -14,8 +21,10 @@ fingerprints stored in an external cache stay valid after a restart.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import logging
 import re
 import unicodedata
 import zlib
@@ -23,15 +32,26 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from engine.core import embedding as _embedding
 from engine.core.request import Request
 
-__all__ = ["DEFAULT_DIM", "MEDIA_COMPAT_PARAMS", "NEAR_DIM", "compat_key", "featurize", "featurize_texts", "fingerprint",
-           "normalise_prompt"]
+__all__ = ["DEFAULT_DIM", "MEDIA_COMPAT_PARAMS", "NEAR_DIM", "compat_key", "compat_kind", "featurize", "featurize_texts",
+           "fingerprint", "near_min_threshold", "near_space", "near_vectors", "near_vectors_texts", "normalise_prompt"]
 
 DEFAULT_DIM = 1024
-# Near-duplicate search reads every probed vector once per batch, so its cost is memory traffic: 256 dims
-# read 4x less than 1024 at the same precision and recall on the real pairs (benchmarks/bench_cache.py).
+# Near-duplicate search reads every probed vector once per batch, so its cost is memory traffic: 256 columns
+# hold the embedding and the n-grams at the precision and recall of wider ones (benchmarks/bench_cache.py).
 NEAR_DIM = 256
+# WordLlama is trained with nested (Matryoshka) dimensions, so its first 128 columns are a 128-d embedding.
+_EMB_COLS = 128
+_EMB_WEIGHT = 0.8  # share of the embedding in a near cosine; chosen on the tune half of the real pairs
+# The lowest cosine at which these vectors grant a near duplicate, per kind (a policy may ask for more, never
+# less). Text: the lowest threshold keeping precision >= 99.5 % on the tune half of both real pair sets
+# (tests/unit/test_embedding.py re-derives it). Image and video have no labelled pairs: their prompts are short
+# lists of visual attributes, where one swapped word ("sunset" / "sunrise", "cyberpunk" / "steampunk") that no
+# guard knows still scores up to 0.91, so they ask for more (docs/cache.md).
+_EMBEDDING_MIN = {"text": 0.925, "image": 0.95, "video": 0.95}
+_log = logging.getLogger("smartbatch.features")
 # Parameters that change the shape of the work: jobs that differ in them cannot run in one GPU batch.
 MEDIA_COMPAT_PARAMS: tuple[str, ...] = ("size", "resolution", "duration_s", "steps", "fps", "quality", "sampler")
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -50,6 +70,11 @@ def compat_key(req: Request) -> tuple:
         return (req.provider, req.model, "text")
     shape = tuple((k, str(req.params[k])) for k in MEDIA_COMPAT_PARAMS if k in req.params)
     return (req.provider, req.model, req.kind, shape)
+
+
+def compat_kind(key: tuple) -> str | None:
+    """The kind a ``compat_key`` names (its third field), or None for a key of another shape."""
+    return key[2] if isinstance(key, tuple) and len(key) > 2 and isinstance(key[2], str) else None
 
 
 def fingerprint(req: Request, *, share_across_tenants: bool = False) -> str:
@@ -133,5 +158,71 @@ def featurize_texts(texts: Sequence[str], params: Sequence[dict] | None = None, 
 
 
 def featurize(requests: Sequence[Request], *, dim: int = DEFAULT_DIM) -> np.ndarray:
-    """Feature matrix of requests: prompt n-grams plus their parameters; one call for any number."""
+    """Hashed n-gram feature matrix of requests (prompt and parameters), one call for any number. Near-duplicate
+    search uses ``near_vectors``."""
     return featurize_texts([r.prompt for r in requests], [r.params for r in requests], dim=dim)
+
+
+def near_vectors(requests: Sequence[Request]) -> np.ndarray:
+    """The near-duplicate vectors of requests: ``near_vectors_texts`` of their prompts and parameters."""
+    return near_vectors_texts([r.prompt for r in requests], [r.params for r in requests])
+
+
+@functools.lru_cache(maxsize=1)
+def _fallback_noted(reason: str) -> None:
+    _log.warning("near-duplicate vectors use hashed n-grams only (%s); recall of paraphrases is low", reason)
+
+
+def near_space() -> str:
+    """Which vectors ``near_vectors`` makes in this process (thresholds are tuned per space)."""
+    try:
+        _embedding.load_embedder()
+    except ImportError:
+        return f"ngrams-{NEAR_DIM}"
+    return f"{_embedding.MODEL}[:{_EMB_COLS}]+ngrams-{NEAR_DIM - _EMB_COLS}"
+
+
+def near_min_threshold(kind: str | None) -> float:
+    """The lowest cosine at which ``near_vectors`` of this kind may be near duplicates: tuned for the embedding
+    (text 0.925; image and video 0.95); 0 for the hashed fallback (its policy threshold and the engine's floor
+    ``sim.near_floor`` decide, as before the embedding)."""
+    try:
+        _embedding.load_embedder()
+    except ImportError:
+        return 0.0
+    return _EMBEDDING_MIN.get(kind or "", max(_EMBEDDING_MIN.values()))
+
+
+def near_vectors_texts(texts: Sequence[str], params: Sequence[dict] | None = None) -> np.ndarray:
+    """``(len(texts), NEAR_DIM)`` float32 unit rows (zero rows for empty texts): embedding and n-grams, or
+    n-grams alone when the embedding package is missing."""
+    try:
+        embedder = _embedding.load_embedder()
+    except ImportError as exc:
+        _fallback_noted(str(exc))
+        mat = featurize_texts(texts, dim=NEAR_DIM)
+    else:
+        emb = embedder.embed([normalise_prompt(t) for t in texts])[:, :_EMB_COLS]
+        norms = np.linalg.norm(emb, axis=1, keepdims=True)
+        norms[norms == 0] = 1.0
+        mat = np.empty((len(texts), NEAR_DIM), dtype=np.float32)
+        mat[:, :_EMB_COLS] = emb * (np.sqrt(_EMB_WEIGHT) / norms)
+        mat[:, _EMB_COLS:] = featurize_texts(texts, dim=NEAR_DIM - _EMB_COLS) * np.sqrt(1 - _EMB_WEIGHT)
+        lengths = np.linalg.norm(mat, axis=1, keepdims=True)  # 1, or less when one part is empty
+        lengths[lengths == 0] = 1.0
+        mat /= lengths
+    if params is not None:
+        for i, p in enumerate(params):
+            if p:
+                mat[i] *= _param_signs(json.dumps(p, sort_keys=True, separators=(",", ":"), default=str))
+    return mat
+
+
+@functools.lru_cache(maxsize=4096)
+def _param_signs(key: str) -> np.ndarray:
+    """A fixed +-1 pattern per parameter set: rows of equal parameters keep their cosine, rows of different
+    ones become nearly orthogonal (a sum of 256 random-signed terms), so no guard can be fooled by a seed."""
+    seed = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+    signs = np.where(np.random.default_rng(seed).random(NEAR_DIM) < 0.5, -1.0, 1.0).astype(np.float32)
+    signs.flags.writeable = False
+    return signs

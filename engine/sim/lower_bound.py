@@ -52,7 +52,7 @@ from engine.core.cost import (
     token_prices,
 )
 from engine.core.draws import Draws
-from engine.core.features import NEAR_DIM, compat_key, featurize, fingerprint
+from engine.core.features import compat_key, fingerprint, near_vectors
 from engine.core.request import Request
 from engine.core.settings import Settings
 from engine.core.similarity import guard_reason
@@ -102,7 +102,7 @@ def _near_free(reqs: Sequence[Request], candidates: list[int], settings: Setting
         targets = [i for i in members if i in cand]
         if not targets:
             continue
-        mat = featurize([reqs[i] for i in members], dim=NEAR_DIM)
+        mat = near_vectors([reqs[i] for i in members])
         pos = {i: p for p, i in enumerate(members)}
         for i in targets:
             p = pos[i]

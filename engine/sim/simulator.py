@@ -23,7 +23,7 @@ from engine.core.catalog import Catalog, default_catalog
 from engine.core.cost import MODES
 from engine.core.draws import Draws
 from engine.core.errors import PolicyError
-from engine.core.features import NEAR_DIM, compat_key, featurize, fingerprint
+from engine.core.features import compat_key, fingerprint, near_vectors
 from engine.core.grouping import Decision
 from engine.core.request import Request
 from engine.core.scheduling import Scheduling
@@ -82,7 +82,7 @@ class _Sim(SimBudget):
             classes = {(r.tenant, self.compat[i]) for i, r in enumerate(reqs) if r.reuse == "near"}
             need = [i for i, r in enumerate(reqs) if (r.tenant, self.compat[i]) in classes]
             if need:
-                mat = featurize([reqs[i] for i in need], dim=NEAR_DIM)
+                mat = near_vectors([reqs[i] for i in need])
                 self.index = ReuseIndex(dim=mat.shape[1])
                 self.vecs = dict(zip(need, mat))
         self.inflight: InFlight[int] = InFlight(self.reuse)

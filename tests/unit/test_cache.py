@@ -167,16 +167,16 @@ def test_qualifier_and_known_guards():
     assert Guards.of(["numbers"]) == Guards(True, False, False, False, False, False)
 
 
-def test_the_inverted_file_index_finds_what_exact_search_finds(monkeypatch):
+def test_the_ann_index_finds_what_exact_search_finds(monkeypatch):
     monkeypatch.setattr(reuse_mod, "BRUTE_MAX", 500)  # index a small class so the test stays fast
     rng = np.random.default_rng(1)
     words = [f"w{k}" for k in range(400)]
     texts = [" ".join(rng.choice(words, 8)) + f" item {k}" for k in range(6000)]
     vecs = featurize_texts(texts, dim=NEAR_DIM)
     idx = ReuseIndex(NEAR_DIM)
-    for lo in range(0, 6000, 1000):  # grows past the re-clustering point, as a live cache does
+    for lo in range(0, 6000, 1000):  # grows past BRUTE_MAX and on, as a live cache does
         idx.add_near("c", vecs[lo:lo + 1000], list(range(lo, lo + 1000)), texts[lo:lo + 1000], [0.0] * 1000)
-    assert idx._shelves["c"].centroids is not None
+    assert idx._shelves["c"].graph is not None
     picks = rng.choice(6000, 300, replace=False)
     queries = [texts[k].replace(" item ", " item  ") + " " for k in picks]  # same n-grams, other spacing
     qv = featurize_texts(queries, dim=NEAR_DIM)

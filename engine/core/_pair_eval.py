@@ -1,0 +1,120 @@
+"""Precision and recall of near-duplicate search on labelled paraphrase pairs, with a seeded tune/held-out split.
+
+Used by ``benchmarks/bench_cache.py`` (which prints every figure of docs/cache.md) and by the tests that pin the
+held-out precision. Pure and I/O-free apart from ``load_pairs``.
+
+* Rows are joined into duplicate clusters first (union-find over the pairs: QQP repeats a question across rows),
+  and the split assigns whole clusters, so no text is in both halves.
+* On one half, the cache holds every ``similar`` text of the half and each ``origin`` asks for its top-1
+  match, as GPTCache's own benchmark does. A hit (cosine at or above the threshold, every guard passed) is
+  right when the match lies in the origin's cluster.
+* ``choose_threshold`` picks, on the tune half, the lowest threshold of a grid at and above which precision
+  stays at or above the target; the held-out half then says what that threshold is worth.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from engine.core.similarity import Guards, guard_between, traits
+
+__all__ = ["GRID", "Scored", "choose_threshold", "clusters", "load_pairs", "score", "split", "sweep"]
+
+GRID = tuple(round(0.80 + 0.005 * k, 3) for k in range(40))  # 0.800 ... 0.995
+
+
+def load_pairs(data: Path) -> dict[str, list[dict]]:
+    """``{"gptcache": rows, "qqp": rows}`` from the shared real data (see its SOURCES.md)."""
+    out = {"gptcache": json.loads((data / "gptcache_paraphrase_pairs.json").read_text())}
+    with tarfile.open(data / "gptcache_similar_qqp.json.gz") as tf:
+        member = tf.extractfile("similiar_qqp.json")
+        if member is None:
+            raise FileNotFoundError(f"{data / 'gptcache_similar_qqp.json.gz'} lacks similiar_qqp.json")
+        out["qqp"] = json.load(member)
+    return out
+
+
+def clusters(rows: Sequence[dict]) -> Callable[[str], str]:
+    """Union-find over the pairs: ``find(text)`` names the duplicate cluster of a text."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for r in rows:
+        parent[find(r["origin"])] = find(r["similar"])
+    return find
+
+
+def split(rows: Sequence[dict], seed: int = 0, tune_share: float = 0.5) -> tuple[list[dict], list[dict]]:
+    """(tune, held out): whole clusters drawn at random with ``seed``, so no text crosses the split."""
+    find = clusters(rows)
+    roots = sorted({find(r["origin"]) for r in rows})
+    rng = np.random.default_rng(seed)
+    tune_roots = {roots[k] for k in rng.permutation(len(roots))[: round(tune_share * len(roots))]}
+    tune = [r for r in rows if find(r["origin"]) in tune_roots]
+    held = [r for r in rows if find(r["origin"]) not in tune_roots]
+    return tune, held
+
+
+class Scored(NamedTuple):
+    """Each origin's top-1 match: its cosine, whether it is right, whether the guards pass it, whether the two
+    texts are the same after case and whitespace folding."""
+
+    sim: np.ndarray
+    right: np.ndarray
+    passes: np.ndarray
+    same: np.ndarray
+
+    def at(self, threshold: float, guarded: bool = True) -> dict:
+        hit = (self.sim >= threshold) & (self.passes if guarded else True)
+        n, right = int(hit.sum()), int((hit & self.right).sum())
+        return {"threshold": threshold, "hits": n, "right": right, "wrong": n - right,
+                "precision": right / n if n else 1.0, "recall": right / len(self.sim),
+                "same_text": int((hit & self.right & self.same).sum())}
+
+
+def score(rows: Sequence[dict], vectors: Callable[[list[str]], np.ndarray], guards: Guards = Guards()) -> Scored:
+    """Top-1 of every origin among the ``similar`` texts of ``rows`` (exact search, one product per 2,000)."""
+    find = clusters(rows)
+    origins = [r["origin"] for r in rows]
+    store = list(dict.fromkeys(r["similar"] for r in rows))
+    s_mat = vectors(store)
+    best_j = np.empty(len(origins), dtype=np.int64)
+    best_s = np.empty(len(origins), dtype=np.float32)
+    for lo in range(0, len(origins), 2000):
+        sims = vectors(origins[lo:lo + 2000]) @ s_mat.T
+        best_j[lo:lo + 2000] = sims.argmax(1)
+        best_s[lo:lo + 2000] = sims[np.arange(len(sims)), best_j[lo:lo + 2000]]
+    matches = [store[j] for j in best_j]
+    right = np.array([find(o) == find(m) for o, m in zip(origins, matches)], dtype=bool)
+    passes = np.array([guard_between(traits(o), traits(m), guards) is None for o, m in zip(origins, matches)],
+                      dtype=bool)
+    same = np.array([" ".join(o.lower().split()) == " ".join(m.lower().split()) for o, m in zip(origins, matches)],
+                    dtype=bool)
+    return Scored(best_s, right, passes, same)
+
+
+def sweep(scored: Scored, thresholds: Sequence[float] = GRID, guarded: bool = True) -> list[dict]:
+    return [scored.at(t, guarded) for t in thresholds]
+
+
+def choose_threshold(tune: Sequence[Scored], target: float, grid: Sequence[float] = GRID) -> float | None:
+    """The lowest threshold of ``grid`` at and above which every scored set keeps precision >= ``target``
+    (a threshold whose precision only holds by luck between two worse ones is not chosen); None if none."""
+    ok = [all(s.at(t)["precision"] >= target for s in tune) for t in grid]
+    best = None
+    for t, good in zip(reversed(grid), reversed(ok)):
+        if not good:
+            break
+        best = t
+    return best
