@@ -11,14 +11,14 @@ runner = CliRunner()
 
 def test_run_takes_a_variant_and_its_parameters_reach_the_live_policy(ray_session, tmp_path):
     trace = tmp_path / "t.jsonl"
-    assert runner.invoke(app, ["trace", "synth", "--n", "60", "--seed", "5", "--out", str(trace)]).exit_code == 0
+    assert runner.invoke(app, ["trace", "synth", "--n", "30", "--seed", "5", "--out", str(trace)]).exit_code == 0
     variants = tmp_path / "v.yaml"
     # Worth batching only above $1,000 a request: nothing is, so no request rides a provider's batch API.
     variants.write_text("variants:\n  - name: smart-impatient\n    policy: smart\n"
                         "    params: {min_batch_saving_usd: 1000}\n")
     out = tmp_path / "out"
     r = runner.invoke(app, ["run", str(trace), "--policy", "smart-impatient", "--variants", str(variants),
-                            "--speedup", "1000", "--out", str(out)], env={"COLUMNS": "200"})
+                            "--speedup", "5000", "--out", str(out)], env={"COLUMNS": "200"})
     assert r.exit_code == 0, r.output
     doc = json.loads((out / "results.json").read_text())
     (row,) = doc["results"]

@@ -36,8 +36,11 @@ def test_every_future_resolves_and_the_report_adds_up(ray_session):
 def test_object_refs_resolve_to_the_results(ray_session):
     import ray
 
+    from engine.core.settings import MetricsSettings, Settings
+
     reqs = short_trace(40, seed=5, span_s=10, max_deadline_s=600)
-    with Engine.start(speedup=500) as eng:
+    with Engine.start(Settings(metrics=MetricsSettings(port=None)), speedup=500) as eng:
+        assert eng.metrics_url is None  # metrics off by setting
         futs = eng.submit_many(reqs)
         early = [f.object_ref() for f in futs]  # asked for before the results exist
         results = [f.result(timeout=120) for f in futs]
@@ -71,14 +74,21 @@ def test_a_budget_is_never_overrun_and_every_request_resolves(ray_session, polic
     assert any(r.status in ("ok", "reused") for r in results)
 
 
-def test_metrics_are_served_and_scraped_over_http(ray_session):
+def test_metrics_are_served_where_the_settings_say_and_scraped_over_http(ray_session):
+    import socket
     import urllib.request
 
+    from engine.core.settings import MetricsSettings, Settings
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     reqs = short_trace(120, seed=6, span_s=60, max_deadline_s=600)
-    with Engine.start(speedup=500, budget_usd=1000.0) as eng:
+    settings = Settings(metrics=MetricsSettings(host="127.0.0.1", port=port))
+    with Engine.start(settings, speedup=500, budget_usd=1000.0) as eng:
+        assert eng.metrics_url == f"http://127.0.0.1:{port}/metrics" and eng.metrics_port == port
         results = [f.result(timeout=120) for f in eng.replay(reqs)]
-        assert eng.metrics_port
-        body = urllib.request.urlopen(f"http://127.0.0.1:{eng.metrics_port}/metrics", timeout=10).read().decode()
+        body = urllib.request.urlopen(eng.metrics_url, timeout=10).read().decode()
     samples = {}
     for line in body.splitlines():
         if line.startswith("smartbatch_") and " " in line:
@@ -192,19 +202,3 @@ def test_a_flooding_tenant_does_not_delay_another_in_the_live_engine(ray_session
     # The flood took minutes to drain: it was the bottleneck, not an idle provider.
     assert max(r.done_s for r in results if r.id.startswith("flood")) > 240
 
-
-def test_the_metrics_address_comes_from_the_settings(ray_session):
-    import socket
-    import urllib.request
-
-    from engine.core.settings import MetricsSettings, Settings
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    settings = Settings(metrics=MetricsSettings(host="127.0.0.1", port=port))
-    with Engine.start(settings, speedup=100) as eng:
-        assert eng.metrics_url == f"http://127.0.0.1:{port}/metrics" and eng.metrics_port == port
-        assert "smartbatch_requests_total" in urllib.request.urlopen(eng.metrics_url).read().decode()
-    with Engine.start(Settings(metrics=MetricsSettings(port=None)), speedup=100) as eng:
-        assert eng.metrics_url is None

@@ -1,6 +1,8 @@
 """One named engine shared by several driver processes: `smartbatch serve --name` starts it (with its
 OpenAI-compatible endpoint), drivers attach with `Engine.connect`, share its idempotency and its report, leave
-without stopping it, and `smartbatch stop` stops it (and `serve` then exits).
+without stopping it, and `smartbatch stop` stops it (and `serve` then exits). The third driver loads the
+near-duplicate libraries before its Ray starts, as a script that simulates first does (usearch 2.26 made that
+abort the process; the version is pinned below it).
 
 Every process here is real: the server, three drivers and the stop command each attach to the server's own
 local Ray, as drivers on a machine or cluster would.
@@ -21,11 +23,20 @@ BIN = Path(sys.executable).parent / "smartbatch"
 
 DRIVER = r"""
 import json, sys
+name, address, prefix, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+if prefix == "c":
+    # The third driver simulates first: the near-duplicate libraries (the WordLlama tokenizer, the usearch
+    # index) are loaded before its Ray starts. usearch 2.26 made that ray.init abort the process.
+    import numpy as np
+    from engine.core import embedding
+    from engine.runtime import reuse
+    assert reuse._Hnsw is not None, "usearch is not installed"
+    embedding.load_embedder()
+    reuse._Hnsw(ndim=8, dtype="i8").add(np.arange(3), np.eye(3, 8, dtype=np.float32))
 from engine import Engine
 from engine.core.errors import ConfigError
-name, address, prefix, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 out = {}
-if prefix == "c":  # the third driver also asks for an engine that does not exist
+if prefix == "c":  # it also asks for an engine that does not exist
     try:
         Engine.connect("no-such-engine", address=address)
     except ConfigError as exc:
