@@ -149,8 +149,12 @@ class NearIndex:
         found under their own scope."""
         if self.redis is None or self.cfg.warm_max_entries == 0 or self.__dict__.get("_warmed"):
             return 0  # once per incarnation: each driver of a shared engine rewires a restarted cache
-        self._warmed = True
-        pairs = await self.redis.scan_values(self.cfg.warm_max_entries)
+        self._warmed = True  # set before the await: a second rewiring meanwhile must not warm twice
+        try:
+            pairs = await self.redis.scan_values(self.cfg.warm_max_entries)
+        except BaseException:  # not read: the next rewiring tries again
+            self._warmed = False
+            raise
         entries: list[Entry] = []
         for _, raw in pairs:
             try:

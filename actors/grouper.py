@@ -4,9 +4,8 @@ sends each dispatch, after its budget reservation, to the provider's dispatcher.
 Budgets: each member reserves the upper bound of its dispatch (``reserve_bound``). A member refused because
 open reservations hold the budget waits here and tries again every ``PARK_RETRY_S`` engine seconds; one
 deferred (by pacing or to the next window) tries again when its verdict says; either is rejected once its
-deadline passes. Tries are batched: one timer and one reservation call for what is due, most urgent first, sent as the policy
-decided it. One
-refused outright resolves as ``rejected`` with ``budget_exhausted`` and what the budget has left.
+deadline passes. Tries are batched: one timer and one reservation call for what is due, most urgent first,
+sent as the policy decided it. One refused outright resolves as ``rejected`` with ``budget_exhausted``.
 
 Shardable by compatibility key: the driver routes each request to one grouper by a hash of its key, so
 several groupers can split the load and a group never spans two of them.
@@ -20,6 +19,7 @@ import logging
 import secrets
 from collections import OrderedDict
 
+from actors._grouper_park import PARK_MIN_BATCH, Parking
 from actors._peer import Warm, as_peer, resolve_clock
 from actors._types import BatchJob, Job
 from engine.core.budgets import LEDGER, Claim, Verdict
@@ -36,13 +36,10 @@ __all__ = ["Grouper"]
 
 log = logging.getLogger("smartbatch.grouper")
 
-PARK_RETRY_S = 1.0  # engine seconds between tries of work waiting for reservations to settle
-PARK_RETRY_REAL_S = 0.05  # and at least this many real seconds (a replay at 1000x would poll at 1 kHz)
-PARK_MIN_BATCH = 1
 ENDED_KEEP = 65_536  # results of requests ended here, for copies re-admitted after a restart
 
 
-class Grouper(Warm):
+class Grouper(Parking, Warm):
     def __init__(self, policy, catalog: Catalog, clock, dispatchers: dict, budget, hub,
                  name: str = "g0", budget_limited: bool = True, *, max_attempts: int = 4,
                  reserve_model_max: bool = True, cache=None, budget_specs: tuple = ()):
@@ -92,6 +89,14 @@ class Grouper(Warm):
         except RuntimeError:
             table = "GroupTable(changing)"
         return f"Grouper({self.name}, pending={len(self.pending)}, dispatched={self.dispatched}, {table})"
+
+    async def recall(self, uids: list[str]) -> list[str]:
+        """Of ``uids``, those held here (waiting, parked, reserving) or ended here lately (sent again)."""
+        held = [u for u in uids if u in self.pending or u in self.parked or u in self._reserving or u in self._ended]
+        again = [self._ended[u] for u in held if u in self._ended]
+        if again:
+            self.hub.send("push", again, [0.0] * len(again))
+        return held
 
     async def add(self, jobs: list[Job]) -> None:
         now = self.clock.now()
@@ -319,80 +324,6 @@ class Grouper(Warm):
                 out.append(b._replace(jobs=keep))
         self._arm_parked()
         return out
-
-    @property
-    def _park_step(self) -> float:
-        """Engine seconds between tries of parked work."""
-        return max(PARK_RETRY_S, PARK_RETRY_REAL_S * getattr(self.clock, "speedup", 1.0))
-
-    def _park(self, j: Job, due: float, budget: str, b: BatchJob) -> None:
-        self._unpark(j.req.uid)
-        self.parked[j.req.uid] = (due, j, budget, b._replace(jobs=[]))
-        self._held.setdefault(budget, [0, 0, 0])[PRIORITY_RANK[j.req.priority]] += 1
-
-    def _unpark(self, rid: str) -> None:
-        e = self.parked.pop(rid, None)
-        if e is not None:
-            self._held[e[2]][PRIORITY_RANK[e[1].req.priority]] -= 1
-
-    def _arm_parked(self) -> None:
-        if not self.parked:
-            return
-        now = self.clock.now()
-        due = min(min(e[0] for e in self.parked.values()), min(e[1].req.deadline_at for e in self.parked.values()))
-        # At most one try per step: jobs left over by the last try are due already, and a timer at their due
-        # time would fire at once, again and again.
-        due = max(due, now + self._park_step / 2)
-        if self._park_timer is not None:
-            if self._park_timer[0] <= due:
-                return
-            self._park_timer[1].cancel()
-        handle = asyncio.get_running_loop().call_later(self.clock.real_delay(due - now), self._retry_parked)
-        self._park_timer = (due, handle)
-
-    def _retry_parked(self) -> None:
-        self._park_timer = None
-        now = self.clock.now()
-        late, again = [], []
-        for rid, (due, j, budget, meta) in list(self.parked.items()):
-            if j.req.deadline_at <= now:
-                late.append((j, budget))
-                self._unpark(rid)
-            elif due <= now + 1e-9:
-                again.append((j, meta))
-        # Most urgent first, and only as many as recently got through; the rest wait for the next try.
-        again.sort(key=lambda e: (PRIORITY_RANK[e[0].req.priority], e[0].req.deadline_at))
-        again = again[: self._park_batch]
-        # Until the tasks below take them, these are neither parked nor pending: a copy re-admitted meanwhile
-        # must still be recognised (``add``), or both would go on.
-        self._reserving.update(j.req.uid for j, _ in late)
-        self._reserving.update(j.req.uid for j, _ in again)
-        batches: dict[str, BatchJob] = {}
-        for j, meta in again:
-            self._unpark(j.req.uid)
-            b = batches.get(meta.bid) or meta
-            batches[meta.bid] = b._replace(jobs=[*b.jobs, j])
-        loop = asyncio.get_running_loop()
-        if late:
-            task = loop.create_task(self._resolve([(j, self._held_back(j, budget)) for j, budget in late],
-                                                  release=[j.req.uid for j, _ in late]))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        if batches:
-            # One reservation call takes them in this order, so the room that settled goes to urgent work
-            # before normal and background (as the simulator's waiting queue does).
-            task = loop.create_task(self._dispatch(list(batches.values())))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        self._arm_parked()
-
-    def _held_back(self, j: Job, budget: str) -> Result:
-        """The rejection of work a budget (or an unanswering ledger) held back until its deadline."""
-        if budget == LEDGER:
-            return self._failed(j, "budget_unavailable", status="rejected",
-                                reason=f"{self._ledger_down}; still so at the request's deadline")
-        return self._failed(j, "budget_exhausted", status="rejected",
-                            reason=f"budget {budget} held it back until its deadline")
 
     async def stats(self) -> dict:
         return {"pending": len(self.pending), "groups": len(self.table.groups), "dispatched": self.dispatched,

@@ -47,6 +47,7 @@ class ResultHub(Warm, MemoryJournalStore):
         self._routed = False  # set by the first claim
         self._next_idle_check = 0.0
         self._logs = LogBook()
+        self._lost: set[str] = set()  # drivers dropped as idle: told so at their next pull, whatever came since
         self._recent: OrderedDict[str, Result] = OrderedDict()
         self._waiters: dict[str, asyncio.Future] = {}
         self._cache: dict = {}
@@ -59,10 +60,12 @@ class ResultHub(Warm, MemoryJournalStore):
 
     async def push(self, results: list[Result], list_prices: list[float] | None = None) -> None:
         recent = self._recent
-        if any(r.uid in recent for r in results):
+        if any(r.uid in recent for r in results) or len({r.uid for r in results}) < len(results):
             # A result sent again (a dispatcher answering a re-admitted request it had already finished): the
             # driver has it or will, and the report must not count it twice.
-            keep = [k for k, r in enumerate(results) if r.uid not in recent]
+            seen: set[str] = set()
+            keep = [k for k, r in enumerate(results)
+                    if r.uid not in recent and not (r.uid in seen or seen.add(r.uid))]
             results = [results[k] for k in keep]
             list_prices = [list_prices[k] for k in keep] if list_prices else None
             if not results:
@@ -112,6 +115,7 @@ class ResultHub(Warm, MemoryJournalStore):
             for c, q in list(clients.items()):
                 if c is not None and now - q.seen_at > CLIENT_IDLE_S:
                     del clients[c]
+                    self._lost.add(c)
 
     def _client_queue(self, client: str) -> _Client:
         if not self._routed:  # the first claim: what the unclaimed queue held is claimed from the recent ones
@@ -213,7 +217,8 @@ class ResultHub(Warm, MemoryJournalStore):
         (it restarted, or dropped the driver as idle), so results may have been lost for it: it must claim
         its open requests again."""
         q = self._clients.get(client)
-        if q is None:  # only a named driver: the unclaimed queue always exists
+        if q is None or client in self._lost:  # only a named driver: the unclaimed queue always exists
+            self._lost.discard(client)
             self._client_queue(client)
             return None
         q.seen_at = time.monotonic()

@@ -25,6 +25,7 @@ log = logging.getLogger("smartbatch.ingest")
 
 ACCEPTED = "accepted"  # the journal space of accepted requests
 JOURNAL_RETRY_S = 5.0  # after a failed journal write, submits skip the journal this long (real seconds)
+REPEAT_LOOK_S = 5.0  # real seconds between the two looks for a repeated id's request before it counts as gone
 
 
 class Ingest(Warm):
@@ -36,7 +37,10 @@ class Ingest(Warm):
         self.readmitted = 0
         self.cache = as_peer(cache)
         self.seen: dict[str, str] = {}  # admitted id -> its content's fingerprint
-        self.holders: dict[str, set[str]] = {}  # id -> the drivers that submitted it (shared engines)
+        # id -> the driver that submitted it (a set once several did): an id is forgotten when its last driver
+        # forgets it. One string per id, not a set: most ids have one driver.
+        self.holders: dict[str, str | set[str]] = {}
+        self._moving: set[str] = set()  # admitted, on their way to the cache and the groupers
         self.next_seq = 0
         self.duplicates = 0
         self.share = share_across_tenants
@@ -53,16 +57,7 @@ class Ingest(Warm):
         the actors that remember finished requests (to answer a re-admission) forget them too. An id that
         several drivers submitted is forgotten when the last of them (``client``) forgets it."""
         if client is not None:
-            gone = []
-            for u in uids:
-                holders = self.holders.get(u)
-                if holders is not None:
-                    holders.discard(client)
-                    if holders:
-                        continue
-                    del self.holders[u]
-                gone.append(u)
-            uids = gone
+            uids = [u for u in uids if self._release(u, client)]
         for u in uids:
             self.seen.pop(u, None)
         if not uids:
@@ -123,9 +118,38 @@ class Ingest(Warm):
         if client is not None and self.hub is not None:
             if refused:
                 self.hub.send("refuse", client, refused)
+            holders = self.holders
             for r in ok:
-                self.holders.setdefault(r.uid, set()).add(client)
+                h = holders.get(r.uid)
+                if h is None:
+                    holders[r.uid] = client
+                elif isinstance(h, set):
+                    h.add(client)
+                elif h != client:
+                    holders[r.uid] = {h, client}
         return ok, refused
+
+    def _release(self, uid: str, client: str) -> bool:
+        """``client`` no longer holds ``uid``: whether no driver does any more."""
+        h = self.holders.get(uid)
+        if h is None or h == client:
+            self.holders.pop(uid, None)
+            return True
+        if isinstance(h, set):
+            h.discard(client)
+            if not h:
+                del self.holders[uid]
+                return True
+        return False
+
+    async def leave(self, client: str, after_s: float) -> int:
+        """Driver ``client`` left the engine: the ids only it held are forgotten ``after_s`` (real) seconds from
+        now, its retention window, as it would have done (another driver submitting one meanwhile still gets
+        its result). Returns how many."""
+        mine = [u for u, h in self.holders.items() if h == client or (isinstance(h, set) and client in h)]
+        if mine:
+            asyncio.get_running_loop().call_later(after_s, lambda: asyncio.ensure_future(self.forget(mine, client)))
+        return len(mine)
 
     async def submit(self, requests: list[Request], client: str | None = None) -> int:
         """Admit a batch; returns how many were new. A repeated (tenant, id) is the same request (the
@@ -133,9 +157,10 @@ class Ingest(Warm):
         (a driver of a shared engine reusing an id another driver sent) it is refused: ``client`` gets a failed
         result naming the id."""
         ok, _ = self._sort(requests, client)
+        by_uid = {r.uid: r for r in ok}
         jobs = [self._job(r) for r in ok if r.uid not in self.seen]
         fresh = {j.req.uid for j in jobs}
-        repeats = [r.uid for r in ok if r.uid not in fresh] if len(jobs) < len(ok) else []
+        repeats = [by_uid[u] for u in by_uid if u not in fresh] if len(jobs) < len(ok) else []
         self.duplicates += len(requests) - len(jobs)
         if client is not None and self.hub is not None:
             if jobs:  # sent before the jobs move on; a result that still comes first is handed over at the claim
@@ -144,21 +169,42 @@ class Ingest(Warm):
                 await self._claim_repeats(client, repeats)
         if not jobs:
             return 0
-        await self._journal(jobs)
-        misses = [jobs[k] for k in await self.cache.call("lookup", jobs)] if self.cache is not None else jobs
-        send_sharded(self.groupers, misses)
+        self._moving.update(fresh)
+        try:
+            await self._journal(jobs)
+            misses = [jobs[k] for k in await self.cache.call("lookup", jobs)] if self.cache is not None else jobs
+            send_sharded(self.groupers, misses)
+        finally:
+            self._moving.difference_update(fresh)
         return len(jobs)
 
-    async def _claim_repeats(self, client: str, uids: list[str]) -> None:
-        """Another driver's request, submitted again: claim its result; one the hub no longer holds (delivered
-        long ago) is sent again by whoever finished it. One nobody finished yet comes to the claim."""
+    async def _claim_repeats(self, client: str, reqs: list[Request], checked: bool = False) -> None:
+        """A request submitted again (another driver's, or this one's before it lost its memory): claim its
+        result. One the hub no longer holds (delivered long ago) is sent again by whoever finished it; one
+        still under way comes to the claim. One that nobody holds, after a second look ``REPEAT_LOOK_S`` later
+        (a request may be between two actors at the first), finished so long ago that its result is gone:
+        the driver is told so, rather than left waiting or the request generated and paid a second time."""
         try:
-            missing = await self.hub.call("claim", client, uids)
+            missing = set(await self.hub.call("claim", client, [r.uid for r in reqs]))
         except Exception as exc:  # the hub is restarting: the driver's re-admission claims them again
             log.warning("ingest: claim failed (%s: %s)", type(exc).__name__, exc)
             return
-        if missing:
-            await self._recall([p for p in self._rememberers() if p is not self.hub], missing)
+        if not missing:
+            return
+        missing -= await self._recall([p for p in self._rememberers() if p is not self.hub] + self.groupers,
+                                      sorted(missing))
+        lost = [r for r in reqs if r.uid in missing and r.uid not in self._moving and r.uid in self.seen]
+        if not lost:
+            return
+        if not checked:
+            asyncio.get_running_loop().call_later(
+                REPEAT_LOOK_S, lambda: asyncio.ensure_future(self._claim_repeats(client, lost, True)))
+            return
+        self.hub.send("refuse", client, [Result(
+            id=r.id, tenant=r.tenant, status="failed", arrival_s=r.arrival_s,
+            error=f"field 'id': tenant {r.tenant!r} id {r.id!r} was answered long ago (for another driver of "
+                  "this engine, or before a restart) and its result is no longer held; it is not generated "
+                  "again under the same id: use a new id to ask again") for r in lost])
 
     async def _recall(self, peers: list, uids: list[str]) -> set[str]:
         known: set[str] = set()

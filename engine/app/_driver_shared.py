@@ -34,12 +34,20 @@ def _init_ray(address: str) -> bool:
 
 
 def stale_engine(name: str) -> bool:
-    """Whether the engine ``name`` that Ray's KV store names has no actors left (its driver died without stopping
-    it): its layout is then removed, and the name is free again."""
-    from actors.remote import attach_actors, kill_engine
+    """Whether the engine ``name`` that Ray's KV store names has no actor left (its driver died without stopping
+    it): its layout is then removed, and the name is free again. An engine with some actors alive is running
+    (Ray may be restarting the others), and is left alone."""
+    import ray
 
-    if attach_actors(name) is not None:
-        return False
+    from actors._peer import read_layout
+    from actors.remote import NAMESPACE, actor_name, kill_engine
+
+    for kind in (read_layout(name) or {"kinds": []})["kinds"]:
+        try:
+            ray.get_actor(actor_name(name, kind), namespace=NAMESPACE)
+            return False
+        except ValueError:  # this one is gone
+            continue
     kill_engine(name)
     return True
 

@@ -56,12 +56,15 @@ class Supervised:
         # reads those that come after it.
         self._log_seq: int | None = None if attached else 0
         self._gone: str | None = None  # why this driver can take no more work (the engine is gone)
+        self._layout_seen, self._layout_missing = False, 0  # the engine's published layout, as last read
 
     def _metrics_addr(self) -> tuple[int, str] | None:
         return None if self.metrics_port is None else (self.metrics_port, self.settings.metrics.host)
 
     def _health(self) -> None:
         """Ping every actor: recover the ones that restarted; fail open futures if one is gone for good."""
+        if self._engine_stopped():  # stopped elsewhere (smartbatch stop, shutdown): nothing to supervise
+            return
         ray = self._ray
         named = self._h["named"]
         refs = {a.ping.remote(): kind for kind, a in named.items()}
@@ -236,12 +239,20 @@ class Supervised:
         from actors._peer import read_layout
 
         try:
-            gone = read_layout(self._h["engine"]) is None
-        except Exception:  # Ray itself is unreachable: the actors are gone with it
-            gone = True
-        if gone and self._running:
+            present = read_layout(self._h["engine"]) is not None
+        except Exception:  # the KV store did not answer (a busy head): no news, not a stop
+            return False
+        if present:
+            self._layout_seen, self._layout_missing = True, 0
+            return False
+        if not self._layout_seen:  # not published yet (this driver is still starting the engine)
+            return False
+        self._layout_missing += 1
+        if self._layout_missing < DEAD_AFTER:  # read again before ending: a stop is final
+            return False
+        if self._running and self._gone is None:
             self._end(f"engine {self._h['engine']!r} was stopped")
-        return gone
+        return True
 
     def _end(self, why: str) -> None:
         """This driver can do nothing more: new submits raise ``EngineStopped`` with ``why``, open futures fail."""

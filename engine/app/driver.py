@@ -192,8 +192,9 @@ class Engine(AsyncSubmit, SharedEngine, Supervised):
 
         if self._owner:
             kill_engine(self._h["engine"], self._h["all"])
-        else:
+        else:  # the ids only this driver held are forgotten after its retention window, as it would have
             self._h["hub"].leave.remote(self._client)
+            self._h["ingest"].leave.remote(self._client, self._retention_s)
         Engine._running_engines.discard(self)
         if self._started_ray:
             heir = next(iter(Engine._running_engines), None)
@@ -256,8 +257,8 @@ class Engine(AsyncSubmit, SharedEngine, Supervised):
                     raise Overloaded(f"{self._pending:,} requests are unfinished (max_pending={self._max_pending:,}); "
                                      "retry later, or start the engine with a larger max_pending")
                 self._room.wait(left)
-                if not self._running:
-                    raise EngineStopped("the engine was stopped while this submit waited for room")
+                if not self._running or self._gone is not None:
+                    raise EngineStopped(self._gone or "the engine was stopped while this submit waited for room")
             for r in new:
                 self._futs[r.uid] = seen[r.uid]
             self._pending += len(new)

@@ -151,3 +151,78 @@ def test_an_id_is_forgotten_when_the_last_driver_that_submitted_it_forgets_it():
         assert req(1).uid not in ing.seen and disp.forgotten == [req(1).uid]
         assert await ing.submit([req(1, prompt="other")], "C") == 1  # the id is free again
     run(go())
+
+
+class Holding:
+    """Stands in for a grouper: holds some requests (still waiting to be sent)."""
+
+    def __init__(self, held):
+        self.held, self.jobs = set(held), []
+
+    async def add(self, jobs):
+        self.jobs.extend(jobs)
+
+    async def recall(self, uids):
+        return [u for u in uids if u in self.held]
+
+
+def test_a_repeated_id_nobody_holds_any_more_is_refused_after_a_second_look(monkeypatch):
+    async def go():
+        from actors import ingest as ingest_module
+
+        monkeypatch.setattr(ingest_module, "REPEAT_LOOK_S", 0.0)
+        monkeypatch.setattr(hub_module, "RECENT", 1)
+        hub, g = ResultHub(), Holding(held=[req(2).uid])  # r2 still waits in the grouper
+        ing = Ingest([g], hub=hub, dispatchers=[Finisher(hub, {})])  # the dispatcher forgot r1 long ago
+        await ing.submit([req(1), req(2)], "A")
+        await hub.push([res(1)])
+        await hub.push([res(9)])  # r1 falls out of the hub's recent results
+        await hub.pull(0, "A")
+        assert await ing.submit([req(1), req(2)], "B") == 0
+        for _ in range(20):
+            await asyncio.sleep(0)  # the second look
+        (gone,) = await hub.pull(0, "B")  # r1: told so, not left waiting; r2: comes when it is done
+        assert gone.id == "r1" and gone.status == "failed" and "no longer held" in gone.error
+        assert len(g.jobs) == 2  # nothing generated a second time
+        await hub.push([res(2)])
+        assert [r.id for r in await hub.pull(0, "B")] == ["r2"]
+    run(go())
+
+
+def test_a_driver_that_leaves_releases_its_ids_after_its_retention_window():
+    async def go():
+        hub, g = ResultHub(), Groupers()
+        disp = Finisher(hub, {})
+        ing = Ingest([g], hub=hub, dispatchers=[disp])
+        await ing.submit([req(1), req(2)], "A")
+        await ing.submit([req(2)], "B")
+        assert ing.holders[req(1).uid] == "A"  # one driver: a string, not a set
+        assert await ing.leave("A", 0.0) == 2
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert req(1).uid not in ing.seen and req(2).uid in ing.seen  # B still holds r2
+        assert disp.forgotten == [req(1).uid]
+    run(go())
+
+
+def test_a_dropped_driver_is_told_even_when_a_claim_came_first(monkeypatch):
+    async def go():
+        now = [1000.0]
+        monkeypatch.setattr(hub_module.time, "monotonic", lambda: now[0])
+        hub = ResultHub()
+        await hub.claim("A", [])
+        now[0] += hub_module.CLIENT_IDLE_S + 20
+        await hub.claim("B", [])
+        await hub.push([res(1)])  # the idle check drops A
+        await hub.claim("A", ["1:x/r5"])  # ingest claims for A before A pulls again
+        assert await hub.pull(0, "A") is None  # A still learns that it was dropped
+    run(go())
+
+
+def test_a_result_sent_twice_in_one_push_is_counted_once():
+    async def go():
+        hub = ResultHub()
+        await hub.push([res(1), res(1)], [1.0, 1.0])
+        rep = await hub.report()
+        assert rep["requests"] == 1 and rep["list_price_usd"] == 1.0
+    run(go())
