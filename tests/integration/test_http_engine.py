@@ -47,11 +47,14 @@ def test_a_mixed_trace_over_http_is_billed_from_usage_once_and_agrees_with_the_s
     http_results: list = []
     doc = run_live(reqs, trace_name="mixed", policy="smart", speedup=SPEEDUP, settings=settings, catalog=CAT,
                    results=http_results, on_start=follow_engine(emulator, settings, 0))
-    # The reference: the same trace with every provider simulated, through the same live engine (the HTTP run
-    # keeps the members a cancel let finish, where the simulator pays their sync fallback: the pure simulator
-    # differs by that, a few per cent, and by actor timing).
-    sim_results: list = []
-    run_live(reqs, trace_name="mixed", policy="smart", speedup=SPEEDUP, settings=base, catalog=CAT, results=sim_results)
+    # The reference: the simulator on the same trace and seed. The HTTP run keeps the members a cancel let
+    # finish (billed once, at the batch price), where the simulator pays their sync fallback, and actor timing
+    # moves a few decisions: 0.05 % apart on this trace when this was written (3.2 % in an earlier version of
+    # the engine). A second live run with simulated providers as the reference cost 30 s of test time.
+    from engine.sim.simulator import simulate
+    from policies import load_policy
+
+    sim_cost = simulate(reqs, load_policy("smart", CAT), catalog=CAT, settings=base, seed=0).total_cost
 
     by_id = {r.id: r for r in reqs}
     assert len(http_results) == len(reqs) and {r.status for r in http_results} <= {"ok", "reused"}
@@ -71,9 +74,9 @@ def test_a_mixed_trace_over_http_is_billed_from_usage_once_and_agrees_with_the_s
     # Nothing paid twice: one billed item per real result, none billed for a reuse.
     assert len(bill.items) == len(called)
     assert len({(i.custom_id or i.request_id) for i in bill.items}) == len(bill.items)
-    # The same trace with every provider simulated costs within 3 %.
-    http_cost, sim_cost = sum(r.cost_usd for r in http_results), sum(r.cost_usd for r in sim_results)
-    assert http_cost == pytest.approx(sim_cost, rel=0.03)
+    # The simulated run of the same trace costs within 3 %.
+    http_cost = sum(r.cost_usd for r in http_results)
+    assert http_cost == pytest.approx(sim_cost, rel=0.03), (http_cost, sim_cost)
     rep = doc["engine_report"]["providers"]
     assert rep["openai"]["calls"] == "http" and rep["google"]["calls"] == "simulated"
     assert rep["openai"]["batches_cancelled"] + rep["anthropic"]["batches_cancelled"] > 0  # hedges happened
