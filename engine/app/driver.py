@@ -287,9 +287,11 @@ class Engine(AsyncSubmit, SharedEngine, Supervised):
                     del self._futs[uid]
                     gone.append(uid)
             if gone:
+                # Ingest forgets them too, so neither side grows with the engine's life. Sent before the ids are
+                # free here (under the lock a submit takes), so a new request under one of them reaches ingest
+                # after the forget, never before it (it would be taken for the old one, answered with its result).
+                self._h["ingest"].forget.remote(gone, self._client)
                 self._room.notify_all()
-        if gone:  # ingest forgets them too, so neither side grows with the engine's life
-            self._h["ingest"].forget.remote(gone, self._client)
 
     def submit(self, request: Request | Mapping) -> ResultFuture:
         """Queue one request; returns its future. The same (tenant, id) again returns the first submission's
