@@ -218,18 +218,24 @@ class Ingest(Warm):
         await asyncio.gather(*(ask(p) for p in peers))
         return known
 
-    async def readmit(self, requests: list[Request], client: str | None = None) -> int:
+    async def readmit(self, requests: list[Request], client: str | None = None, force: bool = False) -> int:
         """Requests accepted earlier that a restarted actor may have lost (driver ``client`` sends every
         unfinished one, claimed again here). Each goes on only if no dispatcher, not the cache and not the hub
         holds it: those carry it out, send its result again, or have it. The rest go straight to their groupers
         (no cache lookup: a request that is in fact still in flight somewhere must not be answered a second time
-        from the cache), which keep one copy of each."""
+        from the cache), which keep one copy of each. ``force`` (the driver's sweep, for requests open long past
+        their deadline): the cache is not asked, so a request still following an identical one whose result
+        cannot reach it any more is generated itself; who still says it holds one is logged."""
         requests, _ = self._sort(requests, client)
         uids = [r.uid for r in requests]
         if client is not None and self.hub is not None and uids:
             self.hub.send("claim", client, uids)
         # The hub too: a result it holds but the driver had not pulled when it listed its unfinished requests.
-        known = await self._recall(self._rememberers(), uids)
+        peers = [p for p in self._rememberers() if not (force and p is self.cache)]
+        known = await self._recall(peers, uids)
+        if force and known:
+            log.warning("ingest: %d request(s) open long past their deadline are still held by a dispatcher or "
+                        "the hub: %s", len(known), sorted(known)[:5])
         jobs = [self._job(r) for r in requests if r.uid not in known]
         send_sharded(self.groupers, jobs)
         self.readmitted += len(jobs)

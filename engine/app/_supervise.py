@@ -48,6 +48,7 @@ class Supervised:
         self._misses: dict[str, int] = {}
         self._next_sweep = time.monotonic() + SWEEP_EVERY_S
         self.swept = 0  # overdue requests re-admitted by the sweep
+        self._sweeps: dict[str, int] = {}  # overdue request -> sweeps it has been open through
         self._recovering = threading.Lock()
         self._readmit_after: set = set()  # ingest calls out during a recovery: re-admit theirs when they return
         self._recovered = threading.Condition()
@@ -117,10 +118,16 @@ class Supervised:
         late = self.clock.now() - max(SWEEP_GRACE_S * getattr(self.clock, "speedup", 1.0), 60.0)
         with self._lock:
             overdue = [u for u, f in self._futs.items() if not f.done() and f._req.deadline_at < late]
+        # Swept twice already and still open: past the cache too. A request following an identical one whose
+        # result can no longer reach it (the leader's end was lost with a restarted actor) is generated itself.
+        self._sweeps = {u: self._sweeps.get(u, 0) + 1 for u in overdue}
         if overdue:
             log.warning("smartbatch: %d request(s) open past their deadline; re-admitting them", len(overdue))
             self.swept += len(overdue)
-            self._readmit_open(overdue)
+            stuck = [u for u in overdue if self._sweeps[u] > 2]
+            if stuck:
+                self._readmit_open(stuck, force=True)
+            self._readmit_open([u for u in overdue if self._sweeps[u] <= 2])
 
     def _recover(self, kinds: list[str]) -> None:
         with self._recovering:  # one recovery at a time: each re-admits everything still open
@@ -148,7 +155,7 @@ class Supervised:
         with self._recovered:
             return self._recovered.wait_for(lambda: self.restarts.get(kind, 0) >= times, timeout)
 
-    def _readmit_open(self, uids: list[str] | None = None, tries: int = 0) -> None:
+    def _readmit_open(self, uids: list[str] | None = None, tries: int = 0, force: bool = False) -> None:
         """Send unfinished requests (all of them, or ``uids``) to ``Ingest.readmit``, in micro-batches."""
         with self._lock:
             queued = {r.uid for r in self._buffer}  # not sent yet: they leave with the next flush
@@ -164,7 +171,7 @@ class Supervised:
         ingest = self._h["ingest"]
         for k in range(0, len(reqs), self._micro_batch):
             part = reqs[k:k + self._micro_batch]
-            ref = ingest.readmit.remote(part, self._client)  # claims them again: a restarted hub lost the claims
+            ref = ingest.readmit.remote(part, self._client, force)  # claims them again: a restarted hub lost them
             with self._lock:
                 self._inflight_refs[ref] = ([r.uid for r in part], tries + 1)
 

@@ -226,3 +226,27 @@ def test_a_result_sent_twice_in_one_push_is_counted_once():
         rep = await hub.report()
         assert rep["requests"] == 1 and rep["list_price_usd"] == 1.0
     run(go())
+
+
+class Following:
+    """Stands in for a cache that still says every request follows an identical one in flight."""
+
+    async def recall(self, uids):
+        return list(uids)
+
+    async def lookup(self, jobs):
+        return list(range(len(jobs)))
+
+    async def forget(self, uids):
+        pass
+
+
+def test_the_sweeps_last_readmission_goes_past_a_cache_that_still_says_it_follows():
+    async def go():
+        hub, g = ResultHub(), Groupers()
+        ing = Ingest([g], cache=Following(), hub=hub)
+        assert await ing.readmit([req(1)], "A") == 0  # the cache says it follows: nothing sent
+        assert await ing.readmit([req(1)], "A", force=True) == 1  # the sweep's last word: generated itself
+        await settle()
+        assert [j.req.id for j in g.jobs] == ["r1"]
+    run(go())
