@@ -100,8 +100,8 @@ class Ingest(Warm):
         self.next_seq += 1
         return Job(self.next_seq - 1, r, fp)
 
-    def _sort(self, requests: list[Request], client: str | None) -> tuple[list[Request], list[Request]]:
-        """(requests whose id is new or whose content matches its id's, refused ones); refusals go to driver
+    def _sort(self, requests: list[Request], client: str | None) -> list[Request]:
+        """The requests whose id is new or whose content matches its id's; the others are refused: they go to driver
         ``client`` as failed results naming the id, and the others are claimed for it at the hub, here and not
         by the driver: only a request whose content matches may be handed the result of its id."""
         ok: list[Request] = []
@@ -127,7 +127,7 @@ class Ingest(Warm):
                     h.add(client)
                 elif h != client:
                     holders[r.uid] = {h, client}
-        return ok, refused
+        return ok
 
     def _release(self, uid: str, client: str) -> bool:
         """``client`` no longer holds ``uid``: whether no driver does any more."""
@@ -156,11 +156,11 @@ class Ingest(Warm):
         idempotency key): it is never generated twice, and driver ``client`` gets its result. With other content
         (a driver of a shared engine reusing an id another driver sent) it is refused: ``client`` gets a failed
         result naming the id."""
-        ok, _ = self._sort(requests, client)
-        by_uid = {r.uid: r for r in ok}
+        ok = self._sort(requests, client)
         jobs = [self._job(r) for r in ok if r.uid not in self.seen]
         fresh = {j.req.uid for j in jobs}
-        repeats = [by_uid[u] for u in by_uid if u not in fresh] if len(jobs) < len(ok) else []
+        # Repeats (rare): each id once (its copies passed the content check).
+        repeats = list({r.uid: r for r in ok if r.uid not in fresh}.values()) if len(jobs) < len(ok) else []
         self.duplicates += len(requests) - len(jobs)
         if client is not None and self.hub is not None:
             if jobs:  # sent before the jobs move on; a result that still comes first is handed over at the claim
@@ -226,7 +226,7 @@ class Ingest(Warm):
         from the cache), which keep one copy of each. ``force`` (the driver's sweep, for requests open long past
         their deadline): the cache is not asked, so a request still following an identical one whose result
         cannot reach it any more is generated itself; who still says it holds one is logged."""
-        requests, _ = self._sort(requests, client)
+        requests = self._sort(requests, client)
         uids = [r.uid for r in requests]
         if client is not None and self.hub is not None and uids:
             self.hub.send("claim", client, uids)
