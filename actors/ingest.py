@@ -101,9 +101,9 @@ class Ingest(Warm):
         return Job(self.next_seq - 1, r, fp)
 
     def _sort(self, requests: list[Request], client: str | None) -> list[Request]:
-        """The requests whose id is new or whose content matches its id's; the others are refused: they go to driver
-        ``client`` as failed results naming the id, and the others are claimed for it at the hub, here and not
-        by the driver: only a request whose content matches may be handed the result of its id."""
+        """The requests whose id is new or whose content matches its id's, recorded as held by driver
+        ``client``. The rest are refused: ``client`` gets a failed result naming the id, never the result of
+        another content."""
         ok: list[Request] = []
         refused: list[Result] = []
         for r in requests:
