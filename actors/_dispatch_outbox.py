@@ -8,6 +8,7 @@ import asyncio
 import logging
 
 from actors._batch_api import _short
+from actors._shards import by_result_uid
 from actors._types import send_sharded
 from actors.metrics import DispatchCounts
 
@@ -50,7 +51,7 @@ class Outbox:
             self.hub.send("observe_dispatches", self.name, observed, counts.as_dict())
         if results:
             try:
-                await self.hub.call("push", results, prices)
+                await self.hubs.call("push", by_result_uid, results, prices)
             except Exception as exc:  # the hub died: its restart re-admits these; keep their records
                 log.warning("dispatcher %s: hub did not take %d result(s): %s", self.name, len(results), _short(exc))
                 unjournal = []
@@ -67,14 +68,15 @@ class Outbox:
                                 _short(exc))
         # A peer that died (and restarts) must not stop the rest of the outbox: the cache's losses are made
         # good by the driver's re-admission, a lost settlement by the reservation's TTL.
-        if fills and self.cache is not None:
+        if fills:
             try:
-                await self.cache.call("complete", fills)
+                await self.caches.call("complete", [s for s, _ in fills], [f for _, f in fills])
             except Exception as exc:
                 log.warning("dispatcher %s: cache did not take %d result(s): %s", self.name, len(fills), _short(exc))
-        if orphans and self.cache is not None:
+        if orphans:
             try:
-                readmit.extend(await self.cache.call("orphans", orphans))
+                answers = await self.caches.call("orphans", [s for s, _ in orphans], [o for _, o in orphans])
+                readmit.extend(f for _, part in answers for f in part)
             except Exception as exc:
                 log.warning("dispatcher %s: cache did not answer for orphans: %s", self.name, _short(exc))
         if settle:

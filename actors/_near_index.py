@@ -9,6 +9,7 @@ from collections.abc import Hashable
 
 import numpy as np
 
+from actors._shards import key_shard
 from actors._types import Job
 from actors.cache_layers import CorruptValue, Entry, decode
 from engine.core.features import near_vectors, near_vectors_texts
@@ -162,7 +163,8 @@ class NearIndex:
             except CorruptValue:
                 self.stats["corrupt"] += 1
         entries.sort(key=lambda e: e.result.done_s or 0.0)
-        near = [e for e in entries if e.near_key is not None]
+        k, n = getattr(self, "shard", (0, 1))  # another shard's classes are found there, not here
+        near = [e for e in entries if e.near_key is not None and key_shard(e.near_key[1], n) == k]
         if near:
             # The same vectors as live requests get: the text and its parameters.
             vecs = near_vectors_texts([e.text for e in near], [e.params for e in near])

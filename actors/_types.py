@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import zlib
 from typing import NamedTuple
 
-from engine.core.features import compat_key
+from actors._shards import class_shard
 from engine.core.request import Request
 
 __all__ = ["BatchJob", "Job", "send_sharded", "shard_of"]
@@ -14,7 +13,7 @@ __all__ = ["BatchJob", "Job", "send_sharded", "shard_of"]
 def shard_of(req: Request, n: int) -> int:
     """The grouper that owns a request: by its compatibility key, so requests that may share a batch (and a
     request's retries) always meet in one grouper."""
-    return 0 if n == 1 else zlib.crc32(repr(compat_key(req)).encode()) % n
+    return class_shard(req, n)
 
 
 class Job(NamedTuple):

@@ -23,7 +23,8 @@ from collections import OrderedDict
 from collections.abc import Hashable
 
 from actors._near_index import FOLLOWING, LEADS, Item, NearIndex
-from actors._peer import Warm, as_peer, resolve_clock
+from actors._peer import Warm, resolve_clock
+from actors._shards import Shards, by_result_uid
 from actors.cache_layers import CorruptValue, Entry, LocalBlobStore, MemoryLRU, RedisLayer, decode, encode
 from engine.core.catalog import default_catalog
 from engine.core.cost import price_alone
@@ -52,13 +53,15 @@ RECALL_KEEP = 65_536  # results of reused requests kept for ``recall``
 
 class ResultCache(NearIndex, Warm):
     def __init__(self, reuse: ReuseSettings, hub, clock, catalog=None, settings: Settings | None = None, *,
-                 redis: RedisLayer | None = None, blobs=None):
+                 redis: RedisLayer | None = None, blobs=None, shard: tuple[int, int] = (0, 1)):
         self.reuse = reuse
+        self.shard = shard  # (this shard, of how many): it owns the compatibility classes that route to it
         self.catalog = catalog or default_catalog()
         settings = settings or Settings()
         self.cfg: CacheSettings = settings.cache
         self.near_threshold = max(reuse.near_threshold, settings.sim.near_floor)
-        self.hub = as_peer(hub)
+        self.hubs = Shards(hub)  # results go to their id's hub shard; figures to shard 0
+        self.hub = self.hubs.first
         self.clock, _ = resolve_clock(clock)
         self.memory = MemoryLRU(self.cfg.memory_max_entries, int(self.cfg.memory_max_mb * 2**20),
                                 self._now)
@@ -206,7 +209,7 @@ class ResultCache(NearIndex, Warm):
             d[r.uid] = (r, p)
         while len(d) > RECALL_KEEP:
             d.popitem(last=False)
-        await self.hub.call("push", results, prices)
+        await self.hubs.call("push", by_result_uid, results, prices)
 
     async def forget(self, uids: list[str]) -> None:
         for u in uids:
@@ -220,7 +223,7 @@ class ResultCache(NearIndex, Warm):
         again = [self._delivered[u] for u in uids if u in self._delivered and u not in waiting]
         if again:
             try:
-                await self.hub.call("push", [r for r, _ in again], [p for _, p in again])
+                await self.hubs.call("push", by_result_uid, [r for r, _ in again], [p for _, p in again])
             except Exception as exc:
                 # The answer stands even so: these requests are resolved here, and sending them on to be
                 # generated again would bill them although their result exists. The hub's own restart makes
@@ -325,7 +328,7 @@ class ResultCache(NearIndex, Warm):
         delta = {k: v - self._reported.get(k, 0) for k, v in s.items()}
         self._reported = s
         if any(delta.values()) or (up_changed and up is not None):
-            self.hub.send("observe_cache", delta, s)
+            self.hub.send("observe_cache", delta, s, self.shard[0])
 
     async def close(self) -> None:
         if self.redis is not None:

@@ -22,6 +22,7 @@ from actors._batch_api import BatchApiRuns
 from actors._dispatch_outbox import Outbox
 from actors._dispatch_recovery import Recovery
 from actors._peer import Warm, as_peer, resolve_clock
+from actors._shards import Shards, class_shard
 from actors._types import BatchJob, Job
 from actors.journal import JournalWriter, make_journal
 from actors.metrics import DispatchCounts, retry_reason
@@ -70,7 +71,8 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
         self.paid_twice = 0  # members a too-slow cancel still finished after they were sent again
         self.paid_twice_usd = 0.0
         self.groupers = [as_peer(g) for g in groupers]
-        self.hub, self.cache, self.budget = map(as_peer, (hub, cache, budget))
+        self.hubs, self.caches = Shards(hub), Shards(cache)  # results by id, cache fills by class
+        self.hub, self.budget = self.hubs.first, as_peer(budget)  # hub shard 0: metrics and the journal
         self.journal = make_journal(settings, engine, self.hub)
         self._space = f"batches:{provider}"
         # idempotency key -> (dispatch, job, cache_write, body) of a sync call over HTTP, until it ends
@@ -87,8 +89,10 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
         self._done: OrderedDict[str, tuple[Result, float, float]] = OrderedDict()  # uid -> (result, price, when)
         self._results: list[Result] = []
         self._list_prices: list[float] = []
-        self._fills: list[tuple[str, Result]] = []
-        self._orphans: list[tuple[str, str]] = []  # (fingerprint, uid) of requests failed for good
+        # (cache shard, (fingerprint, result)) of ended requests; (cache shard, (fingerprint, uid)) of those that
+        # failed for good
+        self._fills: list[tuple[int, tuple[str, Result]]] = []
+        self._orphans: list[tuple[int, tuple[str, str]]] = []
         self._readmit: list[Job] = []
         self._settle: list[tuple[str, float]] = []
         self._observed: list[tuple[str, list[float], int]] = []
@@ -342,11 +346,14 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
             res = failed_result(r, at=now, batch_id=b.bid, recommendation=b.recommendation, tries=j.attempts + 1,
                                 max_attempts=self.max_att, real=out is not None and out.real,
                                 error=error or (out.error if out is not None and out.error else None))
-            self._orphans.append((j.fp, r.uid))
         price = price_alone(r, self.catalog, "sync").total
         self._results.append(res)
         self._list_prices.append(price)
-        self._fills.append((j.fp, res))
+        if self.caches:
+            shard = class_shard(r, len(self.caches))
+            self._fills.append((shard, (j.fp, res)))
+            if not ok:
+                self._orphans.append((shard, (j.fp, r.uid)))
         done = self._done
         t = time.monotonic()
         done[r.uid] = (res, price, t)

@@ -21,6 +21,7 @@ from collections import OrderedDict
 
 from actors._grouper_park import PARK_MIN_BATCH, Parking
 from actors._peer import Warm, as_peer, resolve_clock
+from actors._shards import Shards, by_result_uid, class_shard
 from actors._types import BatchJob, Job
 from engine.core.budgets import LEDGER, Claim, Verdict
 from engine.core.catalog import Catalog
@@ -48,8 +49,8 @@ class Grouper(Parking, Warm):
         self.clock, _ = resolve_clock(clock)
         self.dispatchers = {k: as_peer(v) for k, v in dispatchers.items()}
         self.budget = as_peer(budget)
-        self.hub = as_peer(hub)
-        self.cache = as_peer(cache)  # told of requests resolved here, so their in-flight followers go on
+        self.hubs = Shards(hub)  # each result to its id's shard
+        self.caches = Shards(cache)  # told of requests resolved here, so their in-flight followers go on
         self.name = name
         self.budget_limited = budget_limited
         self.max_attempts = max_attempts
@@ -95,7 +96,7 @@ class Grouper(Parking, Warm):
         held = [u for u in uids if u in self.pending or u in self.parked or u in self._reserving or u in self._ended]
         again = [self._ended[u] for u in held if u in self._ended]
         if again:
-            self.hub.send("push", again, [0.0] * len(again))
+            self.hubs.send("push", by_result_uid, again, [0.0] * len(again))
         return held
 
     async def add(self, jobs: list[Job]) -> None:
@@ -133,7 +134,7 @@ class Grouper(Parking, Warm):
         if dup_claims:
             self.budget.send("settle_many", dup_claims)
         if again:
-            self.hub.send("push", again, [0.0] * len(again))
+            self.hubs.send("push", by_result_uid, again, [0.0] * len(again))
         if failed:
             await self._resolve(failed)
         await self._send(dispatches)
@@ -172,7 +173,7 @@ class Grouper(Parking, Warm):
         while len(ended) > ENDED_KEEP:
             ended.popitem(last=False)
         try:
-            await self.hub.call("push", [r for _, r in results], [0.0] * len(results))
+            await self.hubs.call("push", by_result_uid, [r for _, r in results], [0.0] * len(results))
         except Exception as exc:
             log.warning("grouper %s: hub did not take %d result(s): %s", self.name, len(results), exc)
         finally:
@@ -180,9 +181,12 @@ class Grouper(Parking, Warm):
         held = [(j.claim, 0.0) for j, _ in results if j.claim is not None]
         if held:
             self.budget.send("settle_many", held)
-        if self.cache is not None:
+        if self.caches:
+            n = len(self.caches)
             try:
-                followers = await self.cache.call("orphans", [(j.fp, j.req.uid) for j, _ in results])
+                answers = await self.caches.call("orphans", [class_shard(j.req, n) for j, _ in results],
+                                                 [(j.fp, j.req.uid) for j, _ in results])
+                followers = [f for _, part in answers for f in part]
             except Exception as exc:
                 log.warning("grouper %s: cache did not answer for orphans: %s", self.name, exc)
                 followers = []

@@ -18,7 +18,7 @@ from actors.logship import LogBook, ship_logs
 from actors.metrics import EngineMetrics
 from engine.core.result import Result
 
-__all__ = ["ResultHub"]
+__all__ = ["ResultHub", "merge_reports", "sum_figures"]
 
 # Results kept after delivery so that an ObjectRef asked for just as its result was pulled still resolves;
 # the window between the driver's check and the hub's answer is milliseconds, far below this many results.
@@ -49,8 +49,9 @@ class ResultHub(Warm, MemoryJournalStore):
         self._logs = LogBook()
         self._lost: set[str] = set()  # drivers dropped as idle: told so at their next pull, whatever came since
         self._recent: OrderedDict[str, Result] = OrderedDict()
+        self._fps: dict[str, str] = {}  # id -> its content's fingerprint, while ingest shards admit it (``admit``)
         self._waiters: dict[str, asyncio.Future] = {}
-        self._cache: dict = {}
+        self._cache: dict[int, dict] = {}  # cache shard -> its latest figures
         self._stats: dict = {"requests": 0, "cost_usd": 0.0, "list_price_usd": 0.0, "by_status": {},
                              "by_mode": {}, "hits": {}, "deadline_met": 0, "deadline_known": 0, "by_provider": {}}
 
@@ -143,6 +144,17 @@ class ResultHub(Warm, MemoryJournalStore):
                     owners.append(client)
         return missing
 
+    async def admit(self, client: str, uids: list[str], fps: list[str]) -> list[str]:
+        """``claim`` for ingest shards that split requests by class: an id must name one content across them,
+        so this shard (the id's) keeps each claimed id's fingerprint until the id is forgotten. Returns the ids
+        refused (claimed before with another fingerprint); the rest are claimed."""
+        known, refused, ok = self._fps, [], []
+        for u, fp in zip(uids, fps):
+            old = known.setdefault(u, fp)
+            (ok if old == fp else refused).append(u)
+        await self.claim(client, ok)
+        return refused
+
     async def refuse(self, client: str | None, results: list[Result]) -> None:
         """Results for driver ``client`` alone (ingest refusing a request it sent): not the engine's results,
         so neither counted nor kept among the recent ones."""
@@ -168,6 +180,7 @@ class ResultHub(Warm, MemoryJournalStore):
     async def forget(self, uids: list[str]) -> None:
         for u in uids:
             self._recent.pop(u, None)
+            self._fps.pop(u, None)
 
     async def recall(self, uids: list[str]) -> list[str]:
         """Of ``uids`` (re-admitted after a restart), those whose result is here (the driver has it or will)."""
@@ -196,9 +209,9 @@ class ResultHub(Warm, MemoryJournalStore):
     async def observe_budget(self, rows: list[dict], refusals: dict[str, int]) -> None:
         self.metrics.observe_budget(rows, refusals)
 
-    async def observe_cache(self, delta: dict, now: dict) -> None:
-        self.metrics.observe_cache(delta, now)
-        self._cache = now
+    async def observe_cache(self, delta: dict, now: dict, shard: int = 0) -> None:
+        self._cache[shard] = now
+        self.metrics.observe_cache(delta, sum_figures(self._cache.values()))
 
     async def serve_metrics(self, port: int = 0, host: str = "127.0.0.1") -> str:
         """Serve /metrics on ``host:port`` (port 0: a free one); returns the URL to scrape. A wildcard bind is
@@ -245,7 +258,39 @@ class ResultHub(Warm, MemoryJournalStore):
             "by_mode": dict(s["by_mode"]),
             "hits": dict(s["hits"]),
             "deadline_met_frac": (s["deadline_met"] / s["deadline_known"]) if s["deadline_known"] else None,
+            "deadlines_known": s["deadline_known"],
             "by_provider": {k: {"requests": v["requests"], "cost_usd": round(v["cost_usd"], 6)}
                             for k, v in s["by_provider"].items()},
-            "cache": dict(self._cache),
+            "cache": sum_figures(self._cache.values()),
         }
+
+
+def sum_figures(parts) -> dict:
+    """Figures of several shards (numbers, and dicts of them, nested) added up; anything else from the first."""
+    out: dict = {}
+    for part in parts:
+        for k, v in part.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float, dict)):
+                out.setdefault(k, v)
+            elif k.endswith("_up"):  # a state, not a count: up only when every shard is
+                out[k] = min(out.get(k, v), v)
+            elif isinstance(v, dict):
+                out[k] = sum_figures([out.get(k, {}), v])
+            else:
+                out[k] = out.get(k, 0) + v
+    return out
+
+
+def merge_reports(reps: list[dict]) -> dict:
+    """One engine report from the hub shards' reports (each counts the results of its ids)."""
+    if len(reps) == 1:
+        return reps[0]
+    out = sum_figures([{k: v for k, v in r.items() if k not in ("saving_frac", "deadline_met_frac", "cache")}
+                       for r in reps])
+    out["cache"] = reps[0]["cache"]  # cache figures reach shard 0 only
+    lp = out["list_price_usd"]
+    out["saving_frac"] = round(out["saving_usd"] / lp, 6) if lp > 0 else 0.0
+    known = [(r["deadline_met_frac"], r["deadlines_known"]) for r in reps if r["deadline_met_frac"] is not None]
+    n = sum(w for _, w in known)
+    out["deadline_met_frac"] = sum(f * w for f, w in known) / n if n else None
+    return out

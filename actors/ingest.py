@@ -12,6 +12,7 @@ import logging
 import time
 
 from actors._peer import Warm, as_peer
+from actors._shards import Shards, by_job_class, by_result_uid, by_uid
 from actors._types import Job, send_sharded
 from actors.journal import redis_journal
 from engine.core.features import fingerprint
@@ -25,23 +26,32 @@ log = logging.getLogger("smartbatch.ingest")
 
 ACCEPTED = "accepted"  # the journal space of accepted requests
 JOURNAL_RETRY_S = 5.0  # after a failed journal write, submits skip the journal this long (real seconds)
+OWN_ROWS = 1 << 48  # where ingest's own draw rows start (re-admissions): beyond any driver's
 REPEAT_LOOK_S = 5.0  # real seconds between the two looks for a repeated id's request before it counts as gone
+
+
+def _other_content(r: Request) -> Result:
+    return Result(id=r.id, tenant=r.tenant, status="failed", arrival_s=r.arrival_s,
+                  error=f"field 'id': tenant {r.tenant!r} already submitted id {r.id!r} with other content "
+                        "(another driver of this engine?); an id names one request: use a new id for a new request")
 
 
 class Ingest(Warm):
     def __init__(self, groupers: list, cache=None, share_across_tenants: bool = False, dispatchers: list = (),
-                 hub=None, settings=None, engine: str = "engine"):
+                 hub=None, settings=None, engine: str = "engine", shard: tuple[int, int] = (0, 1)):
         self.groupers = [as_peer(g) for g in groupers]
-        self.hub = as_peer(hub)
+        self.hubs = Shards(hub)  # by request id
         self.dispatchers = [as_peer(d) for d in dispatchers]
         self.readmitted = 0
-        self.cache = as_peer(cache)
+        self.caches = Shards(cache)  # by compatibility class
         self.seen: dict[str, str] = {}  # admitted id -> its content's fingerprint
         # id -> the driver that submitted it (a set once several did): an id is forgotten when its last driver
         # forgets it. One string per id, not a set: most ids have one driver.
         self.holders: dict[str, str | set[str]] = {}
         self._moving: set[str] = set()  # admitted, on their way to the cache and the groupers
-        self.next_seq = 0
+        self.next_seq = 0  # requests admitted here
+        self.shard = shard  # (this shard, of how many)
+        self._turn: asyncio.Future | None = None  # set once the last sharded submit's lookups have left
         self.duplicates = 0
         self.share = share_across_tenants
         # Only a Redis journal: without one, the driver's memory is the record (see the module's docstring).
@@ -62,8 +72,9 @@ class Ingest(Warm):
             self.seen.pop(u, None)
         if not uids:
             return
-        for p in self._rememberers():
+        for p in self._rememberers(hubs=False):
             p.send("forget", uids)
+        self.hubs.send("forget", by_uid, uids)
         if self.journal is not None:
             try:
                 await self.journal.delete(ACCEPTED, uids)
@@ -91,14 +102,21 @@ class Ingest(Warm):
             log.warning("ingest: %d accepted request(s) not journaled (%s); the driver still holds them; "
                         "trying again in %.0f s", len(jobs), type(exc).__name__, JOURNAL_RETRY_S)
 
-    def _rememberers(self) -> list:
-        """The actors that remember requests they carry or finished: asked by ``readmit``, told by ``forget``."""
-        return [*self.dispatchers, *(p for p in (self.cache, self.hub) if p is not None)]
+    def _rememberers(self, caches: bool = True, hubs: bool = True) -> list:
+        """The actors that remember requests they carry or finished: asked by ``readmit``, told by ``forget``.
+        (Requests carry no class here, so every cache shard is asked; the hub's by id.)"""
+        return [*self.dispatchers, *(self.caches if caches else ()), *(self.hubs if hubs else ())]
 
-    def _job(self, r: Request) -> Job:
+    def _job(self, r: Request, seq: int | None = None) -> Job:
+        """``seq``: the row of the request's simulated draws, as the driver numbered it in submission order
+        (so the live engine draws what the simulator draws for the same trace). Without one (a re-admission),
+        a row of this shard's own, far from the drivers'."""
         fp = self.seen[r.uid] = fingerprint(r, share_across_tenants=self.share)
+        if seq is None:
+            k, n = self.shard
+            seq = OWN_ROWS + self.next_seq * n + k
         self.next_seq += 1
-        return Job(self.next_seq - 1, r, fp)
+        return Job(seq, r, fp)
 
     def _sort(self, requests: list[Request], client: str | None) -> list[Request]:
         """The requests whose id is new or whose content matches its id's, recorded as held by driver
@@ -109,15 +127,12 @@ class Ingest(Warm):
         for r in requests:
             old = self.seen.get(r.uid)
             if old is not None and old != fingerprint(r, share_across_tenants=self.share):
-                refused.append(Result(id=r.id, tenant=r.tenant, status="failed", arrival_s=r.arrival_s,
-                                      error=f"field 'id': tenant {r.tenant!r} already submitted id {r.id!r} with "
-                                            "other content (another driver of this engine?); an id names one "
-                                            "request: use a new id for a new request"))
+                refused.append(_other_content(r))
             else:
                 ok.append(r)
-        if client is not None and self.hub is not None:
+        if client is not None and self.hubs:
             if refused:
-                self.hub.send("refuse", client, refused)
+                self.hubs.send("refuse", by_result_uid, refused, lead=(client,))
             holders = self.holders
             for r in ok:
                 h = holders.get(r.uid)
@@ -151,32 +166,69 @@ class Ingest(Warm):
             asyncio.get_running_loop().call_later(after_s, lambda: asyncio.ensure_future(self.forget(mine, client)))
         return len(mine)
 
-    async def submit(self, requests: list[Request], client: str | None = None) -> int:
+    async def submit(self, requests: list[Request], client: str | None = None, seqs: list[int] | None = None) -> int:
         """Admit a batch; returns how many were new. A repeated (tenant, id) is the same request (the
         idempotency key): it is never generated twice, and driver ``client`` gets its result. With other content
         (a driver of a shared engine reusing an id another driver sent) it is refused: ``client`` gets a failed
-        result naming the id."""
+        result naming the id. ``seqs``: the rows of the requests' simulated draws (see ``_job``)."""
         ok = self._sort(requests, client)
-        jobs = [self._job(r) for r in ok if r.uid not in self.seen]
+        row = dict(zip((r.uid for r in requests), seqs)) if seqs is not None else {}
+        jobs = [self._job(r, row.get(r.uid)) for r in ok if r.uid not in self.seen]
         fresh = {j.req.uid for j in jobs}
         # Repeats (rare): each id once (its copies passed the content check).
         repeats = list({r.uid: r for r in ok if r.uid not in fresh}.values()) if len(jobs) < len(ok) else []
         self.duplicates += len(requests) - len(jobs)
-        if client is not None and self.hub is not None:
-            if jobs:  # sent before the jobs move on; a result that still comes first is handed over at the claim
-                self.hub.send("claim", client, [j.req.uid for j in jobs])
-            if repeats:
-                await self._claim_repeats(client, repeats)
-        if not jobs:
-            return 0
-        self._moving.update(fresh)
+        # Sharded by class, another ingest shard may hold the same id with other content: the hub shard of the id
+        # decides, before the jobs move on. The cache lookups still leave in submission order (``_turn``).
+        across = bool(jobs) and self.shard[1] > 1 and client is not None and bool(self.hubs)
+        if across:
+            prev, mine = self._turn, asyncio.get_running_loop().create_future()
+            self._turn = mine
         try:
-            await self._journal(jobs)
-            misses = [jobs[k] for k in await self.cache.call("lookup", jobs)] if self.cache is not None else jobs
-            send_sharded(self.groupers, misses)
+            if client is not None and self.hubs:
+                if across:
+                    jobs = await self._admit_across(client, jobs)
+                elif jobs:  # sent before the jobs move on; a result that still comes first is handed over at the claim
+                    self.hubs.send("claim", by_uid, [j.req.uid for j in jobs], lead=(client,))
+                if repeats:
+                    await self._claim_repeats(client, repeats)
+            if not jobs:
+                return 0
+            self._moving.update(fresh)
+            try:
+                await self._journal(jobs)
+                if across and prev is not None:
+                    await prev
+                lookup = asyncio.ensure_future(self._lookup(jobs)) if self.caches else None
+                if across:
+                    mine.set_result(None)  # the next submit's lookups leave after these
+                misses = await lookup if lookup is not None else jobs
+                send_sharded(self.groupers, misses)
+            finally:
+                self._moving.difference_update(fresh)
+            return len(jobs)
         finally:
-            self._moving.difference_update(fresh)
-        return len(jobs)
+            if across and not mine.done():
+                mine.set_result(None)
+
+    async def _admit_across(self, client: str, jobs: list[Job]) -> list[Job]:
+        """Claim ``jobs`` for ``client`` at the hub shards of their ids, which refuse an id another ingest shard
+        admitted with other content; returns the jobs that may go on."""
+        answers = await self.hubs.call("admit", by_uid, [j.req.uid for j in jobs], [j.fp for j in jobs],
+                                       lead=(client,))
+        refused = {u for _, part in answers for u in part}
+        if not refused:
+            return jobs
+        out, bad = [], []
+        for j in jobs:
+            if j.req.uid in refused:
+                self.seen.pop(j.req.uid, None)
+                self._release(j.req.uid, client)
+                bad.append(_other_content(j.req))
+            else:
+                out.append(j)
+        self.hubs.send("refuse", by_result_uid, bad, lead=(client,))
+        return out
 
     async def _claim_repeats(self, client: str, reqs: list[Request], checked: bool = False) -> None:
         """A request submitted again (another driver's, or this one's before it lost its memory): claim its
@@ -185,14 +237,14 @@ class Ingest(Warm):
         (a request may be between two actors at the first), finished so long ago that its result is gone:
         the driver is told so, rather than left waiting or the request generated and paid a second time."""
         try:
-            missing = set(await self.hub.call("claim", client, [r.uid for r in reqs]))
+            answers = await self.hubs.call("claim", by_uid, [r.uid for r in reqs], lead=(client,))
+            missing = {u for _, part in answers for u in part}
         except Exception as exc:  # the hub is restarting: the driver's re-admission claims them again
             log.warning("ingest: claim failed (%s: %s)", type(exc).__name__, exc)
             return
         if not missing:
             return
-        missing -= await self._recall([p for p in self._rememberers() if p is not self.hub] + self.groupers,
-                                      sorted(missing))
+        missing -= await self._recall(self._rememberers(hubs=False) + self.groupers, sorted(missing))
         lost = [r for r in reqs if r.uid in missing and r.uid not in self._moving and r.uid in self.seen]
         if not lost:
             return
@@ -200,11 +252,16 @@ class Ingest(Warm):
             asyncio.get_running_loop().call_later(
                 REPEAT_LOOK_S, lambda: asyncio.ensure_future(self._claim_repeats(client, lost, True)))
             return
-        self.hub.send("refuse", client, [Result(
+        self.hubs.send("refuse", by_result_uid, [Result(
             id=r.id, tenant=r.tenant, status="failed", arrival_s=r.arrival_s,
             error=f"field 'id': tenant {r.tenant!r} id {r.id!r} was answered long ago (for another driver of "
                   "this engine, or before a restart) and its result is no longer held; it is not generated "
-                  "again under the same id: use a new id to ask again") for r in lost])
+                  "again under the same id: use a new id to ask again") for r in lost], lead=(client,))
+
+    async def _lookup(self, jobs: list[Job]) -> list[Job]:
+        """The jobs no cache shard resolved or attached: each shard answers for its classes."""
+        answers = await self.caches.call("lookup", by_job_class, jobs)
+        return [jobs[k if pos is None else pos[k]] for pos, ks in answers for k in ks]
 
     async def _recall(self, peers: list, uids: list[str]) -> set[str]:
         known: set[str] = set()
@@ -228,10 +285,10 @@ class Ingest(Warm):
         cannot reach it any more is generated itself; who still says it holds one is logged."""
         requests = self._sort(requests, client)
         uids = [r.uid for r in requests]
-        if client is not None and self.hub is not None and uids:
-            self.hub.send("claim", client, uids)
+        if client is not None and self.hubs and uids:
+            self.hubs.send("claim", by_uid, uids, lead=(client,))
         # The hub too: a result it holds but the driver had not pulled when it listed its unfinished requests.
-        peers = [p for p in self._rememberers() if not (force and p is self.cache)]
+        peers = self._rememberers(caches=not force)
         known = await self._recall(peers, uids)
         if force and known:
             log.warning("ingest: %d request(s) open long past their deadline are still held by a dispatcher or "

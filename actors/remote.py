@@ -1,4 +1,6 @@
-"""Wires the actor classes to Ray: one hub, budget, cache, ingest, N groupers and one dispatcher per provider.
+"""Wires the actor classes to Ray: a budget controller, N groupers, one dispatcher per provider, and S shards each
+of ingest, the cache and the result hub (``actors._shards``: ingest and hub by request id, cache and groupers by
+compatibility class; shard 0 of the hub also keeps the journal, the relayed logs and the engine's figures).
 
 Every actor takes ``num_cpus=0`` (they are I/O-bound event loops; the machine has 2 cores). A dispatcher is
 pinned to nodes that offer the custom resource ``provider:<name>`` when the cluster has one (cluster.yaml),
@@ -10,6 +12,7 @@ from __future__ import annotations
 import ray
 
 from actors._peer import ClockRef, Named, publish_clock, read_layout, resolve_clock, unpublish_clock
+from actors._shards import shard_kind
 from actors.budget import BudgetController
 from actors.cache import ResultCache
 from actors.dispatcher import Dispatcher
@@ -53,9 +56,10 @@ def _ledger_ready(budget, started: list) -> None:
 
 
 def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: int = 1, keys: dict | None = None,
-                 engine: str = "engine", detached: bool = False) -> dict:
+                 engine: str = "engine", detached: bool = False, num_shards: int = 1) -> dict:
     """Create and wire the actors, named ``<engine>.<kind>``; ``clock()`` makes the engine clock once they are
-    all up. ``detached``: the actors outlive the driver that started them (until ``kill_engine``)."""
+    all up. ``detached``: the actors outlive the driver that started them (until ``kill_engine``).
+    ``num_shards`` of each of ingest, cache and hub (kinds ``hub``, ``hub-1`` ...)."""
     from engine.runtime.providers import check_fallbacks
 
     check_fallbacks(catalog, settings.resilience)
@@ -67,20 +71,25 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
     def ref(kind: str) -> Named:  # peers by name: see actors._peer.Named
         return Named(actor_name(engine, kind), NAMESPACE)
 
-    hub = ray.remote(ResultHub).options(**opts("hub")).remote()
+    def refs(base: str) -> list[Named]:
+        return [ref(shard_kind(base, k)) for k in range(num_shards)]
+
+    hubs = [ray.remote(ResultHub).options(**opts(shard_kind("hub", k))).remote() for k in range(num_shards)]
+    hub_refs = refs("hub")
     budgets = settings.budgets
     later = ClockRef(engine)  # the clock is made once every actor is up; a restarted actor reads it (publish_clock)
     budget = ray.remote(BudgetController).options(**opts("budget")).remote(budgets, ref("hub"), later, 0.0, engine)
-    _ledger_ready(budget, [hub, budget])
+    _ledger_ready(budget, [*hubs, budget])
     reuse = policy.reuse
     with_cache = reuse.exact or reuse.in_flight or reuse.near
-    cache = (ray.remote(ResultCache).options(**opts("cache")).remote(reuse, ref("hub"), later, catalog, settings)
-             if with_cache else None)
-    cache_ref = ref("cache") if with_cache else None
+    caches = [ray.remote(ResultCache).options(**opts(shard_kind("cache", k))).remote(
+        reuse, hub_refs, later, catalog, settings, shard=(k, num_shards))
+        for k in range(num_shards)] if with_cache else []
+    cache_ref = refs("cache") if with_cache else None
     grouper_refs = [ref(f"grouper-{k}") for k in range(num_groupers)]
     dispatcher_refs = {name: ref(f"dispatcher-{name}") for name in catalog.providers}
     groupers = [ray.remote(Grouper).options(**opts(f"grouper-{k}")).remote(
-        policy, catalog, later, dispatcher_refs, ref("budget"), ref("hub"), f"g{k}", bool(budgets.specs),
+        policy, catalog, later, dispatcher_refs, ref("budget"), hub_refs, f"g{k}", bool(budgets.specs),
         max_attempts=settings.sim.max_attempts, reserve_model_max=budgets.reserve_output == "model_max",
         cache=cache_ref, budget_specs=budgets.specs) for k in range(num_groupers)]
     cluster = ray.cluster_resources()
@@ -90,24 +99,22 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
         if provider_resource(name) in cluster:
             more["resources"] = {provider_resource(name): 0.001}
         dispatchers[name] = ray.remote(Dispatcher).options(**opts(f"dispatcher-{name}", **more)).remote(
-            name, catalog, settings, seed, later, grouper_refs, ref("hub"), cache_ref, ref("budget"),
+            name, catalog, settings, seed, later, grouper_refs, hub_refs, cache_ref, ref("budget"),
             policy.scheduling, (keys or {}).get(name), engine)
-    ingest = ray.remote(Ingest).options(**opts("ingest")).remote(grouper_refs, cache_ref,
-                                                                 settings.cache.share_across_tenants,
-                                                                 list(dispatcher_refs.values()), ref("hub"),
-                                                                 settings, engine)
-    everything = [ingest, *groupers, *dispatchers.values(), budget, hub] + ([cache] if cache else [])
+    ingests = [ray.remote(Ingest).options(**opts(shard_kind("ingest", k))).remote(
+        grouper_refs, cache_ref, settings.cache.share_across_tenants, list(dispatcher_refs.values()), hub_refs,
+        settings, engine, shard=(k, num_shards)) for k in range(num_shards)]
+    everything = [*ingests, *groupers, *dispatchers.values(), budget, *hubs, *caches]
     ray.get([a.warm.remote() for a in everything])
-    named = {"ingest": ingest, "budget": budget, "hub": hub}
+    named = {"budget": budget}
+    for base, shards in (("ingest", ingests), ("hub", hubs), ("cache", caches)):
+        named.update({shard_kind(base, k): a for k, a in enumerate(shards)})
     named.update({f"grouper-{k}": g for k, g in enumerate(groupers)})
     named.update({f"dispatcher-{p}": d for p, d in dispatchers.items()})
-    if cache is not None:
-        named["cache"] = cache
     ray.get([a.set_logging.remote(settings.log_level, kind, ref("hub")) for kind, a in named.items()])
-    if cache is not None:
-        ray.get(cache.warm_from_redis.remote())  # a restarted engine finds its near duplicates again
+    ray.get([c.warm_from_redis.remote() for c in caches])  # a restarted engine finds its near duplicates again
     clock = clock()
-    ray.get([a.set_clock.remote(clock) for a in [*groupers, *dispatchers.values()] + ([cache] if cache else [])])
+    ray.get([a.set_clock.remote(clock) for a in [*groupers, *dispatchers.values(), *caches]])
     # At real speed, budget windows follow the calendar; a time-compressed replay budgets on trace time.
     real_time = clock.speedup == 1.0 and clock.offset == 0.0
     base = clock.epoch if real_time else 0.0
@@ -116,15 +123,25 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
     return _handles(engine, named, clock, base, settings.log_level)
 
 
+def _shards(named: dict, base: str) -> list:
+    out, k = [], 0
+    while shard_kind(base, k) in named:
+        out.append(named[shard_kind(base, k)])
+        k += 1
+    return out
+
+
 def _handles(engine: str, named: dict, clock, base: float, log_level: str) -> dict:
+    """The actor handles by role. ``ingests``/``hubs``/``caches`` list the shards in order (``ingest``, ``hub``
+    and ``cache`` are shard 0; ``caches`` is empty and ``cache`` None without a cache)."""
     groupers = [named[f"grouper-{k}"] for k in range(sum(k.startswith("grouper-") for k in named))]
     dispatchers = {k.split("-", 1)[1]: a for k, a in named.items() if k.startswith("dispatcher-")}
-    cache = named.get("cache")
-    everything = [named["ingest"], *groupers, *dispatchers.values(), named["budget"], named["hub"]]
-    return {"clock": clock, "ingest": named["ingest"], "groupers": groupers, "dispatchers": dispatchers,
-            "budget": named["budget"], "hub": named["hub"], "cache": cache,
-            "all": everything + ([cache] if cache is not None else []), "named": named, "budget_base": base,
-            "engine": engine, "log_level": log_level}
+    ingests, hubs, caches = _shards(named, "ingest"), _shards(named, "hub"), _shards(named, "cache")
+    return {"clock": clock, "ingest": ingests[0], "ingests": ingests, "groupers": groupers,
+            "dispatchers": dispatchers, "budget": named["budget"], "hub": hubs[0], "hubs": hubs,
+            "cache": caches[0] if caches else None, "caches": caches,
+            "all": [*ingests, *groupers, *dispatchers.values(), named["budget"], *hubs, *caches], "named": named,
+            "budget_base": base, "engine": engine, "log_level": log_level}
 
 
 def attach_actors(engine: str) -> tuple[dict, dict] | None:
@@ -166,23 +183,26 @@ def kill_engine(engine: str, handles: list | None = None) -> int:
 def rewire(h: dict, kind: str, metrics: tuple[int, str] | None = None) -> None:
     """Give a restarted actor (``kind`` as in ``h["named"]``) what the engine set after construction, and let
     it recover its journaled state: a dispatcher re-attaches to its open batches, the budget controller takes
-    its memory ledger back, the hub serves metrics on the same port and has the journal written again."""
+    its memory ledger back, a hub shard serves metrics on the same port (``metrics``) and shard 0 has the journal
+    written again. Ingest needs nothing: the driver re-admits its open requests after any restart."""
     clock = h["clock"]
     ray.get(h["named"][kind].set_logging.remote(h["log_level"], kind, Named(actor_name(h["engine"], "hub"),
                                                                            NAMESPACE)))
-    if kind == "hub":
-        if metrics is not None:
-            ray.get(h["hub"].serve_metrics.remote(*metrics))
-        ray.get([d.rejournal.remote() for d in h["dispatchers"].values()] + [h["budget"].rejournal.remote()])
+    base = kind.split("-", 1)[0]
+    if base == "hub":
+        if metrics is not None:  # each hub shard serves the metrics of its results, on its own port
+            ray.get(h["named"][kind].serve_metrics.remote(*metrics))
+        if kind == "hub":  # shard 0 keeps the journal
+            ray.get([d.rejournal.remote() for d in h["dispatchers"].values()] + [h["budget"].rejournal.remote()])
     elif kind.startswith("grouper-"):
         ray.get(h["named"][kind].set_clock.remote(clock))
     elif kind.startswith("dispatcher-"):
         d = h["named"][kind]
         ray.get(d.set_clock.remote(clock))
         ray.get(d.recover.remote())
-    elif kind == "cache":
-        ray.get(h["cache"].set_clock.remote(clock))
-        ray.get(h["cache"].warm_from_redis.remote())
+    elif base == "cache":
+        ray.get(h["named"][kind].set_clock.remote(clock))
+        ray.get(h["named"][kind].warm_from_redis.remote())
     elif kind == "budget":
         ray.get(h["budget"].set_clock.remote(clock, h["budget_base"]))
         ray.get(h["budget"].recover.remote())

@@ -1,16 +1,17 @@
 """Where the live engine's time goes, per actor kind, and what that predicts on more nodes. Prints figures;
 asserts nothing.
 
-    .venv/bin/python benchmarks/scale_out.py [--n 10000] [--groupers 2] [--cores-per-node 2]
+    .venv/bin/python benchmarks/scale_out.py [--n 10000] [--shards 2] [--cores-per-node 2]
 
 1. CPU microseconds per request of every engine process (user + system time from /proc, before and after
    ``n`` requests go end to end through ``submit_many`` at a speed-up so high that simulated latencies vanish),
    and of the driver. CPU time, not wall time: it does not depend on what else the machine runs.
 2. The ceiling each kind sets: one actor is one process on one core, so a kind with ``c`` us per request and
    ``k`` shards can move at most ``k * 1e6 / c`` requests/s.
-3. What that predicts for 1, 4 and 16 nodes of ``--cores-per-node`` cores, today (ingest, cache, hub and
-   budget are one actor each; groupers shard by compatibility key; one dispatcher per provider) and with
-   every hot-path kind sharded by key (one shard per core).
+3. What that predicts for 1, 4 and 16 nodes of ``--cores-per-node`` cores: unsharded (ingest, cache, hub and
+   budget one actor each) and sharded as ``Engine.start(num_shards=...)`` runs it, one shard of each of
+   ingest, cache, hub and groupers per core (ingest and hub split by request id, cache and groupers by
+   compatibility class). What stays one actor: the budget controller, and one dispatcher per provider.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from engine import Engine  # noqa: E402
 from engine.core.tracegen import synth  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
-# Kinds that stay one actor whatever the cluster (today), and kinds with one actor per provider.
-SINGLETONS = ("ingest", "cache", "hub", "budget")
+# Kinds that were one actor each before sharding; of them only the budget controller stays one.
+UNSHARDED = ("ingest", "cache", "hub", "budget")
 
 
 def cpu_s(pid: int) -> float:
@@ -41,19 +42,20 @@ def cpu_s(pid: int) -> float:
 
 
 def kind_of(name: str) -> str:
-    return "grouper" if name.startswith("grouper-") else "dispatcher" if name.startswith("dispatcher-") else name
+    """"hub-1" -> "hub", "grouper-0" -> "grouper"; a dispatcher keeps its provider."""
+    return name if name.startswith("dispatcher-") else name.split("-", 1)[0]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=10_000)
-    ap.add_argument("--groupers", type=int, default=2)
+    ap.add_argument("--shards", type=int, default=2, help="shards of ingest, cache, hub and groupers")
     ap.add_argument("--cores-per-node", type=int, default=2)
     a = ap.parse_args()
     ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
     reqs = [r.model_copy(update={"arrival_s": 0.0, "deadline_s": min(r.deadline_s, 3600.0)})
             for r in synth(a.n, seed=2, duration_s=1.0)]
-    with Engine.start(speedup=1e6, num_groupers=a.groupers, metrics_port=None) as eng:
+    with Engine.start(speedup=1e6, num_shards=a.shards, metrics_port=None) as eng:
         named = eng._h["named"]
         pids = dict(zip(named, ray.get([h.__ray_call__.remote(lambda self: os.getpid()) for h in named.values()])))
         before = {k: cpu_s(p) for k, p in pids.items()}
@@ -71,7 +73,7 @@ def main() -> None:
         print(f"warning: the driver's sweep re-admitted {swept:,} requests; rerun with a smaller --n")
     us = {k: (after[k] - before[k]) * 1e6 / a.n for k in named}
     print(f"{a.n:,} requests end to end in {wall:.2f} s = {a.n / wall:,.0f} requests/s "
-          f"({a.groupers} groupers; providers: {dict(providers)})\n")
+          f"({a.shards} shards each of ingest, cache, hub and groupers; providers: {dict(providers)})\n")
     print("| process | CPU us / request | ceiling, one actor (req/s) |")
     print("|---|---:|---:|")
     print(f"| driver (validation, micro-batching, futures) | {drv * 1e6 / a.n:,.0f} | {a.n / drv:,.0f} |")
@@ -86,22 +88,25 @@ def main() -> None:
     by_kind: dict[str, float] = collections.defaultdict(float)
     for k, v in us.items():
         by_kind[kind_of(k)] += v
-    single = min(1e6 / by_kind[k] for k in SINGLETONS if by_kind.get(k))
-    bound_by = min((k for k in SINGLETONS if by_kind.get(k)), key=lambda k: 1e6 / by_kind[k])
-    # Dispatchers are one per provider: each caps the whole mix at 1e6 / (its us per request of the mix).
+    print("| kind | CPU us / request, all its shards | shards here |")
+    print("|---|---:|---:|")
+    for k in sorted(by_kind, key=lambda k: -by_kind[k]):
+        print(f"| {k} | {by_kind[k]:,.0f} | {sum(kind_of(n) == k for n in named)} |")
+    print()
+    # One actor is one process on one core. Unsharded, the busiest of ingest, cache, hub and budget caps the
+    # whole engine; sharded one per core, only the budget and each provider's dispatcher stay one actor.
+    single = min(1e6 / by_kind[k] for k in UNSHARDED if by_kind.get(k))
+    bound_by = min((k for k in UNSHARDED if by_kind.get(k)), key=lambda k: 1e6 / by_kind[k])
+    budget = 1e6 / by_kind["budget"] if by_kind.get("budget") else float("inf")
     disp = min(1e6 / us[k] for k in us if k.startswith("dispatcher-") and us[k] > 0)
-    print("| nodes | cores | today (singletons: ingest, cache, hub, budget) | every hot-path kind sharded, one shard "
-          "per core |")
+    print("| nodes | cores | unsharded (ingest, cache, hub, budget one actor each) | sharded, one shard per core |")
     print("|---:|---:|---:|---:|")
     for nodes in (1, 4, 16):
         cores = nodes * a.cores_per_node
-        # Today: the busiest singleton caps everything; the groupers add cores only up to that cap.
-        today = min(single, cores * 1e6 / total, disp)
-        bound = bound_by if today == single else "dispatcher" if today == disp else "cores"
-        # Sharded: every kind scales with the cores; what is left is the work itself spread over them.
-        sharded = cores * 1e6 / total
-        print(f"| {nodes} | {cores} | {today:,.0f} (bound: {bound}) "
-              f"| {sharded:,.0f} |")
+        spread = cores * 1e6 / total  # the work itself, spread over every core
+        before = min((single, bound_by), (spread, "cores"), (disp, "a dispatcher"))
+        after = min((spread, "cores"), (budget, "budget"), (disp, "a dispatcher"))
+        print(f"| {nodes} | {cores} | {before[0]:,.0f} (bound: {before[1]}) | {after[0]:,.0f} (bound: {after[1]}) |")
     ray.shutdown()
 
 

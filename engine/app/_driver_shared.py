@@ -89,6 +89,7 @@ class SharedEngine:
             raise
         eng.metrics_url = layout.get("metrics_url")
         eng.metrics_port = layout.get("metrics_port")
+        eng.metrics_urls = layout.get("metrics_urls") or ([eng.metrics_url] if eng.metrics_url else [])
         log.info("smartbatch: attached to engine %r (metrics at %s)", name, eng.metrics_url or "not served")
         return eng
 
@@ -134,4 +135,5 @@ class SharedEngine:
 
         publish_layout(self._h["engine"], {
             "kinds": list(self._h["named"]), "settings": self.settings, "catalog": self.catalog, "policy": policy,
-            "detached": detached, "metrics_url": self.metrics_url, "metrics_port": self.metrics_port})
+            "detached": detached, "metrics_url": self.metrics_url, "metrics_port": self.metrics_port,
+            "metrics_urls": self.metrics_urls})

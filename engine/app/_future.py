@@ -38,5 +38,5 @@ class ResultFuture(concurrent.futures.Future):
             if self.done():
                 self._ref = ray.put(self.result())
             else:
-                self._ref = self._engine._h["hub"].result_of.remote(self._req.uid)
+                self._ref = self._engine._hub_of(self._req.uid).result_of.remote(self._req.uid)
         return self._ref

@@ -22,7 +22,7 @@ from typing import Any
 
 from engine.core.result import Result
 
-__all__ = ["Supervised"]
+__all__ = ["Supervised", "port_of"]
 
 log = logging.getLogger("smartbatch")
 
@@ -35,6 +35,11 @@ READMIT_TRIES = 5  # tries of one re-admission before its requests fail
 # re-admitted (idempotent: whoever still carries it says so, and nothing runs twice), at most every SWEEP_EVERY_S.
 SWEEP_GRACE_S = 5.0
 SWEEP_EVERY_S = 5.0
+
+
+def port_of(url: str) -> int:
+    """The port of a metrics URL (``http://host:port/metrics``)."""
+    return int(url.rsplit(":", 1)[1].split("/", 1)[0])
 
 
 class Supervised:
@@ -59,8 +64,13 @@ class Supervised:
         self._gone: str | None = None  # why this driver can take no more work (the engine is gone)
         self._layout_seen, self._layout_missing = False, 0  # the engine's published layout, as last read
 
-    def _metrics_addr(self) -> tuple[int, str] | None:
-        return None if self.metrics_port is None else (self.metrics_port, self.settings.metrics.host)
+    def _metrics_addr(self, kind: str) -> tuple[int, str] | None:
+        """Where hub shard ``kind`` served its metrics (None: another kind, or not served)."""
+        urls = getattr(self, "metrics_urls", None) or []
+        if not kind.startswith("hub") or self.metrics_port is None or not urls:
+            return None
+        k = int(kind.split("-", 1)[1]) if "-" in kind else 0
+        return (port_of(urls[k]) if k < len(urls) else 0), self.settings.metrics.host
 
     def _health(self) -> None:
         """Ping every actor: recover the ones that restarted; fail open futures if one is gone for good."""
@@ -140,7 +150,7 @@ class Supervised:
             log.warning("smartbatch: engine actor %s restarted; recovering its state and re-admitting open work",
                         kind)
             try:
-                rewire(self._h, kind, self._metrics_addr())
+                rewire(self._h, kind, self._metrics_addr(kind))
             except Exception as exc:  # it died again meanwhile: the next check sees the new incarnation
                 log.warning("smartbatch: rewiring %s failed (%s); trying again at the next check", kind, exc)
                 self._incarnation[kind] = ""
@@ -168,12 +178,11 @@ class Supervised:
                 reqs = [f._req for u, f in self._futs.items() if not f.done() and u not in queued]
             else:
                 reqs = [f._req for u in uids if (f := self._futs.get(u)) is not None and not f.done()]
-        ingest = self._h["ingest"]
         for k in range(0, len(reqs), self._micro_batch):
-            part = reqs[k:k + self._micro_batch]
-            ref = ingest.readmit.remote(part, self._client, force)  # claims them again: a restarted hub lost them
-            with self._lock:
-                self._inflight_refs[ref] = ([r.uid for r in part], tries + 1)
+            for ingest, part in self._by_ingest(reqs[k:k + self._micro_batch]):
+                ref = ingest.readmit.remote(part, self._client, force)  # claims them again: a restarted hub lost them
+                with self._lock:
+                    self._inflight_refs[ref] = ([r.uid for r in part], tries + 1)
 
     def _fail_ids(self, uids: Sequence[str], error: str) -> None:
         for uid in uids:
@@ -217,28 +226,6 @@ class Supervised:
         log.warning("smartbatch: a submission to ingest failed (%s); re-admitting its %d request(s)",
                     type(exc).__name__, len(uids))
         self._readmit_open(uids, tries)
-
-    def _hub_lost(self, exc: BaseException) -> bool:
-        """The hub's pull failed: wait for Ray to restart it, rewire it and re-admit. False if it never came back
-        (the open futures have then failed)."""
-        ray = self._ray
-        hub = self._h["hub"]
-        until = time.monotonic() + HUB_BACK_S
-        while self._running and time.monotonic() < until:
-            if self._engine_stopped():
-                return False
-            try:
-                tok = ray.get(hub.ping.remote(), timeout=HEALTH_TIMEOUT_S)
-            except Exception:  # restarting (the ping waits) or refused at once: ask again shortly
-                time.sleep(0.1)
-                continue
-            if tok != self._incarnation.get("hub"):
-                self._incarnation["hub"] = tok
-                self._recover(["hub"])
-            return True
-        if self._running:
-            self._end(f"engine failure: the result hub died ({type(exc).__name__}) and did not come back")
-        return False
 
     def _engine_stopped(self) -> bool:
         """Whether the engine was stopped elsewhere (``shutdown``, ``smartbatch stop``): this driver then ends,

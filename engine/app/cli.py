@@ -176,7 +176,7 @@ def _started(then=None):
 
 
 def _live(requests, name: str, policy: str, speedup: float, address: str | None, seed: int, settings,
-          cat, results: list | None = None, on_start=None, spec=None) -> dict:
+          cat, results: list | None = None, on_start=None, spec=None, shards: int = 1) -> dict:
     from engine.app.live import run_live
 
     params, label = (spec.params, spec.name) if spec is not None else (None, None)
@@ -186,7 +186,8 @@ def _live(requests, name: str, policy: str, speedup: float, address: str | None,
         task = bar.add_task(f"live {label or policy} x{speedup:g}", total=len(requests))
         return run_live(requests, trace_name=name, policy=policy, params=params, label=label, speedup=speedup,
                         address=address, seed=seed, catalog=cat, settings=settings, results=results,
-                        on_start=_started(on_start), on_done=lambda k: bar.update(task, advance=k))
+                        on_start=_started(on_start), on_done=lambda k: bar.update(task, advance=k),
+                        num_shards=shards)
 
 
 @app.command()
@@ -209,6 +210,8 @@ def run(trace: Path = typer.Argument(..., help="a JSONL trace"),
                                                        help="hard budget of one tenant, NAME=USD (repeatable)"),
         budget_duration: str | None = typer.Option(None, help="budget window (30s, 1h, 1d, 30d, 1mo)"),
         seed: int = typer.Option(0, help="seed of the simulated draws"),
+        shards: int = typer.Option(1, "--shards", min=1, help="actors each of ingest, cache, result hub and "
+                                   "groupers"),
         skip_invalid: bool = typer.Option(False, "--skip-invalid", help="skip and count bad trace lines"),
         catalog: Path | None = typer.Option(None, help="a catalog YAML replacing the packaged one"),
         catalog_overlay: Path | None = typer.Option(None, "--catalog-overlay", help="a YAML merged over the "
@@ -233,7 +236,7 @@ def run(trace: Path = typer.Argument(..., help="a JSONL trace"),
             _print_plan(plan(tr.requests, policy=spec.policy, params=spec.params, catalog=cat, settings=settings,
                              seed=seed))
             return
-        doc = _live(tr.requests, tr.name, policy, speedup, address, seed, settings, cat, spec=spec)
+        doc = _live(tr.requests, tr.name, policy, speedup, address, seed, settings, cat, spec=spec, shards=shards)
         paths = write_outputs(doc, out)
     except SmartbatchError as exc:
         _fail(exc)

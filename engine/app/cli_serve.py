@@ -31,6 +31,8 @@ def serve(name: str = typer.Option("smartbatch", "--name", help="the engine's na
           http_host: str = typer.Option("127.0.0.1", "--http-host", help="the endpoint's bind address (0.0.0.0: "
                                         "every interface)"),
           seed: int = typer.Option(0, help="seed of the simulated draws"),
+          shards: int = typer.Option(1, "--shards", min=1, help="actors each of ingest, cache, result hub and "
+                                     "groupers (one per core of the cluster spreads the load; docs/benchmarks.md)"),
           catalog: Path | None = typer.Option(None, help="a catalog YAML replacing the packaged one")) -> None:
     """Start a named, detached engine and keep it running (and supervised) until Ctrl-C or `smartbatch stop`.
     Drivers attach with Engine.connect(NAME, address=...), and share its cache, budgets and idempotency."""
@@ -47,7 +49,7 @@ def serve(name: str = typer.Option("smartbatch", "--name", help="the engine's na
             ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
                      configure_logging=False)
         eng = Engine.start(settings, policy=policy, catalog=cat, speedup=speedup, seed=seed, name=name,
-                           detached=True)
+                           detached=True, num_shards=shards)
     except SmartbatchError as exc:
         _fail(exc)
     gcs = ray.get_runtime_context().gcs_address
@@ -62,8 +64,8 @@ def serve(name: str = typer.Option("smartbatch", "--name", help="the engine's na
         console.print(f"engine {name!r} is serving (policy {policy}, speed-up x{speedup:g})")
         console.print(f"ray address: {gcs}")
         console.print(f"attach: Engine.connect({name!r}, address={gcs!r})")
-        if eng.metrics_url:
-            console.print(f"metrics at {eng.metrics_url}")
+        if eng.metrics_urls:
+            console.print(f"metrics at {', '.join(eng.metrics_urls)}")
         if endpoint is not None:
             console.print(f"OpenAI-compatible endpoint at {endpoint}")
         console.print(f"stop: smartbatch stop --name {name} --address {gcs}  (or Ctrl-C)")

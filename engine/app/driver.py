@@ -21,9 +21,10 @@ from typing import Any, ClassVar
 from pydantic import ValidationError
 
 from engine.app._driver_async import AsyncSubmit
+from engine.app._driver_pull import Pulling
 from engine.app._driver_shared import SharedEngine, stale_engine
 from engine.app._future import ResultFuture
-from engine.app._supervise import HEALTH_EVERY_S, Supervised
+from engine.app._supervise import Supervised, port_of
 from engine.app.provider_setup import http_setup
 from engine.core.catalog import Catalog, load_catalog
 from engine.core.errors import ConfigError, EngineStopped, Overloaded, RequestError
@@ -36,7 +37,7 @@ __all__ = ["Engine", "ResultFuture"]
 log = logging.getLogger("smartbatch")
 
 
-class Engine(AsyncSubmit, SharedEngine, Supervised):
+class Engine(AsyncSubmit, Pulling, SharedEngine, Supervised):
     """A running smartbatch engine. Use ``Engine.start(...)``, or ``with Engine.start(...) as eng:``."""
 
     # Engines running in this process: Ray is process-wide, so the last one to stop shuts down the Ray that
@@ -52,7 +53,10 @@ class Engine(AsyncSubmit, SharedEngine, Supervised):
         self._h = handles
         self._owner = owner  # stop() stops the actors too (else the engine runs on for its other drivers)
         self._client = secrets.token_hex(6)  # this driver, to the result hub
-        ray.get(handles["hub"].claim.remote(self._client, []))  # known to the hub before its first pull
+        # The row of each request's simulated draws, in submission order: the simulator's row for the same trace.
+        # A driver that attaches numbers from a random far point, so two drivers' requests do not share draws.
+        self._next_row = 0 if owner else secrets.randbits(15) << 32
+        ray.get([h.claim.remote(self._client, []) for h in handles["hubs"]])  # known before its first pull
         self.clock = clock
         self.settings = settings
         self.catalog = catalog
@@ -61,7 +65,8 @@ class Engine(AsyncSubmit, SharedEngine, Supervised):
         self._micro_batch = micro_batch
         self._flush_s = flush_ms / 1000.0
         self.metrics_port: int | None = None
-        self.metrics_url: str | None = None  # where Prometheus scrapes this engine
+        self.metrics_url: str | None = None  # where Prometheus scrapes this engine (hub shard 0)
+        self.metrics_urls: list[str] = []  # every hub shard's: each counts the results of its request ids
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)  # signalled when unfinished requests drop
         self._max_pending, self._overload, self._submit_timeout_s = max_pending, overload, submit_timeout_s
@@ -88,7 +93,8 @@ class Engine(AsyncSubmit, SharedEngine, Supervised):
               budget_usd: float | None = None, seed: int | None = None, num_groupers: int = 1,
               micro_batch: int = 1000, flush_ms: float = 2.0, metrics_port: int | None | str = "settings",
               max_pending: int = 100_000, overload: str = "block", submit_timeout_s: float = 60.0,
-              retention_s: float = 3600.0, name: str | None = None, detached: bool = False) -> Engine:
+              retention_s: float = 3600.0, name: str | None = None, detached: bool = False,
+              num_shards: int = 1) -> Engine:
         """Start the actors on Ray: an embedded local Ray when none is running and ``address`` is None, else
         attach (``address="auto"`` for a cluster started with ``ray up``). ``speedup`` runs the engine clock
         faster than the wall clock (replaying a trace time-compressed); ``offset_s`` is the clock's start.
@@ -106,7 +112,12 @@ class Engine(AsyncSubmit, SharedEngine, Supervised):
         docs/reliability.md). Other drivers attach with ``Engine.connect(name)``. ``detached``: the engine
         outlives this driver (its ``stop()`` ends only this driver's session; ``shutdown()`` or
         ``Engine.stop_named(name)`` stop the engine); it needs a Ray that outlives it too (``ray start --head``,
-        or ``smartbatch serve``)."""
+        or ``smartbatch serve``).
+
+        ``num_shards``: how many actors each of ingest, the cache and the result hub run as (ingest and the hub
+        split requests by id, the cache by compatibility class; docs/benchmarks.md, "Scale-out"); groupers
+        default to as many. Each hub shard serves the metrics of its results (``metrics_urls``; a fixed
+        ``metrics_port`` P puts shard k on P + k)."""
         import ray
 
         from actors.remote import start_actors
@@ -115,9 +126,11 @@ class Engine(AsyncSubmit, SharedEngine, Supervised):
         settings = settings or Settings()
         catalog = catalog or load_catalog(settings.catalog_path, settings.catalog_overlay)
         catalog, keys = http_setup(catalog, settings)
-        if micro_batch < 1 or flush_ms <= 0 or num_groupers < 1:
-            raise ConfigError("micro_batch and num_groupers must be >= 1 and flush_ms > 0; got "
-                              f"micro_batch={micro_batch}, flush_ms={flush_ms}, num_groupers={num_groupers}")
+        if micro_batch < 1 or flush_ms <= 0 or num_groupers < 1 or num_shards < 1:
+            raise ConfigError("micro_batch, num_groupers and num_shards must be >= 1 and flush_ms > 0; got "
+                              f"micro_batch={micro_batch}, flush_ms={flush_ms}, num_groupers={num_groupers}, "
+                              f"num_shards={num_shards}")
+        num_groupers = max(num_groupers, num_shards)
         if max_pending < 1 or overload not in ("block", "raise") or submit_timeout_s < 0 or retention_s < 0:
             raise ConfigError("max_pending must be >= 1, overload 'block' or 'raise', submit_timeout_s and "
                               f"retention_s >= 0; got max_pending={max_pending}, overload={overload!r}, "
@@ -143,7 +156,8 @@ class Engine(AsyncSubmit, SharedEngine, Supervised):
         try:
             handles = start_actors(pol, catalog, settings, lambda: ScaledClock(time.time(), speedup, offset_s),
                                    seed=settings.sim.seed if seed is None else seed, num_groupers=num_groupers,
-                                   keys=keys, engine=name or f"sb-{secrets.token_hex(3)}", detached=detached)
+                                   keys=keys, engine=name or f"sb-{secrets.token_hex(3)}", detached=detached,
+                                   num_shards=num_shards)
         except BaseException:
             if started and not Engine._running_engines:  # leave no Ray behind that only this start needed
                 ray.shutdown()
@@ -156,9 +170,11 @@ class Engine(AsyncSubmit, SharedEngine, Supervised):
                       owner=not detached)
             port = settings.metrics.port if metrics_port == "settings" else metrics_port
             if port is not None:
-                eng.metrics_url = ray.get(handles["hub"].serve_metrics.remote(port, settings.metrics.host))
-                eng.metrics_port = int(eng.metrics_url.rsplit(":", 1)[1].split("/", 1)[0])
-                log.info("smartbatch metrics at %s", eng.metrics_url)
+                eng.metrics_urls = ray.get([h.serve_metrics.remote(port + k if port else 0, settings.metrics.host)
+                                            for k, h in enumerate(handles["hubs"])])
+                eng.metrics_url = eng.metrics_urls[0]
+                eng.metrics_port = port_of(eng.metrics_url)
+                log.info("smartbatch metrics at %s", ", ".join(eng.metrics_urls))
             eng._publish_layout(policy, detached)
         except BaseException:  # e.g. the metrics port is taken: leave no engine behind (a detached one would stay)
             if eng is not None:
@@ -193,8 +209,10 @@ class Engine(AsyncSubmit, SharedEngine, Supervised):
         if self._owner:
             kill_engine(self._h["engine"], self._h["all"])
         else:  # the ids only this driver held are forgotten after its retention window, as it would have
-            self._h["hub"].leave.remote(self._client)
-            self._h["ingest"].leave.remote(self._client, self._retention_s)
+            for h in self._h["hubs"]:
+                h.leave.remote(self._client)
+            for i in self._h["ingests"]:
+                i.leave.remote(self._client, self._retention_s)
         Engine._running_engines.discard(self)
         if self._started_ray:
             heir = next(iter(Engine._running_engines), None)
@@ -277,7 +295,7 @@ class Engine(AsyncSubmit, SharedEngine, Supervised):
     def _forget_finished(self) -> None:
         """Drop futures (and so requests and results) finished more than ``retention_s`` ago."""
         horizon = time.monotonic() - self._retention_s
-        gone: list[str] = []
+        gone: list[Request] = []
         with self._lock:
             fin = self._finished
             while fin and fin[0][0] < horizon:
@@ -285,12 +303,12 @@ class Engine(AsyncSubmit, SharedEngine, Supervised):
                 f = self._futs.get(uid)
                 if f is not None and f.done():
                     del self._futs[uid]
-                    gone.append(uid)
+                    gone.append(f._req)
             if gone:
                 # Ingest forgets them too, so neither side grows with the engine's life. Sent before the ids are
                 # free here (under the lock a submit takes), so a new request under one of them reaches ingest
                 # after the forget, never before it (it would be taken for the old one, answered with its result).
-                self._h["ingest"].forget.remote(gone, self._client)
+                self._forget(gone)
                 self._room.notify_all()
 
     def submit(self, request: Request | Mapping) -> ResultFuture:
@@ -320,12 +338,19 @@ class Engine(AsyncSubmit, SharedEngine, Supervised):
     def _flush(self) -> None:
         with self._lock:
             batch, self._buffer = self._buffer, []
+            first, self._next_row = self._next_row, self._next_row + len(batch)
         for k in range(0, len(batch), self._micro_batch):
             part = batch[k:k + self._micro_batch]
+            if len(self._h["ingests"]) == 1:
+                shares = [(self._h["ingest"], part, list(range(first + k, first + k + len(part))))]
+            else:
+                row = {r.uid: first + k + j for j, r in enumerate(part)}
+                shares = [(i, share, [row[r.uid] for r in share]) for i, share in self._by_ingest(part)]
             # Ingest claims their results for this driver at the hub (see actors.hub).
-            ref = self._h["ingest"].submit.remote(part, self._client)
-            with self._lock:
-                self._inflight_refs[ref] = ([r.uid for r in part], 0)
+            for ingest, share, rows in shares:
+                ref = ingest.submit.remote(share, self._client, rows)
+                with self._lock:
+                    self._inflight_refs[ref] = ([r.uid for r in share], 0)
 
     def _flush_loop(self) -> None:
         while self._running:
@@ -334,43 +359,20 @@ class Engine(AsyncSubmit, SharedEngine, Supervised):
             if self._buffer:
                 self._flush()
 
-    def _pull_loop(self) -> None:
-        ray = self._ray
-        hub = self._h["hub"]
-        last_check = time.monotonic()
-        while self._running:
-            try:
-                results: list[Result] | None = ray.get(hub.pull.remote(0.2, self._client))
-            except Exception as exc:  # the hub died: wait for its restart (see engine.app._supervise)
-                if not self._hub_lost(exc):
-                    return
-                continue
-            if results is None:  # the hub lost this driver's queue (it restarted, or took it for gone)
-                self._readmit_open()  # which claims every open request again
-                continue
-            for res in results:
-                with self._lock:
-                    fut = self._futs.get(res.uid)
-                if fut is not None:
-                    self._resolve(fut, res)
-            self._check_ingest()
-            self._forget_finished()
-            if time.monotonic() - last_check > HEALTH_EVERY_S:
-                last_check = time.monotonic()
-                self._health()
-
     # -- reading ------------------------------------------------------------------------------------------------
     def report(self) -> dict:
         """Spend, saving against each request's list price, hits, deadlines, per provider, and the budgets
         (``budget``: each budget's window, spend per tenant/provider/model, refusals by reason)."""
         ray = self._ray
-        rep = ray.get(self._h["hub"].report.remote())
+        from actors.hub import merge_reports, sum_figures
+
+        rep = merge_reports(ray.get([h.report.remote() for h in self._h["hubs"]]))
         rep["budget"] = ray.get(self._h["budget"].report.remote())
         # Per provider: were its calls real (http) or simulated, and what its batches did.
         rep["providers"] = {s["provider"]: {k: v for k, v in s.items() if k != "provider"}
                             for s in ray.get([d.stats.remote() for d in self._h["dispatchers"].values()])}
-        if self._h["cache"] is not None:  # read from the cache itself: the hub's copy is pushed every 0.5 s
-            rep["cache"] = ray.get(self._h["cache"].stats_now.remote())
+        if self._h["caches"]:  # read from the cache itself: the hub's copy is pushed every 0.5 s
+            rep["cache"] = sum_figures(ray.get([c.stats_now.remote() for c in self._h["caches"]]))
         return rep
 
     def replay(self, requests: Sequence[Request], *, on_submit=None) -> list[ResultFuture]:

@@ -55,10 +55,10 @@ def run_live(requests: Sequence[Request], *, trace_name: str, policy: str = "sma
              params: dict | None = None, speedup: float = 100.0, address: str | None = None,
              seed: int | None = None, catalog: Catalog | None = None, settings: Settings | None = None,
              on_done: Callable[[int], None] | None = None, results: list | None = None,
-             on_start: Callable | None = None, label: str | None = None) -> dict:
+             on_start: Callable | None = None, label: str | None = None, num_shards: int = 1) -> dict:
     """Replay ``requests`` through a live engine; return the results document of ``bench`` for one policy
     (plus ``engine_report``), judged against the simulated naive cost and the offline lower bound. ``label``
-    names its row (a variant's name; default: the policy's)."""
+    names its row (a variant's name; default: the policy's). ``num_shards``: as ``Engine.start`` takes it."""
     from engine.app.driver import Engine
     from policies import load_policy
 
@@ -71,7 +71,7 @@ def run_live(requests: Sequence[Request], *, trace_name: str, policy: str = "sma
     seed = settings.sim.seed if seed is None else seed
     t0 = time.perf_counter()
     with Engine.start(settings, policy=policy, policy_params=params, catalog=catalog, address=address,
-                      speedup=speedup, offset_s=offset, seed=seed) as eng:
+                      speedup=speedup, offset_s=offset, seed=seed, num_shards=num_shards) as eng:
         if on_start is not None:
             on_start(eng)
         futs = eng.replay(reqs)

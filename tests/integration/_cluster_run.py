@@ -1,6 +1,7 @@
-"""Run by test_cluster.py in its own process (a process holds one Ray connection): a simulated cluster with
-one node per provider resource group, the engine on it with its groupers sharded, the exact-parity trace
-(_parity.py) through it and through the simulator, and a report of placement and differences as JSON."""
+"""Run by test_parity.py in its own process (a process holds one Ray connection): a simulated cluster with
+one node per provider resource group, the engine on it sharded (ingest, cache, hub and groupers, argv[1] of
+each), the exact-parity trace (_parity.py) through it and through the simulator, and a report of placement,
+of the work each shard did and of the differences, as JSON."""
 
 import json
 import os
@@ -21,7 +22,7 @@ GROUPS = [{"provider:openai": 1, "provider:anthropic": 1}, {"provider:google": 1
 
 
 def main() -> None:
-    groupers = int(sys.argv[1])
+    shards = int(sys.argv[1])
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     nodes = [cluster.add_node(num_cpus=1, resources=res) for res in GROUPS]
     cluster.wait_for_nodes()
@@ -34,11 +35,19 @@ def main() -> None:
         # Every lane, every kind of reuse and a hedged batch; decisions clear of arrivals by MIN_GAP_S.
         premise = bool(all(modes.get(m) for m in MODES) and all(hits.get(h) for h in (1, 2, 3)) and hedged > 0
                        and closest_call(sim) >= MIN_GAP_S)
-        with Engine.start(catalog=cat, speedup=SPEEDUP, num_groupers=groupers, metrics_port=None) as eng:
+        with Engine.start(catalog=cat, speedup=SPEEDUP, num_shards=shards, metrics_port=None) as eng:
             live = {r.id: r for r in (f.result(timeout=300) for f in eng.replay(reqs))}
             where = lambda h: ray.get(h.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))  # noqa: E731
             placed = {name: where(h) for name, h in eng._h["dispatchers"].items()}
             grouper_nodes = {where(h) for h in eng._h["groupers"]}
+            ask = lambda h, f: ray.get(h.__ray_call__.remote(f))  # noqa: E731
+            work = {  # what each shard did: requests admitted, looked up, results counted
+                "ingest": [ask(h, lambda self: self.next_seq) for h in eng._h["ingests"]],
+                "cache": [ask(h, lambda self: sum(self.stats.values())) for h in eng._h["caches"]],
+                "hub": [ask(h, lambda self: self._stats["requests"]) for h in eng._h["hubs"]],
+                "grouper": [ask(h, lambda self: self.dispatched) for h in eng._h["groupers"]],
+            }
+            report = eng.report()
         node_res = {nd.node_id: res for nd, res in zip(nodes, GROUPS)}
         print(json.dumps({
             "premise": premise,
@@ -48,6 +57,9 @@ def main() -> None:
             "sim_cost": sim.total_cost,
             "placement_ok": {name: f"provider:{name}" in node_res.get(node, {}) for name, node in placed.items()},
             "grouper_nodes": len(grouper_nodes),
+            "work": work,
+            "report_requests": report["requests"],
+            "report_spend": report["spend_usd"],
             "nodes": len(ray.nodes()),
         }))
     finally:

@@ -1,5 +1,6 @@
 """Exact parity: the same trace and seed through the simulator and through the live actors give the same
-decisions and the same cost, request by request, on a simulated multi-node cluster with the groupers sharded.
+decisions and the same cost, request by request, on a simulated multi-node cluster with the engine sharded
+(two shards each of ingest, the cache, the result hub and the groupers).
 
 Both runtimes share the policy and the kernel (admission, reservation, outcomes), so the only thing that may
 tell them apart is time: the live clock runs while messages cross actors. The trace is built so that no
@@ -27,9 +28,11 @@ HERE = Path(__file__).resolve().parent
 
 def test_the_engine_on_a_simulated_cluster_makes_the_simulators_decisions_request_by_request():
     """Head plus one node per provider resource group (ray.cluster_utils, in a process of its own: a process
-    holds one Ray connection), two groupers sharding the lanes. Every dispatcher runs on a node with its
-    provider's resource, and every request gets the simulator's mode, cost, deadline outcome and reuse kind, in
-    the same batches. _parity.py checks the trace's premise and coverage first."""
+    holds one Ray connection), two shards of each sharded kind (ingest and hub by request id, cache and groupers
+    by compatibility class). Every dispatcher runs on a node with its provider's resource, every shard does part
+    of the work, and every request gets the simulator's mode, cost, deadline outcome and reuse kind, in the same
+    batches; the report merged from the hub shards counts every request once. _parity.py checks the trace's
+    premise and coverage first."""
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONPATH=os.pathsep.join([str(HERE.parents[1]), str(HERE)]))
     proc = subprocess.run([sys.executable, str(HERE / "_cluster_run.py"), "2"], capture_output=True, text=True,
                           timeout=600, env=env)
@@ -40,3 +43,7 @@ def test_the_engine_on_a_simulated_cluster_makes_the_simulators_decisions_reques
     assert out["premise"] is True, out["coverage"]
     assert out["differences"] == []
     assert out["live_cost"] == pytest.approx(out["sim_cost"], abs=1e-9)
+    work = out["work"]
+    assert all(len(v) == 2 and all(x > 0 for x in v) for v in work.values()), work
+    assert sum(work["ingest"]) == sum(work["hub"]) == out["report_requests"]
+    assert out["report_spend"] == pytest.approx(out["live_cost"], abs=1e-5)

@@ -6,6 +6,7 @@ import pytest
 
 from actors import BudgetController, Dispatcher, Grouper, Ingest, ResultCache, ResultHub
 from actors._types import BatchJob, Job
+from actors.ingest import OWN_ROWS
 from engine.core.budgets import BudgetSettings, BudgetSpec, Claim
 from engine.core.catalog import default_catalog
 from engine.core.clock import ManualClock
@@ -110,7 +111,7 @@ def test_ingest_drops_duplicate_ids_and_shards_by_compat_key():
         g0, g1 = Recorder(), Recorder()
         ing = Ingest([g0, g1], cache=None)
         reqs = [req(i, model=m) for i, m in enumerate(["gpt-5-mini", "claude-haiku-4-5", "gemini-2.5-flash"] * 3)]
-        assert await ing.submit(reqs) == 9
+        assert await ing.submit(reqs, None, list(range(100, 109))) == 9  # the driver's rows
         assert await ing.submit(reqs[:4]) == 0 and ing.duplicates == 4
         await asyncio.sleep(0)
         sent = [j for g in (g0, g1) for _, (jobs,) in g.calls for j in jobs]
@@ -119,7 +120,12 @@ def test_ingest_drops_duplicate_ids_and_shards_by_compat_key():
             models = [{j.req.model for j in jobs} for _, (jobs,) in g.calls]
             assert all(not (m & {j.req.model for _, (js,) in (g1 if g is g0 else g0).calls for j in js})
                        for m in models)
-        assert [j.seq for j in sorted(sent, key=lambda j: j.seq)] == list(range(9))
+        assert {j.req.id: j.seq for j in sent} == {r.id: 100 + k for k, r in enumerate(reqs)}
+        late = req(99)
+        assert await ing.submit([late]) == 1  # no row given (a re-admission): one of ingest's own
+        await asyncio.sleep(0)
+        (own,) = [j.seq for g in (g0, g1) for _, (jobs,) in g.calls for j in jobs if j.req.id == late.id]
+        assert own >= OWN_ROWS
     run(go())
 
 

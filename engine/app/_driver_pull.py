@@ -1,0 +1,116 @@
+"""The driver's side of the sharded actors: which ingest shard a request goes to, which hub shard holds its
+result, and the loop that pulls this driver's results from every hub shard (a mixin of ``Engine``)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from engine.app._supervise import HEALTH_EVERY_S, HEALTH_TIMEOUT_S, HUB_BACK_S
+from engine.core.request import Request
+from engine.core.result import Result
+
+__all__ = ["Pulling"]
+
+PULL_WAIT_S = 0.2  # how long one pull waits at the hub when nothing is ready
+
+
+class Pulling:
+    """Needs ``_ray``, ``_h``, ``_client``, ``_lock``, ``_futs``, ``_running`` and the ``Supervised`` methods."""
+
+    def _by_ingest(self, reqs: Sequence[Request]) -> list[tuple[Any, list[Request]]]:
+        """(ingest shard, its share of ``reqs``) for each shard that owns any: by compatibility class, as the
+        cache and the groupers, so the requests that may reuse or batch with each other reach the cache in the
+        order they were submitted (through one ingest shard), as they reach the simulator's."""
+        from actors._shards import class_shard
+
+        ingests = self._h["ingests"]
+        if len(ingests) == 1:
+            return [(ingests[0], list(reqs))] if reqs else []
+        parts: list[list[Request]] = [[] for _ in ingests]
+        for r in reqs:
+            parts[class_shard(r, len(ingests))].append(r)
+        return [(i, p) for i, p in zip(ingests, parts) if p]
+
+    def _forget(self, reqs: Sequence[Request]) -> None:
+        """Tell ingest (which tells the actors that remember) that these requests' ids are free again; and the
+        hub shards, which check that an id names one content across the ingest shards, at once."""
+        from actors._shards import uid_shard
+
+        for i, part in self._by_ingest(reqs):
+            i.forget.remote([r.uid for r in part], self._client)
+        hubs = self._h["hubs"]
+        if len(self._h["ingests"]) > 1:
+            parts: list[list[str]] = [[] for _ in hubs]
+            for r in reqs:
+                parts[uid_shard(r.uid, len(hubs))].append(r.uid)
+            for h, p in zip(hubs, parts):
+                if p:
+                    h.forget.remote(p)
+
+    def _hub_of(self, uid: str) -> Any:
+        from actors._shards import uid_shard
+
+        hubs = self._h["hubs"]
+        return hubs[uid_shard(uid, len(hubs))]
+
+    def _pull_loop(self) -> None:
+        """Pull from every hub shard at once (one long-poll out per shard) and resolve what comes back."""
+        from actors._shards import shard_kind
+
+        ray = self._ray
+        hubs = self._h["hubs"]
+        out: dict[Any, int] = {}  # pull call -> hub shard
+        last_check = time.monotonic()
+        while self._running:
+            waiting = set(out.values())
+            for k, hub in enumerate(hubs):
+                if k not in waiting:
+                    out[hub.pull.remote(PULL_WAIT_S, self._client)] = k
+            ready, _ = ray.wait(list(out), num_returns=1, timeout=PULL_WAIT_S * 5)
+            if ready and len(out) > 1:  # the others that are ready too
+                ready, _ = ray.wait(list(out), num_returns=len(out), timeout=0)
+            for ref in ready:
+                k = out.pop(ref)
+                try:
+                    results: list[Result] | None = ray.get(ref)
+                except Exception as exc:  # that hub shard died: wait for its restart (see engine.app._supervise)
+                    if not self._hub_lost(exc, shard_kind("hub", k)):
+                        return
+                    continue
+                if results is None:  # the shard lost this driver's queue (it restarted, or took it for gone)
+                    self._readmit_open()  # which claims every open request again
+                    continue
+                for res in results:
+                    with self._lock:
+                        fut = self._futs.get(res.uid)
+                    if fut is not None:
+                        self._resolve(fut, res)
+            self._check_ingest()
+            self._forget_finished()
+            if time.monotonic() - last_check > HEALTH_EVERY_S:
+                last_check = time.monotonic()
+                self._health()
+
+    def _hub_lost(self, exc: BaseException, kind: str = "hub") -> bool:
+        """A pull from hub shard ``kind`` failed: wait for Ray to restart it, rewire it and re-admit. False if it
+        never came back (the open futures have then failed)."""
+        ray = self._ray
+        hub = self._h["named"][kind]
+        until = time.monotonic() + HUB_BACK_S
+        while self._running and time.monotonic() < until:
+            if self._engine_stopped():
+                return False
+            try:
+                tok = ray.get(hub.ping.remote(), timeout=HEALTH_TIMEOUT_S)
+            except Exception:  # restarting (the ping waits) or refused at once: ask again shortly
+                time.sleep(0.1)
+                continue
+            if tok != self._incarnation.get(kind):
+                self._incarnation[kind] = tok
+                self._recover([kind])
+            return True
+        if self._running:
+            self._end(f"engine failure: the result hub ({kind}) died ({type(exc).__name__}) and did not come back")
+        return False

@@ -1,0 +1,103 @@
+"""Sharded ingest, cache and result hub, in one process: each shard gets only what its key routes to it, and
+reuse and per-driver results work across shards as with one actor of each."""
+
+import asyncio
+
+from actors import Ingest, ResultCache, ResultHub
+from actors._shards import Shards, by_result_uid, class_shard, uid_shard
+from engine.core.clock import ManualClock
+from engine.core.grouping import ReuseSettings
+from engine.core.request import Request
+from engine.core.result import Result
+from engine.core.settings import CacheSettings, Settings
+
+MODELS = ["gpt-5-mini", "gpt-5", "claude-haiku-4-5", "claude-sonnet-4-5", "gemini-2.5-flash", "gemini-2.5-pro"]
+
+
+class Recorder:
+    def __init__(self):
+        self.jobs = []
+
+    async def add(self, jobs):
+        self.jobs.extend(jobs)
+
+
+def req(i, model, prompt):
+    return Request.model_validate({"id": f"r{i}", "arrival_s": float(i), "model": model, "prompt": prompt,
+                                   "input_tokens": 50, "output_tokens": 10, "reuse": "exact"})
+
+
+def test_parts_route_each_item_once_and_keep_parallel_lists_aligned():
+    s = Shards([object(), object(), object()])
+    items = list(range(20))
+    parts = s._parts(lambda x, n: x % n, items, ([f"p{x}" for x in items],))
+    assert sorted(k for _, pos, _ in parts for k in pos) == items
+    for shard, pos, (part, par) in parts:
+        assert all(x % 3 == shard for x in part) and par == [f"p{x}" for x in part] and part == [items[k] for k in pos]
+    assert s._parts([2, 0], ["a", "b"], ()) == [(0, [1], (["b"],)), (2, [0], (["a"],))]  # shards given per item
+    one = Shards(object())
+    assert one._parts(lambda x, n: 5, items, ()) == [(0, None, (items,))]  # one shard: the whole, unsplit
+    assert one._parts(lambda x, n: 0, [], ()) == []
+    assert Shards(None) == [] and not Shards(None)
+
+
+def test_a_sharded_engine_reuses_across_ingest_shards_and_routes_every_result_to_its_hub_shard(tmp_path):
+    async def go():
+        hubs = [ResultHub(), ResultHub()]
+        settings = Settings().model_copy(update={"cache": CacheSettings(blob_dir=tmp_path)})
+        reuse = ReuseSettings(exact=True, in_flight=True)
+        caches = [ResultCache(reuse, hubs, ManualClock(0.0), settings=settings, shard=(k, 2)) for k in range(2)]
+        groupers = [Recorder(), Recorder()]
+        ingests = [Ingest(groupers, caches, hub=hubs, shard=(k, 2)) for k in range(2)]
+        # Each prompt twice, under another id: the copy must follow the first. Requests go to ingest by class,
+        # as the driver sends them, so a class reaches its cache shard in submission order.
+        reqs = [req(i, MODELS[i % len(MODELS)], f"prompt {i}") for i in range(24)]
+        copies = [req(100 + i, r.model, r.prompt) for i, r in enumerate(reqs)]
+        for batch in (reqs, copies):
+            parts = Shards(ingests)._parts(class_shard, batch, ())
+            await asyncio.gather(*(ingests[s].submit(part, "drv") for s, _, (part,) in parts))
+        await asyncio.sleep(0)
+        assert {i.next_seq for i in ingests} != {0}  # both ingest shards admitted some
+        sent = [j for g in groupers for j in g.jobs]
+        assert sorted(j.req.id for j in sent) == sorted(r.id for r in reqs)  # only the first of each is generated
+        for k, c in enumerate(caches):  # a cache shard holds only its classes, and both hold some
+            assert c.generating and all(class_shard(it.req, 2) == k for it in c.generating.values())
+        # The dispatcher's side: each result to its class's cache shard (which resolves the copies) and its
+        # id's hub shard.
+        done = [(j.fp, Result(id=j.req.id, status="ok", output=f"out {j.req.prompt}", cost_usd=0.01, mode="sync",
+                              provider=j.req.provider, model=j.req.model, done_s=30.0)) for j in sent]
+        await Shards(caches).call("complete", [class_shard(j.req, 2) for j in sent], done)
+        await Shards(hubs).call("push", by_result_uid, [r for _, r in done], [0.02] * len(done))
+        got = {}
+        for k, h in enumerate(hubs):
+            for r in await h.pull(0, "drv"):
+                assert uid_shard(r.uid, 2) == k  # every result reached the hub shard of its id
+                got[r.id] = r
+        assert sorted(got) == sorted(r.id for r in reqs + copies)
+        assert all(got[c.id].status == "reused" and got[c.id].output == f"out {c.prompt}" for c in copies)
+        reports = [await h.report() for h in hubs]
+        assert all(rep["requests"] > 0 for rep in reports) and sum(rep["requests"] for rep in reports) == 48
+    asyncio.run(go())
+
+
+def test_an_id_sent_with_other_content_to_another_ingest_shard_is_refused_by_the_hub_shard_of_the_id():
+    async def go():
+        hubs = [ResultHub(), ResultHub()]
+        groupers = [Recorder()]
+        ingests = [Ingest(groupers, None, hub=hubs, shard=(k, 2)) for k in range(2)]
+        first = req(1, "gpt-5-mini", "a")
+        other = next(r for r in (req(1, m, "a") for m in MODELS) if class_shard(r, 2) != class_shard(first, 2))
+        a, b = ingests[class_shard(first, 2)], ingests[class_shard(other, 2)]
+        assert a is not b
+        assert await a.submit([first], "one") == 1
+        assert await b.submit([other], "two") == 0  # refused: the id names another content
+        assert await a.submit([first], "two") == 0 and a.duplicates == 1  # the same content: the same request
+        await asyncio.sleep(0)
+        assert [j.req.model for j in groupers[0].jobs] == [first.model]  # only the first is generated
+        hub = hubs[uid_shard(first.uid, 2)]
+        (refused,) = await hub.pull(0, "two")
+        assert refused.status == "failed" and "field 'id'" in refused.error and "other content" in refused.error
+        await hub.forget([first.uid])  # the driver's retention passed: the id is free again
+        await a.forget([first.uid])
+        assert await b.submit([other], "two") == 1
+    asyncio.run(go())
