@@ -76,6 +76,8 @@ class Shards(list):
     def _parts(self, route: Route, items: Sequence, parallel: tuple) -> list[tuple[int, list[int] | None, tuple]]:
         """(shard, positions in ``items`` or None for all, the arguments split) per shard owning any item."""
         n = len(self)
+        if n == 0:  # no such role (an engine without a cache, say): nobody to tell
+            return []
         if n == 1:
             return [(0, None, (items, *parallel))] if len(items) else []
         pos: list[list[int]] = [[] for _ in range(n)]

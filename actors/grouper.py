@@ -19,7 +19,7 @@ import logging
 import secrets
 from collections import OrderedDict
 
-from actors._grouper_park import PARK_MIN_BATCH, Parking
+from actors._grouper_park import Parking
 from actors._peer import Warm, as_peer, resolve_clock
 from actors._shards import Shards, by_result_uid, class_shard
 from actors._types import BatchJob, Job
@@ -27,11 +27,11 @@ from engine.core.budgets import LEDGER, Claim, Verdict
 from engine.core.catalog import Catalog
 from engine.core.features import compat_key
 from engine.core.grouping import Decision
-from engine.core.request import PRIORITY_RANK
 from engine.core.result import Result
 from engine.runtime.outcomes import refused_result
 from engine.runtime.reservation import claim_amount, dispatch_mode, triage
 from engine.runtime.scheduler import Dispatch, GroupTable, Wake
+from engine.runtime.waiting import BudgetWaits
 
 __all__ = ["Grouper"]
 
@@ -59,13 +59,8 @@ class Grouper(Parking, Warm):
         # request id -> (try again at, job, budget that held it, its dispatch without members): a try sends it
         # as decided, without running the policy again (re-running it over every waiting job at every try
         # loaded a 2-core machine enough to make urgent work late).
-        self.parked: dict[str, tuple[float, Job, str, BatchJob]] = {}
-        self._held: dict[str, list[int]] = {}  # budget -> parked jobs per priority rank (for "no overtaking")
+        self.waits = BudgetWaits(self._park_step)  # members a budget holds back (see actors._grouper_park)
         self._park_timer: tuple[float, asyncio.TimerHandle] | None = None
-        # How many parked jobs one try re-adds: doubled while they get through, halved when one must wait
-        # again (additive increase would do too; the point is not to re-run the policy over every parked job
-        # at every try, which loaded a 2-core machine enough to make urgent work late).
-        self._park_batch = 32
         self._claims = itertools.count()
         # Claim ids must be unique across engines sharing one Redis ledger and across restarts.
         self._claim_prefix = f"{name}-{secrets.token_hex(4)}"
@@ -82,6 +77,7 @@ class Grouper(Parking, Warm):
     async def set_clock(self, clock) -> None:
         """The engine sets the clock once every actor is up, so engine time 0 is when submitting can start."""
         self.clock = clock
+        self.waits.step_s = self._park_step  # its speed-up sets the real time between tries
 
     def __repr__(self) -> str:
         # Ray may call repr from another thread while the loop changes the groups: never let that kill the actor.
@@ -93,7 +89,7 @@ class Grouper(Parking, Warm):
 
     async def recall(self, uids: list[str]) -> list[str]:
         """Of ``uids``, those held here (waiting, parked, reserving) or ended here lately (sent again)."""
-        held = [u for u in uids if u in self.pending or u in self.parked or u in self._reserving or u in self._ended]
+        held = [u for u in uids if u in self.pending or u in self.waits or u in self._reserving or u in self._ended]
         again = [self._ended[u] for u in held if u in self._ended]
         if again:
             self.hubs.send("push", by_result_uid, again, [0.0] * len(again))
@@ -112,7 +108,7 @@ class Grouper(Parking, Warm):
                 if job.claim is not None:
                     dup_claims.append((job.claim, 0.0))
                 continue
-            if uid in self.pending or uid in self.parked or uid in self._reserving:
+            if uid in self.pending or uid in self.waits or uid in self._reserving:
                 # Re-admitted after a restart elsewhere while this grouper still holds it: one copy only.
                 if job.claim is not None:
                     dup_claims.append((job.claim, 0.0))
@@ -259,26 +255,22 @@ class Grouper(Parking, Warm):
                        refused: list[tuple[Job, Result]]) -> list[BatchJob]:
         """Reserve every member's upper bound in one call; keep the members that may go."""
         # No overtaking: while more urgent work waits on a budget, less urgent work under that budget waits
-        # behind it instead of taking the room the next settlement frees.
-        blocked_at = {name: next(k for k, n in enumerate(ranks) if n) for name, ranks in self._held.items()
-                      if any(ranks)}
-        holds = [s for s in self.budget_specs if s.name in blocked_at]
+        # behind it (engine.runtime.waiting).
+        overtaken = self.waits.overtaken(self.budget_specs)
         step = self._park_step
-        if holds:
+        if overtaken:
             kept = []
             for b in batches:
                 go = []
                 for j in b.jobs:
-                    r = j.req
-                    s = next((s for s in holds if blocked_at[s.name] < PRIORITY_RANK[r.priority]
-                              and s.covers(r.tenant, r.provider, r.model)), None)
-                    if s is None:
+                    name = self.waits.blocker(j.req, overtaken)
+                    if name is None:
                         go.append(j)
                     else:
                         if j.claim is not None:
                             self.budget.send("settle_many", [(j.claim, 0.0)])
                             j = j._replace(claim=None)
-                        self._park(j, now + step, s.name, b)
+                        self._park(j, now + step, name, b)
                 if go:
                     kept.append(b._replace(jobs=go))
             batches = kept
@@ -302,8 +294,7 @@ class Grouper(Parking, Warm):
         except Exception as exc:  # the budget actor failed: nothing reserved, the work waits (or ends at its deadline)
             verdicts = [Verdict(False, "budget_unavailable", budget=LEDGER,
                                 detail=f"the budget actor failed ({type(exc).__name__}: {exc})"[:500])] * len(claims)
-        waits = sum(v.reason == "wait" for v in verdicts)
-        self._park_batch = max(PARK_MIN_BATCH, self._park_batch // 2) if waits else min(self._park_batch * 2, 4096)
+        self.waits.adapt(any(v.reason == "wait" for v in verdicts))
         out: list[BatchJob] = []
         k = 0
         for b in batches:
@@ -315,13 +306,10 @@ class Grouper(Parking, Warm):
                 t = triage(v, j.req.deadline_at)
                 if t == "go":
                     keep.append(j._replace(claim=c.rid))
-                elif t == "wait":
-                    self._park(j, now + step, v.budget, b)
-                elif t == "retry":  # the ledger did not answer: try again, until the deadline
-                    self._ledger_down = v.why()
-                    self._park(j, now + step, LEDGER, b)
-                elif t == "defer":
-                    self._park(j, max(v.retry_at, now + step), v.budget, b)
+                elif t in ("wait", "retry", "defer"):
+                    if t == "retry":  # the ledger did not answer: try again, until the deadline
+                        self._ledger_down = v.why()
+                    self._park(j, self.waits.due_after(t, v, now), LEDGER if t == "retry" else v.budget, b)
                 else:
                     refused.append((j, self._failed(j, "budget_exhausted", status="rejected", reason=v.why())))
             if keep:
@@ -331,4 +319,4 @@ class Grouper(Parking, Warm):
 
     async def stats(self) -> dict:
         return {"pending": len(self.pending), "groups": len(self.table.groups), "dispatched": self.dispatched,
-                "parked": len(self.parked)}
+                "parked": len(self.waits)}

@@ -122,7 +122,9 @@ class Supervised:
     def _sweep(self) -> None:
         """Re-admit requests open well past their deadline: if a fault lost one on a path no recovery saw,
         it is served late rather than never (the futures of a lost request would otherwise hang)."""
-        if time.monotonic() < self._next_sweep:
+        if time.monotonic() < self._next_sweep or self._recovering.locked():
+            # Not while an actor recovers: a restarted dispatcher that has not re-attached to its batches yet
+            # would not recognise their members, and they would be sent (and paid) a second time.
             return
         self._next_sweep = time.monotonic() + SWEEP_EVERY_S
         late = self.clock.now() - max(SWEEP_GRACE_S * getattr(self.clock, "speedup", 1.0), 60.0)

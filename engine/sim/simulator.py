@@ -34,6 +34,7 @@ from engine.runtime.providers import Attempt, Event, SimProvider, Work, check_fa
 from engine.runtime.reservation import dispatch_mode
 from engine.runtime.reuse import ReuseIndex
 from engine.runtime.scheduler import Dispatch, GroupTable, Wake
+from engine.runtime.waiting import BudgetWaits
 from engine.sim._budget import SimBudget
 from engine.sim.results import (
     _BATCH,
@@ -99,8 +100,7 @@ class _Sim(SimBudget):
         self.model_max = b.reserve_output == "model_max"
         self.claim_ids = itertools.count()
         self.claim_of: dict[int, tuple[str, float]] = {}
-        self.budget_wait: list[tuple] = []
-        self.waiting: set[int] = set()
+        self.waits = BudgetWaits()
         self.tick_at = math.inf
         self.budget_waits = 0
         self.deferrals = 0
@@ -178,17 +178,11 @@ class _Sim(SimBudget):
 
     def on_settle(self, item: tuple[str, float]) -> None:
         self.book.settle_many([item])
-        self.release_waiters()
 
     def on_budget_tick(self, at: float) -> None:
         if self.tick_at == at:
             self.tick_at = math.inf
         self.release_waiters()
-
-    def on_budget_expire(self, i: int) -> None:
-        if i in self.waiting:
-            self.waiting.discard(i)
-            self.reject(i, "budget_exhausted", "the budget held it back until its deadline")
 
     # -- admission and reuse -------------------------------------------------------------------------------
     def resolve_reused(self, i: int, at: float, hit: int) -> None:
@@ -250,7 +244,7 @@ class _Sim(SimBudget):
 
     def send(self, d: Decision, idxs: list[int], bid: int | None) -> None:
         mode = dispatch_mode(d.mode, d.hedge_at, self.now)
-        idxs = self.reserve(idxs, mode)
+        idxs = self.reserve(idxs, mode, d)
         if not idxs:
             return
         first = self.reqs[idxs[0]]

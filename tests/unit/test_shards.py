@@ -38,7 +38,7 @@ def test_parts_route_each_item_once_and_keep_parallel_lists_aligned():
     one = Shards(object())
     assert one._parts(lambda x, n: 5, items, ()) == [(0, None, (items,))]  # one shard: the whole, unsplit
     assert one._parts(lambda x, n: 0, [], ()) == []
-    assert Shards(None) == [] and not Shards(None)
+    assert Shards(None) == [] and not Shards(None) and Shards(None)._parts(by_result_uid, items, ()) == []
 
 
 def test_a_sharded_engine_reuses_across_ingest_shards_and_routes_every_result_to_its_hub_shard(tmp_path):

@@ -1,0 +1,111 @@
+"""Budget waits, the runtime kernel's rule for work a budget holds back; one copy, used by the simulator and by
+the grouper actor.
+
+A dispatch's members are reserved one by one (``reservation``). A member the budget holds back (``wait`` for
+reservations to settle, ``retry`` when the ledger did not answer, ``defer`` to a later window) is held here with
+the dispatch it belongs to, and tried again *as decided* (the policy is not run again over held work: re-running
+it over every held job at every try loaded a 2-core machine enough to make urgent work late):
+
+- one try per ``step_s`` engine seconds at most, a deferred member not before its window opens;
+- most urgent first (priority, then deadline), and only ``share`` of them per try: the share doubles while tries
+  get through and halves when one must wait again, so a crowd held back together is not retried as a crowd;
+- no overtaking: while more urgent work waits on a budget, less urgent work under that budget waits behind it
+  instead of taking the room the next settlement frees;
+- a member still held at its deadline is rejected.
+
+The runtimes only apply this: the simulator on virtual time (a ``budget_tick`` event at ``next_try``), the
+grouper with a timer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable
+from typing import Any, NamedTuple
+
+from engine.core.budgets import BudgetSpec, Verdict
+from engine.core.request import PRIORITY_RANK, Request
+from engine.runtime.reservation import Triage
+
+__all__ = ["STEP_S", "BudgetWaits", "Held"]
+
+STEP_S = 1.0  # engine seconds between tries of held work
+MIN_SHARE, MAX_SHARE, FIRST_SHARE = 1, 4096, 32
+
+
+class Held(NamedTuple):
+    key: Hashable
+    req: Request
+    due: float  # tried again from then
+    budget: str  # the budget that held it back (or the ledger's name, when it did not answer)
+    payload: Any  # what the runtime re-sends: the member and the dispatch it belongs to
+
+
+class BudgetWaits:
+    def __init__(self, step_s: float = STEP_S):
+        self.step_s = step_s
+        self.held: dict[Hashable, Held] = {}
+        self.share = FIRST_SHARE
+        self._ranks: dict[str, list[int]] = {}  # budget -> held members per priority rank
+
+    def __len__(self) -> int:
+        return len(self.held)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self.held
+
+    def __repr__(self) -> str:
+        return f"BudgetWaits(held={len(self.held)}, share={self.share})"
+
+    def hold(self, key: Hashable, req: Request, due: float, budget: str, payload: Any) -> None:
+        self.drop(key)
+        self.held[key] = Held(key, req, due, budget, payload)
+        self._ranks.setdefault(budget, [0, 0, 0])[PRIORITY_RANK[req.priority]] += 1
+
+    def drop(self, key: Hashable) -> Held | None:
+        h = self.held.pop(key, None)
+        if h is not None:
+            self._ranks[h.budget][PRIORITY_RANK[h.req.priority]] -= 1
+        return h
+
+    def due_after(self, t: Triage, v: Verdict, now: float) -> float:
+        """When a member held back with triage ``t`` (wait, retry or defer) is tried again."""
+        nxt = now + self.step_s
+        return max(v.retry_at, nxt) if t == "defer" and v.retry_at is not None else nxt
+
+    def overtaken(self, specs: Iterable[BudgetSpec]) -> list[tuple[BudgetSpec, int]]:
+        """(budget, the most urgent rank it holds back) for each budget with held work: a member of a less
+        urgent rank that the budget covers waits behind it (``blocker``)."""
+        tops = {name: next(k for k, n in enumerate(ranks) if n) for name, ranks in self._ranks.items() if any(ranks)}
+        return [(s, tops[s.name]) for s in specs if s.name in tops]
+
+    @staticmethod
+    def blocker(req: Request, overtaken: list[tuple[BudgetSpec, int]]) -> str | None:
+        """The budget ``req`` must wait behind (no overtaking), or None."""
+        rank = PRIORITY_RANK[req.priority]
+        return next((s.name for s, top in overtaken if top < rank and s.covers(req.tenant, req.provider, req.model)),
+                    None)
+
+    def adapt(self, waited: bool) -> None:
+        """After a reservation: halve the share of a try if any member had to wait again, else double it."""
+        self.share = max(MIN_SHARE, self.share // 2) if waited else min(self.share * 2, MAX_SHARE)
+
+    def take(self, now: float) -> tuple[list[Held], list[Held]]:
+        """The members to reject (held to their deadline) and those to try now (due, most urgent first, at most
+        ``share``), both no longer held."""
+        late = [h for h in self.held.values() if h.req.deadline_at <= now]
+        for h in late:
+            self.drop(h.key)
+        ready = sorted((h for h in self.held.values() if h.due <= now + 1e-9),
+                       key=lambda h: (PRIORITY_RANK[h.req.priority], h.req.deadline_at))[: self.share]
+        for h in ready:
+            self.drop(h.key)
+        return late, ready
+
+    def next_try(self, now: float) -> float | None:
+        """When to try next (None: nothing held): the first due time or deadline, at most one try per half
+        step (members left over by the last try are due already, and a try at their due time would come at
+        once, again and again)."""
+        if not self.held:
+            return None
+        first = min(min(h.due, h.req.deadline_at) for h in self.held.values())
+        return max(first, now + self.step_s / 2)
