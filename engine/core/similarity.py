@@ -3,7 +3,13 @@
 A near-duplicate cache is only worth having if it is rarely wrong, so a match above the threshold is still
 refused when the two texts differ in something that changes the output: numbers, negation, colours, named
 entities, the order of the same words ("cat chasing dog" / "dog chasing cat"), or a qualifier one text adds
-("lose weight" / "lose weight fast"; measured on QQP, these are most of the wrong hits left above 0.9).
+("lose weight" / "lose weight fast", "IP address" / "my IP address"; measured on QQP, these are most of the
+wrong hits left above 0.9).
+
+Texts are read the same way for every guard: typographic apostrophes become ``'``; a clitic that names no
+content ("what's", "I'm", "party's") reads as its word; a closing "or not" tag asks the same yes/no question
+and negates nothing; number words up to ninety read as their digits ("seven" == "7"), and "one", which is as
+often a pronoun ("how can one learn"), is no number.
 """
 
 from __future__ import annotations
@@ -17,10 +23,17 @@ GUARDS = ("numbers", "negation", "colours", "entities", "word_order", "qualifier
 
 _TOKEN = re.compile(r"[A-Za-z]+(?:'[a-z]+)?|\d+(?:[.,]\d+)*")
 _SENTENCE = re.compile(r"[.!?]+\s+|\n+")  # "1.5" and "U.S." stay inside a sentence
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
+_OR_NOT = re.compile(r"\bor not\s*(?=[?.!]|$)", re.IGNORECASE)  # "Is it safe or not?" asks "Is it safe?"
+_CLITICS = ("'s", "'re", "'ve", "'ll", "'d", "'m")  # n't is kept: it is a negation
 _NUMBER_WORDS = frozenset(
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
     "seventeen eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety hundred thousand million "
     "billion first second third fourth fifth half double triple single dozen pair couple".split())
+_DIGITS = {w: str(k) for k, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen twenty".split())}
+_DIGITS.update({w: str(10 * k) for k, w in enumerate("thirty forty fifty sixty seventy eighty ninety".split(), 3)})
 _NEGATIONS = frozenset(
     "not no never without none nor nothing nobody neither cannot can't don't doesn't didn't isn't aren't "
     "wasn't weren't won't wouldn't shouldn't couldn't mustn't hasn't haven't hadn't avoid except exclude "
@@ -31,6 +44,9 @@ _COLOURS = frozenset(
 _STOP = frozenset(
     "a an the of to in on at for with and or by from as is are was were be been this that these those it its "
     "please can could would you your me my i we our what how which who whom whose do does did".split())
+# Stop words as content goes, but whose they are changes the answer: "What is IP address?" asks a definition,
+# "What is my IP address?" a lookup. The qualifiers guard counts them.
+_POSSESSIVES = frozenset("my your his her our their".split())
 
 
 class Guards(NamedTuple):
@@ -50,6 +66,15 @@ class Guards(NamedTuple):
         return Guards(**{g: g in names for g in GUARDS})
 
 
+def _word(token: str) -> str:
+    """The token without a clitic that names no content ("what's" -> "what", "I'm" -> "I")."""
+    if "'" in token:
+        for c in _CLITICS:
+            if token.endswith(c) and len(token) > len(c):
+                return token[: -len(c)]
+    return token
+
+
 def _read(text: str) -> tuple[list[str], set[str], set[str]]:
     """Tokens of ``text``; (lowercased) the words that open a sentence: the first, and the first after . ! ?
     and a space, or a line break, where a capital says nothing about a name; and the entities: capitalised
@@ -57,8 +82,12 @@ def _read(text: str) -> tuple[list[str], set[str], set[str]]:
     tokens: list[str] = []
     openers: set[str] = set()
     entities: set[str] = set()
+    if "\u2019" in text or "\u2018" in text or "\u02bc" in text:
+        text = text.translate(_APOSTROPHES)
+    if "ot" in text or "OT" in text:  # a cheap test before the regex: most texts hold no "or not"
+        text = _OR_NOT.sub("", text)
     for sentence in _SENTENCE.split(text):  # runs for every match above the threshold: regexes, no char loop
-        words = _TOKEN.findall(sentence)
+        words = [_word(w) if "'" in w else w for w in _TOKEN.findall(sentence)]
         if not words:
             continue
         openers.add(words[0].lower())
@@ -78,23 +107,28 @@ class Traits(NamedTuple):
     entities: frozenset[str]
     content: tuple[str, ...]
     openers: frozenset[str] = frozenset()  # lowercased words that open a sentence
+    words: frozenset[str] = frozenset()  # every word, lowercased
+    possessives: frozenset[str] = frozenset()
 
 
 def traits(text: str) -> Traits:
     tokens, openers, entities = _read(text)
-    numbers, colours, content = set(), set(), []
+    numbers, colours, possessives, content = set(), set(), set(), []
     negations = 0
-    for t in map(str.lower, tokens):  # one pass: this runs for every candidate above the threshold
-        if t[0].isdigit() or t in _NUMBER_WORDS:
-            numbers.add(t)
+    lowered = [t.lower() for t in tokens]
+    for t in lowered:  # one pass: this runs for every candidate above the threshold
+        if (t[0].isdigit() or t in _NUMBER_WORDS) and t != "one":
+            numbers.add(_DIGITS.get(t, t))
         if t in _NEGATIONS or t.endswith("n't"):
             negations += 1
         if t in _COLOURS:
             colours.add(t)
+        if t in _POSSESSIVES:
+            possessives.add(t)
         if t not in _STOP:
             content.append(t)
-    return Traits(frozenset(numbers), negations, frozenset(colours), frozenset(entities),
-                  tuple(content), frozenset(openers))
+    return Traits(frozenset(numbers), negations, frozenset(colours), frozenset(entities), tuple(content),
+                  frozenset(openers), frozenset(lowered), frozenset(possessives))
 
 
 def guard_between(a: Traits, b: Traits, guards: Guards = Guards()) -> str | None:
@@ -106,16 +140,17 @@ def guard_between(a: Traits, b: Traits, guards: Guards = Guards()) -> str | None
     if guards.colours and a.colours != b.colours:
         return f"colours differ: {sorted(a.colours ^ b.colours)}"
     if guards.entities:
-        # A name one text capitalises and the other only has at a sentence start is the same word in both
-        # ("Fingerprints are computed..." / "...used to compute Fingerprints"), not a different entity.
-        differ = (a.entities - b.entities - b.openers) | (b.entities - a.entities - a.openers)
+        # An entity is one the other text lacks as a word in any case: "Google" / "google", or a name one text
+        # has only at a sentence start ("Fingerprints are computed..." / "...used to compute Fingerprints"),
+        # is the same word in both.
+        differ = (a.entities - b.words) | (b.entities - a.words)
         if differ:
             return f"named entities differ: {sorted(differ)}"
     ca, cb = a.content, b.content
     if guards.word_order and ca != cb and sorted(ca) == sorted(cb):
         return "same words in another order (swapped roles?)"
     if guards.qualifiers:
-        sa, sb = set(ca), set(cb)
+        sa, sb = set(ca) | a.possessives, set(cb) | b.possessives
         if sa != sb and (sa < sb or sb < sa):
             return f"one adds words the other lacks: {sorted(sa ^ sb)}"
     return None
