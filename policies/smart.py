@@ -65,6 +65,11 @@ class SmartParams(PolicyParams):
     wait_usd_per_hour: dict[Literal["urgent", "normal", "background"], float] = Field(
         default_factory=dict, description="value of time: what an hour of waiting costs, per request and "
         "priority; a batch must be expected to save more than its members' expected wait costs")
+    band_p: float = Field(default=0.8, ge=0, le=1, description=(
+        "requests with a cacheable prefix whose deadlines pass the turnaround quantile at this P share one "
+        "deadline band: a batch of them is hedged rarely, so a later deadline buys only gathering time, and one "
+        "group keeps a conversation's turns (whose priorities differ) in the same batches, sharing one prefix "
+        "write; 1 keeps every factor-of-two band apart"))
     confident_p: float = Field(default=0.9, ge=0, le=1,
                                description="P at or above which a batch is 'process_as_batch', else 'consider'")
     gpu_margin_s: float = Field(default=60.0, ge=0, description="spare seconds before a GPU batch's deadline")
@@ -92,6 +97,10 @@ class Smart(Policy):
         self._consts: dict[tuple[str, str], _TextConsts] = {
             (p.name, m): self._consts_of(p, spec) for p in catalog.providers.values()
             for m, spec in p.models.items() if spec.kind == "text"}
+        # Per provider, the deadline past which requests share one band (see ``band_p``).
+        self._band_cap: dict[str, float] = {
+            p.name: p.batch_api.turnaround_quantile(self.params.band_p) if p.batch_api is not None else math.inf
+            for p in catalog.providers.values()}
 
     @property
     def reuse(self) -> ReuseSettings:
@@ -133,10 +142,25 @@ class Smart(Policy):
             usable = req.deadline_at - now - self._hedge_lead(c, req.output_tokens, 1)
             if provider.batch_api.turnaround_cdf(usable) >= self.params.min_on_time_p:
                 # Deadlines within a factor of two share a batch, so one urgent member does not hedge
-                # (and push to sync) members that could have waited for the batch.
-                bucket = int(math.log2(max(req.deadline_s, 1.0)))
+                # (and push to sync) members that could have waited for the batch. Past the band cap a batch
+                # is on time with P >= band_p whatever the deadline, so those share one band: a hedge, rare,
+                # only sends a long-deadline member back to the policy for another batch, and the turns of one
+                # conversation (priorities drawn per turn) meet in one batch, where they share a prefix write.
+                band_s = req.deadline_s
+                if self._shares_prefix(req, provider, spec):
+                    band_s = min(band_s, self._band_cap.get(provider.name, math.inf))
+                bucket = int(math.log2(max(band_s, 1.0)))
                 return ("batch", compat, bucket)
         return ("sync", req.id)
+
+    def _shares_prefix(self, req: Request, provider, spec) -> bool:
+        """Whether ``req`` carries a prompt prefix long enough for the provider's cache, where that cache also
+        serves batches: the requests for which sharing a batch with other turns of a conversation pays."""
+        pc = provider.prompt_cache
+        if pc is None or not pc.stacks_with_batch or not req.prefix_blocks:
+            return False
+        min_tokens = min_cacheable_tokens(provider, spec)
+        return min(len(req.prefix_blocks) * self.params.block_tokens, req.input_tokens) >= min_tokens
 
     def tracks_arrivals(self, key: Hashable) -> bool:
         return isinstance(key, tuple) and key[0] == "batch"  # only the batch lane weighs company to come

@@ -12,6 +12,7 @@ import pytest
 
 from engine.core.catalog import default_catalog
 from engine.core.cost import MODES
+from engine.core.features import compat_key
 from engine.core.grouping import Group, LaneRates
 from engine.core.request import Request
 from engine.sim.simulator import simulate
@@ -178,3 +179,19 @@ def test_only_the_lanes_a_policy_weighs_take_room_in_the_arrival_table():
         table.add(r, compat_key(r), 0.0)
     keys = {pol.group_key(r, compat_key(r), 0.0) for r in lane}
     assert len(table.rates) == len(keys) == 1  # the batch lane, none of the 50 sync keys
+
+
+def test_turns_with_a_cacheable_prefix_share_a_band_past_the_confident_deadline():
+    """Past the turnaround quantile at ``band_p`` a batch is rarely hedged, so normal and background turns
+    that carry a cacheable prefix share one group (one batch, one prefix write). Work with nothing to share
+    keeps its factor-of-two band."""
+    pol = load_policy("smart", CAT)
+    conv = {"prefix_blocks": list(range(8)), "input_tokens": 5000, "output_tokens": 200}
+    normal, background = req(1, 3600.0, **conv), req(2, 86400.0, priority="background", **conv)
+    key = pol.group_key
+    assert key(normal, compat_key(normal), 0.0) == key(background, compat_key(background), 0.0)
+    plain_n, plain_b = req(3, 3600.0), req(4, 86400.0, priority="background")
+    assert key(plain_n, compat_key(plain_n), 0.0) != key(plain_b, compat_key(plain_b), 0.0)
+    apart = load_policy("smart", CAT, {"band_p": 1.0})
+    assert apart.group_key(normal, compat_key(normal), 0.0) != apart.group_key(background, compat_key(background),
+                                                                              0.0)
