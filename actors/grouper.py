@@ -294,7 +294,7 @@ class Grouper(Parking, Warm):
         except Exception as exc:  # the budget actor failed: nothing reserved, the work waits (or ends at its deadline)
             verdicts = [Verdict(False, "budget_unavailable", budget=LEDGER,
                                 detail=f"the budget actor failed ({type(exc).__name__}: {exc})"[:500])] * len(claims)
-        self.waits.adapt(any(v.reason == "wait" for v in verdicts))
+        self.waits.adapt(verdicts)
         out: list[BatchJob] = []
         k = 0
         for b in batches:

@@ -19,6 +19,7 @@ one set of rules:
 from __future__ import annotations
 
 import calendar
+import functools
 import math
 import re
 from datetime import datetime, timezone
@@ -34,6 +35,7 @@ _UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 EPS = 1e-9
 
 
+@functools.lru_cache(maxsize=256)  # every reservation asks it again of the same few specs
 def parse_duration(text: str | None) -> tuple[float, str] | None:
     """``"1h"`` -> (1.0, "h"); ``"1mo"`` -> (1.0, "mo"); None -> None (no reset)."""
     if text is None:
@@ -66,6 +68,13 @@ def window_bounds(duration: str | None, t: float) -> tuple[float, float]:
     return (epoch(first), epoch(first + int(n)))
 
 
+@functools.lru_cache(maxsize=1024)
+def _spec_name(tenant: str | None, provider: str | None, model: str | None, duration: str | None) -> str:
+    parts = [f"{k}={v}" for k, v in (("tenant", tenant), ("provider", provider), ("model", model)) if v is not None]
+    base = ",".join(parts) or "global"
+    return f"{base}/{duration}" if duration else base
+
+
 class BudgetSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -87,10 +96,7 @@ class BudgetSpec(BaseModel):
 
     @property
     def name(self) -> str:
-        parts = [f"{k}={v}" for k, v in (("tenant", self.tenant), ("provider", self.provider),
-                                          ("model", self.model)) if v is not None]
-        base = ",".join(parts) or "global"
-        return f"{base}/{self.budget_duration}" if self.budget_duration else base
+        return _spec_name(self.tenant, self.provider, self.model, self.budget_duration)
 
     def covers(self, tenant: str, provider: str, model: str) -> bool:
         return ((self.tenant is None or self.tenant == tenant) and (self.provider is None or self.provider == provider)

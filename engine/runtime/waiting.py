@@ -8,7 +8,7 @@ it over every held job at every try loaded a 2-core machine enough to make urgen
 
 - one try per ``step_s`` engine seconds at most, a deferred member not before its window opens;
 - most urgent first (priority, then deadline), and only ``share`` of them per try: the share doubles while tries
-  get through and halves when one must wait again, so a crowd held back together is not retried as a crowd;
+  get through and halves when one is held back again, so a crowd held back together is not retried as a crowd;
 - no overtaking: while more urgent work waits on a budget, less urgent work under that budget waits behind it
   instead of taking the room the next settlement frees;
 - a member still held at its deadline is rejected.
@@ -19,6 +19,9 @@ grouper with a timer.
 
 from __future__ import annotations
 
+import heapq
+import itertools
+import math
 from collections.abc import Hashable, Iterable
 from typing import Any, NamedTuple
 
@@ -38,14 +41,22 @@ class Held(NamedTuple):
     due: float  # tried again from then
     budget: str  # the budget that held it back (or the ledger's name, when it did not answer)
     payload: Any  # what the runtime re-sends: the member and the dispatch it belongs to
+    seq: int = 0  # which holding of ``key`` this is (heap entries of an earlier one are stale)
 
 
 class BudgetWaits:
+    """Three heaps with lazy deletion keep a try at O(share log n) however much work is held (the simulator
+    tries once per engine second over traces of hours): by due time, by deadline, and the due ones by urgency."""
+
     def __init__(self, step_s: float = STEP_S):
         self.step_s = step_s
         self.held: dict[Hashable, Held] = {}
         self.share = FIRST_SHARE
         self._ranks: dict[str, list[int]] = {}  # budget -> held members per priority rank
+        self._seq = itertools.count()
+        self._by_due: list[tuple[float, int, Hashable]] = []
+        self._by_deadline: list[tuple[float, int, Hashable]] = []
+        self._ready: list[tuple[int, float, int, Hashable]] = []  # due: (rank, deadline, seq, key)
 
     def __len__(self) -> int:
         return len(self.held)
@@ -58,14 +69,20 @@ class BudgetWaits:
 
     def hold(self, key: Hashable, req: Request, due: float, budget: str, payload: Any) -> None:
         self.drop(key)
-        self.held[key] = Held(key, req, due, budget, payload)
+        h = self.held[key] = Held(key, req, due, budget, payload, next(self._seq))
         self._ranks.setdefault(budget, [0, 0, 0])[PRIORITY_RANK[req.priority]] += 1
+        heapq.heappush(self._by_due, (due, h.seq, key))
+        heapq.heappush(self._by_deadline, (req.deadline_at, h.seq, key))
 
     def drop(self, key: Hashable) -> Held | None:
         h = self.held.pop(key, None)
         if h is not None:
             self._ranks[h.budget][PRIORITY_RANK[h.req.priority]] -= 1
         return h
+
+    def _live(self, seq: int, key: Hashable) -> Held | None:
+        h = self.held.get(key)
+        return h if h is not None and h.seq == seq else None
 
     def due_after(self, t: Triage, v: Verdict, now: float) -> float:
         """When a member held back with triage ``t`` (wait, retry or defer) is tried again."""
@@ -85,20 +102,34 @@ class BudgetWaits:
         return next((s.name for s, top in overtaken if top < rank and s.covers(req.tenant, req.provider, req.model)),
                     None)
 
-    def adapt(self, waited: bool) -> None:
-        """After a reservation: halve the share of a try if any member had to wait again, else double it."""
-        self.share = max(MIN_SHARE, self.share // 2) if waited else min(self.share * 2, MAX_SHARE)
+    def adapt(self, verdicts: Iterable[Verdict]) -> None:
+        """After a reservation: halve the share of a try if any member was held back again (to wait, or to a
+        pacing line that has not reached it), else double it."""
+        held = any(v.reason in ("wait", "deferred") for v in verdicts)
+        self.share = max(MIN_SHARE, self.share // 2) if held else min(self.share * 2, MAX_SHARE)
 
     def take(self, now: float) -> tuple[list[Held], list[Held]]:
         """The members to reject (held to their deadline) and those to try now (due, most urgent first, at most
         ``share``), both no longer held."""
-        late = [h for h in self.held.values() if h.req.deadline_at <= now]
-        for h in late:
-            self.drop(h.key)
-        ready = sorted((h for h in self.held.values() if h.due <= now + 1e-9),
-                       key=lambda h: (PRIORITY_RANK[h.req.priority], h.req.deadline_at))[: self.share]
-        for h in ready:
-            self.drop(h.key)
+        late: list[Held] = []
+        q = self._by_deadline
+        while q and q[0][0] <= now:
+            _, seq, key = heapq.heappop(q)
+            h = self._live(seq, key)
+            if h is not None:
+                late.append(self.drop(key))
+        q = self._by_due
+        while q and q[0][0] <= now + 1e-9:
+            _, seq, key = heapq.heappop(q)
+            h = self._live(seq, key)
+            if h is not None:
+                heapq.heappush(self._ready, (PRIORITY_RANK[h.req.priority], h.req.deadline_at, seq, key))
+        ready: list[Held] = []
+        q = self._ready
+        while q and len(ready) < self.share:
+            _, _, seq, key = heapq.heappop(q)
+            if self._live(seq, key) is not None:
+                ready.append(self.drop(key))
         return late, ready
 
     def next_try(self, now: float) -> float | None:
@@ -107,5 +138,10 @@ class BudgetWaits:
         once, again and again)."""
         if not self.held:
             return None
-        first = min(min(h.due, h.req.deadline_at) for h in self.held.values())
+        for q in (self._by_due, self._by_deadline, self._ready):  # drop stale tops
+            while q and self._live(q[0][-2], q[0][-1]) is None:
+                heapq.heappop(q)
+        first = min(self._by_due[0][0] if self._by_due else math.inf,
+                    self._by_deadline[0][0] if self._by_deadline else math.inf,
+                    now if self._ready else math.inf)
         return max(first, now + self.step_s / 2)

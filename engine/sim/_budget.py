@@ -38,7 +38,7 @@ class SimBudget:
                                 amount))
         verdicts = self.book.reserve_many(claims, now) if claims else []
         if verdicts:
-            waits.adapt(any(v.reason == "wait" for v in verdicts))
+            waits.adapt(verdicts)
         ok = []
         for i, c, v in zip(go, claims, verdicts):
             r = self.reqs[i]

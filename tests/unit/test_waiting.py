@@ -47,16 +47,21 @@ def test_tries_are_at_least_half_a_step_apart_and_a_deferral_waits_for_its_windo
     assert w.due_after("defer", Verdict(False, "deferred", budget="b", retry_at=11.0), 10.0) == 14.0
 
 
-def test_the_share_halves_when_work_waits_again_and_doubles_while_it_gets_through():
+def test_the_share_halves_when_work_is_held_back_again_and_doubles_while_it_gets_through():
     w = BudgetWaits()
     first = w.share
-    w.adapt(True)
+    go, wait = Verdict(True), Verdict(False, "wait", budget="b")
+    w.adapt([go, wait])
     assert w.share == first // 2
+    w.adapt([go, Verdict(False, "deferred", budget="b", retry_at=5.0)])  # a pacing line not reached yet
+    assert w.share == first // 4
     for _ in range(20):
-        w.adapt(True)
+        w.adapt([wait])
     assert w.share == MIN_SHARE
+    w.adapt([go, Verdict(False, "budget_exhausted", budget="b")])  # a refusal is final: not a crowd waiting
+    assert w.share == 2 * MIN_SHARE
     for _ in range(20):
-        w.adapt(False)
+        w.adapt([go])
     assert w.share == MAX_SHARE
 
 
