@@ -68,9 +68,12 @@ class Pulling:
             for k, hub in enumerate(hubs):
                 if k not in waiting:
                     out[hub.pull.remote(PULL_WAIT_S, self._client)] = k
-            ready, _ = ray.wait(list(out), num_returns=1, timeout=PULL_WAIT_S * 5)
-            if ready and len(out) > 1:  # the others that are ready too
-                ready, _ = ray.wait(list(out), num_returns=len(out), timeout=0)
+            if len(out) == 1:  # one hub: its pull is the wait (one call per loop, not two)
+                ready = list(out)
+            else:
+                ready, _ = ray.wait(list(out), num_returns=1, timeout=PULL_WAIT_S * 5)
+                if ready:  # the others that are ready too
+                    ready, _ = ray.wait(list(out), num_returns=len(out), timeout=0)
             for ref in ready:
                 k = out.pop(ref)
                 try:
