@@ -101,3 +101,64 @@ def test_an_id_sent_with_other_content_to_another_ingest_shard_is_refused_by_the
         await a.forget([first.uid])
         assert await b.submit([other], "two") == 1
     asyncio.run(go())
+
+
+def test_reports_of_hub_shards_add_up_and_a_state_is_up_only_when_every_shard_is():
+    from actors.hub import merge_reports, sum_figures
+
+    async def go():
+        hubs = [ResultHub(), ResultHub()]
+        done = [Result(id=f"r{k}", status="ok", cost_usd=0.01 * (k + 1), mode="sync", provider="openai",
+                       model="gpt-5-mini", arrival_s=0.0, done_s=1.0, deadline_met=k != 2) for k in range(5)]
+        await Shards(hubs).call("push", by_result_uid, done, [0.1] * 5)
+        reps = [await h.report() for h in hubs]
+        assert all(r["requests"] for r in reps)  # both shards counted some
+        rep = merge_reports(reps)
+        assert rep["requests"] == 5 and rep["by_status"] == {"ok": 5} and rep["by_mode"] == {"sync": 5}
+        assert abs(rep["spend_usd"] - 0.15) < 1e-9 and abs(rep["list_price_usd"] - 0.5) < 1e-9
+        assert abs(rep["saving_frac"] - 0.7) < 1e-6 and rep["deadline_met_frac"] == 0.8
+        assert rep["by_provider"]["openai"]["requests"] == 5
+    asyncio.run(go())
+    cache = sum_figures([{"near": 2, "redis_up": 1, "layer": "x", "nested": {"a": 1}},
+                         {"near": 3, "redis_up": 0, "layer": "y", "nested": {"a": 2}}])
+    assert cache == {"near": 5, "redis_up": 0, "layer": "x", "nested": {"a": 3}}
+
+
+class Handle:
+    """A stand-in Ray actor handle: ``h.method.remote(*args)`` is recorded."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        rec = self.calls
+
+        class _M:
+            @staticmethod
+            def remote(*args):
+                rec.append((name, args))
+        return _M
+
+
+def test_the_driver_sends_a_class_to_one_ingest_shard_and_forgets_ids_at_their_hub_shard():
+    from engine.app._driver_pull import Pulling
+
+    class Driver(Pulling):
+        _client = "drv"
+
+    d = Driver()
+    d._h = {"ingests": [Handle(), Handle()], "hubs": [Handle(), Handle()]}
+    reqs = [req(i, MODELS[i % len(MODELS)], f"p{i}") for i in range(30)]
+    parts = d._by_ingest(reqs)
+    assert sorted(r.id for _, part in parts for r in part) == sorted(r.id for r in reqs) and len(parts) == 2
+    for ingest, part in parts:
+        k = d._h["ingests"].index(ingest)
+        assert all(class_shard(r, 2) == k for r in part)
+    d._forget(reqs)
+    for k, h in enumerate(d._h["ingests"]):
+        (name, (uids, client)), = h.calls
+        assert name == "forget" and client == "drv" and all(class_shard(r, 2) == k for r in reqs if r.uid in uids)
+    for k, h in enumerate(d._h["hubs"]):  # the id's hub shard frees its fingerprint at once
+        (name, (uids,)), = h.calls
+        assert name == "forget" and uids and all(uid_shard(u, 2) == k for u in uids)
+    assert sum(len(h.calls[0][1][0]) for h in d._h["hubs"]) == 30
