@@ -52,6 +52,8 @@ class Ingest(Warm):
         self.next_seq = 0  # requests admitted here
         self.shard = shard  # (this shard, of how many)
         self._turn: asyncio.Future | None = None  # set once the last sharded submit's lookups have left
+        self._lookups: list[tuple[list[Job], asyncio.Future]] = []  # waiting for the lookup out to return
+        self._looking: asyncio.Task | None = None
         self.duplicates = 0
         self.share = share_across_tenants
         # Only a Redis journal: without one, the driver's memory is the record (see the module's docstring).
@@ -259,9 +261,32 @@ class Ingest(Warm):
                   "again under the same id: use a new id to ask again") for r in lost], lead=(client,))
 
     async def _lookup(self, jobs: list[Job]) -> list[Job]:
-        """The jobs no cache shard resolved or attached: each shard answers for its classes."""
-        answers = await self.caches.call("lookup", by_job_class, jobs)
-        return [jobs[k if pos is None else pos[k]] for pos, ks in answers for k in ks]
+        """The jobs no cache shard resolved or attached. One lookup is out at a time: the submits that come
+        meanwhile go together in the next, in the order they came (a group commit). Under load the batches
+        grow instead of the calls: a replay at 100x submitting every few milliseconds had 800 lookups queued
+        at the cache, each paying a call's fixed cost, and urgent requests reached their dispatcher minutes
+        of engine time late."""
+        fut = asyncio.get_running_loop().create_future()
+        self._lookups.append((jobs, fut))
+        if self._looking is None or self._looking.done():
+            self._looking = asyncio.ensure_future(self._look_up_queued())
+        return await fut
+
+    async def _look_up_queued(self) -> None:
+        while self._lookups:
+            queued, self._lookups = self._lookups, []
+            alljobs = [j for jobs, _ in queued for j in jobs]
+            try:
+                answers = await self.caches.call("lookup", by_job_class, alljobs)
+            except Exception as exc:  # each submit fails as its own lookup would have
+                for _, fut in queued:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            missed = {id(alljobs[k if pos is None else pos[k]]) for pos, ks in answers for k in ks}
+            for jobs, fut in queued:
+                if not fut.done():
+                    fut.set_result([j for j in jobs if id(j) in missed])
 
     async def _recall(self, peers: list, uids: list[str]) -> set[str]:
         known: set[str] = set()

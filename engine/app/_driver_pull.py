@@ -14,6 +14,7 @@ from engine.core.result import Result
 __all__ = ["Pulling"]
 
 PULL_WAIT_S = 0.2  # how long one pull waits at the hub when nothing is ready
+CHECK_EVERY_S = 0.05  # how often the check loop collects returned ingest calls and forgets finished requests
 
 
 class Pulling:
@@ -62,7 +63,6 @@ class Pulling:
         ray = self._ray
         hubs = self._h["hubs"]
         out: dict[Any, int] = {}  # pull call -> hub shard
-        last_check = time.monotonic()
         while self._running:
             waiting = set(out.values())
             for k, hub in enumerate(hubs):
@@ -90,6 +90,15 @@ class Pulling:
                         fut = self._futs.get(res.uid)
                     if fut is not None:
                         self._resolve(fut, res)
+
+    def _check_loop(self) -> None:
+        """What the pull loop must not wait for: ingest calls that returned (re-admitting a failed one's
+        requests), forgetting finished requests, and every ``HEALTH_EVERY_S`` the actors' health."""
+        last_check = time.monotonic()
+        while self._running:
+            time.sleep(CHECK_EVERY_S)  # a poll of local state and of calls already out, not a wait for an actor
+            if not self._running:
+                return
             self._check_ingest()
             self._forget_finished()
             if time.monotonic() - last_check > HEALTH_EVERY_S:

@@ -81,8 +81,12 @@ class Engine(AsyncSubmit, Pulling, SharedEngine, Supervised):
         self._wake = threading.Event()
         self._flusher = threading.Thread(target=self._flush_loop, name="smartbatch-flush", daemon=True)
         self._puller = threading.Thread(target=self._pull_loop, name="smartbatch-pull", daemon=True)
+        # Health checks wait on every actor (up to seconds when one is busy): in a thread of their own, so the
+        # pull loop only delivers results (at 100x, a second it spent on checks was 100 s of engine time).
+        self._checker = threading.Thread(target=self._check_loop, name="smartbatch-check", daemon=True)
         self._flusher.start()
         self._puller.start()
+        self._checker.start()
         Engine._running_engines.add(self)
 
     # -- start / stop -------------------------------------------------------------------------------------------
@@ -199,6 +203,7 @@ class Engine(AsyncSubmit, Pulling, SharedEngine, Supervised):
         self._wake.set()
         self._flusher.join(timeout_s)
         self._puller.join(timeout_s)
+        self._checker.join(timeout_s)
         self._fail_open("engine stopped before the request finished" if self._owner else
                         f"this driver left engine {self.name!r} before the request finished; it still runs there: "
                         "submit the same tenant and id (from any driver) for its result")

@@ -1,0 +1,77 @@
+"""The live engine against the simulator on the same trace and seed, time-compressed (issue 12's last target:
+deadline attainment within 0.5 points of the simulator's, cost within 2 %). Simulated providers, so what differs
+is the actors' timing. Prints figures; asserts nothing.
+
+    .venv/bin/python benchmarks/bench_live_parity.py                        # the demo's trace: 2,000 synthetic
+    .venv/bin/python benchmarks/bench_live_parity.py --azure 3000           # the first 3,000 Azure conversation requests
+    .venv/bin/python benchmarks/bench_live_parity.py --speedup 10 --shards 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import numpy as np  # noqa: E402
+
+from engine.app.live import run_live  # noqa: E402
+from engine.core.catalog import default_catalog  # noqa: E402
+from engine.core.tracegen import from_azure, synth  # noqa: E402
+from engine.sim.simulator import simulate  # noqa: E402
+from policies import load_policy  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--azure", type=int, default=0, help="this many Azure conversation requests instead")
+    ap.add_argument("--speedup", type=float, default=100.0)
+    ap.add_argument("--shards", type=int, default=1)
+    a = ap.parse_args()
+    cat = default_catalog()
+    if a.azure:
+        reqs = from_azure(DATA / "azure_llm_2023_conv.csv", limit=a.azure)
+        name = f"azure_conv[:{a.azure}]"
+    else:  # what `smartbatch demo` runs
+        reqs = [r.model_copy(update={"deadline_s": min(r.deadline_s, 3600.0)})
+                for r in synth(2000, seed=0, duration_s=600.0)]
+        name = "synth-2000-seed0"
+    live: list = []
+    more = {"num_shards": a.shards} if a.shards != 1 else {}
+    run_live(reqs, trace_name=name, policy="smart", speedup=a.speedup, results=live, **more)
+    sim = simulate(reqs, load_policy("smart", cat), catalog=cat)
+    by = {r.id: r for r in live}
+    pri = np.array([r.priority for r in sim.requests])
+    met_live = np.array([bool(by[r.id].deadline_met) for r in sim.requests])
+    cost_live = sum(r.cost_usd for r in live)
+    print(f"{name}, {len(reqs):,} requests at {a.speedup:g}x, {a.shards} shard(s), simulated providers")
+    print("| | simulator | live | difference |")
+    print("|---|---:|---:|---:|")
+    for label, mask in [("deadlines met, all", np.ones(len(pri), bool)),
+                        *((f"deadlines met, {p}", pri == p) for p in ("urgent", "normal", "background"))]:
+        if mask.any():
+            s, li = 100 * sim.met[mask].mean(), 100 * met_live[mask].mean()
+            print(f"| {label} | {s:.2f} % | {li:.2f} % | {li - s:+.2f} points |")
+    print(f"| cost | ${sim.total_cost:.4f} | ${cost_live:.4f} | {100 * (cost_live / sim.total_cost - 1):+.2f} % |")
+    missed = [r for r in sim.requests if r.priority == "urgent" and not by[r.id].deadline_met]
+    if missed:
+        late = np.array([by[r.id].done_s - r.deadline_at for r in missed])
+        print(f"\nurgent misses live: {len(missed)}, late by {np.median(late):.1f} engine s at the median "
+              f"({np.median(late) / a.speedup * 1000:.0f} ms real); modes "
+              f"{dict(collections.Counter(by[r.id].mode for r in missed))}; why: "
+              f"{collections.Counter(by[r.id].reason.split(';')[0] for r in missed).most_common(3)}")
+        si = {r.id: k for k, r in enumerate(sim.requests)}
+        took = np.array([by[r.id].done_s - r.arrival_s for r in missed])
+        took_sim = np.array([sim.done_at[si[r.id]] - r.arrival_s for r in missed])
+        print(f"  arrival to result, engine s, median: live {np.median(took):.1f}, simulator {np.median(took_sim):.1f}")
+
+
+if __name__ == "__main__":
+    main()
