@@ -74,10 +74,10 @@ class Outbox:
             except Exception as exc:
                 log.warning("dispatcher %s: cache did not take %d result(s): %s", self.name, len(fills), _short(exc))
         if orphans:
-            try:
-                answers = await self.caches.call("orphans", [s for s, _ in orphans], [o for _, o in orphans])
-                readmit.extend(f for _, part in answers for f in part)
-            except Exception as exc:
+            answers, errors = await self.caches.call_partial("orphans", [s for s, _ in orphans],
+                                                             [o for _, o in orphans])
+            readmit.extend(f for _, part in answers for f in part)
+            for exc in errors:
                 log.warning("dispatcher %s: cache did not answer for orphans: %s", self.name, _short(exc))
         if settle:
             self.budget.send("settle_many", settle)

@@ -97,13 +97,21 @@ class Shards(list):
                    lead: tuple = ()) -> list[tuple[list[int] | None, Any]]:
         """Each shard's answer with the positions (in ``items``) of the part it got (None: all of them).
         Raises the first failure, once every part has been answered or has failed."""
+        answers, errors = await self.call_partial(method, route, items, *parallel, lead=lead)
+        if errors:
+            raise errors[0]
+        return answers
+
+    async def call_partial(self, method: str, route: Route, items: Sequence, *parallel: Sequence,
+                           lead: tuple = ()) -> tuple[list[tuple[list[int] | None, Any]], list[BaseException]]:
+        """As ``call``, but the answers of the shards that answered and the failures of the others: where an
+        answer changed the shard's state (it handed over followers, refused an id), it must not be lost
+        because another shard failed."""
         parts = self._parts(route, items, parallel)
-        answers = await asyncio.gather(*(self[s].call(method, *lead, *args) for s, _, args in parts),
-                                       return_exceptions=True)
-        for a in answers:
-            if isinstance(a, BaseException):
-                raise a
-        return [(pos, a) for (_, pos, _), a in zip(parts, answers)]
+        got = await asyncio.gather(*(self[s].call(method, *lead, *args) for s, _, args in parts),
+                                   return_exceptions=True)
+        answers = [(pos, a) for (_, pos, _), a in zip(parts, got) if not isinstance(a, BaseException)]
+        return answers, [a for a in got if isinstance(a, BaseException)]
 
     async def call_all(self, method: str, *args: Any) -> list:
         """Every shard's answer to the same message (a few ids to recall, say)."""

@@ -23,6 +23,9 @@ class Job(NamedTuple):
     attempts: int = 0
     hedges: int = 0
     claim: str | None = None  # the budget reservation this dispatch holds, settled when it ends
+    # The cache shard that looked it up (its class's when admitted): where its result and its followers are,
+    # even after a reroute to a fallback model of another class.
+    cache_shard: int = 0
 
 
 class BatchJob(NamedTuple):

@@ -22,7 +22,7 @@ from actors._batch_api import BatchApiRuns
 from actors._dispatch_outbox import Outbox
 from actors._dispatch_recovery import Recovery
 from actors._peer import Warm, as_peer, resolve_clock
-from actors._shards import Shards, class_shard
+from actors._shards import Shards
 from actors._types import BatchJob, Job
 from actors.journal import JournalWriter, make_journal
 from actors.metrics import DispatchCounts, retry_reason
@@ -350,7 +350,7 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
         self._results.append(res)
         self._list_prices.append(price)
         if self.caches:
-            shard = class_shard(r, len(self.caches))
+            shard = j.cache_shard
             self._fills.append((shard, (j.fp, res)))
             if not ok:
                 self._orphans.append((shard, (j.fp, r.uid)))

@@ -21,7 +21,7 @@ from collections import OrderedDict
 
 from actors._grouper_park import Parking
 from actors._peer import Warm, as_peer, resolve_clock
-from actors._shards import Shards, by_result_uid, class_shard
+from actors._shards import Shards, by_result_uid
 from actors._types import BatchJob, Job
 from engine.core.budgets import LEDGER, Claim, Verdict
 from engine.core.catalog import Catalog
@@ -178,14 +178,11 @@ class Grouper(Parking, Warm):
         if held:
             self.budget.send("settle_many", held)
         if self.caches:
-            n = len(self.caches)
-            try:
-                answers = await self.caches.call("orphans", [class_shard(j.req, n) for j, _ in results],
-                                                 [(j.fp, j.req.uid) for j, _ in results])
-                followers = [f for _, part in answers for f in part]
-            except Exception as exc:
+            answers, errors = await self.caches.call_partial("orphans", [j.cache_shard for j, _ in results],
+                                                             [(j.fp, j.req.uid) for j, _ in results])
+            followers = [f for _, part in answers for f in part]
+            for exc in errors:
                 log.warning("grouper %s: cache did not answer for orphans: %s", self.name, exc)
-                followers = []
             if followers:  # the same fingerprint, so the same compatibility key: this grouper's shard
                 await self.add(followers)
 

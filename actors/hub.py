@@ -155,6 +155,11 @@ class ResultHub(Warm, MemoryJournalStore):
         await self.claim(client, ok)
         return refused
 
+    async def register(self, uids: list[str], fps: list[str]) -> None:
+        """The fingerprints of ids admitted before this shard restarted (``Ingest.reregister``)."""
+        for u, fp in zip(uids, fps):
+            self._fps.setdefault(u, fp)
+
     async def refuse(self, client: str | None, results: list[Result]) -> None:
         """Results for driver ``client`` alone (ingest refusing a request it sent): not the engine's results,
         so neither counted nor kept among the recent ones."""
@@ -163,7 +168,10 @@ class ResultHub(Warm, MemoryJournalStore):
             q.give(r)
 
     async def set_logging(self, level: str, actor: str, hub=None) -> None:
-        ship_logs(level, actor, self._logs.add)  # the hub's own lines go straight to its book
+        if actor == "hub" or hub is None:
+            ship_logs(level, actor, self._logs.add)  # shard 0's own lines go straight to its book
+        else:  # another shard's go to shard 0's, which the drivers read
+            await super().set_logging(level, actor, hub)
 
     async def log(self, records: list) -> None:
         """Log lines shipped by the other actors (``actors.logship``)."""

@@ -12,7 +12,7 @@ import logging
 import time
 
 from actors._peer import Warm, as_peer
-from actors._shards import Shards, by_job_class, by_result_uid, by_uid
+from actors._shards import Shards, by_job_class, by_result_uid, by_uid, class_shard, uid_shard
 from actors._types import Job, send_sharded
 from actors.journal import redis_journal
 from engine.core.features import fingerprint
@@ -118,7 +118,7 @@ class Ingest(Warm):
             k, n = self.shard
             seq = OWN_ROWS + self.next_seq * n + k
         self.next_seq += 1
-        return Job(seq, r, fp)
+        return Job(seq, r, fp, cache_shard=class_shard(r, len(self.caches)) if self.caches else 0)
 
     def _sort(self, requests: list[Request], client: str | None) -> list[Request]:
         """The requests whose id is new or whose content matches its id's, recorded as held by driver
@@ -216,21 +216,36 @@ class Ingest(Warm):
     async def _admit_across(self, client: str, jobs: list[Job]) -> list[Job]:
         """Claim ``jobs`` for ``client`` at the hub shards of their ids, which refuse an id another ingest shard
         admitted with other content; returns the jobs that may go on."""
-        answers = await self.hubs.call("admit", by_uid, [j.req.uid for j in jobs], [j.fp for j in jobs],
-                                       lead=(client,))
+        refused = await self._admit_ids(client, [j.req for j in jobs], [j.fp for j in jobs])
+        return [j for j in jobs if j.req.uid not in refused] if refused else jobs
+
+    async def _admit_ids(self, client: str, reqs: list[Request], fps: list[str]) -> set[str]:
+        """``ResultHub.admit`` at the hub shards of the ids: the ids refused (another content holds them), whose
+        driver is told so; those stay unseen here. A refusal from one shard stands even when another shard
+        failed (which then raises: the driver re-admits those requests, and re-admission admits them again)."""
+        answers, errors = await self.hubs.call_partial("admit", by_uid, [r.uid for r in reqs], fps,
+                                                       lead=(client,))
         refused = {u for _, part in answers for u in part}
-        if not refused:
-            return jobs
-        out, bad = [], []
-        for j in jobs:
-            if j.req.uid in refused:
-                self.seen.pop(j.req.uid, None)
-                self._release(j.req.uid, client)
-                bad.append(_other_content(j.req))
-            else:
-                out.append(j)
-        self.hubs.send("refuse", by_result_uid, bad, lead=(client,))
-        return out
+        if refused:
+            bad = []
+            for r in reqs:
+                if r.uid in refused:
+                    self.seen.pop(r.uid, None)
+                    self._release(r.uid, client)
+                    bad.append(_other_content(r))
+            self.hubs.send("refuse", by_result_uid, bad, lead=(client,))
+        if errors:
+            raise errors[0]
+        return refused
+
+    async def reregister(self, shard: int) -> int:
+        """Hub shard ``shard`` restarted and lost the fingerprints of the ids it checks: give it those of the
+        ids admitted here (the rest of the engine's are given by the other ingest shards). Returns how many."""
+        n = len(self.hubs)
+        uids = [u for u in self.seen if uid_shard(u, n) == shard]
+        if uids:
+            await self.hubs[shard].call("register", uids, [self.seen[u] for u in uids])
+        return len(uids)
 
     async def _claim_repeats(self, client: str, reqs: list[Request], checked: bool = False) -> None:
         """A request submitted again (another driver's, or this one's before it lost its memory): claim its
@@ -309,8 +324,14 @@ class Ingest(Warm):
         their deadline): the cache is not asked, so a request still following an identical one whose result
         cannot reach it any more is generated itself; who still says it holds one is logged."""
         requests = self._sort(requests, client)
+        if client is not None and self.hubs and requests and self.shard[1] > 1:
+            # Across ingest shards the hub checks that an id names one content, here too (a refusal a failed
+            # submit lost, or a hub shard that restarted and forgot the ids' contents).
+            fps = [fingerprint(r, share_across_tenants=self.share) for r in requests]
+            refused = await self._admit_ids(client, requests, fps)
+            requests = [r for r in requests if r.uid not in refused]
         uids = [r.uid for r in requests]
-        if client is not None and self.hubs and uids:
+        if client is not None and self.hubs and uids and self.shard[1] == 1:
             self.hubs.send("claim", by_uid, uids, lead=(client,))
         # The hub too: a result it holds but the driver had not pulled when it listed its unfinished requests.
         peers = self._rememberers(caches=not force)

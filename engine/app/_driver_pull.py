@@ -35,20 +35,10 @@ class Pulling:
         return [(i, p) for i, p in zip(ingests, parts) if p]
 
     def _forget(self, reqs: Sequence[Request]) -> None:
-        """Tell ingest (which tells the actors that remember) that these requests' ids are free again; and the
-        hub shards, which check that an id names one content across the ingest shards, at once."""
-        from actors._shards import uid_shard
-
+        """Tell ingest (which tells the actors that remember, the hub among them, once no other driver holds an
+        id) that these requests' ids are free again."""
         for i, part in self._by_ingest(reqs):
             i.forget.remote([r.uid for r in part], self._client)
-        hubs = self._h["hubs"]
-        if len(self._h["ingests"]) > 1:
-            parts: list[list[str]] = [[] for _ in hubs]
-            for r in reqs:
-                parts[uid_shard(r.uid, len(hubs))].append(r.uid)
-            for h, p in zip(hubs, parts):
-                if p:
-                    h.forget.remote(p)
 
     def _hub_of(self, uid: str) -> Any:
         from actors._shards import uid_shard

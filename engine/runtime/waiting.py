@@ -69,6 +69,8 @@ class BudgetWaits:
 
     def hold(self, key: Hashable, req: Request, due: float, budget: str, payload: Any) -> None:
         self.drop(key)
+        if len(self._by_deadline) > 2 * len(self.held) + 1024:
+            self._compact()  # entries of members sent or dropped since: a deadline may be a day away
         h = self.held[key] = Held(key, req, due, budget, payload, next(self._seq))
         self._ranks.setdefault(budget, [0, 0, 0])[PRIORITY_RANK[req.priority]] += 1
         heapq.heappush(self._by_due, (due, h.seq, key))
@@ -79,6 +81,17 @@ class BudgetWaits:
         if h is not None:
             self._ranks[h.budget][PRIORITY_RANK[h.req.priority]] -= 1
         return h
+
+    def _compact(self) -> None:
+        """Rebuild the heaps from what is held (dropping the stale entries); the due ones stay ready."""
+        held = self.held.values()
+        ready = {(seq, key) for *_, seq, key in self._ready}
+        self._by_due = [(h.due, h.seq, h.key) for h in held if (h.seq, h.key) not in ready]
+        self._by_deadline = [(h.req.deadline_at, h.seq, h.key) for h in held]
+        self._ready = [(PRIORITY_RANK[h.req.priority], h.req.deadline_at, h.seq, h.key) for h in held
+                       if (h.seq, h.key) in ready]
+        for q in (self._by_due, self._by_deadline, self._ready):
+            heapq.heapify(q)
 
     def _live(self, seq: int, key: Hashable) -> Held | None:
         h = self.held.get(key)

@@ -140,7 +140,7 @@ class Handle:
         return _M
 
 
-def test_the_driver_sends_a_class_to_one_ingest_shard_and_forgets_ids_at_their_hub_shard():
+def test_the_driver_sends_a_class_to_one_ingest_shard_and_forgets_ids_there():
     from engine.app._driver_pull import Pulling
 
     class Driver(Pulling):
@@ -158,7 +158,56 @@ def test_the_driver_sends_a_class_to_one_ingest_shard_and_forgets_ids_at_their_h
     for k, h in enumerate(d._h["ingests"]):
         (name, (uids, client)), = h.calls
         assert name == "forget" and client == "drv" and all(class_shard(r, 2) == k for r in reqs if r.uid in uids)
-    for k, h in enumerate(d._h["hubs"]):  # the id's hub shard frees its fingerprint at once
-        (name, (uids,)), = h.calls
-        assert name == "forget" and uids and all(uid_shard(u, 2) == k for u in uids)
-    assert sum(len(h.calls[0][1][0]) for h in d._h["hubs"]) == 30
+    # Not to the hubs directly: ingest tells them once no other driver holds an id.
+    assert all(h.calls == [] for h in d._h["hubs"])
+    assert sum(len(h.calls[0][1][0]) for h in d._h["ingests"]) == 30
+
+
+def test_a_hub_shard_that_restarted_still_refuses_an_id_with_other_content_and_so_does_readmission():
+    async def go():
+        hubs = [ResultHub(), ResultHub()]
+        groupers = [Recorder()]
+        ingests = [Ingest(groupers, None, hub=hubs, shard=(k, 2)) for k in range(2)]
+        first = req(1, "gpt-5-mini", "a")
+        other = next(r for r in (req(1, m, "a") for m in MODELS) if class_shard(r, 2) != class_shard(first, 2))
+        a, b = ingests[class_shard(first, 2)], ingests[class_shard(other, 2)]
+        assert await a.submit([first], "one") == 1
+        k = uid_shard(first.uid, 2)
+        hubs[k] = ResultHub()  # restarted: it forgot which content the id names ...
+        for i in ingests:
+            i.hubs[k] = Shards(hubs[k])[0]
+        assert sum([await i.reregister(k) for i in ingests]) == 1  # ... and the ingest shards tell it again
+        assert await b.submit([other], "two") == 0
+        assert await b.readmit([other], "two") == 0  # a re-admission is checked too
+        await asyncio.sleep(0)
+        assert [j.req.model for j in groupers[0].jobs] == [first.model]
+        refusals = await hubs[k].pull(0, "two")
+        assert len(refusals) == 2 and all("other content" in r.error for r in refusals)
+    asyncio.run(go())
+
+
+def test_followers_of_a_request_rerouted_to_another_class_are_released_at_the_cache_shard_that_holds_them():
+    from actors import Grouper
+    from actors._types import Job
+    from engine.core.catalog import default_catalog
+    from policies import load_policy
+
+    class Caches:
+        def __init__(self):
+            self.calls = []
+
+        async def orphans(self, failed):
+            self.calls.append(failed)
+            return []
+
+    async def go():
+        cat = default_catalog()
+        caches = [Caches(), Caches()]
+        g = Grouper(load_policy("naive", cat), cat, ManualClock(0.0), {}, None, [ResultHub()], budget_limited=False,
+                    cache=caches)
+        r = req(1, "gpt-5-mini", "a")
+        looked_up_at = 1 - class_shard(r, 2)  # as if it was rerouted from a model of the other class
+        j = Job(0, r, "fp", cache_shard=looked_up_at)
+        await g._resolve([(j, Result(id=r.id, status="failed", error="x"))])
+        assert caches[looked_up_at].calls == [[("fp", r.uid)]] and caches[1 - looked_up_at].calls == []
+    asyncio.run(go())

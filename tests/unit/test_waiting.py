@@ -79,3 +79,20 @@ def test_no_overtaking_less_urgent_work_under_a_budget_waits_behind_held_urgent_
     assert w.blocker(req(3, "background", tenant="globex"), over) is None  # another budget
     w.drop(u.uid)
     assert w.overtaken([acme, other]) == [] and w.drop(u.uid) is None
+
+
+def test_what_it_keeps_is_bounded_by_what_is_held_not_by_what_passed_through():
+    w = BudgetWaits()
+    for k in range(20_000):  # held, then sent on: a day of deadlines ahead of each
+        r = req(k, deadline_s=86_400.0)
+        w.hold(r.uid, r, 1.0, "b", k)
+        w.take(2.0)
+    assert len(w) == 0 and len(w._by_deadline) <= 1024 + 2
+    keep = req(1, "urgent", deadline_s=86_400.0)
+    w.hold(keep.uid, keep, 50.0, "b", "kept")
+    for k in range(3_000):
+        r = req(10_000 + k, deadline_s=86_400.0)
+        w.hold(r.uid, r, 1.0, "b", k)
+        w.take(2.0)
+    _, ready = w.take(60.0)
+    assert [h.payload for h in ready] == ["kept"]  # compacting kept what was held
