@@ -80,14 +80,20 @@ def test_a_sharded_engine_reuses_across_ingest_shards_and_routes_every_result_to
     asyncio.run(go())
 
 
+def one_id_two_contents():
+    """Two hub shards, two ingest shards (by class) and one grouper; one id with two contents of two classes
+    (``first`` admitted by ingest ``a``, ``other`` by ``b``)."""
+    hubs = [ResultHub(), ResultHub()]
+    groupers = [Recorder()]
+    ingests = [Ingest(groupers, None, hub=hubs, shard=(k, 2)) for k in range(2)]
+    first = req(1, "gpt-5-mini", "a")
+    other = next(r for r in (req(1, m, "a") for m in MODELS) if class_shard(r, 2) != class_shard(first, 2))
+    return hubs, groupers, ingests, first, other, ingests[class_shard(first, 2)], ingests[class_shard(other, 2)]
+
+
 def test_an_id_sent_with_other_content_to_another_ingest_shard_is_refused_by_the_hub_shard_of_the_id():
     async def go():
-        hubs = [ResultHub(), ResultHub()]
-        groupers = [Recorder()]
-        ingests = [Ingest(groupers, None, hub=hubs, shard=(k, 2)) for k in range(2)]
-        first = req(1, "gpt-5-mini", "a")
-        other = next(r for r in (req(1, m, "a") for m in MODELS) if class_shard(r, 2) != class_shard(first, 2))
-        a, b = ingests[class_shard(first, 2)], ingests[class_shard(other, 2)]
+        hubs, groupers, ingests, first, other, a, b = one_id_two_contents()
         assert a is not b
         assert await a.submit([first], "one") == 1
         assert await b.submit([other], "two") == 0  # refused: the id names another content
@@ -165,12 +171,7 @@ def test_the_driver_sends_a_class_to_one_ingest_shard_and_forgets_ids_there():
 
 def test_a_hub_shard_that_restarted_still_refuses_an_id_with_other_content_and_so_does_readmission():
     async def go():
-        hubs = [ResultHub(), ResultHub()]
-        groupers = [Recorder()]
-        ingests = [Ingest(groupers, None, hub=hubs, shard=(k, 2)) for k in range(2)]
-        first = req(1, "gpt-5-mini", "a")
-        other = next(r for r in (req(1, m, "a") for m in MODELS) if class_shard(r, 2) != class_shard(first, 2))
-        a, b = ingests[class_shard(first, 2)], ingests[class_shard(other, 2)]
+        hubs, groupers, ingests, first, other, a, b = one_id_two_contents()
         assert await a.submit([first], "one") == 1
         k = uid_shard(first.uid, 2)
         hubs[k] = ResultHub()  # restarted: it forgot which content the id names ...
