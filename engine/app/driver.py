@@ -81,8 +81,7 @@ class Engine(AsyncSubmit, Pulling, SharedEngine, Supervised):
         self._wake = threading.Event()
         self._flusher = threading.Thread(target=self._flush_loop, name="smartbatch-flush", daemon=True)
         self._puller = threading.Thread(target=self._pull_loop, name="smartbatch-pull", daemon=True)
-        # Health checks wait on every actor (up to seconds when one is busy): in a thread of their own, so the
-        # pull loop only delivers results (at 100x, a second it spent on checks was 100 s of engine time).
+        # Health checks wait on every actor (seconds, when one is busy): not in the loop that delivers results.
         self._checker = threading.Thread(target=self._check_loop, name="smartbatch-check", daemon=True)
         self._flusher.start()
         self._puller.start()
