@@ -1,9 +1,11 @@
 """One keyed role spread over several actors, and the keys that route to them.
 
-Ingest and the result hub shard by request id (``uid_shard``): everything they keep is per id. The cache and the
+The result hub shards by request id (``uid_shard``): everything it keeps is per id. Ingest, the cache and the
 groupers shard by compatibility class (``class_shard``): an exact duplicate has the same fingerprint, hence the
 same class, and near duplicates are only ever searched within a class, so a class's whole reuse and batching
-state lives in one actor. With one shard every message goes whole to it, as before sharding.
+state lives in one actor, and reaches it through one ingest shard in submission order. (That an id names one
+content across ingest shards, the hub shard of the id checks: ``ResultHub.admit``.) With one shard every message
+goes whole to it, as before sharding.
 """
 
 from __future__ import annotations
@@ -26,13 +28,13 @@ def key_shard(key: Any, n: int) -> int:
 
 
 def class_shard(req: Request, n: int) -> int:
-    """The grouper and cache shard that own a request: by its compatibility key, so requests that may share a
-    batch or a cached result (and a request's retries) always meet in one actor."""
+    """The ingest, cache and grouper shard that own a request: by its compatibility key, so requests that may
+    share a batch or a cached result (and a request's retries) always meet in one actor."""
     return 0 if n == 1 else key_shard(compat_key(req), n)
 
 
 def uid_shard(uid: str, n: int) -> int:
-    """The ingest and hub shard of a request id (``Request.uid``)."""
+    """The hub shard of a request id (``Request.uid``)."""
     return 0 if n == 1 else zlib.crc32(uid.encode()) % n
 
 

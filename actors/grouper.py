@@ -1,14 +1,13 @@
 """The similarity grouper: runs the policy over open groups (the same ``GroupTable`` the simulator uses) and
 sends each dispatch, after its budget reservation, to the provider's dispatcher.
 
-Budgets: each member reserves the upper bound of its dispatch (``reserve_bound``). A member refused because
-open reservations hold the budget waits here and tries again every ``PARK_RETRY_S`` engine seconds; one
-deferred (by pacing or to the next window) tries again when its verdict says; either is rejected once its
-deadline passes. Tries are batched: one timer and one reservation call for what is due, most urgent first,
-sent as the policy decided it. One refused outright resolves as ``rejected`` with ``budget_exhausted``.
+Budgets: each member reserves the upper bound of its dispatch (``reserve_bound``). A member the budget holds
+back waits here under the kernel's rule (``engine.runtime.waiting``, as in the simulator), tried again on one
+timer, in one reservation call for what is due, as the policy decided it. One refused outright resolves as
+``rejected`` with ``budget_exhausted``.
 
-Shardable by compatibility key: the driver routes each request to one grouper by a hash of its key, so
-several groupers can split the load and a group never spans two of them.
+Shardable by compatibility key: ingest routes each request to one grouper by a hash of its key, so several
+groupers can split the load and a group never spans two of them.
 """
 
 from __future__ import annotations
@@ -56,10 +55,8 @@ class Grouper(Parking, Warm):
         self.max_attempts = max_attempts
         self.reserve_model_max = reserve_model_max
         self.budget_specs = tuple(budget_specs)
-        # request id -> (try again at, job, budget that held it, its dispatch without members): a try sends it
-        # as decided, without running the policy again (re-running it over every waiting job at every try
-        # loaded a 2-core machine enough to make urgent work late).
-        self.waits = BudgetWaits(self._park_step)  # members a budget holds back (see actors._grouper_park)
+        # Members a budget holds back, by request id, each with its dispatch (actors._grouper_park).
+        self.waits = BudgetWaits(self._park_step)
         self._park_timer: tuple[float, asyncio.TimerHandle] | None = None
         self._claims = itertools.count()
         # Claim ids must be unique across engines sharing one Redis ledger and across restarts.
