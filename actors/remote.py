@@ -1,5 +1,5 @@
 """Wires the actor classes to Ray: a budget controller, N groupers, one dispatcher per provider, and S shards each
-of ingest, the cache and the result hub (``actors._shards``: ingest and hub by request id, cache and groupers by
+of ingest, the cache and the result hub (``actors._shards``: the hub by request id; ingest, cache and groupers by
 compatibility class; shard 0 of the hub also keeps the journal, the relayed logs and the engine's figures).
 
 Every actor takes ``num_cpus=0`` (they are I/O-bound event loops; the machine has 2 cores). A dispatcher is

@@ -117,8 +117,8 @@ class Engine(AsyncSubmit, Pulling, SharedEngine, Supervised):
         ``Engine.stop_named(name)`` stop the engine); it needs a Ray that outlives it too (``ray start --head``,
         or ``smartbatch serve``).
 
-        ``num_shards``: how many actors each of ingest, the cache and the result hub run as (ingest and the hub
-        split requests by id, the cache by compatibility class; docs/benchmarks.md, "Scale-out"); groupers
+        ``num_shards``: how many actors each of ingest, the cache and the result hub run as (the hub splits
+        requests by id, ingest and the cache by compatibility class; docs/benchmarks.md, "Scale-out"); groupers
         default to as many. Each hub shard serves the metrics of its results (``metrics_urls``; a fixed
         ``metrics_port`` P puts shard k on P + k)."""
         import ray

@@ -28,8 +28,8 @@ HERE = Path(__file__).resolve().parent
 
 def test_the_engine_on_a_simulated_cluster_makes_the_simulators_decisions_request_by_request():
     """Head plus one node per provider resource group (ray.cluster_utils, in a process of its own: a process
-    holds one Ray connection), two shards of each sharded kind (ingest and hub by request id, cache and groupers
-    by compatibility class). Every dispatcher runs on a node with its provider's resource, every shard does part
+    holds one Ray connection), two shards of each sharded kind (the hub by request id; ingest, cache and
+    groupers by compatibility class). Every dispatcher runs on a node with its provider's resource, every shard does part
     of the work, and every request gets the simulator's mode, cost, deadline outcome and reuse kind, in the same
     batches; the report merged from the hub shards counts every request once. _parity.py checks the trace's
     premise and coverage first."""
