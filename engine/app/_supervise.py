@@ -206,19 +206,28 @@ class Supervised:
         if not refs:
             return
         ready, _ = self._ray.wait(refs, num_returns=len(refs), timeout=0)
-        for ref in ready:
-            with self._lock:
-                ids, tries = self._inflight_refs.pop(ref, ([], 0))
-            with self._lock:
-                after = ref in self._readmit_after
-                self._readmit_after.discard(ref)
-            try:
-                self._ray.get(ref)
-            except Exception as exc:
-                self._submission_failed(ids, tries, exc)
-            else:
-                if after:  # a restart happened while this call was out: what it sent may have been lost
-                    self._readmit_open(ids, tries)
+        if not ready:
+            return
+        try:  # one call for all that returned (hundreds at 100x): the per-call path only when one failed
+            self._ray.get(ready)
+            failed: set = set()
+        except Exception:
+            failed = {ref for ref in ready if self._failure(ref) is not None}
+        with self._lock:
+            done = [(ref, *self._inflight_refs.pop(ref, ([], 0)), ref in self._readmit_after) for ref in ready]
+            self._readmit_after.difference_update(ready)
+        for ref, ids, tries, after in done:
+            if ref in failed:
+                self._submission_failed(ids, tries, self._failure(ref))
+            elif after:  # a restart happened while this call was out: what it sent may have been lost
+                self._readmit_open(ids, tries)
+
+    def _failure(self, ref) -> BaseException | None:
+        try:
+            self._ray.get(ref)
+        except Exception as exc:
+            return exc
+        return None
 
     def _submission_failed(self, uids: list[str], tries: int, exc: BaseException) -> None:
         """A call to ingest failed (it died, or a peer it called did): re-admit its requests once it is back."""
