@@ -28,7 +28,7 @@ from actors._shards import Shards, by_result_uid
 from actors.cache_layers import CorruptValue, Entry, LocalBlobStore, MemoryLRU, RedisLayer, decode, encode
 from engine.core.catalog import default_catalog
 from engine.core.cost import price_alone
-from engine.core.features import NEAR_DIM, compat_key
+from engine.core.features import NEAR_DIM, compat_key, near_vectors_texts
 from engine.core.grouping import ReuseSettings
 from engine.core.result import Result
 from engine.core.settings import CacheSettings, Settings
@@ -83,6 +83,13 @@ class ResultCache(NearIndex, Warm):
         # Requests this cache resolved lately, with their results: a re-admission after the hub lost them gets
         # them again instead of a call (see ``recall``).
         self._delivered: OrderedDict[str, tuple[Result, float]] = OrderedDict()
+
+    async def warm(self) -> int:
+        """Also load the sentence embedding now (0.1-0.2 s cold), not at the first near-duplicate ask: that
+        stall would hold every lookup queued behind it."""
+        if self.reuse.near:
+            near_vectors_texts(["warm"], [{}])
+        return await super().warm()
 
     async def set_clock(self, clock) -> None:
         """The engine sets the clock once every actor is up, so engine time 0 is when submitting can start."""
