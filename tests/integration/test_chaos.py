@@ -26,14 +26,14 @@ from engine.emulator import Emulator
 
 CAT = default_catalog()
 SPEEDUP = 400.0
-N = 1000
+N = 800
 GRACE_S = 90.0  # real seconds past the last deadline: restart, rewire and re-admission, on a 2-core machine
 KINDS = ["dispatcher-openai", "grouper-0", "ingest", "cache", "budget", "hub", "dispatcher-anthropic"]
 PER_PHASE = 3  # kinds killed (in turn) during one phase's requests
 
 
 def phase_requests(phase: int, now: float) -> list[dict]:
-    """1,000 requests of the synthetic mix (text, image, video; duplicates), deadlines within 30 min. Video
+    """N (800) requests of the synthetic mix (text, image, video; duplicates), deadlines within 30 min. Video
     goes to the simulated providers: the HTTP adapters do not generate video."""
     out = []
     for r in synth(N + 200, seed=100 + phase, duration_s=30.0):
@@ -83,7 +83,7 @@ def test_killing_each_actor_kind_mid_run_loses_nothing_and_pays_nothing_twice(ch
     results = []
     wanted = os.environ.get("CHAOS_KINDS", ",".join(KINDS)).split(",")  # to replay one kind when debugging
     kinds = [k for k in KINDS if k in wanted]
-    # Each phase's 1,000 requests see up to three kinds killed in turn (the next once the last is recovered);
+    # Each phase's N requests see up to three kinds killed in turn (the next once the last is recovered);
     # the last phase kills nothing: new submits still work after the last kill.
     phases = [kinds[k:k + PER_PHASE] for k in range(0, len(kinds), PER_PHASE)] + [[]]
     for phase, kill in enumerate(phases):

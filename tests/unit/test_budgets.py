@@ -149,7 +149,7 @@ def small_trace(n=600):
     return synth(n, seed=11, duration_s=1800.0)
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=5, deadline=None)
 @given(st.floats(0.05, 1.2), st.sampled_from([None, "5m", "15m"]), st.floats(0.1, 0.6),
        st.sampled_from(["naive", "smart", "batch-all"]))
 def test_the_simulator_never_spends_past_a_budget(share, duration, tenant_share, policy):
