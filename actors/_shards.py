@@ -19,7 +19,7 @@ from actors._peer import Peer, as_peer
 from engine.core.features import compat_key
 from engine.core.request import Request
 
-__all__ = ["Shards", "by_job_class", "by_result_uid", "by_uid", "class_shard", "key_shard", "shard_kind",
+__all__ = ["Shards", "by_job_class", "by_result_uid", "class_shard", "key_shard", "shard_kind",
            "uid_shard"]
 
 
@@ -36,10 +36,6 @@ def class_shard(req: Request, n: int) -> int:
 def uid_shard(uid: str, n: int) -> int:
     """The hub shard of a request id (``Request.uid``)."""
     return 0 if n == 1 else zlib.crc32(uid.encode()) % n
-
-
-def by_uid(uid: str, n: int) -> int:
-    return uid_shard(uid, n)
 
 
 def by_result_uid(r: Any, n: int) -> int:
@@ -114,11 +110,3 @@ class Shards(list):
                                    return_exceptions=True)
         answers = [(pos, a) for (_, pos, _), a in zip(parts, got) if not isinstance(a, BaseException)]
         return answers, [a for a in got if isinstance(a, BaseException)]
-
-    async def call_all(self, method: str, *args: Any) -> list:
-        """Every shard's answer to the same message (a few ids to recall, say)."""
-        return list(await asyncio.gather(*(p.call(method, *args) for p in self)))
-
-    def send_all(self, method: str, *args: Any) -> None:
-        for p in self:
-            p.send(method, *args)

@@ -7,13 +7,7 @@ from typing import NamedTuple
 from actors._shards import class_shard
 from engine.core.request import Request
 
-__all__ = ["BatchJob", "Job", "send_sharded", "shard_of"]
-
-
-def shard_of(req: Request, n: int) -> int:
-    """The grouper that owns a request: by its compatibility key, so requests that may share a batch (and a
-    request's retries) always meet in one grouper."""
-    return class_shard(req, n)
+__all__ = ["BatchJob", "Job", "send_sharded"]
 
 
 class Job(NamedTuple):
@@ -42,7 +36,7 @@ def send_sharded(groupers: list, jobs: list[Job]) -> None:
     """Send each job to the grouper that owns it: one call per grouper, none for an empty share."""
     shards: list[list[Job]] = [[] for _ in groupers]
     for j in jobs:
-        shards[shard_of(j.req, len(shards))].append(j)
+        shards[class_shard(j.req, len(shards))].append(j)
     for g, part in zip(groupers, shards):
         if part:
             g.send("add", part)

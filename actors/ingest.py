@@ -12,7 +12,7 @@ import logging
 import time
 
 from actors._peer import Warm, as_peer
-from actors._shards import Shards, by_job_class, by_result_uid, by_uid, class_shard, uid_shard
+from actors._shards import Shards, by_job_class, by_result_uid, class_shard, uid_shard
 from actors._types import Job, send_sharded
 from actors.journal import redis_journal
 from engine.core.features import fingerprint
@@ -76,7 +76,7 @@ class Ingest(Warm):
             return
         for p in self._rememberers(hubs=False):
             p.send("forget", uids)
-        self.hubs.send("forget", by_uid, uids)
+        self.hubs.send("forget", uid_shard, uids)
         if self.journal is not None:
             try:
                 await self.journal.delete(ACCEPTED, uids)
@@ -191,7 +191,7 @@ class Ingest(Warm):
                 if across:
                     jobs = await self._admit_across(client, jobs)
                 elif jobs:  # sent before the jobs move on; a result that still comes first is handed over at the claim
-                    self.hubs.send("claim", by_uid, [j.req.uid for j in jobs], lead=(client,))
+                    self.hubs.send("claim", uid_shard, [j.req.uid for j in jobs], lead=(client,))
                 if repeats:
                     await self._claim_repeats(client, repeats)
             if not jobs:
@@ -223,7 +223,7 @@ class Ingest(Warm):
         """``ResultHub.admit`` at the hub shards of the ids: the ids refused (another content holds them), whose
         driver is told so; those stay unseen here. A refusal from one shard stands even when another shard
         failed (which then raises: the driver re-admits those requests, and re-admission admits them again)."""
-        answers, errors = await self.hubs.call_partial("admit", by_uid, [r.uid for r in reqs], fps,
+        answers, errors = await self.hubs.call_partial("admit", uid_shard, [r.uid for r in reqs], fps,
                                                        lead=(client,))
         refused = {u for _, part in answers for u in part}
         if refused:
@@ -254,7 +254,7 @@ class Ingest(Warm):
         (a request may be between two actors at the first), finished so long ago that its result is gone:
         the driver is told so, rather than left waiting or the request generated and paid a second time."""
         try:
-            answers = await self.hubs.call("claim", by_uid, [r.uid for r in reqs], lead=(client,))
+            answers = await self.hubs.call("claim", uid_shard, [r.uid for r in reqs], lead=(client,))
             missing = {u for _, part in answers for u in part}
         except Exception as exc:  # the hub is restarting: the driver's re-admission claims them again
             log.warning("ingest: claim failed (%s: %s)", type(exc).__name__, exc)
@@ -332,7 +332,7 @@ class Ingest(Warm):
             requests = [r for r in requests if r.uid not in refused]
         uids = [r.uid for r in requests]
         if client is not None and self.hubs and uids and self.shard[1] == 1:
-            self.hubs.send("claim", by_uid, uids, lead=(client,))
+            self.hubs.send("claim", uid_shard, uids, lead=(client,))
         # The hub too: a result it holds but the driver had not pulled when it listed its unfinished requests.
         peers = self._rememberers(caches=not force)
         known = await self._recall(peers, uids)
