@@ -1,3 +1,4 @@
+import logging
 from pathlib import Path
 
 import engine
@@ -26,7 +27,18 @@ def test_policies_public_surface_is_pinned():
 def _lint(config: Path) -> int:
     from importlinter.cli import lint_imports
 
-    return lint_imports(config_filename=str(config), no_cache=True, no_logo=True)
+    # import-linter configures logging with dictConfig, which disables every logger that exists already: the
+    # later tests that read the engine's log lines (caplog) would see none of them. Give them back.
+    loggers = [lg for lg in logging.root.manager.loggerDict.values() if isinstance(lg, logging.Logger)]
+    disabled = {lg: lg.disabled for lg in loggers}
+    root = (logging.root.level, list(logging.root.handlers))
+    try:
+        return lint_imports(config_filename=str(config), no_cache=True, no_logo=True)
+    finally:
+        for lg, was in disabled.items():
+            lg.disabled = was
+        logging.root.setLevel(root[0])
+        logging.root.handlers[:] = root[1]
 
 
 ROOT = Path(engine.__file__).parent.parent
