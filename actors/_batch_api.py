@@ -12,6 +12,7 @@ from actors._types import BatchJob, Job
 from actors.providers._wire import redact
 from engine.core.provider_api import CallJob
 from engine.runtime.providers import Event
+from engine.runtime.turnaround import Turnaround, submitted
 
 log = logging.getLogger("smartbatch.dispatcher")
 
@@ -55,6 +56,8 @@ class BatchApiRuns:
             log.warning("dispatcher %s: batch submission failed: %s", self.name, _short(exc))
         if handle is not None:
             self._open[key] = (b, jobs, start, tokens, handle, None)
+            if self._learners and submitted(start, b.hedge_at):  # every grouper learns it is running
+                self._turnarounds.append(Turnaround(self.name, jobs[0].req.model, start))
             await self._journal_put(key)
         await self._follow_batch(key, b, jobs, start, tokens, handle, cjobs)
 
@@ -84,6 +87,7 @@ class BatchApiRuns:
         hedge_at = b.hedge_at
         outs: dict = {}
         was_cancelled = False
+        learn = self._learners and handle is not None and submitted(start, hedge_at)
         if handle is not None:
             cancel_deadline = None
             while True:
@@ -133,6 +137,9 @@ class BatchApiRuns:
             self._unjournal.append((self._space, key))
         self.sim.finish_batch(tokens, self.clock.now())
         self._counts.turnaround_s.append(self.clock.now() - start)
+        if learn:
+            self._turnarounds.append(self._turnaround(jobs[0].req.model, start, outs, len(jobs),
+                                                      hedge_at if was_cancelled else None))
         for j, cj in zip(jobs, cjobs, strict=True):
             o = outs.get(cj.key)
             if o is None:
@@ -143,6 +150,15 @@ class BatchApiRuns:
                     self._counts.hedge_kept_members += o.ok
                 self._attempt(b, j, o.ok, o.cost, "batch_api", o)
         self._pump()
+
+    def _turnaround(self, model: str, start: float, outs: dict, n: int, cancelled_at: float | None) -> Turnaround:
+        """What a batch that ended tells of the turnaround: when its last member finished, or, with members
+        missing (cancelled late, expired), only that it ran longer than it did; censored at its hedge time when
+        it was cancelled, which is when the simulator ends it too."""
+        if len(outs) == n:
+            return Turnaround(self.name, model, start, max(max(o.at for o in outs.values()), start))
+        end = cancelled_at if cancelled_at is not None else self.clock.now()
+        return Turnaround(self.name, model, start, end, censored=True)
 
     async def _watch_late_cancel(self, handle, cjobs: list[CallJob]) -> None:
         """A cancel that outlasted ``cancel_s``: its unfinished members were sent again for their deadlines.

@@ -27,7 +27,8 @@ class Outbox:
 
     def _outbox_empty(self) -> bool:
         return not (self._results or self._fills or self._orphans or self._readmit or self._settle
-                    or self._observed or self._counts or self._breaker_dirty or self._unjournal)
+                    or self._observed or self._counts or self._breaker_dirty or self._unjournal
+                    or self._turnarounds)
 
     async def _flush_soon(self) -> None:
         # Loop until empty: what timers add while a flush awaits the cache must not wait for a later kick
@@ -43,12 +44,16 @@ class Outbox:
         readmit, self._readmit = self._readmit, []
         settle, self._settle = self._settle, []
         observed, self._observed = self._observed, []
+        turnarounds, self._turnarounds = self._turnarounds, []
         if self._breaker_dirty:
             self._counts.breaker_open.update(self._breaker_changes())
         counts, self._counts = self._counts, DispatchCounts()
         unjournal, self._unjournal = self._unjournal, []
         if observed or counts:
             self.hub.send("observe_dispatches", self.name, observed, counts.as_dict())
+        if turnarounds:  # every grouper decides for this provider's models: one message each per flush
+            for g in self.groupers:
+                g.send("observe_turnarounds", turnarounds)
         if results:
             try:
                 await self.hubs.call("push", by_result_uid, results, prices)

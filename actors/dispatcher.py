@@ -96,6 +96,8 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
         self._readmit: list[Job] = []
         self._settle: list[tuple[str, float]] = []
         self._observed: list[tuple[str, list[float], int]] = []
+        self._turnarounds: list = []  # batches started and ended, for every grouper (engine.runtime.turnaround)
+        self._learners = False
         # Counters for the hub's metrics, sent with the dispatch observations (see ``flush``).
         self._counts = DispatchCounts()
         self._queued_at: dict[int, float] = {}  # id(work item) -> engine time it joined the rate gate's queue
@@ -119,7 +121,10 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
         return f"Dispatcher({self.name}, in_flight={self.in_flight}, {self.provider!r}, {self.sim!r})"
 
     # -- carrying out -----------------------------------------------------------------------------------------
-    async def run_many(self, batches: list[BatchJob]) -> None:
+    async def run_many(self, batches: list[BatchJob], learners: bool = False) -> None:
+        """``learners``: the sending grouper learns batch turnarounds, so from now on every grouper is told of
+        the batches this dispatcher starts and ends (one message per grouper per flush that has any)."""
+        self._learners = self._learners or learners
         for b in batches:
             self.run(b)
         self._pump()

@@ -30,6 +30,7 @@ from engine.core.result import Result
 from engine.runtime.outcomes import refused_result
 from engine.runtime.reservation import claim_amount, dispatch_mode, triage
 from engine.runtime.scheduler import Dispatch, GroupTable, Wake
+from engine.runtime.turnaround import Turnaround
 from engine.runtime.waiting import BudgetWaits
 
 __all__ = ["Grouper"]
@@ -91,6 +92,11 @@ class Grouper(Parking, Warm):
         if again:
             self.hubs.send("push", by_result_uid, again, [0.0] * len(again))
         return held
+
+    async def observe_turnarounds(self, obs: list[Turnaround]) -> None:
+        """Batch-API batches the dispatchers started and ended: the table learns the turnaround from them, at
+        its epochs only, so when this message arrives changes no decision (engine.runtime.turnaround)."""
+        self.table.observe(obs)
 
     async def add(self, jobs: list[Job]) -> None:
         now = self.clock.now()
@@ -240,8 +246,9 @@ class Grouper(Parking, Warm):
         for b in batches:
             self.dispatched += len(b.jobs)
             per_provider.setdefault(b.jobs[0].req.provider, []).append(b)
+        learns = (True,) if self.table.turnarounds is not None else ()  # tell me of its batches' turnarounds
         for provider, part in per_provider.items():  # one call per dispatcher, however many dispatches
-            self.dispatchers[provider].send("run_many", part)
+            self.dispatchers[provider].send("run_many", part, *learns)
         if refused:
             await self._resolve(refused)
 

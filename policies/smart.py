@@ -26,6 +26,7 @@ from engine.core.grouping import Decision, Group, ReuseSettings
 from engine.core.latency import Z99, gpu_batch_seconds
 from engine.core.request import Request
 from engine.core.scheduling import Scheduling
+from engine.core.settings import TurnaroundLearning
 from engine.core.similarity import GUARDS, Guards
 from policies.base import Policy, PolicyParams, register
 
@@ -78,6 +79,9 @@ class SmartParams(PolicyParams):
     block_tokens: int = Field(default=512, ge=1, description="tokens per prefix block in the traces")
     scheduling: Scheduling = Field(default=Scheduling(), description="order of ready work at a rate-limited "
                                    "provider: deadline promotion, fair share across tenants, score weights")
+    turnaround: TurnaroundLearning = Field(default=TurnaroundLearning(), description=(
+        "learn each provider's batch turnaround (per model and hour of day) from the batches the engine "
+        "follows, and decide with it instead of the catalog's; {enabled: false} keeps the catalog's"))
 
     @field_validator("near_guards")
     @classmethod
@@ -112,6 +116,12 @@ class Smart(Policy):
     def scheduling(self) -> Scheduling:
         return self.params.scheduling
 
+    @property
+    def turnaround_learning(self) -> TurnaroundLearning:
+        """Read by the runtime (``engine.runtime.scheduler.GroupTable``), which then hands ``group_key`` and
+        ``decide`` the provider with its learned turnaround."""
+        return self.params.turnaround
+
     # -- grouping ----------------------------------------------------------------------------------------------
     @staticmethod
     def _consts_of(provider, spec) -> _TextConsts:
@@ -132,8 +142,9 @@ class Smart(Policy):
         drain = -(-max(n, 1) // c.max_conc)
         return (c.base + c.per_tok * output_tokens) * c.p99_factor * drain + self.params.hedge_margin_s + c.cancel_s
 
-    def group_key(self, req: Request, compat: tuple, now: float) -> Hashable:
-        provider = self.catalog.providers[req.provider]
+    def group_key(self, req: Request, compat: tuple, now: float, provider=None) -> Hashable:
+        """``provider``: the runtime's view of ``req``'s provider (its learned turnaround); None: the catalog's."""
+        provider = provider or self.catalog.providers[req.provider]
         spec = provider.models[req.model]
         if spec.gpu_priced:
             return ("gpu", compat)
@@ -148,7 +159,8 @@ class Smart(Policy):
                 # conversation (priorities drawn per turn) meet in one batch, where they share a prefix write.
                 band_s = req.deadline_s
                 if self._shares_prefix(req, provider, spec):
-                    band_s = min(band_s, self._band_cap.get(provider.name, math.inf))
+                    band_s = min(band_s, self._band_cap[provider.name] if provider is self.catalog.providers.get(
+                        provider.name) else provider.batch_api.turnaround_quantile(self.params.band_p))
                 bucket = int(math.log2(max(band_s, 1.0)))
                 return ("batch", compat, bucket)
         return ("sync", req.id)
@@ -223,11 +235,11 @@ class Smart(Policy):
         c = self._text_consts(group.provider, group.spec, group.members[0].model)
         drain = -(-n // c.max_conc)
         memo = group.memo  # derived from the group alone: caching it on the group changes no decision
-        if memo is not None and memo[:3] == (group.earliest_deadline_at, group.oldest_arrival_s, drain):
-            flush_at = memo[3]
-        else:
+        if memo is not None and memo[:4] == (group.earliest_deadline_at, group.oldest_arrival_s, drain, ba):
+            flush_at = memo[4]
+        else:  # (``ba`` too: the runtime's learned turnaround changes at its epochs)
             flush_at = group.oldest_arrival_s + self._gather_budget(group, c)
-            group.memo = (group.earliest_deadline_at, group.oldest_arrival_s, drain, flush_at)
+            group.memo = (group.earliest_deadline_at, group.oldest_arrival_s, drain, ba, flush_at)
         gathering = n < ba.max_requests and now < flush_at
         if n <= ba.max_requests:  # the running aggregates, no pass over the members (decide is O(1) per arrival)
             k, max_out, earliest = n, group.max_output_tokens, group.earliest_deadline_at

@@ -13,12 +13,35 @@ from __future__ import annotations
 import math
 import zlib
 from collections import OrderedDict
+from typing import NamedTuple
 
 import numpy as np
 
 from engine.core.catalog import BatchApi, Catalog
 
-__all__ = ["Draws"]
+__all__ = ["Draws", "TurnaroundWorld"]
+
+
+class TurnaroundWorld(NamedTuple):
+    """The simulated providers' true batch turnaround as a multiple of the catalog's lognormal (which stays the
+    policy's prior): ``scale``, times ``by_hour[h]`` in hour ``h`` of day (engine time; empty: none). Applied to
+    a slot's draw before the clip to [turnaround_min_s, completion_window_s], at the slot's start."""
+
+    scale: float = 1.0
+    by_hour: tuple[float, ...] = ()
+
+    @classmethod
+    def of(cls, sim) -> TurnaroundWorld:
+        """From ``SimSettings``."""
+        return cls(sim.turnaround_scale, tuple(sim.turnaround_scale_by_hour))
+
+    def factor(self, t: float) -> float:
+        return self.scale * (self.by_hour[int(t // 3600.0) % 24] if self.by_hour else 1.0)
+
+    def factors(self, t: np.ndarray) -> np.ndarray:
+        if not self.by_hour:
+            return np.full(t.shape, self.scale)
+        return self.scale * np.asarray(self.by_hour)[(t // 3600.0).astype(np.int64) % 24]
 
 _CHUNK = 4096
 # Slot turnarounds: chunks below this come from one sequential generator per provider (65,536 slots, 45 days
@@ -103,18 +126,25 @@ class Draws:
 
     @staticmethod
     def _transform(ba: BatchApi, z: np.ndarray) -> np.ndarray:
-        t = ba.turnaround_median_s * np.exp(ba.turnaround_sigma * z)
-        return np.clip(t, ba.turnaround_min_s, ba.completion_window_s)
+        # Kept unclipped: a world scaled away from the catalog (``TurnaroundWorld``) scales, then clips.
+        return ba.turnaround_median_s * np.exp(ba.turnaround_sigma * z)
 
-    def turnaround(self, provider: str, ba: BatchApi, t: float) -> float:
+    def turnaround(self, provider: str, ba: BatchApi, t: float, world: TurnaroundWorld | None = None) -> float:
         slot = max(int(t // self.slot_s), 0)
-        return float(self._chunk(provider, ba, slot // _CHUNK)[slot % _CHUNK])
+        raw = float(self._chunk(provider, ba, slot // _CHUNK)[slot % _CHUNK])
+        if world is not None:
+            raw *= world.factor(slot * self.slot_s)
+        return min(max(raw, ba.turnaround_min_s), ba.completion_window_s)
 
-    def slot_turnarounds(self, provider: str, ba: BatchApi, horizon_s: float) -> np.ndarray:
+    def slot_turnarounds(self, provider: str, ba: BatchApi, horizon_s: float,
+                         world: TurnaroundWorld | None = None) -> np.ndarray:
         """Turnaround of every slot from 0 up to ``horizon_s`` (at least; whole chunks). Its size follows the
         horizon, so a caller bounds the horizon (traces are rebased and their span bounded at load)."""
         n_chunks = -(-(int(math.ceil(horizon_s / self.slot_s)) + 1) // _CHUNK)
-        return np.concatenate([self._chunk(provider, ba, c) for c in range(n_chunks)])
+        raw = np.concatenate([self._chunk(provider, ba, c) for c in range(n_chunks)])
+        if world is not None:
+            raw = raw * world.factors(np.arange(raw.size) * self.slot_s)
+        return np.clip(raw, ba.turnaround_min_s, ba.completion_window_s)
 
     def attempts_all_fail(self, catalog: Catalog, providers: list[str]) -> np.ndarray:
         """Requests whose every allowed attempt fails: no policy can complete (or pay for) them."""

@@ -18,8 +18,8 @@ from engine.core.errors import ConfigError
 from engine.core.resilience import Resilience
 
 __all__ = ["MAX_DEADLINE_S", "BudgetSettings", "CacheSettings", "DeadlineDefaults", "JournalSettings",
-           "MetricsSettings", "ProviderEndpoint", "ProvidersSettings", "Resilience", "Settings", "SimSettings", "check_redis_url",
-           "default_settings", "load_settings", "masked_url", "with_budget"]
+           "MetricsSettings", "ProviderEndpoint", "ProvidersSettings", "Resilience", "Settings", "SimSettings",
+           "TurnaroundLearning", "check_redis_url", "default_settings", "load_settings", "masked_url", "with_budget"]
 
 ENV_PREFIX = "SMARTBATCH_"
 # A deadline further out changes nothing (batch windows are 24 h) and would make the lower bound's per-slot
@@ -60,6 +60,46 @@ class SimSettings(BaseModel):
         description="batches submitted in the same slot of this length share one drawn turnaround "
                     "(the provider's queue load at that time)",
     )
+    turnaround_scale: float = Field(
+        default=1.0, gt=0,
+        description="the simulated providers' true batch turnaround as a multiple of the catalog's (which "
+                    "stays the policy's prior): 3 is a world 3x slower than the catalog says",
+    )
+    turnaround_scale_by_hour: tuple[float, ...] = Field(
+        default=(),
+        description="empty, or 24 further multipliers, one per hour of day of engine time (hour 0 starts at "
+                    "engine time 0): a batch queue whose load follows the time of day",
+    )
+
+    @field_validator("turnaround_scale_by_hour")
+    @classmethod
+    def _day(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if v and (len(v) != 24 or min(v) <= 0):
+            raise ValueError(f"give 24 multipliers > 0 (one per hour of day) or none, got {len(v)}: {v}")
+        return v
+
+
+class TurnaroundLearning(BaseModel):
+    """How the runtime learns a provider's batch turnaround from the batches it follows to their end
+    (``engine.runtime.turnaround``); a policy declares it (``smart``'s ``turnaround`` parameter), so the
+    simulator and every grouper learn alike. The estimate is per provider, model and hour of day."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    enabled: bool = Field(default=True, description="learn; off: the catalog's turnaround, always")
+    epoch_s: float = Field(default=300.0, gt=0, description="observations take effect only at epochs of this "
+                           "much engine time, so a decision never depends on when a message arrived")
+    guard_s: float = Field(default=60.0, ge=0, description="an observation counts from the first epoch that "
+                           "starts at least this long after its batch ended: its time to reach every grouper")
+    prior_weight: float = Field(default=4.0, gt=0, description="the catalog's turnaround counts as this many "
+                                "observed batches")
+    hour_weight: float = Field(default=4.0, gt=0, description="an hour of day starts from the estimate over "
+                               "all hours, counted as this many of its own batches")
+    half_life_s: float = Field(default=6 * 3600.0, gt=0, description="engine seconds over which an "
+                               "observation's weight halves, so the estimate follows today's turnaround")
+    by_hour: bool = Field(default=True, description="keep an estimate per hour of day of engine time")
+    doubt_z: float = Field(default=2.0, ge=0, description="move off the catalog's median (and an hour off the "
+                           "day's) only by what lies beyond this many standard errors of the fit: a right catalog "
+                           "stays as it is, a wrong one shows at once; 0: the plain fit")
 
 
 class CacheSettings(BaseModel):

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 from engine.core.catalog import Catalog, ProviderSpec
 from engine.core.cost import Mode, cache_split, list_price_text, price_alone, price_batch, price_text
-from engine.core.draws import Draws
+from engine.core.draws import Draws, TurnaroundWorld
 from engine.core.errors import CatalogError, ConfigError
 from engine.core.latency import gpu_batch_seconds, sync_latency_median
 from engine.core.request import PRIORITY_RANK, Request
@@ -106,6 +106,7 @@ class SimProvider:
         self.max_att = settings.sim.max_attempts
         self.backoff = settings.sim.backoff_base_s
         self.bt = settings.prefix_block_tokens
+        self.world = TurnaroundWorld.of(settings.sim)  # the true turnaround, where it differs from the catalog
         res: Resilience = settings.resilience
         self.backoff_max = res.backoff_max_s
         self.breaker = CircuitBreaker(res.allowed_fails, res.window_s, res.cooldown_time, res.failure_share)
@@ -321,7 +322,7 @@ class SimProvider:
         ba = prov.batch_api
         if hedge_at is not None and hedge_at <= t:  # it waited in the queue past its hedge: never submitted
             return BatchOutcome(True, t, [])
-        done = t + self.draws.turnaround(prov.name, ba, t)
+        done = t + self.draws.turnaround(prov.name, ba, t, self.world)
         if hedge_at is not None and done > hedge_at:
             return BatchOutcome(True, hedge_at, [])
         pc = prov.prompt_cache

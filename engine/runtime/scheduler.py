@@ -4,18 +4,24 @@
 ``GroupTable.wake`` asks again when a waiting group's time comes. Both return what to do: dispatches to carry
 out now, and at most one wake-up to schedule. The table checks every decision (mode available, size within
 the provider's limit) so a runtime only carries out valid dispatches.
+
+A policy that declares ``turnaround_learning`` (``engine.core.settings.TurnaroundLearning``, enabled) reads the
+batch turnaround the runtime learned (``engine.runtime.turnaround``) instead of the catalog's: the runtime
+``observe``s the batches it followed, and the table hands the policy the learned provider spec, in
+``Group.provider`` and as ``group_key``'s ``provider`` argument.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from typing import NamedTuple
 
-from engine.core.catalog import Catalog
+from engine.core.catalog import Catalog, ProviderSpec
 from engine.core.cost import mode_allowed
 from engine.core.errors import PolicyError
 from engine.core.grouping import Decision, Group, LaneRates, PrefixSightings
 from engine.core.request import Request
+from engine.runtime.turnaround import Turnaround, TurnaroundEstimator
 
 __all__ = ["Dispatch", "GroupTable", "Wake"]
 
@@ -40,6 +46,9 @@ class GroupTable:
         self.rates = LaneRates()
         # Every key, unless the policy says which (policies.base.Policy.tracks_arrivals).
         self._tracks = getattr(policy, "tracks_arrivals", lambda key: True)
+        learning = getattr(policy, "turnaround_learning", None)  # declared by policies that read it
+        self.turnarounds = (TurnaroundEstimator(catalog, learning) if learning is not None and learning.enabled
+                            else None)
 
     def __len__(self) -> int:
         return sum(len(g) for g in self.groups.values())
@@ -47,8 +56,25 @@ class GroupTable:
     def __repr__(self) -> str:
         return f"GroupTable(policy={self.policy.name!r}, groups={len(self.groups)}, pending={len(self)})"
 
+    def observe(self, obs: Iterable[Turnaround]) -> None:
+        """Batches the runtime followed to their end (or cancelled late); they count from a later epoch."""
+        if self.turnarounds is not None:
+            self.turnarounds.observe(obs)
+
+    def _view(self, req: Request, at: float) -> ProviderSpec:
+        """The provider as the policy should see it at ``at``: with the learned turnaround of ``req``'s model."""
+        prov = self.catalog.providers[req.provider]
+        est = self.turnarounds
+        if est is None:
+            return prov
+        est.advance(at)
+        return est.provider(prov, req.model, at)
+
     def add(self, req: Request, compat: tuple, now: float) -> tuple[list[Dispatch], Wake | None]:
-        key = self.policy.group_key(req, compat, now)
+        if self.turnarounds is None:
+            key = self.policy.group_key(req, compat, now)
+        else:
+            key = self.policy.group_key(req, compat, now, provider=self._view(req, now))
         g = self.groups.get(key)
         if g is None:
             prov = self.catalog.providers[req.provider]
@@ -57,16 +83,20 @@ class GroupTable:
         if self._tracks(key):
             self.rates.see(key, now)
         g.add(req)
-        return self._decide(g, now)
+        return self._decide(g, now, now)
 
     def wake(self, w: Wake, now: float) -> tuple[list[Dispatch], Wake | None]:
         """Re-decide a waiting group; a stale wake-up (the group changed or is gone) does nothing."""
         if self.groups.get(w.group.key) is not w.group or w.group.version != w.version:
             return [], None
-        return self._decide(w.group, now)
+        # The estimate of the time the wake-up was set for: a live grouper's timer fires a little later than
+        # the simulator's event, and must not land in the next epoch for that.
+        return self._decide(w.group, now, w.at)
 
-    def _decide(self, g: Group, now: float) -> tuple[list[Dispatch], Wake | None]:
+    def _decide(self, g: Group, now: float, at: float) -> tuple[list[Dispatch], Wake | None]:
         out: list[Dispatch] = []
+        if self.turnarounds is not None and g.members:
+            g.provider = self._view(g.members[0], at)
         while g.members:
             d: Decision = self.policy.decide(g, now)
             if d.action == "wait":

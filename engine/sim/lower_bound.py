@@ -52,7 +52,7 @@ from engine.core.cost import (
     price_alone,
     token_prices,
 )
-from engine.core.draws import Draws
+from engine.core.draws import Draws, TurnaroundWorld
 from engine.core.features import compat_key, fingerprint, near_vectors
 from engine.core.request import Request
 from engine.core.settings import Settings
@@ -170,6 +170,7 @@ def lower_bound(requests: Sequence[Request], *, catalog: Catalog | None = None, 
 
     # 3. batch API eligibility, per provider: p_batch is the probability the discount is had (0 or 1 offline)
     p_batch = np.zeros(n)
+    world = TurnaroundWorld.of(settings.sim)
     horizon = float(np.max(np.where(np.isinf(deadline), arrival, deadline))) if n else 0.0
     for pname, prov in catalog.providers.items():
         if prov.batch_api is None:
@@ -179,10 +180,12 @@ def lower_bound(requests: Sequence[Request], *, catalog: Catalog | None = None, 
         if not idx.size:
             continue
         if online:
-            cdf = prov.batch_api.turnaround_cdf
-            p_batch[idx] = [1.0 if np.isinf(deadline[i]) else cdf(deadline[i] - arrival[i]) for i in idx]
+            # The distribution the world draws from (the catalog's, scaled by the simulated world)
+            cdf, f = prov.batch_api.turnaround_cdf, world.factor
+            p_batch[idx] = [1.0 if np.isinf(deadline[i]) else cdf((deadline[i] - arrival[i]) / f(arrival[i]))
+                            for i in idx]
         else:
-            slot_t = draws.slot_turnarounds(pname, prov.batch_api, horizon + 1.0)
+            slot_t = draws.slot_turnarounds(pname, prov.batch_api, horizon + 1.0, world)
             p_batch[idx] = batch_eligible(arrival[idx], deadline[idx], slot_t, draws.slot_s)
     elig = p_batch >= 1.0
 

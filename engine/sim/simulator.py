@@ -34,6 +34,7 @@ from engine.runtime.providers import Attempt, Event, SimProvider, Work, check_fa
 from engine.runtime.reservation import dispatch_mode
 from engine.runtime.reuse import ReuseIndex
 from engine.runtime.scheduler import Dispatch, GroupTable, Wake
+from engine.runtime.turnaround import Turnaround, submitted
 from engine.runtime.waiting import BudgetWaits
 from engine.sim._budget import SimBudget
 from engine.sim.results import (
@@ -289,6 +290,9 @@ class _Sim(SimBudget):
 
     def start_batch_api(self, e: Event) -> None:
         w, out = e.work, e.outcome
+        if submitted(e.start, w.hedge_at):  # told its end now, when drawn: the estimate reads it only from
+            # an epoch whose cut is past that end, as a grouper does (running until then)
+            self.table.observe([Turnaround(w.reqs[0].provider, w.reqs[0].model, e.start, out.at, out.hedged)])
         if out.hedged:
             self.batches[w.item] = dataclasses.replace(self.batches[w.item], outcome="hedged")
             self.batch_of[w.idxs] = w.item

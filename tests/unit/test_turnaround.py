@@ -1,0 +1,248 @@
+"""Learning the batch turnaround online (engine.runtime.turnaround): the estimator, how both runtimes feed it,
+and that it pays in a world whose turnaround is not the catalog's."""
+
+import asyncio
+import math
+import random
+
+import numpy as np
+import pytest
+
+from actors import BudgetController, Dispatcher, Grouper, ResultHub
+from actors._types import BatchJob, Job
+from engine.core.budgets import BudgetSettings
+from engine.core.catalog import default_catalog
+from engine.core.clock import ManualClock
+from engine.core.draws import Draws, TurnaroundWorld
+from engine.core.errors import ConfigError
+from engine.core.request import Request
+from engine.core.settings import Settings, SimSettings, TurnaroundLearning, load_settings
+from engine.runtime import turnaround as T
+from engine.runtime.scheduler import GroupTable
+from engine.runtime.turnaround import Turnaround, TurnaroundEstimator, mean_above
+from engine.sim.simulator import simulate
+from policies import load_policy
+from tests.unit.helpers import kind_trace
+
+CAT = default_catalog()
+BA = CAT.provider("openai").batch_api  # median 900 s, p95 5400 s
+LEARN = TurnaroundLearning()  # epochs of 300 s, guard 60 s
+FIT = LEARN.model_copy(update={"doubt_z": 0.0})  # the plain fit, no benefit of the doubt for the catalog
+
+
+def lognormal(n, median, seed=0):
+    rng = np.random.default_rng(seed)
+    t = median * np.exp(BA.turnaround_sigma * rng.standard_normal(n))
+    return np.clip(t, BA.turnaround_min_s, BA.completion_window_s)
+
+
+def told(est, obs, now):
+    est.observe(obs)
+    est.advance(now)
+    return est.median("openai", "gpt-5-mini", now)
+
+
+def test_the_estimate_converges_to_the_true_median_from_finished_batches():
+    obs = [Turnaround("openai", "gpt-5-mini", float(s), float(s + t))
+           for s, t in zip(range(0, 24_000, 60), lognormal(400, 2700.0))]
+    est = TurnaroundEstimator(CAT, FIT.model_copy(update={"by_hour": False}))
+    assert told(est, obs, 40_000.0) == pytest.approx(2700.0, rel=0.1)
+    # With the catalog given the benefit of the doubt, most of the way there.
+    assert 0.75 * 2700 < told(TurnaroundEstimator(CAT, LEARN), obs, 40_000.0) < 2700
+    # With nothing told, the catalog's.
+    assert TurnaroundEstimator(CAT, LEARN).median("openai", "gpt-5-mini", 0.0) == BA.turnaround_median_s
+
+
+def test_a_cancelled_late_batch_raises_the_estimate_and_completions_alone_would_be_biased_fast():
+    """A 3x slow world hedged at 1,000 s: only the fast batches finish. Counted as censored, the late ones put
+    the estimate near the truth; dropped, the estimate stays near the fast ones (and below the catalog's)."""
+    cfg = FIT.model_copy(update={"by_hour": False})
+    starts = np.arange(0, 40_000, 100.0)
+    ts = lognormal(starts.size, 2700.0, seed=1)
+    both, done_only = TurnaroundEstimator(CAT, cfg), TurnaroundEstimator(CAT, cfg)
+    obs = [Turnaround("openai", "gpt-5-mini", s, s + min(t, 1000.0), t > 1000.0) for s, t in zip(starts, ts)]
+    end = 45_000.0
+    with_censored = told(both, obs, end)
+    finished = told(done_only, [o for o in obs if not o.censored], end)
+    assert finished < 800 < 2000 < with_censored < 3600
+    # A batch still running at the cut counts too: it has run that long.
+    running = TurnaroundEstimator(CAT, cfg)
+    assert told(running, [Turnaround("openai", "gpt-5-mini", 0.0)], 3 * 3600.0) > BA.turnaround_median_s
+    # A bound under the catalog's floor says nothing.
+    floor = TurnaroundEstimator(CAT, cfg)
+    assert told(floor, [Turnaround("openai", "gpt-5-mini", 0.0, 60.0, True)], 900.0) == BA.turnaround_median_s
+
+
+def test_mean_above_is_the_truncated_normal_mean():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(400_000) * 1.5 + 2.0
+    for a in (0.0, 2.0, 5.0):
+        assert mean_above(2.0, 1.5, a) == pytest.approx(x[x > a].mean(), abs=0.02)
+    assert mean_above(0.0, 1.0, 80.0) > 80.0  # far in the tail: finite, above the bound
+
+
+def test_a_right_catalog_stays_exactly_as_it_is_and_a_wrong_one_moves():
+    for true, lo, hi in ((900.0, 900.0, 900.0), (2700.0, 1800.0, 2700.0), (300.0, 300.0, 500.0)):
+        est = TurnaroundEstimator(CAT, LEARN)
+        obs = [Turnaround("openai", "gpt-5-mini", float(s), float(s + t))
+               for s, t in zip(range(0, 7200, 60), lognormal(120, true, seed=11))]
+        assert lo <= told(est, obs, 7200 + 3 * 3600.0) <= hi
+        prov = CAT.provider("openai")
+        assert (est.provider(prov, "gpt-5-mini", 7200 + 3 * 3600.0) is prov) == (true == 900.0)
+
+
+def test_an_observation_counts_only_from_the_first_epoch_past_its_end_plus_the_guard():
+    est = TurnaroundEstimator(CAT, FIT)
+    o = Turnaround("openai", "gpt-5-mini", 0.0, 3000.0)  # ended at 3,000: counts from the epoch at 3,300
+    assert told(est, [o], 3299.0) != told(TurnaroundEstimator(CAT, FIT), [o], 3300.0)
+    # Before that, exactly as if it ran still (which is what a grouper that has not heard of it yet knows).
+    live = TurnaroundEstimator(CAT, FIT)
+    assert told(live, [o._replace(end=None)], 3299.0) == told(TurnaroundEstimator(CAT, FIT), [o], 3299.0)
+    # Between epochs, nothing told changes the estimate in force.
+    est2 = TurnaroundEstimator(CAT, FIT)
+    before = told(est2, [], 3300.0)
+    assert told(est2, [Turnaround("openai", "gpt-5-mini", 3000.0, 3100.0)], 3599.0) == before
+
+
+def test_the_estimate_does_not_depend_on_the_order_or_the_messages_it_was_told_in():
+    """The simulator tells each batch once, ended, when it starts; a live grouper is told its start, then its
+    end, by several dispatchers in any order. Same batches, same estimate at every epoch, to the last bit."""
+    rng = random.Random(5)
+    batches = [Turnaround(p, m, s, s + t, t > 1500.0) for p, m in (("openai", "gpt-5-mini"), ("anthropic",
+               "claude-haiku-4-5")) for s, t in zip(np.arange(0, 20_000, 37.0), lognormal(541, 1500.0, seed=7))]
+    sim, live = TurnaroundEstimator(CAT, LEARN), TurnaroundEstimator(CAT, LEARN)
+    messages = [(b.start, [b._replace(end=None, censored=False)]) for b in batches] + [(b.end, [b]) for b in batches]
+    sim.observe(batches)
+    for epoch in range(1, 80):
+        now = epoch * LEARN.epoch_s
+        due = [m for m in messages if m[0] <= now - LEARN.guard_s]
+        rng.shuffle(due)
+        for _, part in due:
+            live.observe(part)
+        messages = [m for m in messages if m[0] > now - LEARN.guard_s]
+        for est in (sim, live):
+            est.advance(now + 1.0)
+        for p, m in (("openai", "gpt-5-mini"), ("anthropic", "claude-haiku-4-5")):
+            assert sim.batch_api(p, m, now + 1.0) == live.batch_api(p, m, now + 1.0)
+
+
+def test_a_late_timer_decides_with_the_estimate_of_the_time_it_was_set_for():
+    est = TurnaroundEstimator(CAT, FIT)
+    est.observe([Turnaround("openai", "gpt-5-mini", 0.0, 2000.0)])
+    est.advance(2700.0)
+    old = est.median("openai", "gpt-5-mini", 2700.0)
+    est.advance(3000.0)  # another decision moved to the next epoch first
+    assert est.median("openai", "gpt-5-mini", 2999.0) == old != est.median("openai", "gpt-5-mini", 3000.0)
+
+
+def test_memory_stays_bounded_however_many_batches_it_is_told():
+    est = TurnaroundEstimator(CAT, LEARN)
+    for day in range(4):
+        est.observe([Turnaround("openai", "gpt-5-mini", day * 86400.0 + s, day * 86400.0 + s + 600.0)
+                     for s in np.arange(0, 86400.0, 10.0)])
+        est.advance((day + 1) * 86400.0)
+        # The latest MAX_BATCHES started by the cut, and those started since (one every 10 s of the guard)
+        assert est.batches <= T.MAX_BATCHES + LEARN.guard_s / 10 + 1
+
+
+def test_the_policy_reads_the_learned_turnaround_and_a_setting_turns_it_off():
+    on, off = (GroupTable(load_policy("smart", CAT, p), CAT) for p in ({}, {"turnaround": {"enabled": False}}))
+    assert on.turnarounds is not None and off.turnarounds is None
+    assert GroupTable(load_policy("naive", CAT), CAT).turnarounds is None  # it reads no turnaround
+    # Urgent text that the catalog's turnaround gives a fair chance rides a batch; learned 10x slower, not.
+    on.observe([Turnaround("openai", "gpt-5-mini", s, s + 9000.0) for s in range(0, 3000, 30)])
+    r = Request.model_validate({"id": "a", "model": "gpt-5-mini", "arrival_s": 20_000.0, "deadline_s": 300.0,
+                                "input_tokens": 2000, "output_tokens": 50})
+    keys = [t.policy.group_key(r, (), 20_000.0, provider=t._view(r, 20_000.0))[0] for t in (on, off)]
+    assert keys == ["sync", "batch"]
+
+
+def test_the_world_can_differ_from_the_catalog_and_the_bound_follows_it():
+    d = Draws(0, 4, 0, 60.0)
+    base = [d.turnaround("openai", BA, t) for t in range(0, 36_000, 600)]
+    slow = [d.turnaround("openai", BA, t, TurnaroundWorld(3.0)) for t in range(0, 36_000, 600)]
+    assert all(s == pytest.approx(min(max(3 * b, BA.turnaround_min_s), 86400)) or b == BA.turnaround_min_s
+               for b, s in zip(base, slow))
+    day = TurnaroundWorld(1.0, tuple([1.0] * 12 + [4.0] * 12))
+    assert day.factor(11 * 3600.0) == 1.0 and day.factor(12 * 3600.0) == 4.0 == day.factor(36 * 3600.0)
+    arr = d.slot_turnarounds("openai", BA, 36_000.0, TurnaroundWorld(3.0))
+    assert arr[10] == d.turnaround("openai", BA, 600.0, TurnaroundWorld(3.0))
+    with pytest.raises(ConfigError, match="24 multipliers"):
+        load_settings(sim={"turnaround_scale_by_hour": [1.0, 2.0]})
+
+
+def _slow_world_run(learn: bool):
+    reqs = [r for k in ("text-batch-api-auto-cache", "text-batch-api-explicit-cache")
+            for r in kind_trace(k, n=900, seed=4, span_s=3 * 3600.0)]
+    reqs.sort(key=lambda r: r.arrival_s)
+    settings = Settings(sim=SimSettings(turnaround_scale=3.0))
+    pol = load_policy("smart", CAT, {"turnaround": {"enabled": learn}})
+    return simulate(reqs, pol, catalog=CAT, settings=settings, seed=0)
+
+
+def test_in_a_3x_slow_world_learning_meets_at_least_as_many_deadlines_and_waits_less_in_vain():
+    on, off = _slow_world_run(True), _slow_world_run(False)
+    assert on.met.sum() >= off.met.sum()
+    hedged = [sum(b.outcome == "hedged" for b in r.batches) for r in (on, off)]
+    assert hedged[0] < hedged[1]  # fewer batches tried that the slow world cannot finish in time
+
+
+def _job(i, model="gpt-5-mini"):
+    r = Request.model_validate({"id": f"r{i}", "arrival_s": 0.0, "model": model, "input_tokens": 100 + i,
+                                "output_tokens": 10})
+    return Job(i, r, f"fp{i}")
+
+
+class _Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        async def method(*args):
+            self.calls.append((name, args))
+            return True
+        return method
+
+
+def test_the_dispatcher_tells_every_grouper_of_its_batches_once_a_grouper_learns():
+    async def go():
+        clock = ManualClock(0.0)
+        g0, g1, hub = _Recorder(), _Recorder(), ResultHub()
+        d = Dispatcher("openai", CAT, Settings(), 0, clock, [g0, g1], hub, None, _Recorder())
+        await d.run_many([BatchJob("b1", "batch_api", None, False, "x", "y", [_job(1), _job(2)]),
+                          BatchJob("b2", "batch_api", 30.0, False, "x", "y", [_job(3)])], True)
+        for _ in range(20):
+            clock.advance(10_000.0)
+            await asyncio.sleep(0.01)
+        told = [[o for name, (obs,) in g.calls if name == "observe_turnarounds" for o in obs] for g in (g0, g1)]
+        assert told[0] == told[1]
+        started = [o for o in told[0] if o.end is None]
+        ended = {o.censored: o for o in told[0] if o.end is not None}
+        assert len(started) == 2 and set(ended) == {False, True}
+        # The finished batch tells when the draws ended it; the hedged one, its hedge time: as the simulator.
+        sim = Draws(0, 4, 0, 60.0)
+        assert ended[False].end - ended[False].start == pytest.approx(sim.turnaround("openai", BA, 0.0))
+        assert ended[True].end == 30.0
+    asyncio.run(go())
+
+
+def test_the_grouper_asks_for_turnarounds_and_learns_from_what_it_is_told():
+    async def go():
+        disp = _Recorder()
+        budget = BudgetController(BudgetSettings(), None, ManualClock(0.0))
+        g = Grouper(load_policy("smart", CAT), CAT, ManualClock(0.0), {"openai": disp}, budget, ResultHub())
+        await g.observe_turnarounds([Turnaround("openai", "gpt-5-mini", s, s + 150.0) for s in range(0, 300, 10)])
+        assert g.table.turnarounds.batches == 30
+        g.table.turnarounds.advance(600.0)
+        assert g.table.turnarounds.median("openai", "gpt-5-mini", 600.0) < BA.turnaround_median_s
+        await g.add([_job(0)._replace(req=_job(0).req.model_copy(update={"deadline_s": 60.0}))])
+        await asyncio.sleep(0.01)
+        (name, (batches, learns)), = [c for c in disp.calls if c[0] == "run_many"]
+        assert learns is True
+    asyncio.run(go())
+
+
+def test_turnaround_learning_settings_are_checked():
+    with pytest.raises(ConfigError, match="turnaround"):
+        load_policy("smart", CAT, {"turnaround": {"epoch_s": 0}})
+    assert math.isclose(LEARN.epoch_s, 300.0)
