@@ -171,6 +171,7 @@ class Supervised:
         """Send unfinished requests (all of them, or ``uids``) to ``Ingest.readmit``, in micro-batches."""
         with self._lock:
             queued = {r.uid for r in self._buffer}  # not sent yet: they leave with the next flush
+            queued |= self._lane_uids()  # sent to their lane, waiting for its call to return
             if uids is None:
                 # Requests whose call to ingest is still out are re-admitted once it returns, not now: re-admitted
                 # before their cache lookup ends, they could both follow an identical request and be sent.

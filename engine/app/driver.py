@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 from pydantic import ValidationError
 
 from engine.app._driver_async import AsyncSubmit
+from engine.app._driver_lanes import IngestLanes
 from engine.app._driver_pull import Pulling
 from engine.app._driver_shared import SharedEngine, stale_engine
 from engine.app._future import ResultFuture
@@ -37,7 +38,7 @@ __all__ = ["Engine", "ResultFuture"]
 log = logging.getLogger("smartbatch")
 
 
-class Engine(AsyncSubmit, Pulling, SharedEngine, Supervised):
+class Engine(AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervised):
     """A running smartbatch engine. Use ``Engine.start(...)``, or ``with Engine.start(...) as eng:``."""
 
     # Engines running in this process: Ray is process-wide, so the last one to stop shuts down the Ray that
@@ -78,6 +79,7 @@ class Engine(AsyncSubmit, Pulling, SharedEngine, Supervised):
         self._inflight_refs: dict[Any, tuple[list[str], int]] = {}  # ingest call -> (uids, tries)
         self._running = True
         self._init_supervision(attached)
+        self._init_lanes()
         self._wake = threading.Event()
         self._flusher = threading.Thread(target=self._flush_loop, name="smartbatch-flush", daemon=True)
         self._puller = threading.Thread(target=self._pull_loop, name="smartbatch-pull", daemon=True)
@@ -198,6 +200,7 @@ class Engine(AsyncSubmit, Pulling, SharedEngine, Supervised):
         if not self._running:
             return
         self._flush()
+        self._lanes_turn(force=True)  # what waits for a call to return leaves now: the threads stop
         self._running = False
         self._wake.set()
         self._flusher.join(timeout_s)
@@ -338,30 +341,6 @@ class Engine(AsyncSubmit, Pulling, SharedEngine, Supervised):
             futs, _ = self._admit(reqs)
         self._flush()
         return futs
-
-    def _flush(self) -> None:
-        with self._lock:
-            batch, self._buffer = self._buffer, []
-            first, self._next_row = self._next_row, self._next_row + len(batch)
-        for k in range(0, len(batch), self._micro_batch):
-            part = batch[k:k + self._micro_batch]
-            if len(self._h["ingests"]) == 1:
-                shares = [(self._h["ingest"], part, list(range(first + k, first + k + len(part))))]
-            else:
-                row = {r.uid: first + k + j for j, r in enumerate(part)}
-                shares = [(i, share, [row[r.uid] for r in share]) for i, share in self._by_ingest(part)]
-            # Ingest claims their results for this driver at the hub (see actors.hub).
-            for ingest, share, rows in shares:
-                ref = ingest.submit.remote(share, self._client, rows)
-                with self._lock:
-                    self._inflight_refs[ref] = ([r.uid for r in share], 0)
-
-    def _flush_loop(self) -> None:
-        while self._running:
-            self._wake.wait(self._flush_s)
-            self._wake.clear()
-            if self._buffer:
-                self._flush()
 
     # -- reading ------------------------------------------------------------------------------------------------
     def report(self) -> dict:

@@ -1,0 +1,132 @@
+"""The driver's calls to ingest, one lane per ingest shard, with a group commit.
+
+A replay or a busy service submits a few requests every millisecond. Sent as they come, each would be an ingest
+call, and each ingest call costs ingest three calls of its own (the hub's claim, the cache lookup, the groupers'
+add) whatever its size: at 100x time compression the 3,000 first Azure requests made ~1,500 ingest calls and
+kept two cores busy with call overhead while urgent requests waited. So at most ``MAX_OUT`` calls are out per
+shard; what is submitted meanwhile waits here and leaves in one call when one returns. An idle engine sends at
+once (no added latency); a busy one sends fewer, larger calls, as ingest's own lookups do. Urgent requests never
+wait here: a part that holds one leaves at once. A call that does not return within ``STALL_S`` (an ingest
+restarting) does not hold the lane: what waits goes anyway, and the driver's failure handling covers the rest.
+
+Mixed into ``Engine``; uses its ``_lock``, ``_buffer``, ``_next_row``, ``_micro_batch``, ``_h``, ``_client``,
+``_inflight_refs``, ``_wake`` and ``_flush_s``.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from typing import Any
+
+from engine.core.request import Request
+
+MAX_OUT = 2  # calls out per ingest shard: one in its lookup while the next is admitted
+STALL_S = 1.0  # real seconds after which a lane stops waiting for its calls (an ingest that hangs)
+
+
+class _Lane:
+    __slots__ = ("out", "waiting")
+
+    def __init__(self) -> None:
+        self.out: dict[Any, float] = {}  # call -> when it left (monotonic)
+        self.waiting: list[tuple[list[Request], list[int]]] = []  # (requests, their draw rows), in order
+
+
+class IngestLanes:
+    """Lane methods of ``Engine``."""
+
+    def _init_lanes(self) -> None:
+        self._lanes: dict[int, _Lane] = collections.defaultdict(_Lane)
+        # Calls that returned, appended by Ray's callback thread and read by the flush thread. The callback takes
+        # no lock: it runs on a thread that a ``.remote()`` made under the lock may wait on.
+        self._returned: collections.deque[tuple[int, Any]] = collections.deque()
+
+    def _flush(self) -> None:
+        """Send what is buffered: split into micro-batches and by ingest shard, queued on each shard's lane."""
+        with self._lock:
+            batch, self._buffer = self._buffer, []
+            first, self._next_row = self._next_row, self._next_row + len(batch)
+        if not batch:
+            return
+        n = len(self._h["ingests"])
+        parts: list[tuple[int, list[Request], list[int]]] = []
+        for k in range(0, len(batch), self._micro_batch):
+            part = batch[k:k + self._micro_batch]
+            rows = list(range(first + k, first + k + len(part)))
+            if n == 1:
+                parts.append((0, part, rows))
+                continue
+            from actors._shards import class_shard
+
+            shares: list[tuple[list[Request], list[int]]] = [([], []) for _ in range(n)]
+            for r, row in zip(part, rows):
+                s = shares[class_shard(r, n)]
+                s[0].append(r)
+                s[1].append(row)
+            parts += [(i, reqs, rws) for i, (reqs, rws) in enumerate(shares) if reqs]
+        with self._lock:
+            for i, reqs, rows in parts:
+                self._lanes[i].waiting.append((reqs, rows))
+            sent = [c for i in sorted({i for i, _, _ in parts}) for c in self._drain(i)]
+        self._watch(sent)
+
+    def _drain(self, i: int, force: bool = False) -> list[tuple[int, Any]]:
+        """Under the lock: send lane ``i``'s waiting parts while it has room (or an urgent request waits, or
+        ``force``), merged up to a micro-batch per call. Returns the calls sent, for ``_watch``."""
+        lane, sent = self._lanes[i], []
+        while lane.waiting and (force or len(lane.out) < MAX_OUT
+                                or any(r.priority == "urgent" for reqs, _ in lane.waiting for r in reqs)):
+            reqs, rows = list(lane.waiting[0][0]), list(lane.waiting[0][1])
+            k = 1
+            while k < len(lane.waiting) and len(reqs) + len(lane.waiting[k][0]) <= self._micro_batch:
+                reqs += lane.waiting[k][0]
+                rows += lane.waiting[k][1]
+                k += 1
+            del lane.waiting[:k]
+            # Ingest claims their results for this driver at the hub (see actors.hub).
+            ref = self._h["ingests"][i].submit.remote(reqs, self._client, rows)
+            self._inflight_refs[ref] = ([r.uid for r in reqs], 0)
+            lane.out[ref] = time.monotonic()
+            sent.append((i, ref))
+        return sent
+
+    def _watch(self, sent: list[tuple[int, Any]]) -> None:
+        """Outside the lock (a callback may run at once, in this thread): learn when each call returns."""
+        for i, ref in sent:
+            ref.future().add_done_callback(lambda _f, i=i, ref=ref: self._call_returned(i, ref))
+
+    def _call_returned(self, i: int, ref: Any) -> None:
+        self._returned.append((i, ref))
+        self._wake.set()
+
+    def _lanes_turn(self, force: bool = False) -> None:
+        """In the flush thread: free the lanes of the calls that returned and send what waits, and unblock a
+        lane whose calls are out longer than ``STALL_S``. ``force``: send everything that waits (stop)."""
+        sent = []
+        with self._lock:
+            touched = set()
+            while self._returned:
+                i, ref = self._returned.popleft()
+                self._lanes[i].out.pop(ref, None)
+                touched.add(i)
+            now = time.monotonic()
+            for i, lane in self._lanes.items():
+                if lane.waiting:
+                    stalled = force or (lane.out and now - min(lane.out.values()) > STALL_S)
+                    if i in touched or stalled or len(lane.out) < MAX_OUT:
+                        sent += self._drain(i, force=bool(stalled))
+        self._watch(sent)
+
+    def _lane_uids(self) -> set[str]:
+        """Under the lock: the ids of requests waiting in a lane (submitted, not sent yet)."""
+        return {r.uid for lane in self._lanes.values() for reqs, _ in lane.waiting for r in reqs}
+
+    def _flush_loop(self) -> None:
+        while self._running:
+            self._wake.wait(self._flush_s)
+            self._wake.clear()
+            if self._returned or any(lane.waiting for lane in list(self._lanes.values())):
+                self._lanes_turn()
+            if self._buffer:
+                self._flush()

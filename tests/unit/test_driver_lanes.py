@@ -1,0 +1,149 @@
+"""The driver's lanes to ingest (engine.app._driver_lanes): a group commit per ingest shard. Driven with fake
+actor handles whose calls return when the test says so; no Ray."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+
+import pytest
+
+from engine.app import _driver_lanes
+from engine.app._driver_lanes import MAX_OUT, IngestLanes
+from engine.core.request import Request
+
+
+class _Ref:
+    def __init__(self) -> None:
+        self.fut: concurrent.futures.Future = concurrent.futures.Future()
+
+    def future(self) -> concurrent.futures.Future:
+        return self.fut
+
+
+class _Submit:
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[str], list[int], _Ref]] = []
+
+    def remote(self, reqs, client, rows):
+        ref = _Ref()
+        self.calls.append(([r.id for r in reqs], rows, ref))
+        return ref
+
+
+class _Ingest:
+    def __init__(self) -> None:
+        self.submit = _Submit()
+
+
+class _Driver(IngestLanes):
+    def __init__(self, shards: int = 1, micro_batch: int = 1000) -> None:
+        self._lock = threading.Lock()
+        self._buffer: list[Request] = []
+        self._next_row = 0
+        self._micro_batch = micro_batch
+        self._h = {"ingests": [_Ingest() for _ in range(shards)]}
+        self._client = "me"
+        self._inflight_refs: dict = {}
+        self._wake = threading.Event()
+        self._init_lanes()
+
+    def submit(self, *reqs: Request) -> None:
+        self._buffer.extend(reqs)
+        self._flush()
+
+    @property
+    def calls(self):
+        return self._h["ingests"][0].submit.calls
+
+
+def req(i: int, priority: str = "normal", model: str = "gpt-5-mini") -> Request:
+    return Request(id=f"r{i}", provider="openai", model=model, prompt=f"p{i}", input_tokens=10, output_tokens=5,
+                   priority=priority, arrival_s=0.0, deadline_s=3600.0)
+
+
+def test_an_idle_lane_sends_at_once_and_a_busy_one_merges_what_waits_in_order():
+    d = _Driver()
+    for k in range(MAX_OUT):
+        d.submit(req(k))
+    assert [ids for ids, _, _ in d.calls] == [[f"r{k}"] for k in range(MAX_OUT)]  # idle: no added latency
+    d.submit(req(10), req(11))
+    d.submit(req(12))
+    assert len(d.calls) == MAX_OUT  # the lane is full: these wait
+    assert d._lane_uids() == {req(k).uid for k in (10, 11, 12)}  # and count as submitted, not sent
+    d.calls[0][2].fut.set_result(3)  # one call returns ...
+    d._lanes_turn()
+    ids, rows, _ = d.calls[-1]
+    assert ids == ["r10", "r11", "r12"]  # ... and what waited leaves in one call, in submission order
+    assert rows == [MAX_OUT, MAX_OUT + 1, MAX_OUT + 2]  # with the draw rows they were numbered with
+    assert d._lane_uids() == set()
+    assert all(ref in d._inflight_refs for _, _, ref in d.calls)  # each call is watched for failure
+
+
+def test_an_urgent_request_never_waits_behind_a_full_lane():
+    d = _Driver()
+    for k in range(MAX_OUT):
+        d.submit(req(k))
+    d.submit(req(5))
+    d.submit(req(6, priority="urgent"))
+    # It leaves at once, and with it what waited before it (order kept).
+    assert d.calls[-1][0] == ["r5", "r6"]
+
+
+def test_a_merged_call_stays_within_a_micro_batch():
+    d = _Driver(micro_batch=3)
+    for k in range(MAX_OUT):
+        d.submit(req(k))
+    for k in range(10, 15):
+        d.submit(req(k))
+    d.calls[0][2].fut.set_result(1)
+    d.calls[1][2].fut.set_result(1)
+    d._lanes_turn()
+    assert [ids for ids, _, _ in d.calls[MAX_OUT:]] == [["r10", "r11", "r12"], ["r13", "r14"]]
+
+
+def test_a_lane_whose_calls_hang_sends_anyway_after_the_stall_time(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr(_driver_lanes.time, "monotonic", lambda: now[0])
+    d = _Driver()
+    for k in range(MAX_OUT + 1):
+        d.submit(req(k))
+    d._lanes_turn()
+    assert len(d.calls) == MAX_OUT
+    now[0] += _driver_lanes.STALL_S + 0.01
+    d._lanes_turn()
+    assert d.calls[-1][0] == [f"r{MAX_OUT}"]
+
+
+def test_a_failed_call_frees_its_lane_too():
+    d = _Driver()
+    for k in range(MAX_OUT + 1):
+        d.submit(req(k))
+    d.calls[0][2].fut.set_exception(RuntimeError("ingest died"))
+    d._lanes_turn()
+    assert d.calls[-1][0] == [f"r{MAX_OUT}"]
+
+
+def test_stop_sends_everything_that_waits():
+    d = _Driver()
+    for k in range(MAX_OUT + 2):
+        d.submit(req(k))
+    d._lanes_turn(force=True)
+    assert sorted(i for ids, _, _ in d.calls for i in ids) == sorted(f"r{k}" for k in range(MAX_OUT + 2))
+
+
+def test_each_shard_has_its_own_lane():
+    from actors._shards import class_shard
+
+    d = _Driver(shards=2)
+    models = ["gpt-5-mini", "gpt-5", "gpt-4o-mini"]
+    by_shard: dict[int, list[str]] = {}
+    for m in models:
+        by_shard.setdefault(class_shard(req(0, model=m), 2), []).append(m)
+    if len(by_shard) < 2:
+        pytest.skip("these models fall in one shard")
+    a, b = by_shard[0][0], by_shard[1][0]
+    for k in range(MAX_OUT):
+        d.submit(req(k, model=a))
+    d.submit(req(50, model=b))  # shard 0 is full; shard 1 is not
+    assert [ids for ids, _, _ in d._h["ingests"][1].submit.calls] == [["r50"]]
