@@ -22,6 +22,7 @@ from typing import Any
 from engine.core.request import Request
 
 MAX_OUT = 2  # calls out per ingest shard: one in its lookup while the next is admitted
+IDLE_S = 1.0  # longest sleep of an idle flush thread (a submit wakes it sooner)
 STALL_S = 1.0  # real seconds after which a lane stops waiting for its calls (an ingest that hangs)
 
 
@@ -41,6 +42,7 @@ class IngestLanes:
         # Calls that returned, appended by Ray's callback thread and read by the flush thread. The callback takes
         # no lock: it runs on a thread that a ``.remote()`` made under the lock may wait on.
         self._returned: collections.deque[tuple[int, Any]] = collections.deque()
+        self._idle = False  # the flush thread sleeps until woken: a submit must wake it
 
     def _flush(self) -> None:
         """Send what is buffered: split into micro-batches and by ingest shard, queued on each shard's lane."""
@@ -123,10 +125,20 @@ class IngestLanes:
         return {r.uid for lane in self._lanes.values() for reqs, _ in lane.waiting for r in reqs}
 
     def _flush_loop(self) -> None:
+        # Every ``flush_ms`` while anything is buffered, waits in a lane or is out at ingest; otherwise it sleeps
+        # until a submit wakes it (``_admit`` does when ``_idle`` is set): an idle engine costs no wake-ups, and
+        # the first request after a pause leaves at once.
         while self._running:
-            self._wake.wait(self._flush_s)
+            lanes = list(self._lanes.values())
+            busy = bool(self._buffer or self._returned) or any(lane.waiting or lane.out for lane in lanes)
+            self._idle = not busy
+            if not busy and not self._buffer:  # (a submit may have come since ``busy`` was read)
+                self._wake.wait(IDLE_S)
+            else:
+                self._wake.wait(self._flush_s)
+            self._idle = False
             self._wake.clear()
-            if self._returned or any(lane.waiting for lane in list(self._lanes.values())):
+            if self._returned or any(lane.waiting for lane in lanes):
                 self._lanes_turn()
             if self._buffer:
                 self._flush()

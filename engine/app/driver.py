@@ -288,6 +288,8 @@ class Engine(AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervised):
                 self._futs[r.uid] = seen[r.uid]
             self._pending += len(new)
             self._buffer.extend(new)
+            if self._idle:
+                self._wake.set()
         return futs, bool(new)
 
     def _resolve(self, fut: ResultFuture, res: Result) -> None:
