@@ -5,8 +5,9 @@ call, and each ingest call costs ingest three calls of its own (the hub's claim,
 add) whatever its size: at 100x time compression the 3,000 first Azure requests made ~1,500 ingest calls and
 kept two cores busy with call overhead while urgent requests waited. So at most ``MAX_OUT`` calls are out per
 shard; what is submitted meanwhile waits here and leaves in one call when one returns. An idle engine sends at
-once (no added latency); a busy one sends fewer, larger calls, as ingest's own lookups do. Urgent requests never
-wait here: a part that holds one leaves at once. A call that does not return within ``STALL_S`` (an ingest
+once (no added latency); a busy one sends fewer, larger calls, as ingest's own lookups do. Urgent requests do not
+wait behind bulk: a part that holds one leaves at once while fewer than ``MAX_OUT + URGENT_EXTRA`` calls are out
+(beyond that, a stream of urgent requests is group-committed too, or each would be a call of its own). A call that does not return within ``STALL_S`` (an ingest
 restarting) does not hold the lane: what waits goes anyway, and the driver's failure handling covers the rest.
 
 Mixed into ``Engine``; uses its ``_lock``, ``_buffer``, ``_next_row``, ``_micro_batch``, ``_h``, ``_client``,
@@ -22,6 +23,7 @@ from typing import Any
 from engine.core.request import Request
 
 MAX_OUT = 2  # calls out per ingest shard: one in its lookup while the next is admitted
+URGENT_EXTRA = 2  # more calls out when an urgent request waits (a stream of them still leaves in batches)
 IDLE_S = 1.0  # longest sleep of an idle flush thread (a submit wakes it sooner)
 STALL_S = 1.0  # real seconds after which a lane stops waiting for its calls (an ingest that hangs)
 
@@ -77,8 +79,9 @@ class IngestLanes:
         """Under the lock: send lane ``i``'s waiting parts while it has room (or an urgent request waits, or
         ``force``), merged up to a micro-batch per call. Returns the calls sent, for ``_watch``."""
         lane, sent = self._lanes[i], []
-        while lane.waiting and (force or len(lane.out) < MAX_OUT
-                                or any(r.priority == "urgent" for reqs, _ in lane.waiting for r in reqs)):
+        while lane.waiting and (force or len(lane.out) < MAX_OUT or (
+                len(lane.out) < MAX_OUT + URGENT_EXTRA
+                and any(r.priority == "urgent" for reqs, _ in lane.waiting for r in reqs))):
             reqs, rows = list(lane.waiting[0][0]), list(lane.waiting[0][1])
             k = 1
             while k < len(lane.waiting) and len(reqs) + len(lane.waiting[k][0]) <= self._micro_batch:

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from engine.app import _driver_lanes
-from engine.app._driver_lanes import MAX_OUT, IngestLanes
+from engine.app._driver_lanes import MAX_OUT, URGENT_EXTRA, IngestLanes
 from engine.core.request import Request
 
 
@@ -80,7 +80,7 @@ def test_an_idle_lane_sends_at_once_and_a_busy_one_merges_what_waits_in_order():
     assert all(ref in d._inflight_refs for _, _, ref in d.calls)  # each call is watched for failure
 
 
-def test_an_urgent_request_never_waits_behind_a_full_lane():
+def test_an_urgent_request_does_not_wait_behind_bulk_but_a_stream_of_them_is_batched():
     d = _Driver()
     for k in range(MAX_OUT):
         d.submit(req(k))
@@ -88,6 +88,15 @@ def test_an_urgent_request_never_waits_behind_a_full_lane():
     d.submit(req(6, priority="urgent"))
     # It leaves at once, and with it what waited before it (order kept).
     assert d.calls[-1][0] == ["r5", "r6"]
+    for k in range(7, 7 + URGENT_EXTRA - 1):
+        d.submit(req(k, priority="urgent"))
+    assert len(d.calls) == MAX_OUT + URGENT_EXTRA
+    d.submit(req(20, priority="urgent"))
+    d.submit(req(21, priority="urgent"))
+    assert len(d.calls) == MAX_OUT + URGENT_EXTRA  # the lane's urgent room is full too: these wait ...
+    d.calls[-1][2].fut.set_result(1)
+    d._lanes_turn()
+    assert d.calls[-1][0] == ["r20", "r21"]  # ... and leave together
 
 
 def test_a_merged_call_stays_within_a_micro_batch():
