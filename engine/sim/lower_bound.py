@@ -16,7 +16,8 @@ Each step only ever makes a request cheaper than any policy could make it, so th
 4. *Prompt cache*: every cacheable prefix token is billed at the cheapest read price the request can get;
    on top, each (provider, model, block) pays one write per *cluster* of holders whose windows
    ``[arrival, deadline + ttl]`` chain together (the cache must be written at least once in each period
-   it can stay warm), charged at the cheapest holder's price difference.
+   it can stay warm): the cheapest holder's write, unless every holder sending it plain costs less (nobody
+   writes it, so nobody reads it).
 5. *GPU batching*: a job's share is ``price * (setup / b + unit / speedup(b))`` with ``b`` the largest
    number of compatible paying jobs whose windows contain one common instant (Helly: a batch's members all
    start together), capped at ``max_batch``; the share falls with ``b``, so this is the least it can pay.
@@ -132,6 +133,21 @@ def _max_overlap(a: np.ndarray, d: np.ndarray) -> np.ndarray:
     return out
 
 
+def _cluster_writes(holders: list[tuple[float, float, float, float]]) -> float:
+    """What the holders of one block pay above their read price, at least: per cluster of chained windows
+    ``[arrival, end]``, either someone writes the block (the cheapest holder's ``write_extra``), or nobody does,
+    so nobody reads it and every holder sends it plain (the sum of their ``plain_extra``)."""
+    holders.sort()
+    total, end = 0.0, -np.inf
+    w_min, p_sum, open_ = np.inf, 0.0, False
+    for a, e, w, p in holders:
+        if open_ and a > end:  # this window starts after every earlier one ended: a new cluster
+            total += min(w_min, p_sum)
+            w_min, p_sum = np.inf, 0.0
+        w_min, p_sum, end, open_ = min(w_min, w), p_sum + p, max(end, e), True
+    return total + (min(w_min, p_sum) if open_ else 0.0)
+
+
 def lower_bound(requests: Sequence[Request], *, catalog: Catalog | None = None, settings: Settings | None = None,
                 seed: int | None = None, draws: Draws | None = None,
                 relax: np.ndarray | None = None, online: bool = False) -> LowerBound:
@@ -213,33 +229,23 @@ def lower_bound(requests: Sequence[Request], *, catalog: Catalog | None = None, 
             per[i] = sum(w * f for w, f in lanes) * (p_in * r.input_tokens + p_out * r.output_tokens)
             continue
         rm = cache_read_multiplier(prov, spec)
-        extra_per_token = np.inf
+        write_extra, plain_extra = np.inf, np.inf
         for w, f in lanes:
             rc = f * rm if pc.stacks_with_batch else min(f, rm)
             per[i] += w * (f * p_in * (r.input_tokens - prefix) + rc * p_in * prefix + f * p_out * r.output_tokens)
-            # The write a cluster pays is its cheapest holder's: the cheapest lane's, so the minimum over a
-            # cluster stays below the expected minimum (an average over lanes would not).
-            extra_per_token = min(extra_per_token, p_in * (f - rc))
+            # Above its read price, a holder pays ``plain_extra`` for a block sent uncached, ``write_extra`` for
+            # writing it (in a lane where the cache applies: sync, or the batch lane if the cache stacks). Both
+            # at the cheapest lane, so a cluster's minimum stays below the expected minimum.
+            plain_extra = min(plain_extra, p_in * (f - rc))
+            fw = f if (pc.stacks_with_batch or f == 1.0) else 1.0
+            write_extra = min(write_extra, p_in * (pc.write_multiplier * fw - rc))
         for k, b in enumerate(r.prefix_blocks):
             tok = min(bt, prefix - k * bt)
             if tok <= 0:
                 break
             write_holders.setdefault((r.provider, r.model, b), []).append(
-                (arrival[i], deadline[i] + pc.ttl_s, extra_per_token * tok))
-    write_total = 0.0
-    for holders in write_holders.values():
-        holders.sort()
-        cluster_end, cluster_min = -np.inf, np.inf
-        for a, end, extra in holders:
-            if a > cluster_end:
-                if np.isfinite(cluster_min):
-                    write_total += cluster_min
-                cluster_min = extra
-            else:
-                cluster_min = min(cluster_min, extra)
-            cluster_end = max(cluster_end, end)
-        if np.isfinite(cluster_min):
-            write_total += cluster_min
+                (arrival[i], deadline[i] + pc.ttl_s, write_extra * tok, plain_extra * tok))
+    write_total = sum(_cluster_writes(holders) for holders in write_holders.values())
     for key, idxs in gpu_classes.items():
         r0 = reqs[idxs[0]]
         prov = catalog.providers[r0.provider]

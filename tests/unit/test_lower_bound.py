@@ -2,8 +2,10 @@ import numpy as np
 import pytest
 
 from engine.core.catalog import default_catalog
+from engine.core.cost import price_batch
+from engine.core.request import Request
 from engine.core.tracegen import from_azure, from_mooncake, synth
-from engine.sim.lower_bound import _max_overlap, batch_eligible, lower_bound
+from engine.sim.lower_bound import _cluster_writes, _max_overlap, batch_eligible, lower_bound
 from engine.sim.simulator import simulate
 from policies import load_policy
 
@@ -113,3 +115,30 @@ def test_the_online_bound_lies_between_the_offline_bound_and_naive():
     free = np.ones(len(reqs), dtype=bool)
     assert lower_bound(reqs, seed=seed, relax=free, online=True).total_usd == pytest.approx(
         lower_bound(reqs, seed=seed, relax=free).total_usd, rel=1e-12)
+
+
+def test_a_cluster_pays_one_write_or_everyone_plain():
+    """Per cluster of chained windows: the cheapest holder's write, or every holder plain, whichever is less."""
+    assert _cluster_writes([(0.0, 10.0, 5.0, 2.0)]) == 2.0  # alone: sending it plain beats writing it
+    assert _cluster_writes([(0.0, 10.0, 5.0, 2.0), (5.0, 20.0, 6.0, 2.0)]) == 4.0
+    assert _cluster_writes([(0.0, 10.0, 5.0, 2.0), (5.0, 20.0, 6.0, 2.0), (19.0, 30.0, 7.0, 2.0)]) == 5.0
+    assert _cluster_writes([(0.0, 10.0, 5.0, 2.0), (11.0, 20.0, 5.0, 2.0)]) == 4.0  # two clusters
+    assert _cluster_writes([]) == 0.0
+
+
+def _anthropic(i: int, blocks: list[int]) -> Request:
+    return Request.model_validate({"id": f"a{i}", "arrival_s": 0.0, "provider": "anthropic",
+                                   "model": "claude-sonnet-4-5", "prompt": f"turn {i}", "deadline_s": 86400.0,
+                                   "priority": "background", "input_tokens": 4096, "output_tokens": 100,
+                                   "prefix_blocks": blocks})
+
+
+def test_an_explicit_cache_write_is_charged_at_its_write_price():
+    """At Anthropic a block that is read must have been written at 1.25x by someone; alone, it goes plain. The
+    bound is exact for the obvious schedules: one batch that writes once and reads once, and a lone request."""
+    pair = [_anthropic(0, [1, 2, 3, 4]), _anthropic(1, [1, 2, 3, 4])]
+    pair[1] = pair[1].model_copy(update={"prompt": "turn 1 differs"})
+    best = sum(p.total for p in price_batch(pair, CAT, "batch_api"))
+    assert lower_bound(pair, seed=0).total_usd == pytest.approx(best)
+    alone = price_batch(pair[:1], CAT, "batch_api")[0].total
+    assert lower_bound(pair[:1], seed=0).total_usd == pytest.approx(alone)
