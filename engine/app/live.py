@@ -116,7 +116,10 @@ def run_live(requests: Sequence[Request], *, trace_name: str, policy: str = "sma
 def follow_engine(emu, settings: Settings, seed: int) -> Callable:
     """An ``on_start`` for ``run_live``: the emulator runs on the engine's clock with the simulator's turnaround
     draws, so the HTTP run and the simulated one face the same batch turnarounds."""
-    return lambda eng: emu.follow(eng.clock, seed=seed, slot_s=settings.sim.batch_slot_s)
+    from engine.core.draws import TurnaroundWorld
+
+    world = TurnaroundWorld.of(settings.sim)
+    return lambda eng: emu.follow(eng.clock, seed=seed, slot_s=settings.sim.batch_slot_s, world=world)
 
 
 def point_at_emulator(settings: Settings, emu, providers: Sequence[str] = ("openai", "anthropic")) -> Settings:

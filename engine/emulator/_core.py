@@ -88,6 +88,7 @@ class Core:
         self.clock = ScaledClock(epoch=wall, speedup=speedup, offset=wall)
         self.lock = threading.RLock()
         self._draws = None
+        self._world = None  # a TurnaroundWorld to follow (engine.core.draws), with the draws
         self.members_together = False
         self._settings = Settings()
         self.reset()
@@ -114,13 +115,13 @@ class Core:
             for step in list(self.advancers.values()):
                 step(now)
 
-    def follow(self, clock, draws) -> None:
+    def follow(self, clock, draws, world=None) -> None:
         """Run on ``clock`` (an engine's clock) and take batch turnarounds from ``draws`` (an
         ``engine.core.draws.Draws``) by submission time, with every member finishing at the batch's end, as the
         simulator does: a live run over HTTP then faces the batches its simulated twin faces, so their bills
         compare."""
         with self.lock:
-            self.clock, self._draws = clock, draws
+            self.clock, self._draws, self._world = clock, draws, world
             self.members_together = True
 
     def draw_turnaround(self, provider: ProviderSpec) -> float:
@@ -128,7 +129,7 @@ class Core:
         assert provider.batch_api is not None
         with self.lock:
             if self._draws is not None:
-                return self._draws.turnaround(provider.name, provider.batch_api, max(self.now(), 0.0))
+                return self._draws.turnaround(provider.name, provider.batch_api, max(self.now(), 0.0), self._world)
             u = float(self.batch_rng.random())
         return provider.batch_api.turnaround_quantile(u)
 

@@ -86,13 +86,14 @@ class Emulator:
     def port(self) -> int:
         return self._port
 
-    def follow(self, clock, *, seed: int = 0, slot_s: float = 60.0) -> None:
+    def follow(self, clock, *, seed: int = 0, slot_s: float = 60.0, world=None) -> None:
         """Run on an engine's ``clock`` and draw batch turnarounds as the simulator does with ``seed`` (one
         draw per ``slot_s`` of submission time), members of a batch finishing together at its end, so a live
-        run over HTTP compares with the simulated one. Timestamps then read as engine seconds."""
+        run over HTTP compares with the simulated one. Timestamps then read as engine seconds. ``world``: the
+        simulator's ``TurnaroundWorld`` (a provider slower or faster than the catalog says), followed too."""
         from engine.core.draws import Draws
 
-        self._core.follow(clock, Draws(0, 1, seed, slot_s))
+        self._core.follow(clock, Draws(0, 1, seed, slot_s), world)
 
     @property
     def cancel_s(self) -> float:

@@ -541,3 +541,28 @@ def test_reset_forgets_everything(emu: Emulator, sdk: Sdk) -> None:
     emu.faults.rate_429 = 0.5
     emu.reset()
     assert emu.bill().items == () and emu.calls == [] and emu.faults.rate_429 == 0.0
+
+
+def test_a_followed_emulator_draws_the_simulated_worlds_turnaround():
+    """``follow(..., world=)``: a provider slower than the catalog says is slower over HTTP too, slot by slot
+    as in the simulator (engine.core.draws.TurnaroundWorld), so a live run learns what its simulated twin does."""
+    from engine.core.draws import Draws, TurnaroundWorld
+
+    class At:
+        def __init__(self, t: float) -> None:
+            self.t = t
+
+        def now(self) -> float:
+            return self.t
+
+    cat = default_catalog()
+    prov = cat.provider("openai")
+    slow = TurnaroundWorld(3.0, ())
+    e = Emulator(cat, latency_scale=0.0)
+    for t in (0.0, 600.0, 5000.0):
+        e.follow(At(t), seed=4, slot_s=60.0, world=slow)
+        got = e._core.draw_turnaround(prov)
+        assert got == Draws(0, 1, 4, 60.0).turnaround("openai", prov.batch_api, t, slow)
+        e.follow(At(t), seed=4, slot_s=60.0)  # the catalog's world
+        plain = e._core.draw_turnaround(prov)
+        assert got == min(3.0 * plain, prov.batch_api.completion_window_s) or plain == prov.batch_api.turnaround_min_s
