@@ -1,6 +1,9 @@
-"""Small traces of one provider kind, built in code."""
+"""Small traces of one provider kind, built in code; a stand-in peer that records what it was sent."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -32,3 +35,20 @@ def kind_trace(kind: str, n: int = 120, seed: int = 0, span_s: float = 900.0) ->
                      prefix_blocks=[7, 8] if rng.random() < 0.5 else [], prompt=f"task {int(rng.integers(0, n))}")
         out.append(Request.model_validate(d))
     return sorted(out, key=lambda r: r.arrival_s)
+
+
+class Recorder:
+    """A stand-in peer (a grouper, say): every method records its arguments and answers True."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple]] = []
+
+    def __getattr__(self, name: str) -> Callable:
+        async def method(*args: Any) -> bool:
+            self.calls.append((name, args))
+            return True
+        return method
+
+    def readmitted(self) -> list:
+        """The jobs it was sent with ``add`` (a grouper's re-admissions)."""
+        return [j for name, (jobs,) in self.calls if name == "add" for j in jobs]

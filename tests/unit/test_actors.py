@@ -14,6 +14,7 @@ from engine.core.grouping import ReuseSettings
 from engine.core.request import Request
 from engine.core.settings import Settings
 from policies import load_policy
+from tests.unit.helpers import Recorder
 
 CAT = default_catalog()
 
@@ -22,19 +23,6 @@ def req(i, **kw):
     d = {"id": f"r{i}", "arrival_s": 0.0, "model": "gpt-5-mini", "input_tokens": 100 + i, "output_tokens": 10}
     d.update(kw)
     return Request.model_validate(d)
-
-
-class Recorder:
-    """A stand-in peer that records what it was sent."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __getattr__(self, name):
-        async def method(*args):
-            self.calls.append((name, args))
-            return True
-        return method
 
 
 def run(coro):

@@ -41,6 +41,7 @@ from engine.core.result import Result
 from engine.core.settings import Resilience, Settings, SimSettings
 from engine.emulator import Emulator
 from engine.runtime.providers import SimProvider
+from tests.unit.helpers import Recorder
 
 # The Anthropic SDK warns that catalog models such as claude-sonnet-4-5 near their end of life: not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:The model .* is deprecated:DeprecationWarning")
@@ -74,22 +75,6 @@ CAT = fixed_turnaround_catalog(T)
 
 
 # -- harness -------------------------------------------------------------------------------------------------------
-class Recorder:
-    """A stand-in peer (grouper) that records what it was sent."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, tuple]] = []
-
-    def __getattr__(self, name: str) -> Callable:
-        async def method(*args: Any) -> bool:
-            self.calls.append((name, args))
-            return True
-        return method
-
-    def readmitted(self) -> list[Job]:
-        return [j for name, (jobs,) in self.calls if name == "add" for j in jobs]
-
-
 @pytest.fixture
 def emu() -> Iterator[Emulator]:
     with Emulator(CAT, latency_scale=0.0, speedup=SPEED, cancel_s=EMU_CANCEL_S, validating_s=VALIDATING_S["openai"],

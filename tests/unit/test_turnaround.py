@@ -22,7 +22,7 @@ from engine.runtime.scheduler import GroupTable
 from engine.runtime.turnaround import Turnaround, TurnaroundEstimator, mean_above
 from engine.sim.simulator import simulate
 from policies import load_policy
-from tests.unit.helpers import kind_trace
+from tests.unit.helpers import Recorder, kind_trace
 
 CAT = default_catalog()
 BA = CAT.provider("openai").batch_api  # median 900 s, p95 5400 s
@@ -193,22 +193,11 @@ def _job(i, model="gpt-5-mini"):
     return Job(i, r, f"fp{i}")
 
 
-class _Recorder:
-    def __init__(self):
-        self.calls = []
-
-    def __getattr__(self, name):
-        async def method(*args):
-            self.calls.append((name, args))
-            return True
-        return method
-
-
 def test_the_dispatcher_tells_every_grouper_of_its_batches_once_a_grouper_learns():
     async def go():
         clock = ManualClock(0.0)
-        g0, g1, hub = _Recorder(), _Recorder(), ResultHub()
-        d = Dispatcher("openai", CAT, Settings(), 0, clock, [g0, g1], hub, None, _Recorder())
+        g0, g1, hub = Recorder(), Recorder(), ResultHub()
+        d = Dispatcher("openai", CAT, Settings(), 0, clock, [g0, g1], hub, None, Recorder())
         await d.run_many([BatchJob("b1", "batch_api", None, False, "x", "y", [_job(1), _job(2)]),
                           BatchJob("b2", "batch_api", 30.0, False, "x", "y", [_job(3)])], True)
         for _ in range(20):
@@ -228,7 +217,7 @@ def test_the_dispatcher_tells_every_grouper_of_its_batches_once_a_grouper_learns
 
 def test_the_grouper_asks_for_turnarounds_and_learns_from_what_it_is_told():
     async def go():
-        disp = _Recorder()
+        disp = Recorder()
         budget = BudgetController(BudgetSettings(), None, ManualClock(0.0))
         g = Grouper(load_policy("smart", CAT), CAT, ManualClock(0.0), {"openai": disp}, budget, ResultHub())
         await g.observe_turnarounds([Turnaround("openai", "gpt-5-mini", s, s + 150.0) for s in range(0, 300, 10)])
