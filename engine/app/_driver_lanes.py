@@ -47,32 +47,36 @@ class IngestLanes:
         self._idle = False  # the flush thread sleeps until woken: a submit must wake it
 
     def _flush(self) -> None:
-        """Send what is buffered: split into micro-batches and by ingest shard, queued on each shard's lane."""
+        """Send what is buffered: split into micro-batches and by ingest shard, queued on each shard's lane.
+        Taken from the buffer and queued under one hold of the lock: two threads flushing at once (a submit
+        that filled a micro-batch, the flush thread) must not queue their parts out of submission order, which
+        is the order of the draw rows."""
+        from actors._shards import class_shard
+
         with self._lock:
             batch, self._buffer = self._buffer, []
             first, self._next_row = self._next_row, self._next_row + len(batch)
-        if not batch:
-            return
-        n = len(self._h["ingests"])
-        parts: list[tuple[int, list[Request], list[int]]] = []
-        for k in range(0, len(batch), self._micro_batch):
-            part = batch[k:k + self._micro_batch]
-            rows = list(range(first + k, first + k + len(part)))
-            if n == 1:
-                parts.append((0, part, rows))
-                continue
-            from actors._shards import class_shard
-
-            shares: list[tuple[list[Request], list[int]]] = [([], []) for _ in range(n)]
-            for r, row in zip(part, rows):
-                s = shares[class_shard(r, n)]
-                s[0].append(r)
-                s[1].append(row)
-            parts += [(i, reqs, rws) for i, (reqs, rws) in enumerate(shares) if reqs]
-        with self._lock:
-            for i, reqs, rows in parts:
-                self._lanes[i].waiting.append((reqs, rows))
-            sent = [c for i in sorted({i for i, _, _ in parts}) for c in self._drain(i)]
+            if not batch:
+                return
+            n = len(self._h["ingests"])
+            touched: set[int] = set()
+            for k in range(0, len(batch), self._micro_batch):
+                part = batch[k:k + self._micro_batch]
+                rows = list(range(first + k, first + k + len(part)))
+                if n == 1:
+                    self._lanes[0].waiting.append((part, rows))
+                    touched.add(0)
+                    continue
+                shares: list[tuple[list[Request], list[int]]] = [([], []) for _ in range(n)]
+                for r, row in zip(part, rows):
+                    s = shares[class_shard(r, n)]
+                    s[0].append(r)
+                    s[1].append(row)
+                for i, share in enumerate(shares):
+                    if share[0]:
+                        self._lanes[i].waiting.append(share)
+                        touched.add(i)
+            sent = [c for i in sorted(touched) for c in self._drain(i)]
         self._watch(sent)
 
     def _drain(self, i: int, force: bool = False) -> list[tuple[int, Any]]:

@@ -156,3 +156,24 @@ def test_each_shard_has_its_own_lane():
         d.submit(req(k, model=a))
     d.submit(req(50, model=b))  # shard 0 is full; shard 1 is not
     assert [ids for ids, _, _ in d._h["ingests"][1].submit.calls] == [["r50"]]
+
+
+def test_threads_flushing_at_once_keep_the_submission_order_of_the_draw_rows():
+    d = _Driver(micro_batch=4)
+    start = threading.Barrier(4)
+
+    def submit_from_a_thread(t: int) -> None:
+        start.wait()
+        for k in range(150):
+            with d._lock:  # as Engine._admit queues a request
+                d._buffer.append(req(1000 * t + k))
+            d._flush()
+
+    threads = [threading.Thread(target=submit_from_a_thread, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    d._lanes_turn(force=True)
+    rows = [row for _, rws, _ in d.calls for row in rws]
+    assert rows == list(range(600))  # each row sent once, in the order the rows were numbered
