@@ -54,7 +54,7 @@ DONE_KEEP_S = 300.0
 class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
     def __init__(self, provider: str, catalog: Catalog, settings: Settings, seed: int, clock, groupers: list,
                  hub, cache, budget, scheduling: Scheduling | None = None, key: Secret | None = None,
-                 engine: str = "engine"):
+                 engine: str = "engine", learners: bool = False):
         self.name = provider
         self.catalog = catalog
         self.settings = settings
@@ -97,7 +97,9 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
         self._settle: list[tuple[str, float]] = []
         self._observed: list[tuple[str, list[float], int]] = []
         self._turnarounds: list = []  # batches started and ended, for every grouper (engine.runtime.turnaround)
-        self._learners = False
+        # Whether the groupers learn batch turnarounds: a constructor argument, so a dispatcher Ray restarts
+        # tells them how its re-attached batches end (they were told those started).
+        self._learners = learners
         # Counters for the hub's metrics, sent with the dispatch observations (see ``flush``).
         self._counts = DispatchCounts()
         self._queued_at: dict[int, float] = {}  # id(work item) -> engine time it joined the rate gate's queue

@@ -93,6 +93,8 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
         max_attempts=settings.sim.max_attempts, reserve_model_max=budgets.reserve_output == "model_max",
         cache=cache_ref, budget_specs=budgets.specs) for k in range(num_groupers)]
     cluster = ray.cluster_resources()
+    learning = getattr(policy, "turnaround_learning", None)
+    learns = learning is not None and learning.enabled  # the groupers' tables learn (engine.runtime.scheduler)
     dispatchers = {}
     for name in catalog.providers:
         more = {}
@@ -100,7 +102,7 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
             more["resources"] = {provider_resource(name): 0.001}
         dispatchers[name] = ray.remote(Dispatcher).options(**opts(f"dispatcher-{name}", **more)).remote(
             name, catalog, settings, seed, later, grouper_refs, hub_refs, cache_ref, ref("budget"),
-            policy.scheduling, (keys or {}).get(name), engine)
+            policy.scheduling, (keys or {}).get(name), engine, learns)
     ingests = [ray.remote(Ingest).options(**opts(shard_kind("ingest", k))).remote(
         grouper_refs, cache_ref, settings.cache.share_across_tenants, list(dispatcher_refs.values()), hub_refs,
         settings, engine, shard=(k, num_shards)) for k in range(num_shards)]

@@ -114,6 +114,7 @@ class TurnaroundEstimator:
         self._mu: dict[Key, tuple[float, dict[int, float]]] = {}
         self._prev: dict[Key, tuple[float, dict[int, float]]] = {}
         self._views: dict[tuple, ProviderSpec] = {}  # learned specs of this epoch, made on demand
+        self._late = False  # told, after this epoch was fitted, of a batch started by its cut
 
     def __repr__(self) -> str:
         medians = {f"{p}/{m}": round(math.exp(mu), 1) for (p, m), (mu, _) in self._mu.items()}
@@ -132,6 +133,8 @@ class TurnaroundEstimator:
             if prov is None or prov.batch_api is None or o.model not in prov.models:
                 continue
             key = (o.provider, o.model)
+            if self._epoch and o.start <= self._epoch * self.cfg.epoch_s - self.cfg.guard_s:
+                self._late = True
             if o.end is None:
                 self._starts.setdefault(key, Counter())[o.start] += 1
             else:
@@ -142,7 +145,15 @@ class TurnaroundEstimator:
         previous epoch's is kept: a live timer set for just before an epoch may fire after another decision made
         the next one (``provider`` picks the estimate by the time it is asked for)."""
         if now < self._next_at:
+            if self._late:
+                # A message that came after this epoch's first decision (a live dispatcher's poll, a busy
+                # grouper) still counts from the next decision on, rather than not at all this epoch: the
+                # simulator, told everything in time, never gets here.
+                self._late = False
+                self._mu = self._fit_all(self._epoch * self.cfg.epoch_s - self.cfg.guard_s)
+                self._views.clear()
             return
+        self._late = False
         k = int(now // self.cfg.epoch_s)
         cut = k * self.cfg.epoch_s - self.cfg.guard_s
         self._prev = self._mu if k == self._epoch + 1 else self._fit_all(cut - self.cfg.epoch_s)

@@ -98,10 +98,17 @@ def test_an_observation_counts_only_from_the_first_epoch_past_its_end_plus_the_g
     # Before that, exactly as if it ran still (which is what a grouper that has not heard of it yet knows).
     live = TurnaroundEstimator(CAT, FIT)
     assert told(live, [o._replace(end=None)], 3299.0) == told(TurnaroundEstimator(CAT, FIT), [o], 3299.0)
-    # Between epochs, nothing told changes the estimate in force.
+    # Between epochs, a batch started after the cut changes nothing in force ...
     est2 = TurnaroundEstimator(CAT, FIT)
-    before = told(est2, [], 3300.0)
-    assert told(est2, [Turnaround("openai", "gpt-5-mini", 3000.0, 3100.0)], 3599.0) == before
+    before = told(est2, [], 3300.0)  # the epoch's first decision
+    assert told(est2, [Turnaround("openai", "gpt-5-mini", 3250.0, 3260.0)], 3599.0) == before
+    # ... but one its cut covers, told late (a poll, a busy grouper), counts from the next decision on: the
+    # estimate then is the one told in time (the simulator's), not the catalog's for the rest of the epoch.
+    early = Turnaround("openai", "gpt-5-mini", 3000.0, 3100.0)
+    late = told(est2, [early], 3599.0)
+    assert late != before
+    assert late == told(TurnaroundEstimator(CAT, FIT), [early, Turnaround("openai", "gpt-5-mini", 3250.0, 3260.0)],
+                        3300.0)
 
 
 def test_the_estimate_does_not_depend_on_the_order_or_the_messages_it_was_told_in():
@@ -193,13 +200,18 @@ def _job(i, model="gpt-5-mini"):
     return Job(i, r, f"fp{i}")
 
 
-def test_the_dispatcher_tells_every_grouper_of_its_batches_once_a_grouper_learns():
+@pytest.mark.parametrize("told_by", ["run_many", "constructor"])
+def test_the_dispatcher_tells_every_grouper_of_its_batches_once_a_grouper_learns(told_by):
+    """``constructor``: as the engine builds it, and as Ray restarts it, so batches a restarted dispatcher
+    re-attaches (their starts told by its previous incarnation) are told when they end."""
     async def go():
         clock = ManualClock(0.0)
         g0, g1, hub = Recorder(), Recorder(), ResultHub()
-        d = Dispatcher("openai", CAT, Settings(), 0, clock, [g0, g1], hub, None, Recorder())
+        d = Dispatcher("openai", CAT, Settings(), 0, clock, [g0, g1], hub, None, Recorder(),
+                       learners=told_by == "constructor")
         await d.run_many([BatchJob("b1", "batch_api", None, False, "x", "y", [_job(1), _job(2)]),
-                          BatchJob("b2", "batch_api", 30.0, False, "x", "y", [_job(3)])], True)
+                          BatchJob("b2", "batch_api", 30.0, False, "x", "y", [_job(3)])],
+                         *((True,) if told_by == "run_many" else ()))
         for _ in range(20):
             clock.advance(10_000.0)
             await asyncio.sleep(0.01)
