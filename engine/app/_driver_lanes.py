@@ -17,10 +17,13 @@ Mixed into ``Engine``; uses its ``_lock``, ``_buffer``, ``_next_row``, ``_micro_
 from __future__ import annotations
 
 import collections
+import logging
 import time
 from typing import Any
 
 from engine.core.request import Request
+
+log = logging.getLogger("smartbatch")
 
 MAX_OUT = 2  # calls out per ingest shard: one in its lookup while the next is admitted
 URGENT_EXTRA = 2  # more calls out when an urgent request waits (a stream of them still leaves in batches)
@@ -29,11 +32,12 @@ STALL_S = 1.0  # real seconds after which a lane stops waiting for its calls (an
 
 
 class _Lane:
-    __slots__ = ("out", "waiting")
+    __slots__ = ("failing", "out", "waiting")
 
     def __init__(self) -> None:
         self.out: dict[Any, float] = {}  # call -> when it left (monotonic)
         self.waiting: list[tuple[list[Request], list[int]]] = []  # (requests, their draw rows), in order
+        self.failing = False  # the last call could not be made (said once, not at every retry)
 
 
 class IngestLanes:
@@ -92,9 +96,17 @@ class IngestLanes:
                 reqs += lane.waiting[k][0]
                 rows += lane.waiting[k][1]
                 k += 1
-            del lane.waiting[:k]
             # Ingest claims their results for this driver at the hub (see actors.hub).
-            ref = self._h["ingests"][i].submit.remote(reqs, self._client, rows)
+            try:
+                ref = self._h["ingests"][i].submit.remote(reqs, self._client, rows)
+            except Exception as exc:  # Ray refused the call (shutting down, say): the parts wait, for the next turn
+                if not lane.failing:
+                    log.warning("smartbatch: a call to ingest could not be made (%s: %s); %d request(s) wait and "
+                                "are tried again", type(exc).__name__, exc, len(reqs))
+                lane.failing = True
+                break
+            lane.failing = False
+            del lane.waiting[:k]
             self._inflight_refs[ref] = ([r.uid for r in reqs], 0)
             lane.out[ref] = time.monotonic()
             sent.append((i, ref))
@@ -136,16 +148,22 @@ class IngestLanes:
         # until a submit wakes it (``_admit`` does when ``_idle`` is set): an idle engine costs no wake-ups, and
         # the first request after a pause leaves at once.
         while self._running:
-            lanes = list(self._lanes.values())
-            busy = bool(self._buffer or self._returned) or any(lane.waiting or lane.out for lane in lanes)
-            self._idle = not busy
-            if not busy and not self._buffer:  # (a submit may have come since ``busy`` was read)
-                self._wake.wait(IDLE_S)
-            else:
-                self._wake.wait(self._flush_s)
-            self._idle = False
-            self._wake.clear()
-            if self._returned or any(lane.waiting for lane in lanes):
-                self._lanes_turn()
-            if self._buffer:
-                self._flush()
+            try:
+                self._flush_turn()
+            except Exception:  # the thread must outlive any one turn, or every later submit waits for the sweep
+                log.exception("smartbatch: the flush thread's turn failed; it goes on")
+
+    def _flush_turn(self) -> None:
+        lanes = list(self._lanes.values())
+        busy = bool(self._buffer or self._returned) or any(lane.waiting or lane.out for lane in lanes)
+        self._idle = not busy
+        if not busy and not self._buffer:  # (a submit may have come since ``busy`` was read)
+            self._wake.wait(IDLE_S)
+        else:
+            self._wake.wait(self._flush_s)
+        self._idle = False
+        self._wake.clear()
+        if self._returned or any(lane.waiting for lane in lanes):
+            self._lanes_turn()
+        if self._buffer:
+            self._flush()

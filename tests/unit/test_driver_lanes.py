@@ -24,8 +24,12 @@ class _Ref:
 class _Submit:
     def __init__(self) -> None:
         self.calls: list[tuple[list[str], list[int], _Ref]] = []
+        self.refuse = 0  # this many next calls raise, as Ray does when it cannot make one
 
     def remote(self, reqs, client, rows):
+        if self.refuse:
+            self.refuse -= 1
+            raise RuntimeError("Ray is not running")
         ref = _Ref()
         self.calls.append(([r.id for r in reqs], rows, ref))
         return ref
@@ -177,3 +181,50 @@ def test_threads_flushing_at_once_keep_the_submission_order_of_the_draw_rows():
     d._lanes_turn(force=True)
     rows = [row for _, rws, _ in d.calls for row in rws]
     assert rows == list(range(600))  # each row sent once, in the order the rows were numbered
+
+
+def test_a_call_ray_refuses_loses_nothing_its_requests_wait_for_the_next_turn():
+    d = _Driver()
+    d._h["ingests"][0].submit.refuse = 2
+    d.submit(req(1), req(2))
+    assert d.calls == [] and d._lane_uids() == {req(1).uid, req(2).uid}
+    d._lanes_turn()  # refused again
+    d.submit(req(3))  # this turn is made
+    assert [ids for ids, _, _ in d.calls] == [["r1", "r2", "r3"]] and d._lane_uids() == set()
+
+
+def test_a_full_readmission_leaves_out_what_waits_in_a_lane():
+    """After a restart the driver re-admits every unfinished request, except those not sent yet: a request
+    waiting in a lane leaves with its lane, so it must not also be re-admitted (it could be generated twice)."""
+    from engine.app._supervise import Supervised
+
+    class _Fut:
+        def __init__(self, r: Request) -> None:
+            self._req = r
+
+        def done(self) -> bool:
+            return False
+
+    class _Readmit:
+        def __init__(self) -> None:
+            self.sent: list[str] = []
+
+        def remote(self, part, client, force):
+            self.sent += [r.id for r in part]
+            return _Ref()
+
+    class _Both(_Driver, Supervised):
+        def _by_ingest(self, reqs):
+            return [(self._h["ingests"][0], list(reqs))] if reqs else []
+
+    d = _Both()
+    d._h["ingests"][0].readmit = _Readmit()
+    d._readmit_after = set()
+    reqs = [req(k) for k in range(MAX_OUT + 2)]
+    d._futs = {r.uid: _Fut(r) for r in reqs}
+    for r in reqs:
+        d.submit(r)  # MAX_OUT calls out, two wait in the lane
+    d._readmit_open()
+    waiting = {f"r{k}" for k in range(MAX_OUT, MAX_OUT + 2)}
+    assert d._lane_uids() == {req(k).uid for k in range(MAX_OUT, MAX_OUT + 2)}
+    assert not waiting & set(d._h["ingests"][0].readmit.sent)
