@@ -258,12 +258,15 @@ def shared_prefix_marks(reqs: Sequence[Request]) -> list[int]:
 
 
 def price_batch(reqs: Sequence[Request], catalog: Catalog, mode: Mode, *,
-                warm: Iterable[int] = (), block_tokens: int = 512) -> list[Price]:
+                warm: Iterable[int] = (), block_tokens: int = 512, failed: Iterable[int] = ()) -> list[Price]:
     """Price of each member of one dispatch of ``reqs`` (same provider and model) under ``mode``.
 
     ``batch_api``/``sync``: members run in the given order; a prefix written by an earlier member is read
     by later ones when the provider's cache stacks with the mode. At a provider with explicit caching a
     member marks only the prefix a later member starts with, so no write is paid that nobody reads.
+    ``failed``: positions of members whose attempt fails. They are billed nothing, so they write nothing
+    either: a later member does not read a prefix only a failed one would have written (its own marks were
+    set at submission, and stand).
     ``gpu_batch``: members share one warm-up, ``setup_s + sum(unit) / speedup(b)`` GPU seconds, each paying
     its own unit share plus an equal share of the warm-up.
     """
@@ -297,8 +300,9 @@ def price_batch(reqs: Sequence[Request], catalog: Catalog, mode: Mode, *,
     use_cache = pc is not None and (mode != "batch_api" or pc.stacks_with_batch)
     warm_set = set(warm) if use_cache else set()
     marks = shared_prefix_marks(reqs) if use_cache else [0] * len(reqs)
+    gone = set(failed)
     prices = []
-    for r, mark in zip(reqs, marks):
+    for k, (r, mark) in enumerate(zip(reqs, marks)):
         n_warm = 0
         for blk in r.prefix_blocks:
             if blk not in warm_set:
@@ -306,6 +310,6 @@ def price_batch(reqs: Sequence[Request], catalog: Catalog, mode: Mode, *,
             n_warm += 1
         split = cache_split(provider, spec, r.input_tokens, len(r.prefix_blocks), n_warm, mark, block_tokens)
         prices.append(price_text(provider, spec, split, r.output_tokens, mode))
-        if use_cache and (split.write or split.read):
+        if use_cache and (split.write or split.read) and k not in gone:
             warm_set.update(r.prefix_blocks)
     return prices

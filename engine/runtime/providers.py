@@ -331,11 +331,12 @@ class SimProvider:
         # The batch runs somewhere in [t, done]: prefixes still warm at submission are read, and the batch's own
         # prefixes stay warm until done + ttl.
         warm_blocks = {b for r in reqs for b in r.prefix_blocks if warm.get(b, -1.0) >= t} if stacks else set()
-        prices = price_batch(list(reqs), self.catalog, "batch_api", warm=warm_blocks, block_tokens=self.bt)
         fail_u = self.draws.fail_u
+        oks = [fail_u(i, k) >= prov.failure_rate for i, k in zip(idxs, attempts)]
+        prices = price_batch(list(reqs), self.catalog, "batch_api", warm=warm_blocks, block_tokens=self.bt,
+                             failed=[m for m, ok in enumerate(oks) if not ok])
         out = []
-        for i, k, r, p in zip(idxs, attempts, reqs, prices):
-            ok = fail_u(i, k) >= prov.failure_rate
+        for ok, r, p in zip(oks, reqs, prices):
             out.append(Attempt(ok, done, p.total))
             if ok and stacks and (p.cached_input or p.cache_write):
                 until = done + pc.ttl_s

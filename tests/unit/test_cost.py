@@ -98,6 +98,10 @@ def test_cache_read_and_write_multipliers_are_exact():
     assert b[0].cache_write == pytest.approx(0.5 * 1536 * 1.25 * p_in)
     assert b[1].cached_input == pytest.approx(0.5 * 1536 * 0.1 * p_in)
     assert prov.prompt_cache.stacks_with_batch
+    # r0's attempt fails: it is billed nothing and writes nothing, so r1 has nothing to read; r0's mark stands.
+    f = price_batch([r0, r1], CAT, "batch_api", failed=[0])
+    assert f[1].cached_input == 0.0 and f[1].input == pytest.approx(0.5 * 3000 * p_in)
+    assert f[0] == b[0]
 
 
 def test_reads_below_the_minimum_or_off_granularity_are_not_cached():
