@@ -129,7 +129,10 @@ class Supervised:
         self._next_sweep = time.monotonic() + SWEEP_EVERY_S
         late = self.clock.now() - max(SWEEP_GRACE_S * getattr(self.clock, "speedup", 1.0), 60.0)
         with self._lock:
-            overdue = [u for u, f in self._futs.items() if not f.done() and f._req.deadline_at < late]
+            # Not sent yet (buffered, or waiting in a lane for a call to return): not lost, and it leaves anyway.
+            unsent = {r.uid for r in self._buffer} | self._lane_uids()
+            overdue = [u for u, f in self._futs.items()
+                       if not f.done() and f._req.deadline_at < late and u not in unsent]
         # Swept twice already and still open: past the cache too. A request following an identical one whose
         # result can no longer reach it (the leader's end was lost with a restarted actor) is generated itself.
         self._sweeps = {u: self._sweeps.get(u, 0) + 1 for u in overdue}

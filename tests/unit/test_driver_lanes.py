@@ -228,3 +228,15 @@ def test_a_full_readmission_leaves_out_what_waits_in_a_lane():
     waiting = {f"r{k}" for k in range(MAX_OUT, MAX_OUT + 2)}
     assert d._lane_uids() == {req(k).uid for k in range(MAX_OUT, MAX_OUT + 2)}
     assert not waiting & set(d._h["ingests"][0].readmit.sent)
+
+    # The deadline sweep, long past every deadline, leaves them out too: they are not lost, only not sent yet.
+    class _Late:
+        speedup = 1.0
+
+        def now(self) -> float:
+            return 10 * 86400.0
+
+    d._h["ingests"][0].readmit.sent.clear()
+    d.clock, d._next_sweep, d._recovering, d._sweeps, d.swept = _Late(), 0.0, threading.Lock(), {}, 0
+    d._sweep()
+    assert set(d._h["ingests"][0].readmit.sent) == {"r0", "r1"}  # the calls out, which ingest may have lost
