@@ -45,7 +45,9 @@ def main() -> None:
         name = "synth-2000-seed0"
     live: list = []
     more = {"num_shards": a.shards} if a.shards != 1 else {}
-    run_live(reqs, trace_name=name, policy="smart", speedup=a.speedup, results=live, **more)
+    engines: list = []
+    run_live(reqs, trace_name=name, policy="smart", speedup=a.speedup, results=live, on_start=engines.append,
+             **more)
     sim = simulate(reqs, load_policy("smart", cat), catalog=cat)
     by = {r.id: r for r in live}
     pri = np.array([r.priority for r in sim.requests])
@@ -60,6 +62,7 @@ def main() -> None:
             s, li = 100 * sim.met[mask].mean(), 100 * met_live[mask].mean()
             print(f"| {label} | {s:.2f} % | {li:.2f} % | {li - s:+.2f} points |")
     print(f"| cost | ${sim.total_cost:.4f} | ${cost_live:.4f} | {100 * (cost_live / sim.total_cost - 1):+.2f} % |")
+    print(f"\nthe driver made {engines[0].ingest_calls:,} ingest calls for {len(reqs):,} requests")
     missed = [r for r in sim.requests if r.priority == "urgent" and not by[r.id].deadline_met]
     if missed:
         late = np.array([by[r.id].done_s - r.deadline_at for r in missed])
