@@ -52,8 +52,10 @@ class Outbox:
         if observed or counts:
             self.hub.send("observe_dispatches", self.name, observed, counts.as_dict())
         if turnarounds:  # every grouper decides for this provider's models: one message each per flush
+            self._told_seq += 1
+            self._told.append((self._told_seq, turnarounds))
             for g in self.groupers:
-                g.send("observe_turnarounds", turnarounds)
+                g.send("observe_turnarounds", turnarounds, self.name, self._told_seq)
         if results:
             try:
                 await self.hubs.call("push", by_result_uid, results, prices)

@@ -47,6 +47,7 @@ __all__ = ["Dispatcher"]
 # long after (past the driver's retention) is a new request.
 DONE_KEEP = 65_536
 DONE_KEEP_S = 300.0
+TOLD_KEPT = 4096  # messages about batches kept, for a grouper Ray restarts (one per outbox flush that had any)
 
 
 
@@ -97,6 +98,9 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
         self._settle: list[tuple[str, float]] = []
         self._observed: list[tuple[str, list[float], int]] = []
         self._turnarounds: list = []  # batches started and ended, for every grouper (engine.runtime.turnaround)
+        # What it told them, numbered by message: a grouper Ray restarts learns it again (``turnarounds_told``).
+        self._told: deque = deque(maxlen=TOLD_KEPT)
+        self._told_seq = 0
         # Whether the groupers learn batch turnarounds: a constructor argument, so a dispatcher Ray restarts
         # tells them how its re-attached batches end (they were told those started).
         self._learners = learners
@@ -123,6 +127,10 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
         return f"Dispatcher({self.name}, in_flight={self.in_flight}, {self.provider!r}, {self.sim!r})"
 
     # -- carrying out -----------------------------------------------------------------------------------------
+    async def turnarounds_told(self) -> list[tuple[int, list]]:
+        """Its latest ``TOLD_KEPT`` messages to the groupers about batches, with their numbers."""
+        return list(self._told)
+
     async def run_many(self, batches: list[BatchJob], learners: bool = False) -> None:
         """``learners``: the sending grouper learns batch turnarounds, so from now on every grouper is told of
         the batches this dispatcher starts and ends (one message per grouper per flush that has any)."""

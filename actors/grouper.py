@@ -64,6 +64,8 @@ class Grouper(Parking, Warm):
         self._claim_prefix = f"{name}-{secrets.token_hex(4)}"
         self._ledger_down = ""  # why the budget ledger last failed to answer (the reason of work it held back)
         self.table = GroupTable(policy, catalog)
+        self._heard: dict[str, int] = {}  # dispatcher -> number of its last message about batches taken
+        self._first_heard: dict[str, int] | None = None  # while relearning: the first message that came meanwhile
         self.pending: dict[str, Job] = {}
         self._reserving: set[str] = set()  # uids whose budget reservation call is under way
         self._ended: OrderedDict[str, Result] = OrderedDict()  # requests resolved here lately (rejected, failed)
@@ -93,10 +95,41 @@ class Grouper(Parking, Warm):
             self.hubs.send("push", by_result_uid, again, [0.0] * len(again))
         return held
 
-    async def observe_turnarounds(self, obs: list[Turnaround]) -> None:
+    async def observe_turnarounds(self, obs: list[Turnaround], source: str | None = None, seq: int = 0) -> None:
         """Batch-API batches the dispatchers started and ended: the table learns the turnaround from them, at
-        its epochs only, so when this message arrives changes no decision (engine.runtime.turnaround)."""
+        its epochs only, so when this message arrives changes no decision (engine.runtime.turnaround).
+        ``seq``: the number of dispatcher ``source``'s message (they come in order); one already taken is
+        skipped."""
+        if source is not None:
+            if seq <= self._heard.get(source, 0):
+                return
+            self._heard[source] = seq
+            if self._first_heard is not None:
+                self._first_heard.setdefault(source, seq)
         self.table.observe(obs)
+
+    async def relearn(self) -> int:
+        """After Ray restarted this grouper: learn again, in a fresh estimate, what the dispatchers told it before
+        (they keep their messages). A message that comes while they answer is taken once: the fresh estimate
+        takes it as it comes, and the answers only the messages before the first such. Returns how many
+        messages it took from the answers."""
+        if self.table.turnarounds is None:
+            return 0
+        self.table.relearn()
+        self._first_heard = {}
+        taken = 0
+        try:
+            for name, d in self.dispatchers.items():
+                msgs = await d.call("turnarounds_told")
+                first = self._first_heard.get(name)  # its messages that came while it answered are taken
+                for seq, obs in msgs:
+                    if first is None or seq < first:
+                        self.table.observe(obs)
+                        self._heard[name] = max(self._heard.get(name, 0), seq)
+                        taken += 1
+        finally:
+            self._first_heard = None
+        return taken
 
     async def add(self, jobs: list[Job]) -> None:
         now = self.clock.now()

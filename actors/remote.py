@@ -201,6 +201,7 @@ def rewire(h: dict, kind: str, metrics: tuple[int, str] | None = None) -> None:
             ray.get([d.rejournal.remote() for d in h["dispatchers"].values()] + [h["budget"].rejournal.remote()])
     elif kind.startswith("grouper-"):
         ray.get(h["named"][kind].set_clock.remote(clock))
+        ray.get(h["named"][kind].relearn.remote())  # the batch turnarounds it had learned, from the dispatchers
     elif kind.startswith("dispatcher-"):
         d = h["named"][kind]
         ray.get(d.set_clock.remote(clock))

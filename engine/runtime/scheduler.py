@@ -61,6 +61,11 @@ class GroupTable:
         if self.turnarounds is not None:
             self.turnarounds.observe(obs)
 
+    def relearn(self) -> None:
+        """Forget what was learned (a restarted grouper takes the dispatchers' history again)."""
+        if self.turnarounds is not None:
+            self.turnarounds = TurnaroundEstimator(self.catalog, self.turnarounds.cfg)
+
     def _view(self, req: Request, at: float) -> ProviderSpec:
         """The provider as the policy should see it at ``at``: with the learned turnaround of ``req``'s model."""
         prov = self.catalog.providers[req.provider]

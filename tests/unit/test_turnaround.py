@@ -215,7 +215,7 @@ def test_the_dispatcher_tells_every_grouper_of_its_batches_once_a_grouper_learns
         for _ in range(20):
             clock.advance(10_000.0)
             await asyncio.sleep(0.01)
-        told = [[o for name, (obs,) in g.calls if name == "observe_turnarounds" for o in obs] for g in (g0, g1)]
+        told = [[o for name, (obs, *_) in g.calls if name == "observe_turnarounds" for o in obs] for g in (g0, g1)]
         assert told[0] == told[1]
         started = [o for o in told[0] if o.end is None]
         ended = {o.censored: o for o in told[0] if o.end is not None}
@@ -247,3 +247,42 @@ def test_turnaround_learning_settings_are_checked():
     with pytest.raises(ConfigError, match="turnaround"):
         load_policy("smart", CAT, {"turnaround": {"epoch_s": 0}})
     assert math.isclose(LEARN.epoch_s, 300.0)
+
+
+def test_a_restarted_grouper_learns_again_what_the_dispatchers_told_it_each_batch_once():
+    """Ray rebuilds a grouper empty; ``relearn`` (called by ``rewire``) takes the dispatchers' kept messages. A
+    message that comes before or while they answer is counted once, not twice."""
+    msgs = [(k, [Turnaround("openai", "gpt-5-mini", float(s), float(s) + 2400.0) for s in range(100 * k, 100 * k + 50, 10)])
+            for k in range(1, 7)]
+
+    class _Dispatcher:
+        def __init__(self, grouper=None):
+            self.grouper = grouper
+
+        async def turnarounds_told(self):
+            if self.grouper is not None:  # message 6 arrives while the dispatcher answers
+                await self.grouper.observe_turnarounds(msgs[5][1], "openai", 6)
+            return msgs
+
+    def grouper(disp):
+        budget = BudgetController(BudgetSettings(), None, ManualClock(0.0))
+        return Grouper(load_policy("smart", CAT), CAT, ManualClock(0.0), {"openai": disp}, budget, ResultHub())
+
+    async def go():
+        steady = grouper(Recorder())  # never restarted: told every message once
+        for seq, obs in msgs:
+            await steady.observe_turnarounds(obs, "openai", seq)
+        await steady.observe_turnarounds(msgs[2][1], "openai", 3)  # a repeat is skipped
+        disp = _Dispatcher()
+        again = grouper(disp)  # restarted: message 5 came before the relearn, 6 during it
+        disp.grouper = again
+        await again.observe_turnarounds(msgs[4][1], "openai", 5)
+        assert await again.relearn() == 5  # messages 1-5 from the kept ones (5 again: the estimate is fresh), 6 as it came
+        await again.observe_turnarounds(msgs[5][1], "openai", 6)  # a late copy: skipped
+        a, b = steady.table.turnarounds, again.table.turnarounds
+        assert a.batches == b.batches == 30
+        a.advance(3600.0)
+        b.advance(3600.0)
+        assert a.median("openai", "gpt-5-mini", 3600.0) == b.median("openai", "gpt-5-mini", 3600.0) \
+            > BA.turnaround_median_s
+    asyncio.run(go())
