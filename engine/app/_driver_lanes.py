@@ -2,13 +2,15 @@
 
 A replay or a busy service submits a few requests every millisecond. Sent as they come, each would be an ingest
 call, and each ingest call costs ingest three calls of its own (the hub's claim, the cache lookup, the groupers'
-add) whatever its size: at 100x time compression the 3,000 first Azure requests made ~1,500 ingest calls and
-kept two cores busy with call overhead while urgent requests waited. So at most ``MAX_OUT`` calls are out per
-shard; what is submitted meanwhile waits here and leaves in one call when one returns. An idle engine sends at
-once (no added latency); a busy one sends fewer, larger calls, as ingest's own lookups do. Urgent requests do not
-wait behind bulk: a part that holds one leaves at once while fewer than ``MAX_OUT + URGENT_EXTRA`` calls are out
-(beyond that, a stream of urgent requests is group-committed too, or each would be a call of its own). A call that does not return within ``STALL_S`` (an ingest
-restarting) does not hold the lane: what waits goes anyway, and the driver's failure handling covers the rest.
+add) whatever its size: at 100x time compression the 3,000 first Azure requests made 2,499 ingest calls (711
+with the lanes; ``benchmarks/bench_live_parity.py --azure 3000`` prints the count) and kept two cores busy with
+call overhead while urgent requests waited. So at most ``MAX_OUT`` calls are out per shard; what is submitted
+meanwhile waits here and leaves in one call when one returns. An idle engine sends at once (no added latency); a
+busy one sends fewer, larger calls, as ingest's own lookups do. Urgent requests do not wait behind bulk: a part
+that holds one leaves at once while fewer than ``MAX_OUT + URGENT_EXTRA`` calls are out (beyond that, a stream of
+urgent requests is group-committed too, or each would be a call of its own). A call that does not return within
+``STALL_S`` (an ingest restarting) does not hold the lane: what waits goes anyway, and the driver's failure
+handling covers the rest.
 
 Mixed into ``Engine``; uses its ``_lock``, ``_buffer``, ``_next_row``, ``_micro_batch``, ``_h``, ``_client``,
 ``_inflight_refs``, ``_wake`` and ``_flush_s``.
