@@ -46,10 +46,20 @@ class Embedder:
         self.table = np.ascontiguousarray(table, dtype=np.float32)
         self.dim = self.table.shape[1]
         self._tok = tokenizer  # a tokenizers.Tokenizer; no special tokens are added, as WordLlama does
+        self._leading: dict[int, np.ndarray] = {self.dim: self.table}
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """Unit rows (an all-zero row for a text with no tokens); one tokenizer call per 4,096 texts."""
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+    def embed(self, texts: Sequence[str], dims: int | None = None) -> np.ndarray:
+        """Unit rows (an all-zero row for a text with no tokens); one tokenizer call per 4,096 texts.
+        ``dims``: only the leading columns, normalised on their own. The model is trained with nested
+        dimensions, so they are an embedding of their own, and summing only them halves the memory the
+        pooling reads (the near-duplicate vectors use 128)."""
+        dims = self.dim if dims is None else dims
+        if not 0 < dims <= self.dim:
+            raise ValueError(f"dims must be in 1..{self.dim}, got {dims}")
+        table = self._leading.get(dims)
+        if table is None:  # a contiguous copy: a strided view of the wide table would read every column
+            table = self._leading[dims] = np.ascontiguousarray(self.table[:, :dims])
+        out = np.zeros((len(texts), dims), dtype=np.float32)
         for lo in range(0, len(texts), _CHUNK):
             enc = self._tok.encode_batch(list(texts[lo:lo + _CHUNK]), add_special_tokens=False)
             lens = np.fromiter((len(e.ids) for e in enc), dtype=np.int64, count=len(enc))
@@ -57,9 +67,9 @@ class Embedder:
             if not has.size:
                 continue
             ids = np.fromiter((i for e in enc for i in e.ids), dtype=np.int64, count=int(lens.sum()))
-            np.clip(ids, 0, self.table.shape[0] - 1, out=ids)
+            np.clip(ids, 0, table.shape[0] - 1, out=ids)
             ends = np.cumsum(lens[has])
-            sums = np.empty((has.size, self.dim), dtype=np.float32)
+            sums = np.empty((has.size, dims), dtype=np.float32)
             # Sum each text's token rows with reduceat, ~512 tokens at a time: the gathered rows then stay
             # in cache (one gather of all the tokens runs 2-3x slower on this 2-core machine).
             steps = np.searchsorted(ends, np.arange(_TOKENS_PER_STEP, ends[-1], _TOKENS_PER_STEP), side="right")
@@ -67,7 +77,7 @@ class Embedder:
             for a, b in zip(cut[:-1], cut[1:]):
                 t0 = ends[a - 1] if a else 0
                 starts = np.r_[t0, ends[a:b - 1]] - t0
-                sums[a:b] = np.add.reduceat(self.table[ids[t0:ends[b - 1]]], starts, axis=0)
+                sums[a:b] = np.add.reduceat(table[ids[t0:ends[b - 1]]], starts, axis=0)
             norms = np.linalg.norm(sums, axis=1, keepdims=True)
             norms[norms == 0] = 1.0
             out[lo + has] = sums / norms  # the mean, normalised, is the sum normalised

@@ -202,11 +202,10 @@ def near_vectors_texts(texts: Sequence[str], params: Sequence[dict] | None = Non
         _fallback_noted(str(exc))
         mat = featurize_texts(texts, dim=NEAR_DIM)
     else:
-        emb = embedder.embed([normalise_prompt(t) for t in texts])[:, :_EMB_COLS]
-        norms = np.linalg.norm(emb, axis=1, keepdims=True)
-        norms[norms == 0] = 1.0
         mat = np.empty((len(texts), NEAR_DIM), dtype=np.float32)
-        mat[:, :_EMB_COLS] = emb * (np.sqrt(_EMB_WEIGHT) / norms)
+        # unit rows of the leading columns (zero for a text with no tokens)
+        mat[:, :_EMB_COLS] = embedder.embed([normalise_prompt(t) for t in texts], dims=_EMB_COLS)
+        mat[:, :_EMB_COLS] *= np.sqrt(_EMB_WEIGHT)
         mat[:, _EMB_COLS:] = featurize_texts(texts, dim=NEAR_DIM - _EMB_COLS) * np.sqrt(1 - _EMB_WEIGHT)
         lengths = np.linalg.norm(mat, axis=1, keepdims=True)  # 1, or less when one part is empty
         lengths[lengths == 0] = 1.0

@@ -77,6 +77,20 @@ def test_the_model_loads_once_from_the_package_files():
 
 
 @needs_model
+def test_leading_dimensions_are_the_wide_embedding_cut_and_normalised():
+    e = embedding.load_embedder()
+    texts = ["How do I cook rice?", "", "Why is the sky blue at noon?"]
+    wide, lead = e.embed(texts), e.embed(texts, dims=128)
+    cut = wide[:, :128]
+    norms = np.linalg.norm(cut, axis=1, keepdims=True)
+    assert lead.shape == (3, 128) and not lead[1].any()
+    assert np.allclose(lead[[0, 2]], cut[[0, 2]] / norms[[0, 2]], atol=1e-6)
+    for bad in (0, 257):
+        with pytest.raises(ValueError, match="dims"):
+            e.embed(texts, dims=bad)
+
+
+@needs_model
 def test_near_vectors_are_one_function_for_every_runtime():
     reqs = [Request.model_validate({"id": str(k), "arrival_s": 0, "model": "gpt-5-mini", "prompt": p}, context=CTX)
             for k, p in enumerate(["How do I cook rice?", "How can I cook rice?"])]
