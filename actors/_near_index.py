@@ -54,24 +54,25 @@ class NearIndex:
         for key, ks in by_class.items():
             sims = vecs[ks] @ vecs[ks].T
             leads: list[int] = []  # positions in ks of the items that lead, in order
+            lead_fps: set[str] = set()  # their fingerprints (``_lead_now`` keeps both)
             for a, k in enumerate(ks):
                 it = items[k]
                 if it.req.reuse != "none" and self._attach(it):
                     out[k] = FOLLOWING
                     continue
-                if not self._wants_near(it) or any(items[ks[b]].fp == it.fp for b in leads):
+                if not self._wants_near(it) or it.fp in lead_fps:
                     # No near ask, or identical to one that leads and is due later: generated.
-                    out[k] = self._lead_now(it, leads, a)
+                    out[k] = self._lead_now(it, leads, lead_fps, a)
                     continue
                 top = tops.get(k)
-                b = max(leads, key=lambda b: sims[a, b], default=None)
+                b = leads[int(np.argmax(sims[a, leads]))] if leads else None  # the first best, as max() picks
                 if b is not None and sims[a, b] >= th[key] and (top is None or sims[a, b] > top.similarity):
                     src = items[ks[b]]
                     if (guard_reason(it.req.prompt, src.req.prompt, self.reuse.guards) is None
                             and self._follow_near(it, src.fp)):
                         out[k] = FOLLOWING
                     else:
-                        out[k] = self._lead_now(it, leads, a)
+                        out[k] = self._lead_now(it, leads, lead_fps, a)
                     continue
                 if top is not None and guard_between(traits(it.req.prompt), top.traits(),
                                                      self.reuse.guards) is None:
@@ -87,13 +88,14 @@ class NearIndex:
                         continue
                     else:
                         self.stats["stale_near"] += 1  # failed, expired or evicted since it was indexed
-                out[k] = self._lead_now(it, leads, a)
+                out[k] = self._lead_now(it, leads, lead_fps, a)
         return out, {it.req.uid: vecs[k] for k, it in enumerate(items) if out[k] is LEADS}
 
-    def _lead_now(self, item: Item, leads: list[int], a: int) -> Result:
+    def _lead_now(self, item: Item, leads: list[int], lead_fps: set[str], a: int) -> Result:
         """``item`` leads from here on, so the asks after it in this lookup may follow it."""
         self._lead(item)
         leads.append(a)
+        lead_fps.add(item.fp)
         return LEADS
 
     def _follow_near(self, item: Item, fp: str) -> bool:
