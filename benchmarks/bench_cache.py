@@ -2,7 +2,7 @@
 lookup speed. Prints every figure of docs/cache.md.
 
     .venv/bin/python benchmarks/bench_cache.py [--data ../shared/data/real] [--redis-url redis://...]
-                                               [--skip-speed] [--skip-quality] [--seed 0]
+                                               [--skip-speed] [--skip-quality] [--seed 0] [--show-wrong]
 
 Quality (``engine/core/_pair_eval.py``): each pair file is split at random (``--seed``) into a tune half and a
 held-out half by duplicate cluster, so no text is in both. On a half, the cache holds every ``similar`` text and
@@ -64,10 +64,14 @@ def _row(t: dict, mark: str = "") -> str:
             f"{t['recall']:.2%} | {t['same_text']} |")
 
 
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
 HEAD = "| threshold | hits | right | wrong | precision | recall | same text |\n|---|---|---|---|---|---|---|"
 
 
-def quality(data: Path, seed: int) -> None:
+def quality(data: Path, seed: int, show_wrong: bool = False) -> None:
     pairs = load_pairs(data)
     halves = {name: split(rows, seed) for name, rows in pairs.items()}
     t0 = time.perf_counter()
@@ -98,6 +102,13 @@ def quality(data: Path, seed: int) -> None:
         print(f"\n{name}, held out, hashed n-grams alone (the fallback), all guards:\n\n{HEAD}")
         for t in SWEEP:
             print(_row(base.at(t)))
+    if show_wrong and chosen is not None:
+        for name, s in held.items():
+            wrong = s.wrong(chosen)
+            print(f"\n### {name}, held out: the {len(wrong)} hits its labels call wrong at {chosen}, to read by hand\n")
+            print("| cosine | origin | its match |\n|---|---|---|")
+            for sim, a, b in wrong:
+                print(f"| {sim:.3f} | {_cell(a)} | {_cell(b)} |")
     print(f"\nguards: {list(GUARDS)}")
     print(f"\n### image prompts (no labelled pairs); image threshold {near_min_threshold('image')}\n")
     print("| cosine | same picture? | a | b |\n|---|---|---|---|")
@@ -188,6 +199,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="seed of the tune/held-out split")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--show-wrong", action="store_true",
+                    help="print every held-out hit the labels call wrong, with both texts, to audit by hand")
     args = ap.parse_args()
     t0 = time.perf_counter()
     try:
@@ -207,7 +220,7 @@ def main() -> None:
         print(f"embedding: {embedder!r}; cold load {load_s:.2f} s (once per process); {rate:,.0f} texts/s; "
               f"near-duplicate vectors (embedding and n-grams), 40 texts a call: {near_rate:,.0f} texts/s")
     if not args.skip_quality:
-        quality(args.data, args.seed)
+        quality(args.data, args.seed, args.show_wrong)
     if not args.skip_speed:
         print("\n### lookup speed\n")
         for k, v in speed(redis_url=args.redis_url).items():

@@ -75,6 +75,12 @@ class Scored(NamedTuple):
     right: np.ndarray
     passes: np.ndarray
     same: np.ndarray
+    pairs: tuple[tuple[str, str], ...] = ()  # (origin, its top-1 match), for reading the hits by hand
+
+    def wrong(self, threshold: float) -> list[tuple[float, str, str]]:
+        """The hits the labels call wrong at ``threshold`` (all guards): (cosine, origin, match), to audit."""
+        hit = (self.sim >= threshold) & self.passes & ~self.right
+        return [(float(self.sim[k]), *self.pairs[k]) for k in np.flatnonzero(hit)]
 
     def at(self, threshold: float, guarded: bool = True) -> dict:
         hit = (self.sim >= threshold) & (self.passes if guarded else True)
@@ -102,7 +108,7 @@ def score(rows: Sequence[dict], vectors: Callable[[list[str]], np.ndarray], guar
                       dtype=bool)
     same = np.array([" ".join(o.lower().split()) == " ".join(m.lower().split()) for o, m in zip(origins, matches)],
                     dtype=bool)
-    return Scored(best_s, right, passes, same)
+    return Scored(best_s, right, passes, same, tuple(zip(origins, matches)))
 
 
 def sweep(scored: Scored, thresholds: Sequence[float] = GRID, guarded: bool = True) -> list[dict]:

@@ -202,6 +202,8 @@ def test_held_out_precision_and_recall(scored):
     qqp = scored["qqp"][1].at(text_min)
     assert qqp["precision"] >= QQP_PRECISION_FLOOR and qqp["recall"] >= QQP_RECALL_FLOOR, qqp
     assert gpt["same_text"] == 0  # GPTCache's recall is all paraphrase, none of it an exact repeat
+    wrong = scored["qqp"][1].wrong(text_min)  # what bench_cache.py --show-wrong prints to audit
+    assert len(wrong) == qqp["wrong"] and all(sim >= text_min and a != b for sim, a, b in wrong)
 
 
 def test_split_keeps_clusters_whole():
