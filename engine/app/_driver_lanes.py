@@ -6,9 +6,13 @@ add) whatever its size: at 100x time compression the 3,000 first Azure requests 
 with the lanes; ``benchmarks/bench_live_parity.py --azure 3000`` prints the count) and kept two cores busy with
 call overhead while urgent requests waited. So at most ``MAX_OUT`` calls are out per shard; what is submitted
 meanwhile waits here and leaves in one call when one returns. An idle engine sends at once (no added latency); a
-busy one sends fewer, larger calls, as ingest's own lookups do. Urgent requests do not wait behind bulk: a part
-that holds one leaves at once while fewer than ``MAX_OUT + URGENT_EXTRA`` calls are out (beyond that, a stream of
-urgent requests is group-committed too, or each would be a call of its own). A call that does not return within
+busy one sends fewer, larger calls, as ingest's own lookups do. Urgent requests get ``URGENT_EXTRA`` more calls
+of room: while one waits, the lane sends its parts in order until it is out or that room is used (beyond it, a
+stream of urgent requests is group-committed too, or each would be a call of its own). An urgent request never
+overtakes what was submitted before it (the draw rows, and the order in which a class's requests reach its
+cache, are submission order), so it leaves at once behind up to ``URGENT_EXTRA`` micro-batches of waiting bulk;
+behind a larger backlog (a big ``submit_many`` just before it) it waits for calls to return, as it would wait
+behind that backlog at ingest anyway. A call that does not return within
 ``STALL_S`` (an ingest restarting) does not hold the lane: what waits goes anyway, and the driver's failure
 handling covers the rest.
 
@@ -33,13 +37,33 @@ IDLE_S = 1.0  # longest sleep of an idle flush thread (a submit wakes it sooner)
 STALL_S = 1.0  # real seconds after which a lane stops waiting for its calls (an ingest that hangs)
 
 
+def _n_urgent(reqs: list[Request]) -> int:
+    return sum(r.priority == "urgent" for r in reqs)
+
+
 class _Lane:
-    __slots__ = ("failing", "out", "waiting")
+    __slots__ = ("failing", "out", "urgent", "waiting")
 
     def __init__(self) -> None:
         self.out: dict[Any, float] = {}  # call -> when it left (monotonic)
         self.waiting: list[tuple[list[Request], list[int]]] = []  # (requests, their draw rows), in order
+        # Urgent requests among them: read at every drain, under the lock, so counted rather than scanned (a
+        # backlog of 100,000 took 9 ms a scan).
+        self.urgent = 0
         self.failing = False  # the last call could not be made (said once, not at every retry)
+
+    def queue(self, part: tuple[list[Request], list[int]]) -> None:
+        self.waiting.append(part)
+        self.urgent += _n_urgent(part[0])
+
+    def take(self, k: int) -> None:
+        """The first ``k`` parts left in a call."""
+        self.urgent -= sum(_n_urgent(reqs) for reqs, _ in self.waiting[:k])
+        del self.waiting[:k]
+
+    def keep(self, parts: list[tuple[list[Request], list[int]]]) -> None:
+        self.waiting = parts
+        self.urgent = sum(_n_urgent(reqs) for reqs, _ in parts)
 
 
 class IngestLanes:
@@ -71,7 +95,7 @@ class IngestLanes:
                 part = batch[k:k + self._micro_batch]
                 rows = list(range(first + k, first + k + len(part)))
                 if n == 1:
-                    self._lanes[0].waiting.append((part, rows))
+                    self._lanes[0].queue((part, rows))
                     touched.add(0)
                     continue
                 shares: list[tuple[list[Request], list[int]]] = [([], []) for _ in range(n)]
@@ -81,7 +105,7 @@ class IngestLanes:
                     s[1].append(row)
                 for i, share in enumerate(shares):
                     if share[0]:
-                        self._lanes[i].waiting.append(share)
+                        self._lanes[i].queue(share)
                         touched.add(i)
             sent = [c for i in sorted(touched) for c in self._drain(i)]
         self._watch(sent)
@@ -91,8 +115,7 @@ class IngestLanes:
         ``force``), merged up to a micro-batch per call. Returns the calls sent, for ``_watch``."""
         lane, sent = self._lanes[i], []
         while lane.waiting and (force or len(lane.out) < MAX_OUT or (
-                len(lane.out) < MAX_OUT + URGENT_EXTRA
-                and any(r.priority == "urgent" for reqs, _ in lane.waiting for r in reqs))):
+                len(lane.out) < MAX_OUT + URGENT_EXTRA and lane.urgent)):
             reqs, rows = list(lane.waiting[0][0]), list(lane.waiting[0][1])
             k = 1
             while k < len(lane.waiting) and len(reqs) + len(lane.waiting[k][0]) <= self._micro_batch:
@@ -110,7 +133,7 @@ class IngestLanes:
                 break
             lane.failing = False
             self.ingest_calls += 1
-            del lane.waiting[:k]
+            lane.take(k)
             self._inflight_refs[ref] = ([r.uid for r in reqs], 0)
             lane.out[ref] = time.monotonic()
             sent.append((i, ref))
@@ -142,6 +165,18 @@ class IngestLanes:
                     if i in touched or stalled or len(lane.out) < MAX_OUT:
                         sent += self._drain(i, force=bool(stalled))
         self._watch(sent)
+
+    def _drop_unsent(self, uids: set[str]) -> None:
+        """Under the lock: take requests whose futures were just failed out of the buffer and the lanes, so they
+        are never sent (and paid) behind a result that says they failed."""
+        self._buffer = [r for r in self._buffer if r.uid not in uids]
+        for lane in self._lanes.values():
+            parts = []
+            for reqs, rows in lane.waiting:
+                keep = [k for k, r in enumerate(reqs) if r.uid not in uids]
+                if keep:
+                    parts.append(([reqs[k] for k in keep], [rows[k] for k in keep]))
+            lane.keep(parts)
 
     def _lane_uids(self) -> set[str]:
         """Under the lock: the ids of requests waiting in a lane (submitted, not sent yet)."""

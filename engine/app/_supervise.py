@@ -191,6 +191,8 @@ class Supervised:
                     self._inflight_refs[ref] = ([r.uid for r in part], tries + 1)
 
     def _fail_ids(self, uids: Sequence[str], error: str) -> None:
+        with self._lock:
+            self._drop_unsent(set(uids))
         for uid in uids:
             with self._lock:
                 fut = self._futs.get(uid)

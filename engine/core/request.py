@@ -129,6 +129,28 @@ def _check_text(value: Any, where: str) -> None:
             stack.extend(v)
 
 
+def _check_json(body: dict, where: str) -> None:
+    """The body is sent as JSON, fingerprinted as JSON and carried between processes: anything else (a
+    number as an object key, a set, a generator, NaN) is refused here, per request, rather than failing the
+    call that carries its neighbours. Walked with a stack, as ``_check_text``."""
+    stack: list[tuple[str, Any]] = [(where, body)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, dict):
+            for k, item in v.items():
+                if not isinstance(k, str):
+                    raise FieldProblem(path, f"{path} has the key {k!r} ({type(k).__name__}); JSON object keys "
+                                       f"are strings: write it as {str(k)!r}")
+                stack.append((f"{path}.{k}", item))
+        elif isinstance(v, (list, tuple)):
+            stack.extend((f"{path}[{n}]", item) for n, item in enumerate(v))
+        elif isinstance(v, float) and not math.isfinite(v):
+            raise FieldProblem(path, f"{path} is {v!r}, which JSON cannot carry; send a finite number")
+        elif v is not None and not isinstance(v, (str, int, float, bool)):
+            raise FieldProblem(path, f"{path} is a {type(v).__name__}, not JSON; send strings, numbers, true/"
+                               "false, null, lists and objects")
+
+
 def _check_params(params: dict, kind: str, model: str) -> None:
     """Unknown params are refused (a typo would otherwise be billed as the default), and so are values of the
     wrong type; the priced ones are checked against the catalog by the caller."""
@@ -264,6 +286,7 @@ class Request(BaseModel):
         if body is not None:
             if not isinstance(body, dict):
                 raise FieldProblem("body", "body must be a JSON object (the provider's request body)")
+            _check_json(body, "body")
             if d.get("model") is None and isinstance(body.get("model"), str):
                 d["model"] = body["model"]
             if "model" in body and body["model"] != d.get("model"):

@@ -68,6 +68,19 @@ def test_escaped_surrogates_in_json_are_refused_in_nested_bodies():
     assert problems[0][0] == "messages"  # the top-level key it came in
 
 
+@pytest.mark.parametrize("body, field, says", [
+    ({"metadata": {1: "a", "b": "c"}}, "body.metadata", "keys are strings"),  # json.dumps(sort_keys) fails
+    ({"tools": (t for t in "ab")}, "body.tools", "generator, not JSON"),  # Ray could not carry it
+    ({"tools": [{"name": "f", "parameters": {"enum": {1, 2}}}]}, "body.tools[0].parameters.enum", "set"),
+    ({"temperature": math.nan}, "body.temperature", "finite number"),
+])
+def test_a_body_that_is_not_json_is_refused_naming_its_path(body, field, says):
+    # Accepted, each of these failed later in the call that carried it, and took its neighbours along.
+    problems = refused({"id": "a", "arrival_s": 0, "model": "gpt-5-mini", "prompt": "hi", "body": body})
+    assert problems[0][0] == field and says in problems[0][1], problems
+    assert ok(body={"metadata": {"k": [1, 2.5, True, None, {"x": "y"}]}}).body["metadata"]["k"][4] == {"x": "y"}
+
+
 def test_bytes_that_are_not_utf8_name_the_file_and_line(tmp_path):
     p = tmp_path / "t.jsonl"
     p.write_bytes(line(id="a").encode() + b"\n" + b'{"id": "b", "prompt": "caf\xe9"}\n' + line(id="c").encode())

@@ -240,3 +240,67 @@ def test_a_full_readmission_leaves_out_what_waits_in_a_lane():
     d.clock, d._next_sweep, d._recovering, d._sweeps, d.swept = _Late(), 0.0, threading.Lock(), {}, 0
     d._sweep()
     assert set(d._h["ingests"][0].readmit.sent) == {"r0", "r1"}  # the calls out, which ingest may have lost
+
+
+def test_requests_failed_while_waiting_are_never_sent():
+    """An actor gone for good fails every open future (``_fail_open``): what still waits in the buffer or a lane
+    must then never reach ingest, or it would be generated and paid behind a result that says it failed."""
+    from engine.app._supervise import Supervised
+
+    class _Fut:
+        def __init__(self, r: Request) -> None:
+            self._req, self.request_id, self.tenant, self.result = r, r.id, r.tenant, None
+
+        def done(self) -> bool:
+            return self.result is not None
+
+    class _Both(_Driver, Supervised):
+        def _resolve(self, fut, res) -> None:
+            fut.result = res
+
+    d = _Both()
+    reqs = [req(k, priority="urgent" if k % 2 else "normal") for k in range(MAX_OUT + 3)]
+    d._futs = {r.uid: _Fut(r) for r in reqs}
+    for r in reqs:
+        d.submit(r)  # MAX_OUT calls out; with the urgent room, the rest leaves or waits
+    late = req(50)
+    d._futs[late.uid] = _Fut(late)
+    d._buffer.append(late)  # buffered, not flushed yet
+    waiting = d._lane_uids() | {late.uid}
+    assert len(waiting) >= 2
+    d._fail_open("engine failure: actor(s) died: dispatcher-openai")
+    assert all(d._futs[u].result.status == "failed" for u in waiting)
+    assert not d._lane_uids() and not d._buffer
+    assert all(lane.urgent == 0 for lane in d._lanes.values())
+    sent = len(d.calls)
+    for _, _, ref in list(d.calls):
+        ref.fut.set_result(1)
+    d._lanes_turn(force=True)
+    d._flush()
+    assert len(d.calls) == sent  # nothing more left for ingest
+
+
+def test_the_urgent_count_follows_the_parts_that_wait():
+    """The lane counts its waiting urgent requests instead of scanning them at every drain; the count must stay
+    the number there is through queueing, merging, sending and dropping."""
+    import random
+
+    rng = random.Random(7)
+    d = _Driver(micro_batch=3)
+    k = 0
+    for step in range(300):
+        move = rng.random()
+        if move < 0.5:
+            n = rng.randint(1, 5)
+            d.submit(*[req(k + j, priority=rng.choice(["urgent", "normal", "background"])) for j in range(n)])
+            k += n
+        elif move < 0.85:
+            out = [ref for _, _, ref in d.calls if not ref.fut.done()]
+            if out:
+                rng.choice(out).fut.set_result(1)
+                d._lanes_turn()
+        else:
+            with d._lock:
+                d._drop_unsent({u for u in d._lane_uids() if rng.random() < 0.3})
+        lane = d._lanes[0]
+        assert lane.urgent == sum(r.priority == "urgent" for reqs, _ in lane.waiting for r in reqs), step
