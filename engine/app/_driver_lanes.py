@@ -114,8 +114,12 @@ class IngestLanes:
         """Under the lock: send lane ``i``'s waiting parts while it has room (or an urgent request waits, or
         ``force``), merged up to a micro-batch per call. Returns the calls sent, for ``_watch``."""
         lane, sent = self._lanes[i], []
-        while lane.waiting and (force or len(lane.out) < MAX_OUT or (
-                len(lane.out) < MAX_OUT + URGENT_EXTRA and lane.urgent)):
+        # A call out longer than STALL_S (an ingest that hangs or restarts) no longer holds its place: the lane
+        # goes on sending, still merged, rather than everything at once, which would end the group commit
+        # just when a slow ingest needs it.
+        stale = time.monotonic() - STALL_S
+        live = sum(t >= stale for t in lane.out.values())
+        while lane.waiting and (force or live < MAX_OUT or (live < MAX_OUT + URGENT_EXTRA and lane.urgent)):
             reqs, rows = list(lane.waiting[0][0]), list(lane.waiting[0][1])
             k = 1
             while k < len(lane.waiting) and len(reqs) + len(lane.waiting[k][0]) <= self._micro_batch:
@@ -136,6 +140,7 @@ class IngestLanes:
             lane.take(k)
             self._inflight_refs[ref] = ([r.uid for r in reqs], 0)
             lane.out[ref] = time.monotonic()
+            live += 1
             sent.append((i, ref))
         return sent
 
@@ -149,21 +154,17 @@ class IngestLanes:
         self._wake.set()
 
     def _lanes_turn(self, force: bool = False) -> None:
-        """In the flush thread: free the lanes of the calls that returned and send what waits, and unblock a
-        lane whose calls are out longer than ``STALL_S``. ``force``: send everything that waits (stop)."""
+        """In the flush thread: free the lanes of the calls that returned and send what waits and has room
+        (also what Ray refused before, and what waits behind a call out longer than ``STALL_S``). ``force``:
+        send everything that waits (stop)."""
         sent = []
         with self._lock:
-            touched = set()
             while self._returned:
                 i, ref = self._returned.popleft()
                 self._lanes[i].out.pop(ref, None)
-                touched.add(i)
-            now = time.monotonic()
             for i, lane in self._lanes.items():
                 if lane.waiting:
-                    stalled = force or (lane.out and now - min(lane.out.values()) > STALL_S)
-                    if i in touched or stalled or len(lane.out) < MAX_OUT:
-                        sent += self._drain(i, force=bool(stalled))
+                    sent += self._drain(i, force=force)
         self._watch(sent)
 
     def _drop_unsent(self, uids: set[str]) -> None:

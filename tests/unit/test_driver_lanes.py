@@ -304,3 +304,32 @@ def test_the_urgent_count_follows_the_parts_that_wait():
                 d._drop_unsent({u for u in d._lane_uids() if rng.random() < 0.3})
         lane = d._lanes[0]
         assert lane.urgent == sum(r.priority == "urgent" for reqs, _ in lane.waiting for r in reqs), step
+
+
+def test_a_slow_ingest_still_gets_merged_calls_not_everything_at_once(monkeypatch):
+    """A call out past the stall time frees its place, one for one: what waits then leaves in merged calls, two
+    at a time, not as a flood of calls at every turn (the group commit matters most when ingest is slow)."""
+    now = [100.0]
+    monkeypatch.setattr(_driver_lanes.time, "monotonic", lambda: now[0])
+    d = _Driver(micro_batch=2)
+    d.submit(*[req(k) for k in range(2 * (MAX_OUT + 6))])
+    assert len(d.calls) == MAX_OUT
+    now[0] += _driver_lanes.STALL_S + 0.01
+    d._lanes_turn()
+    d._lanes_turn()
+    assert len(d.calls) == 2 * MAX_OUT  # the stale ones' places, once; the turn after sends nothing more
+    assert all(len(ids) == 2 for ids, _, _ in d.calls)
+    now[0] += _driver_lanes.STALL_S + 0.01
+    d._lanes_turn()
+    assert len(d.calls) == 3 * MAX_OUT
+
+
+def test_an_urgent_request_ray_refused_is_tried_at_the_next_turn():
+    d = _Driver()
+    for k in range(MAX_OUT):
+        d.submit(req(k))
+    d._h["ingests"][0].submit.refuse = 1
+    d.submit(req(9, priority="urgent"))  # the urgent room is there, but Ray refuses this call
+    assert len(d.calls) == MAX_OUT
+    d._lanes_turn()  # no call returned and nothing is stale: it goes anyway, in the urgent room
+    assert d.calls[-1][0] == ["r9"]
