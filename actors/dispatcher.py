@@ -29,7 +29,7 @@ from actors.metrics import DispatchCounts, retry_reason
 from actors.providers import make_provider
 from engine.core.catalog import Catalog
 from engine.core.cost import price_alone
-from engine.core.draws import Draws
+from engine.core.draws import Draws, TurnaroundWorld, engine_day_origin
 from engine.core.provider_api import CallJob, CallOutcome, Secret, call_key
 from engine.core.result import Result
 from engine.core.scheduling import Scheduling
@@ -64,6 +64,7 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
         self.sim = SimProvider(catalog.provider(provider), catalog, settings,
                                Draws(0, settings.sim.max_attempts, seed, settings.sim.batch_slot_s),
                                scheduling=scheduling, draw=False)
+        self._day_from(clock)
         self._key = key
         self.provider = make_provider(provider, catalog, settings, self.sim, clock, key)
         self._tasks: set[asyncio.Task] = set()
@@ -122,6 +123,13 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
         """The engine sets the clock once every actor is up, so engine time 0 is when submitting can start."""
         self.clock = clock
         self.provider.clock = clock
+        self._day_from(clock)
+
+    def _day_from(self, clock) -> None:
+        """The simulated world's hours of day count from the engine's origin, as the groupers' learned ones do:
+        the setting, else the engine clock's (a restarted dispatcher has the published clock already)."""
+        sim = self.settings.sim
+        self.sim.world = TurnaroundWorld.of(sim, engine_day_origin(sim.day_origin_s, clock))
 
     def __repr__(self) -> str:
         return f"Dispatcher({self.name}, in_flight={self.in_flight}, {self.provider!r}, {self.sim!r})"

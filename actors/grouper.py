@@ -24,6 +24,7 @@ from actors._shards import Shards, by_result_uid
 from actors._types import BatchJob, Job
 from engine.core.budgets import LEDGER, Claim, Verdict
 from engine.core.catalog import Catalog
+from engine.core.draws import engine_day_origin
 from engine.core.features import compat_key
 from engine.core.grouping import Decision
 from engine.core.result import Result
@@ -43,10 +44,14 @@ ENDED_KEEP = 65_536  # results of requests ended here, for copies re-admitted af
 class Grouper(Parking, Warm):
     def __init__(self, policy, catalog: Catalog, clock, dispatchers: dict, budget, hub,
                  name: str = "g0", budget_limited: bool = True, *, max_attempts: int = 4,
-                 reserve_model_max: bool = True, cache=None, budget_specs: tuple = ()):
+                 reserve_model_max: bool = True, cache=None, budget_specs: tuple = (),
+                 day_origin_s: float | None = None):
         self.policy = policy
         self.catalog = catalog
         self.clock, _ = resolve_clock(clock)
+        # Hours of day count from the engine's origin: the setting, else the engine clock's (a function of the
+        # clock, so a grouper Ray restarts, which reads the published clock here, counts from the same).
+        self._day_origin = day_origin_s
         self.dispatchers = {k: as_peer(v) for k, v in dispatchers.items()}
         self.budget = as_peer(budget)
         self.hubs = Shards(hub)  # each result to its id's shard
@@ -63,7 +68,7 @@ class Grouper(Parking, Warm):
         # Claim ids must be unique across engines sharing one Redis ledger and across restarts.
         self._claim_prefix = f"{name}-{secrets.token_hex(4)}"
         self._ledger_down = ""  # why the budget ledger last failed to answer (the reason of work it held back)
-        self.table = GroupTable(policy, catalog)
+        self.table = GroupTable(policy, catalog, engine_day_origin(day_origin_s, self.clock))
         self._heard: dict[str, int] = {}  # dispatcher -> number of its last message about batches taken
         self._first_heard: dict[str, int] | None = None  # while relearning: the first message that came meanwhile
         self.pending: dict[str, Job] = {}
@@ -78,6 +83,12 @@ class Grouper(Parking, Warm):
         """The engine sets the clock once every actor is up, so engine time 0 is when submitting can start."""
         self.clock = clock
         self.waits.step_s = self._park_step  # its speed-up sets the real time between tries
+        origin = engine_day_origin(self._day_origin, clock)
+        est = self.table.turnarounds
+        if est is not None and est.day_origin_s != origin:
+            # Only while the origin was unknown: at the first clock, before anything was learned (or in a
+            # restarted grouper that could not read the published clock: ``rewire`` relearns next).
+            self.table.relearn(origin)
 
     def __repr__(self) -> str:
         # Ray may call repr from another thread while the loop changes the groups: never let that kill the actor.

@@ -88,10 +88,13 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
     cache_ref = refs("cache") if with_cache else None
     grouper_refs = [ref(f"grouper-{k}") for k in range(num_groupers)]
     dispatcher_refs = {name: ref(f"dispatcher-{name}") for name in catalog.providers}
+    # Hours of day count from settings.sim.day_origin_s, else from the clock's start (engine.core.draws.
+    # engine_day_origin): a function of the clock, so every grouper and dispatcher, restarted or not, agrees.
     groupers = [ray.remote(Grouper).options(**opts(f"grouper-{k}")).remote(
         policy, catalog, later, dispatcher_refs, ref("budget"), hub_refs, f"g{k}", bool(budgets.specs),
         max_attempts=settings.sim.max_attempts, reserve_model_max=budgets.reserve_output == "model_max",
-        cache=cache_ref, budget_specs=budgets.specs) for k in range(num_groupers)]
+        cache=cache_ref, budget_specs=budgets.specs, day_origin_s=settings.sim.day_origin_s)
+        for k in range(num_groupers)]
     cluster = ray.cluster_resources()
     learning = getattr(policy, "turnaround_learning", None)
     learns = learning is not None and learning.enabled  # the groupers' tables learn (engine.runtime.scheduler)

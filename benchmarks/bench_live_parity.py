@@ -1,6 +1,7 @@
 """The live engine against the simulator on the same trace and seed, time-compressed (issue 12's last target:
 deadline attainment within 0.5 points of the simulator's, cost within 2 %). Simulated providers, so what differs
-is the actors' timing. Prints figures; asserts nothing.
+is the actors' timing. Both count hours of day from the trace's start (the Azure trace's 18:15 UTC; the
+synthetic one's midnight), never the live engine's own (``run_live``). Prints figures; asserts nothing.
 
     .venv/bin/python benchmarks/bench_live_parity.py                        # the demo's trace: 2,000 synthetic
     .venv/bin/python benchmarks/bench_live_parity.py --azure 3000           # the first 3,000 Azure conversation requests

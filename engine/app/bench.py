@@ -16,6 +16,7 @@ from engine.core.draws import Draws
 from engine.core.errors import ConfigError
 from engine.core.request import Request
 from engine.core.settings import Settings
+from engine.core.trace import with_day_origin
 from engine.sim.lower_bound import lower_bound
 from engine.sim.simulator import SimResult, simulate
 
@@ -125,7 +126,7 @@ def run_bench(requests: Sequence[Request], specs: Sequence[PolicySpec], *, trace
     """Simulate every policy, the naive baseline and the lower bound; return the results document."""
     from policies import load_policy
 
-    settings = settings or Settings()
+    settings = with_day_origin(settings or Settings(), requests)  # before the sort drops the trace's
     catalog = catalog or default_catalog()
     seed = settings.sim.seed if seed is None else seed
     reqs = sorted(requests, key=lambda r: r.arrival_s)

@@ -28,6 +28,7 @@ from engine.app._future import ResultFuture
 from engine.app._supervise import Supervised, port_of
 from engine.app.provider_setup import http_setup
 from engine.core.catalog import Catalog, load_catalog
+from engine.core.draws import engine_day_origin
 from engine.core.errors import ConfigError, EngineStopped, Overloaded, RequestError
 from engine.core.request import Request, validation_context
 from engine.core.result import Result
@@ -236,6 +237,13 @@ class Engine(AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervised):
 
     def now(self) -> float:
         return self.clock.now()
+
+    @property
+    def day_origin_s(self) -> float:
+        """The time of day at engine time 0, seconds after UTC midnight: ``settings.sim.day_origin_s`` when set
+        (a replayed trace's), else the wall clock's when the engine clock started. Hours of day (the learned
+        turnaround's, the simulated world's) are of engine time from it: the wall's at speedup 1."""
+        return engine_day_origin(self.settings.sim.day_origin_s, self.clock)
 
     # -- submitting -------------------------------------------------------------------------------------------
     def _as_request(self, r: Request | Mapping) -> Request:

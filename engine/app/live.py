@@ -15,6 +15,7 @@ from engine.core.draws import Draws
 from engine.core.request import Request
 from engine.core.result import Result
 from engine.core.settings import Settings
+from engine.core.trace import with_day_origin
 from engine.sim.lower_bound import lower_bound
 from engine.sim.simulator import BatchRecord, SimResult, simulate
 
@@ -58,11 +59,13 @@ def run_live(requests: Sequence[Request], *, trace_name: str, policy: str = "sma
              on_start: Callable | None = None, label: str | None = None, num_shards: int = 1) -> dict:
     """Replay ``requests`` through a live engine; return the results document of ``bench`` for one policy
     (plus ``engine_report``), judged against the simulated naive cost and the offline lower bound. ``label``
-    names its row (a variant's name; default: the policy's). ``num_shards``: as ``Engine.start`` takes it."""
+    names its row (a variant's name; default: the policy's). ``num_shards``: as ``Engine.start`` takes it.
+    The engine counts hours of day from the trace's origin, as the simulator does (``with_day_origin``), not
+    from the wall clock: a replay decides as the simulator does at any hour it is run."""
     from engine.app.driver import Engine
     from policies import load_policy
 
-    settings = settings or Settings()
+    settings = with_day_origin(settings or Settings(), requests)
     if settings.providers.mode == "http" and not settings.providers.replay:
         # A trace line is sent at its recorded size, so the bill from real usage compares with the simulator's.
         settings = settings.model_copy(update={"providers": settings.providers.model_copy(update={"replay": True})})
@@ -115,11 +118,12 @@ def run_live(requests: Sequence[Request], *, trace_name: str, policy: str = "sma
 
 def follow_engine(emu, settings: Settings, seed: int) -> Callable:
     """An ``on_start`` for ``run_live``: the emulator runs on the engine's clock with the simulator's turnaround
-    draws, so the HTTP run and the simulated one face the same batch turnarounds."""
+    draws, so the HTTP run and the simulated one face the same batch turnarounds (by hour, from the engine's
+    ``day_origin_s``)."""
     from engine.core.draws import TurnaroundWorld
 
-    world = TurnaroundWorld.of(settings.sim)
-    return lambda eng: emu.follow(eng.clock, seed=seed, slot_s=settings.sim.batch_slot_s, world=world)
+    return lambda eng: emu.follow(eng.clock, seed=seed, slot_s=settings.sim.batch_slot_s,
+                                  world=TurnaroundWorld.of(settings.sim, eng.day_origin_s))
 
 
 def point_at_emulator(settings: Settings, emu, providers: Sequence[str] = ("openai", "anthropic")) -> Settings:
@@ -155,7 +159,7 @@ def dry_run(requests: Sequence[Request], *, policy: str = "smart", params: dict 
     # Plan with the catalog the live engine would use (its hedges leave room for real cancels); no key is
     # needed to plan, so none is read.
     cat, _ = http_setup(catalog, settings, need_keys=False)
-    res = simulate(list(requests), load_policy(policy, cat, params), catalog=cat, settings=settings, seed=seed)
+    res = simulate(requests, load_policy(policy, cat, params), catalog=cat, settings=settings, seed=seed)
     rows: dict[str, dict] = {}
     list_total = 0.0
     for k, r in enumerate(res.requests):

@@ -6,6 +6,11 @@ provider ``p`` at time ``t`` takes ``turnaround(p, t)``, one draw per slot of ``
 provider's batch queue load at that time). So every policy faces the same world, and the offline lower bound
 can use the same draws with hindsight. Slot draws are kept per chunk of 4,096 slots, made only for the chunks a
 run touches, so memory never grows with the absolute value of ``t``.
+
+Time of day. Engine time starts at 0 when a run does, so "hour of day" needs to know what time of day that
+was: ``day_origin_s``, seconds after UTC midnight at engine time 0 (``SimSettings.day_origin_s``). ``hour_of_day``
+is the one rule, read by the simulated world's by-hour turnaround and by the learned estimate's hours
+(``engine.runtime.turnaround``), so the two never disagree on which hour a batch fell in.
 """
 
 from __future__ import annotations
@@ -18,30 +23,58 @@ from typing import NamedTuple
 import numpy as np
 
 from engine.core.catalog import BatchApi, Catalog
+from engine.core.clock import Clock, ScaledClock
 
-__all__ = ["Draws", "TurnaroundWorld"]
+__all__ = ["DAY_S", "Draws", "TurnaroundWorld", "engine_day_origin", "hour_of_day"]
+
+DAY_S = 86400.0
+
+
+def hour_of_day(t, day_origin_s: float = 0.0):
+    """The hour of day (0..23) at engine time ``t`` (a number, or an array of them) of a run whose engine time 0
+    fell ``day_origin_s`` seconds after UTC midnight: an int, or an int array."""
+    h = (day_origin_s + t) // 3600.0 % 24  # // and % of floats are exact: a number and an array agree
+    return h.astype(np.int64) if isinstance(h, np.ndarray) else int(h)
+
+
+def engine_day_origin(setting: float | None, clock: Clock | None) -> float:
+    """A live engine's ``day_origin_s``: ``setting`` when given (a replayed trace's), else the UTC time of day
+    when its ``ScaledClock`` reads 0. A pure function of the clock's numbers, never of when it is asked, so every
+    actor, one Ray restarted included, and every driver attached to the engine get the same. Engine time may run
+    ``speedup`` times as fast as the wall: the hour is of engine time (the wall's at speedup 1). 0 for a clock
+    with no wall time (``ManualClock``, tests) and while there is no clock yet."""
+    if setting is not None:
+        return setting
+    if not isinstance(clock, ScaledClock):
+        return 0.0
+    return (clock.epoch - clock.offset / clock.speedup) % DAY_S
 
 
 class TurnaroundWorld(NamedTuple):
     """The simulated providers' true batch turnaround as a multiple of the catalog's lognormal (which stays the
-    policy's prior): ``scale``, times ``by_hour[h]`` in hour ``h`` of day (engine time; empty: none). Applied to
-    a slot's draw before the clip to [turnaround_min_s, completion_window_s], at the slot's start."""
+    policy's prior): ``scale``, times ``by_hour[h]`` in hour ``h`` of day (``hour_of_day`` of engine time from
+    ``day_origin_s``; empty: none). Applied to a slot's draw before the clip to [turnaround_min_s,
+    completion_window_s], at the slot's start."""
 
     scale: float = 1.0
     by_hour: tuple[float, ...] = ()
+    day_origin_s: float = 0.0
 
     @classmethod
-    def of(cls, sim) -> TurnaroundWorld:
-        """From ``SimSettings``."""
-        return cls(sim.turnaround_scale, tuple(sim.turnaround_scale_by_hour))
+    def of(cls, sim, day_origin_s: float | None = None) -> TurnaroundWorld:
+        """From ``SimSettings``; ``day_origin_s`` when given, else the settings' (unset: 0, until a live engine
+        knows its clock and gives it here)."""
+        origin = day_origin_s if day_origin_s is not None else sim.day_origin_s
+        return cls(sim.turnaround_scale, tuple(sim.turnaround_scale_by_hour), origin or 0.0)
 
     def factor(self, t: float) -> float:
-        return self.scale * (self.by_hour[int(t // 3600.0) % 24] if self.by_hour else 1.0)
+        return self.scale * (self.by_hour[hour_of_day(t, self.day_origin_s)] if self.by_hour else 1.0)
 
     def factors(self, t: np.ndarray) -> np.ndarray:
         if not self.by_hour:
             return np.full(t.shape, self.scale)
-        return self.scale * np.asarray(self.by_hour)[(t // 3600.0).astype(np.int64) % 24]
+        return self.scale * np.asarray(self.by_hour)[hour_of_day(t, self.day_origin_s)]
+
 
 _CHUNK = 4096
 # Slot turnarounds: chunks below this come from one sequential generator per provider (65,536 slots, 45 days

@@ -67,8 +67,15 @@ class SimSettings(BaseModel):
     )
     turnaround_scale_by_hour: tuple[float, ...] = Field(
         default=(),
-        description="empty, or 24 further multipliers, one per hour of day of engine time (hour 0 starts at "
-                    "engine time 0): a batch queue whose load follows the time of day",
+        description="empty, or 24 further multipliers, one per hour of day of engine time (from day_origin_s): "
+                    "a batch queue whose load follows the time of day",
+    )
+    day_origin_s: float | None = Field(
+        default=None, ge=0, lt=86400,
+        description="the time of day at engine time 0, in seconds after UTC midnight: hour of day is "
+                    "(day_origin_s + t) // 3600 % 24, for the world above and the learned turnaround's hours. "
+                    "Unset: the simulator takes the trace's (a trace built from timestamps keeps its first "
+                    "arrival's; else 0), a live engine the wall clock's when its clock starts",
     )
 
     @field_validator("turnaround_scale_by_hour")

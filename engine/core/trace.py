@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +15,8 @@ from engine.core.errors import TraceError
 from engine.core.request import FieldProblem, Request, validation_context
 from engine.core.settings import Settings
 
-__all__ = ["MAX_SPAN_S", "REBASE_UNIT_S", "Trace", "decode_lines", "load_trace", "parse_trace_lines", "read_lines", "write_trace"]
+__all__ = ["MAX_SPAN_S", "REBASE_UNIT_S", "Trace", "TraceRequests", "decode_lines", "load_trace",
+           "parse_trace_lines", "read_lines", "with_day_origin", "write_trace"]
 
 # Arrivals are rebased by whole days (a trace in Unix-epoch seconds starts on its first day, keeping the time of
 # day), and a trace may span at most a year: the lower bound keeps one value per batch slot up to the last
@@ -36,6 +37,31 @@ class Trace:
 
     def __len__(self) -> int:
         return len(self.requests)
+
+
+class TraceRequests(list):
+    """A trace's requests, as the builders return them (a list), that also keep when the trace started:
+    ``day_origin_s``, the time of day of arrival 0 in seconds after UTC midnight (``from_azure`` keeps its first
+    timestamp's). The simulator, the lower bound and a replay take it as their ``day_origin_s`` (see
+    ``with_day_origin``). A plain list of requests, a slice or a copy of this one has none: 0, midnight. So has a
+    JSONL trace: one in Unix seconds is rebased by whole days and keeps the time of day in its arrivals."""
+
+    def __init__(self, requests: Iterable[Request] = (), day_origin_s: float = 0.0):
+        super().__init__(requests)
+        self.day_origin_s = day_origin_s
+
+    def __repr__(self) -> str:
+        return f"TraceRequests({len(self)} requests, day_origin_s={self.day_origin_s})"
+
+
+def with_day_origin(settings: Settings, requests: Sequence[Request]) -> Settings:
+    """``settings`` with ``sim.day_origin_s`` set for a run of ``requests``: as given, else the trace's (a
+    ``TraceRequests``), else 0. Resolved once per run, before the requests are sorted or copied, so the simulated
+    world, the learned estimate, the lower bound and a live replay of one trace read one origin."""
+    if settings.sim.day_origin_s is not None:
+        return settings
+    origin = requests.day_origin_s if isinstance(requests, TraceRequests) else 0.0
+    return settings.model_copy(update={"sim": settings.sim.model_copy(update={"day_origin_s": origin})})
 
 
 def _problems_of(exc: ValidationError) -> list[tuple[str, str]]:

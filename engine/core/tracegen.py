@@ -17,7 +17,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ from engine.core.catalog import Catalog, default_catalog
 from engine.core.errors import CatalogError, TraceError
 from engine.core.request import Request, validation_context
 from engine.core.settings import Settings
-from engine.core.trace import _problems_of, read_lines
+from engine.core.trace import TraceRequests, _problems_of, read_lines
 
 __all__ = ["TEXT_MIX", "from_azure", "from_mooncake", "synth"]
 
@@ -106,8 +106,10 @@ def _cap_output(catalog: Catalog, prov: str, model: str, out: int) -> int:
 
 
 def from_azure(path: str | Path, *, seed: int = 0, model: str | None = None, catalog: Catalog | None = None,
-               settings: Settings | None = None, limit: int | None = None) -> list[Request]:
-    """Azure LLM inference trace CSV (TIMESTAMP, ContextTokens, GeneratedTokens) to requests."""
+               settings: Settings | None = None, limit: int | None = None) -> TraceRequests:
+    """Azure LLM inference trace CSV (TIMESTAMP, ContextTokens, GeneratedTokens) to requests. Arrivals start at
+    0; the first one's time of day is kept as the trace's ``day_origin_s`` (timestamps read as UTC: the data
+    names no zone)."""
     catalog = catalog or default_catalog()
     forced = _parse_model(model, catalog)
     p = Path(path)
@@ -131,8 +133,10 @@ def from_azure(path: str | Path, *, seed: int = 0, model: str | None = None, cat
     for i, (no, row) in enumerate(data[:limit] if limit is not None else data):
         stamp = row.get("TIMESTAMP")
         try:
-            # Fractional seconds carry 7 digits; Python parses at most 6.
-            ts = datetime.strptime((stamp or "").strip()[:26], "%Y-%m-%d %H:%M:%S.%f").timestamp()
+            # Fractional seconds carry 7 digits; Python parses at most 6. UTC, not the machine's zone: the
+            # time of day kept must not depend on where the trace is built.
+            ts = datetime.strptime((stamp or "").strip()[:26], "%Y-%m-%d %H:%M:%S.%f").replace(
+                tzinfo=timezone.utc).timestamp()
         except ValueError:
             problems.append((src, no, "TIMESTAMP", f"{stamp!r} is not a time like 2023-11-16 18:15:46.6805900"))
             ts = None
@@ -150,7 +154,9 @@ def from_azure(path: str | Path, *, seed: int = 0, model: str | None = None, cat
             "input_tokens": ctx_tokens, "output_tokens": _cap_output(catalog, prov, name, gen_tokens),
             "priority": _PRIOS[prios[i]], "reuse": "exact",
         }))
-    return _build(rows, catalog, settings, src, problems)
+    # The first arrival's time of day (a Unix day is 86,400 s), to the microsecond the stamps give.
+    origin = round(t0 % 86400.0, 6) % 86400.0
+    return TraceRequests(_build(rows, catalog, settings, src, problems), day_origin_s=origin)
 
 
 def from_mooncake(path: str | Path, *, seed: int = 0, model: str | None = None, catalog: Catalog | None = None,

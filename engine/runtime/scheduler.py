@@ -8,7 +8,8 @@ the provider's limit) so a runtime only carries out valid dispatches.
 A policy that declares ``turnaround_learning`` (``engine.core.settings.TurnaroundLearning``, enabled) reads the
 batch turnaround the runtime learned (``engine.runtime.turnaround``) instead of the catalog's: the runtime
 ``observe``s the batches it followed, and the table hands the policy the learned provider spec, in
-``Group.provider`` and as ``group_key``'s ``provider`` argument.
+``Group.provider`` and as ``group_key``'s ``provider`` argument. Its hours of day count from ``day_origin_s``
+(``engine.core.settings.SimSettings.day_origin_s``), which every runtime of one run passes alike.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class Wake(NamedTuple):
 
 
 class GroupTable:
-    def __init__(self, policy, catalog: Catalog):
+    def __init__(self, policy, catalog: Catalog, day_origin_s: float = 0.0):
         self.policy = policy
         self.catalog = catalog
         self.groups: dict[Hashable, Group] = {}
@@ -47,8 +48,8 @@ class GroupTable:
         # Every key, unless the policy says which (policies.base.Policy.tracks_arrivals).
         self._tracks = getattr(policy, "tracks_arrivals", lambda key: True)
         learning = getattr(policy, "turnaround_learning", None)  # declared by policies that read it
-        self.turnarounds = (TurnaroundEstimator(catalog, learning) if learning is not None and learning.enabled
-                            else None)
+        self.turnarounds = (TurnaroundEstimator(catalog, learning, day_origin_s)
+                            if learning is not None and learning.enabled else None)
 
     def __len__(self) -> int:
         return sum(len(g) for g in self.groups.values())
@@ -61,10 +62,13 @@ class GroupTable:
         if self.turnarounds is not None:
             self.turnarounds.observe(obs)
 
-    def relearn(self) -> None:
-        """Forget what was learned (a restarted grouper takes the dispatchers' history again)."""
+    def relearn(self, day_origin_s: float | None = None) -> None:
+        """Forget what was learned (a restarted grouper takes the dispatchers' history again), and count hours
+        from ``day_origin_s`` when given."""
         if self.turnarounds is not None:
-            self.turnarounds = TurnaroundEstimator(self.catalog, self.turnarounds.cfg)
+            old = self.turnarounds
+            origin = old.day_origin_s if day_origin_s is None else day_origin_s
+            self.turnarounds = TurnaroundEstimator(self.catalog, old.cfg, origin)
 
     def _view(self, req: Request, at: float) -> ProviderSpec:
         """The provider as the policy should see it at ``at``: with the learned turnaround of ``req``'s model."""

@@ -1,9 +1,11 @@
 """Learning a provider's batch turnaround online, from the batches the engine itself submits.
 
 The catalog's turnaround (``BatchApi``: a lognormal by median and p95) is a prior. ``TurnaroundEstimator`` fits
-the log-median of each provider and model, overall and per hour of day (engine time), to the batches submitted
-lately, and hands the runtime a learned ``BatchApi`` (the catalog's, with median and p95 moved) that the policy
-reads instead. Pure: no I/O, no clock; every method is told the time.
+the log-median of each provider and model, overall and per hour of day, to the batches submitted lately, and
+hands the runtime a learned ``BatchApi`` (the catalog's, with median and p95 moved) that the policy reads instead.
+Pure: no I/O, no clock; every method is told the time. The hour of day is ``engine.core.draws.hour_of_day`` of
+engine time from ``day_origin_s`` (the time of day at engine time 0), the rule the simulated world's by-hour
+turnaround follows: a batch is filed under the hour the world drew it in.
 
 Censoring. Most batches tell only a bound: one cancelled because it was late ran longer than it was given, and
 one still running has taken longer than it has run so far. Learning from completions alone keeps the fast batches
@@ -27,6 +29,7 @@ from collections.abc import Iterable
 from typing import NamedTuple
 
 from engine.core.catalog import BatchApi, Catalog, ProviderSpec
+from engine.core.draws import hour_of_day
 from engine.core.settings import TurnaroundLearning
 
 __all__ = ["Turnaround", "TurnaroundEstimator", "fit", "mean_above", "submitted"]
@@ -102,9 +105,10 @@ def fit(mu0: float, k0: float, sigma: float, exact: list[tuple[float, float]], a
 
 
 class TurnaroundEstimator:
-    def __init__(self, catalog: Catalog, learning: TurnaroundLearning):
+    def __init__(self, catalog: Catalog, learning: TurnaroundLearning, day_origin_s: float = 0.0):
         self.catalog = catalog
         self.cfg = learning
+        self.day_origin_s = day_origin_s  # fixed for its life: the fitted hours are keyed by it
         # Per (provider, model): batches told started (start -> count) and ended (start, end, censored).
         self._starts: dict[Key, Counter[float]] = {}
         self._ends: dict[Key, list[tuple[float, float, bool]]] = {}
@@ -118,7 +122,8 @@ class TurnaroundEstimator:
 
     def __repr__(self) -> str:
         medians = {f"{p}/{m}": round(math.exp(mu), 1) for (p, m), (mu, _) in self._mu.items()}
-        return (f"TurnaroundEstimator(epoch={self._epoch}, batches={self.batches}, medians={medians})")
+        return (f"TurnaroundEstimator(epoch={self._epoch}, batches={self.batches}, medians={medians}, "
+                f"day_origin_s={self.day_origin_s})")
 
     @property
     def batches(self) -> int:
@@ -250,10 +255,16 @@ class TurnaroundEstimator:
 
     # -- the estimate ------------------------------------------------------------------------------------------
     def _hour(self, t: float) -> int:
-        return int(t // 3600.0) % 24 if self.cfg.by_hour else 0
+        return hour_of_day(t, self.day_origin_s) if self.cfg.by_hour else 0
 
     def _in_force(self, t: float) -> dict[Key, tuple[float, dict[int, float]]]:
         return self._prev if int(t // self.cfg.epoch_s) == self._epoch - 1 else self._mu
+
+    def learned(self) -> dict[Key, tuple[float, dict[int, float]]]:
+        """The medians in force since the last ``advance`` that moved off the catalog's, by (provider, model):
+        (over all hours, {hour of day: its own}). Empty while the catalog's stands."""
+        return {key: (math.exp(mu), {h: math.exp(x) for h, x in hours.items()})
+                for key, (mu, hours) in sorted(self._mu.items())}
 
     def median(self, provider: str, model: str, t: float) -> float:
         """The learned median turnaround at ``t`` (the catalog's while nothing is known), before clipping."""

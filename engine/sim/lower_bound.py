@@ -58,6 +58,7 @@ from engine.core.features import compat_key, fingerprint, near_vectors
 from engine.core.request import Request
 from engine.core.settings import Settings
 from engine.core.similarity import guard_reason
+from engine.core.trace import with_day_origin
 
 __all__ = ["LowerBound", "batch_eligible", "lower_bound"]
 
@@ -151,7 +152,7 @@ def _cluster_writes(holders: list[tuple[float, float, float, float]]) -> float:
 def lower_bound(requests: Sequence[Request], *, catalog: Catalog | None = None, settings: Settings | None = None,
                 seed: int | None = None, draws: Draws | None = None,
                 relax: np.ndarray | None = None, online: bool = False) -> LowerBound:
-    settings = settings or Settings()
+    settings = with_day_origin(settings or Settings(), requests)  # the world's hours, as the simulator's
     catalog = catalog or default_catalog()
     reqs = sorted(requests, key=lambda r: r.arrival_s)
     n = len(reqs)

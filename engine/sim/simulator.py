@@ -28,6 +28,7 @@ from engine.core.grouping import Decision
 from engine.core.request import Request
 from engine.core.scheduling import Scheduling
 from engine.core.settings import Settings
+from engine.core.trace import with_day_origin
 from engine.runtime.admission import InFlight
 from engine.runtime.outcomes import call_mode, verdict
 from engine.runtime.providers import Attempt, Event, SimProvider, Work, check_fallbacks
@@ -89,7 +90,7 @@ class _Sim(SimBudget):
                 self.vecs = dict(zip(need, mat))
         self.inflight: InFlight[int] = InFlight(self.reuse)
         self.near_indexed: set[str] = set()  # fingerprints with a row in the near index (one row each)
-        self.table = GroupTable(policy, catalog)
+        self.table = GroupTable(policy, catalog, settings.sim.day_origin_s)
         sched = getattr(policy, "scheduling", None) or Scheduling(order="fifo", fair_share=False)
         check_fallbacks(catalog, settings.resilience)
         self.providers = {name: SimProvider(p, catalog, settings, draws, scheduling=sched, record=record_calls)
@@ -359,8 +360,10 @@ def simulate(requests: Sequence[Request], policy, *, catalog: Catalog | None = N
              draws: Draws | None = None, record_calls: bool = False) -> SimResult:
     """Replay ``requests`` (in arrival order) through ``policy``; deterministic for a given seed.
     ``record_calls`` keeps every provider call's (start, tokens, end) per rate gate in
-    ``extra["calls"][provider][model or None]``."""
-    settings = settings or Settings()
+    ``extra["calls"][provider][model or None]``. Hours of day count from ``settings.sim.day_origin_s``, else the
+    trace's (``engine.core.trace.with_day_origin``). A policy that learns the batch turnaround leaves what it
+    learned in ``extra["turnaround"]`` (``TurnaroundEstimator.learned``)."""
+    settings = with_day_origin(settings or Settings(), requests)
     catalog = catalog or default_catalog()
     seed = settings.sim.seed if seed is None else seed
     reqs = list(requests)
@@ -383,5 +386,7 @@ def simulate(requests: Sequence[Request], policy, *, catalog: Catalog | None = N
                            "waits": sim.budget_waits}
     if record_calls:
         extra["calls"] = {n: p.history for n, p in sim.providers.items()}
+    if sim.table.turnarounds is not None:  # what it learned, as of its last decision (a live grouper's, alike)
+        extra["turnaround"] = sim.table.turnarounds.learned()
     return SimResult(getattr(policy, "name", type(policy).__name__), trace_name, sim.reqs, sim.cost, sim.done_at,
                      sim.status, sim.mode, sim.hit, sim.batch_of, sim.batches, wall, extra)

@@ -7,6 +7,7 @@ import collections
 
 from engine.core.cost import MODES
 from engine.core.features import fingerprint
+from engine.core.trace import TraceRequests
 from engine.core.tracegen import synth
 
 SPEEDUP = 10
@@ -38,6 +39,44 @@ def wave_trace(n: int = 160, seed: int = 52, span_s: float = 150.0, max_deadline
     return [r.model_copy(update={
         "deadline_s": min(r.deadline_s, max_deadline_s),
         "arrival_s": WAVE_S * round((r.arrival_s - a0) * span_s / (a1 - a0) / WAVE_S)}) for r in reqs]
+
+
+# The learning case: smart with the plain fit (no benefit of the doubt for the catalog) and epochs of 60 s, in a
+# world whose batches take 0.3x what the catalog says, so a run of ~200 s learns over three epochs from batches
+# that finish. The guard is no multiple of the waves' 10 s, so no wave's batch starts on a cut.
+LEARNING = {"turnaround": {"epoch_s": 60.0, "guard_s": 25.0, "doubt_z": 0.0}}
+LEARNING_WORLD = 0.3
+MIDNIGHT_AT_S = 60.0  # engine time of the learning trace's midnight: batches fall in hours 23 and 0
+
+
+def learning_trace() -> TraceRequests:
+    """A wave trace that started at 23:59 UTC (as a trace built from timestamps knows), so a runtime that counts
+    hours from anything but the trace's origin files its batches under other hours."""
+    return TraceRequests(wave_trace(n=100, seed=39, span_s=100.0, max_deadline_s=150.0),
+                         day_origin_s=86400.0 - MIDNIGHT_AT_S)
+
+
+def closest_cut(sim, epoch_s: float, guard_s: float) -> float:
+    """Engine seconds between a learning cut (``k * epoch_s - guard_s``: what an epoch's estimate knows) and the
+    nearest start or finish of a batch-API batch. A live batch starts and ends milliseconds after the
+    simulator's, so one on a cut would count in one runtime's epoch only."""
+    times = [b.t for b in sim.batches if b.mode == "batch_api"]
+    times += [float(sim.done_at[i]) for i in range(len(sim.requests)) if MODES[sim.mode[i]] == "batch_api"]
+    cuts = [k * epoch_s - guard_s for k in range(1, int(max(times) // epoch_s) + 2)]
+    return min(abs(t - c) for t in times for c in cuts)
+
+
+def cache_ties(sim, catalog) -> int:
+    """Waves in which two requests sharing a prefix go sync to one model of a provider that caches prompts by
+    itself: which of them warms the cache for the other follows the order their calls start, which the live
+    dispatcher may take otherwise (the wave trace above has none; with 11, the first learning trace tried billed
+    four requests differently live, though not in total)."""
+    n = collections.Counter()
+    for i, r in enumerate(sim.requests):
+        pc = catalog.providers[r.provider].prompt_cache
+        if MODES[sim.mode[i]] == "sync" and r.prefix_blocks and pc is not None and pc.automatic:
+            n[(r.provider, r.model, r.prefix_blocks[0], r.arrival_s)] += 1
+    return sum(k > 1 for k in n.values())
 
 
 def closest_call(sim) -> float:

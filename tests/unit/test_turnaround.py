@@ -12,14 +12,17 @@ from actors import BudgetController, Dispatcher, Grouper, ResultHub
 from actors._types import BatchJob, Job
 from engine.core.budgets import BudgetSettings
 from engine.core.catalog import default_catalog
-from engine.core.clock import ManualClock
-from engine.core.draws import Draws, TurnaroundWorld
+from engine.core.clock import ManualClock, ScaledClock
+from engine.core.draws import Draws, TurnaroundWorld, engine_day_origin, hour_of_day
 from engine.core.errors import ConfigError
 from engine.core.request import Request
 from engine.core.settings import Settings, SimSettings, TurnaroundLearning, load_settings
+from engine.core.trace import TraceRequests, with_day_origin
+from engine.core.tracegen import from_azure
 from engine.runtime import turnaround as T
 from engine.runtime.scheduler import GroupTable
 from engine.runtime.turnaround import Turnaround, TurnaroundEstimator, mean_above
+from engine.sim.lower_bound import lower_bound
 from engine.sim.simulator import simulate
 from policies import load_policy
 from tests.unit.helpers import Recorder, kind_trace
@@ -286,3 +289,100 @@ def test_a_restarted_grouper_learns_again_what_the_dispatchers_told_it_each_batc
         assert a.median("openai", "gpt-5-mini", 3600.0) == b.median("openai", "gpt-5-mini", 3600.0) \
             > BA.turnaround_median_s
     asyncio.run(go())
+
+
+# -- hour of day: from the time of day at engine time 0 (day_origin_s) ------------------------------------------
+
+def test_an_observation_counts_in_the_hour_of_day_its_engine_time_falls_in_from_the_day_origin():
+    """Engine time 0 at 23:30 UTC: a batch started at engine time t is filed under hour (o + t) // 3600 % 24, so
+    batches of the first half hour (23:30-00:00, slow) and of the second (00:00-00:30, quick) learn two hours."""
+    origin = 23.5 * 3600.0
+    slow = [Turnaround("openai", "gpt-5-mini", float(s), s + 9000.0) for s in range(0, 1800, 30)]
+    quick = [Turnaround("openai", "gpt-5-mini", float(s), s + 300.0) for s in range(1800, 3600, 30)]
+    est = TurnaroundEstimator(CAT, FIT, day_origin_s=origin)
+    est.observe(slow + quick)
+    est.advance(20_000.0)
+    at = lambda t: est.median("openai", "gpt-5-mini", t)  # noqa: E731
+    assert at(1000.0) > 3 * at(2000.0)  # 23:46 learned slow, 00:03 quick
+    assert at(1000.0 + 86400.0) == at(1000.0) and at(2000.0 + 86400.0) == at(2000.0)  # the same hours a day on
+    assert set(est.learned()[("openai", "gpt-5-mini")][1]) == {23, 0}
+    # Counted from engine time 0 instead (the old rule), both halves fall in hour 0: one estimate for both.
+    plain = TurnaroundEstimator(CAT, FIT)
+    plain.observe(slow + quick)
+    plain.advance(20_000.0)
+    assert plain.median("openai", "gpt-5-mini", 1000.0) == plain.median("openai", "gpt-5-mini", 2000.0)
+    assert hour_of_day(np.array([1000.0, 2000.0]), origin).tolist() == [23, 0] == \
+        [hour_of_day(1000.0, origin), hour_of_day(2000.0, origin)]
+
+
+def test_a_trace_built_from_the_azure_csv_keeps_the_time_of_day_it_started(tmp_path):
+    p = tmp_path / "azure.csv"
+    p.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,374,44\n"
+                 "2023-11-16 18:15:50.9951690,396,109\n2023-11-16 19:02:00.0000000,100,10\n")
+    reqs = from_azure(p)
+    assert [r.arrival_s for r in reqs] == [0.0, 4.314579, 2773.319410]  # arrivals still start at 0
+    assert reqs.day_origin_s == 18 * 3600 + 15 * 60 + 46.68059
+    # The run takes it, unless a setting says otherwise; a trace without a start time stays at midnight.
+    assert with_day_origin(Settings(), reqs).sim.day_origin_s == reqs.day_origin_s
+    assert with_day_origin(Settings(sim=SimSettings(day_origin_s=60.0)), reqs).sim.day_origin_s == 60.0
+    assert with_day_origin(Settings(), list(reqs)).sim.day_origin_s == 0.0
+
+
+def test_the_worlds_turnaround_by_hour_counts_from_the_traces_day_origin_in_the_simulator_and_the_bound():
+    """Batches 30x as slow from noon to midnight: none finishes within half an hour. A trace that started at
+    noon (as its Azure timestamps say) meets the slow hours from its first batch on, in the simulator and in
+    the lower bound alike; the same requests without a start time meet the quick ones."""
+    day = tuple([1.0] * 12 + [30.0] * 12)
+    world = TurnaroundWorld.of(SimSettings(turnaround_scale_by_hour=day, day_origin_s=12 * 3600.0))
+    assert world.factor(0.0) == 30.0 and world.factor(12 * 3600.0) == 1.0
+    assert world.factors(np.array([0.0, 12 * 3600.0])).tolist() == [30.0, 1.0]
+    reqs = [r.model_copy(update={"deadline_s": 1800.0}) for r in kind_trace("text-batch-api-auto-cache", n=120)]
+    noon = TraceRequests(reqs, day_origin_s=12 * 3600.0)
+    settings = Settings(sim=SimSettings(turnaround_scale_by_hour=day))
+    told = settings.model_copy(update={"sim": settings.sim.model_copy(update={"day_origin_s": 12 * 3600.0})})
+    pol = {"turnaround": {"enabled": False}}
+    runs = [simulate(r, load_policy("smart", CAT, pol), catalog=CAT, settings=s, seed=0)
+            for r, s in ((noon, settings), (reqs, told), (reqs, settings))]
+    hedged = [sum(b.outcome == "hedged" for b in r.batches) for r in runs]
+    assert runs[0].total_cost == runs[1].total_cost and hedged[0] == hedged[1] > hedged[2]
+    bounds = [lower_bound(r, catalog=CAT, settings=s).total_usd for r, s in ((noon, settings), (reqs, told),
+                                                                            (reqs, settings))]
+    assert bounds[0] == bounds[1] > bounds[2]
+    # The simulator's learned estimate files those batches under the afternoon's hours too.
+    learned = simulate(noon, load_policy("smart", CAT, {"turnaround": {"doubt_z": 0.0}}), catalog=CAT,
+                       settings=settings, seed=0).extra["turnaround"]
+    hours = {h for _, by_hour in learned.values() for h in by_hour}
+    assert hours and hours <= set(range(12, 24))
+
+
+def test_a_live_engine_counts_hours_from_its_clocks_start_in_every_grouper_and_dispatcher_restarted_or_not(
+        monkeypatch):
+    """Unset, the origin is the UTC time of day when the engine clock reads 0: a function of the clock, so a
+    grouper built before the clock (set_clock), one Ray restarts hours later (it reads the published clock) and
+    the dispatchers' simulated world all count from the same. A replayed trace's origin, when set, wins."""
+    import time
+
+    epoch = 1_700_158_546.68059  # 2023-11-16 18:15:46.68059 UTC
+    clock = ScaledClock(epoch, speedup=10.0, offset=50.0)  # reads 0 five real seconds before its epoch
+    want = (epoch - 5.0) % 86400.0
+    settings = Settings(sim=SimSettings(turnaround_scale_by_hour=tuple(range(1, 25))))
+
+    def grouper(clk, origin=None):
+        budget = BudgetController(BudgetSettings(), None, ManualClock(0.0))
+        return Grouper(load_policy("smart", CAT), CAT, clk, {}, budget, ResultHub(), day_origin_s=origin)
+
+    async def go():
+        first = grouper(None)  # built before the engine made its clock
+        await first.set_clock(clock)
+        monkeypatch.setattr(time, "time", lambda: epoch + 7 * 3600.0)  # restarted seven hours on
+        again = grouper(clock)
+        await again.set_clock(clock)  # rewire
+        d = Dispatcher("openai", CAT, settings, 0, clock, [], ResultHub(), None, Recorder())
+        return first, again, d
+
+    first, again, d = asyncio.run(go())
+    assert first.table.turnarounds.day_origin_s == again.table.turnarounds.day_origin_s == pytest.approx(want)
+    assert d.sim.world.day_origin_s == first.table.turnarounds.day_origin_s
+    assert engine_day_origin(None, clock) == first.table.turnarounds.day_origin_s
+    assert grouper(clock, 3600.0).table.turnarounds.day_origin_s == 3600.0  # a replay's
+    assert engine_day_origin(None, ManualClock(5.0)) == 0.0
