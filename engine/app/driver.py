@@ -198,15 +198,17 @@ class Engine(AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervised):
         """Flush, stop the threads and (for an engine this driver started, not detached) the actors; any future
         still open resolves as failed, so none hangs. A driver of a shared engine leaves it running: its
         open requests still run, and ``submit`` of the same (tenant, id) from any driver gets their results."""
-        if not self._running:
-            return
-        self._flush()
-        self._lanes_turn(force=True)  # what waits for a call to return leaves now: the threads stop
-        self._running = False
+        with self._lock:  # from here on a submit is refused: none can slip in after the last flush below
+            if not self._running:
+                return
+            self._running = False
         self._wake.set()
-        self._flusher.join(timeout_s)
-        self._puller.join(timeout_s)
-        self._checker.join(timeout_s)
+        me = threading.current_thread()  # a result's callback may call stop() in the thread that delivers it
+        for t in (self._flusher, self._puller, self._checker):
+            if t is not me:
+                t.join(timeout_s)
+        self._flush()
+        self._lanes_turn(force=True)  # what waits for a call to return leaves now: the flush thread has stopped
         self._fail_open("engine stopped before the request finished" if self._owner else
                         f"this driver left engine {self.name!r} before the request finished; it still runs there: "
                         "submit the same tenant and id (from any driver) for its result")

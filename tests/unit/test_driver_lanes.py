@@ -333,3 +333,107 @@ def test_an_urgent_request_ray_refused_is_tried_at_the_next_turn():
     assert len(d.calls) == MAX_OUT
     d._lanes_turn()  # no call returned and nothing is stale: it goes anyway, in the urgent room
     assert d.calls[-1][0] == ["r9"]
+
+
+# -- stop(): with the real Engine over fake handles (no Ray) ---------------------------------------------------
+
+class _Actor:
+    def __init__(self, log: list) -> None:
+        for name in ("submit", "readmit", "forget", "leave"):
+            setattr(self, name, _Logged(name, log))
+
+
+class _Logged:
+    def __init__(self, name: str, log: list) -> None:
+        self.name, self.log = name, log
+
+    def remote(self, *args):
+        ref = _Ref()
+        self.log.append((self.name, args, ref))
+        return ref
+
+
+def _engine(monkeypatch, owner: bool = True):
+    """An ``Engine`` object without Ray: the real driver code over fake handles, its threads not started."""
+    import collections
+
+    import actors.remote
+    from engine.app.driver import Engine
+
+    monkeypatch.setattr(actors.remote, "kill_engine", lambda *a: None)
+    e = object.__new__(Engine)
+    e.log = []
+    e._ray = None
+    e._h = {"ingests": [_Actor(e.log)], "hubs": [_Actor(e.log)], "engine": "fake", "all": []}
+    e._owner, e._client, e._next_row, e._micro_batch, e._flush_s = owner, "me", 0, 1000, 0.002
+    e._lock = threading.Lock()
+    e._room = threading.Condition(e._lock)
+    e._max_pending, e._overload, e._submit_timeout_s, e._retention_s = 100_000, "block", 60.0, 3600.0
+    e._pending, e._finished, e._futs, e._buffer, e._inflight_refs = 0, collections.deque(), {}, [], {}
+    e._running, e._gone, e._readmit_after, e._started_ray = True, None, set(), False
+    e._init_lanes()
+    e._wake = threading.Event()
+    e._flusher = e._puller = e._checker = threading.Thread(target=lambda: None)
+    e._flusher.start()
+    e._flusher.join()
+    return e
+
+
+def _sent(e) -> list[str]:
+    return [r.id for name, args, _ in e.log if name == "submit" for r in args[0]]
+
+
+def test_stop_from_a_result_callback_stops_the_engine_and_fails_what_is_open(monkeypatch):
+    """Callbacks run in the thread that delivers results; a stop() there must not try to join that thread
+    (it raised half-way, leaving the other futures open for good)."""
+    from engine.core.result import Result
+
+    e = _engine(monkeypatch)
+    a, b = e.submit(req(1)), e.submit(req(2))
+    errors: list[BaseException] = []
+
+    def on_done(_f) -> None:
+        try:
+            e.stop(timeout_s=0.5)
+        except BaseException as exc:  # noqa: BLE001 - the test reports whatever stop() raised
+            errors.append(exc)
+
+    a.add_done_callback(on_done)
+    e._puller = threading.Thread(target=lambda: e._resolve(a, Result(id="r1", status="ok")))
+    e._puller.start()
+    e._puller.join()
+    assert errors == [] and not e._running
+    assert b.done() and b.result(0).status == "failed"
+
+
+def test_a_submit_racing_stop_is_refused_or_sent_never_left_behind(monkeypatch):
+    """A submit from another thread while stop() runs: either it is refused (EngineStopped), or it was
+    accepted before and stop() sends it. Never accepted and then left in a lane."""
+    from engine.core.errors import EngineStopped
+
+    e = _engine(monkeypatch, owner=False)
+    for k in range(MAX_OUT):
+        e.submit(req(k))
+        e._flush()  # two calls out that do not return: the lane is full
+    outcome: list = []
+    real_turn = e._lanes_turn
+
+    def turn_then_submit(force: bool = False) -> None:
+        real_turn(force)
+        if force:  # another thread submits right after stop's last turn
+
+            def late() -> None:
+                try:
+                    outcome.append(e.submit(req(50)))
+                except EngineStopped as exc:
+                    outcome.append(exc)
+
+            t = threading.Thread(target=late)
+            t.start()
+            t.join()
+
+    e._lanes_turn = turn_then_submit
+    e.stop(timeout_s=0.5)
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], EngineStopped) or "r50" in _sent(e)
+    assert not e._lane_uids()
