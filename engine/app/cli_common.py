@@ -17,13 +17,29 @@ from engine.core.settings import Settings, load_settings
 _DEBUG = "smartbatch.debug"  # key in click's context meta, shared by every sub-command's context
 
 
+def _own_exits() -> tuple[type[BaseException], ...]:
+    """The exceptions that are click's and typer's own way to end a command (--help, a usage error naming
+    its flag, Ctrl-C): they pass through. Newer typer releases vendor click as ``typer._click`` and raise
+    those copies, which are not the ``click`` package's classes."""
+    kinds: list[type[BaseException]] = [click.exceptions.ClickException, click.exceptions.Exit,
+                                        click.exceptions.Abort, typer.Exit, typer.Abort]
+    try:
+        from typer._click import exceptions as vendored  # type: ignore[import-not-found]
+    except ImportError:  # a typer that uses the click package itself
+        return tuple(kinds)
+    return tuple(kinds + [getattr(vendored, n) for n in ("ClickException", "Exit", "Abort") if hasattr(vendored, n)])
+
+
+_EXITS = _own_exits()
+
+
 class _Group(typer.core.TyperGroup):
     """Every error ends the command with one ``error:`` message, never a traceback, unless ``--debug``."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+        except _EXITS:
             raise
         except Exception as exc:
             if ctx.meta.get(_DEBUG):

@@ -199,3 +199,16 @@ def test_version_prints_the_installed_version():
 
     r = runner.invoke(app, ["--version"])
     assert r.exit_code == 0 and r.output.strip() == f"smartbatch {version('smartbatch')}"
+
+
+def test_help_and_usage_errors_are_not_reported_as_bugs():
+    """--help ends at 0 and a bad flag value at 2 naming the flag, for every command: typer's own exits pass
+    through the one-line error handler (newer typer raises its vendored click's classes, not click's)."""
+    for cmd in (["bench"], ["run"], ["demo"], ["serve"], ["stop"], ["batch"], ["emulate"], ["trace"],
+                ["trace", "synth"]):
+        r = runner.invoke(app, [*cmd, "--help"])
+        assert r.exit_code == 0 and "unexpected" not in r.output and "Usage" in r.output, (cmd, r.output)
+    r = runner.invoke(app, ["trace", "synth", "--n", "abc"])
+    assert r.exit_code == 2 and "--n" in r.output and "unexpected" not in r.output, r.output
+    r = runner.invoke(app, ["bench", "t.jsonl", "--polices", "naive"])
+    assert r.exit_code == 2 and "--policies" in r.output, r.output
