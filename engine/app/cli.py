@@ -35,6 +35,8 @@ def _print_table(doc: dict) -> None:
         "capture": ("capture", "capt", [pct(r["capture_of_achievable"]) for r in rows]),
         "met": ("met", "met", [pct(r["deadline_met_frac"], 2) for r in rows]),
         "urgent": ("urgent", "urg", [pct(r["deadline_met_by_priority"].get("urgent")) for r in rows]),
+        # Never folded: a failed request costs nothing, so a cost without it reads as a saving.
+        "failed": ("failed", "fail", [str(r.get("failed", 0)) for r in rows]),
         "hits": ("hits e/f/n", "hits", [f"{r['exact_hits']}/{r['in_flight_hits']}/{r['near_hits']}" for r in rows]),
         "recs": ("b/c/i" if budgeted else "batch/consider/indiv", "b/c/i",
                  ["/".join(str(r["recommendations"].get(k, 0)) for k in

@@ -47,6 +47,7 @@ def test_table_fits_80_columns_and_keeps_policy_and_cost(doc, budgeted, monkeypa
         assert f"{r['cost_usd']:.2f}" in text
     # folded columns are moved to a second table, not lost
     assert "req/s" in text and "b/c/i" in text and "hits" in text
+    assert "fail" in lines[min(k for k, line in enumerate(lines) if "cost $" in line)]  # in the first table
 
 
 def test_wide_console_keeps_one_table_with_full_headers(doc, monkeypatch):
