@@ -92,6 +92,9 @@ class SmartParams(PolicyParams):
 
 @register
 class Smart(Policy):
+    """The cheapest way per request that still meets its deadline: reuse, a hedged provider batch, a GPU
+    batch, or sync at once (the module's docstring says how each is chosen)."""
+
     name = "smart"
     Params = SmartParams
 

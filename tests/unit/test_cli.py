@@ -212,3 +212,8 @@ def test_help_and_usage_errors_are_not_reported_as_bugs():
     assert r.exit_code == 2 and "--n" in r.output and "unexpected" not in r.output, r.output
     r = runner.invoke(app, ["bench", "t.jsonl", "--polices", "naive"])
     assert r.exit_code == 2 and "--policies" in r.output, r.output
+
+
+def test_every_registered_policy_describes_itself():
+    r = runner.invoke(app, ["policies"])
+    assert r.exit_code == 0 and "smart:" in r.output and "(no description)" not in r.output, r.output
