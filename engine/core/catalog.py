@@ -262,9 +262,17 @@ class Catalog(_Frozen):
     def find_model(self, model: str) -> tuple[str, ModelSpec]:
         """The provider of a model name, when a trace line names only the model."""
         hits = [(pn, p.models[model]) for pn, p in self.providers.items() if model in p.models]
-        if len(hits) != 1:
-            where = "no provider" if not hits else f"several providers {[h[0] for h in hits]}"
-            raise CatalogError(f"model {model!r} is offered by {where}; set 'provider' on the line")
+        if not hits:
+            import difflib
+
+            names = sorted({m for p in self.providers.values() for m in p.models})
+            close = difflib.get_close_matches(model, names, n=3, cutoff=0.6)
+            hint = f"did you mean {' or '.join(map(repr, close))}?" if close else f"the catalog has {names}"
+            raise CatalogError(f"model {model!r} is in no provider's catalog; {hint} (a model of your own "
+                               "goes in a --catalog-overlay)")
+        if len(hits) > 1:
+            raise CatalogError(f"model {model!r} is offered by several providers {[h[0] for h in hits]}; set "
+                               "'provider' on the line")
         return hits[0]
 
 

@@ -15,6 +15,7 @@ from pydantic import (
     model_validator,
 )
 
+from engine.core._checks import FieldProblem, check_json, check_text
 from engine.core.catalog import Catalog, Kind, default_catalog
 from engine.core.errors import CatalogError
 from engine.core.settings import MAX_DEADLINE_S, Settings, default_settings
@@ -109,46 +110,21 @@ def _from_batch_line(d: dict) -> dict:
     return out
 
 
-def _check_text(value: Any, where: str) -> None:
-    """Strings must be valid Unicode: a lone surrogate (what json.loads gives for an escaped half pair) cannot
-    be encoded for any provider, so it is refused here, per request, rather than failing a whole batch later.
-    Walked with a stack, not recursion, so a deeply nested body cannot exhaust Python's stack."""
-    stack = [value]
-    while stack:
-        v = stack.pop()
-        if isinstance(v, str):
-            try:
-                v.encode("utf-8")
-            except UnicodeEncodeError:
-                raise FieldProblem(where, f"{where} is not valid Unicode (a lone surrogate such as \\ud800); "
-                                   "send UTF-8 text") from None
-        elif isinstance(v, dict):
-            stack.extend(v.keys())
-            stack.extend(v.values())
-        elif isinstance(v, (list, tuple)):
-            stack.extend(v)
+_LINE_KEYS = frozenset({"custom_id", "method", "url"})  # an OpenAI Batch input line's own
 
 
-def _check_json(body: dict, where: str) -> None:
-    """The body is sent as JSON, fingerprinted as JSON and carried between processes: anything else (a
-    number as an object key, a set, a generator, NaN) is refused here, per request, rather than failing the
-    call that carries its neighbours. Walked with a stack, as ``_check_text``."""
-    stack: list[tuple[str, Any]] = [(where, body)]
-    while stack:
-        path, v = stack.pop()
-        if isinstance(v, dict):
-            for k, item in v.items():
-                if not isinstance(k, str):
-                    raise FieldProblem(path, f"{path} has the key {k!r} ({type(k).__name__}); JSON object keys "
-                                       f"are strings: write it as {str(k)!r}")
-                stack.append((f"{path}.{k}", item))
-        elif isinstance(v, (list, tuple)):
-            stack.extend((f"{path}[{n}]", item) for n, item in enumerate(v))
-        elif isinstance(v, float) and not math.isfinite(v):
-            raise FieldProblem(path, f"{path} is {v!r}, which JSON cannot carry; send a finite number")
-        elif v is not None and not isinstance(v, (str, int, float, bool)):
-            raise FieldProblem(path, f"{path} is a {type(v).__name__}, not JSON; send strings, numbers, true/"
-                               "false, null, lists and objects")
+def _check_names(d: dict) -> None:
+    """A misspelt field is named as such, before a check it would make fail for another reason ("promt" would
+    read as a missing prompt)."""
+    import difflib
+
+    known = set(Request.model_fields) | BODY_KEYS | _LINE_KEYS
+    for k in d:
+        if isinstance(k, str) and k not in known:
+            close = difflib.get_close_matches(k, sorted(known), n=1, cutoff=0.75)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise FieldProblem(k or "line", f"{k!r} is not a request field; {hint}remove it or fix its spelling (provider "
+                               "fields go in 'body'; see docs/traces.md)")
 
 
 def _check_params(params: dict, kind: str, model: str) -> None:
@@ -200,14 +176,6 @@ def _larger(catalog: Catalog, input_tokens: int, need: int) -> str:
                   if m.kind == "text" and m.context_window is not None and m.context_window >= need
                   and (m.max_input_tokens is None or m.max_input_tokens >= input_tokens))
     return f", or use a model with a larger window ({', '.join(n for _, n in fits[:3])})" if fits else ""
-
-
-class FieldProblem(ValueError):
-    """A cross-field problem found while filling defaults, tagged with the field the user should fix."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
 
 
 def validation_context(catalog: Catalog | None = None, settings: Settings | None = None) -> dict[str, Any]:
@@ -272,8 +240,9 @@ class Request(BaseModel):
         catalog, settings = _ctx(info)
         d = dict(data)
         for k, v in d.items():
-            _check_text(k, "line")
-            _check_text(v, str(k) or "line")
+            check_text(k, "line")
+            check_text(v, str(k) or "line")
+        _check_names(d)
         if "custom_id" in d:
             d = _from_batch_line(d)
         moved = {k: d.pop(k) for k in list(d) if k in BODY_KEYS}
@@ -286,7 +255,7 @@ class Request(BaseModel):
         if body is not None:
             if not isinstance(body, dict):
                 raise FieldProblem("body", "body must be a JSON object (the provider's request body)")
-            _check_json(body, "body")
+            check_json(body, "body")
             if d.get("model") is None and isinstance(body.get("model"), str):
                 d["model"] = body["model"]
             if "model" in body and body["model"] != d.get("model"):

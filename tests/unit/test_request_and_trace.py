@@ -39,7 +39,7 @@ def test_request_is_frozen():
 
 
 @pytest.mark.parametrize("bad, field, hint", [
-    ({"model": "gpt-9"}, "model", "offered by no provider"),
+    ({"model": "gpt-9"}, "model", "in no provider's catalog; did you mean"),
     ({"provider": "openai", "model": "claude-haiku-4-5"}, "model", "has no model"),
     ({"provider": "acme"}, "provider", "unknown provider"),
     ({"input_tokens": -1}, "input_tokens", "greater than or equal to 0"),
@@ -47,7 +47,8 @@ def test_request_is_frozen():
     ({"kind": "image"}, "kind", "does not match"),
     ({"priority": "asap"}, "priority", "urgent"),
     ({"deadline_s": 0}, "deadline_s", "greater than 0"),
-    ({"deadlin_s": 5}, "deadlin_s", "not a trace field"),
+    ({"deadlin_s": 5}, "deadlin_s", "not a request field; did you mean 'deadline_s'"),
+    ({"promt": "Hi", "input_tokens": None}, "promt", "did you mean 'prompt'"),  # not "input_tokens is missing"
     ({"output_tokens": 10**9}, "output_tokens", "maximum"),
 ])
 def test_bad_lines_name_line_field_and_fix(bad, field, hint):
