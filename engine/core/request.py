@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Annotated, Any, Literal
 
@@ -113,14 +114,19 @@ def _from_batch_line(d: dict) -> dict:
 _LINE_KEYS = frozenset({"custom_id", "method", "url"})  # an OpenAI Batch input line's own
 
 
+@functools.cache
+def _known_names() -> frozenset[str]:
+    return frozenset(Request.model_fields) | BODY_KEYS | _LINE_KEYS
+
+
 def _check_names(d: dict) -> None:
     """A misspelt field is named as such, before a check it would make fail for another reason ("promt" would
-    read as a missing prompt)."""
-    import difflib
-
-    known = set(Request.model_fields) | BODY_KEYS | _LINE_KEYS
+    read as a missing prompt). Runs for every request: the known names are built once."""
+    known = _known_names()
     for k in d:
         if isinstance(k, str) and k not in known:
+            import difflib
+
             close = difflib.get_close_matches(k, sorted(known), n=1, cutoff=0.75)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise FieldProblem(k or "line", f"{k!r} is not a request field; {hint}remove it or fix its spelling (provider "
