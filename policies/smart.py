@@ -8,7 +8,8 @@ Per request, the cheapest way that still meets the deadline:
   so a late batch is cancelled (billing nothing) and its members sent synchronously in time. The expected
   cost ``P * batch + (1 - P) * sync`` is compared with sync, so the risk of a late batch is priced in;
 * GPU-priced media gathers compatible jobs (same compat key) until the GPU batch is full or the latest start
-  that still meets the earliest deadline, amortising the warm-up;
+  that still meets the earliest deadline, amortising the warm-up, while the lane's recent arrivals promise
+  company worth the wait (value of time); a job with none expected goes at once;
 * everything else is sent at once, alone; on an explicit-caching provider the prompt prefix is marked for
   caching when the same cacheable prefix was seen within the cache TTL.
 """
@@ -21,7 +22,13 @@ from typing import Literal, NamedTuple
 
 from pydantic import Field, field_validator
 
-from engine.core.cost import min_cacheable_tokens, mode_factor, token_prices
+from engine.core.cost import (
+    gpu_share_price,
+    gpu_unit_seconds,
+    min_cacheable_tokens,
+    mode_factor,
+    token_prices,
+)
 from engine.core.grouping import Decision, Group, ReuseSettings
 from engine.core.latency import Z99, gpu_batch_seconds
 from engine.core.request import Request
@@ -178,7 +185,7 @@ class Smart(Policy):
         return min(len(req.prefix_blocks) * self.params.block_tokens, req.input_tokens) >= min_tokens
 
     def tracks_arrivals(self, key: Hashable) -> bool:
-        return isinstance(key, tuple) and key[0] == "batch"  # only the batch lane weighs company to come
+        return isinstance(key, tuple) and key[0] in ("batch", "gpu")  # the lanes that weigh company to come
 
     def _prefix(self, req: Request, group: Group, now: float) -> tuple[bool, tuple | None]:
         """Whether to mark ``req``'s cacheable prefix for a cache write (the same prefix was sent within the
@@ -300,6 +307,32 @@ class Smart(Policy):
                 return f"its wait is worth ${price:.4f}, the batch would save ${projected:.4f} expected"
         return None
 
+    def _gpu_not_worth(self, group: Group, company: float, horizon_s: float) -> str | None:
+        """Why waiting ``horizon_s`` for ``company`` more jobs (expected) is not worth it (None when it is):
+        what they would save by joining these members, rather than each going alone, under the thresholds or
+        under what the members' wait is worth."""
+        p = self.params
+        gb = group.provider.gpu_batching
+        n = len(group)
+        m = min(company, gb.max_batch - n)
+        if m <= 0:
+            return "no company expected (the lane has had no recent arrivals)"
+        unit = gpu_unit_seconds(group.spec, group.members[0].params)
+
+        def share(b: int) -> float:
+            return gpu_share_price(group.provider, unit, b)
+
+        j = math.ceil(m)  # whole jobs, weighted by how likely the expected count makes them
+        gain = (n * share(n) + j * share(1) - (n + j) * share(n + j)) * (m / j)
+        if gain < p.min_batch_saving_usd:
+            return f"company would save ${gain:.4f} expected, under min_batch_saving_usd ${p.min_batch_saving_usd:g}"
+        if gain < p.min_saving_rel * (n + m) * share(1):
+            return f"company would save {gain / ((n + m) * share(1)):.0%} of the price alone, under min_saving_rel"
+        price = horizon_s / 3600 * sum(p.wait_usd_per_hour.get(k, 0.0) * c for k, c in group.by_priority.items())
+        if price >= gain:
+            return f"its wait is worth ${price:.4f}, company would save ${gain:.4f} expected"
+        return None
+
     def _decide_gpu(self, group: Group, now: float) -> Decision:
         p = self.params
         gb = group.provider.gpu_batching
@@ -315,7 +348,15 @@ class Smart(Policy):
         if p.gpu_max_wait_s is not None:
             flush_at = min(flush_at, group.oldest_arrival_s + p.gpu_max_wait_s)
         if now < flush_at:
-            return Decision.wait(flush_at, f"gathering GPU jobs ({n}/{gb.max_batch})")
+            # Value of time, as for batch lanes: gather only while the company the lane's recent arrivals
+            # promise is worth the wait. A rate is known over its time constant, so the promise is judged (and
+            # judged again) one horizon at a time: a lane gone quiet stops holding its jobs.
+            horizon = min(flush_at - now, group.rates.tau_s if group.rates is not None else 0.0)
+            why_not = self._gpu_not_worth(group, group.arrival_rate(now) * horizon, horizon)
+            if why_not is not None:
+                return Decision("dispatch", mode="gpu_batch", recommendation="process_individually" if n == 1
+                                else "process_as_batch", reason=f"GPU now, {n} job(s): {why_not}")
+            return Decision.wait(now + horizon, f"gathering GPU jobs ({n}/{gb.max_batch})")
         if n == 1:
             return Decision("dispatch", mode="gpu_batch", recommendation="process_individually",
                             reason="no compatible job arrived before the latest safe start")

@@ -143,9 +143,14 @@ def test_a_request_is_a_near_source_from_when_it_leads_not_from_when_its_call_st
     """The source waits in a GPU batch that the policy gathers: it is not sent when its near duplicate
     arrives, and the duplicate follows it all the same (no runtime can know in advance which of a request's
     attempts will be the one that succeeds)."""
-    pair = [req(0, NEAR_PAIR[0], 3600.0, model="flux-1-dev"),
-            req(1, NEAR_PAIR[1], 3600.0, model="flux-1-dev", arrival_s=1.0)]
+    # Earlier jobs in the lane promise company, so the policy gathers (value of time holds no job without it).
+    lane = [req(10 + k, f"A lighthouse in fog, take {k}", 3600.0, model="flux-1-dev", arrival_s=float(k))
+            for k in range(3)]
+    pair = [req(0, NEAR_PAIR[0], 3600.0, model="flux-1-dev", arrival_s=100.0),
+            req(1, NEAR_PAIR[1], 3600.0, model="flux-1-dev", arrival_s=101.0)]
     cat = no_failures(CAT.find_model("flux-1-dev")[0])
-    res = simulate(pair, load_policy("smart", cat), catalog=cat)
-    assert res.batches[0].t > 1.0  # the source's batch went after the duplicate arrived
-    assert _HIT[int(res.hit[1])] == "near" and res.done_at[1] == res.done_at[0] and res.cost[1] == 0.0
+    res = simulate(lane + pair, load_policy("smart", cat), catalog=cat)
+    src, dup = len(lane), len(lane) + 1
+    (batch,) = [b for b in res.batches if b.id == res.batch_of[src]]
+    assert batch.t > 101.0  # the source's batch went after the duplicate arrived
+    assert _HIT[int(res.hit[dup])] == "near" and res.done_at[dup] == res.done_at[src] and res.cost[dup] == 0.0

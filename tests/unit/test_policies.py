@@ -199,16 +199,23 @@ def test_prefix_sightings_are_the_runtimes_and_bounded():
 
 
 def test_decisions_are_pure_functions_of_group_and_time():
-    from engine.core.grouping import Group
+    from engine.core.grouping import Group, LaneRates
 
     reqs = [r.model_copy(update={"arrival_s": 10.0, "priority": "normal", "deadline_s": 3600.0})
             for r in kind_trace("gpu-image", n=3)]
     prov = CAT.provider("modal-h100")
     p = load_policy("smart", CAT)
-    g = Group(("gpu", ()), prov, prov.models["flux-1-dev"])
+    rates = LaneRates()
+    for t in range(10):  # a lane with steady company: the policy gathers
+        rates.see(("gpu", ()), float(t))
+    g = Group(("gpu", ()), prov, prov.models["flux-1-dev"], rates=rates)
     for r in reqs:
         g.add(r)
     assert p.decide(g, reqs[-1].arrival_s) == p.decide(g, reqs[-1].arrival_s)
     d = p.decide(g, 10.0)
     assert d.action == "wait" and 10.0 < d.wake_at < 3610.0
-    assert p.decide(g, d.wake_at).action == "dispatch"  # at the latest safe start it flushes what it has
+    wakes = 0
+    while d.action == "wait":  # it judges the promise of company again at each wake, and stops
+        assert p.decide(g, d.wake_at) == p.decide(g, d.wake_at)
+        d, wakes = p.decide(g, d.wake_at), wakes + 1
+    assert d.action == "dispatch" and 1 <= wakes <= 6

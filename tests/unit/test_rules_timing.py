@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from engine.core.catalog import Catalog, default_catalog
-from engine.core.grouping import Group
+from engine.core.grouping import Group, LaneRates
 from engine.core.request import Request
 from engine.core.tracegen import synth
 from engine.sim.simulator import simulate
@@ -114,7 +114,11 @@ def test_a_gpu_batch_starts_no_later_than_the_deadline_less_the_p99_run_and_marg
     policy = load_policy("smart", CAT, {"gpu_margin_s": margin_s})
     full = prov.gpu_batching.max_batch
     r = Request.model_validate({"id": "v0", "arrival_s": 50.0, "deadline_s": 4 * 3600.0, **LONG_VIDEO})
-    group = Group(("gpu", ()), prov, prov.models["wan-2.1-t2v"])
+    # A lane whose steady arrivals promise company for the whole gather (value of time holds no job without it).
+    rates = LaneRates(tau_s=1e6)
+    for t in range(50):
+        rates.see(("gpu", ()), float(t))
+    group = Group(("gpu", ()), prov, prov.models["wan-2.1-t2v"], rates=rates)
     group.add(r)
     latest = r.deadline_at - gpu_p99_run(CAT, full) - margin_s  # a full batch may form before it starts
     assert latest > r.arrival_s  # (so the policy has something to wait for)
@@ -123,7 +127,7 @@ def test_a_gpu_batch_starts_no_later_than_the_deadline_less_the_p99_run_and_marg
     assert r.arrival_s < d.wake_at <= latest + 1e-6, f"wakes at {d.wake_at:.1f}, latest safe start {latest:.1f}"
     # It gathers for as long as that allows, and goes at the latest safe start with what it has.
     assert d.wake_at == pytest.approx(latest, abs=1e-6)
-    assert policy.decide(group, latest - 1.0).action == "wait"
+    assert policy.decide(group, (r.arrival_s + latest) / 2).action == "wait"
     go = policy.decide(group, d.wake_at)
     assert (go.action, go.mode) == ("dispatch", "gpu_batch")
 

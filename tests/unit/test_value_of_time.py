@@ -195,3 +195,47 @@ def test_turns_with_a_cacheable_prefix_share_a_band_past_the_confident_deadline(
     apart = load_policy("smart", CAT, {"band_p": 1.0})
     assert apart.group_key(normal, compat_key(normal), 0.0) != apart.group_key(background, compat_key(background),
                                                                               0.0)
+
+
+# -- GPU lanes: company to come, judged one horizon at a time ---------------------------------------------------
+
+def image(i: int, arrival_s: float, priority: str = "background", deadline_s: float = 86400.0) -> Request:
+    return Request.model_validate({"id": f"img{i}", "arrival_s": arrival_s, "model": "flux-1-dev",
+                                   "prompt": f"A lighthouse in fog, take {i}", "deadline_s": deadline_s,
+                                   "priority": priority})
+
+
+def test_a_lone_gpu_job_with_no_company_in_sight_goes_at_once():
+    """examples/driver.py's lone background image used to wait for a GPU batch until its latest safe start
+    (engine time about 86,000 s) to save about a cent it could never save alone."""
+    res = simulate([image(0, 10.0)], load_policy("smart", CAT))
+    (b,) = res.batches
+    assert (b.mode, b.t) == ("gpu_batch", 10.0) and "no company expected" in b.reason
+    assert res.done_at[0] - 10.0 < 120.0
+
+
+def test_a_gpu_lane_with_steady_arrivals_still_fills_its_batches():
+    steady = [image(i, 30.0 * i) for i in range(64)]  # one image every 30 s
+    res = simulate(steady, load_policy("smart", CAT))
+    full = CAT.providers["modal-h100"].gpu_batching.max_batch
+    in_full = sum(b.size for b in res.batches if b.size == full)
+    assert in_full >= 48, [b.size for b in res.batches]
+    assert res.met.all()
+
+
+def test_a_gpu_lane_gone_quiet_stops_holding_its_jobs():
+    """Three jobs, then silence: they gather while the arrivals promise company, and go once the promise has
+    faded, hours before the latest safe start that a deadline-driven gather would wait for."""
+    burst = [image(i, float(i)) for i in range(3)]
+    res = simulate(burst, load_policy("smart", CAT))
+    last = max(b.t for b in res.batches)
+    assert last < 3 * 3600.0, [(b.t, b.size, b.reason) for b in res.batches]
+    assert any(b.size >= 2 for b in res.batches)  # the company that came was gathered
+    assert "no company expected" in max(res.batches, key=lambda b: b.t).reason  # the faded promise ended it
+
+
+def test_a_price_of_waiting_sends_gpu_jobs_at_once():
+    steady = [image(i, 30.0 * i) for i in range(32)]
+    dear = simulate(steady, load_policy("smart", CAT, {"wait_usd_per_hour": {"background": 10.0}}))
+    assert all(b.size == 1 for b in dear.batches)
+    assert any("its wait is worth" in b.reason for b in dear.batches)
