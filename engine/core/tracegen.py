@@ -237,6 +237,21 @@ def _pick(rng: np.random.Generator, options: tuple[tuple[str, str, float], ...])
     return options[i][0], options[i][1]
 
 
+def _cover_text_providers(campaigns: list[dict]) -> None:
+    """Give every text provider of ``TEXT_MIX`` at least one text campaign where there are enough of them, so a
+    small workload (the demo's) exercises each provider's path. Drawn without the generator: a trace that
+    already covers them (any large one) is unchanged."""
+    text = [c for c in campaigns if c["kind"] == "text"]
+    for prov in dict.fromkeys(p for p, _, _ in TEXT_MIX):
+        if any(c["provider"] == prov for c in text):
+            continue
+        counts = {p: sum(c["provider"] == p for c in text) for p in {c["provider"] for c in text}}
+        donor = [c for c in text if counts and counts[c["provider"]] == max(counts.values()) > 1]
+        if not donor:
+            return
+        donor[-1]["provider"], donor[-1]["model"] = next((p, m) for p, m, _ in TEXT_MIX if p == prov)
+
+
 def synth(n: int = 5000, *, seed: int = 0, duration_s: float = 3600.0, catalog: Catalog | None = None,
           settings: Settings | None = None) -> list[Request]:
     """A seeded mixed workload: text campaigns sharing a system prompt (prefix blocks), image and video
@@ -271,6 +286,7 @@ def synth(n: int = 5000, *, seed: int = 0, duration_s: float = 3600.0, catalog: 
         campaigns.append(dict(kind=str(kind), start=start, window=window, prio_p=prio_p, provider=prov,
                               model=model, prefix=prefix, params=params,
                               tenant=_TENANTS[rng.choice(4, p=_TENANT_P)], style=str(rng.choice(_STYLES))))
+    _cover_text_providers(campaigns)
     rows: list[dict] = []
     for i in range(n):
         u = rng.random()

@@ -73,3 +73,14 @@ def test_synth_is_deterministic_and_mixed(tmp_path):
     path = tmp_path / "s.jsonl"
     write_trace(a, path)
     assert load_trace(path).requests == sorted(a, key=lambda r: r.arrival_s)
+
+
+@pytest.mark.parametrize("n,seed", [(2000, 0), (2000, 1)])
+def test_synth_sends_text_to_every_text_provider(n, seed):
+    """The demo's workload (2,000 requests, seed 0) drew no Anthropic campaign, so its 'real Anthropic calls'
+    never happened. A workload with enough text campaigns now covers every provider of the text mix."""
+    from engine.core.tracegen import TEXT_MIX
+
+    reqs = synth(n, seed=seed, duration_s=600.0)
+    text = Counter(r.provider for r in reqs if r.kind == "text")
+    assert set(text) == {p for p, _, _ in TEXT_MIX}, text
