@@ -42,6 +42,7 @@ class Parking:
     def _retry_parked(self) -> None:
         self._park_timer = None
         late, again = self.waits.take(self.clock.now())
+        self.table.budget.holding = self.waits.holding(self.budget_specs)
         # Until the tasks below take them, these are neither held nor pending: a copy re-admitted meanwhile
         # must still be recognised (``add``), or both would go on.
         self._reserving.update(h.key for h in late)
@@ -66,10 +67,11 @@ class Parking:
         self._arm_parked()
 
     def _held_back(self, h: Held) -> Result:
-        """The rejection of work a budget (or an unanswering ledger) held back until its deadline."""
+        """The rejection of work a budget (or an unanswering ledger) held back until it could no longer finish by
+        its deadline."""
         j = h.payload[0]
         if h.budget == LEDGER:
             return self._failed(j, "budget_unavailable", status="rejected",
                                 reason=f"{self._ledger_down}; still so at the request's deadline")
         return self._failed(j, "budget_exhausted", status="rejected",
-                            reason=f"budget {h.budget} held it back until its deadline")
+                            reason=f"budget {h.budget} held it back until it could no longer finish by its deadline")

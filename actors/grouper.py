@@ -32,7 +32,7 @@ from engine.runtime.outcomes import refused_result
 from engine.runtime.reservation import claim_amount, dispatch_mode, triage
 from engine.runtime.scheduler import Dispatch, GroupTable, Wake
 from engine.runtime.turnaround import Turnaround
-from engine.runtime.waiting import BudgetWaits
+from engine.runtime.waiting import BudgetWaits, sync_lead
 
 __all__ = ["Grouper"]
 
@@ -62,13 +62,14 @@ class Grouper(Parking, Warm):
         self.reserve_model_max = reserve_model_max
         self.budget_specs = tuple(budget_specs)
         # Members a budget holds back, by request id, each with its dispatch (actors._grouper_park).
-        self.waits = BudgetWaits(self._park_step)
+        self.waits = BudgetWaits(self._park_step, sync_lead(catalog))
         self._park_timer: tuple[float, asyncio.TimerHandle] | None = None
         self._claims = itertools.count()
         # Claim ids must be unique across engines sharing one Redis ledger and across restarts.
         self._claim_prefix = f"{name}-{secrets.token_hex(4)}"
         self._ledger_down = ""  # why the budget ledger last failed to answer (the reason of work it held back)
         self.table = GroupTable(policy, catalog, engine_day_origin(day_origin_s, self.clock))
+        self.table.budget.model_max = reserve_model_max
         self._heard: dict[str, int] = {}  # dispatcher -> number of its last message about batches taken
         self._first_heard: dict[str, int] | None = None  # while relearning: the first message that came meanwhile
         self.pending: dict[str, Job] = {}
@@ -359,6 +360,7 @@ class Grouper(Parking, Warm):
                     refused.append((j, self._failed(j, "budget_exhausted", status="rejected", reason=v.why())))
             if keep:
                 out.append(b._replace(jobs=keep))
+        self.table.budget.holding = self.waits.holding(self.budget_specs)
         self._arm_parked()
         return out
 

@@ -242,6 +242,15 @@ class Smart(Policy):
         ba = group.provider.batch_api
         assert ba is not None
         n = len(group)
+        bp = group.budget
+        if bp is not None and bp.model_max and bp.holding and bp.holds(group.members[0]):
+            # A batch member's reservation (the model's maximum output) stays open for the turnaround, a sync
+            # call's for seconds: while a budget holds work back, the money a batch locks keeps that work
+            # waiting past its deadline (docs/budgets.md, "Smart under a budget that binds").
+            return Decision("dispatch", mode="sync", take=min(n, ba.max_requests),
+                            recommendation="process_individually",
+                            reason="sync now: a budget holds work back and a batch would keep its members' "
+                                   "model-max reservations open for the whole turnaround")
         c = self._text_consts(group.provider, group.spec, group.members[0].model)
         drain = -(-n // c.max_conc)
         memo = group.memo  # derived from the group alone: caching it on the group changes no decision

@@ -17,7 +17,8 @@ from engine.core.cost import Mode
 from engine.core.request import Request
 from engine.core.similarity import Guards
 
-__all__ = ["RECOMMENDATIONS", "Decision", "Group", "LaneRates", "PrefixSightings", "Recommendation", "ReuseSettings"]
+__all__ = ["RECOMMENDATIONS", "BudgetPressure", "Decision", "Group", "LaneRates", "PrefixSightings", "Recommendation",
+           "ReuseSettings"]
 
 Recommendation = Literal["process_as_batch", "consider_batch", "process_individually"]
 RECOMMENDATIONS: tuple[Recommendation, ...] = ("process_as_batch", "consider_batch", "process_individually")
@@ -114,6 +115,22 @@ class LaneRates:
         return len(self._seen)
 
 
+class BudgetPressure:
+    """Which budgets hold work back right now (the runtime's budget waits), and whether a reservation is the
+    model's maximum output (``budgets.reserve_output``). Runtime state that a policy reads, like ``LaneRates``:
+    under a budget that holds work back, money reserved for longer keeps more work waiting."""
+
+    __slots__ = ("holding", "model_max")
+
+    def __init__(self, model_max: bool = True):
+        self.holding: tuple = ()  # the budgets (``BudgetSpec``) that hold work back
+        self.model_max = model_max
+
+    def holds(self, req: Request) -> bool:
+        """Whether a budget covering ``req`` holds work back."""
+        return any(s.covers(req.tenant, req.provider, req.model) for s in self.holding)
+
+
 @dataclass(eq=False, slots=True)
 class Group:
     """Pending requests that a policy put under one key, in arrival order, with running aggregates so a
@@ -132,6 +149,7 @@ class Group:
     sightings: PrefixSightings | None = None
     memo: Any = None
     rates: LaneRates | None = None
+    budget: BudgetPressure | None = None
     input_tokens: int = 0  # of the members, summed
     output_tokens: int = 0
     by_priority: dict[str, int] = field(default_factory=dict)  # members per priority

@@ -20,7 +20,7 @@ from typing import NamedTuple
 from engine.core.catalog import Catalog, ProviderSpec
 from engine.core.cost import mode_allowed
 from engine.core.errors import PolicyError
-from engine.core.grouping import Decision, Group, LaneRates, PrefixSightings
+from engine.core.grouping import BudgetPressure, Decision, Group, LaneRates, PrefixSightings
 from engine.core.request import Request
 from engine.runtime.turnaround import Turnaround, TurnaroundEstimator
 
@@ -45,6 +45,7 @@ class GroupTable:
         self.groups: dict[Hashable, Group] = {}
         self.sightings = PrefixSightings()
         self.rates = LaneRates()
+        self.budget = BudgetPressure()  # the runtime keeps it current (``BudgetWaits.holding``)
         # Every key, unless the policy says which (policies.base.Policy.tracks_arrivals).
         self._tracks = getattr(policy, "tracks_arrivals", lambda key: True)
         learning = getattr(policy, "turnaround_learning", None)  # declared by policies that read it
@@ -88,7 +89,7 @@ class GroupTable:
         if g is None:
             prov = self.catalog.providers[req.provider]
             g = self.groups[key] = Group(key, prov, prov.models[req.model], sightings=self.sightings,
-                                         rates=self.rates)
+                                         rates=self.rates, budget=self.budget)
         if self._tracks(key):
             self.rates.see(key, now)
         g.add(req)

@@ -11,7 +11,9 @@ it over every held job at every try loaded a 2-core machine enough to make urgen
   get through and halves when one is held back again, so a crowd held back together is not retried as a crowd;
 - no overtaking: while more urgent work waits on a budget, less urgent work under that budget waits behind it
   instead of taking the room the next settlement frees;
-- a member still held at its deadline is rejected.
+- a member still held when it can no longer finish by its deadline (its deadline less ``lead_s``, the runtime's
+  median of a sync call for it) is rejected: the budget it would take buys a late answer, and work that can
+  still be on time needs it.
 
 The runtimes only apply this: the simulator on virtual time (a ``budget_tick`` event at ``next_try``), the
 grouper with a timer.
@@ -22,17 +24,29 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from collections.abc import Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from typing import Any, NamedTuple
 
 from engine.core.budgets import BudgetSpec, Verdict
+from engine.core.catalog import Catalog
+from engine.core.latency import sync_latency_median
 from engine.core.request import PRIORITY_RANK, Request
 from engine.runtime.reservation import Triage
 
-__all__ = ["STEP_S", "BudgetWaits", "Held"]
+__all__ = ["STEP_S", "BudgetWaits", "Held", "sync_lead"]
 
 STEP_S = 1.0  # engine seconds between tries of held work
 MIN_SHARE, MAX_SHARE, FIRST_SHARE = 1, 4096, 32
+
+
+def sync_lead(catalog: Catalog) -> Callable[[Request], float]:
+    """``BudgetWaits.lead_s`` from ``catalog``: the median seconds of a sync call for the request, the least time
+    it can take once sent."""
+    def lead(req: Request) -> float:
+        prov = catalog.providers[req.provider]
+        return sync_latency_median(prov, prov.models[req.model], req)
+
+    return lead
 
 
 class Held(NamedTuple):
@@ -48,8 +62,9 @@ class BudgetWaits:
     """Three heaps with lazy deletion keep a try at O(share log n) however much work is held (the simulator
     tries once per engine second over traces of hours): by due time, by deadline, and the due ones by urgency."""
 
-    def __init__(self, step_s: float = STEP_S):
+    def __init__(self, step_s: float = STEP_S, lead_s: Callable[[Request], float] | None = None):
         self.step_s = step_s
+        self.lead_s = lead_s  # seconds before its deadline a member must go to finish by it (None: 0)
         self.held: dict[Hashable, Held] = {}
         self.share = FIRST_SHARE
         self._ranks: dict[str, list[int]] = {}  # budget -> held members per priority rank
@@ -74,7 +89,7 @@ class BudgetWaits:
         h = self.held[key] = Held(key, req, due, budget, payload, next(self._seq))
         self._ranks.setdefault(budget, [0, 0, 0])[PRIORITY_RANK[req.priority]] += 1
         heapq.heappush(self._by_due, (due, h.seq, key))
-        heapq.heappush(self._by_deadline, (req.deadline_at, h.seq, key))
+        heapq.heappush(self._by_deadline, (self._last_start(req), h.seq, key))
 
     def drop(self, key: Hashable) -> Held | None:
         h = self.held.pop(key, None)
@@ -87,11 +102,14 @@ class BudgetWaits:
         held = self.held.values()
         ready = {(seq, key) for *_, seq, key in self._ready}
         self._by_due = [(h.due, h.seq, h.key) for h in held if (h.seq, h.key) not in ready]
-        self._by_deadline = [(h.req.deadline_at, h.seq, h.key) for h in held]
+        self._by_deadline = [(self._last_start(h.req), h.seq, h.key) for h in held]
         self._ready = [(PRIORITY_RANK[h.req.priority], h.req.deadline_at, h.seq, h.key) for h in held
                        if (h.seq, h.key) in ready]
         for q in (self._by_due, self._by_deadline, self._ready):
             heapq.heapify(q)
+
+    def _last_start(self, req: Request) -> float:
+        return req.deadline_at - (self.lead_s(req) if self.lead_s is not None else 0.0)
 
     def _live(self, seq: int, key: Hashable) -> Held | None:
         h = self.held.get(key)
@@ -108,6 +126,11 @@ class BudgetWaits:
         tops = {name: next(k for k, n in enumerate(ranks) if n) for name, ranks in self._ranks.items() if any(ranks)}
         return [(s, tops[s.name]) for s in specs if s.name in tops]
 
+    def holding(self, specs: Iterable[BudgetSpec]) -> tuple[BudgetSpec, ...]:
+        """The budgets that hold work back (``BudgetPressure.holding``, which the runtime sets after each
+        reservation and each try)."""
+        return tuple(s for s, _ in self.overtaken(specs))
+
     @staticmethod
     def blocker(req: Request, overtaken: list[tuple[BudgetSpec, int]]) -> str | None:
         """The budget ``req`` must wait behind (no overtaking), or None."""
@@ -122,8 +145,8 @@ class BudgetWaits:
         self.share = max(MIN_SHARE, self.share // 2) if held else min(self.share * 2, MAX_SHARE)
 
     def take(self, now: float) -> tuple[list[Held], list[Held]]:
-        """The members to reject (held to their deadline) and those to try now (due, most urgent first, at most
-        ``share``), both no longer held."""
+        """The members to reject (held until they can no longer finish by their deadline) and those to try now
+        (due, most urgent first, at most ``share``), both no longer held."""
         late: list[Held] = []
         q = self._by_deadline
         while q and q[0][0] <= now:

@@ -54,6 +54,7 @@ class SimBudget:
                 waits.hold(i, r, waits.due_after(t, v, now), v.budget, (i, d))
             else:
                 self.reject(i, "budget_exhausted", v.why())
+        self.table.budget.holding = waits.holding(self.book.specs)
         self.tick()
         return ok
 
@@ -75,13 +76,15 @@ class SimBudget:
         first (a dispatch's members that are due together go together)."""
         late, ready = self.waits.take(self.now)
         for h in late:
-            self.reject(h.key, "budget_exhausted", f"budget {h.budget} held it back until its deadline")
+            self.reject(h.key, "budget_exhausted", f"budget {h.budget} held it back until it could no longer finish by its deadline")
         sends: dict[int, tuple[Decision, list[int]]] = {}
         for h in ready:
             i, d = h.payload
             sends.setdefault(id(d), (d, []))[1].append(i)
         for d, idxs in sends.values():
             self.send(d, idxs, None)
+        if self.book is not None:
+            self.table.budget.holding = self.waits.holding(self.book.specs)
         self.tick()
 
     def reject(self, i: int, reason: str, why: str) -> None:

@@ -36,7 +36,7 @@ from engine.runtime.reservation import dispatch_mode
 from engine.runtime.reuse import ReuseIndex
 from engine.runtime.scheduler import Dispatch, GroupTable, Wake
 from engine.runtime.turnaround import Turnaround, submitted
-from engine.runtime.waiting import BudgetWaits
+from engine.runtime.waiting import BudgetWaits, sync_lead
 from engine.sim._budget import SimBudget
 from engine.sim.results import (
     _BATCH,
@@ -99,10 +99,10 @@ class _Sim(SimBudget):
         self.rerouted = 0
         b = settings.budgets
         self.book = BudgetBook(list(b.specs), b.throttle) if b.specs else None
-        self.model_max = b.reserve_output == "model_max"
+        self.model_max = self.table.budget.model_max = b.reserve_output == "model_max"
         self.claim_ids = itertools.count()
         self.claim_of: dict[int, tuple[str, float]] = {}
-        self.waits = BudgetWaits()
+        self.waits = BudgetWaits(lead_s=sync_lead(catalog))
         self.tick_at = math.inf
         self.budget_waits = 0
         self.deferrals = 0

@@ -216,6 +216,30 @@ def test_a_hedged_claim_is_released_in_the_call_that_reserves_its_fallback():
     run(go())
 
 
+def test_the_grouper_tells_its_policy_which_budgets_hold_work_back():
+    """The live half of smart's budget rule (tests/unit/test_budget_policy.py): after a reservation that holds
+    work back, the group table's ``BudgetPressure`` names the budget, as the simulator's does."""
+    async def go():
+        disp, hub = Recorder(), ResultHub()
+        spec = BudgetSpec(max_budget=1.0)
+        budget = BudgetController(BudgetSettings(specs=(spec,)), None, ManualClock(0.0))
+        await budget.reserve_many([Claim("open", "default", "openai", "gpt-5-mini", "urgent", 0.999)])
+        clock = ManualClock(0.0)
+        g = Grouper(load_policy("naive", CAT), CAT, clock, {"openai": disp}, budget, hub, budget_specs=(spec,))
+        assert g.table.budget.model_max and g.table.budget.holding == ()
+        await g.add([Job(0, req(0), "fp")])
+        assert disp.calls == [] and len(g.waits) == 1  # it waits for the open claim to settle
+        assert g.table.budget.holding == (spec,) and g.table.budget.holds(req(1))
+        await budget.settle_many([("open", 0.0)])
+        clock.advance(g._park_step)
+        g._retry_parked()  # the timer's call, made at once
+        while g._tasks:
+            await asyncio.gather(*list(g._tasks))
+        await asyncio.sleep(0)  # the dispatcher's call is a task of its own
+        assert len(disp.calls) == 1 and g.table.budget.holding == ()
+    run(go())
+
+
 def test_a_rejected_leader_hands_its_in_flight_followers_back():
     """Identical requests that follow a leader in the cache must not hang when the leader is rejected."""
     follower = Job(1, req(1), "same-fp")

@@ -36,6 +36,24 @@ def test_work_held_to_its_deadline_is_taken_for_rejection_even_when_not_due():
     assert [h.payload for h in late] == ["x"] and ready == [] and len(w) == 0 and w.next_try(30.0) is None
 
 
+def test_held_work_is_rejected_once_a_sync_call_could_no_longer_finish_by_its_deadline():
+    """With the runtimes' lead (the median of a sync call for the request), held work is given up when sending it
+    would buy a late answer, so the budget it would take goes to work that can still be on time."""
+    from engine.core.catalog import default_catalog
+    from engine.runtime.waiting import sync_lead
+
+    lead = sync_lead(default_catalog())
+    r = req(0, deadline_s=30.0)
+    last = r.deadline_at - lead(r)
+    assert 0.0 < lead(r) < 30.0
+    w = BudgetWaits(lead_s=lead)
+    w.hold(r.uid, r, 100.0, "b", "x")
+    assert w.next_try(0.0) == last
+    assert w.take(last - 0.01) == ([], []) and len(w) == 1  # it could still finish: kept
+    late, ready = w.take(last)
+    assert [h.payload for h in late] == ["x"] and ready == [] and len(w) == 0
+
+
 def test_tries_are_at_least_half_a_step_apart_and_a_deferral_waits_for_its_window():
     w = BudgetWaits(step_s=4.0)
     r = req(0)
