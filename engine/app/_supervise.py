@@ -9,7 +9,9 @@ they still carry (or send its result again) and the groupers keep one copy of th
 accepted request until its result arrives (with Redis, ingest also journals them: ``Ingest.accepted``).
 
 An actor that does not come back (restarts exhausted, or killed for good) fails the open futures with its
-name, as before: nothing hangs.
+name, as before: nothing hangs. An actor that is alive but answers nothing (a blocked event loop, a deadlock)
+for ``settings.actor_hang_s`` is killed by the driver that started the engine, so Ray restarts it and the
+recovery above takes over (as Ray Serve replaces a replica that fails its health checks).
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ class Supervised:
         named = self._h["named"]
         self._incarnation: dict[str, str] = dict(zip(named, ray.get([a.ping.remote() for a in named.values()])))
         self._misses: dict[str, int] = {}
+        self._silent: dict[str, float] = {}  # actor -> since when (monotonic) it has answered no health check
+        self.hung: dict[str, int] = {}  # actor kind -> times it was killed for answering nothing
         self._next_sweep = time.monotonic() + SWEEP_EVERY_S
         self.swept = 0  # overdue requests re-admitted by the sweep
         self._sweeps: dict[str, int] = {}  # overdue request -> sweeps it has been open through
@@ -79,7 +83,9 @@ class Supervised:
         ray = self._ray
         named = self._h["named"]
         refs = {a.ping.remote(): kind for kind, a in named.items()}
+        asked = time.monotonic()
         ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=HEALTH_TIMEOUT_S)
+        self._watch_silence(refs, ready, asked)
         restarted, dead = [], []
         for ref in ready:
             kind = refs[ref]
@@ -107,6 +113,33 @@ class Supervised:
             # Requests may sit in the dead actor's groups or timers; nothing can resolve them now, so every open
             # future fails with the reason instead of hanging.
             self._fail_open(f"engine failure: actor(s) died: {', '.join(sorted(dead))}")
+
+    def _watch_silence(self, refs: dict, ready: list, asked: float) -> None:
+        """Kill an actor that has answered no health check for ``settings.actor_hang_s`` (only the driver that
+        started the engine does, so two drivers never both kill it): Ray restarts it, and the next check sees
+        the new incarnation and recovers it."""
+        answered = {refs[r] for r in ready}
+        for kind in refs.values():
+            if kind in answered:
+                self._silent.pop(kind, None)
+            else:
+                self._silent.setdefault(kind, asked)
+        hang_s = self.settings.actor_hang_s
+        if not hang_s or not self._owner:
+            return
+        now = time.monotonic()
+        for kind, since in list(self._silent.items()):
+            if now - since < hang_s:
+                continue
+            del self._silent[kind]
+            log.warning("smartbatch: engine actor %s has answered no health check for %.0f s; killing it so Ray "
+                        "restarts it and its open work is re-admitted", kind, now - since)
+            try:
+                self._ray.kill(self._h["named"][kind], no_restart=False)
+            except Exception as exc:  # gone meanwhile: the next check finds out
+                log.warning("smartbatch: killing %s failed (%s)", kind, exc)
+                continue
+            self.hung[kind] = self.hung.get(kind, 0) + 1
 
     def _relay_logs(self) -> None:
         """The actors' latest log lines into this driver's Python logging, under their own loggers (e.g.

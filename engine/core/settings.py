@@ -222,6 +222,10 @@ class Settings(BaseSettings):
     chars_per_token: float = Field(default=4.0, gt=0, description="token estimate for a line without counts")
     default_output_tokens: int = Field(default=256, ge=0, description="output estimate for a text line without one")
     prefix_block_tokens: int = Field(default=512, ge=1, description="tokens per prefix block id in traces")
+    actor_hang_s: float = Field(default=30.0, ge=0, description=(
+        "seconds an engine actor may leave every health check unanswered before the driver that started the engine "
+        "kills it, so Ray restarts it and its open work is re-admitted (a hung actor would hold it forever); "
+        "0 turns it off"))
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
         default="WARNING", description="the level from which the actors' log lines reach the drivers' logging "
         "(loggers smartbatch.*)")
