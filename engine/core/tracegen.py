@@ -238,11 +238,14 @@ def _pick(rng: np.random.Generator, options: tuple[tuple[str, str, float], ...])
 
 
 def _cover_text_providers(campaigns: list[dict]) -> None:
-    """Give every text provider of ``TEXT_MIX`` at least one text campaign where there are enough of them, so a
-    small workload (the demo's) exercises each provider's path. Drawn without the generator: a trace that
-    already covers them (any large one) is unchanged."""
+    """Give every text provider of ``TEXT_MIX`` at least one text campaign where there are enough of them (two
+    per provider), so a small workload (the demo's) exercises each provider's path. Drawn without the generator:
+    a trace that already covers them (any large one) is unchanged."""
     text = [c for c in campaigns if c["kind"] == "text"]
-    for prov in dict.fromkeys(p for p, _, _ in TEXT_MIX):
+    providers = dict.fromkeys(p for p, _, _ in TEXT_MIX)
+    if len(text) < 2 * len(providers):  # a handful of campaigns: too few to spread without bending the mix
+        return
+    for prov in providers:
         if any(c["provider"] == prov for c in text):
             continue
         counts = {p: sum(c["provider"] == p for c in text) for p in {c["provider"] for c in text}}
