@@ -3,13 +3,17 @@ lookup speed. Prints every figure of docs/cache.md.
 
     .venv/bin/python benchmarks/bench_cache.py [--data ../shared/data/real] [--redis-url redis://...]
                                                [--skip-speed] [--skip-quality] [--seed 0] [--show-wrong]
+                                               [--splits N]
 
 Quality (``engine/core/_pair_eval.py``): each pair file is split at random (``--seed``) into a tune half and a
 held-out half by duplicate cluster, so no text is in both. On a half, the cache holds every ``similar`` text and
 each ``origin`` asks for its top-1 match, as GPTCache's own benchmark does; a hit is right when the match lies
 in the origin's cluster (QQP repeats questions across rows: rows are joined by union-find). The text threshold
 is the lowest one keeping precision >= 99.5 % on the tune halves of both files, and on both pooled with one
-wrong hit to spare; the held-out halves say what it is worth. Speed: a batch of 1,000 lookups against 100,000 entries of one class, exact (fingerprint dict,
+wrong hit to spare; the held-out halves say what it is worth. Every figure is given under the raw labels and,
+beside it, "folded" ones (texts equal but for case, punctuation and spacing are one question);
+``--show-wrong`` lists the hits the raw labels call wrong with the evidence to judge them, and ``--splits N``
+repeats the whole measurement on N random splits to show how much a figure moves with the split. Speed: a batch of 1,000 lookups against 100,000 entries of one class, exact (fingerprint dict,
 then Redis MGET if a URL is given) and near (``engine/runtime/reuse.py``), with the agreement of the index
 with exact search; and the embedding's cold load and throughput.
 """
@@ -26,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.core import embedding  # noqa: E402
-from engine.core._pair_eval import choose_threshold, load_pairs, score, split  # noqa: E402
+from engine.core._pair_eval import Scored, choose_threshold, clusters, load_pairs, score, split  # noqa: E402
 from engine.core.features import (  # noqa: E402
     NEAR_DIM,
     featurize_texts,
@@ -59,9 +63,15 @@ def hashed(texts: list[str]) -> np.ndarray:
     return featurize_texts(texts, dim=NEAR_DIM)
 
 
-def _row(t: dict, mark: str = "") -> str:
-    return (f"| {t['threshold']}{mark} | {t['hits']} | {t['right']} | {t['wrong']} | {t['precision']:.2%} | "
-            f"{t['recall']:.2%} | {t['same_text']} |")
+def _row(t: dict, mark: str = "", f: dict | None = None) -> str:
+    row = (f"| {t['threshold']}{mark} | {t['hits']} | {t['right']} | {t['wrong']} | {t['precision']:.2%} | "
+           f"{t['recall']:.2%} | {t['same_text']} |")
+    return row if f is None else row + f" {f['wrong']} | {f['precision']:.2%} | {f['recall']:.2%} |"
+
+
+def _both(s: Scored, t: float) -> str:
+    """The raw and the folded figures of ``s`` at ``t``, one table row."""
+    return _row(s.at(t), f=s.at(t, folded=True))
 
 
 def _cell(text: str) -> str:
@@ -69,9 +79,48 @@ def _cell(text: str) -> str:
 
 
 HEAD = "| threshold | hits | right | wrong | precision | recall | same text |\n|---|---|---|---|---|---|---|"
+HEAD_BOTH = ("| threshold | hits | right | wrong | precision | recall | same text | wrong, folded | precision, folded "
+             "| recall, folded |\n|---|---|---|---|---|---|---|---|---|---|")
 
 
-def quality(data: Path, seed: int, show_wrong: bool = False) -> None:
+def split_figures(pairs: dict[str, list[dict]], seed: int) -> tuple[float | None, dict[str, Scored]]:
+    """The threshold the tune halves of split ``seed`` choose, and the scored held-out halves."""
+    halves = {name: split(rows, seed) for name, rows in pairs.items()}
+    tune = [score(h[0], near_vectors_texts) for h in halves.values()]
+    return choose_threshold(tune, TARGET), {name: score(h[1], near_vectors_texts) for name, h in halves.items()}
+
+
+def splits_table(pairs: dict[str, list[dict]], n: int) -> None:
+    """The whole measurement (threshold chosen on the tune halves, figures on the held-out ones) on ``n`` splits."""
+    print(f"\n### {n} random splits (seeds 0-{n - 1}): held out, at the threshold each split's tune halves choose\n")
+    cols = " | ".join(f"{name} precision | {name} recall | {name} precision, folded" for name in pairs)
+    print(f"| seed | threshold | {cols} |\n|---|---|" + "---|---|---|" * len(pairs))
+    for seed in range(n):
+        chosen, held = split_figures(pairs, seed)
+        t = 1.0 if chosen is None else chosen
+        cells = " | ".join(f"{s.at(t)['precision']:.2%} | {s.at(t)['recall']:.2%} | "
+                           f"{s.at(t, folded=True)['precision']:.2%}" for s in held.values())
+        print(f"| {seed} | {chosen} | {cells} |")
+
+
+def show_wrong(pairs: dict[str, list[dict]], held: dict[str, Scored], chosen: float) -> None:
+    """Every held-out hit the raw labels call wrong, with the evidence to judge it by hand."""
+    for name, s in held.items():
+        audit = s.audit(chosen)
+        linked = clusters(pairs[name])  # every labelled pair of the file, tune and held out
+        n_linked = sum(linked(w.origin) == linked(w.match) for w in audit)
+        runner_up = sum(w.partner_rank == 2 for w in audit)
+        print(f"\n### {name}, held out: the {len(audit)} hits its labels call wrong at {chosen}, to read by hand\n")
+        print(f"Linked as duplicates through the pairs of the whole file (both halves): {n_linked}; right under the folded "
+              f"labels (equal but for case, punctuation and spacing): {sum(w.right_folded for w in audit)}; the origin's "
+              f"labelled duplicate was the runner-up: {runner_up}.\n")
+        print("| cosine | origin | its match | right, folded | labelled duplicate: rank, cosine |\n|---|---|---|---|---|")
+        for w in audit:
+            print(f"| {w.sim:.3f} | {_cell(w.origin)} | {_cell(w.match)} | {'yes' if w.right_folded else 'no'} | "
+                  f"{w.partner_rank}, {w.partner_sim:.3f} |")
+
+
+def quality(data: Path, seed: int, wrong: bool = False, n_splits: int = 1) -> None:
     pairs = load_pairs(data)
     halves = {name: split(rows, seed) for name, rows in pairs.items()}
     t0 = time.perf_counter()
@@ -85,30 +134,27 @@ def quality(data: Path, seed: int, show_wrong: bool = False) -> None:
     print(f"\ntext threshold chosen on the tune halves (precision >= {TARGET:.1%} on each, and pooled with one "
           f"wrong hit more): {chosen}; "
           f"in use (features.near_min_threshold('text')): {near_min_threshold('text')}")
-    print("\n### held out, at the chosen threshold\n")
-    print("| data | threshold | hits | right | wrong | precision | recall | same text |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n### held out, at the chosen threshold (raw labels; folded: texts equal but for case, punctuation and "
+          "spacing are one question)\n")
+    print("| data |" + HEAD_BOTH[1:].replace("|\n|", "|\n|---|", 1))
     for name, s in held.items():
-        t = s.at(chosen) if chosen is not None else s.at(1.0)
-        print(f"| {name} |" + _row(t)[1:])
+        print(f"| {name} |" + _both(s, 1.0 if chosen is None else chosen)[1:])
     for name, rows in halves.items():
         base = score(rows[1], hashed)
-        print(f"\n### {name}, held out, sweep (all guards)\n\n{HEAD}")
+        print(f"\n### {name}, held out, sweep (all guards)\n\n{HEAD_BOTH}")
         for t in SWEEP:
-            print(_row(held[name].at(t), " (chosen)" if t == chosen else ""))
+            print(_both(held[name], t).replace(f"| {t} |", f"| {t} (chosen) |", 1) if t == chosen
+                  else _both(held[name], t))
         print(f"\n{name}, held out, without guards:\n\n{HEAD}")
         for t in SWEEP:
             print(_row(held[name].at(t, guarded=False)))
         print(f"\n{name}, held out, hashed n-grams alone (the fallback), all guards:\n\n{HEAD}")
         for t in SWEEP:
             print(_row(base.at(t)))
-    if show_wrong and chosen is not None:
-        for name, s in held.items():
-            wrong = s.wrong(chosen)
-            print(f"\n### {name}, held out: the {len(wrong)} hits its labels call wrong at {chosen}, to read by hand\n")
-            print("| cosine | origin | its match |\n|---|---|---|")
-            for sim, a, b in wrong:
-                print(f"| {sim:.3f} | {_cell(a)} | {_cell(b)} |")
+    if wrong and chosen is not None:
+        show_wrong(pairs, held, chosen)
+    if n_splits > 1:
+        splits_table(pairs, n_splits)
     print(f"\nguards: {list(GUARDS)}")
     print(f"\n### image prompts (no labelled pairs); image threshold {near_min_threshold('image')}\n")
     print("| cosine | same picture? | a | b |\n|---|---|---|---|")
@@ -201,6 +247,8 @@ def main() -> None:
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--show-wrong", action="store_true",
                     help="print every held-out hit the labels call wrong, with both texts, to audit by hand")
+    ap.add_argument("--splits", type=int, default=1,
+                    help="also repeat the measurement on this many random splits (seeds 0..N-1), about 5 s each")
     args = ap.parse_args()
     t0 = time.perf_counter()
     try:
@@ -220,7 +268,7 @@ def main() -> None:
         print(f"embedding: {embedder!r}; cold load {load_s:.2f} s (once per process); {rate:,.0f} texts/s; "
               f"near-duplicate vectors (embedding and n-grams), 40 texts a call: {near_rate:,.0f} texts/s")
     if not args.skip_quality:
-        quality(args.data, args.seed, args.show_wrong)
+        quality(args.data, args.seed, args.show_wrong, args.splits)
     if not args.skip_speed:
         print("\n### lookup speed\n")
         for k, v in speed(redis_url=args.redis_url).items():

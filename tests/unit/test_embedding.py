@@ -10,7 +10,7 @@ import pytest
 
 import engine.runtime.reuse as reuse_mod
 from engine.core import embedding
-from engine.core._pair_eval import choose_threshold, load_pairs, score, split
+from engine.core._pair_eval import choose_threshold, clusters, load_pairs, score, split
 from engine.core.features import (
     NEAR_DIM,
     compat_key,
@@ -204,6 +204,23 @@ def test_held_out_precision_and_recall(scored):
     assert gpt["same_text"] == 0  # GPTCache's recall is all paraphrase, none of it an exact repeat
     wrong = scored["qqp"][1].wrong(text_min)  # what bench_cache.py --show-wrong prints to audit
     assert len(wrong) == qqp["wrong"] and all(sim >= text_min and a != b for sim, a, b in wrong)
+
+
+def test_the_hits_called_wrong_are_not_linked_by_any_pair_and_folding_only_adds_right_ones(scored, real_data):
+    """The raw labels are already the closure of every pair of the file (the split keeps clusters whole), so no
+    pair links a hit they call wrong; the folded labels (one question spelled two ways is one node) only ever
+    call more hits right, never fewer (docs/cache.md)."""
+    text_min = near_min_threshold("text")
+    for name, rows in load_pairs(real_data).items():
+        linked = clusters(rows)
+        for s in scored[name]:
+            assert not any(linked(a) == linked(b) for _, a, b in s.wrong(text_min))
+            assert (s.right_folded >= s.right).all()
+            raw, folded = s.at(text_min), s.at(text_min, folded=True)
+            assert folded["hits"] == raw["hits"] and folded["right"] >= raw["right"]
+    audit = scored["qqp"][1].audit(text_min)
+    assert sum(w.right_folded for w in audit) >= 3  # "If Trump becomes President..." / "...president..." and more
+    assert sum(w.partner_rank == 2 for w in audit) >= len(audit) / 2  # the labelled duplicate came second
 
 
 def test_split_keeps_clusters_whole():
