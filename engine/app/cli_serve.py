@@ -3,14 +3,202 @@ endpoint) and ``smartbatch stop``."""
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+import subprocess
+import sys
+import tempfile
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
 import typer
 
 from engine.app.cli_common import _fail, _providers, _settings, app, console, err_console
-from engine.core.errors import SmartbatchError
+from engine.core.errors import ConfigError, SmartbatchError
+
+# How long a stop waits for the engine's endpoint and actors to go before it gives up on them (they are then
+# stopped with Ray itself, or left to the cluster's supervision). Bounded: a Ray call has no timeout of its own.
+_GRACEFUL_S = 30.0
+
+
+def _claims_dir() -> Path:
+    """Where each running ``smartbatch serve`` holds the claim of its engine's name (one directory per user)."""
+    return Path(tempfile.gettempdir()) / f"smartbatch-{os.getuid()}" / "serve"
+
+
+class NameClaim:
+    """One running ``smartbatch serve``'s claim of its engine name on this machine: an exclusive ``flock`` of a
+    file named after it. A second ``serve`` of the name would start a second engine on a Ray of its own (and a
+    second endpoint on the same port: Ray Serve's proxy binds with SO_REUSEPORT); the claim refuses it at once,
+    naming the first. The kernel drops the lock when the process ends, however it ends, so a crash or SIGKILL
+    leaves no stale claim. The file holds what the refusal quotes: pid, Ray address, endpoint."""
+
+    def __init__(self, name: str):
+        import fcntl
+
+        self.name = name
+        d = _claims_dir()
+        d.mkdir(parents=True, exist_ok=True)
+        self.path = d / f"{quote(name, safe='')}.json"
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise ConfigError(_claimed(name, _read(self.path))) from None
+            if _same_file(fd, self.path):
+                break
+            os.close(fd)  # locked a file its holder removed as it released it: claim the path's file anew
+        self._fd: int | None = fd
+        self.publish()
+
+    def publish(self, **info: Any) -> None:
+        """Record what a second ``serve`` of this name is told about this one (besides name and pid)."""
+        raw = json.dumps({"name": self.name, "pid": os.getpid(), **info}).encode()
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, raw, 0)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)  # while locked: a serve that opened it meanwhile sees it gone, above
+            os.close(self._fd)  # closing drops the lock
+            self._fd = None
+
+    def __repr__(self) -> str:
+        return f"NameClaim({self.name!r}, {self.path}, held={self._fd is not None})"
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def _read(path: Path) -> dict:
+    try:
+        info = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):  # being rewritten this very moment: the refusal names less
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _claimed(name: str, info: dict) -> str:
+    addr, url = info.get("address"), info.get("endpoint")
+    facts = [f"pid {info['pid']}" if "pid" in info else None, f"Ray address {addr}" if addr else "still starting",
+             f"endpoint {url}" if url else None]
+    how = f"smartbatch stop --name {name}" + (f" --address {addr}" if addr else "")
+    return (f"engine {name!r} is already served on this machine ({', '.join(f for f in facts if f)}); stop it "
+            f"first ({how}, or Ctrl-C where it runs), or serve this one under another --name"
+            + (" (and another --http-port)" if url else ""))
+
+
+def _port_holder(port: int) -> dict:
+    """What the running ``serve`` whose endpoint is on ``port`` published ({} if none is)."""
+    d = _claims_dir()
+    for path in sorted(d.glob("*.json")) if d.is_dir() else ():
+        info = _read(path)
+        if f":{port}/" in str(info.get("endpoint", "")) and not _free_claim(path):
+            return info
+    return {}
+
+
+def _free_claim(path: Path) -> bool:
+    """Whether no running process holds the claim at ``path`` (a file a stopped ``serve`` left)."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # removed meanwhile: nobody holds it
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # and with it the lock this probe may have taken
+
+
+def _check_http_port(host: str, port: int | None) -> None:
+    from engine.app.serve_http import port_in_use
+
+    why = port_in_use(host, port) if port else None
+    if why is None:
+        return
+    info = _port_holder(port)
+    addr = f" --address {info['address']}" if info.get("address") else ""
+    holder = (f"; engine {info.get('name')!r} serves its endpoint there (pid {info.get('pid')}): stop it "
+              f"(smartbatch stop --name {info.get('name')}{addr})" if info else "; stop what listens there")
+    raise ConfigError(f"--http-port {port}: {host}:{port} is in use ({why}){holder}, or give another --http-port "
+                      "(0: a free one)")
+
+
+def _own_ray_processes() -> list[subprocess.Popen]:
+    """The processes of the local Ray this process started (GCS, raylet, monitors); none when it attached to a
+    running cluster, whose processes are not its children."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    return [i.process for infos in (getattr(node, "all_processes", None) or {}).values() for i in infos]
+
+
+def _exit_with_ray_gone(name: str) -> None:
+    """The local Ray went down under the engine (SIGTERM sent to the whole process group stops Ray's processes
+    with this one; they block SIGINT, so Ctrl-C never does): its actors are gone, nothing is left to drain, and
+    every Ray call would wait a minute for the GCS before failing. Stop what is left of that Ray and exit now,
+    skipping Ray's exit hooks (they would wait for it too)."""
+    err_console.print(f"Ray's processes stopped with this one (a signal sent to the whole process group, e.g. by "
+                      f"timeout, systemd or kill -- -PGID), and engine {name!r} with them; to drain the engine "
+                      f"first, signal serve's process alone (kill {os.getpid()}) or press Ctrl-C")
+    procs = _own_ray_processes()
+    for p in procs:
+        if p.poll() is None:
+            p.kill()  # the GCS, for one, outlives SIGTERM
+    for p in procs:
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:  # stuck in the kernel: it goes when it can, nothing to wait for
+            pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def stop_or_lose_ray(steps: Callable[[], None], ray_procs: list[subprocess.Popen], *,
+                     timeout_s: float = _GRACEFUL_S, poll_s: float = 0.05) -> str:
+    """Run ``steps`` (the Ray calls that stop the endpoint and the engine) in a thread, and watch the local Ray's
+    processes meanwhile: "done" when the steps finish, "ray-gone" as soon as one of those processes exits first,
+    "timeout" after ``timeout_s``. None of them exits while Ray runs; after a SIGTERM to the whole process group
+    the log monitor is gone within milliseconds while the raylet takes seconds to wind down, its actors first:
+    the steps would then block on them, and then for a minute on the GCS. An error of the steps is raised here."""
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            steps()
+        except BaseException as exc:  # raised in the caller's thread below
+            failed.append(exc)
+
+    worker = threading.Thread(target=run, name="smartbatch-serve-stop", daemon=True)
+    worker.start()
+    deadline = time.monotonic() + timeout_s
+    while worker.is_alive():
+        if any(p.poll() is not None for p in ray_procs):
+            return "ray-gone"
+        if time.monotonic() >= deadline:
+            return "timeout"
+        worker.join(poll_s)
+    if failed:
+        raise failed[0]
+    return "done"
 
 
 @app.command()
@@ -34,33 +222,51 @@ def serve(name: str = typer.Option("smartbatch", "--name", help="the engine's na
           shards: int = typer.Option(1, "--shards", min=1, help="actors each of ingest, cache, result hub and "
                                      "groupers (one per core of the cluster spreads the load; docs/benchmarks.md)"),
           catalog: Path | None = typer.Option(None, help="a catalog YAML replacing the packaged one")) -> None:
-    """Start a named, detached engine and keep it running (and supervised) until Ctrl-C or `smartbatch stop`.
-    Drivers attach with Engine.connect(NAME, address=...), and share its cache, budgets and idempotency."""
-    import ray
-
-    from actors._peer import read_layout
-    from engine.app.driver import Engine
-
-    done = threading.Event()
+    """Start a named, detached engine and keep it running (and supervised) until Ctrl-C, SIGTERM or `smartbatch
+    stop`. Drivers attach with Engine.connect(NAME, address=...), and share its cache, budgets and idempotency.
+    One serve per NAME on a machine: a second one is refused, naming the first."""
+    claim = NameClaim(name)  # first: a second serve of this name is refused at once, before any Ray starts
     try:
+        _check_http_port(http_host, http_port)
+        import ray
+
+        from engine.app.driver import Engine
+
         settings, cat = _settings(catalog)
         settings = _providers(settings, providers, base_url)
         if not ray.is_initialized():
             ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
                      configure_logging=False)
-        eng = Engine.start(settings, policy=policy, catalog=cat, speedup=speedup, seed=seed, name=name,
-                           detached=True, num_shards=shards)
-    except SmartbatchError as exc:
-        _fail(exc)
+        try:
+            eng = Engine.start(settings, policy=policy, catalog=cat, speedup=speedup, seed=seed, name=name,
+                               detached=True, num_shards=shards)
+        except SmartbatchError as exc:
+            _fail(exc)
+        _serve_until_stopped(eng, claim, policy=policy, speedup=speedup, http_host=http_host, http_port=http_port)
+    finally:
+        claim.release()
+
+
+def _serve_until_stopped(eng: Any, claim: NameClaim, *, policy: str, speedup: float, http_host: str,
+                         http_port: int | None) -> None:
+    import ray
+
+    from actors._peer import read_layout
+
+    name = eng.name
+    done = threading.Event()
     gcs = ray.get_runtime_context().gcs_address
     endpoint = None
+    # Those running now: if one exits before the engine has stopped, Ray is going down under it.
+    ray_procs = [p for p in _own_ray_processes() if p.poll() is None]
     try:
         if http_port is not None:
             from engine.app.serve_http import start_endpoint
 
             endpoint = start_endpoint(name, host=http_host, port=http_port)
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM):  # one way out for both: the engine stops, then Ray
             signal.signal(sig, lambda *_: done.set())
+        claim.publish(address=gcs, endpoint=endpoint)
         console.print(f"engine {name!r} is serving (policy {policy}, speed-up x{speedup:g})")
         console.print(f"ray address: {gcs}")
         console.print(f"attach: Engine.connect({name!r}, address={gcs!r})")
@@ -69,21 +275,48 @@ def serve(name: str = typer.Option("smartbatch", "--name", help="the engine's na
         if endpoint is not None:
             console.print(f"OpenAI-compatible endpoint at {endpoint}")
         console.print(f"stop: smartbatch stop --name {name} --address {gcs}  (or Ctrl-C)")
-        # Until Ctrl-C, or until `smartbatch stop` (from anywhere) removed the engine.
+        # Until a signal, or until `smartbatch stop` (from anywhere) removed the engine, which a thread watches:
+        # this thread only waits, as a signal's handler runs here between two bytecodes, and a Ray call (one can
+        # block for a minute while Ray goes down) would hold it off.
+        threading.Thread(target=_watch_layout, args=(name, done), name="smartbatch-serve-watch", daemon=True).start()
         while not done.wait(1.0):
-            if read_layout(name) is None:
-                err_console.print(f"engine {name!r} was stopped; exiting")
-                break
+            pass
     finally:
-        if endpoint is not None:
-            from engine.app.serve_http import stop_endpoint
+        def steps() -> None:
+            if endpoint is not None:
+                from engine.app.serve_http import stop_endpoint
 
-            stop_endpoint(name)
-        if read_layout(name) is not None:
-            eng.shutdown()
+                stop_endpoint(name)
+            if read_layout(name) is not None:
+                eng.shutdown()
+            else:
+                eng.stop()
+
+        try:
+            outcome = stop_or_lose_ray(steps, ray_procs)
+            if outcome == "ray-gone":
+                claim.release()
+                _exit_with_ray_gone(name)
+            if outcome == "timeout":
+                err_console.print(f"engine {name!r} did not stop within {_GRACEFUL_S:g} s; stopping Ray")
+        finally:
+            ray.shutdown()
+
+
+def _watch_layout(name: str, done: threading.Event) -> None:
+    from actors._peer import read_layout
+
+    while not done.wait(1.0):
+        try:
+            gone = read_layout(name) is None
+        except Exception as exc:  # Ray itself does not answer: there is nothing left to serve
+            err_console.print(f"engine {name!r}: its Ray cluster does not answer ({exc}); exiting")
+            gone = True
         else:
-            eng.stop()
-        ray.shutdown()
+            if gone:
+                err_console.print(f"engine {name!r} was stopped; exiting")
+        if gone:
+            done.set()
 
 
 @app.command()

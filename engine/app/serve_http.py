@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import socket
 
-__all__ = ["app_name", "start_endpoint", "stop_endpoint"]
+from engine.core.errors import ConfigError
+
+__all__ = ["app_name", "port_in_use", "start_endpoint", "stop_endpoint"]
 
 
 def app_name(engine: str) -> str:
@@ -21,6 +23,20 @@ def _free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host if host not in ("", "0.0.0.0") else "127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def port_in_use(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot take the endpoint (the OS's reason), or None if it can. Serve's proxy binds with
+    SO_REUSEPORT, so on a port another proxy (another engine's, on another local Ray) listens on it would not
+    fail but share the port, the kernel splitting connections between the two engines. This bind, without
+    SO_REUSEPORT, fails instead."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed connection's TIME_WAIT is no conflict
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
 
 
 def _builder(engine: str):
@@ -35,7 +51,11 @@ def _builder(engine: str):
 
 def start_endpoint(engine: str, *, host: str = "127.0.0.1", port: int = 8000) -> str:
     """Serve the endpoint of engine ``engine`` on ``host:port`` (port 0: a free one); returns its base URL
-    (``.../v1``), what an OpenAI SDK takes as ``base_url``. Ray must be initialised on the engine's cluster."""
+    (``.../v1``), what an OpenAI SDK takes as ``base_url``. Ray must be initialised on the engine's cluster. A
+    port something already listens on is refused (``ConfigError``), see ``port_in_use``."""
+    if port and (why := port_in_use(host, port)) is not None:
+        raise ConfigError(f"port {port}: {host}:{port} is in use ({why}); stop what listens there, or pass "
+                          "another port (0: a free one)")
     from ray import serve
 
     port = port or _free_port(host)

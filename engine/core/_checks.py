@@ -1,13 +1,15 @@
-"""Checks of a request's raw values that do not need the catalog: valid Unicode, a body that is JSON. They
-raise ``FieldProblem``, which names the field to fix; ``engine.core.request`` runs them while filling
-defaults."""
+"""Checks of a request's raw values that do not need the catalog: valid Unicode, a body that is JSON, the
+types and ranges of the well-known generation parameters in it. They raise ``FieldProblem``, which names the
+field to fix; ``engine.core.request`` runs them while filling defaults."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
-__all__ = ["FieldProblem", "check_json", "check_text"]
+__all__ = ["GENERATION_PARAMS", "FieldProblem", "check_generation", "check_json", "check_text"]
 
 
 class FieldProblem(ValueError):
@@ -58,3 +60,48 @@ def check_json(body: dict, where: str) -> None:
         elif v is not None and not isinstance(v, (str, int, float, bool)):
             raise FieldProblem(path, f"{path} is a {type(v).__name__}, not JSON; send strings, numbers, true/"
                                "false, null, lists and objects")
+
+
+def _between(lo: float, hi: float) -> Callable[[Any], bool]:
+    return lambda v: type(v) in (int, float) and lo <= v <= hi  # type(), not isinstance: True is not 1
+
+
+def _whole_from(lo: int | None) -> Callable[[Any], bool]:
+    return lambda v: type(v) is int and (lo is None or v >= lo)  # 100.0 too is refused by the APIs
+
+
+def _strings(v: Any) -> bool:
+    return isinstance(v, list) and all(isinstance(s, str) for s in v)
+
+
+# The well-known generation parameters of the providers' bodies: (check, what every provider that reads the
+# key accepts, the fix). Temperature: OpenAI and Gemini take up to 2 (Anthropic refuses above 1, at its end). A
+# wrong value is refused here, per request, where the provider would refuse only the call, after the request was
+# accepted and perhaps batched with others. Only these: the providers' whole schemas stay theirs to check. JSON
+# null ("not set") passes.
+_DEFAULT_FIX = "fix it, or leave it out for the provider's default"
+_RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
+    "temperature": (_between(0, 2), "a number between 0 and 2", _DEFAULT_FIX),
+    "top_p": (_between(0, 1), "a number between 0 and 1", _DEFAULT_FIX),
+    "frequency_penalty": (_between(-2, 2), "a number between -2 and 2", _DEFAULT_FIX),
+    "presence_penalty": (_between(-2, 2), "a number between -2 and 2", _DEFAULT_FIX),
+    "max_tokens": (_whole_from(1), "a whole number >= 1", _DEFAULT_FIX),
+    "max_completion_tokens": (_whole_from(1), "a whole number >= 1", _DEFAULT_FIX),
+    "max_output_tokens": (_whole_from(1), "a whole number >= 1", _DEFAULT_FIX),
+    "n": (lambda v: type(v) is int and v == 1, "1", "one request makes one output here: submit n requests with "
+          "ids of their own"),
+    "seed": (_whole_from(None), "a whole number", _DEFAULT_FIX),
+    "stop": (lambda v: isinstance(v, str) or _strings(v), "a string or a list of strings", _DEFAULT_FIX),
+    "stop_sequences": (_strings, "a list of strings", _DEFAULT_FIX),
+}
+GENERATION_PARAMS: Mapping[str, tuple[Callable[[Any], bool], str, str]] = MappingProxyType(_RULES)
+
+
+def check_generation(body: dict, where: str) -> None:
+    """The well-known generation parameters of ``body`` (``GENERATION_PARAMS``) have their types and ranges.
+    One dict lookup per key of the body: it runs for every request."""
+    for key, value in body.items():
+        rule = _RULES.get(key)
+        if rule is not None and value is not None and not rule[0](value):
+            shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+            raise FieldProblem(f"{where}.{key}", f"{where}.{key} must be {rule[1]}, got {shown}; {rule[2]}")

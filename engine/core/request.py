@@ -16,7 +16,7 @@ from pydantic import (
     model_validator,
 )
 
-from engine.core._checks import FieldProblem, check_json, check_text
+from engine.core._checks import FieldProblem, check_generation, check_json, check_text
 from engine.core.catalog import Catalog, Kind, default_catalog
 from engine.core.errors import CatalogError
 from engine.core.settings import MAX_DEADLINE_S, Settings, default_settings
@@ -223,7 +223,7 @@ class Request(BaseModel):
     prefix_blocks: tuple[Int, ...] = ()
     params: dict[str, ParamValue] = Field(default_factory=dict)
     priority: Priority = "normal"
-    deadline_s: Float = Field(gt=0)
+    deadline_s: Float = Field(json_schema_extra={"exclusiveMinimum": 0})  # > 0, checked below to say the fix
     reuse: Reuse = "exact"
     body: dict[str, Any] | None = Field(default=None, description="the provider's own request body "
                                         "(messages, system, temperature, tools, ...), sent unchanged")
@@ -233,6 +233,12 @@ class Request(BaseModel):
     def _finite(cls, v: float, info: ValidationInfo) -> float:
         if not math.isfinite(v):
             raise ValueError("must be a finite number of seconds")
+        if info.field_name == "deadline_s" and v <= 0:  # None (omitted) took the priority's default before this
+            prio = info.data.get("priority")
+            prio = prio if prio in PRIORITIES else "normal"
+            default = getattr(_ctx(info)[1].deadlines, prio)
+            raise ValueError(f"deadline_s must be greater than 0 seconds after arrival, got {v:g}; omit it for "
+                             f"the default of priority {prio!r} ({default:,.0f} s, settings.deadlines)")
         if info.field_name == "deadline_s" and v > MAX_DEADLINE_S:
             raise ValueError(f"must be at most {MAX_DEADLINE_S:,.0f} s (366 days); a later deadline changes "
                              "nothing, so give a shorter one or priority 'background'")
@@ -262,6 +268,7 @@ class Request(BaseModel):
             if not isinstance(body, dict):
                 raise FieldProblem("body", "body must be a JSON object (the provider's request body)")
             check_json(body, "body")
+            check_generation(body, "body")  # before the cap is read from it: a bad max_tokens is named as such
             if d.get("model") is None and isinstance(body.get("model"), str):
                 d["model"] = body["model"]
             if "model" in body and body["model"] != d.get("model"):
@@ -280,10 +287,6 @@ class Request(BaseModel):
                                    '[{"role": "user", "content": "..."}]')
             if isinstance(body.get("size"), str) and isinstance(d.get("params") or {}, dict):
                 d["params"] = {**(d.get("params") or {}), "size": body["size"]}
-            n = body.get("n", 1)
-            if n != 1 or isinstance(n, bool):
-                raise FieldProblem("body.n", f"n={n!r}: one request makes one output here, so n must be 1; "
-                                   "submit n requests with ids of their own")
         model = d.get("model")
         if not isinstance(model, str):
             return d  # field validation reports the missing/invalid model

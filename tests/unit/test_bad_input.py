@@ -202,6 +202,19 @@ def test_deadlines_past_a_year_are_refused():
     assert ok(deadline_s=MAX_DEADLINE_S).deadline_s == MAX_DEADLINE_S
 
 
+@pytest.mark.parametrize("deadline, priority, default", [(0, "normal", "3,600 s"), (-5, "urgent", "300 s"),
+                                                         (0.0, "background", "86,400 s"), (0, "asap", "3,600 s")])
+def test_a_deadline_of_zero_or_less_names_the_fix(deadline, priority, default):
+    # It was pydantic's bare "Input should be greater than 0". Omitting it does not mean "no deadline": it takes
+    # the priority's default, and the message says which.
+    problems = refused({"id": "a", "arrival_s": 0, "model": "gpt-5", "input_tokens": 5, "deadline_s": deadline,
+                        "priority": priority})
+    msg = dict(problems)["deadline_s"]
+    assert msg.startswith(f"deadline_s must be greater than 0 seconds after arrival, got {deadline:g}; omit it")
+    assert f"priority {priority if priority != 'asap' else 'normal'!r} ({default}" in msg
+    assert ok(deadline_s=0.001).deadline_s == 0.001
+
+
 # --- token counts against the context window ---------------------------------------------------------------
 
 TEXT_MODELS = [(p, m, spec) for p, prov in CAT.providers.items() for m, spec in prov.models.items()
@@ -271,6 +284,36 @@ def test_known_media_params_pass():
     assert r.params["steps"] == 28
     v = ok(model="wan-2.1-t2v", prompt="a storm", params={"resolution": "480p", "duration_s": 4, "fps": 16})
     assert v.params["fps"] == 16
+
+
+# --- the well-known generation parameters of a body --------------------------------------------------------
+
+@pytest.mark.parametrize("where, key, value, says", [
+    ("top", "temperature", "hot", "a number between 0 and 2"), ("body", "temperature", 2.5, "between 0 and 2"),
+    ("top", "temperature", True, "a number"), ("body", "top_p", 1.5, "between 0 and 1"),
+    ("top", "top_p", "0.9", "a number"), ("top", "max_tokens", "many", "a whole number >= 1"),
+    ("body", "max_tokens", 0, "a whole number >= 1"), ("body", "max_completion_tokens", 100.5, "whole number"),
+    ("body", "max_output_tokens", [1], "whole number"), ("top", "seed", 1.5, "a whole number"),
+    ("top", "seed", "7", "a whole number"), ("top", "stop", 5, "a string or a list of strings"),
+    ("body", "stop", ["\n", None], "a list of strings"), ("top", "stop_sequences", "END", "a list of strings"),
+    ("top", "n", 3, "must be 1"), ("body", "n", "1", "must be 1"), ("top", "presence_penalty", -3, "-2 and 2"),
+])
+def test_a_generation_parameter_of_the_wrong_type_or_range_is_refused_naming_it(where, key, value, says):
+    # Accepted, each of these failed only at the provider: after the request was queued, perhaps in a batch.
+    d = {"id": "a", "arrival_s": 0, "model": "gpt-5-mini", "prompt": "hi"}
+    d.update({key: value} if where == "top" else {"body": {key: value}})
+    (field, msg), = refused(d)
+    assert field == f"body.{key}" and msg.startswith(f"body.{key} must be ") and says in msg, msg
+    assert f"got {value!r}" in msg
+
+
+def test_well_formed_generation_parameters_and_nulls_pass_unchanged():
+    body = {"temperature": 0, "top_p": 1, "max_tokens": 64, "seed": -3, "stop": ["\n\n", "END"], "n": 1,
+            "frequency_penalty": -0.5, "presence_penalty": 2.0, "top_k": "anything: not a checked key"}
+    r = ok(model="gpt-5-mini", prompt="hi", input_tokens=None, output_tokens=None, body=dict(body))
+    assert r.body == body and r.max_output_tokens == 64
+    assert ok(model="gpt-5-mini", prompt="hi", temperature=None, stop="\n", max_tokens=None).body == {
+        "temperature": None, "stop": "\n", "max_tokens": None}
 
 
 # --- booleans and numeric strings are not numbers ----------------------------------------------------------
@@ -388,7 +431,8 @@ def test_a_forced_model_must_exist_and_make_text(tmp_path):
 
 TRACE_FIELDS = ["id", "arrival_s", "model", "provider", "kind", "prompt", "input_tokens", "output_tokens",
                 "max_output_tokens", "prefix_blocks", "params", "priority", "deadline_s", "reuse", "tenant", "body",
-                "messages", "n", "custom_id", "url", "method", "size", "max_tokens", "junk"]
+                "messages", "n", "custom_id", "url", "method", "size", "max_tokens", "temperature", "top_p", "stop",
+                "seed", "junk"]
 json_leaf = (st.none() | st.booleans() | st.integers(min_value=-(10**20), max_value=10**20)
              | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12)
              | st.sampled_from(["gpt-5", "claude-haiku-4-5", "flux-1-dev", "wan-2.1-t2v", "gpt-image-1", "openai",

@@ -1,0 +1,150 @@
+"""`smartbatch serve` without Ray: one serve per engine name on a machine (a second one is refused at once, naming
+the first), an endpoint port already in use is refused, and a stop that Ray goes down under does not wait on it.
+The real processes (a serve, a second serve, a SIGTERM to the process group) are in
+tests/integration/test_serve_signals.py."""
+
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from engine.app import cli_serve
+from engine.app.cli import app
+from engine.app.cli_serve import NameClaim, stop_or_lose_ray
+from engine.app.serve_http import port_in_use, start_endpoint
+from engine.core.errors import ConfigError
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def own_claims(tmp_path, monkeypatch):
+    """Claims in this test's own directory; and no serve here may get as far as starting an engine."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    def started(*_a, **_k):
+        raise AssertionError("serve went on to start an engine")
+    monkeypatch.setattr(cli_serve, "_settings", started)
+    return tmp_path
+
+
+def test_a_second_serve_of_a_name_is_refused_naming_the_first_and_the_fix():
+    first = NameClaim("prod")
+    try:
+        first.publish(address="10.0.0.5:6379", endpoint="http://127.0.0.1:8000/v1")
+        r = runner.invoke(app, ["serve", "--name", "prod", "--http-port", "8000"])
+        assert r.exit_code == 2, r.output
+        out = " ".join(r.output.split())
+        assert out.startswith("error: engine 'prod' is already served on this machine"), out
+        for fact in (f"pid {cli_serve.os.getpid()}", "Ray address 10.0.0.5:6379", "endpoint http://127.0.0.1:8000/v1",
+                     "smartbatch stop --name prod --address 10.0.0.5:6379", "another --name"):
+            assert fact in out, (fact, out)
+        # Another name is not this one's business (it fails here only at the engine start this test forbids).
+        assert _went_on(["serve", "--name", "staging"])
+    finally:
+        first.release()
+    assert not first.path.exists()  # nothing left behind in the temp directory
+    assert _went_on(["serve", "--name", "prod"])  # released: the name is free again
+
+
+def _went_on(args: list[str]) -> bool:
+    r = runner.invoke(app, args)
+    return r.exit_code == 1 and "serve went on to start an engine" in r.output
+
+
+def test_a_claim_is_held_by_the_process_and_dropped_when_it_ends(own_claims):
+    """Two processes, as two serves would be; the kernel drops the lock when the holder exits, however it exits."""
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from engine.app.cli_serve import NameClaim; "
+                               "c = NameClaim('prod'); print('held', flush=True); sys.stdin.read()"],
+                              env={**cli_serve.os.environ, "TMPDIR": str(own_claims)}, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError, match=rf"pid {holder.pid}, still starting\); stop it first"):
+            NameClaim("prod")
+    finally:
+        holder.kill()  # no release(): as a crash or SIGKILL would leave it
+        holder.wait(30)
+        holder.stdout.close()
+        holder.stdin.close()
+    NameClaim("prod").release()
+
+
+def test_an_endpoint_port_in_use_is_refused_naming_the_engine_there():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = runner.invoke(app, ["serve", "--name", "other", "--http-port", str(port)])
+        assert r.exit_code == 2, r.output
+        out = " ".join(r.output.split())
+        assert f"--http-port {port}: 127.0.0.1:{port} is in use" in out and "another --http-port (0: a free one)" in out
+        assert "stop what listens there" in out
+        first = NameClaim("prod")
+        try:
+            first.publish(address="10.0.0.5:6379", endpoint=f"http://127.0.0.1:{port}/v1")
+            out = " ".join(runner.invoke(app, ["serve", "--name", "other", "--http-port", str(port)]).output.split())
+            assert f"engine 'prod' serves its endpoint there (pid {cli_serve.os.getpid()})" in out, out
+            assert "smartbatch stop --name prod --address 10.0.0.5:6379" in out
+        finally:
+            first.release()
+
+
+def test_a_port_shared_with_so_reuseport_counts_as_in_use():
+    # Ray Serve's proxy listens with SO_REUSEPORT: a second proxy (a second engine's) on its port did not fail,
+    # it shared the port, and the kernel split the connections between the two engines.
+    with socket.socket() as proxy:
+        proxy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        proxy.bind(("127.0.0.1", 0))
+        proxy.listen()
+        port = proxy.getsockname()[1]
+        assert port_in_use("127.0.0.1", port) is not None
+        assert port_in_use("0.0.0.0", port) is not None
+        with pytest.raises(ConfigError, match=rf"port {port}: 127.0.0.1:{port} is in use .*another port"):
+            start_endpoint("prod", port=port)  # refused before Serve starts: no Ray here
+    assert port_in_use("127.0.0.1", port) is None
+
+
+# --- stopping: the engine's Ray calls against Ray's own processes -------------------------------------------
+
+def test_a_stop_returns_when_a_ray_process_exits_under_calls_that_would_block():
+    """SIGTERM to the whole process group stops Ray's processes too; the stop's Ray calls then blocked for a
+    minute. Here a real process stands for Ray's, and the calls block until the test ends."""
+    never = threading.Event()
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        outcome: list[str] = []
+        t = threading.Thread(target=lambda: outcome.append(stop_or_lose_ray(never.wait, [proc], timeout_s=60)))
+        t.start()
+        proc.kill()
+        proc.wait(30)
+        t.join(30)
+        assert outcome == ["ray-gone"]
+    finally:
+        never.set()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+        proc.stdin.close()
+
+
+def test_a_stop_with_ray_running_waits_for_its_calls_and_raises_their_error():
+    calls: list[str] = []
+    assert stop_or_lose_ray(lambda: calls.append("stopped"), []) == "done" and calls == ["stopped"]
+
+    def fails():
+        raise RuntimeError("the hub said no")
+    with pytest.raises(RuntimeError, match="the hub said no"):
+        stop_or_lose_ray(fails, [])
+    never = threading.Event()
+    try:
+        t0 = time.monotonic()
+        assert stop_or_lose_ray(never.wait, [], timeout_s=0.2) == "timeout"
+        assert time.monotonic() - t0 < 10
+    finally:
+        never.set()
