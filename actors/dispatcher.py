@@ -50,15 +50,11 @@ DONE_KEEP_S = 300.0
 TOLD_KEPT = 4096  # messages about batches kept, for a grouper Ray restarts (one per outbox flush that had any)
 
 
-
-
 class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
     def __init__(self, provider: str, catalog: Catalog, settings: Settings, seed: int, clock, groupers: list,
                  hub, cache, budget, scheduling: Scheduling | None = None, key: Secret | None = None,
                  engine: str = "engine", learners: bool = False):
-        self.name = provider
-        self.catalog = catalog
-        self.settings = settings
+        self.name, self.catalog, self.settings = provider, catalog, settings
         self.clock = clock = resolve_clock(clock)[0]
         self.max_att = settings.sim.max_attempts
         self.sim = SimProvider(catalog.provider(provider), catalog, settings,
@@ -72,6 +68,7 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
         self.members_saved_by_cancel = 0  # finished members of cancelled batches: used, never sent again
         self.paid_twice = 0  # members a too-slow cancel still finished after they were sent again
         self.paid_twice_usd = 0.0
+        self.key_conflicts = 0  # sync calls the provider refused with 409: their key was billed with another body
         self.groupers = [as_peer(g) for g in groupers]
         self.hubs, self.caches = Shards(hub), Shards(cache)  # results by id, cache fills by class
         self.hub, self.budget = self.hubs.first, as_peer(budget)  # hub shard 0: metrics and the journal
@@ -268,15 +265,20 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
         else:
             self._breaker_failure(r.model)
             self._counts.failed(retry_reason(a.retry_after_s, a.error), v == "retry")
+            if a.key_reused:  # billed by the provider, failed here: never silent (docs/reliability.md)
+                self.key_conflicts += 1
+                log.error("dispatcher %s: %s failed: %s", self.name, r.uid, a.error)
         if v != "retry":
             self._final(b, j, a.ok, a.cost if a.ok else 0.0, mode, a)
-            self._body_done(cj.key)
         else:
             nj = j._replace(attempts=j.attempts + 1)
             self._at(self.sim.retry_at(j.seq, j.attempts, a), lambda: (self._enqueue("sync", b, [nj]), self._pump()))
         self._pump()
 
-    def _body_done(self, key: str) -> None:
+    def _body_done(self, j: Job) -> None:
+        """``j`` left this dispatcher (ended, rerouted, back to the policy): its sync body record goes (from the
+        journal once its result is with the hub). Left behind, it would grow and be called again after a restart."""
+        key = call_key(j.req.tenant, j.req.id, j.req.model, 0)
         if self._sync_calls.pop(key, None) is not None:
             self._unjournal.append((self._sync_journal.space, key))
 
@@ -332,6 +334,7 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
     def _member_done(self, j: Job, cost: float) -> None:
         self.in_flight -= 1
         self._known.discard(j.req.uid)
+        self._body_done(j)
         if j.claim is not None:
             self._settle.append((j.claim, cost))
 
@@ -383,14 +386,13 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
         while done and (len(done) > DONE_KEEP or next(iter(done.values()))[2] < t - DONE_KEEP_S):
             done.popitem(last=False)
 
-
     async def stats(self, waits: bool = False) -> dict:
         out = {"provider": self.name, "calls": "http" if self.provider.real else "simulated",
                "in_flight": self.in_flight, "queued": self.sim.waiting,
                "rerouted": self.rerouted, "circuit_opened": self.sim.breaker.opened,
-               "batches_cancelled": self.batches_cancelled, "members_saved_by_cancel": self.members_saved_by_cancel, "paid_twice": self.paid_twice,
-               "paid_twice_usd": round(self.paid_twice_usd, 6),
-               "open_batches": len(self._open), "reattached": self.reattached,
+               "batches_cancelled": self.batches_cancelled, "members_saved_by_cancel": self.members_saved_by_cancel,
+               "paid_twice": self.paid_twice, "paid_twice_usd": round(self.paid_twice_usd, 6),
+               "key_conflicts": self.key_conflicts, "open_batches": len(self._open), "reattached": self.reattached,
                "resumed_calls": self.resumed_calls}
         if waits:
             out["waits"] = list(self.waits)

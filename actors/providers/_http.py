@@ -20,6 +20,17 @@ __all__ = ["BatchHandle", "HttpBase", "PollBackoff"]
 _RETRYABLE_4XX = {408, 409, 429}
 
 
+def _key_reused(code: int, exc: BaseException) -> bool:
+    """A 409 saying the Idempotency-Key was used before with another body (the emulator's code, or any
+    provider's message naming idempotency), as against a 409 that is a passing conflict."""
+    if code != 409:
+        return False
+    body: Any = getattr(exc, "body", None)
+    err = body.get("error", body) if isinstance(body, dict) else {}
+    said = f"{err.get('code') or ''} {err.get('type') or ''} {getattr(exc, 'message', '') or exc}".lower()
+    return "idempoten" in said
+
+
 class PollBackoff:
     """Waits between polls of one batch: ``poll_min_s`` growing by half each time up to ``poll_max_s``."""
 
@@ -78,8 +89,8 @@ class HttpBase:
                            output_tokens=usage.output_tokens, cache_read=usage.cache_read,
                            cache_write=usage.cache_write).total
 
-    def _error(self, exc: BaseException, status_error: type, timeout_error: type) -> CallOutcome:
-        """An SDK exception as a failed, unbilled outcome."""
+    def _error(self, exc: BaseException, status_error: type, timeout_error: type, key: str = "") -> CallOutcome:
+        """An SDK exception as a failed, unbilled outcome (``key``: the call's Idempotency-Key)."""
         now = self.clock.now()
         if isinstance(exc, timeout_error):
             return CallOutcome(False, now, 0.0, error=f"{self.name}: timed out after {self.endpoint.timeout_s:g} s",
@@ -90,6 +101,14 @@ class HttpBase:
             ra = retry_after(getattr(resp, "headers", None)) if code == 429 else None
             retryable = code >= 500 or code in _RETRYABLE_4XX
             msg = self._redact(str(getattr(exc, "message", "") or exc))
+            if _key_reused(code, exc):
+                # An earlier call under this key, with another body, was answered and billed. Sending it again
+                # under this key can only be refused again, and under a new key it would be paid twice; its
+                # answer cannot be read back. So: failed at once, saying so (docs/reliability.md).
+                return CallOutcome(False, now, 0.0, error=f"{self.name} HTTP 409: {msg} (Idempotency-Key {key}: "
+                                   "the provider billed an earlier call under this key, with another body, whose "
+                                   "answer cannot be read back; not sent again, so as not to pay twice)",
+                                   retryable=False, real=True, key_reused=True)
             return CallOutcome(False, now, 0.0, ra, error=f"{self.name} HTTP {code}: {msg}", retryable=retryable,
                                real=True)
         # A connection error and the like: nothing reached the provider's billing.

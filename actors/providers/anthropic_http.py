@@ -15,7 +15,7 @@ from typing import Any
 from actors.providers._http import BatchHandle, HttpBase, PollBackoff
 from actors.providers._wire import message_parts
 from engine.core.cost import shared_prefix_marks
-from engine.core.provider_api import BatchState, CallJob, CallOutcome, Usage
+from engine.core.provider_api import BatchState, CallJob, CallOutcome, Usage, idempotency_key
 
 __all__ = ["AnthropicProvider"]
 
@@ -104,11 +104,13 @@ class AnthropicProvider(HttpBase):
 
     async def call(self, job: CallJob) -> CallOutcome:
         sdk = self._sdk
+        # The dispatcher passes the body it fixed at the first try; the key names that body (idempotency_key).
         body = job.body if job.body is not None else self.sync_body(job)
+        key = idempotency_key(job.key, body)
         try:
-            msg = await self.client.messages.create(**body, extra_headers={"Idempotency-Key": job.key})
+            msg = await self.client.messages.create(**body, extra_headers={"Idempotency-Key": key})
         except sdk.APIError as exc:
-            return self._error(exc, sdk.APIStatusError, sdk.APITimeoutError)
+            return self._error(exc, sdk.APIStatusError, sdk.APITimeoutError, key)
         except TypeError as exc:
             return CallOutcome(False, self.clock.now(), 0.0, error=f"{self.name}: bad request body: {exc}",
                                retryable=False)

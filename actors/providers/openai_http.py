@@ -11,7 +11,7 @@ from typing import Any
 
 from actors.providers._http import BatchHandle, HttpBase, PollBackoff
 from actors.providers._wire import message_parts
-from engine.core.provider_api import BatchState, CallJob, CallOutcome, Usage
+from engine.core.provider_api import BatchState, CallJob, CallOutcome, Usage, idempotency_key
 
 __all__ = ["OpenAIProvider"]
 
@@ -117,8 +117,10 @@ class OpenAIProvider(HttpBase):
     async def call(self, job: CallJob) -> CallOutcome:
         sdk = self._sdk
         route = self.route(job)
+        # The dispatcher passes the body it fixed at the first try; the key names that body (idempotency_key).
         body = job.body if job.body is not None else self.body(job)
-        headers = {"Idempotency-Key": job.key}
+        key = idempotency_key(job.key, body)
+        headers = {"Idempotency-Key": key}
         try:
             if route == "/v1/images/generations":
                 resp = await self.client.images.generate(**body, extra_headers=headers)
@@ -127,7 +129,7 @@ class OpenAIProvider(HttpBase):
             else:
                 resp = await self.client.chat.completions.create(**body, extra_headers=headers)
         except sdk.APIError as exc:
-            return self._error(exc, sdk.APIStatusError, sdk.APITimeoutError)
+            return self._error(exc, sdk.APIStatusError, sdk.APITimeoutError, key)
         except TypeError as exc:  # a body field this SDK does not know
             return CallOutcome(False, self.clock.now(), 0.0, error=f"{self.name}: bad request body: {exc}",
                                retryable=False)

@@ -14,12 +14,13 @@ the dispatcher's retry, backoff and circuit breaker decide what happens next.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 from engine.core.request import Request
 
-__all__ = ["BatchState", "CallJob", "CallOutcome", "Provider", "Secret", "Usage", "call_key"]
+__all__ = ["BatchState", "CallJob", "CallOutcome", "Provider", "Secret", "Usage", "call_key", "idempotency_key"]
 
 
 class Usage(NamedTuple):
@@ -38,7 +39,7 @@ class Usage(NamedTuple):
 class CallJob(NamedTuple):
     """One request's attempt, as a provider sees it."""
 
-    key: str  # idempotency key and batch custom_id: call_key(...)
+    key: str  # call_key(...): a batch member's custom_id; a sync call's Idempotency-Key is idempotency_key(key, body)
     req: Request
     start: float  # engine time the rate gate let it through
     attempt: int
@@ -61,6 +62,9 @@ class CallOutcome(NamedTuple):
     error: str | None = None
     retryable: bool = True  # False: the request itself is wrong (a 400); trying again cannot help
     real: bool = False
+    # The provider answered 409: an earlier call under this Idempotency-Key, with another body, succeeded and
+    # was billed; its answer cannot be read back (docs/reliability.md).
+    key_reused: bool = False
 
 
 class BatchState(NamedTuple):
@@ -72,12 +76,27 @@ def call_key(tenant: str, request_id: str, model: str, attempt: int = 0) -> str:
     """The idempotency key of a request's call to ``model``: stable across retries and restarts, unique per
     tenant and id, and a valid custom_id for every batch API (Anthropic allows ``[A-Za-z0-9_-]{1,64}``).
 
-    Sync calls use ``attempt=0`` on every try: a provider that honours ``Idempotency-Key`` (keeping successes
-    only) then answers a retry after a timeout with the answer it already billed, and a retry after a definite
-    error afresh, so a call is never paid twice. The model is part of the key because a fallback model is a new
+    Sync calls use ``attempt=0`` on every try, sent as ``idempotency_key(key, body)``: a provider that honours
+    ``Idempotency-Key`` (keeping successes only) then answers a retry after a timeout with the answer it already
+    billed, and a retry after a definite error afresh, so a call is never paid twice. The model is part of the key because a fallback model is a new
     call."""
     h = hashlib.blake2b(f"{tenant}\x1f{request_id}\x1f{model}".encode(), digest_size=12).hexdigest()
     return f"sb-{h}-{attempt}"
+
+
+def idempotency_key(key: str, body: Mapping[str, Any]) -> str:
+    """The ``Idempotency-Key`` header of a sync call: its ``call_key`` and a digest of the exact body sent.
+
+    A key names one body, so the same key can never carry two bodies (a provider answers that with 409,
+    ``idempotency_key_reused``, and keeps the first call billed). A body is not a function of the request alone:
+    Anthropic's cache breakpoints follow which prefixes are warm at the provider *now*, and a policy may ask
+    for a cache write on one dispatch and not on the next. The dispatcher fixes the body at a call's first try
+    (and journals it), so every retry of that call, after a restart too, sends the same key and body; a body
+    built afresh (a new run of the same trace, an id used again after its retention, a record a crash lost)
+    is a new call under a new key, never a 409. The call key's own ``-`` suffix stays last but one, so
+    ``key.rsplit("-", 1)[0]`` still names the request."""
+    raw = json.dumps(body, ensure_ascii=False, separators=(",", ":"), default=str).encode("utf-8", "surrogatepass")
+    return f"{key}_{hashlib.blake2b(raw, digest_size=8).hexdigest()}"
 
 
 class Secret:

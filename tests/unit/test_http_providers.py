@@ -35,7 +35,7 @@ from engine.core.catalog import Catalog, default_catalog
 from engine.core.clock import ManualClock, ScaledClock
 from engine.core.cost import price_usage
 from engine.core.draws import Draws
-from engine.core.provider_api import CallJob, CallOutcome, Provider, Secret, call_key
+from engine.core.provider_api import CallJob, CallOutcome, Provider, Secret, call_key, idempotency_key
 from engine.core.request import Request
 from engine.core.result import Result
 from engine.core.settings import Resilience, Settings, SimSettings
@@ -570,8 +570,9 @@ def test_a_timed_out_call_is_retried_with_the_same_idempotency_key_and_billed_on
             assert r.status == "ok", r
             (_, _, o1), (_, _, o2) = rig.calls
             assert not o1.ok and "timed out" in o1.error and o2.ok
-            key = call_key(j.req.tenant, j.req.id, j.req.model, 0)
-            assert sent == [{"Idempotency-Key": key}] * 2
+            (j1, _, _), _ = rig.calls
+            key = idempotency_key(call_key(j.req.tenant, j.req.id, j.req.model, 0), j1.body)
+            assert sent == [{"Idempotency-Key": key}] * 2  # one body fixed at the first try: one key
             assert len(emu.bill().items) == 1 and r.cost_usd == pytest.approx(emu.bill().total_usd, abs=1e-12)
         finally:
             await rig.close()

@@ -1,0 +1,135 @@
+"""Idempotency-Key and body: a key names one body, so no call of the engine is ever refused with 409
+(``idempotency_key_reused``) and paid without a result; a 409 that comes anyway fails at once, saying why; a
+sync call's body record leaves with its request, so a restarted dispatcher never makes a call that already
+moved on. Driven through a ``Dispatcher`` as a plain asyncio class (no Ray) at the loopback emulator; every
+wait is a bounded poll (``Rig.until``), none a sleep."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from actors import Dispatcher
+from actors._types import BatchJob, Job
+from engine.core.request import Request
+from engine.core.settings import Resilience
+from tests.unit.test_http_providers import KEY, Rig, emu  # noqa: F401  (emu: the fixture)
+
+pytestmark = pytest.mark.filterwarnings("ignore:The model .* is deprecated:DeprecationWarning")
+
+
+def prefixed(rid: str = "idem-0") -> Request:
+    """An Anthropic request with two shared prefix blocks: its body's cache breakpoints depend on the
+    dispatch (a cache write asked or not) and on which prefixes the provider holds warm."""
+    return Request.model_validate({"id": rid, "arrival_s": 0.0, "provider": "anthropic", "model": "claude-sonnet-4-5",
+                                   "input_tokens": 1500, "output_tokens": 20, "prefix_blocks": [11, 12],
+                                   "prompt": "p"})
+
+
+async def sync_result(rig: Rig, job: Job, cache_write: bool = False):
+    await rig.d.run_many([BatchJob("b", "sync", None, cache_write, "test", "test", [job])])
+    return await rig.until(lambda: rig.results.get(job.req.id), "the result")
+
+
+def test_a_request_sent_again_with_another_body_is_a_new_call_not_a_409(emu):  # noqa: F811
+    """The replay that failed 4 Anthropic requests with HTTP 409 (a second run of the synthetic trace
+    against the same emulator): the key was ``call_key(tenant, id, model)`` alone, and the same request's body
+    differs from one dispatch to another (cache breakpoints). The provider kept the first call billed under
+    the key and refused the second: paid, and failed. The same happens to an id used again after its
+    retention, or to a body record a crash lost."""
+    async def go():
+        first, second = Rig(emu, "anthropic"), Rig(emu, "anthropic")  # two engines (or runs)
+        try:
+            a = await sync_result(first, Job(0, prefixed(), "fp"), cache_write=True)  # breakpoint: a write
+            b = await sync_result(second, Job(0, prefixed(), "fp"))  # nothing warm, no write: no breakpoint
+            (ja, _, _), (jb, _, _) = first.calls[0], second.calls[0]
+            assert ja.key == jb.key and ja.body != jb.body  # one request, two bodies
+            assert a.status == "ok" and b.status == "ok", (a.error, b.error)
+            assert emu.count("messages", status=409) == 0
+            keys = [i.idempotency_key for i in emu.bill().items]
+            assert len(keys) == 2 and len(set(keys)) == 2  # two calls, two keys: each body billed once
+            assert a.cost_usd + b.cost_usd == pytest.approx(emu.bill().total_usd, abs=1e-12)
+        finally:
+            await first.close()
+            await second.close()
+    asyncio.run(go())
+
+
+def test_a_409_for_a_reused_key_fails_at_once_and_says_the_provider_billed_it(emu):  # noqa: F811
+    """Another client used the engine's key with another body first (the provider billed that call). The
+    engine's call is refused with 409: sent again under that key it can only be refused again, and under a
+    new key it would be paid twice, so it fails at once with an error that says so, and is counted."""
+    async def go():
+        rig = Rig(emu, "anthropic")
+        messages = rig.d.provider.client.messages
+        create, sent = messages.create, []
+
+        async def first_someone_else(**kw: Any) -> Any:
+            if not sent:  # the same Idempotency-Key, another body: answered and billed
+                await create(**{**kw, "max_tokens": kw["max_tokens"] - 1})
+            sent.append(kw["extra_headers"]["Idempotency-Key"])
+            return await create(**kw)
+
+        messages.create = first_someone_else
+        try:
+            r = await sync_result(rig, Job(0, prefixed(), "fp"))
+            assert r.status == "failed" and r.cost_usd == 0.0 and r.real, r
+            assert "409" in r.error and "billed an earlier call" in r.error and sent[0] in r.error, r.error
+            assert len(sent) == 1 and emu.count("messages", status=409) == 1  # not retried
+            assert (await rig.d.stats())["key_conflicts"] == 1
+            assert len(emu.bill().items) == 1  # the other client's call: the engine paid nothing
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+def test_a_rerouted_requests_sync_body_is_forgotten_so_a_restart_never_calls_it_again(emu):  # noqa: F811
+    """The circuit opens on a call's retry and the request goes to its fallback model. Its body record (kept
+    for that retry) must go with it: left in the dispatcher and its journal, a restarted dispatcher made the
+    call again, paying for a request its fallback also served."""
+    emu.faults.script("openai", "chat.completions", [{"status": 500}] * 2)
+    res = Resilience(allowed_fails=2, window_s=3600.0, cooldown_time=3600.0,
+                     fallbacks={"openai/gpt-5-mini": "openai/gpt-5"})
+
+    async def go():
+        rig = Rig(emu, "openai", resilience=res)
+        try:
+            j = Job(0, Request.model_validate({"id": "re-0", "arrival_s": 0.0, "model": "gpt-5-mini",
+                                               "input_tokens": 300, "output_tokens": 20, "prompt": "task"}), "fp")
+            await rig.run("sync", [j])
+            await rig.resolved([j])
+            (back,) = rig.grouper.readmitted()
+            assert back.req.model == "gpt-5" and emu.count("chat.completions") == 2
+            assert rig.d._sync_calls == {}  # bounded: nothing stays for a request that left
+            space = rig.d._sync_journal.space
+            deadline = time.monotonic() + 3.0
+            while await rig.hub.journal_items(space):  # cleared with the next outbox flush
+                assert time.monotonic() < deadline, "the rerouted call's body stayed in the journal"
+                await rig.d.flush()
+                await asyncio.sleep(0)
+            # The dispatcher restarts (same hub, so the same journal): nothing of that call is made again.
+            again = Dispatcher("openai", rig.catalog, rig.settings, 0, rig.clock, [rig.grouper], rig.hub, None,
+                               rig.budget, key=rig.d._key)
+            try:
+                await again.recover()
+                assert again.resumed_calls == 0 and again.in_flight == 0
+                assert emu.count("chat.completions") == 2 and emu.bill().items == ()
+            finally:
+                await again.provider.close()
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+def test_the_key_names_the_body_and_keeps_the_request_first():
+    from engine.core.provider_api import call_key, idempotency_key
+
+    k = call_key("t", "r", "m")
+    a, b = idempotency_key(k, {"x": 1, "y": [1, 2]}), idempotency_key(k, {"x": 1, "y": [1, 2]})
+    assert a == b != idempotency_key(k, {"x": 1, "y": [2, 1]})
+    assert a.rsplit("-", 1)[0] == k.rsplit("-", 1)[0]  # bills are matched to requests by this prefix
+    assert idempotency_key(k, {"t": "\ud800"})  # a lone surrogate does not break the digest
+    assert KEY not in a
