@@ -42,7 +42,8 @@ class Parking:
     def _retry_parked(self) -> None:
         self._park_timer = None
         late, again = self.waits.take(self.clock.now())
-        self.table.budget.holding = self.waits.holding(self.budget_specs)
+        if not again:  # else the reservation of those tried again says (``_reserve``): until then they count as held
+            self.table.budget.holding = self.waits.holding(self.budget_specs)
         # Until the tasks below take them, these are neither held nor pending: a copy re-admitted meanwhile
         # must still be recognised (``add``), or both would go on.
         self._reserving.update(h.key for h in late)
@@ -72,6 +73,7 @@ class Parking:
         j = h.payload[0]
         if h.budget == LEDGER:
             return self._failed(j, "budget_unavailable", status="rejected",
-                                reason=f"{self._ledger_down}; still so at the request's deadline")
+                                reason=f"{self._ledger_down}; still so when the request could no longer finish by "
+                                       "its deadline")
         return self._failed(j, "budget_exhausted", status="rejected",
                             reason=f"budget {h.budget} held it back until it could no longer finish by its deadline")

@@ -321,6 +321,7 @@ class Grouper(Parking, Warm):
                     kept.append(b._replace(jobs=go))
             batches = kept
             if not batches:
+                self.table.budget.holding = self.waits.holding(self.budget_specs)
                 self._arm_parked()
                 return []
         claims: list[Claim] = []

@@ -152,13 +152,14 @@ class Smart(Policy):
         drain = -(-max(n, 1) // c.max_conc)
         return (c.base + c.per_tok * output_tokens) * c.p99_factor * drain + self.params.hedge_margin_s + c.cancel_s
 
-    def group_key(self, req: Request, compat: tuple, now: float, provider=None) -> Hashable:
-        """``provider``: the runtime's view of ``req``'s provider (its learned turnaround); None: the catalog's."""
+    def group_key(self, req: Request, compat: tuple, now: float, provider=None, budget=None) -> Hashable:
+        """``provider``: the runtime's view of ``req``'s provider (its learned turnaround); None: the catalog's.
+        ``budget``: the runtime's ``BudgetPressure`` (see ``_held_back``)."""
         provider = provider or self.catalog.providers[req.provider]
         spec = provider.models[req.model]
         if spec.gpu_priced:
             return ("gpu", compat)
-        if spec.kind == "text" and provider.supports_batch_api(req.kind):
+        if spec.kind == "text" and provider.supports_batch_api(req.kind) and not self._held_back(req, budget):
             c = self._text_consts(provider, spec, req.model)
             usable = req.deadline_at - now - self._hedge_lead(c, req.output_tokens, 1)
             if provider.batch_api.turnaround_cdf(usable) >= self.params.min_on_time_p:
@@ -183,6 +184,16 @@ class Smart(Policy):
             return False
         min_tokens = min_cacheable_tokens(provider, spec)
         return min(len(req.prefix_blocks) * self.params.block_tokens, req.input_tokens) >= min_tokens
+
+    reads_budget_pressure = True  # the runtime passes ``group_key`` its BudgetPressure
+
+    @staticmethod
+    def _held_back(req: Request, budget) -> bool:
+        """Whether a budget covering ``req`` holds work back while reservations are the model's maximum output:
+        a batch member keeps that reserved for the whole turnaround, a sync call for seconds, and the money a
+        batch locks keeps the held work waiting past its deadline (docs/budgets.md, "Smart under a budget that
+        binds"). Such a request goes sync, at arrival or, if it waits in a batch lane, at the next decision."""
+        return budget is not None and budget.model_max and bool(budget.holding) and budget.holds(req)
 
     def tracks_arrivals(self, key: Hashable) -> bool:
         return isinstance(key, tuple) and key[0] in ("batch", "gpu")  # the lanes that weigh company to come
@@ -242,13 +253,11 @@ class Smart(Policy):
         ba = group.provider.batch_api
         assert ba is not None
         n = len(group)
-        bp = group.budget
-        if bp is not None and bp.model_max and bp.holding and bp.holds(group.members[0]):
-            # A batch member's reservation (the model's maximum output) stays open for the turnaround, a sync
-            # call's for seconds: while a budget holds work back, the money a batch locks keeps that work
-            # waiting past its deadline (docs/budgets.md, "Smart under a budget that binds").
-            return Decision("dispatch", mode="sync", take=min(n, ba.max_requests),
-                            recommendation="process_individually",
+        held = 0  # the leading members a budget holds back (the lane mixes tenants; budgets may cover some)
+        while held < min(n, ba.max_requests) and self._held_back(group.members[held], group.budget):
+            held += 1
+        if held:
+            return Decision("dispatch", mode="sync", take=held, recommendation="process_individually",
                             reason="sync now: a budget holds work back and a batch would keep its members' "
                                    "model-max reservations open for the whole turnaround")
         c = self._text_consts(group.provider, group.spec, group.members[0].model)

@@ -53,7 +53,10 @@ class Supervised:
         named = self._h["named"]
         self._incarnation: dict[str, str] = dict(zip(named, ray.get([a.ping.remote() for a in named.values()])))
         self._misses: dict[str, int] = {}
-        self._silent: dict[str, float] = {}  # actor -> since when (monotonic) it has answered no health check
+        # Actor -> its oldest health check still unanswered (ref, when asked): an answer that comes after the
+        # check's own wait still shows the actor alive, so silence counts from the oldest ping nobody answered.
+        self._silent: dict[str, tuple[Any, float]] = {}
+        self._starter = not attached  # this driver started the engine (detached or not): it alone kills a hung actor
         self.hung: dict[str, int] = {}  # actor kind -> times it was killed for answering nothing
         self._next_sweep = time.monotonic() + SWEEP_EVERY_S
         self.swept = 0  # overdue requests re-admitted by the sweep
@@ -117,18 +120,23 @@ class Supervised:
     def _watch_silence(self, refs: dict, ready: list, asked: float) -> None:
         """Kill an actor that has answered no health check for ``settings.actor_hang_s`` (only the driver that
         started the engine does, so two drivers never both kill it): Ray restarts it, and the next check sees
-        the new incarnation and recovers it."""
+        the new incarnation and recovers it. A late answer to an earlier check counts: a busy actor that answers
+        every ping after the check stopped waiting is alive."""
         answered = {refs[r] for r in ready}
-        for kind in refs.values():
+        old = {ref: kind for kind, (ref, _) in self._silent.items() if kind not in answered}
+        if old:
+            late, _ = self._ray.wait(list(old), num_returns=len(old), timeout=0)
+            answered.update(old[r] for r in late)
+        for ref, kind in refs.items():
             if kind in answered:
                 self._silent.pop(kind, None)
-            else:
-                self._silent.setdefault(kind, asked)
+            elif kind not in self._silent:
+                self._silent[kind] = (ref, asked)
         hang_s = self.settings.actor_hang_s
-        if not hang_s or not self._owner:
+        if not hang_s or not self._starter or not self._running:
             return
         now = time.monotonic()
-        for kind, since in list(self._silent.items()):
+        for kind, (_, since) in list(self._silent.items()):
             if now - since < hang_s:
                 continue
             del self._silent[kind]

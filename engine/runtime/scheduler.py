@@ -48,6 +48,9 @@ class GroupTable:
         self.budget = BudgetPressure()  # the runtime keeps it current (``BudgetWaits.holding``)
         # Every key, unless the policy says which (policies.base.Policy.tracks_arrivals).
         self._tracks = getattr(policy, "tracks_arrivals", lambda key: True)
+        # A policy that declares it gets the budget pressure in ``group_key`` too (``budget=``), so it can route
+        # a request at arrival; every policy sees it on the group.
+        self._reads_budget = bool(getattr(policy, "reads_budget_pressure", False))
         learning = getattr(policy, "turnaround_learning", None)  # declared by policies that read it
         self.turnarounds = (TurnaroundEstimator(catalog, learning, day_origin_s)
                             if learning is not None and learning.enabled else None)
@@ -81,10 +84,10 @@ class GroupTable:
         return est.provider(prov, req.model, at)
 
     def add(self, req: Request, compat: tuple, now: float) -> tuple[list[Dispatch], Wake | None]:
-        if self.turnarounds is None:
-            key = self.policy.group_key(req, compat, now)
-        else:
-            key = self.policy.group_key(req, compat, now, provider=self._view(req, now))
+        kw = {"budget": self.budget} if self._reads_budget else {}
+        if self.turnarounds is not None:
+            kw["provider"] = self._view(req, now)
+        key = self.policy.group_key(req, compat, now, **kw)
         g = self.groups.get(key)
         if g is None:
             prov = self.catalog.providers[req.provider]

@@ -40,8 +40,8 @@ MIN_SHARE, MAX_SHARE, FIRST_SHARE = 1, 4096, 32
 
 
 def sync_lead(catalog: Catalog) -> Callable[[Request], float]:
-    """``BudgetWaits.lead_s`` from ``catalog``: the median seconds of a sync call for the request, the least time
-    it can take once sent."""
+    """``BudgetWaits.lead_s`` from ``catalog``: the median seconds of a sync call for the request. Sent later
+    than its deadline less this, it comes back late more likely than not."""
     def lead(req: Request) -> float:
         prov = catalog.providers[req.provider]
         return sync_latency_median(prov, prov.models[req.model], req)

@@ -83,7 +83,7 @@ class SimBudget:
             sends.setdefault(id(d), (d, []))[1].append(i)
         for d, idxs in sends.values():
             self.send(d, idxs, None)
-        if self.book is not None:
+        if not ready and self.book is not None:  # else their reservation said (``reserve``), as the grouper's
             self.table.budget.holding = self.waits.holding(self.book.specs)
         self.tick()
 

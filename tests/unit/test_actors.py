@@ -230,6 +230,12 @@ def test_the_grouper_tells_its_policy_which_budgets_hold_work_back():
         await g.add([Job(0, req(0), "fp")])
         assert disp.calls == [] and len(g.waits) == 1  # it waits for the open claim to settle
         assert g.table.budget.holding == (spec,) and g.table.budget.holds(req(1))
+        clock.advance(g._park_step)
+        g._retry_parked()  # tried again while the open claim still holds the room: held again
+        assert g.table.budget.holding == (spec,)  # also while the retry's reservation is under way
+        while g._tasks:
+            await asyncio.gather(*list(g._tasks))
+        assert disp.calls == [] and len(g.waits) == 1 and g.table.budget.holding == (spec,)
         await budget.settle_many([("open", 0.0)])
         clock.advance(g._park_step)
         g._retry_parked()  # the timer's call, made at once

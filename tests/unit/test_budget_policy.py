@@ -45,6 +45,32 @@ def test_smart_sends_a_batch_lane_at_once_while_a_budget_holds_work_back(model_m
         assert "budget holds work back" in d.reason
 
 
+def test_a_lane_that_mixes_tenants_sends_sync_only_the_members_the_holding_budget_covers():
+    """A batch lane mixes tenants (the compatibility class has none), while a budget may cover one tenant: smart
+    sends sync the leading members it covers and routes a covered arrival sync at once, and leaves the others
+    to their batch."""
+    from engine.core.features import compat_key
+
+    pressure = BudgetPressure(model_max=True)
+    pressure.holding = (BudgetSpec(tenant="acme", max_budget=5.0),)
+    pol = load_policy("smart", CAT)
+    g = batch_group(pressure, tenant="other")
+    for i in range(3):
+        g.members.insert(0, Request.model_validate({"id": f"a{i}", "arrival_s": 0.0, "model": "gpt-5-mini",
+                                                    "tenant": "acme", "input_tokens": 3000, "output_tokens": 400,
+                                                    "deadline_s": 86400.0}))
+    d = pol.decide(g, 0.0)
+    assert (d.action, d.mode, d.take) == ("dispatch", "sync", 3)
+    g.take(3)
+    assert pol.decide(g, 0.0).action == "wait"  # the other tenant's members gather for their batch
+    acme, other = (Request.model_validate({"id": f"n-{t}", "arrival_s": 0.0, "model": "gpt-5-mini", "tenant": t,
+                                           "input_tokens": 3000, "output_tokens": 400, "deadline_s": 86400.0})
+                   for t in ("acme", "other"))
+    assert pol.group_key(acme, compat_key(acme), 0.0, budget=pressure)[0] == "sync"
+    assert pol.group_key(other, compat_key(other), 0.0, budget=pressure)[0] == "batch"
+    assert pol.group_key(acme, compat_key(acme), 0.0)[0] == "batch"  # no pressure given: the usual lane
+
+
 def test_under_a_tight_model_max_budget_smart_meets_at_least_naives_deadlines(real_data):
     """The README's budget example in small: 3,000 Azure conversation requests under naive's cost / 3 with
     model-max reservations. Smart met 24 % of deadlines against naive's 48 % before: its open batches held the

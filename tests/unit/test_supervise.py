@@ -1,0 +1,77 @@
+"""The driver's watch for hung actors (engine/app/_supervise.py ``_watch_silence``), without Ray: a fake Ray and a
+fake monotonic clock. A hung actor is killed after ``actor_hang_s``; a busy one that answers every health check
+late is not; only the driver that started the engine kills; nothing is killed once it stops."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from engine.app import _supervise
+from engine.app._supervise import HEALTH_TIMEOUT_S, Supervised
+
+
+class FakeRay:
+    """Refs are ``Ping`` objects whose answer arrives at ``answer_at`` on the fake clock (never: inf)."""
+
+    def __init__(self, clock):
+        self.clock, self.killed = clock, []
+
+    def wait(self, refs, num_returns, timeout):
+        return [r for r in refs if r.answer_at <= self.clock[0]], []
+
+    def kill(self, actor, no_restart=False):
+        assert no_restart is False  # Ray must restart it
+        self.killed.append(actor)
+
+
+class Ping:
+    def __init__(self, answer_at: float):
+        self.answer_at = answer_at
+
+
+@pytest.fixture
+def watched(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(_supervise, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    s = Supervised.__new__(Supervised)
+    s._silent, s.hung, s._starter, s._running = {}, {}, True, True
+    s._ray, s._h = FakeRay(clock), {"named": {"ingest": "ingest-handle"}}
+    s.settings = types.SimpleNamespace(actor_hang_s=30.0)
+    return s, clock
+
+
+def checks(s, clock, delay: float, n: int = 40) -> None:
+    """``n`` health checks a second apart (after each one's 2 s wait); the actor answers each ``delay`` s late."""
+    for _ in range(n):
+        asked = clock[0]
+        ping = Ping(asked + delay)
+        clock[0] += HEALTH_TIMEOUT_S
+        s._watch_silence({ping: "ingest"}, s._ray.wait([ping], 1, HEALTH_TIMEOUT_S)[0], asked)
+        clock[0] += 1.0
+
+
+def test_an_actor_that_answers_nothing_is_killed_once_after_the_hang_time(watched):
+    s, clock = watched
+    checks(s, clock, float("inf"), n=10)  # 29 s of silence by the last one's end
+    assert s._ray.killed == []
+    checks(s, clock, float("inf"), n=1)
+    assert s._ray.killed == ["ingest-handle"] and s.hung == {"ingest": 1}
+    checks(s, clock, float("inf"), n=5)  # silence counts afresh from the first ping after the kill
+    assert s.hung == {"ingest": 1}
+
+
+def test_a_busy_actor_that_answers_every_check_late_is_not_killed(watched):
+    """Each answer comes 3 s after its ping, after the check stopped waiting (2 s): alive, however long."""
+    s, clock = watched
+    checks(s, clock, 3.0, n=60)
+    assert s._ray.killed == [] and s.hung == {}
+
+
+@pytest.mark.parametrize("starter,running", [(False, True), (True, False)])
+def test_only_the_starting_driver_kills_and_not_while_it_stops(watched, starter, running):
+    s, clock = watched
+    s._starter, s._running = starter, running
+    checks(s, clock, float("inf"), n=40)
+    assert s._ray.killed == []
