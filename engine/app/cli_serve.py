@@ -303,16 +303,20 @@ def _serve_until_stopped(eng: Any, claim: NameClaim, *, policy: str, speedup: fl
             ray.shutdown()
 
 
-def _watch_layout(name: str, done: threading.Event) -> None:
+def _watch_layout(name: str, done: threading.Event, every_s: float = 1.0) -> None:
     from actors._peer import read_layout
 
-    while not done.wait(1.0):
+    misses = 0
+    while not done.wait(every_s):
         try:
             gone = read_layout(name) is None
-        except Exception as exc:  # Ray itself does not answer: there is nothing left to serve
-            err_console.print(f"engine {name!r}: its Ray cluster does not answer ({exc}); exiting")
-            gone = True
+        except Exception as exc:  # Ray does not answer: three times running, there is nothing left to serve
+            misses += 1
+            gone = misses >= 3
+            if gone:
+                err_console.print(f"engine {name!r}: its Ray cluster does not answer ({exc}); exiting")
         else:
+            misses = 0
             if gone:
                 err_console.print(f"engine {name!r} was stopped; exiting")
         if gone:

@@ -148,3 +148,27 @@ def test_a_stop_with_ray_running_waits_for_its_calls_and_raises_their_error():
         assert time.monotonic() - t0 < 10
     finally:
         never.set()
+
+
+def test_the_serve_watch_outlasts_a_read_that_fails_twice_and_ends_when_the_engine_is_gone(monkeypatch):
+    """One failed read of the engine's layout (a busy GCS) used to end serve, and with it the engine for every
+    driver attached; three in a row now do, and a layout that is gone ends it at once."""
+    import threading
+
+    import actors._peer
+    from engine.app.cli_serve import _watch_layout
+
+    answers = iter([RuntimeError("busy"), RuntimeError("busy"), {"kinds": []}, RuntimeError("busy"), None])
+    seen = []
+
+    def read_layout(name):
+        a = next(answers)
+        seen.append(a)
+        if isinstance(a, Exception):
+            raise a
+        return a
+
+    monkeypatch.setattr(actors._peer, "read_layout", read_layout)
+    done = threading.Event()
+    _watch_layout("prod", done, every_s=0.001)
+    assert done.is_set() and len(seen) == 5 and seen[-1] is None
