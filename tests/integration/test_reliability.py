@@ -10,30 +10,38 @@ def text(i, tenant="default", **kw):
     return {"id": f"q{i}", "tenant": tenant, "model": "gpt-4o-mini", "prompt": f"question {i}", "deadline_s": 20, **kw}
 
 
-def test_two_tenants_with_the_same_ids_and_prompts_never_see_each_others_results(ray_session):
+@pytest.fixture(scope="module")
+def engine(ray_session):
+    """One engine for the tests that only submit (an engine start costs seconds); their tenants keep apart."""
     with Engine.start(speedup=100) as eng:
-        a = [eng.submit(text(i, "tenant-a")) for i in range(5)]
-        b = [eng.submit(text(i, "tenant-b")) for i in range(5)]
-        assert all(fa is not fb for fa, fb in zip(a, b))
-        ra, rb = [f.result(timeout=60) for f in a], [f.result(timeout=60) for f in b]
-        rep = eng.report()
+        yield eng
+
+
+def test_two_tenants_with_the_same_ids_and_prompts_never_see_each_others_results(engine):
+    eng = engine
+    before = eng.report()["requests"]
+    a = [eng.submit(text(i, "tenant-a")) for i in range(5)]
+    b = [eng.submit(text(i, "tenant-b")) for i in range(5)]
+    assert all(fa is not fb for fa, fb in zip(a, b))
+    ra, rb = [f.result(timeout=60) for f in a], [f.result(timeout=60) for f in b]
+    rep = eng.report()
     assert [r.tenant for r in ra] == ["tenant-a"] * 5 and [r.tenant for r in rb] == ["tenant-b"] * 5
     assert [r.id for r in ra] == [r.id for r in rb] == [f"q{i}" for i in range(5)]
     # Both tenants' requests ran: the cache keeps tenants apart (share_across_tenants is off by default).
-    assert all(r.status == "ok" for r in ra + rb) and rep["requests"] == 10
+    assert all(r.status == "ok" for r in ra + rb) and rep["requests"] - before == 10
 
 
-def test_a_repeated_id_returns_the_same_future_and_other_content_is_refused(ray_session):
-    with Engine.start(speedup=100) as eng:
-        f = eng.submit(text(1))
-        assert eng.submit(text(1)) is f and eng.submit_many([text(1)])[0] is f
-        with pytest.raises(RequestError, match="already submitted id 'q1' with other content"):
-            eng.submit(text(1, prompt="something else"))
-        with pytest.raises(RequestError, match="field 'prompt'.*not valid Unicode"):
-            eng.submit_many([text(2), text(3, prompt="bad \ud800")])
-        # Nothing of the refused batch was queued: its ids are still free.
-        g = eng.submit_many([text(2), text(3)])
-        assert f.result(timeout=60).status == "ok" and all(x.result(timeout=60).status == "ok" for x in g)
+def test_a_repeated_id_returns_the_same_future_and_other_content_is_refused(engine):
+    eng = engine
+    f = eng.submit(text(1))
+    assert eng.submit(text(1)) is f and eng.submit_many([text(1)])[0] is f
+    with pytest.raises(RequestError, match="already submitted id 'q1' with other content"):
+        eng.submit(text(1, prompt="something else"))
+    with pytest.raises(RequestError, match="field 'prompt'.*not valid Unicode"):
+        eng.submit_many([text(2), text(3, prompt="bad \ud800")])
+    # Nothing of the refused batch was queued: its ids are still free.
+    g = eng.submit_many([text(2), text(3)])
+    assert f.result(timeout=60).status == "ok" and all(x.result(timeout=60).status == "ok" for x in g)
 
 
 def test_submit_on_a_stopped_engine_raises_and_a_second_engine_runs_on(ray_session):
