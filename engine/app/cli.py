@@ -114,7 +114,9 @@ def _budgets(settings: Settings, budget: float | None, tenant_budget: list[str] 
         horizon = max((r.arrival_s for r in requests), default=0.0)
         return with_budget(settings, budget, tenants, duration, horizon_s=horizon)
     except ValueError as exc:
-        raise ConfigError(f"--budget-duration {duration!r}: {exc}") from None
+        errors = getattr(exc, "errors", None)
+        why = "; ".join(str(e.get("msg", "")).removeprefix("Value error, ") for e in errors()) if errors else exc
+        raise ConfigError(f"--budget-duration {duration!r}: {why}") from None
 
 
 def _bench(requests, name: str, policies: str, variants: Path | None, out: Path, seed: int, cat,

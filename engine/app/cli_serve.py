@@ -323,6 +323,21 @@ def _watch_layout(name: str, done: threading.Event, every_s: float = 1.0) -> Non
             done.set()
 
 
+def _check_gcs_answers(address: str, timeout_s: float = 3.0) -> None:
+    """Refuse at once an ``--address`` where nothing listens: Ray would retry it for minutes, deaf to SIGTERM
+    (the ``stop:`` line of a serve that has exited since, or a typo)."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if address == "auto" or not sep or not port.isdigit():
+        return  # Ray resolves these itself, and says so when nothing runs
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConfigError(f"--address {address}: no Ray cluster answers there ({exc}); give the address that "
+                          "smartbatch serve printed while it runs, or leave --address out for the local one") from None
+
+
 @app.command()
 def stop(name: str = typer.Option(..., "--name", help="the engine to stop, as `smartbatch serve --name` named it"),
          address: str = typer.Option("auto", help="the Ray cluster it runs on (what `smartbatch serve` printed)")
@@ -331,6 +346,7 @@ def stop(name: str = typer.Option(..., "--name", help="the engine to stop, as `s
     from engine.app.driver import Engine
 
     try:
+        _check_gcs_answers(address)
         n = Engine.stop_named(name, address=address)
     except SmartbatchError as exc:
         _fail(exc)

@@ -217,3 +217,23 @@ def test_help_and_usage_errors_are_not_reported_as_bugs():
 def test_every_registered_policy_describes_itself():
     r = runner.invoke(app, ["policies"])
     assert r.exit_code == 0 and "smart:" in r.output and "(no description)" not in r.output, r.output
+
+
+def test_stop_at_an_address_where_nothing_listens_fails_at_once_naming_it():
+    """Ray would retry a dead GCS address for minutes, deaf to SIGTERM (the stop: line of a serve gone since)."""
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = runner.invoke(app, ["stop", "--name", "nu", "--address", f"127.0.0.1:{port}"])
+    assert r.exit_code != 0 and f"--address 127.0.0.1:{port}: no Ray cluster answers there" in r.output
+
+
+def test_a_bad_budget_duration_is_one_line_with_the_fix(tmp_path):
+    trace = tmp_path / "t.jsonl"
+    assert runner.invoke(app, ["trace", "synth", "--n", "50", "--seed", "2", "--out", str(trace)]).exit_code == 0
+    r = runner.invoke(app, ["bench", str(trace), "--policies", "naive", "--budget", "18", "--budget-duration",
+                            "2weeks", "--out", str(tmp_path / "o")])
+    assert r.exit_code != 0 and "e.g. 30s, 15m, 1h" in r.output
+    assert "pydantic" not in r.output and "input_value" not in r.output
