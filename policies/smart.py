@@ -104,6 +104,7 @@ class Smart(Policy):
 
     name = "smart"
     Params = SmartParams
+    reads_budget_pressure = True  # the runtime passes ``group_key`` its BudgetPressure (``_held_back``)
 
     def __init__(self, catalog, params=None):
         super().__init__(catalog, params)
@@ -184,8 +185,6 @@ class Smart(Policy):
             return False
         min_tokens = min_cacheable_tokens(provider, spec)
         return min(len(req.prefix_blocks) * self.params.block_tokens, req.input_tokens) >= min_tokens
-
-    reads_budget_pressure = True  # the runtime passes ``group_key`` its BudgetPressure
 
     @staticmethod
     def _held_back(req: Request, budget) -> bool:
