@@ -8,7 +8,7 @@ import asyncio
 from actors._types import BatchJob, Job
 from engine.core.budgets import LEDGER
 from engine.core.result import Result
-from engine.runtime.waiting import STEP_S, Held
+from engine.runtime.waiting import STEP_S, Held, held_too_long
 
 __all__ = ["PARK_RETRY_REAL_S", "Parking"]
 
@@ -76,4 +76,4 @@ class Parking:
                                 reason=f"{self._ledger_down}; still so when the request could no longer finish by "
                                        "its deadline")
         return self._failed(j, "budget_exhausted", status="rejected",
-                            reason=f"budget {h.budget} held it back until it could no longer finish by its deadline")
+                            reason=held_too_long(h.budget))

@@ -33,7 +33,7 @@ from engine.core.latency import sync_latency_median
 from engine.core.request import PRIORITY_RANK, Request
 from engine.runtime.reservation import Triage
 
-__all__ = ["STEP_S", "BudgetWaits", "Held", "sync_lead"]
+__all__ = ["STEP_S", "BudgetWaits", "Held", "held_too_long", "sync_lead"]
 
 STEP_S = 1.0  # engine seconds between tries of held work
 MIN_SHARE, MAX_SHARE, FIRST_SHARE = 1, 4096, 32
@@ -47,6 +47,11 @@ def sync_lead(catalog: Catalog) -> Callable[[Request], float]:
         return sync_latency_median(prov, prov.models[req.model], req)
 
     return lead
+
+
+def held_too_long(budget: str) -> str:
+    """The reason of a rejection ``BudgetWaits.take`` calls late, the same in both runtimes."""
+    return f"budget {budget} held it back until it could no longer finish by its deadline"
 
 
 class Held(NamedTuple):

@@ -8,6 +8,7 @@ from __future__ import annotations
 from engine.core.budgets import Claim
 from engine.core.grouping import Decision
 from engine.runtime.reservation import claim_amount, triage
+from engine.runtime.waiting import held_too_long
 from engine.sim.results import (
     _REJECTED,
 )
@@ -76,7 +77,7 @@ class SimBudget:
         first (a dispatch's members that are due together go together)."""
         late, ready = self.waits.take(self.now)
         for h in late:
-            self.reject(h.key, "budget_exhausted", f"budget {h.budget} held it back until it could no longer finish by its deadline")
+            self.reject(h.key, "budget_exhausted", held_too_long(h.budget))
         sends: dict[int, tuple[Decision, list[int]]] = {}
         for h in ready:
             i, d = h.payload
