@@ -76,21 +76,31 @@ class _Run:
     relaxed_bound: float
 
 
-def result_row(name: str, policy_class: str, params: dict, result: SimResult, naive_cost: float,
+def _served_naive_cost(result: SimResult, naive: SimResult) -> float:
+    """What naive's run bills for the requests ``result`` served: the reference of a run that refused some."""
+    bill = dict(zip((r.id for r in naive.requests), naive.cost.tolist()))
+    return float(sum(bill[r.id] for r, s in zip(result.requests, result.served.tolist()) if s))
+
+
+def result_row(name: str, policy_class: str, params: dict, result: SimResult, naive: SimResult,
                bound: float, relaxed_bound: float, online_bound: float | None = None) -> dict:
-    """One row of ``results``: the contract keys, judged against naive and the bound (and the online bound:
-    ``capture_of_online``), plus the summary."""
+    """One row of ``results``: the contract keys, judged against naive (``naive``: its run without budgets) and
+    the bound (and the online bound: ``capture_of_online``), plus the summary."""
     s = result.summary()
     cost = s["cost_usd"]
+    naive_cost = naive.total_cost
     achievable = naive_cost - bound
     refused = sum(s["rejected"].values())
+    # A refused request bills nothing: against the whole trace's naive bill, refusing would read as saving.
+    # So a run that refused work is judged against naive's bill for the requests it served.
+    reference = _served_naive_cost(result, naive) if refused else naive_cost
     row = {
         "policy": name,
         "policy_class": policy_class,
         "params": params,
         "cost_usd": cost,
         "naive_cost_usd": round(naive_cost, 6),
-        "saving_vs_naive": _round((naive_cost - cost) / naive_cost if naive_cost > 0 else 0.0),
+        "saving_vs_naive": _round((reference - cost) / reference if reference > 0 else 0.0),
         # Against the bound of serving every request: meaningless when some were refused (budgets).
         "capture_of_achievable": _round((naive_cost - cost) / achievable
                                         if achievable > 1e-12 and not refused else None),
@@ -100,6 +110,8 @@ def result_row(name: str, policy_class: str, params: dict, result: SimResult, na
                                     and not refused else None),
         "lower_bound_for_its_misses_usd": round(relaxed_bound, 6),
     }
+    if refused:
+        row["naive_cost_of_served_usd"] = round(reference, 6)
     row.update({k: v for k, v in s.items() if k not in ("policy", "cost_usd")})
     budget = result.extra.get("budget")
     row["budget_overrun_usd"] = budget["overrun_usd"] if budget else 0.0
@@ -143,21 +155,21 @@ def run_bench(requests: Sequence[Request], specs: Sequence[PolicySpec], *, trace
 
     # The naive reference is the bill without budgets: what the trace would cost if nothing held it back.
     budgeted = bool(settings.budgets.specs)
-    naive_cost = None
+    naive: SimResult | None = None
     runs: list[_Run] = []
     for spec, policy in policies:
         res = sim(policy)
         relaxed = lower_bound(reqs, catalog=catalog, settings=settings, draws=draws, relax=~res.met).total_usd
         runs.append(_Run(spec, res, relaxed))
-        if spec.policy == "naive" and not spec.params and naive_cost is None and not budgeted:
-            naive_cost = res.total_cost
+        if spec.policy == "naive" and not spec.params and naive is None and not budgeted:
+            naive = res
         if on_progress:
             on_progress(spec.name)
-    if naive_cost is None:
+    if naive is None:
         free = settings.model_copy(update={"budgets": type(settings.budgets)()})
-        naive_cost = simulate(reqs, load_policy("naive", catalog), catalog=catalog, settings=free, seed=seed,
-                              trace_name=trace_name, draws=draws).total_cost
-    rows = [result_row(r.spec.name, r.spec.policy, r.spec.params, r.result, naive_cost, lb.total_usd,
+        naive = simulate(reqs, load_policy("naive", catalog), catalog=catalog, settings=free, seed=seed,
+                         trace_name=trace_name, draws=draws)
+    rows = [result_row(r.spec.name, r.spec.policy, r.spec.params, r.result, naive, lb.total_usd,
                        r.relaxed_bound, online) for r in runs]
     for row in rows:
         row["online_bound_usd"] = round(online, 6)

@@ -50,7 +50,7 @@ def _print_table(doc: dict) -> None:
     fold_order = ["speed", "recs", "hits", "overrun", "rejected", "capture", "urgent"]
     title = f"{doc['trace']}: {doc['requests']:,} requests; lower bound ${doc['lower_bound_usd']:.2f}"
 
-    legend = {"saving": "save: vs naive", "capture": "capt: of achievable", "urgent": "urg: urgent met",
+    legend = {"saving": "save: vs naive" + (" on the requests served" if budgeted else ""), "capture": "capt: of achievable", "urgent": "urg: urgent met",
               "hits": "hits: exact/in-flight/near", "recs": "b/c/i: batch/consider/indiv",
               "speed": "req/s: simulated"}
 

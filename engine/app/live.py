@@ -91,7 +91,7 @@ def run_live(requests: Sequence[Request], *, trace_name: str, policy: str = "sma
     draws = Draws(len(reqs), settings.sim.max_attempts, seed, settings.sim.batch_slot_s)
     free = settings.model_copy(update={"budgets": type(settings.budgets)()})  # the bill nothing held back
     naive = simulate(reqs, load_policy("naive", catalog), catalog=catalog, settings=free, seed=seed,
-                     draws=draws).total_cost
+                     draws=draws)
     lb = lower_bound(reqs, catalog=catalog, settings=settings, draws=draws)
     live = as_sim_result(policy, trace_name, reqs, results, wall)
     relaxed = lower_bound(reqs, catalog=catalog, settings=settings, draws=draws, relax=~live.met).total_usd

@@ -57,22 +57,25 @@ class SimResult:
         return np.fromiter((r.deadline_at for r in self.requests), dtype=np.float64, count=len(self.requests))
 
     @property
+    def served(self) -> np.ndarray:
+        """Which requests got a result (generated or reused)."""
+        return (self.status == _OK) | (self.status == _REUSED)
+
+    @property
     def met(self) -> np.ndarray:
-        done = (self.status == _OK) | (self.status == _REUSED)
-        return done & (self.done_at <= self.deadline_at + DEADLINE_SLACK_S)
+        return self.served & (self.done_at <= self.deadline_at + DEADLINE_SLACK_S)
 
     def latency(self) -> dict[str, float] | None:
         """p50 and p99 (engine seconds) of completion time minus arrival of every served request."""
-        served = (self.status == _OK) | (self.status == _REUSED)
         arrival = np.fromiter((r.arrival_s for r in self.requests), dtype=np.float64, count=len(self.requests))
-        w = (self.done_at - arrival)[served]
+        w = (self.done_at - arrival)[self.served]
         return None if w.size == 0 else {"p50": round(float(np.percentile(w, 50)), 3),
                                           "p99": round(float(np.percentile(w, 99)), 3)}
 
     def latency_by_priority(self) -> dict[str, dict[str, float] | None]:
         """p50 and p99 (engine seconds) of completion time minus arrival of the served requests (ok or
         reused), per priority (None where a priority has none): what waiting for a cheaper mode cost in time."""
-        served = (self.status == _OK) | (self.status == _REUSED)
+        served = self.served
         arrival = np.fromiter((r.arrival_s for r in self.requests), dtype=np.float64, count=len(self.requests))
         prios = np.array([r.priority for r in self.requests])
         wait = self.done_at - arrival
@@ -102,7 +105,7 @@ class SimResult:
             "deadline_met_by_priority": by_prio,
             "latency_s": self.latency(),
             "latency_s_by_priority": self.latency_by_priority(),
-            "completed": int(((self.status == _OK) | (self.status == _REUSED)).sum()),
+            "completed": int(self.served.sum()),
             "failed": int((self.status == _FAILED).sum()),
             "rejected": dict(self.extra.get("rejected", {})),
             "exact_hits": int((self.hit == 1).sum()),

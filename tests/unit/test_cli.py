@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from engine.app.cli import app
@@ -88,6 +89,12 @@ def test_bench_with_budgets_reports_overrun_and_rejections(tmp_path):
         assert row["rejected"]["budget_exhausted"] > 0
         tenant_a = [w for w in row["budget"]["windows"] if w["budget"] == "tenant=tenant-a"]
         assert tenant_a and tenant_a[0]["spent_usd"] <= naive / 10 + 1e-6
+        # Refused work bills nothing; the saving is judged on the requests served, not the whole trace.
+        served = row["naive_cost_of_served_usd"]
+        assert row["cost_usd"] <= served < naive
+        assert row["saving_vs_naive"] == pytest.approx((served - row["cost_usd"]) / served, abs=1e-6)
+    naive_row = doc["results"][0]
+    assert naive_row["saving_vs_naive"] == pytest.approx(0.0, abs=1e-6)  # naive saves nothing on what it served
     assert "rejected" in (out / "results.md").read_text()
 
 
