@@ -106,6 +106,13 @@ def _budgets(settings: Settings, budget: float | None, tenant_budget: list[str] 
         if name in tenants:
             raise ConfigError(f"--tenant-budget names tenant {name!r} twice")
         tenants[name] = value
+    if tenants:
+        present = {r.tenant for r in requests}
+        missing = sorted(set(tenants) - present)
+        if missing:  # a budget for nobody holds nothing back: a typo would run the whole trace unbudgeted
+            shown = ", ".join(sorted(present)[:8]) + (" ..." if len(present) > 8 else "")
+            raise ConfigError(f"--tenant-budget: no request of this trace has tenant {missing[0]!r}; "
+                              f"its tenants are {shown}")
     if budget is None and not tenants:
         if duration is not None:
             raise ConfigError("--budget-duration needs --budget or --tenant-budget")

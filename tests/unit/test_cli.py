@@ -108,6 +108,13 @@ def test_bad_budget_flags_name_the_flag_and_the_fix(tmp_path):
     assert r.exit_code == 2 and "budget_duration 'weekly'" in r.output
     r = runner.invoke(app, ["bench", str(trace), "--budget-duration", "1h", "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "--budget-duration needs --budget" in r.output
+    # A tenant no request has (a typo) would leave the run unbudgeted: refused, naming the trace's tenants.
+    tenants = sorted({json.loads(x)["tenant"] for x in trace.read_text().splitlines()})
+    r = runner.invoke(app, ["bench", str(trace), "--tenant-budget", "acme=5", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "no request of this trace has tenant 'acme'" in r.output
+    assert tenants[0] in r.output
+    r = runner.invoke(app, ["bench", str(trace), "--tenant-budget", f"{tenants[0]}=5", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
 
 
 # --- every error is one `error:` line naming the file, line and field (or the setting), no traceback ------------
