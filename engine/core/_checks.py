@@ -75,7 +75,7 @@ def _strings(v: Any) -> bool:
 
 
 # The well-known generation parameters of the providers' bodies: (check, what every provider that reads the
-# key accepts, the fix). Temperature: OpenAI and Gemini take up to 2 (Anthropic refuses above 1, at its end). A
+# key accepts, the fix). Temperature: OpenAI and Gemini take up to 2, Anthropic up to 1 (``_API_RULES``). A
 # wrong value is refused here, per request, where the provider would refuse only the call, after the request was
 # accepted and perhaps batched with others. Only these: the providers' whole schemas stay theirs to check. JSON
 # null ("not set") passes.
@@ -95,13 +95,21 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
     "stop_sequences": (_strings, "a list of strings", _DEFAULT_FIX),
 }
 GENERATION_PARAMS: Mapping[str, tuple[Callable[[Any], bool], str, str]] = MappingProxyType(_RULES)
+# Narrower ranges of one wire format, checked once the request's provider is known.
+_API_RULES: dict[str, dict[str, tuple[Callable[[Any], bool], str, str]]] = {
+    "anthropic": {"temperature": (_between(0, 1), "a number between 0 and 1 (Anthropic's range)", _DEFAULT_FIX)},
+}
 
 
-def check_generation(body: dict, where: str) -> None:
-    """The well-known generation parameters of ``body`` (``GENERATION_PARAMS``) have their types and ranges.
-    One dict lookup per key of the body: it runs for every request."""
+def check_generation(body: dict, where: str, api: str | None = None) -> None:
+    """The well-known generation parameters of ``body`` (``GENERATION_PARAMS``) have their types and ranges;
+    with ``api`` (the provider's wire format), only that format's narrower ranges. One dict lookup per key of
+    the body: it runs for every request."""
+    rules = _RULES if api is None else _API_RULES.get(api)
+    if not rules:
+        return
     for key, value in body.items():
-        rule = _RULES.get(key)
+        rule = rules.get(key)
         if rule is not None and value is not None and not rule[0](value):
             shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
             raise FieldProblem(f"{where}.{key}", f"{where}.{key} must be {rule[1]}, got {shown}; {rule[2]}")

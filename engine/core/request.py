@@ -301,6 +301,9 @@ class Request(BaseModel):
                 return d
         except CatalogError as exc:
             raise FieldProblem("provider" if "has no model" not in str(exc) and provider is not None else "model", str(exc)) from None
+        endpoint = settings.providers.endpoints.get(d["provider"])
+        if body is not None and endpoint is not None:
+            check_generation(body, "body", endpoint.api)
         kind = d.setdefault("kind", spec.kind)
         if kind != spec.kind:
             raise FieldProblem("kind", f"kind {kind!r} does not match model {model!r}, which generates {spec.kind!r}")

@@ -307,6 +307,15 @@ def test_a_generation_parameter_of_the_wrong_type_or_range_is_refused_naming_it(
     assert f"got {value!r}" in msg
 
 
+def test_a_temperature_above_anthropics_range_is_refused_for_an_anthropic_model_only():
+    # Anthropic's Messages API takes 0-1 (OpenAI's 0-2): 1.5 passed the common check and failed at Anthropic.
+    d = {"id": "a", "arrival_s": 0, "model": "claude-sonnet-4-5", "prompt": "hi", "temperature": 1.5}
+    (field, msg), = refused(d)
+    assert field == "body.temperature" and "between 0 and 1 (Anthropic's range)" in msg and "got 1.5" in msg
+    assert ok(model="claude-sonnet-4-5", prompt="hi", temperature=1.0).body == {"temperature": 1.0}
+    assert ok(model="gpt-5-mini", prompt="hi", temperature=1.5).body == {"temperature": 1.5}
+
+
 def test_well_formed_generation_parameters_and_nulls_pass_unchanged():
     body = {"temperature": 0, "top_p": 1, "max_tokens": 64, "seed": -3, "stop": ["\n\n", "END"], "n": 1,
             "frequency_penalty": -0.5, "presence_penalty": 2.0, "top_k": "anything: not a checked key"}
