@@ -165,7 +165,7 @@ def bench(trace: Path = typer.Argument(..., help="a JSONL trace"),
         tr = load_trace(trace, catalog=cat, settings=settings, skip_invalid=skip_invalid)
         settings = _budgets(settings, budget, tenant_budget, budget_duration, tr.requests, reserve_output)
         if tr.skipped:
-            _warn_skipped(tr.skipped, "invalid line(s)", tr.problems[0])
+            _warn_skipped(tr.skipped, "invalid line(s)", tr.problems)
         if tr.rebased_s:
             err_console.print(Text(f"arrivals rebased by {tr.rebased_s / 86400:,.0f} day(s) ({tr.rebased_s:,.0f} s), "
                                    "so the trace starts on its first day", style="yellow"))

@@ -70,7 +70,7 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
     except SmartbatchError as exc:
         _fail(exc)
     if bf.file_problems:
-        _warn_skipped(len(bf.file_problems), "line(s) with no usable custom_id", bf.file_problems[0])
+        _warn_skipped(len(bf.file_problems), "line(s) with no usable custom_id", bf.file_problems)
     _print_batch_report(doc)
     err_path = errors if errors is not None else out.with_name(out.stem + ".errors.jsonl")
     console.print(f"wrote {n_out:,} output line(s) to {out}, {n_err:,} error line(s) to {err_path}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -126,7 +127,16 @@ def _providers(settings: Settings, mode: str | None, base_urls: list[str] | None
 
 
 
-def _warn_skipped(count: int, what: str, first: tuple) -> None:
-    """One yellow line: how many lines were skipped and the first one's place, field and problem."""
-    err_console.print(Text(f"skipped {count} {what}; first: {first[0]}:{first[1]}: field '{first[2]}': {first[3]}",
-                           style="yellow"))
+SKIPPED_SHOWN = 5
+
+
+def _warn_skipped(count: int, what: str, problems: list[tuple]) -> None:
+    """In yellow: how many lines were skipped, the first few by place, field and problem, and how many of
+    them each field accounts for (a file with thousands of bad lines has a few causes, not thousands)."""
+    lines = [f"skipped {count} {what}:"]
+    lines += [f"  {src}:{line}: field '{field}': {msg}" for src, line, field, msg in problems[:SKIPPED_SHOWN]]
+    if len(problems) > SKIPPED_SHOWN:
+        by_field = collections.Counter(p[2] for p in problems).most_common()
+        lines.append(f"  ... and {len(problems) - SKIPPED_SHOWN} more; by field: "
+                     + ", ".join(f"'{f}' {n}" for f, n in by_field))
+    err_console.print(Text("\n".join(lines), style="yellow"))

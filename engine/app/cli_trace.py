@@ -90,7 +90,7 @@ def trace_from_openai_batch(jsonl: Path = typer.Argument(..., help="an OpenAI Ba
     except SmartbatchError as exc:
         _fail(exc)
     if tr.skipped:
-        _warn_skipped(tr.skipped, "invalid line(s)", tr.problems[0])
+        _warn_skipped(tr.skipped, "invalid line(s)", tr.problems)
     console.print(f"wrote {n:,} requests to {out}")
 
 

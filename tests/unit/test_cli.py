@@ -46,6 +46,23 @@ def test_bench_refuses_a_bad_trace_and_skips_with_the_flag(tmp_path):
     assert json.loads((tmp_path / "o" / "results.json").read_text())["requests"] == 1
 
 
+def test_skip_invalid_names_each_of_the_first_bad_lines_and_counts_the_rest_by_field(tmp_path):
+    trace = tmp_path / "bad.jsonl"
+    good = '{"id": "g%d", "arrival_s": 0, "model": "gpt-5", "input_tokens": 5}\n'
+    lines = [good % 0]
+    lines += ['{"id": "t%d", "arrival_s": 0, "model": "gpt-5", "input_tokens": -5}\n' % k for k in range(6)]
+    lines += ['{"id": "m%d", "arrival_s": 0, "model": "gpt-0", "input_tokens": 5}\n' % k for k in range(3)]
+    trace.write_text("".join(lines))
+    r = runner.invoke(app, ["bench", str(trace), "--policies", "naive", "--out", str(tmp_path / "o"),
+                            "--skip-invalid"])
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())  # rich wraps long lines
+    assert "skipped 9 invalid line(s)" in text
+    for n in range(2, 7):  # the first five, each by its line
+        assert f"bad.jsonl:{n}: field 'input_tokens'" in text
+    assert "bad.jsonl:7:" not in text and "and 4 more; by field: 'input_tokens' 6, 'model' 3" in text
+
+
 def test_unknown_policy_and_bad_variants_are_clear_errors(tmp_path):
     trace = tmp_path / "t.jsonl"
     runner.invoke(app, ["trace", "synth", "--n", "20", "--out", str(trace)])
