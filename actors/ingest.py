@@ -276,7 +276,8 @@ class Ingest(Warm):
                   "again under the same id: use a new id to ask again") for r in lost], lead=(client,))
 
     async def _lookup(self, jobs: list[Job]) -> list[Job]:
-        """The jobs no cache shard resolved or attached. One lookup is out at a time: the submits that come
+        """The jobs no cache shard resolved, attached or sent on to its grouper itself (an engine's caches do:
+        ``ResultCache.lookup``; then none). One lookup is out at a time: the submits that come
         meanwhile go together in the next, in the order they came (a group commit). Under load the batches
         grow instead of the calls: a replay at 100x submitting every few milliseconds had 800 lookups queued
         at the cache, each paying a call's fixed cost, and urgent requests reached their dispatcher minutes

@@ -82,11 +82,11 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
     _ledger_ready(budget, [*hubs, budget])
     reuse = policy.reuse
     with_cache = reuse.exact or reuse.in_flight or reuse.near
+    grouper_refs = [ref(f"grouper-{k}") for k in range(num_groupers)]
     caches = [ray.remote(ResultCache).options(**opts(shard_kind("cache", k))).remote(
-        reuse, hub_refs, later, catalog, settings, shard=(k, num_shards))
+        reuse, hub_refs, later, catalog, settings, shard=(k, num_shards), groupers=grouper_refs)
         for k in range(num_shards)] if with_cache else []
     cache_ref = refs("cache") if with_cache else None
-    grouper_refs = [ref(f"grouper-{k}") for k in range(num_groupers)]
     dispatcher_refs = {name: ref(f"dispatcher-{name}") for name in catalog.providers}
     # Hours of day count from settings.sim.day_origin_s, else from the clock's start (engine.core.draws.
     # engine_day_origin): a function of the clock, so every grouper and dispatcher, restarted or not, agrees.

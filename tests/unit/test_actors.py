@@ -94,6 +94,31 @@ def test_cache_hits_attaches_in_flight_and_resolves_followers():
     run(go())
 
 
+def test_an_engines_cache_hands_its_misses_to_the_groupers_itself():
+    # One actor leg less for every generated request: the cache sends its misses on, ingest sends nothing.
+    async def go():
+        hub = ResultHub()
+        g0, g1 = Recorder(), Recorder()
+        cache = ResultCache(ReuseSettings(exact=True, in_flight=True), hub, ManualClock(10.0), groupers=[g0, g1])
+        ing = Ingest([g0, g1], cache=cache)
+        models = ["gpt-5-mini", "claude-haiku-4-5", "gemini-2.5-flash"]
+        reqs = [req(i, model=models[i % 3], prompt=f"p{i}") for i in range(6)]
+        twin = req(0, id="twin", model=models[0], prompt="p0")  # same content as reqs[0]: follows it in flight
+        assert await ing.submit([*reqs, twin]) == 7
+        await asyncio.sleep(0)  # let the sends run
+        sent = [j.req.id for g in (g0, g1) for _, (jobs,) in g.calls for j in jobs]
+        assert sorted(sent) == sorted(r.id for r in reqs)  # each miss once (not by both); the follower not at all
+        assert {j.req.model for _, (jobs,) in g0.calls for j in jobs}.isdisjoint(
+            {j.req.model for _, (jobs,) in g1.calls for j in jobs})  # a class reaches one grouper
+        assert cache.stats["miss"] == 6 and cache.stats["in_flight"] == 1
+        g0.calls.clear(), g1.calls.clear()
+        late = Job(7, req(7, prompt="new"), "fp-new")
+        assert await cache.lookup([late]) == []  # handed on, not returned to the caller
+        await asyncio.sleep(0)
+        assert [j.req.id for g in (g0, g1) for _, (jobs,) in g.calls for j in jobs] == ["r7"]
+    run(go())
+
+
 def test_ingest_drops_duplicate_ids_and_shards_by_compat_key():
     async def go():
         g0, g1 = Recorder(), Recorder()
