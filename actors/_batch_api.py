@@ -18,6 +18,7 @@ log = logging.getLogger("smartbatch.dispatcher")
 
 POLL_RETRY_S = 30.0  # engine seconds before polling again after a failed poll
 FIND_TRIES = 5  # lookups of a batch whose create a restart cut, before it is created again
+FETCH_TRIES = 5  # reads of an ended batch's results: its finished members are billed, never to be sent again
 
 
 def _short(exc: BaseException) -> str:
@@ -73,6 +74,20 @@ class BatchApiRuns:
         log.error("dispatcher %s: batch %s could not be looked up; creating it again", self.name, key)
         return None
 
+    async def _fetch(self, handle) -> dict:
+        """The results of an ended batch. Its finished members were billed: a read that fails is tried again
+        (a member handed back for want of its result is sent again and paid twice), then given up on loudly."""
+        for attempt in range(FETCH_TRIES):
+            try:
+                return dict(await self.provider.fetch(handle))
+            except Exception as exc:
+                log.warning("dispatcher %s: batch results could not be read (%s)", self.name, _short(exc))
+                if attempt + 1 < FETCH_TRIES:
+                    await asyncio.sleep(0.2 * 2 ** attempt)
+        log.error("dispatcher %s: the results of an ended batch could not be read after %d tries; its members "
+                  "are sent again, and those it finished are paid twice", self.name, FETCH_TRIES)
+        return {}
+
     async def _journal_put(self, key: str) -> None:
         try:
             await self.journal.put(self._space, key, self._open[key])
@@ -90,25 +105,30 @@ class BatchApiRuns:
         learn = self._learners and handle is not None and submitted(start, hedge_at)
         if handle is not None:
             cancel_deadline = None
+            cancel_taken = False  # the provider took the cancel (or said it is cancelling)
             while True:
                 now = self.clock.now()
-                if hedge_at is not None and now >= hedge_at and cancel_deadline is None:
+                if hedge_at is not None and now >= hedge_at and not cancel_taken:
                     # Cancel first, poll after: every moment before the cancel reaches the provider is a moment
                     # in which a late batch still finishes members that sync calls will also pay for.
                     try:
                         await p.cancel(handle)
+                        cancel_taken = True
                     except Exception as exc:  # e.g. it ended meanwhile; the poll below tells
                         # A batch that ended just before its hedge is the common case, and harmless: its
-                        # members come from its output. Anything else is worth a warning.
+                        # members come from its output. Anything else is worth a warning, and the cancel is
+                        # made again at the next poll: a batch left running is paid again for every member
+                        # it finishes after they went sync.
                         ended = "status 'completed'" in str(exc) or "status 'ended'" in str(exc)
                         log.log(logging.INFO if ended else logging.WARNING, "dispatcher %s: batch cancel failed: %s",
                                 self.name, _short(exc))
-                    self.batches_cancelled += 1
-                    self._counts.hedged_batches += 1
-                    was_cancelled = True
-                    # Counted from when the cancel was accepted: the time it spent on the wire is not the
-                    # provider's cancelling time.
-                    cancel_deadline = self.clock.now() + self.catalog.provider(self.name).batch_api.cancel_s
+                    if cancel_deadline is None:
+                        self.batches_cancelled += 1
+                        self._counts.hedged_batches += 1
+                        was_cancelled = True
+                        # Counted from when the cancel was accepted: the time it spent on the wire is not the
+                        # provider's cancelling time.
+                        cancel_deadline = self.clock.now() + self.catalog.provider(self.name).batch_api.cancel_s
                 try:
                     st = await p.poll(handle)
                 except Exception as exc:  # a failed poll is retried; the hedge still bounds the wait
@@ -116,6 +136,8 @@ class BatchApiRuns:
                     st = None
                 if st is not None and st.status == "ended":
                     break
+                if st is not None and st.status == "cancelling":
+                    cancel_taken = True
                 now = self.clock.now()
                 if cancel_deadline is not None and now >= cancel_deadline:
                     # The cancel outlasted its allowance: the deadline comes first. Unfinished members go sync;
@@ -129,10 +151,7 @@ class BatchApiRuns:
                          cancel_deadline if cancel_deadline is not None else float("inf"))
                 await self._sleep(max(min(wait, limit - now), 0.0))
             if handle is not None:
-                try:
-                    outs = dict(await p.fetch(handle))
-                except Exception as exc:
-                    log.warning("dispatcher %s: batch results could not be read: %s", self.name, _short(exc))
+                outs = await self._fetch(handle)
         if self._open.pop(key, None) is not None:
             self._unjournal.append((self._space, key))
         self.sim.finish_batch(tokens, self.clock.now())

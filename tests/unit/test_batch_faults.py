@@ -1,0 +1,77 @@
+"""Transient faults on a batch's own calls (the results read, the cancel at the hedge), against the HTTP emulator:
+each is tried again, because the fallback of a batch call that failed is to send its members sync, and a member
+the batch finished (billed) would then be paid twice."""
+
+from __future__ import annotations
+
+import asyncio
+
+from tests.unit.test_http_providers import (  # noqa: F401  (emu: the fixture)
+    EMU_CANCEL_S,
+    PROVIDERS,
+    ROUTE,
+    VALIDATING_S,
+    Rig,
+    T,
+    assert_batch_member,
+    assert_split_by_the_bill,
+    batch_key,
+    billed_by_custom_id,
+    emu,
+    jobs_of,
+)
+
+RESULTS_ROUTE = {"openai": "files.content", "anthropic": "messages.batches.results"}
+CANCEL_ROUTE = {"openai": "batches.cancel", "anthropic": "messages.batches.cancel"}
+
+
+async def _settled(rig: Rig, timeout_s: float = 10.0) -> None:
+    """Every task of the dispatcher has ended (a batch's follow-up included), new ones too."""
+    async with asyncio.timeout(timeout_s):
+        while rig.d._tasks:
+            await asyncio.wait(list(rig.d._tasks))
+
+
+@PROVIDERS
+def test_a_batch_whose_results_read_fails_once_is_read_again_not_sent_again(emu, provider):  # noqa: F811
+    jobs = jobs_of(provider, claims=True)
+    # One 5xx on the read of the ended batch's results: the batch itself completed and was billed.
+    emu.faults.script(provider, RESULTS_ROUTE[provider], [{"status": 500}])
+
+    async def go():
+        rig = Rig(emu, provider)
+        try:
+            await rig.reserve(jobs)
+            await rig.run("batch_api", jobs)
+            await rig.resolved(jobs)
+            billed = billed_by_custom_id(emu)
+            assert set(billed) == {batch_key(j) for j in jobs}  # the provider billed every member
+            back = rig.grouper.readmitted()
+            assert back == [], f"{len(back)} billed member(s) handed back to be sent again"
+            for j in jobs:
+                assert_batch_member(rig.results[j.req.id], j, billed[batch_key(j)], provider)
+            assert emu.count(ROUTE[provider]) == 0  # no sync call
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+@PROVIDERS
+def test_a_cancel_that_failed_once_is_made_again_and_nothing_is_paid_twice(emu, provider):  # noqa: F811
+    jobs = jobs_of(provider, claims=True)
+    emu.faults.script(provider, CANCEL_ROUTE[provider], [{"status": 500}])
+
+    async def go():
+        rig = Rig(emu, provider, cancel_s=10 * EMU_CANCEL_S)
+        try:
+            await rig.reserve(jobs)
+            hedge_at = rig.clock.now() + VALIDATING_S[provider] + 0.3 * T
+            await rig.run("batch_api", jobs, hedge_at=hedge_at)
+            await rig.resolved(jobs)
+            await _settled(rig)  # a batch left running is followed to its end, and what it finished counted
+            assert emu.count(CANCEL_ROUTE[provider]) >= 2  # the failed cancel, then the one taken
+            assert rig.d.paid_twice == 0, f"{rig.d.paid_twice} member(s) paid twice"
+            assert_split_by_the_bill(rig, emu, jobs, provider)
+        finally:
+            await rig.close()
+    asyncio.run(go())
