@@ -30,7 +30,7 @@ from engine.core.grouping import Decision
 from engine.core.result import Result
 from engine.runtime.outcomes import refused_result
 from engine.runtime.reservation import claim_amount, dispatch_mode, triage
-from engine.runtime.scheduler import Dispatch, GroupTable, Wake
+from engine.runtime.scheduler import Dispatch, GroupFailed, GroupTable, Wake
 from engine.runtime.turnaround import Turnaround
 from engine.runtime.waiting import BudgetWaits, sync_lead
 
@@ -68,12 +68,15 @@ class Grouper(Parking, Warm):
         # Claim ids must be unique across engines sharing one Redis ledger and across restarts.
         self._claim_prefix = f"{name}-{secrets.token_hex(4)}"
         self._ledger_down = ""  # why the budget ledger last failed to answer (the reason of work it held back)
-        self.table = GroupTable(policy, catalog, engine_day_origin(day_origin_s, self.clock))
+        self.table = GroupTable(policy, catalog, engine_day_origin(day_origin_s, self.clock), keep_going=True)
         self.table.budget.model_max = reserve_model_max
         self._heard: dict[str, int] = {}  # dispatcher -> number of its last message about batches taken
         self._first_heard: dict[str, int] | None = None  # while relearning: the first message that came meanwhile
         self.pending: dict[str, Job] = {}
         self._reserving: set[str] = set()  # uids whose budget reservation call is under way
+        # Claims a failed reservation call may have left open (the hedged ones it was to release, the ones it may
+        # have made before its answer was lost): released by the next call (settling an unknown claim is a no-op).
+        self._unsure_claims: list[str] = []
         self._ended: OrderedDict[str, Result] = OrderedDict()  # requests resolved here lately (rejected, failed)
         self._bids = itertools.count()
         self._timers: set[asyncio.TimerHandle] = set()
@@ -169,6 +172,10 @@ class Grouper(Parking, Warm):
                 continue
             try:
                 ds, wake = self.table.add(job.req, compat_key(job.req), now)
+            except GroupFailed as gf:  # its group's decision failed: what it decided goes, the rest fails
+                dispatches.extend(gf.dispatches)
+                failed.extend(self._fail_members(gf.members, gf.cause))
+                continue
             except Exception as exc:  # a policy failure fails its requests, never the engine
                 self.pending.pop(job.req.uid, None)
                 failed.append((job, self._failed(job, f"policy error: {exc}")))
@@ -234,6 +241,11 @@ class Grouper(Parking, Warm):
             if followers:  # the same fingerprint, so the same compatibility key: this grouper's shard
                 await self.add(followers)
 
+    def _fail_members(self, members, cause: BaseException) -> list[tuple[Job, Result]]:
+        """The pending jobs of ``members`` (a group whose decision failed), each failed naming the error."""
+        jobs = [self.pending.pop(r.uid) for r in members if r.uid in self.pending]
+        return [(j, self._failed(j, f"policy error: {cause}")) for j in jobs]
+
     def _failed(self, job: Job, error: str, status: str = "failed", reason: str = "") -> Result:
         return refused_result(job.req, at=self.clock.now(), status=status, error=error, reason=reason)
 
@@ -254,6 +266,10 @@ class Grouper(Parking, Warm):
     async def _on_wake(self, wake: Wake) -> None:
         try:
             ds, nxt = self.table.wake(wake, max(self.clock.now(), wake.at))
+        except GroupFailed as gf:
+            await self._resolve(self._fail_members(gf.members, gf.cause))
+            await self._send(gf.dispatches)
+            return
         except Exception as exc:
             members = list(wake.group.members)
             self.table.groups.pop(wake.group.key, None)
@@ -326,6 +342,8 @@ class Grouper(Parking, Warm):
                 return []
         claims: list[Claim] = []
         release = [j.claim for b in batches for j in b.jobs if j.claim is not None]  # held since a hedge
+        unsure, self._unsure_claims = self._unsure_claims, []
+        release += unsure
         for b in batches:
             # A batch hedged before it starts goes sync (the dispatcher does so), at the sync price.
             mode = dispatch_mode(b.mode, b.hedge_at, now)
@@ -339,6 +357,8 @@ class Grouper(Parking, Warm):
             if len(verdicts) != len(claims):
                 raise RuntimeError(f"{len(verdicts)} verdicts for {len(claims)} claims")
         except Exception as exc:  # the budget actor failed: nothing reserved, the work waits (or ends at its deadline)
+            # Whether it released or reserved anything is unknown: the next call releases all of it.
+            self._unsure_claims.extend([*release, *(c.rid for c in claims)])
             verdicts = [Verdict(False, "budget_unavailable", budget=LEDGER,
                                 detail=f"the budget actor failed ({type(exc).__name__}: {exc})"[:500])] * len(claims)
         self.waits.adapt(verdicts)

@@ -24,12 +24,22 @@ from engine.core.grouping import BudgetPressure, Decision, Group, LaneRates, Pre
 from engine.core.request import Request
 from engine.runtime.turnaround import Turnaround, TurnaroundEstimator
 
-__all__ = ["Dispatch", "GroupTable", "Wake"]
+__all__ = ["Dispatch", "GroupFailed", "GroupTable", "Wake"]
 
 
 class Dispatch(NamedTuple):
     decision: Decision
     members: list[Request]
+
+
+class GroupFailed(Exception):
+    """The policy failed deciding a group: the group is gone from the table. ``dispatches``: what it decided
+    before failing (valid, to carry out); ``members``: the group's other members, none of them decided (the
+    runtime fails them, as it does the request whose arrival failed)."""
+
+    def __init__(self, cause: BaseException, dispatches: list[Dispatch], members: list[Request]):
+        super().__init__(str(cause))
+        self.cause, self.dispatches, self.members = cause, dispatches, members
 
 
 class Wake(NamedTuple):
@@ -39,8 +49,11 @@ class Wake(NamedTuple):
 
 
 class GroupTable:
-    def __init__(self, policy, catalog: Catalog, day_origin_s: float = 0.0):
+    def __init__(self, policy, catalog: Catalog, day_origin_s: float = 0.0, keep_going: bool = False):
         self.policy = policy
+        # A runtime that goes on after a policy error (the grouper actor) is told what the failed decision leaves
+        # (``GroupFailed``); the simulator stops at the policy's own error.
+        self.keep_going = keep_going
         self.catalog = catalog
         self.groups: dict[Hashable, Group] = {}
         self.sightings = PrefixSightings()
@@ -108,6 +121,18 @@ class GroupTable:
 
     def _decide(self, g: Group, now: float, at: float) -> tuple[list[Dispatch], Wake | None]:
         out: list[Dispatch] = []
+        try:
+            return self._decide_loop(g, now, at, out)
+        except Exception as exc:
+            # Left in the table, the group would keep members its runtime failed (and dispatch them later, to a
+            # runtime that no longer holds them), and the dispatches decided so far would be lost.
+            if self.groups.get(g.key) is g:
+                del self.groups[g.key]
+            if not self.keep_going:
+                raise
+            raise GroupFailed(exc, out, list(g.members)) from exc
+
+    def _decide_loop(self, g: Group, now: float, at: float, out: list[Dispatch]) -> tuple[list[Dispatch], Wake | None]:
         if self.turnarounds is not None and g.members:
             g.provider = self._view(g.members[0], at)
         while g.members:

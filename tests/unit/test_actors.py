@@ -292,3 +292,90 @@ def test_a_rejected_leader_hands_its_in_flight_followers_back():
         assert set(got) == {"r0", "r1"} and all(r.status == "rejected" for r in got.values())
         assert cache.asked == [[("same-fp", req(0).uid)], [("same-fp", req(1).uid)]]
     run(go())
+
+
+# --- faults a runtime must contain: a budget call that failed, a policy that failed -----------------------------
+
+class FlakyBudget:
+    """A budget controller whose first ``reserve_many`` fails before reaching the ledger (as a Ray call to a
+    restarting actor does); every other call goes through."""
+
+    def __init__(self, inner, fail_reserves: int = 1):
+        self.inner, self.fail = inner, fail_reserves
+
+    async def reserve_many(self, claims, release=()):
+        if self.fail:
+            self.fail -= 1
+            raise RuntimeError("ActorUnavailableError: the budget controller is restarting")
+        return await self.inner.reserve_many(claims, release)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_hedged_claim_is_released_even_when_the_reservation_call_failed():
+    async def go():
+        disp, hub = Recorder(), ResultHub()
+        inner = ledger(100.0)
+        await inner.reserve_many([Claim("held", "default", "openai", "gpt-5-mini", "urgent", 5.0)])
+        clock = ManualClock(0.0)
+        g = Grouper(load_policy("naive", CAT), CAT, clock, {"openai": disp}, FlakyBudget(inner), hub)
+        r = req(0, priority="urgent", deadline_s=3600.0)
+        await g.add([Job(0, r, "fp", hedges=1, claim="held")])  # a hedged batch member, back with its claim
+        assert disp.calls == [] and len(g.waits) == 1  # the call failed: it waits and tries again
+        for _ in range(5):
+            clock.advance(g._park_step)
+            g._retry_parked()
+            while g._tasks:
+                await asyncio.gather(*list(g._tasks))
+            await asyncio.sleep(0)
+            if disp.calls:
+                break
+        (name, ([batch],)), = disp.calls
+        (j,) = batch.jobs
+        # Only the fallback's claim is open: the hedged member's claim was let go.
+        assert set(inner.book.claims) == {j.claim}, f"open claims: {sorted(inner.book.claims)}"
+    asyncio.run(go())
+
+
+class FlakyOnce:
+    """The ``fixed`` policy (batches of 3), whose ``decide`` fails once, for a group of two."""
+
+    def __init__(self):
+        self.inner = load_policy("fixed", CAT, {"max_batch_size": 3, "batch_wait_timeout_s": 100})
+        self.name = self.inner.name
+        self.failed = False
+
+    def group_key(self, *a, **kw):
+        return self.inner.group_key(*a, **kw)
+
+    def decide(self, g, now):
+        if len(g.members) == 2 and not self.failed:
+            self.failed = True
+            raise RuntimeError("transient policy bug")
+        return self.inner.decide(g, now)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_transient_policy_error_fails_its_request_and_loses_no_other():
+    async def go():
+        disp, hub = Recorder(), ResultHub()
+        g = Grouper(FlakyOnce(), CAT, ManualClock(0.0), {"openai": disp}, ledger(), hub, budget_limited=False)
+        await g.add([Job(0, req(0), "a")])  # waits for company
+        await g.add([Job(1, req(1), "b")])  # the policy fails: r1 (at least) fails
+        try:
+            await g.add([Job(2, req(2), "c")])  # before the fix: completes a batch with r1, still in the group
+        except Exception as exc:  # noqa: BLE001
+            raise AssertionError(f"the grouper's add raised {exc!r}: its dispatch is lost") from exc
+        await asyncio.sleep(0)
+        failed = [r.id for r in await hub.pull(0.01)]
+        assert "r1" in failed
+        sent = [j.req.id for name, (batches,) in disp.calls if name == "run_many" for b in batches for j in b.jobs]
+        waiting = sorted(r.id for grp in g.table.groups.values() for r in grp.members)
+        # Every request is dispatched once, resolved here, or waiting in a group of the table, exactly one of them;
+        # the grouper holds (pending) exactly what the table waits on: nothing held that no decision will send.
+        assert sorted(sent + failed + waiting) == ["r0", "r1", "r2"], (sent, failed, waiting)
+        assert sorted(j.req.id for j in g.pending.values()) == waiting, (sorted(g.pending), waiting)
+    asyncio.run(go())

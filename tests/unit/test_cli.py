@@ -48,10 +48,9 @@ def test_bench_refuses_a_bad_trace_and_skips_with_the_flag(tmp_path):
 
 def test_skip_invalid_names_each_of_the_first_bad_lines_and_counts_the_rest_by_field(tmp_path):
     trace = tmp_path / "bad.jsonl"
-    good = '{"id": "g%d", "arrival_s": 0, "model": "gpt-5", "input_tokens": 5}\n'
-    lines = [good % 0]
-    lines += ['{"id": "t%d", "arrival_s": 0, "model": "gpt-5", "input_tokens": -5}\n' % k for k in range(6)]
-    lines += ['{"id": "m%d", "arrival_s": 0, "model": "gpt-0", "input_tokens": 5}\n' % k for k in range(3)]
+    lines = ['{"id": "g0", "arrival_s": 0, "model": "gpt-5", "input_tokens": 5}\n']
+    lines += [f'{{"id": "t{k}", "arrival_s": 0, "model": "gpt-5", "input_tokens": -5}}\n' for k in range(6)]
+    lines += [f'{{"id": "m{k}", "arrival_s": 0, "model": "gpt-0", "input_tokens": 5}}\n' for k in range(3)]
     trace.write_text("".join(lines))
     r = runner.invoke(app, ["bench", str(trace), "--policies", "naive", "--out", str(tmp_path / "o"),
                             "--skip-invalid"])
