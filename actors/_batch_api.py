@@ -184,9 +184,15 @@ class BatchApiRuns:
         Follow the batch to its end, so any member it still finished (billed twice) is counted, not hidden."""
         p = self.provider
         for _ in range(100):
-            st = await p.poll(handle)
-            if st.status == "ended":
-                late = [o for o in (await p.fetch(handle)).values() if o.ok]
+            try:
+                st = await p.poll(handle)
+                outs = (await p.fetch(handle)) if st.status == "ended" else None
+            except Exception as exc:  # a failed poll or read is tried again: ending here would hide the count
+                log.warning("dispatcher %s: following a late-cancelled batch failed (%s)", self.name, _short(exc))
+                await self._sleep(POLL_RETRY_S)
+                continue
+            if outs is not None:
+                late = [o for o in outs.values() if o.ok]
                 self.paid_twice += len(late)
                 self.paid_twice_usd += sum(o.cost for o in late)
                 self._counts.paid_twice_members += len(late)

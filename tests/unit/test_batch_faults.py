@@ -75,3 +75,34 @@ def test_a_cancel_that_failed_once_is_made_again_and_nothing_is_paid_twice(emu, 
         finally:
             await rig.close()
     asyncio.run(go())
+
+
+@PROVIDERS
+def test_a_late_cancelled_batch_is_followed_to_its_end_through_a_failed_poll(emu, provider):  # noqa: F811
+    # The cancel outlasts its allowance, so the members go back to be sent sync; the dispatcher then follows
+    # the batch to its end to count what it still finished (paid twice). A poll failing there ended the count.
+    jobs = jobs_of(provider, claims=True)
+
+    async def go():
+        rig = Rig(emu, provider, cancel_s=EMU_CANCEL_S / 10)
+        inner, failed = rig.d.provider.poll, []
+
+        async def poll(handle):
+            task = asyncio.current_task()
+            if not failed and task is not None and task.get_coro().__qualname__.endswith("_watch_late_cancel"):
+                failed.append(handle)
+                raise RuntimeError("the provider answered 503")
+            return await inner(handle)
+
+        rig.d.provider.poll = poll
+        try:
+            await rig.reserve(jobs)
+            hedge_at = rig.clock.now() + VALIDATING_S[provider] + 0.6 * T  # member 0 finishes before it
+            await rig.run("batch_api", jobs, hedge_at=hedge_at)
+            await rig.resolved(jobs)
+            await _settled(rig)
+            assert failed, "the follow-up never polled"
+            assert rig.d.paid_twice >= 1, "what the batch finished was not counted"
+        finally:
+            await rig.close()
+    asyncio.run(go())
