@@ -4,11 +4,10 @@ Work waits in the provider's fair queue until its rate gate lets it start (``Sim
 ``draw=False``, re-run by a timer when the gate next opens and whenever a call ends). A started call or batch
 goes to the ``Provider`` (``engine.core.provider_api``): simulated (the catalog's draws on the engine clock) or
 over HTTP; the dispatcher knows only the protocol. A call holds its concurrency slot until its outcome arrives.
-A failed sync call is retried after ``Retry-After`` or a jittered backoff, and counts toward the model's
-circuit breaker when it fails. A batch is polled until it ends; at its hedge time it is cancelled, its finished
-members are used (billed once, never sent again) and only the unfinished ones go back to the policy. Results,
-cache fills, budget settlements (one per member's reservation) and retries leave in batches (an outbox flushed
-every few milliseconds), never one actor call per request.
+A failed sync call is retried after ``Retry-After`` or a jittered backoff and counts toward the model's circuit
+breaker. A batch is polled until it ends; at its hedge it is cancelled, its finished members are used (billed
+once, never sent again) and only the unfinished go back to the policy. Results, cache fills, settlements and
+retries leave in batches (an outbox flushed every few milliseconds), never one actor call per request.
 """
 
 from __future__ import annotations
@@ -41,10 +40,8 @@ log = logging.getLogger("smartbatch.dispatcher")
 
 __all__ = ["Dispatcher"]
 
-# Finished requests remembered with their results: a request re-admitted after a restart elsewhere (the hub
-# lost the result, or a grouper lost track of it) gets this result again instead of a second call.
-# Bounded by count and by age: a re-admission follows its restart within seconds, and a request submitted again
-# long after (past the driver's retention) is a new request.
+# Finished requests kept with their results, so a re-admission after a restart elsewhere gets the result again
+# instead of a second call; bounded by count and age (re-admissions follow restarts within seconds).
 DONE_KEEP = 65_536
 DONE_KEEP_S = 300.0
 TOLD_KEPT = 4096  # messages about batches kept, for a grouper Ray restarts (one per outbox flush that had any)
@@ -66,8 +63,7 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
         self._tasks: set[asyncio.Task] = set()
         self.batches_cancelled = 0
         self.members_saved_by_cancel = 0  # finished members of cancelled batches: used, never sent again
-        self.paid_twice = 0  # members a too-slow cancel still finished after they were sent again
-        self.paid_twice_usd = 0.0
+        self.paid_twice, self.paid_twice_usd = 0, 0.0  # members a too-slow cancel still finished after sent again
         self.key_conflicts = 0  # sync calls the provider refused with 409: their key was billed with another body
         self.groupers = [as_peer(g) for g in groupers]
         self.hubs, self.caches = Shards(hub), Shards(cache)  # results by id, cache fills by class
@@ -76,9 +72,8 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
         self._space = f"batches:{provider}"
         # idempotency key -> (dispatch, job, cache_write, body) of a sync call over HTTP, until it ends
         self._sync_calls: dict[str, tuple] = {}
-        # Journal records of work that ended: cleared only once its results are with the hub, so a restart in
-        # between finds the record (and re-makes the call under its key, or re-reads the batch) instead of
-        # losing results that were billed.
+        # Journal records of work that ended, cleared once its results are with the hub: a restart in between
+        # finds the record (re-makes the call under its key, or re-reads the batch), not losing billed results.
         self._unjournal: list[tuple[str, str]] = []
         self._sync_journal = JournalWriter(self.journal, f"sync:{provider}")
         # journal key -> (BatchJob, jobs, start, tokens, handle, body) of open batches; handle None while
@@ -88,8 +83,7 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
         self._done: OrderedDict[str, tuple[Result, float, float]] = OrderedDict()  # uid -> (result, price, when)
         self._results: list[Result] = []
         self._list_prices: list[float] = []
-        # (cache shard, (fingerprint, result)) of ended requests; (cache shard, (fingerprint, uid)) of those that
-        # failed for good
+        # (cache shard, (fingerprint, result)) of ended requests; (cache shard, (fingerprint, uid)) of failed ones
         self._fills: list[tuple[int, tuple[str, Result]]] = []
         self._orphans: list[tuple[int, tuple[str, str]]] = []
         self._readmit: list[Job] = []
@@ -99,8 +93,8 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
         # What it told them, numbered by message: a grouper Ray restarts learns it again (``turnarounds_told``).
         self._told: deque = deque(maxlen=TOLD_KEPT)
         self._told_seq = 0
-        # Whether the groupers learn batch turnarounds: a constructor argument, so a dispatcher Ray restarts
-        # tells them how its re-attached batches end (they were told those started).
+        # Whether the groupers learn batch turnarounds (a constructor argument: a restarted dispatcher tells them
+        # how its re-attached batches end)
         self._learners = learners
         # Counters for the hub's metrics, sent with the dispatch observations (see ``flush``).
         self._counts = DispatchCounts()
@@ -181,7 +175,14 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
             self._enqueue("gpu_batch", b, jobs)
         else:  # sync, or a batch hedged before it started
             for j in jobs:
-                self._enqueue("sync", b, [j])
+                # A member whose hedge passed on the way here holds a claim of the batch price, and sync costs up to
+                # twice that: back to the grouper, which releases it in the call that reserves the sync price, as
+                # for a hedge (an urgent member's claim holds the sync price already).
+                if b.mode == "batch_api" and j.claim is not None and j.req.priority != "urgent":
+                    self._hedged(j)
+                    self._kick()
+                else:
+                    self._enqueue("sync", b, [j])
 
     def _enqueue(self, kind: str, b: BatchJob, jobs: list[Job]) -> None:
         item = (b, jobs)

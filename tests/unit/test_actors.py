@@ -221,6 +221,27 @@ def test_dispatcher_resolves_sync_and_batch_and_hands_back_hedges():
     run(go())
 
 
+def test_a_batch_whose_hedge_passed_on_the_way_goes_back_with_its_claim_not_sync_on_a_batch_price_claim():
+    # Its members reserved the batch price; sent sync they may cost twice that, past the budget. They go back
+    # to the grouper as a hedge does, and it reserves the sync price. An urgent member reserved sync: it goes.
+    async def go():
+        hub, budget, grouper = ResultHub(), ledger(100.0), Recorder()
+        clock = ManualClock(50.0)
+        d = Dispatcher("openai", CAT, Settings(), 0, clock, [grouper], hub, None, budget)
+        normal, urgent = Job(0, req(0), "fp0", claim="c0"), Job(1, req(1, priority="urgent"), "fp1", claim="c1")
+        await budget.reserve_many([Claim(f"c{k}", "default", "openai", "gpt-5-mini", "normal", 1.0) for k in (0, 1)])
+        await d.run_many([BatchJob("b", "batch_api", 40.0, False, "consider_batch", "late", [normal, urgent])])
+        for _ in range(20):
+            clock.advance(10_000.0)
+            await asyncio.sleep(0.01)
+        (name, (back,)), = grouper.calls
+        assert name == "add" and [(j.req.id, j.claim, j.hedges) for j in back] == [("r0", "c0", 1)]
+        got = {r.id: r for r in await hub.pull(0.01)}
+        assert set(got) == {"r1"} and got["r1"].mode == "sync"
+        assert set(budget.book.claims) == {"c0"}  # held until the grouper releases it for the sync price
+    run(go())
+
+
 def test_a_hedged_claim_is_released_in_the_call_that_reserves_its_fallback():
     from engine.core.cost import reserve_bound
 
