@@ -4,6 +4,7 @@ endpoint) and ``smartbatch stop``."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -237,6 +238,12 @@ def serve(name: str = typer.Option("smartbatch", "--name", help="the engine's na
         if not ray.is_initialized():
             ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
                      configure_logging=False)
+        # Ray Serve logs its own start and stop at INFO on this terminal, one line of which ("New http_options ...
+        # will not be applied") reads as a problem when there is none; its warnings still show. Its logger is
+        # configured when ray.serve is first imported, so after that.
+        import ray.serve  # noqa: F401
+
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
         try:
             eng = Engine.start(settings, policy=policy, catalog=cat, speedup=speedup, seed=seed, name=name,
                                detached=True, num_shards=shards)
