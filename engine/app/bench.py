@@ -177,13 +177,23 @@ def run_bench(requests: Sequence[Request], specs: Sequence[PolicySpec], *, trace
                     [b.model_dump() for b in settings.budgets.specs] if budgeted else None)
 
 
+def usd_places(doc: dict) -> int:
+    """Decimals that keep a results document's dollar figures readable: 2 from $10, 4 under it, 6 under a
+    cent (a small batch file priced at 2 decimals read "$0.00" for every policy)."""
+    figures = [doc.get("lower_bound_usd") or 0.0] + [max(r.get("cost_usd") or 0.0, r.get("naive_cost_usd") or 0.0)
+                                                      for r in doc.get("results", [])]
+    top = max(figures, default=0.0)
+    return 2 if top >= 10 else 4 if top >= 0.01 else 6
+
+
 def _markdown(doc: dict) -> str:
+    nd = usd_places(doc)
     lines = [
         f"### {doc['trace']} ({doc['requests']:,} requests, seed {doc['seed']})",
         "",
-        f"Lower bound: ${doc['lower_bound_usd']:.2f}"
-        + (f" (online: ${doc['online_bound_usd']:.2f})" if doc.get("online_bound_usd") is not None else "")
-        + f"; naive: ${doc['results'][0]['naive_cost_usd']:.2f}."
+        f"Lower bound: ${doc['lower_bound_usd']:.{nd}f}"
+        + (f" (online: ${doc['online_bound_usd']:.{nd}f})" if doc.get("online_bound_usd") is not None else "")
+        + f"; naive: ${doc['results'][0]['naive_cost_usd']:.{nd}f}."
         + ("" if not doc.get("budgets") else " Budgets: " + "; ".join(
             f"{b.get('tenant') or 'all'} ${b['max_budget']:g}" + (f"/{b['budget_duration']}" if b.get(
                 "budget_duration") else "") for b in doc["budgets"]) + "."),
@@ -198,7 +208,7 @@ def _markdown(doc: dict) -> str:
         onl = r.get("capture_of_online")
         urgent = r["deadline_met_by_priority"].get("urgent")
         lines.append(
-            f"| {r['policy']} | {r['cost_usd']:.2f} | {100 * r['saving_vs_naive']:.1f} % | "
+            f"| {r['policy']} | {r['cost_usd']:.{nd}f} | {100 * r['saving_vs_naive']:.1f} % | "
             f"{'n/a' if cap is None else f'{100 * cap:.1f} %'} | {'n/a' if onl is None else f'{100 * onl:.1f} %'} | "
             f"{100 * r['deadline_met_frac']:.2f} % | "
             f"{'n/a' if urgent is None else f'{100 * urgent:.1f} %'} | {_latency(r)} | "

@@ -4,6 +4,7 @@ files and the emulator in ``cli_batch``; what they share in ``cli_common``."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -22,7 +23,10 @@ def _print_table(doc: dict) -> None:
     keyed by policy, so nothing wraps or is cut at 80 columns."""
     out = console  # read at call time, so tests can patch engine.app.cli.console
     budgeted = bool(doc.get("budgets"))
+    from engine.app.bench import usd_places
+
     rows = doc["results"]
+    nd = usd_places(doc)
 
     def pct(x: float | None, nd: int = 1) -> str:
         return "n/a" if x is None else f"{100 * x + 0.0:.{nd}f}%"
@@ -30,7 +34,7 @@ def _print_table(doc: dict) -> None:
     # (full header, short header, cells); policy, cost, saving and met never fold.
     cols = {
         "policy": ("policy", "policy", [r["policy"] for r in rows]),
-        "cost": ("cost $", "cost $", [f"{r['cost_usd']:.2f}" for r in rows]),
+        "cost": ("cost $", "cost $", [f"{r['cost_usd']:.{nd}f}" for r in rows]),
         "saving": ("saving", "save", [pct(r["saving_vs_naive"]) for r in rows]),
         "capture": ("capture", "capt", [pct(r["capture_of_achievable"]) for r in rows]),
         "met": ("met", "met", [pct(r["deadline_met_frac"], 2) for r in rows]),
@@ -48,7 +52,7 @@ def _print_table(doc: dict) -> None:
     cols["speed"] = ("sim req/s", "req/s", ["live" if r.get("sim_requests_per_s") is None
                                             else f"{r['sim_requests_per_s']:,.0f}" for r in rows])
     fold_order = ["speed", "recs", "hits", "overrun", "rejected", "capture", "urgent"]
-    title = f"{doc['trace']}: {doc['requests']:,} requests; lower bound ${doc['lower_bound_usd']:.2f}"
+    title = f"{doc['trace']}: {doc['requests']:,} requests; lower bound ${doc['lower_bound_usd']:.{nd}f}"
 
     legend = {"saving": "save: vs naive" + (" on the requests served" if budgeted else ""), "capture": "capt: of achievable", "urgent": "urg: urgent met",
               "hits": "hits: exact/in-flight/near", "recs": "b/c/i: batch/consider/indiv",
@@ -229,6 +233,7 @@ def run(trace: Path = typer.Argument(..., help="a JSONL trace"),
                                                     "catalog: adds or overrides providers, models, prices")) -> None:
     """Replay a trace through the live engine on Ray (time-compressed); same report and results.json as bench."""
     from engine.app.bench import load_variants, resolve_policies, write_outputs
+    from engine.app.live import Interrupted
     from engine.core.errors import ConfigError
     from engine.core.trace import load_trace
 
@@ -247,13 +252,33 @@ def run(trace: Path = typer.Argument(..., help="a JSONL trace"),
             _print_plan(plan(tr.requests, policy=spec.policy, params=spec.params, catalog=cat, settings=settings,
                              seed=seed))
             return
-        doc = _live(tr.requests, tr.name, policy, speedup, address, seed, settings, cat, spec=spec, shards=shards)
+        try:
+            doc = _live(tr.requests, tr.name, policy, speedup, address, seed, settings, cat, spec=spec,
+                        shards=shards)
+        except Interrupted as stop:
+            _keep_interrupted(stop, out)
         paths = write_outputs(doc, out)
     except SmartbatchError as exc:
         _fail(exc)
     _print_table(doc)
     _print_providers(doc)
     console.print(f"wrote {paths['json']}, {paths['markdown']}, {paths['plot']}")
+
+
+def _keep_interrupted(stop, out: Path) -> NoReturn:
+    """Ctrl-C during ``run``: the results that finished (paid for) go to ``results.partial.jsonl``, with the
+    spend so far on the terminal; the rest were not answered, and a provider batch already submitted for them
+    may still finish and be billed. Exits 130, as an interrupted command does."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.partial.jsonl"
+    with path.open("w", encoding="utf-8") as fh:
+        for r in stop.results:
+            fh.write(r.model_dump_json() + "\n")
+    spend = stop.report.get("spend_usd", 0.0)
+    err_console.print(f"interrupted: {len(stop.results):,} of {stop.sent:,} request(s) had finished (spend so far "
+                      f"${spend:.4f}); their results are in {path}. The others were not answered, and a provider "
+                      "batch already submitted for them may still finish and be billed", style="yellow")
+    raise typer.Exit(130)
 
 
 def _print_plan(plan: dict) -> None:

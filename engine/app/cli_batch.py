@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from engine.app.cli_common import _fail, _providers, _settings, _warn_skipped, app, console
+from engine.app.cli_common import _fail, _providers, _settings, _warn_skipped, app, console, err_console
 from engine.core.errors import SmartbatchError
 
 
@@ -56,11 +56,18 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
             raise TraceError([(bf.source, 0, "file", "no line can be answered; give at least one line with a "
                                                      "custom_id")], hint="")
         results = []
+        interrupted = False
         if bf.requests:
             with Engine.start(settings, policy=policy, catalog=cat, address=address, speedup=speedup,
                               seed=seed) as eng:
                 futs = eng.submit_many(bf.requests)
-                results = [f.result() for f in futs]
+                try:
+                    results = [f.result() for f in futs]
+                except KeyboardInterrupt:
+                    # Ctrl-C: keep what finished (it was paid for) and answer the rest in the error file,
+                    # instead of leaving no file at all while a provider batch may still run and bill.
+                    interrupted = True
+                    results = [_finished_or_interrupted(f, req) for f, req in zip(futs, bf.requests, strict=True)]
                 cat = eng.catalog
         n_out, n_err = write_results(bf, results, out, errors, created=int(time.time()))
         doc = report(bf, results, cat, window_s=window_s, policy=policy)
@@ -75,6 +82,25 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
     err_path = errors if errors is not None else out.with_name(out.stem + ".errors.jsonl")
     console.print(f"wrote {n_out:,} output line(s) to {out}, {n_err:,} error line(s) to {err_path}"
                   + (f", the report to {report_path}" if report_path is not None else ""))
+    if interrupted:
+        n_open = sum(r.error == _INTERRUPTED for r in results)
+        err_console.print(f"interrupted: {n_open:,} line(s) had not finished and are in the error file; a provider "
+                          "batch already submitted for them may still finish and be billed", style="yellow")
+        raise typer.Exit(130)
+
+
+_INTERRUPTED = ("interrupted (Ctrl-C) before this line finished; a provider batch already submitted for it may "
+                "still finish and be billed")
+
+
+def _finished_or_interrupted(fut, req):
+    """The future's Result if it finished, else a failed Result saying the run was interrupted."""
+    from engine.core.result import Result
+
+    if fut.done() and not fut.cancelled() and fut.exception() is None:
+        return fut.result()
+    return Result(id=req.id, status="failed", tenant=req.tenant, provider=req.provider, model=req.model,
+                  error=_INTERRUPTED)
 
 
 def _print_batch_report(doc: dict) -> None:
@@ -105,8 +131,19 @@ def emulate(port: int = typer.Option(8765, help="port on 127.0.0.1 (0: a free on
     anthropic=http://127.0.0.1:PORT/anthropic."""
     from engine.emulator import serve
 
+    def started(emu) -> None:  # where it listens: with --port 0, nothing else says
+        console.print(f"provider emulator on {emu.base_url('openai')} and {emu.anthropic_base_url('anthropic')} "
+                      f"(speed-up x{speedup:g}); its bill: GET http://127.0.0.1:{emu.port}/_emulator/bill; "
+                      "Ctrl-C stops it", soft_wrap=True)
+
+    def stopped(emu) -> None:
+        bill = emu.bill()
+        by = ", ".join(f"{k} ${v:.6f}" for k, v in sorted(bill.by_provider.items())) or "nothing"
+        console.print(f"emulator stopped; it billed ${bill.total_usd:.6f} for {len(bill.items):,} item(s): {by}",
+                      soft_wrap=True)
+
     try:
-        serve(port, catalog_path=catalog, speedup=speedup, seed=seed)
+        serve(port, catalog_path=catalog, speedup=speedup, seed=seed, on_start=started, on_stop=stopped)
     except SmartbatchError as exc:
         _fail(exc)
 

@@ -52,6 +52,14 @@ def as_sim_result(policy: str, trace: str, requests: Sequence[Request], results:
                "live": True})
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during ``run_live``: the results that had finished, the engine's report, how many were sent."""
+
+    def __init__(self, results: list, report: dict, sent: int):
+        super().__init__()
+        self.results, self.report, self.sent = results, report, sent
+
+
 def run_live(requests: Sequence[Request], *, trace_name: str, policy: str = "smart",
              params: dict | None = None, speedup: float = 100.0, address: str | None = None,
              seed: int | None = None, catalog: Catalog | None = None, settings: Settings | None = None,
@@ -81,7 +89,12 @@ def run_live(requests: Sequence[Request], *, trace_name: str, policy: str = "sma
         if on_done is not None:
             for f in futs:
                 f.add_done_callback(lambda _f: on_done(1))
-        got = [f.result() for f in futs]
+        try:
+            got = [f.result() for f in futs]
+        except KeyboardInterrupt:
+            # What finished was paid for: hand it and the spend so far to the caller, which keeps a record.
+            raise Interrupted([f.result() for f in futs if f.done() and not f.cancelled() and f.exception() is None],
+                              eng.report(), len(futs)) from None
         report = eng.report()
     if results is not None:
         results.extend(got)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import threading
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -158,15 +160,33 @@ class Emulator:
 
 
 def serve(port: int, *, catalog_path: str | Path | None = None, speedup: float = 1.0, seed: int = 0,
-          host: str = "127.0.0.1", **kwargs: Any) -> None:
-    """Run an emulator in the foreground until interrupted (for ``smartbatch emulate --port P``)."""
+          host: str = "127.0.0.1", on_start: Callable[[Emulator], None] | None = None,
+          on_stop: Callable[[Emulator], None] | None = None, **kwargs: Any) -> None:
+    """Run an emulator in the foreground until Ctrl-C or SIGTERM (for ``smartbatch emulate --port P``).
+    ``on_start(emu)`` once it listens; ``on_stop(emu)`` as it stops, while its bill can still be read."""
     catalog = load_catalog(catalog_path) if catalog_path is not None else None
     emu = Emulator(catalog, port=port, host=host, speedup=speedup, seed=seed, **kwargs).start()
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (kill, timeout, a service manager) stops it as Ctrl-C does: on_stop still runs.
+        previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
+        if on_start is not None:
+            on_start(emu)
         assert emu._thread is not None
         while emu._thread.is_alive():
             emu._thread.join(timeout=0.5)
     except KeyboardInterrupt:
         pass
     finally:
-        emu.stop()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        try:
+            if on_stop is not None:
+                on_stop(emu)
+        finally:
+            emu.stop()
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt

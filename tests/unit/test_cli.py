@@ -267,3 +267,90 @@ def test_a_bad_budget_duration_is_one_line_with_the_fix(tmp_path):
                             "2weeks", "--out", str(tmp_path / "o")])
     assert r.exit_code != 0 and "e.g. 30s, 15m, 1h" in r.output
     assert "pydantic" not in r.output and "input_value" not in r.output
+
+
+def test_emulate_prints_where_it_listens_and_its_bill_when_stopped():
+    """`emulate --port 0` picks a free port: unless it says which, nobody can point the engine at it. A
+    SIGTERM (kill, timeout) stops it as Ctrl-C does, printing what it billed."""
+    import re
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    proc = subprocess.Popen([sys.executable, "-m", "engine.app.cli", "emulate", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**__import__("os").environ, "COLUMNS": "200"})
+    try:
+        import select
+
+        ready, _, _ = select.select([proc.stdout], [], [], 30)  # before the fix it printed nothing: no hang here
+        line = proc.stdout.readline() if ready else ""
+        m = re.search(r"http://127\.0\.0\.1:(\d+)/openai/v1 and http://127\.0\.0\.1:\1/anthropic", line)
+        assert m, line
+        with urllib.request.urlopen(f"http://127.0.0.1:{m.group(1)}/_emulator/bill", timeout=10) as r:
+            assert json.loads(r.read())["total_usd"] == 0
+        proc.send_signal(signal.SIGTERM)  # its handler is in place before the line above is printed
+        rest = proc.communicate(timeout=30)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "emulator stopped; it billed $0.000000" in rest, rest
+
+
+def test_bench_of_a_small_workload_shows_its_costs_not_zeros(tmp_path):
+    """A batch file of a few cheap lines (the README's `trace from-openai-batch` then `bench`) cost fractions of
+    a cent per policy; at 2 decimals every policy and the bound read 0.00."""
+    trace = tmp_path / "small.jsonl"
+    trace.write_text("".join(json.dumps({"id": f"r{i}", "arrival_s": 0, "model": "gpt-5-mini",
+                                         "prompt": f"Summarise item {i}", "output_tokens": 100,
+                                         "deadline_s": 86400}) + "\n" for i in range(5)))
+    out = tmp_path / "o"
+    r = runner.invoke(app, ["bench", str(trace), "--policies", "naive", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    naive = json.loads((out / "results.json").read_text())["results"][0]["cost_usd"]
+    assert 0 < naive < 0.01
+    assert f"{naive:.6f}" in r.output and f"| naive | {naive:.6f} |" in (out / "results.md").read_text()
+
+
+def test_ctrl_c_during_run_keeps_the_finished_results_and_the_spend(tmp_path, monkeypatch):
+    """Ctrl-C during `smartbatch run` wrote nothing, so what had finished (and was paid for) left no record."""
+    import concurrent.futures
+
+    import engine.app.driver as driver_mod
+    from engine.core.result import Result
+
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("".join(json.dumps({"id": f"r{i}", "arrival_s": i, "model": "gpt-5-mini", "prompt": f"q{i}"})
+                             + "\n" for i in range(2)))
+
+    class Pending(concurrent.futures.Future):
+        def result(self, timeout=None):
+            raise KeyboardInterrupt  # what Ctrl-C raises in the main thread while it waits
+
+    class FakeEngine:
+        metrics_url = None
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def replay(self, reqs):
+            done = concurrent.futures.Future()
+            done.set_result(Result(id=reqs[0].id, status="ok", output="sim://x", cost_usd=0.001, mode="sync",
+                                   provider=reqs[0].provider, model=reqs[0].model))
+            return [done, Pending()]
+
+        def report(self):
+            return {"spend_usd": 0.001}
+
+    monkeypatch.setattr(driver_mod.Engine, "start", classmethod(lambda cls, *a, **k: FakeEngine()))
+    out = tmp_path / "o"
+    r = runner.invoke(app, ["run", str(trace), "--out", str(out)])
+    assert r.exit_code == 130, r.output
+    (kept,) = [json.loads(x) for x in (out / "results.partial.jsonl").read_text().splitlines()]
+    assert kept["id"] == "r0" and kept["cost_usd"] == 0.001
+    text = " ".join(r.output.split())
+    assert "1 of 2 request(s) had finished (spend so far $0.0010)" in text and "may still finish and be billed" in text
