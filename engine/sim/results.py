@@ -94,7 +94,7 @@ class SimResult:
                    for p in PRIORITIES}
         by_mode = {m: int((self.mode == k).sum()) for k, m in enumerate(MODES)}
         providers = np.array([r.provider for r in self.requests])
-        by_provider = {p: round(float(self.cost[providers == p].sum()), 6) for p in sorted(set(providers))}
+        by_provider = {str(p): round(float(self.cost[providers == p].sum()), 6) for p in sorted(set(providers))}
         recs: dict[str, int] = {}
         for b in self.batches:
             recs[b.recommendation] = recs.get(b.recommendation, 0) + 1
