@@ -293,7 +293,7 @@ def _serve_until_stopped(eng: Any, claim: NameClaim, *, policy: str, speedup: fl
             if endpoint is not None:
                 from engine.app.serve_http import stop_endpoint
 
-                stop_endpoint(name)
+                stop_endpoint(name, shutdown_serve=not ray_procs)  # a Ray of its own: Serve goes with it
             if read_layout(name) is not None:
                 eng.shutdown()
             else:

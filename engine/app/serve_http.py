@@ -67,13 +67,15 @@ def start_endpoint(engine: str, *, host: str = "127.0.0.1", port: int = 8000) ->
     return f"http://{shown}:{port}/v1"
 
 
-def stop_endpoint(engine: str) -> None:
-    """Remove the engine's endpoint, and Serve itself when nothing else runs on it."""
+def stop_endpoint(engine: str, shutdown_serve: bool = True) -> None:
+    """Remove the engine's endpoint, and Serve itself when nothing else runs on it (``shutdown_serve``; a caller
+    whose own Ray goes down next passes False: Serve goes with it, without a graceful shutdown that Ray's
+    teardown would cut, and report, midway)."""
     from ray import serve
 
     try:
         serve.delete(app_name(engine))
-        if not serve.status().applications:
+        if shutdown_serve and not serve.status().applications:
             serve.shutdown()
     except Exception:  # Serve is already down (its controller went with the cluster): nothing to remove
         pass
