@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 from collections.abc import Callable
 from typing import Any
 
@@ -52,3 +53,39 @@ class Recorder:
     def readmitted(self) -> list:
         """The jobs it was sent with ``add`` (a grouper's re-admissions)."""
         return [j for name, (jobs,) in self.calls if name == "add" for j in jobs]
+
+
+class CtrlCEngine:
+    """A stand-in ``Engine`` (patch ``Engine.start`` to return one) whose first request has finished and whose
+    second is waited on when Ctrl-C comes: its future's ``result()`` raises KeyboardInterrupt, as Ctrl-C does in
+    the main thread."""
+
+    metrics_url = None
+
+    def __init__(self, catalog=None, spend_usd: float = 0.001) -> None:
+        self.catalog, self.spend_usd = catalog, spend_usd
+
+    def __enter__(self) -> CtrlCEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> bool:
+        return False
+
+    def submit_many(self, reqs: list) -> list:
+        from engine.core.result import Result
+
+        done = concurrent.futures.Future()
+        done.set_result(Result(id=reqs[0].id, status="ok", output="sim://x", cost_usd=self.spend_usd, mode="sync",
+                               usage={"input_tokens": 4, "output_tokens": 50}, provider=reqs[0].provider,
+                               model=reqs[0].model))
+        return [done, _CtrlC()]
+
+    replay = submit_many
+
+    def report(self) -> dict:
+        return {"spend_usd": self.spend_usd}
+
+
+class _CtrlC(concurrent.futures.Future):
+    def result(self, timeout: float | None = None) -> Any:
+        raise KeyboardInterrupt

@@ -163,37 +163,12 @@ def test_ctrl_c_during_batch_keeps_finished_lines_and_answers_the_rest(tmp_path,
     """Ctrl-C while a batch file runs used to write nothing at all: the lines already answered (and paid for)
     were lost, and a rerun paid for them again. Now the finished lines are in the output file, the others in
     the error file saying the run was interrupted, and the command exits 130."""
-    import concurrent.futures
-
     import engine.app.driver as driver_mod
+    from tests.unit.helpers import CtrlCEngine
 
     p = tmp_path / "in.jsonl"
     p.write_text(line("a") + "\n" + line("b", "Name two seas.") + "\n")
-
-    class Pending(concurrent.futures.Future):
-        def result(self, timeout=None):
-            raise KeyboardInterrupt  # what Ctrl-C raises in the main thread while it waits
-
-    class FakeEngine:
-        catalog = CAT
-
-        def __init__(self, *a, **k):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def submit_many(self, reqs):
-            done = concurrent.futures.Future()
-            done.set_result(Result(id=reqs[0].id, status="ok", output="sim://x", cost_usd=0.001, mode="sync",
-                                   usage={"input_tokens": 4, "output_tokens": 50}, provider=reqs[0].provider,
-                                   model=reqs[0].model))
-            return [done, Pending()]
-
-    monkeypatch.setattr(driver_mod.Engine, "start", classmethod(lambda cls, *a, **k: FakeEngine()))
+    monkeypatch.setattr(driver_mod.Engine, "start", classmethod(lambda cls, *a, **k: CtrlCEngine(CAT)))
     out = tmp_path / "o.jsonl"
     r = runner.invoke(app, ["batch", str(p), "--out", str(out)])
     assert r.exit_code == 130, r.output

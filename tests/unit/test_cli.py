@@ -315,38 +315,13 @@ def test_bench_of_a_small_workload_shows_its_costs_not_zeros(tmp_path):
 
 def test_ctrl_c_during_run_keeps_the_finished_results_and_the_spend(tmp_path, monkeypatch):
     """Ctrl-C during `smartbatch run` wrote nothing, so what had finished (and was paid for) left no record."""
-    import concurrent.futures
-
     import engine.app.driver as driver_mod
-    from engine.core.result import Result
+    from tests.unit.helpers import CtrlCEngine
 
     trace = tmp_path / "t.jsonl"
     trace.write_text("".join(json.dumps({"id": f"r{i}", "arrival_s": i, "model": "gpt-5-mini", "prompt": f"q{i}"})
                              + "\n" for i in range(2)))
-
-    class Pending(concurrent.futures.Future):
-        def result(self, timeout=None):
-            raise KeyboardInterrupt  # what Ctrl-C raises in the main thread while it waits
-
-    class FakeEngine:
-        metrics_url = None
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def replay(self, reqs):
-            done = concurrent.futures.Future()
-            done.set_result(Result(id=reqs[0].id, status="ok", output="sim://x", cost_usd=0.001, mode="sync",
-                                   provider=reqs[0].provider, model=reqs[0].model))
-            return [done, Pending()]
-
-        def report(self):
-            return {"spend_usd": 0.001}
-
-    monkeypatch.setattr(driver_mod.Engine, "start", classmethod(lambda cls, *a, **k: FakeEngine()))
+    monkeypatch.setattr(driver_mod.Engine, "start", classmethod(lambda cls, *a, **k: CtrlCEngine()))
     out = tmp_path / "o"
     r = runner.invoke(app, ["run", str(trace), "--out", str(out)])
     assert r.exit_code == 130, r.output

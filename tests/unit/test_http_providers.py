@@ -219,13 +219,21 @@ def test_sync_call_round_trip_bills_real_usage_once(emu, provider):
     asyncio.run(go())
 
 
+RESULTS_ROUTE = {"openai": "files.content", "anthropic": "messages.batches.results"}
+
+
 # -- 2. batch round trip -------------------------------------------------------------------------------------------
 @PROVIDERS
-def test_batch_round_trip_resolves_every_member_billed_once_at_the_batch_price(emu, provider):
+@pytest.mark.parametrize("read_fails", [False, True], ids=["", "results-read-fails-once"])
+def test_batch_round_trip_resolves_every_member_billed_once_at_the_batch_price(emu, provider, read_fails):
     # Anthropic: the members share a 1,024-token prefix (two blocks), so the first writes the cache and the
     # later ones read it, through the breakpoints the provider places.
     extra = {"input_tokens": 1500, "prefix_blocks": [11, 12]} if provider == "anthropic" else {}
     jobs = jobs_of(provider, claims=True, **extra)
+    if read_fails:
+        # The batch completed and was billed; reading its results fails once. It is read again: a member handed
+        # back for want of its result would be sent again and paid twice.
+        emu.faults.script(provider, RESULTS_ROUTE[provider], [{"status": 500}])
 
     async def go():
         rig = Rig(emu, provider)
