@@ -283,17 +283,22 @@ class ResultCache(NearIndex, Warm):
                 self.inflight.drop(fp, res.uid)  # its followers wait for ``orphans``, which generates them
                 continue
             e = self._entry(item, res)
-            self.memory.put(e, self.cfg.ttl_s)
-            stored.append((item, e))
+            # A leader rerouted to its fallback model (it keeps its fingerprint) made another model's output: its
+            # followers take it as the leader did, but it is no stored answer to the original model (as in the
+            # simulator).
+            if res.model is None or (res.provider, res.model) == (item.req.provider, item.req.model):
+                self.memory.put(e, self.cfg.ttl_s)
+                stored.append((item, e))
             at = res.done_s or self._now()
             for f, how in self.inflight.done(fp, item):
                 # One that arrived once the result existed (it reached this cache later) found it stored, as
                 # the simulator says: an exact hit, resolved on arrival.
                 hit = "near" if how == "near" else "exact" if f.req.arrival_s >= at else "in_flight"
-                r = self._reused(f, e, hit, max(at, f.req.arrival_s))
-                if r is not None:
-                    out.append(r)
-                    out_items.append(f)
+                # The output in hand, not read back from the blob store: a blob that cannot be read back (a
+                # damaged file under its name, a store that lost it) must not drop the followers.
+                out.append(reused_result(f.req, at=max(at, f.req.arrival_s), hit=hit, source_id=res.id,
+                                         output=res.output))
+                out_items.append(f)
         if stored:
             self._index_leaders({})
             self._index_near(stored)

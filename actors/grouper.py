@@ -110,6 +110,12 @@ class Grouper(Parking, Warm):
             self.hubs.send("push", by_result_uid, again, [0.0] * len(again))
         return held
 
+    async def forget(self, uids: list[str]) -> None:
+        """The driver forgot these requests (past its retention window): their ids may name new requests, which
+        must not be answered with a result that ended here for the old one."""
+        for u in uids:
+            self._ended.pop(u, None)
+
     async def observe_turnarounds(self, obs: list[Turnaround], source: str | None = None, seq: int = 0) -> None:
         """Batch-API batches the dispatchers started and ended: the table learns the turnaround from them, at
         its epochs only, so when this message arrives changes no decision (engine.runtime.turnaround).

@@ -74,7 +74,7 @@ class Ingest(Warm):
             self.seen.pop(u, None)
         if not uids:
             return
-        for p in self._rememberers(hubs=False):
+        for p in (*self._rememberers(hubs=False), *self.groupers):  # groupers keep the requests that ended there
             p.send("forget", uids)
         self.hubs.send("forget", uid_shard, uids)
         if self.journal is not None:

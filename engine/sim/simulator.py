@@ -97,6 +97,7 @@ class _Sim(SimBudget):
                           for name, p in catalog.providers.items()}
         self.pump_at: dict[str, float] = {}
         self.rerouted = 0
+        self.moved: set[int] = set()  # rerouted to a fallback model: its fingerprint is the original model's
         b = settings.budgets
         self.book = BudgetBook(list(b.specs), b.throttle) if b.specs else None
         self.model_max = self.table.budget.model_max = b.reserve_output == "model_max"
@@ -309,6 +310,7 @@ class _Sim(SimBudget):
         self.rerouted += len(e.work.idxs)
         for i in e.work.idxs:
             self.settle_claim(i, 0.0, self.now)
+            self.moved.add(i)
             self.reqs[i] = self.reqs[i].model_copy(update={"provider": provider, "model": model})
             self.compat[i] = compat_key(self.reqs[i])
             self.admit(i, fresh=False)
@@ -320,10 +322,10 @@ class _Sim(SimBudget):
         self.status[i], self.mode[i], self.cost[i], self.done_at[i], self.batch_of[i] = _OK, mode, cost, at, bid
         fps = self.fps
         if fps is not None:
-            r = self.reqs[i]
             fp = fps[i]
-            self.index.add(fp, i, at)
-            self.index_near(i, fp, at)
+            if i not in self.moved:  # a fallback model's output is no stored answer to the original model
+                self.index.add(fp, i, at)
+                self.index_near(i, fp, at)
             # It leads until its result exists, as in the cache: the requests waiting on it resolve then.
             self.push(at, "result", (fp, i))
 

@@ -400,3 +400,40 @@ def test_a_transient_policy_error_fails_its_request_and_loses_no_other():
         assert sorted(sent + failed + waiting) == ["r0", "r1", "r2"], (sent, failed, waiting)
         assert sorted(j.req.id for j in g.pending.values()) == waiting, (sorted(g.pending), waiting)
     asyncio.run(go())
+
+
+class FailsOnBad:
+    """The naive policy, except that it fails on one prompt (a policy error ends that request in the grouper)."""
+
+    def __init__(self):
+        self.inner = load_policy("naive", CAT)
+
+    def group_key(self, req, compat, now):
+        if req.prompt == "bad":
+            raise RuntimeError("boom")
+        return self.inner.group_key(req, compat, now)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_an_id_used_again_after_it_was_forgotten_is_generated_not_answered_with_the_old_result():
+    async def go():
+        hub, disp = ResultHub(), Recorder()
+        budget = BudgetController(BudgetSettings(), None, ManualClock(0.0))
+        g = Grouper(FailsOnBad(), CAT, ManualClock(0.0), {"openai": disp}, budget, hub)
+        ing = Ingest([g], cache=None, hub=hub)
+        await hub.claim("d1", [])
+        old = Request.model_validate({"id": "a", "arrival_s": 0.0, "model": "gpt-5-mini", "prompt": "bad"})
+        assert await ing.submit([old], "d1") == 1
+        (res,) = await hub.pull(0.5, "d1")
+        assert res.status == "failed" and "policy error" in res.error
+        # The driver's retention window passed: it forgets the id, which may now name a new request.
+        await ing.forget([old.uid], "d1")
+        new = old.model_copy(update={"prompt": "a good question"})
+        assert await ing.submit([new], "d1") == 1
+        await asyncio.sleep(0)
+        got = await hub.pull(0.05, "d1")
+        assert got == [], f"the new request got the forgotten one's result: {got}"
+        assert [name for name, _ in disp.calls][-1] == "run_many"  # generated
+    asyncio.run(go())

@@ -262,3 +262,20 @@ def test_a_batch_of_unknown_end_holds_its_enqueued_tokens_until_it_finishes():
     assert q.earliest(30.0, 300) == 40.0 and q.earliest(50.0, 300) == 50.0
     q.finish(800, 60.0)  # not open any more: no effect
     assert q.earliest(41.0, 1000) == 41.0 and q.held == 0.0
+
+
+def test_a_rerouted_requests_fallback_output_is_no_exact_hit_for_the_original_model():
+    # The live cache does the same (tests/unit/test_cache.py): a fallback model's output, stored under the
+    # original request's fingerprint, would be served to later requests for the original model.
+    cat = catalog_with(failure_rate=0.99)
+    ctx = validation_context(cat, Settings())
+
+    def r(i, prompt, at):
+        return Request.model_validate({"id": f"r{i}", "arrival_s": at, "model": "gpt-5-mini", "prompt": prompt,
+                                       "output_tokens": 50, "priority": "urgent", "deadline_s": 600.0}, context=ctx)
+    reqs = [r(i, f"filler {i}", 0.0) for i in range(5)] + [r(5, "the question", 0.0), r(6, "the question", 400.0)]
+    fb = Settings(resilience=Resilience(fallbacks={"openai/gpt-5-mini": "anthropic/claude-haiku-4-5"}))
+    res = simulate(reqs, load_policy("cache-only", cat), catalog=cat, settings=fb)
+    first, again = res.requests[5], res.requests[6]
+    assert first.model == "claude-haiku-4-5" and res.done_at[5] < again.arrival_s  # rerouted, done before r6
+    assert int(res.hit[6]) != 1  # not served the fallback's output as an exact hit for gpt-5-mini
