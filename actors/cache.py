@@ -297,7 +297,7 @@ class ResultCache(NearIndex, Warm):
                 # The output in hand, not read back from the blob store: a blob that cannot be read back (a
                 # damaged file under its name, a store that lost it) must not drop the followers.
                 out.append(reused_result(f.req, at=max(at, f.req.arrival_s), hit=hit, source_id=res.id,
-                                         output=res.output))
+                                         output=res.output, made_by=(res.provider, res.model) if res.model else None))
                 out_items.append(f)
         if stored:
             self._index_leaders({})
