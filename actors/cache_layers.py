@@ -152,7 +152,9 @@ class LocalBlobStore:
     def put(self, data: bytes) -> str:
         digest = hashlib.sha256(data).hexdigest()
         path = self._path(digest)
-        if not path.exists():
+        # Written unless a sound copy is there: a damaged file under the name would make every later hit of
+        # this content a miss (generated and paid again) for as long as it stayed.
+        if self.get(f"sha256:{digest}") is None:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
             with os.fdopen(fd, "wb") as f:

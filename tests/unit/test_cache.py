@@ -227,17 +227,21 @@ def test_recall_answers_what_it_holds_even_when_the_hub_cannot_take_the_results_
     run(go())
 
 
+class LosingBlobs(LocalBlobStore):
+    """A blob store that loses what it is given (a pluggable store that failed): nothing reads back."""
+
+    def get(self, ref: str) -> bytes | None:
+        return None
+
+
 def test_followers_get_the_leaders_output_even_when_its_blob_cannot_be_read_back(tmp_path):
-    """A large output goes to the blob store; a damaged file already under that content's name is not
-    rewritten (put sees it exists) and reads back as None. The followers of the in-flight leader must still be
-    answered (the output is in hand), never dropped: dropped, they wait until the driver's sweep."""
+    """A large output goes to the blob store. The followers of the in-flight leader are answered with the output
+    in hand, never dropped when the store cannot give it back: dropped, they waited for the driver's sweep."""
     async def go():
-        hub, cache = make_cache(tmp_path, blob_min_kb=1)
+        hub = ResultHub()
+        cfg = LOW_FLOOR.model_copy(update={"cache": CacheSettings(blob_dir=tmp_path / "blobs", blob_min_kb=1)})
+        cache = ResultCache(NEAR, hub, ManualClock(5.0), settings=cfg, blobs=LosingBlobs(tmp_path / "blobs"))
         big = "v" * 5000
-        digest = hashlib.sha256(big.encode()).hexdigest()
-        path = tmp_path / "blobs" / digest[:2] / digest
-        path.parent.mkdir(parents=True)
-        path.write_bytes(b"damaged")
         lead, follower = job(0, "A ten-second video of waves"), job(1, "A ten-second video of waves")
         assert await cache.lookup([lead]) == [0]
         assert await cache.lookup([follower]) == []  # follows the leader in flight
@@ -245,6 +249,15 @@ def test_followers_get_the_leaders_output_even_when_its_blob_cannot_be_read_back
         got = await hub.pull(0.01)
         assert [(r.id, r.output) for r in got] == [("r1", big)]
     run(go())
+
+
+def test_a_damaged_blob_is_written_again_by_the_next_put_of_its_content(tmp_path):
+    store, data = LocalBlobStore(tmp_path), b"v" * 5000
+    digest = hashlib.sha256(data).hexdigest()
+    (tmp_path / digest[:2]).mkdir()
+    (tmp_path / digest[:2] / digest).write_bytes(b"damaged")  # a torn write, a disk error
+    ref = store.put(data)
+    assert store.get(ref) == data  # not left damaged: every later hit of this content would have missed
 
 
 def test_a_rerouted_leaders_fallback_output_is_not_served_as_an_exact_hit_for_the_original_model(tmp_path):
