@@ -44,7 +44,9 @@ def rss_mb(pid: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=20_000)
-    n = ap.parse_args().n
+    ap.add_argument("--urgent", type=int, default=200, help="urgent requests timed one at a time")
+    a = ap.parse_args()
+    n = a.n
     ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
     base = synth(n, seed=2, duration_s=1.0)
     reqs = [r.model_copy(update={"arrival_s": 0.0, "deadline_s": min(r.deadline_s, 3600.0)}) for r in base]
@@ -74,7 +76,7 @@ def main() -> None:
     # Speed-up 100 so each simulated provider call takes milliseconds; waits are converted back to real time.
     with Engine.start(speedup=100.0) as eng:
         lat = []
-        for k in range(200):
+        for k in range(a.urgent):
             f = eng.submit({"id": f"u{k}", "model": "gpt-5-mini", "prompt": f"urgent {k}", "priority": "urgent",
                             "deadline_s": 10.0})
             f.result(timeout=30)
