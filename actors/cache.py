@@ -282,11 +282,11 @@ class ResultCache(NearIndex, Warm):
             if res.status != "ok":
                 self.inflight.drop(fp, res.uid)  # its followers wait for ``orphans``, which generates them
                 continue
-            e = self._entry(item, res)
             # A leader rerouted to its fallback model (it keeps its fingerprint) made another model's output: its
             # followers take it as the leader did, but it is no stored answer to the original model (as in the
-            # simulator).
+            # simulator), so no entry (nor blob) is made of it.
             if res.model is None or (res.provider, res.model) == (item.req.provider, item.req.model):
+                e = self._entry(item, res)
                 self.memory.put(e, self.cfg.ttl_s)
                 stored.append((item, e))
             at = res.done_s or self._now()
