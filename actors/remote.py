@@ -9,6 +9,8 @@ so a provider's traffic can leave from chosen machines.
 
 from __future__ import annotations
 
+import gc
+
 import ray
 
 from actors._peer import ClockRef, Named, publish_clock, read_layout, resolve_clock, unpublish_clock
@@ -28,6 +30,35 @@ __all__ = ["NAMESPACE", "actor_name", "attach_actors", "kill_engine", "provider_
 # re-admits its unfinished requests. Calls in flight at the death fail rather than run twice.
 _OPTS = {"num_cpus": 0, "max_concurrency": 1000, "max_restarts": -1, "max_task_retries": 0}
 NAMESPACE = "smartbatch"
+# An engine actor allocates a few containers per request and keeps ~100,000 long-lived objects (modules, its
+# indexes), so CPython's default (a young collection every 700 allocations, each older one walking the live
+# heap) cost 12-35 us per request in each actor: ~20 % of the engine's CPU (docs/benchmarks.md). Requests
+# rarely form cycles, so young collections are made rare, and what exists once the actor is warm is frozen
+# out of every collection. Only actor processes: the driver's interpreter is the user's.
+GC_THRESHOLDS = (50_000, 20, 20)
+
+
+def _tune_gc(freeze: bool) -> None:
+    gc.set_threshold(*GC_THRESHOLDS)
+    if freeze:
+        gc.freeze()
+
+
+def _actor(cls):
+    """``ray.remote`` of ``cls`` with the collector tuned in its process; the class itself stays plain (unit
+    tests construct it in pytest's process, whose collector is left alone)."""
+    def __init__(self, *args, **kwargs):
+        _tune_gc(freeze=False)
+        cls.__init__(self, *args, **kwargs)
+
+    async def warm(self):
+        out = await cls.warm(self)
+        _tune_gc(freeze=True)  # after the model and catalog loads: they live as long as the process
+        return out
+
+    body = {"__init__": __init__, "warm": warm, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
+            "__doc__": cls.__doc__}
+    return ray.remote(type(cls.__name__, (cls,), body))
 
 
 def actor_name(engine: str, kind: str) -> str:
@@ -74,23 +105,23 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
     def refs(base: str) -> list[Named]:
         return [ref(shard_kind(base, k)) for k in range(num_shards)]
 
-    hubs = [ray.remote(ResultHub).options(**opts(shard_kind("hub", k))).remote() for k in range(num_shards)]
+    hubs = [_actor(ResultHub).options(**opts(shard_kind("hub", k))).remote() for k in range(num_shards)]
     hub_refs = refs("hub")
     budgets = settings.budgets
     later = ClockRef(engine)  # the clock is made once every actor is up; a restarted actor reads it (publish_clock)
-    budget = ray.remote(BudgetController).options(**opts("budget")).remote(budgets, ref("hub"), later, 0.0, engine)
+    budget = _actor(BudgetController).options(**opts("budget")).remote(budgets, ref("hub"), later, 0.0, engine)
     _ledger_ready(budget, [*hubs, budget])
     reuse = policy.reuse
     with_cache = reuse.exact or reuse.in_flight or reuse.near
     grouper_refs = [ref(f"grouper-{k}") for k in range(num_groupers)]
-    caches = [ray.remote(ResultCache).options(**opts(shard_kind("cache", k))).remote(
+    caches = [_actor(ResultCache).options(**opts(shard_kind("cache", k))).remote(
         reuse, hub_refs, later, catalog, settings, shard=(k, num_shards), groupers=grouper_refs)
         for k in range(num_shards)] if with_cache else []
     cache_ref = refs("cache") if with_cache else None
     dispatcher_refs = {name: ref(f"dispatcher-{name}") for name in catalog.providers}
     # Hours of day count from settings.sim.day_origin_s, else from the clock's start (engine.core.draws.
     # engine_day_origin): a function of the clock, so every grouper and dispatcher, restarted or not, agrees.
-    groupers = [ray.remote(Grouper).options(**opts(f"grouper-{k}")).remote(
+    groupers = [_actor(Grouper).options(**opts(f"grouper-{k}")).remote(
         policy, catalog, later, dispatcher_refs, ref("budget"), hub_refs, f"g{k}", bool(budgets.specs),
         max_attempts=settings.sim.max_attempts, reserve_model_max=budgets.reserve_output == "model_max",
         cache=cache_ref, budget_specs=budgets.specs, day_origin_s=settings.sim.day_origin_s)
@@ -103,10 +134,10 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
         more = {}
         if provider_resource(name) in cluster:
             more["resources"] = {provider_resource(name): 0.001}
-        dispatchers[name] = ray.remote(Dispatcher).options(**opts(f"dispatcher-{name}", **more)).remote(
+        dispatchers[name] = _actor(Dispatcher).options(**opts(f"dispatcher-{name}", **more)).remote(
             name, catalog, settings, seed, later, grouper_refs, hub_refs, cache_ref, ref("budget"),
             policy.scheduling, (keys or {}).get(name), engine, learns)
-    ingests = [ray.remote(Ingest).options(**opts(shard_kind("ingest", k))).remote(
+    ingests = [_actor(Ingest).options(**opts(shard_kind("ingest", k))).remote(
         grouper_refs, cache_ref, settings.cache.share_across_tenants, list(dispatcher_refs.values()), hub_refs,
         settings, engine, shard=(k, num_shards)) for k in range(num_shards)]
     everything = [*ingests, *groupers, *dispatchers.values(), budget, *hubs, *caches]

@@ -1,7 +1,9 @@
 """The live engine on a local Ray: end to end, budget refusals (exact parity with the simulator: test_parity.py)."""
 
+import gc
 
 import pytest
+import ray
 
 from engine import Engine
 from engine.core.catalog import default_catalog
@@ -24,6 +26,15 @@ def test_every_future_resolves_and_the_report_adds_up(ray_session):
         assert eng.submit(first) is futs[0]  # same id: the same future, never a second call
         results = [f.result(timeout=120) for f in futs]
         rep = eng.report()
+        tuned = ray.get([h.__ray_call__.remote(lambda self: (gc.get_threshold(), gc.get_freeze_count(),
+                                                             type(self).__name__))
+                         for h in eng._h["named"].values()])
+    # Every engine actor runs with the collector the engine sets (actors.remote.GC_THRESHOLDS), its warm state
+    # frozen, under its own class name; the driver's interpreter is left as it was.
+    from actors.remote import GC_THRESHOLDS
+    assert all(t == GC_THRESHOLDS and frozen > 0 for t, frozen, _ in tuned), tuned
+    assert {"Ingest", "ResultCache", "Grouper", "Dispatcher", "ResultHub", "BudgetController"} == {n for *_, n in tuned}
+    assert gc.get_threshold() != GC_THRESHOLDS
     assert [r.id for r in results] == [r.id for r in sorted(reqs, key=lambda r: r.arrival_s)]
     assert {r.status for r in results} <= {"ok", "reused"}
     assert rep["requests"] == len(reqs) and rep["budget"]["reserved_usd"] == pytest.approx(0.0, abs=1e-9)
