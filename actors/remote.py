@@ -9,8 +9,6 @@ so a provider's traffic can leave from chosen machines.
 
 from __future__ import annotations
 
-import gc
-
 import ray
 
 from actors._peer import ClockRef, Named, publish_clock, read_layout, resolve_clock, unpublish_clock
@@ -22,6 +20,7 @@ from actors.grouper import Grouper
 from actors.hub import ResultHub
 from actors.ingest import Ingest
 from engine.core.errors import SmartbatchError
+from engine.runtime.collector import tune_actor
 
 __all__ = ["NAMESPACE", "actor_name", "attach_actors", "kill_engine", "provider_resource", "rewire", "start_actors"]
 
@@ -30,30 +29,16 @@ __all__ = ["NAMESPACE", "actor_name", "attach_actors", "kill_engine", "provider_
 # re-admits its unfinished requests. Calls in flight at the death fail rather than run twice.
 _OPTS = {"num_cpus": 0, "max_concurrency": 1000, "max_restarts": -1, "max_task_retries": 0}
 NAMESPACE = "smartbatch"
-# An engine actor allocates a few containers per request and keeps ~100,000 long-lived objects (modules, its
-# indexes), so CPython's default (a young collection every 700 allocations, each older one walking the live
-# heap) cost 12-35 us per request in each actor: ~20 % of the engine's CPU (docs/benchmarks.md). Requests
-# rarely form cycles, so young collections are made rare, and what exists once the actor is warm is frozen
-# out of every collection. Only actor processes: the driver's interpreter is the user's.
-GC_THRESHOLDS = (50_000, 20, 20)
-
-
-def _tune_gc(freeze: bool) -> None:
-    gc.set_threshold(*GC_THRESHOLDS)
-    if freeze:
-        gc.freeze()
-
-
 def _actor(cls):
-    """``ray.remote`` of ``cls`` with the collector tuned in its process; the class itself stays plain (unit
-    tests construct it in pytest's process, whose collector is left alone)."""
+    """``ray.remote`` of ``cls`` with the collector set for the engine in its process (``engine.runtime.
+    collector``); the class itself stays plain (unit tests construct it in pytest's process, left alone)."""
     def __init__(self, *args, **kwargs):
-        _tune_gc(freeze=False)
+        tune_actor()
         cls.__init__(self, *args, **kwargs)
 
     async def warm(self):
         out = await cls.warm(self)
-        _tune_gc(freeze=True)  # after the model and catalog loads: they live as long as the process
+        tune_actor(freeze=True)  # after the model and catalog loads: they live as long as the process
         return out
 
     body = {"__init__": __init__, "warm": warm, "__module__": cls.__module__, "__qualname__": cls.__qualname__,

@@ -8,8 +8,11 @@
    same trace;
 2. p50/p99 from ``submit()`` of an urgent request to its dispatcher, on an idle engine (one request at a
    time; engine speed-up 100 so provider calls are short, the wait converted back to real milliseconds);
-3. resident memory of the engine's actor processes.
-Targets (issue 3): >= 50,000/s with submit_many, >= 20,000/s per-call, urgent p99 <= 20 ms.
+3. resident memory of the engine's actor processes;
+4. in the same run, what bounds them (``_ray_floor.py``): the limit, plain actors passing lists of 1,000
+   small dicts along 5 legs and one item along the urgent path's 4 legs, with no work; and the peer, Ray
+   Serve's ``@serve.batch`` behind a handle (``--no-peer`` skips it: about 10 s).
+Targets (issue 12): >= 20,000/s with submit_many, >= 15,000/s per call, urgent p99 <= 15 ms.
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ from engine.core.tracegen import synth  # noqa: E402
 from engine.sim.simulator import simulate  # noqa: E402
 from policies import load_policy  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _ray_floor import chain_items_per_s, chain_latency_ms, serve_batch_per_s  # noqa: E402
+
 
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -45,6 +51,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=20_000)
     ap.add_argument("--urgent", type=int, default=200, help="urgent requests timed one at a time")
+    ap.add_argument("--no-peer", action="store_true", help="skip Ray Serve's figure")
     a = ap.parse_args()
     n = a.n
     ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -85,6 +92,13 @@ def main() -> None:
     lat_ms = np.array(lat) * 1000 / 100.0
     print(f"urgent submit() -> dispatcher on an idle engine: p50 {np.percentile(lat_ms, 50):.1f} ms, "
           f"p99 {np.percentile(lat_ms, 99):.1f} ms over {lat_ms.size} requests")
+
+    print(f"limit, 5 idle actors in a row passing lists of 1,000 small dicts: {chain_items_per_s():,.0f} items/s")
+    p50, p99 = chain_latency_ms(max(a.urgent, 200))
+    print(f"limit, one item through 4 idle actors (the urgent path's legs, no work): p50 {p50:.1f} ms, "
+          f"p99 {p99:.1f} ms")
+    if not a.no_peer:
+        print(f"peer, Ray Serve @serve.batch behind a handle, no work: {serve_batch_per_s():,.0f} requests/s")
     ray.shutdown()
 
 

@@ -33,6 +33,7 @@ from engine.core.errors import ConfigError, EngineStopped, Overloaded, RequestEr
 from engine.core.request import Request, validation_context
 from engine.core.result import Result
 from engine.core.settings import Settings, with_budget
+from engine.runtime.collector import driver_gc
 
 __all__ = ["Engine", "ResultFuture"]
 
@@ -90,6 +91,7 @@ class Engine(AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervised):
         self._puller.start()
         self._checker.start()
         Engine._running_engines.add(self)
+        driver_gc.engine_started()
 
     # -- start / stop -------------------------------------------------------------------------------------------
     @classmethod
@@ -224,6 +226,7 @@ class Engine(AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervised):
             for i in self._h["ingests"]:
                 i.leave.remote(self._client, self._retention_s)
         Engine._running_engines.discard(self)
+        driver_gc.engine_stopped()
         if self._started_ray:
             heir = next(iter(Engine._running_engines), None)
             if heir is None:

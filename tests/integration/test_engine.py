@@ -9,6 +9,7 @@ from engine import Engine
 from engine.core.catalog import default_catalog
 from engine.core.errors import RequestError
 from engine.core.tracegen import synth
+from engine.runtime.collector import THRESHOLDS
 
 CAT = default_catalog()
 
@@ -20,7 +21,9 @@ def short_trace(n, seed, span_s, max_deadline_s):
 
 def test_every_future_resolves_and_the_report_adds_up(ray_session):
     reqs = short_trace(300, seed=3, span_s=300, max_deadline_s=900)
+    before = gc.get_threshold()
     with Engine.start(speedup=500) as eng:
+        in_driver = gc.get_threshold()
         futs = eng.replay(reqs)
         first = min(reqs, key=lambda r: r.arrival_s)
         assert eng.submit(first) is futs[0]  # same id: the same future, never a second call
@@ -29,12 +32,12 @@ def test_every_future_resolves_and_the_report_adds_up(ray_session):
         tuned = ray.get([h.__ray_call__.remote(lambda self: (gc.get_threshold(), gc.get_freeze_count(),
                                                              type(self).__name__))
                          for h in eng._h["named"].values()])
-    # Every engine actor runs with the collector the engine sets (actors.remote.GC_THRESHOLDS), its warm state
-    # frozen, under its own class name; the driver's interpreter is left as it was.
-    from actors.remote import GC_THRESHOLDS
-    assert all(t == GC_THRESHOLDS and frozen > 0 for t, frozen, _ in tuned), tuned
+    # Every engine actor runs with the collector the engine sets (engine.runtime.collector), its warm state
+    # frozen, under its own class name.
+    assert all(t == THRESHOLDS and frozen > 0 for t, frozen, _ in tuned), tuned
     assert {"Ingest", "ResultCache", "Grouper", "Dispatcher", "ResultHub", "BudgetController"} == {n for *_, n in tuned}
-    assert gc.get_threshold() != GC_THRESHOLDS
+    # The driver's (the user's interpreter): raised from CPython's defaults while the engine ran, then put back.
+    assert in_driver == (THRESHOLDS if before == (700, 10, 10) else before) and gc.get_threshold() == before
     assert [r.id for r in results] == [r.id for r in sorted(reqs, key=lambda r: r.arrival_s)]
     assert {r.status for r in results} <= {"ok", "reused"}
     assert rep["requests"] == len(reqs) and rep["budget"]["reserved_usd"] == pytest.approx(0.0, abs=1e-9)
