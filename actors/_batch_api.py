@@ -10,6 +10,7 @@ import secrets
 
 from actors._types import BatchJob, Job
 from actors.providers._wire import redact
+from engine.core.budgets import Charge
 from engine.core.provider_api import CallJob
 from engine.runtime.providers import Event
 from engine.runtime.turnaround import Turnaround, submitted
@@ -192,11 +193,16 @@ class BatchApiRuns:
                 await self._sleep(POLL_RETRY_S)
                 continue
             if outs is not None:
-                late = [o for o in outs.values() if o.ok]
+                late = [(cj, outs[cj.key]) for cj in cjobs if cj.key in outs and outs[cj.key].ok]
+                usd = sum(o.cost for _, o in late)
                 self.paid_twice += len(late)
-                self.paid_twice_usd += sum(o.cost for o in late)
+                self.paid_twice_usd += usd
                 self._counts.paid_twice_members += len(late)
-                self._counts.paid_twice_usd += sum(o.cost for o in late)
+                self._counts.paid_twice_usd += usd
+                if late and self.budget is not None:  # on the bill, so on the budgets too (docs/budgets.md)
+                    # One id per member's attempt (its custom_id): a replay counts nothing twice.
+                    self.budget.send("charge_many", [Charge(f"late:{cj.key}", cj.req.tenant, cj.req.provider,
+                                                            cj.req.model, o.cost) for cj, o in late])
                 self._kick()
                 return
             await self._sleep(st.next_poll_s)

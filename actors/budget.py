@@ -26,7 +26,7 @@ import time
 
 from actors._peer import Warm, as_peer, resolve_clock
 from actors.journal import HubJournal
-from engine.core.budgets import LEDGER, BudgetBook, BudgetSettings, Claim, Verdict
+from engine.core.budgets import LEDGER, BudgetBook, BudgetSettings, Charge, Claim, Verdict
 from engine.core.errors import ConfigError
 
 __all__ = ["BudgetController"]
@@ -52,6 +52,8 @@ class BudgetController(Warm):
         self._down_until: float | None = None  # monotonic time Redis is tried again; None: up
         self._last_error = ""
         self._outbox: list[tuple[str, float]] = []  # settlements Redis has not taken yet
+        self._charges: list[Charge] = []  # charges Redis has not taken yet
+        self._charged: dict[str, float] = {}  # every charge id this controller was given, and its USD
         self._settling = 0  # settlements in a call to Redis now
         self._flusher: asyncio.Task | None = None
         if settings.redis_url:
@@ -209,15 +211,39 @@ class BudgetController(Warm):
         self._arm_flush()
         return False
 
+    async def charge_many(self, charges: list[Charge]) -> None:
+        """Count spend no reservation covered (``Charge``); kept until the ledger takes it, as settlements are
+        (a charge is counted once per id, so a replay of one Redis did take changes nothing)."""
+        self._charges.extend(charges)
+        self._charged.update((c.cid, c.usd) for c in charges)
+        await self._charge()
+        self._changed()
+
+    async def _charge(self) -> bool:
+        items, self._charges = self._charges, []
+        if not items:
+            return True
+        if self._usable():
+            try:
+                await self._maybe(self.book.charge_many(items, self.now()))
+            except self._errors as exc:
+                self._failed(exc)
+            else:
+                self._recovered()
+                return True
+        self._charges = items + self._charges
+        self._arm_flush()
+        return False
+
     def _arm_flush(self) -> None:
         """Replay the outbox once Redis is back, even if no other call comes to do it."""
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._flush_outbox())
 
     async def _flush_outbox(self) -> None:
-        while self._outbox:
+        while self._outbox or self._charges:
             await asyncio.sleep(self.settings.redis_retry_s)
-            if self._usable() and await self._settle([]):
+            if self._usable() and await self._settle([]) and await self._charge():
                 self._changed()
 
     def _changed(self) -> None:
@@ -298,7 +324,10 @@ class BudgetController(Warm):
     async def report(self) -> dict:
         """Each budget's current window, settled spend per tenant/provider/model, refusals by reason, and (for
         a ledger of this engine alone) every window so far and the overrun, which must be 0."""
-        out = {"budgets": [], "spend": [], "refusals": dict(self.refusals)}
+        # charged_usd: spend no reservation covered (``Charge``), in the spend figures too, and past a limit if
+        # it came to that: the bill's, not a decision's.
+        out = {"budgets": [], "spend": [], "refusals": dict(self.refusals),
+               "charged_usd": round(sum(self._charged.values()), 6)}
         try:
             if self._usable():
                 out["budgets"] = await self._rows()

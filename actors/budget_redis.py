@@ -7,7 +7,7 @@ way: "with N pods the effective budget was N x max_budget", issues #34732 and #6
 Keys: ``{prefix}:w:{spec}@{window start}`` is a hash {spent, reserved} that expires a day after its window;
 ``{prefix}:c:{claim id}`` records which windows a claim reserved and how much, so settling releases exactly
 that, even after the window rolled over; ``{prefix}:exp`` orders open claims by expiry; ``{prefix}:spend``
-holds settled spend per tenant, provider and model.
+holds settled spend per tenant, provider and model; ``{prefix}:x:{charge id}`` marks a ``Charge`` counted.
 
 Reservations expire: a claim still open ``reservation_ttl_s`` after it was made (on Redis's clock, ``TIME``,
 one clock for every engine) is released by the next script that runs (both sweep first), so an engine that
@@ -20,7 +20,16 @@ from __future__ import annotations
 import math
 import re
 
-from engine.core.budgets import BudgetSpec, Claim, Refusal, Throttle, Verdict, verdict_of, window_bounds
+from engine.core.budgets import (
+    BudgetSpec,
+    Charge,
+    Claim,
+    Refusal,
+    Throttle,
+    Verdict,
+    verdict_of,
+    window_bounds,
+)
 
 __all__ = ["RedisBudgetBook"]
 
@@ -123,6 +132,27 @@ end
 return n
 """
 
+# Spend no claim covers (``Charge``): counted once per charge id, whose marker lives two days.
+_CHARGE = """
+local prefix = ARGV[1]
+local n = tonumber(ARGV[2])
+local i = 3
+for c = 1, n do
+  local cid, usd, who, nk = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2], tonumber(ARGV[i + 3])
+  i = i + 4
+  if redis.call('SET', prefix .. ':x:' .. cid, '1', 'NX', 'EX', 172800) then
+    redis.call('HINCRBYFLOAT', prefix .. ':spend', who, usd)
+    for j = 0, nk - 1 do
+      local h, ttl = prefix .. ':w:' .. ARGV[i + 2 * j], tonumber(ARGV[i + 2 * j + 1])
+      redis.call('HINCRBYFLOAT', h, 'spent', usd)
+      if ttl > 0 then redis.call('EXPIRE', h, ttl) end
+    end
+  end
+  i = i + 2 * nk
+end
+return n
+"""
+
 _SWEEP_ONLY = _SWEEP + """
 local now, swept = sweep(ARGV[1], tonumber(ARGV[2]))
 return swept
@@ -155,6 +185,7 @@ class RedisBudgetBook:
         self._reserve = client.register_script(_RESERVE)
         self._settle = client.register_script(_SETTLE)
         self._sweep = client.register_script(_SWEEP_ONLY)
+        self._charge = client.register_script(_CHARGE)
 
     def __repr__(self) -> str:
         return f"RedisBudgetBook(specs={len(self.specs)}, prefix={self.prefix!r})"
@@ -197,6 +228,18 @@ class RedisBudgetBook:
         for rid, actual in items:
             args += [rid, repr(float(actual))]
         await self._settle(args=args)
+
+    async def charge_many(self, charges: list[Charge], now: float) -> None:
+        if not charges:
+            return
+        args: list = [self.prefix, len(charges)]
+        for c in charges:
+            touched = [s for s in self.specs if s.covers(c.tenant, c.provider, c.model)]
+            args += [c.cid, repr(float(c.usd)), _who(c.tenant, c.provider, c.model), len(touched)]
+            for s in touched:
+                end = window_bounds(s.budget_duration, now)[1]
+                args += [s.key(now), 0 if end == math.inf else int(end - now) + 86400]
+        await self._charge(args=args)
 
     async def sweep(self) -> int:
         """Release the reservations of expired claims now (every reservation or settlement does it too);

@@ -27,7 +27,7 @@ from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["LEDGER", "BudgetBook", "BudgetSettings", "BudgetSpec", "Claim", "Refusal", "Throttle", "Verdict",
+__all__ = ["LEDGER", "BudgetBook", "BudgetSettings", "BudgetSpec", "Charge", "Claim", "Refusal", "Throttle", "Verdict",
            "parse_duration", "verdict_of", "window_bounds", "window_row"]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|mo)\s*$")
@@ -170,6 +170,18 @@ class Claim(NamedTuple):
     amount: float
 
 
+class Charge(NamedTuple):
+    """Spend that no claim covers, e.g. a batch member the provider finished after it had been sent again sync
+    (``paid_twice``): real money on the bill, so it counts against every budget covering it, past the limit if
+    it must. Counted once per ``cid``, in the windows open when it is charged."""
+
+    cid: str
+    tenant: str
+    provider: str
+    model: str
+    usd: float
+
+
 LEDGER = "ledger"  # Verdict.budget of a claim the ledger could not decide (no spec has this name)
 
 
@@ -235,6 +247,7 @@ class BudgetBook:
         self.reserved: dict[str, float] = {}
         self.claims: dict[str, tuple[tuple[str, str, str], list[tuple[str, float]]]] = {}  # rid -> (who, windows)
         self.spend: dict[tuple[str, str, str], float] = {}  # (tenant, provider, model) -> settled USD
+        self.charged: set[str] = set()  # Charge.cid already counted
         self.by_name = {s.name: s for s in self.specs}
 
     def __repr__(self) -> str:
@@ -281,6 +294,19 @@ class BudgetBook:
             for k, amount in windows:
                 self.reserved[k] = self.reserved.get(k, 0.0) - amount
                 self.spent[k] = self.spent.get(k, 0.0) + actual
+
+    def charge_many(self, charges: list[Charge], now: float) -> None:
+        """Count spend no claim covered; a charge id seen before changes nothing, so a replay is harmless."""
+        for c in charges:
+            if c.cid in self.charged:
+                continue
+            self.charged.add(c.cid)
+            who = (c.tenant, c.provider, c.model)
+            self.spend[who] = self.spend.get(who, 0.0) + c.usd
+            for s in self.specs:
+                if s.covers(c.tenant, c.provider, c.model):
+                    k = s.key(now)
+                    self.spent[k] = self.spent.get(k, 0.0) + c.usd
 
     def report(self, now: float) -> list[dict]:
         """Each budget's current window."""

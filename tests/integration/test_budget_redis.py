@@ -9,7 +9,7 @@ import random
 import pytest
 
 from actors.budget_redis import RedisBudgetBook
-from engine.core.budgets import BudgetBook, BudgetSpec, Claim
+from engine.core.budgets import BudgetBook, BudgetSpec, Charge, Claim
 
 T0 = float(calendar.timegm((2026, 11, 29, 10, 30, 0)))
 _prefix = itertools.count()
@@ -78,6 +78,15 @@ def test_the_lua_ledger_decides_as_the_reference_does(redis_server):
                 actual = round(rng.uniform(0, 1), 3)
                 ref.settle_many([(rid, actual)])
                 await book.settle_many([(rid, actual)])
+            if rng.random() < 0.1:  # spend no claim covered (paid twice): counted past the limit, once per id
+                ch = Charge(f"x{rng.randrange(20)}", c.tenant, c.provider, c.model, round(rng.uniform(0, 2), 3))
+                ref.charge_many([ch], t)
+                await book.charge_many([ch], t)
+            rows = await book.report(t)
+            for got, want in zip(rows, ref.report(t), strict=True):
+                assert got["spent_usd"] == pytest.approx(want["spent_usd"], abs=1e-6), (k, got, want)
+        assert ref.charged and ref.overrun_usd() > 0  # the charges did pass a limit, as the bill did
+        assert await book.spend_report() == ref.spend_report()
         for c in clients:
             await c.aclose()
     asyncio.run(go())

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from engine.core.budgets import BudgetSettings, BudgetSpec, Claim
+from engine.core.budgets import BudgetSettings, BudgetSpec, Charge, Claim
 from engine.core.errors import ConfigError
 
 _prefix = itertools.count()
@@ -105,13 +105,16 @@ def test_the_budget_controller_answers_at_once_while_redis_is_paused_and_settles
             assert [x.reason for x in v] == ["budget_unavailable"] * 2 and "Redis at redis://127.0.0.1" in v[0].why()
             t0 = time.monotonic()
             await ctl.settle_many([(c[1].rid, 0.7)])
+            await ctl.charge_many([Charge("late:m1", "acme", "openai", "gpt-4o-mini", 0.2)])  # kept, as settlements
             assert await ctl.reserve_many(c[2:3]) == v[:1]  # down: answered without asking Redis
             assert time.monotonic() - t0 < 0.1
             rep = await ctl.report()
             assert rep["ledger"]["up"] is False and rep["ledger"]["unsettled"] == 2
         # Back: the outbox flushes by itself (no other call needed); its task ends when it is empty.
         await asyncio.wait_for(ctl._flusher, timeout=5)
-        assert ctl._outbox == [] and ledger_now(own_redis, b) == (0.7, 0.0)
+        assert ctl._outbox == ctl._charges == [] and ledger_now(own_redis, b) == (0.9, 0.0)
+        await ctl.charge_many([Charge("late:m1", "acme", "openai", "gpt-4o-mini", 0.2)])  # again: counted once
+        assert ledger_now(own_redis, b) == (0.9, 0.0) and (await ctl.report())["charged_usd"] == 0.2
         assert (await ctl.reserve_many(c[3:]))[0].ok
         assert (await ctl.report())["ledger"]["up"] is True
         assert ctl.refusals["budget_unavailable"] == 3

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from tests.unit.test_http_providers import (  # noqa: F401  (emu: the fixture)
     EMU_CANCEL_S,
     PROVIDERS,
@@ -78,6 +80,11 @@ def test_a_late_cancelled_batch_is_followed_to_its_end_through_a_failed_poll(emu
             await _settled(rig)
             assert failed, "the follow-up never polled"
             assert rig.d.paid_twice >= 1, "what the batch finished was not counted"
+            await asyncio.gather(*rig.d.budget._tasks)  # the dispatcher's message to the ledger
+            # What the late batch finished is on the bill, so it is on the budget ledger too: the members went
+            # back unbilled otherwise (a recording grouper sends nothing), so the ledger holds the whole bill.
+            billed = sum(i.cost_usd for i in emu.bill().items)
+            assert billed > 0 and sum(rig.budget.book.spend.values()) == pytest.approx(billed, abs=1e-12)
         finally:
             await rig.close()
     asyncio.run(go())
