@@ -8,6 +8,8 @@ from __future__ import annotations
 import concurrent.futures as cf
 import time
 
+import ray
+
 from engine.app.driver import Engine
 from engine.core.settings import Settings
 
@@ -27,8 +29,16 @@ def test_a_hung_ingest_is_killed_restarted_and_loses_nothing(ray_session):
         assert all(f.result(timeout=60).status == "ok" for f in before)
         ingest = eng._h["named"]["ingest"]
         # Blocks the actor's event loop far longer than the test may take: only a kill ends it.
-        ingest.__ray_call__.remote(lambda self: time.sleep(600))
         t0 = time.monotonic()
+        ingest.__ray_call__.remote(lambda self: time.sleep(600))
+        # Calls to an async actor are not ordered: submit only once the loop is blocked (a ping goes unanswered),
+        # or the requests may pass ingest before the sleep starts and nothing hangs (seen on a loaded machine).
+        for _ in range(60):
+            ready, _ = ray.wait([ingest.ping.remote()], timeout=1.0)
+            if not ready:
+                break
+        else:
+            raise AssertionError("ingest kept answering: the blocking call never ran")
         during = eng.submit_many(requests("b", 50, eng.now()))
         done, open_ = cf.wait(during, timeout=120)
         assert not open_, f"{len(open_)} requests still open after 120 s"
