@@ -33,6 +33,21 @@ def _init_ray(address: str) -> bool:
     return True
 
 
+def _where(name: str, address: str) -> str:
+    """``address``, except that ``auto`` (Ray's guess: the latest ``ray start`` cluster, else any Ray of this
+    machine) becomes the address a ``smartbatch serve --name NAME`` running here published: each serve starts
+    a Ray of its own, which ``auto`` misses as soon as another Ray runs on the machine."""
+    import os
+
+    import ray
+
+    if address != "auto" or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+        return address
+    from engine.app.cli_serve import served_address
+
+    return served_address(name) or address
+
+
 def stale_engine(name: str) -> bool:
     """Whether the engine ``name`` that Ray's KV store names has no actor left (its driver died without stopping
     it): its layout is then removed, and the name is free again. An engine with some actors alive is running
@@ -68,7 +83,7 @@ class SharedEngine:
         from actors._peer import running_engines
         from actors.remote import attach_actors
 
-        started = _init_ray(address)
+        started = _init_ray(_where(name, address))
         got = attach_actors(name)
         if got is None or got[0]["clock"] is None:
             others = running_engines()
@@ -102,7 +117,7 @@ class SharedEngine:
         from actors._peer import read_layout, running_engines
         from actors.remote import kill_engine
 
-        started = _init_ray(address)
+        started = _init_ray(_where(name, address))
         try:
             if read_layout(name) is None:
                 raise ConfigError(f"no engine named {name!r} runs on this Ray cluster (running: "

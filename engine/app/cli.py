@@ -12,7 +12,16 @@ from rich.table import Table
 from rich.text import Text
 
 from engine.app import cli_batch, cli_serve, cli_trace  # noqa: F401  (importing them registers their commands on the app)
-from engine.app.cli_common import _fail, _providers, _settings, _warn_skipped, app, console, err_console
+from engine.app.cli_common import (
+    _check_outputs,
+    _fail,
+    _providers,
+    _settings,
+    _warn_skipped,
+    app,
+    console,
+    err_console,
+)
 from engine.core.errors import SmartbatchError
 from engine.core.settings import Settings
 
@@ -135,6 +144,7 @@ def _bench(requests, name: str, policies: str, variants: Path | None, out: Path,
     from engine.app.bench import load_variants, resolve_policies, run_bench, write_outputs
 
     specs = resolve_policies(policies, load_variants(variants))
+    _check_outputs(dirs={"--out": out})
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=err_console, transient=True) as bar:
         task = bar.add_task(f"bench {name}", total=len(specs) + 1)
@@ -252,6 +262,7 @@ def run(trace: Path = typer.Argument(..., help="a JSONL trace"),
             _print_plan(plan(tr.requests, policy=spec.policy, params=spec.params, catalog=cat, settings=settings,
                              seed=seed))
             return
+        _check_outputs(dirs={"--out": out})
         try:
             doc = _live(tr.requests, tr.name, policy, speedup, address, seed, settings, cat, spec=spec,
                         shards=shards)

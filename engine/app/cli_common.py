@@ -127,6 +127,48 @@ def _providers(settings: Settings, mode: str | None, base_urls: list[str] | None
 
 
 
+def _check_outputs(files: dict[str, Path | None] | None = None, dirs: dict[str, Path] | None = None,
+                   inputs: tuple[Path, ...] = ()) -> None:
+    """Refuse, before anything is simulated or sent, an output that cannot be written, or that would overwrite
+    an input or another output: found only at the end, it cost a whole run (a paid one, against real
+    providers) and lost its results, as an 'unexpected' error. ``files`` and ``dirs`` map a flag to its path."""
+    from engine.core.errors import ConfigError
+
+    ins = {p.resolve() for p in inputs}
+    seen: dict[Path, str] = {}
+    for flag, p in (files or {}).items():
+        if p is None:
+            continue
+        r = p.resolve()
+        if r in ins:
+            raise ConfigError(f"{flag} {p}: that is the input file, which writing would destroy; give another path")
+        if r in seen:
+            raise ConfigError(f"{flag} {p}: {seen[r]} writes to the same file; give each its own path")
+        seen[r] = flag
+        if r.is_dir():
+            raise ConfigError(f"{flag} {p}: is a directory; give a file path")
+        _probe_dir(flag, p, r.parent)
+    for flag, d in (dirs or {}).items():
+        r = d.resolve()
+        if r.exists() and not r.is_dir():
+            raise ConfigError(f"{flag} {d}: is a file; give a directory (it is created if missing)")
+        _probe_dir(flag, d, r)
+
+
+def _probe_dir(flag: str, shown: Path, d: Path) -> None:
+    """Create directory ``d`` (its outputs go there anyway) and write a scratch file in it."""
+    import tempfile
+
+    from engine.core.errors import ConfigError
+
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=d):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"{flag} {shown}: cannot write there ({exc.strerror or exc}); give a writable path") from None
+
+
 SKIPPED_SHOWN = 5
 
 

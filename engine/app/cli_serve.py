@@ -101,6 +101,16 @@ def _claimed(name: str, info: dict) -> str:
             + (" (and another --http-port)" if url else ""))
 
 
+def served_address(name: str) -> str | None:
+    """The Ray address that a ``smartbatch serve --name NAME`` running on this machine published (None if none
+    runs, or it has not published one yet)."""
+    path = _claims_dir() / f"{quote(name, safe='')}.json"
+    if not path.exists() or _free_claim(path):
+        return None
+    addr = _read(path).get("address")
+    return addr if isinstance(addr, str) and addr else None
+
+
 def _port_holder(port: int) -> dict:
     """What the running ``serve`` whose endpoint is on ``port`` published ({} if none is)."""
     d = _claims_dir()

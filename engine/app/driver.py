@@ -373,10 +373,13 @@ class Engine(AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervised):
             rep["cache"] = sum_figures(ray.get([c.stats_now.remote() for c in self._h["caches"]]))
         return rep
 
-    def replay(self, requests: Sequence[Request], *, on_submit=None) -> list[ResultFuture]:
-        """Submit ``requests`` (sorted by arrival) as the engine clock reaches each arrival time."""
+    def replay(self, requests: Sequence[Request], *, on_submit=None,
+               into: list[ResultFuture] | None = None) -> list[ResultFuture]:
+        """Submit ``requests`` (sorted by arrival) as the engine clock reaches each arrival time. The futures are
+        appended to ``into`` (when given) as they are submitted, so a caller interrupted by Ctrl-C while the
+        replay still paces arrivals keeps those already sent."""
         reqs = sorted(requests, key=lambda r: r.arrival_s)
-        futs: list[ResultFuture] = []
+        futs: list[ResultFuture] = into if into is not None else []
         k = 0
         while k < len(reqs):
             now = self.clock.now()

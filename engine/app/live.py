@@ -85,11 +85,14 @@ def run_live(requests: Sequence[Request], *, trace_name: str, policy: str = "sma
                       speedup=speedup, offset_s=offset, seed=seed, num_shards=num_shards) as eng:
         if on_start is not None:
             on_start(eng)
-        futs = eng.replay(reqs)
-        if on_done is not None:
-            for f in futs:
-                f.add_done_callback(lambda _f: on_done(1))
+        futs: list = []
         try:
+            # Ctrl-C may come while the replay still paces arrivals (a whole trace's span at speed-up 1): what
+            # was sent by then is in ``futs``.
+            eng.replay(reqs, into=futs)
+            if on_done is not None:
+                for f in futs:
+                    f.add_done_callback(lambda _f: on_done(1))
             got = [f.result() for f in futs]
         except KeyboardInterrupt:
             # What finished was paid for: hand it and the spend so far to the caller, which keeps a record.

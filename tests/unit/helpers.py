@@ -80,10 +80,24 @@ class CtrlCEngine:
                                model=reqs[0].model))
         return [done, _CtrlC()]
 
-    replay = submit_many
+    def replay(self, reqs: list, *, into: list | None = None, **_: object) -> list:
+        futs = self.submit_many(reqs)
+        if into is not None:
+            into.extend(futs)
+        return futs
 
     def report(self) -> dict:
         return {"spend_usd": self.spend_usd}
+
+
+class CtrlCInReplayEngine(CtrlCEngine):
+    """Ctrl-C comes while ``replay`` still paces arrivals (in its sleep): the first request was sent and has
+    finished, the second was not sent yet."""
+
+    def replay(self, reqs: list, *, into: list | None = None, **_: object) -> list:
+        if into is not None:
+            into.append(self.submit_many(reqs)[0])
+        raise KeyboardInterrupt
 
 
 class _CtrlC(concurrent.futures.Future):

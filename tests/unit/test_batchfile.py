@@ -176,3 +176,43 @@ def test_ctrl_c_during_batch_keeps_finished_lines_and_answers_the_rest(tmp_path,
     assert o["custom_id"] == "a" and o["error"] is None
     (e,) = [json.loads(x) for x in (tmp_path / "o.errors.jsonl").read_text().splitlines()]
     assert e["custom_id"] == "b" and "interrupted" in e["error"]["message"]
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--out", "{in}"], "--out {in}: that is the input file"),
+    (["--out", "{d}/o.jsonl", "--errors", "{d}/o.jsonl"], "--errors {d}/o.jsonl: --out writes to the same file"),
+    (["--out", "{d}/o.jsonl", "--report", "{d}/o.errors.jsonl"], "the error file"),
+    (["--out", "{d}"], "--out {d}: is a directory"),
+    (["--out", "{d}/in.jsonl/o.jsonl"], "cannot write there"),
+])
+def test_batch_refuses_outputs_it_cannot_write_before_sending_anything(batch, tmp_path, monkeypatch, flags, says):
+    """`--out` the input file overwrote it with the output; `--errors` the output file overwrote the answered
+    lines; an unwritable `--out` failed only after every line had been sent (and paid), as an 'unexpected' bug,
+    losing the results. Each is now one error line, before an engine starts."""
+    import engine.app.driver as driver_mod
+
+    def started(*_a, **_k):
+        raise AssertionError("an engine started")
+    monkeypatch.setattr(driver_mod.Engine, "start", classmethod(started))
+    before = batch.read_bytes()
+    fill = {"in": str(batch), "d": str(tmp_path)}
+    r = runner.invoke(app, ["batch", str(batch), *[f.format(**fill) for f in flags]])
+    assert r.exit_code == 2, r.output
+    out = " ".join(r.output.split())
+    assert out.startswith("error: ") and says.format(**fill) in out and "unexpected" not in out, out
+    assert batch.read_bytes() == before
+
+
+def test_batch_table_of_a_cheap_file_shows_figures_that_add_up(capsys):
+    """At 4 decimals a file of a few cheap lines read cost $0.0008, list $0.0008, saving $0.0001."""
+    from engine.app import cli_batch
+
+    rows = [{"mode": "sync", "status": "ok", "cost_usd": 0.0007848, "list_price_usd": 0.0007848},
+            {"mode": "reuse", "status": "reused", "cost_usd": 0.0, "list_price_usd": 0.0000606}]
+    doc = {"input": "in.jsonl", "lines": rows,
+           "totals": {"lines": 2, "succeeded": 2, "cost_usd": 0.0007848, "list_price_usd": 0.0008454,
+                      "saving_usd": 0.0000606}}
+    cli_batch._print_batch_report(doc)
+    text = " ".join(capsys.readouterr().out.split())
+    assert "$0.000785 against $0.000845 at list price" in text, text
+    assert "0.000785 │ 0.000845 │ 0.000061" in text, text

@@ -329,3 +329,53 @@ def test_ctrl_c_during_run_keeps_the_finished_results_and_the_spend(tmp_path, mo
     assert kept["id"] == "r0" and kept["cost_usd"] == 0.001
     text = " ".join(r.output.split())
     assert "1 of 2 request(s) had finished (spend so far $0.0010)" in text and "may still finish and be billed" in text
+
+
+def test_ctrl_c_while_run_still_paces_arrivals_keeps_what_was_sent(tmp_path, monkeypatch):
+    """Ctrl-C while `run` replays the trace (its whole span, at speed-up 1) left no record: the requests sent
+    and paid so far were lost, with no message. Now they go to results.partial.jsonl as after the replay."""
+    import engine.app.driver as driver_mod
+    from tests.unit.helpers import CtrlCInReplayEngine
+
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("".join(json.dumps({"id": f"r{i}", "arrival_s": i, "model": "gpt-5-mini", "prompt": f"q{i}"})
+                             + "\n" for i in range(2)))
+    monkeypatch.setattr(driver_mod.Engine, "start", classmethod(lambda cls, *a, **k: CtrlCInReplayEngine()))
+    out = tmp_path / "o"
+    r = runner.invoke(app, ["run", str(trace), "--out", str(out)])
+    assert r.exit_code == 130, r.output
+    (kept,) = [json.loads(x) for x in (out / "results.partial.jsonl").read_text().splitlines()]
+    assert kept["id"] == "r0" and kept["cost_usd"] == 0.001
+    assert "1 of 1 request(s) had finished (spend so far $0.0010)" in " ".join(r.output.split())
+
+
+@pytest.mark.parametrize("cmd", ["bench", "run"])
+def test_an_unwritable_out_is_refused_before_the_run(tmp_path, monkeypatch, cmd):
+    """`run --out` where nothing can be written ran the whole trace (paid, with real providers), then failed as
+    an 'unexpected' bug and lost every result; `bench` likewise after simulating every policy."""
+    import engine.app.bench as bench_mod
+    import engine.app.driver as driver_mod
+
+    def ran(*_a, **_k):
+        raise AssertionError("it ran")
+    monkeypatch.setattr(driver_mod.Engine, "start", classmethod(ran))
+    monkeypatch.setattr(bench_mod, "run_bench", ran)
+    trace = tmp_path / "t.jsonl"
+    trace.write_text(json.dumps({"id": "a", "arrival_s": 0, "model": "gpt-5-mini", "prompt": "q"}) + "\n")
+    for out, says in ((trace / "o", "cannot write there"), (trace, "is a file; give a directory")):
+        r = runner.invoke(app, [cmd, str(trace), "--out", str(out)])
+        assert r.exit_code == 2, r.output
+        text = " ".join(r.output.split())
+        assert text.startswith(f"error: --out {out}: {says}") and "unexpected" not in text, text
+
+
+def test_naive_against_itself_saves_nothing_on_a_tiny_trace(tmp_path):
+    """A one-request trace: naive's cost is rounded to 6 places in the row, and saving and capture were computed
+    from that rounded figure against the unrounded naive bill, so naive 'captured' 0.1 % of the achievable."""
+    trace = tmp_path / "one.jsonl"
+    trace.write_text(json.dumps({"id": "a", "arrival_s": 0, "model": "gpt-5-mini", "prompt": "hi"}) + "\n")
+    out = tmp_path / "o"
+    r = runner.invoke(app, ["bench", str(trace), "--policies", "naive", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    (row,) = json.loads((out / "results.json").read_text())["results"]
+    assert row["saving_vs_naive"] == 0 and row["capture_of_achievable"] == 0 and row["capture_of_online"] == 0

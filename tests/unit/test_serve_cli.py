@@ -172,3 +172,33 @@ def test_the_serve_watch_outlasts_a_read_that_fails_twice_and_ends_when_the_engi
     done = threading.Event()
     _watch_layout("prod", done, every_s=0.001)
     assert done.is_set() and len(seen) == 5 and seen[-1] is None
+
+
+def test_stop_without_address_finds_the_serve_of_that_name_on_this_machine(monkeypatch):
+    """Each serve starts a Ray of its own; `--address auto` is Ray's guess, which took another Ray of the machine
+    (a `ray start` cluster, another job's) and said "no engine named 'prod' runs (running: none)" while it ran.
+    The README's `smartbatch stop --name prod` now uses the address that serve published."""
+    import ray
+
+    import engine.app._driver_shared as shared
+    from engine.app.driver import Engine
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # the suite's own Ray may run in this process
+    asked = []
+
+    def init(address):
+        asked.append(address)
+        raise ConfigError("stop here")
+    monkeypatch.setattr(shared, "_init_ray", init)
+    claim = NameClaim("prod")
+    try:
+        claim.publish(address="10.0.0.5:6379")
+        runner.invoke(app, ["stop", "--name", "prod"])
+        runner.invoke(app, ["stop", "--name", "staging"])  # no serve of that name here: Ray's own guess
+        with pytest.raises(ConfigError):
+            Engine.connect("prod")
+    finally:
+        claim.release()
+    runner.invoke(app, ["stop", "--name", "prod"])  # that serve has ended
+    assert asked == ["10.0.0.5:6379", "auto", "10.0.0.5:6379", "auto"]
