@@ -53,7 +53,8 @@ def trace_from_mooncake(jsonl: Path = typer.Argument(..., help="a Mooncake trace
 def trace_synth(out: Path = typer.Option(..., "--out"),
                 n: int = typer.Option(5000, "--n", min=1, help="number of requests"),
                 seed: int = typer.Option(0, "--seed"),
-                duration: float = typer.Option(3600.0, min=1.0, help="seconds the arrivals span"),
+                duration: float = typer.Option(3600.0, min=1.0, help="seconds the campaigns' arrivals span; re-sent and reworded requests follow "
+                                                     "theirs by minutes, up to 1.2x this"),
                 catalog: Path | None = typer.Option(None)) -> None:
     """A seeded text/image/video workload with campaigns, re-submissions and a priority mix."""
     from engine.core.trace import write_trace
