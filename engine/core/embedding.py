@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -46,6 +47,9 @@ class Embedder:
         self.table = np.ascontiguousarray(table, dtype=np.float32)
         self.dim = self.table.shape[1]
         self._tok = tokenizer  # a tokenizers.Tokenizer; no special tokens are added, as WordLlama does
+        # The same ids without character offsets, which pooling never reads: 5.5 against 10 us a text here
+        # (tokenizers >= 0.20; the ids of 69,278 texts of the real pairs and synthetic prompts are equal).
+        self._encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
         self._leading: dict[int, np.ndarray] = {self.dim: self.table}
 
     def embed(self, texts: Sequence[str], dims: int | None = None) -> np.ndarray:
@@ -61,12 +65,12 @@ class Embedder:
             table = self._leading[dims] = np.ascontiguousarray(self.table[:, :dims])
         out = np.zeros((len(texts), dims), dtype=np.float32)
         for lo in range(0, len(texts), _CHUNK):
-            enc = self._tok.encode_batch(list(texts[lo:lo + _CHUNK]), add_special_tokens=False)
-            lens = np.fromiter((len(e.ids) for e in enc), dtype=np.int64, count=len(enc))
+            id_lists = [e.ids for e in self._encode(list(texts[lo:lo + _CHUNK]), add_special_tokens=False)]
+            lens = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))
             has = np.flatnonzero(lens)
             if not has.size:
                 continue
-            ids = np.fromiter((i for e in enc for i in e.ids), dtype=np.int64, count=int(lens.sum()))
+            ids = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int64, count=int(lens.sum()))
             np.clip(ids, 0, table.shape[0] - 1, out=ids)
             ends = np.cumsum(lens[has])
             sums = np.empty((has.size, dims), dtype=np.float32)

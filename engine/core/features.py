@@ -114,12 +114,13 @@ def _char_ngram_hashes(texts: Sequence[str], n: int) -> tuple[np.ndarray, np.nda
 
 
 def featurize_texts(texts: Sequence[str], params: Sequence[dict] | None = None, *,
-                    dim: int = DEFAULT_DIM) -> np.ndarray:
-    """Feature matrix ``(len(texts), dim)`` float32 with unit rows (all-zero rows for empty input)."""
+                    dim: int = DEFAULT_DIM, normalised: bool = False) -> np.ndarray:
+    """Feature matrix ``(len(texts), dim)`` float32 with unit rows (all-zero rows for empty input).
+    ``normalised``: the texts are ``normalise_prompt``'s already (it is idempotent, so this only saves time)."""
     if dim < 16:
         raise ValueError(f"dim must be >= 16, got {dim}")
     n_docs = len(texts)
-    norm = [normalise_prompt(t).lower() for t in texts]
+    norm = [t.lower() for t in texts] if normalised else [normalise_prompt(t).lower() for t in texts]
     unigrams: list[str] = []
     bigrams: list[str] = []
     n_uni = np.zeros(n_docs, dtype=np.int64)
@@ -204,9 +205,10 @@ def near_vectors_texts(texts: Sequence[str], params: Sequence[dict] | None = Non
     else:
         mat = np.empty((len(texts), NEAR_DIM), dtype=np.float32)
         # unit rows of the leading columns (zero for a text with no tokens)
-        mat[:, :_EMB_COLS] = embedder.embed([normalise_prompt(t) for t in texts], dims=_EMB_COLS)
+        norm = [normalise_prompt(t) for t in texts]
+        mat[:, :_EMB_COLS] = embedder.embed(norm, dims=_EMB_COLS)
         mat[:, :_EMB_COLS] *= np.sqrt(_EMB_WEIGHT)
-        mat[:, _EMB_COLS:] = featurize_texts(texts, dim=NEAR_DIM - _EMB_COLS) * np.sqrt(1 - _EMB_WEIGHT)
+        mat[:, _EMB_COLS:] = featurize_texts(norm, dim=NEAR_DIM - _EMB_COLS, normalised=True) * np.sqrt(1 - _EMB_WEIGHT)
         lengths = np.linalg.norm(mat, axis=1, keepdims=True)  # 1, or less when one part is empty
         lengths[lengths == 0] = 1.0
         mat /= lengths

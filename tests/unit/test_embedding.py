@@ -74,6 +74,11 @@ def test_the_model_loads_once_from_the_package_files():
     assert m.shape == (3, 256) and m.dtype == np.float32
     assert np.allclose(np.linalg.norm(m[[0, 2]], axis=1), 1.0, atol=1e-5) and not m[1].any()
     assert m[0] @ m[2] > 0.8
+    # WordLlama's definition, from the tokenizer's plain encode (with offsets): the mean of the token rows,
+    # normalised. Pins the fast batch path (ids without offsets, pooled by reduceat) to it.
+    ids = e._tok.encode("How do I cook rice?", add_special_tokens=False).ids
+    ref = e.table[ids].mean(axis=0)
+    assert np.allclose(m[0], ref / np.linalg.norm(ref), atol=1e-6)
 
 
 @needs_model
