@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from engine.core.result import Result
@@ -181,15 +182,11 @@ class EngineMetrics:
         for why, n in rejected.items():
             self.rejected.labels(why).inc(n)
         for prov, values in e2e.items():
-            child = self.e2e_s.labels(prov)
-            for v in values:
-                child.observe(v)
+            _observe_all(self.e2e_s.labels(prov), values)
 
     def observe_dispatch(self, provider: str, mode: str, waits: list[float], in_flight: int) -> None:
         self.batch_size.labels(provider, mode).observe(len(waits))
-        child = self.dispatch_s.labels(provider)
-        for w in waits:
-            child.observe(max(w, 0.0))
+        _observe_all(self.dispatch_s.labels(provider), np.maximum(waits, 0.0))
         self.queue.labels(provider).set(in_flight)
 
     def observe_counts(self, provider: str, c: dict) -> None:
@@ -209,13 +206,9 @@ class EngineMetrics:
             if c.get(key):
                 counter.labels(provider).inc(c[key])
         if c.get("turnaround_s"):
-            child = self.turnaround_s.labels(provider)
-            for v in c["turnaround_s"]:
-                child.observe(max(v, 0.0))
+            _observe_all(self.turnaround_s.labels(provider), np.maximum(c["turnaround_s"], 0.0))
         for mode, waits in c.get("rate_limit_wait_s", {}).items():
-            child = self.rate_limit_wait_s.labels(provider, mode)
-            for v in waits:
-                child.observe(max(v, 0.0))
+            _observe_all(self.rate_limit_wait_s.labels(provider, mode), np.maximum(waits, 0.0))
 
     def observe_budget(self, rows: list[dict], refusals: dict[str, int]) -> None:
         for row in rows:
@@ -248,3 +241,24 @@ class EngineMetrics:
             self.cache_redis_up.set(now["redis_up"])
         self.cache_entries.labels("memory").set(now.get("memory_entries", 0))
         self.cache_entries.labels("near_index").set(now.get("near_entries", 0))
+
+
+def _observe_all(child, values) -> None:
+    """``child.observe(v)`` for every value of ``values``, in one step: the hub observes a few values for each
+    request of the engine, and one ``observe`` costs a lock and a scan of the bounds. Counts per bucket and the
+    sum go in as prometheus-client's own ``observe`` would put them (``amount <= bound``, first bound wins);
+    a client whose histogram lacks those parts is fed one value at a time."""
+    bounds = getattr(child, "_upper_bounds", None)
+    buckets = getattr(child, "_buckets", None)
+    total = getattr(child, "_sum", None)
+    if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        for v in values:
+            child.observe(v)
+        return
+    v = np.asarray(values, dtype=float)
+    if not v.size:
+        return
+    total.inc(float(v.sum()))
+    for k, n in enumerate(np.bincount(np.searchsorted(bounds, v, side="left"), minlength=len(bounds))):
+        if n and k < len(buckets):  # a NaN sorts past +Inf; observe() counts it in no bucket either
+            buckets[k].inc(int(n))

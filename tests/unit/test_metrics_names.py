@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from actors.metrics import DispatchCounts, EngineMetrics, retry_reason
@@ -141,3 +142,32 @@ def test_rejections_are_counted_by_a_bounded_reason():
     v = m.registry.get_sample_value
     assert v("smartbatch_rejected_requests_total", {"reason": "budget_exhausted"}) == 1
     assert v("smartbatch_rejected_requests_total", {"reason": "other"}) == 1
+
+
+def test_a_batch_of_observations_exports_what_one_at_a_time_would():
+    """The hub observes a batch of values in one step (``_observe_all``); the exposition must be what
+    prometheus-client's own ``observe`` gives, values on a bucket's bound included."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from actors.metrics import _SECONDS, _observe_all
+
+    rng = np.random.default_rng(0)
+    values = np.r_[rng.exponential(60.0, 500), _SECONDS, 0.0, 1e6]
+    out = []
+    for bulk in (False, True):
+        reg = CollectorRegistry()
+        h = Histogram("t_seconds", "t", ["provider"], buckets=_SECONDS, registry=reg)
+        child = h.labels("openai")
+        if bulk:
+            _observe_all(child, values[:300])
+            _observe_all(child, values[300:])
+            _observe_all(child, [])
+        else:
+            for v in values:
+                child.observe(float(v))
+        text = generate_latest(reg).decode().splitlines()
+        out.append(([line for line in text if "_created" not in line and "_sum" not in line],
+                    float(next(line for line in text if line.startswith("t_seconds_sum")).split()[-1])))
+    (one, one_sum), (many, many_sum) = out
+    assert one == many and any('le="+Inf",provider="openai"} 517.0' in line for line in many)
+    assert many_sum == pytest.approx(one_sum, rel=1e-12)  # summed in another order
