@@ -33,33 +33,34 @@ BURST_SHARE = 1 / 3
 class _Window:
     """Weights started in the last ``WINDOW_S`` seconds, against one limit.
 
-    Starts and running sums of weight are kept in two lists, so "when does enough weight leave the window"
-    is a binary search, not a scan (a full minute at 10,000 rpm is 10,000 entries). Weights are whole tokens
-    or requests, so the sums are exact in floating point."""
+    When each entry leaves the window (its start plus ``span``) and running sums of weight are kept in two
+    lists, so "when does enough weight leave the window" is a binary search, not a scan (a full minute at
+    10,000 rpm is 10,000 entries). Weights are whole tokens or requests, so the sums are exact in floating
+    point."""
 
-    __slots__ = ("at", "base", "cum", "head", "limit", "span")
+    __slots__ = ("base", "cum", "ends", "head", "last", "limit", "span")
 
     def __init__(self, limit: float, span: float = WINDOW_S):
         self.limit = limit
         self.span = span
-        self.at: list[float] = []
+        self.ends: list[float] = []  # start + span of each entry, in order: kept, not computed per search
+        self.last = 0.0  # the latest start
         self.cum: list[float] = []  # weight started up to and including each entry
         self.head = 0  # first entry that may still count
         self.base = 0.0  # weight before ``head``
 
     def _first_live(self, t: float) -> tuple[int, float]:
-        """First entry still in the window at ``t`` (``at + span > t``) and the weight before it. The test is
-        written as ``at + span`` because ``earliest`` answers ``at + span``: ``t - span`` can round to just
-        below ``at`` and keep an entry alive at the very time it was said to leave."""
-        span = self.span
-        k = bisect.bisect_right(self.at, t, lo=self.head, key=lambda a: a + span)
+        """First entry still in the window at ``t`` (``start + span > t``) and the weight before it. The test
+        reads the same ``start + span`` that ``earliest`` answers: ``t - span`` can round to just below the
+        start and keep an entry alive at the very time it was said to leave."""
+        k = bisect.bisect_right(self.ends, t, lo=self.head)
         return k, (self.cum[k - 1] if k > self.head else self.base)
 
     def earliest(self, t: float, w: float) -> float:
         """Earliest start >= t at which adding ``w`` keeps the window within the limit. A weight above the
         limit is capped at it (it starts in an empty window), so no call waits forever."""
         w = min(w, self.limit)
-        if not self.at:
+        if not self.ends:
             return t
         k, before = self._first_live(t)
         excess = self.cum[-1] - before + w - self.limit
@@ -67,19 +68,20 @@ class _Window:
             return t
         # The start is when the entry that frees enough weight leaves the window.
         m = bisect.bisect_left(self.cum, before + excess, lo=k)
-        return self.at[m] + self.span
+        return self.ends[m]
 
     def take(self, t: float, w: float) -> None:
         k, before = self._first_live(t)
         self.head, self.base = k, before
-        if k > 4096 and k * 2 > len(self.at):  # forget what left the window, now and then
-            del self.at[:k], self.cum[:k]
+        if k > 4096 and k * 2 > len(self.ends):  # forget what left the window, now and then
+            del self.ends[:k], self.cum[:k]
             self.head = 0
-        self.at.append(t)
+        self.ends.append(t + self.span)
+        self.last = t
         self.cum.append((self.cum[-1] if self.cum else self.base) + min(w, self.limit))
 
     def __len__(self) -> int:
-        return len(self.at) - self.head
+        return len(self.ends) - self.head
 
 
 class RateGate:
@@ -145,7 +147,7 @@ class RateGate:
         if extra_tokens > 0:
             req, tok, req_b, tok_b = self._windows
             for w in (tok, tok_b):
-                w.take(max(end, w.at[-1] if w.at else end), float(extra_tokens))
+                w.take(max(end, w.last if w.ends else end), float(extra_tokens))
 
     @property
     def running(self) -> int:
