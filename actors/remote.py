@@ -9,6 +9,8 @@ so a provider's traffic can leave from chosen machines.
 
 from __future__ import annotations
 
+import functools
+
 import ray
 
 from actors._peer import ClockRef, Named, publish_clock, read_layout, resolve_clock, unpublish_clock
@@ -29,9 +31,13 @@ __all__ = ["NAMESPACE", "actor_name", "attach_actors", "kill_engine", "provider_
 # re-admits its unfinished requests. Calls in flight at the death fail rather than run twice.
 _OPTS = {"num_cpus": 0, "max_concurrency": 1000, "max_restarts": -1, "max_task_retries": 0}
 NAMESPACE = "smartbatch"
+
+
+@functools.cache
 def _actor(cls):
     """``ray.remote`` of ``cls`` with the collector set for the engine in its process (``engine.runtime.
-    collector``); the class itself stays plain (unit tests construct it in pytest's process, left alone)."""
+    collector``); the class itself stays plain (unit tests construct it in pytest's process, left alone).
+    One per class, so shards and later engines reuse the class Ray has already exported."""
     def __init__(self, *args, **kwargs):
         tune_actor()
         cls.__init__(self, *args, **kwargs)
