@@ -144,7 +144,7 @@ class BatchApiRuns:
                     # The cancel outlasted its allowance: the deadline comes first. Unfinished members go sync;
                     # any that the provider still finishes is counted as paid twice in the report.
                     log.warning("dispatcher %s: batch cancel still pending; sending its unfinished members", self.name)
-                    self._spawn(self._watch_late_cancel(handle, cjobs), [], b)
+                    self._spawn(self._watch_late_cancel(handle, cjobs, key), [], b)
                     handle = None
                     break
                 wait = st.next_poll_s if st is not None else POLL_RETRY_S
@@ -180,7 +180,7 @@ class BatchApiRuns:
         end = cancelled_at if cancelled_at is not None else self.clock.now()
         return Turnaround(self.name, model, start, end, censored=True)
 
-    async def _watch_late_cancel(self, handle, cjobs: list[CallJob]) -> None:
+    async def _watch_late_cancel(self, handle, cjobs: list[CallJob], key: str) -> None:
         """A cancel that outlasted ``cancel_s``: its unfinished members were sent again for their deadlines.
         Follow the batch to its end, so any member it still finished (billed twice) is counted, not hidden."""
         p = self.provider
@@ -200,8 +200,10 @@ class BatchApiRuns:
                 self._counts.paid_twice_members += len(late)
                 self._counts.paid_twice_usd += usd
                 if late and self.budget is not None:  # on the bill, so on the budgets too (docs/budgets.md)
-                    # One id per member's attempt (its custom_id): a replay counts nothing twice.
-                    self.budget.send("charge_many", [Charge(f"late:{cj.key}", cj.req.tenant, cj.req.provider,
+                    # One id per member of this batch (its journal key, unique per batch, and the custom_id): a
+                    # replay counts nothing twice, and the same ids in another batch (another engine on the
+                    # ledger, the same file run again) are charged again, as they are billed again.
+                    self.budget.send("charge_many", [Charge(f"late:{key}:{cj.key}", cj.req.tenant, cj.req.provider,
                                                             cj.req.model, o.cost) for cj, o in late])
                 self._kick()
                 return

@@ -21,6 +21,7 @@ actor's methods.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 
@@ -52,7 +53,7 @@ class BudgetController(Warm):
         self._down_until: float | None = None  # monotonic time Redis is tried again; None: up
         self._last_error = ""
         self._outbox: list[tuple[str, float]] = []  # settlements Redis has not taken yet
-        self._charges: list[Charge] = []  # charges Redis has not taken yet
+        self._charges: list[tuple[Charge, float]] = []  # charges Redis has not taken yet, each with its time
         self._charged: dict[str, float] = {}  # every charge id this controller was given, and its USD
         self._settling = 0  # settlements in a call to Redis now
         self._flusher: asyncio.Task | None = None
@@ -214,7 +215,8 @@ class BudgetController(Warm):
     async def charge_many(self, charges: list[Charge]) -> None:
         """Count spend no reservation covered (``Charge``); kept until the ledger takes it, as settlements are
         (a charge is counted once per id, so a replay of one Redis did take changes nothing)."""
-        self._charges.extend(charges)
+        now = self.now()  # its windows are those open now, however late Redis takes it
+        self._charges.extend((c, now) for c in charges)
         self._charged.update((c.cid, c.usd) for c in charges)
         await self._charge()
         self._changed()
@@ -225,8 +227,9 @@ class BudgetController(Warm):
             return True
         if self._usable():
             try:
-                await self._maybe(self.book.charge_many(items, self.now()))
-            except self._errors as exc:
+                for t, group in itertools.groupby(items, key=lambda item: item[1]):
+                    await self._maybe(self.book.charge_many([c for c, _ in group], t))
+            except self._errors as exc:  # all kept: a charge Redis did take counts nothing when replayed
                 self._failed(exc)
             else:
                 self._recovered()
@@ -337,7 +340,7 @@ class BudgetController(Warm):
         if self._errors:
             down = self._down_until is not None
             out["ledger"] = {"redis_url": self._url, "up": not down, "error": self._last_error if down else None,
-                             "unsettled": len(self._outbox) + self._settling}
+                             "unsettled": len(self._outbox) + self._settling + len(self._charges)}
         if isinstance(self.book, BudgetBook):
             out["windows"] = self.book.windows()
             out["overrun_usd"] = round(self.book.overrun_usd(), 6)

@@ -132,6 +132,8 @@ def _check_outputs(files: dict[str, Path | None] | None = None, dirs: dict[str, 
     """Refuse, before anything is simulated or sent, an output that cannot be written, or that would overwrite
     an input or another output: found only at the end, it cost a whole run (a paid one, against real
     providers) and lost its results, as an 'unexpected' error. ``files`` and ``dirs`` map a flag to its path."""
+    import os
+
     from engine.core.errors import ConfigError
 
     ins = {p.resolve() for p in inputs}
@@ -139,15 +141,24 @@ def _check_outputs(files: dict[str, Path | None] | None = None, dirs: dict[str, 
     for flag, p in (files or {}).items():
         if p is None:
             continue
+        if p.exists() and not p.is_file() and not p.is_dir():
+            # A stream (/dev/null, /dev/stdout, a pipe): written as it is, never a file to destroy or share.
+            if not os.access(p, os.W_OK):
+                raise ConfigError(f"{flag} {p}: cannot write there (permission denied); give a writable path")
+            continue
         r = p.resolve()
-        if r in ins:
+        if r in ins or (r.exists() and any(i.exists() and os.path.samefile(r, i) for i in ins)):
             raise ConfigError(f"{flag} {p}: that is the input file, which writing would destroy; give another path")
         if r in seen:
             raise ConfigError(f"{flag} {p}: {seen[r]} writes to the same file; give each its own path")
         seen[r] = flag
         if r.is_dir():
             raise ConfigError(f"{flag} {p}: is a directory; give a file path")
-        _probe_dir(flag, p, r.parent)
+        if r.exists():  # overwritten in place: the file must be writable, its directory need not be
+            if not os.access(r, os.W_OK):
+                raise ConfigError(f"{flag} {p}: cannot write there (permission denied); give a writable path")
+        else:
+            _probe_dir(flag, p, r.parent)
     for flag, d in (dirs or {}).items():
         r = d.resolve()
         if r.exists() and not r.is_dir():

@@ -209,24 +209,26 @@ class Engine(AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervised):
         for t in (self._flusher, self._puller, self._checker):
             if t is not me:
                 t.join(timeout_s)
-        self._flush()
-        self._lanes_turn(force=True)  # what waits for a call to return leaves now: the flush thread has stopped
-        self._fail_open("engine stopped before the request finished" if self._owner else
-                        f"this driver left engine {self.name!r} before the request finished; it still runs there: "
-                        "submit the same tenant and id (from any driver) for its result")
-        with self._room:
-            self._room.notify_all()  # a submit waiting for room learns the engine stopped
-        from actors.remote import kill_engine
+        try:
+            self._flush()
+            self._lanes_turn(force=True)  # what waits for a call to return leaves now: the flush thread has stopped
+            self._fail_open("engine stopped before the request finished" if self._owner else
+                            f"this driver left engine {self.name!r} before the request finished; it still runs there: "
+                            "submit the same tenant and id (from any driver) for its result")
+            with self._room:
+                self._room.notify_all()  # a submit waiting for room learns the engine stopped
+            from actors.remote import kill_engine
 
-        if self._owner:
-            kill_engine(self._h["engine"], self._h["all"])
-        else:  # the ids only this driver held are forgotten after its retention window, as it would have
-            for h in self._h["hubs"]:
-                h.leave.remote(self._client)
-            for i in self._h["ingests"]:
-                i.leave.remote(self._client, self._retention_s)
-        Engine._running_engines.discard(self)
-        driver_gc.engine_stopped()
+            if self._owner:
+                kill_engine(self._h["engine"], self._h["all"])
+            else:  # the ids only this driver held are forgotten after its retention window, as it would have
+                for h in self._h["hubs"]:
+                    h.leave.remote(self._client)
+                for i in self._h["ingests"]:
+                    i.leave.remote(self._client, self._retention_s)
+        finally:  # raised or not, this engine no longer runs: the next stop() returns at once, above
+            Engine._running_engines.discard(self)
+            driver_gc.engine_stopped()  # the user's collector is theirs again, even on this error path
         if self._started_ray:
             heir = next(iter(Engine._running_engines), None)
             if heir is None:

@@ -216,3 +216,28 @@ def test_a_flooding_tenant_does_not_delay_another_in_the_live_engine(ray_session
     # The flood took minutes to drain: it was the bottleneck, not an idle provider.
     assert max(r.done_s for r in results if r.id.startswith("flood")) > 240
 
+
+
+def test_a_stop_that_fails_still_gives_the_driver_its_collector_back(ray_session, monkeypatch):
+    """stop() raising after the engine stopped running (here the actors' kill; a Ray gone under the driver is
+    another way) left CPython's thresholds raised in the user's process for good: the next stop() returns at
+    once, so nothing put them back."""
+    import actors.remote as remote
+
+    before = gc.get_threshold()
+    gc.set_threshold(700, 10, 10)
+    eng = Engine.start(speedup=500, metrics_port=None)
+    assert gc.get_threshold() == THRESHOLDS
+    kill = remote.kill_engine
+
+    def failing(*_a, **_k):
+        raise RuntimeError("the cluster went away")
+    monkeypatch.setattr(remote, "kill_engine", failing)
+    try:
+        with pytest.raises(RuntimeError, match="went away"):
+            eng.stop()
+        eng.stop()  # a second stop changes nothing
+        assert gc.get_threshold() == (700, 10, 10) and eng not in Engine._running_engines
+    finally:
+        kill(eng._h["engine"], eng._h["all"])
+        gc.set_threshold(*before)

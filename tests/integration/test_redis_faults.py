@@ -109,7 +109,7 @@ def test_the_budget_controller_answers_at_once_while_redis_is_paused_and_settles
             assert await ctl.reserve_many(c[2:3]) == v[:1]  # down: answered without asking Redis
             assert time.monotonic() - t0 < 0.1
             rep = await ctl.report()
-            assert rep["ledger"]["up"] is False and rep["ledger"]["unsettled"] == 2
+            assert rep["ledger"]["up"] is False and rep["ledger"]["unsettled"] == 3  # 2 settlements, 1 charge
         # Back: the outbox flushes by itself (no other call needed); its task ends when it is empty.
         await asyncio.wait_for(ctl._flusher, timeout=5)
         assert ctl._outbox == ctl._charges == [] and ledger_now(own_redis, b) == (0.9, 0.0)
@@ -262,3 +262,28 @@ def test_a_restart_mid_run_hangs_nothing_overruns_nothing_and_leaks_no_reservati
     results, limit, b, fault_end, rep = run_through_fault(own_redis, tmp_path, fault)
     check(results, limit, b, own_redis, fault_end)
     assert rep["budget"]["refusals"]["budget_unavailable"] > 0 and rep["cache"]["redis_errors"] > 0
+
+
+def test_a_charge_kept_while_redis_is_away_counts_in_the_window_it_was_made_in(own_redis):
+    """A charge that waited in the outbox was counted in the window open when Redis came back: an hour's
+    budget charged at 00:59 during an outage ending at 01:01 billed the next hour (settlements keep theirs)."""
+    from actors.budget import BudgetController
+    from engine.core.clock import ManualClock
+
+    b = BudgetSettings(specs=(BudgetSpec(max_budget=10.0, budget_duration="1h"),), redis_url=own_redis.url,
+                       redis_prefix=f"sbtest-faults{next(_prefix)}", redis_timeout_s=0.3, redis_retry_s=0.3)
+
+    async def go():
+        clock = ManualClock(100.0)
+        ctl = BudgetController(b, None, clock)
+        await ctl.check_ledger()
+        with paused(own_redis):
+            await ctl.charge_many([Charge("late:m1", "acme", "openai", "gpt-4o-mini", 0.2)])
+            assert ctl._charges  # kept
+            clock.advance(3600.0)  # the hour ends while Redis is away
+        await asyncio.wait_for(ctl._flusher, timeout=5)
+        r = own_redis.client()
+        spent = [float(r.hget(f"{b.redis_prefix}:w:{b.specs[0].key(t)}", "spent") or 0) for t in (100.0, 3700.0)]
+        assert spent == [0.2, 0.0], spent
+        await ctl.close()
+    asyncio.run(go())

@@ -88,3 +88,31 @@ def test_a_late_cancelled_batch_is_followed_to_its_end_through_a_failed_poll(emu
         finally:
             await rig.close()
     asyncio.run(go())
+
+
+@PROVIDERS
+def test_late_batches_of_the_same_request_ids_are_each_charged(emu, provider):  # noqa: F811
+    # Two engines on one ledger (or one engine taking the same ids again, e.g. a batch file run a second time):
+    # each late-cancelled batch is billed again, so each is charged. The charge id was the member's custom_id
+    # alone (tenant, id, model, attempt), so the second batch's charges were taken for replays and dropped.
+    from actors._peer import as_peer
+
+    async def go():
+        rigs = [Rig(emu, provider, cancel_s=EMU_CANCEL_S / 10) for _ in range(2)]
+        rigs[1].budget = rigs[0].budget  # one ledger, as two engines on one Redis
+        rigs[1].d.budget = as_peer(rigs[0].budget)
+        try:
+            for k, rig in enumerate(rigs):
+                jobs = [j._replace(claim=f"{j.claim}-{k}") for j in jobs_of(provider, claims=True)]
+                await rig.reserve(jobs)
+                await rig.run("batch_api", jobs, hedge_at=rig.clock.now() + VALIDATING_S[provider] + 0.6 * T)
+                await rig.resolved(jobs)
+                await _settled(rig)
+                await asyncio.gather(*rig.d.budget._tasks)
+            assert all(r.d.paid_twice >= 1 for r in rigs)
+            billed = sum(i.cost_usd for i in emu.bill().items)
+            assert sum(rigs[0].budget.book.spend.values()) == pytest.approx(billed, abs=1e-12)
+        finally:
+            for rig in rigs:
+                await rig.close()
+    asyncio.run(go())

@@ -216,3 +216,24 @@ def test_batch_table_of_a_cheap_file_shows_figures_that_add_up(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "$0.000785 against $0.000845 at list price" in text, text
     assert "0.000785 │ 0.000845 │ 0.000061" in text, text
+
+
+def test_batch_takes_streams_as_outputs(batch, tmp_path, monkeypatch):
+    """`--errors /dev/null` (twice: with `--report /dev/null`) was refused as "writes to the same file", and
+    `--report /dev/stdout` into a pipe as "cannot write there" (its path resolves to /proc/PID/fd/pipe:[N], no
+    directory to probe): both are written as streams, as before the check."""
+    import os
+
+    import engine.app.driver as driver_mod
+
+    def started(*_a, **_k):
+        raise RuntimeError("an engine started")
+    monkeypatch.setattr(driver_mod.Engine, "start", classmethod(started))
+    r_fd, w_fd = os.pipe()
+    try:
+        for extra in (["--errors", "/dev/null", "--report", "/dev/null"], ["--report", f"/proc/self/fd/{w_fd}"]):
+            r = runner.invoke(app, ["batch", str(batch), "--out", str(tmp_path / "o.jsonl"), *extra])
+            assert "an engine started" in r.output and "cannot write" not in r.output, r.output
+    finally:
+        os.close(r_fd)
+        os.close(w_fd)
