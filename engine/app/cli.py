@@ -332,6 +332,7 @@ def demo(out: Path = typer.Option(Path("out/demo"), "--out", help="where results
     Anthropic calls go over HTTP, through the official SDKs, to the project's provider emulator on 127.0.0.1
     (the other providers stay simulated). Deadlines are capped at one hour so the run ends in about a minute."""
     from engine.app.bench import write_outputs
+    from engine.app.live import Interrupted
     from engine.core.tracegen import synth
 
     try:
@@ -354,6 +355,8 @@ def demo(out: Path = typer.Option(Path("out/demo"), "--out", help="where results
         try:
             live = _live(reqs, name, "smart", speedup, None, seed, settings, cat, on_start=on_start)
             bill = emu.bill() if emu is not None else None
+        except Interrupted as stop:  # as in ``run``: what finished is kept, and the command exits 130
+            _keep_interrupted(stop, out)
         finally:
             if emu is not None:
                 emu.stop()

@@ -379,3 +379,18 @@ def test_naive_against_itself_saves_nothing_on_a_tiny_trace(tmp_path):
     assert r.exit_code == 0, r.output
     (row,) = json.loads((out / "results.json").read_text())["results"]
     assert row["saving_vs_naive"] == 0 and row["capture_of_achievable"] == 0 and row["capture_of_online"] == 0
+
+
+def test_ctrl_c_during_the_demo_s_live_run_keeps_what_finished(tmp_path, monkeypatch):
+    """`smartbatch demo` let Ctrl-C out as a bare abort; it now ends as `run` does: the finished results in
+    results.partial.jsonl, the spend so far on the terminal, exit 130."""
+    import engine.app.driver as driver_mod
+    from tests.unit.helpers import CtrlCEngine
+
+    monkeypatch.setattr(driver_mod.Engine, "start", classmethod(lambda cls, *a, **k: CtrlCEngine()))
+    out = tmp_path / "o"
+    r = runner.invoke(app, ["demo", "--n", "20", "--providers", "sim", "--out", str(out)])
+    assert r.exit_code == 130, r.output
+    (kept,) = [json.loads(x) for x in (out / "results.partial.jsonl").read_text().splitlines()]
+    assert kept["cost_usd"] == 0.001
+    assert "1 of 2 request(s) had finished (spend so far $0.0010)" in " ".join(r.output.split())
