@@ -182,7 +182,11 @@ def usd_places(doc: dict) -> int:
     cent (a small batch file priced at 2 decimals read "$0.00" for every policy)."""
     figures = [doc.get("lower_bound_usd") or 0.0] + [max(r.get("cost_usd") or 0.0, r.get("naive_cost_usd") or 0.0)
                                                       for r in doc.get("results", [])]
-    top = max(figures, default=0.0)
+    return places_for(max(figures, default=0.0))
+
+
+def places_for(top: float) -> int:
+    """Decimals for dollar figures whose largest is ``top``: 2 from $10, 4 under it, 6 under a cent."""
     return 2 if top >= 10 else 4 if top >= 0.01 else 6
 
 

@@ -116,9 +116,10 @@ def _finished_or_interrupted(fut, req):
 
 def _print_batch_report(doc: dict) -> None:
     tot = doc["totals"]
+    from engine.app.bench import places_for
+
     # As bench's figures: a file of a few cheap lines read "$0.0008 against $0.0008", saving "$0.0001".
-    top = max(tot["cost_usd"], tot["list_price_usd"])
-    nd = 2 if top >= 10 else 4 if top >= 0.01 else 6
+    nd = places_for(max(tot["cost_usd"], tot["list_price_usd"]))
     t = Table(title=f"batch {Path(doc['input']).name}: {tot['lines']:,} lines, {tot['succeeded']:,} answered; "
                     f"${tot['cost_usd']:.{nd}f} against ${tot['list_price_usd']:.{nd}f} at list price")
     for col in ("mode", "lines", "cost $", "list $", "saving $"):
