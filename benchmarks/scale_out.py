@@ -31,6 +31,9 @@ import ray  # noqa: E402
 from engine import Engine  # noqa: E402
 from engine.core.tracegen import synth  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _prompts import padded  # noqa: E402
+
 TICK = os.sysconf("SC_CLK_TCK")
 # Kinds that were one actor each before sharding; of them only the budget controller stays one.
 UNSHARDED = ("ingest", "cache", "hub", "budget")
@@ -51,9 +54,12 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=10_000)
     ap.add_argument("--shards", type=int, default=2, help="shards of ingest, cache, hub and groupers")
     ap.add_argument("--cores-per-node", type=int, default=2)
+    ap.add_argument("--prompt-chars", type=int, default=0,
+                    help="pad every prompt to about this many characters (real prompts run to thousands)")
     a = ap.parse_args()
     ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False)
-    reqs = [r.model_copy(update={"arrival_s": 0.0, "deadline_s": min(r.deadline_s, 3600.0)})
+    reqs = [r.model_copy(update={"arrival_s": 0.0, "deadline_s": min(r.deadline_s, 3600.0),
+                                 "prompt": padded(r.prompt, a.prompt_chars)})
             for r in synth(a.n, seed=2, duration_s=1.0)]
     with Engine.start(speedup=1e6, num_shards=a.shards, metrics_port=None) as eng:
         named = eng._h["named"]

@@ -57,6 +57,7 @@ MEDIA_COMPAT_PARAMS: tuple[str, ...] = ("size", "resolution", "duration_s", "ste
 _WORD = re.compile(r"\w+", re.UNICODE)
 _WS = re.compile(r"\s+")
 _MIX = np.uint64(0x9E3779B97F4A7C15)
+_CHUNK_CHARS = 16_384
 
 
 def normalise_prompt(text: str) -> str:
@@ -119,8 +120,24 @@ def featurize_texts(texts: Sequence[str], params: Sequence[dict] | None = None, 
     ``normalised``: the texts are ``normalise_prompt``'s already (it is idempotent, so this only saves time)."""
     if dim < 16:
         raise ValueError(f"dim must be >= 16, got {dim}")
-    n_docs = len(texts)
     norm = [t.lower() for t in texts] if normalised else [normalise_prompt(t).lower() for t in texts]
+    out = np.empty((len(norm), dim), dtype=np.float32)
+    # A few dozen kB of text at a time: a prompt of thousands of characters has ~2.3 hashes per character, and
+    # arrays of all of a batch's hashes at once spill out of the CPU's caches (4x slower on 4 kB prompts).
+    # Each row's sums run in the same order either way, so the rows are equal bit for bit.
+    start = 0
+    while start < len(norm):
+        stop, size = start + 1, len(norm[start])
+        while stop < len(norm) and size + len(norm[stop]) <= _CHUNK_CHARS:
+            size += len(norm[stop])
+            stop += 1
+        out[start:stop] = _featurize_chunk(norm[start:stop], None if params is None else params[start:stop], dim)
+        start = stop
+    return out
+
+
+def _featurize_chunk(norm: Sequence[str], params: Sequence[dict] | None, dim: int) -> np.ndarray:
+    n_docs = len(norm)
     unigrams: list[str] = []
     bigrams: list[str] = []
     n_uni = np.zeros(n_docs, dtype=np.int64)
@@ -148,7 +165,9 @@ def featurize_texts(texts: Sequence[str], params: Sequence[dict] | None = None, 
     doc = np.concatenate(doc_parts)
     h = np.concatenate(hash_parts)
     w = np.concatenate(w_parts)
-    col = ((h >> np.uint64(1)) % np.uint64(dim)).astype(np.int64)
+    # A mask where the width is a power of two: the same column as the modulo, without a 64-bit division each.
+    col = ((h >> np.uint64(1)) & np.uint64(dim - 1) if dim & (dim - 1) == 0
+           else (h >> np.uint64(1)) % np.uint64(dim)).astype(np.int64)
     sign = np.where((h & np.uint64(1)) == 1, 1.0, -1.0)
     flat = np.bincount(doc * dim + col, weights=w * sign, minlength=n_docs * dim)
     mat = flat.reshape(n_docs, dim).astype(np.float32)

@@ -165,7 +165,7 @@ def test_qualifier_and_known_guards():
     assert guard_reason("How do I learn Python quickly?", "How can I learn Python quickly?") is None
     with pytest.raises(ValueError, match="unknown near-duplicate guard"):
         Guards.of(["colour"])
-    assert Guards.of(["numbers"]) == Guards(True, False, False, False, False, False)
+    assert Guards.of(["numbers"]) == Guards(True, False, False, False, False, False, False)
 
 
 def test_the_ann_index_finds_what_exact_search_finds(monkeypatch):

@@ -125,11 +125,18 @@ def test_the_embedding_catches_real_paraphrases_the_hashed_vectors_miss(real_dat
     assert hit is not None and hit.source == "src"
 
 
+_REPORT = ("The quarterly report covers revenue, costs and hiring across the European and Asian offices. "
+           "Revenue rose in every region except the north, where a warehouse fire closed two sites. ") * 6
+
+
 @needs_model
 @pytest.mark.parametrize("a, b, guard", [
     ("How do I reset my Gmail account password?", "How do I not reset my Gmail account password?", "negation"),
     ("Why does a cat chase a dog?", "Why does a dog chase a cat?", "same words in another order"),
     ("How do I lose 10 kg in 3 months?", "How do I lose 15 kg in 3 months?", "numbers"),
+    # A long shared context lifts any two asks above the threshold (0.999 here): the context guard.
+    ("List the risks in the report below.\n" + _REPORT, "List the opportunities in the report below.\n" + _REPORT,
+     "words of context"),
 ])
 def test_guards_still_refuse_lookalikes_above_the_threshold(a, b, guard):
     va, vb = near_vectors_texts([a, b])

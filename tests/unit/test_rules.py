@@ -111,6 +111,10 @@ def test_number_words_count_as_numbers(template, words):
     assert guard_reason(a, b) is not None, (a, b)
 
 
+# A shared context of the kind real prompts carry (a document after the ask).
+_REPORT = ("The quarterly report covers revenue, costs and hiring across the European and Asian offices. "
+           "Revenue rose in every region except the north, where a warehouse fire closed two sites. ") * 3
+
 # Each row: the guard, two prompts that differ only in what it guards, and what the reason must name. Each pair
 # is refused by its guard alone and passes all the others, so a broken guard cannot hide behind another one.
 GUARD_CASES = [
@@ -132,6 +136,10 @@ GUARD_CASES = [
      ["order"]),
     ("qualifiers", "What are the best ways to lose weight?", "What are the best ways to lose weight fast?",
      ["fast"]),
+    ("context", "List the risks in the report below.\n" + _REPORT,
+     "List the opportunities in the report below.\n" + _REPORT, ["context", "risks", "opportunities"]),
+    ("context", "Write a short poem about this report:\n" + _REPORT,
+     "Write a long essay about this report:\n" + _REPORT, ["context", "poem", "essay"]),
 ]
 
 
@@ -152,6 +160,10 @@ def test_each_guard_refuses_a_pair_that_differs_only_in_what_it_guards(guard, a,
     ("Visit PARIS in spring", "Visit Paris in spring"),  # the same entity in other capitals
     ("draw a red car parked on a wet street at night", "draw a red car parked on a damp street at night"),
     ("How do I learn Python quickly?", "How can I learn Python quickly?"),
+    ("How do I summarise the report below?\n" + _REPORT, "How can I summarise the report below?\n" + _REPORT),
+    # the shared part is long, but not long against what differs: the cosine still weighs the asks
+    ("Summarise the report below in three bullet points.\n" + _REPORT[:200],
+     "Give a three-bullet summary of the report below.\n" + _REPORT[:200]),
 ])
 def test_look_alikes_that_change_nothing_guarded_pass_every_guard(a, b):
     assert guard_reason(a, b) is None and guard_reason(b, a) is None
