@@ -4,6 +4,7 @@ A mixin of ``ResultCache``: it uses the cache's state."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Hashable
 
@@ -12,7 +13,7 @@ import numpy as np
 from actors._shards import key_shard
 from actors._types import Job
 from actors.cache_layers import CorruptValue, Entry, decode
-from engine.core.features import near_vectors, near_vectors_texts
+from engine.core.features import NEAR_DIM, near_vectors, near_vectors_texts
 from engine.core.result import Result
 from engine.core.similarity import guard_between, guard_reason, traits
 from engine.runtime.reuse import Top, class_threshold
@@ -20,6 +21,9 @@ from engine.runtime.reuse import Top, class_threshold
 Item = Job
 FOLLOWING = Result(id="", status="reused")  # marker: attached to a near duplicate in flight
 LEADS = Result(id="", status="failed")  # marker: generated, and a source for the asks after it
+# Characters of prompt featurised between two yields of the event loop: about 0.1 s of work (25-40 us per 100
+# characters, docs/cache.md), so a ping waits for a slice, not for a whole lookup of long prompts.
+YIELD_CHARS = 262_144
 
 
 class NearIndex:
@@ -33,9 +37,9 @@ class NearIndex:
         Each is decided as if it had arrived alone, as the simulator admits them: an identical request in
         flight first, then the top near match, the best of the index and of the items before it that lead;
         only that match is weighed, against the threshold and every guard."""
-        self._index_leaders({})  # leaders of earlier lookups must be findable now
+        await self._index_pending()  # leaders of earlier lookups must be findable now
         items = [batch[p] for p in order]
-        vecs = near_vectors([it.req for it in items])
+        vecs = await self._vectors([it.req for it in items])
         by_class: dict[Hashable, list[int]] = {}
         for k, it in enumerate(items):
             by_class.setdefault(self._near_key(it), []).append(k)
@@ -105,6 +109,29 @@ class NearIndex:
         self.stats["near"] += 1
         return True
 
+    async def _vectors(self, reqs: list) -> np.ndarray:
+        """``near_vectors`` of ``reqs``, ``YIELD_CHARS`` of prompt at a time with the event loop let go between:
+        a lookup of a thousand long prompts is seconds of CPU, and the driver's health check must be answered
+        meanwhile, or a busy cache is killed as a hung one and its open work re-admitted onto a cache that
+        is busier still. Rows are equal to one call's (each row is featurised on its own)."""
+        out, start = [], 0
+        while start < len(reqs):
+            stop, size = start + 1, len(reqs[start].prompt)
+            while stop < len(reqs) and size + len(reqs[stop].prompt) <= YIELD_CHARS:
+                size += len(reqs[stop].prompt)
+                stop += 1
+            if start:
+                await asyncio.sleep(0)
+            out.append(near_vectors(reqs[start:stop]))
+            start = stop
+        return np.concatenate(out) if out else np.empty((0, NEAR_DIM), dtype=np.float32)
+
+    async def _index_pending(self) -> None:
+        """Index every request that leads and is not indexed yet, its vectors made by ``_vectors``."""
+        todo = list({it.fp: it for it in self._new_leads if it.fp not in self.indexed}.values()) if self.reuse.near else []
+        made = await self._vectors([it.req for it in todo]) if todo else ()
+        self._index_leaders({it.req.uid: v for it, v in zip(todo, made)})
+
     def _index_leaders(self, vecs: dict, lazy: bool = False) -> None:
         """Index the requests that started generating, so near duplicates arriving meanwhile can follow them
         (the simulator's index holds a dispatched request too). ``vecs``: vectors already made, by id.
@@ -139,12 +166,14 @@ class NearIndex:
                                 [r[4] for r in rs])
         self.indexed.update(r[2] for r in rows)
 
-    def _index_near(self, stored: list[tuple[Item, Entry]]) -> None:
+    async def _index_near(self, stored: list[tuple[Item, Entry]]) -> None:
         todo = [(it, e) for it, e in stored if e.near_key is not None and e.fp not in self.indexed]
         if not todo:
             return
-        vecs = near_vectors([it.req for it, _ in todo])
-        self._index_rows([(e.near_key, v, e.fp, e.text, e.result.done_s or 0.0) for (_, e), v in zip(todo, vecs)])
+        vecs = await self._vectors([it.req for it, _ in todo])
+        rows = {e.fp: (e.near_key, v, e.fp, e.text, e.result.done_s or 0.0) for (_, e), v in zip(todo, vecs)
+                if e.fp not in self.indexed}  # one indexed meanwhile keeps its row
+        self._index_rows(list(rows.values()))
 
     async def warm_from_redis(self) -> int:
         """Rebuild the near-duplicate index (and the memory layer, newest last) from Redis after a restart;

@@ -300,8 +300,8 @@ class ResultCache(NearIndex, Warm):
                                          output=res.output, made_by=(res.provider, res.model) if res.model else None))
                 out_items.append(f)
         if stored:
-            self._index_leaders({})
-            self._index_near(stored)
+            await self._index_pending()
+            await self._index_near(stored)
             if self.redis is not None:
                 ttl_ms = int(self.cfg.ttl_s * 1000)
                 await self.redis.put_many([(self.redis.key(self._scope(it), e.fp), encode(e), ttl_ms)

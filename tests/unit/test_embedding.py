@@ -267,3 +267,21 @@ def test_a_large_class_is_searched_with_the_ann_graph(monkeypatch):
         assert all(t.similarity == pytest.approx(float(q[i] @ vecs[t.source]), abs=1e-5) for i, t in enumerate(tops))
     for sources in found.values():
         assert sources == list(range(0, 3000, 10))  # the graph finds what exact search finds
+
+
+@pytest.mark.parametrize("dim", [NEAR_DIM, 100])  # a power of two takes a mask for the column, 100 the modulo
+def test_hashed_rows_do_not_depend_on_the_batch_around_them(dim):
+    """The hashes are made a slice of text at a time (a batch of long prompts at once spills out of the CPU's
+    caches): each row must be what its text gives alone, wherever the slices fall."""
+    import random
+
+    rnd = random.Random(3)
+    vocab = ["report", "revenue", "the", "of", "Paris", "7", "café", "naïve", "x", "summarise"]
+    texts = ["", "a", "How do I cook rice?"] + [
+        " ".join(rnd.choice(vocab) for _ in range(rnd.choice([3, 50, 2_000, 6_000]))) for _ in range(30)]
+    params = [{"seed": k % 3} if k % 4 == 1 else {} for k in range(len(texts))]
+    together = featurize_texts(texts, params, dim=dim)
+    alone = np.vstack([featurize_texts([t], [p], dim=dim) for t, p in zip(texts, params)])
+    assert sum(map(len, texts)) > 4 * 16_384  # several slices
+    assert np.array_equal(together, alone)
+    assert not together[0].any() and np.allclose(np.linalg.norm(together[1:], axis=1), 1.0, atol=1e-5)
