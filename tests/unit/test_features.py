@@ -1,6 +1,8 @@
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from engine.core.features import compat_key, featurize, featurize_texts, fingerprint
+from engine.core.features import compat_key, featurize, featurize_texts, fingerprint, normalise_prompt
 from engine.core.request import Request, validation_context
 
 CTX = validation_context()  # settings read once, not per request
@@ -62,3 +64,15 @@ def test_fingerprint_covers_output_and_ignores_scheduling_fields():
     assert fingerprint(base, share_across_tenants=True) == fingerprint(req(tenant="t2"), share_across_tenants=True)
     assert fingerprint(base) != fingerprint(req(params={"size": "512x512"}))
     assert fingerprint(base) != fingerprint(req(prompt="A red car at night"))  # case can change an output
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("ab .\t\n\r\x0b\x0c\x1c\x1f\x85\u00a0\u1680\u2003\u2028\u3000\u200b"
+                                             "\ufb01\uff21\u00e9e\u0301")), max_size=40))
+def test_normalise_prompt_is_nfkc_with_whitespace_runs_folded(text):
+    """The fast path (ASCII skips NFKC; str.split folds whitespace) gives the text the rule defines, on the
+    characters where the two could part: Unicode spaces, separators, compatibility forms, combining marks."""
+    import re
+    import unicodedata
+
+    assert normalise_prompt(text) == re.sub(r"\s+", " ", unicodedata.normalize("NFKC", text)).strip()
