@@ -13,7 +13,7 @@ import numpy as np
 from actors._shards import key_shard
 from actors._types import Job
 from actors.cache_layers import CorruptValue, Entry, decode
-from engine.core.features import NEAR_DIM, near_vectors, near_vectors_texts
+from engine.core.features import NEAR_DIM, near_text, near_vectors, near_vectors_texts
 from engine.core.result import Result
 from engine.core.similarity import guard_between, guard_reason, traits
 from engine.runtime.reuse import Top, class_threshold
@@ -72,13 +72,13 @@ class NearIndex:
                 b = leads[int(np.argmax(sims[a, leads]))] if leads else None  # the first best, as max() picks
                 if b is not None and sims[a, b] >= th[key] and (top is None or sims[a, b] > top.similarity):
                     src = items[ks[b]]
-                    if (guard_reason(it.req.prompt, src.req.prompt, self.reuse.guards) is None
+                    if (guard_reason(near_text(it.req)[0], near_text(src.req)[0], self.reuse.guards) is None
                             and self._follow_near(it, src.fp)):
                         out[k] = FOLLOWING
                     else:
                         out[k] = self._lead_now(it, leads, lead_fps, a)
                     continue
-                if top is not None and guard_between(traits(it.req.prompt), top.traits(),
+                if top is not None and guard_between(traits(near_text(it.req)[0]), top.traits(),
                                                      self.reuse.guards) is None:
                     e = entry_of.get(k)
                     if e is not None:
@@ -153,7 +153,7 @@ class NearIndex:
         if todo:
             made = near_vectors([it.req for it in todo])
             vecs = {**vecs, **{it.req.uid: made[k] for k, it in enumerate(todo)}}
-        self._index_rows([(self._near_key(it), vecs[it.req.uid], it.fp, it.req.prompt, math.inf)
+        self._index_rows([(self._near_key(it), vecs[it.req.uid], it.fp, near_text(it.req)[0], math.inf)
                           for it in {it.fp: it for it in leading}.values()])
 
     def _index_rows(self, rows: list[tuple[Hashable, np.ndarray, str, str, float]]) -> None:

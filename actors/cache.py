@@ -29,7 +29,7 @@ from actors._types import send_sharded
 from actors.cache_layers import CorruptValue, Entry, LocalBlobStore, MemoryLRU, RedisLayer, decode, encode
 from engine.core.catalog import default_catalog
 from engine.core.cost import price_alone
-from engine.core.features import NEAR_DIM, compat_key, near_vectors_texts
+from engine.core.features import NEAR_DIM, near_class, near_text, near_vectors_texts
 from engine.core.grouping import ReuseSettings
 from engine.core.result import Result
 from engine.core.settings import CacheSettings, Settings
@@ -110,7 +110,7 @@ class ResultCache(NearIndex, Warm):
         return tenant_scope(item.req.tenant, self.cfg.share_across_tenants)
 
     def _near_key(self, item: Item) -> Hashable:
-        return (self._scope(item), compat_key(item.req))
+        return near_class(item.req, self._scope(item))
 
     def _wants_near(self, item: Item) -> bool:
         return self.reuse.near and item.req.reuse == "near"
@@ -267,7 +267,7 @@ class ResultCache(NearIndex, Warm):
             blob = self.blobs.put(output.encode())
             res = res.model_copy(update={"output": None})
             self.stats["blobs"] += 1
-        return Entry(item.fp, res, self._near_key(item) if self.reuse.near else None, item.req.prompt, blob,
+        return Entry(item.fp, res, self._near_key(item) if self.reuse.near else None, near_text(item.req)[0], blob,
                      dict(item.req.params))
 
     async def complete(self, done: list[tuple[str, Result]]) -> None:

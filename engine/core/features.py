@@ -36,7 +36,8 @@ from engine.core import embedding as _embedding
 from engine.core.request import Request
 
 __all__ = ["DEFAULT_DIM", "MEDIA_COMPAT_PARAMS", "NEAR_DIM", "compat_key", "compat_kind", "featurize", "featurize_texts",
-           "fingerprint", "near_min_threshold", "near_space", "near_vectors", "near_vectors_texts", "normalise_prompt"]
+           "fingerprint", "near_class", "near_min_threshold", "near_space", "near_text", "near_vectors", "near_vectors_texts",
+           "normalise_prompt"]
 
 DEFAULT_DIM = 1024
 # Near-duplicate search reads every probed vector once per batch, so its cost is memory traffic: 256 columns
@@ -187,8 +188,50 @@ def featurize(requests: Sequence[Request], *, dim: int = DEFAULT_DIM) -> np.ndar
 
 
 def near_vectors(requests: Sequence[Request]) -> np.ndarray:
-    """The near-duplicate vectors of requests: ``near_vectors_texts`` of their prompts and parameters."""
-    return near_vectors_texts([r.prompt for r in requests], [r.params for r in requests])
+    """The near-duplicate vectors of requests: ``near_vectors_texts`` of their ``near_text`` and parameters."""
+    return near_vectors_texts([near_text(r)[0] for r in requests], [r.params for r in requests])
+
+
+def near_text(req: Request) -> tuple[str, str | None]:
+    """(the text a near-duplicate search compares, a digest of the context that must be equal, or None).
+
+    A chat request (a ``body`` whose ``messages`` end with the user's turn) compares its last user message, and
+    everything else in the body (system prompt, earlier turns, tools, sampling settings, the last message's
+    images or files) must be equal: the thresholds were tuned on questions, and a shared conversation would
+    otherwise carry any two questions past them (docs/cache.md, the ``context`` guard). Any other request
+    compares its whole prompt, with no context."""
+    body = req.body
+    if req.kind != "text" or not body or "input" in body or "prompt" in body:
+        return req.prompt, None
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
+        return req.prompt, None
+    last = messages[-1]
+    if last.get("role") != "user":
+        return req.prompt, None
+    content = last.get("content")
+    if isinstance(content, str):
+        text, rest = content, ""
+    elif isinstance(content, list):
+        texts = [b["text"] for b in content if isinstance(b, dict) and b.get("type") == "text"
+                 and isinstance(b.get("text"), str)]
+        text = "\n".join(texts)
+        rest = [b for b in content if not (isinstance(b, dict) and b.get("type") == "text")]
+    else:
+        return req.prompt, None
+    if not text.strip():
+        return req.prompt, None
+    context = {**body, "messages": [*messages[:-1], {**last, "content": rest}]}
+    digest = hashlib.blake2b(json.dumps(context, sort_keys=True, separators=(",", ":"), default=str).encode(),
+                             digest_size=12).hexdigest()
+    return text, digest
+
+
+def near_class(req: Request, scope: str) -> tuple:
+    """The class a near-duplicate search runs in: ``(scope, compat_key)``, and the context digest of
+    ``near_text`` when there is one. Its second field is the compatibility class, which shards the cache."""
+    ctx = near_text(req)[1]
+    return (scope, compat_key(req)) if ctx is None else (scope, compat_key(req), ctx)
 
 
 @functools.lru_cache(maxsize=1)

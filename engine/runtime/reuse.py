@@ -41,8 +41,9 @@ _HNSW_OPTIONS = {"metric": "ip", "dtype": "i8", "connectivity": 16, "expansion_a
 def class_threshold(near_key: Hashable, asked: float) -> float:
     """The threshold a class applies: ``asked`` (the policy's, at least the engine's floor), raised to the
     vectors' tuned minimum for the class's kind (``features.near_min_threshold``). Both runtimes key a class
-    by (tenant scope, compat key); a key of another shape (a benchmark's) has no kind and takes the strictest."""
-    compat = near_key[1] if isinstance(near_key, tuple) and len(near_key) == 2 else None
+    by ``features.near_class``, (tenant scope, compat key[, chat context]); a key of another shape (a
+    benchmark's) has no kind and takes the strictest."""
+    compat = near_key[1] if isinstance(near_key, tuple) and len(near_key) in (2, 3) else None
     return max(asked, near_min_threshold(compat_kind(compat) if isinstance(compat, tuple) else None))
 
 

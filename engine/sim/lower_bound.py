@@ -54,7 +54,7 @@ from engine.core.cost import (
     token_prices,
 )
 from engine.core.draws import Draws, TurnaroundWorld
-from engine.core.features import compat_key, fingerprint, near_vectors
+from engine.core.features import compat_key, fingerprint, near_class, near_text, near_vectors
 from engine.core.request import Request
 from engine.core.settings import Settings
 from engine.core.similarity import guard_reason
@@ -97,7 +97,7 @@ def _near_free(reqs: Sequence[Request], candidates: list[int], settings: Setting
         return set()
     classes: dict[tuple, list[int]] = {}
     for i, r in enumerate(reqs):
-        classes.setdefault((r.tenant, compat_key(r)), []).append(i)
+        classes.setdefault(near_class(r, r.tenant), []).append(i)
     cand = set(candidates)
     free: set[int] = set()
     floor = settings.sim.near_floor
@@ -113,7 +113,7 @@ def _near_free(reqs: Sequence[Request], candidates: list[int], settings: Setting
                 continue
             sims = mat[:p] @ mat[p]
             for q in np.flatnonzero(sims >= floor)[np.argsort(-sims[sims >= floor])]:
-                if guard_reason(reqs[i].prompt, reqs[members[q]].prompt) is None:
+                if guard_reason(near_text(reqs[i])[0], near_text(reqs[members[q]])[0]) is None:
                     free.add(i)
                     break
     return free

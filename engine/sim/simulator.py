@@ -23,7 +23,7 @@ from engine.core.catalog import Catalog, default_catalog
 from engine.core.cost import MODES
 from engine.core.draws import Draws
 from engine.core.errors import PolicyError
-from engine.core.features import compat_key, fingerprint, near_vectors
+from engine.core.features import compat_key, fingerprint, near_class, near_text, near_vectors
 from engine.core.grouping import Decision
 from engine.core.request import Request
 from engine.core.scheduling import Scheduling
@@ -81,9 +81,11 @@ class _Sim(SimBudget):
         self.index = ReuseIndex(dim=1)
         self.vecs: dict[int, np.ndarray] = {}
         self.near_threshold = max(self.reuse.near_threshold, settings.sim.near_floor)
+        # a near duplicate is searched for within its tenant, compatibility class and chat context (near_class)
+        self.near_cls = [near_class(r, r.tenant) for r in reqs] if self.reuse.near else []
         if self.reuse.near:
-            classes = {(r.tenant, self.compat[i]) for i, r in enumerate(reqs) if r.reuse == "near"}
-            need = [i for i, r in enumerate(reqs) if (r.tenant, self.compat[i]) in classes]
+            classes = {self.near_cls[i] for i, r in enumerate(reqs) if r.reuse == "near"}
+            need = [i for i in range(len(reqs)) if self.near_cls[i] in classes]
             if need:
                 mat = near_vectors([reqs[i] for i in need])
                 self.index = ReuseIndex(dim=mat.shape[1])
@@ -216,7 +218,7 @@ class _Sim(SimBudget):
     def near(self, i: int, r: Request, now: float) -> bool:
         """Reuse or follow the top near match, found by its fingerprint: a stored result, or a source still in
         flight under the rule for identical ones (due no later than this request)."""
-        h = self.index.near((r.tenant, self.compat[i]), self.vecs[i], r.prompt, self.near_threshold,
+        h = self.index.near(self.near_cls[i], self.vecs[i], near_text(r)[0], self.near_threshold,
                             self.reuse.guards)
         if h is None:
             return False
@@ -232,7 +234,7 @@ class _Sim(SimBudget):
         if vec is None or fp in self.near_indexed:
             return
         self.near_indexed.add(fp)
-        self.index.add_near((self.reqs[i].tenant, self.compat[i]), vec[None, :], [fp], [self.reqs[i].prompt],
+        self.index.add_near(self.near_cls[i], vec[None, :], [fp], [near_text(self.reqs[i])[0]],
                             [done])
 
     def apply(self, dispatches: list[Dispatch], wake: Wake | None) -> None:
