@@ -37,8 +37,13 @@ class NearIndex:
         Each is decided as if it had arrived alone, as the simulator admits them: an identical request in
         flight first, then the top near match, the best of the index and of the items before it that lead;
         only that match is weighed, against the threshold and every guard."""
-        await self._index_pending()  # leaders of earlier lookups must be findable now
         items = [batch[p] for p in order]
+        # An identical request in flight is followed first, and now: the awaits below let the loop go, and a
+        # ``complete`` run meanwhile would take its leader (and its followers) away, leaving this request to be
+        # generated a second time. Nothing decided below can change whom it follows: a leader of its
+        # fingerprint, in flight now, keeps leading it.
+        attached = {k for k, it in enumerate(items) if it.req.reuse != "none" and self._attach(it)}
+        await self._index_pending()  # leaders of earlier lookups must be findable now
         vecs = await self._vectors([it.req for it in items])
         by_class: dict[Hashable, list[int]] = {}
         for k, it in enumerate(items):
@@ -47,7 +52,7 @@ class NearIndex:
         # The policy's threshold, raised to the tuned minimum of the class's kind, as the simulator's index does.
         th = {key: class_threshold(key, self.near_threshold) for key in by_class}
         for key, ks in by_class.items():
-            q = [k for k in ks if self._wants_near(items[k])]
+            q = [k for k in ks if self._wants_near(items[k]) and k not in attached]
             for k, top in zip(q, self.index.top_many(key, vecs[q])):
                 if top is not None and top.similarity >= th[key]:
                     tops[k] = top
@@ -61,7 +66,7 @@ class NearIndex:
             lead_fps: set[str] = set()  # their fingerprints (``_lead_now`` keeps both)
             for a, k in enumerate(ks):
                 it = items[k]
-                if it.req.reuse != "none" and self._attach(it):
+                if k in attached or (it.req.reuse != "none" and self._attach(it)):
                     out[k] = FOLLOWING
                     continue
                 if not self._wants_near(it) or it.fp in lead_fps:

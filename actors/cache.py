@@ -218,14 +218,20 @@ class ResultCache(NearIndex, Warm):
         await self._report()
         return misses
 
-    async def _deliver(self, results: list[Result], items: list[Item]) -> None:
+    async def _deliver(self, results: list[Result], items: list[Item], prices: list[float] | None = None) -> None:
+        if prices is None:
+            prices = self._held(results, items)
+        await self.hubs.call("push", by_result_uid, results, prices)
+
+    def _held(self, results: list[Result], items: list[Item]) -> list[float]:
+        """Keep ``results`` for ``recall`` and return their prices: held from here on, before any await."""
         prices = self._list_prices(items)
         d = self._delivered
         for r, p in zip(results, prices):
             d[r.uid] = (r, p)
         while len(d) > RECALL_KEEP:
             d.popitem(last=False)
-        await self.hubs.call("push", by_result_uid, results, prices)
+        return prices
 
     async def forget(self, uids: list[str]) -> None:
         for u in uids:
@@ -299,6 +305,9 @@ class ResultCache(NearIndex, Warm):
                 out.append(reused_result(f.req, at=max(at, f.req.arrival_s), hit=hit, source_id=res.id,
                                          output=res.output, made_by=(res.provider, res.model) if res.model else None))
                 out_items.append(f)
+        # The followers left the in-flight table above: they are held for ``recall`` from now, not from their
+        # delivery after the awaits below (indexing lets the loop go), or a re-admission meanwhile generates them.
+        prices = self._held(out, out_items) if out else []
         if stored:
             await self._index_pending()
             await self._index_near(stored)
@@ -307,7 +316,7 @@ class ResultCache(NearIndex, Warm):
                 await self.redis.put_many([(self.redis.key(self._scope(it), e.fp), encode(e), ttl_ms)
                                            for it, e in stored])
         if out:
-            await self._deliver(out, out_items)
+            await self._deliver(out, out_items, prices)
         await self._report()
 
     async def orphans(self, failed: list[tuple[str, str]]) -> list[Item]:

@@ -308,3 +308,68 @@ def test_a_lookup_of_long_prompts_lets_the_health_check_through_and_decides_the_
     assert misses == list(range(12)) and stats["near"] == 12  # each copy follows its original
     whole = decide(10**9)  # one slice: the loop is not let go, so the ping waits for the whole lookup
     assert not whole[0] and (whole[1], whole[2]) == (misses, stats)
+
+
+def test_a_leader_that_completes_while_a_lookup_featurises_still_takes_its_identical_request(tmp_path, monkeypatch):
+    """A lookup now lets the loop go while it featurises (``YIELD_CHARS``), so a ``complete`` can run between
+    the arrival of a request and its decision. A request identical to a leader in flight when the lookup began
+    follows that leader (one call), as the simulator decides it; it must not find the leader gone after the
+    slice and be generated a second time."""
+    import types
+
+    import actors._near_index as near_mod
+
+    monkeypatch.setattr(near_mod, "YIELD_CHARS", 64)  # several slices for the prompts below
+    hub, cache = make_cache(tmp_path)
+    lead = job(0, "a red fox jumping over a garden wall, watercolor", reuse="exact")
+    asks = [job(i, f"portrait {'of a lighthouse keeper ' * i}in oil") for i in range(1, 5)]  # near asks, one class
+    same = job(9, lead.req.prompt, reuse="exact")  # identical to the leader, arrives while it generates
+    interleaved: list[str] = []
+
+    async def let_go(_delay):  # what the event loop runs while the lookup lets it go: the leader's result
+        if not interleaved:
+            interleaved.append("complete")
+            await cache.complete([ok(lead)])
+
+    async def go():
+        assert await cache.lookup([lead]) == [0]
+        monkeypatch.setattr(near_mod, "asyncio", types.SimpleNamespace(sleep=let_go))
+        misses = await cache.lookup([*asks, same])
+        return misses, await hub.pull(0.01)
+
+    misses, results = run(go())
+    assert interleaved == ["complete"]  # the leader did complete mid-lookup
+    assert 4 not in misses  # not generated again
+    got = {r.id: r for r in results}
+    assert got["r9"].output == "img://out" and got["r9"].status == "reused"
+
+
+def test_a_follower_resolved_by_a_completion_that_is_still_indexing_is_held_for_recall(tmp_path, monkeypatch):
+    """``complete`` now lets the loop go while it featurises the leaders it indexes. Its followers are already
+    taken from the in-flight table by then: a ``recall`` (a re-admission after the hub restarted) answered in
+    that window must still count them as held here, or they are sent on and generated, and billed, again."""
+    import types
+
+    import actors._near_index as near_mod
+
+    monkeypatch.setattr(near_mod, "YIELD_CHARS", 64)  # two slices for the two leaders below
+    hub, cache = make_cache(tmp_path)
+    lead1 = job(0, "a lighthouse on a cliff at dawn " * 4, reuse="exact")
+    lead2 = job(1, "a harbour full of fishing boats " * 4, reuse="exact")
+    follower = job(2, lead1.req.prompt, reuse="exact")
+    held: list[list[str]] = []
+
+    async def let_go(_delay):  # what the event loop runs while ``complete`` lets it go: a recall
+        if not held:
+            held.append(await cache.recall([follower.req.uid]))
+
+    async def go():
+        assert await cache.lookup([lead1, lead2]) == [0, 1]  # no near ask: indexed when they complete
+        assert await cache.lookup([follower]) == []  # follows lead1
+        monkeypatch.setattr(near_mod, "asyncio", types.SimpleNamespace(sleep=let_go))
+        await cache.complete([ok(lead1), ok(lead2)])
+        return await hub.pull(0.01)
+
+    results = run(go())
+    assert [r.id for r in results] == ["r2"]  # the follower was resolved by the completion
+    assert held == [[follower.req.uid]]  # and held while the completion was still indexing

@@ -285,3 +285,18 @@ def test_hashed_rows_do_not_depend_on_the_batch_around_them(dim):
     assert sum(map(len, texts)) > 4 * 16_384  # several slices
     assert np.array_equal(together, alone)
     assert not together[0].any() and np.allclose(np.linalg.norm(together[1:], axis=1), 1.0, atol=1e-5)
+
+
+@needs_model
+@pytest.mark.xfail(strict=True, reason="the context guard asks for 6x the differing content words; a few-word ask "
+                   "over 120-340 characters of shared text scores 0.93-0.97 below that ratio (stop words and "
+                   "punctuation are shared too), so no guard refuses it")
+def test_two_different_asks_over_a_short_shared_report_are_not_served_for_each_other():
+    """docs/cache.md: two texts sharing s content words around m differing ones score "about s / (s + m)", so
+    the guard refuses from s >= 6 m on. Measured, the cosine is far above s / (s + m): here s / m is about 4
+    (0.8 by the rule) and the cosine 0.95, above the text threshold, and every guard lets it through."""
+    a = "Critique the report below.\n" + _REPORT[:180]
+    b = "Rewrite the report below for children.\n" + _REPORT[:180]
+    va, vb = near_vectors_texts([a, b])
+    assert va @ vb >= near_min_threshold("text")  # the vectors alone would serve one for the other
+    assert guard_reason(a, b) is not None

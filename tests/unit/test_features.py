@@ -76,3 +76,16 @@ def test_normalise_prompt_is_nfkc_with_whitespace_runs_folded(text):
     import unicodedata
 
     assert normalise_prompt(text) == re.sub(r"\s+", " ", unicodedata.normalize("NFKC", text)).strip()
+
+
+def test_a_power_of_two_width_takes_the_column_the_modulo_gives():
+    """A width that is a power of two takes its column with a mask, any other width with the modulo. A hash's
+    column at 3 x 128 is, modulo 128, its column at 128, so the wide rows folded onto 128 columns must be the
+    narrow rows: this ties the mask to the modulo (rows compared only with rows of the same code could not)."""
+    texts = ["How do I cook rice?", "A red car at night, café naïve", "x", "", "summarise the report " * 300]
+    narrow = featurize_texts(texts, dim=128)
+    folded = featurize_texts(texts, dim=3 * 128).reshape(len(texts), 3, 128).sum(axis=1)
+    lengths = np.linalg.norm(folded, axis=1, keepdims=True)
+    lengths[lengths == 0] = 1.0
+    assert np.allclose(folded / lengths, narrow, atol=1e-6)
+    assert not narrow[3].any() and narrow[:3].any(axis=1).all()
