@@ -13,7 +13,7 @@ import numpy as np
 from actors._shards import key_shard
 from actors._types import Job
 from actors.cache_layers import CorruptValue, Entry, decode
-from engine.core.features import NEAR_DIM, near_text, near_vectors, near_vectors_texts
+from engine.core.features import NEAR_DIM, near_text, near_vectors_texts
 from engine.core.result import Result
 from engine.core.similarity import guard_between, guard_reason, traits
 from engine.runtime.reuse import Top, class_threshold
@@ -21,8 +21,8 @@ from engine.runtime.reuse import Top, class_threshold
 Item = Job
 FOLLOWING = Result(id="", status="reused")  # marker: attached to a near duplicate in flight
 LEADS = Result(id="", status="failed")  # marker: generated, and a source for the asks after it
-# Characters of prompt featurised between two yields of the event loop: about 0.1 s of work (25-40 us per 100
-# characters, docs/cache.md), so a ping waits for a slice, not for a whole lookup of long prompts.
+# Characters of prompt featurised between two yields of the event loop: about 0.05 s of work (15-22 us per 100
+# characters measured), so a ping waits for a slice, not for a whole lookup of long prompts.
 YIELD_CHARS = 262_144
 
 
@@ -43,11 +43,12 @@ class NearIndex:
         # generated a second time. Nothing decided below can change whom it follows: a leader of its
         # fingerprint, in flight now, keeps leading it.
         attached = {k for k, it in enumerate(items) if it.req.reuse != "none" and self._attach(it)}
-        await self._index_pending()  # leaders of earlier lookups must be findable now
-        vecs = await self._vectors([it.req for it in items])
+        self._index_pending()  # leaders of earlier lookups must be findable now
         by_class: dict[Hashable, list[int]] = {}
         for k, it in enumerate(items):
             by_class.setdefault(self._near_key(it), []).append(k)
+        await self._materialise(list(by_class))
+        vecs = await self._vectors([near_text(it.req)[0] for it in items], [it.req.params for it in items])
         tops: dict[int, Top] = {}
         # The policy's threshold, raised to the tuned minimum of the class's kind, as the simulator's index does.
         th = {key: class_threshold(key, self.near_threshold) for key in by_class}
@@ -114,71 +115,73 @@ class NearIndex:
         self.stats["near"] += 1
         return True
 
-    async def _vectors(self, reqs: list) -> np.ndarray:
-        """``near_vectors`` of ``reqs``, ``YIELD_CHARS`` of prompt at a time with the event loop let go between:
+    async def _vectors(self, texts: list[str], params: list[dict]) -> np.ndarray:
+        """``near_vectors_texts``, ``YIELD_CHARS`` of prompt at a time with the event loop let go between:
         a lookup of a thousand long prompts is seconds of CPU, and the driver's health check must be answered
         meanwhile, or a busy cache is killed as a hung one and its open work re-admitted onto a cache that
         is busier still. Rows are equal to one call's (each row is featurised on its own)."""
         out, start = [], 0
-        while start < len(reqs):
-            stop, size = start + 1, len(reqs[start].prompt)
-            while stop < len(reqs) and size + len(reqs[stop].prompt) <= YIELD_CHARS:
-                size += len(reqs[stop].prompt)
+        while start < len(texts):
+            stop, size = start + 1, len(texts[start])
+            while stop < len(texts) and size + len(texts[stop]) <= YIELD_CHARS:
+                size += len(texts[stop])
                 stop += 1
             if start:
                 await asyncio.sleep(0)
-            out.append(near_vectors(reqs[start:stop]))
+            out.append(near_vectors_texts(texts[start:stop], params[start:stop]))
             start = stop
         return np.concatenate(out) if out else np.empty((0, NEAR_DIM), dtype=np.float32)
 
-    async def _index_pending(self) -> None:
-        """Index every request that leads and is not indexed yet, its vectors made by ``_vectors``."""
-        todo = list({it.fp: it for it in self._new_leads if it.fp not in self.indexed}.values()) if self.reuse.near else []
-        made = await self._vectors([it.req for it in todo]) if todo else ()
-        self._index_leaders({it.req.uid: v for it, v in zip(todo, made)})
+    def _index_pending(self) -> None:
+        """Queue every request that leads and is not indexed yet (``_queue_rows``)."""
+        self._index_leaders({})
 
-    def _index_leaders(self, vecs: dict, lazy: bool = False) -> None:
+    def _index_leaders(self, vecs: dict) -> None:
         """Index the requests that started generating, so near duplicates arriving meanwhile can follow them
-        (the simulator's index holds a dispatched request too). ``vecs``: vectors already made, by id.
-        ``lazy``: only those with a vector already; the rest wait for the next near ask or completion, so a
-        lookup without near asks (an urgent exact request) does not pay for featurising."""
+        (the simulator's index holds a dispatched request too). ``vecs``: vectors already made, by id; the
+        others are made when a near ask of their class needs them (``_materialise``)."""
+        leading, self._new_leads = self._new_leads, []
         if not self.reuse.near:
-            self._new_leads = []
             return
-        if lazy:
-            ready = [it for it in self._new_leads if it.req.uid in vecs]
-            self._new_leads = [it for it in self._new_leads if it.req.uid not in vecs]
-            leading = ready
-        else:
-            leading, self._new_leads = self._new_leads, []
-        leading = [it for it in leading if it.fp not in self.indexed]
-        if not leading:
-            return
-        todo = [it for it in leading if it.req.uid not in vecs]
-        if todo:
-            made = near_vectors([it.req for it in todo])
-            vecs = {**vecs, **{it.req.uid: made[k] for k, it in enumerate(todo)}}
-        self._index_rows([(self._near_key(it), vecs[it.req.uid], it.fp, near_text(it.req)[0], math.inf)
-                          for it in {it.fp: it for it in leading}.values()])
+        self._queue_rows([(self._near_key(it), it.fp, near_text(it.req)[0], dict(it.req.params), math.inf,
+                           vecs.get(it.req.uid)) for it in leading])
 
-    def _index_rows(self, rows: list[tuple[Hashable, np.ndarray, str, str, float]]) -> None:
-        """(near key, vector, fingerprint, text, done) rows into the near index, one call per class."""
-        by_class: dict[Hashable, list[tuple]] = {}
-        for row in rows:
-            by_class.setdefault(row[0], []).append(row)
-        for key, rs in by_class.items():
-            self.index.add_near(key, np.stack([r[1] for r in rs]), [r[2] for r in rs], [r[3] for r in rs],
-                                [r[4] for r in rs])
-        self.indexed.update(r[2] for r in rows)
+    def _queue_rows(self, rows: list[tuple[Hashable, str, str, dict, float, np.ndarray | None]]) -> None:
+        """(near key, fingerprint, text, params, done, vector or None) rows for the near index, in order. Their
+        vectors are made only when a near ask of their class comes (``_materialise``): most requests ask for
+        exact reuse only (the default), and a vector costs about 6 ms per 16 kB of prompt, so making one for
+        every result made the cache the engine's bottleneck on long prompts whether or not anyone asked near."""
+        for key, fp, text, params, done, vec in rows:
+            if fp in self.indexed:
+                continue
+            self.indexed.add(fp)
+            self._pending.setdefault(key, []).append((fp, text, params, done, vec))
 
-    async def _index_near(self, stored: list[tuple[Item, Entry]]) -> None:
-        todo = [(it, e) for it, e in stored if e.near_key is not None and e.fp not in self.indexed]
-        if not todo:
-            return
-        vecs = await self._vectors([it.req for it, _ in todo])
-        rows = {e.fp: (e.near_key, v, e.fp, e.text, e.result.done_s or 0.0) for (_, e), v in zip(todo, vecs)
-                if e.fp not in self.indexed}  # one indexed meanwhile keeps its row
-        self._index_rows(list(rows.values()))
+    async def _materialise(self, keys: list[Hashable]) -> None:
+        """Index the queued rows of these classes, in the order they were queued, their vectors made now."""
+        snap = {key: list(self._pending.get(key, ())) for key in keys}
+        need = [row for rows in snap.values() for row in rows if row[4] is None]
+        made = await self._vectors([r[1] for r in need], [r[2] for r in need]) if need else ()
+        vec_of = {id(r): v for r, v in zip(need, made)}
+        for key, rows in snap.items():
+            mine = {id(r) for r in rows}
+            queued = self._pending.get(key, [])
+            # Another lookup may have indexed some meanwhile: those are gone from the queue. Ours that are
+            # left are its head (rows queued since come after them), so the order is kept.
+            take = [r for r in queued if id(r) in mine]
+            if not take:
+                continue
+            rest = queued[len(take):]
+            if rest:
+                self._pending[key] = rest
+            else:
+                self._pending.pop(key, None)
+            self.index.add_near(key, np.stack([r[4] if r[4] is not None else vec_of[id(r)] for r in take]),
+                                [r[0] for r in take], [r[1] for r in take], [r[3] for r in take])
+
+    def _index_near(self, stored: list[tuple[Item, Entry]]) -> None:
+        self._queue_rows([(e.near_key, e.fp, e.text, e.params or {}, e.result.done_s or 0.0, None)
+                          for _, e in stored if e.near_key is not None])
 
     async def warm_from_redis(self) -> int:
         """Rebuild the near-duplicate index (and the memory layer, newest last) from Redis after a restart;
@@ -201,10 +204,8 @@ class NearIndex:
         entries.sort(key=lambda e: e.result.done_s or 0.0)
         k, n = getattr(self, "shard", (0, 1))  # another shard's classes are found there, not here
         near = [e for e in entries if e.near_key is not None and key_shard(e.near_key[1], n) == k]
-        if near:
-            # The same vectors as live requests get: the text and its parameters.
-            vecs = near_vectors_texts([e.text for e in near], [e.params for e in near])
-            self._index_rows([(e.near_key, v, e.fp, e.text, e.result.done_s or 0.0) for e, v in zip(near, vecs)])
+        # The same vectors as live requests get (the text and its parameters), made when a near ask needs them.
+        self._queue_rows([(e.near_key, e.fp, e.text, e.params or {}, e.result.done_s or 0.0, None) for e in near])
         for e in entries[-self.cfg.memory_max_entries:]:
             self.memory.put(e, self.cfg.ttl_s)
         return len(entries)

@@ -24,6 +24,7 @@ from engine.core.budgets import (
     BudgetSpec,
     Charge,
     Claim,
+    Covering,
     Refusal,
     Throttle,
     Verdict,
@@ -179,6 +180,7 @@ class RedisBudgetBook:
             raise ValueError(f"reservation_ttl_s must be > 0, got {reservation_ttl_s}")
         self.client = client
         self.specs = list(specs)
+        self.covering = Covering(self.specs)
         self.throttle = throttle
         self.prefix = prefix
         self.reservation_ttl_s = reservation_ttl_s
@@ -198,7 +200,7 @@ class RedisBudgetBook:
         for c in claims:
             if c.amount < 0:
                 raise ValueError(f"claim {c.rid}: amount must be >= 0, got {c.amount}")
-            touched = [s for s in self.specs if s.covers(c.tenant, c.provider, c.model)]
+            touched = self.covering(c.tenant, c.provider, c.model)
             touched_all.append(touched)
             args += [c.rid, repr(float(c.amount)), len(touched)]
             th = self.throttle
@@ -234,7 +236,7 @@ class RedisBudgetBook:
             return
         args: list = [self.prefix, len(charges)]
         for c in charges:
-            touched = [s for s in self.specs if s.covers(c.tenant, c.provider, c.model)]
+            touched = self.covering(c.tenant, c.provider, c.model)
             args += [c.cid, repr(float(c.usd)), _who(c.tenant, c.provider, c.model), len(touched)]
             for s in touched:
                 end = window_bounds(s.budget_duration, now)[1]

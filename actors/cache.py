@@ -77,6 +77,7 @@ class ResultCache(NearIndex, Warm):
         self.inflight: InFlight[Item] = InFlight(reuse)  # leaders being generated and who waits for each
         self.generating: dict[str, Item] = {}  # request id -> item, for misses whose result will feed the cache
         self.indexed: set[str] = set()  # fingerprints already in the near index (indexed when they start)
+        self._pending: dict[Hashable, list[tuple]] = {}  # rows queued for it, by class, their vectors not made yet
         self.stats = {"exact_memory": 0, "exact_redis": 0, "near": 0, "in_flight": 0, "miss": 0,
                       "corrupt": 0, "stale_near": 0, "blobs": 0}
         self._reported: dict[str, int] = {}
@@ -212,7 +213,7 @@ class ResultCache(NearIndex, Warm):
         if self.groupers:
             send_sharded(self.groupers, [items[k] for k in misses])
             misses = []
-        self._index_leaders(vecs, lazy=True)
+        self._index_leaders(vecs)
         if hits:
             await self._deliver(hits, hit_items)
         await self._report()
@@ -306,11 +307,11 @@ class ResultCache(NearIndex, Warm):
                                          output=res.output, made_by=(res.provider, res.model) if res.model else None))
                 out_items.append(f)
         # The followers left the in-flight table above: they are held for ``recall`` from now, not from their
-        # delivery after the awaits below (indexing lets the loop go), or a re-admission meanwhile generates them.
+        # delivery after the awaits below, or a re-admission meanwhile generates them a second time.
         prices = self._held(out, out_items) if out else []
         if stored:
-            await self._index_pending()
-            await self._index_near(stored)
+            self._index_pending()
+            self._index_near(stored)
             if self.redis is not None:
                 ttl_ms = int(self.cfg.ttl_s * 1000)
                 await self.redis.put_many([(self.redis.key(self._scope(it), e.fp), encode(e), ttl_ms)
@@ -334,7 +335,8 @@ class ResultCache(NearIndex, Warm):
     def cache_stats(self) -> dict:
         s = dict(self.stats)
         s.update(memory_entries=len(self.memory), memory_bytes=self.memory.bytes, evicted=self.memory.evicted,
-                 expired=self.memory.expired, near_entries=self.index.near_entries)
+                 expired=self.memory.expired,
+                 near_entries=self.index.near_entries + sum(map(len, self._pending.values())))
         if self.redis is not None:
             s.update(redis_up=int(self.redis.up), redis_errors=self.redis.errors,
                      redis_reconnects=self.redis.reconnects, redis_dropped_writes=self.redis.dropped_writes)

@@ -340,7 +340,9 @@ class Ingest(Warm):
         if force and known:
             log.warning("ingest: %d request(s) open long past their deadline are still held by a dispatcher or "
                         "the hub: %s", len(known), sorted(known)[:5])
-        jobs = [self._job(r) for r in requests if r.uid not in known]
+        # Still in their cache lookup (a busy cache keeps one past the sweep's grace): that lookup sends them on,
+        # so sent from here too they were generated and paid twice.
+        jobs = [self._job(r) for r in requests if r.uid not in known and r.uid not in self._moving]
         send_sharded(self.groupers, jobs)
         self.readmitted += len(jobs)
         return len(jobs)

@@ -27,7 +27,7 @@ from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["LEDGER", "BudgetBook", "BudgetSettings", "BudgetSpec", "Charge", "Claim", "Refusal", "Throttle", "Verdict",
+__all__ = ["LEDGER", "BudgetBook", "BudgetSettings", "BudgetSpec", "Charge", "Claim", "Covering", "Refusal", "Throttle", "Verdict",
            "parse_duration", "verdict_of", "window_bounds", "window_row"]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|mo)\s*$")
@@ -236,6 +236,22 @@ def verdict_of(refusals: list[Refusal], priority: str, now: float) -> Verdict:
     return worst or Verdict(True)
 
 
+class Covering:
+    """The specs that cover a (tenant, provider, model), in the specs' order, found by their fields rather than by
+    asking every spec: with a budget per tenant, a scan of 10,000 specs cost 2.5 ms per reservation in the one
+    budget actor, which then bounded the whole engine at a few hundred requests a second."""
+
+    def __init__(self, specs: list[BudgetSpec]):
+        self._by: dict[tuple, list[tuple[int, BudgetSpec]]] = {}
+        for k, s in enumerate(specs):
+            self._by.setdefault((s.tenant, s.provider, s.model), []).append((k, s))
+
+    def __call__(self, tenant: str, provider: str, model: str) -> list[BudgetSpec]:
+        found = [ks for t in (None, tenant) for p in (None, provider) for m in (None, model)
+                 for ks in self._by.get((t, p, m), ())]
+        return [s for _, s in sorted(found, key=lambda ks: ks[0])]
+
+
 class BudgetBook:
     """The reference ledger, in one process. ``RedisBudgetBook`` (actors/) applies the same rules atomically
     in Redis for budgets shared by several engines."""
@@ -249,6 +265,7 @@ class BudgetBook:
         self.spend: dict[tuple[str, str, str], float] = {}  # (tenant, provider, model) -> settled USD
         self.charged: set[str] = set()  # Charge.cid already counted
         self.by_name = {s.name: s for s in self.specs}
+        self.covering = Covering(self.specs)
 
     def __repr__(self) -> str:
         return (f"BudgetBook(specs={len(self.specs)}, open={len(self.claims)}, "
@@ -256,7 +273,7 @@ class BudgetBook:
 
     def plan(self, c: Claim, now: float) -> tuple[list[tuple[BudgetSpec, str]], Verdict]:
         """The windows a claim touches and whether it may pass (no change made)."""
-        touched = [(s, s.key(now)) for s in self.specs if s.covers(c.tenant, c.provider, c.model)]
+        touched = [(s, s.key(now)) for s in self.covering(c.tenant, c.provider, c.model)]
         if c.amount < 0:
             raise ValueError(f"claim {c.rid}: amount must be >= 0, got {c.amount}")
         th = self.throttle
@@ -303,10 +320,9 @@ class BudgetBook:
             self.charged.add(c.cid)
             who = (c.tenant, c.provider, c.model)
             self.spend[who] = self.spend.get(who, 0.0) + c.usd
-            for s in self.specs:
-                if s.covers(c.tenant, c.provider, c.model):
-                    k = s.key(now)
-                    self.spent[k] = self.spent.get(k, 0.0) + c.usd
+            for s in self.covering(c.tenant, c.provider, c.model):
+                k = s.key(now)
+                self.spent[k] = self.spent.get(k, 0.0) + c.usd
 
     def report(self, now: float) -> list[dict]:
         """Each budget's current window."""

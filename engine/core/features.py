@@ -199,32 +199,51 @@ def near_text(req: Request) -> tuple[str, str | None]:
     everything else in the body (system prompt, earlier turns, tools, sampling settings, the last message's
     images or files) must be equal: the thresholds were tuned on questions, and a shared conversation would
     otherwise carry any two questions past them (docs/cache.md, the ``context`` guard). Any other request
-    compares its whole prompt, with no context."""
+    compares its whole prompt; with a ``body``, all of it that is not prompt text is its context (tools, an
+    answer format, the roles of the messages, an image block: a request with tools and one without read the
+    same text, and one was served the other's answer)."""
     body = req.body
-    if req.kind != "text" or not body or "input" in body or "prompt" in body:
+    if not body:
         return req.prompt, None
     messages = body.get("messages")
-    if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
-        return req.prompt, None
-    last = messages[-1]
-    if last.get("role") != "user":
-        return req.prompt, None
-    content = last.get("content")
-    if isinstance(content, str):
-        text, rest = content, ""
-    elif isinstance(content, list):
-        texts = [b["text"] for b in content if isinstance(b, dict) and b.get("type") == "text"
-                 and isinstance(b.get("text"), str)]
-        text = "\n".join(texts)
-        rest = [b for b in content if not (isinstance(b, dict) and b.get("type") == "text")]
-    else:
-        return req.prompt, None
-    if not text.strip():
-        return req.prompt, None
-    context = {**body, "messages": [*messages[:-1], {**last, "content": rest}]}
-    digest = hashlib.blake2b(json.dumps(context, sort_keys=True, separators=(",", ":"), default=str).encode(),
-                             digest_size=12).hexdigest()
-    return text, digest
+    last = messages[-1] if isinstance(messages, list) and messages else None
+    if (req.kind == "text" and "input" not in body and "prompt" not in body and isinstance(last, dict)
+            and last.get("role") == "user"):
+        content = last.get("content")
+        text = content if isinstance(content, str) else "\n".join(
+            b["text"] for b in content if isinstance(b, dict) and b.get("type") == "text"
+            and isinstance(b.get("text"), str)) if isinstance(content, list) else ""
+        if text.strip():
+            rest = "" if isinstance(content, str) else [
+                b for b in content if not (isinstance(b, dict) and b.get("type") == "text")]
+            return text, _digest({**body, "messages": [*messages[:-1], {**last, "content": rest}]})
+    return req.prompt, _digest(_body_shape(body))
+
+
+def _digest(context: dict) -> str:
+    return hashlib.blake2b(json.dumps(context, sort_keys=True, separators=(",", ":"), default=str).encode(),
+                           digest_size=12).hexdigest()
+
+
+def _body_shape(body: dict) -> dict:
+    """``body`` with the text ``request.body_text`` reads as the prompt taken out (the same traversal)."""
+    def block(b):
+        if isinstance(b, str):
+            return ""
+        if isinstance(b, dict) and isinstance(b.get("text"), str):
+            return {**b, "text": ""}
+        if isinstance(b, dict) and "content" in b:
+            return {**b, "content": content(b["content"])}
+        return b  # an image, a tool call...: part of the shape
+
+    def content(v):
+        return "" if isinstance(v, str) else [block(b) for b in v] if isinstance(v, list) else v
+
+    out = {k: content(v) if k in ("system", "instructions", "input", "prompt") else v for k, v in body.items()}
+    if isinstance(body.get("messages"), list):
+        out["messages"] = [{**m, "content": content(m["content"])} if isinstance(m, dict) and "content" in m
+                           else m for m in body["messages"]]
+    return out
 
 
 def near_class(req: Request, scope: str) -> tuple:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import math
 from typing import Annotated, Any, Literal
 
@@ -93,6 +94,17 @@ def body_text(body: dict) -> str:
     add(body.get("input"))
     add(body.get("prompt"))
     return "\n".join(parts)
+
+
+def _tool_chars(body: Any) -> int:
+    """Characters of a body's tool definitions, as their canonical JSON: providers bill them as input tokens
+    (and the emulator does), so an estimate from the messages alone let a budget reserve 8 tokens for a call
+    billed 6,700 and overrun its hard limit."""
+    tools = body.get("tools") if isinstance(body, dict) else None
+    if not isinstance(tools, list):
+        return 0
+    return sum(len(json.dumps({k: v for k, v in t.items() if k != "cache_control"} if isinstance(t, dict) else t,
+                              sort_keys=True, separators=(",", ":"))) for t in tools)
 
 
 def _from_batch_line(d: dict) -> dict:
@@ -313,7 +325,8 @@ class Request(BaseModel):
         if d.get("input_tokens") is None:
             if spec.kind == "text" and not (isinstance(prompt, str) and prompt):
                 raise FieldProblem("input_tokens", "a text request needs 'input_tokens' or a 'prompt' to estimate them from")
-            d["input_tokens"] = math.ceil(len(prompt) / settings.chars_per_token) if isinstance(prompt, str) else 0
+            chars = (len(prompt) if isinstance(prompt, str) else 0) + _tool_chars(body)
+            d["input_tokens"] = math.ceil(chars / settings.chars_per_token)
         if d.get("output_tokens") is None:
             out = settings.default_output_tokens if spec.kind == "text" else 0
             cap = d.get("max_output_tokens")

@@ -22,13 +22,14 @@ from typing import NamedTuple
 __all__ = ["CONTEXT_RATIO", "CONTEXT_WORDS", "GUARDS", "Guards", "Traits", "guard_between", "guard_reason", "traits"]
 
 GUARDS = ("numbers", "negation", "colours", "entities", "word_order", "qualifiers", "context")
-# The ``context`` guard: two texts that share s content words at their start and end and differ in at most m
-# between score about s / (s + m) whatever those m words say, so from s = 12 m on any ask scores above 0.925
-# (docs/cache.md measures it on a shared document). The guard refuses from half of that on (s >= 6 m), once
-# the shared part is long (s >= 12): on the real pairs it then refuses 1 GPTCache and 15 QQP pairs of 31,140,
-# texts where one word in a long question changed.
+# The ``context`` guard: two different asks followed by one shared document score 0.96-1.0 from 100-200
+# characters of it on (stop words and punctuation are shared too). Measured over 9 asks and 0-780 characters of
+# a report (benchmarks/bench_context_guard.py), different asks score above 0.925 from a shared part of about
+# 4x the differing one on, so the guard refuses from 3x, once the shared part is long (12 content words: the
+# real pairs are questions that rarely share as many). On the real pairs it alone refuses 6 GPTCache and 18 QQP
+# pairs of 31,140, texts where a word or two of a long text changed.
 CONTEXT_WORDS = 12
-CONTEXT_RATIO = 6
+CONTEXT_RATIO = 3
 
 _TOKEN = re.compile(r"[A-Za-z]+(?:'[a-z]+)?|\d+(?:[.,]\d+)*")
 _SENTENCE = re.compile(r"[.!?]+\s+|\n+")  # "1.5" and "U.S." stay inside a sentence

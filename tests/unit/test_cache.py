@@ -344,32 +344,32 @@ def test_a_leader_that_completes_while_a_lookup_featurises_still_takes_its_ident
     assert got["r9"].output == "img://out" and got["r9"].status == "reused"
 
 
-def test_a_follower_resolved_by_a_completion_that_is_still_indexing_is_held_for_recall(tmp_path, monkeypatch):
-    """``complete`` now lets the loop go while it featurises the leaders it indexes. Its followers are already
-    taken from the in-flight table by then: a ``recall`` (a re-admission after the hub restarted) answered in
-    that window must still count them as held here, or they are sent on and generated, and billed, again."""
-    import types
-
-    import actors._near_index as near_mod
-
-    monkeypatch.setattr(near_mod, "YIELD_CHARS", 64)  # two slices for the two leaders below
+def test_a_follower_resolved_by_a_completion_that_is_still_storing_is_held_for_recall(tmp_path):
+    """``complete`` takes the followers from the in-flight table, then lets the loop go while it writes the
+    result to Redis. A ``recall`` (a re-admission after the hub restarted) answered in that window must still
+    count them as held here, or they are sent on and generated, and billed, again. The Redis layer is replaced
+    by a hook that runs the recall at that await: the ordering is what is tested, not Redis."""
     hub, cache = make_cache(tmp_path)
-    lead1 = job(0, "a lighthouse on a cliff at dawn " * 4, reuse="exact")
-    lead2 = job(1, "a harbour full of fishing boats " * 4, reuse="exact")
-    follower = job(2, lead1.req.prompt, reuse="exact")
+    lead = job(0, "a lighthouse on a cliff at dawn", reuse="exact")
+    follower = job(1, lead.req.prompt, reuse="exact")
     held: list[list[str]] = []
 
-    async def let_go(_delay):  # what the event loop runs while ``complete`` lets it go: a recall
-        if not held:
+    class RecallWhileStoring:
+        up, errors, reconnects, dropped_writes = True, 0, 0, 0
+
+        def key(self, scope, fp):
+            return f"{scope}:{fp}"
+
+        async def put_many(self, items):
             held.append(await cache.recall([follower.req.uid]))
 
     async def go():
-        assert await cache.lookup([lead1, lead2]) == [0, 1]  # no near ask: indexed when they complete
-        assert await cache.lookup([follower]) == []  # follows lead1
-        monkeypatch.setattr(near_mod, "asyncio", types.SimpleNamespace(sleep=let_go))
-        await cache.complete([ok(lead1), ok(lead2)])
+        assert await cache.lookup([lead]) == [0]
+        assert await cache.lookup([follower]) == []  # follows the leader
+        cache.redis = RecallWhileStoring()
+        await cache.complete([ok(lead)])
         return await hub.pull(0.01)
 
     results = run(go())
-    assert [r.id for r in results] == ["r2"]  # the follower was resolved by the completion
-    assert held == [[follower.req.uid]]  # and held while the completion was still indexing
+    assert [r.id for r in results] == ["r1"]  # the follower was resolved by the completion
+    assert held == [[follower.req.uid]]  # and held while the completion was still storing

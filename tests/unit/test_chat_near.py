@@ -56,7 +56,8 @@ def test_near_text_is_the_last_user_message_and_the_rest_is_context():
     prefill = chat(5, ASK).body | {"messages": [*HISTORY, {"role": "user", "content": ASK},
                                                  {"role": "assistant", "content": "Sure:"}]}
     r = chat(5, ASK).model_copy(update={"body": prefill})
-    assert near_text(r) == (r.prompt, None)  # not ending with the user's turn: the whole prompt, as before
+    text, ctx = near_text(r)  # not ending with the user's turn: the whole prompt, the body's shape its context
+    assert text == r.prompt and ctx is not None and ctx != near_text(chat(6, ASK))[1]
     plain = Request.model_validate({"id": "p", "arrival_s": 0, "model": "gpt-5-mini", "prompt": ASK})
     assert near_text(plain) == (ASK, None)
 

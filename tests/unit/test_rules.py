@@ -161,9 +161,6 @@ def test_each_guard_refuses_a_pair_that_differs_only_in_what_it_guards(guard, a,
     ("draw a red car parked on a wet street at night", "draw a red car parked on a damp street at night"),
     ("How do I learn Python quickly?", "How can I learn Python quickly?"),
     ("How do I summarise the report below?\n" + _REPORT, "How can I summarise the report below?\n" + _REPORT),
-    # the shared part is long, but not long against what differs: the cosine still weighs the asks
-    ("Summarise the report below in three bullet points.\n" + _REPORT[:200],
-     "Give a three-bullet summary of the report below.\n" + _REPORT[:200]),
 ])
 def test_look_alikes_that_change_nothing_guarded_pass_every_guard(a, b):
     assert guard_reason(a, b) is None and guard_reason(b, a) is None
