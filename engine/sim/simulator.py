@@ -81,9 +81,11 @@ class _Sim(SimBudget):
         self.index = ReuseIndex(dim=1)
         self.vecs: dict[int, np.ndarray] = {}
         self.near_threshold = max(self.reuse.near_threshold, settings.sim.near_floor)
-        # a near duplicate is searched for within its tenant, compatibility class and chat context (near_class)
-        self.near_cls = [near_class(r, r.tenant) for r in reqs] if self.reuse.near else []
-        if self.reuse.near:
+        # a near duplicate is searched for within its tenant, compatibility class and chat context (near_class);
+        # only a trace that asks near needs the classes
+        wants = self.reuse.near and any(r.reuse == "near" for r in reqs)
+        self.near_cls = [near_class(r, r.tenant) for r in reqs] if wants else []
+        if wants:
             classes = {self.near_cls[i] for i, r in enumerate(reqs) if r.reuse == "near"}
             need = [i for i in range(len(reqs)) if self.near_cls[i] in classes]
             if need:
