@@ -33,7 +33,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from engine.core import embedding as _embedding
-from engine.core.request import Request
+from engine.core.request import Request, split_body
 
 __all__ = ["DEFAULT_DIM", "MEDIA_COMPAT_PARAMS", "NEAR_DIM", "compat_key", "compat_kind", "featurize", "featurize_texts",
            "fingerprint", "near_class", "near_min_threshold", "near_space", "near_text", "near_vectors", "near_vectors_texts",
@@ -217,33 +217,12 @@ def near_text(req: Request) -> tuple[str, str | None]:
             rest = "" if isinstance(content, str) else [
                 b for b in content if not (isinstance(b, dict) and b.get("type") == "text")]
             return text, _digest({**body, "messages": [*messages[:-1], {**last, "content": rest}]})
-    return req.prompt, _digest(_body_shape(body))
+    return req.prompt, _digest(split_body(body)[1])
 
 
 def _digest(context: dict) -> str:
     return hashlib.blake2b(json.dumps(context, sort_keys=True, separators=(",", ":"), default=str).encode(),
                            digest_size=12).hexdigest()
-
-
-def _body_shape(body: dict) -> dict:
-    """``body`` with the text ``request.body_text`` reads as the prompt taken out (the same traversal)."""
-    def block(b):
-        if isinstance(b, str):
-            return ""
-        if isinstance(b, dict) and isinstance(b.get("text"), str):
-            return {**b, "text": ""}
-        if isinstance(b, dict) and "content" in b:
-            return {**b, "content": content(b["content"])}
-        return b  # an image, a tool call...: part of the shape
-
-    def content(v):
-        return "" if isinstance(v, str) else [block(b) for b in v] if isinstance(v, list) else v
-
-    out = {k: content(v) if k in ("system", "instructions", "input", "prompt") else v for k, v in body.items()}
-    if isinstance(body.get("messages"), list):
-        out["messages"] = [{**m, "content": content(m["content"])} if isinstance(m, dict) and "content" in m
-                           else m for m in body["messages"]]
-    return out
 
 
 def near_class(req: Request, scope: str) -> tuple:

@@ -23,7 +23,7 @@ from engine.core.errors import CatalogError
 from engine.core.settings import MAX_DEADLINE_S, Settings, default_settings
 
 __all__ = ["BODY_KEYS", "DEADLINE_SLACK_S", "MAX_DEADLINE_S", "MEDIA_PARAMS", "PRIORITIES", "PRIORITY_RANK", "FieldProblem", "Priority",
-           "Request", "Reuse", "body_text", "validation_context"]
+           "Request", "Reuse", "body_text", "split_body", "validation_context"]
 
 Priority = Literal["urgent", "normal", "background"]
 Reuse = Literal["none", "exact", "near"]
@@ -70,40 +70,47 @@ def body_text(body: dict) -> str:
     """The text of a provider body that counts as prompt: system/instructions, then every message's text
     (strings and text content blocks), then ``input`` or ``prompt``. Used to estimate tokens before the call
     (the provider's ``usage`` replaces the estimate after it) and as the request's prompt for reuse."""
+    return split_body(body)[0]
+
+
+def split_body(body: dict) -> tuple[str, dict]:
+    """(``body_text``, the body with that text blanked out: the shape tools, settings, roles and images make).
+    One walk for both, so what counts as text and what as shape never disagree."""
     parts: list[str] = []
 
-    def add(v: Any) -> None:
+    def text(v: Any) -> Any:
         if isinstance(v, str):
             parts.append(v)
-        elif isinstance(v, list):
-            for b in v:
-                if isinstance(b, str):
-                    parts.append(b)
-                elif isinstance(b, dict):
-                    if isinstance(b.get("text"), str):
-                        parts.append(b["text"])
-                    elif "content" in b:
-                        add(b["content"])
+            return ""
+        return [block(b) for b in v] if isinstance(v, list) else v
 
+    def block(b: Any) -> Any:
+        if isinstance(b, dict) and isinstance(b.get("text"), str):
+            parts.append(b["text"])
+            return {**b, "text": ""}
+        if isinstance(b, dict) and "content" in b:
+            return {**b, "content": text(b["content"])}
+        return text(b) if isinstance(b, str) else b  # an image, a tool call...: shape
+
+    shape = dict(body)
     for key in ("system", "instructions"):
-        add(body.get(key))
+        if key in body:
+            shape[key] = text(body[key])
     messages = body.get("messages")
-    for m in messages if isinstance(messages, list) else ():
-        if isinstance(m, dict):
-            add(m.get("content"))
-    add(body.get("input"))
-    add(body.get("prompt"))
-    return "\n".join(parts)
+    if isinstance(messages, list):
+        shape["messages"] = [{**m, "content": text(m["content"])} if isinstance(m, dict) and "content" in m else m
+                             for m in messages]
+    for key in ("input", "prompt"):
+        if key in body:
+            shape[key] = text(body[key])
+    return "\n".join(parts), shape
 
 
 def _tool_chars(body: Any) -> int:
-    """Characters of a body's tool definitions, as their canonical JSON: providers bill them as input tokens
-    (and the emulator does), so an estimate from the messages alone let a budget reserve 8 tokens for a call
-    billed 6,700 and overrun its hard limit."""
+    """Characters of a body's tool definitions, as their canonical JSON: billed as input (the emulator too), so
+    an estimate from the messages alone let a budget reserve 8 tokens for a call billed 6,700."""
     tools = body.get("tools") if isinstance(body, dict) else None
-    if not isinstance(tools, list):
-        return 0
-    return sum(len(json.dumps({k: v for k, v in t.items() if k != "cache_control"} if isinstance(t, dict) else t,
+    return 0 if not isinstance(tools, list) else sum(len(json.dumps({k: v for k, v in t.items() if k != "cache_control"} if isinstance(t, dict) else t,
                               sort_keys=True, separators=(",", ":"))) for t in tools)
 
 
