@@ -43,12 +43,12 @@ class NearIndex:
         # generated a second time. Nothing decided below can change whom it follows: a leader of its
         # fingerprint, in flight now, keeps leading it.
         attached = {k for k, it in enumerate(items) if it.req.reuse != "none" and self._attach(it)}
-        self._index_pending()  # leaders of earlier lookups must be findable now
+        self._index_leaders({})  # leaders of earlier lookups must be findable now
         by_class: dict[Hashable, list[int]] = {}
         for k, it in enumerate(items):
             by_class.setdefault(self._near_key(it), []).append(k)
         await self._materialise(list(by_class))
-        vecs = await self._vectors([near_text(it.req)[0] for it in items], [it.req.params for it in items])
+        vecs = await self._vectors([near_text(it.req) for it in items], [it.req.params for it in items])
         tops: dict[int, Top] = {}
         # The policy's threshold, raised to the tuned minimum of the class's kind, as the simulator's index does.
         th = {key: class_threshold(key, self.near_threshold) for key in by_class}
@@ -78,13 +78,13 @@ class NearIndex:
                 b = leads[int(np.argmax(sims[a, leads]))] if leads else None  # the first best, as max() picks
                 if b is not None and sims[a, b] >= th[key] and (top is None or sims[a, b] > top.similarity):
                     src = items[ks[b]]
-                    if (guard_reason(near_text(it.req)[0], near_text(src.req)[0], self.reuse.guards) is None
+                    if (guard_reason(near_text(it.req), near_text(src.req), self.reuse.guards) is None
                             and self._follow_near(it, src.fp)):
                         out[k] = FOLLOWING
                     else:
                         out[k] = self._lead_now(it, leads, lead_fps, a)
                     continue
-                if top is not None and guard_between(traits(near_text(it.req)[0]), top.traits(),
+                if top is not None and guard_between(traits(near_text(it.req)), top.traits(),
                                                      self.reuse.guards) is None:
                     e = entry_of.get(k)
                     if e is not None:
@@ -132,10 +132,6 @@ class NearIndex:
             start = stop
         return np.concatenate(out) if out else np.empty((0, NEAR_DIM), dtype=np.float32)
 
-    def _index_pending(self) -> None:
-        """Queue every request that leads and is not indexed yet (``_queue_rows``)."""
-        self._index_leaders({})
-
     def _index_leaders(self, vecs: dict) -> None:
         """Index the requests that started generating, so near duplicates arriving meanwhile can follow them
         (the simulator's index holds a dispatched request too). ``vecs``: vectors already made, by id; the
@@ -143,7 +139,7 @@ class NearIndex:
         leading, self._new_leads = self._new_leads, []
         if not self.reuse.near:
             return
-        self._queue_rows([(self._near_key(it), it.fp, near_text(it.req)[0], dict(it.req.params), math.inf,
+        self._queue_rows([(self._near_key(it), it.fp, near_text(it.req), dict(it.req.params), math.inf,
                            vecs.get(it.req.uid)) for it in leading])
 
     def _queue_rows(self, rows: list[tuple[Hashable, str, str, dict, float, np.ndarray | None]]) -> None:

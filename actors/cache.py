@@ -274,7 +274,7 @@ class ResultCache(NearIndex, Warm):
             blob = self.blobs.put(output.encode())
             res = res.model_copy(update={"output": None})
             self.stats["blobs"] += 1
-        return Entry(item.fp, res, self._near_key(item) if self.reuse.near else None, near_text(item.req)[0], blob,
+        return Entry(item.fp, res, self._near_key(item) if self.reuse.near else None, near_text(item.req), blob,
                      dict(item.req.params))
 
     async def complete(self, done: list[tuple[str, Result]]) -> None:
@@ -310,7 +310,7 @@ class ResultCache(NearIndex, Warm):
         # delivery after the awaits below, or a re-admission meanwhile generates them a second time.
         prices = self._held(out, out_items) if out else []
         if stored:
-            self._index_pending()
+            self._index_leaders({})
             self._index_near(stored)
             if self.redis is not None:
                 ttl_ms = int(self.cfg.ttl_s * 1000)

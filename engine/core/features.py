@@ -36,7 +36,7 @@ from engine.core import embedding as _embedding
 from engine.core.request import Request, split_body
 
 __all__ = ["DEFAULT_DIM", "MEDIA_COMPAT_PARAMS", "NEAR_DIM", "compat_key", "compat_kind", "featurize", "featurize_texts",
-           "fingerprint", "near_class", "near_min_threshold", "near_space", "near_text", "near_vectors", "near_vectors_texts",
+           "fingerprint", "near_class", "near_context", "near_min_threshold", "near_space", "near_text", "near_vectors", "near_vectors_texts",
            "normalise_prompt"]
 
 DEFAULT_DIM = 1024
@@ -189,35 +189,47 @@ def featurize(requests: Sequence[Request], *, dim: int = DEFAULT_DIM) -> np.ndar
 
 def near_vectors(requests: Sequence[Request]) -> np.ndarray:
     """The near-duplicate vectors of requests: ``near_vectors_texts`` of their ``near_text`` and parameters."""
-    return near_vectors_texts([near_text(r)[0] for r in requests], [r.params for r in requests])
+    return near_vectors_texts([near_text(r) for r in requests], [r.params for r in requests])
 
 
-def near_text(req: Request) -> tuple[str, str | None]:
-    """(the text a near-duplicate search compares, a digest of the context that must be equal, or None).
+def near_text(req: Request) -> str:
+    """The text a near-duplicate search compares. A chat request (a ``body`` whose ``messages`` end with the
+    user's turn) compares its last user message: the thresholds were tuned on questions, and a shared
+    conversation would otherwise carry any two questions past them (docs/cache.md, the ``context`` guard). Any
+    other request compares its whole prompt. What else must be equal is ``near_context``."""
+    split = _chat_split(req)
+    return req.prompt if split is None else split[0]
 
-    A chat request (a ``body`` whose ``messages`` end with the user's turn) compares its last user message, and
-    everything else in the body (system prompt, earlier turns, tools, sampling settings, the last message's
-    images or files) must be equal: the thresholds were tuned on questions, and a shared conversation would
-    otherwise carry any two questions past them (docs/cache.md, the ``context`` guard). Any other request
-    compares its whole prompt; with a ``body``, all of it that is not prompt text is its context (tools, an
-    answer format, the roles of the messages, an image block: a request with tools and one without read the
-    same text, and one was served the other's answer)."""
+
+def near_context(req: Request) -> str | None:
+    """A digest of what two near duplicates must share besides ``near_text``, or None without a ``body``: for a
+    chat request everything else in the body (system prompt, earlier turns, tools, sampling settings, the last
+    message's images or files); for another body all of it that is not prompt text (tools, an answer format,
+    the roles of the messages, an image block: a request with tools and one without read the same text, and
+    one was served the other's answer)."""
+    if not req.body:
+        return None
+    split = _chat_split(req)
+    return _digest(split_body(req.body)[1] if split is None else split[1])
+
+
+def _chat_split(req: Request) -> tuple[str, dict] | None:
+    """(the last user message's text, the body with that text taken out) of a chat request, else None."""
     body = req.body
-    if not body:
-        return req.prompt, None
+    if not body or req.kind != "text" or "input" in body or "prompt" in body:
+        return None
     messages = body.get("messages")
     last = messages[-1] if isinstance(messages, list) and messages else None
-    if (req.kind == "text" and "input" not in body and "prompt" not in body and isinstance(last, dict)
-            and last.get("role") == "user"):
-        content = last.get("content")
-        text = content if isinstance(content, str) else "\n".join(
-            b["text"] for b in content if isinstance(b, dict) and b.get("type") == "text"
-            and isinstance(b.get("text"), str)) if isinstance(content, list) else ""
-        if text.strip():
-            rest = "" if isinstance(content, str) else [
-                b for b in content if not (isinstance(b, dict) and b.get("type") == "text")]
-            return text, _digest({**body, "messages": [*messages[:-1], {**last, "content": rest}]})
-    return req.prompt, _digest(split_body(body)[1])
+    if not isinstance(last, dict) or last.get("role") != "user":
+        return None
+    content = last.get("content")
+    text = content if isinstance(content, str) else "\n".join(
+        b["text"] for b in content if isinstance(b, dict) and b.get("type") == "text"
+        and isinstance(b.get("text"), str)) if isinstance(content, list) else ""
+    if not text.strip():
+        return None
+    rest = "" if isinstance(content, str) else [b for b in content if not (isinstance(b, dict) and b.get("type") == "text")]
+    return text, {**body, "messages": [*messages[:-1], {**last, "content": rest}]}
 
 
 def _digest(context: dict) -> str:
@@ -227,8 +239,8 @@ def _digest(context: dict) -> str:
 
 def near_class(req: Request, scope: str) -> tuple:
     """The class a near-duplicate search runs in: ``(scope, compat_key)``, and the context digest of
-    ``near_text`` when there is one. Its second field is the compatibility class, which shards the cache."""
-    ctx = near_text(req)[1]
+    ``near_context`` when there is one. Its second field is the compatibility class, which shards the cache."""
+    ctx = near_context(req)
     return (scope, compat_key(req)) if ctx is None else (scope, compat_key(req), ctx)
 
 

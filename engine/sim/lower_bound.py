@@ -113,7 +113,7 @@ def _near_free(reqs: Sequence[Request], candidates: list[int], settings: Setting
                 continue
             sims = mat[:p] @ mat[p]
             for q in np.flatnonzero(sims >= floor)[np.argsort(-sims[sims >= floor])]:
-                if guard_reason(near_text(reqs[i])[0], near_text(reqs[members[q]])[0]) is None:
+                if guard_reason(near_text(reqs[i]), near_text(reqs[members[q]])) is None:
                     free.add(i)
                     break
     return free

@@ -220,7 +220,7 @@ class _Sim(SimBudget):
     def near(self, i: int, r: Request, now: float) -> bool:
         """Reuse or follow the top near match, found by its fingerprint: a stored result, or a source still in
         flight under the rule for identical ones (due no later than this request)."""
-        h = self.index.near(self.near_cls[i], self.vecs[i], near_text(r)[0], self.near_threshold,
+        h = self.index.near(self.near_cls[i], self.vecs[i], near_text(r), self.near_threshold,
                             self.reuse.guards)
         if h is None:
             return False
@@ -236,7 +236,7 @@ class _Sim(SimBudget):
         if vec is None or fp in self.near_indexed:
             return
         self.near_indexed.add(fp)
-        self.index.add_near(self.near_cls[i], vec[None, :], [fp], [near_text(self.reqs[i])[0]],
+        self.index.add_near(self.near_cls[i], vec[None, :], [fp], [near_text(self.reqs[i])],
                             [done])
 
     def apply(self, dispatches: list[Dispatch], wake: Wake | None) -> None:

@@ -12,7 +12,7 @@ from actors import ResultCache, ResultHub
 from actors._types import Job
 from engine.core.catalog import Catalog, default_catalog
 from engine.core.clock import ManualClock
-from engine.core.features import fingerprint, near_text
+from engine.core.features import fingerprint, near_context, near_text
 from engine.core.request import Request
 from engine.core.result import Result
 from engine.core.settings import CacheSettings, Settings
@@ -44,22 +44,26 @@ CASES = {
 }
 
 
+def parts(r: Request) -> tuple[str, str | None]:
+    return near_text(r), near_context(r)
+
+
 def test_near_text_is_the_last_user_message_and_the_rest_is_context():
-    text, ctx = near_text(chat(0, ASK))
+    text, ctx = parts(chat(0, ASK))
     assert text == ASK and ctx is not None
-    assert near_text(chat(1, PARAPHRASE))[1] == ctx  # the same conversation
-    assert near_text(chat(2, ASK, temperature=1.0))[1] != ctx
+    assert near_context(chat(1, PARAPHRASE)) == ctx  # the same conversation
+    assert near_context(chat(2, ASK, temperature=1.0)) != ctx
     with_image = [{"type": "text", "text": ASK}, {"type": "image", "source": {"type": "url", "url": "https://x/1.png"}}]
     other_image = [with_image[0], {"type": "image", "source": {"type": "url", "url": "https://x/2.png"}}]
-    a, b = near_text(chat(3, with_image)), near_text(chat(4, other_image))
+    a, b = parts(chat(3, with_image)), parts(chat(4, other_image))
     assert a[0] == b[0] == ASK and a[1] != b[1]  # the images are context: they must be equal
     prefill = chat(5, ASK).body | {"messages": [*HISTORY, {"role": "user", "content": ASK},
                                                  {"role": "assistant", "content": "Sure:"}]}
     r = chat(5, ASK).model_copy(update={"body": prefill})
-    text, ctx = near_text(r)  # not ending with the user's turn: the whole prompt, the body's shape its context
-    assert text == r.prompt and ctx is not None and ctx != near_text(chat(6, ASK))[1]
+    text, ctx = parts(r)  # not ending with the user's turn: the whole prompt, the body's shape its context
+    assert text == r.prompt and ctx is not None and ctx != near_context(chat(6, ASK))
     plain = Request.model_validate({"id": "p", "arrival_s": 0, "model": "gpt-5-mini", "prompt": ASK})
-    assert near_text(plain) == (ASK, None)
+    assert parts(plain) == (ASK, None)
 
 
 def no_failures(provider: str) -> Catalog:

@@ -6,7 +6,7 @@ import asyncio
 import pytest
 
 from actors._types import Job
-from engine.core.features import fingerprint, near_text
+from engine.core.features import fingerprint, near_context, near_text
 from engine.core.request import Request
 from tests.unit.test_cache import generated, make_cache
 
@@ -45,9 +45,10 @@ def test_the_roles_of_a_conversation_are_part_of_its_near_class():
         {"role": "user", "content": "Translate to French: good morning"},
         {"role": role, "content": "Bonjour"}, {"role": "user", "content": "And good night?"}]})
         for k, role in (("a", "assistant"), ("b", "user")))
-    (ta, ca), (tb, cb) = near_text(a), near_text(b)
+    (ta, ca), (tb, cb) = (near_text(a), near_context(a)), (near_text(b), near_context(b))
     assert ta == tb == "And good night?" and ca != cb  # the same question, another conversation: another class
-    assert near_text(a.model_copy(update={"id": "c"})) == (ta, ca)
+    c = a.model_copy(update={"id": "c"})
+    assert (near_text(c), near_context(c)) == (ta, ca)
 
 
 def test_results_nobody_asks_near_for_are_never_featurised(tmp_path, monkeypatch):
