@@ -76,7 +76,12 @@ class Ingest(Warm):
             return
         for p in (*self._rememberers(hubs=False), *self.groupers):  # groupers keep the requests that ended there
             p.send("forget", uids)
-        self.hubs.send("forget", uid_shard, uids)
+        # Awaited: the driver sends a new request under one of these ids once this returns, and a hub that has
+        # not forgotten the id answers it with the old result.
+        try:
+            await self.hubs.call("forget", uid_shard, uids)
+        except Exception as exc:  # a hub restarting has forgotten everything anyway
+            log.warning("ingest: a hub did not take a forget (%s)", type(exc).__name__)
         if self.journal is not None:
             try:
                 await self.journal.delete(ACCEPTED, uids)

@@ -8,6 +8,7 @@ import concurrent.futures
 from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from engine.app._driver_pull import FORGET_WAIT_S
 from engine.core.request import Request
 from engine.core.result import Result
 
@@ -72,6 +73,9 @@ class AsyncSubmit:
 
     async def _asubmit_futures(self, requests: list[Request | Mapping]) -> list[ResultFuture]:
         reqs = [self._as_request(r) for r in requests]  # RequestError here, before anything is queued
+        refs = self._forgets_of(reqs)
+        if refs:  # an id being forgotten: sent only once it is (``Pulling._forget``)
+            await asyncio.to_thread(self._ray.wait, refs, num_returns=len(refs), timeout=FORGET_WAIT_S)
         futs = self._admit_nowait(reqs)
         if futs is None:  # no room: submit_many waits for it (up to submit_timeout_s) in a worker thread
             futs = await asyncio.to_thread(self.submit_many, reqs)

@@ -14,11 +14,12 @@ from engine.core.result import Result
 __all__ = ["Pulling"]
 
 PULL_WAIT_S = 0.2  # how long one pull waits at the hub when nothing is ready
+FORGET_WAIT_S = 10.0  # at most this long a request under an id being forgotten waits for the forget
 CHECK_EVERY_S = 0.05  # how often the check loop collects returned ingest calls and forgets finished requests
 
 
 class Pulling:
-    """Needs ``_ray``, ``_h``, ``_client``, ``_lock``, ``_futs``, ``_running`` and the ``Supervised`` methods."""
+    """Needs ``_ray``, ``_h``, ``_client``, ``_lock``, ``_futs``, ``_forgetting``, ``_running`` and the ``Supervised`` methods."""
 
     def _by_ingest(self, reqs: Sequence[Request]) -> list[tuple[Any, list[Request]]]:
         """(ingest shard, its share of ``reqs``) for each shard that owns any: by compatibility class, as the
@@ -36,9 +37,28 @@ class Pulling:
 
     def _forget(self, reqs: Sequence[Request]) -> None:
         """Tell ingest (which tells the actors that remember, the hub among them, once no other driver holds an
-        id) that these requests' ids are free again."""
+        id) that these requests' ids are free again. Until it has (``_forgotten``), a new request under one of
+        them waits: reaching ingest or the hub first, it was taken for the old one and answered with its result
+        (nothing orders two calls to an async actor, nor an actor's messages to two others)."""
+        out = self._forgetting
+        out[:] = [(ref, uids) for ref, uids in out if not self._ray.wait([ref], timeout=0)[0]]  # done: dropped
         for i, part in self._by_ingest(reqs):
-            i.forget.remote([r.uid for r in part], self._client)
+            uids = {r.uid for r in part}
+            out.append((i.forget.remote(list(uids), self._client), uids))
+
+    def _forgets_of(self, reqs: Sequence[Request]) -> list:
+        """The forgets still out (``_forget``) that name any of these requests' ids."""
+        if not self._forgetting:
+            return []
+        ids = {r.uid for r in reqs}
+        return [ref for ref, uids in list(self._forgetting) if not uids.isdisjoint(ids)]
+
+    def _forgotten(self, reqs: list[Request]) -> list[Request]:
+        """``reqs``, once the forgets still out of any of their ids are done (waited for, bounded)."""
+        refs = self._forgets_of(reqs)
+        if refs:
+            self._ray.wait(refs, num_returns=len(refs), timeout=FORGET_WAIT_S)
+        return reqs
 
     def _hub_of(self, uid: str) -> Any:
         from actors._shards import uid_shard

@@ -74,6 +74,7 @@ class Engine(AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervised):
         self._room = threading.Condition(self._lock)  # signalled when unfinished requests drop
         self._max_pending, self._overload, self._submit_timeout_s = max_pending, overload, submit_timeout_s
         self._retention_s = retention_s
+        self._forgetting: list[tuple[Any, set[str]]] = []  # forgets out at ingest: (call, ids), see _forget
         self._pending = 0  # accepted and not finished
         self._finished: collections.deque[tuple[float, str]] = collections.deque()  # (when, uid), to forget
         self._futs: dict[str, ResultFuture] = {}  # by Request.uid: (tenant, id)
@@ -339,7 +340,7 @@ class Engine(AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervised):
         """Queue one request; returns its future. The same (tenant, id) again returns the first submission's
         future (never a second call); with other content it is refused (``RequestError``). A bad request
         raises ``RequestError`` naming the field; nothing is queued and its id stays free."""
-        req = self._as_request(request)
+        (req,) = self._forgotten([self._as_request(request)])
         with self._lock:
             (fut,), new = self._admit([req])
             full = len(self._buffer) >= self._micro_batch
@@ -353,7 +354,7 @@ class Engine(AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervised):
 
     def submit_many(self, requests: Iterable[Request | Mapping]) -> list[ResultFuture]:
         """Queue many requests; a bad one raises ``RequestError`` before any is queued."""
-        reqs = [self._as_request(r) for r in requests]
+        reqs = self._forgotten([self._as_request(r) for r in requests])
         with self._lock:
             futs, _ = self._admit(reqs)
         self._flush()

@@ -12,6 +12,7 @@ from engine.core.catalog import default_catalog
 from engine.core.clock import ManualClock
 from engine.core.grouping import ReuseSettings
 from engine.core.request import Request
+from engine.core.result import Result
 from engine.core.settings import Settings
 from policies import load_policy
 from tests.unit.helpers import Recorder
@@ -436,4 +437,20 @@ def test_an_id_used_again_after_it_was_forgotten_is_generated_not_answered_with_
         got = await hub.pull(0.05, "d1")
         assert got == [], f"the new request got the forgotten one's result: {got}"
         assert [name for name, _ in disp.calls][-1] == "run_many"  # generated
+    asyncio.run(go())
+
+
+def test_ingest_s_forget_returns_only_once_the_hub_has_forgotten_the_id():
+    """The driver sends a new request under a forgotten id once ingest's ``forget`` has returned. A hub that
+    still held the id then answered the new request with the old result (and did not count it): ingest awaits
+    the hub's forget, not only sends it. No loop turn is given between the two here."""
+    async def go():
+        hub = ResultHub()
+        ing = Ingest([Recorder()], cache=None, hub=hub)
+        r = Request.model_validate({"id": "a", "arrival_s": 0.0, "model": "gpt-5-mini", "prompt": "q"})
+        await hub.claim("d1", [])
+        await hub.push([Result(id="a", status="ok", output="old", cost_usd=0.01)])
+        assert await hub.claim("d1", [r.uid]) == []  # held: a claim is answered with it
+        await ing.forget([r.uid])
+        assert await hub.claim("d1", [r.uid]) == [r.uid]  # forgotten: a new request waits for its own
     asyncio.run(go())

@@ -370,6 +370,7 @@ def _engine(monkeypatch, owner: bool = True):
     e._room = threading.Condition(e._lock)
     e._max_pending, e._overload, e._submit_timeout_s, e._retention_s = 100_000, "block", 60.0, 3600.0
     e._pending, e._finished, e._futs, e._buffer, e._inflight_refs = 0, collections.deque(), {}, [], {}
+    e._forgetting = []
     e._running, e._gone, e._readmit_after, e._started_ray = True, None, set(), False
     e._init_lanes()
     e._wake = threading.Event()

@@ -143,6 +143,7 @@ class Handle:
             @staticmethod
             def remote(*args):
                 rec.append((name, args))
+                return rec[-1]  # stands in for the call's ObjectRef: one object per call
         return _M
 
 
@@ -153,6 +154,7 @@ def test_the_driver_sends_a_class_to_one_ingest_shard_and_forgets_ids_there():
         _client = "drv"
 
     d = Driver()
+    d._forgetting = []
     d._h = {"ingests": [Handle(), Handle()], "hubs": [Handle(), Handle()]}
     reqs = [req(i, MODELS[i % len(MODELS)], f"p{i}") for i in range(30)]
     parts = d._by_ingest(reqs)
@@ -167,6 +169,10 @@ def test_the_driver_sends_a_class_to_one_ingest_shard_and_forgets_ids_there():
     # Not to the hubs directly: ingest tells them once no other driver holds an id.
     assert all(h.calls == [] for h in d._h["hubs"])
     assert sum(len(h.calls[0][1][0]) for h in d._h["ingests"]) == 30
+    # Until a forget is done, a new request under one of its ids waits for it; another id does not.
+    assert len(d._forgetting) == 2 and d._forgets_of([req(99, MODELS[0], "p99")]) == []
+    (ref,) = d._forgets_of([reqs[0]])
+    assert ref is next(r for r, uids in d._forgetting if reqs[0].uid in uids)
 
 
 def test_a_hub_shard_that_restarted_still_refuses_an_id_with_other_content_and_so_does_readmission():
