@@ -8,7 +8,8 @@ decision hangs on a few engine seconds (the premise below, checked on the simula
 waves 10 s apart, and no batch of a lane is sent, and no source of a duplicate completes, within
 ``MIN_GAP_S`` of an arrival that could have changed it. At 10x, ``MIN_GAP_S`` is 100 ms of real time, well
 above the actors' latency even on a 2-core machine busy with other work (at 20x, with mutation testing
-running beside it, a 4.5 s gap before a flush was crossed once in four runs).
+running beside it, a 4.5 s gap before a flush was crossed once in four runs). The simulated cluster, four
+raylets on the same 2 cores, runs at 5x (``_cluster_run.CLUSTER_SPEEDUP``): at 10x it crossed one once in five CI runs.
 
 The statistical test this replaces allowed 2 % on cost and 5 % on modes. Getting here took aligning two
 rules the runtimes had drifted on (``engine.runtime.admission``): a near duplicate's source counts from when
