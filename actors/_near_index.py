@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections import deque
 from collections.abc import Hashable
+from itertools import islice
 
 import numpy as np
 
@@ -24,6 +26,7 @@ LEADS = Result(id="", status="failed")  # marker: generated, and a source for th
 # Characters of prompt featurised between two yields of the event loop: about 0.05 s of work (15-22 us per 100
 # characters measured), so a ping waits for a slice, not for a whole lookup of long prompts.
 YIELD_CHARS = 262_144
+ROW_BYTES = 4 * NEAR_DIM + 256  # what a row weighs beside its text: its vector, its tuples and its parameters
 
 
 class NearIndex:
@@ -146,12 +149,43 @@ class NearIndex:
         """(near key, fingerprint, text, params, done, vector or None) rows for the near index, in order. Their
         vectors are made only when a near ask of their class comes (``_materialise``): most requests ask for
         exact reuse only (the default), and a vector costs about 6 ms per 16 kB of prompt, so making one for
-        every result made the cache the engine's bottleneck on long prompts whether or not anyone asked near."""
+        every result made the cache the engine's bottleneck on long prompts whether or not anyone asked near.
+        Then the oldest rows past the index's bounds are evicted (``_bound_near``)."""
+        now = self._now()
         for key, fp, text, params, done, vec in rows:
             if fp in self.indexed:
                 continue
             self.indexed.add(fp)
-            self._pending.setdefault(key, []).append((fp, text, params, done, vec))
+            self._pending.setdefault(key, deque()).append((fp, text, params, done, vec))
+            size = len(text) + ROW_BYTES
+            self._near_rows.append((key, fp, size, now))
+            self._near_bytes += size
+        self._bound_near(now)
+
+    def _bound_near(self, now: float) -> None:
+        """Evict the oldest rows, indexed or still queued, while the index holds more than
+        ``cache.near_max_entries`` rows or ``cache.near_max_mb`` of text and vectors, or rows older than the
+        cache's TTL (their results have expired from every layer). Without a bound a long-running engine kept
+        every generated prompt's text: 20,000 results of 16 kB held 307 MB. Oldest first, as the results
+        themselves leave Redis; a class's indexed rows are all older than its queued ones, so its oldest row
+        is the index's if it has any, else the queue's head."""
+        order, cfg = self._near_rows, self.cfg
+        max_rows, max_bytes, oldest = cfg.near_max_entries, cfg.near_max_mb * 2**20, now - cfg.ttl_s
+        drop: dict[Hashable, int] = {}
+        while order and (len(order) > max_rows or self._near_bytes > max_bytes or order[0][3] < oldest):
+            key, fp, size, _ = order.popleft()
+            self._near_bytes -= size
+            self.indexed.discard(fp)
+            drop[key] = drop.get(key, 0) + 1
+        for key, k in drop.items():
+            k -= len(self.index.drop_oldest(key, k))
+            queued = self._pending.get(key)
+            if k and queued:
+                for _ in range(min(k, len(queued))):
+                    queued.popleft()
+                if not queued:
+                    del self._pending[key]
+        self.stats["near_evicted"] += sum(drop.values())
 
     async def _materialise(self, keys: list[Hashable]) -> None:
         """Index the queued rows of these classes, in the order they were queued, their vectors made now."""
@@ -161,13 +195,14 @@ class NearIndex:
         vec_of = {id(r): v for r, v in zip(need, made)}
         for key, rows in snap.items():
             mine = {id(r) for r in rows}
-            queued = self._pending.get(key, [])
-            # Another lookup may have indexed some meanwhile: those are gone from the queue. Ours that are
-            # left are its head (rows queued since come after them), so the order is kept.
+            queued = self._pending.get(key, deque())
+            # Another lookup may have indexed some meanwhile, or ``_bound_near`` evicted the oldest: those are
+            # gone from the queue. Ours that are left are its head (rows queued since come after them), so the
+            # order is kept.
             take = [r for r in queued if id(r) in mine]
             if not take:
                 continue
-            rest = queued[len(take):]
+            rest = deque(islice(queued, len(take), None))
             if rest:
                 self._pending[key] = rest
             else:

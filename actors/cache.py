@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Hashable
 
 from actors._near_index import FOLLOWING, LEADS, Item, NearIndex
@@ -77,9 +77,12 @@ class ResultCache(NearIndex, Warm):
         self.inflight: InFlight[Item] = InFlight(reuse)  # leaders being generated and who waits for each
         self.generating: dict[str, Item] = {}  # request id -> item, for misses whose result will feed the cache
         self.indexed: set[str] = set()  # fingerprints already in the near index (indexed when they start)
-        self._pending: dict[Hashable, list[tuple]] = {}  # rows queued for it, by class, their vectors not made yet
+        self._pending: dict[Hashable, deque[tuple]] = {}  # rows queued for it, by class, their vectors not made yet
+        # Every row of the index and of the queues, oldest first: (class, fingerprint, bytes, queued at).
+        self._near_rows: deque[tuple[Hashable, str, int, float]] = deque()
+        self._near_bytes = 0
         self.stats = {"exact_memory": 0, "exact_redis": 0, "near": 0, "in_flight": 0, "miss": 0,
-                      "corrupt": 0, "stale_near": 0, "blobs": 0}
+                      "corrupt": 0, "stale_near": 0, "blobs": 0, "near_evicted": 0}
         self._reported: dict[str, int] = {}
         self._new_leads: list[Item] = []
         self._next_report = 0.0
@@ -336,7 +339,7 @@ class ResultCache(NearIndex, Warm):
         s = dict(self.stats)
         s.update(memory_entries=len(self.memory), memory_bytes=self.memory.bytes, evicted=self.memory.evicted,
                  expired=self.memory.expired,
-                 near_entries=self.index.near_entries + sum(map(len, self._pending.values())))
+                 near_entries=len(self._near_rows), near_bytes=self._near_bytes)
         if self.redis is not None:
             s.update(redis_up=int(self.redis.up), redis_errors=self.redis.errors,
                      redis_reconnects=self.redis.reconnects, redis_dropped_writes=self.redis.dropped_writes)

@@ -105,7 +105,8 @@ class EngineMetrics:
         self.cache_corrupt = Counter("smartbatch_cache_corrupt_values", "Values under our keys that were not "
                                      "valid entries (ignored, never served)", registry=r)
         self.cache_evictions = Counter("smartbatch_cache_evictions", "Entries dropped from memory by size or "
-                                       "TTL", ["why"], registry=r)
+                                       "TTL (why=near_evicted: rows of the near-duplicate index)", ["why"],
+                                       registry=r)
         self.cache_entries = Gauge("smartbatch_cache_entries", "Entries held in this process", ["layer"],
                                    registry=r)
         # Reliability (issue 14): every name carries its unit (seconds, usd, or the thing counted).
@@ -231,7 +232,7 @@ class EngineMetrics:
             self.cache_redis_errors.inc(delta["redis_errors"])
         if delta.get("corrupt"):
             self.cache_corrupt.inc(delta["corrupt"])
-        for why in ("evicted", "expired"):
+        for why in ("evicted", "expired", "near_evicted"):
             if delta.get(why):
                 self.cache_evictions.labels(why).inc(delta[why])
         if "redis_up" in now:  # only a cache with Redis configured reports it

@@ -124,6 +124,10 @@ class CacheSettings(BaseModel):
     blob_min_kb: float = Field(default=64.0, ge=0, description="outputs larger than this go to the blob store")
     share_across_tenants: bool = Field(default=False, description="let one tenant reuse another's results")
     warm_max_entries: int = Field(default=200_000, ge=0, description="entries read from Redis at start-up")
+    near_max_entries: int = Field(default=200_000, ge=1, description="rows of the near-duplicate index; the "
+                                  "oldest leave first")
+    near_max_mb: float = Field(default=256.0, gt=0, description="prompt text and vectors in the near-duplicate "
+                               "index, in MiB; the oldest rows leave first")
 
     @field_validator("redis_url")
     @classmethod

@@ -55,34 +55,47 @@ class NearHit(NamedTuple):
 
 class Top(NamedTuple):
     """The best row for a query: its source, time and cosine; ``traits()`` reads what the guards compare (once
-    per row, and only for a row that clears the threshold)."""
+    per row, and only for a row that clears the threshold). It keeps the row's text, so a row evicted while a
+    lookup awaits (``ReuseIndex.drop_oldest``) can still be judged."""
 
     source: Hashable
     done_at: float
     similarity: float
     rows: _Rows
-    j: int
+    j: int  # the row's id in its class: ids only grow, so eviction never renames a row
+    text: str
 
     def traits(self) -> Traits:
-        return self.rows.traits(self.j)
+        return self.rows.traits(self.j, self.text)
 
 
 class _Rows:
-    """A growable float32 matrix with one source, text and time per row."""
+    """A growable float32 matrix with one source, text and time per row, evicted oldest first. Row ``j`` (an
+    id, stable for the row's life) sits at position ``j - base``; positions below ``start`` are evicted and
+    reclaimed once they outnumber the live ones, so an eviction costs O(1) amortised, not a copy of the class."""
 
-    __slots__ = ("mat", "n", "sources", "texts", "done", "_traits")
+    __slots__ = ("mat", "n", "start", "base", "sources", "texts", "done", "_traits")
 
     def __init__(self, dim: int, cap: int = 16):
         self.mat = np.empty((cap, dim), dtype=np.float32)
         self._traits: dict[int, Traits] = {}  # read on a row's first match, kept for the next
-        self.n = 0
+        self.n = 0  # positions used
+        self.start = 0  # first live position
+        self.base = 0  # id of position 0
         self.sources: list[Hashable] = []
-        self.texts: list[str] = []
+        self.texts: list[str | None] = []
         self.done: list[float] = []
+
+    @property
+    def live(self) -> int:
+        return self.n - self.start
 
     def add(self, vecs: np.ndarray, sources: Sequence[Hashable], texts: Sequence[str],
             done: Sequence[float]) -> None:
         need = self.n + len(vecs)
+        if need > self.mat.shape[0]:
+            self._reclaim()
+            need = self.n + len(vecs)
         if need > self.mat.shape[0]:
             grown = np.empty((max(need, 2 * self.mat.shape[0]), self.mat.shape[1]), dtype=np.float32)
             grown[: self.n] = self.mat[: self.n]
@@ -93,19 +106,47 @@ class _Rows:
         self.texts.extend(texts)
         self.done.extend(done)
 
-    def view(self) -> np.ndarray:
-        return self.mat[: self.n]
+    def drop_front(self, k: int) -> tuple[np.ndarray, list[Hashable]]:
+        """Evict the ``k`` oldest live rows: their ids and sources."""
+        lo, hi = self.start, self.start + min(k, self.live)
+        sources = self.sources[lo:hi]
+        for pos in range(lo, hi):
+            self._traits.pop(self.base + pos, None)
+            self.texts[pos] = None  # the text is what weighs; drop it now, not at the next reclaim
+        self.start = hi
+        if self.start > self.live:
+            self._reclaim()
+        return np.arange(self.base + lo, self.base + hi), sources
 
-    def traits(self, j: int) -> Traits:
+    def _reclaim(self) -> None:
+        """Move the live rows to position 0."""
+        if self.start == 0:
+            return
+        live = self.live
+        self.mat[:live] = self.mat[self.start:self.n]
+        del self.sources[:self.start], self.texts[:self.start], self.done[:self.start]
+        self.base += self.start
+        self.n, self.start = live, 0
+
+    def view(self) -> np.ndarray:
+        return self.mat[self.start: self.n]
+
+    def row(self, j: int) -> tuple[Hashable, float, str]:
+        pos = j - self.base
+        return self.sources[pos], self.done[pos], self.texts[pos]
+
+    def traits(self, j: int, text: str) -> Traits:
         t = self._traits.get(j)
         if t is None:
-            t = self._traits[j] = traits(self.texts[j])
+            t = traits(text)
+            if j - self.base >= self.start:  # still live: keep it for the row's next match
+                self._traits[j] = t
         return t
 
 
 class _Shelf:
-    """One near-duplicate class (tenant scope + compatibility key): all its rows, and past ``BRUTE_MAX`` rows
-    an HNSW graph over them (graph key = row number)."""
+    """One near-duplicate class (tenant scope + compatibility key): its live rows, and past ``BRUTE_MAX`` rows
+    an HNSW graph over them (graph key = row id)."""
 
     __slots__ = ("rows", "graph")
 
@@ -115,39 +156,50 @@ class _Shelf:
 
     @property
     def n(self) -> int:
-        return self.rows.n
+        return self.rows.live
 
     def add(self, vecs: np.ndarray, sources: Sequence[Hashable], texts: Sequence[str],
             done: Sequence[float]) -> None:
-        first = self.rows.n
-        self.rows.add(vecs, sources, texts, done)
-        if self.graph is None and self.rows.n > BRUTE_MAX and _Hnsw is not None:
-            self.graph = _Hnsw(ndim=self.rows.mat.shape[1], **_HNSW_OPTIONS)
-            first = 0
+        rows = self.rows
+        first = rows.base + rows.n
+        rows.add(vecs, sources, texts, done)
+        if self.graph is None and rows.live > BRUTE_MAX and _Hnsw is not None:
+            self.graph = _Hnsw(ndim=rows.mat.shape[1], **_HNSW_OPTIONS)
+            first = rows.base + rows.start
         if self.graph is not None:
-            self.graph.add(np.arange(first, self.rows.n), self.rows.mat[first:self.rows.n], threads=1)
+            lo = first - rows.base
+            self.graph.add(np.arange(first, rows.base + rows.n), rows.mat[lo:rows.n], threads=1)
+
+    def drop_front(self, k: int) -> list[Hashable]:
+        ids, sources = self.rows.drop_front(k)
+        if self.graph is not None and len(ids):
+            # usearch reuses a removed node's memory for later adds, so a bounded class stays bounded.
+            self.graph.remove(ids)
+        return sources
 
     def top1(self, q: np.ndarray) -> list[tuple[_Rows, int, float] | None]:
-        """Best row per query (rows object, row index, cosine)."""
+        """Best row per query (rows object, row id, cosine)."""
         m = len(q)
+        rows = self.rows
         if self.n == 0:
             return [None] * m
         if self.graph is None:
-            sims = q @ self.rows.view().T
+            sims = q @ rows.view().T
             j = np.argmax(sims, axis=1)
             s = sims[np.arange(m), j]
+            j = j + rows.base + rows.start
         else:
             found = self.graph.search(q, count=ANN_CANDIDATES)
             keys = np.asarray(found.keys).reshape(m, -1).astype(np.int64)
             # A batch answer says how many of each row's keys are real; one query's answer holds only those.
             counts = np.asarray(getattr(found, "counts", [keys.shape[1]])).reshape(m, 1)
-            valid = np.arange(keys.shape[1])[None, :] < counts
-            keys[~valid] = 0
-            sims = np.einsum("qkd,qd->qk", self.rows.mat[keys], q)  # exact cosines of the candidates
+            valid = (np.arange(keys.shape[1])[None, :] < counts) & (keys >= rows.base + rows.start)
+            pos = np.where(valid, keys - rows.base, rows.start)
+            sims = np.einsum("qkd,qd->qk", rows.mat[pos], q)  # exact cosines of the candidates
             sims[~valid] = -np.inf
             best = sims.argmax(axis=1)
             j, s = keys[np.arange(m), best], sims[np.arange(m), best]
-        return [None if s[i] == -np.inf else (self.rows, int(j[i]), float(s[i])) for i in range(m)]
+        return [None if s[i] == -np.inf else (rows, int(j[i]), float(s[i])) for i in range(m)]
 
 
 class ReuseIndex:
@@ -179,6 +231,22 @@ class ReuseIndex:
             shelf = self._shelves[near_key] = _Shelf(self.dim)
         shelf.add(np.asarray(vecs, dtype=np.float32), sources, texts, done)
 
+    def live(self, near_key: Hashable) -> int:
+        """Rows of the class in the index."""
+        shelf = self._shelves.get(near_key)
+        return 0 if shelf is None else shelf.n
+
+    def drop_oldest(self, near_key: Hashable, k: int) -> list[Hashable]:
+        """Evict the ``k`` oldest rows of the class (the cache actor bounds its index this way; the simulator
+        never does, a trace being bounded): their sources. A class left empty is forgotten, graph and all."""
+        shelf = self._shelves.get(near_key)
+        if shelf is None:
+            return []
+        sources = shelf.drop_front(k)
+        if shelf.n == 0:
+            del self._shelves[near_key]
+        return sources
+
     def exact(self, fp: str) -> tuple[Hashable, float] | None:
         return self._exact.get(fp)
 
@@ -206,8 +274,15 @@ class ReuseIndex:
         shelf = self._shelves.get(near_key)
         if shelf is None:
             return [None] * len(vecs)
-        return [None if best is None else Top(best[0].sources[best[1]], best[0].done[best[1]], best[2], *best[:2])
-                for best in shelf.top1(np.asarray(vecs, dtype=np.float32))]
+        out: list[Top | None] = []
+        for best in shelf.top1(np.asarray(vecs, dtype=np.float32)):
+            if best is None:
+                out.append(None)
+                continue
+            rows, j, sim = best
+            source, done, text = rows.row(j)
+            out.append(Top(source, done, sim, rows, j, text))
+        return out
 
     def __repr__(self) -> str:
         return f"ReuseIndex(exact={len(self._exact)}, near_classes={len(self._shelves)})"
