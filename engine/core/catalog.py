@@ -16,6 +16,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from engine.core.body_tokens import ImageInput
 from engine.core.errors import CatalogError
 
 __all__ = [
@@ -183,6 +184,8 @@ class ModelSpec(_Frozen):
                                        "accepts (None: not checked)")
     max_input_tokens: int | None = Field(default=None, ge=1, description="input tokens the model accepts, where "
                                          "the provider limits input on its own (None: only the context window)")
+    image_input: ImageInput | None = Field(default=None, description="how an input image is billed (None: the "
+                                           "provider's rule)")
 
     @model_validator(mode="after")
     def _priced(self) -> ModelSpec:
@@ -216,6 +219,7 @@ class ProviderSpec(_Frozen):
     batch_api: BatchApi | None = None
     prompt_cache: PromptCache | None = None
     gpu_batching: GpuBatching | None = None
+    image_input: ImageInput | None = None  # the models' rule for input images, unless a model names its own
     models: dict[str, ModelSpec]
 
     @model_validator(mode="after")
@@ -258,6 +262,10 @@ class Catalog(_Frozen):
             raise CatalogError(
                 f"provider {provider!r} has no model {model!r}; it has {sorted(p.models)}"
             ) from None
+
+    def image_rule(self, provider: str, model: str) -> ImageInput | None:
+        """How the model bills an input image: its own rule, else its provider's (None: neither names one)."""
+        return self.model(provider, model).image_input or self.provider(provider).image_input
 
     def find_model(self, model: str) -> tuple[str, ModelSpec]:
         """The provider of a model name, when a trace line names only the model."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import math
 from typing import Annotated, Any, Literal
 
@@ -18,6 +17,7 @@ from pydantic import (
 )
 
 from engine.core._checks import FieldProblem, check_generation, check_json, check_text
+from engine.core.body_tokens import body_image_tokens, tool_chars
 from engine.core.catalog import Catalog, Kind, default_catalog
 from engine.core.errors import CatalogError
 from engine.core.settings import MAX_DEADLINE_S, Settings, default_settings
@@ -104,14 +104,6 @@ def split_body(body: dict) -> tuple[str, dict]:
         if key in body:
             shape[key] = text(body[key])
     return "\n".join(parts), shape
-
-
-def _tool_chars(body: Any) -> int:
-    """Characters of a body's tool definitions, as their canonical JSON: billed as input (the emulator too), so
-    an estimate from the messages alone let a budget reserve 8 tokens for a call billed 6,700."""
-    tools = body.get("tools") if isinstance(body, dict) else None
-    return 0 if not isinstance(tools, list) else sum(len(json.dumps({k: v for k, v in t.items() if k != "cache_control"} if isinstance(t, dict) else t,
-                              sort_keys=True, separators=(",", ":"))) for t in tools)
 
 
 def _from_batch_line(d: dict) -> dict:
@@ -332,8 +324,9 @@ class Request(BaseModel):
         if d.get("input_tokens") is None:
             if spec.kind == "text" and not (isinstance(prompt, str) and prompt):
                 raise FieldProblem("input_tokens", "a text request needs 'input_tokens' or a 'prompt' to estimate them from")
-            chars = (len(prompt) if isinstance(prompt, str) else 0) + _tool_chars(body)
-            d["input_tokens"] = math.ceil(chars / settings.chars_per_token)
+            chars = (len(prompt) if isinstance(prompt, str) else 0) + tool_chars(body)
+            d["input_tokens"] = (math.ceil(chars / settings.chars_per_token)
+                                 + body_image_tokens(body, catalog.image_rule(d["provider"], model)))
         if d.get("output_tokens") is None:
             out = settings.default_output_tokens if spec.kind == "text" else 0
             cap = d.get("max_output_tokens")

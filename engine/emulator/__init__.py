@@ -23,7 +23,8 @@ Control: ``GET /_emulator/bill``, ``GET /_emulator/calls``, ``POST /_emulator/fa
 
 Tokens. Prompt tokens = ``ceil(chars / 4)`` of the prompt text: tool definitions (canonical JSON, if any),
 then system / instructions, then every message's text (text blocks of block lists), concatenated in that
-order. This is the engine's own estimate (``chars_per_token = 4``).
+order, each input image standing in that order as text of its tokens by the model's ``image_input`` rule
+(``engine.core.body_tokens``). This is the engine's own estimate (``chars_per_token = 4``).
 
 Output. Natural length N = the last ``[[emulator:output_tokens=N]]`` in the last user message, else
 ``default_output_tokens``; output tokens = min(the cap asked, N), the cap being ``max_completion_tokens`` /

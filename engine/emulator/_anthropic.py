@@ -30,7 +30,7 @@ def message_result(core: Core, provider: str, body: dict, mode: str, at: float |
     p, spec = core.model(provider, body.get("model"), "text")
     if body.get("max_tokens") is None:
         raise ApiError(400, "max_tokens: Field required", param="max_tokens")
-    prompt = anthropic_prompt(body)
+    prompt = anthropic_prompt(body, spec.image_input or p.image_input)
     call = core.text_call(p, spec, body["model"], prompt, body["max_tokens"], "max_tokens", mode, at)
     out = {
         "id": core.new_id("msg_"), "type": "message", "role": "assistant", "model": body["model"],

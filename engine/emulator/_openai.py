@@ -59,7 +59,7 @@ def chat_result(core: Core, provider: str, body: dict, mode: str, at: float | No
     p, spec = core.model(provider, body.get("model"), "text")
     if body.get("n") not in (None, 1):
         raise ApiError(400, "the emulator answers n=1 only", param="n")
-    prompt = chat_prompt(body)  # parsed before the cap, so a bad body is reported as such
+    prompt = chat_prompt(body, spec.image_input or p.image_input)  # parsed before the cap, so a bad body is reported as such
     cap, cap_param = _cap(body, "max_completion_tokens", "max_tokens")
     call = core.text_call(p, spec, body["model"], prompt, cap, cap_param, mode, at)
     out = {
@@ -83,7 +83,7 @@ def responses_result(core: Core, provider: str, body: dict, mode: str, at: float
     """One Responses call (minimal: text in, one output_text message out). Bills nothing."""
     _no_stream(body)
     p, spec = core.model(provider, body.get("model"), "text")
-    prompt = responses_prompt(body)
+    prompt = responses_prompt(body, spec.image_input or p.image_input)
     cap, cap_param = _cap(body, "max_output_tokens")
     call = core.text_call(p, spec, body["model"], prompt, cap, cap_param, mode, at)
     now = core.now() if at is None else at

@@ -11,6 +11,7 @@ import json
 import re
 from typing import Any, NamedTuple
 
+from engine.core.body_tokens import ImageInput, image_blocks, image_size, image_tokens
 from engine.emulator._wire import ApiError
 
 __all__ = [
@@ -66,7 +67,8 @@ def filler_text(prompt_text: str, output_tokens: int) -> str:
 
 
 class _Builder:
-    def __init__(self) -> None:
+    def __init__(self, images: ImageInput | None = None) -> None:
+        self.images = images  # the model's rule for input images (None: the engine's default)
         self.parts: list[str] = []
         self.length = 0
         self.breakpoints: list[int] = []
@@ -104,6 +106,10 @@ class _Builder:
         for block in content:
             if not isinstance(block, dict):
                 raise ApiError(400, f"each block of {where} must be an object", param=where)
+            for source, detail in image_blocks([block]):
+                # An image is billed by its provider's rule (engine.core.body_tokens), the engine's estimate
+                # too; it stands in the cache order as text of that many tokens, the same for the same image.
+                self.add(_image_text(source, image_tokens(self.images, image_size(source), detail)), _marked(block))
             text = block.get("text") if block.get("type") in _TEXT_TYPES else None
             if text is not None and not isinstance(text, str):
                 raise ApiError(400, f"a text block of {where} needs a string 'text'", param=where)
@@ -127,22 +133,28 @@ class _Builder:
         return Prompt("".join(self.parts), tuple(self.breakpoints), self.last_user)
 
 
+def _image_text(source: str, n_tokens: int) -> str:
+    head = f"[image {hashlib.sha256(source.encode()).hexdigest()[:16]}]"
+    n = CHARS_PER_TOKEN * n_tokens
+    return (head * (n // len(head) + 1))[:n]
+
+
 def _marked(block: dict) -> bool:
     cc = block.get("cache_control")
     return isinstance(cc, dict) and cc.get("type") == "ephemeral"
 
 
-def chat_prompt(body: dict) -> Prompt:
+def chat_prompt(body: dict, images: ImageInput | None = None) -> Prompt:
     """OpenAI chat completions: tools, then every message (system and developer messages included) in order."""
-    b = _Builder()
+    b = _Builder(images)
     b.tools(body.get("tools"))
     b.messages(body.get("messages"), "messages")
     return b.build()
 
 
-def responses_prompt(body: dict) -> Prompt:
+def responses_prompt(body: dict, images: ImageInput | None = None) -> Prompt:
     """OpenAI Responses: tools, ``instructions``, then ``input`` (a string or a list of message items)."""
-    b = _Builder()
+    b = _Builder(images)
     b.tools(body.get("tools"))
     instructions = body.get("instructions")
     if instructions is not None:
@@ -158,9 +170,9 @@ def responses_prompt(body: dict) -> Prompt:
     return b.build()
 
 
-def anthropic_prompt(body: dict) -> Prompt:
+def anthropic_prompt(body: dict, images: ImageInput | None = None) -> Prompt:
     """Anthropic messages: tools, ``system`` (a string or text blocks), then the messages."""
-    b = _Builder()
+    b = _Builder(images)
     b.tools(body.get("tools"))
     b.content(body.get("system"), "system")
     b.messages(body.get("messages"), "messages")

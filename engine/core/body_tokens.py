@@ -1,0 +1,178 @@
+"""What a provider body bills as input beyond its text: tool definitions and images.
+
+The engine estimates a request's input tokens before the call (budgets reserve on the estimate; the provider's
+``usage`` replaces it after), and the emulator bills by the same rules, so both must count what the providers
+count. Tool definitions count as their canonical JSON. An image counts by its provider's published rule, from
+its pixel size when the body carries the image (a ``data:`` URL or base64 source: PNG, GIF, JPEG and WebP
+headers are read) and at the rule's largest count when it does not (a URL): a reservation that guesses low
+lets a hard budget be overrun, one that guesses high only holds money back until the ``usage`` comes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import struct
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["ImageInput", "body_image_tokens", "image_blocks", "image_size", "image_tokens", "tool_chars"]
+
+
+class ImageInput(BaseModel):
+    """How a model bills an input image, as its provider documents it (catalog: ``image_input``).
+
+    - ``tiles`` (OpenAI GPT-4o, GPT-5, gpt-4o-mini): ``detail: low`` costs ``base_tokens``; otherwise the image
+      is fitted in 2048 x 2048, its short side brought down to 768, and each 512 px tile costs ``tile_tokens``
+      on top of ``base_tokens``. At most 8 tiles.
+    - ``patches`` (OpenAI GPT-5 mini, GPT-4.1 mini): 32 px patches, at most 1,536 (the image is scaled down to
+      fit), times ``multiplier``.
+    - ``area`` (Anthropic): width x height / 750 once the long edge is at most 1,568 px, at most ``max_tokens``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    scheme: Literal["tiles", "patches", "area"]
+    base_tokens: int = Field(default=85, ge=0)
+    tile_tokens: int = Field(default=170, ge=0)
+    multiplier: float = Field(default=1.0, gt=0)
+    max_tokens: int = Field(default=1600, ge=1)
+
+
+# A model whose catalog entry names no rule: Anthropic's, whose largest count (1,600) is also about what the
+# tile models charge for a large image.
+DEFAULT_IMAGE_INPUT = ImageInput(scheme="area")
+_PATCH, _MAX_PATCHES = 32, 1536
+_HEAD_B64 = 87_384  # base64 characters read for a header: 64 kB of image (a JPEG's size follows its EXIF)
+
+
+def tool_chars(body: Any) -> int:
+    """Characters of a body's tool definitions, as their canonical JSON: billed as input (the emulator too), so
+    an estimate from the messages alone let a budget reserve 8 tokens for a call billed 6,700."""
+    tools = body.get("tools") if isinstance(body, dict) else None
+    if not isinstance(tools, list):
+        return 0
+    return sum(len(json.dumps({k: v for k, v in t.items() if k != "cache_control"} if isinstance(t, dict) else t,
+                              sort_keys=True, separators=(",", ":"))) for t in tools)
+
+
+def image_blocks(content: Any) -> list[tuple[str, str]]:
+    """(source, detail) of every image block in a message's content: OpenAI chat ``image_url``, Responses
+    ``input_image``, Anthropic ``image`` (base64 or URL source). ``source`` is a URL or base64 data."""
+    out: list[tuple[str, str]] = []
+    for b in content if isinstance(content, list) else ():
+        if not isinstance(b, dict):
+            continue
+        kind = b.get("type")
+        if kind == "image_url" and isinstance(b.get("image_url"), dict):
+            url = b["image_url"].get("url")
+            out.append((url if isinstance(url, str) else "", str(b["image_url"].get("detail") or "auto")))
+        elif kind == "input_image":
+            url = b.get("image_url")
+            out.append((url if isinstance(url, str) else "", str(b.get("detail") or "auto")))
+        elif kind == "image" and isinstance(b.get("source"), dict):
+            src = b["source"]
+            data = src.get("data") if src.get("type") == "base64" else src.get("url")
+            out.append((data if isinstance(data, str) else "", "auto"))
+    return out
+
+
+def body_image_tokens(body: Any, rule: ImageInput | None) -> int:
+    """Input tokens of every image in a body's messages (chat ``messages``, Responses ``input``)."""
+    if not isinstance(body, dict):
+        return 0
+    total = 0
+    for key in ("messages", "input"):
+        msgs = body.get(key)
+        for m in msgs if isinstance(msgs, list) else ():
+            if isinstance(m, dict):
+                total += sum(image_tokens(rule, image_size(src), detail)
+                             for src, detail in image_blocks(m.get("content")))
+    return total
+
+
+def image_tokens(rule: ImageInput | None, size: tuple[int, int] | None, detail: str = "auto") -> int:
+    """Tokens of one image of ``size`` (width, height; None: unknown, so the rule's largest count)."""
+    rule = rule or DEFAULT_IMAGE_INPUT
+    if rule.scheme == "tiles":
+        if detail == "low":
+            return rule.base_tokens
+        if size is None:
+            return rule.base_tokens + 8 * rule.tile_tokens
+        w, h = size
+        fit = min(1.0, 2048 / max(w, h))
+        w, h = w * fit, h * fit
+        short = min(1.0, 768 / min(w, h))
+        w, h = w * short, h * short
+        return rule.base_tokens + rule.tile_tokens * math.ceil(w / 512) * math.ceil(h / 512)
+    if rule.scheme == "patches":
+        patches = _MAX_PATCHES if size is None else _patches(*size)
+        return math.ceil(patches * rule.multiplier)
+    if size is None:
+        return rule.max_tokens
+    w, h = size
+    scale = min(1.0, 1568 / max(w, h))
+    return min(rule.max_tokens, math.ceil(w * scale * h * scale / 750))
+
+
+def _patches(w: int, h: int) -> int:
+    n = math.ceil(w / _PATCH) * math.ceil(h / _PATCH)
+    if n <= _MAX_PATCHES:
+        return n
+    # Scaled down to fit the budget, then to a whole number of patches across (OpenAI's documented steps).
+    shrink = math.sqrt(_MAX_PATCHES * _PATCH**2 / (w * h))
+    w2, h2 = w * shrink, h * shrink
+    fit = math.floor(w2 / _PATCH) / (w2 / _PATCH)
+    return min(_MAX_PATCHES, math.ceil(w2 * fit / _PATCH) * math.ceil(h2 * fit / _PATCH))
+
+
+def image_size(source: str) -> tuple[int, int] | None:
+    """(width, height) read from an image's header when ``source`` carries the image (a ``data:`` URL or bare
+    base64); None for a URL or a header this does not know."""
+    if source.startswith("data:"):
+        source = source.partition(",")[2]
+    elif source.startswith(("http://", "https://", "file:")) or not source:
+        return None
+    head = source[:_HEAD_B64]
+    try:
+        raw = base64.b64decode(head[: len(head) // 4 * 4])
+    except (binascii.Error, ValueError):
+        return None
+    try:
+        return _size_of(raw)
+    except (struct.error, IndexError):
+        return None
+
+
+def _size_of(b: bytes) -> tuple[int, int] | None:
+    if b.startswith(b"\x89PNG\r\n\x1a\n"):
+        return struct.unpack(">II", b[16:24])
+    if b[:6] in (b"GIF87a", b"GIF89a"):
+        return struct.unpack("<HH", b[6:10])
+    if b[:4] == b"RIFF" and b[8:12] == b"WEBP":
+        chunk = b[12:16]
+        if chunk == b"VP8X":
+            return 1 + int.from_bytes(b[24:27], "little"), 1 + int.from_bytes(b[27:30], "little")
+        if chunk == b"VP8L":
+            bits = int.from_bytes(b[21:25], "little")
+            return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+        if chunk == b"VP8 ":
+            w, h = struct.unpack("<HH", b[26:30])
+            return w & 0x3FFF, h & 0x3FFF
+        return None
+    if b[:2] == b"\xff\xd8":  # JPEG: walk the segments to a start-of-frame marker
+        i = 2
+        while i + 9 < len(b):
+            if b[i] != 0xFF:
+                return None
+            marker = b[i + 1]
+            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+                i += 2
+                continue
+            if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+                h, w = struct.unpack(">HH", b[i + 5:i + 9])
+                return w, h
+            i += 2 + struct.unpack(">H", b[i + 2:i + 4])[0]
+    return None

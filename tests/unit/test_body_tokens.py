@@ -1,0 +1,110 @@
+"""Input images count in the estimate by their provider's rule, the emulator bills the same, and a budget
+reserves for them."""
+
+import base64
+import io
+
+import pytest
+from PIL import Image
+
+from engine.core.body_tokens import ImageInput, body_image_tokens, image_size, image_tokens
+from engine.core.catalog import default_catalog
+from engine.core.cost import price_usage, reserve_bound
+from engine.core.request import Request
+from engine.emulator._text import anthropic_prompt, chat_prompt, responses_prompt
+
+TILES = ImageInput(scheme="tiles")  # GPT-4o's: 85 + 170 a tile
+PATCHES = ImageInput(scheme="patches")  # GPT-4.1's: a token a patch
+AREA = ImageInput(scheme="area")
+
+
+def encoded(fmt: str, size: tuple[int, int]) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(buf, format=fmt)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "GIF", "JPEG", "WEBP"])
+@pytest.mark.parametrize("size", [(1, 1), (1024, 768), (333, 2049)])
+def test_an_image_s_size_is_read_from_its_header(fmt, size):
+    data = encoded(fmt, size)
+    assert image_size(data) == size
+    assert image_size(f"data:image/{fmt.lower()};base64,{data}") == size
+
+
+def test_an_image_the_body_does_not_carry_has_no_size():
+    assert image_size("https://example.com/cat.png") is None
+    assert image_size("") is None
+    assert image_size("data:image/png;base64,not base64 at all!") is None
+    assert image_size(base64.b64encode(b"plain text, no image header").decode()) is None
+
+
+@pytest.mark.parametrize("rule,size,detail,tokens", [
+    # The providers' own worked examples.
+    (TILES, (1024, 1024), "high", 765),  # 768 x 768: 4 tiles
+    (TILES, (2048, 4096), "high", 1105),  # 1024 x 2048, then 768 x 1536: 6 tiles
+    (TILES, (4096, 8192), "low", 85),
+    (TILES, None, "auto", 85 + 8 * 170),  # unknown: the most tiles an image can make
+    (PATCHES, (1024, 1024), "auto", 1024),
+    (PATCHES, (1800, 2400), "auto", 1452),  # scaled down to fit 1,536 patches
+    (ImageInput(scheme="patches", multiplier=1.62), None, "auto", 2489),
+    (AREA, (1092, 1092), "auto", 1590),
+    (AREA, (200, 200), "auto", 54),
+    (AREA, (8000, 8000), "auto", 1600),
+    (AREA, None, "auto", 1600),
+])
+def test_image_tokens_follow_each_provider_s_documented_rule(rule, size, detail, tokens):
+    assert image_tokens(rule, size, detail) == tokens
+
+
+IMG = encoded("PNG", (1024, 1024))
+CASES = [  # model, the emulator's prompt of that API, a body with a 1024 x 1024 image and one given by URL
+    ("gpt-5", chat_prompt, {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is in these pictures?"},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{IMG}"}},
+        {"type": "image_url", "image_url": {"url": "https://example.com/a.jpg", "detail": "high"}}]}]}),
+    ("gpt-4o-mini", chat_prompt, {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "Describe it."},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{IMG}", "detail": "low"}}]}]}),
+    ("gpt-5-mini", responses_prompt, {"input": [{"role": "user", "content": [
+        {"type": "input_text", "text": "What is in this picture?"},
+        {"type": "input_image", "image_url": f"data:image/png;base64,{IMG}"}]}]}),
+    ("claude-haiku-4-5", anthropic_prompt, {"max_tokens": 50, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": IMG}},
+        {"type": "image", "source": {"type": "url", "url": "https://example.com/b.png"}},
+        {"type": "text", "text": "Compare them."}]}]}),
+]
+
+
+@pytest.mark.parametrize("model,billed_by,body", CASES, ids=[c[0] for c in CASES])
+def test_the_estimate_counts_images_as_the_emulator_bills_them_and_the_budget_reserves_for_them(model, billed_by,
+                                                                                              body):
+    """Images were not counted: a question about a picture was estimated at 7 tokens and billed 600-50,000
+    (gpt-4o-mini bills a 512 px tile as 5,667 tokens), so a hard budget reserved for a fraction of the call."""
+    cat = default_catalog()
+    provider, _ = cat.find_model(model)
+    rule = cat.image_rule(provider, model)
+    r = Request.model_validate({"id": "v", "arrival_s": 0.0, "model": model, "body": body})
+    billed = billed_by(body, rule).tokens
+    images = body_image_tokens(body, rule)
+    assert images >= 80 and billed >= images
+    assert billed <= r.input_tokens <= billed + 2  # (the engine joins texts with a newline)
+    assert reserve_bound(r, cat, "sync") >= price_usage(r, cat, "sync", input_tokens=billed,
+                                                        output_tokens=r.max_output_tokens or 0).total
+    text_only = Request.model_validate({"id": "t", "arrival_s": 0.0, "model": model, "body": {
+        **body, ("input" if "input" in body else "messages"): [{"role": "user", "content": "x"}]}})
+    assert r.input_tokens - text_only.input_tokens >= images - 10
+
+
+def test_the_same_image_is_the_same_prompt_prefix_and_another_image_is_not():
+    """The emulator stands an image in the cache order as text of its token count, so a prompt-cache prefix
+    that holds an image hits only for the same image."""
+    other = encoded("PNG", (1024, 1000))
+
+    def body(img):
+        return {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{img}"}},
+            {"type": "text", "text": "Caption it."}]}]}
+
+    a, b, c = (chat_prompt(body(x), TILES) for x in (IMG, IMG, other))
+    assert a == b and a.tokens == c.tokens and a.text != c.text
