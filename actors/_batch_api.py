@@ -5,6 +5,7 @@ the dispatcher's state."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 
@@ -20,6 +21,7 @@ log = logging.getLogger("smartbatch.dispatcher")
 POLL_RETRY_S = 30.0  # engine seconds before polling again after a failed poll
 FIND_TRIES = 5  # lookups of a batch whose create a restart cut, before it is created again
 FETCH_TRIES = 5  # reads of an ended batch's results: its finished members are billed, never to be sent again
+LINE_OVERHEAD = 1024  # bytes a batch line adds to its request's body or prompt, at most (ids, url, model, caps)
 
 
 def _short(exc: BaseException) -> str:
@@ -30,7 +32,47 @@ class BatchApiRuns:
     """Batch-API methods of ``Dispatcher``."""
 
     def _start_batch_api(self, e: Event, b: BatchJob, jobs: list[Job]) -> None:
-        self._spawn(self._run_batch(b, jobs, e.start, e.outcome), jobs, b)
+        parts = self._file_parts(jobs) if self.provider.real else [jobs]
+        if len(parts) > 1:
+            # The provider's limit on one batch's size (OpenAI's 200 MB input file, Anthropic's 256 MB): a
+            # larger batch is refused whole, and its members would all go sync at the full price. Each part is
+            # a batch of its own (journalled, followed, hedged alike); the dispatch's enqueued tokens are
+            # released when the last part ends.
+            self._parts_left[b.bid] = len(parts)
+            log.info("dispatcher %s: a batch of %d requests is sent as %d batches (at most %g MB each)",
+                     self.name, len(jobs), len(parts), self._max_file_mb())
+        for part in parts:
+            self._spawn(self._run_batch(b, part, e.start, e.outcome), part, b)
+
+    @property
+    def _parts_left(self) -> dict[str, int]:
+        return self.__dict__.setdefault("_parts_left_by_bid", {})
+
+    def _max_file_mb(self) -> float | None:
+        ba = self.catalog.provider(self.name).batch_api
+        return None if ba is None else ba.max_file_mb
+
+    def _file_parts(self, jobs: list[Job]) -> list[list[Job]]:
+        """``jobs`` in order, cut into parts whose requests weigh at most 95 % of the provider's limit (the
+        margin covers what the provider's body adds to a request: model, caps, the line's own fields). A
+        request is weighed by its body or prompt as JSON, and at least by its input tokens as text, which is
+        what a replayed trace without prompt text sends."""
+        limit_mb = self._max_file_mb()
+        if limit_mb is None:
+            return [jobs]
+        limit, cpt = 0.95 * limit_mb * 2**20, self.settings.chars_per_token
+        parts: list[list[Job]] = [[]]
+        size = 0.0
+        for j in jobs:
+            r = j.req
+            raw = json.dumps(r.body if r.body is not None else r.prompt, ensure_ascii=False)
+            weight = max(len(raw.encode()), r.input_tokens * cpt) + LINE_OVERHEAD
+            if parts[-1] and size + weight > limit:
+                parts.append([])
+                size = 0.0
+            parts[-1].append(j)
+            size += weight
+        return parts
 
     async def _sleep(self, engine_s: float) -> None:
         await asyncio.sleep(min(self.clock.real_delay(engine_s), 3600.0))
@@ -155,7 +197,12 @@ class BatchApiRuns:
                 outs = await self._fetch(handle)
         if self._open.pop(key, None) is not None:
             self._unjournal.append((self._space, key))
-        self.sim.finish_batch(tokens, self.clock.now())
+        left = self._parts_left.get(b.bid, 1)
+        if left > 1:
+            self._parts_left[b.bid] = left - 1  # another part of the dispatch still holds its tokens
+        else:
+            self._parts_left.pop(b.bid, None)
+            self.sim.finish_batch(tokens, self.clock.now())
         self._counts.turnaround_s.append(self.clock.now() - start)
         if learn:
             self._turnarounds.append(self._turnaround(jobs[0].req.model, start, outs, len(jobs),

@@ -71,6 +71,9 @@ class BatchApi(_Frozen):
     turnaround_p95_s: float = Field(gt=0)
     turnaround_min_s: float = Field(ge=0)
     max_requests: int = Field(ge=1)
+    max_file_mb: float | None = Field(default=None, gt=0, description=(
+        "the most one batch's requests may weigh (OpenAI's input file, Anthropic's create body), in MiB; the "
+        "engine sends a larger dispatch as several batches (None: no limit)"))
     max_enqueued_tokens: float = Field(gt=0)
     cancel_s: float = Field(default=0.0, ge=0, description=(
         "seconds a cancel may take before the finished members are known (a real batch sits in 'cancelling' "

@@ -63,6 +63,10 @@ def _create(ctx: Ctx) -> Reply:
         raise ApiError(400, f"provider {ctx.provider} declares no batch API in the catalog")
     if len(reqs) > p.batch_api.max_requests:
         raise ApiError(400, f"a batch holds at most {p.batch_api.max_requests} requests, got {len(reqs)}")
+    size = len(ctx.body)
+    if p.batch_api.max_file_mb is not None and size > p.batch_api.max_file_mb * 2**20:
+        raise ApiError(413, f"a batch may weigh at most {p.batch_api.max_file_mb:g} MB; this one is "
+                       f"{size:,} bytes")
     members: list[tuple[str, dict]] = []
     seen: set[str] = set()
     for i, r in enumerate(reqs):

@@ -175,6 +175,10 @@ def _files_create(ctx: Ctx) -> Reply:
     if "file" not in fields:
         raise ApiError(400, "the form needs a 'file' part", param="file")
     filename, data = fields["file"]
+    ba = ctx.core.catalog.provider(ctx.provider).batch_api
+    if purpose == "batch" and ba is not None and ba.max_file_mb is not None and len(data) > ba.max_file_mb * 2**20:
+        raise ApiError(400, f"a batch input file may be at most {ba.max_file_mb:g} MB; this one is "
+                       f"{len(data):,} bytes", param="file")
     rec = ctx.core.add_file(filename or "upload", purpose, data)
     return json_reply("openai", 200, rec.view(), ctx.request_id)
 

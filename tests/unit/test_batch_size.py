@@ -1,0 +1,99 @@
+"""A batch larger than the provider takes (OpenAI's 200 MB input file, Anthropic's 256 MB create) is sent as
+several batches, each billed at the batch price, against the HTTP emulator, which refuses an oversized one as
+the providers do. Before, the whole batch was refused and every member went back to be sent sync."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+
+from engine.core.catalog import Catalog
+from engine.emulator import Emulator
+from tests.unit.test_http_providers import (
+    BATCH_ROUTE,
+    CAT,
+    EMU_CANCEL_S,
+    PROVIDERS,
+    ROUTE,
+    SPEED,
+    VALIDATING_S,
+    Rig,
+    assert_batch_member,
+    batch_key,
+    billed_by_custom_id,
+    jobs_of,
+)
+
+LIMIT_MB = 0.02  # about 21 kB: three requests of 4 kB each per batch
+N_JOBS = 8
+
+
+def small_batches(cat: Catalog) -> Catalog:
+    providers = {}
+    for name, p in cat.providers.items():
+        if p.batch_api is not None and name in ("openai", "anthropic"):
+            p = p.model_copy(update={"batch_api": p.batch_api.model_copy(update={"max_file_mb": LIMIT_MB})})
+        providers[name] = p.model_dump()
+    return Catalog.model_validate({"schema_version": cat.schema_version, "providers": providers})
+
+
+@pytest.fixture
+def emu_small():
+    with Emulator(small_batches(CAT), latency_scale=0.0, speedup=SPEED, cancel_s=EMU_CANCEL_S,
+                  validating_s=VALIDATING_S["openai"], finalizing_s=1.0) as e:
+        yield e
+
+
+CREATE_ROUTE = {"openai": "batches.create", "anthropic": "messages.batches.create"}
+
+
+@PROVIDERS
+def test_a_batch_over_the_providers_size_limit_is_sent_as_several_each_at_the_batch_price(emu_small, provider):
+    emu = emu_small
+    jobs = jobs_of(provider, n=N_JOBS, claims=True, input_tokens=1000)  # replayed as 4,000 characters each
+
+    async def go():
+        rig = Rig(emu, provider)
+        try:
+            assert rig.catalog.provider(provider).batch_api.max_file_mb == LIMIT_MB
+            await rig.reserve(jobs)
+            await rig.run("batch_api", jobs)
+            await rig.resolved(jobs)
+            assert rig.grouper.readmitted() == []  # none went back to be sent sync
+            billed = billed_by_custom_id(emu)
+            assert set(billed) == {batch_key(j) for j in jobs}
+            for j in jobs:
+                assert_batch_member(rig.results[j.req.id], j, billed[batch_key(j)], provider)
+            assert {i.route for i in emu.bill().items} == {BATCH_ROUTE[provider]}
+            assert emu.count(ROUTE[provider]) == 0
+            parts = math.ceil(N_JOBS / 3)
+            assert emu.count(CREATE_ROUTE[provider]) == parts
+            # The dispatch's enqueued tokens are held until its last part ends, then released once.
+            await rig.until(lambda: not rig.d._parts_left, "every part to end")
+            assert all(end != math.inf for end, _ in rig.d.sim.enqueued._open)
+            await rig.until(lambda: not rig.budget.book.claims, "every claim settled")
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+@PROVIDERS
+def test_the_emulator_refuses_a_batch_over_the_size_limit_as_the_provider_does(emu_small, provider):
+    """What the split avoids: sent as one, the batch is refused and every member goes back unbilled."""
+    emu = emu_small
+    jobs = jobs_of(provider, n=N_JOBS, claims=True, input_tokens=1000)
+
+    async def go():
+        rig = Rig(emu, provider)
+        rig.d._file_parts = lambda js: [js]  # as before the split
+        try:
+            await rig.reserve(jobs)
+            await rig.run("batch_api", jobs)
+            await rig.resolved(jobs)
+            assert {j.req.id for j in rig.grouper.readmitted()} == {j.req.id for j in jobs}
+            assert not emu.bill().items and not rig.results
+        finally:
+            await rig.close()
+    asyncio.run(go())
