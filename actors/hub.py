@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from actors._peer import Warm
@@ -26,6 +26,7 @@ RECENT = 16_384
 # A driver that has not pulled for this long (real seconds) is gone (killed without ``leave``): its queue is dropped.
 # One that was only paused learns it at its next pull (``None``) and claims its open requests again.
 CLIENT_IDLE_S = 900.0
+DROPS_KEPT = 1024  # drivers dropped as idle lately, numbered, for ingest to read (``dropped_since``)
 
 
 @dataclass(eq=False)
@@ -48,6 +49,8 @@ class ResultHub(Warm, MemoryJournalStore):
         self._next_idle_check = 0.0
         self._logs = LogBook()
         self._lost: set[str] = set()  # drivers dropped as idle: told so at their next pull, whatever came since
+        self._drops: deque[tuple[int, str]] = deque(maxlen=DROPS_KEPT)  # (number, driver) of those drops
+        self._next_drop = 0
         self._recent: OrderedDict[str, Result] = OrderedDict()
         self._fps: dict[str, str] = {}  # id -> its content's fingerprint, while ingest shards admit it (``admit``)
         self._waiters: dict[str, asyncio.Future] = {}
@@ -117,6 +120,8 @@ class ResultHub(Warm, MemoryJournalStore):
                 if c is not None and now - q.seen_at > CLIENT_IDLE_S:
                     del clients[c]
                     self._lost.add(c)
+                    self._drops.append((self._next_drop, c))
+                    self._next_drop += 1
 
     def _client_queue(self, client: str) -> _Client:
         if not self._routed:  # the first claim: what the unclaimed queue held is claimed from the recent ones
@@ -184,6 +189,11 @@ class ResultHub(Warm, MemoryJournalStore):
     async def leave(self, client: str) -> None:
         """Driver ``client`` left the engine (which runs on): its queue goes; results it claimed are not kept for it."""
         self._clients.pop(client, None)
+
+    async def dropped_since(self, seq: int) -> tuple[list[str], int]:
+        """The drivers dropped as idle numbered ``seq`` and up (still kept), and the number to ask from next:
+        ingest forgets the ids only they held, which no ``leave`` will ever name (``Ingest.submit``)."""
+        return [c for k, c in self._drops if k >= seq], self._next_drop
 
     async def forget(self, uids: list[str]) -> None:
         for u in uids:

@@ -28,6 +28,13 @@ ACCEPTED = "accepted"  # the journal space of accepted requests
 JOURNAL_RETRY_S = 5.0  # after a failed journal write, submits skip the journal this long (real seconds)
 OWN_ROWS = 1 << 48  # where ingest's own draw rows start (re-admissions): beyond any driver's
 REPEAT_LOOK_S = 5.0  # real seconds between the two looks for a repeated id's request before it counts as gone
+# A driver killed without ``stop()`` (kill -9, SIGTERM, a script that ends without it) never forgets its ids nor
+# leaves: the hub drops it once it has not pulled for ``hub.CLIENT_IDLE_S``, and ingest, asking the hub at most
+# every DROPS_CHECK_S (real seconds, on a submit: only submits add ids), forgets the ids only it held
+# DROPPED_FORGET_S later (the drivers' default ``retention_s``), as its ``leave`` would have. Before this, each
+# such driver left every id it had submitted in ``seen`` and ``holders`` for the engine's life.
+DROPS_CHECK_S = 60.0
+DROPPED_FORGET_S = 3600.0
 
 
 def _other_content(r: Request) -> Result:
@@ -49,6 +56,10 @@ class Ingest(Warm):
         # forgets it. One string per id, not a set: most ids have one driver.
         self.holders: dict[str, str | set[str]] = {}
         self._moving: set[str] = set()  # admitted, on their way to the cache and the groupers
+        self._leaving: dict[str, asyncio.TimerHandle] = {}  # driver -> the forget of the ids only it holds
+        self._drops_seen = 0  # the next number of the hub's dropped drivers to read (``ResultHub.dropped_since``)
+        self._drops_check_at = 0.0
+        self._drops_task: asyncio.Task | None = None
         self.next_seq = 0  # requests admitted here
         self.shard = shard  # (this shard, of how many)
         self._turn: asyncio.Future | None = None  # set once the last sharded submit's lookups have left
@@ -140,6 +151,9 @@ class Ingest(Warm):
         if client is not None and self.hubs:
             if refused:
                 self.hubs.send("refuse", by_result_uid, refused, lead=(client,))
+            back = self._leaving.pop(client, None)  # dropped as idle, yet here: only paused, it holds its ids
+            if back is not None:
+                back.cancel()
             holders = self.holders
             for r in ok:
                 h = holders.get(r.uid)
@@ -169,15 +183,39 @@ class Ingest(Warm):
         now, its retention window, as it would have done (another driver submitting one meanwhile still gets
         its result). Returns how many."""
         mine = [u for u, h in self.holders.items() if h == client or (isinstance(h, set) and client in h)]
-        if mine:
-            asyncio.get_running_loop().call_later(after_s, lambda: asyncio.ensure_future(self.forget(mine, client)))
+        if mine and client not in self._leaving:
+            def go() -> None:
+                self._leaving.pop(client, None)
+                asyncio.ensure_future(self.forget(mine, client))
+
+            self._leaving[client] = asyncio.get_running_loop().call_later(after_s, go)
         return len(mine)
+
+    def _check_drops(self) -> None:
+        """At most every ``DROPS_CHECK_S``: ask hub shard 0 (every driver pulls from it) which drivers it dropped
+        as gone since the last ask, and let each leave (see ``DROPPED_FORGET_S``)."""
+        now = time.monotonic()
+        if now < self._drops_check_at or not self.hubs or (self._drops_task and not self._drops_task.done()):
+            return
+        self._drops_check_at = now + DROPS_CHECK_S
+        self._drops_task = asyncio.ensure_future(self._take_drops())
+
+    async def _take_drops(self) -> None:
+        try:
+            gone, self._drops_seen = await self.hubs.first.call("dropped_since", self._drops_seen)
+        except Exception as exc:  # asked again at the next check
+            log.warning("ingest: could not ask the hub for dropped drivers (%s)", type(exc).__name__)
+            return
+        for client in gone:
+            await self.leave(client, DROPPED_FORGET_S)
 
     async def submit(self, requests: list[Request], client: str | None = None, seqs: list[int] | None = None) -> int:
         """Admit a batch; returns how many were new. A repeated (tenant, id) is the same request (the
         idempotency key): it is never generated twice, and driver ``client`` gets its result. With other content
         (a driver of a shared engine reusing an id another driver sent) it is refused: ``client`` gets a failed
         result naming the id. ``seqs``: the rows of the requests' simulated draws (see ``_job``)."""
+        if client is not None:
+            self._check_drops()
         ok = self._sort(requests, client)
         row = dict(zip((r.uid for r in requests), seqs)) if seqs is not None else {}
         jobs = [self._job(r, row.get(r.uid)) for r in ok if r.uid not in self.seen]

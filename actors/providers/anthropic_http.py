@@ -43,6 +43,7 @@ class AnthropicProvider(HttpBase):
         self.client = anthropic.AsyncAnthropic(api_key=self._key.get() or "unset", base_url=self.endpoint.base_url,
                                                max_retries=0, timeout=self.endpoint.timeout_s)
         self._warm: dict[str, dict[int, float]] = {}  # model -> prefix block -> warm until (engine time)
+        self._warm_sweep_at = 0.0  # when ``_keep_warm`` next drops the blocks gone cold
 
     def route(self, job: CallJob) -> str:
         return "/v1/messages"
@@ -61,10 +62,18 @@ class AnthropicProvider(HttpBase):
         pc = self.spec.prompt_cache
         if pc is None or not (usage.cache_read or usage.cache_write) or not job.req.prefix_blocks:
             return
-        until = self.clock.now() + pc.ttl_s
+        now = self.clock.now()
+        until = now + pc.ttl_s
         warm = self._warm.setdefault(job.req.model, {})
         for b in job.req.prefix_blocks:
             warm[b] = max(warm.get(b, -1.0), until)
+        if now >= self._warm_sweep_at:
+            # Once per TTL, the blocks gone cold go: block ids are the requests' own, so kept for good they
+            # grew with every prefix ever sent (the engine clock only moves on: a cold block stays cold).
+            for w in self._warm.values():
+                for b in [b for b, t in w.items() if t < now]:
+                    del w[b]
+            self._warm_sweep_at = now + pc.ttl_s
 
     def body(self, job: CallJob, warm_blocks: int = 0, mark_blocks: int = 0) -> dict[str, Any]:
         """The Messages body. Breakpoints (``cache_control``) go at the end of the prefix believed warm

@@ -67,7 +67,10 @@ class FairQueue:
         self.s = sched
         self.max_attempts = max_attempts
         self._seq = itertools.count()
-        self._tenants: dict[str, list] = {}  # tenant -> heap of (key, seq, unit)
+        # Tenants with units waiting only: a heap of (key, seq, unit) and how many. A tenant leaves both when its
+        # last unit is taken, so a peek scans the active tenants, not every tenant ever seen (one per end user:
+        # a pop took 2.3 ms after 60,000 of them). Its virtual time stays: it decides its next activation.
+        self._tenants: dict[str, list] = {}
         self._count: dict[str, int] = {}
         self._vt: dict[str, float] = {}
         self._deadlines: list = []  # (deadline_at - lead, seq, tenant, unit)
@@ -119,9 +122,8 @@ class FairQueue:
             _, seq, tenant, u = d[0]
             return tenant, seq, u
         best = None
-        for tenant, h in self._tenants.items():
-            if not self._count.get(tenant):
-                continue
+        for tenant in self._count:
+            h = self._tenants[tenant]
             self._clean(h)
             top = h[0]
             rank = (self._vt.get(tenant, 0.0), top[0], top[1])
@@ -145,6 +147,10 @@ class FairQueue:
         w = self.s.tenant_weights.get(tenant, 1.0) if tenant else 1.0
         self._vt[tenant] = self._vt.get(tenant, 0.0) + max(u.tokens, 1) / max(w, 1e-9)
         self._count[tenant] -= 1
+        if not self._count[tenant]:
+            del self._count[tenant]
+            for _, left, _ in self._tenants.pop(tenant):  # each one promoted ahead of its turn: marked gone
+                self._gone.discard(left)
         self._n -= 1
         return u
 

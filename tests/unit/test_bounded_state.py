@@ -1,0 +1,126 @@
+"""State that a long-running engine (``smartbatch serve``, a driver that submits for days) must not keep for good:
+each test runs past the window in which the state matters and checks it was let go, not only that it works."""
+
+from __future__ import annotations
+
+import asyncio
+
+from actors.providers.anthropic_http import AnthropicProvider
+from engine.core.catalog import default_catalog
+from engine.core.clock import ManualClock
+from engine.core.draws import Draws
+from engine.core.provider_api import CallJob, Secret, Usage
+from engine.core.request import Request
+from engine.core.settings import Settings
+from engine.runtime.providers import SimProvider
+
+CAT = default_catalog()
+
+
+def fresh_prefix(k: int, t: float, model: str = "claude-haiku-4-5") -> Request:
+    """A request whose 8 prefix blocks no request before it had (as a Mooncake trace's hash ids)."""
+    return Request.model_validate({"id": f"r{k}", "arrival_s": t, "model": model, "input_tokens": 6000,
+                                   "output_tokens": 10, "prefix_blocks": list(range(8 * k, 8 * k + 8))})
+
+
+def test_the_simulated_provider_forgets_prefix_blocks_long_cold():
+    s = Settings()
+    prov = SimProvider(CAT.provider("anthropic"), CAT, s, Draws(0, s.sim.max_attempts, 0, s.sim.batch_slot_s))
+    ttl = prov.spec.prompt_cache.ttl_s
+    step = ttl / 10
+    for k in range(200):  # 20 TTLs of engine time, each request writing its own prefix
+        prov.sync(k, fresh_prefix(k, k * step), k * step, 0, True)
+        prov.pump(k * step)
+    held = sum(len(w) for w in prov.warm.values())
+    assert 0 < held <= 8 * 30, f"{held} prefix blocks held, of 1,600 written; at most ~3 TTLs' worth may stay"
+    # A block still warm is read as warm: the next call reading the last prefix finds it written.
+    last = fresh_prefix(199, 199 * step).model_copy(update={"id": "again"})
+    warm = prov.warm[last.model]
+    assert all(warm[b] >= 199 * step + 1 for b in last.prefix_blocks)
+
+
+def test_the_anthropic_provider_forgets_prefix_blocks_gone_cold():
+    s = Settings()
+    clock = ManualClock(0.0)
+    p = AnthropicProvider("anthropic", CAT, s, s.providers.endpoints["anthropic"], Secret("sk-test"), clock)
+    try:
+        ttl = p.spec.prompt_cache.ttl_s
+        for k in range(200):
+            job = CallJob(f"k{k}", fresh_prefix(k, clock.now()), clock.now(), 0, k)
+            p._keep_warm(job, Usage(6000, 10, 0, 4096))
+            assert p._warm_blocks(job) == 8  # what it just wrote is warm
+            clock.advance(ttl / 10)
+        held = sum(len(w) for w in p._warm.values())
+        assert 0 < held <= 8 * 30, f"{held} prefix blocks held, of 1,600 written; at most ~2 TTLs' worth may stay"
+    finally:
+        asyncio.run(p.close())
+
+
+def test_ingest_forgets_the_ids_of_a_driver_killed_without_stop(monkeypatch):
+    """A driver killed without ``stop()`` never forgets nor leaves; once the hub has dropped it as gone, ingest
+    forgets the ids only it held, and keeps those another driver holds too. A driver dropped but only paused
+    keeps its ids when it comes back before the forget."""
+    import actors.ingest as ingest_mod
+    from actors import Ingest, ResultHub
+    from actors import hub as hub_mod
+    from engine.core.result import Result
+    from tests.unit.helpers import Recorder
+
+    monkeypatch.setattr(ingest_mod, "DROPS_CHECK_S", 0.0, raising=False)
+    monkeypatch.setattr(ingest_mod, "DROPPED_FORGET_S", 0.0, raising=False)
+
+    def reqs(prefix: str, n: int) -> list[Request]:
+        return [Request.model_validate({"id": f"{prefix}{k}", "arrival_s": 0.0, "model": "gpt-5-mini",
+                                        "prompt": f"q{k}"}) for k in range(n)]
+
+    def drop_idle(hub: ResultHub, client: str) -> None:
+        hub._clients[client].seen_at -= hub_mod.CLIENT_IDLE_S + 1  # 15 minutes without a pull
+        hub._next_idle_check = 0.0
+
+    async def go():
+        hub = ResultHub()
+        ing = Ingest([Recorder()], cache=None, hub=hub)
+        for client in ("dead", "paused", "live"):
+            await hub.claim(client, [])
+        dead, shared, paused = reqs("d", 50), reqs("s", 5), reqs("p", 5)
+        await ing.submit(dead + shared, "dead")
+        await ing.submit(shared, "live")
+        await ing.submit(paused, "paused")
+        await asyncio.sleep(0)
+        await hub.push([Result(id=r.id, status="ok", output="o") for r in dead + shared + paused])
+        drop_idle(hub, "dead")
+        drop_idle(hub, "paused")
+        await hub.push([Result(id="other", status="ok")])  # a push runs the hub's idle check
+        assert {"dead", "paused"} <= hub._lost
+        # "paused" comes back (its pull says it was dropped; it re-admits its open requests) before the forget.
+        assert await hub.pull(0.0, "paused") is None
+        monkeypatch.setattr(ingest_mod, "DROPPED_FORGET_S", 0.05, raising=False)
+        await ing.submit(reqs("n", 1), "live")  # the next submit asks the hub which drivers it dropped
+        await asyncio.sleep(0.01)
+        await ing.readmit(paused, "paused")
+        await asyncio.sleep(0.1)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        held = set(ing.seen)
+        assert not held & {r.uid for r in dead}, "the dead driver's ids are still held"
+        assert {r.uid for r in shared} <= held and set(ing.holders) >= {r.uid for r in shared}
+        assert {r.uid for r in paused} <= held, "the paused driver came back: its ids stay"
+        assert all(h in ("live", {"live"}) for u, h in ing.holders.items() if u in {r.uid for r in shared})
+    asyncio.run(go())
+
+
+def test_a_provider_queue_keeps_only_the_tenants_with_work_waiting():
+    """Fair share keeps per-tenant state; a tenant whose last unit left is dropped from the scan (a peek cost
+    O(tenants ever seen) before), and the units promoted ahead of their turn go with its heap."""
+    from engine.core.scheduling import FairQueue, Scheduling, Unit
+
+    q = FairQueue(Scheduling())
+    for k in range(2000):  # one tenant per unit (one per end user), some due within promote_s
+        t = float(k)
+        q.push(Unit(k, f"tenant-{k}", "normal", t + (10.0 if k % 3 else 3600.0), t, 100, 0.001, 0, 1.0))
+        q.pop(t)
+    assert len(q) == 0
+    assert len(q._tenants) == 0 and len(q._count) == 0, f"{len(q._tenants)} idle tenants kept"
+    assert len(q._gone) <= 2, f"{len(q._gone)} stale entries marked"
+    q.push(Unit("x", "tenant-7", "urgent", 5000.0, 2000.0, 1, 0.0, 0, 1.0))
+    assert q.pop(2000.0).item == "x"
