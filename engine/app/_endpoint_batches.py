@@ -92,16 +92,29 @@ class BatchJob:
     error_file_id: str | None = None
     report: dict | None = None
     task: asyncio.Task | None = None
+    # Once it ended: its request counts and usage, kept after its lines, futures and results are let go (a
+    # long-running endpoint held every line and result of every batch it ever ran).
+    final: tuple[dict[str, int], dict[str, Any]] | None = None
 
     def take(self, res: Result) -> None:
         cid = self.custom_ids.get(res.id)
         if cid is not None:
             self.results[cid] = res.model_copy(update={"id": cid})
 
-    def view(self) -> dict[str, Any]:
+    def counts(self) -> dict[str, int]:
+        if self.final is not None:
+            return self.final[0]
         lines = self.bf.lines if self.bf is not None else []
         done = sum(r.status in _ANSWERED for r in self.results.values())
         invalid = sum(ln.request is None for ln in lines)
+        return {"total": len(lines), "completed": done, "failed": invalid + len(self.results) - done}
+
+    def release(self) -> None:
+        """Keep what an ended batch shows (its counts, usage, files and report), let go of the rest."""
+        self.final = (self.counts(), self._usage())
+        self.bf, self.futures, self.custom_ids, self.results, self.task = None, {}, {}, {}, None
+
+    def view(self) -> dict[str, Any]:
         final = self.status in ("completed", "cancelled")
         return {
             "id": self.id, "object": "batch", "endpoint": self.endpoint,
@@ -112,9 +125,9 @@ class BatchJob:
             "expires_at": self.created_at + int(self.window_s), "finalizing_at": self.at.get("finalizing"),
             "completed_at": self.at.get("completed"), "failed_at": self.at.get("failed"), "expired_at": None,
             "cancelling_at": self.at.get("cancelling"), "cancelled_at": self.at.get("cancelled"),
-            "request_counts": {"total": len(lines), "completed": done,
-                               "failed": invalid + len(self.results) - done},
-            "metadata": self.metadata, "usage": self._usage() if final else None,
+            "request_counts": self.counts(),
+            "metadata": self.metadata, "usage": (self._usage() if self.final is None else self.final[1]) if final
+            else None,
         }
 
     def _usage(self) -> dict[str, Any]:
@@ -315,6 +328,7 @@ class FilesAndBatches:
             job.error_file_id = self._add_file(f"{job.id}_error.jsonl", "batch_output", b"".join(err)).id
         job.report = report(job.bf, results, self.catalog, window_s=job.window_s, policy="engine")
         self._enter(job, "cancelled" if job.status == "cancelling" else "completed")
+        job.release()
 
     def _enter(self, job: BatchJob, status: str) -> None:
         if status == "finalizing" and job.status == "cancelling":  # a cancelled batch goes on cancelling

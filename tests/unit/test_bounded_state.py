@@ -124,3 +124,29 @@ def test_a_provider_queue_keeps_only_the_tenants_with_work_waiting():
     assert len(q._gone) <= 2, f"{len(q._gone)} stale entries marked"
     q.push(Unit("x", "tenant-7", "urgent", 5000.0, 2000.0, 1, 0.0, 0, 1.0))
     assert q.pop(2000.0).item == "x"
+
+
+def test_an_ended_batch_of_the_endpoint_keeps_what_it_shows_and_lets_its_lines_and_results_go():
+    """The OpenAI-compatible endpoint held every line, future and result of every batch it ever ran."""
+    import json
+
+    from engine.app._endpoint_batches import BatchJob
+    from engine.core.batchfile import parse_batch_file
+    from engine.core.result import Result
+
+    lines = [{"custom_id": f"q{k}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"Question {k}?"}]}}
+             for k in range(3)] + [{"custom_id": "bad", "body": {"model": "no-such-model", "messages": []}}]
+    bf = parse_batch_file("\n".join(json.dumps(x) for x in lines).encode(), source="in.jsonl", window_s=86400)
+    job = BatchJob("batch_1", "/v1/chat/completions", "file-1", "24h", 86400.0, None, "default", 0, bf=bf,
+                   status="completed")
+    for k, req in enumerate(bf.requests):
+        job.custom_ids[req.id] = req.id
+        job.take(Result(id=req.id, status="ok" if k else "failed", usage={"input_tokens": 10 * k,
+                                                                           "output_tokens": 5}))
+    before = job.view()
+    assert before["request_counts"] == {"total": 4, "completed": 2, "failed": 2}
+    assert before["usage"]["input_tokens"] == 30
+    job.release()
+    assert job.view() == before
+    assert job.bf is None and not job.results and not job.futures and not job.custom_ids
