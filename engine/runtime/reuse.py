@@ -109,14 +109,15 @@ class _Rows:
     def drop_front(self, k: int) -> tuple[np.ndarray, list[Hashable]]:
         """Evict the ``k`` oldest live rows: their ids and sources."""
         lo, hi = self.start, self.start + min(k, self.live)
-        sources = self.sources[lo:hi]
+        # Their ids are read now: a reclaim below moves ``base``, and the graph must lose these rows, not others.
+        ids, sources = np.arange(self.base + lo, self.base + hi), self.sources[lo:hi]
         for pos in range(lo, hi):
             self._traits.pop(self.base + pos, None)
             self.texts[pos] = None  # the text is what weighs; drop it now, not at the next reclaim
         self.start = hi
         if self.start > self.live:
             self._reclaim()
-        return np.arange(self.base + lo, self.base + hi), sources
+        return ids, sources
 
     def _reclaim(self) -> None:
         """Move the live rows to position 0."""

@@ -58,6 +58,24 @@ def test_an_index_that_evicts_its_oldest_rows_answers_as_an_index_of_the_rows_it
     assert idx.top_many("c", vecs[:2]) == [None, None]
 
 
+@pytest.mark.parametrize("drop", [600, 1], ids=["most at once", "one at a time"])
+def test_an_eviction_that_reclaims_removes_the_evicted_rows_from_the_graph(monkeypatch, drop):
+    """Evicting past half a class's live rows reclaims its matrix (``base`` moves): the graph must lose the
+    evicted ids, not the ids as renumbered after the reclaim (once the kept rows themselves: none was found)."""
+    monkeypatch.setattr(reuse_mod, "BRUTE_MAX", 100)
+    texts = _texts(1000)
+    vecs = featurize_texts(texts, dim=NEAR_DIM)
+    idx = ReuseIndex(NEAR_DIM)
+    idx.add_near("c", vecs, list(range(1000)), texts, [0.0] * 1000)
+    shelf = idx._shelves["c"]
+    while shelf.rows.base == 0:  # until an eviction reclaims
+        idx.drop_oldest("c", drop)
+    rows, kept = shelf.rows, idx.live("c")
+    assert sorted(int(k) for k in shelf.graph.keys) == list(range(rows.base + rows.start, rows.base + rows.n))
+    got = idx.top_many("c", vecs[1000 - kept:])
+    assert [t.source if t else None for t in got] == list(range(1000 - kept, 1000))
+
+
 def test_the_cache_keeps_at_most_its_bound_of_near_rows_and_the_oldest_leave_first(tmp_path):
     async def go():
         hub, cache = make_cache(tmp_path, near_max_entries=40)
