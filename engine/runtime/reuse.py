@@ -182,7 +182,7 @@ class _Shelf:
         """Best row per query (rows object, row id, cosine)."""
         m = len(q)
         rows = self.rows
-        if self.n == 0:
+        if self.n == 0 or m == 0:  # no query: the graph's empty answer cannot be shaped (m, count)
             return [None] * m
         if self.graph is None:
             sims = q @ rows.view().T

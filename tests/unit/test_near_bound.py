@@ -76,6 +76,24 @@ def test_an_eviction_that_reclaims_removes_the_evicted_rows_from_the_graph(monke
     assert [t.source if t else None for t in got] == list(range(1000 - kept, 1000))
 
 
+def test_a_near_ask_that_follows_an_identical_request_in_a_class_with_a_graph_is_looked_up(monkeypatch, tmp_path):
+    """The ask attached to its identical leader leaves its class no query for the index; a class past
+    ``BRUTE_MAX`` then searched its graph with none, and the lookup raised (ValueError: cannot reshape)."""
+    monkeypatch.setattr(reuse_mod, "BRUTE_MAX", 3)
+
+    async def go():
+        hub, cache = make_cache(tmp_path)
+        for i in range(6):
+            await generated(cache, hub, job(i, f"A watercolour of lighthouse number {i} on a cliff"))
+        assert cache.index._shelves[next(iter(cache.index._shelves))].graph is not None
+        prompt = "An oil painting of a red fox in the snow at dawn"
+        assert await cache.lookup([job(10, prompt)]) == [0]
+        assert await cache.lookup([job(11, prompt)]) == []  # follows r10, in flight
+        assert cache.stats["in_flight"] == 1
+
+    asyncio.run(go())
+
+
 def test_the_cache_keeps_at_most_its_bound_of_near_rows_and_the_oldest_leave_first(tmp_path):
     async def go():
         hub, cache = make_cache(tmp_path, near_max_entries=40)
