@@ -141,9 +141,12 @@ def image_size(source: str) -> tuple[int, int] | None:
     except (binascii.Error, ValueError):
         return None
     try:
-        return _size_of(raw)
+        size = _size_of(raw)
     except (struct.error, IndexError):
         return None
+    # A width or height of 0 says nothing (a JPEG may give its height later, in a DNL segment); as a size it
+    # would be divided by, or count the image as no tokens.
+    return size if size is not None and min(size) > 0 else None
 
 
 def _size_of(b: bytes) -> tuple[int, int] | None:

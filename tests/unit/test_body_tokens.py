@@ -3,6 +3,7 @@ reserves for them."""
 
 import base64
 import io
+import struct
 
 import pytest
 from PIL import Image
@@ -37,6 +38,31 @@ def test_an_image_the_body_does_not_carry_has_no_size():
     assert image_size("") is None
     assert image_size("data:image/png;base64,not base64 at all!") is None
     assert image_size(base64.b64encode(b"plain text, no image header").decode()) is None
+
+
+ZERO_SIDED = {  # headers that give a width or height of 0 (a JPEG may give its height later, in a DNL segment)
+    "png 0 x 0": b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + struct.pack(">II", 0, 0) + b"\x08\x02\x00\x00\x00",
+    "gif 640 x 0": b"GIF89a" + struct.pack("<HH", 640, 0) + b"\x00\x00\x00",
+    "jpeg 640 x 0": b"\xff\xd8\xff\xc0" + struct.pack(">HBHH", 17, 8, 0, 640) + bytes(16),
+}
+
+
+@pytest.mark.parametrize("model", ["gpt-4o-mini", "gpt-5", "gpt-5-mini", "claude-haiku-4-5"])
+@pytest.mark.parametrize("header", list(ZERO_SIDED), ids=list(ZERO_SIDED))
+def test_an_image_with_a_side_of_0_counts_as_an_unknown_one_and_never_fails_validation(model, header):
+    """The tile and area rules divided by the side (ZeroDivisionError out of request validation and out of the
+    emulator), and the patch rule counted such an image as 0 tokens."""
+    data = base64.b64encode(ZERO_SIDED[header]).decode()
+    assert image_size(data) is None
+    cat = default_catalog()
+    provider, _ = cat.find_model(model)
+    image = ({"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": data}}
+             if provider == "anthropic" else {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}})
+    body = {"max_tokens": 10, "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}, image]}]}
+    r = Request.model_validate({"id": "z", "arrival_s": 0.0, "model": model, "body": body})
+    rule = cat.image_rule(provider, model)
+    assert r.input_tokens >= image_tokens(rule, None) >= 85
+    assert (anthropic_prompt if provider == "anthropic" else chat_prompt)(body, rule).tokens <= r.input_tokens
 
 
 @pytest.mark.parametrize("rule,size,detail,tokens", [
