@@ -80,10 +80,11 @@ def image_blocks(content: Any) -> list[tuple[str, str]]:
 
 
 def body_image_tokens(body: Any, rule: ImageInput | None) -> int:
-    """Input tokens of every image in a body's messages (chat ``messages``, Responses ``input``)."""
+    """Input tokens of every image in a body's ``system`` blocks and messages (chat ``messages``, Responses
+    ``input``): everywhere the emulator's prompt builders bill one."""
     if not isinstance(body, dict):
         return 0
-    total = 0
+    total = sum(image_tokens(rule, image_size(src), detail) for src, detail in image_blocks(body.get("system")))
     for key in ("messages", "input"):
         msgs = body.get(key)
         for m in msgs if isinstance(msgs, list) else ():

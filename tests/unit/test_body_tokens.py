@@ -99,10 +99,14 @@ CASES = [  # model, the emulator's prompt of that API, a body with a 1024 x 1024
         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": IMG}},
         {"type": "image", "source": {"type": "url", "url": "https://example.com/b.png"}},
         {"type": "text", "text": "Compare them."}]}]}),
+    ("claude-haiku-4-5", anthropic_prompt, {"max_tokens": 50, "system": [  # billed by the emulator, not counted
+        {"type": "text", "text": "You grade charts against this reference."},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": IMG}}],
+        "messages": [{"role": "user", "content": "Grade the chart I describe: a red square."}]}),
 ]
 
 
-@pytest.mark.parametrize("model,billed_by,body", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("model,billed_by,body", CASES, ids=[c[0] for c in CASES[:-1]] + ["system image"])
 def test_the_estimate_counts_images_as_the_emulator_bills_them_and_the_budget_reserves_for_them(model, billed_by,
                                                                                               body):
     """Images were not counted: a question about a picture was estimated at 7 tokens and billed 600-50,000
@@ -118,7 +122,8 @@ def test_the_estimate_counts_images_as_the_emulator_bills_them_and_the_budget_re
     assert reserve_bound(r, cat, "sync") >= price_usage(r, cat, "sync", input_tokens=billed,
                                                         output_tokens=r.max_output_tokens or 0).total
     text_only = Request.model_validate({"id": "t", "arrival_s": 0.0, "model": model, "body": {
-        **body, ("input" if "input" in body else "messages"): [{"role": "user", "content": "x"}]}})
+        **{k: v for k, v in body.items() if k != "system"},
+        ("input" if "input" in body else "messages"): [{"role": "user", "content": "x"}]}})
     assert r.input_tokens - text_only.input_tokens >= images - 10
 
 
