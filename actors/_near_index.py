@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import sys
 from collections import deque
 from collections.abc import Hashable
 from itertools import islice
@@ -157,7 +158,9 @@ class NearIndex:
                 continue
             self.indexed.add(fp)
             self._pending.setdefault(key, deque()).append((fp, text, params, done, vec))
-            size = len(text) + ROW_BYTES
+            # The text's bytes, not its characters: CPython keeps a CJK character in 2 bytes and an emoji in 4,
+            # so counting characters let an 8 MiB bound hold 15 MiB of Chinese or 30 MiB of emoji.
+            size = sys.getsizeof(text) + ROW_BYTES
             self._near_rows.append((key, fp, size, now))
             self._near_bytes += size
         self._bound_near(now)

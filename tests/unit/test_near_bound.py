@@ -3,6 +3,7 @@ rows, ``cache.near_max_mb`` of text and vectors, or the cache's TTL, and an inde
 index of the rows it kept (exact search and the HNSW graph alike)."""
 
 import asyncio
+import sys
 
 import numpy as np
 import pytest
@@ -121,13 +122,23 @@ def test_rows_queued_for_an_exact_only_workload_are_bounded_too(tmp_path):
         prompts = [f"Summarise report {i}: {doc}" for i in range(30)]
         for i, p in enumerate(prompts):
             await generated(cache, hub, job(i, p, reuse="exact"))
-        fit = int(bound // (len(prompts[-1]) + ROW_BYTES))  # 4 rows of about 21 kB
+        fit = int(bound // (sys.getsizeof(prompts[-1]) + ROW_BYTES))  # 4 rows of about 21 kB
         s = cache.cache_stats()
         assert s["near_bytes"] <= bound and s["near_entries"] == fit and s["near_evicted"] == 30 - fit
         assert [r[1] for r in cache._pending[next(iter(cache._pending))]] == prompts[-fit:]
         assert cache.index.near_entries == 0
 
     asyncio.run(go())
+
+
+@pytest.mark.parametrize("char", ["a", "\u4e2d", "\U0001f600"], ids=["ascii", "chinese", "emoji"])
+def test_the_near_bound_counts_the_bytes_a_text_holds_not_its_characters(tmp_path, char):
+    """``near_max_mb`` counted characters: an 8 MiB bound held 15 MiB of Chinese text or 30 MiB of emoji."""
+    hub, cache = make_cache(tmp_path, near_max_mb=1)
+    for i in range(300):
+        cache._queue_rows([("k", f"fp{i}", f"{i} " + char * 4000, {}, 1.0, None)])
+    held = sum(sys.getsizeof(row[1]) + ROW_BYTES for row in cache._pending["k"])
+    assert held == cache.cache_stats()["near_bytes"] <= 2**20 < held + sys.getsizeof(char * 4000) + ROW_BYTES
 
 
 def test_rows_older_than_the_cache_ttl_leave_the_index(tmp_path):
