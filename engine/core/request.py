@@ -274,7 +274,7 @@ class Request(BaseModel):
             if body is not None and not isinstance(body, dict):
                 raise FieldProblem("body", "body must be a JSON object (the provider's request body)")
             d["body"] = {**(body or {}), **moved}
-        body = d.get("body")
+        body, body_chars = d.get("body"), 0
         if body is not None:
             if not isinstance(body, dict):
                 raise FieldProblem("body", "body must be a JSON object (the provider's request body)")
@@ -285,10 +285,10 @@ class Request(BaseModel):
             if "model" in body and body["model"] != d.get("model"):
                 raise FieldProblem("body.model", f"body.model {body['model']!r} differs from model "
                                    f"{d.get('model')!r}; give one model")
-            if not d.get("prompt"):
-                text = body_text(body)
-                if text:
-                    d["prompt"] = text
+            text = body_text(body)  # what is sent; a 'prompt' given beside it is a label, and bills nothing
+            body_chars = len(text)
+            if text and not d.get("prompt"):
+                d["prompt"] = text
             if d.get("max_output_tokens") is None:
                 cap = next((body[k] for k in _CAP_KEYS if body.get(k) is not None), None)
                 if cap is not None:
@@ -324,7 +324,7 @@ class Request(BaseModel):
         if d.get("input_tokens") is None:
             if spec.kind == "text" and not (isinstance(prompt, str) and prompt):
                 raise FieldProblem("input_tokens", "a text request needs 'input_tokens' or a 'prompt' to estimate them from")
-            chars = (len(prompt) if isinstance(prompt, str) else 0) + tool_chars(body)
+            chars = max(len(prompt) if isinstance(prompt, str) else 0, body_chars) + tool_chars(body)
             d["input_tokens"] = (math.ceil(chars / settings.chars_per_token)
                                  + body_image_tokens(body, catalog.image_rule(d["provider"], model)))
         if d.get("output_tokens") is None:

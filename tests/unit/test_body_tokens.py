@@ -139,3 +139,13 @@ def test_the_same_image_is_the_same_prompt_prefix_and_another_image_is_not():
 
     a, b, c = (chat_prompt(body(x), TILES) for x in (IMG, IMG, other))
     assert a == b and a.tokens == c.tokens and a.text != c.text
+
+
+def test_a_prompt_given_beside_a_body_does_not_hide_what_the_body_sends():
+    """The body is sent unchanged; a 'prompt' beside it is a label. The estimate read the label: 3 tokens for a
+    call the emulator billed 10,000."""
+    body = {"messages": [{"role": "user", "content": "x" * 40_000}]}
+    r = Request.model_validate({"id": "p", "arrival_s": 0.0, "model": "gpt-5-mini", "prompt": "short label",
+                                "body": body})
+    assert r.prompt == "short label"
+    assert r.input_tokens >= chat_prompt(body).tokens == 10_000
