@@ -195,6 +195,10 @@ class ResultHub(Warm, MemoryJournalStore):
         ingest forgets the ids only they held, which no ``leave`` will ever name (``Ingest.submit``)."""
         return [c for k, c in self._drops if k >= seq], self._next_drop
 
+    async def knows(self, client: str) -> bool:
+        """Whether driver ``client`` pulls from here (a driver dropped as idle pulls again once it is back)."""
+        return client in self._clients and client not in self._lost
+
     async def forget(self, uids: list[str]) -> None:
         for u in uids:
             self._recent.pop(u, None)

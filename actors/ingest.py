@@ -151,8 +151,7 @@ class Ingest(Warm):
         if client is not None and self.hubs:
             if refused:
                 self.hubs.send("refuse", by_result_uid, refused, lead=(client,))
-            back = self._leaving.pop(client, None)  # dropped as idle, yet here: only paused, it holds its ids
-            if back is not None:
+            if (back := self._leaving.pop(client, None)) is not None:  # dropped as idle, yet here: only paused
                 back.cancel()
             holders = self.holders
             for r in ok:
@@ -178,18 +177,27 @@ class Ingest(Warm):
                 return True
         return False
 
-    async def leave(self, client: str, after_s: float) -> int:
+    async def leave(self, client: str, after_s: float, dropped: bool = False) -> int:
         """Driver ``client`` left the engine: the ids only it held are forgotten ``after_s`` (real) seconds from
         now, its retention window, as it would have done (another driver submitting one meanwhile still gets
-        its result). Returns how many."""
+        its result). ``dropped``: the hub dropped it as idle; forgotten if it is still gone then. Returns how many."""
         mine = [u for u, h in self.holders.items() if h == client or (isinstance(h, set) and client in h)]
         if mine and client not in self._leaving:
             def go() -> None:
                 self._leaving.pop(client, None)
-                asyncio.ensure_future(self.forget(mine, client))
+                asyncio.ensure_future(self._forget_left(mine, client, dropped))
 
             self._leaving[client] = asyncio.get_running_loop().call_later(after_s, go)
         return len(mine)
+
+    async def _forget_left(self, uids: list[str], client: str, dropped: bool) -> None:
+        try:  # one dropped yet only paused pulls again once back, but may never again submit here (``_sort``)
+            if dropped and await self.hubs.first.call("knows", client):
+                return  # back: it still holds its ids
+        except Exception:  # the hub did not answer: asked again later
+            await self.leave(client, DROPPED_FORGET_S, dropped)
+            return
+        await self.forget(uids, client)
 
     def _check_drops(self) -> None:
         """At most every ``DROPS_CHECK_S``: ask hub shard 0 (every driver pulls from it) which drivers it dropped
@@ -207,7 +215,7 @@ class Ingest(Warm):
             log.warning("ingest: could not ask the hub for dropped drivers (%s)", type(exc).__name__)
             return
         for client in gone:
-            await self.leave(client, DROPPED_FORGET_S)
+            await self.leave(client, DROPPED_FORGET_S, dropped=True)
 
     async def submit(self, requests: list[Request], client: str | None = None, seqs: list[int] | None = None) -> int:
         """Admit a batch; returns how many were new. A repeated (tenant, id) is the same request (the

@@ -109,6 +109,45 @@ def test_ingest_forgets_the_ids_of_a_driver_killed_without_stop(monkeypatch):
     asyncio.run(go())
 
 
+def test_a_dropped_driver_back_before_ingest_reads_the_drop_keeps_its_ids(monkeypatch):
+    """A driver paused past the hub's idle limit comes back (its pull says it was dropped; it re-admits its
+    open requests) before ingest asks the hub for drops, then submits nothing more there (its batch-API
+    requests take hours). Its ids stay: forgotten, another driver could reuse one with other content, be
+    accepted, and the paused driver be handed the result of a request it never sent."""
+    import actors.ingest as ingest_mod
+    from actors import Ingest, ResultHub
+    from actors import hub as hub_mod
+    from engine.core.result import Result
+    from tests.unit.helpers import Recorder
+
+    monkeypatch.setattr(ingest_mod, "DROPS_CHECK_S", 0.0, raising=False)
+    monkeypatch.setattr(ingest_mod, "DROPPED_FORGET_S", 0.05, raising=False)
+
+    def req(k: int, prompt: str = "q") -> Request:
+        return Request.model_validate({"id": f"p{k}", "arrival_s": 0.0, "model": "gpt-5-mini", "prompt": prompt})
+
+    async def go():
+        hub, grouper = ResultHub(), Recorder()
+        ing = Ingest([grouper], cache=None, hub=hub)
+        for client in ("paused", "live"):
+            await hub.claim(client, [])
+        await ing.submit([req(k) for k in range(5)], "paused")  # open for hours
+        hub._clients["paused"].seen_at -= hub_mod.CLIENT_IDLE_S + 1
+        hub._next_idle_check = 0.0
+        await hub.push([Result(id="other", status="ok")])  # a push runs the hub's idle check
+        assert await hub.pull(0.0, "paused") is None  # back: told it was dropped
+        await ing.readmit([req(k) for k in range(5)], "paused")
+        await ing.submit([Request.model_validate({"id": "n0", "arrival_s": 0.0, "model": "gpt-5-mini",
+                                                  "prompt": "n"})], "live")  # ingest reads the drop now
+        await asyncio.sleep(0.2)
+        assert {req(k).uid for k in range(5)} <= set(ing.seen), "the paused driver is back: its ids stay"
+        sent = len(grouper.readmitted())
+        await ing.submit([req(0, "other content")], "live")
+        await asyncio.sleep(0)
+        assert len(grouper.readmitted()) == sent, "an id of an open request was taken for another content"
+    asyncio.run(go())
+
+
 def test_a_provider_queue_keeps_only_the_tenants_with_work_waiting():
     """Fair share keeps per-tenant state; a tenant whose last unit left is dropped from the scan (a peek cost
     O(tenants ever seen) before), and the units promoted ahead of their turn go with its heap."""
