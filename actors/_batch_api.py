@@ -56,7 +56,8 @@ class BatchApiRuns:
         """``jobs`` in order, cut into parts whose requests weigh at most 95 % of the provider's limit (the
         margin covers what the provider's body adds to a request: model, caps, the line's own fields). A
         request is weighed by its body or prompt as JSON, and at least by its input tokens as text, which is
-        what a replayed trace without prompt text sends."""
+        what a request sent at its recorded size sends (``message_parts``): that text holds its prompt, whose
+        characters past ASCII and JSON escapes weigh more than a byte each."""
         limit_mb = self._max_file_mb()
         if limit_mb is None:
             return [jobs]
@@ -66,7 +67,8 @@ class BatchApiRuns:
         for j in jobs:
             r = j.req
             raw = json.dumps(r.body if r.body is not None else r.prompt, ensure_ascii=False)
-            weight = max(len(raw.encode()), r.input_tokens * cpt) + LINE_OVERHEAD
+            extra = len(json.dumps(r.prompt, ensure_ascii=False).encode()) - len(r.prompt)
+            weight = max(len(raw.encode()), r.input_tokens * cpt + extra) + LINE_OVERHEAD
             if parts[-1] and size + weight > limit:
                 parts.append([])
                 size = 0.0

@@ -97,3 +97,26 @@ def test_the_emulator_refuses_a_batch_over_the_size_limit_as_the_provider_does(e
         finally:
             await rig.close()
     asyncio.run(go())
+
+
+@PROVIDERS
+def test_a_request_sent_at_its_recorded_size_weighs_its_prompts_multibyte_characters(emu_small, provider):
+    """A request sent at its recorded size (``input_tokens * chars_per_token`` characters, its prompt among
+    them) weighs more bytes than characters when its prompt is not ASCII: 2,000 tokens with a prompt of 2,666
+    CJK characters (3 bytes each) are 8,000 characters but about 13,300 bytes. Weighed as 8,000, two went in a part
+    of 27 kB, over the 21 kB limit: refused, and both members went sync at the full price."""
+    emu = emu_small
+    jobs = jobs_of(provider, n=4, claims=True, input_tokens=2000, prompt="漢字" * 1333)
+
+    async def go():
+        rig = Rig(emu, provider)
+        try:
+            await rig.reserve(jobs)
+            await rig.run("batch_api", jobs)
+            await rig.resolved(jobs)
+            assert rig.grouper.readmitted() == [], "a part over the size limit was refused"
+            assert set(billed_by_custom_id(emu)) == {batch_key(j) for j in jobs}
+            assert emu.count(ROUTE[provider]) == 0
+        finally:
+            await rig.close()
+    asyncio.run(go())
