@@ -33,16 +33,20 @@ class BatchApiRuns:
 
     def _start_batch_api(self, e: Event, b: BatchJob, jobs: list[Job]) -> None:
         parts = self._file_parts(jobs) if self.provider.real else [jobs]
-        if len(parts) > 1:
-            # The provider's limit on one batch's size (OpenAI's 200 MB input file, Anthropic's 256 MB): a
-            # larger batch is refused whole, and its members would all go sync at the full price. Each part is
-            # a batch of its own (journalled, followed, hedged alike); the dispatch's enqueued tokens are
-            # released when the last part ends.
-            self._parts_left[b.bid] = len(parts)
-            log.info("dispatcher %s: a batch of %d requests is sent as %d batches (at most %g MB each)",
-                     self.name, len(jobs), len(parts), self._max_file_mb())
-        for part in parts:
-            self._spawn(self._run_batch(b, part, e.start, e.outcome), part, b)
+        if len(parts) == 1:
+            self._spawn(self._run_batch(b, jobs, e.start, e.outcome), jobs, b)
+            return
+        # The provider's limit on one batch's size (OpenAI's 200 MB input file, Anthropic's 256 MB): a larger
+        # batch is refused whole, and its members would all go sync at the full price. Each part is a batch of
+        # its own (journalled, followed, hedged alike); the dispatch's enqueued tokens are released when the
+        # last part ends. The parts' keys name the dispatch (``stem#k``), not its batch id: one id may come
+        # twice (members parked for a budget go later under it; a restarted grouper numbers from 0 again).
+        stem = f"{b.bid}-{secrets.token_hex(4)}"
+        self._parts_left[stem] = len(parts)
+        log.info("dispatcher %s: a batch of %d requests is sent as %d batches (at most %g MB each)",
+                 self.name, len(jobs), len(parts), self._max_file_mb())
+        for k, part in enumerate(parts):
+            self._spawn(self._run_batch(b, part, e.start, e.outcome, name=f"{stem}#{k}"), part, b)
 
     @property
     def _parts_left(self) -> dict[str, int]:
@@ -80,15 +84,16 @@ class BatchApiRuns:
         await asyncio.sleep(min(self.clock.real_delay(engine_s), 3600.0))
 
     async def _run_batch(self, b: BatchJob, jobs: list[Job], start: float, tokens: int, key: str | None = None,
-                         body=None) -> None:
+                         body=None, name: str | None = None) -> None:
         """Journal the batch about to be created, create it, journal its handle (so a restarted dispatcher
         re-attaches to it, never submits it again), then follow it. With ``key``: a create that a restart cut;
-        the provider is asked for the batch first, and a create made again sends the same name and body."""
+        the provider is asked for the batch first, and a create made again sends the same name and body. ``name``:
+        the key of a new batch (a part of a split dispatch)."""
         cjobs = [self._call_job(j, start, batch=True) for j in jobs]
         p, handle = self.provider, None
         cut = key is not None
         if key is None:
-            key = f"{b.bid}-{secrets.token_hex(4)}"
+            key = name or f"{b.bid}-{secrets.token_hex(4)}"
             if p.real:  # the create may reach the provider and this dispatcher die before it hears back
                 body = p.batch_body(cjobs)
                 self._open[key] = (b, jobs, start, tokens, None, body)
@@ -199,11 +204,12 @@ class BatchApiRuns:
                 outs = await self._fetch(handle)
         if self._open.pop(key, None) is not None:
             self._unjournal.append((self._space, key))
-        left = self._parts_left.get(b.bid, 1)
+        stem = key.rpartition("#")[0]  # a part's dispatch; "" for a batch sent whole
+        left = self._parts_left.get(stem, 1)
         if left > 1:
-            self._parts_left[b.bid] = left - 1  # another part of the dispatch still holds its tokens
+            self._parts_left[stem] = left - 1  # another part of the dispatch still holds its tokens
         else:
-            self._parts_left.pop(b.bid, None)
+            self._parts_left.pop(stem, None)
             self.sim.finish_batch(tokens, self.clock.now())
         self._counts.turnaround_s.append(self.clock.now() - start)
         if learn:

@@ -69,6 +69,8 @@ class Recovery:
             if key in self._open or not jobs:
                 continue
             self._open[key] = (b, jobs, start, tokens, handle, body)
+            if stem := key.rpartition("#")[0]:  # a part of a split dispatch: its last part releases its tokens
+                self._parts_left[stem] = self._parts_left.get(stem, 0) + 1
             self._known.update(j.req.uid for j in jobs)
             self.in_flight += len(jobs)
             if handle is None:  # its create was cut: find it at the provider, or create it under the same name

@@ -9,12 +9,16 @@ import math
 
 import pytest
 
+from actors._types import Job
+from actors.dispatcher import Dispatcher
 from engine.core.catalog import Catalog
+from engine.core.provider_api import BatchState, Secret
 from engine.emulator import Emulator
 from tests.unit.test_http_providers import (
     BATCH_ROUTE,
     CAT,
     EMU_CANCEL_S,
+    KEY,
     PROVIDERS,
     ROUTE,
     SPEED,
@@ -24,6 +28,7 @@ from tests.unit.test_http_providers import (
     batch_key,
     billed_by_custom_id,
     jobs_of,
+    req,
 )
 
 LIMIT_MB = 0.02  # about 21 kB: three requests of 4 kB each per batch
@@ -117,6 +122,77 @@ def test_a_request_sent_at_its_recorded_size_weighs_its_prompts_multibyte_charac
             assert rig.grouper.readmitted() == [], "a part over the size limit was refused"
             assert set(billed_by_custom_id(emu)) == {batch_key(j) for j in jobs}
             assert emu.count(ROUTE[provider]) == 0
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+@PROVIDERS
+def test_a_split_dispatch_and_another_of_the_same_batch_id_each_release_their_enqueued_tokens(emu_small, provider):
+    """A grouper's members parked for a budget go later under their batch's id (``_grouper_park``), as a
+    restarted grouper's numbering does: two dispatches of one id, one split, run at once. Each releases its own
+    enqueued tokens, once, when its own last part ends. Before, the unsplit one's end was counted as a part of
+    the split one: its tokens were held for good (the provider's batch queue shrank by them for the engine's
+    life) and the split one's were released while a part still ran."""
+    emu = emu_small
+    split = jobs_of(provider, n=N_JOBS, claims=True, input_tokens=1000)  # three parts
+    (late,) = [Job(99, req(99, provider, input_tokens=1000), "fp-late", claim="c99")]
+
+    async def go():
+        rig = Rig(emu, provider)
+        inner = rig.d.provider.poll
+
+        async def poll(handle):  # the split dispatch's parts run until the other one has ended
+            if late.req.id not in rig.results and any(k != batch_key(late) for k in handle.jobs):
+                return BatchState("running", 10.0)
+            return await inner(handle)
+
+        rig.d.provider.poll = poll
+        try:
+            await rig.reserve([late, *split])
+            await rig.run("batch_api", [late])
+            await rig.run("batch_api", split)
+            await rig.resolved([late, *split])
+            assert rig.grouper.readmitted() == []
+            await rig.until(lambda: not rig.d._parts_left and not rig.d._tasks, "every part to end")
+            held = [w for end, w in rig.d.sim.enqueued._open if end == math.inf]
+            assert held == [], f"enqueued tokens held after every batch ended: {held}"
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+@PROVIDERS
+def test_a_split_dispatch_cut_by_the_dispatchers_restart_is_followed_part_by_part_and_released_once(
+        emu_small, provider):
+    """The dispatcher dies while the parts of a split dispatch run. Restarted, it re-attaches to each part (none
+    created again, every member billed once at the batch price) and releases the dispatch's enqueued tokens
+    once, when its last part ends (before, once per part: each release closes an open dispatch of that weight)."""
+    emu = emu_small
+    jobs = jobs_of(provider, n=N_JOBS, claims=True, input_tokens=1000)
+    parts = math.ceil(N_JOBS / 3)
+
+    async def go():
+        rig = Rig(emu, provider)
+        try:
+            await rig.reserve(jobs)
+            await rig.run("batch_api", jobs)
+            await rig.until(lambda: sum(rec[4] is not None for rec in rig.d._open.values()) == parts,
+                            "every part created")
+            for t in list(rig.d._tasks):  # the process died here
+                t.cancel()
+            d2 = Dispatcher(provider, rig.catalog, rig.settings, 0, rig.clock, [rig.grouper], rig.hub, None,
+                            rig.budget, key=Secret(KEY))
+            released = []
+            d2.sim.finish_batch = lambda tokens, end: released.append(tokens)
+            assert await d2.recover() == parts
+            await rig.resolved(jobs)
+            assert rig.grouper.readmitted() == [] and emu.count(ROUTE[provider]) == 0
+            assert set(billed_by_custom_id(emu)) == {batch_key(j) for j in jobs}  # each once
+            assert emu.count(CREATE_ROUTE[provider], status=200) == parts
+            await rig.until(lambda: not d2._open and not d2._tasks, "every part to end")
+            assert len(released) == 1, f"the dispatch's tokens were released {len(released)} times"
+            await d2.provider.close()
         finally:
             await rig.close()
     asyncio.run(go())
