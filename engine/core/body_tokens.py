@@ -19,7 +19,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["ImageInput", "body_image_tokens", "image_blocks", "image_size", "image_tokens", "tool_chars"]
+__all__ = ["ImageInput", "block_call_text", "body_image_tokens", "call_chars", "call_texts", "image_blocks",
+           "image_size", "image_tokens", "tool_chars"]
 
 
 class ImageInput(BaseModel):
@@ -81,17 +82,66 @@ def image_blocks(content: Any) -> list[tuple[str, str]]:
 
 def body_image_tokens(body: Any, rule: ImageInput | None) -> int:
     """Input tokens of every image in a body's ``system`` blocks and messages (chat ``messages``, Responses
-    ``input``): everywhere the emulator's prompt builders bill one."""
+    ``input``), tool results' content included: everywhere the emulator's prompt builders bill one."""
     if not isinstance(body, dict):
         return 0
-    total = sum(image_tokens(rule, image_size(src), detail) for src, detail in image_blocks(body.get("system")))
+
+    def of(content: Any) -> int:
+        n = sum(image_tokens(rule, image_size(src), detail) for src, detail in image_blocks(content))
+        for b in content if isinstance(content, list) else ():
+            if isinstance(b, dict) and b.get("type") == "tool_result":
+                n += of(b.get("content"))
+        return n
+
+    total = of(body.get("system"))
+    for m in _items(body):
+        total += of(m.get("content"))
+    return total
+
+
+def call_chars(body: Any) -> int:
+    """Characters of the tool calls and tool outputs a body's conversation carries beyond its text blocks
+    (``call_texts``, ``block_call_text``): billed as input, and an agent's history is mostly these."""
+    total = 0
+    for m in _items(body) if isinstance(body, dict) else ():
+        total += sum(map(len, call_texts(m)))
+        content = m.get("content")
+        for b in content if isinstance(content, list) else ():
+            if isinstance(b, dict):
+                total += len(block_call_text(b))
+    return total
+
+
+def call_texts(item: dict) -> list[str]:
+    """What a conversation item bills beyond its content: an OpenAI assistant message's ``tool_calls`` (each
+    call's function, as canonical JSON), a Responses ``function_call`` item (its name and arguments) or
+    ``function_call_output`` item (its output)."""
+    kind = item.get("type")
+    if kind == "function_call":
+        return [_canonical({"name": item.get("name"), "arguments": item.get("arguments")})]
+    if kind == "function_call_output":
+        out = item.get("output")
+        return [out if isinstance(out, str) else _canonical(out)]
+    calls = item.get("tool_calls")
+    return [_canonical(c.get("function")) for c in calls if isinstance(c, dict)] if isinstance(calls, list) else []
+
+
+def block_call_text(block: dict) -> str:
+    """What an Anthropic ``tool_use`` content block bills: its name and input, as canonical JSON ("" for any
+    other block; a ``tool_result``'s content is text and images, counted as such)."""
+    return _canonical({"name": block.get("name"), "input": block.get("input")}) if block.get("type") == "tool_use" else ""
+
+
+def _canonical(v: Any) -> str:
+    return json.dumps(v, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def _items(body: dict) -> list[dict]:
+    out: list[dict] = []
     for key in ("messages", "input"):
         msgs = body.get(key)
-        for m in msgs if isinstance(msgs, list) else ():
-            if isinstance(m, dict):
-                total += sum(image_tokens(rule, image_size(src), detail)
-                             for src, detail in image_blocks(m.get("content")))
-    return total
+        out.extend(m for m in (msgs if isinstance(msgs, list) else ()) if isinstance(m, dict))
+    return out
 
 
 def image_tokens(rule: ImageInput | None, size: tuple[int, int] | None, detail: str = "auto") -> int:

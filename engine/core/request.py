@@ -17,7 +17,7 @@ from pydantic import (
 )
 
 from engine.core._checks import FieldProblem, check_generation, check_json, check_text
-from engine.core.body_tokens import body_image_tokens, tool_chars
+from engine.core.body_tokens import body_image_tokens, call_chars, tool_chars
 from engine.core.catalog import Catalog, Kind, default_catalog
 from engine.core.errors import CatalogError
 from engine.core.settings import MAX_DEADLINE_S, Settings, default_settings
@@ -324,7 +324,7 @@ class Request(BaseModel):
         if d.get("input_tokens") is None:
             if spec.kind == "text" and not (isinstance(prompt, str) and prompt):
                 raise FieldProblem("input_tokens", "a text request needs 'input_tokens' or a 'prompt' to estimate them from")
-            chars = max(len(prompt) if isinstance(prompt, str) else 0, body_chars) + tool_chars(body)
+            chars = max(len(prompt) if isinstance(prompt, str) else 0, body_chars) + tool_chars(body) + call_chars(body)
             d["input_tokens"] = (math.ceil(chars / settings.chars_per_token)
                                  + body_image_tokens(body, catalog.image_rule(d["provider"], model)))
         if d.get("output_tokens") is None:

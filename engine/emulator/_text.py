@@ -11,7 +11,14 @@ import json
 import re
 from typing import Any, NamedTuple
 
-from engine.core.body_tokens import ImageInput, image_blocks, image_size, image_tokens
+from engine.core.body_tokens import (
+    ImageInput,
+    block_call_text,
+    call_texts,
+    image_blocks,
+    image_size,
+    image_tokens,
+)
 from engine.emulator._wire import ApiError
 
 __all__ = [
@@ -110,6 +117,12 @@ class _Builder:
                 # An image is billed by its provider's rule (engine.core.body_tokens), the engine's estimate
                 # too; it stands in the cache order as text of that many tokens, the same for the same image.
                 self.add(_image_text(source, image_tokens(self.images, image_size(source), detail)), _marked(block))
+            if block.get("type") == "tool_result":  # its content is text and images, billed as such
+                texts.append(self.content(block.get("content"), f"{where}.content"))
+                continue
+            # A tool call is billed as input too: its name and arguments (engine.core.body_tokens, as the
+            # engine's estimate counts it).
+            self.add(block_call_text(block), _marked(block))
             text = block.get("text") if block.get("type") in _TEXT_TYPES else None
             if text is not None and not isinstance(text, str):
                 raise ApiError(400, f"a text block of {where} needs a string 'text'", param=where)
@@ -123,9 +136,13 @@ class _Builder:
         for i, m in enumerate(messages):
             if not isinstance(m, dict):
                 raise ApiError(400, f"{param}[{i}] must be an object with 'role' and 'content'", param=param)
-            if m.get("type", "message") != "message":
-                continue  # Responses input items other than messages (tool outputs ...) carry no prompt text here
+            if m.get("type", "message") != "message":  # a Responses function call or its output
+                for t in call_texts(m):
+                    self.add(t, False)
+                continue
             text = self.content(m.get("content"), f"{param}[{i}].content")
+            for t in call_texts(m):  # an assistant's tool calls, after its text
+                self.add(t, False)
             if m.get("role") == "user":
                 self.last_user = text
 

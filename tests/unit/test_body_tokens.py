@@ -149,3 +149,39 @@ def test_a_prompt_given_beside_a_body_does_not_hide_what_the_body_sends():
                                 "body": body})
     assert r.prompt == "short label"
     assert r.input_tokens >= chat_prompt(body).tokens == 10_000
+
+
+ARGS = '{"path": "src/app.py", "patch": "' + "def f(x):\\n    return x + 1\\n" * 200 + '"}'
+AGENT_CASES = [  # an agent's history: the model's tool calls and their results, as each API carries them
+    ("gpt-5", chat_prompt, {"messages": [
+        {"role": "user", "content": "Fix the bug."},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "edit_file", "arguments": ARGS}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "applied"},
+        {"role": "user", "content": "Now run the tests."}]}),
+    ("gpt-5-mini", responses_prompt, {"input": [
+        {"role": "user", "content": "Fix the bug."},
+        {"type": "function_call", "call_id": "c1", "name": "edit_file", "arguments": ARGS},
+        {"type": "function_call_output", "call_id": "c1", "output": "applied " * 300},
+        {"role": "user", "content": "Now run the tests."}]}),
+    ("claude-haiku-4-5", anthropic_prompt, {"max_tokens": 50, "messages": [
+        {"role": "user", "content": "Fix the bug."},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "edit_file",
+                                           "input": {"path": "src/app.py", "patch": "x = 1\n" * 500}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [
+            {"type": "text", "text": "applied; screenshot:"},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": IMG}}]}]},
+        {"role": "user", "content": "Now run the tests."}]}),
+]
+
+
+@pytest.mark.parametrize("model,billed_by,body", AGENT_CASES, ids=[c[0] for c in AGENT_CASES])
+def test_an_agents_tool_calls_and_results_count_in_the_estimate_as_the_emulator_bills_them(model, billed_by, body):
+    """Tool calls (their arguments), tool outputs and images in tool results are input; the estimate read only
+    text blocks, and so did the emulator: an agent's history of edits was estimated at a few tokens."""
+    cat = default_catalog()
+    provider, _ = cat.find_model(model)
+    r = Request.model_validate({"id": "a", "arrival_s": 0.0, "model": model, "body": body})
+    billed = billed_by(body, cat.image_rule(provider, model)).tokens
+    assert billed > 1000
+    assert billed <= r.input_tokens <= billed + 6  # (the engine joins texts with a newline)
