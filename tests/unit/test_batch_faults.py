@@ -8,10 +8,13 @@ import asyncio
 
 import pytest
 
+from engine.emulator import Emulator
 from tests.unit.test_http_providers import (  # noqa: F401  (emu: the fixture)
+    CAT,
     EMU_CANCEL_S,
     PROVIDERS,
     ROUTE,
+    SPEED,
     VALIDATING_S,
     Rig,
     T,
@@ -24,6 +27,16 @@ from tests.unit.test_http_providers import (  # noqa: F401  (emu: the fixture)
 )
 
 CANCEL_ROUTE = {"openai": "batches.cancel", "anthropic": "messages.batches.cancel"}
+SLOW_CANCEL_S = 50 * EMU_CANCEL_S  # 1 s real: a loaded machine's polls never see a late cancel end in time
+
+
+@pytest.fixture
+def slow_cancel_emu():
+    """An emulator whose cancels outlast the dispatcher's allowance by far: with the shared one's 20 ms (real), a
+    poll slowed by a loaded machine saw the cancel end within the allowance, and nothing was paid twice."""
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED, cancel_s=SLOW_CANCEL_S, validating_s=VALIDATING_S["openai"],
+                  finalizing_s=1.0) as e:
+        yield e
 
 
 async def _settled(rig: Rig, timeout_s: float = 10.0) -> None:
@@ -55,7 +68,8 @@ def test_a_cancel_that_failed_once_is_made_again_and_nothing_is_paid_twice(emu, 
 
 
 @PROVIDERS
-def test_a_late_cancelled_batch_is_followed_to_its_end_through_a_failed_poll(emu, provider):  # noqa: F811
+def test_a_late_cancelled_batch_is_followed_to_its_end_through_a_failed_poll(slow_cancel_emu, provider):
+    emu = slow_cancel_emu  # noqa: F811
     # The cancel outlasts its allowance, so the members go back to be sent sync; the dispatcher then follows
     # the batch to its end to count what it still finished (paid twice). A poll failing there ended the count.
     jobs = jobs_of(provider, claims=True)
@@ -91,7 +105,8 @@ def test_a_late_cancelled_batch_is_followed_to_its_end_through_a_failed_poll(emu
 
 
 @PROVIDERS
-def test_late_batches_of_the_same_request_ids_are_each_charged(emu, provider):  # noqa: F811
+def test_late_batches_of_the_same_request_ids_are_each_charged(slow_cancel_emu, provider):
+    emu = slow_cancel_emu  # noqa: F811
     # Two engines on one ledger (or one engine taking the same ids again, e.g. a batch file run a second time):
     # each late-cancelled batch is billed again, so each is charged. The charge id was the member's custom_id
     # alone (tenant, id, model, attempt), so the second batch's charges were taken for replays and dropped.
