@@ -93,6 +93,11 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
     "seed": (_whole_from(None), "a whole number", _DEFAULT_FIX),
     "stop": (lambda v: isinstance(v, str) or _strings(v), "a string or a list of strings", _DEFAULT_FIX),
     "stop_sequences": (_strings, "a list of strings", _DEFAULT_FIX),
+    # The engine reads a whole answer, and a batch API has no streams: a streamed sync call is generated and
+    # billed, then cannot be read (a batch file's line or a driver's body reached the provider with it; only the
+    # endpoint's chat route refused it).
+    "stream": (lambda v: v is False, "false", "the engine answers with the whole output once it is ready: leave "
+               "it out"),
 }
 GENERATION_PARAMS: Mapping[str, tuple[Callable[[Any], bool], str, str]] = MappingProxyType(_RULES)
 # Narrower ranges of one wire format, checked once the request's provider is known.

@@ -237,3 +237,16 @@ def test_batch_takes_streams_as_outputs(batch, tmp_path, monkeypatch):
     finally:
         os.close(r_fd)
         os.close(w_fd)
+
+
+def test_a_line_asking_to_stream_is_invalid_naming_body_stream(tmp_path):
+    # It was a request, sent to the provider with stream=true: the emulator refused it as request_failed after
+    # dispatch (in both lanes); a real provider streams and bills a sync call whose answer the engine cannot read.
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join([line("a"), json.dumps(
+        {"custom_id": "s", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": "gpt-5-mini", "stream": True, "messages": [{"role": "user", "content": "Hi"}]}})]))
+    bf = read_batch_file(src, window_s=3600, catalog=CAT)
+    (bad,) = bf.invalid
+    assert bad.custom_id == "s" and bad.problem[0] == "body.stream" and "leave it out" in bad.problem[1]
+    assert [r.id for r in bf.requests] == ["a"]
