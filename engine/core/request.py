@@ -299,8 +299,9 @@ class Request(BaseModel):
             if isinstance(body.get("size"), str) and isinstance(d.get("params") or {}, dict):
                 d["params"] = {**(d.get("params") or {}), "size": body["size"]}
         model = d.get("model")
-        if not isinstance(model, str):
-            return d  # field validation reports the missing/invalid model
+        if not isinstance(model, str):  # here: field validation names 'provider' (it comes first), not 'model'
+            raise FieldProblem("model", ("model is required" if model is None else f"model {model!r} is not a name")
+                               + ": give a model of the catalog, e.g. 'gpt-5-mini'")
         provider = d.get("provider")
         try:
             if provider is None:
@@ -323,6 +324,9 @@ class Request(BaseModel):
             raise FieldProblem("prompt", f"a {spec.kind} request needs a non-empty 'prompt'")
         if d.get("input_tokens") is None:
             if spec.kind == "text" and not (isinstance(prompt, str) and prompt):
+                if body is not None:  # an OpenAI/Anthropic body: name its field, not the trace's
+                    raise FieldProblem("body.messages", "the body has no text to send: give messages with content, "
+                                       'e.g. [{"role": "user", "content": "..."}] (or input, for /v1/responses)')
                 raise FieldProblem("input_tokens", "a text request needs 'input_tokens' or a 'prompt' to estimate them from")
             chars = max(len(prompt) if isinstance(prompt, str) else 0, body_chars) + tool_chars(body) + call_chars(body)
             d["input_tokens"] = (math.ceil(chars / settings.chars_per_token)

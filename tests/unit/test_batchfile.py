@@ -250,3 +250,18 @@ def test_a_line_asking_to_stream_is_invalid_naming_body_stream(tmp_path):
     (bad,) = bf.invalid
     assert bad.custom_id == "s" and bad.problem[0] == "body.stream" and "leave it out" in bad.problem[1]
     assert [r.id for r in bf.requests] == ["a"]
+
+
+@pytest.mark.parametrize("body, field, says", [
+    ({"messages": [{"role": "user", "content": "Hi"}]}, "model", "model is required"),
+    ({"model": 5, "messages": [{"role": "user", "content": "Hi"}]}, "model", "model 5 is not a name"),
+    ({"model": "gpt-5-mini"}, "body.messages", "give messages with content"),
+    ({"model": "gpt-5-mini", "messages": [{"role": "user", "content": 5}]}, "body.messages", "no text to send"),
+])
+def test_a_line_without_a_model_or_text_names_the_body_field(tmp_path, body, field, says):
+    # Before: a missing (or non-string) model was reported as "field 'provider': is required; add it to the
+    # line", a body without text as "field 'input_tokens'": fields a batch line does not have.
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"custom_id": "x", "method": "POST", "url": "/v1/chat/completions", "body": body}))
+    (bad,) = read_batch_file(src, window_s=3600, catalog=CAT).invalid
+    assert bad.problem[0] == field and says in bad.problem[1], bad.problem
