@@ -185,3 +185,12 @@ def test_an_agents_tool_calls_and_results_count_in_the_estimate_as_the_emulator_
     billed = billed_by(body, cat.image_rule(provider, model)).tokens
     assert billed > 1000
     assert billed <= r.input_tokens <= billed + 6  # (the engine joins texts with a newline)
+
+
+def test_a_turn_of_only_tool_outputs_is_a_request_and_counts_them():
+    """A Responses agent loop sends the tool's output alone (``previous_response_id`` holds the rest): no text
+    block, yet a valid call billed for its output."""
+    body = {"previous_response_id": "resp_1", "input": [
+        {"type": "function_call_output", "call_id": "c1", "output": "result " * 500}]}
+    r = Request.model_validate({"id": "o", "arrival_s": 0.0, "model": "gpt-5-mini", "body": body})
+    assert r.input_tokens >= responses_prompt(body).tokens >= 800
