@@ -3,7 +3,9 @@ an SDK error into an outcome (the engine retries; the SDK does not)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import functools
+import inspect
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -14,7 +16,7 @@ from engine.core.errors import ProviderError
 from engine.core.provider_api import CallJob, CallOutcome, Secret, Usage
 from engine.core.settings import ProviderEndpoint, Settings
 
-__all__ = ["BatchHandle", "HttpBase", "PollBackoff"]
+__all__ = ["BatchHandle", "HttpBase", "PollBackoff", "sdk_kwargs"]
 
 # A 4xx other than these means the request itself is wrong: sending it again cannot help.
 _RETRYABLE_4XX = {408, 409, 429}
@@ -29,6 +31,23 @@ def _key_reused(code: int, exc: BaseException) -> bool:
     err = body.get("error", body) if isinstance(body, dict) else {}
     said = f"{err.get('code') or ''} {err.get('type') or ''} {getattr(exc, 'message', '') or exc}".lower()
     return "idempoten" in said
+
+
+@functools.cache
+def _named(fn: Callable) -> frozenset[str]:
+    return frozenset(inspect.signature(fn).parameters)
+
+
+def sdk_kwargs(create: Callable, body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` as the keyword arguments of an SDK's ``create``: the fields it does not name go in ``extra_body``,
+    so the wire carries the body as given, as a batch line does. An OpenAI-compatible server's own fields (vLLM's
+    ``top_k``, guided decoding) reach it; the SDK refused them with a TypeError before any call. A provider that
+    knows no such field answers a 400 naming it, unbilled."""
+    named = _named(getattr(create, "__func__", create))
+    extra = {k: v for k, v in body.items() if k not in named}
+    if not extra:
+        return body
+    return {**{k: v for k, v in body.items() if k in named}, "extra_body": extra}
 
 
 class PollBackoff:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from actors.providers._http import BatchHandle, HttpBase, PollBackoff
+from actors.providers._http import BatchHandle, HttpBase, PollBackoff, sdk_kwargs
 from actors.providers._wire import message_parts
 from engine.core.cost import shared_prefix_marks
 from engine.core.provider_api import BatchState, CallJob, CallOutcome, Usage, idempotency_key
@@ -117,7 +117,8 @@ class AnthropicProvider(HttpBase):
         body = job.body if job.body is not None else self.sync_body(job)
         key = idempotency_key(job.key, body)
         try:
-            msg = await self.client.messages.create(**body, extra_headers={"Idempotency-Key": key})
+            create = self.client.messages.create
+            msg = await create(**sdk_kwargs(create, body), extra_headers={"Idempotency-Key": key})
         except sdk.APIError as exc:
             return self._error(exc, sdk.APIStatusError, sdk.APITimeoutError, key)
         except TypeError as exc:

@@ -9,7 +9,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from actors.providers._http import BatchHandle, HttpBase, PollBackoff
+from actors.providers._http import BatchHandle, HttpBase, PollBackoff, sdk_kwargs
 from actors.providers._wire import message_parts
 from engine.core.provider_api import BatchState, CallJob, CallOutcome, Usage, idempotency_key
 
@@ -121,16 +121,14 @@ class OpenAIProvider(HttpBase):
         body = job.body if job.body is not None else self.body(job)
         key = idempotency_key(job.key, body)
         headers = {"Idempotency-Key": key}
+        c = self.client
+        create = (c.images.generate if route == "/v1/images/generations" else
+                  c.responses.create if route == "/v1/responses" else c.chat.completions.create)
         try:
-            if route == "/v1/images/generations":
-                resp = await self.client.images.generate(**body, extra_headers=headers)
-            elif route == "/v1/responses":
-                resp = await self.client.responses.create(**body, extra_headers=headers)
-            else:
-                resp = await self.client.chat.completions.create(**body, extra_headers=headers)
+            resp = await create(**sdk_kwargs(create, body), extra_headers=headers)
         except sdk.APIError as exc:
             return self._error(exc, sdk.APIStatusError, sdk.APITimeoutError, key)
-        except TypeError as exc:  # a body field this SDK does not know
+        except TypeError as exc:  # a field of the wrong kind for this SDK (unknown ones go in extra_body)
             return CallOutcome(False, self.clock.now(), 0.0, error=f"{self.name}: bad request body: {exc}",
                                retryable=False)
         return self._outcome(job, route, resp.model_dump(mode="json", exclude_none=True),
