@@ -34,8 +34,10 @@ def _key_reused(code: int, exc: BaseException) -> bool:
 
 
 @functools.cache
-def _named(fn: Callable) -> frozenset[str]:
-    return frozenset(inspect.signature(fn).parameters)
+def _named(fn: Callable) -> frozenset[str] | None:
+    """The keyword arguments ``fn`` names; None if it takes any (``**kwargs``: a wrapper, a test's spy)."""
+    params = inspect.signature(fn).parameters.values()
+    return None if any(p.kind is p.VAR_KEYWORD for p in params) else frozenset(p.name for p in params)
 
 
 def sdk_kwargs(create: Callable, body: dict[str, Any]) -> dict[str, Any]:
@@ -44,6 +46,8 @@ def sdk_kwargs(create: Callable, body: dict[str, Any]) -> dict[str, Any]:
     ``top_k``, guided decoding) reach it; the SDK refused them with a TypeError before any call. A provider that
     knows no such field answers a 400 naming it, unbilled."""
     named = _named(getattr(create, "__func__", create))
+    if named is None:
+        return body
     extra = {k: v for k, v in body.items() if k not in named}
     if not extra:
         return body
