@@ -788,25 +788,3 @@ def test_openai_and_anthropic_providers_are_built_from_settings(emu):
                 await p.close()
     asyncio.run(go())
 
-
-@PROVIDERS
-def test_a_body_field_the_sdk_does_not_name_goes_on_the_wire_not_to_a_type_error(emu, provider):
-    """An OpenAI-compatible server's own fields (vLLM's ``top_k``) are sent as the body gives them, as in a batch
-    line; the SDK refused them with a TypeError, so such a request failed before any call."""
-    from actors.providers._http import sdk_kwargs
-
-    extra = {"top_k": 5, "repetition_penalty": 1.1}
-    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 20, **extra}
-    r = req(0, provider, body=body, input_tokens=None, prompt=None)
-
-    async def go():
-        p = direct(emu, provider)
-        try:
-            create = p.client.chat.completions.create if provider == "openai" else p.client.messages.create
-            assert sdk_kwargs(create, body)["extra_body"] == extra
-            out = await p.call(job_of(r))
-        finally:
-            await p.close()
-        assert out.ok and out.real, out.error
-        assert emu.count(ROUTE[provider]) == 1 and len(emu.bill().items) == 1
-    asyncio.run(go())

@@ -1,0 +1,49 @@
+"""A request's body goes on the wire unchanged when it goes sync, whatever fields the installed SDK names as
+arguments: the fields it does not name ride in ``extra_body``, as a batch line carries them (JSON, as it is)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from tests.unit.test_http_providers import MODEL, PROVIDERS, Rig, emu, jobs_of  # noqa: F401  (emu: the fixture)
+
+pytestmark = pytest.mark.filterwarnings("ignore:The model .* is deprecated:DeprecationWarning")
+
+# Fields the providers take that an SDK may not name: anthropic 2.x dropped temperature, top_p and top_k from
+# ``messages.create``; no SDK names a server's own (vLLM's top_k and repetition_penalty on the OpenAI API).
+FIELDS = {"anthropic": {"temperature": 0.2, "top_p": 0.9, "top_k": 40},
+          "openai": {"temperature": 0.2, "top_k": 40, "repetition_penalty": 1.1}}
+
+
+@PROVIDERS
+def test_a_sync_call_sends_body_fields_the_sdk_does_not_name(emu, provider):  # noqa: F811
+    body = {"messages": [{"role": "user", "content": "Name three rivers."}], "max_tokens": 64, **FIELDS[provider]}
+    (j,) = jobs_of(provider, 1, body=body)
+    sent: list[dict] = []
+
+    async def go():
+        rig = Rig(emu, provider)
+        http = rig.d.provider.client._client  # the SDK's httpx client
+        send = http.send
+
+        async def spy(request, *a, **kw):  # the request as it leaves for the wire
+            sent.append(json.loads(request.content))
+            return await send(request, *a, **kw)
+
+        http.send = spy
+        try:
+            await rig.run("sync", [j])
+            r = await rig.until(lambda: rig.results.get(j.req.id), "the result")
+            # Before: "bad request body: AsyncMessages.create() got an unexpected keyword argument 'temperature'",
+            # for a request that the batch API sent unchanged (a fifth of the sync Anthropic calls of a workload).
+            assert r.status == "ok" and r.mode == "sync" and r.real, r.error
+            assert len(emu.bill().items) == 1 and r.cost_usd == pytest.approx(emu.bill().total_usd, abs=1e-12)
+        finally:
+            await rig.close()
+    asyncio.run(go())
+    (wire,) = sent
+    assert {k: wire.get(k) for k in FIELDS[provider]} == FIELDS[provider]  # every field on the wire, unchanged
+    assert wire["model"] == MODEL[provider] and wire["messages"] == body["messages"]
