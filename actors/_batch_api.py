@@ -124,9 +124,10 @@ class BatchApiRuns:
         log.error("dispatcher %s: batch %s could not be looked up; creating it again", self.name, key)
         return None
 
-    async def _fetch(self, handle) -> dict:
-        """The results of an ended batch. Its finished members were billed: a read that fails is tried again
-        (a member handed back for want of its result is sent again and paid twice), then given up on loudly."""
+    async def _fetch(self, handle) -> dict | None:
+        """The results of an ended batch, or None if they could not be read. Its finished members were billed: a
+        read that fails is tried again (a member handed back for want of its result is sent again and paid
+        twice), then given up on loudly."""
         for attempt in range(FETCH_TRIES):
             try:
                 return dict(await self.provider.fetch(handle))
@@ -135,8 +136,9 @@ class BatchApiRuns:
                 if attempt + 1 < FETCH_TRIES:
                     await asyncio.sleep(0.2 * 2 ** attempt)
         log.error("dispatcher %s: the results of an ended batch could not be read after %d tries; its members "
-                  "are sent again, and those it finished are paid twice", self.name, FETCH_TRIES)
-        return {}
+                  "are sent again, and those it finished are paid twice (read later, counted and charged)",
+                  self.name, FETCH_TRIES)
+        return None
 
     async def _journal_put(self, key: str) -> None:
         try:
@@ -201,7 +203,13 @@ class BatchApiRuns:
                          cancel_deadline if cancel_deadline is not None else float("inf"))
                 await self._sleep(max(min(wait, limit - now), 0.0))
             if handle is not None:
-                outs = await self._fetch(handle)
+                read = await self._fetch(handle)
+                if read is None:
+                    # The members go again for their deadlines, and the batch is read until it answers: what it
+                    # finished is then on the bill twice, so it is counted (paid_twice) and charged to the
+                    # budgets. Before, it was paid twice with the report saying 0 and the ledger short of it.
+                    self._spawn(self._watch_late_cancel(handle, cjobs, key), [], b)
+                outs = read or {}
         if self._open.pop(key, None) is not None:
             self._unjournal.append((self._space, key))
         stem = key.rpartition("#")[0]  # a part's dispatch; "" for a batch sent whole
@@ -236,15 +244,17 @@ class BatchApiRuns:
         return Turnaround(self.name, model, start, end, censored=True)
 
     async def _watch_late_cancel(self, handle, cjobs: list[CallJob], key: str) -> None:
-        """A cancel that outlasted ``cancel_s``: its unfinished members were sent again for their deadlines.
-        Follow the batch to its end, so any member it still finished (billed twice) is counted, not hidden."""
+        """A batch whose members were sent again for their deadlines: its cancel outlasted ``cancel_s``, or its
+        results could not be read. Follow it to its end and read its results, so any member it finished
+        (billed twice) is counted, not hidden."""
         p = self.provider
         for _ in range(100):
             try:
                 st = await p.poll(handle)
                 outs = (await p.fetch(handle)) if st.status == "ended" else None
             except Exception as exc:  # a failed poll or read is tried again: ending here would hide the count
-                log.warning("dispatcher %s: following a late-cancelled batch failed (%s)", self.name, _short(exc))
+                log.warning("dispatcher %s: following a batch whose members went again failed (%s)", self.name,
+                            _short(exc))
                 await self._sleep(POLL_RETRY_S)
                 continue
             if outs is not None:

@@ -131,3 +131,37 @@ def test_late_batches_of_the_same_request_ids_are_each_charged(slow_cancel_emu, 
             for rig in rigs:
                 await rig.close()
     asyncio.run(go())
+
+
+RESULTS_ROUTE = {"openai": "files.content", "anthropic": "messages.batches.results"}
+
+
+@PROVIDERS
+def test_a_batch_whose_results_cannot_be_read_is_read_later_and_what_it_paid_is_counted(emu, provider):  # noqa: F811
+    # The batch completes (every member billed), then every read of its results fails (a files endpoint down
+    # for about 3 s real): the members go back to be sent again for their deadlines. The batch is read again
+    # later, so what it billed is counted as paid twice and charged to the budget ledger; before, the report
+    # said 0 and the ledger missed the whole batch.
+    from actors._batch_api import FETCH_TRIES
+
+    jobs = jobs_of(provider, claims=True)
+    emu.faults.script(provider, RESULTS_ROUTE[provider], [{"status": 500}] * FETCH_TRIES)
+
+    async def go():
+        rig = Rig(emu, provider)
+        try:
+            await rig.reserve(jobs)
+            await rig.run("batch_api", jobs)
+            await rig.resolved(jobs)
+            assert sorted(j.req.id for j in rig.grouper.readmitted()) == sorted(j.req.id for j in jobs)
+            await _settled(rig)
+            await asyncio.gather(*rig.d.budget._tasks)  # the dispatcher's message to the ledger
+            billed = sum(i.cost_usd for i in emu.bill().items)
+            assert len(emu.bill().items) == len(jobs) and billed > 0
+            assert rig.d.paid_twice == len(jobs), f"{rig.d.paid_twice} of {len(jobs)} billed members counted"
+            assert rig.d.paid_twice_usd == pytest.approx(billed, abs=1e-12)
+            # Nothing else settled a cost (the members went back), so the ledger holds exactly the batch's bill.
+            assert sum(rig.budget.book.spend.values()) == pytest.approx(billed, abs=1e-12)
+        finally:
+            await rig.close()
+    asyncio.run(go())
