@@ -11,14 +11,35 @@ from actors._batch_api import _short
 from actors._shards import by_result_uid
 from actors._types import send_sharded
 from actors.metrics import DispatchCounts
+from engine.core.cost import reserve_bound
 
 log = logging.getLogger("smartbatch.dispatcher")
 
 FLUSH_S = 0.005
 
 
+def _noted(error: str | None, maybe_usd: float) -> str | None:
+    if not maybe_usd:
+        return error
+    return (f"{error or 'failed'}; a call got no answer, so the provider may have billed it: its budget is charged "
+            f"the call's upper bound, ${maybe_usd:.6f} (report: possibly_billed)")
+
+
 class Outbox:
     """Outbox methods of ``Dispatcher``."""
+
+    def _maybe_billed(self, j) -> float:
+        """What a failed request is settled at: 0, unless one of its sync calls timed out. That call reached the
+        provider and may have been billed (the retries under its key find the answer only if the provider is done
+        and honours the key), so its budget keeps the call's upper bound at the model's output cap: settled at 0,
+        a hard budget was overrun by calls billed unseen (a run of slow answers: the bill $0.0454, the ledger
+        $0.0349, the limit $0.05). Counted in the report (``possibly_billed``), never hidden."""
+        if j.req.uid not in self._unanswered:
+            return 0.0
+        usd = reserve_bound(j.req, self.catalog, "sync", None)
+        self.possibly_billed += 1
+        self.possibly_billed_usd += usd
+        return usd
 
     # -- the outbox -----------------------------------------------------------------------------------------------
     def _kick(self) -> None:
@@ -90,3 +111,29 @@ class Outbox:
             self.budget.send("settle_many", settle)
         if readmit:
             send_sharded(self.groupers, readmit)
+
+    # -- the circuit breaker's state, for the metrics ---------------------------------------------------------
+    def _breaker_failure(self, model: str) -> None:
+        """Tell the breaker; count an opening and note when the circuit closes again, so the 0/1 gauge
+        follows it even if no call of the model comes after."""
+        before = self.sim.breaker.opened
+        now = self.clock.now()
+        self.sim.failure(model, now)
+        if self.sim.breaker.opened > before:
+            c = self._counts.breaker_openings
+            c[model] = c.get(model, 0) + 1
+            self._breaker_dirty = True
+            until = self.sim.breaker.open_until(model, now)
+            if until is not None:
+                self._at(until + 1e-6, lambda: setattr(self, "_breaker_dirty", True))
+
+    def _breaker_changes(self) -> dict[str, int]:
+        """Models whose circuit state changed since the last report (all of them on the first)."""
+        self._breaker_dirty = False
+        now = self.clock.now()
+        out = {}
+        for m in self.sim.spec.models:
+            state = int(self.sim.breaker.open_until(m, now) is not None)
+            if self._breaker_reported.get(m) != state:
+                out[m] = self._breaker_reported[m] = state
+        return out

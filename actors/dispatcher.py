@@ -18,7 +18,7 @@ import time
 from collections import OrderedDict, deque
 
 from actors._batch_api import BatchApiRuns
-from actors._dispatch_outbox import Outbox
+from actors._dispatch_outbox import Outbox, _noted
 from actors._dispatch_recovery import Recovery
 from actors._peer import Warm, as_peer, resolve_clock
 from actors._shards import Shards
@@ -65,6 +65,8 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
         self.members_saved_by_cancel = 0  # finished members of cancelled batches: used, never sent again
         self.paid_twice, self.paid_twice_usd = 0, 0.0  # members a too-slow cancel still finished after sent again
         self.key_conflicts = 0  # sync calls the provider refused with 409: their key was billed with another body
+        self.possibly_billed, self.possibly_billed_usd = 0, 0.0  # failed requests whose call timed out (charged)
+        self._unanswered: set[str] = set()  # uids with a sync call that got no answer: it may have been billed
         self.groupers = [as_peer(g) for g in groupers]
         self.hubs, self.caches = Shards(hub), Shards(cache)  # results by id, cache fills by class
         self.hub, self.budget = self.hubs.first, as_peer(budget)  # hub shard 0: metrics and the journal
@@ -264,6 +266,8 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
         if a.ok:
             self.sim.success(r.model, self.clock.now())
         else:
+            if a.maybe_billed:
+                self._unanswered.add(r.uid)
             self._breaker_failure(r.model)
             self._counts.failed(retry_reason(a.retry_after_s, a.error), v == "retry")
             if a.key_reused:  # billed by the provider, failed here: never silent (docs/reliability.md)
@@ -296,31 +300,6 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
             self._readmit.append(j._replace(req=j.req.model_copy(update={"provider": provider, "model": model}),
                                             claim=None))
 
-    def _breaker_failure(self, model: str) -> None:
-        """Tell the breaker; count an opening and note when the circuit closes again, so the 0/1 gauge
-        follows it even if no call of the model comes after."""
-        before = self.sim.breaker.opened
-        now = self.clock.now()
-        self.sim.failure(model, now)
-        if self.sim.breaker.opened > before:
-            c = self._counts.breaker_openings
-            c[model] = c.get(model, 0) + 1
-            self._breaker_dirty = True
-            until = self.sim.breaker.open_until(model, now)
-            if until is not None:
-                self._at(until + 1e-6, lambda: setattr(self, "_breaker_dirty", True))
-
-    def _breaker_changes(self) -> dict[str, int]:
-        """Models whose circuit state changed since the last report (all of them on the first)."""
-        self._breaker_dirty = False
-        now = self.clock.now()
-        out = {}
-        for m in self.sim.spec.models:
-            state = int(self.sim.breaker.open_until(m, now) is not None)
-            if self._breaker_reported.get(m) != state:
-                out[m] = self._breaker_reported[m] = state
-        return out
-
     def _at(self, at: float, fn) -> None:
         loop = asyncio.get_running_loop()
 
@@ -334,6 +313,7 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
 
     def _member_done(self, j: Job, cost: float) -> None:
         self.in_flight -= 1
+        self._unanswered.discard(j.req.uid)
         self._known.discard(j.req.uid)
         self._body_done(j)
         if j.claim is not None:
@@ -362,7 +342,8 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
                error: str | None = None) -> None:
         r = j.req
         now = max(self.clock.now(), r.arrival_s)
-        self._member_done(j, cost if ok else 0.0)
+        maybe = 0.0 if ok else self._maybe_billed(j)
+        self._member_done(j, cost if ok else maybe)
         if not ok or not r.met_by(now):
             missed = self._counts.deadline_missed
             missed[r.priority] = missed.get(r.priority, 0) + 1
@@ -372,7 +353,7 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
         else:
             res = failed_result(r, at=now, batch_id=b.bid, recommendation=b.recommendation, tries=j.attempts + 1,
                                 max_attempts=self.max_att, real=out is not None and out.real,
-                                error=error or (out.error if out is not None and out.error else None))
+                                error=_noted(error or (out.error if out is not None and out.error else None), maybe))
         price = price_alone(r, self.catalog, "sync").total
         self._results.append(res)
         self._list_prices.append(price)
@@ -393,6 +374,7 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
                "rerouted": self.rerouted, "circuit_opened": self.sim.breaker.opened,
                "batches_cancelled": self.batches_cancelled, "members_saved_by_cancel": self.members_saved_by_cancel,
                "paid_twice": self.paid_twice, "paid_twice_usd": round(self.paid_twice_usd, 6),
+               "possibly_billed": self.possibly_billed, "possibly_billed_usd": round(self.possibly_billed_usd, 6),
                "key_conflicts": self.key_conflicts, "open_batches": len(self._open), "reattached": self.reattached,
                "resumed_calls": self.resumed_calls}
         if waits:

@@ -117,7 +117,7 @@ class HttpBase:
         now = self.clock.now()
         if isinstance(exc, timeout_error):
             return CallOutcome(False, now, 0.0, error=f"{self.name}: timed out after {self.endpoint.timeout_s:g} s",
-                               real=True)
+                               real=True, maybe_billed=True)
         if isinstance(exc, status_error):
             resp: Any = getattr(exc, "response", None)
             code = getattr(exc, "status_code", None) or getattr(resp, "status_code", 0)

@@ -65,6 +65,8 @@ class CallOutcome(NamedTuple):
     # The provider answered 409: an earlier call under this Idempotency-Key, with another body, succeeded and
     # was billed; its answer cannot be read back (docs/reliability.md).
     key_reused: bool = False
+    # No answer came (a timeout) though the call reached the provider: it may have been billed (docs/budgets.md).
+    maybe_billed: bool = False
 
 
 class BatchState(NamedTuple):

@@ -1,0 +1,65 @@
+"""A sync call that got no answer (a client timeout) may still have been billed: a request whose every attempt
+timed out fails, and its budget keeps the call's upper bound instead of nothing, counted in the report."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from engine.core.cost import reserve_bound
+from engine.emulator import Emulator
+from tests.unit.test_http_providers import CAT, Rig, jobs_of
+
+
+def test_a_request_whose_calls_all_timed_out_keeps_its_upper_bound_on_its_budget():
+    # Each call takes about 2.5 s real (a seeded draw at this latency scale) against a 0.1 s client timeout: the
+    # four attempts give up first, and the provider finishes the first one and bills it.
+    with Emulator(CAT, latency_scale=3000.0, speedup=1000.0) as slow:
+        (j,) = jobs_of("openai", 1, claims=True)
+
+        async def go():
+            rig = Rig(slow, timeout_s=0.1)
+            try:
+                await rig.reserve([j])
+                await rig.run("sync", [j])
+                r = await rig.until(lambda: rig.results.get(j.req.id), "the result")
+                assert r.status == "failed" and r.cost_usd == 0.0 and "timed out" in r.error, r
+                assert "may have billed" in r.error and "possibly_billed" in r.error
+                assert all(not o.ok and o.maybe_billed for _, _, o in rig.calls) and len(rig.calls) >= 2
+                await rig.until(lambda: not rig.budget.book.claims, "the claim settled")
+                bound = reserve_bound(j.req, rig.catalog, "sync", None)
+                assert sum(rig.budget.book.spend.values()) == pytest.approx(bound, abs=1e-12)
+                stats = await rig.d.stats()
+                assert stats["possibly_billed"] == 1 and stats["possibly_billed_usd"] == pytest.approx(bound, abs=1e-6)
+                deadline = time.monotonic() + 10.0
+                while not slow.bill().items:  # the provider finishes the abandoned call and bills it
+                    assert time.monotonic() < deadline, "the abandoned call was never billed"
+                    await asyncio.sleep(0.05)
+                # Settled at 0 before: the ledger was short of what the provider billed.
+                assert 0 < slow.bill().total_usd <= bound
+            finally:
+                await rig.close()
+        asyncio.run(go())
+
+
+def test_a_timed_out_call_whose_retry_is_answered_settles_at_its_real_cost():
+    """The retry under the same key got the answer: the request was billed once, at its usage, and nothing is
+    kept beyond it."""
+    with Emulator(CAT, latency_scale=300.0, speedup=1000.0) as slow:  # ~0.25 s real per call
+        (j,) = jobs_of("openai", 1, claims=True)
+
+        async def go():
+            rig = Rig(slow, timeout_s=0.1)
+            try:
+                await rig.reserve([j])
+                await rig.run("sync", [j])
+                r = await rig.until(lambda: rig.results.get(j.req.id), "the result", timeout_s=20.0)
+                assert r.status == "ok" and rig.calls[0][2].maybe_billed, r
+                await rig.until(lambda: not rig.budget.book.claims, "the claim settled")
+                assert sum(rig.budget.book.spend.values()) == pytest.approx(r.cost_usd, abs=1e-12)
+                assert (await rig.d.stats())["possibly_billed"] == 0 and not rig.d._unanswered
+            finally:
+                await rig.close()
+        asyncio.run(go())
