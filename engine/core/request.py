@@ -373,9 +373,10 @@ class Request(BaseModel):
                 "output_tokens", f"output_tokens {self.output_tokens} exceeds {self.model}'s maximum {spec.max_output_tokens}"
             )
         cap = self.max_output_tokens
-        if cap is not None and not self.output_tokens <= cap <= spec.max_output_tokens:
-            raise FieldProblem("max_output_tokens", f"max_output_tokens {cap} must be between output_tokens "
-                               f"{self.output_tokens} and {self.model}'s maximum {spec.max_output_tokens}")
+        if cap is not None and not self.output_tokens <= cap <= spec.max_output_tokens:  # named as the caller wrote it
+            field = next((f"body.{k}" for k in _CAP_KEYS if (self.body or {}).get(k) == cap), "max_output_tokens")
+            raise FieldProblem(field, f"{field} {cap} must be between output_tokens {self.output_tokens} and "
+                               f"{self.model}'s maximum {spec.max_output_tokens}")
         if self.kind == "text":
             _check_window(self, catalog)
         return self
