@@ -296,7 +296,9 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
         provider, model = e.outcome.split("/", 1)
         self.rerouted += len(jobs)
         for j in jobs:
-            self._member_done(j, 0.0)
+            # A sync call of it that timed out may be billed, and the fallback does not retry its key: its claim
+            # keeps that call's upper bound, as a failed request's does (``_maybe_billed``).
+            self._member_done(j, self._maybe_billed(j))
             self._readmit.append(j._replace(req=j.req.model_copy(update={"provider": provider, "model": model}),
                                             claim=None))
 

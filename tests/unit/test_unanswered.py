@@ -9,6 +9,7 @@ import time
 import pytest
 
 from engine.core.cost import reserve_bound
+from engine.core.settings import Resilience
 from engine.emulator import Emulator
 from tests.unit.test_http_providers import CAT, Rig, jobs_of
 
@@ -60,6 +61,39 @@ def test_a_timed_out_call_whose_retry_is_answered_settles_at_its_real_cost():
                 await rig.until(lambda: not rig.budget.book.claims, "the claim settled")
                 assert sum(rig.budget.book.spend.values()) == pytest.approx(r.cost_usd, abs=1e-12)
                 assert (await rig.d.stats())["possibly_billed"] == 0 and not rig.d._unanswered
+            finally:
+                await rig.close()
+        asyncio.run(go())
+
+
+def test_a_request_rerouted_after_a_timed_out_call_keeps_that_calls_upper_bound_on_its_budget():
+    """A timeout is a failure to the circuit breaker: a run of slow answers opens it, and the request goes to the
+    fallback model with a new reservation. The timed-out call may still be billed (the provider finishes it), and
+    nothing retries its key: the claim it was made under keeps the call's upper bound, as for a failed request.
+    Before, it was settled at 0 and the bill was not on the ledger."""
+    res = Resilience(allowed_fails=1, window_s=3600.0, cooldown_time=3600.0,
+                     fallbacks={"openai/gpt-5-mini": "openai/gpt-5"})
+    with Emulator(CAT, latency_scale=3000.0, speedup=1000.0) as emu:  # ~2.5 s real per call, as above
+        (j,) = jobs_of("openai", 1, claims=True)
+
+        async def go():
+            rig = Rig(emu, timeout_s=0.1, resilience=res)
+            try:
+                await rig.reserve([j])
+                await rig.run("sync", [j])
+                await rig.resolved([j])
+                (back,) = rig.grouper.readmitted()
+                assert back.req.model == "gpt-5" and back.claim is None and rig.calls[0][2].maybe_billed
+                await rig.until(lambda: not rig.budget.book.claims, "the claim settled")
+                bound = reserve_bound(j.req, rig.catalog, "sync", None)
+                assert sum(rig.budget.book.spend.values()) == pytest.approx(bound, abs=1e-12)
+                stats = await rig.d.stats()
+                assert stats["rerouted"] == 1 and stats["possibly_billed"] == 1 and not rig.d._unanswered
+                deadline = time.monotonic() + 10.0
+                while not emu.bill().items:  # the provider finishes the abandoned call and bills it
+                    assert time.monotonic() < deadline, "the abandoned call was never billed"
+                    await asyncio.sleep(0.05)
+                assert 0 < emu.bill().total_usd <= bound
             finally:
                 await rig.close()
         asyncio.run(go())
