@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from actors import Dispatcher
 from engine.core.cost import reserve_bound
 from engine.core.settings import Resilience
 from engine.emulator import Emulator
@@ -94,6 +95,43 @@ def test_a_request_rerouted_after_a_timed_out_call_keeps_that_calls_upper_bound_
                     assert time.monotonic() < deadline, "the abandoned call was never billed"
                     await asyncio.sleep(0.05)
                 assert 0 < emu.bill().total_usd <= bound
+            finally:
+                await rig.close()
+        asyncio.run(go())
+
+
+def test_a_call_resumed_after_a_restart_keeps_its_upper_bound_if_every_retry_fails():
+    """The dispatcher died after a call timed out (or while it was on the wire): the restarted one makes it
+    again under its key, and those retries fail (500s). The first call may be billed all the same, as before the
+    restart: its claim keeps the call's upper bound. Before, the restart forgot the timeout and settled it at 0."""
+    with Emulator(CAT, latency_scale=3000.0, speedup=1000.0) as slow:  # ~2.5 s real per call, as above
+        (j,) = jobs_of("openai", 1, claims=True)
+
+        async def go():
+            rig = Rig(slow, timeout_s=0.1)
+            try:
+                await rig.reserve([j])
+                await rig.run("sync", [j])
+                await rig.until(lambda: rig.calls, "the first call's timeout")
+                assert rig.calls[0][2].maybe_billed
+                for t in list(rig.d._tasks):  # the dispatcher dies: its retries and timers with it
+                    t.cancel()
+                for h in list(rig.d._timers):
+                    h.cancel()
+                slow.faults.script("openai", "chat.completions", [{"status": 500}] * 10)
+                again = Dispatcher("openai", rig.catalog, rig.settings, 0, rig.clock, [rig.grouper], rig.hub, None,
+                                   rig.budget, key=rig.d._key)
+                try:
+                    await again.recover()
+                    assert again.resumed_calls == 1
+                    r = await rig.until(lambda: rig.results.get(j.req.id), "the result")
+                    assert r.status == "failed" and "HTTP 500" in r.error, r
+                    await rig.until(lambda: not rig.budget.book.claims, "the claim settled")
+                    bound = reserve_bound(j.req, rig.catalog, "sync", None)
+                    assert sum(rig.budget.book.spend.values()) == pytest.approx(bound, abs=1e-12)
+                    assert (await again.stats())["possibly_billed"] == 1 and "possibly_billed" in r.error
+                finally:
+                    await again.provider.close()
             finally:
                 await rig.close()
         asyncio.run(go())
