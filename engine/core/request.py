@@ -280,7 +280,7 @@ class Request(BaseModel):
                 raise FieldProblem("body", "body must be a JSON object (the provider's request body)")
             check_json(body, "body")
             check_generation(body, "body")  # before the cap is read from it: a bad max_tokens is named as such
-            if d.get("model") is None and isinstance(body.get("model"), str):
+            if d.get("model") is None and body.get("model") is not None:  # a non-string one is named as 'model' below
                 d["model"] = body["model"]
             if "model" in body and body["model"] != d.get("model"):
                 raise FieldProblem("body.model", f"body.model {body['model']!r} differs from model "

@@ -5,7 +5,9 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from engine.app._endpoint_wire import ApiError, Validator
 from engine.app.cli import app
+from engine.app.endpoint import _param_in
 from engine.core.batchfile import (
     from_openai_batch,
     parse_window,
@@ -18,6 +20,7 @@ from engine.core.catalog import default_catalog
 from engine.core.cost import price_alone
 from engine.core.errors import ConfigError, TraceError
 from engine.core.result import Result
+from engine.core.settings import default_settings
 from engine.core.trace import load_trace
 
 CAT = default_catalog()
@@ -268,3 +271,13 @@ def test_a_line_without_a_model_or_text_names_the_body_field(tmp_path, body, fie
     src.write_text(json.dumps({"custom_id": "x", "method": "POST", "url": "/v1/chat/completions", "body": body}))
     (bad,) = read_batch_file(src, window_s=3600, catalog=CAT).invalid
     assert bad.problem[0] == field and says in bad.problem[1], bad.problem
+
+
+@pytest.mark.parametrize("model", [5, ["gpt-5-mini"], {"name": "gpt-5-mini"}])
+def test_a_body_with_a_non_string_model_names_model_at_the_endpoint_too(model):
+    """The endpoint (and a driver) pass the OpenAI body alone, with no model beside it. Before, a non-string
+    body.model read "field 'body.model': body.model 5 differs from model None; give one model"."""
+    body = {"model": model, "messages": [{"role": "user", "content": "Hi"}]}
+    with pytest.raises(ApiError) as info:
+        Validator(CAT, default_settings()).request({"id": "x", "body": body}, _param_in(body))
+    assert info.value.param == "model" and "field 'model'" in str(info.value) and "is not a name" in str(info.value)
