@@ -33,11 +33,16 @@ def _key_reused(code: int, exc: BaseException) -> bool:
     return "idempoten" in said
 
 
+# The SDK's own options, not fields of the body: a body key of that name is a field, sent on the wire (a body
+# 'timeout' was taken as the client's timeout, and a body 'extra_body' was overwritten).
+_OPTIONS = frozenset({"self", "extra_headers", "extra_query", "extra_body", "timeout"})
+
+
 @functools.cache
 def _named(fn: Callable) -> frozenset[str] | None:
-    """The keyword arguments ``fn`` names; None if it takes any (``**kwargs``: a wrapper, a test's spy)."""
+    """The body fields ``fn`` names as arguments; None if it takes any (``**kwargs``: a wrapper, a test's spy)."""
     params = inspect.signature(fn).parameters.values()
-    return None if any(p.kind is p.VAR_KEYWORD for p in params) else frozenset(p.name for p in params)
+    return None if any(p.kind is p.VAR_KEYWORD for p in params) else frozenset(p.name for p in params) - _OPTIONS
 
 
 def sdk_kwargs(create: Callable, body: dict[str, Any]) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
-__all__ = ["GENERATION_PARAMS", "FieldProblem", "check_generation", "check_json", "check_text"]
+__all__ = ["GENERATION_PARAMS", "FieldProblem", "check_generation", "check_json", "check_route", "check_text"]
 
 
 class FieldProblem(ValueError):
@@ -104,6 +104,21 @@ GENERATION_PARAMS: Mapping[str, tuple[Callable[[Any], bool], str, str]] = Mappin
 _API_RULES: dict[str, dict[str, tuple[Callable[[Any], bool], str, str]]] = {
     "anthropic": {"temperature": (_between(0, 1), "a number between 0 and 1 (Anthropic's range)", _DEFAULT_FIX)},
 }
+
+
+def check_route(body: dict, where: str, api: str, route: str) -> None:
+    """A body in the shape of another OpenAI endpoint than the model is called through (``route``: the catalog's
+    ``api`` of the model, "chat" or "responses"): refused here, per request, rather than dispatched, reserved for
+    and failed by the SDK ("Missing required arguments ... 'messages'")."""
+    if api != "openai":
+        return
+    if route == "chat" and "input" in body and "messages" not in body:
+        raise FieldProblem(f"{where}.input", f"{where}.input is a /v1/responses field, and this model is called "
+                           "through /v1/chat/completions: give messages (or set the model's api: responses in a "
+                           "catalog overlay)")
+    if route == "responses" and "messages" in body and "input" not in body:
+        raise FieldProblem(f"{where}.messages", f"{where}.messages is a /v1/chat/completions field, and this model "
+                           "is called through /v1/responses: give input")
 
 
 def check_generation(body: dict, where: str, api: str | None = None) -> None:

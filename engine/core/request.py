@@ -16,7 +16,7 @@ from pydantic import (
     model_validator,
 )
 
-from engine.core._checks import FieldProblem, check_generation, check_json, check_text
+from engine.core._checks import FieldProblem, check_generation, check_json, check_route, check_text
 from engine.core.body_tokens import body_image_tokens, call_chars, tool_chars
 from engine.core.catalog import Catalog, Kind, default_catalog
 from engine.core.errors import CatalogError
@@ -316,6 +316,8 @@ class Request(BaseModel):
         endpoint = settings.providers.endpoints.get(d["provider"])
         if body is not None and endpoint is not None:
             check_generation(body, "body", endpoint.api)
+            if spec.kind == "text" and settings.providers.mode == "http":  # only a real call has a route
+                check_route(body, "body", endpoint.api, spec.api)
         kind = d.setdefault("kind", spec.kind)
         if kind != spec.kind:
             raise FieldProblem("kind", f"kind {kind!r} does not match model {model!r}, which generates {spec.kind!r}")

@@ -47,3 +47,32 @@ def test_a_sync_call_sends_body_fields_the_sdk_does_not_name(emu, provider):  # 
     (wire,) = sent
     assert {k: wire.get(k) for k in FIELDS[provider]} == FIELDS[provider]  # every field on the wire, unchanged
     assert wire["model"] == MODEL[provider] and wire["messages"] == body["messages"]
+
+
+def test_a_body_in_the_shape_of_another_openai_endpoint_is_refused_naming_the_field():
+    """A Responses body (``input``) for a model called through chat completions was reserved for, dispatched, and
+    failed by the SDK ("Missing required arguments ... 'messages'"); it is refused per request instead."""
+    from engine.core.catalog import default_catalog
+    from engine.core.request import Request, validation_context
+    from engine.core.settings import ProviderEndpoint, ProvidersSettings, Settings
+
+    s = Settings(providers=ProvidersSettings(mode="http", endpoints={
+        "openai": ProviderEndpoint(api="openai", api_key_env="OPENAI_API_KEY")}))
+    ctx = validation_context(default_catalog(), s)
+    bad = {"id": "r", "arrival_s": 0.0, "model": "gpt-5-mini", "body": {"input": "Name three rivers."}}
+    with pytest.raises(ValueError, match="body.input is a /v1/responses field"):
+        Request.model_validate(bad, context=ctx)
+    ok = {**bad, "body": {"messages": [{"role": "user", "content": "Name three rivers."}]}}
+    assert Request.model_validate(ok, context=ctx).input_tokens > 0
+    # Simulated providers (the default mode) send nothing anywhere: accepted.
+    assert Request.model_validate(bad).input_tokens > 0
+
+
+def test_a_body_field_named_like_an_sdk_option_is_a_field_not_the_option():
+    import openai
+
+    from actors.providers._http import sdk_kwargs
+
+    create = openai.AsyncOpenAI(api_key="unused").chat.completions.create
+    kw = sdk_kwargs(create, {"model": "m", "messages": [], "timeout": 0.001})
+    assert "timeout" not in kw and kw["extra_body"] == {"timeout": 0.001}  # not a 1 ms client timeout
