@@ -15,6 +15,23 @@ from engine.emulator import Emulator
 from tests.unit.test_http_providers import CAT, Rig, jobs_of
 
 
+async def kept_bound(rig: Rig, j) -> float:
+    """Wait for the claim to settle; it must hold the call's upper bound (what ``_maybe_billed`` keeps)."""
+    await rig.until(lambda: not rig.budget.book.claims, "the claim settled")
+    bound = reserve_bound(j.req, rig.catalog, "sync", None)
+    assert sum(rig.budget.book.spend.values()) == pytest.approx(bound, abs=1e-12)
+    return bound
+
+
+async def billed_later(emu: Emulator, bound: float) -> None:
+    """The provider finishes the abandoned call and bills it, within the bound the budget kept."""
+    deadline = time.monotonic() + 10.0
+    while not emu.bill().items:
+        assert time.monotonic() < deadline, "the abandoned call was never billed"
+        await asyncio.sleep(0.05)
+    assert 0 < emu.bill().total_usd <= bound
+
+
 def test_a_request_whose_calls_all_timed_out_keeps_its_upper_bound_on_its_budget():
     # Each call takes about 2.5 s real (a seeded draw at this latency scale) against a 0.1 s client timeout: the
     # four attempts give up first, and the provider finishes the first one and bills it.
@@ -30,17 +47,10 @@ def test_a_request_whose_calls_all_timed_out_keeps_its_upper_bound_on_its_budget
                 assert r.status == "failed" and r.cost_usd == 0.0 and "timed out" in r.error, r
                 assert "may have billed" in r.error and "possibly_billed" in r.error
                 assert all(not o.ok and o.maybe_billed for _, _, o in rig.calls) and len(rig.calls) >= 2
-                await rig.until(lambda: not rig.budget.book.claims, "the claim settled")
-                bound = reserve_bound(j.req, rig.catalog, "sync", None)
-                assert sum(rig.budget.book.spend.values()) == pytest.approx(bound, abs=1e-12)
+                bound = await kept_bound(rig, j)
                 stats = await rig.d.stats()
                 assert stats["possibly_billed"] == 1 and stats["possibly_billed_usd"] == pytest.approx(bound, abs=1e-6)
-                deadline = time.monotonic() + 10.0
-                while not slow.bill().items:  # the provider finishes the abandoned call and bills it
-                    assert time.monotonic() < deadline, "the abandoned call was never billed"
-                    await asyncio.sleep(0.05)
-                # Settled at 0 before: the ledger was short of what the provider billed.
-                assert 0 < slow.bill().total_usd <= bound
+                await billed_later(slow, bound)  # settled at 0 before: the ledger was short of the bill
             finally:
                 await rig.close()
         asyncio.run(go())
@@ -85,16 +95,10 @@ def test_a_request_rerouted_after_a_timed_out_call_keeps_that_calls_upper_bound_
                 await rig.resolved([j])
                 (back,) = rig.grouper.readmitted()
                 assert back.req.model == "gpt-5" and back.claim is None and rig.calls[0][2].maybe_billed
-                await rig.until(lambda: not rig.budget.book.claims, "the claim settled")
-                bound = reserve_bound(j.req, rig.catalog, "sync", None)
-                assert sum(rig.budget.book.spend.values()) == pytest.approx(bound, abs=1e-12)
+                bound = await kept_bound(rig, j)
                 stats = await rig.d.stats()
                 assert stats["rerouted"] == 1 and stats["possibly_billed"] == 1 and not rig.d._unanswered
-                deadline = time.monotonic() + 10.0
-                while not emu.bill().items:  # the provider finishes the abandoned call and bills it
-                    assert time.monotonic() < deadline, "the abandoned call was never billed"
-                    await asyncio.sleep(0.05)
-                assert 0 < emu.bill().total_usd <= bound
+                await billed_later(emu, bound)
             finally:
                 await rig.close()
         asyncio.run(go())
@@ -126,9 +130,7 @@ def test_a_call_resumed_after_a_restart_keeps_its_upper_bound_if_every_retry_fai
                     assert again.resumed_calls == 1
                     r = await rig.until(lambda: rig.results.get(j.req.id), "the result")
                     assert r.status == "failed" and "HTTP 500" in r.error, r
-                    await rig.until(lambda: not rig.budget.book.claims, "the claim settled")
-                    bound = reserve_bound(j.req, rig.catalog, "sync", None)
-                    assert sum(rig.budget.book.spend.values()) == pytest.approx(bound, abs=1e-12)
+                    await kept_bound(rig, j)
                     assert (await again.stats())["possibly_billed"] == 1 and "possibly_billed" in r.error
                 finally:
                     await again.provider.close()
