@@ -50,7 +50,7 @@ class BatchApiRuns:
 
     @property
     def _parts_left(self) -> dict[str, int]:
-        return self.__dict__.setdefault("_parts_left_by_bid", {})
+        return self.__dict__.setdefault("_parts_left_by_dispatch", {})  # stem -> parts not ended
 
     def _max_file_mb(self) -> float | None:
         ba = self.catalog.provider(self.name).batch_api
