@@ -313,8 +313,8 @@ def _print_providers(doc: dict) -> None:
         if p.get("calls") == "http":
             console.print(f"{name}: real calls over HTTP; batches cancelled at their hedge: "
                           f"{p.get('batches_cancelled', 0)}, finished members kept from them: "
-                          f"{p.get('members_saved_by_cancel', 0)}; calls with no answer, maybe billed: "
-                          f"{p.get('possibly_billed', 0)} (${p.get('possibly_billed_usd', 0.0):.6f} kept on budgets)")
+                          f"{p.get('members_saved_by_cancel', 0)}" + (f"; calls with no answer, maybe billed: {n} "
+                          f"(${p['possibly_billed_usd']:.6f} kept on budgets)" if (n := p.get("possibly_billed")) else ""))
     for r in doc.get("samples", []):
         how = "over HTTP" if r.get("real") else "simulated"
         console.print(Text(f"  {r['id']} ({r['provider']}/{r['model']}, {r['mode']}, {how}, ${r['cost_usd']:.6f}): "
