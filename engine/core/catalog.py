@@ -179,6 +179,8 @@ class ModelSpec(_Frozen):
     default_size: str | None = None
     default_resolution: str | None = None
     default_duration_s: float = Field(default=5.0, gt=0)
+    # GPU seconds grow with the sampler steps a job runs: the tables above are at this many (None: steps not priced)
+    gpu_steps: int | None = Field(default=None, ge=1)
     # limits of this model alone (providers such as OpenAI limit per model); None: it shares the provider's
     rate_limits: RateLimits | None = None
     # which endpoint of an OpenAI-compatible provider serves the model over HTTP

@@ -177,13 +177,19 @@ def price_usage(req: Request, catalog: Catalog, mode: Mode, *, input_tokens: int
 
 
 def gpu_unit_seconds(spec: ModelSpec, params: dict) -> float:
-    """GPU seconds one job needs at batch size 1, without the warm-up."""
+    """GPU seconds one job needs at batch size 1, without the warm-up. A diffusion job's time is linear in its
+    sampler steps: the catalog's seconds are at ``gpu_steps``, so a job asking for more steps pays (and reserves,
+    and is planned) for them. Read as the table alone, ``steps: 1000`` on flux-1-dev (28) was priced 36x low and a
+    hard budget reserved a fraction of what a GPU-second bill charges."""
     if spec.gpu_s_per_image:
-        return spec.gpu_s_per_image[str(params.get("size", spec.default_size))]
-    if spec.gpu_s_per_video_second:
+        unit = spec.gpu_s_per_image[str(params.get("size", spec.default_size))]
+    elif spec.gpu_s_per_video_second:
         res = str(params.get("resolution", spec.default_resolution))
-        return spec.gpu_s_per_video_second[res] * float(params.get("duration_s", spec.default_duration_s))
-    raise CatalogError("model is not GPU-priced")
+        unit = spec.gpu_s_per_video_second[res] * float(params.get("duration_s", spec.default_duration_s))
+    else:
+        raise CatalogError("model is not GPU-priced")
+    steps = params.get("steps")
+    return unit * steps / spec.gpu_steps if spec.gpu_steps and isinstance(steps, (int, float)) else unit
 
 
 def _media_list_price(spec: ModelSpec, params: dict) -> float:

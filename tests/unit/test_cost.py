@@ -179,3 +179,26 @@ def test_default_catalog_has_the_required_models_with_sources():
         assert "Source: https://" in block.split("\n  ", 2)[1] or "Source: https://" in block[:400], name
     assert text.count("ASSUMPTION") >= 10
     assert math.isclose(CAT.provider("anthropic").prompt_cache.write_multiplier, 1.25)
+
+
+@pytest.mark.parametrize("model", ["flux-1-dev", "wan-2.1-t2v"])
+def test_a_gpu_job_pays_and_reserves_for_the_sampler_steps_it_asks(model):
+    """GPU seconds are linear in diffusion steps; the catalog's seconds are at the model's ``gpu_steps``. Priced
+    from the table alone, steps=1000 on flux-1-dev cost $0.0132 (the 28-step price) alone and in its reservation,
+    against $0.1655 for the GPU time it runs: a hard budget reserved 8 % of the bill."""
+    from engine.core.cost import gpu_unit_seconds, reserve_bound
+
+    spec = CAT.model("modal-h100", model)
+    gb = CAT.provider("modal-h100").gpu_batching
+
+    def req(params):
+        return Request.model_validate({"id": "s", "arrival_s": 0, "model": model, "prompt": "a fox", "params": params})
+
+    plain, at_ref, many = req({}), req({"steps": spec.gpu_steps}), req({"steps": 1000})
+    assert gpu_unit_seconds(spec, at_ref.params) == gpu_unit_seconds(spec, plain.params)
+    unit = gpu_unit_seconds(spec, plain.params) * 1000 / spec.gpu_steps
+    assert gpu_unit_seconds(spec, many.params) == pytest.approx(unit)
+    alone = gb.price_per_gpu_s * (gb.setup_s + unit)
+    assert price_alone(many, CAT).total == pytest.approx(alone)
+    assert reserve_bound(many, CAT, "gpu_batch") == pytest.approx(alone)
+    assert price_batch([many] * 4, CAT, "gpu_batch")[0].total <= alone
