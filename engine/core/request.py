@@ -296,8 +296,6 @@ class Request(BaseModel):
             if not isinstance(body.get("messages", []), list):
                 raise FieldProblem("body.messages", "messages must be a list of message objects, e.g. "
                                    '[{"role": "user", "content": "..."}]')
-            if isinstance(body.get("size"), str) and isinstance(d.get("params") or {}, dict):
-                d["params"] = {**(d.get("params") or {}), "size": body["size"]}
         model = d.get("model")
         if not isinstance(model, str):  # here: field validation names 'provider' (it comes first), not 'model'
             raise FieldProblem("model", ("model is required" if model is None else f"model {model!r} is not a name")
@@ -346,6 +344,9 @@ class Request(BaseModel):
         params = d.get("params") or {}
         if isinstance(params, dict):
             params = dict(params)
+            for k in (MEDIA_PARAMS.get(spec.kind, ()) if body else ()):  # a top-level media field went into the body
+                if k in body and params.setdefault(k, body[k]) != body[k]:
+                    raise FieldProblem(f"params.{k}", f"params.{k} {params[k]!r} differs from {k} {body[k]!r}: give one")
             _check_params(params, spec.kind, model)
             if spec.kind == "image":
                 table = spec.per_image or spec.gpu_s_per_image or {}

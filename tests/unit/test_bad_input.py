@@ -506,3 +506,21 @@ def test_deep_nesting_and_huge_numbers_are_line_errors():
         cur = cur["k"]
     tr = parse_trace_lines([deep, digits, json.dumps(nested)], skip_invalid=True)
     assert [p[1] for p in tr.problems] == [1, 2] and [r.id for r in tr.requests] == ["b"]
+
+
+def test_top_level_media_fields_are_the_requests_parameters():
+    """``quality``, ``seed`` and ``size`` given beside the prompt of a media request went into the provider body
+    only: four flux jobs of two qualities and one of size 512 were batched together and priced as 1024x1024."""
+    from engine.core.features import compat_key
+
+    def media(**kw):
+        return Request.model_validate({"id": "m", "arrival_s": 0.0, "model": "flux-1-dev", "prompt": "a cat", **kw},
+                                      context=CTX)
+
+    high, low = media(quality="high"), media(quality="low")
+    assert high.params["quality"] == "high" and compat_key(high) != compat_key(low)
+    assert media(seed=7).params["seed"] == 7
+    with pytest.raises(ValueError, match="params.size must be a string"):
+        media(size=512)
+    with pytest.raises(ValueError, match="params.size '512x512' differs from size '1024x1024'"):
+        media(size="1024x1024", params={"size": "512x512"})
