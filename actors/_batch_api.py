@@ -21,6 +21,7 @@ log = logging.getLogger("smartbatch.dispatcher")
 POLL_RETRY_S = 30.0  # engine seconds before polling again after a failed poll
 FIND_TRIES = 5  # lookups of a batch whose create a restart cut, before it is created again
 FETCH_TRIES = 5  # reads of an ended batch's results: its finished members are billed, never to be sent again
+RETRY_BASE_S = 0.2  # real seconds before a lookup or a read is tried again, doubling each time
 LINE_OVERHEAD = 1024  # bytes a batch line adds to its request's body or prompt, at most (ids, url, model, caps)
 
 
@@ -120,7 +121,7 @@ class BatchApiRuns:
                 return await self.provider.find_batch(cjobs, key)
             except Exception as exc:
                 log.warning("dispatcher %s: looking up batch %s failed (%s)", self.name, key, _short(exc))
-                await asyncio.sleep(0.2 * 2 ** attempt)
+                await asyncio.sleep(RETRY_BASE_S * 2 ** attempt)
         log.error("dispatcher %s: batch %s could not be looked up; creating it again", self.name, key)
         return None
 
@@ -134,7 +135,7 @@ class BatchApiRuns:
             except Exception as exc:
                 log.warning("dispatcher %s: batch results could not be read (%s)", self.name, _short(exc))
                 if attempt + 1 < FETCH_TRIES:
-                    await asyncio.sleep(0.2 * 2 ** attempt)
+                    await asyncio.sleep(RETRY_BASE_S * 2 ** attempt)
         log.error("dispatcher %s: the results of an ended batch could not be read after %d tries; its members "
                   "are sent again, and those it finished are paid twice (read later, counted and charged)",
                   self.name, FETCH_TRIES)
