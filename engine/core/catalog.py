@@ -172,6 +172,7 @@ class ModelSpec(_Frozen):
     cache_min_tokens: int | None = Field(default=None, ge=0)
     # hosted media priced per unit
     per_image: dict[str, float] | None = None
+    per_image_quality: dict[str, dict[str, float]] | None = None  # by quality, then size (per_image: the default)
     per_second: dict[str, float] | None = None
     # self-hosted media priced by GPU time
     gpu_s_per_image: dict[str, float] | None = None

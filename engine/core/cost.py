@@ -193,8 +193,16 @@ def gpu_unit_seconds(spec: ModelSpec, params: dict) -> float:
 
 
 def _media_list_price(spec: ModelSpec, params: dict) -> float:
+    """A hosted image is priced by its size and, where the catalog prices qualities, its quality: a quality it
+    does not list ("auto": the provider picks) costs the dearest, so a reservation never guesses low. Priced at
+    the default quality whatever it asked, a high-quality gpt-image-1 image cost 4x its figure."""
     if spec.per_image:
-        return spec.per_image[str(params.get("size", spec.default_size))]
+        size = str(params.get("size", spec.default_size))
+        by_quality, quality = spec.per_image_quality or {}, params.get("quality")
+        if quality is None or not by_quality:
+            return spec.per_image[size]
+        listed = (by_quality.get(str(quality)) or {}).get(size)
+        return listed if listed is not None else max(t.get(size, spec.per_image[size]) for t in by_quality.values())
     if spec.per_second:
         res = str(params.get("resolution", spec.default_resolution))
         return spec.per_second[res] * float(params.get("duration_s", spec.default_duration_s))

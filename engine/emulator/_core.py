@@ -184,10 +184,12 @@ class Core:
             self.ledger.add(item)
 
     # -- images ----------------------------------------------------------------------------------------------
-    def image_request(self, provider: ProviderSpec, model: str, prompt: str, size: str) -> Request:
+    def image_request(self, provider: ProviderSpec, model: str, prompt: str, size: str,
+                      quality: str | None = None) -> Request:
+        params = {"size": size} if quality in (None, "auto") else {"size": size, "quality": quality}
         return Request.model_validate(
             {"id": "emulator", "arrival_s": 0.0, "provider": provider.name, "model": model, "kind": "image",
-             "prompt": prompt, "params": {"size": size}},
+             "prompt": prompt, "params": params},
             context=validation_context(self.catalog, self._settings))
 
     def image_price(self, req: Request) -> float:

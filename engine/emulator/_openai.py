@@ -141,7 +141,7 @@ def _images(ctx: Ctx) -> Reply:
     if size not in table:
         raise ApiError(400, f"size {size!r} is not offered by {body['model']}; use one of {sorted(table)}",
                        param="size")
-    req = core.image_request(p, body["model"], prompt, size)
+    req = core.image_request(p, body["model"], prompt, size, body.get("quality"))
     unit = core.image_price(req)
     core.wait(core.image_latency_s(p, req))  # the n images are drawn in parallel: one latency
     core.bill(BilledItem(provider=ctx.provider, model=body["model"], mode="sync", route=ctx.route,

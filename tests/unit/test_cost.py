@@ -202,3 +202,23 @@ def test_a_gpu_job_pays_and_reserves_for_the_sampler_steps_it_asks(model):
     assert price_alone(many, CAT).total == pytest.approx(alone)
     assert reserve_bound(many, CAT, "gpu_batch") == pytest.approx(alone)
     assert price_batch([many] * 4, CAT, "gpu_batch")[0].total <= alone
+
+
+def test_a_hosted_image_is_priced_and_reserved_at_its_quality():
+    """gpt-image-1 was priced at medium whatever quality a request asked: a high-quality image cost 4x its
+    figure, and a budget reserved a quarter of it."""
+    from engine.core.cost import price_alone, reserve_bound
+    from engine.core.request import Request
+
+    cat = default_catalog()
+
+    def image(**params):
+        return Request.model_validate({"id": "i", "arrival_s": 0.0, "model": "gpt-image-1", "prompt": "a cat",
+                                       "params": params})
+
+    prices = {q: price_alone(image(quality=q), cat, "sync").total for q in ("low", "medium", "high")}
+    assert prices == pytest.approx({"low": 0.011, "medium": 0.042, "high": 0.167})
+    assert price_alone(image(), cat, "sync").total == pytest.approx(0.042)  # none asked: the catalog's default
+    assert price_alone(image(quality="auto"), cat, "sync").total == pytest.approx(0.167)  # the provider picks
+    assert price_alone(image(quality="high", size="1536x1024"), cat, "sync").total == pytest.approx(0.25)
+    assert reserve_bound(image(quality="high"), cat, "sync") >= 0.167
