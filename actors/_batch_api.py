@@ -49,10 +49,6 @@ class BatchApiRuns:
         for k, part in enumerate(parts):
             self._spawn(self._run_batch(b, part, e.start, e.outcome, name=f"{stem}#{k}"), part, b)
 
-    @property
-    def _parts_left(self) -> dict[str, int]:
-        return self.__dict__.setdefault("_parts_left_by_dispatch", {})  # stem -> parts not ended
-
     def _max_file_mb(self) -> float | None:
         ba = self.catalog.provider(self.name).batch_api
         return None if ba is None else ba.max_file_mb

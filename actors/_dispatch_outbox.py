@@ -18,7 +18,8 @@ log = logging.getLogger("smartbatch.dispatcher")
 FLUSH_S = 0.005
 
 
-def _noted(error: str | None, maybe_usd: float) -> str | None:
+def maybe_billed_error(error: str | None, maybe_usd: float) -> str | None:
+    """A failed request's error, saying what its budget keeps when a call of it may have been billed."""
     if not maybe_usd:
         return error
     return (f"{error or 'failed'}; a call got no answer, so the provider may have billed it: its budget is charged "

@@ -18,7 +18,7 @@ import time
 from collections import OrderedDict, deque
 
 from actors._batch_api import BatchApiRuns
-from actors._dispatch_outbox import Outbox, _noted
+from actors._dispatch_outbox import Outbox, maybe_billed_error
 from actors._dispatch_recovery import Recovery
 from actors._peer import Warm, as_peer, resolve_clock
 from actors._shards import Shards
@@ -81,6 +81,7 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
         # journal key -> (BatchJob, jobs, start, tokens, handle, body) of open batches; handle None while
         # being created (body: what the create sends, when it must be sent the same again)
         self._open: dict[str, tuple] = {}
+        self._parts_left: dict[str, int] = {}  # split dispatch (its parts' key stem) -> parts not ended
         self._known: set[str] = set()  # uids this dispatcher is carrying out (queued, calling, in a batch, retrying)
         self._done: OrderedDict[str, tuple[Result, float, float]] = OrderedDict()  # uid -> (result, price, when)
         self._results: list[Result] = []
@@ -355,7 +356,7 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
         else:
             res = failed_result(r, at=now, batch_id=b.bid, recommendation=b.recommendation, tries=j.attempts + 1,
                                 max_attempts=self.max_att, real=out is not None and out.real,
-                                error=_noted(error or (out.error if out is not None and out.error else None), maybe))
+                                error=maybe_billed_error(error or (out.error if out is not None and out.error else None), maybe))
         price = price_alone(r, self.catalog, "sync").total
         self._results.append(res)
         self._list_prices.append(price)
