@@ -1,15 +1,20 @@
-"""Checks of a request's raw values that do not need the catalog: valid Unicode, a body that is JSON, the
-types and ranges of the well-known generation parameters in it. They raise ``FieldProblem``, which names the
-field to fix; ``engine.core.request`` runs them while filling defaults."""
+"""Checks of a request's raw values: valid Unicode, a body that is JSON, the types and ranges of the well-known
+generation parameters in it, and a media request's priced params against its model's catalog entry. They
+raise ``FieldProblem``, which names the field to fix; ``engine.core.request`` runs them while filling
+defaults."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["GENERATION_PARAMS", "FieldProblem", "check_generation", "check_json", "check_route", "check_text"]
+if TYPE_CHECKING:
+    from engine.core.catalog import ModelSpec
+
+__all__ = ["GENERATION_PARAMS", "FieldProblem", "check_generation", "check_json", "check_media", "check_route",
+           "check_text"]
 
 
 class FieldProblem(ValueError):
@@ -133,3 +138,31 @@ def check_generation(body: dict, where: str, api: str | None = None) -> None:
         if rule is not None and value is not None and not rule[0](value):
             shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
             raise FieldProblem(f"{where}.{key}", f"{where}.{key} must be {rule[1]}, got {shown}; {rule[2]}")
+
+
+def check_media(params: dict[str, Any], spec: ModelSpec, model: str) -> None:
+    """Fill a media request's priced params with its model's defaults (in place) and hold them to what the
+    catalog offers: an image's ``size``, a video's ``resolution`` and ``duration_s``. A value the model does not
+    take would be priced from no table, or refused by the provider after the request was accepted."""
+    if spec.kind == "image":
+        table = spec.per_image or spec.gpu_s_per_image or {}
+        params.setdefault("size", spec.default_size or next(iter(table)))
+        if params["size"] not in table:
+            raise FieldProblem("params.size", f"params.size {params['size']!r} is not offered by {model!r}; "
+                               f"use one of {sorted(table)}")
+    elif spec.kind == "video":
+        table = spec.per_second or spec.gpu_s_per_video_second or {}
+        params.setdefault("resolution", spec.default_resolution or next(iter(table)))
+        params.setdefault("duration_s", spec.default_duration_s)
+        if params["resolution"] not in table:
+            raise FieldProblem("params.resolution", f"params.resolution {params['resolution']!r} is not offered by "
+                               f"{model!r}; use one of {sorted(table)}")
+        dur = params["duration_s"]
+        if isinstance(dur, bool) or not isinstance(dur, (int, float)) or not 0 < dur <= 600:
+            raise FieldProblem("params.duration_s", f"params.duration_s must be a number of seconds in (0, 600], "
+                               f"got {dur!r}")
+        # A provider with fixed lengths (OpenAI's Videos API: seconds "4", "8" or "12") refuses any other one
+        # when the job is created, after this request was accepted, reserved for and perhaps batched.
+        if spec.durations_s is not None and dur not in spec.durations_s:
+            raise FieldProblem("params.duration_s", f"params.duration_s {dur:g} is not offered by {model!r}; use "
+                               f"one of {', '.join(f'{d:g}' for d in spec.durations_s)} (seconds)")

@@ -180,6 +180,8 @@ class ModelSpec(_Frozen):
     default_size: str | None = None
     default_resolution: str | None = None
     default_duration_s: float = Field(default=5.0, gt=0)
+    durations_s: tuple[float, ...] | None = Field(default=None, description="the only video lengths the "
+                                                  "provider accepts, in seconds (None: any in (0, 600])")
     # GPU seconds grow with the sampler steps a job runs: the tables above are at this many (None: steps not priced)
     gpu_steps: int | None = Field(default=None, ge=1)
     # limits of this model alone (providers such as OpenAI limit per model); None: it shares the provider's
@@ -205,6 +207,14 @@ class ModelSpec(_Frozen):
                                (self.per_second or self.gpu_s_per_video_second, self.default_resolution)):
             if table and default is not None and default not in table:
                 raise ValueError(f"default {default!r} is not one of the priced options {sorted(table)}")
+        if self.durations_s is not None:
+            # Requests are held to (0, 600] s before this list is read: a length outside it would be one no
+            # request could ask for.
+            if not self.durations_s or any(not 0 < d <= 600 for d in self.durations_s):
+                raise ValueError(f"durations_s must list lengths in (0, 600] seconds, got {list(self.durations_s)}")
+            if self.default_duration_s not in self.durations_s:
+                raise ValueError(f"default_duration_s {self.default_duration_s:g} is not one of durations_s "
+                                 f"{list(self.durations_s)}; make it one of them")
         return self
 
     @property

@@ -16,7 +16,14 @@ from pydantic import (
     model_validator,
 )
 
-from engine.core._checks import FieldProblem, check_generation, check_json, check_route, check_text
+from engine.core._checks import (
+    FieldProblem,
+    check_generation,
+    check_json,
+    check_media,
+    check_route,
+    check_text,
+)
 from engine.core.body_tokens import body_image_tokens, call_chars, tool_chars
 from engine.core.catalog import Catalog, Kind, default_catalog
 from engine.core.errors import CatalogError
@@ -348,22 +355,7 @@ class Request(BaseModel):
                 if k in body and params.setdefault(k, body[k]) != body[k]:
                     raise FieldProblem(f"params.{k}", f"params.{k} {params[k]!r} differs from {k} {body[k]!r}: give one")
             _check_params(params, spec.kind, model)
-            if spec.kind == "image":
-                table = spec.per_image or spec.gpu_s_per_image or {}
-                params.setdefault("size", spec.default_size or next(iter(table)))
-                if params["size"] not in table:
-                    raise FieldProblem("params.size", f"params.size {params['size']!r} is not offered by {model!r}; "
-                                     f"use one of {sorted(table)}")
-            elif spec.kind == "video":
-                table = spec.per_second or spec.gpu_s_per_video_second or {}
-                params.setdefault("resolution", spec.default_resolution or next(iter(table)))
-                params.setdefault("duration_s", spec.default_duration_s)
-                if params["resolution"] not in table:
-                    raise FieldProblem("params.resolution", f"params.resolution {params['resolution']!r} is not offered by {model!r}; "
-                                     f"use one of {sorted(table)}")
-                dur = params["duration_s"]
-                if isinstance(dur, bool) or not isinstance(dur, (int, float)) or not 0 < dur <= 600:
-                    raise FieldProblem("params.duration_s", f"params.duration_s must be a number of seconds in (0, 600], got {dur!r}")
+            check_media(params, spec, model)
             d["params"] = params
         return d
 

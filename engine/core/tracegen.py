@@ -285,7 +285,12 @@ def synth(n: int = 5000, *, seed: int = 0, duration_s: float = 3600.0, catalog: 
             prefix = []
             spec = catalog.model(prov, model)
             table = spec.per_second or spec.gpu_s_per_video_second or {}
-            params = {"resolution": str(rng.choice(sorted(table))), "duration_s": float(rng.choice([4, 5, 8]))}
+            resolution, dur = str(rng.choice(sorted(table))), float(rng.choice([4, 5, 8]))
+            if spec.durations_s is not None and dur not in spec.durations_s:
+                # The nearest length the model takes (sora-2: 5 s is 4 s), drawn as before: a seed gives the
+                # same trace for every other model.
+                dur = min(spec.durations_s, key=lambda a: (abs(a - dur), a))
+            params = {"resolution": resolution, "duration_s": dur}
         campaigns.append(dict(kind=str(kind), start=start, window=window, prio_p=prio_p, provider=prov,
                               model=model, prefix=prefix, params=params,
                               tenant=_TENANTS[rng.choice(4, p=_TENANT_P)], style=str(rng.choice(_STYLES))))

@@ -32,6 +32,33 @@ def test_media_defaults_fill_params():
     assert r.kind == "video" and r.params == {"resolution": "720p", "duration_s": 8}
 
 
+@pytest.mark.parametrize("model", ["sora-2", "sora-2-pro"])
+def test_a_video_length_the_model_does_not_offer_is_refused_naming_the_lengths_it_does(model):
+    """OpenAI's Videos API takes ``seconds`` of "4", "8" or "12" only: a 5 s or 10 s sora-2 request was
+    accepted, reserved for and batched, then refused by the provider."""
+    lines = [json.dumps({"id": f"v{d}", "arrival_s": 0, "model": model, "prompt": "a boat",
+                         "params": {"duration_s": d}}) for d in (4, 5, 8, 10, 12.0)]
+    with pytest.raises(TraceError) as ei:
+        parse_trace_lines(lines)
+    assert [(p[1], p[2]) for p in ei.value.problems] == [(2, "params.duration_s"), (4, "params.duration_s")]
+    assert "params.duration_s 5 is not offered by" in str(ei.value) and "4, 8, 12" in str(ei.value)
+    other = Request.model_validate({"id": "w", "arrival_s": 0, "model": "veo-3-fast", "prompt": "a boat",
+                                    "params": {"duration_s": 5}})  # no published list: any length in (0, 600]
+    assert other.params["duration_s"] == 5
+
+
+def test_a_catalog_s_video_lengths_are_checked_on_load(tmp_path):
+    from engine.core.catalog import load_catalog
+    from engine.core.errors import CatalogError
+
+    overlay = tmp_path / "overlay.yaml"
+    for bad, hint in (("[]", "durations_s must list"), ("[4, 0]", "durations_s must list"),
+                      ("[4, 12]", "default_duration_s 8 is not one of durations_s")):
+        overlay.write_text(f"providers:\n  openai:\n    models:\n      sora-2: {{durations_s: {bad}}}\n")
+        with pytest.raises(CatalogError, match=hint):
+            load_catalog(None, overlay)
+
+
 def test_request_is_frozen():
     r = Request.model_validate({"id": "a", "arrival_s": 0, "model": "gpt-5", "input_tokens": 1})
     with pytest.raises(ValidationError):

@@ -75,6 +75,13 @@ def test_synth_is_deterministic_and_mixed(tmp_path):
     assert load_trace(path).requests == sorted(a, key=lambda r: r.arrival_s)
 
 
+def test_synth_draws_only_video_lengths_the_model_offers():
+    """Seed 1 draws a sora-2 campaign of 5 s videos, a length OpenAI refuses: it is drawn as 4 s now."""
+    reqs = synth(1000, seed=1)
+    sora = {r.params["duration_s"] for r in reqs if r.model == "sora-2"}
+    assert sora and sora <= {4, 8, 12}
+
+
 @pytest.mark.parametrize("n,seed", [(2000, 0), (2000, 1)])
 def test_synth_sends_text_to_every_text_provider(n, seed):
     """The demo's workload (2,000 requests, seed 0) drew no Anthropic campaign, so its 'real Anthropic calls'
