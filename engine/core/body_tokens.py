@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = ["ImageInput", "block_call_text", "body_image_tokens", "call_chars", "call_texts", "image_blocks",
-           "image_size", "image_tokens", "tool_chars"]
+           "image_size", "image_tokens", "only_tool_outputs", "tool_chars"]
 
 
 class ImageInput(BaseModel):
@@ -124,6 +124,15 @@ def call_texts(item: dict) -> list[str]:
         return [out if isinstance(out, str) else _canonical(out)]
     calls = item.get("tool_calls")
     return [_canonical(c.get("function")) for c in calls if isinstance(c, dict)] if isinstance(calls, list) else []
+
+
+def only_tool_outputs(body: Any) -> bool:
+    """Whether a body's ``input`` is Responses ``function_call_output`` items alone: a turn of an agent's loop
+    that continues an earlier response (``previous_response_id`` holds the rest). Such a turn is a valid call
+    even when every output is empty (a tool that returned nothing), though it has no text to send."""
+    inp = body.get("input") if isinstance(body, dict) else None
+    return isinstance(inp, list) and bool(inp) and all(
+        isinstance(m, dict) and m.get("type") == "function_call_output" for m in inp)
 
 
 def block_call_text(block: dict) -> str:

@@ -24,7 +24,7 @@ from engine.core._checks import (
     check_route,
     check_text,
 )
-from engine.core.body_tokens import body_image_tokens, call_chars, tool_chars
+from engine.core.body_tokens import body_image_tokens, call_chars, only_tool_outputs, tool_chars
 from engine.core.catalog import Catalog, Kind, default_catalog
 from engine.core.errors import CatalogError
 from engine.core.settings import MAX_DEADLINE_S, Settings, default_settings
@@ -330,8 +330,10 @@ class Request(BaseModel):
         if spec.kind != "text" and (not isinstance(prompt, str) or not prompt.strip()):
             raise FieldProblem("prompt", f"a {spec.kind} request needs a non-empty 'prompt'")
         if d.get("input_tokens") is None:
-            calls = call_chars(body)  # a turn of only tool outputs (an agent's loop) has no text, and is one
-            if spec.kind == "text" and not (isinstance(prompt, str) and prompt) and not calls:
+            # A turn of only tool outputs (an agent's loop) has no text, and is one: even of empty outputs.
+            calls = call_chars(body)
+            if (spec.kind == "text" and not (isinstance(prompt, str) and prompt) and not calls
+                    and not only_tool_outputs(body)):
                 if body is not None:  # an OpenAI/Anthropic body: name its field, not the trace's
                     raise FieldProblem("body.messages", "the body has no text to send: give messages with content, "
                                        'e.g. [{"role": "user", "content": "..."}] (or input, for /v1/responses)')

@@ -194,3 +194,17 @@ def test_a_turn_of_only_tool_outputs_is_a_request_and_counts_them():
         {"type": "function_call_output", "call_id": "c1", "output": "result " * 500}]}
     r = Request.model_validate({"id": "o", "arrival_s": 0.0, "model": "gpt-5-mini", "body": body})
     assert r.input_tokens >= responses_prompt(body).tokens >= 800
+
+
+def test_a_turn_of_only_empty_tool_outputs_is_a_request_of_no_input_and_a_body_without_text_is_still_refused():
+    """A tool that returned nothing sends ``output: ""``, which the Responses API takes (and the emulator
+    bills as no tokens); it was refused as "the body has no text to send"."""
+    empty = {"type": "function_call_output", "call_id": "c1", "output": ""}
+    for items in ([empty], [empty, {**empty, "call_id": "c2"}]):
+        body = {"previous_response_id": "resp_1", "input": items}
+        r = Request.model_validate({"id": "e", "arrival_s": 0.0, "model": "gpt-5-mini", "body": body})
+        assert r.input_tokens == responses_prompt(body).tokens == 0
+    for body in ({"input": [{"role": "user", "content": ""}]}, {"input": [{"role": "user", "content": ""}, empty]},
+                 {"input": []}, {"messages": [{"role": "user", "content": ""}]}):
+        with pytest.raises(ValueError, match="the body has no text to send"):
+            Request.model_validate({"id": "n", "arrival_s": 0.0, "model": "gpt-5-mini", "body": body})
