@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = ["ImageInput", "block_call_text", "body_image_tokens", "call_chars", "call_texts", "image_blocks",
-           "image_size", "image_tokens", "only_tool_outputs", "tool_chars"]
+           "image_size", "image_tokens", "only_tool_outputs", "tool_chars", "tool_output_parts"]
 
 
 class ImageInput(BaseModel):
@@ -46,6 +46,7 @@ class ImageInput(BaseModel):
 # tile models charge for a large image.
 DEFAULT_IMAGE_INPUT = ImageInput(scheme="area")
 _PATCH, _MAX_PATCHES = 32, 1536
+_OUTPUT_PARTS = ("input_text", "input_image")  # of a tool output, the parts that are text and images
 _HEAD_B64 = 87_384  # base64 characters read for a header: 64 kB of image (a JPEG's size follows its EXIF)
 
 
@@ -82,7 +83,8 @@ def image_blocks(content: Any) -> list[tuple[str, str]]:
 
 def body_image_tokens(body: Any, rule: ImageInput | None) -> int:
     """Input tokens of every image in a body's ``system`` blocks and messages (chat ``messages``, Responses
-    ``input``), tool results' content included: everywhere the emulator's prompt builders bill one."""
+    ``input``), tool results' content and Responses tool outputs included: everywhere the emulator's prompt
+    builders bill one."""
     if not isinstance(body, dict):
         return 0
 
@@ -95,7 +97,7 @@ def body_image_tokens(body: Any, rule: ImageInput | None) -> int:
 
     total = of(body.get("system"))
     for m in _items(body):
-        total += of(m.get("content"))
+        total += of(m.get("content")) + of(tool_output_parts(m))
     return total
 
 
@@ -115,15 +117,26 @@ def call_chars(body: Any) -> int:
 def call_texts(item: dict) -> list[str]:
     """What a conversation item bills beyond its content: an OpenAI assistant message's ``tool_calls`` (each
     call's function, as canonical JSON), a Responses ``function_call`` item (its name and arguments) or
-    ``function_call_output`` item (its output)."""
+    ``function_call_output`` item (its output: a string, or the parts of a list that are neither
+    ``input_text`` nor ``input_image``, which are text and images and counted as such, ``tool_output_parts``)."""
     kind = item.get("type")
     if kind == "function_call":
         return [_canonical({"name": item.get("name"), "arguments": item.get("arguments")})]
     if kind == "function_call_output":
         out = item.get("output")
+        if isinstance(out, list):  # an input_file part, say: its JSON, rather than nothing
+            return [_canonical(p) for p in out if not (isinstance(p, dict) and p.get("type") in _OUTPUT_PARTS)]
         return [out if isinstance(out, str) else _canonical(out)]
     calls = item.get("tool_calls")
     return [_canonical(c.get("function")) for c in calls if isinstance(c, dict)] if isinstance(calls, list) else []
+
+
+def tool_output_parts(item: dict) -> list[dict]:
+    """The text and image parts of a Responses ``function_call_output`` item's list ``output`` (a tool that
+    returns a screenshot): billed as the same parts of a user message are, so a base64 image counts by its
+    model's image rule, not as characters of JSON."""
+    out = item.get("output") if item.get("type") == "function_call_output" else None
+    return [p for p in out if isinstance(p, dict) and p.get("type") in _OUTPUT_PARTS] if isinstance(out, list) else []
 
 
 def only_tool_outputs(body: Any) -> bool:

@@ -97,6 +97,8 @@ def split_body(body: dict) -> tuple[str, dict]:
             return {**b, "text": ""}
         if isinstance(b, dict) and "content" in b:
             return {**b, "content": text(b["content"])}
+        if isinstance(b, dict) and b.get("type") == "function_call_output" and isinstance(b.get("output"), list):
+            return {**b, "output": text(b["output"])}  # a tool's output of parts: its text is text, as a message's
         return text(b) if isinstance(b, str) else b  # an image, a tool call...: shape
 
     shape = dict(body)

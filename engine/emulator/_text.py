@@ -18,6 +18,7 @@ from engine.core.body_tokens import (
     image_blocks,
     image_size,
     image_tokens,
+    tool_output_parts,
 )
 from engine.emulator._wire import ApiError
 
@@ -137,6 +138,8 @@ class _Builder:
             if not isinstance(m, dict):
                 raise ApiError(400, f"{param}[{i}] must be an object with 'role' and 'content'", param=param)
             if m.get("type", "message") != "message":  # a Responses function call or its output
+                # A tool output's text and image parts, billed as a message's are (the engine's estimate too).
+                self.content(tool_output_parts(m), f"{param}[{i}].output")
                 for t in call_texts(m):
                     self.add(t, False)
                 continue

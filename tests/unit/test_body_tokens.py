@@ -208,3 +208,28 @@ def test_a_turn_of_only_empty_tool_outputs_is_a_request_of_no_input_and_a_body_w
                  {"input": []}, {"messages": [{"role": "user", "content": ""}]}):
         with pytest.raises(ValueError, match="the body has no text to send"):
             Request.model_validate({"id": "n", "arrival_s": 0.0, "model": "gpt-5-mini", "body": body})
+
+
+@pytest.mark.parametrize("padding", [0, 2_000_000], ids=["small", "2 MB"])
+def test_a_tool_output_of_text_and_image_parts_counts_as_the_same_parts_of_a_user_message(padding):
+    """A Responses tool may return parts (a caption and a screenshot). Its output was counted as JSON: the
+    image as characters of base64, never by its model's rule, and a 2 MB one (670,000 "tokens") over gpt-5-mini's
+    input limit, refused. Now the parts count as they do in a user message, in the estimate and the emulator."""
+    data = base64.b64encode(base64.b64decode(IMG) + bytes(padding)).decode()  # the header says 1024 x 1024
+    parts = [{"type": "input_text", "text": "The page now looks like this:"},
+             {"type": "input_image", "image_url": f"data:image/png;base64,{data}"}]
+    as_output = {"previous_response_id": "resp_1", "input": [
+        {"type": "function_call_output", "call_id": "c1", "output": parts}]}
+    as_message = {"input": [{"role": "user", "content": parts}]}
+    rule = default_catalog().image_rule("openai", "gpt-5-mini")
+    out, msg = (Request.model_validate({"id": "i", "arrival_s": 0.0, "model": "gpt-5-mini", "body": b})
+                for b in (as_output, as_message))
+    assert out.input_tokens == msg.input_tokens == responses_prompt(as_output, rule).tokens
+    assert responses_prompt(as_message, rule).tokens == out.input_tokens
+    assert out.input_tokens == image_tokens(rule, (1024, 1024)) + 8  # 1,659 for the image, 29 characters of text
+    # A part that is neither text nor image (a file) still counts as its JSON, as a string output counts as text.
+    file_part = {"type": "input_file", "file_id": "file-" + "x" * 400}
+    with_file = {"previous_response_id": "resp_1", "input": [
+        {"type": "function_call_output", "call_id": "c1", "output": [*parts, file_part]}]}
+    r = Request.model_validate({"id": "f", "arrival_s": 0.0, "model": "gpt-5-mini", "body": with_file})
+    assert r.input_tokens >= out.input_tokens + 100 and r.input_tokens == responses_prompt(with_file, rule).tokens
