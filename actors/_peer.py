@@ -13,6 +13,8 @@ import pickle
 import secrets
 from typing import Any, NamedTuple
 
+from actors._wire import pack_args
+
 __all__ = ["Named", "Peer", "Warm", "as_peer"]
 
 
@@ -45,13 +47,13 @@ class Peer:
     async def call(self, method: str, *args: Any) -> Any:
         fn = getattr(self._resolve(), method)
         if self._is_ray:
-            return await fn.remote(*args)
+            return await fn.remote(*pack_args(args))
         out = fn(*args)
         return await out if inspect.isawaitable(out) else out
 
     def send(self, method: str, *args: Any) -> None:
         if self._is_ray:
-            getattr(self._resolve(), method).remote(*args)
+            getattr(self._resolve(), method).remote(*pack_args(args))
             return
         task = asyncio.get_running_loop().create_task(self.call(method, *args))
         self._tasks.add(task)  # keep a reference until done, or the task may be collected mid-flight

@@ -15,6 +15,7 @@ import ray
 
 from actors._peer import ClockRef, Named, publish_clock, read_layout, resolve_clock, unpublish_clock
 from actors._shards import shard_kind
+from actors._wire import pack
 from actors.budget import BudgetController
 from actors.cache import ResultCache
 from actors.dispatcher import Dispatcher
@@ -49,6 +50,11 @@ def _actor(cls):
 
     body = {"__init__": __init__, "warm": warm, "__module__": cls.__module__, "__qualname__": cls.__qualname__,
             "__doc__": cls.__doc__}
+    if hasattr(cls, "pull"):  # the hub's results go back to the driver as columns too (actors._wire)
+        async def pull(self, *args, **kwargs):
+            return pack(await cls.pull(self, *args, **kwargs))
+
+        body["pull"] = pull
     return ray.remote(type(cls.__name__, (cls,), body))
 
 

@@ -113,6 +113,8 @@ class IngestLanes:
     def _drain(self, i: int, force: bool = False) -> list[tuple[int, Any]]:
         """Under the lock: send lane ``i``'s waiting parts while it has room (or an urgent request waits, or
         ``force``), merged up to a micro-batch per call. Returns the calls sent, for ``_watch``."""
+        from actors._wire import pack
+
         lane, sent = self._lanes[i], []
         # A call out longer than STALL_S (an ingest that hangs or restarts) no longer holds its place: the lane
         # goes on sending, still merged, rather than everything at once, which would end the group commit
@@ -128,7 +130,7 @@ class IngestLanes:
                 k += 1
             # Ingest claims their results for this driver at the hub (see actors.hub).
             try:
-                ref = self._h["ingests"][i].submit.remote(reqs, self._client, rows)
+                ref = self._h["ingests"][i].submit.remote(pack(reqs), self._client, rows)  # as columns
             except Exception as exc:  # Ray refused the call (shutting down, say): the parts wait, for the next turn
                 if not lane.failing:
                     log.warning("smartbatch: a call to ingest could not be made (%s: %s); %d request(s) wait and "

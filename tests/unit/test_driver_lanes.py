@@ -4,6 +4,7 @@ actor handles whose calls return when the test says so; no Ray."""
 from __future__ import annotations
 
 import concurrent.futures
+import pickle
 import threading
 
 import pytest
@@ -31,6 +32,7 @@ class _Submit:
             self.refuse -= 1
             raise RuntimeError("Ray is not running")
         ref = _Ref()
+        reqs = pickle.loads(pickle.dumps(reqs))  # what an actor gets: the driver sends columns (actors._wire)
         self.calls.append(([r.id for r in reqs], rows, ref))
         return ref
 
