@@ -7,8 +7,11 @@ Three rules, in this order:
    also jumps the provider queue.
 2. **Fair share** across tenants: start-time fair queuing. Each tenant has a virtual time, the work it was
    served (tokens, or one per call) divided by its weight; the tenant furthest behind is served next, and a
-   tenant that becomes active starts at the current minimum, so idling earns no credit. A tenant flooding
-   the engine with background work then gets its share, not the whole provider.
+   tenant that becomes active starts at the floor (the current minimum), so idling earns no credit. A tenant
+   flooding the engine with background work then gets its share, not the whole provider. An idle tenant's
+   virtual time is kept only while it is above the floor (it would restart there, behind the others); once
+   the floor passes it, or the queue empties (every tenant then restarts even, as SFQ does when the server
+   idles), it is forgotten: restarting at the floor is what it would have got anyway.
 3. **Score** within a tenant: ``w_priority * priority + w_risk * (attempts/max) - w_cost * cost/(cost+ref)
    - (w_urgency * deadline + w_wait * arrival) / time_scale_s``. Urgency and waiting both grow with ``now``
    at the same rate for every unit, so they enter as the deadline and the arrival: the order never changes
@@ -27,6 +30,11 @@ from typing import Any, Literal, NamedTuple
 from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = ["FairQueue", "Scheduling", "Unit"]
+
+# Idle tenants whose virtual time is still above the floor, at most. Past it the ones nearest the floor are
+# forgotten first (each gains its lead over the floor, the least of any): a provider kept busy for days by
+# one-shot tenants (one per end user) never empties its queue, and then the floor need not move.
+IDLE_KEPT = 10_000
 
 _PRIORITY = {"urgent": 1.0, "normal": 0.5, "background": 0.0}
 
@@ -69,10 +77,15 @@ class FairQueue:
         self._seq = itertools.count()
         # Tenants with units waiting only: a heap of (key, seq, unit) and how many. A tenant leaves both when its
         # last unit is taken, so a peek scans the active tenants, not every tenant ever seen (one per end user:
-        # a pop took 2.3 ms after 60,000 of them). Its virtual time stays: it decides its next activation.
+        # a pop took 2.3 ms after 60,000 of them).
         self._tenants: dict[str, list] = {}
         self._count: dict[str, int] = {}
+        # Virtual time of the active tenants, and of the idle ones still above the floor (it decides where they
+        # restart). The floor never exceeds an active tenant's virtual time: it is their minimum when last
+        # looked at, or, after the queue emptied, the largest virtual time served.
         self._vt: dict[str, float] = {}
+        self._floor = 0.0
+        self._idle: list[tuple[float, str]] = []  # heap of (virtual time, tenant) kept idle; stale rows skipped
         self._deadlines: list = []  # (deadline_at - lead, seq, tenant, unit)
         # A unit sits in two heaps (its tenant's and the deadline heap) and leaves through one; the other
         # skips it when it reaches the top.
@@ -99,8 +112,12 @@ class FairQueue:
         seq = next(self._seq)
         tenant = u.tenant if self.s.fair_share else ""
         if not self._count.get(tenant):  # (re)activated: no credit for the time it was idle
-            active = [self._vt[t] for t, n in self._count.items() if n and t != tenant]
-            self._vt[tenant] = max(self._vt.get(tenant, 0.0), min(active, default=0.0))
+            active = [self._vt[t] for t in self._count]
+            if active:
+                self._floor = max(self._floor, min(active))
+            start = max(self._vt.get(tenant, self._floor), self._floor)
+            self._forget_idle()  # before it is set: its own idle row may be forgotten, not its new time
+            self._vt[tenant] = start
         heapq.heappush(self._tenants.setdefault(tenant, []), (self._key(u, seq), seq, u))
         self._count[tenant] = self._count.get(tenant, 0) + 1
         if self.s.order == "score":
@@ -151,8 +168,25 @@ class FairQueue:
             del self._count[tenant]
             for _, left, _ in self._tenants.pop(tenant):  # each one promoted ahead of its turn: marked gone
                 self._gone.discard(left)
+            heapq.heappush(self._idle, (self._vt[tenant], tenant))
         self._n -= 1
+        if not self._n:  # nobody waits: every tenant restarts even, past all that was served
+            self._floor = max(self._floor, *self._vt.values())
+            self._vt.clear()
+            self._idle.clear()
         return u
+
+    def _forget_idle(self) -> None:
+        """Drop the idle tenants the floor has passed (they restart at it anyway), then the nearest to it while
+        more than ``IDLE_KEPT`` are kept."""
+        idle, vt, count = self._idle, self._vt, self._count
+        if len(idle) > 2 * IDLE_KEPT:  # rows of tenants active again or idle since at a later time
+            idle[:] = [(v, t) for t, v in vt.items() if t not in count]
+            heapq.heapify(idle)
+        while idle and (idle[0][0] <= self._floor or len(vt) - len(count) > IDLE_KEPT):
+            v, t = heapq.heappop(idle)
+            if t not in count and vt.get(t) == v:
+                del vt[t]
 
     def pop(self, now: float) -> Unit | None:
         picked = self.peek(now)

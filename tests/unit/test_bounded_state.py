@@ -189,3 +189,82 @@ def test_an_ended_batch_of_the_endpoint_keeps_what_it_shows_and_lets_its_lines_a
     job.release()
     assert job.view() == before
     assert job.bf is None and not job.results and not job.futures and not job.custom_ids
+
+
+def _unit(item: object, tenant: str, t: float, tokens: int = 100, priority: str = "normal"):
+    from engine.core.scheduling import Unit
+
+    return Unit(item, tenant, priority, 1e9, t, tokens, 0.001, 0, 1.0)  # never due: fair share alone orders
+
+
+def test_a_provider_queue_forgets_the_virtual_time_of_tenants_gone_idle(monkeypatch):
+    """It kept one virtual time per tenant ever seen, idle or not. One is kept now only while it still decides
+    where its tenant restarts: above the floor the backlogged tenants move, and never more than ``IDLE_KEPT``."""
+    from engine.core import scheduling
+    from engine.core.scheduling import FairQueue, Scheduling
+
+    q = FairQueue(Scheduling())
+    for k in range(3000):  # two tenants always backlogged, one passing tenant per round (one per end user)
+        t = float(k)
+        q.push(_unit(("a", k), "a", t))
+        q.push(_unit(("b", k), "b", t))
+        q.push(_unit(("u", k), f"user-{k}", t))
+        for _ in range(3):
+            q.pop(t)
+    assert len(q) == 0 and len(q._vt) == 0, f"{len(q._vt)} virtual times kept by an empty queue"
+    for k in range(3000):  # the same, never emptying the queue
+        t = 3000.0 + k
+        q.push(_unit(("a", k), "a", t))
+        q.push(_unit(("b", k), "b", t))
+        q.push(_unit(("u", k), f"user-{k}", t))
+        for _ in range(2 if k % 2 else 3):
+            q.pop(t)
+    assert len(q) > 0 and len(q._vt) <= 10, f"{len(q._vt)} virtual times kept for 2 backlogged tenants"
+    # Saturated by one-shot tenants alone, the floor need not move: the cap bounds what is kept.
+    monkeypatch.setattr(scheduling, "IDLE_KEPT", 100)
+    q = FairQueue(Scheduling())
+    q.push(_unit("first", "user-first", 0.0))
+    for k in range(3000):
+        q.push(_unit(k, f"user-{k}", float(k)))
+        q.pop(float(k))
+    assert len(q) == 1 and len(q._vt) <= 101 + 1
+
+
+def test_a_tenant_back_after_being_forgotten_gains_no_more_than_one_unit_on_backlogged_tenants():
+    """Forgotten, a tenant restarts at the floor: it may not jump ahead of tenants that stayed backlogged by more
+    than one unit of work, neither when it comes back after others came and went nor when it comes back with
+    one unit at a time, each as soon as the one before left (kept, its virtual time puts it behind them)."""
+    from engine.core.scheduling import FairQueue, Scheduling
+
+    q = FairQueue(Scheduling())
+    served: dict[str, int] = {}
+
+    def pop(t: float):
+        u = q.pop(t)
+        served[u.tenant] = served.get(u.tenant, 0) + u.tokens
+        return u
+
+    for k in range(200):
+        q.push(_unit(("a", k), "a", 0.0))
+        q.push(_unit(("b", k), "b", 0.0))
+    q.push(_unit("c0", "c", 0.0))
+    for k in range(40):  # c is served and leaves; others come and go
+        q.push(_unit(k, f"user-{k}", float(k)))
+        pop(float(k))
+    assert "c" not in q._count
+    served.clear()
+    for k in range(50):  # c comes back with a flood, urgent (it would win every tie)
+        q.push(_unit(("c", k), "c", 50.0, priority="urgent"))
+    for _ in range(60):
+        pop(50.0)
+        assert served.get("c", 0) <= min(served.get("a", 0), served.get("b", 0)) + 100, served
+    # Now c drips: one unit at a time, pushed again as soon as the last one is taken.
+    while "c" in q._count:
+        pop(60.0)
+    served.clear()
+    for k in range(60):
+        if "c" not in q._count:
+            q.push(_unit(("drip", k), "c", 60.0, priority="urgent"))
+        pop(60.0)
+        assert served.get("c", 0) <= min(served.get("a", 0), served.get("b", 0)) + 100, served
+    assert served.get("c", 0) >= 1000  # and it still gets its share
