@@ -27,8 +27,9 @@ import time
 
 from actors._peer import Warm, as_peer, resolve_clock
 from actors.journal import HubJournal
-from engine.core.budgets import LEDGER, BudgetBook, BudgetSettings, Charge, Claim, Verdict
+from engine.core.budgets import LEDGER, BudgetSettings, Charge, Claim, Verdict
 from engine.core.errors import ConfigError
+from engine.core.ledger import BudgetBook
 
 __all__ = ["BudgetController"]
 
@@ -272,7 +273,8 @@ class BudgetController(Warm):
     # -- journal (memory ledger only) ----------------------------------------------------------------------------
     def _snapshot(self) -> tuple:
         b = self.book
-        return (dict(b.spent), dict(b.reserved), dict(b.claims), dict(b.spend), dict(self.refusals))
+        return (dict(b.spent), dict(b.reserved), dict(b.claims), dict(b.spend), dict(self.refusals), list(b.ended),
+                b.ended_overrun)
 
     async def _journal_soon(self) -> None:
         while self._journal_dirty:
@@ -305,7 +307,8 @@ class BudgetController(Warm):
         if snap is None:
             return False
         b = self.book
-        b.spent, b.reserved, b.claims, b.spend, refusals = (dict(x) for x in snap)
+        spent, reserved, claims, spend, refusals, *ended = snap  # a snapshot from before ended windows: 5 parts
+        b.restore(spent, reserved, claims, spend, *ended)
         self.refusals.update(refusals)
         stale = list(b.claims)
         if stale:

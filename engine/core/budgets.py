@@ -14,6 +14,8 @@ one set of rules:
   what the upper-bound estimates overstated), is *deferred* to the next window when the window resets (never
   urgent work: that is what the last 5 % are for), and is otherwise rejected (``budget_exhausted``).
 * Settling records the actual cost in the windows the reservation was made in and releases the rest.
+
+The reference ledger that applies them in one process is ``engine.core.ledger.BudgetBook``.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["LEDGER", "BudgetBook", "BudgetSettings", "BudgetSpec", "Charge", "Claim", "Covering", "Refusal", "Throttle", "Verdict",
+__all__ = ["LEDGER", "BudgetSettings", "BudgetSpec", "Charge", "Claim", "Covering", "Refusal", "Throttle", "Verdict",
            "parse_duration", "verdict_of", "window_bounds", "window_row"]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|mo)\s*$")
@@ -250,99 +252,6 @@ class Covering:
         found = [ks for t in (None, tenant) for p in (None, provider) for m in (None, model)
                  for ks in self._by.get((t, p, m), ())]
         return [s for _, s in sorted(found, key=lambda ks: ks[0])]
-
-
-class BudgetBook:
-    """The reference ledger, in one process. ``RedisBudgetBook`` (actors/) applies the same rules atomically
-    in Redis for budgets shared by several engines."""
-
-    def __init__(self, specs: list[BudgetSpec], throttle: Throttle = Throttle()):
-        self.specs = list(specs)
-        self.throttle = throttle
-        self.spent: dict[str, float] = {}
-        self.reserved: dict[str, float] = {}
-        self.claims: dict[str, tuple[tuple[str, str, str], list[tuple[str, float]]]] = {}  # rid -> (who, windows)
-        self.spend: dict[tuple[str, str, str], float] = {}  # (tenant, provider, model) -> settled USD
-        self.charged: set[str] = set()  # Charge.cid already counted
-        self.by_name = {s.name: s for s in self.specs}
-        self.covering = Covering(self.specs)
-
-    def __repr__(self) -> str:
-        return (f"BudgetBook(specs={len(self.specs)}, open={len(self.claims)}, "
-                f"reserved={sum(self.reserved.values()):.4f}, spent={sum(self.spent.values()):.4f})")
-
-    def plan(self, c: Claim, now: float) -> tuple[list[tuple[BudgetSpec, str]], Verdict]:
-        """The windows a claim touches and whether it may pass (no change made)."""
-        touched = [(s, s.key(now)) for s in self.covering(c.tenant, c.provider, c.model)]
-        if c.amount < 0:
-            raise ValueError(f"claim {c.rid}: amount must be >= 0, got {c.amount}")
-        th = self.throttle
-        frac = th.of(c.priority)
-        refusals = []
-        for s, k in touched:
-            spent = self.spent.get(k, 0.0)
-            used = spent + self.reserved.get(k, 0.0)
-            limit = s.max_budget * frac * th.pace_of(s, c.priority, now)
-            if used + c.amount > limit + EPS:
-                refusals.append(Refusal(s, s.max_budget - used, spent + c.amount <= limit + EPS,
-                                        th.paced_until(s, c.priority, now, used + c.amount)))
-        return touched, verdict_of(refusals, c.priority, now)
-
-    def reserve_many(self, claims: list[Claim], now: float) -> list[Verdict]:
-        out = []
-        for c in claims:
-            touched, v = self.plan(c, now)
-            if v.ok:
-                self.claims[c.rid] = ((c.tenant, c.provider, c.model), [(k, c.amount) for _, k in touched])
-                for _, k in touched:
-                    self.reserved[k] = self.reserved.get(k, 0.0) + c.amount
-            out.append(v)
-        return out
-
-    def settle_many(self, items: list[tuple[str, float]]) -> None:
-        """(claim id, actual cost): record it in the windows the claim reserved in, release the reservation.
-        An unknown id (never reserved, or settled already) changes nothing, so a repeat is harmless."""
-        for rid, actual in items:
-            entry = self.claims.pop(rid, None)
-            if entry is None:
-                continue
-            who, windows = entry
-            self.spend[who] = self.spend.get(who, 0.0) + actual
-            for k, amount in windows:
-                self.reserved[k] = self.reserved.get(k, 0.0) - amount
-                self.spent[k] = self.spent.get(k, 0.0) + actual
-
-    def charge_many(self, charges: list[Charge], now: float) -> None:
-        """Count spend no claim covered; a charge id seen before changes nothing, so a replay is harmless."""
-        for c in charges:
-            if c.cid in self.charged:
-                continue
-            self.charged.add(c.cid)
-            who = (c.tenant, c.provider, c.model)
-            self.spend[who] = self.spend.get(who, 0.0) + c.usd
-            for s in self.covering(c.tenant, c.provider, c.model):
-                k = s.key(now)
-                self.spent[k] = self.spent.get(k, 0.0) + c.usd
-
-    def report(self, now: float) -> list[dict]:
-        """Each budget's current window."""
-        return [window_row(s, s.key(now), self.spent.get(s.key(now), 0.0), self.reserved.get(s.key(now), 0.0))
-                for s in self.specs]
-
-    def windows(self) -> list[dict]:
-        """Every window any budget has spent or reserved in, oldest first."""
-        keys = sorted(set(self.spent) | set(self.reserved), key=lambda k: (float(k.rsplit("@", 1)[1]), k))
-        return [window_row(self.by_name[k.rsplit("@", 1)[0]], k, self.spent.get(k, 0.0), self.reserved.get(k, 0.0))
-                for k in keys]
-
-    def overrun_usd(self) -> float:
-        """Spend past the hard limit, summed over every window (the invariant says 0)."""
-        return sum(max(r["spent_usd"] - r["max_budget"], 0.0) for r in self.windows())
-
-    def spend_report(self) -> list[dict]:
-        """Settled spend per tenant, provider and model."""
-        return [{"tenant": t, "provider": p, "model": m, "spent_usd": round(v, 6)}
-                for (t, p, m), v in sorted(self.spend.items())]
 
 
 def window_row(s: BudgetSpec, key: str, spent: float, reserved: float) -> dict:

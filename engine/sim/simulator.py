@@ -18,13 +18,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from engine.core.budgets import BudgetBook
 from engine.core.catalog import Catalog, default_catalog
 from engine.core.cost import MODES
 from engine.core.draws import Draws
 from engine.core.errors import PolicyError
 from engine.core.features import compat_key, fingerprint, near_class, near_text, near_vectors
 from engine.core.grouping import Decision
+from engine.core.ledger import BudgetBook
 from engine.core.request import Request
 from engine.core.scheduling import Scheduling
 from engine.core.settings import Settings

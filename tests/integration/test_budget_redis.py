@@ -9,7 +9,8 @@ import random
 import pytest
 
 from actors.budget_redis import RedisBudgetBook
-from engine.core.budgets import BudgetBook, BudgetSpec, Charge, Claim
+from engine.core.budgets import BudgetSpec, Charge, Claim
+from engine.core.ledger import BudgetBook
 
 T0 = float(calendar.timegm((2026, 11, 29, 10, 30, 0)))
 _prefix = itertools.count()
@@ -65,10 +66,11 @@ def test_the_lua_ledger_decides_as_the_reference_does(redis_server):
     async def go():
         clients, (book, _) = book_pair(redis_server.url, specs)
         open_ids = []
-        for k in range(300):
+        # Crosses an hourly window. In order: the reference ledger lets a window go once time has passed it.
+        times = sorted(T0 + rng.uniform(0, 7200) for _ in range(300))
+        for k, t in enumerate(times):
             c = Claim(f"c{k}", rng.choice(["acme", "globex"]), "openai", rng.choice(["gpt-5", "gpt-5-mini"]),
                       rng.choice(["urgent", "normal", "background"]), round(rng.uniform(0, 1.2), 3))
-            t = T0 + rng.uniform(0, 7200)  # crosses an hourly window
             (want,), (got,) = ref.reserve_many([c], t), await book.reserve_many([c], t)
             assert got.ok == want.ok and (got.ok or got.reason == want.reason), (k, got, want)
             if got.ok:
@@ -217,4 +219,38 @@ def test_a_separator_in_a_tenant_name_cannot_poison_the_shared_ledger(redis_serv
         assert {(r["provider"], r["model"]) for r in rows} == {("openai", "gpt-5")}
         for c in clients:
             await c.aclose()
+    asyncio.run(go())
+
+
+def test_a_window_key_expires_a_day_after_its_window_and_a_later_settlement_touches_no_window(redis_server):
+    """Windows of 30 s for months must not leave a key each: every window key has a TTL (its window's rest plus
+    a day). A settlement that comes after its window's key expired counts its spend per tenant, recreates no
+    window and charges nothing to the window open then."""
+    import redis.asyncio as aioredis
+
+    spec = BudgetSpec(tenant="acme", max_budget=10.0, budget_duration="30s")
+    prefix = f"sbtest-budget{next(_prefix)}"
+    r = redis_server.client()
+
+    async def go():
+        client = aioredis.Redis.from_url(redis_server.url)
+        book = RedisBudgetBook(client, [spec], prefix=prefix)
+        assert (await book.reserve_many([Claim("late", "acme", "openai", "gpt-5", "urgent", 3.0)], T0))[0].ok
+        for k in range(1, 50):
+            t = T0 + 30.0 * k
+            assert (await book.reserve_many([Claim(f"c{k}", "acme", "openai", "gpt-5", "urgent", 1.0)], t))[0].ok
+            await book.settle_many([(f"c{k}", 0.5)])
+        await book.charge_many([Charge("twice", "acme", "openai", "gpt-5", 0.25)], t)
+        keys = r.keys(f"{prefix}:w:*")
+        assert len(keys) == 50
+        assert all(0 < r.ttl(k) <= 30 + 86400 for k in keys), sorted(r.ttl(k) for k in keys)
+        old = f"{prefix}:w:{spec.key(T0)}"
+        r.delete(old)  # what its expiry does, a day after the window ended
+        await book.settle_many([("late", 2.0)])
+        assert not r.exists(old)
+        assert await book.window(spec, t) == (0.75, 0.0)
+        assert await book.spend_report() == [{"tenant": "acme", "provider": "openai", "model": "gpt-5",
+                                              "spent_usd": 0.5 * 49 + 0.25 + 2.0}]
+        assert not r.keys(f"{prefix}:c:*")
+        await client.aclose()
     asyncio.run(go())

@@ -268,3 +268,47 @@ def test_a_tenant_back_after_being_forgotten_gains_no_more_than_one_unit_on_back
         pop(60.0)
         assert served.get("c", 0) <= min(served.get("a", 0), served.get("b", 0)) + 100, served
     assert served.get("c", 0) >= 1000  # and it still gets its share
+
+
+def test_a_budget_ledger_lets_a_window_go_once_it_ended_and_no_claim_refers_to_it():
+    """The ledger kept the spend of every window it ever had: 30 s windows for months, a key each. A window
+    ended now leaves, its final row and overrun kept for the report, once no claim still refers to it: a claim
+    made in it settles there however late, never in the window open then."""
+    from engine.core.budgets import BudgetSpec, Charge, Claim
+    from engine.core.ledger import ENDED_KEPT, BudgetBook
+
+    spec = BudgetSpec(tenant="acme", max_budget=1.0, budget_duration="30s")
+    book = BudgetBook([spec])
+
+    def claim(rid: str, amount: float) -> Claim:
+        return Claim(rid, "acme", "openai", "gpt-5", "urgent", amount)
+
+    assert book.reserve_many([claim("batch", 0.5)], 15.0)[0].ok  # open for hours, as a batch API's
+    book.charge_many([Charge("twice", "acme", "openai", "gpt-5", 1.25)], 20.0)  # past the limit: overrun 0.25
+    n = 20_000  # a week of windows
+    for k in range(1, n):
+        t = 30.0 * k + 1
+        if k == n // 2:  # a restart in between: the ledger comes back from its journal's snapshot
+            again = BudgetBook([spec])
+            again.restore(book.spent, book.reserved, book.claims, book.spend, list(book.ended),
+                          book.ended_overrun)
+            book = again
+        assert book.reserve_many([claim(f"c{k}", 0.2)], t)[0].ok
+        book.settle_many([(f"c{k}", 0.1)])
+    now = 30.0 * (n - 1) + 1
+    assert set(book.spent) == {spec.key(0.0), spec.key(now)}, f"{len(book.spent)} windows held"
+    book.settle_many([("batch", 0.4)])  # late: in its own window, which then goes
+    assert set(book.spent) == set(book.reserved) == {spec.key(now)}
+    assert book.spent[spec.key(now)] == 0.1 and abs(book.reserved[spec.key(now)]) < 1e-9
+    book.settle_many([("batch", 0.4)])  # again, after its window went: nothing changes, nothing raises
+    assert book.spent == {spec.key(now): 0.1}
+    rows = book.windows()
+    assert len(rows) == ENDED_KEPT + 1 and rows[-1]["window"] == spec.key(now).rsplit("@", 1)[1]
+    assert (rows[0]["window"], rows[0]["spent_usd"]) == ("0", 1.65)  # the last to go: the batch's
+    assert [r["spent_usd"] for r in rows[-2:]] == [0.1, 0.1]
+    for k in range(n, n + ENDED_KEPT):
+        assert book.reserve_many([claim(f"c{k}", 0.2)], 30.0 * k + 1)[0].ok
+        book.settle_many([(f"c{k}", 0.1)])
+    assert len(book.spent) == 1 and all(r["window"] != "0" for r in book.windows())
+    assert abs(book.overrun_usd() - 0.65) < 1e-9  # the first window's, its row gone
+    assert sum(r["spent_usd"] for r in book.spend_report()) == round(1.25 + 0.4 + 0.1 * (n + ENDED_KEPT - 1), 6)

@@ -6,8 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.core.budgets import BudgetBook, BudgetSpec, Claim, Throttle, parse_duration, window_bounds
+from engine.core.budgets import BudgetSpec, Claim, Throttle, parse_duration, window_bounds
 from engine.core.catalog import default_catalog
+from engine.core.ledger import BudgetBook
 from engine.core.request import Request
 
 T0 = float(calendar.timegm((2026, 11, 29, 10, 30, 0)))

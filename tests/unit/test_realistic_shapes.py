@@ -150,7 +150,8 @@ def test_a_budget_per_tenant_is_found_by_its_fields_with_the_same_answer_as_aski
     import itertools
     import random
 
-    from engine.core.budgets import BudgetBook, BudgetSpec, Claim, Covering
+    from engine.core.budgets import BudgetSpec, Claim, Covering
+    from engine.core.ledger import BudgetBook
 
     rng = random.Random(0)
     fields = {"tenant": [None, "a", "b"], "provider": [None, "openai", "anthropic"], "model": [None, "gpt-5-mini", "claude-haiku-4-5"]}

@@ -17,11 +17,12 @@ from hypothesis import strategies as st
 
 from actors import BudgetController, ResultCache, ResultHub
 from actors._types import Job
-from engine.core.budgets import BudgetBook, BudgetSettings, BudgetSpec, Claim, Throttle
+from engine.core.budgets import BudgetSettings, BudgetSpec, Claim, Throttle
 from engine.core.catalog import Catalog, default_catalog
 from engine.core.clock import ManualClock
 from engine.core.features import NEAR_DIM, featurize_texts, fingerprint
 from engine.core.grouping import ReuseSettings
+from engine.core.ledger import BudgetBook
 from engine.core.request import Request
 from engine.core.result import Result
 from engine.core.settings import CacheSettings, Settings

@@ -1,0 +1,186 @@
+"""The reference budget ledger, in one process: the rules of ``engine.core.budgets`` applied to dicts. The
+simulator and the budget actor (without Redis) keep one; ``RedisBudgetBook`` (actors/) applies the same rules
+atomically in Redis for budgets shared by several engines."""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+
+from engine.core.budgets import (
+    EPS,
+    BudgetSpec,
+    Charge,
+    Claim,
+    Covering,
+    Refusal,
+    Throttle,
+    Verdict,
+    verdict_of,
+    window_bounds,
+    window_row,
+)
+
+__all__ = ["ENDED_KEPT", "BudgetBook"]
+
+ENDED_KEPT = 256  # final rows of ended windows a ledger keeps for its report; their overrun is kept whole
+
+
+class BudgetBook:
+    """The reference ledger. The times it is given never go back (the simulator's, the budget actor's clock):
+    a window that has ended is not asked for again, and once no claim refers to it, it is gone."""
+
+    def __init__(self, specs: list[BudgetSpec], throttle: Throttle = Throttle()):
+        self.specs = list(specs)
+        self.throttle = throttle
+        self.spent: dict[str, float] = {}
+        self.reserved: dict[str, float] = {}
+        self.claims: dict[str, tuple[tuple[str, str, str], list[tuple[str, float]]]] = {}  # rid -> (who, windows)
+        self.spend: dict[tuple[str, str, str], float] = {}  # (tenant, provider, model) -> settled USD
+        self.charged: set[str] = set()  # Charge.cid already counted
+        self.by_name = {s.name: s for s in self.specs}
+        self.covering = Covering(self.specs)
+        # A window's spend is needed while it is open, and after it ends until the last claim that reserved in
+        # it settles there; then its final row goes to ``ended`` and the window leaves ``spent`` and
+        # ``reserved`` (30 s windows for months kept a key per window). Decisions read only open windows.
+        self.ended: deque[dict] = deque(maxlen=ENDED_KEPT)
+        self.ended_overrun = 0.0
+        self._refs: dict[str, int] = {}  # window key -> open claims that reserved in it
+        self._ends: list[tuple[float, str]] = []  # heap of (end, key) of the windows held that end
+        self._ended_held: set[str] = set()  # ended, but a claim still refers to it
+
+    def __repr__(self) -> str:
+        return (f"BudgetBook(specs={len(self.specs)}, open={len(self.claims)}, "
+                f"windows={len(self.spent.keys() | self.reserved.keys())}, "
+                f"reserved={sum(self.reserved.values()):.4f}, spent={sum(self.spent.values()):.4f})")
+
+    def plan(self, c: Claim, now: float) -> tuple[list[tuple[BudgetSpec, str]], Verdict]:
+        """The windows a claim touches and whether it may pass (no change made)."""
+        touched = [(s, s.key(now)) for s in self.covering(c.tenant, c.provider, c.model)]
+        if c.amount < 0:
+            raise ValueError(f"claim {c.rid}: amount must be >= 0, got {c.amount}")
+        th = self.throttle
+        frac = th.of(c.priority)
+        refusals = []
+        for s, k in touched:
+            spent = self.spent.get(k, 0.0)
+            used = spent + self.reserved.get(k, 0.0)
+            limit = s.max_budget * frac * th.pace_of(s, c.priority, now)
+            if used + c.amount > limit + EPS:
+                refusals.append(Refusal(s, s.max_budget - used, spent + c.amount <= limit + EPS,
+                                        th.paced_until(s, c.priority, now, used + c.amount)))
+        return touched, verdict_of(refusals, c.priority, now)
+
+    def reserve_many(self, claims: list[Claim], now: float) -> list[Verdict]:
+        self._drop_ended(now)
+        out = []
+        for c in claims:
+            touched, v = self.plan(c, now)
+            if v.ok:
+                self.claims[c.rid] = ((c.tenant, c.provider, c.model), [(k, c.amount) for _, k in touched])
+                for s, k in touched:
+                    self._hold(s, k, now)
+                    self.reserved[k] = self.reserved.get(k, 0.0) + c.amount
+                    self._refs[k] = self._refs.get(k, 0) + 1
+            out.append(v)
+        return out
+
+    def _hold(self, s: BudgetSpec, k: str, now: float) -> None:
+        if k not in self.spent and k not in self.reserved:
+            end = window_bounds(s.budget_duration, now)[1]
+            if end < math.inf:
+                heapq.heappush(self._ends, (end, k))
+
+    def _drop_ended(self, now: float) -> None:
+        ends = self._ends
+        while ends and ends[0][0] <= now:
+            k = heapq.heappop(ends)[1]
+            if self._refs.get(k):
+                self._ended_held.add(k)
+            else:
+                self._drop(k)
+
+    def _drop(self, k: str) -> None:
+        self._ended_held.discard(k)
+        self._refs.pop(k, None)
+        row = window_row(self.by_name[k.rsplit("@", 1)[0]], k, self.spent.pop(k, 0.0), self.reserved.pop(k, 0.0))
+        self.ended.append(row)
+        self.ended_overrun += max(row["spent_usd"] - row["max_budget"], 0.0)
+
+    def restore(self, spent: dict, reserved: dict, claims: dict, spend: dict, ended: tuple = (),
+                ended_overrun: float = 0.0) -> None:
+        """Take a ledger's state back (a journal's snapshot) and rebuild what says when each window goes."""
+        self.spent, self.reserved, self.claims, self.spend = dict(spent), dict(reserved), dict(claims), dict(spend)
+        self.ended = deque(ended, maxlen=ENDED_KEPT)
+        self.ended_overrun = ended_overrun
+        self._refs, self._ended_held = {}, set()
+        for _, windows in self.claims.values():
+            for k, _ in windows:
+                self._refs[k] = self._refs.get(k, 0) + 1
+        self._ends = []
+        for k in set(self.spent) | set(self.reserved):
+            name, start = k.rsplit("@", 1)
+            s = self.by_name.get(name)
+            end = math.inf if s is None else window_bounds(s.budget_duration, float(start))[1]
+            if end < math.inf:
+                self._ends.append((end, k))
+        heapq.heapify(self._ends)
+
+    def settle_many(self, items: list[tuple[str, float]]) -> None:
+        """(claim id, actual cost): record it in the windows the claim reserved in, release the reservation.
+        An unknown id (never reserved, or settled already) changes nothing, so a repeat is harmless."""
+        for rid, actual in items:
+            entry = self.claims.pop(rid, None)
+            if entry is None:
+                continue
+            who, windows = entry
+            self.spend[who] = self.spend.get(who, 0.0) + actual
+            for k, amount in windows:
+                if k not in self.reserved:  # its window is gone: what the late spend counts in is gone with it
+                    continue
+                self.reserved[k] -= amount
+                self.spent[k] = self.spent.get(k, 0.0) + actual
+                self._refs[k] -= 1
+                if not self._refs[k]:
+                    del self._refs[k]
+                    if k in self._ended_held:
+                        self._drop(k)
+
+    def charge_many(self, charges: list[Charge], now: float) -> None:
+        """Count spend no claim covered; a charge id seen before changes nothing, so a replay is harmless."""
+        self._drop_ended(now)
+        for c in charges:
+            if c.cid in self.charged:
+                continue
+            self.charged.add(c.cid)
+            who = (c.tenant, c.provider, c.model)
+            self.spend[who] = self.spend.get(who, 0.0) + c.usd
+            for s in self.covering(c.tenant, c.provider, c.model):
+                k = s.key(now)
+                self._hold(s, k, now)
+                self.spent[k] = self.spent.get(k, 0.0) + c.usd
+
+    def report(self, now: float) -> list[dict]:
+        """Each budget's current window."""
+        return [window_row(s, s.key(now), self.spent.get(s.key(now), 0.0), self.reserved.get(s.key(now), 0.0))
+                for s in self.specs]
+
+    def windows(self) -> list[dict]:
+        """Every window any budget has spent or reserved in, oldest first: those still held, and the last
+        ``ENDED_KEPT`` that ended."""
+        keys = set(self.spent) | set(self.reserved)
+        rows = [*self.ended, *(window_row(self.by_name[k.rsplit("@", 1)[0]], k, self.spent.get(k, 0.0),
+                                          self.reserved.get(k, 0.0)) for k in keys)]
+        return sorted(rows, key=lambda r: (float(r["window"]), f"{r['budget']}@{r['window']}"))
+
+    def overrun_usd(self) -> float:
+        """Spend past the hard limit, summed over every window (the invariant says 0)."""
+        held = (window_row(self.by_name[k.rsplit("@", 1)[0]], k, self.spent.get(k, 0.0), self.reserved.get(k, 0.0))
+                for k in set(self.spent) | set(self.reserved))
+        return self.ended_overrun + sum(max(r["spent_usd"] - r["max_budget"], 0.0) for r in held)
+
+    def spend_report(self) -> list[dict]:
+        """Settled spend per tenant, provider and model."""
+        return [{"tenant": t, "provider": p, "model": m, "spent_usd": round(v, 6)}
+                for (t, p, m), v in sorted(self.spend.items())]
