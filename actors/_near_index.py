@@ -146,14 +146,16 @@ class NearIndex:
         self._queue_rows([(self._near_key(it), it.fp, near_text(it.req), dict(it.req.params), math.inf,
                            vecs.get(it.req.uid)) for it in leading])
 
-    def _queue_rows(self, rows: list[tuple[Hashable, str, str, dict, float, np.ndarray | None]]) -> None:
+    def _queue_rows(self, rows: list[tuple[Hashable, str, str, dict, float, np.ndarray | None]],
+                    stored_at: list[float] | None = None) -> None:
         """(near key, fingerprint, text, params, done, vector or None) rows for the near index, in order. Their
         vectors are made only when a near ask of their class comes (``_materialise``): most requests ask for
         exact reuse only (the default), and a vector costs about 6 ms per 16 kB of prompt, so making one for
         every result made the cache the engine's bottleneck on long prompts whether or not anyone asked near.
-        Then the oldest rows past the index's bounds are evicted (``_bound_near``)."""
+        Then the oldest rows past the index's bounds are evicted (``_bound_near``). ``stored_at``: when each
+        row's result was stored, if before now (rows warmed from Redis), oldest first; their age counts."""
         now = self._now()
-        for key, fp, text, params, done, vec in rows:
+        for k, (key, fp, text, params, done, vec) in enumerate(rows):
             if fp in self.indexed:
                 continue
             self.indexed.add(fp)
@@ -161,7 +163,7 @@ class NearIndex:
             # The text's bytes, not its characters: CPython keeps a CJK character in 2 bytes and an emoji in 4,
             # so counting characters let an 8 MiB bound hold 15 MiB of Chinese or 30 MiB of emoji.
             size = sys.getsizeof(text) + ROW_BYTES
-            self._near_rows.append((key, fp, size, now))
+            self._near_rows.append((key, fp, size, now if stored_at is None else stored_at[k]))
             self._near_bytes += size
         self._bound_near(now)
 
@@ -229,17 +231,22 @@ class NearIndex:
         except BaseException:  # not read: the next rewiring tries again
             self._warmed = False
             raise
-        entries: list[Entry] = []
-        for _, raw in pairs:
+        # Each keeps the life its Redis key has left, not a new TTL: its time and ``done_s`` are another
+        # incarnation's clock, and a restart must not extend what it stored (a row served a day past its TTL).
+        ttl_s = self.cfg.ttl_s
+        entries: list[tuple[float, Entry]] = []  # (seconds left, entry)
+        for _, raw, left_ms in pairs:
             try:
-                entries.append(decode(raw))
+                entries.append((ttl_s if left_ms < 0 else min(left_ms / 1000, ttl_s), decode(raw)))
             except CorruptValue:
                 self.stats["corrupt"] += 1
-        entries.sort(key=lambda e: e.result.done_s or 0.0)
+        entries.sort(key=lambda le: le[0])  # oldest first: the least life left
         k, n = getattr(self, "shard", (0, 1))  # another shard's classes are found there, not here
-        near = [e for e in entries if e.near_key is not None and key_shard(e.near_key[1], n) == k]
+        near = [(left, e) for left, e in entries if e.near_key is not None and key_shard(e.near_key[1], n) == k]
         # The same vectors as live requests get (the text and its parameters), made when a near ask needs them.
-        self._queue_rows([(e.near_key, e.fp, e.text, e.params or {}, e.result.done_s or 0.0, None) for e in near])
-        for e in entries[-self.cfg.memory_max_entries:]:
-            self.memory.put(e, self.cfg.ttl_s)
+        now = self._now()
+        self._queue_rows([(e.near_key, e.fp, e.text, e.params or {}, e.result.done_s or 0.0, None) for _, e in near],
+                         [now - (ttl_s - left) for left, _ in near])
+        for left, e in entries[-self.cfg.memory_max_entries:]:
+            self.memory.put(e, left)
         return len(entries)

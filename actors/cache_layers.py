@@ -262,9 +262,10 @@ class RedisLayer:
         self.dropped_writes += max(0, len(items) - room)
         self._pending.extend(items)
 
-    async def scan_values(self, limit: int, batch: int = 1000) -> list[tuple[str, bytes]]:
-        """Up to ``limit`` (key, value) pairs under this prefix and schema, for warming up after a restart."""
-        out: list[tuple[str, bytes]] = []
+    async def scan_values(self, limit: int, batch: int = 1000) -> list[tuple[str, bytes, int]]:
+        """Up to ``limit`` (key, value, milliseconds the key has left) under this prefix and schema, for warming
+        up after a restart (-1: the key has no expiry)."""
+        out: list[tuple[str, bytes, int]] = []
         if not self._usable():
             return out
         try:
@@ -275,8 +276,14 @@ class RedisLayer:
                     break
             for lo in range(0, len(keys), batch):
                 part = keys[lo:lo + batch]
-                vals = await self.client.mget(part)
-                out.extend((k.decode(), v) for k, v in zip(part, vals) if v is not None)
+                pipe = self.client.pipeline(transaction=False)
+                pipe.mget(part)
+                for k in part:
+                    pipe.pttl(k)
+                vals, *left = await pipe.execute()
+                # A key that expired between the two reads reads None, or -2 left.
+                out.extend((k.decode(), v, ms) for k, v, ms in zip(part, vals, left, strict=True)
+                           if v is not None and ms != -2)
         except Exception as exc:
             self._failed(exc)
         return out

@@ -132,6 +132,32 @@ def test_a_restarted_cache_warms_its_near_duplicate_index_from_redis(redis_serve
     run(go())
 
 
+def test_a_row_warmed_from_redis_keeps_the_life_its_key_had_left_not_a_new_ttl(redis_server, tmp_path):
+    """A warmed row took a whole TTL from the restart, in memory and in the near index: a result stored 50
+    minutes before a restart, with a 1 h TTL, was served for another hour. It expires when its Redis key does."""
+    cs = Caches(redis_server.url, tmp_path, ttl_s=3600)
+    r = redis_server.client()
+
+    async def go():
+        hub, cache = cs.new()
+        src = job(0, "Draw a red car parked on a wet street at night")
+        await generate(cache, hub, src)
+        await cache.close()
+        (key,) = r.keys(f"{cs.prefix}:*")
+        r.pexpire(key, 600_000)  # stored 50 minutes ago: 10 left
+        hub2, fresh = cs.new()
+        assert await fresh.warm_from_redis() == 1
+        assert fresh.memory.get(src.fp) is not None and fresh.cache_stats()["near_entries"] == 1
+        cs.clock.advance(601)
+        r.delete(key)  # what its expiry does, 10 minutes on
+        assert fresh.memory.get(src.fp) is None
+        near = job(1, "draw a red car parked on a wet street at night.")
+        assert await fresh.lookup([near]) == [0]  # generated: nothing is left to serve it
+        assert fresh.cache_stats()["near_entries"] == 1  # its own row; the warmed one is gone
+        await fresh.close()
+    run(go())
+
+
 def test_corrupt_and_foreign_values_are_ignored_and_counted(redis_server, tmp_path):
     cs = Caches(redis_server.url, tmp_path)
 
