@@ -273,6 +273,7 @@ class FilesAndBatches:
             job.errors = [{"code": "invalid_custom_id" if fld == "custom_id" else "invalid_line",
                            "message": msg, "param": fld, "line": no or None} for _, no, fld, msg in problems]
             self._enter(job, "failed")
+            job.release()  # ended too: its counts and errors stay, its lines go
             self.batches[job.id] = job
             return job.view()
         reqs = job.bf.requests

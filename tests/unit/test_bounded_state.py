@@ -312,3 +312,35 @@ def test_a_budget_ledger_lets_a_window_go_once_it_ended_and_no_claim_refers_to_i
     assert len(book.spent) == 1 and all(r["window"] != "0" for r in book.windows())
     assert abs(book.overrun_usd() - 0.65) < 1e-9  # the first window's, its row gone
     assert sum(r["spent_usd"] for r in book.spend_report()) == round(1.25 + 0.4 + 0.1 * (n + ENDED_KEPT - 1), 6)
+
+
+def test_a_batch_of_the_endpoint_that_fails_validation_keeps_its_errors_and_lets_its_lines_go():
+    """A batch refused at validation (a repeated custom_id) kept every parsed line of its file for the
+    endpoint's life: it never reached the release an ended batch gets."""
+    import json
+    from types import SimpleNamespace
+
+    from starlette.requests import Request as HttpRequest
+
+    from engine.app._endpoint_batches import FilesAndBatches
+    from engine.core.settings import default_settings
+
+    store = FilesAndBatches(SimpleNamespace(settings=default_settings()), CAT, window_default_s=86400.0,
+                            now=lambda: 1000.0)
+    lines = [{"custom_id": f"q{k % 1500}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"Question {k}?"}]}}
+             for k in range(2000)]  # lines 1501-2000 repeat a custom_id
+    src = store._add_file("in.jsonl", "batch", "\n".join(json.dumps(x) for x in lines).encode())
+    body = json.dumps({"input_file_id": src.id, "endpoint": "/v1/chat/completions",
+                       "completion_window": "24h"}).encode()
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    view = asyncio.run(store.create_batch(HttpRequest({"type": "http", "method": "POST", "headers": []}, receive)))
+    job = store.batches[view["id"]]
+    assert job.bf is None and not job.futures and not job.results and not job.custom_ids
+    again = job.view()
+    assert again == view and again["status"] == "failed" and again["failed_at"] == 1000
+    assert again["errors"]["data"][0]["code"] == "invalid_custom_id" and again["errors"]["data"][0]["line"] == 1501
+    assert again["request_counts"] == {"total": 1500, "completed": 0, "failed": 0}  # as while it held them
