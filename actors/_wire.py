@@ -21,11 +21,17 @@ from pydantic import BaseModel
 from engine.core.request import Request
 from engine.core.result import Result
 
-__all__ = ["pack", "pack_args"]
+__all__ = ["ARRAY_MIN_ROWS", "PACK_MIN_ROWS", "pack", "pack_args"]
 
 # Models that travel as columns. Both are frozen: nothing assigns to their fields after validation.
 _MODELS: tuple[type[BaseModel], ...] = (Request, Result)
 _NUMERIC = (int, float)
+# Below this many rows a column of numbers stays a list: Ray hands each numpy array over as a buffer of its
+# own, which costs more than it saves for a few values (a sync dispatch is a batch of one).
+ARRAY_MIN_ROWS = 64
+# Below this many records a list travels as it is: measured through Ray, columns of a batch of one cost more
+# than the record (430 against 240-330 us a call), and break even near ten.
+PACK_MIN_ROWS = 12
 
 
 class _Models:
@@ -101,7 +107,7 @@ def _tolist(arr: np.ndarray) -> list:
 def _column(col: list) -> Any:
     """A column as it travels: numbers of one Python type as an array (bools, which are ints, and mixed
     columns stay lists, so every value comes back with its own type)."""
-    if col and type(col[0]) in _NUMERIC:
+    if len(col) >= ARRAY_MIN_ROWS and type(col[0]) in _NUMERIC:
         t = type(col[0])
         if all(type(v) is t for v in col):
             try:
@@ -129,7 +135,7 @@ def _packed_column(col: list) -> Any:
 def pack(x: Any) -> Any:
     """``x`` ready for the wire: a list of one model type, or of one tuple type, as columns; anything else as
     it is. The receiver unpickles the same list (equal records, fresh objects)."""
-    if type(x) is not list or not x:
+    if type(x) is not list or len(x) < PACK_MIN_ROWS:
         return x
     t = type(x[0])
     if t in _MODELS:

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from actors._types import BatchJob, Job
-from actors._wire import pack
+from actors._wire import ARRAY_MIN_ROWS, PACK_MIN_ROWS, pack
 from engine.core.request import Request
 from engine.core.result import Result
 from engine.core.tracegen import synth
@@ -46,11 +46,12 @@ def test_requests_come_back_equal_with_the_same_explicit_fields_and_stay_frozen(
 
 
 def test_jobs_batches_and_results_come_back_equal():
-    reqs = _requests()[:50]
+    reqs = _requests()[:ARRAY_MIN_ROWS + 6]
     jobs = [Job(k, r, f"fp{k}", attempts=k % 3, hedges=k % 2, claim=None if k % 4 else f"c{k}", cache_shard=k % 2)
             for k, r in enumerate(reqs)]
     batches = [BatchJob(f"b{k}", "batch_api", None if k else 12.5, bool(k), "process_as_batch", "why",
-                        jobs[k * 10:(k + 1) * 10]) for k in range(5)]
+                        jobs[k * 20:(k + 1) * 20]) for k in range(3)] + [
+        BatchJob(f"s{k}", "sync", None, False, "process_individually", "alone", [j]) for k, j in enumerate(jobs[60:])]
     results = [Result(id=r.id, status="ok", tenant=r.tenant, output=f"out {k}", usage={"input": k, "output": 3},
                       cost_usd=0.001 * k, mode="sync", done_s=float(k), deadline_met=bool(k % 2),
                       raw={"id": k} if k % 3 else None) for k, r in enumerate(reqs)]
@@ -62,19 +63,23 @@ def test_jobs_batches_and_results_come_back_equal():
     assert _trip(pairs) == pairs
 
 
-def test_what_it_does_not_recognise_travels_as_it_is():
-    mixed = [Job(0, _requests()[0], "fp"), ("a", 1)]
+def test_what_it_does_not_recognise_or_is_short_travels_as_it_is():
+    n = PACK_MIN_ROWS
+    mixed = [Job(0, _requests()[0], "fp")] * n + [("a", 1)]
     assert pack(mixed) is mixed
-    ragged = [(1, 2), (1, 2, 3)]
+    ragged = [(1, 2)] * n + [(1, 2, 3)]
     assert pack(ragged) is ragged
-    for x in ([], [1, 2], "text", None, {"a": [1]}, [[1], [2]]):
+    short = _requests()[:n - 1]
+    assert pack(short) is short
+    for x in ([], [1, 2] * n, "text", None, {"a": [1]}, [[1], [2]] * n):
         assert pack(x) is x
+    assert pack(_requests()[:n]) is not _requests()[:n]
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(
     st.one_of(st.integers(), st.floats(allow_nan=False), st.booleans(), st.none(), st.text(max_size=5)),
-    st.one_of(st.integers(min_value=-(1 << 70), max_value=1 << 70), st.floats(allow_nan=False))), min_size=1))
+    st.one_of(st.integers(min_value=-(1 << 70), max_value=1 << 70), st.floats(allow_nan=False))), min_size=PACK_MIN_ROWS, max_size=2 * ARRAY_MIN_ROWS))
 def test_columns_of_numbers_keep_each_value_and_its_type(rows):
     back = _trip(rows)
     assert back == rows
