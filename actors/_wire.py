@@ -13,6 +13,7 @@ the receiver rebuilds models without validating them again, with the same field 
 
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
 import numpy as np
@@ -124,17 +125,38 @@ def _values(c: Any) -> list:
 def _packed_column(col: list) -> Any:
     """A column of records is packed as a list of records; a column of lists of records (a batch's jobs)
     packs each list."""
-    p = pack(col)
+    p = _packed(col)
     if p is not col:
         return p
     if col and type(col[0]) is list:
-        return [pack(c) for c in col]
+        return [_packed(c) for c in col]
     return _column(col)
 
 
-def pack(x: Any) -> Any:
-    """``x`` ready for the wire: a list of one model type, or of one tuple type, as columns; anything else as
-    it is. The receiver unpickles the same list (equal records, fresh objects)."""
+class _Blob:
+    """Packed columns pickled to bytes by the C pickler. Ray's serializer consults a Python hook for every
+    object it meets (for object refs and actor handles, which records never hold); handing it one bytes object
+    instead of the columns' thousands cut a call carrying 1,000 jobs from 8.0-8.8 ms to 5.9-6.4 (11-12 ms as
+    records), a round trip through an idle actor here."""
+
+    __slots__ = ("x",)
+
+    def __init__(self, x: Any):
+        self.x = x
+
+    def __reduce__(self):
+        try:
+            return pickle.loads, (pickle.dumps(self.x, protocol=5),)
+        except Exception:  # something only Ray knows how to send: let it
+            return _same, (self.x,)
+
+
+def _same(x: Any) -> Any:
+    return x
+
+
+def _packed(x: Any) -> Any:
+    """The columns of ``x``, or ``x`` itself when it is no list of one record type."""
     if type(x) is not list or len(x) < PACK_MIN_ROWS:
         return x
     t = type(x[0])
@@ -145,6 +167,13 @@ def pack(x: Any) -> Any:
         if all(type(v) is t and len(v) == n for v in x):
             return _Rows(t, x)
     return x
+
+
+def pack(x: Any) -> Any:
+    """``x`` ready for the wire: a list of one model type, or of one tuple type, as columns; anything else as
+    it is. The receiver unpickles the same list (equal records, fresh objects)."""
+    p = _packed(x)
+    return x if p is x else _Blob(p)
 
 
 def pack_args(args: tuple) -> tuple:

@@ -84,3 +84,12 @@ def test_columns_of_numbers_keep_each_value_and_its_type(rows):
     back = _trip(rows)
     assert back == rows
     assert [tuple(map(type, r)) for r in back] == [tuple(map(type, r)) for r in rows]
+
+
+def test_records_the_c_pickler_cannot_send_still_travel_as_ray_would_send_them():
+    from ray import cloudpickle  # Ray's own pickler (no Ray started): it sends what the records hold
+
+    jobs = [Job(k, r, f"fp{k}", claim=lambda: "made here") for k, r in enumerate(_requests()[:PACK_MIN_ROWS])]
+    back = cloudpickle.loads(cloudpickle.dumps(pack(jobs)))
+    assert [j._replace(claim=None) for j in back] == [j._replace(claim=None) for j in jobs]
+    assert [j.claim() for j in back] == ["made here"] * PACK_MIN_ROWS
