@@ -135,7 +135,8 @@ def _packed_column(col: list) -> Any:
 
 class _Blob:
     """Packed columns pickled to bytes by the C pickler. Ray's serializer consults a Python hook for every
-    object it meets (for object refs and actor handles, which records never hold); handing it one bytes object
+    object it meets, to find object refs and actor handles. Records hold neither (a body is checked to be JSON
+    where it enters; the C pickler would copy a ref without Ray's reference counting); handing it one bytes object
     instead of the columns' thousands cut a call carrying 1,000 jobs from 8.0-8.8 ms to 5.9-6.4 (11-12 ms as
     records), a round trip through an idle actor here."""
 
