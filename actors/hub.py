@@ -64,13 +64,13 @@ class ResultHub(Warm, MemoryJournalStore):
 
     async def push(self, results: list[Result], list_prices: list[float] | None = None) -> None:
         recent = self._recent
-        if any(r.uid in recent for r in results) or len({r.uid for r in results}) < len(results):
+        uids = [r.uid for r in results]  # once: a uid is made anew at every read, and each result needs it 4 times
+        if any(u in recent for u in uids) or len(set(uids)) < len(uids):
             # A result sent again (a dispatcher answering a re-admitted request it had already finished): the
             # driver has it or will, and the report must not count it twice.
             seen: set[str] = set()
-            keep = [k for k, r in enumerate(results)
-                    if r.uid not in recent and not (r.uid in seen or seen.add(r.uid))]
-            results = [results[k] for k in keep]
+            keep = [k for k, u in enumerate(uids) if u not in recent and not (u in seen or seen.add(u))]
+            results, uids = [results[k] for k in keep], [uids[k] for k in keep]
             list_prices = [list_prices[k] for k in keep] if list_prices else None
             if not results:
                 return
@@ -92,24 +92,25 @@ class ResultHub(Warm, MemoryJournalStore):
                 p["requests"] += 1
                 p["cost_usd"] += r.cost_usd
         self.metrics.observe_results(results, list_prices)
-        self._route(results)
-        for r in results:
-            recent[r.uid] = r
-            w = self._waiters.pop(r.uid, None)
+        self._route(results, uids)
+        waiters = self._waiters
+        for u, r in zip(uids, results):
+            recent[u] = r
+            w = waiters.pop(u, None) if waiters else None
             if w is not None and not w.done():
                 w.set_result(r)
         while len(recent) > RECENT:
             recent.popitem(last=False)
 
-    def _route(self, results: list[Result]) -> None:
+    def _route(self, results: list[Result], uids: list[str]) -> None:
         if not self._routed:
             one = self._clients[None]
             one.ready.extend(results)
             one.event.set()
             return
         owners, clients = self._owners, self._clients
-        for r in results:
-            for c in owners.pop(r.uid, ()):
+        for u, r in zip(uids, results):
+            for c in owners.pop(u, ()):
                 q = clients.get(c)
                 if q is not None:
                     q.give(r)
