@@ -274,7 +274,7 @@ class BudgetController(Warm):
     def _snapshot(self) -> tuple:
         b = self.book
         return (dict(b.spent), dict(b.reserved), dict(b.claims), dict(b.spend), dict(self.refusals), list(b.ended),
-                b.ended_overrun)
+                b.ended_overrun, b.latest)
 
     async def _journal_soon(self) -> None:
         while self._journal_dirty:
@@ -307,7 +307,7 @@ class BudgetController(Warm):
         if snap is None:
             return False
         b = self.book
-        spent, reserved, claims, spend, refusals, *ended = snap  # a snapshot from before ended windows: 5 parts
+        spent, reserved, claims, spend, refusals, *ended = snap  # before ended windows: 5 parts; before latest: 7
         b.restore(spent, reserved, claims, spend, *ended)
         self.refusals.update(refusals)
         stale = list(b.claims)

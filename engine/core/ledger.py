@@ -28,8 +28,9 @@ ENDED_KEPT = 256  # final rows of ended windows a ledger keeps for its report; t
 
 
 class BudgetBook:
-    """The reference ledger. The times it is given never go back (the simulator's, the budget actor's clock):
-    a window that has ended is not asked for again, and once no claim refers to it, it is gone."""
+    """The reference ledger. A window that has ended is not asked for again, and once no claim refers to it,
+    it is gone. So a time earlier than the latest one given counts as that one (``_at``): the simulator's never
+    goes back, but the budget actor's is a wall clock, which can (NTP, or a restart on a node that lags)."""
 
     def __init__(self, specs: list[BudgetSpec], throttle: Throttle = Throttle()):
         self.specs = list(specs)
@@ -49,6 +50,7 @@ class BudgetBook:
         self._refs: dict[str, int] = {}  # window key -> open claims that reserved in it
         self._ends: list[tuple[float, str]] = []  # heap of (end, key) of the windows held that end
         self._ended_held: set[str] = set()  # ended, but a claim still refers to it
+        self.latest = -math.inf  # the latest time given: no window it has passed is opened again
 
     def __repr__(self) -> str:
         return (f"BudgetBook(specs={len(self.specs)}, open={len(self.claims)}, "
@@ -72,7 +74,16 @@ class BudgetBook:
                                         th.paced_until(s, c.priority, now, used + c.amount)))
         return touched, verdict_of(refusals, c.priority, now)
 
+    def _at(self, now: float) -> float:
+        """``now``, or the latest time given if that is later: a window that ended may be gone, and opened
+        again empty it would let its budget be spent twice (and split its overrun into two rows under the
+        limit)."""
+        if now > self.latest:
+            self.latest = now
+        return self.latest
+
     def reserve_many(self, claims: list[Claim], now: float) -> list[Verdict]:
+        now = self._at(now)
         self._drop_ended(now)
         out = []
         for c in claims:
@@ -109,11 +120,14 @@ class BudgetBook:
         self.ended_overrun += max(row["spent_usd"] - row["max_budget"], 0.0)
 
     def restore(self, spent: dict, reserved: dict, claims: dict, spend: dict, ended: tuple = (),
-                ended_overrun: float = 0.0) -> None:
-        """Take a ledger's state back (a journal's snapshot) and rebuild what says when each window goes."""
+                ended_overrun: float = 0.0, latest: float = -math.inf) -> None:
+        """Take a ledger's state back (a journal's snapshot) and rebuild what says when each window goes. The
+        latest time is at least the end of every window that went (a snapshot without ``latest``)."""
         self.spent, self.reserved, self.claims, self.spend = dict(spent), dict(reserved), dict(claims), dict(spend)
         self.ended = deque(ended, maxlen=ENDED_KEPT)
         self.ended_overrun = ended_overrun
+        self.latest = max([latest, *(window_bounds(r["budget_duration"], float(r["window"]))[1]
+                                     for r in self.ended)])
         self._refs, self._ended_held = {}, set()
         for _, windows in self.claims.values():
             for k, _ in windows:
@@ -149,6 +163,7 @@ class BudgetBook:
 
     def charge_many(self, charges: list[Charge], now: float) -> None:
         """Count spend no claim covered; a charge id seen before changes nothing, so a replay is harmless."""
+        now = self._at(now)
         self._drop_ended(now)
         for c in charges:
             if c.cid in self.charged:
@@ -163,6 +178,7 @@ class BudgetBook:
 
     def report(self, now: float) -> list[dict]:
         """Each budget's current window."""
+        now = max(now, self.latest)
         return [window_row(s, s.key(now), self.spent.get(s.key(now), 0.0), self.reserved.get(s.key(now), 0.0))
                 for s in self.specs]
 

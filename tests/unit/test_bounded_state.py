@@ -344,3 +344,29 @@ def test_a_batch_of_the_endpoint_that_fails_validation_keeps_its_errors_and_lets
     assert again == view and again["status"] == "failed" and again["failed_at"] == 1000
     assert again["errors"]["data"][0]["code"] == "invalid_custom_id" and again["errors"]["data"][0]["line"] == 1501
     assert again["request_counts"] == {"total": 1500, "completed": 0, "failed": 0}  # as while it held them
+
+
+def test_a_budget_window_that_ended_and_went_is_not_reopened_when_the_clock_steps_back():
+    """The budget actor's clock is a wall clock (``ScaledClock`` reads ``time.time()``): it can step back (NTP, or
+    Ray restarting the actor on a node whose clock lags). The ledger dropped a window once it ended, so a time
+    just before that end opened it again empty: its whole budget could be spent a second time, and the two
+    halves, each under the limit, reported no overrun. A time before the latest one given counts as that one."""
+    from engine.core.budgets import BudgetSpec, Charge, Claim
+    from engine.core.ledger import BudgetBook
+
+    spec = BudgetSpec(tenant="acme", max_budget=1.0, budget_duration="30s")
+
+    def claim(rid: str, amount: float) -> Claim:
+        return Claim(rid, "acme", "openai", "gpt-5", "urgent", amount)
+
+    book = BudgetBook([spec])
+    assert book.reserve_many([claim("a", 1.0)], 29.0)[0].ok
+    book.settle_many([("a", 1.0)])  # the window at 0 is spent to its limit
+    assert book.reserve_many([claim("b", 0.1)], 31.0)[0].ok  # the next one: the window at 0 ends and goes
+    assert not book.reserve_many([claim("c", 1.0)], 29.5)[0].ok, "the window at 0 had its budget again"
+    book.charge_many([Charge("late", "acme", "openai", "gpt-5", 0.5)], 29.5)
+    assert spec.key(0.0) not in book.spent and book.spent[spec.key(31.0)] == 0.5, "a window went twice"
+    # A restart between (the journal's snapshot, as the budget actor takes it back) does not forget it either.
+    again = BudgetBook([spec])
+    again.restore(book.spent, book.reserved, book.claims, book.spend, list(book.ended), book.ended_overrun)
+    assert not again.reserve_many([claim("d", 1.0)], 29.5)[0].ok
