@@ -332,17 +332,18 @@ class Request(BaseModel):
         if spec.kind != "text" and (not isinstance(prompt, str) or not prompt.strip()):
             raise FieldProblem("prompt", f"a {spec.kind} request needs a non-empty 'prompt'")
         if d.get("input_tokens") is None:
-            # A turn of only tool outputs (an agent's loop) has no text, and is one: even of empty outputs.
+            # A turn of only tool outputs (an agent's loop) has no text, and is one: even of empty outputs. So
+            # is a message of only an image: it is sent, and billed by the image rule.
             calls = call_chars(body)
-            if (spec.kind == "text" and not (isinstance(prompt, str) and prompt) and not calls
+            images = body_image_tokens(body, catalog.image_rule(d["provider"], model))
+            if (spec.kind == "text" and not (isinstance(prompt, str) and prompt) and not calls and not images
                     and not only_tool_outputs(body)):
                 if body is not None:  # an OpenAI/Anthropic body: name its field, not the trace's
                     raise FieldProblem("body.messages", "the body has no text to send: give messages with content, "
                                        'e.g. [{"role": "user", "content": "..."}] (or input, for /v1/responses)')
                 raise FieldProblem("input_tokens", "a text request needs 'input_tokens' or a 'prompt' to estimate them from")
             chars = max(len(prompt) if isinstance(prompt, str) else 0, body_chars) + tool_chars(body) + calls
-            d["input_tokens"] = (math.ceil(chars / settings.chars_per_token)
-                                 + body_image_tokens(body, catalog.image_rule(d["provider"], model)))
+            d["input_tokens"] = math.ceil(chars / settings.chars_per_token) + images
         if d.get("output_tokens") is None:
             out = settings.default_output_tokens if spec.kind == "text" else 0
             cap = d.get("max_output_tokens")

@@ -233,3 +233,25 @@ def test_a_tool_output_of_text_and_image_parts_counts_as_the_same_parts_of_a_use
         {"type": "function_call_output", "call_id": "c1", "output": [*parts, file_part]}]}
     r = Request.model_validate({"id": "f", "arrival_s": 0.0, "model": "gpt-5-mini", "body": with_file})
     assert r.input_tokens >= out.input_tokens + 100 and r.input_tokens == responses_prompt(with_file, rule).tokens
+
+
+def test_a_body_whose_only_input_is_an_image_is_a_request_billed_for_it():
+    """A user message of one image and no text ("what is this?" left unsaid) is a valid call to every provider,
+    and billed for the image. It was refused as "the body has no text to send", though a Responses tool output
+    of only a screenshot, in a turn of nothing else, is taken and billed by the image rule."""
+    url = f"data:image/png;base64,{IMG}"
+    rule = default_catalog().image_rule("openai", "gpt-5-mini")
+    shot = {"type": "function_call_output", "call_id": "c1", "output": [{"type": "input_image", "image_url": url}]}
+    for body, bill in (({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]},
+                        chat_prompt),
+                       ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": url}]}]},
+                        responses_prompt),
+                       ({"previous_response_id": "resp_1", "input": [
+                           shot, {"role": "user", "content": [{"type": "input_image", "image_url": url}]}]},
+                        responses_prompt)):
+        r = Request.model_validate({"id": "i", "arrival_s": 0.0, "model": "gpt-5-mini", "body": body})
+        assert r.input_tokens == bill(body, rule).tokens > 0
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 64, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": IMG}}]}]}
+    r = Request.model_validate({"id": "a", "arrival_s": 0.0, "provider": "anthropic", "body": body})
+    assert r.input_tokens == anthropic_prompt(body, default_catalog().image_rule("anthropic", r.model)).tokens > 0
