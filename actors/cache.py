@@ -131,7 +131,7 @@ class ResultCache(NearIndex, Warm):
         if not todo:
             return out, from_redis
         raws = await self.redis.get_many([self.redis.key(*pairs[k]) for k in todo])
-        for k, raw in zip(todo, raws):
+        for k, (raw, left_ms) in zip(todo, raws):
             if raw is None:
                 continue
             try:
@@ -141,7 +141,9 @@ class ResultCache(NearIndex, Warm):
                 continue
             out[k] = e
             from_redis.add(k)
-            self.memory.put(e, self.cfg.ttl_s)  # promoted: the next hit on it stays in this process
+            # Promoted: the next hit on it stays in this process, for the life its key has left (not a new TTL).
+            ttl_s = self.cfg.ttl_s
+            self.memory.put(e, ttl_s if left_ms < 0 else min(left_ms / 1000, ttl_s))
         return out, from_redis
 
     def _output(self, e: Entry) -> str | None:

@@ -228,16 +228,23 @@ class RedisLayer:
         pending, self._pending = list(self._pending), deque(maxlen=self._pending.maxlen)
         await self.put_many(pending)
 
-    async def get_many(self, keys: list[str]) -> list[bytes | None]:
+    async def get_many(self, keys: list[str]) -> list[tuple[bytes | None, int]]:
+        """(value or None, milliseconds its key has left, -1: no expiry) of each key, in one round trip: a
+        value kept in memory after the read must not outlive its key."""
         if not keys or not self._usable():
-            return [None] * len(keys)
+            return [(None, -2)] * len(keys)
         try:
-            vals = await self.client.mget(keys)
+            pipe = self.client.pipeline(transaction=False)
+            pipe.mget(keys)
+            for k in keys:
+                pipe.pttl(k)
+            vals, *left = await pipe.execute()
         except Exception as exc:  # any failure of the cache's Redis is a miss, never a failed request
             self._failed(exc)
-            return [None] * len(keys)
+            return [(None, -2)] * len(keys)
         await self._recovered()
-        return vals
+        # A key that expired between the two reads reads None, or -2 left.
+        return [(v if ms != -2 else None, ms) for v, ms in zip(vals, left, strict=True)]
 
     async def put_many(self, items: list[tuple[str, bytes, int]]) -> None:
         """``(key, value, ttl_ms)`` triples in one pipeline."""

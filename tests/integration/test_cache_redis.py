@@ -209,3 +209,28 @@ def test_redis_slow_down_and_back(own_redis, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="smartbatch.cache"):
         run(go())
     assert any("unreachable" in m for m in caplog.messages) and any("is back" in m for m in caplog.messages)
+
+
+def test_a_result_read_from_redis_stays_in_memory_only_as_long_as_its_key_has_left(redis_server, tmp_path):
+    """A hit read from Redis is kept in memory for the next: it took a whole TTL from the read, so a result
+    stored 50 minutes before, with a 1 h TTL, was served from memory for another hour after Redis let it go
+    (what a row warmed at a restart no longer does). It expires when its Redis key does."""
+    cs = Caches(redis_server.url, tmp_path, ttl_s=3600)
+    r = redis_server.client()
+
+    async def go():
+        hub, cache = cs.new()
+        src = job(0, "A lighthouse in a storm, oil on canvas")
+        await generate(cache, hub, src)
+        await cache.close()
+        (key,) = r.keys(f"{cs.prefix}:*")
+        r.pexpire(key, 600_000)  # stored 50 minutes ago: 10 left
+        hub2, fresh = cs.new()  # a restarted actor, not warmed: the first hit reads Redis
+        assert await fresh.lookup([job(1, "A lighthouse in a storm, oil on canvas", reuse="exact")]) == []
+        assert fresh.memory.get(src.fp) is not None
+        cs.clock.advance(601)
+        r.delete(key)  # what its expiry does, 10 minutes on
+        assert fresh.memory.get(src.fp) is None
+        assert await fresh.lookup([job(2, "A lighthouse in a storm, oil on canvas", reuse="exact")]) == [0]
+        await fresh.close()
+    run(go())
