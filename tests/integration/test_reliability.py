@@ -1,5 +1,7 @@
 """Identity, idempotency, stopping, backpressure and retention of the live engine (issue 11, first part)."""
 
+import time
+
 import pytest
 
 from engine import Engine
@@ -63,10 +65,13 @@ def test_backpressure_bounds_the_unfinished_requests(ray_session):
         eng.submit_many([text(i, **slow) for i in range(3)])
         with pytest.raises(Overloaded, match="max_pending=3"):
             eng.submit(text(9, **slow))
-    with Engine.start(speedup=1, max_pending=2, submit_timeout_s=0.2) as eng:
-        eng.submit_many([text(i, **slow) for i in range(2)])
+        # The same engine with overload="block" and submit_timeout_s=0.2 (saves a start-up): still full, so a
+        # submit waits 0.2 s for room, in vain.
+        eng._overload, eng._submit_timeout_s = "block", 0.2
+        t0 = time.monotonic()
         with pytest.raises(Overloaded):
-            eng.submit(text(9, **slow))  # waited 0.2 s for room, in vain
+            eng.submit(text(9, **slow))
+        assert time.monotonic() - t0 >= 0.2  # it waited for room before giving up
 
 
 def test_finished_requests_are_forgotten_after_the_retention_window(ray_session):
