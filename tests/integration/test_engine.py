@@ -47,32 +47,44 @@ def test_every_future_resolves_and_the_report_adds_up(ray_session):
     assert all(r.recommendation and r.reason and r.batch_id for r in ok)
 
 
-def test_object_refs_resolve_to_the_results(ray_session):
-    import ray
-
+@pytest.fixture(scope="class")
+def quiet_engine(ray_session):
+    """One engine, metrics off by setting, for the tests of ``TestOnOneQuietEngine`` (an engine start costs
+    seconds). Class-scoped: it stops before the tests after them, whose collector checks need no other engine
+    running."""
     from engine.core.settings import MetricsSettings, Settings
 
-    reqs = short_trace(40, seed=5, span_s=10, max_deadline_s=600)
     with Engine.start(Settings(metrics=MetricsSettings(port=None)), speedup=500) as eng:
+        yield eng
+
+
+class TestOnOneQuietEngine:
+    """Tests that check only their own requests' results, on one engine; their ids keep apart."""
+
+    def test_object_refs_resolve_to_the_results(self, quiet_engine):
+        import ray
+
+        reqs = short_trace(40, seed=5, span_s=10, max_deadline_s=600)
+        eng = quiet_engine
         assert eng.metrics_url is None  # metrics off by setting
         futs = eng.submit_many(reqs)
         early = [f.object_ref() for f in futs]  # asked for before the results exist
         results = [f.result(timeout=120) for f in futs]
         late = [f.object_ref() for f in futs]  # and after
         got_early, got_late = ray.get(early, timeout=60), ray.get(late, timeout=60)
-    assert [r.id for r in got_early] == [r.id for r in reqs] == [r.id for r in got_late]
-    assert got_early == results == got_late
-    assert futs[0].object_ref() is late[0]  # one ref per future
+        assert [r.id for r in got_early] == [r.id for r in reqs] == [r.id for r in got_late]
+        assert got_early == results == got_late
+        assert futs[0].object_ref() is late[0]  # one ref per future
 
-
-def test_bad_input_is_refused_with_the_field(ray_session):
-    # Speed-up 100: the valid request's sync call takes ~3 s at real time (speed-up 1 is covered by
-    # test_a_dead_actor_fails_open_futures_instead_of_hanging).
-    with Engine.start(speedup=100) as eng:
+    def test_bad_input_is_refused_with_the_field(self, quiet_engine):
+        # At speed-up 500, not 1: the valid request's sync call took ~3 s of real time (speed-up 1 is covered
+        # by test_a_dead_actor_fails_open_futures_instead_of_hanging).
+        eng = quiet_engine
         with pytest.raises(RequestError, match="field 'input_tokens'"):
             eng.submit({"id": "x", "model": "gpt-5", "input_tokens": -1})
         # 20 s leaves no time for a batch: smart sends it at once
-        f = eng.submit({"id": "y", "model": "gpt-5-mini", "prompt": "hello", "priority": "urgent", "deadline_s": 20})
+        f = eng.submit({"id": "y", "model": "gpt-5-mini", "prompt": "hello", "priority": "urgent",
+                        "deadline_s": 20})
         assert f.result(timeout=60).status == "ok"
 
 
