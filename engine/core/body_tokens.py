@@ -1,4 +1,4 @@
-"""What a provider body bills as input beyond its text: tool definitions and images.
+"""What a provider body bills as input: its text (``split_body``), tool definitions and images.
 
 The engine estimates a request's input tokens before the call (budgets reserve on the estimate; the provider's
 ``usage`` replaces it after), and the emulator bills by the same rules, so both must count what the providers
@@ -19,8 +19,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["ImageInput", "block_call_text", "body_image_tokens", "call_chars", "call_texts", "image_blocks",
-           "image_size", "image_tokens", "only_tool_outputs", "tool_chars", "tool_output_parts"]
+from engine.core._checks import FieldProblem
+
+__all__ = ["TEXT_PARTS", "ImageInput", "block_call_text", "body_image_tokens", "call_chars", "call_texts",
+           "image_blocks", "image_size", "image_tokens", "only_tool_outputs", "split_body", "tool_chars",
+           "tool_output_parts"]
 
 
 class ImageInput(BaseModel):
@@ -46,8 +49,57 @@ class ImageInput(BaseModel):
 # tile models charge for a large image.
 DEFAULT_IMAGE_INPUT = ImageInput(scheme="area")
 _PATCH, _MAX_PATCHES = 32, 1536
+# The content parts that are text (Chat and Anthropic ``text``, Responses ``input_text`` and ``output_text``):
+# each API refuses one whose ``text`` is not a string, with a 400 for the whole call.
+TEXT_PARTS = ("text", "input_text", "output_text")
 _OUTPUT_PARTS = ("input_text", "input_image")  # of a tool output, the parts that are text and images
 _HEAD_B64 = 87_384  # base64 characters read for a header: 64 kB of image (a JPEG's size follows its EXIF)
+
+
+def split_body(body: dict, where: str = "body") -> tuple[str, dict]:
+    """(the body's text: system/instructions, every message's text, then ``input`` or ``prompt``; the body with
+    that text blanked out: the shape tools, settings, roles and images make). One walk for both, so what counts
+    as text and what as shape never disagree. A text part whose ``text`` is not a string raises
+    ``FieldProblem`` naming its path (``where`` is the body's): it is refused per request here, where the
+    provider would refuse the call that carries it and its neighbours."""
+    parts: list[str] = []
+
+    def text(v: Any, path: str) -> Any:
+        if isinstance(v, str):
+            parts.append(v)
+            return ""
+        return [block(b, path, n) for n, b in enumerate(v)] if isinstance(v, list) else v
+
+    def block(b: Any, path: str, n: int) -> Any:
+        if not isinstance(b, dict):
+            return text(b, path) if isinstance(b, str) else b  # an image, a tool call...: shape
+        if isinstance(b.get("text"), str):
+            parts.append(b["text"])
+            return {**b, "text": ""}
+        if b.get("type") in TEXT_PARTS:
+            got = repr(b["text"]) if "text" in b else "nothing"
+            got = got if len(got) <= 40 else got[:37] + "..."
+            raise FieldProblem(f"{path}[{n}].text", f"{path}[{n}].text must be a string, got {got}: the provider "
+                               f"refuses a {b['type']!r} part with any other text; send the text as a JSON string")
+        if "content" in b:
+            return {**b, "content": text(b["content"], f"{path}[{n}].content")}
+        if b.get("type") == "function_call_output" and isinstance(b.get("output"), list):
+            # A tool's output of parts: its text is text, as a message's.
+            return {**b, "output": text(b["output"], f"{path}[{n}].output")}
+        return b
+
+    shape = dict(body)
+    for key in ("system", "instructions"):
+        if key in body:
+            shape[key] = text(body[key], f"{where}.{key}")
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        shape["messages"] = [{**m, "content": text(m["content"], f"{where}.messages[{i}].content")}
+                             if isinstance(m, dict) and "content" in m else m for i, m in enumerate(messages)]
+    for key in ("input", "prompt"):
+        if key in body:
+            shape[key] = text(body[key], f"{where}.{key}")
+    return "\n".join(parts), shape
 
 
 def tool_chars(body: Any) -> int:

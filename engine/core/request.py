@@ -24,7 +24,7 @@ from engine.core._checks import (
     check_route,
     check_text,
 )
-from engine.core.body_tokens import body_image_tokens, call_chars, only_tool_outputs, tool_chars
+from engine.core.body_tokens import body_image_tokens, call_chars, only_tool_outputs, split_body, tool_chars
 from engine.core.catalog import Catalog, Kind, default_catalog
 from engine.core.errors import CatalogError
 from engine.core.settings import MAX_DEADLINE_S, Settings, default_settings
@@ -78,41 +78,6 @@ def body_text(body: dict) -> str:
     (strings and text content blocks), then ``input`` or ``prompt``. Used to estimate tokens before the call
     (the provider's ``usage`` replaces the estimate after it) and as the request's prompt for reuse."""
     return split_body(body)[0]
-
-
-def split_body(body: dict) -> tuple[str, dict]:
-    """(``body_text``, the body with that text blanked out: the shape tools, settings, roles and images make).
-    One walk for both, so what counts as text and what as shape never disagree."""
-    parts: list[str] = []
-
-    def text(v: Any) -> Any:
-        if isinstance(v, str):
-            parts.append(v)
-            return ""
-        return [block(b) for b in v] if isinstance(v, list) else v
-
-    def block(b: Any) -> Any:
-        if isinstance(b, dict) and isinstance(b.get("text"), str):
-            parts.append(b["text"])
-            return {**b, "text": ""}
-        if isinstance(b, dict) and "content" in b:
-            return {**b, "content": text(b["content"])}
-        if isinstance(b, dict) and b.get("type") == "function_call_output" and isinstance(b.get("output"), list):
-            return {**b, "output": text(b["output"])}  # a tool's output of parts: its text is text, as a message's
-        return text(b) if isinstance(b, str) else b  # an image, a tool call...: shape
-
-    shape = dict(body)
-    for key in ("system", "instructions"):
-        if key in body:
-            shape[key] = text(body[key])
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        shape["messages"] = [{**m, "content": text(m["content"])} if isinstance(m, dict) and "content" in m else m
-                             for m in messages]
-    for key in ("input", "prompt"):
-        if key in body:
-            shape[key] = text(body[key])
-    return "\n".join(parts), shape
 
 
 def _from_batch_line(d: dict) -> dict:

@@ -12,6 +12,7 @@ import re
 from typing import Any, NamedTuple
 
 from engine.core.body_tokens import (
+    TEXT_PARTS,
     ImageInput,
     block_call_text,
     call_texts,
@@ -37,7 +38,6 @@ __all__ = [
 CHARS_PER_TOKEN = 4
 MARKER = "[[emulator:output_tokens=N]]"
 _MARKER_RE = re.compile(r"\[\[emulator:output_tokens=(\d+)\]\]")
-_TEXT_TYPES = ("text", "input_text", "output_text")
 _FILLER = " lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor incididunt"
 
 
@@ -111,7 +111,7 @@ class _Builder:
         if not isinstance(content, list):
             raise ApiError(400, f"{where} must be a string or a list of content blocks", param=where)
         texts = []
-        for block in content:
+        for n, block in enumerate(content):
             if not isinstance(block, dict):
                 raise ApiError(400, f"each block of {where} must be an object", param=where)
             for source, detail in image_blocks([block]):
@@ -119,16 +119,18 @@ class _Builder:
                 # too; it stands in the cache order as text of that many tokens, the same for the same image.
                 self.add(_image_text(source, image_tokens(self.images, image_size(source), detail)), _marked(block))
             if block.get("type") == "tool_result":  # its content is text and images, billed as such
-                texts.append(self.content(block.get("content"), f"{where}.content"))
+                texts.append(self.content(block.get("content"), f"{where}[{n}].content"))
                 continue
             # A tool call is billed as input too: its name and arguments (engine.core.body_tokens, as the
             # engine's estimate counts it).
             self.add(block_call_text(block), _marked(block))
-            text = block.get("text") if block.get("type") in _TEXT_TYPES else None
-            if text is not None and not isinstance(text, str):
-                raise ApiError(400, f"a text block of {where} needs a string 'text'", param=where)
-            self.add(text or "", _marked(block))
-            texts.append(text or "")
+            text = block.get("text") if block.get("type") in TEXT_PARTS else ""
+            if not isinstance(text, str):  # null or missing too: both APIs answer 400
+                raise ApiError(400, f"{where}[{n}].text: expected a string, got "
+                               f"{'null' if text is None else type(text).__name__}",
+                               param=f"{where}[{n}].text")
+            self.add(text, _marked(block))
+            texts.append(text)
         return "".join(texts)
 
     def messages(self, messages: Any, param: str) -> None:

@@ -20,6 +20,8 @@ from engine.core.request import MAX_DEADLINE_S, MEDIA_PARAMS, Request, validatio
 from engine.core.settings import CacheSettings, Settings, check_redis_url, load_settings
 from engine.core.trace import MAX_SPAN_S, _problems_of, load_trace, parse_trace_lines
 from engine.core.tracegen import from_azure, from_mooncake
+from engine.emulator._text import anthropic_prompt, chat_prompt, responses_prompt
+from engine.emulator._wire import ApiError
 from engine.sim.lower_bound import lower_bound
 from engine.sim.simulator import simulate
 from policies import load_policy
@@ -79,6 +81,69 @@ def test_a_body_that_is_not_json_is_refused_naming_its_path(body, field, says):
     problems = refused({"id": "a", "arrival_s": 0, "model": "gpt-5-mini", "prompt": "hi", "body": body})
     assert problems[0][0] == field and says in problems[0][1], problems
     assert ok(body={"metadata": {"k": [1, 2.5, True, None, {"x": "y"}]}}).body["metadata"]["k"][4] == {"x": "y"}
+
+
+def _user(*parts):
+    return {"role": "user", "content": list(parts)}
+
+
+# (model, body, the path of the bad text, the emulator's prompt builder); ``BAD`` marks the text part's value.
+BAD = object()
+_TEXT_PART_BODIES = [
+    ("gpt-5-mini", {"messages": [_user({"type": "text", "text": "hi"}, {"type": "text", "text": BAD})]},
+     "body.messages[0].content[1].text", chat_prompt),
+    ("gpt-5-mini", {"messages": [_user({"type": "text", "text": "run it"}),
+                                 {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": BAD}]}]},
+     "body.messages[1].content[0].text", chat_prompt),
+    ("gpt-5-mini", {"input": [_user({"type": "input_text", "text": BAD})]}, "body.input[0].content[0].text",
+     responses_prompt),
+    ("gpt-5-mini", {"input": [_user({"type": "input_text", "text": "run it"}),
+                              {"type": "function_call_output", "call_id": "c1",
+                               "output": [{"type": "input_text", "text": BAD}]}]},
+     "body.input[1].output[0].text", responses_prompt),
+    ("claude-sonnet-4-5", {"system": [{"type": "text", "text": BAD}], "messages": [_user({"type": "text", "text": "hi"})]},
+     "body.system[0].text", anthropic_prompt),
+    ("claude-sonnet-4-5", {"messages": [_user({"type": "tool_result", "tool_use_id": "t1",
+                                               "content": [{"type": "text", "text": BAD}]})]},
+     "body.messages[0].content[0].content[0].text", anthropic_prompt),
+]
+
+
+def _with(v, value):
+    if v is BAD:
+        return value
+    if isinstance(v, dict):
+        return {k: _with(x, value) for k, x in v.items()}
+    return [_with(x, value) for x in v] if isinstance(v, list) else v
+
+
+@pytest.mark.parametrize("value", [5, None, ["a"], {"value": "a"}], ids=["number", "null", "list", "object"])
+@pytest.mark.parametrize("model, body, field, prompt", _TEXT_PART_BODIES,
+                         ids=["chat", "chat tool", "responses", "responses tool output", "anthropic system",
+                              "anthropic tool_result"])
+def test_a_text_part_whose_text_is_not_a_string_is_refused_naming_its_path(model, body, field, prompt, value):
+    # Accepted, each of these was sent and refused by the API (400) with the call that carried it: its
+    # neighbours in a batch failed too. The emulator refuses the same shape, as the APIs do.
+    (got, msg), = refused({"id": "a", "arrival_s": 0, "model": model, "body": _with(body, value)})
+    assert got == field and msg.startswith(f"{field} must be a string, got {value!r}"), msg
+    with pytest.raises(ApiError) as ei:
+        prompt(_with(body, value))
+    assert ei.value.status == 400 and ei.value.param == field.removeprefix("body.")
+    # The same body with a string is valid, and its text counts.
+    r = ok(model=model, input_tokens=None, body=_with(body, "forty-two"))
+    assert "forty-two" in r.prompt and prompt(r.body).text.count("forty-two") == 1
+
+
+def test_a_text_part_with_no_text_is_refused_and_other_parts_are_not():
+    (got, msg), = refused({"id": "a", "arrival_s": 0, "model": "gpt-5-mini",
+                           "messages": [_user({"type": "text", "text": "hi"}, {"type": "text"})]})
+    assert got == "body.messages[0].content[1].text" and "got nothing" in msg
+    # An image part has no ``text``, and Responses' own ``text`` setting (an object, whose format's type is
+    # "text") is no content part: both pass, as before.
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+    assert ok(model="gpt-5-mini", messages=[_user({"type": "text", "text": "hi"}, image)]).prompt == "hi"
+    r = ok(model="gpt-5-mini", input=[_user({"type": "input_text", "text": "hi"})], text={"format": {"type": "text"}})
+    assert r.prompt == "hi" and r.body["text"] == {"format": {"type": "text"}}
 
 
 def test_bytes_that_are_not_utf8_name_the_file_and_line(tmp_path):
