@@ -57,7 +57,7 @@ def _models(kind: type[BaseModel], names: tuple[str, ...], cols: list, sets: tup
             which: list[int]) -> list[BaseModel]:
     new, put = object.__new__, object.__setattr__
     out = []
-    for row, k in zip(zip(*[_values(c) for c in cols]), which):
+    for row, k in zip(zip(*cols), which):
         m = new(kind)
         put(m, "__dict__", dict(zip(names, row)))
         put(m, "__pydantic_fields_set__", set(sets[k]))
@@ -82,7 +82,7 @@ class _Rows:
 
 
 def _rows(kind: type[tuple], cols: list) -> list[tuple]:
-    rows = zip(*[_values(c) for c in cols])
+    rows = zip(*cols)
     if kind is tuple:
         return list(rows)
     new = tuple.__new__
@@ -90,7 +90,8 @@ def _rows(kind: type[tuple], cols: list) -> list[tuple]:
 
 
 class _Array:
-    """A column of plain ints or floats as one numpy array (a buffer on the wire); unpickles to the list."""
+    """A column of plain ints or floats as one numpy array (a buffer on the wire); unpickles to the list, before
+    the records that hold it are rebuilt."""
 
     __slots__ = ("arr",)
 
@@ -116,10 +117,6 @@ def _column(col: list) -> Any:
             except OverflowError:  # an int beyond 64 bits travels as it is
                 pass
     return col
-
-
-def _values(c: Any) -> list:
-    return c.arr.tolist() if isinstance(c, _Array) else c
 
 
 def _packed_column(col: list) -> Any:
