@@ -132,6 +132,18 @@ def test_a_restarted_cache_warms_its_near_duplicate_index_from_redis(redis_serve
     run(go())
 
 
+async def _stored_with_ten_minutes_left(cs, r, text: str):
+    """A result of ``text`` stored by one cache actor whose Redis key has 10 minutes left (stored 50 minutes
+    ago under a 1 h TTL), and a restarted actor: (its job, its key, the new cache)."""
+    hub, cache = cs.new()
+    src = job(0, text)
+    await generate(cache, hub, src)
+    await cache.close()
+    (key,) = r.keys(f"{cs.prefix}:*")
+    r.pexpire(key, 600_000)
+    return src, key, cs.new()[1]
+
+
 def test_a_row_warmed_from_redis_keeps_the_life_its_key_had_left_not_a_new_ttl(redis_server, tmp_path):
     """A warmed row took a whole TTL from the restart, in memory and in the near index: a result stored 50
     minutes before a restart, with a 1 h TTL, was served for another hour. It expires when its Redis key does."""
@@ -139,13 +151,7 @@ def test_a_row_warmed_from_redis_keeps_the_life_its_key_had_left_not_a_new_ttl(r
     r = redis_server.client()
 
     async def go():
-        hub, cache = cs.new()
-        src = job(0, "Draw a red car parked on a wet street at night")
-        await generate(cache, hub, src)
-        await cache.close()
-        (key,) = r.keys(f"{cs.prefix}:*")
-        r.pexpire(key, 600_000)  # stored 50 minutes ago: 10 left
-        hub2, fresh = cs.new()
+        src, key, fresh = await _stored_with_ten_minutes_left(cs, r, "Draw a red car parked on a wet street at night")
         assert await fresh.warm_from_redis() == 1
         assert fresh.memory.get(src.fp) is not None and fresh.cache_stats()["near_entries"] == 1
         cs.clock.advance(601)
@@ -220,13 +226,8 @@ def test_a_result_read_from_redis_stays_in_memory_only_as_long_as_its_key_has_le
     r = redis_server.client()
 
     async def go():
-        hub, cache = cs.new()
-        src = job(0, "A lighthouse in a storm, oil on canvas")
-        await generate(cache, hub, src)
-        await cache.close()
-        (key,) = r.keys(f"{cs.prefix}:*")
-        r.pexpire(key, 600_000)  # stored 50 minutes ago: 10 left
-        hub2, fresh = cs.new()  # a restarted actor, not warmed: the first hit reads Redis
+        # A restarted actor, not warmed: the first hit reads Redis.
+        src, key, fresh = await _stored_with_ten_minutes_left(cs, r, "A lighthouse in a storm, oil on canvas")
         assert await fresh.lookup([job(1, "A lighthouse in a storm, oil on canvas", reuse="exact")]) == []
         assert fresh.memory.get(src.fp) is not None
         cs.clock.advance(601)
