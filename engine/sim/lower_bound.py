@@ -149,6 +149,35 @@ def _cluster_writes(holders: list[tuple[float, float, float, float]]) -> float:
     return total + (min(w_min, p_sum) if open_ else 0.0)
 
 
+def _shared_blocks(reqs: Sequence[Request], free: np.ndarray, catalog: Catalog) -> set[tuple]:
+    """The (provider, model, block) that at least two paying requests hold: the only blocks any request can
+    read, since a block nobody else holds is never written before the one request that holds it is sent
+    (a request served by reuse or failing every attempt sends nothing, so it writes nothing)."""
+    seen: set[tuple] = set()
+    shared: set[tuple] = set()
+    for i, r in enumerate(reqs):
+        if free[i] or not r.prefix_blocks or catalog.providers[r.provider].prompt_cache is None:
+            continue
+        for b in r.prefix_blocks:
+            key = (r.provider, r.model, b)
+            (shared if key in seen else seen).add(key)
+    return shared
+
+
+def _readable(r: Request, prov, spec, prefix: int, shared: set[tuple], bt: int) -> int:
+    """The most prefix tokens ``r`` can read from the provider's cache: a read is the leading run of blocks
+    others also hold, cut to the cache's granularity, and none at all under the model's minimum (the
+    provider's rules, which the simulator applies to every read: ``engine.core.cost.cache_split``)."""
+    run = 0
+    for b in r.prefix_blocks:
+        if (r.provider, r.model, b) not in shared:
+            break
+        run += 1
+    readable = min(run * bt, prefix)
+    readable -= readable % max(prov.prompt_cache.block_tokens, 1)
+    return readable if readable >= max(min_cacheable_tokens(prov, spec), 1) else 0
+
+
 def lower_bound(requests: Sequence[Request], *, catalog: Catalog | None = None, settings: Settings | None = None,
                 seed: int | None = None, draws: Draws | None = None,
                 relax: np.ndarray | None = None, online: bool = False) -> LowerBound:
@@ -207,6 +236,7 @@ def lower_bound(requests: Sequence[Request], *, catalog: Catalog | None = None, 
     elig = p_batch >= 1.0
 
     # 4-5. price every paying request at its cheapest
+    shared = _shared_blocks(reqs, free, catalog)
     write_holders: dict[tuple, list[tuple[float, float, float]]] = {}
     gpu_classes: dict[tuple, list[int]] = {}
     for i, r in enumerate(reqs):
@@ -230,22 +260,28 @@ def lower_bound(requests: Sequence[Request], *, catalog: Catalog | None = None, 
             per[i] = sum(w * f for w, f in lanes) * (p_in * r.input_tokens + p_out * r.output_tokens)
             continue
         rm = cache_read_multiplier(prov, spec)
-        write_extra, plain_extra = np.inf, np.inf
+        readable = _readable(r, prov, spec, prefix, shared, bt)
+        write_extra, plain_extra, write_over_plain = np.inf, np.inf, np.inf
         for w, f in lanes:
             rc = f * rm if pc.stacks_with_batch else min(f, rm)
-            per[i] += w * (f * p_in * (r.input_tokens - prefix) + rc * p_in * prefix + f * p_out * r.output_tokens)
+            per[i] += w * (f * p_in * (r.input_tokens - readable) + rc * p_in * readable
+                           + f * p_out * r.output_tokens)
             # Above its read price, a holder pays ``plain_extra`` for a block sent uncached, ``write_extra`` for
             # writing it (in a lane where the cache applies: sync, or the batch lane if the cache stacks). Both
-            # at the cheapest lane, so a cluster's minimum stays below the expected minimum.
+            # at the cheapest lane, so a cluster's minimum stays below the expected minimum. Tokens it cannot
+            # read it already pays plain, and writing them costs ``write_over_plain`` more.
             plain_extra = min(plain_extra, p_in * (f - rc))
             fw = f if (pc.stacks_with_batch or f == 1.0) else 1.0
             write_extra = min(write_extra, p_in * (pc.write_multiplier * fw - rc))
+            write_over_plain = min(write_over_plain, p_in * (pc.write_multiplier * fw - f))
         for k, b in enumerate(r.prefix_blocks):
             tok = min(bt, prefix - k * bt)
             if tok <= 0:
                 break
+            read = min(max(readable - k * bt, 0), tok)
             write_holders.setdefault((r.provider, r.model, b), []).append(
-                (arrival[i], deadline[i] + pc.ttl_s, write_extra * tok, plain_extra * tok))
+                (arrival[i], deadline[i] + pc.ttl_s, write_extra * read + write_over_plain * (tok - read),
+                 plain_extra * read))
     write_total = sum(_cluster_writes(holders) for holders in write_holders.values())
     for key, idxs in gpu_classes.items():
         r0 = reqs[idxs[0]]

@@ -142,3 +142,17 @@ def test_an_explicit_cache_write_is_charged_at_its_write_price():
     assert lower_bound(pair, seed=0).total_usd == pytest.approx(best)
     alone = price_batch(pair[:1], CAT, "batch_api")[0].total
     assert lower_bound(pair[:1], seed=0).total_usd == pytest.approx(alone)
+
+
+def test_a_read_shorter_than_the_models_minimum_is_no_read():
+    """Conversations that share only a 512-token system block, under Sonnet's 1,024-token minimum: no provider
+    reads that block alone, so the best schedule (one batch) sends every prompt plain, and so does the bound.
+    Before it knew the minimum, it read the shared block for all but one of them."""
+    convs = [_anthropic(i, [1, 10 * i + 2, 10 * i + 3, 10 * i + 4]) for i in range(3)]
+    best = sum(p.total for p in price_batch(convs, CAT, "batch_api"))
+    assert lower_bound(convs, seed=0).total_usd == pytest.approx(best)
+    # Two shared blocks reach the minimum: the later turns read them, and the bound follows.
+    turns = [_anthropic(i, [1, 2, 10 * i + 3, 10 * i + 4]) for i in range(3)]
+    best = sum(p.total for p in price_batch(turns, CAT, "batch_api"))
+    assert sum(p.cached_input for p in price_batch(turns, CAT, "batch_api")) > 0
+    assert lower_bound(turns, seed=0).total_usd == pytest.approx(best)
