@@ -272,7 +272,8 @@ def shared_prefix_marks(reqs: Sequence[Request]) -> list[int]:
 
 
 def price_batch(reqs: Sequence[Request], catalog: Catalog, mode: Mode, *,
-                warm: Iterable[int] = (), block_tokens: int = 512, failed: Iterable[int] = ()) -> list[Price]:
+                warm: Iterable[int] = (), block_tokens: int = 512, failed: Iterable[int] = (),
+                warmed: list[int] | None = None) -> list[Price]:
     """Price of each member of one dispatch of ``reqs`` (same provider and model) under ``mode``.
 
     ``batch_api``/``sync``: members run in the given order; a prefix written by an earlier member is read
@@ -280,7 +281,8 @@ def price_batch(reqs: Sequence[Request], catalog: Catalog, mode: Mode, *,
     member marks only the prefix a later member starts with, so no write is paid that nobody reads.
     ``failed``: positions of members whose attempt fails. They are billed nothing, so they write nothing
     either: a later member does not read a prefix only a failed one would have written (its own marks were
-    set at submission, and stand).
+    set at submission, and stand). A member leaves warm only the blocks it read or wrote, not the rest of its
+    prefix: ``warmed``, when given, receives that count per member (0 for a failed one).
     ``gpu_batch``: members share one warm-up, ``setup_s + sum(unit) / speedup(b)`` GPU seconds, each paying
     its own unit share plus an equal share of the warm-up.
     """
@@ -324,6 +326,8 @@ def price_batch(reqs: Sequence[Request], catalog: Catalog, mode: Mode, *,
             n_warm += 1
         split = cache_split(provider, spec, r.input_tokens, len(r.prefix_blocks), n_warm, mark, block_tokens)
         prices.append(price_text(provider, spec, split, r.output_tokens, mode))
-        if use_cache and (split.write or split.read) and k not in gone:
-            warm_set.update(r.prefix_blocks)
+        cached = -(-(split.read + split.write) // block_tokens) if use_cache and k not in gone else 0
+        warm_set.update(r.prefix_blocks[:cached])
+        if warmed is not None:
+            warmed.append(cached)
     return prices

@@ -354,14 +354,15 @@ class SimProvider:
         warm_blocks = {b for r in reqs for b in r.prefix_blocks if warm.get(b, -1.0) >= t} if stacks else set()
         fail_u = self.draws.fail_u
         oks = [fail_u(i, k) >= prov.failure_rate for i, k in zip(idxs, attempts)]
+        warmed: list[int] = []  # per member, the blocks it read or wrote: only those stay warm
         prices = price_batch(list(reqs), self.catalog, "batch_api", warm=warm_blocks, block_tokens=self.bt,
-                             failed=[m for m, ok in enumerate(oks) if not ok])
+                             failed=[m for m, ok in enumerate(oks) if not ok], warmed=warmed)
         out = []
-        for ok, r, p in zip(oks, reqs, prices):
+        for ok, r, p, n_warm in zip(oks, reqs, prices, warmed):
             out.append(Attempt(ok, done, p.total))
-            if ok and stacks and (p.cached_input or p.cache_write):
+            if ok and stacks and n_warm:
                 until = done + pc.ttl_s
-                for b in r.prefix_blocks:
+                for b in r.prefix_blocks[:n_warm]:
                     if warm.get(b, -1.0) < until:
                         warm[b] = until
         return BatchOutcome(False, done, out)

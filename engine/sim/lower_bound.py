@@ -149,19 +149,44 @@ def _cluster_writes(holders: list[tuple[float, float, float, float]]) -> float:
     return total + (min(w_min, p_sum) if open_ else 0.0)
 
 
-def _shared_blocks(reqs: Sequence[Request], free: np.ndarray, catalog: Catalog) -> set[tuple]:
-    """The (provider, model, block) that at least two paying requests hold: the only blocks any request can
-    read, since a block nobody else holds is never written before the one request that holds it is sent
-    (a request served by reuse or failing every attempt sends nothing, so it writes nothing)."""
+def _shared_blocks(reqs: Sequence[Request], unserv: np.ndarray, catalog: Catalog) -> set[tuple]:
+    """The (provider, model, block) that at least two servable requests hold: the only blocks any request can
+    read, since a block nobody else holds is never written before the one request that holds it is sent. A
+    request that fails every attempt writes nothing; one the bound counts free by reuse may still be sent by a
+    policy that does not reuse, and write (``_optional_writer``)."""
     seen: set[tuple] = set()
     shared: set[tuple] = set()
     for i, r in enumerate(reqs):
-        if free[i] or not r.prefix_blocks or catalog.providers[r.provider].prompt_cache is None:
+        if unserv[i] or not r.prefix_blocks or catalog.providers[r.provider].prompt_cache is None:
             continue
         for b in r.prefix_blocks:
             key = (r.provider, r.model, b)
             (shared if key in seen else seen).add(key)
     return shared
+
+
+def _optional_writer(r: Request, catalog: Catalog, p: float, bt: int, arrival: float, deadline: float,
+                     write_holders: dict) -> None:
+    """A request the bound counts free by reuse can still be sent, by a policy that does not reuse, and write
+    blocks others read: it joins its blocks' clusters as a writer at its whole write price (the bound charges
+    it nothing else) and reads nothing."""
+    prov = catalog.providers[r.provider]
+    spec = prov.models[r.model]
+    pc = prov.prompt_cache
+    if pc is None or spec.kind != "text" or spec.gpu_priced or not r.prefix_blocks:
+        return
+    prefix = min(len(r.prefix_blocks) * bt, r.input_tokens)
+    if prefix < max(min_cacheable_tokens(prov, spec), 1):
+        return
+    p_in, _ = token_prices(spec)
+    f_batch = mode_factor(prov, "batch_api") if p > 0 else 1.0
+    write = p_in * pc.write_multiplier * min(f_batch if pc.stacks_with_batch else 1.0, 1.0)
+    for k, b in enumerate(r.prefix_blocks):
+        tok = min(bt, prefix - k * bt)
+        if tok <= 0:
+            break
+        write_holders.setdefault((r.provider, r.model, b), []).append(
+            (arrival, deadline + pc.ttl_s, write * tok, 0.0))
 
 
 def _readable(r: Request, prov, spec, prefix: int, shared: set[tuple], bt: int) -> int:
@@ -236,11 +261,13 @@ def lower_bound(requests: Sequence[Request], *, catalog: Catalog | None = None, 
     elig = p_batch >= 1.0
 
     # 4-5. price every paying request at its cheapest
-    shared = _shared_blocks(reqs, free, catalog)
+    shared = _shared_blocks(reqs, unserv, catalog)
     write_holders: dict[tuple, list[tuple[float, float, float]]] = {}
     gpu_classes: dict[tuple, list[int]] = {}
     for i, r in enumerate(reqs):
         if free[i]:
+            if not unserv[i]:
+                _optional_writer(r, catalog, p_batch[i], bt, arrival[i], deadline[i], write_holders)
             continue
         prov = catalog.providers[r.provider]
         spec = prov.models[r.model]

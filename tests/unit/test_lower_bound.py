@@ -3,11 +3,13 @@ import pytest
 
 from engine.core.catalog import default_catalog
 from engine.core.cost import price_batch
+from engine.core.grouping import Decision
 from engine.core.request import Request
 from engine.core.tracegen import from_azure, from_mooncake, synth
 from engine.sim.lower_bound import _cluster_writes, _max_overlap, batch_eligible, lower_bound
 from engine.sim.simulator import simulate
 from policies import load_policy
+from policies.baselines import Naive
 
 from .helpers import KINDS, kind_trace
 
@@ -156,3 +158,60 @@ def test_a_read_shorter_than_the_models_minimum_is_no_read():
     best = sum(p.total for p in price_batch(turns, CAT, "batch_api"))
     assert sum(p.cached_input for p in price_batch(turns, CAT, "batch_api")) > 0
     assert lower_bound(turns, seed=0).total_usd == pytest.approx(best)
+
+
+def _req(rid: str, t: float, blocks: list[int], tokens: int, priority: str = "background", deadline_s: float = 86400.0,
+         prompt: str | None = None, model: tuple[str, str] = ("anthropic", "claude-sonnet-4-5")) -> Request:
+    return Request.model_validate({"id": rid, "arrival_s": t, "provider": model[0], "model": model[1],
+                                   "prompt": prompt or f"prompt {rid}", "deadline_s": deadline_s, "priority": priority,
+                                   "input_tokens": tokens, "output_tokens": 1, "prefix_blocks": blocks})
+
+
+class _BackgroundBatched(Naive):
+    """Background work in one batch of all its members once two wait, the rest sync; never reuses."""
+
+    name = "background-batched"
+
+    def group_key(self, req, compat, now, provider=None, budget=None):
+        return req.priority
+
+    def decide(self, group, now):
+        if group.members[0].priority != "background":
+            return Decision("dispatch", mode="sync")
+        return Decision("dispatch", mode="batch_api") if len(group) >= 2 else Decision.wait(None)
+
+
+def test_a_request_free_by_reuse_can_still_write_for_others():
+    """A policy may send an exact duplicate the bound counts free, and its write is read by a later request:
+    the bound counts it as a possible writer (a helper's counterexample: $0.008217 paid, bound $0.010260)."""
+    gpt = ("openai", "gpt-5")
+    first = _req("p", 0.0, list(range(1, 9)), 4096, "urgent", 60.0, prompt="doc", model=gpt)
+    again = _req("n", 1000.0, list(range(1, 9)), 4096, prompt="doc", model=gpt)
+    later = _req("r", 1400.0, list(range(1, 9)), 4096, "urgent", 60.0, prompt="question", model=gpt)
+    company = _req("c", 1000.0, [99], 100, model=gpt)  # makes the background batch
+    reqs = [first, again, company, later]
+    res = simulate(reqs, _BackgroundBatched(CAT), seed=0)
+    assert res.met.all()
+    assert res.cost[3] < price_batch([later], CAT, "sync")[0].total  # it read the duplicate's write
+    assert lower_bound(reqs, seed=0).exact_free == 1
+    assert res.total_cost >= lower_bound(reqs, seed=0).total_usd - 1e-12
+    assert res.total_cost >= lower_bound(reqs, seed=0, online=True).total_usd - 1e-12
+
+
+def test_a_batch_member_warms_only_the_blocks_it_read_or_wrote():
+    """A member's blocks past its input, or past what it read and marked, stay cold: only a prefix the provider
+    cached is read by later requests (the emulator's caches work this way)."""
+    short = _req("x", 0.0, [1, 2, 3, 4, 5, 6], 1100)  # blocks 3-6 lie beyond its 1,100 tokens
+    long_ = _req("r", 0.0, [1, 2, 3, 4, 5, 6], 4096)
+    prices = price_batch([short, long_], CAT, "batch_api")
+    # It wrote 1,100 tokens, in blocks 1-3 (trace blocks are the unit): the long one reads those 1,536, not 3,072.
+    assert prices[1].cached_input == pytest.approx(price_batch([long_], CAT, "batch_api")[0].input
+                                                   * 0.1 * 3 * 512 / 4096)
+    assert sum(p.total for p in prices) >= lower_bound([short, long_], seed=0).total_usd - 1e-12
+    # One member reads blocks 1-2 and marks nothing (no later member shares more): blocks 3-4 stay cold for a
+    # later urgent request with the same four blocks.
+    a, x = _req("a", 0.0, [1, 2], 4096), _req("x", 0.0, [1, 2, 3, 4], 4096)
+    r = _req("r", 4100.0, [1, 2, 3, 4], 4096, "urgent", 60.0)
+    res = simulate([a, x, r], _BackgroundBatched(CAT), seed=0)
+    assert res.met.all()
+    assert res.total_cost >= lower_bound([a, x, r], seed=0).total_usd - 1e-12
