@@ -179,8 +179,8 @@ def _optional_writer(r: Request, catalog: Catalog, p: float, bt: int, arrival: f
     if prefix < max(min_cacheable_tokens(prov, spec), 1):
         return
     p_in, _ = token_prices(spec)
-    f_batch = mode_factor(prov, "batch_api") if p > 0 else 1.0
-    write = p_in * pc.write_multiplier * min(f_batch if pc.stacks_with_batch else 1.0, 1.0)
+    fw = mode_factor(prov, "batch_api") if p > 0 and pc.stacks_with_batch else 1.0  # its cheapest write lane
+    write = p_in * pc.write_multiplier * fw
     for k, b in enumerate(r.prefix_blocks):
         tok = min(bt, prefix - k * bt)
         if tok <= 0:
