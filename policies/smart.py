@@ -59,7 +59,7 @@ class SmartParams(PolicyParams):
                                          f"match above the threshold; any of {list(GUARDS)}")
     batch_gather_s: float = Field(default=4 * 3600.0, ge=0, description="longest wait to gather a batch-API batch")
     chain_cache: bool = Field(default=True, description="where the prompt cache stacks with the batch API, "
-                              "flush at least every median turnaround + cache TTL so batches chain warm prefixes")
+                              "flush at least every median turnaround + cache TTL (docs/policies.md)")
     gather_p_loss: float = Field(default=0.01, ge=0, le=1,
                                  description="gather only while P(batch done before hedge) drops by at most this")
     hedge_margin_s: float = Field(default=15.0, ge=0, description="spare seconds after the sync fallback")
@@ -241,9 +241,9 @@ class Smart(Policy):
         cap = self.params.batch_gather_s
         pc = group.provider.prompt_cache
         if self.params.chain_cache and pc is not None and pc.stacks_with_batch:
-            # Flush at least once per (median turnaround + cache TTL): the next batch is then submitted while
-            # this one's prefixes are still warm, so prefixes shared across batches (and with other lanes)
-            # are read, not written again.
+            # Flush at least once per (median turnaround + cache TTL). Written for batches whose prefixes were
+            # warm from their submission (the simulator before stop 30); kept since it still hedges less
+            # (docs/policies.md).
             cap = min(cap, ba.turnaround_median_s + pc.ttl_s)
         return min(max(g, 0.0), cap)
 

@@ -86,7 +86,7 @@ class SimulatedProvider:
         if handle.cancelled or handle.out.hedged:
             return {}
         out = {}
-        for j, a in zip(handle.jobs, handle.out.members, strict=True):
+        for j, a in zip(handle.jobs, self.sim.end_batch(handle.out), strict=True):
             r = j.req
             out[j.key] = (CallOutcome(True, a.at, a.cost, output=_sim_output(j),
                                       usage=Usage(r.input_tokens, r.output_tokens)) if a.ok

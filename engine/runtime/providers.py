@@ -53,7 +53,8 @@ class Attempt(NamedTuple):
 class BatchOutcome(NamedTuple):
     hedged: bool
     at: float  # hedge time when hedged, else completion
-    members: list[Attempt]
+    members: list[Attempt]  # filled when the batch ends (``SimProvider.end_batch``): members use the cache then
+    pending: tuple | None = None  # (idxs, reqs, oks) until then
 
 
 class Work(NamedTuple):
@@ -130,6 +131,7 @@ class SimProvider:
         self.parked: list[tuple[float, int, Unit]] = []
         self._parked_seq = itertools.count()
         self.warm: dict[str, dict[int, float]] = {}  # model -> block -> warm until
+        self.warm_from: dict[str, dict[int, float]] = {}  # model -> block -> warm since (last cold -> warm)
         self._warm_sweep_at = 0.0  # when ``pump`` next drops blocks long cold (``_sweep_warm``)
         self._lead: dict[str, float] = {}
 
@@ -226,10 +228,13 @@ class SimProvider:
             return
         cold = now - pc.ttl_s
         for model, warm in list(self.warm.items()):
+            since = self.warm_from.get(model, {})
             for b in [b for b, until in warm.items() if until < cold]:
                 del warm[b]
+                since.pop(b, None)
             if not warm:
                 del self.warm[model]
+                self.warm_from.pop(model, None)
         self._warm_sweep_at = now + pc.ttl_s
 
     def failure(self, model: str, t: float) -> None:
@@ -297,19 +302,16 @@ class SimProvider:
         if pc is None or not blocks:
             return price_text(prov, spec, cache_split(prov, spec, r.input_tokens, 0, 0, 0, self.bt),
                               r.output_tokens, "sync").total
-        warm = self.warm.setdefault(r.model, {})
         n_warm = 0
         for b in blocks:
-            if warm.get(b, -1.0) < start:
+            if not self._is_warm(r.model, b, start):
                 break
             n_warm += 1
         split = cache_split(prov, spec, r.input_tokens, len(blocks), n_warm, len(blocks) if cache_write else 0,
                             self.bt)
         cached = split.read + split.write
         if cached:
-            expiry = start + pc.ttl_s
-            for b in blocks[: math.ceil(cached / self.bt)]:
-                warm[b] = expiry
+            self._keep_warm(r.model, blocks[: math.ceil(cached / self.bt)], start, start + pc.ttl_s)
         return price_text(prov, spec, split, r.output_tokens, "sync").total
 
     # -- GPU batches ----------------------------------------------------------------------------------------
@@ -335,6 +337,21 @@ class SimProvider:
         self.enqueued.take(s, tokens, out.at)  # held until it ends or is cancelled
         return Event("batch_api", w, s, out)
 
+    def _is_warm(self, model: str, b: int, at: float) -> bool:
+        """Whether prefix block ``b`` is in ``model``'s cache at ``at``: written (or read) by a call that used the
+        cache no later than ``at``, and not expired since."""
+        return self.warm.get(model, {}).get(b, -1.0) >= at and self.warm_from.get(model, {}).get(b, _INF) <= at
+
+    def _keep_warm(self, model: str, blocks: Sequence[int], at: float, until: float) -> None:
+        """A call used ``blocks`` at ``at`` (read or wrote them): they are warm from then until ``until``."""
+        warm = self.warm.setdefault(model, {})
+        since = self.warm_from.setdefault(model, {})
+        for b in blocks:
+            if warm.get(b, -1.0) < at or since.get(b, _INF) > at:  # cold at ``at``: warm from now on
+                since[b] = at
+            if warm.get(b, -1.0) < until:
+                warm[b] = until
+
     def batch(self, idxs: Sequence[int], reqs: Sequence[Request], t: float, hedge_at: float | None,
               attempts: Sequence[int]) -> BatchOutcome:
         """Submit a batch at ``t``. If it would finish after ``hedge_at`` it is cancelled then (billing nothing,
@@ -346,23 +363,29 @@ class SimProvider:
         done = t + self.draws.turnaround(prov.name, ba, t, self.world)
         if hedge_at is not None and done > hedge_at:
             return BatchOutcome(True, hedge_at, [])
-        pc = prov.prompt_cache
-        stacks = pc is not None and pc.stacks_with_batch
-        warm = self.warm.setdefault(reqs[0].model, {}) if stacks else {}
-        # The batch runs somewhere in [t, done]: prefixes still warm at submission are read, and the batch's own
-        # prefixes stay warm until done + ttl.
-        warm_blocks = {b for r in reqs for b in r.prefix_blocks if warm.get(b, -1.0) >= t} if stacks else set()
         fail_u = self.draws.fail_u
         oks = [fail_u(i, k) >= prov.failure_rate for i, k in zip(idxs, attempts)]
+        return BatchOutcome(False, done, [], (list(idxs), list(reqs), oks))
+
+    def end_batch(self, out: BatchOutcome) -> list[Attempt]:
+        """Price the members of a batch that ended (``out.at``), once: they run then, in order, as the emulator
+        runs a batch that follows an engine's clock. A member reads the prefix blocks warm at that time, or
+        written by an earlier member, and keeps the blocks it read or wrote warm for one TTL. Priced at
+        submission instead, a batch read the blocks warm when it was sent (long cold by its end), and its own
+        blocks were warm while it ran: a call in the meantime read what no call had yet written."""
+        if out.members or out.pending is None:
+            return out.members
+        idxs, reqs, oks = out.pending
+        done = out.at
+        pc = self.spec.prompt_cache
+        stacks = pc is not None and pc.stacks_with_batch
+        model = reqs[0].model
+        warm_blocks = {b for r in reqs for b in r.prefix_blocks if self._is_warm(model, b, done)} if stacks else set()
         warmed: list[int] = []  # per member, the blocks it read or wrote: only those stay warm
         prices = price_batch(list(reqs), self.catalog, "batch_api", warm=warm_blocks, block_tokens=self.bt,
                              failed=[m for m, ok in enumerate(oks) if not ok], warmed=warmed)
-        out = []
         for ok, r, p, n_warm in zip(oks, reqs, prices, warmed):
-            out.append(Attempt(ok, done, p.total))
+            out.members.append(Attempt(ok, done, p.total))
             if ok and stacks and n_warm:
-                until = done + pc.ttl_s
-                for b in r.prefix_blocks[:n_warm]:
-                    if warm.get(b, -1.0) < until:
-                        warm[b] = until
-        return BatchOutcome(False, done, out)
+                self._keep_warm(model, r.prefix_blocks[:n_warm], done, done + pc.ttl_s)
+        return out.members

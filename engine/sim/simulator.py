@@ -296,15 +296,16 @@ class _Sim(SimBudget):
 
     def start_batch_api(self, e: Event) -> None:
         w, out = e.work, e.outcome
-        if submitted(e.start, w.hedge_at):  # told its end now, when drawn: the estimate reads it only from
-            # an epoch whose cut is past that end, as a grouper does (running until then)
+        if submitted(e.start, w.hedge_at):  # told its end when drawn; read from an epoch past it, as a grouper
             self.table.observe([Turnaround(w.reqs[0].provider, w.reqs[0].model, e.start, out.at, out.hedged)])
         if out.hedged:
             self.batches[w.item] = dataclasses.replace(self.batches[w.item], outcome="hedged")
             self.batch_of[w.idxs] = w.item
-            self.push(out.at, "hedge", w.idxs)
-            return
-        for i, a in zip(w.idxs, out.members):
+        self.push(out.at, "hedge" if out.hedged else "batch_end", w.idxs if out.hedged else (w, out))
+
+    def on_batch_end(self, payload) -> None:  # its members use the cache now (``SimProvider.end_batch``)
+        w, out = payload
+        for i, a in zip(w.idxs, self.providers[w.reqs[0].provider].end_batch(out)):
             self.settle_claim(i, a.cost if a.ok else 0.0, a.at)
             self.settle(i, a, _BATCH, w.item)
 

@@ -215,3 +215,21 @@ def test_a_batch_member_warms_only_the_blocks_it_read_or_wrote():
     res = simulate([a, x, r], _BackgroundBatched(CAT), seed=0)
     assert res.met.all()
     assert res.total_cost >= lower_bound([a, x, r], seed=0).total_usd - 1e-12
+
+
+def test_a_batch_uses_the_cache_when_it_ends_not_when_it_is_sent():
+    """A simulated batch runs when it ends, as the emulator runs one that follows an engine's clock: a call made
+    while it runs does not read the prefix it writes, and one made after it ended (within the TTL) does.
+    Before, its blocks were warm from its submission, and a sync call during its run read them."""
+    blocks = [1, 2, 3, 4, 5, 6]
+    pair = [_req("a", 0.0, blocks + [7], 4096), _req("b", 0.0, blocks + [8], 4096)]
+    ask = _req("q", 30.0, blocks + [9], 4096, "urgent", 60.0)
+    alone = price_batch([ask], CAT, "sync")[0].total
+    res = simulate(pair + [ask], _BackgroundBatched(CAT), seed=0)
+    end = res.done_at[0]
+    assert res.met.all() and end > 30.0 + 60.0
+    assert res.cost[2] == pytest.approx(alone)  # sent while the batch ran: nothing to read yet
+    after = ask.model_copy(update={"arrival_s": end + 10.0})
+    res = simulate(pair + [after], _BackgroundBatched(CAT), seed=0)
+    assert res.done_at[0] == end and res.met.all()
+    assert res.cost[2] < alone  # the batch's prefix, written when it ended, is read
