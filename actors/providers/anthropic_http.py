@@ -65,7 +65,10 @@ class AnthropicProvider(HttpBase):
         now = self.clock.now()
         until = now + pc.ttl_s
         warm = self._warm.setdefault(job.req.model, {})
-        for b in job.req.prefix_blocks:
+        # Only the blocks it read or wrote: believed warm, the rest drew the next breakpoint past the cached
+        # prefix, where the provider writes (as the simulator keeps them: ``SimProvider._keep_warm``).
+        cached = -(-(usage.cache_read + usage.cache_write) // self.settings.prefix_block_tokens)
+        for b in job.req.prefix_blocks[:cached]:
             warm[b] = max(warm.get(b, -1.0), until)
         if now >= self._warm_sweep_at:
             # Once per TTL, the blocks gone cold go: block ids are the requests' own, so kept for good they

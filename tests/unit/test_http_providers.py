@@ -778,6 +778,26 @@ def test_anthropic_learns_warmth_from_usage_and_reads_what_it_wrote(emu):
     assert b.cost < a.cost
 
 
+def test_anthropic_believes_warm_only_the_blocks_a_call_read_or_wrote(emu):
+    """A call that read two warm blocks and wrote nothing leaves its other blocks cold. Believed warm, they drew
+    the next call's breakpoint past the cached prefix, where the provider writes: a write nobody asked for."""
+    writer, reader, later = (replayed(n, 20, blocks, rid=f"v{i}").model_copy(
+        update={"provider": "anthropic", "model": "claude-sonnet-4-5"})
+        for i, (n, blocks) in enumerate([(1500, (21, 22)), (2600, (21, 22, 23, 24)), (2600, (21, 22, 23, 24))]))
+
+    async def go() -> list[CallOutcome]:
+        p = direct(emu, "anthropic")
+        try:
+            return [await p.call(job_of(writer)._replace(cache_write=True)), await p.call(job_of(reader)),
+                    await p.call(job_of(later))]
+        finally:
+            await p.close()
+
+    a, b, c = asyncio.run(go())
+    assert (a.usage.cache_write, b.usage.cache_read, b.usage.cache_write) == (1024, 1024, 0)
+    assert (c.usage.cache_read, c.usage.cache_write) == (1024, 0)
+
+
 def test_openai_and_anthropic_providers_are_built_from_settings(emu):
     async def go():
         for name, cls in (("openai", OpenAIProvider), ("anthropic", AnthropicProvider)):
