@@ -343,14 +343,20 @@ class SimProvider:
         return self.warm.get(model, {}).get(b, -1.0) >= at and self.warm_from.get(model, {}).get(b, _INF) <= at
 
     def _keep_warm(self, model: str, blocks: Sequence[int], at: float, until: float) -> None:
-        """A call used ``blocks`` at ``at`` (read or wrote them): they are warm from then until ``until``."""
+        """A call used ``blocks`` at ``at`` (read or wrote them): they are warm from then until ``until``. One warm
+        period is kept per block: a call priced out of engine-time order (the live path's loop can do that)
+        joins the period it overlaps, and one earlier and apart leaves the later period as it is (at worst
+        a read then is priced plain; never is a block read that no call had warm)."""
         warm = self.warm.setdefault(model, {})
         since = self.warm_from.setdefault(model, {})
         for b in blocks:
-            if warm.get(b, -1.0) < at or since.get(b, _INF) > at:  # cold at ``at``: warm from now on
-                since[b] = at
-            if warm.get(b, -1.0) < until:
-                warm[b] = until
+            w, s0 = warm.get(b, -1.0), since.get(b, _INF)
+            if w < at:  # cold at ``at``: a new period
+                since[b], warm[b] = at, until
+            elif at >= s0:  # within the period: a refresh
+                warm[b] = max(w, until)
+            elif until >= s0:  # before the period and overlapping it
+                since[b], warm[b] = at, max(w, until)
 
     def batch(self, idxs: Sequence[int], reqs: Sequence[Request], t: float, hedge_at: float | None,
               attempts: Sequence[int]) -> BatchOutcome:

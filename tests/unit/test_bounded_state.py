@@ -370,3 +370,24 @@ def test_a_budget_window_that_ended_and_went_is_not_reopened_when_the_clock_step
     again = BudgetBook([spec])
     again.restore(book.spent, book.reserved, book.claims, book.spend, list(book.ended), book.ended_overrun)
     assert not again.reserve_many([claim("d", 1.0)], 29.5)[0].ok
+
+
+def test_a_call_priced_out_of_order_never_makes_a_cold_gap_warm():
+    """The live path can price a call after one that started later. A write at 1,000 s priced first, then one
+    at 0 s: a read at 600 s, when no call had the prefix warm (TTL 300 s), is plain. Before, the block kept one
+    period from 0 to 1,300 s and the read was a cache hit (a helper's reproducer)."""
+    s = Settings()
+    prov = SimProvider(CAT.provider("anthropic"), CAT, s, Draws(10, s.sim.max_attempts, 0, s.sim.batch_slot_s),
+                       draw=False)
+    spec = CAT.provider("anthropic").models["claude-sonnet-4-5"]
+
+    def price(i: int, t: float, write: bool) -> float:
+        r = Request.model_validate({"id": f"r{i}", "arrival_s": t, "model": "claude-sonnet-4-5",
+                                    "input_tokens": 4096, "output_tokens": 1, "prefix_blocks": list(range(1, 9))})
+        return prov._sync_price(r, spec, t, write)
+
+    plain = price(0, 5000.0, False)  # nothing warm yet
+    price(1, 1000.0, True)
+    price(2, 0.0, True)
+    assert price(3, 600.0, False) == plain
+    assert price(4, 1100.0, False) < plain  # the period that was warm still reads
