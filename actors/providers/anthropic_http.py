@@ -96,7 +96,12 @@ class AnthropicProvider(HttpBase):
         blocks, tail = message_parts(r, self.settings.prefix_block_tokens, self.settings.chars_per_token,
                                          self.settings.providers.replay)
         content: list[dict[str, Any]] = [{"type": "text", "text": t} for t in blocks]
-        marks = {k - 1 for k in (warm_blocks, mark_blocks) if 0 < k <= len(blocks)}
+        # A prefix that ends in a partial block (a trace's last block id, shorter than a block) is rendered
+        # up to its last whole block: the rest goes with the tail. A count of the request's own blocks that
+        # reaches past the rendered ones marks the last rendered block, the longest prefix a call can cache
+        # (dropped, the shared prefix of a batch was written by nobody and missed by every later member).
+        marks = {min(k, len(blocks)) - 1 for k in (warm_blocks, mark_blocks) if 0 < k <= len(r.prefix_blocks)
+                 and blocks}
         if job.cache_write and blocks:
             marks.add(len(blocks) - 1)
         for k in marks:

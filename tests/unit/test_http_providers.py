@@ -757,6 +757,18 @@ def test_anthropic_breakpoints_mark_the_warm_prefix_the_shared_prefix_and_a_requ
                                       "model": "claude-sonnet-4-5"}
 
 
+def test_anthropic_a_mark_on_a_partial_last_block_lands_on_the_last_rendered_block():
+    """1,300 tokens with three block ids: two whole blocks and a partial third, which is sent with the tail. A
+    batch mark (or a warm prefix) of all three blocks is the prefix up to the second: dropped, the first member
+    of a batch wrote nothing and every later member that shares its prefix missed it (and wrote it again)."""
+    r = replayed(1300, blocks=(1, 2, 3)).model_copy(update={"provider": "anthropic", "model": "claude-sonnet-4-5"})
+    assert len(anthropic_body(r)["messages"][0]["content"]) == 3  # two blocks and the tail
+    assert marked(anthropic_body(r, 0, 3)) == [1]
+    assert marked(anthropic_body(r, 3)) == [1]
+    assert marked(anthropic_body(r, 3, 3)) == [1]
+    assert marked(anthropic_body(r, 0, 4)) == []  # past the request's own blocks: nothing to mark
+
+
 def test_anthropic_learns_warmth_from_usage_and_reads_what_it_wrote(emu):
     first, second = (replayed(1500, 20, (11, 12), rid=f"w{i}").model_copy(
         update={"provider": "anthropic", "model": "claude-sonnet-4-5"}) for i in range(2))
