@@ -85,7 +85,12 @@ class _Builder:
     def add(self, text: str, marked: bool) -> None:
         self.parts.append(text)
         self.length += len(text)
-        if marked and self.length > 0:
+        if marked:
+            self.mark()
+
+    def mark(self) -> None:
+        """A breakpoint where the text so far ends (the end of a block marked ``cache_control``)."""
+        if self.length > 0 and (not self.breakpoints or self.breakpoints[-1] != self.length):
             self.breakpoints.append(self.length)
 
     def tools(self, tools: Any) -> None:
@@ -114,23 +119,28 @@ class _Builder:
         for n, block in enumerate(content):
             if not isinstance(block, dict):
                 raise ApiError(400, f"each block of {where} must be an object", param=where)
+            # A marked block is one breakpoint, where the block ends. Its parts are added unmarked: marked,
+            # the empty call text of a text block put a breakpoint where the block starts, an entry Anthropic
+            # never makes, which a later call that stopped one block short read.
             for source, detail in image_blocks([block]):
                 # An image is billed by its provider's rule (engine.core.body_tokens), the engine's estimate
                 # too; it stands in the cache order as text of that many tokens, the same for the same image.
-                self.add(_image_text(source, image_tokens(self.images, image_size(source), detail)), _marked(block))
+                self.add(_image_text(source, image_tokens(self.images, image_size(source), detail)), False)
             if block.get("type") == "tool_result":  # its content is text and images, billed as such
                 texts.append(self.content(block.get("content"), f"{where}[{n}].content"))
-                continue
-            # A tool call is billed as input too: its name and arguments (engine.core.body_tokens, as the
-            # engine's estimate counts it).
-            self.add(block_call_text(block), _marked(block))
-            text = block.get("text") if block.get("type") in TEXT_PARTS else ""
-            if not isinstance(text, str):  # null or missing too: both APIs answer 400
-                raise ApiError(400, f"{where}[{n}].text: expected a string, got "
-                               f"{'null' if text is None else type(text).__name__}",
-                               param=f"{where}[{n}].text")
-            self.add(text, _marked(block))
-            texts.append(text)
+            else:
+                # A tool call is billed as input too: its name and arguments (engine.core.body_tokens, as the
+                # engine's estimate counts it).
+                self.add(block_call_text(block), False)
+                text = block.get("text") if block.get("type") in TEXT_PARTS else ""
+                if not isinstance(text, str):  # null or missing too: both APIs answer 400
+                    raise ApiError(400, f"{where}[{n}].text: expected a string, got "
+                                   f"{'null' if text is None else type(text).__name__}",
+                                   param=f"{where}[{n}].text")
+                self.add(text, False)
+                texts.append(text)
+            if _marked(block):
+                self.mark()
         return "".join(texts)
 
     def messages(self, messages: Any, param: str) -> None:

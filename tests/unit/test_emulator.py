@@ -212,6 +212,22 @@ def test_anthropic_cache_control_write_then_read(emu: Emulator, sdk: Sdk) -> Non
     assert m3.usage.cache_creation_input_tokens == 0
 
 
+def test_anthropic_a_marked_block_is_one_entry_at_its_end(emu: Emulator, sdk: Sdk) -> None:
+    """Anthropic caches the prefix up to a marked block's end. A call that marks its second block writes that
+    prefix alone: a later call marking only the first block shares a prefix that is no entry, so it writes it
+    and reads nothing (the emulator put a second breakpoint where each marked text block starts, and read it)."""
+    client = sdk.anthropic()
+    eph = {"type": "ephemeral"}
+    a, b, c = ("a" * 6000, "b" * 6000, "c" * 6000)  # 1,500 tokens each, above Sonnet's 1024 minimum
+    first = client.messages.create(model="claude-sonnet-4-5", max_tokens=5, messages=[{"role": "user", "content": [
+        {"type": "text", "text": a}, {"type": "text", "text": b, "cache_control": eph}, {"type": "text", "text": "x"}]}])
+    second = client.messages.create(model="claude-sonnet-4-5", max_tokens=5, messages=[{"role": "user", "content": [
+        {"type": "text", "text": a, "cache_control": eph}, {"type": "text", "text": c}]}])
+    assert (first.usage.cache_creation_input_tokens, first.usage.cache_read_input_tokens) == (3000, 0)
+    assert (second.usage.cache_creation_input_tokens, second.usage.cache_read_input_tokens) == (1500, 0)
+    assert_bill_consistent(emu)
+
+
 def test_cache_entries_expire_on_the_emulator_clock(emu: Emulator, sdk: Sdk) -> None:
     client = sdk.openai()
     prompt = user("y" * 6000)
