@@ -10,7 +10,8 @@ synthetic one's midnight), never the live engine's own (``run_live``). Prints fi
 
 ``--http`` sends the OpenAI and Anthropic calls over HTTP to the provider emulator (which runs a batch's
 members at its end when it follows the engine's clock, as ``smartbatch demo`` does) and prints each one's cost
-in the simulator and live, and the emulator's bill.
+in the simulator and live, and the emulator's bill. The emulator fails no call, so the simulator draws no
+failures for those two providers (``as_emulated``).
 """
 
 from __future__ import annotations
@@ -84,6 +85,10 @@ def main() -> None:
     finally:
         if emu is not None:
             emu.stop()
+    if a.http:  # the emulator fails no call: neither does the simulator, for the providers it plays
+        from engine.app.live import as_emulated
+
+        cat = as_emulated(cat)
     sim = simulate(reqs, load_policy("smart", cat), catalog=cat, seed=0)
     by = {r.id: r for r in live}
     pri = np.array([r.priority for r in sim.requests])

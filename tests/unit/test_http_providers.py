@@ -28,7 +28,7 @@ from actors.providers import make_provider
 from actors.providers._wire import message_parts, redact, retry_after
 from actors.providers.anthropic_http import AnthropicProvider
 from actors.providers.openai_http import OpenAIProvider
-from engine.app.live import point_at_emulator
+from engine.app.live import as_emulated, point_at_emulator
 from engine.app.provider_setup import http_setup
 from engine.core.budgets import BudgetSettings, Claim
 from engine.core.catalog import Catalog, default_catalog
@@ -820,3 +820,13 @@ def test_openai_and_anthropic_providers_are_built_from_settings(emu):
                 await p.close()
     asyncio.run(go())
 
+
+
+def test_a_simulator_beside_the_emulator_draws_no_failures_for_the_providers_it_plays():
+    """The emulator fails no call unless a fault plan says so: a simulator run compared with an emulated one
+    must not retry members the emulator ran at once (retried later, they read prefixes warmed meanwhile)."""
+    cat = as_emulated(CAT)
+    assert cat.provider("openai").failure_rate == cat.provider("anthropic").failure_rate == 0.0
+    assert cat.provider("google").failure_rate == CAT.provider("google").failure_rate > 0  # still simulated
+    assert CAT.provider("anthropic").failure_rate > 0  # the catalog itself is left as it is
+    assert cat.model("anthropic", "claude-sonnet-4-5") == CAT.model("anthropic", "claude-sonnet-4-5")
