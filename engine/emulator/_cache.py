@@ -3,7 +3,9 @@
 Automatic (OpenAI-style, ``prompt_cache.automatic``): after a call every prefix of its prompt is warm for
 ``ttl_s``; a call reads the longest warm prefix, rounded down to ``block_tokens``, if it reaches the minimum.
 Explicit (Anthropic-style): only prefixes ending at a ``cache_control`` breakpoint are entries; a call reads
-the longest warm one (refreshing it) and writes the prefix up to its last breakpoint beyond that.
+the longest warm one that ends at one of its breakpoints or at one of the ``LOOKBACK_BLOCKS`` block ends before
+a breakpoint (Anthropic's look-back), refreshing it, and writes the prefix up to its last breakpoint beyond
+that (an entry at each of its breakpoints past the read).
 The split is priced by ``engine.core.cost.price_text``; these classes only decide how many tokens fall where.
 """
 
@@ -18,6 +20,7 @@ from engine.emulator._text import CHARS_PER_TOKEN, Prompt, tokens
 __all__ = ["PrefixTree", "PromptCaches"]
 
 _PRUNE_EVERY = 1024
+LOOKBACK_BLOCKS = 20  # Anthropic checks for a hit at the block ends up to about 20 blocks before a breakpoint
 
 
 class _Node:
@@ -138,26 +141,26 @@ class PromptCaches:
         if not bps:
             return CacheSplit(0, 0, total)
         entries = self._entries.setdefault(key, {})
+        # Where a hit is looked for: each breakpoint and the block ends up to LOOKBACK_BLOCKS before it.
+        ends = sorted(set(prompt.bounds) | set(bps))
+        at = {e: k for k, e in enumerate(ends)}
+        looked = sorted({ends[j] for bp in bps for j in range(max(at[bp] - LOOKBACK_BLOCKS, 0), at[bp] + 1)})
         h = hashlib.sha256()
-        digests, prev = [], 0
-        for bp in bps:  # one pass over the text: each digest names the prefix up to its breakpoint
-            h.update(prompt.text[prev:bp].encode())
-            digests.append(h.copy().digest())
-            prev = bp
-        hit = -1
-        for i in range(len(bps) - 1, -1, -1):
-            if entries.get(digests[i], 0.0) > now:
-                hit = i
-                break
-        read = tokens(bps[hit]) if hit >= 0 else 0
+        digest, prev = {}, 0
+        for end in looked:  # one pass over the text: each digest names the prefix up to its end
+            h.update(prompt.text[prev:end].encode())
+            digest[end] = h.copy().digest()
+            prev = end
+        hit = next((end for end in reversed(looked) if entries.get(digest[end], 0.0) > now), 0)
+        read = tokens(hit)
         last = tokens(bps[-1])
-        write = last - read if hit < len(bps) - 1 and last >= min_tokens else 0
-        if hit >= 0:
-            entries[digests[hit]] = now + ttl  # a hit refreshes the entry
+        write = last - read if bps[-1] > hit and last >= min_tokens else 0
+        if hit:
+            entries[digest[hit]] = now + ttl  # a hit refreshes the entry
         if write:
-            for i in range(hit + 1, len(bps)):
-                if tokens(bps[i]) >= min_tokens:
-                    entries[digests[i]] = now + ttl
+            for bp in bps:
+                if bp > hit and tokens(bp) >= min_tokens:
+                    entries[digest[bp]] = now + ttl
         self._writes += 1
         if self._writes % _PRUNE_EVERY == 0:
             for k in [k for k, exp in entries.items() if exp <= now]:

@@ -43,11 +43,13 @@ _FILLER = " lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eius
 
 class Prompt(NamedTuple):
     """The request's text in cache order (tools, system/instructions, messages), the character offsets where
-    a block marked ``cache_control`` ends, and the text of the last user message (where the marker is read)."""
+    a block marked ``cache_control`` ends, the text of the last user message (where the marker is read), and
+    the offsets where every block ends (tools, content blocks, string contents: where a cache looks back)."""
 
     text: str
     breakpoints: tuple[int, ...]
     last_user: str
+    bounds: tuple[int, ...] = ()
 
     @property
     def tokens(self) -> int:
@@ -80,6 +82,7 @@ class _Builder:
         self.parts: list[str] = []
         self.length = 0
         self.breakpoints: list[int] = []
+        self.bounds: list[int] = []
         self.last_user = ""
 
     def add(self, text: str, marked: bool) -> None:
@@ -90,8 +93,14 @@ class _Builder:
 
     def mark(self) -> None:
         """A breakpoint where the text so far ends (the end of a block marked ``cache_control``)."""
+        self.end_block()
         if self.length > 0 and (not self.breakpoints or self.breakpoints[-1] != self.length):
             self.breakpoints.append(self.length)
+
+    def end_block(self) -> None:
+        """A block ends where the text so far ends."""
+        if self.length > 0 and (not self.bounds or self.bounds[-1] != self.length):
+            self.bounds.append(self.length)
 
     def tools(self, tools: Any) -> None:
         # Tool definitions are tokens too and come first in the cache prefix (both providers document this
@@ -105,6 +114,7 @@ class _Builder:
                 raise ApiError(400, "each tool must be an object", param="tools")
             plain = {k: v for k, v in tool.items() if k != "cache_control"}
             self.add(json.dumps(plain, sort_keys=True, separators=(",", ":")), _marked(tool))
+            self.end_block()
 
     def content(self, content: Any, where: str) -> str:
         """Add a message's content (a string or a list of blocks); return its text."""
@@ -112,6 +122,7 @@ class _Builder:
             return ""
         if isinstance(content, str):
             self.add(content, False)
+            self.end_block()
             return content
         if not isinstance(content, list):
             raise ApiError(400, f"{where} must be a string or a list of content blocks", param=where)
@@ -141,6 +152,7 @@ class _Builder:
                 texts.append(text)
             if _marked(block):
                 self.mark()
+            self.end_block()
         return "".join(texts)
 
     def messages(self, messages: Any, param: str) -> None:
@@ -162,7 +174,7 @@ class _Builder:
                 self.last_user = text
 
     def build(self) -> Prompt:
-        return Prompt("".join(self.parts), tuple(self.breakpoints), self.last_user)
+        return Prompt("".join(self.parts), tuple(self.breakpoints), self.last_user, tuple(self.bounds))
 
 
 def _image_text(source: str, n_tokens: int) -> str:

@@ -219,12 +219,37 @@ def test_anthropic_a_marked_block_is_one_entry_at_its_end(emu: Emulator, sdk: Sd
     client = sdk.anthropic()
     eph = {"type": "ephemeral"}
     a, b, c = ("a" * 6000, "b" * 6000, "c" * 6000)  # 1,500 tokens each, above Sonnet's 1024 minimum
-    first = client.messages.create(model="claude-sonnet-4-5", max_tokens=5, messages=[{"role": "user", "content": [
-        {"type": "text", "text": a}, {"type": "text", "text": b, "cache_control": eph}, {"type": "text", "text": "x"}]}])
-    second = client.messages.create(model="claude-sonnet-4-5", max_tokens=5, messages=[{"role": "user", "content": [
-        {"type": "text", "text": a, "cache_control": eph}, {"type": "text", "text": c}]}])
+    def call(*blocks: dict):
+        return client.messages.create(model="claude-sonnet-4-5", max_tokens=5,
+                                      messages=[{"role": "user", "content": list(blocks)}])
+
+    first = call({"type": "text", "text": a}, {"type": "text", "text": b, "cache_control": eph},
+                 {"type": "text", "text": "x"})
+    second = call({"type": "text", "text": a, "cache_control": eph}, {"type": "text", "text": c})
     assert (first.usage.cache_creation_input_tokens, first.usage.cache_read_input_tokens) == (3000, 0)
     assert (second.usage.cache_creation_input_tokens, second.usage.cache_read_input_tokens) == (1500, 0)
+    assert_bill_consistent(emu)
+
+
+def test_anthropic_looks_back_20_blocks_before_a_breakpoint(emu: Emulator, sdk: Sdk) -> None:
+    """Anthropic checks for a hit at the block ends up to about 20 blocks before each breakpoint: a call that
+    marks only the end of its longer prompt reads an entry a shorter prompt wrote, and writes the rest. An entry
+    more blocks back is not found (and the emulator read only at a call's own breakpoints)."""
+    client = sdk.anthropic()
+    eph = {"type": "ephemeral"}
+
+    def call(doc: str, n: int, tag: str):
+        content = [{"type": "text", "text": doc}] + [{"type": "text", "text": f"<{tag}{k:05d}>"} for k in range(n)]
+        content[-1]["cache_control"] = eph
+        return client.messages.create(model="claude-sonnet-4-5", max_tokens=5, messages=[{"role": "user", "content": [
+            *content, {"type": "text", "text": "tail"}]}]).usage
+
+    doc, far = "a" * 6000, "f" * 6000  # 1,500 tokens each
+    assert (call(doc, 0, "").cache_creation_input_tokens, call(far, 0, "").cache_creation_input_tokens) == (1500, 1500)
+    near = call(doc, 20, "n")  # the entry is the 20th block end before the breakpoint
+    assert (near.cache_read_input_tokens, near.cache_creation_input_tokens) == (1500, 20 * 2)
+    gone = call(far, 21, "g")  # the 21st: out of reach
+    assert (gone.cache_read_input_tokens, gone.cache_creation_input_tokens) == (0, 1500 + 21 * 2)
     assert_bill_consistent(emu)
 
 
