@@ -14,7 +14,7 @@ from typing import Any
 
 from actors.providers._http import BatchHandle, HttpBase, PollBackoff, sdk_kwargs
 from actors.providers._wire import message_parts
-from engine.core.cost import shared_prefix_marks
+from engine.core.cost import cached_blocks, shared_prefix_marks
 from engine.core.provider_api import BatchState, CallJob, CallOutcome, Usage, idempotency_key
 
 __all__ = ["AnthropicProvider"]
@@ -66,8 +66,8 @@ class AnthropicProvider(HttpBase):
         until = now + pc.ttl_s
         warm = self._warm.setdefault(job.req.model, {})
         # Only the blocks it read or wrote: believed warm, the rest drew the next breakpoint past the cached
-        # prefix, where the provider writes (as the simulator keeps them: ``SimProvider._keep_warm``).
-        cached = -(-(usage.cache_read + usage.cache_write) // self.settings.prefix_block_tokens)
+        # prefix, where the provider writes.
+        cached = cached_blocks(usage.cache_read, usage.cache_write, self.settings.prefix_block_tokens)
         for b in job.req.prefix_blocks[:cached]:
             warm[b] = max(warm.get(b, -1.0), until)
         if now >= self._warm_sweep_at:

@@ -21,6 +21,7 @@ __all__ = [
     "Price",
     "cache_read_multiplier",
     "cache_split",
+    "cached_blocks",
     "gpu_share_price",
     "gpu_unit_seconds",
     "list_price_text",
@@ -141,6 +142,12 @@ def cache_split(provider: ProviderSpec, spec: ModelSpec, input_tokens: int, n_bl
     upto = prefix if pc.automatic else min(mark_blocks * block_tokens, prefix)
     write = upto - read if upto >= min_tokens and upto > read else 0
     return CacheSplit(read, write, input_tokens - read - write)
+
+
+def cached_blocks(read: int, write: int, block_tokens: int) -> int:
+    """How many leading prefix blocks a call leaves in the provider's cache: those it read or wrote, not the
+    rest of its prefix (the simulator's warmth and the live engine's belief of it follow this one rule)."""
+    return -(-(read + write) // block_tokens)
 
 
 def price_text(provider: ProviderSpec, spec: ModelSpec, split: CacheSplit, output_tokens: int,
@@ -326,7 +333,7 @@ def price_batch(reqs: Sequence[Request], catalog: Catalog, mode: Mode, *,
             n_warm += 1
         split = cache_split(provider, spec, r.input_tokens, len(r.prefix_blocks), n_warm, mark, block_tokens)
         prices.append(price_text(provider, spec, split, r.output_tokens, mode))
-        cached = -(-(split.read + split.write) // block_tokens) if use_cache and k not in gone else 0
+        cached = cached_blocks(split.read, split.write, block_tokens) if use_cache and k not in gone else 0
         warm_set.update(r.prefix_blocks[:cached])
         if warmed is not None:
             warmed.append(cached)

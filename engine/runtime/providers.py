@@ -19,7 +19,15 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from engine.core.catalog import Catalog, ProviderSpec
-from engine.core.cost import Mode, cache_split, list_price_text, price_alone, price_batch, price_text
+from engine.core.cost import (
+    Mode,
+    cache_split,
+    cached_blocks,
+    list_price_text,
+    price_alone,
+    price_batch,
+    price_text,
+)
 from engine.core.draws import Draws, TurnaroundWorld
 from engine.core.errors import CatalogError, ConfigError
 from engine.core.latency import gpu_batch_seconds, sync_latency_median
@@ -54,7 +62,7 @@ class BatchOutcome(NamedTuple):
     hedged: bool
     at: float  # hedge time when hedged, else completion
     members: list[Attempt]  # filled when the batch ends (``SimProvider.end_batch``): members use the cache then
-    pending: tuple | None = None  # (idxs, reqs, oks) until then
+    pending: tuple | None = None  # (reqs, oks) until then
 
 
 class Work(NamedTuple):
@@ -309,9 +317,9 @@ class SimProvider:
             n_warm += 1
         split = cache_split(prov, spec, r.input_tokens, len(blocks), n_warm, len(blocks) if cache_write else 0,
                             self.bt)
-        cached = split.read + split.write
+        cached = cached_blocks(split.read, split.write, self.bt)
         if cached:
-            self._keep_warm(r.model, blocks[: math.ceil(cached / self.bt)], start, start + pc.ttl_s)
+            self._keep_warm(r.model, blocks[:cached], start, start + pc.ttl_s)
         return price_text(prov, spec, split, r.output_tokens, "sync").total
 
     # -- GPU batches ----------------------------------------------------------------------------------------
@@ -338,15 +346,13 @@ class SimProvider:
         return Event("batch_api", w, s, out)
 
     def _is_warm(self, model: str, b: int, at: float) -> bool:
-        """Whether prefix block ``b`` is in ``model``'s cache at ``at``: written (or read) by a call that used the
-        cache no later than ``at``, and not expired since."""
+        """Whether block ``b`` is in ``model``'s cache at ``at``: used by a call no later, and not expired since."""
         return self.warm.get(model, {}).get(b, -1.0) >= at and self.warm_from.get(model, {}).get(b, _INF) <= at
 
     def _keep_warm(self, model: str, blocks: Sequence[int], at: float, until: float) -> None:
-        """A call used ``blocks`` at ``at`` (read or wrote them): they are warm from then until ``until``. One warm
-        period is kept per block: a call priced out of engine-time order (the live path's loop can do that)
-        joins the period it overlaps, and one earlier and apart leaves the later period as it is (at worst
-        a read then is priced plain; never is a block read that no call had warm)."""
+        """A call read or wrote ``blocks`` at ``at``: warm from then until ``until``. One period per block: a call
+        priced out of engine-time order (the live loop can) joins the period it overlaps, and one earlier and
+        apart leaves the later as it is (a read then is priced plain; never is a block read that was cold)."""
         warm = self.warm.setdefault(model, {})
         since = self.warm_from.setdefault(model, {})
         for b in blocks:
@@ -371,18 +377,15 @@ class SimProvider:
             return BatchOutcome(True, hedge_at, [])
         fail_u = self.draws.fail_u
         oks = [fail_u(i, k) >= prov.failure_rate for i, k in zip(idxs, attempts)]
-        return BatchOutcome(False, done, [], (list(idxs), list(reqs), oks))
+        return BatchOutcome(False, done, [], (list(reqs), oks))
 
     def end_batch(self, out: BatchOutcome) -> list[Attempt]:
         """Price the members of a batch that ended (``out.at``), once: they run then, in order, as the emulator
-        runs a batch that follows an engine's clock. A member reads the prefix blocks warm at that time, or
-        written by an earlier member, and keeps the blocks it read or wrote warm for one TTL. Priced at
-        submission instead, a batch read the blocks warm when it was sent (long cold by its end), and its own
-        blocks were warm while it ran: a call in the meantime read what no call had yet written."""
+        runs a batch that follows an engine's clock. A member reads the prefix blocks warm then, or written by
+        an earlier member, and keeps those it read or wrote warm for one TTL (docs/cost-model.md, "Warmth")."""
         if out.members or out.pending is None:
             return out.members
-        idxs, reqs, oks = out.pending
-        done = out.at
+        (reqs, oks), done = out.pending, out.at
         pc = self.spec.prompt_cache
         stacks = pc is not None and pc.stacks_with_batch
         model = reqs[0].model
