@@ -113,8 +113,8 @@ class NearIndex:
         return LEADS
 
     def _follow_near(self, item: Item, fp: str) -> bool:
-        """Follow the leader of ``fp``, a near duplicate in flight, if it is due no later than ``item``."""
-        if not self.inflight.follow(fp, item.req, item, "near"):
+        """Follow the leader of ``fp``, a near duplicate in flight, under ``admission.may_follow``."""
+        if not self._follow(fp, item, "near"):
             return False
         self.stats["near"] += 1
         return True

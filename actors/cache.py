@@ -17,11 +17,14 @@ the fingerprint, of the Redis key and of the near-duplicate class.
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Hashable
 
+from actors._follow import Following
 from actors._near_index import FOLLOWING, LEADS, Item, NearIndex
 from actors._peer import Warm, as_peer, resolve_clock
 from actors._shards import Shards, by_result_uid
@@ -33,7 +36,7 @@ from engine.core.features import NEAR_DIM, near_class, near_text, near_vectors_t
 from engine.core.grouping import ReuseSettings
 from engine.core.result import Result
 from engine.core.settings import CacheSettings, Settings
-from engine.runtime.admission import InFlight
+from engine.runtime.admission import InFlight, release_lead
 from engine.runtime.outcomes import reused_result
 from engine.runtime.reuse import ReuseIndex
 
@@ -52,7 +55,7 @@ def tenant_scope(tenant: str, share_across_tenants: bool) -> str:
 RECALL_KEEP = 65_536  # results of reused requests kept for ``recall``
 
 
-class ResultCache(NearIndex, Warm):
+class ResultCache(NearIndex, Following, Warm):
     def __init__(self, reuse: ReuseSettings, hub, clock, catalog=None, settings: Settings | None = None, *,
                  redis: RedisLayer | None = None, blobs=None, shard: tuple[int, int] = (0, 1), groupers=()):
         self.reuse = reuse
@@ -74,7 +77,12 @@ class ResultCache(NearIndex, Warm):
         self.redis = redis
         self.blobs = blobs if blobs is not None else LocalBlobStore(self.cfg.blob_dir)
         self.index = ReuseIndex(NEAR_DIM)
-        self.inflight: InFlight[Item] = InFlight(reuse)  # leaders being generated and who waits for each
+        # Leaders being generated and who waits for each; a follower due before its leader has a release time.
+        self.inflight: InFlight[Item] = InFlight(reuse, release_lead(self.catalog, reuse))
+        self._releases: list[tuple[float, int, str, Item]] = []  # (release time, seq, fingerprint, follower)
+        self._release_seq = itertools.count()
+        self._release_timer: asyncio.TimerHandle | None = None
+        self.released: list[Item] = []  # released followers, for a caller that has no groupers to send them to
         self.generating: dict[str, Item] = {}  # request id -> item, for misses whose result will feed the cache
         self.indexed: set[str] = set()  # fingerprints already in the near index (indexed when they start)
         self._pending: dict[Hashable, deque[tuple]] = {}  # rows queued for it, by class, their vectors not made yet
@@ -82,7 +90,7 @@ class ResultCache(NearIndex, Warm):
         self._near_rows: deque[tuple[Hashable, str, int, float]] = deque()
         self._near_bytes = 0
         self.stats = {"exact_memory": 0, "exact_redis": 0, "near": 0, "in_flight": 0, "miss": 0,
-                      "corrupt": 0, "stale_near": 0, "blobs": 0, "near_evicted": 0}
+                      "corrupt": 0, "stale_near": 0, "blobs": 0, "near_evicted": 0, "released": 0}
         self._reported: dict[str, int] = {}
         self._new_leads: list[Item] = []
         self._next_report = 0.0
@@ -258,13 +266,6 @@ class ResultCache(NearIndex, Warm):
                 # the driver ask again.
                 log.warning("cache: could not send %d result(s) again: %s", len(again), type(exc).__name__)
         return [u for u in uids if u in waiting or u in self._delivered]
-
-    def _attach(self, item: Item) -> bool:
-        """Follow an identical request in flight that is due no later than this one."""
-        if self.inflight.follow(item.fp, item.req, item):
-            self.stats["in_flight"] += 1
-            return True
-        return False
 
     def _lead(self, item: Item) -> None:
         if self.inflight.lead(item.fp, item.req, item):

@@ -55,6 +55,10 @@ class SmartParams(PolicyParams):
     reuse_in_flight: bool = True
     reuse_near: bool = True
     near_threshold: float = Field(default=0.92, ge=0.5, le=1.0)
+    in_flight_margin_s: float | None = Field(default=60.0, ge=0, description=(
+        "a request with no batch-API lever may wait for an identical request in flight that is due after it, "
+        "until its own call's p99 plus this many seconds before its deadline, then goes on its own; None: it "
+        "follows only requests due no later than it"))
     near_guards: tuple[str, ...] = Field(default=GUARDS, description="guards that refuse a near-duplicate "
                                          f"match above the threshold; any of {list(GUARDS)}")
     batch_gather_s: float = Field(default=4 * 3600.0, ge=0, description="longest wait to gather a batch-API batch")
@@ -121,7 +125,8 @@ class Smart(Policy):
     def reuse(self) -> ReuseSettings:
         p = self.params
         return ReuseSettings(exact=p.reuse_exact, in_flight=p.reuse_in_flight, near=p.reuse_near,
-                             near_threshold=p.near_threshold, guards=Guards.of(p.near_guards))
+                             near_threshold=p.near_threshold, guards=Guards.of(p.near_guards),
+                             follow_margin_s=p.in_flight_margin_s)
 
     @property
     def scheduling(self) -> Scheduling:

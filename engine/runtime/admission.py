@@ -6,37 +6,84 @@ identical or near request in flight (:class:`InFlight`, under :func:`may_follow`
 generated, and from then on it is a source that later identical and near requests may follow. A leader is a
 source from the moment it leads, not from the moment its last attempt starts: no runtime can tell in advance
 which attempt will succeed, so neither may the simulator.
+
+A request may follow a leader due before it: the leader's deadline is its promise. One due *after* it may
+still be followed, under a release time (``release_lead``): until then it waits for the leader's result, and
+if none has come it is sent on its own, with time left for its own call. Media duplicates are the case: a
+campaign re-sends a video while the first, sent with a longer deadline, is being generated.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator
+import math
+from collections.abc import Callable, Hashable, Iterator
 from typing import Generic, Literal, TypeVar
 
+from engine.core.catalog import Catalog
 from engine.core.grouping import ReuseSettings
+from engine.core.latency import Z99, gpu_batch_seconds, sync_latency_median
 from engine.core.request import Request
 
-__all__ = ["Follow", "InFlight", "may_follow"]
+__all__ = ["Follow", "InFlight", "Lead", "may_follow", "release_lead"]
 
 T = TypeVar("T", bound=Hashable)
 Follow = Literal["in_flight", "near"]
 
 
-def may_follow(reuse: ReuseSettings, leader: Request, req: Request) -> bool:
-    """Whether ``req`` may wait for the result of ``leader``, an identical (or near) request still in flight:
-    only when the policy allows in-flight reuse and the leader is due no later than ``req``. A runtime cannot
-    know when a call will finish, so the leader's deadline is the only promise it has."""
-    return reuse.in_flight and leader.deadline_at <= req.deadline_at
+Lead = Callable[[Request], "float | None"]
+
+
+def release_lead(catalog: Catalog, reuse: ReuseSettings) -> Lead | None:
+    """How long before its deadline a request that follows a leader due after it must be sent on its own: its
+    own call's p99 (the catalog's latency model; for a GPU-priced model, a full GPU batch's, which it may join)
+    plus ``reuse.follow_margin_s`` (queueing at a rate gate).
+    None for a request with a batch-API lever: sent on its own late, it would lose the discount it could have
+    had from arrival, so it follows only a leader due before it. None for all when the policy sets no margin."""
+    margin = reuse.follow_margin_s
+    if margin is None or not reuse.in_flight:
+        return None
+
+    def lead(req: Request) -> float | None:
+        provider = catalog.providers.get(req.provider)
+        spec = provider.models.get(req.model) if provider is not None else None
+        if spec is None or provider.supports_batch_api(req.kind):
+            return None
+        if spec.gpu_priced:  # it may join a full GPU batch when it is sent: that batch's p99, as the policy's
+            full = [req] * provider.gpu_batching.max_batch  # latest safe start counts it
+            return gpu_batch_seconds(provider, spec, full) * math.exp(Z99 * provider.sync_latency.sigma) + margin
+        sigma = provider.sync_latency.sigma if spec.kind == "text" else provider.media_latency.sigma
+        return sync_latency_median(provider, spec, req) * math.exp(Z99 * sigma) + margin
+
+    return lead
+
+
+def may_follow(reuse: ReuseSettings, leader: Request, req: Request, now: float = 0.0,
+               lead: Lead | None = None) -> float | None:
+    """Until when ``req`` may wait for the result of ``leader``, an identical (or near) request still in
+    flight (None: it may not). The policy must allow in-flight reuse. A leader due no later than ``req`` is
+    followed until its result comes (``inf``): a runtime cannot know when a call will finish, and the leader's
+    deadline is the promise it has. A leader due later is followed only with a ``lead`` for ``req``
+    (``release_lead``), until ``req``'s deadline minus that lead, if that is still ahead."""
+    if not reuse.in_flight:
+        return None
+    if leader.deadline_at <= req.deadline_at:
+        return math.inf
+    s = lead(req) if lead is not None else None
+    if s is None:
+        return None
+    until = req.deadline_at - s
+    return until if until > now else None
 
 
 class InFlight(Generic[T]):
     """Requests being generated, one leader per fingerprint, and the requests that wait for each leader's
     result. ``T`` is how a runtime names a request (the simulator: its index; the cache: its job)."""
 
-    __slots__ = ("reuse", "_leaders", "_followers", "_orphaned")
+    __slots__ = ("reuse", "lead_of", "_leaders", "_followers", "_orphaned")
 
-    def __init__(self, reuse: ReuseSettings):
+    def __init__(self, reuse: ReuseSettings, lead_of: Lead | None = None):
         self.reuse = reuse
+        self.lead_of = lead_of  # see ``may_follow``; None: only leaders due no later than the follower are followed
         self._leaders: dict[str, tuple[Request, T]] = {}
         self._followers: dict[str, list[tuple[T, Follow]]] = {}
         # Followers of a leader that failed, set aside until the runtime asks for them (``orphans``): a request
@@ -54,13 +101,32 @@ class InFlight(Generic[T]):
         """``who`` is generated; it leads ``fp`` unless another request already does. Returns whether it leads."""
         return self._leaders.setdefault(fp, (req, who))[1] == who
 
-    def follow(self, fp: str, req: Request, who: T, hit: Follow = "in_flight") -> bool:
-        """Attach ``who`` to the leader of ``fp`` if :func:`may_follow` allows it; returns whether it did."""
+    def follow(self, fp: str, req: Request, who: T, hit: Follow = "in_flight", now: float = 0.0) -> float | None:
+        """Attach ``who`` to the leader of ``fp`` if :func:`may_follow` allows it. Returns until when it
+        follows (``inf``: until the leader's result; a finite time: the runtime then calls :meth:`release`),
+        or None if it does not."""
         got = self._leaders.get(fp)
-        if got is None or not may_follow(self.reuse, got[0], req):
+        if got is None:
+            return None
+        until = may_follow(self.reuse, got[0], req, now, self.lead_of)
+        if until is not None:
+            self._followers.setdefault(fp, []).append((who, hit))
+        return until
+
+    def release(self, fp: str, who: T) -> bool:
+        """``who``'s release time came: if it still waits for the leader of ``fp``, it no longer does, and the
+        runtime sends it on its own (True). False if it was resolved or orphaned meanwhile (the orphans' path
+        generates those: taking one here too would bill it twice)."""
+        fs = self._followers.get(fp)
+        if not fs:
             return False
-        self._followers.setdefault(fp, []).append((who, hit))
-        return True
+        for k, (w, _) in enumerate(fs):
+            if w == who:
+                del fs[k]
+                if not fs:
+                    del self._followers[fp]
+                return True
+        return False
 
     def done(self, fp: str, who: T) -> list[tuple[T, Follow]]:
         """``who`` has its result: it no longer leads ``fp``, and the requests attached to ``fp`` are handed

@@ -22,14 +22,14 @@ from engine.core.catalog import Catalog, default_catalog
 from engine.core.cost import MODES
 from engine.core.draws import Draws
 from engine.core.errors import PolicyError
-from engine.core.features import compat_key, fingerprint, near_class, near_text, near_vectors
+from engine.core.features import compat_key, fingerprint, near_class, near_vectors
 from engine.core.grouping import Decision
 from engine.core.ledger import BudgetBook
 from engine.core.request import Request
 from engine.core.scheduling import Scheduling
 from engine.core.settings import Settings
 from engine.core.trace import with_day_origin
-from engine.runtime.admission import InFlight
+from engine.runtime.admission import InFlight, release_lead
 from engine.runtime.outcomes import call_mode, verdict
 from engine.runtime.providers import Attempt, Event, SimProvider, Work, check_fallbacks
 from engine.runtime.reservation import dispatch_mode
@@ -38,6 +38,7 @@ from engine.runtime.scheduler import Dispatch, GroupTable, Wake
 from engine.runtime.turnaround import Turnaround, submitted
 from engine.runtime.waiting import BudgetWaits, sync_lead
 from engine.sim._budget import SimBudget
+from engine.sim._reuse import SimReuse
 from engine.sim.results import (
     _BATCH,
     _FAILED,
@@ -55,7 +56,7 @@ __all__ = ["BatchRecord", "SimResult", "simulate"]
 
 
 
-class _Sim(SimBudget):
+class _Sim(SimBudget, SimReuse):
     def __init__(self, reqs: Sequence[Request], policy, catalog: Catalog, settings: Settings, draws: Draws,
                  record_calls: bool = False):
         self.reqs = list(reqs)  # a rerouted request is replaced by its fallback copy
@@ -92,7 +93,7 @@ class _Sim(SimBudget):
                 mat = near_vectors([reqs[i] for i in need])
                 self.index = ReuseIndex(dim=mat.shape[1])
                 self.vecs = dict(zip(need, mat))
-        self.inflight: InFlight[int] = InFlight(self.reuse)
+        self.inflight: InFlight[int] = InFlight(self.reuse, release_lead(catalog, self.reuse))
         self.near_indexed: set[str] = set()  # fingerprints with a row in the near index (one row each)
         self.table = GroupTable(policy, catalog, settings.sim.day_origin_s)
         sched = getattr(policy, "scheduling", None) or Scheduling(order="fifo", fair_share=False)
@@ -207,37 +208,15 @@ class _Sim(SimBudget):
             if found is not None and found[1] <= now and reuse.exact:  # a stored result
                 self.resolve_reused(i, now, 1)
                 return
-            # In flight: attach to the leader when it is due no later than this request. A live engine cannot
-            # know when a call will finish, so the simulator does not use that either.
-            if self.inflight.follow(fp, r, i):
+            # In flight: attach to the leader under ``may_follow`` (its deadline, or a release time of our own).
+            # A live engine cannot know when a call will finish, so the simulator does not use that either.
+            if self.follow(fp, r, i, "in_flight"):
                 return
             if reuse.near and r.reuse == "near" and i in self.vecs and self.near(i, r, now):
                 return
         if fps is not None and self.inflight.lead(fps[i], r, i):
             self.index_near(i, fps[i], math.inf)
         self.apply(*self.table.add(r, self.compat[i], now))
-
-    def near(self, i: int, r: Request, now: float) -> bool:
-        """Reuse or follow the top near match, found by its fingerprint: a stored result, or a source still in
-        flight under the rule for identical ones (due no later than this request)."""
-        h = self.index.near(self.near_cls[i], self.vecs[i], near_text(r), self.near_threshold,
-                            self.reuse.guards)
-        if h is None:
-            return False
-        found = self.index.exact(h.source)
-        if found is not None and found[1] <= now:
-            self.resolve_reused(i, now, 3)
-            return True
-        return self.inflight.follow(h.source, r, i, "near")
-
-    def index_near(self, i: int, fp: str, done: float) -> None:
-        """A source for near duplicates, from when it leads (or, if it never led, when it completes)."""
-        vec = self.vecs.get(i)
-        if vec is None or fp in self.near_indexed:
-            return
-        self.near_indexed.add(fp)
-        self.index.add_near(self.near_cls[i], vec[None, :], [fp], [near_text(self.reqs[i])],
-                            [done])
 
     def apply(self, dispatches: list[Dispatch], wake: Wake | None) -> None:
         for d in dispatches:

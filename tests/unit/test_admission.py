@@ -17,13 +17,14 @@ from engine.core.grouping import ReuseSettings
 from engine.core.request import Request
 from engine.core.result import Result
 from engine.core.settings import CacheSettings, Settings
-from engine.runtime.admission import InFlight
+from engine.runtime.admission import InFlight, release_lead
 from engine.sim.simulator import simulate
 from policies import load_policy
 
 CAT = default_catalog()
 SMART = load_policy("smart", CAT)
-REUSE = ReuseSettings(exact=True, in_flight=True, near=True, near_threshold=SMART.reuse.near_threshold)
+REUSE = ReuseSettings(exact=True, in_flight=True, near=True, near_threshold=SMART.reuse.near_threshold,
+                      follow_margin_s=SMART.reuse.follow_margin_s)
 NEAR_PAIR = ("Draw a red car parked on a wet street at night", "draw a red car parked on a wet street at night.")
 _HIT = {0: None, 1: "exact", 2: "in_flight", 3: "near"}
 
@@ -122,13 +123,22 @@ ORDER_CASES = {
     "two near asks": ([req(0, NEAR_PAIR[0]), req(1, NEAR_PAIR[1]), req(2, NEAR_PAIR[1])],
                       [None, "near", "near"]),
     # Review cases: a request that asks no reuse, and an exact-only one, lead at their place in the batch.
+    # The third follows the first although due before it: an image has no batch-API lever, so it waits for the
+    # first's result until its release time (``admission.release_lead``), which comes long after that result.
     "no-reuse leader in between": ([req(0, NEAR_PAIR[1], 3600.0), req(1, NEAR_PAIR[1], 1800.0, reuse="none"),
-                                    req(2, NEAR_PAIR[1], 3000.0)], [None, None, None]),
+                                    req(2, NEAR_PAIR[1], 3000.0)], [None, None, "in_flight"]),
     "exact-only leader in between": ([req(0, NEAR_PAIR[0], reuse="exact"), req(1, NEAR_PAIR[1]),
                                       req(2, NEAR_PAIR[1], reuse="exact"), req(3, NEAR_PAIR[1])],
                                      [None, "near", None, "in_flight"]),
-    # A source due later is never followed, whichever runtime.
-    "source due later": ([req(0, NEAR_PAIR[0], 900.0, reuse="exact"), req(1, NEAR_PAIR[1], 600.0)], [None, None]),
+    # A source due later is followed under a release time by a request with no batch-API lever (an image)...
+    "source due later": ([req(0, NEAR_PAIR[0], 900.0, reuse="exact"), req(1, NEAR_PAIR[1], 600.0)],
+                         [None, "near"]),
+    # ... and never by one that has one (text at OpenAI): sent on its own late, it would lose its discount.
+    "source due later, batch lever": ([req(0, "Summarise the report in two lines", 7200.0, model="gpt-5-mini"),
+                                       req(1, "Summarise the report in two lines", 3600.0, model="gpt-5-mini")],
+                                      [None, None]),
+    # ... nor by one whose release time would already have passed (due too soon for its own call's p99).
+    "source due later, no time": ([req(0, NEAR_PAIR[1], 900.0), req(1, NEAR_PAIR[1], 40.0)], [None, None]),
 }
 
 
@@ -154,3 +164,97 @@ def test_a_request_is_a_near_source_from_when_it_leads_not_from_when_its_call_st
     (batch,) = [b for b in res.batches if b.id == res.batch_of[src]]
     assert batch.t > 101.0  # the source's batch went after the duplicate arrived
     assert _HIT[int(res.hit[dup])] == "near" and res.done_at[dup] == res.done_at[src] and res.cost[dup] == 0.0
+
+
+# -- following a leader due later, under a release time -----------------------------------------------------------
+
+def test_a_follower_due_before_its_leader_is_released_once_and_only_while_it_still_waits():
+    t: InFlight[int] = InFlight(REUSE, lambda r: 100.0)
+    leader, f = req(0, "x", 3600.0), req(1, "x", 600.0)
+    t.lead("fp", leader, 0)
+    assert t.follow("fp", f, 1, now=0.0) == 500.0  # its deadline minus its lead
+    assert t.follow("fp", req(2, "x", 90.0), 2, now=0.0) is None  # its release time has passed already
+    assert t.release("fp", 1) and not t.release("fp", 1)  # released once, then generated on its own
+    assert t.done("fp", 0) == []  # the leader's result no longer resolves it: one answer per request
+    # Resolved before its release time: nothing to release.
+    t.lead("fp", leader, 0)
+    t.follow("fp", f, 1, now=0.0)
+    assert t.done("fp", 0) == [(1, "in_flight")] and not t.release("fp", 1)
+    # Its leader failed for good first: the orphans' path generates it, so a release must not (billed twice).
+    t.lead("fp", leader, 0)
+    t.follow("fp", f, 1, now=0.0)
+    t.drop("fp", leader.uid)
+    assert not t.release("fp", 1) and t.orphans("fp", leader.uid) == [(1, "in_flight")]
+
+
+def test_only_requests_without_a_batch_api_lever_have_a_release_lead():
+    lead_of = release_lead(CAT, REUSE)
+    assert lead_of(req(0, "Summarise the report", model="gpt-5-mini")) is None  # a batch lever: its own batch
+    video = req(1, "A red car at night", model="veo-3-fast")
+    assert lead_of(video) > REUSE.follow_margin_s  # its call's p99 plus the margin
+    assert release_lead(CAT, REUSE._replace(follow_margin_s=None)) is None  # the policy turned it off
+    assert InFlight(REUSE._replace(follow_margin_s=None)).follow("fp", video, 1) is None  # no leader anyway
+
+
+def test_a_video_resent_while_the_first_is_generated_is_not_paid_twice():
+    """The campaign case: the first copy was sent with a day to spare and is being generated when a copy due
+    within the hour arrives. It takes the first copy's result (before: it was generated a second time)."""
+    cat = no_failures(CAT.find_model("veo-3-fast")[0])
+    reqs = [req(0, "A red car parked on a wet street at night", 86400.0, reuse="exact", model="veo-3-fast"),
+            req(1, "A red car parked on a wet street at night", 3600.0, reuse="exact", model="veo-3-fast",
+                arrival_s=10.0)]
+    res = simulate(reqs, load_policy("smart", cat), catalog=cat)
+    assert _HIT[int(res.hit[1])] == "in_flight" and res.cost[1] == 0.0 and res.done_at[1] == res.done_at[0]
+    off = load_policy("smart", cat, {"in_flight_margin_s": None})
+    res = simulate(reqs, off, catalog=cat)
+    assert _HIT[int(res.hit[1])] is None and res.cost[1] > 0.0  # the old rule: due sooner, never followed
+
+
+def test_a_follower_whose_leader_is_late_is_sent_on_its_own_in_time():
+    """The leader waits in a GPU batch that the policy gathers for an hour; the copy due in 400 s follows it,
+    is released at its release time, and is generated alone before its deadline."""
+    lane = [req(10 + k, f"A lighthouse in fog, take {k}", 3600.0, model="flux-1-dev", arrival_s=float(k))
+            for k in range(3)]
+    pair = [req(0, NEAR_PAIR[0], 3600.0, reuse="exact", model="flux-1-dev", arrival_s=100.0),
+            req(1, NEAR_PAIR[0], 400.0, reuse="exact", model="flux-1-dev", arrival_s=101.0)]
+    cat = no_failures(CAT.find_model("flux-1-dev")[0])
+    res = simulate(lane + pair, load_policy("smart", cat), catalog=cat)
+    src, dup = len(lane), len(lane) + 1
+    until = pair[1].deadline_at - release_lead(cat, REUSE)(pair[1])
+    (batch,) = [b for b in res.batches if b.id == res.batch_of[src]]
+    # The leader was still waiting at the release time; the copy, generated after all, joins its lane there
+    # (and, due first, sends the lane's batch at once, the leader in it: as it did before it could follow).
+    assert batch.t >= until and res.batch_of[dup] == res.batch_of[src]
+    assert res.hit[dup] == 0 and res.cost[dup] > 0.0
+    assert until <= res.done_at[dup] <= pair[1].deadline_at and res.met.all()
+
+
+def test_the_cache_sends_a_released_follower_to_the_groupers_and_not_again_with_its_leader(tmp_path):
+    async def go():
+        hub, clock = ResultHub(), ManualClock(0.0)
+        sent: list[Job] = []
+        got = asyncio.Event()
+
+        class Grouper:
+            async def add(self, jobs: list[Job]) -> None:
+                sent.extend(jobs)
+                got.set()
+
+        settings = Settings().model_copy(update={"cache": CacheSettings(blob_dir=tmp_path / "blobs")})
+        cache = ResultCache(REUSE, hub, clock, settings=settings, groupers=[Grouper()])
+        a = req(0, "A red car parked on a wet street at night", 86400.0, reuse="exact", model="veo-3-fast")
+        b = a.model_copy(update={"id": "r1", "deadline_s": 600.0})
+        leader, follower = Job(0, a, fingerprint(a)), Job(1, b, fingerprint(b))
+        await cache.lookup([leader])
+        await got.wait()
+        got.clear()
+        await cache.lookup([follower])
+        assert sent == [leader] and cache.inflight.n_following() == 1  # it follows; nothing is sent for it
+        clock.advance(b.deadline_s - release_lead(CAT, REUSE)(b))
+        await asyncio.wait_for(got.wait(), 10)  # the cache's release timer, not a sleep of the test's
+        assert sent == [leader, follower] and cache.stats["released"] == 1 and cache.inflight.n_following() == 0
+        await cache.complete([(leader.fp, Result(id=a.id, tenant="acme", status="ok", output="vid://o",
+                                                 cost_usd=1.2, mode="sync", provider=a.provider, model=a.model,
+                                                 done_s=clock.now()))])
+        return await hub.pull(0.01)
+    assert asyncio.run(go()) == []  # the leader's result answers nobody else: the follower is being generated

@@ -276,26 +276,44 @@ def test_in_the_simulator_a_request_follows_an_identical_one_due_no_later(case):
 
 
 @pytest.mark.parametrize("case", sorted(IN_FLIGHT_CASES))
-def test_in_the_simulator_a_request_never_follows_one_due_later(case):
-    """Even where following would happen to finish in time: a live engine cannot know when a call ends, so
-    the rule is on deadlines alone."""
+def test_in_the_simulator_a_request_without_a_batch_lever_follows_one_due_later_until_its_release_time(case):
+    """Images have no batch-API lever: the copy due first waits for the first's result, which comes long before
+    its release time (its deadline minus its own call's p99 and ``in_flight_margin_s``). With the margin off it
+    never follows one due later (the rule on deadlines alone), and neither when it is due too soon to wait."""
     model = IN_FLIGHT_CASES[case]
     cat = no_failures(CAT.find_model(model)[0])
+    off = load_policy("smart", cat, {"in_flight_margin_s": None})
     for second_deadline in (300.0, 3598.0):  # due at 301 and 3599, the first at 3600
-        res = simulate(two(model, 3600.0, second_deadline), load_policy("smart", cat), catalog=cat)
-        assert res.hit[1] == _HIT["none"] and res.cost[1] > 0.0, f"followed a request due later ({case})"
+        reqs = two(model, 3600.0, second_deadline)
+        res = simulate(reqs, load_policy("smart", cat), catalog=cat)
+        assert res.hit[1] == _HIT["in_flight"] and res.cost[1] == 0.0 and res.done_at[1] == res.done_at[0]
         assert res.met.all()
+        res = simulate(reqs, off, catalog=cat)
+        assert res.hit[1] == _HIT["none"] and res.cost[1] > 0.0 and res.met.all(), f"followed ({case})"
+    res = simulate(two(model, 3600.0, 60.0), load_policy("smart", cat), catalog=cat)  # lead > 60 s: no time
+    assert res.hit[1] == _HIT["none"] and res.cost[1] > 0.0 and res.met.all()
+
+
+def test_in_the_simulator_a_request_with_a_batch_lever_never_follows_one_due_later():
+    """Text at OpenAI: sent on its own late, it would lose the discount of its own batch, so the rule stays on
+    deadlines alone (here both go sync at once, a lone request's batch being worth no wait)."""
+    cat = no_failures("openai")
+    for second_deadline in (300.0, 3598.0):
+        res = simulate(two("gpt-5-mini", 3600.0, second_deadline), load_policy("smart", cat), catalog=cat)
+        assert res.hit[1] == _HIT["none"] and res.cost[1] > 0.0 and res.met.all()
 
 
 NEAR_PAIR = ("Draw a red car parked on a wet street at night", "draw a red car parked on a wet street at night.")
 
 
-def test_in_the_simulator_a_near_duplicate_follows_a_source_in_flight_only_if_due_no_later():
+def test_in_the_simulator_a_near_duplicate_follows_a_source_in_flight_under_the_in_flight_rule():
     cat = no_failures("google")
-    follows = simulate(two("imagen-4", 600.0, 900.0, NEAR_PAIR, "near"), load_policy("smart", cat), catalog=cat)
-    assert follows.hit[1] == _HIT["near"] and follows.done_at[1] == follows.done_at[0]
-    assert follows.done_at[0] > 1.0  # the source was still in flight when the near duplicate arrived
-    alone = simulate(two("imagen-4", 600.0, 300.0, NEAR_PAIR, "near"), load_policy("smart", cat), catalog=cat)
+    for second in (900.0, 300.0):  # due after the source, and before it (under a release time: an image)
+        follows = simulate(two("imagen-4", 600.0, second, NEAR_PAIR, "near"), load_policy("smart", cat), catalog=cat)
+        assert follows.hit[1] == _HIT["near"] and follows.done_at[1] == follows.done_at[0]
+        assert follows.done_at[0] > 1.0  # the source was still in flight when the near duplicate arrived
+    off = load_policy("smart", cat, {"in_flight_margin_s": None})
+    alone = simulate(two("imagen-4", 600.0, 300.0, NEAR_PAIR, "near"), off, catalog=cat)
     assert alone.hit[1] == _HIT["none"] and alone.cost[1] > 0.0 and alone.met.all()
 
 
