@@ -94,7 +94,8 @@ class EngineMetrics:
                                        "deferred, budget_exhausted, budget_unavailable)", ["reason"], registry=r)
         self._refusals_seen: dict[str, int] = {}
         self.cache_lookups = Counter("smartbatch_cache_lookups", "Cache lookups by result (exact_memory, "
-                                     "exact_redis, near, in_flight, miss)", ["result"], registry=r)
+                                     "exact_redis, near, in_flight, miss; released: in-flight followers "
+                                     "sent on their own at their release time)", ["result"], registry=r)
         # Registered on the cache's first report with Redis configured: without Redis it would read 0 and fire
         # a "Redis down" alert for a cache that never had one.
         self.cache_redis_up = Gauge("smartbatch_cache_redis_up", "1 while the cache reaches Redis, 0 while it "
@@ -225,7 +226,7 @@ class EngineMetrics:
                 self._refusals_seen[reason] = n
 
     def observe_cache(self, delta: dict, now: dict) -> None:
-        for k in ("exact_memory", "exact_redis", "near", "in_flight", "miss"):
+        for k in ("exact_memory", "exact_redis", "near", "in_flight", "miss", "released"):
             if delta.get(k):
                 self.cache_lookups.labels(k).inc(delta[k])
         if delta.get("redis_errors"):

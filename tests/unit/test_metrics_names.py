@@ -95,6 +95,13 @@ def test_redis_up_is_exported_only_when_redis_is_configured():
     assert m.registry.get_sample_value("smartbatch_cache_redis_up") == 1.0
 
 
+def test_released_followers_are_counted_as_a_lookup_result():
+    m = EngineMetrics()
+    m.observe_cache({"in_flight": 3, "released": 1}, {})
+    get = lambda result: m.registry.get_sample_value("smartbatch_cache_lookups_total", {"result": result})  # noqa: E731
+    assert (get("in_flight"), get("released")) == (3.0, 1.0)
+
+
 @pytest.mark.parametrize("retry_after, error, reason", [
     (2.0, "openai HTTP 429: slow down", "429"),
     (None, "openai 429 rate limited", "429"),
