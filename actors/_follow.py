@@ -48,10 +48,22 @@ class Following:
         if self._release_timer is not None:
             self._release_timer.cancel()
         self._release_timer = None
-        if self._releases:
+        rel = self._releases
+        # Entries of followers answered or orphaned before their time go from the top now, not at their time:
+        # a clock that cannot wake the cache (a test's manual clock) is polled, and for them it was polled on
+        # until that time, which may never come.
+        while rel and not self.inflight.waits(rel[0][2], rel[0][3]):
+            heapq.heappop(rel)
+        if rel and self.clock is not None:  # without a clock no time passes: ``set_clock`` arms it
             # At least a poll's worth of real time: a test's manual clock says 0 for any wait.
-            delay = max(self.clock.real_delay(self._releases[0][0] - self._now()) if self.clock else 0.0, 0.01)
+            delay = max(self.clock.real_delay(rel[0][0] - self._now()), 0.01)
             self._release_timer = asyncio.get_running_loop().call_later(delay, self._release_due)
+
+    def _answered(self) -> None:
+        """Followers left the in-flight table (answered or orphaned): the timer waits for the next that waits."""
+        rel = self._releases
+        if rel and not self.inflight.waits(rel[0][2], rel[0][3]):
+            self._arm_release()
 
     def _release_due(self) -> None:
         """Followers whose release time came and whose leader has no result yet go on their own: to the

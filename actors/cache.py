@@ -109,6 +109,7 @@ class ResultCache(NearIndex, Following, Warm):
     async def set_clock(self, clock) -> None:
         """The engine sets the clock once every actor is up, so engine time 0 is when submitting can start."""
         self.clock = clock
+        self._arm_release()
 
     def _now(self) -> float:
         return self.clock.now() if self.clock is not None else 0.0
@@ -315,6 +316,7 @@ class ResultCache(NearIndex, Following, Warm):
         # The followers left the in-flight table above: they are held for ``recall`` from now, not from their
         # delivery after the awaits below, or a re-admission meanwhile generates them a second time.
         prices = self._held(out, out_items) if out else []
+        self._answered()
         if stored:
             self._index_leaders({})
             self._index_near(stored)
@@ -335,6 +337,7 @@ class ResultCache(NearIndex, Following, Warm):
             out.extend(f for f, _ in self.inflight.orphans(fp, uid))
         for it in out:
             self._lead(it)  # generated after all; the first of a fingerprint leads it, as in the simulator
+        self._answered()
         return out
 
     # -- reporting --------------------------------------------------------------------------------------------

@@ -128,6 +128,10 @@ class InFlight(Generic[T]):
                 return True
         return False
 
+    def waits(self, fp: str, who: T) -> bool:
+        """Whether ``who`` still waits for the leader of ``fp`` (what :meth:`release` would take)."""
+        return any(w == who for w, _ in self._followers.get(fp, ()))
+
     def done(self, fp: str, who: T) -> list[tuple[T, Follow]]:
         """``who`` has its result: it no longer leads ``fp``, and the requests attached to ``fp`` are handed
         back, to resolve with that result (a request that failed goes through :meth:`orphans` instead)."""

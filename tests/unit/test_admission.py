@@ -258,3 +258,35 @@ def test_the_cache_sends_a_released_follower_to_the_groupers_and_not_again_with_
                                                  done_s=clock.now()))])
         return await hub.pull(0.01)
     assert asyncio.run(go()) == []  # the leader's result answers nobody else: the follower is being generated
+
+
+def test_the_cache_keeps_no_release_timer_for_followers_already_answered_nor_without_a_clock(tmp_path):
+    """A manual clock cannot wake the cache, so its timer polls; it polled on for a follower answered long
+    before its release time (until a time the test's clock may never reach), and, with no clock at all (an
+    actor before ``set_clock``: no time passes), for ever."""
+    async def go():
+        settings = Settings().model_copy(update={"cache": CacheSettings(blob_dir=tmp_path / "blobs")})
+        a = req(0, "A red car parked on a wet street at night", 86400.0, reuse="exact", model="veo-3-fast")
+        b = a.model_copy(update={"id": "r1", "deadline_s": 600.0})
+        leader, follower = Job(0, a, fingerprint(a)), Job(1, b, fingerprint(b))
+        done = Result(id=a.id, tenant="acme", status="ok", output="vid://o", cost_usd=1.2, mode="sync",
+                      provider=a.provider, model=a.model, done_s=1.0)
+
+        cache = ResultCache(REUSE, ResultHub(), ManualClock(0.0), settings=settings)
+        await cache.lookup([leader])
+        await cache.lookup([follower])
+        assert cache.inflight.n_following() == 1 and cache._release_timer is not None
+        await cache.complete([(leader.fp, done)])
+        assert cache._release_timer is None and cache._releases == []  # answered: nothing left to release
+
+        cache = ResultCache(REUSE, ResultHub(), None, settings=settings)
+        await cache.lookup([leader])
+        await cache.lookup([follower])
+        assert cache.inflight.n_following() == 1 and cache._release_timer is None  # nothing can come due
+        await cache.set_clock(ManualClock(0.0))
+        assert cache._release_timer is not None  # the clock is here: its release time can come
+        # Its leader failed for good: the orphans' path generates it, and no timer is kept for it.
+        await cache.complete([(leader.fp, done.model_copy(update={"status": "failed", "output": None}))])
+        assert cache._release_timer is None and await cache.orphans([(leader.fp, a.uid)]) == [follower]
+
+    asyncio.run(go())
