@@ -275,12 +275,12 @@ def test_in_the_simulator_a_request_follows_an_identical_one_due_no_later(case):
         assert res.done_at[1] == res.done_at[0] and res.met.all()
 
 
-@pytest.mark.parametrize("case", sorted(IN_FLIGHT_CASES))
-def test_in_the_simulator_a_request_without_a_batch_lever_follows_one_due_later_until_its_release_time(case):
+def test_in_the_simulator_a_request_without_a_batch_lever_follows_one_due_later_until_its_release_time():
     """Images have no batch-API lever: the copy due first waits for the first's result, which comes long before
-    its release time (its deadline minus its own call's p99 and ``in_flight_margin_s``). With the margin off it
-    never follows one due later (the rule on deadlines alone), and neither when it is due too soon to wait."""
-    model = IN_FLIGHT_CASES[case]
+    its release time (its deadline minus twice its own call's p99 and ``in_flight_margin_s``). With the margin
+    off it never follows one due later (the rule on deadlines alone), and neither when it is due too soon to
+    wait."""
+    model, case = IN_FLIGHT_CASES["sent"], "sent"
     cat = no_failures(CAT.find_model(model)[0])
     off = load_policy("smart", cat, {"in_flight_margin_s": None})
     for second_deadline in (300.0, 3598.0):  # due at 301 and 3599, the first at 3600
@@ -294,12 +294,14 @@ def test_in_the_simulator_a_request_without_a_batch_lever_follows_one_due_later_
     assert res.hit[1] == _HIT["none"] and res.cost[1] > 0.0 and res.met.all()
 
 
-def test_in_the_simulator_a_request_with_a_batch_lever_never_follows_one_due_later():
-    """Text at OpenAI: sent on its own late, it would lose the discount of its own batch, so the rule stays on
-    deadlines alone (here both go sync at once, a lone request's batch being worth no wait)."""
-    cat = no_failures("openai")
+@pytest.mark.parametrize("model", ["gpt-5-mini", IN_FLIGHT_CASES["pending"]])
+def test_in_the_simulator_a_request_with_a_batch_or_gpu_lane_never_follows_one_due_later(model):
+    """Text at OpenAI: sent on its own late, it would lose the discount of its own batch (here both go sync at
+    once, a lone request's batch being worth no wait). A GPU-priced image: released late, it would join a lane
+    whose backlog no release time sees. Both keep the rule on deadlines alone."""
+    cat = no_failures(CAT.find_model(model)[0])
     for second_deadline in (300.0, 3598.0):
-        res = simulate(two("gpt-5-mini", 3600.0, second_deadline), load_policy("smart", cat), catalog=cat)
+        res = simulate(two(model, 3600.0, second_deadline), load_policy("smart", cat), catalog=cat)
         assert res.hit[1] == _HIT["none"] and res.cost[1] > 0.0 and res.met.all()
 
 
