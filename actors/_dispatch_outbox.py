@@ -78,6 +78,11 @@ class Outbox:
             self._told.append((self._told_seq, turnarounds))
             for g in self.groupers:
                 g.send("observe_turnarounds", turnarounds, self.name, self._told_seq)
+        if settle:
+            # Before any await: a settlement needs no peer's answer, and behind the cache fill below it waited
+            # for a cache that was restarting (seconds) or hung (until the driver kills it), so the ledger's spend
+            # lagged results already delivered, and their claims held the budget at their reserved bounds.
+            self.budget.send("settle_many", settle)
         if results:
             try:
                 await self.hubs.call("push", by_result_uid, results, prices)
@@ -108,8 +113,6 @@ class Outbox:
             readmit.extend(f for _, part in answers for f in part)
             for exc in errors:
                 log.warning("dispatcher %s: cache did not answer for orphans: %s", self.name, _short(exc))
-        if settle:
-            self.budget.send("settle_many", settle)
         if readmit:
             send_sharded(self.groupers, readmit)
 
