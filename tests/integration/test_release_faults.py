@@ -1,0 +1,135 @@
+"""The release path of in-flight reuse under a cache fault: a copy due before the call it follows waits for
+that call's result until its release time (``engine.runtime.admission.may_follow``), and the cache actor that
+holds it dies, once while it waits and once just as its timer has sent it on. Nothing may be lost, hung or
+paid twice: the follower is re-admitted (or recalled from the dispatcher carrying it) and billed once.
+
+OpenAI is called over HTTP at the loopback emulator, whose bill is counted per idempotency key: that is the
+proof of "billed once", not the hub's report (which drops a result sent again). gpt-image-1 has no batch-API
+lever and is not GPU-priced, so its copies get release times. The catalog runs one OpenAI call at a time and
+draws 2 s images, so a leader sent after 15 others is still being waited for at the follower's release time,
+while the 60 s margin is several real seconds at this speed-up: room for a cache restart.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import threading
+
+import pytest
+
+from engine.app.driver import Engine
+from engine.app.live import follow_engine, point_at_emulator
+from engine.core.catalog import Catalog, default_catalog
+from engine.core.provider_api import call_key
+from engine.core.request import Request
+from engine.core.settings import Settings
+from engine.emulator import Emulator
+from engine.runtime.admission import release_lead
+from policies import load_policy
+
+SPEEDUP = 10.0
+QUEUE = 15  # images ahead of each leader
+RELEASE_IN_S = 20.0  # engine seconds from a phase's start to its follower's release time
+WAIT_S = 60.0  # real seconds: the bound of every wait (a phase is ~4 s of engine work at this speed-up)
+
+
+def catalog() -> Catalog:
+    raw = default_catalog().model_dump()
+    oa = raw["providers"]["openai"]
+    oa["failure_rate"] = 0.0
+    oa["rate_limits"]["max_concurrency"] = 1
+    oa["media_latency"]["image_s"] = 2.0
+    return Catalog.model_validate(raw)
+
+
+CAT = catalog()
+LEAD = release_lead(CAT, load_policy("smart", CAT).reuse)
+
+
+def phase(eng: Engine, tag: str, prompt: str):
+    """QUEUE images and a leader, due in an hour, then a copy of the leader due so that its release time comes
+    RELEASE_IN_S after now. Returns the futures (queue, leader, follower) and the follower's release time."""
+    now = eng.now()
+
+    def img(i: str, text: str, deadline_s: float) -> dict:
+        return {"id": f"{tag}-{i}", "model": "gpt-image-1", "prompt": text, "reuse": "exact",
+                "deadline_s": deadline_s, "arrival_s": now}
+
+    queue = eng.submit_many([img(f"q{k}", f"{prompt}, take {k}", 3600.0) for k in range(QUEUE)])
+    lead_s = LEAD(Request.model_validate(img("follower", prompt, 3600.0)))
+    (leader,) = eng.submit_many([img("leader", prompt, 3600.0)])  # behind the queue: due a little later
+    (follower,) = eng.submit_many([img("follower", prompt, lead_s + RELEASE_IN_S)])
+    return queue, leader, follower, now + RELEASE_IN_S
+
+
+def test_a_cache_that_dies_while_a_copy_waits_for_its_release_loses_nothing_and_pays_nothing_twice(ray_session):
+    import ray
+
+    seen_at_provider: dict[str, threading.Event] = {}
+    with Emulator(CAT, speedup=SPEEDUP, seed=5, cancel_s=1.0) as emu:
+        core = emu._core
+        draw = core.image_request
+
+        def image_request(provider, model, prompt, *a, **k):  # a call's prompt reached the provider
+            ev = seen_at_provider.get(prompt)
+            if ev is not None:
+                ev.set()
+            return draw(provider, model, prompt, *a, **k)
+        core.image_request = image_request
+
+        settings = point_at_emulator(Settings(), emu)
+        eng = Engine.start(settings, catalog=CAT, speedup=SPEEDUP, metrics_port=None, budget_usd=1_000.0)
+        follow_engine(emu, settings, 0)(eng)
+        futs = []
+        try:
+            cache = eng._h["named"]["cache"]
+            # 1. Killed while the copy waits: its release time is ahead, its leader still behind the queue.
+            queue, leader_a, follower_a, until_a = phase(eng, "a", "A red car on a wet street at night")
+            futs += [*queue, leader_a, follower_a]
+            for _ in zip(range(2), cf.as_completed(queue, timeout=WAIT_S)):
+                pass
+            stats = ray.get(cache.stats_now.remote(), timeout=WAIT_S)
+            assert eng.now() < until_a and stats["in_flight"] == 1 and stats["released"] == 0, stats
+            ray.kill(cache, no_restart=False)
+            assert eng.wait_recovered("cache", 1, timeout=WAIT_S), eng.restarts
+            done, open_ = cf.wait(futs, timeout=WAIT_S)
+            assert not open_, [f.request_id for f in open_]
+
+            # 2. Killed just after the timer sent the copy on: the moment its call reaches the provider (its
+            # leader is 15 calls behind, so only the release can have sent it).
+            prompt_b = "A blue boat in a calm harbour at dawn"
+            seen_at_provider[prompt_b] = threading.Event()
+            queue, leader_b, follower_b, until_b = phase(eng, "b", prompt_b)
+            futs += [*queue, leader_b, follower_b]
+            assert seen_at_provider[prompt_b].wait(WAIT_S), "the copy never reached the provider"
+            ray.kill(cache, no_restart=False)
+            assert eng.wait_recovered("cache", 2, timeout=WAIT_S), eng.restarts
+            done, open_ = cf.wait(futs, timeout=WAIT_S)
+            assert not open_, [f.request_id for f in open_]
+            results = [f.result() for f in futs]
+            rep = eng.report()
+        finally:
+            eng.stop()
+        bill = emu.bill()
+
+    by_id = {r.id: r for r in results}
+    assert len(by_id) == len(results) == 2 * (QUEUE + 2)  # one result each
+    assert all(r.status == "ok" and r.deadline_met for r in results), [r for r in results if not (
+        r.status == "ok" and r.deadline_met)]
+    # The copies were generated for themselves (not answered from the leader), the second one at its release.
+    for f in (by_id["a-follower"], by_id["b-follower"]):
+        assert f.hit is None and f.cost_usd > 0
+    fb, lb = by_id["b-follower"], by_id["b-leader"]
+    assert until_b <= fb.done_s < lb.done_s, (until_b, fb.done_s, lb.done_s)
+
+    # Billed once each: every billed item is one request's call, and each request with a result was billed.
+    keys = [(i.idempotency_key or i.request_id).rsplit("-", 1)[0] for i in bill.items]
+    result_of = {call_key(r.tenant, r.id, r.model).rsplit("-", 1)[0]: r for r in results}
+    assert len(set(keys)) == len(keys) == len(results), sorted(k for k in keys if keys.count(k) > 1)
+    assert set(keys) == set(result_of)
+    assert sum(r.cost_usd for r in results) == pytest.approx(bill.total_usd, abs=1e-9)
+    assert rep["spend_usd"] == pytest.approx(bill.total_usd, abs=1e-6)  # rounded to 6 places
+    # The ledger too, read as soon as the last result is in: its settlements no longer wait behind a cache
+    # fill to the dead cache (they did, and it read $1.134 of $1.428 here).
+    assert rep["budget"]["spent_usd"] == pytest.approx(bill.total_usd, abs=1e-6)
+    assert rep["budget"]["overrun_usd"] == 0
