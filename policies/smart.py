@@ -56,9 +56,9 @@ class SmartParams(PolicyParams):
     reuse_near: bool = True
     near_threshold: float = Field(default=0.92, ge=0.5, le=1.0)
     in_flight_margin_s: float | None = Field(default=60.0, ge=0, description=(
-        "a request with no batch-API lever may wait for an identical request in flight that is due after it, "
-        "until its own call's p99 plus this many seconds before its deadline, then goes on its own; None: it "
-        "follows only requests due no later than it"))
+        "a request sent by a sync call (a hosted image or video) may wait for an identical request in flight "
+        "that is due after it, until twice its own call's p99 plus this many seconds before its deadline, then "
+        "goes on its own; None: it follows only requests due no later than it"))
     near_guards: tuple[str, ...] = Field(default=GUARDS, description="guards that refuse a near-duplicate "
                                          f"match above the threshold; any of {list(GUARDS)}")
     batch_gather_s: float = Field(default=4 * 3600.0, ge=0, description="longest wait to gather a batch-API batch")

@@ -32,9 +32,9 @@ class ReuseSettings(NamedTuple):
     near: bool = False
     near_threshold: float = 0.92
     guards: Guards = Guards()
-    # A request due before the leader it would follow may still follow it, until this many seconds (past its
-    # own call's p99) before its deadline, when it is sent on its own; None: it never follows such a leader.
-    # Only requests without a batch-API lever (engine.runtime.admission.release_lead says why).
+    # A request due before the leader it would follow may still follow it, until this many seconds (past
+    # twice its own call's p99) before its deadline, when it is sent on its own; None: it never follows such a
+    # leader. Only requests sent by a sync call (engine.runtime.admission.release_lead says why).
     follow_margin_s: float | None = None
 
 
