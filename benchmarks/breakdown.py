@@ -49,6 +49,17 @@ def main() -> None:
         print(f"  {p:10s} n={sel.sum():6d} cost ${res.cost[sel].sum():8.2f}  modes {modes}  "
               f"bound of this subset alone ${lower_bound(sub).total_usd:8.2f}  all in one batch per model "
               f"${one_batch:8.2f}")
+    # Per provider (no prompt cache is shared across providers, so these bounds add up to the trace's), urgent
+    # work apart from the rest: the rest shares prefixes across priorities, which the subsets below keep.
+    prov = np.array([r.provider for r in res.requests])
+    for pv in sorted(set(prov)):
+        for name, prios in (("all", ("urgent", "normal", "background")), ("urgent", ("urgent",)),
+                            ("normal+background", ("normal", "background"))):
+            sel = (prov == pv) & np.isin(prio, prios)
+            sub = [r for r, s in zip(res.requests, sel) if s]
+            if sub:
+                print(f"  {pv:10s} {name:17s} n={sel.sum():6d} cost ${res.cost[sel].sum():8.2f}  bound "
+                      f"${lower_bound(sub).total_usd:8.2f}  online bound ${lower_bound(sub, online=True).total_usd:8.2f}")
     outcomes: dict[str, int] = {}
     for b in res.batches:
         if b.mode == "batch_api":

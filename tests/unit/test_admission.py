@@ -193,8 +193,11 @@ def test_only_requests_without_a_batch_api_lever_have_a_release_lead():
     video = req(1, "A red car at night", model="veo-3-fast")
     assert lead_of(video) > REUSE.follow_margin_s  # twice its call's p99 plus the margin
     assert lead_of(req(2, "A red car at night", model="flux-1-dev")) is None  # GPU-priced: its lane's backlog
-    assert release_lead(CAT, REUSE._replace(follow_margin_s=None)) is None  # the policy turned it off
-    assert InFlight(REUSE._replace(follow_margin_s=None)).follow("fp", video, 1) is None  # no leader anyway
+    off = REUSE._replace(follow_margin_s=None)
+    assert release_lead(CAT, off) is None  # the policy turned it off: a leader due later is not followed
+    t: InFlight[int] = InFlight(off, release_lead(CAT, off))
+    t.lead("fp", video.model_copy(update={"id": "r0", "deadline_s": 86400.0}), 0)
+    assert t.follow("fp", video, 1) is None
 
 
 def test_a_video_resent_while_the_first_is_generated_is_not_paid_twice():
