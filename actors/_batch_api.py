@@ -228,6 +228,7 @@ class BatchApiRuns:
                 if was_cancelled:
                     self.members_saved_by_cancel += o.ok
                     self._counts.hedge_kept_members += o.ok
+                self._note_warm(j.req, o, start)
                 self._attempt(b, j, o.ok, o.cost, "batch_api", o)
         self._pump()
 

@@ -12,6 +12,7 @@ from actors._shards import by_result_uid
 from actors._types import send_sharded
 from actors.metrics import DispatchCounts
 from engine.core.cost import reserve_bound
+from engine.core.grouping import WarmNote
 
 log = logging.getLogger("smartbatch.dispatcher")
 
@@ -42,6 +43,15 @@ class Outbox:
         self.possibly_billed_usd += usd
         return usd
 
+    def _note_warm(self, r, out, start: float) -> None:
+        """A call or batch member that read or wrote ``r``'s prompt prefix: those blocks stay warm at least one TTL
+        from when the call (or its batch) began, wherever in the batch the provider ran it. The groupers' policy
+        reads it (``GroupTable.warm``)."""
+        pc = self.sim.spec.prompt_cache
+        if out.ok and out.warm_blocks and pc is not None:
+            self._warmth.append(WarmNote(r.provider, r.model, tuple(r.prefix_blocks[:out.warm_blocks]),
+                                         start + pc.ttl_s))
+
     # -- the outbox -----------------------------------------------------------------------------------------------
     def _kick(self) -> None:
         if self._flusher is None or self._flusher.done():
@@ -50,7 +60,7 @@ class Outbox:
     def _outbox_empty(self) -> bool:
         return not (self._results or self._fills or self._orphans or self._readmit or self._settle
                     or self._observed or self._counts or self._breaker_dirty or self._unjournal
-                    or self._turnarounds)
+                    or self._turnarounds or self._warmth)
 
     async def _flush_soon(self) -> None:
         # Loop until empty: what timers add while a flush awaits the cache must not wait for a later kick
@@ -67,6 +77,7 @@ class Outbox:
         settle, self._settle = self._settle, []
         observed, self._observed = self._observed, []
         turnarounds, self._turnarounds = self._turnarounds, []
+        warmth, self._warmth = self._warmth, []
         if self._breaker_dirty:
             self._counts.breaker_open.update(self._breaker_changes())
         counts, self._counts = self._counts, DispatchCounts()
@@ -78,6 +89,8 @@ class Outbox:
             self._told.append((self._told_seq, turnarounds))
             for g in self.groupers:
                 g.send("observe_turnarounds", turnarounds, self.name, self._told_seq)
+        for g in self.groupers if warmth else ():
+            g.send("observe_warmth", warmth)
         if settle:
             # Before any await: a settlement needs no peer's answer, and behind the cache fill below it waited
             # for a cache that was restarting (seconds) or hung (until the driver kills it), so the ledger's spend

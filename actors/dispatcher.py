@@ -93,6 +93,7 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
         self._settle: list[tuple[str, float]] = []
         self._observed: list[tuple[str, list[float], int]] = []
         self._turnarounds: list = []  # batches started and ended, for every grouper (engine.runtime.turnaround)
+        self._warmth: list = []  # prompt-cache warmth its results showed, for every grouper (``_note_warm``)
         # What it told them, numbered by message: a grouper Ray restarts learns it again (``turnarounds_told``).
         self._told: deque = deque(maxlen=TOLD_KEPT)
         self._told_seq = 0
@@ -258,6 +259,7 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
                 await self._sync_journal.put(cj.key, rec)
             cj = cj._replace(body=rec[3])
         a = await self.provider.call(cj)
+        self._note_warm(r, a, start)
         extra = 0
         if a.usage is not None:
             extra = max(a.usage.input_tokens + a.usage.output_tokens - r.input_tokens - r.output_tokens, 0)

@@ -3,8 +3,7 @@ sends each dispatch, after its budget reservation, to the provider's dispatcher.
 
 Budgets: each member reserves the upper bound of its dispatch (``reserve_bound``). A member the budget holds
 back waits here under the kernel's rule (``engine.runtime.waiting``, as in the simulator), tried again on one
-timer, in one reservation call for what is due, as the policy decided it. One refused outright resolves as
-``rejected`` with ``budget_exhausted``.
+timer, in one reservation call for what is due. One refused outright is ``rejected`` (budget_exhausted).
 
 Shardable by compatibility key: ingest routes each request to one grouper by a hash of its key, so several
 groupers can split the load and a group never spans two of them.
@@ -26,7 +25,7 @@ from engine.core.budgets import LEDGER, Claim, Verdict
 from engine.core.catalog import Catalog
 from engine.core.draws import engine_day_origin
 from engine.core.features import compat_key
-from engine.core.grouping import Decision
+from engine.core.grouping import Decision, WarmNote
 from engine.core.result import Result
 from engine.runtime.outcomes import refused_result
 from engine.runtime.reservation import claim_amount, dispatch_mode, triage
@@ -128,6 +127,11 @@ class Grouper(Parking, Warm):
             if self._first_heard is not None:
                 self._first_heard.setdefault(source, seq)
         self.table.observe(obs)
+
+    async def observe_warmth(self, notes: list[WarmNote]) -> None:
+        """Prompt-cache warmth the dispatchers' results showed (``GroupTable.warm``): a hint, whose loss costs a
+        cheaper way at most, never a request."""
+        self.table.warm(notes, self.clock.now())
 
     async def relearn(self) -> int:
         """After Ray restarted this grouper: learn again, in a fresh estimate, what the dispatchers told it before

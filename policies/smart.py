@@ -6,7 +6,8 @@ Per request, the cheapest way that still meets the deadline:
 * text with a provider batch API goes to a *batch lane* when the batch has a fair chance of finishing before
   its hedge time; the batch is submitted with ``hedge_at = earliest deadline - (sync p99 x drain) - margin``
   so a late batch is cancelled (billing nothing) and its members sent synchronously in time. The expected
-  cost ``P * batch + (1 - P) * sync`` is compared with sync, so the risk of a late batch is priced in;
+  cost ``P * batch + (1 - P) * sync`` is compared with sync, so the risk of a late batch is priced in. A
+  request whose prompt prefix is warm at the provider now goes sync instead when reading it costs less;
 * GPU-priced media gathers compatible jobs (same compat key) until the GPU batch is full or the latest start
   that still meets the earliest deadline, amortising the warm-up, while the lane's recent arrivals promise
   company worth the wait (value of time); a job with none expected goes at once;
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable
-from typing import Literal, NamedTuple
+from typing import Literal
 
 from pydantic import Field, field_validator
 
@@ -27,27 +28,17 @@ from engine.core.cost import (
     gpu_unit_seconds,
     min_cacheable_tokens,
     mode_factor,
-    token_prices,
 )
-from engine.core.grouping import Decision, Group, ReuseSettings
+from engine.core.grouping import Decision, Group, PrefixWarmth, ReuseSettings
 from engine.core.latency import Z99, gpu_batch_seconds
 from engine.core.request import Request
 from engine.core.scheduling import Scheduling
 from engine.core.settings import TurnaroundLearning
 from engine.core.similarity import GUARDS, Guards
+from policies._text import TextConsts, text_consts, warm_sync_pays
 from policies.base import Policy, PolicyParams, register
 
 __all__ = ["Smart", "SmartParams"]
-
-
-class _TextConsts(NamedTuple):
-    base: float
-    per_tok: float
-    p99_factor: float
-    max_conc: int
-    p_in: float
-    p_out: float
-    cancel_s: float  # how long a cancel may take before the batch's finished members are known
 
 
 class SmartParams(PolicyParams):
@@ -87,6 +78,10 @@ class SmartParams(PolicyParams):
     gpu_margin_s: float = Field(default=60.0, ge=0, description="spare seconds before a GPU batch's deadline")
     gpu_max_wait_s: float | None = Field(default=None, gt=0, description="cap on gathering GPU jobs (None: "
                                                                         "deadline-driven)")
+    warm_margin_s: float | None = Field(default=10.0, ge=0, description=(
+        "a request the batch lane would take is sent at once when its prompt prefix is believed warm at the "
+        "provider for at least this many seconds more and reading it costs less than the batch expected "
+        "(policies/_warm.py); None: never"))
     block_tokens: int = Field(default=512, ge=1, description="tokens per prefix block in the traces")
     scheduling: Scheduling = Field(default=Scheduling(), description="order of ready work at a rate-limited "
                                    "provider: deadline promotion, fair share across tenants, score weights")
@@ -109,12 +104,13 @@ class Smart(Policy):
     name = "smart"
     Params = SmartParams
     reads_budget_pressure = True  # the runtime passes ``group_key`` its BudgetPressure (``_held_back``)
+    reads_warmth = True  # ... and its PrefixWarmth (``warm_sync_pays``)
 
     def __init__(self, catalog, params=None):
         super().__init__(catalog, params)
         # Per (provider, model) constants, computed once here so that ``decide`` never writes to the policy.
-        self._consts: dict[tuple[str, str], _TextConsts] = {
-            (p.name, m): self._consts_of(p, spec) for p in catalog.providers.values()
+        self._consts: dict[tuple[str, str], TextConsts] = {
+            (p.name, m): text_consts(p, spec) for p in catalog.providers.values()
             for m, spec in p.models.items() if spec.kind == "text"}
         # Per provider, the deadline past which requests share one band (see ``band_p``).
         self._band_cap: dict[str, float] = {
@@ -139,36 +135,34 @@ class Smart(Policy):
         return self.params.turnaround
 
     # -- grouping ----------------------------------------------------------------------------------------------
-    @staticmethod
-    def _consts_of(provider, spec) -> _TextConsts:
-        lat = provider.sync_latency
-        p_in, p_out = token_prices(spec)
-        return _TextConsts(lat.base_s, lat.per_output_token_s, math.exp(Z99 * lat.sigma),
-                           provider.rate_limits.max_concurrency, p_in, p_out,
-                           provider.batch_api.cancel_s if provider.batch_api is not None else 0.0)
-
-    def _text_consts(self, provider, spec, model: str) -> _TextConsts:
+    def _text_consts(self, provider, spec, model: str) -> TextConsts:
         c = self._consts.get((provider.name, model))
-        return c if c is not None else self._consts_of(provider, spec)
+        return c if c is not None else text_consts(provider, spec)
 
-    def _hedge_lead(self, c: _TextConsts, output_tokens: int, n: int) -> float:
+    def _hedge_lead(self, c: TextConsts, output_tokens: int, n: int) -> float:
         """Seconds before the earliest deadline at which a late batch must fall back to sync: the sync p99 of
         its slowest member, once per wave of ``max_concurrency`` calls, plus the margin, plus the time a cancel
         takes at that provider (the unfinished members are known only once the cancel ends)."""
         drain = -(-max(n, 1) // c.max_conc)
         return (c.base + c.per_tok * output_tokens) * c.p99_factor * drain + self.params.hedge_margin_s + c.cancel_s
 
-    def group_key(self, req: Request, compat: tuple, now: float, provider=None, budget=None) -> Hashable:
+    def group_key(self, req: Request, compat: tuple, now: float, provider=None, budget=None,
+                  warmth: PrefixWarmth | None = None) -> Hashable:
         """``provider``: the runtime's view of ``req``'s provider (its learned turnaround); None: the catalog's.
-        ``budget``: the runtime's ``BudgetPressure`` (see ``_held_back``)."""
+        ``budget``: the runtime's ``BudgetPressure`` (see ``_held_back``); ``warmth``: its ``PrefixWarmth``."""
         provider = provider or self.catalog.providers[req.provider]
         spec = provider.models[req.model]
         if spec.gpu_priced:
             return ("gpu", compat)
         if spec.kind == "text" and provider.supports_batch_api(req.kind) and not self._held_back(req, budget):
             c = self._text_consts(provider, spec, req.model)
-            usable = req.deadline_at - now - self._hedge_lead(c, req.output_tokens, 1)
-            if provider.batch_api.turnaround_cdf(usable) >= self.params.min_on_time_p:
+            p_on_time = provider.batch_api.turnaround_cdf(req.deadline_at - now
+                                                          - self._hedge_lead(c, req.output_tokens, 1))
+            if p_on_time >= self.params.min_on_time_p:
+                if (warmth is not None and self.params.warm_margin_s is not None and req.prefix_blocks
+                        and warm_sync_pays(self.catalog, req, provider.batch_api, p_on_time, warmth, now,
+                                           self.params.warm_margin_s, self.params.block_tokens)):
+                    return ("sync", req.id, "warm")
                 # Deadlines within a factor of two share a batch, so one urgent member does not hedge
                 # (and push to sync) members that could have waited for the batch. Past the band cap a batch
                 # is on time with P >= band_p whatever the deadline, so those share one band: a hedge, rare,
@@ -228,10 +222,12 @@ class Smart(Policy):
         write, prefix = self._prefix(req, group, now)
         why = "deadline too close for a batch" if group.provider.supports_batch_api(req.kind) else (
             "no batch lever for this model")
+        if lane == "sync" and group.key[-1] == "warm":  # it reads the prefix and writes its turn for the next
+            write, why = True, "its prompt prefix is warm at the provider, cheaper read now than in a batch"
         return Decision("dispatch", mode="sync", cache_write=write, recommendation="process_individually",
                         reason=f"sync now: {why}" + ("; prefix marked for caching" if write else ""), prefix=prefix)
 
-    def _gather_budget(self, group: Group, c: _TextConsts) -> float:
+    def _gather_budget(self, group: Group, c: TextConsts) -> float:
         """Seconds a batch may gather after its oldest arrival: the longest wait that lowers the chance of
         finishing before the hedge by at most ``gather_p_loss`` (so long deadlines gather long, large batches
         that share cached prefixes, and short ones go almost at once). Closed form through the turnaround

@@ -11,7 +11,7 @@ from typing import Any
 
 from actors.providers._wire import redact, retry_after
 from engine.core.catalog import Catalog
-from engine.core.cost import Mode, price_usage
+from engine.core.cost import Mode, cached_blocks, min_cacheable_tokens, price_usage
 from engine.core.errors import ProviderError
 from engine.core.provider_api import CallJob, CallOutcome, Secret, Usage
 from engine.core.settings import ProviderEndpoint, Settings
@@ -116,6 +116,18 @@ class HttpBase:
         return price_usage(job.req, self.catalog, mode, input_tokens=usage.input_tokens,
                            output_tokens=usage.output_tokens, cache_read=usage.cache_read,
                            cache_write=usage.cache_write).total
+
+    def _warm_of(self, job: CallJob, usage: Usage) -> int:
+        """The leading prefix blocks a call left in the provider's cache, from its usage: those it read or wrote;
+        at an automatic cache, its whole prefix once that reaches the model's minimum (the provider writes it)."""
+        pc, r, bt = self.spec.prompt_cache, job.req, self.settings.prefix_block_tokens
+        if pc is None or not r.prefix_blocks:
+            return 0
+        if pc.automatic:
+            spec = self.spec.models[r.model]
+            prefix = min(len(r.prefix_blocks) * bt, r.input_tokens)
+            return len(r.prefix_blocks) if prefix >= min_cacheable_tokens(self.spec, spec) else 0
+        return min(cached_blocks(usage.cache_read, usage.cache_write, bt), len(r.prefix_blocks))
 
     def _error(self, exc: BaseException, status_error: type, timeout_error: type, key: str = "") -> CallOutcome:
         """An SDK exception as a failed, unbilled outcome (``key``: the call's Idempotency-Key)."""

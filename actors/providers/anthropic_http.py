@@ -114,7 +114,8 @@ class AnthropicProvider(HttpBase):
         usage = _usage(msg.get("usage"))
         self._keep_warm(job, usage)
         return CallOutcome(True, self.clock.now(), self._priced(job, usage, mode), output=_text(msg), usage=usage,
-                           provider_request_id=rid or msg.get("id"), raw=msg, real=True)
+                           provider_request_id=rid or msg.get("id"), raw=msg, real=True,
+                           warm_blocks=self._warm_of(job, usage))
 
     def sync_body(self, job: CallJob) -> dict[str, Any]:
         return self.body(job, self._warm_blocks(job))

@@ -109,7 +109,8 @@ class OpenAIProvider(HttpBase):
         else:
             usage, output = _usage_chat(raw.get("usage")), _text_chat(raw)
         return CallOutcome(True, now, self._priced(job, usage, mode), output=output, usage=usage,
-                           provider_request_id=rid or raw.get("id"), raw=raw, real=True)
+                           provider_request_id=rid or raw.get("id"), raw=raw, real=True,
+                           warm_blocks=self._warm_of(job, usage) if route != "/v1/images/generations" else 0)
 
     def sync_body(self, job: CallJob) -> dict[str, Any]:
         return self.body(job)

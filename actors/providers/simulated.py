@@ -54,7 +54,8 @@ class SimulatedProvider:
         if not a.ok:
             return CallOutcome(False, a.at, 0.0, a.retry_after_s,
                                error=f"{r.provider} {'429 rate limited' if a.retry_after_s is not None else '5xx'}")
-        return CallOutcome(True, a.at, a.cost, output=_sim_output(job), usage=Usage(r.input_tokens, r.output_tokens))
+        return CallOutcome(True, a.at, a.cost, output=_sim_output(job), usage=Usage(r.input_tokens, r.output_tokens),
+                           warm_blocks=a.cached)
 
     def batch_body(self, jobs: Sequence[CallJob]) -> None:
         return None
@@ -89,7 +90,7 @@ class SimulatedProvider:
         for j, a in zip(handle.jobs, self.sim.end_batch(handle.out), strict=True):
             r = j.req
             out[j.key] = (CallOutcome(True, a.at, a.cost, output=_sim_output(j),
-                                      usage=Usage(r.input_tokens, r.output_tokens)) if a.ok
+                                      usage=Usage(r.input_tokens, r.output_tokens), warm_blocks=a.cached) if a.ok
                           else CallOutcome(False, a.at, 0.0, error=f"{r.provider} batch member failed"))
         return out
 

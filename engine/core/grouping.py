@@ -17,8 +17,8 @@ from engine.core.cost import Mode
 from engine.core.request import Request
 from engine.core.similarity import Guards
 
-__all__ = ["RECOMMENDATIONS", "BudgetPressure", "Decision", "Group", "LaneRates", "PrefixSightings", "Recommendation",
-           "ReuseSettings"]
+__all__ = ["RECOMMENDATIONS", "BudgetPressure", "Decision", "Group", "LaneRates", "PrefixSightings", "PrefixWarmth",
+           "Recommendation", "ReuseSettings", "WarmNote"]
 
 Recommendation = Literal["process_as_batch", "consider_batch", "process_individually"]
 RECOMMENDATIONS: tuple[Recommendation, ...] = ("process_as_batch", "consider_batch", "process_individually")
@@ -83,6 +83,60 @@ class PrefixSightings:
 
     def __len__(self) -> int:
         return len(self._last)
+
+
+class WarmNote(NamedTuple):
+    """What one ended call or batch member tells of the provider's prompt cache: ``blocks`` (the leading prefix
+    blocks it read or wrote) stay warm for ``model`` until at least ``until`` (engine time)."""
+
+    provider: str
+    model: str
+    blocks: tuple[int, ...]
+    until: float
+
+
+class PrefixWarmth:
+    """The runtime's belief of which prompt-prefix blocks are warm at each provider, from the results of its own
+    calls and batches (``WarmNote``): what tells a policy that a follow-up sent now reads its conversation's
+    prefix at the cache-read price. Runtime state, like ``PrefixSightings``: a policy only reads it. Bounded:
+    blocks gone cold are dropped once per ``sweep_s``."""
+
+    __slots__ = ("_until", "_sweep_at", "sweep_s")
+
+    def __init__(self, sweep_s: float = 300.0):
+        self._until: dict[tuple[str, str], dict[int, float]] = {}
+        self._sweep_at = -math.inf
+        self.sweep_s = sweep_s
+
+    def see(self, notes, now: float) -> None:
+        for n in notes:
+            until = self._until.setdefault((n.provider, n.model), {})
+            for b in n.blocks:
+                if until.get(b, -1.0) < n.until:
+                    until[b] = n.until
+        if now >= self._sweep_at:
+            for key, until in list(self._until.items()):
+                for b in [b for b, t in until.items() if t < now]:
+                    del until[b]
+                if not until:
+                    del self._until[key]
+            self._sweep_at = now + self.sweep_s
+
+    def leading(self, provider: str, model: str, blocks, at: float) -> tuple[int, float]:
+        """How many of ``blocks`` (a prompt's prefix blocks, in order) are believed warm until ``at`` or later,
+        counting from the first (a provider's cache reads a prefix, never a block past a cold one), and until
+        when all of those are (``at`` when none is)."""
+        until = self._until.get((provider, model))
+        n, first_cold = 0, math.inf
+        for b in blocks if until else ():
+            t = until.get(b, -1.0)
+            if t < at:
+                break
+            n, first_cold = n + 1, min(first_cold, t)
+        return n, first_cold if n else at
+
+    def __len__(self) -> int:
+        return sum(len(u) for u in self._until.values())
 
 
 class LaneRates:

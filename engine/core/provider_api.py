@@ -67,6 +67,7 @@ class CallOutcome(NamedTuple):
     key_reused: bool = False
     # No answer came (a timeout) though the call reached the provider: it may have been billed (docs/budgets.md).
     maybe_billed: bool = False
+    warm_blocks: int = 0  # leading prompt-prefix blocks the call read or wrote in the provider's prompt cache
 
 
 class BatchState(NamedTuple):

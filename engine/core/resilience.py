@@ -16,10 +16,16 @@ Pure: time and the jitter draw are parameters, so the simulator and the dispatch
 from __future__ import annotations
 
 from collections import deque
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-__all__ = ["CircuitBreaker", "Resilience", "retry_delay"]
+from engine.core.errors import CatalogError, ConfigError
+
+if TYPE_CHECKING:
+    from engine.core.catalog import Catalog
+
+__all__ = ["CircuitBreaker", "Resilience", "check_fallbacks", "retry_delay"]
 
 
 class Resilience(BaseModel):
@@ -101,3 +107,18 @@ class CircuitBreaker:
             del self._open_until[model]
             return None
         return until
+
+
+def check_fallbacks(catalog: Catalog, res: Resilience) -> None:
+    """Every fallback names models of the catalog that generate the same kind."""
+    for a, b in res.fallbacks.items():
+        specs = []
+        for name in (a, b):
+            p, m = name.split("/", 1)
+            try:
+                specs.append(catalog.model(p, m))
+            except CatalogError as exc:
+                raise ConfigError(f"resilience.fallbacks {a!r} -> {b!r}: {exc}") from None
+        if specs[0].kind != specs[1].kind:
+            raise ConfigError(f"resilience.fallbacks {a!r} -> {b!r}: a {specs[0].kind} model cannot fall back to "
+                              f"a {specs[1].kind} model; map it to one of the same kind")

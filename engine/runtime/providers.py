@@ -29,7 +29,6 @@ from engine.core.cost import (
     price_text,
 )
 from engine.core.draws import Draws, TurnaroundWorld
-from engine.core.errors import CatalogError, ConfigError
 from engine.core.latency import gpu_batch_seconds, sync_latency_median
 from engine.core.request import PRIORITY_RANK, Request
 from engine.core.resilience import CircuitBreaker, Resilience, retry_delay
@@ -37,7 +36,7 @@ from engine.core.scheduling import FairQueue, Scheduling, Unit
 from engine.core.settings import Settings
 from engine.runtime.ratelimit import EnqueuedTokens, RateGate
 
-__all__ = ["Attempt", "BatchOutcome", "Event", "SimProvider", "SyncAttempt", "Work", "check_fallbacks"]
+__all__ = ["Attempt", "BatchOutcome", "Event", "SimProvider", "SyncAttempt", "Work"]
 
 FAILED_CALL_FRACTION = 0.3  # a failing call errors after this share of its latency
 _INF = math.inf
@@ -48,6 +47,7 @@ class SyncAttempt(NamedTuple):
     at: float  # when the call ended (result or error)
     cost: float
     retry_after_s: float | None  # a 429's Retry-After; None for success or a 5xx
+    cached: int = 0  # leading prefix blocks it read or wrote in the provider's prompt cache
 
 
 class Attempt(NamedTuple):
@@ -56,6 +56,7 @@ class Attempt(NamedTuple):
     ok: bool
     at: float
     cost: float
+    cached: int = 0  # as ``SyncAttempt.cached``
 
 
 class BatchOutcome(NamedTuple):
@@ -85,21 +86,6 @@ class Event(NamedTuple):
     work: Work
     start: float
     outcome: Any
-
-
-def check_fallbacks(catalog: Catalog, res: Resilience) -> None:
-    """Every fallback names models of the catalog that generate the same kind."""
-    for a, b in res.fallbacks.items():
-        specs = []
-        for name in (a, b):
-            p, m = name.split("/", 1)
-            try:
-                specs.append(catalog.model(p, m))
-            except CatalogError as exc:
-                raise ConfigError(f"resilience.fallbacks {a!r} -> {b!r}: {exc}") from None
-        if specs[0].kind != specs[1].kind:
-            raise ConfigError(f"resilience.fallbacks {a!r} -> {b!r}: a {specs[0].kind} model cannot fall back to "
-                              f"a {specs[1].kind} model; map it to one of the same kind")
 
 
 class SimProvider:
@@ -299,17 +285,19 @@ class SimProvider:
         if failed:
             throttled = u < prov.failure_rate * prov.throttled_share
             return SyncAttempt(False, s + dur, 0.0, prov.retry_after_s if throttled else None), dur
-        return SyncAttempt(True, s + lat, self._sync_price(r, spec, s, cache_write), None), dur
+        cost, cached = self._sync_price(r, spec, s, cache_write)
+        return SyncAttempt(True, s + lat, cost, None, cached), dur
 
-    def _sync_price(self, r: Request, spec, start: float, cache_write: bool) -> float:
+    def _sync_price(self, r: Request, spec, start: float, cache_write: bool) -> tuple[float, int]:
+        """The call's price and the prefix blocks it left warm."""
         prov = self.spec
         if spec.kind != "text":
-            return price_alone(r, self.catalog, "sync").total
+            return price_alone(r, self.catalog, "sync").total, 0
         pc = prov.prompt_cache
         blocks = r.prefix_blocks
         if pc is None or not blocks:
             return price_text(prov, spec, cache_split(prov, spec, r.input_tokens, 0, 0, 0, self.bt),
-                              r.output_tokens, "sync").total
+                              r.output_tokens, "sync").total, 0
         n_warm = 0
         for b in blocks:
             if not self._is_warm(r.model, b, start):
@@ -320,7 +308,7 @@ class SimProvider:
         cached = cached_blocks(split.read, split.write, self.bt)
         if cached:
             self._keep_warm(r.model, blocks[:cached], start, start + pc.ttl_s)
-        return price_text(prov, spec, split, r.output_tokens, "sync").total
+        return price_text(prov, spec, split, r.output_tokens, "sync").total, cached
 
     # -- GPU batches ----------------------------------------------------------------------------------------
     def gpu(self, idxs: Sequence[int], reqs: Sequence[Request], t: float, attempts: Sequence[int],
@@ -394,7 +382,7 @@ class SimProvider:
         prices = price_batch(list(reqs), self.catalog, "batch_api", warm=warm_blocks, block_tokens=self.bt,
                              failed=[m for m, ok in enumerate(oks) if not ok], warmed=warmed)
         for ok, r, p, n_warm in zip(oks, reqs, prices, warmed):
-            out.members.append(Attempt(ok, done, p.total))
+            out.members.append(Attempt(ok, done, p.total, n_warm if ok and stacks else 0))
             if ok and stacks and n_warm:
                 self._keep_warm(model, r.prefix_blocks[:n_warm], done, done + pc.ttl_s)
         return out.members

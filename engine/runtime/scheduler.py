@@ -20,7 +20,15 @@ from typing import NamedTuple
 from engine.core.catalog import Catalog, ProviderSpec
 from engine.core.cost import mode_allowed
 from engine.core.errors import PolicyError
-from engine.core.grouping import BudgetPressure, Decision, Group, LaneRates, PrefixSightings
+from engine.core.grouping import (
+    BudgetPressure,
+    Decision,
+    Group,
+    LaneRates,
+    PrefixSightings,
+    PrefixWarmth,
+    WarmNote,
+)
 from engine.core.request import Request
 from engine.runtime.turnaround import Turnaround, TurnaroundEstimator
 
@@ -64,6 +72,9 @@ class GroupTable:
         # A policy that declares it gets the budget pressure in ``group_key`` too (``budget=``), so it can route
         # a request at arrival; every policy sees it on the group.
         self._reads_budget = bool(getattr(policy, "reads_budget_pressure", False))
+        # Likewise the prompt-cache warmth the runtime believes (``warm``), for a policy that declares it reads it.
+        self.warmth = PrefixWarmth()
+        self._reads_warmth = bool(getattr(policy, "reads_warmth", False))
         learning = getattr(policy, "turnaround_learning", None)  # declared by policies that read it
         self.turnarounds = (TurnaroundEstimator(catalog, learning, day_origin_s)
                             if learning is not None and learning.enabled else None)
@@ -78,6 +89,10 @@ class GroupTable:
         """Batches the runtime followed to their end (or cancelled late); they count from a later epoch."""
         if self.turnarounds is not None:
             self.turnarounds.observe(obs)
+
+    def warm(self, notes: Iterable[WarmNote], now: float) -> None:
+        """Results the runtime received: prefix blocks warm at their provider until each note's ``until``."""
+        self.warmth.see(notes, now)
 
     def relearn(self, day_origin_s: float | None = None) -> None:
         """Forget what was learned (a restarted grouper takes the dispatchers' history again), and count hours
@@ -98,6 +113,8 @@ class GroupTable:
 
     def add(self, req: Request, compat: tuple, now: float) -> tuple[list[Dispatch], Wake | None]:
         kw = {"budget": self.budget} if self._reads_budget else {}
+        if self._reads_warmth:
+            kw["warmth"] = self.warmth
         if self.turnarounds is not None:
             kw["provider"] = self._view(req, now)
         key = self.policy.group_key(req, compat, now, **kw)

@@ -23,15 +23,16 @@ from engine.core.cost import MODES
 from engine.core.draws import Draws
 from engine.core.errors import PolicyError
 from engine.core.features import compat_key, fingerprint, near_class, near_vectors
-from engine.core.grouping import Decision
+from engine.core.grouping import Decision, WarmNote
 from engine.core.ledger import BudgetBook
 from engine.core.request import Request
+from engine.core.resilience import check_fallbacks
 from engine.core.scheduling import Scheduling
 from engine.core.settings import Settings
 from engine.core.trace import with_day_origin
 from engine.runtime.admission import InFlight, release_lead
 from engine.runtime.outcomes import call_mode, verdict
-from engine.runtime.providers import Attempt, Event, SimProvider, Work, check_fallbacks
+from engine.runtime.providers import Attempt, Event, SimProvider, Work
 from engine.runtime.reservation import dispatch_mode
 from engine.runtime.reuse import ReuseIndex
 from engine.runtime.scheduler import Dispatch, GroupTable, Wake
@@ -265,6 +266,8 @@ class _Sim(SimBudget, SimReuse):
             self.settle_claim(i, a.cost, a.at)
             self.complete(i, a.at, a.cost, _SYNC, w.item)
             self.push(a.at, "sync_ok", i)
+            if a.cached:  # the runtime learns it with the result; warm from the call's start
+                self.push(a.at, "warm", [self.warm_note(w.reqs[0], a.cached, e.start)])
         else:
             self.push(a.at, "sync_fail", (i, k, a, w))
 
@@ -280,13 +283,28 @@ class _Sim(SimBudget, SimReuse):
         if out.hedged:
             self.batches[w.item] = dataclasses.replace(self.batches[w.item], outcome="hedged")
             self.batch_of[w.idxs] = w.item
-        self.push(out.at, "hedge" if out.hedged else "batch_end", w.idxs if out.hedged else (w, out))
+        self.push(out.at, "hedge" if out.hedged else "batch_end", w.idxs if out.hedged else (w, out, e.start))
 
     def on_batch_end(self, payload) -> None:  # its members use the cache now (``SimProvider.end_batch``)
-        w, out = payload
-        for i, a in zip(w.idxs, self.providers[w.reqs[0].provider].end_batch(out)):
+        w, out, start = payload
+        notes = []
+        for i, r, a in zip(w.idxs, w.reqs, self.providers[w.reqs[0].provider].end_batch(out)):
             self.settle_claim(i, a.cost if a.ok else 0.0, a.at)
             self.settle(i, a, _BATCH, w.item)
+            if a.cached:
+                notes.append(self.warm_note(r, a.cached, start))
+        self.on_warm(notes)
+
+    def warm_note(self, r: Request, cached: int, start: float) -> WarmNote:
+        """What the runtime believes of a call's prefix: warm until one TTL after the call (or its batch) began.
+        A batch member ran at some time between its batch's submission and its end, so that much holds however
+        the provider orders a batch (the simulator runs it at the end, which keeps it warm longer)."""
+        ttl = self.catalog.providers[r.provider].prompt_cache.ttl_s
+        return WarmNote(r.provider, r.model, tuple(r.prefix_blocks[:cached]), start + ttl)
+
+    def on_warm(self, notes: list[WarmNote]) -> None:
+        if notes:
+            self.table.warm(notes, self.now)
 
     def start_reroute(self, e: Event) -> None:
         """The model's circuit is open: its work goes back to the policy as requests for the fallback."""

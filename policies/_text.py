@@ -1,0 +1,58 @@
+"""Text-lane helpers of ``smart``: per-model constants, and warm follow-ups.
+
+Warm follow-ups: a request that would wait for a batch while its prompt prefix is warm at the provider now.
+
+A batch reads the provider's prompt cache when it runs, often many minutes later, when a conversation's
+prefix written by its last turn has gone cold (a 5-minute TTL). Sent at once, the follow-up reads that prefix at
+the cache-read price (0.1x input at Anthropic and OpenAI), and for a long conversation with a short new turn that
+costs less than the batch's 50 % off the full prompt. The runtime's belief of what is warm (``PrefixWarmth``)
+comes from its own results only: no foresight of follow-ups is needed, the follow-up is here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+from engine.core.cost import price_alone, token_prices
+from engine.core.grouping import PrefixWarmth
+from engine.core.latency import Z99
+from engine.core.request import Request
+
+__all__ = ["TextConsts", "text_consts", "warm_sync_pays"]
+
+
+class TextConsts(NamedTuple):
+    base: float
+    per_tok: float
+    p99_factor: float
+    max_conc: int
+    p_in: float
+    p_out: float
+    cancel_s: float  # how long a cancel may take before the batch's finished members are known
+
+
+def text_consts(provider, spec) -> TextConsts:
+    lat = provider.sync_latency
+    p_in, p_out = token_prices(spec)
+    return TextConsts(lat.base_s, lat.per_output_token_s, math.exp(Z99 * lat.sigma),
+                      provider.rate_limits.max_concurrency, p_in, p_out,
+                      provider.batch_api.cancel_s if provider.batch_api is not None else 0.0)
+
+
+def warm_sync_pays(catalog, req: Request, batch_api, p_on_time: float, warmth: PrefixWarmth, now: float,
+                   margin_s: float, block_tokens: int) -> int:
+    """How many leading prefix blocks of ``req`` a sync call sent now would read, when that call (writing the
+    rest of its prefix for the next turn) costs less than the batch is expected to; else 0. The batch: its
+    price with P(on time) ``p_on_time``, else the sync fallback at list price; reading the warm prefix too if
+    it ends before that goes cold (at best: were it sent now). Nothing counts as warm unless it stays so for
+    ``margin_s`` more seconds (the call must start before it goes cold)."""
+    n, until = warmth.leading(req.provider, req.model, req.prefix_blocks, now + margin_s)
+    if not n:
+        return 0
+    warm = price_alone(req, catalog, "sync", warm_blocks=n, write=True, block_tokens=block_tokens).total
+    p_read = batch_api.turnaround_cdf(until - now)
+    batch = (p_read * price_alone(req, catalog, "batch_api", warm_blocks=n, block_tokens=block_tokens).total
+             + (1.0 - p_read) * price_alone(req, catalog, "batch_api", block_tokens=block_tokens).total)
+    cold = price_alone(req, catalog, "sync", block_tokens=block_tokens).total
+    return n if warm < p_on_time * batch + (1.0 - p_on_time) * cold else 0
