@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from engine.core.cost import price_alone, token_prices
+from engine.core.cost import min_cacheable_tokens, price_alone, token_prices
 from engine.core.grouping import PrefixWarmth
 from engine.core.latency import Z99
 from engine.core.request import Request
@@ -48,8 +48,9 @@ def warm_sync_pays(catalog, req: Request, batch_api, p_on_time: float, warmth: P
     it ends before that goes cold (at best: were it sent now). Nothing counts as warm unless it stays so for
     ``margin_s`` more seconds (the call must start before it goes cold)."""
     n, until = warmth.leading(req.provider, req.model, req.prefix_blocks, now + margin_s)
-    if not n:
-        return 0
+    provider = catalog.provider(req.provider)
+    if n * block_tokens < min_cacheable_tokens(provider, provider.models[req.model]):
+        return 0  # too little to read (most often the one leading block that every prompt shares)
     warm = price_alone(req, catalog, "sync", warm_blocks=n, write=True, block_tokens=block_tokens).total
     p_read = batch_api.turnaround_cdf(until - now)
     batch = (p_read * price_alone(req, catalog, "batch_api", warm_blocks=n, block_tokens=block_tokens).total
