@@ -81,7 +81,7 @@ class SmartParams(PolicyParams):
     warm_margin_s: float | None = Field(default=10.0, ge=0, description=(
         "a request the batch lane would take is sent at once when its prompt prefix is believed warm at the "
         "provider for at least this many seconds more and reading it costs less than the batch expected "
-        "(policies/_warm.py); None: never"))
+        "(policies/_text.py); None: never"))
     block_tokens: int = Field(default=512, ge=1, description="tokens per prefix block in the traces")
     scheduling: Scheduling = Field(default=Scheduling(), description="order of ready work at a rate-limited "
                                    "provider: deadline promotion, fair share across tenants, score weights")
@@ -222,7 +222,8 @@ class Smart(Policy):
         write, prefix = self._prefix(req, group, now)
         why = "deadline too close for a batch" if group.provider.supports_batch_api(req.kind) else (
             "no batch lever for this model")
-        if lane == "sync" and group.key[-1] == "warm":  # it reads the prefix and writes its turn for the next
+        # By the key's shape, not its last item: a plain sync key ends with the request's id, which may be "warm".
+        if group.key == ("sync", req.id, "warm"):  # it reads the prefix and writes its turn for the next
             write, why = True, "its prompt prefix is warm at the provider, cheaper read now than in a batch"
         return Decision("dispatch", mode="sync", cache_write=write, recommendation="process_individually",
                         reason=f"sync now: {why}" + ("; prefix marked for caching" if write else ""), prefix=prefix)

@@ -113,3 +113,16 @@ def test_a_batch_member_is_believed_warm_only_until_a_ttl_after_its_batch_was_su
     assert MODES[res.mode[0]] == "batch_api" and res.done_at[0] < reqs[1].arrival_s
     assert MODES[res.mode[1]] == "batch_api"
     assert not any("warm at the provider" in b.reason for b in res.batches)
+
+
+def test_a_request_named_warm_that_goes_sync_for_its_deadline_is_no_warm_follow_up():
+    """A plain sync key ends with the request's id: an urgent request whose id is "warm", with nothing warm,
+    is sent sync for its deadline, neither marked for a cache write it was not chosen for nor told it is warm."""
+    from engine.runtime.scheduler import GroupTable
+
+    cat = _cat()
+    req = _turn(1, 0.0, PREFIX, 30.0, model="claude-sonnet-4-5").model_copy(update={"id": "warm"})
+    table = GroupTable(Smart(cat), cat)
+    (d,), _ = table.add(req, ("c",), 0.0)
+    assert d.decision.mode == "sync" and not d.decision.cache_write
+    assert "deadline too close" in d.decision.reason and "warm at the provider" not in d.decision.reason
