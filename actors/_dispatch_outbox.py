@@ -44,13 +44,11 @@ class Outbox:
         return usd
 
     def _note_warm(self, r, out, start: float) -> None:
-        """A call or batch member that read or wrote ``r``'s prompt prefix: those blocks stay warm at least one TTL
-        from when the call (or its batch) began, wherever in the batch the provider ran it. The groupers' policy
-        reads it (``GroupTable.warm``)."""
+        """A call or batch member that read or wrote ``r``'s prompt prefix (``WarmNote.of``), for the groupers'
+        policy (``GroupTable.warm``)."""
         pc = self.sim.spec.prompt_cache
         if out.ok and out.warm_blocks and pc is not None:
-            self._warmth.append(WarmNote(r.provider, r.model, tuple(r.prefix_blocks[:out.warm_blocks]),
-                                         start + pc.ttl_s))
+            self._warmth.append(WarmNote.of(r, out.warm_blocks, start, pc.ttl_s, self.settings.prefix_block_tokens))
 
     # -- the outbox -----------------------------------------------------------------------------------------------
     def _kick(self) -> None:

@@ -47,8 +47,9 @@ def warm_sync_pays(catalog, req: Request, batch_api, p_on_time: float, warmth: P
     price with P(on time) ``p_on_time``, else the sync fallback at list price; reading the warm prefix too if
     it ends before that goes cold (at best: were it sent now). Nothing counts as warm unless it stays so for
     ``margin_s`` more seconds (the call must start before it goes cold)."""
-    n, until = warmth.leading(req.provider, req.model, req.prefix_blocks, now + margin_s)
     provider = catalog.provider(req.provider)
+    n, until = warmth.leading(req.provider, req.model, req.prefix_blocks, now + margin_s,
+                              exact=not provider.prompt_cache.automatic)
     if n * block_tokens < min_cacheable_tokens(provider, provider.models[req.model]):
         return 0  # too little to read (most often the one leading block that every prompt shares)
     warm = price_alone(req, catalog, "sync", warm_blocks=n, write=True, block_tokens=block_tokens).total

@@ -94,6 +94,16 @@ class WarmNote(NamedTuple):
     blocks: tuple[int, ...]
     until: float
 
+    @classmethod
+    def of(cls, req: Request, cached: int, start: float, ttl_s: float, block_tokens: int) -> WarmNote:
+        """What a call of ``req`` that began at ``start`` and read or wrote its first ``cached`` prefix blocks
+        leaves warm: those blocks for one TTL from ``start`` (a batch member ran somewhere between its batch's
+        submission and its end, so from the submission that much holds however the provider orders a batch).
+        Whole blocks only: a prompt's last block, shorter than a block, is sent with the rest of the prompt
+        (``anthropic_http.body``), so an entry ends at the last whole block, which a next turn shares."""
+        whole = min(cached, req.input_tokens // block_tokens)
+        return cls(req.provider, req.model, tuple(req.prefix_blocks[:whole]), start + ttl_s)
+
 
 class PrefixWarmth:
     """The runtime's belief of which prompt-prefix blocks are warm at each provider, from the results of its own
@@ -101,10 +111,13 @@ class PrefixWarmth:
     prefix at the cache-read price. Runtime state, like ``PrefixSightings``: a policy only reads it. Bounded:
     blocks gone cold are dropped once per ``sweep_s``."""
 
-    __slots__ = ("_until", "_sweep_at", "sweep_s")
+    __slots__ = ("_until", "_ends", "_sweep_at", "sweep_s")
 
     def __init__(self, sweep_s: float = 300.0):
         self._until: dict[tuple[str, str], dict[int, float]] = {}
+        # Where cache entries end (a note's last block): an explicit cache (Anthropic) holds exact prefixes that
+        # end at a breakpoint, and reads none that stops inside one.
+        self._ends: dict[tuple[str, str], dict[int, float]] = {}
         self._sweep_at = -math.inf
         self.sweep_s = sweep_s
 
@@ -114,25 +127,36 @@ class PrefixWarmth:
             for b in n.blocks:
                 if until.get(b, -1.0) < n.until:
                     until[b] = n.until
+            if n.blocks:
+                ends = self._ends.setdefault((n.provider, n.model), {})
+                ends[n.blocks[-1]] = max(ends.get(n.blocks[-1], -1.0), n.until)
         if now >= self._sweep_at:
-            for key, until in list(self._until.items()):
-                for b in [b for b, t in until.items() if t < now]:
-                    del until[b]
-                if not until:
-                    del self._until[key]
+            for table in (self._until, self._ends):
+                for key, until in list(table.items()):
+                    for b in [b for b, t in until.items() if t < now]:
+                        del until[b]
+                    if not until:
+                        del table[key]
             self._sweep_at = now + self.sweep_s
 
-    def leading(self, provider: str, model: str, blocks, at: float) -> tuple[int, float]:
+    def leading(self, provider: str, model: str, blocks, at: float, exact: bool = False) -> tuple[int, float]:
         """How many of ``blocks`` (a prompt's prefix blocks, in order) are believed warm until ``at`` or later,
         counting from the first (a provider's cache reads a prefix, never a block past a cold one), and until
-        when all of those are (``at`` when none is)."""
+        when all of those are (``at`` when none is). ``exact``: only up to the last block where a cache entry
+        ends (an explicit cache)."""
         until = self._until.get((provider, model))
-        n, first_cold = 0, math.inf
+        ends = self._ends.get((provider, model), {}) if exact else None
+        n, first_cold, upto, upto_cold = 0, math.inf, 0, math.inf
         for b in blocks if until else ():
             t = until.get(b, -1.0)
             if t < at:
                 break
             n, first_cold = n + 1, min(first_cold, t)
+            end = ends.get(b, -1.0) if ends is not None else -1.0
+            if end >= at:  # the entry ending here lasts until ``end``, which the blocks may outlast
+                upto, upto_cold = n, min(first_cold, end)
+        if ends is not None:
+            n, first_cold = upto, upto_cold
         return n, first_cold if n else at
 
     def __len__(self) -> int:

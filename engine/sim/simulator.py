@@ -296,11 +296,10 @@ class _Sim(SimBudget, SimReuse):
         self.on_warm(notes)
 
     def warm_note(self, r: Request, cached: int, start: float) -> WarmNote:
-        """What the runtime believes of a call's prefix: warm until one TTL after the call (or its batch) began.
-        A batch member ran at some time between its batch's submission and its end, so that much holds however
-        the provider orders a batch (the simulator runs it at the end, which keeps it warm longer)."""
+        """What the runtime learns with a result (the simulator's batches run at their end, and stay warm longer
+        than the note says)."""
         ttl = self.catalog.providers[r.provider].prompt_cache.ttl_s
-        return WarmNote(r.provider, r.model, tuple(r.prefix_blocks[:cached]), start + ttl)
+        return WarmNote.of(r, cached, start, ttl, self.settings.prefix_block_tokens)
 
     def on_warm(self, notes: list[WarmNote]) -> None:
         if notes:

@@ -126,3 +126,42 @@ def test_a_request_named_warm_that_goes_sync_for_its_deadline_is_no_warm_follow_
     (d,), _ = table.add(req, ("c",), 0.0)
     assert d.decision.mode == "sync" and not d.decision.cache_write
     assert "deadline too close" in d.decision.reason and "warm at the provider" not in d.decision.reason
+
+
+def test_an_explicit_cache_is_read_only_up_to_where_an_entry_ends():
+    """An explicit cache (Anthropic) holds exact prefixes that end at a breakpoint: a request sharing 6 of the
+    10 blocks a call cached reads nothing there (a review measured it on the emulator: nothing read, 6,144
+    tokens written), while one that extends all 10 reads them; an automatic cache is read block by block."""
+    w = PrefixWarmth()
+    w.see([WarmNote("anthropic", "claude-sonnet-4-5", tuple(range(10)), 300.0)], now=0.0)
+    part = list(range(6)) + [50, 51]
+    longer = list(range(10)) + [50, 51]
+    assert w.leading("anthropic", "claude-sonnet-4-5", part, 10.0) == (6, 300.0)
+    assert w.leading("anthropic", "claude-sonnet-4-5", part, 10.0, exact=True) == (0, 10.0)
+    assert w.leading("anthropic", "claude-sonnet-4-5", longer, 10.0, exact=True) == (10, 300.0)
+    w.see([WarmNote("anthropic", "claude-sonnet-4-5", tuple(range(4)), 200.0)], now=0.0)  # an entry at 4
+    assert w.leading("anthropic", "claude-sonnet-4-5", part, 10.0, exact=True) == (4, 200.0)
+    # The policy asks for the exact run at an explicit cache only: a request sharing 14 of 20 cached blocks is
+    # sent warm at OpenAI (automatic, read block by block) and not at Anthropic.
+    cat, shared = _cat(), tuple(range(100, 120))
+    for provider, model in (("anthropic", "claude-sonnet-4-5"), ("openai", "gpt-5")):
+        w = PrefixWarmth()
+        w.see([WarmNote(provider, model, shared, 300.0)], now=0.0)
+        req = _turn(2, 0.0, list(shared[:14]) + [7], 3600.0, model=model)
+        n = warm_sync_pays(cat, req, cat.providers[provider].batch_api, 0.9, w, 0.0, 10.0, 512)
+        assert n == (0 if provider == "anthropic" else 14)
+
+
+def test_a_note_ends_at_the_last_whole_block_which_the_next_turn_shares():
+    """A trace's last prefix block is usually partial (its id is the turn's own); the next turn of the
+    conversation shares every whole block before it. The note leaves the partial one out, so the entry it
+    records ends where the next turn can read it (the live Anthropic body sends the partial block with the
+    rest of the prompt)."""
+    turn = Request.model_validate({"id": "a", "arrival_s": 0.0, "model": "claude-sonnet-4-5", "prompt": "x",
+                                   "input_tokens": 5 * 512 + 200, "output_tokens": 10,
+                                   "prefix_blocks": [1, 2, 3, 4, 5, 99]})
+    note = WarmNote.of(turn, 6, 10.0, 300.0, 512)
+    assert note.blocks == (1, 2, 3, 4, 5) and note.until == 310.0
+    w = PrefixWarmth()
+    w.see([note], now=10.0)
+    assert w.leading("anthropic", "claude-sonnet-4-5", [1, 2, 3, 4, 5, 6, 7], 20.0, exact=True)[0] == 5
