@@ -106,3 +106,32 @@ def test_the_key_appears_in_no_result_report_metric_or_log(ray_session, emulator
     texts += [p.read_text(errors="replace") for p in files]
     assert not [t for t in texts if KEY in t or KEY[:20] in t]
     assert os.environ[settings.providers.endpoints["openai"].api_key_env] == KEY  # it was really in use
+
+
+def test_an_anthropic_follow_up_sent_warm_reads_its_history_from_the_emulators_cache(ray_session, emulator,
+                                                                                      monkeypatch):
+    """Warm follow-ups over HTTP at an explicit cache: two urgent turns (the second marks its prefix, seen
+    within the TTL), then a follow-up due in an hour that extends it. The dispatcher's note says which whole
+    blocks the second turn cached; the follow-up is sent at once and the emulator, which holds exact prefixes
+    ending at breakpoints as Anthropic does, serves it that history from its cache."""
+    settings = point_at_emulator(Settings(), emulator)
+    monkeypatch.setenv(settings.providers.endpoints["anthropic"].api_key_env, KEY)
+    from engine import Engine
+
+    history = list(range(300, 320))
+
+    def turn(i: int, at: float, blocks: list[int], deadline_s: float) -> Request:
+        return Request.model_validate({"id": f"c{i}", "arrival_s": at, "model": "claude-sonnet-4-5",
+                                       "prompt": f"turn {i}", "input_tokens": (len(blocks) - 1) * 512 + 200,
+                                       "output_tokens": 100, "prefix_blocks": blocks, "deadline_s": deadline_s})
+
+    reqs = [turn(0, 0.0, history + [7], 60.0), turn(1, 20.0, history + [8], 60.0),
+            turn(2, 60.0, history + [9, 10, 11], 3600.0)]
+    with Engine.start(settings, speedup=SPEEDUP) as eng:
+        results = [f.result(timeout=60) for f in eng.replay(reqs)]
+    first, second, follow = results
+    assert first.mode == second.mode == "sync" and second.done_s < reqs[2].arrival_s
+    assert follow.status == "ok" and follow.mode == "sync" and "warm at the provider" in follow.reason
+    assert follow.usage["cache_read"] == len(history) * 512  # the whole history, read at 0.1x
+    bill = emulator.bill()
+    assert bill.total_usd == pytest.approx(sum(r.cost_usd for r in results), rel=1e-6)
