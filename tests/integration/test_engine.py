@@ -87,6 +87,30 @@ class TestOnOneQuietEngine:
                         "deadline_s": 20})
         assert f.result(timeout=60).status == "ok"
 
+    def test_a_follow_up_is_sent_at_once_when_its_first_turns_prefix_is_warm_at_the_provider(self, quiet_engine):
+        """The live path of warm follow-ups (policies/_text.py): the dispatcher that ran the first turn's sync
+        call tells the groupers which prompt-prefix blocks it left warm (``observe_warmth``), so the follow-up,
+        due in an hour, is not held for a batch: it is sent at once and reads that prefix, billed at the
+        cache-read price."""
+        from engine.core.cost import price_alone
+        from engine.core.request import Request
+
+        eng, prefix = quiet_engine, list(range(100, 120))
+        t0 = eng.clock.now()
+
+        def turn(i: int, at: float, blocks: list[int], deadline_s: float) -> Request:
+            return Request.model_validate({"id": f"warm-t{i}", "arrival_s": t0 + at, "model": "gpt-5",
+                                           "prompt": f"turn {i}", "input_tokens": len(blocks) * 512 + 300,
+                                           "output_tokens": 200, "prefix_blocks": blocks, "deadline_s": deadline_s})
+
+        reqs = [turn(1, 0.0, prefix, 200.0), turn(2, 120.0, prefix + [7, 8], 3600.0)]
+        first, follow = (f.result(timeout=60) for f in eng.replay(reqs))
+        assert first.mode == "sync" and first.done_s < reqs[1].arrival_s
+        assert follow.status == "ok" and follow.mode == "sync" and "warm at the provider" in follow.reason
+        assert follow.cost_usd == pytest.approx(price_alone(reqs[1], CAT, "sync", warm_blocks=len(prefix),
+                                                            write=True).total, rel=1e-6)
+        assert follow.cost_usd < price_alone(reqs[1], CAT, "batch_api").total and follow.deadline_met
+
 
 @pytest.mark.parametrize("policy", ["naive", "smart"])
 def test_a_budget_is_never_overrun_and_every_request_resolves(ray_session, policy):
@@ -279,7 +303,7 @@ def test_a_copy_due_before_the_call_it_follows_is_sent_on_its_own_when_that_call
     queue = [img(10 + k, f"A lighthouse in fog, take {k}", 0.0, 3600.0) for k in range(30)]
     pair = [img(0, "A red car parked on a wet street at night", 1.0, 3600.0),
             img(1, "A red car parked on a wet street at night", 2.0, 200.0)]
-    with Engine.start(catalog=cat, speedup=20) as eng:
+    with Engine.start(catalog=cat, speedup=60) as eng:
         results = {r.id: r for r in (f.result(timeout=120) for f in eng.replay(queue + pair))}
         rep = eng.report()
     until = pair[1].deadline_at - release_lead(cat, load_policy("smart", cat).reuse)(pair[1])
@@ -290,30 +314,3 @@ def test_a_copy_due_before_the_call_it_follows_is_sent_on_its_own_when_that_call
     assert rep["cache"]["released"] == 1 and rep["cache"]["in_flight"] == 1
     assert rep["spend_usd"] == pytest.approx(sum(r.cost_usd for r in results.values()), abs=1e-6)  # rounded
 
-
-def test_a_follow_up_is_sent_at_once_when_its_first_turns_prefix_is_warm_at_the_provider(ray_session):
-    """The live path of warm follow-ups (policies/_text.py): the dispatcher that ran the first turn's sync call
-    tells the groupers which prompt-prefix blocks it left warm (``observe_warmth``), so the follow-up, due in an
-    hour, is not held for a batch: it is sent at once and reads that prefix, billed at the cache-read price."""
-    from engine.core.catalog import Catalog
-    from engine.core.cost import price_alone
-    from engine.core.request import Request
-
-    raw = default_catalog().model_dump()
-    raw["providers"]["openai"]["failure_rate"] = 0.0
-    cat = Catalog.model_validate(raw)
-    prefix = list(range(100, 120))
-
-    def turn(i: int, at: float, blocks: list[int], deadline_s: float) -> Request:
-        return Request.model_validate({"id": f"t{i}", "arrival_s": at, "model": "gpt-5", "prompt": f"turn {i}",
-                                       "input_tokens": len(blocks) * 512 + 300, "output_tokens": 200,
-                                       "prefix_blocks": blocks, "deadline_s": deadline_s})
-
-    reqs = [turn(1, 0.0, prefix, 200.0), turn(2, 60.0, prefix + [7, 8], 3600.0)]
-    with Engine.start(catalog=cat, speedup=30) as eng:
-        first, follow = (f.result(timeout=60) for f in eng.replay(reqs))
-    assert first.mode == "sync" and first.done_s < reqs[1].arrival_s
-    assert follow.status == "ok" and follow.mode == "sync" and "warm at the provider" in follow.reason
-    assert follow.cost_usd == pytest.approx(price_alone(reqs[1], cat, "sync", warm_blocks=len(prefix),
-                                                        write=True).total, rel=1e-6)
-    assert follow.cost_usd < price_alone(reqs[1], cat, "batch_api").total and follow.deadline_met
