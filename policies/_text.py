@@ -48,6 +48,8 @@ def warm_sync_pays(catalog, req: Request, batch_api, p_on_time: float, warmth: P
     it ends before that goes cold (at best: were it sent now). Nothing counts as warm unless it stays so for
     ``margin_s`` more seconds (the call must start before it goes cold)."""
     provider = catalog.provider(req.provider)
+    if provider.prompt_cache is None:  # a batch API without a prompt cache (a catalog overlay may declare one)
+        return 0
     n, until = warmth.leading(req.provider, req.model, req.prefix_blocks, now + margin_s,
                               exact=not provider.prompt_cache.automatic)
     if n * block_tokens < min_cacheable_tokens(provider, provider.models[req.model]):

@@ -165,3 +165,17 @@ def test_a_note_ends_at_the_last_whole_block_which_the_next_turn_shares():
     w = PrefixWarmth()
     w.see([note], now=10.0)
     assert w.leading("anthropic", "claude-sonnet-4-5", [1, 2, 3, 4, 5, 6, 7], 20.0, exact=True)[0] == 5
+
+
+def test_a_provider_with_a_batch_api_and_no_prompt_cache_sends_nothing_warm():
+    """A catalog may declare a batch API without a prompt cache (an overlay's provider): nothing is read warm
+    there, and a request with prefix blocks still goes to the batch lane (before, ``warm_sync_pays`` read
+    ``prompt_cache.automatic`` of None and the policy raised on every such request)."""
+    raw = _cat().model_dump()
+    raw["providers"]["openai"]["prompt_cache"] = None
+    cat = Catalog.model_validate(raw)
+    req = _turn(1, 0.0, PREFIX + [7, 8], 3600.0)
+    w = PrefixWarmth()
+    w.see([WarmNote("openai", "gpt-5", tuple(PREFIX), 300.0)], now=0.0)
+    assert warm_sync_pays(cat, req, cat.providers["openai"].batch_api, 0.9, w, 0.0, 10.0, 512) == 0
+    assert Smart(cat).group_key(req, ("c",), 0.0, warmth=w)[0] == "batch"
