@@ -74,7 +74,7 @@ class GroupTable:
         self._reads_budget = bool(getattr(policy, "reads_budget_pressure", False))
         # Likewise the prompt-cache warmth the runtime believes (``warm``), for a policy that declares it reads it.
         self.warmth = PrefixWarmth()
-        self._reads_warmth = bool(getattr(policy, "reads_warmth", False))
+        self.reads_warmth = bool(getattr(policy, "reads_warmth", False))
         learning = getattr(policy, "turnaround_learning", None)  # declared by policies that read it
         self.turnarounds = (TurnaroundEstimator(catalog, learning, day_origin_s)
                             if learning is not None and learning.enabled else None)
@@ -113,7 +113,7 @@ class GroupTable:
 
     def add(self, req: Request, compat: tuple, now: float) -> tuple[list[Dispatch], Wake | None]:
         kw = {"budget": self.budget} if self._reads_budget else {}
-        if self._reads_warmth:
+        if self.reads_warmth:
             kw["warmth"] = self.warmth
         if self.turnarounds is not None:
             kw["provider"] = self._view(req, now)

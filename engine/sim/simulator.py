@@ -266,7 +266,7 @@ class _Sim(SimBudget, SimReuse):
             self.settle_claim(i, a.cost, a.at)
             self.complete(i, a.at, a.cost, _SYNC, w.item)
             self.push(a.at, "sync_ok", i)
-            if a.cached:  # the runtime learns it with the result; warm from the call's start
+            if a.cached and self.table.reads_warmth:  # learnt with the result; warm from the call's start
                 self.push(a.at, "warm", [self.warm_note(w.reqs[0], a.cached, e.start)])
         else:
             self.push(a.at, "sync_fail", (i, k, a, w))
@@ -291,7 +291,7 @@ class _Sim(SimBudget, SimReuse):
         for i, r, a in zip(w.idxs, w.reqs, self.providers[w.reqs[0].provider].end_batch(out)):
             self.settle_claim(i, a.cost if a.ok else 0.0, a.at)
             self.settle(i, a, _BATCH, w.item)
-            if a.cached:
+            if a.cached and self.table.reads_warmth:
                 notes.append(self.warm_note(r, a.cached, start))
         self.on_warm(notes)
 

@@ -103,8 +103,11 @@ class TestOnOneQuietEngine:
                                            "prompt": f"turn {i}", "input_tokens": len(blocks) * 512 + 300,
                                            "output_tokens": 200, "prefix_blocks": blocks, "deadline_s": deadline_s})
 
-        reqs = [turn(1, 0.0, prefix, 200.0), turn(2, 120.0, prefix + [7, 8], 3600.0)]
-        first, follow = (f.result(timeout=60) for f in eng.replay(reqs))
+        # The follow-up comes once the first turn's result is back and 60 engine seconds later (0.12 s here):
+        # the dispatcher told the groupers of its warmth before it sent that result on.
+        first = eng.replay([turn(1, 0.0, prefix, 200.0)])[0].result(timeout=60)
+        reqs = [turn(1, 0.0, prefix, 200.0), turn(2, first.done_s - t0 + 60.0, prefix + [7, 8], 3600.0)]
+        follow = eng.replay(reqs[1:])[0].result(timeout=60)
         assert first.mode == "sync" and first.done_s < reqs[1].arrival_s
         assert follow.status == "ok" and follow.mode == "sync" and "warm at the provider" in follow.reason
         assert follow.cost_usd == pytest.approx(price_alone(reqs[1], CAT, "sync", warm_blocks=len(prefix),
@@ -313,4 +316,3 @@ def test_a_copy_due_before_the_call_it_follows_is_sent_on_its_own_when_that_call
     assert first.status == "ok" and len(results) == len(queue) + 2
     assert rep["cache"]["released"] == 1 and rep["cache"]["in_flight"] == 1
     assert rep["spend_usd"] == pytest.approx(sum(r.cost_usd for r in results.values()), abs=1e-6)  # rounded
-
