@@ -15,6 +15,7 @@ from typing import Any
 from actors.providers._http import BatchHandle, HttpBase, PollBackoff, sdk_kwargs
 from actors.providers._wire import message_parts
 from engine.core.cost import cached_blocks, shared_prefix_marks
+from engine.core.grouping import PrefixWarmth, WarmNote
 from engine.core.provider_api import BatchState, CallJob, CallOutcome, Usage, idempotency_key
 
 __all__ = ["AnthropicProvider"]
@@ -42,41 +43,27 @@ class AnthropicProvider(HttpBase):
         self._sdk = anthropic
         self.client = anthropic.AsyncAnthropic(api_key=self._key.get() or "unset", base_url=self.endpoint.base_url,
                                                max_retries=0, timeout=self.endpoint.timeout_s)
-        self._warm: dict[str, dict[int, float]] = {}  # model -> prefix block -> warm until (engine time)
-        self._warm_sweep_at = 0.0  # when ``_keep_warm`` next drops the blocks gone cold
+        # What its calls read or wrote, warm for one TTL from their answer (the groupers' belief, ``WarmNote``,
+        # counts from the call's start: it must hold wherever in a batch a member ran).
+        self._warm = PrefixWarmth(self.spec.prompt_cache.ttl_s if self.spec.prompt_cache else 300.0)
 
     def route(self, job: CallJob) -> str:
         return "/v1/messages"
 
     def _warm_blocks(self, job: CallJob) -> int:
-        warm = self._warm.get(job.req.model, {})
-        now = self.clock.now()
-        n = 0
-        for b in job.req.prefix_blocks:
-            if warm.get(b, -1.0) < now:
-                break
-            n += 1
-        return n
+        r = job.req
+        return self._warm.leading(self.name, r.model, r.prefix_blocks, self.clock.now())[0]
 
     def _keep_warm(self, job: CallJob, usage: Usage) -> None:
         pc = self.spec.prompt_cache
         if pc is None or not (usage.cache_read or usage.cache_write) or not job.req.prefix_blocks:
             return
-        now = self.clock.now()
-        until = now + pc.ttl_s
-        warm = self._warm.setdefault(job.req.model, {})
         # Only the blocks it read or wrote: believed warm, the rest drew the next breakpoint past the cached
         # prefix, where the provider writes.
         cached = cached_blocks(usage.cache_read, usage.cache_write, self.settings.prefix_block_tokens)
-        for b in job.req.prefix_blocks[:cached]:
-            warm[b] = max(warm.get(b, -1.0), until)
-        if now >= self._warm_sweep_at:
-            # Once per TTL, the blocks gone cold go: block ids are the requests' own, so kept for good they
-            # grew with every prefix ever sent (the engine clock only moves on: a cold block stays cold).
-            for w in self._warm.values():
-                for b in [b for b, t in w.items() if t < now]:
-                    del w[b]
-            self._warm_sweep_at = now + pc.ttl_s
+        now = self.clock.now()
+        self._warm.see([WarmNote(self.name, job.req.model, tuple(job.req.prefix_blocks[:cached]), now + pc.ttl_s)],
+                       now)
 
     def body(self, job: CallJob, warm_blocks: int = 0, mark_blocks: int = 0) -> dict[str, Any]:
         """The Messages body. Breakpoints (``cache_control``) go at the end of the prefix believed warm
