@@ -50,7 +50,7 @@ def test_the_anthropic_provider_forgets_prefix_blocks_gone_cold():
             p._keep_warm(job, Usage(6000, 10, 0, 4096))
             assert p._warm_blocks(job) == 8  # what it just wrote is warm
             clock.advance(ttl / 10)
-        held = sum(len(w) for w in p._warm.values())
+        held = len(p._warm)  # a PrefixWarmth: the blocks it holds
         assert 0 < held <= 8 * 30, f"{held} prefix blocks held, of 1,600 written; at most ~2 TTLs' worth may stay"
     finally:
         asyncio.run(p.close())
