@@ -14,7 +14,7 @@ from typing import Any
 
 from actors.providers._http import BatchHandle, HttpBase, PollBackoff, sdk_kwargs
 from actors.providers._wire import message_parts
-from engine.core.cost import cached_blocks, shared_prefix_marks
+from engine.core.cost import shared_prefix_marks
 from engine.core.grouping import PrefixWarmth, WarmNote
 from engine.core.provider_api import BatchState, CallJob, CallOutcome, Usage, idempotency_key
 
@@ -54,16 +54,15 @@ class AnthropicProvider(HttpBase):
         r = job.req
         return self._warm.leading(self.name, r.model, r.prefix_blocks, self.clock.now())[0]
 
-    def _keep_warm(self, job: CallJob, usage: Usage) -> None:
-        pc = self.spec.prompt_cache
-        if pc is None or not (usage.cache_read or usage.cache_write) or not job.req.prefix_blocks:
-            return
-        # Only the blocks it read or wrote: believed warm, the rest drew the next breakpoint past the cached
-        # prefix, where the provider writes.
-        cached = cached_blocks(usage.cache_read, usage.cache_write, self.settings.prefix_block_tokens)
-        now = self.clock.now()
-        self._warm.see([WarmNote(self.name, job.req.model, tuple(job.req.prefix_blocks[:cached]), now + pc.ttl_s)],
-                       now)
+    def _keep_warm(self, job: CallJob, usage: Usage) -> int:
+        """Believe warm the leading blocks the call read or wrote (``_warm_of``: the rest drew the next
+        breakpoint past the cached prefix, where the provider writes); returns how many."""
+        n = self._warm_of(job, usage)
+        if n:
+            now = self.clock.now()
+            self._warm.see([WarmNote(self.name, job.req.model, tuple(job.req.prefix_blocks[:n]),
+                                     now + self.spec.prompt_cache.ttl_s)], now)
+        return n
 
     def body(self, job: CallJob, warm_blocks: int = 0, mark_blocks: int = 0) -> dict[str, Any]:
         """The Messages body. Breakpoints (``cache_control``) go at the end of the prefix believed warm
@@ -99,10 +98,9 @@ class AnthropicProvider(HttpBase):
 
     def _outcome(self, job: CallJob, msg: dict, rid: str | None, mode: str) -> CallOutcome:
         usage = _usage(msg.get("usage"))
-        self._keep_warm(job, usage)
+        warm = self._keep_warm(job, usage)
         return CallOutcome(True, self.clock.now(), self._priced(job, usage, mode), output=_text(msg), usage=usage,
-                           provider_request_id=rid or msg.get("id"), raw=msg, real=True,
-                           warm_blocks=self._warm_of(job, usage))
+                           provider_request_id=rid or msg.get("id"), raw=msg, real=True, warm_blocks=warm)
 
     def sync_body(self, job: CallJob) -> dict[str, Any]:
         return self.body(job, self._warm_blocks(job))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
@@ -121,7 +121,7 @@ class PrefixWarmth:
         self._sweep_at = -math.inf
         self.sweep_s = sweep_s
 
-    def see(self, notes, now: float) -> None:
+    def see(self, notes: Iterable[WarmNote], now: float) -> None:
         for n in notes:
             until = self._until.setdefault((n.provider, n.model), {})
             for b in n.blocks:
@@ -139,7 +139,8 @@ class PrefixWarmth:
                         del table[key]
             self._sweep_at = now + self.sweep_s
 
-    def leading(self, provider: str, model: str, blocks, at: float, exact: bool = False) -> tuple[int, float]:
+    def leading(self, provider: str, model: str, blocks: Sequence[int], at: float,
+                exact: bool = False) -> tuple[int, float]:
         """How many of ``blocks`` (a prompt's prefix blocks, in order) are believed warm until ``at`` or later,
         counting from the first (a provider's cache reads a prefix, never a block past a cold one), and until
         when all of those are (``at`` when none is). ``exact``: only up to the last block where a cache entry
