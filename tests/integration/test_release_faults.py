@@ -114,18 +114,27 @@ def test_a_cache_that_dies_while_a_copy_waits_for_its_release_loses_nothing_and_
 
     by_id = {r.id: r for r in results}
     assert len(by_id) == len(results) == 2 * (QUEUE + 2)  # one result each
-    assert all(r.status == "ok" and r.deadline_met for r in results), [r for r in results if not (
+    # The first copy, re-admitted after its cache died, waits again under its release time: generated for
+    # itself when its leader is still late then, or answered free from the leader's result when the restart
+    # took long enough for that to come first (seen once in five CI rehearsals). Everything else is generated.
+    fa = by_id["a-follower"]
+    reused = {"a-follower"} if fa.status == "reused" else set()
+    if reused:
+        assert (fa.hit, fa.cost_usd, fa.deadline_met) == ("in_flight", 0.0, True), fa
+    else:
+        assert fa.status == "ok" and fa.hit is None and fa.cost_usd > 0, fa
+    paid = [r for r in results if r.id not in reused]
+    assert all(r.status == "ok" and r.deadline_met for r in paid), [r for r in paid if not (
         r.status == "ok" and r.deadline_met)]
-    # The copies were generated for themselves (not answered from the leader), the second one at its release.
-    for f in (by_id["a-follower"], by_id["b-follower"]):
-        assert f.hit is None and f.cost_usd > 0
+    # The second copy was generated for itself, at its release.
     fb, lb = by_id["b-follower"], by_id["b-leader"]
+    assert fb.hit is None and fb.cost_usd > 0
     assert until_b <= fb.done_s < lb.done_s, (until_b, fb.done_s, lb.done_s)
 
     # Billed once each: every billed item is one request's call, and each request with a result was billed.
     keys = [(i.idempotency_key or i.request_id).rsplit("-", 1)[0] for i in bill.items]
-    result_of = {call_key(r.tenant, r.id, r.model).rsplit("-", 1)[0]: r for r in results}
-    assert len(set(keys)) == len(keys) == len(results), sorted(k for k in keys if keys.count(k) > 1)
+    result_of = {call_key(r.tenant, r.id, r.model).rsplit("-", 1)[0]: r for r in paid}
+    assert len(set(keys)) == len(keys) == len(paid), sorted(k for k in keys if keys.count(k) > 1)
     assert set(keys) == set(result_of)
     assert sum(r.cost_usd for r in results) == pytest.approx(bill.total_usd, abs=1e-9)
     assert rep["spend_usd"] == pytest.approx(bill.total_usd, abs=1e-6)  # rounded to 6 places
