@@ -47,7 +47,7 @@ class Outbox:
         """A call or batch member that read or wrote ``r``'s prompt prefix (``WarmNote.of``), for the groupers'
         policy (``GroupTable.warm``)."""
         pc = self.sim.spec.prompt_cache
-        if out.ok and out.warm_blocks and pc is not None:
+        if self._warm_readers and out.ok and out.warm_blocks and pc is not None:
             self._warmth.append(WarmNote.of(r, out.warm_blocks, start, pc.ttl_s, self.settings.prefix_block_tokens))
 
     # -- the outbox -----------------------------------------------------------------------------------------------
@@ -111,21 +111,37 @@ class Outbox:
                 except Exception as exc:  # a stale record only makes a restarted dispatcher poll an ended batch
                     log.warning("dispatcher %s: could not clear %d journal record(s): %s", self.name, len(keys),
                                 _short(exc))
-        # A peer that died (and restarts) must not stop the rest of the outbox: the cache's losses are made
-        # good by the driver's re-admission, a lost settlement by the reservation's TTL.
-        if fills:
-            try:
-                await self.caches.call("complete", [s for s, _ in fills], [f for _, f in fills])
-            except Exception as exc:
-                log.warning("dispatcher %s: cache did not take %d result(s): %s", self.name, len(fills), _short(exc))
-        if orphans:
-            answers, errors = await self.caches.call_partial("orphans", [s for s, _ in orphans],
-                                                             [o for _, o in orphans])
-            readmit.extend(f for _, part in answers for f in part)
-            for exc in errors:
-                log.warning("dispatcher %s: cache did not answer for orphans: %s", self.name, _short(exc))
         if readmit:
             send_sharded(self.groupers, readmit)
+        if fills or orphans:
+            self._cache_fills += fills
+            self._cache_orphans += orphans
+            if self._cache_task is None or self._cache_task.done():
+                self._cache_task = asyncio.get_running_loop().create_task(self._cache_lane())
+
+    async def _cache_lane(self) -> None:
+        """Hand the cache its fills, then its orphans (a failed leader's followers come back for re-admission),
+        one call of each at a time, in order, beside the outbox: awaited inside ``flush``, a cache that was
+        restarting (seconds) or hung (until the driver kills it) held every later result, settlement and
+        re-admission of this dispatcher behind it. A peer that died must not stop the rest: the cache's losses
+        are made good by the driver's re-admission."""
+        while self._cache_fills or self._cache_orphans:
+            fills, self._cache_fills = self._cache_fills, []
+            orphans, self._cache_orphans = self._cache_orphans, []
+            if fills:
+                try:
+                    await self.caches.call("complete", [s for s, _ in fills], [f for _, f in fills])
+                except Exception as exc:
+                    log.warning("dispatcher %s: cache did not take %d result(s): %s", self.name, len(fills),
+                                _short(exc))
+            if orphans:
+                answers, errors = await self.caches.call_partial("orphans", [s for s, _ in orphans],
+                                                                 [o for _, o in orphans])
+                readmit = [f for _, part in answers for f in part]
+                for exc in errors:
+                    log.warning("dispatcher %s: cache did not answer for orphans: %s", self.name, _short(exc))
+                if readmit:
+                    send_sharded(self.groupers, readmit)
 
     # -- the circuit breaker's state, for the metrics ---------------------------------------------------------
     def _breaker_failure(self, model: str) -> None:

@@ -50,7 +50,7 @@ TOLD_KEPT = 4096  # messages about batches kept, for a grouper Ray restarts (one
 class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
     def __init__(self, provider: str, catalog: Catalog, settings: Settings, seed: int, clock, groupers: list,
                  hub, cache, budget, scheduling: Scheduling | None = None, key: Secret | None = None,
-                 engine: str = "engine", learners: bool = False):
+                 engine: str = "engine", learners: bool = False, warm_readers: bool = True):
         self.name, self.catalog, self.settings = provider, catalog, settings
         self.clock = clock = resolve_clock(clock)[0]
         self.max_att = settings.sim.max_attempts
@@ -100,12 +100,18 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
         # Whether the groupers learn batch turnarounds (a constructor argument: a restarted dispatcher tells them
         # how its re-attached batches end)
         self._learners = learners
+        # Whether the groupers' policy reads prompt-cache warmth (``reads_warmth``): no notes for one that does not
+        self._warm_readers = warm_readers
         # Counters for the hub's metrics, sent with the dispatch observations (see ``flush``).
         self._counts = DispatchCounts()
         self._queued_at: dict[int, float] = {}  # id(work item) -> engine time it joined the rate gate's queue
         self._breaker_reported: dict[str, int] = {}
         self._breaker_dirty = True  # the first flush reports every model's circuit as closed
         self._flusher: asyncio.Task | None = None
+        # Fills and orphans the cache has not taken yet, sent by a task of their own (``Outbox._cache_lane``)
+        self._cache_fills: list[tuple[int, tuple[str, Result]]] = []
+        self._cache_orphans: list[tuple[int, tuple[str, str]]] = []
+        self._cache_task: asyncio.Task | None = None
         self._timers: set[asyncio.TimerHandle] = set()
         self._pump_timer: tuple[float, asyncio.TimerHandle] | None = None
         self.in_flight = 0

@@ -126,6 +126,7 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
     cluster = ray.cluster_resources()
     learning = getattr(policy, "turnaround_learning", None)
     learns = learning is not None and learning.enabled  # the groupers' tables learn (engine.runtime.scheduler)
+    warm_readers = bool(getattr(policy, "reads_warmth", False))  # ... and read prompt-cache warmth
     dispatchers = {}
     for name in catalog.providers:
         more = {}
@@ -133,7 +134,7 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
             more["resources"] = {provider_resource(name): 0.001}
         dispatchers[name] = _actor(Dispatcher).options(**opts(f"dispatcher-{name}", **more)).remote(
             name, catalog, settings, seed, later, grouper_refs, hub_refs, cache_ref, ref("budget"),
-            policy.scheduling, (keys or {}).get(name), engine, learns)
+            policy.scheduling, (keys or {}).get(name), engine, learns, warm_readers)
     ingests = [_actor(Ingest).options(**opts(shard_kind("ingest", k))).remote(
         grouper_refs, cache_ref, settings.cache.share_across_tenants, list(dispatcher_refs.values()), hub_refs,
         settings, engine, shard=(k, num_shards)) for k in range(num_shards)]

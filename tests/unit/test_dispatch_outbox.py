@@ -48,3 +48,64 @@ def test_a_settlement_does_not_wait_for_a_cache_that_does_not_answer():
             cache.gate.set()
             await asyncio.sleep(0.02)
     asyncio.run(go())
+
+
+def test_results_do_not_wait_for_a_cache_that_does_not_answer():
+    # The outbox awaited the cache fill inside its flush, so every result that ended after a fill went out
+    # waited behind it: a hung cache held them until the driver killed it.
+    async def go():
+        from actors import ResultHub
+
+        hub, budget, cache = ResultHub(), ledger(100.0), SilentCache()
+        clock = ManualClock(0.0)
+        d = Dispatcher("openai", CAT, Settings(), 0, clock, [], hub, cache, budget)
+        await budget.reserve_many([Claim(f"c{i}", "default", "openai", "gpt-5-mini", "urgent", 1.0)
+                                   for i in range(2)])
+        first, second = (Job(i, req(i, priority="urgent"), f"fp{i}", claim=f"c{i}") for i in range(2))
+        await d.run_many([BatchJob("b0", "sync", None, False, "process_individually", "now", [first])])
+        clock.advance(10_000.0)
+        await asyncio.wait_for(cache.called.wait(), 5.0)  # the first result's fill: it never answers
+        (res0,) = await hub.pull(1.0)
+        await d.run_many([BatchJob("b1", "sync", None, False, "process_individually", "now", [second])])
+        clock.advance(10_000.0)
+        try:
+            got = await asyncio.wait_for(hub.pull(1.0), 5.0)
+            assert [r.id for r in got] == [second.req.id] and got[0].status == "ok"
+            assert res0.id == first.req.id
+        finally:
+            cache.gate.set()
+            await asyncio.sleep(0.02)
+    asyncio.run(go())
+
+
+class WarmthReader:
+    """A grouper that only records the warmth notes it is sent."""
+
+    def __init__(self):
+        self.notes = []
+
+    async def observe_warmth(self, notes):
+        self.notes.extend(notes)
+
+
+@pytest.mark.parametrize("readers", [True, False])
+def test_warmth_notes_go_to_the_groupers_only_when_their_policy_reads_them(readers):
+    async def go():
+        from actors import ResultHub
+
+        hub, grouper, clock = ResultHub(), WarmthReader(), ManualClock(0.0)
+        d = Dispatcher("openai", CAT, Settings(), 0, clock, [grouper], hub, None, ledger(), warm_readers=readers)
+        prefix = {"prefix_blocks": [11, 12, 13, 14], "input_tokens": 2400}  # past OpenAI's 1,024-token minimum
+        job = Job(0, req(0, priority="urgent", **prefix), "fp0")
+        await d.run_many([BatchJob("b0", "sync", None, False, "process_individually", "now", [job])])
+        clock.advance(10_000.0)
+        (res,) = await asyncio.wait_for(hub.pull(1.0), 5.0)  # the notes leave in the flush before the results
+        for _ in range(3):  # send to a plain object is a task of its own
+            await asyncio.sleep(0)
+        assert res.status == "ok" and res.usage
+        if readers:
+            (note,) = grouper.notes
+            assert note.blocks == (11, 12, 13, 14)[:len(note.blocks)] and len(note.blocks) >= 2
+        else:
+            assert grouper.notes == []
+    asyncio.run(go())
