@@ -1,13 +1,15 @@
-"""The grouper's budget waits (a mixin of ``actors.grouper.Grouper``, which owns the state): it applies the
-kernel's rule (``engine.runtime.waiting.BudgetWaits``, which the simulator applies too) with a timer."""
+"""The grouper's budget side (a mixin of ``actors.grouper.Grouper``, which owns the state): the reservation of a
+dispatch's members, and the waits of those a budget holds back, under the kernel's rule
+(``engine.runtime.waiting.BudgetWaits``, which the simulator applies too) with a timer."""
 
 from __future__ import annotations
 
 import asyncio
 
 from actors._types import BatchJob, Job
-from engine.core.budgets import LEDGER
+from engine.core.budgets import LEDGER, Claim, Verdict
 from engine.core.result import Result
+from engine.runtime.reservation import claim_amount, dispatch_mode, triage
 from engine.runtime.waiting import STEP_S, Held, held_too_long
 
 __all__ = ["PARK_RETRY_REAL_S", "Parking"]
@@ -16,8 +18,9 @@ PARK_RETRY_REAL_S = 0.05  # real seconds between tries at least (a replay at 100
 
 
 class Parking:
-    """Needs the grouper's ``clock``, ``waits``, ``_park_timer``, ``_reserving``, ``_tasks``, ``_ledger_down``,
-    ``_dispatch``, ``_resolve`` and ``_failed``."""
+    """Needs the grouper's ``clock``, ``catalog``, ``budget``, ``budget_specs``, ``table``, ``waits``,
+    ``reserve_model_max``, ``_park_timer``, ``_reserving``, ``_tasks``, ``_ledger_down``, ``_unsure_claims``,
+    ``_claims``, ``_claim_prefix``, ``_dispatch``, ``_resolve`` and ``_failed``."""
 
     @property
     def _park_step(self) -> float:
@@ -77,3 +80,75 @@ class Parking:
                                        "its deadline")
         return self._failed(j, "budget_exhausted", status="rejected",
                             reason=held_too_long(h.budget))
+
+    async def _reserve(self, batches: list[BatchJob], now: float,
+                       refused: list[tuple[Job, Result]]) -> list[BatchJob]:
+        """Reserve every member's upper bound in one call; keep the members that may go."""
+        # No overtaking: while more urgent work waits on a budget, less urgent work under that budget waits
+        # behind it (engine.runtime.waiting).
+        overtaken = self.waits.overtaken(self.budget_specs)
+        step = self._park_step
+        if overtaken:
+            kept = []
+            for b in batches:
+                go = []
+                for j in b.jobs:
+                    name = self.waits.blocker(j.req, overtaken)
+                    if name is None:
+                        go.append(j)
+                    else:
+                        if j.claim is not None:
+                            self.budget.send("settle_many", [(j.claim, 0.0)])
+                            j = j._replace(claim=None)
+                        self._park(j, now + step, name, b)
+                if go:
+                    kept.append(b._replace(jobs=go))
+            batches = kept
+            if not batches:
+                self.table.budget.holding = self.waits.holding(self.budget_specs)
+                self._arm_parked()
+                return []
+        claims: list[Claim] = []
+        release = [j.claim for b in batches for j in b.jobs if j.claim is not None]  # held since a hedge
+        unsure, self._unsure_claims = self._unsure_claims, []
+        release += unsure
+        for b in batches:
+            # A batch hedged before it starts goes sync (the dispatcher does so), at the sync price.
+            mode = dispatch_mode(b.mode, b.hedge_at, now)
+            for j in b.jobs:
+                r = j.req
+                amount = claim_amount(r, self.catalog, mode, self.reserve_model_max)
+                claims.append(Claim(f"{r.id}#{self._claim_prefix}-{next(self._claims)}", r.tenant, r.provider, r.model,
+                                    r.priority, amount))
+        try:
+            verdicts = await self.budget.call("reserve_many", claims, release)
+            if len(verdicts) != len(claims):
+                raise RuntimeError(f"{len(verdicts)} verdicts for {len(claims)} claims")
+        except Exception as exc:  # the budget actor failed: nothing reserved, the work waits (or ends at its deadline)
+            # Whether it released or reserved anything is unknown: the next call releases all of it.
+            self._unsure_claims.extend([*release, *(c.rid for c in claims)])
+            verdicts = [Verdict(False, "budget_unavailable", budget=LEDGER,
+                                detail=f"the budget actor failed ({type(exc).__name__}: {exc})"[:500])] * len(claims)
+        self.waits.adapt(verdicts)
+        out: list[BatchJob] = []
+        k = 0
+        for b in batches:
+            keep = []
+            for j in b.jobs:
+                c, v = claims[k], verdicts[k]
+                k += 1
+                j = j._replace(claim=None)  # released by the call above
+                t = triage(v, j.req.deadline_at)
+                if t == "go":
+                    keep.append(j._replace(claim=c.rid))
+                elif t in ("wait", "retry", "defer"):
+                    if t == "retry":  # the ledger did not answer: try again, until the deadline
+                        self._ledger_down = v.why()
+                    self._park(j, self.waits.due_after(t, v, now), LEDGER if t == "retry" else v.budget, b)
+                else:
+                    refused.append((j, self._failed(j, "budget_exhausted", status="rejected", reason=v.why())))
+            if keep:
+                out.append(b._replace(jobs=keep))
+        self.table.budget.holding = self.waits.holding(self.budget_specs)
+        self._arm_parked()
+        return out

@@ -21,14 +21,12 @@ from actors._grouper_park import Parking
 from actors._peer import Warm, as_peer, resolve_clock
 from actors._shards import Shards, by_result_uid
 from actors._types import BatchJob, Job
-from engine.core.budgets import LEDGER, Claim, Verdict
 from engine.core.catalog import Catalog
 from engine.core.draws import engine_day_origin
 from engine.core.features import compat_key
 from engine.core.grouping import Decision, WarmNote
 from engine.core.result import Result
 from engine.runtime.outcomes import refused_result
-from engine.runtime.reservation import claim_amount, dispatch_mode, triage
 from engine.runtime.scheduler import Dispatch, GroupFailed, GroupTable, Wake
 from engine.runtime.turnaround import Turnaround
 from engine.runtime.waiting import BudgetWaits, sync_lead
@@ -322,78 +320,6 @@ class Grouper(Parking, Warm):
             self.dispatchers[provider].send("run_many", part, *learns)
         if refused:
             await self._resolve(refused)
-
-    async def _reserve(self, batches: list[BatchJob], now: float,
-                       refused: list[tuple[Job, Result]]) -> list[BatchJob]:
-        """Reserve every member's upper bound in one call; keep the members that may go."""
-        # No overtaking: while more urgent work waits on a budget, less urgent work under that budget waits
-        # behind it (engine.runtime.waiting).
-        overtaken = self.waits.overtaken(self.budget_specs)
-        step = self._park_step
-        if overtaken:
-            kept = []
-            for b in batches:
-                go = []
-                for j in b.jobs:
-                    name = self.waits.blocker(j.req, overtaken)
-                    if name is None:
-                        go.append(j)
-                    else:
-                        if j.claim is not None:
-                            self.budget.send("settle_many", [(j.claim, 0.0)])
-                            j = j._replace(claim=None)
-                        self._park(j, now + step, name, b)
-                if go:
-                    kept.append(b._replace(jobs=go))
-            batches = kept
-            if not batches:
-                self.table.budget.holding = self.waits.holding(self.budget_specs)
-                self._arm_parked()
-                return []
-        claims: list[Claim] = []
-        release = [j.claim for b in batches for j in b.jobs if j.claim is not None]  # held since a hedge
-        unsure, self._unsure_claims = self._unsure_claims, []
-        release += unsure
-        for b in batches:
-            # A batch hedged before it starts goes sync (the dispatcher does so), at the sync price.
-            mode = dispatch_mode(b.mode, b.hedge_at, now)
-            for j in b.jobs:
-                r = j.req
-                amount = claim_amount(r, self.catalog, mode, self.reserve_model_max)
-                claims.append(Claim(f"{r.id}#{self._claim_prefix}-{next(self._claims)}", r.tenant, r.provider, r.model,
-                                    r.priority, amount))
-        try:
-            verdicts = await self.budget.call("reserve_many", claims, release)
-            if len(verdicts) != len(claims):
-                raise RuntimeError(f"{len(verdicts)} verdicts for {len(claims)} claims")
-        except Exception as exc:  # the budget actor failed: nothing reserved, the work waits (or ends at its deadline)
-            # Whether it released or reserved anything is unknown: the next call releases all of it.
-            self._unsure_claims.extend([*release, *(c.rid for c in claims)])
-            verdicts = [Verdict(False, "budget_unavailable", budget=LEDGER,
-                                detail=f"the budget actor failed ({type(exc).__name__}: {exc})"[:500])] * len(claims)
-        self.waits.adapt(verdicts)
-        out: list[BatchJob] = []
-        k = 0
-        for b in batches:
-            keep = []
-            for j in b.jobs:
-                c, v = claims[k], verdicts[k]
-                k += 1
-                j = j._replace(claim=None)  # released by the call above
-                t = triage(v, j.req.deadline_at)
-                if t == "go":
-                    keep.append(j._replace(claim=c.rid))
-                elif t in ("wait", "retry", "defer"):
-                    if t == "retry":  # the ledger did not answer: try again, until the deadline
-                        self._ledger_down = v.why()
-                    self._park(j, self.waits.due_after(t, v, now), LEDGER if t == "retry" else v.budget, b)
-                else:
-                    refused.append((j, self._failed(j, "budget_exhausted", status="rejected", reason=v.why())))
-            if keep:
-                out.append(b._replace(jobs=keep))
-        self.table.budget.holding = self.waits.holding(self.budget_specs)
-        self._arm_parked()
-        return out
 
     async def stats(self) -> dict:
         return {"pending": len(self.pending), "groups": len(self.table.groups), "dispatched": self.dispatched,
