@@ -61,8 +61,8 @@ class Outbox:
                     or self._turnarounds or self._warmth)
 
     async def _flush_soon(self) -> None:
-        # Loop until empty: what timers add while a flush awaits the cache must not wait for a later kick
-        # that may never come (the dispatcher's last completions).
+        # Loop until empty: what timers add while a flush awaits a peer (the result hub, the journal) must not
+        # wait for a later kick that may never come (the dispatcher's last completions).
         while not self._outbox_empty():
             await asyncio.sleep(FLUSH_S)
             await self.flush()
@@ -113,35 +113,43 @@ class Outbox:
                                 _short(exc))
         if readmit:
             send_sharded(self.groupers, readmit)
-        if fills or orphans:
-            self._cache_fills += fills
-            self._cache_orphans += orphans
-            if self._cache_task is None or self._cache_task.done():
-                self._cache_task = asyncio.get_running_loop().create_task(self._cache_lane())
+        one = len(self.caches) == 1  # (as ``Shards`` routes: a lone cache takes every shard's part)
+        for shard, fill in fills:
+            self._cache_queues.setdefault(0 if one else shard, ([], []))[0].append(fill)
+        for shard, orphan in orphans:
+            self._cache_queues.setdefault(0 if one else shard, ([], []))[1].append(orphan)
+        for shard in {0 if one else s for s, _ in (*fills, *orphans)}:
+            task = self._cache_tasks.get(shard)
+            if task is None or task.done():
+                self._cache_tasks[shard] = asyncio.get_running_loop().create_task(self._cache_lane(shard))
 
-    async def _cache_lane(self) -> None:
-        """Hand the cache its fills, then its orphans (a failed leader's followers come back for re-admission),
-        one call of each at a time, in order, beside the outbox: awaited inside ``flush``, a cache that was
-        restarting (seconds) or hung (until the driver kills it) held every later result, settlement and
-        re-admission of this dispatcher behind it. A peer that died must not stop the rest: the cache's losses
-        are made good by the driver's re-admission."""
-        while self._cache_fills or self._cache_orphans:
-            fills, self._cache_fills = self._cache_fills, []
-            orphans, self._cache_orphans = self._cache_orphans, []
+    async def _cache_lane(self, shard: int) -> None:
+        """Hand one cache shard its fills, then its orphans (a failed leader's followers come back for
+        re-admission), one call at a time, in order, beside the outbox and the other shards' lanes: awaited
+        inside ``flush``, a cache shard that was restarting (seconds) or hung (until the driver kills it) held
+        every later result, settlement and re-admission of this dispatcher, and every other shard's fills,
+        behind it. A shard that died must not stop the rest: its losses are made good by the driver's
+        re-admission."""
+        peer, (fills_q, orphans_q) = self.caches[shard], self._cache_queues[shard]
+        while fills_q or orphans_q:
+            fills, orphans = fills_q[:], orphans_q[:]
+            fills_q.clear()
+            orphans_q.clear()
             if fills:
                 try:
-                    await self.caches.call("complete", [s for s, _ in fills], [f for _, f in fills])
+                    await peer.call("complete", fills)
                 except Exception as exc:
-                    log.warning("dispatcher %s: cache did not take %d result(s): %s", self.name, len(fills),
-                                _short(exc))
+                    log.warning("dispatcher %s: cache shard %d did not take %d result(s): %s", self.name, shard,
+                                len(fills), _short(exc))
             if orphans:
-                answers, errors = await self.caches.call_partial("orphans", [s for s, _ in orphans],
-                                                                 [o for _, o in orphans])
-                readmit = [f for _, part in answers for f in part]
-                for exc in errors:
-                    log.warning("dispatcher %s: cache did not answer for orphans: %s", self.name, _short(exc))
-                if readmit:
-                    send_sharded(self.groupers, readmit)
+                try:
+                    back = await peer.call("orphans", orphans)
+                except Exception as exc:
+                    log.warning("dispatcher %s: cache shard %d did not answer for orphans: %s", self.name, shard,
+                                _short(exc))
+                    continue
+                if back:
+                    send_sharded(self.groupers, back)
 
     # -- the circuit breaker's state, for the metrics ---------------------------------------------------------
     def _breaker_failure(self, model: str) -> None:

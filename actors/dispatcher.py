@@ -108,10 +108,10 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
         self._breaker_reported: dict[str, int] = {}
         self._breaker_dirty = True  # the first flush reports every model's circuit as closed
         self._flusher: asyncio.Task | None = None
-        # Fills and orphans the cache has not taken yet, sent by a task of their own (``Outbox._cache_lane``)
-        self._cache_fills: list[tuple[int, tuple[str, Result]]] = []
-        self._cache_orphans: list[tuple[int, tuple[str, str]]] = []
-        self._cache_task: asyncio.Task | None = None
+        # Per cache shard, the fills and orphans it has not taken yet, sent by a task of its own
+        # (``Outbox._cache_lane``)
+        self._cache_queues: dict[int, tuple[list[tuple[str, Result]], list[tuple[str, str]]]] = {}
+        self._cache_tasks: dict[int, asyncio.Task] = {}
         self._timers: set[asyncio.TimerHandle] = set()
         self._pump_timer: tuple[float, asyncio.TimerHandle] | None = None
         self.in_flight = 0

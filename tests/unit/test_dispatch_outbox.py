@@ -109,3 +109,37 @@ def test_warmth_notes_go_to_the_groupers_only_when_their_policy_reads_them(reade
         else:
             assert grouper.notes == []
     asyncio.run(go())
+
+
+class RecordingCache:
+    def __init__(self):
+        self.filled = asyncio.Event()
+        self.done = []
+
+    async def complete(self, done):
+        self.done.extend(done)
+        self.filled.set()
+
+
+def test_one_cache_shard_that_does_not_answer_holds_no_other_shards_fills():
+    # One lane for every shard waited for all of them together: a hung shard held the others' fills (and so
+    # the followers waiting on them there) as the single awaited fill held everything before (a review).
+    async def go():
+        from actors import ResultHub
+
+        hub, silent, live, clock = ResultHub(), SilentCache(), RecordingCache(), ManualClock(0.0)
+        d = Dispatcher("openai", CAT, Settings(), 0, clock, [], hub, [live, silent], ledger())
+        first = Job(0, req(0, priority="urgent"), "fp0", cache_shard=1)
+        second = Job(1, req(1, priority="urgent"), "fp1", cache_shard=0)
+        await d.run_many([BatchJob("b0", "sync", None, False, "process_individually", "now", [first])])
+        clock.advance(10_000.0)
+        await asyncio.wait_for(silent.called.wait(), 5.0)  # shard 1 took the first fill and never answers
+        await d.run_many([BatchJob("b1", "sync", None, False, "process_individually", "now", [second])])
+        clock.advance(10_000.0)
+        try:
+            await asyncio.wait_for(live.filled.wait(), 5.0)
+            assert [fp for fp, _ in live.done] == ["fp1"] and live.done[0][1].id == second.req.id
+        finally:
+            silent.gate.set()
+            await asyncio.sleep(0.02)
+    asyncio.run(go())
