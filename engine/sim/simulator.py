@@ -9,7 +9,6 @@ docs/simulator.md.
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import itertools
 import math
@@ -23,7 +22,7 @@ from engine.core.cost import MODES
 from engine.core.draws import Draws
 from engine.core.errors import PolicyError
 from engine.core.features import compat_key, fingerprint, near_class, near_vectors
-from engine.core.grouping import Decision, WarmNote
+from engine.core.grouping import Decision
 from engine.core.ledger import BudgetBook
 from engine.core.request import Request
 from engine.core.resilience import check_fallbacks
@@ -32,18 +31,16 @@ from engine.core.settings import Settings
 from engine.core.trace import with_day_origin
 from engine.runtime.admission import InFlight, release_lead
 from engine.runtime.outcomes import call_mode, verdict
-from engine.runtime.providers import Attempt, Event, SimProvider, Work
+from engine.runtime.providers import Attempt, SimProvider, Work
 from engine.runtime.reservation import dispatch_mode
 from engine.runtime.reuse import ReuseIndex
 from engine.runtime.scheduler import Dispatch, GroupTable, Wake
-from engine.runtime.turnaround import Turnaround, submitted
 from engine.runtime.waiting import BudgetWaits, sync_lead
 from engine.sim._budget import SimBudget
+from engine.sim._calls import SimCalls
 from engine.sim._reuse import SimReuse
 from engine.sim.results import (
-    _BATCH,
     _FAILED,
-    _GPU,
     _OK,
     _PENDING,
     _REUSE,
@@ -57,7 +54,7 @@ __all__ = ["BatchRecord", "SimResult", "simulate"]
 
 
 
-class _Sim(SimBudget, SimReuse):
+class _Sim(SimBudget, SimReuse, SimCalls):
     def __init__(self, reqs: Sequence[Request], policy, catalog: Catalog, settings: Settings, draws: Draws,
                  record_calls: bool = False):
         self.reqs = list(reqs)  # a rerouted request is replaced by its fallback copy
@@ -247,74 +244,6 @@ class _Sim(SimBudget, SimReuse):
             prov.enqueue(Work(mode, bid, [self.reqs[i] for i in idxs], idxs,
                               [int(self.attempts[i]) for i in idxs], False, d.hedge_at))
         self.pump(first.provider)
-
-    def pump(self, name: str) -> None:
-        prov = self.providers[name]
-        events, nxt = prov.pump(self.now)
-        for e in events:
-            getattr(self, "start_" + e.kind)(e)
-        if nxt is not None and nxt < self.pump_at.get(name, math.inf):
-            self.pump_at[name] = nxt
-            self.push(nxt, "pump", name)
-
-    def start_sync(self, e: Event) -> None:
-        w, a = e.work, e.outcome
-        i = w.idxs[0]
-        k = w.attempts[0]
-        self.attempts[i] = k + 1
-        if a.ok:
-            self.settle_claim(i, a.cost, a.at)
-            self.complete(i, a.at, a.cost, _SYNC, w.item)
-            self.push(a.at, "sync_ok", i)
-            if a.cached and self.table.reads_warmth:  # learnt with the result; warm from the call's start
-                self.push(a.at, "warm", [self.warm_note(w.reqs[0], a.cached, e.start)])
-        else:
-            self.push(a.at, "sync_fail", (i, k, a, w))
-
-    def start_gpu_batch(self, e: Event) -> None:
-        for i, a in zip(e.work.idxs, e.outcome):
-            self.settle_claim(i, a.cost if a.ok else 0.0, a.at)
-            self.settle(i, a, _GPU, e.work.item)
-
-    def start_batch_api(self, e: Event) -> None:
-        w, out = e.work, e.outcome
-        if submitted(e.start, w.hedge_at):  # told its end when drawn; read from an epoch past it, as a grouper
-            self.table.observe([Turnaround(w.reqs[0].provider, w.reqs[0].model, e.start, out.at, out.hedged)])
-        if out.hedged:
-            self.batches[w.item] = dataclasses.replace(self.batches[w.item], outcome="hedged")
-            self.batch_of[w.idxs] = w.item
-        self.push(out.at, "hedge" if out.hedged else "batch_end", w.idxs if out.hedged else (w, out, e.start))
-
-    def on_batch_end(self, payload) -> None:  # its members use the cache now (``SimProvider.end_batch``)
-        w, out, start = payload
-        notes = []
-        for i, r, a in zip(w.idxs, w.reqs, self.providers[w.reqs[0].provider].end_batch(out)):
-            self.settle_claim(i, a.cost if a.ok else 0.0, a.at)
-            self.settle(i, a, _BATCH, w.item)
-            if a.cached and self.table.reads_warmth:
-                notes.append(self.warm_note(r, a.cached, start))
-        self.on_warm(notes)
-
-    def warm_note(self, r: Request, cached: int, start: float) -> WarmNote:
-        """What the runtime learns with a result (the simulator's batches run at their end, and stay warm longer
-        than the note says)."""
-        ttl = self.catalog.providers[r.provider].prompt_cache.ttl_s
-        return WarmNote.of(r, cached, start, ttl, self.settings.prefix_block_tokens)
-
-    def on_warm(self, notes: list[WarmNote]) -> None:
-        if notes:
-            self.table.warm(notes, self.now)
-
-    def start_reroute(self, e: Event) -> None:
-        """The model's circuit is open: its work goes back to the policy as requests for the fallback."""
-        provider, model = e.outcome.split("/", 1)
-        self.rerouted += len(e.work.idxs)
-        for i in e.work.idxs:
-            self.settle_claim(i, 0.0, self.now)
-            self.moved.add(i)
-            self.reqs[i] = self.reqs[i].model_copy(update={"provider": provider, "model": model})
-            self.compat[i] = compat_key(self.reqs[i])
-            self.admit(i, fresh=False)
 
     def complete(self, i: int, at: float, cost: float, mode: int, bid: int) -> None:
         if mode == _SYNC:
