@@ -125,11 +125,11 @@ class Outbox:
 
     async def _cache_lane(self, shard: int) -> None:
         """Hand one cache shard its fills, then its orphans (a failed leader's followers come back for
-        re-admission), one call at a time, in order, beside the outbox and the other shards' lanes: awaited
-        inside ``flush``, a cache shard that was restarting (seconds) or hung (until the driver kills it) held
-        every later result, settlement and re-admission of this dispatcher, and every other shard's fills,
-        behind it. A shard that died must not stop the rest: its losses are made good by the driver's
-        re-admission."""
+        re-admission), one call at a time, in order. It runs beside the outbox and the other shards' lanes
+        because, when these calls were awaited inside ``flush``, a cache shard that was restarting (seconds) or
+        hung (until the driver kills it) held every later result, settlement and re-admission of this
+        dispatcher, and every other shard's fills, behind it. A shard that died must not stop the rest: its
+        losses are made good by the driver's re-admission."""
         peer, (fills_q, orphans_q) = self.caches[shard], self._cache_queues[shard]
         while fills_q or orphans_q:
             fills, orphans = fills_q[:], orphans_q[:]
