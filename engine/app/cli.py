@@ -1,5 +1,6 @@
 """The ``smartbatch`` command line: bench, run, demo and policies here; trace builders in ``cli_trace``, batch
-files and the emulator in ``cli_batch``; what they share in ``cli_common``."""
+files and the emulator in ``cli_batch``; how results are printed in ``cli_report``; what they share in
+``cli_common``."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ from typing import NoReturn
 
 import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 from rich.text import Text
 
 from engine.app import cli_batch, cli_serve, cli_trace  # noqa: F401  (importing them registers their commands on the app)
@@ -22,77 +22,9 @@ from engine.app.cli_common import (
     console,
     err_console,
 )
+from engine.app.cli_report import print_plan, print_providers, print_table
 from engine.core.errors import SmartbatchError
 from engine.core.settings import Settings
-
-
-def _print_table(doc: dict) -> None:
-    """Print the results table on the CLI console. When the full table is wider than the console, headers
-    shorten (a caption spells them out) and the columns that matter least move, in order, to a second table
-    keyed by policy, so nothing wraps or is cut at 80 columns."""
-    out = console  # read at call time, so tests can patch engine.app.cli.console
-    budgeted = bool(doc.get("budgets"))
-    from engine.app.bench import usd_places
-
-    rows = doc["results"]
-    nd = usd_places(doc)
-
-    def pct(x: float | None, nd: int = 1) -> str:
-        return "n/a" if x is None else f"{100 * x + 0.0:.{nd}f}%"
-
-    # (full header, short header, cells); policy, cost, saving and met never fold.
-    cols = {
-        "policy": ("policy", "policy", [r["policy"] for r in rows]),
-        "cost": ("cost $", "cost $", [f"{r['cost_usd']:.{nd}f}" for r in rows]),
-        "saving": ("saving", "save", [pct(r["saving_vs_naive"]) for r in rows]),
-        "capture": ("capture", "capt", [pct(r["capture_of_achievable"]) for r in rows]),
-        "met": ("met", "met", [pct(r["deadline_met_frac"], 2) for r in rows]),
-        "urgent": ("urgent", "urg", [pct(r["deadline_met_by_priority"].get("urgent")) for r in rows]),
-        # Never folded: a failed request costs nothing, so a cost without it reads as a saving.
-        "failed": ("failed", "fail", [str(r.get("failed", 0)) for r in rows]),
-        "hits": ("hits e/f/n", "hits", [f"{r['exact_hits']}/{r['in_flight_hits']}/{r['near_hits']}" for r in rows]),
-        "recs": ("b/c/i" if budgeted else "batch/consider/indiv", "b/c/i",
-                 ["/".join(str(r["recommendations"].get(k, 0)) for k in
-                           ("process_as_batch", "consider_batch", "process_individually")) for r in rows]),
-    }
-    if budgeted:
-        cols["rejected"] = ("rejected", "rej", [str(sum(r["rejected"].values())) for r in rows])
-        cols["overrun"] = ("overrun $", "over $", [f"{r.get('budget_overrun_usd', 0.0):.2f}" for r in rows])
-    cols["speed"] = ("sim req/s", "req/s", ["live" if r.get("sim_requests_per_s") is None
-                                            else f"{r['sim_requests_per_s']:,.0f}" for r in rows])
-    fold_order = ["speed", "recs", "hits", "overrun", "rejected", "capture", "urgent"]
-    title = f"{doc['trace']}: {doc['requests']:,} requests; lower bound ${doc['lower_bound_usd']:.{nd}f}"
-
-    legend = {"saving": "save: vs naive" + (" on the requests served" if budgeted else ""), "capture": "capt: of achievable", "urgent": "urg: urgent met",
-              "hits": "hits: exact/in-flight/near", "recs": "b/c/i: batch/consider/indiv",
-              "speed": "req/s: simulated"}
-
-    def build(keys: list[str], short: bool, title: str | None = None) -> Table:
-        caption = "; ".join(legend[k] for k in keys if k in legend) if short else None
-        t = Table(title=title, caption=caption)
-        for k in keys:
-            t.add_column(cols[k][1 if short else 0], justify="left" if k == "policy" else "right", no_wrap=True)
-        for i in range(len(rows)):
-            t.add_row(*(cols[k][2][i] for k in keys))
-        return t
-
-    def width(t: Table) -> int:
-        return out.measure(t, options=out.options.update_width(10_000)).maximum
-
-    main, folded = list(cols), []
-    table = build(main, short=False, title=title)
-    if width(table) > out.width:
-        table = build(main, short=True, title=title)
-        for k in fold_order:
-            if width(table) <= out.width:
-                break
-            if k in main:
-                main.remove(k)
-                folded.append(k)
-                table = build(main, short=True, title=title)
-    out.print(table)
-    if folded:
-        out.print(build(["policy", *reversed(folded)], short=True))
 
 
 def _budgets(settings: Settings, budget: float | None, tenant_budget: list[str] | None,
@@ -186,7 +118,7 @@ def bench(trace: Path = typer.Argument(..., help="a JSONL trace"),
         doc = _bench(tr.requests, tr.name, policies, variants, out, seed, cat, settings)
     except SmartbatchError as exc:
         _fail(exc)
-    _print_table(doc)
+    print_table(doc)
     console.print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'plot.png'}")
 
 
@@ -259,7 +191,7 @@ def run(trace: Path = typer.Argument(..., help="a JSONL trace"),
         if dry_run:
             from engine.app.live import dry_run as plan
 
-            _print_plan(plan(tr.requests, policy=spec.policy, params=spec.params, catalog=cat, settings=settings,
+            print_plan(plan(tr.requests, policy=spec.policy, params=spec.params, catalog=cat, settings=settings,
                              seed=seed))
             return
         _check_outputs(dirs={"--out": out})
@@ -271,8 +203,8 @@ def run(trace: Path = typer.Argument(..., help="a JSONL trace"),
         paths = write_outputs(doc, out)
     except SmartbatchError as exc:
         _fail(exc)
-    _print_table(doc)
-    _print_providers(doc)
+    print_table(doc)
+    print_providers(doc)
     console.print(f"wrote {paths['json']}, {paths['markdown']}, {paths['plot']}")
 
 
@@ -290,35 +222,6 @@ def _keep_interrupted(stop, out: Path) -> NoReturn:
                       f"${spend:.4f}); their results are in {path}. The others were not answered, and a provider "
                       "batch already submitted for them may still finish and be billed", style="yellow")
     raise typer.Exit(130)
-
-
-def _print_plan(plan: dict) -> None:
-    t = Table(title=f"dry run: {plan['requests']:,} requests, nothing sent; estimated ${plan['cost_usd']:.4f} "
-                    f"(${plan['list_price_usd']:.4f} at list price)")
-    for col in ("provider", "calls", "requests", "sync", "batch API", "GPU batch", "reused", "est. $"):
-        t.add_column(col, justify="left" if col in ("provider", "calls") else "right", no_wrap=True)
-    for name, row in plan["providers"].items():
-        m = row["modes"]
-        t.add_row(name, row["calls"], str(row["requests"]), str(m.get("sync", 0)), str(m.get("batch_api", 0)),
-                  str(m.get("gpu_batch", 0)), str(m.get("reuse", 0)), f"{row['cost_usd']:.4f}")
-    console.print(t)
-    for name, sample in plan["samples"].items():
-        console.print(f"[bold]{name}[/] {sample['route']} at {sample['base_url']}:")
-        console.print_json(data=sample["body"])
-
-
-def _print_providers(doc: dict) -> None:
-    rep = doc.get("engine_report") or {}
-    for name, p in (rep.get("providers") or {}).items():
-        if p.get("calls") == "http":
-            console.print(f"{name}: real calls over HTTP; batches cancelled at their hedge: "
-                          f"{p.get('batches_cancelled', 0)}, finished members kept from them: "
-                          f"{p.get('members_saved_by_cancel', 0)}" + (f"; calls with no answer, maybe billed: {n} "
-                          f"(${p['possibly_billed_usd']:.6f} kept on budgets)" if (n := p.get("possibly_billed")) else ""))
-    for r in doc.get("samples", []):
-        how = "over HTTP" if r.get("real") else "simulated"
-        console.print(Text(f"  {r['id']} ({r['provider']}/{r['model']}, {r['mode']}, {how}, ${r['cost_usd']:.6f}): "
-                           f"{r['output']}"))
 
 
 @app.command()
@@ -370,11 +273,11 @@ def demo(out: Path = typer.Option(Path("out/demo"), "--out", help="where results
         paths = write_outputs(doc, out)
     except SmartbatchError as exc:
         _fail(exc)
-    _print_table(doc)
+    print_table(doc)
     rep = doc["engine_report"]
     console.print(f"live engine: {rep['requests']:,} requests, spend ${rep['spend_usd']:.2f}, saving "
                   f"${rep['saving_usd']:.2f} against list prices, hits {rep['hits']}")
-    _print_providers(doc)
+    print_providers(doc)
     if bill is not None:
         http = {k for k, p in rep.get("providers", {}).items() if p.get("calls") == "http"}
         engine_real = sum(p["cost_usd"] for k, p in rep["by_provider"].items() if k in http)

@@ -9,7 +9,7 @@ import itertools
 import pytest
 from rich.console import Console
 
-import engine.app.cli as cli
+import engine.app.cli_report as cli_report
 from engine.app.bench import _plot, resolve_policies, run_bench
 from engine.core.tracegen import synth
 
@@ -23,8 +23,8 @@ def doc() -> dict:
 
 def _render(doc: dict, width: int, monkeypatch) -> list[str]:
     con = Console(width=width, record=True, file=io.StringIO())
-    monkeypatch.setattr(cli, "console", con)
-    cli._print_table(doc)
+    monkeypatch.setattr(cli_report, "console", con)
+    cli_report.print_table(doc)
     return con.export_text().splitlines()
 
 
