@@ -15,7 +15,7 @@ def print_table(doc: dict) -> None:
     """Print the results table on the CLI console. When the full table is wider than the console, headers
     shorten (a caption spells them out) and the columns that matter least move, in order, to a second table
     keyed by policy, so nothing wraps or is cut at 80 columns."""
-    out = console  # read at call time, so tests can patch engine.app.cli.console
+    out = console  # read at call time, so tests can patch engine.app.cli_report.console
     budgeted = bool(doc.get("budgets"))
     from engine.app.bench import usd_places
 
