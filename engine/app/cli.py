@@ -22,7 +22,7 @@ from engine.app.cli_common import (
     console,
     err_console,
 )
-from engine.app.cli_report import print_plan, print_providers, print_table
+from engine.app.cli_report import print_plan, print_providers, print_seed_table, print_table
 from engine.core.errors import SmartbatchError
 from engine.core.settings import Settings
 
@@ -71,6 +71,19 @@ def _budgets(settings: Settings, budget: float | None, tenant_budget: list[str] 
         raise ConfigError(f"--budget-duration {duration!r}: {why}") from None
 
 
+def _load(trace: Path, cat, settings: Settings, skip_invalid: bool):
+    """The trace, saying (in yellow) what was skipped and whether its arrivals were rebased."""
+    from engine.core.trace import load_trace
+
+    tr = load_trace(trace, catalog=cat, settings=settings, skip_invalid=skip_invalid)
+    if tr.skipped:
+        _warn_skipped(tr.skipped, "invalid line(s)", tr.problems)
+    if tr.rebased_s:
+        err_console.print(Text(f"arrivals rebased by {tr.rebased_s / 86400:,.0f} day(s) ({tr.rebased_s:,.0f} s), "
+                               "so the trace starts on its first day", style="yellow"))
+    return tr
+
+
 def _bench(requests, name: str, policies: str, variants: Path | None, out: Path, seed: int, cat,
            settings: Settings) -> dict:
     from engine.app.bench import load_variants, resolve_policies, run_bench, write_outputs
@@ -86,13 +99,32 @@ def _bench(requests, name: str, policies: str, variants: Path | None, out: Path,
     return doc
 
 
+def _bench_seeds(requests, name: str, policies: str, variants: Path | None, out: Path, seeds: list[int], jobs: int,
+                 cat, settings: Settings) -> dict:
+    from engine.app.bench import load_variants, resolve_policies
+    from engine.app.bench_seeds import run_seeds, write_seed_outputs
+
+    specs = resolve_policies(policies, load_variants(variants))
+    _check_outputs(dirs={"--out": out})
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=err_console, transient=True) as bar:
+        task = bar.add_task(f"bench {name}, {len(seeds)} seeds", total=len(seeds))
+        doc = run_seeds(requests, specs, seeds, trace_name=name, catalog=cat, settings=settings, jobs=jobs,
+                        on_progress=lambda seed: bar.update(task, advance=1, description=f"done: seed {seed}"))
+    write_seed_outputs(doc, out)
+    return doc
+
+
 @app.command()
 def bench(trace: Path = typer.Argument(..., help="a JSONL trace"),
           policies: str = typer.Option("naive,cache-only,fixed,batch-all,smart", help="comma-separated names "
                                        "(registered, module:Class, or variants from --variants)"),
           out: Path = typer.Option(Path("out/bench"), "--out", help="output directory"),
           variants: Path | None = typer.Option(None, help="YAML with variants: [{name, policy, params}]"),
-          seed: int = typer.Option(0, help="simulation seed"),
+          seed: int = typer.Option(0, help="simulation seed (the first one, with --seeds)"),
+          seeds: int = typer.Option(1, min=1, help="run every policy on this many seeds (SEED, SEED+1, ...) and "
+                                    "report means, standard errors and paired differences from the first policy"),
+          jobs: int = typer.Option(1, min=1, help="processes for --seeds (one per core at most helps)"),
           skip_invalid: bool = typer.Option(False, "--skip-invalid", help="skip and count invalid lines"),
           budget: float | None = typer.Option(None, min=0, help="hard budget over all spend, USD"),
           tenant_budget: list[str] | None = typer.Option(None, "--tenant-budget",
@@ -103,21 +135,23 @@ def bench(trace: Path = typer.Argument(..., help="a JSONL trace"),
                                                     "max_output_tokens cap: model_max (default, safe) or request "
                                                     "(output_tokens, when it is sent as max_tokens)"),
           catalog: Path | None = typer.Option(None, help="catalog YAML (default: packaged)")) -> None:
-    """Run policies on a trace in the simulator; write results.json, results.md and plot.png."""
-    from engine.core.trace import load_trace
-
+    """Run policies on a trace in the simulator; write results.json, results.md and plot.png (with --seeds:
+    results.json and results.md, the policies summarised over the seeds)."""
     try:
         settings, cat = _settings(catalog)
-        tr = load_trace(trace, catalog=cat, settings=settings, skip_invalid=skip_invalid)
+        tr = _load(trace, cat, settings, skip_invalid)
         settings = _budgets(settings, budget, tenant_budget, budget_duration, tr.requests, reserve_output)
-        if tr.skipped:
-            _warn_skipped(tr.skipped, "invalid line(s)", tr.problems)
-        if tr.rebased_s:
-            err_console.print(Text(f"arrivals rebased by {tr.rebased_s / 86400:,.0f} day(s) ({tr.rebased_s:,.0f} s), "
-                                   "so the trace starts on its first day", style="yellow"))
-        doc = _bench(tr.requests, tr.name, policies, variants, out, seed, cat, settings)
+        if seeds > 1:
+            doc = _bench_seeds(tr.requests, tr.name, policies, variants, out, list(range(seed, seed + seeds)), jobs,
+                               cat, settings)
+        else:
+            doc = _bench(tr.requests, tr.name, policies, variants, out, seed, cat, settings)
     except SmartbatchError as exc:
         _fail(exc)
+    if seeds > 1:
+        print_seed_table(doc)
+        console.print(f"wrote {out / 'results.json'}, {out / 'results.md'}")
+        return
     print_table(doc)
     console.print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'plot.png'}")
 
@@ -177,7 +211,6 @@ def run(trace: Path = typer.Argument(..., help="a JSONL trace"),
     from engine.app.bench import load_variants, resolve_policies, write_outputs
     from engine.app.live import Interrupted
     from engine.core.errors import ConfigError
-    from engine.core.trace import load_trace
 
     try:
         specs = resolve_policies(policy, load_variants(variants))
@@ -186,7 +219,7 @@ def run(trace: Path = typer.Argument(..., help="a JSONL trace"),
         (spec,) = specs
         settings, cat = _settings(catalog, catalog_overlay)
         settings = _providers(settings, providers, base_url)
-        tr = load_trace(trace, catalog=cat, settings=settings, skip_invalid=skip_invalid)
+        tr = _load(trace, cat, settings, skip_invalid)
         settings = _budgets(settings, budget, tenant_budget, budget_duration, tr.requests)
         if dry_run:
             from engine.app.live import dry_run as plan

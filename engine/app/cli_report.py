@@ -8,7 +8,7 @@ from rich.text import Text
 
 from engine.app.cli_common import console
 
-__all__ = ["print_plan", "print_providers", "print_table"]
+__all__ = ["print_plan", "print_providers", "print_seed_table", "print_table"]
 
 
 def print_table(doc: dict) -> None:
@@ -78,6 +78,22 @@ def print_table(doc: dict) -> None:
     out.print(table)
     if folded:
         out.print(build(["policy", *reversed(folded)], short=True))
+
+
+def print_seed_table(doc: dict) -> None:
+    """Print a ``bench --seeds`` summary: per policy, means over the seeds with their standard errors."""
+    from engine.app.bench_seeds import seed_cells
+
+    head, rows = seed_cells(doc)
+    seeds = doc["seeds"]
+    t = Table(title=f"{doc['trace']}: {doc['requests']:,} requests, seeds {seeds[0]}-{seeds[-1]}; mean lower bound "
+                    f"${doc['lower_bound_usd']:.2f}", caption="± standard error of the mean; the difference from "
+              f"{doc['reference']} is paired, seed by seed")
+    for col in head:
+        t.add_column(col, justify="left" if col == "policy" else "right")
+    for r in rows:
+        t.add_row(*r)
+    console.print(t)
 
 
 def print_plan(plan: dict) -> None:

@@ -44,6 +44,8 @@ def test_bench_refuses_a_bad_trace_and_skips_with_the_flag(tmp_path):
     assert r.exit_code == 0, r.output
     assert "skipped 1 invalid line" in r.output
     assert json.loads((tmp_path / "o" / "results.json").read_text())["requests"] == 1
+    r = runner.invoke(app, ["run", str(trace), "--dry-run", "--skip-invalid"])  # run says so too
+    assert r.exit_code == 0 and "skipped 1 invalid line" in r.output and "bad.jsonl:2" in r.output, r.output
 
 
 def test_skip_invalid_names_each_of_the_first_bad_lines_and_counts_the_rest_by_field(tmp_path):
@@ -258,6 +260,17 @@ def test_stop_at_an_address_where_nothing_listens_fails_at_once_naming_it():
         port = s.getsockname()[1]
     r = runner.invoke(app, ["stop", "--name", "nu", "--address", f"127.0.0.1:{port}"])
     assert r.exit_code != 0 and f"--address 127.0.0.1:{port}: no Ray cluster answers there" in r.output
+    # So do a driver's attach and start there (they waited minutes for Ray's retries), and no Ray is left started.
+    import ray
+
+    from engine import Engine
+    from engine.core.errors import ConfigError
+
+    for attach in (lambda: Engine.connect("nu", address=f"127.0.0.1:{port}"),
+                   lambda: Engine.start(address=f"ray://127.0.0.1:{port}")):
+        with pytest.raises(ConfigError, match=f"127.0.0.1:{port}: no Ray cluster answers there"):
+            attach()
+    assert not ray.is_initialized()
 
 
 def test_a_bad_budget_duration_is_one_line_with_the_fix(tmp_path):
