@@ -55,7 +55,7 @@ class SmartParams(PolicyParams):
     batch_gather_s: float = Field(default=4 * 3600.0, ge=0, description="longest wait to gather a batch-API batch")
     chain_cache: bool = Field(default=True, description="where the prompt cache stacks with the batch API, "
                               "flush at least every median turnaround + cache TTL (docs/policies.md)")
-    gather_p_loss: float = Field(default=0.01, ge=0, le=1,
+    gather_p_loss: float = Field(default=0.03, ge=0, le=1,
                                  description="gather only while P(batch done before hedge) drops by at most this")
     hedge_margin_s: float = Field(default=15.0, ge=0, description="spare seconds after the sync fallback")
     min_on_time_p: float = Field(default=0.02, ge=0, le=1,

@@ -10,7 +10,16 @@ import sys
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import ray  # noqa: E402
-from _parity import MIN_GAP_S, SPEEDUP, closest_call, coverage, differences, parity_catalog, wave_trace  # noqa: E402
+from _parity import (  # noqa: E402
+    MIN_GAP_S,
+    PARITY_POLICY,
+    SPEEDUP,
+    closest_call,
+    coverage,
+    differences,
+    parity_catalog,
+    wave_trace,
+)
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from engine import Engine  # noqa: E402
@@ -39,12 +48,13 @@ def main() -> None:
         ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
         reqs = wave_trace(**CLUSTER_TRACE)
         cat = parity_catalog()
-        sim = simulate(reqs, load_policy("smart", cat), catalog=cat)
+        sim = simulate(reqs, load_policy("smart", cat, PARITY_POLICY), catalog=cat)
         modes, hits, hedged = coverage(sim)
         # Every lane, every kind of reuse and a hedged batch; decisions clear of arrivals by MIN_GAP_S.
         premise = bool(all(modes.get(m) for m in MODES) and all(hits.get(h) for h in (1, 2, 3)) and hedged > 0
                        and closest_call(sim) >= MIN_GAP_S)
-        with Engine.start(catalog=cat, speedup=CLUSTER_SPEEDUP, num_shards=shards, metrics_port=None) as eng:
+        with Engine.start(catalog=cat, policy_params=PARITY_POLICY, speedup=CLUSTER_SPEEDUP, num_shards=shards,
+                          metrics_port=None) as eng:
             live = {r.id: r for r in (f.result(timeout=300) for f in eng.replay(reqs))}
             where = lambda h: ray.get(h.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))  # noqa: E731
             placed = {name: where(h) for name, h in eng._h["dispatchers"].items()}
