@@ -3,6 +3,7 @@ result, and the loop that pulls this driver's results from every hub shard (a mi
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -20,6 +21,18 @@ CHECK_EVERY_S = 0.05  # how often the check loop collects returned ingest calls 
 
 class Pulling:
     """Needs ``_ray``, ``_h``, ``_client``, ``_lock``, ``_futs``, ``_forgetting``, ``_running`` and the ``Supervised`` methods."""
+
+    def drain(self, timeout_s: float | None = None) -> int:
+        """Wait until every request this driver has submitted so far has its result, or ``timeout_s`` passes;
+        returns how many are still open (0: all done). ``stop()``, and so leaving a ``with`` block, fails what is
+        still open, as ``concurrent.futures`` cancels nothing it has started but an engine may hold a request
+        for a batch for hours: call this first to wait instead. The engine keeps taking requests meanwhile."""
+        with self._lock:
+            open_ = [f for f in self._futs.values() if not f.done()]
+        if not open_:
+            return 0
+        self._flush()  # what the flush thread has not sent yet leaves now, not after its next wake-up
+        return len(concurrent.futures.wait(open_, timeout=timeout_s).not_done)
 
     def _by_ingest(self, reqs: Sequence[Request]) -> list[tuple[Any, list[Request]]]:
         """(ingest shard, its share of ``reqs``) for each shard that owns any: by compatibility class, as the

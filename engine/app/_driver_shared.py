@@ -14,22 +14,39 @@ from typing import Any
 
 from engine.core.errors import ConfigError
 
-__all__ = ["SharedEngine", "stale_engine"]
+__all__ = ["SharedEngine", "check_answers", "init_ray", "stale_engine"]
 
 log = logging.getLogger("smartbatch")
 
 
-def _init_ray(address: str) -> bool:
-    """Attach to the Ray cluster at ``address`` unless this process already is; True if this call attached."""
+def check_answers(address: str, flag: str = "address", timeout_s: float = 3.0) -> None:
+    """Refuse at once a ``host:port`` where nothing listens: Ray would retry it for minutes, deaf to SIGTERM (the
+    address of a serve that has exited since, or a typo). ``flag``: how the message names the setting."""
+    import socket
+
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto", "local": Ray resolves these itself, and says so when nothing runs
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConfigError(f"{flag} {address}: no Ray cluster answers there ({exc}); give the address that "
+                          "smartbatch serve printed while it runs, or start Ray with `ray start --head`") from None
+
+
+def init_ray(address: str) -> bool:
+    """Attach to the Ray cluster at ``address`` (``local``: start one) unless this process already is; True if
+    this call did."""
     import ray
 
     if ray.is_initialized():
         return False
+    check_answers(address)
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
     except ConnectionError as exc:
-        raise ConfigError(f"address={address!r}: no Ray cluster answers there ({exc}); give the address that "
-                          "`smartbatch serve` printed, or start Ray with `ray start --head`") from None
+        raise ConfigError(f"address {address}: no Ray cluster answers there ({exc}); give the address that "
+                          "smartbatch serve printed, or start Ray with `ray start --head`") from None
     return True
 
 
@@ -83,7 +100,7 @@ class SharedEngine:
         from actors._peer import running_engines
         from actors.remote import attach_actors
 
-        started = _init_ray(_where(name, address))
+        started = init_ray(_where(name, address))
         got = attach_actors(name)
         if got is None or got[0]["clock"] is None:
             others = running_engines()
@@ -117,7 +134,7 @@ class SharedEngine:
         from actors._peer import read_layout, running_engines
         from actors.remote import kill_engine
 
-        started = _init_ray(_where(name, address))
+        started = init_ray(_where(name, address))
         try:
             if read_layout(name) is None:
                 raise ConfigError(f"no engine named {name!r} runs on this Ray cluster (running: "
@@ -132,7 +149,7 @@ class SharedEngine:
         """The names of the engines running on the Ray cluster at ``address``."""
         from actors._peer import running_engines
 
-        _init_ray(address)
+        init_ray(address)
         return running_engines()
 
     @property

@@ -243,6 +243,8 @@ class Supervised:
     def _fail_open(self, error: str) -> None:
         with self._lock:
             ids = [k for k, f in self._futs.items() if not f.done()]
+        if ids:  # in the user's log too, not only in each result: a stop may end work they meant to wait for
+            log.warning("%d open request(s) failed: %s", len(ids), error)
         self._fail_ids(ids, error)
 
     def _check_ingest(self) -> None:

@@ -19,6 +19,7 @@ from urllib.parse import quote
 
 import typer
 
+from engine.app._driver_shared import check_answers, init_ray
 from engine.app.cli_common import _fail, _providers, _settings, app, console, err_console
 from engine.core.errors import ConfigError, SmartbatchError
 
@@ -245,9 +246,7 @@ def serve(name: str = typer.Option("smartbatch", "--name", help="the engine's na
 
         settings, cat = _settings(catalog)
         settings = _providers(settings, providers, base_url)
-        if not ray.is_initialized():
-            ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
-                     configure_logging=False)
+        init_ray(address or "local")
         # Ray Serve logs its own start and stop at INFO on this terminal, one line of which ("New http_options ...
         # will not be applied") reads as a problem when there is none; its warnings still show. Its logger is
         # configured when ray.serve is first imported, so after that.
@@ -340,21 +339,6 @@ def _watch_layout(name: str, done: threading.Event, every_s: float = 1.0) -> Non
             done.set()
 
 
-def _check_gcs_answers(address: str, timeout_s: float = 3.0) -> None:
-    """Refuse at once an ``--address`` where nothing listens: Ray would retry it for minutes, deaf to SIGTERM
-    (the ``stop:`` line of a serve that has exited since, or a typo)."""
-    import socket
-
-    host, sep, port = address.rpartition(":")
-    if address == "auto" or not sep or not port.isdigit():
-        return  # Ray resolves these itself, and says so when nothing runs
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
-    except OSError as exc:
-        raise ConfigError(f"--address {address}: no Ray cluster answers there ({exc}); give the address that "
-                          "smartbatch serve printed while it runs, or leave --address out for the local one") from None
-
-
 @app.command()
 def stop(name: str = typer.Option(..., "--name", help="the engine to stop, as `smartbatch serve --name` named it"),
          address: str = typer.Option("auto", help="the Ray cluster it runs on (what `smartbatch serve` printed)")
@@ -363,7 +347,7 @@ def stop(name: str = typer.Option(..., "--name", help="the engine to stop, as `s
     from engine.app.driver import Engine
 
     try:
-        _check_gcs_answers(address)
+        check_answers(address, "--address")
         n = Engine.stop_named(name, address=address)
     except SmartbatchError as exc:
         _fail(exc)

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from engine.app._driver_async import AsyncSubmit
 from engine.app._driver_lanes import IngestLanes
 from engine.app._driver_pull import Pulling
-from engine.app._driver_shared import SharedEngine, stale_engine
+from engine.app._driver_shared import SharedEngine, init_ray, stale_engine
 from engine.app._future import ResultFuture
 from engine.app._supervise import Supervised, port_of
 from engine.app.provider_setup import http_setup
@@ -145,11 +145,7 @@ class Engine(AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervised):
                               f"retention_s >= 0; got max_pending={max_pending}, overload={overload!r}, "
                               f"submit_timeout_s={submit_timeout_s}, retention_s={retention_s}")
         pol = load_policy(policy, catalog, policy_params)  # fails fast on a bad name or parameter
-        started = False
-        if not ray.is_initialized():
-            ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
-                     configure_logging=False)
-            started = True
+        started = init_ray(address or "local")
         from actors._peer import read_layout
 
         if name is not None and read_layout(name) is not None and not stale_engine(name):
@@ -213,7 +209,7 @@ class Engine(AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervised):
         try:
             self._flush()
             self._lanes_turn(force=True)  # what waits for a call to return leaves now: the flush thread has stopped
-            self._fail_open("engine stopped before the request finished" if self._owner else
+            self._fail_open("engine stopped before the request finished (drain() first waits)" if self._owner else
                             f"this driver left engine {self.name!r} before the request finished; it still runs there: "
                             "submit the same tenant and id (from any driver) for its result")
             with self._room:

@@ -125,7 +125,7 @@ def _check_params(params: dict, kind: str, model: str) -> None:
     for key, value in params.items():
         if key not in known:
             if not known:
-                raise FieldProblem(f"params.{key}", f"a {kind} request takes no params; provider fields such as "
+                raise FieldProblem(f"params.{key}", f"{kind} requests take no params; provider fields such as "
                                    f"{key!r} go in 'body' (or at the top level of the line)")
             raise FieldProblem(f"params.{key}", f"{model!r} ({kind}) has no parameter {key!r}; the known ones "
                                f"are {list(known)}")
@@ -295,7 +295,7 @@ class Request(BaseModel):
             raise FieldProblem("kind", f"kind {kind!r} does not match model {model!r}, which generates {spec.kind!r}")
         prompt = d.get("prompt", "")
         if spec.kind != "text" and (not isinstance(prompt, str) or not prompt.strip()):
-            raise FieldProblem("prompt", f"a {spec.kind} request needs a non-empty 'prompt'")
+            raise FieldProblem("prompt", f"{spec.kind} requests need a non-empty 'prompt'")
         if d.get("input_tokens") is None:
             # A turn of only tool outputs (an agent's loop) has no text, and is one: even of empty outputs. So
             # is a message of only an image: it is sent, and billed by the image rule.

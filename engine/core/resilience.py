@@ -120,5 +120,5 @@ def check_fallbacks(catalog: Catalog, res: Resilience) -> None:
             except CatalogError as exc:
                 raise ConfigError(f"resilience.fallbacks {a!r} -> {b!r}: {exc}") from None
         if specs[0].kind != specs[1].kind:
-            raise ConfigError(f"resilience.fallbacks {a!r} -> {b!r}: a {specs[0].kind} model cannot fall back to "
-                              f"a {specs[1].kind} model; map it to one of the same kind")
+            raise ConfigError(f"resilience.fallbacks {a!r} -> {b!r}: {specs[0].kind} models cannot fall back to "
+                              f"{specs[1].kind} models; map it to one of the same kind")

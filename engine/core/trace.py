@@ -124,7 +124,7 @@ def parse_trace_lines(lines: Iterable[str] | Iterable[tuple[int, str]], *, sourc
         if not line.strip():
             continue
         try:
-            raw = json.loads(line)
+            raw = json.loads(line.rstrip("\r\n"))  # a cut-off line errs at its own end, not at column 1 of the next
         except json.JSONDecodeError as exc:
             problems.append((source, no, "line", f"not valid JSON ({exc.msg} at column {exc.colno})"))
             continue

@@ -1,6 +1,7 @@
 """The live engine on a local Ray: end to end, budget refusals (exact parity with the simulator: test_parity.py)."""
 
 import gc
+import logging
 
 import pytest
 import ray
@@ -75,6 +76,11 @@ class TestOnOneQuietEngine:
         assert [r.id for r in got_early] == [r.id for r in reqs] == [r.id for r in got_late]
         assert got_early == results == got_late
         assert futs[0].object_ref() is late[0]  # one ref per future
+
+    def test_drain_waits_until_every_request_submitted_has_its_result(self, quiet_engine):
+        futs = quiet_engine.submit_many(short_trace(30, seed=12, span_s=5, max_deadline_s=600))  # some batched
+        assert quiet_engine.drain(timeout_s=120) == 0 and all(f.done() for f in futs)
+        assert not any("stopped" in (f.result().error or "") for f in futs)
 
     def test_bad_input_is_refused_with_the_field(self, quiet_engine):
         # At speed-up 500, not 1: the valid request's sync call took ~3 s of real time (speed-up 1 is covered
@@ -177,6 +183,22 @@ def test_a_dead_actor_fails_open_futures_instead_of_hanging(ray_session):
     failed = [r for r in results if r.status == "failed"]
     assert failed and all("grouper-0" in r.error for r in failed)
     assert all(r.status in ("failed", "ok", "reused") for r in results)
+
+
+def test_a_stop_fails_the_open_requests_aloud_and_drain_counts_them(ray_session, caplog):
+    """``drain()`` returns how many requests are still open when it stops waiting; ``stop()`` (leaving a ``with``
+    block) fails what is open, says so in the log and tells each result how to wait instead."""
+    reqs = short_trace(30, seed=11, span_s=5, max_deadline_s=3600)
+    with Engine.start(speedup=1.0, metrics_port=None) as eng:  # real time: batch lanes hold for minutes
+        futs = eng.submit_many(reqs)
+        before = sum(not f.done() for f in futs)
+        n = eng.drain(timeout_s=0.5)
+        after = sum(not f.done() for f in futs)
+        assert after <= n <= before and after > 0  # futures only ever finish; some wait for a batch
+        caplog.set_level(logging.WARNING, logger="smartbatch")
+    failed = [f.result(timeout=0) for f in futs if f.result(timeout=0).status == "failed"]
+    assert len(failed) >= after and all("drain() first waits" in r.error for r in failed)
+    assert any(f"{len(failed)} open request(s) failed" in m for m in caplog.messages)
 
 
 def test_identical_concurrent_submits_make_one_provider_call(ray_session):

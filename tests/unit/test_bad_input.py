@@ -589,3 +589,16 @@ def test_top_level_media_fields_are_the_requests_parameters():
         media(size=512)
     with pytest.raises(ValueError, match="params.size '512x512' differs from size '1024x1024'"):
         media(size="1024x1024", params={"size": "512x512"})
+
+
+def test_a_cut_off_json_line_is_reported_at_its_own_line_and_column_and_its_neighbours_load():
+    from engine.core.trace import parse_trace_lines
+
+    good = '{"id": "a", "arrival_s": 0, "model": "gpt-5", "input_tokens": 5}\n'
+    cut = '{"id":"bad-4", "arrival_s": 73,\n'
+    problems = []
+    tr = parse_trace_lines([good, cut, good.replace('"a"', '"b"')], source="t.jsonl", skip_invalid=True,
+                           problems=problems)
+    assert [r.id for r in tr.requests] == ["a", "b"]
+    assert problems == [("t.jsonl", 2, "line", "not valid JSON (Expecting property name enclosed in double quotes "
+                                               f"at column {len(cut.rstrip()) + 1})")]
