@@ -78,7 +78,9 @@ class TestOnOneQuietEngine:
         assert futs[0].object_ref() is late[0]  # one ref per future
 
     def test_drain_waits_until_every_request_submitted_has_its_result(self, quiet_engine):
-        futs = quiet_engine.submit_many(short_trace(30, seed=12, span_s=5, max_deadline_s=600))  # some batched
+        reqs = [r.model_copy(update={"id": f"drain-{r.id}"}) for r in short_trace(30, seed=12, span_s=5,
+                                                                                   max_deadline_s=600)]
+        futs = quiet_engine.submit_many(reqs)  # some wait for a batch
         assert quiet_engine.drain(timeout_s=120) == 0 and all(f.done() for f in futs)
         assert not any("stopped" in (f.result().error or "") for f in futs)
 

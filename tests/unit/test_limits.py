@@ -134,7 +134,7 @@ def test_fallbacks_are_checked_against_the_catalog():
     with pytest.raises(ValueError, match="provider/model"):
         Resilience(fallbacks={"gpt-5": "anthropic/claude-haiku-4-5"})
     bad = Settings(resilience=Resilience(fallbacks={"openai/gpt-5": "openai/gpt-image-1"}))
-    with pytest.raises(ConfigError, match="cannot fall back to a image model"):
+    with pytest.raises(ConfigError, match="text models cannot fall back to image models"):
         simulate([], load_policy("naive", default_catalog()), settings=bad)
 
 

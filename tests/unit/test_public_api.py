@@ -7,8 +7,9 @@ import policies
 
 def test_engine_public_surface_is_pinned():
     assert sorted(engine.__all__) == sorted([
-        "BudgetSettings", "BudgetSpec", "Catalog", "CatalogError", "ConfigError", "Engine", "LowerBound", "PolicyError", "Price", "ProviderError",
-        "RegistryError", "Request", "Result", "ResultFuture", "Settings", "SimResult", "SmartbatchError", "Trace", "TraceError",
+        "BudgetSettings", "BudgetSpec", "Catalog", "CatalogError", "ConfigError", "Engine", "EngineStopped", "LowerBound",
+        "Overloaded", "PolicyError", "Price", "ProviderError", "RegistryError", "Request", "RequestError", "Result",
+        "ResultFuture", "Settings", "SimResult", "SmartbatchError", "Trace", "TraceError",
         "compat_key", "default_catalog", "featurize", "fingerprint", "load_catalog", "load_trace",
         "lower_bound", "price_alone", "price_batch", "simulate", "with_budget", "write_trace",
     ])

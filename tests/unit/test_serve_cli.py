@@ -190,7 +190,7 @@ def test_stop_without_address_finds_the_serve_of_that_name_on_this_machine(monke
     def init(address):
         asked.append(address)
         raise ConfigError("stop here")
-    monkeypatch.setattr(shared, "_init_ray", init)
+    monkeypatch.setattr(shared, "init_ray", init)
     claim = NameClaim("prod")
     try:
         claim.publish(address="10.0.0.5:6379")
