@@ -55,8 +55,12 @@ class SmartParams(PolicyParams):
     batch_gather_s: float = Field(default=4 * 3600.0, ge=0, description="longest wait to gather a batch-API batch")
     chain_cache: bool = Field(default=True, description="where the prompt cache stacks with the batch API, "
                               "flush at least every median turnaround + cache TTL (docs/policies.md)")
-    gather_p_loss: float = Field(default=0.03, ge=0, le=1,
+    gather_p_loss: float = Field(default=0.01, ge=0, le=1,
                                  description="gather only while P(batch done before hedge) drops by at most this")
+    shared_gather_p_loss: float = Field(default=0.03, ge=0, le=1, description=(
+        "gather_p_loss of a group in the shared band (members with a prefix the provider's cache also serves in "
+        "batches, and time to the earliest deadline past the band cap): a longer gather puts more turns of a "
+        "conversation in one batch, where they read one prefix write (docs/policies.md)"))
     hedge_margin_s: float = Field(default=15.0, ge=0, description="spare seconds after the sync fallback")
     min_on_time_p: float = Field(default=0.02, ge=0, le=1,
                                  description="try the batch API only when P(done before hedge) >= this")
@@ -170,11 +174,16 @@ class Smart(Policy):
                 # conversation (priorities drawn per turn) meet in one batch, where they share a prefix write.
                 band_s = req.deadline_s
                 if self._shares_prefix(req, provider, spec):
-                    band_s = min(band_s, self._band_cap[provider.name] if provider is self.catalog.providers.get(
-                        provider.name) else provider.batch_api.turnaround_quantile(self.params.band_p))
+                    band_s = min(band_s, self._band_cap_of(provider))
                 bucket = int(math.log2(max(band_s, 1.0)))
                 return ("batch", compat, bucket)
         return ("sync", req.id)
+
+    def _band_cap_of(self, provider) -> float:
+        """The shared band's deadline cap (``band_p``) at ``provider``'s turnaround: the catalog's, or a learned one."""
+        if provider is self.catalog.providers.get(provider.name):
+            return self._band_cap[provider.name]
+        return provider.batch_api.turnaround_quantile(self.params.band_p)
 
     def _shares_prefix(self, req: Request, provider, spec) -> bool:
         """Whether ``req`` carries a prompt prefix long enough for the provider's cache, where that cache also
@@ -230,15 +239,21 @@ class Smart(Policy):
 
     def _gather_budget(self, group: Group, c: TextConsts) -> float:
         """Seconds a batch may gather after its oldest arrival: the longest wait that lowers the chance of
-        finishing before the hedge by at most ``gather_p_loss`` (so long deadlines gather long, large batches
-        that share cached prefixes, and short ones go almost at once). Closed form through the turnaround
-        quantile: wait ``g`` such that ``usable - g`` is the quantile of ``cdf(usable) - gather_p_loss``."""
+        finishing before the hedge by at most ``gather_p_loss`` (``shared_gather_p_loss`` in the shared band), so
+        long deadlines gather long, large batches that share cached prefixes, and short ones go almost at once.
+        Closed form: wait ``g`` such that ``usable - g`` is the turnaround quantile of ``cdf(usable) - loss``."""
         ba = group.provider.batch_api
         usable = (group.earliest_deadline_at - group.oldest_arrival_s
                   - self._hedge_lead(c, group.max_output_tokens, len(group)))
         if usable <= 0:
             return 0.0
-        target = ba.turnaround_cdf(usable) - self.params.gather_p_loss
+        loss = self.params.gather_p_loss
+        if (group.earliest_deadline_at - group.oldest_arrival_s >= self._band_cap_of(group.provider)
+                and self._shares_prefix(group.members[0], group.provider, group.spec)):
+            # The shared band: a longer gather takes in more follow-ups (a median 2 minutes after their turn on
+            # Mooncake), which read the prefix one member writes.
+            loss = self.params.shared_gather_p_loss
+        target = ba.turnaround_cdf(usable) - loss
         g = usable - ba.turnaround_quantile(target) if target > 0 else usable - ba.turnaround_min_s
         cap = self.params.batch_gather_s
         pc = group.provider.prompt_cache

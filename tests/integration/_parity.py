@@ -18,7 +18,7 @@ WAVE_S = 10.0
 TURNAROUND_SCALE = 0.3  # batch-API turnarounds of the parity catalog, as a share of the default catalog's
 # Smart's parameters the parity traces were searched under. Their premise (no decision within MIN_GAP_S of an
 # arrival) holds for these flush times, not for any default: a change of smart's defaults must not move them.
-PARITY_POLICY = {"gather_p_loss": 0.01}
+PARITY_POLICY = {"gather_p_loss": 0.01, "shared_gather_p_loss": 0.01}
 
 
 def parity_catalog():

@@ -197,6 +197,24 @@ def test_turns_with_a_cacheable_prefix_share_a_band_past_the_confident_deadline(
                                                                               0.0)
 
 
+def test_the_shared_band_gathers_longer_and_work_due_sooner_or_with_nothing_to_share_does_not():
+    """``shared_gather_p_loss`` (3 %) sets how long a group gathers when its members share a cacheable prefix and
+    its earliest deadline lies past the band cap: more of a conversation's turns then meet in one batch. Other
+    groups gather with ``gather_p_loss`` (1 %): prefix or not, due sooner than the cap, they go as before."""
+    def first_batch(deadline_s: float, prefix: bool, params: dict | None = None) -> float:
+        # Each its own prefix (no request finds another's warm, which would send it at once): the band's rule alone.
+        reqs = [req(i, deadline_s, arrival_s=float(i), input_tokens=5000, output_tokens=200,
+                    prefix_blocks=[100 * i + k for k in range(8)] if prefix else []) for i in range(40)]
+        res = simulate(reqs, load_policy("smart", CAT, params or {}))
+        return min(b.t for b in res.batches if b.mode == "batch_api")
+
+    cap = CAT.providers["openai"].batch_api.turnaround_quantile(load_policy("smart", CAT).params.band_p)
+    assert 1200.0 < cap < 3600.0
+    assert first_batch(3600.0, True) > first_batch(3600.0, False)
+    assert first_batch(3600.0, True, {"shared_gather_p_loss": 0.01}) == first_batch(3600.0, False)
+    assert first_batch(1200.0, True) == first_batch(1200.0, False)
+
+
 # -- GPU lanes: company to come, judged one horizon at a time ---------------------------------------------------
 
 def image(i: int, arrival_s: float, priority: str = "background", deadline_s: float = 86400.0) -> Request:
