@@ -25,8 +25,8 @@ class Pulling:
     def drain(self, timeout_s: float | None = None) -> int:
         """Wait until every request this driver has submitted so far has its result, or ``timeout_s`` passes;
         returns how many are still open (0: all done). ``stop()``, and so leaving a ``with`` block, fails what is
-        still open, as ``concurrent.futures`` cancels nothing it has started but an engine may hold a request
-        for a batch for hours: call this first to wait instead. The engine keeps taking requests meanwhile."""
+        still open rather than wait (a request may be held for a batch for hours): call this first to wait for
+        them. The engine keeps taking requests meanwhile."""
         with self._lock:
             open_ = [f for f in self._futs.values() if not f.done()]
         if not open_:

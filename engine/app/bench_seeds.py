@@ -1,9 +1,9 @@
 """``bench --seeds N``: the same policies over N simulation seeds, so that a comparison is not one draw's luck.
 
 A seed fixes the simulated world's draws: which calls fail, and how long a batch submitted in each 60-s slot
-takes. One seed's bill swings with them; on the Mooncake trace smart's ranges from $99 to $110 over 30 seeds,
-and a change of a policy parameter that saves $2 on average can cost $5 on one seed (docs/benchmarks.md,
-"Measured in stop 34"). Per policy this reports the mean and standard error of cost and capture, the fewest
+takes. One seed's bill swings with them: on the Mooncake trace smart's ranged from $99 to $110 over 30 seeds in
+stop 33, and one seed was one of the cheapest, so a change that saves $3.73 on average could pass for noise
+there (docs/benchmarks.md, "Measured in stop 34"). Per policy this reports the mean and standard error of cost and capture, the fewest
 deadlines met on any seed, and the mean paired difference from the reference policy (the first one listed):
 both runs of a seed share its draws, so the difference is the figure to judge a change by.
 """

@@ -84,34 +84,25 @@ def _load(trace: Path, cat, settings: Settings, skip_invalid: bool):
     return tr
 
 
-def _bench(requests, name: str, policies: str, variants: Path | None, out: Path, seed: int, cat,
+def _bench(requests, name: str, policies: str, variants: Path | None, out: Path, seeds: list[int], jobs: int, cat,
            settings: Settings) -> dict:
+    """One seed: ``run_bench`` and its results, table and plot; several: ``run_seeds`` and its summary."""
     from engine.app.bench import load_variants, resolve_policies, run_bench, write_outputs
-
-    specs = resolve_policies(policies, load_variants(variants))
-    _check_outputs(dirs={"--out": out})
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=err_console, transient=True) as bar:
-        task = bar.add_task(f"bench {name}", total=len(specs) + 1)
-        doc = run_bench(requests, specs, trace_name=name, catalog=cat, settings=settings, seed=seed,
-                        on_progress=lambda label: bar.update(task, advance=1, description=f"done: {label}"))
-    write_outputs(doc, out)
-    return doc
-
-
-def _bench_seeds(requests, name: str, policies: str, variants: Path | None, out: Path, seeds: list[int], jobs: int,
-                 cat, settings: Settings) -> dict:
-    from engine.app.bench import load_variants, resolve_policies
     from engine.app.bench_seeds import run_seeds, write_seed_outputs
 
     specs = resolve_policies(policies, load_variants(variants))
     _check_outputs(dirs={"--out": out})
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=err_console, transient=True) as bar:
-        task = bar.add_task(f"bench {name}, {len(seeds)} seeds", total=len(seeds))
-        doc = run_seeds(requests, specs, seeds, trace_name=name, catalog=cat, settings=settings, jobs=jobs,
-                        on_progress=lambda seed: bar.update(task, advance=1, description=f"done: seed {seed}"))
-    write_seed_outputs(doc, out)
+        if len(seeds) == 1:
+            task = bar.add_task(f"bench {name}", total=len(specs) + 1)
+            doc = run_bench(requests, specs, trace_name=name, catalog=cat, settings=settings, seed=seeds[0],
+                            on_progress=lambda label: bar.update(task, advance=1, description=f"done: {label}"))
+        else:
+            task = bar.add_task(f"bench {name}, {len(seeds)} seeds", total=len(seeds))
+            doc = run_seeds(requests, specs, seeds, trace_name=name, catalog=cat, settings=settings, jobs=jobs,
+                            on_progress=lambda seed: bar.update(task, advance=1, description=f"done: seed {seed}"))
+    (write_outputs if len(seeds) == 1 else write_seed_outputs)(doc, out)
     return doc
 
 
@@ -141,11 +132,8 @@ def bench(trace: Path = typer.Argument(..., help="a JSONL trace"),
         settings, cat = _settings(catalog)
         tr = _load(trace, cat, settings, skip_invalid)
         settings = _budgets(settings, budget, tenant_budget, budget_duration, tr.requests, reserve_output)
-        if seeds > 1:
-            doc = _bench_seeds(tr.requests, tr.name, policies, variants, out, list(range(seed, seed + seeds)), jobs,
-                               cat, settings)
-        else:
-            doc = _bench(tr.requests, tr.name, policies, variants, out, seed, cat, settings)
+        doc = _bench(tr.requests, tr.name, policies, variants, out, list(range(seed, seed + seeds)), jobs, cat,
+                     settings)
     except SmartbatchError as exc:
         _fail(exc)
     if seeds > 1:
@@ -281,7 +269,7 @@ def demo(out: Path = typer.Option(Path("out/demo"), "--out", help="where results
         reqs = [r.model_copy(update={"deadline_s": min(r.deadline_s, 3600.0)})
                 for r in synth(n, seed=seed, duration_s=600.0, catalog=cat, settings=settings)]
         name = f"synth-{n}-seed{seed}"
-        doc = _bench(reqs, name, "naive,cache-only,fixed,batch-all,smart", None, out, seed, cat, settings)
+        doc = _bench(reqs, name, "naive,cache-only,fixed,batch-all,smart", None, out, [seed], 1, cat, settings)
         emu = None
         on_start = None
         if providers == "http":
