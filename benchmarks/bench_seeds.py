@@ -18,12 +18,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _real import DATA, FILES, load_real  # noqa: E402
+
 from engine.app.bench import PolicySpec  # noqa: E402
 from engine.app.bench_seeds import run_seeds, seeds_markdown  # noqa: E402
-from engine.core.tracegen import from_azure, from_mooncake  # noqa: E402
-
-FILES = {"azure_conv": "azure_llm_2023_conv.csv", "azure_code": "azure_llm_2023_code.csv",
-         "mooncake": "mooncake_conversation_trace.jsonl"}
 
 
 def variant(text: str) -> PolicySpec:
@@ -44,10 +42,9 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--variant", action="append", default=[], help="smart with these parameters (repeatable)")
     ap.add_argument("--naive", action="store_true", help="list naive too")
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "real")
+    ap.add_argument("--data", type=Path, default=DATA)
     a = ap.parse_args()
-    path = a.data / FILES[a.trace]
-    reqs = from_mooncake(path) if a.trace == "mooncake" else from_azure(path)
+    reqs = load_real(a.trace, a.data)
     specs = [PolicySpec(name="smart", policy="smart"), *map(variant, a.variant)]
     if a.naive:
         specs.append(PolicySpec(name="naive", policy="naive"))

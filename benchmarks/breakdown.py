@@ -16,9 +16,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _real import DATA, FILES, load_real  # noqa: E402
+
 from engine.core.catalog import default_catalog  # noqa: E402
 from engine.core.cost import price_batch  # noqa: E402
-from engine.core.tracegen import from_azure, from_mooncake  # noqa: E402
 from engine.sim.lower_bound import lower_bound  # noqa: E402
 from engine.sim.simulator import MODES, simulate  # noqa: E402
 from policies import load_policy  # noqa: E402
@@ -26,14 +27,11 @@ from policies import load_policy  # noqa: E402
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("trace", choices=["azure_conv", "azure_code", "mooncake"])
+    ap.add_argument("trace", choices=sorted(FILES))
     ap.add_argument("--policy", default="smart")
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "real")
+    ap.add_argument("--data", type=Path, default=DATA)
     a = ap.parse_args()
-    files = {"azure_conv": "azure_llm_2023_conv.csv", "azure_code": "azure_llm_2023_code.csv",
-             "mooncake": "mooncake_conversation_trace.jsonl"}
-    path = a.data / files[a.trace]
-    reqs = from_mooncake(path) if a.trace == "mooncake" else from_azure(path)
+    reqs = load_real(a.trace, a.data)
     cat = default_catalog()
     res = simulate(reqs, load_policy(a.policy, cat))
     lb = lower_bound(reqs)

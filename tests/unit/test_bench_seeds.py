@@ -79,3 +79,20 @@ def test_bench_with_seeds_writes_the_summary_and_refuses_zero_seeds(tmp_path):
     assert "smart" in r.output and "±" in r.output
     r = runner.invoke(app, ["bench", str(trace), "--seeds", "0", "--out", str(out)])
     assert r.exit_code == 2 and "--seeds" in r.output
+
+
+def test_the_seeds_run_at_the_traces_time_of_day(trace, monkeypatch):
+    """A trace built from timestamps (``TraceRequests``) carries its time of day; each seed's run must see it,
+    though the requests are copied into a list for the worker processes."""
+    import engine.app.bench_seeds as bs
+    from engine.core.trace import TraceRequests, with_day_origin
+
+    seen = []
+    real = bs.run_bench
+
+    def spy(requests, specs, **kw):
+        seen.append(with_day_origin(kw["settings"], requests).sim.day_origin_s)
+        return real(requests, specs, **kw)
+    monkeypatch.setattr(bs, "run_bench", spy)
+    run_seeds(TraceRequests(trace, day_origin_s=86100.0), SPECS[:1], [0, 1], trace_name="t")
+    assert seen == [86100.0, 86100.0]
