@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from actors._batch_api import _short
@@ -15,8 +16,25 @@ class Recovery:
     """Recovery methods of ``Dispatcher``."""
 
     # -- recovery -----------------------------------------------------------------------------------------------
+    # A dispatcher Ray restarted knows nothing until it has read its journal. The driver asks it to (``rewire``)
+    # once it notices the restart, a health check later; work and questions can reach it before that (a grouper's
+    # dispatch, ingest's recall during a sweep), and answered from an empty memory they send members of its open
+    # batches again: billed twice. So a restarted one reads its journal first, whoever calls it first.
+    _must_recover = False
+    _recovery: asyncio.Future | None = None
+
+    def reconstructed(self) -> None:
+        """Ray restarted this actor (``actors.remote`` calls this after the constructor): it takes no work and
+        answers no ``holds``/``recall`` until it has re-read its journal (``recover``)."""
+        self._must_recover = True
+
+    async def _ready(self) -> None:
+        if self._must_recover:
+            await self.recover()
+
     async def holds(self, uids: list[str]) -> list[str]:
         """Of ``uids``, those this dispatcher is carrying out or has finished (nothing is sent again)."""
+        await self._ready()
         return [u for u in uids if u in self._known or u in self._done]
 
     async def forget(self, uids: list[str]) -> None:
@@ -44,11 +62,24 @@ class Recovery:
     async def recover(self) -> int:
         """After a restart: make again, under the same key and with the same body, the sync calls the journal
         says were under way, and re-attach to the batches it says were submitted, by their ids, following them
-        to their end (their members are never submitted again). Returns how many batches."""
+        to their end (their members are never submitted again). Returns how many batches: 0 when a recovery
+        already ran (one at a time; a call while one runs waits for it)."""
+        if self._recovery is not None:
+            await asyncio.shield(self._recovery)
+            return 0
+        fut = self._recovery = asyncio.get_running_loop().create_future()
+        try:
+            return await self._recover_journal()
+        finally:
+            self._must_recover = False
+            fut.set_result(None)
+
+    async def _recover_journal(self) -> int:
         try:
             records = await self.journal.items(self._space)
             bodies = await self.journal.items(self._sync_journal.space)
         except Exception as exc:
+            self._recovery = None  # the driver's rewire may try again
             log.error("dispatcher %s: journal unreadable after a restart (%s); batches it had submitted are "
                       "not followed and their members are sent again", self.name, _short(exc))
             return 0

@@ -143,6 +143,7 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
     async def run_many(self, batches: list[BatchJob], learners: bool = False) -> None:
         """``learners``: the sending grouper learns batch turnarounds, so from now on every grouper is told of
         the batches this dispatcher starts and ends (one message per grouper per flush that has any)."""
+        await self._ready()  # restarted by Ray: its journal first, or it sends its open batches' members again
         self._learners = self._learners or learners
         for b in batches:
             self.run(b)

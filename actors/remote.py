@@ -42,6 +42,8 @@ def _actor(cls):
     def __init__(self, *args, **kwargs):
         tune_actor()
         cls.__init__(self, *args, **kwargs)
+        if hasattr(cls, "reconstructed") and ray.get_runtime_context().was_current_actor_reconstructed:
+            self.reconstructed()  # e.g. a dispatcher reads its journal before it takes work
 
     async def warm(self):
         out = await cls.warm(self)

@@ -105,6 +105,45 @@ def test_a_restarted_dispatcher_follows_its_journaled_batch_and_never_resubmits_
     asyncio.run(go())
 
 
+def test_a_restarted_dispatcher_reads_its_journal_before_it_takes_work_or_answers_a_recall(settings):
+    """Ray restarts a dispatcher at once; the driver rewires it a health check later. A sweep's recall and a
+    grouper's dispatch of the same members (their deadline passed: sync) can reach it first. Answered from an
+    empty memory, they went sync while the batch ran on at the provider: both billed (seen in the chaos run)."""
+    async def go():
+        hub, clock, args = dispatcher_args(settings)
+        d1 = Dispatcher(*args)
+        jobs = [Job(i, req(i), f"fp{i}") for i in range(3)]
+        await d1.run_many([BatchJob("b1", "batch_api", None, False, "process_as_batch", "cheap", jobs)])
+        await until(lambda: d1._open and all(h is not None for *_, h, _ in d1._open.values()), "batch submitted")
+        for _ in range(500):
+            if await d1.journal.items(d1._space):
+                break
+            await asyncio.sleep(0.002)
+        await die(d1)
+
+        d2 = Dispatcher(*args)
+        d2.reconstructed()  # as actors.remote does for an actor Ray restarted
+        submitted = []
+        real_submit = d2.provider.submit_batch
+        d2.provider.submit_batch = lambda *a: submitted.append(a) or real_submit(*a)
+        uids = [j.req.uid for j in jobs]
+        again = [Job(j.seq, j.req, j.fp) for j in jobs]
+        held, _ = await asyncio.gather(
+            d2.recall(uids), d2.run_many([BatchJob("s1", "sync", None, False, "process_individually", "now", again)]))
+        assert sorted(held) == sorted(uids)
+        assert await d2.recover() == 0  # the driver's rewire, later: already done
+        assert d2.reattached == 1
+        for _ in range(50):
+            clock.advance(3600.0)
+            await asyncio.sleep(0.005)
+        got = await hub.pull(0.01)
+        assert sorted(r.id for r in got) == ["r0", "r1", "r2"]
+        assert {(r.mode, r.batch_id) for r in got} == {("batch_api", "b1")}  # none sent sync as well
+        assert submitted == []
+        await d2.journal.close()
+    asyncio.run(go())
+
+
 class HttpLike:
     """A provider that "calls over HTTP": the first dispatcher's call never returns (it dies mid-call), the
     second's answers. Bodies differ on every build, as a body that depends on cache warmth can."""
