@@ -138,8 +138,11 @@ class BatchApiRuns:
         return None
 
     async def _journal_put(self, key: str) -> None:
+        rec = self._open.get(key)
+        if rec is None:  # it ended meanwhile (``rejournal`` awaits between records): nothing left to journal
+            return
         try:
-            await self.journal.put(self._space, key, self._open[key])
+            await self.journal.put(self._space, key, rec)
         except Exception as exc:  # the batch still runs; only a restart of this dispatcher would lose track of it
             log.warning("dispatcher %s: could not journal batch %s: %s", self.name, key, _short(exc))
 

@@ -252,10 +252,19 @@ class ResultCache(NearIndex, Following, Warm):
         for u in uids:
             self._delivered.pop(u, None)
 
-    async def recall(self, uids: list[str]) -> list[str]:
+    async def recall(self, uids: list[str], detach: bool = False) -> list[str]:
         """Of ``uids`` (requests re-admitted after a restart), those this cache holds: following an identical
-        request in flight, or resolved here lately (their results are sent again). The rest must go on."""
+        request in flight, or resolved here lately (their results are sent again). The rest must go on.
+        ``detach`` (the driver's sweep, for requests open long past their deadline): those still following are
+        taken out instead, and go on to be generated themselves. Left following, the leader's result could
+        still reach them after their own call was billed: paid for a result nobody gets."""
         want = set(uids)
+        if detach:
+            taken = self.inflight.take(lambda f: f.req.uid in want)
+            if taken:
+                self.stats["detached"] = self.stats.get("detached", 0) + len(taken)
+                log.warning("cache: %d request(s) long past their deadline stop following, to be generated "
+                            "themselves: %s", len(taken), sorted(f.req.uid for f in taken)[:5])
         waiting = {f.req.uid for f in self.inflight.following() if f.req.uid in want}
         again = [self._delivered[u] for u in uids if u in self._delivered and u not in waiting]
         if again:

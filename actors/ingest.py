@@ -355,16 +355,18 @@ class Ingest(Warm):
                 if not fut.done():
                     fut.set_result([j for j in jobs if id(j) in missed])
 
-    async def _recall(self, peers: list, uids: list[str]) -> set[str]:
+    async def _recall(self, peers: list, uids: list[str], caches: list = (), detach: bool = False) -> set[str]:
+        """Who still holds ``uids``. An actor that cannot answer holds nothing: a restarting dispatcher reads its
+        journal before it takes work (``Recovery.reconstructed``), so what it carried is not sent twice."""
         known: set[str] = set()
 
-        async def ask(peer):
+        async def ask(peer, *more):
             try:
-                known.update(await peer.call("recall", uids))
-            except Exception as exc:  # that actor is gone too: it holds nothing
+                known.update(await peer.call("recall", uids, *more))
+            except Exception as exc:
                 log.warning("ingest: recall failed (%s: %s)", type(exc).__name__, exc)
 
-        await asyncio.gather(*(ask(p) for p in peers))
+        await asyncio.gather(*(ask(p) for p in peers), *(ask(c, detach) for c in caches))
         return known
 
     async def readmit(self, requests: list[Request], client: str | None = None, force: bool = False) -> int:
@@ -373,8 +375,9 @@ class Ingest(Warm):
         holds it: those carry it out, send its result again, or have it. The rest go straight to their groupers
         (no cache lookup: a request that is in fact still in flight somewhere must not be answered a second time
         from the cache), which keep one copy of each. ``force`` (the driver's sweep, for requests open long past
-        their deadline): the cache is not asked, so a request still following an identical one whose result
-        cannot reach it any more is generated itself; who still says it holds one is logged."""
+        their deadline): the cache lets go of those still following an identical request (whose result may
+        never reach them: the leader's end was lost with a restarted actor), and they are generated themselves;
+        who still says it holds one is logged."""
         requests = self._sort(requests, client)
         if client is not None and self.hubs and requests and self.shard[1] > 1:
             # Across ingest shards the hub checks that an id names one content, here too (a refusal a failed
@@ -386,8 +389,7 @@ class Ingest(Warm):
         if client is not None and self.hubs and uids and self.shard[1] == 1:
             self.hubs.send("claim", uid_shard, uids, lead=(client,))
         # The hub too: a result it holds but the driver had not pulled when it listed its unfinished requests.
-        peers = self._rememberers(caches=not force)
-        known = await self._recall(peers, uids)
+        known = await self._recall(self._rememberers(caches=False), uids, caches=list(self.caches), detach=force)
         if force and known:
             log.warning("ingest: %d request(s) open long past their deadline are still held by a dispatcher or "
                         "the hub: %s", len(known), sorted(known)[:5])

@@ -156,6 +156,21 @@ class InFlight(Generic[T]):
         self.drop(fp, uid)
         return self._orphaned.pop((fp, uid), [])
 
+    def take(self, pick: Callable[[T], bool]) -> list[T]:
+        """Take out every waiting request ``pick`` chooses, followers and orphans alike: no leader's result
+        resolves them now, nor the orphans' path; the runtime generates them itself."""
+        out: list[T] = []
+        for waiting in (self._followers, self._orphaned):
+            for k, fs in list(waiting.items()):
+                keep = [(w, h) for w, h in fs if not pick(w)]
+                if len(keep) < len(fs):
+                    out += [w for w, _ in fs if pick(w)]
+                    if keep:
+                        waiting[k] = keep
+                    else:
+                        del waiting[k]
+        return out
+
     def following(self) -> Iterator[T]:
         for fs in (*self._followers.values(), *self._orphaned.values()):
             for who, _ in fs:

@@ -373,3 +373,26 @@ def test_a_follower_resolved_by_a_completion_that_is_still_storing_is_held_for_r
     results = run(go())
     assert [r.id for r in results] == ["r1"]  # the follower was resolved by the completion
     assert held == [[follower.req.uid]]  # and held while the completion was still storing
+
+
+def test_a_sweeps_last_recall_lets_a_follower_go_so_the_leaders_result_never_reaches_it_too(tmp_path):
+    """The driver's sweep re-admits a request open long past its deadline with ``force``: it is generated itself.
+    If the cache kept it following, the leader's result could still reach it afterwards, and its own call
+    was billed for a result nobody gets (seen in the chaos run on a slow machine). ``detach`` takes it out."""
+    hub, cache = make_cache(tmp_path)
+    lead = job(0, "a lighthouse on a cliff at dawn", reuse="exact")
+    follower = job(1, lead.req.prompt, reuse="exact")
+    other = job(2, lead.req.prompt, reuse="exact")
+
+    async def go():
+        assert await cache.lookup([lead]) == [0]
+        assert await cache.lookup([follower, other]) == []  # both follow the leader
+        assert await cache.recall([follower.req.uid]) == [follower.req.uid]  # a plain recall: still held
+        assert await cache.recall([follower.req.uid], True) == []  # the sweep's last word: let go
+        assert await cache.recall([follower.req.uid]) == []
+        await cache.complete([ok(lead)])
+        return await hub.pull(0.01)
+
+    got = sorted(r.id for r in run(go()))
+    assert got == ["r2"]  # the follower still waiting gets it, not the one let go (the leader: its dispatcher)
+    assert cache.stats["detached"] == 1

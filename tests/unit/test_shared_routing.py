@@ -229,9 +229,15 @@ def test_a_result_sent_twice_in_one_push_is_counted_once():
 
 
 class Following:
-    """Stands in for a cache that still says every request follows an identical one in flight."""
+    """Stands in for a cache where every request follows an identical one in flight, until it is let go."""
 
-    async def recall(self, uids):
+    def __init__(self):
+        self.let_go: list[str] = []
+
+    async def recall(self, uids, detach=False):
+        if detach:
+            self.let_go += uids
+            return []
         return list(uids)
 
     async def lookup(self, jobs):
@@ -243,10 +249,12 @@ class Following:
 
 def test_the_sweeps_last_readmission_goes_past_a_cache_that_still_says_it_follows():
     async def go():
-        hub, g = ResultHub(), Groupers()
-        ing = Ingest([g], cache=Following(), hub=hub)
+        hub, g, cache = ResultHub(), Groupers(), Following()
+        ing = Ingest([g], cache=cache, hub=hub)
         assert await ing.readmit([req(1)], "A") == 0  # the cache says it follows: nothing sent
+        assert cache.let_go == []
         assert await ing.readmit([req(1)], "A", force=True) == 1  # the sweep's last word: generated itself
         await settle()
         assert [j.req.id for j in g.jobs] == ["r1"]
+        assert cache.let_go == [req(1).uid]  # and no longer following there
     run(go())
