@@ -356,8 +356,7 @@ class Ingest(Warm):
                     fut.set_result([j for j in jobs if id(j) in missed])
 
     async def _recall(self, peers: list, uids: list[str], caches: list = (), detach: bool = False) -> set[str]:
-        """Who still holds ``uids``. An actor that cannot answer holds nothing: a restarting dispatcher reads its
-        journal before it takes work (``Recovery.reconstructed``), so what it carried is not sent twice."""
+        """Who holds ``uids``. One that cannot answer holds nothing (a restarted dispatcher reads its journal first)."""
         known: set[str] = set()
 
         async def ask(peer, *more):

@@ -4,28 +4,24 @@ Floors (imports only go down): core (this package minus ``simulator``/``lower_bo
 ``policies`` -> runtimes (``engine.sim.simulator``, ``actors``) -> driver API and CLI.
 """
 
-from engine.core.budgets import BudgetSettings, BudgetSpec
-from engine.core.catalog import Catalog, default_catalog, load_catalog
-from engine.core.cost import Price, price_alone, price_batch
-from engine.core.errors import (
-    CatalogError,
-    ConfigError,
-    EngineStopped,
-    Overloaded,
-    PolicyError,
-    ProviderError,
-    RegistryError,
-    RequestError,
-    SmartbatchError,
-    TraceError,
-)
-from engine.core.features import compat_key, featurize, fingerprint
-from engine.core.request import Request
-from engine.core.result import Result
-from engine.core.settings import Settings, with_budget
-from engine.core.trace import Trace, load_trace, write_trace
-from engine.sim.lower_bound import LowerBound, lower_bound
-from engine.sim.simulator import SimResult, simulate
+# Where each public name lives. Imported on first use (PEP 562), so a process that needs only part of the
+# engine loads only that part: every engine actor imports ``engine.core`` modules, and loading the simulator,
+# the lower bound and the trace reader with them cost each actor's process about 0.17 s of CPU at start.
+_HOME = {
+    "BudgetSettings": "engine.core.budgets", "BudgetSpec": "engine.core.budgets",
+    "Catalog": "engine.core.catalog", "default_catalog": "engine.core.catalog", "load_catalog": "engine.core.catalog",
+    "Price": "engine.core.cost", "price_alone": "engine.core.cost", "price_batch": "engine.core.cost",
+    **dict.fromkeys(["CatalogError", "ConfigError", "EngineStopped", "Overloaded", "PolicyError", "ProviderError",
+                     "RegistryError", "RequestError", "SmartbatchError", "TraceError"], "engine.core.errors"),
+    "compat_key": "engine.core.features", "featurize": "engine.core.features", "fingerprint": "engine.core.features",
+    "Request": "engine.core.request", "Result": "engine.core.result",
+    "Settings": "engine.core.settings", "with_budget": "engine.core.settings",
+    "Trace": "engine.core.trace", "load_trace": "engine.core.trace", "write_trace": "engine.core.trace",
+    "LowerBound": "engine.sim.lower_bound", "lower_bound": "engine.sim.lower_bound",
+    "SimResult": "engine.sim.simulator", "simulate": "engine.sim.simulator",
+    # The driver starts Ray: importing it only when asked keeps the core free of Ray.
+    "Engine": "engine.app.driver", "ResultFuture": "engine.app.driver",
+}
 
 __all__ = [
     "BudgetSettings",
@@ -66,9 +62,15 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # The driver starts Ray; importing it lazily keeps `import engine` light and the core free of Ray.
-    if name in ("Engine", "ResultFuture"):
-        from engine.app import driver
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    import importlib
 
-        return getattr(driver, name)
-    raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value  # once: later lookups do not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
