@@ -13,6 +13,7 @@ import pytest
 
 from engine import Engine
 from engine.core.errors import EngineStopped, Overloaded, RequestError
+from tests.integration._catalogs import OPENAI_ONLY
 
 
 def fast(rid, **kw):
@@ -49,7 +50,7 @@ async def with_ticker(coro):
 
 @pytest.fixture(scope="module")
 def eng(ray_session):
-    with Engine.start(speedup=100, policy_params={"min_batch_saving_usd": 0.0}) as e:
+    with Engine.start(catalog=OPENAI_ONLY, speedup=100, policy_params={"min_batch_saving_usd": 0.0}) as e:
         yield e
 
 
@@ -139,7 +140,7 @@ def test_backpressure_waits_off_the_loop_and_stopped_engine_refuses(ray_session)
         second = await e.asubmit(fast("b2"))
         return await first, second, time.monotonic()
 
-    with Engine.start(speedup=100, max_pending=1, policy_params={"min_batch_saving_usd": 0.0}) as e:
+    with Engine.start(catalog=OPENAI_ONLY, speedup=100, max_pending=1, policy_params={"min_batch_saving_usd": 0.0}) as e:
         (first, second, _), ticker = asyncio.run(with_ticker(main(e)))
         assert first.status == second.status == "ok"
         assert second.done_s > first.done_s  # b2 was admitted only when b1 finished

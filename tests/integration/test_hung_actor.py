@@ -12,6 +12,7 @@ import ray
 
 from engine.app.driver import Engine
 from engine.core.settings import Settings
+from tests.integration._catalogs import OPENAI_ONLY
 
 SPEEDUP = 100.0
 HANG_S = 3.0
@@ -23,7 +24,7 @@ def requests(tag: str, n: int, now: float) -> list[dict]:
 
 
 def test_a_hung_ingest_is_killed_restarted_and_loses_nothing(ray_session):
-    eng = Engine.start(Settings(actor_hang_s=HANG_S), speedup=SPEEDUP, metrics_port=None)
+    eng = Engine.start(Settings(actor_hang_s=HANG_S), catalog=OPENAI_ONLY, speedup=SPEEDUP, metrics_port=None)
     try:
         before = eng.submit_many(requests("a", 50, eng.now()))
         assert all(f.result(timeout=60).status == "ok" for f in before)

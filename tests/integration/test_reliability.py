@@ -6,6 +6,7 @@ import pytest
 
 from engine import Engine
 from engine.core.errors import EngineStopped, Overloaded, RequestError
+from tests.integration._catalogs import OPENAI_ONLY
 
 
 def text(i, tenant="default", **kw):
@@ -15,7 +16,7 @@ def text(i, tenant="default", **kw):
 @pytest.fixture(scope="module")
 def engine(ray_session):
     """One engine for the tests that only submit (an engine start costs seconds); their tenants keep apart."""
-    with Engine.start(speedup=100) as eng:
+    with Engine.start(catalog=OPENAI_ONLY, speedup=100) as eng:
         yield eng
 
 
@@ -47,8 +48,8 @@ def test_a_repeated_id_returns_the_same_future_and_other_content_is_refused(engi
 
 
 def test_submit_on_a_stopped_engine_raises_and_a_second_engine_runs_on(ray_session):
-    first = Engine.start(speedup=100)
-    second = Engine.start(speedup=100)
+    first = Engine.start(catalog=OPENAI_ONLY, speedup=100)
+    second = Engine.start(catalog=OPENAI_ONLY, speedup=100)
     first.stop()
     with pytest.raises(EngineStopped):
         first.submit(text(1))
@@ -61,7 +62,7 @@ def test_submit_on_a_stopped_engine_raises_and_a_second_engine_runs_on(ray_sessi
 def test_backpressure_bounds_the_unfinished_requests(ray_session):
     # A 10-minute deadline at speed-up 1: the requests wait for a batch, so they stay unfinished.
     slow = {"deadline_s": 600, "priority": "background"}
-    with Engine.start(speedup=1, max_pending=3, overload="raise") as eng:
+    with Engine.start(catalog=OPENAI_ONLY, speedup=1, max_pending=3, overload="raise") as eng:
         eng.submit_many([text(i, **slow) for i in range(3)])
         with pytest.raises(Overloaded, match="max_pending=3"):
             eng.submit(text(9, **slow))
@@ -75,7 +76,7 @@ def test_backpressure_bounds_the_unfinished_requests(ray_session):
 
 
 def test_finished_requests_are_forgotten_after_the_retention_window(ray_session):
-    with Engine.start(speedup=100, retention_s=0.0) as eng:
+    with Engine.start(catalog=OPENAI_ONLY, speedup=100, retention_s=0.0) as eng:
         f = eng.submit(text(1))
         assert f.result(timeout=60).status == "ok"
         # The pull loop forgets it on its next turn (at most its 0.2 s long-poll): wait on that, bounded.

@@ -1,0 +1,8 @@
+"""Catalogs for integration tests that send only OpenAI text: an engine starts one dispatcher per provider in
+its catalog, each its own process (about 0.6 s of a 2-core machine's start-up each), so a test that never
+calls the other providers starts without them."""
+
+from engine.core.catalog import default_catalog
+
+_CAT = default_catalog()
+OPENAI_ONLY = _CAT.model_copy(update={"providers": {"openai": _CAT.providers["openai"]}})
