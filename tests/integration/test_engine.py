@@ -11,6 +11,7 @@ from engine.core.catalog import default_catalog
 from engine.core.errors import RequestError
 from engine.core.tracegen import synth
 from engine.runtime.collector import THRESHOLDS
+from tests.integration._catalogs import OPENAI_ONLY
 
 CAT = default_catalog()
 
@@ -208,7 +209,7 @@ def test_identical_concurrent_submits_make_one_provider_call(ray_session):
 
     prompt = {"model": "gpt-image-1", "prompt": "A lighthouse in a storm, oil painting", "priority": "urgent",
               "deadline_s": 120}
-    with Engine.start(speedup=50) as eng:
+    with Engine.start(catalog=OPENAI_ONLY, speedup=50) as eng:
         # One arrival time for all: a follower must be due no later than the call it rides on, and threads
         # stamping their own arrival would order the deadlines by thread scheduling.
         prompt["arrival_s"] = eng.now()
@@ -237,10 +238,10 @@ def test_redis_cache_serves_a_restarted_engine_and_keeps_tenants_apart(ray_sessi
     settings = Settings(cache=CacheSettings(redis_url=redis_server.url, redis_prefix="sbtest-engine"))
     base = {"model": "gpt-image-1", "prompt": "A red fox in fresh snow, morning light", "deadline_s": 120,
             "priority": "urgent", "reuse": "near"}
-    with Engine.start(settings=settings, speedup=50) as eng:
+    with Engine.start(settings=settings, catalog=OPENAI_ONLY, speedup=50) as eng:
         first = eng.submit({"id": "a1", "tenant": "acme", **base}).result(timeout=120)
     assert first.status == "ok"
-    with Engine.start(settings=settings, speedup=50) as eng:  # new actors, empty memory: Redis remembers
+    with Engine.start(settings=settings, catalog=OPENAI_ONLY, speedup=50) as eng:  # new actors, empty memory: Redis remembers
         same = eng.submit({"id": "a2", "tenant": "acme", **base})
         near = eng.submit({"id": "a3", "tenant": "acme", **base, "prompt": base["prompt"].lower() + "."})
         other = eng.submit({"id": "g1", "tenant": "globex", **base})
@@ -260,7 +261,7 @@ def test_a_flooding_tenant_does_not_delay_another_in_the_live_engine(ray_session
     from engine.core.request import Request, validation_context
     from engine.core.settings import Settings
 
-    base = CAT.model_dump()
+    base = OPENAI_ONLY.model_dump()
     base["providers"]["openai"].update(batch_api=None, rate_limits={"rpm": 600, "tpm": 10_000_000,
                                                                      "max_concurrency": 64})
     cat = Catalog.model_validate(base)
@@ -291,7 +292,7 @@ def test_a_stop_that_fails_still_gives_the_driver_its_collector_back(ray_session
 
     before = gc.get_threshold()
     gc.set_threshold(700, 10, 10)
-    eng = Engine.start(speedup=500, metrics_port=None)
+    eng = Engine.start(catalog=OPENAI_ONLY, speedup=500, metrics_port=None)
     assert gc.get_threshold() == THRESHOLDS
     kill = remote.kill_engine
 
@@ -319,6 +320,7 @@ def test_a_copy_due_before_the_call_it_follows_is_sent_on_its_own_when_that_call
     from policies import load_policy
 
     raw = default_catalog().model_dump()
+    raw["providers"] = {"google": raw["providers"]["google"]}  # it calls Google only (one dispatcher to start)
     raw["providers"]["google"]["failure_rate"] = 0.0
     raw["providers"]["google"]["rate_limits"]["max_concurrency"] = 1
     cat = Catalog.model_validate(raw)
