@@ -11,6 +11,7 @@ from engine.app.live import point_at_emulator
 from engine.core.catalog import default_catalog
 from engine.core.settings import Settings
 from engine.emulator import Emulator
+from tests.integration._catalogs import OPENAI_ONLY
 
 CAT = default_catalog()
 SPEEDUP = 100.0
@@ -96,7 +97,7 @@ def test_an_actors_log_line_reaches_the_drivers_logging(ray_session):
     logger.addHandler(catch)
     try:
         settings = Settings(cache={"redis_url": dead, "redis_timeout_s": 0.5}, log_level="warning")
-        with Engine.start(settings, speedup=SPEEDUP, metrics_port=None) as eng:
+        with Engine.start(settings, catalog=OPENAI_ONLY, speedup=SPEEDUP, metrics_port=None) as eng:
             assert heard.wait(30), [r.getMessage() for r in got]
             rec = next(r for r in got if "unreachable" in r.getMessage())
             assert rec.levelno == logging.WARNING and rec.name == "smartbatch.cache"

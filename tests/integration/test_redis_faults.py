@@ -15,6 +15,7 @@ import pytest
 
 from engine.core.budgets import BudgetSettings, BudgetSpec, Charge, Claim
 from engine.core.errors import ConfigError
+from tests.integration._catalogs import OPENAI_ONLY
 
 _prefix = itertools.count()
 SPEEDUP = 100.0
@@ -191,7 +192,7 @@ def run_through_fault(srv, tmp_path, fault, *, ttl_s=8.0):
         if submitted[0] >= len(reqs) // 3:
             third.set()
 
-    with Engine.start(Settings(budgets=b, cache=cache), policy="cache-only", speedup=SPEEDUP,
+    with Engine.start(Settings(budgets=b, cache=cache), catalog=OPENAI_ONLY, policy="cache-only", speedup=SPEEDUP,
                       metrics_port=None) as eng:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             replay = pool.submit(eng.replay, reqs, on_submit=on_submit)
