@@ -8,6 +8,7 @@ import pytest
 
 from engine.app.live import follow_engine, point_at_emulator, run_live
 from engine.core.catalog import default_catalog
+from engine.core.cost import MODES
 from engine.core.request import Request, validation_context
 from engine.core.settings import Settings
 from engine.core.tracegen import synth
@@ -49,12 +50,12 @@ def test_a_mixed_trace_over_http_is_billed_from_usage_once_and_agrees_with_the_s
                    results=http_results, on_start=follow_engine(emulator, settings, 0))
     # The reference: the simulator on the same trace and seed. The HTTP run keeps the members a cancel let
     # finish (billed once, at the batch price), where the simulator pays their sync fallback, and actor timing
-    # moves a few decisions: 0.05 % apart on this trace when this was written (3.2 % in an earlier version of
-    # the engine). A second live run with simulated providers as the reference cost 30 s of test time.
+    # moves a few decisions (below). A second live run with simulated providers as the reference cost 30 s.
     from engine.sim.simulator import simulate
     from policies import load_policy
 
-    sim_cost = simulate(reqs, load_policy("smart", CAT), catalog=CAT, settings=base, seed=0).total_cost
+    sim = simulate(reqs, load_policy("smart", CAT), catalog=CAT, settings=base, seed=0)
+    sim_cost = sim.total_cost
 
     by_id = {r.id: r for r in reqs}
     assert len(http_results) == len(reqs) and {r.status for r in http_results} <= {"ok", "reused"}
@@ -74,13 +75,36 @@ def test_a_mixed_trace_over_http_is_billed_from_usage_once_and_agrees_with_the_s
     # Nothing paid twice: one billed item per real result, none billed for a reuse.
     assert len(bill.items) == len(called)
     assert len({(i.custom_id or i.request_id) for i in bill.items}) == len(bill.items)
-    # The simulated run of the same trace costs within 3 %.
+    # Requests that took the same path live and simulated cost the same within 1 % in all: the bill from usage
+    # agrees with the cost model. Which path a batch member takes is timing: at 200x a dispatch 0.3 s late is
+    # in the next 60-s turnaround slot, whose draw may make its batch late and hedged. On a fast machine the
+    # runs were 0.05 % apart; on a slow phase of this 2-core machine (stop 35) 70 of 305 batch members went
+    # sync live, 3.3-4.2 % dearer, with old code and new alike. So: a bound on the whole run, and that
+    # most of the requests took the path the simulator took.
     http_cost = sum(r.cost_usd for r in http_results)
-    assert http_cost == pytest.approx(sim_cost, rel=0.03), (http_cost, sim_cost)
+    at = {r.id: k for k, r in enumerate(sim.requests)}
+    same = [(r.cost_usd, float(sim.cost[at[r.id]])) for r in http_results if MODES[sim.mode[at[r.id]]] == r.mode]
+    why = (http_cost, sim_cost, str(moved(sim, http_results)))
+    assert sum(c for c, _ in same) == pytest.approx(sum(c for _, c in same), rel=0.01), why
+    assert len(same) >= 0.6 * len(reqs), why
+    assert http_cost == pytest.approx(sim_cost, rel=0.08), why
     rep = doc["engine_report"]["providers"]
     assert rep["openai"]["calls"] == "http" and rep["google"]["calls"] == "simulated"
     assert rep["openai"]["batches_cancelled"] + rep["anthropic"]["batches_cancelled"] > 0  # hedges happened
     assert rep["openai"]["paid_twice"] == rep["anthropic"]["paid_twice"] == 0
+
+
+def moved(sim, results) -> dict:
+    """Where a live run and the simulated one part: per (simulated mode, live mode), how many requests and the
+    live minus simulated cost (for the failure message)."""
+    at = {r.id: k for k, r in enumerate(sim.requests)}
+    out: dict = {}
+    for r in results:
+        k = at[r.id]
+        key = f"{MODES[sim.mode[k]]}->{r.mode}"
+        n, d = out.get(key, (0, 0.0))
+        out[key] = (n + 1, round(d + r.cost_usd - float(sim.cost[k]), 4))
+    return out
 
 
 def test_the_key_appears_in_no_result_report_metric_or_log(ray_session, emulator, monkeypatch):
