@@ -4,6 +4,7 @@ windows that an idle 2-core machine rarely opens (a restarted actor reached befo
 driver's sweep past a deadline) open there.
 
     .venv/bin/python benchmarks/chaos_under_load.py --runs 3 --burners 1
+    .venv/bin/python benchmarks/chaos_under_load.py --runs 2 tests/integration/test_release_faults.py
 
 Prints each run's outcome and time, and the first lines of a failure; asserts nothing. Bounded: each run
 times out after ``--timeout`` seconds, and the burners stop with the script. In stop 35, the landed code
@@ -33,9 +34,11 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--burners", type=int, default=1, help="busy processes beside the test (the machine has 2 cores)")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per run")
+    ap.add_argument("tests", nargs="*", default=["tests/integration/test_chaos.py"],
+                    help="the fault tests to run (default: the chaos test)")
     a = ap.parse_args()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", "tests/integration/test_chaos.py"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x", *a.tests]
     burners = [mp.Process(target=burn, daemon=True) for _ in range(a.burners)]
     for b in burners:
         b.start()
