@@ -2,7 +2,18 @@
 its catalog, each its own process (about 0.6 s of a 2-core machine's start-up each), so a test that never
 calls the other providers starts without them."""
 
+from pathlib import Path
+
 from engine.core.catalog import default_catalog
 
 _CAT = default_catalog()
 OPENAI_ONLY = _CAT.model_copy(update={"providers": {"openai": _CAT.providers["openai"]}})
+
+
+def openai_only_file(folder: Path) -> Path:
+    """``OPENAI_ONLY`` as a catalog file, for ``smartbatch serve --catalog``."""
+    import yaml
+
+    path = folder / "openai-only.yaml"
+    path.write_text(yaml.safe_dump(OPENAI_ONLY.model_dump(mode="json", exclude_none=True)))
+    return path

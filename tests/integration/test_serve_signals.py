@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration._catalogs import openai_only_file
+
 BIN = Path(sys.executable).parent / "smartbatch"
 
 
@@ -59,9 +61,10 @@ def _wait_gone(pids: list[int], timeout_s: float) -> list[int]:
 
 @pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs Linux pidfds to wait on the Ray processes")
 @pytest.mark.timeout(300)
-def test_one_serve_per_name_and_sigterm_to_its_process_group_stops_it_at_once():
+def test_one_serve_per_name_and_sigterm_to_its_process_group_stops_it_at_once(tmp_path):
     name = f"sig-{secrets.token_hex(3)}"
-    server = subprocess.Popen([str(BIN), "serve", "--name", name, "--http-port", "0"], env=_env(),
+    server = subprocess.Popen([str(BIN), "serve", "--name", name, "--http-port", "0",
+                               "--catalog", str(openai_only_file(tmp_path))], env=_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines: queue.Queue = queue.Queue()
     reader = threading.Thread(target=lambda: [lines.put(x) for x in server.stdout] + [lines.put(None)], daemon=True)

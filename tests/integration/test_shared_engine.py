@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration._catalogs import openai_only_file
+
 BIN = Path(sys.executable).parent / "smartbatch"
 
 DRIVER = r"""
@@ -93,9 +95,10 @@ def _result(proc: subprocess.Popen) -> dict:
 
 
 @pytest.mark.timeout(400)
-def test_drivers_share_one_named_engine_and_leave_it_running():
+def test_drivers_share_one_named_engine_and_leave_it_running(tmp_path):
     name = f"shared-{secrets.token_hex(3)}"
-    server = subprocess.Popen([str(BIN), "serve", "--name", name, "--speedup", "100", "--http-port", "0"], env=_env(),
+    server = subprocess.Popen([str(BIN), "serve", "--name", name, "--speedup", "100", "--http-port", "0",
+                               "--catalog", str(openai_only_file(tmp_path))], env=_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen: list[str] = []
     reader = None
