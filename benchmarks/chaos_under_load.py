@@ -8,7 +8,7 @@ driver's sweep past a deadline) open there.
 
 Prints each run's outcome and time, and the first lines of a failure; asserts nothing. Bounded: each run
 times out after ``--timeout`` seconds, and the burners stop with the script. In stop 35, the landed code
-(af4ef42) failed 3 runs of 3 with one burner (76-86 batch members billed twice); after the fixes, 3 of 3 passed.
+(af4ef42) failed 3 runs of 3 with one burner (38-43 requests billed twice each); after the fixes, 3 of 3 passed.
 """
 
 from __future__ import annotations
