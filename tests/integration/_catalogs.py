@@ -1,4 +1,4 @@
-"""Catalogs for integration tests that send only OpenAI text: an engine starts one dispatcher per provider in
+"""Catalogs for integration tests that call OpenAI alone (text or images): an engine starts one dispatcher per provider in
 its catalog, each its own process (about 0.6 s of a 2-core machine's start-up each), so a test that never
 calls the other providers starts without them."""
 

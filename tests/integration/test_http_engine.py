@@ -82,11 +82,11 @@ def test_a_mixed_trace_over_http_is_billed_from_usage_once_and_agrees_with_the_s
     # sync live, 3.3-4.2 % dearer, with old code and new alike. So: a bound on the whole run, and that
     # most of the requests took the path the simulator took.
     http_cost = sum(r.cost_usd for r in http_results)
-    at = {r.id: k for k, r in enumerate(sim.requests)}
-    same = [(r.cost_usd, float(sim.cost[at[r.id]])) for r in http_results if MODES[sim.mode[at[r.id]]] == r.mode]
-    why = (http_cost, sim_cost, str(moved(sim, http_results)))
-    assert sum(c for c, _ in same) == pytest.approx(sum(c for _, c in same), rel=0.01), why
-    assert len(same) >= 0.6 * len(reqs), why
+    by_path = paths(sim, http_results)
+    same = [v for (was, now), v in by_path.items() if was == now]
+    why = (http_cost, sim_cost, str(by_path))
+    assert sum(live for _, live, _ in same) == pytest.approx(sum(simd for *_, simd in same), rel=0.01), why
+    assert sum(n for n, *_ in same) >= 0.6 * len(reqs), why
     assert http_cost == pytest.approx(sim_cost, rel=0.08), why
     rep = doc["engine_report"]["providers"]
     assert rep["openai"]["calls"] == "http" and rep["google"]["calls"] == "simulated"
@@ -94,16 +94,15 @@ def test_a_mixed_trace_over_http_is_billed_from_usage_once_and_agrees_with_the_s
     assert rep["openai"]["paid_twice"] == rep["anthropic"]["paid_twice"] == 0
 
 
-def moved(sim, results) -> dict:
-    """Where a live run and the simulated one part: per (simulated mode, live mode), how many requests and the
-    live minus simulated cost (for the failure message)."""
+def paths(sim, results) -> dict:
+    """Per (simulated mode, live mode): how many requests took that pair of paths, their live cost and their
+    simulated cost."""
     at = {r.id: k for k, r in enumerate(sim.requests)}
     out: dict = {}
     for r in results:
         k = at[r.id]
-        key = f"{MODES[sim.mode[k]]}->{r.mode}"
-        n, d = out.get(key, (0, 0.0))
-        out[key] = (n + 1, round(d + r.cost_usd - float(sim.cost[k]), 4))
+        n, live, simd = out.get((MODES[sim.mode[k]], r.mode), (0, 0.0, 0.0))
+        out[(MODES[sim.mode[k]], r.mode)] = (n + 1, round(live + r.cost_usd, 6), round(simd + float(sim.cost[k]), 6))
     return out
 
 
