@@ -57,6 +57,9 @@ class SmartParams(PolicyParams):
         "batches, and time to the earliest deadline past the band cap): a longer gather puts more turns of a "
         "conversation in one batch, where they read one prefix write (docs/policies.md)"))
     hedge_margin_s: float = Field(default=15.0, ge=0, description="spare seconds after the sync fallback")
+    hedge_retry: bool = Field(default=False, description=(
+        "the hedge lead also leaves time for one failed attempt of the slowest member and its retry (another "
+        "sync p99), as the release of an in-flight follower does"))
     min_on_time_p: float = Field(default=0.02, ge=0, le=1,
                                  description="try the batch API only when P(done before hedge) >= this")
     min_batch_saving_usd: float = Field(default=0.001, ge=0, description=(
@@ -142,8 +145,8 @@ class Smart(GpuLane, Policy):
         """Seconds before the earliest deadline at which a late batch must fall back to sync: the sync p99 of
         its slowest member, once per wave of ``max_concurrency`` calls, plus the margin, plus the time a cancel
         takes at that provider (the unfinished members are known only once the cancel ends)."""
-        drain = -(-max(n, 1) // c.max_conc)
-        return (c.base + c.per_tok * output_tokens) * c.p99_factor * drain + self.params.hedge_margin_s + c.cancel_s
+        waves = -(-max(n, 1) // c.max_conc) + (1 if self.params.hedge_retry else 0)  # a retry: one wave more
+        return (c.base + c.per_tok * output_tokens) * c.p99_factor * waves + self.params.hedge_margin_s + c.cancel_s
 
     def group_key(self, req: Request, compat: tuple, now: float, provider=None, budget=None,
                   warmth: PrefixWarmth | None = None) -> Hashable:

@@ -73,6 +73,24 @@ def test_hedge_at_is_the_earliest_deadline_less_the_sync_p99_drain_and_margin(ma
     assert d.hedge_at == pytest.approx(earliest - p99 * drain - margin_s - cancel_s, abs=1e-6)
 
 
+@pytest.mark.parametrize("n", [1, 5])
+def test_hedge_retry_moves_the_hedge_by_one_more_sync_p99(n):
+    """``hedge_retry``: the fallback also has time for a failed attempt of the slowest member and its retry."""
+    cat = catalog_with("openai", rate_limits__max_concurrency=2)
+    prov = cat.providers["openai"]
+    members = [text_request(k, 100.0 + k, 86_400.0 - 500.0 * k, 40 + 97 * k) for k in range(n)]
+    hedges = []
+    for retry in (False, True):
+        group = Group(("batch", (), 0), prov, prov.models["gpt-5-mini"])
+        for r in members:
+            group.add(r)
+        policy = load_policy("smart", cat, {"hedge_retry": retry, "batch_gather_s": 0, "min_batch_saving_usd": 0.0})
+        hedges.append(policy.decide(group, members[-1].arrival_s).hedge_at)
+    lat = prov.sync_latency
+    p99 = (lat.base_s + lat.per_output_token_s * max(r.output_tokens for r in members)) * math.exp(Z99 * lat.sigma)
+    assert hedges[0] - hedges[1] == pytest.approx(p99, abs=1e-6)
+
+
 def test_the_margin_moves_the_hedge_by_exactly_itself():
     prov = CAT.providers["openai"]
     members = [text_request(k, 0.0, 86_400.0, 300) for k in range(3)]
