@@ -1,6 +1,8 @@
 """The live engine's actors: plain asyncio classes (unit-testable without Ray), wired to Ray by
 ``actors.remote``. Floor 3: imports the core and policies, never the driver."""
 
+from engine.core.lazy import lazy_exports
+
 # Where each actor class lives. Imported on first use (PEP 562): Ray's worker for one actor imports the
 # package of its class, and loading every actor's module with it cost each of an engine's processes about
 # 0.2 s of CPU at start (a hub needs 0.35 s of imports, all six 0.69 s).
@@ -12,16 +14,4 @@ _HOME = {
 __all__ = ["BudgetController", "Dispatcher", "Grouper", "Ingest", "ResultCache", "ResultHub"]
 
 
-def __getattr__(name: str):
-    home = _HOME.get(name)
-    if home is None:
-        raise AttributeError(f"module 'actors' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(home), name)
-    globals()[name] = value  # once: later lookups do not come here
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _HOME, __all__, globals())

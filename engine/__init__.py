@@ -4,6 +4,8 @@ Floors (imports only go down): core (this package minus ``simulator``/``lower_bo
 ``policies`` -> runtimes (``engine.sim.simulator``, ``actors``) -> driver API and CLI.
 """
 
+from engine.core.lazy import lazy_exports
+
 # Where each public name lives. Imported on first use (PEP 562), so a process that needs only part of the
 # engine loads only that part: every engine actor imports ``engine.core`` modules, and loading the simulator,
 # the lower bound and the trace reader with them cost each actor's process about 0.17 s of CPU at start.
@@ -61,16 +63,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    home = _HOME.get(name)
-    if home is None:
-        raise AttributeError(f"module 'engine' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(home), name)
-    globals()[name] = value  # once: later lookups do not come here
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _HOME, __all__, globals())
