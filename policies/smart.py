@@ -143,8 +143,9 @@ class Smart(GpuLane, Policy):
 
     def _hedge_lead(self, c: TextConsts, output_tokens: int, n: int) -> float:
         """Seconds before the earliest deadline at which a late batch must fall back to sync: the sync p99 of
-        its slowest member, once per wave of ``max_concurrency`` calls, plus the margin, plus the time a cancel
-        takes at that provider (the unfinished members are known only once the cancel ends)."""
+        its slowest member, once per wave of ``max_concurrency`` calls (and once more with ``hedge_retry``), plus the
+        margin, plus the time a cancel takes at that provider (the unfinished members are known only once the cancel
+        ends)."""
         waves = -(-max(n, 1) // c.max_conc) + (1 if self.params.hedge_retry else 0)  # a retry: one wave more
         return (c.base + c.per_tok * output_tokens) * c.p99_factor * waves + self.params.hedge_margin_s + c.cancel_s
 

@@ -318,11 +318,12 @@ def _flag_compression(doc: dict, speedup: float) -> None:
     sim, live = by.get("smart"), by.get("smart (live)")
     if sim is None or live is None or live["deadline_met_frac"] >= sim["deadline_met_frac"]:
         return
-    n = doc["requests"]
-    late = round((sim["deadline_met_frac"] - live["deadline_met_frac"]) * n)
-    console.print(f"[yellow]live: {late} request(s) late that the simulator's run met. At --speedup {speedup:g} a "
-                  f"deadline of 30 s is {30 / speedup:.2f} s of real time, and this machine did not keep up; "
-                  "rerun with a lower --speedup to see the policy's own deadlines.[/yellow]")
+    late = round((sim["deadline_met_frac"] - live["deadline_met_frac"]) * doc["requests"])
+    said = f"live: {late} more request(s) late than in the simulator's run."
+    if speedup > 1:
+        said += (f" At --speedup {speedup:g} a deadline of 30 s is {30 / speedup:.2f} s of real time, and this machine "
+                 "did not keep up; rerun with a lower --speedup to see the policy's own deadlines.")
+    console.print(f"[yellow]{said}[/yellow]")
 
 
 @app.command("policies")

@@ -73,7 +73,8 @@ def test_an_actors_process_loads_only_its_own_module_and_the_package_still_names
     import sys
 
     code = ("import sys, actors.hub\n"
-            "others = [m for m in ('actors.dispatcher', 'actors.grouper', 'actors.ingest') if m in sys.modules]\n"
+            "others = [m for m in ('actors.budget', 'actors.cache', 'actors.dispatcher', 'actors.grouper',"
+            " 'actors.ingest') if m in sys.modules]\n"
             "assert not others, others\n"
             "from actors import Dispatcher, ResultHub\n"
             "assert Dispatcher.__module__ == 'actors.dispatcher' and ResultHub.__module__ == 'actors.hub'\n"
