@@ -25,6 +25,7 @@ from engine.core.trace import with_day_origin
 
 __all__ = ["run_seeds", "seed_cells", "seeds_markdown", "write_seed_outputs"]
 
+NAIVE = "naive"  # a policy listed under this name is the deadline baseline of ``seeds_below_naive``
 _KEPT = ("policy", "cost_usd", "capture_of_achievable", "capture_of_online", "deadline_met_frac")
 _job: dict = {}  # a worker's trace and settings, set once by ``_init`` rather than pickled with every seed
 
@@ -55,6 +56,7 @@ def _mean_se(xs: Sequence[float]) -> tuple[float | None, float | None]:
 def _summary(runs: list[dict], names: list[str]) -> list[dict]:
     by = {name: [next(r for r in run["results"] if r["policy"] == name) for run in runs] for name in names}
     ref = by[names[0]]
+    naive = by.get(NAIVE)  # "never below naive" is judged seed by seed, on the same draws
     out = []
     for name in names:
         rows = by[name]
@@ -69,7 +71,9 @@ def _summary(runs: list[dict], names: list[str]) -> list[dict]:
                     "seeds_with_capture": len(caps), "mean_capture_of_online": onl,
                     "min_deadline_met_frac": min(r["deadline_met_frac"] for r in rows),
                     "mean_deadline_met_frac": math.fsum(r["deadline_met_frac"] for r in rows) / len(rows),
-                    "mean_diff_vs_reference_usd": diff, "se_diff_vs_reference_usd": diff_se})
+                    "mean_diff_vs_reference_usd": diff, "se_diff_vs_reference_usd": diff_se,
+                    "seeds_below_naive": None if naive is None else sum(
+                        r["deadline_met_frac"] < b["deadline_met_frac"] for r, b in zip(rows, naive))})
     return out
 
 
@@ -126,6 +130,7 @@ def seed_cells(doc: dict) -> tuple[list[str], list[list[str]]]:
     """The summary as table cells (header, rows), shared by results.md and the command line's table."""
     nd = places_for(max(doc["naive_cost_usd"] or 0.0, *(s["mean_cost_usd"] for s in doc["summary"])))
     head = ["policy", "cost $", f"vs {doc['reference']} $", "capture %", "of online %", "met, fewest"]
+    below = any(s.get("seeds_below_naive") is not None for s in doc["summary"])
     rows = [[s["policy"], _pm(s["mean_cost_usd"], s["se_cost_usd"], f".{nd}f"),
              "reference" if k == 0 else _pm(s["mean_diff_vs_reference_usd"], s["se_diff_vs_reference_usd"],
                                             f"+.{nd}f"),
@@ -133,6 +138,10 @@ def seed_cells(doc: dict) -> tuple[list[str], list[list[str]]]:
                  None if s["se_capture_of_achievable"] is None else 100 * s["se_capture_of_achievable"], ".1f"),
              "n/a" if s["mean_capture_of_online"] is None else f"{100 * s['mean_capture_of_online']:.1f}",
              f"{100 * s['min_deadline_met_frac']:.2f} %"] for k, s in enumerate(doc["summary"])]
+    if below:
+        head.append("seeds below naive")
+        for row, s in zip(rows, doc["summary"]):
+            row.append(str(s["seeds_below_naive"]))
     return head, rows
 
 
@@ -150,6 +159,16 @@ def seeds_markdown(doc: dict) -> str:
              "any seed.", "",
              "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
+    # Seed by seed, so a mean's spread and a lost deadline can be traced to the draws that made them.
+    names = [s["policy"] for s in doc["summary"]]
+    lines += ["", "Seed by seed: cost $ / capture % / deadlines met %.", "",
+              "| seed | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
+    for run in doc["by_seed"]:
+        got = {r["policy"]: r for r in run["results"]}
+        cells = [f"{got[n]['cost_usd']:.{nd}f} / "
+                 + ("n/a" if got[n]["capture_of_achievable"] is None else f"{100 * got[n]['capture_of_achievable']:.1f}")
+                 + f" / {100 * got[n]['deadline_met_frac']:.2f}" for n in names]
+        lines.append(f"| {run['seed']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -6,7 +6,7 @@ import math
 import pytest
 from typer.testing import CliRunner
 
-from engine.app.bench import PolicySpec, run_bench
+from engine.app.bench import PolicySpec, places_for, run_bench
 from engine.app.bench_seeds import run_seeds
 from engine.app.cli import app
 from engine.core.errors import SmartbatchError
@@ -45,6 +45,9 @@ def test_the_summary_is_each_policys_mean_over_the_seeds_and_its_paired_differen
         met = [next(r for r in single[s]["results"] if r["policy"] == row["policy"])["deadline_met_frac"]
                for s in SEEDS]
         assert row["min_deadline_met_frac"] == min(met)
+        naive_met = [next(r for r in single[s]["results"] if r["policy"] == "naive")["deadline_met_frac"]
+                     for s in SEEDS]
+        assert row["seeds_below_naive"] == sum(m < n for m, n in zip(met, naive_met))
     ref = doc["summary"][0]
     assert ref["mean_diff_vs_reference_usd"] == 0 and ref["se_diff_vs_reference_usd"] == 0
     bounds = [single[s]["lower_bound_usd"] for s in SEEDS]
@@ -76,6 +79,13 @@ def test_bench_with_seeds_writes_the_summary_and_refuses_zero_seeds(tmp_path):
     assert [s["policy"] for s in doc["summary"]] == ["naive", "smart"]
     md = (out / "results.md").read_text()
     assert "2 seeds: 4-5" in md and "| naive |" in md and "reference" in md
+    # Seed by seed, each policy's cost as results.json has it; and the deadline baseline's column.
+    by_seed = {run["seed"]: {r["policy"]: r for r in run["results"]} for run in doc["by_seed"]}
+    for seed in (4, 5):
+        row = next(line for line in md.splitlines() if line.startswith(f"| {seed} | "))
+        nd = places_for(doc["naive_cost_usd"])
+        assert row.split(" | ")[2].startswith(f"{by_seed[seed]['smart']['cost_usd']:.{nd}f} / "), row
+    assert "seeds below naive" in md and doc["summary"][0]["seeds_below_naive"] == 0
     assert "smart" in r.output and "±" in r.output
     r = runner.invoke(app, ["bench", str(trace), "--seeds", "0", "--out", str(out)])
     assert r.exit_code == 2 and "--seeds" in r.output
