@@ -148,8 +148,11 @@ def test_an_anthropic_follow_up_sent_warm_reads_its_history_from_the_emulators_c
                                        "prompt": f"turn {i}", "input_tokens": (len(blocks) - 1) * 512 + 200,
                                        "output_tokens": 100, "prefix_blocks": blocks, "deadline_s": deadline_s})
 
+    # The follow-up comes 130 engine seconds after the second turn (0.65 s of real time at 200x), which must be
+    # back by then; at 40 s (0.2 s real) a slow machine's hiccup once made it late. Its prefix stays warm for the
+    # TTL (300 s) from that turn's start, so the follow-up still finds it warm.
     reqs = [turn(0, 0.0, history + [7], 60.0), turn(1, 20.0, history + [8], 60.0),
-            turn(2, 60.0, history + [9, 10, 11], 3600.0)]
+            turn(2, 150.0, history + [9, 10, 11], 3600.0)]
     with Engine.start(settings, speedup=SPEEDUP) as eng:
         results = [f.result(timeout=60) for f in eng.replay(reqs)]
     first, second, follow = results
