@@ -25,7 +25,7 @@ from engine.core.trace import with_day_origin
 
 __all__ = ["run_seeds", "seed_cells", "seeds_markdown", "write_seed_outputs"]
 
-NAIVE = "naive"  # a policy listed under this name is the deadline baseline of ``seeds_below_naive``
+_NAIVE = "naive"  # a policy listed under this name is the deadline baseline of ``seeds_below_naive``
 _KEPT = ("policy", "cost_usd", "capture_of_achievable", "capture_of_online", "deadline_met_frac")
 _job: dict = {}  # a worker's trace and settings, set once by ``_init`` rather than pickled with every seed
 
@@ -56,7 +56,7 @@ def _mean_se(xs: Sequence[float]) -> tuple[float | None, float | None]:
 def _summary(runs: list[dict], names: list[str]) -> list[dict]:
     by = {name: [next(r for r in run["results"] if r["policy"] == name) for run in runs] for name in names}
     ref = by[names[0]]
-    naive = by.get(NAIVE)  # "never below naive" is judged seed by seed, on the same draws
+    naive = by.get(_NAIVE)  # "never below naive" is judged seed by seed, on the same draws
     out = []
     for name in names:
         rows = by[name]
