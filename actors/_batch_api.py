@@ -181,6 +181,7 @@ class BatchApiRuns:
                         # Counted from when the cancel was accepted: the time it spent on the wire is not the
                         # provider's cancelling time.
                         cancel_deadline = self.clock.now() + self.catalog.provider(self.name).batch_api.cancel_s
+                polled_at = self.clock.now()  # a status is the provider's when the poll was sent
                 try:
                     st = await p.poll(handle)
                 except Exception as exc:  # a failed poll is retried; the hedge still bounds the wait
@@ -191,9 +192,11 @@ class BatchApiRuns:
                 if st is not None and st.status == "cancelling":
                     cancel_taken = True
                 now = self.clock.now()
-                if cancel_deadline is not None and now >= cancel_deadline:
+                if cancel_deadline is not None and polled_at >= cancel_deadline:
                     # The cancel outlasted its allowance: the deadline comes first. Unfinished members go sync;
-                    # any that the provider still finishes is counted as paid twice in the report.
+                    # any that the provider still finishes is counted as paid twice in the report. Judged by a
+                    # poll sent once the allowance was over: one sent before it and answered after it says
+                    # "cancelling" of a cancel that may have ended since (slow links, a busy event loop).
                     log.warning("dispatcher %s: batch cancel still pending; sending its unfinished members", self.name)
                     self._spawn(self._watch_late_cancel(handle, cjobs, key), [], b)
                     handle = None

@@ -459,6 +459,44 @@ def test_the_cancel_allowance_counts_from_when_the_provider_took_the_cancel():
         asyncio.run(go())
 
 
+def test_a_poll_sent_before_the_cancel_allowance_ends_and_answered_after_it_does_not_end_the_wait():
+    """A poll's status is the provider's when the poll was sent. Every poll after the cancel comes back 400
+    engine seconds after the provider answered it (a slow link), past the 300 s allowance: the first, sent
+    at the cancel, says "cancelling" and returns past the allowance. The dispatcher polls once more rather than
+    send the members sync: they finished within the allowance, and sent again they were paid twice (as the
+    dispatcher did when it judged that first poll by when its answer came)."""
+    cancel_s = 300.0
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED, cancel_s=cancel_s) as slow_cancel:
+        jobs = jobs_of("openai")
+
+        async def go():
+            rig = Rig(slow_cancel, "openai")
+            cancel, poll = rig.d.provider.cancel, rig.d.provider.poll
+            cancelled = asyncio.Event()
+
+            async def cancel_and_note(handle: Any) -> None:
+                await cancel(handle)
+                cancelled.set()
+
+            async def slow_answer_after_the_cancel(handle: Any) -> Any:
+                st = await poll(handle)
+                if cancelled.is_set():
+                    await asyncio.sleep(400.0 / SPEED)
+                return st
+
+            rig.d.provider.cancel, rig.d.provider.poll = cancel_and_note, slow_answer_after_the_cancel
+            try:
+                await rig.run("batch_api", jobs, hedge_at=rig.clock.now() + VALIDATING_S["openai"] + 0.2 * T)
+                await rig.resolved(jobs)
+                assert cancelled.is_set()
+                finished = assert_split_by_the_bill(rig, slow_cancel, jobs, "openai")
+                assert finished  # judged by when its answer came, every member went back to the grouper
+                assert rig.d.paid_twice == 0
+            finally:
+                await rig.close()
+        asyncio.run(go())
+
+
 # -- 6-9. sync failures: the providers' outcomes, then the dispatcher's retries ----------------------------------
 def direct(emu: Emulator, provider: str, key: str = KEY, **settings_kw: Any) -> Provider:
     """The HTTP provider alone (``make_provider``), on an engine clock at the emulator's speed."""
