@@ -1,13 +1,20 @@
-"""Catalogs for integration tests that call OpenAI alone (text or images): an engine starts one dispatcher per provider in
-its catalog, each its own process (about 0.6 s of a 2-core machine's start-up each), so a test that never
-calls the other providers starts without them."""
+"""Catalogs for integration tests that call one provider (text or images): an engine starts one dispatcher per
+provider in its catalog, each its own process (about 0.6 s of a 2-core machine's start-up each), so a test that
+never calls the other providers starts without them."""
 
 from pathlib import Path
 
-from engine.core.catalog import default_catalog
+from engine.core.catalog import Catalog, default_catalog
 
 _CAT = default_catalog()
-OPENAI_ONLY = _CAT.model_copy(update={"providers": {"openai": _CAT.providers["openai"]}})
+
+
+def only(*providers: str, catalog: Catalog = _CAT) -> Catalog:
+    """``catalog`` (the default one) with ``providers`` alone."""
+    return catalog.model_copy(update={"providers": {name: catalog.providers[name] for name in providers}})
+
+
+OPENAI_ONLY = only("openai")
 
 
 def openai_only_file(folder: Path) -> Path:

@@ -16,6 +16,7 @@ from engine.app.serve_http import start_endpoint, stop_endpoint
 from engine.core.catalog import default_catalog
 from engine.core.settings import Settings
 from engine.emulator import Emulator
+from tests.integration._catalogs import OPENAI_ONLY
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("ray.serve")
@@ -29,7 +30,7 @@ def endpoint(ray_session):
     name = f"ep-{secrets.token_hex(3)}"
     with Emulator(CAT, speedup=SPEEDUP, seed=0) as emu:
         settings = point_at_emulator(Settings(), emu)
-        with Engine.start(settings, speedup=SPEEDUP, name=name, metrics_port=None) as eng:
+        with Engine.start(settings, catalog=OPENAI_ONLY, speedup=SPEEDUP, name=name, metrics_port=None) as eng:
             url = start_endpoint(name, port=0)
             try:
                 with openai.OpenAI(base_url=url, api_key="not-a-key", max_retries=0, timeout=60) as client:

@@ -13,6 +13,7 @@ from engine.core.request import Request, validation_context
 from engine.core.settings import Settings
 from engine.core.tracegen import synth
 from engine.emulator import Emulator
+from tests.integration._catalogs import OPENAI_ONLY, only
 
 CAT = default_catalog()
 SPEEDUP = 200.0  # engine seconds per real second: a 2-hour trace in about 40 s
@@ -112,7 +113,7 @@ def test_the_key_appears_in_no_result_report_metric_or_log(ray_session, emulator
     emulator.faults.script("openai", "chat.completions", [{"status": 401}, {"status": 500}])
     from engine import Engine
 
-    with Engine.start(settings, speedup=100) as eng:
+    with Engine.start(settings, catalog=OPENAI_ONLY, speedup=100) as eng:
         futs = [eng.submit({"id": f"k{i}", "model": "gpt-4o-mini", "prompt": f"say {i}", "deadline_s": 20})
                 for i in range(4)]
         results = [f.result(timeout=120) for f in futs]
@@ -153,7 +154,7 @@ def test_an_anthropic_follow_up_sent_warm_reads_its_history_from_the_emulators_c
     # TTL (300 s) from that turn's start, so the follow-up still finds it warm.
     reqs = [turn(0, 0.0, history + [7], 60.0), turn(1, 20.0, history + [8], 60.0),
             turn(2, 150.0, history + [9, 10, 11], 3600.0)]
-    with Engine.start(settings, speedup=SPEEDUP) as eng:
+    with Engine.start(settings, catalog=only("anthropic"), speedup=SPEEDUP) as eng:
         results = [f.result(timeout=60) for f in eng.replay(reqs)]
     first, second, follow = results
     assert first.mode == second.mode == "sync" and second.done_s < reqs[2].arrival_s

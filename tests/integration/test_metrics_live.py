@@ -41,7 +41,7 @@ def test_reliability_metrics_are_scraped_with_plausible_values(ray_session):
         # An engine second is 10 ms here: no call answers within 0.05 engine seconds, so this one is late.
         reqs.append({"id": "late", "model": "gpt-4o-mini", "prompt": "a reply needed at once",
                      "priority": "urgent", "deadline_s": 0.05})
-        with Engine.start(settings, catalog=CAT, speedup=SPEEDUP) as eng:
+        with Engine.start(settings, catalog=OPENAI_ONLY, speedup=SPEEDUP) as eng:
             results = [f.result(timeout=120) for f in eng.submit_many(reqs)]
             assert eng.metrics_port
             # Results and the dispatcher's counters leave in separate batched messages: wait for the counters.

@@ -26,6 +26,7 @@ from engine.core.settings import Settings
 from engine.emulator import Emulator
 from engine.runtime.admission import release_lead
 from policies import load_policy
+from tests.integration._catalogs import only
 
 SPEEDUP = 10.0
 QUEUE = 15  # images ahead of each leader
@@ -43,6 +44,7 @@ def catalog() -> Catalog:
 
 
 CAT = catalog()
+ONE = only("openai", catalog=CAT)  # the engine's: the only provider called, so no other dispatcher starts
 LEAD = release_lead(CAT, load_policy("smart", CAT).reuse)
 
 
@@ -78,7 +80,7 @@ def test_a_cache_that_dies_while_a_copy_waits_for_its_release_loses_nothing_and_
         core.image_request = image_request
 
         settings = point_at_emulator(Settings(), emu)
-        eng = Engine.start(settings, catalog=CAT, speedup=SPEEDUP, metrics_port=None, budget_usd=1_000.0)
+        eng = Engine.start(settings, catalog=ONE, speedup=SPEEDUP, metrics_port=None, budget_usd=1_000.0)
         follow_engine(emu, settings, 0)(eng)
         futs = []
         try:
