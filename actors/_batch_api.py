@@ -19,6 +19,8 @@ from engine.runtime.turnaround import Turnaround, submitted
 log = logging.getLogger("smartbatch.dispatcher")
 
 POLL_RETRY_S = 30.0  # engine seconds before polling again after a failed poll
+CANCEL_RETRY_S = 10.0  # engine seconds before a cancel the provider did not take is made again
+WATCH_S = 26 * 3600.0  # engine seconds a batch whose members went again is followed: its 24 h window and more
 FIND_TRIES = 5  # lookups of a batch whose create a restart cut, before it is created again
 FETCH_TRIES = 5  # reads of an ended batch's results: its finished members are billed, never to be sent again
 RETRY_BASE_S = 0.2  # real seconds before a lookup or a read is tried again, doubling each time
@@ -156,31 +158,35 @@ class BatchApiRuns:
         was_cancelled = False
         learn = self._learners and handle is not None and submitted(start, hedge_at)
         if handle is not None:
-            cancel_deadline = None
-            cancel_taken = False  # the provider took the cancel (or said it is cancelling)
+            allowance = self.catalog.provider(self.name).batch_api.cancel_s
+            cancel_deadline = None  # when the members go back if the batch has not ended by then
+            cancel_taken = False  # the provider took the cancel (it answered, or a poll said it is cancelling)
+            finishing = False  # every member ran (OpenAI's "finalizing"): it ends with them all
             while True:
                 now = self.clock.now()
-                if hedge_at is not None and now >= hedge_at and not cancel_taken:
+                if hedge_at is not None and now >= hedge_at and not (cancel_taken or finishing):
                     # Cancel first, poll after: every moment before the cancel reaches the provider is a moment
                     # in which a late batch still finishes members that sync calls will also pay for.
                     try:
                         await p.cancel(handle)
                         cancel_taken = True
+                        # The provider may go on cancelling (and finishing members) for the allowance from when
+                        # it took the cancel, not from a first try that failed, nor the time spent on the wire.
+                        cancel_deadline = self.clock.now() + allowance
                     except Exception as exc:  # e.g. it ended meanwhile; the poll below tells
                         # A batch that ended just before its hedge is the common case, and harmless: its
                         # members come from its output. Anything else is worth a warning, and the cancel is
-                        # made again at the next poll: a batch left running is paid again for every member
-                        # it finishes after they went sync.
-                        ended = "status 'completed'" in str(exc) or "status 'ended'" in str(exc)
+                        # made again soon: a batch left running is paid again for every member it finishes
+                        # after they went sync.
+                        ended = any(f"status '{x}'" in str(exc) for x in ("completed", "ended", "finalizing"))
                         log.log(logging.INFO if ended else logging.WARNING, "dispatcher %s: batch cancel failed: %s",
                                 self.name, _short(exc))
-                    if cancel_deadline is None:
+                        if cancel_deadline is None:  # never taken, the wait is still bounded: deadlines first
+                            cancel_deadline = self.clock.now() + allowance
+                    if not was_cancelled:
                         self.batches_cancelled += 1
                         self._counts.hedged_batches += 1
                         was_cancelled = True
-                        # Counted from when the cancel was accepted: the time it spent on the wire is not the
-                        # provider's cancelling time.
-                        cancel_deadline = self.clock.now() + self.catalog.provider(self.name).batch_api.cancel_s
                 polled_at = self.clock.now()  # a status is the provider's when the poll was sent
                 try:
                     st = await p.poll(handle)
@@ -189,21 +195,28 @@ class BatchApiRuns:
                     st = None
                 if st is not None and st.status == "ended":
                     break
-                if st is not None and st.status == "cancelling":
-                    cancel_taken = True
+                if st is not None and st.status == "cancelling" and not cancel_taken:
+                    # Taken by a try whose answer was lost, before this poll was sent: it ends within the
+                    # allowance from here.
+                    cancel_taken, cancel_deadline = True, polled_at + allowance
+                # Every member ran and is billed, and the output is being written: sent again, each is paid
+                # twice, so the batch is waited for (a cancel is refused now, and it ends in minutes).
+                finishing = finishing or (st is not None and st.status == "finalizing")
                 now = self.clock.now()
-                if cancel_deadline is not None and polled_at >= cancel_deadline:
+                if cancel_deadline is not None and polled_at >= cancel_deadline and not finishing:
                     # The cancel outlasted its allowance: the deadline comes first. Unfinished members go sync;
                     # any that the provider still finishes is counted as paid twice in the report. Judged by a
                     # poll sent once the allowance was over: one sent before it and answered after it says
                     # "cancelling" of a cancel that may have ended since (slow links, a busy event loop).
                     log.warning("dispatcher %s: batch cancel still pending; sending its unfinished members", self.name)
-                    self._spawn(self._watch_late_cancel(handle, cjobs, key), [], b)
+                    self._spawn(self._watch_late_cancel(handle, cjobs, key, cancel=not cancel_taken), [], b)
                     handle = None
                     break
                 wait = st.next_poll_s if st is not None else POLL_RETRY_S
+                if was_cancelled and not (cancel_taken or finishing):
+                    wait = min(wait, CANCEL_RETRY_S)  # a cancel not yet taken is made again soon
                 limit = (hedge_at if cancel_deadline is None and hedge_at is not None else
-                         cancel_deadline if cancel_deadline is not None else float("inf"))
+                         cancel_deadline if cancel_deadline is not None and not finishing else float("inf"))
                 await self._sleep(max(min(wait, limit - now), 0.0))
             if handle is not None:
                 read = await self._fetch(handle)
@@ -247,12 +260,21 @@ class BatchApiRuns:
         end = cancelled_at if cancelled_at is not None else self.clock.now()
         return Turnaround(self.name, model, start, end, censored=True)
 
-    async def _watch_late_cancel(self, handle, cjobs: list[CallJob], key: str) -> None:
+    async def _watch_late_cancel(self, handle, cjobs: list[CallJob], key: str, cancel: bool = False) -> None:
         """A batch whose members were sent again for their deadlines: its cancel outlasted ``cancel_s``, or its
         results could not be read. Follow it to its end and read its results, so any member it finished
-        (billed twice) is counted, not hidden."""
+        (billed twice) is counted, not hidden. ``cancel``: the provider never took its cancel, which is made
+        again until it does: a batch left running finishes every member, each paid twice."""
         p = self.provider
-        for _ in range(100):
+        until = self.clock.now() + WATCH_S
+        for _ in range(10_000):  # and a bound on tries, for a clock that does not move
+            if cancel:
+                try:
+                    await p.cancel(handle)
+                    cancel = False
+                except Exception as exc:
+                    log.warning("dispatcher %s: cancelling a batch whose members went again failed (%s)",
+                                self.name, _short(exc))
             try:
                 st = await p.poll(handle)
                 outs = (await p.fetch(handle)) if st.status == "ended" else None
@@ -261,6 +283,8 @@ class BatchApiRuns:
                             _short(exc))
                 await self._sleep(POLL_RETRY_S)
                 continue
+            if st.status in ("cancelling", "finalizing"):
+                cancel = False  # taken (its answer was lost), or past cancelling: nothing is left to stop
             if outs is not None:
                 late = [(cj, outs[cj.key]) for cj in cjobs if cj.key in outs and outs[cj.key].ok]
                 usd = sum(o.cost for _, o in late)
@@ -276,5 +300,9 @@ class BatchApiRuns:
                                                             cj.req.model, o.cost) for cj, o in late])
                 self._kick()
                 return
-            await self._sleep(st.next_poll_s)
+            if self.clock.now() >= until:
+                break
+            await self._sleep(min(st.next_poll_s, CANCEL_RETRY_S) if cancel else st.next_poll_s)
+        log.error("dispatcher %s: batch %s whose members went again did not end in %.0f h; what it finished after "
+                  "they went is on the bill twice and not counted", self.name, key, WATCH_S / 3600)
 

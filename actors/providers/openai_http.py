@@ -175,7 +175,8 @@ class OpenAIProvider(HttpBase):
             handle.batch = b = await self.client.batches.retrieve(handle.id)
         if b.status in _ENDED:
             return BatchState("ended", 0.0)
-        return BatchState("cancelling" if b.status == "cancelling" else "running", handle.backoff.next())
+        status = b.status if b.status in ("cancelling", "finalizing") else "running"
+        return BatchState(status, handle.backoff.next())
 
     async def cancel(self, handle: BatchHandle) -> None:
         with self._refused("batch cancel"):

@@ -71,7 +71,8 @@ class CallOutcome(NamedTuple):
 
 
 class BatchState(NamedTuple):
-    status: Literal["running", "cancelling", "ended"]
+    # "finalizing": every member has run and the results are being written (OpenAI); it ends with them all.
+    status: Literal["running", "cancelling", "finalizing", "ended"]
     next_poll_s: float  # engine seconds until a poll is worth making
 
 

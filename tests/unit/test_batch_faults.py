@@ -68,6 +68,80 @@ def test_a_cancel_that_failed_once_is_made_again_and_nothing_is_paid_twice(emu, 
 
 
 @PROVIDERS
+def test_the_allowance_counts_from_the_cancel_the_provider_took_not_from_a_first_try_that_failed(provider):
+    """The provider cancels in exactly the allowance (300 s) from when it takes the cancel; the first two tries
+    fail (5xx), the third is taken. Counted from the first try, the allowance ended while the provider was still
+    cancelling, and the members it had finished went back with the rest: paid twice."""
+    cancel_s = 300.0
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED, cancel_s=cancel_s, validating_s=VALIDATING_S["openai"],
+                  finalizing_s=1.0) as e:
+        jobs = jobs_of(provider, claims=True)
+        e.faults.script(provider, CANCEL_ROUTE[provider], [{"status": 500}] * 2)
+
+        async def go():
+            rig = Rig(e, provider)
+            assert rig.catalog.provider(provider).batch_api.cancel_s == cancel_s
+            try:
+                await rig.reserve(jobs)
+                await rig.run("batch_api", jobs, hedge_at=rig.clock.now() + VALIDATING_S[provider] + 0.3 * T)
+                await rig.resolved(jobs, timeout_s=20)
+                await _settled(rig, 20)
+                assert e.count(CANCEL_ROUTE[provider]) == 3
+                assert rig.d.paid_twice == 0, f"{rig.d.paid_twice} member(s) paid twice"
+                assert assert_split_by_the_bill(rig, e, jobs, provider)  # member 0 finished, and came back once
+            finally:
+                await rig.close()
+        asyncio.run(go())
+
+
+@PROVIDERS
+def test_a_cancel_the_provider_never_took_in_the_allowance_is_made_again_after_the_members_went(emu, provider):  # noqa: F811
+    """The cancel endpoint fails for longer than the allowance (50 s), so the members go back to be sent sync.
+    The batch is cancelled as soon as the provider takes it: left running, it finished every member, each paid
+    twice (the follow-up only polled)."""
+    jobs = jobs_of(provider, claims=True)
+    emu.faults.script(provider, CANCEL_ROUTE[provider], [{"status": 503}] * 6)
+
+    async def go():
+        rig = Rig(emu, provider, cancel_s=50.0)
+        try:
+            await rig.reserve(jobs)
+            # The hedge is 150 s before member 0 finishes: the outage and the cancel both end before it.
+            await rig.run("batch_api", jobs, hedge_at=rig.clock.now() + VALIDATING_S[provider] + 0.1 * T)
+            await rig.resolved(jobs, timeout_s=20)
+            await _settled(rig, 20)
+            assert len(rig.grouper.readmitted()) == len(jobs)
+            assert emu.count(CANCEL_ROUTE[provider]) == 7  # six failed, the seventh taken
+            assert rig.d.paid_twice == 0 and not billed_by_custom_id(emu)
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+def test_a_hedge_while_openai_finalizes_the_batch_waits_for_its_results():
+    """The hedge comes while the batch is "finalizing": every member ran and is billed, the output file is being
+    written, and the cancel is refused. The dispatcher waits for the results rather than send the members again:
+    they went back at the end of the allowance, and each was paid twice."""
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED, cancel_s=EMU_CANCEL_S, validating_s=VALIDATING_S["openai"],
+                  finalizing_s=3 * T) as e:
+        jobs = jobs_of("openai", claims=True)
+
+        async def go():
+            rig = Rig(e, "openai", cancel_s=200.0)
+            try:
+                await rig.reserve(jobs)
+                # The members finish by T, the output is written until 4 T: the hedge at 1.5 T falls between.
+                await rig.run("batch_api", jobs, hedge_at=rig.clock.now() + VALIDATING_S["openai"] + 1.5 * T)
+                await rig.resolved(jobs, timeout_s=20)
+                await _settled(rig, 20)
+                assert rig.grouper.readmitted() == [] and rig.d.paid_twice == 0
+                assert assert_split_by_the_bill(rig, e, jobs, "openai") == {j.req.id for j in jobs}
+            finally:
+                await rig.close()
+        asyncio.run(go())
+
+
+@PROVIDERS
 def test_a_late_cancelled_batch_is_followed_to_its_end_through_a_failed_poll(slow_cancel_emu, provider):
     emu = slow_cancel_emu  # noqa: F811
     # The cancel outlasts its allowance, so the members go back to be sent sync; the dispatcher then follows
