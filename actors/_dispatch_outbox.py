@@ -17,6 +17,7 @@ from engine.core.grouping import WarmNote
 log = logging.getLogger("smartbatch.dispatcher")
 
 FLUSH_S = 0.005
+DELETE_TRIES = 8  # a record's delete, tried again 0.2 s later, then doubling: about 50 s for the journal to answer
 
 
 def maybe_billed_error(error: str | None, maybe_usd: float) -> str | None:
@@ -97,9 +98,16 @@ class Outbox:
         if results:
             try:
                 await self.hubs.call("push", by_result_uid, results, prices)
-            except Exception as exc:  # the hub died: its restart re-admits these; keep their records
+            except Exception as exc:  # the hub died: its restart re-admits these, and ``recall`` sends them again
                 log.warning("dispatcher %s: hub did not take %d result(s): %s", self.name, len(results), _short(exc))
+                # Their records stay while this dispatcher may yet restart before a push goes through (its journal
+                # then re-reads the batches they came from), and go with the next push that does. Kept for good,
+                # a record made any later restart re-attach to an ended batch and hand its cancelled members back,
+                # to be sent and paid again.
+                self._unjournal_held.extend(unjournal)
                 unjournal = []
+            else:
+                unjournal, self._unjournal_held = unjournal + self._unjournal_held, []
         for space in {sp for sp, _ in unjournal}:
             keys = [k for sp, k in unjournal if sp == space]
             if space == self._sync_journal.space:
@@ -108,9 +116,12 @@ class Outbox:
             else:
                 try:
                     await self.journal.delete(space, keys)
-                except Exception as exc:  # a stale record only makes a restarted dispatcher poll an ended batch
-                    log.warning("dispatcher %s: could not clear %d journal record(s): %s", self.name, len(keys),
-                                _short(exc))
+                except Exception as exc:  # tried again: a record left for good is a batch a restart re-attaches to
+                    log.warning("dispatcher %s: could not clear %d journal record(s), trying again: %s", self.name,
+                                len(keys), _short(exc))
+                    task = asyncio.get_running_loop().create_task(self._delete_again(space, keys))
+                    self._journal_retries.add(task)
+                    task.add_done_callback(self._journal_retries.discard)
         if readmit:
             send_sharded(self.groupers, readmit)
         one = len(self.caches) == 1  # (as ``Shards`` routes: a lone cache takes every shard's part)
@@ -122,6 +133,20 @@ class Outbox:
             task = self._cache_tasks.get(shard)
             if task is None or task.done():
                 self._cache_tasks[shard] = asyncio.get_running_loop().create_task(self._cache_lane(shard))
+
+    async def _delete_again(self, space: str, keys: list[str]) -> None:
+        """Delete the records of ended work that the journal failed to delete (a Redis blip). Left in it, an ended
+        batch's record is re-attached to by any later restart of this dispatcher, which hands its cancelled members
+        back to be sent again, though they were served."""
+        for attempt in range(DELETE_TRIES):
+            await asyncio.sleep(0.2 * 2 ** attempt)
+            try:
+                await self.journal.delete(space, keys)
+                return
+            except Exception as exc:
+                last = exc
+        log.error("dispatcher %s: %d journal record(s) of ended work could not be cleared (%s); a restart of this "
+                  "dispatcher re-attaches to them", self.name, len(keys), _short(last))
 
     async def _cache_lane(self, shard: int) -> None:
         """Hand one cache shard its fills, then its orphans (a failed leader's followers come back for

@@ -77,6 +77,8 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
         # Journal records of work that ended, cleared once its results are with the hub: a restart in between
         # finds the record (re-makes the call under its key, or re-reads the batch), not losing billed results.
         self._unjournal: list[tuple[str, str]] = []
+        self._unjournal_held: list[tuple[str, str]] = []  # records of results the hub did not take (yet)
+        self._journal_retries: set[asyncio.Task] = set()  # deletes of records tried again (the journal failed)
         self._sync_journal = JournalWriter(self.journal, f"sync:{provider}")
         # journal key -> (BatchJob, jobs, start, tokens, handle, body) of open batches; handle None while
         # being created (body: what the create sends, when it must be sent the same again)

@@ -242,3 +242,89 @@ def test_a_batch_whose_results_cannot_be_read_is_read_later_and_what_it_paid_is_
         finally:
             await rig.close()
     asyncio.run(go())
+
+
+async def _journal_quiet(rig: Rig) -> None:
+    """The dispatcher's outbox has flushed, and the deletes it tried again have ended."""
+    if rig.d._flusher is not None:
+        await rig.d._flusher
+    await asyncio.gather(*getattr(rig.d, "_journal_retries", ()))
+
+
+def _restarted(rig: Rig):
+    """The dispatcher as Ray restarts it: a new one on the same journal (the hub's), peers and clock."""
+    from actors import Dispatcher
+    from engine.core.provider_api import Secret
+    from tests.unit.test_http_providers import KEY
+
+    return Dispatcher(rig.name, rig.catalog, rig.settings, 0, rig.clock, [rig.grouper], rig.hub, None, rig.budget,
+                      key=Secret(KEY))
+
+
+def test_a_batch_record_whose_delete_failed_is_deleted_again_and_a_later_restart_sends_nothing(emu):  # noqa: F811
+    """The batch ends (cancelled at its hedge: the members it finished from its output, the rest back to be sent
+    sync), and the journal fails to delete its record once (a Redis blip). The delete is made again: left in the
+    journal, the record made any later restart of the dispatcher re-attach to the ended batch and hand its
+    cancelled members back, to be sent and paid again."""
+    jobs = jobs_of("openai", claims=True)
+
+    async def go():
+        rig = Rig(emu, "openai", cancel_s=10 * EMU_CANCEL_S)
+        inner, failed = rig.d.journal.delete, []
+
+        async def delete_fails_once(space, keys):
+            if not failed and space == rig.d._space:
+                failed.append(keys)
+                raise ConnectionError("the journal's Redis timed out")
+            return await inner(space, keys)
+
+        rig.d.journal.delete = delete_fails_once
+        try:
+            await rig.reserve(jobs)
+            await rig.run("batch_api", jobs, hedge_at=rig.clock.now() + VALIDATING_S["openai"] + 0.6 * T)
+            await rig.resolved(jobs)
+            back = rig.grouper.readmitted()
+            assert 0 < len(back) < len(jobs)  # member 0 finished before the hedge
+            await _settled(rig)
+            await _journal_quiet(rig)
+            assert failed and await rig.d.journal.items(rig.d._space) == {}
+            later = _restarted(rig)
+            assert await later.recover() == 0 and rig.grouper.readmitted() == back
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+def test_the_records_of_results_the_hub_did_not_take_go_once_a_push_goes_through(emu):  # noqa: F811
+    """The hub fails to take a batch's results (it died). The batch's record stays while the dispatcher might
+    restart before the results reach a hub, and goes once they do: the driver re-admits the requests after the
+    hub's restart, and ``recall`` sends their results again. Before, the record stayed for good."""
+    jobs = jobs_of("openai", claims=True)
+
+    async def go():
+        rig = Rig(emu, "openai")
+        inner, failed = rig.d.hubs.call, []
+
+        async def push_fails_once(method, *args, **kw):
+            if method == "push" and not failed:
+                failed.append(method)
+                raise ConnectionError("the hub died")
+            return await inner(method, *args, **kw)
+
+        rig.d.hubs.call = push_fails_once
+        try:
+            await rig.reserve(jobs)
+            await rig.run("batch_api", jobs)
+            await _settled(rig)
+            await _journal_quiet(rig)
+            assert failed and rig.results == {}
+            assert len(await rig.d.journal.items(rig.d._space)) == 1  # kept while no hub has the results
+            assert sorted(await rig.d.recall([j.req.uid for j in jobs])) == sorted(j.req.uid for j in jobs)
+            await rig.resolved(jobs)
+            await _journal_quiet(rig)
+            assert set(rig.results) == {j.req.id for j in jobs}
+            assert await rig.d.journal.items(rig.d._space) == {}
+            assert await _restarted(rig).recover() == 0
+        finally:
+            await rig.close()
+    asyncio.run(go())
