@@ -12,6 +12,7 @@ import secrets
 from actors._types import BatchJob, Job
 from actors.providers._wire import redact
 from engine.core.budgets import Charge
+from engine.core.errors import ProviderError
 from engine.core.provider_api import CallJob
 from engine.runtime.providers import Event
 from engine.runtime.turnaround import Turnaround, submitted
@@ -22,6 +23,7 @@ POLL_RETRY_S = 30.0  # engine seconds before polling again after a failed poll
 CANCEL_RETRY_S = 10.0  # engine seconds before a cancel the provider did not take is made again
 WATCH_S = 26 * 3600.0  # engine seconds a batch whose members went again is followed: its 24 h window and more
 FIND_TRIES = 5  # lookups of a batch whose create a restart cut, before it is created again
+SUBMIT_TRIES = 3  # creates of a batch whose answer was lost, each after a lookup that did not find it
 FETCH_TRIES = 5  # reads of an ended batch's results: its finished members are billed, never to be sent again
 RETRY_BASE_S = 0.2  # real seconds before a lookup or a read is tried again, doubling each time
 LINE_OVERHEAD = 1024  # bytes a batch line adds to its request's body or prompt, at most (ids, url, model, caps)
@@ -101,7 +103,7 @@ class BatchApiRuns:
             if cut:
                 handle = await self._find_batch(cjobs, key)
             if handle is None:
-                handle = await p.submit_batch(cjobs, b.hedge_at, key, body)
+                handle = await self._submit(cjobs, b.hedge_at, key, body)
         except Exception as exc:  # the provider refused the batch: nothing ran, so the members go sync
             log.warning("dispatcher %s: batch submission failed: %s", self.name, _short(exc))
         if handle is not None:
@@ -110,6 +112,25 @@ class BatchApiRuns:
                 self._turnarounds.append(Turnaround(self.name, jobs[0].req.model, start))
             await self._journal_put(key)
         await self._follow_batch(key, b, jobs, start, tokens, handle, cjobs)
+
+    async def _submit(self, cjobs: list[CallJob], hedge_at: float | None, key: str, body):
+        """Create the batch. A create that got no answer (a timeout, a dropped connection, a 5xx) may have made
+        it: the provider is asked for it as after a restart's cut create (OpenAI: by the name in its metadata;
+        Anthropic: the create made again under its Idempotency-Key, with the same body). Taken for a refusal,
+        the batch ran unfollowed beside its members sent sync: each paid twice, and counted nowhere."""
+        for attempt in range(SUBMIT_TRIES):
+            try:
+                return await self.provider.submit_batch(cjobs, hedge_at, key, body)
+            except ProviderError as exc:
+                if not exc.maybe_done or attempt + 1 == SUBMIT_TRIES:
+                    raise
+                log.warning("dispatcher %s: batch %s got no answer to its create (%s); looking for it", self.name,
+                            key, _short(exc))
+            await asyncio.sleep(RETRY_BASE_S * 2 ** attempt)
+            found = await self._find_batch(cjobs, key)
+            if found is not None:
+                return found
+        return None  # not reached: the last try returns or raises
 
     async def _find_batch(self, cjobs: list[CallJob], key: str):
         """The provider's batch for a cut create; a lookup that fails is tried again (creating a second

@@ -109,8 +109,10 @@ class HttpBase:
         try:
             yield
         except self._sdk.APIError as exc:
-            raise ProviderError(f"{self.name}: {what} failed: {type(exc).__name__}: "
-                                f"{self._redact(str(exc))}") from None
+            err = ProviderError(f"{self.name}: {what} failed: {type(exc).__name__}: {self._redact(str(exc))}")
+            err.maybe_done = isinstance(exc, self._sdk.APIConnectionError) or (  # timeouts are connection errors
+                isinstance(exc, self._sdk.APIStatusError) and exc.status_code >= 500)
+            raise err from None
 
     def _priced(self, job: CallJob, usage: Usage, mode: Mode) -> float:
         return price_usage(job.req, self.catalog, mode, input_tokens=usage.input_tokens,

@@ -79,7 +79,10 @@ class PolicyError(SmartbatchError):
 
 
 class ProviderError(SmartbatchError):
-    """A provider call failed after all retries."""
+    """A provider call failed after all retries. ``maybe_done``: no answer came (a timeout, a dropped connection,
+    a 5xx), so the provider may have done what was asked."""
+
+    maybe_done: bool = False
 
 
 class EngineStopped(SmartbatchError):

@@ -328,3 +328,42 @@ def test_the_records_of_results_the_hub_did_not_take_go_once_a_push_goes_through
         finally:
             await rig.close()
     asyncio.run(go())
+
+
+@PROVIDERS
+def test_a_batch_whose_create_got_no_answer_is_found_and_followed_not_sent_again(emu, provider):  # noqa: F811
+    """The create reaches the provider and makes the batch, and its answer is lost (a client timeout). Taken for
+    a refusal, its members went back to be sent sync while the batch ran them too, unfollowed: each paid twice,
+    and counted nowhere. The dispatcher asks the provider for it (OpenAI: by its metadata; Anthropic: the create
+    made again under its Idempotency-Key) and follows it: every member billed once, at the batch price."""
+    jobs = jobs_of(provider, claims=True)
+
+    async def go():
+        rig = Rig(emu, provider)
+        client = rig.d.provider.client
+        batches = client.batches if provider == "openai" else client.messages.batches
+        inner, lost = batches.create, []
+        sdk = rig.d.provider._sdk
+
+        async def answer_lost_once(*a, **kw):
+            made = await inner(*a, **kw)
+            if not lost:
+                lost.append(made.id)
+                raise sdk.APITimeoutError(request=None)  # the SDK's own timeout, after the provider made it
+            return made
+
+        batches.create = answer_lost_once
+        try:
+            await rig.reserve(jobs)
+            await rig.run("batch_api", jobs)
+            await rig.resolved(jobs, timeout_s=20)
+            await _settled(rig, 20)
+            assert lost and rig.grouper.readmitted() == []
+            assert len(rig.results) == len(jobs)
+            assert all(r.mode == "batch_api" for r in rig.results.values())
+            billed = billed_by_custom_id(emu)  # (asserts no custom_id is billed twice)
+            assert set(billed) == {batch_key(j) for j in jobs} and {i.mode for i in billed.values()} == {"batch_api"}
+            assert len(emu.bill().items) == len(jobs) and rig.d.paid_twice == 0
+        finally:
+            await rig.close()
+    asyncio.run(go())
