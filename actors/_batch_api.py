@@ -118,11 +118,11 @@ class BatchApiRuns:
         it: the provider is asked for it as after a restart's cut create (OpenAI: by the name in its metadata;
         Anthropic: the create made again under its Idempotency-Key, with the same body). Taken for a refusal,
         the batch ran unfollowed beside its members sent sync: each paid twice, and counted nowhere."""
-        for attempt in range(SUBMIT_TRIES):
+        for attempt in range(SUBMIT_TRIES - 1):
             try:
                 return await self.provider.submit_batch(cjobs, hedge_at, key, body)
             except ProviderError as exc:
-                if not exc.maybe_done or attempt + 1 == SUBMIT_TRIES:
+                if not exc.maybe_done:
                     raise
                 log.warning("dispatcher %s: batch %s got no answer to its create (%s); looking for it", self.name,
                             key, _short(exc))
@@ -130,7 +130,7 @@ class BatchApiRuns:
             found = await self._find_batch(cjobs, key)
             if found is not None:
                 return found
-        return None  # not reached: the last try returns or raises
+        return await self.provider.submit_batch(cjobs, hedge_at, key, body)  # the last try: its error is the batch's
 
     async def _find_batch(self, cjobs: list[CallJob], key: str):
         """The provider's batch for a cut create; a lookup that fails is tried again (creating a second
