@@ -20,6 +20,15 @@ __all__ = ["BatchHandle", "HttpBase", "PollBackoff", "sdk_kwargs"]
 
 # A 4xx other than these means the request itself is wrong: sending it again cannot help.
 _RETRYABLE_4XX = {408, 409, 429}
+_GATEWAY = {502, 504}  # a proxy's or gateway's answer: the provider behind it may have run the call
+
+
+def _never_connected(exc: BaseException) -> bool:
+    """The SDK's connection error came from a connection that was never made (refused, unresolved): nothing was
+    sent. Any other (a reset, a cut while the answer was awaited) may have come after the provider ran the call.
+    Read from the transport's error by its class names, which httpx and its forks share."""
+    cause = exc.__cause__
+    return cause is not None and any(c.__name__ == "ConnectError" for c in type(cause).__mro__)
 
 
 def _key_reused(code: int, exc: BaseException) -> bool:
@@ -132,7 +141,8 @@ class HttpBase:
         return min(cached_blocks(usage.cache_read, usage.cache_write, bt), len(r.prefix_blocks))
 
     def _error(self, exc: BaseException, status_error: type, timeout_error: type, key: str = "") -> CallOutcome:
-        """An SDK exception as a failed, unbilled outcome (``key``: the call's Idempotency-Key)."""
+        """An SDK exception as a failed outcome, billed nothing as far as is known (``key``: the call's
+        Idempotency-Key); ``maybe_billed`` where no answer came though the call may have reached the provider."""
         now = self.clock.now()
         if isinstance(exc, timeout_error):
             return CallOutcome(False, now, 0.0, error=f"{self.name}: timed out after {self.endpoint.timeout_s:g} s",
@@ -152,7 +162,8 @@ class HttpBase:
                                    "answer cannot be read back; not sent again, so as not to pay twice)",
                                    retryable=False, real=True, key_reused=True)
             return CallOutcome(False, now, 0.0, ra, error=f"{self.name} HTTP {code}: {msg}", retryable=retryable,
-                               real=True)
-        # A connection error and the like: nothing reached the provider's billing.
+                               real=True, maybe_billed=code in _GATEWAY)
+        # A connection error: billed nothing if it never connected; cut after the request went, the call may have
+        # been run and billed, as a timeout's (settled at the call's upper bound if every retry fails).
         return CallOutcome(False, now, 0.0, error=f"{self.name}: {type(exc).__name__}: {self._redact(str(exc))}",
-                           real=True)
+                           real=True, maybe_billed=not _never_connected(exc))

@@ -137,3 +137,53 @@ def test_a_call_resumed_after_a_restart_keeps_its_upper_bound_if_every_retry_fai
             finally:
                 await rig.close()
         asyncio.run(go())
+
+
+def _transport_error(rig: Rig, name: str) -> type:
+    """The HTTP transport's own error class ``name`` (httpx's, or the fork the SDK is built on)."""
+    import sys
+
+    transport = next(c for c in type(rig.d.provider.client._client).__mro__ if not c.__module__.startswith("openai"))
+    return getattr(sys.modules[transport.__module__.split(".")[0]], name)
+
+
+@pytest.mark.parametrize(("cut", "billed"), [("ReadError", True), ("ConnectError", False)])
+def test_a_connection_cut_after_the_request_went_keeps_its_bound_and_one_never_made_does_not(cut, billed):
+    """The provider ran and billed the call, and the connection was cut before its answer came (a reset, a proxy's
+    idle cut of a long generation): the SDK raises its connection error, and every retry under the key then fails.
+    Taken for "nothing reached the provider", the claim settled at 0 while the bill had the call. A connection
+    that was never made (refused) sent nothing: its request settles at 0, as before."""
+    with Emulator(CAT, latency_scale=0.0, speedup=1000.0) as emu:
+        (j,) = jobs_of("openai", 1, claims=True)
+
+        async def go():
+            rig = Rig(emu)
+            comp = rig.d.provider.client.chat.completions
+            create, calls = comp.create, []
+            sdk = rig.d.provider._sdk
+
+            async def first_answer_lost(**kw):
+                calls.append(kw)
+                if len(calls) == 1:
+                    if billed:
+                        await create(**kw)  # run and billed; then the connection is cut
+                    emu.faults.script("openai", "chat.completions", [{"status": 500}] * 5)  # every retry fails
+                    raise sdk.APIConnectionError(request=None) from _transport_error(rig, cut)("cut")
+                return await create(**kw)
+
+            comp.create = first_answer_lost
+            try:
+                await rig.reserve([j])
+                await rig.run("sync", [j])
+                r = await rig.until(lambda: rig.results.get(j.req.id), "the result")
+                assert r.status == "failed" and len(calls) >= 2, (r.error, len(calls))
+                assert bool(emu.bill().items) is billed
+                if billed:
+                    bound = await kept_bound(rig, j)
+                    assert emu.bill().total_usd <= bound and (await rig.d.stats())["possibly_billed"] == 1
+                else:
+                    await rig.until(lambda: not rig.budget.book.claims, "the claim settled")
+                    assert sum(rig.budget.book.spend.values()) == 0.0
+            finally:
+                await rig.close()
+        asyncio.run(go())
