@@ -10,6 +10,7 @@ import logging
 from actors._batch_api import _short
 from actors._shards import by_result_uid
 from actors._types import send_sharded
+from actors.journal import delete_later
 from actors.metrics import DispatchCounts
 from engine.core.cost import reserve_bound
 from engine.core.grouping import WarmNote
@@ -17,7 +18,6 @@ from engine.core.grouping import WarmNote
 log = logging.getLogger("smartbatch.dispatcher")
 
 FLUSH_S = 0.005
-DELETE_TRIES = 8  # a record's delete, tried again 0.2 s later, then doubling: about 50 s for the journal to answer
 
 
 def maybe_billed_error(error: str | None, maybe_usd: float) -> str | None:
@@ -119,9 +119,7 @@ class Outbox:
                 except Exception as exc:  # tried again: a record left for good is a batch a restart re-attaches to
                     log.warning("dispatcher %s: could not clear %d journal record(s), trying again: %s", self.name,
                                 len(keys), _short(exc))
-                    task = asyncio.get_running_loop().create_task(self._delete_again(space, keys))
-                    self._journal_retries.add(task)
-                    task.add_done_callback(self._journal_retries.discard)
+                    delete_later(self.journal, space, keys, self._journal_retries)
         if readmit:
             send_sharded(self.groupers, readmit)
         one = len(self.caches) == 1  # (as ``Shards`` routes: a lone cache takes every shard's part)
@@ -133,20 +131,6 @@ class Outbox:
             task = self._cache_tasks.get(shard)
             if task is None or task.done():
                 self._cache_tasks[shard] = asyncio.get_running_loop().create_task(self._cache_lane(shard))
-
-    async def _delete_again(self, space: str, keys: list[str]) -> None:
-        """Delete the records of ended work that the journal failed to delete (a Redis blip). Left in it, an ended
-        batch's record is re-attached to by any later restart of this dispatcher, which hands its cancelled members
-        back to be sent again, though they were served."""
-        for attempt in range(DELETE_TRIES):
-            await asyncio.sleep(0.2 * 2 ** attempt)
-            try:
-                await self.journal.delete(space, keys)
-                return
-            except Exception as exc:
-                last = exc
-        log.error("dispatcher %s: %d journal record(s) of ended work could not be cleared (%s); a restart of this "
-                  "dispatcher re-attaches to them", self.name, len(keys), _short(last))
 
     async def _cache_lane(self, shard: int) -> None:
         """Hand one cache shard its fills, then its orphans (a failed leader's followers come back for

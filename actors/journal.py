@@ -23,9 +23,33 @@ from typing import Any
 
 from actors._peer import Peer, as_peer
 
-__all__ = ["HubJournal", "JournalWriter", "MemoryJournalStore", "RedisJournal", "make_journal", "redis_journal"]
+__all__ = ["HubJournal", "JournalWriter", "MemoryJournalStore", "RedisJournal", "delete_later", "make_journal",
+           "redis_journal"]
 
 log = logging.getLogger("smartbatch.journal")
+
+DELETE_TRIES = 8  # a failed delete, tried again 0.2 s later, then doubling: about 50 s for the journal to answer
+
+
+def delete_later(journal, space: str, keys: list[str], tasks: set) -> None:
+    """Delete ``keys`` of ``space`` again, in the background (``tasks`` holds the task while it runs), after the
+    journal failed to (a Redis blip). A record of ended work left in the journal is work a restart takes up again:
+    a batch re-attached to, whose cancelled members are handed back to be sent again, or a call made again, which
+    a provider that no longer holds its key (a failed call's key holds nothing) bills again."""
+    async def run() -> None:
+        for attempt in range(DELETE_TRIES):
+            await asyncio.sleep(0.2 * 2 ** attempt)
+            try:
+                await journal.delete(space, keys)
+                return
+            except Exception as exc:
+                last = exc
+        log.error("journal %s: %d record(s) of ended work could not be cleared (%s: %s); a restart takes them up "
+                  "again", space, len(keys), type(last).__name__, last)
+
+    task = asyncio.get_running_loop().create_task(run())
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
 
 
 class MemoryJournalStore:
@@ -118,6 +142,7 @@ class JournalWriter:
         self._dels: list[str] = []
         self._done: asyncio.Future | None = None
         self._task: asyncio.Task | None = None
+        self.retries: set[asyncio.Task] = set()  # deletes tried again (``delete_later``)
 
     async def put(self, key: str, value: Any) -> None:
         self._puts[key] = value
@@ -141,13 +166,18 @@ class JournalWriter:
             puts, self._puts = self._puts, {}
             dels, self._dels = self._dels, []
             done, self._done = self._done, None
-            try:
-                if dels:
+            if dels:  # apart from the puts: a delete that failed kept them from the journal, and their calls went
+                try:
                     await self.journal.delete(self.space, dels)
-                if puts:
+                except Exception as exc:
+                    log.warning("journal %s: delete failed, trying again (%s: %s)", self.space, type(exc).__name__,
+                                exc)
+                    delete_later(self.journal, self.space, dels, self.retries)
+            if puts:
+                try:
                     await self.journal.put_many(self.space, puts)
-            except Exception as exc:  # the call goes on unjournaled: only a restart just now would lose it
-                log.warning("journal %s: write failed (%s: %s)", self.space, type(exc).__name__, exc)
+                except Exception as exc:  # the call goes on unjournaled: only a restart just now would lose it
+                    log.warning("journal %s: write failed (%s: %s)", self.space, type(exc).__name__, exc)
             if done is not None and not done.done():
                 done.set_result(None)
 

@@ -133,3 +133,78 @@ def test_the_key_names_the_body_and_keeps_the_request_first():
     assert a.rsplit("-", 1)[0] == k.rsplit("-", 1)[0]  # bills are matched to requests by this prefix
     assert idempotency_key(k, {"t": "\ud800"})  # a lone surrogate does not break the digest
     assert KEY not in a
+
+
+def test_a_sync_record_whose_delete_failed_is_deleted_again_so_a_restart_never_calls_it_again(emu):  # noqa: F811
+    """A request fails for good (its four attempts answered 500), and the journal fails once to delete its body
+    record (a Redis blip). The delete is made again: dropped, the record stayed, and the next restart of the
+    dispatcher made the ended call again, which the provider billed (a failed call's key holds nothing to answer
+    from) and no budget counted (its claim had settled at 0)."""
+    emu.faults.script("openai", "chat.completions", [{"status": 500}] * 4)
+
+    async def go():
+        rig = Rig(emu, "openai")
+        space = rig.d._sync_journal.space
+        inner, failed = rig.d.journal.delete, []
+
+        async def delete_fails_once(sp, keys):
+            if sp == space and not failed:
+                failed.append(keys)
+                raise ConnectionError("the journal's Redis timed out")
+            return await inner(sp, keys)
+
+        rig.d.journal.delete = delete_fails_once
+        try:
+            j = Job(0, Request.model_validate({"id": "gone-0", "arrival_s": 0.0, "model": "gpt-5-mini",
+                                               "input_tokens": 300, "output_tokens": 20, "prompt": "task"}), "fp")
+            await rig.run("sync", [j])
+            r = await rig.until(lambda: rig.results.get("gone-0"), "the result")
+            assert r.status == "failed" and emu.bill().items == ()
+            deadline = time.monotonic() + 10.0
+            while not failed or rig.d._sync_journal._task is None or not rig.d._sync_journal._task.done():
+                assert time.monotonic() < deadline, "the outbox never cleared the call's record"
+                await rig.d.flush()
+                await asyncio.sleep(0)
+            await asyncio.gather(*getattr(rig.d._sync_journal, "retries", ()))
+            assert await rig.hub.journal_items(space) == {}
+            again = Dispatcher("openai", rig.catalog, rig.settings, 0, rig.clock, [rig.grouper], rig.hub, None,
+                               rig.budget, key=rig.d._key)
+            try:
+                await again.recover()
+                assert again.resumed_calls == 0 and emu.bill().items == ()
+            finally:
+                await again.provider.close()
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+def test_a_failed_delete_does_not_keep_the_records_written_with_it_from_the_journal():
+    """The journal writer sends the deletes and puts gathered meanwhile together: a delete that failed skipped the
+    puts, whose callers were told their record was written and made their calls unjournaled."""
+    from actors.journal import JournalWriter
+
+    class Journal:
+        def __init__(self) -> None:
+            self.rows: dict[str, Any] = {"old": 0}
+            self.fails = 1
+
+        async def delete(self, space: str, keys: list[str]) -> None:
+            if self.fails:
+                self.fails -= 1
+                raise ConnectionError("the journal's Redis timed out")
+            for k in keys:
+                self.rows.pop(k, None)
+
+        async def put_many(self, space: str, values: dict[str, Any]) -> None:
+            self.rows.update(values)
+
+    async def go():
+        journal = Journal()
+        writer = JournalWriter(journal, "sync:x")
+        writer.delete("old")  # an ended call's record
+        await writer.put("new", 1)  # a call about to be made: written before it goes
+        assert journal.rows.get("new") == 1
+        await asyncio.gather(*getattr(writer, "retries", ()))
+        assert journal.rows == {"new": 1}  # the delete, made again
+    asyncio.run(go())
