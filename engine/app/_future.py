@@ -31,6 +31,13 @@ class ResultFuture(concurrent.futures.Future):
         self._engine = engine
         self._ref = None
 
+    def cancel(self) -> bool:
+        """False, as for a call already running: a request handed to the engine is not called back. It runs on
+        (it may be billed), its result comes, and only then does it leave its place under ``max_pending``. A
+        cancelled future would never take its result, and so never leave that place: after ``max_pending`` of
+        them every ``submit`` was refused for good. Stop waiting with ``result(timeout=...)`` instead."""
+        return False
+
     def object_ref(self):
         """An ``ObjectRef`` that resolves to this request's ``Result`` (the same one each call)."""
         if self._ref is None:

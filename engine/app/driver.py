@@ -10,6 +10,7 @@ once for urgent requests) because one actor call per request caps an engine near
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import secrets
 import threading
@@ -307,7 +308,10 @@ class Engine(AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervised):
     def _resolve(self, fut: ResultFuture, res: Result) -> None:
         if fut.done():
             return
-        fut.set_result(res)
+        try:
+            fut.set_result(res)
+        except concurrent.futures.InvalidStateError:  # another thread resolved it meanwhile, and counted it
+            return
         with self._room:
             self._pending -= 1
             self._finished.append((time.monotonic(), fut._req.uid))

@@ -440,3 +440,46 @@ def test_a_submit_racing_stop_is_refused_or_sent_never_left_behind(monkeypatch):
     assert len(outcome) == 1
     assert isinstance(outcome[0], EngineStopped) or "r50" in _sent(e)
     assert not e._lane_uids()
+
+
+def test_a_future_cannot_be_cancelled_and_so_its_result_always_frees_its_place(monkeypatch):
+    """A ``ResultFuture`` cancelled while its request ran (``wait(..., timeout)`` then ``cancel()`` on what is not
+    done, a common pattern) never took its result, so its place under ``max_pending`` was never freed: after
+    ``max_pending`` of them every ``submit`` was refused for good. Its request cannot be called back, so
+    ``cancel()`` says so (False, as for a running call) and the result comes as for any other."""
+    from engine.core.errors import Overloaded
+    from engine.core.result import Result
+
+    e = _engine(monkeypatch)
+    e._max_pending, e._overload = 1, "raise"
+    fut = e.submit(req(1))
+    assert fut.cancel() is False and not fut.cancelled()
+    with pytest.raises(Overloaded):
+        e.submit(req(2))
+    e._resolve(fut, Result(id=fut.request_id, status="ok"))  # what the pull thread does when it comes
+    assert fut.result(timeout=0).status == "ok" and e._pending == 0
+    assert e.submit(req(2)).request_id == req(2).id
+
+
+def test_a_result_and_a_failure_of_one_request_from_two_threads_resolve_it_once(monkeypatch):
+    """The pull thread delivers a result while the supervising thread fails the same id (an actor died): both
+    read "not done", and the second ``set_result`` raised ``InvalidStateError``, which ended the pull thread,
+    after which no result reached any future."""
+    from engine.app._future import ResultFuture
+    from engine.core.result import Result
+
+    class ResolvedBetween(ResultFuture):
+        """Another thread resolves it just after this one read ``done()`` (the interleaving)."""
+
+        def done(self) -> bool:
+            was = super().done()
+            if not was:
+                super().set_result(Result(id=self.request_id, status="failed", error="the other thread"))
+            return was
+
+    e = _engine(monkeypatch)
+    r = req(1)
+    fut = ResolvedBetween(r, e)
+    e._futs[r.uid], e._pending = fut, 1
+    e._resolve(fut, Result(id=r.id, status="ok"))  # raised InvalidStateError
+    assert fut.result(timeout=0).error == "the other thread"
