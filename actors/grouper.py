@@ -201,6 +201,16 @@ class Grouper(Parking, Warm):
     async def _resolve(self, results: list[tuple[Job, Result]], release: list[str] = ()) -> None:
         """Deliver results of requests that end here (rejected, policy error). Identical requests may be
         following them in the cache: they are handed back and generated after all, never left waiting."""
+        # Held as under way until they are ended: a copy re-admitted while the dispatchers are asked below was
+        # neither pending nor ended, and went on to be billed beside the failure its driver got.
+        uids = {j.req.uid for j, _ in results} - self._reserving
+        self._reserving.update(uids)
+        try:
+            await self._end(results, release)
+        finally:
+            self._reserving.difference_update(uids)
+
+    async def _end(self, results: list[tuple[Job, Result]], release: list[str]) -> None:
         # After a restart, a re-admitted copy of a request may have been dispatched while this one waited here:
         # the dispatcher's result stands, and this copy (rejected, never sent) is dropped. Rare enough (results
         # that end here) for one question per provider.

@@ -454,3 +454,52 @@ def test_ingest_s_forget_returns_only_once_the_hub_has_forgotten_the_id():
         await ing.forget([r.uid])
         assert await hub.claim("d1", [r.uid]) == [r.uid]  # forgotten: a new request waits for its own
     asyncio.run(go())
+
+
+def test_a_copy_readmitted_while_a_failed_request_is_being_ended_is_not_sent_beside_its_failure():
+    """A request ends in the grouper (here its policy fails once), and while the grouper asks the dispatcher
+    whether a copy of it is already under way, the driver re-admits the request (an actor restarted elsewhere).
+    The copy was neither pending nor ended then: it was dispatched, billed, and its result dropped as a
+    duplicate of the failure the driver got."""
+
+    class FailsOnce:
+        def __init__(self) -> None:
+            self.inner, self.failed = load_policy("naive", CAT), False
+
+        def group_key(self, req, compat, now):
+            if not self.failed:
+                self.failed = True
+                raise RuntimeError("a transient policy error")
+            return self.inner.group_key(req, compat, now)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    class SlowHolds:
+        """Answers ``holds`` when the test lets it (an actor call's latency); records what it is sent."""
+
+        def __init__(self) -> None:
+            self.asked, self.answer, self.ran = asyncio.Event(), asyncio.Event(), []
+
+        async def holds(self, uids):
+            self.asked.set()
+            await self.answer.wait()
+            return []
+
+        async def run_many(self, batches, *learn):
+            self.ran += [j.req.id for b in batches for j in b.jobs]
+
+    async def go():
+        hub, disp = ResultHub(), SlowHolds()
+        g = Grouper(FailsOnce(), CAT, ManualClock(0.0), {"openai": disp},
+                    BudgetController(BudgetSettings(), None, ManualClock(0.0)), hub)
+        r = Request.model_validate({"id": "a", "arrival_s": 0.0, "model": "gpt-5-mini", "prompt": "q",
+                                    "priority": "urgent"})
+        first = asyncio.create_task(g.add([Job(0, r, "fp")]))
+        await disp.asked.wait()
+        await g.add([Job(1, r, "fp")])  # the copy, re-admitted
+        disp.answer.set()
+        await first
+        got = [(x.id, x.status) for x in await hub.pull(0.01)]
+        assert got == [("a", "failed")] and disp.ran == [], (got, disp.ran)
+    asyncio.run(go())
