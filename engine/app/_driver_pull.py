@@ -145,6 +145,11 @@ class Pulling:
             if tok != self._incarnation.get(kind):
                 self._incarnation[kind] = tok
                 self._recover([kind])
+            else:
+                # The same hub answers: the pull's reply was lost (a blip between nodes), and with it what the hub
+                # had taken off this driver's queue for it. Claimed again, the open requests have the hub send those
+                # results again (it keeps its recent ones); they waited for the sweep, past their deadlines.
+                self._readmit_open()
             return True
         if self._running:
             self._end(f"engine failure: the result hub ({kind}) died ({type(exc).__name__}) and did not come back")

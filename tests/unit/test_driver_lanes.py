@@ -483,3 +483,46 @@ def test_a_result_and_a_failure_of_one_request_from_two_threads_resolve_it_once(
     e._futs[r.uid], e._pending = fut, 1
     e._resolve(fut, Result(id=r.id, status="ok"))  # raised InvalidStateError
     assert fut.result(timeout=0).error == "the other thread"
+
+
+def test_the_open_requests_are_claimed_again_when_a_pulls_reply_is_lost_and_the_hub_did_not_restart(monkeypatch):
+    """A pull's reply is lost (Ray raises for a call to a live actor on another node, after the hub took the
+    results off this driver's queue), and the hub answers its ping with the same token: it did not restart. The
+    results it sent are claimed again, through the re-admission of the open requests; before, nothing asked for
+    them, and their futures waited for the sweep, past their deadlines."""
+    e = _engine(monkeypatch)
+    fut = e.submit(req(1))
+    readmitted: list = []
+    e._readmit_open = lambda uids=None, tries=0, force=False: readmitted.append(uids)
+
+    class Ref:
+        def __init__(self, value=None, lost=False) -> None:
+            self.value, self.lost = value, lost
+
+    class FakeRay:
+        def get(self, ref, timeout=None):
+            if ref.lost:
+                raise ConnectionError("the reply of a call to a live actor was lost")
+            return ref.value
+
+    pulls: list[Ref] = []
+
+    class Hub:
+        class pull:
+            @staticmethod
+            def remote(wait, client):
+                pulls.append(Ref([], lost=not pulls))  # the first pull's reply is lost
+                if len(pulls) >= 3:
+                    e._running = False
+                return pulls[-1]
+
+        class ping:
+            @staticmethod
+            def remote():
+                return Ref("the same hub")
+
+    e._ray, e._h = FakeRay(), {**e._h, "hubs": [Hub()], "named": {"hub": Hub()}}
+    e._incarnation, e._engine_stopped = {"hub": "the same hub"}, lambda: False
+    e._recover = lambda kinds: pytest.fail(f"no hub restarted, yet {kinds} were recovered")
+    e._pull_loop()
+    assert readmitted == [None] and not fut.done()  # every open request claimed again, once
