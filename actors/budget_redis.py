@@ -55,7 +55,10 @@ local function sweep(prefix, limit)
           redis.call('HINCRBYFLOAT', h, 'reserved', -tonumber(kv[j + 1]))
         end
       end
-      if #kv > 0 then redis.call('HSET', claim, '_swept', '1') end
+      if #kv > 0 then
+        redis.call('HSET', claim, '_swept', '1')
+        redis.call('EXPIRE', claim, 86400)  -- a day for a late settlement to count its spend
+      end
     end
     redis.call('ZREM', exp, rid)
   end
@@ -85,7 +88,9 @@ for c = 1, n do
       refused[#refused + 1] = tostring(j + 1) .. ':' .. tostring(limit - used) .. ':' .. fits
     end
   end
-  if #refused == 0 and nk > 0 then
+  if #refused == 0 then
+    -- Written for a claim no budget covers too: its settlement finds whose spend it is (the report's spend per
+    -- tenant is the bill's, as the in-process ledger's).
     local claim = prefix .. ':c:' .. rid
     redis.call('HSET', claim, '_who', ARGV[i + 4 * nk])
     for j = 0, nk - 1 do
@@ -95,8 +100,9 @@ for c = 1, n do
       if ttl > 0 then redis.call('EXPIRE', h, ttl) end
       redis.call('HINCRBYFLOAT', claim, k, amount)
     end
-    -- The record outlives its expiry by a day, so the sweep finds what to release.
-    redis.call('EXPIRE', claim, math.ceil(ttl) + 86400)
+    -- No expiry of its own until it is settled or swept: the sweep must find what to release however long after
+    -- the claim's expiry the next script runs (a record that outlived it by a day was lost over a long weekend,
+    -- and its reservation stayed for good).
     redis.call('ZADD', prefix .. ':exp', now + ttl, rid)
   end
   out[c] = table.concat(refused, ',')

@@ -196,7 +196,7 @@ class RedisLayer:
                                               retry=Retry(NoBackoff(), 0))
         self.up = True
         self._retry_at = 0.0
-        self._pending: deque[tuple[str, bytes, int]] = deque(maxlen=buffer_max)
+        self._pending: deque[tuple[str, bytes, int, float]] = deque(maxlen=buffer_max)  # ..., when buffered
         self.errors = 0
         self.reconnects = 0
         self.dropped_writes = 0
@@ -226,7 +226,10 @@ class RedisLayer:
         self.reconnects += 1
         log.warning("Redis at %s is back: %d buffered writes replayed", self.url, len(self._pending))
         pending, self._pending = list(self._pending), deque(maxlen=self._pending.maxlen)
-        await self.put_many(pending)
+        # Each with the life it has left: replayed with its whole TTL, an entry outlived it by the outage.
+        now = time.monotonic()
+        left = [(k, v, ttl_ms - (now - at) * 1000.0) for k, v, ttl_ms, at in pending]
+        await self.put_many([(k, v, int(ms)) for k, v, ms in left if ms >= 1.0])
 
     async def get_many(self, keys: list[str]) -> list[tuple[bytes | None, int]]:
         """(value or None, milliseconds its key has left, -1: no expiry) of each key, in one round trip: a
@@ -267,7 +270,8 @@ class RedisLayer:
     def _buffer(self, items: list[tuple[str, bytes, int]]) -> None:
         room = self._pending.maxlen - len(self._pending)
         self.dropped_writes += max(0, len(items) - room)
-        self._pending.extend(items)
+        at = time.monotonic()
+        self._pending.extend((k, v, ttl_ms, at) for k, v, ttl_ms in items)
 
     async def scan_values(self, limit: int, batch: int = 1000) -> list[tuple[str, bytes, int]]:
         """Up to ``limit`` (key, value, milliseconds the key has left) under this prefix and schema, for warming

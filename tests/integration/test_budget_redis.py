@@ -163,12 +163,13 @@ def test_expired_reservations_are_released_and_a_late_settlement_still_counts(re
         assert all(v.ok for v in vs)
         assert await book.window(spec, T0) == (0.0, 9.0)
         exp = r.zscore(f"{prefix}:exp", "live") - float(r.time()[0])
-        assert 590 < exp <= 601 and r.ttl(f"{prefix}:c:live") > 600  # the record outlives its expiry
+        assert 590 < exp <= 601 and r.ttl(f"{prefix}:c:live") == -1  # no expiry of its own until swept
         assert not (await book.reserve_many([Claim("x", "acme", "openai", "gpt-5", "urgent", 2.0)], T0))[0].ok
         _aged(r, prefix, "lost", 601)
         _aged(r, prefix, "late", 601)
         assert await book.sweep() == 2
         assert await book.window(spec, T0) == (0.0, 2.0)  # only the live claim still holds room
+        assert 0 < r.ttl(f"{prefix}:c:late") <= 86400  # swept: a day for a late settlement to count
         assert await book.sweep() == 0  # released once
         await book.settle_many([("late", 2.5), ("live", 1.0)])  # one settles after its expiry, one before
         assert await book.window(spec, T0) == (3.5, 0.0)
@@ -254,3 +255,50 @@ def test_a_window_key_expires_a_day_after_its_window_and_a_later_settlement_touc
         assert not r.keys(f"{prefix}:c:*")
         await client.aclose()
     asyncio.run(go())
+
+
+def test_an_expired_claim_is_released_however_long_after_its_expiry_the_next_script_runs(redis_server):
+    """An engine holding a reservation stops for good, and no ledger script runs for days (a long weekend). The
+    claim's record stays until a sweep releases it: it outlived its expiry by a day, and then the sweep found
+    nothing to release, and its reservation held the budget's room for good."""
+    import redis.asyncio as aioredis
+
+    spec = BudgetSpec(tenant="acme", max_budget=10.0)  # one window for ever (a project's budget)
+    prefix = f"sbtest-budget{next(_prefix)}"
+    r = redis_server.client()
+
+    async def go():
+        client = aioredis.Redis.from_url(redis_server.url)
+        book = RedisBudgetBook(client, [spec], prefix=prefix, reservation_ttl_s=600)
+        assert (await book.reserve_many([Claim("lost", "acme", "openai", "gpt-5", "urgent", 4.0)], T0))[0].ok
+        assert r.ttl(f"{prefix}:c:lost") == -1  # it waits for its sweep, whenever that comes
+        _aged(r, prefix, "lost", 600 + 3 * 86400)  # three days past its expiry
+        assert await book.sweep() == 1 and await book.window(spec, T0) == (0.0, 0.0)
+        await client.aclose()
+    asyncio.run(go())
+
+
+def test_the_spend_of_a_tenant_no_budget_covers_is_counted_as_the_in_process_ledger_counts_it(redis_server):
+    """With budgets set, every request is claimed (the grouper reserves once any budget exists), covered or not.
+    A claim no budget covered left no record, so its settlement found no tenant and the Redis ledger's spend
+    per tenant left it out: short of the bill, where the in-process ledger counts it."""
+    import redis.asyncio as aioredis
+
+    specs = [BudgetSpec(tenant="acme", max_budget=10.0, budget_duration="1d")]
+    reference = BudgetBook(specs)
+
+    async def go():
+        client = aioredis.Redis.from_url(redis_server.url)
+        book = RedisBudgetBook(client, specs, prefix=f"sbtest-budget{next(_prefix)}")
+        claims = [Claim("g1", "globex", "openai", "gpt-5", "normal", 1.0),
+                  Claim("a1", "acme", "openai", "gpt-5", "normal", 1.0)]
+        assert all(v.ok for v in reference.reserve_many(claims, T0))
+        assert all(v.ok for v in await book.reserve_many(claims, T0))
+        reference.settle_many([("g1", 0.5), ("a1", 0.25)])
+        await book.settle_many([("g1", 0.5), ("a1", 0.25)])
+        got = await book.spend_report()
+        await client.aclose()
+        return got
+
+    got = asyncio.run(go())
+    assert got == reference.spend_report() and {row["tenant"] for row in got} == {"acme", "globex"}, got

@@ -236,3 +236,45 @@ def test_a_result_read_from_redis_stays_in_memory_only_as_long_as_its_key_has_le
         assert await fresh.lookup([job(2, "A lighthouse in a storm, oil on canvas", reuse="exact")]) == [0]
         await fresh.close()
     run(go())
+
+
+def test_a_write_buffered_while_redis_was_away_keeps_the_life_it_had_left(redis_server, monkeypatch):
+    """A result stored while the cache's Redis is away waits in the buffer, and is written once Redis answers,
+    with the life its TTL has left: written with the whole TTL, its key outlived it by the outage, and was served
+    after it (every engine on that Redis, and a cache warmed from it, read the key's life)."""
+    import time as real_time
+
+    import actors.cache_layers as layers
+
+    monotonic = [1000.0]  # the layer's real clock, moved by the test rather than waited for
+    monkeypatch.setattr(layers, "time", type("T", (), {"monotonic": staticmethod(lambda: monotonic[0]),
+                                                       "time": staticmethod(real_time.time)}))
+    retry = ManualClock(0.0)
+
+    async def go():
+        layer = RedisLayer(redis_server.url, prefix=f"sbtest-replay{next(_prefixes)}", retry_s=1.0, now=retry.now)
+        made, gone = layer.key("acme", "made-at-once"), layer.key("acme", "gone-meanwhile")
+        real = layer.client.pipeline
+
+        class Away:
+            def __init__(self, *a, **k) -> None:
+                pass
+
+            def set(self, *a, **k) -> None:
+                pass
+
+            async def execute(self):
+                raise ConnectionError("Redis is away")
+
+        layer.client.pipeline = Away
+        await layer.put_many([(made, b"v", 60_000), (gone, b"w", 1_000)])  # both buffered
+        assert not layer.up and len(layer._pending) == 2
+        layer.client.pipeline = real
+        monotonic[0] += 30.0  # Redis answers again 30 s later
+        retry.advance(1.0)
+        await layer.get_many([made])  # the first operation that reaches it replays the buffer
+        admin = redis_server.client()
+        assert layer.up and 29_000 <= admin.pttl(made) <= 30_000  # 60 s from when it was made, not from now
+        assert admin.exists(gone) == 0  # its whole life passed while Redis was away
+        await layer.close()
+    run(go())
