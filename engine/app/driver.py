@@ -251,11 +251,11 @@ class Engine(AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervised):
         return engine_day_origin(self.settings.sim.day_origin_s, self.clock)
 
     # -- submitting -------------------------------------------------------------------------------------------
-    def _as_request(self, r: Request | Mapping) -> Request:
+    def _as_request(self, r: Request | Mapping, at: int | None = None) -> Request:
         if isinstance(r, Request):
             return r
         if not isinstance(r, Mapping):
-            raise RequestError(None, "request", f"a request is a dict (or a Request), got {type(r).__name__}")
+            raise RequestError(None, "request", f"a request is a dict (or a Request), got {type(r).__name__}", at)
         d = dict(r)
         d.setdefault("arrival_s", max(self.clock.now(), 0.0))
         try:
@@ -265,7 +265,7 @@ class Engine(AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervised):
 
             rid = d.get("id") if isinstance(d.get("id"), str) else None
             field, msg = next(iter(_problems_of(exc)), ("request", str(exc)))
-            raise RequestError(rid, field, msg) from None
+            raise RequestError(rid, field, msg, at) from None
 
     def _admit(self, reqs: list[Request]) -> tuple[list[ResultFuture], bool]:
         """Futures for ``reqs`` (existing ones for a repeated (tenant, id)), queuing the new ones; waits for
@@ -354,7 +354,7 @@ class Engine(AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervised):
 
     def submit_many(self, requests: Iterable[Request | Mapping]) -> list[ResultFuture]:
         """Queue many requests; a bad one raises ``RequestError`` before any is queued."""
-        reqs = self._forgotten([self._as_request(r) for r in requests])
+        reqs = self._forgotten([self._as_request(r, k) for k, r in enumerate(requests)])
         with self._lock:
             futs, _ = self._admit(reqs)
         self._flush()

@@ -95,9 +95,11 @@ class Overloaded(SmartbatchError):
 
 
 class RequestError(SmartbatchError):
-    """A request given to ``submit`` is invalid. ``field`` names what to fix; nothing was queued."""
+    """A request given to ``submit`` is invalid. ``field`` names what to fix; nothing was queued. ``position``:
+    where it was among the requests of one ``submit_many`` (from 0), which names a request that has no id."""
 
-    def __init__(self, request_id: str | None, field: str, message: str):
-        self.request_id, self.field = request_id, field
+    def __init__(self, request_id: str | None, field: str, message: str, position: int | None = None):
+        self.request_id, self.field, self.position = request_id, field, position
         rid = f"request {request_id!r}" if request_id else "request"
-        super().__init__(f"{rid}: field '{field}': {message}")
+        at = f" (at {position} of the requests given, counting from 0)" if position is not None else ""
+        super().__init__(f"{rid}{at}: field '{field}': {message}")

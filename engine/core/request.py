@@ -71,6 +71,7 @@ BODY_KEYS = frozenset({
 _CAP_KEYS = ("max_output_tokens", "max_completion_tokens", "max_tokens")
 # An OpenAI Batch input line: {"custom_id", "method", "url", "body"}.
 BATCH_LINE_URLS = ("/v1/chat/completions", "/v1/responses", "/v1/images/generations")
+_URL_KIND = {"/v1/chat/completions": "text", "/v1/responses": "text", "/v1/images/generations": "image"}
 
 
 def body_text(body: dict) -> str:
@@ -240,7 +241,9 @@ class Request(BaseModel):
             check_text(k, "line")
             check_text(v, str(k) or "line")
         _check_names(d)
+        line_url = None
         if "custom_id" in d:
+            line_url = d.get("url", "/v1/chat/completions")
             d = _from_batch_line(d)
         moved = {k: d.pop(k) for k in list(d) if k in BODY_KEYS}
         if moved:
@@ -290,6 +293,12 @@ class Request(BaseModel):
             check_generation(body, "body", endpoint.api)
             if spec.kind == "text" and settings.providers.mode == "http":  # only a real call has a route
                 check_route(body, "body", endpoint.api, spec.api)
+        if line_url is not None and _URL_KIND[line_url] != spec.kind:
+            # Sent as the model's kind and answered in the url's shape: paid for, and read as the wrong thing.
+            fits = [u for u, k in _URL_KIND.items() if k == spec.kind]
+            raise FieldProblem("url", f"url {line_url!r} is for {_URL_KIND[line_url]} models, and {model!r} "
+                               f"generates {spec.kind}: " + (f"use {' or '.join(fits)}" if fits else
+                                                            f"a batch file has no url for {spec.kind} models"))
         kind = d.setdefault("kind", spec.kind)
         if kind != spec.kind:
             raise FieldProblem("kind", f"kind {kind!r} does not match model {model!r}, which generates {spec.kind!r}")

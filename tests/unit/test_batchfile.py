@@ -281,3 +281,31 @@ def test_a_body_with_a_non_string_model_names_model_at_the_endpoint_too(model):
     with pytest.raises(ApiError) as info:
         Validator(CAT, default_settings()).request({"id": "x", "body": body}, _param_in(body))
     assert info.value.param == "model" and "field 'model'" in str(info.value) and "is not a name" in str(info.value)
+
+
+def test_a_line_whose_url_serves_another_kind_than_its_model_is_invalid_naming_url(tmp_path):
+    """A chat model under the images url (or an image model under the chat url) was sent as its model's kind,
+    billed, and answered in the url's shape: a poem presented as base64 image data, status 200. Such a line is
+    refused, naming ``url`` and the url that fits; its neighbours go on."""
+    image = {"custom_id": "img", "method": "POST", "url": "/v1/images/generations",
+             "body": {"model": "gpt-image-1", "prompt": "a lighthouse at dawn"}}
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join([
+        line("ok"),
+        json.dumps({**json.loads(line("poem-as-image")), "url": "/v1/images/generations"}),
+        json.dumps({**image, "custom_id": "image-as-chat", "url": "/v1/chat/completions"}),
+        json.dumps(image)]) + "\n")
+    bf = read_batch_file(src, window_s=3600.0, catalog=CAT)
+    assert [r.id for r in bf.requests] == ["ok", "img"] and not bf.file_problems
+    bad = {b.custom_id: b.problem for b in bf.invalid}
+    assert bad.keys() == {"poem-as-image", "image-as-chat"}
+    assert bad["poem-as-image"][0] == "url" and "use /v1/chat/completions" in bad["poem-as-image"][1]
+    assert bad["image-as-chat"][0] == "url" and "use /v1/images/generations" in bad["image-as-chat"][1]
+
+
+def test_a_bad_tenant_flag_is_refused_once_naming_the_flag(batch, tmp_path):
+    """``smartbatch batch --tenant ''`` put every line in the error file, each naming a field 'tenant' that no
+    line has. The flag is checked before the file is read, and named."""
+    r = runner.invoke(app, ["batch", str(batch), "--out", str(tmp_path / "out.jsonl"), "--tenant", ""])
+    assert r.exit_code == 2 and "--tenant ''" in r.output and "at least 1 character" in r.output, r.output
+    assert not (tmp_path / "out.jsonl").exists()

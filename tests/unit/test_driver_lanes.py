@@ -526,3 +526,20 @@ def test_the_open_requests_are_claimed_again_when_a_pulls_reply_is_lost_and_the_
     e._recover = lambda kinds: pytest.fail(f"no hub restarted, yet {kinds} were recovered")
     e._pull_loop()
     assert readmitted == [None] and not fut.done()  # every open request claimed again, once
+
+
+def test_a_bad_request_of_submit_many_is_named_by_its_place_when_it_has_no_id(monkeypatch):
+    """One of many requests has no usable id: the error named neither it nor its place ("request: field 'id'"),
+    so a user could not find it among a thousand. Nothing is queued."""
+    from engine.core.catalog import default_catalog
+    from engine.core.clock import ManualClock
+    from engine.core.errors import RequestError
+    from engine.core.request import validation_context
+
+    e = _engine(monkeypatch)
+    e._ctx, e.clock = validation_context(default_catalog()), ManualClock(0.0)
+    good = [{"id": f"r{k}", "model": "gpt-5-mini", "prompt": "hi"} for k in range(5)]
+    with pytest.raises(RequestError) as exc:
+        e.submit_many([*good[:3], {"model": "gpt-5-mini", "prompt": "hi"}, *good[3:]])
+    assert exc.value.position == 3 and exc.value.field == "id" and "at 3 of the requests given" in str(exc.value)
+    assert e._pending == 0 and not e._futs
