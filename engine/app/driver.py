@@ -31,7 +31,7 @@ from engine.app.provider_setup import http_setup
 from engine.core.catalog import Catalog, load_catalog
 from engine.core.draws import engine_day_origin
 from engine.core.errors import ConfigError, EngineStopped, Overloaded, RequestError
-from engine.core.request import Request, validation_context
+from engine.core.request import Request, in_catalog, validation_context
 from engine.core.result import Result
 from engine.core.settings import Settings, with_budget
 from engine.runtime.collector import driver_gc
@@ -253,7 +253,7 @@ class Engine(AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervised):
     # -- submitting -------------------------------------------------------------------------------------------
     def _as_request(self, r: Request | Mapping, at: int | None = None) -> Request:
         if isinstance(r, Request):
-            return r
+            return in_catalog(r, self.catalog, at)
         if not isinstance(r, Mapping):
             raise RequestError(None, "request", f"a request is a dict (or a Request), got {type(r).__name__}", at)
         d = dict(r)

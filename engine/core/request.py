@@ -26,11 +26,11 @@ from engine.core._checks import (
 )
 from engine.core.body_tokens import body_image_tokens, call_chars, only_tool_outputs, split_body, tool_chars
 from engine.core.catalog import Catalog, Kind, default_catalog
-from engine.core.errors import CatalogError
+from engine.core.errors import CatalogError, RequestError
 from engine.core.settings import MAX_DEADLINE_S, Settings, default_settings
 
 __all__ = ["BODY_KEYS", "DEADLINE_SLACK_S", "MAX_DEADLINE_S", "MEDIA_PARAMS", "PRIORITIES", "PRIORITY_RANK", "FieldProblem", "Priority",
-           "Request", "Reuse", "body_text", "split_body", "validation_context"]
+           "Request", "Reuse", "body_text", "in_catalog", "split_body", "validation_context"]
 
 Priority = Literal["urgent", "normal", "background"]
 Reuse = Literal["none", "exact", "near"]
@@ -369,3 +369,15 @@ class Request(BaseModel):
     def met_by(self, done_at: float) -> bool:
         """Whether a result at ``done_at`` meets the deadline: the one rule, for both runtimes."""
         return done_at <= self.arrival_s + self.deadline_s + DEADLINE_SLACK_S
+
+
+def in_catalog(req: Request, catalog: Catalog, position: int | None = None) -> Request:
+    """``req`` (a ``Request`` made elsewhere, e.g. validated against another catalog), if ``catalog`` has its
+    provider and model; else ``RequestError`` naming ``model``. Unchecked, it reached a grouper and failed there
+    as "policy error: 'anthropic'"."""
+    try:
+        catalog.model(req.provider, req.model)
+    except CatalogError as exc:
+        raise RequestError(req.id, "model", f"{req.provider}/{req.model} is not in this engine's catalog ({exc}); "
+                           "give a model of it, or start the engine with a catalog that has it", position) from None
+    return req

@@ -363,9 +363,11 @@ def _engine(monkeypatch, owner: bool = True):
     from engine.app.driver import Engine
 
     monkeypatch.setattr(actors.remote, "kill_engine", lambda *a: None)
+    from engine.core.catalog import default_catalog
+
     e = object.__new__(Engine)
     e.log = []
-    e._ray = None
+    e._ray, e.catalog = None, default_catalog()
     e._h = {"ingests": [_Actor(e.log)], "hubs": [_Actor(e.log)], "engine": "fake", "all": []}
     e._owner, e._client, e._next_row, e._micro_batch, e._flush_s = owner, "me", 0, 1000, 0.002
     e._lock = threading.Lock()
@@ -543,3 +545,23 @@ def test_a_bad_request_of_submit_many_is_named_by_its_place_when_it_has_no_id(mo
         e.submit_many([*good[:3], {"model": "gpt-5-mini", "prompt": "hi"}, *good[3:]])
     assert exc.value.position == 3 and exc.value.field == "id" and "at 3 of the requests given" in str(exc.value)
     assert e._pending == 0 and not e._futs
+
+
+def test_a_request_object_of_a_model_the_engines_catalog_lacks_is_refused_naming_model(monkeypatch):
+    """A ``Request`` made elsewhere (validated against the default catalog) for a provider this engine's catalog
+    does not have was queued unchecked, and failed in a grouper as "policy error: 'anthropic'"."""
+    from engine.core.catalog import default_catalog
+    from engine.core.errors import RequestError
+    from engine.core.request import validation_context
+
+    cat = default_catalog()
+    e = _engine(monkeypatch)
+    e.catalog = cat.model_copy(update={"providers": {"openai": cat.providers["openai"]}})
+    made = [Request.model_validate({"id": f"m{k}", "arrival_s": 0.0, "model": model, "prompt": "hi"},
+                                   context=validation_context(cat))
+            for k, model in enumerate(["gpt-5-mini", "claude-haiku-4-5"])]
+    with pytest.raises(RequestError) as exc:
+        e.submit_many(made)
+    assert (exc.value.field, exc.value.position, exc.value.request_id) == ("model", 1, "m1")
+    assert "anthropic/claude-haiku-4-5 is not in this engine's catalog" in str(exc.value) and not e._futs
+    assert e.submit(made[0]).request_id == "m0"
