@@ -9,6 +9,7 @@ from rich.table import Table
 
 from engine.app.cli_common import (
     _check_outputs,
+    _check_tenant,
     _fail,
     _providers,
     _settings,
@@ -103,23 +104,6 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
 
 _INTERRUPTED = ("interrupted (Ctrl-C) before this line finished; a provider batch already submitted for it may "
                 "still finish and be billed")
-
-
-def _check_tenant(tenant: str) -> None:
-    """``--tenant`` against the rule of a request's tenant, once, naming the flag: checked in each line, it was
-    reported against every line of the file, as a field the lines do not have."""
-    from typing import Annotated
-
-    from pydantic import TypeAdapter, ValidationError
-
-    from engine.core.errors import ConfigError
-    from engine.core.request import Request
-
-    try:
-        TypeAdapter(Annotated[(str, *Request.model_fields["tenant"].metadata)]).validate_python(tenant)
-    except ValidationError as exc:
-        raise ConfigError(f"--tenant {tenant!r}: {exc.errors()[0]['msg']}; give a name of 1 to 256 characters, "
-                          "none of them a control character") from None
 
 
 def _finished_or_interrupted(fut, req):

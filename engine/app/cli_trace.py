@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from engine.app.cli_common import _fail, _settings, _warn_skipped, console, trace_app
+from engine.app.cli_common import _check_tenant, _fail, _settings, _warn_skipped, console, trace_app
 from engine.core.errors import SmartbatchError
 
 
@@ -84,6 +84,7 @@ def trace_from_openai_batch(jsonl: Path = typer.Argument(..., help="an OpenAI Ba
     from engine.core.trace import write_trace
 
     try:
+        _check_tenant(tenant)
         settings, cat = _settings(catalog)
         tr = from_openai_batch(jsonl, window_s=parse_window(window), tenant=tenant, catalog=cat, settings=settings,
                                skip_invalid=skip_invalid)

@@ -70,8 +70,8 @@ BODY_KEYS = frozenset({
 })
 _CAP_KEYS = ("max_output_tokens", "max_completion_tokens", "max_tokens")
 # An OpenAI Batch input line: {"custom_id", "method", "url", "body"}.
-BATCH_LINE_URLS = ("/v1/chat/completions", "/v1/responses", "/v1/images/generations")
 _URL_KIND = {"/v1/chat/completions": "text", "/v1/responses": "text", "/v1/images/generations": "image"}
+BATCH_LINE_URLS = tuple(_URL_KIND)
 
 
 def body_text(body: dict) -> str:

@@ -248,7 +248,7 @@ async def _journal_quiet(rig: Rig) -> None:
     """The dispatcher's outbox has flushed, and the deletes it tried again have ended."""
     if rig.d._flusher is not None:
         await rig.d._flusher
-    await asyncio.gather(*getattr(rig.d, "_journal_retries", ()))
+    await asyncio.gather(*rig.d._journal_retries)
 
 
 def _restarted(rig: Rig):

@@ -309,3 +309,7 @@ def test_a_bad_tenant_flag_is_refused_once_naming_the_flag(batch, tmp_path):
     r = runner.invoke(app, ["batch", str(batch), "--out", str(tmp_path / "out.jsonl"), "--tenant", ""])
     assert r.exit_code == 2 and "--tenant ''" in r.output and "at least 1 character" in r.output, r.output
     assert not (tmp_path / "out.jsonl").exists()
+    # Its twin, the trace builder, the same way.
+    r = runner.invoke(app, ["trace", "from-openai-batch", str(batch), "--out", str(tmp_path / "t.jsonl"),
+                            "--tenant", "", "--skip-invalid"])
+    assert r.exit_code == 2 and "--tenant ''" in r.output and not (tmp_path / "t.jsonl").exists(), r.output

@@ -165,7 +165,7 @@ def test_a_sync_record_whose_delete_failed_is_deleted_again_so_a_restart_never_c
                 assert time.monotonic() < deadline, "the outbox never cleared the call's record"
                 await rig.d.flush()
                 await asyncio.sleep(0)
-            await asyncio.gather(*getattr(rig.d._sync_journal, "retries", ()))
+            await asyncio.gather(*rig.d._sync_journal.retries)
             assert await rig.hub.journal_items(space) == {}
             again = Dispatcher("openai", rig.catalog, rig.settings, 0, rig.clock, [rig.grouper], rig.hub, None,
                                rig.budget, key=rig.d._key)
@@ -205,6 +205,6 @@ def test_a_failed_delete_does_not_keep_the_records_written_with_it_from_the_jour
         writer.delete("old")  # an ended call's record
         await writer.put("new", 1)  # a call about to be made: written before it goes
         assert journal.rows.get("new") == 1
-        await asyncio.gather(*getattr(writer, "retries", ()))
+        await asyncio.gather(*writer.retries)
         assert journal.rows == {"new": 1}  # the delete, made again
     asyncio.run(go())
