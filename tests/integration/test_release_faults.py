@@ -48,18 +48,26 @@ ONE = only("openai", catalog=CAT)  # the engine's: the only provider called, so 
 LEAD = release_lead(CAT, load_policy("smart", CAT).reuse)
 
 
-def phase(eng: Engine, tag: str, prompt: str):
-    """QUEUE images and a leader, due in an hour, then a copy of the leader due so that its release time comes
-    RELEASE_IN_S after now. Returns the futures (queue, leader, follower) and the follower's release time."""
+def phase(eng: Engine, tag: str, prompt: str, seen: dict[str, threading.Event]):
+    """QUEUE images due in an hour, then (once one of them reaches the provider) a leader due a minute later,
+    then a copy of the leader due so that its release time comes RELEASE_IN_S after now. Returns the futures
+    (queue, leader, follower) and the follower's release time."""
     now = eng.now()
 
     def img(i: str, text: str, deadline_s: float) -> dict:
         return {"id": f"{tag}-{i}", "model": "gpt-image-1", "prompt": text, "reuse": "exact",
                 "deadline_s": deadline_s, "arrival_s": now}
 
+    # The leader must go behind the queue. Sent at once with the same deadline, it reached an idle provider
+    # first once in a CI run (its micro-batch overtook the queue's), so the copy found it done and the test's
+    # premise was gone. Now it is sent once the queue has reached the provider, and it is due later, so the
+    # dispatcher's ready queue (earliest deadline first) puts it behind the queue's waiting calls.
+    started = threading.Event()
+    seen.update({f"{prompt}, take {k}": started for k in range(QUEUE)})
     queue = eng.submit_many([img(f"q{k}", f"{prompt}, take {k}", 3600.0) for k in range(QUEUE)])
+    assert started.wait(WAIT_S), "the queue never reached the provider"
     lead_s = LEAD(Request.model_validate(img("follower", prompt, 3600.0)))
-    (leader,) = eng.submit_many([img("leader", prompt, 3600.0)])  # behind the queue: due a little later
+    (leader,) = eng.submit_many([img("leader", prompt, 3660.0)])
     (follower,) = eng.submit_many([img("follower", prompt, lead_s + RELEASE_IN_S)])
     return queue, leader, follower, now + RELEASE_IN_S
 
@@ -86,7 +94,7 @@ def test_a_cache_that_dies_while_a_copy_waits_for_its_release_loses_nothing_and_
         try:
             cache = eng._h["named"]["cache"]
             # 1. Killed while the copy waits: its release time is ahead, its leader still behind the queue.
-            queue, leader_a, follower_a, until_a = phase(eng, "a", "A red car on a wet street at night")
+            queue, leader_a, follower_a, until_a = phase(eng, "a", "A red car on a wet street at night", seen_at_provider)
             futs += [*queue, leader_a, follower_a]
             for _ in zip(range(2), cf.as_completed(queue, timeout=WAIT_S)):
                 pass
@@ -101,7 +109,7 @@ def test_a_cache_that_dies_while_a_copy_waits_for_its_release_loses_nothing_and_
             # leader is 15 calls behind, so only the release can have sent it).
             prompt_b = "A blue boat in a calm harbour at dawn"
             seen_at_provider[prompt_b] = threading.Event()
-            queue, leader_b, follower_b, until_b = phase(eng, "b", prompt_b)
+            queue, leader_b, follower_b, until_b = phase(eng, "b", prompt_b, seen_at_provider)
             futs += [*queue, leader_b, follower_b]
             assert seen_at_provider[prompt_b].wait(WAIT_S), "the copy never reached the provider"
             ray.kill(cache, no_restart=False)
