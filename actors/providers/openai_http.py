@@ -187,7 +187,9 @@ class OpenAIProvider(HttpBase):
             return []
         with self._refused("reading a batch's results"):
             content = await self.client.files.content(file_id)
-        return [json.loads(x) for x in content.text.splitlines() if x.strip()]
+        # Lines end at "\n" only: str.splitlines also splits at U+2028, U+2029 and U+0085, which JSON leaves
+        # unescaped inside strings, and one output with such a character made the whole file unreadable.
+        return [json.loads(x) for x in content.text.split("\n") if x.strip()]
 
     async def fetch(self, handle: BatchHandle) -> Mapping[str, CallOutcome]:
         b = handle.batch

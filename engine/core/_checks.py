@@ -103,6 +103,15 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
     # endpoint's chat route refused it).
     "stream": (lambda v: v is False, "false", "the engine answers with the whole output once it is ready: leave "
                "it out"),
+    # OpenAI Responses' background mode answers at once with a queued response, no output and no usage, and
+    # runs (and bills) the call later, out of the engine's sight: it would be read as an empty answer at $0.
+    # An image's background ("transparent", "opaque", "auto") is a string and passes.
+    "background": (lambda v: v is not True, "false, or for an image 'transparent', 'opaque' or 'auto'",
+                   "the engine already waits for the answer (and batches it) on its own: leave it out"),
+    # The catalog prices each model's standard tier; OpenAI's flex and priority tiers bill other prices.
+    "service_tier": (lambda v: v in ("auto", "default", "standard_only"), "'auto' or 'default' (OpenAI), "
+                     "'auto' or 'standard_only' (Anthropic)", "the catalog prices the standard tier only, and "
+                     "flex or priority is billed at other prices: leave it out"),
 }
 GENERATION_PARAMS: Mapping[str, tuple[Callable[[Any], bool], str, str]] = MappingProxyType(_RULES)
 # Narrower ranges of one wire format, checked once the request's provider is known.

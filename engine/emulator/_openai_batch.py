@@ -33,7 +33,7 @@ def _parse_lines(data: bytes, endpoint: str, provider: ProviderSpec
     problems: list[dict] = []
     seen: set[str] = set()
     model: str | None = None
-    for no, raw in enumerate(text.splitlines(), 1):
+    for no, raw in enumerate(text.split("\n"), 1):  # JSONL: U+2028 and kin may sit raw inside a string
         if not raw.strip():
             continue
         try:
@@ -137,7 +137,7 @@ def _advance(core: Core, faults: FaultPlan, batch: OpenAIBatch, now: float) -> N
     def close(b: OpenAIBatch) -> None:
         for lines, attr in ((b.outputs, "output_file_id"), (b.failures, "error_file_id")):
             if lines:
-                data = "".join(json.dumps(x, separators=(",", ":")) + "\n" for x in lines).encode()
+                data = "".join(json.dumps(x, separators=(",", ":"), ensure_ascii=False) + "\n" for x in lines).encode()
                 kind = "output" if attr == "output_file_id" else "error"
                 setattr(b, attr, core.add_file(f"{b.id}_{kind}.jsonl", "batch_output", data).id)
 

@@ -38,7 +38,9 @@ __all__ = [
 CHARS_PER_TOKEN = 4
 MARKER = "[[emulator:output_tokens=N]]"
 _MARKER_RE = re.compile(r"\[\[emulator:output_tokens=(\d+)\]\]")
-_FILLER = " lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor incididunt"
+# A line separator (U+2028) as models sometimes write one: JSON leaves it raw inside a string, so a JSONL
+# reader that splits lines at it (str.splitlines) breaks on the emulator's batch files as on a provider's.
+_FILLER = " lorem ipsum dolor sit amet, consectetur adipiscing elit,\u2028sed do eiusmod tempor incididunt"
 
 
 class Prompt(NamedTuple):

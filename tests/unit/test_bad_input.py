@@ -362,6 +362,10 @@ def test_known_media_params_pass():
     ("top", "seed", "7", "a whole number"), ("top", "stop", 5, "a string or a list of strings"),
     ("body", "stop", ["\n", None], "a list of strings"), ("top", "stop_sequences", "END", "a list of strings"),
     ("top", "n", 3, "must be 1"), ("body", "n", "1", "must be 1"), ("top", "presence_penalty", -3, "-2 and 2"),
+    # A Responses background call answers "queued" with no output and no usage, then runs and bills unseen; a
+    # flex or priority tier bills other prices than the catalog's.
+    ("top", "background", True, "false, or for an image"), ("body", "service_tier", "priority", "'auto' or"),
+    ("top", "service_tier", "flex", "standard tier only"),
 ])
 def test_a_generation_parameter_of_the_wrong_type_or_range_is_refused_naming_it(where, key, value, says):
     # Accepted, each of these failed only at the provider: after the request was queued, perhaps in a batch.
@@ -388,6 +392,11 @@ def test_well_formed_generation_parameters_and_nulls_pass_unchanged():
     assert r.body == body and r.max_output_tokens == 64
     assert ok(model="gpt-5-mini", prompt="hi", temperature=None, stop="\n", max_tokens=None).body == {
         "temperature": None, "stop": "\n", "max_tokens": None}
+    assert ok(model="gpt-5-mini", prompt="hi", service_tier="auto", background=False).body == {
+        "service_tier": "auto", "background": False}
+    assert ok(model="claude-sonnet-4-5", prompt="hi", service_tier="standard_only").body == {
+        "service_tier": "standard_only"}
+    assert ok(model="gpt-image-1", prompt="a cat", background="transparent").body == {"background": "transparent"}
 
 
 # --- booleans and numeric strings are not numbers ----------------------------------------------------------

@@ -125,7 +125,7 @@ def upload(client: openai.OpenAI, lines: list[dict]) -> str:
 def jsonl(client: openai.OpenAI, file_id: str | None) -> dict[str, dict]:
     if file_id is None:
         return {}
-    lines = [json.loads(x) for x in client.files.content(file_id).text.splitlines() if x.strip()]
+    lines = [json.loads(x) for x in client.files.content(file_id).text.split("\n") if x.strip()]
     return {x["custom_id"]: x for x in lines}
 
 
