@@ -137,7 +137,8 @@ class BatchApiRuns:
         batch would bill its members twice), then given up on with a warning."""
         for attempt in range(FIND_TRIES):
             try:
-                return await self.provider.find_batch(cjobs, key)
+                known = frozenset(getattr(rec[4], "id", None) for rec in self._open.values()) - {None}
+                return await self.provider.find_batch(cjobs, key, known)
             except Exception as exc:
                 log.warning("dispatcher %s: looking up batch %s failed (%s)", self.name, key, _short(exc))
                 await asyncio.sleep(RETRY_BASE_S * 2 ** attempt)

@@ -356,8 +356,9 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
                error: str | None = None) -> None:
         r = j.req
         now = max(self.clock.now(), r.arrival_s)
-        maybe = 0.0 if ok else self._maybe_billed(j)
-        self._member_done(j, cost if ok else maybe)
+        # A success after an unanswered call: where the key is not honoured, that call may have been billed too.
+        maybe = 0.0 if ok and self.provider.honours_keys else self._maybe_billed(j)
+        self._member_done(j, cost + maybe if ok else maybe)
         if not ok or not r.met_by(now):
             missed = self._counts.deadline_missed
             missed[r.priority] = missed.get(r.priority, 0) + 1

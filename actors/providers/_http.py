@@ -101,6 +101,7 @@ class HttpBase:
         self.spec = catalog.provider(name)
         self.settings = settings
         self.endpoint = endpoint
+        self.honours_keys = endpoint.honours_idempotency_key
         self._key = key or Secret("")
         self.clock = clock
 

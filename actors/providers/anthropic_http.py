@@ -21,6 +21,9 @@ from engine.core.provider_api import BatchState, CallJob, CallOutcome, Usage, id
 __all__ = ["AnthropicProvider"]
 
 _EPHEMERAL = {"type": "ephemeral"}
+FIND_SCAN = 200  # most recent Message Batches looked through for a cut create's batch
+MADE_KEEP = 10_000  # ids of the batches this provider made or adopted, never taken for a cut create's
+FIND_ENDED = 3  # ended look-alikes whose results are read to tell which one holds these members
 
 
 def _usage(u: Mapping | None) -> Usage:
@@ -46,6 +49,7 @@ class AnthropicProvider(HttpBase):
         # What its calls read or wrote, warm for one TTL from their answer (the groupers' belief, ``WarmNote``,
         # counts from the call's start: it must hold wherever in a batch a member ran).
         self._warm = PrefixWarmth(self.spec.prompt_cache.ttl_s if self.spec.prompt_cache else 300.0)
+        self._made: dict[str, None] = {}  # ordered: the oldest go first past MADE_KEEP
 
     def route(self, job: CallJob) -> str:
         return "/v1/messages"
@@ -135,16 +139,50 @@ class AnthropicProvider(HttpBase):
             seen.update(blocks)
         return reqs
 
-    async def find_batch(self, jobs: Sequence[CallJob], ref: str) -> None:
-        # A message batch carries no metadata to be found by: the create is made again under its
-        # Idempotency-Key with the journaled body (see docs/reliability.md for providers that ignore the key).
+    async def find_batch(self, jobs: Sequence[CallJob], ref: str, known: frozenset[str] = frozenset()
+                         ) -> BatchHandle | None:
+        """The batch a cut create made, if Anthropic has it. A Message Batch carries no metadata, and Anthropic
+        does not document ``Idempotency-Key``: a create made again makes a second batch, and both are billed. So
+        it is looked for among the newest batches: one of exactly these many requests that this dispatcher does
+        not follow (``known``, and those it made). Of those still running, it must be the only one (no batch's
+        requests can be read before it ends); an ended one is taken only if its results carry these members'
+        ``custom_id`` s. None: not found (the caller creates it, under the key, for a server that honours one)."""
+        n, running, ended = len(jobs), [], []
+        with self._refused("batch lookup"):
+            seen = 0
+            async for b in self.client.messages.batches.list(limit=100):
+                c = b.request_counts
+                if (b.id not in known and b.id not in self._made
+                        and c.processing + c.succeeded + c.errored + c.canceled + c.expired == n):
+                    (ended if b.processing_status == "ended" else running).append(b)
+                seen += 1
+                if seen >= FIND_SCAN:
+                    break
+            if len(running) == 1:
+                return self._adopt(running[0], jobs)
+            if running:  # two look-alikes running (another client on this key?): neither can be told ours
+                return None
+            keys = {j.key for j in jobs}
+            for b in ended[:FIND_ENDED]:
+                ids = {line.custom_id async for line in await self.client.messages.batches.results(b.id)}
+                if ids == keys:
+                    return self._adopt(b, jobs)
         return None
+
+    def _adopt(self, b: Any, jobs: Sequence[CallJob]) -> BatchHandle:
+        self._made[b.id] = None
+        handle = BatchHandle(b.id, jobs, PollBackoff(self.endpoint.poll_min_s, self.endpoint.poll_max_s))
+        handle.batch = b
+        return handle
 
     async def submit_batch(self, jobs: Sequence[CallJob], hedge_at: float | None, ref: str,
                            body: Any = None) -> Any:
         reqs = body if body is not None else self.batch_body(jobs)
         with self._refused("batch submission"):
             b = await self.client.messages.batches.create(requests=reqs, extra_headers={"Idempotency-Key": ref})
+        self._made[b.id] = None
+        while len(self._made) > MADE_KEEP:  # oldest first
+            del self._made[next(iter(self._made))]
         return BatchHandle(b.id, jobs, PollBackoff(self.endpoint.poll_min_s, self.endpoint.poll_max_s))
 
     async def poll(self, handle: BatchHandle) -> BatchState:

@@ -139,7 +139,8 @@ class OpenAIProvider(HttpBase):
     def batch_body(self, jobs: Sequence[CallJob]) -> None:
         return None  # a batch is found again by its metadata (find_batch): a new create may send a new file
 
-    async def find_batch(self, jobs: Sequence[CallJob], ref: str) -> BatchHandle | None:
+    async def find_batch(self, jobs: Sequence[CallJob], ref: str, known: frozenset[str] = frozenset()
+                         ) -> BatchHandle | None:
         """The batch whose metadata names ``ref``, among the most recent ones (newest first; a restart follows
         its cut create within seconds, so it is near the top)."""
         with self._refused("batch lookup"):

@@ -30,6 +30,7 @@ class _Handle:
 
 class SimulatedProvider:
     real = False
+    honours_keys = True  # nothing real is billed: a simulated retry never pays for an earlier attempt
 
     def __init__(self, sim: SimProvider, clock):
         self.name = sim.spec.name
@@ -60,7 +61,7 @@ class SimulatedProvider:
     def batch_body(self, jobs: Sequence[CallJob]) -> None:
         return None
 
-    async def find_batch(self, jobs: Sequence[CallJob], ref: str) -> None:
+    async def find_batch(self, jobs: Sequence[CallJob], ref: str, known: frozenset[str] = frozenset()) -> None:
         return None  # nothing real was created: the draws run again
 
     async def submit_batch(self, jobs: Sequence[CallJob], hedge_at: float | None, ref: str = "",

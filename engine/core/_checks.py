@@ -149,6 +149,29 @@ def check_generation(body: dict, where: str, api: str | None = None) -> None:
             raise FieldProblem(f"{where}.{key}", f"{where}.{key} must be {rule[1]}, got {shown}; {rule[2]}")
 
 
+def _cache_blocks(body: dict):
+    """(path, block) of every place an Anthropic body may carry ``cache_control``."""
+    yield "", body
+    for name in ("system", "tools"):
+        if isinstance(part := body.get(name), list):
+            yield from ((f".{name}.{i}", b) for i, b in enumerate(part))
+    for k, m in enumerate(body.get("messages") or ()):
+        if isinstance(m, dict) and isinstance(c := m.get("content"), list):
+            yield from ((f".messages.{k}.content.{i}", b) for i, b in enumerate(c))
+
+
+def check_cache_ttl(body: dict, where: str) -> None:
+    """An Anthropic ``cache_control`` with ``ttl: "1h"`` writes its entry at 2x the input price; the catalog, and
+    so every estimate, reservation and result, prices the 5-minute entry's 1.25x. Refused, naming the block."""
+    for path, block in _cache_blocks(body):
+        cc = block.get("cache_control") if isinstance(block, dict) else None
+        if isinstance(cc, dict) and cc.get("ttl") not in (None, "5m"):
+            field = f"{where}{path}.cache_control.ttl"
+            raise FieldProblem(field, f"{field} must be '5m' or left out, got {cc['ttl']!r}: the catalog prices "
+                               "Anthropic's 5-minute cache (writes at 1.25x the input price), and a 1-hour entry "
+                               "writes at 2x; leave ttl out")
+
+
 def check_media(params: dict[str, Any], spec: ModelSpec, model: str) -> None:
     """Fill a media request's priced params with its model's defaults (in place) and hold them to what the
     catalog offers: an image's ``size``, a video's ``resolution`` and ``duration_s``. A value the model does not

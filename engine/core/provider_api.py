@@ -131,6 +131,9 @@ class Provider(Protocol):
 
     name: str
     real: bool  # True: calls leave over HTTP; False: simulated
+    # A call made again under its idempotency key gets the first answer, billed once (ProviderEndpoint's
+    # ``honours_idempotency_key``): False, a retry that succeeds after an unanswered call may be a second bill.
+    honours_keys: bool
 
     def sync_body(self, job: CallJob) -> dict | None:
         """The body ``call`` would send for ``job`` now (None: nothing is sent). The dispatcher fixes it at the
@@ -148,9 +151,10 @@ class Provider(Protocol):
         """Submit a batch-API batch named ``ref`` (unique per batch, the same on every try); returns a handle for
         ``poll``/``cancel``/``fetch``."""
 
-    async def find_batch(self, jobs: Sequence[CallJob], ref: str) -> Any:
-        """After a restart cut a create: the handle of the batch named ``ref`` if the provider has it, else None
-        (it was never created; a create under ``ref`` follows)."""
+    async def find_batch(self, jobs: Sequence[CallJob], ref: str, known: frozenset[str] = frozenset()) -> Any:
+        """After a create got no answer (or a restart cut it): the handle of the batch named ``ref`` if the
+        provider has it, else None (it was never created; a create under ``ref`` follows). ``known``: the ids of
+        the batches the dispatcher follows, never the one looked for."""
 
     async def poll(self, handle: Any) -> BatchState:
         """Where the batch stands."""

@@ -18,6 +18,7 @@ from pydantic import (
 
 from engine.core._checks import (
     FieldProblem,
+    check_cache_ttl,
     check_generation,
     check_json,
     check_media,
@@ -291,6 +292,8 @@ class Request(BaseModel):
         endpoint = settings.providers.endpoints.get(d["provider"])
         if body is not None and endpoint is not None:
             check_generation(body, "body", endpoint.api)
+            if endpoint.api == "anthropic":
+                check_cache_ttl(body, "body")
             if spec.kind == "text" and settings.providers.mode == "http":  # only a real call has a route
                 check_route(body, "body", endpoint.api, spec.api)
         if line_url is not None and _URL_KIND[line_url] != spec.kind:

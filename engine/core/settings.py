@@ -150,6 +150,11 @@ class ProviderEndpoint(BaseModel):
                             "batches sit in 'cancelling' up to 10 min); the hedge falls back this much earlier")
     poll_min_s: float = Field(default=30.0, gt=0, description="first wait between polls of a batch (engine s)")
     poll_max_s: float = Field(default=300.0, gt=0, description="longest wait between polls (engine s)")
+    honours_idempotency_key: bool = Field(default=False, description=(
+        "whether the server answers a call made again under the same Idempotency-Key with its first answer, "
+        "billed once (the project's emulator does; OpenAI and Anthropic do not document the header). False: a "
+        "sync call that got no answer and then succeeded on a retry also keeps the unanswered call's upper bound "
+        "on its budget (possibly billed)"))
 
     @model_validator(mode="after")
     def _url(self) -> ProviderEndpoint:

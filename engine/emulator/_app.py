@@ -44,6 +44,9 @@ class _Pending:
 class App:
     def __init__(self, core: Core, faults: FaultPlan, origin: str = ""):
         self.core, self.faults, self.origin = core, faults, origin
+        # Whether an Idempotency-Key is honoured (the same answer again, billed once). OpenAI and Anthropic do not
+        # document the header: ``Emulator(honour_keys=False)`` plays them as they are documented.
+        self.honour_keys = True
         self._lock = threading.Lock()
         self._calls: list[Call] = []
         self._idem: dict[tuple[str, str, str], _Pending] = {}
@@ -95,7 +98,7 @@ class App:
         if fault is not None:
             return self._fault(fault, ctx)
         key = ctx.headers.get("idempotency-key")
-        if r.idempotent and key:
+        if r.idempotent and key and self.honour_keys:
             return self._idempotent((ctx.provider, r.name, key), r, ctx)
         return self._run(r, ctx)
 

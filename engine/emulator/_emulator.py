@@ -27,11 +27,13 @@ class Emulator:
     ``latency_scale``: multiplies the real sleep of sync calls (0: answer at once, for unit tests).
     ``validating_s``/``finalizing_s``/``cancel_s``: emulator seconds an OpenAI batch spends validating and
     finalizing, and any batch takes to cancel (members keep finishing meanwhile).
+    ``honour_keys``: False plays the providers as documented, where ``Idempotency-Key`` is not a feature.
     """
 
     def __init__(self, catalog: Catalog | None = None, *, port: int = 0, host: str = "127.0.0.1",
                  speedup: float = 1.0, latency_scale: float = 1.0, seed: int = 0, default_output_tokens: int = 256,
-                 cancel_s: float = 30.0, validating_s: float = 1.0, finalizing_s: float = 1.0):
+                 cancel_s: float = 30.0, validating_s: float = 1.0, finalizing_s: float = 1.0,
+                 honour_keys: bool = True):
         if default_output_tokens < 0:
             raise ConfigError(f"default_output_tokens must be >= 0, got {default_output_tokens}")
         self.catalog = catalog or default_catalog()
@@ -42,8 +44,19 @@ class Emulator:
                           finalizing_s=finalizing_s, cancel_s=cancel_s)
         self.faults = FaultPlan(seed, ROUTE_NAMES, self.catalog.providers)
         self._app = App(self._core, self.faults)
+        self._app.honour_keys = honour_keys
         self._server: EmulatorServer | None = None
         self._thread: threading.Thread | None = None
+
+    @property
+    def honour_keys(self) -> bool:
+        """Whether a call or batch create made again under its ``Idempotency-Key`` gets the first answer, billed
+        once (True), or runs and bills again, as OpenAI's and Anthropic's documented APIs do (False)."""
+        return self._app.honour_keys
+
+    @honour_keys.setter
+    def honour_keys(self, value: bool) -> None:
+        self._app.honour_keys = value
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     def start(self) -> Emulator:

@@ -385,6 +385,24 @@ def test_a_temperature_above_anthropics_range_is_refused_for_an_anthropic_model_
     assert ok(model="gpt-5-mini", prompt="hi", temperature=1.5).body == {"temperature": 1.5}
 
 
+def test_an_anthropic_one_hour_cache_entry_is_refused_naming_its_block():
+    # A 1-hour entry writes at 2x the input price; the catalog prices the 5-minute one (1.25x), so each
+    # estimate, reservation and result would have been under the bill.
+    def hour(block: dict) -> dict:
+        return {**block, "cache_control": {"type": "ephemeral", "ttl": "1h"}}
+    text = {"type": "text", "text": "a long shared context"}
+    cases = {"body.system.0.cache_control.ttl": {"system": [hour(text)], "messages": [{"role": "user", "content": "hi"}]},
+             "body.messages.1.content.0.cache_control.ttl": {"messages": [
+                 {"role": "user", "content": "hi"}, {"role": "user", "content": [hour(text)]}]},
+             "body.cache_control.ttl": hour({"messages": [{"role": "user", "content": "hi"}]})}
+    for field, body in cases.items():
+        (f, msg), = refused({"id": "a", "arrival_s": 0, "model": "claude-sonnet-4-5", "body": body})
+        assert f == field and msg.startswith(f"{field} must be '5m' or left out, got '1h'") and "2x" in msg, msg
+    five = {"system": [{**text, "cache_control": {"type": "ephemeral", "ttl": "5m"}}], "messages": [
+        {"role": "user", "content": [{**text, "cache_control": {"type": "ephemeral"}}]}]}
+    assert ok(model="claude-sonnet-4-5", body=five).body == five
+
+
 def test_well_formed_generation_parameters_and_nulls_pass_unchanged():
     body = {"temperature": 0, "top_p": 1, "max_tokens": 64, "seed": -3, "stop": ["\n\n", "END"], "n": 1,
             "frequency_penalty": -0.5, "presence_penalty": 2.0, "top_k": "anything: not a checked key"}

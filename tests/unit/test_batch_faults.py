@@ -334,9 +334,11 @@ def test_the_records_of_results_the_hub_did_not_take_go_once_a_push_goes_through
 def test_a_batch_whose_create_got_no_answer_is_found_and_followed_not_sent_again(emu, provider):  # noqa: F811
     """The create reaches the provider and makes the batch, and its answer is lost (a client timeout). Taken for
     a refusal, its members went back to be sent sync while the batch ran them too, unfollowed: each paid twice,
-    and counted nowhere. The dispatcher asks the provider for it (OpenAI: by its metadata; Anthropic: the create
-    made again under its Idempotency-Key) and follows it: every member billed once, at the batch price."""
+    and counted nowhere. The dispatcher asks the provider for it (OpenAI: by its metadata; Anthropic: among its
+    newest batches, as Idempotency-Key is not documented there, and the emulator here ignores it) and follows
+    it: every member billed once, at the batch price."""
     jobs = jobs_of(provider, claims=True)
+    emu.honour_keys = False
 
     async def go():
         rig = Rig(emu, provider)

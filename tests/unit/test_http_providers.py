@@ -392,10 +392,13 @@ def test_a_batch_cancelled_at_its_hedge_keeps_finished_members_and_never_sends_t
 @PROVIDERS
 def test_a_batch_create_cut_by_the_dispatchers_death_is_followed_after_its_restart_never_created_twice(emu, provider):
     """The dispatcher dies after its create reached the provider, before it heard back. Restarted from the same
-    arguments (as Ray does), it finds the batch (OpenAI: by its metadata) or makes the create again under the
-    same Idempotency-Key and body (Anthropic), follows it, and every member is billed once, as a batch member."""
+    arguments (as Ray does), it finds the batch (OpenAI: by its metadata; Anthropic: the only running batch of
+    that many requests it does not follow), follows it, and every member is billed once, as a batch member. The
+    emulator plays the providers as documented, ignoring Idempotency-Key: Anthropic's create made again under
+    the key made a second batch, and every member was billed twice."""
     jobs = jobs_of(provider, claims=True)
     create = "batches.create" if provider == "openai" else "messages.batches.create"
+    emu.honour_keys = False
 
     async def go():
         rig = Rig(emu, provider)
@@ -423,10 +426,58 @@ def test_a_batch_create_cut_by_the_dispatchers_death_is_followed_after_its_resta
             for j in jobs:
                 assert_batch_member(rig.results[j.req.id], j, billed[batch_key(j)], provider)
             assert emu.count(ROUTE[provider]) == 0  # nothing went sync
-            # OpenAI's batch was found (one create); Anthropic's create was made again and answered with the
-            # batch it had created (billed once, above).
-            assert emu.count(create, status=200) == (1 if provider == "openai" else 2)
+            assert emu.count(create, status=200) == 1  # found, not created again
             await rig.until(lambda: not d2._open, "the batch left the journal")
+            await d2.provider.close()
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+def test_an_anthropic_batch_cut_and_ended_before_the_restart_is_told_from_a_look_alike_by_its_members(emu):
+    """The restart comes after the cut create's batch has ended, and a newer batch of as many requests (another
+    client's on the same key) has ended too. No running batch can be told apart, but an ended one's results
+    name its members: the dispatcher follows the one whose custom_ids are its members', reads their results, and
+    creates nothing again; the look-alike is left alone."""
+    emu.honour_keys = False
+    jobs = jobs_of("anthropic", claims=True)
+    create = "messages.batches.create"
+
+    async def go():
+        rig = Rig(emu, "anthropic")
+        inner, client = rig.d.provider.submit_batch, rig.d.provider.client
+
+        async def create_then_die(*args: Any) -> Any:
+            await inner(*args)
+            await asyncio.Event().wait()
+
+        rig.d.provider.submit_batch = create_then_die
+        try:
+            await rig.reserve(jobs)
+            await rig.run("batch_api", jobs)
+            await rig.until(lambda: emu.count(create, status=200) == 1, "the create reached the provider")
+            for t in list(rig.d._tasks):
+                t.cancel()
+            params = {"model": MODEL["anthropic"], "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+            other = await client.messages.batches.create(
+                requests=[{"custom_id": f"other-{i}", "params": params} for i in range(N)])
+            deadline = time.monotonic() + 20.0
+            async for b in client.messages.batches.list():
+                while (await client.messages.batches.retrieve(b.id)).processing_status != "ended":
+                    assert time.monotonic() < deadline, f"batch {b.id} never ended"
+                    await asyncio.sleep(0.05)
+            d2 = Dispatcher("anthropic", rig.catalog, rig.settings, 0, rig.clock, [rig.grouper], rig.hub, None,
+                            rig.budget, key=Secret(KEY))
+            assert await d2.recover() == 1
+            assert await d2.recall([j.req.uid for j in jobs]) == [j.req.uid for j in jobs]
+            await rig.resolved(jobs)
+            assert rig.grouper.readmitted() == []
+            billed = billed_by_custom_id(emu)
+            assert set(billed) == {batch_key(j) for j in jobs} | {f"other-{i}" for i in range(N)}
+            for j in jobs:
+                assert_batch_member(rig.results[j.req.id], j, billed[batch_key(j)], "anthropic")
+            assert emu.count(create, status=200) == 2 and emu.count(ROUTE["anthropic"]) == 0
+            assert other.id not in {h.id for *_, h, _ in d2._open.values() if h is not None}
             await d2.provider.close()
         finally:
             await rig.close()

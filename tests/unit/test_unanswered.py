@@ -77,6 +77,44 @@ def test_a_timed_out_call_whose_retry_is_answered_settles_at_its_real_cost():
         asyncio.run(go())
 
 
+def test_where_the_key_is_not_honoured_a_retry_answered_after_a_billed_timeout_keeps_the_first_calls_bound():
+    """OpenAI and Anthropic do not document Idempotency-Key: the call that timed out ran and was billed, and its
+    retry ran and was billed again. The ledger counted the answered call only, short of the bill; it now keeps
+    the unanswered call's upper bound beside it, counted as possibly billed. (The emulator honours keys unless
+    told not to; where it does, the retry settles at its real cost, above.)"""
+    with Emulator(CAT, latency_scale=0.0, speedup=1000.0, honour_keys=False) as emu:
+        (j,) = jobs_of("openai", 1, claims=True)
+
+        async def go():
+            rig = Rig(emu)
+            assert rig.d.provider.honours_keys is False
+            comp = rig.d.provider.client.chat.completions
+            create, calls = comp.create, []
+            sdk = rig.d.provider._sdk
+
+            async def first_answer_lost(**kw):
+                calls.append(kw)
+                made = await create(**kw)  # run and billed each time: the key is not honoured
+                if len(calls) == 1:
+                    raise sdk.APITimeoutError(request=None)
+                return made
+
+            comp.create = first_answer_lost
+            try:
+                await rig.reserve([j])
+                await rig.run("sync", [j])
+                r = await rig.until(lambda: rig.results.get(j.req.id), "the result")
+                assert r.status == "ok" and len(calls) == 2 and len(emu.bill().items) == 2, (r, calls)
+                await rig.until(lambda: not rig.budget.book.claims, "the claim settled")
+                spent = sum(rig.budget.book.spend.values())
+                bound = reserve_bound(j.req, rig.catalog, "sync", None)
+                assert spent == pytest.approx(r.cost_usd + bound, abs=1e-12) and spent >= emu.bill().total_usd
+                assert (await rig.d.stats())["possibly_billed"] == 1
+            finally:
+                await rig.close()
+        asyncio.run(go())
+
+
 def test_a_request_rerouted_after_a_timed_out_call_keeps_that_calls_upper_bound_on_its_budget():
     """A timeout is a failure to the circuit breaker: a run of slow answers opens it, and the request goes to the
     fallback model with a new reservation. The timed-out call may still be billed (the provider finishes it), and
