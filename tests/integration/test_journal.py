@@ -149,6 +149,7 @@ class HttpLike:
     second's answers. Bodies differ on every build, as a body that depends on cache warmth can."""
 
     real = True
+    honours_keys = True  # the call made again under its key is answered once (the emulator's way)
 
     def __init__(self, hang: bool):
         self.hang, self.bodies, self.keys = hang, [], []
