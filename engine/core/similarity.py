@@ -2,7 +2,8 @@
 
 A near-duplicate cache is only worth having if it is rarely wrong, so a match above the threshold is still
 refused when the two texts differ in something that changes the output: numbers, negation, colours, named
-entities, the order of the same words ("cat chasing dog" / "dog chasing cat"), or a qualifier one text adds
+entities, the order of the same words ("cat chasing dog" / "dog chasing cat"), a contrast (opposite words,
+negation by a prefix or a verb, direction, the question word: ``engine.core._contrast``), or a qualifier one text adds
 ("lose weight" / "lose weight fast", "IP address" / "my IP address"; measured on QQP, these are most of the
 wrong hits left above 0.9), or a long shared context around words that differ ("List the risks in the report
 below: <report>" / "List the opportunities ...": the shared part carries the cosine to 0.96-1.0 whatever
@@ -19,9 +20,11 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
+from engine.core._contrast import contrast_between, directions, languages, negating_words, stem
+
 __all__ = ["CONTEXT_RATIO", "CONTEXT_WORDS", "GUARDS", "Guards", "Traits", "guard_between", "guard_reason", "traits"]
 
-GUARDS = ("numbers", "negation", "colours", "entities", "word_order", "qualifiers", "context")
+GUARDS = ("numbers", "negation", "colours", "entities", "word_order", "qualifiers", "contrast", "context")
 # The ``context`` guard: two different asks followed by one shared document score 0.96-1.0 from 100-200
 # characters of it on (stop words and punctuation are shared too). Measured over 9 asks and 0-780 characters of
 # a report (benchmarks/bench_context_guard.py), different asks score above 0.925 from a shared part of about
@@ -66,6 +69,7 @@ class Guards(NamedTuple):
     entities: bool = True
     word_order: bool = True
     qualifiers: bool = True
+    contrast: bool = True
     context: bool = True
 
     @staticmethod
@@ -120,6 +124,10 @@ class Traits(NamedTuple):
     openers: frozenset[str] = frozenset()  # lowercased words that open a sentence
     words: frozenset[str] = frozenset()  # every word, lowercased
     possessives: frozenset[str] = frozenset()
+    stems: frozenset[str] = frozenset()  # every word's stem (``_contrast.stem``)
+    negating: int = 0  # negating words the negation guard does not count ("lacks", "hardly")
+    directions: frozenset[tuple[str, str]] = frozenset()  # (word, "to"/"from"/"into")
+    languages: frozenset[str] = frozenset()  # "c#", "c++", "f#"
 
 
 def traits(text: str) -> Traits:
@@ -138,8 +146,10 @@ def traits(text: str) -> Traits:
             possessives.add(t)
         if t not in _STOP:
             content.append(t)
+    words = frozenset(lowered)
     return Traits(frozenset(numbers), negations, frozenset(colours), frozenset(entities), tuple(content),
-                  frozenset(openers), frozenset(lowered), frozenset(possessives))
+                  frozenset(openers), words, frozenset(possessives), frozenset(stem(w) for w in words),
+                  negating_words(lowered), directions(text, lowered, _TOKEN.findall), languages(text))
 
 
 def guard_between(a: Traits, b: Traits, guards: Guards = Guards()) -> str | None:
@@ -164,6 +174,11 @@ def guard_between(a: Traits, b: Traits, guards: Guards = Guards()) -> str | None
         sa, sb = set(ca) | a.possessives, set(cb) | b.possessives
         if sa != sb and (sa < sb or sb < sa):
             return f"one adds words the other lacks: {sorted(sa ^ sb)}"
+    if guards.contrast:
+        why = contrast_between(a.stems, b.stems, a.negating, b.negating, a.directions, b.directions, a.languages,
+                               b.languages)
+        if why is not None:
+            return why
     if guards.context:
         return _context_differs(ca, cb)
     return None

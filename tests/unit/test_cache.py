@@ -17,7 +17,7 @@ from engine.core.grouping import ReuseSettings
 from engine.core.request import Request
 from engine.core.result import Result
 from engine.core.settings import CacheSettings, Settings, SimSettings
-from engine.core.similarity import Guards, guard_reason
+from engine.core.similarity import GUARDS, Guards, guard_reason
 from engine.runtime.reuse import ReuseIndex
 
 NEAR = ReuseSettings(exact=True, in_flight=True, near=True, near_threshold=0.85)
@@ -165,7 +165,54 @@ def test_qualifier_and_known_guards():
     assert guard_reason("How do I learn Python quickly?", "How can I learn Python quickly?") is None
     with pytest.raises(ValueError, match="unknown near-duplicate guard"):
         Guards.of(["colour"])
-    assert Guards.of(["numbers"]) == Guards(True, False, False, False, False, False, False)
+    assert Guards.of(["numbers"]) == Guards(True, *[False] * (len(GUARDS) - 1))
+
+
+# Different asks one word apart, each scored above the text threshold by the near vectors (a helper's
+# adversarial hunt: every other guard passed them), and the contrast guard's reason for each.
+CONTRASTS = [
+    ("Is it legal to record a phone call in California without telling the other person?",
+     "Is it illegal to record a phone call in California without telling the other person?", "prefix"),
+    ("Write a SQL query that lists customers by signup date in ascending order.",
+     "Write a SQL query that lists customers by signup date in descending order.", "opposites"),
+    ("Draft a polite email to my landlord about the broken heating in the apartment.",
+     "Draft a polite email from my landlord about the broken heating in the apartment.", "direction"),
+    ("Why did the Soviet Union collapse so quickly at the end of the Cold War?",
+     "When did the Soviet Union collapse so quickly at the end of the Cold War?", "question words"),
+    ("Show me how to write hello world in C with a short explanation.",
+     "Show me how to write hello world in C# with a short explanation.", "languages"),
+    ("The patient hardly sleeps at night and feels tired all day. What could cause it?",
+     "The patient mostly sleeps at night and feels tired all day. What could cause it?", "negating word"),
+]
+
+
+@pytest.mark.parametrize("a, b, why", CONTRASTS, ids=[c[2] for c in CONTRASTS])
+def test_a_contrast_one_word_apart_is_refused_where_the_cosine_would_serve_it(a, b, why):
+    from engine.core.features import near_vectors_texts
+    from engine.runtime.reuse import class_threshold
+
+    key = ("t", ("openai", "gpt-5-mini", "text"))
+    va, vb = near_vectors_texts([a, b])
+    asked = ReuseSettings().near_threshold
+    assert float(va @ vb) >= class_threshold(key, asked)  # the cosine alone serves it
+
+    def served(guards: Guards) -> bool:
+        idx = ReuseIndex(NEAR_DIM)
+        idx.add_near(key, vb[None, :], ["src"], [b], [0.0])
+        return idx.near(key, va, a, asked, guards) is not None
+    assert served(Guards.of([g for g in GUARDS if g != "contrast"]))  # every other guard lets it through
+    assert not served(Guards())
+    assert why in guard_reason(a, b)
+
+
+@pytest.mark.parametrize("a, b", [
+    ("How do I learn Python quickly?", "How can I learn Python fast?"),
+    ("What is the best way to lose weight?", "What is a good way to lose weight?"),
+    ("How do I export my contacts to a CSV file?", "How can I export my contacts to a CSV file?"),
+    ("Where can I buy cheap flights to Tokyo?", "Where can I find cheap flights to Tokyo?"),
+])
+def test_paraphrases_pass_the_contrast_guard(a, b):
+    assert guard_reason(a, b) is None
 
 
 def test_the_ann_index_finds_what_exact_search_finds(monkeypatch):

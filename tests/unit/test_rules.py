@@ -139,8 +139,15 @@ GUARD_CASES = [
      ["fast"]),
     ("context", "List the risks in the report below.\n" + _REPORT,
      "List the opportunities in the report below.\n" + _REPORT, ["context", "risks", "opportunities"]),
-    ("context", "Write a short poem about this report:\n" + _REPORT,
-     "Write a long essay about this report:\n" + _REPORT, ["context", "poem", "essay"]),
+    ("context", "Write a poem about this report:\n" + _REPORT,
+     "Write an essay about this report:\n" + _REPORT, ["context", "poem", "essay"]),
+    ("contrast", "Sort the customers by signup date in ascending order", "Sort the customers by signup date in "
+     "descending order", ["opposites", "ascend", "descend"]),
+    ("contrast", "Is it legal to record a call without consent?", "Is it illegal to record a call without consent?",
+     ["prefix", "legal", "illegal"]),
+    ("contrast", "Draft an email to my landlord about the heating", "Draft an email from my landlord about the "
+     "heating", ["direction", "to", "from", "landlord"]),
+    ("contrast", "Why did the Roman Empire fall?", "When did the Roman Empire fall?", ["question", "why", "when"]),
 ]
 
 
