@@ -105,6 +105,7 @@ def test_as_completed_takes_awaitables_and_propagates_their_errors(eng):
 def test_timeouts_and_cancellation_leave_the_requests_running(eng):
     async def main():
         futs = [eng.submit(fast("t-fast")), eng.submit(slow("t-slow"))]
+        futs[0].result(timeout=30)  # the fast one is in before the 0.6 s window opens, however slow the machine
         got = []
         with pytest.raises(asyncio.TimeoutError, match="1 of 2 results were not ready"):
             async for res in eng.as_completed(futs, timeout=0.6):

@@ -40,6 +40,10 @@ class Caches:
     def __init__(self, url, tmp_path, **cfg):
         self.url = url
         self.prefix = f"sbtest{next(_prefixes)}"
+        # A 5 s bound on a Redis answer: at the default 0.25 s, one slow reply on a loaded machine counts Redis
+        # as down and the lookup misses (test_journal raised it for that reason). The down path has its own
+        # tests (test_redis_faults.py).
+        cfg.setdefault("redis_timeout_s", 5.0)
         self.cfg = CacheSettings(redis_url=url, redis_prefix=self.prefix, blob_dir=tmp_path / "blobs", **cfg)
         self.clock = ManualClock(0.0)
 

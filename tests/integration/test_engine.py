@@ -112,10 +112,11 @@ class TestOnOneQuietEngine:
                                            "prompt": f"turn {i}", "input_tokens": len(blocks) * 512 + 300,
                                            "output_tokens": 200, "prefix_blocks": blocks, "deadline_s": deadline_s})
 
-        # The follow-up comes once the first turn's result is back and 60 engine seconds later (0.12 s here):
-        # the dispatcher told the groupers of its warmth before it sent that result on.
+        # The follow-up comes once the first turn's result is back, a second later: the dispatcher told the
+        # groupers of its warmth before it sent that result on. (60 s later, as first written, used 0.12 s of the
+        # ~0.55 s of real time the prefix stays believed warm at this speed-up.)
         first = eng.replay([turn(1, 0.0, prefix, 200.0)])[0].result(timeout=60)
-        reqs = [turn(1, 0.0, prefix, 200.0), turn(2, first.done_s - t0 + 60.0, prefix + [7, 8], 3600.0)]
+        reqs = [turn(1, 0.0, prefix, 200.0), turn(2, first.done_s - t0 + 1.0, prefix + [7, 8], 3600.0)]
         follow = eng.replay(reqs[1:])[0].result(timeout=60)
         assert first.mode == "sync" and first.done_s < reqs[1].arrival_s
         assert follow.status == "ok" and follow.mode == "sync" and "warm at the provider" in follow.reason
@@ -235,7 +236,9 @@ def test_identical_concurrent_submits_make_one_provider_call(ray_session):
 def test_redis_cache_serves_a_restarted_engine_and_keeps_tenants_apart(ray_session, redis_server):
     from engine.core.settings import CacheSettings, Settings
 
-    settings = Settings(cache=CacheSettings(redis_url=redis_server.url, redis_prefix="sbtest-engine"))
+    # 5 s for a Redis answer: at the default 0.25 s one slow reply on a loaded machine reads as Redis down.
+    settings = Settings(cache=CacheSettings(redis_url=redis_server.url, redis_prefix="sbtest-engine",
+                                            redis_timeout_s=5.0))
     base = {"model": "gpt-image-1", "prompt": "A red fox in fresh snow, morning light", "deadline_s": 120,
             "priority": "urgent", "reuse": "near"}
     with Engine.start(settings=settings, catalog=OPENAI_ONLY, speedup=50) as eng:
@@ -273,7 +276,10 @@ def test_a_flooding_tenant_does_not_delay_another_in_the_live_engine(ray_session
               "deadline_s": 120.0} for i in range(25)]
     reqs = [Request.model_validate({**d, "model": "gpt-5-mini", "input_tokens": 800, "output_tokens": 200,
                                     "prompt": d["id"]}, context=ctx) for d in flood + quiet]
-    with Engine.start(catalog=cat, speedup=100, policy="smart", metrics_port=None) as eng:
+    # At 100x the quiet requests' 120 s was 1.2 s of real time, and getting through the flood's 3,000 arrivals
+    # (ingest, cache, grouper) took 42-47 engine s of it on an idle machine: 2.5x headroom. At 40x the engine's
+    # own work is a smaller share of each deadline; the provider queue's fair share is what is tested.
+    with Engine.start(catalog=cat, speedup=40, policy="smart", metrics_port=None) as eng:
         results = [f.result(timeout=300) for f in eng.replay(reqs)]
     by_id = {r.id: r for r in results}
     quiet_res = [by_id[f"quiet{i}"] for i in range(25)]
@@ -330,8 +336,12 @@ def test_a_copy_due_before_the_call_it_follows_is_sent_on_its_own_when_that_call
                                        "reuse": "exact", "deadline_s": deadline_s})
 
     queue = [img(10 + k, f"A lighthouse in fog, take {k}", 0.0, 3600.0) for k in range(30)]
-    pair = [img(0, "A red car parked on a wet street at night", 1.0, 3600.0),
-            img(1, "A red car parked on a wet street at night", 2.0, 200.0)]
+    # All at 0, so one call carries the queue and the pair, and the first copy, due a second after the queue,
+    # goes behind it (earliest deadline first). Arriving at 1 s, it went in a call of its own whenever replay
+    # began before the engine's clock passed 1 s, and could reach the idle provider first (as it did in
+    # test_release_faults on CI).
+    pair = [img(0, "A red car parked on a wet street at night", 0.0, 3601.0),
+            img(1, "A red car parked on a wet street at night", 0.0, 202.0)]
     with Engine.start(catalog=cat, speedup=60) as eng:
         results = {r.id: r for r in (f.result(timeout=120) for f in eng.replay(queue + pair))}
         rep = eng.report()

@@ -66,6 +66,7 @@ def phase(eng: Engine, tag: str, prompt: str, seen: dict[str, threading.Event]):
     seen.update({f"{prompt}, take {k}": started for k in range(QUEUE)})
     queue = eng.submit_many([img(f"q{k}", f"{prompt}, take {k}", 3600.0) for k in range(QUEUE)])
     assert started.wait(WAIT_S), "the queue never reached the provider"
+    now = eng.now()  # the copy's 20 s count from here: a slow first call must not use them up
     lead_s = LEAD(Request.model_validate(img("follower", prompt, 3600.0)))
     (leader,) = eng.submit_many([img("leader", prompt, 3660.0)])
     (follower,) = eng.submit_many([img("follower", prompt, lead_s + RELEASE_IN_S)])
