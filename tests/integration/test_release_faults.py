@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import threading
+import time
 
 import pytest
 
@@ -99,7 +100,11 @@ def test_a_cache_that_dies_while_a_copy_waits_for_its_release_loses_nothing_and_
             futs += [*queue, leader_a, follower_a]
             for _ in zip(range(2), cf.as_completed(queue, timeout=WAIT_S)):
                 pass
-            stats = ray.get(cache.stats_now.remote(), timeout=WAIT_S)
+            # The copy was sent once the queue reached the provider, two calls (0.4 s) before this: on a loaded
+            # machine it may still be on its way to the cache. Asked until it follows (each ask a Ray call).
+            t_end = time.monotonic() + WAIT_S
+            while (stats := ray.get(cache.stats_now.remote(), timeout=WAIT_S))["in_flight"] == 0:
+                assert time.monotonic() < t_end, stats
             assert eng.now() < until_a and stats["in_flight"] == 1 and stats["released"] == 0, stats
             ray.kill(cache, no_restart=False)
             assert eng.wait_recovered("cache", 1, timeout=WAIT_S), eng.restarts
