@@ -8,7 +8,10 @@ and one of ours, ``GET /v1/batches/{id}/smartbatch_report`` (each line's cost ag
 
 Request headers (all optional; absent, the engine's defaults apply):
 
-* ``X-Smartbatch-Deadline``: seconds the answer may take (a float > 0); the longer, the cheaper it may ride;
+* ``X-Smartbatch-Deadline``: seconds the answer may take (a float > 0); the longer, the cheaper it may ride.
+  Without it, the priority's default, but never past the client's own read timeout, which the official SDKs
+  send as ``X-Stainless-Read-Timeout`` (600 s by default): a deadline of an hour let the SDK give up at 600 s
+  and retry, twice, each retry a new request (``CLIENT_TIMEOUT_SHARE`` of it is the deadline);
 * ``X-Smartbatch-Priority``: ``urgent``, ``normal`` or ``background``;
 * ``X-Smartbatch-Tenant``: who the request is for (budgets, cache); also the tenant of a batch's lines;
 * ``X-Smartbatch-Request-Id``: the idempotency key (the same id and body again gets the same answer, never a
@@ -26,6 +29,7 @@ Serving it (uvicorn, Ray Serve) is the caller's business: this module starts not
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -70,6 +74,11 @@ _FAILURES = {"failed": (502, "api_error", "request_failed"),
              "rejected": (429, "insufficient_quota", "request_rejected"),
              "expired": (504, "api_error", "deadline_expired")}
 _PROVIDER_STATUS = re.compile(r"\bHTTP (\d{3})\b")  # how a provider's refusal reads in Result.error
+CLIENT_TIMEOUT = "X-Stainless-Read-Timeout"
+CLIENT_TIMEOUT_SHARE = 0.9  # of the client's read timeout, the deadline when none is given: the answer must be back
+# A failed result is final: the engine already retried it as far as its deadline allows. The official SDKs
+# retry a 429, a 5xx and a 409 on their own unless the answer says not to, and each retry is a new request.
+_NO_RETRY = {"x-should-retry": "false"}
 
 
 def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float = 86400.0) -> FastAPI:
@@ -95,6 +104,9 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
         if rid is not None and not rid.strip():
             raise ApiError(400, f"{HEADER_REQUEST_ID} is empty; give an id, or leave the header out for a "
                                 "fresh one", param=HEADER_REQUEST_ID)
+        if "deadline_s" not in fields and (waits := _client_waits(http.headers)) is not None:
+            default = getattr(engine.settings.deadlines, fields.get("priority", "normal"))
+            fields["deadline_s"] = min(default, waits * CLIENT_TIMEOUT_SHARE)
         d = {"id": rid or new_id("req_"), **fields, "body": body}
         param_of = _param_in(body)
         req = validator.request(d, param_of)
@@ -190,13 +202,23 @@ def _param_in(body: dict) -> Callable[[str], str | None]:
     return param_of
 
 
+def _client_waits(headers) -> float | None:
+    """Seconds the client waits for an answer (the SDKs' read timeout), or None if it did not say."""
+    text = headers.get(CLIENT_TIMEOUT)
+    try:
+        seconds = float(text) if text is not None else math.nan
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds > 0 else None
+
+
 def _failure(res: Result) -> ApiError:
     status, kind, code = _FAILURES.get(res.status, _FAILURES["failed"])
     message = res.error or res.reason or res.status
     m = _PROVIDER_STATUS.search(res.error or "") if res.status == "failed" else None
     if m and 400 <= int(m.group(1)) <= 599:
         status = int(m.group(1))  # the provider's own answer, passed through
-    return ApiError(status, f"request {res.id!r} {res.status}: {message}", type=kind, code=code)
+    return ApiError(status, f"request {res.id!r} {res.status}: {message}", type=kind, code=code, headers=_NO_RETRY)
 
 
 def _smartbatch_headers(req: Request, res: Result, catalog: Catalog) -> dict[str, str]:

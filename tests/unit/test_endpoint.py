@@ -37,6 +37,7 @@ class FakeEngine:
         self.settings, self.catalog = default_settings(), CAT
         self._ctx = validation_context(CAT, self.settings)
         self.seen: dict[str, dict] = {}  # id -> the dict submitted
+        self.submitted: list[str] = []  # every submission's id, in order
         self._reqs: dict[tuple[str, str], Request] = {}
         self._held: list[tuple[concurrent.futures.Future, Result]] = []
 
@@ -52,6 +53,7 @@ class FakeEngine:
         if first != req:
             raise RequestError(req.id, "id", "already submitted with other content")
         self.seen[req.id] = dict(d)
+        self.submitted.append(req.id)
         return req
 
     def _result(self, req: Request) -> Result:
@@ -165,7 +167,17 @@ def test_without_headers_the_engine_defaults_apply_and_ids_are_fresh(served):
     ids = {chat(client, "Hi").headers[endpoint.HEADER_REQUEST_ID] for _ in range(2)}
     assert len(ids) == 2
     sent = eng.seen[ids.pop()]
-    assert not {"deadline_s", "tenant", "priority"} & set(sent)
+    assert not {"tenant", "priority"} & set(sent)
+    # The deadline is the client's: the SDK gives up at its read timeout (10 s here, sent as a header), so the
+    # answer must be back by then. With a longer timeout the priority's default applies.
+    assert sent["deadline_s"] == pytest.approx(10 * endpoint.CLIENT_TIMEOUT_SHARE)
+    rid = chat(client, "Hi", extra_headers={endpoint.CLIENT_TIMEOUT: "100000"}).headers[endpoint.HEADER_REQUEST_ID]
+    assert eng.seen[rid]["deadline_s"] == eng.settings.deadlines.normal
+    rid = chat(client, "Hi", extra_headers={endpoint.CLIENT_TIMEOUT: "100000", endpoint.HEADER_PRIORITY: "urgent"}
+               ).headers[endpoint.HEADER_REQUEST_ID]
+    assert eng.seen[rid]["deadline_s"] == eng.settings.deadlines.urgent
+    rid = chat(client, "Hi", extra_headers={endpoint.HEADER_DEADLINE: "900"}).headers[endpoint.HEADER_REQUEST_ID]
+    assert eng.seen[rid]["deadline_s"] == 900.0  # the caller's own deadline wins
 
 
 @pytest.mark.parametrize(("header", "value"), [
@@ -208,6 +220,15 @@ def test_a_failed_result_passes_the_providers_status_and_a_full_engine_is_a_429(
     with pytest.raises(openai.InternalServerError) as exc:
         chat(client, extra_headers={endpoint.HEADER_REQUEST_ID: "q-boom"})
     assert exc.value.status_code == 503 and "HTTP 503" in exc.value.message
+    assert exc.value.response.headers["x-should-retry"] == "false"
+    # A failed result is final (the engine retried it already): the SDK's own retries, on by default, would
+    # each be a new request, generated and billed again. The answer tells it not to.
+    eng, retrying = served[0], client.with_options(max_retries=2)
+    before = len(eng.submitted)
+    with pytest.raises(openai.InternalServerError):
+        retrying.chat.completions.create(model="gpt-5-mini", messages=[{"role": "user", "content": "x"}],
+                                         extra_headers={endpoint.HEADER_REQUEST_ID: "q2-boom"})
+    assert eng.submitted[before:] == ["q2-boom"]
     with pytest.raises(openai.RateLimitError) as exc:
         chat(client, extra_headers={endpoint.HEADER_REQUEST_ID: "full"})
     assert exc.value.response.headers["retry-after"] == "1"
