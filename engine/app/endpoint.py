@@ -97,6 +97,8 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
     app.state.smartbatch = store  # per-replica state, for inspection
     _errors_in_openai_shape(app)
     validator = Validator(catalog, engine.settings)
+    # The client's timeout is real seconds; deadlines are engine seconds (a compressed clock in demos and tests).
+    speedup = float(getattr(getattr(engine, "clock", None), "speedup", 1.0))
 
     async def generate(http: HttpRequest, body: dict[str, Any], url: str) -> JSONResponse:
         fields = smartbatch_fields(http.headers)
@@ -106,7 +108,7 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
                                 "fresh one", param=HEADER_REQUEST_ID)
         if "deadline_s" not in fields and (waits := _client_waits(http.headers)) is not None:
             default = getattr(engine.settings.deadlines, fields.get("priority", "normal"))
-            fields["deadline_s"] = min(default, waits * CLIENT_TIMEOUT_SHARE)
+            fields["deadline_s"] = min(default, waits * CLIENT_TIMEOUT_SHARE * speedup)
         d = {"id": rid or new_id("req_"), **fields, "body": body}
         param_of = _param_in(body)
         req = validator.request(d, param_of)
