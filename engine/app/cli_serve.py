@@ -3,6 +3,7 @@ endpoint) and ``smartbatch stop``."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -230,6 +231,9 @@ def serve(name: str = typer.Option("smartbatch", "--name", help="the engine's na
                                                "(0: a free one); default: no endpoint"),
           http_host: str = typer.Option("127.0.0.1", "--http-host", help="the endpoint's bind address (0.0.0.0: "
                                         "every interface)"),
+          http_key_env: str | None = typer.Option(None, "--http-key-env", help="environment variable holding the "
+                                                  "key callers of the endpoint must send (the SDK's api_key); "
+                                                  "without it, anyone who reaches the port uses the engine"),
           seed: int = typer.Option(0, help="seed of the simulated draws"),
           shards: int = typer.Option(1, "--shards", min=1, help="actors each of ingest, cache, result hub and "
                                      "groupers (one per core of the cluster spreads the load; docs/benchmarks.md)"),
@@ -240,6 +244,7 @@ def serve(name: str = typer.Option("smartbatch", "--name", help="the engine's na
     claim = NameClaim(name)  # first: a second serve of this name is refused at once, before any Ray starts
     try:
         _check_http_port(http_host, http_port)
+        key_digest = _http_key(http_key_env, http_host, http_port)
         import ray
 
         from engine.app.driver import Engine
@@ -258,13 +263,29 @@ def serve(name: str = typer.Option("smartbatch", "--name", help="the engine's na
                                detached=True, num_shards=shards)
         except SmartbatchError as exc:
             _fail(exc)
-        _serve_until_stopped(eng, claim, policy=policy, speedup=speedup, http_host=http_host, http_port=http_port)
+        _serve_until_stopped(eng, claim, policy=policy, speedup=speedup, http_host=http_host, http_port=http_port,
+                             key_digest=key_digest)
     finally:
         claim.release()
 
 
+def _http_key(env: str | None, host: str, port: int | None) -> str | None:
+    """The SHA-256 (hex) of the endpoint's key, read from ``env``; a missing or empty variable is refused. No key
+    on an address others can reach is said, not refused (a trusted network is the caller's call)."""
+    if env is None:
+        if port is not None and host not in ("127.0.0.1", "localhost", "::1"):
+            console.print(f"[yellow]warning:[/] the endpoint on {host} asks no key: anyone who reaches it spends "
+                          "the engine's provider keys; pass --http-key-env NAME")
+        return None
+    key = os.environ.get(env, "").strip()
+    if not key:
+        _fail(ConfigError(f"--http-key-env {env}: the variable {env} is not set or empty; export the key the "
+                          "endpoint's callers will send, or leave the option out"))
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
 def _serve_until_stopped(eng: Any, claim: NameClaim, *, policy: str, speedup: float, http_host: str,
-                         http_port: int | None) -> None:
+                         http_port: int | None, key_digest: str | None = None) -> None:
     import ray
 
     from actors._peer import read_layout
@@ -279,7 +300,7 @@ def _serve_until_stopped(eng: Any, claim: NameClaim, *, policy: str, speedup: fl
         if http_port is not None:
             from engine.app.serve_http import start_endpoint
 
-            endpoint = start_endpoint(name, host=http_host, port=http_port)
+            endpoint = start_endpoint(name, host=http_host, port=http_port, api_key_sha256=key_digest)
         for sig in (signal.SIGINT, signal.SIGTERM):  # one way out for both: the engine stops, then Ray
             signal.signal(sig, lambda *_: done.set())
         claim.publish(address=gcs, endpoint=endpoint)

@@ -21,6 +21,10 @@ Response headers of a generation: ``X-Smartbatch-Mode`` (sync, batch_api, gpu_ba
 ``X-Smartbatch-Cost-Usd``, ``X-Smartbatch-Saving-Usd`` (list price minus cost), ``X-Smartbatch-Hit`` (exact,
 in_flight, near or none) and ``X-Smartbatch-Request-Id``.
 
+With ``api_key_sha256`` every route asks for ``Authorization: Bearer <key>`` whose SHA-256 is that digest (the
+SDK's ``api_key``), and answers any other with a 401 ``invalid_api_key``; the key itself is never held. Without
+it (the default, for a loopback bind) anyone who reaches the port spends the engine's provider keys.
+
 Every error is OpenAI's ``{"error": {"message", "type", "param", "code"}}``; a bad header or body field is a
 400 whose ``param`` names it. Files and batches are held in memory per replica (``_endpoint_batches``).
 Serving it (uvicorn, Ray Serve) is the caller's business: this module starts nothing.
@@ -29,6 +33,8 @@ Serving it (uvicorn, Ray Serve) is the caller's business: this module starts not
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import math
 import re
 import time
@@ -81,10 +87,12 @@ CLIENT_TIMEOUT_SHARE = 0.9  # of the client's read timeout, the deadline when no
 _NO_RETRY = {"x-should-retry": "false"}
 
 
-def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float = 86400.0) -> FastAPI:
+def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float = 86400.0,
+             api_key_sha256: str | None = None) -> FastAPI:
     """The OpenAI-compatible app over ``engine`` (anything with ``Engine``'s asyncio API: ``asubmit``,
     ``submit_many``, ``as_completed`` and ``settings``). ``catalog`` validates requests, lists models and
-    prices the saving; ``window_default_s`` is a batch's completion window when the create call gives none."""
+    prices the saving; ``window_default_s`` is a batch's completion window when the create call gives none;
+    ``api_key_sha256``: the hex SHA-256 of the key a caller must send (None: no key asked)."""
     store = FilesAndBatches(engine, catalog, window_default_s=window_default_s)
 
     @contextlib.asynccontextmanager
@@ -96,6 +104,8 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
                   lifespan=lifespan)
     app.state.smartbatch = store  # per-replica state, for inspection
     _errors_in_openai_shape(app)
+    if api_key_sha256 is not None:
+        _ask_for_key(app, api_key_sha256)
     validator = Validator(catalog, engine.settings)
     # The client's timeout is real seconds; deadlines are engine seconds (a compressed clock in demos and tests).
     speedup = float(getattr(getattr(engine, "clock", None), "speedup", 1.0))
@@ -189,6 +199,20 @@ def _errors_in_openai_shape(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, invalid)
+
+
+def _ask_for_key(app: FastAPI, digest: str) -> None:
+    want = bytes.fromhex(digest)
+
+    @app.middleware("http")
+    async def check_key(http: HttpRequest, call_next):
+        scheme, _, key = http.headers.get("authorization", "").partition(" ")
+        got = hashlib.sha256(key.strip().encode()).digest()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(got, want):
+            return ApiError(401, "Incorrect API key provided: send the key the endpoint was started with "
+                                 "(smartbatch serve --http-key-env) as 'Authorization: Bearer <key>', the SDK's "
+                                 "api_key", code="invalid_api_key").response()
+        return await call_next(http)
 
 
 def _param_in(body: dict) -> Callable[[str], str | None]:

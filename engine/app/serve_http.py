@@ -39,20 +39,22 @@ def port_in_use(host: str, port: int) -> str | None:
     return None
 
 
-def _builder(engine: str):
+def _builder(engine: str, api_key_sha256: str | None):
     def build():  # runs in the replica, which is already on the engine's Ray
         from engine.app.driver import Engine
         from engine.app.endpoint import make_app
 
         eng = Engine.connect(engine)
-        return make_app(eng, catalog=eng.catalog)
+        return make_app(eng, catalog=eng.catalog, api_key_sha256=api_key_sha256)
     return build
 
 
-def start_endpoint(engine: str, *, host: str = "127.0.0.1", port: int = 8000) -> str:
+def start_endpoint(engine: str, *, host: str = "127.0.0.1", port: int = 8000,
+                   api_key_sha256: str | None = None) -> str:
     """Serve the endpoint of engine ``engine`` on ``host:port`` (port 0: a free one); returns its base URL
     (``.../v1``), what an OpenAI SDK takes as ``base_url``. Ray must be initialised on the engine's cluster. A
-    port something already listens on is refused (``ConfigError``), see ``port_in_use``."""
+    port something already listens on is refused (``ConfigError``), see ``port_in_use``. ``api_key_sha256``:
+    callers must send the key with that digest (only the digest reaches the replica)."""
     if port and (why := port_in_use(host, port)) is not None:
         raise ConfigError(f"port {port}: {host}:{port} is in use ({why}); stop what listens there, or pass "
                           "another port (0: a free one)")
@@ -60,7 +62,7 @@ def start_endpoint(engine: str, *, host: str = "127.0.0.1", port: int = 8000) ->
 
     port = port or _free_port(host)
     serve.start(http_options={"host": host, "port": port})
-    dep = serve.deployment(serve.ingress(_builder(engine))(), name=app_name(engine),
+    dep = serve.deployment(serve.ingress(_builder(engine, api_key_sha256))(), name=app_name(engine),
                            ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
     serve.run(dep.bind(), name=app_name(engine), route_prefix="/", blocking=False)
     shown = "127.0.0.1" if host in ("", "0.0.0.0") else host

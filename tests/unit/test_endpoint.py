@@ -9,6 +9,8 @@ import json
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 
 import openai
 import pytest
@@ -123,6 +125,44 @@ def served():
     server.should_exit = True
     thread.join(10)
     sock.close()
+
+
+def test_an_endpoint_started_with_a_key_refuses_any_other_in_openais_shape():
+    """``make_app(api_key_sha256=...)`` (``smartbatch serve --http-key-env``): without it anyone who reaches the
+    port spends the engine's provider keys (a helper's review: a wrong key and none both got a 200)."""
+    import hashlib
+
+    eng = FakeEngine()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    digest = hashlib.sha256(b"right-key").hexdigest()
+    server = uvicorn.Server(uvicorn.Config(make_app(eng, catalog=CAT, api_key_sha256=digest), log_level="warning",
+                                           ws="none", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        limit = time.monotonic() + 10
+        while not server.started and thread.is_alive() and time.monotonic() < limit:
+            time.sleep(0.01)
+        url = f"http://127.0.0.1:{port}/v1"
+        with openai.OpenAI(base_url=url, api_key="wrong-key", max_retries=0, timeout=10) as bad:
+            with pytest.raises(openai.AuthenticationError) as exc:
+                chat(bad)
+            assert exc.value.code == "invalid_api_key" and "--http-key-env" in exc.value.message
+            with pytest.raises(openai.AuthenticationError):
+                bad.batches.list()
+        with pytest.raises(urllib.error.HTTPError) as no_key:  # no Authorization header at all
+            urllib.request.urlopen(f"{url}/models", timeout=10)
+        assert no_key.value.code == 401
+        assert eng.submitted == []  # nothing reached the engine
+        with openai.OpenAI(base_url=url, api_key="right-key", max_retries=0, timeout=10) as good:
+            assert chat(good).parse().choices[0].message.content.startswith("echo:")
+            assert good.batches.list().data == []
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
 
 
 def wait_done(client, batch_id: str, limit_s: float = 5.0):

@@ -202,3 +202,17 @@ def test_stop_without_address_finds_the_serve_of_that_name_on_this_machine(monke
         claim.release()
     runner.invoke(app, ["stop", "--name", "prod"])  # that serve has ended
     assert asked == ["10.0.0.5:6379", "auto", "10.0.0.5:6379", "auto"]
+
+
+def test_an_endpoint_key_variable_that_is_not_set_is_refused_naming_it(monkeypatch):
+    monkeypatch.delenv("SB_TEST_ENDPOINT_KEY", raising=False)
+    r = runner.invoke(app, ["serve", "--name", "keyed", "--http-port", "0", "--http-key-env", "SB_TEST_ENDPOINT_KEY"])
+    assert r.exit_code == 2 and "--http-key-env SB_TEST_ENDPOINT_KEY" in " ".join(r.output.split()), r.output
+    monkeypatch.setenv("SB_TEST_ENDPOINT_KEY", "s3cret-key")
+    assert _went_on(["serve", "--name", "keyed", "--http-port", "0", "--http-key-env", "SB_TEST_ENDPOINT_KEY"])
+
+
+def test_an_endpoint_others_can_reach_without_a_key_is_warned_of():
+    r = runner.invoke(app, ["serve", "--name", "open", "--http-host", "0.0.0.0", "--http-port", "0"])
+    assert "asks no key" in " ".join(r.output.split()) and "--http-key-env" in r.output, r.output
+    assert "asks no key" not in runner.invoke(app, ["serve", "--name", "local", "--http-port", "0"]).output
