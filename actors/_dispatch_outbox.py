@@ -36,11 +36,15 @@ class Outbox:
         provider and may have been billed (the retries under its key find the answer only if the provider is done
         and honours the key), so its budget keeps the call's upper bound at the model's output cap: settled at 0,
         a hard budget was overrun by calls billed unseen (a run of slow answers: the bill $0.0454, the ledger
-        $0.0349, the limit $0.05). Counted in the report (``possibly_billed``), never hidden."""
-        if j.req.uid not in self._unanswered:
+        $0.0349, the limit $0.05). Counted in the report (``possibly_billed``), never hidden. Where the provider
+        does not honour the key, each unanswered call may have been billed: that many bounds."""
+        calls = self._unanswered.get(j.req.uid, 0)
+        if not calls:
             return 0.0
-        usd = reserve_bound(j.req, self.catalog, "sync", None)
-        self.possibly_billed += 1
+        if self.provider.honours_keys:  # every retry went under the first call's key: billed once at most
+            calls = 1
+        usd = calls * reserve_bound(j.req, self.catalog, "sync", None)
+        self.possibly_billed += calls
         self.possibly_billed_usd += usd
         return usd
 

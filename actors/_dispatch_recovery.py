@@ -94,7 +94,7 @@ class Recovery:
             self._known.add(j.req.uid)
             # Whether that call was answered died with the last process: its retries settle at their real cost
             # if one is answered, and at the call's upper bound if all fail (``_maybe_billed``), not at 0.
-            self._unanswered.add(j.req.uid)
+            self._unanswered[j.req.uid] += 1
             self.in_flight += 1
             self._spawn(self._run_sync(b, j, cache_write, self.clock.now()), [j], b)
             self.resumed_calls += 1

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 
 from actors._batch_api import BatchApiRuns
 from actors._dispatch_outbox import Outbox, maybe_billed_error
@@ -66,7 +66,7 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
         self.paid_twice, self.paid_twice_usd = 0, 0.0  # members a too-slow cancel still finished after sent again
         self.key_conflicts = 0  # sync calls the provider refused with 409: their key was billed with another body
         self.possibly_billed, self.possibly_billed_usd = 0, 0.0  # failed requests whose call timed out (charged)
-        self._unanswered: set[str] = set()  # uids with a sync call that got no answer: it may have been billed
+        self._unanswered: Counter[str] = Counter()  # uid -> its sync calls that got no answer (maybe billed)
         self.groupers = [as_peer(g) for g in groupers]
         self.hubs, self.caches = Shards(hub), Shards(cache)  # results by id, cache fills by class
         self.hub, self.budget = self.hubs.first, as_peer(budget)  # hub shard 0: metrics and the journal
@@ -279,7 +279,7 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
             self.sim.success(r.model, self.clock.now())
         else:
             if a.maybe_billed:
-                self._unanswered.add(r.uid)
+                self._unanswered[r.uid] += 1
             self._breaker_failure(r.model)
             self._counts.failed(retry_reason(a.retry_after_s, a.error), v == "retry")
             if a.key_reused:  # billed by the provider, failed here: never silent (docs/reliability.md)
@@ -327,7 +327,7 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
 
     def _member_done(self, j: Job, cost: float) -> None:
         self.in_flight -= 1
-        self._unanswered.discard(j.req.uid)
+        self._unanswered.pop(j.req.uid, None)
         self._known.discard(j.req.uid)
         self._body_done(j)
         if j.claim is not None:

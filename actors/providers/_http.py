@@ -120,7 +120,8 @@ class HttpBase:
             yield
         except self._sdk.APIError as exc:
             err = ProviderError(f"{self.name}: {what} failed: {type(exc).__name__}: {self._redact(str(exc))}")
-            err.maybe_done = isinstance(exc, self._sdk.APIConnectionError) or (  # timeouts are connection errors
+            # Timeouts are connection errors; a connection never made (refused) sent nothing.
+            err.maybe_done = (isinstance(exc, self._sdk.APIConnectionError) and not _never_connected(exc)) or (
                 isinstance(exc, self._sdk.APIStatusError) and exc.status_code >= 500)
             raise err from None
 

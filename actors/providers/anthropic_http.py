@@ -15,6 +15,7 @@ from typing import Any
 from actors.providers._http import BatchHandle, HttpBase, PollBackoff, sdk_kwargs
 from actors.providers._wire import message_parts
 from engine.core.cost import shared_prefix_marks
+from engine.core.errors import ProviderError
 from engine.core.grouping import PrefixWarmth, WarmNote
 from engine.core.provider_api import BatchState, CallJob, CallOutcome, Usage, idempotency_key
 
@@ -50,6 +51,10 @@ class AnthropicProvider(HttpBase):
         # counts from the call's start: it must hold wherever in a batch a member ran).
         self._warm = PrefixWarmth(self.spec.prompt_cache.ttl_s if self.spec.prompt_cache else 300.0)
         self._made: dict[str, None] = {}  # ordered: the oldest go first past MADE_KEEP
+        # Per batch name whose create got no answer: the newest batch made before it (the lookup stops there);
+        # and the creates under way, by size (a look-alike of one of them is not the lost one's batch).
+        self._marks: dict[str, str | None] = {}
+        self._creating: dict[int, int] = {}
 
     def route(self, job: CallJob) -> str:
         return "/v1/messages"
@@ -146,11 +151,19 @@ class AnthropicProvider(HttpBase):
         it is looked for among the newest batches: one of exactly these many requests that this dispatcher does
         not follow (``known``, and those it made). Of those still running, it must be the only one (no batch's
         requests can be read before it ends); an ended one is taken only if its results carry these members'
-        ``custom_id`` s. None: not found (the caller creates it, under the key, for a server that honours one)."""
+        ``custom_id`` s. Only batches newer than the newest this provider had made when the create left are
+        looked at (after a restart, all of the newest), and none while another create of as many requests is
+        unanswered (its batch would look alike: the lookup is tried again). None: not found (the caller creates
+        it, under the key, for a server that honours one)."""
         n, running, ended = len(jobs), [], []
+        if self._creating.get(n):  # another create of this size has no answer yet: its batch would look alike
+            raise ProviderError(f"{self.name}: batch lookup deferred: another create of {n} requests is unanswered")
+        mark = self._marks.get(ref)  # the newest batch this provider knew of when the create left
         with self._refused("batch lookup"):
             seen = 0
             async for b in self.client.messages.batches.list(limit=100):
+                if b.id == mark:  # older batches were made before the create left: none is its batch
+                    break
                 c = b.request_counts
                 if (b.id not in known and b.id not in self._made
                         and c.processing + c.succeeded + c.errored + c.canceled + c.expired == n):
@@ -159,6 +172,7 @@ class AnthropicProvider(HttpBase):
                 if seen >= FIND_SCAN:
                     break
             if len(running) == 1:
+                self._marks.pop(ref, None)
                 return self._adopt(running[0], jobs)
             if running:  # two look-alikes running (another client on this key?): neither can be told ours
                 return None
@@ -166,6 +180,7 @@ class AnthropicProvider(HttpBase):
             for b in ended[:FIND_ENDED]:
                 ids = {line.custom_id async for line in await self.client.messages.batches.results(b.id)}
                 if ids == keys:
+                    self._marks.pop(ref, None)
                     return self._adopt(b, jobs)
         return None
 
@@ -178,8 +193,15 @@ class AnthropicProvider(HttpBase):
     async def submit_batch(self, jobs: Sequence[CallJob], hedge_at: float | None, ref: str,
                            body: Any = None) -> Any:
         reqs = body if body is not None else self.batch_body(jobs)
-        with self._refused("batch submission"):
-            b = await self.client.messages.batches.create(requests=reqs, extra_headers={"Idempotency-Key": ref})
+        n = len(jobs)
+        self._marks.setdefault(ref, next(reversed(self._made), None))
+        self._creating[n] = self._creating.get(n, 0) + 1
+        try:
+            with self._refused("batch submission"):
+                b = await self.client.messages.batches.create(requests=reqs, extra_headers={"Idempotency-Key": ref})
+        finally:
+            self._creating[n] -= 1
+        self._marks.pop(ref, None)
         self._made[b.id] = None
         while len(self._made) > MADE_KEEP:  # oldest first
             del self._made[next(iter(self._made))]

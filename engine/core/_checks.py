@@ -157,7 +157,10 @@ def _cache_blocks(body: dict):
             yield from ((f".{name}.{i}", b) for i, b in enumerate(part))
     for k, m in enumerate(body.get("messages") or ()):
         if isinstance(m, dict) and isinstance(c := m.get("content"), list):
-            yield from ((f".messages.{k}.content.{i}", b) for i, b in enumerate(c))
+            for i, b in enumerate(c):
+                yield f".messages.{k}.content.{i}", b
+                if isinstance(b, dict) and isinstance(inner := b.get("content"), list):  # a tool_result's blocks
+                    yield from ((f".messages.{k}.content.{i}.content.{j}", x) for j, x in enumerate(inner))
 
 
 def check_cache_ttl(body: dict, where: str) -> None:

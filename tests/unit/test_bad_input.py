@@ -394,7 +394,11 @@ def test_an_anthropic_one_hour_cache_entry_is_refused_naming_its_block():
     cases = {"body.system.0.cache_control.ttl": {"system": [hour(text)], "messages": [{"role": "user", "content": "hi"}]},
              "body.messages.1.content.0.cache_control.ttl": {"messages": [
                  {"role": "user", "content": "hi"}, {"role": "user", "content": [hour(text)]}]},
-             "body.cache_control.ttl": hour({"messages": [{"role": "user", "content": "hi"}]})}
+             "body.cache_control.ttl": hour({"messages": [{"role": "user", "content": "hi"}]}),
+             "body.messages.2.content.0.content.0.cache_control.ttl": {"messages": [
+                 {"role": "user", "content": "hi"},
+                 {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {}}]},
+                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [hour(text)]}]}]}}
     for field, body in cases.items():
         (f, msg), = refused({"id": "a", "arrival_s": 0, "model": "claude-sonnet-4-5", "body": body})
         assert f == field and msg.startswith(f"{field} must be '5m' or left out, got '1h'") and "2x" in msg, msg

@@ -369,3 +369,45 @@ def test_a_batch_whose_create_got_no_answer_is_found_and_followed_not_sent_again
         finally:
             await rig.close()
     asyncio.run(go())
+
+
+def test_a_lost_anthropic_create_is_not_taken_for_an_older_look_alike(emu):  # noqa: F811
+    """Another client's batch of as many requests, running, made before this dispatcher's last batch: the lookup
+    for a create that got no answer stops at that last batch (none older can be the lost one's). Looked at too,
+    the look-alike made two candidates, neither adopted, and the create was made again: its members billed in
+    both batches."""
+    emu.honour_keys = False
+    first, jobs = jobs_of("anthropic", claims=True), [j._replace(req=j.req.model_copy(update={"id": f"late-{k}"}))
+                                                      for k, j in enumerate(jobs_of("anthropic", claims=True))]
+
+    async def go():
+        rig = Rig(emu, "anthropic")
+        client = rig.d.provider.client
+        params = {"model": "claude-sonnet-4-5", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+        await client.messages.batches.create(requests=[{"custom_id": f"other-{i}", "params": params}
+                                                       for i in range(len(jobs))])
+        try:
+            await rig.reserve(first)
+            await rig.run("batch_api", first, bid="b1")  # this dispatcher's last batch; the other still runs
+            await rig.until(lambda: emu.count("messages.batches.create", status=200) == 2, "b1 made")
+            inner, lost = client.messages.batches.create, []
+
+            async def answer_lost_once(*a, **kw):
+                made = await inner(*a, **kw)
+                if not lost:
+                    lost.append(made.id)
+                    raise rig.d.provider._sdk.APITimeoutError(request=None)
+                return made
+
+            client.messages.batches.create = answer_lost_once
+            await rig.reserve(jobs)
+            await rig.run("batch_api", jobs, bid="b2")
+            await rig.resolved(first + jobs, timeout_s=20)
+            await _settled(rig, 20)
+            assert lost and rig.grouper.readmitted() == []
+            billed = billed_by_custom_id(emu)  # (asserts no custom_id is billed twice)
+            assert {batch_key(j) for j in jobs} <= set(billed)
+            assert emu.count("messages.batches.create", status=200) == 3  # the other, b1, b2: b2 not made again
+        finally:
+            await rig.close()
+    asyncio.run(go())

@@ -210,6 +210,11 @@ def test_a_contrast_one_word_apart_is_refused_where_the_cosine_would_serve_it(a,
     ("What is the best way to lose weight?", "What is a good way to lose weight?"),
     ("How do I export my contacts to a CSV file?", "How can I export my contacts to a CSV file?"),
     ("Where can I buy cheap flights to Tokyo?", "Where can I find cheap flights to Tokyo?"),
+    # A review's false refusals: a hyphen splits "non-profit" into "non" and "profit" (no negation), and
+    # "instead of" says what "in place of" says; i++ and ++i are no language names.
+    ("Is a non-profit organization exempt from income tax?", "Is a nonprofit organization exempt from income tax?"),
+    ("Can I use honey instead of sugar in bread?", "Can I use honey in place of sugar in bread?"),
+    ("for (i = 0; i < n; i++) total += x[i]", "for (i = 0; i < n; ++i) total += x[i]"),
 ])
 def test_paraphrases_pass_the_contrast_guard(a, b):
     assert guard_reason(a, b) is None

@@ -115,6 +115,44 @@ def test_where_the_key_is_not_honoured_a_retry_answered_after_a_billed_timeout_k
         asyncio.run(go())
 
 
+@pytest.mark.parametrize("then_ok", [True, False])
+def test_where_the_key_is_not_honoured_each_unanswered_call_keeps_its_bound(then_ok):
+    """Two calls ran and were billed and got no answer; then a third is answered, or every try fails. Each
+    unanswered call is a bill of its own where the key is not honoured: the ledger kept one bound (a review:
+    $0.000230 against a bill of $0.000345)."""
+    with Emulator(CAT, latency_scale=0.0, speedup=1000.0, honour_keys=False) as emu:
+        (j,) = jobs_of("openai", 1, claims=True)
+
+        async def go():
+            rig = Rig(emu)
+            comp = rig.d.provider.client.chat.completions
+            create, calls = comp.create, []
+            sdk = rig.d.provider._sdk
+
+            async def answers_lost(**kw):
+                calls.append(kw)
+                made = await create(**kw)
+                if len(calls) <= 2 or not then_ok:
+                    raise sdk.APITimeoutError(request=None)
+                return made
+
+            comp.create = answers_lost
+            try:
+                await rig.reserve([j])
+                await rig.run("sync", [j])
+                r = await rig.until(lambda: rig.results.get(j.req.id), "the result")
+                lost = 2 if then_ok else len(calls)
+                assert r.status == ("ok" if then_ok else "failed") and len(emu.bill().items) == len(calls), r
+                await rig.until(lambda: not rig.budget.book.claims, "the claim settled")
+                spent = sum(rig.budget.book.spend.values())
+                bound = reserve_bound(j.req, rig.catalog, "sync", None)
+                assert spent == pytest.approx((r.cost_usd if then_ok else 0.0) + lost * bound, abs=1e-12)
+                assert spent >= emu.bill().total_usd and (await rig.d.stats())["possibly_billed"] == lost
+            finally:
+                await rig.close()
+        asyncio.run(go())
+
+
 def test_a_request_rerouted_after_a_timed_out_call_keeps_that_calls_upper_bound_on_its_budget():
     """A timeout is a failure to the circuit breaker: a run of slow answers opens it, and the request goes to the
     fallback model with a new reservation. The timed-out call may still be billed (the provider finishes it), and
