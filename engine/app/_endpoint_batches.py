@@ -9,9 +9,12 @@ State is per replica and in memory: files and batches live in this process's dic
 one after a restart) does not know them, and a restart forgets them while their requests run on in the engine.
 Behind a load balancer, keep a client on one replica (session affinity) or run one replica.
 
-Cancel follows OpenAI: the batch turns ``cancelling``, then ``cancelled`` with the lines finished by then in
-the output file (billed) and the others in the error file (``batch_cancelled``). The engine has no per-request
-cancel, so those others still run (and may be billed); their results are dropped.
+Cancel follows OpenAI: the batch turns ``cancelling`` and stays so while its lines finish, up to
+``cancel_wait_s`` (OpenAI's "up to 10 minutes"), then ``cancelled`` with the lines finished by then in the output
+file (billed) and the others in the error file (``batch_cancelled``). The engine has no per-request cancel, so
+every accepted line runs on and is billed: the wait puts in the output what was paid for (a review found a
+cancel that finalised at once dropped results still to come, billed all the same). Lines still running at the
+end of the wait may be billed later; their error line says so.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from engine.core.result import Result
 __all__ = ["FilesAndBatches", "MAX_FILE_BYTES"]
 
 MAX_FILE_BYTES = 200 * 1024 * 1024  # OpenAI's limit for a batch input file
+CANCEL_WAIT_S = 600.0  # real seconds a cancelling batch waits for its running lines (OpenAI: up to 10 minutes)
 _ANSWERED = ("ok", "reused")
 _OPEN = ("validating", "in_progress")
 _CANCELLED = ("The batch was cancelled before this line finished. The engine does not stop a request it has "
@@ -148,9 +152,9 @@ class FilesAndBatches:
     """The in-memory files and batches of one replica (see the module docstring), and their routes."""
 
     def __init__(self, engine: AsyncEngine, catalog: Catalog, *, window_default_s: float,
-                 now: Callable[[], float] = time.time):
+                 now: Callable[[], float] = time.time, cancel_wait_s: float = CANCEL_WAIT_S):
         self.engine, self.catalog, self._now = engine, catalog, now
-        self.window_default_s = window_default_s
+        self.window_default_s, self.cancel_wait_s = window_default_s, cancel_wait_s
         self.files: dict[str, StoredFile] = {}
         self.batches: dict[str, BatchJob] = {}
 
@@ -351,11 +355,17 @@ class FilesAndBatches:
                            param="batch_id")
         self._enter(job, "cancelling")
         shown = job.view()  # OpenAI answers a cancel with the batch cancelling
-        if job.task is not None:
-            job.task.cancel()
-            await asyncio.wait({job.task})
-        if job.status == "cancelling":  # cancelled before the collector ever ran
+        task = job.task
+        if task is None or task.done():
             self._finish(job)
+            return shown
+
+        def ended(_: asyncio.Task) -> None:
+            if job.status == "cancelling":  # cancelled before the collector ran: nothing wrote the files
+                self._finish(job)
+        task.add_done_callback(ended)
+        # The collector ends the batch when its last line is in, or when the wait is over (cancelled).
+        asyncio.get_running_loop().call_later(self.cancel_wait_s, task.cancel)
         return shown
 
     async def batch_report(self, batch_id: str) -> dict:

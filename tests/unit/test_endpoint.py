@@ -28,6 +28,7 @@ from engine.core.settings import default_settings
 from engine.core.trace import _problems_of
 
 CAT = default_catalog()
+CANCEL_WAIT_S = 1.0
 
 
 class FakeEngine:
@@ -110,8 +111,9 @@ def served():
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(make_app(eng, catalog=CAT), log_level="warning", ws="none",
-                                           lifespan="on"))
+    # A cancelling batch waits 1 s for its running lines here (600 s by default, as OpenAI's cancel may take).
+    server = uvicorn.Server(uvicorn.Config(make_app(eng, catalog=CAT, cancel_wait_s=CANCEL_WAIT_S), log_level="warning",
+                                           ws="none", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     limit = time.monotonic() + 10
@@ -366,6 +368,23 @@ def test_cancel_keeps_what_finished_and_errors_the_rest(served):
     assert (err["custom_id"], err["error"]["code"]) == ("x-slow", "batch_cancelled")
     with pytest.raises(openai.ConflictError):
         client.batches.cancel(b.id)
+
+
+def test_a_cancelled_batch_waits_for_its_running_lines_and_keeps_what_was_paid_for(served):
+    """The engine cannot stop a line it accepted: it runs on and is billed. Finalised at once, the cancel left
+    that result out of the output (a review); the batch now stays cancelling while its lines finish, up to its
+    wait, and the output has every line that came back."""
+    eng, client = served
+    f = upload(client, [batch_line("done", "one"), batch_line("y-slow", "two")])
+    b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert client.batches.cancel(b.id).status == "cancelling"
+    assert client.batches.retrieve(b.id).status == "cancelling"  # its slow line is still running
+    eng.release()  # the slow line's result comes back within the wait
+    b = wait_done(client, b.id)
+    assert b.status == "cancelled" and b.error_file_id is None
+    assert (b.request_counts.completed, b.request_counts.failed) == (2, 0)
+    outs = {json.loads(x)["custom_id"] for x in client.files.content(b.output_file_id).text.splitlines()}
+    assert outs == {"done", "y-slow"}
 
 
 def test_bad_batch_inputs_and_unknown_ids(served):
