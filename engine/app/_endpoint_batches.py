@@ -119,7 +119,7 @@ class BatchJob:
         self.bf, self.futures, self.custom_ids, self.results, self.task = None, {}, {}, {}, None
 
     def view(self) -> dict[str, Any]:
-        final = self.status in ("completed", "cancelled")
+        final = self.status in ("completed", "cancelled", "expired")
         return {
             "id": self.id, "object": "batch", "endpoint": self.endpoint,
             "errors": {"object": "list", "data": self.errors} if self.errors else None,
@@ -127,7 +127,8 @@ class BatchJob:
             "status": self.status, "output_file_id": self.output_file_id, "error_file_id": self.error_file_id,
             "created_at": self.created_at, "in_progress_at": self.at.get("in_progress"),
             "expires_at": self.created_at + int(self.window_s), "finalizing_at": self.at.get("finalizing"),
-            "completed_at": self.at.get("completed"), "failed_at": self.at.get("failed"), "expired_at": None,
+            "completed_at": self.at.get("completed"), "failed_at": self.at.get("failed"),
+            "expired_at": self.at.get("expired"),
             "cancelling_at": self.at.get("cancelling"), "cancelled_at": self.at.get("cancelled"),
             "request_counts": self.counts(),
             "metadata": self.metadata, "usage": (self._usage() if self.final is None else self.final[1]) if final
@@ -332,7 +333,10 @@ class FilesAndBatches:
         if err:
             job.error_file_id = self._add_file(f"{job.id}_error.jsonl", "batch_output", b"".join(err)).id
         job.report = report(job.bf, results, self.catalog, window_s=job.window_s, policy="engine")
-        self._enter(job, "cancelled" if job.status == "cancelling" else "completed")
+        # A line the engine could not answer within the window (its deadline) expired, and so did the batch, as
+        # OpenAI reports one not done within its completion window: the lines done are in its output all the same.
+        expired = any(r.status == "expired" for r in results)
+        self._enter(job, "cancelled" if job.status == "cancelling" else "expired" if expired else "completed")
         job.release()
 
     def _enter(self, job: BatchJob, status: str) -> None:

@@ -62,6 +62,8 @@ class FakeEngine:
     def _result(self, req: Request) -> Result:
         if req.id.endswith("boom"):
             return Result(id=req.id, tenant=req.tenant, status="failed", error="openai HTTP 503: overloaded")
+        if req.id.endswith("late"):
+            return Result(id=req.id, tenant=req.tenant, status="expired", error="deadline passed before a result")
         if req.kind == "image":
             out = f"https://img.test/{req.id}.png"
         else:
@@ -171,7 +173,7 @@ def wait_done(client, batch_id: str, limit_s: float = 5.0):
     end = time.monotonic() + limit_s
     while time.monotonic() < end:
         b = client.batches.retrieve(batch_id)
-        if b.status in ("completed", "failed", "cancelled"):
+        if b.status in ("completed", "failed", "cancelled", "expired"):
             return b
         time.sleep(0.02)
     raise AssertionError(f"batch {batch_id} still {b.status} after {limit_s} s")
@@ -385,6 +387,21 @@ def test_a_cancelled_batch_waits_for_its_running_lines_and_keeps_what_was_paid_f
     assert (b.request_counts.completed, b.request_counts.failed) == (2, 0)
     outs = {json.loads(x)["custom_id"] for x in client.files.content(b.output_file_id).text.splitlines()}
     assert outs == {"done", "y-slow"}
+
+
+def test_a_batch_whose_line_missed_its_window_is_expired_and_keeps_the_rest(served):
+    """OpenAI's batch is ``expired`` when its window ends before every line is done, with the done ones in its
+    output: a line the engine could not answer by its deadline (the window) read as a ``completed`` batch with
+    no ``expired_at`` (a review)."""
+    _, client = served
+    f = upload(client, [batch_line("done", "one"), batch_line("x-late", "two")])
+    b = wait_done(client, client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                                completion_window="24h").id)
+    assert b.status == "expired" and b.expired_at is not None and b.completed_at is None
+    assert (b.request_counts.completed, b.request_counts.failed) == (1, 1)
+    (out,) = map(json.loads, client.files.content(b.output_file_id).text.splitlines())
+    (err,) = map(json.loads, client.files.content(b.error_file_id).text.splitlines())
+    assert out["custom_id"] == "done" and (err["custom_id"], err["error"]["code"]) == ("x-late", "batch_expired")
 
 
 def test_bad_batch_inputs_and_unknown_ids(served):
