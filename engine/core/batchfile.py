@@ -23,6 +23,7 @@ import collections
 import hashlib
 import io
 import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ Problem = tuple[str, int, str, str]  # (file, line, field, message), as in engin
 _UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 # Error codes of the error file, by the status of the request's result.
 ERROR_CODES = {"failed": "request_failed", "rejected": "request_rejected", "expired": "batch_expired"}
+_HTTP_STATUS = re.compile(r"\bHTTP (\d{3})\b")  # how a provider's refusal reads in Result.error
 
 
 def parse_window(text: str) -> float:
@@ -262,8 +264,15 @@ def result_rows(bf: BatchFile, results: Sequence[Result], *, created: int = 0) -
                                     request_id=src.provider_request_id if src else None))
         else:
             code = ERROR_CODES.get(res.status, "request_failed")
-            rows.append(error_line(ln.custom_id, code, res.error or res.reason or res.status,
-                                   tenant=ln.request.tenant))
+            row = error_line(ln.custom_id, code, res.error or res.reason or res.status, tenant=ln.request.tenant)
+            m = _HTTP_STATUS.search(res.error or "") if res.status == "failed" else None
+            if m and 400 <= int(m.group(1)) <= 599:
+                # The provider answered with an HTTP error: OpenAI's error file gives such a line its response
+                # (status and error body), which readers look up as line["response"]["status_code"].
+                row["response"] = {"status_code": int(m.group(1)), "request_id": res.provider_request_id,
+                                   "body": {"error": {"message": row["error"]["message"], "type": "api_error",
+                                                      "param": None, "code": code}}}
+            rows.append(row)
     return rows
 
 

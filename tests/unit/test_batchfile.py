@@ -107,8 +107,10 @@ def test_output_and_error_files_have_openai_shapes_and_every_custom_id_once(batc
     assert o["response"] == {"status_code": 200, "request_id": "req_1",
                              "body": {"id": "chatcmpl-1", "object": "chat.completion"}}
     errs = {e["custom_id"]: e for e in map(json.loads, err.read_text().splitlines())}
-    assert set(errs) == {"b", "bad"} and all(e["response"] is None for e in errs.values())
+    assert set(errs) == {"b", "bad"} and errs["bad"]["response"] is None
     assert errs["b"]["error"] == {"code": "request_failed", "message": "HTTP 500 after 3 tries"}
+    # The provider's HTTP status in the line's response, as OpenAI's error file has it.
+    assert errs["b"]["response"]["status_code"] == 500
     assert errs["bad"]["error"]["code"] == "invalid_request" and ":3: field 'model'" in errs["bad"]["error"]["message"]
 
 

@@ -331,10 +331,15 @@ def test_a_batch_round_trip_through_files_and_batches(served):
     assert [o["custom_id"] for o in out] == ["a", "b"]
     assert out[1]["response"]["status_code"] == 200
     assert out[1]["response"]["body"]["choices"][0]["message"]["content"] == "echo: two"
-    errs = {e["custom_id"]: e["error"]
-            for e in map(json.loads, client.files.content(b.error_file_id).text.splitlines())}
+    lines = {e["custom_id"]: e for e in map(json.loads, client.files.content(b.error_file_id).text.splitlines())}
+    errs = {cid: e["error"] for cid, e in lines.items()}
     assert errs["bad"]["code"] == "invalid_request" and "field 'model'" in errs["bad"]["message"]
     assert errs["c-boom"]["code"] == "request_failed" and "HTTP 503" in errs["c-boom"]["message"]
+    # The provider's HTTP error rides in the line's response, as in OpenAI's error file (readers look up
+    # line["response"]["status_code"]); a line refused before any call has none.
+    boom = lines["c-boom"]["response"]
+    assert boom["status_code"] == 503 and "HTTP 503" in boom["body"]["error"]["message"]
+    assert lines["bad"]["response"] is None
     rep = client.get(f"/batches/{b.id}/smartbatch_report", cast_to=object)
     assert rep["totals"]["succeeded"] == 2
     assert rep["totals"]["saving_usd"] == pytest.approx(rep["totals"]["cost_usd"])  # half off
