@@ -9,12 +9,9 @@ State is per replica and in memory: files and batches live in this process's dic
 one after a restart) does not know them, and a restart forgets them while their requests run on in the engine.
 Behind a load balancer, keep a client on one replica (session affinity) or run one replica.
 
-Cancel follows OpenAI: the batch turns ``cancelling`` and stays so while its lines finish, up to
-``cancel_wait_s`` (OpenAI's "up to 10 minutes"), then ``cancelled`` with the lines finished by then in the output
-file (billed) and the others in the error file (``batch_cancelled``). The engine has no per-request cancel, so
-every accepted line runs on and is billed: the wait puts in the output what was paid for (a review found a
-cancel that finalised at once dropped results still to come, billed all the same). Lines still running at the
-end of the wait may be billed later; their error line says so.
+Cancel follows OpenAI: ``cancelling`` while its lines finish, up to ``cancel_wait_s`` (OpenAI's "up to 10
+minutes"), then ``cancelled``: the lines finished in the output, the others in the error file
+(``batch_cancelled``; they may still be billed, as the engine has no per-request cancel).
 """
 
 from __future__ import annotations
