@@ -361,10 +361,8 @@ class FilesAndBatches:
             self._finish(job)
             return shown
 
-        def ended(_: asyncio.Task) -> None:
-            if job.status == "cancelling":  # cancelled before the collector ran: nothing wrote the files
-                self._finish(job)
-        task.add_done_callback(ended)
+        # A collector cancelled before it ran wrote no files: then this does.
+        task.add_done_callback(lambda _: self._finish(job) if job.status == "cancelling" else None)
         # The collector ends the batch when its last line is in, or when the wait is over (cancelled).
         asyncio.get_running_loop().call_later(self.cancel_wait_s, task.cancel)
         return shown
