@@ -2,7 +2,7 @@
 against it unchanged (``OpenAI(base_url="http://host:port/v1")``), and smartbatch decides per request how it
 is sent (reuse, a provider's batch API, sync) within the deadline the caller gives.
 
-Routes (OpenAI's shapes): ``POST /v1/chat/completions``, ``POST /v1/images/generations``, ``/v1/files``
+Routes (OpenAI's shapes): ``POST /v1/chat/completions``, ``POST /v1/responses``, ``POST /v1/images/generations``, ``/v1/files``
 (upload, list, retrieve, content, delete), ``/v1/batches`` (create, list, retrieve, cancel), ``/v1/models``;
 and one of ours, ``GET /v1/batches/{id}/smartbatch_report`` (each line's cost against its list price).
 
@@ -74,6 +74,7 @@ HEADER_COST = "X-Smartbatch-Cost-Usd"
 HEADER_SAVING = "X-Smartbatch-Saving-Usd"
 HEADER_HIT = "X-Smartbatch-Hit"
 CHAT_URL = "/v1/chat/completions"
+RESPONSES_URL = "/v1/responses"
 IMAGES_URL = "/v1/images/generations"
 # The status of a result that is not an answer -> (HTTP status, error type, code).
 _FAILURES = {"failed": (502, "api_error", "request_failed"),
@@ -125,7 +126,7 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
         req = validator.request(d, param_of)
         want = "image" if url == IMAGES_URL else "text"
         if req.kind != want:
-            where = {"image": IMAGES_URL, "text": CHAT_URL}.get(req.kind, "the engine")
+            where = {"image": IMAGES_URL, "text": f"{CHAT_URL} or {RESPONSES_URL}"}.get(req.kind, "the engine")
             raise ApiError(400, f"model {req.model!r} makes {req.kind}, not {want}; send it to {where}",
                            param="model")
         res: Result = await engine_call(engine.asubmit(d), param_of)
@@ -146,6 +147,16 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
             raise ApiError(400, "messages is required: a non-empty list such as [{\"role\": \"user\", "
                                 "\"content\": \"...\"}]", param="messages")
         return await generate(http, body, CHAT_URL)
+
+    @app.post(RESPONSES_URL)
+    async def responses(http: HttpRequest) -> JSONResponse:
+        body = await json_body(http)
+        if body.get("stream"):
+            raise ApiError(400, "stream=true is not supported: smartbatch answers with the whole response once it "
+                                "is ready; send stream=false or leave it out", param="stream")
+        if not body.get("input"):
+            raise ApiError(400, "input is required: a string, or a list of input items", param="input")
+        return await generate(http, body, RESPONSES_URL)
 
     @app.post(IMAGES_URL)
     async def images_generations(http: HttpRequest) -> JSONResponse:

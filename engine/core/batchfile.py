@@ -203,12 +203,17 @@ def response_body(url: str, req: Request, res: Result, created: int = 0) -> dict
     if url == "/v1/images/generations":
         item = {"url": text} if "://" in text else {"b64_json": text}
         return {"created": created, "data": [item]}
-    if url == "/v1/responses":
+    if url == "/v1/responses":  # every field the SDK's Response type requires (strict validation passes)
+        cached = int(usage.get("cache_read", 0))
         return {"id": f"resp_{rid}", "object": "response", "created_at": created, "model": res.model or req.model,
-                "status": "completed",
-                "output": [{"type": "message", "role": "assistant",
+                "status": "completed", "error": None, "incomplete_details": None, "instructions": None,
+                "metadata": {}, "temperature": None, "top_p": None, "tools": [], "tool_choice": "auto",
+                "parallel_tool_calls": True,
+                "output": [{"type": "message", "id": f"msg_{rid}", "status": "completed", "role": "assistant",
                             "content": [{"type": "output_text", "text": text, "annotations": []}]}],
-                "usage": {"input_tokens": n_in, "output_tokens": n_out, "total_tokens": n_in + n_out}}
+                "usage": {"input_tokens": n_in, "output_tokens": n_out, "total_tokens": n_in + n_out,
+                          "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
+                          "output_tokens_details": {"reasoning_tokens": 0}}}
     return {"id": f"chatcmpl-{rid}", "object": "chat.completion", "created": created, "model": res.model or req.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
             "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}}

@@ -67,7 +67,7 @@ class FakeEngine:
         if req.kind == "image":
             out = f"https://img.test/{req.id}.png"
         else:
-            out = "echo: " + req.body["messages"][-1]["content"]
+            out = "echo: " + (req.body["messages"][-1]["content"] if "messages" in req.body else req.body["input"])
         return Result(id=req.id, tenant=req.tenant, status="ok", output=out, model=req.model,
                       provider=req.provider, usage={"input_tokens": 7, "output_tokens": 3},
                       cost_usd=price_alone(req, CAT, "sync").total / 2, mode="batch_api", hit=None)
@@ -249,6 +249,21 @@ def test_a_bad_body_is_a_400_naming_the_field(served):
     with pytest.raises(openai.BadRequestError) as exc:  # the same key with other content
         chat(client, "Other", extra_headers=key)
     assert exc.value.param == endpoint.HEADER_REQUEST_ID
+
+
+def test_the_responses_route_answers_in_the_sdks_shape(served):
+    """``client.responses.create`` got a 404 while batches took /v1/responses lines (a review); its body now has
+    every field the SDK's ``Response`` type requires, checked strictly."""
+    from openai.types.responses import Response as SdkResponse
+
+    _, client = served
+    raw = client.responses.with_raw_response.create(model="gpt-5-mini", input="Name three rivers.")
+    assert raw.headers[endpoint.HEADER_MODE] == "batch_api"
+    checked = SdkResponse.model_validate(json.loads(raw.text))  # every required field (the SDK's parse is lenient)
+    assert checked.output_text == "echo: Name three rivers." and raw.parse().output_text == checked.output_text
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.responses.create(model="gpt-5-mini", input="")
+    assert exc.value.param == "input"
 
 
 def test_streaming_is_refused(served):
