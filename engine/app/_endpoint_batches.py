@@ -33,11 +33,13 @@ from starlette.datastructures import UploadFile
 from engine.app._endpoint_wire import (
     ApiError,
     AsyncEngine,
+    StoredFile,
     cursor_page,
     engine_call,
     json_body,
     new_id,
     smartbatch_fields,
+    window_text,
 )
 from engine.core.batchfile import BatchFile, parse_batch_file, parse_window, report, result_rows
 from engine.core.catalog import Catalog
@@ -49,24 +51,14 @@ __all__ = ["FilesAndBatches", "MAX_FILE_BYTES"]
 
 MAX_FILE_BYTES = 200 * 1024 * 1024  # OpenAI's limit for a batch input file
 CANCEL_WAIT_S = 600.0  # real seconds a cancelling batch waits for its running lines (OpenAI: up to 10 minutes)
+# Unfinished batch lines the endpoint keeps in the engine at once. Past it a new batch fails, as OpenAI's does past
+# its enqueued-token limit: lines riding a 24-hour window hold the engine's max_pending places (100,000) for hours,
+# and chat calls, which share them, waited 60 s for room and got a 429 (a review).
+MAX_OPEN_LINES = 50_000
 _ANSWERED = ("ok", "reused")
 _OPEN = ("validating", "in_progress")
 _CANCELLED = ("The batch was cancelled before this line finished. The engine does not stop a request it has "
               "accepted, so this one may still be generated and billed; its result is not in this batch's output.")
-
-
-@dataclass(frozen=True)
-class StoredFile:
-    id: str
-    filename: str
-    purpose: str
-    data: bytes
-    created_at: int
-
-    def view(self) -> dict[str, Any]:
-        return {"id": self.id, "object": "file", "bytes": len(self.data), "created_at": self.created_at,
-                "filename": self.filename, "purpose": self.purpose, "status": "processed",
-                "status_details": None, "expires_at": None}
 
 
 @dataclass(eq=False)
@@ -150,9 +142,10 @@ class FilesAndBatches:
     """The in-memory files and batches of one replica (see the module docstring), and their routes."""
 
     def __init__(self, engine: AsyncEngine, catalog: Catalog, *, window_default_s: float,
-                 now: Callable[[], float] = time.time, cancel_wait_s: float = CANCEL_WAIT_S):
+                 now: Callable[[], float] = time.time, cancel_wait_s: float = CANCEL_WAIT_S,
+                 max_open_lines: int = MAX_OPEN_LINES):
         self.engine, self.catalog, self._now = engine, catalog, now
-        self.window_default_s, self.cancel_wait_s = window_default_s, cancel_wait_s
+        self.window_default_s, self.cancel_wait_s, self.max_open_lines = window_default_s, cancel_wait_s, max_open_lines
         self.files: dict[str, StoredFile] = {}
         self.batches: dict[str, BatchJob] = {}
 
@@ -252,7 +245,7 @@ class FilesAndBatches:
             raise ApiError(400, f"endpoint {endpoint!r} is not supported; use one of {list(BATCH_LINE_URLS)}",
                            param="endpoint")
         window = body.get("completion_window")
-        window = _window_text(self.window_default_s) if window is None else window
+        window = window_text(self.window_default_s) if window is None else window
         try:
             if not isinstance(window, str):
                 raise ConfigError(f"--window {window!r}: use a string such as '24h'")
@@ -271,9 +264,15 @@ class FilesAndBatches:
                               catalog=self.catalog, settings=self.engine.settings)
         job.bf = _for_endpoint(bf, endpoint)
         problems = bf.file_problems or ([] if bf.lines else [(file_id, 0, "file", "the file has no lines")])
+        held = sum(len(b.futures) - len(b.results) for b in self.batches.values() if b.final is None)
+        if not problems and held + len(job.bf.requests) > self.max_open_lines:
+            problems = [(file_id, 0, "limit", f"the endpoint holds {held:,} unfinished batch lines and this batch "
+                         f"adds {len(job.bf.requests):,}, past its {self.max_open_lines:,} (kept so that chat "
+                         "calls find room in the engine); create it again once earlier batches have ended")]
         if problems:  # lines that cannot be answered by custom_id: the batch fails validation, as OpenAI's
-            job.errors = [{"code": "invalid_custom_id" if fld == "custom_id" else "invalid_line",
-                           "message": msg, "param": fld, "line": no or None} for _, no, fld, msg in problems]
+            code = {"custom_id": "invalid_custom_id", "limit": "request_limit_exceeded"}
+            job.errors = [{"code": code.get(fld, "invalid_line"), "message": msg, "param": None if fld == "limit"
+                           else fld, "line": no or None} for _, no, fld, msg in problems]
             self._enter(job, "failed")
             job.release()  # ended too: its counts and errors stay, its lines go
             self.batches[job.id] = job
@@ -384,13 +383,6 @@ def _for_endpoint(bf: BatchFile, endpoint: str) -> BatchFile:
     lines = [ln if ln.request is None or ln.url == endpoint else
              replace(ln, request=None, problem=why(ln.url)) for ln in bf.lines]
     return BatchFile(bf.source, lines, bf.file_problems)
-
-
-def _window_text(seconds: float) -> str:
-    for unit, size in (("h", 3600.0), ("m", 60.0)):
-        if seconds >= size and seconds % size == 0:
-            return f"{seconds / size:g}{unit}"
-    return f"{seconds:g}s"
 
 
 def _submission(req: Request, request_id: str) -> dict:

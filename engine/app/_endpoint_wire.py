@@ -7,6 +7,7 @@ import concurrent.futures
 import math
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from fastapi import Request as HttpRequest
@@ -22,7 +23,7 @@ from engine.core.trace import _problems_of
 
 __all__ = ["HEADER_DEADLINE", "HEADER_PRIORITY", "HEADER_REQUEST_ID", "HEADER_TENANT", "ApiError",
            "AsyncEngine", "Validator", "cursor_page", "engine_call", "json_body", "new_id", "refused",
-           "smartbatch_fields"]
+           "StoredFile", "smartbatch_fields", "window_text"]
 
 HEADER_DEADLINE = "X-Smartbatch-Deadline"
 HEADER_PRIORITY = "X-Smartbatch-Priority"
@@ -164,3 +165,27 @@ def cursor_page(items: list[dict], *, after: str | None, limit: str | None, defa
     page = items[start:start + n]
     return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
             "last_id": page[-1]["id"] if page else None, "has_more": start + n < len(items)}
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """A file of the Files API, held in the replica's memory."""
+
+    id: str
+    filename: str
+    purpose: str
+    data: bytes
+    created_at: int
+
+    def view(self) -> dict[str, Any]:
+        return {"id": self.id, "object": "file", "bytes": len(self.data), "created_at": self.created_at,
+                "filename": self.filename, "purpose": self.purpose, "status": "processed",
+                "status_details": None, "expires_at": None}
+
+
+def window_text(seconds: float) -> str:
+    """A completion window in seconds as OpenAI writes one ("24h", "90m", "45s")."""
+    for unit, size in (("h", 3600.0), ("m", 60.0)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"

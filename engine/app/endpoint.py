@@ -47,7 +47,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.app._endpoint_batches import CANCEL_WAIT_S, MAX_FILE_BYTES, FilesAndBatches
+from engine.app._endpoint_batches import CANCEL_WAIT_S, MAX_FILE_BYTES, MAX_OPEN_LINES, FilesAndBatches
 from engine.app._endpoint_wire import (
     HEADER_DEADLINE,
     HEADER_PRIORITY,
@@ -89,13 +89,16 @@ _NO_RETRY = {"x-should-retry": "false"}
 
 
 def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float = 86400.0,
-             api_key_sha256: str | None = None, cancel_wait_s: float = CANCEL_WAIT_S) -> FastAPI:
+             api_key_sha256: str | None = None, cancel_wait_s: float = CANCEL_WAIT_S,
+             max_open_batch_lines: int = MAX_OPEN_LINES) -> FastAPI:
     """The OpenAI-compatible app over ``engine`` (anything with ``Engine``'s asyncio API: ``asubmit``,
     ``submit_many``, ``as_completed`` and ``settings``). ``catalog`` validates requests, lists models and
     prices the saving; ``window_default_s`` is a batch's completion window when the create call gives none;
     ``api_key_sha256``: the hex SHA-256 of the key a caller must send (None: no key asked); ``cancel_wait_s``: how
-    long a cancelling batch waits for its running lines (real seconds)."""
-    store = FilesAndBatches(engine, catalog, window_default_s=window_default_s, cancel_wait_s=cancel_wait_s)
+    long a cancelling batch waits for its running lines (real seconds); ``max_open_batch_lines``: unfinished batch
+    lines held in the engine at once, past which a new batch fails (room left for chat calls)."""
+    store = FilesAndBatches(engine, catalog, window_default_s=window_default_s, cancel_wait_s=cancel_wait_s,
+                            max_open_lines=max_open_batch_lines)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import socket
 import threading
@@ -131,25 +132,56 @@ def served():
     sock.close()
 
 
-def test_an_endpoint_started_with_a_key_refuses_any_other_in_openais_shape():
-    """``make_app(api_key_sha256=...)`` (``smartbatch serve --http-key-env``): without it anyone who reaches the
-    port spends the engine's provider keys (a helper's review: a wrong key and none both got a 200)."""
-    import hashlib
-
-    eng = FakeEngine()
+@contextlib.contextmanager
+def serving(app):
+    """``app`` on a free loopback port, for a test of its own; yields its base URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    digest = hashlib.sha256(b"right-key").hexdigest()
-    server = uvicorn.Server(uvicorn.Config(make_app(eng, catalog=CAT, api_key_sha256=digest), log_level="warning",
-                                           ws="none", lifespan="on"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", ws="none", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
         limit = time.monotonic() + 10
         while not server.started and thread.is_alive() and time.monotonic() < limit:
             time.sleep(0.01)
-        url = f"http://127.0.0.1:{port}/v1"
+        assert server.started, "uvicorn did not start"
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def test_a_batch_past_the_open_lines_limit_fails_and_leaves_room_for_chat():
+    """Batch lines ride long windows and hold the engine's max_pending places meanwhile; chat calls share them.
+    Past ``max_open_batch_lines`` a new batch fails validation (as OpenAI's does past its enqueued limit), and
+    chat still answers; once the earlier batch has ended, the same file goes through."""
+    eng = FakeEngine()
+    with serving(make_app(eng, catalog=CAT, max_open_batch_lines=3)) as url, \
+            openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=10) as client:
+        f = upload(client, [batch_line("a-slow", "one"), batch_line("b-slow", "two")])
+        held = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+        assert held.status == "in_progress"
+        over = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+        assert over.status == "failed" and over.errors.data[0].code == "request_limit_exceeded"
+        assert "2 unfinished batch lines" in over.errors.data[0].message
+        assert chat(client).parse().choices[0].message.content.startswith("echo:")
+        eng.release()
+        assert wait_done(client, held.id).status == "completed"
+        again = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+        assert again.status == "in_progress"
+        eng.release()
+        assert wait_done(client, again.id).status == "completed"
+
+
+def test_an_endpoint_started_with_a_key_refuses_any_other_in_openais_shape():
+    """``make_app(api_key_sha256=...)`` (``smartbatch serve --http-key-env``): without it anyone who reaches the
+    port spends the engine's provider keys (a helper's review: a wrong key and none both got a 200)."""
+    import hashlib
+
+    eng = FakeEngine()
+    digest = hashlib.sha256(b"right-key").hexdigest()
+    with serving(make_app(eng, catalog=CAT, api_key_sha256=digest)) as url:
         with openai.OpenAI(base_url=url, api_key="wrong-key", max_retries=0, timeout=10) as bad:
             with pytest.raises(openai.AuthenticationError) as exc:
                 chat(bad)
@@ -163,10 +195,6 @@ def test_an_endpoint_started_with_a_key_refuses_any_other_in_openais_shape():
         with openai.OpenAI(base_url=url, api_key="right-key", max_retries=0, timeout=10) as good:
             assert chat(good).parse().choices[0].message.content.startswith("echo:")
             assert good.batches.list().data == []
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 def wait_done(client, batch_id: str, limit_s: float = 5.0):
