@@ -9,7 +9,7 @@ import json
 import re
 from typing import Any
 
-from engine.emulator._batches import MemberOutcome, MessageBatch, Schedule
+from engine.emulator._batches import MemberOutcome, MessageBatch, Schedule, newest_first
 from engine.emulator._core import Core, TextCall
 from engine.emulator._faults import FaultPlan
 from engine.emulator._routing import Ctx, Route, route
@@ -151,27 +151,9 @@ def _results(ctx: Ctx) -> Reply:
 
 
 def _list(ctx: Ctx) -> Reply:
-    """Newest first, ``limit`` (1-1,000, default 20) at a time after the cursor ``after_id`` (a batch id), as
-    the Message Batches API lists them."""
-    try:
-        limit = int(ctx.params.get("limit", 20))
-    except ValueError:
-        raise ApiError(400, "limit: must be an integer from 1 to 1000", param="limit") from None
-    if not 1 <= limit <= 1000:
-        raise ApiError(400, f"limit: must be from 1 to 1000, got {limit}", param="limit")
-    core, after = ctx.core, ctx.params.get("after_id")
-    with core.lock:
-        now = core.now()
-        mine = [b for b in reversed(core.batches.values())
-                if isinstance(b, MessageBatch) and b.provider == ctx.provider]
-        if after is not None:
-            ids = [b.id for b in mine]
-            mine = mine[ids.index(after) + 1:] if after in ids else []
-        page = mine[:limit]
-        for b in page:
-            _advance(core, ctx.faults, b, now)
-        data = [b.view(now) for b in page]
-    return json_reply("anthropic", 200, {"data": data, "has_more": len(mine) > limit,
+    """Newest first, up to 1,000 at a time after the cursor ``after_id``, as the Message Batches API lists them."""
+    data, more = newest_first(ctx, MessageBatch, "after_id", 1000, _advance)
+    return json_reply("anthropic", 200, {"data": data, "has_more": more,
                                          "first_id": data[0]["id"] if data else None,
                                          "last_id": data[-1]["id"] if data else None}, ctx.request_id)
 

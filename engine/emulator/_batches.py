@@ -12,9 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from engine.emulator._wire import rfc3339
+from engine.emulator._wire import ApiError, rfc3339
 
-__all__ = ["MemberOutcome", "MessageBatch", "OpenAIBatch", "Schedule"]
+__all__ = ["MemberOutcome", "MessageBatch", "OpenAIBatch", "Schedule", "newest_first"]
 
 _NEVER = float("-inf")
 
@@ -229,3 +229,26 @@ class MessageBatch:
             "cancel_initiated_at": rfc3339(self.cancel_at) if self.cancel_at is not None else None,
             "archived_at": None, "results_url": self.results_url if ended else None,
         }
+
+
+def newest_first(ctx, kind: type, cursor: str, max_limit: int, advance: Callable) -> tuple[list[dict], bool]:
+    """One page of ``ctx.provider``'s batches of ``kind``, newest first, as both APIs list them: ``limit`` (1 to
+    ``max_limit``, default 20) after the batch named by the ``cursor`` parameter; the views and whether more
+    follow. ``advance(core, faults, batch, now)`` runs each listed batch up to now first."""
+    try:
+        limit = int(ctx.params.get("limit", 20))
+    except ValueError:
+        raise ApiError(400, f"limit must be an integer from 1 to {max_limit}", param="limit") from None
+    if not 1 <= limit <= max_limit:
+        raise ApiError(400, f"limit must be from 1 to {max_limit}, got {limit}", param="limit")
+    core, after = ctx.core, ctx.params.get(cursor)
+    with core.lock:
+        now = core.now()
+        mine = [b for b in reversed(core.batches.values()) if isinstance(b, kind) and b.provider == ctx.provider]
+        if after is not None:
+            ids = [b.id for b in mine]
+            mine = mine[ids.index(after) + 1:] if after in ids else []
+        page = mine[:limit]
+        for b in page:
+            advance(core, ctx.faults, b, now)
+        return [b.view(now) for b in page], len(mine) > limit

@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from engine.core.catalog import ProviderSpec
-from engine.emulator._batches import MemberOutcome, OpenAIBatch, Schedule
+from engine.emulator._batches import MemberOutcome, OpenAIBatch, Schedule, newest_first
 from engine.emulator._core import Core
 from engine.emulator._faults import FaultPlan
 from engine.emulator._openai import chat_result, responses_result
@@ -173,28 +173,10 @@ def _cancel(ctx: Ctx) -> Reply:
 
 
 def _list(ctx: Ctx) -> Reply:
-    """Newest first, ``limit`` (1-100, default 20) at a time after the cursor ``after`` (a batch id)."""
-    try:
-        limit = int(ctx.params.get("limit", 20))
-    except ValueError:
-        raise ApiError(400, "limit must be an integer from 1 to 100", param="limit") from None
-    if not 1 <= limit <= 100:
-        raise ApiError(400, f"limit must be from 1 to 100, got {limit}", param="limit")
-    core, after = ctx.core, ctx.params.get("after")
-    with core.lock:
-        now = core.now()
-        mine = [b for b in reversed(core.batches.values())
-                if isinstance(b, OpenAIBatch) and b.provider == ctx.provider]
-        if after is not None:
-            ids = [b.id for b in mine]
-            mine = mine[ids.index(after) + 1:] if after in ids else []
-        page = mine[:limit]
-        for b in page:
-            _advance(core, ctx.faults, b, now)
-        data = [b.view(now) for b in page]
+    """Newest first, up to 100 at a time after the cursor ``after`` (a batch id)."""
+    data, more = newest_first(ctx, OpenAIBatch, "after", 100, _advance)
     return json_reply("openai", 200, {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-                                      "last_id": data[-1]["id"] if data else None,
-                                      "has_more": len(mine) > limit}, ctx.request_id)
+                                      "last_id": data[-1]["id"] if data else None, "has_more": more}, ctx.request_id)
 
 
 ROUTES: list[Route] = [
