@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 from pathlib import Path
 
 import typer
@@ -71,19 +74,31 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
         _check_outputs({"--out": out, err_flag: errors, "--report": report_path}, inputs=(input_file,))
         results = []
         interrupted = False
+        written = None
         if bf.requests:
-            with Engine.start(settings, policy=policy, catalog=cat, address=address, speedup=speedup,
-                              seed=seed) as eng:
+            eng = Engine.start(settings, policy=policy, catalog=cat, address=address, speedup=speedup, seed=seed)
+            try:
                 futs = eng.submit_many(bf.requests)
                 try:
-                    results = [f.result() for f in futs]
+                    with _terminate_as_interrupt():
+                        results = [f.result() for f in futs]
                 except KeyboardInterrupt:
-                    # Ctrl-C: keep what finished (it was paid for) and answer the rest in the error file,
-                    # instead of leaving no file at all while a provider batch may still run and bill.
+                    # Ctrl-C or SIGTERM: keep what finished (it was paid for) and answer the rest in the error
+                    # file, instead of leaving no file at all while a provider batch may still run and bill.
                     interrupted = True
                     results = [_finished_or_interrupted(f, req) for f, req in zip(futs, bf.requests, strict=True)]
                 cat = eng.catalog
-        n_out, n_err = write_results(bf, results, out, errors, created=int(time.time()))
+                # The files before the engine's stop, which takes seconds: a second Ctrl-C (or one during the
+                # stop) left no file at all, every answer paid for and lost (a helper's fault hunt).
+                with _signals_held() as got:
+                    written = write_results(bf, results, out, errors, created=int(time.time()))
+                interrupted = interrupted or bool(got)
+            finally:
+                try:
+                    eng.stop()
+                except KeyboardInterrupt:  # the files are written; the interrupt ends the run as one would
+                    interrupted = True
+        n_out, n_err = written or write_results(bf, results, out, errors, created=int(time.time()))
         doc = report(bf, results, cat, window_s=window_s, policy=policy)
         if report_path is not None:
             report_path.parent.mkdir(parents=True, exist_ok=True)
@@ -100,6 +115,38 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
         err_console.print(f"interrupted: {n_open:,} line(s) had not finished and are in the error file; a provider "
                           "batch already submitted for them may still finish and be billed", style="yellow")
         raise typer.Exit(130)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (a `timeout`, a service manager) as Ctrl-C while the answers come: Ray's driver turns it into an
+    exit that no handler here saw, and nothing was written."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    def interrupt(*_):
+        raise KeyboardInterrupt
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Ctrl-C and SIGTERM wait while the files are written (they hold what was paid for); yields the list of
+    those that came, for the caller to end the run as interrupted."""
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+    previous = {s: signal.signal(s, lambda n, _f: got.append(n)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield got
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 _INTERRUPTED = ("interrupted (Ctrl-C) before this line finished; a provider batch already submitted for it may "

@@ -133,9 +133,15 @@ def _parse(numbered: Iterable[tuple[int, str]], problems: list[Problem], src: st
             problems.append((src, no, "line", 'a batch line is a JSON object {"custom_id", "method", "url", "body"}'))
             continue
         cid = raw.get("custom_id")
-        if not isinstance(cid, str) or not cid:
+        if not isinstance(cid, str) or not cid.strip():
             problems.append((src, no, "custom_id", "is required and must be a non-empty string: the id that pairs "
                                                    "the line with its output"))
+            continue
+        if not cid.isprintable() or any("\ud800" <= c <= "\udfff" for c in cid):
+            # A lone surrogate ("\ud800" in JSON) cannot be written back in UTF-8: its output line failed the
+            # whole run after every line was sent.
+            problems.append((src, no, "custom_id", f"{cid!r} holds a character that cannot be written back "
+                                                   "(a lone surrogate or a control character); use plain text"))
             continue
         if cid in seen:
             problems.append((src, no, "custom_id", f"duplicate custom_id {cid!r} (first on line {seen[cid]}); "
@@ -181,7 +187,8 @@ def from_openai_batch(path: str | Path, *, window_s: float = 86400.0, tenant: st
 
 def _req_id(tenant: str, custom_id: str) -> str:
     # Deterministic, so a rerun of the same file names its lines the same way.
-    return "batch_req_" + hashlib.sha256(f"{len(tenant)}:{tenant}/{custom_id}".encode()).hexdigest()[:32]
+    text = f"{len(tenant)}:{tenant}/{custom_id}".encode("utf-8", "surrogatepass")
+    return "batch_req_" + hashlib.sha256(text).hexdigest()[:32]
 
 
 def _in_shape(url: str, raw: dict) -> bool:

@@ -69,7 +69,11 @@ class CtrlCEngine:
         return self
 
     def __exit__(self, *exc: object) -> bool:
+        self.stop()  # as Engine's
         return False
+
+    def stop(self) -> None:
+        pass
 
     def submit_many(self, reqs: list) -> list:
         from engine.core.result import Result
@@ -98,6 +102,41 @@ class CtrlCInReplayEngine(CtrlCEngine):
         if into is not None:
             into.append(self.submit_many(reqs)[0])
         raise KeyboardInterrupt
+
+
+class StopInterruptedEngine(CtrlCEngine):
+    """Every request has finished; Ctrl-C comes while the engine stops (which takes seconds)."""
+
+    def submit_many(self, reqs: list) -> list:
+        done = CtrlCEngine.submit_many(self, reqs)[0]
+        return [done] * len(reqs) if len(reqs) == 1 else [done, *[_done_as(done, r) for r in reqs[1:]]]
+
+    def stop(self) -> None:
+        raise KeyboardInterrupt
+
+
+class TerminatedEngine(CtrlCEngine):
+    """SIGTERM comes while the second request is waited on (a `timeout`, a service manager's stop)."""
+
+    def submit_many(self, reqs: list) -> list:
+        return [CtrlCEngine.submit_many(self, reqs)[0], _Terminated()]
+
+
+def _done_as(done: concurrent.futures.Future, req) -> concurrent.futures.Future:
+    f: concurrent.futures.Future = concurrent.futures.Future()
+    f.set_result(done.result().model_copy(update={"id": req.id}))
+    return f
+
+
+class _Terminated(concurrent.futures.Future):
+    def result(self, timeout: float | None = None) -> Any:
+        import os
+        import signal
+        import time
+
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5.0)  # the handler interrupts this; without one the run waits and then goes on
+        raise AssertionError("SIGTERM did not interrupt the wait")
 
 
 class _CtrlC(concurrent.futures.Future):

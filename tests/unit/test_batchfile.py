@@ -183,6 +183,48 @@ def test_ctrl_c_during_batch_keeps_finished_lines_and_answers_the_rest(tmp_path,
     assert e["custom_id"] == "b" and "interrupted" in e["error"]["message"]
 
 
+@pytest.mark.parametrize("engine", ["StopInterruptedEngine", "TerminatedEngine"])
+def test_an_interrupt_during_the_stop_or_a_sigterm_still_writes_what_finished(tmp_path, monkeypatch, engine):
+    """A Ctrl-C while the engine stopped (after every line was answered), a second Ctrl-C, or a SIGTERM (which
+    Ray's driver turns into an exit) left no file at all: every answer paid for and lost (a helper's fault
+    hunt). The files are now written before the stop, with the signals held, and SIGTERM is taken as Ctrl-C."""
+    import signal
+
+    import engine.app.driver as driver_mod
+    from tests.unit import helpers
+
+    p = tmp_path / "in.jsonl"
+    p.write_text(line("a") + "\n" + line("b", "Name two seas.") + "\n")
+    cls = getattr(helpers, engine)
+    monkeypatch.setattr(driver_mod.Engine, "start", classmethod(lambda c, *a, **k: cls(CAT)))
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)  # without the command's own handler: no harm here
+    try:
+        out = tmp_path / "o.jsonl"
+        r = runner.invoke(app, ["batch", str(p), "--out", str(out)])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert r.exit_code == 130, r.output
+    answered = [json.loads(x)["custom_id"] for x in out.read_text().splitlines()]
+    assert answered == (["a", "b"] if engine == "StopInterruptedEngine" else ["a"])
+    if engine == "TerminatedEngine":
+        (e,) = [json.loads(x) for x in (tmp_path / "o.errors.jsonl").read_text().splitlines()]
+        assert e["custom_id"] == "b" and "interrupted" in e["error"]["message"]
+
+
+def test_a_custom_id_that_cannot_be_written_back_is_refused_before_anything_is_sent(tmp_path):
+    """A lone surrogate ("\\ud800" in JSON) was taken, its line sent, and writing its error line failed the whole
+    run after every line was paid (UnicodeEncodeError)."""
+    from engine.core.batchfile import read_batch_file
+
+    p = tmp_path / "in.jsonl"
+    p.write_text('{"custom_id": "c\\ud800", "method": "POST", "url": "/v1/chat/completions", "body": {}}\n'
+                 + line("a") + "\n")
+    bf = read_batch_file(p, window_s=86400.0, tenant="default", catalog=CAT)
+    assert [ln.custom_id for ln in bf.lines] == ["a"]
+    ((_, no, field, msg),) = bf.file_problems
+    assert (no, field) == (1, "custom_id") and "cannot be written back" in msg
+
+
 @pytest.mark.parametrize("flags, says", [
     (["--out", "{in}"], "--out {in}: that is the input file"),
     (["--out", "{d}/o.jsonl", "--errors", "{d}/o.jsonl"], "--errors {d}/o.jsonl: --out writes to the same file"),
