@@ -57,6 +57,7 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
     from engine.core.batchfile import parse_window, read_batch_file, report, write_results
     from engine.core.errors import TraceError
 
+    stack = contextlib.ExitStack()
     try:
         window_s = parse_window(window)
         _check_tenant(tenant)
@@ -72,6 +73,7 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
         err_flag = "--errors" if errors is not None else "the error file (OUT's stem + .errors.jsonl)"
         errors = errors if errors is not None else out.with_name(out.stem + ".errors.jsonl")
         _check_outputs({"--out": out, err_flag: errors, "--report": report_path}, inputs=(input_file,))
+        stack.enter_context(_output_lock(out))
         results = []
         interrupted = False
         written = None
@@ -105,6 +107,8 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
             report_path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     except SmartbatchError as exc:
         _fail(exc)
+    finally:
+        stack.close()
     if bf.file_problems:
         _warn_skipped(len(bf.file_problems), "line(s) with no usable custom_id", bf.file_problems)
     _print_batch_report(doc)
@@ -115,6 +119,27 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
         err_console.print(f"interrupted: {n_open:,} line(s) had not finished and are in the error file; a provider "
                           "batch already submitted for them may still finish and be billed", style="yellow")
         raise typer.Exit(130)
+
+
+@contextlib.contextmanager
+def _output_lock(out: Path):
+    """Hold an exclusive lock on OUT for the run: two runs writing one output left the last writer's lines
+    only, the other's answers paid for and gone, and both said they wrote theirs (a helper's fault hunt). A
+    stream (/dev/stdout, a pipe) is not locked."""
+    import fcntl
+
+    from engine.core.errors import ConfigError
+
+    if out.exists() and not out.is_file():
+        yield
+        return
+    with open(out, "a", encoding="utf-8") as held:  # "a": the lock never truncates what a run before wrote
+        try:
+            fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"--out {out}: another run is writing it (it holds the file's lock); wait for it to "
+                              "end, or give another --out") from None
+        yield
 
 
 @contextlib.contextmanager

@@ -211,6 +211,27 @@ def test_an_interrupt_during_the_stop_or_a_sigterm_still_writes_what_finished(tm
         assert e["custom_id"] == "b" and "interrupted" in e["error"]["message"]
 
 
+def test_a_second_run_writing_the_same_output_is_refused_before_anything_is_sent(batch, tmp_path, monkeypatch):
+    """Two runs with one --out: the last writer's lines stayed, the other's answers (paid for) were gone, and
+    both said they wrote theirs (a helper's fault hunt). The run holds OUT's lock; a second is refused at once."""
+    import fcntl
+
+    import engine.app.driver as driver_mod
+
+    def started(*_a, **_k):
+        raise AssertionError("an engine started")
+    monkeypatch.setattr(driver_mod.Engine, "start", classmethod(started))
+    out = tmp_path / "o.jsonl"
+    out.write_text("earlier answers\n")
+    with open(out, "a") as other:  # the first run, holding the lock
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        r = runner.invoke(app, ["batch", str(batch), "--out", str(out)])
+    assert r.exit_code == 2 and "another run is writing it" in " ".join(r.output.split()), r.output
+    assert out.read_text() == "earlier answers\n"  # untouched
+    r = runner.invoke(app, ["batch", str(batch), "--out", str(out)])  # free again: this one goes on
+    assert "an engine started" in r.output, r.output
+
+
 def test_a_custom_id_that_cannot_be_written_back_is_refused_before_anything_is_sent(tmp_path):
     """A lone surrogate ("\\ud800" in JSON) was taken, its line sent, and writing its error line failed the whole
     run after every line was paid (UnicodeEncodeError)."""
