@@ -46,6 +46,9 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
                skip_invalid: bool = typer.Option(False, "--skip-invalid", help="skip lines that have no usable "
                                                  "custom_id (bad JSON, missing or repeated) instead of refusing "
                                                  "the file"),
+               resume: bool = typer.Option(False, "--resume", help="keep the lines OUT already answers (an "
+                                           "earlier, interrupted run's) and send only the others; a line is "
+                                           "known by its custom_id"),
                catalog: Path | None = typer.Option(None, help="a catalog YAML replacing the packaged one")) -> None:
     """Send an OpenAI Batch input file through the live engine within its completion window; write OpenAI's
     output and error files and a report of each line's cost against its list price. Lines that are not valid
@@ -54,7 +57,14 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
     import time
 
     from engine.app.driver import Engine
-    from engine.core.batchfile import parse_window, read_batch_file, report, write_results
+    from engine.core.batchfile import (
+        BatchFile,
+        answered_lines,
+        parse_window,
+        read_batch_file,
+        report,
+        write_results,
+    )
     from engine.core.errors import TraceError
 
     stack = contextlib.ExitStack()
@@ -74,6 +84,11 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
         errors = errors if errors is not None else out.with_name(out.stem + ".errors.jsonl")
         _check_outputs({"--out": out, err_flag: errors, "--report": report_path}, inputs=(input_file,))
         stack.enter_context(_output_lock(out))
+        kept: dict[int, dict] = {}
+        if resume:  # what an earlier run answered was paid for: written again, never sent again
+            done = answered_lines(out)
+            kept = {ln.no: done[ln.custom_id] for ln in bf.lines if ln.custom_id in done}
+            bf = BatchFile(bf.source, [ln for ln in bf.lines if ln.no not in kept], bf.file_problems)
         results = []
         interrupted = False
         written = None
@@ -93,14 +108,14 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
                 # The files before the engine's stop, which takes seconds: a second Ctrl-C (or one during the
                 # stop) left no file at all, every answer paid for and lost (a helper's fault hunt).
                 with _signals_held() as got:
-                    written = write_results(bf, results, out, errors, created=int(time.time()))
+                    written = write_results(bf, results, out, errors, created=int(time.time()), kept=kept)
                 interrupted = interrupted or bool(got)
             finally:
                 try:
                     eng.stop()
                 except KeyboardInterrupt:  # the files are written; the interrupt ends the run as one would
                     interrupted = True
-        n_out, n_err = written or write_results(bf, results, out, errors, created=int(time.time()))
+        n_out, n_err = written or write_results(bf, results, out, errors, created=int(time.time()), kept=kept)
         doc = report(bf, results, cat, window_s=window_s, policy=policy)
         if report_path is not None:
             report_path.parent.mkdir(parents=True, exist_ok=True)
@@ -113,7 +128,8 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
         _warn_skipped(len(bf.file_problems), "line(s) with no usable custom_id", bf.file_problems)
     _print_batch_report(doc)
     console.print(f"wrote {n_out:,} output line(s) to {out}, {n_err:,} error line(s) to {errors}"
-                  + (f", the report to {report_path}" if report_path is not None else ""))
+                  + (f", the report to {report_path}" if report_path is not None else "")
+                  + (f"; {len(kept):,} line(s) kept from the earlier run, not sent again" if kept else ""))
     if interrupted:
         n_open = sum(r.error == _INTERRUPTED for r in results)
         err_console.print(f"interrupted: {n_open:,} line(s) had not finished and are in the error file; a provider "

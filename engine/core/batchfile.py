@@ -24,7 +24,7 @@ import hashlib
 import io
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +39,7 @@ from engine.core.result import Result
 from engine.core.settings import MAX_DEADLINE_S, Settings
 from engine.core.trace import Trace, _problems_of, decode_lines, read_lines
 
-__all__ = ["BatchFile", "BatchLine", "error_line", "from_openai_batch", "list_price_usd", "output_line",
+__all__ = ["BatchFile", "BatchLine", "answered_lines", "error_line", "from_openai_batch", "list_price_usd", "output_line",
            "parse_batch_file", "parse_window", "read_batch_file", "report", "response_body", "result_rows",
            "write_results"]
 
@@ -288,11 +288,34 @@ def result_rows(bf: BatchFile, results: Sequence[Result], *, created: int = 0) -
     return rows
 
 
+def answered_lines(path: str | Path) -> dict[str, dict]:
+    """The answered lines (``error`` null) of an output file an earlier run wrote, by ``custom_id``; none when
+    the file is absent. A line that is not such a row is passed over (it is not an answer)."""
+    p = Path(path)
+    found: dict[str, dict] = {}
+    if not p.is_file():
+        return found
+    with p.open(encoding="utf-8", errors="replace") as f:
+        for text in f:
+            try:
+                row = json.loads(text)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and row.get("error") is None and isinstance(row.get("custom_id"), str) \
+                    and isinstance(row.get("response"), dict):
+                found[row["custom_id"]] = row
+    return found
+
+
 def write_results(bf: BatchFile, results: Sequence[Result], out: str | Path, errors: str | Path | None = None, *,
-                  created: int = 0) -> tuple[int, int]:
+                  created: int = 0, kept: Mapping[int, dict] | None = None) -> tuple[int, int]:
     """Write ``result_rows`` to the output file and the error file (beside ``out`` as ``<stem>.errors.jsonl``
-    when not given). Returns (output lines, error lines)."""
+    when not given). ``kept``: rows of an earlier run to write again, by input line number, in input order
+    among the new ones. Returns (output lines, error lines)."""
     rows = result_rows(bf, results, created=created)
+    if kept:
+        order = [(ln.no, row) for ln, row in zip(bf.lines, rows, strict=True)] + list(kept.items())
+        rows = [row for _, row in sorted(order, key=lambda x: x[0])]
     out_p = Path(out)
     err_p = Path(errors) if errors is not None else out_p.with_name(out_p.stem + ".errors.jsonl")
     for p in (out_p, err_p):

@@ -102,11 +102,11 @@ def test_a_cancel_the_provider_never_took_in_the_allowance_is_made_again_after_t
     taken before member 0 finishes, 150 engine s after the hedge, which at 1,000x was 150 ms of real time, and a
     loaded machine's unit suite once took longer (member 0 was then paid twice, and counted so)."""
     with Emulator(CAT, latency_scale=0.0, speedup=SPEED / 4, cancel_s=EMU_CANCEL_S,
-                  validating_s=VALIDATING_S["openai"], finalizing_s=1.0) as emu:
-        _cancel_never_taken(emu, provider)
+                  validating_s=VALIDATING_S["openai"], finalizing_s=1.0) as quarter:
+        _cancel_never_taken(quarter, provider)
 
 
-def _cancel_never_taken(emu: Emulator, provider: str) -> None:
+def _cancel_never_taken(emu: Emulator, provider: str) -> None:  # noqa: F811
     jobs = jobs_of(provider, claims=True)
     emu.faults.script(provider, CANCEL_ROUTE[provider], [{"status": 503}] * 6)
 

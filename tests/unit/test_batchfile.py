@@ -1,5 +1,6 @@
 """OpenAI Batch files without Ray: reading them, the trace builder, the output/error lines and the report."""
 
+import concurrent.futures
 import json
 
 import pytest
@@ -209,6 +210,45 @@ def test_an_interrupt_during_the_stop_or_a_sigterm_still_writes_what_finished(tm
     if engine == "TerminatedEngine":
         (e,) = [json.loads(x) for x in (tmp_path / "o.errors.jsonl").read_text().splitlines()]
         assert e["custom_id"] == "b" and "interrupted" in e["error"]["message"]
+
+
+def test_resume_sends_only_the_lines_the_earlier_run_did_not_answer(tmp_path, monkeypatch):
+    """A run interrupted after line a was answered (and paid); `--resume` writes a's answer again and sends only
+    b. Without it every rerun paid again for what the output already held (a helper's fault hunt)."""
+    import engine.app.driver as driver_mod
+    from tests.unit.helpers import CtrlCEngine
+
+    p = tmp_path / "in.jsonl"
+    p.write_text(line("a") + "\n" + line("b", "Name two seas.") + "\n" + line("c", "Name two lakes.") + "\n")
+    out = tmp_path / "o.jsonl"
+    class FirstOfThree(CtrlCEngine):  # a answered, then Ctrl-C while b and c are waited on
+        def submit_many(self, reqs):
+            done, ctrl_c = CtrlCEngine.submit_many(self, reqs)
+            return [done, ctrl_c, ctrl_c]
+    monkeypatch.setattr(driver_mod.Engine, "start", classmethod(lambda cls, *a, **k: FirstOfThree(CAT)))
+    assert runner.invoke(app, ["batch", str(p), "--out", str(out)]).exit_code == 130
+    (first,) = [json.loads(x) for x in out.read_text().splitlines()]
+
+    sent: list[list[str]] = []
+
+    class Answering(CtrlCEngine):
+        def submit_many(self, reqs):
+            sent.append([r.id for r in reqs])
+            futs = []
+            for r in reqs:
+                f = concurrent.futures.Future()
+                f.set_result(Result(id=r.id, status="ok", output="sim://y", cost_usd=0.002, mode="sync",
+                                    usage={"input_tokens": 4, "output_tokens": 5}, provider=r.provider, model=r.model))
+                futs.append(f)
+            return futs
+    monkeypatch.setattr(driver_mod.Engine, "start", classmethod(lambda cls, *a, **k: Answering(CAT)))
+    r = runner.invoke(app, ["batch", str(p), "--out", str(out), "--resume"])
+    assert r.exit_code == 0, r.output
+    assert [sorted(ids) for ids in sent] == [["b", "c"]]  # a was not sent again
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["custom_id"] for x in rows] == ["a", "b", "c"] and rows[0] == first  # a's answer, as written
+    assert not (tmp_path / "o.errors.jsonl").read_text().strip()  # nothing left unanswered
+    assert "1 line(s) kept from the earlier run" in " ".join(r.output.split())
 
 
 def test_a_second_run_writing_the_same_output_is_refused_before_anything_is_sent(batch, tmp_path, monkeypatch):
