@@ -389,6 +389,23 @@ def test_a_batch_cancelled_at_its_hedge_keeps_finished_members_and_never_sends_t
     asyncio.run(go())
 
 
+async def _create_then_die(rig: Rig, emu: Emulator, jobs: list[Job], create: str) -> None:
+    """``rig``'s dispatcher sends ``jobs`` as a batch and dies once its create reached the provider, before it
+    heard back: its tasks are cancelled, as a process's death ends them."""
+    inner = rig.d.provider.submit_batch
+
+    async def create_then_die(*args: Any) -> Any:
+        await inner(*args)
+        await asyncio.Event().wait()  # the answer never comes back: the process died here
+
+    rig.d.provider.submit_batch = create_then_die
+    await rig.reserve(jobs)
+    await rig.run("batch_api", jobs)
+    await rig.until(lambda: emu.count(create, status=200) == 1, "the create reached the provider")
+    for t in list(rig.d._tasks):
+        t.cancel()
+
+
 @PROVIDERS
 def test_a_batch_create_cut_by_the_dispatchers_death_is_followed_after_its_restart_never_created_twice(emu, provider):
     """The dispatcher dies after its create reached the provider, before it heard back. Restarted from the same
@@ -402,19 +419,8 @@ def test_a_batch_create_cut_by_the_dispatchers_death_is_followed_after_its_resta
 
     async def go():
         rig = Rig(emu, provider)
-        inner = rig.d.provider.submit_batch
-
-        async def create_then_die(*args: Any) -> Any:
-            await inner(*args)
-            await asyncio.Event().wait()  # the answer never comes back: the process died here
-
-        rig.d.provider.submit_batch = create_then_die
         try:
-            await rig.reserve(jobs)
-            await rig.run("batch_api", jobs)
-            await rig.until(lambda: emu.count(create, status=200) == 1, "the create reached the provider")
-            for t in list(rig.d._tasks):
-                t.cancel()
+            await _create_then_die(rig, emu, jobs, create)
             d2 = Dispatcher(provider, rig.catalog, rig.settings, 0, rig.clock, [rig.grouper], rig.hub, None,
                             rig.budget, key=Secret(KEY))
             assert await d2.recover() == 1
@@ -445,19 +451,9 @@ def test_an_anthropic_batch_cut_and_ended_before_the_restart_is_told_from_a_look
 
     async def go():
         rig = Rig(emu, "anthropic")
-        inner, client = rig.d.provider.submit_batch, rig.d.provider.client
-
-        async def create_then_die(*args: Any) -> Any:
-            await inner(*args)
-            await asyncio.Event().wait()
-
-        rig.d.provider.submit_batch = create_then_die
+        client = rig.d.provider.client
         try:
-            await rig.reserve(jobs)
-            await rig.run("batch_api", jobs)
-            await rig.until(lambda: emu.count(create, status=200) == 1, "the create reached the provider")
-            for t in list(rig.d._tasks):
-                t.cancel()
+            await _create_then_die(rig, emu, jobs, create)
             params = {"model": MODEL["anthropic"], "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
             other = await client.messages.batches.create(
                 requests=[{"custom_id": f"other-{i}", "params": params} for i in range(N)])

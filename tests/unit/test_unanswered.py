@@ -23,6 +23,23 @@ async def kept_bound(rig: Rig, j) -> float:
     return bound
 
 
+def answers_lost(rig: Rig, lost) -> list:
+    """Every chat call of ``rig``'s dispatcher runs (and is billed); the answer of call ``n`` (from 1) is lost, as
+    a client timeout, where ``lost(n)``. Returns the calls made, as they are made."""
+    comp = rig.d.provider.client.chat.completions
+    create, calls, sdk = comp.create, [], rig.d.provider._sdk
+
+    async def call(**kw):
+        calls.append(kw)
+        made = await create(**kw)
+        if lost(len(calls)):
+            raise sdk.APITimeoutError(request=None)
+        return made
+
+    comp.create = call
+    return calls
+
+
 async def billed_later(emu: Emulator, bound: float) -> None:
     """The provider finishes the abandoned call and bills it, within the bound the budget kept."""
     deadline = time.monotonic() + 10.0
@@ -88,18 +105,7 @@ def test_where_the_key_is_not_honoured_a_retry_answered_after_a_billed_timeout_k
         async def go():
             rig = Rig(emu)
             assert rig.d.provider.honours_keys is False
-            comp = rig.d.provider.client.chat.completions
-            create, calls = comp.create, []
-            sdk = rig.d.provider._sdk
-
-            async def first_answer_lost(**kw):
-                calls.append(kw)
-                made = await create(**kw)  # run and billed each time: the key is not honoured
-                if len(calls) == 1:
-                    raise sdk.APITimeoutError(request=None)
-                return made
-
-            comp.create = first_answer_lost
+            calls = answers_lost(rig, lambda n: n == 1)
             try:
                 await rig.reserve([j])
                 await rig.run("sync", [j])
@@ -125,18 +131,7 @@ def test_where_the_key_is_not_honoured_each_unanswered_call_keeps_its_bound(then
 
         async def go():
             rig = Rig(emu)
-            comp = rig.d.provider.client.chat.completions
-            create, calls = comp.create, []
-            sdk = rig.d.provider._sdk
-
-            async def answers_lost(**kw):
-                calls.append(kw)
-                made = await create(**kw)
-                if len(calls) <= 2 or not then_ok:
-                    raise sdk.APITimeoutError(request=None)
-                return made
-
-            comp.create = answers_lost
+            calls = answers_lost(rig, lambda n: n <= 2 or not then_ok)
             try:
                 await rig.reserve([j])
                 await rig.run("sync", [j])
