@@ -36,7 +36,6 @@ import contextlib
 import hashlib
 import hmac
 import math
-import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -61,7 +60,7 @@ from engine.app._endpoint_wire import (
     new_id,
     smartbatch_fields,
 )
-from engine.core.batchfile import list_price_usd, response_body
+from engine.core.batchfile import list_price_usd, provider_status, response_body
 from engine.core.catalog import Catalog
 from engine.core.request import Request
 from engine.core.result import Result
@@ -80,7 +79,6 @@ IMAGES_URL = "/v1/images/generations"
 _FAILURES = {"failed": (502, "api_error", "request_failed"),
              "rejected": (429, "insufficient_quota", "request_rejected"),
              "expired": (504, "api_error", "deadline_expired")}
-_PROVIDER_STATUS = re.compile(r"\bHTTP (\d{3})\b")  # how a provider's refusal reads in Result.error
 CLIENT_TIMEOUT = "X-Stainless-Read-Timeout"
 CLIENT_TIMEOUT_SHARE = 0.9  # of the client's read timeout, the deadline when none is given: the answer must be back
 # A failed result is final: the engine already retried it as far as its deadline allows. The official SDKs
@@ -256,9 +254,7 @@ def _client_waits(headers) -> float | None:
 def _failure(res: Result) -> ApiError:
     status, kind, code = _FAILURES.get(res.status, _FAILURES["failed"])
     message = res.error or res.reason or res.status
-    m = _PROVIDER_STATUS.search(res.error or "") if res.status == "failed" else None
-    if m and 400 <= int(m.group(1)) <= 599:
-        status = int(m.group(1))  # the provider's own answer, passed through
+    status = provider_status(res) or status  # the provider's own answer, passed through
     return ApiError(status, f"request {res.id!r} {res.status}: {message}", type=kind, code=code, headers=_NO_RETRY)
 
 

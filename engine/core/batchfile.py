@@ -40,7 +40,7 @@ from engine.core.settings import MAX_DEADLINE_S, Settings
 from engine.core.trace import Trace, _problems_of, decode_lines, read_lines
 
 __all__ = ["BatchFile", "BatchLine", "answered_lines", "error_line", "from_openai_batch", "list_price_usd", "output_line",
-           "parse_batch_file", "parse_window", "read_batch_file", "report", "response_body", "result_rows",
+           "parse_batch_file", "parse_window", "provider_status", "read_batch_file", "report", "response_body", "result_rows",
            "write_results"]
 
 Problem = tuple[str, int, str, str]  # (file, line, field, message), as in engine.core.trace
@@ -277,15 +277,21 @@ def result_rows(bf: BatchFile, results: Sequence[Result], *, created: int = 0) -
         else:
             code = ERROR_CODES.get(res.status, "request_failed")
             row = error_line(ln.custom_id, code, res.error or res.reason or res.status, tenant=ln.request.tenant)
-            m = _HTTP_STATUS.search(res.error or "") if res.status == "failed" else None
-            if m and 400 <= int(m.group(1)) <= 599:
+            status = provider_status(res)
+            if status is not None:
                 # The provider answered with an HTTP error: OpenAI's error file gives such a line its response
                 # (status and error body), which readers look up as line["response"]["status_code"].
-                row["response"] = {"status_code": int(m.group(1)), "request_id": res.provider_request_id,
+                row["response"] = {"status_code": status, "request_id": res.provider_request_id,
                                    "body": {"error": {"message": row["error"]["message"], "type": "api_error",
                                                       "param": None, "code": code}}}
             rows.append(row)
     return rows
+
+
+def provider_status(res: Result) -> int | None:
+    """The HTTP status (4xx, 5xx) a provider answered a failed request with, as its error reads, or None."""
+    m = _HTTP_STATUS.search(res.error or "") if res.status == "failed" else None
+    return int(m.group(1)) if m and 400 <= int(m.group(1)) <= 599 else None
 
 
 def answered_lines(path: str | Path) -> dict[str, dict]:
