@@ -8,6 +8,7 @@ import asyncio
 import logging
 
 from actors._batch_api import _short
+from actors.journal import read_patiently
 
 log = logging.getLogger("smartbatch.dispatcher")
 
@@ -22,6 +23,7 @@ class Recovery:
     # batches again: billed twice. So a restarted one reads its journal first, whoever calls it first.
     _must_recover = False
     _recovery: asyncio.Future | None = None
+    journal_unread = 0  # recoveries that gave up on an unreadable journal (members sent again)
 
     def reconstructed(self) -> None:
         """Ray restarted this actor (``actors.remote`` calls this after the constructor): it takes no work and
@@ -75,13 +77,17 @@ class Recovery:
             fut.set_result(None)
 
     async def _recover_journal(self) -> int:
+        async def read() -> tuple[dict, dict]:
+            return await self.journal.items(self._space), await self.journal.items(self._sync_journal.space)
+
+        wait_s = self.settings.journal.recover_wait_s
         try:
-            records = await self.journal.items(self._space)
-            bodies = await self.journal.items(self._sync_journal.space)
+            records, bodies = await read_patiently(read, f"dispatcher {self.name}", wait_s)
         except Exception as exc:
             self._recovery = None  # the driver's rewire may try again
-            log.error("dispatcher %s: journal unreadable after a restart (%s); batches it had submitted are "
-                      "not followed and their members are sent again", self.name, _short(exc))
+            self.journal_unread += 1
+            log.error("dispatcher %s: journal unreadable after a restart (%s) for %.0f s; batches it had submitted "
+                      "are not followed and their members are sent again", self.name, _short(exc), wait_s)
             return 0
         n = 0
         for key, rec in bodies.items():

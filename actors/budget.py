@@ -26,7 +26,7 @@ import logging
 import time
 
 from actors._peer import Warm, as_peer, resolve_clock
-from actors.journal import HubJournal
+from actors.journal import HubJournal, read_patiently
 from engine.core.budgets import LEDGER, BudgetSettings, Charge, Claim, Verdict
 from engine.core.errors import ConfigError
 from engine.core.ledger import BudgetBook
@@ -300,7 +300,8 @@ class BudgetController(Warm):
             return False
         self._restored = True
         try:
-            snap = (await self.journal.items(JOURNAL_KEY[0])).get(JOURNAL_KEY[1])
+            snap = (await read_patiently(lambda: self.journal.items(JOURNAL_KEY[0]), "budget ledger")).get(
+                JOURNAL_KEY[1])
         except Exception as exc:
             log.error("budget ledger: journal unreadable after a restart (%s); spend restarts from zero", exc)
             return False

@@ -391,7 +391,7 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
                "paid_twice": self.paid_twice, "paid_twice_usd": round(self.paid_twice_usd, 6),
                "possibly_billed": self.possibly_billed, "possibly_billed_usd": round(self.possibly_billed_usd, 6),
                "key_conflicts": self.key_conflicts, "open_batches": len(self._open), "reattached": self.reattached,
-               "resumed_calls": self.resumed_calls}
+               "resumed_calls": self.resumed_calls, "journal_unread": self.journal_unread}
         if waits:
             out["waits"] = list(self.waits)
         return out

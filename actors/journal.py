@@ -24,11 +24,30 @@ from typing import Any
 from actors._peer import Peer, as_peer
 
 __all__ = ["HubJournal", "JournalWriter", "MemoryJournalStore", "RedisJournal", "delete_later", "make_journal",
-           "redis_journal"]
+           "read_patiently", "redis_journal"]
 
 log = logging.getLogger("smartbatch.journal")
 
 DELETE_TRIES = 8  # a failed delete, tried again 0.2 s later, then doubling: about 50 s for the journal to answer
+RECOVER_WAIT_S = 60.0  # a restart's read of an unreadable journal: a Redis restart or failover, a hub restarting
+
+
+async def read_patiently(read, who: str, wait_s: float = RECOVER_WAIT_S):
+    """``await read()``, tried again for ``wait_s`` real seconds while it fails: after a restart, giving up on the
+    journal at once costs money (members of open batches sent again, a budget ledger from zero). Raises the last
+    error past ``wait_s``."""
+    loop = asyncio.get_running_loop()
+    give_up, delay = loop.time() + wait_s, 0.05
+    while True:
+        try:
+            return await read()
+        except Exception as exc:
+            if loop.time() + delay > give_up:
+                raise
+            log.warning("%s: journal unreadable after a restart (%s: %s); trying again", who,
+                        type(exc).__name__, str(exc)[:200])
+        await asyncio.sleep(delay)
+        delay = min(2 * delay, 2.0)
 
 
 def delete_later(journal, space: str, keys: list[str], tasks: set) -> None:

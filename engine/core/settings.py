@@ -205,6 +205,9 @@ class JournalSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     redis_url: str | None = Field(default=None, description="None: the budgets' or the cache's Redis when one is "
                                   "set, else the result hub's memory")
+    recover_wait_s: float = Field(default=60.0, ge=0.0, description="real seconds a restarted dispatcher keeps "
+                                  "trying to read an unreadable journal (work waits meanwhile) before it sends "
+                                  "the members of its open batches again, which may bill them twice")
 
     @field_validator("redis_url")
     @classmethod

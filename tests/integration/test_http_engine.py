@@ -91,7 +91,10 @@ def test_a_mixed_trace_over_http_is_billed_from_usage_once_and_agrees_with_the_s
     assert http_cost == pytest.approx(sim_cost, rel=0.08), why
     rep = doc["engine_report"]["providers"]
     assert rep["openai"]["calls"] == "http" and rep["google"]["calls"] == "simulated"
-    assert rep["openai"]["batches_cancelled"] + rep["anthropic"]["batches_cancelled"] > 0  # hedges happened
+    # The trace hedges: the simulator, on the same seed, cancels late batches. Whether the live run's batches are
+    # late is the turnaround draw of the slot each lands in, which is timing (stop 38's CI run had 4 batches, none
+    # late), so the live cancel path is pinned by test_http_providers' hedge test, not here.
+    assert any(b.outcome == "hedged" for b in sim.batches)
     assert rep["openai"]["paid_twice"] == rep["anthropic"]["paid_twice"] == 0
 
 

@@ -144,6 +144,67 @@ def test_a_restarted_dispatcher_reads_its_journal_before_it_takes_work_or_answer
     asyncio.run(go())
 
 
+class Unreadable:
+    """A journal whose reads fail ``fails`` times (a Redis restarting), then read through."""
+
+    def __init__(self, journal, fails: int):
+        self.journal, self.fails, self.reads = journal, fails, 0
+
+    def __getattr__(self, name):
+        return getattr(self.journal, name)
+
+    async def items(self, space):
+        self.reads += 1
+        if self.reads <= self.fails:
+            raise ConnectionError("Connection refused")
+        return await self.journal.items(space)
+
+
+async def restarted_with_an_open_batch(settings, fails: int):
+    """A dispatcher whose batch was submitted and journaled, dead, and its restart, whose journal reads fail
+    ``fails`` times first; with the members' jobs and the submits the restart makes."""
+    hub, clock, args = dispatcher_args(settings)
+    d1 = Dispatcher(*args)
+    jobs = [Job(i, req(i), f"fp{i}") for i in range(3)]
+    await d1.run_many([BatchJob("b1", "batch_api", None, False, "process_as_batch", "cheap", jobs)])
+    await until(lambda: d1._open and all(h is not None for *_, h, _ in d1._open.values()), "batch submitted")
+    await d1._journal_put(next(iter(d1._open)))
+    await die(d1)
+    d2 = Dispatcher(*args)
+    d2.reconstructed()
+    d2.journal = Unreadable(d2.journal, fails)
+    submitted: list = []
+    real_submit = d2.provider.submit_batch
+    d2.provider.submit_batch = lambda *a: submitted.append(a) or real_submit(*a)
+    return d2, jobs, submitted
+
+
+def test_a_restarted_dispatcher_waits_out_a_journal_that_fails_for_a_while_and_sends_nothing_again():
+    """Redis restarting when the dispatcher restarts: its reads fail for a moment. Giving up at once answered
+    the recall from an empty memory: the members went again while their batch ran on, billed twice."""
+    async def go():
+        d2, jobs, submitted = await restarted_with_an_open_batch(Settings(), fails=3)
+        uids = [j.req.uid for j in jobs]
+        held = await d2.recall(uids)
+        assert sorted(held) == sorted(uids) and d2.journal.reads > 3
+        assert d2.reattached == 1 and d2.journal_unread == 0 and submitted == []
+        await d2.journal.close()
+    asyncio.run(go())
+
+
+def test_a_journal_unreadable_past_the_wait_is_given_up_counted_and_read_again_at_the_next_rewire():
+    async def go():
+        settings = Settings().model_copy(update={"journal": JournalSettings(recover_wait_s=0.2)})
+        d2, jobs, submitted = await restarted_with_an_open_batch(settings, fails=10**6)
+        uids = [j.req.uid for j in jobs]
+        assert await d2.recall(uids) == []  # given up: the members are dispatched afresh (and counted)
+        assert d2.journal_unread == 1 and (await d2.stats())["journal_unread"] == 1
+        d2.journal.fails = 0  # Redis is back: the driver's rewire reads it
+        assert await d2.recover() == 1 and sorted(await d2.holds(uids)) == sorted(uids)
+        await d2.journal.close()
+    asyncio.run(go())
+
+
 class HttpLike:
     """A provider that "calls over HTTP": the first dispatcher's call never returns (it dies mid-call), the
     second's answers. Bodies differ on every build, as a body that depends on cache warmth can."""
@@ -204,6 +265,14 @@ def test_a_restarted_budget_controller_takes_its_memory_ledger_back():
         assert (await b2.report())["spent_usd"] == pytest.approx(1.4)
         b2._expire(["c3"])
         assert (await b2.report())["reserved_usd"] == 0
+
+        # A hub that does not answer for a moment (restarting too): the ledger still comes back, not from zero.
+        await until(lambda: b2._journaling is not None and b2._journaling.done() and not b2._journal_dirty,
+                    "its snapshot was written")
+        b3 = BudgetController(cfg, hub, ManualClock(0.0))
+        b3.journal = Unreadable(b3.journal, fails=3)
+        assert await b3.recover() and b3.journal.reads == 4
+        assert (await b3.report())["spent_usd"] == pytest.approx(1.4)
     asyncio.run(go())
 
 
