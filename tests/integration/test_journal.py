@@ -64,6 +64,28 @@ async def until(cond, what: str, steps: int = 500) -> None:
     raise AssertionError(f"never happened: {what}")
 
 
+async def until_async(probe, what: str, timeout_s: float = 10.0) -> None:
+    """Until ``await probe()`` is truthy; fail after ``timeout_s`` of real time (Redis answers take time)."""
+    t_end = asyncio.get_running_loop().time() + timeout_s
+    while not await probe():
+        if asyncio.get_running_loop().time() > t_end:
+            raise AssertionError(f"never happened: {what}")
+        await asyncio.sleep(0.002)
+
+
+async def past_the_end(clock, hub, n: int, timeout_s: float = 10.0) -> list:
+    """Run the clock past every batch's end (timers fire at once on a ManualClock) until the hub holds ``n``
+    results, or fail after ``timeout_s`` of real time."""
+    got: list = []
+    t_end = asyncio.get_running_loop().time() + timeout_s
+    while len(got) < n:
+        if asyncio.get_running_loop().time() > t_end:
+            raise AssertionError(f"{len(got)} of {n} results")
+        clock.advance(3600.0)
+        got += await hub.pull(0.005)
+    return got
+
+
 @pytest.fixture(params=["memory", "redis"])
 def settings(request):
     if request.param == "memory":
@@ -81,10 +103,7 @@ def test_a_restarted_dispatcher_follows_its_journaled_batch_and_never_resubmits_
         d1 = Dispatcher(*args)
         jobs = [Job(i, req(i), f"fp{i}") for i in range(3)]
         await d1.run_many([BatchJob("b1", "batch_api", None, False, "process_as_batch", "cheap", jobs)])
-        for _ in range(500):  # until the batch is submitted and journaled
-            if await d1.journal.items(d1._space):
-                break
-            await asyncio.sleep(0.002)
+        await until_async(lambda: d1.journal.items(d1._space), "the batch submitted and journaled")
         await die(d1)
 
         d2 = Dispatcher(*args)
@@ -93,14 +112,13 @@ def test_a_restarted_dispatcher_follows_its_journaled_batch_and_never_resubmits_
         d2.provider.submit_batch = lambda *a: submitted.append(a) or real_submit(*a)
         assert await d2.recover() == 1
         assert await d2.recall(["1:t/r0", jobs[0].req.uid]) == [jobs[0].req.uid]  # it knows its members
-        for _ in range(50):  # past the batch's end; timers fire at once on a ManualClock
-            clock.advance(3600.0)
-            await asyncio.sleep(0.005)
-        got = await hub.pull(0.01)
+        got = await past_the_end(clock, hub, 3)
         assert sorted(r.id for r in got) == ["r0", "r1", "r2"]
         assert {r.mode for r in got} == {"batch_api"} and {r.batch_id for r in got} == {"b1"}
         assert submitted == []  # followed by its journaled handle, never submitted again
-        assert not d2._open and not await d2.journal.items(d2._space)  # cleared once it ended
+        async def cleared():
+            return not d2._open and not await d2.journal.items(d2._space)
+        await until_async(cleared, "its record cleared once it ended")
         await d2.journal.close()
     asyncio.run(go())
 
@@ -115,10 +133,7 @@ def test_a_restarted_dispatcher_reads_its_journal_before_it_takes_work_or_answer
         jobs = [Job(i, req(i), f"fp{i}") for i in range(3)]
         await d1.run_many([BatchJob("b1", "batch_api", None, False, "process_as_batch", "cheap", jobs)])
         await until(lambda: d1._open and all(h is not None for *_, h, _ in d1._open.values()), "batch submitted")
-        for _ in range(500):
-            if await d1.journal.items(d1._space):
-                break
-            await asyncio.sleep(0.002)
+        await until_async(lambda: d1.journal.items(d1._space), "the batch submitted and journaled")
         await die(d1)
 
         d2 = Dispatcher(*args)
@@ -133,10 +148,7 @@ def test_a_restarted_dispatcher_reads_its_journal_before_it_takes_work_or_answer
         assert sorted(held) == sorted(uids)
         assert await d2.recover() == 0  # the driver's rewire, later: already done
         assert d2.reattached == 1
-        for _ in range(50):
-            clock.advance(3600.0)
-            await asyncio.sleep(0.005)
-        got = await hub.pull(0.01)
+        got = await past_the_end(clock, hub, 3)
         assert sorted(r.id for r in got) == ["r0", "r1", "r2"]
         assert {(r.mode, r.batch_id) for r in got} == {("batch_api", "b1")}  # none sent sync as well
         assert submitted == []

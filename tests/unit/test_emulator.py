@@ -474,8 +474,9 @@ def test_batch_expires_when_the_window_passes_first() -> None:
 
 
 def test_cancel_leaves_finished_members_billed_and_the_rest_cancelled() -> None:
-    # Seed 2 draws a long first turnaround (2792 s, about 0.28 s real here), so a cancel lands mid-way.
-    with Emulator(seed=2, **FAST) as e, closing(Sdk(e)) as sdk:
+    # Seed 2 draws a long first turnaround (2792 s, 2.8 s real at 1,000x), so a cancel lands mid-way. (At FAST's
+    # 10,000x the 20 members ended within 0.28 s of real time: a slow poll could find none left to cancel.)
+    with Emulator(seed=2, **{**FAST, "speedup": 1e3}) as e, closing(Sdk(e)) as sdk:
         client = sdk.openai()
         fid = upload(client, [batch_line(f"c{i:02d}", f"job {i}") for i in range(20)])
         bid = client.batches.create(input_file_id=fid, endpoint="/v1/chat/completions", completion_window="24h").id
@@ -526,8 +527,8 @@ def test_anthropic_message_batch_round_trip(emu: Emulator, sdk: Sdk) -> None:
 
 
 def test_anthropic_message_batch_cancel() -> None:
-    # Seed 2 draws a long first turnaround (1861 s, about 0.19 s real here), so a cancel lands mid-way.
-    with Emulator(seed=2, **FAST) as e, closing(Sdk(e)) as sdk:
+    # Seed 2 draws a long first turnaround (1861 s, 1.9 s real at 1,000x), so a cancel lands mid-way.
+    with Emulator(seed=2, **{**FAST, "speedup": 1e3}) as e, closing(Sdk(e)) as sdk:
         client = sdk.anthropic()
         batch = client.messages.batches.create(requests=anthropic_requests(20, "c"))
 

@@ -96,12 +96,13 @@ def http_settings(emu: Emulator, *, timeout_s: float = 30.0, cancel_s: float | N
 class Rig:
     """One dispatcher over HTTP at the emulator, with a hub, a budget ledger and a recording grouper."""
 
-    def __init__(self, emu: Emulator, provider: str = "openai", *, key: str = KEY, **settings_kw: Any):
+    def __init__(self, emu: Emulator, provider: str = "openai", *, key: str = KEY, speed: float = SPEED,
+                 **settings_kw: Any):
         self.emu, self.name = emu, provider
         self.settings = http_settings(emu, **settings_kw)
         # The catalog the engine plans with: its batch_api.cancel_s is the endpoint's (engine.app.driver).
         self.catalog, _ = http_setup(emu.catalog, self.settings, need_keys=False)
-        self.clock = ScaledClock(time.time(), SPEED)
+        self.clock = ScaledClock(time.time(), speed)
         self.hub, self.grouper = ResultHub(), Recorder()
         self.budget = BudgetController(BudgetSettings(), None, ManualClock(0.0))
         self.d = Dispatcher(provider, self.catalog, self.settings, 0, self.clock, [self.grouper], self.hub, None,
@@ -344,14 +345,25 @@ def assert_split_by_the_bill(rig: Rig, emu: Emulator, jobs: list[Job], provider:
     return {j.req.id for j in jobs if j.req.id in rig.results}
 
 
+@pytest.fixture
+def quarter() -> Iterator[Emulator]:
+    """The emulator at a quarter of ``SPEED``, for tests whose split of a batch's members rests on round trips
+    that take a few hundred ms of real time (as the unit suite's two workers can make them): with a ``Rig`` of
+    the same speed, every margin is four times longer in real time."""
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED / 4, cancel_s=EMU_CANCEL_S,
+                  validating_s=VALIDATING_S["openai"], finalizing_s=1.0) as e:
+        yield e
+
+
 @PROVIDERS
-def test_a_batch_cancelled_at_its_hedge_keeps_finished_members_and_never_sends_them_again(emu, provider):
-    jobs = jobs_of(provider, claims=True)
+def test_a_batch_cancelled_at_its_hedge_keeps_finished_members_and_never_sends_them_again(quarter, provider):
+    emu, jobs = quarter, jobs_of(provider, claims=True)
 
     async def go():
         # The allowance for the cancel (engine s) exceeds the emulator's cancel time, as a real provider's
-        # maximum exceeds a typical cancel.
-        rig = Rig(emu, provider, cancel_s=10 * EMU_CANCEL_S)
+        # maximum exceeds a typical cancel. Member 0 must finish before the hedge (0.35 T after it is
+        # submitted) and member 3 after the cancel lands: at SPEED that was 0.35 s and 0.4 s of real time.
+        rig = Rig(emu, provider, cancel_s=10 * EMU_CANCEL_S, speed=SPEED / 4)
         cancels: list[float] = []
         inner = rig.d.provider.cancel
 
@@ -482,16 +494,17 @@ def test_an_anthropic_batch_cut_and_ended_before_the_restart_is_told_from_a_look
 
 def test_the_cancel_allowance_counts_from_when_the_provider_took_the_cancel():
     cancel_s = 300.0  # engine s; far longer than a round trip, so the outcome does not depend on one
-    with Emulator(CAT, latency_scale=0.0, speedup=SPEED, cancel_s=cancel_s) as slow_cancel:
+    speed = SPEED / 4  # member 0 finishes 0.05 T before the cancel is taken: 50 ms of real time at SPEED, 200 here
+    with Emulator(CAT, latency_scale=0.0, speedup=speed, cancel_s=cancel_s) as slow_cancel:
         jobs = jobs_of("openai")
 
         async def go():
-            rig = Rig(slow_cancel, "openai")  # the allowance is emu.cancel_s, as point_at_emulator sets it
+            rig = Rig(slow_cancel, "openai", speed=speed)  # the allowance is emu.cancel_s, as point_at_emulator sets
             assert rig.catalog.provider("openai").batch_api.cancel_s == cancel_s
             inner = rig.d.provider.cancel
 
             async def cancel_over_a_slow_link(handle: Any) -> None:
-                await asyncio.sleep(100.0 / SPEED)  # 100 engine s on the wire before the provider takes it
+                await asyncio.sleep(100.0 / speed)  # 100 engine s on the wire before the provider takes it
                 await inner(handle)
 
             rig.d.provider.cancel = cancel_over_a_slow_link
