@@ -5,9 +5,12 @@ A batch's valid lines are submitted to the engine at once, each with the complet
 as they finish and, when the last one is in, writes the output and error files with ``engine.core.batchfile``
 (the lines ``smartbatch batch`` writes). Invalid lines are answered in the error file (``invalid_request``).
 
-State is per replica and in memory: files and batches live in this process's dicts. Another replica (or this
-one after a restart) does not know them, and a restart forgets them while their requests run on in the engine.
-Behind a load balancer, keep a client on one replica (session affinity) or run one replica.
+State is per replica: files and batches live in this process's dicts and, given a directory (``state_dir``,
+``smartbatch serve --state-dir``), on disk (``engine.app._endpoint_state``). Without one, a restart forgets them
+while their requests run on in the engine. With one, a restarted replica takes them back (``resume``): an ended
+batch as it was, an open one by asking the engine again for the lines it had no result for, under the same
+request ids, so an engine that still holds a line hands its result over without generating it again. Another
+replica does not share them: behind a load balancer, keep a client on one replica or run one replica.
 
 Cancel follows OpenAI: ``cancelling`` while its lines finish, up to ``cancel_wait_s`` (OpenAI's "up to 10
 minutes"), then ``cancelled``: the lines finished in the output, the others in the error file
@@ -17,19 +20,21 @@ minutes"), then ``cancelled``: the lines finished in the output, the others in t
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import replace
+from pathlib import Path
 
 from fastapi import APIRouter
 from fastapi import Request as HttpRequest
 from fastapi.responses import Response
 from starlette.datastructures import UploadFile
 
+from engine.app._endpoint_job import OPEN, BatchJob
+from engine.app._endpoint_state import EndpointState
 from engine.app._endpoint_wire import (
     ApiError,
     AsyncEngine,
@@ -55,87 +60,9 @@ CANCEL_WAIT_S = 600.0  # real seconds a cancelling batch waits for its running l
 # its enqueued-token limit: lines riding a 24-hour window hold the engine's max_pending places (100,000) for hours,
 # and chat calls, which share them, waited 60 s for room and got a 429 (a review).
 MAX_OPEN_LINES = 50_000
-_ANSWERED = ("ok", "reused")
-_OPEN = ("validating", "in_progress")
+log = logging.getLogger("smartbatch.endpoint")
 _CANCELLED = ("The batch was cancelled before this line finished. The engine does not stop a request it has "
               "accepted, so this one may still be generated and billed; its result is not in this batch's output.")
-
-
-@dataclass(eq=False)
-class BatchJob:
-    """One batch: its lines, the engine's futures of the valid ones, and the results collected so far (by
-    custom_id). Changed only on the event loop, so the collector and the routes never race."""
-
-    id: str
-    endpoint: str
-    input_file_id: str
-    completion_window: str
-    window_s: float
-    metadata: dict[str, str] | None
-    tenant: str
-    created_at: int
-    bf: BatchFile | None = None
-    status: str = "validating"
-    errors: list[dict] = field(default_factory=list)
-    at: dict[str, int] = field(default_factory=dict)  # when it entered each status
-    futures: dict[str, concurrent.futures.Future] = field(default_factory=dict)  # custom_id -> engine future
-    custom_ids: dict[str, str] = field(default_factory=dict)  # engine request id -> custom_id
-    results: dict[str, Result] = field(default_factory=dict)  # custom_id -> result (its id the custom_id)
-    output_file_id: str | None = None
-    error_file_id: str | None = None
-    report: dict | None = None
-    task: asyncio.Task | None = None
-    # Once it ended: its request counts and usage, kept after its lines, futures and results are let go (a
-    # long-running endpoint held every line and result of every batch it ever ran).
-    final: tuple[dict[str, int], dict[str, Any]] | None = None
-
-    def take(self, res: Result) -> None:
-        cid = self.custom_ids.get(res.id)
-        if cid is not None:
-            self.results[cid] = res.model_copy(update={"id": cid})
-
-    def counts(self) -> dict[str, int]:
-        if self.final is not None:
-            return self.final[0]
-        lines = self.bf.lines if self.bf is not None else []
-        done = sum(r.status in _ANSWERED for r in self.results.values())
-        invalid = sum(ln.request is None for ln in lines)
-        return {"total": len(lines), "completed": done, "failed": invalid + len(self.results) - done}
-
-    def release(self) -> None:
-        """Keep what an ended batch shows (its counts, usage, files and report), let go of the rest."""
-        self.final = (self.counts(), self._usage())
-        self.bf, self.futures, self.custom_ids, self.results, self.task = None, {}, {}, {}, None
-
-    def view(self) -> dict[str, Any]:
-        final = self.status in ("completed", "cancelled", "expired")
-        return {
-            "id": self.id, "object": "batch", "endpoint": self.endpoint,
-            "errors": {"object": "list", "data": self.errors} if self.errors else None,
-            "input_file_id": self.input_file_id, "completion_window": self.completion_window,
-            "status": self.status, "output_file_id": self.output_file_id, "error_file_id": self.error_file_id,
-            "created_at": self.created_at, "in_progress_at": self.at.get("in_progress"),
-            "expires_at": self.created_at + int(self.window_s), "finalizing_at": self.at.get("finalizing"),
-            "completed_at": self.at.get("completed"), "failed_at": self.at.get("failed"),
-            "expired_at": self.at.get("expired"),
-            "cancelling_at": self.at.get("cancelling"), "cancelled_at": self.at.get("cancelled"),
-            "request_counts": self.counts(),
-            "metadata": self.metadata, "usage": (self._usage() if self.final is None else self.final[1]) if final
-            else None,
-        }
-
-    def _usage(self) -> dict[str, Any]:
-        used = [r.usage or {} for r in self.results.values() if r.status in _ANSWERED]
-        n_in = sum(u.get("input_tokens", 0) for u in used)
-        n_out = sum(u.get("output_tokens", 0) for u in used)
-        cached = sum(u.get("cache_read", 0) for u in used)
-        return {"input_tokens": n_in, "input_tokens_details": {"cached_tokens": cached},
-                "output_tokens": n_out, "output_tokens_details": {"reasoning_tokens": 0},
-                "total_tokens": n_in + n_out}
-
-    def __repr__(self) -> str:
-        return (f"BatchJob({self.id}, {self.status}, {len(self.results)}/{len(self.futures)} results, "
-                f"tenant={self.tenant!r})")
 
 
 class FilesAndBatches:
@@ -143,14 +70,15 @@ class FilesAndBatches:
 
     def __init__(self, engine: AsyncEngine, catalog: Catalog, *, window_default_s: float,
                  now: Callable[[], float] = time.time, cancel_wait_s: float = CANCEL_WAIT_S,
-                 max_open_lines: int = MAX_OPEN_LINES):
+                 max_open_lines: int = MAX_OPEN_LINES, state_dir: Path | None = None):
         self.engine, self.catalog, self._now = engine, catalog, now
+        self.state = EndpointState(state_dir) if state_dir is not None else None
         self.window_default_s, self.cancel_wait_s, self.max_open_lines = window_default_s, cancel_wait_s, max_open_lines
-        self.files: dict[str, StoredFile] = {}
+        self.files: dict[str, StoredFile] = self.state.files() if self.state is not None else {}
         self.batches: dict[str, BatchJob] = {}
 
     def __repr__(self) -> str:
-        running = sum(b.status in _OPEN or b.status == "cancelling" for b in self.batches.values())
+        running = sum(b.status in OPEN or b.status == "cancelling" for b in self.batches.values())
         return f"FilesAndBatches({len(self.files)} files, {len(self.batches)} batches, {running} running)"
 
     def router(self) -> APIRouter:
@@ -173,6 +101,8 @@ class FilesAndBatches:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.state is not None:
+            self.state.close()
 
     # -- files ----------------------------------------------------------------------------------------------
     def _file(self, file_id: str) -> StoredFile:
@@ -183,6 +113,8 @@ class FilesAndBatches:
 
     def _add_file(self, filename: str, purpose: str, data: bytes) -> StoredFile:
         f = StoredFile(new_id("file-"), filename, purpose, data, int(self._now()))
+        if self.state is not None:
+            self.state.save_file(f)
         self.files[f.id] = f
         return f
 
@@ -216,7 +148,9 @@ class FilesAndBatches:
 
     async def delete_file(self, file_id: str) -> dict:
         self._file(file_id)
-        del self.files[file_id]  # a batch made from it keeps its parsed lines
+        del self.files[file_id]  # a batch made from it keeps its parsed lines (and on disk, its input)
+        if self.state is not None:
+            self.state.drop_file(file_id)
         return {"id": file_id, "object": "file", "deleted": True}
 
     async def file_content(self, file_id: str) -> Response:
@@ -264,7 +198,7 @@ class FilesAndBatches:
                               catalog=self.catalog, settings=self.engine.settings)
         job.bf = _for_endpoint(bf, endpoint)
         problems = bf.file_problems or ([] if bf.lines else [(file_id, 0, "file", "the file has no lines")])
-        held = sum(len(b.futures) - len(b.results) for b in self.batches.values() if b.final is None)
+        held = sum(cid not in b.results for b in self.batches.values() if b.final is None for cid in b.futures)
         if not problems and held + len(job.bf.requests) > self.max_open_lines:
             problems = [(file_id, 0, "limit", f"the endpoint holds {held:,} unfinished batch lines and this batch "
                          f"adds {len(job.bf.requests):,}, past its {self.max_open_lines:,} (kept so that chat "
@@ -276,9 +210,20 @@ class FilesAndBatches:
             self._enter(job, "failed")
             job.release()  # ended too: its counts and errors stay, its lines go
             self.batches[job.id] = job
+            self._save(job)
             return job.view()
-        reqs = job.bf.requests
-        subs = [_submission(req, f"{job.id}/{req.id}") for req in reqs]
+        if self.state is not None:
+            self.state.keep_input(job.id, file_id)
+        await self._submit(job, job.bf.requests)
+        self.batches[job.id] = job
+        self._save(job)
+        job.task = asyncio.create_task(self._collect(job), name=f"smartbatch-{job.id}")
+        return job.view()  # before the collector runs: status in_progress
+
+    async def _submit(self, job: BatchJob, reqs: list[Request], deadline_s: float | None = None) -> None:
+        """Hand ``reqs`` (lines of ``job``) to the engine, each under the request id ``<batch id>/<custom_id>``
+        (a custom_id may repeat across batches); ``deadline_s``: what is left of the window, after a restart."""
+        subs = [_submission(req, f"{job.id}/{req.id}", deadline_s) for req in reqs]
         futs = []
         if subs:  # submit_many may wait for room in the engine: in a worker thread, never on the loop
             futs = await engine_call(asyncio.to_thread(self.engine.submit_many, subs), lambda _: None)
@@ -288,15 +233,60 @@ class FilesAndBatches:
         for req, sub, fut in zip(reqs, subs, futs, strict=True):
             job.futures[req.id], job.custom_ids[sub["id"]] = fut, req.id
         self._enter(job, "in_progress")
-        self.batches[job.id] = job
-        job.task = asyncio.create_task(self._collect(job), name=f"smartbatch-{job.id}")
-        return job.view()  # before the collector runs: status in_progress
+
+    async def resume(self) -> None:
+        """Take back the batches the state directory holds (after a restart): an ended one as it was; an open one
+        with the results it had, its other lines asked of the engine again (see the module docstring), or
+        ended at once if it was cancelling or its window has passed."""
+        if self.state is None:
+            return
+        for rec, data, results in self.state.batches():
+            job = BatchJob.from_record(rec)
+            self.batches[job.id] = job
+            if job.final is not None:
+                continue
+            if data is None:
+                log.error("endpoint state: batch %s has lost its input; it fails", job.id)
+                job.errors = [{"code": "server_error", "message": "the endpoint restarted and this batch's input "
+                               "was not found in its state directory", "param": None, "line": None}]
+                self._enter(job, "failed")
+                job.release()
+                self._save(job)
+                continue
+            bf = parse_batch_file(data, source=job.input_file_id, window_s=job.window_s, tenant=job.tenant,
+                                  catalog=self.catalog, settings=self.engine.settings)
+            job.bf, job.results = _for_endpoint(bf, job.endpoint), results
+            left_s = job.created_at + job.window_s - self._now()
+            todo = [r for r in job.bf.requests if r.id not in results]
+            if job.status == "cancelling" or left_s <= 0 or not todo:
+                why = _CANCELLED
+                if job.status != "cancelling":  # its window passed while the endpoint was down: it expires
+                    why = "the batch's completion window passed while the endpoint was down"
+                    for r in todo:
+                        job.results[r.id] = Result(id=r.id, status="expired", tenant=job.tenant, error=why)
+                self._finish(job, why)
+                continue
+            try:
+                await self._submit(job, todo, left_s)
+            except ApiError as exc:  # the engine refused them (stopped, full): the batch ends, saying why
+                log.error("endpoint: batch %s could not be taken back: %s", job.id, exc.message)
+                self._finish(job, f"the endpoint restarted and the engine refused this line: {exc.message}")
+                continue
+            job.task = asyncio.create_task(self._collect(job), name=f"smartbatch-{job.id}")
+            log.warning("endpoint: batch %s taken back after a restart: %d line(s) in, %d asked again", job.id,
+                        len(results), len(todo))
+
+    def _save(self, job: BatchJob) -> None:
+        if self.state is not None:
+            self.state.save_batch(job.record())
 
     async def _collect(self, job: BatchJob) -> None:
         why = _CANCELLED
         try:
             async for res in self.engine.as_completed(job.futures.values()):
                 job.take(res)
+                if self.state is not None and (cid := job.custom_ids.get(res.id)) is not None:
+                    self.state.add_result(job.id, job.results[cid])
         except asyncio.CancelledError:
             if job.status != "cancelling":
                 raise  # shutdown: the batch stays open
@@ -311,7 +301,7 @@ class FilesAndBatches:
             if cid not in job.results and fut.done() and not fut.cancelled() and fut.exception() is None:
                 job.take(fut.result())
         self._enter(job, "finalizing")
-        missing = {cid for cid in job.futures if cid not in job.results}
+        missing = {req.id for req in job.bf.requests if req.id not in job.results}
         for cid in missing:
             job.results[cid] = Result(id=cid, status="failed", tenant=job.tenant, error=why)
         results = [job.results[req.id] for req in job.bf.requests]
@@ -334,6 +324,9 @@ class FilesAndBatches:
         expired = any(r.status == "expired" for r in results)
         self._enter(job, "cancelled" if job.status == "cancelling" else "expired" if expired else "completed")
         job.release()
+        self._save(job)
+        if self.state is not None:
+            self.state.ended(job.id)
 
     def _enter(self, job: BatchJob, status: str) -> None:
         if status == "finalizing" and job.status == "cancelling":  # a cancelled batch goes on cancelling
@@ -350,10 +343,11 @@ class FilesAndBatches:
 
     async def cancel_batch(self, batch_id: str) -> dict:
         job = self._batch(batch_id)
-        if job.status not in _OPEN:
+        if job.status not in OPEN:
             raise ApiError(409, f"Cannot cancel batch {batch_id}: its status is {job.status!r}",
                            param="batch_id")
         self._enter(job, "cancelling")
+        self._save(job)
         shown = job.view()  # OpenAI answers a cancel with the batch cancelling
         task = job.task
         if task is None or task.done():
@@ -385,7 +379,8 @@ def _for_endpoint(bf: BatchFile, endpoint: str) -> BatchFile:
     return BatchFile(bf.source, lines, bf.file_problems)
 
 
-def _submission(req: Request, request_id: str) -> dict:
+def _submission(req: Request, request_id: str, deadline_s: float | None = None) -> dict:
     """The line as the engine takes it: validated already, with an id unique to the batch (a custom_id may
     repeat across batches) and no arrival, which the engine sets to its now."""
-    return {**req.model_dump(exclude={"arrival_s"}), "id": request_id}
+    d = {**req.model_dump(exclude={"arrival_s"}), "id": request_id}
+    return d if deadline_s is None else {**d, "deadline_s": deadline_s}

@@ -234,6 +234,9 @@ def serve(name: str = typer.Option("smartbatch", "--name", help="the engine's na
           http_key_env: str | None = typer.Option(None, "--http-key-env", help="environment variable holding the "
                                                   "key callers of the endpoint must send (the SDK's api_key); "
                                                   "without it, anyone who reaches the port uses the engine"),
+          state_dir: Path | None = typer.Option(None, "--state-dir", help="keep the endpoint's files and batches "
+                                                 "in this directory, so a restarted endpoint takes them back "
+                                                 "(default: in memory only)"),
           seed: int = typer.Option(0, help="seed of the simulated draws"),
           shards: int = typer.Option(1, "--shards", min=1, help="actors each of ingest, cache, result hub and "
                                      "groupers (one per core of the cluster spreads the load; docs/benchmarks.md)"),
@@ -245,6 +248,7 @@ def serve(name: str = typer.Option("smartbatch", "--name", help="the engine's na
     try:
         _check_http_port(http_host, http_port)
         key_digest = _http_key(http_key_env, http_host, http_port)
+        state = _state_dir(state_dir, http_port)
         import ray
 
         from engine.app.driver import Engine
@@ -264,9 +268,28 @@ def serve(name: str = typer.Option("smartbatch", "--name", help="the engine's na
         except SmartbatchError as exc:
             _fail(exc)
         _serve_until_stopped(eng, claim, policy=policy, speedup=speedup, http_host=http_host, http_port=http_port,
-                             key_digest=key_digest)
+                             key_digest=key_digest, state_dir=state)
     finally:
         claim.release()
+
+
+def _state_dir(path: Path | None, port: int | None) -> Path | None:
+    """``--state-dir`` made absolute (the endpoint's replica runs in a Ray worker, elsewhere), created, and
+    checked writable here rather than in the replica, where a failure would only reach the logs."""
+    if path is None:
+        return None
+    if port is None:
+        _fail(ConfigError("--state-dir keeps the endpoint's files and batches: pass --http-port too"))
+    path = path.expanduser().resolve()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".smartbatch-write-check"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        _fail(ConfigError(f"--state-dir {path}: not a writable directory ({exc.strerror or exc}); give one "
+                          "this user can write"))
+    return path
 
 
 def _http_key(env: str | None, host: str, port: int | None) -> str | None:
@@ -285,7 +308,8 @@ def _http_key(env: str | None, host: str, port: int | None) -> str | None:
 
 
 def _serve_until_stopped(eng: Any, claim: NameClaim, *, policy: str, speedup: float, http_host: str,
-                         http_port: int | None, key_digest: str | None = None) -> None:
+                         http_port: int | None, key_digest: str | None = None,
+                         state_dir: Path | None = None) -> None:
     import ray
 
     from actors._peer import read_layout
@@ -300,7 +324,8 @@ def _serve_until_stopped(eng: Any, claim: NameClaim, *, policy: str, speedup: fl
         if http_port is not None:
             from engine.app.serve_http import start_endpoint
 
-            endpoint = start_endpoint(name, host=http_host, port=http_port, api_key_sha256=key_digest)
+            endpoint = start_endpoint(name, host=http_host, port=http_port, api_key_sha256=key_digest,
+                                      state_dir=state_dir)
         for sig in (signal.SIGINT, signal.SIGTERM):  # one way out for both: the engine stops, then Ray
             signal.signal(sig, lambda *_: done.set())
         claim.publish(address=gcs, endpoint=endpoint)

@@ -38,6 +38,7 @@ import hmac
 import math
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
@@ -88,18 +89,20 @@ _NO_RETRY = {"x-should-retry": "false"}
 
 def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float = 86400.0,
              api_key_sha256: str | None = None, cancel_wait_s: float = CANCEL_WAIT_S,
-             max_open_batch_lines: int = MAX_OPEN_LINES) -> FastAPI:
+             max_open_batch_lines: int = MAX_OPEN_LINES, state_dir: Path | None = None) -> FastAPI:
     """The OpenAI-compatible app over ``engine`` (anything with ``Engine``'s asyncio API: ``asubmit``,
     ``submit_many``, ``as_completed`` and ``settings``). ``catalog`` validates requests, lists models and
     prices the saving; ``window_default_s`` is a batch's completion window when the create call gives none;
     ``api_key_sha256``: the hex SHA-256 of the key a caller must send (None: no key asked); ``cancel_wait_s``: how
     long a cancelling batch waits for its running lines (real seconds); ``max_open_batch_lines``: unfinished batch
-    lines held in the engine at once, past which a new batch fails (room left for chat calls)."""
+    lines held in the engine at once, past which a new batch fails (room left for chat calls); ``state_dir``: where
+    files and batches are kept on disk, taken back at the next start (None: in memory only)."""
     store = FilesAndBatches(engine, catalog, window_default_s=window_default_s, cancel_wait_s=cancel_wait_s,
-                            max_open_lines=max_open_batch_lines)
+                            max_open_lines=max_open_batch_lines, state_dir=state_dir)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await store.resume()  # the batches a state directory holds, from before a restart
         yield
         await store.shutdown()
 

@@ -2,13 +2,14 @@
 (``Engine.connect``) and serves ``engine.app.endpoint.make_app`` over Serve's HTTP proxy.
 
 Ray Serve is Ray's own HTTP layer: on a cluster the proxy runs where Serve puts it and the replica beside the
-engine, with no extra process to deploy. One replica: files and batches live in its memory (see
-``engine.app._endpoint_batches``).
+engine, with no extra process to deploy. One replica: files and batches live in its memory, and with a state
+directory on disk too (see ``engine.app._endpoint_batches``).
 """
 
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 from engine.core.errors import ConfigError
 
@@ -39,22 +40,24 @@ def port_in_use(host: str, port: int) -> str | None:
     return None
 
 
-def _builder(engine: str, api_key_sha256: str | None):
+def _builder(engine: str, api_key_sha256: str | None, state_dir: str | None):
     def build():  # runs in the replica, which is already on the engine's Ray
         from engine.app.driver import Engine
         from engine.app.endpoint import make_app
 
         eng = Engine.connect(engine)
-        return make_app(eng, catalog=eng.catalog, api_key_sha256=api_key_sha256)
+        return make_app(eng, catalog=eng.catalog, api_key_sha256=api_key_sha256,
+                        state_dir=None if state_dir is None else Path(state_dir))
     return build
 
 
 def start_endpoint(engine: str, *, host: str = "127.0.0.1", port: int = 8000,
-                   api_key_sha256: str | None = None) -> str:
+                   api_key_sha256: str | None = None, state_dir: Path | None = None) -> str:
     """Serve the endpoint of engine ``engine`` on ``host:port`` (port 0: a free one); returns its base URL
     (``.../v1``), what an OpenAI SDK takes as ``base_url``. Ray must be initialised on the engine's cluster. A
     port something already listens on is refused (``ConfigError``), see ``port_in_use``. ``api_key_sha256``:
-    callers must send the key with that digest (only the digest reaches the replica)."""
+    callers must send the key with that digest (only the digest reaches the replica). ``state_dir``: where the
+    replica keeps files and batches (``make_app``), a path on the machine it runs on (the head node's)."""
     if port and (why := port_in_use(host, port)) is not None:
         raise ConfigError(f"port {port}: {host}:{port} is in use ({why}); stop what listens there, or pass "
                           "another port (0: a free one)")
@@ -62,8 +65,12 @@ def start_endpoint(engine: str, *, host: str = "127.0.0.1", port: int = 8000,
 
     port = port or _free_port(host)
     serve.start(http_options={"host": host, "port": port})
-    dep = serve.deployment(serve.ingress(_builder(engine, api_key_sha256))(), name=app_name(engine),
-                           ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+    built = _builder(engine, api_key_sha256, None if state_dir is None else str(state_dir))
+    options: dict = {"num_cpus": 0}
+    if state_dir is not None:  # on the head node, whose disk holds the directory, after any restart too
+        options["resources"] = {"node:__internal_head__": 0.001}
+    dep = serve.deployment(serve.ingress(built)(), name=app_name(engine), ray_actor_options=options,
+                           max_ongoing_requests=1000)
     serve.run(dep.bind(), name=app_name(engine), route_prefix="/", blocking=False)
     shown = "127.0.0.1" if host in ("", "0.0.0.0") else host
     return f"http://{shown}:{port}/v1"

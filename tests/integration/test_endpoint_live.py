@@ -26,21 +26,21 @@ SPEEDUP = 100.0
 
 
 @pytest.fixture(scope="module")
-def endpoint(ray_session):
-    name = f"ep-{secrets.token_hex(3)}"
+def endpoint(ray_session, tmp_path_factory):
+    name, state = f"ep-{secrets.token_hex(3)}", tmp_path_factory.mktemp("endpoint-state")
     with Emulator(CAT, speedup=SPEEDUP, seed=0) as emu:
         settings = point_at_emulator(Settings(), emu)
         with Engine.start(settings, catalog=OPENAI_ONLY, speedup=SPEEDUP, name=name, metrics_port=None) as eng:
-            url = start_endpoint(name, port=0)
+            url = start_endpoint(name, port=0, state_dir=state)
             try:
                 with openai.OpenAI(base_url=url, api_key="not-a-key", max_retries=0, timeout=60) as client:
-                    yield eng, url, emu, client
+                    yield eng, url, emu, client, (name, state)
             finally:
                 stop_endpoint(name)
 
 
 def test_a_chat_completion_through_the_endpoint_carries_smartbatchs_decision(endpoint):
-    eng, url, emu, client = endpoint
+    eng, url, emu, client, _ = endpoint
     raw = client.chat.completions.with_raw_response.create(
         model="gpt-4o-mini", messages=[{"role": "user", "content": "Name three rivers."}], max_tokens=50,
         extra_headers={"X-Smartbatch-Deadline": "60", "X-Smartbatch-Priority": "urgent",
@@ -100,3 +100,22 @@ def test_a_standard_batch_file_round_trips_through_the_sdk(endpoint):
     assert totals["cost_usd"] > 0 and totals["saving_usd"] == pytest.approx(totals["list_price_usd"] - totals["cost_usd"])
     assert client.batches.retrieve(batch.id).id == batch.id and any(
         b.id == batch.id for b in client.batches.list().data)
+    # Ray restarts the replica (killed here, as a crash would): the new one reads the state directory and still
+    # has the batch and its files.
+    import ray
+
+    name, _ = endpoint[4]
+    (replica,) = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                  if a["namespace"] == "serve" and "REPLICA" in a["name"] and f"smartbatch-{name}" in a["name"]]
+    ray.kill(ray.get_actor(replica["name"], namespace="serve"), no_restart=True)
+    until = time.monotonic() + 60
+    while True:  # the proxy answers 503 or drops the connection until the new replica is up
+        try:
+            again = client.batches.retrieve(batch.id)
+            break
+        except (openai.APIConnectionError, openai.InternalServerError, openai.NotFoundError):
+            assert time.monotonic() < until, "the endpoint did not come back"
+            time.sleep(0.2)  # polling the HTTP API, as a client does
+    assert (again.status, again.request_counts, again.output_file_id) == (
+        "completed", batch.request_counts, batch.output_file_id)
+    assert [json.loads(x) for x in client.files.content(batch.output_file_id).text.splitlines()] == out

@@ -216,3 +216,14 @@ def test_an_endpoint_others_can_reach_without_a_key_is_warned_of():
     r = runner.invoke(app, ["serve", "--name", "open", "--http-host", "0.0.0.0", "--http-port", "0"])
     assert "asks no key" in " ".join(r.output.split()) and "--http-key-env" in r.output, r.output
     assert "asks no key" not in runner.invoke(app, ["serve", "--name", "local", "--http-port", "0"]).output
+
+
+def test_a_state_dir_needs_the_endpoint_and_a_writable_directory(tmp_path):
+    r = runner.invoke(app, ["serve", "--name", "stateful", "--state-dir", str(tmp_path / "s")])
+    assert r.exit_code == 2 and "--state-dir" in r.output and "--http-port" in r.output, r.output
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    r = runner.invoke(app, ["serve", "--name", "stateful", "--http-port", "0", "--state-dir", str(blocker / "s")])
+    assert r.exit_code == 2 and f"--state-dir {blocker / 's'}" in " ".join(r.output.split()), r.output
+    assert _went_on(["serve", "--name", "stateful", "--http-port", "0", "--state-dir", str(tmp_path / "s")])
+    assert (tmp_path / "s").is_dir()

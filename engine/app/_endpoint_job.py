@@ -1,0 +1,115 @@
+"""One batch of the endpoint's Batches API (``engine.app._endpoint_batches``): its lines, the engine's futures
+of the valid ones, the results in so far, and the record of it kept on disk (``engine.app._endpoint_state``)."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.core.batchfile import BatchFile
+from engine.core.result import Result
+
+__all__ = ["ANSWERED", "OPEN", "BatchJob"]
+
+ANSWERED = ("ok", "reused")
+OPEN = ("validating", "in_progress")
+
+
+@dataclass(eq=False)
+class BatchJob:
+    """One batch: its lines, the engine's futures of the valid ones, and the results collected so far (by
+    custom_id). Changed only on the event loop, so the collector and the routes never race."""
+
+    id: str
+    endpoint: str
+    input_file_id: str
+    completion_window: str
+    window_s: float
+    metadata: dict[str, str] | None
+    tenant: str
+    created_at: int
+    bf: BatchFile | None = None
+    status: str = "validating"
+    errors: list[dict] = field(default_factory=list)
+    at: dict[str, int] = field(default_factory=dict)  # when it entered each status
+    futures: dict[str, concurrent.futures.Future] = field(default_factory=dict)  # custom_id -> engine future
+    custom_ids: dict[str, str] = field(default_factory=dict)  # engine request id -> custom_id
+    results: dict[str, Result] = field(default_factory=dict)  # custom_id -> result (its id the custom_id)
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    report: dict | None = None
+    task: asyncio.Task | None = None
+    # Once it ended: its request counts and usage, kept after its lines, futures and results are let go (a
+    # long-running endpoint held every line and result of every batch it ever ran).
+    final: tuple[dict[str, int], dict[str, Any]] | None = None
+    created_ns: int = field(default_factory=time.time_ns)  # the order batches are listed in, across restarts
+
+    def take(self, res: Result) -> None:
+        cid = self.custom_ids.get(res.id)
+        if cid is not None:
+            self.results[cid] = res.model_copy(update={"id": cid})
+
+    def counts(self) -> dict[str, int]:
+        if self.final is not None:
+            return self.final[0]
+        lines = self.bf.lines if self.bf is not None else []
+        done = sum(r.status in ANSWERED for r in self.results.values())
+        invalid = sum(ln.request is None for ln in lines)
+        return {"total": len(lines), "completed": done, "failed": invalid + len(self.results) - done}
+
+    def release(self) -> None:
+        """Keep what an ended batch shows (its counts, usage, files and report), let go of the rest."""
+        self.final = (self.counts(), self._usage())
+        self.bf, self.futures, self.custom_ids, self.results, self.task = None, {}, {}, {}, None
+
+    def view(self) -> dict[str, Any]:
+        final = self.status in ("completed", "cancelled", "expired")
+        return {
+            "id": self.id, "object": "batch", "endpoint": self.endpoint,
+            "errors": {"object": "list", "data": self.errors} if self.errors else None,
+            "input_file_id": self.input_file_id, "completion_window": self.completion_window,
+            "status": self.status, "output_file_id": self.output_file_id, "error_file_id": self.error_file_id,
+            "created_at": self.created_at, "in_progress_at": self.at.get("in_progress"),
+            "expires_at": self.created_at + int(self.window_s), "finalizing_at": self.at.get("finalizing"),
+            "completed_at": self.at.get("completed"), "failed_at": self.at.get("failed"),
+            "expired_at": self.at.get("expired"),
+            "cancelling_at": self.at.get("cancelling"), "cancelled_at": self.at.get("cancelled"),
+            "request_counts": self.counts(),
+            "metadata": self.metadata, "usage": (self._usage() if self.final is None else self.final[1]) if final
+            else None,
+        }
+
+    def record(self) -> dict[str, Any]:
+        """What the endpoint's state on disk keeps of it (``EndpointState.save_batch``); ``from_record`` reads it."""
+        return {"id": self.id, "endpoint": self.endpoint, "input_file_id": self.input_file_id,
+                "completion_window": self.completion_window, "window_s": self.window_s, "metadata": self.metadata,
+                "tenant": self.tenant, "created_at": self.created_at, "status": self.status, "errors": self.errors,
+                "at": self.at, "output_file_id": self.output_file_id, "error_file_id": self.error_file_id,
+                "report": self.report, "final": list(self.final) if self.final is not None else None,
+                "created_ns": self.created_ns}
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any]) -> BatchJob:
+        job = cls(rec["id"], rec["endpoint"], rec["input_file_id"], rec["completion_window"], rec["window_s"],
+                  rec["metadata"], rec["tenant"], rec["created_at"], status=rec["status"], errors=rec["errors"],
+                  at=rec["at"], output_file_id=rec["output_file_id"], error_file_id=rec["error_file_id"],
+                  report=rec["report"], created_ns=rec["created_ns"])
+        if rec["final"] is not None:
+            job.final = (rec["final"][0], rec["final"][1])
+        return job
+
+    def _usage(self) -> dict[str, Any]:
+        used = [r.usage or {} for r in self.results.values() if r.status in ANSWERED]
+        n_in = sum(u.get("input_tokens", 0) for u in used)
+        n_out = sum(u.get("output_tokens", 0) for u in used)
+        cached = sum(u.get("cache_read", 0) for u in used)
+        return {"input_tokens": n_in, "input_tokens_details": {"cached_tokens": cached},
+                "output_tokens": n_out, "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": n_in + n_out}
+
+    def __repr__(self) -> str:
+        return (f"BatchJob({self.id}, {self.status}, {len(self.results)}/{len(self.futures)} results, "
+                f"tenant={self.tenant!r})")

@@ -1,0 +1,133 @@
+"""The endpoint's files and batches kept on disk (``make_app(state_dir=...)``, ``smartbatch serve --state-dir``):
+a restarted endpoint takes back what it had accepted, and asks nothing twice of the engine."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import openai
+
+from engine.app.endpoint import make_app
+from tests.unit.test_endpoint import CAT, FakeEngine, batch_line, serving, upload, wait_done
+
+CREATE = {"endpoint": "/v1/chat/completions", "completion_window": "24h"}
+
+
+def until_counted(client, batch_id: str, completed: int, limit_s: float = 5.0):
+    end = time.monotonic() + limit_s
+    while (b := client.batches.retrieve(batch_id)).request_counts.completed < completed:
+        assert time.monotonic() < end, b
+        time.sleep(0.01)
+    return b
+
+
+def test_a_restarted_endpoint_takes_back_its_files_and_batches_and_asks_nothing_twice(tmp_path):
+    eng, state = FakeEngine(), tmp_path / "state"
+    # The first endpoint: a batch that ended, one with a line in and one held, one cancelling (its wait long).
+    with serving(make_app(eng, catalog=CAT, state_dir=state, cancel_wait_s=600.0)) as url, \
+            openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=10) as client:
+        ended = client.batches.create(input_file_id=upload(client, [batch_line("d", "done")]).id, **CREATE)
+        ended = wait_done(client, ended.id)
+        f = upload(client, [batch_line("a", "fast"), batch_line("b-slow", "held"), batch_line("x", "y", model="no")])
+        open_ = client.batches.create(input_file_id=f.id, **CREATE)
+        until_counted(client, open_.id, 1)  # "a" is in, "b-slow" is held by the engine
+        client.files.delete(f.id)  # allowed while its batch runs: the batch keeps its input
+        going = client.batches.create(input_file_id=upload(client, [batch_line("c-slow", "gone")]).id, **CREATE)
+        assert client.batches.cancel(going.id).status == "cancelling"
+    # The second, on the same directory and the same (still running) engine: a replica restarted.
+    with serving(make_app(eng, catalog=CAT, state_dir=state)) as url, \
+            openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=10) as client:
+        listed = {b.id: b for b in client.batches.list()}
+        assert list(listed) == [going.id, open_.id, ended.id]  # newest first, as before
+        assert listed[ended.id].status == "completed" and listed[ended.id].request_counts == ended.request_counts
+        out = client.files.content(ended.output_file_id).text
+        assert [json.loads(x)["custom_id"] for x in out.splitlines()] == ["d"]
+        # The batch that was cancelling ended when the endpoint came back: its held line is a cancelled one.
+        gone = listed[going.id]
+        assert gone.status == "cancelled" and gone.request_counts.failed == 1
+        err = json.loads(client.files.content(gone.error_file_id).text)
+        assert err["custom_id"] == "c-slow" and err["error"]["code"] == "batch_cancelled"
+        # The open one runs on: the line it had is kept, the held one asked again under the same id.
+        assert listed[open_.id].status == "in_progress" and listed[open_.id].request_counts.completed == 1
+        eng.release()
+        done = wait_done(client, open_.id)
+        assert done.status == "completed" and (done.request_counts.completed, done.request_counts.failed) == (2, 1)
+        rows = [json.loads(x) for x in client.files.content(done.output_file_id).text.splitlines()]
+        assert sorted(r["custom_id"] for r in rows) == ["a", "b-slow"]
+        assert eng.submitted.count(f"{open_.id}/a") == 1  # answered before the restart: never asked again
+        assert eng.submitted.count(f"{open_.id}/b-slow") == 2  # asked again: the engine hands over its result
+        assert eng.submitted.count(f"{going.id}/c-slow") == 1
+        assert f.id not in {x.id for x in client.files.list()}  # deleted stays deleted
+        assert client.get(f"/batches/{done.id}/smartbatch_report", cast_to=object)["totals"]["succeeded"] == 2
+    # Ended batches keep only their record: no input or results file is left behind.
+    assert sorted(p.name for p in (state / "batches").iterdir()) == sorted(
+        f"{b}.json" for b in (ended.id, open_.id, going.id))
+
+
+def test_after_a_crash_a_cancelling_batch_ends_cancelled_and_one_whose_window_passed_expires(tmp_path):
+    """A crash leaves open batches on disk as they were (a clean stop ends a cancelling one first): taken back,
+    the cancelling one ends at once, and one whose window ended while the endpoint was down expires, keeping the
+    line that was in; neither asks the engine for anything."""
+    import asyncio
+
+    from engine.app._endpoint_batches import FilesAndBatches
+    from engine.app._endpoint_job import BatchJob
+    from engine.app._endpoint_state import EndpointState
+    from engine.core.result import Result
+
+    state, eng = EndpointState(tmp_path), FakeEngine()
+    data = ("\n".join([batch_line("a", "in"), batch_line("b", "not yet")]) + "\n").encode()
+    for bid, status, created in (("batch_c", "cancelling", 1000), ("batch_w", "in_progress", 0)):
+        (state.batches_dir / f"{bid}.input").write_bytes(data)
+        job = BatchJob(bid, "/v1/chat/completions", "file-x", "1h", 3600.0, None, "default", created)
+        job.status, job.at = status, {"in_progress": created}
+        state.save_batch(job.record())
+        state.add_result(bid, Result(id="a", status="ok", output="echo: in", usage={"input_tokens": 7}))
+    state.close()
+
+    async def go():
+        store = FilesAndBatches(eng, CAT, window_default_s=86400.0, now=lambda: 4000.0, state_dir=tmp_path)
+        await store.resume()
+        return store
+
+    store = asyncio.run(go())
+    c, w = store.batches["batch_c"], store.batches["batch_w"]
+    assert c.status == "cancelled" and w.status == "expired" and eng.submitted == []
+    assert c.counts() == w.counts() == {"total": 2, "completed": 1, "failed": 1}
+    errors = {bid: json.loads(store.files[store.batches[bid].error_file_id].data) for bid in ("batch_c", "batch_w")}
+    assert errors["batch_c"]["error"]["code"] == "batch_cancelled"
+    assert errors["batch_w"]["custom_id"] == "b" and "window passed" in errors["batch_w"]["error"]["message"]
+    assert json.loads(store.files[w.output_file_id].data)["custom_id"] == "a"
+    assert sorted(p.name for p in state.batches_dir.iterdir()) == ["batch_c.json", "batch_w.json"]
+
+
+def test_lines_the_engine_refuses_after_a_restart_end_their_batch_saying_why(tmp_path):
+    import asyncio
+
+    from engine.app._endpoint_batches import FilesAndBatches
+    from engine.app._endpoint_job import BatchJob
+    from engine.app._endpoint_state import EndpointState
+    from engine.core.errors import Overloaded
+
+    state, eng = EndpointState(tmp_path), FakeEngine()
+    (state.batches_dir / "batch_r.input").write_bytes((batch_line("b", "not yet") + "\n").encode())
+    job = BatchJob("batch_r", "/v1/chat/completions", "file-x", "24h", 86400.0, None, "default", 0)
+    job.status = "in_progress"
+    state.save_batch(job.record())
+    state.close()
+
+    def full(_):
+        raise Overloaded("max_pending=1 unfinished requests")
+    eng.submit_many = full
+
+    async def go():
+        store = FilesAndBatches(eng, CAT, window_default_s=86400.0, now=lambda: 10.0, state_dir=tmp_path)
+        await store.resume()  # the endpoint still starts
+        return store
+
+    store = asyncio.run(go())
+    r = store.batches["batch_r"]
+    assert r.status == "completed" and r.counts() == {"total": 1, "completed": 0, "failed": 1}
+    err = json.loads(store.files[r.error_file_id].data)["error"]["message"]
+    assert "engine refused" in err and "max_pending" in err
