@@ -25,7 +25,6 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 from fastapi import APIRouter
@@ -33,7 +32,7 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import Response
 from starlette.datastructures import UploadFile
 
-from engine.app._endpoint_job import OPEN, BatchJob
+from engine.app._endpoint_job import OPEN, BatchJob, for_endpoint, submission
 from engine.app._endpoint_state import EndpointState
 from engine.app._endpoint_wire import (
     ApiError,
@@ -46,7 +45,7 @@ from engine.app._endpoint_wire import (
     smartbatch_fields,
     window_text,
 )
-from engine.core.batchfile import BatchFile, parse_batch_file, parse_window, report, result_rows
+from engine.core.batchfile import parse_batch_file, parse_window, report, result_rows
 from engine.core.catalog import Catalog
 from engine.core.errors import ConfigError
 from engine.core.request import BATCH_LINE_URLS, Request
@@ -111,8 +110,8 @@ class FilesAndBatches:
             raise ApiError(404, f"No such File object: {file_id}", param="file_id")
         return f
 
-    def _add_file(self, filename: str, purpose: str, data: bytes) -> StoredFile:
-        f = StoredFile(new_id("file-"), filename, purpose, data, int(self._now()))
+    def _add_file(self, filename: str, purpose: str, data: bytes, file_id: str | None = None) -> StoredFile:
+        f = StoredFile(file_id or new_id("file-"), filename, purpose, data, int(self._now()))
         if self.state is not None:
             self.state.save_file(f)
         self.files[f.id] = f
@@ -196,7 +195,7 @@ class FilesAndBatches:
                        int(self._now()))
         bf = parse_batch_file(src.data, source=file_id, window_s=window_s, tenant=tenant,
                               catalog=self.catalog, settings=self.engine.settings)
-        job.bf = _for_endpoint(bf, endpoint)
+        job.bf = for_endpoint(bf, endpoint)
         problems = bf.file_problems or ([] if bf.lines else [(file_id, 0, "file", "the file has no lines")])
         held = sum(cid not in b.results for b in self.batches.values() if b.final is None for cid in b.futures)
         if not problems and held + len(job.bf.requests) > self.max_open_lines:
@@ -212,9 +211,15 @@ class FilesAndBatches:
             self.batches[job.id] = job
             self._save(job)
             return job.view()
-        if self.state is not None:
+        if self.state is not None:  # on disk before the engine has a line: a crash then loses nothing it took
             self.state.keep_input(job.id, file_id)
-        await self._submit(job, job.bf.requests)
+            self._save(job)
+        try:
+            await self._submit(job, job.bf.requests)
+        except BaseException:
+            if self.state is not None:
+                self.state.forget_batch(job.id)
+            raise
         self.batches[job.id] = job
         self._save(job)
         job.task = asyncio.create_task(self._collect(job), name=f"smartbatch-{job.id}")
@@ -223,7 +228,7 @@ class FilesAndBatches:
     async def _submit(self, job: BatchJob, reqs: list[Request], deadline_s: float | None = None) -> None:
         """Hand ``reqs`` (lines of ``job``) to the engine, each under the request id ``<batch id>/<custom_id>``
         (a custom_id may repeat across batches); ``deadline_s``: what is left of the window, after a restart."""
-        subs = [_submission(req, f"{job.id}/{req.id}", deadline_s) for req in reqs]
+        subs = [submission(req, f"{job.id}/{req.id}", deadline_s) for req in reqs]
         futs = []
         if subs:  # submit_many may wait for room in the engine: in a worker thread, never on the loop
             futs = await engine_call(asyncio.to_thread(self.engine.submit_many, subs), lambda _: None)
@@ -240,41 +245,52 @@ class FilesAndBatches:
         ended at once if it was cancelling or its window has passed."""
         if self.state is None:
             return
-        for rec, data, results in self.state.batches():
-            job = BatchJob.from_record(rec)
-            self.batches[job.id] = job
-            if job.final is not None:
-                continue
-            if data is None:
-                log.error("endpoint state: batch %s has lost its input; it fails", job.id)
-                job.errors = [{"code": "server_error", "message": "the endpoint restarted and this batch's input "
-                               "was not found in its state directory", "param": None, "line": None}]
-                self._enter(job, "failed")
-                job.release()
-                self._save(job)
-                continue
-            bf = parse_batch_file(data, source=job.input_file_id, window_s=job.window_s, tenant=job.tenant,
-                                  catalog=self.catalog, settings=self.engine.settings)
-            job.bf, job.results = _for_endpoint(bf, job.endpoint), results
-            left_s = job.created_at + job.window_s - self._now()
-            todo = [r for r in job.bf.requests if r.id not in results]
-            if job.status == "cancelling" or left_s <= 0 or not todo:
-                why = _CANCELLED
-                if job.status != "cancelling":  # its window passed while the endpoint was down: it expires
-                    why = "the batch's completion window passed while the endpoint was down"
-                    for r in todo:
-                        job.results[r.id] = Result(id=r.id, status="expired", tenant=job.tenant, error=why)
-                self._finish(job, why)
-                continue
+        for rec, input_path, results in self.state.batches():
             try:
-                await self._submit(job, todo, left_s)
-            except ApiError as exc:  # the engine refused them (stopped, full): the batch ends, saying why
-                log.error("endpoint: batch %s could not be taken back: %s", job.id, exc.message)
-                self._finish(job, f"the endpoint restarted and the engine refused this line: {exc.message}")
-                continue
-            job.task = asyncio.create_task(self._collect(job), name=f"smartbatch-{job.id}")
-            log.warning("endpoint: batch %s taken back after a restart: %d line(s) in, %d asked again", job.id,
-                        len(results), len(todo))
+                await self._take_back(rec, input_path, results)
+            except Exception as exc:  # one bad record never keeps the endpoint from starting
+                self.batches.pop(rec.get("id"), None)
+                self.state.set_aside(str(rec.get("id")), exc)
+
+    async def _take_back(self, rec: dict, input_path: Path, results: dict[str, Result]) -> None:
+        assert self.state is not None
+        job = BatchJob.from_record(rec)
+        self.batches[job.id] = job
+        if job.final is not None:
+            self.state.ended(job.id)  # what a crash after its end left behind
+            return
+        try:
+            data = input_path.read_bytes()
+        except OSError as exc:
+            log.error("endpoint state: batch %s has lost its input (%s); it fails", job.id, exc)
+            job.errors = [{"code": "server_error", "message": "the endpoint restarted and this batch's input "
+                           "was not found in its state directory", "param": None, "line": None}]
+            self._enter(job, "failed")
+            job.release()
+            self._save(job)
+            return
+        bf = parse_batch_file(data, source=job.input_file_id, window_s=job.window_s, tenant=job.tenant,
+                              catalog=self.catalog, settings=self.engine.settings)
+        job.bf, job.results = for_endpoint(bf, job.endpoint), results
+        left_s = job.created_at + job.window_s - self._now()
+        todo = [r for r in job.bf.requests if r.id not in results]
+        if job.status == "cancelling" or left_s <= 0 or not todo:
+            why = _CANCELLED
+            if job.status != "cancelling":  # its window passed while the endpoint was down: it expires
+                why = "the batch's completion window passed while the endpoint was down"
+                for r in todo:
+                    job.results[r.id] = Result(id=r.id, status="expired", tenant=job.tenant, error=why)
+            self._finish(job, why)
+            return
+        try:
+            await self._submit(job, todo, left_s)
+        except ApiError as exc:  # the engine refused them (stopped, full): the batch ends, saying why
+            log.error("endpoint: batch %s could not be taken back: %s", job.id, exc.message)
+            self._finish(job, f"the endpoint restarted and the engine refused this line: {exc.message}")
+            return
+        job.task = asyncio.create_task(self._collect(job), name=f"smartbatch-{job.id}")
+        log.warning("endpoint: batch %s taken back after a restart: %d line(s) in, %d asked again", job.id,
+                    len(results), len(todo))
 
     def _save(self, job: BatchJob) -> None:
         if self.state is not None:
@@ -315,9 +331,12 @@ class FilesAndBatches:
             text = json.dumps(row, separators=(",", ":")).encode() + b"\n"
             (out if row["error"] is None else err).append(text)
         if out:
-            job.output_file_id = self._add_file(f"{job.id}_output.jsonl", "batch_output", b"".join(out)).id
+            # Named after the batch: an end written again after a crash replaces the file, never adds one.
+            job.output_file_id = self._add_file(f"{job.id}_output.jsonl", "batch_output", b"".join(out),
+                                                f"file-{job.id}-output").id
         if err:
-            job.error_file_id = self._add_file(f"{job.id}_error.jsonl", "batch_output", b"".join(err)).id
+            job.error_file_id = self._add_file(f"{job.id}_error.jsonl", "batch_output", b"".join(err),
+                                               f"file-{job.id}-error").id
         job.report = report(job.bf, results, self.catalog, window_s=job.window_s, policy="engine")
         # A line the engine could not answer within the window (its deadline) expired, and so did the batch, as
         # OpenAI reports one not done within its completion window: the lines done are in its output all the same.
@@ -367,20 +386,3 @@ class FilesAndBatches:
             raise ApiError(409, f"batch {batch_id} is {job.status}; its report exists once it is completed "
                                 "or cancelled", param="batch_id")
         return job.report
-
-
-def _for_endpoint(bf: BatchFile, endpoint: str) -> BatchFile:
-    """A line whose url is not the batch's endpoint is invalid (its response would have another shape)."""
-    def why(url: str) -> tuple[str, str]:
-        return "url", f"url {url!r} differs from the batch's endpoint {endpoint!r}; every line goes to it"
-
-    lines = [ln if ln.request is None or ln.url == endpoint else
-             replace(ln, request=None, problem=why(ln.url)) for ln in bf.lines]
-    return BatchFile(bf.source, lines, bf.file_problems)
-
-
-def _submission(req: Request, request_id: str, deadline_s: float | None = None) -> dict:
-    """The line as the engine takes it: validated already, with an id unique to the batch (a custom_id may
-    repeat across batches) and no arrival, which the engine sets to its now."""
-    d = {**req.model_dump(exclude={"arrival_s"}), "id": request_id}
-    return d if deadline_s is None else {**d, "deadline_s": deadline_s}

@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from engine.core.batchfile import BatchFile
+from engine.core.request import Request
 from engine.core.result import Result
 
-__all__ = ["ANSWERED", "OPEN", "BatchJob"]
+__all__ = ["ANSWERED", "OPEN", "BatchJob", "for_endpoint", "submission"]
 
 ANSWERED = ("ok", "reused")
 OPEN = ("validating", "in_progress")
@@ -113,3 +114,20 @@ class BatchJob:
     def __repr__(self) -> str:
         return (f"BatchJob({self.id}, {self.status}, {len(self.results)}/{len(self.futures)} results, "
                 f"tenant={self.tenant!r})")
+
+
+def for_endpoint(bf: BatchFile, endpoint: str) -> BatchFile:
+    """A line whose url is not the batch's endpoint is invalid (its response would have another shape)."""
+    def why(url: str) -> tuple[str, str]:
+        return "url", f"url {url!r} differs from the batch's endpoint {endpoint!r}; every line goes to it"
+
+    lines = [ln if ln.request is None or ln.url == endpoint else
+             replace(ln, request=None, problem=why(ln.url)) for ln in bf.lines]
+    return BatchFile(bf.source, lines, bf.file_problems)
+
+
+def submission(req: Request, request_id: str, deadline_s: float | None = None) -> dict:
+    """The line as the engine takes it: validated already, with an id unique to the batch (a custom_id may
+    repeat across batches) and no arrival, which the engine sets to its now."""
+    d = {**req.model_dump(exclude={"arrival_s"}), "id": request_id}
+    return d if deadline_s is None else {**d, "deadline_s": deadline_s}

@@ -8,22 +8,29 @@ Layout under ``DIR``:
   and report), written whole on every change (a temporary file renamed over it: never half written);
 - ``batches/<id>.input``: the batch's input, a hard link to its file's bytes taken at create (a user may delete
   the file while its batch runs, as OpenAI allows);
-- ``batches/<id>.results.jsonl``: each line's result as it arrives (an open batch only).
+- ``batches/<id>.results.jsonl``: each line's result as it arrives (an open batch only);
+- ``.lock``: held while an endpoint uses the directory (two would take each other's batches).
 
-A record is JSON a person can read; a line of results cut by a crash is skipped on load (that line is asked of
-the engine again, which answers a request it already holds without generating it twice).
+A record that cannot be read (cut by a power loss, from another version) is renamed ``*.bad`` and logged: one bad
+record never keeps the endpoint from starting. A results line cut by a crash is dropped (that line is asked of the
+engine again, which answers a request it already holds without generating it twice).
+
+Writes that fail (a full disk) are logged and counted in ``write_errors``, never raised into the batch's work:
+its lines are still collected and answered, only their record on disk lags.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from engine.app._endpoint_wire import StoredFile
+from engine.core.errors import ConfigError
 from engine.core.result import Result
 
 __all__ = ["EndpointState"]
@@ -39,95 +46,137 @@ class EndpointState:
         self.files_dir, self.batches_dir = self.root / "files", self.root / "batches"
         self.files_dir.mkdir(parents=True, exist_ok=True)
         self.batches_dir.mkdir(parents=True, exist_ok=True)
-        self._results: dict[str, TextIO] = {}  # open batch -> its results file, appended to
+        self._lock = open(self.root / ".lock", "a")  # noqa: SIM115  (held for the endpoint's life)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.close()
+            raise ConfigError(f"state_dir {self.root}: another endpoint uses this directory; give each its own "
+                              "--state-dir") from None
+        self.write_errors = 0
 
     def __repr__(self) -> str:
-        return f"EndpointState({str(self.root)!r}, {len(self._results)} batches open)"
+        return f"EndpointState({str(self.root)!r}, write_errors={self.write_errors})"
+
+    def _guarded(self, what: str, write) -> None:
+        try:
+            write()
+        except OSError as exc:
+            self.write_errors += 1
+            log.error("endpoint state: could not write %s under %s (%s); a restart would not know it", what,
+                      self.root, exc)
 
     # -- files ----------------------------------------------------------------------------------------------
     def save_file(self, f: StoredFile) -> None:
-        (self.files_dir / f"{f.id}.data").write_bytes(f.data)
-        _write_json(self.files_dir / f"{f.id}.json", {"id": f.id, "filename": f.filename, "purpose": f.purpose,
-                                                       "created_at": f.created_at, "created_ns": time.time_ns()})
+        def write() -> None:
+            (self.files_dir / f"{f.id}.data").write_bytes(f.data)
+            _write_json(self.files_dir / f"{f.id}.json", {"id": f.id, "filename": f.filename, "purpose": f.purpose,
+                                                           "created_at": f.created_at, "created_ns": time.time_ns()})
+        self._guarded(f"file {f.id}", write)
 
     def drop_file(self, file_id: str) -> None:
-        for suffix in (".json", ".data"):
-            (self.files_dir / f"{file_id}{suffix}").unlink(missing_ok=True)
+        def drop() -> None:
+            for suffix in (".json", ".data"):
+                (self.files_dir / f"{file_id}{suffix}").unlink(missing_ok=True)
+        self._guarded(f"the deletion of file {file_id}", drop)
 
     def files(self) -> dict[str, StoredFile]:
-        out: dict[str, tuple[int, StoredFile]] = {}
+        out: list[tuple[int, StoredFile]] = []
         for meta in self.files_dir.glob("*.json"):
             try:
-                m = json.loads(meta.read_text())
-                data = (self.files_dir / f"{m['id']}.data").read_bytes()
-            except (OSError, ValueError, KeyError) as exc:
-                log.error("endpoint state: file record %s is unreadable (%s); it is left out", meta, exc)
-                continue
-            out[m["id"]] = (m["created_ns"], StoredFile(m["id"], m["filename"], m["purpose"], data, m["created_at"]))
-        return {k: f for k, (_, f) in sorted(out.items(), key=lambda kv: kv[1][0])}  # listed in upload order
+                m = json.loads(meta.read_bytes())
+                f = StoredFile(m["id"], m["filename"], m["purpose"], (self.files_dir / f"{m['id']}.data").read_bytes(),
+                               int(m["created_at"]))
+                out.append((int(m.get("created_ns", 0)), f))
+            except Exception as exc:
+                _set_aside(meta, exc)
+        return {f.id: f for _, f in sorted(out, key=lambda t: (t[0], t[1].created_at))}  # in upload order
 
     # -- batches --------------------------------------------------------------------------------------------
     def keep_input(self, batch_id: str, file_id: str) -> None:
-        src, dst = self.files_dir / f"{file_id}.data", self.batches_dir / f"{batch_id}.input"
-        dst.unlink(missing_ok=True)
-        try:
-            os.link(src, dst)
-        except OSError:  # a filesystem without hard links
-            dst.write_bytes(src.read_bytes())
+        def link() -> None:
+            src, dst = self.files_dir / f"{file_id}.data", self.batches_dir / f"{batch_id}.input"
+            dst.unlink(missing_ok=True)
+            try:
+                os.link(src, dst)
+            except OSError:  # a filesystem without hard links
+                dst.write_bytes(src.read_bytes())
+        self._guarded(f"the input of batch {batch_id}", link)
 
     def save_batch(self, record: dict[str, Any]) -> None:
-        _write_json(self.batches_dir / f"{record['id']}.json", record)
+        self._guarded(f"batch {record['id']}", lambda: _write_json(self.batches_dir / f"{record['id']}.json", record))
 
     def add_result(self, batch_id: str, res: Result) -> None:
-        out = self._results.get(batch_id)
-        if out is None:
-            out = self._results[batch_id] = open(self.batches_dir / f"{batch_id}.results.jsonl", "a",
-                                                 encoding="utf-8")
-        out.write(res.model_dump_json() + "\n")
-        out.flush()  # in the OS's hands: it outlives this process
+        def append() -> None:  # opened per result: an endpoint with thousands of open batches holds no handles
+            with open(self.batches_dir / f"{batch_id}.results.jsonl", "ab") as out:
+                out.write(res.model_dump_json().encode() + b"\n")
+        self._guarded(f"a result of batch {batch_id}", append)
 
     def ended(self, batch_id: str) -> None:
         """The batch's record holds all it shows now: its input and results go."""
-        out = self._results.pop(batch_id, None)
-        if out is not None:
-            out.close()
-        for suffix in (".input", ".results.jsonl"):
-            (self.batches_dir / f"{batch_id}{suffix}").unlink(missing_ok=True)
+        def drop() -> None:
+            for suffix in (".input", ".results.jsonl"):
+                (self.batches_dir / f"{batch_id}{suffix}").unlink(missing_ok=True)
+        self._guarded(f"the end of batch {batch_id}", drop)
 
-    def batches(self) -> list[tuple[dict[str, Any], bytes | None, dict[str, Result]]]:
-        """Every batch's record, with (an open one's) input bytes and the results in so far (by custom_id),
-        oldest first."""
+    def forget_batch(self, batch_id: str) -> None:
+        """A create that did not go through: nothing of it stays."""
+        self.ended(batch_id)
+        self._guarded(f"batch {batch_id}", lambda: (self.batches_dir / f"{batch_id}.json").unlink(missing_ok=True))
+
+    def set_aside(self, batch_id: str, exc: BaseException) -> None:
+        """A record read but not taken back (from another version?): renamed *.bad, so the next start skips it."""
+        _set_aside(self.batches_dir / f"{batch_id}.json", exc)
+
+    def batches(self) -> list[tuple[dict[str, Any], Path, dict[str, Result]]]:
+        """Every readable batch record, with the path of its input (an open one's, if kept) and the results in
+        so far (by custom_id), oldest first."""
         out = []
         for path in self.batches_dir.glob("*.json"):
             try:
-                rec = json.loads(path.read_text())
-            except (OSError, ValueError) as exc:
-                log.error("endpoint state: batch record %s is unreadable (%s); it is left out", path, exc)
-                continue
-            inp = self.batches_dir / f"{rec['id']}.input"
-            out.append((rec, inp.read_bytes() if inp.exists() else None, self._read_results(rec["id"])))
-        return sorted(out, key=lambda t: t[0]["created_ns"])
+                rec = json.loads(path.read_bytes())
+                bid = rec["id"]
+                results = self._read_results(bid)
+                out.append((rec, self.batches_dir / f"{bid}.input", results))
+            except Exception as exc:
+                _set_aside(path, exc)
+        return sorted(out, key=lambda t: (t[0].get("created_ns", 0), t[0].get("created_at", 0)))
 
     def _read_results(self, batch_id: str) -> dict[str, Result]:
         path = self.batches_dir / f"{batch_id}.results.jsonl"
+        if not path.exists():
+            return {}
+        data = path.read_bytes()
+        whole = data[:data.rfind(b"\n") + 1]
+        if len(whole) < len(data):  # a line a crash cut: dropped, so the next append starts a line of its own
+            with open(path, "r+b") as f:
+                f.truncate(len(whole))
         got: dict[str, Result] = {}
-        if path.exists():
-            for line in path.read_text(encoding="utf-8").split("\n"):
-                if line:
-                    try:
-                        res = Result.model_validate_json(line)
-                    except ValueError:  # the line a crash cut: that line is asked of the engine again
-                        continue
-                    got[res.id] = res
+        for line in whole.split(b"\n"):
+            if line:
+                try:
+                    res = Result.model_validate_json(line)
+                except ValueError:  # not a result (written by another version?): that line is asked again
+                    continue
+                got[res.id] = res
         return got
 
     def close(self) -> None:
-        for out in self._results.values():
-            out.close()
-        self._results.clear()
+        self._lock.close()  # and with it the lock
 
 
 def _write_json(path: Path, doc: dict[str, Any]) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(doc, separators=(",", ":")), encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(doc, separators=(",", ":")))
+        f.flush()
+        os.fsync(f.fileno())  # a power loss leaves the old record or the new one, not an empty file
     os.replace(tmp, path)
+
+
+def _set_aside(path: Path, exc: BaseException) -> None:
+    log.error("endpoint state: %s is unreadable (%s: %s); renamed *.bad and left out", path, type(exc).__name__, exc)
+    try:
+        os.replace(path, path.with_suffix(path.suffix + ".bad"))
+    except OSError:
+        pass

@@ -191,6 +191,7 @@ def test_an_endpoint_started_with_a_key_refuses_any_other_in_openais_shape():
         with pytest.raises(urllib.error.HTTPError) as no_key:  # no Authorization header at all
             urllib.request.urlopen(f"{url}/models", timeout=10)
         assert no_key.value.code == 401
+        no_key.value.close()  # the error holds the response and its socket
         assert eng.submitted == []  # nothing reached the engine
         with openai.OpenAI(base_url=url, api_key="right-key", max_retries=0, timeout=10) as good:
             assert chat(good).parse().choices[0].message.content.startswith("echo:")

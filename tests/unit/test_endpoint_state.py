@@ -89,6 +89,7 @@ def test_after_a_crash_a_cancelling_batch_ends_cancelled_and_one_whose_window_pa
     async def go():
         store = FilesAndBatches(eng, CAT, window_default_s=86400.0, now=lambda: 4000.0, state_dir=tmp_path)
         await store.resume()
+        await store.shutdown()
         return store
 
     store = asyncio.run(go())
@@ -124,6 +125,7 @@ def test_lines_the_engine_refuses_after_a_restart_end_their_batch_saying_why(tmp
     async def go():
         store = FilesAndBatches(eng, CAT, window_default_s=86400.0, now=lambda: 10.0, state_dir=tmp_path)
         await store.resume()  # the endpoint still starts
+        await store.shutdown()
         return store
 
     store = asyncio.run(go())
@@ -131,3 +133,52 @@ def test_lines_the_engine_refuses_after_a_restart_end_their_batch_saying_why(tmp
     assert r.status == "completed" and r.counts() == {"total": 1, "completed": 0, "failed": 1}
     err = json.loads(store.files[r.error_file_id].data)["error"]["message"]
     assert "engine refused" in err and "max_pending" in err
+
+
+def test_records_a_crash_or_another_version_left_unreadable_are_set_aside_and_the_endpoint_starts(tmp_path):
+    """One bad record must not keep the endpoint from starting (a replica whose start fails restarts forever
+    and serves nothing): it is renamed *.bad, logged, and the rest is taken back. A results line cut inside a
+    multi-byte character is dropped, and the next result starts a line of its own."""
+    import asyncio
+
+    from engine.app._endpoint_batches import FilesAndBatches
+    from engine.app._endpoint_job import BatchJob
+    from engine.app._endpoint_state import EndpointState
+    from engine.core.errors import ConfigError
+    from engine.core.result import Result
+
+    state, eng = EndpointState(tmp_path), FakeEngine()
+    (state.batches_dir / "batch_ok.input").write_bytes((batch_line("a", "in") + "\n" + batch_line("b-slow", "w")
+                                                        + "\n").encode())
+    job = BatchJob("batch_ok", "/v1/chat/completions", "file-x", "24h", 86400.0, None, "default", 0)
+    job.status = "in_progress"
+    state.save_batch(job.record())
+    state.add_result("batch_ok", Result(id="a", status="ok", output="caf\u00e9 \u2603"))
+    with open(state.batches_dir / "batch_ok.results.jsonl", "ab") as f:  # a second line, cut mid-character
+        f.write(Result(id="b-slow", status="ok", output="\u2603").model_dump_json().encode()[:-4])
+    (state.batches_dir / "batch_keyless.json").write_text('{"id": "batch_keyless"}')
+    (state.batches_dir / "batch_list.json").write_text("[]")
+    (state.files_dir / "file-old.json").write_text('{"id": "file-old", "filename": "a", "purpose": "batch"}')
+    (state.files_dir / "file-old.data").write_bytes(b"x")
+    with __import__("pytest").raises(ConfigError, match="another endpoint uses this directory"):
+        FilesAndBatches(eng, CAT, window_default_s=86400.0, state_dir=tmp_path)
+    state.close()
+
+    async def go():
+        store = FilesAndBatches(eng, CAT, window_default_s=86400.0, now=lambda: 10.0, state_dir=tmp_path)
+        await store.resume()
+        eng.release()
+        await store.batches["batch_ok"].task
+        await store.shutdown()
+        return store
+
+    store = asyncio.run(go())
+    assert list(store.batches) == ["batch_ok"] and store.batches["batch_ok"].status == "completed"
+    assert eng.submitted == ["batch_ok/b-slow"]  # the cut line asked again, the whole one kept
+    out = [json.loads(x) for x in store.files[store.batches["batch_ok"].output_file_id].data.splitlines()]
+    assert [o["custom_id"] for o in out] == ["a", "b-slow"]
+    assert out[0]["response"]["body"]["choices"][0]["message"]["content"] == "caf\u00e9 \u2603"
+    assert sorted(p.name for p in state.batches_dir.iterdir()) == [
+        "batch_keyless.json.bad", "batch_list.json.bad", "batch_ok.json"]
+    assert sorted(p.name for p in state.files_dir.iterdir() if p.suffix == ".bad") == ["file-old.json.bad"]
+
