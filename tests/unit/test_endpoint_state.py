@@ -182,3 +182,30 @@ def test_records_a_crash_or_another_version_left_unreadable_are_set_aside_and_th
         "batch_keyless.json.bad", "batch_list.json.bad", "batch_ok.json"]
     assert sorted(p.name for p in state.files_dir.iterdir() if p.suffix == ".bad") == ["file-old.json.bad"]
 
+
+
+def test_a_line_asked_again_gets_what_is_left_of_the_window_in_the_engines_seconds(tmp_path):
+    """The window is the lines' deadline, in engine seconds; the endpoint was down for real seconds. At 100x,
+    30 real seconds of a one-hour window leave 600 engine seconds."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from engine.app._endpoint_batches import FilesAndBatches
+    from engine.app._endpoint_job import BatchJob
+    from engine.app._endpoint_state import EndpointState
+
+    state, eng = EndpointState(tmp_path), FakeEngine()
+    eng.clock = SimpleNamespace(speedup=100.0)
+    (state.batches_dir / "batch_s.input").write_bytes((batch_line("b-slow", "w") + "\n").encode())
+    job = BatchJob("batch_s", "/v1/chat/completions", "file-x", "1h", 3600.0, None, "default", 1000)
+    job.status = "in_progress"
+    state.save_batch(job.record())
+    state.close()
+
+    async def go():
+        store = FilesAndBatches(eng, CAT, window_default_s=86400.0, now=lambda: 1030.0, state_dir=tmp_path)
+        await store.resume()
+        await store.shutdown()
+
+    asyncio.run(go())
+    assert eng.seen["batch_s/b-slow"]["deadline_s"] == 600.0
