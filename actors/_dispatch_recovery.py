@@ -65,7 +65,8 @@ class Recovery:
         """After a restart: make again, under the same key and with the same body, the sync calls the journal
         says were under way, and re-attach to the batches it says were submitted, by their ids, following them
         to their end (their members are never submitted again). Returns how many batches: 0 when a recovery
-        already ran (one at a time; a call while one runs waits for it)."""
+        already ran (one at a time; a call while one runs waits for it), -1 when the journal stayed unreadable
+        (the next call reads again)."""
         if self._recovery is not None:
             await asyncio.shield(self._recovery)
             return 0
@@ -88,7 +89,7 @@ class Recovery:
             self.journal_unread += 1
             log.error("dispatcher %s: journal unreadable after a restart (%s) for %.0f s; batches it had submitted "
                       "are not followed and their members are sent again", self.name, _short(exc), wait_s)
-            return 0
+            return -1
         n = 0
         for key, rec in bodies.items():
             b, j, cache_write, _ = rec

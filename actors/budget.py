@@ -30,6 +30,7 @@ from actors.journal import HubJournal, read_patiently
 from engine.core.budgets import LEDGER, BudgetSettings, Charge, Claim, Verdict
 from engine.core.errors import ConfigError
 from engine.core.ledger import BudgetBook
+from engine.core.settings import JournalSettings
 
 __all__ = ["BudgetController"]
 
@@ -40,8 +41,10 @@ log = logging.getLogger("smartbatch.budget")
 
 
 class BudgetController(Warm):
-    def __init__(self, settings: BudgetSettings, hub=None, clock=None, base: float = 0.0, engine: str = "engine"):
-        self.settings = settings
+    def __init__(self, settings: BudgetSettings, hub=None, clock=None, base: float = 0.0, engine: str = "engine",
+                 recover_wait_s: float = JournalSettings().recover_wait_s):
+        self.settings, self.recover_wait_s = settings, recover_wait_s
+        self._restoring: asyncio.Event | None = None  # set while ``recover`` reads the journal
         self.hub = as_peer(hub)
         # A ledger in this actor's memory is journaled in the hub (a Redis ledger needs no journal).
         self.journal = HubJournal(self.hub) if self.hub is not None and not settings.redis_url else None
@@ -162,6 +165,7 @@ class BudgetController(Warm):
     async def reserve_many(self, claims: list[Claim], release: list[str] = ()) -> list[Verdict]:
         """One verdict per claim; a deferral's ``retry_at`` is in engine time. ``release``: claims to let go
         first (settled at 0), in the same call, so what they held goes to these claims and nobody between."""
+        await self._restored_first()
         if not await self._settle([(rid, 0.0) for rid in release]) or not self._usable():
             return self._unavailable(len(claims))
         try:
@@ -187,8 +191,13 @@ class BudgetController(Warm):
         """(claim id, actual cost) of finished, failed or cancelled work, in one step: Ray does not order
         calls to an async actor, so a release sent apart from its settlement could let a reservation through
         that the limit cannot cover."""
+        await self._restored_first()
         await self._settle(items)
         self._changed()
+
+    async def _restored_first(self) -> None:
+        if self._restoring is not None:  # a restart's ledger is being read back (``recover``)
+            await self._restoring.wait()
 
     async def _settle(self, items: list[tuple[str, float]]) -> bool:
         """Settle ``items`` after whatever the outbox holds; on a Redis failure keep them all in the outbox
@@ -217,6 +226,7 @@ class BudgetController(Warm):
         """Count spend no reservation covered (``Charge``); kept until the ledger takes it, as settlements are
         (a charge is counted once per id, so a replay of one Redis did take changes nothing)."""
         now = self.now()  # its windows are those open now, however late Redis takes it
+        await self._restored_first()
         self._charges.extend((c, now) for c in charges)
         self._charged.update((c.cid, c.usd) for c in charges)
         await self._charge()
@@ -299,12 +309,19 @@ class BudgetController(Warm):
         if self.journal is None or self.__dict__.get("_restored"):
             return False
         self._restored = True
+        self._restoring = asyncio.Event()  # ledger calls wait: the restore overwrites what they would do meanwhile
         try:
-            snap = (await read_patiently(lambda: self.journal.items(JOURNAL_KEY[0]), "budget ledger")).get(
-                JOURNAL_KEY[1])
+            return self._restore(await read_patiently(lambda: self.journal.items(JOURNAL_KEY[0]), "budget ledger",
+                                                      self.recover_wait_s))
         except Exception as exc:
             log.error("budget ledger: journal unreadable after a restart (%s); spend restarts from zero", exc)
             return False
+        finally:
+            self._restoring.set()
+            self._restoring = None
+
+    def _restore(self, journal: dict) -> bool:
+        snap = journal.get(JOURNAL_KEY[1])
         if snap is None:
             return False
         b = self.book

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import tempfile
 import time
 from collections import OrderedDict, deque
@@ -22,6 +21,7 @@ from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import NamedTuple, Protocol
 
+from engine.core.files import write_atomic
 from engine.core.result import Result
 
 __all__ = ["SCHEMA", "BlobStore", "CorruptValue", "Entry", "LocalBlobStore", "MemoryLRU", "RedisLayer",
@@ -156,10 +156,7 @@ class LocalBlobStore:
         # this content a miss (generated and paid again) for as long as it stayed.
         if self.get(f"sha256:{digest}") is None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
+            write_atomic(path, data)
         return f"sha256:{digest}"
 
     def get(self, ref: str) -> bytes | None:

@@ -17,11 +17,14 @@ death of any other actor. When the hub itself restarts, each holder writes its r
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import pickle
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from actors._peer import Peer, as_peer
+from engine.core.resilience import retry_delay
 
 __all__ = ["HubJournal", "JournalWriter", "MemoryJournalStore", "RedisJournal", "delete_later", "make_journal",
            "read_patiently", "redis_journal"]
@@ -29,25 +32,26 @@ __all__ = ["HubJournal", "JournalWriter", "MemoryJournalStore", "RedisJournal", 
 log = logging.getLogger("smartbatch.journal")
 
 DELETE_TRIES = 8  # a failed delete, tried again 0.2 s later, then doubling: about 50 s for the journal to answer
-RECOVER_WAIT_S = 60.0  # a restart's read of an unreadable journal: a Redis restart or failover, a hub restarting
+T = TypeVar("T")
 
 
-async def read_patiently(read, who: str, wait_s: float = RECOVER_WAIT_S):
-    """``await read()``, tried again for ``wait_s`` real seconds while it fails: after a restart, giving up on the
-    journal at once costs money (members of open batches sent again, a budget ledger from zero). Raises the last
-    error past ``wait_s``."""
+async def read_patiently(read: Callable[[], Awaitable[T]], who: str, wait_s: float) -> T:
+    """``await read()``, tried again for ``wait_s`` real seconds while it fails (``journal.recover_wait_s``): after
+    a restart, giving up on the journal at once costs money (members of open batches sent again, a budget ledger
+    from zero). Raises the last error past ``wait_s``."""
     loop = asyncio.get_running_loop()
-    give_up, delay = loop.time() + wait_s, 0.05
-    while True:
+    give_up = loop.time() + wait_s
+    for attempt in itertools.count(1):
         try:
             return await read()
         except Exception as exc:
+            delay = retry_delay(attempt, 0.05, 2.0, 1.0)
             if loop.time() + delay > give_up:
                 raise
             log.warning("%s: journal unreadable after a restart (%s: %s); trying again", who,
                         type(exc).__name__, str(exc)[:200])
         await asyncio.sleep(delay)
-        delay = min(2 * delay, 2.0)
+    raise AssertionError("unreachable")
 
 
 def delete_later(journal, space: str, keys: list[str], tasks: set) -> None:
@@ -56,8 +60,8 @@ def delete_later(journal, space: str, keys: list[str], tasks: set) -> None:
     a batch re-attached to, whose cancelled members are handed back to be sent again, or a call made again, which
     a provider that no longer holds its key (a failed call's key holds nothing) bills again."""
     async def run() -> None:
-        for attempt in range(DELETE_TRIES):
-            await asyncio.sleep(0.2 * 2 ** attempt)
+        for attempt in range(1, DELETE_TRIES + 1):
+            await asyncio.sleep(retry_delay(attempt, 0.2, 60.0, 1.0))
             try:
                 await journal.delete(space, keys)
                 return

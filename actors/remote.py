@@ -108,7 +108,8 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
     hub_refs = refs("hub")
     budgets = settings.budgets
     later = ClockRef(engine)  # the clock is made once every actor is up; a restarted actor reads it (publish_clock)
-    budget = _actor(BudgetController).options(**opts("budget")).remote(budgets, ref("hub"), later, 0.0, engine)
+    budget = _actor(BudgetController).options(**opts("budget")).remote(budgets, ref("hub"), later, 0.0, engine,
+                                                                       settings.journal.recover_wait_s)
     _ledger_ready(budget, [*hubs, budget])
     reuse = policy.reuse
     with_cache = reuse.exact or reuse.in_flight or reuse.near
@@ -239,7 +240,8 @@ def rewire(h: dict, kind: str, metrics: tuple[int, str] | None = None) -> None:
     elif kind.startswith("dispatcher-"):
         d = h["named"][kind]
         ray.get(d.set_clock.remote(clock))
-        ray.get(d.recover.remote())
+        if ray.get(d.recover.remote()) < 0:  # the supervisor rewires it again at its next check
+            raise RuntimeError(f"{kind} could not read its journal")
     elif base == "cache":
         ray.get(h["named"][kind].set_clock.remote(clock))
         ray.get(h["named"][kind].warm_from_redis.remote())

@@ -69,8 +69,8 @@ class FilesAndBatches:
 
     def __init__(self, engine: AsyncEngine, catalog: Catalog, *, window_default_s: float,
                  now: Callable[[], float] = time.time, cancel_wait_s: float = CANCEL_WAIT_S,
-                 max_open_lines: int = MAX_OPEN_LINES, state_dir: Path | None = None):
-        self.engine, self.catalog, self._now = engine, catalog, now
+                 max_open_lines: int = MAX_OPEN_LINES, state_dir: Path | None = None, speedup: float = 1.0):
+        self.engine, self.catalog, self._now, self.speedup = engine, catalog, now, speedup
         self.state = EndpointState(state_dir) if state_dir is not None else None
         self.window_default_s, self.cancel_wait_s, self.max_open_lines = window_default_s, cancel_wait_s, max_open_lines
         self.files: dict[str, StoredFile] = self.state.files() if self.state is not None else {}
@@ -272,10 +272,8 @@ class FilesAndBatches:
         bf = parse_batch_file(data, source=job.input_file_id, window_s=job.window_s, tenant=job.tenant,
                               catalog=self.catalog, settings=self.engine.settings)
         job.bf, job.results = for_endpoint(bf, job.endpoint), results
-        # The window counts engine seconds (a line's deadline), the time since the create real ones: the engine's
-        # clock may run faster (demos, tests).
-        speedup = float(getattr(getattr(self.engine, "clock", None), "speedup", 1.0))
-        left_s = job.window_s - (self._now() - job.created_at) * speedup
+        # The window counts engine seconds (a line's deadline), the time since the create real ones.
+        left_s = job.window_s - (self._now() - job.created_at) * self.speedup
         todo = [r for r in job.bf.requests if r.id not in results]
         if job.status == "cancelling" or left_s <= 0 or not todo:
             why = _CANCELLED
@@ -303,8 +301,7 @@ class FilesAndBatches:
         why = _CANCELLED
         try:
             async for res in self.engine.as_completed(job.futures.values()):
-                job.take(res)
-                if self.state is not None and (cid := job.custom_ids.get(res.id)) is not None:
+                if (cid := job.take(res)) is not None and self.state is not None:
                     self.state.add_result(job.id, job.results[cid])
         except asyncio.CancelledError:
             if job.status != "cancelling":

@@ -13,7 +13,7 @@ from engine.core.batchfile import BatchFile
 from engine.core.request import Request
 from engine.core.result import Result
 
-__all__ = ["ANSWERED", "OPEN", "BatchJob", "for_endpoint", "submission"]
+__all__ = ["OPEN", "BatchJob", "for_endpoint", "submission"]
 
 ANSWERED = ("ok", "reused")
 OPEN = ("validating", "in_progress")
@@ -48,10 +48,12 @@ class BatchJob:
     final: tuple[dict[str, int], dict[str, Any]] | None = None
     created_ns: int = field(default_factory=time.time_ns)  # the order batches are listed in, across restarts
 
-    def take(self, res: Result) -> None:
+    def take(self, res: Result) -> str | None:
+        """Keep ``res`` under its line's custom_id, which it returns (None: not a line of this batch)."""
         cid = self.custom_ids.get(res.id)
         if cid is not None:
             self.results[cid] = res.model_copy(update={"id": cid})
+        return cid
 
     def counts(self) -> dict[str, int]:
         if self.final is not None:

@@ -5,7 +5,7 @@ Layout under ``DIR``:
 
 - ``files/<id>.json`` and ``files/<id>.data``: a file's metadata and bytes (uploads, outputs, error files);
 - ``batches/<id>.json``: a batch's record (status, times, errors, file ids, and once ended its counts, usage
-  and report), written whole on every change (a temporary file renamed over it: never half written);
+  and report), written whole on every change (``write_atomic``, as a file's data is: never half written);
 - ``batches/<id>.input``: the batch's input, a hard link to its file's bytes taken at create (a user may delete
   the file while its batch runs, as OpenAI allows);
 - ``batches/<id>.results.jsonl``: each line's result as it arrives (an open batch only);
@@ -31,6 +31,7 @@ from typing import Any
 
 from engine.app._endpoint_wire import StoredFile
 from engine.core.errors import ConfigError
+from engine.core.files import write_atomic
 from engine.core.result import Result
 
 __all__ = ["EndpointState"]
@@ -69,7 +70,7 @@ class EndpointState:
     # -- files ----------------------------------------------------------------------------------------------
     def save_file(self, f: StoredFile) -> None:
         def write() -> None:
-            (self.files_dir / f"{f.id}.data").write_bytes(f.data)
+            write_atomic(self.files_dir / f"{f.id}.data", f.data, durable=True)
             _write_json(self.files_dir / f"{f.id}.json", {"id": f.id, "filename": f.filename, "purpose": f.purpose,
                                                            "created_at": f.created_at, "created_ns": time.time_ns()})
         self._guarded(f"file {f.id}", write)
@@ -125,8 +126,13 @@ class EndpointState:
         self._guarded(f"batch {batch_id}", lambda: (self.batches_dir / f"{batch_id}.json").unlink(missing_ok=True))
 
     def set_aside(self, batch_id: str, exc: BaseException) -> None:
-        """A record read but not taken back (from another version?): renamed *.bad, so the next start skips it."""
+        """A record read but not taken back (from another version?): renamed *.bad with its input and results,
+        so the next start skips it and nothing of it is left to grow."""
         _set_aside(self.batches_dir / f"{batch_id}.json", exc)
+        for suffix in (".input", ".results.jsonl"):
+            path = self.batches_dir / f"{batch_id}{suffix}"
+            if path.exists():
+                _set_aside(path, exc)
 
     def batches(self) -> list[tuple[dict[str, Any], Path, dict[str, Result]]]:
         """Every readable batch record, with the path of its input (an open one's, if kept) and the results in
@@ -166,12 +172,7 @@ class EndpointState:
 
 
 def _write_json(path: Path, doc: dict[str, Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(doc, separators=(",", ":")))
-        f.flush()
-        os.fsync(f.fileno())  # a power loss leaves the old record or the new one, not an empty file
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(doc, separators=(",", ":")).encode(), durable=True)
 
 
 def _set_aside(path: Path, exc: BaseException) -> None:

@@ -97,8 +97,11 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
     long a cancelling batch waits for its running lines (real seconds); ``max_open_batch_lines``: unfinished batch
     lines held in the engine at once, past which a new batch fails (room left for chat calls); ``state_dir``: where
     files and batches are kept on disk, taken back at the next start (None: in memory only)."""
+    # The client's timeout and the time a batch waited are real seconds; deadlines are engine seconds (a
+    # compressed clock in demos and tests).
+    speedup = float(getattr(getattr(engine, "clock", None), "speedup", 1.0))
     store = FilesAndBatches(engine, catalog, window_default_s=window_default_s, cancel_wait_s=cancel_wait_s,
-                            max_open_lines=max_open_batch_lines, state_dir=state_dir)
+                            max_open_lines=max_open_batch_lines, state_dir=state_dir, speedup=speedup)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -113,8 +116,6 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
     if api_key_sha256 is not None:
         _ask_for_key(app, api_key_sha256)
     validator = Validator(catalog, engine.settings)
-    # The client's timeout is real seconds; deadlines are engine seconds (a compressed clock in demos and tests).
-    speedup = float(getattr(getattr(engine, "clock", None), "speedup", 1.0))
 
     async def generate(http: HttpRequest, body: dict[str, Any], url: str) -> JSONResponse:
         fields = smartbatch_fields(http.headers)

@@ -105,17 +105,30 @@ def test_a_standard_batch_file_round_trips_through_the_sdk(endpoint):
     import ray
 
     name, _ = endpoint[4]
-    (replica,) = [a for a in ray.util.list_named_actors(all_namespaces=True)
-                  if a["namespace"] == "serve" and "REPLICA" in a["name"] and f"smartbatch-{name}" in a["name"]]
-    ray.kill(ray.get_actor(replica["name"], namespace="serve"), no_restart=True)
+
+    def replica():
+        """The handle of the endpoint's replica actor, while Serve runs one."""
+        for a in ray.util.list_named_actors(all_namespaces=True):
+            if a["namespace"] == "serve" and "REPLICA" in a["name"] and f"smartbatch-{name}" in a["name"]:
+                try:
+                    return ray.get_actor(a["name"], namespace="serve")
+                except ValueError:  # listed as it dies
+                    return None
+        return None
+
+    first = replica()
+    assert first is not None
+    ray.kill(first, no_restart=True)
     until = time.monotonic() + 60
-    while True:  # the proxy answers 503 or drops the connection until the new replica is up
-        try:
-            again = client.batches.retrieve(batch.id)
-            break
-        except (openai.APIConnectionError, openai.InternalServerError, openai.NotFoundError):
-            assert time.monotonic() < until, "the endpoint did not come back"
-            time.sleep(0.2)  # polling the HTTP API, as a client does
+    while True:  # until another replica serves (the proxy answers 503 or drops the connection meanwhile)
+        if (now := replica()) is not None and now._actor_id != first._actor_id:
+            try:
+                again = client.batches.retrieve(batch.id)
+                break
+            except (openai.APIConnectionError, openai.InternalServerError):
+                pass
+        assert time.monotonic() < until, "the endpoint did not come back"
+        time.sleep(0.2)  # polling the HTTP API, as a client does
     assert (again.status, again.request_counts, again.output_file_id) == (
         "completed", batch.request_counts, batch.output_file_id)
     assert [json.loads(x) for x in client.files.content(batch.output_file_id).text.splitlines()] == out

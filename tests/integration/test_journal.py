@@ -211,6 +211,7 @@ def test_a_journal_unreadable_past_the_wait_is_given_up_counted_and_read_again_a
         uids = [j.req.uid for j in jobs]
         assert await d2.recall(uids) == []  # given up: the members are dispatched afresh (and counted)
         assert d2.journal_unread == 1 and (await d2.stats())["journal_unread"] == 1
+        assert await d2.recover() == -1  # what the driver's rewire is told: it tries again at its next check
         d2.journal.fails = 0  # Redis is back: the driver's rewire reads it
         assert await d2.recover() == 1 and sorted(await d2.holds(uids)) == sorted(uids)
         await d2.journal.close()
@@ -283,8 +284,13 @@ def test_a_restarted_budget_controller_takes_its_memory_ledger_back():
                     "its snapshot was written")
         b3 = BudgetController(cfg, hub, ManualClock(0.0))
         b3.journal = Unreadable(b3.journal, fails=3)
-        assert await b3.recover() and b3.journal.reads == 4
-        assert (await b3.report())["spent_usd"] == pytest.approx(1.4)
+        # A reservation made while the ledger is read back waits for it: made on the empty ledger, the restore
+        # overwrote it (its claim gone, its settlement later counting nothing).
+        restored, (verdict,) = await asyncio.gather(
+            b3.recover(), b3.reserve_many([Claim("c9", "t", "openai", "gpt-5-mini", "normal", 1.0)]))
+        assert restored and verdict.ok and b3.journal.reads == 4
+        rep = await b3.report()
+        assert rep["spent_usd"] == pytest.approx(1.4) and rep["reserved_usd"] == pytest.approx(1.0)
     asyncio.run(go())
 
 

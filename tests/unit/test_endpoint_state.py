@@ -43,7 +43,8 @@ def test_a_restarted_endpoint_takes_back_its_files_and_batches_and_asks_nothing_
         assert listed[ended.id].status == "completed" and listed[ended.id].request_counts == ended.request_counts
         out = client.files.content(ended.output_file_id).text
         assert [json.loads(x)["custom_id"] for x in out.splitlines()] == ["d"]
-        # The batch that was cancelling ended when the endpoint came back: its held line is a cancelled one.
+        # The batch that was cancelling ended when the first endpoint stopped: its held line is a cancelled one
+        # (a crash that leaves it cancelling on disk: the next test).
         gone = listed[going.id]
         assert gone.status == "cancelled" and gone.request_counts.failed == 1
         err = json.loads(client.files.content(gone.error_file_id).text)
@@ -188,14 +189,12 @@ def test_a_line_asked_again_gets_what_is_left_of_the_window_in_the_engines_secon
     """The window is the lines' deadline, in engine seconds; the endpoint was down for real seconds. At 100x,
     30 real seconds of a one-hour window leave 600 engine seconds."""
     import asyncio
-    from types import SimpleNamespace
 
     from engine.app._endpoint_batches import FilesAndBatches
     from engine.app._endpoint_job import BatchJob
     from engine.app._endpoint_state import EndpointState
 
     state, eng = EndpointState(tmp_path), FakeEngine()
-    eng.clock = SimpleNamespace(speedup=100.0)
     (state.batches_dir / "batch_s.input").write_bytes((batch_line("b-slow", "w") + "\n").encode())
     job = BatchJob("batch_s", "/v1/chat/completions", "file-x", "1h", 3600.0, None, "default", 1000)
     job.status = "in_progress"
@@ -203,7 +202,8 @@ def test_a_line_asked_again_gets_what_is_left_of_the_window_in_the_engines_secon
     state.close()
 
     async def go():
-        store = FilesAndBatches(eng, CAT, window_default_s=86400.0, now=lambda: 1030.0, state_dir=tmp_path)
+        store = FilesAndBatches(eng, CAT, window_default_s=86400.0, now=lambda: 1030.0, state_dir=tmp_path,
+                                speedup=100.0)
         await store.resume()
         await store.shutdown()
 
