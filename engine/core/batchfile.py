@@ -104,19 +104,24 @@ def read_batch_file(path: str | Path, *, window_s: float, tenant: str = "default
     """Read and validate an OpenAI Batch input file (see the module docstring); raises ``TraceError`` only when
     the file cannot be read."""
     problems: list[Problem] = []
-    return _parse(read_lines(path, problems), problems, str(Path(path)), window_s, tenant, catalog, settings)
+    not_utf8: dict[int, str] = {}
+    return _parse(read_lines(path, problems, not_utf8), problems, str(Path(path)), window_s, tenant, catalog,
+                  settings, not_utf8)
 
 
 def parse_batch_file(data: bytes, *, source: str, window_s: float, tenant: str = "default",
                      catalog: Catalog | None = None, settings: Settings | None = None) -> BatchFile:
     """``read_batch_file`` of a file's bytes (an upload), named ``source`` in problems; never raises."""
     problems: list[Problem] = []
-    lines = decode_lines(io.BytesIO(data), source, problems)  # split as a file is: on \n only
-    return _parse(lines, problems, source, window_s, tenant, catalog, settings)
+    not_utf8: dict[int, str] = {}
+    lines = decode_lines(io.BytesIO(data), source, problems, not_utf8)  # split as a file is: on \n only
+    return _parse(lines, problems, source, window_s, tenant, catalog, settings, not_utf8)
 
 
 def _parse(numbered: Iterable[tuple[int, str]], problems: list[Problem], src: str, window_s: float, tenant: str,
-           catalog: Catalog | None, settings: Settings | None) -> BatchFile:
+           catalog: Catalog | None, settings: Settings | None, not_utf8: Mapping[int, str]) -> BatchFile:
+    """A line that is not UTF-8 (``not_utf8``: its problem by line number) is answered by its custom_id, an error
+    line of its own, when the custom_id reads whole; else it is a problem of the file, as a line without one."""
     ctx = validation_context(catalog or default_catalog(), settings)
     lines: list[BatchLine] = []
     seen: dict[str, int] = {}
@@ -127,7 +132,7 @@ def _parse(numbered: Iterable[tuple[int, str]], problems: list[Problem], src: st
             raw = json.loads(text)
         except (ValueError, RecursionError) as exc:
             why = exc.msg if isinstance(exc, json.JSONDecodeError) else "too deep or too long a number"
-            problems.append((src, no, "line", f"not valid JSON ({why}); fix the line"))
+            problems.append((src, no, "line", not_utf8.get(no) or f"not valid JSON ({why}); fix the line"))
             continue
         if not isinstance(raw, dict):
             problems.append((src, no, "line", 'a batch line is a JSON object {"custom_id", "method", "url", "body"}'))
@@ -136,6 +141,9 @@ def _parse(numbered: Iterable[tuple[int, str]], problems: list[Problem], src: st
         if not isinstance(cid, str) or not cid.strip():
             problems.append((src, no, "custom_id", "is required and must be a non-empty string: the id that pairs "
                                                    "the line with its output"))
+            continue
+        if no in not_utf8 and "\ufffd" in cid:  # its bytes are not UTF-8: written back, it would name no line
+            problems.append((src, no, "custom_id", not_utf8[no]))
             continue
         if not cid.isprintable() or any("\ud800" <= c <= "\udfff" for c in cid):
             # A lone surrogate ("\ud800" in JSON) cannot be written back in UTF-8: its output line failed the
@@ -150,6 +158,9 @@ def _parse(numbered: Iterable[tuple[int, str]], problems: list[Problem], src: st
         seen[cid] = no
         url = raw.get("url", "/v1/chat/completions")
         url = url if isinstance(url, str) else "/v1/chat/completions"
+        if no in not_utf8:
+            lines.append(BatchLine(no, cid, url, problem=("line", not_utf8[no])))
+            continue
         fixed = next((k for k in ("arrival_s", "deadline_s", "tenant") if k in raw), None)
         if fixed is not None:
             lines.append(BatchLine(no, cid, url, problem=(fixed, f"{fixed} is set by the batch (--window, --tenant); "

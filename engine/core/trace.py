@@ -81,27 +81,31 @@ def _problems_of(exc: ValidationError) -> list[tuple[str, str]]:
     return out
 
 
-def decode_lines(raw_lines: Iterable[bytes], source: str,
-                 problems: list[tuple[str, int, str, str]]) -> Iterator[tuple[int, str]]:
+def decode_lines(raw_lines: Iterable[bytes], source: str, problems: list[tuple[str, int, str, str]],
+                 not_utf8: dict[int, str] | None = None) -> Iterator[tuple[int, str]]:
     """``(line number, text)`` of UTF-8 byte lines (a file's, or an upload's): a line that is not UTF-8 is
     reported in ``problems`` with its number and skipped, never a traceback (a byte-order mark on line 1 is
-    dropped)."""
+    dropped). Given ``not_utf8``, such a line is yielded with U+FFFD for its bad bytes and its problem goes there
+    instead (a batch file answers it by its custom_id, when that reads whole)."""
     for no, raw in enumerate(raw_lines, start=1):
         try:
             text = raw.decode("utf-8-sig" if no == 1 else "utf-8")
         except UnicodeDecodeError as exc:
-            problems.append((source, no, "line", f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
-                                                 f"{exc.start + 1}); save the file as UTF-8"))
-            continue
+            why = f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); save the file as UTF-8"
+            if not_utf8 is None:
+                problems.append((source, no, "line", why))
+                continue
+            not_utf8[no], text = why, raw.decode("utf-8", "replace")
         yield no, text
 
 
-def read_lines(path: str | Path, problems: list[tuple[str, int, str, str]]) -> Iterator[tuple[int, str]]:
+def read_lines(path: str | Path, problems: list[tuple[str, int, str, str]],
+               not_utf8: dict[int, str] | None = None) -> Iterator[tuple[int, str]]:
     """``decode_lines`` of a file. An unreadable file raises ``TraceError``."""
     p = Path(path)
     try:
         with p.open("rb") as fh:
-            yield from decode_lines(fh, str(p), problems)
+            yield from decode_lines(fh, str(p), problems, not_utf8)
     except OSError as exc:
         raise TraceError([(str(p), 0, "file", f"cannot read it: {exc.strerror}; pass an existing, readable file")],
                          hint="") from exc

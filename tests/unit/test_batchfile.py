@@ -69,6 +69,25 @@ def test_lines_with_no_usable_custom_id_are_problems_of_the_file(tmp_path):
     assert "duplicate custom_id 'a' (first on line 1)" in bf.file_problems[0][3]
 
 
+def test_a_line_that_is_not_utf8_is_answered_by_its_custom_id_and_its_neighbours_go_on(tmp_path):
+    """A stray Latin-1 byte in one prompt: that line is an error line of its own (naming the byte), not a
+    problem of the whole file (which fails the whole batch at the endpoint, as a line without a custom_id
+    must). Only a custom_id that is itself not UTF-8, which could not be written back, stays one."""
+    from engine.core.batchfile import parse_batch_file
+
+    data = b"\n".join([line("a").encode(), line("b", "cafe au lait").encode().replace(b"cafe", b"caf\xe9"),
+                        b'{"custom_id": "c\xe9", "body": {}}', b"\xff\xfe", line("d").encode()]) + b"\n"
+    p = tmp_path / "in.jsonl"
+    p.write_bytes(data)
+    for bf in (read_batch_file(p, window_s=60.0, catalog=CAT), parse_batch_file(data, source=str(p), window_s=60.0,
+                                                                                  catalog=CAT)):
+        assert [r.id for r in bf.requests] == ["a", "d"]
+        (b,) = bf.invalid
+        assert (b.custom_id, b.no, b.problem[0]) == ("b", 2, "line") and "byte 0xe9 at column" in b.problem[1]
+        assert [(no, f) for _, no, f, _ in bf.file_problems] == [(3, "custom_id"), (4, "line")]
+        assert all("not UTF-8" in msg for *_, msg in bf.file_problems)
+
+
 def test_builder_refuses_bad_lines_naming_file_line_field_or_skips_them(batch):
     with pytest.raises(TraceError) as exc:
         from_openai_batch(batch, window_s=86400.0, catalog=CAT)
