@@ -24,6 +24,7 @@ from tests.unit.test_http_providers import (  # noqa: F401  (emu: the fixture)
     billed_by_custom_id,
     emu,
     jobs_of,
+    quarter,
 )
 
 CANCEL_ROUTE = {"openai": "batches.cancel", "anthropic": "messages.batches.cancel"}
@@ -96,15 +97,14 @@ def test_the_allowance_counts_from_the_cancel_the_provider_took_not_from_a_first
 
 
 @PROVIDERS
-def test_a_cancel_the_provider_never_took_in_the_allowance_is_made_again_after_the_members_went(provider):
+def test_a_cancel_the_provider_never_took_in_the_allowance_is_made_again_after_the_members_went(quarter,  # noqa: F811
+                                                                                               provider):
     """The cancel endpoint fails for longer than the allowance (50 s), so the members go back to be sent sync.
     The batch is cancelled as soon as the provider takes it: left running, it finished every member, each paid
     twice (the follow-up only polled). At a quarter of the shared emulator's speed: the seven cancels must be
     taken before member 0 finishes, 150 engine s after the hedge, which at 1,000x was 150 ms of real time, and a
     loaded machine's unit suite once took longer (member 0 was then paid twice, and counted so)."""
-    with Emulator(CAT, latency_scale=0.0, speedup=SPEED / 4, cancel_s=EMU_CANCEL_S,
-                  validating_s=VALIDATING_S["openai"], finalizing_s=1.0) as quarter:
-        _cancel_never_taken(quarter, provider)
+    _cancel_never_taken(quarter, provider)
 
 
 def _cancel_never_taken(emu: Emulator, provider: str) -> None:  # noqa: F811
@@ -273,15 +273,17 @@ def _restarted(rig: Rig):
                       key=Secret(KEY))
 
 
-def test_a_batch_record_whose_delete_failed_is_deleted_again_and_a_later_restart_sends_nothing(emu):  # noqa: F811
+def test_a_batch_record_whose_delete_failed_is_deleted_again_and_a_later_restart_sends_nothing(quarter):  # noqa: F811
     """The batch ends (cancelled at its hedge: the members it finished from its output, the rest back to be sent
     sync), and the journal fails to delete its record once (a Redis blip). The delete is made again: left in the
     journal, the record made any later restart of the dispatcher re-attach to the ended batch and hand its
-    cancelled members back, to be sent and paid again."""
-    jobs = jobs_of("openai", claims=True)
+    cancelled members back, to be sent and paid again. At a quarter speed: member 0 must finish before the
+    hedge, 0.35 T after the submission's round trips, which at SPEED was 0.35 s of real time (a CI rehearsal's
+    unit suite once took longer, stop 39)."""
+    e, jobs = quarter, jobs_of("openai", claims=True)
 
     async def go():
-        rig = Rig(emu, "openai", cancel_s=10 * EMU_CANCEL_S)
+        rig = Rig(e, "openai", cancel_s=10 * EMU_CANCEL_S, speed=SPEED / 4)
         inner, failed = rig.d.journal.delete, []
 
         async def delete_fails_once(space, keys):
