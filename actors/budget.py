@@ -195,7 +195,15 @@ class BudgetController(Warm):
         await self._settle(items)
         self._changed()
 
+    def reconstructed(self) -> None:
+        """Ray restarted this actor (``actors.remote`` calls this after the constructor): its memory ledger is read
+        back before any ledger call is answered, not only when the driver's rewire asks, a health check later
+        (calls answered meanwhile from an empty ledger were then overwritten by the restore)."""
+        self._must_recover = True
+
     async def _restored_first(self) -> None:
+        if self.__dict__.pop("_must_recover", False):
+            await self.recover()
         if self._restoring is not None:  # a restart's ledger is being read back (``recover``)
             await self._restoring.wait()
 

@@ -291,6 +291,16 @@ def test_a_restarted_budget_controller_takes_its_memory_ledger_back():
         assert restored and verdict.ok and b3.journal.reads == 4
         rep = await b3.report()
         assert rep["spent_usd"] == pytest.approx(1.4) and rep["reserved_usd"] == pytest.approx(1.0)
+
+        # Restarted by Ray: the first ledger call reads the ledger back, before the driver's rewire asks.
+        await until(lambda: b3._journaling is not None and b3._journaling.done() and not b3._journal_dirty,
+                    "its snapshot was written")
+        b4 = BudgetController(cfg, hub, ManualClock(0.0))
+        b4.reconstructed()
+        (verdict,) = await b4.reserve_many([Claim("c10", "t", "openai", "gpt-5-mini", "normal", 1.0)])
+        rep = await b4.report()
+        assert verdict.ok and rep["spent_usd"] == pytest.approx(1.4) and rep["reserved_usd"] == pytest.approx(2.0)
+        assert not await b4.recover()  # the rewire's ask, later: already done (a second would overwrite)
     asyncio.run(go())
 
 
