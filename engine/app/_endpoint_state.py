@@ -75,11 +75,14 @@ class EndpointState:
                                                            "created_at": f.created_at, "created_ns": time.time_ns()})
         self._guarded(f"file {f.id}", write)
 
-    def drop_file(self, file_id: str) -> None:
+    def _drop(self, what: str, paths: list[Path]) -> None:
         def drop() -> None:
-            for suffix in (".json", ".data"):
-                (self.files_dir / f"{file_id}{suffix}").unlink(missing_ok=True)
-        self._guarded(f"the deletion of file {file_id}", drop)
+            for path in paths:
+                path.unlink(missing_ok=True)
+        self._guarded(what, drop)
+
+    def drop_file(self, file_id: str) -> None:
+        self._drop(f"the deletion of file {file_id}", [self.files_dir / f"{file_id}{s}" for s in (".json", ".data")])
 
     def files(self) -> dict[str, StoredFile]:
         out: list[tuple[int, StoredFile]] = []
@@ -115,15 +118,13 @@ class EndpointState:
 
     def ended(self, batch_id: str) -> None:
         """The batch's record holds all it shows now: its input and results go."""
-        def drop() -> None:
-            for suffix in (".input", ".results.jsonl"):
-                (self.batches_dir / f"{batch_id}{suffix}").unlink(missing_ok=True)
-        self._guarded(f"the end of batch {batch_id}", drop)
+        self._drop(f"the end of batch {batch_id}", [self.batches_dir / f"{batch_id}{s}"
+                                                    for s in (".input", ".results.jsonl")])
 
     def forget_batch(self, batch_id: str) -> None:
         """A create that did not go through: nothing of it stays."""
-        self.ended(batch_id)
-        self._guarded(f"batch {batch_id}", lambda: (self.batches_dir / f"{batch_id}.json").unlink(missing_ok=True))
+        self._drop(f"batch {batch_id}", [self.batches_dir / f"{batch_id}{s}" for s in (".json", ".input",
+                                                                                    ".results.jsonl")])
 
     def set_aside(self, batch_id: str, exc: BaseException) -> None:
         """A record read but not taken back (from another version?): renamed *.bad with its input and results,

@@ -22,6 +22,17 @@ def until_counted(client, batch_id: str, completed: int, limit_s: float = 5.0):
     return b
 
 
+def left_open(state, bid: str, lines: list[str], *, window_s: float = 86400.0, created: int = 0,
+              status: str = "in_progress") -> None:
+    """What a crash leaves of an open batch in a state directory: its input and its record, as ``status``."""
+    from engine.app._endpoint_job import BatchJob
+
+    (state.batches_dir / f"{bid}.input").write_bytes(("\n".join(lines) + "\n").encode())
+    job = BatchJob(bid, "/v1/chat/completions", "file-x", f"{window_s:g}s", window_s, None, "default", created)
+    job.status, job.at = status, {"in_progress": created}
+    state.save_batch(job.record())
+
+
 def test_a_restarted_endpoint_takes_back_its_files_and_batches_and_asks_nothing_twice(tmp_path):
     eng, state = FakeEngine(), tmp_path / "state"
     # The first endpoint: a batch that ended, one with a line in and one held, one cancelling (its wait long).
@@ -73,17 +84,13 @@ def test_after_a_crash_a_cancelling_batch_ends_cancelled_and_one_whose_window_pa
     import asyncio
 
     from engine.app._endpoint_batches import FilesAndBatches
-    from engine.app._endpoint_job import BatchJob
     from engine.app._endpoint_state import EndpointState
     from engine.core.result import Result
 
     state, eng = EndpointState(tmp_path), FakeEngine()
-    data = ("\n".join([batch_line("a", "in"), batch_line("b", "not yet")]) + "\n").encode()
     for bid, status, created in (("batch_c", "cancelling", 1000), ("batch_w", "in_progress", 0)):
-        (state.batches_dir / f"{bid}.input").write_bytes(data)
-        job = BatchJob(bid, "/v1/chat/completions", "file-x", "1h", 3600.0, None, "default", created)
-        job.status, job.at = status, {"in_progress": created}
-        state.save_batch(job.record())
+        left_open(state, bid, [batch_line("a", "in"), batch_line("b", "not yet")], window_s=3600.0,
+                  created=created, status=status)
         state.add_result(bid, Result(id="a", status="ok", output="echo: in", usage={"input_tokens": 7}))
     state.close()
 
@@ -108,15 +115,11 @@ def test_lines_the_engine_refuses_after_a_restart_end_their_batch_saying_why(tmp
     import asyncio
 
     from engine.app._endpoint_batches import FilesAndBatches
-    from engine.app._endpoint_job import BatchJob
     from engine.app._endpoint_state import EndpointState
     from engine.core.errors import Overloaded
 
     state, eng = EndpointState(tmp_path), FakeEngine()
-    (state.batches_dir / "batch_r.input").write_bytes((batch_line("b", "not yet") + "\n").encode())
-    job = BatchJob("batch_r", "/v1/chat/completions", "file-x", "24h", 86400.0, None, "default", 0)
-    job.status = "in_progress"
-    state.save_batch(job.record())
+    left_open(state, "batch_r", [batch_line("b", "not yet")])
     state.close()
 
     def full(_):
@@ -143,17 +146,12 @@ def test_records_a_crash_or_another_version_left_unreadable_are_set_aside_and_th
     import asyncio
 
     from engine.app._endpoint_batches import FilesAndBatches
-    from engine.app._endpoint_job import BatchJob
     from engine.app._endpoint_state import EndpointState
     from engine.core.errors import ConfigError
     from engine.core.result import Result
 
     state, eng = EndpointState(tmp_path), FakeEngine()
-    (state.batches_dir / "batch_ok.input").write_bytes((batch_line("a", "in") + "\n" + batch_line("b-slow", "w")
-                                                        + "\n").encode())
-    job = BatchJob("batch_ok", "/v1/chat/completions", "file-x", "24h", 86400.0, None, "default", 0)
-    job.status = "in_progress"
-    state.save_batch(job.record())
+    left_open(state, "batch_ok", [batch_line("a", "in"), batch_line("b-slow", "w")])
     state.add_result("batch_ok", Result(id="a", status="ok", output="caf\u00e9 \u2603"))
     with open(state.batches_dir / "batch_ok.results.jsonl", "ab") as f:  # a second line, cut mid-character
         f.write(Result(id="b-slow", status="ok", output="\u2603").model_dump_json().encode()[:-4])
@@ -191,14 +189,10 @@ def test_a_line_asked_again_gets_what_is_left_of_the_window_in_the_engines_secon
     import asyncio
 
     from engine.app._endpoint_batches import FilesAndBatches
-    from engine.app._endpoint_job import BatchJob
     from engine.app._endpoint_state import EndpointState
 
     state, eng = EndpointState(tmp_path), FakeEngine()
-    (state.batches_dir / "batch_s.input").write_bytes((batch_line("b-slow", "w") + "\n").encode())
-    job = BatchJob("batch_s", "/v1/chat/completions", "file-x", "1h", 3600.0, None, "default", 1000)
-    job.status = "in_progress"
-    state.save_batch(job.record())
+    left_open(state, "batch_s", [batch_line("b-slow", "w")], window_s=3600.0, created=1000)
     state.close()
 
     async def go():
