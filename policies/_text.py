@@ -1,4 +1,4 @@
-"""Text-lane helpers of ``smart``: per-model constants, and warm follow-ups.
+"""Text-lane helpers of ``smart``: per-model constants, warm follow-ups, and the checkpoint of a second batch.
 
 Warm follow-ups: a request that would wait for a batch while its prompt prefix is warm at the provider now.
 
@@ -19,7 +19,9 @@ from engine.core.grouping import PrefixWarmth
 from engine.core.latency import Z99
 from engine.core.request import Request
 
-__all__ = ["TextConsts", "text_consts", "warm_sync_pays"]
+__all__ = ["TextConsts", "second_batch_checkpoint", "text_consts", "warm_sync_pays"]
+
+_MIN_GAIN = 0.005  # P(on time) a second batch must add to be worth its cancel and its second submission
 
 
 class TextConsts(NamedTuple):
@@ -60,3 +62,17 @@ def warm_sync_pays(catalog, req: Request, batch_api, p_on_time: float, warmth: P
              + (1.0 - p_read) * price_alone(req, catalog, "batch_api", block_tokens=block_tokens).total)
     cold = price_alone(req, catalog, "sync", block_tokens=block_tokens).total
     return n if warm < p_on_time * batch + (1.0 - p_on_time) * cold else 0
+
+
+def second_batch_checkpoint(ba, send_at: float, hedge_at: float) -> tuple[float | None, float]:
+    """When to cancel a batch sent at ``send_at`` that is not back yet so that its members ride a second batch
+    (``second_batch``), and the chance that one of the two is back by ``hedge_at``; (None, P of one batch) when
+    a second batch does not raise it by ``_MIN_GAIN`` (``BatchApi.second_batch``). The caller gives no
+    checkpoint to that second batch: cancelled again and again at ever earlier checkpoints, members would reach
+    sync with time to spare."""
+    usable = hedge_at - send_at
+    best, p_best = ba.second_batch(usable)
+    p_one = ba.turnaround_cdf(usable)
+    if best is None or p_best < p_one + _MIN_GAIN:
+        return None, p_one
+    return send_at + best, p_best

@@ -63,11 +63,12 @@ class Policy:
     def decide(self, group: Group, now: float) -> Decision:
         raise NotImplementedError
 
-    def tracks_arrivals(self, key: Hashable) -> bool:
-        """Whether the runtime keeps the arrival rate of group ``key`` (``Group.arrival_rate``). The base keeps
-        none: a policy that reads rates names its keys here, so one-request keys do not crowd the bounded table.
-        A policy object not built on this base, without the method, gets every key tracked."""
-        return False
+    def arrival_key(self, key: Hashable) -> Hashable | None:
+        """The key under which the runtime counts the arrivals of group ``key`` (``Group.arrival_rate``), or
+        None for none. The base counts none: a policy that reads rates names its keys here, so one-request keys
+        do not crowd the bounded table, and may count several groups as one lane. A policy object not built on
+        this base, without the method, gets every key counted under itself."""
+        return None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.params!r})"

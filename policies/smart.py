@@ -30,10 +30,12 @@ from engine.core.scheduling import Scheduling
 from engine.core.settings import TurnaroundLearning
 from engine.core.similarity import GUARDS, Guards
 from policies._gpu import GpuLane
-from policies._text import TextConsts, text_consts, warm_sync_pays
+from policies._text import TextConsts, second_batch_checkpoint, text_consts, warm_sync_pays
 from policies.base import Policy, PolicyParams, register
 
 __all__ = ["Smart", "SmartParams"]
+
+_FRESH_S = 60.0  # a request grouped this soon after its arrival is banded by its deadline, later by its time left
 
 
 class SmartParams(PolicyParams):
@@ -75,6 +77,16 @@ class SmartParams(PolicyParams):
         "deadline band: a batch of them is hedged rarely, so a later deadline buys only gathering time, and one "
         "group keeps a conversation's turns (whose priorities differ) in the same batches, sharing one prefix "
         "write; 1 keeps every factor-of-two band apart"))
+    conversation_groups: bool = Field(default=False, description=(
+        "a request with a cacheable prefix gathers with those that start with the same cacheable run (the turns "
+        "of one conversation), from its first turn, instead of with its whole lane: more of a conversation's "
+        "turns then share one batch and one prefix write, at the price of many more, smaller provider batches "
+        "(docs/policies.md); false: one group per lane"))
+    second_batch: bool = Field(default=True, description=(
+        "cancel a late batch at the checkpoint that gives its members the best chance over two batches (the "
+        "first, then a fresh one with what time is left) instead of waiting for the last safe moment: a batch "
+        "that is late by then is likely to stay late, and a second draw of the turnaround is often on time; "
+        "false: one batch, cancelled at the last moment for sync"))
     confident_p: float = Field(default=0.9, ge=0, le=1,
                                description="P at or above which a batch is 'process_as_batch', else 'consider'")
     gpu_margin_s: float = Field(default=60.0, ge=0, description="spare seconds before a GPU batch's deadline")
@@ -172,9 +184,22 @@ class Smart(GpuLane, Policy):
                 # only sends a long-deadline member back to the policy for another batch, and the turns of one
                 # conversation (priorities drawn per turn) meet in one batch, where they share a prefix write.
                 band_s = req.deadline_s
-                if self._shares_prefix(req, provider, spec):
+                conversation = self._shares_prefix(req, provider, spec)
+                if conversation:
                     band_s = min(band_s, self._band_cap_of(provider))
                 bucket = int(math.log2(max(band_s, 1.0)))
+                if now - req.arrival_s >= _FRESH_S:
+                    # Back well after its arrival (from a batch cancelled late, a retry, a restart): apart from
+                    # fresh requests, whose gathering its old arrival would cut short and whose batch its near
+                    # hedge would cancel early; with the members of its batch, which come back in the same
+                    # second, banded by the time they have left (one due soon would hedge the others early
+                    # again), and counted in its lane (``arrival_key``).
+                    left = int(math.log2(max(req.deadline_at - now, 1.0)))
+                    return ("batch", compat, ("back", math.floor(now), left, bucket))
+                if conversation and self.params.conversation_groups:
+                    # Two requests can share a cache read only if they start with the same cacheable run, so
+                    # a group per run loses no sharing and gathers from its own first turn.
+                    return ("batch", compat, bucket, req.prefix_blocks[:self._cacheable_blocks(provider, spec)])
                 return ("batch", compat, bucket)
         return ("sync", req.id)
 
@@ -201,8 +226,19 @@ class Smart(GpuLane, Policy):
         binds"). Such a request goes sync, at arrival or, if it waits in a batch lane, at the next decision."""
         return budget is not None and budget.model_max and bool(budget.holding) and budget.holds(req)
 
-    def tracks_arrivals(self, key: Hashable) -> bool:
-        return isinstance(key, tuple) and key[0] in ("batch", "gpu")  # the lanes that weigh company to come
+    def arrival_key(self, key: Hashable) -> Hashable | None:
+        """The lanes that weigh company to come count arrivals; a conversation's group (``conversation_groups``)
+        and members back from a cancelled batch count in their lane: the lane's batches sent about together
+        are what their wait is worth."""
+        if not (isinstance(key, tuple) and key[0] in ("batch", "gpu")):
+            return None
+        if key[0] == "batch" and isinstance(key[2], tuple):
+            return key[:2] + (key[2][3],)
+        return key[:3] if key[0] == "batch" and len(key) == 4 else key
+
+    def _cacheable_blocks(self, provider, spec) -> int:
+        """Leading prefix blocks of the shortest prefix ``provider``'s cache serves for ``spec``."""
+        return max(1, math.ceil(min_cacheable_tokens(provider, spec) / self.params.block_tokens))
 
     def _prefix(self, req: Request, group: Group, now: float) -> tuple[bool, tuple | None]:
         """Whether to mark ``req``'s cacheable prefix for a cache write (the same prefix was sent within the
@@ -211,9 +247,9 @@ class Smart(GpuLane, Policy):
         pc = provider.prompt_cache
         if pc is None or not req.prefix_blocks:
             return False, None
-        min_tokens = min_cacheable_tokens(provider, provider.models[req.model])
-        k = max(1, math.ceil(min_tokens / self.params.block_tokens))
-        if len(req.prefix_blocks) < k or req.input_tokens < min_tokens:
+        spec = provider.models[req.model]
+        k = self._cacheable_blocks(provider, spec)
+        if len(req.prefix_blocks) < k or req.input_tokens < min_cacheable_tokens(provider, spec):
             return False, None
         key = (req.provider, req.model, req.prefix_blocks[:k])
         last = group.sightings.last(key) if group.sightings is not None else None
@@ -283,6 +319,9 @@ class Smart(GpuLane, Policy):
         else:  # (``ba`` too: the runtime's learned turnaround changes at its epochs)
             flush_at = group.oldest_arrival_s + self._gather_budget(group, c)
             group.memo = (group.earliest_deadline_at, group.oldest_arrival_s, drain, ba, flush_at)
+        if isinstance(group.key[2], tuple) and now < group.key[2][1] + 1.0:
+            # Members back from a batch cancelled late come back together: judged once all of them are here.
+            return Decision.wait(group.key[2][1] + 1.0, "gathering the members back from one batch")
         gathering = n < ba.max_requests and now < flush_at
         if n <= ba.max_requests:  # the running aggregates, no pass over the members (decide is O(1) per arrival)
             k, max_out, earliest = n, group.max_output_tokens, group.earliest_deadline_at
@@ -293,6 +332,9 @@ class Smart(GpuLane, Policy):
                                                                                               for r in members)
             tokens_in, tokens_out = sum(r.input_tokens for r in members), sum(r.output_tokens for r in members)
         hedge_at = earliest - self._hedge_lead(c, max_out, k)
+        send_at = flush_at if gathering else now
+        checkpoint, p_on_time = (second_batch_checkpoint(ba, send_at, hedge_at)
+                                 if p.second_batch and not group.returned else (None, ba.turnaround_cdf(hedge_at - send_at)))
         # List prices without cache effects: the batch reads the provider cache as sync calls would, so the
         # comparison (and the saving quoted in the reason) holds with caching too.
         c_sync = c.p_in * tokens_in + c.p_out * tokens_out
@@ -300,10 +342,15 @@ class Smart(GpuLane, Policy):
         # Value of time, judged on every decision, with P(on time) at the time the batch would be sent. P only
         # falls while a batch waits, so a batch not worth it now never will be, unless company arrives: the
         # lane's recent arrival rate (others than these members) says how much.
-        send_at = flush_at if gathering else now
-        p_on_time = ba.turnaround_cdf(hedge_at - send_at)
         saving = p_on_time * (c_sync - c_batch)  # expected: sync minus (P * batch + (1 - P) * sync)
-        projected = saving * (1.0 + group.arrival_rate(now) * (flush_at - now) / k) if gathering else saving
+        # Company to come: the lane's arrivals before the batch is sent, which join it. A conversation's group
+        # (or members back from a cancelled batch) batches alone, but the lane's requests that arrive over a
+        # gather go about together with it and would have shared its batch as one lane: their saving counts,
+        # whether it still gathers or not.
+        if len(group.key) == 4 or isinstance(group.key[2], tuple):
+            projected = saving * (1.0 + group.arrival_rate(now) * (flush_at - group.oldest_arrival_s) / k)
+        else:
+            projected = saving * (1.0 + group.arrival_rate(now) * (flush_at - now) / k) if gathering else saving
         why_not = self._not_worth(group, projected, c_sync, p_on_time, hedge_at, send_at, now)
         if why_not is not None:
             return Decision("dispatch", mode="sync", take=k, recommendation="process_individually",
@@ -311,10 +358,12 @@ class Smart(GpuLane, Policy):
         if gathering:
             return Decision.wait(flush_at, "gathering a batch")
         rec = "process_as_batch" if p_on_time >= p.confident_p else "consider_batch"
-        return Decision("dispatch", mode="batch_api", take=k, hedge_at=hedge_at, recommendation=rec,
-                        reason=(f"batch API: {k} requests, expected ${saving:.4f} saved "
-                                f"of ${c_sync:.4f} at list price, P(on time)={p_on_time:.2f}, "
-                                f"hedge at t={hedge_at:.0f}s"))
+        hedge = (f"hedge at t={hedge_at:.0f}s" if checkpoint is None else
+                 f"cancelled at t={checkpoint:.0f}s if late for a second batch, hedge at t={hedge_at:.0f}s")
+        return Decision("dispatch", mode="batch_api", take=k, hedge_at=hedge_at if checkpoint is None else checkpoint,
+                        recommendation=rec, reason=(f"batch API: {k} requests, expected ${saving:.4f} saved "
+                                                    f"of ${c_sync:.4f} at list price, P(on time)={p_on_time:.2f}, "
+                                                    f"{hedge}"))
 
     def _not_worth(self, group: Group, projected: float, c_sync: float, p_on_time: float, hedge_at: float,
                    send_at: float, now: float) -> str | None:

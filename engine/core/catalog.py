@@ -36,6 +36,8 @@ __all__ = [
 
 Kind = Literal["text", "image", "video"]
 
+_CHECKPOINTS = 16  # candidate checkpoints of a second batch (``BatchApi.second_batch``)
+
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -106,6 +108,28 @@ class BatchApi(_Frozen):
         sigma = max(math.log(self.turnaround_p95_s / self.turnaround_median_s) / 1.6448536, 1e-9)
         z = math.log(max(t, 1e-9) / self.turnaround_median_s) / (sigma * 1.4142135623730951)
         return 0.5 * (1.0 + math.erf(z))
+
+    def second_batch(self, usable: float) -> tuple[float | None, float]:
+        """The best checkpoint for a second batch within ``usable`` seconds, and the chance that one of two is
+        back in time: the first, cancelled at the checkpoint if still out, then a fresh one with the time left
+        once the cancel is through (``cancel_s``). (None, P of one batch) when two do not fit.
+
+        The turnaround's tail is heavy (lognormal): a batch still out at the checkpoint is likely to stay out,
+        and a fresh batch draws a fresh turnaround. Checked on an even grid of the room between two minimal
+        turnarounds; the best lies near its middle."""
+        p_one = self.turnaround_cdf(usable)
+        room = usable - self.cancel_s
+        lo = self.turnaround_min_s
+        if room < 2 * lo or p_one >= 1.0:
+            return None, p_one
+        best, p_best = None, p_one
+        for i in range(1, _CHECKPOINTS):
+            c = lo + (room - 2 * lo) * i / _CHECKPOINTS
+            f = self.turnaround_cdf(c)
+            p_two = f + (1.0 - f) * self.turnaround_cdf(room - c)
+            if p_two > p_best:
+                best, p_best = c, p_two
+        return best, p_best
 
     def turnaround_quantile(self, p: float) -> float:
         """Smallest t with P(turnaround <= t) >= p (the inverse of ``turnaround_cdf``)."""

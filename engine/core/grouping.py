@@ -232,13 +232,22 @@ class Group:
     sightings: PrefixSightings | None = None
     memo: Any = None
     rates: LaneRates | None = None
+    rate_key: Hashable = None  # the key ``rates`` counts this group's arrivals under (``Policy.arrival_key``); None: ``key``
     budget: BudgetPressure | None = None
     input_tokens: int = 0  # of the members, summed
     output_tokens: int = 0
     by_priority: dict[str, int] = field(default_factory=dict)  # members per priority
+    returned: set[str] = field(default_factory=set)  # uids of the members a cancelled batch sent back here
 
-    def add(self, req: Request) -> None:
+    def __post_init__(self) -> None:
+        if self.rate_key is None:
+            self.rate_key = self.key
+
+    def add(self, req: Request, returned: bool = False) -> None:
+        """``returned``: ``req`` comes back from a batch cancelled late (its hedge)."""
         self.members.append(req)
+        if returned:
+            self.returned.add(req.uid)
         self.earliest_deadline_at = min(self.earliest_deadline_at, req.deadline_at)
         self.oldest_arrival_s = min(self.oldest_arrival_s, req.arrival_s)
         self.max_output_tokens = max(self.max_output_tokens, req.output_tokens)
@@ -248,17 +257,20 @@ class Group:
         self.version += 1
 
     def arrival_rate(self, now: float) -> float:
-        """Arrivals per second lately under this group's key (``LaneRates``), not counting the members waiting
-        here (what company to expect); 0 when the runtime keeps none."""
+        """Arrivals per second lately under this group's ``rate_key`` (``LaneRates``: the group's key, or the
+        lane a policy counts it in), not counting the members waiting here (what company to expect); 0 when the
+        runtime keeps none."""
         if self.rates is None:
             return 0.0
-        return max(0.0, self.rates.rate(self.key, now) - len(self.members) / self.rates.tau_s)
+        return max(0.0, self.rates.rate(self.rate_key, now) - len(self.members) / self.rates.tau_s)
 
     def take(self, k: int) -> list[Request]:
         """Remove and return the first ``k`` members (all for k <= 0), recomputing the aggregates."""
         k = len(self.members) if k <= 0 else k
         out, self.members = self.members[:k], self.members[k:]
         self.version += 1
+        if self.returned:
+            self.returned.difference_update(r.uid for r in out)
         if not self.members:
             self.earliest_deadline_at = self.oldest_arrival_s = float("inf")
             self.max_output_tokens = self.input_tokens = self.output_tokens = 0

@@ -67,8 +67,8 @@ class GroupTable:
         self.sightings = PrefixSightings()
         self.rates = LaneRates()
         self.budget = BudgetPressure()  # the runtime keeps it current (``BudgetWaits.holding``)
-        # Every key, unless the policy says which (policies.base.Policy.tracks_arrivals).
-        self._tracks = getattr(policy, "tracks_arrivals", lambda key: True)
+        # Every key under itself, unless the policy says which and under what (policies.base.Policy.arrival_key).
+        self._arrival_key = getattr(policy, "arrival_key", lambda key: key)
         # A policy that declares it gets the budget pressure in ``group_key`` too (``budget=``), so it can route
         # a request at arrival; every policy sees it on the group.
         self._reads_budget = bool(getattr(policy, "reads_budget_pressure", False))
@@ -111,7 +111,9 @@ class GroupTable:
         est.advance(at)
         return est.provider(prov, req.model, at)
 
-    def add(self, req: Request, compat: tuple, now: float) -> tuple[list[Dispatch], Wake | None]:
+    def add(self, req: Request, compat: tuple, now: float,
+            returned: bool = False) -> tuple[list[Dispatch], Wake | None]:
+        """Group ``req`` and decide its group; ``returned``: it comes back from a batch cancelled late."""
         kw = {"budget": self.budget} if self._reads_budget else {}
         if self.reads_warmth:
             kw["warmth"] = self.warmth
@@ -119,13 +121,14 @@ class GroupTable:
             kw["provider"] = self._view(req, now)
         key = self.policy.group_key(req, compat, now, **kw)
         g = self.groups.get(key)
+        rate_key = self._arrival_key(key)
         if g is None:
             prov = self.catalog.providers[req.provider]
             g = self.groups[key] = Group(key, prov, prov.models[req.model], sightings=self.sightings,
-                                         rates=self.rates, budget=self.budget)
-        if self._tracks(key):
-            self.rates.see(key, now)
-        g.add(req)
+                                         rates=self.rates, rate_key=rate_key, budget=self.budget)
+        if rate_key is not None:
+            self.rates.see(rate_key, now)
+        g.add(req, returned)
         return self._decide(g, now, now)
 
     def wake(self, w: Wake, now: float) -> tuple[list[Dispatch], Wake | None]:

@@ -105,6 +105,11 @@ def test_lane_rates_decay_with_time_and_forget_the_oldest_lane():
 
 # -- the rules at their boundaries, from the catalog's numbers (a Group decided directly) ----------------------
 
+# Sent at once, one batch to its hedge (no second batch, tests/unit/test_second_batch.py): P(on time) is the
+# turnaround's CDF at the hedge.
+ONE_BATCH = {"batch_gather_s": 0, "second_batch": False}
+
+
 def batch_group(n: int = 20, deadline_s: float = 7200.0, priority: str = "normal"):
     """``n`` gpt-5-mini requests at t=0, sent at once (no gather): P(on time) and the hedge come from the
     catalog (see test_rules_timing.py for the hedge rule)."""
@@ -117,7 +122,7 @@ def batch_group(n: int = 20, deadline_s: float = 7200.0, priority: str = "normal
 
 def known(prov, g):
     """P(on time), the expected saving, and the expected wait in hours, as the rule states them."""
-    hedge_at = load_policy("smart", CAT, {"batch_gather_s": 0, "min_batch_saving_usd": 0.0,
+    hedge_at = load_policy("smart", CAT, {**ONE_BATCH, "min_batch_saving_usd": 0.0,
                                           "min_saving_rel": 0.0}).decide(g, 0.0).hedge_at
     ba = prov.batch_api
     p = ba.turnaround_cdf(hedge_at)
@@ -129,7 +134,7 @@ def known(prov, g):
 
 
 def mode_with(g, **params):
-    d = load_policy("smart", CAT, {"batch_gather_s": 0, **params}).decide(g, 0.0)
+    d = load_policy("smart", CAT, {**ONE_BATCH, **params}).decide(g, 0.0)
     return d.mode, d.reason
 
 

@@ -1,0 +1,120 @@
+"""A second batch before the sync fallback (issue 13, ``second_batch``): ``smart`` cancels a batch that is late
+at a checkpoint and sends its members in a fresh batch with the time left, instead of holding on to the last
+safe moment and paying the sync price. The batch turnaround's tail is heavy: a batch still out at the
+checkpoint is likely to stay out, and a second batch draws a fresh turnaround."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.core.catalog import default_catalog
+from engine.core.draws import Draws
+from engine.core.grouping import Group
+from engine.core.request import Request
+from engine.sim.simulator import simulate
+from policies import load_policy
+
+CAT = default_catalog()
+FREE = {"min_batch_saving_usd": 0.0}  # a lone request still rides a batch: the rule under test alone
+
+
+def req(i: int, deadline_s: float, arrival_s: float = 0.0) -> Request:
+    return Request.model_validate({"id": f"r{i}", "arrival_s": arrival_s, "model": "gpt-5-mini",
+                                   "prompt": f"Summarise report {i}.", "input_tokens": 20_000,
+                                   "output_tokens": 800, "deadline_s": deadline_s})
+
+
+class SlowThenFast(Draws):
+    """A world where a batch submitted before ``until_s`` takes ``slow_s`` and one submitted later ``fast_s``."""
+
+    def __init__(self, n: int, until_s: float, slow_s: float = 30_000.0, fast_s: float = 300.0):
+        super().__init__(n, 4, 0, 60.0)
+        self.until_s, self.slow_s, self.fast_s = until_s, slow_s, fast_s
+
+    def turnaround(self, provider, ba, t, world=None):
+        return self.slow_s if t < self.until_s else self.fast_s
+
+
+def one_batch_decision(params: dict, deadline_s: float):
+    prov = CAT.providers["openai"]
+    g = Group(("batch", (), 0), prov, prov.models["gpt-5-mini"])
+    g.add(req(0, deadline_s))
+    return load_policy("smart", CAT, {**FREE, "batch_gather_s": 0, **params}).decide(g, 0.0)
+
+
+def test_the_checkpoint_lies_between_two_turnarounds_and_raises_the_chance_of_a_batch():
+    ba = CAT.providers["openai"].batch_api
+    one = one_batch_decision({"second_batch": False}, 3600.0)
+    two = one_batch_decision({}, 3600.0)
+    assert one.mode == two.mode == "batch_api"
+    # The last safe moment is unchanged; the checkpoint comes before it, with room for a batch on each side.
+    assert ba.turnaround_min_s <= two.hedge_at <= one.hedge_at - ba.turnaround_min_s
+    p_one = ba.turnaround_cdf(one.hedge_at)
+    f = ba.turnaround_cdf(two.hedge_at)
+    p_two = f + (1 - f) * ba.turnaround_cdf(one.hedge_at - two.hedge_at)
+    assert p_two > p_one + 0.01
+    assert f"P(on time)={p_two:.2f}" in two.reason and "second batch" in two.reason
+    assert f"P(on time)={p_one:.2f}" in one.reason
+
+
+@pytest.mark.parametrize("deadline_s", [400.0, 86_400.0 * 3])
+def test_no_checkpoint_where_two_batches_do_not_fit_or_one_is_sure(deadline_s):
+    """Too little time for two minimal turnarounds, or a deadline a batch cannot miss: one batch, as before."""
+    d = one_batch_decision({}, deadline_s)
+    off = one_batch_decision({"second_batch": False}, deadline_s)
+    assert d == off
+
+
+def test_a_batch_late_at_its_checkpoint_rides_a_second_batch_and_keeps_the_discount():
+    until = 1200.0  # every batch sent before this is late; one sent after comes back in 5 minutes
+    res = simulate([req(0, 3600.0)], load_policy("smart", CAT, FREE), draws=SlowThenFast(1, until))
+    first, second = res.batches
+    assert (first.mode, first.outcome, second.mode, second.outcome) == ("batch_api", "hedged", "batch_api", "sent")
+    assert first.t < until <= second.t < 3600.0 - 300.0
+    assert res.done_at[0] <= 3600.0
+    batch_price = res.cost[0]
+
+    # Without it the same world leaves the request to its last safe moment, then sync at the full price.
+    off = simulate([req(0, 3600.0)], load_policy("smart", CAT, {**FREE, "second_batch": False}),
+                   draws=SlowThenFast(1, until))
+    assert [b.mode for b in off.batches] == ["batch_api", "sync"] and off.done_at[0] <= 3600.0
+    assert batch_price == pytest.approx(off.cost[0] / 2, rel=1e-9)
+
+
+def test_a_second_batch_late_too_still_falls_back_to_sync_in_time():
+    res = simulate([req(0, 3600.0)], load_policy("smart", CAT, FREE), draws=SlowThenFast(1, 10 ** 9))
+    assert [b.mode for b in res.batches][-1] == "sync"
+    assert [b.outcome for b in res.batches if b.mode == "batch_api"] == ["hedged"] * (len(res.batches) - 1)
+    assert res.done_at[0] <= 3600.0
+
+
+def test_members_back_from_one_batch_ride_the_second_together_and_apart_from_fresh_requests():
+    """The members of a cancelled batch come back in the same second: they are judged together (five cheap
+    requests save enough as one batch, not one by one), and fresh arrivals keep their own gathering and their
+    own hedge instead of riding along with requests due sooner."""
+    until = 1200.0
+    back = [req(i, 3600.0) for i in range(5)]
+    probe = simulate(back, load_policy("smart", CAT, FREE), draws=SlowThenFast(5, until))
+    checkpoint = float(probe.batches[0].reason.split("cancelled at t=")[1].split("s")[0])
+    fresh = [req(10 + i, 3600.0, arrival_s=checkpoint - 30.0 + 20.0 * i) for i in range(3)]
+    res = simulate(back + fresh, load_policy("smart", CAT, FREE), draws=SlowThenFast(8, until))
+    ids = {r.id: i for i, r in enumerate(res.requests)}
+    second = {int(res.batch_of[ids[r.id]]) for r in back}
+    assert len(second) == 1
+    (b,) = [res.batches[k] for k in second]
+    assert (b.mode, b.size, b.outcome) == ("batch_api", 5, "sent") and b.t >= checkpoint
+    assert not {int(res.batch_of[ids[r.id]]) for r in fresh} & second
+    assert res.met.all()
+
+
+def test_members_back_from_a_batch_count_in_their_lane():
+    """A member back from a cancelled batch is judged with its lane's company (``arrival_key``), as a fresh one
+    is: alone in its group it is no lone request when its lane is busy."""
+    from engine.core.features import compat_key
+
+    pol = load_policy("smart", CAT)
+    r = req(0, 3600.0)
+    fresh = pol.group_key(r, compat_key(r), 0.0)
+    back = pol.group_key(r, compat_key(r), 1500.5)
+    assert fresh != back and back[2][:2] == ("back", 1500)
+    assert pol.arrival_key(back) == pol.arrival_key(fresh) == fresh
