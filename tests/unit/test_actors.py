@@ -503,3 +503,21 @@ def test_a_copy_readmitted_while_a_failed_request_is_being_ended_is_not_sent_bes
         got = [(x.id, x.status) for x in await hub.pull(0.01)]
         assert got == [("a", "failed")] and disp.ran == [], (got, disp.ran)
     asyncio.run(go())
+
+
+def test_grouper_keeps_members_back_from_a_hedge_together_and_apart_from_fresh_work():
+    """A dispatcher re-admits the members of a batch cancelled late with ``hedges`` counted: the grouper tells its
+    table so (``returned``), and smart gives them one group of their own, with no second checkpoint."""
+    async def go():
+        disp, hub = Recorder(), ResultHub()
+        g = Grouper(load_policy("smart", CAT), CAT, ManualClock(1500.0), {"openai": disp}, ledger(), hub)
+        big = {"input_tokens": 20_000, "output_tokens": 800, "deadline_s": 3600.0}
+        back = [Job(i, req(i, **big), f"fp{i}", hedges=1) for i in range(3)]
+        fresh = Job(9, req(9, arrival_s=1500.0, **big), "fp9")
+        await g.add(back + [fresh])
+        groups = {key: grp for key, grp in g.table.groups.items() if grp.members}
+        (key,) = [k for k, grp in groups.items() if any(r.id == "r0" for r in grp.members)]
+        assert key[2][0] == "back" and [r.id for r in groups[key].members] == ["r0", "r1", "r2"]
+        assert groups[key].returned == {j.req.uid for j in back}
+        assert not any(r.id == "r9" for r in groups[key].members)
+    run(go())
