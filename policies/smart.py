@@ -333,8 +333,13 @@ class Smart(GpuLane, Policy):
             tokens_in, tokens_out = sum(r.input_tokens for r in members), sum(r.output_tokens for r in members)
         hedge_at = earliest - self._hedge_lead(c, max_out, k)
         send_at = flush_at if gathering else now
-        checkpoint, p_on_time = (second_batch_checkpoint(ba, send_at, hedge_at)
-                                 if p.second_batch and not group.returned else (None, ba.turnaround_cdf(hedge_at - send_at)))
+        if not p.second_batch or group.returned:
+            checkpoint, p_on_time = None, ba.turnaround_cdf(hedge_at - send_at)
+        elif len(group.memo) > 5 and group.memo[5] == (hedge_at, send_at, ba):  # decided on every arrival: kept
+            checkpoint, p_on_time = group.memo[6]
+        else:
+            checkpoint, p_on_time = second_batch_checkpoint(ba, send_at, hedge_at)
+            group.memo = group.memo[:5] + ((hedge_at, send_at, ba), (checkpoint, p_on_time))
         # List prices without cache effects: the batch reads the provider cache as sync calls would, so the
         # comparison (and the saving quoted in the reason) holds with caching too.
         c_sync = c.p_in * tokens_in + c.p_out * tokens_out
