@@ -179,7 +179,8 @@ class Grouper(Parking, Warm):
                                            [job.req]))
                 continue
             try:
-                ds, wake = self.table.add(job.req, compat_key(job.req), now, returned=job.hedges > 0)
+                ds, wake = self.table.add(job.req, compat_key(job.req), now,
+                                          returned=job.hedges > 0 or job.attempts > 0)
             except GroupFailed as gf:  # its group's decision failed: what it decided goes, the rest fails
                 dispatches.extend(gf.dispatches)
                 failed.extend(self._fail_members(gf.members, gf.cause))

@@ -35,7 +35,6 @@ from policies.base import Policy, PolicyParams, register
 
 __all__ = ["Smart", "SmartParams"]
 
-_FRESH_S = 60.0  # a request grouped this soon after its arrival is banded by its deadline, later by its time left
 
 
 class SmartParams(PolicyParams):
@@ -119,6 +118,7 @@ class Smart(GpuLane, Policy):
     Params = SmartParams
     reads_budget_pressure = True  # the runtime passes ``group_key`` its BudgetPressure (``_held_back``)
     reads_warmth = True  # ... and its PrefixWarmth (``warm_sync_pays``)
+    reads_returned = True  # ... and whether the request comes back from a dispatch (a batch cancelled late, a failed attempt)
 
     def __init__(self, catalog, params=None):
         super().__init__(catalog, params)
@@ -162,9 +162,10 @@ class Smart(GpuLane, Policy):
         return (c.base + c.per_tok * output_tokens) * c.p99_factor * waves + self.params.hedge_margin_s + c.cancel_s
 
     def group_key(self, req: Request, compat: tuple, now: float, provider=None, budget=None,
-                  warmth: PrefixWarmth | None = None) -> Hashable:
+                  warmth: PrefixWarmth | None = None, returned: bool = False) -> Hashable:
         """``provider``: the runtime's view of ``req``'s provider (its learned turnaround); None: the catalog's.
-        ``budget``: the runtime's ``BudgetPressure`` (see ``_held_back``); ``warmth``: its ``PrefixWarmth``."""
+        ``budget``: the runtime's ``BudgetPressure`` (see ``_held_back``); ``warmth``: its ``PrefixWarmth``;
+        ``returned``: ``req`` comes back from a dispatch (a batch cancelled late, a failed attempt)."""
         provider = provider or self.catalog.providers[req.provider]
         spec = provider.models[req.model]
         if spec.gpu_priced:
@@ -188,14 +189,12 @@ class Smart(GpuLane, Policy):
                 if conversation:
                     band_s = min(band_s, self._band_cap_of(provider))
                 bucket = int(math.log2(max(band_s, 1.0)))
-                if now - req.arrival_s >= _FRESH_S:
-                    # Back well after its arrival (from a batch cancelled late, a retry, a restart): apart from
-                    # fresh requests, whose gathering its old arrival would cut short and whose batch its near
-                    # hedge would cancel early; with the members of its batch, which come back in the same
-                    # second, banded by the time they have left (one due soon would hedge the others early
-                    # again), and counted in its lane (``arrival_key``).
-                    left = int(math.log2(max(req.deadline_at - now, 1.0)))
-                    return ("batch", compat, ("back", math.floor(now), left, bucket))
+                if returned:
+                    # Back from a batch cancelled late: apart from fresh requests, whose gathering its old
+                    # arrival would cut short and whose batch its near hedge would cancel early; with the members
+                    # of its batch, which come back in the same second, banded by the time they have left (one
+                    # due soon would hedge the others early again).
+                    return ("batch", compat, ("back", math.floor(now), int(math.log2(max(req.deadline_at - now, 1.0)))))
                 if conversation and self.params.conversation_groups:
                     # Two requests can share a cache read only if they start with the same cacheable run, so
                     # a group per run loses no sharing and gathers from its own first turn.
@@ -228,12 +227,11 @@ class Smart(GpuLane, Policy):
 
     def arrival_key(self, key: Hashable) -> Hashable | None:
         """The lanes that weigh company to come count arrivals; a conversation's group (``conversation_groups``)
-        and members back from a cancelled batch count in their lane: the lane's batches sent about together
-        are what their wait is worth."""
+        counts in its lane: the lane's batches sent about together are what its wait is worth."""
         if not (isinstance(key, tuple) and key[0] in ("batch", "gpu")):
             return None
         if key[0] == "batch" and isinstance(key[2], tuple):
-            return key[:2] + (key[2][3],)
+            return None  # members back from a cancelled batch: no arrivals of the lane, nor judged by its company
         return key[:3] if key[0] == "batch" and len(key) == 4 else key
 
     def _cacheable_blocks(self, provider, spec) -> int:
@@ -319,9 +317,12 @@ class Smart(GpuLane, Policy):
         else:  # (``ba`` too: the runtime's learned turnaround changes at its epochs)
             flush_at = group.oldest_arrival_s + self._gather_budget(group, c)
             group.memo = (group.earliest_deadline_at, group.oldest_arrival_s, drain, ba, flush_at)
-        if isinstance(group.key[2], tuple) and now < group.key[2][1] + 1.0:
-            # Members back from a batch cancelled late come back together: judged once all of them are here.
-            return Decision.wait(group.key[2][1] + 1.0, "gathering the members back from one batch")
+        if isinstance(group.key[2], tuple):
+            # Members back from a batch cancelled late come back together: judged once all of them are here, then
+            # sent (nothing else joins this group).
+            if now < group.key[2][1] + 1.0:
+                return Decision.wait(group.key[2][1] + 1.0, "gathering the members back from one batch")
+            flush_at = now
         gathering = n < ba.max_requests and now < flush_at
         if n <= ba.max_requests:  # the running aggregates, no pass over the members (decide is O(1) per arrival)
             k, max_out, earliest = n, group.max_output_tokens, group.earliest_deadline_at
@@ -349,10 +350,9 @@ class Smart(GpuLane, Policy):
         # lane's recent arrival rate (others than these members) says how much.
         saving = p_on_time * (c_sync - c_batch)  # expected: sync minus (P * batch + (1 - P) * sync)
         # Company to come: the lane's arrivals before the batch is sent, which join it. A conversation's group
-        # (or members back from a cancelled batch) batches alone, but the lane's requests that arrive over a
-        # gather go about together with it and would have shared its batch as one lane: their saving counts,
-        # whether it still gathers or not.
-        if len(group.key) == 4 or isinstance(group.key[2], tuple):
+        # batches alone, but the lane's other conversations that arrive over its gather go about together with it
+        # and would have shared its batch as one lane: their saving counts, whether it still gathers or not.
+        if len(group.key) == 4:
             projected = saving * (1.0 + group.arrival_rate(now) * (flush_at - group.oldest_arrival_s) / k)
         else:
             projected = saving * (1.0 + group.arrival_rate(now) * (flush_at - now) / k) if gathering else saving
@@ -377,6 +377,8 @@ class Smart(GpuLane, Policy):
         p = self.params
         if p_on_time < p.min_on_time_p or projected <= 0:
             return f"P(batch done by hedge)={p_on_time:.2f} too low"
+        if group.returned:
+            return None  # the second batch its first one was judged with (``second_batch``): its wait is spent
         if projected < p.min_batch_saving_usd:
             return (f"a batch would save ${projected:.4f} expected, under min_batch_saving_usd "
                     f"${p.min_batch_saving_usd:g}")

@@ -237,14 +237,14 @@ class Group:
     input_tokens: int = 0  # of the members, summed
     output_tokens: int = 0
     by_priority: dict[str, int] = field(default_factory=dict)  # members per priority
-    returned: set[str] = field(default_factory=set)  # uids of the members a cancelled batch sent back here
+    returned: set[str] = field(default_factory=set)  # uids of members back from a dispatch (a cancelled batch, a retry)
 
     def __post_init__(self) -> None:
         if self.rate_key is None:
             self.rate_key = self.key
 
     def add(self, req: Request, returned: bool = False) -> None:
-        """``returned``: ``req`` comes back from a batch cancelled late (its hedge)."""
+        """``returned``: ``req`` comes back from a dispatch (a batch cancelled late, a failed attempt)."""
         self.members.append(req)
         if returned:
             self.returned.add(req.uid)

@@ -38,8 +38,9 @@ class Policy(Protocol):
         """The open group ``req`` joins (requests with equal keys may be dispatched together). Optional keyword
         arguments, passed by the runtime only to a policy that declares it reads them: ``budget=`` (its
         ``BudgetPressure``, ``reads_budget_pressure = True``), ``warmth=`` (its ``PrefixWarmth``, the prompt-cache
-        warmth its results showed, ``reads_warmth = True``) and ``provider=`` (the provider with its learned
-        batch turnaround, with ``turnaround_learning`` enabled)."""
+        warmth its results showed, ``reads_warmth = True``), ``returned=`` (whether ``req`` comes back from a
+        batch cancelled late, ``reads_returned = True``) and ``provider=`` (the provider with its learned batch
+        turnaround, with ``turnaround_learning`` enabled)."""
 
     def decide(self, group: Group, now: float) -> Decision:
         """Wait (until a time, or the next arrival) or dispatch some of ``group``. Pure: no I/O, and the policy

@@ -75,6 +75,8 @@ class GroupTable:
         # Likewise the prompt-cache warmth the runtime believes (``warm``), for a policy that declares it reads it.
         self.warmth = PrefixWarmth()
         self.reads_warmth = bool(getattr(policy, "reads_warmth", False))
+        # ... and whether a request comes back from a dispatch (``returned``).
+        self._reads_returned = bool(getattr(policy, "reads_returned", False))
         learning = getattr(policy, "turnaround_learning", None)  # declared by policies that read it
         self.turnarounds = (TurnaroundEstimator(catalog, learning, day_origin_s)
                             if learning is not None and learning.enabled else None)
@@ -113,12 +115,15 @@ class GroupTable:
 
     def add(self, req: Request, compat: tuple, now: float,
             returned: bool = False) -> tuple[list[Dispatch], Wake | None]:
-        """Group ``req`` and decide its group; ``returned``: it comes back from a batch cancelled late."""
+        """Group ``req`` and decide its group; ``returned``: it comes back from a dispatch (a batch cancelled
+        late, a failed attempt)."""
         kw = {"budget": self.budget} if self._reads_budget else {}
         if self.reads_warmth:
             kw["warmth"] = self.warmth
         if self.turnarounds is not None:
             kw["provider"] = self._view(req, now)
+        if self._reads_returned:
+            kw["returned"] = returned
         key = self.policy.group_key(req, compat, now, **kw)
         g = self.groups.get(key)
         rate_key = self._arrival_key(key)

@@ -33,7 +33,7 @@ the batch at the best checkpoint if it is still out and sends a second one with 
 with ``p = BatchApi.second_batch(deadline - arrival)``, paying the batch price with probability ``p`` and the
 sync price otherwise. Every other step keeps its hindsight (a prompt-cache write is priced at the cheapest
 lane), so this stays below what any online policy that makes at most two batch attempts per request pays in
-expectation.
+expectation (smart's members can ride a third batch after a batch mate's earlier hedge: docs/lower-bound.md).
 In expectation over the draws it lies above the offline bound; one seed's offline bound can exceed it where
 batches matter little (docs/lower-bound.md).
 """

@@ -214,7 +214,8 @@ class _Sim(SimBudget, SimReuse, SimCalls):
                 return
         if fps is not None and self.inflight.lead(fps[i], r, i):
             self.index_near(i, fps[i], math.inf)
-        self.apply(*self.table.add(r, self.compat[i], now, returned=bool(self.hedges[i])))
+        # Back from a dispatch (a batch cancelled late, a failed attempt), as the live grouper tells it.
+        self.apply(*self.table.add(r, self.compat[i], now, returned=bool(self.hedges[i] or self.attempts[i])))
 
     def apply(self, dispatches: list[Dispatch], wake: Wake | None) -> None:
         for d in dispatches:

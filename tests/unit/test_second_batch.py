@@ -107,14 +107,28 @@ def test_members_back_from_one_batch_ride_the_second_together_and_apart_from_fre
     assert res.met.all()
 
 
-def test_members_back_from_a_batch_count_in_their_lane():
-    """A member back from a cancelled batch is judged with its lane's company (``arrival_key``), as a fresh one
-    is: alone in its group it is no lone request when its lane is busy."""
+def test_members_back_from_a_batch_are_told_apart_by_the_runtime_not_by_their_age():
+    """Whether a request comes back from a batch cancelled late is the runtime's to say (``returned``): a fresh
+    request that reached the policy late (a slow replay, a restart) keeps its lane, and a member back from a
+    batch is kept out of its lane's arrival rate, which it would inflate for minutes without ever joining."""
     from engine.core.features import compat_key
 
     pol = load_policy("smart", CAT)
     r = req(0, 3600.0)
-    fresh = pol.group_key(r, compat_key(r), 0.0)
-    back = pol.group_key(r, compat_key(r), 1500.5)
-    assert fresh != back and back[2][:2] == ("back", 1500)
-    assert pol.arrival_key(back) == pol.arrival_key(fresh) == fresh
+    fresh = pol.group_key(r, compat_key(r), 1500.5)
+    back = pol.group_key(r, compat_key(r), 1500.5, returned=True)
+    assert fresh == pol.group_key(r, compat_key(r), 0.0) and pol.arrival_key(fresh) == fresh
+    assert back[2][:2] == ("back", 1500) and pol.arrival_key(back) is None
+
+
+def test_a_lone_member_back_from_its_checkpoint_rides_its_second_batch():
+    """The first batch was judged with the chance of two; at the checkpoint the second one is not judged again
+    by value of time (a lone cheap request would fail it and go sync, after giving up the first batch's chance
+    to end in time: a review's counterexample)."""
+    cheap = Request.model_validate({"id": "c", "arrival_s": 0.0, "model": "gpt-5-mini", "prompt": "c",
+                                    "input_tokens": 7_500, "output_tokens": 300, "deadline_s": 3600.0})
+    res = simulate([cheap], load_policy("smart", CAT),
+                   draws=SlowThenFast(1, 1200.0))
+    first, second = res.batches
+    assert "second batch" in first.reason and first.outcome == "hedged"
+    assert (second.mode, second.outcome) == ("batch_api", "sent") and res.met.all()
