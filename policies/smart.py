@@ -190,10 +190,10 @@ class Smart(GpuLane, Policy):
                     band_s = min(band_s, self._band_cap_of(provider))
                 bucket = int(math.log2(max(band_s, 1.0)))
                 if returned:
-                    # Back from a batch cancelled late: apart from fresh requests, whose gathering its old
-                    # arrival would cut short and whose batch its near hedge would cancel early; with the members
-                    # of its batch, which come back in the same second, banded by the time they have left (one
-                    # due soon would hedge the others early again).
+                    # Back from a dispatch (a batch cancelled late, a failed attempt): apart from fresh requests,
+                    # whose gathering its old arrival would cut short and whose batch its near hedge would cancel
+                    # early; with the members of its batch, which come back in the same second, banded by the
+                    # time they have left (one due soon would hedge the others early again).
                     return ("batch", compat, ("back", math.floor(now), int(math.log2(max(req.deadline_at - now, 1.0)))))
                 if conversation and self.params.conversation_groups:
                     # Two requests can share a cache read only if they start with the same cacheable run, so
@@ -318,8 +318,8 @@ class Smart(GpuLane, Policy):
             flush_at = group.oldest_arrival_s + self._gather_budget(group, c)
             group.memo = (group.earliest_deadline_at, group.oldest_arrival_s, drain, ba, flush_at)
         if isinstance(group.key[2], tuple):
-            # Members back from a batch cancelled late come back together: judged once all of them are here, then
-            # sent (nothing else joins this group).
+            # Members back from one dispatch come back together: judged once all of them are here, then sent
+            # (nothing else joins this group).
             if now < group.key[2][1] + 1.0:
                 return Decision.wait(group.key[2][1] + 1.0, "gathering the members back from one batch")
             flush_at = now
@@ -378,7 +378,7 @@ class Smart(GpuLane, Policy):
         if p_on_time < p.min_on_time_p or projected <= 0:
             return f"P(batch done by hedge)={p_on_time:.2f} too low"
         if group.returned:
-            return None  # the second batch its first one was judged with (``second_batch``): its wait is spent
+            return None  # back from a dispatch already judged (with its second batch): its wait is spent
         if projected < p.min_batch_saving_usd:
             return (f"a batch would save ${projected:.4f} expected, under min_batch_saving_usd "
                     f"${p.min_batch_saving_usd:g}")
