@@ -62,7 +62,7 @@ def test_no_checkpoint_where_two_batches_do_not_fit_or_one_is_sure(deadline_s):
     """Too little time for two minimal turnarounds, or a deadline a batch cannot miss: one batch, as before."""
     d = one_batch_decision({}, deadline_s)
     off = one_batch_decision({"second_batch": False}, deadline_s)
-    assert d == off
+    assert d.mode == "batch_api" and d == off
 
 
 def test_a_batch_late_at_its_checkpoint_rides_a_second_batch_and_keeps_the_discount():
