@@ -70,6 +70,12 @@ class Policy:
         this base, without the method, gets every key counted under itself."""
         return None
 
+    def riders(self, group: Group, others: list[Group], now: float) -> list[Group]:
+        """Which of ``others`` (the other open groups counted in ``group``'s lane, ``arrival_key``) go along
+        in the provider batch ``group`` is about to be sent in: the runtime moves their members into ``group``
+        and decides it again, so one batch carries what would have been several. The base sends none."""
+        return []
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.params!r})"
 

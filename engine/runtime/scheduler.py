@@ -64,6 +64,9 @@ class GroupTable:
         self.keep_going = keep_going
         self.catalog = catalog
         self.groups: dict[Hashable, Group] = {}
+        # The open groups of each lane (``Policy.arrival_key``), for ``Policy.riders``; read
+        # lazily: an entry whose group has left ``groups`` is dropped when next met.
+        self._lanes: dict[Hashable, dict[Hashable, Group]] = {}
         self.sightings = PrefixSightings()
         self.rates = LaneRates()
         self.budget = BudgetPressure()  # the runtime keeps it current (``BudgetWaits.holding``)
@@ -77,6 +80,8 @@ class GroupTable:
         self.reads_warmth = bool(getattr(policy, "reads_warmth", False))
         # ... and whether a request comes back from a dispatch (``returned``).
         self._reads_returned = bool(getattr(policy, "reads_returned", False))
+        # A policy whose lane holds several groups may send some along in another's batch (``Policy.riders``).
+        self._riders = getattr(policy, "riders", None)
         learning = getattr(policy, "turnaround_learning", None)  # declared by policies that read it
         self.turnarounds = (TurnaroundEstimator(catalog, learning, day_origin_s)
                             if learning is not None and learning.enabled else None)
@@ -131,6 +136,8 @@ class GroupTable:
             prov = self.catalog.providers[req.provider]
             g = self.groups[key] = Group(key, prov, prov.models[req.model], sightings=self.sightings,
                                          rates=self.rates, rate_key=rate_key, budget=self.budget)
+            if rate_key is not None and self._riders is not None:
+                self._lanes.setdefault(rate_key, {})[key] = g
         if rate_key is not None:
             self.rates.see(rate_key, now)
         g.add(req, returned)
@@ -160,8 +167,13 @@ class GroupTable:
     def _decide_loop(self, g: Group, now: float, at: float, out: list[Dispatch]) -> tuple[list[Dispatch], Wake | None]:
         if self.turnarounds is not None and g.members:
             g.provider = self._view(g.members[0], at)
+        joined = False
         while g.members:
             d: Decision = self.policy.decide(g, now)
+            if (not joined and d.action == "dispatch" and d.mode == "batch_api"
+                    and (d.take <= 0 or d.take >= len(g.members)) and self._join_riders(g, now)):
+                joined = True
+                continue  # decided again with its riders: the batch's hedge is theirs too
             if d.action == "wait":
                 if d.wake_at is None:
                     return out, None
@@ -174,6 +186,32 @@ class GroupTable:
                 self.sightings.see(d.prefix, now)
         del self.groups[g.key]
         return out, None
+
+    def _join_riders(self, g: Group, now: float) -> bool:
+        """Move into ``g`` the other groups of its lane that the policy sends along in ``g``'s batch (one
+        provider batch, not one per group); whether any came."""
+        lane = self._lanes.get(g.rate_key) if self._riders is not None else None
+        if not lane:
+            return False
+        open_ = []
+        for key, other in list(lane.items()):
+            if self.groups.get(key) is not other:
+                del lane[key]  # left the table (dispatched, failed, or dropped by its runtime)
+            elif other is not g and other.members:
+                open_.append(other)
+        if not open_:
+            return False
+        riders = self._riders(g, open_, now)
+        for r in riders:
+            if self.groups.get(r.key) is not r or r is g or r.rate_key != g.rate_key:
+                raise PolicyError(f"{self.policy.name}: riders() named a group that is not another open group "
+                                  f"of {g.key!r}'s lane")
+        for r in riders:
+            del self.groups[r.key]
+            del lane[r.key]
+            for m in r.members:
+                g.add(m, m.uid in r.returned)
+        return bool(riders)
 
     def _checked_take(self, g: Group, d: Decision) -> int:
         mode = d.mode

@@ -1,13 +1,17 @@
-"""Conversation groups (issue 13, ``conversation_groups: true``, off by default): a request with a cacheable prompt prefix gathers with
+"""Conversation groups (issue 13, ``conversation_groups``, on by default since stop 41): a request with a cacheable prompt prefix gathers with
 the requests that start with the same cacheable run (the turns of one conversation), from its own first turn,
 instead of with its whole lane. Two requests share a cache read only when they start with the same cacheable
 run, so the split loses no sharing; it stops a lane's flush from cutting a conversation in two, which then
 writes its prefix twice. Value of time still weighs the whole lane: a conversation alone in a busy lane is no
-lone request."""
+lone request. The lane's groups due about together ride one provider batch (``ride_s``), so the lane does not send
+one provider batch per conversation."""
 
 from __future__ import annotations
 
+import pytest
+
 from engine.core.catalog import default_catalog
+from engine.core.errors import PolicyError
 from engine.core.features import compat_key
 from engine.core.request import Request
 from engine.runtime.scheduler import GroupTable
@@ -16,12 +20,14 @@ from policies import load_policy
 
 CAT = default_catalog()
 CONV = {"conversation_groups": True}
+LANES = {"conversation_groups": False}
 
 
-def turn(rid: str, arrival_s: float, blocks: list[int], model: str = "claude-sonnet-4-5") -> Request:
+def turn(rid: str, arrival_s: float, blocks: list[int], model: str = "claude-sonnet-4-5",
+         deadline_s: float = 86_400.0) -> Request:
     return Request.model_validate({"id": rid, "arrival_s": arrival_s, "model": model, "prompt": f"turn {rid}",
                                    "input_tokens": 512 * len(blocks), "output_tokens": 300,
-                                   "prefix_blocks": blocks, "deadline_s": 86_400.0, "priority": "background"})
+                                   "prefix_blocks": blocks, "deadline_s": deadline_s, "priority": "background"})
 
 
 def test_a_lane_flush_no_longer_cuts_a_conversation_in_two():
@@ -35,7 +41,7 @@ def test_a_lane_flush_no_longer_cuts_a_conversation_in_two():
     assert batch["a1"] == batch["a2"] != batch["x"]
     assert res.batches[batch["a1"]].mode == "batch_api"
 
-    lanes = simulate(trace, load_policy("smart", CAT))  # the default: one group per lane
+    lanes = simulate(trace, load_policy("smart", CAT, LANES))  # one group per lane
     by_lane = {r.id: int(lanes.batch_of[i]) for i, r in enumerate(lanes.requests)}
     assert by_lane["a1"] == by_lane["x"] != by_lane["a2"]  # the lane's flush took the first turn alone
     # Together, the follow-up reads the ten blocks its first turn writes; apart, each pays them in full.
@@ -60,7 +66,65 @@ def test_a_conversation_alone_in_a_busy_lane_still_rides_a_batch():
     but the lane's company over their gather is worth it, as when they shared one group."""
     convs = [turn(f"c{i}", float(i), [1000 * i + k for k in range(4)], model="gpt-5-mini") for i in range(30)]
     res = simulate(convs, load_policy("smart", CAT, CONV))
-    modes = [b.mode for b in res.batches]
+    modes = [res.batches[int(b)].mode for b in res.batch_of]  # each request's dispatch
     assert modes[1:] == ["batch_api"] * 29, {b.reason for b in res.batches if b.mode == "sync"}
     alone = simulate(convs[:1], load_policy("smart", CAT, CONV))
     assert [b.mode for b in alone.batches] == ["sync"] and "min_batch_saving_usd" in alone.batches[0].reason
+
+
+def _two_turn_conversations(n: int) -> list[Request]:
+    """``n`` conversations, one starting every 10 s, each with a follow-up 30 s after its first turn."""
+    out = []
+    for i in range(n):
+        blocks = [1000 * i + k for k in range(10)]
+        out += [turn(f"c{i}a", 10.0 * i, blocks), turn(f"c{i}b", 10.0 * i + 30.0, blocks + [1000 * i + 10])]
+    return sorted(out, key=lambda r: r.arrival_s)
+
+
+def test_conversations_due_together_ride_one_provider_batch():
+    trace = _two_turn_conversations(40)
+    ride = simulate(trace, load_policy("smart", CAT))  # the default: ride_s = 120
+    alone = simulate(trace, load_policy("smart", CAT, {"ride_s": 0}))
+    split = []
+    for res in (ride, alone):
+        assert res.met.all()
+        of = {r.id: int(res.batch_of[i]) for i, r in enumerate(res.requests)}
+        split.append({i for i in range(40) if of[f"c{i}a"] != of[f"c{i}b"]})
+        assert len(split[-1]) <= 2  # (a member whose call the seed fails is retried alone)
+        assert (res.status == 1).all()  # every request done (status code 1: ok), none lost or failed
+    assert split[0] <= split[1]  # riding cuts no conversation in two
+    n_ride = sum(b.mode == "batch_api" for b in ride.batches)
+    n_alone = sum(b.mode == "batch_api" for b in alone.batches)
+    assert n_alone >= 40  # one provider batch per conversation
+    # 40 conversations started over 400 s, each due 120 s or less after another's: a few provider batches.
+    assert 1 <= n_ride <= 6, [(b.t, b.size) for b in ride.batches]
+    assert ride.total_cost <= alone.total_cost + 1e-9
+
+
+def test_a_group_due_before_the_batch_does_not_ride_it():
+    """A rider would bring the batch's hedge forward for the members already in it: one due earlier waits
+    for its own batch, while a twin due no earlier rides along."""
+    lead = turn("lead", 0.0, list(range(10)))
+    early = turn("early", 5.0, list(range(100, 110)), deadline_s=80_000.0)  # due before the lead
+    twin = turn("twin", 5.0, list(range(200, 210)))  # due after it
+    res = simulate([lead, early, twin], load_policy("smart", CAT))
+    of = {r.id: int(res.batch_of[i]) for i, r in enumerate(res.requests)}
+    assert of["lead"] == of["twin"] != of["early"]
+    assert {res.batches[of[k]].mode for k in of} == {"batch_api"}
+
+
+class _Rogue(type(load_policy("smart", CAT))):
+    """Names the deciding group itself as its rider: the runtime must refuse it, not send its members twice."""
+
+    def riders(self, group, others, now):
+        return [group]
+
+
+def test_the_runtime_refuses_a_rider_that_is_not_another_open_group_of_the_lane():
+    table = GroupTable(_Rogue(CAT), CAT)
+    reqs = [turn("a", 0.0, list(range(10))), turn("b", 1.0, list(range(100, 110)))]
+    wake = None
+    for r in reqs:
+        _, wake = table.add(r, compat_key(r), r.arrival_s)
+    with pytest.raises(PolicyError, match="riders"):
+        table.wake(wake, wake.at)
