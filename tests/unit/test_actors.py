@@ -521,3 +521,32 @@ def test_grouper_keeps_members_back_from_a_hedge_together_and_apart_from_fresh_w
         assert groups[key].returned == {j.req.uid for j in back}
         assert not any(r.id == "r9" for r in groups[key].members)
     run(go())
+
+
+def test_grouper_sends_a_lanes_conversations_due_together_in_one_provider_batch():
+    """The live grouper runs the same table as the simulator: two conversations of one lane, due 5 s apart,
+    reach the dispatcher as one batch-API batch (smart's riders), not one per conversation."""
+    class Seen(Recorder):
+        def __init__(self):
+            super().__init__()
+            self.got = asyncio.Event()
+
+        async def run_many(self, batches, *learns):
+            self.calls.append(("run_many", (batches,)))
+            self.got.set()
+            return True
+
+    async def go():
+        disp, hub = Seen(), ResultHub()
+        g = Grouper(load_policy("smart", CAT), CAT, ManualClock(0.0), {"anthropic": disp}, ledger(), hub)
+        conv = {"model": "claude-sonnet-4-5", "input_tokens": 5120, "output_tokens": 300, "deadline_s": 86_400.0,
+                "priority": "background"}
+        jobs = [Job(i, req(i, arrival_s=5.0 * i, prefix_blocks=[100 * i + k for k in range(10)], **conv), f"fp{i}")
+                for i in range(2)]
+        await g.add(jobs)
+        assert len(g.table.groups) == 2  # a group per conversation while they gather
+        await disp.got.wait()
+        (name, ([batch],)), = disp.calls
+        assert batch.mode == "batch_api" and sorted(j.req.id for j in batch.jobs) == ["r0", "r1"]
+        assert (await g.stats())["pending"] == 0 and not g.table.groups
+    run(go())
