@@ -291,7 +291,7 @@ class Grouper(Parking, Warm):
             return
         except Exception as exc:
             members = list(wake.group.members)
-            self.table.groups.pop(wake.group.key, None)
+            self.table.drop(wake.group)
             jobs = [self.pending.pop(r.uid) for r in members if r.uid in self.pending]
             await self._resolve([(j, self._failed(j, f"policy error: {exc}")) for j in jobs])
             return

@@ -64,8 +64,8 @@ class GroupTable:
         self.keep_going = keep_going
         self.catalog = catalog
         self.groups: dict[Hashable, Group] = {}
-        # The open groups of each lane (``Policy.arrival_key``), for ``Policy.riders``; read
-        # lazily: an entry whose group has left ``groups`` is dropped when next met.
+        # The open groups of each lane (``Policy.arrival_key``), for ``Policy.riders``: kept in step with
+        # ``groups`` by ``drop``.
         self._lanes: dict[Hashable, dict[Hashable, Group]] = {}
         self.sightings = PrefixSightings()
         self.rates = LaneRates()
@@ -158,8 +158,7 @@ class GroupTable:
         except Exception as exc:
             # Left in the table, the group would keep members its runtime failed (and dispatch them later, to a
             # runtime that no longer holds them), and the dispatches decided so far would be lost.
-            if self.groups.get(g.key) is g:
-                del self.groups[g.key]
+            self.drop(g)
             if not self.keep_going:
                 raise
             raise GroupFailed(exc, out, list(g.members)) from exc
@@ -184,8 +183,18 @@ class GroupTable:
             out.append(Dispatch(d, g.take(self._checked_take(g, d))))
             if d.prefix is not None:
                 self.sightings.see(d.prefix, now)
-        del self.groups[g.key]
+        self.drop(g)
         return out, None
+
+    def drop(self, g: Group) -> None:
+        """Remove ``g`` from the table (and its lane's index), if it is still there."""
+        if self.groups.get(g.key) is g:
+            del self.groups[g.key]
+            lane = self._lanes.get(g.rate_key)
+            if lane is not None and lane.get(g.key) is g:
+                del lane[g.key]
+                if not lane:
+                    del self._lanes[g.rate_key]
 
     def _join_riders(self, g: Group, now: float) -> bool:
         """Move into ``g`` the other groups of its lane that the policy sends along in ``g``'s batch (one
@@ -193,12 +202,7 @@ class GroupTable:
         lane = self._lanes.get(g.rate_key) if self._riders is not None else None
         if not lane:
             return False
-        open_ = []
-        for key, other in list(lane.items()):
-            if self.groups.get(key) is not other:
-                del lane[key]  # left the table (dispatched, failed, or dropped by its runtime)
-            elif other is not g and other.members:
-                open_.append(other)
+        open_ = [other for other in lane.values() if other is not g and other.members]
         if not open_:
             return False
         riders = self._riders(g, open_, now)
@@ -207,8 +211,7 @@ class GroupTable:
                 raise PolicyError(f"{self.policy.name}: riders() named a group that is not another open group "
                                   f"of {g.key!r}'s lane")
         for r in riders:
-            del self.groups[r.key]
-            del lane[r.key]
+            self.drop(r)
             for m in r.members:
                 g.add(m, m.uid in r.returned)
         return bool(riders)

@@ -128,3 +128,35 @@ def test_the_runtime_refuses_a_rider_that_is_not_another_open_group_of_the_lane(
         _, wake = table.add(r, compat_key(r), r.arrival_s)
     with pytest.raises(PolicyError, match="riders"):
         table.wake(wake, wake.at)
+
+
+def test_the_lane_index_forgets_every_group_that_leaves_the_table():
+    """A long-running grouper must not keep the groups it sent (riders or not, batch or sync) in its lanes."""
+    import heapq
+
+    table = GroupTable(load_policy("smart", CAT), CAT)
+    cheap = [turn(f"s{i}", 2000.0 * i, [7000 + 100 * i + k for k in range(4)], model="gpt-5-mini")
+             for i in range(5)]  # lone and cheap: sent sync at once, never a batch
+    trace = sorted(_two_turn_conversations(12) + cheap, key=lambda r: r.arrival_s)
+    wakes, sent, n, indexed = [], [], 0, 0
+    for r in trace:
+        while wakes and wakes[0][0] <= r.arrival_s:
+            at, _, w = heapq.heappop(wakes)
+            ds, nxt = table.wake(w, at)
+            sent += [m.id for d in ds for m in d.members]
+            if nxt:
+                heapq.heappush(wakes, (nxt.at, n := n + 1, nxt))
+        ds, nxt = table.add(r, compat_key(r), r.arrival_s)
+        sent += [m.id for d in ds for m in d.members]
+        if nxt:
+            heapq.heappush(wakes, (nxt.at, n := n + 1, nxt))
+        indexed = max(indexed, sum(len(lane) for lane in table._lanes.values()))
+    assert indexed >= 12  # the open conversations are indexed while they gather
+    while wakes:
+        at, _, w = heapq.heappop(wakes)
+        ds, nxt = table.wake(w, at)
+        sent += [m.id for d in ds for m in d.members]
+        if nxt:
+            heapq.heappush(wakes, (nxt.at, n := n + 1, nxt))
+    assert sorted(sent) == sorted(r.id for r in trace)  # each sent once
+    assert not table.groups and not table._lanes
