@@ -160,23 +160,28 @@ class Smart(GpuLane, Policy):
         return key[:3] if key[0] == "batch" and len(key) == 4 else key
 
     def riders(self, group: Group, others: list[Group], now: float) -> list[Group]:
-        """The lane's other conversations (``conversation_groups``) to send in ``group``'s batch: those due to
-        be sent within ``ride_s`` anyway, whose earliest deadline is no earlier than ``group``'s (so its hedge
-        does not come sooner), as many as the provider's batch takes. One provider batch per lane and
-        ``ride_s``, not one per conversation: fewer batches to create and follow (providers rate-limit both),
-        at the price of sending a conversation up to ``ride_s`` before its own gather ends."""
+        """The lane's other groups to send in ``group``'s batch: those due to be sent within ``ride_s`` anyway,
+        with an earliest deadline no earlier than ``group``'s, and that bring its hedge forward by at most
+        ``ride_s`` (a longer output or more waves of the sync fallback lengthen the hedge's lead); none with
+        members back from a dispatch or held back by a budget; as many as the provider's batch takes. One
+        provider batch per lane and ``ride_s``, not one per conversation: fewer batches to create and follow
+        (providers rate-limit both), at the price of sending a group, or hedging the batch, up to ``ride_s``
+        sooner."""
         ride = self.params.ride_s
         if ride <= 0 or group.returned or not isinstance(group.key, tuple) or group.key[0] != "batch":
             return []
         ba = group.provider.batch_api
-        n, out = len(group), []
+        c = self._text_consts(group.provider, group.spec, group.members[0].model)
+        n, max_out, out = len(group), group.max_output_tokens, []
+        lead = self._hedge_lead(c, max_out, n)
         for o in sorted(others, key=lambda o: o.earliest_deadline_at):
-            if o.returned or o.earliest_deadline_at < group.earliest_deadline_at or n + len(o) > ba.max_requests:
+            if (o.returned or o.earliest_deadline_at < group.earliest_deadline_at or n + len(o) > ba.max_requests
+                    or self._hedge_lead(c, max(max_out, o.max_output_tokens), n + len(o)) > lead + ride
+                    or any(self._held_back(m, o.budget) for m in o.members)):
                 continue
-            c = self._text_consts(o.provider, o.spec, o.members[0].model)
             if o.oldest_arrival_s + self._gather_budget(o, c) <= now + ride:
                 out.append(o)
-                n += len(o)
+                n, max_out = n + len(o), max(max_out, o.max_output_tokens)
         return out
 
     def _cacheable_blocks(self, provider, spec) -> int:

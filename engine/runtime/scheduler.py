@@ -206,10 +206,14 @@ class GroupTable:
         if not open_:
             return False
         riders = self._riders(g, open_, now)
+        model = (g.provider.name, g.members[0].model)
         for r in riders:
-            if self.groups.get(r.key) is not r or r is g or r.rate_key != g.rate_key:
+            if (self.groups.get(r.key) is not r or r is g or r.rate_key != g.rate_key
+                    or (r.provider.name, r.members[0].model) != model):
                 raise PolicyError(f"{self.policy.name}: riders() named a group that is not another open group "
-                                  f"of {g.key!r}'s lane")
+                                  f"of {g.key!r}'s lane, at its provider and model")
+        if len({id(r) for r in riders}) != len(riders):
+            raise PolicyError(f"{self.policy.name}: riders() named a group twice (its members would be sent twice)")
         for r in riders:
             self.drop(r)
             for m in r.members:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 
+from engine.core.budgets import BudgetSpec
 from engine.core.catalog import default_catalog
 from engine.core.errors import PolicyError
 from engine.core.features import compat_key
@@ -24,10 +25,11 @@ LANES = {"conversation_groups": False}
 
 
 def turn(rid: str, arrival_s: float, blocks: list[int], model: str = "claude-sonnet-4-5",
-         deadline_s: float = 86_400.0) -> Request:
+         deadline_s: float = 86_400.0, output_tokens: int = 300, tenant: str = "default") -> Request:
     return Request.model_validate({"id": rid, "arrival_s": arrival_s, "model": model, "prompt": f"turn {rid}",
-                                   "input_tokens": 512 * len(blocks), "output_tokens": 300,
-                                   "prefix_blocks": blocks, "deadline_s": deadline_s, "priority": "background"})
+                                   "input_tokens": 512 * len(blocks), "output_tokens": output_tokens,
+                                   "tenant": tenant, "prefix_blocks": blocks, "deadline_s": deadline_s,
+                                   "priority": "background"})
 
 
 def test_a_lane_flush_no_longer_cuts_a_conversation_in_two():
@@ -101,33 +103,55 @@ def test_conversations_due_together_ride_one_provider_batch():
     assert ride.total_cost <= alone.total_cost + 1e-9
 
 
-def test_a_group_due_before_the_batch_does_not_ride_it():
-    """A rider would bring the batch's hedge forward for the members already in it: one due earlier waits
-    for its own batch, while a twin due no earlier rides along."""
+def test_a_group_that_would_hedge_the_batch_sooner_does_not_ride_it():
+    """A rider must not cost the members already in the batch their time: one due earlier waits for its own
+    batch, and so does one whose long output would bring the hedge forward by more than ``ride_s`` (its sync
+    fallback takes longer), while a twin due no earlier, of the same output, rides along."""
     lead = turn("lead", 0.0, list(range(10)))
     early = turn("early", 5.0, list(range(100, 110)), deadline_s=80_000.0)  # due before the lead
+    long = turn("long", 5.0, list(range(300, 310)), output_tokens=64_000)  # its fallback takes many minutes
     twin = turn("twin", 5.0, list(range(200, 210)))  # due after it
-    res = simulate([lead, early, twin], load_policy("smart", CAT))
+    res = simulate([lead, early, long, twin], load_policy("smart", CAT))
     of = {r.id: int(res.batch_of[i]) for i, r in enumerate(res.requests)}
-    assert of["lead"] == of["twin"] != of["early"]
+    assert of["lead"] == of["twin"] != of["early"] and of["long"] not in (of["lead"], of["early"])
     assert {res.batches[of[k]].mode for k in of} == {"batch_api"}
 
 
-class _Rogue(type(load_policy("smart", CAT))):
-    """Names the deciding group itself as its rider: the runtime must refuse it, not send its members twice."""
+def test_a_group_a_budget_holds_back_does_not_ride_a_batch():
+    """Smart sends work a budget holds back sync (its model-max reservation would stay open for a whole
+    turnaround); riding someone else's batch must not smuggle it in."""
+    table = GroupTable(load_policy("smart", CAT), CAT)
+    a, b = turn("a", 0.0, list(range(10))), turn("b", 1.0, list(range(100, 110)), tenant="held")
+    wakes = [table.add(r, compat_key(r), r.arrival_s)[1] for r in (a, b)]
+    table.budget.holding = (BudgetSpec(tenant="held", max_budget=1.0),)  # the budget starts holding "held" back
+    sent = []
+    for w in wakes:
+        sent += [(d.decision.mode, [m.id for m in d.members]) for d in table.wake(w, w.at)[0]]
+    assert sent == [("batch_api", ["a"]), ("sync", ["b"])]
+
+
+class _Self(type(load_policy("smart", CAT))):
+    """Names the deciding group itself as its rider."""
 
     def riders(self, group, others, now):
         return [group]
 
 
-def test_the_runtime_refuses_a_rider_that_is_not_another_open_group_of_the_lane():
-    table = GroupTable(_Rogue(CAT), CAT)
+class _Twice(type(load_policy("smart", CAT))):
+    """Names each of the lane's other groups twice."""
+
+    def riders(self, group, others, now):
+        return others + others
+
+
+@pytest.mark.parametrize("rogue", [_Self, _Twice])
+def test_the_runtime_refuses_riders_that_would_send_a_member_twice(rogue):
+    table = GroupTable(rogue(CAT), CAT)
     reqs = [turn("a", 0.0, list(range(10))), turn("b", 1.0, list(range(100, 110)))]
-    wake = None
-    for r in reqs:
-        _, wake = table.add(r, compat_key(r), r.arrival_s)
+    wakes = [table.add(r, compat_key(r), r.arrival_s)[1] for r in reqs]
     with pytest.raises(PolicyError, match="riders"):
-        table.wake(wake, wake.at)
+        table.wake(wakes[0], wakes[0].at)
+    assert list(table.groups) == [wakes[1].group.key]  # the other group stays, whole, to be decided
 
 
 def test_the_lane_index_forgets_every_group_that_leaves_the_table():
