@@ -112,18 +112,19 @@ def main() -> None:
     if bill is not None:
         print(f"\nthe emulator billed ${bill.total_usd:.4f} for the calls it answered")
     print(f"\nthe driver made {engines[0].ingest_calls:,} ingest calls for {len(reqs):,} requests")
-    missed = [r for r in sim.requests if r.priority == "urgent" and not by[r.id].deadline_met]
-    if missed:
+    si = {r.id: k for k, r in enumerate(sim.requests)}
+    for p in ("urgent", "normal", "background"):
+        missed = [r for r in sim.requests if r.priority == p and not by[r.id].deadline_met]
+        if not missed:
+            continue
         late = np.array([by[r.id].done_s - r.deadline_at for r in missed])
-        print(f"\nurgent misses live: {len(missed)}, late by {np.median(late):.1f} engine s at the median "
+        print(f"\n{p} misses live: {len(missed)}, late by {np.median(late):.1f} engine s at the median "
               f"({np.median(late) / a.speedup * 1000:.0f} ms real); modes "
               f"{dict(collections.Counter(by[r.id].mode for r in missed))}; why: "
               f"{collections.Counter(by[r.id].reason.split(';')[0] for r in missed).most_common(3)}")
-        si = {r.id: k for k, r in enumerate(sim.requests)}
         took = np.array([by[r.id].done_s - r.arrival_s for r in missed])
         took_sim = np.array([sim.done_at[si[r.id]] - r.arrival_s for r in missed])
         print(f"  arrival to result, engine s, median: live {np.median(took):.1f}, simulator {np.median(took_sim):.1f}")
-
 
 if __name__ == "__main__":
     main()
