@@ -60,8 +60,9 @@ class SmartParams(PolicyParams):
         "share one provider batch (ride_s) (docs/policies.md); false: one group per lane"))
     ride_s: float = Field(default=120.0, ge=0, description=(
         "with conversation_groups: a conversation's batch takes along the lane's other groups due to be sent "
-        "within this many seconds, none due before it, so the lane sends one provider batch where it would send "
-        "one per conversation (providers rate-limit batch creation and polling); 0: each batches alone"))
+        "within this many seconds (none due before it, none that would bring its hedge forward by more than "
+        "this), so the lane sends one provider batch where it would send one per conversation (providers "
+        "rate-limit batch creation and polling); 0: each batches alone"))
     second_batch: bool = Field(default=True, description=(
         "cancel a late batch at the checkpoint that gives its members the best chance over two batches (the "
         "first, then a fresh one with what time is left) instead of waiting for the last safe moment: a batch "

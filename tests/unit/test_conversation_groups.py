@@ -17,7 +17,7 @@ from engine.core.features import compat_key
 from engine.core.request import Request
 from engine.runtime.scheduler import GroupTable
 from engine.sim.simulator import simulate
-from policies import load_policy
+from policies import Smart, load_policy
 
 CAT = default_catalog()
 CONV = {"conversation_groups": True}
@@ -130,14 +130,14 @@ def test_a_group_a_budget_holds_back_does_not_ride_a_batch():
     assert sent == [("batch_api", ["a"]), ("sync", ["b"])]
 
 
-class _Self(type(load_policy("smart", CAT))):
+class _Self(Smart):
     """Names the deciding group itself as its rider."""
 
     def riders(self, group, others, now):
         return [group]
 
 
-class _Twice(type(load_policy("smart", CAT))):
+class _Twice(Smart):
     """Names each of the lane's other groups twice."""
 
     def riders(self, group, others, now):
