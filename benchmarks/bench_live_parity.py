@@ -126,5 +126,6 @@ def main() -> None:
         took_sim = np.array([sim.done_at[si[r.id]] - r.arrival_s for r in missed])
         print(f"  arrival to result, engine s, median: live {np.median(took):.1f}, simulator {np.median(took_sim):.1f}")
 
+
 if __name__ == "__main__":
     main()

@@ -8,6 +8,8 @@ one provider batch per conversation."""
 
 from __future__ import annotations
 
+import heapq
+
 import pytest
 
 from engine.core.budgets import BudgetSpec
@@ -156,31 +158,27 @@ def test_the_runtime_refuses_riders_that_would_send_a_member_twice(rogue):
 
 def test_the_lane_index_forgets_every_group_that_leaves_the_table():
     """A long-running grouper must not keep the groups it sent (riders or not, batch or sync) in its lanes."""
-    import heapq
-
     table = GroupTable(load_policy("smart", CAT), CAT)
     cheap = [turn(f"s{i}", 2000.0 * i, [7000 + 100 * i + k for k in range(4)], model="gpt-5-mini")
              for i in range(5)]  # lone and cheap: sent sync at once, never a batch
     trace = sorted(_two_turn_conversations(12) + cheap, key=lambda r: r.arrival_s)
-    wakes, sent, n, indexed = [], [], 0, 0
-    for r in trace:
-        while wakes and wakes[0][0] <= r.arrival_s:
-            at, _, w = heapq.heappop(wakes)
-            ds, nxt = table.wake(w, at)
-            sent += [m.id for d in ds for m in d.members]
-            if nxt:
-                heapq.heappush(wakes, (nxt.at, n := n + 1, nxt))
-        ds, nxt = table.add(r, compat_key(r), r.arrival_s)
-        sent += [m.id for d in ds for m in d.members]
+    wakes, sent, indexed = [], [], 0
+
+    def carry_out(ds, nxt):
+        sent.extend(m.id for d in ds for m in d.members)
         if nxt:
-            heapq.heappush(wakes, (nxt.at, n := n + 1, nxt))
+            heapq.heappush(wakes, (nxt.at, len(sent), id(nxt), nxt))
+
+    def wake_until(t):
+        while wakes and wakes[0][0] <= t:
+            at, *_, w = heapq.heappop(wakes)
+            carry_out(*table.wake(w, at))
+
+    for r in trace:
+        wake_until(r.arrival_s)
+        carry_out(*table.add(r, compat_key(r), r.arrival_s))
         indexed = max(indexed, sum(len(lane) for lane in table._lanes.values()))
     assert indexed >= 12  # the open conversations are indexed while they gather
-    while wakes:
-        at, _, w = heapq.heappop(wakes)
-        ds, nxt = table.wake(w, at)
-        sent += [m.id for d in ds for m in d.members]
-        if nxt:
-            heapq.heappush(wakes, (nxt.at, n := n + 1, nxt))
+    wake_until(float("inf"))
     assert sorted(sent) == sorted(r.id for r in trace)  # each sent once
     assert not table.groups and not table._lanes
