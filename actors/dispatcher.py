@@ -35,6 +35,7 @@ from engine.core.scheduling import Scheduling
 from engine.core.settings import Settings
 from engine.runtime.outcomes import call_mode, failed_result, ok_result, verdict
 from engine.runtime.providers import Event, SimProvider, Work
+from engine.runtime.reservation import goes_back
 
 log = logging.getLogger("smartbatch.dispatcher")
 
@@ -188,10 +189,10 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
             self._enqueue("gpu_batch", b, jobs)
         else:  # sync, or a batch hedged before it started
             for j in jobs:
-                # A member whose hedge passed on the way here holds a claim of the batch price, and sync costs up to
-                # twice that: back to the grouper, which releases it in the call that reserves the sync price, as
-                # for a hedge (an urgent member's claim holds the sync price already).
-                if b.mode == "batch_api" and j.claim is not None and j.req.priority != "urgent":
+                # A member whose hedge passed on the way here goes back to the grouper, as at a hedge: its policy
+                # may still send it in a second batch, and its claim (of the batch price, where sync costs up to
+                # twice that) is released in the call that reserves what it decides (``goes_back``).
+                if goes_back(b.mode, b.hedge_at, t, j.req):
                     self._hedged(j)
                     self._kick()
                 else:

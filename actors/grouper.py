@@ -27,6 +27,7 @@ from engine.core.features import compat_key
 from engine.core.grouping import Decision, WarmNote
 from engine.core.result import Result
 from engine.runtime.outcomes import refused_result
+from engine.runtime.reservation import goes_back
 from engine.runtime.scheduler import Dispatch, GroupFailed, GroupTable, Wake
 from engine.runtime.turnaround import Turnaround
 from engine.runtime.waiting import BudgetWaits, sync_lead
@@ -313,6 +314,18 @@ class Grouper(Parking, Warm):
         """Reserve, then send each dispatcher its batches in one call."""
         now = self.clock.now()
         refused: list[tuple[Job, Result]] = []
+        back = [j for b in batches for j in b.jobs if goes_back(b.mode, b.hedge_at, now, j.req)]
+        if back:  # held past its hedge by a budget: back to the policy, as at a hedge (the simulator's ``send``)
+            gone = {j.req.uid for j in back}
+            rest = [b._replace(jobs=[j for j in b.jobs if j.req.uid not in gone]) for b in batches]
+            # Neither pending nor parked until ``add`` takes them back: a copy re-admitted meanwhile is one.
+            self._reserving.update(gone)
+            try:
+                await self._dispatch([b for b in rest if b.jobs])
+            finally:
+                self._reserving.difference_update(gone)
+                await self.add([j._replace(hedges=j.hedges + 1) for j in back])
+            return
         if self.budget_limited:
             # While the reservation call is out, these requests are neither pending nor parked: a copy
             # re-admitted meanwhile must still be recognised, or both would go on.

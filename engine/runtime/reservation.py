@@ -10,7 +10,7 @@ from engine.core.catalog import Catalog
 from engine.core.cost import reserve_bound
 from engine.core.request import Request
 
-__all__ = ["Triage", "claim_amount", "dispatch_mode", "triage"]
+__all__ = ["Triage", "claim_amount", "dispatch_mode", "goes_back", "triage"]
 
 Triage = Literal["go", "wait", "retry", "defer", "reject"]
 
@@ -18,6 +18,16 @@ Triage = Literal["go", "wait", "retry", "defer", "reject"]
 def dispatch_mode(mode: str, hedge_at: float | None, now: float) -> str:
     """The mode a dispatch is carried out in: a batch hedged before it starts goes sync (at the sync price)."""
     return "sync" if mode == "batch_api" and hedge_at is not None and hedge_at <= now else mode
+
+
+def goes_back(mode: str, hedge_at: float | None, now: float, req: Request) -> bool:
+    """Whether a member of a batch whose hedge passed before the batch started (held back by a budget, or on its
+    way to the provider) goes back to the policy, as at a hedge, instead of straight to sync.
+
+    The hedge may be a checkpoint with a second batch behind it: sent sync, the member would pay the full
+    price, and reserve it, where a second batch costs half and may fit a tight budget. An urgent member goes
+    sync: its claim holds the sync price already, and its deadline leaves no room for another decision."""
+    return dispatch_mode(mode, hedge_at, now) != mode and req.priority != "urgent"
 
 
 def claim_amount(req: Request, catalog: Catalog, mode: str, model_max: bool) -> float:

@@ -32,7 +32,7 @@ from engine.core.trace import with_day_origin
 from engine.runtime.admission import InFlight, release_lead
 from engine.runtime.outcomes import call_mode, verdict
 from engine.runtime.providers import Attempt, SimProvider, Work
-from engine.runtime.reservation import dispatch_mode
+from engine.runtime.reservation import dispatch_mode, goes_back
 from engine.runtime.reuse import ReuseIndex
 from engine.runtime.scheduler import Dispatch, GroupTable, Wake
 from engine.runtime.waiting import BudgetWaits, sync_lead
@@ -155,7 +155,8 @@ class _Sim(SimBudget, SimReuse, SimCalls):
                 self.book.settle_many([(entry[0], 0.0)])
             self.hedges[j] += 1
             if self.hedges[j] >= self.max_att:  # progress guard against a policy that re-batches forever
-                self.send(Decision("dispatch", mode="sync"), [j], int(self.batch_of[j]))
+                bid = int(self.batch_of[j])  # -1: held back by a budget before any batch took it
+                self.send(Decision("dispatch", mode="sync"), [j], bid if bid >= 0 else None)
             else:
                 self.admit(j, fresh=False)
 
@@ -229,6 +230,12 @@ class _Sim(SimBudget, SimReuse, SimCalls):
 
     def send(self, d: Decision, idxs: list[int], bid: int | None) -> None:
         mode = dispatch_mode(d.mode, d.hedge_at, self.now)
+        if mode != d.mode:  # held past its hedge by a budget: as at a hedge, where a second batch may be on time
+            back = [i for i in idxs if goes_back(d.mode, d.hedge_at, self.now, self.reqs[i])]
+            if back:
+                gone = set(back)
+                idxs = [i for i in idxs if i not in gone]
+                self.on_hedge(back)
         idxs = self.reserve(idxs, mode, d)
         if not idxs:
             return

@@ -550,3 +550,40 @@ def test_grouper_sends_a_lanes_conversations_due_together_in_one_provider_batch(
         assert batch.mode == "batch_api" and sorted(j.req.id for j in batch.jobs) == ["r0", "r1"]
         assert (await g.stats())["pending"] == 0 and not g.table.groups
     run(go())
+
+
+def test_a_batch_a_budget_holds_past_its_checkpoint_goes_back_to_the_grouper_policy():
+    """The live half of tests/unit/test_second_batch.py's budget case: a batch held back by a budget until past
+    its checkpoint goes back to the policy, as at a hedge, and leaves in a second batch with a hedge of its own,
+    not as the first batch's members past their hedge (the dispatcher sent those sync, at the full price)."""
+    class Seen(Recorder):
+        def __init__(self):
+            super().__init__()
+            self.got = asyncio.Event()
+
+        async def run_many(self, batches, *learns):
+            self.calls.append(("run_many", (batches,)))
+            self.got.set()
+            return True
+
+    async def go():
+        disp, hub = Seen(), ResultHub()
+        spec = BudgetSpec(max_budget=1.0)
+        budget = BudgetController(BudgetSettings(specs=(spec,)), None, ManualClock(0.0))
+        await budget.reserve_many([Claim("open", "default", "openai", "gpt-5-mini", "urgent", 0.9999)])
+        clock = ManualClock(0.0)
+        pol = load_policy("smart", CAT, {"min_batch_saving_usd": 0.0, "batch_gather_s": 0})
+        g = Grouper(pol, CAT, clock, {"openai": disp}, budget, hub, budget_specs=(spec,), reserve_model_max=False)
+        r = req(0, input_tokens=20_000, output_tokens=800, deadline_s=3600.0)
+        await g.add([Job(0, r, "fp")])
+        (held,) = [h.payload[1] for h in g.waits.held.values()]
+        assert disp.calls == [] and held.mode == "batch_api" and held.hedge_at < 3000.0
+        await budget.settle_many([("open", 0.0)])
+        clock.advance(held.hedge_at + 1.0)  # the room is free again, but only after the checkpoint
+        g._retry_parked()
+        await disp.got.wait()
+        (name, ([batch],)), = disp.calls
+        (j,) = batch.jobs
+        assert batch.mode == "batch_api" and batch.hedge_at > clock.now() and j.hedges == 1
+        assert (await g.stats())["pending"] == 0 and len(g.waits) == 0
+    run(go())

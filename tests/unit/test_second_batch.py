@@ -132,3 +132,35 @@ def test_a_lone_member_back_from_its_checkpoint_rides_its_second_batch():
     first, second = res.batches
     assert "second batch" in first.reason and first.outcome == "hedged"
     assert (second.mode, second.outcome) == ("batch_api", "sent") and res.met.all()
+
+
+def test_a_batch_a_budget_holds_past_its_checkpoint_rides_a_second_batch_not_sync():
+    """Held back by a budget until after its checkpoint, a batch's member goes back to the policy as at a hedge
+    (``goes_back``) and rides a second batch at half the price, where it went sync at the full price (and
+    reserved the full price, under the budget that had held it). The live grouper does the same:
+    tests/unit/test_actors.py."""
+    from engine.core.budgets import BudgetSettings, BudgetSpec, Throttle
+    from engine.core.settings import Settings
+
+    window_s = 1800.0
+    r = req(1, 3600.0, arrival_s=1.0)
+    params = {**FREE, "batch_gather_s": 0}
+    d = one_batch_decision(params, 3600.0)
+    assert d.mode == "batch_api" and 1.0 + d.hedge_at < window_s  # its checkpoint passes while it is held
+    # The first window's budget is nearly spent by an urgent sync call at t=0; the request's batch waits for
+    # the next window, which opens past its checkpoint and long before its last hedge.
+    urgent = Request.model_validate({"id": "u", "arrival_s": 0.0, "model": "gpt-5-mini", "prompt": "Now.",
+                                     "input_tokens": 40_000, "output_tokens": 100, "deadline_s": 300.0,
+                                     "priority": "urgent"})
+    budgets = BudgetSettings(specs=(BudgetSpec(max_budget=0.0105, budget_duration="30m"),),
+                             throttle=Throttle(pace=False), reserve_output="request")
+    settings = Settings().model_copy(update={"budgets": budgets})
+    res = simulate([urgent, r], load_policy("smart", CAT, params), settings=settings,
+                   draws=SlowThenFast(2, 0.0))  # every batch is back in 5 minutes
+    ids = {q.id: i for i, q in enumerate(res.requests)}
+    i = ids[r.id]
+    assert res.extra["budget"]["overrun_usd"] == 0.0 and res.met.all()
+    assert res.mode[i] == 1 and window_s <= res.done_at[i] <= 3600.0 + 1.0  # batch_api, in the second window
+    (b,) = [b for b in res.batches if b.id == int(res.batch_of[i])]
+    assert (b.mode, b.outcome) == ("batch_api", "sent") and b.t >= window_s
+    assert res.cost[i] == pytest.approx(simulate([r], load_policy("naive", CAT)).cost[0] / 2, rel=1e-9)
