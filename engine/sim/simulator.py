@@ -230,15 +230,20 @@ class _Sim(SimBudget, SimReuse, SimCalls):
 
     def send(self, d: Decision, idxs: list[int], bid: int | None) -> None:
         mode = dispatch_mode(d.mode, d.hedge_at, self.now)
+        back: list[int] = []
         if mode != d.mode:  # held past its hedge by a budget: as at a hedge, where a second batch may be on time
             back = [i for i in idxs if goes_back(d.mode, d.hedge_at, self.now, self.reqs[i])]
-            if back:
-                gone = set(back)
-                idxs = [i for i in idxs if i not in gone]
-                self.on_hedge(back)
+            gone = set(back)
+            idxs = [i for i in idxs if i not in gone]
+        # The rest reserves first, as in the grouper's ``_dispatch``; even none left refreshes what the budgets
+        # hold, which the policy reads when the members back are grouped again.
         idxs = self.reserve(idxs, mode, d)
-        if not idxs:
-            return
+        if idxs:
+            self.launch(d, idxs, bid, mode)
+        if back:
+            self.on_hedge(back)
+
+    def launch(self, d: Decision, idxs: list[int], bid: int | None, mode: str) -> None:
         first = self.reqs[idxs[0]]
         if bid is None:
             bid = next(self.batch_ids)

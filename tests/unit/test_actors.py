@@ -222,24 +222,29 @@ def test_dispatcher_resolves_sync_and_batch_and_hands_back_hedges():
     run(go())
 
 
-def test_a_batch_whose_hedge_passed_on_the_way_goes_back_with_its_claim_not_sync_on_a_batch_price_claim():
+@pytest.mark.parametrize("claimed", [True, False])
+def test_a_batch_whose_hedge_passed_on_the_way_goes_back_with_its_claim_not_sync_on_a_batch_price_claim(claimed):
     # Its members reserved the batch price; sent sync they may cost twice that, past the budget. They go back
     # to the grouper as a hedge does, and it reserves the sync price. An urgent member reserved sync: it goes.
+    # Without a budget (no claim) too: the policy may still send it in a second batch (``goes_back``).
     async def go():
         hub, budget, grouper = ResultHub(), ledger(100.0), Recorder()
         clock = ManualClock(50.0)
         d = Dispatcher("openai", CAT, Settings(), 0, clock, [grouper], hub, None, budget)
-        normal, urgent = Job(0, req(0), "fp0", claim="c0"), Job(1, req(1, priority="urgent"), "fp1", claim="c1")
-        await budget.reserve_many([Claim(f"c{k}", "default", "openai", "gpt-5-mini", "normal", 1.0) for k in (0, 1)])
+        c0, c1 = ("c0", "c1") if claimed else (None, None)
+        normal, urgent = Job(0, req(0), "fp0", claim=c0), Job(1, req(1, priority="urgent"), "fp1", claim=c1)
+        if claimed:
+            await budget.reserve_many([Claim(f"c{k}", "default", "openai", "gpt-5-mini", "normal", 1.0)
+                                       for k in (0, 1)])
         await d.run_many([BatchJob("b", "batch_api", 40.0, False, "consider_batch", "late", [normal, urgent])])
         for _ in range(20):
             clock.advance(10_000.0)
             await asyncio.sleep(0.01)
         (name, (back,)), = grouper.calls
-        assert name == "add" and [(j.req.id, j.claim, j.hedges) for j in back] == [("r0", "c0", 1)]
+        assert name == "add" and [(j.req.id, j.claim, j.hedges) for j in back] == [("r0", c0, 1)]
         got = {r.id: r for r in await hub.pull(0.01)}
         assert set(got) == {"r1"} and got["r1"].mode == "sync"
-        assert set(budget.book.claims) == {"c0"}  # held until the grouper releases it for the sync price
+        assert set(budget.book.claims) == ({"c0"} if claimed else set())  # c0 held until the grouper releases it
     run(go())
 
 
@@ -552,7 +557,8 @@ def test_grouper_sends_a_lanes_conversations_due_together_in_one_provider_batch(
     run(go())
 
 
-def test_a_batch_a_budget_holds_past_its_checkpoint_goes_back_to_the_grouper_policy():
+@pytest.mark.parametrize("model_max", [False, True])
+def test_a_batch_a_budget_holds_past_its_checkpoint_goes_back_to_the_grouper_policy(model_max):
     """The live half of tests/unit/test_second_batch.py's budget case: a batch held back by a budget until past
     its checkpoint goes back to the policy, as at a hedge, and leaves in a second batch with a hedge of its own,
     not as the first batch's members past their hedge (the dispatcher sent those sync, at the full price)."""
@@ -573,17 +579,19 @@ def test_a_batch_a_budget_holds_past_its_checkpoint_goes_back_to_the_grouper_pol
         await budget.reserve_many([Claim("open", "default", "openai", "gpt-5-mini", "urgent", 0.9999)])
         clock = ManualClock(0.0)
         pol = load_policy("smart", CAT, {"min_batch_saving_usd": 0.0, "batch_gather_s": 0})
-        g = Grouper(pol, CAT, clock, {"openai": disp}, budget, hub, budget_specs=(spec,), reserve_model_max=False)
-        r = req(0, input_tokens=20_000, output_tokens=800, deadline_s=3600.0)
+        g = Grouper(pol, CAT, clock, {"openai": disp}, budget, hub, budget_specs=(spec,),
+                    reserve_model_max=model_max)
+        r = req(0, input_tokens=20_000, output_tokens=800, max_output_tokens=800, deadline_s=3600.0)
         await g.add([Job(0, r, "fp")])
         (held,) = [h.payload[1] for h in g.waits.held.values()]
         assert disp.calls == [] and held.mode == "batch_api" and held.hedge_at < 3000.0
         await budget.settle_many([("open", 0.0)])
         clock.advance(held.hedge_at + 1.0)  # the room is free again, but only after the checkpoint
         g._retry_parked()
-        await disp.got.wait()
+        await asyncio.wait_for(disp.got.wait(), 10.0)
         (name, ([batch],)), = disp.calls
         (j,) = batch.jobs
         assert batch.mode == "batch_api" and batch.hedge_at > clock.now() and j.hedges == 1
         assert (await g.stats())["pending"] == 0 and len(g.waits) == 0
+        assert set(budget.book.claims) == {j.claim}  # the second batch's claim alone, no sync price first
     run(go())

@@ -134,26 +134,29 @@ def test_a_lone_member_back_from_its_checkpoint_rides_its_second_batch():
     assert (second.mode, second.outcome) == ("batch_api", "sent") and res.met.all()
 
 
-def test_a_batch_a_budget_holds_past_its_checkpoint_rides_a_second_batch_not_sync():
+@pytest.mark.parametrize("reserve", ["request", "model_max"])
+def test_a_batch_a_budget_holds_past_its_checkpoint_rides_a_second_batch_not_sync(reserve):
     """Held back by a budget until after its checkpoint, a batch's member goes back to the policy as at a hedge
     (``goes_back``) and rides a second batch at half the price, where it went sync at the full price (and
-    reserved the full price, under the budget that had held it). The live grouper does the same:
-    tests/unit/test_actors.py."""
+    reserved the full price, under the budget that had held it). The rest of the dispatch reserves first, so
+    the policy sees the budget as it is then (under model-max claims a budget still marked as holding work
+    back would send the member sync). The live grouper does the same: tests/unit/test_actors.py."""
     from engine.core.budgets import BudgetSettings, BudgetSpec, Throttle
     from engine.core.settings import Settings
 
     window_s = 1800.0
-    r = req(1, 3600.0, arrival_s=1.0)
+    capped = {"max_output_tokens": 800}  # what a model-max claim reserves: the cap sent to the provider
+    r = req(1, 3600.0, arrival_s=1.0).model_copy(update=capped)
     params = {**FREE, "batch_gather_s": 0}
     d = one_batch_decision(params, 3600.0)
     assert d.mode == "batch_api" and 1.0 + d.hedge_at < window_s  # its checkpoint passes while it is held
     # The first window's budget is nearly spent by an urgent sync call at t=0; the request's batch waits for
     # the next window, which opens past its checkpoint and long before its last hedge.
     urgent = Request.model_validate({"id": "u", "arrival_s": 0.0, "model": "gpt-5-mini", "prompt": "Now.",
-                                     "input_tokens": 40_000, "output_tokens": 100, "deadline_s": 300.0,
-                                     "priority": "urgent"})
+                                     "input_tokens": 40_000, "output_tokens": 100, "max_output_tokens": 100,
+                                     "deadline_s": 300.0, "priority": "urgent"})
     budgets = BudgetSettings(specs=(BudgetSpec(max_budget=0.0105, budget_duration="30m"),),
-                             throttle=Throttle(pace=False), reserve_output="request")
+                             throttle=Throttle(pace=False), reserve_output=reserve)
     settings = Settings().model_copy(update={"budgets": budgets})
     res = simulate([urgent, r], load_policy("smart", CAT, params), settings=settings,
                    draws=SlowThenFast(2, 0.0))  # every batch is back in 5 minutes
