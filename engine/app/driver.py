@@ -135,7 +135,7 @@ class Engine(AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervised):
 
         settings = settings or Settings()
         catalog = catalog or load_catalog(settings.catalog_path, settings.catalog_overlay)
-        catalog, keys = http_setup(catalog, settings)
+        catalog, keys = http_setup(catalog, settings, speedup=speedup)  # the catalog it plans with
         if micro_batch < 1 or flush_ms <= 0 or num_groupers < 1 or num_shards < 1:
             raise ConfigError("micro_batch, num_groupers and num_shards must be >= 1 and flush_ms > 0; got "
                               f"micro_batch={micro_batch}, flush_ms={flush_ms}, num_groupers={num_groupers}, "

@@ -9,11 +9,14 @@ from engine.core.errors import ConfigError
 from engine.core.provider_api import Secret
 from engine.core.settings import Settings
 
-__all__ = ["http_setup"]
+__all__ = ["http_setup", "with_hedge_lag"]
 
 
-def http_setup(catalog: Catalog, settings: Settings, *, need_keys: bool = True) -> tuple[Catalog, dict[str, Secret]]:
-    """The catalog the engine plans with when some providers are called over HTTP, and their keys.
+def http_setup(catalog: Catalog, settings: Settings, *, need_keys: bool = True,
+               speedup: float = 0.0) -> tuple[Catalog, dict[str, Secret]]:
+    """The catalog the engine plans with when some providers are called over HTTP, and their keys. A live
+    engine's clock runs at ``speedup`` (0: none, a plan): every hedge then comes its real-time lag earlier
+    (``with_hedge_lag``).
 
     A real batch takes up to ``cancel_s`` to cancel, so for those providers the catalog's ``batch_api.cancel_s``
     becomes the endpoint's and every hedge falls back that much earlier. Keys are read here, from the
@@ -36,4 +39,21 @@ def http_setup(catalog: Catalog, settings: Settings, *, need_keys: bool = True) 
     if providers != catalog.providers:
         catalog = Catalog.model_validate({"schema_version": catalog.schema_version,
                                           "providers": {k: v.model_dump() for k, v in providers.items()}})
-    return catalog, (keys if need_keys else {})
+    return with_hedge_lag(catalog, settings.hedge_lag_s, speedup), (keys if need_keys else {})
+
+
+def with_hedge_lag(catalog: Catalog, lag_s: float, speedup: float) -> Catalog:
+    """``catalog`` with every batch API's ``cancel_s`` longer by ``lag_s`` real seconds at ``speedup``.
+
+    A live engine's hedge costs real time its engine-time figures do not count: the cancel's round trip, the
+    members' way back through the grouper, the sync fallback's dispatch. At speed-up 1 that is well inside the
+    hedge's margin; at 100x, 0.3 s of it is 30 engine seconds, and fallbacks came back late (docs/benchmarks.md,
+    "Live at 100x"). Planning the cancel that much longer moves every hedge and checkpoint earlier by it."""
+    extra = lag_s * speedup
+    if extra <= 0:
+        return catalog
+    providers = {name: spec.model_copy(update={"batch_api": spec.batch_api.model_copy(
+        update={"cancel_s": spec.batch_api.cancel_s + extra})}) if spec.batch_api is not None else spec
+        for name, spec in catalog.providers.items()}
+    return Catalog.model_validate({"schema_version": catalog.schema_version,
+                                   "providers": {k: v.model_dump() for k, v in providers.items()}})

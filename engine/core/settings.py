@@ -238,6 +238,11 @@ class Settings(BaseSettings):
         "seconds an engine actor may leave every health check unanswered before the driver that started the engine "
         "kills it, so Ray restarts it and its open work is re-admitted (a hung actor would hold it forever); "
         "0 turns it off"))
+    hedge_lag_s: float = Field(default=0.5, ge=0, description=(
+        "real seconds a live engine's hedge takes beyond what its figures in engine time count (the cancel's "
+        "round trip, the members' way back through the grouper, the fallback's dispatch): at speed-up k the "
+        "engine plans every batch API's cancel_s k times this longer, so a time-compressed replay keeps its "
+        "deadlines; the simulator has no such lag"))
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
         default="WARNING", description="the level from which the actors' log lines reach the drivers' logging "
         "(loggers smartbatch.*)")

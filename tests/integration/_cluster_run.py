@@ -23,7 +23,9 @@ from _parity import (  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from engine import Engine  # noqa: E402
+from engine.app.provider_setup import with_hedge_lag  # noqa: E402
 from engine.core.cost import MODES  # noqa: E402
+from engine.core.settings import Settings  # noqa: E402
 from engine.sim.simulator import simulate  # noqa: E402
 from policies import load_policy  # noqa: E402
 
@@ -49,7 +51,10 @@ def main() -> None:
         ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
         reqs = wave_trace(**CLUSTER_TRACE)
         cat = parity_catalog()
-        sim = simulate(reqs, load_policy("smart", cat, PARITY_POLICY), catalog=cat)
+        # The live engine plans every hedge CLUSTER_SPEEDUP x hedge_lag_s engine seconds earlier than the
+        # catalog says (its own real-time lag, ``with_hedge_lag``): the simulator decides with what it plans with.
+        planned = with_hedge_lag(cat, Settings().hedge_lag_s, CLUSTER_SPEEDUP)
+        sim = simulate(reqs, load_policy("smart", planned, PARITY_POLICY), catalog=planned)
         modes, hits, hedged = coverage(sim)
         # Every lane, every kind of reuse and a hedged batch; decisions clear of arrivals by MIN_GAP_S.
         premise = bool(all(modes.get(m) for m in MODES) and all(hits.get(h) for h in (1, 2, 3)) and hedged > 0

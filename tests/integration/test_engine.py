@@ -70,6 +70,15 @@ def quiet_engine(ray_session):
 class TestOnOneQuietEngine:
     """Tests that check only their own requests' results, on one engine; their ids keep apart."""
 
+    def test_the_engine_plans_every_hedge_its_real_lag_earlier(self, quiet_engine):
+        """At 500x, 0.5 s of real lag is 250 engine seconds more for each batch API's cancel (``with_hedge_lag``),
+        in the catalog the policy and the actors were given."""
+        lag = quiet_engine.settings.hedge_lag_s * 500
+        assert lag > 0
+        for name, spec in CAT.providers.items():
+            if spec.batch_api is not None:
+                assert quiet_engine.catalog.providers[name].batch_api.cancel_s == spec.batch_api.cancel_s + lag
+
     def test_object_refs_resolve_to_the_results(self, quiet_engine):
         import ray
 

@@ -64,6 +64,7 @@ def test_the_engine_learns_the_simulators_turnaround_hour_by_hour_from_the_trace
     overall and for hours 23 and 0: a live engine that learned nothing, or counted hours from its own start,
     would not."""
     from engine import Engine
+    from engine.app.provider_setup import with_hedge_lag
     from engine.core.settings import Settings, SimSettings
     from engine.core.trace import with_day_origin
     from engine.sim.simulator import simulate
@@ -83,7 +84,9 @@ def test_the_engine_learns_the_simulators_turnaround_hour_by_hour_from_the_trace
 
     reqs, cat = learning_trace(), parity_catalog()
     settings = with_day_origin(Settings(sim=SimSettings(turnaround_scale=LEARNING_WORLD)), reqs)
-    sim = simulate(reqs, load_policy("smart", cat, LEARNING), catalog=cat, settings=settings)
+    # What the live engine plans with at SPEEDUP / 2: every hedge its own real-time lag earlier (``with_hedge_lag``).
+    planned = with_hedge_lag(cat, settings.hedge_lag_s, SPEEDUP / 2)
+    sim = simulate(reqs, load_policy("smart", planned, LEARNING), catalog=planned, settings=settings)
     learn = LEARNING["turnaround"]
     assert closest_call(sim) >= MIN_GAP_S and closest_cut(sim, learn["epoch_s"], learn["guard_s"]) >= MIN_GAP_S
     assert cache_ties(sim, cat) == 0

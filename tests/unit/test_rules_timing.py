@@ -104,6 +104,32 @@ def test_the_margin_moves_the_hedge_by_exactly_itself():
     assert hedges[0] - hedges[1] == pytest.approx(15.0) and hedges[0] - hedges[2] == pytest.approx(100.0)
 
 
+def test_a_time_compressed_engine_hedges_its_own_real_lag_earlier():
+    """At speed-up k a live engine plans every batch API's cancel k x ``hedge_lag_s`` longer
+    (``with_hedge_lag``), so a hedge comes exactly that much earlier in engine time: at 100x, 0.5 s of real lag
+    is 50 engine seconds. No lag, or no speed-up, leaves the catalog as it is."""
+    from engine.app.provider_setup import with_hedge_lag
+
+    lagged = with_hedge_lag(CAT, 0.5, 100.0)
+    for name, spec in CAT.providers.items():
+        got = lagged.providers[name].batch_api
+        assert (got is None) == (spec.batch_api is None)
+        if got is not None:
+            assert got.cancel_s == pytest.approx(spec.batch_api.cancel_s + 50.0)
+            assert got.model_dump(exclude={"cancel_s"}) == spec.batch_api.model_dump(exclude={"cancel_s"})
+    assert with_hedge_lag(CAT, 0.0, 100.0) is CAT and with_hedge_lag(CAT, 0.5, 0.0) is CAT
+    members = [text_request(k, 0.0, 3600.0, 300) for k in range(3)]
+    hedges = []
+    for cat in (CAT, lagged):
+        prov = cat.providers["openai"]
+        group = Group(("batch", (), 0), prov, prov.models["gpt-5-mini"])
+        for r in members:
+            group.add(r)
+        params = {"batch_gather_s": 0, "second_batch": False, "min_batch_saving_usd": 0.0}
+        hedges.append(load_policy("smart", cat, params).decide(group, 0.0).hedge_at)
+    assert hedges[0] - hedges[1] == pytest.approx(50.0)
+
+
 # -- GPU latest safe start --------------------------------------------------------------------------------------
 
 LONG_VIDEO = {"model": "wan-2.1-t2v", "prompt": "a storm over the sea, slow dolly shot",
