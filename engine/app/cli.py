@@ -213,7 +213,7 @@ def run(trace: Path = typer.Argument(..., help="a JSONL trace"),
             from engine.app.live import dry_run as plan
 
             print_plan(plan(tr.requests, policy=spec.policy, params=spec.params, catalog=cat, settings=settings,
-                             seed=seed))
+                             seed=seed, speedup=speedup))
             return
         _check_outputs(dirs={"--out": out})
         try:

@@ -49,11 +49,11 @@ def with_hedge_lag(catalog: Catalog, lag_s: float, speedup: float) -> Catalog:
     members' way back through the grouper, the sync fallback's dispatch. At speed-up 1 that is well inside the
     hedge's margin; at 100x, 0.3 s of it is 30 engine seconds, and fallbacks came back late (docs/benchmarks.md,
     "Live at 100x"). Planning the cancel that much longer moves every hedge and checkpoint earlier by it."""
-    extra = lag_s * speedup
-    if extra <= 0:
+    extra = lag_s * speedup  # negative: the catalog it was added to (``run_live`` judges a run without it)
+    if extra == 0:
         return catalog
     providers = {name: spec.model_copy(update={"batch_api": spec.batch_api.model_copy(
-        update={"cancel_s": spec.batch_api.cancel_s + extra})}) if spec.batch_api is not None else spec
+        update={"cancel_s": max(spec.batch_api.cancel_s + extra, 0.0)})}) if spec.batch_api is not None else spec
         for name, spec in catalog.providers.items()}
     return Catalog.model_validate({"schema_version": catalog.schema_version,
                                    "providers": {k: v.model_dump() for k, v in providers.items()}})

@@ -130,6 +130,25 @@ def test_dry_run_prints_the_plan_and_sends_nothing(tmp_path):
     assert "/v1/chat/completions" in r.output  # the sample body of the OpenAI route
 
 
+def test_the_dry_run_plans_the_hedges_of_a_run_at_its_speedup():
+    """``run --dry-run`` estimates the run it stands for: at ``--speedup`` the engine plans each hedge its
+    real-time lag earlier (``with_hedge_lag``), and so does the plan."""
+    from engine.app.live import dry_run
+    from engine.app.provider_setup import with_hedge_lag
+    from engine.core.tracegen import synth
+    from engine.sim.simulator import simulate
+    from policies import load_policy
+
+    reqs = synth(300, seed=2, duration_s=3600.0)
+    s = Settings()
+    costs = {sp: dry_run(reqs, catalog=CAT, settings=s, speedup=sp)["cost_usd"] for sp in (0.0, 5000.0)}
+    lagged = with_hedge_lag(CAT, s.hedge_lag_s, 5000.0)
+    assert costs[0.0] == pytest.approx(simulate(reqs, load_policy("smart", CAT), catalog=CAT).total_cost, abs=1e-6)
+    assert costs[5000.0] == pytest.approx(simulate(reqs, load_policy("smart", lagged), catalog=lagged).total_cost,
+                                          abs=1e-6)
+    assert costs[5000.0] != pytest.approx(costs[0.0], abs=1e-6)  # 2,500 s less room for batches: another plan
+
+
 def test_run_refuses_a_bad_providers_flag(tmp_path):
     trace = tmp_path / "t.jsonl"
     trace.write_text(json.dumps({"id": "a", "arrival_s": 0, "model": "gpt-5", "input_tokens": 5}) + "\n")

@@ -118,6 +118,7 @@ def test_a_time_compressed_engine_hedges_its_own_real_lag_earlier():
             assert got.cancel_s == pytest.approx(spec.batch_api.cancel_s + 50.0)
             assert got.model_dump(exclude={"cancel_s"}) == spec.batch_api.model_dump(exclude={"cancel_s"})
     assert with_hedge_lag(CAT, 0.0, 100.0) is CAT and with_hedge_lag(CAT, 0.5, 0.0) is CAT
+    assert with_hedge_lag(lagged, -0.5, 100.0) == CAT  # the world a live run is judged in (``run_live``)
     members = [text_request(k, 0.0, 3600.0, 300) for k in range(3)]
     hedges = []
     for cat in (CAT, lagged):
