@@ -48,7 +48,7 @@ def with_hedge_lag(catalog: Catalog, lag_s: float, speedup: float) -> Catalog:
     A live engine's hedge costs real time its engine-time figures do not count: the cancel's round trip, the
     members' way back through the grouper, the sync fallback's dispatch. At speed-up 1 that is well inside the
     hedge's margin; at 100x, 0.3 s of it is 30 engine seconds, and fallbacks came back late (docs/benchmarks.md,
-    "Live at 100x"). Planning the cancel that much longer moves every hedge and checkpoint earlier by it."""
+    "Stop 42"). Planning the cancel that much longer moves every hedge and checkpoint earlier by it."""
     extra = lag_s * speedup  # negative: the catalog it was added to (``run_live`` judges a run without it)
     if extra == 0:
         return catalog

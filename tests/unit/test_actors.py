@@ -35,6 +35,19 @@ def ledger(limit=None, **kw):
     return BudgetController(BudgetSettings(specs=specs), None, ManualClock(0.0))
 
 
+class Seen(Recorder):
+    """A stand-in dispatcher whose ``got`` is set once it is sent a dispatch: a test waits on it, not a sleep."""
+
+    def __init__(self):
+        super().__init__()
+        self.got = asyncio.Event()
+
+    async def run_many(self, batches, *learns):
+        self.calls.append(("run_many", (batches,)))
+        self.got.set()
+        return True
+
+
 def test_budget_controller_refuses_past_the_limit_and_settles():
     async def go():
         b = ledger(1.0)
@@ -531,16 +544,6 @@ def test_grouper_keeps_members_back_from_a_hedge_together_and_apart_from_fresh_w
 def test_grouper_sends_a_lanes_conversations_due_together_in_one_provider_batch():
     """The live grouper runs the same table as the simulator: two conversations of one lane, due 5 s apart,
     reach the dispatcher as one batch-API batch (smart's riders), not one per conversation."""
-    class Seen(Recorder):
-        def __init__(self):
-            super().__init__()
-            self.got = asyncio.Event()
-
-        async def run_many(self, batches, *learns):
-            self.calls.append(("run_many", (batches,)))
-            self.got.set()
-            return True
-
     async def go():
         disp, hub = Seen(), ResultHub()
         g = Grouper(load_policy("smart", CAT), CAT, ManualClock(0.0), {"anthropic": disp}, ledger(), hub)
@@ -562,16 +565,6 @@ def test_a_batch_a_budget_holds_past_its_checkpoint_goes_back_to_the_grouper_pol
     """The live half of tests/unit/test_second_batch.py's budget case: a batch held back by a budget until past
     its checkpoint goes back to the policy, as at a hedge, and leaves in a second batch with a hedge of its own,
     not as the first batch's members past their hedge (the dispatcher sent those sync, at the full price)."""
-    class Seen(Recorder):
-        def __init__(self):
-            super().__init__()
-            self.got = asyncio.Event()
-
-        async def run_many(self, batches, *learns):
-            self.calls.append(("run_many", (batches,)))
-            self.got.set()
-            return True
-
     async def go():
         disp, hub = Seen(), ResultHub()
         spec = BudgetSpec(max_budget=1.0)
