@@ -48,6 +48,14 @@ class Seen(Recorder):
         return True
 
 
+async def nearly_spent(held: float):
+    """A $1 budget and its controller, with an open claim ("open") holding ``held`` of it: work waits for it."""
+    spec = BudgetSpec(max_budget=1.0)
+    budget = BudgetController(BudgetSettings(specs=(spec,)), None, ManualClock(0.0))
+    await budget.reserve_many([Claim("open", "default", "openai", "gpt-5-mini", "urgent", held)])
+    return spec, budget
+
+
 def test_budget_controller_refuses_past_the_limit_and_settles():
     async def go():
         b = ledger(1.0)
@@ -286,9 +294,7 @@ def test_the_grouper_tells_its_policy_which_budgets_hold_work_back():
     work back, the group table's ``BudgetPressure`` names the budget, as the simulator's does."""
     async def go():
         disp, hub = Recorder(), ResultHub()
-        spec = BudgetSpec(max_budget=1.0)
-        budget = BudgetController(BudgetSettings(specs=(spec,)), None, ManualClock(0.0))
-        await budget.reserve_many([Claim("open", "default", "openai", "gpt-5-mini", "urgent", 0.999)])
+        spec, budget = await nearly_spent(0.999)
         clock = ManualClock(0.0)
         g = Grouper(load_policy("naive", CAT), CAT, clock, {"openai": disp}, budget, hub, budget_specs=(spec,))
         assert g.table.budget.model_max and g.table.budget.holding == ()
@@ -567,9 +573,7 @@ def test_a_batch_a_budget_holds_past_its_checkpoint_goes_back_to_the_grouper_pol
     not as the first batch's members past their hedge (the dispatcher sent those sync, at the full price)."""
     async def go():
         disp, hub = Seen(), ResultHub()
-        spec = BudgetSpec(max_budget=1.0)
-        budget = BudgetController(BudgetSettings(specs=(spec,)), None, ManualClock(0.0))
-        await budget.reserve_many([Claim("open", "default", "openai", "gpt-5-mini", "urgent", 0.9999)])
+        spec, budget = await nearly_spent(0.9999)
         clock = ManualClock(0.0)
         pol = load_policy("smart", CAT, {"min_batch_saving_usd": 0.0, "batch_gather_s": 0})
         g = Grouper(pol, CAT, clock, {"openai": disp}, budget, hub, budget_specs=(spec,),
