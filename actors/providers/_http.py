@@ -3,6 +3,7 @@ an SDK error into an outcome (the engine retries; the SDK does not)."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from collections.abc import Callable, Iterator, Sequence
@@ -104,6 +105,10 @@ class HttpBase:
         self.honours_keys = endpoint.honours_idempotency_key
         self._key = key or Secret("")
         self.clock = clock
+
+    def create_slot(self, n: int) -> contextlib.AbstractAsyncContextManager:
+        """Nothing to hold where a batch carries its name (OpenAI's metadata); Anthropic overrides it."""
+        return contextlib.nullcontext()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name}, base_url={self.endpoint.base_url!r})"

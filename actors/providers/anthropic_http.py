@@ -9,13 +9,14 @@ provider returns: a call that read or wrote its prefix keeps its blocks warm for
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from actors.providers._http import BatchHandle, HttpBase, PollBackoff, sdk_kwargs
 from actors.providers._wire import message_parts
 from engine.core.cost import shared_prefix_marks
-from engine.core.errors import ProviderError
 from engine.core.grouping import PrefixWarmth, WarmNote
 from engine.core.provider_api import BatchState, CallJob, CallOutcome, Usage, idempotency_key
 
@@ -51,10 +52,9 @@ class AnthropicProvider(HttpBase):
         # counts from the call's start: it must hold wherever in a batch a member ran).
         self._warm = PrefixWarmth(self.spec.prompt_cache.ttl_s if self.spec.prompt_cache else 300.0)
         self._made: dict[str, None] = {}  # ordered: the oldest go first past MADE_KEEP
-        # Per batch name whose create got no answer: the newest batch made before it (the lookup stops there);
-        # and the creates under way, by size (a look-alike of one of them is not the lost one's batch).
+        # Per batch name whose create got no answer: the newest batch made before it (the lookup stops there).
         self._marks: dict[str, str | None] = {}
-        self._creating: dict[int, int] = {}
+        self._slots: dict[int, list] = {}  # by batch size: [its lock, how many hold or wait for it]
 
     def route(self, job: CallJob) -> str:
         return "/v1/messages"
@@ -152,12 +152,10 @@ class AnthropicProvider(HttpBase):
         not follow (``known``, and those it made). Of those still running, it must be the only one (no batch's
         requests can be read before it ends); an ended one is taken only if its results carry these members'
         ``custom_id`` s. Only batches newer than the newest this provider had made when the create left are
-        looked at (after a restart, all of the newest), and none while another create of as many requests is
-        unanswered (its batch would look alike: the lookup is tried again). None: not found (the caller creates
-        it, under the key, for a server that honours one)."""
+        looked at (after a restart, all of the newest); the dispatcher holds ``create_slot`` meanwhile, so no
+        other create of its own of as many requests is unanswered. None: not found (the caller creates it, under
+        the key, for a server that honours one)."""
         n, running, ended = len(jobs), [], []
-        if self._creating.get(n):  # another create of this size has no answer yet: its batch would look alike
-            raise ProviderError(f"{self.name}: batch lookup deferred: another create of {n} requests is unanswered")
         mark = self._marks.get(ref)  # the newest batch this provider knew of when the create left
         with self._refused("batch lookup"):
             seen = 0
@@ -184,6 +182,22 @@ class AnthropicProvider(HttpBase):
                     return self._adopt(b, jobs)
         return None
 
+    @contextlib.asynccontextmanager
+    async def create_slot(self, n: int) -> AsyncIterator[None]:
+        """One batch of ``n`` requests at a time from its create to its journaled handle: a Message Batch carries
+        nothing that names it, so the lookup of a create whose answer was lost (or that a restart cut) can tell
+        its batch only from look-alikes this dispatcher does not know of. Two of its own, unanswered together,
+        hid each other: the lookup gave up and the create was made again, its members billed in both."""
+        slot = self._slots.setdefault(n, [asyncio.Lock(), 0])
+        slot[1] += 1
+        try:
+            async with slot[0]:
+                yield
+        finally:
+            slot[1] -= 1
+            if not slot[1]:
+                del self._slots[n]
+
     def _adopt(self, b: Any, jobs: Sequence[CallJob]) -> BatchHandle:
         self._made[b.id] = None
         handle = BatchHandle(b.id, jobs, PollBackoff(self.endpoint.poll_min_s, self.endpoint.poll_max_s))
@@ -193,14 +207,9 @@ class AnthropicProvider(HttpBase):
     async def submit_batch(self, jobs: Sequence[CallJob], hedge_at: float | None, ref: str,
                            body: Any = None) -> Any:
         reqs = body if body is not None else self.batch_body(jobs)
-        n = len(jobs)
         self._marks.setdefault(ref, next(reversed(self._made), None))
-        self._creating[n] = self._creating.get(n, 0) + 1
-        try:
-            with self._refused("batch submission"):
-                b = await self.client.messages.batches.create(requests=reqs, extra_headers={"Idempotency-Key": ref})
-        finally:
-            self._creating[n] -= 1
+        with self._refused("batch submission"):
+            b = await self.client.messages.batches.create(requests=reqs, extra_headers={"Idempotency-Key": ref})
         self._marks.pop(ref, None)
         self._made[b.id] = None
         while len(self._made) > MADE_KEEP:  # oldest first

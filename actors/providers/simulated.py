@@ -5,6 +5,7 @@ live run with simulated providers bills and times calls exactly as the simulator
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -60,6 +61,9 @@ class SimulatedProvider:
 
     def batch_body(self, jobs: Sequence[CallJob]) -> None:
         return None
+
+    def create_slot(self, n: int) -> contextlib.nullcontext:
+        return contextlib.nullcontext()
 
     async def find_batch(self, jobs: Sequence[CallJob], ref: str, known: frozenset[str] = frozenset()) -> None:
         return None  # nothing real was created: the draws run again

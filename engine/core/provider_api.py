@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 from engine.core.request import Request
@@ -145,6 +146,11 @@ class Provider(Protocol):
     def batch_body(self, jobs: Sequence[CallJob]) -> Any:
         """What ``submit_batch`` will send, when it must be the same on a second try (None: build it then). The
         dispatcher journals it before the create, so a create made again after a restart sends the same body."""
+
+    def create_slot(self, n: int) -> AbstractAsyncContextManager:
+        """Held by the dispatcher from a batch of ``n`` requests' journaling until its handle is journaled (its
+        create, or the lookup of a create that got no answer): where nothing names a batch but its size
+        (Anthropic), one at a time per size, so such a lookup never meets a look-alike of the dispatcher's own."""
 
     async def submit_batch(self, jobs: Sequence[CallJob], hedge_at: float | None, ref: str,
                            body: Any = None) -> Any:

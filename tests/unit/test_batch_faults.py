@@ -8,10 +8,14 @@ import asyncio
 
 import pytest
 
+from actors import Dispatcher
+from actors._types import BatchJob
+from engine.core.provider_api import Secret
 from engine.emulator import Emulator
 from tests.unit.test_http_providers import (  # noqa: F401  (emu: the fixture)
     CAT,
     EMU_CANCEL_S,
+    KEY,
     PROVIDERS,
     ROUTE,
     SPEED,
@@ -422,6 +426,96 @@ def test_a_lost_anthropic_create_is_not_taken_for_an_older_look_alike(emu):  # n
             billed = billed_by_custom_id(emu)  # (asserts no custom_id is billed twice)
             assert {batch_key(j) for j in jobs} <= set(billed)
             assert emu.count("messages.batches.create", status=200) == 3  # the other, b1, b2: b2 not made again
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+def _twin(jobs: list) -> list:
+    """Jobs of as many requests under other ids: a batch that looks like theirs to a lookup by size."""
+    return [j._replace(req=j.req.model_copy(update={"id": f"twin-{k}"}), claim=f"t{k}") for k, j in enumerate(jobs)]
+
+
+def test_a_lost_anthropic_create_is_found_while_a_create_of_its_size_waits(emu):  # noqa: F811
+    """Two batches of as many requests leave together; the first create's answer is lost after Anthropic made
+    it. The second waits until the first is found: unanswered beside it, its batch looked alike, the lookup gave
+    up after five tries and the first was created again, its members billed in both batches."""
+    emu.honour_keys = False
+    first, second = jobs_of("anthropic", claims=True), _twin(jobs_of("anthropic", claims=True))
+
+    async def go():
+        rig = Rig(emu, "anthropic")
+        batches, p = rig.d.provider.client.messages.batches, rig.d.provider
+        inner_create, inner_find, creates, settled = batches.create, p.find_batch, [], asyncio.Event()
+
+        async def create(*a, **kw):
+            creates.append(kw["requests"][0]["custom_id"])
+            if len(creates) == 1:
+                await inner_create(*a, **kw)
+                raise p._sdk.APITimeoutError(request=None)  # made, and its answer lost
+            if len(creates) == 3:  # the first made again: let the second go on, for the bill to tell
+                settled.set()
+            await settled.wait()  # a slow upload: unanswered until the first batch's fate is known
+            return await inner_create(*a, **kw)
+
+        async def find(*a, **kw):
+            found = await inner_find(*a, **kw)
+            if found is not None:
+                settled.set()
+            return found
+
+        batches.create, p.find_batch = create, find
+        try:
+            await rig.reserve(first + second)
+            await rig.d.run_many([BatchJob("b1", "batch_api", None, False, "t", "t", first),
+                                  BatchJob("b2", "batch_api", None, False, "t", "t", second)])
+            await rig.resolved(first + second, timeout_s=30)
+            assert rig.grouper.readmitted() == []
+            billed = billed_by_custom_id(emu)  # (asserts no custom_id is billed twice)
+            assert set(billed) == {batch_key(j) for j in first + second}
+            assert emu.count("messages.batches.create", status=200) == 2
+            for j in first + second:
+                assert_batch_member(rig.results[j.req.id], j, billed[batch_key(j)], "anthropic")
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+def test_a_restart_finds_the_cut_anthropic_create_and_its_twin_is_created_once(emu):  # noqa: F811
+    """The dispatcher dies while the create of one batch is unanswered and a second of as many requests waits
+    for it. After the restart the cut create is found (no look-alike of its own hides it) and the second,
+    admitted again, is created once. Both cut, each lookup saw the other's batch beside its own, adopted
+    neither, and both were created again: every member billed twice."""
+    emu.honour_keys = False
+    first, second = jobs_of("anthropic", claims=True), _twin(jobs_of("anthropic", claims=True))
+
+    async def go():
+        rig = Rig(emu, "anthropic")
+        inner = rig.d.provider.submit_batch
+
+        async def create_then_die(*args):
+            await inner(*args)
+            await asyncio.Event().wait()  # the answer never comes back: the process died here
+
+        rig.d.provider.submit_batch = create_then_die
+        try:
+            await rig.reserve(first + second)
+            await rig.d.run_many([BatchJob("b1", "batch_api", None, False, "t", "t", first),
+                                  BatchJob("b2", "batch_api", None, False, "t", "t", second)])
+            await rig.until(lambda: emu.count("messages.batches.create", status=200) == 1
+                            and rig.d.provider._slots[len(first)][1] == 2, "one create made, the other waiting")
+            for t in list(rig.d._tasks):
+                t.cancel()
+            d2 = Dispatcher("anthropic", rig.catalog, rig.settings, 0, rig.clock, [rig.grouper], rig.hub, None,
+                            rig.budget, key=Secret(KEY))
+            assert await d2.recover() == 1  # the second was never journaled: its members are admitted again
+            await d2.run_many([BatchJob("b2", "batch_api", None, False, "t", "t", second)])
+            await rig.resolved(first + second, timeout_s=30)
+            assert rig.grouper.readmitted() == []
+            billed = billed_by_custom_id(emu)
+            assert set(billed) == {batch_key(j) for j in first + second}
+            assert emu.count("messages.batches.create", status=200) == 2
+            await d2.provider.close()
         finally:
             await rig.close()
     asyncio.run(go())

@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from actors._types import Job
+from actors._types import BatchJob, Job
 from actors.dispatcher import Dispatcher
 from engine.core.catalog import Catalog
 from engine.core.provider_api import BatchState, Secret
@@ -196,3 +196,38 @@ def test_a_split_dispatch_cut_by_the_dispatchers_restart_is_followed_part_by_par
         finally:
             await rig.close()
     asyncio.run(go())
+
+
+def _room_for_one_batch(cat: Catalog) -> Catalog:
+    """OpenAI's enqueued-token limit at about one test batch's tokens: a second waits for the first to end."""
+    p = cat.providers["openai"]
+    p = p.model_copy(update={"batch_api": p.batch_api.model_copy(update={"max_enqueued_tokens": 2_000})})
+    return Catalog.model_validate({"schema_version": cat.schema_version,
+                                   "providers": {**{k: v.model_dump() for k, v in cat.providers.items()},
+                                                 "openai": p.model_dump()}})
+
+
+def test_a_batch_that_waited_for_enqueued_room_past_its_hedge_is_never_created():
+    """The second batch waits for the first to leave the provider's enqueued-token room, and its hedge passes
+    meanwhile: its members go back to the policy, as at a hedge, and nothing is created, as in the simulator.
+    Created, it was cancelled at once: a create and a cancel for nothing, members back only once the cancel
+    ended, and any it finished meanwhile billed at the batch price where the simulator billed nothing."""
+    first = jobs_of("openai", claims=True)
+    second = [j._replace(req=j.req.model_copy(update={"id": f"late-{k}"}), claim=f"l{k}") for k, j in enumerate(first)]
+    with Emulator(_room_for_one_batch(CAT), latency_scale=0.0, speedup=SPEED, cancel_s=EMU_CANCEL_S,
+                  validating_s=VALIDATING_S["openai"], finalizing_s=1.0) as emu:
+        async def go():
+            rig = Rig(emu, "openai")
+            try:
+                await rig.reserve(first + second)
+                hedge_at = rig.clock.now() + 100.0  # a tenth of the first batch's turnaround
+                await rig.d.run_many([BatchJob("b1", "batch_api", None, False, "t", "t", first),
+                                      BatchJob("b2", "batch_api", hedge_at, False, "t", "t", second)])
+                await rig.resolved(first + second, timeout_s=20)
+                back = {j.req.id: j for j in rig.grouper.readmitted()}
+                assert set(back) == {j.req.id for j in second} and all(j.hedges == 1 for j in back.values())
+                assert emu.count(CREATE_ROUTE["openai"], status=200) == 1
+                assert set(billed_by_custom_id(emu)) == {batch_key(j) for j in first}
+            finally:
+                await rig.close()
+        asyncio.run(go())
