@@ -77,8 +77,9 @@ class OpenAIProvider(HttpBase):
         body["model"] = r.model
         if route == "/v1/images/generations":
             body.setdefault("prompt", r.prompt)
-            if "size" in r.params:
-                body.setdefault("size", r.params["size"])
+            for k in ("size", "quality"):  # what the cost model prices it by: sent, or billed at the default
+                if k in r.params:
+                    body.setdefault(k, r.params[k])
             return body
         has_input = "messages" in body or "input" in body
         if not has_input:

@@ -220,6 +220,27 @@ def test_sync_call_round_trip_bills_real_usage_once(emu, provider):
     asyncio.run(go())
 
 
+@pytest.mark.parametrize("quality", ["low", "high"])
+def test_an_image_is_generated_and_billed_at_the_quality_its_params_ask(emu, quality):
+    """``params.quality``, which the cost model prices, reaches the provider: left out of the body, the image
+    was generated at the provider's default quality, billed at that price and reported at the asked one."""
+    r = Request.model_validate({"id": "img", "arrival_s": 0.0, "model": "gpt-image-1", "prompt": "a red fox",
+                                "params": {"size": "1536x1024", "quality": quality}})
+    listed = CAT.model("openai", "gpt-image-1").per_image_quality[quality]["1536x1024"]
+
+    async def go():
+        rig = Rig(emu, "openai")
+        try:
+            await rig.run("sync", [Job(0, r, "fp-img")])
+            res = await rig.until(lambda: rig.results.get("img"), "the image")
+            (item,) = emu.bill().items
+            assert res.status == "ok" and res.cost_usd == pytest.approx(listed, abs=1e-12)
+            assert item.cost_usd == pytest.approx(listed, abs=1e-12)
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
 RESULTS_ROUTE = {"openai": "files.content", "anthropic": "messages.batches.results"}
 
 
