@@ -129,7 +129,8 @@ class Parking:
             self._unsure_claims.extend([*release, *(c.rid for c in claims)])
             verdicts = [Verdict(False, "budget_unavailable", budget=LEDGER,
                                 detail=f"the budget actor failed ({type(exc).__name__}: {exc})"[:500])] * len(claims)
-        self.waits.adapt(verdicts)
+        if verdicts:  # as the simulator: a call that reserved nothing (members all back) leaves the share
+            self.waits.adapt(verdicts)
         out: list[BatchJob] = []
         k = 0
         for b in batches:

@@ -17,36 +17,38 @@ from engine.sim.results import (
 class SimBudget:
     """Budget methods of the simulator."""
 
-    def reserve(self, idxs: list[int], mode: str, d: Decision) -> list[int]:
-        """Reserve each member's upper bound; return those that may go. The budget waits hold the others (with
-        ``d``, to be sent as decided), or they are rejected."""
+    def reserve(self, sends: list[tuple[list[int], str, Decision]]) -> list[list[int]]:
+        """Reserve the upper bound of every member of dispatches decided together (members, mode, decision), in
+        one go as the grouper does; return those of each that may go. The budget waits hold the others (with
+        their decision, to be sent as decided), or they are rejected."""
         if self.book is None:
-            return idxs
+            return [idxs for idxs, _, _ in sends]
         waits, now = self.waits, self.now
         overtaken = waits.overtaken(self.book.specs)
-        go: list[int] = []
-        for i in idxs:
-            name = waits.blocker(self.reqs[i], overtaken) if overtaken else None
-            if name is None:
-                go.append(i)
-            else:  # no overtaking: behind more urgent work that this budget holds back
-                waits.hold(i, self.reqs[i], now + waits.step_s, name, (i, d))
+        go: list[tuple[int, int]] = []  # (member, which send)
+        for k, (idxs, _, d) in enumerate(sends):
+            for i in idxs:
+                name = waits.blocker(self.reqs[i], overtaken) if overtaken else None
+                if name is None:
+                    go.append((i, k))
+                else:  # no overtaking: behind more urgent work that this budget holds back
+                    waits.hold(i, self.reqs[i], now + waits.step_s, name, (i, d))
         claims = []
-        for i in go:
+        for i, k in go:
             r = self.reqs[i]
-            amount = claim_amount(r, self.catalog, mode, self.model_max)
+            amount = claim_amount(r, self.catalog, sends[k][1], self.model_max)
             claims.append(Claim(f"{r.id}#{next(self.claim_ids)}", r.tenant, r.provider, r.model, r.priority,
                                 amount))
         verdicts = self.book.reserve_many(claims, now) if claims else []
         if verdicts:
             waits.adapt(verdicts)
-        ok = []
-        for i, c, v in zip(go, claims, verdicts):
-            r = self.reqs[i]
+        ok: list[list[int]] = [[] for _ in sends]
+        for (i, k), c, v in zip(go, claims, verdicts):
+            r, d = self.reqs[i], sends[k][2]
             t = triage(v, r.deadline_at)
             if t == "go":
                 self.claim_of[i] = (c.rid, c.amount)
-                ok.append(i)
+                ok[k].append(i)
             elif t in ("wait", "defer"):
                 if t == "wait":
                     self.budget_waits += 1
@@ -82,8 +84,8 @@ class SimBudget:
         for h in ready:
             i, d = h.payload
             sends.setdefault(id(d), (d, []))[1].append(i)
-        for d, idxs in sends.values():
-            self.send(d, idxs, None)
+        if sends:
+            self.send_many(list(sends.values()))
         if not ready and self.book is not None:  # else their reservation said (``reserve``), as the grouper's
             self.table.budget.holding = self.waits.holding(self.book.specs)
         self.tick()

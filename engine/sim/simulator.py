@@ -219,27 +219,33 @@ class _Sim(SimBudget, SimReuse, SimCalls):
         self.apply(*self.table.add(r, self.compat[i], now, returned=bool(self.hedges[i] or self.attempts[i])))
 
     def apply(self, dispatches: list[Dispatch], wake: Wake | None) -> None:
-        for d in dispatches:
-            self.dispatch(d.decision, d.members)
+        if dispatches:
+            self.send_many([(d.decision, [self.idx_of[r.id] for r in d.members]) for d in dispatches])
         if wake is not None:
             self.push(wake.at, "wake", wake)
 
     # -- dispatch ------------------------------------------------------------------------------------------
-    def dispatch(self, d: Decision, members: list[Request]) -> None:
-        self.send(d, [self.idx_of[r.id] for r in members], None)
-
     def send(self, d: Decision, idxs: list[int], bid: int | None) -> None:
-        mode = dispatch_mode(d.mode, d.hedge_at, self.now)
+        self.send_many([(d, idxs)], bid)
+
+    def send_many(self, sends: list[tuple[Decision, list[int]]], bid: int | None = None) -> None:
+        """Dispatches decided together, as the grouper's ``_dispatch`` takes them: the members a budget held past
+        their hedge go back to the policy (as at a hedge, where a second batch may be on time) once the rest of
+        every dispatch has reserved, in one go; even none left refreshes what the budgets hold, which the policy
+        reads when those members are grouped again. One by one, the policy judged the members back of the first
+        before the second had reserved, and a live grouper decided them otherwise (a helper's review)."""
         back: list[int] = []
-        if mode != d.mode:  # held past its hedge by a budget: as at a hedge, where a second batch may be on time
-            back = [i for i in idxs if goes_back(d.mode, d.hedge_at, self.now, self.reqs[i])]
-            gone = set(back)
-            idxs = [i for i in idxs if i not in gone]
-        # The rest reserves first, as in the grouper's ``_dispatch``; even none left refreshes what the budgets
-        # hold, which the policy reads when the members back are grouped again.
-        idxs = self.reserve(idxs, mode, d)
-        if idxs:
-            self.launch(d, idxs, bid, mode)
+        todo: list[tuple[list[int], str, Decision]] = []
+        for d, idxs in sends:
+            mode = dispatch_mode(d.mode, d.hedge_at, self.now)
+            if mode != d.mode:
+                gone = {i for i in idxs if goes_back(d.mode, d.hedge_at, self.now, self.reqs[i])}
+                back += [i for i in idxs if i in gone]
+                idxs = [i for i in idxs if i not in gone]
+            todo.append((idxs, mode, d))
+        for (_, mode, d), idxs in zip(todo, self.reserve(todo), strict=True):
+            if idxs:
+                self.launch(d, idxs, bid, mode)
         if back:
             self.on_hedge(back)
 

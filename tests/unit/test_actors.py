@@ -566,6 +566,21 @@ def test_grouper_sends_a_lanes_conversations_due_together_in_one_provider_batch(
     run(go())
 
 
+
+def test_a_try_whose_members_all_went_back_leaves_the_share_of_the_next_try():
+    """The members of a held batch all go back to the policy (its checkpoint passed): the reservation of what
+    is left reserves nothing, and, as in the simulator, the share of held work the next try takes stays. Taken
+    for a try that succeeded, it doubled, and the two runtimes then took different numbers of held requests."""
+    async def go():
+        spec, budget = await nearly_spent(0.5)
+        g = Grouper(load_policy("smart", CAT), CAT, ManualClock(0.0), {"openai": Seen()}, budget, ResultHub(),
+                    budget_specs=(spec,))
+        g.waits.share = 16
+        assert await g._reserve([], 0.0, []) == [] and g.waits.share == 16
+        await g._reserve([BatchJob("b", "sync", None, False, "t", "t", [Job(0, req(0), "fp")])], 0.0, [])
+        assert g.waits.share == 32  # a reservation that went through: the share grows
+    run(go())
+
 @pytest.mark.parametrize("model_max", [False, True])
 def test_a_batch_a_budget_holds_past_its_checkpoint_goes_back_to_the_grouper_policy(model_max):
     """The live half of tests/unit/test_second_batch.py's budget case: a batch held back by a budget until past

@@ -167,3 +167,44 @@ def test_a_batch_a_budget_holds_past_its_checkpoint_rides_a_second_batch_not_syn
     (b,) = [b for b in res.batches if b.id == int(res.batch_of[i])]
     assert (b.mode, b.outcome) == ("batch_api", "sent") and b.t >= window_s
     assert res.cost[i] == pytest.approx(simulate([r], load_policy("naive", CAT)).cost[0] / 2, rel=1e-9)
+
+
+def test_the_members_back_of_a_budget_try_are_decided_once_every_dispatch_of_it_has_reserved(monkeypatch):
+    """One budget try releases two held dispatches at once: a batch whose checkpoint passed while it was held
+    (its member goes back to the policy) and a sync call, which the budget refuses. The live grouper reserves
+    every dispatch of the try in one call before the member back is grouped again, so the policy reads what
+    the budget holds after that call (under model-max claims a budget holding work back sends work sync). The
+    simulator sent them one by one: the member back was decided before the sync call had reserved, saw nothing
+    held, and rode a batch the live grouper never sent (a helper's review, sim and grouper run side by side)."""
+    import engine.sim.simulator as sim_mod
+    from engine.core.budgets import BudgetSettings, BudgetSpec, Throttle
+    from engine.core.settings import Settings
+
+    def mk(i, arrival_s, inp, out, deadline_s, priority="normal", cap=None):
+        return Request.model_validate({"id": i, "arrival_s": arrival_s, "model": "gpt-5-mini", "prompt": f"task {i}",
+                                       "input_tokens": inp, "output_tokens": out, "max_output_tokens": cap or out,
+                                       "deadline_s": deadline_s, "priority": priority})
+
+    reqs = [mk("u", 0.0, 40_000, 100, 30.0, "urgent"),  # spends the first window
+            mk("a", 1.0, 40_000, 800, 3600.0),  # a batch, held past its checkpoint
+            mk("c", 2.0, 10_000, 10, 5000.0, cap=800),  # sync (the budget holds work back); most of window 2
+            mk("b", 3.0, 20_000, 800, 1807.6, "background")]  # sync; refused behind c in window 2
+    budgets = BudgetSettings(specs=(BudgetSpec(max_budget=0.0105, budget_duration="30m"),),
+                             throttle=Throttle(pace=False))
+    seen: list[tuple[float, list[str]]] = []  # what the policy read of the budget when "a" came back
+    admit = sim_mod._Sim.admit
+
+    def spy(self, i, fresh):
+        if self.reqs[i].id == "a" and not fresh:
+            seen.append((self.now, [s.name for s in self.table.budget.holding]))
+        return admit(self, i, fresh)
+
+    monkeypatch.setattr(sim_mod._Sim, "admit", spy)
+    res = simulate(reqs, load_policy("smart", CAT, {**FREE, "batch_gather_s": 0}),
+                   settings=Settings().model_copy(update={"budgets": budgets}))
+    ids = {q.id: i for i, q in enumerate(res.requests)}
+    assert res.status[ids["c"]] == 1 and res.done_at[ids["c"]] >= 1800.0  # c went in the same try
+    assert res.status[ids["b"]] == 4  # refused, so the budget holds work back when "a" is decided
+    (at, holding), = seen
+    assert at >= 1800.0 and holding == ["global/30m"]
+    assert res.mode[ids["a"]] != 1  # not the batch the live grouper never sends
