@@ -72,7 +72,7 @@ class TestOnOneQuietEngine:
 
     def test_the_engine_plans_every_hedge_its_real_lag_earlier(self, quiet_engine):
         """At 500x, 0.5 s of real lag is 250 engine seconds more for each batch API's cancel (``with_hedge_lag``),
-        in the catalog the policy and the actors were given."""
+        in the catalog the engine keeps (``Engine.start`` gives that one catalog to the policy and the actors)."""
         lag = quiet_engine.settings.hedge_lag_s * 500
         assert lag > 0
         for name, spec in CAT.providers.items():

@@ -48,6 +48,21 @@ class Seen(Recorder):
         return True
 
 
+async def ran_out(d: Dispatcher, clock: ManualClock) -> None:
+    """Move engine time past every outcome of ``d`` (timers fire at once on a ManualClock) and wait on its tasks,
+    new ones too, until none is left: each outcome it sends is then out."""
+    for _ in range(1000):
+        clock.advance(10_000.0)
+        busy = [t for t in (*d._tasks, d._flusher) if t is not None and not t.done()]
+        if busy:
+            await asyncio.wait(busy, timeout=10.0)
+        elif d._timers or d._pump_timer is not None:
+            await asyncio.sleep(0)  # a timer due now (a ManualClock waits 0 s): let it fire
+        else:
+            return
+    raise AssertionError(f"dispatcher still busy: {d._tasks}, timers {d._timers}")
+
+
 async def nearly_spent(held: float):
     """A $1 budget and its controller, with an open claim ("open") holding ``held`` of it: work waits for it."""
     spec = BudgetSpec(max_budget=1.0)
@@ -227,9 +242,7 @@ def test_dispatcher_resolves_sync_and_batch_and_hands_back_hedges():
         await d.run_many([BatchJob("b0", "sync", None, False, "process_individually", "now", jobs[:1]),
                           BatchJob("b1", "batch_api", None, False, "process_as_batch", "cheap", jobs[1:]),
                           BatchJob("b2", "batch_api", 1.0, False, "consider_batch", "hedged", [hedged])])
-        for _ in range(20):  # move engine time past every outcome; timers fire at once on a ManualClock
-            clock.advance(10_000.0)
-            await asyncio.sleep(0.01)
+        await ran_out(d, clock)
         got = {r.id: r for r in await hub.pull(0.01)}
         assert got["r0"].mode == "sync" and got["r1"].mode == "batch_api" and got["r2"].batch_id == "b1"
         assert got["r1"].cost_usd < got["r0"].cost_usd
@@ -258,9 +271,7 @@ def test_a_batch_whose_hedge_passed_on_the_way_goes_back_with_its_claim_not_sync
             await budget.reserve_many([Claim(f"c{k}", "default", "openai", "gpt-5-mini", "normal", 1.0)
                                        for k in (0, 1)])
         await d.run_many([BatchJob("b", "batch_api", 40.0, False, "consider_batch", "late", [normal, urgent])])
-        for _ in range(20):
-            clock.advance(10_000.0)
-            await asyncio.sleep(0.01)
+        await ran_out(d, clock)
         (name, (back,)), = grouper.calls
         assert name == "add" and [(j.req.id, j.claim, j.hedges) for j in back] == [("r0", c0, 1)]
         got = {r.id: r for r in await hub.pull(0.01)}
