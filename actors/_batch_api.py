@@ -93,25 +93,23 @@ class BatchApiRuns:
         cjobs = [self._call_job(j, start, batch=True) for j in jobs]
         p, handle = self.provider, None
         cut = key is not None
-        if not cut and b.hedge_at is not None and b.hedge_at <= start:
-            # It waited for the provider's enqueued-token room past its hedge: never created, as the simulator
-            # never submits it (``SimProvider.batch``); its members go back to the policy, as at a hedge. Created,
-            # it was cancelled at once, and its members waited out the cancel, or were billed in it.
-            await self._follow_batch(name or f"{b.bid}-{secrets.token_hex(4)}", b, jobs, start, tokens, None, cjobs)
-            return
+        key = key or name or f"{b.bid}-{secrets.token_hex(4)}"
         # Held until the batch's handle is journaled: where batches carry nothing that names them (Anthropic),
         # a lost create's lookup then never meets a look-alike of this dispatcher's own, now or after a restart.
         async with p.create_slot(len(cjobs)):
-            if key is None:
-                key = name or f"{b.bid}-{secrets.token_hex(4)}"
-                if p.real:  # the create may reach the provider and this dispatcher die before it hears back
-                    body = p.batch_body(cjobs)
-                    self._open[key] = (b, jobs, start, tokens, None, body)
-                    await self._journal_put(key)
+            # A batch whose hedge passed while it waited (for the provider's enqueued-token room, or for a create
+            # of its size) is never created, as the simulator never submits it (``SimProvider.batch``): its
+            # members go back to the policy, as at a hedge. Created, it was cancelled at once, and its members
+            # waited out the cancel, or were billed in it.
+            late = not cut and b.hedge_at is not None and b.hedge_at <= max(start, self.clock.now())
+            if p.real and not cut and not late:  # the create may reach the provider, and this dispatcher die
+                body = p.batch_body(cjobs)       # before it hears back
+                self._open[key] = (b, jobs, start, tokens, None, body)
+                await self._journal_put(key)
             try:
                 if cut:
                     handle = await self._find_batch(cjobs, key)
-                if handle is None:
+                if handle is None and not late:
                     handle = await self._submit(cjobs, b.hedge_at, key, body)
             except Exception as exc:  # the provider refused the batch: nothing ran, so the members go sync
                 log.warning("dispatcher %s: batch submission failed: %s", self.name, _short(exc))

@@ -519,3 +519,35 @@ def test_a_restart_finds_the_cut_anthropic_create_and_its_twin_is_created_once(e
         finally:
             await rig.close()
     asyncio.run(go())
+
+
+def test_a_batch_whose_hedge_passed_while_a_create_of_its_size_was_out_is_never_created(emu):  # noqa: F811
+    """A slow Anthropic create holds the next batch of its size, and that batch's hedge passes meanwhile: its
+    members go back to the policy, as at a hedge, and it is never created (it would be cancelled at once)."""
+    first, second = jobs_of("anthropic", claims=True), _twin(jobs_of("anthropic", claims=True))
+
+    async def go():
+        rig = Rig(emu, "anthropic")
+        batches = rig.d.provider.client.messages.batches
+        inner, go_on = batches.create, asyncio.Event()
+
+        async def slow_create(*a, **kw):
+            await go_on.wait()  # a large upload, say
+            return await inner(*a, **kw)
+
+        batches.create = slow_create
+        try:
+            await rig.reserve(first + second)
+            hedge_at = rig.clock.now() + 100.0
+            await rig.d.run_many([BatchJob("b1", "batch_api", None, False, "t", "t", first),
+                                  BatchJob("b2", "batch_api", hedge_at, False, "t", "t", second)])
+            await rig.until(lambda: rig.clock.now() > hedge_at, "the second batch's hedge")
+            go_on.set()
+            await rig.resolved(first + second, timeout_s=20)
+            back = {j.req.id: j for j in rig.grouper.readmitted()}
+            assert set(back) == {j.req.id for j in second} and all(j.hedges == 1 for j in back.values())
+            assert emu.count("messages.batches.create", status=200) == 1
+            assert set(billed_by_custom_id(emu)) == {batch_key(j) for j in first}
+        finally:
+            await rig.close()
+    asyncio.run(go())
