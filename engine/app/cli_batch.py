@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from engine.app._ray_stop import exit_now, own_ray_processes, stop_or_lose_ray, terminate_as_interrupt
 from engine.app.cli_common import (
     _check_outputs,
     _check_tenant,
@@ -90,14 +91,15 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
             kept = {ln.no: done[ln.custom_id] for ln in bf.lines if ln.custom_id in done}
             bf = BatchFile(bf.source, [ln for ln in bf.lines if ln.no not in kept], bf.file_problems)
         results = []
-        interrupted = False
+        interrupted = ray_gone = False
         written = None
         if bf.requests:
             eng = Engine.start(settings, policy=policy, catalog=cat, address=address, speedup=speedup, seed=seed)
+            ray_procs = [p for p in own_ray_processes() if p.poll() is None]  # if one exits, Ray is going down
             try:
                 futs = eng.submit_many(bf.requests)
                 try:
-                    with _terminate_as_interrupt():
+                    with terminate_as_interrupt():
                         results = [f.result() for f in futs]
                 except KeyboardInterrupt:
                     # Ctrl-C or SIGTERM: keep what finished (it was paid for) and answer the rest in the error
@@ -112,7 +114,10 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
                 interrupted = interrupted or bool(got)
             finally:
                 try:
-                    eng.stop()
+                    # A SIGTERM to the whole process group (timeout, systemd) stops Ray's processes too: the stop
+                    # then waited a minute for the GCS, and Ray ended the process, with no report and exit 1.
+                    ray_gone = stop_or_lose_ray(eng.stop, ray_procs) == "ray-gone"
+                    interrupted = interrupted or ray_gone
                 except KeyboardInterrupt:  # the files are written; the interrupt ends the run as one would
                     interrupted = True
         n_out, n_err = written or write_results(bf, results, out, errors, created=int(time.time()), kept=kept)
@@ -134,6 +139,8 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
         n_open = sum(r.error == _INTERRUPTED for r in results)
         err_console.print(f"interrupted: {n_open:,} line(s) had not finished and are in the error file; a provider "
                           "batch already submitted for them may still finish and be billed", style="yellow")
+        if ray_gone:  # Ray's exit hooks would each wait for its GCS
+            exit_now(130)
         raise typer.Exit(130)
 
 
@@ -156,22 +163,6 @@ def _output_lock(out: Path):
             raise ConfigError(f"--out {out}: another run is writing it (it holds the file's lock); wait for it to "
                               "end, or give another --out") from None
         yield
-
-
-@contextlib.contextmanager
-def _terminate_as_interrupt():
-    """SIGTERM (a `timeout`, a service manager) as Ctrl-C while the answers come: Ray's driver turns it into an
-    exit that no handler here saw, and nothing was written."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    def interrupt(*_):
-        raise KeyboardInterrupt
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager

@@ -8,12 +8,8 @@ import json
 import logging
 import os
 import signal
-import subprocess
-import sys
 import tempfile
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -21,6 +17,7 @@ from urllib.parse import quote
 import typer
 
 from engine.app._driver_shared import check_answers, init_ray
+from engine.app._ray_stop import exit_now, own_ray_processes, stop_or_lose_ray
 from engine.app.cli_common import _fail, _providers, _settings, app, console, err_console
 from engine.core.errors import ConfigError, SmartbatchError
 
@@ -154,64 +151,14 @@ def _check_http_port(host: str, port: int | None) -> None:
                       "(0: a free one)")
 
 
-def _own_ray_processes() -> list[subprocess.Popen]:
-    """The processes of the local Ray this process started (GCS, raylet, monitors); none when it attached to a
-    running cluster, whose processes are not its children."""
-    import ray
-
-    node = getattr(ray._private.worker, "_global_node", None)
-    return [i.process for infos in (getattr(node, "all_processes", None) or {}).values() for i in infos]
-
-
 def _exit_with_ray_gone(name: str) -> None:
     """The local Ray went down under the engine (SIGTERM sent to the whole process group stops Ray's processes
     with this one; they block SIGINT, so Ctrl-C never does): its actors are gone, nothing is left to drain, and
-    every Ray call would wait a minute for the GCS before failing. Stop what is left of that Ray and exit now,
-    skipping Ray's exit hooks (they would wait for it too)."""
+    every Ray call would wait a minute for the GCS before failing."""
     err_console.print(f"Ray's processes stopped with this one (a signal sent to the whole process group, e.g. by "
                       f"timeout, systemd or kill -- -PGID), and engine {name!r} with them; to drain the engine "
                       f"first, signal serve's process alone (kill {os.getpid()}) or press Ctrl-C")
-    procs = _own_ray_processes()
-    for p in procs:
-        if p.poll() is None:
-            p.kill()  # the GCS, for one, outlives SIGTERM
-    for p in procs:
-        try:
-            p.wait(5)
-        except subprocess.TimeoutExpired:  # stuck in the kernel: it goes when it can, nothing to wait for
-            pass
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def stop_or_lose_ray(steps: Callable[[], None], ray_procs: list[subprocess.Popen], *,
-                     timeout_s: float = _GRACEFUL_S, poll_s: float = 0.05) -> str:
-    """Run ``steps`` (the Ray calls that stop the endpoint and the engine) in a thread, and watch the local Ray's
-    processes meanwhile: "done" when the steps finish, "ray-gone" as soon as one of those processes exits first,
-    "timeout" after ``timeout_s``. None of them exits while Ray runs; after a SIGTERM to the whole process group
-    the log monitor is gone within milliseconds while the raylet takes seconds to wind down, its actors first:
-    the steps would then block on them, and then for a minute on the GCS. An error of the steps is raised here."""
-    failed: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            steps()
-        except BaseException as exc:  # raised in the caller's thread below
-            failed.append(exc)
-
-    worker = threading.Thread(target=run, name="smartbatch-serve-stop", daemon=True)
-    worker.start()
-    deadline = time.monotonic() + timeout_s
-    while worker.is_alive():
-        if any(p.poll() is not None for p in ray_procs):
-            return "ray-gone"
-        if time.monotonic() >= deadline:
-            return "timeout"
-        worker.join(poll_s)
-    if failed:
-        raise failed[0]
-    return "done"
+    exit_now(0)
 
 
 @app.command()
@@ -319,7 +266,7 @@ def _serve_until_stopped(eng: Any, claim: NameClaim, *, policy: str, speedup: fl
     gcs = ray.get_runtime_context().gcs_address
     endpoint = None
     # Those running now: if one exits before the engine has stopped, Ray is going down under it.
-    ray_procs = [p for p in _own_ray_processes() if p.poll() is None]
+    ray_procs = [p for p in own_ray_processes() if p.poll() is None]
     try:
         if http_port is not None:
             from engine.app.serve_http import start_endpoint
@@ -355,7 +302,7 @@ def _serve_until_stopped(eng: Any, claim: NameClaim, *, policy: str, speedup: fl
                 eng.stop()
 
         try:
-            outcome = stop_or_lose_ray(steps, ray_procs)
+            outcome = stop_or_lose_ray(steps, ray_procs, timeout_s=_GRACEFUL_S)
             if outcome == "ray-gone":
                 claim.release()
                 _exit_with_ray_gone(name)

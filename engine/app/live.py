@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from engine.app._ray_stop import terminate_as_interrupt
 from engine.app.bench import document, result_row
 from engine.app.provider_setup import with_hedge_lag
 from engine.core.catalog import Catalog
@@ -89,12 +90,14 @@ def run_live(requests: Sequence[Request], *, trace_name: str, policy: str = "sma
         futs: list = []
         try:
             # Ctrl-C may come while the replay still paces arrivals (a whole trace's span at speed-up 1): what
-            # was sent by then is in ``futs``.
-            eng.replay(reqs, into=futs)
-            if on_done is not None:
-                for f in futs:
-                    f.add_done_callback(lambda _f: on_done(1))
-            got = [f.result() for f in futs]
+            # was sent by then is in ``futs``. SIGTERM too, once Ray's driver (which installs a handler of its own
+            # that dumps a stack and exits) is up: nothing was kept.
+            with terminate_as_interrupt():
+                eng.replay(reqs, into=futs)
+                if on_done is not None:
+                    for f in futs:
+                        f.add_done_callback(lambda _f: on_done(1))
+                got = [f.result() for f in futs]
         except KeyboardInterrupt:
             # What finished was paid for: hand it and the spend so far to the caller, which keeps a record.
             raise Interrupted([f.result() for f in futs if f.done() and not f.cancelled() and f.exception() is None],

@@ -437,3 +437,48 @@ def test_a_bad_tenant_flag_is_refused_once_naming_the_flag(batch, tmp_path):
     r = runner.invoke(app, ["trace", "from-openai-batch", str(batch), "--out", str(tmp_path / "t.jsonl"),
                             "--tenant", "", "--skip-invalid"])
     assert r.exit_code == 2 and "--tenant ''" in r.output and not (tmp_path / "t.jsonl").exists(), r.output
+
+
+def test_a_sigterm_that_stopped_ray_too_ends_batch_at_once_with_its_files_and_report(tmp_path, monkeypatch):
+    """A SIGTERM sent to the whole process group (timeout, systemd) stops Ray's processes with the command's:
+    the engine's stop then waited a minute for Ray's GCS, Ray ended the process with exit 1, and no report was
+    written (a helper's review). Now the stop is watched: once a process of Ray's own is gone, the files and
+    the report are written and the command exits 130 without waiting for Ray."""
+    import signal
+    import threading
+
+    import engine.app.cli_batch as cli_batch
+    import engine.app.driver as driver_mod
+    from tests.unit.helpers import TerminatedEngine
+
+    stopping, never = threading.Event(), threading.Event()
+
+    class RayGoesDown(TerminatedEngine):
+        def stop(self) -> None:  # a Ray call that waits for a GCS that is gone
+            stopping.set()
+            never.wait(60.0)
+
+    class RayProcess:
+        def poll(self):  # running until the engine stops; then exited, as after a SIGTERM to the group
+            return 0 if stopping.is_set() else None
+
+    def exit_now(code):
+        raise SystemExit(code)
+
+    p = tmp_path / "in.jsonl"
+    p.write_text(line("a") + "\n" + line("b", "Name two seas.") + "\n")
+    monkeypatch.setattr(driver_mod.Engine, "start", classmethod(lambda c, *a, **k: RayGoesDown(CAT)))
+    monkeypatch.setattr(cli_batch, "own_ray_processes", lambda: [RayProcess()])
+    monkeypatch.setattr(cli_batch, "exit_now", exit_now)
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        out, rep = tmp_path / "o.jsonl", tmp_path / "r.json"
+        r = runner.invoke(app, ["batch", str(p), "--out", str(out), "--report", str(rep)])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        never.set()
+    assert r.exit_code == 130, r.output
+    assert [json.loads(x)["custom_id"] for x in out.read_text().splitlines()] == ["a"]
+    doc = json.loads(rep.read_text())
+    assert doc["totals"]["lines"] == 2 and doc["totals"]["succeeded"] == 1
+    assert "interrupted" in " ".join(r.output.split())

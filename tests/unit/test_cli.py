@@ -326,17 +326,26 @@ def test_bench_of_a_small_workload_shows_its_costs_not_zeros(tmp_path):
     assert f"{naive:.6f}" in r.output and f"| naive | {naive:.6f} |" in (out / "results.md").read_text()
 
 
-def test_ctrl_c_during_run_keeps_the_finished_results_and_the_spend(tmp_path, monkeypatch):
-    """Ctrl-C during `smartbatch run` wrote nothing, so what had finished (and was paid for) left no record."""
+@pytest.mark.parametrize("engine", ["CtrlCEngine", "TerminatedEngine"])
+def test_ctrl_c_during_run_keeps_the_finished_results_and_the_spend(tmp_path, monkeypatch, engine):
+    """Ctrl-C during `smartbatch run` wrote nothing, so what had finished (and was paid for) left no record.
+    SIGTERM (``kill PID``) is taken as Ctrl-C: Ray's driver handled it with a stack dump, and nothing was kept."""
+    import signal
+
     import engine.app.driver as driver_mod
-    from tests.unit.helpers import CtrlCEngine
+    from tests.unit import helpers
 
     trace = tmp_path / "t.jsonl"
     trace.write_text("".join(json.dumps({"id": f"r{i}", "arrival_s": i, "model": "gpt-5-mini", "prompt": f"q{i}"})
                              + "\n" for i in range(2)))
-    monkeypatch.setattr(driver_mod.Engine, "start", classmethod(lambda cls, *a, **k: CtrlCEngine()))
+    cls = getattr(helpers, engine)
+    monkeypatch.setattr(driver_mod.Engine, "start", classmethod(lambda c, *a, **k: cls()))
     out = tmp_path / "o"
-    r = runner.invoke(app, ["run", str(trace), "--out", str(out)])
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)  # without the command's own handler: no harm here
+    try:
+        r = runner.invoke(app, ["run", str(trace), "--out", str(out)])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     assert r.exit_code == 130, r.output
     (kept,) = [json.loads(x) for x in (out / "results.partial.jsonl").read_text().splitlines()]
     assert kept["id"] == "r0" and kept["cost_usd"] == 0.001
