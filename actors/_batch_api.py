@@ -96,12 +96,14 @@ class BatchApiRuns:
         key = key or name or f"{b.bid}-{secrets.token_hex(4)}"
         # Held until the batch's handle is journaled: where batches carry nothing that names them (Anthropic),
         # a lost create's lookup then never meets a look-alike of this dispatcher's own, now or after a restart.
+        asked = self.clock.now()
         async with p.create_slot(len(cjobs)):
             # A batch whose hedge passed while it waited (for the provider's enqueued-token room, or for a create
             # of its size) is never created, as the simulator never submits it (``SimProvider.batch``): its
             # members go back to the policy, as at a hedge. Created, it was cancelled at once, and its members
-            # waited out the cancel, or were billed in it.
-            late = not cut and b.hedge_at is not None and b.hedge_at <= max(start, self.clock.now())
+            # waited out the cancel, or were billed in it. Judged at its start unless it waited for the slot.
+            now = self.clock.now()
+            late = not cut and b.hedge_at is not None and b.hedge_at <= (now if now > asked else start)
             if p.real and not cut and not late:  # the create may reach the provider, and this dispatcher die
                 body = p.batch_body(cjobs)       # before it hears back
                 self._open[key] = (b, jobs, start, tokens, None, body)

@@ -72,7 +72,8 @@ class AsyncSubmit:
             yield f.result()
 
     async def _asubmit_futures(self, requests: list[Request | Mapping]) -> list[ResultFuture]:
-        reqs = [self._as_request(r, k) for k, r in enumerate(requests)]  # RequestError here, before any is queued
+        # RequestError here, before any is queued; a position only among several (asubmit gives one)
+        reqs = [self._as_request(r, k if len(requests) > 1 else None) for k, r in enumerate(requests)]
         refs = self._forgets_of(reqs)
         if refs:  # an id being forgotten: sent only once it is (``Pulling._forget``)
             await asyncio.to_thread(self._ray.wait, refs, num_returns=len(refs), timeout=FORGET_WAIT_S)

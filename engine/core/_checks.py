@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from engine.core.catalog import ModelSpec
 
-__all__ = ["GENERATION_PARAMS", "FieldProblem", "check_generation", "check_json", "check_media", "check_route",
+__all__ = ["GENERATION_PARAMS", "FieldProblem", "bad_content", "check_generation", "check_json", "check_media", "check_route",
            "check_text"]
 
 
@@ -201,3 +201,14 @@ def check_media(params: dict[str, Any], spec: ModelSpec, model: str) -> None:
         if spec.durations_s is not None and dur not in spec.durations_s:
             raise FieldProblem("params.duration_s", f"params.duration_s {dur:g} is not offered by {model!r}; use "
                                f"one of {', '.join(f'{d:g}' for d in spec.durations_s)} (seconds)")
+
+
+def bad_content(body: Mapping) -> tuple[str, str] | None:
+    """The first message content of ``body`` that is neither text nor a list of parts, named by its path."""
+    messages = body.get("messages")
+    for k, m in enumerate(messages if isinstance(messages, list) else []):
+        c = m.get("content") if isinstance(m, Mapping) else None
+        if c is not None and not isinstance(c, (str, list)):
+            return (f"body.messages[{k}].content", f"a message's content is text or a list of parts, got "
+                    f"{type(c).__name__} {str(c)[:40]!r}: give it as a string")
+    return None

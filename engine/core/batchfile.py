@@ -163,8 +163,9 @@ def _parse(numbered: Iterable[tuple[int, str]], problems: list[Problem], src: st
             continue
         fixed = next((k for k in ("arrival_s", "deadline_s", "tenant") if k in raw), None)
         if fixed is not None:
-            lines.append(BatchLine(no, cid, url, problem=(fixed, f"{fixed} is set by the batch (--window, --tenant); "
-                                                                 "remove it from the line")))
+            lines.append(BatchLine(no, cid, url, problem=(fixed, f"{fixed} is set for the whole batch (its completion "
+                                                                 "window, its tenant), not per line: remove it from "
+                                                                 "the line")))
             continue
         try:
             req = Request.model_validate({**raw, "arrival_s": 0.0, "deadline_s": window_s, "tenant": tenant},

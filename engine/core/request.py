@@ -18,6 +18,7 @@ from pydantic import (
 
 from engine.core._checks import (
     FieldProblem,
+    bad_content,
     check_cache_ttl,
     check_generation,
     check_json,
@@ -306,7 +307,10 @@ class Request(BaseModel):
         if kind != spec.kind:
             raise FieldProblem("kind", f"kind {kind!r} does not match model {model!r}, which generates {spec.kind!r}")
         prompt = d.get("prompt", "")
-        if spec.kind != "text" and (not isinstance(prompt, str) or not prompt.strip()):
+        if not isinstance(prompt, str):  # read as no prompt, it was reported as a missing input_tokens
+            raise FieldProblem("prompt", f"'prompt' is text, got {type(prompt).__name__} {str(prompt)[:40]!r}: give "
+                               "it as a string")
+        if spec.kind != "text" and not prompt.strip():
             raise FieldProblem("prompt", f"{spec.kind} requests need a non-empty 'prompt'")
         if d.get("input_tokens") is None:
             # A turn of only tool outputs (an agent's loop) has no text, and is one: even of empty outputs. So
@@ -316,6 +320,9 @@ class Request(BaseModel):
             if (spec.kind == "text" and not (isinstance(prompt, str) and prompt) and not calls and not images
                     and not only_tool_outputs(body)):
                 if body is not None:  # an OpenAI/Anthropic body: name its field, not the trace's
+                    bad = bad_content(body)
+                    if bad is not None:
+                        raise FieldProblem(bad[0], bad[1])
                     raise FieldProblem("body.messages", "the body has no text to send: give messages with content, "
                                        'e.g. [{"role": "user", "content": "..."}] (or input, for /v1/responses)')
                 raise FieldProblem("input_tokens", "a text request needs 'input_tokens' or a 'prompt' to estimate them from")
@@ -352,8 +359,11 @@ class Request(BaseModel):
         cap = self.max_output_tokens
         if cap is not None and not self.output_tokens <= cap <= spec.max_output_tokens:  # named as the caller wrote it
             field = next((f"body.{k}" for k in _CAP_KEYS if (self.body or {}).get(k) == cap), "max_output_tokens")
-            raise FieldProblem(field, f"{field} {cap} must be between output_tokens {self.output_tokens} and "
-                               f"{self.model}'s maximum {spec.max_output_tokens}")
+            if cap > spec.max_output_tokens:
+                raise FieldProblem(field, f"{field} {cap} is over {self.model}'s maximum output of "
+                                   f"{spec.max_output_tokens:,} tokens: give at most that")
+            raise FieldProblem(field, f"{field} {cap} is under output_tokens {self.output_tokens} (the output the "
+                               f"request is priced for): raise {field} or lower output_tokens")
         if self.kind == "text":
             _check_window(self, catalog)
         return self

@@ -83,6 +83,21 @@ def test_a_body_that_is_not_json_is_refused_naming_its_path(body, field, says):
     assert ok(body={"metadata": {"k": [1, 2.5, True, None, {"x": "y"}]}}).body["metadata"]["k"][4] == {"x": "y"}
 
 
+@pytest.mark.parametrize("extra, field, says", [
+    ({"prompt": 42}, "prompt", "'prompt' is text, got int"),  # was: "needs 'input_tokens' or a 'prompt'"
+    ({"body": {"messages": [{"role": "user", "content": 5}]}}, "body.messages[0].content", "got int"),
+    ({"prompt": "hi", "max_output_tokens": 200_000}, "max_output_tokens", "over gpt-5-mini's maximum output"),
+    ({"prompt": "hi", "output_tokens": 300, "max_output_tokens": 20}, "max_output_tokens", "under output_tokens 300"),
+])
+def test_a_wrong_type_or_cap_is_named_with_the_fix_that_applies(extra, field, says):
+    """A helper's review as a new user: a number given as the prompt was called a missing input_tokens, a
+    message content of a number had no path, and a cap over the model's maximum was told it must be at least
+    output_tokens, which a smaller cap is not (output_tokens follows it)."""
+    problems = refused({"id": "a", "arrival_s": 0, "model": "gpt-5-mini", **extra})
+    assert problems[0][0] == field and says in problems[0][1], problems
+    assert ok(model="gpt-5-mini", prompt="hi", max_output_tokens=10).output_tokens == 10
+
+
 def _user(*parts):
     return {"role": "user", "content": list(parts)}
 

@@ -383,10 +383,11 @@ def test_a_line_asking_to_stream_is_invalid_naming_body_stream(tmp_path):
     ({"messages": [{"role": "user", "content": "Hi"}]}, "model", "model is required"),
     ({"model": 5, "messages": [{"role": "user", "content": "Hi"}]}, "model", "model 5 is not a name"),
     ({"model": "gpt-5-mini"}, "body.messages", "give messages with content"),
-    ({"model": "gpt-5-mini", "messages": [{"role": "user", "content": 5}]}, "body.messages", "no text to send"),
+    ({"model": "gpt-5-mini", "messages": [{"role": "user", "content": 5}]}, "body.messages[0].content",
+     "a message's content is text"),
     # A cap over the model's maximum is named as the line wrote it, not as the engine's max_output_tokens.
     ({"model": "gpt-4o-mini", "max_tokens": 100000, "messages": [{"role": "user", "content": "Hi"}]},
-     "body.max_tokens", "maximum 16384"),
+     "body.max_tokens", "maximum output of 16,384"),
 ])
 def test_a_line_without_a_model_or_text_names_the_body_field(tmp_path, body, field, says):
     # Before: a missing (or non-string) model was reported as "field 'provider': is required; add it to the

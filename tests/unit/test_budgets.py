@@ -238,7 +238,7 @@ def test_the_reservation_bound_honours_a_cap_and_names_a_bad_one():
         Request.model_validate({"id": "b", "arrival_s": 0, "model": "gpt-5-mini", "input_tokens": 10,
                                 "output_tokens": 200, "max_output_tokens": 100}, context=ctx)
     problems = _problems_of(err.value)
-    assert problems[0][0] == "max_output_tokens" and "between output_tokens 200" in problems[0][1]
+    assert problems[0][0] == "max_output_tokens" and "under output_tokens 200" in problems[0][1]
 
 
 @settings(max_examples=60, deadline=None)
