@@ -24,7 +24,7 @@ from actors._types import BatchJob, Job
 from engine.core.catalog import Catalog
 from engine.core.draws import engine_day_origin
 from engine.core.features import compat_key
-from engine.core.grouping import Decision, WarmNote
+from engine.core.grouping import Decision, Group, WarmNote
 from engine.core.result import Result
 from engine.runtime.outcomes import refused_result
 from engine.runtime.reservation import goes_back
@@ -161,7 +161,27 @@ class Grouper(Parking, Warm):
         failed: list[tuple[Job, Result]] = []
         dup_claims: list[tuple[str, float]] = []
         again: list[Result] = []
+        # Fresh requests of one arrival instant join their groups first, and each group is decided once they all
+        # have: as the simulator groups the arrivals of one instant (``GroupTable.join``).
+        joined: dict[int, Group] = {}
+        instant: float | None = None
+
+        def decide_joined() -> None:
+            for g in joined.values():
+                try:
+                    ds, wake = self.table.decide(g, now)
+                except GroupFailed as gf:
+                    dispatches.extend(gf.dispatches)
+                    failed.extend(self._fail_members(gf.members, gf.cause))
+                    continue
+                dispatches.extend(ds)
+                self._schedule(wake)
+            joined.clear()
+
         for job in jobs:
+            fresh = job.hedges == 0 and job.attempts == 0
+            if joined and (not fresh or job.req.arrival_s != instant):
+                decide_joined()
             uid = job.req.uid
             if uid in self._ended:  # ended here (rejected): a late re-admitted copy gets that result again
                 again.append(self._ended[uid])
@@ -180,8 +200,12 @@ class Grouper(Parking, Warm):
                                            [job.req]))
                 continue
             try:
-                ds, wake = self.table.add(job.req, compat_key(job.req), now,
-                                          returned=job.hedges > 0 or job.attempts > 0)
+                if fresh:
+                    g = self.table.join(job.req, compat_key(job.req), now)
+                    joined.setdefault(id(g), g)
+                    instant = job.req.arrival_s
+                    continue
+                ds, wake = self.table.add(job.req, compat_key(job.req), now, returned=True)
             except GroupFailed as gf:  # its group's decision failed: what it decided goes, the rest fails
                 dispatches.extend(gf.dispatches)
                 failed.extend(self._fail_members(gf.members, gf.cause))
@@ -192,6 +216,7 @@ class Grouper(Parking, Warm):
                 continue
             dispatches.extend(ds)
             self._schedule(wake)
+        decide_joined()
         if dup_claims:
             self.budget.send("settle_many", dup_claims)
         if again:

@@ -122,6 +122,13 @@ class GroupTable:
             returned: bool = False) -> tuple[list[Dispatch], Wake | None]:
         """Group ``req`` and decide its group; ``returned``: it comes back from a dispatch (a batch cancelled
         late, a failed attempt)."""
+        return self.decide(self.join(req, compat, now, returned), now)
+
+    def join(self, req: Request, compat: tuple, now: float, returned: bool = False) -> Group:
+        """Group ``req`` without deciding its group. Requests that arrive at one instant all join first, and
+        each group they joined is then decided once (``decide``): decided one by one, the first of a burst was
+        judged alone (a saving too small to wait for, so sync at the full price) while the rest of the burst
+        filled a batch a moment later (a batch file's first lines, a ``submit_many``)."""
         kw = {"budget": self.budget} if self._reads_budget else {}
         if self.reads_warmth:
             kw["warmth"] = self.warmth
@@ -141,6 +148,12 @@ class GroupTable:
         if rate_key is not None:
             self.rates.see(rate_key, now)
         g.add(req, returned)
+        return g
+
+    def decide(self, g: Group, now: float) -> tuple[list[Dispatch], Wake | None]:
+        """Decide ``g`` now; nothing when it is no longer in the table (riders of a group decided before it)."""
+        if self.groups.get(g.key) is not g:
+            return [], None
         return self._decide(g, now, now)
 
     def wake(self, w: Wake, now: float) -> tuple[list[Dispatch], Wake | None]:

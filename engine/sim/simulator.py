@@ -22,7 +22,7 @@ from engine.core.cost import MODES
 from engine.core.draws import Draws
 from engine.core.errors import PolicyError
 from engine.core.features import compat_key, fingerprint, near_class, near_vectors
-from engine.core.grouping import Decision
+from engine.core.grouping import Decision, Group
 from engine.core.ledger import BudgetBook
 from engine.core.request import Request
 from engine.core.resilience import check_fallbacks
@@ -116,6 +116,7 @@ class _Sim(SimBudget, SimReuse, SimCalls):
         self.seq = itertools.count()
         self.batch_ids = itertools.count()
         self.batches: list[BatchRecord] = []
+        self.arrived: dict[int, Group] = {}  # groups that arrivals of this instant joined, not yet decided
         self.now = 0.0
 
     # -- event loop ----------------------------------------------------------------------------------------
@@ -132,9 +133,15 @@ class _Sim(SimBudget, SimReuse, SimCalls):
                 self.now = t
                 getattr(self, "on_" + kind)(payload)
             elif i < n:
+                # Arrivals at one instant are grouped together before any of their groups is decided, as the
+                # live grouper takes those of one call (``GroupTable.join``).
                 self.now = t_arr
-                self.admit(i, fresh=True)
-                i += 1
+                while True:
+                    self.admit(i, fresh=True)
+                    i += 1
+                    if i >= n or reqs[i].arrival_s != t_arr:
+                        break
+                self.decide_arrived()
             else:
                 break
 
@@ -216,7 +223,17 @@ class _Sim(SimBudget, SimReuse, SimCalls):
         if fps is not None and self.inflight.lead(fps[i], r, i):
             self.index_near(i, fps[i], math.inf)
         # Back from a dispatch (a batch cancelled late, a failed attempt), as the live grouper tells it.
-        self.apply(*self.table.add(r, self.compat[i], now, returned=bool(self.hedges[i] or self.attempts[i])))
+        returned = bool(self.hedges[i] or self.attempts[i])
+        if fresh and not returned:
+            g = self.table.join(r, self.compat[i], now)
+            self.arrived.setdefault(id(g), g)  # decided once the instant's other arrivals have joined
+        else:
+            self.apply(*self.table.add(r, self.compat[i], now, returned=returned))
+
+    def decide_arrived(self) -> None:
+        groups, self.arrived = self.arrived, {}
+        for g in groups.values():
+            self.apply(*self.table.decide(g, self.now))
 
     def apply(self, dispatches: list[Dispatch], wake: Wake | None) -> None:
         if dispatches:

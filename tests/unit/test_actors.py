@@ -618,3 +618,16 @@ def test_a_batch_a_budget_holds_past_its_checkpoint_goes_back_to_the_grouper_pol
         assert (await g.stats())["pending"] == 0 and len(g.waits) == 0
         assert set(budget.book.claims) == {j.claim}  # the second batch's claim alone, no sync price first
     run(go())
+
+
+def test_the_grouper_judges_the_requests_of_one_arrival_instant_together():
+    """The live half of test_second_batch.py's burst: ten small requests of one instant in one call gather as
+    one batch; decided one by one, the first two went sync at once at the full price."""
+    async def go():
+        disp = Seen()
+        g = Grouper(load_policy("smart", CAT), CAT, ManualClock(0.0), {"openai": disp}, ledger(), ResultHub())
+        jobs = [Job(k, req(k, input_tokens=20, output_tokens=256, deadline_s=86400.0), f"fp{k}") for k in range(10)]
+        await g.add(jobs)
+        assert disp.calls == [] and [len(grp) for grp in g.table.groups.values()] == [10]
+    run(go())
+

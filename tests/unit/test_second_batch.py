@@ -208,3 +208,21 @@ def test_the_members_back_of_a_budget_try_are_decided_once_every_dispatch_of_it_
     (at, holding), = seen
     assert at >= 1800.0 and holding == ["global/30m"]
     assert res.mode[ids["a"]] != 1  # not the batch the live grouper never sends
+
+
+def _burst(n: int = 10, spread_s: float = 0.0) -> list[Request]:
+    """A batch file's lines (or a ``submit_many``): small requests at one instant, due within a day."""
+    return [Request.model_validate({"id": f"line{k}", "arrival_s": k * spread_s, "model": "gpt-5-mini",
+                                    "prompt": f"Write a haiku about the number {k}", "input_tokens": 20,
+                                    "output_tokens": 256, "deadline_s": 86400.0}) for k in range(n)]
+
+
+def test_requests_that_arrive_at_one_instant_are_judged_together_and_ride_one_batch():
+    """Decided one by one, the first two lines of a ten-line batch file were each judged alone (a saving under
+    ``min_batch_saving_usd``) and sent sync at the full price, while the other eight rode a batch (a helper's
+    review as a new user). Arrivals of one instant now join their groups before any is decided."""
+    res = simulate(_burst(), load_policy("smart", CAT))
+    assert list(res.mode) == [1] * 10 and len({int(b) for b in res.batch_of}) == 1
+    # A millisecond apart they are separate arrivals: the first is judged alone, as before.
+    apart = simulate(_burst(spread_s=0.001), load_policy("smart", CAT))
+    assert apart.mode[0] == 0 and apart.total_cost > res.total_cost
