@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from engine.core.catalog import ModelSpec
 
-__all__ = ["GENERATION_PARAMS", "FieldProblem", "bad_content", "check_generation", "check_json", "check_media", "check_route",
+__all__ = ["GENERATION_PARAMS", "FieldProblem", "bad_content", "check_roles", "check_generation", "check_json", "check_media", "check_route",
            "check_text"]
 
 
@@ -133,6 +133,21 @@ def check_route(body: dict, where: str, api: str, route: str) -> None:
     if route == "responses" and "messages" in body and "input" not in body:
         raise FieldProblem(f"{where}.messages", f"{where}.messages is a /v1/chat/completions field, and this model "
                            "is called through /v1/responses: give input")
+
+
+_ROLES = ("system", "developer", "user", "assistant", "tool", "function")  # OpenAI's; Anthropic's are among them
+
+
+def check_roles(body: dict, where: str) -> None:
+    """Every message of ``body`` names a role a provider takes: without one, or with another, it was accepted,
+    reserved for and sent, and the provider answered 400 (a helper's review; in simulation nothing noticed)."""
+    messages = body.get("messages")
+    for k, m in enumerate(messages if isinstance(messages, list) else ()):
+        role = m.get("role") if isinstance(m, Mapping) else None
+        if role not in _ROLES:
+            got = "no role" if role is None else f"role {str(role)[:40]!r}"
+            raise FieldProblem(f"{where}.messages[{k}].role", f"a message needs a role, one of "
+                               f"{', '.join(_ROLES)}; got {got}")
 
 
 def check_generation(body: dict, where: str, api: str | None = None) -> None:

@@ -23,6 +23,7 @@ from engine.core._checks import (
     check_generation,
     check_json,
     check_media,
+    check_roles,
     check_route,
     check_text,
 )
@@ -291,6 +292,8 @@ class Request(BaseModel):
         except CatalogError as exc:
             raise FieldProblem("provider" if "has no model" not in str(exc) and provider is not None else "model", str(exc)) from None
         endpoint = settings.providers.endpoints.get(d["provider"])
+        if body is not None and spec.kind == "text":
+            check_roles(body, "body")
         if body is not None and endpoint is not None:
             check_generation(body, "body", endpoint.api)
             if endpoint.api == "anthropic":

@@ -88,6 +88,9 @@ def test_a_body_that_is_not_json_is_refused_naming_its_path(body, field, says):
     ({"body": {"messages": [{"role": "user", "content": 5}]}}, "body.messages[0].content", "got int"),
     ({"prompt": "hi", "max_output_tokens": 200_000}, "max_output_tokens", "over gpt-5-mini's maximum output"),
     ({"prompt": "hi", "output_tokens": 300, "max_output_tokens": 20}, "max_output_tokens", "under output_tokens 300"),
+    ({"body": {"messages": [{"content": "Hi"}]}}, "body.messages[0].role", "got no role"),
+    ({"body": {"messages": [{"role": "user", "content": "Hi"}, {"role": "wizard", "content": "Hi"}]}},
+     "body.messages[1].role", "got role 'wizard'"),  # a provider answers 400: refused here, per request
 ])
 def test_a_wrong_type_or_cap_is_named_with_the_fix_that_applies(extra, field, says):
     """A helper's review as a new user: a number given as the prompt was called a missing input_tokens, a
