@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from engine.core.catalog import ModelSpec
 
-__all__ = ["GENERATION_PARAMS", "FieldProblem", "bad_content", "check_roles", "check_generation", "check_json", "check_media", "check_route",
-           "check_text"]
+__all__ = ["GENERATION_PARAMS", "FieldProblem", "check_generation", "check_json", "check_media", "check_messages",
+           "check_route", "check_text"]
 
 
 class FieldProblem(ValueError):
@@ -135,21 +135,6 @@ def check_route(body: dict, where: str, api: str, route: str) -> None:
                            "is called through /v1/responses: give input")
 
 
-_ROLES = ("system", "developer", "user", "assistant", "tool", "function")  # OpenAI's; Anthropic's are among them
-
-
-def check_roles(body: dict, where: str) -> None:
-    """Every message of ``body`` names a role a provider takes: without one, or with another, it was accepted,
-    reserved for and sent, and the provider answered 400 (a helper's review; in simulation nothing noticed)."""
-    messages = body.get("messages")
-    for k, m in enumerate(messages if isinstance(messages, list) else ()):
-        role = m.get("role") if isinstance(m, Mapping) else None
-        if role not in _ROLES:
-            got = "no role" if role is None else f"role {str(role)[:40]!r}"
-            raise FieldProblem(f"{where}.messages[{k}].role", f"a message needs a role, one of "
-                               f"{', '.join(_ROLES)}; got {got}")
-
-
 def check_generation(body: dict, where: str, api: str | None = None) -> None:
     """The well-known generation parameters of ``body`` (``GENERATION_PARAMS``) have their types and ranges;
     with ``api`` (the provider's wire format), only that format's narrower ranges. One dict lookup per key of
@@ -218,12 +203,22 @@ def check_media(params: dict[str, Any], spec: ModelSpec, model: str) -> None:
                                f"one of {', '.join(f'{d:g}' for d in spec.durations_s)} (seconds)")
 
 
-def bad_content(body: Mapping) -> tuple[str, str] | None:
-    """The first message content of ``body`` that is neither text nor a list of parts, named by its path."""
+_ROLES = ("system", "developer", "user", "assistant", "tool", "function")  # OpenAI's; Anthropic's are among them
+
+
+def check_messages(body: Mapping, where: str) -> None:
+    """Every message of ``body`` names a role a provider takes and has text or a list of parts as its content
+    (or none): otherwise it was accepted, reserved for and sent, and the provider answered 400, or a number
+    given as the content was reported as a body with no text (a helper's review; in simulation nothing
+    noticed)."""
     messages = body.get("messages")
-    for k, m in enumerate(messages if isinstance(messages, list) else []):
-        c = m.get("content") if isinstance(m, Mapping) else None
+    for k, m in enumerate(messages if isinstance(messages, list) else ()):
+        role = m.get("role") if isinstance(m, Mapping) else None
+        if role not in _ROLES:
+            got = "no role" if role is None else f"role {str(role)[:40]!r}"
+            raise FieldProblem(f"{where}.messages[{k}].role", f"a message needs a role, one of "
+                               f"{', '.join(_ROLES)}; got {got}")
+        c = m.get("content")
         if c is not None and not isinstance(c, (str, list)):
-            return (f"body.messages[{k}].content", f"a message's content is text or a list of parts, got "
-                    f"{type(c).__name__} {str(c)[:40]!r}: give it as a string")
-    return None
+            raise FieldProblem(f"{where}.messages[{k}].content", f"a message's content is text or a list of "
+                               f"parts, got {type(c).__name__} {str(c)[:40]!r}: give it as a string")

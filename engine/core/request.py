@@ -18,12 +18,11 @@ from pydantic import (
 
 from engine.core._checks import (
     FieldProblem,
-    bad_content,
     check_cache_ttl,
     check_generation,
     check_json,
     check_media,
-    check_roles,
+    check_messages,
     check_route,
     check_text,
 )
@@ -293,7 +292,7 @@ class Request(BaseModel):
             raise FieldProblem("provider" if "has no model" not in str(exc) and provider is not None else "model", str(exc)) from None
         endpoint = settings.providers.endpoints.get(d["provider"])
         if body is not None and spec.kind == "text":
-            check_roles(body, "body")
+            check_messages(body, "body")
         if body is not None and endpoint is not None:
             check_generation(body, "body", endpoint.api)
             if endpoint.api == "anthropic":
@@ -323,9 +322,6 @@ class Request(BaseModel):
             if (spec.kind == "text" and not (isinstance(prompt, str) and prompt) and not calls and not images
                     and not only_tool_outputs(body)):
                 if body is not None:  # an OpenAI/Anthropic body: name its field, not the trace's
-                    bad = bad_content(body)
-                    if bad is not None:
-                        raise FieldProblem(bad[0], bad[1])
                     raise FieldProblem("body.messages", "the body has no text to send: give messages with content, "
                                        'e.g. [{"role": "user", "content": "..."}] (or input, for /v1/responses)')
                 raise FieldProblem("input_tokens", "a text request needs 'input_tokens' or a 'prompt' to estimate them from")

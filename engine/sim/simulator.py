@@ -231,9 +231,16 @@ class _Sim(SimBudget, SimReuse, SimCalls):
             self.apply(*self.table.add(r, self.compat[i], now, returned=returned))
 
     def decide_arrived(self) -> None:
+        """Decide the groups this instant's arrivals joined; their dispatches reserve together, as those of one
+        grouper call do."""
         groups, self.arrived = self.arrived, {}
+        dispatches: list[Dispatch] = []
         for g in groups.values():
-            self.apply(*self.table.decide(g, self.now))
+            ds, wake = self.table.decide(g, self.now)
+            dispatches += ds
+            if wake is not None:
+                self.push(wake.at, "wake", wake)
+        self.apply(dispatches, None)
 
     def apply(self, dispatches: list[Dispatch], wake: Wake | None) -> None:
         if dispatches:
