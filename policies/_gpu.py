@@ -24,7 +24,8 @@ class GpuLane:
         n = len(group)
         m = min(company, gb.max_batch - n)
         if m <= 0:
-            return "no company expected (the lane has had no recent arrivals)"
+            return ("no company expected (a member expects none)" if group.closed else
+                    "no company expected (the lane has had no recent arrivals)")
         unit = gpu_unit_seconds(group.spec, group.members[0].params)
 
         def share(b: int) -> float:
@@ -60,7 +61,8 @@ class GpuLane:
             # promise is worth the wait. A rate is known over its time constant, so the promise is judged (and
             # judged again) one horizon at a time: a lane gone quiet stops holding its jobs.
             horizon = min(flush_at - now, group.rates.tau_s if group.rates is not None else 0.0)
-            why_not = self._gpu_not_worth(group, group.arrival_rate(now) * horizon, horizon)
+            company = 0.0 if group.closed else group.arrival_rate(now) * horizon  # ``Request.gather``
+            why_not = self._gpu_not_worth(group, company, horizon)
             if why_not is not None:
                 return Decision("dispatch", mode="gpu_batch", recommendation="process_individually" if n == 1
                                 else "process_as_batch", reason=f"GPU now, {n} job(s): {why_not}")

@@ -225,6 +225,8 @@ class Smart(GpuLane, Policy):
         finishing before the hedge by at most ``gather_p_loss`` (``shared_gather_p_loss`` in the shared band), so
         long deadlines gather long, large batches that share cached prefixes, and short ones go almost at once.
         Closed form: wait ``g`` such that ``usable - g`` is the turnaround quantile of ``cdf(usable) - loss``."""
+        if group.closed:  # a member expects no company (``Request.gather``): holding it would buy nothing
+            return 0.0
         ba = group.provider.batch_api
         usable = (group.earliest_deadline_at - group.oldest_arrival_s
                   - self._hedge_lead(c, group.max_output_tokens, len(group)))
@@ -262,11 +264,12 @@ class Smart(GpuLane, Policy):
         c = self._text_consts(group.provider, group.spec, group.members[0].model)
         drain = -(-n // c.max_conc)
         memo = group.memo  # derived from the group alone: caching it on the group changes no decision
-        if memo is not None and memo[:4] == (group.earliest_deadline_at, group.oldest_arrival_s, drain, ba):
-            flush_at = memo[4]
+        mkey = (group.earliest_deadline_at, group.oldest_arrival_s, drain, ba, group.closed > 0)
+        if memo is not None and memo[:5] == mkey:
+            flush_at = memo[5]
         else:  # (``ba`` too: the runtime's learned turnaround changes at its epochs)
             flush_at = group.oldest_arrival_s + self._gather_budget(group, c)
-            group.memo = (group.earliest_deadline_at, group.oldest_arrival_s, drain, ba, flush_at)
+            group.memo = (*mkey, flush_at)
         if isinstance(group.key[2], tuple):
             # Members back from one dispatch come back together: judged once all of them are here, then sent
             # (nothing else joins this group).
@@ -286,11 +289,11 @@ class Smart(GpuLane, Policy):
         send_at = flush_at if gathering else now
         if not p.second_batch or group.returned:
             checkpoint, p_on_time = None, ba.turnaround_cdf(hedge_at - send_at)
-        elif len(group.memo) > 5 and group.memo[5] == (hedge_at, send_at, ba):  # decided on every arrival: kept
-            checkpoint, p_on_time = group.memo[6]
+        elif len(group.memo) > 6 and group.memo[6] == (hedge_at, send_at, ba):  # decided on every arrival: kept
+            checkpoint, p_on_time = group.memo[7]
         else:
             checkpoint, p_on_time = second_batch_checkpoint(ba, send_at, hedge_at)
-            group.memo = group.memo[:5] + ((hedge_at, send_at, ba), (checkpoint, p_on_time))
+            group.memo = group.memo[:6] + ((hedge_at, send_at, ba), (checkpoint, p_on_time))
         # List prices without cache effects: the batch reads the provider cache as sync calls would, so the
         # comparison (and the saving quoted in the reason) holds with caching too.
         c_sync = c.p_in * tokens_in + c.p_out * tokens_out

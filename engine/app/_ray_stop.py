@@ -45,12 +45,14 @@ def exit_now(code: int) -> NoReturn:
 
 
 def stop_or_lose_ray(steps: Callable[[], None], ray_procs: list[subprocess.Popen], *,
-                     timeout_s: float = 30.0, poll_s: float = 0.05) -> str:
+                     timeout_s: float = 30.0, poll_s: float = 0.05, grace_s: float = 3.0) -> str:
     """Run ``steps`` (the Ray calls that stop the endpoint and the engine) in a thread, and watch the local Ray's
-    processes meanwhile: "done" when the steps finish, "ray-gone" as soon as one of those processes exits first,
-    "timeout" after ``timeout_s``. None of them exits while Ray runs; after a SIGTERM to the whole process group
-    the log monitor is gone within milliseconds while the raylet takes seconds to wind down, its actors first:
-    the steps would then block on them, and then for a minute on the GCS. An error of the steps is raised here."""
+    processes meanwhile: "done" when the steps finish, "ray-gone" when one of those processes exited and the
+    steps have not finished ``grace_s`` later, "timeout" after ``timeout_s``. None of them exits while Ray runs;
+    after a SIGTERM to the whole process group the log monitor is gone within milliseconds while the raylet takes
+    seconds to wind down, its actors first: the steps would then block on them, and then for a minute on the
+    GCS. The grace is for steps that end by shutting Ray down themselves (an engine that started its Ray):
+    without it, every ``batch`` run ended as if interrupted (exit 130). An error of the steps is raised here."""
     failed: list[BaseException] = []
 
     def run() -> None:
@@ -62,8 +64,11 @@ def stop_or_lose_ray(steps: Callable[[], None], ray_procs: list[subprocess.Popen
     worker = threading.Thread(target=run, name="smartbatch-engine-stop", daemon=True)
     worker.start()
     deadline = time.monotonic() + timeout_s
+    gone_at = None
     while worker.is_alive():
-        if any(p.poll() is not None for p in ray_procs):
+        if gone_at is None and any(p.poll() is not None for p in ray_procs):
+            gone_at = time.monotonic()
+        if gone_at is not None and time.monotonic() - gone_at >= grace_s:
             return "ray-gone"
         if time.monotonic() >= deadline:
             return "timeout"

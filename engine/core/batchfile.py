@@ -168,8 +168,9 @@ def _parse(numbered: Iterable[tuple[int, str]], problems: list[Problem], src: st
                                                                  "the line")))
             continue
         try:
-            req = Request.model_validate({**raw, "arrival_s": 0.0, "deadline_s": window_s, "tenant": tenant},
-                                         context=ctx)
+            # A file is read whole: nothing more comes to batch with its lines, so none is held for company.
+            req = Request.model_validate({"gather": False, **raw, "arrival_s": 0.0, "deadline_s": window_s,
+                                          "tenant": tenant}, context=ctx)
         except ValidationError as exc:
             first = next(iter(_problems_of(exc)), ("line", str(exc)))
             lines.append(BatchLine(no, cid, url, problem=first))

@@ -238,6 +238,7 @@ class Group:
     output_tokens: int = 0
     by_priority: dict[str, int] = field(default_factory=dict)  # members per priority
     returned: set[str] = field(default_factory=set)  # uids of members back from a dispatch (a cancelled batch, a retry)
+    closed: int = 0  # members that expect no company (``Request.gather`` false): nothing is held for them
 
     def __post_init__(self) -> None:
         if self.rate_key is None:
@@ -254,6 +255,7 @@ class Group:
         self.input_tokens += req.input_tokens
         self.output_tokens += req.output_tokens
         self.by_priority[req.priority] = self.by_priority.get(req.priority, 0) + 1
+        self.closed += not req.gather
         self.version += 1
 
     def arrival_rate(self, now: float) -> float:
@@ -273,13 +275,14 @@ class Group:
             self.returned.difference_update(r.uid for r in out)
         if not self.members:
             self.earliest_deadline_at = self.oldest_arrival_s = float("inf")
-            self.max_output_tokens = self.input_tokens = self.output_tokens = 0
+            self.max_output_tokens = self.input_tokens = self.output_tokens = self.closed = 0
             self.by_priority = {}
             return out
         self.input_tokens -= sum(r.input_tokens for r in out)
         self.output_tokens -= sum(r.output_tokens for r in out)
         for r in out:
             self.by_priority[r.priority] -= 1
+            self.closed -= not r.gather
         self.earliest_deadline_at = min((r.deadline_at for r in self.members), default=float("inf"))
         self.oldest_arrival_s = min((r.arrival_s for r in self.members), default=float("inf"))
         self.max_output_tokens = max((r.output_tokens for r in self.members), default=0)

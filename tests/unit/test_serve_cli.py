@@ -119,7 +119,8 @@ def test_a_stop_returns_when_a_ray_process_exits_under_calls_that_would_block():
     proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     try:
         outcome: list[str] = []
-        t = threading.Thread(target=lambda: outcome.append(stop_or_lose_ray(never.wait, [proc], timeout_s=60)))
+        t = threading.Thread(target=lambda: outcome.append(stop_or_lose_ray(never.wait, [proc], timeout_s=60,
+                                                                            grace_s=0.5)))
         t.start()
         proc.kill()
         proc.wait(30)
@@ -130,6 +131,23 @@ def test_a_stop_returns_when_a_ray_process_exits_under_calls_that_would_block():
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)
+        proc.stdin.close()
+
+
+def test_a_stop_that_shuts_its_own_ray_down_is_done_not_ray_gone():
+    """An engine that started its Ray shuts it down at the end of its stop, so Ray's processes exit before the
+    steps return: every `smartbatch batch` run ended as if interrupted (exit 130, "interrupted" printed)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    killed = threading.Event()
+
+    def steps():  # the engine's stop, ending with ray.shutdown(): the processes go, then the call returns
+        proc.kill()
+        proc.wait(30)
+        killed.set()
+        threading.Event().wait(0.3)  # what ray.shutdown() still does after its processes are gone
+    try:
+        assert stop_or_lose_ray(steps, [proc], timeout_s=60, grace_s=30) == "done" and killed.is_set()
+    finally:
         proc.stdin.close()
 
 
