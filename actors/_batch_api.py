@@ -240,7 +240,7 @@ class BatchApiRuns:
                     # poll sent once the allowance was over: one sent before it and answered after it says
                     # "cancelling" of a cancel that may have ended since (slow links, a busy event loop).
                     log.warning("dispatcher %s: batch cancel still pending; sending its unfinished members", self.name)
-                    self._spawn(self._watch_late_cancel(handle, cjobs, key, cancel=not cancel_taken), [], b)
+                    await self._watch(b, key, jobs, start, handle, cancel=not cancel_taken)
                     handle = None
                     break
                 wait = st.next_poll_s if st is not None else POLL_RETRY_S
@@ -255,7 +255,7 @@ class BatchApiRuns:
                     # The members go again for their deadlines, and the batch is read until it answers: what it
                     # finished is then on the bill twice, so it is counted (paid_twice) and charged to the
                     # budgets. Before, it was paid twice with the report saying 0 and the ledger short of it.
-                    self._spawn(self._watch_late_cancel(handle, cjobs, key), [], b)
+                    await self._watch(b, key, jobs, start, handle)
                 outs = read or {}
         if self._open.pop(key, None) is not None:
             self._unjournal.append((self._space, key))
@@ -291,7 +291,31 @@ class BatchApiRuns:
         end = cancelled_at if cancelled_at is not None else self.clock.now()
         return Turnaround(self.name, model, start, end, censored=True)
 
+    @property
+    def _watch_space(self) -> str:
+        return self._space + ":watch"
+
+    async def _watch(self, b: BatchJob, key: str, jobs: list[Job], start: float, handle, cancel: bool = False) -> None:
+        """Follow a batch whose members go again (``_watch_late_cancel``), journaled first: its own record goes
+        once its members are answered, and a restart then found nothing that named it. The batch ran on,
+        uncancelled, and finished every member the sync calls also paid for, uncounted and uncharged (a helper's
+        fault hunt)."""
+        rec = self._watching[key] = (b._replace(jobs=[]), handle, jobs, start, cancel)
+        try:
+            await self.journal.put(self._watch_space, key, rec)
+        except Exception as exc:  # it is still followed; only a restart of this dispatcher would lose it
+            log.warning("dispatcher %s: could not journal the watch of batch %s: %s", self.name, key, _short(exc))
+        cjobs = [self._call_job(j, start, batch=True) for j in jobs]
+        self._spawn(self._watch_late_cancel(handle, cjobs, key, cancel=cancel), [], b)
+
     async def _watch_late_cancel(self, handle, cjobs: list[CallJob], key: str, cancel: bool = False) -> None:
+        await self._watch_to_end(handle, cjobs, key, cancel)
+        # Ended, or given up on: nothing is left to count. (Cancelled with the actor, its record stays.)
+        if self._watching.pop(key, None) is not None:
+            self._unjournal.append((self._watch_space, key))
+            self._kick()
+
+    async def _watch_to_end(self, handle, cjobs: list[CallJob], key: str, cancel: bool) -> None:
         """A batch whose members were sent again for their deadlines: its cancel outlasted ``cancel_s``, or its
         results could not be read. Follow it to its end and read its results, so any member it finished
         (billed twice) is counted, not hidden. ``cancel``: the provider never took its cancel, which is made

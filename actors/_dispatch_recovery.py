@@ -8,6 +8,7 @@ import asyncio
 import logging
 
 from actors._batch_api import _short
+from actors._shards import uid_shard
 from actors.journal import read_patiently
 
 log = logging.getLogger("smartbatch.dispatcher")
@@ -78,21 +79,27 @@ class Recovery:
             fut.set_result(None)
 
     async def _recover_journal(self) -> int:
-        async def read() -> tuple[dict, dict]:
-            return await self.journal.items(self._space), await self.journal.items(self._sync_journal.space)
+        async def read() -> tuple[dict, dict, dict]:
+            return (await self.journal.items(self._space), await self.journal.items(self._sync_journal.space),
+                    await self.journal.items(self._watch_space))
 
         wait_s = self.settings.journal.recover_wait_s
         try:
-            records, bodies = await read_patiently(read, f"dispatcher {self.name}", wait_s)
+            records, bodies, watches = await read_patiently(read, f"dispatcher {self.name}", wait_s)
         except Exception as exc:
             self._recovery = None  # the driver's rewire may try again
             self.journal_unread += 1
             log.error("dispatcher %s: journal unreadable after a restart (%s) for %.0f s; batches it had submitted "
                       "are not followed and their members are sent again", self.name, _short(exc), wait_s)
             return -1
+        ended = await self._ended_at_hub([rec[1].req.uid for rec in bodies.values()]
+                                         + [j.req.uid for rec in records.values() for j in rec[1]])
         n = 0
         for key, rec in bodies.items():
             b, j, cache_write, _ = rec
+            if j.req.uid in ended:  # answered before the restart, which cut only its record's delete
+                self._unjournal.append((self._sync_journal.space, key))
+                continue
             # A call that may have reached the provider (and been billed): made again under its key with its
             # body, so a provider that honours the key answers it without billing it twice.
             if j.req.uid in self._known or key in self._sync_calls:
@@ -106,7 +113,12 @@ class Recovery:
             self._spawn(self._run_sync(b, j, cache_write, self.clock.now()), [j], b)
             self.resumed_calls += 1
         for key, (b, jobs, start, tokens, handle, body) in records.items():
-            jobs = [j for j in jobs if j.req.uid not in self._known]  # e.g. a hedged member already sent sync
+            # Not those sent again (a hedged member sent sync) nor those answered before the restart: a record
+            # outlives its batch until its results are with the hub, and a restart in its delete's retry window
+            # re-attached to the ended batch and handed back members already served, to be sent and paid again.
+            jobs = [j for j in jobs if j.req.uid not in self._known and j.req.uid not in ended]
+            if not jobs and key not in self._open:
+                self._unjournal.append((self._space, key))
             if key in self._open or not jobs:
                 continue
             self._open[key] = (b, jobs, start, tokens, handle, body)
@@ -120,21 +132,40 @@ class Recovery:
                 cjobs = [self._call_job(j, start, batch=True) for j in jobs]
                 self._spawn(self._follow_batch(key, b, jobs, start, tokens, handle, cjobs), jobs, b)
             n += 1
+        for key, (b, handle, jobs, start, cancel) in watches.items():
+            if key not in self._watching:  # a batch whose members went again: still cancelled, and counted
+                await self._watch(b, key, jobs, start, handle, cancel)
         self.reattached += n
+        if self._unjournal:
+            self._kick()
         if n or self.resumed_calls:
             log.warning("dispatcher %s: after a restart, re-attached to %d open batch(es) and resumed %d call(s)",
                         self.name, n, self.resumed_calls)
         return n
+
+    async def _ended_at_hub(self, uids: list[str]) -> set[str]:
+        """Of ``uids`` (work a restarted dispatcher's journal names), those whose result the hub holds: a record
+        is deleted only after its results were pushed, so these ended; their records outlived them (a delete cut
+        by the restart, or by a journal error and its retry)."""
+        if not uids or not self.hubs:
+            return set()
+        try:
+            answers = await self.hubs.call("recall", uid_shard, uids)
+        except Exception as exc:  # resumed as before: a provider that honours the call's key bills it once
+            log.warning("dispatcher %s: could not ask the hub what ended (%s)", self.name, _short(exc))
+            return set()
+        return {u for _, got in answers for u in got}
 
     async def rejournal(self) -> int:
         """Write every open batch and sync body to the journal again (after the hub, which keeps a memory
         journal, restarted)."""
         for key in list(self._open):
             await self._journal_put(key)
-        if self._sync_calls:
-            try:
-                await self.journal.put_many(self._sync_journal.space, dict(self._sync_calls))
-            except Exception as exc:
-                log.warning("dispatcher %s: could not journal sync bodies: %s", self.name, _short(exc))
+        for space, recs in ((self._sync_journal.space, self._sync_calls), (self._watch_space, self._watching)):
+            if recs:
+                try:
+                    await self.journal.put_many(space, dict(recs))
+                except Exception as exc:
+                    log.warning("dispatcher %s: could not journal %s: %s", self.name, space, _short(exc))
         return len(self._open)
 

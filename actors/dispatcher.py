@@ -75,6 +75,7 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
         self._space = f"batches:{provider}"
         # idempotency key -> (dispatch, job, cache_write, body) of a sync call over HTTP, until it ends
         self._sync_calls: dict[str, tuple] = {}
+        self._watching: dict[str, tuple] = {}  # key -> (dispatch, handle, jobs, start, cancel): members went again
         # Journal records of work that ended, cleared once its results are with the hub: a restart in between
         # finds the record (re-makes the call under its key, or re-reads the batch), not losing billed results.
         self._unjournal: list[tuple[str, str]] = []
@@ -99,7 +100,7 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
         self._warmth: list = []  # prompt-cache warmth its results showed, for every grouper (``_note_warm``)
         # What it told them, numbered by message: a grouper Ray restarts learns it again (``turnarounds_told``).
         self._told: deque = deque(maxlen=TOLD_KEPT)
-        self._told_seq = 0
+        self._told_seq = time.time_ns() // 1000  # above the last incarnation's: a grouper skips numbers it heard
         # Whether the groupers learn batch turnarounds (a constructor argument: a restarted dispatcher tells them
         # how its re-attached batches end)
         self._learners = learners
