@@ -24,8 +24,7 @@ class GpuLane:
         n = len(group)
         m = min(company, gb.max_batch - n)
         if m <= 0:
-            return ("no company expected (a member expects none)" if group.closed else
-                    "no company expected (the lane has had no recent arrivals)")
+            return "no company expected (the lane has had no recent arrivals)"
         unit = gpu_unit_seconds(group.spec, group.members[0].params)
 
         def share(b: int) -> float:
@@ -56,13 +55,16 @@ class GpuLane:
         flush_at = group.earliest_deadline_at - run_full - p.gpu_margin_s
         if p.gpu_max_wait_s is not None:
             flush_at = min(flush_at, group.oldest_arrival_s + p.gpu_max_wait_s)
-        if now < flush_at:
+        if group.closed:  # a member expects no company (``Request.gather``): only the rest of its submission
+            flush_at = min(flush_at, group.oldest_arrival_s + p.closed_gather_s)
+            if now < flush_at:
+                return Decision.wait(flush_at, f"gathering the rest of a submission ({n}/{gb.max_batch})")
+        elif now < flush_at:
             # Value of time, as for batch lanes: gather only while the company the lane's recent arrivals
             # promise is worth the wait. A rate is known over its time constant, so the promise is judged (and
             # judged again) one horizon at a time: a lane gone quiet stops holding its jobs.
             horizon = min(flush_at - now, group.rates.tau_s if group.rates is not None else 0.0)
-            company = 0.0 if group.closed else group.arrival_rate(now) * horizon  # ``Request.gather``
-            why_not = self._gpu_not_worth(group, company, horizon)
+            why_not = self._gpu_not_worth(group, group.arrival_rate(now) * horizon, horizon)
             if why_not is not None:
                 return Decision("dispatch", mode="gpu_batch", recommendation="process_individually" if n == 1
                                 else "process_as_batch", reason=f"GPU now, {n} job(s): {why_not}")

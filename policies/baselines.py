@@ -70,7 +70,7 @@ class Fixed(Policy):
         gpu = group.spec.gpu_priced
         if gpu and group.provider.gpu_batching is not None:
             limit = min(limit, group.provider.gpu_batching.max_batch)
-        if len(group) >= limit or now >= group.oldest_arrival_s + p.batch_wait_timeout_s or group.closed:
+        if len(group) >= limit or now >= group.oldest_arrival_s + p.batch_wait_timeout_s:
             n = min(len(group), limit)
             return Decision("dispatch", mode="gpu_batch" if gpu else "sync", take=n,
                             recommendation="process_as_batch" if n > 1 else "process_individually",
@@ -99,8 +99,7 @@ class BatchAll(Policy):
         if ba is None or group.spec.kind not in ba.kinds:
             return Decision("dispatch", mode="sync", recommendation="process_individually",
                             reason="batch-all: no batch API for this model")
-        # A member that expects no company (``Request.gather`` false) is not held for any.
-        if len(group) >= ba.max_requests or now >= group.oldest_arrival_s + self.params.batch_wait_s or group.closed:
+        if len(group) >= ba.max_requests or now >= group.oldest_arrival_s + self.params.batch_wait_s:
             n = min(len(group), ba.max_requests)
             return Decision("dispatch", mode="batch_api", take=n, recommendation="process_as_batch",
                             reason=f"batch-all: {n} requests to the batch API, no hedge")

@@ -225,8 +225,6 @@ class Smart(GpuLane, Policy):
         finishing before the hedge by at most ``gather_p_loss`` (``shared_gather_p_loss`` in the shared band), so
         long deadlines gather long, large batches that share cached prefixes, and short ones go almost at once.
         Closed form: wait ``g`` such that ``usable - g`` is the turnaround quantile of ``cdf(usable) - loss``."""
-        if group.closed:  # a member expects no company (``Request.gather``): holding it would buy nothing
-            return 0.0
         ba = group.provider.batch_api
         usable = (group.earliest_deadline_at - group.oldest_arrival_s
                   - self._hedge_lead(c, group.max_output_tokens, len(group)))
@@ -247,6 +245,8 @@ class Smart(GpuLane, Policy):
             # warm from their submission (the simulator before stop 30); kept since it still hedges less
             # (docs/policies.md).
             cap = min(cap, ba.turnaround_median_s + pc.ttl_s)
+        if group.closed:  # a member expects no company (``Request.gather``): only the rest of its submission
+            cap = min(cap, self.params.closed_gather_s)
         return min(max(g, 0.0), cap)
 
     def _decide_batch(self, group: Group, now: float) -> Decision:
@@ -310,6 +310,9 @@ class Smart(GpuLane, Policy):
         else:
             projected = saving * (1.0 + group.arrival_rate(now) * (flush_at - now) / k) if gathering else saving
         why_not = self._not_worth(group, projected, c_sync, p_on_time, hedge_at, send_at, now)
+        if why_not is not None and gathering and group.closed:
+            # The rest of its submission is on its way (a file's lines come in parts): judged with it.
+            return Decision.wait(flush_at, "gathering the rest of a submission")
         if why_not is not None:
             return Decision("dispatch", mode="sync", take=k, recommendation="process_individually",
                             reason=f"sync now: {why_not}")

@@ -73,7 +73,8 @@ class AsyncSubmit:
 
     async def _asubmit_futures(self, requests: list[Request | Mapping]) -> list[ResultFuture]:
         # RequestError here, before any is queued; a position only among several (asubmit gives one)
-        reqs = [self._as_request(r, k if len(requests) > 1 else None) for k, r in enumerate(requests)]
+        now = self.clock.now()  # one arrival instant for them all: judged together (``GroupTable.join``)
+        reqs = [self._as_request(r, k if len(requests) > 1 else None, now) for k, r in enumerate(requests)]
         refs = self._forgets_of(reqs)
         if refs:  # an id being forgotten: sent only once it is (``Pulling._forget``)
             await asyncio.to_thread(self._ray.wait, refs, num_returns=len(refs), timeout=FORGET_WAIT_S)

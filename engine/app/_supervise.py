@@ -308,6 +308,12 @@ class Supervised:
             self._end(f"engine {self._h['engine']!r} was stopped")
         return True
 
+    @property
+    def gone(self) -> str | None:
+        """Why this driver can take no more work, its engine stopped elsewhere (``smartbatch stop``) or lost; the
+        open futures it failed then carry this as their error. None while the engine runs."""
+        return self._gone
+
     def _end(self, why: str) -> None:
         """This driver can do nothing more: new submits raise ``EngineStopped`` with ``why``, open futures fail."""
         self._gone = why

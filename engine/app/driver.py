@@ -61,9 +61,7 @@ class Engine(AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervised):
         # A driver that attaches numbers from a random far point, so two drivers' requests do not share draws.
         self._next_row = 0 if owner else secrets.randbits(15) << 32
         ray.get([h.claim.remote(self._client, []) for h in handles["hubs"]])  # known before its first pull
-        self.clock = clock
-        self.settings = settings
-        self.catalog = catalog
+        self.clock, self.settings, self.catalog = clock, settings, catalog
         self._ctx = validation_context(catalog, settings)
         self._started_ray = started_ray
         self._micro_batch = micro_batch
@@ -251,13 +249,13 @@ class Engine(AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervised):
         return engine_day_origin(self.settings.sim.day_origin_s, self.clock)
 
     # -- submitting -------------------------------------------------------------------------------------------
-    def _as_request(self, r: Request | Mapping, at: int | None = None) -> Request:
+    def _as_request(self, r: Request | Mapping, at: int | None = None, now: float | None = None) -> Request:
         if isinstance(r, Request):
             return in_catalog(r, self.catalog, at)
         if not isinstance(r, Mapping):
             raise RequestError(None, "request", f"a request is a dict (or a Request), got {type(r).__name__}", at)
         d = dict(r)
-        d.setdefault("arrival_s", max(self.clock.now(), 0.0))
+        d.setdefault("arrival_s", max(self.clock.now() if now is None else now, 0.0))
         try:
             return Request.model_validate(d, context=self._ctx)
         except ValidationError as exc:
@@ -353,8 +351,10 @@ class Engine(AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervised):
         return fut
 
     def submit_many(self, requests: Iterable[Request | Mapping]) -> list[ResultFuture]:
-        """Queue many requests; a bad one raises ``RequestError`` before any is queued."""
-        reqs = self._forgotten([self._as_request(r, k) for k, r in enumerate(requests)])
+        """Queue many requests, arrived at one instant (judged together); a bad one raises ``RequestError``
+        before any is queued."""
+        now = self.clock.now()
+        reqs = self._forgotten([self._as_request(r, k, now) for k, r in enumerate(requests)])
         with self._lock:
             futs, _ = self._admit(reqs)
         self._flush()

@@ -101,6 +101,13 @@ class TestOnOneQuietEngine:
         assert quiet_engine.drain(timeout_s=120) == 0 and all(f.done() for f in futs)
         assert not any("stopped" in (f.result().error or "") for f in futs)
 
+    def test_the_requests_of_one_submit_many_arrive_at_one_instant(self, quiet_engine):
+        """Stamped one by one, a file's lines (the endpoint submits dicts) arrived microseconds apart, and the
+        first was judged alone: too small a saving, so sync at the full price."""
+        futs = quiet_engine.submit_many([{"id": f"instant-{k}", "model": "gpt-5-mini", "prompt": f"Say {k}",
+                                          "output_tokens": 5, "deadline_s": 20} for k in range(3)])
+        assert len({f.result(timeout=60).arrival_s for f in futs}) == 1
+
     def test_bad_input_is_refused_with_the_field(self, quiet_engine):
         # At speed-up 500, not 1: the valid request's sync call took ~3 s of real time (speed-up 1 is covered
         # by test_a_dead_actor_fails_open_futures_instead_of_hanging).

@@ -343,7 +343,7 @@ def test_a_batch_of_the_endpoint_that_fails_validation_keeps_its_errors_and_lets
     again = job.view()
     assert again == view and again["status"] == "failed" and again["failed_at"] == 1000
     assert again["errors"]["data"][0]["code"] == "invalid_custom_id" and again["errors"]["data"][0]["line"] == 1501
-    assert again["request_counts"] == {"total": 1500, "completed": 0, "failed": 0}  # as while it held them
+    assert again["request_counts"] == {"total": 0, "completed": 0, "failed": 0}  # as OpenAI's failed validation
 
 
 def test_a_budget_window_that_ended_and_went_is_not_reopened_when_the_clock_steps_back():

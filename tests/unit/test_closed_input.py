@@ -35,15 +35,29 @@ def test_a_batch_file_is_sent_at_once_not_after_a_gather_for_company_that_cannot
     now = simulate(reqs, load_policy("smart", CAT))
     held = simulate([r.model_copy(update={"gather": True}) for r in reqs], load_policy("smart", CAT))
     assert list(now.mode) == list(held.mode) == [1] * 10  # one batch, at the batch price, either way
-    assert len(now.batches) == len(held.batches) == 1 and now.batches[0].t == 0.0 < held.batches[0].t
+    closed_s = load_policy("smart", CAT).params.closed_gather_s
+    assert len(now.batches) == len(held.batches) == 1
+    assert now.batches[0].t <= closed_s < 1200.0 <= held.batches[0].t
     assert now.total_cost == held.total_cost
     # Each batch draws its own turnaround: over seeds, the file is back a gather sooner.
     back = [[simulate(rs, load_policy("smart", CAT), seed=s).done_at.max() for s in range(8)]
             for rs in (reqs, [r.model_copy(update={"gather": True}) for r in reqs])]
     assert sum(back[0]) / 8 < sum(back[1]) / 8 - 600
-    # A lone small line still goes sync at once: no company is expected for it either way.
-    lone = from_openai_batch(_file(tmp_path, n=1)).requests
-    assert simulate(lone, load_policy("smart", CAT)).mode[0] == 0
+    # A lone small line still goes sync, once the rest of its submission would have come.
+    lone = simulate(from_openai_batch(_file(tmp_path, n=1)).requests, load_policy("smart", CAT))
+    assert lone.mode[0] == 0 and lone.batches[0].t <= closed_s
+
+
+def test_a_submission_that_reaches_the_policy_in_parts_still_rides_one_batch(tmp_path):
+    """The endpoint stamps each line of a file as it is submitted, a few microseconds apart, and a grouper takes
+    them in parts: sent at once, each line rode a provider batch of its own (300 creates for a 300-line file, a
+    helper's review). They wait ``closed_gather_s`` for the rest of their submission."""
+    reqs = [r.model_copy(update={"arrival_s": k * 0.002}) for k, r in
+            enumerate(from_openai_batch(_file(tmp_path, n=40)).requests)]
+    res = simulate(reqs, load_policy("smart", CAT))
+    assert list(res.mode) == [1] * 40 and len(res.batches) == 1
+    apart = simulate(reqs, load_policy("smart", CAT, {"closed_gather_s": 0.0}))
+    assert len(apart.batches) > 1
 
 
 def test_a_line_may_ask_to_gather_and_a_driver_request_gathers_by_default(tmp_path):
@@ -85,14 +99,9 @@ def test_a_gpu_job_that_expects_no_company_is_not_held_in_a_busy_lane():
             g.add(r.model_copy(update={"gather": gather}))
         return g
 
-    assert p.decide(group(True), 10.0).action == "wait"
-    d = p.decide(group(False), 10.0)
-    assert d.action == "dispatch" and d.mode == "gpu_batch" and "expects none" in d.reason
-
-
-def test_the_baselines_do_not_hold_a_request_that_expects_no_company(tmp_path):
-    reqs = from_openai_batch(_file(tmp_path, n=3)).requests
-    for name in ("batch-all", "fixed"):
-        now = simulate(reqs, load_policy(name, CAT))
-        held = simulate([r.model_copy(update={"gather": True}) for r in reqs], load_policy(name, CAT))
-        assert {b.t for b in now.batches} == {0.0} and min(b.t for b in held.batches) > 0.0
+    held = p.decide(group(True), 10.0)
+    assert held.action == "wait" and held.wake_at > 10.0 + p.params.closed_gather_s
+    d = p.decide(group(False), 10.0)  # only the rest of its submission
+    assert d.action == "wait" and d.wake_at == 10.0 + p.params.closed_gather_s
+    d = p.decide(group(False), d.wake_at)
+    assert d.action == "dispatch" and d.mode == "gpu_batch"

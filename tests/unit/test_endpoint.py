@@ -44,6 +44,7 @@ class FakeEngine:
         self.submitted: list[str] = []  # every submission's id, in order
         self._reqs: dict[tuple[str, str], Request] = {}
         self._held: list[tuple[concurrent.futures.Future, Result]] = []
+        self.gone: str | None = None  # why the engine went away (``stop_under``)
 
     def _request(self, d: dict) -> Request:
         try:
@@ -101,6 +102,13 @@ class FakeEngine:
             f.add_done_callback(done)
         for _ in futures:
             yield (await arrived.get()).result()
+
+    def stop_under(self, why: str) -> None:
+        """The engine stopped elsewhere (``smartbatch stop``): what it held fails with ``why``, as a driver's."""
+        self.gone = why
+        for fut, res in self._held:
+            fut.set_result(Result(id=res.id, tenant=res.tenant, status="failed", error=why))
+        self._held.clear()
 
     def release(self):
         for fut, res in self._held:
@@ -475,6 +483,10 @@ def test_bad_batch_inputs_and_unknown_ids(served):
     b = client.batches.create(input_file_id=bad.id, endpoint="/v1/chat/completions", completion_window="24h")
     assert b.status == "failed" and b.errors.data[0].line == 2
     assert "duplicate custom_id" in b.errors.data[0].message
+    # Counted 0 / 0 / 0, as OpenAI counts a batch that failed validation: it counted the lines with a usable
+    # custom_id (1 of 2 here), and completed + failed never reached that total.
+    counts = client.batches.retrieve(b.id).request_counts
+    assert (counts.total, counts.completed, counts.failed) == (0, 0, 0)
     assert client.files.delete(f.id).deleted
     with pytest.raises(openai.NotFoundError):
         client.files.content(f.id)

@@ -4,6 +4,8 @@ a restarted endpoint takes back what it had accepted, and asks nothing twice of 
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
 
 import openai
@@ -203,3 +205,32 @@ def test_a_line_asked_again_gets_what_is_left_of_the_window_in_the_engines_secon
 
     asyncio.run(go())
     assert eng.seen["batch_s/b-slow"]["deadline_s"] == 600.0
+
+
+def test_a_batch_the_engine_stopped_under_stays_open_and_the_next_endpoint_answers_it(tmp_path):
+    """``smartbatch stop`` fails what the engine holds open; the endpoint took those failures as answers, so the
+    batch ended "completed" with every caught line an error and its input gone: nothing left to take back."""
+    eng, state = FakeEngine(), tmp_path / "state"
+    with serving(make_app(eng, catalog=CAT, state_dir=state)) as url, \
+            openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=10) as client:
+        f = upload(client, [batch_line("a", "fast"), batch_line("b-slow", "held")])
+        b = client.batches.create(input_file_id=f.id, **CREATE)
+        until_counted(client, b.id, 1)
+        seen = threading.Event()  # the endpoint took the failure the stop gave (it says so in its log)
+        handler = logging.Handler()
+        handler.emit = lambda rec: "stays open" in rec.getMessage() and seen.set()
+        logging.getLogger("smartbatch.endpoint").addHandler(handler)
+        try:
+            eng.stop_under("engine 'prod' was stopped")
+            assert seen.wait(10)
+        finally:
+            logging.getLogger("smartbatch.endpoint").removeHandler(handler)
+        kept = client.batches.retrieve(b.id)
+        assert kept.status == "in_progress" and (kept.request_counts.completed, kept.request_counts.failed) == (1, 0)
+    again = FakeEngine()  # a new engine under the next endpoint on the same state
+    with serving(make_app(again, catalog=CAT, state_dir=state)) as url, \
+            openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=10) as client:
+        again.release()
+        done = wait_done(client, b.id)
+        assert done.status == "completed" and (done.request_counts.completed, done.request_counts.failed) == (2, 0)
+        assert again.submitted == [f"{b.id}/b-slow"]  # only the line the stop caught is asked again
