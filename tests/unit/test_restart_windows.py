@@ -80,7 +80,7 @@ def test_a_batch_whose_members_went_sync_is_still_cancelled_and_counted_after_a_
             items = e.bill().items
             in_batch = [i for i in items if i.custom_id]
             assert len(in_batch) == d2.paid_twice + rig.d.paid_twice  # whatever it still finished is counted
-            assert sum(rig.budget.book.spend.values()) == sum(i.cost_usd for i in items)  # and charged
+            assert sum(rig.budget.book.spend.values()) == pytest.approx(sum(i.cost_usd for i in items), abs=1e-12)
             assert d2._watching == {} and await d2.journal.items(d2._watch_space) == {}  # its record went
         finally:
             if d2 is not None:
