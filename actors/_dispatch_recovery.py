@@ -78,36 +78,15 @@ class Recovery:
             self._must_recover = False
             fut.set_result(None)
 
-    async def adopt(self) -> list:
-        """A new engine under a stopped one's name (``serve`` run again) reads that one's journal, when it is
-        kept in Redis: it follows the batches the last one submitted to their ends (every member is billed as
-        it finishes: sent again by a driver that asks again, each was paid twice, a helper's review) and lets
-        the rest go: sync calls under way and cut creates (no driver may ask for them again, and one that does
-        has them sent anew). Returns the requests it follows, which ingest takes as admitted."""
-        if self._recovery is not None or not self.provider.real:  # a simulated batch bills nobody
-            return []
-        self._recovery = asyncio.get_running_loop().create_future()
-        try:
-            await self._recover_journal(adopt=True)
-        except Exception as exc:  # a journal it cannot read now: start as a new engine does
-            log.warning("dispatcher %s: the journal of an engine of this name could not be read (%s)", self.name,
-                        _short(exc))
-        finally:
-            self._recovery.set_result(None)
-        return [j.req for rec in self._open.values() for j in rec[1]]
-
-    async def _recover_journal(self, adopt: bool = False) -> int:
+    async def _recover_journal(self) -> int:
         async def read() -> tuple[dict, dict, dict]:
             return (await self.journal.items(self._space), await self.journal.items(self._sync_journal.space),
                     await self.journal.items(self._watch_space))
 
         wait_s = self.settings.journal.recover_wait_s
         try:
-            records, bodies, watches = await (read() if adopt else read_patiently(read, f"dispatcher {self.name}",
-                                                                                  wait_s))
+            records, bodies, watches = await read_patiently(read, f"dispatcher {self.name}", wait_s)
         except Exception as exc:
-            if adopt:
-                raise
             self._recovery = None  # the driver's rewire may try again
             self.journal_unread += 1
             log.error("dispatcher %s: journal unreadable after a restart (%s) for %.0f s; batches it had submitted "
@@ -118,8 +97,7 @@ class Recovery:
         n = 0
         for key, rec in bodies.items():
             b, j, cache_write, _ = rec
-            # Answered before the restart, which cut only its record's delete; or a stopped engine's, let go.
-            if j.req.uid in ended or adopt:
+            if j.req.uid in ended:  # answered before the restart, which cut only its record's delete
                 self._unjournal.append((self._sync_journal.space, key))
                 continue
             # A call that may have reached the provider (and been billed): made again under its key with its
@@ -139,19 +117,11 @@ class Recovery:
             # outlives its batch until its results are with the hub, and a restart in its delete's retry window
             # re-attached to the ended batch and handed back members already served, to be sent and paid again.
             jobs = [j for j in jobs if j.req.uid not in self._known and j.req.uid not in ended]
-            if adopt and handle is None and jobs:
-                # Its create was cut by the stop: followed if the provider has it, never created anew here (a
-                # driver that asks again has its requests sent).
-                handle = await self._find_batch([self._call_job(j, start, batch=True) for j in jobs], key)
-                jobs = jobs if handle is not None else []
             if not jobs and key not in self._open:
                 self._unjournal.append((self._space, key))
-                continue
-            if key in self._open:
+            if key in self._open or not jobs:
                 continue
             self._open[key] = (b, jobs, start, tokens, handle, body)
-            if adopt:
-                await self._journal_put(key)  # with the handle it found
             if stem := key.rpartition("#")[0]:  # a part of a split dispatch: its last part releases its tokens
                 self._parts_left[stem] = self._parts_left.get(stem, 0) + 1
             self._known.update(j.req.uid for j in jobs)

@@ -58,16 +58,19 @@ class Ingest(Warm):
         self._moving: set[str] = set()  # admitted, on their way to the cache and the groupers
         self._leaving: dict[str, asyncio.TimerHandle] = {}  # driver -> the forget of the ids only it holds
         self._drops_seen = 0  # the next number of the hub's dropped drivers to read (``ResultHub.dropped_since``)
-        self._drops_check_at, self._drops_task = 0.0, None
+        self._drops_check_at = 0.0
+        self._drops_task: asyncio.Task | None = None
         self.next_seq = 0  # requests admitted here
         self.shard = shard  # (this shard, of how many)
         self._turn: asyncio.Future | None = None  # set once the last sharded submit's lookups have left
         self._lookups: list[tuple[list[Job], asyncio.Future]] = []  # waiting for the lookup out to return
         self._looking: asyncio.Task | None = None
-        self.duplicates, self.share = 0, share_across_tenants
+        self.duplicates = 0
+        self.share = share_across_tenants
         # Only a Redis journal: without one, the driver's memory is the record (see the module's docstring).
         self.journal = redis_journal(settings, engine) if settings is not None else None
-        self.journal_failures, self._journal_back_at = 0, 0.0  # accepted micro-batches not journaled (Redis down)
+        self.journal_failures = 0  # accepted micro-batches not journaled (Redis down)
+        self._journal_back_at = 0.0
 
     def __repr__(self) -> str:
         return f"Ingest(admitted={self.next_seq}, duplicates={self.duplicates})"
@@ -96,15 +99,12 @@ class Ingest(Warm):
             except Exception as exc:  # a stale record costs a re-admission that finds the request finished
                 log.warning("ingest: could not clear %d accepted record(s): %s", len(uids), type(exc).__name__)
 
-    async def adopt(self, requests: list[Request]) -> None:
-        """Requests a new engine's dispatcher follows for the stopped one of its name (``Dispatcher.adopt``):
-        admitted, so a driver asking again under the same id claims their results, never sends them again."""
-        self.seen.update({r.uid: fingerprint(r, share_across_tenants=self.share) for r in requests})
-
     async def accepted(self) -> list[Request]:
         """The accepted requests the journal holds (those not yet forgotten): what a driver that lost its
         memory re-admits (``readmit`` sends each on only if no actor has it). Empty without a Redis journal."""
-        return [] if self.journal is None else list((await self.journal.items(ACCEPTED)).values())
+        if self.journal is None:
+            return []
+        return list((await self.journal.items(ACCEPTED)).values())
 
     async def _journal(self, jobs: list[Job]) -> None:
         if self.journal is None:

@@ -14,7 +14,7 @@ import functools
 import ray
 
 from actors._peer import ClockRef, Named, publish_clock, read_layout, resolve_clock, unpublish_clock
-from actors._shards import class_shard, shard_kind
+from actors._shards import shard_kind
 from actors._wire import pack
 from actors.budget import BudgetController
 from actors.cache import ResultCache
@@ -156,12 +156,6 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
     real_time = clock.speedup == 1.0 and clock.offset == 0.0
     base = clock.epoch if real_time else 0.0
     ray.get(budget.set_clock.remote(clock, base))
-    # A new engine under a stopped one's name (``serve`` run again, a Redis journal) follows the batches that one
-    # submitted; ingest takes their requests as admitted, so a driver asking again gets their results.
-    adopted = [r for part in ray.get([d.adopt.remote() for d in dispatchers.values()]) for r in part]
-    if adopted:
-        ray.get([i.adopt.remote([r for r in adopted if class_shard(r, len(ingests)) == k])
-                 for k, i in enumerate(ingests)])
     publish_clock(engine, clock, base)
     return _handles(engine, named, clock, base, settings.log_level)
 

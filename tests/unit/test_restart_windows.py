@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
-from actors import BudgetController, Dispatcher, Grouper, Ingest, ResultHub
+from actors import BudgetController, Dispatcher, Grouper, ResultHub
 from actors._types import BatchJob, Job
 from engine.core.budgets import BudgetSettings
 from engine.core.catalog import default_catalog
 from engine.core.clock import ManualClock
 from engine.core.provider_api import Secret
 from engine.core.request import Request
-from engine.core.result import Result
 from engine.core.settings import Settings
 from policies import load_policy
 
@@ -214,62 +211,4 @@ def test_a_restarted_dispatchers_turnarounds_reach_the_groupers():
         told = [o for _, obs in d2._told for o in obs]
         assert any(o.censored for o in told)
         assert sum(o.end is not None for o in taken) == ended + 2
-    asyncio.run(go())
-
-
-@pytest.mark.parametrize("cut", [False, True], ids=["handle-journaled", "create-cut"])
-def test_a_new_engine_of_a_stopped_ones_name_follows_its_batch_and_lets_its_sync_calls_go(quarter, cut):  # noqa: F811
-    """`serve` stopped while a batch ran at the provider, then run again (a Redis journal): the new engine's
-    dispatcher read nothing, and the lines asked again were sent in a new batch, each paid twice (a helper's
-    review: 165 of 300 lines). It now follows the old batch; a sync call under way is let go, not made again
-    for a driver that may never ask."""
-    e, jobs = quarter, jobs_of("openai", claims=True)
-
-    async def go():
-        rig = Rig(e, "openai", cancel_s=10 * EMU_CANCEL_S, speed=SPEED / 4)
-        d2 = None
-        try:
-            await rig.reserve(jobs)
-            await rig.run("batch_api", jobs)  # no hedge: it runs to its end
-            await rig.until(lambda: list(rig.d._open.values())[0][4] is not None if rig.d._open else False,
-                            "the batch created")
-            if cut:  # stopped between the create and the journaling of its handle
-                key, rec = next(iter(rig.d._open.items()))
-                await rig.d.journal.put(rig.d._space, key, (*rec[:4], None, rec[5]))
-            body = (BatchJob("s", "sync", None, False, "t", "t", []), jobs[0], False, {"model": "gpt-5-mini"})
-            await rig.d.journal.put(rig.d._sync_journal.space, "a-call-under-way", body)
-            for t in list(rig.d._tasks):  # the engine stops: its actors go, the provider's batch runs on
-                t.cancel()
-            d2 = Dispatcher("openai", rig.catalog, rig.settings, 0, rig.clock, [rig.grouper], rig.hub, None,
-                            rig.budget, key=Secret(KEY))
-            followed = await d2.adopt()
-            assert sorted(r.id for r in followed) == sorted(j.req.id for j in jobs)
-            await rig.until(lambda: len(rig.results) == len(jobs), "the old batch's results", 30)
-            await _done(d2)
-            assert all(r.status == "ok" and r.mode == "batch_api" for r in rig.results.values())
-            assert e.count(ROUTE["openai"]) == 0 and d2.resumed_calls == 0  # the call under way was let go
-            billed = [i.custom_id for i in e.bill().items]
-            assert len(billed) == len(set(billed)) == len(jobs)  # one batch, each member billed once
-            if d2._sync_journal._task is not None:
-                await d2._sync_journal._task
-            assert await d2.journal.items(d2._space) == {} and await d2.journal.items(d2._sync_journal.space) == {}
-        finally:
-            if d2 is not None:
-                await d2.provider.close()
-            await rig.close()
-    asyncio.run(go())
-
-
-def test_ingest_takes_the_requests_an_adopting_dispatcher_follows_as_admitted():
-    async def go():
-        hub, g = ResultHub(), Recorder()
-        ing = Ingest([g], cache=None, hub=hub)
-        r = Request.model_validate({"id": "line-1", "arrival_s": 0.0, "model": "gpt-5-mini", "prompt": "q"})
-        await ing.adopt([r])
-        await hub.claim("d1", [])
-        assert await ing.submit([r.model_copy(update={"deadline_s": 600.0})], "d1") == 0  # a repeat: not sent
-        assert "add" not in [name for name, _ in g.calls]  # never sent to be dispatched again
-        await hub.push([Result(id=r.id, status="ok", output="from the old batch", cost_usd=0.01)])
-        (res,) = await hub.pull(0.5, "d1")
-        assert res.output == "from the old batch"
     asyncio.run(go())
