@@ -336,6 +336,8 @@ class BatchApiRuns:
             except Exception as exc:  # a failed poll or read is tried again: ending here would hide the count
                 log.warning("dispatcher %s: following a batch whose members went again failed (%s)", self.name,
                             _short(exc))
+                if self.clock.now() >= until:
+                    break
                 await self._sleep(POLL_RETRY_S)
                 continue
             if st.status in ("cancelling", "finalizing"):

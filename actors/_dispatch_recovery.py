@@ -117,6 +117,8 @@ class Recovery:
             # outlives its batch until its results are with the hub, and a restart in its delete's retry window
             # re-attached to the ended batch and handed back members already served, to be sent and paid again.
             jobs = [j for j in jobs if j.req.uid not in self._known and j.req.uid not in ended]
+            if key in watches:  # its members went again, its watch counts what it still finishes (below)
+                jobs = []
             if not jobs and key not in self._open:
                 self._unjournal.append((self._space, key))
             if key in self._open or not jobs:

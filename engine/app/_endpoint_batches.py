@@ -9,12 +9,11 @@ State is per replica: files and batches live in this process's dicts and, given 
 ``smartbatch serve --state-dir``), on disk (``engine.app._endpoint_state``). Without one, a restart forgets them
 while their requests run on in the engine. With one, a restarted replica takes them back (``resume``): an ended
 batch as it was, an open one by asking the engine again for the lines it had no result for, under the same
-request ids, so an engine that still holds a line hands its result over without generating it again. Another
-replica does not share them: behind a load balancer, keep a client on one replica or run one replica.
+request ids, so an engine that still holds a line hands its result over without generating it again. Replicas
+do not share them: behind a load balancer, keep a client on one replica.
 
-Cancel follows OpenAI: ``cancelling`` while its lines finish, up to ``cancel_wait_s`` (OpenAI's "up to 10
-minutes"), then ``cancelled``: the lines finished in the output, the others in the error file
-(``batch_cancelled``; they may still be billed, as the engine has no per-request cancel).
+Cancel follows OpenAI: ``cancelling`` while lines finish, up to ``cancel_wait_s`` ("up to 10 minutes"), then
+``cancelled``: finished lines in the output, the others in the error file (``batch_cancelled``; still billable).
 """
 
 from __future__ import annotations
@@ -82,16 +81,15 @@ class FilesAndBatches:
 
     def router(self) -> APIRouter:
         r = APIRouter()
-        r.add_api_route("/v1/files", self.create_file, methods=["POST"])
-        r.add_api_route("/v1/files", self.list_files, methods=["GET"])
-        r.add_api_route("/v1/files/{file_id}", self.get_file, methods=["GET"])
-        r.add_api_route("/v1/files/{file_id}", self.delete_file, methods=["DELETE"])
-        r.add_api_route("/v1/files/{file_id}/content", self.file_content, methods=["GET"])
-        r.add_api_route("/v1/batches", self.create_batch, methods=["POST"])
-        r.add_api_route("/v1/batches", self.list_batches, methods=["GET"])
-        r.add_api_route("/v1/batches/{batch_id}", self.get_batch, methods=["GET"])
-        r.add_api_route("/v1/batches/{batch_id}/cancel", self.cancel_batch, methods=["POST"])
-        r.add_api_route("/v1/batches/{batch_id}/smartbatch_report", self.batch_report, methods=["GET"])
+        for path, route, method in (
+                ("/v1/files", self.create_file, "POST"), ("/v1/files", self.list_files, "GET"),
+                ("/v1/files/{file_id}", self.get_file, "GET"), ("/v1/files/{file_id}", self.delete_file, "DELETE"),
+                ("/v1/files/{file_id}/content", self.file_content, "GET"),
+                ("/v1/batches", self.create_batch, "POST"), ("/v1/batches", self.list_batches, "GET"),
+                ("/v1/batches/{batch_id}", self.get_batch, "GET"),
+                ("/v1/batches/{batch_id}/cancel", self.cancel_batch, "POST"),
+                ("/v1/batches/{batch_id}/smartbatch_report", self.batch_report, "GET")):
+            r.add_api_route(path, route, methods=[method])
         return r
 
     async def shutdown(self) -> None:
@@ -303,9 +301,9 @@ class FilesAndBatches:
         try:
             async for res in self.engine.as_completed(job.futures.values()):
                 if res.status == "failed" and res.error is not None and res.error == self.engine.gone:
-                    # Failed by the engine's stop, not answered: the batch stays open, its lines asked again by
-                    # the next endpoint on this state. Taken as answers, every line the stop caught was an error
-                    # line and the batch ended "completed", its input gone (a helper's review, stop 44).
+                    # Failed by the engine's stop, not answered: the batch stays open for the next endpoint (it
+                    # ended "completed", every line the stop caught an error line, its input gone).
+                    self._take_done(job)
                     log.warning("endpoint: batch %s stays open: %s", job.id, res.error)
                     return
                 if (cid := job.take(res)) is not None and self.state is not None:
@@ -317,12 +315,19 @@ class FilesAndBatches:
             why = f"the engine gave no result: {type(exc).__name__}: {exc}"
         self._finish(job, why)
 
+    def _take_done(self, job: BatchJob) -> None:
+        """Take the lines finished but not yet delivered by ``as_completed``, not those the engine's stop failed
+        (an answer of the last moment came after the stop's first failure: asked again, it was paid twice)."""
+        for cid, fut in job.futures.items():
+            if cid not in job.results and fut.done() and not fut.cancelled() and fut.exception() is None:
+                res = fut.result()
+                if (res.status != "failed" or res.error != self.engine.gone) and job.take(res) and self.state:
+                    self.state.add_result(job.id, job.results[cid])
+
     def _finish(self, job: BatchJob, why: str = _CANCELLED) -> None:
         """Write the output and error files from the results in; a line with none is an error (``why``)."""
         assert job.bf is not None
-        for cid, fut in job.futures.items():  # finished, but not yet delivered by as_completed
-            if cid not in job.results and fut.done() and not fut.cancelled() and fut.exception() is None:
-                job.take(fut.result())
+        self._take_done(job)
         self._enter(job, "finalizing")
         missing = {req.id for req in job.bf.requests if req.id not in job.results}
         for cid in missing:

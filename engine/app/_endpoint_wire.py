@@ -39,6 +39,7 @@ class AsyncEngine(Protocol):
     """What the front needs of an engine: ``engine.app.driver.Engine``'s asyncio face (or a test double)."""
 
     settings: Settings
+    gone: str | None  # why the engine went away (its open futures failed with this error); None while it runs
 
     async def asubmit(self, request: Mapping) -> Result: ...
 

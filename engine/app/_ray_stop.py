@@ -45,7 +45,7 @@ def exit_now(code: int) -> NoReturn:
 
 
 def stop_or_lose_ray(steps: Callable[[], None], ray_procs: list[subprocess.Popen], *,
-                     timeout_s: float = 30.0, poll_s: float = 0.05, grace_s: float = 3.0) -> str:
+                     timeout_s: float = 30.0, poll_s: float = 0.05, grace_s: float = 10.0) -> str:
     """Run ``steps`` (the Ray calls that stop the endpoint and the engine) in a thread, and watch the local Ray's
     processes meanwhile: "done" when the steps finish, "ray-gone" when one of those processes exited and the
     steps have not finished ``grace_s`` later, "timeout" after ``timeout_s``. None of them exits while Ray runs;

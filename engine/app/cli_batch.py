@@ -100,6 +100,7 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
                 futs = eng.submit_many(bf.requests)
                 try:
                     with terminate_as_interrupt():
+                        _wait_showing_progress(futs, f"batch {input_file.name}")
                         results = [f.result() for f in futs]
                 except KeyboardInterrupt:
                     # Ctrl-C or SIGTERM: keep what finished (it was paid for) and answer the rest in the error
@@ -142,6 +143,30 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
         if ray_gone:  # Ray's exit hooks would each wait for its GCS
             exit_now(130)
         raise typer.Exit(130)
+
+
+PROGRESS_S = 0.5  # how often the bar is brought up to date while an answer is waited for
+
+
+def _wait_showing_progress(futs: list, what: str) -> None:
+    """Wait for every line's answer, showing on a terminal how many are in and what they cost so far: a file
+    due in a day rides provider batches that take minutes to hours, during which nothing was shown."""
+    import concurrent.futures
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TextColumn("${task.fields[spent]:.4f}"), TimeElapsedColumn(), console=err_console,
+                  transient=True) as bar:
+        task = bar.add_task(what, total=len(futs), spent=0.0)
+        for f in futs:  # in order, each waited on as before (Ctrl-C comes in a wait); the bar counts them all
+            while True:
+                try:
+                    f.result(timeout=PROGRESS_S)
+                    break
+                except concurrent.futures.TimeoutError:
+                    done = [x.result() for x in futs if x.done()]
+                    bar.update(task, completed=len(done), spent=sum(r.cost_usd for r in done), refresh=True)
 
 
 @contextlib.contextmanager

@@ -483,3 +483,33 @@ def test_a_sigterm_that_stopped_ray_too_ends_batch_at_once_with_its_files_and_re
     doc = json.loads(rep.read_text())
     assert doc["totals"]["lines"] == 2 and doc["totals"]["succeeded"] == 1
     assert "interrupted" in " ".join(r.output.split())
+
+
+def test_batch_shows_how_many_lines_are_in_and_their_cost_while_it_waits(monkeypatch):
+    """A file due in a day rides provider batches for minutes to hours, and nothing was shown meanwhile."""
+    import concurrent.futures
+    import io
+
+    from rich.console import Console
+
+    from engine.app import cli_batch
+    from engine.core.result import Result
+
+    class Later(concurrent.futures.Future):  # still out at the first look, answered at the second
+        looks = 0
+
+        def result(self, timeout=None):
+            self.looks += 1
+            if self.looks == 1:
+                raise concurrent.futures.TimeoutError
+            return Result(id="b", status="ok", cost_usd=0.001)
+
+        def done(self):
+            return self.looks > 1
+
+    first = concurrent.futures.Future()
+    first.set_result(Result(id="a", status="ok", cost_usd=0.002))
+    shown = io.StringIO()
+    monkeypatch.setattr(cli_batch, "err_console", Console(file=shown, force_terminal=True, width=100))
+    cli_batch._wait_showing_progress([first, Later()], "batch in.jsonl")
+    assert "1/2" in shown.getvalue() and "$0.0020" in shown.getvalue()

@@ -213,24 +213,26 @@ def test_a_batch_the_engine_stopped_under_stays_open_and_the_next_endpoint_answe
     eng, state = FakeEngine(), tmp_path / "state"
     with serving(make_app(eng, catalog=CAT, state_dir=state)) as url, \
             openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=10) as client:
-        f = upload(client, [batch_line("a", "fast"), batch_line("b-slow", "held")])
+        f = upload(client, [batch_line("a", "fast"), batch_line("b-slow", "held"), batch_line("c-slow", "late")])
         b = client.batches.create(input_file_id=f.id, **CREATE)
         until_counted(client, b.id, 1)
+        late = eng._held.pop()  # answered at the last moment, after the stop's failure of b (not yet taken then)
         seen = threading.Event()  # the endpoint took the failure the stop gave (it says so in its log)
         handler = logging.Handler()
         handler.emit = lambda rec: "stays open" in rec.getMessage() and seen.set()
         logging.getLogger("smartbatch.endpoint").addHandler(handler)
         try:
             eng.stop_under("engine 'prod' was stopped")
+            late[0].set_result(late[1])
             assert seen.wait(10)
         finally:
             logging.getLogger("smartbatch.endpoint").removeHandler(handler)
         kept = client.batches.retrieve(b.id)
-        assert kept.status == "in_progress" and (kept.request_counts.completed, kept.request_counts.failed) == (1, 0)
+        assert kept.status == "in_progress" and (kept.request_counts.completed, kept.request_counts.failed) == (2, 0)
     again = FakeEngine()  # a new engine under the next endpoint on the same state
     with serving(make_app(again, catalog=CAT, state_dir=state)) as url, \
             openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=10) as client:
         again.release()
         done = wait_done(client, b.id)
-        assert done.status == "completed" and (done.request_counts.completed, done.request_counts.failed) == (2, 0)
+        assert done.status == "completed" and (done.request_counts.completed, done.request_counts.failed) == (3, 0)
         assert again.submitted == [f"{b.id}/b-slow"]  # only the line the stop caught is asked again
