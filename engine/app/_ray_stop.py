@@ -17,6 +17,8 @@ from typing import NoReturn
 
 __all__ = ["exit_now", "own_ray_processes", "stop_or_lose_ray", "terminate_as_interrupt"]
 
+GRACE_S = 10.0  # how long steps that shut Ray down themselves may take after its processes are gone
+
 
 def own_ray_processes() -> list[subprocess.Popen]:
     """The processes of the local Ray this process started (GCS, raylet, monitors); none when it attached to a
@@ -45,10 +47,10 @@ def exit_now(code: int) -> NoReturn:
 
 
 def stop_or_lose_ray(steps: Callable[[], None], ray_procs: list[subprocess.Popen], *,
-                     timeout_s: float = 30.0, poll_s: float = 0.05, grace_s: float = 10.0) -> str:
+                     timeout_s: float = 30.0, poll_s: float = 0.05, grace_s: float | None = None) -> str:
     """Run ``steps`` (the Ray calls that stop the endpoint and the engine) in a thread, and watch the local Ray's
     processes meanwhile: "done" when the steps finish, "ray-gone" when one of those processes exited and the
-    steps have not finished ``grace_s`` later, "timeout" after ``timeout_s``. None of them exits while Ray runs;
+    steps have not finished ``grace_s`` (``GRACE_S``) later, "timeout" after ``timeout_s``. None of them exits while Ray runs;
     after a SIGTERM to the whole process group the log monitor is gone within milliseconds while the raylet takes
     seconds to wind down, its actors first: the steps would then block on them, and then for a minute on the
     GCS. The grace is for steps that end by shutting Ray down themselves (an engine that started its Ray):
@@ -64,6 +66,7 @@ def stop_or_lose_ray(steps: Callable[[], None], ray_procs: list[subprocess.Popen
     worker = threading.Thread(target=run, name="smartbatch-engine-stop", daemon=True)
     worker.start()
     deadline = time.monotonic() + timeout_s
+    grace_s = GRACE_S if grace_s is None else grace_s
     gone_at = None
     while worker.is_alive():
         if gone_at is None and any(p.poll() is not None for p in ray_procs):

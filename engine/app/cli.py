@@ -242,6 +242,10 @@ def _keep_interrupted(stop, out: Path) -> NoReturn:
     err_console.print(f"interrupted: {len(stop.results):,} of {stop.sent:,} request(s) had finished (spend so far "
                       f"${spend:.4f}); their results are in {path}. The others were not answered, and a provider "
                       "batch already submitted for them may still finish and be billed", style="yellow")
+    if stop.ray_gone:  # Ray's exit hooks would each wait for its GCS
+        from engine.app._ray_stop import exit_now
+
+        exit_now(130)
     raise typer.Exit(130)
 
 

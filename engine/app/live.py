@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from engine.app._ray_stop import terminate_as_interrupt
+from engine.app._ray_stop import own_ray_processes, stop_or_lose_ray, terminate_as_interrupt
 from engine.app.bench import document, result_row
 from engine.app.provider_setup import with_hedge_lag
 from engine.core.catalog import Catalog
@@ -57,9 +57,9 @@ def as_sim_result(policy: str, trace: str, requests: Sequence[Request], results:
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during ``run_live``: the results that had finished, the engine's report, how many were sent."""
 
-    def __init__(self, results: list, report: dict, sent: int):
+    def __init__(self, results: list, report: dict, sent: int, ray_gone: bool = False):
         super().__init__()
-        self.results, self.report, self.sent = results, report, sent
+        self.results, self.report, self.sent, self.ray_gone = results, report, sent, ray_gone
 
 
 def run_live(requests: Sequence[Request], *, trace_name: str, policy: str = "smart",
@@ -83,26 +83,32 @@ def run_live(requests: Sequence[Request], *, trace_name: str, policy: str = "sma
     offset = reqs[0].arrival_s if reqs else 0.0
     seed = settings.sim.seed if seed is None else seed
     t0 = time.perf_counter()
-    with Engine.start(settings, policy=policy, policy_params=params, catalog=catalog, address=address,
-                      speedup=speedup, offset_s=offset, seed=seed, num_shards=num_shards) as eng:
+    eng = Engine.start(settings, policy=policy, policy_params=params, catalog=catalog, address=address,
+                       speedup=speedup, offset_s=offset, seed=seed, num_shards=num_shards)
+    ray_procs = [p for p in own_ray_processes() if p.poll() is None]  # if one exits, Ray is going down
+    futs: list = []
+    try:
         if on_start is not None:
             on_start(eng)
-        futs: list = []
-        try:
-            # Ctrl-C may come while the replay still paces arrivals (a whole trace's span at speed-up 1): what
-            # was sent by then is in ``futs``. SIGTERM too, once Ray's driver (which installs a handler of its own
-            # that dumps a stack and exits) is up: nothing was kept.
-            with terminate_as_interrupt():
-                eng.replay(reqs, into=futs)
-                if on_done is not None:
-                    for f in futs:
-                        f.add_done_callback(lambda _f: on_done(1))
-                got = [f.result() for f in futs]
-        except KeyboardInterrupt:
-            # What finished was paid for: hand it and the spend so far to the caller, which keeps a record.
-            raise Interrupted([f.result() for f in futs if f.done() and not f.cancelled() and f.exception() is None],
-                              eng.report(), len(futs)) from None
+        # Ctrl-C may come while the replay still paces arrivals (a whole trace's span at speed-up 1): what was
+        # sent by then is in ``futs``. SIGTERM too, once Ray's driver (which installs a handler of its own that
+        # dumps a stack and exits) is up: nothing was kept.
+        with terminate_as_interrupt():
+            eng.replay(reqs, into=futs)
+            if on_done is not None:
+                for f in futs:
+                    f.add_done_callback(lambda _f: on_done(1))
+            got = [f.result() for f in futs]
         report = eng.report()
+    except KeyboardInterrupt:
+        # What finished was paid for: hand it and the spend so far to the caller, which keeps a record. A SIGTERM
+        # to the whole process group stops Ray too: the report and the stop then waited a minute for its GCS.
+        done = [f.result() for f in futs if f.done() and not f.cancelled() and f.exception() is None]
+        kept: dict = {}
+        gone = stop_or_lose_ray(lambda: (kept.update(eng.report()), eng.stop()), ray_procs) == "ray-gone"
+        raise Interrupted(done, kept, len(futs), ray_gone=gone) from None
+    finally:
+        eng.stop()  # at once if stopped above
     if results is not None:
         results.extend(got)
     results = got

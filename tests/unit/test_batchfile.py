@@ -471,6 +471,7 @@ def test_a_sigterm_that_stopped_ray_too_ends_batch_at_once_with_its_files_and_re
     monkeypatch.setattr(driver_mod.Engine, "start", classmethod(lambda c, *a, **k: RayGoesDown(CAT)))
     monkeypatch.setattr(cli_batch, "own_ray_processes", lambda: [RayProcess()])
     monkeypatch.setattr(cli_batch, "exit_now", exit_now)
+    monkeypatch.setattr("engine.app._ray_stop.GRACE_S", 0.2)
     previous = signal.signal(signal.SIGTERM, lambda *_: None)
     try:
         out, rep = tmp_path / "o.jsonl", tmp_path / "r.json"

@@ -353,6 +353,50 @@ def test_ctrl_c_during_run_keeps_the_finished_results_and_the_spend(tmp_path, mo
     assert "1 of 2 request(s) had finished (spend so far $0.0010)" in text and "may still finish and be billed" in text
 
 
+def test_a_sigterm_that_stopped_ray_too_ends_run_at_once_with_what_had_finished(tmp_path, monkeypatch):
+    """A SIGTERM to the whole process group (`timeout`, systemd) stops Ray's processes too: the report and the
+    engine's stop then waited a minute for the GCS, and Ray ended the process with nothing kept."""
+    import signal
+    import threading
+
+    import engine.app.driver as driver_mod
+    import engine.app.live as live_mod
+    from tests.unit.helpers import TerminatedEngine
+
+    stopping, never = threading.Event(), threading.Event()
+
+    class RayGoesDown(TerminatedEngine):
+        def report(self) -> dict:  # a Ray call that waits for a GCS that is gone, then fails
+            stopping.set()
+            never.wait(10.0)
+            raise AssertionError("the run waited for a Ray that is gone")
+
+    class RayProcess:
+        def poll(self):
+            return 0 if stopping.is_set() else None
+
+    def exit_now(code):
+        raise SystemExit(code)
+
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("".join(json.dumps({"id": f"r{i}", "arrival_s": i, "model": "gpt-5-mini", "prompt": f"q{i}"})
+                             + "\n" for i in range(2)))
+    monkeypatch.setattr(driver_mod.Engine, "start", classmethod(lambda c, *a, **k: RayGoesDown()))
+    monkeypatch.setattr(live_mod, "own_ray_processes", lambda: [RayProcess()])
+    monkeypatch.setattr("engine.app._ray_stop.exit_now", exit_now)
+    monkeypatch.setattr("engine.app._ray_stop.GRACE_S", 0.2)
+    out = tmp_path / "o"
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        r = runner.invoke(app, ["run", str(trace), "--out", str(out)])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        never.set()
+    assert r.exit_code == 130, r.output
+    (kept,) = [json.loads(x) for x in (out / "results.partial.jsonl").read_text().splitlines()]
+    assert kept["id"] == "r0"
+
+
 def test_ctrl_c_while_run_still_paces_arrivals_keeps_what_was_sent(tmp_path, monkeypatch):
     """Ctrl-C while `run` replays the trace (its whole span, at speed-up 1) left no record: the requests sent
     and paid so far were lost, with no message. Now they go to results.partial.jsonl as after the replay."""
