@@ -127,7 +127,7 @@ class BatchApiRuns:
         it: the provider is asked for it as after a restart's cut create (OpenAI: by the name in its metadata;
         Anthropic: the create made again under its Idempotency-Key, with the same body). Taken for a refusal,
         the batch ran unfollowed beside its members sent sync: each paid twice, and counted nowhere."""
-        for attempt in range(SUBMIT_TRIES - 1):
+        for attempt in range(SUBMIT_TRIES):
             try:
                 return await self.provider.submit_batch(cjobs, hedge_at, key, body)
             except ProviderError as exc:
@@ -135,11 +135,14 @@ class BatchApiRuns:
                     raise
                 log.warning("dispatcher %s: batch %s got no answer to its create (%s); looking for it", self.name,
                             key, _short(exc))
+                error = exc
             await asyncio.sleep(RETRY_BASE_S * 2 ** attempt)
+            # The last try's too: taken for a refusal, a batch it made ran unfollowed while its members went again
+            # (each paid twice, counted nowhere; a helper's fault hunt).
             found = await self._find_batch(cjobs, key)
             if found is not None:
                 return found
-        return await self.provider.submit_batch(cjobs, hedge_at, key, body)  # the last try: its error is the batch's
+        raise error
 
     async def _find_batch(self, cjobs: list[CallJob], key: str):
         """The provider's batch for a cut create; a lookup that fails is tried again (creating a second

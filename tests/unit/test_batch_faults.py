@@ -9,6 +9,7 @@ import asyncio
 import pytest
 
 from actors import Dispatcher
+from actors._batch_api import SUBMIT_TRIES
 from actors._types import BatchJob
 from engine.core.provider_api import Secret
 from engine.emulator import Emulator
@@ -548,6 +549,38 @@ def test_a_batch_whose_hedge_passed_while_a_create_of_its_size_was_out_is_never_
             assert set(back) == {j.req.id for j in second} and all(j.hedges == 1 for j in back.values())
             assert emu.count("messages.batches.create", status=200) == 1
             assert set(billed_by_custom_id(emu)) == {batch_key(j) for j in first}
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+def test_a_batch_whose_last_create_try_got_no_answer_is_looked_up_not_taken_for_a_refusal(emu):  # noqa: F811
+    """Every try of a create but the last was followed by a lookup: the last one's lost answer was taken for a
+    refusal, so the batch the provider made ran unfollowed while its members were sent again, each paid twice
+    and counted nowhere (a helper's fault hunt)."""
+    jobs = jobs_of("openai", claims=True)
+
+    async def go():
+        rig = Rig(emu, "openai")
+        client, sdk = rig.d.provider.client, rig.d.provider._sdk
+        inner, tries = client.batches.create, []
+
+        async def answer_lost_at_last(*a, **kw):
+            tries.append(1)
+            if len(tries) == SUBMIT_TRIES:
+                await inner(*a, **kw)  # made by the provider, its answer lost
+            raise sdk.APITimeoutError(request=None)  # the others: no answer, nothing made
+
+        client.batches.create = answer_lost_at_last
+        try:
+            await rig.reserve(jobs)
+            await rig.run("batch_api", jobs)
+            await rig.resolved(jobs, timeout_s=20)
+            await _settled(rig, 20)
+            assert len(tries) == SUBMIT_TRIES and rig.grouper.readmitted() == []
+            billed = [i for i in emu.bill().items if i.custom_id is not None]
+            assert len(billed) == len(jobs) and all(rig.results[j.req.id].mode == "batch_api" for j in jobs)
+            assert sum(rig.budget.book.spend.values()) == pytest.approx(sum(i.cost_usd for i in billed), abs=1e-12)
         finally:
             await rig.close()
     asyncio.run(go())
