@@ -287,3 +287,25 @@ def test_one_triage_of_a_budget_verdict_for_both_runtimes():
     assert claim_amount(urgent, CAT, "batch_api", False) == claim_amount(urgent, CAT, "sync", False)
     assert claim_amount(normal, CAT, "batch_api", False) < claim_amount(normal, CAT, "sync", False)
     assert claim_amount(normal, CAT, "sync", True) > claim_amount(normal, CAT, "sync", False)  # model max
+
+
+def test_a_body_request_reserves_for_its_bytes_where_its_text_tokenizes_denser_than_the_estimate():
+    """Input tokens are estimated at 4 characters each; Chinese text (digits, code) comes denser, and a budget
+    reserved on the estimate was overrun threefold (a helper's fault hunt: $0.31 spent of $0.10). A token holds at
+    least one byte of text, so a body's bytes bound it; a bare prompt (a trace's recorded size) keeps its count."""
+    from engine.core.cost import reserve_bound
+    from engine.core.request import Request, validation_context
+
+    CAT = default_catalog()
+    ctx = validation_context(CAT)
+    text = "预算不能超支" * 2000  # 12,000 characters, up to a token each
+    body = Request.model_validate({"id": "zh", "arrival_s": 0.0, "model": "claude-haiku-4-5", "max_tokens": 5,
+                                   "messages": [{"role": "user", "content": text}]}, context=ctx)
+    spec = CAT.model("anthropic", "claude-haiku-4-5")
+    w = CAT.provider("anthropic").prompt_cache.write_multiplier
+    assert body.input_tokens < len(text) / 3  # the estimate
+    assert reserve_bound(body, CAT, "sync") >= (spec.input_per_mtok * w * len(text) + spec.output_per_mtok * 5) / 1e6
+    bare = Request.model_validate({"id": "t", "arrival_s": 0.0, "model": "claude-haiku-4-5", "prompt": "x" * 40,
+                                   "input_tokens": 3000, "max_output_tokens": 5}, context=ctx)
+    assert reserve_bound(bare, CAT, "sync") == pytest.approx((spec.input_per_mtok * w * 3000
+                                                              + spec.output_per_mtok * 5) / 1e6)
