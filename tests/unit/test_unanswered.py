@@ -258,3 +258,43 @@ def test_a_connection_cut_after_the_request_went_keeps_its_bound_and_one_never_m
             finally:
                 await rig.close()
         asyncio.run(go())
+
+
+@pytest.mark.parametrize("room", [2, 1], ids=["room-for-the-retry", "no-room"])
+def test_a_retry_after_an_unanswered_call_reserves_its_own_bound_where_keys_are_not_kept(room):
+    """At a provider that keeps no idempotency key, the call that got no answer and its retry may both be billed;
+    the retry went on the first claim alone, and a hard limit of one call's bound was passed by a second bill (a
+    helper's fault hunt). With room for another bound the retry reserves it; without, the request fails as
+    possibly billed and no second call is made."""
+    from actors import BudgetController
+    from actors._peer import as_peer
+    from engine.core.budgets import BudgetSettings, BudgetSpec, Claim
+    from engine.core.clock import ManualClock
+
+    with Emulator(CAT, latency_scale=0.0, speedup=1000.0, honour_keys=False) as emu:
+        (j,) = jobs_of("openai", 1, claims=True, max_output_tokens=20, priority="urgent")
+
+        async def go():
+            rig = Rig(emu)
+            bound = reserve_bound(j.req, rig.catalog, "sync", None)
+            budget = BudgetController(BudgetSettings(specs=(BudgetSpec(max_budget=room * bound * 1.000001),)),
+                                      None, ManualClock(0.0))
+            rig.d.budget = as_peer(budget)
+            answers_lost(rig, lambda n: n == 1)
+            try:
+                (v,) = await budget.reserve_many([Claim(j.claim, j.req.tenant, j.req.provider, j.req.model,
+                                                        "urgent", bound)])
+                assert v.ok
+                await rig.run("sync", [j])
+                res = await rig.until(lambda: rig.results.get(j.req.id), "the result")
+                await rig.until(lambda: not budget.book.claims, "every claim settled")
+                rep = await budget.report()
+                assert emu.bill().total_usd <= room * bound * 1.000001 and rep["overrun_usd"] == 0.0
+                calls = len(emu.bill().items)
+                if room == 2:
+                    assert res.status == "ok" and calls == 2  # both billed, both reserved for
+                else:
+                    assert res.status == "failed" and "no room for a retry" in res.error and calls == 1
+            finally:
+                await rig.close()
+        asyncio.run(go())
