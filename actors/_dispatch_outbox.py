@@ -12,7 +12,6 @@ from actors._shards import by_result_uid
 from actors._types import send_sharded
 from actors.journal import delete_later
 from actors.metrics import DispatchCounts
-from engine.core.budgets import Claim
 from engine.core.cost import reserve_bound
 from engine.core.grouping import WarmNote
 
@@ -48,35 +47,6 @@ class Outbox:
         self.possibly_billed += calls
         self.possibly_billed_usd += usd
         return usd
-
-    def _retry_sync(self, b, j, a) -> None:
-        """Send ``j`` again at its retry time. After a call that got no answer, at a provider that keeps no
-        idempotency key (OpenAI's and Anthropic's default), that call and the retry may both be billed: under a
-        budget, the retry first reserves an upper bound of its own, and a budget with no room for it fails the
-        request (possibly billed) instead. Retried on its first claim alone, a hard limit was passed by a call's
-        bound (a helper's fault hunt)."""
-        at, nj = self.sim.retry_at(j.seq, j.attempts, a), j._replace(attempts=j.attempts + 1)
-        if a.maybe_billed and not self.provider.honours_keys and j.claim is not None and self.budget is not None:
-            self._spawn(self._reserve_retry(b, nj, at), [nj], b)
-        else:
-            self._at(at, lambda: (self._enqueue("sync", b, [nj]), self._pump()))
-
-    async def _reserve_retry(self, b, j, at: float) -> None:
-        r, k = j.req, self._retry_claims[j.req.uid]
-        claim = Claim(f"{j.claim}+{k}", r.tenant, r.provider, r.model, r.priority,
-                      reserve_bound(r, self.catalog, "sync", None))
-        try:
-            (v,) = await self.budget.call("reserve_many", [claim])
-        except Exception as exc:  # no room known: the same as none
-            log.warning("dispatcher %s: a retry's reservation failed: %s", self.name, _short(exc))
-            v = None
-        if v is None or not v.ok:
-            self._final(b, j, False, 0.0, "sync", error="a call got no answer and may have been billed; the budget "
-                                                        "has no room for a retry that may be billed beside it")
-            self._pump()
-            return
-        self._retry_claims[r.uid] = k + 1  # released with the request's claim
-        self._at(at, lambda: (self._enqueue("sync", b, [j]), self._pump()))
 
     def _note_warm(self, r, out, start: float) -> None:
         """A call or batch member that read or wrote ``r``'s prompt prefix (``WarmNote.of``), for the groupers'

@@ -68,7 +68,6 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
         self.key_conflicts = 0  # sync calls the provider refused with 409: their key was billed with another body
         self.possibly_billed, self.possibly_billed_usd = 0, 0.0  # failed requests whose call timed out (charged)
         self._unanswered: Counter[str] = Counter()  # uid -> its sync calls that got no answer (maybe billed)
-        self._retry_claims: Counter[str] = Counter()  # uid -> claims reserved for its retries (``_retry_sync``)
         self.groupers = [as_peer(g) for g in groupers]
         self.hubs, self.caches = Shards(hub), Shards(cache)  # results by id, cache fills by class
         self.hub, self.budget = self.hubs.first, as_peer(budget)  # hub shard 0: metrics and the journal
@@ -291,7 +290,8 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
         if v != "retry":
             self._final(b, j, a.ok, a.cost if a.ok else 0.0, mode, a)
         else:
-            self._retry_sync(b, j, a)
+            nj = j._replace(attempts=j.attempts + 1)
+            self._at(self.sim.retry_at(j.seq, j.attempts, a), lambda: (self._enqueue("sync", b, [nj]), self._pump()))
         self._pump()
 
     def _body_done(self, j: Job) -> None:
@@ -333,8 +333,7 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
         self._known.discard(j.req.uid)
         self._body_done(j)
         if j.claim is not None:
-            extra = self._retry_claims.pop(j.req.uid, 0)  # its retries' own reservations, released with it
-            self._settle += [(j.claim, cost)] + [(f"{j.claim}+{k}", 0.0) for k in range(extra)]
+            self._settle.append((j.claim, cost))
 
     def _attempt(self, b: BatchJob, j: Job, ok: bool, cost: float, mode: str, out: CallOutcome | None = None) -> None:
         """A batch or GPU member's attempt ended; a failure goes back to the policy while attempts remain."""
