@@ -87,9 +87,6 @@ class BudgetController(Warm):
         else:
             self.book = BudgetBook(list(settings.specs), settings.throttle)
         self.refusals = {"wait": 0, "deferred": 0, "budget_exhausted": 0, "budget_unavailable": 0}
-        # The memory ledger's open claims by when granted (monotonic), released at ``reservation_ttl_s`` as Redis's
-        # are: a lost settlement held its budget for the engine's life (a helper's fault hunt).
-        self._granted_at: dict[str, float] = {}
         self._reported: asyncio.Task | None = None
         self._dirty = False
 
@@ -169,7 +166,6 @@ class BudgetController(Warm):
         """One verdict per claim; a deferral's ``retry_at`` is in engine time. ``release``: claims to let go
         first (settled at 0), in the same call, so what they held goes to these claims and nobody between."""
         await self._restored_first()
-        self._expire_stale()
         if not await self._settle([(rid, 0.0) for rid in release]) or not self._usable():
             return self._unavailable(len(claims))
         try:
@@ -182,9 +178,6 @@ class BudgetController(Warm):
             return self._unavailable(len(claims))
         self._recovered()
         out = []
-        if type(self.book) is BudgetBook:
-            now = time.monotonic()
-            self._granted_at.update((c.rid, now) for c, v in zip(claims, verdicts, strict=True) if v.ok)
         for v in verdicts:
             if not v.ok:
                 self.refusals[v.reason] += 1
@@ -229,8 +222,6 @@ class BudgetController(Warm):
                 self._failed(exc)
             else:
                 self._recovered()
-                for rid, _ in items if self._granted_at else ():
-                    self._granted_at.pop(rid, None)
                 return True
             finally:
                 self._settling -= len(items)
@@ -352,15 +343,6 @@ class BudgetController(Warm):
                     sum(b.spend.values()), len(stale))
         self._changed()
         return True
-
-    def _expire_stale(self) -> None:
-        horizon = time.monotonic() - self.settings.reservation_ttl_s  # granted in order: the oldest first
-        stale = list(itertools.takewhile(lambda rid: self._granted_at[rid] <= horizon, self._granted_at))
-        for rid in stale:
-            del self._granted_at[rid]
-        if stale:
-            log.warning("budget ledger: %d reservation(s) released, unsettled after the TTL", len(stale))
-            self._expire(stale)
 
     def _expire(self, rids: list[str]) -> None:
         open_ = [r for r in rids if r in self.book.claims]

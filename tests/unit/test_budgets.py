@@ -309,34 +309,3 @@ def test_a_body_request_reserves_for_its_bytes_where_its_text_tokenizes_denser_t
                                    "input_tokens": 3000, "max_output_tokens": 5}, context=ctx)
     assert reserve_bound(bare, CAT, "sync") == pytest.approx((spec.input_per_mtok * w * 3000
                                                               + spec.output_per_mtok * 5) / 1e6)
-
-
-def test_a_claim_of_the_memory_ledger_that_nobody_settles_is_released_after_the_ttl(monkeypatch):
-    """A settlement lost on its way (a send to an actor that died, work a restarted dispatcher never journaled)
-    held its reservation for the engine's life in the memory ledger (a helper's fault hunt: a request refused
-    behind its own lost claim on day 30); the Redis ledger released it after ``reservation_ttl_s``."""
-    import asyncio
-
-    import actors.budget as budget_mod
-    from actors import BudgetController
-    from engine.core.budgets import BudgetSettings
-    from engine.core.clock import ManualClock
-
-    wall = [1000.0]
-    monkeypatch.setattr(budget_mod.time, "monotonic", lambda: wall[0])
-
-    async def go():
-        spec = BudgetSpec(max_budget=1.0, budget_duration="30d")
-        ctl = BudgetController(BudgetSettings(specs=(spec,), reservation_ttl_s=3600.0), None, ManualClock(T0))
-        (lost,) = await ctl.reserve_many([claim("lost", 0.8, "normal")])
-        (v,) = await ctl.reserve_many([claim("next", 0.5, "normal")])
-        assert lost.ok and not v.ok  # held behind the claim nobody will settle
-        wall[0] += 3599.0
-        (v,) = await ctl.reserve_many([claim("next", 0.5, "normal")])
-        assert not v.ok
-        wall[0] += 2.0
-        (v,) = await ctl.reserve_many([claim("next", 0.5, "normal")])
-        assert v.ok and "lost" not in ctl.book.claims
-        await ctl.settle_many([("next", 0.4)])
-        assert ctl._granted_at == {}  # settled claims leave no trace
-    asyncio.run(go())
