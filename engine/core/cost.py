@@ -7,7 +7,6 @@ Modes: ``sync`` (one call, list price), ``batch_api`` (provider batch API, disco
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from typing import Literal, NamedTuple
 
@@ -257,18 +256,20 @@ def reserve_bound(req: Request, catalog: Catalog, mode: Mode, output_tokens: int
     w = max(1.0, pc.write_multiplier) if pc is not None and (mode != "batch_api" or pc.stacks_with_batch) else 1.0
     out = (req.max_output_tokens if req.max_output_tokens is not None
            else spec.max_output_tokens if output_tokens is None else output_tokens)
-    return f * (spec.input_per_mtok * w * input_bound(req) + spec.output_per_mtok * out) * _M  # type: ignore[operator]
+    return f * (spec.input_per_mtok * w * input_bound(req, spec) + spec.output_per_mtok * out) * _M  # type: ignore[operator]
 
 
-def input_bound(req: Request) -> int:
+def input_bound(req: Request, spec: ModelSpec) -> int:
     """At most this many input tokens for a request that carries the provider's body (sent unchanged): a token
-    holds at least one byte of its text (byte-level BPE), so the body's UTF-8 bytes as JSON (whose keys cover
-    the per-message tokens) bound the count, where ``input_tokens``, estimated at ``chars_per_token``, does not:
-    Chinese text, digits and code come denser, and a budget reserved on the estimate was overrun threefold (a
-    helper's fault hunt). A bare prompt may stand for a recorded size (a trace replay sends ``input_tokens``)."""
+    holds at least one byte of its text (byte-level BPE), so the UTF-8 bytes of its text (``prompt``, which is the
+    body's) bound that part, where ``input_tokens``, estimated at ``chars_per_token``, does not: Chinese text,
+    digits and code come denser, and a budget reserved on the estimate was overrun threefold (a helper's fault
+    hunt). Added to the estimate (which holds its images and tools), capped at what the model accepts. A bare
+    prompt may stand for a recorded size (a trace replay sends ``input_tokens``): its count stands."""
     if req.body is None:
         return req.input_tokens
-    return max(req.input_tokens, len(json.dumps(req.body, ensure_ascii=False).encode()))
+    cap = spec.max_input_tokens or spec.context_window or 1 << 62
+    return max(req.input_tokens, min(req.input_tokens + len(req.prompt.encode()), cap))
 
 
 def shared_prefix_marks(reqs: Sequence[Request]) -> list[int]:

@@ -220,7 +220,7 @@ def test_the_reservation_bound_honours_a_cap_and_names_a_bad_one():
     from pydantic import ValidationError
 
     from engine.core.catalog import default_catalog
-    from engine.core.cost import reserve_bound
+    from engine.core.cost import input_bound, reserve_bound
     from engine.core.request import Request, validation_context
     from engine.core.settings import Settings
     from engine.core.trace import _problems_of
@@ -293,7 +293,7 @@ def test_a_body_request_reserves_for_its_bytes_where_its_text_tokenizes_denser_t
     """Input tokens are estimated at 4 characters each; Chinese text (digits, code) comes denser, and a budget
     reserved on the estimate was overrun threefold (a helper's fault hunt: $0.31 spent of $0.10). A token holds at
     least one byte of text, so a body's bytes bound it; a bare prompt (a trace's recorded size) keeps its count."""
-    from engine.core.cost import reserve_bound
+    from engine.core.cost import input_bound, reserve_bound
     from engine.core.request import Request, validation_context
 
     CAT = default_catalog()
@@ -305,6 +305,13 @@ def test_a_body_request_reserves_for_its_bytes_where_its_text_tokenizes_denser_t
     w = CAT.provider("anthropic").prompt_cache.write_multiplier
     assert body.input_tokens < len(text) / 3  # the estimate
     assert reserve_bound(body, CAT, "sync") >= (spec.input_per_mtok * w * len(text) + spec.output_per_mtok * 5) / 1e6
+    # Only its text counts so: an image's base64 is no text (a review: 1.5 MB of it reserved $7.50, not $0.0068).
+    png = "data:image/png;base64," + "A" * 400_000
+    img = Request.model_validate({"id": "img", "arrival_s": 0.0, "model": "claude-haiku-4-5", "max_tokens": 5,
+                                  "messages": [{"role": "user", "content": [
+                                      {"type": "text", "text": "Describe it."},
+                                      {"type": "image_url", "image_url": {"url": png}}]}]}, context=ctx)
+    assert input_bound(img, spec) == img.input_tokens + len("Describe it.")
     bare = Request.model_validate({"id": "t", "arrival_s": 0.0, "model": "claude-haiku-4-5", "prompt": "x" * 40,
                                    "input_tokens": 3000, "max_output_tokens": 5}, context=ctx)
     assert reserve_bound(bare, CAT, "sync") == pytest.approx((spec.input_per_mtok * w * 3000
