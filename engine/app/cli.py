@@ -238,9 +238,10 @@ def _keep_interrupted(stop, out: Path) -> NoReturn:
     with path.open("w", encoding="utf-8") as fh:
         for r in stop.results:
             fh.write(r.model_dump_json() + "\n")
-    spend = stop.report.get("spend_usd", 0.0)
+    spend = stop.report.get("spend_usd")
+    spend = "unknown: the engine did not answer" if spend is None else f"${spend:.4f}"
     err_console.print(f"interrupted: {len(stop.results):,} of {stop.sent:,} request(s) had finished (spend so far "
-                      f"${spend:.4f}); their results are in {path}. The others were not answered, and a provider "
+                      f"{spend}); their results are in {path}. The others were not answered, and a provider "
                       "batch already submitted for them may still finish and be billed", style="yellow")
     if stop.ray_gone:  # Ray's exit hooks would each wait for its GCS
         from engine.app._ray_stop import exit_now

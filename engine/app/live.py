@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 
@@ -87,6 +88,7 @@ def run_live(requests: Sequence[Request], *, trace_name: str, policy: str = "sma
                        speedup=speedup, offset_s=offset, seed=seed, num_shards=num_shards)
     ray_procs = [p for p in own_ray_processes() if p.poll() is None]  # if one exits, Ray is going down
     futs: list = []
+    stopped = False
     try:
         if on_start is not None:
             on_start(eng)
@@ -105,10 +107,20 @@ def run_live(requests: Sequence[Request], *, trace_name: str, policy: str = "sma
         # to the whole process group stops Ray too: the report and the stop then waited a minute for its GCS.
         done = [f.result() for f in futs if f.done() and not f.cancelled() and f.exception() is None]
         kept: dict = {}
-        gone = stop_or_lose_ray(lambda: (kept.update(eng.report()), eng.stop()), ray_procs) == "ray-gone"
+
+        def steps() -> None:
+            with contextlib.suppress(Exception):  # an actor gone: the spend is unknown, the results are kept
+                kept.update(eng.report())
+            eng.stop()
+        stopped = True
+        try:
+            gone = stop_or_lose_ray(steps, ray_procs) == "ray-gone"
+        except Exception:  # the stop failed: what finished is still handed over
+            gone = False
         raise Interrupted(done, kept, len(futs), ray_gone=gone) from None
     finally:
-        eng.stop()  # at once if stopped above
+        if not stopped:  # (a stop that Ray's end left waiting must not be waited for here)
+            eng.stop()
     if results is not None:
         results.extend(got)
     results = got

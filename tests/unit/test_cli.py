@@ -397,6 +397,25 @@ def test_a_sigterm_that_stopped_ray_too_ends_run_at_once_with_what_had_finished(
     assert kept["id"] == "r0"
 
 
+def test_an_interrupted_run_whose_engine_cannot_report_still_keeps_what_had_finished(tmp_path, monkeypatch):
+    """An actor gone when Ctrl-C came: the report's error ended the command (exit 1) with no results kept."""
+    import engine.app.driver as driver_mod
+    from tests.unit.helpers import CtrlCEngine
+
+    class NoReport(CtrlCEngine):
+        def report(self) -> dict:
+            raise RuntimeError("the result hub died")
+
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("".join(json.dumps({"id": f"r{i}", "arrival_s": i, "model": "gpt-5-mini", "prompt": f"q{i}"})
+                             + "\n" for i in range(2)))
+    monkeypatch.setattr(driver_mod.Engine, "start", classmethod(lambda c, *a, **k: NoReport()))
+    r = runner.invoke(app, ["run", str(trace), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 130, r.output
+    (kept,) = [json.loads(x) for x in (tmp_path / "o" / "results.partial.jsonl").read_text().splitlines()]
+    assert kept["id"] == "r0" and "spend so far unknown" in " ".join(r.output.split())
+
+
 def test_ctrl_c_while_run_still_paces_arrivals_keeps_what_was_sent(tmp_path, monkeypatch):
     """Ctrl-C while `run` replays the trace (its whole span, at speed-up 1) left no record: the requests sent
     and paid so far were lost, with no message. Now they go to results.partial.jsonl as after the replay."""
