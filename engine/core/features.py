@@ -37,7 +37,7 @@ from engine.core.request import Request, split_body
 
 __all__ = ["DEFAULT_DIM", "MEDIA_COMPAT_PARAMS", "NEAR_DIM", "compat_key", "compat_kind", "featurize", "featurize_texts",
            "fingerprint", "near_class", "near_context", "near_min_threshold", "near_space", "near_text", "near_vectors", "near_vectors_texts",
-           "normalise_prompt"]
+           "exact_prompt", "normalise_prompt"]
 
 DEFAULT_DIM = 1024
 # Near-duplicate search reads every probed vector once per batch, so its cost is memory traffic: 256 columns
@@ -58,6 +58,8 @@ MEDIA_COMPAT_PARAMS: tuple[str, ...] = ("size", "resolution", "duration_s", "ste
 _WORD = re.compile(r"\w+", re.UNICODE)
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 _CHUNK_CHARS = 16_384
+_SPACES = re.compile(" {2,}")
+_SEP = "\x1f"  # between a fingerprint's fields
 
 
 def normalise_prompt(text: str) -> str:
@@ -67,6 +69,16 @@ def normalise_prompt(text: str) -> str:
     if not text.isascii():
         text = unicodedata.normalize("NFKC", text)
     return " ".join(text.split())
+
+
+def exact_prompt(text: str) -> str:
+    """A prompt as the exact-reuse key reads it: NFC, trimmed, runs of spaces folded to one. Not NFKC, nor every
+    whitespace: "What is 2³?" and "What is 23?", or a newline and a space (a question about line counts, a
+    Makefile's tabs), are other questions, and were served one another's answers (a helper's fault hunt). Near
+    reuse still finds the variants that are the same question. Case is kept: it can change an output."""
+    if not text.isascii():
+        text = unicodedata.normalize("NFC", text)
+    return _SPACES.sub(" ", text.strip().replace(_SEP, " "))
 
 
 def compat_key(req: Request) -> tuple:
@@ -88,16 +100,19 @@ def fingerprint(req: Request, *, share_across_tenants: bool = False) -> str:
     lack. Not the id, arrival, priority, deadline or reuse setting."""
     parts = [
         "*" if share_across_tenants else req.tenant, req.provider, req.model, req.kind,
-        normalise_prompt(req.prompt),
+        # A prompt beside a body is a label, not sent: the body is hashed below (two labels split one body).
+        exact_prompt(req.prompt) if not req.body else "",
         json.dumps(req.params, sort_keys=True, separators=(",", ":"), default=str) if req.params else "",
     ]
     if req.kind == "text":
         parts.append(",".join(map(str, req.prefix_blocks)))
         parts.append(str(req.input_tokens))
+        # The cap is sent (max_tokens): a 16-token answer was served to the same prompt asked uncapped.
+        parts.append(str(req.max_output_tokens))
     if req.body:  # temperature, tools, a system prompt...: all of the body shapes the output
         parts.append(json.dumps(req.body, sort_keys=True, separators=(",", ":"), default=str))
-    # The separator \x1f counts as whitespace, so normalise_prompt folds any inside the prompt to a space.
-    return hashlib.blake2b("\x1f".join(parts).encode(), digest_size=16).hexdigest()
+    # exact_prompt turns the separator inside a prompt into a space: no prompt reads as two fields.
+    return hashlib.blake2b(_SEP.join(parts).encode(), digest_size=16).hexdigest()
 
 
 def _char_ngram_hashes(texts: Sequence[str], n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -230,7 +230,7 @@ def lower_bound(requests: Sequence[Request], *, catalog: Catalog | None = None, 
     for i, r in enumerate(reqs):
         if unserv[i]:
             continue
-        fp = fingerprint(r)
+        fp = fingerprint(r, share_across_tenants=settings.cache.share_across_tenants)
         if fp in payer:
             if r.reuse != "none":
                 free[i] = True

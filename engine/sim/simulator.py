@@ -76,7 +76,8 @@ class _Sim(SimBudget, SimReuse, SimCalls):
         self.compat = [compat_key(r) for r in reqs]
         self.reuse = policy.reuse
         any_reuse = self.reuse.exact or self.reuse.in_flight or self.reuse.near
-        self.fps = [fingerprint(r) for r in reqs] if any_reuse else None
+        share = settings.cache.share_across_tenants  # as the live cache keys them
+        self.fps = [fingerprint(r, share_across_tenants=share) for r in reqs] if any_reuse else None
         self.index = ReuseIndex(dim=1)
         self.vecs: dict[int, np.ndarray] = {}
         self.near_threshold = max(self.reuse.near_threshold, settings.sim.near_floor)

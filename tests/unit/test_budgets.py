@@ -220,7 +220,7 @@ def test_the_reservation_bound_honours_a_cap_and_names_a_bad_one():
     from pydantic import ValidationError
 
     from engine.core.catalog import default_catalog
-    from engine.core.cost import input_bound, reserve_bound
+    from engine.core.cost import reserve_bound
     from engine.core.request import Request, validation_context
     from engine.core.settings import Settings
     from engine.core.trace import _problems_of

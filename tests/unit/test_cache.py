@@ -448,3 +448,39 @@ def test_a_sweeps_last_recall_lets_a_follower_go_so_the_leaders_result_never_rea
     got = sorted(r.id for r in run(go()))
     assert got == ["r2"]  # the follower still waiting gets it, not the one let go (the leader: its dispatcher)
     assert cache.stats["detached"] == 1
+
+
+def _ask(prompt: str = "Tell me about Rome.", **kw) -> Request:
+    return Request.model_validate({"id": "q", "arrival_s": 0.0, "model": "gpt-5-mini", "prompt": prompt,
+                                   "input_tokens": 10, **kw})
+
+
+def test_the_exact_key_tells_apart_what_the_provider_is_sent_differently():
+    """A helper's fault hunt: a 16-token answer was served to the same prompt asked uncapped (the cap is sent as
+    max_tokens); NFKC and whitespace folding made "What is 2³?" the key of "What is 23?", and a newline one of a
+    space; a label beside a body split two identical bodies."""
+    assert fingerprint(_ask(max_output_tokens=16)) != fingerprint(_ask(max_output_tokens=4000))
+    assert fingerprint(_ask("What is 2³?")) != fingerprint(_ask("What is 23?"))
+    assert fingerprint(_ask("count the lines:\na\nb")) != fingerprint(_ask("count the lines: a b"))
+    assert fingerprint(_ask("  Tell me  about Rome. ")) == fingerprint(_ask("Tell me about Rome."))  # spacing
+    assert fingerprint(_ask("e\u0301t\u00e9")) == fingerprint(_ask("\u00e9t\u00e9"))  # NFC: one text
+    assert fingerprint(_ask("a\x1fb")) == fingerprint(_ask("a b"))  # no prompt reads as two fields
+    body = {"messages": [{"role": "user", "content": "Name three rivers."}]}
+    assert fingerprint(_ask("row 17", body=body)) == fingerprint(_ask("row 18", body=body))
+
+
+def test_the_simulator_reuses_across_tenants_when_the_cache_is_shared():
+    """The live cache keyed requests across tenants with ``cache.share_across_tenants``; the simulator (and the
+    lower bound) did not, so ``bench`` billed what a live engine reused."""
+    from engine.core.catalog import default_catalog
+    from engine.sim.lower_bound import lower_bound
+    from engine.sim.simulator import simulate
+    from policies import load_policy
+
+    reqs = [_ask(tenant=t, arrival_s=100.0 * k, id=f"r{k}", deadline_s=30.0)
+            for k, t in enumerate(("acme", "globex"))]
+    for share, paid in ((False, 2), (True, 1)):
+        s = Settings(cache=CacheSettings(share_across_tenants=share))
+        res = simulate(reqs, load_policy("cache-only", default_catalog()), settings=s)
+        assert int((res.cost > 0).sum()) == paid
+        assert int((lower_bound(reqs, settings=s).per_request_usd > 0).sum()) == paid
