@@ -40,9 +40,8 @@ class SmartParams(PolicyParams):
         "sync p99), as the release of an in-flight follower does"))
     closed_gather_s: float = Field(default=5.0, ge=0, description=(
         "a group holding a request that expects no company (``Request.gather`` false: a batch file's lines) "
-        "gathers this long at most, for the rest of its submission, whose requests reach a grouper in parts and "
-        "at instants apart (each line of an endpoint's file is stamped as it is submitted): 0 sent each part, "
-        "each line at the endpoint, in a provider batch of its own"))
+        "gathers this long at most, for the rest of its submission, which reaches a grouper in parts (the "
+        "driver's micro-batches): 0 sends each part in a provider batch of its own"))
     min_on_time_p: float = Field(default=0.02, ge=0, le=1,
                                  description="try the batch API only when P(done before hedge) >= this")
     min_batch_saving_usd: float = Field(default=0.001, ge=0, description=(

@@ -50,10 +50,10 @@ def stop_or_lose_ray(steps: Callable[[], None], ray_procs: list[subprocess.Popen
                      timeout_s: float = 30.0, poll_s: float = 0.05, grace_s: float | None = None) -> str:
     """Run ``steps`` (the Ray calls that stop the endpoint and the engine) in a thread, and watch the local Ray's
     processes meanwhile: "done" when the steps finish, "ray-gone" when one of those processes exited and the
-    steps have not finished ``grace_s`` (``GRACE_S``) later, "timeout" after ``timeout_s``. None of them exits while Ray runs;
-    after a SIGTERM to the whole process group the log monitor is gone within milliseconds while the raylet takes
-    seconds to wind down, its actors first: the steps would then block on them, and then for a minute on the
-    GCS. The grace is for steps that end by shutting Ray down themselves (an engine that started its Ray):
+    steps have not finished ``grace_s`` (``GRACE_S``) later, "timeout" after ``timeout_s``. None of them exits
+    while Ray runs; after a SIGTERM to the whole process group the log monitor is gone within milliseconds while
+    the raylet takes seconds to wind down, its actors first: the steps would then block on them, and then for a
+    minute on the GCS. The grace is for steps that end by shutting Ray down themselves (an engine that started its Ray):
     without it, every ``batch`` run ended as if interrupted (exit 130). An error of the steps is raised here."""
     failed: list[BaseException] = []
 
