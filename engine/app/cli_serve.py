@@ -302,7 +302,8 @@ def _serve_until_stopped(eng: Any, claim: NameClaim, *, policy: str, speedup: fl
                 eng.stop()
 
         try:
-            outcome = stop_or_lose_ray(steps, ray_procs, timeout_s=_GRACEFUL_S)
+            # No grace: Ray was started before the engine (above), so its stop never shuts Ray down itself.
+            outcome = stop_or_lose_ray(steps, ray_procs, timeout_s=_GRACEFUL_S, grace_s=0.0)
             if outcome == "ray-gone":
                 claim.release()
                 _exit_with_ray_gone(name)
