@@ -29,6 +29,7 @@ from tests.unit.test_http_providers import (  # noqa: F401  (emu: the fixture)
     billed_by_custom_id,
     emu,
     jobs_of,
+    journal_delete_fails_once,
     quarter,
 )
 
@@ -289,15 +290,7 @@ def test_a_batch_record_whose_delete_failed_is_deleted_again_and_a_later_restart
 
     async def go():
         rig = Rig(e, "openai", cancel_s=10 * EMU_CANCEL_S, speed=SPEED / 4)
-        inner, failed = rig.d.journal.delete, []
-
-        async def delete_fails_once(space, keys):
-            if not failed and space == rig.d._space:
-                failed.append(keys)
-                raise ConnectionError("the journal's Redis timed out")
-            return await inner(space, keys)
-
-        rig.d.journal.delete = delete_fails_once
+        failed = journal_delete_fails_once(rig, rig.d._space)
         try:
             await rig.reserve(jobs)
             await rig.run("batch_api", jobs, hedge_at=rig.clock.now() + VALIDATING_S["openai"] + 0.6 * T)

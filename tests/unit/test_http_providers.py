@@ -93,6 +93,20 @@ def http_settings(emu: Emulator, *, timeout_s: float = 30.0, cancel_s: float | N
     return s.model_copy(update={"providers": s.providers.model_copy(update={"endpoints": eps, "replay": True})})
 
 
+def journal_delete_fails_once(rig, space: str) -> list:
+    """The journal's first delete in ``space`` fails (a Redis blip); the keys it refused are in the list returned."""
+    inner, failed = rig.d.journal.delete, []
+
+    async def delete(sp, keys):
+        if sp == space and not failed:
+            failed.append(keys)
+            raise ConnectionError("the journal's Redis timed out")
+        return await inner(sp, keys)
+
+    rig.d.journal.delete = delete
+    return failed
+
+
 class Rig:
     """One dispatcher over HTTP at the emulator, with a hub, a budget ledger and a recording grouper."""
 

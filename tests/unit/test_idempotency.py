@@ -16,7 +16,7 @@ from actors import Dispatcher
 from actors._types import BatchJob, Job
 from engine.core.request import Request
 from engine.core.settings import Resilience
-from tests.unit.test_http_providers import KEY, Rig, emu  # noqa: F401  (emu: the fixture)
+from tests.unit.test_http_providers import KEY, Rig, emu, journal_delete_fails_once  # noqa: F401  (emu: the fixture)
 
 pytestmark = pytest.mark.filterwarnings("ignore:The model .* is deprecated:DeprecationWarning")
 
@@ -145,15 +145,7 @@ def test_a_sync_record_whose_delete_failed_is_deleted_again_so_a_restart_never_c
     async def go():
         rig = Rig(emu, "openai")
         space = rig.d._sync_journal.space
-        inner, failed = rig.d.journal.delete, []
-
-        async def delete_fails_once(sp, keys):
-            if sp == space and not failed:
-                failed.append(keys)
-                raise ConnectionError("the journal's Redis timed out")
-            return await inner(sp, keys)
-
-        rig.d.journal.delete = delete_fails_once
+        failed = journal_delete_fails_once(rig, space)
         try:
             j = Job(0, Request.model_validate({"id": "gone-0", "arrival_s": 0.0, "model": "gpt-5-mini",
                                                "input_tokens": 300, "output_tokens": 20, "prompt": "task"}), "fp")

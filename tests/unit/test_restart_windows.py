@@ -32,6 +32,7 @@ from .test_http_providers import (  # noqa: F401
     T,
     emu,
     jobs_of,
+    journal_delete_fails_once,
     quarter,
 )
 
@@ -110,15 +111,7 @@ def test_a_restart_before_an_ended_batchs_record_is_deleted_sends_none_of_its_me
 
     async def go():
         rig = Rig(e, "openai", cancel_s=10 * EMU_CANCEL_S, speed=SPEED / 4)
-        inner, failed = rig.d.journal.delete, []
-
-        async def delete_fails_once(space, keys):
-            if not failed and space == rig.d._space:
-                failed.append(keys)
-                raise ConnectionError("the journal's Redis timed out")
-            return await inner(space, keys)
-
-        rig.d.journal.delete = delete_fails_once
+        failed = journal_delete_fails_once(rig, rig.d._space)
         d2 = None
         try:
             await rig.reserve(jobs)
@@ -153,15 +146,7 @@ def test_a_restart_before_an_answered_sync_calls_record_is_deleted_does_not_make
     async def go():
         rig = Rig(emu, "openai")
         space = rig.d._sync_journal.space
-        inner, failed = rig.d.journal.delete, []
-
-        async def delete_fails_once(sp, keys):
-            if sp == space and not failed:
-                failed.append(keys)
-                raise ConnectionError("the journal's Redis timed out")
-            return await inner(sp, keys)
-
-        rig.d.journal.delete = delete_fails_once
+        failed = journal_delete_fails_once(rig, space)
         again = None
         try:
             j = Job(0, Request.model_validate({"id": "s-0", "arrival_s": 0.0, "model": "gpt-5-mini",
