@@ -321,7 +321,7 @@ class FilesAndBatches:
         for cid, fut in job.futures.items():
             if cid not in job.results and fut.done() and not fut.cancelled() and fut.exception() is None:
                 res = fut.result()
-                if (res.status != "failed" or res.error != self.engine.gone) and job.take(res) and self.state:
+                if (res.status != "failed" or res.error != self.engine.gone) and job.take(res) and self.state is not None:
                     self.state.add_result(job.id, job.results[cid])
 
     def _finish(self, job: BatchJob, why: str = _CANCELLED) -> None:

@@ -84,7 +84,7 @@ def test_a_group_counts_its_members_that_expect_no_company_through_add_and_take(
     assert g.closed == 0 and len(g) == 0
 
 
-def test_a_gpu_job_that_expects_no_company_is_not_held_in_a_busy_lane():
+def test_a_gpu_job_that_expects_no_company_waits_only_for_the_rest_of_its_submission_in_a_busy_lane():
     reqs = [r.model_copy(update={"arrival_s": 10.0, "priority": "normal", "deadline_s": 3600.0})
             for r in kind_trace("gpu-image", n=2)]
     prov = CAT.provider("modal-h100")
