@@ -338,14 +338,17 @@ class ResultCache(NearIndex, Following, Warm):
         await self._report()
 
     async def orphans(self, failed: list[tuple[str, str]]) -> list[Item]:
-        """Followers of leaders that failed for good or were refused, as (fingerprint, request uid) pairs: they
-        must be generated after all. A request that did not lead its fingerprint has none."""
+        """Followers of leaders that failed for good or were refused, as (fingerprint, request uid) pairs: each
+        follows another copy in flight, or must be generated after all (returned; the first of a fingerprint
+        leads it, and those after it may follow it, as in the simulator). A request that did not lead its
+        fingerprint has none."""
         out: list[Item] = []
         for fp, uid in failed:
             self.generating.pop(uid, None)  # a refused request never reaches ``complete``
-            out.extend(f for f, _ in self.inflight.orphans(fp, uid))
-        for it in out:
-            self._lead(it)  # generated after all; the first of a fingerprint leads it, as in the simulator
+            for f, hit in self.inflight.orphans(fp, uid):
+                if not self._follow(fp, f, hit):
+                    self._lead(f)
+                    out.append(f)
         self._answered()
         return out
 

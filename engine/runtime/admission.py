@@ -31,6 +31,7 @@ Follow = Literal["in_flight", "near"]
 
 
 Lead = Callable[[Request], "float | None"]
+_Waiter = tuple[T, Follow, Request]  # a follower, how it follows, and its request
 
 
 def release_lead(catalog: Catalog, reuse: ReuseSettings) -> Lead | None:
@@ -76,85 +77,126 @@ def may_follow(reuse: ReuseSettings, leader: Request, req: Request, now: float =
 
 
 class InFlight(Generic[T]):
-    """Requests being generated, one leader per fingerprint, and the requests that wait for each leader's
-    result. ``T`` is how a runtime names a request (the simulator: its index; the cache: its job)."""
+    """Requests being generated, the copies of each fingerprint that later copies may follow (its *leaders*),
+    and the requests that wait for each leader's result. ``T`` is how a runtime names a request (the simulator:
+    its index; the cache: its job).
+
+    A fingerprint has more than one leader when a copy due sooner than every copy being generated is generated
+    too (it could not follow them: they are due later): it leads as well, so a third copy due between the two
+    follows it instead of being generated a third time (a video paid three times at $1.20, a helper's fault
+    hunt). A result of any leader answers the followers of all of them: the output is the same."""
 
     __slots__ = ("reuse", "lead_of", "_leaders", "_followers", "_orphaned")
 
     def __init__(self, reuse: ReuseSettings, lead_of: Lead | None = None):
         self.reuse = reuse
         self.lead_of = lead_of  # see ``may_follow``; None: only leaders due no later than the follower are followed
-        self._leaders: dict[str, tuple[Request, T]] = {}
-        self._followers: dict[str, list[tuple[T, Follow]]] = {}
-        # Followers of a leader that failed, set aside until the runtime asks for them (``orphans``): a request
-        # that leads the fingerprint next gets followers of its own.
-        self._orphaned: dict[tuple[str, str], list[tuple[T, Follow]]] = {}
+        self._leaders: dict[str, list[tuple[Request, T]]] = {}  # in the order they came to lead
+        # By (fingerprint, leader's uid): (follower, how it follows, its request).
+        self._followers: dict[tuple[str, str], list[_Waiter[T]]] = {}
+        # Followers of a leader that failed, set aside until the runtime asks for them (``orphans``).
+        self._orphaned: dict[tuple[str, str], list[_Waiter[T]]] = {}
 
     def __len__(self) -> int:
         return len(self._leaders)
 
     def leader(self, fp: str) -> T | None:
+        """The first of ``fp``'s leaders, or None."""
         got = self._leaders.get(fp)
-        return None if got is None else got[1]
+        return None if not got else got[0][1]
 
     def lead(self, fp: str, req: Request, who: T) -> bool:
-        """``who`` is generated; it leads ``fp`` unless another request already does. Returns whether it leads."""
-        return self._leaders.setdefault(fp, (req, who))[1] == who
+        """``who`` is generated; it leads ``fp`` unless a copy due no later than it already does. Returns
+        whether it leads."""
+        got = self._leaders.setdefault(fp, [])
+        if any(w == who for _, w in got):
+            return True
+        if got and req.deadline_at >= min(r.deadline_at for r, _ in got):
+            return False
+        got.append((req, who))
+        return True
 
     def follow(self, fp: str, req: Request, who: T, hit: Follow = "in_flight", now: float = 0.0) -> float | None:
-        """Attach ``who`` to the leader of ``fp`` if :func:`may_follow` allows it. Returns until when it
-        follows (``inf``: until the leader's result; a finite time: the runtime then calls :meth:`release`),
-        or None if it does not."""
+        """Attach ``who`` to a leader of ``fp`` if :func:`may_follow` allows it: the first due no later than
+        ``req``, else (under a release time) the one due first. Returns until when it follows (``inf``: until
+        a leader's result; a finite time: the runtime then calls :meth:`release`), or None if it does not."""
         got = self._leaders.get(fp)
-        if got is None:
+        if not got:
             return None
-        until = may_follow(self.reuse, got[0], req, now, self.lead_of)
+        leader = next((r for r, _ in got if r.deadline_at <= req.deadline_at), None)
+        if leader is None:
+            leader = min((r for r, _ in got), key=lambda r: r.deadline_at)
+        until = may_follow(self.reuse, leader, req, now, self.lead_of)
         if until is not None:
-            self._followers.setdefault(fp, []).append((who, hit))
+            self._followers.setdefault((fp, leader.uid), []).append((who, hit, req))
         return until
 
+    def _waiting(self, fp: str) -> Iterator[tuple[tuple[str, str], list[_Waiter[T]]]]:
+        for r, _ in self._leaders.get(fp, ()):
+            fs = self._followers.get((fp, r.uid))
+            if fs:
+                yield (fp, r.uid), fs
+
     def release(self, fp: str, who: T) -> bool:
-        """``who``'s release time came: if it still waits for the leader of ``fp``, it no longer does, and the
+        """``who``'s release time came: if it still waits for a leader of ``fp``, it no longer does, and the
         runtime sends it on its own (True). False if it was resolved or orphaned meanwhile (the orphans' path
         generates those: taking one here too would bill it twice)."""
-        fs = self._followers.get(fp)
-        if not fs:
-            return False
-        for k, (w, _) in enumerate(fs):
-            if w == who:
-                del fs[k]
-                if not fs:
-                    del self._followers[fp]
-                return True
+        for key, fs in self._waiting(fp):
+            for k, (w, _, _) in enumerate(fs):
+                if w == who:
+                    del fs[k]
+                    if not fs:
+                        del self._followers[key]
+                    return True
         return False
 
     def waits(self, fp: str, who: T) -> bool:
-        """Whether ``who`` still waits for the leader of ``fp`` (what :meth:`release` would take)."""
-        return any(w == who for w, _ in self._followers.get(fp, ()))
+        """Whether ``who`` still waits for a leader of ``fp`` (what :meth:`release` would take)."""
+        return any(w == who for _, fs in self._waiting(fp) for w, _, _ in fs)
 
     def done(self, fp: str, who: T) -> list[tuple[T, Follow]]:
-        """``who`` has its result: it no longer leads ``fp``, and the requests attached to ``fp`` are handed
-        back, to resolve with that result (a request that failed goes through :meth:`orphans` instead)."""
-        got = self._leaders.get(fp)
-        if got is not None and got[1] == who:
-            del self._leaders[fp]
-        return self._followers.pop(fp, [])
+        """``who`` has its result: it no longer leads ``fp``, and the requests attached to every leader of
+        ``fp`` are handed back, to resolve with that result (a request that failed goes through :meth:`orphans`
+        instead)."""
+        out = [(w, h) for _, fs in list(self._waiting(fp)) for w, h, _ in fs]
+        got = self._leaders.get(fp, [])
+        for r, _ in got:
+            self._followers.pop((fp, r.uid), None)
+        rest = [(r, w) for r, w in got if w != who]
+        if rest:
+            self._leaders[fp] = rest
+        else:
+            self._leaders.pop(fp, None)
+        return out
 
     def drop(self, fp: str, uid: str) -> None:
         """The request ``uid`` failed for good. If it leads ``fp``, it no longer does, and its followers are set
         aside for :meth:`orphans`; a request that does not lead ``fp`` takes nobody's followers with it."""
         got = self._leaders.get(fp)
-        if got is None or got[0].uid != uid:
+        if not got or all(r.uid != uid for r, _ in got):
             return
-        del self._leaders[fp]
-        fs = self._followers.pop(fp, None)
+        rest = [(r, w) for r, w in got if r.uid != uid]
+        if rest:
+            self._leaders[fp] = rest
+        else:
+            del self._leaders[fp]
+        fs = self._followers.pop((fp, uid), None)
         if fs:
             self._orphaned[(fp, uid)] = fs
 
     def orphans(self, fp: str, uid: str) -> list[tuple[T, Follow]]:
-        """The followers of ``uid``, which failed for good leading ``fp``: they must be generated after all."""
+        """The followers of ``uid``, which failed for good leading ``fp``, in the order a runtime admits them
+        again. Each may follow another leader of ``fp`` (a runtime tries
+        :meth:`follow` first); the first that cannot is generated and leads ``fp``, and those after it may
+        follow it. Generated each on its own, three identical orphans made three paid calls where one would
+        do (a helper's fault hunt)."""
         self.drop(fp, uid)
-        return self._orphaned.pop((fp, uid), [])
+        fs = self._orphaned.pop((fp, uid), [])
+        # Identical copies first, the one due first at the head: it leads, and every other copy is due no
+        # earlier, so it may follow it. Near copies after, by deadline too. (A stable sort: ties keep the
+        # order they followed in, the same in both runtimes.)
+        fs.sort(key=lambda f: (f[1] != "in_flight", f[2].deadline_at))
+        return [(w, h) for w, h, _ in fs]
 
     def take(self, pick: Callable[[T], bool]) -> list[T]:
         """Take out every waiting request ``pick`` chooses, followers and orphans alike: no leader's result
@@ -162,9 +204,9 @@ class InFlight(Generic[T]):
         out: list[T] = []
         for waiting in (self._followers, self._orphaned):
             for k, fs in list(waiting.items()):
-                keep = [(w, h) for w, h in fs if not pick(w)]
+                keep = [f for f in fs if not pick(f[0])]
                 if len(keep) < len(fs):
-                    out += [w for w, _ in fs if pick(w)]
+                    out += [f[0] for f in fs if pick(f[0])]
                     if keep:
                         waiting[k] = keep
                     else:
@@ -173,7 +215,7 @@ class InFlight(Generic[T]):
 
     def following(self) -> Iterator[T]:
         for fs in (*self._followers.values(), *self._orphaned.values()):
-            for who, _ in fs:
+            for who, _, _ in fs:
                 yield who
 
     def n_following(self) -> int:

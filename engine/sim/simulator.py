@@ -313,10 +313,13 @@ class _Sim(SimBudget, SimReuse, SimCalls):
         self.orphans(i)
 
     def orphans(self, i: int) -> None:
-        """``i`` failed or was rejected for good: the requests that followed it must be generated after all."""
+        """``i`` failed or was rejected for good: the requests that followed it follow another copy in flight,
+        or are generated after all (the first of them leads, and those after it may follow it)."""
         if self.fps is not None:
-            for f, _ in self.inflight.orphans(self.fps[i], self.reqs[i].uid):
-                self.admit(f, fresh=False)
+            fp = self.fps[i]
+            for f, hit in self.inflight.orphans(fp, self.reqs[i].uid):
+                if not self.follow(fp, self.reqs[f], f, hit):
+                    self.admit(f, fresh=False)
 
     def settle(self, i: int, a: Attempt, mode: int, bid: int) -> None:
         """One attempt of a batch or GPU member ended: complete it, or hand it back to the policy as a retry

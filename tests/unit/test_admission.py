@@ -12,6 +12,7 @@ from actors import ResultCache, ResultHub
 from actors._types import Job
 from engine.core.catalog import Catalog, default_catalog
 from engine.core.clock import ManualClock
+from engine.core.draws import Draws
 from engine.core.features import fingerprint
 from engine.core.grouping import ReuseSettings
 from engine.core.request import Request
@@ -66,16 +67,34 @@ def test_a_failed_leader_keeps_its_followers_until_they_are_orphaned():
     assert t.done("fp", 2) == [(3, "in_flight")] and t.n_following() == 0
 
 
-def test_a_request_that_does_not_lead_takes_no_followers_when_it_fails():
-    """A is generating (due 600) and F follows it; B, identical but due sooner, could not follow A and is
-    generated too. B fails: F still waits for A (generating it again would bill it twice)."""
+def test_a_copy_due_sooner_leads_too_and_a_copy_due_between_follows_it():
+    """A is generating (due 3600); B, identical but due in 600 s, could not follow it and is generated too: it
+    leads as well. C (due 900) follows B; before, it could follow neither and was generated a third time."""
     t: InFlight[int] = InFlight(REUSE)
-    a, b, f = req(0, "x", 600.0), req(1, "x", 300.0), req(2, "x", 900.0)
-    t.lead("fp", a, 0)
-    assert not t.follow("fp", b, 1) and not t.lead("fp", b, 1)
-    assert t.follow("fp", f, 2)
-    assert t.orphans("fp", b.uid) == [] and t.leader("fp") == 0
-    assert t.done("fp", 0) == [(2, "in_flight")]
+    a, b, c, d = req(0, "x", 3600.0), req(1, "x", 600.0), req(2, "x", 900.0), req(3, "x", 4000.0)
+    assert t.lead("fp", a, 0) and t.follow("fp", b, 1) is None and t.lead("fp", b, 1)
+    assert t.follow("fp", c, 2) == float("inf") and not t.lead("fp", c, 2)  # due after B: B's result will do
+    assert t.follow("fp", d, 3) == float("inf")  # due after both: it follows the first that leads, A
+    assert t.leader("fp") == 0 and len(t) == 1
+    # B fails for good: only its own follower is orphaned, and A, due after it, cannot take it over.
+    assert t.orphans("fp", b.uid) == [(2, "in_flight")] and t.follow("fp", c, 2) is None
+    assert t.waits("fp", 3) and t.leader("fp") == 0
+    # A's result answers the followers of every leader of the fingerprint: the output is the same.
+    t.lead("fp", b, 1)
+    t.follow("fp", c, 2)
+    assert sorted(t.done("fp", 0)) == [(2, "in_flight"), (3, "in_flight")] and t.n_following() == 0
+    assert t.leader("fp") == 1  # B is still being generated: a copy due after it follows it
+    assert t.done("fp", 1) == [] and t.leader("fp") is None
+
+
+def test_a_failed_leaders_followers_come_back_the_first_due_copy_first():
+    t: InFlight[int] = InFlight(REUSE)
+    lead = req(0, "x", 300.0)
+    t.lead("fp", lead, 0)
+    for k, (due, how) in enumerate([(1200.0, "near"), (900.0, "in_flight"), (600.0, "in_flight"),
+                                    (900.0, "in_flight")], start=1):
+        assert t.follow("fp", req(k, "x", due), k, how)
+    assert t.orphans("fp", lead.uid) == [(3, "in_flight"), (2, "in_flight"), (4, "in_flight"), (1, "near")]
 
 
 def test_without_in_flight_reuse_nothing_follows():
@@ -139,6 +158,12 @@ ORDER_CASES = {
                                       [None, None]),
     # ... nor by one whose release time would already have passed (due too soon for its own call's p99).
     "source due later, no time": ([req(0, NEAR_PAIR[1], 900.0), req(1, NEAR_PAIR[1], 40.0)], [None, None]),
+    # A copy that could not follow (due sooner, a batch-API lever) is generated and leads too: a third copy due
+    # between the two follows it, where it could follow neither before and was paid a third time.
+    "a copy due sooner leads too": ([req(0, "Summarise the report in two lines", 7200.0, model="gpt-5-mini"),
+                                     req(1, "Summarise the report in two lines", 3600.0, model="gpt-5-mini"),
+                                     req(2, "Summarise the report in two lines", 5000.0, model="gpt-5-mini")],
+                                    [None, None, "in_flight"]),
 }
 
 
@@ -147,6 +172,50 @@ def test_requests_arriving_together_are_admitted_in_arrival_order_in_both_runtim
     reqs, want = ORDER_CASES[case]
     assert in_the_simulator(reqs) == want
     assert in_the_cache(reqs, tmp_path) == want
+
+
+class _LeaderAlwaysFails(Draws):
+    """Every attempt of request 0 fails, every other request's succeeds."""
+
+    def fail_u(self, i: int, k: int) -> float:
+        return 0.0 if i == 0 else 1.0
+
+
+def test_the_followers_of_a_leader_that_failed_for_good_are_generated_once_not_each(tmp_path):
+    """Three identical copies follow a leader whose every attempt fails: one of them is generated, the copy due
+    first, and the other two take its result. Before, each was generated on its own: three paid calls where one
+    would do (a helper's fault hunt). The same in the simulator and in the cache actor."""
+    raw = CAT.model_dump()
+    raw["providers"]["google"]["failure_rate"] = 0.5
+    cat = Catalog.model_validate(raw)
+    prompt = "A red car parked on a wet street at night"
+    reqs = [req(0, prompt, 300.0, reuse="exact"), req(1, prompt, 1200.0, reuse="exact", arrival_s=1.0),
+            req(2, prompt, 900.0, reuse="exact", arrival_s=2.0), req(3, prompt, 1500.0, reuse="exact",
+                                                                     arrival_s=3.0)]
+    settings = Settings()
+    draws = _LeaderAlwaysFails(len(reqs), settings.sim.max_attempts, 0, settings.sim.batch_slot_s)
+    res = simulate(reqs, load_policy("smart", cat), catalog=cat, draws=draws)
+    assert res.status[0] != 0 and res.cost[0] == 0.0  # failed for good, billed nothing
+    # One paid call, the copy due first (900 s); the others take its result when it comes.
+    assert [_HIT[int(h)] for h in res.hit[1:]] == ["in_flight", None, "in_flight"]
+    assert (res.cost[1:] > 0).tolist() == [False, True, False] and res.met[1:].all()
+    assert res.done_at[1] == res.done_at[2] == res.done_at[3]
+
+    async def in_the_cache():
+        hub = ResultHub()
+        cache = ResultCache(REUSE, hub, ManualClock(0.0), settings=Settings().model_copy(
+            update={"cache": CacheSettings(blob_dir=tmp_path / "blobs")}))
+        jobs = [Job(i, r, fingerprint(r)) for i, r in enumerate(reqs)]
+        assert await cache.lookup(jobs) == [0]  # the first leads, the three copies follow it
+        fp = jobs[0].fp
+        await cache.complete([(fp, Result(id=reqs[0].id, tenant="acme", status="failed", error="boom"))])
+        again = await cache.orphans([(fp, reqs[0].uid)])
+        assert again == [jobs[2]]  # generated: the copy due first; the others follow it
+        await cache.complete([(fp, Result(id=reqs[2].id, tenant="acme", status="ok", output="img://o",
+                                          cost_usd=0.04, mode="sync", provider=reqs[2].provider,
+                                          model=reqs[2].model, done_s=20.0))])
+        return {r.id: r.hit for r in await hub.pull(0.01)}
+    assert asyncio.run(in_the_cache()) == {"r1": "in_flight", "r3": "in_flight"}
 
 
 def test_a_request_is_a_near_source_from_when_it_leads_not_from_when_its_call_starts():
