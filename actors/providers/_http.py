@@ -25,11 +25,15 @@ _GATEWAY = {502, 504}  # a proxy's or gateway's answer: the provider behind it m
 
 
 def _never_connected(exc: BaseException) -> bool:
-    """The SDK's connection error came from a connection that was never made (refused, unresolved): nothing was
-    sent. Any other (a reset, a cut while the answer was awaited) may have come after the provider ran the call.
-    Read from the transport's error by its class names, which httpx and its forks share."""
+    """The SDK's connection or timeout error came from a connection that was never made (refused, unresolved,
+    timed out connecting or waiting for a free connection of the pool): nothing was sent. Any other (a reset, a
+    cut or a timeout while the answer was awaited) may have come after the provider ran the call. Read from the
+    transport's error by its class names, which httpx and its forks share."""
     cause = exc.__cause__
-    return cause is not None and any(c.__name__ == "ConnectError" for c in type(cause).__mro__)
+    return cause is not None and any(c.__name__ in _UNSENT for c in type(cause).__mro__)
+
+
+_UNSENT = frozenset({"ConnectError", "ConnectTimeout", "PoolTimeout"})
 
 
 def _key_reused(code: int, exc: BaseException) -> bool:
@@ -153,7 +157,7 @@ class HttpBase:
         now = self.clock.now()
         if isinstance(exc, timeout_error):
             return CallOutcome(False, now, 0.0, error=f"{self.name}: timed out after {self.endpoint.timeout_s:g} s",
-                               real=True, maybe_billed=True)
+                               real=True, maybe_billed=not _never_connected(exc))
         if isinstance(exc, status_error):
             resp: Any = getattr(exc, "response", None)
             code = getattr(exc, "status_code", None) or getattr(resp, "status_code", 0)

@@ -53,6 +53,18 @@ def _text_responses(body: Mapping) -> str | None:
     return "".join(parts) if parts else None
 
 
+def _as_made(job: CallJob, raw: Mapping, spec) -> CallJob:
+    """The image as the answer says it was made: a request sent without a quality (or with "auto") is billed at
+    the quality the provider picked, which OpenAI's images answer reports. Priced at the catalog's default
+    instead, a high-quality image picked by "auto" was counted at a quarter of its bill."""
+    params = job.req.params
+    made = raw.get("quality")
+    if (params.get("quality") in (None, "auto") and isinstance(made, str)
+            and made in (spec.per_image_quality or {})):
+        return job._replace(req=job.req.model_copy(update={"params": {**params, "quality": made}}))
+    return job
+
+
 class OpenAIProvider(HttpBase):
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
@@ -105,6 +117,7 @@ class OpenAIProvider(HttpBase):
             data = (raw.get("data") or [{}])[0]
             usage = Usage(0, 0)
             output = data.get("b64_json") or data.get("url")
+            job = _as_made(job, raw, self.spec.models[job.req.model])
         elif route == "/v1/responses":
             usage, output = _usage_responses(raw.get("usage")), _text_responses(raw)
         else:

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from engine.core.catalog import ModelSpec
 
 __all__ = ["GENERATION_PARAMS", "FieldProblem", "check_generation", "check_json", "check_media", "check_messages",
-           "check_route", "check_text"]
+           "check_route", "check_text", "check_tools"]
 
 
 class FieldProblem(ValueError):
@@ -173,6 +173,38 @@ def check_cache_ttl(body: dict, where: str) -> None:
             raise FieldProblem(field, f"{field} must be '5m' or left out, got {cc['ttl']!r}: the catalog prices "
                                "Anthropic's 5-minute cache (writes at 1.25x the input price), and a 1-hour entry "
                                "writes at 2x; leave ttl out")
+
+
+# Tools the caller runs itself: the provider bills only their tokens, which the cost model prices. Anthropic's
+# own client tools carry a versioned type (``bash_20250124``); custom ones none, or "custom".
+_CLIENT_TOOLS = {"anthropic": (("custom", "bash_", "text_editor_", "computer_", "memory_"),
+                               "tools without a type (or 'custom'), or Anthropic's bash, text_editor, computer "
+                               "and memory tools"),
+                 "openai": (("function", "custom"), "tools of type 'function' or 'custom'")}
+# Body fields that switch on a tool the provider runs and bills per use.
+_SERVER_TOOL_FIELDS = {"anthropic": ("mcp_servers",), "openai": ("web_search_options",)}
+
+
+def check_tools(body: dict, where: str, api: str) -> None:
+    """A tool the provider runs on its side (web search, web fetch, code execution, file search, MCP) bills per
+    use on top of the tokens ($10 per 1,000 Anthropic web searches), which no catalog price covers: every
+    estimate, reservation and result would be short of the bill (a helper's fault hunt: $0.024 counted for a
+    $0.074 call, a hard budget overrun ninefold). Refused, naming the tool; tools the caller runs pass."""
+    for name in _SERVER_TOOL_FIELDS.get(api, ()):
+        if body.get(name) is not None:
+            raise FieldProblem(f"{where}.{name}", f"{where}.{name} runs tools the provider bills per use, which the "
+                               "catalog does not price: leave it out, or send this request to the provider "
+                               "directly")
+    tools = body.get("tools")
+    if api not in _CLIENT_TOOLS or not isinstance(tools, list):
+        return
+    allowed, hint = _CLIENT_TOOLS[api]
+    for i, tool in enumerate(tools):
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind is not None and not (isinstance(kind, str) and kind.startswith(allowed)):
+            raise FieldProblem(f"{where}.tools.{i}.type", f"{where}.tools.{i}.type {kind!r} is a tool the provider "
+                               f"runs and bills per use, which the catalog does not price; give {hint}, which "
+                               "you run, or send this request to the provider directly")
 
 
 def check_media(params: dict[str, Any], spec: ModelSpec, model: str) -> None:

@@ -39,6 +39,7 @@ __all__ = [
 
 Mode = Literal["sync", "batch_api", "gpu_batch", "reuse"]
 MODES: tuple[Mode, ...] = ("sync", "batch_api", "gpu_batch", "reuse")
+_PLACEHOLDER_CPT = 4.0  # the default chars_per_token: a prompt this short is a placeholder
 _M = 1e-6
 
 
@@ -250,6 +251,10 @@ def reserve_bound(req: Request, catalog: Catalog, mode: Mode, output_tokens: int
     if mode == "reuse":
         return 0.0
     if spec.kind != "text":
+        if spec.per_image_quality and req.params.get("quality") is None:
+            # Sent without a quality, the image is made at the provider's default, "auto": the provider picks,
+            # and it may pick the dearest (a helper's fault hunt: reserved at medium, billed up to 4x that).
+            req = req.model_copy(update={"params": {**req.params, "quality": "auto"}})
         return price_alone(req, catalog, "sync" if mode == "gpu_batch" else mode).total
     f = mode_factor(provider, mode)
     pc = provider.prompt_cache
@@ -260,13 +265,14 @@ def reserve_bound(req: Request, catalog: Catalog, mode: Mode, output_tokens: int
 
 
 def input_bound(req: Request, spec: ModelSpec) -> int:
-    """At most this many input tokens for a request that carries the provider's body (sent unchanged): a token
-    holds at least one byte of its text (byte-level BPE), so the UTF-8 bytes of its text (``prompt``, which is the
-    body's) bound that part, where ``input_tokens``, estimated at ``chars_per_token``, does not: Chinese text,
-    digits and code come denser, and a budget reserved on the estimate was overrun threefold (a helper's fault
-    hunt). Added to the estimate (which holds its images and tools), capped at what the model accepts. A bare
-    prompt may stand for a recorded size (a trace replay sends ``input_tokens``): its count stands."""
-    if req.body is None:
+    """At most this many input tokens for a request whose text is sent as it is: a token holds at least one byte
+    of its text (byte-level BPE), so the UTF-8 bytes of its text (``prompt``, which is a body's text) bound that
+    part, where ``input_tokens``, estimated at ``chars_per_token``, does not: Chinese text, digits and code come
+    denser, and a budget reserved on the estimate was overrun threefold (a helper's fault hunt; a bare prompt
+    too, found by the next hunt). Added to the estimate (which holds a body's images and tools), capped at what
+    the model accepts. A bare prompt far shorter than its token count stands for a recorded size (a trace replay
+    sends ``input_tokens`` of filler, ``actors.providers._wire.message_parts``): its count stands."""
+    if req.body is None and len(req.prompt) <= (req.input_tokens - 1) * _PLACEHOLDER_CPT:
         return req.input_tokens
     cap = spec.max_input_tokens or spec.context_window or 1 << 62
     return max(req.input_tokens, min(req.input_tokens + len(req.prompt.encode()), cap))

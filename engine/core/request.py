@@ -25,6 +25,7 @@ from engine.core._checks import (
     check_messages,
     check_route,
     check_text,
+    check_tools,
 )
 from engine.core.body_tokens import body_image_tokens, call_chars, only_tool_outputs, split_body, tool_chars
 from engine.core.catalog import Catalog, Kind, default_catalog
@@ -297,6 +298,7 @@ class Request(BaseModel):
             check_messages(body, "body")
         if body is not None and endpoint is not None:
             check_generation(body, "body", endpoint.api)
+            check_tools(body, "body", endpoint.api)
             if endpoint.api == "anthropic":
                 check_cache_ttl(body, "body")
             if spec.kind == "text" and settings.providers.mode == "http":  # only a real call has a route

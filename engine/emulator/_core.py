@@ -23,7 +23,9 @@ from engine.emulator._cache import PromptCaches
 from engine.emulator._text import Prompt, filler_text, natural_tokens
 from engine.emulator._wire import ApiError, Dropped
 
-__all__ = ["Core", "FileRecord", "TextCall"]
+__all__ = ["EMULATED_AUTO_QUALITY", "Core", "FileRecord", "TextCall"]
+
+EMULATED_AUTO_QUALITY = "medium"  # the quality an image asked at "auto" (or at none) is made at, here
 
 BillMode = Literal["sync", "batch_api"]
 
@@ -186,7 +188,10 @@ class Core:
     # -- images ----------------------------------------------------------------------------------------------
     def image_request(self, provider: ProviderSpec, model: str, prompt: str, size: str,
                       quality: str | None = None) -> Request:
-        params = {"size": size} if quality in (None, "auto") else {"size": size, "quality": quality}
+        spec = provider.models[model]
+        if quality in (None, "auto"):  # the provider picks: the emulator always picks medium
+            quality = EMULATED_AUTO_QUALITY if spec.per_image_quality else None
+        params = {"size": size} if quality is None else {"size": size, "quality": quality}
         return Request.model_validate(
             {"id": "emulator", "arrival_s": 0.0, "provider": provider.name, "model": model, "kind": "image",
              "prompt": prompt, "params": params},

@@ -13,7 +13,7 @@ import zlib
 from typing import Any
 
 from engine.emulator._bill import BilledItem
-from engine.emulator._core import Core, TextCall
+from engine.emulator._core import EMULATED_AUTO_QUALITY, Core, TextCall
 from engine.emulator._routing import Ctx, Route, route
 from engine.emulator._text import chat_prompt, responses_prompt
 from engine.emulator._wire import ApiError, Reply, json_reply
@@ -149,6 +149,8 @@ def _images(ctx: Ctx) -> Reply:
                          usage={"images": n, "size": size}, cost_usd=unit * n))
     out = {"created": int(core.now()), "data": [{"b64_json": _PNG_B64} for _ in range(n)], "size": size,
            "output_format": "png"}
+    if spec.per_image_quality:  # as OpenAI's answer says which quality it made (its pick, under "auto")
+        out["quality"] = req.params.get("quality", EMULATED_AUTO_QUALITY)
     return json_reply("openai", 200, out, ctx.request_id)
 
 

@@ -278,6 +278,9 @@ def test_image_generation_is_billed_per_image(emu: Emulator, sdk: Sdk) -> None:
     client.images.generate(model="gpt-image-1", prompt="a red fox", size="1024x1024", quality="high")
     by_quality = default_catalog().model("openai", "gpt-image-1").per_image_quality
     assert emu.bill().items[-1].cost_usd == by_quality["high"]["1024x1024"]  # billed at its quality, not medium
+    # Asked at no quality (OpenAI's default is "auto"), the answer says which quality was made, as OpenAI's does.
+    made = client.images.generate(model="gpt-image-1", prompt="a red fox", size="1024x1024")
+    assert made.quality == "medium" and emu.bill().items[-1].cost_usd == by_quality["medium"]["1024x1024"]
 
 
 def test_unknown_model_missing_key_and_streaming_are_refused(emu: Emulator, sdk: Sdk) -> None:

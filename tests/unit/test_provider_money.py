@@ -1,0 +1,120 @@
+"""What an HTTP provider's answer costs, and what a request may carry, where the bill could outrun the count (a
+helper's fault hunt on the providers' money paths, stop 45). Each case failed on the code before it."""
+
+from __future__ import annotations
+
+import httpx2
+import openai
+import pytest
+from pydantic import ValidationError
+
+from actors.providers._http import _never_connected
+from actors.providers.openai_http import OpenAIProvider
+from engine.core.catalog import default_catalog
+from engine.core.clock import ManualClock
+from engine.core.cost import input_bound, reserve_bound
+from engine.core.provider_api import CallJob, Secret
+from engine.core.request import Request, validation_context
+from engine.core.settings import ProviderEndpoint, Settings
+
+CAT = default_catalog()
+CTX = validation_context(CAT)
+
+
+def make(**fields) -> Request:
+    return Request.model_validate({"id": "r", "arrival_s": 0.0, **fields}, context=CTX)
+
+
+def test_an_image_sent_without_a_quality_is_reserved_at_the_dearest_and_billed_at_the_quality_made():
+    """OpenAI makes an image asked at no quality at "auto", its pick. It was reserved and counted at medium
+    ($0.042) whatever the answer said it made: a high-quality image billed $0.167 was counted at a quarter."""
+    by_quality = CAT.model("openai", "gpt-image-1").per_image_quality
+    provider = OpenAIProvider("openai", CAT, Settings(), ProviderEndpoint(api="openai", api_key_env="X",
+                                                                          base_url="http://127.0.0.1:9/v1"),
+                              Secret("k"), ManualClock(0.0))
+
+    def counted(params: dict, made: str | None) -> float:
+        r = make(model="gpt-image-1", prompt="a red fox", params=params)
+        raw = {"created": 1, "data": [{"b64_json": "AAAA"}], "size": "1024x1024"}
+        if made is not None:
+            raw["quality"] = made
+        return provider._outcome(CallJob("k", r, 0.0, 0, 0), "/v1/images/generations", raw, None, "sync").cost
+
+    for asked in ({}, {"quality": "auto"}):
+        assert reserve_bound(make(model="gpt-image-1", prompt="a red fox", params=asked), CAT, "sync") == \
+            pytest.approx(by_quality["high"]["1024x1024"])
+        assert counted(asked, "high") == pytest.approx(by_quality["high"]["1024x1024"])
+        assert counted(asked, "low") == pytest.approx(by_quality["low"]["1024x1024"])
+    # A quality asked is the one billed, whatever the answer's field; an answer that names none keeps the price
+    # the request was given.
+    assert counted({"quality": "low"}, "high") == pytest.approx(by_quality["low"]["1024x1024"])
+    assert counted({}, None) == pytest.approx(by_quality["medium"]["1024x1024"])
+
+
+@pytest.mark.parametrize(("model", "body", "field"), [
+    ("claude-sonnet-4-5", {"tools": [{"name": "f", "input_schema": {"type": "object"}},
+                                     {"type": "web_search_20250305", "name": "web_search", "max_uses": 5}]},
+     "body.tools.1.type"),
+    ("claude-sonnet-4-5", {"tools": [{"type": "code_execution_20250825", "name": "code_execution"}]},
+     "body.tools.0.type"),
+    ("claude-sonnet-4-5", {"mcp_servers": [{"type": "url", "url": "https://example.com", "name": "x"}]},
+     "body.mcp_servers"),
+    ("gpt-5-mini", {"web_search_options": {}}, "body.web_search_options"),
+    ("gpt-5-mini", {"tools": [{"type": "file_search", "vector_store_ids": ["vs_1"]}]}, "body.tools.0.type"),
+])
+def test_a_tool_the_provider_runs_and_bills_per_use_is_refused_naming_it(model, body, field):
+    """Anthropic's web search bills $10 per 1,000 searches on top of the tokens, and no catalog price covers it:
+    a request with it was counted $0.024 for a $0.074 call, and reserved a ninth of its bill."""
+    with pytest.raises(ValidationError) as refused:
+        make(model=model, max_tokens=100, body={"messages": [{"role": "user", "content": "news today?"}], **body})
+    assert field in str(refused.value) and "bills per use" in str(refused.value)
+
+
+def test_tools_the_caller_runs_pass():
+    client = make(model="claude-sonnet-4-5", max_tokens=100, body={
+        "messages": [{"role": "user", "content": "list the files"}],
+        "tools": [{"name": "lookup", "input_schema": {"type": "object"}},
+                  {"type": "custom", "name": "other", "input_schema": {"type": "object"}},
+                  {"type": "bash_20250124", "name": "bash"}, {"type": "text_editor_20250728", "name": "edit"}]})
+    assert len(client.body["tools"]) == 4
+    fn = make(model="gpt-5-mini", max_tokens=100, body={
+        "messages": [{"role": "user", "content": "weather?"}],
+        "tools": [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]})
+    assert fn.body["tools"][0]["type"] == "function"
+
+
+def test_a_bare_prompt_sent_as_it_is_reserves_for_its_bytes():
+    """A body's text was bounded by its bytes (stop 44), a bare prompt not: 4,200 Chinese characters, estimated
+    at 1,050 tokens, were reserved at a quarter of what they may tokenize to. A placeholder prompt far shorter
+    than its token count (a trace replay, sent as filler of that size) keeps its count."""
+    spec = CAT.model("anthropic", "claude-haiku-4-5")
+    text = "预算不能超支。" * 600
+    bare = make(model="claude-haiku-4-5", prompt=text, max_output_tokens=5)
+    assert bare.input_tokens < len(text) and input_bound(bare, spec) >= len(text)
+    as_body = make(model="claude-haiku-4-5", max_tokens=5, body={"messages": [{"role": "user", "content": text}]})
+    assert reserve_bound(bare, CAT, "sync") == pytest.approx(reserve_bound(as_body, CAT, "sync"), rel=0.02)
+    replay = make(model="claude-haiku-4-5", prompt="mooncake prompt 1f2e", input_tokens=3000, max_output_tokens=5)
+    assert input_bound(replay, spec) == 3000
+
+
+def test_a_timeout_before_any_connection_was_made_is_not_possibly_billed():
+    """A connect timeout (a full listen backlog) or a pool timeout sent nothing; it was counted as a call that
+    may have been billed, holding the call's upper bound on the budget and in ``possibly_billed``."""
+    request = httpx2.Request("POST", "http://127.0.0.1:9/v1/chat/completions")
+
+    def timeout(cause: Exception) -> openai.APITimeoutError:
+        exc = openai.APITimeoutError(request=request)
+        exc.__cause__ = cause
+        return exc
+
+    assert _never_connected(timeout(httpx2.ConnectTimeout("connect", request=request)))
+    assert _never_connected(timeout(httpx2.PoolTimeout("pool", request=request)))
+    assert not _never_connected(timeout(httpx2.ReadTimeout("read", request=request)))  # it may have run
+    provider = OpenAIProvider("openai", CAT, Settings(), ProviderEndpoint(api="openai", api_key_env="X",
+                                                                          base_url="http://127.0.0.1:9/v1"),
+                              Secret("k"), ManualClock(0.0))
+    unsent = provider._error(timeout(httpx2.ConnectTimeout("connect", request=request)), openai.APIStatusError,
+                             openai.APITimeoutError)
+    cut = provider._error(timeout(httpx2.ReadTimeout("read", request=request)), openai.APIStatusError,
+                          openai.APITimeoutError)
+    assert not unsent.ok and not unsent.maybe_billed and cut.maybe_billed
