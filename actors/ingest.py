@@ -17,7 +17,7 @@ from actors._types import Job, send_sharded
 from actors.journal import redis_journal
 from engine.core.features import fingerprint
 from engine.core.request import Request
-from engine.core.result import Result
+from engine.core.result import ID_TAKEN, Result
 
 __all__ = ["Ingest"]
 
@@ -38,7 +38,7 @@ DROPPED_FORGET_S = 3600.0
 
 
 def _other_content(r: Request) -> Result:
-    return Result(id=r.id, tenant=r.tenant, status="failed", arrival_s=r.arrival_s,
+    return Result(id=r.id, tenant=r.tenant, status="failed", arrival_s=r.arrival_s, reason=ID_TAKEN,
                   error=f"field 'id': tenant {r.tenant!r} already submitted id {r.id!r} with other content "
                         "(another driver of this engine?); an id names one request: use a new id for a new request")
 

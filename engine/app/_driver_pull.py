@@ -4,11 +4,14 @@ result, and the loop that pulls this driver's results from every hub shard (a mi
 from __future__ import annotations
 
 import concurrent.futures
+import copy
+import logging
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from engine.app._supervise import HEALTH_EVERY_S, HEALTH_TIMEOUT_S, HUB_BACK_S
+from engine.core.errors import EngineStopped
 from engine.core.request import Request
 from engine.core.result import Result
 
@@ -17,10 +20,13 @@ __all__ = ["Pulling"]
 PULL_WAIT_S = 0.2  # how long one pull waits at the hub when nothing is ready
 FORGET_WAIT_S = 10.0  # at most this long a request under an id being forgotten waits for the forget
 CHECK_EVERY_S = 0.05  # how often the check loop collects returned ingest calls and forgets finished requests
+LAST_REPORT_S = 5.0  # at most this long a stop waits for the report it keeps
+log = logging.getLogger("smartbatch.driver")
 
 
 class Pulling:
-    """Needs ``_ray``, ``_h``, ``_client``, ``_lock``, ``_futs``, ``_forgetting``, ``_running`` and the ``Supervised`` methods."""
+    """Needs ``_ray``, ``_h``, ``_client``, ``_lock``, ``_futs``, ``_forgetting``, ``_running``, ``_owner``, ``name``,
+    ``_last_report`` and the ``Supervised`` methods."""
 
     def drain(self, timeout_s: float | None = None) -> int:
         """Wait until every request this driver has submitted so far has its result, or ``timeout_s`` passes;
@@ -33,6 +39,41 @@ class Pulling:
             return 0
         self._flush()  # what the flush thread has not sent yet leaves now, not after its next wake-up
         return len(concurrent.futures.wait(open_, timeout=timeout_s).not_done)
+
+    def report(self) -> dict:
+        """Spend, saving against each request's list price, hits, deadlines, per provider, and the budgets
+        (``budget``: each budget's window, spend per tenant/provider/model, refusals by reason). After ``stop()``
+        of an engine this driver started: the report as the engine stood when it stopped."""
+        if not self._running:
+            if self._last_report is not None:
+                return copy.deepcopy(self._last_report)
+            raise EngineStopped(f"engine {self.name!r} was stopped" + (
+                ", and its report could not be read then" if self._owner else
+                " for this driver: attach again with Engine.connect() for its report"))
+        return self._read_report()
+
+    def _read_report(self, timeout_s: float | None = None) -> dict:
+        ray = self._ray
+        from actors.hub import merge_reports, sum_figures
+
+        def get(refs):
+            return ray.get(refs, timeout=timeout_s)
+
+        rep = merge_reports(get([h.report.remote() for h in self._h["hubs"]]))
+        rep["budget"] = get(self._h["budget"].report.remote())
+        # Per provider: were its calls real (http) or simulated, and what its batches did.
+        rep["providers"] = {s["provider"]: {k: v for k, v in s.items() if k != "provider"}
+                            for s in get([d.stats.remote() for d in self._h["dispatchers"].values()])}
+        if self._h["caches"]:  # read from the cache itself: the hub's copy is pushed every 0.5 s
+            rep["cache"] = sum_figures(get([c.stats_now.remote() for c in self._h["caches"]]))
+        return rep
+
+    def _keep_last_report(self) -> None:
+        """Keep the report before the actors go (bounded: an engine whose actors died has none to give)."""
+        try:
+            self._last_report = self._read_report(timeout_s=LAST_REPORT_S)
+        except Exception as exc:
+            log.warning("engine %s: no report could be kept at its stop (%s)", self.name, type(exc).__name__)
 
     def _by_ingest(self, reqs: Sequence[Request]) -> list[tuple[Any, list[Request]]]:
         """(ingest shard, its share of ``reqs``) for each shard that owns any: by compatibility class, as the

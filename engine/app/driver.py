@@ -32,7 +32,7 @@ from engine.core.catalog import Catalog, load_catalog
 from engine.core.draws import engine_day_origin
 from engine.core.errors import ConfigError, EngineStopped, Overloaded, RequestError
 from engine.core.request import Request, in_catalog, validation_context
-from engine.core.result import Result
+from engine.core.result import ID_TAKEN, Result
 from engine.core.settings import Settings, with_budget
 from engine.runtime.collector import driver_gc
 
@@ -69,6 +69,7 @@ class Engine(AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervised):
         self.metrics_port: int | None = None
         self.metrics_url: str | None = None  # where Prometheus scrapes this engine (hub shard 0)
         self.metrics_urls: list[str] = []  # every hub shard's: each counts the results of its request ids
+        self._last_report: dict | None = None  # what report() answers after stop()
         self._lock = threading.Lock()
         self._room = threading.Condition(self._lock)  # signalled when unfinished requests drop
         self._max_pending, self._overload, self._submit_timeout_s = max_pending, overload, submit_timeout_s
@@ -216,6 +217,7 @@ class Engine(AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervised):
             from actors.remote import kill_engine
 
             if self._owner:
+                self._keep_last_report()  # report() after stop() answers with it
                 kill_engine(self._h["engine"], self._h["all"])
             else:  # the ids only this driver held are forgotten after its retention window, as it would have
                 for h in self._h["hubs"]:
@@ -269,7 +271,8 @@ class Engine(AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervised):
         """Futures for ``reqs`` (existing ones for a repeated (tenant, id)), queuing the new ones; waits for
         room as ``overload`` says. Holds the lock."""
         if not self._running:
-            raise EngineStopped("this engine was stopped; start a new one with Engine.start()")
+            raise EngineStopped("this engine was stopped; start a new one with Engine.start()" if self._owner else
+                                f"this driver left engine {self.name!r}; attach again with Engine.connect()")
         if self._gone is not None:
             raise EngineStopped(f"{self._gone}; start a new one with Engine.start(), or connect to another")
         futs: list[ResultFuture] = []
@@ -312,7 +315,10 @@ class Engine(AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervised):
             return
         with self._room:
             self._pending -= 1
-            self._finished.append((time.monotonic(), fut._req.uid))
+            if res.reason == ID_TAKEN and self._futs.get(fut._req.uid) is fut:
+                del self._futs[fut._req.uid]  # refused for its id, taken elsewhere: free for the right content
+            else:
+                self._finished.append((time.monotonic(), fut._req.uid))
             self._room.notify_all()
 
     def _forget_finished(self) -> None:
@@ -361,21 +367,6 @@ class Engine(AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervised):
         return futs
 
     # -- reading ------------------------------------------------------------------------------------------------
-    def report(self) -> dict:
-        """Spend, saving against each request's list price, hits, deadlines, per provider, and the budgets
-        (``budget``: each budget's window, spend per tenant/provider/model, refusals by reason)."""
-        ray = self._ray
-        from actors.hub import merge_reports, sum_figures
-
-        rep = merge_reports(ray.get([h.report.remote() for h in self._h["hubs"]]))
-        rep["budget"] = ray.get(self._h["budget"].report.remote())
-        # Per provider: were its calls real (http) or simulated, and what its batches did.
-        rep["providers"] = {s["provider"]: {k: v for k, v in s.items() if k != "provider"}
-                            for s in ray.get([d.stats.remote() for d in self._h["dispatchers"].values()])}
-        if self._h["caches"]:  # read from the cache itself: the hub's copy is pushed every 0.5 s
-            rep["cache"] = sum_figures(ray.get([c.stats_now.remote() for c in self._h["caches"]]))
-        return rep
-
     def replay(self, requests: Sequence[Request], *, on_submit=None,
                into: list[ResultFuture] | None = None) -> list[ResultFuture]:
         """Submit ``requests`` (sorted by arrival) as the engine clock reaches each arrival time. The futures are

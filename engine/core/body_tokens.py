@@ -22,8 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from engine.core._checks import FieldProblem
 
 __all__ = ["TEXT_PARTS", "ImageInput", "block_call_text", "body_image_tokens", "call_chars", "call_texts",
-           "image_blocks", "image_size", "image_tokens", "only_tool_outputs", "split_body", "tool_chars",
-           "tool_output_parts"]
+           "image_blocks", "image_size", "image_tokens", "only_tool_outputs", "sends_prompt", "split_body",
+           "tool_chars", "tool_output_parts"]
 
 
 class ImageInput(BaseModel):
@@ -54,6 +54,16 @@ _PATCH, _MAX_PATCHES = 32, 1536
 TEXT_PARTS = ("text", "input_text", "output_text")
 _OUTPUT_PARTS = ("input_text", "input_image")  # of a tool output, the parts that are text and images
 _HEAD_B64 = 87_384  # base64 characters read for a header: 64 kB of image (a JPEG's size follows its EXIF)
+
+
+def sends_prompt(body: dict | None) -> bool:
+    """Whether a request's ``prompt`` is what goes to the provider as the user's text: with no body, or with a
+    body that carries none of its own (no ``messages``, ``input`` or ``prompt``: a ``system`` or sampling
+    settings beside a prompt). Beside a body that has its text, the prompt is a label, sent nowhere."""
+    return not body or not any(k in body for k in _OWN_TEXT)
+
+
+_OWN_TEXT = ("messages", "input", "prompt")
 
 
 def split_body(body: dict, where: str = "body") -> tuple[str, dict]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Literal, NamedTuple
 
+from engine.core.body_tokens import sends_prompt, split_body
 from engine.core.catalog import Catalog, ModelSpec, ProviderSpec
 from engine.core.errors import CatalogError
 from engine.core.request import Request
@@ -275,7 +276,10 @@ def input_bound(req: Request, spec: ModelSpec) -> int:
     if req.body is None and len(req.prompt) <= (req.input_tokens - 1) * _PLACEHOLDER_CPT:
         return req.input_tokens
     cap = spec.max_input_tokens or spec.context_window or 1 << 62
-    return max(req.input_tokens, min(req.input_tokens + len(req.prompt.encode()), cap))
+    text = len(req.prompt.encode())
+    if req.body and sends_prompt(req.body):  # the prompt goes beside the body's own text (a system prompt)
+        text += len(split_body(req.body)[0].encode())
+    return max(req.input_tokens, min(req.input_tokens + text, cap))
 
 
 def shared_prefix_marks(reqs: Sequence[Request]) -> list[int]:

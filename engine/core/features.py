@@ -33,6 +33,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from engine.core import embedding as _embedding
+from engine.core.body_tokens import sends_prompt
 from engine.core.request import Request, split_body
 
 __all__ = ["DEFAULT_DIM", "MEDIA_COMPAT_PARAMS", "NEAR_DIM", "compat_key", "compat_kind", "featurize", "featurize_texts",
@@ -100,8 +101,10 @@ def fingerprint(req: Request, *, share_across_tenants: bool = False) -> str:
     lack. Not the id, arrival, priority, deadline or reuse setting."""
     parts = [
         "*" if share_across_tenants else req.tenant, req.provider, req.model, req.kind,
-        # A prompt beside a body is a label, not sent: the body is hashed below (two labels split one body).
-        exact_prompt(req.prompt) if not req.body else "",
+        # A prompt beside a body that has its own text is a label, not sent: the body is hashed below (two labels
+        # split one body). Beside a body without (a system prompt, sampling settings) it is the user's text:
+        # left out, "Capital of France?" was answered with "Capital of Spain?"'s result (a helper's tour).
+        exact_prompt(req.prompt) if sends_prompt(req.body) else "",
         json.dumps(req.params, sort_keys=True, separators=(",", ":"), default=str) if req.params else "",
     ]
     if req.kind == "text":
@@ -224,6 +227,8 @@ def near_context(req: Request) -> str | None:
     one was served the other's answer)."""
     if not req.body:
         return None
+    if sends_prompt(req.body):  # the prompt is the text compared; all of the body shapes the output
+        return _digest(req.body)
     split = _chat_split(req)
     return _digest(split_body(req.body)[1] if split is None else split[1])
 

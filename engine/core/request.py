@@ -27,13 +27,20 @@ from engine.core._checks import (
     check_text,
     check_tools,
 )
-from engine.core.body_tokens import body_image_tokens, call_chars, only_tool_outputs, split_body, tool_chars
+from engine.core.body_tokens import (
+    body_image_tokens,
+    call_chars,
+    only_tool_outputs,
+    sends_prompt,
+    split_body,
+    tool_chars,
+)
 from engine.core.catalog import Catalog, Kind, default_catalog
 from engine.core.errors import CatalogError, RequestError
 from engine.core.settings import MAX_DEADLINE_S, Settings, default_settings
 
 __all__ = ["BODY_KEYS", "DEADLINE_SLACK_S", "MAX_DEADLINE_S", "MEDIA_PARAMS", "PRIORITIES", "PRIORITY_RANK", "FieldProblem", "Priority",
-           "Request", "Reuse", "body_text", "in_catalog", "split_body", "validation_context"]
+           "Request", "Reuse", "in_catalog", "split_body", "validation_context"]
 
 Priority = Literal["urgent", "normal", "background"]
 Reuse = Literal["none", "exact", "near"]
@@ -75,13 +82,6 @@ _CAP_KEYS = ("max_output_tokens", "max_completion_tokens", "max_tokens")
 # An OpenAI Batch input line: {"custom_id", "method", "url", "body"}.
 _URL_KIND = {"/v1/chat/completions": "text", "/v1/responses": "text", "/v1/images/generations": "image"}
 BATCH_LINE_URLS = tuple(_URL_KIND)
-
-
-def body_text(body: dict) -> str:
-    """The text of a provider body that counts as prompt: system/instructions, then every message's text
-    (strings and text content blocks), then ``input`` or ``prompt``. Used to estimate tokens before the call
-    (the provider's ``usage`` replaces the estimate after it) and as the request's prompt for reuse."""
-    return split_body(body)[0]
 
 
 def _from_batch_line(d: dict) -> dict:
@@ -267,7 +267,7 @@ class Request(BaseModel):
             if "model" in body and body["model"] != d.get("model"):
                 raise FieldProblem("body.model", f"body.model {body['model']!r} differs from model "
                                    f"{d.get('model')!r}; give one model")
-            text = body_text(body)  # what is sent; a 'prompt' given beside it is a label, and bills nothing
+            text = split_body(body)[0]  # sent; a 'prompt' beside it too only if it has no text (sends_prompt)
             body_chars = len(text)
             if text and not d.get("prompt"):
                 d["prompt"] = text
@@ -329,7 +329,8 @@ class Request(BaseModel):
                     raise FieldProblem("body.messages", "the body has no text to send: give messages with content, "
                                        'e.g. [{"role": "user", "content": "..."}] (or input, for /v1/responses)')
                 raise FieldProblem("input_tokens", "a text request needs 'input_tokens' or a 'prompt' to estimate them from")
-            chars = max(len(prompt) if isinstance(prompt, str) else 0, body_chars) + tool_chars(body) + calls
+            sent = len(prompt) if isinstance(prompt, str) else 0  # sent beside the body's text, or a label of it
+            chars = (sent + body_chars if sends_prompt(body) else max(sent, body_chars)) + tool_chars(body) + calls
             d["input_tokens"] = math.ceil(chars / settings.chars_per_token) + images
         if d.get("output_tokens") is None:
             out = settings.default_output_tokens if spec.kind == "text" else 0

@@ -6,9 +6,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-__all__ = ["Result", "Status"]
+__all__ = ["ID_TAKEN", "Result", "Status"]
 
 Status = Literal["ok", "reused", "failed", "rejected", "expired"]
+# The reason of a request refused because another driver submitted its (tenant, id) with other content: its
+# driver frees the id, so the right content can be submitted under it.
+ID_TAKEN = "id_taken"
 
 
 class Result(BaseModel):

@@ -47,6 +47,9 @@ def test_every_future_resolves_and_the_report_adds_up(ray_session):
     assert rep["saving_usd"] > 0 and rep["hits"]
     ok = [r for r in results if r.status == "ok"]
     assert all(r.recommendation and r.reason and r.batch_id for r in ok)
+    # After the with block: the report as the engine stood at its stop (a raw Ray error before, a helper's tour).
+    after = eng.report()
+    assert after["requests"] == rep["requests"] and after["spend_usd"] == pytest.approx(rep["spend_usd"])
 
 
 @pytest.fixture(scope="class")

@@ -51,7 +51,17 @@ with Engine.connect(name, address=address) as eng:
         reqs += [ask("common", "the same question"), ask("clash", f"not the same question: {prefix}")]
     futs = eng.submit_many(reqs)
     out["results"] = [f.result(timeout=90).model_dump(mode="json") for f in futs]
+    clash = [r for r in out["results"] if r["id"] == "clash"]
+    if clash and clash[0]["status"] == "failed":  # the other driver's content has the id: asked with it now
+        other = "b" if prefix == "a" else "a"
+        again = eng.submit(ask("clash", f"not the same question: {other}")).result(timeout=90)
+        out["clash_again"] = again.model_dump(mode="json")
     out["report"] = eng.report()
+for late in (lambda: eng.submit(ask("late", "after leaving")), eng.report):
+    try:
+        late()
+    except Exception as exc:
+        out.setdefault("late", []).append(f"{type(exc).__name__}: {exc}")
 print(json.dumps(out))
 """
 
@@ -122,6 +132,14 @@ def test_drivers_share_one_named_engine_and_leave_it_running(tmp_path):
         clash = sorted((r["status"], r["error"] or "") for got in (ra, rb) for r in got["results"]
                        if r["id"] == "clash")
         assert [s for s, _ in clash] == ["failed", "ok"] and "field 'id'" in clash[0][1]
+        # The refused driver asks again with the content the id has: answered, where its refused future held the
+        # id for the driver's retention (an hour) and every such submit raised (a helper's tour).
+        (again,) = [got["clash_again"] for got in (ra, rb) if "clash_again" in got]
+        winner = next(r for got in (ra, rb) for r in got["results"] if r["id"] == "clash" and r["status"] == "ok")
+        assert again["status"] in ("ok", "reused") and again["output"] == winner["output"], again
+        # A driver that left says how to come back, for a submit and for a report alike.
+        assert all(len(got["late"]) == 2 and all(m.startswith("EngineStopped") and "Engine.connect()" in m
+                                                 for m in got["late"]) for got in (ra, rb)), ra["late"]
 
         # Both drivers have stopped; the engine runs on, for an application that speaks OpenAI's API to the
         # endpoint `serve --http-port` started, and for a third driver, which sees everything the others did.

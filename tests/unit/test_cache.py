@@ -469,6 +469,35 @@ def test_the_exact_key_tells_apart_what_the_provider_is_sent_differently():
     assert fingerprint(_ask("row 17", body=body)) == fingerprint(_ask("row 18", body=body))
 
 
+def test_a_prompt_sent_beside_a_body_without_text_keys_the_result():
+    """A helper's tour: beside a ``system`` (or a temperature, a cap) a prompt is the user's text, sent as the
+    user message; keyed as a label (stop 44), "Capital of Spain?" was answered with "Capital of France?"'s result,
+    in the simulator and over HTTP alike."""
+    from engine.core.catalog import default_catalog
+    from engine.core.cost import input_bound
+    from engine.core.features import near_class, near_text
+    from engine.sim.simulator import simulate
+    from policies import load_policy
+
+    def asked(prompt: str, k: int, system: str = "Be brief.") -> Request:
+        return Request.model_validate({"id": f"s{k}", "arrival_s": 10.0 * k, "model": "claude-haiku-4-5",
+                                       "system": system, "prompt": prompt, "deadline_s": 30.0, "reuse": "near"})
+
+    france, spain, again = asked("Capital of France?", 0), asked("Capital of Spain?", 1), asked("Capital of France?", 2)
+    assert fingerprint(france) != fingerprint(spain) and fingerprint(france) == fingerprint(again)
+    res = simulate([france, spain, again], load_policy("smart", default_catalog()))
+    assert [int(h) for h in res.hit] == [0, 0, 1] and res.cost[1] > 0  # only the true copy is reused
+    # The prompt is the text a near-duplicate search compares, and the whole body must match beside it.
+    verbose = asked("Capital of France?", 3, system="Answer at length, with history.")
+    assert near_text(verbose) == near_text(france) and near_class(verbose, "t") != near_class(france, "t")
+    # It is sent beside the system prompt: both count in the estimate and in a budget's bound.
+    alone = Request.model_validate({"id": "a", "arrival_s": 0.0, "model": "claude-haiku-4-5",
+                                    "prompt": "Capital of France?"})
+    assert france.input_tokens > alone.input_tokens
+    spec = default_catalog().model("anthropic", "claude-haiku-4-5")
+    assert input_bound(france, spec) >= france.input_tokens + len("Be brief.Capital of France?")
+
+
 def test_the_simulator_reuses_across_tenants_when_the_cache_is_shared():
     """The live cache keyed requests across tenants with ``cache.share_across_tenants``; the simulator (and the
     lower bound) did not, so ``bench`` billed what a live engine reused."""
