@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from actors._peer import Warm
 from actors.journal import MemoryJournalStore
 from actors.logship import LogBook, ship_logs
-from actors.metrics import EngineMetrics
+from actors.metrics import EngineMetrics, rejected_reason
 from engine.core.result import Result
 
 __all__ = ["ResultHub", "merge_reports", "sum_figures"]
@@ -56,7 +56,8 @@ class ResultHub(Warm, MemoryJournalStore):
         self._waiters: dict[str, asyncio.Future] = {}
         self._cache: dict[int, dict] = {}  # cache shard -> its latest figures
         self._stats: dict = {"requests": 0, "cost_usd": 0.0, "list_price_usd": 0.0, "by_status": {},
-                             "by_mode": {}, "hits": {}, "deadline_met": 0, "deadline_known": 0, "by_provider": {}}
+                             "by_mode": {}, "hits": {}, "deadline_met": 0, "deadline_known": 0, "by_provider": {},
+                             "rejected": {}}
 
     def __repr__(self) -> str:
         waiting = sum(len(c.ready) for c in self._clients.values())
@@ -80,6 +81,9 @@ class ResultHub(Warm, MemoryJournalStore):
             s["cost_usd"] += r.cost_usd
             s["list_price_usd"] += list_prices[k] if list_prices else 0.0
             s["by_status"][r.status] = s["by_status"].get(r.status, 0) + 1
+            if r.status == "rejected":
+                why = rejected_reason(r)
+                s["rejected"][why] = s["rejected"].get(why, 0) + 1
             if r.mode:
                 s["by_mode"][r.mode] = s["by_mode"].get(r.mode, 0) + 1
             if r.hit:
@@ -278,6 +282,7 @@ class ResultHub(Warm, MemoryJournalStore):
             "saving_usd": round(saving, 6),
             "saving_frac": round(saving / s["list_price_usd"], 6) if s["list_price_usd"] > 0 else 0.0,
             "by_status": dict(s["by_status"]),
+            "rejected": dict(s["rejected"]),  # requests rejected for good, by reason
             "by_mode": dict(s["by_mode"]),
             "hits": dict(s["hits"]),
             "deadline_met_frac": (s["deadline_met"] / s["deadline_known"]) if s["deadline_known"] else None,

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from engine.core.result import Result
 
-__all__ = ["EngineMetrics", "DispatchCounts", "retry_reason"]
+__all__ = ["EngineMetrics", "DispatchCounts", "rejected_reason", "retry_reason"]
 
 _SECONDS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, 24 * 3600)
 _HTTP_5XX = re.compile(r"\b5(\d\d|xx)\b")
@@ -28,6 +28,12 @@ def retry_reason(retry_after_s: float | None, error: str | None) -> str:
     if "timed out" in e or "timeout" in e.lower():
         return "timeout"
     return "other"
+
+
+def rejected_reason(res: Result) -> str:
+    """A rejected result's reason, as a bounded label: the grouper's fixed reasons (``budget_exhausted``,
+    ``budget_unavailable``); anything free-form counts as "other"."""
+    return res.error if res.error and _REASON.fullmatch(res.error) else "other"
 
 
 class DispatchCounts:
@@ -160,8 +166,7 @@ class EngineMetrics:
         for k, res in enumerate(results):
             outcomes[res.status] = outcomes.get(res.status, 0) + 1
             if res.status == "rejected":
-                # A bounded label: the grouper's fixed reasons; anything free-form counts as "other".
-                why = res.error if res.error and _REASON.fullmatch(res.error) else "other"
+                why = rejected_reason(res)
                 rejected[why] = rejected.get(why, 0) + 1
             prov = res.provider or "unknown"
             if res.cost_usd:

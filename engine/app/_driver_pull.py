@@ -61,6 +61,9 @@ class Pulling:
 
         rep = merge_reports(get([h.report.remote() for h in self._h["hubs"]]))
         rep["budget"] = get(self._h["budget"].report.remote())
+        # ``refusals`` counts the ledger's verdicts (each "wait" of a held request); these are the requests the
+        # budgets rejected for good, which a user read there as 0 (a helper's tour).
+        rep["budget"]["rejected"] = {k: v for k, v in rep.get("rejected", {}).items() if k.startswith("budget_")}
         # Per provider: were its calls real (http) or simulated, and what its batches did.
         rep["providers"] = {s["provider"]: {k: v for k, v in s.items() if k != "provider"}
                             for s in get([d.stats.remote() for d in self._h["dispatchers"].values()])}

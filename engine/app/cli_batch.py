@@ -66,7 +66,7 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
         report,
         write_results,
     )
-    from engine.core.errors import TraceError
+    from engine.core.errors import ConfigError, TraceError
 
     stack = contextlib.ExitStack()
     try:
@@ -77,7 +77,7 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
         bf = read_batch_file(input_file, window_s=window_s, tenant=tenant, catalog=cat, settings=settings)
         if bf.file_problems and not skip_invalid:
             raise TraceError(bf.file_problems, hint="fix the lines named (each needs a unique custom_id), or pass "
-                                                    "--skip-invalid to skip them")
+                                                    "--skip-invalid to skip them", what="batch file")
         if not bf.lines:
             raise TraceError([(bf.source, 0, "file", "no line can be answered; give at least one line with a "
                                                      "custom_id")], hint="")
@@ -88,6 +88,11 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
         kept: dict[int, dict] = {}
         if resume:  # what an earlier run answered was paid for: written again, never sent again
             done = answered_lines(out)
+            foreign = sorted(set(done) - {ln.custom_id for ln in bf.lines})
+            if foreign:  # OUT is rewritten below: a paid answer of another input would be lost with no word
+                raise ConfigError(f"--resume: {out} holds {len(foreign):,} answered line(s) whose custom_id is not "
+                                  f"in {input_file} (e.g. {foreign[0]!r}): it is another input's output, and "
+                                  "resuming would drop them; give another --out, or the input that made it")
             kept = {ln.no: done[ln.custom_id] for ln in bf.lines if ln.custom_id in done}
             bf = BatchFile(bf.source, [ln for ln in bf.lines if ln.no not in kept], bf.file_problems)
         results = []

@@ -52,7 +52,7 @@ class TraceError(SmartbatchError):
 
     HINT = "fix the line(s) named, or pass --skip-invalid to skip and count bad lines"
 
-    def __init__(self, problems: list[tuple[str, int, str, str]], hint: str | None = None):
+    def __init__(self, problems: list[tuple[str, int, str, str]], hint: str | None = None, what: str = "trace"):
         self.problems = problems
         hint = self.HINT if hint is None else hint
         lines = [_where(p, n, f, m) for p, n, f, m in problems[:20]]
@@ -61,7 +61,7 @@ class TraceError(SmartbatchError):
         else:
             more = f"\n... and {len(problems) - 20} more" if len(problems) > 20 else ""
             tail = f"\n{hint[:1].upper()}{hint[1:]}." if hint else ""
-            text = f"{len(problems)} invalid trace line(s):\n" + "\n".join(lines) + more + tail
+            text = f"{len(problems)} invalid {what} line(s):\n" + "\n".join(lines) + more + tail
         super().__init__(text)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -354,6 +355,10 @@ def with_budget(settings: Settings, total_usd: float | None = None,
                 horizon_s: float | None = None) -> Settings:
     """``settings`` plus a hard budget over everything (``total_usd``) and per tenant, each over
     ``duration`` (None: the whole run, paced over ``horizon_s`` seconds when given)."""
+    for what, usd in (("budget_usd (--budget)", total_usd),
+                      *((f"the budget of tenant {t!r} (--tenant-budget)", u) for t, u in (tenants or {}).items())):
+        if usd is not None and (isinstance(usd, bool) or not isinstance(usd, (int, float)) or not 0 <= usd < math.inf):
+            raise ConfigError(f"{what} must be a number of US dollars >= 0, got {usd!r}")
     specs = list(settings.budgets.specs)
     horizon = horizon_s if duration is None and horizon_s and horizon_s > 0 else None
     if total_usd is not None:

@@ -8,7 +8,7 @@ import ray
 
 from engine import Engine
 from engine.core.catalog import default_catalog
-from engine.core.errors import RequestError
+from engine.core.errors import ConfigError, RequestError
 from engine.core.tracegen import synth
 from engine.runtime.collector import THRESHOLDS
 from tests.integration._catalogs import OPENAI_ONLY
@@ -159,6 +159,11 @@ def test_a_budget_is_never_overrun_and_every_request_resolves(ray_session, polic
         rep = eng.report()
     rejected = [r for r in results if r.status == "rejected"]
     assert rejected and all(r.error == "budget_exhausted" and "budget global" in r.reason for r in rejected)
+    # The report counts them as rejected for good, where only the ledger's verdicts were (0 of them could
+    # read "budget_exhausted" beside every request rejected for it: a helper's tour).
+    assert rep["rejected"] == rep["budget"]["rejected"] == {"budget_exhausted": len(rejected)}
+    with pytest.raises(ConfigError, match="budget_usd"):
+        Engine.start(budget_usd=-1.0)
     assert rep["budget"]["overrun_usd"] == 0.0 and rep["budget"]["spent_usd"] <= 2.0 + 1e-9
     assert sum(r.cost_usd for r in results) <= 2.0 + 1e-9
     assert any(r.status in ("ok", "reused") for r in results)

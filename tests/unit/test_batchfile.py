@@ -268,6 +268,14 @@ def test_resume_sends_only_the_lines_the_earlier_run_did_not_answer(tmp_path, mo
     assert [x["custom_id"] for x in rows] == ["a", "b", "c"] and rows[0] == first  # a's answer, as written
     assert not (tmp_path / "o.errors.jsonl").read_text().strip()  # nothing left unanswered
     assert "1 line(s) kept from the earlier run" in " ".join(r.output.split())
+    # Resumed with another input, OUT (rewritten for this one) dropped the paid answers of the first, with no
+    # word (a helper's tour): refused, OUT untouched, nothing sent.
+    other = tmp_path / "other.jsonl"
+    other.write_text(line("z", "Name two capes.") + "\n")
+    before, sent[:] = out.read_text(), []
+    r = runner.invoke(app, ["batch", str(other), "--out", str(out), "--resume"])
+    assert r.exit_code == 2 and "another input's output" in " ".join(r.output.split()) and "'a'" in r.output
+    assert out.read_text() == before and sent == []
 
 
 def test_a_second_run_writing_the_same_output_is_refused_before_anything_is_sent(batch, tmp_path, monkeypatch):
@@ -514,3 +522,13 @@ def test_batch_shows_how_many_lines_are_in_and_their_cost_while_it_waits(monkeyp
     monkeypatch.setattr(cli_batch, "err_console", Console(file=shown, force_terminal=True, width=100))
     cli_batch._wait_showing_progress([first, Later()], "batch in.jsonl")
     assert "1/2" in shown.getvalue() and "$0.0020" in shown.getvalue()
+
+
+def test_a_refused_batch_file_is_called_a_batch_file(tmp_path):
+    """`batch` named a refused OpenAI batch file's lines "invalid trace line(s)" (a helper's tour)."""
+    src = tmp_path / "in.jsonl"
+    line = {"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "gpt-5-mini", "messages": [{"role": "user", "content": "hi"}]}}
+    src.write_text("\n".join([json.dumps(line), json.dumps(line), "not json"]) + "\n")
+    r = runner.invoke(app, ["batch", str(src), "--out", str(tmp_path / "o.jsonl")])
+    assert r.exit_code == 2 and "2 invalid batch file line(s)" in r.output and "trace" not in r.output, r.output
