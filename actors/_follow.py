@@ -71,9 +71,11 @@ class Following:
         self._release_timer = None
         now, out = self._now(), []
         while self._releases and self._releases[0][0] <= now:
-            _, _, fp, item = heapq.heappop(self._releases)
-            if self.inflight.release(fp, item):
-                self._lead(item)  # generated after all (its leader still leads the fingerprint)
+            until, _, fp, item = heapq.heappop(self._releases)
+            hit = self.inflight.release(fp, item, until)
+            # It follows another copy in flight due no later than itself, or is generated after all.
+            if hit is not None and not self._follow(fp, item, hit):
+                self._lead(item)
                 out.append(item)
         self.stats["released"] += len(out)
         if out:

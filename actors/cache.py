@@ -346,7 +346,8 @@ class ResultCache(NearIndex, Following, Warm):
         for fp, uid in failed:
             self.generating.pop(uid, None)  # a refused request never reaches ``complete``
             for f, hit in self.inflight.orphans(fp, uid):
-                if not self._follow(fp, f, hit):
+                # Another copy in flight: of ``fp``, or, a near copy, of its own (an identical one led it).
+                if not (self._follow(fp, f, hit) or (f.fp != fp and self._follow(f.fp, f, "in_flight"))):
                     self._lead(f)
                     out.append(f)
         self._answered()

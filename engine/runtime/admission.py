@@ -31,7 +31,7 @@ Follow = Literal["in_flight", "near"]
 
 
 Lead = Callable[[Request], "float | None"]
-_Waiter = tuple[T, Follow, Request]  # a follower, how it follows, and its request
+_Waiter = tuple[T, Follow, Request, float]  # a follower, how it follows, its request, until when it follows
 
 
 def release_lead(catalog: Catalog, reuse: ReuseSettings) -> Lead | None:
@@ -84,7 +84,8 @@ class InFlight(Generic[T]):
     A fingerprint has more than one leader when a copy due sooner than every copy being generated is generated
     too (it could not follow them: they are due later): it leads as well, so a third copy due between the two
     follows it instead of being generated a third time (a video paid three times at $1.20, a helper's fault
-    hunt). A result of any leader answers the followers of all of them: the output is the same."""
+    hunt). A result of any leader answers the followers of all of them: the same output (a leader moved to its
+    fallback model answers with that model's, as it would its own followers)."""
 
     __slots__ = ("reuse", "lead_of", "_leaders", "_followers", "_orphaned")
 
@@ -92,10 +93,10 @@ class InFlight(Generic[T]):
         self.reuse = reuse
         self.lead_of = lead_of  # see ``may_follow``; None: only leaders due no later than the follower are followed
         self._leaders: dict[str, list[tuple[Request, T]]] = {}  # in the order they came to lead
-        # By (fingerprint, leader's uid): (follower, how it follows, its request).
-        self._followers: dict[tuple[str, str], list[_Waiter[T]]] = {}
-        # Followers of a leader that failed, set aside until the runtime asks for them (``orphans``).
-        self._orphaned: dict[tuple[str, str], list[_Waiter[T]]] = {}
+        self._followers: dict[tuple[str, str], list[_Waiter[T]]] = {}  # by (fingerprint, leader's uid)
+        # Followers of a leader that failed, set aside until the runtime asks for them (``orphans``), by
+        # fingerprint and the failed leader's uid. A result of the fingerprint meanwhile answers them too.
+        self._orphaned: dict[str, dict[str, list[_Waiter[T]]]] = {}
 
     def __len__(self) -> int:
         return len(self._leaders)
@@ -128,7 +129,7 @@ class InFlight(Generic[T]):
             leader = min((r for r, _ in got), key=lambda r: r.deadline_at)
         until = may_follow(self.reuse, leader, req, now, self.lead_of)
         if until is not None:
-            self._followers.setdefault((fp, leader.uid), []).append((who, hit, req))
+            self._followers.setdefault((fp, leader.uid), []).append((who, hit, req, until))
         return until
 
     def _waiting(self, fp: str) -> Iterator[tuple[tuple[str, str], list[_Waiter[T]]]]:
@@ -137,28 +138,34 @@ class InFlight(Generic[T]):
             if fs:
                 yield (fp, r.uid), fs
 
-    def release(self, fp: str, who: T) -> bool:
-        """``who``'s release time came: if it still waits for a leader of ``fp``, it no longer does, and the
-        runtime sends it on its own (True). False if it was resolved or orphaned meanwhile (the orphans' path
-        generates those: taking one here too would bill it twice)."""
+    def release(self, fp: str, who: T, at: float | None = None) -> Follow | None:
+        """``who``'s release time ``at`` came: if it still waits for a leader of ``fp`` under that release time,
+        it no longer does, and the runtime sends it on its own (how it followed is returned), else None: it was
+        resolved or orphaned meanwhile (the orphans' path generates those: taking one here too would bill it
+        twice), or it follows again, under another time or none (an orphan that took another leader: its old
+        timer released it, in the simulator only, and it was paid though its new leader answered it)."""
         for key, fs in self._waiting(fp):
-            for k, (w, _, _) in enumerate(fs):
+            for k, (w, hit, _, until) in enumerate(fs):
                 if w == who:
+                    if at is not None and until != at:
+                        return None
                     del fs[k]
                     if not fs:
                         del self._followers[key]
-                    return True
-        return False
+                    return hit
+        return None
 
     def waits(self, fp: str, who: T) -> bool:
         """Whether ``who`` still waits for a leader of ``fp`` (what :meth:`release` would take)."""
-        return any(w == who for _, fs in self._waiting(fp) for w, _, _ in fs)
+        return any(f[0] == who for _, fs in self._waiting(fp) for f in fs)
 
     def done(self, fp: str, who: T) -> list[tuple[T, Follow]]:
         """``who`` has its result: it no longer leads ``fp``, and the requests attached to every leader of
-        ``fp`` are handed back, to resolve with that result (a request that failed goes through :meth:`orphans`
-        instead)."""
-        out = [(w, h) for _, fs in list(self._waiting(fp)) for w, h, _ in fs]
+        ``fp`` are handed back, to resolve with that result, and so are those of a failed leader not yet taken
+        back (:meth:`orphans`: the cache takes them after the results of the same moment, and generated one that
+        this result could answer). A request that failed goes through :meth:`orphans` instead."""
+        out = [(f[0], f[1]) for _, fs in list(self._waiting(fp)) for f in fs]
+        out += [(f[0], f[1]) for fs in self._orphaned.pop(fp, {}).values() for f in fs]
         got = self._leaders.get(fp, [])
         for r, _ in got:
             self._followers.pop((fp, r.uid), None)
@@ -182,27 +189,30 @@ class InFlight(Generic[T]):
             del self._leaders[fp]
         fs = self._followers.pop((fp, uid), None)
         if fs:
-            self._orphaned[(fp, uid)] = fs
+            self._orphaned.setdefault(fp, {})[uid] = fs
 
     def orphans(self, fp: str, uid: str) -> list[tuple[T, Follow]]:
         """The followers of ``uid``, which failed for good leading ``fp``, in the order a runtime admits them
-        again. Each may follow another leader of ``fp`` (a runtime tries
-        :meth:`follow` first); the first that cannot is generated and leads ``fp``, and those after it may
+        again. Each may follow another leader of ``fp`` (a runtime tries :meth:`follow` first; a near copy
+        then its own fingerprint's); the first that cannot is generated and leads, and those after it may
         follow it. Generated each on its own, three identical orphans made three paid calls where one would
         do (a helper's fault hunt)."""
         self.drop(fp, uid)
-        fs = self._orphaned.pop((fp, uid), [])
+        held = self._orphaned.get(fp, {})
+        fs = held.pop(uid, [])
+        if not held:
+            self._orphaned.pop(fp, None)
         # Identical copies first, the one due first at the head: it leads, and every other copy is due no
         # earlier, so it may follow it. Near copies after, by deadline too. (A stable sort: ties keep the
         # order they followed in, the same in both runtimes.)
         fs.sort(key=lambda f: (f[1] != "in_flight", f[2].deadline_at))
-        return [(w, h) for w, h, _ in fs]
+        return [(f[0], f[1]) for f in fs]
 
     def take(self, pick: Callable[[T], bool]) -> list[T]:
         """Take out every waiting request ``pick`` chooses, followers and orphans alike: no leader's result
         resolves them now, nor the orphans' path; the runtime generates them itself."""
         out: list[T] = []
-        for waiting in (self._followers, self._orphaned):
+        for waiting in (self._followers, *self._orphaned.values()):
             for k, fs in list(waiting.items()):
                 keep = [f for f in fs if not pick(f[0])]
                 if len(keep) < len(fs):
@@ -211,12 +221,19 @@ class InFlight(Generic[T]):
                         waiting[k] = keep
                     else:
                         del waiting[k]
+        for fp in [fp for fp, held in self._orphaned.items() if not held]:
+            del self._orphaned[fp]
         return out
 
+    def _lists(self) -> Iterator[list[_Waiter[T]]]:
+        yield from self._followers.values()
+        for held in self._orphaned.values():
+            yield from held.values()
+
     def following(self) -> Iterator[T]:
-        for fs in (*self._followers.values(), *self._orphaned.values()):
-            for who, _, _ in fs:
-                yield who
+        for fs in self._lists():
+            for f in fs:
+                yield f[0]
 
     def n_following(self) -> int:
-        return sum(len(fs) for fs in (*self._followers.values(), *self._orphaned.values()))
+        return sum(len(fs) for fs in self._lists())

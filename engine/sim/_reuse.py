@@ -29,12 +29,21 @@ class SimReuse:
     def follow(self, fp: str, r: Request, i: int, hit: Follow) -> bool:
         until = self.inflight.follow(fp, r, i, hit, self.now)
         if until is not None and until < math.inf:
-            self.push(until, "release", (fp, i))
+            self.push(until, "release", (fp, i, until))
         return until is not None
 
-    def on_release(self, payload: tuple[str, int]) -> None:  # its leader is late: it goes on its own
-        if self.inflight.release(*payload):
-            self.admit(payload[1], fresh=False)
+    def on_release(self, payload: tuple[str, int, float]) -> None:
+        """Its leader is late: it follows another copy in flight due no later than itself, or goes on its own."""
+        fp, i, at = payload
+        hit = self.inflight.release(fp, i, at)
+        if hit is not None and not self.follow(fp, self.reqs[i], i, hit):
+            self.admit(i, fresh=False)
+
+    def follow_again(self, fp: str, i: int, hit: Follow) -> bool:
+        """An orphan of a failed leader of ``fp`` follows another copy in flight: of ``fp``, or, a near copy, of
+        its own fingerprint (an identical near copy led it after the failure)."""
+        r = self.reqs[i]
+        return self.follow(fp, r, i, hit) or (self.fps[i] != fp and self.follow(self.fps[i], r, i, "in_flight"))
 
     def index_near(self, i: int, fp: str, done: float) -> None:
         """A source for near duplicates, from when it leads (or, if it never led, when it completes)."""

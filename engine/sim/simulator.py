@@ -221,10 +221,12 @@ class _Sim(SimBudget, SimReuse, SimCalls):
                 return
             if reuse.near and r.reuse == "near" and i in self.vecs and self.near(i, r, now):
                 return
-        if fps is not None and self.inflight.lead(fps[i], r, i):
-            self.index_near(i, fps[i], math.inf)
         # Back from a dispatch (a batch cancelled late, a failed attempt), as the live grouper tells it.
         returned = bool(self.hedges[i] or self.attempts[i])
+        # A request leads when it is first generated, as the cache takes it (a miss, a released follower, an
+        # orphan), never on its way back from a dispatch, which the cache does not see.
+        if fps is not None and not returned and self.inflight.lead(fps[i], r, i):
+            self.index_near(i, fps[i], math.inf)
         if fresh and not returned:
             g = self.table.join(r, self.compat[i], now)
             self.arrived.setdefault(id(g), g)  # decided once the instant's other arrivals have joined
@@ -318,7 +320,7 @@ class _Sim(SimBudget, SimReuse, SimCalls):
         if self.fps is not None:
             fp = self.fps[i]
             for f, hit in self.inflight.orphans(fp, self.reqs[i].uid):
-                if not self.follow(fp, self.reqs[f], f, hit):
+                if not self.follow_again(fp, f, hit):
                     self.admit(f, fresh=False)
 
     def settle(self, i: int, a: Attempt, mode: int, bid: int) -> None:

@@ -363,3 +363,138 @@ def test_the_cache_keeps_no_release_timer_for_followers_already_answered_nor_wit
         assert cache._release_timer is None and await cache.orphans([(leader.fp, a.uid)]) == [follower]
 
     asyncio.run(go())
+
+
+# -- a review of the several-leaders change (stop 45): each case failed on the first version ----------------------
+
+_CAR = "A red car parked on a wet street at night"
+
+
+def _video(i: int, due: float, at: float = 0.0, prompt: str = _CAR, reuse: str = "exact") -> Request:
+    return req(i, prompt, due, reuse=reuse, model="veo-3-fast", arrival_s=at)
+
+
+def _cache(tmp_path, clock):
+    sent: list[Job] = []
+
+    class Grouper:
+        async def add(self, jobs: list[Job]) -> None:
+            sent.extend(jobs)
+
+    hub = ResultHub()
+    settings = Settings().model_copy(update={"cache": CacheSettings(blob_dir=tmp_path / "blobs")})
+    return ResultCache(REUSE, hub, clock, settings=settings, groupers=[Grouper()]), hub, sent
+
+
+def _job(i: int, r: Request) -> Job:
+    return Job(i, r, fingerprint(r))
+
+
+def _done(j: Job, at: float, status: str = "ok") -> tuple[str, Result]:
+    r = j.req
+    if status != "ok":
+        return j.fp, Result(id=r.id, tenant="acme", status=status, error="boom")
+    return j.fp, Result(id=r.id, tenant="acme", status="ok", output="vid://o", cost_usd=1.2, mode="sync",
+                        provider=r.provider, model=r.model, done_s=at)
+
+
+def _failing_first(n: int) -> Draws:
+    s = Settings()
+    return _LeaderAlwaysFails(n, s.sim.max_attempts, 0, s.sim.batch_slot_s)
+
+
+def _google_fails_half() -> Catalog:
+    raw = CAT.model_dump()
+    raw["providers"]["google"]["failure_rate"] = 0.5
+    return Catalog.model_validate(raw)
+
+
+def test_an_orphan_that_follows_another_leader_is_not_released_by_its_old_timer(tmp_path):
+    """F follows L1 (due a day later) under a release time; L2, due before F, leads too; L1 fails and F follows
+    L2 until its result. F's old timer released it anyway in the simulator (paid $1.20 for a result L2 gave),
+    and in the cache only when the heap's order let it."""
+    lead = release_lead(CAT, REUSE)(_video(9, 600.0))
+    f_due = 210.0 + lead - 169.5  # F's release time: 210
+    reqs = [_video(0, 86400.0), _video(1, f_due, at=169.5), _video(2, 400.0, at=170.0)]
+    cat = _google_fails_half()
+    res = simulate(reqs, load_policy("smart", cat), catalog=cat, draws=_failing_first(3))
+    assert _HIT[int(res.hit[1])] == "in_flight" and res.cost[1] == 0.0 and res.done_at[1] == res.done_at[2]
+
+    async def in_the_cache(other: bool):
+        clock = ManualClock(0.0)
+        cache, hub, sent = _cache(tmp_path, clock)
+        l1 = _job(0, reqs[0])
+        await cache.lookup([l1])
+        if other:  # an unrelated follower whose release time comes first: F's entry is not the heap's top
+            await cache.lookup([_job(10, _video(10, 86400.0, prompt="a blue boat"))])
+            await cache.lookup([_job(11, _video(11, 190.0 + lead, prompt="a blue boat"))])
+        clock.t = 169.5
+        f = _job(1, reqs[1])
+        await cache.lookup([f])
+        clock.t = 170.0
+        l2 = _job(2, reqs[2])
+        await cache.lookup([l2])
+        clock.t = 177.0
+        await cache.complete([_done(l1, 177.0, "failed")])
+        assert await cache.orphans([(l1.fp, l1.req.uid)]) == []  # F follows L2
+        clock.t = 211.0
+        cache._release_due()  # the timer's call, at F's old release time
+        clock.t = 250.0
+        await cache.complete([_done(l2, 250.0)])
+        return [j.req.id for j in sent], {r.id: r.hit for r in await hub.pull(0.01)}
+
+    for other in (False, True):
+        sent, hits = asyncio.run(in_the_cache(other))
+        assert "r1" not in sent and hits["r1"] == "in_flight", (other, sent, hits)
+
+
+def test_an_orphan_whose_fingerprint_was_answered_in_the_same_moment_takes_that_answer(tmp_path):
+    """L1 fails and L2 (the same prompt, due sooner) succeeds in one cache round, whose fills come before its
+    orphans: F, L1's follower, was generated again though L2's result was stored (the simulator answered it)."""
+    async def go():
+        clock = ManualClock(0.0)
+        cache, hub, sent = _cache(tmp_path, clock)
+        l1, f, l2 = _job(0, _video(0, 86400.0)), _job(1, _video(1, 90000.0, at=1.0)), _job(2, _video(2, 400.0, at=170.0))
+        for j in (l1, f, l2):
+            clock.t = j.req.arrival_s
+            await cache.lookup([j])
+        clock.t = 177.5
+        await cache.complete([_done(l1, 177.5, "failed"), _done(l2, 177.5)])
+        again = await cache.orphans([(l1.fp, l1.req.uid)])
+        return again, {r.id: r.hit for r in await hub.pull(0.01)}
+    again, hits = asyncio.run(go())
+    assert again == [] and hits == {"r1": "in_flight"}
+
+
+def test_identical_near_orphans_of_a_failed_leader_are_generated_once(tmp_path):
+    """N1 and N2 (the same text) follow L as near copies; L fails: N1 leads its own fingerprint and N2 follows it,
+    where each was generated (both runtimes)."""
+    a, b = NEAR_PAIR
+    reqs = [req(0, a, 600.0, reuse="exact"), req(1, b, 900.0, arrival_s=1.0), req(2, b, 1200.0, arrival_s=2.0)]
+    cat = _google_fails_half()
+    res = simulate(reqs, load_policy("smart", cat), catalog=cat, draws=_failing_first(3))
+    assert [_HIT[int(h)] for h in res.hit] == [None, None, "in_flight"] and res.cost[2] == 0.0
+
+    async def in_the_cache():
+        cache, hub, sent = _cache(tmp_path, ManualClock(0.0))
+        jobs = [_job(k, r) for k, r in enumerate(reqs)]
+        for j in jobs:
+            await cache.lookup([j])
+        assert [f.req.id for f in cache.inflight.following()] == ["r1", "r2"]
+        await cache.complete([_done(jobs[0], 5.0, "failed")])
+        return [j.req.id for j in await cache.orphans([(jobs[0].fp, reqs[0].uid)])]
+    assert asyncio.run(in_the_cache()) == ["r1"]
+
+
+def test_a_released_follower_follows_a_copy_due_before_it_instead_of_being_generated():
+    """F followed L1 (due a day later) under a release time; L2, due before F, led meanwhile. At F's release
+    time it took L2's result, where it was generated (a third paid call)."""
+    t: InFlight[int] = InFlight(REUSE, lambda r: 100.0)
+    l1, f, l2 = req(0, "x", 86400.0), req(1, "x", 600.0), req(2, "x", 550.0)
+    t.lead("fp", l1, 0)
+    assert t.follow("fp", f, 1, now=0.0) == 500.0
+    assert t.lead("fp", l2, 2)
+    assert t.release("fp", 1, 499.0) is None and t.waits("fp", 1)  # not its time: an old timer's
+    assert t.release("fp", 1, 500.0) == "in_flight"
+    assert t.follow("fp", f, 1, now=500.0) == float("inf")  # the runtime's next step: L2 takes it
+    assert t.done("fp", 2) == [(1, "in_flight")]
