@@ -81,9 +81,6 @@ class BatchApiRuns:
             size += weight
         return parts
 
-    async def _sleep(self, engine_s: float) -> None:
-        await asyncio.sleep(min(self.clock.real_delay(engine_s), 3600.0))
-
     async def _run_batch(self, b: BatchJob, jobs: list[Job], start: float, tokens: int, key: str | None = None,
                          body=None, name: str | None = None) -> None:
         """Journal the batch about to be created, create it, journal its handle (so a restarted dispatcher
@@ -103,7 +100,7 @@ class BatchApiRuns:
             # members go back to the policy, as at a hedge. Created, it was cancelled at once, and its members
             # waited out the cancel, or were billed in it. Judged at its start unless it waited for the slot.
             now = self.clock.now()
-            late = not cut and b.hedge_at is not None and b.hedge_at <= (now if now > asked else start)
+            late = not cut and (self._cancelled or b.hedge_at is not None and b.hedge_at <= (now if now > asked else start))
             if p.real and not cut and not late:  # the create may reach the provider, and this dispatcher die
                 body = p.batch_body(cjobs)       # before it hears back
                 self._open[key] = (b, jobs, start, tokens, None, body)
@@ -198,12 +195,14 @@ class BatchApiRuns:
             finishing = False  # every member ran (OpenAI's "finalizing"): it ends with them all
             while True:
                 now = self.clock.now()
-                if hedge_at is not None and now >= hedge_at and not (cancel_taken or finishing):
+                if (self._cancelled or hedge_at is not None and now >= hedge_at) and not (cancel_taken or finishing):
                     # Cancel first, poll after: every moment before the cancel reaches the provider is a moment
                     # in which a late batch still finishes members that sync calls will also pay for.
                     try:
                         await p.cancel(handle)
                         cancel_taken = True
+                        if self._cancelled:  # the engine's cancel waits for it (``CancelDispatches.cancel``)
+                            self._cancel_sent.add(key)
                         # The provider may go on cancelling (and finishing members) for the allowance from when
                         # it took the cancel, not from a first try that failed, nor the time spent on the wire.
                         cancel_deadline = self.clock.now() + allowance

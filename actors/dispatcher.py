@@ -18,6 +18,7 @@ import time
 from collections import Counter, OrderedDict, deque
 
 from actors._batch_api import BatchApiRuns
+from actors._cancel import CancelDispatches
 from actors._dispatch_outbox import Outbox, maybe_billed_error
 from actors._dispatch_recovery import Recovery
 from actors._peer import Warm, as_peer, resolve_clock
@@ -43,12 +44,11 @@ __all__ = ["Dispatcher"]
 
 # Finished requests kept with their results, so a re-admission after a restart elsewhere gets the result again
 # instead of a second call; bounded by count and age (re-admissions follow restarts within seconds).
-DONE_KEEP = 65_536
-DONE_KEEP_S = 300.0
+DONE_KEEP, DONE_KEEP_S = 65_536, 300.0
 TOLD_KEPT = 4096  # messages about batches kept, for a grouper Ray restarts (one per outbox flush that had any)
 
 
-class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
+class Dispatcher(CancelDispatches, Outbox, BatchApiRuns, Recovery, Warm):
     def __init__(self, provider: str, catalog: Catalog, settings: Settings, seed: int, clock, groupers: list,
                  hub, cache, budget, scheduling: Scheduling | None = None, key: Secret | None = None,
                  engine: str = "engine", learners: bool = False, warm_readers: bool = True):
@@ -219,7 +219,8 @@ class Dispatcher(Outbox, BatchApiRuns, Recovery, Warm):
                 if queued_at is not None:
                     self._counts.rate_limit_wait_s.setdefault(b.mode, []).extend(
                         [max(e.start - queued_at, 0.0)] * len(jobs))  # one per request, as dispatch waits
-            getattr(self, "_start_" + e.kind)(e, b, jobs)
+            if not self._cancel_started(e.kind, b, jobs):
+                getattr(self, "_start_" + e.kind)(e, b, jobs)
         for mode, waits in observed.items():
             self.waits.extend(waits)
             self._observed.append((mode, waits, self.in_flight))

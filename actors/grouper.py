@@ -17,6 +17,7 @@ import logging
 import secrets
 from collections import OrderedDict
 
+from actors._cancel import CancelGroups
 from actors._grouper_park import Parking
 from actors._peer import Warm, as_peer, resolve_clock
 from actors._shards import Shards, by_result_uid
@@ -39,7 +40,7 @@ log = logging.getLogger("smartbatch.grouper")
 ENDED_KEEP = 65_536  # results of requests ended here, for copies re-admitted after a restart
 
 
-class Grouper(Parking, Warm):
+class Grouper(CancelGroups, Parking, Warm):
     def __init__(self, policy, catalog: Catalog, clock, dispatchers: dict, budget, hub,
                  name: str = "g0", budget_limited: bool = True, *, max_attempts: int = 4,
                  reserve_model_max: bool = True, cache=None, budget_specs: tuple = (),
@@ -156,6 +157,9 @@ class Grouper(Parking, Warm):
         return taken
 
     async def add(self, jobs: list[Job]) -> None:
+        if self._cancelled:
+            await self._refuse_cancelled(jobs)
+            return
         now = self.clock.now()
         dispatches: list[Dispatch] = []
         failed: list[tuple[Job, Result]] = []

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from engine.app._supervise import HEALTH_EVERY_S, HEALTH_TIMEOUT_S, HUB_BACK_S
-from engine.core.errors import EngineStopped
+from engine.core.errors import ConfigError, EngineStopped
 from engine.core.request import Request
 from engine.core.result import Result
 
@@ -39,6 +39,23 @@ class Pulling:
             return 0
         self._flush()  # what the flush thread has not sent yet leaves now, not after its next wake-up
         return len(concurrent.futures.wait(open_, timeout=timeout_s).not_done)
+
+    def cancel(self, timeout_s: float = 60.0) -> int:
+        """Cancel this engine's work, as a provider cancels a batch: nothing more is sent; requests not sent yet
+        end ``failed`` (``error`` "cancelled"), billed nothing; provider batches under way are cancelled, and what
+        they finished (billed) is answered; calls under way finish. Every open future resolves: wait for them
+        with ``drain()`` (a cancel takes up to 10 minutes at OpenAI and Anthropic). The engine takes no more
+        work: start a new one. Only the driver that started the engine may cancel it: an engine shared by
+        several drivers runs their work too. Returns how many provider batches were cancelled."""
+        if not self._owner:
+            raise ConfigError(f"engine {self.name!r} was started by another driver, and runs other drivers' work "
+                              "too: cancel it from the driver that started it (or stop it: smartbatch stop)")
+        if not self._running:
+            raise EngineStopped(f"engine {self.name!r} was stopped: there is nothing left to cancel")
+        self._flush()
+        ray = self._ray
+        ray.get([g.cancel.remote() for g in self._h["groupers"]], timeout=timeout_s)
+        return sum(ray.get([d.cancel.remote() for d in self._h["dispatchers"].values()], timeout=timeout_s))
 
     def report(self) -> dict:
         """Spend, saving against each request's list price, hits, deadlines, per provider, and the budgets

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import NoReturn
 
-__all__ = ["exit_now", "own_ray_processes", "stop_or_lose_ray", "terminate_as_interrupt"]
+__all__ = ["Terminated", "exit_now", "own_ray_processes", "stop_or_lose_ray", "terminate_as_interrupt"]
 
 GRACE_S = 10.0  # how long steps that shut Ray down themselves may take after its processes are gone
 
@@ -81,6 +81,10 @@ def stop_or_lose_ray(steps: Callable[[], None], ray_procs: list[subprocess.Popen
     return "done"
 
 
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM taken as Ctrl-C (``terminate_as_interrupt``): a service manager sends it, and kills soon after."""
+
+
 @contextlib.contextmanager
 def terminate_as_interrupt() -> Iterator[None]:
     """SIGTERM (a `timeout`, a service manager) as Ctrl-C while the answers come: Ray's driver turns it into an
@@ -89,7 +93,7 @@ def terminate_as_interrupt() -> Iterator[None]:
         yield
         return
     def interrupt(*_):
-        raise KeyboardInterrupt
+        raise Terminated
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         yield

@@ -10,7 +10,13 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from engine.app._ray_stop import exit_now, own_ray_processes, stop_or_lose_ray, terminate_as_interrupt
+from engine.app._ray_stop import (
+    Terminated,
+    exit_now,
+    own_ray_processes,
+    stop_or_lose_ray,
+    terminate_as_interrupt,
+)
 from engine.app.cli_common import (
     _check_outputs,
     _check_tenant,
@@ -107,11 +113,12 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
                     with terminate_as_interrupt():
                         _wait_showing_progress(futs, f"batch {input_file.name}")
                         results = [f.result() for f in futs]
-                except KeyboardInterrupt:
-                    # Ctrl-C or SIGTERM: keep what finished (it was paid for) and answer the rest in the error
-                    # file, instead of leaving no file at all while a provider batch may still run and bill.
+                except KeyboardInterrupt as exc:
+                    # Ctrl-C or SIGTERM: cancel what is under way, keep what finished (it was paid for) and answer
+                    # the rest in the error file, instead of leaving no file at all while a provider batch may
+                    # still run and bill.
                     interrupted = True
-                    results = [_finished_or_interrupted(f, req) for f, req in zip(futs, bf.requests, strict=True)]
+                    results = _cancel_and_keep(eng, futs, bf.requests, wait=not isinstance(exc, Terminated))
                 cat = eng.catalog
                 # The files before the engine's stop, which takes seconds: a second Ctrl-C (or one during the
                 # stop) left no file at all, every answer paid for and lost (a helper's fault hunt).
@@ -213,6 +220,29 @@ def _signals_held():
 
 _INTERRUPTED = ("interrupted (Ctrl-C) before this line finished; a provider batch already submitted for it may "
                 "still finish and be billed")
+
+
+def _cancel_and_keep(eng, futs: list, reqs: list, wait: bool) -> list:
+    """Ctrl-C: cancel the engine's work (``Engine.cancel``: nothing more is sent; provider batches under way are
+    cancelled, and what they finished is kept) and wait for every line to end, unless Ctrl-C comes again. A
+    SIGTERM cancels and waits for nothing: a service manager kills soon after. Before, the provider batches ran
+    on to their end, every member billed and its answer lost, and ``--resume`` sent those lines again (a
+    helper's tour)."""
+    if wait:
+        err_console.print("cancelling: nothing more is sent; provider batches under way are cancelled and what "
+                          "they finished is kept (a cancel takes up to 10 minutes at OpenAI and Anthropic). Ctrl-C "
+                          "again to leave now: those batches then run on and bill", style="yellow")
+    try:
+        with terminate_as_interrupt():
+            eng.cancel()
+            if wait:
+                _wait_showing_progress(futs, "cancelling")
+    except KeyboardInterrupt:
+        pass
+    except Exception as exc:  # e.g. Ray is going down (a SIGTERM to the process group): what finished is kept
+        err_console.print(f"could not cancel the engine's work: {type(exc).__name__}: {str(exc)[:200]}",
+                          style="yellow")
+    return [_finished_or_interrupted(f, r) for f, r in zip(futs, reqs, strict=True)]
 
 
 def _finished_or_interrupted(fut, req):

@@ -35,7 +35,7 @@ from engine.core.catalog import Catalog, default_catalog
 from engine.core.cost import price_alone
 from engine.core.errors import ConfigError, TraceError
 from engine.core.request import Request, validation_context
-from engine.core.result import Result
+from engine.core.result import CANCELLED, Result
 from engine.core.settings import MAX_DEADLINE_S, Settings
 from engine.core.trace import Trace, _problems_of, decode_lines, read_lines
 
@@ -288,7 +288,8 @@ def result_rows(bf: BatchFile, results: Sequence[Result], *, created: int = 0) -
             rows.append(output_line(ln, res, created=created, raw=src.raw if src else None,
                                     request_id=src.provider_request_id if src else None))
         else:
-            code = ERROR_CODES.get(res.status, "request_failed")
+            cancelled = (res.error or "").startswith(CANCELLED)
+            code = "batch_cancelled" if cancelled else ERROR_CODES.get(res.status, "request_failed")
             row = error_line(ln.custom_id, code, res.error or res.reason or res.status, tenant=ln.request.tenant)
             status = provider_status(res)
             if status is not None:

@@ -6,12 +6,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-__all__ = ["ID_TAKEN", "Result", "Status"]
+__all__ = ["CANCELLED", "ID_TAKEN", "Result", "Status"]
 
 Status = Literal["ok", "reused", "failed", "rejected", "expired"]
 # The reason of a request refused because another driver submitted its (tenant, id) with other content: its
 # driver frees the id, so the right content can be submitted under it.
 ID_TAKEN = "id_taken"
+# How the error of a request an engine's cancel ended begins (``Engine.cancel``; a batch file's error line then
+# has the code ``batch_cancelled``, as OpenAI's error file has for the lines of a cancelled batch).
+CANCELLED = "cancelled"
 
 
 class Result(BaseModel):

@@ -139,6 +139,17 @@ class SimProvider:
         return sum(len(q) for q in self.queues.values()) + len(self.batch_queue) + len(self.parked)
 
     # -- the queue ------------------------------------------------------------------------------------------
+    def take_queued(self) -> list[Work]:
+        """Everything that waits to start (queued at a gate, or parked behind an open circuit), taken out: a
+        cancelled engine ends it without sending it."""
+        out: list[Work] = []
+        for q in (*self.queues.values(), self.batch_queue):
+            while len(q):
+                out.append(q.take(q.peek(0.0)).item)
+        out += [u.item for _, _, u in self.parked]
+        self.parked.clear()
+        return out
+
     def enqueue(self, w: Work) -> None:
         reqs = w.reqs
         first = reqs[0]

@@ -130,6 +130,14 @@ def test_the_key_appears_in_no_result_report_metric_or_log(ray_session, emulator
                 for i in range(4)]
         results = [f.result(timeout=120) for f in futs]
         report = eng.report()
+        # Engine.cancel: requests gathering for a batch (a day to go, each worth batching) end cancelled, and
+        # nothing more reaches the provider.
+        billed = len(emulator.bill().items)
+        held = eng.submit_many([{"id": f"g{i}", "model": "gpt-4o-mini", "prompt": f"gather {i}",
+                                 "input_tokens": 60_000, "deadline_s": 86_400} for i in range(5)])
+        assert eng.cancel() == 0 and eng.drain(timeout_s=60) == 0
+        assert all(f.result().status == "failed" and f.result().error.startswith("cancelled: ") for f in held)
+        assert len(emulator.bill().items) == billed
         import urllib.request
 
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{eng.metrics_port}/metrics").read().decode()

@@ -532,3 +532,56 @@ def test_a_refused_batch_file_is_called_a_batch_file(tmp_path):
     src.write_text("\n".join([json.dumps(line), json.dumps(line), "not json"]) + "\n")
     r = runner.invoke(app, ["batch", str(src), "--out", str(tmp_path / "o.jsonl")])
     assert r.exit_code == 2 and "2 invalid batch file line(s)" in r.output and "trace" not in r.output, r.output
+
+
+class _CtrlCOnce(concurrent.futures.Future):
+    """A line's answer waited on when Ctrl-C comes: its first ``result()`` raises KeyboardInterrupt."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.interrupted = False
+
+    def result(self, timeout=None):
+        if not self.interrupted:
+            self.interrupted = True
+            raise KeyboardInterrupt
+        return super().result(timeout)
+
+
+def test_ctrl_c_cancels_the_engines_work_and_keeps_what_the_cancelled_batch_finished(tmp_path, monkeypatch):
+    """Ctrl-C while b and c ride a provider batch: the run cancels the engine's work (the batch is cancelled at
+    the provider) and waits; b, which the batch finished before its cancel, is answered (it was billed), c ends
+    ``batch_cancelled`` (never billed, free for --resume). Before, the run left at once: the batch ran on, billed
+    b and c, and their answers were lost, then paid again by --resume (a helper's tour)."""
+    import engine.app.driver as driver_mod
+    from tests.unit.helpers import CtrlCEngine
+
+    cancels: list[int] = []
+
+    class Cancelling(CtrlCEngine):
+        def submit_many(self, reqs):
+            self.futs = [concurrent.futures.Future(), _CtrlCOnce(), concurrent.futures.Future()]
+            self.reqs = reqs
+            self.futs[0].set_result(self._ok(reqs[0]))
+            return self.futs
+
+        def _ok(self, r):
+            return Result(id=r.id, status="ok", output="sim://x", cost_usd=0.001, mode="batch_api",
+                          usage={"input_tokens": 4, "output_tokens": 5}, provider=r.provider, model=r.model)
+
+        def cancel(self):
+            cancels.append(1)
+            self.futs[1].set_result(self._ok(self.reqs[1]))  # finished in the batch before its cancel
+            r = self.reqs[2]
+            self.futs[2].set_result(Result(id=r.id, status="failed", error="cancelled: the engine was cancelled",
+                                           provider=r.provider, model=r.model))
+            return 1
+
+    monkeypatch.setattr(driver_mod.Engine, "start", classmethod(lambda cls, *a, **k: Cancelling(CAT)))
+    src, out = tmp_path / "in.jsonl", tmp_path / "o.jsonl"
+    src.write_text("\n".join(line(c, f"Name {c} rivers.") for c in "abc") + "\n")
+    r = runner.invoke(app, ["batch", str(src), "--out", str(out)])
+    assert r.exit_code == 130 and cancels == [1], r.output
+    assert [json.loads(x)["custom_id"] for x in out.read_text().splitlines()] == ["a", "b"]
+    (err,) = [json.loads(x) for x in (tmp_path / "o.errors.jsonl").read_text().splitlines()]
+    assert err["custom_id"] == "c" and err["error"]["code"] == "batch_cancelled"

@@ -1,0 +1,77 @@
+"""An engine-wide cancel (``Engine.cancel``; ``actors/_cancel.py``), as a provider cancels a batch: nothing more
+is sent, provider batches under way are cancelled and what they finished is kept, what waits ends at no cost.
+Before it, an interrupted ``smartbatch batch`` left its provider batches running to their end: every member billed,
+its answer read by nobody, and ``--resume`` sent those lines again (a helper's tour, stop 45). The grouper and the
+dispatcher are plain classes here; the dispatcher calls the provider emulator over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+
+from actors import Grouper, ResultHub
+from actors._types import Job
+from engine.core.clock import ManualClock
+from policies import load_policy
+from tests.unit.helpers import Recorder
+from tests.unit.test_actors import ledger
+from tests.unit.test_actors import req as plain_req
+from tests.unit.test_http_providers import (
+    CAT,
+    ROUTE,
+    SPEED,
+    N,
+    Rig,
+    assert_split_by_the_bill,
+    jobs_of,
+    quarter,  # noqa: F401  (a fixture)
+    req,
+)
+
+
+def test_a_cancel_cancels_the_batch_under_way_keeps_what_it_finished_and_sends_nothing_more(quarter):  # noqa: F811
+    emu, jobs = quarter, jobs_of("openai", claims=True)
+
+    async def go():
+        rig = Rig(emu, "openai", speed=SPEED / 4)
+        try:
+            await rig.reserve(jobs)
+            await rig.run("batch_api", jobs)  # no hedge: it would run to its end
+            await rig.until(lambda: emu.count("batches.create", status=200) == 1, "the batch's create")
+            assert await rig.d.cancel() == 1
+            assert emu.count("batches.cancel", status=200) == 1  # sent before the cancel returned
+            await rig.resolved(jobs, timeout_s=30.0)
+            # Each member was answered from the batch (it finished, billed once) or went back unbilled.
+            finished = assert_split_by_the_bill(rig, emu, jobs, "openai")
+            assert len(finished) < N and rig.d.paid_twice == 0
+            # Work that comes after the cancel is sent nowhere: a call ends cancelled, a batch is never made.
+            late = [Job(10, req(10), "fp-late-sync", claim="c10"), Job(11, req(11), "fp-late-batch", claim="c11")]
+            await rig.reserve(late)
+            await rig.run("sync", late[:1], bid="late-sync")
+            await rig.run("batch_api", late[1:], bid="late-batch")
+            await rig.until(lambda: "openai-10" in rig.results and late[1].req.id in
+                            {j.req.id for j in rig.grouper.readmitted()}, "the late work to end")
+            assert rig.results["openai-10"].status == "failed" and "cancelled" in rig.results["openai-10"].error
+            assert emu.count(ROUTE["openai"]) == 0 and emu.count("batches.create") == 1 and not rig.calls
+            await rig.until(lambda: not rig.budget.book.claims.keys() - {j.claim for j in jobs if j.req.id
+                                                                       not in finished} - {"c11"},
+                            "the claims of what ended settled")
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+def test_a_cancelled_grouper_ends_what_it_holds_and_everything_after_at_no_cost():
+    async def go():
+        disp, hub = Recorder(), ResultHub()
+        g = Grouper(load_policy("fixed", CAT, {"max_batch_size": 10, "batch_wait_timeout_s": 1000}), CAT,
+                    ManualClock(0.0), {"openai": disp}, ledger(100.0), hub)
+        await g.add([Job(0, plain_req(0), "a"), Job(1, plain_req(1), "b")])  # gathering for a batch
+        assert (await g.stats())["pending"] == 2
+        assert await g.cancel() == 2
+        await g.add([Job(2, plain_req(2), "c")])  # arrives after it (or comes back from a cancelled batch)
+        got = {r.id: r for r in await hub.pull(0.01)}
+        assert sorted(got) == ["r0", "r1", "r2"]
+        assert all(r.status == "failed" and r.error.startswith("cancelled: ") and r.cost_usd == 0.0 for r in got.values())
+        assert [name for name, _ in disp.calls if name == "run_many"] == []  # nothing was sent
+        assert (await g.stats())["pending"] == 0 and not g._timers  # its gather's timer went with them
+    asyncio.run(go())
