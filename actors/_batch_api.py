@@ -195,6 +195,8 @@ class BatchApiRuns:
             finishing = False  # every member ran (OpenAI's "finalizing"): it ends with them all
             while True:
                 now = self.clock.now()
+                if self._cancelled and (cancel_taken or finishing):  # nothing left to cancel: ending on its own
+                    self._cancel_sent.add(key)
                 if (self._cancelled or hedge_at is not None and now >= hedge_at) and not (cancel_taken or finishing):
                     # Cancel first, poll after: every moment before the cancel reaches the provider is a moment
                     # in which a late batch still finishes members that sync calls will also pay for.

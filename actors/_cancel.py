@@ -48,6 +48,16 @@ class CancelGroups:
         await self._resolve([(j, self._failed(j, _WHY)) for j in jobs])
         return len(jobs)
 
+    async def _cancel_reserved(self, batches: list, refused: list) -> None:
+        """A dispatch whose reservation was under way when the cancel came: its members (and any the ledger
+        had the grouper hold back) end cancelled, their claims settled at 0, and the budget's refusals stand."""
+        late, again = self.waits.take(math.inf)
+        jobs = [*(j for b in batches for j in b.jobs), *(h.payload[0] for h in (*late, *again))]
+        if self._park_timer is not None:
+            self._park_timer[1].cancel()
+            self._park_timer = None
+        await self._resolve([*refused, *((j, self._failed(j, _WHY)) for j in jobs)])
+
     async def _refuse_cancelled(self, jobs: list[Job]) -> None:
         """``add`` after the cancel: each job ends cancelled (one that ended here gets its result again; one
         held here already is a re-admitted copy, and is dropped)."""
@@ -75,7 +85,8 @@ class CancelDispatches:
         """Cancel every provider batch under way: each one's follow-up, woken, sends its cancel now (a batch
         being created, once its create answers). Returns once each was sent (``CANCEL_CALL_S`` at most), so an
         engine stopped right after leaves none running; how many were."""
-        self._cancel_sent: set[str] = set()  # journal keys of the batches whose cancel went out
+        if not self._cancelled:
+            self._cancel_sent: set[str] = set()  # journal keys of the batches whose cancel went out (or ending)
         self._cancelled = True
         self._woken().set()
         for w in self.sim.take_queued():  # not started: ended here, never sent

@@ -364,6 +364,9 @@ class Grouper(CancelGroups, Parking, Warm):
                 batches = await self._reserve(batches, now, refused)
             finally:
                 self._reserving.difference_update(uids)
+            if self._cancelled:  # cancelled while the ledger answered: sent nowhere, its claims settled at 0
+                await self._cancel_reserved(batches, refused)
+                return
         per_provider: dict[str, list[BatchJob]] = {}
         for b in batches:
             self.dispatched += len(b.jobs)

@@ -237,11 +237,15 @@ def rewire(h: dict, kind: str, metrics: tuple[int, str] | None = None) -> None:
     elif kind.startswith("grouper-"):
         ray.get(h["named"][kind].set_clock.remote(clock))
         ray.get(h["named"][kind].relearn.remote())  # the batch turnarounds it had learned, from the dispatchers
+        if h.get("cancelled"):  # the engine was cancelled (Engine.cancel): a new incarnation knew nothing of it
+            ray.get(h["named"][kind].cancel.remote())
     elif kind.startswith("dispatcher-"):
         d = h["named"][kind]
         ray.get(d.set_clock.remote(clock))
         if ray.get(d.recover.remote()) < 0:  # the supervisor rewires it again at its next check
             raise RuntimeError(f"{kind} could not read its journal")
+        if h.get("cancelled"):  # cancels the batches its journal named, which it follows again
+            ray.get(d.cancel.remote())
     elif base == "cache":
         ray.get(h["named"][kind].set_clock.remote(clock))
         ray.get(h["named"][kind].warm_from_redis.remote())

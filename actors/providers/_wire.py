@@ -16,7 +16,7 @@ import math
 import re
 from collections.abc import Iterable
 
-from engine.core.request import Request
+from engine.core.request import Request, split_body
 
 __all__ = ["message_parts", "redact", "retry_after"]
 
@@ -72,9 +72,12 @@ def message_parts(req: Request, block_tokens: int, chars_per_token: float,
     are kept and the prompt runs over by at most the marker's length plus one character."""
     cpt = chars_per_token
     prompt = req.prompt
-    if not replay and len(prompt) > (req.input_tokens - 1) * cpt:
+    # The prompt's own tokens: beside a body's text (a system prompt, instructions), the estimate holds both. Taken
+    # whole, a question sent beside a system prompt read as a placeholder, and filler went in its place.
+    own = req.input_tokens - (math.ceil(len(split_body(req.body)[0]) / cpt) if req.body else 0)
+    if not replay and len(prompt) > (own - 1) * cpt:
         return [], prompt or " "
-    total = int(req.input_tokens * cpt)
+    total = int(max(own, 1) * cpt)
     block_chars = int(block_tokens * cpt)
     blocks: list[str] = []
     used = 0

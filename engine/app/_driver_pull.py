@@ -54,8 +54,10 @@ class Pulling:
             raise EngineStopped(f"engine {self.name!r} was stopped: there is nothing left to cancel")
         self._flush()
         ray = self._ray
+        self._h["cancelled"] = True  # an actor Ray restarts is cancelled again when rewired (actors.remote)
+        batches = [d.cancel.remote() for d in self._h["dispatchers"].values()]  # they refuse what comes first
         ray.get([g.cancel.remote() for g in self._h["groupers"]], timeout=timeout_s)
-        return sum(ray.get([d.cancel.remote() for d in self._h["dispatchers"].values()], timeout=timeout_s))
+        return sum(ray.get(batches, timeout=timeout_s))
 
     def report(self) -> dict:
         """Spend, saving against each request's list price, hits, deadlines, per provider, and the budgets

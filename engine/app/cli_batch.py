@@ -73,6 +73,7 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
         write_results,
     )
     from engine.core.errors import ConfigError, TraceError
+    from engine.core.result import CANCELLED
 
     stack = contextlib.ExitStack()
     try:
@@ -150,8 +151,11 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
                   + (f"; {len(kept):,} line(s) kept from the earlier run, not sent again" if kept else ""))
     if interrupted:
         n_open = sum(r.error == _INTERRUPTED for r in results)
-        err_console.print(f"interrupted: {n_open:,} line(s) had not finished and are in the error file; a provider "
-                          "batch already submitted for them may still finish and be billed", style="yellow")
+        n_cancelled = sum((r.error or "").startswith(CANCELLED) for r in results)
+        err_console.print(f"interrupted: {n_cancelled:,} line(s) cancelled before they ran (billed nothing; "
+                          "--resume sends them)" + (f"; {n_open:,} had not finished: what their cancelled provider "
+                                                    "batches still finish is billed, and --resume sends them again"
+                                                    if n_open else ""), style="yellow")
         if ray_gone:  # Ray's exit hooks would each wait for its GCS
             exit_now(130)
         raise typer.Exit(130)
@@ -218,7 +222,7 @@ def _signals_held():
             signal.signal(s, h)
 
 
-_INTERRUPTED = ("interrupted (Ctrl-C) before this line finished; a provider batch already submitted for it may "
+_INTERRUPTED = ("interrupted (Ctrl-C or SIGTERM) before this line finished; a provider batch already submitted for it may "
                 "still finish and be billed")
 
 
@@ -231,7 +235,8 @@ def _cancel_and_keep(eng, futs: list, reqs: list, wait: bool) -> list:
     if wait:
         err_console.print("cancelling: nothing more is sent; provider batches under way are cancelled and what "
                           "they finished is kept (a cancel takes up to 10 minutes at OpenAI and Anthropic). Ctrl-C "
-                          "again to leave now: those batches then run on and bill", style="yellow")
+                          "again to leave now: what they still finish is then billed and its answer lost",
+                          style="yellow")
     try:
         with terminate_as_interrupt():
             eng.cancel()

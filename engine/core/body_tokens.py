@@ -56,14 +56,16 @@ _OUTPUT_PARTS = ("input_text", "input_image")  # of a tool output, the parts tha
 _HEAD_B64 = 87_384  # base64 characters read for a header: 64 kB of image (a JPEG's size follows its EXIF)
 
 
-def sends_prompt(body: dict | None) -> bool:
-    """Whether a request's ``prompt`` is what goes to the provider as the user's text: with no body, or with a
-    body that carries none of its own (no ``messages``, ``input`` or ``prompt``: a ``system`` or sampling
-    settings beside a prompt). Beside a body that has its text, the prompt is a label, sent nowhere."""
-    return not body or not any(k in body for k in _OWN_TEXT)
-
-
-_OWN_TEXT = ("messages", "input", "prompt")
+def sends_prompt(body: dict | None, kind: str = "text") -> bool:
+    """Whether a request's ``prompt`` is what goes to the provider as the user's text, as the providers' wire
+    builds the call (``actors/providers``): with no body, or with a body that carries none of its own: for text
+    no ``messages`` or ``input`` (a ``system``, sampling settings, a Responses ``prompt`` template object beside
+    it), for an image no ``prompt`` string. Beside a body that has its text, the prompt is a label, sent nowhere."""
+    if not body:
+        return True
+    if kind == "image":
+        return not isinstance(body.get("prompt"), str)
+    return "messages" not in body and "input" not in body
 
 
 def split_body(body: dict, where: str = "body") -> tuple[str, dict]:

@@ -40,7 +40,6 @@ __all__ = [
 
 Mode = Literal["sync", "batch_api", "gpu_batch", "reuse"]
 MODES: tuple[Mode, ...] = ("sync", "batch_api", "gpu_batch", "reuse")
-_PLACEHOLDER_CPT = 4.0  # the default chars_per_token: a prompt this short is a placeholder
 _M = 1e-6
 
 
@@ -271,13 +270,15 @@ def input_bound(req: Request, spec: ModelSpec) -> int:
     part, where ``input_tokens``, estimated at ``chars_per_token``, does not: Chinese text, digits and code come
     denser, and a budget reserved on the estimate was overrun threefold (a helper's fault hunt; a bare prompt
     too, found by the next hunt). Added to the estimate (which holds a body's images and tools), capped at what
-    the model accepts. A bare prompt far shorter than its token count stands for a recorded size (a trace replay
-    sends ``input_tokens`` of filler, ``actors.providers._wire.message_parts``): its count stands."""
-    if req.body is None and len(req.prompt) <= (req.input_tokens - 1) * _PLACEHOLDER_CPT:
+    the model accepts. A bare prompt of fewer characters than its token count is no text but a recorded size's
+    stand-in (a trace replay sends ``input_tokens`` of filler, ``actors.providers._wire.message_parts``): its
+    count stands. Beside a body with text of its own, a prompt is a label and counts nothing."""
+    if req.body is None and len(req.prompt) < req.input_tokens:  # fewer characters than tokens: no real text
         return req.input_tokens
     cap = spec.max_input_tokens or spec.context_window or 1 << 62
-    text = len(req.prompt.encode())
-    if req.body and sends_prompt(req.body):  # the prompt goes beside the body's own text (a system prompt)
+    sent = sends_prompt(req.body, req.kind)
+    text = len(req.prompt.encode()) if sent else 0  # beside a body with text of its own, the prompt is a label
+    if req.body:
         text += len(split_body(req.body)[0].encode())
     return max(req.input_tokens, min(req.input_tokens + text, cap))
 

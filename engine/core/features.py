@@ -104,7 +104,7 @@ def fingerprint(req: Request, *, share_across_tenants: bool = False) -> str:
         # A prompt beside a body that has its own text is a label, not sent: the body is hashed below (two labels
         # split one body). Beside a body without (a system prompt, sampling settings) it is the user's text:
         # left out, "Capital of France?" was answered with "Capital of Spain?"'s result (a helper's tour).
-        exact_prompt(req.prompt) if sends_prompt(req.body) else "",
+        exact_prompt(req.prompt) if sends_prompt(req.body, req.kind) else "",
         json.dumps(req.params, sort_keys=True, separators=(",", ":"), default=str) if req.params else "",
     ]
     if req.kind == "text":
@@ -227,7 +227,7 @@ def near_context(req: Request) -> str | None:
     one was served the other's answer)."""
     if not req.body:
         return None
-    if sends_prompt(req.body):  # the prompt is the text compared; all of the body shapes the output
+    if sends_prompt(req.body, req.kind):  # the prompt is the text compared; all of the body shapes the output
         return _digest(req.body)
     split = _chat_split(req)
     return _digest(split_body(req.body)[1] if split is None else split[1])

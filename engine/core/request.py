@@ -330,7 +330,7 @@ class Request(BaseModel):
                                        'e.g. [{"role": "user", "content": "..."}] (or input, for /v1/responses)')
                 raise FieldProblem("input_tokens", "a text request needs 'input_tokens' or a 'prompt' to estimate them from")
             sent = len(prompt) if isinstance(prompt, str) else 0  # sent beside the body's text, or a label of it
-            chars = (sent + body_chars if sends_prompt(body) else max(sent, body_chars)) + tool_chars(body) + calls
+            chars = (sent + body_chars if sends_prompt(body, spec.kind) else max(sent, body_chars)) + tool_chars(body) + calls
             d["input_tokens"] = math.ceil(chars / settings.chars_per_token) + images
         if d.get("output_tokens") is None:
             out = settings.default_output_tokens if spec.kind == "text" else 0

@@ -75,3 +75,37 @@ def test_a_cancelled_grouper_ends_what_it_holds_and_everything_after_at_no_cost(
         assert [name for name, _ in disp.calls if name == "run_many"] == []  # nothing was sent
         assert (await g.stats())["pending"] == 0 and not g._timers  # its gather's timer went with them
     asyncio.run(go())
+
+
+def test_a_dispatch_whose_reservation_is_out_when_the_cancel_comes_is_sent_nowhere():
+    """The grouper waits on the ledger for r0 and r1 when the cancel comes (a review): r0 was then sent to its
+    dispatcher and r1 parked, reserved again later and sent too, neither answered. Both end cancelled now, and
+    nothing is parked or reserved again."""
+    from engine.core.budgets import Verdict
+
+    class SlowLedger:
+        def __init__(self) -> None:
+            self.answer, self.calls, self.settled = asyncio.Event(), 0, []
+
+        async def reserve_many(self, claims, release):
+            self.calls += 1
+            await self.answer.wait()
+            return [Verdict(True), Verdict(False, "wait", budget="global")][:len(claims)]
+
+        async def settle_many(self, settled):
+            self.settled += settled
+
+    async def go():
+        disp, hub, ledger_ = Recorder(), ResultHub(), SlowLedger()
+        g = Grouper(load_policy("naive", CAT), CAT, ManualClock(0.0), {"openai": disp}, ledger_, hub)
+        adding = asyncio.create_task(g.add([Job(0, plain_req(0), "a"), Job(1, plain_req(1), "b")]))
+        while not g._reserving:  # the reservation call is out
+            await asyncio.sleep(0)
+        assert await g.cancel() == 0  # nothing pending nor parked: both are being reserved
+        ledger_.answer.set()
+        await adding
+        got = {r.id: r for r in await hub.pull(0.01)}
+        assert sorted(got) == ["r0", "r1"] and all(r.error.startswith("cancelled: ") for r in got.values())
+        assert not [c for c in disp.calls if c[0] == "run_many"] and len(g.waits) == 0 and g._park_timer is None
+        assert ledger_.calls == 1 and len(ledger_.settled) == 1  # r0's claim went back at 0
+    asyncio.run(go())

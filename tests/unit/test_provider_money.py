@@ -95,6 +95,16 @@ def test_a_bare_prompt_sent_as_it_is_reserves_for_its_bytes():
     assert reserve_bound(bare, CAT, "sync") == pytest.approx(reserve_bound(as_body, CAT, "sync"), rel=0.02)
     replay = make(model="claude-haiku-4-5", prompt="mooncake prompt 1f2e", input_tokens=3000, max_output_tokens=5)
     assert input_bound(replay, spec) == 3000
+    # Whatever chars_per_token estimated it at (a review: at 3 the bound fell back to the estimate, a third of
+    # the bytes), and a label beside a body counts the body's text, not the label's.
+    for cpt in (2.0, 3.0):
+        ctx = validation_context(CAT, Settings(chars_per_token=cpt))
+        dense = Request.model_validate({"id": "d", "arrival_s": 0.0, "model": "claude-haiku-4-5", "prompt": text},
+                                       context=ctx)
+        assert input_bound(dense, spec) >= len(text.encode())
+    labelled = make(model="claude-haiku-4-5", prompt="label-17", max_tokens=5,
+                    body={"messages": [{"role": "user", "content": text}]})
+    assert input_bound(labelled, spec) == input_bound(as_body, spec)
 
 
 def test_a_timeout_before_any_connection_was_made_is_not_possibly_billed():
@@ -118,3 +128,32 @@ def test_a_timeout_before_any_connection_was_made_is_not_possibly_billed():
     cut = provider._error(timeout(httpx2.ReadTimeout("read", request=request)), openai.APIStatusError,
                           openai.APITimeoutError)
     assert not unsent.ok and not unsent.maybe_billed and cut.maybe_billed
+
+
+def test_a_prompt_beside_a_body_without_text_is_sent_as_the_question_not_as_filler():
+    """Beside a system prompt or instructions, the estimate holds both texts, and the question read as a trace's
+    placeholder: filler of its size went to the provider in its place (a review). Sent as it is now, at both
+    providers; a Responses prompt template object beside it is no text of its own, so the prompt keys the result."""
+    from actors.providers.anthropic_http import AnthropicProvider
+    from engine.core.features import fingerprint
+
+    ask = {"arrival_s": 0.0, "model": "claude-haiku-4-5", "system": "Answer in one word.", "max_tokens": 20}
+    fr = make(**ask, prompt="Capital of France?")
+    anthropic = AnthropicProvider("anthropic", CAT, Settings(), ProviderEndpoint(api="anthropic", api_key_env="X",
+                                                                                 base_url="http://127.0.0.1:9"),
+                                  Secret("k"), ManualClock(0.0))
+    sent = anthropic.body(CallJob("k", fr, 0.0, 0, 0))
+    assert sent["messages"][-1]["content"][-1]["text"] == "Capital of France?" and sent["system"] == ask["system"]
+    raw = CAT.model_dump()
+    raw["providers"]["openai"]["models"]["gpt-5-mini"]["api"] = "responses"
+    cat = type(CAT).model_validate(raw)
+    ctx = validation_context(cat)
+    template = {"prompt": {"id": "pmpt_support", "version": "3"}, "instructions": "Answer in one word"}
+    reqs = [Request.model_validate({"id": f"r{k}", "arrival_s": 0.0, "model": "gpt-5-mini", "prompt": q,
+                                    "body": template}, context=ctx)
+            for k, q in enumerate(("Capital of France?", "Capital of Spain?"))]
+    openai_ = OpenAIProvider("openai", cat, Settings(), ProviderEndpoint(api="openai", api_key_env="X",
+                                                                       base_url="http://127.0.0.1:9/v1"),
+                             Secret("k"), ManualClock(0.0))
+    assert [openai_.body(CallJob("k", r, 0.0, 0, 0))["input"] for r in reqs] == [r.prompt for r in reqs]
+    assert fingerprint(reqs[0]) != fingerprint(reqs[1])
