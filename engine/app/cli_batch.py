@@ -106,7 +106,12 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
         interrupted = ray_gone = False
         written = None
         if bf.requests:
-            eng = Engine.start(settings, policy=policy, catalog=cat, address=address, speedup=speedup, seed=seed)
+            try:
+                eng = Engine.start(settings, policy=policy, catalog=cat, address=address, speedup=speedup, seed=seed)
+            except KeyboardInterrupt:  # it stops what it had started; nothing was sent
+                err_console.print("interrupted before the engine was up: no line was sent, nothing was billed",
+                                  style="yellow")
+                raise typer.Exit(130) from None
             ray_procs = [p for p in own_ray_processes() if p.poll() is None]  # if one exits, Ray is going down
             try:
                 futs = eng.submit_many(bf.requests)

@@ -585,3 +585,16 @@ def test_ctrl_c_cancels_the_engines_work_and_keeps_what_the_cancelled_batch_fini
     assert [json.loads(x)["custom_id"] for x in out.read_text().splitlines()] == ["a", "b"]
     (err,) = [json.loads(x) for x in (tmp_path / "o.errors.jsonl").read_text().splitlines()]
     assert err["custom_id"] == "c" and err["error"]["code"] == "batch_cancelled"
+
+
+def test_ctrl_c_while_the_engine_starts_says_nothing_was_sent(tmp_path, monkeypatch):
+    """Ctrl-C in the seconds the engine takes to start printed nothing at all (a helper's check)."""
+    import engine.app.driver as driver_mod
+
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(driver_mod.Engine, "start", classmethod(interrupted))
+    src = tmp_path / "in.jsonl"
+    src.write_text(line("a") + "\n")
+    r = runner.invoke(app, ["batch", str(src), "--out", str(tmp_path / "o.jsonl")])
+    assert r.exit_code == 130 and "no line was sent, nothing was billed" in " ".join(r.output.split()), r.output
