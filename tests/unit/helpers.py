@@ -142,3 +142,11 @@ class _Terminated(concurrent.futures.Future):
 class _CtrlC(concurrent.futures.Future):
     def result(self, timeout: float | None = None) -> Any:
         raise KeyboardInterrupt
+
+
+def sdk_request():
+    """A request object for an SDK exception made in a test (``APITimeoutError(request=...)``): openai 3.60 reads
+    its headers when the exception is made, and ``request=None`` raised AttributeError there."""
+    import httpx2
+
+    return httpx2.Request("POST", "http://127.0.0.1/v1/chat/completions")

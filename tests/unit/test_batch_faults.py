@@ -13,6 +13,7 @@ from actors._batch_api import SUBMIT_TRIES
 from actors._types import BatchJob
 from engine.core.provider_api import Secret
 from engine.emulator import Emulator
+from tests.unit.helpers import sdk_request
 from tests.unit.test_http_providers import (  # noqa: F401  (emu: the fixture)
     CAT,
     EMU_CANCEL_S,
@@ -363,7 +364,7 @@ def test_a_batch_whose_create_got_no_answer_is_found_and_followed_not_sent_again
             made = await inner(*a, **kw)
             if not lost:
                 lost.append(made.id)
-                raise sdk.APITimeoutError(request=None)  # the SDK's own timeout, after the provider made it
+                raise sdk.APITimeoutError(request=sdk_request())  # the SDK's own timeout, after the provider made it
             return made
 
         batches.create = answer_lost_once
@@ -408,7 +409,7 @@ def test_a_lost_anthropic_create_is_not_taken_for_an_older_look_alike(emu):  # n
                 made = await inner(*a, **kw)
                 if not lost:
                     lost.append(made.id)
-                    raise rig.d.provider._sdk.APITimeoutError(request=None)
+                    raise rig.d.provider._sdk.APITimeoutError(request=sdk_request())
                 return made
 
             client.messages.batches.create = answer_lost_once
@@ -446,7 +447,7 @@ def test_a_lost_anthropic_create_is_found_while_a_create_of_its_size_waits(emu):
             creates.append(kw["requests"][0]["custom_id"])
             if len(creates) == 1:
                 await inner_create(*a, **kw)
-                raise p._sdk.APITimeoutError(request=None)  # made, and its answer lost
+                raise p._sdk.APITimeoutError(request=sdk_request())  # made, and its answer lost
             if len(creates) == 3:  # the first made again: let the second go on, for the bill to tell
                 settled.set()
             await settled.wait()  # a slow upload: unanswered until the first batch's fate is known
@@ -562,7 +563,7 @@ def test_a_batch_whose_last_create_try_got_no_answer_is_looked_up_not_taken_for_
             tries.append(1)
             if len(tries) == SUBMIT_TRIES:
                 await inner(*a, **kw)  # made by the provider, its answer lost
-            raise sdk.APITimeoutError(request=None)  # the others: no answer, nothing made
+            raise sdk.APITimeoutError(request=sdk_request())  # the others: no answer, nothing made
 
         client.batches.create = answer_lost_at_last
         try:

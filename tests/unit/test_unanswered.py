@@ -12,6 +12,7 @@ from actors import Dispatcher
 from engine.core.cost import reserve_bound
 from engine.core.settings import Resilience
 from engine.emulator import Emulator
+from tests.unit.helpers import sdk_request
 from tests.unit.test_http_providers import CAT, Rig, jobs_of
 
 
@@ -33,7 +34,7 @@ def answers_lost(rig: Rig, lost) -> list:
         calls.append(kw)
         made = await create(**kw)
         if lost(len(calls)):
-            raise sdk.APITimeoutError(request=None)
+            raise sdk.APITimeoutError(request=sdk_request())
         return made
 
     comp.create = call
@@ -239,7 +240,7 @@ def test_a_connection_cut_after_the_request_went_keeps_its_bound_and_one_never_m
                     if billed:
                         await create(**kw)  # run and billed; then the connection is cut
                     emu.faults.script("openai", "chat.completions", [{"status": 500}] * 5)  # every retry fails
-                    raise sdk.APIConnectionError(request=None) from _transport_error(rig, cut)("cut")
+                    raise sdk.APIConnectionError(request=sdk_request()) from _transport_error(rig, cut)("cut")
                 return await create(**kw)
 
             comp.create = first_answer_lost
