@@ -72,11 +72,12 @@ def message_parts(req: Request, block_tokens: int, chars_per_token: float,
     are kept and the prompt runs over by at most the marker's length plus one character."""
     cpt = chars_per_token
     prompt = req.prompt
-    # The prompt's own tokens: beside a body's text (a system prompt, instructions), the estimate holds both. Taken
-    # whole, a question sent beside a system prompt read as a placeholder, and filler went in its place.
-    own = req.input_tokens - (math.ceil(len(split_body(req.body)[0]) / cpt) if req.body else 0)
-    if not replay and len(prompt) > (own - 1) * cpt:
+    # Beside a body (a system prompt, instructions, tools), the prompt is the user's question, whatever the
+    # estimate, which holds the body's text and tools too: taken whole, the question read as a placeholder and
+    # filler went in its place (reviews). A trace's line has no body.
+    if not replay and (req.body is not None or len(prompt) > (req.input_tokens - 1) * cpt):
         return [], prompt or " "
+    own = req.input_tokens - (math.ceil(len(split_body(req.body)[0]) / cpt) if req.body else 0)
     total = int(max(own, 1) * cpt)
     block_chars = int(block_tokens * cpt)
     blocks: list[str] = []

@@ -124,6 +124,9 @@ def check_route(body: dict, where: str, api: str, route: str) -> None:
     """A body in the shape of another OpenAI endpoint than the model is called through (``route``: the catalog's
     ``api`` of the model, "chat" or "responses"): refused here, per request, rather than dispatched, reserved for
     and failed by the SDK ("Missing required arguments ... 'messages'")."""
+    if api == "anthropic" and "input" in body and "messages" not in body:  # sent beside made-up messages: a 400
+        raise FieldProblem(f"{where}.input", f"{where}.input is an OpenAI Responses field, and Anthropic's Messages "
+                           "API takes messages: give messages")
     if api != "openai":
         return
     if route == "chat" and "input" in body and "messages" not in body:

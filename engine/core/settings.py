@@ -232,7 +232,9 @@ class Settings(BaseSettings):
     journal: JournalSettings = JournalSettings()
     catalog_overlay: Path | None = Field(default=None, description="YAML merged over the catalog: adds or "
                                          "overrides providers, models and prices")
-    chars_per_token: float = Field(default=4.0, gt=0, description="token estimate for a line without counts")
+    # At least 1: a token holds at least a character, and the bound a budget reserves for a prompt's bytes
+    # (``cost.input_bound``) tells a real prompt from a trace's placeholder by it (a review).
+    chars_per_token: float = Field(default=4.0, ge=1.0, description="token estimate for a line without counts")
     default_output_tokens: int = Field(default=256, ge=0, description="output estimate for a text line without one")
     prefix_block_tokens: int = Field(default=512, ge=1, description="tokens per prefix block id in traces")
     actor_hang_s: float = Field(default=30.0, ge=0, description=(

@@ -97,7 +97,9 @@ def test_a_bare_prompt_sent_as_it_is_reserves_for_its_bytes():
     assert input_bound(replay, spec) == 3000
     # Whatever chars_per_token estimated it at (a review: at 3 the bound fell back to the estimate, a third of
     # the bytes), and a label beside a body counts the body's text, not the label's.
-    for cpt in (2.0, 3.0):
+    with pytest.raises(ValidationError, match="chars_per_token"):  # below 1 no prompt tells from a placeholder
+        Settings(chars_per_token=0.5)
+    for cpt in (1.0, 2.0, 3.0):
         ctx = validation_context(CAT, Settings(chars_per_token=cpt))
         dense = Request.model_validate({"id": "d", "arrival_s": 0.0, "model": "claude-haiku-4-5", "prompt": text},
                                        context=ctx)
@@ -144,6 +146,12 @@ def test_a_prompt_beside_a_body_without_text_is_sent_as_the_question_not_as_fill
                                   Secret("k"), ManualClock(0.0))
     sent = anthropic.body(CallJob("k", fr, 0.0, 0, 0))
     assert sent["messages"][-1]["content"][-1]["text"] == "Capital of France?" and sent["system"] == ask["system"]
+    # Tools beside it too (the estimate holds them): the next review's case.
+    tool = {"name": "get_weather", "description": "The current weather for a city, in Celsius, with wind.",
+            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}
+    weather = make(**ask, prompt="What's the weather in Paris?", tools=[tool])
+    sent = anthropic.body(CallJob("k", weather, 0.0, 0, 0))
+    assert sent["messages"][-1]["content"][-1]["text"] == "What's the weather in Paris?" and sent["tools"] == [tool]
     raw = CAT.model_dump()
     raw["providers"]["openai"]["models"]["gpt-5-mini"]["api"] = "responses"
     cat = type(CAT).model_validate(raw)

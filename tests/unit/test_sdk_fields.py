@@ -66,6 +66,11 @@ def test_a_body_in_the_shape_of_another_openai_endpoint_is_refused_naming_the_fi
     assert Request.model_validate(ok, context=ctx).input_tokens > 0
     # Simulated providers (the default mode) send nothing anywhere: accepted.
     assert Request.model_validate(bad).input_tokens > 0
+    # At Anthropic, whose Messages API has no input: it went beside made-up messages, for a 400 (a review).
+    s = Settings(providers=ProvidersSettings(mode="http", endpoints={
+        "anthropic": ProviderEndpoint(api="anthropic", api_key_env="ANTHROPIC_API_KEY")}))
+    with pytest.raises(ValueError, match="body.input is an OpenAI Responses field"):
+        Request.model_validate({**bad, "model": "claude-haiku-4-5"}, context=validation_context(default_catalog(), s))
 
 
 def test_a_body_field_named_like_an_sdk_option_is_a_field_not_the_option():
