@@ -11,6 +11,7 @@ import asyncio
 import logging
 import math
 
+from actors._shards import by_result_uid
 from actors._types import Job
 from engine.core.result import CANCELLED
 
@@ -37,13 +38,9 @@ class CancelGroups:
         for handle in self._timers:
             handle.cancel()
         self._timers.clear()
-        if self._park_timer is not None:
-            self._park_timer[1].cancel()
-            self._park_timer = None
         for g in list(self.table.groups.values()):
             self.table.drop(g)
-        late, again = self.waits.take(math.inf)
-        jobs = [*self.pending.values(), *(h.payload[0] for h in (*late, *again))]
+        jobs = [*self.pending.values(), *self._take_parked()]
         self.pending.clear()
         await self._resolve([(j, self._failed(j, _WHY)) for j in jobs])
         return len(jobs)
@@ -51,23 +48,26 @@ class CancelGroups:
     async def _cancel_reserved(self, batches: list, refused: list) -> None:
         """A dispatch whose reservation was under way when the cancel came: its members (and any the ledger
         had the grouper hold back) end cancelled, their claims settled at 0, and the budget's refusals stand."""
-        late, again = self.waits.take(math.inf)
-        jobs = [*(j for b in batches for j in b.jobs), *(h.payload[0] for h in (*late, *again))]
+        jobs = [*(j for b in batches for j in b.jobs), *self._take_parked()]
+        await self._resolve([*refused, *((j, self._failed(j, _WHY)) for j in jobs)])
+
+    def _take_parked(self) -> list[Job]:
+        """Every job a budget holds back here, taken out, and their timer stopped."""
         if self._park_timer is not None:
             self._park_timer[1].cancel()
             self._park_timer = None
-        await self._resolve([*refused, *((j, self._failed(j, _WHY)) for j in jobs)])
+        late, again = self.waits.take(math.inf)
+        return [h.payload[0] for h in (*late, *again)]
 
     async def _refuse_cancelled(self, jobs: list[Job]) -> None:
         """``add`` after the cancel: each job ends cancelled (one that ended here gets its result again; one
         held here already is a re-admitted copy, and is dropped)."""
-        again = [self._ended[j.req.uid] for j in jobs if j.req.uid in self._ended]
+        ended = self._ended
+        again = [ended[j.req.uid] for j in jobs if j.req.uid in ended]
         if again:
-            from actors._shards import by_result_uid
-
             self.hubs.send("push", by_result_uid, again, [0.0] * len(again))
-        held = set(self._ended) | set(self.pending) | set(self._reserving)
-        fresh = {j.req.uid: j for j in jobs if j.req.uid not in held and j.req.uid not in self.waits}
+        fresh = {j.req.uid: j for j in jobs if not any(j.req.uid in held for held in
+                                                       (ended, self.pending, self._reserving, self.waits))}
         if fresh:
             await self._resolve([(j, self._failed(j, _WHY)) for j in fresh.values()])
 
