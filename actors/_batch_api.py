@@ -22,11 +22,14 @@ log = logging.getLogger("smartbatch.dispatcher")
 POLL_RETRY_S = 30.0  # engine seconds before polling again after a failed poll
 CANCEL_RETRY_S = 10.0  # engine seconds before a cancel the provider did not take is made again
 WATCH_S = 26 * 3600.0  # engine seconds a batch whose members went again is followed: its 24 h window and more
-FIND_TRIES = 5  # lookups of a batch whose create a restart cut, before it is created again
+FIND_TRIES = 5  # lookups of a lost create's batch a real second or more apart; then every POLL_RETRY_S engine s
 SUBMIT_TRIES = 3  # creates of a batch whose answer was lost, each after a lookup that did not find it
 FETCH_TRIES = 5  # reads of an ended batch's results: its finished members are billed, never to be sent again
 RETRY_BASE_S = 0.2  # real seconds before a lookup or a read is tried again, doubling each time
 LINE_OVERHEAD = 1024  # bytes a batch line adds to its request's body or prompt, at most (ids, url, model, caps)
+
+
+_UNKNOWN = object()  # no lookup of a lost create's batch was answered: whether the provider made it is unknown
 
 
 def _short(exc: BaseException) -> str:
@@ -107,16 +110,21 @@ class BatchApiRuns:
                 await self._journal_put(key)
             try:
                 if cut:
-                    handle = await self._find_batch(cjobs, key)
+                    handle = await self._find_batch(cjobs, key, b.hedge_at)
                 if handle is None and not late:
                     handle = await self._submit(cjobs, b.hedge_at, key, body)
             except Exception as exc:  # the provider refused the batch: nothing ran, so the members go sync
                 log.warning("dispatcher %s: batch submission failed: %s", self.name, _short(exc))
+            unknown = handle is _UNKNOWN
+            if unknown:
+                handle = None
             if handle is not None:
                 self._open[key] = (b, jobs, start, tokens, handle, None)
                 if self._learners and submitted(start, b.hedge_at):  # every grouper learns it is running
                     self._turnarounds.append(Turnaround(self.name, jobs[0].req.model, start))
                 await self._journal_put(key)
+        if unknown:  # its members go back now; the batch, if it was made, is found later and cancelled
+            await self._watch(b, key, jobs, start, None, cancel=True)
         await self._follow_batch(key, b, jobs, start, tokens, handle, cjobs)
 
     async def _submit(self, cjobs: list[CallJob], hedge_at: float | None, key: str, body):
@@ -136,23 +144,36 @@ class BatchApiRuns:
             await asyncio.sleep(RETRY_BASE_S * 2 ** attempt)
             # The last try's too: taken for a refusal, a batch it made ran unfollowed while its members went again
             # (each paid twice, counted nowhere; a helper's fault hunt).
-            found = await self._find_batch(cjobs, key)
+            found = await self._find_batch(cjobs, key, hedge_at)
             if found is not None:
                 return found
         raise error
 
-    async def _find_batch(self, cjobs: list[CallJob], key: str):
-        """The provider's batch for a cut create; a lookup that fails is tried again (creating a second
-        batch would bill its members twice), then given up on with a warning."""
-        for attempt in range(FIND_TRIES):
+    async def _find_batch(self, cjobs: list[CallJob], key: str, until: float | None, *, watch: bool = False):
+        """The provider's batch for a create whose answer was lost, or that a restart cut: its handle, or None
+        when the provider answered that it has none (it is then created). A lookup that fails is tried again, at
+        backoff, then every ``POLL_RETRY_S`` until ``until`` (engine time; the batch's hedge, before which
+        waiting costs its members no deadline) or the engine's cancel, and then ``_UNKNOWN``. Created again
+        without an answer, a batch the lost create did make ran beside the new one, each member paid twice.
+        ``watch``: the engine's cancel does not end the lookups (``_watch_to_end``)."""
+        attempt = 0
+        while True:
             try:
                 known = frozenset(getattr(rec[4], "id", None) for rec in self._open.values()) - {None}
                 return await self.provider.find_batch(cjobs, key, known)
             except Exception as exc:
                 log.warning("dispatcher %s: looking up batch %s failed (%s)", self.name, key, _short(exc))
-                await asyncio.sleep(RETRY_BASE_S * 2 ** attempt)
-        log.error("dispatcher %s: batch %s could not be looked up; creating it again", self.name, key)
-        return None
+            attempt += 1
+            now = self.clock.now()
+            if attempt >= FIND_TRIES and (until is None or now >= until or self._cancelled and not watch):
+                log.error("dispatcher %s: batch %s could not be looked up%s", self.name, key,
+                          "" if watch else "; its members go back, and the batch is looked for until found, "
+                          "then cancelled")
+                return _UNKNOWN
+            if attempt < FIND_TRIES:
+                await asyncio.sleep(RETRY_BASE_S * 2 ** (attempt - 1))
+            else:
+                await self._sleep(min(POLL_RETRY_S, until - now))
 
     async def _fetch(self, handle) -> dict | None:
         """The results of an ended batch, or None if they could not be read. Its finished members were billed: a
@@ -326,6 +347,11 @@ class BatchApiRuns:
         again until it does: a batch left running finishes every member, each paid twice."""
         p = self.provider
         until = self.clock.now() + WATCH_S
+        if handle is None:  # a create whose answer was lost, and no lookup of it answered before its hedge
+            handle = await self._find_batch(cjobs, key, until, watch=True)
+            if handle is None or handle is _UNKNOWN:  # never made (the provider says so), or never answered
+                return
+            cancel = True
         for _ in range(10_000):  # and a bound on tries, for a clock that does not move
             if cancel:
                 try:
