@@ -103,7 +103,8 @@ class BatchApiRuns:
             # members go back to the policy, as at a hedge. Created, it was cancelled at once, and its members
             # waited out the cancel, or were billed in it. Judged at its start unless it waited for the slot.
             now = self.clock.now()
-            late = not cut and (self._cancelled or b.hedge_at is not None and b.hedge_at <= (now if now > asked else start))
+            late = not cut and (self._cancelled or self._all_withdrawn(jobs)
+                                or b.hedge_at is not None and b.hedge_at <= (now if now > asked else start))
             if p.real and not cut and not late:  # the create may reach the provider, and this dispatcher die
                 body = p.batch_body(cjobs)       # before it hears back
                 self._open[key] = (b, jobs, start, tokens, None, body)
@@ -218,7 +219,8 @@ class BatchApiRuns:
                 now = self.clock.now()
                 if self._cancelled and (cancel_taken or finishing):  # nothing left to cancel: ending on its own
                     self._cancel_sent.add(key)
-                if (self._cancelled or hedge_at is not None and now >= hedge_at) and not (cancel_taken or finishing):
+                if ((self._cancelled or hedge_at is not None and now >= hedge_at or self._all_withdrawn(jobs))
+                        and not (cancel_taken or finishing)):
                     # Cancel first, poll after: every moment before the cancel reaches the provider is a moment
                     # in which a late batch still finishes members that sync calls will also pay for.
                     try:

@@ -13,7 +13,8 @@ import math
 
 from actors._shards import by_result_uid
 from actors._types import Job
-from engine.core.result import CANCELLED
+from engine.core.result import CANCELLED, Result
+from engine.runtime.scheduler import GroupFailed
 
 __all__ = ["CancelDispatches", "CancelGroups"]
 
@@ -21,7 +22,16 @@ log = logging.getLogger("smartbatch.cancel")
 
 _WHY = (f"{CANCELLED}: the engine was cancelled (Engine.cancel) before this request finished: it is not sent "
         "again; a provider batch it rode was cancelled and bills only the members it finished")
+_WITHDRAWN = (f"{CANCELLED}: withdrawn by its driver (Engine.cancel_requests) before it was sent; billed "
+              "nothing, and not sent again")
 CANCEL_CALL_S = 10.0  # real seconds the cancel waits for the providers to take the cancels of their batches
+WITHDRAWN_KEEP = 262_144  # withdrawn ids kept, for copies that come after the withdrawal (back from a batch)
+
+
+def _remember(memo: dict[str, None], uids: list[str]) -> None:
+    memo.update(dict.fromkeys(uids))
+    while len(memo) > WITHDRAWN_KEEP:
+        del memo[next(iter(memo))]
 
 
 class CancelGroups:
@@ -44,6 +54,58 @@ class CancelGroups:
         self.pending.clear()
         await self._resolve([(j, self._failed(j, _WHY)) for j in jobs])
         return len(jobs)
+
+    _withdrawn: dict[str, None] | None = None
+
+    async def withdraw(self, uids: list[str]) -> int:
+        """Requests their driver withdrew (``Engine.cancel_requests``): those held here (in a group, held by a
+        budget) end cancelled, billed nothing, and so does any that comes later (back from a batch, a follower
+        of a request that failed, one still on its way here); the groups they left are decided again. Returns
+        how many ended now."""
+        if self._withdrawn is None:
+            self._withdrawn = {}
+        _remember(self._withdrawn, uids)
+        gone = set(uids)
+        now = self.clock.now()
+        reqs, changed = self.table.withdraw(gone)
+        jobs = [self.pending.pop(r.uid) for r in reqs if r.uid in self.pending]
+        jobs += [h.payload[0] for u in gone if u in self.waits and (h := self.waits.drop(u)) is not None]
+        ended = [(j, self._failed(j, _WITHDRAWN)) for j in jobs]
+        dispatches = []
+        for g in changed:
+            try:
+                ds, wake = self.table.decide(g, now)
+            except GroupFailed as gf:
+                dispatches += gf.dispatches
+                ended += self._fail_members(gf.members, gf.cause)
+                continue
+            dispatches += ds
+            self._schedule(wake)
+        await self._resolve(ended)
+        await self._send(dispatches)
+        return len(jobs)
+
+    def _keep_withdrawn_out(self, jobs: list[Job]) -> tuple[list[Job], list[tuple[Job, Result]]]:
+        """``jobs`` less those withdrawn, and those ended cancelled."""
+        w = self._withdrawn
+        if not w:
+            return jobs, []
+        return ([j for j in jobs if j.req.uid not in w],
+                [(j, self._failed(j, _WITHDRAWN)) for j in jobs if j.req.uid in w])
+
+    async def _drop_withdrawn(self, batches: list) -> list:
+        """``batches`` less the members withdrawn while their reservation was out (ended here, claims at 0)."""
+        if not self._withdrawn:
+            return batches
+        out, ended = [], []
+        for b in batches:
+            keep, gone = self._keep_withdrawn_out(b.jobs)
+            ended += gone
+            if keep:
+                out.append(b._replace(jobs=keep) if gone else b)
+        if ended:
+            await self._resolve(ended)
+        return out
 
     async def _cancel_reserved(self, batches: list, refused: list) -> None:
         """A dispatch whose reservation was under way when the cancel came: its members (and any the ledger
@@ -120,14 +182,42 @@ class CancelDispatches:
         except asyncio.TimeoutError:
             pass
 
-    def _cancel_started(self, kind: str, b, jobs: list[Job]) -> bool:
-        """Work the rate gate let start after the cancel: ended here, its gate's room given back (True), except
-        a batch, which its run never creates (False)."""
-        if not self._cancelled or kind in ("batch_api", "reroute"):
-            return False
-        now = self.clock.now()
+    _withdrawn: dict[str, None] | None = None
+
+    async def withdraw(self, uids: list[str]) -> int:
+        """Requests their driver withdrew (``Engine.cancel_requests``): work that starts later leaves them out
+        (they end cancelled, billed nothing), and a provider batch under way whose members are all withdrawn is
+        cancelled now, as at its hedge: what it finished is answered, the others go back to their grouper,
+        which ends them. A call under way, or a batch that carries other work too, runs on. Returns how many
+        open batches it cancels."""
+        if self._withdrawn is None:
+            self._withdrawn = {}
+        _remember(self._withdrawn, uids)
+        n = sum(self._all_withdrawn(rec[1]) for rec in self._open.values())
+        if n:  # each follow-up wakes and cancels its batch now; the event is made anew for later sleeps
+            event, self._cancel_event = self._woken(), None
+            event.set()
+        return n
+
+    def _all_withdrawn(self, jobs: list[Job]) -> bool:
+        w = self._withdrawn
+        return bool(w) and bool(jobs) and all(j.req.uid in w for j in jobs)
+
+    def _to_start(self, kind: str, b, jobs: list[Job]) -> list[Job]:
+        """Of work the rate gate lets start, what is sent. After the cancel, nothing: it ends here, its gate's
+        room given back, except a batch, which its run never creates. Withdrawn members are left out (ended
+        here); a batch they all left is not created either (``_run_batch``)."""
+        w = self._withdrawn if kind != "reroute" else None
+        if self._cancelled and kind not in ("batch_api", "reroute"):
+            gone = jobs
+        elif w and (kind == "sync" or kind == "batch_api" and not self._all_withdrawn(jobs)):
+            gone = [j for j in jobs if j.req.uid in w]  # (a GPU batch runs whole: its lane is held for it)
+        else:
+            return jobs
+        if not gone:
+            return jobs
         if kind == "sync":
-            self.sim.finish_sync(jobs[0].req.model, now, 0)
-        for j in jobs:
-            self._final(b, j, False, 0.0, b.mode, error=_WHY)
-        return True
+            self.sim.finish_sync(jobs[0].req.model, self.clock.now(), 0)
+        for j in gone:
+            self._final(b, j, False, 0.0, b.mode, error=_WHY if self._cancelled else _WITHDRAWN)
+        return [] if gone is jobs else [j for j in jobs if j.req.uid not in w]

@@ -219,7 +219,7 @@ class Dispatcher(CancelDispatches, Outbox, BatchApiRuns, Recovery, Warm):
                 if queued_at is not None:
                     self._counts.rate_limit_wait_s.setdefault(b.mode, []).extend(
                         [max(e.start - queued_at, 0.0)] * len(jobs))  # one per request, as dispatch waits
-            if not self._cancel_started(e.kind, b, jobs):
+            if jobs := self._to_start(e.kind, b, jobs):
                 getattr(self, "_start_" + e.kind)(e, b, jobs)
         for mode, waits in observed.items():
             self.waits.extend(waits)

@@ -160,6 +160,9 @@ class Grouper(CancelGroups, Parking, Warm):
         if self._cancelled:
             await self._refuse_cancelled(jobs)
             return
+        jobs, withdrawn = self._keep_withdrawn_out(jobs)
+        if withdrawn:
+            await self._resolve(withdrawn)
         now = self.clock.now()
         dispatches: list[Dispatch] = []
         failed: list[tuple[Job, Result]] = []
@@ -367,6 +370,7 @@ class Grouper(CancelGroups, Parking, Warm):
             if self._cancelled:  # cancelled while the ledger answered: sent nowhere, its claims settled at 0
                 await self._cancel_reserved(batches, refused)
                 return
+            batches = await self._drop_withdrawn(batches)
         per_provider: dict[str, list[BatchJob]] = {}
         for b in batches:
             self.dispatched += len(b.jobs)

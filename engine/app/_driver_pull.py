@@ -7,9 +7,10 @@ import concurrent.futures
 import copy
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
+from engine.app._future import ResultFuture
 from engine.app._supervise import HEALTH_EVERY_S, HEALTH_TIMEOUT_S, HUB_BACK_S
 from engine.core.errors import ConfigError, EngineStopped
 from engine.core.request import Request
@@ -58,6 +59,29 @@ class Pulling:
         batches = [d.cancel.remote() for d in self._h["dispatchers"].values()]  # they refuse what comes first
         ray.get([g.cancel.remote() for g in self._h["groupers"]], timeout=timeout_s)
         return sum(ray.get(batches, timeout=timeout_s))
+
+    def cancel_requests(self, futures: Iterable[ResultFuture], timeout_s: float = 60.0) -> int:
+        """Withdraw some of this driver's open requests, as a provider cancels a batch's lines: a request not
+        sent yet ends ``failed`` (``error`` "cancelled: withdrawn ..."), billed nothing; a provider batch whose
+        members are all withdrawn is cancelled, and what it finished (billed) is answered. A request already in
+        a call, or in a provider batch that carries other work, runs on and is billed. Every future resolves
+        either way: wait for them as usual. Any driver may withdraw its own requests; the engine goes on.
+        Returns how many of ``futures`` were still open."""
+        if not self._running:
+            raise EngineStopped(f"engine {self.name!r} was stopped: there is nothing left to cancel")
+        futures = list(futures)
+        if not all(isinstance(f, ResultFuture) for f in futures):
+            raise ConfigError("cancel_requests takes the futures that submit() and submit_many() returned")
+        with self._lock:
+            uids = [f._req.uid for f in futures if not f.done() and self._futs.get(f._req.uid) is f]
+        if not uids:
+            return 0
+        self._flush()
+        ray = self._ray
+        # The groupers first: a member a dispatcher hands back (from a batch it cancels) finds them told.
+        ray.get([g.withdraw.remote(uids) for g in self._h["groupers"]], timeout=timeout_s)
+        ray.get([d.withdraw.remote(uids) for d in self._h["dispatchers"].values()], timeout=timeout_s)
+        return len(uids)
 
     def report(self) -> dict:
         """Spend, saving against each request's list price, hits, deadlines, per provider, and the budgets

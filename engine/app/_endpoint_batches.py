@@ -12,8 +12,10 @@ batch as it was, an open one by asking the engine again for the lines it had no 
 request ids, so an engine that still holds a line hands its result over without generating it again. Replicas
 do not share them: behind a load balancer, keep a client on one replica.
 
-Cancel follows OpenAI: ``cancelling`` while lines finish, up to ``cancel_wait_s`` ("up to 10 minutes"), then
-``cancelled``: finished lines in the output, the others in the error file (``batch_cancelled``; still billable).
+Cancel follows OpenAI: the lines not sent yet end at once, billed nothing, and a provider batch of its lines
+alone is cancelled (``Engine.cancel_requests``); ``cancelling`` while the others finish, up to ``cancel_wait_s``
+("up to 10 minutes"), then ``cancelled``: finished lines in the output, the others in the error file
+(``batch_cancelled``; those still in a provider call or a shared provider batch then are billable).
 """
 
 from __future__ import annotations
@@ -31,12 +33,14 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import Response
 from starlette.datastructures import UploadFile
 
-from engine.app._endpoint_job import OPEN, BatchJob, for_endpoint, submission
+from engine.app._endpoint_job import OPEN, BatchJob, for_endpoint, submission, withdraw_open
 from engine.app._endpoint_state import EndpointState
 from engine.app._endpoint_wire import (
     ApiError,
     AsyncEngine,
     StoredFile,
+    checked_metadata,
+    completion_window_s,
     cursor_page,
     engine_call,
     json_body,
@@ -44,9 +48,8 @@ from engine.app._endpoint_wire import (
     smartbatch_fields,
     window_text,
 )
-from engine.core.batchfile import parse_batch_file, parse_window, report, result_rows
+from engine.core.batchfile import parse_batch_file, report, result_rows
 from engine.core.catalog import Catalog
-from engine.core.errors import ConfigError
 from engine.core.request import BATCH_LINE_URLS, Request
 from engine.core.result import Result
 
@@ -59,8 +62,8 @@ CANCEL_WAIT_S = 600.0  # real seconds a cancelling batch waits for its running l
 # and chat calls, which share them, waited 60 s for room and got a 429 (a review).
 MAX_OPEN_LINES = 50_000
 log = logging.getLogger("smartbatch.endpoint")
-_CANCELLED = ("The batch was cancelled before this line finished. The engine does not stop a request it has "
-              "accepted, so this one may still be generated and billed; its result is not in this batch's output.")
+_CANCELLED = ("The batch was cancelled before this line finished. It was already in a provider call or in a "
+              "provider batch with other work, so it may still be billed; its result is not in this batch's output.")
 
 
 class FilesAndBatches:
@@ -177,18 +180,7 @@ class FilesAndBatches:
                            param="endpoint")
         window = body.get("completion_window")
         window = window_text(self.window_default_s) if window is None else window
-        try:
-            if not isinstance(window, str):
-                raise ConfigError(f"--window {window!r}: use a string such as '24h'")
-            window_s = parse_window(window)
-        except ConfigError as exc:
-            raise ApiError(400, str(exc).replace("--window", "completion_window"),
-                           param="completion_window") from None
-        metadata = body.get("metadata")
-        if metadata is not None and not (isinstance(metadata, dict) and len(metadata) <= 16 and all(
-                isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
-            raise ApiError(400, "metadata must be an object of at most 16 string keys and string values",
-                           param="metadata")
+        window_s, metadata = completion_window_s(window), checked_metadata(body.get("metadata"))
         job = BatchJob(new_id("batch_"), endpoint, file_id, window, window_s, metadata, tenant,
                        int(self._now()))
         bf = parse_batch_file(src.data, source=file_id, window_s=window_s, tenant=tenant,
@@ -380,7 +372,10 @@ class FilesAndBatches:
         self._enter(job, "cancelling")
         self._save(job)
         shown = job.view()  # OpenAI answers a cancel with the batch cancelling
+        await withdraw_open(self.engine, job)
         task = job.task
+        if job.status != "cancelling":  # its last lines ended with the withdrawal, and the collector ended it
+            return shown
         if task is None or task.done():
             self._finish(job)
             return shown

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -13,7 +14,9 @@ from engine.core.batchfile import BatchFile
 from engine.core.request import Request
 from engine.core.result import Result
 
-__all__ = ["OPEN", "BatchJob", "for_endpoint", "submission"]
+__all__ = ["OPEN", "BatchJob", "for_endpoint", "submission", "withdraw_open"]
+
+log = logging.getLogger("smartbatch.endpoint")
 
 ANSWERED = ("ok", "reused")
 OPEN = ("validating", "in_progress")
@@ -133,3 +136,15 @@ def submission(req: Request, request_id: str, deadline_s: float | None = None) -
     repeat across batches) and no arrival, which the engine sets to its now."""
     d = {**req.model_dump(exclude={"arrival_s"}), "id": request_id}
     return d if deadline_s is None else {**d, "deadline_s": deadline_s}
+
+
+async def withdraw_open(engine, job: BatchJob) -> None:
+    """Withdraw a cancelled batch's open lines from the engine (``Engine.cancel_requests``): those not sent yet
+    end cancelled at no cost, and a provider batch of its lines alone is cancelled. Before, every line ran on and
+    was billed for an output nobody read."""
+    open_ = [f for cid, f in job.futures.items() if cid not in job.results and not f.done()]
+    if open_:
+        try:
+            await asyncio.to_thread(engine.cancel_requests, open_)
+        except Exception as exc:  # the lines run on, as they did before; the cancel stands
+            log.warning("endpoint: batch %s: its lines could not be withdrawn from the engine: %s", job.id, exc)

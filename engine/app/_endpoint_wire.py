@@ -14,16 +14,17 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
+from engine.core.batchfile import parse_window
 from engine.core.catalog import Catalog
-from engine.core.errors import EngineStopped, Overloaded, RequestError
+from engine.core.errors import ConfigError, EngineStopped, Overloaded, RequestError
 from engine.core.request import PRIORITIES, Request, validation_context
 from engine.core.result import Result
 from engine.core.settings import Settings
 from engine.core.trace import _problems_of
 
 __all__ = ["HEADER_DEADLINE", "HEADER_PRIORITY", "HEADER_REQUEST_ID", "HEADER_TENANT", "ApiError",
-           "AsyncEngine", "Validator", "cursor_page", "engine_call", "json_body", "new_id", "refused",
-           "StoredFile", "smartbatch_fields", "window_text"]
+           "AsyncEngine", "Validator", "checked_metadata", "completion_window_s", "cursor_page", "engine_call",
+           "json_body", "new_id", "refused", "StoredFile", "smartbatch_fields", "window_text"]
 
 HEADER_DEADLINE = "X-Smartbatch-Deadline"
 HEADER_PRIORITY = "X-Smartbatch-Priority"
@@ -46,6 +47,8 @@ class AsyncEngine(Protocol):
     def submit_many(self, requests: Iterable[Mapping]) -> Sequence[concurrent.futures.Future]: ...
 
     def as_completed(self, futures: Iterable[concurrent.futures.Future]) -> AsyncIterator[Result]: ...
+
+    def cancel_requests(self, futures: Iterable[concurrent.futures.Future]) -> int: ...
 
 
 class ApiError(Exception):
@@ -190,3 +193,22 @@ def window_text(seconds: float) -> str:
         if seconds >= size and seconds % size == 0:
             return f"{seconds / size:g}{unit}"
     return f"{seconds:g}s"
+
+
+def completion_window_s(window: Any) -> float:
+    """A batch's ``completion_window`` in seconds, or a 400 naming it."""
+    try:
+        if not isinstance(window, str):
+            raise ConfigError(f"--window {window!r}: use a string such as '24h'")
+        return parse_window(window)
+    except ConfigError as exc:
+        raise ApiError(400, str(exc).replace("--window", "completion_window"), param="completion_window") from None
+
+
+def checked_metadata(metadata: Any) -> dict | None:
+    """A batch's ``metadata``, as OpenAI takes it, or a 400 naming it."""
+    if metadata is not None and not (isinstance(metadata, dict) and len(metadata) <= 16 and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+        raise ApiError(400, "metadata must be an object of at most 16 string keys and string values",
+                       param="metadata")
+    return metadata

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from engine.core.catalog import ModelSpec
 
 __all__ = ["GENERATION_PARAMS", "FieldProblem", "check_generation", "check_json", "check_media", "check_messages",
-           "check_route", "check_text", "check_tools"]
+           "check_params", "check_route", "check_text", "check_tools"]
 
 
 class FieldProblem(ValueError):
@@ -257,3 +257,26 @@ def check_messages(body: Mapping, where: str) -> None:
         if c is not None and not isinstance(c, (str, list)):
             raise FieldProblem(f"{where}.messages[{k}].content", f"a message's content is text or a list of "
                                f"parts, got {type(c).__name__} {str(c)[:40]!r}: give it as a string")
+
+
+def check_params(params: dict, kind: str, model: str, known: tuple[str, ...]) -> None:
+    """Unknown params are refused (a typo would otherwise be billed as the default), and so are values of the
+    wrong type (``known``: the kind's own); the priced ones are checked against the catalog by the caller."""
+    for key, value in params.items():
+        if key not in known:
+            if not known:
+                raise FieldProblem(f"params.{key}", f"{kind} requests take no params; provider fields such as "
+                                   f"{key!r} go in 'body' (or at the top level of the line)")
+            raise FieldProblem(f"params.{key}", f"{model!r} ({kind}) has no parameter {key!r}; the known ones "
+                               f"are {list(known)}")
+        numeric = key in ("steps", "seed", "fps", "duration_s")
+        if numeric and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise FieldProblem(f"params.{key}", f"params.{key} must be a number, got {value!r}")
+        if not numeric and not isinstance(value, str):
+            raise FieldProblem(f"params.{key}", f"params.{key} must be a string, got {value!r}")
+        if key == "steps" and (not isinstance(value, int) or not 1 <= value <= 1000):
+            raise FieldProblem("params.steps", f"params.steps must be a whole number in [1, 1000], got {value!r}")
+        if key == "seed" and not isinstance(value, int):
+            raise FieldProblem("params.seed", f"params.seed must be a whole number, got {value!r}")
+        if key == "fps" and not 0 < value <= 240:
+            raise FieldProblem("params.fps", f"params.fps must be in (0, 240], got {value!r}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Container, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
@@ -270,6 +270,17 @@ class Group:
         """Remove and return the first ``k`` members (all for k <= 0), recomputing the aggregates."""
         k = len(self.members) if k <= 0 else k
         out, self.members = self.members[:k], self.members[k:]
+        return self._took(out)
+
+    def remove(self, uids: Container[str]) -> list[Request]:
+        """Remove and return the members whose uid is in ``uids`` (withdrawn by their driver)."""
+        out = [r for r in self.members if r.uid in uids]
+        if out:
+            self.members = [r for r in self.members if r.uid not in uids]
+            self._took(out)
+        return out
+
+    def _took(self, out: list[Request]) -> list[Request]:
         self.version += 1
         if self.returned:
             self.returned.difference_update(r.uid for r in out)

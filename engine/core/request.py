@@ -23,6 +23,7 @@ from engine.core._checks import (
     check_json,
     check_media,
     check_messages,
+    check_params,
     check_route,
     check_text,
     check_tools,
@@ -120,30 +121,6 @@ def _check_names(d: dict) -> None:
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise FieldProblem(k or "line", f"{k!r} is not a request field; {hint}remove it or fix its spelling (provider "
                                "fields go in 'body'; see docs/traces.md)")
-
-
-def _check_params(params: dict, kind: str, model: str) -> None:
-    """Unknown params are refused (a typo would otherwise be billed as the default), and so are values of the
-    wrong type; the priced ones are checked against the catalog by the caller."""
-    known = MEDIA_PARAMS.get(kind, ())
-    for key, value in params.items():
-        if key not in known:
-            if not known:
-                raise FieldProblem(f"params.{key}", f"{kind} requests take no params; provider fields such as "
-                                   f"{key!r} go in 'body' (or at the top level of the line)")
-            raise FieldProblem(f"params.{key}", f"{model!r} ({kind}) has no parameter {key!r}; the known ones "
-                               f"are {list(known)}")
-        numeric = key in ("steps", "seed", "fps", "duration_s")
-        if numeric and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise FieldProblem(f"params.{key}", f"params.{key} must be a number, got {value!r}")
-        if not numeric and not isinstance(value, str):
-            raise FieldProblem(f"params.{key}", f"params.{key} must be a string, got {value!r}")
-        if key == "steps" and (not isinstance(value, int) or not 1 <= value <= 1000):
-            raise FieldProblem("params.steps", f"params.steps must be a whole number in [1, 1000], got {value!r}")
-        if key == "seed" and not isinstance(value, int):
-            raise FieldProblem("params.seed", f"params.seed must be a whole number, got {value!r}")
-        if key == "fps" and not 0 < value <= 240:
-            raise FieldProblem("params.fps", f"params.fps must be in (0, 240], got {value!r}")
 
 
 def _check_window(req: Request, catalog: Catalog) -> None:
@@ -255,6 +232,10 @@ class Request(BaseModel):
             body = d.get("body")
             if body is not None and not isinstance(body, dict):
                 raise FieldProblem("body", "body must be a JSON object (the provider's request body)")
+            # One value per field: the one beside the body was sent and the body's dropped, unsaid (a helper's tour).
+            if clash := next((k for k in moved if k in (body or {}) and body[k] != moved[k]), None):
+                raise FieldProblem(clash, f"{clash} is given beside the body and in it, with other values: give "
+                                   "it once")
             d["body"] = {**(body or {}), **moved}
         body, body_chars = d.get("body"), 0
         if body is not None:
@@ -271,10 +252,14 @@ class Request(BaseModel):
             body_chars = len(text)
             if text and not d.get("prompt"):
                 d["prompt"] = text
-            if d.get("max_output_tokens") is None:
-                cap = next((body[k] for k in _CAP_KEYS if body.get(k) is not None), None)
-                if cap is not None:
-                    d["max_output_tokens"] = cap
+            caps = [(k, body[k]) for k in _CAP_KEYS if body.get(k) is not None]
+            if caps and d.get("max_output_tokens") is None:
+                d["max_output_tokens"] = caps[0][1]
+            # The provider is sent the body's caps, and the budget reserves for max_output_tokens: a larger cap in
+            # the body overran a hard budget threefold (a helper's tour).
+            if other := next((k for k, cap in caps if cap != d.get("max_output_tokens")), None):
+                raise FieldProblem(f"body.{other}", f"body.{other} {body[other]!r} differs from the request's output "
+                                   f"cap {d.get('max_output_tokens')!r}: give one cap")
             if not isinstance(body.get("messages", []), list):
                 raise FieldProblem("body.messages", "messages must be a list of message objects, e.g. "
                                    '[{"role": "user", "content": "..."}]')
@@ -347,7 +332,7 @@ class Request(BaseModel):
             for k in (MEDIA_PARAMS.get(spec.kind, ()) if body else ()):  # a top-level media field went into the body
                 if k in body and params.setdefault(k, body[k]) != body[k]:
                     raise FieldProblem(f"params.{k}", f"params.{k} {params[k]!r} differs from {k} {body[k]!r}: give one")
-            _check_params(params, spec.kind, model)
+            check_params(params, spec.kind, model, MEDIA_PARAMS.get(spec.kind, ()))
             check_media(params, spec, model)
             d["params"] = params
         return d

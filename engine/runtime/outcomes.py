@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Literal
 
 from engine.core.catalog import ModelSpec
-from engine.core.result import Result, Status
+from engine.core.result import CANCELLED, Result, Status
 
 __all__ = ["Verdict", "call_mode", "failed_result", "ok_result", "refused_result", "reused_result", "verdict"]
 
@@ -42,8 +42,10 @@ def ok_result(req, *, at: float, cost: float, mode: str, batch_id: str | None, r
 
 def failed_result(req, *, at: float, batch_id: str | None, recommendation: str | None, tries: int,
                   max_attempts: int, error: str | None, real: bool = False) -> Result:
-    """A request whose last attempt failed: the error names the provider and the attempts made."""
-    msg = (f"{req.provider} failed after {tries} attempt(s): {error}" if error
+    """A request whose last attempt failed: the error names the provider and the attempts made. One the engine
+    ended unsent (cancelled) says so first, as the grouper's do: a batch file's line reads it as cancelled."""
+    msg = (error if error and error.startswith(CANCELLED) else
+           f"{req.provider} failed after {tries} attempt(s): {error}" if error
            else f"{req.provider} failed {max_attempts} attempts")
     return Result(id=req.id, tenant=req.tenant, status="failed", provider=req.provider, model=req.model,
                   batch_id=batch_id, arrival_s=req.arrival_s, done_s=at, deadline_met=False,

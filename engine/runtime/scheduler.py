@@ -14,7 +14,7 @@ batch turnaround the runtime learned (``engine.runtime.turnaround``) instead of 
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable
+from collections.abc import Container, Hashable, Iterable
 from typing import NamedTuple
 
 from engine.core.catalog import Catalog, ProviderSpec
@@ -208,6 +208,22 @@ class GroupTable:
                 del lane[g.key]
                 if not lane:
                     del self._lanes[g.rate_key]
+
+    def withdraw(self, uids: Container[str]) -> tuple[list[Request], list[Group]]:
+        """Take the members whose uid is in ``uids`` out of their groups (their driver withdrew them): those
+        taken, and the groups that lost some and still hold others, to be decided again (their wake-ups are
+        stale now). A group left empty leaves the table."""
+        out: list[Request] = []
+        changed: list[Group] = []
+        for g in list(self.groups.values()):
+            gone = g.remove(uids)
+            if gone:
+                out += gone
+                if g.members:
+                    changed.append(g)
+                else:
+                    self.drop(g)
+        return out, changed
 
     def _join_riders(self, g: Group, now: float) -> bool:
         """Move into ``g`` the other groups of its lane that the policy sends along in ``g``'s batch (one

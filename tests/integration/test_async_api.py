@@ -162,3 +162,21 @@ def test_backpressure_waits_off_the_loop_and_stopped_engine_refuses(ray_session)
         asyncio.run(e.asubmit(fast("b5")))
     with pytest.raises(EngineStopped):
         asyncio.run(e.asubmit_many([fast("b6")]))
+
+
+def test_cancel_requests_withdraws_what_is_not_sent_and_leaves_the_rest_running(eng):
+    """Two of three requests that gather for a batch are withdrawn: they end cancelled, billed nothing, while
+    the third is still gathering, and it still gets its answer."""
+    from engine.core.errors import ConfigError
+    from engine.core.result import CANCELLED
+
+    futs = eng.submit_many([slow("c1"), slow("c2"), slow("c3", deadline_s=600)])  # c3: about 6 s real
+    assert eng.cancel_requests(futs[:2]) == 2
+    gone = [f.result(timeout=30) for f in futs[:2]]
+    assert not futs[2].done()  # still gathering when the withdrawn two were answered
+    assert all(r.status == "failed" and r.error.startswith(f"{CANCELLED}: withdrawn") and r.cost_usd == 0.0
+               for r in gone)
+    assert futs[2].result(timeout=30).status == "ok"
+    assert eng.cancel_requests(futs) == 0  # all done: nothing left to withdraw
+    with pytest.raises(ConfigError, match="futures"):
+        eng.cancel_requests(["c3"])

@@ -24,7 +24,7 @@ from engine.core.catalog import default_catalog
 from engine.core.cost import price_alone
 from engine.core.errors import Overloaded, RequestError
 from engine.core.request import Request, validation_context
-from engine.core.result import Result
+from engine.core.result import CANCELLED, Result
 from engine.core.settings import default_settings
 from engine.core.trace import _problems_of
 
@@ -45,6 +45,7 @@ class FakeEngine:
         self._reqs: dict[tuple[str, str], Request] = {}
         self._held: list[tuple[concurrent.futures.Future, Result]] = []
         self.gone: str | None = None  # why the engine went away (``stop_under``)
+        self.withdrawn: list[str] = []  # ids ``cancel_requests`` was given
 
     def _request(self, d: dict) -> Request:
         try:
@@ -81,7 +82,7 @@ class FakeEngine:
         futs = []
         for req in [self._request(d) for d in ds]:
             fut: concurrent.futures.Future = concurrent.futures.Future()
-            if req.id.endswith("slow"):
+            if req.id.endswith(("slow", "queued")):
                 self._held.append((fut, self._result(req)))
             else:
                 fut.set_result(self._result(req))
@@ -109,6 +110,16 @@ class FakeEngine:
         for fut, res in self._held:
             fut.set_result(Result(id=res.id, tenant=res.tenant, status="failed", error=why))
         self._held.clear()
+
+    def cancel_requests(self, futs) -> int:
+        """Lines not sent yet ("-queued") end cancelled; those in a call ("-slow") run on."""
+        ids = {id(f) for f in futs}
+        self.withdrawn += [res.id for fut, res in self._held if id(fut) in ids]
+        queued = [(fut, res) for fut, res in self._held if id(fut) in ids and res.id.endswith("queued")]
+        for fut, res in queued:
+            self._held.remove((fut, res))
+            fut.set_result(Result(id=res.id, tenant=res.tenant, status="failed", error=f"{CANCELLED}: withdrawn"))
+        return len(queued)
 
     def release(self):
         for fut, res in self._held:
@@ -427,6 +438,21 @@ def test_cancel_keeps_what_finished_and_errors_the_rest(served):
     assert (err["custom_id"], err["error"]["code"]) == ("x-slow", "batch_cancelled")
     with pytest.raises(openai.ConflictError):
         client.batches.cancel(b.id)
+
+
+def test_a_cancel_withdraws_the_lines_not_sent_and_they_end_at_once_billed_nothing(served):
+    """Before, the engine was not told: a line still waiting to be sent ran on and was billed for an output
+    nobody read. Now the open lines are withdrawn (``Engine.cancel_requests``); one not sent yet ends at once."""
+    eng, client = served
+    f = upload(client, [batch_line("done", "one"), batch_line("w-queued", "two")])
+    b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert client.batches.cancel(b.id).status == "cancelling"
+    b = wait_done(client, b.id)
+    withdrawn = [i.rpartition("/")[2] for i in eng.withdrawn]  # (the engine is the module's: other tests' too)
+    assert b.status == "cancelled" and "w-queued" in withdrawn and "done" not in withdrawn
+    assert (b.request_counts.completed, b.request_counts.failed) == (1, 1)
+    (err,) = map(json.loads, client.files.content(b.error_file_id).text.splitlines())
+    assert (err["custom_id"], err["error"]["code"]) == ("w-queued", "batch_cancelled")
 
 
 def test_a_cancelled_batch_waits_for_its_running_lines_and_keeps_what_was_paid_for(served):

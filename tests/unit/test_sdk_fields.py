@@ -81,3 +81,31 @@ def test_a_body_field_named_like_an_sdk_option_is_a_field_not_the_option():
     create = openai.AsyncOpenAI(api_key="unused").chat.completions.create
     kw = sdk_kwargs(create, {"model": "m", "messages": [], "timeout": 0.001})
     assert "timeout" not in kw and kw["extra_body"] == {"timeout": 0.001}  # not a 1 ms client timeout
+
+
+def test_a_body_cap_other_than_the_requests_cap_is_refused_naming_it():
+    """``max_output_tokens`` 5 beside ``body.max_tokens`` 4000: the budget reserved 5 tokens and the provider
+    was sent 4000 (a hard budget overrun threefold, a helper's tour). One cap, or the same cap twice, is fine."""
+    from engine.core.request import Request
+
+    msgs = [{"role": "user", "content": "Say hi."}]
+    base = {"id": "r", "arrival_s": 0.0, "model": "gpt-5-mini"}
+    with pytest.raises(ValueError, match="body.max_tokens 4000 differs from the request's output cap 5"):
+        Request.model_validate({**base, "max_output_tokens": 5, "body": {"messages": msgs, "max_tokens": 4000}})
+    with pytest.raises(ValueError, match="body.max_tokens 9 differs"):  # two caps in the body
+        Request.model_validate({**base, "body": {"messages": msgs, "max_completion_tokens": 5, "max_tokens": 9}})
+    assert Request.model_validate({**base, "body": {"messages": msgs, "max_tokens": 7}}).max_output_tokens == 7
+    assert Request.model_validate({**base, "max_output_tokens": 7,
+                                   "body": {"messages": msgs, "max_tokens": 7}}).max_output_tokens == 7
+
+
+def test_a_field_given_beside_the_body_and_in_it_with_other_values_is_refused():
+    """The value beside the body was sent and the body's silently dropped (a helper's tour)."""
+    from engine.core.request import Request
+
+    base = {"id": "r", "arrival_s": 0.0, "model": "gpt-5-mini"}
+    with pytest.raises(ValueError, match="messages is given beside the body and in it"):
+        Request.model_validate({**base, "body": {"messages": [{"role": "user", "content": "AAA"}]},
+                                "messages": [{"role": "user", "content": "BBB"}]})
+    same = [{"role": "user", "content": "AAA"}]
+    assert Request.model_validate({**base, "body": {"messages": same}, "messages": same}).body == {"messages": same}

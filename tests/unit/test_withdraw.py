@@ -1,0 +1,128 @@
+"""Withdrawing some requests (``Engine.cancel_requests``; the endpoint's ``/v1/batches/{id}/cancel``), as a
+provider cancels a batch's lines: what is not sent yet ends cancelled at no cost, a provider batch whose members
+are all withdrawn is cancelled and what it finished is kept, and everything else runs on. Before, the engine
+stopped no request it had accepted: a cancelled endpoint batch ran every line and billed it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from actors import Grouper, ResultHub
+from actors._types import Job
+from engine.core.clock import ScaledClock
+from engine.core.result import CANCELLED
+from policies import load_policy
+from tests.unit.helpers import Recorder
+from tests.unit.test_actors import ledger
+from tests.unit.test_actors import req as plain_req
+from tests.unit.test_http_providers import (
+    CAT,
+    ROUTE,
+    SPEED,
+    N,
+    Rig,
+    assert_split_by_the_bill,
+    jobs_of,
+    quarter,  # noqa: F401  (a fixture)
+    req,
+)
+
+
+def _gathering_grouper():
+    disp, hub = Recorder(), ResultHub()
+    # A real-time clock: a manual one's wake-ups fire at once (no real delay), and a gather of 1,000 s
+    # would flush while the withdrawal awaits its results' delivery.
+    g = Grouper(load_policy("fixed", CAT, {"max_batch_size": 3, "batch_wait_timeout_s": 1000}), CAT,
+                ScaledClock(time.time(), 1.0), {"openai": disp}, ledger(100.0), hub)
+    return g, disp, hub
+
+
+async def _sent_by(g) -> list[str]:
+    """The ids the grouper sent its dispatcher, once its sends (tasks, as to an actor) have run."""
+    peer = g.dispatchers["openai"]
+    await asyncio.gather(*peer._tasks)
+    return _sent(peer.target)
+
+
+def _sent(disp: Recorder) -> list[str]:
+    return [j.req.id for name, args in disp.calls if name == "run_many" for b in args[0] for j in b.jobs]
+
+
+def test_withdrawn_requests_leave_their_group_at_no_cost_and_the_others_still_go():
+    """r0 and r1 gather for a batch of 3; r1 is withdrawn. It ends cancelled, billed nothing; r0 still waits, and
+    goes with r2 and r3 once they come. A copy of r1 that comes later (back from a batch) ends as well."""
+    async def go():
+        g, disp, hub = _gathering_grouper()
+        await g.add([Job(0, plain_req(0), "a"), Job(1, plain_req(1), "b")])
+        assert await g.withdraw([plain_req(1).uid, "not-here"]) == 1
+        got = {r.id: r for r in await hub.pull(0.01)}
+        assert list(got) == ["r1"] and got["r1"].status == "failed" and got["r1"].cost_usd == 0.0
+        assert got["r1"].error.startswith(f"{CANCELLED}: withdrawn")
+        assert (await g.stats())["pending"] == 1 and await _sent_by(g) == []
+        await g.add([Job(2, plain_req(2), "c"), Job(3, plain_req(3), "d")])
+        assert sorted(await _sent_by(g)) == ["r0", "r2", "r3"]  # the batch of 3, without r1
+        await g.add([Job(1, plain_req(1), "b", hedges=1)])  # r1 back from somewhere: not sent, not held
+        assert sorted(await _sent_by(g)) == ["r0", "r2", "r3"] and (await g.stats())["pending"] == 0
+    asyncio.run(go())
+
+
+def test_a_group_left_empty_by_a_withdrawal_leaves_no_timer_that_sends_anything():
+    async def go():
+        g, disp, hub = _gathering_grouper()
+        await g.add([Job(0, plain_req(0), "a")])
+        assert await g.withdraw([plain_req(0).uid]) == 1
+        assert len(g.table.groups) == 0 and (await g.stats())["pending"] == 0
+        await g.add([Job(5, plain_req(5), "e"), Job(6, plain_req(6), "f")])  # a new group, with a fresh wait
+        assert await _sent_by(g) == [] and (await g.stats())["pending"] == 2
+    asyncio.run(go())
+
+
+def test_a_provider_batch_whose_members_are_all_withdrawn_is_cancelled_and_keeps_what_it_finished(quarter):  # noqa: F811
+    """Every member of a running batch is withdrawn: its cancel goes out at once (no hedge would ever send it),
+    the members it finished are answered from its output, billed once, and the others go back to be ended by
+    their grouper. A batch one of whose members is not withdrawn runs on."""
+    emu, jobs = quarter, jobs_of("openai", claims=True)
+    others = [Job(20 + k, req(20 + k), f"fp-other-{k}", claim=f"o{k}") for k in range(2)]
+
+    async def go():
+        rig = Rig(emu, "openai", speed=SPEED / 4)
+        try:
+            await rig.reserve(jobs + others)
+            await rig.run("batch_api", jobs)  # no hedge: it would run to its end
+            await rig.run("batch_api", others, bid="others")
+            await rig.until(lambda: emu.count("batches.create", status=200) == 2, "the batches' creates")
+            assert await rig.d.withdraw([j.req.uid for j in jobs] + [others[0].req.uid]) == 1
+            await rig.until(lambda: emu.count("batches.cancel", status=200) == 1, "the withdrawn batch's cancel")
+            await rig.resolved(jobs + others, timeout_s=30.0)
+            finished = assert_split_by_the_bill(rig, emu, jobs + others, "openai")
+            assert len(finished) < N + 2 and rig.d.paid_twice == 0
+            assert all(j.req.id in finished for j in others)  # both ran: the batch had work not withdrawn
+            assert emu.count("batches.cancel") == 1  # the batch with others[1] in it ran to its end
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+def test_withdrawn_work_that_starts_later_is_not_sent(quarter):  # noqa: F811
+    """A sync call and a batch withdrawn before the dispatcher starts them (on their way, or at a rate gate):
+    neither reaches the provider; the call ends cancelled, billed nothing; the batch is never created."""
+    emu = quarter
+    sync, batch = [Job(30, req(30), "fp-s", claim="s")], [Job(31, req(31), "fp-b", claim="b")]
+
+    async def go():
+        rig = Rig(emu, "openai", speed=SPEED / 4)
+        try:
+            await rig.reserve(sync + batch)
+            assert await rig.d.withdraw([sync[0].req.uid, batch[0].req.uid]) == 0  # nothing open yet
+            await rig.run("sync", sync, bid="s")
+            await rig.run("batch_api", batch, bid="b")
+            await rig.until(lambda: "openai-30" in rig.results and batch[0].req.id in
+                            {j.req.id for j in rig.grouper.readmitted()}, "the withdrawn work to end")
+            r = rig.results["openai-30"]
+            assert r.status == "failed" and r.error.startswith(f"{CANCELLED}: withdrawn") and r.cost_usd == 0.0
+            assert emu.count(ROUTE["openai"]) == 0 and emu.count("batches.create") == 0 and not rig.calls
+            await rig.until(lambda: "s" not in rig.budget.book.claims, "the call's claim settled")
+        finally:
+            await rig.close()
+    asyncio.run(go())
