@@ -44,7 +44,7 @@ __all__ = ["ResultCache", "tenant_scope"]
 
 log = logging.getLogger("smartbatch.cache")
 
-SHARED = "_shared"
+SHARED = "\x00shared"  # no tenant's name (they hold no control character): "_shared" was one (a helper's hunt)
 REPORT_EVERY_S = 0.5
 
 
@@ -114,6 +114,11 @@ class ResultCache(NearIndex, Following, Warm):
     def _now(self) -> float:
         return self.clock.now() if self.clock is not None else 0.0
 
+    def _speedup(self) -> float:
+        """Engine seconds per real one: ``ttl_s`` counts engine time, as the memory layer does, and Redis expires
+        keys in real time (an entry stored at 100x outlived its TTL in Redis 100 times over; a helper's hunt)."""
+        return float(getattr(self.clock, "speedup", 1.0) or 1.0)
+
     def __repr__(self) -> str:
         return (f"ResultCache({self.memory!r}, {self.redis!r}, {self.index!r}, in_flight={len(self.inflight)}, "
                 f"followers={self.inflight.n_following()})")
@@ -152,7 +157,7 @@ class ResultCache(NearIndex, Following, Warm):
             from_redis.add(k)
             # Promoted: the next hit on it stays in this process, for the life its key has left (not a new TTL).
             ttl_s = self.cfg.ttl_s
-            self.memory.put(e, ttl_s if left_ms < 0 else min(left_ms / 1000, ttl_s))
+            self.memory.put(e, ttl_s if left_ms < 0 else min(left_ms / 1000 * self._speedup(), ttl_s))
         return out, from_redis
 
     def _output(self, e: Entry) -> str | None:
@@ -330,7 +335,7 @@ class ResultCache(NearIndex, Following, Warm):
             self._index_leaders({})
             self._index_near(stored)
             if self.redis is not None:
-                ttl_ms = int(self.cfg.ttl_s * 1000)
+                ttl_ms = int(self.cfg.ttl_s * 1000 / self._speedup())
                 await self.redis.put_many([(self.redis.key(self._scope(it), e.fp), encode(e), ttl_ms)
                                            for it, e in stored])
         if out:

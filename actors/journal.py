@@ -24,14 +24,17 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from actors._peer import Peer, as_peer
+from engine.core.errors import ConfigError
 from engine.core.resilience import retry_delay
 
-__all__ = ["HubJournal", "JournalWriter", "MemoryJournalStore", "RedisJournal", "delete_later", "make_journal",
-           "read_patiently", "redis_journal"]
+__all__ = ["HubJournal", "JournalWriter", "MemoryJournalStore", "RedisJournal", "check_keeps_records", "delete_later",
+           "make_journal", "read_patiently", "redis_journal"]
 
 log = logging.getLogger("smartbatch.journal")
 
-DELETE_TRIES = 8  # a failed delete, tried again 0.2 s later, then doubling: about 50 s for the journal to answer
+DELETE_TRIES = 8  # a failed delete, tried again 0.2 s later, then doubling: about 50 s, then an error is logged
+DELETE_BASE_S, DELETE_MAX_S = 0.2, 60.0  # real seconds between a failed delete's tries: doubling, then every minute
+JOURNAL_TTL_S = 8 * 86400  # a Redis journal's space outlives its last write by this long: a batch's 24 h and more
 T = TypeVar("T")
 
 
@@ -60,15 +63,22 @@ def delete_later(journal, space: str, keys: list[str], tasks: set) -> None:
     a batch re-attached to, whose cancelled members are handed back to be sent again, or a call made again, which
     a provider that no longer holds its key (a failed call's key holds nothing) bills again."""
     async def run() -> None:
-        for attempt in range(1, DELETE_TRIES + 1):
-            await asyncio.sleep(retry_delay(attempt, 0.2, 60.0, 1.0))
+        # Until it is done, however long the journal is away: given up after ~50 s, a record of an answered call
+        # outlived a Redis outage, and a restart once the hub had forgotten the call made it again (a helper's
+        # fault hunt). A Redis journal's space expires JOURNAL_TTL_S after its last write in any case.
+        give_up = asyncio.get_running_loop().time() + JOURNAL_TTL_S
+        for attempt in itertools.count(1):
+            await asyncio.sleep(retry_delay(attempt, DELETE_BASE_S, DELETE_MAX_S, 1.0))
             try:
                 await journal.delete(space, keys)
                 return
             except Exception as exc:
-                last = exc
-        log.error("journal %s: %d record(s) of ended work could not be cleared (%s: %s); a restart takes them up "
-                  "again", space, len(keys), type(last).__name__, last)
+                if attempt == DELETE_TRIES:
+                    log.error("journal %s: %d record(s) of ended work could not be cleared yet (%s: %s); trying "
+                              "again every %.0f s (until then a restart would take them up again)", space,
+                              len(keys), type(exc).__name__, exc, DELETE_MAX_S)
+            if asyncio.get_running_loop().time() > give_up:
+                return
 
     task = asyncio.get_running_loop().create_task(run())
     tasks.add(task)
@@ -136,10 +146,15 @@ class RedisJournal:
         self._base = f"{prefix}:journal:{engine}:"
 
     async def put(self, space: str, key: str, value: Any) -> None:
-        await self._client.hset(self._base + space, key, pickle.dumps(value))
+        await self.put_many(space, {key: value})
 
     async def put_many(self, space: str, values: dict[str, Any]) -> None:
-        await self._client.hset(self._base + space, mapping={k: pickle.dumps(v) for k, v in values.items()})
+        # Each write pushes the space's expiry on: an engine that stopped leaves nothing behind for good (its
+        # records name one run of it, ``start_actors``), while a running one keeps what it writes to.
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.hset(self._base + space, mapping={k: pickle.dumps(v) for k, v in values.items()})
+            pipe.expire(self._base + space, JOURNAL_TTL_S)
+            await pipe.execute()
 
     async def delete(self, space: str, keys: list[str]) -> None:
         if keys:
@@ -203,6 +218,30 @@ class JournalWriter:
                     log.warning("journal %s: write failed (%s: %s)", self.space, type(exc).__name__, exc)
             if done is not None and not done.done():
                 done.set_result(None)
+
+
+def check_keeps_records(settings) -> None:
+    """Raise ``ConfigError`` when the journal's Redis may evict its keys (any ``maxmemory-policy`` but
+    ``noeviction``, as a Redis run as a cache has): its records would be dropped, unsaid, and a restart would then pay again
+    for the calls and batches they named (a helper's fault hunt). A Redis that does not answer, or does not let
+    its configuration be read (managed services), is let be: the journal is an aid, never a gate."""
+    url = settings.journal_redis_url()
+    if not url:
+        return
+    import redis
+
+    try:
+        with redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0) as client:
+            policy = str(client.config_get("maxmemory-policy").get("maxmemory-policy", ""))
+    except Exception:
+        return
+    if policy and policy != "noeviction":  # volatile-* too: each space has an expiry (JOURNAL_TTL_S)
+        setting = ("journal.redis_url" if settings.journal.redis_url else "budgets.redis_url"
+                   if settings.budgets.redis_url else "cache.redis_url")
+        raise ConfigError(f"setting {setting}: the journal's Redis evicts keys (maxmemory-policy {policy}), so it "
+                          "may drop the records of calls and batches under way, and a restart would pay for them "
+                          "again; set SMARTBATCH_JOURNAL__REDIS_URL to a Redis with maxmemory-policy noeviction, "
+                          "or run this one so (CONFIG SET maxmemory-policy noeviction)")
 
 
 def redis_journal(settings, engine: str) -> RedisJournal | None:

@@ -10,6 +10,7 @@ so a provider's traffic can leave from chosen machines.
 from __future__ import annotations
 
 import functools
+import secrets
 
 import ray
 
@@ -22,6 +23,7 @@ from actors.dispatcher import Dispatcher
 from actors.grouper import Grouper
 from actors.hub import ResultHub
 from actors.ingest import Ingest
+from actors.journal import check_keeps_records
 from engine.core.errors import SmartbatchError
 from engine.runtime.collector import tune_actor
 
@@ -93,6 +95,7 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
     from engine.core.resilience import check_fallbacks
 
     check_fallbacks(catalog, settings.resilience)
+    check_keeps_records(settings)
     life = {"lifetime": "detached"} if detached else {}
 
     def opts(kind: str, **more) -> dict:
@@ -130,6 +133,10 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
     learning = getattr(policy, "turnaround_learning", None)
     learns = learning is not None and learning.enabled  # the groupers' tables learn (engine.runtime.scheduler)
     warm_readers = bool(getattr(policy, "reads_warmth", False))  # ... and read prompt-cache warmth
+    # The journal's records name this run of the engine: a later engine of the same name (on the same Redis, or
+    # another Ray cluster) must never resume them. It made the calls its namesake had under way again, for a
+    # request nobody in it sent, each paid twice (a helper's fault hunt). Ray restarts an actor with these.
+    journal = f"{engine}@{secrets.token_hex(4)}"
     dispatchers = {}
     for name in catalog.providers:
         more = {}
@@ -137,10 +144,10 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
             more["resources"] = {provider_resource(name): 0.001}
         dispatchers[name] = _actor(Dispatcher).options(**opts(f"dispatcher-{name}", **more)).remote(
             name, catalog, settings, seed, later, grouper_refs, hub_refs, cache_ref, ref("budget"),
-            policy.scheduling, (keys or {}).get(name), engine, learns, warm_readers)
+            policy.scheduling, (keys or {}).get(name), journal, learns, warm_readers)
     ingests = [_actor(Ingest).options(**opts(shard_kind("ingest", k))).remote(
         grouper_refs, cache_ref, settings.cache.share_across_tenants, list(dispatcher_refs.values()), hub_refs,
-        settings, engine, shard=(k, num_shards)) for k in range(num_shards)]
+        settings, journal, shard=(k, num_shards)) for k in range(num_shards)]
     everything = [*ingests, *groupers, *dispatchers.values(), budget, *hubs, *caches]
     ray.get([a.warm.remote() for a in everything])
     named = {"budget": budget}

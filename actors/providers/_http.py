@@ -33,7 +33,8 @@ def _never_connected(exc: BaseException) -> bool:
     return cause is not None and any(c.__name__ in _UNSENT for c in type(cause).__mro__)
 
 
-_UNSENT = frozenset({"ConnectError", "ConnectTimeout", "PoolTimeout"})
+# LocalProtocolError: a request httpx would not put on the wire (an illegal header value).
+_UNSENT = frozenset({"ConnectError", "ConnectTimeout", "PoolTimeout", "LocalProtocolError"})
 
 
 def _key_reused(code: int, exc: BaseException) -> bool:

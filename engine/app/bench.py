@@ -90,9 +90,10 @@ def result_row(name: str, policy_class: str, params: dict, result: SimResult, na
     cost = result.total_cost  # unrounded, as naive's: naive against itself is 0 %, not the rounding's 0.05 %
     naive_cost = naive.total_cost
     achievable = naive_cost - bound
-    refused = sum(s["rejected"].values())
-    # A refused request bills nothing: against the whole trace's naive bill, refusing would read as saving.
-    # So a run that refused work is judged against naive's bill for the requests it served.
+    refused = sum(s["rejected"].values()) + s["failed"]
+    # A refused or failed request bills little or nothing: against the whole trace's naive bill, that would read
+    # as saving (a run at an unreachable provider showed 89.8 %, a helper's tour). So a run that did not serve
+    # every request is judged against naive's bill for the requests it served.
     reference = _served_naive_cost(result, naive) if refused else naive_cost
     row = {
         "policy": name,
@@ -101,7 +102,7 @@ def result_row(name: str, policy_class: str, params: dict, result: SimResult, na
         "cost_usd": s["cost_usd"],
         "naive_cost_usd": round(naive_cost, 6),
         "saving_vs_naive": _round((reference - cost) / reference if reference > 0 else 0.0),
-        # Against the bound of serving every request: meaningless when some were refused (budgets).
+        # Against the bound of serving every request: meaningless when some were refused (budgets) or failed.
         "capture_of_achievable": _round((naive_cost - cost) / achievable
                                         if achievable > 1e-12 and not refused else None),
         # Against what an online policy can achieve in expectation (docs/lower-bound.md: the online bound).

@@ -112,7 +112,7 @@ def bench(trace: Path = typer.Argument(..., help="a JSONL trace"),
                                        "(registered, module:Class, or variants from --variants)"),
           out: Path = typer.Option(Path("out/bench"), "--out", help="output directory"),
           variants: Path | None = typer.Option(None, help="YAML with variants: [{name, policy, params}]"),
-          seed: int = typer.Option(0, help="simulation seed (the first one, with --seeds)"),
+          seed: int = typer.Option(0, min=0, help="simulation seed (the first one, with --seeds)"),
           seeds: int = typer.Option(1, min=1, help="run every policy on this many seeds (SEED, SEED+1, ...) and "
                                     "report means, standard errors and paired differences from the first policy"),
           jobs: int = typer.Option(1, min=1, help="processes for --seeds (one per core at most helps)"),
@@ -188,7 +188,7 @@ def run(trace: Path = typer.Argument(..., help="a JSONL trace"),
         tenant_budget: list[str] | None = typer.Option(None, "--tenant-budget",
                                                        help="hard budget of one tenant, NAME=USD (repeatable)"),
         budget_duration: str | None = typer.Option(None, help="budget window (30s, 1h, 1d, 30d, 1mo)"),
-        seed: int = typer.Option(0, help="seed of the simulated draws"),
+        seed: int = typer.Option(0, min=0, help="seed of the simulated draws"),
         shards: int = typer.Option(1, "--shards", min=1, help="actors each of ingest, cache, result hub and "
                                    "groupers"),
         skip_invalid: bool = typer.Option(False, "--skip-invalid", help="skip and count bad trace lines"),
@@ -253,7 +253,7 @@ def _keep_interrupted(stop, out: Path) -> NoReturn:
 @app.command()
 def demo(out: Path = typer.Option(Path("out/demo"), "--out", help="where results.json, results.md and plot.png go"),
          n: int = typer.Option(2000, "--n", min=1, help="requests in the synthetic workload"),
-         seed: int = typer.Option(0, "--seed", help="seed of the workload and the draws"),
+         seed: int = typer.Option(0, "--seed", min=0, help="seed of the workload and the draws"),
          speedup: float = typer.Option(25.0, min=1.0, help="engine seconds per real second"),
          providers: str = typer.Option("http", "--providers", help="http: OpenAI and Anthropic calls go over HTTP "
                                        "to the loopback emulator; sim: every provider simulated")) -> None:

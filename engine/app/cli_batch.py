@@ -49,7 +49,7 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
                                              "time; higher only against simulated or emulated providers)"),
                address: str | None = typer.Option(None, help="attach to a Ray cluster (e.g. auto); default: "
                                                   "an embedded local Ray"),
-               seed: int = typer.Option(0, help="seed of the simulated draws"),
+               seed: int = typer.Option(0, min=0, help="seed of the simulated draws"),
                skip_invalid: bool = typer.Option(False, "--skip-invalid", help="skip lines that have no usable "
                                                  "custom_id (bad JSON, missing or repeated) instead of refusing "
                                                  "the file"),
@@ -290,7 +290,7 @@ def _print_batch_report(doc: dict) -> None:
 def emulate(port: int = typer.Option(8765, help="port on 127.0.0.1 (0: a free one)"),
             speedup: float = typer.Option(1.0, min=0.001, help="emulated seconds per real second (match the "
                                           "engine's --speedup)"),
-            seed: int = typer.Option(0, help="seed of latencies, turnarounds and random faults"),
+            seed: int = typer.Option(0, min=0, help="seed of latencies, turnarounds and random faults"),
             catalog: Path | None = typer.Option(None, help="a catalog YAML replacing the packaged one")) -> None:
     """Serve the loopback provider emulator (OpenAI and Anthropic wire formats) until interrupted. Point the
     engine at it with --base-url openai=http://127.0.0.1:PORT/openai/v1 --base-url

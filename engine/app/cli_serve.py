@@ -184,7 +184,7 @@ def serve(name: str = typer.Option("smartbatch", "--name", help="the engine's na
           state_dir: Path | None = typer.Option(None, "--state-dir", help="keep the endpoint's files and batches "
                                                  "in this directory, so a restarted endpoint takes them back "
                                                  "(default: in memory only)"),
-          seed: int = typer.Option(0, help="seed of the simulated draws"),
+          seed: int = typer.Option(0, min=0, help="seed of the simulated draws"),
           shards: int = typer.Option(1, "--shards", min=1, help="actors each of ingest, cache, result hub and "
                                      "groupers (one per core of the cluster spreads the load; docs/benchmarks.md)"),
           catalog: Path | None = typer.Option(None, help="a catalog YAML replacing the packaged one")) -> None:

@@ -13,7 +13,7 @@ from engine.core.errors import SmartbatchError
 @trace_app.command("from-azure")
 def trace_from_azure(csv: Path = typer.Argument(..., help="an Azure LLM inference trace CSV"),
                      out: Path = typer.Option(..., "--out", help="where to write the JSONL trace"),
-                     seed: int = typer.Option(0, help="seed of the assignment rules"),
+                     seed: int = typer.Option(0, min=0, help="seed of the assignment rules"),
                      model: str | None = typer.Option(None, help="force one model, as provider/model"),
                      limit: int | None = typer.Option(None, min=1, help="only the first N rows"),
                      catalog: Path | None = typer.Option(None, help="catalog YAML (default: packaged)")) -> None:
@@ -32,7 +32,7 @@ def trace_from_azure(csv: Path = typer.Argument(..., help="an Azure LLM inferenc
 @trace_app.command("from-mooncake")
 def trace_from_mooncake(jsonl: Path = typer.Argument(..., help="a Mooncake trace JSONL"),
                         out: Path = typer.Option(..., "--out"),
-                        seed: int = typer.Option(0),
+                        seed: int = typer.Option(0, min=0),
                         model: str | None = typer.Option(None, help="force one model, as provider/model"),
                         limit: int | None = typer.Option(None, min=1),
                         catalog: Path | None = typer.Option(None)) -> None:
@@ -52,7 +52,7 @@ def trace_from_mooncake(jsonl: Path = typer.Argument(..., help="a Mooncake trace
 @trace_app.command("synth")
 def trace_synth(out: Path = typer.Option(..., "--out"),
                 n: int = typer.Option(5000, "--n", min=1, help="number of requests"),
-                seed: int = typer.Option(0, "--seed"),
+                seed: int = typer.Option(0, "--seed", min=0),
                 duration: float = typer.Option(3600.0, min=1.0, help="seconds the campaigns' arrivals span; re-sent and reworded requests follow "
                                                      "theirs by minutes, up to 1.2x this"),
                 catalog: Path | None = typer.Option(None)) -> None:

@@ -26,6 +26,7 @@ from engine.app._driver_lanes import IngestLanes
 from engine.app._driver_pull import Pulling
 from engine.app._driver_shared import SharedEngine, init_ray, stale_engine
 from engine.app._future import ResultFuture
+from engine.app._start_args import check_start_args
 from engine.app._supervise import Supervised, port_of
 from engine.app.provider_setup import http_setup
 from engine.core.catalog import Catalog, load_catalog
@@ -132,18 +133,16 @@ class Engine(AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervised):
         from actors.remote import start_actors
         from policies import load_policy
 
+        check_start_args(speedup=speedup, offset_s=offset_s, seed=seed, micro_batch=micro_batch, flush_ms=flush_ms,
+                         num_groupers=num_groupers, num_shards=num_shards, max_pending=max_pending,
+                         overload=overload, submit_timeout_s=submit_timeout_s, retention_s=retention_s,
+                         metrics_port=metrics_port)
         settings = settings or Settings()
+        if budget_usd is not None:  # before any Ray starts: a bad amount left an embedded Ray running
+            settings = with_budget(settings, budget_usd)
         catalog = catalog or load_catalog(settings.catalog_path, settings.catalog_overlay)
         catalog, keys = http_setup(catalog, settings, speedup=speedup)  # the catalog it plans with
-        if micro_batch < 1 or flush_ms <= 0 or num_groupers < 1 or num_shards < 1:
-            raise ConfigError("micro_batch, num_groupers and num_shards must be >= 1 and flush_ms > 0; got "
-                              f"micro_batch={micro_batch}, flush_ms={flush_ms}, num_groupers={num_groupers}, "
-                              f"num_shards={num_shards}")
         num_groupers = max(num_groupers, num_shards)
-        if max_pending < 1 or overload not in ("block", "raise") or submit_timeout_s < 0 or retention_s < 0:
-            raise ConfigError("max_pending must be >= 1, overload 'block' or 'raise', submit_timeout_s and "
-                              f"retention_s >= 0; got max_pending={max_pending}, overload={overload!r}, "
-                              f"submit_timeout_s={submit_timeout_s}, retention_s={retention_s}")
         pol = load_policy(policy, catalog, policy_params)  # fails fast on a bad name or parameter
         started = init_ray(address or "local")
         from actors._peer import read_layout
@@ -156,8 +155,6 @@ class Engine(AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervised):
                         "with it; start Ray first (ray start --head) or use smartbatch serve", name)
         from engine.core.clock import ScaledClock
 
-        if budget_usd is not None:
-            settings = with_budget(settings, budget_usd)
         try:
             handles = start_actors(pol, catalog, settings, lambda: ScaledClock(time.time(), speedup, offset_s),
                                    seed=settings.sim.seed if seed is None else seed, num_groupers=num_groupers,
@@ -275,6 +272,8 @@ class Engine(AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervised):
                                 f"this driver left engine {self.name!r}; attach again with Engine.connect()")
         if self._gone is not None:
             raise EngineStopped(f"{self._gone}; start a new one with Engine.start(), or connect to another")
+        if self._h.get("cancelled"):  # accepted, it only ended failed "cancelled" (a helper's tour)
+            raise EngineStopped("this engine was cancelled (Engine.cancel) and takes no more work; start a new one")
         futs: list[ResultFuture] = []
         new: list[Request] = []
         seen: dict[str, ResultFuture] = {}

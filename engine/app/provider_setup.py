@@ -31,6 +31,12 @@ def http_setup(catalog: Catalog, settings: Settings, *, need_keys: bool = True,
             raise ConfigError(f"providers.endpoints.{name}: the environment variable {ep.api_key_env} holding the "
                               f"API key is not set; export it, or name another variable with "
                               f"SMARTBATCH_PROVIDERS__ENDPOINTS (api_key_env), or run with providers.mode=sim")
+        # No header can carry it (a pasted newline, say): every call failed unsent, and was counted as possibly
+        # billed at its upper bound (a helper's tour). The key itself is never shown.
+        if value.strip() != value or any(ord(c) < 0x20 or ord(c) == 0x7F or ord(c) > 0x7E for c in value):
+            raise ConfigError(f"providers.endpoints.{name}: the API key in {ep.api_key_env} holds a space, a "
+                              "line break or another character an HTTP header cannot carry; set it again "
+                              "without them")
         keys[name] = Secret(value)
         spec = providers[name]
         if spec.batch_api is not None and spec.batch_api.cancel_s != ep.cancel_s:

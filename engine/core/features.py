@@ -100,7 +100,9 @@ def fingerprint(req: Request, *, share_across_tenants: bool = False) -> str:
     parameters, and (for text) the prefix blocks and input size standing in for prompt text a trace may
     lack. Not the id, arrival, priority, deadline or reuse setting."""
     parts = [
-        "*" if share_across_tenants else req.tenant, req.provider, req.model, req.kind,
+        # Shared: a scope no tenant can be (tenants hold no control character). "*" was, and a tenant named so
+        # in an engine that keeps tenants apart was served what another engine shared (a helper's hunt).
+        "\x00*" if share_across_tenants else req.tenant, req.provider, req.model, req.kind,
         # A prompt beside a body that has its own text is a label, not sent: the body is hashed below (two labels
         # split one body). Beside a body without (a system prompt, sampling settings) it is the user's text:
         # left out, "Capital of France?" was answered with "Capital of Spain?"'s result (a helper's tour).

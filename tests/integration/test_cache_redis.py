@@ -282,3 +282,23 @@ def test_a_write_buffered_while_redis_was_away_keeps_the_life_it_had_left(redis_
         assert admin.exists(gone) == 0  # its whole life passed while Redis was away
         await layer.close()
     run(go())
+
+
+def test_a_time_compressed_engine_stores_its_ttl_in_redis_in_real_time(redis_server, tmp_path):
+    """``ttl_s`` counts engine seconds, as the memory layer does; Redis expires in real ones. At 100x an entry
+    of a 60 s TTL lived 60 real seconds in Redis, and was served 100 times past its TTL (a helper's hunt)."""
+    import time
+
+    from engine.core.clock import ScaledClock
+
+    cs = Caches(redis_server.url, tmp_path, ttl_s=3600)
+
+    async def go():
+        hub = ResultHub()
+        cache = ResultCache(REUSE, hub, ScaledClock(time.time(), 100.0), settings=Settings(cache=cs.cfg))
+        j = job(0, "A lantern on a jetty")
+        await generate(cache, hub, j)
+        ttl_ms = redis_server.client().pttl(f"{cs.prefix}:v1:acme:{j.fp}")
+        assert 35_000 < ttl_ms <= 36_000  # 3,600 engine seconds at 100x
+        await cache.close()
+    run(go())

@@ -9,6 +9,7 @@ import pytest
 from engine.app.live import follow_engine, point_at_emulator, run_live
 from engine.core.catalog import default_catalog
 from engine.core.cost import MODES
+from engine.core.errors import EngineStopped
 from engine.core.request import Request, validation_context
 from engine.core.settings import Settings, SimSettings
 from engine.core.tracegen import synth
@@ -138,6 +139,8 @@ def test_the_key_appears_in_no_result_report_metric_or_log(ray_session, emulator
         assert eng.cancel() == 0 and eng.drain(timeout_s=60) == 0
         assert all(f.result().status == "failed" and f.result().error.startswith("cancelled: ") for f in held)
         assert len(emulator.bill().items) == billed
+        with pytest.raises(EngineStopped, match="cancelled"):  # it takes no more work (it was accepted, to fail)
+            eng.submit({"id": "late", "model": "gpt-4o-mini", "prompt": "late"})
         import urllib.request
 
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{eng.metrics_port}/metrics").read().decode()

@@ -366,3 +366,64 @@ def test_a_dispatch_carrying_one_request_twice_makes_one_call_and_releases_the_c
         settled = [c for n, (s,) in budget.calls if n == "settle_many" for c in s]
         assert ("c1", 0.0) in settled and any(c == "c0" for c, _ in settled)
     asyncio.run(go())
+
+
+def test_a_journal_space_expires_after_its_last_write_and_a_later_engine_of_the_name_reads_none_of_it(redis_server):
+    """A stopped engine's records stayed in Redis for good (a helper measured 50 pickled requests per run), and
+    a later engine of the same name resumed its namesake's sync calls, each paid twice: the records now name one
+    run of the engine (``start_actors`` draws it) and each space expires ``JOURNAL_TTL_S`` after its last write."""
+    from actors.journal import JOURNAL_TTL_S, RedisJournal
+
+    async def go():
+        first = RedisJournal(redis_server.url, "sbtest", f"prod@{secrets.token_hex(4)}")
+        later = RedisJournal(redis_server.url, "sbtest", f"prod@{secrets.token_hex(4)}")
+        await first.put("sync:openai", "k1", {"body": 1})
+        assert await first.items("sync:openai") == {"k1": {"body": 1}} and await later.items("sync:openai") == {}
+        ttl = redis_server.client().ttl(first._base + "sync:openai")
+        assert JOURNAL_TTL_S - 60 <= ttl <= JOURNAL_TTL_S
+        await first.close()
+        await later.close()
+    asyncio.run(go())
+
+
+def test_a_delete_the_journal_failed_is_tried_until_it_is_done(monkeypatch):
+    """A delete given up after about 50 s left the record of an answered call behind a Redis outage, and a later
+    restart made the call again (a helper's fault hunt): it is now tried until the journal takes it."""
+    from actors import journal as jmod
+
+    monkeypatch.setattr(jmod, "DELETE_BASE_S", 0.001)
+    monkeypatch.setattr(jmod, "DELETE_MAX_S", 0.002)
+
+    class Flaky:
+        def __init__(self):
+            self.fails, self.deleted = jmod.DELETE_TRIES + 5, []
+
+        async def delete(self, space, keys):
+            if self.fails:
+                self.fails -= 1
+                raise ConnectionError("Redis is away")
+            self.deleted += keys
+
+    async def go():
+        j, tasks = Flaky(), set()
+        jmod.delete_later(j, "sync:openai", ["k1"], tasks)
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        assert j.deleted == ["k1"] and j.fails == 0
+    asyncio.run(go())
+
+
+def test_a_journal_redis_that_evicts_keys_is_refused_at_start_naming_the_setting(own_redis):
+    """A journal on a Redis run as a cache (allkeys-lru) lost its records to the cache's own writes, and a
+    restart would then pay again for what they named (a helper's fault hunt)."""
+    from actors.journal import check_keeps_records
+    from engine.core.errors import ConfigError
+
+    cfg = Settings().model_copy(update={"cache": CacheSettings(redis_url=own_redis.url)})
+    check_keeps_records(cfg)  # noeviction, Redis's default: fine
+    own_redis.client().config_set("maxmemory-policy", "allkeys-lru")
+    with pytest.raises(ConfigError, match="setting cache.redis_url: the journal's Redis evicts keys "
+                                          r"\(maxmemory-policy allkeys-lru\)"):
+        check_keeps_records(cfg)
+    own_redis.client().config_set("maxmemory-policy", "volatile-lru")  # each journal space has an expiry
+    with pytest.raises(ConfigError, match="maxmemory-policy volatile-lru"):
+        check_keeps_records(cfg)

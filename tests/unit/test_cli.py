@@ -1,5 +1,6 @@
 import json
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -512,3 +513,30 @@ def test_the_demo_says_when_the_live_run_was_late_where_the_simulator_was_not(tm
             assert "late than in the simulator" not in out
         else:
             assert said in out and (speedup != "1" or "lower --speedup" not in out)
+
+
+def test_a_run_whose_requests_failed_is_judged_on_what_it_served():
+    """A run at an unreachable provider read "saving 89.8 %, capture 120.8 %": its failed requests billed
+    nothing, and the whole trace's naive bill was its reference (a helper's tour)."""
+    from engine.app.bench import result_row
+    from engine.core.catalog import default_catalog
+    from engine.core.tracegen import synth
+    from engine.sim.simulator import simulate
+    from policies import load_policy
+
+    cat = default_catalog()
+    reqs = synth(40, seed=3)
+    naive = simulate(reqs, load_policy("naive", cat), seed=0)
+    run = simulate(reqs, load_policy("naive", cat), seed=0)
+    failed = np.arange(len(reqs)) % 2 == 0  # half of them failed, billing nothing
+    run.status[failed], run.cost[failed] = 3, 0.0  # engine.sim.results: _FAILED
+    row = result_row("naive", "Naive", {}, run, naive, bound=0.5 * naive.total_cost, relaxed_bound=0.0)
+    assert row["failed"] == failed.sum() and row["capture_of_achievable"] is None
+    assert row["naive_cost_of_served_usd"] == pytest.approx(float(naive.cost[~failed].sum()), abs=1e-6)
+    assert row["saving_vs_naive"] == pytest.approx(0.0, abs=1e-6)  # naive's own bill for what it served
+
+
+def test_a_negative_seed_is_a_usage_error_naming_the_flag(tmp_path):
+    """``trace synth --seed -1`` crashed with "ValueError: expected non-negative integer" (a helper's tour)."""
+    r = runner.invoke(app, ["trace", "synth", "--n", "5", "--seed", "-1", "--out", str(tmp_path / "s.jsonl")])
+    assert r.exit_code == 2 and "--seed" in r.output and not (tmp_path / "s.jsonl").exists()

@@ -89,3 +89,15 @@ def test_a_power_of_two_width_takes_the_column_the_modulo_gives():
     lengths[lengths == 0] = 1.0
     assert np.allclose(folded / lengths, narrow, atol=1e-6)
     assert not narrow[3].any() and narrow[:3].any(axis=1).all()
+
+
+def test_no_tenant_shares_the_scope_of_results_shared_across_tenants():
+    """Tenants "*" and "_shared" were the shared scopes' own names: an engine that keeps tenants apart, warmed
+    from a Redis another engine shared results in, served them alice's result (a helper's hunt)."""
+    from actors.cache import tenant_scope
+
+    alice = req(tenant="alice")
+    for name in ("*", "_shared", "\\x00*"):
+        assert fingerprint(req(tenant=name)) != fingerprint(alice, share_across_tenants=True)
+        assert tenant_scope(name, False) != tenant_scope("alice", True)
+    assert tenant_scope("alice", True) == tenant_scope("bob", True)

@@ -95,6 +95,12 @@ def test_http_providers_need_their_key_and_plan_with_the_real_cancel_time(monkey
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-fake")
     cat, keys = http_setup(CAT, settings)
     assert set(keys) == {"openai", "anthropic"} and "sk-test-fake" not in repr(keys)
+    # A key no header can carry (a pasted line break): every call failed unsent and read as possibly billed.
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-fake\n")
+    with pytest.raises(ConfigError, match="the API key in OPENAI_API_KEY holds") as exc:
+        http_setup(CAT, settings)
+    assert "sk-test" not in str(exc.value)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-fake")
     assert cat.provider("openai").batch_api.cancel_s == 600.0  # a real cancel takes up to 10 min
     assert cat.provider("google").batch_api.cancel_s == 0.0  # simulated: cancels at once
     assert CAT.provider("openai").batch_api.cancel_s == 0.0  # the packaged catalog is untouched

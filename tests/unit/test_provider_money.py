@@ -122,6 +122,7 @@ def test_a_timeout_before_any_connection_was_made_is_not_possibly_billed():
     assert _never_connected(timeout(httpx2.ConnectTimeout("connect", request=request)))
     assert _never_connected(timeout(httpx2.PoolTimeout("pool", request=request)))
     assert not _never_connected(timeout(httpx2.ReadTimeout("read", request=request)))  # it may have run
+    assert _never_connected(timeout(httpx2.LocalProtocolError("Illegal header value")))  # never on the wire
     provider = OpenAIProvider("openai", CAT, Settings(), ProviderEndpoint(api="openai", api_key_env="X",
                                                                           base_url="http://127.0.0.1:9/v1"),
                               Secret("k"), ManualClock(0.0))

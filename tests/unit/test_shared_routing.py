@@ -258,3 +258,16 @@ def test_the_sweeps_last_readmission_goes_past_a_cache_that_still_says_it_follow
         assert [j.req.id for j in g.jobs] == ["r1"]
         assert cache.let_go == [req(1).uid]  # and no longer following there
     run(go())
+
+
+def test_a_failed_or_refused_result_counts_no_list_price_so_no_saving():
+    """A run at an unreachable provider read "saving 89.8 %": each failed request's list price was counted as
+    if it had been saved (a helper's tour)."""
+    async def go():
+        hub = ResultHub()
+        failed = res(2).model_copy(update={"status": "failed", "error": "openai: connection refused"})
+        rejected = res(3).model_copy(update={"status": "rejected", "error": "budget"})
+        await hub.push([res(1), failed, rejected], [1.0, 1.0, 1.0])
+        rep = await hub.report()
+        assert rep["requests"] == 3 and rep["list_price_usd"] == 1.0
+    run(go())

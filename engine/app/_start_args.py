@@ -1,0 +1,47 @@
+"""``Engine.start``'s own arguments, checked before anything starts: a bad one named with its fix, never a raw
+error from deep inside (a pydantic error about a catalog field for ``speedup=nan``, a Ray task error for
+``metrics_port=-1``), and never after an embedded Ray was started for nothing (a helper's tour)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from engine.core.errors import ConfigError
+
+__all__ = ["check_start_args"]
+
+
+def _number(name: str, v: Any, *, low: float, inclusive: bool = True, fix: str) -> None:
+    ok = (not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+          and (v >= low if inclusive else v > low))
+    if not ok:
+        raise ConfigError(f"{name}={v!r}: {fix}")
+
+
+def _whole(name: str, v: Any, low: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise ConfigError(f"{name}={v!r}: give a whole number >= {low}")
+
+
+def check_start_args(*, speedup: Any, offset_s: Any, seed: Any, micro_batch: Any, flush_ms: Any,
+                     num_groupers: Any, num_shards: Any, max_pending: Any, overload: Any, submit_timeout_s: Any,
+                     retention_s: Any, metrics_port: Any) -> None:
+    """Raise ``ConfigError`` naming the first bad argument."""
+    _number("speedup", speedup, low=0.0, inclusive=False, fix="engine seconds per real second, a number > 0 "
+            "(1 for real time)")
+    _number("offset_s", offset_s, low=-math.inf, fix="the engine clock's start, a finite number of seconds")
+    if seed is not None:
+        _whole("seed", seed, 0)
+    for name, v in (("micro_batch", micro_batch), ("num_groupers", num_groupers), ("num_shards", num_shards),
+                    ("max_pending", max_pending)):
+        _whole(name, v, 1)
+    _number("flush_ms", flush_ms, low=0.0, inclusive=False, fix="milliseconds, a number > 0")
+    _number("submit_timeout_s", submit_timeout_s, low=0.0, fix="seconds, a number >= 0")
+    _number("retention_s", retention_s, low=0.0, fix="seconds, a number >= 0")
+    if overload not in ("block", "raise"):
+        raise ConfigError(f"overload={overload!r}: give 'block' (wait for room) or 'raise' (Overloaded at once)")
+    if metrics_port not in ("settings", None) and (isinstance(metrics_port, bool) or not isinstance(
+            metrics_port, int) or not 0 <= metrics_port <= 65535):
+        raise ConfigError(f"metrics_port={metrics_port!r}: give a port in [0, 65535] (0: a free one), or None "
+                          "to serve no metrics")

@@ -1,0 +1,38 @@
+"""``Engine.start`` names a bad argument of its own before anything starts (a helper's tour: ``speedup=nan``
+gave a pydantic error about a catalog field, ``metrics_port=-1`` a Ray task error, ``num_shards=2.5`` a
+TypeError, ``offset_s=nan`` and ``seed="x"`` started an engine whose every request then failed, and a bad
+``budget_usd`` was refused only after an embedded Ray had started)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from engine import Engine
+from engine.core.errors import ConfigError
+
+
+@pytest.mark.parametrize("kw, named", [
+    ({"speedup": math.nan}, "speedup=nan"),
+    ({"speedup": 0}, "speedup=0"),
+    ({"offset_s": math.nan}, "offset_s=nan"),
+    ({"seed": "x"}, "seed='x'"),
+    ({"seed": -1}, "seed=-1"),
+    ({"num_shards": 2.5}, "num_shards=2.5"),
+    ({"micro_batch": 0}, "micro_batch=0"),
+    ({"flush_ms": math.inf}, "flush_ms=inf"),
+    ({"metrics_port": -1}, "metrics_port=-1"),
+    ({"metrics_port": True}, "metrics_port=True"),
+    ({"overload": "drop"}, "overload='drop'"),
+    ({"budget_usd": -5.0}, "budget_usd"),
+])
+def test_a_bad_start_argument_is_named_before_anything_starts(kw, named, monkeypatch):
+    import engine.app.driver as driver
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray was started for an engine whose arguments are bad")
+
+    monkeypatch.setattr(driver, "init_ray", no_ray)
+    with pytest.raises(ConfigError, match=named.replace("(", r"\(").replace("[", r"\[")):
+        Engine.start(**kw)
