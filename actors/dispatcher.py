@@ -272,9 +272,8 @@ class Dispatcher(CancelDispatches, Outbox, BatchApiRuns, Recovery, Warm):
             cj = cj._replace(body=rec[3])
         a = await self.provider.call(cj)
         self._note_warm(r, a, start)
-        extra = 0
-        if a.usage is not None:
-            extra = max(a.usage.input_tokens + a.usage.output_tokens - r.input_tokens - r.output_tokens, 0)
+        extra = (max(a.usage.input_tokens + a.usage.output_tokens - r.input_tokens - r.output_tokens, 0)
+                 if a.usage is not None else 0)
         self.sim.finish_sync(r.model, a.at, extra)
         mode = call_mode(self.sim.spec.models[r.model])
         v = verdict(a.ok, j.attempts + 1, self.max_att, a.retryable)
@@ -288,8 +287,8 @@ class Dispatcher(CancelDispatches, Outbox, BatchApiRuns, Recovery, Warm):
             if a.key_reused:  # billed by the provider, failed here: never silent (docs/reliability.md)
                 self.key_conflicts += 1
                 log.error("dispatcher %s: %s failed: %s", self.name, r.uid, a.error)
-        if v != "retry":
-            self._final(b, j, a.ok, a.cost if a.ok else 0.0, mode, a)
+        if v != "retry":  # a replay of a call another run made and counted is not billed again (a helper's tour)
+            self._final(b, j, a.ok, a.cost if a.ok and (not a.replayed or self._unanswered[r.uid]) else 0.0, mode, a)
         else:
             nj = j._replace(attempts=j.attempts + 1)
             self._at(self.sim.retry_at(j.seq, j.attempts, a), lambda: (self._enqueue("sync", b, [nj]), self._pump()))

@@ -17,7 +17,7 @@ from engine.core.errors import ProviderError
 from engine.core.provider_api import CallJob, CallOutcome, Secret, Usage
 from engine.core.settings import ProviderEndpoint, Settings
 
-__all__ = ["BatchHandle", "HttpBase", "PollBackoff", "sdk_kwargs"]
+__all__ = ["BatchHandle", "HttpBase", "PollBackoff", "create_call", "sdk_kwargs"]
 
 # A 4xx other than these means the request itself is wrong: sending it again cannot help.
 _RETRYABLE_4XX = {408, 409, 429}
@@ -51,6 +51,18 @@ def _key_reused(code: int, exc: BaseException) -> bool:
 # The SDK's own options, not fields of the body: a body key of that name is a field, sent on the wire (a body
 # 'timeout' was taken as the client's timeout, and a body 'extra_body' was overwritten).
 _OPTIONS = frozenset({"self", "extra_headers", "extra_query", "extra_body", "timeout"})
+
+
+async def create_call(create: Callable, raw_create: Callable, body: dict[str, Any], key: str) -> tuple[Any, bool]:
+    """Make a sync call: ``body`` as ``create``'s arguments, sent by its raw-response twin under ``key``. Returns
+    the answer and whether the provider replayed an earlier call's answer under that key (``Idempotent-Replayed``,
+    as Stripe names it): a replay is not billed again, and was counted at its full price (a re-run, or
+    ``--resume``, reported money the provider's bill never held; a helper's tour)."""
+    resp = await raw_create(**sdk_kwargs(create, body), extra_headers={"Idempotency-Key": key})
+    answer = resp.parse()  # the OpenAI SDK's parses at once, the Anthropic SDK's is awaited
+    if inspect.isawaitable(answer):
+        answer = await answer
+    return answer, str(resp.headers.get("idempotent-replayed", "")).lower() == "true"
 
 
 @functools.cache

@@ -14,7 +14,7 @@ import contextlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
-from actors.providers._http import BatchHandle, HttpBase, PollBackoff, sdk_kwargs
+from actors.providers._http import BatchHandle, HttpBase, PollBackoff, create_call
 from actors.providers._wire import message_parts
 from engine.core.cost import shared_prefix_marks
 from engine.core.grouping import PrefixWarmth, WarmNote
@@ -120,15 +120,16 @@ class AnthropicProvider(HttpBase):
         body = job.body if job.body is not None else self.sync_body(job)
         key = idempotency_key(job.key, body)
         try:
-            create = self.client.messages.create
-            msg = await create(**sdk_kwargs(create, body), extra_headers={"Idempotency-Key": key})
+            api = self.client.messages
+            msg, replayed = await create_call(api.create, api.with_raw_response.create, body, key)
         except sdk.APIError as exc:
             return self._error(exc, sdk.APIStatusError, sdk.APITimeoutError, key)
         except TypeError as exc:
             return CallOutcome(False, self.clock.now(), 0.0, error=f"{self.name}: bad request body: {exc}",
                                retryable=False)
-        return self._outcome(job, msg.model_dump(mode="json", exclude_none=True), getattr(msg, "_request_id", None),
-                             "sync")
+        out = self._outcome(job, msg.model_dump(mode="json", exclude_none=True), getattr(msg, "_request_id", None),
+                            "sync")
+        return out._replace(replayed=True) if replayed else out
 
     def batch_body(self, jobs: Sequence[CallJob]) -> list[dict]:
         # Members run in order: a prefix an earlier member writes (or that is warm) is read by the later ones,

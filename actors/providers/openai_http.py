@@ -9,7 +9,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from actors.providers._http import BatchHandle, HttpBase, PollBackoff, sdk_kwargs
+from actors.providers._http import BatchHandle, HttpBase, PollBackoff, create_call
 from actors.providers._wire import message_parts
 from engine.core.provider_api import BatchState, CallJob, CallOutcome, Usage, idempotency_key
 
@@ -135,19 +135,19 @@ class OpenAIProvider(HttpBase):
         # The dispatcher passes the body it fixed at the first try; the key names that body (idempotency_key).
         body = job.body if job.body is not None else self.body(job)
         key = idempotency_key(job.key, body)
-        headers = {"Idempotency-Key": key}
         c = self.client
-        create = (c.images.generate if route == "/v1/images/generations" else
-                  c.responses.create if route == "/v1/responses" else c.chat.completions.create)
+        api, verb = ((c.images, "generate") if route == "/v1/images/generations" else
+                     (c.responses, "create") if route == "/v1/responses" else (c.chat.completions, "create"))
         try:
-            resp = await create(**sdk_kwargs(create, body), extra_headers=headers)
+            resp, replayed = await create_call(getattr(api, verb), getattr(api.with_raw_response, verb), body, key)
         except sdk.APIError as exc:
             return self._error(exc, sdk.APIStatusError, sdk.APITimeoutError, key)
         except TypeError as exc:  # a field of the wrong kind for this SDK (unknown ones go in extra_body)
             return CallOutcome(False, self.clock.now(), 0.0, error=f"{self.name}: bad request body: {exc}",
                                retryable=False)
-        return self._outcome(job, route, resp.model_dump(mode="json", exclude_none=True),
-                             getattr(resp, "_request_id", None), "sync")
+        out = self._outcome(job, route, resp.model_dump(mode="json", exclude_none=True),
+                            getattr(resp, "_request_id", None), "sync")
+        return out._replace(replayed=True) if replayed else out
 
     # -- batch API ------------------------------------------------------------------------------------------
     def batch_body(self, jobs: Sequence[CallJob]) -> None:

@@ -69,6 +69,9 @@ class CallOutcome(NamedTuple):
     # No answer came (a timeout) though the call reached the provider: it may have been billed (docs/budgets.md).
     maybe_billed: bool = False
     warm_blocks: int = 0  # leading prompt-prefix blocks the call read or wrote in the provider's prompt cache
+    # The provider answered with an earlier call's answer under this Idempotency-Key (``Idempotent-Replayed``),
+    # billing nothing again; ``cost`` is that earlier call's, which this engine counts only if it never had it.
+    replayed: bool = False
 
 
 class BatchState(NamedTuple):
@@ -98,8 +101,10 @@ def idempotency_key(key: str, body: Mapping[str, Any]) -> str:
     for a cache write on one dispatch and not on the next. The dispatcher fixes the body at a call's first try
     (and journals it), so every retry of that call, after a restart too, sends the same key and body; a body
     built afresh (a new run of the same trace, an id used again after its retention, a record a crash lost)
-    is a new call under a new key, never a 409. The call key's own ``-`` suffix stays last but one, so
-    ``key.rsplit("-", 1)[0]`` still names the request."""
+    that differs is a new call under a new key, never a 409, and one that is the same gets the same key: a
+    provider that honours keys answers it with the first call's answer, unbilled, and the engine counts it at
+    0 (``Idempotent-Replayed``; one that does not bills it again). The call key's own ``-`` suffix stays last
+    but one, so ``key.rsplit("-", 1)[0]`` still names the request."""
     raw = json.dumps(body, ensure_ascii=False, separators=(",", ":"), default=str).encode("utf-8", "surrogatepass")
     return f"{key}_{hashlib.blake2b(raw, digest_size=8).hexdigest()}"
 

@@ -58,6 +58,29 @@ def test_a_request_sent_again_with_another_body_is_a_new_call_not_a_409(emu):  #
     asyncio.run(go())
 
 
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_an_answer_the_provider_replays_under_its_key_costs_nothing_again(emu, provider):  # noqa: F811
+    """The same request with the same body, sent again by another run (``--resume``, a re-run against the same
+    account): a provider that honours the key answers with the first call's answer and bills nothing
+    (``Idempotent-Replayed: true``). It was counted at its full price, money no bill held (a helper's tour)."""
+    r = Request.model_validate({"id": "again", "arrival_s": 0.0, "provider": provider, "input_tokens": 50,
+                                "model": "gpt-5-mini" if provider == "openai" else "claude-haiku-4-5",
+                                "output_tokens": 5, "prompt": "Say hi."})
+
+    async def go():
+        first, second = Rig(emu, provider), Rig(emu, provider)  # two runs of the same request
+        try:
+            a = await sync_result(first, Job(0, r, "fp"))
+            b = await sync_result(second, Job(0, r, "fp"))
+            assert a.status == b.status == "ok" and b.output == a.output and a.cost_usd > 0
+            assert len(emu.bill().items) == 1 and b.cost_usd == 0.0
+            assert a.cost_usd + b.cost_usd == pytest.approx(emu.bill().total_usd, abs=1e-12)
+        finally:
+            await first.close()
+            await second.close()
+    asyncio.run(go())
+
+
 def test_a_409_for_a_reused_key_fails_at_once_and_says_the_provider_billed_it(emu):  # noqa: F811
     """Another client used the engine's key with another body first (the provider billed that call). The
     engine's call is refused with 409: sent again under that key it can only be refused again, and under a
