@@ -5,6 +5,7 @@ the dispatcher's state."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -15,7 +16,7 @@ from engine.core.budgets import Charge
 from engine.core.errors import ProviderError
 from engine.core.provider_api import CallJob
 from engine.runtime.providers import Event
-from engine.runtime.turnaround import Turnaround, submitted
+from engine.runtime.turnaround import Turnaround, batch_turnaround, submitted
 
 log = logging.getLogger("smartbatch.dispatcher")
 
@@ -159,14 +160,17 @@ class BatchApiRuns:
         ``watch``: the engine's cancel does not end the lookups (``_watch_to_end``)."""
         attempt = 0
         while True:
-            try:
-                known = frozenset(getattr(rec[4], "id", None) for rec in self._open.values()) - {None}
-                return await self.provider.find_batch(cjobs, key, known)
+            try:  # A watch looks outside its create's slot: one of this dispatcher's own creates of that size may
+                # be unanswered, its batch a look-alike (Anthropic) that the watch would take and cancel (a review).
+                async with self.provider.create_slot(len(cjobs)) if watch else contextlib.nullcontext():
+                    known = frozenset(getattr(rec[4], "id", None) for rec in self._open.values()) - {None}
+                    return await self.provider.find_batch(cjobs, key, known)
             except Exception as exc:
                 log.warning("dispatcher %s: looking up batch %s failed (%s)", self.name, key, _short(exc))
             attempt += 1
             now = self.clock.now()
-            if attempt >= FIND_TRIES and (until is None or now >= until or self._cancelled and not watch):
+            stop = not watch and (self._cancelled or self._all_withdrawn(cjobs))  # nobody waits for it now
+            if attempt >= FIND_TRIES and (until is None or now >= until or stop):
                 log.error("dispatcher %s: batch %s could not be looked up%s", self.name, key,
                           "" if watch else "; its members go back, and the batch is looked for until found, "
                           "then cancelled")
@@ -243,7 +247,9 @@ class BatchApiRuns:
                             cancel_deadline = self.clock.now() + allowance
                     if not was_cancelled:
                         self.batches_cancelled += 1
-                        self._counts.hedged_batches += 1
+                        early = hedge_at is None or now < hedge_at  # withdrawn, or the engine's cancel: no hedge
+                        self._counts.hedged_batches += not early
+                        learn = learn and not early  # it ran until now, not its hedge: learned, it read as that long
                         was_cancelled = True
                 polled_at = self.clock.now()  # a status is the provider's when the poll was sent
                 try:
@@ -295,8 +301,8 @@ class BatchApiRuns:
             self.sim.finish_batch(tokens, self.clock.now())
         self._counts.turnaround_s.append(self.clock.now() - start)
         if learn:
-            self._turnarounds.append(self._turnaround(jobs[0].req.model, start, outs, len(jobs),
-                                                      hedge_at if was_cancelled else None))
+            self._turnarounds.append(batch_turnaround(self.name, jobs[0].req.model, start, [o.at for o in outs.values()],
+                                                      len(jobs), hedge_at if was_cancelled else self.clock.now()))
         for j, cj in zip(jobs, cjobs, strict=True):
             o = outs.get(cj.key)
             if o is None:
@@ -308,15 +314,6 @@ class BatchApiRuns:
                 self._note_warm(j.req, o, start)
                 self._attempt(b, j, o.ok, o.cost, "batch_api", o)
         self._pump()
-
-    def _turnaround(self, model: str, start: float, outs: dict, n: int, cancelled_at: float | None) -> Turnaround:
-        """What a batch that ended tells of the turnaround: when its last member finished, or, with members
-        missing (cancelled late, expired), only that it ran longer than it did; censored at its hedge time when
-        it was cancelled, which is when the simulator ends it too."""
-        if len(outs) == n:
-            return Turnaround(self.name, model, start, max(max(o.at for o in outs.values()), start))
-        end = cancelled_at if cancelled_at is not None else self.clock.now()
-        return Turnaround(self.name, model, start, end, censored=True)
 
     @property
     def _watch_space(self) -> str:

@@ -24,6 +24,8 @@ _WHY = (f"{CANCELLED}: the engine was cancelled (Engine.cancel) before this requ
         "again; a provider batch it rode was cancelled and bills only the members it finished")
 _WITHDRAWN = (f"{CANCELLED}: withdrawn by its driver (Engine.cancel_requests) before it was sent; billed "
               "nothing, and not sent again")
+_WITHDRAWN_AFTER_TRY = (f"{CANCELLED}: withdrawn by its driver (Engine.cancel_requests) before it was sent again; "
+                        "an earlier try got no answer and may have been billed (possibly_billed in the report)")
 CANCEL_CALL_S = 10.0  # real seconds the cancel waits for the providers to take the cancels of their batches
 WITHDRAWN_KEEP = 262_144  # withdrawn ids kept, for copies that come after the withdrawal (back from a batch)
 
@@ -135,7 +137,7 @@ class CancelGroups:
 
 
 class CancelDispatches:
-    """The dispatcher's side: needs its ``provider``, ``_open``, ``sim``, ``clock``, ``_queued_at``, ``_final``,
+    """The dispatcher's side: needs its ``provider``, ``_open``, ``sim``, ``clock``, ``_queued_at``, ``_final``, ``_unanswered``,
     ``_pump`` and ``_kick``. Work queued at a rate gate ends cancelled at once, and work that comes later when
     its gate lets it start; a batch not yet created is never created; a batch under way is cancelled now (its
     follow-up, woken, reads what it finished, and its unfinished members go back to a grouper, which ends
@@ -193,11 +195,11 @@ class CancelDispatches:
         if self._withdrawn is None:
             self._withdrawn = {}
         _remember(self._withdrawn, uids)
-        n = sum(self._all_withdrawn(rec[1]) for rec in self._open.values())
-        if n:  # each follow-up wakes and cancels its batch now; the event is made anew for later sleeps
+        gone = [rec for rec in self._open.values() if self._all_withdrawn(rec[1])]
+        if gone:  # each follow-up (or lookup) wakes and acts now; the event is made anew for later sleeps
             event, self._cancel_event = self._woken(), None
             event.set()
-        return n
+        return sum(rec[4] is not None for rec in gone)  # those created: each is cancelled now
 
     def _all_withdrawn(self, jobs: list[Job]) -> bool:
         w = self._withdrawn
@@ -219,5 +221,6 @@ class CancelDispatches:
         if kind == "sync":
             self.sim.finish_sync(jobs[0].req.model, self.clock.now(), 0)
         for j in gone:
-            self._final(b, j, False, 0.0, b.mode, error=_WHY if self._cancelled else _WITHDRAWN)
+            why = _WHY if self._cancelled else _WITHDRAWN_AFTER_TRY if self._unanswered[j.req.uid] else _WITHDRAWN
+            self._final(b, j, False, 0.0, b.mode, error=why)
         return [] if gone is jobs else [j for j in jobs if j.req.uid not in w]

@@ -44,6 +44,8 @@ class Recovery:
         """Finished requests past the driver's retention: a new request may use their ids."""
         for u in uids:
             self._done.pop(u, None)
+            if self._withdrawn:  # free again: a new request under it is sent (a review)
+                self._withdrawn.pop(u, None)
 
     async def recall(self, uids: list[str]) -> list[str]:
         """Of ``uids`` (requests re-admitted after a restart), those this dispatcher knows: still carrying them
@@ -135,6 +137,13 @@ class Recovery:
                 self._spawn(self._follow_batch(key, b, jobs, start, tokens, handle, cjobs), jobs, b)
             n += 1
         for key, (b, handle, jobs, start, cancel) in watches.items():
+            if handle is None and not getattr(self.provider, "names_batches", True) and key not in self._watching:
+                # A lost create's batch with no name (Anthropic): a restarted process no longer knows its own
+                # batches, and took one of them, the same members sent again, for the lost one (a review).
+                log.error("dispatcher %s: after a restart, the batch of lost create %s can no longer be told from "
+                          "this engine's own; if it was made, what it finishes is paid twice, uncounted", self.name, key)
+                self._unjournal.append((self._watch_space, key))
+                continue
             if key not in self._watching:  # a batch whose members went again: still cancelled, and counted
                 await self._watch(b, key, jobs, start, handle, cancel)
         self.reattached += n

@@ -114,6 +114,8 @@ class Grouper(CancelGroups, Parking, Warm):
         must not be answered with a result that ended here for the old one."""
         for u in uids:
             self._ended.pop(u, None)
+            if self._withdrawn:  # free again: a new request under it is sent (a review)
+                self._withdrawn.pop(u, None)
 
     async def observe_turnarounds(self, obs: list[Turnaround], source: str | None = None, seq: int = 0) -> None:
         """Batch-API batches the dispatchers started and ended: the table learns the turnaround from them, at

@@ -23,16 +23,13 @@ __all__ = ["Ingest"]
 
 log = logging.getLogger("smartbatch.ingest")
 
-
 ACCEPTED = "accepted"  # the journal space of accepted requests
 JOURNAL_RETRY_S = 5.0  # after a failed journal write, submits skip the journal this long (real seconds)
 OWN_ROWS = 1 << 48  # where ingest's own draw rows start (re-admissions): beyond any driver's
 REPEAT_LOOK_S = 5.0  # real seconds between the two looks for a repeated id's request before it counts as gone
-# A driver killed without ``stop()`` (kill -9, SIGTERM, a script that ends without it) never forgets its ids nor
-# leaves: the hub drops it once it has not pulled for ``hub.CLIENT_IDLE_S``, and ingest, asking the hub at most
-# every DROPS_CHECK_S (real seconds, on a submit: only submits add ids), forgets the ids only it held
-# DROPPED_FORGET_S later (the drivers' default ``retention_s``), as its ``leave`` would have. Before this, each
-# such driver left every id it had submitted in ``seen`` and ``holders`` for the engine's life.
+# A driver killed without ``stop()`` never forgets its ids nor leaves: the hub drops it once it has not pulled for
+# ``hub.CLIENT_IDLE_S``; ingest asks the hub at most every DROPS_CHECK_S (real seconds, on a submit) and forgets
+# the ids only it held DROPPED_FORGET_S later (the default ``retention_s``). Before, they stayed for good.
 DROPS_CHECK_S = 60.0
 DROPPED_FORGET_S = 3600.0
 
@@ -172,10 +169,12 @@ class Ingest(Warm):
             return True
         if isinstance(h, set):
             h.discard(client)
-            if not h:
-                del self.holders[uid]
-                return True
+            return not h and self.holders.pop(uid) is not None
         return False
+
+    async def sole(self, uids: list[str], client: str) -> list[str]:
+        """Of ``uids``, those no driver but ``client`` holds: another's copy of the request must run on."""
+        return [u for u in uids if (h := self.holders.get(u)) is None or h == client or isinstance(h, set) and h <= {client}]
 
     async def leave(self, client: str, after_s: float, dropped: bool = False) -> int:
         """Driver ``client`` left the engine: the ids only it held are forgotten ``after_s`` (real) seconds from

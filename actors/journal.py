@@ -57,7 +57,7 @@ async def read_patiently(read: Callable[[], Awaitable[T]], who: str, wait_s: flo
     raise AssertionError("unreachable")
 
 
-def delete_later(journal, space: str, keys: list[str], tasks: set) -> None:
+def delete_later(journal, space: str, keys: list[str], tasks: set, pending: set[str] | None = None) -> None:
     """Delete ``keys`` of ``space`` again, in the background (``tasks`` holds the task while it runs), after the
     journal failed to (a Redis blip). A record of ended work left in the journal is work a restart takes up again:
     a batch re-attached to, whose cancelled members are handed back to be sent again, or a call made again, which
@@ -69,8 +69,14 @@ def delete_later(journal, space: str, keys: list[str], tasks: set) -> None:
         give_up = asyncio.get_running_loop().time() + JOURNAL_TTL_S
         for attempt in itertools.count(1):
             await asyncio.sleep(retry_delay(attempt, DELETE_BASE_S, DELETE_MAX_S, 1.0))
+            # ``pending``: those not written anew since (the same key, a request sent again under its id): a late
+            # try must not delete a newer record (a review).
+            todo = keys if pending is None else [k for k in keys if k in pending]
             try:
-                await journal.delete(space, keys)
+                if todo:
+                    await journal.delete(space, todo)
+                if pending is not None:
+                    pending.difference_update(todo)
                 return
             except Exception as exc:
                 if attempt == DELETE_TRIES:
@@ -181,8 +187,10 @@ class JournalWriter:
         self._done: asyncio.Future | None = None
         self._task: asyncio.Task | None = None
         self.retries: set[asyncio.Task] = set()  # deletes tried again (``delete_later``)
+        self._retrying: set[str] = set()  # their keys, until written anew
 
     async def put(self, key: str, value: Any) -> None:
+        self._retrying.discard(key)
         self._puts[key] = value
         fut = self._arm()
         await asyncio.shield(fut)
@@ -210,7 +218,8 @@ class JournalWriter:
                 except Exception as exc:
                     log.warning("journal %s: delete failed, trying again (%s: %s)", self.space, type(exc).__name__,
                                 exc)
-                    delete_later(self.journal, self.space, dels, self.retries)
+                    self._retrying.update(dels)
+                    delete_later(self.journal, self.space, dels, self.retries, self._retrying)
             if puts:
                 try:
                     await self.journal.put_many(self.space, puts)
@@ -220,28 +229,36 @@ class JournalWriter:
                 done.set_result(None)
 
 
-def check_keeps_records(settings) -> None:
-    """Raise ``ConfigError`` when the journal's Redis may evict its keys (any ``maxmemory-policy`` but
-    ``noeviction``, as a Redis run as a cache has): its records would be dropped, unsaid, and a restart would then pay again
-    for the calls and batches they named (a helper's fault hunt). A Redis that does not answer, or does not let
-    its configuration be read (managed services), is let be: the journal is an aid, never a gate."""
+def check_keeps_records(settings):
+    """``settings`` with a journal that keeps its records. A Redis with a memory limit and any
+    ``maxmemory-policy`` but ``noeviction`` (a Redis run as a cache) may drop them, unsaid, and a restart would
+    then pay again for the calls and batches they named (a helper's fault hunt): one named for the journal (or
+    the budgets) is refused with ``ConfigError``; the cache's, which the journal only falls back to, is left to
+    the cache and the journal kept in the hub's memory, with a warning. A Redis that does not answer, or does
+    not let its configuration be read (managed services), is let be: the journal is an aid, never a gate."""
     url = settings.journal_redis_url()
     if not url:
-        return
+        return settings
     import redis
 
     try:
         with redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0) as client:
-            policy = str(client.config_get("maxmemory-policy").get("maxmemory-policy", ""))
+            cfg = client.config_get("maxmemory*")
+        policy, limit = str(cfg.get("maxmemory-policy", "")), int(cfg.get("maxmemory", 0) or 0)
     except Exception:
-        return
-    if policy and policy != "noeviction":  # volatile-* too: each space has an expiry (JOURNAL_TTL_S)
-        setting = ("journal.redis_url" if settings.journal.redis_url else "budgets.redis_url"
-                   if settings.budgets.redis_url else "cache.redis_url")
-        raise ConfigError(f"setting {setting}: the journal's Redis evicts keys (maxmemory-policy {policy}), so it "
-                          "may drop the records of calls and batches under way, and a restart would pay for them "
-                          "again; set SMARTBATCH_JOURNAL__REDIS_URL to a Redis with maxmemory-policy noeviction, "
-                          "or run this one so (CONFIG SET maxmemory-policy noeviction)")
+        return settings
+    if not limit or policy in ("", "noeviction"):  # no limit: nothing is ever evicted, whatever the policy
+        return settings
+    why = (f"the journal's Redis may evict keys (maxmemory {limit}, maxmemory-policy {policy}), and with them the "
+           "records of calls and batches under way, which a restart would then pay for again")
+    if not settings.journal.redis_url and not settings.budgets.redis_url:
+        log.warning("smartbatch: %s; the journal is kept in the result hub's memory instead (set "
+                    "SMARTBATCH_JOURNAL__REDIS_URL to a Redis with maxmemory-policy noeviction to keep it there)",
+                    why.replace("the journal's Redis", "the cache's Redis (cache.redis_url)"))
+        return settings.model_copy(update={"journal": settings.journal.model_copy(update={"in_memory": True})})
+    setting = "journal.redis_url" if settings.journal.redis_url else "budgets.redis_url"
+    raise ConfigError(f"setting {setting}: {why}; point SMARTBATCH_JOURNAL__REDIS_URL at a Redis with "
+                      "maxmemory-policy noeviction, or run this one so (CONFIG SET maxmemory-policy noeviction)")
 
 
 def redis_journal(settings, engine: str) -> RedisJournal | None:

@@ -95,7 +95,7 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
     from engine.core.resilience import check_fallbacks
 
     check_fallbacks(catalog, settings.resilience)
-    check_keeps_records(settings)
+    settings = check_keeps_records(settings)
     life = {"lifetime": "detached"} if detached else {}
 
     def opts(kind: str, **more) -> dict:

@@ -111,6 +111,7 @@ class BatchHandle:
 
 class HttpBase:
     real = True
+    names_batches = True  # OpenAI's carry their name in their metadata (Anthropic's override it)
 
     def __init__(self, name: str, catalog: Catalog, settings: Settings, endpoint: ProviderEndpoint,
                  key: Secret | None, clock):

@@ -41,6 +41,8 @@ def _text(msg: Mapping) -> str | None:
 
 
 class AnthropicProvider(HttpBase):
+    names_batches = False  # a Message Batch carries nothing that names it (``find_batch``)
+
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
         import anthropic

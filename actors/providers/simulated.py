@@ -32,6 +32,7 @@ class _Handle:
 class SimulatedProvider:
     real = False
     honours_keys = True  # nothing real is billed: a simulated retry never pays for an earlier attempt
+    names_batches = True  # (nothing real is made: ``find_batch`` finds nothing)
 
     def __init__(self, sim: SimProvider, clock):
         self.name = sim.spec.name

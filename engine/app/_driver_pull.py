@@ -65,19 +65,25 @@ class Pulling:
         sent yet ends ``failed`` (``error`` "cancelled: withdrawn ..."), billed nothing; a provider batch whose
         members are all withdrawn is cancelled, and what it finished (billed) is answered. A request already in
         a call, or in a provider batch that carries other work, runs on and is billed. Every future resolves
-        either way: wait for them as usual. Any driver may withdraw its own requests; the engine goes on.
-        Returns how many of ``futures`` were still open."""
+        either way: wait for them as usual. Any driver may withdraw its own requests (one that another driver of
+        a shared engine submitted too runs on); the engine goes on. Returns how many it withdrew."""
         if not self._running:
             raise EngineStopped(f"engine {self.name!r} was stopped: there is nothing left to cancel")
         futures = list(futures)
         if not all(isinstance(f, ResultFuture) for f in futures):
             raise ConfigError("cancel_requests takes the futures that submit() and submit_many() returned")
         with self._lock:
-            uids = [f._req.uid for f in futures if not f.done() and self._futs.get(f._req.uid) is f]
-        if not uids:
+            reqs = [f._req for f in futures if not f.done() and self._futs.get(f._req.uid) is f]
+        if not reqs:
             return 0
         self._flush()
         ray = self._ray
+        # Only what this driver alone holds: a request another driver of a shared engine submitted too is theirs
+        # as well, and runs on (a review: it was withdrawn for both).
+        uids = [u for part in ray.get([i.sole.remote([r.uid for r in rs], self._client)
+                                       for i, rs in self._by_ingest(reqs)], timeout=timeout_s) for u in part]
+        if not uids:
+            return 0
         # The groupers first: a member a dispatcher hands back (from a batch it cancels) finds them told.
         ray.get([g.withdraw.remote(uids) for g in self._h["groupers"]], timeout=timeout_s)
         ray.get([d.withdraw.remote(uids) for d in self._h["dispatchers"].values()], timeout=timeout_s)

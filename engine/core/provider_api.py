@@ -140,6 +140,9 @@ class Provider(Protocol):
     # A call made again under its idempotency key gets the first answer, billed once (ProviderEndpoint's
     # ``honours_idempotency_key``): False, a retry that succeeds after an unanswered call may be a second bill.
     honours_keys: bool
+    # Its batches carry a name the engine gave them (OpenAI's metadata): a batch whose create got no answer is
+    # found by it. False (Anthropic): only by its size among batches this process did not make.
+    names_batches: bool
 
     def sync_body(self, job: CallJob) -> dict | None:
         """The body ``call`` would send for ``job`` now (None: nothing is sent). The dispatcher fixes it at the

@@ -206,6 +206,9 @@ class JournalSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     redis_url: str | None = Field(default=None, description="None: the budgets' or the cache's Redis when one is "
                                   "set, else the result hub's memory")
+    in_memory: bool = Field(default=False, description="keep the journal in the result hub's memory even where a "
+                            "Redis is set (the engine sets it when the cache's Redis, which it would fall back "
+                            "to, may evict keys)")
     recover_wait_s: float = Field(default=60.0, ge=0.0, description="real seconds a restarted dispatcher keeps "
                                   "trying to read an unreadable journal (work waits meanwhile) before it sends "
                                   "the members of its open batches again, which may bill them twice")
@@ -262,6 +265,8 @@ class Settings(BaseSettings):
 
     def journal_redis_url(self) -> str | None:
         """The Redis the journal uses: its own setting, else the budgets', else the cache's (None: memory)."""
+        if self.journal.in_memory:
+            return None
         return self.journal.redis_url or self.budgets.redis_url or self.cache.redis_url
 
 

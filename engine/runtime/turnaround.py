@@ -56,6 +56,16 @@ class Turnaround(NamedTuple):
     censored: bool = False
 
 
+def batch_turnaround(provider: str, model: str, start: float, ends: list[float], n: int, end: float) -> Turnaround:
+    """What a batch of ``n`` members that ended tells of the turnaround: when its last member finished
+    (``ends``: when each it answered did), or, with members missing (cancelled late, expired), only that it ran
+    longer than it did, censored at ``end`` (its hedge time when it was cancelled, which is when the simulator
+    ends it too)."""
+    if len(ends) == n:
+        return Turnaround(provider, model, start, max(max(ends), start))
+    return Turnaround(provider, model, start, end, censored=True)
+
+
 def submitted(start: float, hedge_at: float | None) -> bool:
     """Whether a batch starting at ``start`` reaches the provider (and so tells of its turnaround): one whose
     hedge came while it queued is never sent (``engine.runtime.providers.SimProvider.batch``)."""

@@ -412,18 +412,62 @@ def test_a_delete_the_journal_failed_is_tried_until_it_is_done(monkeypatch):
     asyncio.run(go())
 
 
-def test_a_journal_redis_that_evicts_keys_is_refused_at_start_naming_the_setting(own_redis):
-    """A journal on a Redis run as a cache (allkeys-lru) lost its records to the cache's own writes, and a
-    restart would then pay again for what they named (a helper's fault hunt)."""
+def test_a_journal_redis_that_may_evict_keys_is_refused_or_left_to_the_cache(own_redis):
+    """A journal on a Redis run as a cache (a memory limit, allkeys-lru) lost its records to the cache's own
+    writes, and a restart would then pay again for what they named (a helper's fault hunt). Named for the
+    journal, such a Redis is refused; the cache's, which the journal only falls back to, keeps the cache and the
+    journal goes to the hub's memory. Without a memory limit Redis evicts nothing, whatever its policy."""
     from actors.journal import check_keeps_records
     from engine.core.errors import ConfigError
 
-    cfg = Settings().model_copy(update={"cache": CacheSettings(redis_url=own_redis.url)})
-    check_keeps_records(cfg)  # noeviction, Redis's default: fine
-    own_redis.client().config_set("maxmemory-policy", "allkeys-lru")
-    with pytest.raises(ConfigError, match="setting cache.redis_url: the journal's Redis evicts keys "
-                                          r"\(maxmemory-policy allkeys-lru\)"):
-        check_keeps_records(cfg)
-    own_redis.client().config_set("maxmemory-policy", "volatile-lru")  # each journal space has an expiry
+    by_cache = Settings().model_copy(update={"cache": CacheSettings(redis_url=own_redis.url)})
+    by_journal = Settings().model_copy(update={"journal": JournalSettings(redis_url=own_redis.url)})
+    r = own_redis.client()
+    r.config_set("maxmemory-policy", "allkeys-lru")
+    assert check_keeps_records(by_journal) is by_journal  # maxmemory 0: nothing is evicted
+    r.config_set("maxmemory", "100mb")
+    kept = check_keeps_records(by_cache)
+    assert kept.journal.in_memory and kept.journal_redis_url() is None and kept.cache.redis_url == own_redis.url
+    with pytest.raises(ConfigError, match=r"setting journal.redis_url: the journal's Redis may evict keys "
+                                          r"\(maxmemory 104857600, maxmemory-policy allkeys-lru\)"):
+        check_keeps_records(by_journal)
+    r.config_set("maxmemory-policy", "volatile-lru")  # each journal space has an expiry
     with pytest.raises(ConfigError, match="maxmemory-policy volatile-lru"):
-        check_keeps_records(cfg)
+        check_keeps_records(by_journal)
+    r.config_set("maxmemory-policy", "noeviction")
+    assert check_keeps_records(by_journal) is by_journal
+
+
+def test_a_late_retry_of_a_failed_delete_leaves_a_record_written_anew_under_its_key(monkeypatch):
+    """Tried for as long as it takes, an old delete could remove the record of a new call under the same key
+    (the same id sent again), which a restart would then not make again (a review)."""
+    from actors import journal as jmod
+
+    monkeypatch.setattr(jmod, "DELETE_BASE_S", 0.001)
+    monkeypatch.setattr(jmod, "DELETE_MAX_S", 0.002)
+
+    class Store:
+        def __init__(self):
+            self.recs, self.fails = {}, 3
+
+        async def put_many(self, space, values):
+            self.recs.update(values)
+
+        async def delete(self, space, keys):
+            if self.fails:
+                self.fails -= 1
+                raise ConnectionError("Redis is away")
+            for k in keys:
+                self.recs.pop(k, None)
+
+    async def go():
+        store = Store()
+        w = jmod.JournalWriter(store, "sync:openai")
+        await w.put("k", "old call")
+        w.delete("k")  # fails: tried again later
+        w._arm()
+        await w._task
+        await w.put("k", "new call")  # the same key, written anew before the retry gets through
+        await asyncio.wait_for(asyncio.gather(*w.retries), 10)
+        assert store.recs == {"k": "new call"}  # the retry left it (before, it deleted the new record)
+    asyncio.run(go())

@@ -145,3 +145,52 @@ def test_the_watch_of_a_batch_never_looked_up_outlives_a_restart(emu, quick_look
         finally:
             await rig.close()
     asyncio.run(go())
+
+
+def test_an_anthropic_watch_is_not_resumed_where_it_would_take_the_engines_own_batch_for_the_lost_one(
+        emu, quick_lookups):  # noqa: F811
+    """Anthropic's batches carry no name: the lost create's batch is found by its size among batches the process
+    did not make. After a restart the process knows none of its own, and the watch took the batch the members
+    went back in (same size, same custom_ids) for the lost one, counting and charging its members as paid twice
+    though the lost create made nothing (a review). Such a watch is given up on at a restart, saying so."""
+    from tests.unit.test_batch_faults import _restarted
+
+    provider, jobs = "anthropic", jobs_of("anthropic", claims=True)
+    emu.honour_keys = False
+
+    async def go():
+        rig = Rig(emu, provider)
+        batches = rig.d.provider.client.messages.batches
+        inner, sdk, lost = batches.create, rig.d.provider._sdk, []
+
+        async def never_made_once(*a, **kw):  # the first create: no answer, and the provider made nothing
+            if not lost:
+                lost.append(1)
+                raise sdk.APITimeoutError(request=sdk_request())
+            return await inner(*a, **kw)
+
+        batches.create = never_made_once
+        emu.faults.script(provider, LIST[provider], [{"status": 500}] * 10_000)  # the listing is down meanwhile
+        try:
+            await rig.reserve(jobs)
+            await rig.run("batch_api", jobs, hedge_at=rig.clock.now() + 0.3 * T)
+            await rig.resolved(jobs, timeout_s=30)
+            back = rig.grouper.readmitted()
+            assert len(back) == len(jobs) and list(rig.d._watching)
+            await rig.run("batch_api", back, bid="again")  # the policy sends them in a batch of their own again
+            await rig.until(lambda: len(rig.results) == len(jobs), "the second batch's results", 60)
+            for t in list(rig.d._tasks):  # the dispatcher dies while its watch still looks
+                t.cancel()
+            await asyncio.gather(*rig.d._tasks, return_exceptions=True)
+            await _journal_quiet(rig)
+            emu.faults.clear()  # the listing answers again
+            new = _restarted(rig)
+            await new.recover()
+            async with asyncio.timeout(60):
+                while new._tasks:
+                    await asyncio.wait(list(new._tasks))
+            assert len(billed_by_custom_id(emu)) == len(jobs) and new.paid_twice == 0 and not new._watching
+            await new.provider.close()
+        finally:
+            await rig.close()
+    asyncio.run(go())

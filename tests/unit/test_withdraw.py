@@ -126,3 +126,33 @@ def test_withdrawn_work_that_starts_later_is_not_sent(quarter):  # noqa: F811
         finally:
             await rig.close()
     asyncio.run(go())
+
+
+def test_a_withdrawn_id_forgotten_past_its_retention_names_a_new_request_that_is_sent():
+    """The withdrawn ids were kept for good: a new request under one, once the driver had forgotten the old
+    (past ``retention_s``), ended "cancelled" at once (a review)."""
+    async def go():
+        g, disp, hub = _gathering_grouper()
+        await g.add([Job(0, plain_req(0), "a")])
+        assert await g.withdraw([plain_req(0).uid]) == 1
+        await g.forget([plain_req(0).uid])
+        await g.add([Job(1, plain_req(0), "a"), Job(2, plain_req(2), "c"), Job(3, plain_req(3), "d")])
+        assert sorted(await _sent_by(g)) == ["r0", "r2", "r3"]
+    asyncio.run(go())
+
+
+def test_ingest_names_the_requests_a_driver_alone_holds():
+    """A request two drivers of a shared engine submitted is theirs both: one driver's cancel_requests must not
+    end it for the other (a review), so only the ids it alone holds are withdrawn."""
+    from actors import Ingest
+
+    async def go():
+        ing = Ingest([Recorder()], hub=ResultHub())
+        a, b = plain_req(0), plain_req(1)
+        await ing.submit([a, b], "driver-1")
+        await ing.submit([b], "driver-2")  # the same request, from another driver
+        assert await ing.sole([a.uid, b.uid], "driver-1") == [a.uid]
+        assert await ing.sole([b.uid], "driver-2") == []
+        await ing.forget([b.uid], "driver-1")
+        assert await ing.sole([b.uid], "driver-2") == [b.uid]
+    asyncio.run(go())
