@@ -201,6 +201,12 @@ class ResultHub(Warm, MemoryJournalStore):
         ingest forgets the ids only they held, which no ``leave`` will ever name (``Ingest.submit``)."""
         return [c for k, c in self._drops if k >= seq], self._next_drop
 
+    async def quiet(self, clients: list[str], after_s: float) -> list[str]:
+        """Of ``clients``, those that have not pulled from here for ``after_s`` real seconds (a live driver pulls
+        all the time): gone, as a replica killed and replaced is, though not yet dropped as idle."""
+        now = time.monotonic()
+        return [c for c in clients if (q := self._clients.get(c)) is None or c in self._lost or now - q.seen_at > after_s]
+
     async def knows(self, client: str) -> bool:
         """Whether driver ``client`` pulls from here (a driver dropped as idle pulls again once it is back)."""
         return client in self._clients and client not in self._lost

@@ -172,9 +172,9 @@ class Ingest(Warm):
             return not h and self.holders.pop(uid) is not None
         return False
 
-    async def sole(self, uids: list[str], client: str) -> list[str]:
-        """Of ``uids``, those no driver but ``client`` holds: another's copy of the request must run on."""
-        return [u for u in uids if (h := self.holders.get(u)) is None or h == client or isinstance(h, set) and h <= {client}]
+    async def others(self, uids: list[str], client: str) -> list[list[str]]:
+        """For each of ``uids``, the drivers but ``client`` that hold it here (their copy must run on)."""
+        return [sorted(h - {client}) if isinstance(h, set) else [h] if h not in (None, client) else [] for h in map(self.holders.get, uids)]
 
     async def leave(self, client: str, after_s: float, dropped: bool = False) -> int:
         """Driver ``client`` left the engine: the ids only it held are forgotten ``after_s`` (real) seconds from

@@ -246,6 +246,8 @@ def rewire(h: dict, kind: str, metrics: tuple[int, str] | None = None) -> None:
         ray.get(h["named"][kind].relearn.remote())  # the batch turnarounds it had learned, from the dispatchers
         if h.get("cancelled"):  # the engine was cancelled (Engine.cancel): a new incarnation knew nothing of it
             ray.get(h["named"][kind].cancel.remote())
+        if withdrawn := h.get("withdrawn"):  # nor of the requests withdrawn (Engine.cancel_requests)
+            ray.get(h["named"][kind].withdraw.remote(list(withdrawn)))
     elif kind.startswith("dispatcher-"):
         d = h["named"][kind]
         ray.get(d.set_clock.remote(clock))
@@ -253,6 +255,8 @@ def rewire(h: dict, kind: str, metrics: tuple[int, str] | None = None) -> None:
             raise RuntimeError(f"{kind} could not read its journal")
         if h.get("cancelled"):  # cancels the batches its journal named, which it follows again
             ray.get(d.cancel.remote())
+        if withdrawn := h.get("withdrawn"):  # cancels those of them whose members were all withdrawn
+            ray.get(d.withdraw.remote(list(withdrawn)))
     elif base == "cache":
         ray.get(h["named"][kind].set_clock.remote(clock))
         ray.get(h["named"][kind].warm_from_redis.remote())

@@ -19,6 +19,8 @@ from engine.core.result import Result
 __all__ = ["Pulling"]
 
 PULL_WAIT_S = 0.2  # how long one pull waits at the hub when nothing is ready
+WITHDRAWN_KEEP = 262_144  # withdrawn ids kept for the rewiring of a restarted actor (as the actors keep them)
+QUIET_S = 10.0  # a driver that has not pulled for this long (real seconds) has left, for cancel_requests
 FORGET_WAIT_S = 10.0  # at most this long a request under an id being forgotten waits for the forget
 CHECK_EVERY_S = 0.05  # how often the check loop collects returned ingest calls and forgets finished requests
 LAST_REPORT_S = 5.0  # at most this long a stop waits for the report it keeps
@@ -69,7 +71,10 @@ class Pulling:
         a shared engine submitted too runs on); the engine goes on. Returns how many it withdrew."""
         if not self._running:
             raise EngineStopped(f"engine {self.name!r} was stopped: there is nothing left to cancel")
-        futures = list(futures)
+        try:
+            futures = list(dict.fromkeys(futures))  # each once (one twice counted twice)
+        except TypeError:
+            futures = [None]
         if not all(isinstance(f, ResultFuture) for f in futures):
             raise ConfigError("cancel_requests takes the futures that submit() and submit_many() returned")
         with self._lock:
@@ -78,13 +83,23 @@ class Pulling:
             return 0
         self._flush()
         ray = self._ray
-        # Only what this driver alone holds: a request another driver of a shared engine submitted too is theirs
-        # as well, and runs on (a review: it was withdrawn for both).
-        uids = [u for part in ray.get([i.sole.remote([r.uid for r in rs], self._client)
-                                       for i, rs in self._by_ingest(reqs)], timeout=timeout_s) for u in part]
+        # Only what no other live driver holds: a request another driver of a shared engine submitted too is
+        # theirs as well, and runs on (a review: it was withdrawn for both). One that has stopped pulling (a
+        # replica killed and replaced, whose successor asked the same ids again) holds nothing any more: counted,
+        # it kept every line of a cancelled endpoint batch running and billed (a helper's hunt).
+        parts = self._by_ingest(reqs)
+        others = [o for ol in ray.get([i.others.remote([r.uid for r in rs], self._client) for i, rs in parts],
+                                      timeout=timeout_s) for o in ol]
+        named = sorted({c for o in others for c in o})
+        gone = set(ray.get(self._h["hubs"][0].quiet.remote(named, QUIET_S), timeout=timeout_s)) if named else set()
+        uids = [r.uid for (_, rs) in parts for r in rs]
+        uids = [u for u, o in zip(uids, others, strict=True) if gone.issuperset(o)]
         if not uids:
             return 0
         # The groupers first: a member a dispatcher hands back (from a batch it cancels) finds them told.
+        # Kept for a rewire: a grouper or dispatcher Ray restarts knew nothing of it, and followed the withdrawn
+        # members' batch to its end, billed (a helper's hunt). Replaced whole: the supervisor's thread reads it.
+        self._h["withdrawn"] = dict.fromkeys([*list(self._h.get("withdrawn", {}))[-WITHDRAWN_KEEP:], *uids])
         ray.get([g.withdraw.remote(uids) for g in self._h["groupers"]], timeout=timeout_s)
         ray.get([d.withdraw.remote(uids) for d in self._h["dispatchers"].values()], timeout=timeout_s)
         return len(uids)
@@ -148,6 +163,9 @@ class Pulling:
         (nothing orders two calls to an async actor, nor an actor's messages to two others)."""
         out = self._forgetting
         out[:] = [(ref, uids) for ref, uids in out if not self._ray.wait([ref], timeout=0)[0]]  # done: dropped
+        if (withdrawn := self._h.get("withdrawn")) and not (freed := {r.uid for r in reqs}).isdisjoint(withdrawn):
+            # Free again: a rewire must not withdraw a new request under one of them.
+            self._h["withdrawn"] = {u: None for u in withdrawn if u not in freed}
         for i, part in self._by_ingest(reqs):
             uids = {r.uid for r in part}
             out.append((i.forget.remote(list(uids), self._client), uids))

@@ -64,7 +64,7 @@ from engine.app._endpoint_wire import (
 from engine.core.batchfile import list_price_usd, provider_status, response_body
 from engine.core.catalog import Catalog
 from engine.core.request import Request
-from engine.core.result import Result
+from engine.core.result import Result, why_not
 
 __all__ = ["HEADER_COST", "HEADER_DEADLINE", "HEADER_HIT", "HEADER_MODE", "HEADER_PRIORITY",
            "HEADER_REQUEST_ID", "HEADER_SAVING", "HEADER_TENANT", "MAX_FILE_BYTES", "AsyncEngine", "make_app"]
@@ -257,7 +257,7 @@ def _client_waits(headers) -> float | None:
 
 def _failure(res: Result) -> ApiError:
     status, kind, code = _FAILURES.get(res.status, _FAILURES["failed"])
-    message = res.error or res.reason or res.status
+    message = why_not(res)
     status = provider_status(res) or status  # the provider's own answer, passed through
     return ApiError(status, f"request {res.id!r} {res.status}: {message}", type=kind, code=code, headers=_NO_RETRY)
 

@@ -220,6 +220,12 @@ def check_media(params: dict[str, Any], spec: ModelSpec, model: str) -> None:
         if params["size"] not in table:
             raise FieldProblem("params.size", f"params.size {params['size']!r} is not offered by {model!r}; "
                                f"use one of {sorted(table)}")
+        # A quality the provider does not know was reserved and counted at the dearest, and answered with a 400
+        # (an emulator that took it billed it so; a helper's hunt).
+        qualities = spec.per_image_quality
+        if qualities and params.get("quality") not in (None, "auto", *qualities):
+            raise FieldProblem("params.quality", f"params.quality {params['quality']!r} is not offered by {model!r}; "
+                               f"use one of {sorted(qualities)} or 'auto'")
     elif spec.kind == "video":
         table = spec.per_second or spec.gpu_s_per_video_second or {}
         params.setdefault("resolution", spec.default_resolution or next(iter(table)))

@@ -35,7 +35,7 @@ from engine.core.catalog import Catalog, default_catalog
 from engine.core.cost import price_alone
 from engine.core.errors import ConfigError, TraceError
 from engine.core.request import Request, validation_context
-from engine.core.result import CANCELLED, Result
+from engine.core.result import CANCELLED, Result, why_not
 from engine.core.settings import MAX_DEADLINE_S, Settings
 from engine.core.trace import Trace, _problems_of, decode_lines, read_lines
 
@@ -290,7 +290,7 @@ def result_rows(bf: BatchFile, results: Sequence[Result], *, created: int = 0) -
         else:
             cancelled = (res.error or "").startswith(CANCELLED)
             code = "batch_cancelled" if cancelled else ERROR_CODES.get(res.status, "request_failed")
-            row = error_line(ln.custom_id, code, res.error or res.reason or res.status, tenant=ln.request.tenant)
+            row = error_line(ln.custom_id, code, why_not(res), tenant=ln.request.tenant)
             status = provider_status(res)
             if status is not None:
                 # The provider answered with an HTTP error: OpenAI's error file gives such a line its response

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-__all__ = ["CANCELLED", "ID_TAKEN", "Result", "Status"]
+__all__ = ["CANCELLED", "ID_TAKEN", "Result", "Status", "why_not"]
 
 Status = Literal["ok", "reused", "failed", "rejected", "expired"]
 # The reason of a request refused because another driver submitted its (tenant, id) with other content: its
@@ -46,3 +46,12 @@ class Result(BaseModel):
     def uid(self) -> str:
         """The identity of the request this result answers (``Request.uid``)."""
         return f"{len(self.tenant)}:{self.tenant}/{self.id}"
+
+
+def why_not(res: Result) -> str:
+    """What to tell a caller of a result that is not an answer: its error, and its reason beside it when that
+    says more ("budget_exhausted: budget global has $0.000371 left"; the reason was dropped, a helper's hunt)."""
+    parts = [p for p in (res.error, res.reason) if p]
+    if len(parts) == 2 and parts[1] in parts[0]:
+        parts = parts[:1]
+    return ": ".join(parts) or res.status

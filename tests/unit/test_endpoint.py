@@ -65,6 +65,9 @@ class FakeEngine:
     def _result(self, req: Request) -> Result:
         if req.id.endswith("boom"):
             return Result(id=req.id, tenant=req.tenant, status="failed", error="openai HTTP 503: overloaded")
+        if req.id.endswith("broke"):
+            return Result(id=req.id, tenant=req.tenant, status="rejected", error="budget_exhausted",
+                          reason="budget global has $0.000371 left")
         if req.id.endswith("late"):
             return Result(id=req.id, tenant=req.tenant, status="expired", error="deadline passed before a result")
         if req.kind == "image":
@@ -339,6 +342,15 @@ def test_a_failed_result_passes_the_providers_status_and_a_full_engine_is_a_429(
     with pytest.raises(openai.RateLimitError) as exc:
         chat(client, extra_headers={endpoint.HEADER_REQUEST_ID: "full"})
     assert exc.value.response.headers["retry-after"] == "1"
+
+
+def test_a_budget_refusal_tells_the_client_which_budget_and_what_is_left(served):
+    """The 429 said only "budget_exhausted": the reason the engine gives (which budget, what it has left, as
+    docs/budgets.md promises) was dropped whenever an error was set (a helper's hunt)."""
+    _, client = served
+    with pytest.raises(openai.RateLimitError) as exc:
+        chat(client, extra_headers={endpoint.HEADER_REQUEST_ID: "q-broke"})
+    assert "budget_exhausted: budget global has $0.000371 left" in exc.value.message
 
 
 def test_images_come_back_in_openais_shape(served):

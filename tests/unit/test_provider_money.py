@@ -166,3 +166,12 @@ def test_a_prompt_beside_a_body_without_text_is_sent_as_the_question_not_as_fill
                              Secret("k"), ManualClock(0.0))
     assert [openai_.body(CallJob("k", r, 0.0, 0, 0))["input"] for r in reqs] == [r.prompt for r in reqs]
     assert fingerprint(reqs[0]) != fingerprint(reqs[1])
+
+
+def test_an_image_quality_the_model_does_not_offer_is_refused_naming_it():
+    """"ultra" was accepted, reserved and counted at the dearest quality, and sent to a provider that answers it
+    with a 400 (a helper's hunt); the catalog's qualities and "auto" pass."""
+    with pytest.raises(ValidationError, match="params.quality 'ultra' is not offered by 'gpt-image-1'"):
+        make(model="gpt-image-1", kind="image", prompt="a cat", params={"quality": "ultra"})
+    assert make(model="gpt-image-1", kind="image", prompt="a cat", params={"quality": "high"}).params["quality"] == "high"
+    assert make(model="gpt-image-1", kind="image", prompt="a cat", body={"prompt": "a cat", "quality": "auto"})

@@ -141,18 +141,52 @@ def test_a_withdrawn_id_forgotten_past_its_retention_names_a_new_request_that_is
     asyncio.run(go())
 
 
-def test_ingest_names_the_requests_a_driver_alone_holds():
+def test_ingest_names_the_other_drivers_of_a_request_and_the_hub_those_that_left():
     """A request two drivers of a shared engine submitted is theirs both: one driver's cancel_requests must not
-    end it for the other (a review), so only the ids it alone holds are withdrawn."""
+    end it for the other (a review). But a driver that stopped pulling (a replica killed and replaced, whose
+    successor asked the same ids again) holds nothing any more: counted, it kept a cancelled endpoint batch's
+    every line running and billed (a helper's hunt)."""
     from actors import Ingest
 
     async def go():
-        ing = Ingest([Recorder()], hub=ResultHub())
+        hub = ResultHub()
+        ing = Ingest([Recorder()], hub=hub)
         a, b = plain_req(0), plain_req(1)
         await ing.submit([a, b], "driver-1")
         await ing.submit([b], "driver-2")  # the same request, from another driver
-        assert await ing.sole([a.uid, b.uid], "driver-1") == [a.uid]
-        assert await ing.sole([b.uid], "driver-2") == []
+        assert await ing.others([a.uid, b.uid], "driver-1") == [[], ["driver-2"]]
+        assert await ing.others([b.uid], "driver-2") == [["driver-1"]]
         await ing.forget([b.uid], "driver-1")
-        assert await ing.sole([b.uid], "driver-2") == [b.uid]
+        assert await ing.others([b.uid], "driver-2") == [[]]
+        await hub.pull(0.0, "driver-1")  # known to the hub (claims register a driver), then pulling
+        await hub.pull(0.0, "driver-1")
+        assert await hub.quiet(["driver-1", "never-seen"], 10.0) == ["never-seen"]
+        assert await hub.quiet(["driver-1"], 0.0) == ["driver-1"]
     asyncio.run(go())
+
+
+def test_a_grouper_or_dispatcher_ray_restarts_is_told_again_what_was_withdrawn(monkeypatch):
+    """A restarted dispatcher knew nothing of the withdrawal: it followed the withdrawn members' batch, which it
+    re-attached to from its journal, to its end, billed (a helper's hunt). The driver's rewire tells it again,
+    as it tells it of an engine-wide cancel."""
+    from types import SimpleNamespace
+
+    import actors.remote as remote
+
+    calls: list[tuple[str, str, tuple]] = []
+
+    class Handle:
+        def __init__(self, kind):
+            self.kind = kind
+
+        def __getattr__(self, method):
+            return SimpleNamespace(remote=lambda *a: calls.append((self.kind, method, a)) or 0)
+
+    monkeypatch.setattr(remote, "ray", SimpleNamespace(get=lambda x, **kw: x))
+    kinds = ["grouper-0", "dispatcher-openai"]
+    h = {"named": {k: Handle(k) for k in kinds}, "clock": None, "log_level": "INFO", "engine": "e",
+         "withdrawn": {"7:default/r1": None, "7:default/r2": None}}
+    for kind in kinds:
+        remote.rewire(h, kind)
+    told = {(k, a[0] and tuple(a[0])) for k, m, a in calls if m == "withdraw"}
+    assert told == {(k, ("7:default/r1", "7:default/r2")) for k in kinds}
