@@ -104,8 +104,8 @@ class BatchApiRuns:
             # members go back to the policy, as at a hedge. Created, it was cancelled at once, and its members
             # waited out the cancel, or were billed in it. Judged at its start unless it waited for the slot.
             now = self.clock.now()
-            late = not cut and (self._cancelled or self._all_withdrawn(jobs)
-                                or b.hedge_at is not None and b.hedge_at <= (now if now > asked else start))
+            late = (self._cancelled or self._all_withdrawn(jobs)  # (a create a restart cut too: a review)
+                    or not cut and b.hedge_at is not None and b.hedge_at <= (now if now > asked else start))
             if p.real and not cut and not late:  # the create may reach the provider, and this dispatcher die
                 body = p.batch_body(cjobs)       # before it hears back
                 self._open[key] = (b, jobs, start, tokens, None, body)
@@ -149,6 +149,8 @@ class BatchApiRuns:
             found = await self._find_batch(cjobs, key, hedge_at)
             if found is not None:
                 return found
+            if self._cancelled or self._all_withdrawn(cjobs):  # nobody waits: not made again, looked for (a review)
+                return _UNKNOWN
         raise error
 
     async def _find_batch(self, cjobs: list[CallJob], key: str, until: float | None, *, watch: bool = False):
@@ -213,7 +215,7 @@ class BatchApiRuns:
         hedge_at = b.hedge_at
         outs: dict = {}
         was_cancelled = False
-        learn = self._learners and handle is not None and submitted(start, hedge_at)
+        told = learn = self._learners and handle is not None and submitted(start, hedge_at)
         if handle is not None:
             allowance = self.catalog.provider(self.name).batch_api.cancel_s
             cancel_deadline = None  # when the members go back if the batch has not ended by then
@@ -300,7 +302,10 @@ class BatchApiRuns:
             self._parts_left.pop(stem, None)
             self.sim.finish_batch(tokens, self.clock.now())
         self._counts.turnaround_s.append(self.clock.now() - start)
-        if learn:
+        if told and not learn:  # its start was told: closed with a bound of 0, it is left out of the fit; left
+            # open, it read as a batch still running, later and later (a review)
+            self._turnarounds.append(Turnaround(self.name, jobs[0].req.model, start, start, censored=True))
+        elif learn:
             self._turnarounds.append(batch_turnaround(self.name, jobs[0].req.model, start, [o.at for o in outs.values()],
                                                       len(jobs), hedge_at if was_cancelled else self.clock.now()))
         for j, cj in zip(jobs, cjobs, strict=True):

@@ -203,9 +203,11 @@ class ResultHub(Warm, MemoryJournalStore):
 
     async def quiet(self, clients: list[str], after_s: float) -> list[str]:
         """Of ``clients``, those that have not pulled from here for ``after_s`` real seconds (a live driver pulls
-        all the time): gone, as a replica killed and replaced is, though not yet dropped as idle."""
+        all the time): gone, as a replica killed and replaced is, though not yet dropped as idle. One this hub
+        does not know is not counted gone: a restarted hub knows nobody until they pull again (a review)."""
         now = time.monotonic()
-        return [c for c in clients if (q := self._clients.get(c)) is None or c in self._lost or now - q.seen_at > after_s]
+        return [c for c in clients
+                if c in self._lost or (q := self._clients.get(c)) is not None and now - q.seen_at > after_s]
 
     async def knows(self, client: str) -> bool:
         """Whether driver ``client`` pulls from here (a driver dropped as idle pulls again once it is back)."""

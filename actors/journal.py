@@ -218,8 +218,10 @@ class JournalWriter:
                 except Exception as exc:
                     log.warning("journal %s: delete failed, trying again (%s: %s)", self.space, type(exc).__name__,
                                 exc)
-                    self._retrying.update(dels)
-                    delete_later(self.journal, self.space, dels, self.retries, self._retrying)
+                    # Not those written anew since (here, while the delete was out): a retry would delete them.
+                    failed = [k for k in dels if k not in self._puts and k not in puts]
+                    self._retrying.update(failed)
+                    delete_later(self.journal, self.space, failed, self.retries, self._retrying)
             if puts:
                 try:
                     await self.journal.put_many(self.space, puts)

@@ -251,12 +251,12 @@ def rewire(h: dict, kind: str, metrics: tuple[int, str] | None = None) -> None:
     elif kind.startswith("dispatcher-"):
         d = h["named"][kind]
         ray.get(d.set_clock.remote(clock))
+        if withdrawn := h.get("withdrawn"):  # before its recovery: a create a restart cut is not made for them
+            ray.get(d.withdraw.remote(list(withdrawn)))
         if ray.get(d.recover.remote()) < 0:  # the supervisor rewires it again at its next check
             raise RuntimeError(f"{kind} could not read its journal")
         if h.get("cancelled"):  # cancels the batches its journal named, which it follows again
             ray.get(d.cancel.remote())
-        if withdrawn := h.get("withdrawn"):  # cancels those of them whose members were all withdrawn
-            ray.get(d.withdraw.remote(list(withdrawn)))
     elif base == "cache":
         ray.get(h["named"][kind].set_clock.remote(clock))
         ray.get(h["named"][kind].warm_from_redis.remote())

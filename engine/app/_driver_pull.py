@@ -98,10 +98,18 @@ class Pulling:
             return 0
         # The groupers first: a member a dispatcher hands back (from a batch it cancels) finds them told.
         # Kept for a rewire: a grouper or dispatcher Ray restarts knew nothing of it, and followed the withdrawn
-        # members' batch to its end, billed (a helper's hunt). Replaced whole: the supervisor's thread reads it.
-        self._h["withdrawn"] = dict.fromkeys([*list(self._h.get("withdrawn", {}))[-WITHDRAWN_KEEP:], *uids])
-        ray.get([g.withdraw.remote(uids) for g in self._h["groupers"]], timeout=timeout_s)
-        ray.get([d.withdraw.remote(uids) for d in self._h["dispatchers"].values()], timeout=timeout_s)
+        # members' batch to its end, billed (a helper's hunt). Replaced whole, under the lock ``_forget`` takes:
+        # the supervisor's thread reads it, and two cancels (the endpoint's, in threads) may run at once.
+        with self._lock:
+            self._h["withdrawn"] = dict.fromkeys([*list(self._h.get("withdrawn", {}))[-WITHDRAWN_KEEP:], *uids])
+        # The groupers first (a member a dispatcher hands back finds them told), but the dispatchers are told
+        # even when a grouper did not answer (restarting: its rewire tells it), or a batch of withdrawn members
+        # alone ran on, billed (a review).
+        groupers = [g.withdraw.remote(uids) for g in self._h["groupers"]]
+        try:
+            ray.get(groupers, timeout=timeout_s)
+        finally:
+            ray.get([d.withdraw.remote(uids) for d in self._h["dispatchers"].values()], timeout=timeout_s)
         return len(uids)
 
     def report(self) -> dict:

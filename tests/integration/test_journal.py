@@ -454,6 +454,7 @@ def test_a_late_retry_of_a_failed_delete_leaves_a_record_written_anew_under_its_
             self.recs.update(values)
 
         async def delete(self, space, keys):
+            await asyncio.sleep(0)  # on the wire: other work runs meanwhile
             if self.fails:
                 self.fails -= 1
                 raise ConnectionError("Redis is away")
@@ -470,4 +471,11 @@ def test_a_late_retry_of_a_failed_delete_leaves_a_record_written_anew_under_its_
         await w.put("k", "new call")  # the same key, written anew before the retry gets through
         await asyncio.wait_for(asyncio.gather(*w.retries), 10)
         assert store.recs == {"k": "new call"}  # the retry left it (before, it deleted the new record)
+        # The new write made while the failing delete is on the wire (a second review).
+        store.fails = 3
+        w.delete("k")
+        put = asyncio.ensure_future(w.put("k", "newer call"))
+        await put
+        await asyncio.wait_for(asyncio.gather(*w.retries), 10)
+        assert store.recs == {"k": "newer call"}
     asyncio.run(go())

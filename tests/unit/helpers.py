@@ -52,7 +52,7 @@ class Recorder:
 
     def readmitted(self) -> list:
         """The jobs it was sent with ``add`` (a grouper's re-admissions)."""
-        return [j for name, (jobs,) in self.calls if name == "add" for j in jobs]
+        return [j for name, args in self.calls if name == "add" for j in args[0]]
 
 
 class CtrlCEngine:

@@ -194,3 +194,31 @@ def test_an_anthropic_watch_is_not_resumed_where_it_would_take_the_engines_own_b
         finally:
             await rig.close()
     asyncio.run(go())
+
+
+def test_a_create_that_got_no_answer_is_not_made_again_once_its_members_are_withdrawn(emu):  # noqa: F811
+    """The lookup after a lost create found nothing, and the create was made again, though every member had been
+    withdrawn meanwhile (a review): nobody waits for that batch now, so it is only looked for, never made."""
+    jobs = jobs_of("openai", claims=True)
+
+    async def go():
+        rig = Rig(emu, "openai")
+        batches, sdk, tries = rig.d.provider.client.batches, rig.d.provider._sdk, []
+
+        async def lost_and_withdrawn(*a, **kw):
+            tries.append(1)
+            await rig.d.withdraw([j.req.uid for j in jobs])  # the driver withdraws them while it is out
+            raise sdk.APITimeoutError(request=sdk_request())  # no answer, and nothing was made
+
+        batches.create = lost_and_withdrawn
+        try:
+            await rig.reserve(jobs)
+            await rig.run("batch_api", jobs, hedge_at=rig.clock.now() + 30 * T)
+            await rig.resolved(jobs, timeout_s=30)
+            await _settled(rig, 30)
+            assert tries == [1] and emu.count(CREATE["openai"]) == 0  # one try, which made nothing
+            assert {j.req.id for j in rig.grouper.readmitted()} == {j.req.id for j in jobs}  # ended there
+            assert not rig.d._watching  # the watch found nothing and ended
+        finally:
+            await rig.close()
+    asyncio.run(go())
