@@ -72,7 +72,7 @@ class Pulling:
         if not self._running:
             raise EngineStopped(f"engine {self.name!r} was stopped: there is nothing left to cancel")
         try:
-            futures = list(dict.fromkeys(futures))  # each once (one twice counted twice)
+            futures = list(dict.fromkeys(futures))  # each once: a future given twice was counted twice
         except TypeError:
             futures = [None]
         if not all(isinstance(f, ResultFuture) for f in futures):
@@ -96,7 +96,6 @@ class Pulling:
         uids = [u for u, o in zip(uids, others, strict=True) if gone.issuperset(o)]
         if not uids:
             return 0
-        # The groupers first: a member a dispatcher hands back (from a batch it cancels) finds them told.
         # Kept for a rewire: a grouper or dispatcher Ray restarts knew nothing of it, and followed the withdrawn
         # members' batch to its end, billed (a helper's hunt). Replaced whole, under the lock ``_forget`` takes:
         # the supervisor's thread reads it, and two cancels (the endpoint's, in threads) may run at once.
