@@ -306,8 +306,9 @@ class BatchApiRuns:
             # open, it read as a batch still running, later and later (a review)
             self._turnarounds.append(Turnaround(self.name, jobs[0].req.model, start, start, censored=True))
         elif learn:
-            self._turnarounds.append(batch_turnaround(self.name, jobs[0].req.model, start, [o.at for o in outs.values()],
-                                                      len(jobs), hedge_at if was_cancelled else self.clock.now()))
+            ends = [o.at for o in outs.values()]
+            self._turnarounds.append(batch_turnaround(self.name, jobs[0].req.model, start, ends, len(jobs),
+                                                      hedge_at if was_cancelled else self.clock.now()))
         for j, cj in zip(jobs, cjobs, strict=True):
             o = outs.get(cj.key)
             if o is None:

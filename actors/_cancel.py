@@ -138,10 +138,10 @@ class CancelGroups:
 
 class CancelDispatches:
     """The dispatcher's side: needs its ``provider``, ``_open``, ``sim``, ``clock``, ``_queued_at``, ``_final``,
-    ``_unanswered``, ``_pump`` and ``_kick``. Work queued at a rate gate ends cancelled at once, and work that comes later when
-    its gate lets it start; a batch not yet created is never created; a batch under way is cancelled now (its
-    follow-up, woken, reads what it finished, and its unfinished members go back to a grouper, which ends
-    them)."""
+    ``_unanswered``, ``_pump`` and ``_kick``. Work queued at a rate gate ends cancelled at once, and work that
+    comes later when its gate lets it start; a batch not yet created is never created; a batch under way is
+    cancelled now (its follow-up, woken, reads what it finished, and its unfinished members go back to a
+    grouper, which ends them)."""
 
     _cancelled = False
     _cancel_event: asyncio.Event | None = None

@@ -141,7 +141,8 @@ class Recovery:
                 # A lost create's batch with no name (Anthropic): a restarted process no longer knows its own
                 # batches, and took one of them, the same members sent again, for the lost one (a review).
                 log.error("dispatcher %s: after a restart, the batch of lost create %s can no longer be told from "
-                          "this engine's own; if it was made, what it finishes is paid twice, uncounted", self.name, key)
+                          "this engine's own; if it was made, what it finishes is paid twice, uncounted",
+                          self.name, key)
                 self._unjournal.append((self._watch_space, key))
                 continue
             if key not in self._watching:  # a batch whose members went again: still cancelled, and counted

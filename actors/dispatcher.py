@@ -288,7 +288,8 @@ class Dispatcher(CancelDispatches, Outbox, BatchApiRuns, Recovery, Warm):
                 self.key_conflicts += 1
                 log.error("dispatcher %s: %s failed: %s", self.name, r.uid, a.error)
         if v != "retry":  # a replay of a call another run made and counted is not billed again (a helper's tour)
-            self._final(b, j, a.ok, a.cost if a.ok and (not a.replayed or self._unanswered[r.uid]) else 0.0, mode, a)
+            paid = a.ok and (not a.replayed or self._unanswered[r.uid])
+            self._final(b, j, a.ok, a.cost if paid else 0.0, mode, a)
         else:
             nj = j._replace(attempts=j.attempts + 1)
             self._at(self.sim.retry_at(j.seq, j.attempts, a), lambda: (self._enqueue("sync", b, [nj]), self._pump()))

@@ -174,7 +174,8 @@ class Ingest(Warm):
 
     async def others(self, uids: list[str], client: str) -> list[list[str]]:
         """For each of ``uids``, the drivers but ``client`` that hold it here (their copy must run on)."""
-        return [sorted(h - {client}) if isinstance(h, set) else [h] if h not in (None, client) else [] for h in map(self.holders.get, uids)]
+        held = [self.holders.get(u) for u in uids]
+        return [sorted(h - {client}) if isinstance(h, set) else [] if h in (None, client) else [h] for h in held]
 
     async def leave(self, client: str, after_s: float, dropped: bool = False) -> int:
         """Driver ``client`` left the engine: the ids only it held are forgotten ``after_s`` (real) seconds from

@@ -91,7 +91,9 @@ class Pulling:
         others = [o for ol in ray.get([i.others.remote([r.uid for r in rs], self._client) for i, rs in parts],
                                       timeout=timeout_s) for o in ol]
         named = sorted({c for o in others for c in o})
-        gone = set(ray.get(self._h["hubs"][0].quiet.remote(named, QUIET_S), timeout=timeout_s)) if named else set()
+        gone = set()
+        if named:
+            gone = set(ray.get(self._h["hubs"][0].quiet.remote(named, QUIET_S), timeout=timeout_s))
         uids = [r.uid for (_, rs) in parts for r in rs]
         uids = [u for u, o in zip(uids, others, strict=True) if gone.issuperset(o)]
         if not uids:
