@@ -132,8 +132,14 @@ class Grouper(CancelGroups, Parking, Warm):
 
     async def observe_warmth(self, notes: list[WarmNote]) -> None:
         """Prompt-cache warmth the dispatchers' results showed (``GroupTable.warm``): a hint, whose loss costs a
-        cheaper way at most, never a request."""
-        self.table.warm(notes, self.clock.now())
+        cheaper way at most, never a request. Waiting turns it makes cheaper sync now go at once."""
+        pulled = self.table.warm(notes, self.clock.now())
+        for w in pulled.wakes:
+            self._schedule(w)
+        failed = [x for gf in pulled.failed for x in self._fail_members(gf.members, gf.cause)]
+        if failed:
+            await self._resolve(failed)
+        await self._send(pulled.dispatches + [d for gf in pulled.failed for d in gf.dispatches])
 
     async def relearn(self) -> int:
         """After Ray restarted this grouper: learn again, in a fresh estimate, what the dispatchers told it before

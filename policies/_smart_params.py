@@ -81,6 +81,9 @@ class SmartParams(PolicyParams):
         "a request the batch lane would take is sent at once when its prompt prefix is believed warm at the "
         "provider for at least this many seconds more and reading it costs less than the batch expected "
         "(policies/_text.py); None: never"))
+    pull_warm: bool = Field(default=True, description=(
+        "a call that leaves a conversation's prefix warm sends at once the turns of it waiting for a batch that "
+        "read it for less than the batch is expected to cost them (warm_margin_s, policies/_text.py)"))
     block_tokens: int = Field(default=512, ge=1, description="tokens per prefix block in the traces")
     scheduling: Scheduling = Field(default=Scheduling(), description="order of ready work at a rate-limited "
                                    "provider: deadline promotion, fair share across tenants, score weights")

@@ -19,7 +19,7 @@ from engine.core.grouping import PrefixWarmth
 from engine.core.latency import Z99
 from engine.core.request import Request
 
-__all__ = ["TextConsts", "second_batch_checkpoint", "text_consts", "warm_sync_pays"]
+__all__ = ["TextConsts", "batch_mates", "second_batch_checkpoint", "text_consts", "warm_sync_pays"]
 
 _MIN_GAIN = 0.005  # P(on time) a second batch must add to be worth its cancel and its second submission
 
@@ -43,12 +43,13 @@ def text_consts(provider, spec) -> TextConsts:
 
 
 def warm_sync_pays(catalog, req: Request, batch_api, p_on_time: float, warmth: PrefixWarmth, now: float,
-                   margin_s: float, block_tokens: int) -> int:
+                   margin_s: float, block_tokens: int, mates: int = 0) -> int:
     """How many leading prefix blocks of ``req`` a sync call sent now would read, when that call (writing the
     rest of its prefix for the next turn) costs less than the batch is expected to; else 0. The batch: its
     price with P(on time) ``p_on_time``, else the sync fallback at list price; reading the warm prefix too if
     it ends before that goes cold (at best: were it sent now). Nothing counts as warm unless it stays so for
-    ``margin_s`` more seconds (the call must start before it goes cold)."""
+    ``margin_s`` more seconds (the call must start before it goes cold). ``mates``: leading blocks a batch mate
+    writes for it in the batch it waits for, which it reads there in any case."""
     provider = catalog.provider(req.provider)
     if provider.prompt_cache is None:  # a batch API without a prompt cache (a catalog overlay may declare one)
         return 0
@@ -58,8 +59,9 @@ def warm_sync_pays(catalog, req: Request, batch_api, p_on_time: float, warmth: P
         return 0  # too little to read (most often the one leading block that every prompt shares)
     warm = price_alone(req, catalog, "sync", warm_blocks=n, write=True, block_tokens=block_tokens).total
     p_read = batch_api.turnaround_cdf(until - now)
-    batch = (p_read * price_alone(req, catalog, "batch_api", warm_blocks=n, block_tokens=block_tokens).total
-             + (1.0 - p_read) * price_alone(req, catalog, "batch_api", block_tokens=block_tokens).total)
+    batch = (p_read * price_alone(req, catalog, "batch_api", warm_blocks=max(n, mates), block_tokens=block_tokens).total
+             + (1.0 - p_read) * price_alone(req, catalog, "batch_api", warm_blocks=mates,
+                                            block_tokens=block_tokens).total)
     cold = price_alone(req, catalog, "sync", block_tokens=block_tokens).total
     return n if warm < p_on_time * batch + (1.0 - p_on_time) * cold else 0
 
@@ -76,3 +78,20 @@ def second_batch_checkpoint(ba, send_at: float, hedge_at: float) -> tuple[float 
     if best is None or p_best < p_one + _MIN_GAIN:
         return None, p_one
     return send_at + best, p_best
+
+
+def batch_mates(members: list[Request]) -> dict[str, int]:
+    """Per member (uid), the leading prefix blocks it shares with another member: one of them writes those in
+    their batch and the other reads them (the batch's members run in order, ``price_batch``)."""
+    count: dict[tuple, int] = {}
+    for r in members:
+        for k in range(1, len(r.prefix_blocks) + 1):
+            key = tuple(r.prefix_blocks[:k])
+            count[key] = count.get(key, 0) + 1
+    out = {}
+    for r in members:
+        k = len(r.prefix_blocks)
+        while k and count[tuple(r.prefix_blocks[:k])] < 2:
+            k -= 1
+        out[r.uid] = k
+    return out

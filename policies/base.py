@@ -76,6 +76,18 @@ class Policy:
         and decides it again, so one batch carries what would have been several. The base sends none."""
         return []
 
+    def prefix_run(self, key: Hashable) -> tuple | None:
+        """The prompt prefix run (leading block hashes) that every member of group ``key`` starts with, or None.
+        The runtime indexes such groups, and offers them to ``warm_pull`` when a call leaves that run warm at
+        the provider (for a policy that declares ``reads_warmth``). The base names none."""
+        return None
+
+    def warm_pull(self, group: Group, now: float, warmth) -> tuple[Decision, set[str]] | None:
+        """Members of ``group`` (its ``prefix_run`` now warm, ``warmth`` the runtime's ``PrefixWarmth``) to send
+        sync at once, with the sync ``Decision`` to send them by, or None; the runtime then decides the group
+        again. The base pulls none."""
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.params!r})"
 

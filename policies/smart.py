@@ -28,7 +28,7 @@ from engine.core.settings import TurnaroundLearning
 from engine.core.similarity import Guards
 from policies._gpu import GpuLane
 from policies._smart_params import SmartParams
-from policies._text import TextConsts, second_batch_checkpoint, text_consts, warm_sync_pays
+from policies._text import TextConsts, batch_mates, second_batch_checkpoint, text_consts, warm_sync_pays
 from policies.base import Policy, register
 
 __all__ = ["Smart", "SmartParams"]
@@ -126,6 +126,37 @@ class Smart(GpuLane, Policy):
                     return ("batch", compat, bucket, req.prefix_blocks[:self._cacheable_blocks(provider, spec)])
                 return ("batch", compat, bucket)
         return ("sync", req.id)
+
+    def prefix_run(self, key: Hashable) -> tuple | None:
+        """A conversation's group (``conversation_groups``) gathers the requests that start with one cacheable run."""
+        if isinstance(key, tuple) and len(key) == 4 and key[0] == "batch" and self.params.pull_warm:
+            return key[3]
+        return None
+
+    def warm_pull(self, group: Group, now: float, warmth: PrefixWarmth) -> tuple[Decision, set[str]] | None:
+        """The turns of a conversation waiting for a batch that a call just left its prefix warm for (an urgent
+        turn sent sync, a hedge's fallback): those that read it now for less than the batch is expected to cost
+        them (``warm_sync_pays``, as at arrival) go sync at once, each writing its own turn for the next. Waiting
+        on, they would write the prefix again in their batch, which ends long after the warmth is gone."""
+        if self.params.warm_margin_s is None or group.returned:
+            return None
+        provider = group.provider
+        c = self._text_consts(provider, group.spec, group.members[0].model)
+        uids, first = set(), None
+        mates = batch_mates(group.members) if len(group.members) > 1 else {}
+        for req in group.members:
+            p_on_time = provider.batch_api.turnaround_cdf(req.deadline_at - now
+                                                          - self._hedge_lead(c, req.output_tokens, 1))
+            if warm_sync_pays(self.catalog, req, provider.batch_api, p_on_time, warmth, now,
+                              self.params.warm_margin_s, self.params.block_tokens, mates.get(req.uid, 0)):
+                uids.add(req.uid)
+                first = first or req
+        if first is None:
+            return None
+        _, prefix = self._prefix(first, group, now)
+        return Decision("dispatch", mode="sync", cache_write=True, recommendation="process_individually",
+                        reason="sync now: its prompt prefix is warm at the provider, cheaper read now than in a batch",
+                        prefix=prefix), uids
 
     def _band_cap_of(self, provider) -> float:
         """The shared band's deadline cap (``band_p``) at ``provider``'s turnaround: the catalog's, or a learned one."""
@@ -351,3 +382,4 @@ class Smart(GpuLane, Policy):
             if price >= projected:
                 return f"its wait is worth ${price:.4f}, the batch would save ${projected:.4f} expected"
         return None
+

@@ -239,6 +239,7 @@ class Group:
     by_priority: dict[str, int] = field(default_factory=dict)  # members per priority
     returned: set[str] = field(default_factory=set)  # uids of members back from a dispatch (a cancelled batch, a retry)
     closed: int = 0  # members that expect no company (``Request.gather`` false): nothing is held for them
+    run: tuple | None = None  # (provider, model, prefix run) the runtime indexes it under (``Policy.prefix_run``)
 
     def __post_init__(self) -> None:
         if self.rate_key is None:

@@ -32,7 +32,7 @@ from engine.core.grouping import (
 from engine.core.request import Request
 from engine.runtime.turnaround import Turnaround, TurnaroundEstimator
 
-__all__ = ["Dispatch", "GroupFailed", "GroupTable", "Wake"]
+__all__ = ["Dispatch", "GroupFailed", "GroupTable", "Pulled", "Wake"]
 
 
 class Dispatch(NamedTuple):
@@ -54,6 +54,15 @@ class Wake(NamedTuple):
     at: float
     group: Group
     version: int
+
+
+class Pulled(NamedTuple):
+    """What warmth the runtime learned set off (``GroupTable.warm``): dispatches to carry out now, wake-ups to
+    schedule for the groups they left, and the groups whose decision failed (the runtime fails their members)."""
+
+    dispatches: list[Dispatch]
+    wakes: list[Wake]
+    failed: list[GroupFailed]
 
 
 class GroupTable:
@@ -82,6 +91,11 @@ class GroupTable:
         self._reads_returned = bool(getattr(policy, "reads_returned", False))
         # A policy whose lane holds several groups may send some along in another's batch (``Policy.riders``).
         self._riders = getattr(policy, "riders", None)
+        # The open groups that gather one prompt prefix (``Policy.prefix_run``), under (provider, model, run):
+        # those a call that leaves the prefix warm may pull members from (``warm``). Kept in step by ``drop``.
+        self._prefix_run = getattr(policy, "prefix_run", None) if self.reads_warmth else None
+        self._runs: dict[tuple, dict[Hashable, Group]] = {}
+        self._run_lengths: dict[int, int] = {}  # run length -> open groups indexed with it
         learning = getattr(policy, "turnaround_learning", None)  # declared by policies that read it
         self.turnarounds = (TurnaroundEstimator(catalog, learning, day_origin_s)
                             if learning is not None and learning.enabled else None)
@@ -97,9 +111,56 @@ class GroupTable:
         if self.turnarounds is not None:
             self.turnarounds.observe(obs)
 
-    def warm(self, notes: Iterable[WarmNote], now: float) -> None:
-        """Results the runtime received: prefix blocks warm at their provider until each note's ``until``."""
+    def warm(self, notes: Iterable[WarmNote], now: float) -> Pulled:
+        """Results the runtime received: prefix blocks warm at their provider until each note's ``until``. The
+        groups that gather a prefix now warm are offered to the policy (``Policy.warm_pull``): the members it
+        pulls are dispatched now, and each group that lost some is decided again (its wake-up is stale)."""
+        notes = list(notes)
         self.warmth.see(notes, now)
+        out = Pulled([], [], [])
+        if not self._runs or not notes:
+            return out
+        touched: dict[int, Group] = {}
+        for n in notes:
+            for length in self._run_lengths:
+                for g in self._runs.get((n.provider, n.model, n.blocks[:length]), {}).values():
+                    touched.setdefault(id(g), g)
+        for g in touched.values():
+            if self.groups.get(g.key) is not g or not g.members:
+                continue
+            try:
+                if self.turnarounds is not None:
+                    g.provider = self._view(g.members[0], now)
+                pulled = self.policy.warm_pull(g, now, self.warmth)
+                if pulled is None:
+                    continue
+                d, uids = pulled
+                if d.action != "dispatch" or d.mode != "sync":
+                    raise PolicyError(f"{self.policy.name}: warm_pull must return a sync dispatch, got "
+                                      f"{d.action!r} {d.mode!r}")
+                taken = g.remove(uids)
+                if taken:
+                    out.dispatches.append(Dispatch(d, taken))
+                    if d.prefix is not None:
+                        self.sightings.see(d.prefix, now)
+                if not g.members:
+                    self.drop(g)
+                    continue
+                ds, wake = self._decide(g, now, now)
+            except GroupFailed as gf:
+                out.failed.append(gf)
+                continue
+            except Exception as exc:
+                members = list(g.members)
+                self.drop(g)
+                if not self.keep_going:
+                    raise
+                out.failed.append(GroupFailed(exc, [], members))
+                continue
+            out.dispatches.extend(ds)
+            if wake is not None:
+                out.wakes.append(wake)
+        return out
 
     def relearn(self, day_origin_s: float | None = None) -> None:
         """Forget what was learned (a restarted grouper takes the dispatchers' history again), and count hours
@@ -145,6 +206,11 @@ class GroupTable:
                                          rates=self.rates, rate_key=rate_key, budget=self.budget)
             if rate_key is not None and self._riders is not None:
                 self._lanes.setdefault(rate_key, {})[key] = g
+            run = self._prefix_run(key) if self._prefix_run is not None else None
+            if run is not None:
+                g.run = (req.provider, req.model, tuple(run))
+                self._runs.setdefault(g.run, {})[key] = g
+                self._run_lengths[len(run)] = self._run_lengths.get(len(run), 0) + 1
         if rate_key is not None:
             self.rates.see(rate_key, now)
         g.add(req, returned)
@@ -208,6 +274,15 @@ class GroupTable:
                 del lane[g.key]
                 if not lane:
                     del self._lanes[g.rate_key]
+            runs = self._runs.get(g.run) if g.run is not None else None
+            if runs is not None and runs.get(g.key) is g:
+                del runs[g.key]
+                if not runs:
+                    del self._runs[g.run]
+                length = len(g.run[2])
+                self._run_lengths[length] -= 1
+                if not self._run_lengths[length]:
+                    del self._run_lengths[length]
 
     def withdraw(self, uids: Container[str]) -> tuple[list[Request], list[Group]]:
         """Take the members whose uid is in ``uids`` out of their groups (their driver withdrew them): those

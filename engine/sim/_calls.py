@@ -73,7 +73,10 @@ class SimCalls:
 
     def on_warm(self, notes: list[WarmNote]) -> None:
         if notes:
-            self.table.warm(notes, self.now)
+            pulled = self.table.warm(notes, self.now)  # the simulator stops at a policy's error (no ``failed``)
+            self.apply(pulled.dispatches, None)
+            for w in pulled.wakes:
+                self.push(w.at, "wake", w)
 
     def start_reroute(self, e: Event) -> None:
         """The model's circuit is open: its work goes back to the policy as requests for the fallback."""

@@ -150,6 +150,33 @@ class TestOnOneQuietEngine:
         assert follow.cost_usd < price_alone(reqs[1], CAT, "batch_api").total and follow.deadline_met
 
 
+    def test_a_waiting_turn_is_sent_at_once_when_an_urgent_turn_leaves_its_prefix_warm(self, quiet_engine):
+        """The live path of warm pulls (``Grouper.observe_warmth``): a turn due in a day waits in its
+        conversation's group for a batch (a gather of up to 2,100 engine s, 4.2 s of real time here); an urgent
+        turn of the same conversation goes sync, and the warmth its call reports pulls the waiting one out: it
+        is sent at once and reads the prefix, billed at the cache-read price."""
+        from engine.core.cost import price_alone
+        from engine.core.request import Request
+
+        eng, prefix = quiet_engine, list(range(300, 320))
+        t0 = eng.clock.now()
+
+        def turn(i: int, at: float, blocks: list[int], deadline_s: float) -> Request:
+            return Request.model_validate({"id": f"pull-t{i}", "arrival_s": t0 + at, "model": "gpt-5",
+                                           "prompt": f"turn {i}", "input_tokens": len(blocks) * 512 + 300,
+                                           "output_tokens": 200, "prefix_blocks": blocks, "deadline_s": deadline_s})
+
+        waiting, urgent = turn(1, 0.0, prefix + [7], 86400.0), turn(2, 1.0, prefix + [7, 8], 200.0)
+        futs = eng.replay([waiting, urgent])
+        u, w = futs[1].result(timeout=60), futs[0].result(timeout=60)
+        assert u.mode == "sync" and "deadline too close" in u.reason
+        assert w.status == "ok" and w.mode == "sync" and "warm at the provider" in w.reason
+        assert u.done_s <= w.done_s < t0 + 2100.0
+        assert w.cost_usd == pytest.approx(price_alone(waiting, CAT, "sync", warm_blocks=len(prefix) + 1,
+                                                       write=True).total, rel=1e-6)
+        assert w.cost_usd < price_alone(waiting, CAT, "batch_api").total
+
+
 @pytest.mark.parametrize("policy", ["naive", "smart"])
 def test_a_budget_is_never_overrun_and_every_request_resolves(ray_session, policy):
     """With smart, the cache's in-flight followers of a rejected leader must resolve too."""
