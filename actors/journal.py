@@ -35,6 +35,7 @@ log = logging.getLogger("smartbatch.journal")
 DELETE_TRIES = 8  # a failed delete, tried again 0.2 s later, then doubling: about 50 s, then an error is logged
 DELETE_BASE_S, DELETE_MAX_S = 0.2, 60.0  # real seconds between a failed delete's tries: doubling, then every minute
 JOURNAL_TTL_S = 8 * 86400  # a Redis journal's space outlives its last write by this long: a batch's 24 h and more
+JOURNAL_REFRESH_S = 86400.0  # real seconds between pushes of the expiry of the spaces a running journal holds
 T = TypeVar("T")
 
 
@@ -150,6 +151,32 @@ class RedisJournal:
 
         self._client = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self._base = f"{prefix}:journal:{engine}:"
+        self._spaces: set[str] = set()  # those this journal wrote, read or cleared: its keeper pushes their expiry
+        self._keeper: asyncio.Task | None = None
+
+    def _hold(self, space: str) -> None:
+        self._spaces.add(space)
+        if self._keeper is None:
+            self._keeper = asyncio.get_running_loop().create_task(self._keep())
+
+    async def _keep(self) -> None:
+        # While this journal's holder runs, its spaces do not expire: a request accepted on an engine that then
+        # accepts nothing for 8 days kept its record only until then, and a driver that lost its memory could not
+        # read it back (docs/reliability.md). Once the holder stops, the last push expires JOURNAL_TTL_S later.
+        while True:
+            await asyncio.sleep(JOURNAL_REFRESH_S)
+            try:
+                await self.refresh()
+            except Exception as exc:  # a Redis blip: the expiry is days away, the next push is in a day
+                log.warning("journal %s: expiry not pushed on (%s: %s)", self._base, type(exc).__name__, exc)
+
+    async def refresh(self) -> None:
+        """Push the expiry of every space this journal holds to ``JOURNAL_TTL_S`` from now."""
+        if self._spaces:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for space in self._spaces:
+                    pipe.expire(self._base + space, JOURNAL_TTL_S)
+                await pipe.execute()
 
     async def put(self, space: str, key: str, value: Any) -> None:
         await self.put_many(space, {key: value})
@@ -157,6 +184,7 @@ class RedisJournal:
     async def put_many(self, space: str, values: dict[str, Any]) -> None:
         # Each write pushes the space's expiry on: an engine that stopped leaves nothing behind for good (its
         # records name one run of it, ``start_actors``), while a running one keeps what it writes to.
+        self._hold(space)
         async with self._client.pipeline(transaction=True) as pipe:
             pipe.hset(self._base + space, mapping={k: pickle.dumps(v) for k, v in values.items()})
             pipe.expire(self._base + space, JOURNAL_TTL_S)
@@ -164,13 +192,18 @@ class RedisJournal:
 
     async def delete(self, space: str, keys: list[str]) -> None:
         if keys:
+            self._hold(space)
             await self._client.hdel(self._base + space, *keys)
 
     async def items(self, space: str) -> dict[str, Any]:
+        self._hold(space)
         raw = await self._client.hgetall(self._base + space)
         return {k.decode(): pickle.loads(v) for k, v in raw.items()}
 
     async def close(self) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
+            self._keeper = None
         await self._client.aclose()
 
 

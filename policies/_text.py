@@ -19,7 +19,7 @@ from engine.core.grouping import PrefixWarmth
 from engine.core.latency import Z99
 from engine.core.request import Request
 
-__all__ = ["TextConsts", "batch_mates", "second_batch_checkpoint", "text_consts", "warm_sync_pays"]
+__all__ = ["BatchMates", "TextConsts", "second_batch_checkpoint", "text_consts", "warm_sync_pays"]
 
 _MIN_GAIN = 0.005  # P(on time) a second batch must add to be worth its cancel and its second submission
 
@@ -48,15 +48,16 @@ def warm_sync_pays(catalog, req: Request, batch_api, p_on_time: float, warmth: P
     rest of its prefix for the next turn) costs less than the batch is expected to; else 0. The batch: its
     price with P(on time) ``p_on_time``, else the sync fallback at list price; reading the warm prefix too if
     it ends before that goes cold (at best: were it sent now). Nothing counts as warm unless it stays so for
-    ``margin_s`` more seconds (the call must start before it goes cold). ``mates``: leading blocks a batch mate
-    writes for it in the batch it waits for, which it reads there in any case."""
+    ``margin_s`` more seconds (the call must start before it goes cold). ``mates``: leading blocks an earlier member
+    writes for it in the batch it waits for (``BatchMates``), which it reads there in any case."""
     provider = catalog.provider(req.provider)
     if provider.prompt_cache is None:  # a batch API without a prompt cache (a catalog overlay may declare one)
         return 0
     n, until = warmth.leading(req.provider, req.model, req.prefix_blocks, now + margin_s,
                               exact=not provider.prompt_cache.automatic)
-    if n * block_tokens < min_cacheable_tokens(provider, provider.models[req.model]):
-        return 0  # too little to read (most often the one leading block that every prompt shares)
+    if n * block_tokens < min_cacheable_tokens(provider, provider.models[req.model]) or n <= mates:
+        return 0  # too little to read (most often the one leading block that every prompt shares), or no more
+        # than its batch reads anyway, at half the price (a group's shared system prompt: no pricing needed)
     warm = price_alone(req, catalog, "sync", warm_blocks=n, write=True, block_tokens=block_tokens).total
     p_read = batch_api.turnaround_cdf(until - now)
     batch = (p_read * price_alone(req, catalog, "batch_api", warm_blocks=max(n, mates), block_tokens=block_tokens).total
@@ -80,18 +81,27 @@ def second_batch_checkpoint(ba, send_at: float, hedge_at: float) -> tuple[float 
     return send_at + best, p_best
 
 
-def batch_mates(members: list[Request]) -> dict[str, int]:
-    """Per member (uid), the leading prefix blocks it shares with another member: one of them writes those in
-    their batch and the other reads them (the batch's members run in order, ``price_batch``)."""
-    count: dict[tuple, int] = {}
-    for r in members:
-        for k in range(1, len(r.prefix_blocks) + 1):
-            key = tuple(r.prefix_blocks[:k])
-            count[key] = count.get(key, 0) + 1
-    out = {}
-    for r in members:
-        k = len(r.prefix_blocks)
-        while k and count[tuple(r.prefix_blocks[:k])] < 2:
-            k -= 1
-        out[r.uid] = k
-    return out
+
+class BatchMates:
+    """How many leading prefix blocks a request reads in a batch from the members before it, built member by
+    member (``price_batch``: members run in order, and one marks for caching what a later one starts with). A
+    trie of the members added: O(blocks) per request, however large the group."""
+
+    __slots__ = ("_root",)
+
+    def __init__(self) -> None:
+        self._root: dict = {}
+
+    def shared(self, blocks) -> int:
+        node, k = self._root, 0
+        for b in blocks:
+            node = node.get(b)
+            if node is None:
+                break
+            k += 1
+        return k
+
+    def add(self, blocks) -> None:
+        node = self._root
+        for b in blocks:
+            node = node.setdefault(b, {})

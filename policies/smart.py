@@ -28,7 +28,7 @@ from engine.core.settings import TurnaroundLearning
 from engine.core.similarity import Guards
 from policies._gpu import GpuLane
 from policies._smart_params import SmartParams
-from policies._text import TextConsts, batch_mates, second_batch_checkpoint, text_consts, warm_sync_pays
+from policies._text import BatchMates, TextConsts, second_batch_checkpoint, text_consts, warm_sync_pays
 from policies.base import Policy, register
 
 __all__ = ["Smart", "SmartParams"]
@@ -143,14 +143,16 @@ class Smart(GpuLane, Policy):
         provider = group.provider
         c = self._text_consts(provider, group.spec, group.members[0].model)
         uids, first = set(), None
-        mates = batch_mates(group.members) if len(group.members) > 1 else {}
+        staying = BatchMates()  # the members before this one that stay: they write what it shares with them
         for req in group.members:
             p_on_time = provider.batch_api.turnaround_cdf(req.deadline_at - now
                                                           - self._hedge_lead(c, req.output_tokens, 1))
             if warm_sync_pays(self.catalog, req, provider.batch_api, p_on_time, warmth, now,
-                              self.params.warm_margin_s, self.params.block_tokens, mates.get(req.uid, 0)):
+                              self.params.warm_margin_s, self.params.block_tokens, staying.shared(req.prefix_blocks)):
                 uids.add(req.uid)
                 first = first or req
+            else:
+                staying.add(req.prefix_blocks)
         if first is None:
             return None
         _, prefix = self._prefix(first, group, now)

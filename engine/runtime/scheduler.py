@@ -14,6 +14,7 @@ batch turnaround the runtime learned (``engine.runtime.turnaround``) instead of 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Container, Hashable, Iterable
 from typing import NamedTuple
 
@@ -33,6 +34,8 @@ from engine.core.request import Request
 from engine.runtime.turnaround import Turnaround, TurnaroundEstimator
 
 __all__ = ["Dispatch", "GroupFailed", "GroupTable", "Pulled", "Wake"]
+
+log = logging.getLogger("smartbatch.scheduler")
 
 
 class Dispatch(NamedTuple):
@@ -58,7 +61,8 @@ class Wake(NamedTuple):
 
 class Pulled(NamedTuple):
     """What warmth the runtime learned set off (``GroupTable.warm``): dispatches to carry out now, wake-ups to
-    schedule for the groups they left, and the groups whose decision failed (the runtime fails their members)."""
+    schedule for the groups they left, and those groups whose decision then failed (the runtime fails their
+    other members and carries out the dispatches decided before the failure)."""
 
     dispatches: list[Dispatch]
     wakes: list[Wake]
@@ -129,38 +133,45 @@ class GroupTable:
             if self.groups.get(g.key) is not g or not g.members:
                 continue
             try:
-                if self.turnarounds is not None:
-                    g.provider = self._view(g.members[0], now)
-                pulled = self.policy.warm_pull(g, now, self.warmth)
-                if pulled is None:
-                    continue
-                d, uids = pulled
-                if d.action != "dispatch" or d.mode != "sync":
-                    raise PolicyError(f"{self.policy.name}: warm_pull must return a sync dispatch, got "
-                                      f"{d.action!r} {d.mode!r}")
-                taken = g.remove(uids)
-                if taken:
-                    out.dispatches.append(Dispatch(d, taken))
-                    if d.prefix is not None:
-                        self.sightings.see(d.prefix, now)
-                if not g.members:
-                    self.drop(g)
-                    continue
-                ds, wake = self._decide(g, now, now)
-            except GroupFailed as gf:
-                out.failed.append(gf)
-                continue
+                d, uids = self._pull(g, now)
             except Exception as exc:
-                members = list(g.members)
-                self.drop(g)
                 if not self.keep_going:
                     raise
-                out.failed.append(GroupFailed(exc, [], members))
+                # Nothing changed: the group waits on for its wake-up, as if the warmth had not been heard of.
+                log.warning("%s: warm_pull failed, the group waits on: %s", self.policy.name, exc)
+                continue
+            if not uids:
+                continue
+            out.dispatches.append(Dispatch(d, g.remove(uids)))
+            if d.prefix is not None:
+                self.sightings.see(d.prefix, now)
+            if not g.members:
+                self.drop(g)
+                continue
+            try:
+                ds, wake = self._decide(g, now, now)  # its wake-up is stale: the group lost members
+            except GroupFailed as gf:
+                out.failed.append(gf)
                 continue
             out.dispatches.extend(ds)
             if wake is not None:
                 out.wakes.append(wake)
         return out
+
+    def _pull(self, g: Group, now: float) -> tuple[Decision | None, set[str]]:
+        """The policy's pull from ``g`` (``Policy.warm_pull``), checked before anything changes."""
+        if self.turnarounds is not None:
+            g.provider = self._view(g.members[0], now)
+        pulled = self.policy.warm_pull(g, now, self.warmth)
+        if pulled is None:
+            return None, set()
+        d, uids = pulled
+        if d.action != "dispatch" or d.mode != "sync":
+            raise PolicyError(f"{self.policy.name}: warm_pull must return a sync dispatch, got {d.action!r} {d.mode!r}")
+        uids = set(uids)
+        if not uids <= {r.uid for r in g.members}:
+            raise PolicyError(f"{self.policy.name}: warm_pull named requests that are not members of the group")
+        return d, uids
 
     def relearn(self, day_origin_s: float | None = None) -> None:
         """Forget what was learned (a restarted grouper takes the dispatchers' history again), and count hours

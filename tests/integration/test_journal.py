@@ -386,6 +386,31 @@ def test_a_journal_space_expires_after_its_last_write_and_a_later_engine_of_the_
     asyncio.run(go())
 
 
+def test_a_running_journal_keeps_its_spaces_from_expiring_and_a_closed_one_stops(redis_server, monkeypatch):
+    """A space expired 8 days after its last write even while its engine ran: a request accepted on an engine
+    that then accepted nothing for that long lost its record (docs/reliability.md). The journal now pushes the
+    expiry of the spaces it holds once a day (here every 10 ms) until it is closed."""
+    from actors import journal as jmod
+
+    monkeypatch.setattr(jmod, "JOURNAL_REFRESH_S", 0.01)
+
+    async def go():
+        j = jmod.RedisJournal(redis_server.url, "sbtest", f"idle@{secrets.token_hex(4)}")
+        await j.put("accepted", "u1", {"x": 1})
+        await j.items("sync:openai")  # read only (a restarted holder): held too, though nothing is there yet
+        client, key = redis_server.client(), j._base + "accepted"
+        client.expire(key, 30)  # as if days had passed since the last write
+        await until(lambda: client.ttl(key) > 60, "the keeper pushed the expiry on")
+        assert jmod.JOURNAL_TTL_S - 60 <= client.ttl(key) <= jmod.JOURNAL_TTL_S
+        assert j._spaces == {"accepted", "sync:openai"} and client.exists(j._base + "sync:openai") == 0
+        keeper = j._keeper
+        await j.close()
+        with pytest.raises(asyncio.CancelledError):
+            await keeper
+        assert j._keeper is None and client.hget(key, "u1") is not None  # it ends JOURNAL_TTL_S after the last push
+    asyncio.run(go())
+
+
 def test_a_delete_the_journal_failed_is_tried_until_it_is_done(monkeypatch):
     """A delete given up after about 50 s left the record of an answered call behind a Redis outage, and a later
     restart made the call again (a helper's fault hunt): it is now tried until the journal takes it."""

@@ -82,23 +82,36 @@ def test_the_table_pulls_only_from_the_warm_conversations_group_and_decides_it_a
 
 class _BadPull(Smart):
     name = "smart"  # not registered: built directly
+    pulls = "batch"
 
     def warm_pull(self, group, now, warmth):
-        return Decision("dispatch", mode="batch_api", take=1), {group.members[0].uid}
+        if self.pulls == "batch":
+            return Decision("dispatch", mode="batch_api", take=1), {group.members[0].uid}
+        if self.pulls == "stranger":
+            return Decision("dispatch", mode="sync"), {group.members[0].uid, "not-a-member"}
+        return Decision("dispatch", mode="sync"), set()  # "none"
 
 
-def test_a_pull_that_is_not_a_sync_dispatch_is_a_policy_error_which_a_grouper_survives():
+NOTE = [WarmNote("openai", "gpt-5", tuple(PREFIX + [7, 8]), 330.0)]
+
+
+@pytest.mark.parametrize("pulls", ["batch", "stranger", "none"])
+def test_a_pull_that_breaks_the_contract_or_names_nobody_changes_nothing(pulls):
+    """A pull that is not a sync dispatch of members is a policy error: the simulator stops at it, a grouper
+    (``keep_going``) logs it and the group waits on for its wake-up, untouched (the warmth is a hint). A pull of
+    nobody changes nothing either: no second decision, so no second wake-up chain beside the valid one."""
     t1 = _conversation()[0]
-    note = [WarmNote("openai", "gpt-5", tuple(PREFIX + [7, 8]), 330.0)]
-    table = GroupTable(_BadPull(CAT), CAT)
-    table.add(t1, ("c",), 0.0)
-    with pytest.raises(PolicyError, match="warm_pull must return a sync dispatch"):
-        table.warm(note, 35.0)
-    assert len(table) == 0  # the group is gone, as after a failed decision
-    going = GroupTable(_BadPull(CAT), CAT, keep_going=True)
-    going.add(t1, ("c",), 0.0)
-    pulled = going.warm(note, 35.0)
-    assert pulled.dispatches == [] and [r.id for gf in pulled.failed for r in gf.members] == ["t1"]
+    policy = _BadPull(CAT)
+    policy.pulls = pulls
+    if pulls != "none":
+        table = GroupTable(policy, CAT)
+        table.add(t1, ("c",), 0.0)
+        with pytest.raises(PolicyError, match="warm_pull"):
+            table.warm(NOTE, 35.0)
+    going = GroupTable(policy, CAT, keep_going=True)
+    _, wake = going.add(t1, ("c",), 0.0)
+    assert going.warm(NOTE, 35.0) == ([], [], []) and len(going) == 1
+    assert going.groups[wake.group.key] is wake.group and wake.group.version == wake.version  # still valid
 
 
 def _grouper(policy):
@@ -107,35 +120,83 @@ def _grouper(policy):
     return g, disp, hub
 
 
-def test_a_live_grouper_sends_the_pulled_turn_sync_and_fails_the_members_of_a_failed_pull():
+def test_a_live_grouper_sends_the_pulled_turn_sync_and_a_failed_pull_leaves_it_waiting():
     async def go(policy):
         g, disp, hub = _grouper(policy)
-        t1 = _conversation()[0]
-        await g.add([Job(0, t1, "a")])
-        await g.observe_warmth([WarmNote("openai", "gpt-5", tuple(PREFIX + [7, 8]), 330.0)])
+        await g.add([Job(0, _conversation()[0], "a")])
+        await g.observe_warmth(NOTE)
         await asyncio.gather(*g.dispatchers["openai"]._tasks)
         sent = [(b.mode, b.cache_write, [j.req.id for j in b.jobs])
                 for name, args in disp.calls if name == "run_many" for b in args[0]]
-        return sent, [r.id for r in await hub.pull(0.01)], g
+        timers = len(g._timers)
+        for h in g._timers:
+            h.cancel()
+        return sent, [r.id for r in await hub.pull(0.01)], g, timers
 
-    sent, ended, g = asyncio.run(go(Smart(CAT)))
+    sent, ended, g, _ = asyncio.run(go(Smart(CAT)))
     assert sent == [("sync", True, ["t1"])] and ended == [] and g.pending == {}
-    sent, ended, g = asyncio.run(go(Smart(CAT, SmartParams(pull_warm=False))))
-    assert sent == [] and list(g.pending) == [_conversation()[0].uid]
-    sent, ended, g = asyncio.run(go(_BadPull(CAT)))
-    assert sent == [] and ended == ["t1"] and g.pending == {}
+    for policy in (Smart(CAT, SmartParams(pull_warm=False)), _BadPull(CAT)):
+        sent, ended, g, timers = asyncio.run(go(policy))
+        assert sent == [] and ended == [] and list(g.pending) == [_conversation()[0].uid]
+        assert timers == 1  # its gather's wake-up, still set
 
 
-def test_a_turn_whose_batch_mate_writes_its_prefix_is_not_pulled_for_it():
-    """Two waiting requests of one conversation share their long prefix: in their batch one writes it and the
-    other reads it at the batch's price, which beats the warm read of a sync call for both. Alone, the same turn
-    is pulled (priced against a batch with nobody writing its prefix, it was pulled in either case before)."""
-    a, b = _turn(1, 0.0, PREFIX + [7], 3600.0), _turn(2, 5.0, PREFIX + [8], 3600.0)
+def test_a_turn_reads_in_its_batch_what_an_earlier_member_that_stays_writes_so_it_is_not_pulled_for_that():
+    """Members of a batch run in order and read what an earlier one writes (``price_batch``). ``a``, a long
+    answer, stays in the batch (half price on its output beats the warm read); ``b``, after it with the same
+    prefix, reads that prefix in the batch at half the sync read price, so it stays too. Ahead of ``a``, ``b``
+    would write the prefix itself in the batch: the warm read pays, and it is pulled. Two members that both
+    pull out leave nobody to write: each is priced as the writer it would be, and both go."""
+    a = _turn(1, 0.0, PREFIX + [7], 3600.0).model_copy(update={"output_tokens": 20_000})
+    b = _turn(2, 5.0, PREFIX + [8], 3600.0)
     note = [WarmNote("openai", "gpt-5", tuple(PREFIX + [9]), 330.0)]
-    pair = GroupTable(Smart(CAT), CAT)
-    for r in (a, b):
-        pair.add(r, ("c",), r.arrival_s)
-    assert pair.warm(note, 35.0).dispatches == [] and len(pair) == 2
-    alone = GroupTable(Smart(CAT), CAT)
-    alone.add(a, ("c",), 0.0)
-    assert [r.id for d in alone.warm(note, 35.0).dispatches for r in d.members] == ["t1"]
+
+    def pulled(*reqs):
+        table = GroupTable(Smart(CAT), CAT)
+        for r in reqs:
+            table.add(r, ("c",), r.arrival_s)
+        return [r.id for d in table.warm(note, 35.0).dispatches for r in d.members]
+
+    assert pulled(a, b) == []
+    assert pulled(b.model_copy(update={"arrival_s": 0.0}), a.model_copy(update={"arrival_s": 5.0})) == ["t2"]
+    assert pulled(b) == ["t2"]
+    assert pulled(b, _turn(3, 6.0, PREFIX + [6], 3600.0)) == ["t2", "t3"]
+
+
+def test_pulls_at_an_explicit_cache_read_only_whole_entries_and_the_index_empties_with_the_table():
+    """At Anthropic a cache entry ends at a breakpoint: a waiting turn that extends the written entry is pulled;
+    one that shares only part of it (it branched off earlier) reads nothing there, and waits. Once every group
+    has gone, the index of runs is empty (no group kept alive by it)."""
+    sonnet = "claude-sonnet-4-5"
+    longer = _turn(1, 0.0, PREFIX + [7], 3600.0, model=sonnet)
+    branch = _turn(2, 1.0, PREFIX[:12] + [50, 51], 3600.0, model=sonnet)
+    table = GroupTable(Smart(CAT), CAT)
+    for r in (longer, branch):
+        table.add(r, ("c",), r.arrival_s)
+    pulled = table.warm([WarmNote("anthropic", sonnet, tuple(PREFIX), 330.0)], 35.0)
+    assert [r.id for d in pulled.dispatches for r in d.members] == ["t1"] and len(table) == 1
+    (wake,) = pulled.wakes
+    ds, _ = table.wake(wake, 10_000.0)  # past its gather: sent
+    assert [r.id for d in ds for r in d.members] == ["t2"]
+    assert table.groups == {} and table._runs == {} and table._run_lengths == {}
+
+
+class _FailsAfterPull(Smart):
+    name = "smart"  # not registered: built directly
+
+    def decide(self, group, now):
+        if any(r.id == "t3" for r in group.members) and len(group) == 1:
+            raise RuntimeError("decide broke")
+        return super().decide(group, now)
+
+
+def test_a_group_whose_decision_fails_after_a_pull_still_sends_the_pulled_turn():
+    """The pull is carried out; the group's failed decision fails only the members left in it (a grouper's
+    ``GroupFailed``), as a failed decision on arrival does."""
+    t1, t3, _ = _conversation()
+    table = GroupTable(_FailsAfterPull(CAT), CAT, keep_going=True)
+    for r in (t1, t3):
+        table.add(r, ("c",), r.arrival_s)
+    pulled = table.warm(NOTE, 35.0)
+    assert [r.id for d in pulled.dispatches for r in d.members] == ["t1"]
+    assert [[r.id for r in gf.members] for gf in pulled.failed] == [["t3"]] and len(table) == 0
