@@ -137,9 +137,9 @@ class Grouper(CancelGroups, Parking, Warm):
         for w in pulled.wakes:
             self._schedule(w)
         failed = [x for gf in pulled.failed for x in self._fail_members(gf.members, gf.cause)]
-        await self._send(pulled.dispatches + [d for gf in pulled.failed for d in gf.dispatches])
-        if failed:
+        if failed:  # ended first, as in ``_on_wake``: until then a re-admitted copy would find them nowhere
             await self._resolve(failed)
+        await self._send(pulled.dispatches + [d for gf in pulled.failed for d in gf.dispatches])
 
     async def relearn(self) -> int:
         """After Ray restarted this grouper: learn again, in a fresh estimate, what the dispatchers told it before

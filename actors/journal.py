@@ -66,7 +66,8 @@ def delete_later(journal, space: str, keys: list[str], tasks: set, pending: set[
     async def run() -> None:
         # Until it is done, however long the journal is away: given up after ~50 s, a record of an answered call
         # outlived a Redis outage, and a restart once the hub had forgotten the call made it again (a helper's
-        # fault hunt). A Redis journal's space expires JOURNAL_TTL_S after its last write in any case.
+        # fault hunt). Given up after JOURNAL_TTL_S: a stopped engine's space is gone by then (a running one keeps
+        # its spaces, ``RedisJournal._keep``, and a record it could not clear for that long stays).
         give_up = asyncio.get_running_loop().time() + JOURNAL_TTL_S
         for attempt in itertools.count(1):
             await asyncio.sleep(retry_delay(attempt, DELETE_BASE_S, DELETE_MAX_S, 1.0))

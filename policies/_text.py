@@ -55,9 +55,8 @@ def warm_sync_pays(catalog, req: Request, batch_api, p_on_time: float, warmth: P
         return 0
     n, until = warmth.leading(req.provider, req.model, req.prefix_blocks, now + margin_s,
                               exact=not provider.prompt_cache.automatic)
-    if n * block_tokens < min_cacheable_tokens(provider, provider.models[req.model]) or n <= mates:
-        return 0  # too little to read (most often the one leading block that every prompt shares), or no more
-        # than its batch reads anyway, at half the price (a group's shared system prompt: no pricing needed)
+    if n * block_tokens < min_cacheable_tokens(provider, provider.models[req.model]):
+        return 0  # too little to read (most often the one leading block that every prompt shares)
     warm = price_alone(req, catalog, "sync", warm_blocks=n, write=True, block_tokens=block_tokens).total
     p_read = batch_api.turnaround_cdf(until - now)
     batch = (p_read * price_alone(req, catalog, "batch_api", warm_blocks=max(n, mates), block_tokens=block_tokens).total

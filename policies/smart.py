@@ -33,6 +33,8 @@ from policies.base import Policy, register
 
 __all__ = ["Smart", "SmartParams"]
 
+_PULL_SCAN = 500  # members of a group a warm pull prices at most (about 15 ms)
+
 
 @register
 class Smart(GpuLane, Policy):
@@ -137,14 +139,16 @@ class Smart(GpuLane, Policy):
         """The turns of a conversation waiting for a batch that a call just left its prefix warm for (an urgent
         turn sent sync, a hedge's fallback): those that read it now for less than the batch is expected to cost
         them (``warm_sync_pays``, as at arrival) go sync at once, each writing its own turn for the next. Waiting
-        on, they would write the prefix again in their batch, which ends long after the warmth is gone."""
+        on, they would write the prefix again in their batch, which ends long after the warmth is gone. Only the
+        ``_PULL_SCAN`` oldest are looked at: a lane whose every request starts with one system prompt is one
+        group of thousands, offered at every result, and each member is priced."""
         if self.params.warm_margin_s is None or group.returned:
             return None
         provider = group.provider
         c = self._text_consts(provider, group.spec, group.members[0].model)
         uids, first = set(), None
         staying = BatchMates()  # the members before this one that stay: they write what it shares with them
-        for req in group.members:
+        for req in group.members[:_PULL_SCAN]:
             p_on_time = provider.batch_api.turnaround_cdf(req.deadline_at - now
                                                           - self._hedge_lead(c, req.output_tokens, 1))
             if warm_sync_pays(self.catalog, req, provider.batch_api, p_on_time, warmth, now,
