@@ -80,7 +80,6 @@ def second_batch_checkpoint(ba, send_at: float, hedge_at: float) -> tuple[float 
     return send_at + best, p_best
 
 
-
 class BatchMates:
     """How many leading prefix blocks a request reads in a batch from the members before it, built member by
     member (``price_batch``: members run in order, and one marks for caching what a later one starts with). A
