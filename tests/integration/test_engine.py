@@ -70,6 +70,15 @@ def quiet_engine(ray_session):
         yield eng
 
 
+def _conversation_turn(rid: str, at: float, blocks: list[int], deadline_s: float):
+    """A turn of a conversation at ``gpt-5``: its prompt is the prefix blocks so far and 300 tokens more."""
+    from engine.core.request import Request
+
+    return Request.model_validate({"id": rid, "arrival_s": at, "model": "gpt-5", "prompt": rid,
+                                   "input_tokens": len(blocks) * 512 + 300, "output_tokens": 200,
+                                   "prefix_blocks": blocks, "deadline_s": deadline_s})
+
+
 class TestOnOneQuietEngine:
     """Tests that check only their own requests' results, on one engine; their ids keep apart."""
 
@@ -128,15 +137,12 @@ class TestOnOneQuietEngine:
         due in an hour, is not held for a batch: it is sent at once and reads that prefix, billed at the
         cache-read price."""
         from engine.core.cost import price_alone
-        from engine.core.request import Request
 
         eng, prefix = quiet_engine, list(range(100, 120))
         t0 = eng.clock.now()
 
-        def turn(i: int, at: float, blocks: list[int], deadline_s: float) -> Request:
-            return Request.model_validate({"id": f"warm-t{i}", "arrival_s": t0 + at, "model": "gpt-5",
-                                           "prompt": f"turn {i}", "input_tokens": len(blocks) * 512 + 300,
-                                           "output_tokens": 200, "prefix_blocks": blocks, "deadline_s": deadline_s})
+        def turn(i: int, at: float, blocks: list[int], deadline_s: float):
+            return _conversation_turn(f"warm-t{i}", t0 + at, blocks, deadline_s)
 
         # The follow-up comes once the first turn's result is back, a second later: the dispatcher told the
         # groupers of its warmth before it sent that result on.
@@ -149,22 +155,18 @@ class TestOnOneQuietEngine:
                                                             write=True).total, rel=1e-6)
         assert follow.cost_usd < price_alone(reqs[1], CAT, "batch_api").total and follow.deadline_met
 
-
     def test_a_waiting_turn_is_sent_at_once_when_an_urgent_turn_leaves_its_prefix_warm(self, quiet_engine):
         """The live path of warm pulls (``Grouper.observe_warmth``): a turn due in a day waits in its
         conversation's group for a batch (a gather of up to 2,100 engine s, 4.2 s of real time here); an urgent
         turn of the same conversation goes sync, and the warmth its call reports pulls the waiting one out: it
         is sent at once and reads the prefix, billed at the cache-read price."""
         from engine.core.cost import price_alone
-        from engine.core.request import Request
 
         eng, prefix = quiet_engine, list(range(300, 320))
         t0 = eng.clock.now()
 
-        def turn(i: int, at: float, blocks: list[int], deadline_s: float) -> Request:
-            return Request.model_validate({"id": f"pull-t{i}", "arrival_s": t0 + at, "model": "gpt-5",
-                                           "prompt": f"turn {i}", "input_tokens": len(blocks) * 512 + 300,
-                                           "output_tokens": 200, "prefix_blocks": blocks, "deadline_s": deadline_s})
+        def turn(i: int, at: float, blocks: list[int], deadline_s: float):
+            return _conversation_turn(f"pull-t{i}", t0 + at, blocks, deadline_s)
 
         waiting, urgent = turn(1, 0.0, prefix + [7], 86400.0), turn(2, 1.0, prefix + [7, 8], 200.0)
         futs = eng.replay([waiting, urgent])
