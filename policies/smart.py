@@ -88,6 +88,10 @@ class Smart(GpuLane, Policy):
         waves = -(-max(n, 1) // c.max_conc) + (1 if self.params.hedge_retry else 0)  # a retry: one wave more
         return (c.base + c.per_tok * output_tokens) * c.p99_factor * waves + self.params.hedge_margin_s + c.cancel_s
 
+    def _p_alone(self, provider, c: TextConsts, req: Request, now: float) -> float:
+        """P(a batch sent now with ``req`` alone is back before its hedge)."""
+        return provider.batch_api.turnaround_cdf(req.deadline_at - now - self._hedge_lead(c, req.output_tokens, 1))
+
     def group_key(self, req: Request, compat: tuple, now: float, provider=None, budget=None,
                   warmth: PrefixWarmth | None = None, returned: bool = False) -> Hashable:
         """``provider``: the runtime's view of ``req``'s provider (its learned turnaround); None: the catalog's.
@@ -99,8 +103,7 @@ class Smart(GpuLane, Policy):
             return ("gpu", compat)
         if spec.kind == "text" and provider.supports_batch_api(req.kind) and not self._held_back(req, budget):
             c = self._text_consts(provider, spec, req.model)
-            p_on_time = provider.batch_api.turnaround_cdf(req.deadline_at - now
-                                                          - self._hedge_lead(c, req.output_tokens, 1))
+            p_on_time = self._p_alone(provider, c, req, now)
             if p_on_time >= self.params.min_on_time_p:
                 if (warmth is not None and self.params.warm_margin_s is not None and req.prefix_blocks
                         and warm_sync_pays(self.catalog, req, provider.batch_api, p_on_time, warmth, now,
@@ -149,9 +152,7 @@ class Smart(GpuLane, Policy):
         uids, first = set(), None
         staying = BatchMates()  # the members before this one that stay: they write what it shares with them
         for req in group.members[:_PULL_SCAN]:
-            p_on_time = provider.batch_api.turnaround_cdf(req.deadline_at - now
-                                                          - self._hedge_lead(c, req.output_tokens, 1))
-            if warm_sync_pays(self.catalog, req, provider.batch_api, p_on_time, warmth, now,
+            if warm_sync_pays(self.catalog, req, provider.batch_api, self._p_alone(provider, c, req, now), warmth, now,
                               self.params.warm_margin_s, self.params.block_tokens, staying.shared(req.prefix_blocks)):
                 uids.add(req.uid)
                 first = first or req
@@ -388,4 +389,3 @@ class Smart(GpuLane, Policy):
             if price >= projected:
                 return f"its wait is worth ${price:.4f}, the batch would save ${projected:.4f} expected"
         return None
-
