@@ -217,7 +217,7 @@ class Smart(GpuLane, Policy):
                     or self._hedge_lead(c, max(max_out, o.max_output_tokens), n + len(o)) > lead + ride
                     or any(self._held_back(m, o.budget) for m in o.members)):
                 continue
-            if o.oldest_arrival_s + self._gather_budget(o, c) <= now + ride:
+            if self._flush_at(o, c) <= now + ride:
                 out.append(o)
                 n, max_out = n + len(o), max(max_out, o.max_output_tokens)
         return out
@@ -287,6 +287,20 @@ class Smart(GpuLane, Policy):
             cap = min(cap, self.params.closed_gather_s)
         return min(max(g, 0.0), cap)
 
+    def _flush_at(self, group: Group, c: TextConsts) -> float:
+        """When ``group`` stops gathering: its oldest arrival plus its gather budget. Kept on the group (``memo``,
+        with what ``_decide_batch`` derives from it) while everything it is computed from stands: a group is
+        decided on every arrival, and ``riders`` asks it of every group of its lane."""
+        ba = group.provider.batch_api  # (the runtime's learned turnaround changes at its epochs)
+        key = (group.earliest_deadline_at, group.oldest_arrival_s, -(-len(group) // c.max_conc),
+               group.max_output_tokens, ba, group.closed > 0, id(group.members[0]))
+        memo = group.memo
+        if memo is not None and memo[0] == key:
+            return memo[1]
+        flush_at = group.oldest_arrival_s + self._gather_budget(group, c)
+        group.memo = (key, flush_at, None, None)
+        return flush_at
+
     def _decide_batch(self, group: Group, now: float) -> Decision:
         p = self.params
         ba = group.provider.batch_api
@@ -300,14 +314,7 @@ class Smart(GpuLane, Policy):
                             reason="sync now: a budget holds work back and a batch would keep its members' "
                                    "model-max reservations open for the whole turnaround")
         c = self._text_consts(group.provider, group.spec, group.members[0].model)
-        drain = -(-n // c.max_conc)
-        memo = group.memo  # derived from the group alone: caching it on the group changes no decision
-        mkey = (group.earliest_deadline_at, group.oldest_arrival_s, drain, ba, group.closed > 0)
-        if memo is not None and memo[:5] == mkey:
-            flush_at = memo[5]
-        else:  # (``ba`` too: the runtime's learned turnaround changes at its epochs)
-            flush_at = group.oldest_arrival_s + self._gather_budget(group, c)
-            group.memo = (*mkey, flush_at)
+        flush_at = self._flush_at(group, c)
         if isinstance(group.key[2], tuple):
             # Members back from one dispatch come back together: judged once all of them are here, then sent
             # (nothing else joins this group).
@@ -327,11 +334,11 @@ class Smart(GpuLane, Policy):
         send_at = flush_at if gathering else now
         if not p.second_batch or group.returned:
             checkpoint, p_on_time = None, ba.turnaround_cdf(hedge_at - send_at)
-        elif len(group.memo) > 6 and group.memo[6] == (hedge_at, send_at, ba):  # decided on every arrival: kept
-            checkpoint, p_on_time = group.memo[7]
+        elif group.memo[2] == (hedge_at, send_at, ba):  # decided on every arrival: kept
+            checkpoint, p_on_time = group.memo[3]
         else:
             checkpoint, p_on_time = second_batch_checkpoint(ba, send_at, hedge_at)
-            group.memo = group.memo[:6] + ((hedge_at, send_at, ba), (checkpoint, p_on_time))
+            group.memo = group.memo[:2] + ((hedge_at, send_at, ba), (checkpoint, p_on_time))
         # List prices without cache effects: the batch reads the provider cache as sync calls would, so the
         # comparison (and the saving quoted in the reason) holds with caching too.
         c_sync = c.p_in * tokens_in + c.p_out * tokens_out

@@ -122,11 +122,18 @@ class BatchApi(_Frozen):
         lo = self.turnaround_min_s
         if room < 2 * lo or p_one >= 1.0:
             return None, p_one
+        # ``turnaround_cdf`` inlined, to the same arithmetic: a policy asks this on most decisions of a batch.
+        window, med, log, erf = self.completion_window_s, self.turnaround_median_s, math.log, math.erf
+        den = max(log(self.turnaround_p95_s / med) / 1.6448536, 1e-9) * 1.4142135623730951
+
+        def cdf(t: float) -> float:
+            return 0.0 if t < lo else 1.0 if t >= window else 0.5 * (1.0 + erf(log(max(t, 1e-9) / med) / den))
+
         best, p_best = None, p_one
         for i in range(1, _CHECKPOINTS):
             c = lo + (room - 2 * lo) * i / _CHECKPOINTS
-            f = self.turnaround_cdf(c)
-            p_two = f + (1.0 - f) * self.turnaround_cdf(room - c)
+            f = cdf(c)
+            p_two = f + (1.0 - f) * cdf(room - c)
             if p_two > p_best:
                 best, p_best = c, p_two
         return best, p_best

@@ -388,7 +388,8 @@ class SimProvider:
         pc = self.spec.prompt_cache
         stacks = pc is not None and pc.stacks_with_batch
         model = reqs[0].model
-        warm_blocks = {b for r in reqs for b in r.prefix_blocks if self._is_warm(model, b, done)} if stacks else set()
+        blocks = {b for r in reqs for b in r.prefix_blocks} if stacks else ()  # most shared by many: each asked once
+        warm_blocks = {b for b in blocks if self._is_warm(model, b, done)}
         warmed: list[int] = []  # per member, the blocks it read or wrote: only those stay warm
         prices = price_batch(list(reqs), self.catalog, "batch_api", warm=warm_blocks, block_tokens=self.bt,
                              failed=[m for m, ok in enumerate(oks) if not ok], warmed=warmed)

@@ -220,6 +220,31 @@ def test_the_shared_band_gathers_longer_and_work_due_sooner_or_with_nothing_to_s
     assert first_batch(1200.0, True) == first_batch(1200.0, False)
 
 
+
+def test_a_gathering_group_is_decided_as_a_fresh_group_of_its_members_would_be():
+    """The gather time a policy keeps on a group (decided on every arrival) is kept only while what it comes from
+    stands: a member with a longer output lengthens the sync fallback's lead, so the batch stops gathering
+    sooner. Before stop 48 the kept value ignored the output, and the group gathered on as if it had not come."""
+    prov = CAT.providers["openai"]
+    spec = prov.models["gpt-5-mini"]
+    smart = load_policy("smart", CAT, {"min_batch_saving_usd": 0.0, "min_saving_rel": 0.0})
+    short = [req(i, 3600.0, arrival_s=0.0, input_tokens=20_000, output_tokens=200) for i in range(30)]
+    long_out = req(99, 3600.0 - 10.0, arrival_s=10.0, input_tokens=20_000, output_tokens=60_000)
+    g = Group(("batch", (), 0), prov, spec)
+    for r in short:
+        g.add(r)
+    before = smart.decide(g, 5.0)
+    g.add(long_out)
+    kept = smart.decide(g, 10.0)
+
+    fresh = Group(("batch", (), 0), prov, spec)
+    for r in [*short, long_out]:
+        fresh.add(r)
+    assert before.action == kept.action == "wait"
+    assert kept.wake_at == load_policy("smart", CAT, smart.params).decide(fresh, 10.0).wake_at
+    assert kept.wake_at < before.wake_at  # a longer fallback leaves less time to gather
+
+
 # -- GPU lanes: company to come, judged one horizon at a time ---------------------------------------------------
 
 def image(i: int, arrival_s: float, priority: str = "background", deadline_s: float = 86400.0) -> Request:
