@@ -10,10 +10,13 @@ so a provider's traffic can leave from chosen machines.
 from __future__ import annotations
 
 import functools
+import logging
 import secrets
+from collections.abc import Iterable
 
 import ray
 
+from actors._cancel import CANCEL_CALL_S
 from actors._peer import ClockRef, Named, publish_clock, read_layout, resolve_clock, unpublish_clock
 from actors._shards import shard_kind
 from actors._wire import pack
@@ -34,6 +37,7 @@ __all__ = ["NAMESPACE", "actor_name", "attach_actors", "kill_engine", "provider_
 # re-admits its unfinished requests. Calls in flight at the death fail rather than run twice.
 _OPTS = {"num_cpus": 0, "max_concurrency": 1000, "max_restarts": -1, "max_task_retries": 0}
 NAMESPACE = "smartbatch"
+log = logging.getLogger("smartbatch.engine")
 
 
 @functools.cache
@@ -202,18 +206,24 @@ def attach_actors(engine: str) -> tuple[dict, dict] | None:
     return _handles(engine, named, clock, base or 0.0, layout["settings"].log_level), layout
 
 
-def kill_engine(engine: str, handles: list | None = None) -> int:
+def kill_engine(engine: str, handles: list | None = None, dispatchers: Iterable | None = None) -> int:
     """Stop every actor of engine ``engine`` (the given handles, else those its layout names) and remove what it
-    published. Returns how many actors were stopped."""
+    published. Returns how many actors were stopped. Its dispatchers (``dispatchers``, else those of the layout)
+    first cancel the provider batches under way (``CANCEL_CALL_S`` at most): killed with the engine, a batch
+    ran on at the provider and was billed in full for results nobody would read."""
     if handles is None:
         layout = read_layout(engine) or {"kinds": []}
-        handles = []
+        handles, dispatchers = [], []
         for kind in layout["kinds"]:
             try:
-                handles.append(ray.get_actor(actor_name(engine, kind), namespace=NAMESPACE))
+                h = ray.get_actor(actor_name(engine, kind), namespace=NAMESPACE)
             except ValueError:  # already gone
-                pass
+                continue
+            handles.append(h)
+            if kind.startswith("dispatcher-"):
+                dispatchers.append(h)
     unpublish_clock(engine)  # first: drivers attached to it see it gone rather than a half-stopped engine
+    _cancel_batches(engine, list(dispatchers or ()))
     n = 0
     for h in handles:
         try:
@@ -222,6 +232,28 @@ def kill_engine(engine: str, handles: list | None = None) -> int:
         except Exception:  # already gone: nothing to stop
             pass
     return n
+
+
+def _cancel_batches(engine: str, dispatchers: list) -> None:
+    """Cancel the provider batches ``dispatchers`` have under way: what they finished is billed, the rest is not."""
+    refs = [d.cancel.remote() for d in dispatchers]
+    try:
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=CANCEL_CALL_S + 5.0)
+    except Exception:  # pragma: no cover - Ray itself failing: the actors are killed all the same
+        ready = []
+    n = 0
+    for ref in ready:
+        try:
+            n += ray.get(ref)
+        except Exception as exc:  # a dispatcher dead or restarting: its batches are in its journal, if anywhere
+            log.warning("engine %s: a dispatcher could not cancel its batches at the stop (%s)", engine,
+                        type(exc).__name__)
+    if len(ready) < len(refs):
+        log.warning("engine %s: %d dispatcher(s) did not answer the stop's cancel in time; their provider batches "
+                    "may run on, billed", engine, len(refs) - len(ready))
+    if n:
+        log.warning("engine %s stopped with %d provider batch(es) under way: cancelled; what they finished is "
+                    "billed and was not answered", engine, n)
 
 
 def rewire(h: dict, kind: str, metrics: tuple[int, str] | None = None) -> None:

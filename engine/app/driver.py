@@ -184,7 +184,7 @@ class Engine(AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervised):
             else:
                 from actors.remote import kill_engine
 
-                kill_engine(handles["engine"], handles["all"])
+                kill_engine(handles["engine"], handles["all"], handles["dispatchers"].values())
                 if started and not Engine._running_engines:
                     ray.shutdown()
             raise
@@ -215,7 +215,7 @@ class Engine(AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervised):
 
             if self._owner:
                 self._keep_last_report()  # report() after stop() answers with it
-                kill_engine(self._h["engine"], self._h["all"])
+                kill_engine(self._h["engine"], self._h["all"], self._h["dispatchers"].values())
             else:  # the ids only this driver held are forgotten after its retention window, as it would have
                 for h in self._h["hubs"]:
                     h.leave.remote(self._client)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,30 @@ def test_an_anthropic_follow_up_sent_warm_reads_its_history_from_the_emulators_c
     assert follow.usage["cache_read"] == len(history) * 512  # the whole history, read at 0.1x
     bill = emulator.bill()
     assert bill.total_usd == pytest.approx(sum(r.cost_usd for r in results), rel=1e-6)
+
+
+def test_a_stop_cancels_the_provider_batches_under_way_rather_than_leave_them_billing(ray_session, monkeypatch):
+    """``stop()`` with a provider batch under way cancels it before the actors go. Killed with the engine, the
+    batch ran on at the provider, every member billed, for results nobody would read (before stop 48)."""
+    import openai
+
+    from engine import Engine
+
+    # Real time at the provider: a batch takes minutes there, so none of its members finishes before the stop.
+    with Emulator(CAT, speedup=1.0, seed=0, cancel_s=1.0) as emu:
+        settings = point_at_emulator(Settings(), emu, providers=("openai",))
+        monkeypatch.setenv(settings.providers.endpoints["openai"].api_key_env, KEY)
+        params = {"batch_gather_s": 0.0, "min_batch_saving_usd": 0.0}
+        with Engine.start(settings, catalog=OPENAI_ONLY, speedup=100, policy_params=params) as eng:
+            futs = eng.submit_many([{"id": f"s{i}", "model": "gpt-4o-mini", "prompt": f"summarise part {i}",
+                                     "input_tokens": 20_000, "deadline_s": 86_400} for i in range(8)])
+            end = time.monotonic() + 60.0
+            while not emu.count("batches.create", "openai", 200):  # polling the provider, as its client does
+                assert time.monotonic() < end, f"no batch reached the emulator: {emu.counters()}"
+                time.sleep(0.05)
+        client = openai.OpenAI(base_url=emu.base_url("openai"), api_key=KEY, max_retries=0)
+        (batch,) = client.batches.list().data
+        assert batch.status in ("cancelling", "cancelled"), batch.status
+        assert emu.count("batches.cancel", "openai", 200) == 1
+        assert all(f.result(timeout=5).status == "failed" for f in futs)
+        assert not [i for i in emu.bill().items if i.mode == "batch_api"]  # none finished: none billed
