@@ -167,6 +167,14 @@ class CancelDispatches:
             await asyncio.sleep(0.05)  # the follow-ups' cancels go out on this loop
         return len(self._cancel_sent)
 
+    async def stop_spending(self) -> tuple[int, int]:
+        """The engine stops (its other actors are gone already, so nothing this publishes reaches a driver): cancel
+        the provider batches under way, as ``cancel`` does. Returns how many were open and how many of those no
+        cancel reached in time (they run on, billed)."""
+        under_way = set(self._open)
+        await self.cancel()
+        return len(under_way), len(self._open.keys() - self._cancel_sent)
+
     def _woken(self) -> asyncio.Event:
         if self._cancel_event is None:
             self._cancel_event = asyncio.Event()

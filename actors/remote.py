@@ -209,8 +209,9 @@ def attach_actors(engine: str) -> tuple[dict, dict] | None:
 def kill_engine(engine: str, handles: list | None = None, dispatchers: Iterable | None = None) -> int:
     """Stop every actor of engine ``engine`` (the given handles, else those its layout names) and remove what it
     published. Returns how many actors were stopped. Its dispatchers (``dispatchers``, else those of the layout)
-    first cancel the provider batches under way (``CANCEL_CALL_S`` at most): killed with the engine, a batch
-    ran on at the provider and was billed in full for results nobody would read."""
+    go last: once the others are gone (so no driver takes what they publish for an answer), they cancel the
+    provider batches under way (``CANCEL_CALL_S`` for the cancels to go out). Killed with the engine, a batch ran
+    on at the provider and was billed in full for results nobody would read."""
     if handles is None:
         layout = read_layout(engine) or {"kinds": []}
         handles, dispatchers = [], []
@@ -223,7 +224,13 @@ def kill_engine(engine: str, handles: list | None = None, dispatchers: Iterable 
             if kind.startswith("dispatcher-"):
                 dispatchers.append(h)
     unpublish_clock(engine)  # first: drivers attached to it see it gone rather than a half-stopped engine
-    _cancel_batches(engine, list(dispatchers or ()))
+    last = list(dispatchers or ())
+    n = _kill([h for h in handles if h not in last])
+    _cancel_batches(engine, last)
+    return n + _kill(last)
+
+
+def _kill(handles: list) -> int:
     n = 0
     for h in handles:
         try:
@@ -235,25 +242,26 @@ def kill_engine(engine: str, handles: list | None = None, dispatchers: Iterable 
 
 
 def _cancel_batches(engine: str, dispatchers: list) -> None:
-    """Cancel the provider batches ``dispatchers`` have under way: what they finished is billed, the rest is not."""
-    refs = [d.cancel.remote() for d in dispatchers]
-    try:
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=CANCEL_CALL_S + 5.0)
-    except Exception:  # pragma: no cover - Ray itself failing: the actors are killed all the same
-        ready = []
-    n = 0
+    """Have ``dispatchers`` cancel their provider batches under way, and say what that left running."""
+    refs = [d.stop_spending.remote() for d in dispatchers]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=CANCEL_CALL_S + 5.0)
+    cancelled = missed = 0
     for ref in ready:
         try:
-            n += ray.get(ref)
-        except Exception as exc:  # a dispatcher dead or restarting: its batches are in its journal, if anywhere
+            open_, left = ray.get(ref)
+        except ray.exceptions.RayActorError:  # stopped already (by another driver's stop): nothing to cancel
+            continue
+        except Exception as exc:
             log.warning("engine %s: a dispatcher could not cancel its batches at the stop (%s)", engine,
                         type(exc).__name__)
-    if len(ready) < len(refs):
-        log.warning("engine %s: %d dispatcher(s) did not answer the stop's cancel in time; their provider batches "
-                    "may run on, billed", engine, len(refs) - len(ready))
-    if n:
-        log.warning("engine %s stopped with %d provider batch(es) under way: cancelled; what they finished is "
-                    "billed and was not answered", engine, n)
+            continue
+        cancelled, missed = cancelled + open_ - left, missed + left
+    if cancelled:
+        log.warning("engine %s stopped with %d provider batch(es) under way: cancelled; what they finish before "
+                    "the cancel takes effect is billed and not read", engine, cancelled)
+    if missed or len(ready) < len(refs):
+        log.warning("engine %s stopped with %d provider batch(es) that no cancel reached (and %d dispatcher(s) "
+                    "not answering): they may run on, billed", engine, missed, len(refs) - len(ready))
 
 
 def rewire(h: dict, kind: str, metrics: tuple[int, str] | None = None) -> None:
