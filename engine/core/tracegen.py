@@ -180,6 +180,9 @@ def from_mooncake(path: str | Path, *, seed: int = 0, model: str | None = None, 
             except (ValueError, RecursionError) as exc:
                 why = exc.msg if isinstance(exc, json.JSONDecodeError) else "too deep or too long a number"
                 problems.append((src, no, "line", f"not valid JSON ({why})"))
+    if not raw and problems:  # no line is JSON: the wrong kind of file, said once rather than per line
+        problems[:] = [(src, problems[0][1], "file", "not a JSONL trace: no line is JSON (an Azure trace's CSV "
+                                                     "goes through `smartbatch trace from-azure`)")]
     tenants, prios = _common(rng, len(raw))
     rows = []
     for i, (no, r) in enumerate(raw[:limit] if limit is not None else raw):

@@ -91,3 +91,19 @@ def test_synth_sends_text_to_every_text_provider(n, seed):
     reqs = synth(n, seed=seed, duration_s=600.0)
     text = Counter(r.provider for r in reqs if r.kind == "text")
     assert set(text) == {p for p, _, _ in TEXT_MIX}, text
+
+
+def test_a_file_with_no_json_line_is_named_the_wrong_kind_once_not_per_line(tmp_path):
+    """An Azure CSV given to ``from-mooncake`` was 20 "not valid JSON" lines and "... and 19347 more" (a new
+    user's tour); it is one error now, naming the builder that reads it. A JSONL file with some bad lines still
+    names each of them."""
+    csv_file = tmp_path / "conv.csv"
+    csv_file.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + "2023-11-16 18:15:46,374,44\n" * 30)
+    with pytest.raises(TraceError) as got:
+        from_mooncake(csv_file)
+    assert "trace from-azure" in str(got.value) and str(got.value).count("not valid JSON") == 0
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text('{"timestamp": 0, "input_length": 10, "output_length": 5, "hash_ids": [1]}\nnot json\n')
+    with pytest.raises(TraceError, match="not valid JSON") as got:
+        from_mooncake(mixed)
+    assert "from-azure" not in str(got.value)
