@@ -262,8 +262,8 @@ def _say_lag(live_late: int, sim_late: int, speedup: float) -> None:
 
 def _keep_interrupted(stop, out: Path) -> NoReturn:
     """Ctrl-C during ``run``: the results that finished (paid for) go to ``results.partial.jsonl``, with the
-    spend so far on the terminal; the rest were not answered, and a provider batch already submitted for them
-    may still finish and be billed. Exits 130, as an interrupted command does."""
+    spend so far on the terminal; the rest were not answered, and the engine's stop cancelled its provider batches
+    (what they finished is billed; with Ray gone, none could be). Exits 130, as an interrupted command does."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.partial.jsonl"
     with path.open("w", encoding="utf-8") as fh:
@@ -271,9 +271,11 @@ def _keep_interrupted(stop, out: Path) -> NoReturn:
             fh.write(r.model_dump_json() + "\n")
     spend = stop.report.get("spend_usd")
     spend = "unknown: the engine did not answer" if spend is None else f"${spend:.4f}"
+    batches = ("a provider batch already submitted for them may still finish and be billed" if stop.ray_gone else
+               "the provider batches under way were cancelled: what they finished before the cancel is billed")
     err_console.print(f"interrupted: {len(stop.results):,} of {stop.sent:,} request(s) had finished (spend so far "
-                      f"{spend}); their results are in {path}. The others were not answered, and a provider "
-                      "batch already submitted for them may still finish and be billed", style="yellow")
+                      f"{spend}); their results are in {path}. The others were not answered, and {batches}",
+                      style="yellow")
     if stop.ray_gone:  # Ray's exit hooks would each wait for its GCS
         from engine.app._ray_stop import exit_now
 
