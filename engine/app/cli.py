@@ -337,7 +337,8 @@ def demo(out: Path = typer.Option(Path("out/demo"), "--out", help="where results
     print_table(doc)
     rep = doc["engine_report"]
     console.print(f"live engine: {rep['requests']:,} requests, spend ${rep['spend_usd']:.2f}, saving "
-                  f"${rep['saving_usd']:.2f} against list prices, hits {rep['hits']}")
+                  f"${rep['saving_usd']:.2f} against list prices (each request alone and sync, reading no prompt "
+                  f"cache, where the table's naive reads what the provider caches by itself), hits {rep['hits']}")
     print_providers(doc)
     if bill is not None:
         http = {k for k, p in rep.get("providers", {}).items() if p.get("calls") == "http"}
