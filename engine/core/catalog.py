@@ -58,6 +58,15 @@ class Latency(_Frozen):
     sigma: float = Field(ge=0, le=2, default=0.3)
 
 
+def _lognormal_cdf(t: float, lo: float, window: float, median: float, den: float) -> float:
+    """P(turnaround <= t) of a lognormal of ``median`` (``den`` = sigma x sqrt 2), clipped to [lo, window]."""
+    if t < lo:
+        return 0.0
+    if t >= window:
+        return 1.0
+    return 0.5 * (1.0 + math.erf(math.log(max(t, 1e-9) / median) / den))
+
+
 class MediaLatency(_Frozen):
     image_s: float = Field(gt=0)
     video_base_s: float = Field(gt=0)
@@ -100,14 +109,12 @@ class BatchApi(_Frozen):
 
     def turnaround_cdf(self, t: float) -> float:
         """P(turnaround <= t) under the catalog's lognormal, clipped to [min, completion window]."""
-        if t < self.turnaround_min_s:
-            return 0.0
-        if t >= self.completion_window_s:
-            return 1.0
-        # Inline sigma: a property or private attribute of a pydantic model costs more than the arithmetic.
-        sigma = max(math.log(self.turnaround_p95_s / self.turnaround_median_s) / 1.6448536, 1e-9)
-        z = math.log(max(t, 1e-9) / self.turnaround_median_s) / (sigma * 1.4142135623730951)
-        return 0.5 * (1.0 + math.erf(z))
+        return _lognormal_cdf(t, self.turnaround_min_s, self.completion_window_s, self.turnaround_median_s,
+                              self._cdf_den())
+
+    def _cdf_den(self) -> float:
+        # Computed per call: a property or private attribute of a pydantic model costs more than the arithmetic.
+        return max(math.log(self.turnaround_p95_s / self.turnaround_median_s) / 1.6448536, 1e-9) * 1.4142135623730951
 
     def second_batch(self, usable: float) -> tuple[float | None, float]:
         """The best checkpoint for a second batch within ``usable`` seconds, and the chance that one of two is
@@ -122,18 +129,13 @@ class BatchApi(_Frozen):
         lo = self.turnaround_min_s
         if room < 2 * lo or p_one >= 1.0:
             return None, p_one
-        # ``turnaround_cdf`` inlined, to the same arithmetic: a policy asks this on most decisions of a batch.
-        window, med, log, erf = self.completion_window_s, self.turnaround_median_s, math.log, math.erf
-        den = max(log(self.turnaround_p95_s / med) / 1.6448536, 1e-9) * 1.4142135623730951
-
-        def cdf(t: float) -> float:
-            return 0.0 if t < lo else 1.0 if t >= window else 0.5 * (1.0 + erf(log(max(t, 1e-9) / med) / den))
-
+        # A policy asks this on most decisions of a batch: the lognormal's constants once, not per point.
+        window, med, den = self.completion_window_s, self.turnaround_median_s, self._cdf_den()
         best, p_best = None, p_one
         for i in range(1, _CHECKPOINTS):
             c = lo + (room - 2 * lo) * i / _CHECKPOINTS
-            f = cdf(c)
-            p_two = f + (1.0 - f) * cdf(room - c)
+            f = _lognormal_cdf(c, lo, window, med, den)
+            p_two = f + (1.0 - f) * _lognormal_cdf(room - c, lo, window, med, den)
             if p_two > p_best:
                 best, p_best = c, p_two
         return best, p_best
