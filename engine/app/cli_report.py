@@ -57,7 +57,9 @@ def print_table(doc: dict) -> None:
                      "speed": "req/s: simulated"}}
     if any((r.get("capture_of_achievable") or 0.0) > 1.0 for r in rows):  # the bound holds for deadlines met
         for short, name in ((False, "capture"), (True, "capt")):
-            legend[short]["capture"] = f"{name} over 100%: below the bound by missing deadlines"
+            said = legend[short].get("capture")
+            note = f"{name} over 100%: below the bound by missing deadlines"
+            legend[short]["capture"] = f"{said}, {note}" if said else note
 
     def build(keys: list[str], short: bool, title: str | None = None) -> Table:
         caption = "; ".join(legend[short][k] for k in keys if k in legend[short]) or None

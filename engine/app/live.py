@@ -58,9 +58,10 @@ def as_sim_result(policy: str, trace: str, requests: Sequence[Request], results:
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during ``run_live``: the results that had finished, the engine's report, how many were sent."""
 
-    def __init__(self, results: list, report: dict, sent: int, ray_gone: bool = False):
+    def __init__(self, results: list, report: dict, sent: int, ray_gone: bool = False, stopped: bool = False):
         super().__init__()
         self.results, self.report, self.sent, self.ray_gone = results, report, sent, ray_gone
+        self.stopped = stopped  # the engine's stop ran to its end (and so cancelled its provider batches)
 
 
 def run_live(requests: Sequence[Request], *, trace_name: str, policy: str = "smart",
@@ -114,10 +115,10 @@ def run_live(requests: Sequence[Request], *, trace_name: str, policy: str = "sma
             eng.stop()
         stopped = True
         try:
-            gone = stop_or_lose_ray(steps, ray_procs) == "ray-gone"
+            outcome = stop_or_lose_ray(steps, ray_procs)
         except Exception:  # the stop failed: what finished is still handed over
-            gone = False
-        raise Interrupted(done, kept, len(futs), ray_gone=gone) from None
+            outcome = "failed"
+        raise Interrupted(done, kept, len(futs), ray_gone=outcome == "ray-gone", stopped=outcome == "done") from None
     finally:
         if not stopped:  # (a stop that Ray's end left waiting must not be waited for here)
             eng.stop()

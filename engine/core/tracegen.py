@@ -173,16 +173,19 @@ def from_mooncake(path: str | Path, *, seed: int = 0, model: str | None = None, 
     salt = int(rng.integers(1 << 62))
     problems: Problems = []
     raw = []
+    first = None  # the first line with text: a CSV header says which builder the file is for
     for no, line in read_lines(p, problems):
         if line.strip():
+            first = first or line
             try:
                 raw.append((no, json.loads(line)))
             except (ValueError, RecursionError) as exc:
                 why = exc.msg if isinstance(exc, json.JSONDecodeError) else "too deep or too long a number"
                 problems.append((src, no, "line", f"not valid JSON ({why})"))
-    if not raw and problems:  # no line is JSON: the wrong kind of file, said once rather than per line
-        problems[:] = [(src, problems[0][1], "file", "not a JSONL trace: no line is JSON (an Azure trace's CSV "
-                                                     "goes through `smartbatch trace from-azure`)")]
+    if not raw and first and "," in first and "{" not in first and all("JSON" in p[3] for p in problems):
+        # A CSV (an Azure trace's): the wrong kind of file, said once rather than per line.
+        problems[:] = [(src, problems[0][1], "file", "a CSV, not a JSONL trace: an Azure trace's CSV goes through "
+                                                     "`smartbatch trace from-azure`")]
     tenants, prios = _common(rng, len(raw))
     rows = []
     for i, (no, r) in enumerate(raw[:limit] if limit is not None else raw):

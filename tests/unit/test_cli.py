@@ -546,6 +546,19 @@ def test_a_run_says_when_it_was_late_where_the_simulator_was_not_and_not_for_fai
         # A saving of a run with failures is against naive on what it served, and the table says so.
         assert ("vs naive on the requests served" in out) == bool(failed), out
         assert "below the bound by missing deadlines" not in out  # capture 90 %: nothing to explain
+        assert out.index("wrote j") < out.index("live: 3") if said else "wrote j" in out
+
+    # The comparison never fails a run that is done and written: a simulator that raises is said in one line.
+    import engine.sim.simulator as simulator
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a policy bug")
+
+    monkeypatch.setattr(simulator, "simulate", broken)
+    missed, failed = 3, 0
+    r = runner.invoke(app, ["run", str(trace), "--providers", "sim", "--out", str(tmp_path / "o")])
+    out = " ".join(r.output.split())
+    assert r.exit_code == 0 and "wrote j" in out and "not compared with the simulator's run: RuntimeError" in out, out
 
 def test_a_run_whose_requests_failed_is_judged_on_what_it_served():
     """A run at an unreachable provider read "saving 89.8 %, capture 120.8 %": its failed requests billed

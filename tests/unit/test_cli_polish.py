@@ -122,4 +122,6 @@ def test_a_capture_over_100_percent_is_explained_under_the_table(doc, width, mon
         r["capture_of_achievable"] = 0.5
     assert "below the bound" not in " ".join(_render(d, width, monkeypatch))
     d["results"][0]["capture_of_achievable"] = 1.2
-    assert "below the bound by missing deadlines" in " ".join(" ".join(_render(d, width, monkeypatch)).split())
+    text = " ".join(" ".join(_render(d, width, monkeypatch)).split())
+    assert "below the bound by missing deadlines" in text
+    assert "capt: of achievable" in text or width > 80  # the short header keeps its meaning beside the note

@@ -102,6 +102,13 @@ def test_a_file_with_no_json_line_is_named_the_wrong_kind_once_not_per_line(tmp_
     with pytest.raises(TraceError) as got:
         from_mooncake(csv_file)
     assert "trace from-azure" in str(got.value) and str(got.value).count("not valid JSON") == 0
+    import gzip
+
+    packed = tmp_path / "trace.jsonl.gz"  # not a CSV: its own reason stays
+    packed.write_bytes(gzip.compress(b'{"timestamp": 0, "input_length": 10, "output_length": 5, "hash_ids": [1]}\n'))
+    with pytest.raises(TraceError, match="UTF-8") as got:
+        from_mooncake(packed)
+    assert "from-azure" not in str(got.value)
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_text('{"timestamp": 0, "input_length": 10, "output_length": 5, "hash_ids": [1]}\nnot json\n')
     with pytest.raises(TraceError, match="not valid JSON") as got:
