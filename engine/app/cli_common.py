@@ -54,10 +54,13 @@ class _Group(typer.core.TyperGroup):
             raise typer.Exit(1) from None
 
 
-app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True,
+# Plain help (click's): typer's rich panels showed "<bool>" beside every flag with click 8.2+, and broke the
+# commands' texts at their source lines.
+app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="smartbatch: cut the bill of paid generation APIs by deciding how and when each request "
                        "is sent.")
-trace_app = typer.Typer(no_args_is_help=True, help="Build traces (JSONL) from real data or a seeded generator.")
+trace_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                        help="Build traces (JSONL) from real data or a seeded generator.")
 app.add_typer(trace_app, name="trace")
 # Wide enough for the results table when output goes to a file or CI log (rich assumes 80 columns there).
 console = Console(width=None if Console().is_terminal else 120)
