@@ -124,7 +124,7 @@ class Validator:
             # arrival_s 0 here: the engine sets the real arrival, and no check depends on it.
             return Request.model_validate({**d, "arrival_s": 0.0}, context=self._ctx)
         except ValidationError as exc:
-            field, message = next(iter(_problems_of(exc)), ("request", str(exc)))
+            field, message = next(iter(_problems_of(exc, "the request")), ("request", str(exc)))
             raise refused(field, f"field '{field}': {message}", param_of) from None
 
 

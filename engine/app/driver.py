@@ -261,7 +261,7 @@ class Engine(AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervised):
             from engine.core.trace import _problems_of
 
             rid = d.get("id") if isinstance(d.get("id"), str) else None
-            field, msg = next(iter(_problems_of(exc)), ("request", str(exc)))
+            field, msg = next(iter(_problems_of(exc, "the request")), ("request", str(exc)))
             raise RequestError(rid, field, msg, at) from None
 
     def _admit(self, reqs: list[Request]) -> tuple[list[ResultFuture], bool]:

@@ -64,7 +64,8 @@ def with_day_origin(settings: Settings, requests: Sequence[Request]) -> Settings
     return settings.model_copy(update={"sim": settings.sim.model_copy(update={"day_origin_s": origin})})
 
 
-def _problems_of(exc: ValidationError) -> list[tuple[str, str]]:
+def _problems_of(exc: ValidationError, where: str = "the line") -> list[tuple[str, str]]:
+    """(field, message) per problem of a request's validation; a missing field is to be added to ``where``."""
     out = []
     for err in exc.errors():
         cause = (err.get("ctx") or {}).get("error")
@@ -74,7 +75,7 @@ def _problems_of(exc: ValidationError) -> list[tuple[str, str]]:
         loc = ".".join(str(x) for x in err["loc"]) or "line"
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "missing":
-            msg = "is required; add it to the line"
+            msg = f"is required; add it to {where}"
         elif err["type"] == "extra_forbidden":
             msg = "is not a trace field; remove it or fix its spelling (see docs/traces.md)"
         out.append((loc, msg))

@@ -546,6 +546,7 @@ def test_a_bad_request_of_submit_many_is_named_by_its_place_when_it_has_no_id(mo
     with pytest.raises(RequestError) as exc:
         e.submit_many([*good[:3], {"model": "gpt-5-mini", "prompt": "hi"}, *good[3:]])
     assert exc.value.position == 3 and exc.value.field == "id" and "at 3 of the requests given" in str(exc.value)
+    assert "add it to the request" in str(exc.value)  # a request of the Python API, not a trace's line
     assert e._pending == 0 and not e._futs
 
 
