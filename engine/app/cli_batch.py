@@ -113,6 +113,10 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
                                   style="yellow")
                 raise typer.Exit(130) from None
             ray_procs = [p for p in own_ray_processes() if p.poll() is None]  # if one exits, Ray is going down
+            if settings.providers.mode != "http" and speedup <= 1:  # a quiet wait of hours read as a hang
+                err_console.print(f"simulated providers at real time: a line may wait for its batch up to the "
+                                  f"{window} window (--speedup compresses time; --providers http makes real calls)",
+                                  style="dim")
             try:
                 futs = eng.submit_many(bf.requests)
                 try:

@@ -197,8 +197,12 @@ def test_ctrl_c_during_batch_keeps_finished_lines_and_answers_the_rest(tmp_path,
     out = tmp_path / "o.jsonl"
     r = runner.invoke(app, ["batch", str(p), "--out", str(out)])
     assert r.exit_code == 130, r.output
+    # Simulated providers at real time (the defaults): said at the start, so a wait of hours is not read as a hang.
+    assert "simulated providers at real time" in " ".join(r.output.split())
     (o,) = [json.loads(x) for x in out.read_text().splitlines()]
     assert o["custom_id"] == "a" and o["error"] is None
+    r = runner.invoke(app, ["batch", str(p), "--out", str(tmp_path / "f.jsonl"), "--speedup", "100"])
+    assert "simulated providers at real time" not in " ".join(r.output.split())
     (e,) = [json.loads(x) for x in (tmp_path / "o.errors.jsonl").read_text().splitlines()]
     assert e["custom_id"] == "b" and "interrupted" in e["error"]["message"]
 
