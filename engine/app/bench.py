@@ -39,8 +39,13 @@ def load_variants(path: str | Path | None) -> dict[str, PolicySpec]:
         return {}
     try:
         raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
+    except OSError as exc:
         raise ConfigError(f"cannot read variants file {path}: {exc}") from exc
+    except yaml.YAMLError as exc:  # one line: where, and what the parser expected (not its multi-line pointer)
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML ({what}); see the variants example in README.md") from exc
     items = raw.get("variants") if isinstance(raw, dict) else None
     if not isinstance(items, list):
         raise ConfigError(f"{path}: expected a top-level 'variants:' list of {{name, policy, params}}")

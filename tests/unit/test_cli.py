@@ -75,6 +75,12 @@ def test_unknown_policy_and_bad_variants_are_clear_errors(tmp_path):
     r = runner.invoke(app, ["bench", str(trace), "--policies", "x", "--variants", str(bad), "--out",
                             str(tmp_path / "o")])
     assert r.exit_code == 2 and "near_threshold" in r.output
+    # Broken YAML: one line naming the place and what the parser expected, not its multi-line pointer.
+    bad.write_text("variants:\n  - name: x\n    policy: smart\n     params: {near_threshold: 1\n")
+    r = runner.invoke(app, ["bench", str(trace), "--policies", "x", "--variants", str(bad), "--out",
+                            str(tmp_path / "o")])
+    assert r.exit_code == 2 and f"{bad}:4:" in r.output and "not valid YAML" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1, r.output
 
 
 def test_trace_builders_from_the_command_line(real_data, tmp_path):
