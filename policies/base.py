@@ -8,6 +8,7 @@ can also be loaded as ``module:Class``.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from collections.abc import Hashable, Mapping
 from typing import Any, ClassVar
@@ -128,7 +129,9 @@ def load_policy(spec: str, catalog: Catalog, params: Mapping[str, Any] | None = 
         try:
             cls = _REGISTRY[spec]
         except KeyError:
-            raise RegistryError(f"unknown policy {spec!r}; choose one of {sorted(_REGISTRY)} "
+            close = difflib.get_close_matches(spec, sorted(_REGISTRY), n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise RegistryError(f"unknown policy {spec!r}; {hint}choose one of {sorted(_REGISTRY)} "
                                 "or give module:Class") from None
     policy = cls(catalog, params)
     check_policy(policy, spec)

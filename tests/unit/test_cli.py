@@ -69,7 +69,7 @@ def test_unknown_policy_and_bad_variants_are_clear_errors(tmp_path):
     trace = tmp_path / "t.jsonl"
     runner.invoke(app, ["trace", "synth", "--n", "20", "--out", str(trace)])
     r = runner.invoke(app, ["bench", str(trace), "--policies", "smrt", "--out", str(tmp_path / "o")])
-    assert r.exit_code == 2 and "unknown policy 'smrt'" in r.output
+    assert r.exit_code == 2 and "unknown policy 'smrt'; did you mean 'smart'?" in " ".join(r.output.split())
     bad = tmp_path / "v.yaml"
     bad.write_text("variants:\n  - name: x\n    policy: smart\n    params: {near_threshold: 7}\n")
     r = runner.invoke(app, ["bench", str(trace), "--policies", "x", "--variants", str(bad), "--out",
