@@ -235,14 +235,11 @@ def _flag_run_lag(doc: dict, reqs, spec, settings, cat, seed: int, speedup: floa
     """A time-compressed run with late requests: the same policy in the simulator (seconds), planned as the engine
     plans (``with_hedge_lag``), says whether the machine or the policy made them late. The run is done and written:
     nothing here fails it."""
-    from engine.app.provider_setup import http_setup
-    from engine.sim.simulator import simulate
-    from policies import load_policy
+    from engine.app.live import planned
 
     try:
-        plan_cat, _ = http_setup(cat, settings, need_keys=False, speedup=speedup)
-        sim = simulate(reqs, load_policy(spec.policy, plan_cat, spec.params), catalog=plan_cat, settings=settings,
-                       seed=seed).summary()
+        sim = planned(reqs, policy=spec.policy, params=spec.params, catalog=cat, settings=settings, seed=seed,
+                      speedup=speedup)[0].summary()
     except (Exception, KeyboardInterrupt) as exc:
         err_console.print(f"(its late requests were not compared with the simulator's run: {type(exc).__name__}: "
                           f"{str(exc)[:200]})", style="yellow")

@@ -11,7 +11,7 @@ import numpy as np
 
 from engine.app._ray_stop import own_ray_processes, stop_or_lose_ray, terminate_as_interrupt
 from engine.app.bench import document, result_row
-from engine.app.provider_setup import with_hedge_lag
+from engine.app.provider_setup import http_setup, with_hedge_lag
 from engine.core.catalog import Catalog
 from engine.core.cost import MODES
 from engine.core.draws import Draws
@@ -198,24 +198,31 @@ def point_at_emulator(settings: Settings, emu, providers: Sequence[str] = ("open
     return settings.model_copy(update={"providers": ProvidersSettings(mode="http", endpoints=endpoints)})
 
 
+def planned(requests: Sequence[Request], *, policy: str, params: dict | None, catalog: Catalog, settings: Settings,
+            seed: int, speedup: float) -> tuple[SimResult, Catalog]:
+    """The policy's run of ``requests`` in the simulator with the catalog the live engine would plan with (its
+    hedges leave room for real cancels and, at ``speedup``, its real-time lag), and that catalog. No key is
+    needed to plan, so none is read."""
+    from policies import load_policy
+
+    cat, _ = http_setup(catalog, settings, need_keys=False, speedup=speedup)
+    return simulate(requests, load_policy(policy, cat, params), catalog=cat, settings=settings, seed=seed), cat
+
+
 def dry_run(requests: Sequence[Request], *, policy: str = "smart", params: dict | None = None,
             catalog: Catalog, settings: Settings, seed: int = 0, speedup: float = 0.0) -> dict:
     """What a live run would send, and its estimated cost, without sending anything: the policy's plan in the
     simulator, per provider, with one sample request body of each provider called over HTTP (no key). At
     ``speedup``, the run's hedges come its real-time lag earlier, as the engine plans them (``with_hedge_lag``)."""
     from actors.providers import make_provider
-    from engine.app.provider_setup import http_setup
     from engine.core.clock import ManualClock
     from engine.core.cost import price_alone
     from engine.core.provider_api import CallJob, Secret, call_key
     from engine.runtime.providers import SimProvider
-    from policies import load_policy
 
     http = settings.providers.http_providers(catalog.providers)
-    # Plan with the catalog the live engine would use (its hedges leave room for real cancels); no key is
-    # needed to plan, so none is read.
-    cat, _ = http_setup(catalog, settings, need_keys=False, speedup=speedup)
-    res = simulate(requests, load_policy(policy, cat, params), catalog=cat, settings=settings, seed=seed)
+    res, cat = planned(requests, policy=policy, params=params, catalog=catalog, settings=settings, seed=seed,
+                       speedup=speedup)
     rows: dict[str, dict] = {}
     list_total = 0.0
     for k, r in enumerate(res.requests):

@@ -555,12 +555,12 @@ def test_a_run_says_when_it_was_late_where_the_simulator_was_not_and_not_for_fai
         assert out.index("wrote j") < out.index("live: 3") if said else "wrote j" in out
 
     # The comparison never fails a run that is done and written: a simulator that raises is said in one line.
-    import engine.sim.simulator as simulator
+    import engine.app.live as live_mod
 
     def broken(*args, **kwargs):
         raise RuntimeError("a policy bug")
 
-    monkeypatch.setattr(simulator, "simulate", broken)
+    monkeypatch.setattr(live_mod, "simulate", broken)  # the simulator the plan runs
     missed, failed = 3, 0
     r = runner.invoke(app, ["run", str(trace), "--providers", "sim", "--out", str(tmp_path / "o")])
     out = " ".join(r.output.split())
