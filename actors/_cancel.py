@@ -13,15 +13,14 @@ import math
 
 from actors._shards import by_result_uid
 from actors._types import Job
-from engine.core.result import CANCELLED, Result
+from engine.core.result import CANCELLED, ENGINE_CANCELLED, Result
 from engine.runtime.scheduler import GroupFailed
 
 __all__ = ["CancelDispatches", "CancelGroups"]
 
 log = logging.getLogger("smartbatch.cancel")
 
-_WHY = (f"{CANCELLED}: the engine was cancelled (Engine.cancel) before this request finished: it is not sent "
-        "again; a provider batch it rode was cancelled and bills only the members it finished")
+_WHY = ENGINE_CANCELLED
 _WITHDRAWN = (f"{CANCELLED}: withdrawn by its driver (Engine.cancel_requests) before it was sent; billed "
               "nothing, and not sent again")
 _WITHDRAWN_AFTER_TRY = (f"{CANCELLED}: withdrawn by its driver (Engine.cancel_requests) before it was sent again; "
@@ -138,7 +137,7 @@ class CancelGroups:
 
 class CancelDispatches:
     """The dispatcher's side: needs its ``provider``, ``_open``, ``sim``, ``clock``, ``_queued_at``, ``_final``,
-    ``_unanswered``, ``_pump`` and ``_kick``. Work queued at a rate gate ends cancelled at once, and work that
+    ``_unanswered``, ``_pump``, ``_kick``, ``_flusher`` and ``hubs``. Work queued at a rate gate ends cancelled at once, and work that
     comes later when its gate lets it start; a batch not yet created is never created; a batch under way is
     cancelled now (its follow-up, woken, reads what it finished, and its unfinished members go back to a
     grouper, which ends them)."""
@@ -174,6 +173,17 @@ class CancelDispatches:
         under_way = set(self._open)
         await self.cancel()
         return len(under_way), len(self._open.keys() - self._cancel_sent)
+
+    async def settled(self, quiet_s: float = 5.0) -> int:
+        """What a stop after a cancel would still cut short here: the provider batches under way (their finished
+        members not yet read) and the calls under way (billed, answered once they return), or, once none is, the
+        answers this dispatcher gave that wait at a result hub for a driver still pulling (``quiet_s``). Asked of
+        the hubs from here, after the pushes of those answers."""
+        if self._open or self.in_flight:
+            return len(self._open) + self.in_flight
+        if self._flusher is not None and not self._flusher.done():
+            await asyncio.shield(self._flusher)
+        return sum(await asyncio.gather(*(h.call("undelivered", quiet_s) for h in self.hubs)))
 
     def _woken(self) -> asyncio.Event:
         if self._cancel_event is None:

@@ -209,6 +209,12 @@ class ResultHub(Warm, MemoryJournalStore):
         return [c for c in clients
                 if c in self._lost or (q := self._clients.get(c)) is not None and now - q.seen_at > after_s]
 
+    async def undelivered(self, quiet_s: float) -> int:
+        """Results waiting here for a driver that has pulled within ``quiet_s`` real seconds: what a stop now
+        would take from drivers still reading (``serve`` waits for none before it stops the engine)."""
+        now = time.monotonic()
+        return sum(len(q.ready) for q in self._clients.values() if now - q.seen_at <= quiet_s)
+
     async def knows(self, client: str) -> bool:
         """Whether driver ``client`` pulls from here (a driver dropped as idle pulls again once it is back)."""
         return client in self._clients and client not in self._lost

@@ -162,6 +162,14 @@ class SharedEngine:
         self._owner = True  # stop() then stops the actors, as for an engine this driver started and owns
         self.stop()
 
+    def wind_down(self, timeout_s: float, interrupted=None) -> int:
+        """What comes before ``shutdown()`` of an engine with provider batches under way: cancel its work for
+        every driver attached to it (``cancel``), and wait up to ``timeout_s`` for those batches to end and what
+        they finished to reach the drivers (``wait_cancelled``, which returns what was left)."""
+        self._owner = True  # as for shutdown(): the engine's work stops for every driver
+        self.cancel()
+        return self.wait_cancelled(timeout_s, interrupted)
+
     def _publish_layout(self, policy: str, detached: bool) -> None:
         from actors._peer import publish_layout
 

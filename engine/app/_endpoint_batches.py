@@ -33,7 +33,9 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import Response
 from starlette.datastructures import UploadFile
 
-from engine.app._endpoint_job import OPEN, BatchJob, for_endpoint, submission, withdraw_open
+from engine.app._endpoint_job import CANCELLED_LINE as _CANCELLED
+from engine.app._endpoint_job import OPEN, BatchJob, cut_by_cancel, for_endpoint, submission, withdraw_open
+from engine.app._endpoint_resume import TakeBack
 from engine.app._endpoint_state import EndpointState
 from engine.app._endpoint_wire import (
     ApiError,
@@ -62,11 +64,9 @@ CANCEL_WAIT_S = 600.0  # real seconds a cancelling batch waits for its running l
 # and chat calls, which share them, waited 60 s for room and got a 429 (a review).
 MAX_OPEN_LINES = 50_000
 log = logging.getLogger("smartbatch.endpoint")
-_CANCELLED = ("The batch was cancelled before this line finished. It was already in a provider call or in a "
-              "provider batch with other work, so it may still be billed; its result is not in this batch's output.")
 
 
-class FilesAndBatches:
+class FilesAndBatches(TakeBack):
     """The in-memory files and batches of one replica (see the module docstring), and their routes."""
 
     def __init__(self, engine: AsyncEngine, catalog: Catalog, *, window_default_s: float,
@@ -96,11 +96,17 @@ class FilesAndBatches:
         return r
 
     async def shutdown(self) -> None:
-        """Stop collecting (the engine's requests run on); a batch still open stays as it is."""
+        """Stop collecting (the engine's requests run on); a batch still open stays as it is, with every answer its
+        lines have by then, taken or not yet by its collector: a ``serve`` stop cancels the engine's work and waits
+        for what its provider batches finished to reach this driver first. Left untaken, such an answer (billed)
+        was asked again at the next start, and paid twice."""
         tasks = [b.task for b in self.batches.values() if b.task is not None and not b.task.done()]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for job in self.batches.values():
+            if job.status in OPEN and job.bf is not None and job.final is None:
+                self._take_done(job)
         if self.state is not None:
             self.state.close()
 
@@ -230,66 +236,13 @@ class FilesAndBatches:
             job.futures[req.id], job.custom_ids[sub["id"]] = fut, req.id
         self._enter(job, "in_progress")
 
-    async def resume(self) -> None:
-        """Take back the batches the state directory holds (after a restart): an ended one as it was; an open one
-        with the results it had, its other lines asked of the engine again (see the module docstring), or
-        ended at once if it was cancelling or its window has passed."""
-        if self.state is None:
-            return
-        for rec, input_path, results in self.state.batches():
-            try:
-                await self._take_back(rec, input_path, results)
-            except Exception as exc:  # one bad record never keeps the endpoint from starting
-                self.batches.pop(rec.get("id"), None)
-                self.state.set_aside(str(rec.get("id")), exc)
-
-    async def _take_back(self, rec: dict, input_path: Path, results: dict[str, Result]) -> None:
-        assert self.state is not None
-        job = BatchJob.from_record(rec)
-        self.batches[job.id] = job
-        if job.final is not None:
-            self.state.ended(job.id)  # what a crash after its end left behind
-            return
-        try:
-            data = input_path.read_bytes()
-        except OSError as exc:
-            log.error("endpoint state: batch %s has lost its input (%s); it fails", job.id, exc)
-            job.errors = [{"code": "server_error", "message": "the endpoint restarted and this batch's input "
-                           "was not found in its state directory", "param": None, "line": None}]
-            self._enter(job, "failed")
-            job.release()
-            self._save(job)
-            return
-        bf = parse_batch_file(data, source=job.input_file_id, window_s=job.window_s, tenant=job.tenant,
-                              catalog=self.catalog, settings=self.engine.settings)
-        job.bf, job.results = for_endpoint(bf, job.endpoint), results
-        # The window counts engine seconds (a line's deadline), the time since the create real ones.
-        left_s = job.window_s - (self._now() - job.created_at) * self.speedup
-        todo = [r for r in job.bf.requests if r.id not in results]
-        if job.status == "cancelling" or left_s <= 0 or not todo:
-            why = _CANCELLED
-            if job.status != "cancelling":  # its window passed while the endpoint was down: it expires
-                why = "the batch's completion window passed while the endpoint was down"
-                for r in todo:
-                    job.results[r.id] = Result(id=r.id, status="expired", tenant=job.tenant, error=why)
-            self._finish(job, why)
-            return
-        try:
-            await self._submit(job, todo, left_s)
-        except ApiError as exc:  # the engine refused them (stopped, full): the batch ends, saying why
-            log.error("endpoint: batch %s could not be taken back: %s", job.id, exc.message)
-            self._finish(job, f"the endpoint restarted and the engine refused this line: {exc.message}")
-            return
-        job.task = asyncio.create_task(self._collect(job), name=f"smartbatch-{job.id}")
-        log.warning("endpoint: batch %s taken back after a restart: %d line(s) in, %d asked again", job.id,
-                    len(results), len(todo))
-
     def _save(self, job: BatchJob) -> None:
         if self.state is not None:
             self.state.save_batch(job.record())
 
     async def _collect(self, job: BatchJob) -> None:
         why = _CANCELLED
+        cut = 0  # lines the engine's cancel ended unanswered
         try:
             async for res in self.engine.as_completed(job.futures.values()):
                 if res.status == "failed" and res.error is not None and res.error == self.engine.gone:
@@ -298,8 +251,15 @@ class FilesAndBatches:
                     self._take_done(job)
                     log.warning("endpoint: batch %s stays open: %s", job.id, res.error)
                     return
+                if cut_by_cancel(res):  # as by a stop, but the lines still in cancelled batches come after
+                    cut += 1
+                    continue
                 if (cid := job.take(res)) is not None and self.state is not None:
                     self.state.add_result(job.id, job.results[cid])
+            if cut and job.status != "cancelling":
+                log.warning("endpoint: batch %s stays open: %d line(s) ended by the engine's cancel are asked "
+                            "again at the next start", job.id, cut)
+                return
         except asyncio.CancelledError:
             if job.status != "cancelling":
                 raise  # shutdown: the batch stays open
@@ -313,7 +273,8 @@ class FilesAndBatches:
         for cid, fut in job.futures.items():
             if cid not in job.results and fut.done() and not fut.cancelled() and fut.exception() is None:
                 res = fut.result()
-                if (res.status != "failed" or res.error != self.engine.gone) and job.take(res) and self.state is not None:
+                if (res.status != "failed" or res.error != self.engine.gone) and not cut_by_cancel(res) and \
+                        job.take(res) and self.state is not None:
                     self.state.add_result(job.id, job.results[cid])
 
     def _finish(self, job: BatchJob, why: str = _CANCELLED) -> None:

@@ -12,9 +12,20 @@ from typing import Any
 
 from engine.core.batchfile import BatchFile
 from engine.core.request import Request
-from engine.core.result import Result
+from engine.core.result import ENGINE_CANCELLED, Result
 
-__all__ = ["OPEN", "BatchJob", "for_endpoint", "submission", "withdraw_open"]
+__all__ = ["CANCELLED_LINE", "OPEN", "BatchJob", "cut_by_cancel", "for_endpoint", "submission", "withdraw_open"]
+
+# The error of a line its batch's cancel ended before it finished.
+CANCELLED_LINE = ("The batch was cancelled before this line finished. It was already in a provider call or in a "
+                  "provider batch with other work, so it may still be billed; its result is not in this batch's "
+                  "output.")
+
+
+def cut_by_cancel(res: Result) -> bool:
+    """An engine-wide cancel (a ``serve`` stop's first step) ended this line unanswered: not a result of it, and
+    asked of the engine again at the next start."""
+    return res.status == "failed" and res.error == ENGINE_CANCELLED
 
 log = logging.getLogger("smartbatch.endpoint")
 

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-__all__ = ["CANCELLED", "ID_TAKEN", "Result", "Status", "why_not"]
+__all__ = ["CANCELLED", "ENGINE_CANCELLED", "ID_TAKEN", "Result", "Status", "why_not"]
 
 Status = Literal["ok", "reused", "failed", "rejected", "expired"]
 # The reason of a request refused because another driver submitted its (tenant, id) with other content: its
@@ -15,6 +15,10 @@ ID_TAKEN = "id_taken"
 # How the error of a request an engine's cancel ended begins (``Engine.cancel``; a batch file's error line then
 # has the code ``batch_cancelled``, as OpenAI's error file has for the lines of a cancelled batch).
 CANCELLED = "cancelled"
+# The whole error of a request that an engine-wide cancel ended before it finished (``Engine.cancel``, which a
+# ``serve`` stop sends first): not an answer, so the endpoint keeps its line open for the next start.
+ENGINE_CANCELLED = (f"{CANCELLED}: the engine was cancelled (Engine.cancel) before this request finished: it is "
+                    "not sent again; a provider batch it rode was cancelled and bills only the members it finished")
 
 
 class Result(BaseModel):

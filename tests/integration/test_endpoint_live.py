@@ -132,3 +132,4 @@ def test_a_standard_batch_file_round_trips_through_the_sdk(endpoint):
     assert (again.status, again.request_counts, again.output_file_id) == (
         "completed", batch.request_counts, batch.output_file_id)
     assert [json.loads(x) for x in client.files.content(batch.output_file_id).text.splitlines()] == out
+

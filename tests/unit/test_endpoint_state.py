@@ -3,12 +3,14 @@ a restarted endpoint takes back what it had accepted, and asks nothing twice of 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 import time
 
 import openai
+import pytest
 
 from engine.app.endpoint import make_app
 from tests.unit.test_endpoint import CAT, FakeEngine, batch_line, serving, upload, wait_done
@@ -22,6 +24,19 @@ def until_counted(client, batch_id: str, completed: int, limit_s: float = 5.0):
         assert time.monotonic() < end, b
         time.sleep(0.01)
     return b
+
+
+@contextlib.contextmanager
+def said(text: str):
+    """An event set once the endpoint's log says ``text`` (it says when a batch stays open)."""
+    seen = threading.Event()
+    handler = logging.Handler()
+    handler.emit = lambda rec: text in rec.getMessage() and seen.set()
+    logging.getLogger("smartbatch.endpoint").addHandler(handler)
+    try:
+        yield seen
+    finally:
+        logging.getLogger("smartbatch.endpoint").removeHandler(handler)
 
 
 def left_open(state, bid: str, lines: list[str], *, window_s: float = 86400.0, created: int = 0,
@@ -207,26 +222,30 @@ def test_a_line_asked_again_gets_what_is_left_of_the_window_in_the_engines_secon
     assert eng.seen["batch_s/b-slow"]["deadline_s"] == 600.0
 
 
-def test_a_batch_the_engine_stopped_under_stays_open_and_the_next_endpoint_answers_it(tmp_path):
+@pytest.mark.parametrize("cut", ["stop", "cancel"])
+def test_a_batch_the_engine_stopped_under_stays_open_and_the_next_endpoint_answers_it(tmp_path, cut):
     """``smartbatch stop`` fails what the engine holds open; the endpoint took those failures as answers, so the
-    batch ended "completed" with every caught line an error and its input gone: nothing left to take back."""
+    batch ended "completed" with every caught line an error and its input gone: nothing left to take back. A
+    ``serve`` stop first cancels the engine's work and waits for its provider batches (stop 49): a line that
+    cancel ended is not answered either, and a line the cancelled provider batch finished meanwhile (billed),
+    after the cancelled ones, is kept; left untaken, it was asked again at the next start and paid twice."""
+    from engine.core.result import ENGINE_CANCELLED, Result
+
     eng, state = FakeEngine(), tmp_path / "state"
     with serving(make_app(eng, catalog=CAT, state_dir=state)) as url, \
             openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=10) as client:
         f = upload(client, [batch_line("a", "fast"), batch_line("b-slow", "held"), batch_line("c-slow", "late")])
         b = client.batches.create(input_file_id=f.id, **CREATE)
         until_counted(client, b.id, 1)
-        late = eng._held.pop()  # answered at the last moment, after the stop's failure of b (not yet taken then)
-        seen = threading.Event()  # the endpoint took the failure the stop gave (it says so in its log)
-        handler = logging.Handler()
-        handler.emit = lambda rec: "stays open" in rec.getMessage() and seen.set()
-        logging.getLogger("smartbatch.endpoint").addHandler(handler)
-        try:
-            eng.stop_under("engine 'prod' was stopped")
+        late = eng._held.pop()  # answered at the last moment, after b's failure (not yet taken then)
+        with said("stays open") as seen:  # the endpoint took the failure the stop (or the cancel) gave
+            if cut == "stop":
+                eng.stop_under("engine 'prod' was stopped")
+            else:
+                fut, res = eng._held.pop()
+                fut.set_result(Result(id=res.id, tenant=res.tenant, status="failed", error=ENGINE_CANCELLED))
             late[0].set_result(late[1])
             assert seen.wait(10)
-        finally:
-            logging.getLogger("smartbatch.endpoint").removeHandler(handler)
         kept = client.batches.retrieve(b.id)
         assert kept.status == "in_progress" and (kept.request_counts.completed, kept.request_counts.failed) == (2, 0)
     again = FakeEngine()  # a new engine under the next endpoint on the same state
@@ -236,3 +255,28 @@ def test_a_batch_the_engine_stopped_under_stays_open_and_the_next_endpoint_answe
         done = wait_done(client, b.id)
         assert done.status == "completed" and (done.request_counts.completed, done.request_counts.failed) == (3, 0)
         assert again.submitted == [f"{b.id}/b-slow"]  # only the line the stop caught is asked again
+
+
+def test_a_shutdown_keeps_the_answers_its_collectors_had_not_taken_yet(tmp_path):
+    """The endpoint stops while a line's answer is in (its future resolved) but not yet taken by the batch's
+    collector: it is kept on disk, and the next endpoint asks only the line that had none."""
+    import asyncio
+
+    class Stalled(FakeEngine):
+        async def as_completed(self, futures):  # a collector that takes nothing (it is behind)
+            await asyncio.Event().wait()
+            yield  # pragma: no cover
+
+    state = tmp_path / "state"
+    with serving(make_app(Stalled(), catalog=CAT, state_dir=state)) as url, \
+            openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=10) as client:
+        f = upload(client, [batch_line("a", "in"), batch_line("b-slow", "not yet")])
+        b = client.batches.create(input_file_id=f.id, **CREATE)
+        assert client.batches.retrieve(b.id).request_counts.completed == 0
+    again = FakeEngine()
+    with serving(make_app(again, catalog=CAT, state_dir=state)) as url, \
+            openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=10) as client:
+        again.release()
+        done = wait_done(client, b.id)
+        assert (done.status, done.request_counts.completed, done.request_counts.failed) == ("completed", 2, 0)
+        assert again.submitted == [f"{b.id}/b-slow"]

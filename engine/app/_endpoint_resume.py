@@ -1,0 +1,78 @@
+"""Taking back, after a restart, the batches an endpoint's state directory holds (a mixin of
+``FilesAndBatches``): an ended one as it was, an open one by asking the engine again for the lines it had no
+result for, under the same request ids."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from engine.app._endpoint_job import CANCELLED_LINE, BatchJob, for_endpoint
+from engine.app._endpoint_wire import ApiError
+from engine.core.batchfile import parse_batch_file
+from engine.core.result import Result
+
+__all__ = ["TakeBack"]
+
+log = logging.getLogger("smartbatch.endpoint")
+
+
+class TakeBack:
+    """Needs ``state``, ``batches``, ``catalog``, ``engine``, ``speedup``, ``_now``, ``_enter``, ``_save``,
+    ``_finish``, ``_submit`` and ``_collect``."""
+
+    async def resume(self) -> None:
+        """Take back the batches the state directory holds (after a restart): an ended one as it was; an open one
+        with the results it had, its other lines asked of the engine again (see the module docstring), or
+        ended at once if it was cancelling or its window has passed."""
+        if self.state is None:
+            return
+        for rec, input_path, results in self.state.batches():
+            try:
+                await self._take_back(rec, input_path, results)
+            except Exception as exc:  # one bad record never keeps the endpoint from starting
+                self.batches.pop(rec.get("id"), None)
+                self.state.set_aside(str(rec.get("id")), exc)
+
+    async def _take_back(self, rec: dict, input_path: Path, results: dict[str, Result]) -> None:
+        assert self.state is not None
+        job = BatchJob.from_record(rec)
+        self.batches[job.id] = job
+        if job.final is not None:
+            self.state.ended(job.id)  # what a crash after its end left behind
+            return
+        try:
+            data = input_path.read_bytes()
+        except OSError as exc:
+            log.error("endpoint state: batch %s has lost its input (%s); it fails", job.id, exc)
+            job.errors = [{"code": "server_error", "message": "the endpoint restarted and this batch's input "
+                           "was not found in its state directory", "param": None, "line": None}]
+            self._enter(job, "failed")
+            job.release()
+            self._save(job)
+            return
+        bf = parse_batch_file(data, source=job.input_file_id, window_s=job.window_s, tenant=job.tenant,
+                              catalog=self.catalog, settings=self.engine.settings)
+        job.bf, job.results = for_endpoint(bf, job.endpoint), results
+        # The window counts engine seconds (a line's deadline), the time since the create real ones.
+        left_s = job.window_s - (self._now() - job.created_at) * self.speedup
+        todo = [r for r in job.bf.requests if r.id not in results]
+        if job.status == "cancelling" or left_s <= 0 or not todo:
+            why = CANCELLED_LINE
+            if job.status != "cancelling":  # its window passed while the endpoint was down: it expires
+                why = "the batch's completion window passed while the endpoint was down"
+                for r in todo:
+                    job.results[r.id] = Result(id=r.id, status="expired", tenant=job.tenant, error=why)
+            self._finish(job, why)
+            return
+        try:
+            await self._submit(job, todo, left_s)
+        except ApiError as exc:  # the engine refused them (stopped, full): the batch ends, saying why
+            log.error("endpoint: batch %s could not be taken back: %s", job.id, exc.message)
+            self._finish(job, f"the endpoint restarted and the engine refused this line: {exc.message}")
+            return
+        job.task = asyncio.create_task(self._collect(job), name=f"smartbatch-{job.id}")
+        log.warning("endpoint: batch %s taken back after a restart: %d line(s) in, %d asked again", job.id,
+                    len(results), len(todo))
+

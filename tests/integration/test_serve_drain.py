@@ -1,0 +1,88 @@
+"""``smartbatch serve``'s stop drains: the engine's work is cancelled, and the stop waits for what its provider
+batches finished (billed) to reach the endpoint, which keeps it for the next start. Its own module: Ray Serve
+holds one application per route prefix, and ``test_endpoint_live``'s endpoint holds ``/`` for its module."""
+
+import io
+import json
+import secrets
+import time
+
+import pytest
+
+from engine.app.driver import Engine
+from engine.app.live import point_at_emulator
+from engine.app.serve_http import start_endpoint, stop_endpoint
+from engine.core.catalog import default_catalog
+from engine.core.settings import Settings
+from engine.emulator import Emulator
+from tests.integration._catalogs import OPENAI_ONLY
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("ray.serve")
+
+CAT = default_catalog()
+SPEEDUP = 100.0
+
+
+def test_a_serve_stop_keeps_what_its_cancelled_batches_finished_and_the_restart_pays_no_line_twice(ray_session,
+                                                                                                   tmp_path):
+    """``smartbatch serve``'s stop with an endpoint batch riding a provider batch: the stop cancels the engine's
+    work and waits (``drain``) until that provider batch has ended, so the members it finished before the cancel
+    took effect (billed) reach the endpoint, which keeps them on disk; the next engine and endpoint on the same
+    state ask only the other lines. Stopped at once, those members were billed unread and asked again at the
+    restart: 124 of 300 lines paid twice (stop 48). Checked on the emulator's bill: one billed call per line."""
+    import threading
+
+    from engine.app.cli_serve import drain
+
+    name, state, n = f"drain-{secrets.token_hex(3)}", tmp_path / "state", 24
+    params = {"batch_gather_s": 0.0, "min_batch_saving_usd": 0.0}
+    lines = [{"custom_id": f"q{k}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": "gpt-4o-mini", "max_tokens": 40,
+                       "messages": [{"role": "user", "content": f"Summarise chapter {k} of the report."}]}}
+             for k in range(n)]
+    data = "\n".join(json.dumps(x) for x in lines).encode()
+    # Members finish one by one over the provider batch's turnaround (seed 83: 637 emulator seconds, 6.4 s at
+    # 100x), and go on finishing through the cancel's 100; the next batch takes 120.
+    with Emulator(CAT, speedup=SPEEDUP, seed=83, cancel_s=100.0) as emu:
+        settings = point_at_emulator(Settings(), emu, providers=("openai",))
+        provider = openai.OpenAI(base_url=emu.base_url("openai"), api_key="test-key", max_retries=0)
+        eng = Engine.start(settings, catalog=OPENAI_ONLY, speedup=SPEEDUP, name=name, metrics_port=None,
+                           policy_params=params)
+        try:
+            url = start_endpoint(name, port=0, state_dir=state)
+            with openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=60) as client:
+                up = client.files.create(file=("input.jsonl", io.BytesIO(data)), purpose="batch")
+                batch = client.batches.create(input_file_id=up.id, endpoint="/v1/chat/completions",
+                                              completion_window="24h")
+                until = time.monotonic() + 120
+                while not (made := provider.batches.list().data) or made[0].request_counts.completed < 1:
+                    assert time.monotonic() < until, f"no member finished at the provider: {emu.counters()}"
+                    time.sleep(0.1)  # polling the provider, as its client does
+                assert drain(eng, 60.0, threading.Event()) == 0
+                stopped = client.batches.retrieve(batch.id)
+        finally:
+            stop_endpoint(name)
+            eng.stop()
+        (first,) = provider.batches.list().data
+        assert first.status == "cancelled", first.status
+        ran = first.request_counts.completed
+        assert 0 < ran < n, f"{ran} of {n} members finished before the cancel: the stop was not under way"
+        assert stopped.status == "in_progress" and stopped.request_counts.completed == ran, stopped
+        with Engine.start(settings, catalog=OPENAI_ONLY, speedup=SPEEDUP, name=name, metrics_port=None,
+                          policy_params=params):
+            url = start_endpoint(name, port=0, state_dir=state)
+            try:
+                with openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=60) as client:
+                    until = time.monotonic() + 180
+                    while (done := client.batches.retrieve(batch.id)).status not in (
+                            "completed", "failed", "cancelled", "expired"):
+                        assert time.monotonic() < until, done
+                        time.sleep(0.2)  # polling the HTTP API, as a client of OpenAI's batches does
+                    out = [json.loads(x) for x in client.files.content(done.output_file_id).text.splitlines()]
+            finally:
+                stop_endpoint(name)
+        assert done.status == "completed" and done.request_counts.completed == n, done
+        assert sorted(x["custom_id"] for x in out) == sorted(x["custom_id"] for x in lines)
+        billed = emu.bill().items
+        assert len(billed) == n, f"{len(billed)} billed calls for {n} lines: {len(billed) - n} paid twice"
