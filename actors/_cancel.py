@@ -137,10 +137,10 @@ class CancelGroups:
 
 class CancelDispatches:
     """The dispatcher's side: needs its ``provider``, ``_open``, ``sim``, ``clock``, ``_queued_at``, ``_final``,
-    ``_unanswered``, ``_pump``, ``_kick``, ``_flusher`` and ``hubs``. Work queued at a rate gate ends cancelled at once, and work that
-    comes later when its gate lets it start; a batch not yet created is never created; a batch under way is
-    cancelled now (its follow-up, woken, reads what it finished, and its unfinished members go back to a
-    grouper, which ends them)."""
+    ``_unanswered``, ``_pump``, ``_kick``, ``_at``, ``_enqueue``, ``_flusher`` and ``hubs``. Work queued at a
+    rate gate, or waiting for its next try, ends cancelled at once, and work that comes later when its gate lets
+    it start; a batch not yet created is never created; a batch under way is cancelled now (its follow-up,
+    woken, reads what it finished, and its unfinished members go back to a grouper, which ends them)."""
 
     _cancelled = False
     _cancel_event: asyncio.Event | None = None
@@ -153,6 +153,9 @@ class CancelDispatches:
             self._cancel_sent: set[str] = set()  # journal keys of the batches whose cancel went out (or ending)
         self._cancelled = True
         self._woken().set()
+        retrying, self._retrying = list((self._retrying or {}).values()), {}
+        for b, j in retrying:  # waiting for a next try: ended here, never sent again
+            self._final(b, j, False, 0.0, b.mode, error=_WHY)
         for w in self.sim.take_queued():  # not started: ended here, never sent
             b, jobs = w.item
             self._queued_at.pop(id(w.item), None)
@@ -173,6 +176,26 @@ class CancelDispatches:
         under_way = set(self._open)
         await self.cancel()
         return len(under_way), len(self._open.keys() - self._cancel_sent)
+
+    _retrying: dict[object, tuple] | None = None  # a sync call's next try, waiting for its time: (batch, job)
+
+    def _retry_later(self, at: float, b, j: Job) -> None:
+        """Send ``j`` (a sync call's next try) at engine time ``at``, unless the engine is cancelled first: it then
+        ends at once, as work queued at a rate gate does. Left to its timer, a Retry-After of an hour held a
+        stop's drain for all of it, with nothing under way (a review)."""
+        if self._cancelled:
+            self._final(b, j, False, 0.0, b.mode, error=_WHY)
+            return
+        if self._retrying is None:
+            self._retrying = {}
+        token = object()
+        self._retrying[token] = (b, j)
+
+        def fire() -> None:
+            if self._retrying.pop(token, None) is not None:
+                self._enqueue("sync", b, [j])
+                self._pump()
+        self._at(at, fire)
 
     async def settled(self, quiet_s: float = 5.0) -> int:
         """What a stop after a cancel would still cut short here: the provider batches under way (their finished

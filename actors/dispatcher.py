@@ -292,7 +292,7 @@ class Dispatcher(CancelDispatches, Outbox, BatchApiRuns, Recovery, Warm):
             self._final(b, j, a.ok, a.cost if paid else 0.0, mode, a)
         else:
             nj = j._replace(attempts=j.attempts + 1)
-            self._at(self.sim.retry_at(j.seq, j.attempts, a), lambda: (self._enqueue("sync", b, [nj]), self._pump()))
+            self._retry_later(self.sim.retry_at(j.seq, j.attempts, a), b, nj)
         self._pump()
 
     def _body_done(self, j: Job) -> None:

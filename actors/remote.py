@@ -12,6 +12,8 @@ from __future__ import annotations
 import functools
 import logging
 import secrets
+import threading
+import time
 from collections.abc import Iterable
 
 import ray
@@ -30,7 +32,8 @@ from actors.journal import check_keeps_records
 from engine.core.errors import SmartbatchError
 from engine.runtime.collector import tune_actor
 
-__all__ = ["NAMESPACE", "actor_name", "attach_actors", "kill_engine", "provider_resource", "rewire", "start_actors"]
+__all__ = ["NAMESPACE", "actor_name", "attach_actors", "cancel_work", "kill_engine", "provider_resource", "rewire",
+           "settle", "start_actors"]
 
 # Supervised: Ray restarts an actor that dies (its process, not a bug in a method: those are outcomes), with
 # its constructor's arguments; ``rewire`` gives it back what was set after construction, and the driver then
@@ -204,6 +207,31 @@ def attach_actors(engine: str) -> tuple[dict, dict] | None:
     except ValueError:  # an actor of it is gone for good: the engine is not running
         return None
     return _handles(engine, named, clock, base or 0.0, layout["settings"].log_level), layout
+
+
+def cancel_work(h: dict, timeout_s: float) -> int:
+    """An engine-wide cancel (``Engine.cancel``) of the engine whose handles are ``h``: the dispatchers are told
+    first (they refuse what comes after), then the groupers. Returns how many provider batches it cancelled."""
+    batches = [d.cancel.remote() for d in h["dispatchers"].values()]
+    ray.get([g.cancel.remote() for g in h["groupers"]], timeout=timeout_s)
+    return sum(ray.get(batches, timeout=timeout_s))
+
+
+SETTLE_POLL_S = 0.25  # how often ``settle`` asks the dispatchers again (real seconds)
+
+
+def settle(h: dict, timeout_s: float, interrupted: threading.Event | None = None) -> int:
+    """Wait until nothing is under way at the dispatchers of ``h`` (provider batches, calls) and no answer they
+    gave waits at a result hub for a driver still pulling (``Dispatcher.settled``), or ``timeout_s`` real seconds
+    pass, or ``interrupted`` is set. Returns what was left (0: nothing). After a cancel, everything ends within
+    the providers' cancel time (up to 10 minutes at OpenAI and Anthropic)."""
+    give_up = time.monotonic() + timeout_s
+    stop = interrupted if interrupted is not None else threading.Event()
+    while True:
+        left = sum(ray.get([d.settled.remote() for d in h["dispatchers"].values()],
+                           timeout=max(1.0, give_up - time.monotonic())))
+        if not left or time.monotonic() >= give_up or stop.wait(SETTLE_POLL_S):
+            return left
 
 
 def kill_engine(engine: str, handles: list | None = None, dispatchers: Iterable | None = None) -> int:

@@ -24,7 +24,6 @@ WITHDRAWN_KEEP = 262_144  # withdrawn ids kept for the rewiring of a restarted a
 QUIET_S = 10.0  # a driver that has not pulled for this long (real seconds) has left, for cancel_requests
 FORGET_WAIT_S = 10.0  # at most this long a request under an id being forgotten waits for the forget
 CHECK_EVERY_S = 0.05  # how often the check loop collects returned ingest calls and forgets finished requests
-SETTLE_POLL_S = 0.25  # how often ``wait_cancelled`` asks the dispatchers again (real seconds)
 LAST_REPORT_S = 5.0  # at most this long a stop waits for the report it keeps
 log = logging.getLogger("smartbatch.driver")
 
@@ -57,12 +56,11 @@ class Pulling:
                               "too: cancel it from the driver that started it (or stop it: smartbatch stop)")
         if not self._running:
             raise EngineStopped(f"engine {self.name!r} was stopped: there is nothing left to cancel")
+        from actors.remote import cancel_work
+
         self._flush()
-        ray = self._ray
         self._h["cancelled"] = True  # an actor Ray restarts is cancelled again when rewired (actors.remote)
-        batches = [d.cancel.remote() for d in self._h["dispatchers"].values()]  # they refuse what comes first
-        ray.get([g.cancel.remote() for g in self._h["groupers"]], timeout=timeout_s)
-        return sum(ray.get(batches, timeout=timeout_s))
+        return cancel_work(self._h, timeout_s)
 
     def wait_cancelled(self, timeout_s: float, interrupted: threading.Event | None = None) -> int:
         """After ``cancel()``: wait until the provider batches it cancelled have ended (a cancel takes up to 10
@@ -71,14 +69,9 @@ class Pulling:
         (0: nothing; else batches under way, or answers not yet taken). A stop right after the cancel left those
         members billed and unread: an endpoint taken back after its restart asked their lines again, each paid
         twice (``smartbatch serve``, stop 48: 124 of 300 lines)."""
-        ray = self._ray
-        give_up = time.monotonic() + timeout_s
-        stop = interrupted if interrupted is not None else threading.Event()
-        while True:
-            left = sum(ray.get([d.settled.remote() for d in self._h["dispatchers"].values()],
-                               timeout=max(1.0, give_up - time.monotonic())))
-            if not left or time.monotonic() >= give_up or stop.wait(SETTLE_POLL_S):
-                return left
+        from actors.remote import settle
+
+        return settle(self._h, timeout_s, interrupted)
 
     def cancel_requests(self, futures: Iterable[ResultFuture], timeout_s: float = 60.0) -> int:
         """Withdraw some of this driver's open requests, as a provider cancels a batch's lines: a request not

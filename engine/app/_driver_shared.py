@@ -10,6 +10,7 @@ driver: its ``stop()`` ends only its own session.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from engine.core.errors import ConfigError
@@ -126,19 +127,32 @@ class SharedEngine:
         return eng
 
     @staticmethod
-    def stop_named(name: str, *, address: str = "auto") -> int:
+    def stop_named(name: str, *, address: str = "auto", drain_s: float = 0.0,
+                   draining: Callable[[], None] | None = None) -> int:
         """Stop the running engine ``name`` for every driver (their open futures fail, naming the stop).
-        Returns how many actors were stopped; raises ``ConfigError`` when no such engine runs."""
+        Returns how many actors were stopped; raises ``ConfigError`` when no such engine runs. ``drain_s``: when
+        provider batches or calls are under way, first cancel the engine's work and wait up to that long for them
+        to end and their answers to reach the drivers (``wind_down``; ``draining`` is called as it starts, and a
+        KeyboardInterrupt ends the wait): stopped at once, what they finished is billed and unread."""
         import ray
 
         from actors._peer import read_layout, running_engines
-        from actors.remote import kill_engine
+        from actors.remote import attach_actors, cancel_work, kill_engine, settle
 
         started = init_ray(_where(name, address))
         try:
             if read_layout(name) is None:
                 raise ConfigError(f"no engine named {name!r} runs on this Ray cluster (running: "
                                   f"{', '.join(running_engines()) or 'none'})")
+            attached = attach_actors(name) if drain_s > 0 else None
+            if attached is not None and settle(attached[0], 0.0):
+                if draining is not None:
+                    draining()
+                try:
+                    cancel_work(attached[0], 60.0)
+                    settle(attached[0], drain_s)
+                except KeyboardInterrupt:  # leave now: the stop below cancels what is still under way
+                    pass
             return kill_engine(name)
         finally:
             if started:

@@ -25,7 +25,7 @@ CANCELLED_LINE = ("The batch was cancelled before this line finished. It was alr
 def cut_by_cancel(res: Result) -> bool:
     """An engine-wide cancel (a ``serve`` stop's first step) ended this line unanswered: not a result of it, and
     asked of the engine again at the next start."""
-    return res.status == "failed" and res.error == ENGINE_CANCELLED
+    return res.status == "failed" and (res.error or "").startswith(ENGINE_CANCELLED)  # (+ "; ... possibly billed")
 
 log = logging.getLogger("smartbatch.endpoint")
 

@@ -24,6 +24,7 @@ from engine.core.errors import ConfigError, SmartbatchError
 # How long a stop waits for the engine's endpoint and actors to go before it gives up on them (they are then
 # stopped with Ray itself, or left to the cluster's supervision). Bounded: a Ray call has no timeout of its own.
 _GRACEFUL_S = 30.0
+_DRAIN_SLACK_S = 15.0
 
 
 def _claims_dir() -> Path:
@@ -313,12 +314,14 @@ def _serve_until_stopped(eng: Any, claim: NameClaim, *, policy: str, speedup: fl
 
         try:
             # No grace: Ray was started before the engine (above), so its stop never shuts Ray down itself.
-            outcome = stop_or_lose_ray(steps, ray_procs, timeout_s=_GRACEFUL_S + drain_s, grace_s=0.0)
+            # The drain's own bound, and the seconds its check and its cancel take before the wait (CANCEL_CALL_S).
+            limit_s = _GRACEFUL_S + (drain_s + _DRAIN_SLACK_S if drain_s > 0 else 0.0)
+            outcome = stop_or_lose_ray(steps, ray_procs, timeout_s=limit_s, grace_s=0.0)
             if outcome == "ray-gone":
                 claim.release()
                 _exit_with_ray_gone(name)
             if outcome == "timeout":
-                err_console.print(f"engine {name!r} did not stop within {_GRACEFUL_S:g} s; stopping Ray")
+                err_console.print(f"engine {name!r} did not stop within {limit_s:g} s; stopping Ray")
         finally:
             ray.shutdown()
 
@@ -366,14 +369,23 @@ def _watch_layout(name: str, done: threading.Event, every_s: float = 1.0) -> Non
 
 @app.command()
 def stop(name: str = typer.Option(..., "--name", help="the engine to stop, as `smartbatch serve --name` named it"),
-         address: str = typer.Option("auto", help="the Ray cluster it runs on (what `smartbatch serve` printed)")
+         address: str = typer.Option("auto", help="the Ray cluster it runs on (what `smartbatch serve` printed)"),
+         drain_s: float = typer.Option(600.0, "--drain-s", min=0.0, help="as `smartbatch serve --drain-s`: how "
+                                       "long to wait for the provider batches and calls under way to end, so "
+                                       "what they finished is answered; 0: cancel them and stop at once")
          ) -> None:
-    """Stop a named engine for every driver attached to it (their open requests fail, naming the stop)."""
+    """Stop a named engine for every driver attached to it (their open requests fail, naming the stop). With
+    provider batches or calls under way it drains first, as `serve`'s own stop does (Ctrl-C leaves at once)."""
     from engine.app.driver import Engine
+
+    def draining() -> None:
+        console.print(f"draining: the engine's work is cancelled; waiting up to {drain_s:g} s for its provider "
+                      "batches and calls under way to end, so what they finished is answered (Ctrl-C to stop now: "
+                      "what they still finish is then billed and not read)")
 
     try:
         check_answers(address, "--address")
-        n = Engine.stop_named(name, address=address)
+        n = Engine.stop_named(name, address=address, drain_s=drain_s, draining=draining)
     except SmartbatchError as exc:
         _fail(exc)
     console.print(f"stopped engine {name!r} ({n} actors)")

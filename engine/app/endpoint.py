@@ -48,6 +48,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.app._endpoint_batches import CANCEL_WAIT_S, MAX_FILE_BYTES, MAX_OPEN_LINES, FilesAndBatches
+from engine.app._endpoint_job import cut_by_cancel
 from engine.app._endpoint_wire import (
     HEADER_DEADLINE,
     HEADER_PRIORITY,
@@ -255,7 +256,16 @@ def _client_waits(headers) -> float | None:
     return seconds if math.isfinite(seconds) and seconds > 0 else None
 
 
+STOPPING_RETRY_S = 30  # what a 503 of a stopping engine asks: the next engine (a restart) takes calls again
+
+
 def _failure(res: Result) -> ApiError:
+    if cut_by_cancel(res):
+        # The engine is stopping (``serve`` cancels its work while it drains): the call may go again, to the next
+        # engine. A final 502 made the SDKs give up on calls a restart would answer (a review).
+        return ApiError(503, f"request {res.id!r} ended unanswered: the engine is stopping; send it again once it "
+                             "is back", type="server_error", code="engine_stopped",
+                        headers={"Retry-After": str(STOPPING_RETRY_S)})
     status, kind, code = _FAILURES.get(res.status, _FAILURES["failed"])
     message = why_not(res)
     status = provider_status(res) or status  # the provider's own answer, passed through

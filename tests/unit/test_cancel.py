@@ -22,6 +22,7 @@ from tests.unit.test_http_providers import (
     N,
     Rig,
     assert_split_by_the_bill,
+    emu,  # noqa: F401  (a fixture)
     jobs_of,
     quarter,  # noqa: F401  (a fixture)
     req,
@@ -29,7 +30,7 @@ from tests.unit.test_http_providers import (
 
 
 def test_a_cancel_cancels_the_batch_under_way_keeps_what_it_finished_and_sends_nothing_more(quarter):  # noqa: F811
-    emu, jobs = quarter, jobs_of("openai", claims=True)
+    emu, jobs = quarter, jobs_of("openai", claims=True)  # noqa: F811
 
     async def go():
         rig = Rig(emu, "openai", speed=SPEED / 4)
@@ -108,4 +109,27 @@ def test_a_dispatch_whose_reservation_is_out_when_the_cancel_comes_is_sent_nowhe
         assert sorted(got) == ["r0", "r1"] and all(r.error.startswith("cancelled: ") for r in got.values())
         assert not [c for c in disp.calls if c[0] == "run_many"] and len(g.waits) == 0 and g._park_timer is None
         assert ledger_.calls == 1 and len(ledger_.settled) == 1  # r0's claim went back at 0
+    asyncio.run(go())
+
+
+def test_a_call_waiting_for_its_next_try_ends_at_the_cancel_and_leaves_nothing_under_way(emu):  # noqa: F811
+    """A sync call answered 429 with an hour's Retry-After waits for its next try. The cancel ends it at once
+    (billed nothing, never sent again), so a ``serve`` stop's drain (``Dispatcher.settled``) finds nothing under
+    way: left to its timer, it held the drain for the whole Retry-After (a review)."""
+    emu.faults.script("openai", "chat.completions", [{"status": 429, "retry_after_s": 3600.0 * SPEED}])
+
+    async def go():
+        rig = Rig(emu)
+        try:
+            (j,) = jobs_of("openai", 1)
+            await rig.run("sync", [j])
+            await rig.until(lambda: rig.calls, "the first try")
+            assert await rig.d.settled() == 1  # waiting for its next try: under way
+            await rig.d.cancel()
+            r = await rig.until(lambda: rig.results.get(j.req.id), "its end")
+            assert r.status == "failed" and r.error.startswith("cancelled: the engine was cancelled") and r.cost_usd == 0
+            assert await rig.d.settled() == 0
+            assert len(rig.calls) == 1 and emu.count("chat.completions") == 1 and not emu.bill().items
+        finally:
+            await rig.close()
     asyncio.run(go())

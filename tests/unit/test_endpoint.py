@@ -24,7 +24,7 @@ from engine.core.catalog import default_catalog
 from engine.core.cost import price_alone
 from engine.core.errors import Overloaded, RequestError
 from engine.core.request import Request, validation_context
-from engine.core.result import CANCELLED, Result
+from engine.core.result import CANCELLED, ENGINE_CANCELLED, Result
 from engine.core.settings import default_settings
 from engine.core.trace import _problems_of
 
@@ -70,6 +70,8 @@ class FakeEngine:
                           reason="budget global has $0.000371 left")
         if req.id.endswith("late"):
             return Result(id=req.id, tenant=req.tenant, status="expired", error="deadline passed before a result")
+        if req.id.endswith("stopping"):  # the engine's cancel, as a ``serve`` stop drains
+            return Result(id=req.id, tenant=req.tenant, status="failed", error=ENGINE_CANCELLED)
         if req.kind == "image":
             out = f"https://img.test/{req.id}.png"
         else:
@@ -342,6 +344,17 @@ def test_a_failed_result_passes_the_providers_status_and_a_full_engine_is_a_429(
     with pytest.raises(openai.RateLimitError) as exc:
         chat(client, extra_headers={endpoint.HEADER_REQUEST_ID: "full"})
     assert exc.value.response.headers["retry-after"] == "1"
+
+
+def test_a_call_the_engines_stop_ended_unanswered_is_a_503_the_sdk_may_retry(served):
+    """While ``serve`` drains, the engine's cancel ends calls unanswered: a final 502 made the SDKs give up on
+    calls the restarted engine would answer (a review). It is a 503 with Retry-After, and no word against a retry."""
+    _, client = served
+    with pytest.raises(openai.InternalServerError) as exc:
+        chat(client, extra_headers={endpoint.HEADER_REQUEST_ID: "q-stopping"})
+    assert exc.value.status_code == 503 and "engine is stopping" in exc.value.message
+    assert "x-should-retry" not in exc.value.response.headers
+    assert int(exc.value.response.headers["retry-after"]) > 0
 
 
 def test_a_budget_refusal_tells_the_client_which_budget_and_what_is_left(served):
