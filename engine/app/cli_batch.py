@@ -244,7 +244,8 @@ def _cancel_and_keep(eng, futs: list, reqs: list, wait: bool) -> list:
     if wait:
         err_console.print("cancelling: nothing more is sent; provider batches under way are cancelled and what "
                           "they finished is kept (a cancel takes up to 10 minutes at OpenAI and Anthropic). Ctrl-C "
-                          "again to leave now: what they still finish is then billed and its answer lost",
+                          "again to leave now: what they finished, before the cancel or after, is then billed and "
+                          "its answer lost",
                           style="yellow")
     try:
         with terminate_as_interrupt():

@@ -336,12 +336,13 @@ def drain(eng: Any, limit_s: float, leave: threading.Event) -> int:
         return 0
     console.print(f"stopping: the engine's work is cancelled; waiting up to {limit_s:g} s for its provider batches "
                   "to take the cancel, so what they finished is answered and kept (a cancel takes up to 10 minutes "
-                  "at OpenAI and Anthropic; Ctrl-C again to leave now: what they still finish is then billed and "
-                  "not read)")
+                  "at OpenAI and Anthropic; Ctrl-C again to leave now: what they finished, before the cancel or "
+                  "after, is then billed and not read)")
     left = eng.wind_down(limit_s, leave)
     if left:
-        err_console.print(f"leaving with {left} request(s), provider batch(es) or answer(s) not yet in: what "
-                          "the cancelled batches still finish is billed and not read", style="yellow")
+        err_console.print("leaving before the provider batches and calls under way have ended: what those batches "
+                          "finished, before the cancel or after, is billed and not read (their output is read when "
+                          "they end), and the endpoint asks those lines again at the next start", style="yellow")
     else:
         console.print("the cancelled provider batches have ended; what they finished is answered")
     return left
@@ -381,7 +382,7 @@ def stop(name: str = typer.Option(..., "--name", help="the engine to stop, as `s
     def draining() -> None:
         console.print(f"draining: the engine's work is cancelled; waiting up to {drain_s:g} s for its provider "
                       "batches and calls under way to end, so what they finished is answered (Ctrl-C to stop now: "
-                      "what they still finish is then billed and not read)")
+                      "what they finished is then billed and not read)")
 
     try:
         check_answers(address, "--address")
