@@ -211,7 +211,7 @@ class ResultHub(Warm, MemoryJournalStore):
 
     async def undelivered(self, quiet_s: float) -> int:
         """Results waiting here for a driver that has pulled within ``quiet_s`` real seconds: what a stop now
-        would take from drivers still reading (``serve`` waits for none before it stops the engine)."""
+        would take from drivers still reading (a stop's drain waits until there are none)."""
         now = time.monotonic()
         return sum(len(q.ready) for q in self._clients.values() if now - q.seen_at <= quiet_s)
 
