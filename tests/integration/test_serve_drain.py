@@ -1,6 +1,7 @@
 """``smartbatch serve``'s stop drains: the engine's work is cancelled, and the stop waits for what its provider
-batches finished (billed) to reach the endpoint, which keeps it for the next start. Its own module: Ray Serve
-holds one application per route prefix, and ``test_endpoint_live``'s endpoint holds ``/`` for its module."""
+batches finished (billed) to reach the endpoint, which keeps it for the next start. The endpoint runs in this
+process (uvicorn), a driver of the engine as its Ray Serve replica is; a helper measured the same through
+``smartbatch serve`` and Ctrl-C with real processes (docs/service.md)."""
 
 import io
 import json
@@ -10,15 +11,16 @@ import time
 import pytest
 
 from engine.app.driver import Engine
+from engine.app.endpoint import make_app
 from engine.app.live import point_at_emulator
-from engine.app.serve_http import start_endpoint, stop_endpoint
 from engine.core.catalog import default_catalog
 from engine.core.settings import Settings
 from engine.emulator import Emulator
 from tests.integration._catalogs import OPENAI_ONLY
+from tests.unit.test_endpoint import serving
 
 openai = pytest.importorskip("openai")
-pytest.importorskip("ray.serve")
+pytest.importorskip("uvicorn")
 
 CAT = default_catalog()
 SPEEDUP = 100.0
@@ -50,8 +52,8 @@ def test_a_serve_stop_keeps_what_its_cancelled_batches_finished_and_the_restart_
         eng = Engine.start(settings, catalog=OPENAI_ONLY, speedup=SPEEDUP, name=name, metrics_port=None,
                            policy_params=params)
         try:
-            url = start_endpoint(name, port=0, state_dir=state)
-            with openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=60) as client:
+            with serving(make_app(eng, catalog=eng.catalog, state_dir=state)) as url, \
+                    openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=60) as client:
                 up = client.files.create(file=("input.jsonl", io.BytesIO(data)), purpose="batch")
                 batch = client.batches.create(input_file_id=up.id, endpoint="/v1/chat/completions",
                                               completion_window="24h")
@@ -61,8 +63,7 @@ def test_a_serve_stop_keeps_what_its_cancelled_batches_finished_and_the_restart_
                     time.sleep(0.1)  # polling the provider, as its client does
                 assert drain(eng, 60.0, threading.Event()) == 0
                 stopped = client.batches.retrieve(batch.id)
-        finally:
-            stop_endpoint(name)
+        finally:  # the endpoint first (leaving ``serving``), then the engine, as serve's stop does
             eng.stop()
         (first,) = provider.batches.list().data
         assert first.status == "cancelled", first.status
@@ -70,18 +71,15 @@ def test_a_serve_stop_keeps_what_its_cancelled_batches_finished_and_the_restart_
         assert 0 < ran < n, f"{ran} of {n} members finished before the cancel: the stop was not under way"
         assert stopped.status == "in_progress" and stopped.request_counts.completed == ran, stopped
         with Engine.start(settings, catalog=OPENAI_ONLY, speedup=SPEEDUP, name=name, metrics_port=None,
-                          policy_params=params):
-            url = start_endpoint(name, port=0, state_dir=state)
-            try:
-                with openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=60) as client:
-                    until = time.monotonic() + 180
-                    while (done := client.batches.retrieve(batch.id)).status not in (
-                            "completed", "failed", "cancelled", "expired"):
-                        assert time.monotonic() < until, done
-                        time.sleep(0.2)  # polling the HTTP API, as a client of OpenAI's batches does
-                    out = [json.loads(x) for x in client.files.content(done.output_file_id).text.splitlines()]
-            finally:
-                stop_endpoint(name)
+                          policy_params=params) as again, \
+                serving(make_app(again, catalog=again.catalog, state_dir=state)) as url, \
+                openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=60) as client:
+            until = time.monotonic() + 180
+            while (done := client.batches.retrieve(batch.id)).status not in (
+                    "completed", "failed", "cancelled", "expired"):
+                assert time.monotonic() < until, done
+                time.sleep(0.2)  # polling the HTTP API, as a client of OpenAI's batches does
+            out = [json.loads(x) for x in client.files.content(done.output_file_id).text.splitlines()]
         assert done.status == "completed" and done.request_counts.completed == n, done
         assert sorted(x["custom_id"] for x in out) == sorted(x["custom_id"] for x in lines)
         billed = emu.bill().items
