@@ -1,6 +1,5 @@
 """A dispatcher's batch-API work: journal the batch before its create, create it (or find the one a restart
-cut), follow it to its end, cancel it at its hedge and resolve its members. A mixin of ``Dispatcher``: it uses
-the dispatcher's state."""
+cut), follow it to its end, cancel it at its hedge and resolve its members. A mixin of ``Dispatcher``."""
 
 from __future__ import annotations
 
@@ -28,8 +27,6 @@ SUBMIT_TRIES = 3  # creates of a batch whose answer was lost, each after a looku
 FETCH_TRIES = 5  # reads of an ended batch's results: its finished members are billed, never to be sent again
 RETRY_BASE_S = 0.2  # real seconds before a lookup or a read is tried again, doubling each time
 LINE_OVERHEAD = 1024  # bytes a batch line adds to its request's body or prompt, at most (ids, url, model, caps)
-
-
 _UNKNOWN = object()  # no lookup of a lost create's batch was answered: whether the provider made it is unknown
 
 
@@ -184,8 +181,7 @@ class BatchApiRuns:
 
     async def _fetch(self, handle) -> dict | None:
         """The results of an ended batch, or None if they could not be read. Its finished members were billed: a
-        read that fails is tried again (a member handed back for want of its result is sent again and paid
-        twice), then given up on loudly."""
+        failed read is tried again (a member handed back is sent again, paid twice), then given up on loudly."""
         for attempt in range(FETCH_TRIES):
             try:
                 return dict(await self.provider.fetch(handle))
@@ -269,11 +265,13 @@ class BatchApiRuns:
                 # twice, so the batch is waited for (a cancel is refused now, and it ends in minutes).
                 finishing = finishing or (st is not None and st.status == "finalizing")
                 now = self.clock.now()
-                if cancel_deadline is not None and polled_at >= cancel_deadline and not finishing:
-                    # The cancel outlasted its allowance: the deadline comes first. Unfinished members go sync;
-                    # any that the provider still finishes is counted as paid twice in the report. Judged by a
-                    # poll sent once the allowance was over: one sent before it and answered after it says
-                    # "cancelling" of a cancel that may have ended since (slow links, a busy event loop).
+                # Never once the engine is cancelled: nobody waits then, and giving up left what it had finished
+                # unread, each paid twice at the next start (a fault hunt); the stop's drain bounds the wait.
+                gives_up = cancel_deadline is not None and not finishing and not self._cancelled
+                if gives_up and polled_at >= cancel_deadline:
+                    # The cancel outlasted its allowance: the deadline comes first. Unfinished members go sync (any
+                    # the provider still finishes is counted paid twice). Judged by a poll sent after the allowance:
+                    # one sent before says "cancelling" of a cancel that may have ended since (a busy event loop).
                     log.warning("dispatcher %s: batch cancel still pending; sending its unfinished members", self.name)
                     await self._watch(b, key, jobs, start, handle, cancel=not cancel_taken)
                     handle = None
@@ -282,10 +280,12 @@ class BatchApiRuns:
                 if was_cancelled and not (cancel_taken or finishing):
                     wait = min(wait, CANCEL_RETRY_S)  # a cancel not yet taken is made again soon
                 limit = (hedge_at if cancel_deadline is None and hedge_at is not None else
-                         cancel_deadline if cancel_deadline is not None and not finishing else float("inf"))
+                         cancel_deadline if gives_up else float("inf"))
                 await self._sleep(max(min(wait, limit - now), 0.0))
             if handle is not None:
                 read = await self._fetch(handle)
+                while read is None and self._cancelled:  # as above: read until it answers, or the engine goes
+                    read = await self._sleep(POLL_RETRY_S) or await self._fetch(handle)
                 if read is None:
                     # The members go again for their deadlines, and the batch is read until it answers: what it
                     # finished is then on the bill twice, so it is counted (paid_twice) and charged to the

@@ -201,7 +201,9 @@ class CancelDispatches:
         """What a stop after a cancel would still cut short here: the provider batches under way (their finished
         members not yet read) and the calls under way (billed, answered once they return), or, once none is, the
         answers this dispatcher gave that wait at a result hub for a driver still pulling (``quiet_s``). Asked of
-        the hubs from here, after the pushes of those answers."""
+        the hubs from here, after the pushes of those answers. A dispatcher Ray restarted reads its journal first:
+        asked before, it knew of no batch."""
+        await self._ready()
         if self._open or self.in_flight:
             return len(self._open) + self.in_flight
         if self._flusher is not None and not self._flusher.done():

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from actors import Grouper, ResultHub
 from actors._types import Job
 from engine.core.clock import ManualClock
@@ -22,6 +24,7 @@ from tests.unit.test_http_providers import (
     N,
     Rig,
     assert_split_by_the_bill,
+    billed_by_custom_id,
     emu,  # noqa: F401  (a fixture)
     jobs_of,
     quarter,  # noqa: F401  (a fixture)
@@ -130,6 +133,35 @@ def test_a_call_waiting_for_its_next_try_ends_at_the_cancel_and_leaves_nothing_u
             assert r.status == "failed" and r.error.startswith("cancelled: the engine was cancelled") and r.cost_usd == 0
             assert await rig.d.settled() == 0
             assert len(rig.calls) == 1 and emu.count("chat.completions") == 1 and not emu.bill().items
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("fault", ["batches.cancel", "files.content"])
+def test_once_the_engine_is_cancelled_a_batch_is_read_to_its_end_whatever_its_cancel_and_read_meet(quarter, fault):  # noqa: F811
+    """A stop's drain waits for the provider batches the engine's cancel cancelled, and reads what they finished.
+    A cancel the provider kept refusing past its allowance, or an output read that kept failing, made the
+    dispatcher give the batch up, as at a hedge: its members ended unanswered (the engine takes no work), what it
+    finished was billed unread, and the restarted endpoint asked those lines again (a fault hunt: 16 and 5 of
+    24 lines paid twice). Now it is followed to its end: every member it finished is answered, once."""
+    e, jobs = quarter, jobs_of("openai", claims=True)
+    e.faults.script("openai", fault, [{"status": 500}] * (200 if fault == "batches.cancel" else 8))
+
+    async def go():
+        rig = Rig(e, "openai", speed=SPEED / 4)
+        try:
+            await rig.reserve(jobs)
+            await rig.run("batch_api", jobs)
+            await rig.until(lambda: billed_by_custom_id(e), "a first member to finish")
+            await rig.d.cancel()
+            await rig.resolved(jobs, timeout_s=30.0)
+            answered = {j.req.id for j in jobs if j.req.id in rig.results and rig.results[j.req.id].status == "ok"}
+            billed = billed_by_custom_id(e)
+            assert answered and len(billed) == len(answered), (answered, billed)  # each billed member answered
+            if fault == "batches.cancel":  # never taken: the batch ran to its end
+                assert len(answered) == len(jobs)
+            assert rig.d.paid_twice == 0 and await rig.d.settled() == 0
         finally:
             await rig.close()
     asyncio.run(go())
