@@ -25,6 +25,7 @@ WATCH_S = 26 * 3600.0  # engine seconds a batch whose members went again is foll
 FIND_TRIES = 5  # lookups of a lost create's batch a real second or more apart; then every POLL_RETRY_S engine s
 SUBMIT_TRIES = 3  # creates of a batch whose answer was lost, each after a lookup that did not find it
 FETCH_TRIES = 5  # reads of an ended batch's results: its finished members are billed, never to be sent again
+CANCELLED_READS = 20  # more rounds of those, POLL_RETRY_S apart, once the engine is cancelled (nobody waits)
 RETRY_BASE_S = 0.2  # real seconds before a lookup or a read is tried again, doubling each time
 LINE_OVERHEAD = 1024  # bytes a batch line adds to its request's body or prompt, at most (ids, url, model, caps)
 _UNKNOWN = object()  # no lookup of a lost create's batch was answered: whether the provider made it is unknown
@@ -189,9 +190,9 @@ class BatchApiRuns:
                 log.warning("dispatcher %s: batch results could not be read (%s)", self.name, _short(exc))
                 if attempt + 1 < FETCH_TRIES:
                     await asyncio.sleep(RETRY_BASE_S * 2 ** attempt)
-        log.error("dispatcher %s: the results of an ended batch could not be read after %d tries; its members "
-                  "are sent again, and those it finished are paid twice (read later, counted and charged)",
-                  self.name, FETCH_TRIES)
+        log.error("dispatcher %s: the results of an ended batch could not be read after %d tries%s", self.name,
+                  FETCH_TRIES, " (the engine is cancelled: tried again)" if self._cancelled else "; its members are "
+                  "sent again, and those it finished are paid twice (read later, counted and charged)")
         return None
 
     async def _journal_put(self, key: str) -> None:
@@ -258,8 +259,7 @@ class BatchApiRuns:
                 if st is not None and st.status == "ended":
                     break
                 if st is not None and st.status == "cancelling" and not cancel_taken:
-                    # Taken by a try whose answer was lost, before this poll was sent: it ends within the
-                    # allowance from here.
+                    # Taken by a try whose answer was lost, before this poll was sent: it ends within the allowance.
                     cancel_taken, cancel_deadline = True, polled_at + allowance
                 # Every member ran and is billed, and the output is being written: sent again, each is paid
                 # twice, so the batch is waited for (a cancel is refused now, and it ends in minutes).
@@ -279,12 +279,12 @@ class BatchApiRuns:
                 wait = st.next_poll_s if st is not None else POLL_RETRY_S
                 if was_cancelled and not (cancel_taken or finishing):
                     wait = min(wait, CANCEL_RETRY_S)  # a cancel not yet taken is made again soon
-                limit = (hedge_at if cancel_deadline is None and hedge_at is not None else
-                         cancel_deadline if gives_up else float("inf"))
+                limit = (hedge_at if cancel_deadline is None and hedge_at is not None and now < hedge_at else
+                         cancel_deadline if gives_up else float("inf"))  # (a hedge passed while finishing: a spin)
                 await self._sleep(max(min(wait, limit - now), 0.0))
             if handle is not None:
-                read = await self._fetch(handle)
-                while read is None and self._cancelled:  # as above: read until it answers, or the engine goes
+                read, rounds = await self._fetch(handle), 0
+                while read is None and self._cancelled and (rounds := rounds + 1) <= CANCELLED_READS:  # as above
                     read = await self._sleep(POLL_RETRY_S) or await self._fetch(handle)
                 if read is None:
                     # The members go again for their deadlines, and the batch is read until it answers: what it

@@ -228,15 +228,19 @@ def settle(h: dict, timeout_s: float, interrupted: threading.Event | None = None
     give_up = time.monotonic() + timeout_s
     stop = interrupted if interrupted is not None else threading.Event()
     while True:
-        refs = [d.settled.remote() for d in h["dispatchers"].values()]
-        ready, late = ray.wait(refs, num_returns=len(refs), timeout=max(1.0, give_up - time.monotonic()))
+        asked = {d.settled.remote(): d for d in h["dispatchers"].values()}
+        ready, late = ray.wait(list(asked), num_returns=len(asked), timeout=max(1.0, give_up - time.monotonic()))
         left = len(late)  # one not answering (restarting, busy) still has its work under way
         for ref in ready:
             try:
                 left += ray.get(ref)
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-                # Ray restarts it, and it follows its journaled batches again: taken for done, the stop cut
-                # them short, every member they had finished paid twice at the next start (a fault hunt).
+            except ray.exceptions.RayActorError:
+                if read_layout(h["engine"]) is None:  # the engine was stopped meanwhile: nothing to wait for
+                    return left
+                # Ray restarts it, and it follows its journaled batches again: taken for done, the stop cut them
+                # short, every member they had finished paid twice at the next start (a fault hunt). It is told
+                # of the cancel again (no driver's rewire may: ``smartbatch stop`` holds no supervisor).
+                asked[ref].cancel.remote()
                 left += 1
         if not left or time.monotonic() >= give_up or stop.wait(SETTLE_POLL_S):
             return left

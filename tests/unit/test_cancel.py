@@ -19,10 +19,12 @@ from tests.unit.test_actors import ledger
 from tests.unit.test_actors import req as plain_req
 from tests.unit.test_http_providers import (
     CAT,
+    EMU_CANCEL_S,
     ROUTE,
     SPEED,
     N,
     Rig,
+    T,
     assert_split_by_the_bill,
     billed_by_custom_id,
     emu,  # noqa: F401  (a fixture)
@@ -165,3 +167,27 @@ def test_once_the_engine_is_cancelled_a_batch_is_read_to_its_end_whatever_its_ca
         finally:
             await rig.close()
     asyncio.run(go())
+
+
+def test_a_batch_whose_hedge_passes_while_it_finalizes_is_polled_at_its_pace_not_in_a_spin():
+    """A batch that reached "finalizing" (every member ran and is billed) before its hedge is waited for, not
+    cancelled. Once the hedge had passed, the wait until it was the hedge itself, in the past: the follow-up
+    polled as fast as the provider answered (a review: 323 polls in 260 engine seconds)."""
+    from engine.emulator import Emulator
+
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED, cancel_s=EMU_CANCEL_S, validating_s=1.0,
+                  finalizing_s=400.0) as slow_end:
+        jobs = jobs_of("openai")
+
+        async def go():
+            rig = Rig(slow_end, "openai")
+            try:
+                # Members end at about 1 + T; the batch completes 400 later; the hedge falls between.
+                await rig.run("batch_api", jobs, hedge_at=rig.clock.now() + 1.0 + T + 150.0)
+                await rig.resolved(jobs)
+                assert all(rig.results[j.req.id].status == "ok" for j in jobs)  # waited for, never cancelled
+                assert slow_end.count("batches.cancel") == 0
+                assert slow_end.count("batches.retrieve") < 40, slow_end.count("batches.retrieve")
+            finally:
+                await rig.close()
+        asyncio.run(go())
