@@ -280,7 +280,7 @@ class BatchApiRuns:
                 if was_cancelled and not (cancel_taken or finishing):
                     wait = min(wait, CANCEL_RETRY_S)  # a cancel not yet taken is made again soon
                 limit = (hedge_at if cancel_deadline is None and hedge_at is not None and now < hedge_at else
-                         cancel_deadline if gives_up else float("inf"))  # (a hedge passed while finishing: a spin)
+                         cancel_deadline if gives_up else float("inf"))  # (a passed hedge as the limit: a spin)
                 await self._sleep(max(min(wait, limit - now), 0.0))
             if handle is not None:
                 read, rounds = await self._fetch(handle), 0
