@@ -279,8 +279,8 @@ class BatchApiRuns:
                 wait = st.next_poll_s if st is not None else POLL_RETRY_S
                 if was_cancelled and not (cancel_taken or finishing):
                     wait = min(wait, CANCEL_RETRY_S)  # a cancel not yet taken is made again soon
-                limit = (hedge_at if cancel_deadline is None and hedge_at is not None and now < hedge_at else
-                         cancel_deadline if gives_up else float("inf"))  # (a passed hedge as the limit: a spin)
+                limit = (hedge_at if cancel_deadline is None and hedge_at is not None and not finishing else
+                         cancel_deadline if gives_up else float("inf"))  # (finishing past its hedge: a spin)
                 await self._sleep(max(min(wait, limit - now), 0.0))
             if handle is not None:
                 read, rounds = await self._fetch(handle), 0
