@@ -332,7 +332,7 @@ def drain(eng: Any, limit_s: float, leave: threading.Event) -> int:
     finished (billed) to reach the drivers, the endpoint among them, which keeps it on disk. Stopped at
     once, those members were billed unread, and the endpoint asked their lines again at the next start: 124 of
     300 lines paid twice (stop 48). Returns what was left (0: nothing)."""
-    if not eng.wait_cancelled(0.0):
+    if not eng.wait_cancelled(0.0):  # asked without waiting: nothing under way, nothing to cancel
         return 0
     console.print(f"stopping: the engine's work is cancelled; waiting up to {limit_s:g} s for its provider batches "
                   "to take the cancel, so what they finished is answered and kept (a cancel takes up to 10 minutes "

@@ -86,6 +86,7 @@ CLIENT_TIMEOUT_SHARE = 0.9  # of the client's read timeout, the deadline when no
 # A failed result is final: the engine already retried it as far as its deadline allows. The official SDKs
 # retry a 429, a 5xx and a 409 on their own unless the answer says not to, and each retry is a new request.
 _NO_RETRY = {"x-should-retry": "false"}
+STOPPING_RETRY_S = 30  # what a 503 of a stopping engine asks: the next engine (a restart) takes calls again
 
 
 def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float = 86400.0,
@@ -254,9 +255,6 @@ def _client_waits(headers) -> float | None:
     except ValueError:
         return None
     return seconds if math.isfinite(seconds) and seconds > 0 else None
-
-
-STOPPING_RETRY_S = 30  # what a 503 of a stopping engine asks: the next engine (a restart) takes calls again
 
 
 def _failure(res: Result) -> ApiError:
