@@ -184,6 +184,33 @@ class SharedEngine:
         self.cancel()
         return self.wait_cancelled(timeout_s, interrupted)
 
+    def _drain_before_stop(self, limit_s: float) -> int:
+        """``stop(drain_s=...)``'s first step: for an engine this driver started, with provider batches or calls
+        under way, cancel its work and wait up to ``limit_s`` for them to end and their answers to reach this
+        driver's futures and report. Returns what was left (0: nothing); a KeyboardInterrupt ends the wait."""
+        if not (self._owner and self._running):
+            return 0
+        try:
+            if not self.wait_cancelled(0.0):
+                return 0
+        except Exception:  # an actor gone: the stop goes on, as without a drain
+            return -1
+        log.warning("stopping engine %r with work under way: its work is cancelled, and the stop waits up to %g s "
+                    "for its provider batches to take the cancel, so what they finished (billed) is answered (a "
+                    "cancel takes up to 10 minutes at OpenAI and Anthropic; Ctrl-C leaves now, what they finished "
+                    "then billed and not read)", self.name, limit_s)
+        try:
+            left = self.wind_down(limit_s)
+        except KeyboardInterrupt:  # leave now: the stop cancels what is still under way
+            left = -1
+        except Exception as exc:  # e.g. an actor gone: the stop must still run, and the caller's error stay
+            log.warning("engine %r: the drain failed (%s: %s)", self.name, type(exc).__name__, str(exc)[:200])
+            left = -1
+        if left:
+            log.warning("engine %r stops before its provider batches and calls under way have ended: what they "
+                        "finished is billed and not read", self.name)
+        return left
+
     def _publish_layout(self, policy: str, detached: bool) -> None:
         from actors._peer import publish_layout
 

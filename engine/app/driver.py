@@ -190,10 +190,15 @@ class Engine(AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervised):
             raise
         return eng
 
-    def stop(self, timeout_s: float = 5.0) -> None:
+    def stop(self, timeout_s: float = 5.0, *, drain_s: float = 0.0) -> None:
         """Flush, stop the threads and (for an engine this driver started, not detached) the actors; any future
         still open resolves as failed, so none hangs. A driver of a shared engine leaves it running: its
-        open requests still run, and ``submit`` of the same (tenant, id) from any driver gets their results."""
+        open requests still run, and ``submit`` of the same (tenant, id) from any driver gets their results.
+        ``drain_s``: first, if this driver started the engine and work is under way, cancel it and wait up to that
+        long for what its provider batches finished (billed) to be answered (``wind_down``; Ctrl-C leaves
+        now). Leaving a ``with`` block on an exception drains for ``settings.stop_drain_s``."""
+        if drain_s > 0:
+            self._drain_before_stop(drain_s)
         with self._lock:  # from here on a submit is refused: none can slip in after the last flush below
             if not self._running:
                 return
@@ -234,8 +239,10 @@ class Engine(AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervised):
     def __enter__(self) -> Engine:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def __exit__(self, exc_type: type | None, *exc: object) -> None:
+        # An exception (Ctrl-C too) leaves with work under way: stopped at once, the members its cancelled
+        # provider batches finished were billed and never read, nor counted in the report.
+        self.stop(drain_s=self.settings.stop_drain_s if exc_type is not None else 0.0)
 
     def now(self) -> float:
         return self.clock.now()

@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from engine.app._ray_stop import own_ray_processes, stop_or_lose_ray, terminate_as_interrupt
+from engine.app._ray_stop import Terminated, own_ray_processes, stop_or_lose_ray, terminate_as_interrupt
 from engine.app.bench import document, result_row
 from engine.app.provider_setup import http_setup, with_hedge_lag
 from engine.core.catalog import Catalog
@@ -103,7 +103,10 @@ def run_live(requests: Sequence[Request], *, trace_name: str, policy: str = "sma
                     f.add_done_callback(lambda _f: on_done(1))
             got = [f.result() for f in futs]
         report = eng.report()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        if not isinstance(exc, Terminated):  # Ctrl-C: what the cancelled provider batches finish is answered
+            with terminate_as_interrupt():  # (a SIGTERM is followed by a kill: it waits for nothing)
+                eng._drain_before_stop(settings.stop_drain_s)
         # What finished was paid for: hand it and the spend so far to the caller, which keeps a record. A SIGTERM
         # to the whole process group stops Ray too: the report and the stop then waited a minute for its GCS.
         done = [f.result() for f in futs if f.done() and not f.cancelled() and f.exception() is None]

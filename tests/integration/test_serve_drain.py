@@ -84,3 +84,37 @@ def test_a_serve_stop_keeps_what_its_cancelled_batches_finished_and_the_restart_
         assert sorted(x["custom_id"] for x in out) == sorted(x["custom_id"] for x in lines)
         billed = emu.bill().items
         assert len(billed) == n, f"{len(billed)} billed calls for {n} lines: {len(billed) - n} paid twice"
+
+
+def test_a_with_block_left_on_an_exception_answers_and_counts_what_its_cancelled_batch_finished(ray_session):
+    """A driver script that fails (or is interrupted) inside ``with Engine.start(...)`` while a provider batch
+    runs: leaving the block cancels the engine's work and waits (``settings.stop_drain_s``) for that batch to
+    take the cancel, so the members it finished (billed) resolve with their answers and the report counts them.
+    Stopped at once, they were billed and never read, and the report was short of the bill by all of them."""
+    n = 24
+    params = {"batch_gather_s": 0.0, "min_batch_saving_usd": 0.0}
+    reqs = [{"id": f"q{k}", "model": "gpt-4o-mini", "prompt": f"Summarise chapter {k} of the report.",
+             "output_tokens": 40, "deadline_s": 86_400} for k in range(n)]
+    # As above (seed 83): members finish one by one over the batch's turnaround, and on through the cancel's 100 s.
+    with Emulator(CAT, speedup=SPEEDUP, seed=83, cancel_s=100.0) as emu:
+        settings = point_at_emulator(Settings(), emu, providers=("openai",))
+        provider = openai.OpenAI(base_url=emu.base_url("openai"), api_key="test-key", max_retries=0)
+        with pytest.raises(RuntimeError, match="the script failed"), \
+                Engine.start(settings, catalog=OPENAI_ONLY, speedup=SPEEDUP, metrics_port=None,
+                             policy_params=params) as eng:
+            futs = eng.submit_many(reqs)
+            until = time.monotonic() + 120
+            while not (made := provider.batches.list().data) or made[0].request_counts.completed < 1:
+                assert time.monotonic() < until, f"no member finished at the provider: {emu.counters()}"
+                time.sleep(0.1)  # polling the provider, as its client does
+            raise RuntimeError("the script failed")
+        report, bill = eng.report(), emu.bill()
+        (batch,) = provider.batches.list().data
+    assert batch.status == "cancelled", batch.status  # the stop waited for it
+    ran = batch.request_counts.completed
+    assert 0 < ran < n, f"{ran} of {n} members finished before the cancel: the stop was not under way"
+    got = [f.result(timeout=5) for f in futs]
+    answered = [r for r in got if r.status == "ok"]
+    assert len(answered) == ran and all(r.mode == "batch_api" and r.output for r in answered), got
+    assert len(bill.items) == ran  # nothing else was sent: the rest ended cancelled, billed nothing
+    assert report["spend_usd"] == pytest.approx(bill.total_usd, abs=1e-6)

@@ -75,6 +75,10 @@ class CtrlCEngine:
     def stop(self) -> None:
         pass
 
+    def _drain_before_stop(self, limit_s: float) -> int:
+        self.drained_for = limit_s  # (run's Ctrl-C drains before its report and stop: tests read this)
+        return 0
+
     def submit_many(self, reqs: list) -> list:
         from engine.core.result import Result
 
@@ -139,8 +143,26 @@ class _Terminated(concurrent.futures.Future):
         raise AssertionError("SIGTERM did not interrupt the wait")
 
 
+class DrainingEngine(CtrlCEngine):
+    """Ctrl-C while the second request rides a provider batch, which finishes it before the cancel takes effect:
+    the drain (``Engine._drain_before_stop``) answers it, at the batch price."""
+
+    def _drain_before_stop(self, limit_s: float) -> int:
+        CtrlCEngine._drain_before_stop(self, limit_s)
+        first, second = self.futs
+        second.set_result(first.result().model_copy(update={"id": "r1", "mode": "batch_api", "cost_usd": 0.0005}))
+        self.spend_usd += 0.0005
+        return 0
+
+    def submit_many(self, reqs: list) -> list:
+        self.futs = CtrlCEngine.submit_many(self, reqs)
+        return self.futs
+
+
 class _CtrlC(concurrent.futures.Future):
     def result(self, timeout: float | None = None) -> Any:
+        if self.done():  # answered by a drain
+            return super().result(timeout)
         raise KeyboardInterrupt
 
 

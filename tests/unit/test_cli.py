@@ -361,6 +361,39 @@ def test_ctrl_c_during_run_keeps_the_finished_results_and_the_spend(tmp_path, mo
     assert "provider batches under way were cancelled" in text  # the engine's stop cancels them (Ray still up)
 
 
+@pytest.mark.parametrize("engine", ["DrainingEngine", "TerminatedEngine"])
+def test_ctrl_c_during_run_keeps_what_the_cancelled_batches_finish_and_a_sigterm_waits_for_nothing(tmp_path,
+                                                                                                  monkeypatch, engine):
+    """Ctrl-C during `smartbatch run` drains before its report and stop (``settings.stop_drain_s``): a request
+    its cancelled provider batch finished (billed) is kept with its cost. Stopped at once, it was billed and
+    lost, and the spend said less than the bill. A SIGTERM (followed by a kill) does not wait."""
+    import signal
+
+    import engine.app.driver as driver_mod
+    from tests.unit import helpers
+
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("".join(json.dumps({"id": f"r{i}", "arrival_s": i, "model": "gpt-5-mini", "prompt": f"q{i}"})
+                             + "\n" for i in range(2)))
+    eng = getattr(helpers, engine)()
+    monkeypatch.setattr(driver_mod.Engine, "start", classmethod(lambda c, *a, **k: eng))
+    monkeypatch.setenv("SMARTBATCH_STOP_DRAIN_S", "42")
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+    try:
+        r = runner.invoke(app, ["run", str(trace), "--out", str(tmp_path / "o")])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert r.exit_code == 130, r.output
+    kept = [json.loads(x) for x in (tmp_path / "o" / "results.partial.jsonl").read_text().splitlines()]
+    text = " ".join(r.output.split())
+    if engine == "DrainingEngine":
+        assert eng.drained_for == 42
+        assert [(k["id"], k["mode"]) for k in kept] == [("r0", "sync"), ("r1", "batch_api")]
+        assert "2 of 2 request(s) had finished (spend so far $0.0015)" in text
+    else:
+        assert not hasattr(eng, "drained_for") and [k["id"] for k in kept] == ["r0"]
+
+
 def test_a_sigterm_that_stopped_ray_too_ends_run_at_once_with_what_had_finished(tmp_path, monkeypatch):
     """A SIGTERM to the whole process group (`timeout`, systemd) stops Ray's processes too: the report and the
     engine's stop then waited a minute for the GCS, and Ray ended the process with nothing kept."""

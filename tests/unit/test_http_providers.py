@@ -593,12 +593,12 @@ def test_a_poll_sent_before_the_cancel_allowance_ends_and_answered_after_it_does
 
 
 # -- 6-9. sync failures: the providers' outcomes, then the dispatcher's retries ----------------------------------
-def direct(emu: Emulator, provider: str, key: str = KEY, **settings_kw: Any) -> Provider:
-    """The HTTP provider alone (``make_provider``), on an engine clock at the emulator's speed."""
+def direct(emu: Emulator, provider: str, key: str = KEY, clock: Any = None, **settings_kw: Any) -> Provider:
+    """The HTTP provider alone (``make_provider``), on an engine clock at the emulator's speed (or ``clock``)."""
     s = http_settings(emu, **settings_kw)
     cat, _ = http_setup(emu.catalog, s, need_keys=False)
     sim = SimProvider(cat.provider(provider), cat, s, Draws(0, 4, 0, 60.0), draw=False)
-    p = make_provider(provider, cat, s, sim, ScaledClock(time.time(), SPEED), Secret(key))
+    p = make_provider(provider, cat, s, sim, clock or ScaledClock(time.time(), SPEED), Secret(key))
     assert p.real and isinstance(p, Provider)
     return p
 
@@ -902,12 +902,23 @@ def test_anthropic_a_mark_on_a_partial_last_block_lands_on_the_last_rendered_blo
     assert marked(anthropic_body(r, 0, 4)) == []  # past the request's own blocks: nothing to mark
 
 
-def test_anthropic_learns_warmth_from_usage_and_reads_what_it_wrote(emu):
+@pytest.fixture
+def still() -> Iterator[tuple[Emulator, ManualClock]]:
+    """An emulator and an engine clock that stand still: no prompt-cache entry expires between a test's calls. At
+    ``SPEED`` the 5-minute TTL is 0.3 s of real time, which a loaded machine once passed between two calls."""
+    clock = ManualClock(1_000.0)
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED) as e:
+        e.follow(clock)
+        yield e, clock
+
+
+def test_anthropic_learns_warmth_from_usage_and_reads_what_it_wrote(still):
+    emu, clock = still
     first, second = (replayed(1500, 20, (11, 12), rid=f"w{i}").model_copy(
         update={"provider": "anthropic", "model": "claude-sonnet-4-5"}) for i in range(2))
 
     async def go() -> list[CallOutcome]:
-        p = direct(emu, "anthropic")
+        p = direct(emu, "anthropic", clock=clock)
         try:
             a = await p.call(job_of(first)._replace(cache_write=True))
             b = await p.call(job_of(second))  # no write asked: the breakpoint is at the prefix now warm
@@ -923,15 +934,16 @@ def test_anthropic_learns_warmth_from_usage_and_reads_what_it_wrote(emu):
     assert b.cost < a.cost
 
 
-def test_anthropic_believes_warm_only_the_blocks_a_call_read_or_wrote(emu):
+def test_anthropic_believes_warm_only_the_blocks_a_call_read_or_wrote(still):
     """A call that read two warm blocks and wrote nothing leaves its other blocks cold. Believed warm, they drew
     the next call's breakpoint past the cached prefix, where the provider writes: a write nobody asked for."""
     writer, reader, later = (replayed(n, 20, blocks, rid=f"v{i}").model_copy(
         update={"provider": "anthropic", "model": "claude-sonnet-4-5"})
         for i, (n, blocks) in enumerate([(1500, (21, 22)), (2600, (21, 22, 23, 24)), (2600, (21, 22, 23, 24))]))
+    emu, clock = still
 
     async def go() -> list[CallOutcome]:
-        p = direct(emu, "anthropic")
+        p = direct(emu, "anthropic", clock=clock)
         try:
             return [await p.call(job_of(writer)._replace(cache_write=True)), await p.call(job_of(reader)),
                     await p.call(job_of(later))]
