@@ -10,6 +10,7 @@ driver: its ``stop()`` ends only its own session.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -184,32 +185,45 @@ class SharedEngine:
         self.cancel()
         return self.wait_cancelled(timeout_s, interrupted)
 
+    def _drain_on_exit(self, exc_type: type | None) -> float:
+        """How long leaving a ``with`` block waits (``stop(drain_s=...)``): ``settings.stop_drain_s`` when the
+        script's error or Ctrl-C left it, with work possibly under way; stopped at once, the members its cancelled
+        provider batches finished were billed, never read, nor counted in the report. A block left normally (the
+        script chose not to ``drain()``) and a SIGTERM (``Terminated``, or Ray's handler's SystemExit: a kill
+        follows, and Ray's own handler aborts the process seconds later) do not wait."""
+        from engine.app._ray_stop import Terminated
+
+        if exc_type is None or not issubclass(exc_type, (Exception, KeyboardInterrupt)):
+            return 0.0
+        return 0.0 if issubclass(exc_type, Terminated) else self.settings.stop_drain_s
+
     def _drain_before_stop(self, limit_s: float) -> int:
         """``stop(drain_s=...)``'s first step: for an engine this driver started, with provider batches or calls
-        under way, cancel its work and wait up to ``limit_s`` for them to end and their answers to reach this
-        driver's futures and report. Returns what was left (0: nothing); a KeyboardInterrupt ends the wait."""
-        if not (self._owner and self._running):
+        under way, cancel its work and wait up to about ``limit_s`` for them to end and their answers to reach this
+        driver's futures and report. Returns what was left (0: nothing; -1: cut short). A KeyboardInterrupt (a
+        second Ctrl-C) anywhere in it ends it, and so does any error: the stop that follows must run."""
+        if not (self._owner and self._running) or self._gone is not None or limit_s <= 0:
+            return 0  # (an engine gone has failed every future already: nothing would be answered)
+        if threading.current_thread() is self._puller:  # the thread that delivers the answers it would wait for
             return 0
         try:
             if not self.wait_cancelled(0.0):
                 return 0
-        except Exception:  # an actor gone: the stop goes on, as without a drain
-            return -1
-        log.warning("stopping engine %r with work under way: its work is cancelled, and the stop waits up to %g s "
-                    "for its provider batches to take the cancel, so what they finished (billed) is answered (a "
-                    "cancel takes up to 10 minutes at OpenAI and Anthropic; Ctrl-C leaves now, what they finished "
-                    "then billed and not read)", self.name, limit_s)
-        try:
-            left = self.wind_down(limit_s)
+            log.warning("stopping engine %r with work under way: its work is cancelled, and the stop waits up to %g "
+                        "s for its provider batches to take the cancel, so what they finished (billed) is answered "
+                        "(a cancel takes up to 10 minutes at OpenAI and Anthropic; Ctrl-C leaves now, what they "
+                        "finished then billed and not read)", self.name, limit_s)
+            self.cancel(min(60.0, limit_s))
+            left = self.wait_cancelled(limit_s)
+            if left:
+                log.warning("engine %r stops before its provider batches and calls under way have ended: what they "
+                            "finished is billed and not read", self.name)
+            return left
         except KeyboardInterrupt:  # leave now: the stop cancels what is still under way
-            left = -1
+            return -1
         except Exception as exc:  # e.g. an actor gone: the stop must still run, and the caller's error stay
             log.warning("engine %r: the drain failed (%s: %s)", self.name, type(exc).__name__, str(exc)[:200])
-            left = -1
-        if left:
-            log.warning("engine %r stops before its provider batches and calls under way have ended: what they "
-                        "finished is billed and not read", self.name)
-        return left
+            return -1
 
     def _publish_layout(self, policy: str, detached: bool) -> None:
         from actors._peer import publish_layout

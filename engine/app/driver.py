@@ -196,9 +196,11 @@ class Engine(AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervised):
         open requests still run, and ``submit`` of the same (tenant, id) from any driver gets their results.
         ``drain_s``: first, if this driver started the engine and work is under way, cancel it and wait up to that
         long for what its provider batches finished (billed) to be answered (``wind_down``; Ctrl-C leaves
-        now). Leaving a ``with`` block on an exception drains for ``settings.stop_drain_s``."""
-        if drain_s > 0:
+        now). Leaving a ``with`` block on an error or Ctrl-C drains for ``settings.stop_drain_s``."""
+        try:
             self._drain_before_stop(drain_s)
+        except KeyboardInterrupt:  # (one that lands between its own guards): the stop below must still run
+            pass
         with self._lock:  # from here on a submit is refused: none can slip in after the last flush below
             if not self._running:
                 return
@@ -240,9 +242,7 @@ class Engine(AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervised):
         return self
 
     def __exit__(self, exc_type: type | None, *exc: object) -> None:
-        # An exception (Ctrl-C too) leaves with work under way: stopped at once, the members its cancelled
-        # provider batches finished were billed and never read, nor counted in the report.
-        self.stop(drain_s=self.settings.stop_drain_s if exc_type is not None else 0.0)
+        self.stop(drain_s=self._drain_on_exit(exc_type))
 
     def now(self) -> float:
         return self.clock.now()

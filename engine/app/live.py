@@ -105,7 +105,8 @@ def run_live(requests: Sequence[Request], *, trace_name: str, policy: str = "sma
         report = eng.report()
     except KeyboardInterrupt as exc:
         if not isinstance(exc, Terminated):  # Ctrl-C: what the cancelled provider batches finish is answered
-            with terminate_as_interrupt():  # (a SIGTERM is followed by a kill: it waits for nothing)
+            # (a SIGTERM is followed by a kill: it waits for nothing; a second Ctrl-C ends the wait, not the run's record)
+            with contextlib.suppress(KeyboardInterrupt), terminate_as_interrupt():
                 eng._drain_before_stop(settings.stop_drain_s)
         # What finished was paid for: hand it and the spend so far to the caller, which keeps a record. A SIGTERM
         # to the whole process group stops Ray too: the report and the stop then waited a minute for its GCS.

@@ -250,10 +250,10 @@ class Settings(BaseSettings):
         "engine plans every batch API's cancel_s k times this longer, so a time-compressed replay keeps its "
         "deadlines; the simulator has no such lag"))
     stop_drain_s: float = Field(default=600.0, ge=0, description=(
-        "real seconds a driver that started the engine waits, when it leaves its with block on an exception "
-        "(Ctrl-C among them) or `smartbatch run` is interrupted with work under way, for the cancelled provider "
-        "batches to end, so what they finished (billed) is answered and counted; a second Ctrl-C leaves at once; "
-        "0 leaves at once, those members billed and not read"))
+        "real seconds a driver that started the engine waits, when its with block is left on an error or Ctrl-C "
+        "(not a SIGTERM) or `smartbatch run` gets Ctrl-C with work under way, for the cancelled provider batches "
+        "to end, so what they finished (billed) is answered and counted; a second Ctrl-C leaves at once; 0 leaves "
+        "at once, those members billed and not read"))
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
         default="WARNING", description="the level from which the actors' log lines reach the drivers' logging "
         "(loggers smartbatch.*)")
