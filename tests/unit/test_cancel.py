@@ -175,15 +175,18 @@ def test_a_batch_whose_hedge_passes_while_it_finalizes_is_polled_at_its_pace_not
     polled as fast as the provider answered (a review: 323 polls in 260 engine seconds)."""
     from engine.emulator import Emulator
 
-    with Emulator(CAT, latency_scale=0.0, speedup=SPEED, cancel_s=EMU_CANCEL_S, validating_s=1.0,
+    # At a quarter speed, the hedge midway: it is set before the upload and the create, whose real time moves the
+    # members' end toward it; 150 engine seconds were 0.15 s of real time at SPEED (failed 6 of 8 fresh runs on a
+    # loaded machine, a helper's hunt), 200 are 0.8 s here.
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED / 4, cancel_s=EMU_CANCEL_S, validating_s=1.0,
                   finalizing_s=400.0) as slow_end:
         jobs = jobs_of("openai")
 
         async def go():
-            rig = Rig(slow_end, "openai")
+            rig = Rig(slow_end, "openai", speed=SPEED / 4)
             try:
                 # Members end at about 1 + T; the batch completes 400 later; the hedge falls between.
-                await rig.run("batch_api", jobs, hedge_at=rig.clock.now() + 1.0 + T + 150.0)
+                await rig.run("batch_api", jobs, hedge_at=rig.clock.now() + 1.0 + T + 200.0)
                 await rig.resolved(jobs)
                 assert all(rig.results[j.req.id].status == "ok" for j in jobs)  # waited for, never cancelled
                 assert slow_end.count("batches.cancel") == 0

@@ -231,6 +231,7 @@ def test_anthropic_a_marked_block_is_one_entry_at_its_end(emu: Emulator, sdk: Sd
     assert_bill_consistent(emu)
 
 
+@real_time  # (at 1e4x the entry outlived no SDK call: it failed whenever a worker met it first)
 def test_anthropic_looks_back_20_blocks_before_a_breakpoint(emu: Emulator, sdk: Sdk) -> None:
     """Anthropic checks for a hit at the block ends up to about 20 blocks before each breakpoint: a call that
     marks only the end of its longer prompt reads an entry a shorter prompt wrote, and writes the rest. An entry
