@@ -195,8 +195,8 @@ class Engine(AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervised):
         still open resolves as failed, so none hangs. A driver of a shared engine leaves it running: its
         open requests still run, and ``submit`` of the same (tenant, id) from any driver gets their results.
         ``drain_s``: first, if this driver started the engine and work is under way, cancel it and wait up to that
-        long for what its provider batches finished (billed) to be answered (``wind_down``; Ctrl-C leaves
-        now). Leaving a ``with`` block on an error or Ctrl-C drains for ``settings.stop_drain_s``."""
+        long for what its provider batches finished (billed) to be answered (``cancel``, ``wait_cancelled``;
+        Ctrl-C leaves now). Leaving a ``with`` block on an error or Ctrl-C drains for ``settings.stop_drain_s``."""
         try:
             self._drain_before_stop(drain_s)
         except KeyboardInterrupt:  # (one that lands between its own guards): the stop below must still run
