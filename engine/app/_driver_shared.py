@@ -182,7 +182,7 @@ class SharedEngine:
         every driver attached to it (``cancel``), and wait up to ``timeout_s`` for those batches to end and what
         they finished to reach the drivers (``wait_cancelled``, which returns what was left)."""
         self._owner = True  # as for shutdown(): the engine's work stops for every driver
-        self.cancel()
+        self.cancel(max(1.0, min(60.0, timeout_s)))  # (its own waits, up to 60 s twice, within a shorter limit)
         return self.wait_cancelled(timeout_s, interrupted)
 
     def _drain_on_exit(self, exc_type: type | None) -> float:
@@ -213,8 +213,7 @@ class SharedEngine:
                         "s for its provider batches to take the cancel, so what they finished (billed) is answered "
                         "(a cancel takes up to 10 minutes at OpenAI and Anthropic; Ctrl-C leaves now, what they "
                         "finished then billed and not read)", self.name, limit_s)
-            self.cancel(min(60.0, limit_s))
-            left = self.wait_cancelled(limit_s)
+            left = self.wind_down(limit_s)
             if left:
                 log.warning("engine %r stops before its provider batches and calls under way have ended: what they "
                             "finished is billed and not read", self.name)
