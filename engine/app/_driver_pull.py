@@ -79,7 +79,9 @@ class Pulling:
         members are all withdrawn is cancelled, and what it finished (billed) is answered. A request already in
         a call, or in a provider batch that carries other work, runs on and is billed. Every future resolves
         either way: wait for them as usual. Any driver may withdraw its own requests (one that another driver of
-        a shared engine submitted too runs on); the engine goes on. Returns how many it withdrew."""
+        a shared engine submitted too runs on); the engine goes on. Returns how many it asked the engine to
+        withdraw (open, and this driver's alone): which of them ended withdrawn, and which ran on in a call or a
+        batch and are billed, their results say (a count of 4 once read as 4 withdrawn, all 6 answered and billed)."""
         if not self._running:
             raise EngineStopped(f"engine {self.name!r} was stopped: there is nothing left to cancel")
         try:

@@ -10,7 +10,6 @@ once for urgent requests) because one actor call per request caps an engine near
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import logging
 import secrets
 import threading
@@ -21,6 +20,7 @@ from typing import Any, ClassVar
 
 from pydantic import ValidationError
 
+from engine.app._driver_admit import Admitting
 from engine.app._driver_async import AsyncSubmit
 from engine.app._driver_lanes import IngestLanes
 from engine.app._driver_pull import Pulling
@@ -31,9 +31,8 @@ from engine.app._supervise import Supervised, port_of
 from engine.app.provider_setup import http_setup
 from engine.core.catalog import Catalog, load_catalog
 from engine.core.draws import engine_day_origin
-from engine.core.errors import ConfigError, EngineStopped, Overloaded, RequestError
+from engine.core.errors import ConfigError, RequestError
 from engine.core.request import Request, in_catalog, validation_context
-from engine.core.result import ID_TAKEN, Result
 from engine.core.settings import Settings, with_budget
 from engine.runtime.collector import driver_gc
 
@@ -42,7 +41,7 @@ __all__ = ["Engine", "ResultFuture"]
 log = logging.getLogger("smartbatch")
 
 
-class Engine(AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervised):
+class Engine(Admitting, AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervised):
     """A running smartbatch engine. Use ``Engine.start(...)``, or ``with Engine.start(...) as eng:``."""
 
     # Engines running in this process: Ray is process-wide, so the last one to stop shuts down the Ray that
@@ -270,62 +269,6 @@ class Engine(AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervised):
             rid = d.get("id") if isinstance(d.get("id"), str) else None
             field, msg = next(iter(_problems_of(exc, "the request")), ("request", str(exc)))
             raise RequestError(rid, field, msg, at) from None
-
-    def _admit(self, reqs: list[Request]) -> tuple[list[ResultFuture], bool]:
-        """Futures for ``reqs`` (existing ones for a repeated (tenant, id)), queuing the new ones; waits for
-        room as ``overload`` says. Holds the lock."""
-        if not self._running:
-            raise EngineStopped("this engine was stopped; start a new one with Engine.start()" if self._owner else
-                                f"this driver left engine {self.name!r}; attach again with Engine.connect()")
-        if self._gone is not None:
-            raise EngineStopped(f"{self._gone}; start a new one with Engine.start(), or connect to another")
-        if self._h.get("cancelled"):  # accepted, it only ended failed "cancelled" (a helper's tour)
-            raise EngineStopped("this engine was cancelled (Engine.cancel) and takes no more work; start a new one")
-        futs: list[ResultFuture] = []
-        new: list[Request] = []
-        seen: dict[str, ResultFuture] = {}
-        for r in reqs:
-            fut = self._futs.get(r.uid) or seen.get(r.uid)
-            if fut is not None:
-                if r.model_copy(update={"arrival_s": fut._req.arrival_s}) != fut._req:
-                    raise RequestError(r.id, "id", f"tenant {r.tenant!r} already submitted id {r.id!r} with other "
-                                       "content; an id names one request: use a new id for a new request")
-            else:
-                fut = seen[r.uid] = ResultFuture(r, self)
-                new.append(r)
-            futs.append(fut)
-        if new:
-            deadline = time.monotonic() + self._submit_timeout_s
-            while self._pending + len(new) > self._max_pending and self._pending > 0:
-                left = deadline - time.monotonic()
-                if self._overload == "raise" or left <= 0:
-                    raise Overloaded(f"{self._pending:,} requests are unfinished (max_pending={self._max_pending:,}); "
-                                     "retry later, or start the engine with a larger max_pending")
-                self._room.wait(left)
-                if not self._running or self._gone is not None:
-                    raise EngineStopped(self._gone or "the engine was stopped while this submit waited for room")
-            for r in new:
-                self._futs[r.uid] = seen[r.uid]
-            self._pending += len(new)
-            self._buffer.extend(new)
-            if self._idle:
-                self._wake.set()
-        return futs, bool(new)
-
-    def _resolve(self, fut: ResultFuture, res: Result) -> None:
-        if fut.done():
-            return
-        try:
-            fut.set_result(res)
-        except concurrent.futures.InvalidStateError:  # another thread resolved it meanwhile, and counted it
-            return
-        with self._room:
-            self._pending -= 1
-            if res.reason == ID_TAKEN and self._futs.get(fut._req.uid) is fut:
-                del self._futs[fut._req.uid]  # refused for its id, taken elsewhere: free for the right content
-            else:
-                self._finished.append((time.monotonic(), fut._req.uid))
-            self._room.notify_all()
 
     def _forget_finished(self) -> None:
         """Drop futures (and so requests and results) finished more than ``retention_s`` ago."""

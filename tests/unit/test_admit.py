@@ -1,0 +1,104 @@
+"""A driver's admission (``engine.app._driver_admit``) when two submits of one (tenant, id) wait for room at once:
+the wait lets the lock go, and a fault hunt found the second one queued again under a second future, sent twice,
+never resolved and holding its room for good (with other content: billed once, answered to nobody). A stand-in
+engine with the driver's admission state; no Ray."""
+
+from __future__ import annotations
+
+import collections
+import threading
+
+import pytest
+
+from engine.app._driver_admit import Admitting
+from engine.core.errors import RequestError
+from engine.core.request import Request
+from engine.core.result import Result
+
+
+class _Room(threading.Condition):
+    """The driver's condition, telling the test how many submits wait on it (an event, not a sleep)."""
+
+    def __init__(self, lock):
+        super().__init__(lock)
+        self.waiting = 0
+        self.changed = threading.Condition()
+
+    def wait(self, timeout=None):
+        with self.changed:
+            self.waiting += 1
+            self.changed.notify_all()
+        try:
+            return super().wait(timeout)
+        finally:
+            with self.changed:
+                self.waiting -= 1
+
+
+class Admit(Admitting):
+    def __init__(self, max_pending: int):
+        self.name, self._owner, self._running, self._gone, self._h = "t", True, True, None, {}
+        self._futs, self._pending, self._max_pending = {}, 0, max_pending
+        self._overload, self._submit_timeout_s = "block", 30.0
+        self._lock = threading.Lock()
+        self._room = _Room(self._lock)
+        self._buffer, self._finished, self._idle, self._wake = [], collections.deque(), False, threading.Event()
+
+    def submit(self, r: Request):
+        with self._lock:
+            return self._admit([r])[0][0]
+
+
+def req(rid: str, prompt: str = "Name three rivers.") -> Request:
+    return Request.model_validate({"id": rid, "arrival_s": 0.0, "model": "gpt-5-mini", "prompt": prompt})
+
+
+def two_submits_waiting_for_room(eng: Admit, first: Request, second: Request) -> list:
+    filler = eng.submit(req("filler"))
+    out: list = [None, None]
+
+    def submit(k, r):
+        try:
+            out[k] = eng.submit(r)
+        except RequestError as exc:
+            out[k] = exc
+
+    threads = [threading.Thread(target=submit, args=(k, r)) for k, r in enumerate((first, second))]
+    for t in threads:
+        t.start()
+    with eng._room.changed:  # both wait for room before any is let in
+        assert eng._room.changed.wait_for(lambda: eng._room.waiting == 2, timeout=10)
+    eng._resolve(filler, Result(id="filler", tenant="default", status="ok"))
+    for t in threads:
+        t.join(10)
+        assert not t.is_alive()
+    return out
+
+
+def test_two_submits_of_one_id_that_waited_for_room_get_one_future_and_queue_it_once():
+    eng = Admit(max_pending=1)
+    a, b = two_submits_waiting_for_room(eng, req("x"), req("x"))
+    assert a is b  # the same future, as a repeated id always gets
+    assert [r.id for r in eng._buffer] == ["filler", "x"] and eng._pending == 1
+    eng._resolve(a, Result(id="x", tenant="default", status="ok"))
+    assert a.result(timeout=0).status == "ok" and eng._pending == 0  # its room is free again
+
+
+def test_a_second_submit_of_one_id_with_other_content_that_waited_for_room_is_refused_naming_the_id():
+    eng = Admit(max_pending=1)
+    out = two_submits_waiting_for_room(eng, req("x"), req("x", "Name three lakes."))
+    (fut,) = [o for o in out if not isinstance(o, RequestError)]
+    (err,) = [o for o in out if isinstance(o, RequestError)]
+    assert err.field == "id" and "other content" in str(err)
+    assert [r.id for r in eng._buffer] == ["filler", "x"] and eng._pending == 1
+    assert eng._futs[fut._req.uid] is fut
+
+
+@pytest.mark.parametrize("overload", ["block", "raise"])
+def test_one_call_repeating_an_id_queues_it_once(overload):
+    eng = Admit(max_pending=10)
+    eng._overload = overload
+    with eng._lock:
+        futs, queued = eng._admit([req("x"), req("y"), req("x")])
+    assert queued and futs[0] is futs[2] and futs[0] is not futs[1]
+    assert [r.id for r in eng._buffer] == ["x", "y"] and eng._pending == 2
