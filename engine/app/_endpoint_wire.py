@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from engine.core.batchfile import parse_window
 from engine.core.catalog import Catalog
 from engine.core.errors import ConfigError, EngineStopped, Overloaded, RequestError
-from engine.core.request import PRIORITIES, Request, validation_context
+from engine.core.request import PRIORITIES, Request, tenant_problem, validation_context
 from engine.core.result import Result
 from engine.core.settings import Settings
 from engine.core.trace import _problems_of
@@ -76,6 +76,9 @@ async def json_body(http: HttpRequest) -> dict[str, Any]:
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the body is not valid JSON ({exc}); send a JSON object with Content-Type: "
                             "application/json") from None
+    except RecursionError:  # a plain-text 500 before, which the SDKs retried
+        raise ApiError(400, "the body is nested too deeply to read; send a JSON object nested less than a few "
+                            "hundred levels") from None
     if not isinstance(body, dict):
         raise ApiError(400, f"the body must be a JSON object, got {type(body).__name__}")
     return body
@@ -90,6 +93,10 @@ def smartbatch_fields(headers: Mapping[str, str], *, deadline: bool = True) -> d
         if not tenant.strip():
             raise ApiError(400, f"{HEADER_TENANT} is empty; give the tenant's name, or leave the header out "
                                 "for tenant 'default'", param=HEADER_TENANT)
+        why = tenant_problem(tenant)
+        if why is not None:  # checked here, it named a field of the request for every line of a batch
+            raise ApiError(400, f"{HEADER_TENANT}: {why}; give a name of 1 to 256 characters, none of them a "
+                                "control character", param=HEADER_TENANT)
         out["tenant"] = tenant
     if not deadline:
         return out

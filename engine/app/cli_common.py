@@ -199,17 +199,11 @@ def _warn_skipped(count: int, what: str, problems: list[tuple]) -> None:
 
 
 def _check_tenant(tenant: str) -> None:
-    """``--tenant`` (of every line of a batch file) against the rule of a request's tenant, once, naming the flag:
-    checked in each line, it was reported against every line of the file, as a field the lines do not have."""
-    from typing import Annotated
-
-    from pydantic import TypeAdapter, ValidationError
-
+    """``--tenant`` (of every line of a batch file) against the rule of a request's tenant, once, naming the flag."""
     from engine.core.errors import ConfigError
-    from engine.core.request import Request
+    from engine.core.request import tenant_problem
 
-    try:
-        TypeAdapter(Annotated[(str, *Request.model_fields["tenant"].metadata)]).validate_python(tenant)
-    except ValidationError as exc:
-        raise ConfigError(f"--tenant {tenant!r}: {exc.errors()[0]['msg']}; give a name of 1 to 256 characters, "
-                          "none of them a control character") from None
+    why = tenant_problem(tenant)
+    if why is not None:
+        raise ConfigError(f"--tenant {tenant!r}: {why}; give a name of 1 to 256 characters, "
+                          "none of them a control character")

@@ -199,7 +199,16 @@ def check_tools(body: dict, where: str, api: str) -> None:
                                "catalog does not price: leave it out, or send this request to the provider "
                                "directly")
     tools = body.get("tools")
-    if api not in _CLIENT_TOOLS or not isinstance(tools, list):
+    if tools is None:
+        return
+    # Every API takes a list of objects: anything else was accepted here and refused by the provider after, with
+    # the provider's words and no field named (a helper's hunt of the endpoint).
+    bad = next((i for i, t in enumerate(tools) if not isinstance(t, dict)), None) if isinstance(tools, list) else -1
+    if bad is not None:
+        at = f"{where}.tools" if bad < 0 else f"{where}.tools.{bad}"
+        raise FieldProblem(at, f"{at} must be {'a list of tool objects' if bad < 0 else 'a tool object'}, got "
+                           f"{type(tools if bad < 0 else tools[bad]).__name__}; give each tool as a JSON object")
+    if api not in _CLIENT_TOOLS:
         return
     allowed, hint = _CLIENT_TOOLS[api]
     for i, tool in enumerate(tools):

@@ -11,6 +11,8 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    TypeAdapter,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -28,6 +30,7 @@ from engine.core._checks import (
     check_text,
     check_tools,
 )
+from engine.core._responses_input import as_messages
 from engine.core.body_tokens import (
     body_image_tokens,
     call_chars,
@@ -41,7 +44,7 @@ from engine.core.errors import CatalogError, RequestError
 from engine.core.settings import MAX_DEADLINE_S, Settings, default_settings
 
 __all__ = ["BODY_KEYS", "DEADLINE_SLACK_S", "MAX_DEADLINE_S", "MEDIA_PARAMS", "PRIORITIES", "PRIORITY_RANK", "FieldProblem", "Priority",
-           "Request", "Reuse", "in_catalog", "split_body", "validation_context"]
+           "Request", "Reuse", "in_catalog", "split_body", "tenant_problem", "validation_context"]
 
 Priority = Literal["urgent", "normal", "background"]
 Reuse = Literal["none", "exact", "near"]
@@ -279,6 +282,8 @@ class Request(BaseModel):
         except CatalogError as exc:
             raise FieldProblem("provider" if "has no model" not in str(exc) and provider is not None else "model", str(exc)) from None
         endpoint = settings.providers.endpoints.get(d["provider"])
+        if body is not None and spec.kind == "text" and endpoint is not None and settings.providers.mode == "http":
+            body = d["body"] = as_messages(body, "body", endpoint.api, spec.api)  # a Responses body, another API
         if body is not None and spec.kind == "text":
             check_messages(body, "body")
         if body is not None and endpoint is not None:
@@ -383,3 +388,13 @@ def in_catalog(req: Request, catalog: Catalog, position: int | None = None) -> R
         raise RequestError(req.id, "model", f"{req.provider}/{req.model} is not in this engine's catalog ({exc}); "
                            "give a model of it, or start the engine with a catalog that has it", position) from None
     return req
+
+
+def tenant_problem(tenant: str) -> str | None:
+    """What is wrong with ``tenant`` as a request's tenant (pydantic's words), or None. For one tenant that sets
+    many requests (a CLI flag, a header): checked in each, it was reported against each, as a field of theirs."""
+    try:
+        TypeAdapter(Annotated[(str, *Request.model_fields["tenant"].metadata)]).validate_python(tenant)
+    except ValidationError as exc:
+        return exc.errors()[0]["msg"]
+    return None

@@ -288,6 +288,34 @@ def test_a_bad_header_is_a_400_naming_it(served, header, value):
     assert exc.value.type == "invalid_request_error"
 
 
+@pytest.mark.parametrize("tenant", ["t" * 300, "a\tb"])
+def test_a_bad_tenant_header_of_a_batch_is_one_400_naming_it_not_an_error_on_every_line(served, tenant):
+    """The batch was created and every line failed with "field 'tenant': ...", a field the lines do not have (a
+    helper's hunt); a chat completion already answered 400 naming the header."""
+    eng, client = served
+    f = upload(client, [batch_line("a", "one"), batch_line("b", "two")])
+    before = len(eng.seen)
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h",
+                              extra_headers={endpoint.HEADER_TENANT: tenant})
+    assert exc.value.param == endpoint.HEADER_TENANT and endpoint.HEADER_TENANT in exc.value.message
+    assert len(eng.seen) == before  # no line reached the engine
+
+
+def test_a_body_nested_too_deeply_is_a_400_in_openais_shape(served):
+    """It was a plain-text 500, which the SDKs retry (a helper's hunt)."""
+    _, client = served
+    body = ('{"model": "gpt-5-mini", "x": ' + "[" * 5000 + "]" * 5000 + "}").encode()
+    for url in ("chat/completions", "batches"):
+        http = urllib.request.Request(f"{client.base_url}{url}", data=body, method="POST",
+                                      headers={"Content-Type": "application/json", "Authorization": "Bearer x"})
+        with pytest.raises(urllib.error.HTTPError) as exc:
+            urllib.request.urlopen(http, timeout=10)
+        assert exc.value.code == 400
+        error = json.loads(exc.value.read())["error"]
+        assert error["type"] == "invalid_request_error" and "nested too deeply" in error["message"]
+
+
 def test_a_bad_body_is_a_400_naming_the_field(served):
     _, client = served
     with pytest.raises(openai.BadRequestError) as exc:

@@ -49,28 +49,99 @@ def test_a_sync_call_sends_body_fields_the_sdk_does_not_name(emu, provider):  # 
     assert wire["model"] == MODEL[provider] and wire["messages"] == body["messages"]
 
 
-def test_a_body_in_the_shape_of_another_openai_endpoint_is_refused_naming_the_field():
-    """A Responses body (``input``) for a model called through chat completions was reserved for, dispatched, and
-    failed by the SDK ("Missing required arguments ... 'messages'"); it is refused per request instead."""
+def _http_context(provider: str, catalog=None):
     from engine.core.catalog import default_catalog
-    from engine.core.request import Request, validation_context
+    from engine.core.request import validation_context
     from engine.core.settings import ProviderEndpoint, ProvidersSettings, Settings
 
     s = Settings(providers=ProvidersSettings(mode="http", endpoints={
-        "openai": ProviderEndpoint(api="openai", api_key_env="OPENAI_API_KEY")}))
-    ctx = validation_context(default_catalog(), s)
-    bad = {"id": "r", "arrival_s": 0.0, "model": "gpt-5-mini", "body": {"input": "Name three rivers."}}
-    with pytest.raises(ValueError, match="body.input is a /v1/responses field"):
-        Request.model_validate(bad, context=ctx)
-    ok = {**bad, "body": {"messages": [{"role": "user", "content": "Name three rivers."}]}}
-    assert Request.model_validate(ok, context=ctx).input_tokens > 0
-    # Simulated providers (the default mode) send nothing anywhere: accepted.
-    assert Request.model_validate(bad).input_tokens > 0
-    # At Anthropic, whose Messages API has no input: it went beside made-up messages, for a 400 (a review).
-    s = Settings(providers=ProvidersSettings(mode="http", endpoints={
-        "anthropic": ProviderEndpoint(api="anthropic", api_key_env="ANTHROPIC_API_KEY")}))
-    with pytest.raises(ValueError, match="body.input is an OpenAI Responses field"):
-        Request.model_validate({**bad, "model": "claude-haiku-4-5"}, context=validation_context(default_catalog(), s))
+        provider: ProviderEndpoint(api=provider, api_key_env=f"{provider.upper()}_API_KEY")}))
+    return validation_context(catalog or default_catalog(), s)
+
+
+RESPONSES_BODY = {"input": [{"role": "user", "content": [{"type": "input_text", "text": "Name three "},
+                                                         {"type": "input_text", "text": "rivers."}]}],
+                  "instructions": "Be brief.", "max_output_tokens": 64}
+
+
+@PROVIDERS
+def test_a_responses_body_goes_as_messages_to_a_model_called_through_chat_or_messages(emu, provider):  # noqa: F811
+    """An unchanged Responses client of the endpoint (``input``, ``instructions``, ``max_output_tokens``), or a
+    batch file's /v1/responses line, was refused for every model the default catalog calls through chat
+    completions or Anthropic's Messages, where docs/service.md lists the route (a helper's hunt). It goes as
+    messages now: the same text, the same cap, answered and billed once."""
+    from actors._types import Job
+    from engine.core.request import Request
+
+    r = Request.model_validate({"id": "r", "arrival_s": 0.0, "model": MODEL[provider], "body": RESPONSES_BODY},
+                               context=_http_context(provider))
+    assert r.max_output_tokens == 64 and r.input_tokens > 0
+    sent: list[dict] = []
+
+    async def go():
+        rig = Rig(emu, provider)
+        http = rig.d.provider.client._client
+        send = http.send
+
+        async def spy(request, *a, **kw):
+            sent.append(json.loads(request.content))
+            return await send(request, *a, **kw)
+
+        http.send = spy
+        try:
+            await rig.run("sync", [Job(0, r, "fp-r")])
+            res = await rig.until(lambda: rig.results.get("r"), "the result")
+            assert res.status == "ok" and res.real, res.error
+            assert len(emu.bill().items) == 1 and res.cost_usd == pytest.approx(emu.bill().total_usd, abs=1e-12)
+        finally:
+            await rig.close()
+    asyncio.run(go())
+    (wire,) = sent
+    assert not {"input", "instructions", "max_output_tokens"} & wire.keys()
+    user = {"role": "user", "content": "Name three rivers."}
+    if provider == "openai":
+        assert wire["messages"] == [{"role": "system", "content": "Be brief."}, user]
+        assert wire["max_completion_tokens"] == 64
+    else:
+        assert wire["messages"] == [user] and wire["system"] == "Be brief." and wire["max_tokens"] == 64
+    assert RESPONSES_BODY["input"][0]["content"][0]["text"] == "Name three "  # the caller's body is left as it was
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"reasoning": {"effort": "low"}}, "body.reasoning"),
+    ({"previous_response_id": "resp_1"}, "body.previous_response_id"),
+    ({"input": [{"role": "user", "content": "x"}, {"type": "function_call_output", "call_id": "c", "output": "1"}]},
+     "body.input[1]"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}]},
+     "body.input[0].content[0]"),
+    ({"input": []}, "body.input"),
+])
+def test_a_responses_field_with_no_counterpart_is_refused_naming_it(change, field):
+    """Dropped, it would change the answer the caller pays for; refused per request with the overlay as the fix."""
+    from engine.core.request import Request
+
+    d = {"id": "r", "arrival_s": 0.0, "model": "gpt-5-mini", "body": {**RESPONSES_BODY, **change}}
+    with pytest.raises(ValueError, match="api: responses|non-empty list") as exc:
+        Request.model_validate(d, context=_http_context("openai"))
+    assert field in str(exc.value)
+
+
+def test_a_responses_body_stays_one_for_a_model_called_through_responses_or_simulated():
+    from engine.core.catalog import default_catalog
+    from engine.core.request import Request
+
+    cat = default_catalog()
+    spec = cat.providers["openai"].models["gpt-5-mini"]
+    models = {**cat.providers["openai"].models, "gpt-5-mini": spec.model_copy(update={"api": "responses"})}
+    overlay = cat.model_copy(update={"providers": {**cat.providers, "openai": cat.providers["openai"].model_copy(
+        update={"models": models})}})
+    d = {"id": "r", "arrival_s": 0.0, "model": "gpt-5-mini", "body": {"input": "Name three rivers."}}
+    assert Request.model_validate(d, context=_http_context("openai", overlay)).body == d["body"]
+    assert Request.model_validate(d).body == d["body"]  # simulated providers send nothing anywhere
+    # A chat body for a model called through /v1/responses is still refused, naming messages.
+    chat = {**d, "body": {"messages": [{"role": "user", "content": "x"}]}}
+    with pytest.raises(ValueError, match="body.messages is a /v1/chat/completions field"):
+        Request.model_validate(chat, context=_http_context("openai", overlay))
 
 
 def test_a_body_field_named_like_an_sdk_option_is_a_field_not_the_option():
@@ -109,3 +180,17 @@ def test_a_field_given_beside_the_body_and_in_it_with_other_values_is_refused():
                                 "messages": [{"role": "user", "content": "BBB"}]})
     same = [{"role": "user", "content": "AAA"}]
     assert Request.model_validate({**base, "body": {"messages": same}, "messages": same}).body == {"messages": same}
+
+
+@pytest.mark.parametrize(("tools", "field"), [("x", "body.tools"), ([{"type": "function"}, 3], "body.tools.1")])
+@PROVIDERS
+def test_tools_that_are_not_a_list_of_objects_are_refused_naming_them(provider, tools, field):
+    """Accepted here and refused by the provider after, with the provider's words and no field named (a helper's
+    hunt of the endpoint)."""
+    from engine.core.request import Request
+
+    d = {"id": "r", "arrival_s": 0.0, "model": MODEL[provider],
+         "body": {"messages": [{"role": "user", "content": "x"}], "tools": tools}}
+    with pytest.raises(ValueError, match="tool") as exc:
+        Request.model_validate(d, context=_http_context(provider))
+    assert field in str(exc.value)
