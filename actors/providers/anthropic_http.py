@@ -19,6 +19,7 @@ from actors.providers._wire import message_parts
 from engine.core.cost import shared_prefix_marks
 from engine.core.grouping import PrefixWarmth, WarmNote
 from engine.core.provider_api import BatchState, CallJob, CallOutcome, Usage, idempotency_key
+from engine.core.responses_input import as_messages
 
 __all__ = ["AnthropicProvider"]
 
@@ -81,7 +82,7 @@ class AnthropicProvider(HttpBase):
         (``mark_blocks``: written once, read by the others) and, when the policy asks for a write, at the end of
         its whole shared prefix."""
         r = job.req
-        body: dict[str, Any] = dict(r.body or {})
+        body: dict[str, Any] = as_messages(dict(r.body or {}), "anthropic", "chat")  # a Responses body, checked
         body["model"] = r.model
         if "max_tokens" not in body:
             # Required by the Messages API: the request's cap, else the model's maximum (never a hidden cut).

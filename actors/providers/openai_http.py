@@ -12,6 +12,7 @@ from typing import Any
 from actors.providers._http import BatchHandle, HttpBase, PollBackoff, create_call
 from actors.providers._wire import message_parts
 from engine.core.provider_api import BatchState, CallJob, CallOutcome, Usage, idempotency_key
+from engine.core.responses_input import as_messages
 
 __all__ = ["OpenAIProvider"]
 
@@ -86,6 +87,8 @@ class OpenAIProvider(HttpBase):
         r = job.req
         route = self.route(job)
         body: dict[str, Any] = dict(r.body or {})
+        if route == "/v1/chat/completions":
+            body = as_messages(body, "openai", "chat")  # a Responses body, checked when the request was made
         body["model"] = r.model
         if route == "/v1/images/generations":
             body.setdefault("prompt", r.prompt)

@@ -45,21 +45,28 @@ def check_text(value: Any, where: str) -> None:
             stack.extend(v)
 
 
+MAX_DEPTH = 100  # levels of a request's body: a JSON schema in response_format nests a few dozen at most
+
+
 def check_json(body: dict, where: str) -> None:
     """The body is sent as JSON, fingerprinted as JSON and carried between processes: anything else (a
     number as an object key, a set, a generator, NaN) is refused here, per request, rather than failing the
-    call that carries its neighbours. Walked with a stack, as ``check_text``."""
-    stack: list[tuple[str, Any]] = [(where, body)]
+    call that carries its neighbours. Walked with a stack, as ``check_text``; nested at most ``MAX_DEPTH``: the
+    fingerprint's ``json.dumps`` and Ray's pickling recurse, and a body the reader took at depth 950 failed there,
+    in the actor that carried its neighbours (a review)."""
+    stack: list[tuple[str, Any, int]] = [(where, body, 0)]
     while stack:
-        path, v = stack.pop()
+        path, v, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise FieldProblem(path, f"{path} is nested more than {MAX_DEPTH} levels deep; send a flatter body")
         if isinstance(v, dict):
             for k, item in v.items():
                 if not isinstance(k, str):
                     raise FieldProblem(path, f"{path} has the key {k!r} ({type(k).__name__}); JSON object keys "
                                        f"are strings: write it as {str(k)!r}")
-                stack.append((f"{path}.{k}", item))
+                stack.append((f"{path}.{k}", item, depth + 1))
         elif isinstance(v, (list, tuple)):
-            stack.extend((f"{path}[{n}]", item) for n, item in enumerate(v))
+            stack.extend((f"{path}[{n}]", item, depth + 1) for n, item in enumerate(v))
         elif isinstance(v, float) and not math.isfinite(v):
             raise FieldProblem(path, f"{path} is {v!r}, which JSON cannot carry; send a finite number")
         elif v is not None and not isinstance(v, (str, int, float, bool)):
@@ -123,16 +130,10 @@ _API_RULES: dict[str, dict[str, tuple[Callable[[Any], bool], str, str]]] = {
 def check_route(body: dict, where: str, api: str, route: str) -> None:
     """A body in the shape of another OpenAI endpoint than the model is called through (``route``: the catalog's
     ``api`` of the model, "chat" or "responses"): refused here, per request, rather than dispatched, reserved for
-    and failed by the SDK ("Missing required arguments ... 'messages'")."""
-    if api == "anthropic" and "input" in body and "messages" not in body:  # sent beside made-up messages: a 400
-        raise FieldProblem(f"{where}.input", f"{where}.input is an OpenAI Responses field, and Anthropic's Messages "
-                           "API takes messages: give messages")
+    and failed by the SDK ("Missing required arguments ... 'messages'"). A Responses body for chat completions or
+    Messages goes as messages (``engine.core.responses_input``)."""
     if api != "openai":
         return
-    if route == "chat" and "input" in body and "messages" not in body:
-        raise FieldProblem(f"{where}.input", f"{where}.input is a /v1/responses field, and this model is called "
-                           "through /v1/chat/completions: give messages (or set the model's api: responses in a "
-                           "catalog overlay)")
     if route == "responses" and "messages" in body and "input" not in body:
         raise FieldProblem(f"{where}.messages", f"{where}.messages is a /v1/chat/completions field, and this model "
                            "is called through /v1/responses: give input")

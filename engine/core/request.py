@@ -30,7 +30,6 @@ from engine.core._checks import (
     check_text,
     check_tools,
 )
-from engine.core._responses_input import as_messages
 from engine.core.body_tokens import (
     body_image_tokens,
     call_chars,
@@ -41,6 +40,7 @@ from engine.core.body_tokens import (
 )
 from engine.core.catalog import Catalog, Kind, default_catalog
 from engine.core.errors import CatalogError, RequestError
+from engine.core.responses_input import check_responses_body
 from engine.core.settings import MAX_DEADLINE_S, Settings, default_settings
 
 __all__ = ["BODY_KEYS", "DEADLINE_SLACK_S", "MAX_DEADLINE_S", "MEDIA_PARAMS", "PRIORITIES", "PRIORITY_RANK", "FieldProblem", "Priority",
@@ -282,8 +282,6 @@ class Request(BaseModel):
         except CatalogError as exc:
             raise FieldProblem("provider" if "has no model" not in str(exc) and provider is not None else "model", str(exc)) from None
         endpoint = settings.providers.endpoints.get(d["provider"])
-        if body is not None and spec.kind == "text" and endpoint is not None and settings.providers.mode == "http":
-            body = d["body"] = as_messages(body, "body", endpoint.api, spec.api)  # a Responses body, another API
         if body is not None and spec.kind == "text":
             check_messages(body, "body")
         if body is not None and endpoint is not None:
@@ -292,6 +290,7 @@ class Request(BaseModel):
             if endpoint.api == "anthropic":
                 check_cache_ttl(body, "body")
             if spec.kind == "text" and settings.providers.mode == "http":  # only a real call has a route
+                check_responses_body(body, "body", endpoint.api, spec.api)
                 check_route(body, "body", endpoint.api, spec.api)
         if line_url is not None and _URL_KIND[line_url] != spec.kind:
             # Sent as the model's kind and answered in the url's shape: paid for, and read as the wrong thing.

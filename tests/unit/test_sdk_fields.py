@@ -61,21 +61,24 @@ def _http_context(provider: str, catalog=None):
 
 RESPONSES_BODY = {"input": [{"role": "user", "content": [{"type": "input_text", "text": "Name three "},
                                                          {"type": "input_text", "text": "rivers."}]}],
-                  "instructions": "Be brief.", "max_output_tokens": 64}
+                  "instructions": "Be brief.", "max_output_tokens": 64, "store": False, "truncation": "disabled",
+                  "tools": [], "text": {"format": {"type": "text"}}}
+PARTS = [{"type": "text", "text": "Name three "}, {"type": "text", "text": "rivers."}]
 
 
 @PROVIDERS
 def test_a_responses_body_goes_as_messages_to_a_model_called_through_chat_or_messages(emu, provider):  # noqa: F811
-    """An unchanged Responses client of the endpoint (``input``, ``instructions``, ``max_output_tokens``), or a
-    batch file's /v1/responses line, was refused for every model the default catalog calls through chat
-    completions or Anthropic's Messages, where docs/service.md lists the route (a helper's hunt). It goes as
-    messages now: the same text, the same cap, answered and billed once."""
+    """An unchanged Responses client of the endpoint (``input``, ``instructions``, ``max_output_tokens``, and
+    fields at their defaults), or a batch file's /v1/responses line, was refused for every model the default
+    catalog calls through chat completions or Anthropic's Messages, where docs/service.md lists the route (a
+    helper's hunt). It goes as messages now: the same text, the same cap, answered and billed once; the request
+    keeps the caller's body (its errors name the caller's fields)."""
     from actors._types import Job
     from engine.core.request import Request
 
     r = Request.model_validate({"id": "r", "arrival_s": 0.0, "model": MODEL[provider], "body": RESPONSES_BODY},
                                context=_http_context(provider))
-    assert r.max_output_tokens == 64 and r.input_tokens > 0
+    assert r.max_output_tokens == 64 and r.input_tokens > 0 and r.body == RESPONSES_BODY
     sent: list[dict] = []
 
     async def go():
@@ -97,33 +100,54 @@ def test_a_responses_body_goes_as_messages_to_a_model_called_through_chat_or_mes
             await rig.close()
     asyncio.run(go())
     (wire,) = sent
-    assert not {"input", "instructions", "max_output_tokens"} & wire.keys()
-    user = {"role": "user", "content": "Name three rivers."}
+    assert not {"input", "instructions", "max_output_tokens", "truncation", "tools", "text"} & wire.keys()
     if provider == "openai":
-        assert wire["messages"] == [{"role": "system", "content": "Be brief."}, user]
-        assert wire["max_completion_tokens"] == 64
+        assert wire["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PARTS}]
+        assert wire["max_completion_tokens"] == 64 and wire["store"] is False  # chat completions has store
     else:
-        assert wire["messages"] == [user] and wire["system"] == "Be brief." and wire["max_tokens"] == 64
-    assert RESPONSES_BODY["input"][0]["content"][0]["text"] == "Name three "  # the caller's body is left as it was
+        assert wire["messages"] == [{"role": "user", "content": PARTS}] and wire["max_tokens"] == 64
+        assert wire["system"] == [{"type": "text", "text": "Be brief."}] and "store" not in wire
+
+
+def test_the_system_prompts_of_a_responses_body_all_reach_the_model():
+    """A ``system`` beside ``instructions`` was overwritten by it, and a non-string ``instructions`` dropped, both
+    counted in the prompt's tokens (a review)."""
+    from engine.core.responses_input import as_messages
+
+    body = {"input": [{"role": "developer", "content": "D"}, {"role": "user", "content": "hi"}], "system": "S",
+            "instructions": [{"type": "input_text", "text": "I"}]}
+    out = as_messages(body, "anthropic", "chat")
+    assert out["system"] == [{"type": "text", "text": t} for t in "SID"]
+    assert out["messages"] == [{"role": "user", "content": "hi"}]
+    out = as_messages(body, "openai", "chat")
+    assert [m["role"] for m in out["messages"]] == ["system", "system", "developer", "user"]
+    assert as_messages(body, "openai", "responses") is body  # a model called through /v1/responses takes it as is
 
 
 @pytest.mark.parametrize(("change", "field"), [
     ({"reasoning": {"effort": "low"}}, "body.reasoning"),
     ({"previous_response_id": "resp_1"}, "body.previous_response_id"),
+    ({"tools": [{"type": "function", "name": "f"}]}, "body.tools"),
+    ({"instructions": 5}, "body.instructions"),
     ({"input": [{"role": "user", "content": "x"}, {"type": "function_call_output", "call_id": "c", "output": "1"}]},
      "body.input[1]"),
+    ({"input": [{"role": "tool", "content": "x"}]}, "body.input[0]"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}]},
      "body.input[0].content[0]"),
     ({"input": []}, "body.input"),
+    ({"input": [{"role": "system", "content": "only a system prompt"}]}, "body.input"),
 ])
-def test_a_responses_field_with_no_counterpart_is_refused_naming_it(change, field):
+@PROVIDERS
+def test_a_responses_field_with_no_counterpart_is_refused_naming_it(provider, change, field):
     """Dropped, it would change the answer the caller pays for; refused per request with the overlay as the fix."""
     from engine.core.request import Request
 
-    d = {"id": "r", "arrival_s": 0.0, "model": "gpt-5-mini", "body": {**RESPONSES_BODY, **change}}
-    with pytest.raises(ValueError, match="api: responses|non-empty list") as exc:
-        Request.model_validate(d, context=_http_context("openai"))
-    assert field in str(exc.value)
+    d = {"id": "r", "arrival_s": 0.0, "model": MODEL[provider], "body": {**RESPONSES_BODY, **change}}
+    if provider == "openai" and change == {"input": [{"role": "system", "content": "only a system prompt"}]}:
+        return  # chat completions takes a system message alone
+    with pytest.raises(ValueError) as exc:
+        Request.model_validate(d, context=_http_context(provider))
+    assert field in str(exc.value), str(exc.value)
 
 
 def test_a_responses_body_stays_one_for_a_model_called_through_responses_or_simulated():
@@ -135,13 +159,31 @@ def test_a_responses_body_stays_one_for_a_model_called_through_responses_or_simu
     models = {**cat.providers["openai"].models, "gpt-5-mini": spec.model_copy(update={"api": "responses"})}
     overlay = cat.model_copy(update={"providers": {**cat.providers, "openai": cat.providers["openai"].model_copy(
         update={"models": models})}})
-    d = {"id": "r", "arrival_s": 0.0, "model": "gpt-5-mini", "body": {"input": "Name three rivers."}}
+    d = {"id": "r", "arrival_s": 0.0, "model": "gpt-5-mini", "body": {"input": "Name three rivers.",
+                                                                       "reasoning": {"effort": "low"}}}
     assert Request.model_validate(d, context=_http_context("openai", overlay)).body == d["body"]
     assert Request.model_validate(d).body == d["body"]  # simulated providers send nothing anywhere
     # A chat body for a model called through /v1/responses is still refused, naming messages.
     chat = {**d, "body": {"messages": [{"role": "user", "content": "x"}]}}
     with pytest.raises(ValueError, match="body.messages is a /v1/chat/completions field"):
         Request.model_validate(chat, context=_http_context("openai", overlay))
+
+
+def test_a_body_nested_past_the_limit_is_refused_per_request_naming_where():
+    """The endpoint's reader takes a body nested 950 deep, and the fingerprint's json.dumps (or Ray's pickling)
+    then failed in the actor that carried its neighbours (a review)."""
+    from engine.core._checks import MAX_DEPTH
+    from engine.core.request import Request
+
+    deep: list = []
+    for _ in range(MAX_DEPTH + 5):
+        deep = [deep]
+    d = {"id": "r", "arrival_s": 0.0, "model": "gpt-5-mini",
+         "body": {"messages": [{"role": "user", "content": "x"}], "metadata": {"x": deep}}}
+    with pytest.raises(ValueError, match=f"nested more than {MAX_DEPTH} levels"):
+        Request.model_validate(d)
+    ok = [[[["a json schema nests a few levels"]]]]
+    assert Request.model_validate({**d, "body": {**d["body"], "metadata": {"x": ok}}}).body["metadata"]["x"] == ok
 
 
 def test_a_body_field_named_like_an_sdk_option_is_a_field_not_the_option():

@@ -1,0 +1,102 @@
+"""A Responses API body (OpenAI's ``/v1/responses``: ``input``, ``instructions``, ``max_output_tokens``) for a
+model the catalog calls through chat completions (the default catalog's OpenAI models) or Anthropic's Messages
+API. An unchanged Responses client of the endpoint (or a batch file's ``/v1/responses`` lines) was refused for
+every such model, where docs/service.md lists the route as working (a helper's hunt).
+
+The request keeps the caller's body (its errors name the caller's fields, its fingerprint is the caller's); the
+provider's body builder turns it into messages on the wire (``as_messages``), for a sync call and a batch line
+alike. What has no counterpart there is refused when the request is validated (``check_responses_body``),
+naming the field and the fix (the model's ``api: responses`` in a catalog overlay), never dropped: a dropped
+field changes the answer the caller paid for. A field at its default value changes nothing and is left out.
+The answer comes back in the Responses shape (``batchfile.response_body``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from engine.core._checks import FieldProblem
+
+__all__ = ["as_messages", "check_responses_body"]
+
+_ROLES = ("user", "assistant", "system", "developer")
+_TEXT_PARTS = ("input_text", "output_text", "text")
+_FIX = "leave it out, or set the model's api: responses in a catalog overlay"
+# Responses fields and the values at which they change nothing (left out on the wire); any other value is refused.
+_DEFAULTS = {"previous_response_id": (), "conversation": (), "prompt": (), "include": ([],),
+             "truncation": ("disabled",), "background": (False,), "reasoning": ({},), "tools": ([],),
+             "text": ({}, {"format": {"type": "text"}}), "tool_choice": ("none", "auto")}
+
+
+def _translates(body: Mapping, api: str, route: str) -> bool:
+    return "input" in body and "messages" not in body and (api == "anthropic" or api == "openai" and route == "chat")
+
+
+def check_responses_body(body: Mapping[str, Any], where: str, api: str, route: str) -> None:
+    """Raise ``FieldProblem`` for a Responses body that cannot go as messages to the model's API (``api``: the
+    provider's wire format, "openai" or "anthropic"; ``route``: the catalog's ``api`` of the model, "chat" or
+    "responses"); any other body passes."""
+    if _translates(body, api, route):
+        _translate(body, where, api)
+
+
+def as_messages(body: dict[str, Any], api: str, route: str) -> dict[str, Any]:
+    """``body`` as the model's API takes it: a Responses body (checked) for chat completions or Messages gets
+    ``input`` as ``messages``, ``instructions`` (and a ``system`` beside it) as the system prompt and
+    ``max_output_tokens`` as that API's cap, in a new dict; any other body is returned as it is."""
+    return _translate(body, "body", api) if _translates(body, api, route) else body
+
+
+def _text(value: Any, where: str, through: str) -> list[dict[str, str]] | str:
+    """A string as it is, or a list of text parts as text blocks (lossless for both APIs)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        for j, part in enumerate(value):
+            if not (isinstance(part, Mapping) and part.get("type") in _TEXT_PARTS and isinstance(part.get("text"), str)):
+                raise FieldProblem(f"{where}[{j}]", f"{where}[{j}] is not a text part ({', '.join(_TEXT_PARTS)}); "
+                                   f"only text passes to {through}: {_FIX}")
+        return [{"type": "text", "text": part["text"]} for part in value]
+    raise FieldProblem(where, f"{where} must be text or a list of text parts, got {type(value).__name__}")
+
+
+def _translate(body: Mapping[str, Any], where: str, api: str) -> dict[str, Any]:
+    through = "chat completions" if api == "openai" else "Anthropic's Messages API"
+    for key, defaults in _DEFAULTS.items():
+        if body.get(key) is not None and body[key] not in defaults:
+            raise FieldProblem(f"{where}.{key}", f"{where}.{key} is a Responses API field this model's API "
+                               f"({through}) cannot carry as given: {_FIX}")
+    if api == "anthropic" and body.get("store"):
+        raise FieldProblem(f"{where}.store", f"{where}.store asks the provider to keep the answer, which "
+                           f"{through} does not: {_FIX}")
+    items = body["input"]
+    if isinstance(items, str):
+        items = [{"role": "user", "content": items}]
+    if not isinstance(items, list) or not items:
+        raise FieldProblem(f"{where}.input", f"{where}.input must be a string or a non-empty list of messages")
+    system = [_text(body[k], f"{where}.{k}", through) for k in ("system", "instructions") if body.get(k) is not None]
+    messages = []
+    for k, item in enumerate(items):
+        kind = item.get("type", "message") if isinstance(item, Mapping) else type(item).__name__
+        if kind != "message" or item.get("role") not in _ROLES:
+            raise FieldProblem(f"{where}.input[{k}]", f"{where}.input[{k}] is not a message with a role of "
+                               f"{', '.join(_ROLES)} (a {kind!r} item); only messages pass to {through}: {_FIX}")
+        content = _text(item.get("content"), f"{where}.input[{k}].content", through)
+        if api == "anthropic" and item["role"] in ("system", "developer"):
+            system.append(content)  # Messages takes the system prompt beside the messages, not among them
+        else:
+            messages.append({"role": item["role"], "content": content})
+    if not messages:
+        raise FieldProblem(f"{where}.input", f"{where}.input has no user or assistant message; give one")
+    out = {k: v for k, v in body.items() if k not in ("input", "instructions", "max_output_tokens", "system",
+                                                        *_DEFAULTS) and not (k == "store" and api == "anthropic")}
+    if api == "anthropic":
+        if system:
+            out["system"] = [block for s in system for block in
+                             ([{"type": "text", "text": s}] if isinstance(s, str) else s)]
+    else:
+        messages[:0] = [{"role": "system", "content": s} for s in system]
+    out["messages"] = messages
+    if body.get("max_output_tokens") is not None:
+        out["max_tokens" if api == "anthropic" else "max_completion_tokens"] = body["max_output_tokens"]
+    return out
