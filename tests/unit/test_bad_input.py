@@ -613,13 +613,19 @@ def test_arbitrary_bytes_through_load_trace_give_a_trace_or_a_trace_error(tmp_pa
 def test_deep_nesting_and_huge_numbers_are_line_errors():
     deep = '{"id": "a", "arrival_s": 0, "model": "gpt-5", "body": ' + "[" * 100_000 + "]" * 100_000 + "}"
     digits = '{"id": "a", "arrival_s": 0, "model": "gpt-5", "input_tokens": ' + "9" * 5000 + "}"
-    nested = {"id": "b", "arrival_s": 0, "model": "gpt-5", "input_tokens": 5, "metadata": {}}
-    cur = nested["metadata"]
-    for _ in range(900):  # as deep as json.loads goes: the Unicode check must not recurse
-        cur["k"] = {}
-        cur = cur["k"]
-    tr = parse_trace_lines([deep, digits, json.dumps(nested)], skip_invalid=True)
-    assert [p[1] for p in tr.problems] == [1, 2] and [r.id for r in tr.requests] == ["b"]
+
+    def nested(rid: str, depth: int) -> str:
+        d = {"id": rid, "arrival_s": 0, "model": "gpt-5", "input_tokens": 5, "metadata": {}}
+        cur = d["metadata"]
+        for _ in range(depth):  # 900: as deep as json.loads goes; the Unicode check must not recurse
+            cur["k"] = {}
+            cur = cur["k"]
+        return json.dumps(d)
+
+    tr = parse_trace_lines([deep, digits, nested("b", 900), nested("c", 90)], skip_invalid=True)
+    # 900 levels are a line error too, naming the nesting: the fingerprint's json.dumps and Ray's pickling recurse
+    assert [p[1] for p in tr.problems] == [1, 2, 3] and [r.id for r in tr.requests] == ["c"]
+    assert "nested more than" in tr.problems[2][-1]
 
 
 def test_top_level_media_fields_are_the_requests_parameters():
