@@ -21,7 +21,9 @@ __all__ = ["CancelDispatches", "CancelGroups"]
 log = logging.getLogger("smartbatch.cancel")
 
 _WHY = ENGINE_CANCELLED
-_WITHDRAWN = (f"{CANCELLED}: withdrawn by its driver (Engine.cancel_requests) before it was sent; billed "
+# "Before it ran at the provider": a member of a provider batch cancelled for its withdrawal was sent, in the
+# batch, and never ran (a helper's hunt read "before it was sent" there).
+_WITHDRAWN = (f"{CANCELLED}: withdrawn by a driver (Engine.cancel_requests) before it ran at the provider; billed "
               "nothing, and not sent again")
 _WITHDRAWN_AFTER_TRY = (f"{CANCELLED}: withdrawn by its driver (Engine.cancel_requests) before it was sent again; "
                         "an earlier try got no answer and may have been billed (possibly_billed in the report)")
