@@ -257,12 +257,16 @@ def check_media(params: dict[str, Any], spec: ModelSpec, model: str) -> None:
 _ROLES = ("system", "developer", "user", "assistant", "tool", "function")  # OpenAI's; Anthropic's are among them
 
 
-def check_messages(body: Mapping, where: str) -> None:
+def check_messages(body: Mapping, where: str, kind: str = "text") -> None:
     """Every message of ``body`` names a role a provider takes and has text or a list of parts as its content
     (or none): otherwise it was accepted, reserved for and sent, and the provider answered 400, or a number
     given as the content was reported as a body with no text (a helper's review; in simulation nothing
-    noticed)."""
+    noticed). An image or video model takes a prompt, not messages: beside a prompt of its own they were
+    dropped unsaid, and the image made from the other text (a helper's hunt)."""
     messages = body.get("messages")
+    if kind != "text" and messages is not None:
+        raise FieldProblem(f"{where}.messages", f"{where}.messages is for text models, and this model makes "
+                           f"{kind}: give its description as prompt")
     for k, m in enumerate(messages if isinstance(messages, list) else ()):
         role = m.get("role") if isinstance(m, Mapping) else None
         if role not in _ROLES:

@@ -282,8 +282,8 @@ class Request(BaseModel):
         except CatalogError as exc:
             raise FieldProblem("provider" if "has no model" not in str(exc) and provider is not None else "model", str(exc)) from None
         endpoint = settings.providers.endpoints.get(d["provider"])
-        if body is not None and spec.kind == "text":
-            check_messages(body, "body")
+        if body is not None:
+            check_messages(body, "body", spec.kind)
         if body is not None and endpoint is not None:
             check_generation(body, "body", endpoint.api)
             check_tools(body, "body", endpoint.api)

@@ -97,6 +97,17 @@ def test_media_without_prompt_and_unknown_size_are_refused():
     assert [(p[1], p[2]) for p in ei.value.problems] == [(1, "prompt"), (2, "params.size")]
 
 
+@pytest.mark.parametrize("model", ["gpt-image-1", "wan-2.1-t2v"])
+def test_messages_for_an_image_or_video_model_are_refused_naming_them(model):
+    """Beside a prompt of its own they were dropped unsaid, and the image made from the other text; alone, they
+    went to an images endpoint that takes no messages (a helper's hunt)."""
+    for extra in ({"prompt": "a cat"}, {}):
+        with pytest.raises(ValidationError, match="body.messages is for text models"):
+            Request.model_validate({"id": "m", "arrival_s": 0.0, "model": model, **extra,
+                                    "messages": [{"role": "user", "content": "a red fox"}]})
+    assert Request.model_validate({"id": "m", "arrival_s": 0.0, "model": model, "prompt": "a cat"}).prompt == "a cat"
+
+
 def test_duplicate_ids_and_bad_json_are_reported_and_skippable_without_losing_valid_lines():
     lines = [line(id="a"), "{not json", line(id="a"), "", line(id="b", arrival_s=5), line(id="c", arrival_s=1)]
     with pytest.raises(TraceError) as ei:
