@@ -115,6 +115,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
     # An image's background ("transparent", "opaque", "auto") is a string and passes.
     "background": (lambda v: v is not True, "false, or for an image 'transparent', 'opaque' or 'auto'",
                    "the engine already waits for the answer (and batches it) on its own: leave it out"),
+    "response_format": (lambda v: isinstance(v, dict) and v.get("type") in ("text", "json_object", "json_schema"),
+                        "an object whose type is 'text', 'json_object' or 'json_schema'", _DEFAULT_FIX),
     # The catalog prices each model's standard tier; OpenAI's flex and priority tiers bill other prices.
     "service_tier": (lambda v: v in ("auto", "default", "standard_only"), "'auto' or 'default' (OpenAI), "
                      "'auto' or 'standard_only' (Anthropic)", "the catalog prices the standard tier only, and "
