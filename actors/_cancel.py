@@ -25,7 +25,7 @@ _WHY = ENGINE_CANCELLED
 # batch, and never ran (a helper's hunt read "before it was sent" there).
 _WITHDRAWN = (f"{CANCELLED}: withdrawn by a driver (Engine.cancel_requests) before it ran at the provider; billed "
               "nothing, and not sent again")
-_WITHDRAWN_AFTER_TRY = (f"{CANCELLED}: withdrawn by its driver (Engine.cancel_requests) before it was sent again; "
+_WITHDRAWN_AFTER_TRY = (f"{CANCELLED}: withdrawn by a driver (Engine.cancel_requests) before it was sent again; "
                         "an earlier try got no answer and may have been billed (possibly_billed in the report)")
 CANCEL_CALL_S = 10.0  # real seconds the cancel waits for the providers to take the cancels of their batches
 WITHDRAWN_KEEP = 262_144  # withdrawn ids kept, for copies that come after the withdrawal (back from a batch)

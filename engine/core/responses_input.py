@@ -26,6 +26,12 @@ _FIX = "leave it out, or set the model's api: responses in a catalog overlay"
 _DEFAULTS = {"previous_response_id": (), "conversation": (), "prompt": (), "include": ([],),
              "truncation": ("disabled",), "background": (False,), "reasoning": ({},), "tools": ([],),
              "text": ({}, {"format": {"type": "text"}}), "tool_choice": ("none", "auto")}
+# Moot where ``tools`` and ``include`` are refused unless empty (chat completions refuses parallel_tool_calls
+# without tools, and top_logprobs without logprobs): left out whatever their value.
+_MOOT = ("parallel_tool_calls", "max_tool_calls", "top_logprobs")
+# The caller's bookkeeping, which Messages has no field for (its metadata takes a user_id alone); the answer is
+# the same without them. ``store`` is refused above when it asks for something.
+_NOT_MESSAGES = ("metadata", "user", "safety_identifier", "store")
 
 
 def _translates(body: Mapping, api: str, route: str) -> bool:
@@ -41,14 +47,23 @@ def check_responses_body(body: Mapping[str, Any], where: str, api: str, route: s
 
 
 def as_messages(body: dict[str, Any], api: str, route: str) -> dict[str, Any]:
-    """``body`` as the model's API takes it: a Responses body (checked) for chat completions or Messages gets
-    ``input`` as ``messages``, ``instructions`` (and a ``system`` beside it) as the system prompt and
-    ``max_output_tokens`` as that API's cap, in a new dict; any other body is returned as it is."""
-    return _translate(body, "body", api) if _translates(body, api, route) else body
+    """``body`` as the model's API takes it: a Responses body for chat completions or Messages gets ``input`` as
+    ``messages``, ``instructions`` (and a ``system`` beside it) as the system prompt and ``max_output_tokens`` as
+    that API's cap, in a new dict; any other body is returned as it is. Never raises: a body that was not
+    checked (a ``Request`` made under other settings, a fallback's reroute) and cannot go as messages is sent
+    as it is, for the provider to refuse that request alone; raised here, it failed every member of its batch
+    (a review)."""
+    if not _translates(body, api, route):
+        return body
+    try:
+        return _translate(body, "body", api)
+    except FieldProblem:
+        return body
 
 
-def _text(value: Any, where: str, through: str) -> list[dict[str, str]] | str:
-    """A string as it is, or a list of text parts as text blocks (lossless for both APIs)."""
+def _text(value: Any, where: str, through: str, api: str) -> list[dict[str, Any]] | str:
+    """A string as it is, or a list of text parts as text blocks; at Anthropic with the rest of each part (a
+    ``cache_control`` breakpoint on a system block: dropped, the caller's cached prefix was billed in full)."""
     if isinstance(value, str):
         return value
     if isinstance(value, list):
@@ -56,7 +71,8 @@ def _text(value: Any, where: str, through: str) -> list[dict[str, str]] | str:
             if not (isinstance(part, Mapping) and part.get("type") in _TEXT_PARTS and isinstance(part.get("text"), str)):
                 raise FieldProblem(f"{where}[{j}]", f"{where}[{j}] is not a text part ({', '.join(_TEXT_PARTS)}); "
                                    f"only text passes to {through}: {_FIX}")
-        return [{"type": "text", "text": part["text"]} for part in value]
+        return [{**part, "type": "text"} if api == "anthropic" else {"type": "text", "text": part["text"]}
+                for part in value]
     raise FieldProblem(where, f"{where} must be text or a list of text parts, got {type(value).__name__}")
 
 
@@ -74,22 +90,23 @@ def _translate(body: Mapping[str, Any], where: str, api: str) -> dict[str, Any]:
         items = [{"role": "user", "content": items}]
     if not isinstance(items, list) or not items:
         raise FieldProblem(f"{where}.input", f"{where}.input must be a string or a non-empty list of messages")
-    system = [_text(body[k], f"{where}.{k}", through) for k in ("system", "instructions") if body.get(k) is not None]
+    system = [_text(body[k], f"{where}.{k}", through, api) for k in ("system", "instructions") if body.get(k)]
     messages = []
     for k, item in enumerate(items):
         kind = item.get("type", "message") if isinstance(item, Mapping) else type(item).__name__
         if kind != "message" or item.get("role") not in _ROLES:
             raise FieldProblem(f"{where}.input[{k}]", f"{where}.input[{k}] is not a message with a role of "
                                f"{', '.join(_ROLES)} (a {kind!r} item); only messages pass to {through}: {_FIX}")
-        content = _text(item.get("content"), f"{where}.input[{k}].content", through)
+        content = _text(item.get("content"), f"{where}.input[{k}].content", through, api)
         if api == "anthropic" and item["role"] in ("system", "developer"):
             system.append(content)  # Messages takes the system prompt beside the messages, not among them
         else:
             messages.append({"role": item["role"], "content": content})
     if not messages:
         raise FieldProblem(f"{where}.input", f"{where}.input has no user or assistant message; give one")
-    out = {k: v for k, v in body.items() if k not in ("input", "instructions", "max_output_tokens", "system",
-                                                        *_DEFAULTS) and not (k == "store" and api == "anthropic")}
+    left_out = ("input", "instructions", "max_output_tokens", "system", *_DEFAULTS, *_MOOT,
+                *(_NOT_MESSAGES if api == "anthropic" else ()))
+    out = {k: v for k, v in body.items() if k not in left_out}
     if api == "anthropic":
         if system:
             out["system"] = [block for s in system for block in

@@ -247,3 +247,45 @@ def test_a_response_format_of_no_known_type_is_refused_naming_it():
         Request.model_validate({**d, "body": {**d["body"], "response_format": {"type": "xml"}}})
     schema = {"type": "json_schema", "json_schema": {"name": "r", "schema": {"type": "object"}}}
     assert Request.model_validate({**d, "body": {**d["body"], "response_format": schema}}).body["response_format"]
+
+
+@PROVIDERS
+def test_a_responses_body_nobody_checked_is_sent_as_it_is_and_fails_alone(emu, provider):  # noqa: F811
+    """A ``Request`` made under other settings (a trace loaded for the simulator, then replayed live) is not
+    checked against the engine's providers. Its untranslatable body raised in the provider's body builder, and at
+    Anthropic failed every member of its batch (a review); it goes as it is, for the provider to refuse it alone."""
+    from engine.core.provider_api import CallJob
+    from engine.core.request import Request
+
+    bad = Request.model_validate({"id": "b", "arrival_s": 0.0, "model": MODEL[provider],
+                                  "body": {"input": "Name three rivers.", "reasoning": {"effort": "low"}}})
+    good = Request.model_validate({"id": "g", "arrival_s": 0.0, "model": MODEL[provider], "body": RESPONSES_BODY},
+                                  context=_http_context(provider))
+    rig = Rig(emu, provider)
+    try:
+        p = rig.d.provider
+        assert p.body(CallJob("kb", bad, 0.0, 0, 0))["input"] == "Name three rivers."  # as it is
+        assert "messages" in p.body(CallJob("kg", good, 0.0, 0, 0))
+        if provider == "anthropic":  # the batch's lines are built, each its own
+            lines = p.batch_body([CallJob("kb", bad, 0.0, 0, 0), CallJob("kg", good, 0.0, 0, 0)])
+            assert ["input" in x["params"] for x in lines] == [True, False]
+    finally:
+        asyncio.run(rig.close())
+
+
+def test_what_a_responses_body_carries_reaches_the_wire_or_is_moot():
+    """A ``cache_control`` breakpoint on an Anthropic system block was dropped (its cached prefix billed in full),
+    an empty ``instructions`` became an empty system block, and fields that mean nothing without tools went on to
+    chat completions, which refuses them (a review)."""
+    from engine.core.responses_input import as_messages
+
+    block = {"type": "text", "text": "LONG", "cache_control": {"type": "ephemeral"}}
+    body = {"system": [block], "instructions": "", "input": "q", "parallel_tool_calls": True, "top_logprobs": 2,
+            "metadata": {"app": "x"}, "user": "u1"}
+    out = as_messages(body, "anthropic", "chat")
+    assert out["system"] == [block] and out["messages"] == [{"role": "user", "content": "q"}]
+    assert not {"parallel_tool_calls", "top_logprobs", "metadata", "user", "instructions"} & out.keys()
+    out = as_messages(body, "openai", "chat")
+    assert out["messages"][0] == {"role": "system", "content": [{"type": "text", "text": "LONG"}]}
+    assert len(out["messages"]) == 2 and out["metadata"] == {"app": "x"} and out["user"] == "u1"
+    assert not {"parallel_tool_calls", "top_logprobs"} & out.keys()
