@@ -256,7 +256,7 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervi
     # -- submitting -------------------------------------------------------------------------------------------
     def _as_request(self, r: Request | Mapping, at: int | None = None, now: float | None = None) -> Request:
         if isinstance(r, Request):
-            return in_catalog(r, self.catalog, at)
+            return in_catalog(r, self.catalog, at, self.settings)
         if not isinstance(r, Mapping):
             raise RequestError(None, "request", f"a request is a dict (or a Request), got {type(r).__name__}", at)
         d = dict(r)

@@ -20,15 +20,12 @@ from pydantic import (
 
 from engine.core._checks import (
     FieldProblem,
-    check_cache_ttl,
     check_generation,
     check_json,
     check_media,
     check_messages,
     check_params,
-    check_route,
     check_text,
-    check_tools,
 )
 from engine.core.body_tokens import (
     body_image_tokens,
@@ -40,8 +37,8 @@ from engine.core.body_tokens import (
 )
 from engine.core.catalog import Catalog, Kind, default_catalog
 from engine.core.errors import CatalogError, RequestError
-from engine.core.responses_input import check_responses_body
 from engine.core.settings import MAX_DEADLINE_S, Settings, default_settings
+from engine.core.wire_checks import check_wire
 
 __all__ = ["BODY_KEYS", "DEADLINE_SLACK_S", "MAX_DEADLINE_S", "MEDIA_PARAMS", "PRIORITIES", "PRIORITY_RANK", "FieldProblem", "Priority",
            "Request", "Reuse", "in_catalog", "split_body", "tenant_problem", "validation_context"]
@@ -281,17 +278,9 @@ class Request(BaseModel):
                 return d
         except CatalogError as exc:
             raise FieldProblem("provider" if "has no model" not in str(exc) and provider is not None else "model", str(exc)) from None
-        endpoint = settings.providers.endpoints.get(d["provider"])
         if body is not None:
             check_messages(body, "body", spec.kind)
-        if body is not None and endpoint is not None:
-            check_generation(body, "body", endpoint.api)
-            check_tools(body, "body", endpoint.api)
-            if endpoint.api == "anthropic":
-                check_cache_ttl(body, "body")
-            if spec.kind == "text" and settings.providers.mode == "http":  # only a real call has a route
-                check_responses_body(body, "body", endpoint.api, spec.api)
-                check_route(body, "body", endpoint.api, spec.api)
+            check_wire(body, spec, d["provider"], settings)
         if line_url is not None and _URL_KIND[line_url] != spec.kind:
             # Sent as the model's kind and answered in the url's shape: paid for, and read as the wrong thing.
             fits = [u for u, k in _URL_KIND.items() if k == spec.kind]
@@ -377,15 +366,22 @@ class Request(BaseModel):
         return done_at <= self.arrival_s + self.deadline_s + DEADLINE_SLACK_S
 
 
-def in_catalog(req: Request, catalog: Catalog, position: int | None = None) -> Request:
+def in_catalog(req: Request, catalog: Catalog, position: int | None = None, settings: Settings | None = None
+               ) -> Request:
     """``req`` (a ``Request`` made elsewhere, e.g. validated against another catalog), if ``catalog`` has its
-    provider and model; else ``RequestError`` naming ``model``. Unchecked, it reached a grouper and failed there
+    provider and model and its body suits the provider's wire format under ``settings`` (``check_wire``); else
+    ``RequestError`` naming the field. Unchecked, a model not in the catalog reached a grouper and failed there
     as "policy error: 'anthropic'"."""
     try:
-        catalog.model(req.provider, req.model)
+        spec = catalog.model(req.provider, req.model)
     except CatalogError as exc:
         raise RequestError(req.id, "model", f"{req.provider}/{req.model} is not in this engine's catalog ({exc}); "
                            "give a model of it, or start the engine with a catalog that has it", position) from None
+    if settings is not None:
+        try:
+            check_wire(req.body, spec, req.provider, settings)
+        except FieldProblem as exc:
+            raise RequestError(req.id, exc.field, str(exc), position) from None
     return req
 
 

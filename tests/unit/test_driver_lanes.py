@@ -369,7 +369,9 @@ def _engine(monkeypatch, owner: bool = True):
     e.log = []
     from engine.core.clock import ManualClock
 
-    e._ray, e.catalog, e.clock = None, default_catalog(), ManualClock(0.0)
+    from engine.core.settings import Settings
+
+    e._ray, e.catalog, e.settings, e.clock = None, default_catalog(), Settings(), ManualClock(0.0)
     e._h = {"ingests": [_Actor(e.log)], "hubs": [_Actor(e.log)], "engine": "fake", "all": [], "dispatchers": {}}
     e._owner, e._client, e._next_row, e._micro_batch, e._flush_s = owner, "me", 0, 1000, 0.002
     e._lock = threading.Lock()

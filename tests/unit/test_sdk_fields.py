@@ -289,3 +289,24 @@ def test_what_a_responses_body_carries_reaches_the_wire_or_is_moot():
     assert out["messages"][0] == {"role": "system", "content": [{"type": "text", "text": "LONG"}]}
     assert len(out["messages"]) == 2 and out["metadata"] == {"app": "x"} and out["user"] == "u1"
     assert not {"parallel_tool_calls", "top_logprobs"} & out.keys()
+
+
+def test_a_request_made_elsewhere_is_held_to_the_engines_providers_when_handed_over():
+    """A trace loaded for the simulator and replayed live skipped the checks of a real call: a Responses body with
+    no counterpart in chat completions went on to the provider (a review)."""
+    from engine.core.catalog import default_catalog
+    from engine.core.errors import RequestError
+    from engine.core.request import Request, in_catalog
+
+    http = _http_context("openai")["settings"]
+    msgs = [{"role": "user", "content": "x"}]
+    cases = {"body.reasoning": {"input": "x", "reasoning": {"effort": "low"}},
+             "body.input[0]": {"input": [{"type": "function_call_output", "call_id": "c", "output": "1"}]}}
+    for field, body in cases.items():
+        r = Request.model_validate({"id": "r", "arrival_s": 0.0, "model": "gpt-5-mini", "body": body})  # simulated
+        assert in_catalog(r, default_catalog()) is r  # no settings: the model alone, as before
+        with pytest.raises(RequestError) as exc:
+            in_catalog(r, default_catalog(), 3, http)
+        assert exc.value.field == field and exc.value.position == 3
+    ok = Request.model_validate({"id": "r", "arrival_s": 0.0, "model": "gpt-5-mini", "body": {"messages": msgs}})
+    assert in_catalog(ok, default_catalog(), 0, http) is ok

@@ -1,0 +1,29 @@
+"""The checks of a request's body against the wire format of the provider it goes to (``settings.providers``):
+one set for a request validated from a dict (``Request``) and for a ``Request`` made elsewhere and handed to an
+engine (``in_catalog``). A trace loaded for the simulator and replayed live skipped those of a real call: a
+Responses body with no counterpart in chat completions went on to the provider (a review)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.core._checks import check_cache_ttl, check_generation, check_route, check_tools
+from engine.core.catalog import ModelSpec
+from engine.core.responses_input import check_responses_body
+from engine.core.settings import Settings
+
+__all__ = ["check_wire"]
+
+
+def check_wire(body: dict[str, Any] | None, spec: ModelSpec, provider: str, settings: Settings) -> None:
+    """Raise ``FieldProblem`` for what the provider's API would refuse, or bill at prices the catalog lacks."""
+    endpoint = settings.providers.endpoints.get(provider)
+    if body is None or endpoint is None:
+        return
+    check_generation(body, "body", endpoint.api)
+    check_tools(body, "body", endpoint.api)
+    if endpoint.api == "anthropic":
+        check_cache_ttl(body, "body")
+    if spec.kind == "text" and settings.providers.mode == "http":  # only a real call has a route
+        check_responses_body(body, "body", endpoint.api, spec.api)
+        check_route(body, "body", endpoint.api, spec.api)
