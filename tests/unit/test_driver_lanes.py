@@ -368,7 +368,6 @@ def _engine(monkeypatch, owner: bool = True):
     e = object.__new__(Engine)
     e.log = []
     from engine.core.clock import ManualClock
-
     from engine.core.settings import Settings
 
     e._ray, e.catalog, e.settings, e.clock = None, default_catalog(), Settings(), ManualClock(0.0)
