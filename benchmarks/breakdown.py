@@ -8,6 +8,7 @@ Trace names: azure_conv, azure_code, mooncake. Prints figures; asserts nothing.
 from __future__ import annotations
 
 import argparse
+import collections
 import sys
 from pathlib import Path
 
@@ -58,6 +59,20 @@ def main() -> None:
             if sub:
                 print(f"  {pv:10s} {name:17s} n={sel.sum():6d} cost ${res.cost[sel].sum():8.2f}  bound "
                       f"${lower_bound(sub).total_usd:8.2f}  online bound ${lower_bound(sub, online=True).total_usd:8.2f}")
+    # Why each provider's normal work ended where it did (its last dispatch's reason), and how long its batch
+    # members waited to be submitted: the online bound submits at arrival (docs/benchmarks.md, "Stop 51").
+    arrival = np.array([r.arrival_s for r in res.requests])
+    by_id = {b.id: b for b in res.batches}
+    for pv in sorted(set(prov)):
+        last = [(i, by_id.get(int(res.batch_of[i]))) for i in np.flatnonzero((prov == pv) & (prio == "normal"))]
+        last = [(i, b) for i, b in last if b is not None]
+        sync = [b.reason[:70] for _, b in last if b.mode == "sync"]
+        waits = [b.t - arrival[i] for i, b in last if b.mode == "batch_api"]
+        if last:
+            print(f"  {pv:10s} normal: {len(sync)} of {len(last)} sync; batch members submitted "
+                  f"{np.median(waits) if waits else 0:.0f} s after arrival (median)")
+            for why, n in collections.Counter(sync).most_common(4):
+                print(f"      {n:5d}  {why}")
     outcomes: dict[str, int] = {}
     for b in res.batches:
         if b.mode == "batch_api":

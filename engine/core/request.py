@@ -389,7 +389,12 @@ def tenant_problem(tenant: str) -> str | None:
     """What is wrong with ``tenant`` as a request's tenant (pydantic's words), or None. For one tenant that sets
     many requests (a CLI flag, a header): checked in each, it was reported against each, as a field of theirs."""
     try:
-        TypeAdapter(Annotated[(str, *Request.model_fields["tenant"].metadata)]).validate_python(tenant)
+        _tenant_rule().validate_python(tenant)
     except ValidationError as exc:
         return exc.errors()[0]["msg"]
     return None
+
+
+@functools.cache
+def _tenant_rule() -> TypeAdapter:  # built once: the endpoint checks a tenant header on every call
+    return TypeAdapter(Annotated[(str, *Request.model_fields["tenant"].metadata)])
