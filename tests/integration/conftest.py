@@ -6,6 +6,9 @@ import pytest
 # fails instead, because the Redis settle and the cache TTL are only checked by these tests.
 REQUIRE_REDIS_ENV = "SMARTBATCH_REQUIRE_REDIS"
 REDIS_FIXTURES = frozenset({"redis_server", "own_redis"})
+# scripts/test runs the integration tests in two passes: the others on two workers, then the ``solo`` ones alone
+# (SMARTBATCH_SOLO=without, then =only). Unset, every test runs.
+SOLO_ENV = "SMARTBATCH_SOLO"
 
 
 def _redis_required() -> bool:
@@ -83,6 +86,21 @@ def _need_redis():
         if _redis_required():
             pytest.fail(f"{why}, and {REQUIRE_REDIS_ENV}=1 says Redis tests must run here", pytrace=False)
         pytest.skip(why)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Deselects by ``SMARTBATCH_SOLO``: ``only`` keeps the tests marked ``solo``, ``without`` the others."""
+    want = os.environ.get(SOLO_ENV, "").strip()
+    if not want:
+        return
+    if want not in ("only", "without"):
+        raise pytest.UsageError(f"{SOLO_ENV}={want!r}: use 'only' (the solo tests), 'without' (the others) or unset it")
+    keep, drop = [], []
+    for item in items:
+        (keep if (item.get_closest_marker("solo") is not None) == (want == "only") else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -43,6 +43,7 @@ def emulator():
         yield emu
 
 
+@pytest.mark.solo  # how many requests take the simulator's path is real-time timing at the edges (below)
 def test_a_mixed_trace_over_http_is_billed_from_usage_once_and_agrees_with_the_simulated_run(
         ray_session, emulator, monkeypatch):
     reqs = mixed_trace()
