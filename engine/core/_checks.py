@@ -181,6 +181,24 @@ def check_cache_ttl(body: dict, where: str) -> None:
                                "writes at 2x; leave ttl out")
 
 
+def check_anthropic_system(body: dict, where: str) -> None:
+    """Anthropic's ``system`` is text: a string or a list of text blocks (each may carry ``cache_control``).
+    An image or document block there was accepted, reserved for and sent, and the API answered 400."""
+    system = body.get("system")
+    if system is None or isinstance(system, str):
+        return
+    if not isinstance(system, list):
+        raise FieldProblem(f"{where}.system", f"{where}.system must be a string or a list of text blocks, got "
+                           f"{type(system).__name__}; give the instructions as a string")
+    for i, block in enumerate(system):
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind != "text" or not isinstance(block.get("text"), str):
+            got = f"type {str(kind)[:40]!r}" if kind else f"{type(block).__name__} {str(block)[:40]!r}"
+            raise FieldProblem(f"{where}.system.{i}", f"{where}.system.{i} must be a text block "
+                               f"({{'type': 'text', 'text': ...}}), got {got}: Anthropic takes only text in system; "
+                               "put images and documents in a user message")
+
+
 # Tools the caller runs itself: the provider bills only their tokens, which the cost model prices. Anthropic's
 # own client tools carry a versioned type (``bash_20250124``); custom ones none, or "custom".
 _CLIENT_TOOLS = {"anthropic": (("custom", "bash_", "text_editor_", "computer_", "memory_"),

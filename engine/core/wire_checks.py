@@ -7,7 +7,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.core._checks import check_cache_ttl, check_generation, check_route, check_tools
+from engine.core._checks import (
+    check_anthropic_system,
+    check_cache_ttl,
+    check_generation,
+    check_route,
+    check_tools,
+)
 from engine.core.catalog import ModelSpec
 from engine.core.responses_input import check_responses_body
 from engine.core.settings import Settings
@@ -24,6 +30,7 @@ def check_wire(body: dict[str, Any] | None, spec: ModelSpec, provider: str, sett
     check_tools(body, "body", endpoint.api)
     if endpoint.api == "anthropic":
         check_cache_ttl(body, "body")
+        check_anthropic_system(body, "body")
     if spec.kind == "text" and settings.providers.mode == "http":  # only a real call has a route
         check_responses_body(body, "body", endpoint.api, spec.api)
         check_route(body, "body", endpoint.api, spec.api)

@@ -425,6 +425,22 @@ def test_an_anthropic_one_hour_cache_entry_is_refused_naming_its_block():
     assert ok(model="claude-sonnet-4-5", body=five).body == five
 
 
+def test_an_anthropic_system_that_is_not_text_is_refused_naming_its_block():
+    # Anthropic's system takes text blocks only: an image there was accepted, reserved for and sent, and the API
+    # answered 400. Text blocks, with or without a cache breakpoint, pass unchanged.
+    img = {"type": "image", "source": {"type": "url", "url": "https://example.com/ref.png"}}
+    text = {"type": "text", "text": "You grade charts against the reference."}
+    user = [{"role": "user", "content": "Grade it."}]
+    for system, field, says in (([text, img], "body.system.1", "type 'image'"), (7, "body.system", "got int"),
+                                (["plain"], "body.system.0", "str 'plain'")):
+        (f, msg), = refused({"id": "a", "arrival_s": 0, "model": "claude-sonnet-4-5",
+                             "body": {"system": system, "messages": user}})
+        assert f == field and says in msg and "text" in msg, msg
+    for system in ("You grade charts.", [text, {**text, "cache_control": {"type": "ephemeral"}}]):
+        body = {"system": system, "messages": user}
+        assert ok(model="claude-sonnet-4-5", body=body).body == body
+
+
 def test_well_formed_generation_parameters_and_nulls_pass_unchanged():
     body = {"temperature": 0, "top_p": 1, "max_tokens": 64, "seed": -3, "stop": ["\n\n", "END"], "n": 1,
             "frequency_penalty": -0.5, "presence_penalty": 2.0, "top_k": "anything: not a checked key"}

@@ -99,14 +99,14 @@ CASES = [  # model, the emulator's prompt of that API, a body with a 1024 x 1024
         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": IMG}},
         {"type": "image", "source": {"type": "url", "url": "https://example.com/b.png"}},
         {"type": "text", "text": "Compare them."}]}]}),
-    ("claude-haiku-4-5", anthropic_prompt, {"max_tokens": 50, "system": [  # billed by the emulator, not counted
-        {"type": "text", "text": "You grade charts against this reference."},
-        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": IMG}}],
-        "messages": [{"role": "user", "content": "Grade the chart I describe: a red square."}]}),
+    ("claude-haiku-4-5", anthropic_prompt, {"max_tokens": 50, "system": "You grade charts.", "messages": [
+        {"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": IMG}},
+            {"type": "text", "text": "Grade this chart against the reference."}]}]}),
 ]
 
 
-@pytest.mark.parametrize("model,billed_by,body", CASES, ids=[c[0] for c in CASES[:-1]] + ["system image"])
+@pytest.mark.parametrize("model,billed_by,body", CASES, ids=[c[0] for c in CASES[:-1]] + ["with system"])
 def test_the_estimate_counts_images_as_the_emulator_bills_them_and_the_budget_reserves_for_them(model, billed_by,
                                                                                               body):
     """Images were not counted: a question about a picture was estimated at 7 tokens and billed 600-50,000
