@@ -189,14 +189,17 @@ def check_anthropic_system(body: dict, where: str) -> None:
         return
     if not isinstance(system, list):
         raise FieldProblem(f"{where}.system", f"{where}.system must be a string or a list of text blocks, got "
-                           f"{type(system).__name__}; give the instructions as a string")
+                           f"{type(system).__name__} {repr(system)[:40]}; give the instructions as a string")
     for i, block in enumerate(system):
         kind = block.get("type") if isinstance(block, dict) else None
-        if kind != "text" or not isinstance(block.get("text"), str):
-            got = f"type {str(kind)[:40]!r}" if kind else f"{type(block).__name__} {str(block)[:40]!r}"
-            raise FieldProblem(f"{where}.system.{i}", f"{where}.system.{i} must be a text block "
-                               f"({{'type': 'text', 'text': ...}}), got {got}: Anthropic takes only text in system; "
-                               "put images and documents in a user message")
+        if kind == "text" and isinstance(block.get("text"), str):
+            continue
+        field = f"{where}.system.{i}"
+        if kind is None or kind == "text":
+            raise FieldProblem(field, f"{field} must be a text block {{'type': 'text', 'text': '...'}}, got "
+                               f"{str(block)[:60]!r}")
+        raise FieldProblem(field, f"{field} must be a text block, got type {str(kind)[:40]!r}: Anthropic takes "
+                           "only text in system; put images and documents in a user message")
 
 
 # Tools the caller runs itself: the provider bills only their tokens, which the cost model prices. Anthropic's

@@ -17,7 +17,7 @@ from typing import Any
 
 from engine.core._checks import FieldProblem
 
-__all__ = ["as_messages", "check_responses_body"]
+__all__ = ["as_messages", "check_responses_body", "translates"]
 
 _ROLES = ("user", "assistant", "system", "developer")
 _TEXT_PARTS = ("input_text", "output_text", "text")
@@ -34,7 +34,8 @@ _MOOT = ("parallel_tool_calls", "max_tool_calls", "top_logprobs")
 _NOT_MESSAGES = ("metadata", "user", "safety_identifier", "store")
 
 
-def _translates(body: Mapping, api: str, route: str) -> bool:
+def translates(body: Mapping, api: str, route: str) -> bool:
+    """Whether ``body`` is a Responses body that ``as_messages`` turns into messages for ``api`` and ``route``."""
     return "input" in body and "messages" not in body and (api == "anthropic" or api == "openai" and route == "chat")
 
 
@@ -42,7 +43,7 @@ def check_responses_body(body: Mapping[str, Any], where: str, api: str, route: s
     """Raise ``FieldProblem`` for a Responses body that cannot go as messages to the model's API (``api``: the
     provider's wire format, "openai" or "anthropic"; ``route``: the catalog's ``api`` of the model, "chat" or
     "responses"); any other body passes."""
-    if _translates(body, api, route):
+    if translates(body, api, route):
         _translate(body, where, api)
 
 
@@ -53,7 +54,7 @@ def as_messages(body: dict[str, Any], api: str, route: str) -> dict[str, Any]:
     checked (a ``Request`` made under other settings, a fallback's reroute) and cannot go as messages is sent
     as it is, for the provider to refuse that request alone; raised here, it failed every member of its batch
     (a review)."""
-    if not _translates(body, api, route):
+    if not translates(body, api, route):
         return body
     try:
         return _translate(body, "body", api)

@@ -15,7 +15,7 @@ from engine.core._checks import (
     check_tools,
 )
 from engine.core.catalog import ModelSpec
-from engine.core.responses_input import check_responses_body
+from engine.core.responses_input import check_responses_body, translates
 from engine.core.settings import Settings
 
 __all__ = ["check_wire"]
@@ -30,7 +30,8 @@ def check_wire(body: dict[str, Any] | None, spec: ModelSpec, provider: str, sett
     check_tools(body, "body", endpoint.api)
     if endpoint.api == "anthropic":
         check_cache_ttl(body, "body")
-        check_anthropic_system(body, "body")
+        if not translates(body, endpoint.api, spec.api):  # a Responses body's system parts: check_responses_body
+            check_anthropic_system(body, "body")
     if spec.kind == "text" and settings.providers.mode == "http":  # only a real call has a route
         check_responses_body(body, "body", endpoint.api, spec.api)
         check_route(body, "body", endpoint.api, spec.api)

@@ -88,13 +88,22 @@ def _need_redis():
         pytest.skip(why)
 
 
+def _solo() -> str:
+    return os.environ.get(SOLO_ENV, "").strip()
+
+
+def pytest_configure(config):
+    # Here, before pytest-xdist starts its workers: a collection error in each worker would hide the message.
+    if _solo() not in ("", "only", "without"):
+        raise pytest.UsageError(f"{SOLO_ENV}={_solo()!r}: use 'only' (the solo tests), 'without' (the others) "
+                                "or leave it unset (every test)")
+
+
 def pytest_collection_modifyitems(config, items):
     """Deselects by ``SMARTBATCH_SOLO``: ``only`` keeps the tests marked ``solo``, ``without`` the others."""
-    want = os.environ.get(SOLO_ENV, "").strip()
+    want = _solo()
     if not want:
         return
-    if want not in ("only", "without"):
-        raise pytest.UsageError(f"{SOLO_ENV}={want!r}: use 'only' (the solo tests), 'without' (the others) or unset it")
     keep, drop = [], []
     for item in items:
         (keep if (item.get_closest_marker("solo") is not None) == (want == "only") else drop).append(item)

@@ -149,7 +149,9 @@ def test_the_key_appears_in_no_result_report_metric_or_log(ray_session, emulator
     assert any(r.status == "failed" for r in results) and any(r.status == "ok" for r in results)
     texts = [r.model_dump_json() for r in results] + [json.dumps(report, default=str), metrics,
                                                       emulator.bill().model_dump_json()]
-    logs = Path("/tmp/ray/session_latest/logs")  # every actor's stdout, stderr and Python log lines
+    # Every actor's stdout, stderr and Python log lines, in this session's own Ray: /tmp/ray/session_latest is
+    # the newest Ray of the machine, which another test worker or a `smartbatch serve` test may have started.
+    logs = Path(ray_session._private.worker._global_node.get_logs_dir_path())
     files = [p for p in logs.glob("*") if p.is_file() and p.stat().st_size < 5e7]
     assert files, f"no Ray logs under {logs} to check"
     texts += [p.read_text(errors="replace") for p in files]

@@ -85,6 +85,7 @@ def test_without_budgets_an_unreachable_ledger_redis_does_not_stop_the_start(own
     asyncio.run(go())
 
 
+@pytest.mark.solo  # answers within a fraction of the Redis timeout, in real time
 def test_the_budget_controller_answers_at_once_while_redis_is_paused_and_settles_after(own_redis):
     """No Ray: the controller itself. Paused, a claim is answered ``budget_unavailable`` within the timeout and
     a settlement waits in the outbox; back, the outbox is replayed and the reservations whose replies were lost

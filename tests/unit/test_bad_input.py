@@ -431,14 +431,21 @@ def test_an_anthropic_system_that_is_not_text_is_refused_naming_its_block():
     img = {"type": "image", "source": {"type": "url", "url": "https://example.com/ref.png"}}
     text = {"type": "text", "text": "You grade charts against the reference."}
     user = [{"role": "user", "content": "Grade it."}]
-    for system, field, says in (([text, img], "body.system.1", "type 'image'"), (7, "body.system", "got int"),
-                                (["plain"], "body.system.0", "str 'plain'")):
+    for system, field, says in (([text, img], "body.system.1", "type 'image'"), (7, "body.system", "got int 7"),
+                                (["plain"], "body.system.0", "got 'plain'")):
         (f, msg), = refused({"id": "a", "arrival_s": 0, "model": "claude-sonnet-4-5",
                              "body": {"system": system, "messages": user}})
         assert f == field and says in msg and "text" in msg, msg
     for system in ("You grade charts.", [text, {**text, "cache_control": {"type": "ephemeral"}}]):
         body = {"system": system, "messages": user}
         assert ok(model="claude-sonnet-4-5", body=body).body == body
+    # A Responses body's system parts are turned into text blocks on the wire (engine/core/responses_input.py),
+    # which checks them there: an input_text part passes, in simulation and over HTTP.
+    responses = {"input": "Grade it.", "system": [{"type": "input_text", "text": "You grade charts."}]}
+    for settings in (Settings(), Settings(providers={"mode": "http"})):
+        r = Request.model_validate({"id": "r", "arrival_s": 0, "model": "claude-sonnet-4-5", "body": responses},
+                                   context=validation_context(default_catalog(), settings))
+        assert r.body == responses
 
 
 def test_well_formed_generation_parameters_and_nulls_pass_unchanged():
