@@ -73,6 +73,25 @@ def main() -> None:
                   f"{np.median(waits) if waits else 0:.0f} s after arrival (median)")
             for why, n in collections.Counter(sync).most_common(4):
                 print(f"      {n:5d}  {why}")
+    # How much prefix sharing the batches got: normal and background batch members' cost against each priced
+    # alone in a batch (no prefix read from another), next to the bound's share for all that work; and how many
+    # urgent sync calls marked their prefix for a cache write (docs/benchmarks.md, "Stop 52").
+    for pv in sorted(set(prov)):
+        rest = (prov == pv) & (prio != "urgent")
+        members = np.flatnonzero(rest & (res.mode == MODES.index("batch_api")))
+        alone = lambda idx: sum(price_batch([res.requests[i]], cat, "batch_api")[0].total for i in idx)  # noqa: E731
+        every = np.flatnonzero(rest)
+        if len(members):
+            bound = lower_bound([res.requests[i] for i in every]).total_usd
+            print(f"  {pv:10s} normal+background batch members: ${res.cost[members].sum():.2f}, "
+                  f"{res.cost[members].sum() / alone(members):.0%} of each alone in a batch (the bound: "
+                  f"{bound / alone(every):.0%} for all {len(every)})")
+        urgent_sync = [b for i, b in ((i, by_id.get(int(res.batch_of[i])))
+                                      for i in np.flatnonzero((prov == pv) & (prio == "urgent")))
+                       if b is not None and b.mode == "sync"]
+        if urgent_sync:
+            print(f"  {pv:10s} urgent sync calls that marked their prefix: "
+                  f"{sum('prefix marked' in b.reason for b in urgent_sync)} of {len(urgent_sync)}")
     outcomes: dict[str, int] = {}
     for b in res.batches:
         if b.mode == "batch_api":
