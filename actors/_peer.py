@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 from actors._wire import pack_args
 
-__all__ = ["Named", "Peer", "Warm", "as_peer"]
+__all__ = ["Named", "Peer", "Warm", "as_peer", "ping_through_restart", "restarting"]
 
 
 class Named(NamedTuple):
@@ -69,6 +69,36 @@ def as_peer(x: Any) -> Peer | None:
     return x if x is None or isinstance(x, Peer) else Peer(x)
 
 
+# How long a start-up ping waits for a peer that Ray is restarting, and how often it asks again. Seen in a CI
+# rehearsal: a worker died of a segfault in Ray's own metrics thread while its actor was being created; Ray
+# restarted the actor, and the engine's start failed on a ping that had reached the dying worker.
+RESTART_WAIT_S = 60.0
+RESTART_POLL_S = 0.2
+
+
+def restarting(exc: BaseException) -> bool:
+    """Whether ``exc`` says the actor called is being restarted by Ray (the call may or may not have run)."""
+    try:
+        from ray.exceptions import ActorUnavailableError
+    except ImportError:  # no Ray: a plain object is never restarted
+        return False
+    return isinstance(exc, ActorUnavailableError)
+
+
+async def ping_through_restart(peer: Peer) -> Any:
+    """``peer.ping()``, asked again while Ray restarts the peer, for at most ``RESTART_WAIT_S`` (a ping is
+    idempotent, so one that may have run costs nothing)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + RESTART_WAIT_S
+    while True:
+        try:
+            return await peer.call("ping")
+        except Exception as exc:
+            if not restarting(exc) or loop.time() >= end:
+                raise
+        await asyncio.sleep(RESTART_POLL_S)
+
+
 class Warm:
     """Mixin: ``ping`` answers at once (with the actor's incarnation); ``warm`` pings every peer once, so the first real message does not pay
     for opening the connection between two actor processes (about a second on the first hop here)."""
@@ -97,7 +127,7 @@ class Warm:
     async def warm(self) -> int:
         peers = self._peers()
         for p in peers:
-            await p.call("ping")
+            await ping_through_restart(p)
         return len(peers)
 
     async def profile(self, action: str, top: int = 8) -> tuple[float, list[str]] | None:

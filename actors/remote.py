@@ -19,7 +19,17 @@ from collections.abc import Iterable
 import ray
 
 from actors._cancel import CANCEL_CALL_S
-from actors._peer import ClockRef, Named, publish_clock, read_layout, resolve_clock, unpublish_clock
+from actors._peer import (
+    RESTART_POLL_S,
+    RESTART_WAIT_S,
+    ClockRef,
+    Named,
+    publish_clock,
+    read_layout,
+    resolve_clock,
+    restarting,
+    unpublish_clock,
+)
 from actors._shards import shard_kind
 from actors._wire import pack
 from actors.budget import BudgetController
@@ -94,6 +104,20 @@ def _ledger_ready(budget, started: list) -> None:
         raise
 
 
+def _warm(actors: list) -> None:
+    """Every actor pings its peers once (``Warm.warm``), each waiting out a peer that Ray restarts; a call of
+    ours that reached an actor whose worker died is asked again the same way (``RESTART_WAIT_S``)."""
+    end = time.monotonic() + RESTART_WAIT_S
+    while True:
+        try:
+            ray.get([a.warm.remote() for a in actors])
+            return
+        except Exception as exc:
+            if not restarting(exc) or time.monotonic() >= end:
+                raise
+        time.sleep(RESTART_POLL_S)  # Ray queues calls to a restarting actor: this only spaces the retries
+
+
 def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: int = 1, keys: dict | None = None,
                  engine: str = "engine", detached: bool = False, num_shards: int = 1) -> dict:
     """Create and wire the actors, named ``<engine>.<kind>``; ``clock()`` makes the engine clock once they are
@@ -156,7 +180,7 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
         grouper_refs, cache_ref, settings.cache.share_across_tenants, list(dispatcher_refs.values()), hub_refs,
         settings, journal, shard=(k, num_shards)) for k in range(num_shards)]
     everything = [*ingests, *groupers, *dispatchers.values(), budget, *hubs, *caches]
-    ray.get([a.warm.remote() for a in everything])
+    _warm(everything)
     named = {"budget": budget}
     for base, shards in (("ingest", ingests), ("hub", hubs), ("cache", caches)):
         named.update({shard_kind(base, k): a for k, a in enumerate(shards)})
