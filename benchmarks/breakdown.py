@@ -51,14 +51,18 @@ def main() -> None:
     # Per provider (no prompt cache is shared across providers, so these bounds add up to the trace's), urgent
     # work apart from the rest: the rest shares prefixes across priorities, which the subsets below keep.
     prov = np.array([r.provider for r in res.requests])
+    rest_bound: dict[str, float] = {}  # normal+background work's bound per provider, read again below
     for pv in sorted(set(prov)):
         for name, prios in (("all", ("urgent", "normal", "background")), ("urgent", ("urgent",)),
                             ("normal+background", ("normal", "background"))):
             sel = (prov == pv) & np.isin(prio, prios)
             sub = [r for r, s in zip(res.requests, sel) if s]
             if sub:
+                bound = lower_bound(sub).total_usd
+                if name == "normal+background":
+                    rest_bound[pv] = bound
                 print(f"  {pv:10s} {name:17s} n={sel.sum():6d} cost ${res.cost[sel].sum():8.2f}  bound "
-                      f"${lower_bound(sub).total_usd:8.2f}  online bound ${lower_bound(sub, online=True).total_usd:8.2f}")
+                      f"${bound:8.2f}  online bound ${lower_bound(sub, online=True).total_usd:8.2f}")
     # Why each provider's normal work ended where it did (its last dispatch's reason), and how long its batch
     # members waited to be submitted: the online bound submits at arrival (docs/benchmarks.md, "Stop 51").
     arrival = np.array([r.arrival_s for r in res.requests])
@@ -76,19 +80,18 @@ def main() -> None:
     # How much prefix sharing the batches got: normal and background batch members' cost against each priced
     # alone in a batch (no prefix read from another), next to the bound's share for all that work; and how many
     # urgent sync calls marked their prefix for a cache write (docs/benchmarks.md, "Stop 52").
+    def alone(idx) -> float:
+        return sum(price_batch([res.requests[i]], cat, "batch_api")[0].total for i in idx)
+
     for pv in sorted(set(prov)):
         rest = (prov == pv) & (prio != "urgent")
-        members = np.flatnonzero(rest & (res.mode == MODES.index("batch_api")))
-        alone = lambda idx: sum(price_batch([res.requests[i]], cat, "batch_api")[0].total for i in idx)  # noqa: E731
-        every = np.flatnonzero(rest)
+        members, every = np.flatnonzero(rest & (res.mode == MODES.index("batch_api"))), np.flatnonzero(rest)
         if len(members):
-            bound = lower_bound([res.requests[i] for i in every]).total_usd
             print(f"  {pv:10s} normal+background batch members: ${res.cost[members].sum():.2f}, "
                   f"{res.cost[members].sum() / alone(members):.0%} of each alone in a batch (the bound: "
-                  f"{bound / alone(every):.0%} for all {len(every)})")
-        urgent_sync = [b for i, b in ((i, by_id.get(int(res.batch_of[i])))
-                                      for i in np.flatnonzero((prov == pv) & (prio == "urgent")))
-                       if b is not None and b.mode == "sync"]
+                  f"{rest_bound[pv] / alone(every):.0%} for all {len(every)})")
+        urgent = [by_id.get(int(res.batch_of[i])) for i in np.flatnonzero((prov == pv) & (prio == "urgent"))]
+        urgent_sync = [b for b in urgent if b is not None and b.mode == "sync"]
         if urgent_sync:
             print(f"  {pv:10s} urgent sync calls that marked their prefix: "
                   f"{sum('prefix marked' in b.reason for b in urgent_sync)} of {len(urgent_sync)}")
