@@ -18,6 +18,7 @@ from typing import NoReturn
 __all__ = ["Terminated", "exit_now", "own_ray_processes", "stop_or_lose_ray", "terminate_as_interrupt"]
 
 GRACE_S = 10.0  # how long steps that shut Ray down themselves may take after its processes are gone
+FAILED_SETTLE_S = 3.0  # how long a failed stop waits for Ray's processes to show they are going down
 
 
 def own_ray_processes() -> list[subprocess.Popen]:
@@ -54,7 +55,8 @@ def stop_or_lose_ray(steps: Callable[[], None], ray_procs: list[subprocess.Popen
     while Ray runs; after a SIGTERM to the whole process group the log monitor is gone within milliseconds while
     the raylet takes seconds to wind down, its actors first: the steps would then block on them, and then for a
     minute on the GCS. The grace is for steps that end by shutting Ray down themselves (an engine that started its Ray):
-    without it, every ``batch`` run ended as if interrupted (exit 130). An error of the steps is raised here."""
+    without it, every ``batch`` run ended as if interrupted (exit 130). An error of the steps is raised here,
+    unless one of those processes exits within ``FAILED_SETTLE_S`` of it (then "ray-gone")."""
     failed: list[BaseException] = []
 
     def run() -> None:
@@ -77,7 +79,15 @@ def stop_or_lose_ray(steps: Callable[[], None], ray_procs: list[subprocess.Popen
             return "timeout"
         worker.join(poll_s)
     if failed:
-        raise failed[0]
+        # Ray's processes take the same SIGTERM as this one and may go a moment after a step they broke has
+        # failed (the GCS gone under a Ray call): that is Ray going down, not an error of the stop.
+        settle = time.monotonic() + FAILED_SETTLE_S if ray_procs else 0.0
+        while True:
+            if any(p.poll() is not None for p in ray_procs):
+                return "ray-gone"
+            if time.monotonic() >= settle:
+                raise failed[0]
+            time.sleep(poll_s)
     return "done"
 
 

@@ -245,3 +245,35 @@ def test_a_state_dir_needs_the_endpoint_and_a_writable_directory(tmp_path):
     assert r.exit_code == 2 and f"--state-dir {blocker / 's'}" in " ".join(r.output.split()), r.output
     assert _went_on(["serve", "--name", "stateful", "--http-port", "0", "--state-dir", str(tmp_path / "s")])
     assert (tmp_path / "s").is_dir()
+
+
+def test_a_stop_that_fails_as_ray_goes_down_under_it_is_ray_gone_not_an_error():
+    """A SIGTERM to the whole process group reaches Ray's processes and serve's at once: a step can fail on the
+    dying GCS a moment before any of them has exited. That is Ray gone (serve exits 0), not a failed stop (1)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    failed = threading.Event()
+
+    def steps():
+        failed.set()
+        raise ConnectionError("the GCS went away")
+
+    def ray_goes_down():
+        failed.wait(30)
+        proc.kill()
+    try:
+        threading.Thread(target=ray_goes_down, daemon=True).start()
+        assert stop_or_lose_ray(steps, [proc], timeout_s=60, grace_s=0.0) == "ray-gone"
+        proc.wait(30)
+        # With Ray's processes all running through the settle time, the step's error is the stop's.
+        alive = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+        try:
+            with pytest.raises(ConnectionError, match="the GCS went away"):
+                stop_or_lose_ray(steps, [alive], timeout_s=60, grace_s=0.0)
+        finally:
+            alive.kill()
+            alive.wait(30)
+            alive.stdin.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdin.close()
