@@ -1,0 +1,53 @@
+"""``scripts/test`` runs the unit tests in two parts (SMARTBATCH_REALTIME=only, then =without; unset, all of them):
+first, alone, those whose verdict rests on real time, then the others beside the integration tests' solo pass at
+idle priority, where a test may be held off the CPU for a moment whenever that pass wants it. A test rests on real
+time when an HTTP emulator runs during it: the emulator's clock is the real one times its speed-up (often 1,000,
+so 24 ms held off is 24 emulated seconds; one such test failed beside the solo pass in stop 53's rehearsal). That
+is every test of a module whose source names the ``Emulator`` class, an ``emu`` or a ``Rig`` (the dispatcher rig
+that calls one), and any test marked ``realtime``."""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+REALTIME_ENV = "SMARTBATCH_REALTIME"
+
+
+def _want() -> str:
+    return os.environ.get(REALTIME_ENV, "").strip()
+
+
+_RUNS_AN_EMULATOR = re.compile(r"\bEmulator\b|\bemu\b|\bRig\(")
+
+
+@functools.cache
+def _module_runs_an_emulator(path: Path) -> bool:
+    return bool(_RUNS_AN_EMULATOR.search(path.read_text(encoding="utf-8")))
+
+
+def is_realtime(item: pytest.Item) -> bool:
+    return item.get_closest_marker("realtime") is not None or _module_runs_an_emulator(Path(item.path))
+
+
+def pytest_configure(config):
+    # Here, before pytest-xdist starts its workers: a collection error in each worker would hide the message.
+    if _want() not in ("", "only", "without"):
+        raise pytest.UsageError(f"{REALTIME_ENV}={_want()!r}: use 'only' (the tests that run an emulator in real "
+                                "time), 'without' (the others) or leave it unset (every test)")
+
+
+def pytest_collection_modifyitems(config, items):
+    want = _want()
+    if not want:
+        return
+    keep, drop = [], []
+    for item in items:
+        (keep if is_realtime(item) == (want == "only") else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
