@@ -1,8 +1,8 @@
 """``scripts/test`` runs the unit tests in two parts (SMARTBATCH_REALTIME=only, then =without; unset, all of them):
 first, alone, those whose verdict rests on real time, then the others beside the integration tests' solo pass at
 idle priority, where a test may be held off the CPU for a moment whenever that pass wants it. A test rests on real
-time when an HTTP emulator runs during it: the emulator's clock is the real one times its speed-up (often 1,000,
-so 24 ms held off is 24 emulated seconds; one such test failed beside the solo pass in stop 53's rehearsal). That
+time when an HTTP emulator runs during it: the emulator's clock is the real one times its speed-up (often 1,000:
+a test held off the CPU for 0.4 s missed a window of 400 emulated seconds beside the solo pass in stop 53). That
 is every test of a module whose source names the ``Emulator`` class, an ``emu`` or a ``Rig`` (the dispatcher rig
 that calls one), and any test marked ``realtime``."""
 
