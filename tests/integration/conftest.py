@@ -2,6 +2,8 @@ import os
 
 import pytest
 
+from tests._passes import check, select
+
 # CI sets SMARTBATCH_REQUIRE_REDIS=1: there a Redis test that skips (redis-server missing, or any other reason)
 # fails instead, because the Redis settle and the cache TTL are only checked by these tests.
 REQUIRE_REDIS_ENV = "SMARTBATCH_REQUIRE_REDIS"
@@ -88,28 +90,13 @@ def _need_redis():
         pytest.skip(why)
 
 
-def _solo() -> str:
-    return os.environ.get(SOLO_ENV, "").strip()
-
-
 def pytest_configure(config):
-    # Here, before pytest-xdist starts its workers: a collection error in each worker would hide the message.
-    if _solo() not in ("", "only", "without"):
-        raise pytest.UsageError(f"{SOLO_ENV}={_solo()!r}: use 'only' (the solo tests), 'without' (the others) "
-                                "or leave it unset (every test)")
+    check(SOLO_ENV, "the solo tests")
 
 
 def pytest_collection_modifyitems(config, items):
     """Deselects by ``SMARTBATCH_SOLO``: ``only`` keeps the tests marked ``solo``, ``without`` the others."""
-    want = _solo()
-    if not want:
-        return
-    keep, drop = [], []
-    for item in items:
-        (keep if (item.get_closest_marker("solo") is not None) == (want == "only") else drop).append(item)
-    if drop:
-        config.hook.pytest_deselected(items=drop)
-        items[:] = keep
+    select(SOLO_ENV, config, items, lambda item: item.get_closest_marker("solo") is not None)
 
 
 @pytest.hookimpl(hookwrapper=True)

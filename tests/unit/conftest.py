@@ -9,17 +9,14 @@ that calls one), and any test marked ``realtime``."""
 from __future__ import annotations
 
 import functools
-import os
 import re
 from pathlib import Path
 
 import pytest
 
+from tests._passes import check, select
+
 REALTIME_ENV = "SMARTBATCH_REALTIME"
-
-
-def _want() -> str:
-    return os.environ.get(REALTIME_ENV, "").strip()
 
 
 _RUNS_AN_EMULATOR = re.compile(r"\bEmulator\b|\bemu\b|\bRig\(")
@@ -35,19 +32,8 @@ def is_realtime(item: pytest.Item) -> bool:
 
 
 def pytest_configure(config):
-    # Here, before pytest-xdist starts its workers: a collection error in each worker would hide the message.
-    if _want() not in ("", "only", "without"):
-        raise pytest.UsageError(f"{REALTIME_ENV}={_want()!r}: use 'only' (the tests that run an emulator in real "
-                                "time), 'without' (the others) or leave it unset (every test)")
+    check(REALTIME_ENV, "the tests that run an emulator in real time")
 
 
 def pytest_collection_modifyitems(config, items):
-    want = _want()
-    if not want:
-        return
-    keep, drop = [], []
-    for item in items:
-        (keep if is_realtime(item) == (want == "only") else drop).append(item)
-    if drop:
-        config.hook.pytest_deselected(items=drop)
-        items[:] = keep
+    select(REALTIME_ENV, config, items, is_realtime)
