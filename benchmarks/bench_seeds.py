@@ -22,6 +22,7 @@ from _real import DATA, FILES, load_real  # noqa: E402
 
 from engine.app.bench import PolicySpec  # noqa: E402
 from engine.app.bench_seeds import run_seeds, seeds_markdown  # noqa: E402
+from engine.core.catalog import load_catalog  # noqa: E402
 
 
 def variant(text: str) -> PolicySpec:
@@ -43,13 +44,17 @@ def main() -> None:
     ap.add_argument("--variant", action="append", default=[], help="smart with these parameters (repeatable)")
     ap.add_argument("--naive", action="store_true", help="list naive too")
     ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--catalog-overlay", type=Path, help="a YAML merged over the packaged catalog (another price, "
+                    "cache or turnaround of a provider): smart and the bounds are run against it")
     a = ap.parse_args()
     reqs = load_real(a.trace, a.data)
     specs = [PolicySpec(name="smart", policy="smart"), *map(variant, a.variant)]
     if a.naive:
         specs.append(PolicySpec(name="naive", policy="naive"))
     t0 = time.perf_counter()
-    doc = run_seeds(reqs, specs, list(range(a.first, a.first + a.seeds)), trace_name=a.trace, jobs=a.jobs)
+    catalog = load_catalog(None, a.catalog_overlay) if a.catalog_overlay else None
+    doc = run_seeds(reqs, specs, list(range(a.first, a.first + a.seeds)), trace_name=a.trace, jobs=a.jobs,
+                    catalog=catalog)
     print(seeds_markdown(doc))
     per = {s["policy"]: [next(r for r in run["results"] if r["policy"] == s["policy"])["cost_usd"]
                          for run in doc["by_seed"]] for s in doc["summary"]}
