@@ -227,6 +227,9 @@ class ModelSpec(_Frozen):
                                          "the provider limits input on its own (None: only the context window)")
     image_input: ImageInput | None = Field(default=None, description="how an input image is billed (None: the "
                                            "provider's rule)")
+    reasoning: bool = Field(default=False, description="an OpenAI reasoning model (gpt-5, o-series): the API "
+                            "refuses max_tokens for it (max_completion_tokens, which also counts reasoning tokens) "
+                            "and any temperature or top_p but 1")
 
     @model_validator(mode="after")
     def _priced(self) -> ModelSpec:

@@ -9,6 +9,7 @@ from typing import Any
 
 from engine.core._checks import (
     check_anthropic_system,
+    check_api_body,
     check_cache_ttl,
     check_generation,
     check_route,
@@ -28,6 +29,7 @@ def check_wire(body: dict[str, Any] | None, spec: ModelSpec, provider: str, sett
         return
     check_generation(body, "body", endpoint.api)
     check_tools(body, "body", endpoint.api)
+    check_api_body(body, "body", endpoint.api, spec)
     if endpoint.api == "anthropic":
         check_cache_ttl(body, "body")
         if not translates(body, endpoint.api, spec.api):  # a Responses body's system parts: check_responses_body

@@ -19,6 +19,12 @@ from engine.emulator._wire import ApiError, Reply, error_object, json_reply
 __all__ = ["ROUTES", "message_result"]
 
 _CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+# MessageCreateParamsNonStreaming's keys (anthropic/types/message_create_params.py), and the sampling keys the
+# API still takes though the SDK no longer names them: any other key is "Extra inputs are not permitted".
+_KEYS = frozenset({
+    "model", "messages", "max_tokens", "cache_control", "container", "diagnostics", "inference_geo", "metadata",
+    "output_config", "service_tier", "speed", "stop_sequences", "stream", "system", "thinking", "tool_choice",
+    "tools", "temperature", "top_p", "top_k"})
 
 
 def message_result(core: Core, provider: str, body: dict, mode: str, at: float | None = None
@@ -27,6 +33,12 @@ def message_result(core: Core, provider: str, body: dict, mode: str, at: float |
     if body.get("stream"):
         raise ApiError(400, "stream=true is not supported by the emulator; send stream=false (or omit it)",
                        param="stream")
+    extra = sorted(k for k in body if k not in _KEYS)
+    if extra:
+        raise ApiError(400, f"{extra[0]}: Extra inputs are not permitted", param=extra[0])
+    meta = body.get("metadata")
+    if meta is not None and (not isinstance(meta, dict) or set(meta) - {"user_id"}):
+        raise ApiError(400, "metadata: only user_id is permitted", param="metadata")
     p, spec = core.model(provider, body.get("model"), "text")
     if body.get("max_tokens") is None:
         raise ApiError(400, "max_tokens: Field required", param="max_tokens")

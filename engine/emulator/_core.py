@@ -158,6 +158,7 @@ class Core:
                   cap_param: str, mode: BillMode, at: float | None = None) -> TextCall:
         """Count, cache and price one text call made at emulator time ``at`` (default: now). The cache is
         updated at once, as a provider caches the prompt at prefill."""
+        given = cap if isinstance(cap, int) and not isinstance(cap, bool) else 0  # a cap counts if asked
         if cap is None:
             cap = spec.max_output_tokens
         elif isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
@@ -165,6 +166,14 @@ class Core:
         elif cap > spec.max_output_tokens:
             raise ApiError(400, f"{cap_param} is too large: {cap}. {model} supports at most "
                            f"{spec.max_output_tokens} output tokens", param=cap_param)
+        # The window is checked before the cache is touched: the provider refuses the call at once.
+        need = prompt.tokens + given
+        if (spec.max_input_tokens is not None and prompt.tokens > spec.max_input_tokens) or (
+                spec.context_window is not None and need > spec.context_window):
+            raise ApiError(400, f"This model's maximum context length is {spec.context_window} tokens (input at most "
+                           f"{spec.max_input_tokens or spec.context_window}). However, you requested {need} tokens "
+                           f"({prompt.tokens} of input, {given} of {cap_param}). Please reduce the length of the "
+                           f"messages or {cap_param}.", code="context_length_exceeded")
         natural = natural_tokens(prompt.last_user, self.default_output_tokens)
         out = min(cap, natural)
         pc = provider.prompt_cache

@@ -48,6 +48,23 @@ def _cap(body: dict, *names: str) -> tuple[Any, str]:
     return None, names[0]
 
 
+def _sampling(body: dict, reasoning: bool) -> None:
+    """OpenAI's ranges, and what its reasoning models refuse (max_tokens; a temperature or top_p but 1)."""
+    if reasoning and body.get("max_tokens") is not None:
+        raise ApiError(400, "Unsupported parameter: 'max_tokens' is not supported with this model. Use "
+                       "'max_completion_tokens' instead.", param="max_tokens", code="unsupported_parameter")
+    for key, hi in (("temperature", 2), ("top_p", 1)):
+        v = body.get(key)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= hi:
+            raise ApiError(400, f"Invalid '{key}': expected a number between 0 and {hi}, got {v!r}.", param=key,
+                           code="invalid_value")
+        if reasoning and v != 1:
+            raise ApiError(400, f"Unsupported value: '{key}' does not support {v!r} with this model. Only the "
+                           "default (1) value is supported.", param=key, code="unsupported_value")
+
+
 def _prompt_details(call: TextCall) -> dict[str, int]:
     return {"cached_tokens": call.split.read, "cache_write_tokens": call.split.write, "audio_tokens": 0}
 
@@ -60,6 +77,7 @@ def chat_result(core: Core, provider: str, body: dict, mode: str, at: float | No
     if body.get("n") not in (None, 1):
         raise ApiError(400, "the emulator answers n=1 only", param="n")
     prompt = chat_prompt(body, spec.image_input or p.image_input)  # parsed before the cap, so a bad body is reported as such
+    _sampling(body, spec.reasoning)
     cap, cap_param = _cap(body, "max_completion_tokens", "max_tokens")
     call = core.text_call(p, spec, body["model"], prompt, cap, cap_param, mode, at)
     out = {

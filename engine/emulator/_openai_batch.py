@@ -79,6 +79,19 @@ def _parse_lines(data: bytes, endpoint: str, provider: ProviderSpec
     return members, problems, model
 
 
+def _check_metadata(meta: object) -> None:
+    """``BatchCreateParams.metadata``: at most 16 pairs, keys of at most 64 characters, string values of at
+    most 512."""
+    if meta is None:
+        return
+    if not isinstance(meta, dict) or len(meta) > 16:
+        raise ApiError(400, "metadata: at most 16 key-value pairs", param="metadata")
+    for k, v in meta.items():
+        if len(k) > 64 or not isinstance(v, str) or len(v) > 512:
+            raise ApiError(400, f"metadata.{k[:64]}: keys are strings of at most 64 characters and values "
+                           "strings of at most 512", param="metadata")
+
+
 def _create(ctx: Ctx) -> Reply:
     body, core = ctx.json(), ctx.core
     endpoint, window = body.get("endpoint"), body.get("completion_window")
@@ -97,6 +110,7 @@ def _create(ctx: Ctx) -> Reply:
     p = core.catalog.provider(ctx.provider)
     if not p.supports_batch_api("text") or p.batch_api is None:
         raise ApiError(400, f"provider {ctx.provider} declares no batch API in the catalog")
+    _check_metadata(body.get("metadata"))
     members, problems, model = _parse_lines(rec.data, endpoint, p)
     now = core.now()
     turnaround = core.draw_turnaround(p)

@@ -78,14 +78,25 @@ def filler_text(prompt_text: str, output_tokens: int) -> str:
     return (head + _FILLER * reps)[:n]
 
 
+# The roles each wire format takes in its messages (openai/types/chat, anthropic/types/message_param.py).
+_CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+_ANTHROPIC_ROLES = ("user", "assistant", "system")
+_RESPONSES_ROLES = ("system", "developer", "user", "assistant")
+_MAX_BREAKPOINTS = 4  # Anthropic's documented limit of cache_control blocks in one request
+
+
 class _Builder:
-    def __init__(self, images: ImageInput | None = None) -> None:
+    def __init__(self, images: ImageInput | None = None, roles: tuple[str, ...] = _CHAT_ROLES,
+                 anthropic: bool = False) -> None:
         self.images = images  # the model's rule for input images (None: the engine's default)
+        self.roles = roles
+        self.anthropic = anthropic  # Anthropic's rules: cache_control checked, system text only
         self.parts: list[str] = []
         self.length = 0
         self.breakpoints: list[int] = []
         self.bounds: list[int] = []
         self.last_user = ""
+        self.marks = 0  # cache_control blocks seen (Anthropic)
 
     def add(self, text: str, marked: bool) -> None:
         self.parts.append(text)
@@ -115,11 +126,12 @@ class _Builder:
             if not isinstance(tool, dict):
                 raise ApiError(400, "each tool must be an object", param="tools")
             plain = {k: v for k, v in tool.items() if k != "cache_control"}
-            self.add(json.dumps(plain, sort_keys=True, separators=(",", ":")), _marked(tool))
+            self.add(json.dumps(plain, sort_keys=True, separators=(",", ":")), self._marked(tool, "tools"))
             self.end_block()
 
-    def content(self, content: Any, where: str) -> str:
-        """Add a message's content (a string or a list of blocks); return its text."""
+    def content(self, content: Any, where: str, text_only: bool = False) -> str:
+        """Add a message's content (a string or a list of blocks; ``text_only``: text blocks only, as
+        Anthropic's system prompt); return its text."""
         if content is None:
             return ""
         if isinstance(content, str):
@@ -152,10 +164,26 @@ class _Builder:
                                    param=f"{where}[{n}].text")
                 self.add(text, False)
                 texts.append(text)
-            if _marked(block):
+            if text_only and block.get("type") != "text":
+                raise ApiError(400, f"{where}.{n}: must be a text block; {where} takes text only",
+                               param=f"{where}.{n}")
+            if self._marked(block, f"{where}.{n}"):
                 self.mark()
             self.end_block()
         return "".join(texts)
+
+    def _marked(self, block: dict, where: str) -> bool:
+        cc = block.get("cache_control")
+        if cc is None or not self.anthropic:
+            return _marked(block)
+        if not isinstance(cc, dict) or cc.get("type") != "ephemeral" or cc.get("ttl", "5m") not in ("5m", "1h"):
+            raise ApiError(400, f"{where}.cache_control: Input should be {{'type': 'ephemeral'}} with an optional "
+                           f"ttl of '5m' or '1h', got {cc!r}", param=f"{where}.cache_control")
+        self.marks += 1
+        if self.marks > _MAX_BREAKPOINTS:
+            raise ApiError(400, f"A maximum of {_MAX_BREAKPOINTS} blocks with cache_control may be provided. "
+                           f"Found {self.marks}.", param=f"{where}.cache_control")
+        return True
 
     def messages(self, messages: Any, param: str) -> None:
         if not isinstance(messages, list) or not messages:
@@ -169,7 +197,11 @@ class _Builder:
                 for t in call_texts(m):
                     self.add(t, False)
                 continue
-            text = self.content(m.get("content"), f"{param}[{i}].content")
+            if m.get("role") not in self.roles:
+                raise ApiError(400, f"{param}[{i}].role: Input should be one of {', '.join(map(repr, self.roles))}, "
+                               f"got {m.get('role')!r}", param=f"{param}[{i}].role")
+            text = self.content(m.get("content"), f"{param}[{i}].content",
+                                text_only=self.anthropic and m.get("role") == "system")
             for t in call_texts(m):  # an assistant's tool calls, after its text
                 self.add(t, False)
             if m.get("role") == "user":
@@ -200,7 +232,7 @@ def chat_prompt(body: dict, images: ImageInput | None = None) -> Prompt:
 
 def responses_prompt(body: dict, images: ImageInput | None = None) -> Prompt:
     """OpenAI Responses: tools, ``instructions``, then ``input`` (a string or a list of message items)."""
-    b = _Builder(images)
+    b = _Builder(images, _RESPONSES_ROLES)
     b.tools(body.get("tools"))
     instructions = body.get("instructions")
     if instructions is not None:
@@ -217,9 +249,12 @@ def responses_prompt(body: dict, images: ImageInput | None = None) -> Prompt:
 
 
 def anthropic_prompt(body: dict, images: ImageInput | None = None) -> Prompt:
-    """Anthropic messages: tools, ``system`` (a string or text blocks), then the messages."""
-    b = _Builder(images)
+    """Anthropic messages: tools, ``system`` (a string or text blocks), then the messages. A top-level
+    ``cache_control`` is a breakpoint at the end of the last block, as the API applies it."""
+    b = _Builder(images, _ANTHROPIC_ROLES, anthropic=True)
     b.tools(body.get("tools"))
-    b.content(body.get("system"), "system")
+    b.content(body.get("system"), "system", text_only=True)
     b.messages(body.get("messages"), "messages")
+    if body.get("cache_control") is not None and b._marked(body, "request"):
+        b.mark()
     return b.build()

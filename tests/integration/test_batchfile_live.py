@@ -15,7 +15,7 @@ SPEEDUP = 1000.0  # a 1 h window in 3.6 s
 
 def batch_line(cid, content, model):
     return {"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
-            "body": {"model": model, "max_tokens": 40, "messages": [{"role": "user", "content": content}]}}
+            "body": {"model": model, "max_completion_tokens": 40, "messages": [{"role": "user", "content": content}]}}
 
 
 def text_of(body):

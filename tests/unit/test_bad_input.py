@@ -400,7 +400,7 @@ def test_a_temperature_above_anthropics_range_is_refused_for_an_anthropic_model_
     (field, msg), = refused(d)
     assert field == "body.temperature" and "between 0 and 1 (Anthropic's range)" in msg and "got 1.5" in msg
     assert ok(model="claude-sonnet-4-5", prompt="hi", temperature=1.0).body == {"temperature": 1.0}
-    assert ok(model="gpt-5-mini", prompt="hi", temperature=1.5).body == {"temperature": 1.5}
+    assert ok(model="gpt-4o-mini", prompt="hi", temperature=1.5).body == {"temperature": 1.5}
 
 
 def test_an_anthropic_one_hour_cache_entry_is_refused_naming_its_block():
@@ -451,9 +451,9 @@ def test_an_anthropic_system_that_is_not_text_is_refused_naming_its_block():
 def test_well_formed_generation_parameters_and_nulls_pass_unchanged():
     body = {"temperature": 0, "top_p": 1, "max_tokens": 64, "seed": -3, "stop": ["\n\n", "END"], "n": 1,
             "frequency_penalty": -0.5, "presence_penalty": 2.0, "top_k": "anything: not a checked key"}
-    r = ok(model="gpt-5-mini", prompt="hi", input_tokens=None, output_tokens=None, body=dict(body))
+    r = ok(model="gpt-4o-mini", prompt="hi", input_tokens=None, output_tokens=None, body=dict(body))
     assert r.body == body and r.max_output_tokens == 64
-    assert ok(model="gpt-5-mini", prompt="hi", temperature=None, stop="\n", max_tokens=None).body == {
+    assert ok(model="gpt-4o-mini", prompt="hi", temperature=None, stop="\n", max_tokens=None).body == {
         "temperature": None, "stop": "\n", "max_tokens": None}
     assert ok(model="gpt-5-mini", prompt="hi", service_tier="auto", background=False).body == {
         "service_tier": "auto", "background": False}

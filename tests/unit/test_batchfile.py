@@ -31,7 +31,7 @@ runner = CliRunner()
 def line(cid, content="Name three rivers.", model="gpt-5-mini", **extra):
     return json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
                        "body": {"model": model, "messages": [{"role": "user", "content": content}],
-                                "max_tokens": 50}, **extra})
+                                "max_completion_tokens": 50}, **extra})
 
 
 @pytest.fixture

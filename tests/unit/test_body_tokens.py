@@ -58,7 +58,8 @@ def test_an_image_with_a_side_of_0_counts_as_an_unknown_one_and_never_fails_vali
     provider, _ = cat.find_model(model)
     image = ({"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": data}}
              if provider == "anthropic" else {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}})
-    body = {"max_tokens": 10, "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}, image]}]}
+    cap = "max_tokens" if provider == "anthropic" else "max_completion_tokens"
+    body = {cap: 10, "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi"}, image]}]}
     r = Request.model_validate({"id": "z", "arrival_s": 0.0, "model": model, "body": body})
     rule = cat.image_rule(provider, model)
     assert r.input_tokens >= image_tokens(rule, None) >= 85

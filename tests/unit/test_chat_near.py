@@ -39,7 +39,8 @@ CASES = {
     "paraphrased question, same conversation": (dict(question=PARAPHRASE), True),
     "same question, another system prompt": (dict(question=ASK, system=SYSTEM.replace("friendly", "formal")), False),
     "same question, another temperature": (dict(question=ASK, temperature=1.0), False),
-    "same question, a JSON answer asked": (dict(question=ASK, response_format={"type": "json_object"}), False),
+    "same question, a JSON answer asked": (dict(question=ASK, output_config={"format": {
+        "type": "json_schema", "schema": {"type": "object"}}}), False),
     "another question, same conversation": (dict(question="How can I get rid of big flying moths?"), False),
 }
 

@@ -19,7 +19,7 @@ CAT = default_catalog()
 
 def _file(tmp_path, n: int = 10, extra: dict | None = None):
     lines = [{"custom_id": f"line{k}", "method": "POST", "url": "/v1/chat/completions", **(extra or {}),
-              "body": {"model": "gpt-5-mini", "max_tokens": 256,
+              "body": {"model": "gpt-5-mini", "max_completion_tokens": 256,
                        "messages": [{"role": "user", "content": f"Write a haiku about the number {k}"}]}}
              for k in range(n)]
     path = tmp_path / "input.jsonl"

@@ -234,7 +234,7 @@ def wait_done(client, batch_id: str, limit_s: float = 5.0):
 
 def chat(client, content="Name three rivers.", **kw):
     return client.chat.completions.with_raw_response.create(
-        model="gpt-5-mini", messages=[{"role": "user", "content": content}], max_tokens=50, **kw)
+        model="gpt-5-mini", messages=[{"role": "user", "content": content}], max_completion_tokens=50, **kw)
 
 
 def test_chat_completion_answers_with_smartbatch_headers_and_fields_from_headers(served):
@@ -251,7 +251,7 @@ def test_chat_completion_answers_with_smartbatch_headers_and_fields_from_headers
     assert h[endpoint.HEADER_REQUEST_ID] == "q1"
     sent = eng.seen["q1"]
     assert (sent["deadline_s"], sent["tenant"], sent["priority"]) == (120.5, "acme", "background")
-    assert sent["body"]["max_tokens"] == 50 and "arrival_s" not in sent
+    assert sent["body"]["max_completion_tokens"] == 50 and "arrival_s" not in sent
     listed = price_alone(Request.model_validate({**sent, "arrival_s": 0.0}, context=validation_context(CAT)),
                          CAT, "sync").total
     assert listed > 0
@@ -422,7 +422,7 @@ def test_models_list_the_catalog(served):
 def batch_line(cid, content, model="gpt-5-mini"):
     return json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
                        "body": {"model": model, "messages": [{"role": "user", "content": content}],
-                                "max_tokens": 20}})
+                                "max_completion_tokens": 20}})
 
 
 def upload(client, lines):

@@ -77,7 +77,7 @@ def test_tools_the_caller_runs_pass():
                   {"type": "custom", "name": "other", "input_schema": {"type": "object"}},
                   {"type": "bash_20250124", "name": "bash"}, {"type": "text_editor_20250728", "name": "edit"}]})
     assert len(client.body["tools"]) == 4
-    fn = make(model="gpt-5-mini", max_tokens=100, body={
+    fn = make(model="gpt-5-mini", max_completion_tokens=100, body={
         "messages": [{"role": "user", "content": "weather?"}],
         "tools": [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]})
     assert fn.body["tools"][0]["type"] == "function"

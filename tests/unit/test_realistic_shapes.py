@@ -90,7 +90,8 @@ def test_tool_definitions_count_in_the_input_estimate_and_the_budget_reserves_fo
                                                 "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}
              for k in range(20)]
     claude_tools = [{"name": t["function"]["name"], "description": t["function"]["description"],
-                     "input_schema": t["function"]["parameters"], "cache_control": {"type": "ephemeral"}} for t in tools]
+                     "input_schema": t["function"]["parameters"]} for t in tools]
+    claude_tools[-1]["cache_control"] = {"type": "ephemeral"}  # one breakpoint after the tools (at most 4 a call)
     cat = default_catalog()
     for model, count, body in (
             ("gpt-4o-mini", chat_prompt, {"messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": tools}),

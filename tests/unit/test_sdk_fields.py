@@ -14,13 +14,15 @@ pytestmark = pytest.mark.filterwarnings("ignore:The model .* is deprecated:Depre
 
 # Fields the providers take that an SDK may not name: anthropic 2.x dropped temperature, top_p and top_k from
 # ``messages.create``; no SDK names a server's own (vLLM's top_k and repetition_penalty on the OpenAI API).
+# (gpt-5-mini, the OpenAI model here, is a reasoning model: it takes no temperature but 1 and no max_tokens.)
 FIELDS = {"anthropic": {"temperature": 0.2, "top_p": 0.9, "top_k": 40},
-          "openai": {"temperature": 0.2, "top_k": 40, "repetition_penalty": 1.1}}
+          "openai": {"temperature": 1, "top_k": 40, "repetition_penalty": 1.1}}
+CAP = {"anthropic": "max_tokens", "openai": "max_completion_tokens"}
 
 
 @PROVIDERS
 def test_a_sync_call_sends_body_fields_the_sdk_does_not_name(emu, provider):  # noqa: F811
-    body = {"messages": [{"role": "user", "content": "Name three rivers."}], "max_tokens": 64, **FIELDS[provider]}
+    body = {"messages": [{"role": "user", "content": "Name three rivers."}], CAP[provider]: 64, **FIELDS[provider]}
     (j,) = jobs_of(provider, 1, body=body)
     sent: list[dict] = []
 
@@ -204,7 +206,7 @@ def test_a_body_cap_other_than_the_requests_cap_is_refused_naming_it():
     from engine.core.request import Request
 
     msgs = [{"role": "user", "content": "Say hi."}]
-    base = {"id": "r", "arrival_s": 0.0, "model": "gpt-5-mini"}
+    base = {"id": "r", "arrival_s": 0.0, "model": "gpt-4o-mini"}
     with pytest.raises(ValueError, match="body.max_tokens 4000 differs from the request's output cap 5"):
         Request.model_validate({**base, "max_output_tokens": 5, "body": {"messages": msgs, "max_tokens": 4000}})
     with pytest.raises(ValueError, match="body.max_tokens 9 differs"):  # two caps in the body

@@ -22,7 +22,7 @@ def _trip(x):
 
 def _requests() -> list[Request]:
     reqs = list(synth(300, seed=3))
-    reqs.append(Request(id="chat", arrival_s=1.5, model="gpt-5-mini", deadline_s=60, max_output_tokens=64,
+    reqs.append(Request(id="chat", arrival_s=1.5, model="gpt-4o-mini", deadline_s=60, max_output_tokens=64,
                         body={"messages": [{"role": "user", "content": "hi"}], "temperature": 0.2}))
     reqs.append(Request(id="img", arrival_s=2, model="gpt-image-1", prompt="a red fox", deadline_s=600,
                         params={"size": "1024x1024", "quality": "high"}))

@@ -1,0 +1,88 @@
+"""What one provider's wire format refuses that another's takes, refused per request when the request is made
+(``engine.core._checks.check_api_body``): before, each was accepted, reserved for and sent, and the provider
+answered 400 for that call (a helper's hunt of the emulator, whose answers now match)."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from engine.core.catalog import default_catalog
+from engine.core.request import Request, validation_context
+from engine.core.settings import Settings
+
+CAT = default_catalog()
+CTX = validation_context(CAT, Settings())
+HI = {"role": "user", "content": "hi"}
+
+
+def make(model: str, **body) -> Request:
+    return Request.model_validate({"id": "r", "arrival_s": 0.0, "model": model,
+                                   "body": {"messages": [HI], **body}}, context=CTX)
+
+
+def refusal(model: str, **body) -> str:
+    with pytest.raises(ValidationError) as ei:
+        make(model, **body)
+    (err,) = ei.value.errors()
+    return err["msg"]
+
+
+@pytest.mark.parametrize(("body", "field", "fix"), [
+    ({"stop": ["\n"]}, "body.stop", "stop_sequences"),
+    ({"max_completion_tokens": 50}, "body.max_completion_tokens", "max_tokens"),
+    ({"response_format": {"type": "json_object"}}, "body.response_format", "output_config"),
+    ({"seed": 7}, "body.seed", "leave it out"),
+    ({"user": "u-1"}, "body.user", "metadata.user_id"),
+    ({"metadata": {"tenant": "acme"}}, "body.metadata", "only user_id"),
+    ({"speed": "fast"}, "body.speed", "other prices"),
+    ({"messages": [{"role": "developer", "content": "be brief"}, HI]}, "body.messages[0].role", "'system'"),
+    ({"messages": [HI, {"role": "tool", "content": "42"}]}, "body.messages[1].role", "tool_result"),
+    ({"messages": [{"role": "system", "content": [{"type": "image", "source": {
+        "type": "url", "url": "https://example.com/a.png"}}]}, HI]}, "body.messages[0].content[0]", "text block"),
+    ({"system": [{"type": "text", "text": f"part {k}", "cache_control": {"type": "ephemeral"}} for k in range(5)]},
+     "body.system.4.cache_control", "at most 4"),
+])
+def test_an_anthropic_request_with_what_the_messages_api_refuses_is_refused_naming_field_and_fix(body, field, fix):
+    msg = refusal("claude-haiku-4-5", **({} if "max_completion_tokens" in body else {"max_tokens": 20}), **body)
+    assert msg.startswith(f"Value error, {field}") and fix in msg
+
+
+def test_what_anthropic_takes_passes_and_the_same_fields_pass_at_openai():
+    ok = make("claude-haiku-4-5", max_tokens=20, stop_sequences=["\n"], metadata={"user_id": "u-1"},
+              system=[{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
+              messages=[{"role": "system", "content": "Answer in French."}, HI])
+    assert ok.body["stop_sequences"] == ["\n"] and ok.body["metadata"] == {"user_id": "u-1"}
+    # The four marks Anthropic allows pass.
+    four = [{"type": "text", "text": f"part {k}", "cache_control": {"type": "ephemeral"}} for k in range(4)]
+    assert len(make("claude-haiku-4-5", max_tokens=20, system=four).body["system"]) == 4
+    # OpenAI's own fields, at a model that is not a reasoning one.
+    r = make("gpt-4o-mini", stop=["\n"], seed=7, user="u-1", max_tokens=20, temperature=0.2,
+             messages=[{"role": "developer", "content": "be brief"}, HI])
+    assert r.body["seed"] == 7 and r.max_output_tokens == 20
+
+
+def test_an_openai_reasoning_model_refuses_max_tokens_and_a_temperature_other_than_1():
+    assert CAT.model("openai", "gpt-5-mini").reasoning and not CAT.model("openai", "gpt-4o-mini").reasoning
+    msg = refusal("gpt-5-mini", max_tokens=50)
+    assert msg.startswith("Value error, body.max_tokens") and "max_completion_tokens" in msg
+    msg = refusal("gpt-5", temperature=0.2)
+    assert msg.startswith("Value error, body.temperature") and "must be 1 or left out" in msg
+    assert "body.top_p" in refusal("gpt-5", top_p=0.5)
+    r = make("gpt-5-mini", max_completion_tokens=50, temperature=1)
+    assert r.max_output_tokens == 50
+
+
+def test_one_bad_line_of_a_file_fails_alone_and_its_neighbours_load(tmp_path):
+    from engine.core.trace import load_trace
+
+    good = '{"id": "a", "arrival_s": 0, "model": "claude-haiku-4-5", "max_tokens": 9, "messages": [%s]}'
+    p = tmp_path / "t.jsonl"
+    p.write_text("\n".join([good % '{"role": "user", "content": "hi"}',
+                            '{"id": "b", "arrival_s": 0, "model": "claude-haiku-4-5", "stop": ["x"], '
+                            '"messages": [{"role": "user", "content": "hi"}]}',
+                            good.replace('"a"', '"c"') % '{"role": "user", "content": "yo"}']) + "\n")
+    trace = load_trace(p, catalog=CAT, skip_invalid=True)
+    assert [r.id for r in trace.requests] == ["a", "c"] and trace.skipped == 1
+    (problem,) = trace.problems
+    assert "body.stop" in str(problem) and "stop_sequences" in str(problem)

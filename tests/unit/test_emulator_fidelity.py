@@ -1,0 +1,128 @@
+"""The emulator refuses what the real APIs refuse, with their status codes, so a test that passes here would
+pass against them: each case below was answered 200 and billed before (a helper's hunt)."""
+
+from __future__ import annotations
+
+import anthropic
+import openai
+import pytest
+
+from tests.unit.test_emulator import (  # noqa: F401  (emu, sdk: the fixtures)
+    Emulator,
+    Sdk,
+    anthropic_requests,
+    emu,
+    ended,
+    real_time,
+    sdk,
+    user,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore:The model .* is deprecated:DeprecationWarning")
+
+
+def words(tokens: int) -> str:
+    return "x" * (4 * tokens)  # the emulator's convention: 4 characters a token
+
+
+def test_a_prompt_past_the_context_window_is_a_400_before_the_cache_or_the_bill_sees_it(emu: Emulator, sdk: Sdk):  # noqa: F811
+    claude = sdk.anthropic()
+    big = [{"role": "user", "content": [{"type": "text", "text": words(190_000), "cache_control": {"type": "ephemeral"}}]}]
+    # 190k of input fits claude-haiku-4-5's 200k window; 20k of max_tokens beside it does not.
+    with pytest.raises(anthropic.BadRequestError, match="maximum context length is 200000"):
+        claude.messages.create(model="claude-haiku-4-5", max_tokens=20_000, messages=big)
+    with pytest.raises(openai.BadRequestError) as err:
+        sdk.openai().chat.completions.create(model="gpt-4o-mini", messages=user(words(130_000)))
+    assert err.value.code == "context_length_exceeded"
+    assert not emu.bill().items
+    # The refused call wrote nothing to the cache: the same prompt with room to answer writes it now.
+    ok = claude.messages.create(model="claude-haiku-4-5", max_tokens=100, messages=big)
+    assert ok.usage.cache_read_input_tokens == 0 and ok.usage.cache_creation_input_tokens > 0
+    # Without a cap, OpenAI counts only the input against the window (gpt-5-mini's default cap is 128k).
+    sdk.openai().chat.completions.create(model="gpt-5-mini", messages=user(words(200_000)))
+    assert len(emu.bill().items) == 2
+
+
+def test_a_batch_member_past_the_window_errors_alone_and_is_not_billed(emu: Emulator, sdk: Sdk):  # noqa: F811
+    client = sdk.anthropic()
+    reqs = anthropic_requests(2, "w")
+    reqs[1]["params"]["messages"] = user(words(210_000))
+    done = ended(client, client.messages.batches.create(requests=reqs).id)
+    assert done.request_counts.succeeded == 1 and done.request_counts.errored == 1
+    results = {r.custom_id: r.result for r in client.messages.batches.results(done.id)}
+    assert results["w1"].type == "errored" and results["w1"].error.error.type == "invalid_request_error"
+    assert [i.custom_id for i in emu.bill().items] == ["w0"]
+
+
+@pytest.mark.parametrize(("kw", "words_in_error"), [
+    ({"messages": [{"role": "developer", "content": "be brief"}, *user("hi")]}, "messages[0].role"),
+    ({"messages": [*user("hi"), {"role": "tool", "content": "42"}]}, "messages[1].role"),
+    ({"system": [{"type": "text", "text": "Be brief."},
+                 {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}}]}, "system.1"),
+    ({"messages": [{"role": "system", "content": [{"type": "image", "source": {
+        "type": "url", "url": "https://example.com/a.png"}}]}, *user("hi")]}, "must be a text block"),
+    ({"extra_body": {"seed": 7}}, "seed: Extra inputs are not permitted"),
+    ({"metadata": {"user_id": "u", "tenant": "acme"}}, "only user_id"),
+    ({"system": [{"type": "text", "text": "s", "cache_control": {"type": "persistent"}}]}, "cache_control"),
+    ({"system": [{"type": "text", "text": "s", "cache_control": {"type": "ephemeral", "ttl": "10m"}}]},
+     "cache_control"),
+    ({"system": [{"type": "text", "text": f"s{k}", "cache_control": {"type": "ephemeral"}} for k in range(5)]},
+     "A maximum of 4 blocks with cache_control"),
+])
+def test_anthropic_refuses_what_the_messages_api_refuses(emu: Emulator, sdk: Sdk, kw, words_in_error):  # noqa: F811
+    kw = {"messages": user("hi"), **kw}
+    with pytest.raises(anthropic.BadRequestError, match=words_in_error.replace("[", r"\[").replace("]", r"\]")):
+        sdk.anthropic().messages.create(model="claude-haiku-4-5", max_tokens=20, **kw)
+    assert not emu.bill().items
+
+
+def test_anthropic_takes_what_the_messages_api_takes(emu: Emulator, sdk: Sdk):  # noqa: F811
+    client = sdk.anthropic()
+    system = [{"type": "text", "text": f"s{k}", "cache_control": {"type": "ephemeral", "ttl": "5m"}} for k in range(4)]
+    client.messages.create(model="claude-haiku-4-5", max_tokens=20, system=system, metadata={"user_id": "u"},
+                           messages=[{"role": "system", "content": "Answer in French."}, *user("hi")],
+                           extra_body={"temperature": 0.2, "top_k": 40})
+    assert len(emu.bill().items) == 1
+
+
+@real_time
+def test_a_top_level_cache_control_marks_the_last_block(emu: Emulator, sdk: Sdk):  # noqa: F811
+    client = sdk.anthropic()
+    long = user(words(5_000))
+    first = client.messages.create(model="claude-haiku-4-5", max_tokens=5, messages=long,
+                                   extra_body={"cache_control": {"type": "ephemeral"}})
+    again = client.messages.create(model="claude-haiku-4-5", max_tokens=5, messages=long,
+                                   extra_body={"cache_control": {"type": "ephemeral"}})
+    assert first.usage.cache_creation_input_tokens == 5_000 and again.usage.cache_read_input_tokens == 5_000
+    plain = client.messages.create(model="claude-haiku-4-5", max_tokens=5, messages=user(words(5_000) + "!"))
+    assert plain.usage.cache_creation_input_tokens == 0  # unmarked: nothing is written
+
+
+@pytest.mark.parametrize(("model", "kw", "code"), [
+    ("gpt-5-mini", {"max_tokens": 50}, "unsupported_parameter"),
+    ("gpt-5-mini", {"temperature": 0.2}, "unsupported_value"),
+    ("gpt-4o-mini", {"temperature": 2.5}, "invalid_value"),
+    ("gpt-4o-mini", {"messages": [{"role": "banana", "content": "hi"}]}, None),
+])
+def test_openai_refuses_what_chat_completions_refuses(emu: Emulator, sdk: Sdk, model, kw, code):  # noqa: F811
+    kw = {"messages": user("hi"), **kw}
+    with pytest.raises(openai.BadRequestError) as err:
+        sdk.openai().chat.completions.create(model=model, **kw)
+    assert err.value.code == code
+    sdk.openai().chat.completions.create(model="gpt-4o-mini", max_tokens=50, temperature=0.2, messages=user("hi"))
+    sdk.openai().chat.completions.create(model="gpt-5-mini", max_completion_tokens=50, messages=user("hi"))
+    assert len(emu.bill().items) == 2
+
+
+def test_a_batch_with_more_metadata_than_openai_takes_is_a_400(emu: Emulator, sdk: Sdk):  # noqa: F811
+    client = sdk.openai()
+    line = b'{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "gpt-4o-mini", ' \
+           b'"messages": [{"role": "user", "content": "hi"}]}}\n'
+    f = client.files.create(file=("in.jsonl", line), purpose="batch")
+    for meta in ({f"k{i}": "v" for i in range(17)}, {"k" * 65: "v"}, {"k": "v" * 513}):
+        with pytest.raises(openai.BadRequestError, match="metadata"):
+            client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h",
+                                  metadata=meta)
+    ok = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h",
+                               metadata={f"k{i}": "v" * 512 for i in range(16)})
+    assert ok.status in ("validating", "in_progress")
