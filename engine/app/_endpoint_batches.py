@@ -25,8 +25,9 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter
 from fastapi import Request as HttpRequest
@@ -77,6 +78,9 @@ class FilesAndBatches(TakeBack):
         self.window_default_s, self.cancel_wait_s, self.max_open_lines = window_default_s, cancel_wait_s, max_open_lines
         self.files: dict[str, StoredFile] = self.state.files() if self.state is not None else {}
         self.batches: dict[str, BatchJob] = {}
+        # Creates and cancels under way, each a task of its own (``_detach``), and the lines the creates bring.
+        self._detached: set[asyncio.Task] = set()
+        self._admitting = 0
 
     def __repr__(self) -> str:
         running = sum(b.status in OPEN or b.status == "cancelling" for b in self.batches.values())
@@ -100,6 +104,8 @@ class FilesAndBatches(TakeBack):
         lines have by then, taken or not yet by its collector: a ``serve`` stop cancels the engine's work and waits
         for what its provider batches finished to reach this driver first. Left untaken, such an answer (billed)
         was asked again at the next start, and paid twice."""
+        # A create under way ends first: its batch is then on record, and its collector among those stopped below.
+        await asyncio.gather(*self._detached, return_exceptions=True)
         tasks = [b.task for b in self.batches.values() if b.task is not None and not b.task.done()]
         for t in tasks:
             t.cancel()
@@ -193,7 +199,8 @@ class FilesAndBatches(TakeBack):
                               catalog=self.catalog, settings=self.engine.settings)
         job.bf = for_endpoint(bf, endpoint)
         problems = bf.file_problems or ([] if bf.lines else [(file_id, 0, "file", "the file has no lines")])
-        held = sum(cid not in b.results for b in self.batches.values() if b.final is None for cid in b.futures)
+        held = self._admitting + sum(cid not in b.results for b in self.batches.values() if b.final is None
+                                     for cid in b.futures)
         if not problems and held + len(job.bf.requests) > self.max_open_lines:
             problems = [(file_id, 0, "limit", f"the endpoint holds {held:,} unfinished batch lines and this batch "
                          f"adds {len(job.bf.requests):,}, past its {self.max_open_lines:,} (kept so that chat "
@@ -208,19 +215,37 @@ class FilesAndBatches(TakeBack):
             self.batches[job.id] = job
             self._save(job)
             return job.view()
+        n = len(job.bf.requests)
+        self._admitting += n  # counted from now: two creates at once cannot both pass the limit
+        try:
+            await self._detach(self._admit(job, file_id))
+        finally:
+            self._admitting -= n
+        return job.view()  # before the collector runs: status in_progress
+
+    async def _detach(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` as a task of its own and wait for it. A client that leaves mid-call (Serve then cancels
+        its handler) cancels only the wait: a create's lines were taken and billed with no batch on record, and
+        a cancel left its batch cancelling for its whole window (a helper's hunt)."""
+        task = asyncio.ensure_future(work)
+        self._detached.add(task)
+        task.add_done_callback(self._detached.discard)
+        await asyncio.shield(task)
+
+    async def _admit(self, job: BatchJob, file_id: str) -> None:
+        assert job.bf is not None
         if self.state is not None:  # on disk before the engine has a line: a crash then loses nothing it took
             self.state.keep_input(job.id, file_id)
             self._save(job)
         try:
             await self._submit(job, job.bf.requests)
-        except BaseException:
+        except Exception:
             if self.state is not None:
                 self.state.forget_batch(job.id)
             raise
         self.batches[job.id] = job
         self._save(job)
         job.task = asyncio.create_task(self._collect(job), name=f"smartbatch-{job.id}")
-        return job.view()  # before the collector runs: status in_progress
 
     async def _submit(self, job: BatchJob, reqs: list[Request], deadline_s: float | None = None) -> None:
         """Hand ``reqs`` (lines of ``job``) to the engine, each under the request id ``<batch id>/<custom_id>``
@@ -327,25 +352,29 @@ class FilesAndBatches(TakeBack):
 
     async def cancel_batch(self, batch_id: str) -> dict:
         job = self._batch(batch_id)
+        if job.status == "cancelling":  # a cancel again (its client left mid-call, and retries): under way
+            return job.view()
         if job.status not in OPEN:
             raise ApiError(409, f"Cannot cancel batch {batch_id}: its status is {job.status!r}",
                            param="batch_id")
         self._enter(job, "cancelling")
         self._save(job)
         shown = job.view()  # OpenAI answers a cancel with the batch cancelling
+        await self._detach(self._cancel(job))
+        return shown
+
+    async def _cancel(self, job: BatchJob) -> None:
         await withdraw_open(self.engine, job)
         task = job.task
         if job.status != "cancelling":  # its last lines ended with the withdrawal, and the collector ended it
-            return shown
+            return
         if task is None or task.done():
             self._finish(job)
-            return shown
-
+            return
         # A collector cancelled before it ran wrote no files: then this does.
         task.add_done_callback(lambda _: self._finish(job) if job.status == "cancelling" else None)
         # The collector ends the batch when its last line is in, or when the wait is over (cancelled).
         asyncio.get_running_loop().call_later(self.cancel_wait_s, task.cancel)
-        return shown
 
     async def batch_report(self, batch_id: str) -> dict:
         """smartbatch's extension: every line's cost against its list price, the totals and the modes used."""
