@@ -63,6 +63,14 @@ def start_endpoint(engine: str, *, host: str = "127.0.0.1", port: int = 8000,
                           "another port (0: a free one)")
     from ray import serve
 
+    # Serve runs one HTTP proxy a cluster, on the port it was first started with, and this app takes route "/":
+    # a second engine's endpoint had its port ignored, then failed on the route with Serve's traceback (a helper's
+    # hunt). Named here, with the fix.
+    others = sorted(a for a in serve.status().applications if a != app_name(engine))
+    if others:
+        raise ConfigError(f"this Ray cluster already serves {', '.join(others)}, and Ray Serve gives one HTTP "
+                          "endpoint a cluster: stop that engine's endpoint, or serve this engine on a Ray of its "
+                          "own (leave out --address)")
     port = port or _free_port(host)
     serve.start(http_options={"host": host, "port": port})
     built = _builder(engine, api_key_sha256, None if state_dir is None else str(state_dir))

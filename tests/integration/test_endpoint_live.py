@@ -62,6 +62,15 @@ def test_a_chat_completion_through_the_endpoint_carries_smartbatchs_decision(end
     assert eng.report()["requests"] == rep["requests"] and emu.count("chat.completions", "openai") == calls
 
 
+def test_a_second_engines_endpoint_on_the_same_ray_is_refused_naming_the_first(endpoint):
+    # Serve gives one HTTP endpoint a cluster: a second one had its port ignored and failed with Serve's traceback.
+    from engine.core.errors import ConfigError
+
+    name = endpoint[4][0]
+    with pytest.raises(ConfigError, match=f"already serves smartbatch-{name}.*leave out --address"):
+        start_endpoint(f"{name}-b", port=0)
+
+
 def test_a_bad_header_is_a_400_that_names_it(endpoint):
     client = endpoint[3]
     with pytest.raises(openai.BadRequestError) as err:
