@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from engine.core.catalog import ModelSpec
 
-__all__ = ["GENERATION_PARAMS", "FieldProblem", "check_api_body", "check_generation", "check_json", "check_media", "check_messages",
+__all__ = ["GENERATION_PARAMS", "FieldProblem", "cache_blocks", "check_generation", "check_json", "check_media", "check_messages",
            "check_params", "check_route", "check_text", "check_tools"]
 
 
@@ -155,7 +155,7 @@ def check_generation(body: dict, where: str, api: str | None = None) -> None:
             raise FieldProblem(f"{where}.{key}", f"{where}.{key} must be {rule[1]}, got {shown}; {rule[2]}")
 
 
-def _cache_blocks(body: dict):
+def cache_blocks(body: dict):
     """(path, block) of every place an Anthropic body may carry ``cache_control``."""
     yield "", body
     for name in ("system", "tools"):
@@ -172,7 +172,7 @@ def _cache_blocks(body: dict):
 def check_cache_ttl(body: dict, where: str) -> None:
     """An Anthropic ``cache_control`` with ``ttl: "1h"`` writes its entry at 2x the input price; the catalog, and
     so every estimate, reservation and result, prices the 5-minute entry's 1.25x. Refused, naming the block."""
-    for path, block in _cache_blocks(body):
+    for path, block in cache_blocks(body):
         cc = block.get("cache_control") if isinstance(block, dict) else None
         if isinstance(cc, dict) and cc.get("ttl") not in (None, "5m"):
             field = f"{where}{path}.cache_control.ttl"
@@ -200,74 +200,6 @@ def check_anthropic_system(body: dict, where: str) -> None:
                                f"{str(block)[:60]!r}")
         raise FieldProblem(field, f"{field} must be a text block, got type {str(kind)[:40]!r}: Anthropic takes "
                            "only text in system; put images and documents in a user message")
-
-
-# OpenAI fields that Anthropic's Messages API does not take ("Extra inputs are not permitted"): each with its
-# fix. Sent, they reached the provider as extra body keys and the call was refused after the request was
-# accepted and perhaps batched (a helper's hunt of the emulator).
-_NOT_ANTHROPIC = {
-    "stop": "Anthropic's is stop_sequences, a list of strings",
-    "max_completion_tokens": "Anthropic's is max_tokens",
-    "response_format": "Anthropic's structured output is output_config",
-    "n": "one request makes one output: submit n requests with ids of their own",
-    "user": "Anthropic's is metadata.user_id",
-    "reasoning_effort": "Anthropic's is thinking",
-    "parallel_tool_calls": "Anthropic's is tool_choice.disable_parallel_tool_use",
-    **dict.fromkeys(("seed", "frequency_penalty", "presence_penalty", "logit_bias", "logprobs", "top_logprobs",
-                     "prompt_cache_key"), "Anthropic has no such field: leave it out"),
-}
-_ANTHROPIC_ROLES = ("user", "assistant", "system")
-_MAX_BREAKPOINTS = 4  # cache_control blocks in one Anthropic request
-
-
-def check_api_body(body: dict, where: str, api: str, spec: ModelSpec) -> None:
-    """What the provider's wire format refuses that another's takes: at Anthropic, OpenAI's fields, roles and
-    metadata keys, a non-text system message and the ``fast`` speed (priced apart from the catalog's); at an
-    OpenAI reasoning model, ``max_tokens`` and a temperature or top_p other than 1. Each was accepted, reserved
-    for and sent, and the provider answered 400 for that call alone (a helper's hunt)."""
-    if api == "openai" and spec.reasoning:
-        if body.get("max_tokens") is not None:
-            raise FieldProblem(f"{where}.max_tokens", f"{where}.max_tokens is refused by OpenAI for reasoning models; "
-                               "give max_completion_tokens (it also counts the model's reasoning tokens)")
-        for key in ("temperature", "top_p"):
-            if body.get(key) not in (None, 1):
-                raise FieldProblem(f"{where}.{key}", f"{where}.{key} must be 1 or left out: OpenAI's reasoning "
-                                   f"models take no other value, got {body[key]!r}")
-    if api != "anthropic":
-        return
-    for key, fix in _NOT_ANTHROPIC.items():
-        if key in body:
-            raise FieldProblem(f"{where}.{key}", f"{where}.{key} is an OpenAI field that Anthropic's Messages API "
-                               f"refuses; {fix}")
-    if body.get("speed") not in (None, "standard"):
-        raise FieldProblem(f"{where}.speed", f"{where}.speed {body['speed']!r} is billed at other prices than the "
-                           "catalog's standard speed: leave it out")
-    marks = [path for path, block in _cache_blocks(body)
-             if isinstance(block, dict) and block.get("cache_control") is not None]
-    if len(marks) > _MAX_BREAKPOINTS:
-        field = f"{where}{marks[_MAX_BREAKPOINTS]}.cache_control"
-        raise FieldProblem(field, f"{field} is mark {_MAX_BREAKPOINTS + 1} of {len(marks)}, and Anthropic takes at "
-                           f"most {_MAX_BREAKPOINTS} cache_control marks a request: keep the marks at the ends of the parts that repeat (the tools, the "
-                           "system prompt, the conversation so far)")
-    meta = body.get("metadata")
-    if meta is not None and (not isinstance(meta, dict) or set(meta) - {"user_id"}):
-        raise FieldProblem(f"{where}.metadata", f"{where}.metadata takes only user_id at Anthropic, got "
-                           f"{str(meta)[:60]}; leave the other keys out")
-    for k, m in enumerate(body.get("messages") or ()):
-        role = m.get("role") if isinstance(m, Mapping) else None
-        if role not in _ANTHROPIC_ROLES:
-            fix = ("give a tool's output as a tool_result block in a user message" if role in ("tool", "function")
-                   else "use 'system' (or the top-level system)" if role == "developer" else "use user or assistant")
-            raise FieldProblem(f"{where}.messages[{k}].role", f"{where}.messages[{k}].role {str(role)[:40]!r} is not "
-                               f"one of Anthropic's ({', '.join(_ANTHROPIC_ROLES)}); {fix}")
-        content = m.get("content")
-        if role == "system" and isinstance(content, list):
-            bad = next((i for i, b in enumerate(content) if not isinstance(b, Mapping) or b.get("type") != "text"),
-                       None)
-            if bad is not None:
-                field = f"{where}.messages[{k}].content[{bad}]"
-                raise FieldProblem(field, f"{field} must be a text block: Anthropic takes only text in a system "
-                                   "message; put images and documents in a user message")
 
 
 # Tools the caller runs itself: the provider bills only their tokens, which the cost model prices. Anthropic's

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from engine.core._api_fields import check_api_body
 from engine.core._checks import (
     check_anthropic_system,
-    check_api_body,
     check_cache_ttl,
     check_generation,
     check_route,

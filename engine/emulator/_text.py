@@ -83,6 +83,10 @@ _CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 _ANTHROPIC_ROLES = ("user", "assistant", "system")
 _RESPONSES_ROLES = ("system", "developer", "user", "assistant")
 _MAX_BREAKPOINTS = 4  # Anthropic's documented limit of cache_control blocks in one request
+# Part types of the other API, which each refuses ("Input tag 'image_url' found using 'type' does not match ...").
+_NOT_CHAT = frozenset({"image", "document", "tool_use", "tool_result", "thinking", "redacted_thinking"})
+_NOT_ANTHROPIC = frozenset({"image_url", "input_image", "input_text", "output_text", "file", "input_file",
+                            "input_audio", "refusal"})
 
 
 class _Builder:
@@ -91,6 +95,7 @@ class _Builder:
         self.images = images  # the model's rule for input images (None: the engine's default)
         self.roles = roles
         self.anthropic = anthropic  # Anthropic's rules: cache_control checked, system text only
+        self.foreign = _NOT_ANTHROPIC if anthropic else _NOT_CHAT if roles == _CHAT_ROLES else frozenset()
         self.parts: list[str] = []
         self.length = 0
         self.breakpoints: list[int] = []
@@ -144,6 +149,9 @@ class _Builder:
         for n, block in enumerate(content):
             if not isinstance(block, dict):
                 raise ApiError(400, f"each block of {where} must be an object", param=where)
+            if block.get("type") in self.foreign:
+                raise ApiError(400, f"{where}.{n}.type: Input tag {block['type']!r} found using 'type' does not "
+                               "match any of the expected tags", param=f"{where}.{n}.type")
             # A marked block is one breakpoint, where the block ends. Its parts are added unmarked: marked,
             # the empty call text of a text block put a breakpoint where the block starts, an entry Anthropic
             # never makes, which a later call that stopped one block short read.

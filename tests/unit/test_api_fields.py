@@ -48,6 +48,30 @@ def test_an_anthropic_request_with_what_the_messages_api_refuses_is_refused_nami
     assert msg.startswith(f"Value error, {field}") and fix in msg
 
 
+IMAGE_URL = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
+IMAGE = {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}}
+
+
+@pytest.mark.parametrize(("model", "part", "fix"), [
+    ("claude-haiku-4-5", IMAGE_URL, "{'type': 'image', 'source'"),
+    ("claude-haiku-4-5", {"type": "input_text", "text": "hi"}, "{'type': 'text'"),
+    ("gpt-4o-mini", IMAGE, "{'type': 'image_url'"),
+    ("gpt-4o-mini", {"type": "tool_result", "tool_use_id": "t1", "content": "42"}, "role 'tool'"),
+])
+def test_a_content_part_of_the_other_providers_api_is_refused_naming_its_counterpart(model, part, fix):
+    cap = {"max_tokens": 20} if model.startswith("claude") else {}
+    msg = refusal(model, messages=[{"role": "user", "content": [{"type": "text", "text": "Describe it."}, part]}],
+                  **cap)
+    assert msg.startswith("Value error, body.messages[0].content[1].type") and fix in msg
+    # Its own format's part passes, and so does a Responses body's, which goes as messages (translated).
+    own = IMAGE if model.startswith("claude") else IMAGE_URL
+    assert make(model, messages=[{"role": "user", "content": [own]}], **cap).body["messages"][0]["content"] == [own]
+    if model.startswith("claude"):
+        r = Request.model_validate({"id": "r", "arrival_s": 0.0, "model": model, "max_output_tokens": 20, "body": {
+            "input": [{"role": "user", "content": [{"type": "input_text", "text": "hi"}]}]}}, context=CTX)
+        assert r.body["input"][0]["content"][0]["type"] == "input_text"
+
+
 def test_what_anthropic_takes_passes_and_the_same_fields_pass_at_openai():
     ok = make("claude-haiku-4-5", max_tokens=20, stop_sequences=["\n"], metadata={"user_id": "u-1"},
               system=[{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],

@@ -310,7 +310,8 @@ def test_a_body_request_reserves_for_its_bytes_where_its_text_tokenizes_denser_t
     img = Request.model_validate({"id": "img", "arrival_s": 0.0, "model": "claude-haiku-4-5", "max_tokens": 5,
                                   "messages": [{"role": "user", "content": [
                                       {"type": "text", "text": "Describe it."},
-                                      {"type": "image_url", "image_url": {"url": png}}]}]}, context=ctx)
+                                      {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                                   "data": png.split(",", 1)[1]}}]}]}, context=ctx)
     assert input_bound(img, spec) == img.input_tokens + len("Describe it.")
     bare = Request.model_validate({"id": "t", "arrival_s": 0.0, "model": "claude-haiku-4-5", "prompt": "x" * 40,
                                    "input_tokens": 3000, "max_output_tokens": 5}, context=ctx)

@@ -61,6 +61,8 @@ def test_a_batch_member_past_the_window_errors_alone_and_is_not_billed(emu: Emul
                  {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}}]}, "system.1"),
     ({"messages": [{"role": "system", "content": [{"type": "image", "source": {
         "type": "url", "url": "https://example.com/a.png"}}]}, *user("hi")]}, "must be a text block"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://e.com/a.png"}}]}]},
+     "Input tag 'image_url'"),
     ({"extra_body": {"seed": 7}}, "seed: Extra inputs are not permitted"),
     ({"metadata": {"user_id": "u", "tenant": "acme"}}, "only user_id"),
     ({"system": [{"type": "text", "text": "s", "cache_control": {"type": "persistent"}}]}, "cache_control"),
@@ -103,6 +105,8 @@ def test_a_top_level_cache_control_marks_the_last_block(emu: Emulator, sdk: Sdk)
     ("gpt-5-mini", {"temperature": 0.2}, "unsupported_value"),
     ("gpt-4o-mini", {"temperature": 2.5}, "invalid_value"),
     ("gpt-4o-mini", {"messages": [{"role": "banana", "content": "hi"}]}, None),
+    ("gpt-4o-mini", {"messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "url", "url": "https://e.com/a.png"}}]}]}, None),
 ])
 def test_openai_refuses_what_chat_completions_refuses(emu: Emulator, sdk: Sdk, model, kw, code):  # noqa: F811
     kw = {"messages": user("hi"), **kw}

@@ -1,0 +1,111 @@
+"""What one provider's wire format refuses that another's takes (``check_api_body``): checked once the request's
+provider is known, per request, where the provider would refuse the call after the request was accepted,
+reserved for and perhaps batched (a helper's hunt of the emulator, whose answers now match)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from engine.core._checks import FieldProblem, cache_blocks
+
+if TYPE_CHECKING:
+    from engine.core.catalog import ModelSpec
+
+__all__ = ["check_api_body"]
+
+# OpenAI fields that Anthropic's Messages API does not take ("Extra inputs are not permitted"): each with its
+# fix. Sent, they reached the provider as extra body keys and the call was refused after the request was
+# accepted and perhaps batched (a helper's hunt of the emulator).
+_NOT_ANTHROPIC = {
+    "stop": "Anthropic's is stop_sequences, a list of strings",
+    "max_completion_tokens": "Anthropic's is max_tokens",
+    "response_format": "Anthropic's structured output is output_config",
+    "n": "one request makes one output: submit n requests with ids of their own",
+    "user": "Anthropic's is metadata.user_id",
+    "reasoning_effort": "Anthropic's is thinking",
+    "parallel_tool_calls": "Anthropic's is tool_choice.disable_parallel_tool_use",
+    **dict.fromkeys(("seed", "frequency_penalty", "presence_penalty", "logit_bias", "logprobs", "top_logprobs",
+                     "prompt_cache_key"), "Anthropic has no such field: leave it out"),
+}
+# Content parts of the other wire format, each with its own format's counterpart: a body written for one provider
+# and sent to a model of the other (a model swapped in a driver script) was refused by the provider after.
+_IMAGE_AT_ANTHROPIC = "Anthropic's image is {'type': 'image', 'source': {'type': 'url', 'url': ...}} (or base64)"
+_FOREIGN_PARTS = {
+    "anthropic": {"image_url": _IMAGE_AT_ANTHROPIC, "input_image": _IMAGE_AT_ANTHROPIC,
+                  "input_text": "give {'type': 'text', 'text': ...}", "output_text": "give {'type': 'text', ...}",
+                  "file": "Anthropic's is a document block", "input_file": "Anthropic's is a document block",
+                  "input_audio": "Anthropic takes no audio", "refusal": "give the assistant's text as a text block"},
+    "openai": {"image": "OpenAI's image is {'type': 'image_url', 'image_url': {'url': ...}}",
+               "document": "OpenAI's is {'type': 'file', 'file': ...}",
+               "tool_use": "OpenAI's are an assistant message's tool_calls",
+               "tool_result": "OpenAI's is a message of role 'tool' with its tool_call_id",
+               "thinking": "leave it out", "redacted_thinking": "leave it out"},
+}
+_ANTHROPIC_ROLES = ("user", "assistant", "system")
+_MAX_BREAKPOINTS = 4  # cache_control blocks in one Anthropic request
+
+
+def check_api_body(body: dict, where: str, api: str, spec: ModelSpec) -> None:
+    """What the provider's wire format refuses that another's takes: at Anthropic, OpenAI's fields, roles and
+    metadata keys, a non-text system message and the ``fast`` speed (priced apart from the catalog's); at an
+    OpenAI reasoning model, ``max_tokens`` and a temperature or top_p other than 1. Each was accepted, reserved
+    for and sent, and the provider answered 400 for that call alone (a helper's hunt)."""
+    if api == "openai" and spec.reasoning:
+        if body.get("max_tokens") is not None:
+            raise FieldProblem(f"{where}.max_tokens", f"{where}.max_tokens is refused by OpenAI for reasoning models; "
+                               "give max_completion_tokens (it also counts the model's reasoning tokens)")
+        for key in ("temperature", "top_p"):
+            if body.get(key) not in (None, 1):
+                raise FieldProblem(f"{where}.{key}", f"{where}.{key} must be 1 or left out: OpenAI's reasoning "
+                                   f"models take no other value, got {body[key]!r}")
+    _check_parts(body, where, api)
+    if api != "anthropic":
+        return
+    for key, fix in _NOT_ANTHROPIC.items():
+        if key in body:
+            raise FieldProblem(f"{where}.{key}", f"{where}.{key} is an OpenAI field that Anthropic's Messages API "
+                               f"refuses; {fix}")
+    if body.get("speed") not in (None, "standard"):
+        raise FieldProblem(f"{where}.speed", f"{where}.speed {body['speed']!r} is billed at other prices than the "
+                           "catalog's standard speed: leave it out")
+    marks = [path for path, block in cache_blocks(body)
+             if isinstance(block, dict) and block.get("cache_control") is not None]
+    if len(marks) > _MAX_BREAKPOINTS:
+        field = f"{where}{marks[_MAX_BREAKPOINTS]}.cache_control"
+        raise FieldProblem(field, f"{field} is mark {_MAX_BREAKPOINTS + 1} of {len(marks)}, and Anthropic takes at "
+                           f"most {_MAX_BREAKPOINTS} cache_control marks a request: keep the marks at the ends of the parts that repeat (the tools, the "
+                           "system prompt, the conversation so far)")
+    meta = body.get("metadata")
+    if meta is not None and (not isinstance(meta, dict) or set(meta) - {"user_id"}):
+        raise FieldProblem(f"{where}.metadata", f"{where}.metadata takes only user_id at Anthropic, got "
+                           f"{str(meta)[:60]}; leave the other keys out")
+    for k, m in enumerate(body.get("messages") or ()):
+        role = m.get("role") if isinstance(m, Mapping) else None
+        if role not in _ANTHROPIC_ROLES:
+            fix = ("give a tool's output as a tool_result block in a user message" if role in ("tool", "function")
+                   else "use 'system' (or the top-level system)" if role == "developer" else "use user or assistant")
+            raise FieldProblem(f"{where}.messages[{k}].role", f"{where}.messages[{k}].role {str(role)[:40]!r} is not "
+                               f"one of Anthropic's ({', '.join(_ANTHROPIC_ROLES)}); {fix}")
+        content = m.get("content")
+        if role == "system" and isinstance(content, list):
+            bad = next((i for i, b in enumerate(content) if not isinstance(b, Mapping) or b.get("type") != "text"),
+                       None)
+            if bad is not None:
+                field = f"{where}.messages[{k}].content[{bad}]"
+                raise FieldProblem(field, f"{field} must be a text block: Anthropic takes only text in a system "
+                                   "message; put images and documents in a user message")
+
+
+def _check_parts(body: dict, where: str, api: str) -> None:
+    foreign = _FOREIGN_PARTS.get(api)
+    if foreign is None:
+        return
+    for k, m in enumerate(body.get("messages") or ()):
+        content = m.get("content") if isinstance(m, Mapping) else None
+        for i, part in enumerate(content if isinstance(content, list) else ()):
+            kind = part.get("type") if isinstance(part, Mapping) else None
+            if isinstance(kind, str) and kind in foreign:
+                field = f"{where}.messages[{k}].content[{i}].type"
+                raise FieldProblem(field, f"{field} {kind!r} is a part of another provider's API, which "
+                                   f"{'Anthropic' if api == 'anthropic' else 'OpenAI'} refuses; {foreign[kind]}")
