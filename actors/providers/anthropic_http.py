@@ -16,6 +16,8 @@ from typing import Any
 
 from actors.providers._http import BatchHandle, HttpBase, PollBackoff, create_call
 from actors.providers._wire import message_parts
+from engine.core._api_fields import MAX_CACHE_MARKS
+from engine.core._checks import cache_blocks
 from engine.core.cost import shared_prefix_marks
 from engine.core.grouping import PrefixWarmth, WarmNote
 from engine.core.provider_api import BatchState, CallJob, CallOutcome, Usage, idempotency_key
@@ -102,7 +104,11 @@ class AnthropicProvider(HttpBase):
                  and blocks}
         if job.cache_write and blocks:
             marks.add(len(blocks) - 1)
-        for k in marks:
+        # Beside the body's own marks (its system or tools, as a replayed request carries them) Anthropic takes
+        # four in all: the furthest are kept, as a read looks back from a mark (a review: five went on the wire).
+        room = MAX_CACHE_MARKS - sum(isinstance(b, dict) and b.get("cache_control") is not None
+                                     for _, b in cache_blocks(body))
+        for k in sorted(marks, reverse=True)[:max(room, 0)]:
             content[k]["cache_control"] = _EPHEMERAL
         content.append({"type": "text", "text": tail})
         body["messages"] = [{"role": "user", "content": content}]

@@ -215,12 +215,10 @@ class FilesAndBatches(TakeBack):
             self.batches[job.id] = job
             self._save(job)
             return job.view()
-        n = len(job.bf.requests)
-        self._admitting += n  # counted from now: two creates at once cannot both pass the limit
-        try:
-            await self._detach(self._admit(job, file_id))
-        finally:
-            self._admitting -= n
+        # Counted from now until the batch is on record (``_admit``), whether or not its client waits: two creates
+        # at once, or one whose client left, cannot both pass the limit.
+        self._admitting += len(job.bf.requests)
+        await self._detach(self._admit(job, file_id))
         return job.view()  # before the collector runs: status in_progress
 
     async def _detach(self, work: Coroutine[Any, Any, None]) -> None:
@@ -230,22 +228,29 @@ class FilesAndBatches(TakeBack):
         task = asyncio.ensure_future(work)
         self._detached.add(task)
         task.add_done_callback(self._detached.discard)
+        # Its error reaches the client that waits, and the log (``_admit``) whether one waits or not.
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
         await asyncio.shield(task)
 
     async def _admit(self, job: BatchJob, file_id: str) -> None:
         assert job.bf is not None
-        if self.state is not None:  # on disk before the engine has a line: a crash then loses nothing it took
-            self.state.keep_input(job.id, file_id)
-            self._save(job)
+        n = len(job.bf.requests)
         try:
-            await self._submit(job, job.bf.requests)
-        except Exception:
-            if self.state is not None:
-                self.state.forget_batch(job.id)
-            raise
-        self.batches[job.id] = job
-        self._save(job)
-        job.task = asyncio.create_task(self._collect(job), name=f"smartbatch-{job.id}")
+            if self.state is not None:  # on disk before the engine has a line: a crash then loses nothing it took
+                self.state.keep_input(job.id, file_id)
+                self._save(job)
+            try:
+                await self._submit(job, job.bf.requests)
+            except Exception as exc:
+                log.warning("endpoint: batch %s was not created: %s: %s", job.id, type(exc).__name__, exc)
+                if self.state is not None:
+                    self.state.forget_batch(job.id)
+                raise
+            self.batches[job.id] = job
+            self._save(job)
+            job.task = asyncio.create_task(self._collect(job), name=f"smartbatch-{job.id}")
+        finally:
+            self._admitting -= n
 
     async def _submit(self, job: BatchJob, reqs: list[Request], deadline_s: float | None = None) -> None:
         """Hand ``reqs`` (lines of ``job``) to the engine, each under the request id ``<batch id>/<custom_id>``

@@ -12,7 +12,7 @@ from engine.core._checks import FieldProblem, cache_blocks
 if TYPE_CHECKING:
     from engine.core.catalog import ModelSpec
 
-__all__ = ["check_api_body"]
+__all__ = ["MAX_CACHE_MARKS", "check_api_body"]
 
 # OpenAI fields that Anthropic's Messages API does not take ("Extra inputs are not permitted"): each with its
 # fix. Sent, they reached the provider as extra body keys and the call was refused after the request was
@@ -43,7 +43,7 @@ _FOREIGN_PARTS = {
                "thinking": "leave it out", "redacted_thinking": "leave it out"},
 }
 _ANTHROPIC_ROLES = ("user", "assistant", "system")
-_MAX_BREAKPOINTS = 4  # cache_control blocks in one Anthropic request
+MAX_CACHE_MARKS = 4  # cache_control blocks in one Anthropic request
 
 
 def check_api_body(body: dict, where: str, api: str, spec: ModelSpec) -> None:
@@ -71,10 +71,10 @@ def check_api_body(body: dict, where: str, api: str, spec: ModelSpec) -> None:
                            "catalog's standard speed: leave it out")
     marks = [path for path, block in cache_blocks(body)
              if isinstance(block, dict) and block.get("cache_control") is not None]
-    if len(marks) > _MAX_BREAKPOINTS:
-        field = f"{where}{marks[_MAX_BREAKPOINTS]}.cache_control"
-        raise FieldProblem(field, f"{field} is mark {_MAX_BREAKPOINTS + 1} of {len(marks)}, and Anthropic takes at "
-                           f"most {_MAX_BREAKPOINTS} cache_control marks a request: keep the marks at the ends of the parts that repeat (the tools, the "
+    if len(marks) > MAX_CACHE_MARKS:
+        field = f"{where}{marks[MAX_CACHE_MARKS]}.cache_control"
+        raise FieldProblem(field, f"{field} is mark {MAX_CACHE_MARKS + 1} of {len(marks)}, and Anthropic takes at "
+                           f"most {MAX_CACHE_MARKS} cache_control marks a request: keep the marks at the ends of the parts that repeat (the tools, the "
                            "system prompt, the conversation so far)")
     meta = body.get("metadata")
     if meta is not None and (not isinstance(meta, dict) or set(meta) - {"user_id"}):

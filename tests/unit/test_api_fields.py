@@ -110,3 +110,18 @@ def test_one_bad_line_of_a_file_fails_alone_and_its_neighbours_load(tmp_path):
     assert [r.id for r in trace.requests] == ["a", "c"] and trace.skipped == 1
     (problem,) = trace.problems
     assert "body.stop" in str(problem) and "stop_sequences" in str(problem)
+
+
+def test_a_responses_body_is_checked_as_it_goes_on_the_wire():
+    """A Responses body goes to a Claude model as messages, with the fields Messages cannot carry dropped: checked
+    as given, a Responses client's metadata and user were refused, and a fifth cache mark passed (a review)."""
+    def responses(**body) -> Request:
+        return Request.model_validate({"id": "r", "arrival_s": 0.0, "model": "claude-haiku-4-5",
+                                       "max_output_tokens": 20, "body": body}, context=CTX)
+
+    r = responses(input="hi", metadata={"tenant": "acme"}, user="u-1", parallel_tool_calls=True)
+    assert r.body["metadata"] == {"tenant": "acme"}  # kept as given; as_messages drops it on the way out
+    parts = [{"type": "input_text", "text": f"part {k}", "cache_control": {"type": "ephemeral"}} for k in range(5)]
+    with pytest.raises(ValidationError, match="mark 5 of 5"):
+        responses(input=[{"role": "user", "content": parts}])
+    assert len(responses(input=[{"role": "user", "content": parts[:4]}]).body["input"][0]["content"]) == 4

@@ -108,6 +108,24 @@ def test_two_creates_at_once_do_not_both_pass_the_open_lines_limit():
     asyncio.run(go())
 
 
+def test_a_create_whose_client_left_still_counts_its_lines_against_the_limit_until_they_are_on_record():
+    async def go():
+        eng = Gated()
+        store = FilesAndBatches(eng, CAT, window_default_s=86400.0, max_open_lines=5)
+        first = asyncio.create_task(store.create_batch(upload(store, ["a-slow", "b-slow", "c-slow"])))
+        await asyncio.to_thread(eng.entered.wait, 10)
+        await left(first)  # its lines are still being admitted
+        second = await store.create_batch(upload(store, ["d-slow", "e-slow", "f-slow"]))
+        assert second["status"] == "failed" and "holds 3 unfinished batch lines" in second["errors"]["data"][0]["message"]
+        eng.gate.set()
+        (made,) = [b for b in (await until(lambda: len(store.batches) == 2 and store.batches, "both on record")).values()
+                   if b.status == "in_progress"]
+        assert len(made.futures) == 3 and store._admitting == 0
+        eng.release()
+        await store.shutdown()
+    asyncio.run(go())
+
+
 def test_a_cancel_whose_client_leaves_mid_call_still_ends_the_batch_and_a_retry_is_answered():
     async def go():
         eng = Gated(gate_cancel=True)

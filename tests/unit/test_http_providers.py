@@ -893,6 +893,19 @@ def test_anthropic_breakpoints_mark_the_warm_prefix_the_shared_prefix_and_a_requ
                                       "model": "claude-sonnet-4-5"}
 
 
+def test_anthropic_the_engines_marks_beside_a_bodys_own_stay_within_four():
+    """A replayed request whose body carries two marks of its own (its system) got three more from the engine:
+    five on the wire, which Anthropic refuses (a review). The furthest marks are kept."""
+    r = replayed(4000, blocks=(1, 2, 3)).model_copy(update={"provider": "anthropic", "model": "claude-sonnet-4-5"})
+    system = [{"type": "text", "text": f"rule {k}", "cache_control": {"type": "ephemeral"}} for k in range(2)]
+    mine = r.model_copy(update={"body": {"system": system}})
+    body = anthropic_body(mine, 1, 2, cache_write=True)
+    assert marked(body) == [1, 2] and body["system"] == system  # of the engine's [0, 1, 2]
+    assert marked(anthropic_body(r, 1, 2, cache_write=True)) == [0, 1, 2]  # without marks of its own, all three
+    full = r.model_copy(update={"body": {"system": [*system, *system]}})
+    assert marked(anthropic_body(full, 1, 2, cache_write=True)) == []
+
+
 def test_anthropic_a_mark_on_a_partial_last_block_lands_on_the_last_rendered_block():
     """1,300 tokens with three block ids: two whole blocks and a partial third, which is sent with the tail. A
     batch mark (or a warm prefix) of all three blocks is the prefix up to the second: dropped, the first member
