@@ -13,7 +13,7 @@ from actors._types import BatchJob, Job
 from actors.providers._wire import redact
 from engine.core.budgets import Charge
 from engine.core.errors import ProviderError
-from engine.core.provider_api import CallJob
+from engine.core.provider_api import CallJob, refusal_state
 from engine.runtime.providers import Event
 from engine.runtime.turnaround import Turnaround, batch_turnaround, submitted
 
@@ -224,10 +224,10 @@ class BatchApiRuns:
                     self._cancel_sent.add(key)
                 if ((self._cancelled or hedge_at is not None and now >= hedge_at or self._all_withdrawn(jobs))
                         and not (cancel_taken or finishing)):
-                    # Cancel first, poll after: every moment before the cancel reaches the provider is a moment
-                    # in which a late batch still finishes members that sync calls will also pay for.
+                    # Cancel first, poll after: until it lands, a late batch finishes members that go sync too.
+                    said = None  # where the cancel's answer, or its refusal, says the batch stands
                     try:
-                        await p.cancel(handle)
+                        said = await p.cancel(handle)
                         cancel_taken = True
                         if self._cancelled:  # the engine's cancel waits for it (``CancelDispatches.cancel``)
                             self._cancel_sent.add(key)
@@ -235,12 +235,10 @@ class BatchApiRuns:
                         # it took the cancel, not from a first try that failed, nor the time spent on the wire.
                         cancel_deadline = self.clock.now() + allowance
                     except Exception as exc:  # e.g. it ended meanwhile; the poll below tells
-                        # A batch that ended just before its hedge is the common case, and harmless: its
-                        # members come from its output. Anything else is worth a warning, and the cancel is
-                        # made again soon: a batch left running is paid again for every member it finishes
-                        # after they went sync.
-                        ended = any(f"status '{x}'" in str(exc) for x in ("completed", "ended", "finalizing"))
-                        log.log(logging.INFO if ended else logging.WARNING, "dispatcher %s: batch cancel failed: %s",
+                        # A batch that ended just before its hedge is the common case, and harmless: its members
+                        # come from its output. Else a warning, and the cancel is made again soon.
+                        said = refusal_state(exc)
+                        log.log(logging.INFO if said else logging.WARNING, "dispatcher %s: batch cancel failed: %s",
                                 self.name, _short(exc))
                         if cancel_deadline is None:  # never taken, the wait is still bounded: deadlines first
                             cancel_deadline = self.clock.now() + allowance
@@ -250,6 +248,9 @@ class BatchApiRuns:
                         self._counts.hedged_batches += not early
                         learn = learn and not early  # it ran until now, not its hedge: learned, it read as that long
                         was_cancelled = True
+                    if said is not None and said.status == "ended":  # read, never sent again (polls failing past
+                        break  # the allowance sent every member again, each paid twice: a helper's hunt)
+                    finishing = finishing or (said is not None and said.status == "finalizing")
                 polled_at = self.clock.now()  # a status is the provider's when the poll was sent
                 try:
                     st = await p.poll(handle)

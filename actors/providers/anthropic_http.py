@@ -19,6 +19,7 @@ from actors.providers._wire import message_parts
 from engine.core._api_fields import MAX_CACHE_MARKS
 from engine.core._checks import cache_blocks
 from engine.core.cost import shared_prefix_marks
+from engine.core.errors import ProviderError
 from engine.core.grouping import PrefixWarmth, WarmNote
 from engine.core.provider_api import BatchState, CallJob, CallOutcome, Usage, idempotency_key
 from engine.core.responses_input import as_messages
@@ -233,14 +234,20 @@ class AnthropicProvider(HttpBase):
             return BatchState("ended", 0.0)
         return BatchState("cancelling" if b.processing_status == "canceling" else "running", handle.backoff.next())
 
-    async def cancel(self, handle: BatchHandle) -> None:
+    async def cancel(self, handle: BatchHandle) -> BatchState | None:
         with self._refused("batch cancel"):
-            handle.batch = await self.client.messages.batches.cancel(handle.id)
+            handle.batch = b = await self.client.messages.batches.cancel(handle.id)
+        # A batch that ended before the cancel is answered as it is: "ended".
+        return BatchState("ended", 0.0) if b.processing_status == "ended" else None
 
     async def fetch(self, handle: BatchHandle) -> Mapping[str, CallOutcome]:
         out: dict[str, CallOutcome] = {}
-        if handle.batch is None or handle.batch.processing_status != "ended":
+        if handle.batch is None:
             return out
+        if handle.batch.processing_status != "ended":  # as it was at a poll before it ended: read it now (read as
+            await self.poll(handle)  # it was, it had no results, and every member went again, paid twice)
+            if handle.batch.processing_status != "ended":
+                raise ProviderError(f"{self.name}: batch {handle.id} is {handle.batch.processing_status}, not ended")
         with self._refused("reading a batch's results"):
             lines = [line.model_dump(mode="json", exclude_none=True)
                      async for line in await self.client.messages.batches.results(handle.id)]

@@ -11,6 +11,7 @@ from typing import Any
 
 from actors.providers._http import BatchHandle, HttpBase, PollBackoff, create_call
 from actors.providers._wire import message_parts
+from engine.core.errors import ProviderError
 from engine.core.provider_api import BatchState, CallJob, CallOutcome, Usage, idempotency_key
 from engine.core.responses_input import as_messages
 
@@ -196,9 +197,10 @@ class OpenAIProvider(HttpBase):
         status = b.status if b.status in ("cancelling", "finalizing") else "running"
         return BatchState(status, handle.backoff.next())
 
-    async def cancel(self, handle: BatchHandle) -> None:
+    async def cancel(self, handle: BatchHandle) -> BatchState | None:
         with self._refused("batch cancel"):
-            handle.batch = await self.client.batches.cancel(handle.id)
+            handle.batch = b = await self.client.batches.cancel(handle.id)
+        return BatchState("ended", 0.0) if b.status in _ENDED else None
 
     async def _lines(self, file_id: str | None) -> list[dict]:
         if not file_id:
@@ -210,10 +212,14 @@ class OpenAIProvider(HttpBase):
         return [json.loads(x) for x in content.text.split("\n") if x.strip()]
 
     async def fetch(self, handle: BatchHandle) -> Mapping[str, CallOutcome]:
-        b = handle.batch
         out: dict[str, CallOutcome] = {}
-        if b is None:
+        if handle.batch is None:
             return out
+        if handle.batch.status not in _ENDED:  # known ended by a refused cancel, not by a poll: read it now
+            await self.poll(handle)  # (read as it was, no output file: every member went again, paid twice)
+            if handle.batch.status not in _ENDED:
+                raise ProviderError(f"{self.name}: batch {handle.id} is {handle.batch.status}, not ended")
+        b = handle.batch
         route = b.endpoint
         for line in await self._lines(b.output_file_id):
             job = handle.jobs.get(line.get("custom_id"))

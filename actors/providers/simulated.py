@@ -85,9 +85,10 @@ class SimulatedProvider:
         left = handle.out.at - self.clock.now()
         return BatchState("ended", 0.0) if left <= _EPS else BatchState("running", left)
 
-    async def cancel(self, handle: _Handle) -> None:
+    async def cancel(self, handle: _Handle) -> BatchState | None:
         if handle.out.hedged or self.clock.now() < handle.out.at - _EPS:
             handle.cancelled = True
+        return None
 
     async def fetch(self, handle: _Handle) -> Mapping[str, CallOutcome]:
         if handle.cancelled or handle.out.hedged:

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 from engine.core.request import Request
 
-__all__ = ["BatchState", "CallJob", "CallOutcome", "Provider", "Secret", "Usage", "call_key", "idempotency_key"]
+__all__ = ["BatchState", "CallJob", "CallOutcome", "Provider", "Secret", "Usage", "call_key", "idempotency_key",
+           "refusal_state"]
 
 
 class Usage(NamedTuple):
@@ -78,6 +80,19 @@ class BatchState(NamedTuple):
     # "finalizing": every member has run and the results are being written (OpenAI); it ends with them all.
     status: Literal["running", "cancelling", "finalizing", "ended"]
     next_poll_s: float  # engine seconds until a poll is worth making
+
+
+_REFUSED_AS = re.compile(r"status '(\w+)'")
+_ENDED_AS = frozenset({"completed", "ended", "expired", "cancelled", "canceled", "failed"})
+
+
+def refusal_state(exc: BaseException) -> BatchState | None:
+    """Where a batch stands by a provider's refusal of its cancel ("Cannot cancel a batch with status
+    'completed'"), when it says: ended, or finalizing (every member ran); None otherwise."""
+    m = _REFUSED_AS.search(str(exc))
+    word = m.group(1) if m else None
+    return BatchState("ended", 0.0) if word in _ENDED_AS else BatchState("finalizing", 0.0) if word == "finalizing" \
+        else None
 
 
 def call_key(tenant: str, request_id: str, model: str, attempt: int = 0) -> str:
@@ -173,8 +188,9 @@ class Provider(Protocol):
     async def poll(self, handle: Any) -> BatchState:
         """Where the batch stands."""
 
-    async def cancel(self, handle: Any) -> None:
-        """Ask for a cancel; the batch ends (``poll`` says ``ended``) once the provider has stopped it."""
+    async def cancel(self, handle: Any) -> BatchState | None:
+        """Ask for a cancel; the batch ends (``poll`` says ``ended``) once the provider has stopped it. Returns
+        where the batch stands by the cancel's answer, when the answer says (None: ``poll`` tells)."""
 
     async def fetch(self, handle: Any) -> Mapping[str, CallOutcome]:
         """Outcomes of the members that finished, by ``CallJob.key`` (ok, or failed inside the batch). A member

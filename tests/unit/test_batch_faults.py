@@ -581,3 +581,42 @@ def test_a_batch_whose_last_create_try_got_no_answer_is_looked_up_not_taken_for_
         finally:
             await rig.close()
     asyncio.run(go())
+
+
+RETRIEVE_ROUTE = {"openai": "batches.retrieve", "anthropic": "messages.batches.retrieve"}
+
+
+@PROVIDERS
+def test_a_batch_its_cancel_says_ended_is_read_though_its_polls_fail_past_the_allowance(emu, provider):  # noqa: F811
+    """The batch ends 100 s before its hedge while its polls fail (503s from 150 s before the hedge to 300 s
+    after, the allowance 20 s): the hedge's cancel says it ended (OpenAI refuses it, "status 'completed'";
+    Anthropic answers it "ended"). Before, the failed polls ran past the allowance and every member was sent
+    again, each paid twice (a helper's hunt); now the batch is read, and nothing goes again."""
+    jobs = jobs_of(provider, claims=True)
+
+    async def go():
+        rig = Rig(emu, provider)
+        try:
+            await rig.reserve(jobs)
+            hedge_at = rig.clock.now() + VALIDATING_S[provider] + T + 100
+
+            async def outage() -> None:  # on the engine's clock, which the emulator shares
+                while rig.clock.now() < hedge_at - 150:
+                    await asyncio.sleep(0.005)
+                emu.faults.script(provider, RETRIEVE_ROUTE[provider], [{"status": 503}] * 10_000)
+                while rig.clock.now() < hedge_at + 300:
+                    await asyncio.sleep(0.005)
+                emu.faults.clear()
+
+            down = asyncio.create_task(outage())
+            await rig.run("batch_api", jobs, hedge_at=hedge_at)
+            await rig.resolved(jobs, timeout_s=30)
+            await down
+            assert not rig.grouper.readmitted() and rig.d.paid_twice == 0
+            assert sorted(r.mode for r in rig.results.values()) == ["batch_api"] * len(jobs)
+            assert [i.mode for i in emu.bill().items] == ["batch_api"] * len(jobs)
+            assert emu.count(CANCEL_ROUTE[provider]) == 1  # a cancel refused as ended is not made again
+            assert sum(r.cost_usd for r in rig.results.values()) == pytest.approx(emu.bill().total_usd, abs=1e-12)
+        finally:
+            await rig.close()
+    asyncio.run(go())
