@@ -225,7 +225,6 @@ class BatchApiRuns:
                 if ((self._cancelled or hedge_at is not None and now >= hedge_at or self._all_withdrawn(jobs))
                         and not (cancel_taken or finishing)):
                     # Cancel first, poll after: until it lands, a late batch finishes members that go sync too.
-                    said = None  # where the cancel's answer, or its refusal, says the batch stands
                     try:
                         said = await p.cancel(handle)
                         cancel_taken = True

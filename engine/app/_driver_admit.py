@@ -4,14 +4,33 @@ within ``max_pending``, and the resolution that frees it. Its state is the engin
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import signal
+import threading
 import time
+from collections.abc import Iterator
 
 from engine.app._future import ResultFuture
 from engine.core.errors import EngineStopped, Overloaded, RequestError
 from engine.core.request import Request
 from engine.core.result import ID_TAKEN, Result
 
-__all__ = ["Admitting"]
+__all__ = ["Admitting", "uninterrupted"]
+
+
+@contextlib.contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block is done: blocked at the OS and delivered after it, their handlers
+    unchanged, so a KeyboardInterrupt never lands between steps that must happen together. Only the main thread
+    runs Python's signal handlers: in another, the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGINT, signal.SIGTERM))
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class Admitting:
@@ -50,11 +69,14 @@ class Admitting:
                     raise EngineStopped(self._gone or "the engine was stopped while this submit waited for room")
                 if self._admits != seen:
                     new = self._queued_meanwhile(new, futs)
-            for r in new:
-                self._futs[r.uid] = futs[r.uid]
-            self._admits += 1
-            self._pending += len(new)
-            self._buffer.extend(new)
+            # Together or not at all: a Ctrl-C between them left futures registered and never sent, and the same
+            # ids submitted again got those futures back, answered only by the sweep past their deadlines (a
+            # helper's hunt).
+            with uninterrupted():
+                self._futs.update((r.uid, futs[r.uid]) for r in new)
+                self._admits += 1
+                self._pending += len(new)
+                self._buffer.extend(new)
             if self._idle:
                 self._wake.set()
         return [futs[r.uid] for r in reqs], bool(new)

@@ -27,6 +27,7 @@ import logging
 import time
 from typing import Any
 
+from engine.app._driver_admit import uninterrupted
 from engine.core.request import Request
 
 log = logging.getLogger("smartbatch")
@@ -84,7 +85,9 @@ class IngestLanes:
         is the order of the draw rows."""
         from actors._shards import class_shard
 
-        with self._lock:
+        # Taken from the buffer and queued on the lanes together (``uninterrupted``): a Ctrl-C between the two
+        # dropped the parts not yet queued, accepted and never sent (a helper's hunt).
+        with self._lock, uninterrupted():
             batch, self._buffer = self._buffer, []
             first, self._next_row = self._next_row, self._next_row + len(batch)
             if not batch:

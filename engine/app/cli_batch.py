@@ -61,7 +61,6 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
     output and error files and a report of each line's cost against its list price. Lines that are not valid
     requests are answered in the error file (invalid_request)."""
     import json
-    import time
 
     from engine.app.driver import Engine
     from engine.core.batchfile import (
@@ -70,7 +69,6 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
         parse_window,
         read_batch_file,
         report,
-        write_results,
     )
     from engine.core.errors import ConfigError, TraceError
     from engine.core.result import CANCELLED
@@ -133,7 +131,7 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
                 # The files before the engine's stop, which takes seconds: a second Ctrl-C (or one during the
                 # stop) left no file at all, every answer paid for and lost (a helper's fault hunt).
                 with _signals_held() as got:
-                    written = write_results(bf, results, out, errors, created=int(time.time()), kept=kept)
+                    written = _write(bf, results, out, errors, kept)
                 interrupted = interrupted or bool(got)
             finally:
                 try:
@@ -143,7 +141,7 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
                     interrupted = interrupted or ray_gone
                 except KeyboardInterrupt:  # the files are written; the interrupt ends the run as one would
                     interrupted = True
-        n_out, n_err = written or write_results(bf, results, out, errors, created=int(time.time()), kept=kept)
+        n_out, n_err = written or _write(bf, results, out, errors, kept)
         doc = report(bf, results, cat, window_s=window_s, policy=policy)
         if report_path is not None:
             report_path.parent.mkdir(parents=True, exist_ok=True)
@@ -192,6 +190,23 @@ def _wait_showing_progress(futs: list, what: str) -> None:
                 except concurrent.futures.TimeoutError:
                     done = [x.result() for x in futs if x.done()]
                     bar.update(task, completed=len(done), spent=sum(r.cost_usd for r in done), refresh=True)
+
+
+def _write(bf, results: list, out: Path, errors: Path, kept: dict[int, dict]) -> tuple[int, int]:
+    """``write_results``, whose failure (a full disk) leaves both files as they were, said plainly."""
+    import time
+
+    from engine.core.batchfile import write_results
+    from engine.core.errors import ConfigError
+
+    try:
+        return write_results(bf, results, out, errors, created=int(time.time()), kept=kept)
+    except OSError as exc:
+        paid = sum(r.status in ("ok", "reused") for r in results)
+        raise ConfigError(f"could not write {out} or {errors}: {exc.strerror or exc}. Both are left as they were"
+                          + (f" (with the {len(kept):,} line(s) an earlier run answered)" if kept else "")
+                          + f"; the {paid:,} line(s) answered in this run are not written, and a --resume once "
+                          "there is room sends them again") from None
 
 
 @contextlib.contextmanager

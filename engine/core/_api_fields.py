@@ -20,6 +20,7 @@ __all__ = ["MAX_CACHE_MARKS", "check_api_body"]
 _NOT_ANTHROPIC = {
     "stop": "Anthropic's is stop_sequences, a list of strings",
     "max_completion_tokens": "Anthropic's is max_tokens",
+    "max_output_tokens": "Anthropic's is max_tokens",
     "response_format": "Anthropic's structured output is output_config",
     "n": "one request makes one output: submit n requests with ids of their own",
     "user": "Anthropic's is metadata.user_id",
@@ -51,6 +52,14 @@ def check_api_body(body: dict, where: str, api: str, spec: ModelSpec) -> None:
     metadata keys, a non-text system message and the ``fast`` speed (priced apart from the catalog's); at an
     OpenAI reasoning model, ``max_tokens`` and a temperature or top_p other than 1. Each was accepted, reserved
     for and sent, and the provider answered 400 for that call alone (a helper's hunt)."""
+    # A cap under another endpoint's name is no cap there: the budget reserved for it, and the call ran to the
+    # model's maximum (a lenient server ignores the key; a helper's hunt: a hard budget overrun tenfold).
+    cap = {"chat": ("max_output_tokens", "max_completion_tokens"),
+           "responses": ("max_completion_tokens", "max_output_tokens")}.get(spec.api) if api == "openai" else None
+    for key in ("max_tokens", "max_completion_tokens", "max_output_tokens") if cap else ():
+        if key != cap[1] and key in body and (key, spec.api) != ("max_tokens", "chat"):
+            raise FieldProblem(f"{where}.{key}", f"{where}.{key} is not a cap of this model's endpoint "
+                               f"(/v1/{'chat/completions' if spec.api == 'chat' else 'responses'}): give {cap[1]}")
     if api == "openai" and spec.reasoning:
         if body.get("max_tokens") is not None:
             raise FieldProblem(f"{where}.max_tokens", f"{where}.max_tokens is refused by OpenAI for reasoning models; "

@@ -34,6 +34,7 @@ from engine.core.budgets import parse_duration
 from engine.core.catalog import Catalog, default_catalog
 from engine.core.cost import price_alone
 from engine.core.errors import ConfigError, TraceError
+from engine.core.files import write_atomic
 from engine.core.request import Request, validation_context
 from engine.core.result import CANCELLED, Result, why_not
 from engine.core.settings import MAX_DEADLINE_S, Settings
@@ -340,14 +341,17 @@ def write_results(bf: BatchFile, results: Sequence[Result], out: str | Path, err
     err_p = Path(errors) if errors is not None else out_p.with_name(out_p.stem + ".errors.jsonl")
     for p in (out_p, err_p):
         p.parent.mkdir(parents=True, exist_ok=True)
-    n_out = n_err = 0
-    with out_p.open("w", encoding="utf-8") as fo, err_p.open("w", encoding="utf-8") as fe:
-        for row in rows:
-            is_out = row["error"] is None
-            (fo if is_out else fe).write(json.dumps(row, separators=(",", ":")) + "\n")
-            n_out += is_out
-            n_err += not is_out
-    return n_out, n_err
+    out_lines = [json.dumps(row, separators=(",", ":")) + "\n" for row in rows if row["error"] is None]
+    err_lines = [json.dumps(row, separators=(",", ":")) + "\n" for row in rows if row["error"] is not None]
+    # Each written whole beside its name, then put in place (the answers first): opened "w", a full disk left OUT
+    # cut short, and answers an earlier run had paid for were lost (a helper's hunt). A stream is written as it is.
+    for p, lines in ((out_p, out_lines), (err_p, err_lines)):
+        data = "".join(lines).encode()
+        if p.exists() and not p.is_file():  # /dev/stdout, a pipe
+            p.write_bytes(data)
+        else:
+            write_atomic(p, data, durable=True)
+    return len(out_lines), len(err_lines)
 
 
 def list_price_usd(req: Request, res: Result, catalog: Catalog) -> float:

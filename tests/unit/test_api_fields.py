@@ -125,3 +125,29 @@ def test_a_responses_body_is_checked_as_it_goes_on_the_wire():
     with pytest.raises(ValidationError, match="mark 5 of 5"):
         responses(input=[{"role": "user", "content": parts}])
     assert len(responses(input=[{"role": "user", "content": parts[:4]}]).body["input"][0]["content"]) == 4
+
+
+def test_a_cap_under_another_endpoints_name_is_refused_naming_the_endpoints_own():
+    """A chat body's max_output_tokens (the Responses API's cap) went to /v1/chat/completions unchanged, where it
+    caps nothing: the budget reserved 20 tokens a call and each ran to 256, a hard budget overrun tenfold (a
+    helper's hunt). At Anthropic the cap is max_tokens."""
+    msg = refusal("gpt-5-mini", max_output_tokens=20)
+    assert msg.startswith("Value error, body.max_output_tokens") and "give max_completion_tokens" in msg
+    msg = refusal("claude-haiku-4-5", max_output_tokens=20)
+    assert msg.startswith("Value error, body.max_output_tokens") and "max_tokens" in msg
+    assert make("gpt-5-mini", max_completion_tokens=20).max_output_tokens == 20
+    assert make("gpt-4o-mini", max_tokens=20).max_output_tokens == 20
+    # A Responses body goes as messages, its cap as the endpoint's (as_messages): it passes.
+    r = Request.model_validate({"id": "r", "arrival_s": 0.0, "model": "gpt-5-mini",
+                                "body": {"input": "hi", "max_output_tokens": 20}}, context=CTX)
+    assert r.max_output_tokens == 20
+    # A model called through /v1/responses takes max_output_tokens and nothing else.
+    cat = CAT.model_copy(deep=True)
+    cat.providers["openai"].models["gpt-5-mini"] = cat.model("openai", "gpt-5-mini").model_copy(
+        update={"api": "responses"})
+    ctx = validation_context(cat, Settings())
+    with pytest.raises(ValidationError, match="body.max_completion_tokens is not a cap of this model's endpoint"):
+        Request.model_validate({"id": "r", "arrival_s": 0.0, "model": "gpt-5-mini",
+                                "body": {"input": "hi", "max_completion_tokens": 20}}, context=ctx)
+    assert Request.model_validate({"id": "r", "arrival_s": 0.0, "model": "gpt-5-mini", "body": {
+        "input": "hi", "max_output_tokens": 20}}, context=ctx).max_output_tokens == 20

@@ -118,6 +118,31 @@ def results_for(bf):
             Result(id="b", status="failed", error="HTTP 500 after 3 tries", provider=b.provider, model=b.model)]
 
 
+def test_a_write_that_fails_midway_leaves_the_earlier_output_whole(batch, tmp_path, monkeypatch):
+    """Opened "w", a full disk cut OUT short on a --resume, and answers an earlier run had paid for were lost (a
+    helper's hunt): each file is now written beside its name and put in place whole."""
+    import errno
+
+    import engine.core.files as files
+
+    bf = read_batch_file(batch, window_s=3600.0, catalog=CAT)
+    out, err = tmp_path / "o.jsonl", tmp_path / "e.jsonl"
+    earlier = '{"custom_id": "a", "response": {"status_code": 200}, "error": null}\n'
+    out.write_text(earlier)
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fsync", full)
+    with pytest.raises(OSError, match="No space left"):
+        write_results(bf, results_for(bf), out, err)
+    assert out.read_text() == earlier and not err.exists()
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["e.jsonl", "in.jsonl", "o.jsonl"] if err.exists() else \
+        sorted(x.name for x in tmp_path.iterdir()) == ["in.jsonl", "o.jsonl"]  # no file left half written
+    monkeypatch.undo()
+    assert write_results(bf, results_for(bf), out, err) == (1, 2)
+
+
 def test_output_and_error_files_have_openai_shapes_and_every_custom_id_once(batch, tmp_path):
     bf = read_batch_file(batch, window_s=3600.0, catalog=CAT)
     out, err = tmp_path / "o.jsonl", tmp_path / "e.jsonl"
