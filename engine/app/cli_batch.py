@@ -79,7 +79,8 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
         _check_tenant(tenant)
         settings, cat = _settings(catalog)
         settings = _providers(settings, providers, base_url)
-        bf = read_batch_file(input_file, window_s=window_s, tenant=tenant, catalog=cat, settings=settings)
+        bf = _only_real(read_batch_file(input_file, window_s=window_s, tenant=tenant, catalog=cat,
+                                        settings=settings), settings, cat)
         if bf.file_problems and not skip_invalid:
             raise TraceError(bf.file_problems, hint="fix the lines named (each needs a unique custom_id), or pass "
                                                     "--skip-invalid to skip them", what="batch file")
@@ -190,6 +191,25 @@ def _wait_showing_progress(futs: list, what: str) -> None:
                 except concurrent.futures.TimeoutError:
                     done = [x.result() for x in futs if x.done()]
                     bar.update(task, completed=len(done), spent=sum(r.cost_usd for r in done), refresh=True)
+
+
+def _only_real(bf, settings, cat):
+    """Over HTTP, a line whose provider has no endpoint is answered in the error file, naming the fix: its answer
+    would be simulated, and it was written to OUT as a 200 with made-up text, costed at what no provider billed
+    (a helper's hunt). ``run`` says so of its simulated providers; an output file cannot."""
+    import dataclasses
+
+    from engine.core.batchfile import BatchFile
+
+    if settings.providers.mode != "http":
+        return bf
+    real = set(settings.providers.http_providers(cat.providers))
+    lines = [ln if ln.request is None or ln.request.provider in real else dataclasses.replace(
+        ln, request=None, problem=("model", f"{ln.request.model!r} is served by {ln.request.provider}, which has "
+                                   "no HTTP endpoint in this run (--providers http): its answer would be simulated; "
+                                   f"give {ln.request.provider} an endpoint (SMARTBATCH_PROVIDERS__ENDPOINTS), or "
+                                   "run this line with --providers sim")) for ln in bf.lines]
+    return BatchFile(bf.source, lines, bf.file_problems)
 
 
 def _write(bf, results: list, out: Path, errors: Path, kept: dict[int, dict]) -> tuple[int, int]:

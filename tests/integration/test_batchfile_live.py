@@ -15,7 +15,8 @@ SPEEDUP = 1000.0  # a 1 h window in 3.6 s
 
 def batch_line(cid, content, model):
     return {"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
-            "body": {"model": model, "max_completion_tokens": 40, "messages": [{"role": "user", "content": content}]}}
+            "body": {"model": model, "max_tokens" if model.startswith("claude") else "max_completion_tokens": 40,
+                     "messages": [{"role": "user", "content": content}]}}
 
 
 def text_of(body):
@@ -30,6 +31,8 @@ def test_batch_round_trips_a_standard_file_over_http(ray_session, tmp_path, monk
     lines += [batch_line("dup-a", "Name three rivers.", "gpt-5-mini"),
               batch_line("dup-b", "Name three rivers.", "gpt-5-mini")]
     lines.insert(5, batch_line("bad", "Hello", "no-such-model"))
+    # A provider with no endpoint in an HTTP run: its answer would be simulated, and was written as a 200.
+    lines.append(batch_line("gem", "Name two seas.", "gemini-2.5-flash"))
     src = tmp_path / "input.jsonl"
     src.write_text("".join(json.dumps(x) + "\n" for x in lines))
     out, err, rep = tmp_path / "output.jsonl", tmp_path / "errors.jsonl", tmp_path / "report.json"
@@ -46,8 +49,10 @@ def test_batch_round_trips_a_standard_file_over_http(ray_session, tmp_path, monk
     errs = [json.loads(x) for x in err.read_text().splitlines()]
     ids = [x["custom_id"] for x in outs + errs]
     assert sorted(ids) == sorted(x["custom_id"] for x in lines)  # every custom_id exactly once
-    assert [e["custom_id"] for e in errs] == ["bad"] and errs[0]["error"]["code"] == "invalid_request"
-    assert errs[0]["response"] is None and "field 'model'" in errs[0]["error"]["message"]
+    assert [e["custom_id"] for e in errs] == ["bad", "gem"]
+    assert all(e["error"]["code"] == "invalid_request" and e["response"] is None for e in errs)
+    assert "field 'model'" in errs[0]["error"]["message"]
+    assert "google, which has no HTTP endpoint" in errs[1]["error"]["message"]
     for o in outs:
         assert o["error"] is None and o["id"].startswith("batch_req_") and o["response"]["status_code"] == 200
         assert o["response"]["request_id"]
@@ -60,5 +65,5 @@ def test_batch_round_trips_a_standard_file_over_http(ray_session, tmp_path, monk
     assert tot["cost_usd"] == pytest.approx(sum(x["cost_usd"] for x in doc["lines"]), abs=1e-12)
     assert tot["cost_usd"] == pytest.approx(bill.total_usd, abs=1e-9)  # what the emulator billed, no more
     assert tot["saving_usd"] == pytest.approx(tot["list_price_usd"] - tot["cost_usd"])
-    assert (tot["lines"], tot["succeeded"]) == (20, 19)
+    assert (tot["lines"], tot["succeeded"]) == (21, 19)
     assert "total" in r.output and "saving" in r.output
