@@ -126,6 +126,13 @@ class Pulling:
             ray.get([d.withdraw.remote(uids) for d in self._h["dispatchers"].values()], timeout=timeout_s)
         return len(uids)
 
+    def count_spent(self, charges: Sequence[Any], timeout_s: float = 60.0) -> None:
+        """Spend the budgets did not see, counted against them (``engine.core.budgets.Charge``: once per ``cid``,
+        past a limit if it must): what an earlier run of the same job paid for, when the budgets live in this
+        engine (no ``budgets.redis_url``), as ``smartbatch batch --resume`` counts the lines it keeps."""
+        if charges:
+            self._ray.get(self._h["budget"].charge_many.remote(list(charges)), timeout=timeout_s)
+
     def report(self) -> dict:
         """Spend, saving against each request's list price, hits, deadlines, per provider, and the budgets
         (``budget``: each budget's window, spend per tenant/provider/model, refusals by reason). After ``stop()``

@@ -92,6 +92,7 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
         _check_outputs({"--out": out, err_flag: errors, "--report": report_path}, inputs=(input_file,))
         stack.enter_context(_output_lock(out))
         kept: dict[int, dict] = {}
+        paid: list = []  # what the kept lines cost, for budgets that live in this run
         if resume:  # what an earlier run answered was paid for: written again, never sent again
             done = answered_lines(out)
             foreign = sorted(set(done) - {ln.custom_id for ln in bf.lines})
@@ -100,6 +101,7 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
                                   f"in {input_file} (e.g. {foreign[0]!r}): it is another input's output, and "
                                   "resuming would drop them; give another --out, or the input that made it")
             kept = {ln.no: done[ln.custom_id] for ln in bf.lines if ln.custom_id in done}
+            paid = _kept_charges([ln for ln in bf.lines if ln.no in kept], kept, cat, out)
             bf = BatchFile(bf.source, [ln for ln in bf.lines if ln.no not in kept], bf.file_problems)
         results = []
         interrupted = ray_gone = False
@@ -112,6 +114,10 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
                                   style="yellow")
                 raise typer.Exit(130) from None
             ray_procs = [p for p in own_ray_processes() if p.poll() is None]  # if one exits, Ray is going down
+            if settings.budgets.specs and settings.budgets.redis_url is None:
+                # Budgets in this process start at 0: the kept lines were paid for, and a resumed run was granted
+                # the whole budget again (a helper's hunt: 1.85x a hard limit). With Redis they are counted there.
+                eng.count_spent(paid)
             if settings.providers.mode != "http" and speedup <= 1:  # a quiet wait of hours read as a hang
                 err_console.print(f"simulated providers at real time: a line may wait for its batch up to the "
                                   f"{window} window (--speedup compresses time; --providers http makes real calls)",
@@ -191,6 +197,35 @@ def _wait_showing_progress(futs: list, what: str) -> None:
                 except concurrent.futures.TimeoutError:
                     done = [x.result() for x in futs if x.done()]
                     bar.update(task, completed=len(done), spent=sum(r.cost_usd for r in done), refresh=True)
+
+
+def _kept_charges(lines: list, kept: dict[int, dict], cat, out: Path) -> list:
+    """What each line kept from an earlier run cost, priced from the usage its answer reports at the sync price
+    (the output file does not say which mode answered it: never less than it cost); a line with no usage, at its
+    list price."""
+    from engine.core.budgets import Charge
+    from engine.core.cost import price_alone, price_usage
+
+    charges = []
+    for ln in lines:
+        req = ln.request
+        if req is None:
+            continue
+        body = (kept[ln.no].get("response") or {}).get("body")
+        u = body.get("usage") if isinstance(body, dict) else None
+        if req.kind == "text" and isinstance(u, dict):
+            chat = "prompt_tokens" in u  # chat completions; else Responses, or Anthropic's own
+            read = ((u.get("prompt_tokens_details") if chat else u.get("input_tokens_details")) or {}).get(
+                "cached_tokens") or u.get("cache_read_input_tokens") or 0
+            write = u.get("cache_creation_input_tokens") or 0
+            inp = u.get("prompt_tokens", 0) if chat else u.get("input_tokens", 0) + (
+                read + write if "cache_read_input_tokens" in u or "cache_creation_input_tokens" in u else 0)
+            usd = price_usage(req, cat, "sync", input_tokens=inp, output_tokens=u.get(
+                "completion_tokens" if chat else "output_tokens", 0), cache_read=read, cache_write=write).total
+        else:
+            usd = price_alone(req, cat, "sync").total
+        charges.append(Charge(f"resume:{out}:{req.uid}", req.tenant, req.provider, req.model, usd))
+    return charges
 
 
 def _only_real(bf, settings, cat):

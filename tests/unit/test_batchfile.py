@@ -260,6 +260,53 @@ def test_an_interrupt_during_the_stop_or_a_sigterm_still_writes_what_finished(tm
         assert e["custom_id"] == "b" and "interrupted" in e["error"]["message"]
 
 
+@pytest.mark.parametrize("redis", [False, True], ids=["budgets-in-process", "budgets-in-redis"])
+def test_a_resumed_run_counts_the_kept_lines_against_budgets_that_live_in_it(tmp_path, monkeypatch, redis):
+    """Budgets without Redis start at 0 in each run: a --resume was granted the whole budget again, and spent
+    1.85x a hard limit over the two runs (a helper's hunt). The kept lines are counted at the sync price of the
+    usage their answers report; with Redis the earlier run's spend is already there, and nothing is counted twice."""
+    import engine.app.driver as driver_mod
+    from engine.core.cost import price_usage
+    from tests.unit.helpers import CtrlCEngine
+
+    p = tmp_path / "in.jsonl"
+    p.write_text(line("a") + "\n" + line("b", "Name two seas.") + "\n")
+    out = tmp_path / "o.jsonl"
+    usage = {"prompt_tokens": 900, "completion_tokens": 300, "total_tokens": 1200,
+             "prompt_tokens_details": {"cached_tokens": 512}}
+    out.write_text(json.dumps({"id": "batch_req_1", "custom_id": "a", "error": None, "response": {
+        "status_code": 200, "request_id": "req_1", "body": {"object": "chat.completion", "usage": usage}}}) + "\n")
+    counted: list = []
+
+    class Counting(CtrlCEngine):
+        def count_spent(self, charges):
+            counted.extend(charges)
+
+        def submit_many(self, reqs):
+            futs = []
+            for r in reqs:
+                f = concurrent.futures.Future()
+                f.set_result(Result(id=r.id, status="ok", output="sim://y", cost_usd=0.002, mode="sync",
+                                    provider=r.provider, model=r.model))
+                futs.append(f)
+            return futs
+
+    monkeypatch.setattr(driver_mod.Engine, "start", classmethod(lambda cls, *a, **k: Counting(CAT)))
+    monkeypatch.setenv("SMARTBATCH_BUDGETS__SPECS", '[{"max_budget": 0.01}]')
+    if redis:
+        monkeypatch.setenv("SMARTBATCH_BUDGETS__REDIS_URL", "redis://127.0.0.1:6399/0")
+    r = runner.invoke(app, ["batch", str(p), "--out", str(out), "--resume"])
+    assert r.exit_code == 0, r.output
+    if redis:
+        assert counted == []
+        return
+    (charge,) = counted
+    a = read_batch_file(p, window_s=86400.0, catalog=CAT).requests[0]
+    assert (charge.tenant, charge.model) == (a.tenant, a.model) and str(out) in charge.cid
+    assert charge.usd == pytest.approx(price_usage(a, CAT, "sync", input_tokens=900, output_tokens=300,
+                                                   cache_read=512).total)
+
+
 def test_resume_sends_only_the_lines_the_earlier_run_did_not_answer(tmp_path, monkeypatch):
     """A run interrupted after line a was answered (and paid); `--resume` writes a's answer again and sends only
     b. Without it every rerun paid again for what the output already held (a helper's fault hunt)."""
