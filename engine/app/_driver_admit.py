@@ -15,22 +15,29 @@ from engine.core.errors import EngineStopped, Overloaded, RequestError
 from engine.core.request import Request
 from engine.core.result import ID_TAKEN, Result
 
-__all__ = ["Admitting", "uninterrupted"]
+__all__ = ["Admitting", "signals_held"]
 
 
 @contextlib.contextmanager
-def uninterrupted() -> Iterator[None]:
-    """Ctrl-C and SIGTERM wait until the block is done: blocked at the OS and delivered after it, their handlers
-    unchanged, so a KeyboardInterrupt never lands between steps that must happen together. Only the main thread
-    runs Python's signal handlers: in another, the block runs as it is."""
-    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
-        yield
+def signals_held(deliver: bool = True) -> Iterator[list[int]]:
+    """Ctrl-C and SIGTERM wait until the block is done, so a KeyboardInterrupt never lands between steps that must
+    happen together: each is noted (the list yielded) and, with ``deliver``, raised again after the block, to the
+    handler it had. Python runs signal handlers in the main thread only, whichever thread the kernel picks (a
+    mask on the main thread let one through, by another thread), so handlers are swapped, not signals blocked.
+    In another thread, or beside a handler Python did not install, the block runs as it is."""
+    got: list[int] = []
+    kinds = (signal.SIGINT, signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or any(signal.getsignal(s) is None for s in kinds):
+        yield got
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGINT, signal.SIGTERM))
+    previous = {s: signal.signal(s, lambda n, _f: got.append(n)) for s in kinds}
     try:
-        yield
+        yield got
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s, h in previous.items():
+            signal.signal(s, h)
+        for n in got if deliver else ():
+            signal.raise_signal(n)
 
 
 class Admitting:
@@ -72,7 +79,7 @@ class Admitting:
             # Together or not at all: a Ctrl-C between them left futures registered and never sent, and the same
             # ids submitted again got those futures back, answered only by the sweep past their deadlines (a
             # helper's hunt).
-            with uninterrupted():
+            with signals_held():
                 self._futs.update((r.uid, futs[r.uid]) for r in new)
                 self._admits += 1
                 self._pending += len(new)

@@ -27,7 +27,7 @@ import logging
 import time
 from typing import Any
 
-from engine.app._driver_admit import uninterrupted
+from engine.app._driver_admit import signals_held
 from engine.core.request import Request
 
 log = logging.getLogger("smartbatch")
@@ -85,9 +85,9 @@ class IngestLanes:
         is the order of the draw rows."""
         from actors._shards import class_shard
 
-        # Taken from the buffer and queued on the lanes together (``uninterrupted``): a Ctrl-C between the two
+        # Taken from the buffer and queued on the lanes together (``signals_held``): a Ctrl-C between the two
         # dropped the parts not yet queued, accepted and never sent (a helper's hunt).
-        with self._lock, uninterrupted():
+        with self._lock, signals_held():
             batch, self._buffer = self._buffer, []
             first, self._next_row = self._next_row, self._next_row + len(batch)
             if not batch:
