@@ -85,31 +85,33 @@ class IngestLanes:
         is the order of the draw rows."""
         from actors._shards import class_shard
 
-        # Taken from the buffer and queued on the lanes together (``signals_held``): a Ctrl-C between the two
-        # dropped the parts not yet queued, accepted and never sent (a helper's hunt).
-        with self._lock, signals_held():
-            batch, self._buffer = self._buffer, []
-            first, self._next_row = self._next_row, self._next_row + len(batch)
-            if not batch:
+        with self._lock:
+            if not self._buffer:
                 return
-            n = len(self._h["ingests"])
-            touched: set[int] = set()
-            for k in range(0, len(batch), self._micro_batch):
-                part = batch[k:k + self._micro_batch]
-                rows = list(range(first + k, first + k + len(part)))
-                if n == 1:
-                    self._lanes[0].queue((part, rows))
-                    touched.add(0)
-                    continue
-                shares: list[tuple[list[Request], list[int]]] = [([], []) for _ in range(n)]
-                for r, row in zip(part, rows):
-                    s = shares[class_shard(r, n)]
-                    s[0].append(r)
-                    s[1].append(row)
-                for i, share in enumerate(shares):
-                    if share[0]:
-                        self._lanes[i].queue(share)
-                        touched.add(i)
+            # Taken from the buffer and queued on the lanes together (``signals_held``): a Ctrl-C between the two
+            # dropped the parts not yet queued, accepted and never sent (a helper's hunt). Queued, a part is sent
+            # by this drain or by the flush thread's next turn; the drain's Ray calls stay interruptible.
+            with signals_held():
+                batch, self._buffer = self._buffer, []
+                first, self._next_row = self._next_row, self._next_row + len(batch)
+                n = len(self._h["ingests"])
+                touched: set[int] = set()
+                for k in range(0, len(batch), self._micro_batch):
+                    part = batch[k:k + self._micro_batch]
+                    rows = list(range(first + k, first + k + len(part)))
+                    if n == 1:
+                        self._lanes[0].queue((part, rows))
+                        touched.add(0)
+                        continue
+                    shares: list[tuple[list[Request], list[int]]] = [([], []) for _ in range(n)]
+                    for r, row in zip(part, rows):
+                        s = shares[class_shard(r, n)]
+                        s[0].append(r)
+                        s[1].append(row)
+                    for i, share in enumerate(shares):
+                        if share[0]:
+                            self._lanes[i].queue(share)
+                            touched.add(i)
             sent = [c for i in sorted(touched) for c in self._drain(i)]
         self._watch(sent)
 
