@@ -4,40 +4,14 @@ within ``max_pending``, and the resolution that frees it. Its state is the engin
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
-import signal
-import threading
 import time
-from collections.abc import Iterator
 
 from engine.app._future import ResultFuture
 from engine.core.errors import EngineStopped, Overloaded, RequestError
 from engine.core.request import Request
 from engine.core.result import ID_TAKEN, Result
 
-__all__ = ["Admitting", "signals_held"]
-
-
-@contextlib.contextmanager
-def signals_held(deliver: bool = True) -> Iterator[list[int]]:
-    """Ctrl-C and SIGTERM wait until the block is done, so a KeyboardInterrupt never lands between steps that must
-    happen together: each is noted (the list yielded) and, with ``deliver``, raised again after the block, to the
-    handler it had. Python runs signal handlers in the main thread only, whichever thread the kernel picks (a
-    mask on the main thread let one through, by another thread), so handlers are swapped, not signals blocked.
-    In another thread, or beside a handler Python did not install, the block runs as it is."""
-    got: list[int] = []
-    kinds = (signal.SIGINT, signal.SIGTERM)
-    if threading.current_thread() is not threading.main_thread() or any(signal.getsignal(s) is None for s in kinds):
-        yield got
-        return
-    previous = {s: signal.signal(s, lambda n, _f: got.append(n)) for s in kinds}
-    try:
-        yield got
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-        for n in got if deliver else ():
-            signal.raise_signal(n)
+__all__ = ["Admitting"]
 
 
 class Admitting:
@@ -76,14 +50,16 @@ class Admitting:
                     raise EngineStopped(self._gone or "the engine was stopped while this submit waited for room")
                 if self._admits != seen:
                     new = self._queued_meanwhile(new, futs)
-            # Together or not at all: a Ctrl-C between them left futures registered and never sent, and the same
-            # ids submitted again got those futures back, answered only by the sweep past their deadlines (a
-            # helper's hunt).
-            with signals_held():
-                self._futs.update((r.uid, futs[r.uid]) for r in new)
-                self._admits += 1
-                self._pending += len(new)
-                self._buffer.extend(new)
+            # Buffered first, each step one call: a Ctrl-C (raised after a call returns) then leaves the requests
+            # sent with no future at worst, which the same ids submitted again follow (ingest takes a request
+            # once). Registered first, their futures were never sent, and submitted again the same ids got those
+            # futures back, answered by the sweep past their deadlines (a helper's hunt). Holding the signal
+            # instead cost more than validating the request.
+            added, n = {r.uid: futs[r.uid] for r in new}, len(new)
+            self._buffer.extend(new)
+            self._pending += n
+            self._admits += 1
+            self._futs.update(added)
             if self._idle:
                 self._wake.set()
         return [futs[r.uid] for r in reqs], bool(new)

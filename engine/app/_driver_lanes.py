@@ -27,7 +27,6 @@ import logging
 import time
 from typing import Any
 
-from engine.app._driver_admit import signals_held
 from engine.core.request import Request
 
 log = logging.getLogger("smartbatch")
@@ -86,32 +85,31 @@ class IngestLanes:
         from actors._shards import class_shard
 
         with self._lock:
-            if not self._buffer:
+            # Taken from the buffer once its parts are all queued: a Ctrl-C while they are leaves it to the next
+            # flush, which queues them again (ingest takes a request sent twice once). Taken first, the parts not
+            # yet queued were dropped, accepted and never sent (a helper's hunt).
+            batch, first = self._buffer, self._next_row
+            if not batch:
                 return
-            # Taken from the buffer and queued on the lanes together (``signals_held``): a Ctrl-C between the two
-            # dropped the parts not yet queued, accepted and never sent (a helper's hunt). Queued, a part is sent
-            # by this drain or by the flush thread's next turn; the drain's Ray calls stay interruptible.
-            with signals_held():
-                batch, self._buffer = self._buffer, []
-                first, self._next_row = self._next_row, self._next_row + len(batch)
-                n = len(self._h["ingests"])
-                touched: set[int] = set()
-                for k in range(0, len(batch), self._micro_batch):
-                    part = batch[k:k + self._micro_batch]
-                    rows = list(range(first + k, first + k + len(part)))
-                    if n == 1:
-                        self._lanes[0].queue((part, rows))
-                        touched.add(0)
-                        continue
-                    shares: list[tuple[list[Request], list[int]]] = [([], []) for _ in range(n)]
-                    for r, row in zip(part, rows):
-                        s = shares[class_shard(r, n)]
-                        s[0].append(r)
-                        s[1].append(row)
-                    for i, share in enumerate(shares):
-                        if share[0]:
-                            self._lanes[i].queue(share)
-                            touched.add(i)
+            n = len(self._h["ingests"])
+            touched: set[int] = set()
+            for k in range(0, len(batch), self._micro_batch):
+                part = batch[k:k + self._micro_batch]
+                rows = list(range(first + k, first + k + len(part)))
+                if n == 1:
+                    self._lanes[0].queue((part, rows))
+                    touched.add(0)
+                    continue
+                shares: list[tuple[list[Request], list[int]]] = [([], []) for _ in range(n)]
+                for r, row in zip(part, rows):
+                    s = shares[class_shard(r, n)]
+                    s[0].append(r)
+                    s[1].append(row)
+                for i, share in enumerate(shares):
+                    if share[0]:
+                        self._lanes[i].queue(share)
+                        touched.add(i)
+            self._buffer, self._next_row = [], first + len(batch)
             sent = [c for i in sorted(touched) for c in self._drain(i)]
         self._watch(sent)
 

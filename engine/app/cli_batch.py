@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
-from engine.app._driver_admit import signals_held
 from engine.app._ray_stop import (
     Terminated,
     exit_now,
@@ -136,7 +137,7 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
                 cat = eng.catalog
                 # The files before the engine's stop, which takes seconds: a second Ctrl-C (or one during the
                 # stop) left no file at all, every answer paid for and lost (a helper's fault hunt).
-                with signals_held(deliver=False) as got:  # the files hold what was paid for
+                with _signals_held() as got:
                     written = _write(bf, results, out, errors, kept)
                 interrupted = interrupted or bool(got)
             finally:
@@ -282,6 +283,22 @@ def _output_lock(out: Path):
             raise ConfigError(f"--out {out}: another run is writing it (it holds the file's lock); wait for it to "
                               "end, or give another --out") from None
         yield
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Ctrl-C and SIGTERM wait while the files are written (they hold what was paid for); yields the list of
+    those that came, for the caller to end the run as interrupted."""
+    got: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield got
+        return
+    previous = {s: signal.signal(s, lambda n, _f: got.append(n)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield got
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 _INTERRUPTED = ("interrupted (Ctrl-C or SIGTERM) before this line finished; a provider batch already submitted for it may "
