@@ -242,10 +242,8 @@ class AnthropicProvider(HttpBase):
 
     async def fetch(self, handle: BatchHandle) -> Mapping[str, CallOutcome]:
         out: dict[str, CallOutcome] = {}
-        if handle.batch is None:
-            return out
-        if handle.batch.processing_status != "ended":  # as it was at a poll before it ended: read it now (read as
-            await self.poll(handle)  # it was, it had no results, and every member went again, paid twice)
+        if handle.batch is None or handle.batch.processing_status != "ended":  # as a poll before it ended left it,
+            await self.poll(handle)  # or unread: read it now (it had no results, and every member went again)
             if handle.batch.processing_status != "ended":
                 raise ProviderError(f"{self.name}: batch {handle.id} is {handle.batch.processing_status}, not ended")
         with self._refused("reading a batch's results"):

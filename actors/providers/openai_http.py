@@ -213,10 +213,8 @@ class OpenAIProvider(HttpBase):
 
     async def fetch(self, handle: BatchHandle) -> Mapping[str, CallOutcome]:
         out: dict[str, CallOutcome] = {}
-        if handle.batch is None:
-            return out
-        if handle.batch.status not in _ENDED:  # known ended by a refused cancel, not by a poll: read it now
-            await self.poll(handle)  # (read as it was, no output file: every member went again, paid twice)
+        if handle.batch is None or handle.batch.status not in _ENDED:  # known ended by a refused cancel, not by
+            await self.poll(handle)  # a poll: read it now (read as it was, or unread, every member went again)
             if handle.batch.status not in _ENDED:
                 raise ProviderError(f"{self.name}: batch {handle.id} is {handle.batch.status}, not ended")
         b = handle.batch

@@ -200,8 +200,9 @@ def _wait_showing_progress(futs: list, what: str) -> None:
 
 
 def _kept_charges(lines: list, kept: dict[int, dict], cat, out: Path) -> list:
-    """What each line kept from an earlier run cost, priced from the usage its answer reports at the sync price
-    (the output file does not say which mode answered it: never less than it cost); a line with no usage, at its
+    """What each line kept from an earlier run cost, priced from the usage its answer reports at the sync price,
+    its input at the dearer of what it reports and all but its reads written to a prompt cache (the file does not
+    say which mode answered it, nor always what it wrote: never less than it cost); a line with no usage, at its
     list price."""
     from engine.core.budgets import Charge
     from engine.core.cost import price_alone, price_usage
@@ -220,8 +221,11 @@ def _kept_charges(lines: list, kept: dict[int, dict], cat, out: Path) -> list:
             write = u.get("cache_creation_input_tokens") or 0
             inp = u.get("prompt_tokens", 0) if chat else u.get("input_tokens", 0) + (
                 read + write if "cache_read_input_tokens" in u or "cache_creation_input_tokens" in u else 0)
-            usd = price_usage(req, cat, "sync", input_tokens=inp, output_tokens=u.get(
-                "completion_tokens" if chat else "output_tokens", 0), cache_read=read, cache_write=write).total
+            out_t = u.get("completion_tokens" if chat else "output_tokens", 0)
+            # An answer in chat shape may not say what its input wrote to a prompt cache (an Anthropic one
+            # rewritten as a chat completion): every unread input token priced as a write bounds it (a review).
+            usd = max(price_usage(req, cat, "sync", input_tokens=inp, output_tokens=out_t, cache_read=r,
+                                  cache_write=w).total for r, w in ((read, write), (read, inp - read)))
         else:
             usd = price_alone(req, cat, "sync").total
         charges.append(Charge(f"resume:{out}:{req.uid}", req.tenant, req.provider, req.model, usd))

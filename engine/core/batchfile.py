@@ -23,6 +23,7 @@ import collections
 import hashlib
 import io
 import json
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -347,12 +348,21 @@ def write_results(bf: BatchFile, results: Sequence[Result], out: str | Path, err
     # cut short, and answers an earlier run had paid for were lost (a helper's hunt). A stream is written as it is.
     for p, lines in ((out_p, out_lines), (err_p, err_lines)):
         data = "".join(lines).encode()
-        if p.exists() and not p.is_file():  # /dev/stdout, a pipe
-            p.write_bytes(data)
+        if p.is_symlink() or (p.exists() and not p.is_file()) or not os.access(p.parent, os.W_OK):
+            p.write_bytes(data)  # a stream (/dev/stdout), a link (written through), a directory it cannot add to
         else:
-            write_atomic(p, data, durable=True)
+            write_atomic(p, data, durable=True, mode=_mode(p))
     return len(out_lines), len(err_lines)
 
+
+
+def _mode(p: Path) -> int:
+    """The permissions a rewritten file keeps: its own, or a new file's under the process's umask."""
+    if p.exists():
+        return p.stat().st_mode & 0o7777
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 def list_price_usd(req: Request, res: Result, catalog: Catalog) -> float:
     """What an answered request would have cost sent alone and synchronously (0 for an unanswered one): the

@@ -143,6 +143,25 @@ def test_a_write_that_fails_midway_leaves_the_earlier_output_whole(batch, tmp_pa
     assert write_results(bf, results_for(bf), out, err) == (1, 2)
 
 
+def test_a_linked_output_is_written_through_and_a_new_one_gets_the_usual_permissions(batch, tmp_path):
+    """Renamed over it, a symlinked OUT became a plain file and its target kept the old lines, and a new OUT was
+    made 0600 (the temporary file's mode; a review)."""
+    import os
+
+    bf = read_batch_file(batch, window_s=3600.0, catalog=CAT)
+    target, link = tmp_path / "real.jsonl", tmp_path / "o.jsonl"
+    target.write_text("old\n")
+    link.symlink_to(target)
+    assert write_results(bf, results_for(bf), link, tmp_path / "e.jsonl") == (1, 2)
+    assert link.is_symlink() and json.loads(target.read_text())["custom_id"] == "a"
+    umask = os.umask(0o022)
+    try:
+        write_results(bf, results_for(bf), tmp_path / "new.jsonl", tmp_path / "new.errors.jsonl")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "new.jsonl").stat().st_mode & 0o777 == 0o644
+
+
 def test_output_and_error_files_have_openai_shapes_and_every_custom_id_once(batch, tmp_path):
     bf = read_batch_file(batch, window_s=3600.0, catalog=CAT)
     out, err = tmp_path / "o.jsonl", tmp_path / "e.jsonl"
@@ -305,6 +324,18 @@ def test_a_resumed_run_counts_the_kept_lines_against_budgets_that_live_in_it(tmp
     assert (charge.tenant, charge.model) == (a.tenant, a.model) and str(out) in charge.cid
     assert charge.usd == pytest.approx(price_usage(a, CAT, "sync", input_tokens=900, output_tokens=300,
                                                    cache_read=512).total)
+    # An Anthropic answer written in chat shape does not say what it wrote to the cache: the unread input is
+    # counted as written (1.25x), never less than it cost.
+    from engine.app.cli_batch import _kept_charges
+
+    claude = read_batch_file(p, window_s=86400.0, catalog=CAT).lines[0]
+    claude = claude.__class__(claude.no, claude.custom_id, claude.url, request=claude.request.model_copy(
+        update={"provider": "anthropic", "model": "claude-sonnet-4-5"}))
+    (c,) = _kept_charges([claude], {claude.no: json.loads(out.read_text().splitlines()[0])}, CAT, out)
+    assert c.usd == pytest.approx(price_usage(claude.request, CAT, "sync", input_tokens=900, output_tokens=300,
+                                              cache_read=512, cache_write=388).total)
+    assert c.usd > price_usage(claude.request, CAT, "sync", input_tokens=900, output_tokens=300,
+                               cache_read=512).total
 
 
 def test_resume_sends_only_the_lines_the_earlier_run_did_not_answer(tmp_path, monkeypatch):

@@ -229,3 +229,32 @@ def test_a_restarted_dispatchers_turnarounds_reach_the_groupers():
         assert any(o.censored for o in told)
         assert await ends_taken(ended + 2) == ended + 2  # heard, not dropped for an old incarnation's count
     asyncio.run(go())
+
+
+def test_a_dispatcher_restarted_past_the_hedge_of_a_batch_that_completed_reads_it(emu):  # noqa: F811
+    """Restarted after the hedge of a batch that completed meanwhile, the dispatcher cancels first: OpenAI refuses
+    ("status 'completed'"), and its journaled handle had never been polled. Read as it was, the batch had no
+    output, and every member went again, paid twice and not counted (a review of stop 54's first fix)."""
+    jobs = jobs_of("openai", claims=True)
+
+    async def go():
+        rig = Rig(emu, "openai")
+        d2 = None
+        try:
+            await rig.reserve(jobs)
+            hedge_at = rig.clock.now() + VALIDATING_S["openai"] + T + 100
+            await rig.run("batch_api", jobs, hedge_at=hedge_at)
+            await rig.until(lambda: rig.d._open and all(r[4] is not None for r in rig.d._open.values()),
+                            "the batch journaled with its handle")
+            d2 = _restart(rig, "openai")  # the dispatcher dies; Ray restarts it after the hedge
+            await rig.until(lambda: rig.clock.now() >= hedge_at + 10, "the hedge passed")
+            await d2.recover()
+            await _done(d2)
+            await rig.resolved(jobs)
+            assert not rig.grouper.readmitted() and d2.paid_twice == 0
+            assert [i.mode for i in emu.bill().items] == ["batch_api"] * len(jobs)
+        finally:
+            if d2 is not None:
+                await d2.provider.close()
+            await rig.close()
+    asyncio.run(go())
