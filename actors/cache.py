@@ -291,6 +291,11 @@ class ResultCache(NearIndex, Following, Warm):
     def _entry(self, item: Item, res: Result) -> Entry:
         blob = None
         output = res.output
+        # A reuse is answered from the output alone (``reused_result``): the provider's raw body (a base64 image
+        # in it) was kept beside it in memory and in Redis, outside the size the memory limit counts (a helper's
+        # hunt: 50 MB held under a 1 MB limit).
+        if res.raw is not None:
+            res = res.model_copy(update={"raw": None})
         if output is not None and len(output) > self.cfg.blob_min_kb * 1024:
             blob = self.blobs.put(output.encode())
             res = res.model_copy(update={"output": None})

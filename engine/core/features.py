@@ -59,7 +59,7 @@ MEDIA_COMPAT_PARAMS: tuple[str, ...] = ("size", "resolution", "duration_s", "ste
 _WORD = re.compile(r"\w+", re.UNICODE)
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 _CHUNK_CHARS = 16_384
-_SPACES = re.compile(" {2,}")
+_SPACES = re.compile("(?<=[^ \n]) {2,}")  # within a line: a line's indentation is code's syntax
 _SEP = "\x1f"  # between a fingerprint's fields
 
 
@@ -73,10 +73,12 @@ def normalise_prompt(text: str) -> str:
 
 
 def exact_prompt(text: str) -> str:
-    """A prompt as the exact-reuse key reads it: NFC, trimmed, runs of spaces folded to one. Not NFKC, nor every
-    whitespace: "What is 2³?" and "What is 23?", or a newline and a space (a question about line counts, a
-    Makefile's tabs), are other questions, and were served one another's answers (a helper's fault hunt). Near
-    reuse still finds the variants that are the same question. Case is kept: it can change an output."""
+    """A prompt as the exact-reuse key reads it: NFC, trimmed, runs of spaces within a line folded to one. Not
+    NFKC, nor every whitespace: "What is 2³?" and "What is 23?", or a newline and a space (a question about line
+    counts, a Makefile's tabs), are other questions, and were served one another's answers (a helper's fault
+    hunt); nor a line's indentation, which is Python's and YAML's syntax (two snippets with a print in another
+    block were one key; stop 54). Near reuse still finds the variants that are the same question. Case is kept:
+    it can change an output."""
     if not text.isascii():
         text = unicodedata.normalize("NFC", text)
     return _SPACES.sub(" ", text.strip().replace(_SEP, " "))
@@ -263,6 +265,10 @@ def near_class(req: Request, scope: str) -> tuple:
     """The class a near-duplicate search runs in: ``(scope, compat_key)``, and the context digest of
     ``near_context`` when there is one. Its second field is the compatibility class, which shards the cache."""
     ctx = near_context(req)
+    if req.kind == "text" and req.max_output_tokens is not None:
+        # The cap is sent, as the exact key knows: a 16-token answer was served near to the same question asked
+        # uncapped, the cap being the request's own field and not its body's (a helper's hunt).
+        ctx = f"{ctx or ''}|max_output_tokens={req.max_output_tokens}"
     return (scope, compat_key(req)) if ctx is None else (scope, compat_key(req), ctx)
 
 

@@ -69,6 +69,52 @@ def test_memory_lru_evicts_the_least_recent_and_expires_by_ttl():
     assert len(small) == 2 and small.bytes <= 2 * e["a"].size()
 
 
+def test_a_capped_answer_is_not_served_near_to_the_same_question_asked_with_another_cap(tmp_path):
+    """The cap is sent (max_tokens), and the exact key holds it: near reuse did not, and a 16-token answer was
+    served to the question asked uncapped or with 4,000 tokens (a helper's hunt)."""
+    hub, cache = make_cache(tmp_path)
+    ask = "Explain in detail how photosynthesis works in plants."
+
+    async def go():
+        await generated(cache, hub, job(1, ask, model="gpt-5-mini", max_output_tokens=16))
+        misses = []
+        for i, kw in ((2, {}), (3, {"max_output_tokens": 4000})):
+            misses.append(await cache.lookup([job(i, ask.rstrip("."), model="gpt-5-mini", **kw)]))
+        same = await cache.lookup([job(4, ask.rstrip("."), model="gpt-5-mini", max_output_tokens=16)])
+        return misses, same, await hub.pull(0.01)
+
+    misses, same, served = run(go())
+    assert misses == [[0], [0]]  # both generated
+    assert same == [] and [r.hit for r in served] == ["near"]  # the same cap: a near duplicate
+
+
+def test_a_stored_answer_keeps_no_raw_body_so_the_memory_limit_bounds_what_it_holds(tmp_path):
+    """The provider's raw body (a base64 image in it) stayed beside a stored answer in memory and in Redis, where
+    the limit does not count it (a helper's hunt: 50 MB held under a 1 MB limit). A reuse is answered from the
+    output alone, so nothing else is kept."""
+    hub, cache = make_cache(tmp_path, memory_max_mb=1, blob_min_kb=64)
+    big = "Qk0" * 100_000  # 300 kB of base64: the output goes to the blob store
+
+    async def go():
+        for i in range(8):
+            j = job(i, f"a lighthouse, number {i}", reuse="exact")
+            assert await cache.lookup([j]) == [0]
+            done = ok(j, output=big)
+            await cache.complete([(done[0], done[1].model_copy(update={"raw": {"data": [{"b64_json": big}]}}))])
+            await hub.pull(0.01)
+        again = job(99, "a lighthouse, number 3", reuse="exact")
+        assert await cache.lookup([again]) == []  # served from the cache
+        (hit,) = await hub.pull(0.01)
+        return hit
+
+    hit = run(go())
+    assert hit.hit == "exact" and hit.output == big  # the output, from the blob store
+    entries = [e for e, *_ in cache.memory._d.values()]
+    assert len(entries) == 8 and all(e.result.raw is None and e.blob for e in entries)
+    assert all(len(encode(e)) < 4096 for e in entries)  # what goes to Redis too
+    assert cache.memory.bytes <= cache.memory.max_bytes
+
+
 def test_blob_store_is_content_addressed_and_refuses_a_damaged_blob(tmp_path):
     store = LocalBlobStore(tmp_path)
     ref = store.put(b"frame" * 1000)
@@ -463,6 +509,11 @@ def test_the_exact_key_tells_apart_what_the_provider_is_sent_differently():
     assert fingerprint(_ask("What is 2³?")) != fingerprint(_ask("What is 23?"))
     assert fingerprint(_ask("count the lines:\na\nb")) != fingerprint(_ask("count the lines: a b"))
     assert fingerprint(_ask("  Tell me  about Rome. ")) == fingerprint(_ask("Tell me about Rome."))  # spacing
+    # ... but not a line's indentation, Python's syntax (a helper's hunt: one key, one answer served to both).
+    inner = "What does this print?\nfor i in range(2):\n    if i:\n        print('x')"
+    outer = "What does this print?\nfor i in range(2):\n    if i:\n    print('x')"
+    assert fingerprint(_ask(inner)) != fingerprint(_ask(outer))
+    assert fingerprint(_ask("x = 1  # one\n    y")) == fingerprint(_ask("x = 1 # one\n    y"))
     assert fingerprint(_ask("e\u0301t\u00e9")) == fingerprint(_ask("\u00e9t\u00e9"))  # NFC: one text
     assert fingerprint(_ask("a\x1fb")) == fingerprint(_ask("a b"))  # no prompt reads as two fields
     body = {"messages": [{"role": "user", "content": "Name three rivers."}]}
