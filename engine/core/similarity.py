@@ -24,7 +24,7 @@ from engine.core._contrast import contrast_between, directions, languages, negat
 
 __all__ = ["CONTEXT_RATIO", "CONTEXT_WORDS", "GUARDS", "Guards", "Traits", "guard_between", "guard_reason", "traits"]
 
-GUARDS = ("numbers", "negation", "colours", "entities", "word_order", "qualifiers", "contrast", "context")
+GUARDS = ("numbers", "negation", "colours", "entities", "word_order", "qualifiers", "contrast", "context", "symbols")
 # The ``context`` guard: two different asks followed by one shared document score 0.96-1.0 from 100-200
 # characters of it on (stop words and punctuation are shared too). Measured over 9 asks and 0-780 characters of
 # a report (benchmarks/bench_context_guard.py), different asks score above 0.925 from a shared part of about
@@ -35,6 +35,12 @@ CONTEXT_WORDS = 12
 CONTEXT_RATIO = 3
 
 _TOKEN = re.compile(r"[A-Za-z]+(?:'[a-z]+)?|\d+(?:[.,]\d+)*")
+# Operators, signs and currencies, which the words leave out: "3 + 4 * 2" / "3 * 4 + 2", "a < b" / "a > b",
+# "-5" / "5" and "$5" / "€5" read the same words (a helper's hunt). Read as operators only where they stand
+# beside a number or a one-letter name, or alone between spaces ("a < b"): a dash, a slash or an ampersand
+# between words ("well-known", "and/or", "Q&A") and an exclamation are prose.
+_SYMBOLS = re.compile(r"(?:(?<=[\d\s(])|^)[-+*/%<>=&|^~]+(?=\s*[\d(]|\s*\b[A-Za-z]\b)|(?<=\b[A-Za-z0-9] )[-+*/%<>=&|^~]+"
+                      r"(?= )|[$€£¥]")
 _SENTENCE = re.compile(r"[.!?]+\s+|\n+")  # "1.5" and "U.S." stay inside a sentence
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
 _OR_NOT = re.compile(r"\bor not\s*(?=[?.!]|$)", re.IGNORECASE)  # "Is it safe or not?" asks "Is it safe?"
@@ -71,6 +77,7 @@ class Guards(NamedTuple):
     qualifiers: bool = True
     contrast: bool = True
     context: bool = True
+    symbols: bool = True
 
     @staticmethod
     def of(names: tuple[str, ...] | list[str]) -> Guards:
@@ -128,6 +135,7 @@ class Traits(NamedTuple):
     negating: int = 0  # negating words the negation guard does not count ("lacks", "hardly")
     directions: frozenset[tuple[str, str]] = frozenset()  # (word, "to"/"from"/"into")
     languages: frozenset[str] = frozenset()  # "c#", "c++", "f#"
+    symbols: tuple[str, ...] = ()  # operators, signs and currencies, in order
 
 
 def traits(text: str) -> Traits:
@@ -149,13 +157,16 @@ def traits(text: str) -> Traits:
     words = frozenset(lowered)
     return Traits(frozenset(numbers), negations, frozenset(colours), frozenset(entities), tuple(content),
                   frozenset(openers), words, frozenset(possessives), frozenset(stem(w) for w in words),
-                  negating_words(lowered), directions(text, lowered, _TOKEN.findall), languages(text))
+                  negating_words(lowered), directions(text, lowered, _TOKEN.findall), languages(text),
+                  tuple(_SYMBOLS.findall(text)))
 
 
 def guard_between(a: Traits, b: Traits, guards: Guards = Guards()) -> str | None:
     """``guard_reason`` on texts already read by ``traits``."""
     if guards.numbers and a.numbers != b.numbers:
         return f"numbers differ: {sorted(a.numbers ^ b.numbers)}"
+    if guards.symbols and a.symbols != b.symbols:
+        return f"operators or signs differ: {' '.join(a.symbols) or '(none)'} / {' '.join(b.symbols) or '(none)'}"
     if guards.negation and a.negations != b.negations:
         return "negation differs"
     if guards.colours and a.colours != b.colours:
