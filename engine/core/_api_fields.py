@@ -45,6 +45,9 @@ _FOREIGN_PARTS = {
 }
 _ANTHROPIC_ROLES = ("user", "assistant", "system")
 MAX_CACHE_MARKS = 4  # cache_control blocks in one Anthropic request
+# The output caps each OpenAI endpoint takes, the one to give last.
+_CAPS = {"chat": ("max_tokens", "max_completion_tokens"), "responses": ("max_output_tokens",)}
+_CAPS_ALL = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
 
 def check_api_body(body: dict, where: str, api: str, spec: ModelSpec) -> None:
@@ -54,12 +57,11 @@ def check_api_body(body: dict, where: str, api: str, spec: ModelSpec) -> None:
     for and sent, and the provider answered 400 for that call alone (a helper's hunt)."""
     # A cap under another endpoint's name is no cap there: the budget reserved for it, and the call ran to the
     # model's maximum (a lenient server ignores the key; a helper's hunt: a hard budget overrun tenfold).
-    cap = {"chat": ("max_output_tokens", "max_completion_tokens"),
-           "responses": ("max_completion_tokens", "max_output_tokens")}.get(spec.api) if api == "openai" else None
-    for key in ("max_tokens", "max_completion_tokens", "max_output_tokens") if cap else ():
-        if key != cap[1] and key in body and (key, spec.api) != ("max_tokens", "chat"):
+    own = _CAPS.get(spec.api) if api == "openai" else None
+    for key in _CAPS_ALL if own else ():
+        if key in body and key not in own:
             raise FieldProblem(f"{where}.{key}", f"{where}.{key} is not a cap of this model's endpoint "
-                               f"(/v1/{'chat/completions' if spec.api == 'chat' else 'responses'}): give {cap[1]}")
+                               f"(/v1/{'chat/completions' if spec.api == 'chat' else 'responses'}): give {own[-1]}")
     if api == "openai" and spec.reasoning:
         if body.get("max_tokens") is not None:
             raise FieldProblem(f"{where}.max_tokens", f"{where}.max_tokens is refused by OpenAI for reasoning models; "
