@@ -39,6 +39,7 @@ _TOKEN = re.compile(r"[A-Za-z]+(?:'[a-z]+)?|\d+(?:[.,]\d+)*")
 # "-5" / "5" and "$5" / "€5" read the same words (a helper's hunt). Read as operators only where they stand
 # beside a number or a one-letter name, or alone between spaces ("a < b"): a dash, a slash or an ampersand
 # between words ("well-known", "and/or", "Q&A") and an exclamation are prose.
+_SPACED = re.compile(r"(?<![A-Za-z]{2})\s*([-+*/%<>=&|^~]+)\s*(?![A-Za-z]{2})")  # "a+b" reads as "a + b"
 _SYMBOLS = re.compile(r"(?:(?<=[\d\s(])|^)[-+*/%<>=&|^~]+(?=\s*[\d(]|\s*\b[A-Za-z]\b)|(?<=\b[A-Za-z0-9] )[-+*/%<>=&|^~]+"
                       r"(?= )|[$€£¥]")
 _SENTENCE = re.compile(r"[.!?]+\s+|\n+")  # "1.5" and "U.S." stay inside a sentence
@@ -158,7 +159,7 @@ def traits(text: str) -> Traits:
     return Traits(frozenset(numbers), negations, frozenset(colours), frozenset(entities), tuple(content),
                   frozenset(openers), words, frozenset(possessives), frozenset(stem(w) for w in words),
                   negating_words(lowered), directions(text, lowered, _TOKEN.findall), languages(text),
-                  tuple(_SYMBOLS.findall(text)))
+                  tuple(_SYMBOLS.findall(_SPACED.sub(r" \1 ", text))))
 
 
 def guard_between(a: Traits, b: Traits, guards: Guards = Guards()) -> str | None:

@@ -7,7 +7,7 @@ import logging
 
 from actors import ResultCache, ResultHub
 from actors._types import Job
-from actors.cache_layers import Entry, RedisLayer, encode
+from actors.cache_layers import SCHEMA, Entry, RedisLayer, encode
 from engine.core.clock import ManualClock
 from engine.core.features import fingerprint
 from engine.core.grouping import ReuseSettings
@@ -67,7 +67,7 @@ def test_entries_are_namespaced_versioned_and_carry_their_ttl(redis_server, tmp_
         j = job(0, "A koi pond at dawn")
         await generate(cache, hub, j)
         r = redis_server.client()
-        key = f"{cs.prefix}:v1:acme:{j.fp}"
+        key = f"{cs.prefix}:v{SCHEMA}:acme:{j.fp}"
         assert r.exists(key) and 3_590_000 < r.pttl(key) <= 3_600_000
         hub2, fresh = cs.new()  # a restarted actor: empty memory, same Redis
         assert await fresh.lookup([job(1, "A koi pond at dawn")]) == []
@@ -85,7 +85,7 @@ def test_expired_entries_are_not_served(redis_server, tmp_path):
         hub, cache = cs.new()
         j = job(0, "A paper crane on a desk")
         await generate(cache, hub, j)
-        key = f"{cs.prefix}:v1:acme:{j.fp}"
+        key = f"{cs.prefix}:v{SCHEMA}:acme:{j.fp}"
         r = redis_server.client()
         # Wait on Redis itself: its keyspace notification says when the key expired.
         r.config_set("notify-keyspace-events", "Ex")
@@ -175,10 +175,10 @@ def test_corrupt_and_foreign_values_are_ignored_and_counted(redis_server, tmp_pa
         hub, cache = cs.new()
         a, b = job(0, "A snowy cabin"), job(1, "A desert road")
         r = redis_server.client()
-        r.set(f"{cs.prefix}:v1:acme:{a.fp}", b"\x80\x81 not json")
+        r.set(f"{cs.prefix}:v{SCHEMA}:acme:{a.fp}", b"\x80\x81 not json")
         foreign = Entry(b.fp, Result(id="elsewhere", status="ok", output="wrong"))  # valid, but not a's
-        r.set(f"{cs.prefix}:v1:acme:{b.fp}", encode(foreign)[:-1] + b"")  # truncated: corrupt
-        r.set(f"{cs.prefix}:v1:acme:{job(2, 'A city at dusk').fp}", encode(foreign))  # another fingerprint's
+        r.set(f"{cs.prefix}:v{SCHEMA}:acme:{b.fp}", encode(foreign)[:-1] + b"")  # truncated: corrupt
+        r.set(f"{cs.prefix}:v{SCHEMA}:acme:{job(2, 'A city at dusk').fp}", encode(foreign))  # another fingerprint's
         assert await cache.lookup([a, b, job(2, "A city at dusk")]) == [0, 1, 2]
         assert await hub.pull(0.01) == [] and cache.cache_stats()["corrupt"] == 3
         await cache.close()
@@ -213,7 +213,7 @@ def test_redis_slow_down_and_back(own_redis, tmp_path, caplog):
         await generate(cache, hub, job(5, "A kite over dunes"))
         assert layer.up and layer.reconnects == 1 and len(layer._pending) == 0
         keys = {k.decode() for k in own_redis.client().keys(f"{cs.prefix}:*")}
-        assert {f"{cs.prefix}:v1:acme:{job(k, p).fp}" for k, p in
+        assert {f"{cs.prefix}:v{SCHEMA}:acme:{job(k, p).fp}" for k, p in
                 [(3, "A tram in the rain"), (5, "A kite over dunes")]} <= keys
         await cache.close()
 
@@ -298,7 +298,7 @@ def test_a_time_compressed_engine_stores_its_ttl_in_redis_in_real_time(redis_ser
         cache = ResultCache(REUSE, hub, ScaledClock(time.time(), 100.0), settings=Settings(cache=cs.cfg))
         j = job(0, "A lantern on a jetty")
         await generate(cache, hub, j)
-        ttl_ms = redis_server.client().pttl(f"{cs.prefix}:v1:acme:{j.fp}")
+        ttl_ms = redis_server.client().pttl(f"{cs.prefix}:v{SCHEMA}:acme:{j.fp}")
         assert 35_000 < ttl_ms <= 36_000  # 3,600 engine seconds at 100x
         await cache.close()
     run(go())
