@@ -92,7 +92,7 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
         _check_outputs({"--out": out, err_flag: errors, "--report": report_path}, inputs=(input_file,))
         stack.enter_context(_output_lock(out))
         kept: dict[int, dict] = {}
-        paid: list = []  # what the kept lines cost, for budgets that live in this run
+        kept_lines: list = []  # the input's lines an earlier run answered
         if resume:  # what an earlier run answered was paid for: written again, never sent again
             done = answered_lines(out)
             foreign = sorted(set(done) - {ln.custom_id for ln in bf.lines})
@@ -101,7 +101,7 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
                                   f"in {input_file} (e.g. {foreign[0]!r}): it is another input's output, and "
                                   "resuming would drop them; give another --out, or the input that made it")
             kept = {ln.no: done[ln.custom_id] for ln in bf.lines if ln.custom_id in done}
-            paid = _kept_charges([ln for ln in bf.lines if ln.no in kept], kept, cat, out)
+            kept_lines = [ln for ln in bf.lines if ln.no in kept]
             bf = BatchFile(bf.source, [ln for ln in bf.lines if ln.no not in kept], bf.file_problems)
         results = []
         interrupted = ray_gone = False
@@ -117,7 +117,7 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
             if settings.budgets.specs and settings.budgets.redis_url is None:
                 # Budgets in this process start at 0: the kept lines were paid for, and a resumed run was granted
                 # the whole budget again (a helper's hunt: 1.85x a hard limit). With Redis they are counted there.
-                eng.count_spent(paid)
+                eng.count_spent(_kept_charges(kept_lines, kept, cat, out))
             if settings.providers.mode != "http" and speedup <= 1:  # a quiet wait of hours read as a hang
                 err_console.print(f"simulated providers at real time: a line may wait for its batch up to the "
                                   f"{window} window (--speedup compresses time; --providers http makes real calls)",

@@ -51,10 +51,11 @@ _CAPS_ALL = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
 
 def check_api_body(body: dict, where: str, api: str, spec: ModelSpec) -> None:
-    """What the provider's wire format refuses that another's takes: at Anthropic, OpenAI's fields, roles and
-    metadata keys, a non-text system message and the ``fast`` speed (priced apart from the catalog's); at an
-    OpenAI reasoning model, ``max_tokens`` and a temperature or top_p other than 1. Each was accepted, reserved
-    for and sent, and the provider answered 400 for that call alone (a helper's hunt)."""
+    """What the provider's wire format refuses that another's takes (``body`` as it goes on the wire): a cap under
+    another endpoint's name; the other API's content parts; at an OpenAI reasoning model, ``max_tokens`` and a
+    temperature or top_p other than 1; at Anthropic, OpenAI's fields, roles and metadata keys, a non-text system
+    message, the ``fast`` speed (priced apart from the catalog's) and a fifth cache mark. Each was accepted,
+    reserved for and sent, and the provider answered 400 for that call alone (a helper's hunt)."""
     # A cap under another endpoint's name is no cap there: the budget reserved for it, and the call ran to the
     # model's maximum (a lenient server ignores the key; a helper's hunt: a hard budget overrun tenfold).
     own = _CAPS.get(spec.api) if api == "openai" else None
@@ -85,8 +86,8 @@ def check_api_body(body: dict, where: str, api: str, spec: ModelSpec) -> None:
     if len(marks) > MAX_CACHE_MARKS:
         field = f"{where}{marks[MAX_CACHE_MARKS]}.cache_control"
         raise FieldProblem(field, f"{field} is mark {MAX_CACHE_MARKS + 1} of {len(marks)}, and Anthropic takes at "
-                           f"most {MAX_CACHE_MARKS} cache_control marks a request: keep the marks at the ends of the parts that repeat (the tools, the "
-                           "system prompt, the conversation so far)")
+                           f"most {MAX_CACHE_MARKS} cache_control marks a request: keep the marks at the ends of "
+                           "the parts that repeat (the tools, the system prompt, the conversation so far)")
     meta = body.get("metadata")
     if meta is not None and (not isinstance(meta, dict) or set(meta) - {"user_id"}):
         raise FieldProblem(f"{where}.metadata", f"{where}.metadata takes only user_id at Anthropic, got "

@@ -32,12 +32,13 @@ def check_wire(body: dict[str, Any] | None, spec: ModelSpec, provider: str, sett
     # The body as it goes on the wire: a Responses body for chat completions or Messages goes as messages, with
     # the fields those cannot carry dropped, and its cache marks where they land (checked on the Responses body,
     # a Responses client's metadata and user were refused at Anthropic, and a fifth mark passed; a review).
-    wire = as_messages(body, endpoint.api, spec.api)
-    if wire is not body or not translates(body, endpoint.api, spec.api):  # else check_responses_body says why
+    responses = translates(body, endpoint.api, spec.api)
+    wire = as_messages(body, endpoint.api, spec.api) if responses else body
+    if wire is not body or not responses:  # else it cannot go as messages, and check_responses_body says why
         check_api_body(wire, "body", endpoint.api, spec)
         if endpoint.api == "anthropic":
             check_cache_ttl(wire, "body")
-    if endpoint.api == "anthropic" and not translates(body, endpoint.api, spec.api):
+    if endpoint.api == "anthropic" and not responses:
         check_anthropic_system(body, "body")  # a Responses body's system parts: check_responses_body
     if spec.kind == "text" and settings.providers.mode == "http":  # only a real call has a route
         check_responses_body(body, "body", endpoint.api, spec.api)
