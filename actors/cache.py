@@ -21,12 +21,13 @@ import asyncio
 import itertools
 import logging
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Hashable
 
 from actors._follow import Following
 from actors._near_index import FOLLOWING, LEADS, Item, NearIndex
 from actors._peer import Warm, as_peer, resolve_clock
+from actors._recall import Delivered
 from actors._shards import Shards, by_result_uid
 from actors._types import send_sharded
 from actors.cache_layers import CorruptValue, Entry, LocalBlobStore, MemoryLRU, RedisLayer, decode, encode
@@ -52,7 +53,7 @@ def tenant_scope(tenant: str, share_across_tenants: bool) -> str:
     return SHARED if share_across_tenants else tenant
 
 
-RECALL_KEEP = 65_536  # results of reused requests kept for ``recall``
+RECALL_KEEP = 65_536  # results of reused requests kept for ``recall``, at most (and the memory limit's bytes)
 
 
 class ResultCache(NearIndex, Following, Warm):
@@ -97,7 +98,7 @@ class ResultCache(NearIndex, Following, Warm):
         self._reported_up: bool | None = None
         # Requests this cache resolved lately, with their results: a re-admission after the hub lost them gets
         # them again instead of a call (see ``recall``).
-        self._delivered: OrderedDict[str, tuple[Result, float]] = OrderedDict()
+        self._delivered = Delivered(RECALL_KEEP, self.memory.max_bytes)
 
     async def warm(self) -> int:
         """Also load the sentence embedding now (0.1-0.2 s cold), not at the first near-duplicate ask: that
@@ -246,16 +247,13 @@ class ResultCache(NearIndex, Following, Warm):
     def _held(self, results: list[Result], items: list[Item]) -> list[float]:
         """Keep ``results`` for ``recall`` and return their prices: held from here on, before any await."""
         prices = self._list_prices(items)
-        d = self._delivered
         for r, p in zip(results, prices):
-            d[r.uid] = (r, p)
-        while len(d) > RECALL_KEEP:
-            d.popitem(last=False)
+            self._delivered.put(r, p)
         return prices
 
     async def forget(self, uids: list[str]) -> None:
         for u in uids:
-            self._delivered.pop(u, None)
+            self._delivered.pop(u)
 
     async def recall(self, uids: list[str], detach: bool = False) -> list[str]:
         """Of ``uids`` (requests re-admitted after a restart), those this cache holds: following an identical

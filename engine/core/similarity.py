@@ -42,6 +42,10 @@ _TOKEN = re.compile(r"[A-Za-z]+(?:'[a-z]+)?|\d+(?:[.,]\d+)*")
 _SPACED = re.compile(r"(?<![A-Za-z]{2})\s*([-+*/%<>=&|^~]+)\s*(?![A-Za-z]{2})")  # "a+b" reads as "a + b"
 _SYMBOLS = re.compile(r"(?:(?<=[\d\s(])|^)[-+*/%<>=&|^~]+(?=\s*[\d(]|\s*\b[A-Za-z]\b)|(?<=\b[A-Za-z0-9] )[-+*/%<>=&|^~]+"
                       r"(?= )|[$€£¥]")
+# One-letter names where code stands them (between brackets, commas or operators): "print(a)" / "print(i)" or
+# "f(x, y)" / "f(y, x)" read as stop words ("a", "I") or as no word at all (a helper's hunt). Not a letter before
+# a dot ("e.g.", "i.e.") nor one a hyphen joins to a word ("N-dimensional").
+_NAMES = re.compile(r"(?:(?<=[(\[,=;+*/%<>])|(?<=(?<![A-Za-z])-))\s*([A-Za-z])\s*(?=[)\],=\[(;:+*/%<>]|-(?![A-Za-z]))")
 _SENTENCE = re.compile(r"[.!?]+\s+|\n+")  # "1.5" and "U.S." stay inside a sentence
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
 _OR_NOT = re.compile(r"\bor not\s*(?=[?.!]|$)", re.IGNORECASE)  # "Is it safe or not?" asks "Is it safe?"
@@ -137,6 +141,7 @@ class Traits(NamedTuple):
     directions: frozenset[tuple[str, str]] = frozenset()  # (word, "to"/"from"/"into")
     languages: frozenset[str] = frozenset()  # "c#", "c++", "f#"
     symbols: tuple[str, ...] = ()  # operators, signs and currencies, in order
+    names: tuple[str, ...] = ()  # one-letter names where code stands them, in order
 
 
 def traits(text: str) -> Traits:
@@ -159,7 +164,7 @@ def traits(text: str) -> Traits:
     return Traits(frozenset(numbers), negations, frozenset(colours), frozenset(entities), tuple(content),
                   frozenset(openers), words, frozenset(possessives), frozenset(stem(w) for w in words),
                   negating_words(lowered), directions(text, lowered, _TOKEN.findall), languages(text),
-                  tuple(_SYMBOLS.findall(_SPACED.sub(r" \1 ", text))))
+                  tuple(_SYMBOLS.findall(_SPACED.sub(r" \1 ", text))), tuple(_NAMES.findall(text)))
 
 
 def guard_between(a: Traits, b: Traits, guards: Guards = Guards()) -> str | None:
@@ -168,6 +173,8 @@ def guard_between(a: Traits, b: Traits, guards: Guards = Guards()) -> str | None
         return f"numbers differ: {sorted(a.numbers ^ b.numbers)}"
     if guards.symbols and a.symbols != b.symbols:
         return f"operators or signs differ: {' '.join(a.symbols) or '(none)'} / {' '.join(b.symbols) or '(none)'}"
+    if guards.symbols and a.names != b.names:
+        return f"one-letter names differ: {' '.join(a.names) or '(none)'} / {' '.join(b.names) or '(none)'}"
     if guards.negation and a.negations != b.negations:
         return "negation differs"
     if guards.colours and a.colours != b.colours:

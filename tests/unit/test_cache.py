@@ -115,6 +115,27 @@ def test_a_stored_answer_keeps_no_raw_body_so_the_memory_limit_bounds_what_it_ho
     assert cache.memory.bytes <= cache.memory.max_bytes
 
 
+def test_the_results_kept_for_recall_are_bounded_by_their_bytes_and_the_newest_stay(tmp_path):
+    """A reused result holds its output, and ``recall`` keeps reused results outside the memory layer (a hunt:
+    65,536 results of 16 kB held 1 GB under a 512 MB limit). They are bounded by the memory limit's bytes too,
+    oldest out first, and the newest can still be recalled."""
+    hub, cache = make_cache(tmp_path, memory_max_mb=1, blob_min_kb=1024)
+    out = "x" * 200_000  # 200 kB an answer: five of them fill the 1 MiB limit
+
+    async def go():
+        src = job(0, "a lighthouse at dusk", reuse="exact")
+        await generated(cache, hub, src, output=out)
+        copies = [job(i, "a lighthouse at dusk", reuse="exact") for i in range(1, 21)]
+        for c in copies:
+            assert await cache.lookup([c]) == []  # each one an exact hit
+        assert [r.output == out for r in await hub.pull(0.01)] == [True] * 20
+        return copies, await cache.recall([c.req.uid for c in copies])
+
+    copies, held = run(go())
+    assert cache._delivered.bytes <= cache.memory.max_bytes
+    assert 0 < len(held) < len(copies) and held == [c.req.uid for c in copies[-len(held):]]
+
+
 def test_blob_store_is_content_addressed_and_refuses_a_damaged_blob(tmp_path):
     store = LocalBlobStore(tmp_path)
     ref = store.put(b"frame" * 1000)
@@ -282,6 +303,19 @@ def test_operators_and_signs_that_differ_are_refused_and_prose_punctuation_is_no
                  ("for (i = 0; i < n; i++) total += x[i]", "for (i = 0; i < n; ++i) total += x[i]")]:
         assert guard_reason(a, b) is None, (a, b)
     assert guard_reason("Is x>y?", "Is x<y?").startswith("operators or signs differ")
+
+
+def test_one_letter_names_that_differ_in_code_are_refused_and_abbreviations_are_not():
+    """"print(a)" / "print(i)" read as stop words ("a", "I") to every other guard (a helper's hunt)."""
+    others = Guards.of([g for g in GUARDS if g != "symbols"])
+    for a, b in [("What does print(a) show here?", "What does print(i) show here?"),
+                 ("Why is sum(x, y) zero?", "Why is sum(x, z) zero?"), ("Sort x[i] in place", "Sort x[a] in place")]:
+        assert guard_reason(a, b).startswith("one-letter names differ"), (a, b)
+        assert guard_reason(a, b, others) is None, (a, b)
+    for a, b in [("Name a fruit, e.g. an apple", "Name a fruit, for example an apple"),
+                 ("Are N-dimensional arrays nested lists?", "Are multi-dimensional arrays nested lists?"),
+                 ("Why does f(a) fail?", "Why does f( a ) fail?")]:
+        assert not (guard_reason(a, b) or "").startswith("one-letter names differ"), (a, b)
 
 
 def test_the_ann_index_finds_what_exact_search_finds(monkeypatch):
