@@ -34,6 +34,7 @@ from engine.core.request import PRIORITY_RANK, Request
 from engine.core.resilience import CircuitBreaker, Resilience, retry_delay
 from engine.core.scheduling import FairQueue, Scheduling, Unit
 from engine.core.settings import Settings
+from engine.runtime.batch_queue import BatchQueue
 from engine.runtime.ratelimit import EnqueuedTokens, RateGate
 
 __all__ = ["Attempt", "BatchOutcome", "Event", "SimProvider", "SyncAttempt", "Work"]
@@ -120,7 +121,7 @@ class SimProvider:
         self._gate_of = {m: (m if s.rate_limits is not None else None) for m, s in provider.models.items()}
         ba = provider.batch_api
         self.enqueued = EnqueuedTokens(ba.max_enqueued_tokens) if ba is not None else None
-        self.batch_queue = FairQueue(sched, self.max_att)
+        self.batch_queue = BatchQueue(sched, self.max_att)
         # Work of models whose circuit is open and that have no fallback: a heap by when the circuit closes.
         self.parked: list[tuple[float, int, Unit]] = []
         self._parked_seq = itertools.count()
@@ -130,8 +131,7 @@ class SimProvider:
         self._lead: dict[str, float] = {}
 
     def __repr__(self) -> str:
-        waiting = sum(len(q) for q in self.queues.values()) + len(self.batch_queue)
-        return (f"SimProvider({self.spec.name}, waiting={waiting}, parked={len(self.parked)}, "
+        return (f"SimProvider({self.spec.name}, waiting={self.waiting - len(self.parked)}, parked={len(self.parked)}, "
                 f"running={sum(g.running for g in self.gates.values())}, {self.breaker!r})")
 
     @property
@@ -142,8 +142,8 @@ class SimProvider:
     def take_queued(self) -> list[Work]:
         """Everything that waits to start (queued at a gate, or parked behind an open circuit), taken out: a
         cancelled engine ends it without sending it."""
-        out: list[Work] = []
-        for q in (*self.queues.values(), self.batch_queue):
+        out: list[Work] = [u.item for u in self.batch_queue.take_all()]
+        for q in self.queues.values():
             while len(q):
                 out.append(q.take(q.peek(0.0)).item)
         out += [u.item for _, _, u in self.parked]
@@ -167,7 +167,7 @@ class SimProvider:
         u = Unit(w, first.tenant, prio, min(r.deadline_at for r in reqs), min(r.arrival_s for r in reqs),
                  tokens, cost, max(w.attempts), 0.0 if w.kind == "batch_api" else lead)
         if w.kind == "batch_api":
-            self.batch_queue.push(u)
+            self.batch_queue.push(u, w.hedge_at)
         else:
             self.queues[self._gate_of[first.model]].push(u)
 
@@ -210,8 +210,11 @@ class SimProvider:
                 # much would put a call inside a minute the gate had counted it out of.
                 events.append(self._start(w, s, gate))
         bq = self.batch_queue
-        while len(bq):
-            picked = bq.peek(now)
+        for u in bq.late(now):  # its hedge came while it waited: back to the policy now, never submitted
+            w = u.item
+            events.append(Event("batch_api", w, now, self.batch(w.idxs, w.reqs, now, w.hedge_at, w.attempts)
+                                if self.draw else 0))
+        while (picked := bq.peek(now)) is not None:
             u = picked[2]
             s = self.enqueued.earliest(now, u.tokens)
             if s > now + 1e-9:
@@ -219,14 +222,13 @@ class SimProvider:
                 break
             bq.take(picked)
             events.append(self._start_batch(u.item, s, u.tokens))
+        next_at = min(next_at, bq.next_hedge())
         return events, (None if next_at == _INF else next_at)
 
     def _sweep_warm(self, now: float) -> None:
-        """Forget prefix blocks that went cold more than one cache TTL before ``now``, once per TTL of engine
-        time. Block ids are the requests' own (a Mooncake trace's hash ids never repeat for long), so kept for
-        good they grew with every prefix ever sent: 15,000 requests of 8 fresh blocks held 120,000 blocks, none
-        warm. A call starts no earlier than the pump that started it, and a dispatcher draws it a loop turn
-        later at most, so a block cold a whole TTL before a pump is never read as warm again."""
+        """Forget prefix blocks cold for more than one cache TTL, once per TTL of engine time (kept for good, a
+        trace's fresh blocks grew without end: 15,000 requests held 120,000 blocks, none warm). A call starts
+        no earlier than the pump that started it, so a block cold a TTL before a pump is never read again."""
         pc = self.spec.prompt_cache
         if pc is None:
             self._warm_sweep_at = _INF  # nothing is ever warm here
@@ -309,11 +311,7 @@ class SimProvider:
         if pc is None or not blocks:
             return price_text(prov, spec, cache_split(prov, spec, r.input_tokens, 0, 0, 0, self.bt),
                               r.output_tokens, "sync").total, 0
-        n_warm = 0
-        for b in blocks:
-            if not self._is_warm(r.model, b, start):
-                break
-            n_warm += 1
+        n_warm = next((k for k, b in enumerate(blocks) if not self._is_warm(r.model, b, start)), len(blocks))
         split = cache_split(prov, spec, r.input_tokens, len(blocks), n_warm, len(blocks) if cache_write else 0,
                             self.bt)
         cached = cached_blocks(split.read, split.write, self.bt)

@@ -12,8 +12,12 @@ import pytest
 from actors._types import BatchJob, Job
 from actors.dispatcher import Dispatcher
 from engine.core.catalog import Catalog
+from engine.core.draws import Draws
 from engine.core.provider_api import BatchState, Secret
+from engine.core.request import Request
+from engine.core.settings import Settings
 from engine.emulator import Emulator
+from engine.runtime.providers import SimProvider, Work
 from tests.unit.test_http_providers import (
     BATCH_ROUTE,
     CAT,
@@ -231,3 +235,25 @@ def test_a_batch_that_waited_for_enqueued_room_past_its_hedge_is_never_created()
             finally:
                 await rig.close()
         asyncio.run(go())
+
+
+def test_the_live_kernel_gives_a_batch_waiting_for_enqueued_room_back_at_its_hedge():
+    """The dispatcher's queue (``SimProvider`` without draws): a batch waiting for the enqueued-token room is
+    handed back when its hedge comes, as a batch never created, not when the room frees (its members went back
+    to the policy past their deadlines, a hunt). The pump asks to be woken at that hedge."""
+    cat = _room_for_one_batch(CAT)
+    sim = SimProvider(cat.provider("openai"), cat, Settings(), Draws(0, 4, 0, 60.0), draw=False)
+
+    def work(tag: str, hedge_at: float | None) -> Work:
+        reqs = [Request.model_validate({"id": f"{tag}{k}", "arrival_s": 0.0, "model": "gpt-5-mini",
+                                        "input_tokens": 600, "output_tokens": 100}) for k in range(2)]
+        return Work("batch_api", tag, reqs, [0, 1], [0, 0], hedge_at=hedge_at)
+
+    sim.enqueue(work("a", None))
+    sim.enqueue(work("b", 50.0))
+    events, wake = sim.pump(0.0)
+    assert [(e.work.item, e.start) for e in events] == [("a", 0.0)] and wake == 50.0
+    assert sim.pump(49.0)[0] == []
+    events, wake = sim.pump(50.0)
+    assert [(e.kind, e.work.item, e.start, e.outcome) for e in events] == [("batch_api", "b", 50.0, 0)]
+    assert wake is None and sim.waiting == 0 and sim.take_queued() == []
