@@ -22,7 +22,9 @@ from _real import DATA, FILES, load_real  # noqa: E402
 
 from engine.app.bench import PolicySpec  # noqa: E402
 from engine.app.bench_seeds import run_seeds, seeds_markdown  # noqa: E402
-from engine.core.catalog import load_catalog  # noqa: E402
+from engine.core.catalog import default_catalog, load_catalog  # noqa: E402
+from engine.core.errors import SmartbatchError  # noqa: E402
+from policies import load_policy  # noqa: E402
 
 
 def variant(text: str) -> PolicySpec:
@@ -31,30 +33,48 @@ def variant(text: str) -> PolicySpec:
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"--variant {text!r}: expected key=value[,key=value], e.g. gather_p_loss=0.01")
-        params[key.strip()] = json.loads(value)
+        try:
+            params[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            raise SystemExit(f"--variant {text!r}: {value!r} is not a JSON value (a number, true, null, "
+                             '"text")') from None
     return PolicySpec(name=f"smart {text}", policy="smart", params=params)
+
+
+def _at_least_one(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n}: give 1 or more")
+    return n
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("trace", choices=sorted(FILES))
-    ap.add_argument("--seeds", type=int, default=30)
+    ap.add_argument("--seeds", type=_at_least_one, default=30)
     ap.add_argument("--first", type=int, default=0, help="the first seed")
-    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--jobs", type=_at_least_one, default=2)
     ap.add_argument("--variant", action="append", default=[], help="smart with these parameters (repeatable)")
     ap.add_argument("--naive", action="store_true", help="list naive too")
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--catalog-overlay", type=Path, help="a YAML merged over the packaged catalog (another price, "
                     "cache or turnaround of a provider): smart and the bounds are run against it")
     a = ap.parse_args()
-    reqs = load_real(a.trace, a.data)
+    if a.first < 0:
+        ap.error(f"--first {a.first}: seeds are 0 or more")
     specs = [PolicySpec(name="smart", policy="smart"), *map(variant, a.variant)]
     if a.naive:
         specs.append(PolicySpec(name="naive", policy="naive"))
     t0 = time.perf_counter()
-    catalog = load_catalog(None, a.catalog_overlay) if a.catalog_overlay else None
-    doc = run_seeds(reqs, specs, list(range(a.first, a.first + a.seeds)), trace_name=a.trace, jobs=a.jobs,
-                    catalog=catalog)
+    try:  # the parameters and the catalog are checked before the trace is read
+        catalog = load_catalog(None, a.catalog_overlay) if a.catalog_overlay else None
+        for spec in specs:
+            load_policy(spec.policy, catalog or default_catalog(), spec.params)
+        reqs = load_real(a.trace, a.data)
+        doc = run_seeds(reqs, specs, list(range(a.first, a.first + a.seeds)), trace_name=a.trace, jobs=a.jobs,
+                        catalog=catalog)
+    except SmartbatchError as exc:
+        raise SystemExit(f"error: {exc}") from None
     print(seeds_markdown(doc))
     per = {s["policy"]: [next(r for r in run["results"] if r["policy"] == s["policy"])["cost_usd"]
                          for run in doc["by_seed"]] for s in doc["summary"]}

@@ -26,9 +26,10 @@ __all__ = ["Policy", "PolicyParams", "available_policies", "load_policy", "regis
 
 
 class PolicyParams(BaseModel):
-    """Typed, validated, frozen parameters of a policy; each policy subclasses this."""
+    """Typed, validated, frozen parameters of a policy; each policy subclasses this. No infinity nor NaN: a wait
+    of .inf woke a group at infinity and submitted its batch there (a hunt); "never" is a parameter's None."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class Policy:

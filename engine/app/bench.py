@@ -41,6 +41,9 @@ def load_variants(path: str | Path | None) -> dict[str, PolicySpec]:
         raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except OSError as exc:
         raise ConfigError(f"cannot read variants file {path}: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}); "
+                          "save the variants file as UTF-8 YAML") from exc
     except yaml.YAMLError as exc:  # one line: where, and what the parser expected (not its multi-line pointer)
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
@@ -83,8 +86,8 @@ class _Run:
 
 def _served_naive_cost(result: SimResult, naive: SimResult) -> float:
     """What naive's run bills for the requests ``result`` served: the reference of a run that refused some."""
-    bill = dict(zip((r.id for r in naive.requests), naive.cost.tolist()))
-    return float(sum(bill[r.id] for r, s in zip(result.requests, result.served.tolist()) if s))
+    bill = dict(zip((r.uid for r in naive.requests), naive.cost.tolist()))
+    return float(sum(bill[r.uid] for r, s in zip(result.requests, result.served.tolist()) if s))
 
 
 def result_row(name: str, policy_class: str, params: dict, result: SimResult, naive: SimResult,
@@ -165,7 +168,8 @@ def run_bench(requests: Sequence[Request], specs: Sequence[PolicySpec], *, trace
     runs: list[_Run] = []
     for spec, policy in policies:
         res = sim(policy)
-        relaxed = lower_bound(reqs, catalog=catalog, settings=settings, draws=draws, relax=~res.met).total_usd
+        relaxed = lower_bound(reqs, catalog=catalog, settings=settings, draws=draws, relax=~res.met,
+                              unserved=~res.served).total_usd  # a request a budget refused billed nothing
         runs.append(_Run(spec, res, relaxed))
         if spec.policy == "naive" and not spec.params and naive is None and not budgeted:
             naive = res

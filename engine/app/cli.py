@@ -125,11 +125,13 @@ def bench(trace: Path = typer.Argument(..., help="a JSONL trace"),
           reserve_output: str | None = typer.Option(None, help="output a reservation assumes without a "
                                                     "max_output_tokens cap: model_max (default, safe) or request "
                                                     "(output_tokens, when it is sent as max_tokens)"),
-          catalog: Path | None = typer.Option(None, help="catalog YAML (default: packaged)")) -> None:
+          catalog: Path | None = typer.Option(None, help="catalog YAML (default: packaged)"),
+          catalog_overlay: Path | None = typer.Option(None, "--catalog-overlay", help="a YAML merged over the "
+                                                      "catalog: adds or overrides providers, models, prices")) -> None:
     """Run policies on a trace in the simulator; write results.json, results.md and plot.png (with --seeds:
     results.json and results.md, the policies summarised over the seeds)."""
     try:
-        settings, cat = _settings(catalog)
+        settings, cat = _settings(catalog, catalog_overlay)
         tr = _load(trace, cat, settings, skip_invalid)
         settings = _budgets(settings, budget, tenant_budget, budget_duration, tr.requests, reserve_output)
         doc = _bench(tr.requests, tr.name, policies, variants, out, list(range(seed, seed + seeds)), jobs, cat,

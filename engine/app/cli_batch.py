@@ -56,7 +56,9 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
                resume: bool = typer.Option(False, "--resume", help="keep the lines OUT already answers (an "
                                            "earlier, interrupted run's) and send only the others; a line is "
                                            "known by its custom_id"),
-               catalog: Path | None = typer.Option(None, help="a catalog YAML replacing the packaged one")) -> None:
+               catalog: Path | None = typer.Option(None, help="a catalog YAML replacing the packaged one"),
+               catalog_overlay: Path | None = typer.Option(None, "--catalog-overlay", help="a YAML merged over the "
+                                                           "catalog: adds or overrides providers, models, prices")) -> None:
     """Send an OpenAI Batch input file through the live engine within its completion window; write OpenAI's
     output and error files and a report of each line's cost against its list price. Lines that are not valid
     requests are answered in the error file (invalid_request)."""
@@ -77,7 +79,7 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
     try:
         window_s = parse_window(window)
         _check_tenant(tenant)
-        settings, cat = _settings(catalog)
+        settings, cat = _settings(catalog, catalog_overlay)
         settings = _providers(settings, providers, base_url)
         bf = _only_real(read_batch_file(input_file, window_s=window_s, tenant=tenant, catalog=cat,
                                         settings=settings), settings, cat)

@@ -91,12 +91,14 @@ def print_table(doc: dict) -> None:
 
 def print_seed_table(doc: dict) -> None:
     """Print a ``bench --seeds`` summary: per policy, means over the seeds with their standard errors."""
+    from engine.app.bench import places_for
     from engine.app.bench_seeds import seed_cells
 
     head, rows = seed_cells(doc)
     seeds = doc["seeds"]
+    nd = places_for(max(doc["naive_cost_usd"] or 0.0, *(s["mean_cost_usd"] for s in doc["summary"])))
     t = Table(title=f"{doc['trace']}: {doc['requests']:,} requests, seeds {seeds[0]}-{seeds[-1]}; mean lower bound "
-                    f"${doc['lower_bound_usd']:.2f}", caption="± standard error of the mean; the difference from "
+                    f"${doc['lower_bound_usd']:.{nd}f}", caption="± standard error of the mean; the difference from "
               f"{doc['reference']} is paired, seed by seed")
     for col in head:
         t.add_column(col, justify="left" if col == "policy" else "right")

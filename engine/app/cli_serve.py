@@ -192,7 +192,9 @@ def serve(name: str = typer.Option("smartbatch", "--name", help="the engine's na
           seed: int = typer.Option(0, min=0, help="seed of the simulated draws"),
           shards: int = typer.Option(1, "--shards", min=1, help="actors each of ingest, cache, result hub and "
                                      "groupers (one per core of the cluster spreads the load; docs/benchmarks.md)"),
-          catalog: Path | None = typer.Option(None, help="a catalog YAML replacing the packaged one")) -> None:
+          catalog: Path | None = typer.Option(None, help="a catalog YAML replacing the packaged one"),
+          catalog_overlay: Path | None = typer.Option(None, "--catalog-overlay", help="a YAML merged over the "
+                                                      "catalog: adds or overrides providers, models, prices")) -> None:
     """Start a named, detached engine and keep it running (and supervised) until Ctrl-C, SIGTERM or `smartbatch
     stop`. Drivers attach with Engine.connect(NAME, address=...), and share its cache, budgets and idempotency.
     One serve per NAME on a machine: a second one is refused, naming the first."""
@@ -205,7 +207,7 @@ def serve(name: str = typer.Option("smartbatch", "--name", help="the engine's na
 
         from engine.app.driver import Engine
 
-        settings, cat = _settings(catalog)
+        settings, cat = _settings(catalog, catalog_overlay)
         settings = _providers(settings, providers, base_url)
         init_ray(address or "local")
         # Ray Serve logs its own start and stop at INFO on this terminal, one line of which ("New http_options ...

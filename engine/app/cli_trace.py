@@ -6,7 +6,15 @@ from pathlib import Path
 
 import typer
 
-from engine.app.cli_common import _check_tenant, _fail, _settings, _warn_skipped, console, trace_app
+from engine.app.cli_common import (
+    _check_outputs,
+    _check_tenant,
+    _fail,
+    _settings,
+    _warn_skipped,
+    console,
+    trace_app,
+)
 from engine.core.errors import SmartbatchError
 
 
@@ -22,6 +30,7 @@ def trace_from_azure(csv: Path = typer.Argument(..., help="an Azure LLM inferenc
     from engine.core.tracegen import from_azure
 
     try:
+        _check_outputs({"--out": out}, inputs=(csv,))
         settings, cat = _settings(catalog)
         n = write_trace(from_azure(csv, seed=seed, model=model, catalog=cat, settings=settings, limit=limit), out)
     except SmartbatchError as exc:
@@ -41,6 +50,7 @@ def trace_from_mooncake(jsonl: Path = typer.Argument(..., help="a Mooncake trace
     from engine.core.tracegen import from_mooncake
 
     try:
+        _check_outputs({"--out": out}, inputs=(jsonl,))
         settings, cat = _settings(catalog)
         n = write_trace(from_mooncake(jsonl, seed=seed, model=model, catalog=cat, settings=settings, limit=limit),
                         out)
@@ -61,6 +71,7 @@ def trace_synth(out: Path = typer.Option(..., "--out"),
     from engine.core.tracegen import synth
 
     try:
+        _check_outputs({"--out": out})
         settings, cat = _settings(catalog)
         count = write_trace(synth(n, seed=seed, duration_s=duration, catalog=cat, settings=settings), out)
     except SmartbatchError as exc:
@@ -85,6 +96,7 @@ def trace_from_openai_batch(jsonl: Path = typer.Argument(..., help="an OpenAI Ba
 
     try:
         _check_tenant(tenant)
+        _check_outputs({"--out": out}, inputs=(jsonl,))
         settings, cat = _settings(catalog)
         tr = from_openai_batch(jsonl, window_s=parse_window(window), tenant=tenant, catalog=cat, settings=settings,
                                skip_invalid=skip_invalid)

@@ -139,7 +139,8 @@ def run_live(requests: Sequence[Request], *, trace_name: str, policy: str = "sma
                      draws=draws)
     lb = lower_bound(reqs, catalog=catalog, settings=settings, draws=draws)
     live = as_sim_result(policy, trace_name, reqs, results, wall)
-    relaxed = lower_bound(reqs, catalog=catalog, settings=settings, draws=draws, relax=~live.met).total_usd
+    relaxed = lower_bound(reqs, catalog=catalog, settings=settings, draws=draws, relax=~live.met,
+                          unserved=~live.served).total_usd
     online = lower_bound(reqs, catalog=catalog, settings=settings, draws=draws, online=True).total_usd
     row = result_row(f"{label or policy} (live)", policy, params or {}, live, naive, lb.total_usd, relaxed, online)
     row["online_bound_usd"] = round(online, 6)

@@ -11,7 +11,7 @@ import math
 from importlib import resources
 from pathlib import Path
 from statistics import NormalDist
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -40,7 +40,8 @@ _CHECKPOINTS = 16  # candidate checkpoints of a second batch (``BatchApi.second_
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # No infinity nor NaN anywhere: a price of .inf billed inf and printed a saving of nan % (a hunt).
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class RateLimits(_Frozen):
@@ -195,6 +196,10 @@ class GpuBatching(_Frozen):
         return self.setup_s + unit_gpu_s * b / self.speedup_at(b)
 
 
+_Price = Annotated[float, Field(ge=0)]  # USD a unit: 0 is free, never below
+_GpuSeconds = Annotated[float, Field(gt=0)]
+
+
 class ModelSpec(_Frozen):
     kind: Kind
     # text
@@ -204,12 +209,12 @@ class ModelSpec(_Frozen):
     cache_read_multiplier: float | None = Field(default=None, ge=0, le=1)
     cache_min_tokens: int | None = Field(default=None, ge=0)
     # hosted media priced per unit
-    per_image: dict[str, float] | None = None
-    per_image_quality: dict[str, dict[str, float]] | None = None  # by quality, then size (per_image: the default)
-    per_second: dict[str, float] | None = None
+    per_image: dict[str, _Price] | None = None
+    per_image_quality: dict[str, dict[str, _Price]] | None = None  # by quality, then size (per_image: the default)
+    per_second: dict[str, _Price] | None = None
     # self-hosted media priced by GPU time
-    gpu_s_per_image: dict[str, float] | None = None
-    gpu_s_per_video_second: dict[str, float] | None = None
+    gpu_s_per_image: dict[str, _GpuSeconds] | None = None
+    gpu_s_per_video_second: dict[str, _GpuSeconds] | None = None
     default_size: str | None = None
     default_resolution: str | None = None
     default_duration_s: float = Field(default=5.0, gt=0)

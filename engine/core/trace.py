@@ -11,7 +11,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from engine.core.catalog import Catalog, default_catalog
-from engine.core.errors import TraceError
+from engine.core.errors import ConfigError, TraceError
 from engine.core.request import FieldProblem, Request, validation_context
 from engine.core.settings import Settings
 
@@ -200,10 +200,13 @@ def load_trace(path: str | Path, *, catalog: Catalog | None = None, settings: Se
 def write_trace(requests: Iterable[Request], path: str | Path) -> int:
     """Write requests as JSONL with every default resolved; returns the number of lines."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
     n = 0
-    with p.open("w", encoding="utf-8") as fh:
-        for r in requests:
-            fh.write(json.dumps(r.model_dump(mode="json"), separators=(",", ":")) + "\n")
-            n += 1
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        with p.open("w", encoding="utf-8") as fh:
+            for r in requests:
+                fh.write(json.dumps(r.model_dump(mode="json"), separators=(",", ":")) + "\n")
+                n += 1
+    except OSError as exc:  # a full disk, a directory, a path under a file: the cause, not a traceback
+        raise ConfigError(f"cannot write the trace to {p}: {exc.strerror or exc}; give a writable file path") from None
     return n

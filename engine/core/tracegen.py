@@ -27,7 +27,7 @@ from engine.core.catalog import Catalog, default_catalog
 from engine.core.errors import CatalogError, TraceError
 from engine.core.request import Request, validation_context
 from engine.core.settings import Settings
-from engine.core.trace import TraceRequests, _problems_of, read_lines
+from engine.core.trace import MAX_SPAN_S, TraceRequests, _problems_of, read_lines
 
 __all__ = ["TEXT_MIX", "from_azure", "from_mooncake", "synth"]
 
@@ -74,12 +74,18 @@ def _build(rows: list[tuple[int, dict]], catalog: Catalog, settings: Settings | 
     """Validate the rows (each with its line in the source); any problem, here or found while reading, is
     raised as one ``TraceError`` naming every bad row, its field and the fix."""
     ctx = validation_context(catalog, settings)
-    out = []
+    out, nos = [], []
     for no, row in rows:
         try:
             out.append(Request.model_validate(row, context=ctx))
+            nos.append(no)
         except ValidationError as exc:
             problems.extend((source, no, f, m) for f, m in _problems_of(exc))
+    first = min((r.arrival_s for r in out), default=0.0)
+    # The loader's rule, checked here too: a trace written past it was refused by the bench it was built for.
+    problems.extend((source, no, "arrival_s", f"arrives {r.arrival_s - first:,.0f} s after the first row; a trace "
+                     f"spans at most {MAX_SPAN_S:,.0f} s (365 days): split the file, or fix the outlier")
+                    for no, r in zip(nos, out) if r.arrival_s - first > MAX_SPAN_S)
     if problems:
         raise TraceError(sorted(problems, key=lambda p: p[1]), hint=_HINT)
     if not out:

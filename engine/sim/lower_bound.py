@@ -25,7 +25,8 @@ Each step only ever makes a request cheaper than any policy could make it, so th
 
 ``relax`` marks requests whose deadline is treated as infinite: a policy that misses a deadline may use a
 cheaper mode than a deadline-respecting schedule could, so its cost is compared with the bound relaxed for
-the requests it missed.
+the requests it missed. ``unserved`` marks requests a run never served (a budget rejected them; they billed
+nothing): the bound prices them as it prices a request whose every attempt fails, at 0, writing nothing.
 
 ``online=True`` gives the *online bound*: step 3 without hindsight of the turnaround draws. No online policy
 knows whether a batch will be on time, only the turnaround distribution; at best it submits at arrival, cancels
@@ -207,7 +208,8 @@ def _readable(r: Request, prov, spec, prefix: int, shared: set[tuple], bt: int) 
 
 def lower_bound(requests: Sequence[Request], *, catalog: Catalog | None = None, settings: Settings | None = None,
                 seed: int | None = None, draws: Draws | None = None,
-                relax: np.ndarray | None = None, online: bool = False) -> LowerBound:
+                relax: np.ndarray | None = None, online: bool = False,
+                unserved: np.ndarray | None = None) -> LowerBound:
     settings = with_day_origin(settings or Settings(), requests)  # the world's hours, as the simulator's
     catalog = catalog or default_catalog()
     reqs = sorted(requests, key=lambda r: r.arrival_s)
@@ -222,6 +224,8 @@ def lower_bound(requests: Sequence[Request], *, catalog: Catalog | None = None, 
     providers = [r.provider for r in reqs]
     per = np.zeros(n)
     unserv = draws.attempts_all_fail(catalog, providers) if n else np.zeros(0, bool)
+    if unserved is not None:
+        unserv = unserv | unserved
 
     # 2. reuse
     free = unserv.copy()

@@ -72,7 +72,7 @@ class _Sim(SimBudget, SimReuse, SimCalls):
         self.batch_of = np.full(n, -1, dtype=np.int64)
         self.attempts = np.zeros(n, dtype=np.int64)
         self.hedges = np.zeros(n, dtype=np.int64)
-        self.idx_of = {r.id: i for i, r in enumerate(reqs)}
+        self.idx_of = {r.uid: i for i, r in enumerate(reqs)}  # (tenant, id): two tenants may share an id
         self.compat = [compat_key(r) for r in reqs]
         self.reuse = policy.reuse
         any_reuse = self.reuse.exact or self.reuse.in_flight or self.reuse.near
@@ -247,7 +247,7 @@ class _Sim(SimBudget, SimReuse, SimCalls):
 
     def apply(self, dispatches: list[Dispatch], wake: Wake | None) -> None:
         if dispatches:
-            self.send_many([(d.decision, [self.idx_of[r.id] for r in d.members]) for d in dispatches])
+            self.send_many([(d.decision, [self.idx_of[r.uid] for r in d.members]) for d in dispatches])
         if wake is not None:
             self.push(wake.at, "wake", wake)
 

@@ -118,6 +118,9 @@ def test_bench_with_budgets_reports_overrun_and_rejections(tmp_path):
         served = row["naive_cost_of_served_usd"]
         assert row["cost_usd"] <= served < naive
         assert row["saving_vs_naive"] == pytest.approx((served - row["cost_usd"]) / served, abs=1e-6)
+        # The bound a run is held to prices only what it served: the refused requests billed nothing (a hunt:
+        # $0.76 against a run's $0.06, which read as a policy beating its bound).
+        assert row["lower_bound_for_its_misses_usd"] <= row["cost_usd"] + 1e-6
     naive_row = doc["results"][0]
     assert naive_row["saving_vs_naive"] == pytest.approx(0.0, abs=1e-6)  # naive saves nothing on what it served
     assert "rejected" in (out / "results.md").read_text()
@@ -624,3 +627,42 @@ def test_a_negative_seed_is_a_usage_error_naming_the_flag(tmp_path):
     """``trace synth --seed -1`` crashed with "ValueError: expected non-negative integer" (a helper's tour)."""
     r = runner.invoke(app, ["trace", "synth", "--n", "5", "--seed", "-1", "--out", str(tmp_path / "s.jsonl")])
     assert r.exit_code == 2 and "--seed" in r.output and not (tmp_path / "s.jsonl").exists()
+
+
+def test_trace_builders_refuse_to_overwrite_their_input_a_directory_and_a_span_bench_refuses(tmp_path):
+    """A hunt: ``from-azure same.csv --out same.csv`` replaced the CSV with its trace; ``synth --out DIR`` was an
+    'unexpected' error; a CSV spanning more than a year was written and then refused by bench."""
+    csv = tmp_path / "a.csv"
+    rows = "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.1,374,44\n"
+    csv.write_text(rows)
+    r = runner.invoke(app, ["trace", "from-azure", str(csv), "--out", str(csv)])
+    _one_error(r, "--out", "that is the input file")
+    assert csv.read_text() == rows
+    _one_error(runner.invoke(app, ["trace", "synth", "--n", "5", "--out", str(tmp_path)]), "is a directory")
+    csv.write_text(rows + "2024-11-17 18:15:46.1,374,44\n")
+    out = tmp_path / "t.jsonl"
+    _one_error(runner.invoke(app, ["trace", "from-azure", str(csv), "--out", str(out)]),
+               f"{csv}:3: field 'arrival_s'", "365 days")
+    assert not out.exists()
+
+
+def test_a_catalog_with_an_infinite_or_negative_price_and_a_variant_of_infinity_are_refused(tmp_path):
+    """A hunt: a negative per-image or per-second price lowered the bill, ``.inf`` priced a trace at inf with a
+    saving of nan %, and a variant's ``batch_wait_s: .inf`` crashed bench."""
+    trace = tmp_path / "t.jsonl"
+    runner.invoke(app, ["trace", "synth", "--n", "20", "--out", str(trace)])
+    for overlay, field in [("openai:\n    models:\n      gpt-5-mini: {output_per_mtok: .inf}", "output_per_mtok"),
+                           ("google:\n    models:\n      imagen-4: {per_image: {1024x1024: -0.04}}", "per_image"),
+                           ("openai:\n    models:\n      sora-2: {per_second: {720p: -0.1}}", "per_second")]:
+        cat = tmp_path / "over.yaml"
+        cat.write_text(f"providers:\n  {overlay}\n")
+        r = runner.invoke(app, ["bench", str(trace), "--policies", "naive", "--catalog-overlay", str(cat),
+                                "--out", str(tmp_path / "o")])
+        _one_error(r, field)
+    v = tmp_path / "v.yaml"
+    v.write_text("variants:\n  - {name: x, policy: batch-all, params: {batch_wait_s: .inf}}\n")
+    r = runner.invoke(app, ["bench", str(trace), "--policies", "x", "--variants", str(v), "--out", str(tmp_path / "o")])
+    _one_error(r, "batch_wait_s", "finite")
+    v.write_bytes(b"\xffvariants: []\n")
+    r = runner.invoke(app, ["bench", str(trace), "--policies", "x", "--variants", str(v), "--out", str(tmp_path / "o")])
+    _one_error(r, "not UTF-8")

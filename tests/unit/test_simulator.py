@@ -246,3 +246,13 @@ def test_a_batch_that_waits_for_enqueued_room_goes_back_at_its_hedge_not_when_ro
     assert len(late) == 1 and late[0].size == 3
     assert (res.mode[3:] == 0).all() and (res.done_at[3:] > 300.0).all()  # sync calls made after the hedge
     assert res.met.all() and (res.done_at[3:] < res.done_at[:3].min()).all()  # not after the first batch ended
+
+
+def test_two_tenants_may_use_the_same_id_in_one_simulation():
+    """A request is ``(tenant, id)``: the simulator keyed its rows by id alone, and every policy failed with
+    "1 request(s) were never dispatched" when two tenants sent ``q1`` (a hunt)."""
+    reqs = [Request.model_validate({"id": "q1", "tenant": t, "arrival_s": 0.0, "model": "gpt-5-mini",
+                                    "prompt": f"hello from {t}", "deadline_s": 86_400}) for t in ("acme", "globex")]
+    for policy in ("naive", "batch-all"):
+        res = simulate(reqs, load_policy(policy, CAT))
+        assert res.status.tolist() == [1, 1] and (res.cost > 0).all(), policy
