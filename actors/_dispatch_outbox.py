@@ -31,6 +31,14 @@ def maybe_billed_error(error: str | None, maybe_usd: float) -> str | None:
 class Outbox:
     """Outbox methods of ``Dispatcher``."""
 
+    _in_flight_sent: int | None = None  # the in-flight count the hub's gauge last got
+
+    async def report_again(self) -> None:
+        """Send every gauge again at the next flush: the hub restarted with none, and a gauge is sent when it
+        moves (a circuit open across the restart never showed as open; a hunt)."""
+        self._breaker_reported, self._breaker_dirty, self._in_flight_sent = {}, True, None
+        self._kick()
+
     def _maybe_billed(self, j) -> float:
         """What a failed request is settled at: 0, unless one of its sync calls timed out. That call reached the
         provider and may have been billed (the retries under its key find the answer only if the provider is done
@@ -63,7 +71,7 @@ class Outbox:
     def _outbox_empty(self) -> bool:
         return not (self._results or self._fills or self._orphans or self._readmit or self._settle
                     or self._observed or self._counts or self._breaker_dirty or self._unjournal
-                    or self._turnarounds or self._warmth)
+                    or self._turnarounds or self._warmth or self.in_flight != self._in_flight_sent)
 
     async def _flush_soon(self) -> None:
         # Loop until empty: what timers add while a flush awaits a peer (the result hub, the journal) must not
@@ -85,8 +93,11 @@ class Outbox:
             self._counts.breaker_open.update(self._breaker_changes())
         counts, self._counts = self._counts, DispatchCounts()
         unjournal, self._unjournal = self._unjournal, []
-        if observed or counts:
-            self.hub.send("observe_dispatches", self.name, observed, counts.as_dict())
+        if observed or counts or self.in_flight != self._in_flight_sent:
+            # The in-flight count with every message: sent only as work started, the gauge kept its peak after
+            # the work ended (a hunt: 8 in flight 10 s after all 8 had answered).
+            self._in_flight_sent = self.in_flight
+            self.hub.send("observe_dispatches", self.name, observed, counts.as_dict(), self.in_flight)
         if turnarounds:  # every grouper decides for this provider's models: one message each per flush
             self._told_seq += 1
             self._told.append((self._told_seq, turnarounds))

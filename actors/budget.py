@@ -300,6 +300,10 @@ class BudgetController(Warm):
             await self.rejournal()
             await asyncio.sleep(JOURNAL_EVERY_S)
 
+    async def report_again(self) -> None:
+        """Send the budget gauges again: the hub restarted with none, and they are sent when they move."""
+        self._changed()
+
     async def rejournal(self) -> None:
         """Write the ledger's snapshot to the journal (also after the hub, which keeps it, restarted)."""
         if self.journal is None:

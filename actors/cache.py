@@ -20,10 +20,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import time
 from collections import deque
 from collections.abc import Hashable
 
+from actors._cache_report import CacheReports
 from actors._follow import Following
 from actors._near_index import FOLLOWING, LEADS, Item, NearIndex
 from actors._peer import Warm, as_peer, resolve_clock
@@ -46,7 +46,6 @@ __all__ = ["ResultCache", "tenant_scope"]
 log = logging.getLogger("smartbatch.cache")
 
 SHARED = "\x00shared"  # no tenant's name (they hold no control character): "_shared" was one (a helper's hunt)
-REPORT_EVERY_S = 0.5
 
 
 def tenant_scope(tenant: str, share_across_tenants: bool) -> str:
@@ -56,7 +55,7 @@ def tenant_scope(tenant: str, share_across_tenants: bool) -> str:
 RECALL_KEEP = 65_536  # results of reused requests kept for ``recall``, at most (and the memory limit's bytes)
 
 
-class ResultCache(NearIndex, Following, Warm):
+class ResultCache(CacheReports, NearIndex, Following, Warm):
     def __init__(self, reuse: ReuseSettings, hub, clock, catalog=None, settings: Settings | None = None, *,
                  redis: RedisLayer | None = None, blobs=None, shard: tuple[int, int] = (0, 1), groupers=()):
         self.reuse = reuse
@@ -92,10 +91,8 @@ class ResultCache(NearIndex, Following, Warm):
         self._near_bytes = 0
         self.stats = {"exact_memory": 0, "exact_redis": 0, "near": 0, "in_flight": 0, "miss": 0,
                       "corrupt": 0, "stale_near": 0, "blobs": 0, "near_evicted": 0, "released": 0}
-        self._reported: dict[str, int] = {}
         self._new_leads: list[Item] = []
-        self._next_report = 0.0
-        self._reported_up: bool | None = None
+        self._reported: dict[str, int] = {}
         # Requests this cache resolved lately, with their results: a re-admission after the hub lost them gets
         # them again instead of a call (see ``recall``).
         self._delivered = Delivered(RECALL_KEEP, self.memory.max_bytes)
@@ -360,37 +357,6 @@ class ResultCache(NearIndex, Following, Warm):
                     out.append(f)
         self._answered()
         return out
-
-    # -- reporting --------------------------------------------------------------------------------------------
-    def cache_stats(self) -> dict:
-        s = dict(self.stats)
-        s.update(memory_entries=len(self.memory), memory_bytes=self.memory.bytes, evicted=self.memory.evicted,
-                 expired=self.memory.expired,
-                 near_entries=len(self._near_rows), near_bytes=self._near_bytes)
-        if self.redis is not None:
-            s.update(redis_up=int(self.redis.up), redis_errors=self.redis.errors,
-                     redis_reconnects=self.redis.reconnects, redis_dropped_writes=self.redis.dropped_writes)
-        return s
-
-    async def stats_now(self) -> dict:
-        return self.cache_stats()
-
-    async def _report(self) -> None:
-        """Push counter deltas and gauges to the hub's metrics: at most every ``REPORT_EVERY_S`` (an actor
-        call per lookup would sit on the urgent path), at once when Redis goes down or comes back."""
-        up = None if self.redis is None else self.redis.up
-        t = time.monotonic()
-        if t < self._next_report and up == self._reported_up:
-            return
-        # A change of Redis's state is reported even when no counter moved (e.g. down from the start), so
-        # smartbatch_cache_redis_up exists as soon as Redis is configured, and never without it.
-        up_changed = up != self._reported_up
-        self._next_report, self._reported_up = t + REPORT_EVERY_S, up
-        s = self.cache_stats()
-        delta = {k: v - self._reported.get(k, 0) for k, v in s.items()}
-        self._reported = s
-        if any(delta.values()) or (up_changed and up is not None):
-            self.hub.send("observe_cache", delta, s, self.shard[0])
 
     async def close(self) -> None:
         if self.redis is not None:

@@ -240,11 +240,14 @@ class ResultHub(Warm, MemoryJournalStore):
         return await asyncio.shield(w)
 
     async def observe_dispatches(self, provider: str, observed: list[tuple[str, list[float], int]],
-                                 counts: dict | None = None) -> None:
+                                 counts: dict | None = None, in_flight: int | None = None) -> None:
         """A dispatcher's batched observations: dispatch waits, and (``DispatchCounts.as_dict()``) its retries,
-        429s, circuit states, hedges, turnarounds and rate-limit waits since its last flush."""
-        for mode, waits, in_flight in observed:
-            self.metrics.observe_dispatch(provider, mode, waits, in_flight)
+        429s, circuit states, hedges, turnarounds and rate-limit waits since its last flush; its requests in
+        flight now."""
+        for mode, waits, n in observed:
+            self.metrics.observe_dispatch(provider, mode, waits, n)
+        if in_flight is not None:
+            self.metrics.queue.labels(provider).set(in_flight)
         if counts:
             self.metrics.observe_counts(provider, counts)
 

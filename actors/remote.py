@@ -345,6 +345,8 @@ def rewire(h: dict, kind: str, metrics: tuple[int, str] | None = None) -> None:
             ray.get([i.reregister.remote(k) for i in h["ingests"]])
         if kind == "hub":  # shard 0 keeps the journal
             ray.get([d.rejournal.remote() for d in h["dispatchers"].values()] + [h["budget"].rejournal.remote()])
+            # Its metrics start empty, and gauges are sent when they move: every sender sends them again.
+            ray.get([a.report_again.remote() for a in [*h["dispatchers"].values(), h["budget"], *h["caches"]]])
     elif kind.startswith("grouper-"):
         ray.get(h["named"][kind].set_clock.remote(clock))
         ray.get(h["named"][kind].relearn.remote())  # the batch turnarounds it had learned, from the dispatchers

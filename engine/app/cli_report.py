@@ -42,7 +42,8 @@ def print_table(doc: dict) -> None:
     }
     if budgeted:
         cols["rejected"] = ("rejected", "rej", [str(sum(r["rejected"].values())) for r in rows])
-        cols["overrun"] = ("overrun $", "over $", [f"{r.get('budget_overrun_usd', 0.0):.2f}" for r in rows])
+        # At the cost's decimals, and never shown as nothing: an overrun under a dime printed "0.00" (a hunt).
+        cols["overrun"] = ("overrun $", "over $", [_overrun(r.get("budget_overrun_usd", 0.0), nd) for r in rows])
     cols["speed"] = ("sim req/s", "req/s", ["live" if r.get("sim_requests_per_s") is None
                                             else f"{r['sim_requests_per_s']:,.0f}" for r in rows])
     fold_order = ["speed", "recs", "hits", "overrun", "rejected", "capture", "urgent"]
@@ -87,6 +88,11 @@ def print_table(doc: dict) -> None:
     out.print(table)
     if folded:
         out.print(build(["policy", *reversed(folded)], short=True))
+
+
+def _overrun(usd: float, nd: int) -> str:
+    shown = f"{usd:.{nd}f}"
+    return f"<{10.0 ** -nd:.{nd}f}" if usd > 0 and float(shown) == 0 else shown
 
 
 def print_seed_table(doc: dict) -> None:

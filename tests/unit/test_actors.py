@@ -631,3 +631,55 @@ def test_the_grouper_judges_the_requests_of_one_arrival_instant_together():
         assert disp.calls == [] and [len(grp) for grp in g.table.groups.values()] == [10]
     run(go())
 
+
+
+def test_the_in_flight_gauge_falls_back_when_work_ends_and_every_gauge_is_sent_again_to_a_restarted_hub():
+    """``smartbatch_queue_depth`` was set only as work started, so it kept its peak after the work ended (a hunt:
+    8 in flight 10 s after all 8 had answered); and a restarted hub had no gauge until its source next moved."""
+    async def go():
+        hub, budget, grouper = ResultHub(), ledger(100.0), Recorder()
+        clock = ManualClock(0.0)
+        d = Dispatcher("openai", CAT, Settings(), 0, clock, [grouper], hub, None, budget)
+        jobs = [Job(i, req(i), f"fp{i}", claim=f"c{i}") for i in range(3)]
+        await budget.reserve_many([Claim(f"c{k}", "t", "openai", "gpt-5-mini", "urgent", 1.0) for k in range(3)])
+        await d.run_many([BatchJob("b0", "sync", None, False, "process_individually", "now", jobs)])
+        await ran_out(d, clock)
+        await d.flush()
+        await asyncio.gather(*list(d.hub._tasks))
+        assert len(await hub.pull(0.01)) == 3
+        depth = lambda h: h.metrics.registry.get_sample_value("smartbatch_queue_depth", {"provider": "openai"})  # noqa: E731
+        assert depth(hub) == 0.0
+        # The hub restarts with empty metrics; the dispatcher sends its gauges again.
+        hub.metrics = type(hub.metrics)()
+        assert depth(hub) is None
+        await d.report_again()
+        await d.flush()
+        await asyncio.gather(*list(d.hub._tasks))  # the sends to the hub (tasks, as to an actor)
+        assert depth(hub) == 0.0
+        assert hub.metrics.registry.get_sample_value("smartbatch_circuit_breaker_open_bool",
+                                                     {"provider": "openai", "model": "gpt-5-mini"}) == 0.0
+    run(go())
+
+
+def test_the_last_report_of_a_burst_reaches_the_metrics_once_its_time_comes(tmp_path):
+    """The cache reports at most every half second; the last lookups of a burst were never reported, and the
+    metrics kept what they had before it ended (a hunt: 9 memory entries where the cache held 12)."""
+    from engine.core.features import fingerprint
+
+    async def go():
+        hub = ResultHub()
+        cache = ResultCache(ReuseSettings(exact=True), hub, ManualClock(0.0),
+                            settings=Settings(cache={"blob_dir": str(tmp_path)}))
+        entries = lambda: hub.metrics.registry.get_sample_value("smartbatch_cache_entries", {"layer": "memory"})  # noqa: E731
+        for i in range(4):
+            r = req(i)
+            j = Job(i, r, fingerprint(r))
+            assert await cache.lookup([j]) == [0]
+            await cache.complete([(j.fp, Result(id=r.id, tenant=r.tenant, status="ok", output="x", cost_usd=0.01,
+                                                mode="sync", provider=r.provider, model=r.model, done_s=1.0))])
+        assert len(cache.memory) == 4
+        await asyncio.wait_for(cache._trailing, timeout=5.0)  # due half a second after the first report
+        assert entries() == 4.0
+        await cache.report_again()
+        assert entries() == 4.0
+    run(go())

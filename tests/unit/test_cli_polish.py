@@ -125,3 +125,15 @@ def test_a_capture_over_100_percent_is_explained_under_the_table(doc, width, mon
     text = " ".join(" ".join(_render(d, width, monkeypatch)).split())
     assert "below the bound by missing deadlines" in text
     assert "capt: of achievable" in text or width > 80  # the short header keeps its meaning beside the note
+
+
+def test_a_budget_overrun_under_a_dime_is_shown_not_rounded_away(doc, monkeypatch):
+    """The overrun column printed two decimals while costs print six under a cent: $0.0028 over a $0.003 budget
+    read "0.00" (a hunt)."""
+    d = _budgeted(doc)
+    for r in d["results"]:
+        r["rejected"], r["budget_overrun_usd"] = {}, 0.0
+    d["results"][-1]["budget_overrun_usd"] = 0.0028
+    text = "\n".join(_render(d, 200, monkeypatch))
+    assert "0.0028" in text
+    assert cli_report._overrun(1e-9, 4) == "<0.0001" and cli_report._overrun(0.0, 4) == "0.0000"
