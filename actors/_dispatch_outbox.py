@@ -109,7 +109,7 @@ class Outbox:
             # Before any await: a settlement needs no peer's answer, and behind the cache fill below it waited
             # for a cache that was restarting (seconds) or hung (until the driver kills it), so the ledger's spend
             # lagged results already delivered, and their claims held the budget at their reserved bounds.
-            self.budget.send("settle_many", settle)
+            self.budget.deliver("settle_many", settle)
         if results:
             try:
                 await self.hubs.call("push", by_result_uid, results, prices)

@@ -12,6 +12,8 @@ from engine.core.result import Result
 from engine.runtime.reservation import claim_amount, dispatch_mode, triage
 from engine.runtime.waiting import STEP_S, Held, held_too_long
 
+DISPATCHED_KEPT = 65_536  # claims of dispatched requests a grouper remembers (``Grouper._dispatched``)
+
 __all__ = ["PARK_RETRY_REAL_S", "Parking"]
 
 PARK_RETRY_REAL_S = 0.05  # real seconds between tries at least (a replay at 1000x would try at 1 kHz)
@@ -26,6 +28,14 @@ class Parking:
     def _park_step(self) -> float:
         """Engine seconds between tries of held work."""
         return max(STEP_S, PARK_RETRY_REAL_S * getattr(self.clock, "speedup", 1.0))
+
+    def _release_lost_claim(self, job: Job) -> None:
+        """``job`` was re-admitted by ingest, which found that nobody holds it: the claim of its last dispatch
+        (a dispatcher died with it queued) is released by the next reservation. Not a rerouted job's: its old
+        claim, of another model, is settled by its dispatcher."""
+        held = self._dispatched.pop(job.req.uid, None)
+        if held is not None and held[1:] == (job.req.provider, job.req.model):
+            self._unsure_claims.append(held[0])
 
     def _park(self, j: Job, due: float, budget: str, b: BatchJob) -> None:
         self.waits.hold(j.req.uid, j.req, due, budget, (j, b._replace(jobs=[])))
@@ -98,7 +108,7 @@ class Parking:
                         go.append(j)
                     else:
                         if j.claim is not None:
-                            self.budget.send("settle_many", [(j.claim, 0.0)])
+                            self.budget.deliver("settle_many", [(j.claim, 0.0)])
                             j = j._replace(claim=None)
                         self._park(j, now + step, name, b)
                 if go:
@@ -142,6 +152,10 @@ class Parking:
                 t = triage(v, j.req.deadline_at)
                 if t == "go":
                     keep.append(j._replace(claim=c.rid))
+                    self._dispatched[j.req.uid] = (c.rid, j.req.provider, j.req.model)
+                    self._dispatched.move_to_end(j.req.uid)
+                    if len(self._dispatched) > DISPATCHED_KEPT:
+                        self._dispatched.popitem(last=False)
                 elif t in ("wait", "retry", "defer"):
                     if t == "retry":  # the ledger did not answer: try again, until the deadline
                         self._ledger_down = v.why()

@@ -7,7 +7,10 @@ from typing import NamedTuple
 from actors._shards import class_shard
 from engine.core.request import Request
 
-__all__ = ["BatchJob", "Job", "send_sharded"]
+__all__ = ["OWN_ROWS", "BatchJob", "Job", "send_sharded"]
+
+
+OWN_ROWS = 1 << 48  # where ingest's own draw rows start (re-admissions): beyond any driver's
 
 
 class Job(NamedTuple):

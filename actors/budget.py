@@ -25,8 +25,9 @@ import itertools
 import logging
 import time
 
+from actors._budget_journal import LedgerJournal
 from actors._peer import Warm, as_peer, resolve_clock
-from actors.journal import HubJournal, read_patiently
+from actors.journal import HubJournal
 from engine.core.budgets import LEDGER, BudgetSettings, Charge, Claim, Verdict
 from engine.core.errors import ConfigError
 from engine.core.ledger import BudgetBook
@@ -35,12 +36,10 @@ from engine.core.settings import JournalSettings
 __all__ = ["BudgetController"]
 
 METRICS_EVERY_S = 0.5
-JOURNAL_EVERY_S = 0.05  # the memory ledger's snapshot is at most this old when the actor dies
-JOURNAL_KEY = ("budget", "ledger")
 log = logging.getLogger("smartbatch.budget")
 
 
-class BudgetController(Warm):
+class BudgetController(LedgerJournal, Warm):
     def __init__(self, settings: BudgetSettings, hub=None, clock=None, base: float = 0.0, engine: str = "engine",
                  recover_wait_s: float = JournalSettings().recover_wait_s):
         self.settings, self.recover_wait_s = settings, recover_wait_s
@@ -50,6 +49,11 @@ class BudgetController(Warm):
         self.journal = HubJournal(self.hub) if self.hub is not None and not settings.redis_url else None
         self._journaling: asyncio.Task | None = None
         self._journal_dirty = False
+        # Group commit: a change is numbered, and a reservation, settlement or charge is answered once a snapshot
+        # holding it is in the journal. Answered first (the snapshot up to 50 ms later), a restart lost the claims
+        # granted since and ignored their settlements: spend missing from the ledger, a hard limit overrun (a hunt).
+        self._asked = self._written = 0
+        self._written_cond: asyncio.Condition | None = None
         self.clock, published_base = resolve_clock(clock)
         self.base = base if published_base is None else published_base
         self._errors: tuple[type[BaseException], ...] = ()  # what a failed ledger call raises
@@ -185,6 +189,7 @@ class BudgetController(Warm):
                     v = v._replace(retry_at=v.retry_at - self.base)
             out.append(v)
         self._changed()
+        await self._durable()
         return out
 
     async def settle_many(self, items: list[tuple[str, float]]) -> None:
@@ -194,6 +199,7 @@ class BudgetController(Warm):
         await self._restored_first()
         await self._settle(items)
         self._changed()
+        await self._durable()
 
     def reconstructed(self) -> None:
         """Ray restarted this actor (``actors.remote`` calls this after the constructor): its memory ledger is read
@@ -239,6 +245,7 @@ class BudgetController(Warm):
         self._charged.update((c.cid, c.usd) for c in charges)
         await self._charge()
         self._changed()
+        await self._durable()
 
     async def _charge(self) -> bool:
         items, self._charges = self._charges, []
@@ -271,6 +278,7 @@ class BudgetController(Warm):
     def _changed(self) -> None:
         if self.journal is not None and self.settings.specs:
             self._journal_dirty = True
+            self._asked += 1
             if self._journaling is None or self._journaling.done():
                 self._journaling = asyncio.get_running_loop().create_task(self._journal_soon())
         self._dirty = True
@@ -288,71 +296,9 @@ class BudgetController(Warm):
             self.hub.send("observe_budget", rows, dict(self.refusals))
             await asyncio.sleep(METRICS_EVERY_S)
 
-    # -- journal (memory ledger only) ----------------------------------------------------------------------------
-    def _snapshot(self) -> tuple:
-        b = self.book
-        return (dict(b.spent), dict(b.reserved), dict(b.claims), dict(b.spend), dict(self.refusals), list(b.ended),
-                b.ended_overrun, b.latest)
-
-    async def _journal_soon(self) -> None:
-        while self._journal_dirty:
-            self._journal_dirty = False
-            await self.rejournal()
-            await asyncio.sleep(JOURNAL_EVERY_S)
-
     async def report_again(self) -> None:
         """Send the budget gauges again: the hub restarted with none, and they are sent when they move."""
         self._changed()
-
-    async def rejournal(self) -> None:
-        """Write the ledger's snapshot to the journal (also after the hub, which keeps it, restarted)."""
-        if self.journal is None:
-            return
-        try:
-            await self.journal.put(*JOURNAL_KEY, self._snapshot())
-        except Exception as exc:
-            log.warning("budget ledger: snapshot not journaled (%s: %s)", type(exc).__name__, exc)
-
-    async def recover(self) -> bool:
-        """After a restart: take the memory ledger back from the journal. Its reservations still open are
-        released after ``budgets.reservation_ttl_s`` if nobody settles them (their settlement may have come
-        between the snapshot and the restart). Once per incarnation: every driver of a shared engine that sees
-        the restart asks, and a second restore would overwrite what was spent since the first."""
-        if self.journal is None or self.__dict__.get("_restored"):
-            return False
-        self._restored = True
-        self._restoring = asyncio.Event()  # ledger calls wait: the restore overwrites what they would do meanwhile
-        try:
-            return self._restore(await read_patiently(lambda: self.journal.items(JOURNAL_KEY[0]), "budget ledger",
-                                                      self.recover_wait_s))
-        except Exception as exc:
-            log.error("budget ledger: journal unreadable after a restart (%s); spend restarts from zero", exc)
-            return False
-        finally:
-            self._restoring.set()
-            self._restoring = None
-
-    def _restore(self, journal: dict) -> bool:
-        snap = journal.get(JOURNAL_KEY[1])
-        if snap is None:
-            return False
-        b = self.book
-        spent, reserved, claims, spend, refusals, *ended = snap  # before ended windows: 5 parts; before latest: 7
-        b.restore(spent, reserved, claims, spend, *ended)
-        self.refusals.update(refusals)
-        stale = list(b.claims)
-        if stale:
-            asyncio.get_running_loop().call_later(self.settings.reservation_ttl_s, self._expire, stale)
-        log.warning("budget ledger: restored after a restart (spent %.6f USD, %d reservation(s) open)",
-                    sum(b.spend.values()), len(stale))
-        self._changed()
-        return True
-
-    def _expire(self, rids: list[str]) -> None:
-        open_ = [r for r in rids if r in self.book.claims]
-        if open_:
-            self.book.settle_many([(r, 0.0) for r in open_])
-            self._changed()
 
     async def _rows(self) -> list[dict]:
         return await self._maybe(self.book.report(self.now()))

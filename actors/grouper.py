@@ -21,7 +21,7 @@ from actors._cancel import CancelGroups
 from actors._grouper_park import Parking
 from actors._peer import Warm, as_peer, resolve_clock
 from actors._shards import Shards, by_result_uid
-from actors._types import BatchJob, Job
+from actors._types import OWN_ROWS, BatchJob, Job
 from engine.core.catalog import Catalog
 from engine.core.draws import engine_day_origin
 from engine.core.features import compat_key
@@ -76,6 +76,9 @@ class Grouper(CancelGroups, Parking, Warm):
         # Claims a failed reservation call may have left open (the hedged ones it was to release, the ones it may
         # have made before its answer was lost): released by the next call (settling an unknown claim is a no-op).
         self._unsure_claims: list[str] = []
+        # Claims of requests dispatched lately: one ingest re-admits (its dispatcher died with it) releases its old
+        # claim, which held a hard budget for two days (a hunt: $1.79 of $2, every later request refused).
+        self._dispatched: OrderedDict[str, tuple[str, str, str]] = OrderedDict()
         self._ended: OrderedDict[str, Result] = OrderedDict()  # requests resolved here lately (rejected, failed)
         self._bids = itertools.count()
         self._timers: set[asyncio.TimerHandle] = set()
@@ -208,6 +211,8 @@ class Grouper(CancelGroups, Parking, Warm):
                 if job.claim is not None:
                     dup_claims.append((job.claim, 0.0))
                 continue
+            if fresh and job.seq >= OWN_ROWS and job.claim is None:  # re-admitted by ingest: its old claim is dead
+                self._release_lost_claim(job)
             self.pending[uid] = job
             if job.hedges >= self.max_attempts:
                 # Progress guard (as in the simulator): a request hedged this often is sent sync now.
@@ -233,7 +238,7 @@ class Grouper(CancelGroups, Parking, Warm):
             self._schedule(wake)
         decide_joined()
         if dup_claims:
-            self.budget.send("settle_many", dup_claims)
+            self.budget.deliver("settle_many", dup_claims)
         if again:
             self.hubs.send("push", by_result_uid, again, [0.0] * len(again))
         if failed:
@@ -272,7 +277,7 @@ class Grouper(CancelGroups, Parking, Warm):
             results = [(j, r) for j, r in results if j.req.uid not in served]
             claims = [(j.claim, 0.0) for j in dropped if j.claim is not None]
             if claims:
-                self.budget.send("settle_many", claims)
+                self.budget.deliver("settle_many", claims)
             if not results:
                 self._reserving.difference_update(release)
                 return
@@ -291,7 +296,7 @@ class Grouper(CancelGroups, Parking, Warm):
             self._reserving.difference_update(release)
         held = [(j.claim, 0.0) for j, _ in results if j.claim is not None]
         if held:
-            self.budget.send("settle_many", held)
+            self.budget.deliver("settle_many", held)
         if self.caches:
             answers, errors = await self.caches.call_partial("orphans", [j.cache_shard for j, _ in results],
                                                              [(j.fp, j.req.uid) for j, _ in results])

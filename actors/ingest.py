@@ -13,7 +13,7 @@ import time
 
 from actors._peer import Warm, as_peer
 from actors._shards import Shards, by_job_class, by_result_uid, class_shard, uid_shard
-from actors._types import Job, send_sharded
+from actors._types import OWN_ROWS, Job, send_sharded
 from actors.journal import redis_journal
 from engine.core.features import fingerprint
 from engine.core.request import Request
@@ -25,7 +25,6 @@ log = logging.getLogger("smartbatch.ingest")
 
 ACCEPTED = "accepted"  # the journal space of accepted requests
 JOURNAL_RETRY_S = 5.0  # after a failed journal write, submits skip the journal this long (real seconds)
-OWN_ROWS = 1 << 48  # where ingest's own draw rows start (re-admissions): beyond any driver's
 REPEAT_LOOK_S = 5.0  # real seconds between the two looks for a repeated id's request before it counts as gone
 # A driver killed without ``stop()`` never forgets its ids nor leaves: the hub drops it once it has not pulled for
 # ``hub.CLIENT_IDLE_S``; ingest asks the hub at most every DROPS_CHECK_S (real seconds, on a submit) and forgets

@@ -120,10 +120,12 @@ class BudgetBook:
         self.ended_overrun += max(row["spent_usd"] - row["max_budget"], 0.0)
 
     def restore(self, spent: dict, reserved: dict, claims: dict, spend: dict, ended: tuple = (),
-                ended_overrun: float = 0.0, latest: float = -math.inf) -> None:
+                ended_overrun: float = 0.0, latest: float = -math.inf, charged: set = frozenset()) -> None:
         """Take a ledger's state back (a journal's snapshot) and rebuild what says when each window goes. The
-        latest time is at least the end of every window that went (a snapshot without ``latest``)."""
+        latest time is at least the end of every window that went (a snapshot without ``latest``). ``charged``:
+        the charge ids counted, so a charge sent again after the restart is not counted twice."""
         self.spent, self.reserved, self.claims, self.spend = dict(spent), dict(reserved), dict(claims), dict(spend)
+        self.charged = set(charged)
         self.ended = deque(ended, maxlen=ENDED_KEPT)
         self.ended_overrun = ended_overrun
         self.latest = max([latest, *(window_bounds(r["budget_duration"], float(r["window"]))[1]

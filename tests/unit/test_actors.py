@@ -683,3 +683,57 @@ def test_the_last_report_of_a_burst_reaches_the_metrics_once_its_time_comes(tmp_
         await cache.report_again()
         assert entries() == 4.0
     run(go())
+
+
+def test_a_request_ingest_readmits_releases_the_claim_its_lost_dispatch_held():
+    """A dispatcher killed with work queued loses its jobs and their claims; ingest re-admits the requests (nobody
+    holds them) and the grouper reserves again. The old claims were never settled and held the hard budget for the
+    reservation TTL, two days (a hunt: $1.79 of a $2 budget held, and every later request refused)."""
+    from actors._types import OWN_ROWS
+
+    async def go():
+        hub, budget, lost = ResultHub(), ledger(10.0), Recorder()
+        g = Grouper(load_policy("naive", CAT), CAT, ManualClock(0.0), {"openai": lost}, budget, hub)
+        r = req(0, priority="urgent")
+        await g.add([Job(0, r, "fp")])
+        await asyncio.sleep(0)  # the dispatcher's call is a task of its own (send does not wait)
+        (first,) = set(budget.book.claims)
+        await g.add([Job(OWN_ROWS, r, "fp")])  # the dispatcher died with it: ingest re-admits it
+        await asyncio.sleep(0)
+        (second,) = set(budget.book.claims)
+        assert second != first and len(lost.calls) == 2
+        # A job of another model (rerouted) keeps its old claim: its dispatcher settles that one.
+        other = req(1, priority="urgent")
+        await g.add([Job(1, other, "fp1")])
+        await g.add([Job(OWN_ROWS + 1, other.model_copy(update={"model": "gpt-5"}), "fp1")])
+        assert len(budget.book.claims) == 3
+    run(go())
+
+
+def test_a_delivered_message_is_asked_again_while_its_actor_restarts():
+    """``Peer.deliver``: a settlement sent as the budget controller died was lost, and the spend with it."""
+    from ray.exceptions import RayActorError
+
+    from actors._peer import Peer
+
+    async def go():
+        got, fails = [], [RayActorError(), RayActorError()]
+
+        class Method:  # as a Ray actor method: ``.remote`` gives an awaitable, which fails while it restarts
+            def remote(self, *args):
+                return self._run(args)
+
+            async def _run(self, args):
+                if fails:
+                    raise fails.pop()
+                got.append(len(args))
+
+        class Handle:
+            settle_many = Method()
+
+        peer = Peer(Handle())
+        peer._is_ray = True
+        peer.deliver("settle_many", [("c1", 0.5)])
+        await asyncio.wait_for(asyncio.gather(*list(peer._tasks)), timeout=10.0)
+        assert got == [1] and not fails  # delivered once, after two failures
+    run(go())

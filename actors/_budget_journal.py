@@ -1,0 +1,99 @@
+"""The budget controller's memory ledger in the hub's journal: written before a change is answered, read
+back after a restart (a Redis ledger needs no journal)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from actors.journal import read_patiently
+
+__all__ = ["JOURNAL_KEY", "LedgerJournal"]
+
+JOURNAL_KEY = ("budget", "ledger")
+log = logging.getLogger("smartbatch.budget")
+
+
+class LedgerJournal:
+    """Journal methods of ``BudgetController``."""
+
+    # -- journal (memory ledger only) ----------------------------------------------------------------------------
+    def _snapshot(self) -> tuple:
+        b = self.book
+        return (dict(b.spent), dict(b.reserved), dict(b.claims), dict(b.spend), dict(self.refusals), list(b.ended),
+                b.ended_overrun, b.latest, set(b.charged))
+
+    async def _journal_soon(self) -> None:
+        # One write at a time, of every change made before it: the changes made while one is out go in the next.
+        while self._journal_dirty:
+            self._journal_dirty = False
+            upto = self._asked
+            await self.rejournal()  # a write that fails is logged: the ledger goes on, as without a journal
+            self._written = upto
+            cond = self._cond()
+            async with cond:
+                cond.notify_all()
+
+    def _cond(self) -> asyncio.Condition:
+        if self._written_cond is None:
+            self._written_cond = asyncio.Condition()
+        return self._written_cond
+
+    async def _durable(self) -> None:
+        """Return once every change made so far is in the journal (at once without a journal)."""
+        want = self._asked
+        if self._written >= want:
+            return
+        cond = self._cond()
+        async with cond:
+            await cond.wait_for(lambda: self._written >= want)
+
+    async def rejournal(self) -> None:
+        """Write the ledger's snapshot to the journal (also after the hub, which keeps it, restarted)."""
+        if self.journal is None:
+            return
+        try:
+            await self.journal.put(*JOURNAL_KEY, self._snapshot())
+        except Exception as exc:
+            log.warning("budget ledger: snapshot not journaled (%s: %s)", type(exc).__name__, exc)
+
+    async def recover(self) -> bool:
+        """After a restart: take the memory ledger back from the journal. Its reservations still open are
+        released after ``budgets.reservation_ttl_s`` if nobody settles them (their settlement may have come
+        between the snapshot and the restart). Once per incarnation: every driver of a shared engine that sees
+        the restart asks, and a second restore would overwrite what was spent since the first."""
+        if self.journal is None or self.__dict__.get("_restored"):
+            return False
+        self._restored = True
+        self._restoring = asyncio.Event()  # ledger calls wait: the restore overwrites what they would do meanwhile
+        try:
+            return self._restore(await read_patiently(lambda: self.journal.items(JOURNAL_KEY[0]), "budget ledger",
+                                                      self.recover_wait_s))
+        except Exception as exc:
+            log.error("budget ledger: journal unreadable after a restart (%s); spend restarts from zero", exc)
+            return False
+        finally:
+            self._restoring.set()
+            self._restoring = None
+
+    def _restore(self, journal: dict) -> bool:
+        snap = journal.get(JOURNAL_KEY[1])
+        if snap is None:
+            return False
+        b = self.book
+        spent, reserved, claims, spend, refusals, *ended = snap  # 5 parts before ended windows, 7 before latest, 8 before charged
+        b.restore(spent, reserved, claims, spend, *ended)
+        self.refusals.update(refusals)
+        stale = list(b.claims)
+        if stale:
+            asyncio.get_running_loop().call_later(self.settings.reservation_ttl_s, self._expire, stale)
+        log.warning("budget ledger: restored after a restart (spent %.6f USD, %d reservation(s) open)",
+                    sum(b.spend.values()), len(stale))
+        self._changed()
+        return True
+
+    def _expire(self, rids: list[str]) -> None:
+        open_ = [r for r in rids if r in self.book.claims]
+        if open_:
+            self.book.settle_many([(r, 0.0) for r in open_])
+            self._changed()
