@@ -13,6 +13,13 @@ from actors.journal import read_patiently
 
 log = logging.getLogger("smartbatch.dispatcher")
 
+# What the report counts per dispatcher (``Dispatcher.stats``), journaled so a restart does not zero it: a report
+# read after a restart said 0 paid twice where the bill had members paid twice (a hunt). And the unanswered calls
+# of each request still open, so a call cut by two restarts is charged as two (``Outbox._maybe_billed``).
+TALLY = ("paid_twice", "paid_twice_usd", "possibly_billed", "possibly_billed_usd", "reattached", "resumed_calls",
+         "batches_cancelled", "members_saved_by_cancel", "key_conflicts", "rerouted")
+_ZERO_TALLY = (*(0 for _ in TALLY), {})
+
 
 class Recovery:
     """Recovery methods of ``Dispatcher``."""
@@ -23,6 +30,7 @@ class Recovery:
     # dispatch, ingest's recall during a sweep), and answered from an empty memory they send members of its open
     # batches again: billed twice. So a restarted one reads its journal first, whoever calls it first.
     _must_recover = False
+    _tally_sent: tuple = _ZERO_TALLY  # the tally last journaled
     _recovery: asyncio.Future | None = None
     journal_unread = 0  # recoveries that gave up on an unreadable journal (members sent again)
 
@@ -81,19 +89,20 @@ class Recovery:
             fut.set_result(None)
 
     async def _recover_journal(self) -> int:
-        async def read() -> tuple[dict, dict, dict]:
+        async def read() -> tuple[dict, dict, dict, dict]:
             return (await self.journal.items(self._space), await self.journal.items(self._sync_journal.space),
-                    await self.journal.items(self._watch_space))
+                    await self.journal.items(self._watch_space), await self.journal.items(self._tally_space))
 
         wait_s = self.settings.journal.recover_wait_s
         try:
-            records, bodies, watches = await read_patiently(read, f"dispatcher {self.name}", wait_s)
+            records, bodies, watches, tally = await read_patiently(read, f"dispatcher {self.name}", wait_s)
         except Exception as exc:
             self._recovery = None  # the driver's rewire may try again
             self.journal_unread += 1
             log.error("dispatcher %s: journal unreadable after a restart (%s) for %.0f s; batches it had submitted "
                       "are not followed and their members are sent again", self.name, _short(exc), wait_s)
             return -1
+        self._add_tally(tally.get("tally"))
         ended = await self._ended_at_hub([rec[1].req.uid for rec in bodies.values()]
                                          + [j.req.uid for rec in records.values() for j in rec[1]])
         n = 0
@@ -148,7 +157,7 @@ class Recovery:
             if key not in self._watching:  # a batch whose members went again: still cancelled, and counted
                 await self._watch(b, key, jobs, start, handle, cancel)
         self.reattached += n
-        if self._unjournal:
+        if self._unjournal or self._tally() != self._tally_sent:
             self._kick()
         if n or self.resumed_calls:
             log.warning("dispatcher %s: after a restart, re-attached to %d open batch(es) and resumed %d call(s)",
@@ -168,6 +177,33 @@ class Recovery:
             return set()
         return {u for _, got in answers for u in got}
 
+    @property
+    def _tally_space(self) -> str:
+        return f"tally:{self.name}"
+
+    def _tally(self) -> tuple:
+        return (*(getattr(self, k) for k in TALLY), dict(self._unanswered))
+
+    def _add_tally(self, saved: tuple | None) -> None:
+        """Add what the last process counted (it died with it) to what this one counts."""
+        if saved is None:
+            return
+        *counts, unanswered = saved
+        for k, v in zip(TALLY, counts):
+            setattr(self, k, getattr(self, k) + v)
+        self._unanswered.update(unanswered)
+
+    async def _journal_tally(self) -> None:
+        """Write the tally when it changed (a flush asks; it changes with faults, rarely)."""
+        tally = self._tally()
+        if tally == self._tally_sent:
+            return
+        try:
+            await self.journal.put(self._tally_space, "tally", tally)
+            self._tally_sent = tally
+        except Exception as exc:  # written with the next change, or at the next flush
+            log.warning("dispatcher %s: could not journal its tally: %s", self.name, _short(exc))
+
     async def rejournal(self) -> int:
         """Write every open batch and sync body to the journal again (after the hub, which keeps a memory
         journal, restarted)."""
@@ -179,5 +215,7 @@ class Recovery:
                     await self.journal.put_many(space, dict(recs))
                 except Exception as exc:
                     log.warning("dispatcher %s: could not journal %s: %s", self.name, space, _short(exc))
+        self._tally_sent = _ZERO_TALLY  # the journal lost it too
+        await self._journal_tally()
         return len(self._open)
 

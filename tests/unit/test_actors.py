@@ -737,3 +737,26 @@ def test_a_delivered_message_is_asked_again_while_its_actor_restarts():
         await asyncio.wait_for(asyncio.gather(*list(peer._tasks)), timeout=10.0)
         assert got == [1] and not fails  # delivered once, after two failures
     run(go())
+
+
+def test_what_the_report_counts_per_dispatcher_survives_its_restart():
+    """Paid twice, possibly billed, re-attached: counted in the dead process only, the report read 0 after a restart
+    where the bill had requests paid twice (a hunt); and a call cut by two restarts was charged as one."""
+    async def go():
+        hub, budget, grouper = ResultHub(), ledger(100.0), Recorder()
+        d = Dispatcher("openai", CAT, Settings(), 0, ManualClock(0.0), [grouper], hub, None, budget)
+        d.paid_twice, d.paid_twice_usd, d.possibly_billed, d.possibly_billed_usd = 3, 0.012, 1, 0.004
+        d._unanswered["1:t/r7"] += 2
+        await d.flush()
+        again = Dispatcher("openai", CAT, Settings(), 0, ManualClock(0.0), [grouper], hub, None, budget)
+        await again.recover()
+        s = await again.stats()
+        assert (s["paid_twice"], s["paid_twice_usd"], s["possibly_billed"], s["possibly_billed_usd"]) == (3, 0.012, 1,
+                                                                                                       0.004)
+        assert again._unanswered["1:t/r7"] == 2
+        again.paid_twice += 1
+        await again.flush()
+        third = Dispatcher("openai", CAT, Settings(), 0, ManualClock(0.0), [grouper], hub, None, budget)
+        await third.recover()
+        assert (await third.stats())["paid_twice"] == 4  # the totals of every process, each counted once
+    run(go())
