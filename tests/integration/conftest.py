@@ -43,6 +43,9 @@ class RedisServer:
         self.dir = tmp_dir
         self.proc = None
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        # Held until the fixture ends: a client dropped unclosed is collected whenever the collector runs, and its
+        # ResourceWarning failed whichever test that was (a later test of the worker, under filterwarnings=error).
+        self._clients: list = []
 
     def start(self) -> None:
         import subprocess
@@ -76,7 +79,14 @@ class RedisServer:
     def client(self):
         import redis
 
-        return redis.Redis(port=self.port)
+        c = redis.Redis(port=self.port)
+        self._clients.append(c)
+        return c
+
+    def close_clients(self) -> None:
+        for c in self._clients:
+            c.close()
+        self._clients.clear()
 
 
 def _need_redis():
@@ -119,6 +129,7 @@ def redis_server(tmp_path_factory):
     srv = RedisServer(tmp_path_factory.mktemp("redis"))
     srv.start()
     yield srv
+    srv.close_clients()
     srv.stop()
 
 
@@ -129,4 +140,5 @@ def own_redis(tmp_path):
     srv = RedisServer(tmp_path)
     srv.start()
     yield srv
+    srv.close_clients()
     srv.stop()

@@ -2,6 +2,7 @@
 
 import gc
 import logging
+import time
 
 import pytest
 import ray
@@ -209,15 +210,24 @@ def test_metrics_are_served_where_the_settings_say_and_scraped_over_http(ray_ses
         port = s.getsockname()[1]
     reqs = short_trace(120, seed=6, span_s=60, max_deadline_s=600)
     settings = Settings(metrics=MetricsSettings(host="127.0.0.1", port=port))
+    def scrape() -> dict:
+        samples = {}
+        for line in urllib.request.urlopen(eng.metrics_url, timeout=10).read().decode().splitlines():
+            if line.startswith("smartbatch_") and " " in line:
+                name, value = line.rsplit(" ", 1)
+                samples[name] = float(value)
+        return samples
+
     with Engine.start(settings, speedup=500, budget_usd=1000.0) as eng:
         assert eng.metrics_url == f"http://127.0.0.1:{port}/metrics" and eng.metrics_port == port
         results = [f.result(timeout=120) for f in eng.replay(reqs)]
-        body = urllib.request.urlopen(eng.metrics_url, timeout=10).read().decode()
-    samples = {}
-    for line in body.splitlines():
-        if line.startswith("smartbatch_") and " " in line:
-            name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
+        # The budget's gauges reach the hub at most every 0.5 s: a run this short can end inside the first
+        # interval, its settlements reported at its end. Bounded: the report is due within 0.5 s.
+        for _ in range(200):
+            samples = scrape()
+            if samples.get('smartbatch_budget_spent_usd{budget="global"}', 0.0) > 0:
+                break
+            time.sleep(0.05)
     done = sum(v for k, v in samples.items() if k.startswith("smartbatch_requests_total"))
     assert done == len(results)
     cost = sum(v for k, v in samples.items() if k.startswith("smartbatch_cost_usd_total"))
