@@ -10,6 +10,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from engine.app._batch_kept import kept_charges
 from engine.app._ray_stop import (
     Terminated,
     exit_now,
@@ -119,7 +120,7 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
             if settings.budgets.specs and settings.budgets.redis_url is None:
                 # Budgets in this process start at 0: the kept lines were paid for, and a resumed run was granted
                 # the whole budget again (a helper's hunt: 1.85x a hard limit). With Redis they are counted there.
-                eng.count_spent(_kept_charges(kept_lines, kept, cat, out))
+                eng.count_spent(kept_charges(kept_lines, kept, cat, out))
             if settings.providers.mode != "http" and speedup <= 1:  # a quiet wait of hours read as a hang
                 err_console.print(f"simulated providers at real time: a line may wait for its batch up to the "
                                   f"{window} window (--speedup compresses time; --providers http makes real calls)",
@@ -199,39 +200,6 @@ def _wait_showing_progress(futs: list, what: str) -> None:
                 except concurrent.futures.TimeoutError:
                     done = [x.result() for x in futs if x.done()]
                     bar.update(task, completed=len(done), spent=sum(r.cost_usd for r in done), refresh=True)
-
-
-def _kept_charges(lines: list, kept: dict[int, dict], cat, out: Path) -> list:
-    """What each line kept from an earlier run cost, priced from the usage its answer reports at the sync price,
-    its input at the dearer of what it reports and all but its reads written to a prompt cache (the file does not
-    say which mode answered it, nor always what it wrote: never less than it cost); a line with no usage, at its
-    list price."""
-    from engine.core.budgets import Charge
-    from engine.core.cost import price_alone, price_usage
-
-    charges = []
-    for ln in lines:
-        req = ln.request
-        if req is None:
-            continue
-        body = (kept[ln.no].get("response") or {}).get("body")
-        u = body.get("usage") if isinstance(body, dict) else None
-        if req.kind == "text" and isinstance(u, dict):
-            chat = "prompt_tokens" in u  # chat completions; else Responses, or Anthropic's own
-            read = ((u.get("prompt_tokens_details") if chat else u.get("input_tokens_details")) or {}).get(
-                "cached_tokens") or u.get("cache_read_input_tokens") or 0
-            write = u.get("cache_creation_input_tokens") or 0
-            inp = u.get("prompt_tokens", 0) if chat else u.get("input_tokens", 0) + (
-                read + write if "cache_read_input_tokens" in u or "cache_creation_input_tokens" in u else 0)
-            out_t = u.get("completion_tokens" if chat else "output_tokens", 0)
-            # An answer in chat shape may not say what its input wrote to a prompt cache (an Anthropic one
-            # rewritten as a chat completion): every unread input token priced as a write bounds it (a review).
-            usd = max(price_usage(req, cat, "sync", input_tokens=inp, output_tokens=out_t, cache_read=r,
-                                  cache_write=w).total for r, w in ((read, write), (read, inp - read)))
-        else:
-            usd = price_alone(req, cat, "sync").total
-        charges.append(Charge(f"resume:{out}:{req.uid}", req.tenant, req.provider, req.model, usd))
-    return charges
 
 
 def _only_real(bf, settings, cat):

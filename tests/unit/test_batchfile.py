@@ -326,12 +326,12 @@ def test_a_resumed_run_counts_the_kept_lines_against_budgets_that_live_in_it(tmp
                                                    cache_read=512).total)
     # An Anthropic answer written in chat shape does not say what it wrote to the cache: the unread input is
     # counted as written (1.25x), never less than it cost.
-    from engine.app.cli_batch import _kept_charges
+    from engine.app._batch_kept import kept_charges
 
     claude = read_batch_file(p, window_s=86400.0, catalog=CAT).lines[0]
     claude = claude.__class__(claude.no, claude.custom_id, claude.url, request=claude.request.model_copy(
         update={"provider": "anthropic", "model": "claude-sonnet-4-5"}))
-    (c,) = _kept_charges([claude], {claude.no: json.loads(out.read_text().splitlines()[0])}, CAT, out)
+    (c,) = kept_charges([claude], {claude.no: json.loads(out.read_text().splitlines()[0])}, CAT, out)
     assert c.usd == pytest.approx(price_usage(claude.request, CAT, "sync", input_tokens=900, output_tokens=300,
                                               cache_read=512, cache_write=388).total)
     assert c.usd > price_usage(claude.request, CAT, "sync", input_tokens=900, output_tokens=300,
@@ -705,3 +705,28 @@ def test_ctrl_c_while_the_engine_starts_says_nothing_was_sent(tmp_path, monkeypa
     src.write_text(line("a") + "\n")
     r = runner.invoke(app, ["batch", str(src), "--out", str(tmp_path / "o.jsonl")])
     assert r.exit_code == 130 and "no line was sent, nothing was billed" in " ".join(r.output.split()), r.output
+
+
+def test_a_kept_image_sent_without_a_quality_is_counted_at_the_quality_its_answer_names_else_the_dearest(tmp_path):
+    """OpenAI picks an image's quality when the request names none ("auto"), and its answer says which. Kept lines
+    were counted at the catalog's default (medium): two "high" images at a quarter of their bill, and a resumed run
+    spent past a hard limit (a hunt: $0.376 against $0.30)."""
+    from engine.app._batch_kept import kept_charges
+
+    p = tmp_path / "in.jsonl"
+    p.write_text(json.dumps({"custom_id": "i1", "method": "POST", "url": "/v1/images/generations",
+                             "body": {"model": "gpt-image-1", "prompt": "a lighthouse", "size": "1024x1024"}}) + "\n")
+    (line,) = read_batch_file(p, window_s=86400.0, catalog=CAT).lines
+    req = line.request
+
+    def counted(answer: dict) -> float:
+        (c,) = kept_charges([line], {line.no: {"response": {"status_code": 200, "body": answer}}}, CAT, p)
+        return c.usd
+
+    def at(quality: str) -> float:
+        return price_alone(req.model_copy(update={"params": {**req.params, "quality": quality}}), CAT, "sync").total
+
+    assert counted({"data": [{"b64_json": "x"}], "quality": "high"}) == pytest.approx(at("high"))
+    assert counted({"data": [{"b64_json": "x"}], "quality": "low"}) == pytest.approx(at("low"))
+    assert counted({"data": [{"b64_json": "x"}]}) == pytest.approx(at("auto")) == pytest.approx(at("high"))
+    assert at("high") > price_alone(req, CAT, "sync").total  # the default the count used before
