@@ -71,8 +71,7 @@ class Outbox:
     def _outbox_empty(self) -> bool:
         return not (self._results or self._fills or self._orphans or self._readmit or self._settle
                     or self._observed or self._counts or self._breaker_dirty or self._unjournal
-                    or self._turnarounds or self._warmth or self.in_flight != self._in_flight_sent
-                    or self._tally() != self._tally_sent)
+                    or self._turnarounds or self._warmth or self.in_flight != self._in_flight_sent)
 
     async def _flush_soon(self) -> None:
         # Loop until empty: what timers add while a flush awaits a peer (the result hub, the journal) must not
@@ -136,9 +135,9 @@ class Outbox:
                     log.warning("dispatcher %s: could not clear %d journal record(s), trying again: %s", self.name,
                                 len(keys), _short(exc))
                     delete_later(self.journal, space, keys, self._journal_retries)
-        await self._journal_tally()
         if readmit:
             send_sharded(self.groupers, readmit)
+        await self._journal_tally()
         one = len(self.caches) == 1  # (as ``Shards`` routes: a lone cache takes every shard's part)
         for shard, fill in fills:
             self._cache_queues.setdefault(0 if one else shard, ([], []))[0].append(fill)

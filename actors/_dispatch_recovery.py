@@ -157,8 +157,9 @@ class Recovery:
             if key not in self._watching:  # a batch whose members went again: still cancelled, and counted
                 await self._watch(b, key, jobs, start, handle, cancel)
         self.reattached += n
-        if self._unjournal or self._tally() != self._tally_sent:
+        if self._unjournal:
             self._kick()
+        await self._journal_tally()
         if n or self.resumed_calls:
             log.warning("dispatcher %s: after a restart, re-attached to %d open batch(es) and resumed %d call(s)",
                         self.name, n, self.resumed_calls)
@@ -194,15 +195,26 @@ class Recovery:
         self._unanswered.update(unanswered)
 
     async def _journal_tally(self) -> None:
-        """Write the tally when it changed (a flush asks; it changes with faults, rarely)."""
+        """Write the tally when it changed (each flush asks; it changes with faults, rarely). A write that fails
+        is tried again after a pause that doubles, up to a minute: asked by every flush, or kept among what a flush
+        waits to send, it was tried every 5 ms while the journal was away (a review)."""
         tally = self._tally()
-        if tally == self._tally_sent:
+        if tally == self._tally_sent or self.__dict__.get("_tally_retry"):
             return
         try:
             await self.journal.put(self._tally_space, "tally", tally)
-            self._tally_sent = tally
-        except Exception as exc:  # written with the next change, or at the next flush
-            log.warning("dispatcher %s: could not journal its tally: %s", self.name, _short(exc))
+            self._tally_sent, self._tally_wait = tally, 1.0
+        except Exception as exc:
+            wait = self.__dict__.get("_tally_wait", 1.0)
+            log.warning("dispatcher %s: could not journal its tally (%s); trying again in %.0f s", self.name,
+                        _short(exc), wait)
+            self._tally_wait, self._tally_retry = min(2 * wait, 60.0), True
+
+            def again() -> None:
+                self._tally_retry = False
+                self._tally_task = asyncio.ensure_future(self._journal_tally())  # held: a task may be collected
+
+            asyncio.get_running_loop().call_later(wait, again)
 
     async def rejournal(self) -> int:
         """Write every open batch and sync body to the journal again (after the hub, which keeps a memory

@@ -5,6 +5,7 @@ dispatch's members, and the waits of those a budget holds back, under the kernel
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from actors._types import BatchJob, Job
 from engine.core.budgets import LEDGER, Claim, Verdict
@@ -12,6 +13,7 @@ from engine.core.result import Result
 from engine.runtime.reservation import claim_amount, dispatch_mode, triage
 from engine.runtime.waiting import STEP_S, Held, held_too_long
 
+log = logging.getLogger("smartbatch.grouper")
 DISPATCHED_KEPT = 65_536  # claims of dispatched requests a grouper remembers (``Grouper._dispatched``)
 
 __all__ = ["PARK_RETRY_REAL_S", "Parking"]
@@ -29,13 +31,43 @@ class Parking:
         """Engine seconds between tries of held work."""
         return max(STEP_S, PARK_RETRY_REAL_S * getattr(self.clock, "speedup", 1.0))
 
-    def _release_lost_claim(self, job: Job) -> None:
-        """``job`` was re-admitted by ingest, which found that nobody holds it: the claim of its last dispatch
-        (a dispatcher died with it queued) is released by the next reservation. Not a rerouted job's: its old
-        claim, of another model, is settled by its dispatcher."""
+    def _lost_claim(self, job: Job) -> tuple[str, str] | None:
+        """``job`` was re-admitted by ingest, which found that nobody it asked holds it: (its uid, the claim of
+        its last dispatch here), to release if its dispatcher does not hold it either (``_release_unheld``). Not a
+        rerouted job's: its old claim, of another model, is settled by its dispatcher."""
         held = self._dispatched.pop(job.req.uid, None)
         if held is not None and held[1:] == (job.req.provider, job.req.model):
-            self._unsure_claims.append(held[0])
+            return job.req.uid, held[0]
+        return None
+
+    async def _release_unheld(self, lost: dict[str, list[tuple[str, str]]]) -> None:
+        """Of the claims of lost dispatches (by provider), let the next reservation release those whose dispatcher
+        says it does not hold the request: it died with it queued, and the claim held a hard budget for two days (a
+        hunt: $1.79 of $2, every later request refused). Asked once this grouper's own dispatches to it have
+        arrived, so a dispatch still on its way is not taken for lost (released, its spend would count nothing: a
+        review). A dispatcher that does not answer keeps its claims held: counted too high, never too low."""
+        for provider, items in lost.items():
+            await asyncio.gather(*self._runs.get(provider, ()), return_exceptions=True)
+            try:
+                held = set(await self.dispatchers[provider].call("holds", [u for u, _ in items]))
+            except Exception as exc:
+                log.warning("grouper: dispatcher %s did not say what it holds (%s); %d claim(s) stay held",
+                            provider, type(exc).__name__, len(items))
+                continue
+            self._unsure_claims.extend(c for u, c in items if u not in held)
+
+    def _send_runs(self, per_provider: dict[str, list[BatchJob]], learns: tuple) -> None:
+        for provider, part in per_provider.items():
+            task = asyncio.get_running_loop().create_task(self._run_many(provider, part, learns))
+            self._runs.setdefault(provider, set()).add(task)
+            task.add_done_callback(self._runs[provider].discard)
+
+    async def _run_many(self, provider: str, part: list[BatchJob], learns: tuple) -> None:
+        """Sent as before (nobody waits for it), and followed until it arrived (``_release_unheld``)."""
+        try:
+            await self.dispatchers[provider].call("run_many", part, *learns)
+        except Exception as exc:  # the dispatcher died: the driver re-admits its requests
+            log.warning("grouper: dispatch to %s failed (%s)", provider, type(exc).__name__)
 
     def _park(self, j: Job, due: float, budget: str, b: BatchJob) -> None:
         self.waits.hold(j.req.uid, j.req, due, budget, (j, b._replace(jobs=[])))

@@ -76,9 +76,8 @@ class Grouper(CancelGroups, Parking, Warm):
         # Claims a failed reservation call may have left open (the hedged ones it was to release, the ones it may
         # have made before its answer was lost): released by the next call (settling an unknown claim is a no-op).
         self._unsure_claims: list[str] = []
-        # Claims of requests dispatched lately: one ingest re-admits (its dispatcher died with it) releases its old
-        # claim, which held a hard budget for two days (a hunt: $1.79 of $2, every later request refused).
-        self._dispatched: OrderedDict[str, tuple[str, str, str]] = OrderedDict()
+        self._dispatched: OrderedDict[str, tuple[str, str, str]] = OrderedDict()  # uid -> claim (``_lost_claim``)
+        self._runs: dict[str, set[asyncio.Task]] = {}  # provider -> its dispatch calls under way
         self._ended: OrderedDict[str, Result] = OrderedDict()  # requests resolved here lately (rejected, failed)
         self._bids = itertools.count()
         self._timers: set[asyncio.TimerHandle] = set()
@@ -178,6 +177,7 @@ class Grouper(CancelGroups, Parking, Warm):
         dispatches: list[Dispatch] = []
         failed: list[tuple[Job, Result]] = []
         dup_claims: list[tuple[str, float]] = []
+        lost: dict[str, list[tuple[str, str]]] = {}  # provider -> (uid, claim) of lost dispatches
         again: list[Result] = []
         # Fresh requests of one arrival instant join their groups first, and each group is decided once they all
         # have: as the simulator groups the arrivals of one instant (``GroupTable.join``).
@@ -211,8 +211,8 @@ class Grouper(CancelGroups, Parking, Warm):
                 if job.claim is not None:
                     dup_claims.append((job.claim, 0.0))
                 continue
-            if fresh and job.seq >= OWN_ROWS and job.claim is None:  # re-admitted by ingest: its old claim is dead
-                self._release_lost_claim(job)
+            if fresh and job.seq >= OWN_ROWS and job.claim is None and (x := self._lost_claim(job)):  # re-admitted
+                lost.setdefault(job.req.provider, []).append(x)
             self.pending[uid] = job
             if job.hedges >= self.max_attempts:
                 # Progress guard (as in the simulator): a request hedged this often is sent sync now.
@@ -243,6 +243,8 @@ class Grouper(CancelGroups, Parking, Warm):
             self.hubs.send("push", by_result_uid, again, [0.0] * len(again))
         if failed:
             await self._resolve(failed)
+        if lost:
+            await self._release_unheld(lost)
         await self._send(dispatches)
 
     async def _resolve(self, results: list[tuple[Job, Result]], release: list[str] = ()) -> None:
@@ -389,8 +391,7 @@ class Grouper(CancelGroups, Parking, Warm):
             self.dispatched += len(b.jobs)
             per_provider.setdefault(b.jobs[0].req.provider, []).append(b)
         learns = (True,) if self.table.turnarounds is not None else ()  # tell me of its batches' turnarounds
-        for provider, part in per_provider.items():  # one call per dispatcher, however many dispatches
-            self.dispatchers[provider].send("run_many", part, *learns)
+        self._send_runs(per_provider, learns)  # one call per dispatcher, however many dispatches
         if refused:
             await self._resolve(refused)
 

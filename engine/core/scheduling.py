@@ -149,8 +149,9 @@ class FairQueue:
         assert best is not None  # _n > 0
         return best[1], best[2][1], best[2][2]
 
-    def take(self, picked: tuple[str, int, Unit]) -> Unit:
-        """Remove the unit ``peek`` returned (nothing may be pushed in between)."""
+    def take(self, picked: tuple[str, int, Unit], served: bool = True) -> Unit:
+        """Remove the unit ``peek`` returned (nothing may be pushed in between); ``served``: charge its tokens to
+        its tenant's share (not for a unit given back unsent, a batch whose hedge came while it waited)."""
         tenant, seq, u = picked
         h = self._tenants[tenant]
         self._clean(h)
@@ -161,8 +162,9 @@ class FairQueue:
         else:  # promoted: it is on top of the deadline heap
             heapq.heappop(self._deadlines)
             self._gone.add(seq)
-        w = self.s.tenant_weights.get(tenant, 1.0) if tenant else 1.0
-        self._vt[tenant] = self._vt.get(tenant, 0.0) + max(u.tokens, 1) / max(w, 1e-9)
+        if served:
+            w = self.s.tenant_weights.get(tenant, 1.0) if tenant else 1.0
+            self._vt[tenant] = self._vt.get(tenant, 0.0) + max(u.tokens, 1) / max(w, 1e-9)
         self._count[tenant] -= 1
         if not self._count[tenant]:
             del self._count[tenant]

@@ -60,7 +60,7 @@ class BatchQueue:
             picked = q.peek(now)
             if id(picked[2]) not in self._void:
                 return picked
-            self._void.discard(id(q.take(picked)))
+            self._void.discard(id(q.take(picked, served=False)))  # not served: no share charged
         return None
 
     def take(self, picked: tuple[str, int, Unit]) -> Unit:

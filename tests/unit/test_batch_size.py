@@ -257,3 +257,23 @@ def test_the_live_kernel_gives_a_batch_waiting_for_enqueued_room_back_at_its_hed
     events, wake = sim.pump(50.0)
     assert [(e.kind, e.work.item, e.start, e.outcome) for e in events] == [("batch_api", "b", 50.0, 0)]
     assert wake is None and sim.waiting == 0 and sim.take_queued() == []
+
+
+def test_a_batch_given_back_at_its_hedge_charges_its_tenant_no_share():
+    """A batch handed back unsent (its hedge came while it waited for enqueued room) was charged to its tenant's
+    fair share when the queue skipped it, so that tenant's next batch waited behind the others' (a review)."""
+    from engine.core.scheduling import Scheduling, Unit
+    from engine.runtime.batch_queue import BatchQueue
+
+    def unit(name, tenant, tokens, arrival):
+        return Unit(name, tenant, "normal", 1e6, arrival, tokens, 0.01, 0, 0.0)
+
+    q = BatchQueue(Scheduling(), 4)
+    q.push(unit("A-big", "A", 2_000_000, 0.0), 10.0)
+    for name, tenant, at in (("B-1", "B", 1.0), ("A-2", "A", 2.0), ("B-2", "B", 3.0)):
+        q.push(unit(name, tenant, 1000, at), None)
+    assert [u.item for u in q.late(11.0)] == ["A-big"] and len(q) == 3
+    order = []
+    while (picked := q.peek(12.0)) is not None:
+        order.append(q.take(picked).item)
+    assert order == ["B-1", "A-2", "B-2"]
