@@ -11,6 +11,7 @@ from actors.journal import read_patiently
 __all__ = ["JOURNAL_KEY", "LedgerJournal"]
 
 JOURNAL_KEY = ("budget", "ledger")
+PUT_TIMEOUT_S = 10.0  # a snapshot write that takes longer is given up (logged); the next change writes again
 log = logging.getLogger("smartbatch.budget")
 
 
@@ -52,8 +53,8 @@ class LedgerJournal:
         """Write the ledger's snapshot to the journal (also after the hub, which keeps it, restarted)."""
         if self.journal is None:
             return
-        try:
-            await self.journal.put(*JOURNAL_KEY, self._snapshot())
+        try:  # bounded: a reservation waits for this write (``_durable``), and a wedged hub must not hold it for good
+            await asyncio.wait_for(self.journal.put(*JOURNAL_KEY, self._snapshot()), PUT_TIMEOUT_S)
         except Exception as exc:
             log.warning("budget ledger: snapshot not journaled (%s: %s)", type(exc).__name__, exc)
 
