@@ -41,7 +41,7 @@ def _gathering_grouper():
 async def _sent_by(g) -> list[str]:
     """The ids the grouper sent its dispatcher, once its sends (tasks, as to an actor) have run."""
     peer = g.dispatchers["openai"]
-    await asyncio.gather(*peer._tasks)
+    await asyncio.gather(*peer._tasks, *g._runs.get("openai", ()))  # (the grouper follows each dispatch call)
     return _sent(peer.target)
 
 
