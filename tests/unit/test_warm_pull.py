@@ -125,7 +125,7 @@ def test_a_live_grouper_sends_the_pulled_turn_sync_and_a_failed_pull_leaves_it_w
         g, disp, hub = _grouper(policy)
         await g.add([Job(0, _conversation()[0], "a")])
         await g.observe_warmth(NOTE)
-        await asyncio.gather(*g.dispatchers["openai"]._tasks)
+        await asyncio.gather(*g.dispatchers["openai"]._tasks, *g._runs.get("openai", ()))
         sent = [(b.mode, b.cache_write, [j.req.id for j in b.jobs])
                 for name, args in disp.calls if name == "run_many" for b in args[0]]
         timers = len(g._timers)
