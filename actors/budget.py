@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import secrets
 import time
 
 from actors._budget_journal import LedgerJournal
@@ -53,6 +54,9 @@ class BudgetController(LedgerJournal, Warm):
         # holding it is in the journal. Answered first (the snapshot up to 50 ms later), a restart lost the claims
         # granted since and ignored their settlements: spend missing from the ledger, a hard limit overrun (a hunt).
         self._asked = self._written = 0
+        # Names this ledger: a restart by Ray takes it back with the ledger; a new engine has another. The endpoint
+        # counts what its state directory kept only against a ledger that did not see it (``_endpoint_resume``).
+        self.ledger_id = secrets.token_hex(8)
         self._written_cond: asyncio.Condition | None = None
         self.clock, published_base = resolve_clock(clock)
         self.base = base if published_base is None else published_base
@@ -321,6 +325,7 @@ class BudgetController(LedgerJournal, Warm):
             out["ledger"] = {"redis_url": self._url, "up": not down, "error": self._last_error if down else None,
                              "unsettled": len(self._outbox) + self._settling + len(self._charges)}
         if isinstance(self.book, BudgetBook):
+            out["ledger_id"] = self.ledger_id
             out["windows"] = self.book.windows()
             out["overrun_usd"] = round(self.book.overrun_usd(), 6)
             out["reserved_usd"] = round(sum(self.book.reserved.values()), 6)

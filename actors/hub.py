@@ -139,9 +139,13 @@ class ResultHub(Warm, MemoryJournalStore):
         q.seen_at = time.monotonic()
         return q
 
-    async def claim(self, client: str, uids: list[str]) -> list[str]:
+    async def claim(self, client: str, uids: list[str], fps: list[str] | None = None) -> list[str]:
         """Driver ``client`` waits for the results of ``uids``: each is handed to it, at once if it is here.
-        Returns the ids whose result is not here (still to come, or delivered too long ago)."""
+        Returns the ids whose result is not here (still to come, or delivered too long ago). ``fps``: the
+        fingerprints of their contents, kept for ``admit`` (a restarted ingest checks ids it no longer knows)."""
+        if fps is not None:
+            for u, fp in zip(uids, fps):
+                self._fps.setdefault(u, fp)
         q = self._client_queue(client)
         recent, missing = self._recent, []
         for u in uids:

@@ -46,35 +46,31 @@ class Ingest(Warm):
         self.hubs = Shards(hub)  # by request id
         self.dispatchers = [as_peer(d) for d in dispatchers]
         self.readmitted = 0
+        self._reborn = False  # restarted by Ray: ``seen`` was lost (``reconstructed``)
         self.caches = Shards(cache)  # by compatibility class
         self.seen: dict[str, str] = {}  # admitted id -> its content's fingerprint
-        # id -> the driver that submitted it (a set once several did): an id is forgotten when its last driver
-        # forgets it. One string per id, not a set: most ids have one driver.
+        # id -> the driver(s) that submitted it (a string, mostly): forgotten when its last driver forgets it
         self.holders: dict[str, str | set[str]] = {}
         self._moving: set[str] = set()  # admitted, on their way to the cache and the groupers
         self._leaving: dict[str, asyncio.TimerHandle] = {}  # driver -> the forget of the ids only it holds
-        self._drops_seen = 0  # the next number of the hub's dropped drivers to read (``ResultHub.dropped_since``)
-        self._drops_check_at = 0.0
+        self._drops_seen, self._drops_check_at = 0, 0.0  # the hub's dropped drivers read, and the next look
         self._drops_task: asyncio.Task | None = None
         self.next_seq = 0  # requests admitted here
         self.shard = shard  # (this shard, of how many)
         self._turn: asyncio.Future | None = None  # set once the last sharded submit's lookups have left
         self._lookups: list[tuple[list[Job], asyncio.Future]] = []  # waiting for the lookup out to return
         self._looking: asyncio.Task | None = None
-        self.duplicates = 0
-        self.share = share_across_tenants
+        self.duplicates, self.share = 0, share_across_tenants
         # Only a Redis journal: without one, the driver's memory is the record (see the module's docstring).
         self.journal = redis_journal(settings, engine) if settings is not None else None
-        self.journal_failures = 0  # accepted micro-batches not journaled (Redis down)
-        self._journal_back_at = 0.0
+        self.journal_failures, self._journal_back_at = 0, 0.0  # accepted micro-batches not journaled (Redis down)
 
     def __repr__(self) -> str:
         return f"Ingest(admitted={self.next_seq}, duplicates={self.duplicates})"
 
     async def forget(self, uids: list[str], client: str | None = None) -> None:
-        """Requests finished longer ago than the driver's retention window: their ids may be used again, so
-        the actors that remember finished requests (to answer a re-admission) forget them too. An id that
-        several drivers submitted is forgotten when the last of them (``client``) forgets it."""
+        """Requests finished past the driver's retention window: their ids may name new requests, so the actors
+        that remember finished ones forget them too; an id of several drivers, once the last (``client``) does."""
         if client is not None:
             uids = [u for u in uids if self._release(u, client)]
         for u in uids:
@@ -232,7 +228,8 @@ class Ingest(Warm):
         self.duplicates += len(requests) - len(jobs)
         # Sharded by class, another ingest shard may hold the same id with other content: the hub shard of the id
         # decides, before the jobs move on. The cache lookups still leave in submission order (``_turn``).
-        across = bool(jobs) and self.shard[1] > 1 and client is not None and bool(self.hubs)
+        # So does a restarted one, ``seen`` lost (a hunt: other content under an old id got the old result).
+        across = bool(jobs) and (self.shard[1] > 1 or self._reborn) and client is not None and bool(self.hubs)
         if across:
             prev, mine = self._turn, asyncio.get_running_loop().create_future()
             self._turn = mine
@@ -240,8 +237,9 @@ class Ingest(Warm):
             if client is not None and self.hubs:
                 if across:
                     jobs = await self._admit_across(client, jobs)
-                elif jobs:  # sent before the jobs move on; a result that still comes first is handed over at the claim
-                    self.hubs.send("claim", uid_shard, [j.req.uid for j in jobs], lead=(client,))
+                elif jobs:  # before the jobs move on (a result that comes first is handed over at the claim), with
+                    # the fingerprints the hub checks a restarted ingest's admissions against
+                    self.hubs.send("claim", uid_shard, [j.req.uid for j in jobs], [j.fp for j in jobs], lead=(client,))
                 if repeats:
                     await self._claim_repeats(client, repeats)
             if not jobs:
@@ -287,6 +285,9 @@ class Ingest(Warm):
         if errors:
             raise errors[0]
         return refused
+
+    def reconstructed(self) -> None:  # restarted by Ray: ids admitted before are checked at the hub (``submit``)
+        self._reborn = True
 
     async def reregister(self, shard: int) -> int:
         """Hub shard ``shard`` restarted and lost the fingerprints of the ids it checks: give it those of the

@@ -340,9 +340,9 @@ def rewire(h: dict, kind: str, metrics: tuple[int, str] | None = None) -> None:
     if base == "hub":
         if metrics is not None:  # each hub shard serves the metrics of its results, on its own port
             ray.get(h["named"][kind].serve_metrics.remote(*metrics))
-        if len(h["ingests"]) > 1:  # it checks that an id names one content across ingest shards
-            k = int(kind.split("-", 1)[1]) if "-" in kind else 0
-            ray.get([i.reregister.remote(k) for i in h["ingests"]])
+        # It checks that an id names one content: across ingest shards, and for an ingest that restarted.
+        k = int(kind.split("-", 1)[1]) if "-" in kind else 0
+        ray.get([i.reregister.remote(k) for i in h["ingests"]])
         if kind == "hub":  # shard 0 keeps the journal
             ray.get([d.rejournal.remote() for d in h["dispatchers"].values()] + [h["budget"].rejournal.remote()])
             # Its metrics start empty, and gauges are sent when they move: every sender sends them again.

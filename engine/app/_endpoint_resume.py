@@ -11,6 +11,7 @@ from pathlib import Path
 from engine.app._endpoint_job import CANCELLED_LINE, BatchJob, for_endpoint
 from engine.app._endpoint_wire import ApiError
 from engine.core.batchfile import parse_batch_file
+from engine.core.budgets import Charge
 from engine.core.result import Result
 
 __all__ = ["TakeBack"]
@@ -22,12 +23,15 @@ class TakeBack:
     """Needs ``state``, ``batches``, ``catalog``, ``engine``, ``speedup``, ``_now``, ``_enter``, ``_save``,
     ``_finish``, ``_submit`` and ``_collect``."""
 
+    _fresh_ledger = False  # the engine's budget ledger did not see what the state directory kept (``resume``)
+
     async def resume(self) -> None:
         """Take back the batches the state directory holds (after a restart): an ended one as it was; an open one
         with the results it had, its other lines asked of the engine again (see the module docstring), or
         ended at once if it was cancelling or its window has passed."""
         if self.state is None:
             return
+        self._fresh_ledger = await self._ledger_is_new()
         for rec, input_path, results in self.state.batches():
             try:
                 await self._take_back(rec, input_path, results)
@@ -66,6 +70,8 @@ class TakeBack:
                     job.results[r.id] = Result(id=r.id, status="expired", tenant=job.tenant, error=why)
             self._finish(job, why)
             return
+        if self._fresh_ledger:
+            await self._count_kept(job, results)
         try:
             await self._submit(job, todo, left_s)
         except ApiError as exc:  # the engine refused them (stopped, full): the batch ends, saying why
@@ -76,3 +82,27 @@ class TakeBack:
         log.warning("endpoint: batch %s taken back after a restart: %d line(s) in, %d asked again", job.id,
                     len(results), len(todo))
 
+
+    async def _ledger_is_new(self) -> bool:
+        """Whether the engine's budgets live in a ledger of their own (no Redis) that did not see what the state
+        directory kept: a new engine's, not the ledger of an engine whose endpoint alone restarted."""
+        b = self.engine.settings.budgets
+        if b.redis_url or not b.specs:  # Redis holds the earlier spend; without budgets nothing is counted
+            return False
+        try:
+            current = (await asyncio.to_thread(self.engine.report)).get("budget", {}).get("ledger_id")
+        except Exception as exc:
+            log.warning("endpoint: the budget ledger did not answer (%s); kept lines are not counted again",
+                        type(exc).__name__)
+            return False
+        before = self.state.swap_ledger_id(current)
+        return current is not None and before is not None and before != current
+
+    async def _count_kept(self, job: BatchJob, results: dict[str, Result]) -> None:
+        """The lines an open batch kept from before the restart were paid for: counted against this engine's
+        budgets before the rest is sent, as ``smartbatch batch --resume`` counts its kept lines. Not counted, a
+        restart let the batch spend its hard budget again (a hunt: $0.008064 billed against a $0.006 limit)."""
+        charges = [Charge(f"endpoint:{job.id}:{rid}", job.tenant, r.provider, r.model, r.cost_usd)
+                   for rid, r in results.items() if r.cost_usd and r.provider and r.model]
+        if charges:
+            await asyncio.to_thread(self.engine.count_spent, charges)

@@ -67,6 +67,17 @@ class EndpointState:
             log.error("endpoint state: could not write %s under %s (%s); a restart would not know it", what,
                       self.root, exc)
 
+    def swap_ledger_id(self, current: str | None) -> str | None:
+        """The budget ledger id the endpoint last ran under (None: none recorded), and record ``current``."""
+        path = self.root / "ledger.json"
+        try:
+            before = json.loads(path.read_bytes()).get("ledger_id")
+        except (OSError, ValueError, AttributeError):
+            before = None
+        if current is not None and current != before:
+            self._guarded("the budget ledger's id", lambda: _write_json(path, {"ledger_id": current}))
+        return before
+
     # -- files ----------------------------------------------------------------------------------------------
     def save_file(self, f: StoredFile) -> None:
         def write() -> None:

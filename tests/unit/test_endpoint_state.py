@@ -280,3 +280,41 @@ def test_a_shutdown_keeps_the_answers_its_collectors_had_not_taken_yet(tmp_path)
         done = wait_done(client, b.id)
         assert (done.status, done.request_counts.completed, done.request_counts.failed) == ("completed", 2, 0)
         assert again.submitted == [f"{b.id}/b-slow"]
+
+
+def test_a_new_engine_counts_what_an_open_batch_kept_against_its_budgets_and_a_restarted_replica_does_not(tmp_path):
+    """An endpoint restarted with its state directory on a new engine took its open batch back and spent its hard
+    budget again: the kept lines were paid for under the old engine's ledger, which the new one never saw (a hunt:
+    $0.008064 billed against a $0.006 limit). They are counted first, as ``batch --resume`` counts its kept lines;
+    a replica restarted under the same engine (the same ledger) counts nothing again."""
+    from engine.core.budgets import BudgetSettings, BudgetSpec
+
+    class Budgeted(FakeEngine):
+        def __init__(self, ledger: str):
+            super().__init__()
+            self.settings = self.settings.model_copy(
+                update={"budgets": BudgetSettings(specs=(BudgetSpec(max_budget=1.0),))})
+            self.ledger, self.counted = ledger, []
+
+        def report(self) -> dict:
+            return {"budget": {"ledger_id": self.ledger}}
+
+        def count_spent(self, charges) -> None:
+            self.counted.extend(charges)
+
+    first, state = Budgeted("L1"), tmp_path / "state"
+    with serving(make_app(first, catalog=CAT, state_dir=state)) as url, \
+            openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=10) as client:
+        f = upload(client, [batch_line("a", "fast"), batch_line("b-slow", "held")])
+        open_ = client.batches.create(input_file_id=f.id, **CREATE)
+        until_counted(client, open_.id, 1)  # "a" is in and paid for, "b-slow" is held by the engine
+    assert first.counted == []
+    paid = json.loads((state / "batches" / f"{open_.id}.results.jsonl").read_text().splitlines()[0])["cost_usd"]
+    second = Budgeted("L2")  # a new engine: its ledger never saw "a"
+    with serving(make_app(second, catalog=CAT, state_dir=state)):
+        pass
+    (charge,) = second.counted
+    assert paid > 0 and charge.usd == pytest.approx(paid) and open_.id in charge.cid and charge.model == "gpt-5-mini"
+    with serving(make_app(second, catalog=CAT, state_dir=state)):  # its replica restarted: the same ledger
+        pass
+    assert len(second.counted) == 1

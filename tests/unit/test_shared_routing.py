@@ -271,3 +271,24 @@ def test_a_failed_or_refused_result_counts_no_list_price_so_no_saving():
         rep = await hub.report()
         assert rep["requests"] == 3 and rep["list_price_usd"] == 1.0
     run(go())
+
+
+def test_a_restarted_ingest_still_refuses_an_id_reused_with_other_content():
+    """Ingest's memory of which content each id names died with it: after a restart, another driver's request
+    under a used id with other content got the first content's result, and its own was never generated (a hunt).
+    Each claim leaves the hub the content's fingerprint, and a restarted ingest admits through it."""
+    async def go():
+        hub, g = ResultHub(), Groupers()
+        first = Ingest([g], hub=hub)
+        assert await first.submit([req(1), req(2)], "A") == 2
+        await settle()
+        await hub.push([res(1), res(2)])
+        assert sorted(r.id for r in await hub.pull(0, "A")) == ["r1", "r2"]
+        again = Ingest([g], hub=hub)  # Ray restarted it: built again from its arguments
+        again.reconstructed()
+        await again.submit([req(1, prompt="other"), req(2)], "B")
+        await settle()
+        got = {r.id: r for r in await hub.pull(0, "B")}
+        assert got["r1"].status == "failed" and "field 'id'" in got["r1"].error  # never the other content's result
+        assert got["r2"].output == "out 2"  # the same content: its result
+    run(go())
