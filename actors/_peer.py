@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import pickle
 import secrets
 from typing import Any, NamedTuple
@@ -16,6 +17,8 @@ from typing import Any, NamedTuple
 from actors._wire import pack_args
 
 __all__ = ["Named", "Peer", "Warm", "as_peer", "ping_through_restart", "restarting"]
+
+log = logging.getLogger("smartbatch.peer")
 
 
 class Named(NamedTuple):
@@ -81,9 +84,7 @@ class Peer:
                 return
             except Exception as exc:
                 if not (restarting(exc) or isinstance(exc, RayActorError)) or loop.time() >= end:
-                    import logging
-
-                    logging.getLogger("smartbatch.peer").error("%s not delivered: %s", method, type(exc).__name__)
+                    log.error("%s not delivered: %s", method, type(exc).__name__)
                     return
             await asyncio.sleep(wait)
             wait = min(2 * wait, 5.0)
