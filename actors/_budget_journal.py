@@ -22,7 +22,7 @@ class LedgerJournal:
     def _snapshot(self) -> tuple:
         b = self.book
         return (dict(b.spent), dict(b.reserved), dict(b.claims), dict(b.spend), dict(self.refusals), list(b.ended),
-                b.ended_overrun, b.latest, set(b.charged), self.ledger_id)
+                b.ended_overrun, b.latest, set(b.charged))
 
     async def _journal_soon(self) -> None:
         # One write at a time, of every change made before it: the changes made while one is out go in the next.
@@ -82,10 +82,8 @@ class LedgerJournal:
         if snap is None:
             return False
         b = self.book
-        spent, reserved, claims, spend, refusals, *ended = snap  # 5 parts before ended windows, 7 before latest ...
-        b.restore(spent, reserved, claims, spend, *ended[:4])
-        if len(ended) > 4:  # ... 9 before the ledger's id
-            self.ledger_id = ended[4]
+        spent, reserved, claims, spend, refusals, *ended = snap  # 5 parts before ended windows, 7 before latest, 8 before charged
+        b.restore(spent, reserved, claims, spend, *ended)
         self.refusals.update(refusals)
         stale = list(b.claims)
         if stale:

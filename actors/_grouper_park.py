@@ -14,6 +14,7 @@ from engine.runtime.reservation import claim_amount, dispatch_mode, triage
 from engine.runtime.waiting import STEP_S, Held, held_too_long
 
 log = logging.getLogger("smartbatch.grouper")
+LOST_CHECK_S = 60.0  # how long a re-admitted job waits for its dispatcher to say whether it holds it
 DISPATCHED_KEPT = 65_536  # claims of dispatched requests a grouper remembers (``Grouper._dispatched``)
 
 __all__ = ["PARK_RETRY_REAL_S", "Parking"]
@@ -31,22 +32,49 @@ class Parking:
         """Engine seconds between tries of held work."""
         return max(STEP_S, PARK_RETRY_REAL_S * getattr(self.clock, "speedup", 1.0))
 
-    def _lost_claim(self, job: Job) -> tuple[str, str] | None:
-        """``job`` was re-admitted by ingest, which found that nobody it asked holds it: (its uid, the claim of
-        its last dispatch here), to release if its dispatcher does not hold it either (``_release_unheld``). Not a
-        rerouted job's: its old claim, of another model, is settled by its dispatcher."""
+    def _lost_claim(self, job: Job) -> str | None:
+        """``job`` was re-admitted by ingest, which found that nobody it asked holds it: the claim of its last
+        dispatch here, to release if its dispatcher does not hold it either (``_check_lost``). Not a rerouted
+        job's: its old claim, of another model, is settled by its dispatcher."""
         held = self._dispatched.pop(job.req.uid, None)
         if held is not None and held[1:] == (job.req.provider, job.req.model):
-            return job.req.uid, held[0]
+            return held[0]
         return None
 
-    async def _release_unheld(self, lost: dict[str, list[tuple[str, str]]]) -> None:
-        """Of the claims of lost dispatches (by provider), let the next reservation release those whose dispatcher
-        says it does not hold the request: it died with it queued, and the claim held a hard budget for two days (a
-        hunt: $1.79 of $2, every later request refused). Asked once this grouper's own dispatches to it have
-        arrived, so a dispatch still on its way is not taken for lost (released, its spend would count nothing: a
-        review). A dispatcher that does not answer keeps its claims held: counted too high, never too low."""
-        for provider, items in lost.items():
+    def _check_lost(self, lost: list[tuple[Job, str]]) -> None:
+        """Judge the old claims of re-admitted jobs, then add the jobs: in a task of its own, so a dispatcher slow
+        to answer (restarting: it reads its journal first) holds back no other work (a review), and held out of
+        their groups meanwhile (as reserving: a copy re-admitted again is one), so no wake dispatches them under
+        a new claim before the old one is judged, which then stayed held (a review)."""
+        if not lost:
+            return
+        uids = {j.req.uid for j, _ in lost}
+        self._reserving.update(uids)
+
+        async def check() -> None:
+            try:
+                await asyncio.wait_for(self._release_unheld(lost), LOST_CHECK_S)
+            except asyncio.TimeoutError:
+                log.warning("grouper: %d lost dispatch claim(s) not judged in %.0f s; they stay held", len(lost),
+                            LOST_CHECK_S)
+            finally:
+                self._reserving.difference_update(uids)
+            await self.add([j for j, _ in lost])
+
+        task = asyncio.get_running_loop().create_task(check())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _release_unheld(self, lost: list[tuple[Job, str]]) -> None:
+        """Let the next reservation release the old claims whose dispatcher says it does not hold the request: it
+        died with it queued, and the claim held a hard budget for two days (a hunt: $1.79 of $2, every later
+        request refused). Asked once this grouper's own dispatches to it have arrived, so a dispatch still on its
+        way is not taken for lost (released, its spend would count nothing: a review). A dispatcher that does not
+        answer keeps its claims held: counted too high, never too low."""
+        by_provider: dict[str, list[tuple[str, str]]] = {}
+        for j, claim in lost:
+            by_provider.setdefault(j.req.provider, []).append((j.req.uid, claim))
+        for provider, items in by_provider.items():
             await asyncio.gather(*self._runs.get(provider, ()), return_exceptions=True)
             try:
                 held = set(await self.dispatchers[provider].call("holds", [u for u, _ in items]))

@@ -42,7 +42,7 @@ log = logging.getLogger("smartbatch.budget")
 
 class BudgetController(LedgerJournal, Warm):
     def __init__(self, settings: BudgetSettings, hub=None, clock=None, base: float = 0.0, engine: str = "engine",
-                 recover_wait_s: float = JournalSettings().recover_wait_s):
+                 recover_wait_s: float = JournalSettings().recover_wait_s, ledger_id: str | None = None):
         self.settings, self.recover_wait_s = settings, recover_wait_s
         self._restoring: asyncio.Event | None = None  # set while ``recover`` reads the journal
         self.hub = as_peer(hub)
@@ -54,9 +54,10 @@ class BudgetController(LedgerJournal, Warm):
         # holding it is in the journal. Answered first (the snapshot up to 50 ms later), a restart lost the claims
         # granted since and ignored their settlements: spend missing from the ledger, a hard limit overrun (a hunt).
         self._asked = self._written = 0
-        # Names this ledger: a restart by Ray takes it back with the ledger; a new engine has another. The endpoint
-        # counts what its state directory kept only against a ledger that did not see it (``_endpoint_resume``).
-        self.ledger_id = secrets.token_hex(8)
+        # Names this ledger: the engine's start draws it, and Ray restarts the actor with it (its ledger taken back
+        # from the journal); a new engine has another. The endpoint counts what its state directory kept only
+        # against a ledger that did not see it (``_endpoint_resume``).
+        self.ledger_id = ledger_id or secrets.token_hex(8)
         self._written_cond: asyncio.Condition | None = None
         self.clock, published_base = resolve_clock(clock)
         self.base = base if published_base is None else published_base
@@ -312,6 +313,7 @@ class BudgetController(LedgerJournal, Warm):
         a ledger of this engine alone) every window so far and the overrun, which must be 0."""
         # charged_usd: spend no reservation covered (``Charge``), in the spend figures too, and past a limit if
         # it came to that: the bill's, not a decision's.
+        await self._restored_first()  # restarted by Ray: the ledger taken back first, not reported empty
         out = {"budgets": [], "spend": [], "refusals": dict(self.refusals),
                "charged_usd": round(sum(self._charged.values()), 6)}
         try:

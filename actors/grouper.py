@@ -177,7 +177,7 @@ class Grouper(CancelGroups, Parking, Warm):
         dispatches: list[Dispatch] = []
         failed: list[tuple[Job, Result]] = []
         dup_claims: list[tuple[str, float]] = []
-        lost: dict[str, list[tuple[str, str]]] = {}  # provider -> (uid, claim) of lost dispatches
+        lost: list[tuple[Job, str]] = []  # re-admitted, with the claim of their lost dispatch
         again: list[Result] = []
         # Fresh requests of one arrival instant join their groups first, and each group is decided once they all
         # have: as the simulator groups the arrivals of one instant (``GroupTable.join``).
@@ -212,7 +212,8 @@ class Grouper(CancelGroups, Parking, Warm):
                     dup_claims.append((job.claim, 0.0))
                 continue
             if fresh and job.seq >= OWN_ROWS and job.claim is None and (x := self._lost_claim(job)):  # re-admitted
-                lost.setdefault(job.req.provider, []).append(x)
+                lost.append((job, x))  # joins once its old claim is judged (``_check_lost``)
+                continue
             self.pending[uid] = job
             if job.hedges >= self.max_attempts:
                 # Progress guard (as in the simulator): a request hedged this often is sent sync now.
@@ -243,8 +244,7 @@ class Grouper(CancelGroups, Parking, Warm):
             self.hubs.send("push", by_result_uid, again, [0.0] * len(again))
         if failed:
             await self._resolve(failed)
-        if lost:
-            await self._release_unheld(lost)
+        self._check_lost(lost)
         await self._send(dispatches)
 
     async def _resolve(self, results: list[tuple[Job, Result]], release: list[str] = ()) -> None:

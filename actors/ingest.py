@@ -378,14 +378,14 @@ class Ingest(Warm):
         never reach them: the leader's end was lost with a restarted actor), and they are generated themselves;
         who still says it holds one is logged."""
         requests = self._sort(requests, client)
-        if client is not None and self.hubs and requests and self.shard[1] > 1:
-            # Across ingest shards the hub checks that an id names one content, here too (a refusal a failed
-            # submit lost, or a hub shard that restarted and forgot the ids' contents).
+        if client is not None and self.hubs and requests and (self.shard[1] > 1 or self._reborn):
+            # The hub checks that an id names one content, here too: across ingest shards (a refusal a failed
+            # submit lost, a hub shard that restarted) and after this ingest restarted (its ``seen`` lost).
             fps = [fingerprint(r, share_across_tenants=self.share) for r in requests]
             refused = await self._admit_ids(client, requests, fps)
             requests = [r for r in requests if r.uid not in refused]
         uids = [r.uid for r in requests]
-        if client is not None and self.hubs and uids and self.shard[1] == 1:
+        if client is not None and self.hubs and uids and self.shard[1] == 1 and not self._reborn:
             self.hubs.send("claim", uid_shard, uids, lead=(client,))
         # The hub too: a result it holds but the driver had not pulled when it listed its unfinished requests.
         known = await self._recall(self._rememberers(caches=False), uids, caches=list(self.caches), detach=force)

@@ -143,7 +143,8 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
     budgets = settings.budgets
     later = ClockRef(engine)  # the clock is made once every actor is up; a restarted actor reads it (publish_clock)
     budget = _actor(BudgetController).options(**opts("budget")).remote(budgets, ref("hub"), later, 0.0, engine,
-                                                                       settings.journal.recover_wait_s)
+                                                                       settings.journal.recover_wait_s,
+                                                                       secrets.token_hex(8))
     _ledger_ready(budget, [*hubs, budget])
     reuse = policy.reuse
     with_cache = reuse.exact or reuse.in_flight or reuse.near

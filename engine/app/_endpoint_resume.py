@@ -31,13 +31,18 @@ class TakeBack:
         ended at once if it was cancelling or its window has passed."""
         if self.state is None:
             return
-        self._fresh_ledger = await self._ledger_is_new()
+        current = await self._ledger_id()
+        before = self.state.swap_ledger_id(None)  # read only: recorded once every kept line is counted
+        self._fresh_ledger = current is not None and before is not None and before != current
+        self._uncounted = 0
         for rec, input_path, results in self.state.batches():
             try:
                 await self._take_back(rec, input_path, results)
             except Exception as exc:  # one bad record never keeps the endpoint from starting
                 self.batches.pop(rec.get("id"), None)
                 self.state.set_aside(str(rec.get("id")), exc)
+        if current is not None and not self._uncounted:  # else the next start counts them (idempotent per line)
+            self.state.swap_ledger_id(current)
 
     async def _take_back(self, rec: dict, input_path: Path, results: dict[str, Result]) -> None:
         assert self.state is not None
@@ -71,7 +76,12 @@ class TakeBack:
             self._finish(job, why)
             return
         if self._fresh_ledger:
-            await self._count_kept(job, results)
+            try:
+                await self._count_kept(job, results)
+            except Exception as exc:  # the budget actor restarting: the batch goes on, counted at the next start
+                self._uncounted += 1
+                log.error("endpoint: batch %s's kept lines were not counted against the budgets (%s)", job.id,
+                          type(exc).__name__)
         try:
             await self._submit(job, todo, left_s)
         except ApiError as exc:  # the engine refused them (stopped, full): the batch ends, saying why
@@ -83,20 +93,19 @@ class TakeBack:
                     len(results), len(todo))
 
 
-    async def _ledger_is_new(self) -> bool:
-        """Whether the engine's budgets live in a ledger of their own (no Redis) that did not see what the state
-        directory kept: a new engine's, not the ledger of an engine whose endpoint alone restarted."""
+    async def _ledger_id(self) -> str | None:
+        """The id of the engine's own budget ledger (None: its budgets live in Redis, which holds the earlier spend,
+        or it has none, or it did not answer). Kept lines are counted only against a ledger that did not see them:
+        a new engine's, not the one of an engine whose endpoint alone restarted."""
         b = self.engine.settings.budgets
-        if b.redis_url or not b.specs:  # Redis holds the earlier spend; without budgets nothing is counted
-            return False
+        if b.redis_url or not b.specs:
+            return None
         try:
-            current = (await asyncio.to_thread(self.engine.report)).get("budget", {}).get("ledger_id")
+            return (await asyncio.to_thread(self.engine.report)).get("budget", {}).get("ledger_id")
         except Exception as exc:
             log.warning("endpoint: the budget ledger did not answer (%s); kept lines are not counted again",
                         type(exc).__name__)
-            return False
-        before = self.state.swap_ledger_id(current)
-        return current is not None and before is not None and before != current
+            return None
 
     async def _count_kept(self, job: BatchJob, results: dict[str, Result]) -> None:
         """The lines an open batch kept from before the restart were paid for: counted against this engine's

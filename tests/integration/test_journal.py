@@ -332,6 +332,23 @@ def test_a_budget_controller_restarted_right_after_it_answers_loses_no_claim_set
     asyncio.run(go())
 
 
+def test_a_budget_controller_restarted_by_ray_keeps_its_ledger_id_and_reports_its_ledger_taken_back():
+    """The endpoint counts what its state directory kept only against a ledger that did not see it, by the
+    ledger's id. Drawn at each construction, a controller restarted by Ray reported another id, and reported it
+    before its ledger was taken back: an endpoint resuming then counted kept lines a second time (a review)."""
+    async def go():
+        hub = ResultHub()
+        cfg = BudgetSettings(specs=(BudgetSpec(max_budget=10.0),))
+        b1 = BudgetController(cfg, hub, ManualClock(0.0), ledger_id="L1")
+        await b1.reserve_many([Claim("c0", "t", "openai", "gpt-5-mini", "normal", 1.0)])
+        await b1.settle_many([("c0", 0.5)])
+        b2 = BudgetController(cfg, hub, ManualClock(0.0), ledger_id="L1")  # Ray's restart: the same arguments
+        b2.reconstructed()
+        rep = await b2.report()  # the first call after the restart: the ledger is taken back first
+        assert rep["ledger_id"] == "L1" and rep["spent_usd"] == pytest.approx(0.5)
+        assert (await BudgetController(cfg, ResultHub(), ManualClock(0.0)).report())["ledger_id"] != "L1"
+    asyncio.run(go())
+
 def test_accepted_requests_are_journaled_in_redis_until_forgotten(settings):
     """With Redis, what the engine accepted outlives the driver's memory: a rebuilt ingest (a restart, or a
     driver that lost its own record) lists it; forgetting a finished request clears it. Without Redis the

@@ -708,6 +708,7 @@ def test_a_request_ingest_readmits_releases_the_claim_its_lost_dispatch_held():
         await g.add([Job(0, r, "fp")])
         (first,) = set(budget.book.claims)
         await g.add([Job(OWN_ROWS, r, "fp")])  # ingest re-admits it
+        await asyncio.gather(*list(g._tasks))  # its old claim judged, then it joins (a task of its own)
         await asyncio.gather(*g._runs.get("openai", ()))
         claims = set(budget.book.claims)
         assert [name for name, _ in d.calls].count("run_many") == 2
@@ -775,4 +776,34 @@ def test_what_the_report_counts_per_dispatcher_survives_its_restart():
         third = Dispatcher("openai", CAT, Settings(), 0, ManualClock(0.0), [grouper], hub, None, budget)
         await third.recover()
         assert (await third.stats())["paid_twice"] == 4  # the totals of every process, each counted once
+    run(go())
+
+
+def test_a_dispatcher_slow_to_say_what_it_holds_holds_back_no_other_work():
+    """A re-admitted request waits for its dispatcher to judge its old claim (restarting, it reads its journal
+    first): the other requests of the same call were held back with it, an urgent one of another provider too (a
+    review). The judging is a task of its own now, and the request joins its group after it."""
+    from actors._types import OWN_ROWS
+
+    answer = asyncio.Event()
+
+    class Slow(Recorder):
+        async def holds(self, uids):
+            await answer.wait()
+            return []
+
+    async def go():
+        slow, other = Slow(), Recorder()
+        g = Grouper(load_policy("naive", CAT), CAT, ManualClock(0.0), {"openai": slow, "anthropic": other},
+                    ledger(10.0), ResultHub())
+        r = req(0, priority="urgent")
+        await g.add([Job(0, r, "fp")])
+        await g.add([Job(OWN_ROWS, r, "fp"), Job(1, req(1, model="claude-haiku-4-5", priority="urgent"), "fp1")])
+        await asyncio.gather(*g._runs.get("anthropic", ()))
+        assert [name for name, _ in other.calls] == ["run_many"]  # sent while openai's answer is awaited
+        assert [name for name, _ in slow.calls].count("run_many") == 1
+        answer.set()
+        await asyncio.gather(*list(g._tasks))
+        await asyncio.gather(*g._runs.get("openai", ()))
+        assert [name for name, _ in slow.calls].count("run_many") == 2  # then the re-admitted one
     run(go())

@@ -318,3 +318,13 @@ def test_a_new_engine_counts_what_an_open_batch_kept_against_its_budgets_and_a_r
     with serving(make_app(second, catalog=CAT, state_dir=state)):  # its replica restarted: the same ledger
         pass
     assert len(second.counted) == 1
+    # A count that fails (the budget actor restarting) keeps the batch, and the next start counts it.
+    third = Budgeted("L3")
+    third.count_spent = lambda charges: (_ for _ in ()).throw(TimeoutError("budget restarting"))
+    with serving(make_app(third, catalog=CAT, state_dir=state)) as url, \
+            openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=10) as client:
+        assert client.batches.retrieve(open_.id).status == "in_progress"
+    fourth = Budgeted("L3")  # the same engine, its replica restarted: counts what the failed count left
+    with serving(make_app(fourth, catalog=CAT, state_dir=state)):
+        pass
+    assert [c.cid for c in fourth.counted] == [charge.cid]

@@ -291,4 +291,9 @@ def test_a_restarted_ingest_still_refuses_an_id_reused_with_other_content():
         got = {r.id: r for r in await hub.pull(0, "B")}
         assert got["r1"].status == "failed" and "field 'id'" in got["r1"].error  # never the other content's result
         assert got["r2"].output == "out 2"  # the same content: its result
+        # Re-admitted by its driver (its submit died with the ingest): checked at the hub as well (a review).
+        assert await again.readmit([req(1, prompt="other")], "C") == 0
+        await settle()
+        (refusal,) = await hub.pull(0, "C")
+        assert refusal.status == "failed" and "field 'id'" in refusal.error
     run(go())
