@@ -32,7 +32,7 @@ class TakeBack:
         if self.state is None:
             return
         current = await self._ledger_id()
-        before = self.state.swap_ledger_id(None)  # read only: recorded once every kept line is counted
+        before = self.state.ledger_id()  # the new one is recorded once every kept line is counted
         self._fresh_ledger = current is not None and before is not None and before != current
         self._uncounted = 0
         for rec, input_path, results in self.state.batches():
@@ -42,7 +42,7 @@ class TakeBack:
                 self.batches.pop(rec.get("id"), None)
                 self.state.set_aside(str(rec.get("id")), exc)
         if current is not None and not self._uncounted:  # else the next start counts them (idempotent per line)
-            self.state.swap_ledger_id(current)
+            self.state.record_ledger_id(current)
 
     async def _take_back(self, rec: dict, input_path: Path, results: dict[str, Result]) -> None:
         assert self.state is not None
@@ -91,7 +91,6 @@ class TakeBack:
         job.task = asyncio.create_task(self._collect(job), name=f"smartbatch-{job.id}")
         log.warning("endpoint: batch %s taken back after a restart: %d line(s) in, %d asked again", job.id,
                     len(results), len(todo))
-
 
     async def _ledger_id(self) -> str | None:
         """The id of the engine's own budget ledger (None: its budgets live in Redis, which holds the earlier spend,

@@ -67,16 +67,17 @@ class EndpointState:
             log.error("endpoint state: could not write %s under %s (%s); a restart would not know it", what,
                       self.root, exc)
 
-    def swap_ledger_id(self, current: str | None) -> str | None:
-        """The budget ledger id the endpoint last ran under (None: none recorded), and record ``current``."""
-        path = self.root / "ledger.json"
+    def ledger_id(self) -> str | None:
+        """The budget ledger id the endpoint last ran under (None: none recorded)."""
         try:
-            before = json.loads(path.read_bytes()).get("ledger_id")
+            return json.loads((self.root / "ledger.json").read_bytes()).get("ledger_id")
         except (OSError, ValueError, AttributeError):
-            before = None
-        if current is not None and current != before:
-            self._guarded("the budget ledger's id", lambda: _write_json(path, {"ledger_id": current}))
-        return before
+            return None
+
+    def record_ledger_id(self, current: str) -> None:
+        if current != self.ledger_id():
+            self._guarded("the budget ledger's id", lambda: _write_json(self.root / "ledger.json",
+                                                                        {"ledger_id": current}))
 
     # -- files ----------------------------------------------------------------------------------------------
     def save_file(self, f: StoredFile) -> None:
