@@ -159,16 +159,23 @@ class ResultHub(Warm, MemoryJournalStore):
                     owners.append(client)
         return missing
 
-    async def admit(self, client: str, uids: list[str], fps: list[str]) -> list[str]:
+    async def admit(self, client: str, uids: list[str], fps: list[str]) -> tuple[list[str], list[str], list[str]]:
         """``claim`` for ingest shards that split requests by class: an id must name one content across them,
         so this shard (the id's) keeps each claimed id's fingerprint until the id is forgotten. Returns the ids
-        refused (claimed before with another fingerprint); the rest are claimed."""
-        known, refused, ok = self._fps, [], []
+        refused (claimed before with another fingerprint), those claimed before with this one (repeats, to an
+        ingest restarted since), and the claimed ones whose result is not here (``claim``)."""
+        known, refused, ok, repeats = self._fps, [], [], []
         for u, fp in zip(uids, fps):
-            old = known.setdefault(u, fp)
-            (ok if old == fp else refused).append(u)
-        await self.claim(client, ok)
-        return refused
+            old = known.get(u)
+            if old is None:
+                known[u] = fp
+                ok.append(u)
+            elif old == fp:
+                ok.append(u)
+                repeats.append(u)
+            else:
+                refused.append(u)
+        return refused, repeats, await self.claim(client, ok)
 
     async def register(self, uids: list[str], fps: list[str]) -> None:
         """The fingerprints of ids admitted before this shard restarted (``Ingest.reregister``)."""

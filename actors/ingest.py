@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 
+from actors._ingest_holders import Holders
 from actors._peer import Warm, as_peer
 from actors._shards import Shards, by_job_class, by_result_uid, class_shard, uid_shard
 from actors._types import OWN_ROWS, Job, send_sharded
@@ -26,11 +27,6 @@ log = logging.getLogger("smartbatch.ingest")
 ACCEPTED = "accepted"  # the journal space of accepted requests
 JOURNAL_RETRY_S = 5.0  # after a failed journal write, submits skip the journal this long (real seconds)
 REPEAT_LOOK_S = 5.0  # real seconds between the two looks for a repeated id's request before it counts as gone
-# A driver killed without ``stop()`` never forgets its ids nor leaves: the hub drops it once it has not pulled for
-# ``hub.CLIENT_IDLE_S``; ingest asks the hub at most every DROPS_CHECK_S (real seconds, on a submit) and forgets
-# the ids only it held DROPPED_FORGET_S later (the default ``retention_s``). Before, they stayed for good.
-DROPS_CHECK_S = 60.0
-DROPPED_FORGET_S = 3600.0
 
 
 def _other_content(r: Request) -> Result:
@@ -39,7 +35,7 @@ def _other_content(r: Request) -> Result:
                         "(another driver of this engine?); an id names one request: use a new id for a new request")
 
 
-class Ingest(Warm):
+class Ingest(Holders, Warm):
     def __init__(self, groupers: list, cache=None, share_across_tenants: bool = False, dispatchers: list = (),
                  hub=None, settings=None, engine: str = "engine", shard: tuple[int, int] = (0, 1)):
         self.groupers = [as_peer(g) for g in groupers]
@@ -156,62 +152,6 @@ class Ingest(Warm):
                     holders[r.uid] = {h, client}
         return ok
 
-    def _release(self, uid: str, client: str) -> bool:
-        """``client`` no longer holds ``uid``: whether no driver does any more."""
-        h = self.holders.get(uid)
-        if h is None or h == client:
-            self.holders.pop(uid, None)
-            return True
-        if isinstance(h, set):
-            h.discard(client)
-            return not h and self.holders.pop(uid) is not None
-        return False
-
-    async def others(self, uids: list[str], client: str) -> list[list[str]]:
-        """For each of ``uids``, the drivers but ``client`` that hold it here (their copy must run on)."""
-        held = [self.holders.get(u) for u in uids]
-        return [sorted(h - {client}) if isinstance(h, set) else [] if h in (None, client) else [h] for h in held]
-
-    async def leave(self, client: str, after_s: float, dropped: bool = False) -> int:
-        """Driver ``client`` left the engine: the ids only it held are forgotten ``after_s`` (real) seconds from
-        now, its retention window, as it would have done (another driver submitting one meanwhile still gets
-        its result). ``dropped``: the hub dropped it as idle; forgotten if it is still gone then. Returns how many."""
-        mine = [u for u, h in self.holders.items() if h == client or (isinstance(h, set) and client in h)]
-        if mine and client not in self._leaving:
-            def go() -> None:
-                self._leaving.pop(client, None)
-                asyncio.ensure_future(self._forget_left(mine, client, dropped))
-
-            self._leaving[client] = asyncio.get_running_loop().call_later(after_s, go)
-        return len(mine)
-
-    async def _forget_left(self, uids: list[str], client: str, dropped: bool) -> None:
-        try:  # one dropped yet only paused pulls again once back, but may never again submit here (``_sort``)
-            if dropped and await self.hubs.first.call("knows", client):
-                return  # back: it still holds its ids
-        except Exception:  # the hub did not answer: asked again later
-            await self.leave(client, DROPPED_FORGET_S, dropped)
-            return
-        await self.forget(uids, client)
-
-    def _check_drops(self) -> None:
-        """At most every ``DROPS_CHECK_S``: ask hub shard 0 (every driver pulls from it) which drivers it dropped
-        as gone since the last ask, and let each leave (see ``DROPPED_FORGET_S``)."""
-        now = time.monotonic()
-        if now < self._drops_check_at or not self.hubs or (self._drops_task and not self._drops_task.done()):
-            return
-        self._drops_check_at = now + DROPS_CHECK_S
-        self._drops_task = asyncio.ensure_future(self._take_drops())
-
-    async def _take_drops(self) -> None:
-        try:
-            gone, self._drops_seen = await self.hubs.first.call("dropped_since", self._drops_seen)
-        except Exception as exc:  # asked again at the next check
-            log.warning("ingest: could not ask the hub for dropped drivers (%s)", type(exc).__name__)
-            return
-        for client in gone:
-            await self.leave(client, DROPPED_FORGET_S, dropped=True)
-
     async def submit(self, requests: list[Request], client: str | None = None, seqs: list[int] | None = None) -> int:
         """Admit a batch; returns how many were new. A repeated (tenant, id) is the same request (the
         idempotency key): it is never generated twice, and driver ``client`` gets its result. With other content
@@ -237,6 +177,7 @@ class Ingest(Warm):
             if client is not None and self.hubs:
                 if across:
                     jobs = await self._admit_across(client, jobs)
+                    fresh = {j.req.uid for j in jobs}
                 elif jobs:  # before the jobs move on (a result that comes first is handed over at the claim), with
                     # the fingerprints the hub checks a restarted ingest's admissions against
                     self.hubs.send("claim", uid_shard, [j.req.uid for j in jobs], [j.fp for j in jobs], lead=(client,))
@@ -263,17 +204,24 @@ class Ingest(Warm):
 
     async def _admit_across(self, client: str, jobs: list[Job]) -> list[Job]:
         """Claim ``jobs`` for ``client`` at the hub shards of their ids, which refuse an id another ingest shard
-        admitted with other content; returns the jobs that may go on."""
-        refused = await self._admit_ids(client, [j.req for j in jobs], [j.fp for j in jobs])
+        admitted with other content; returns the jobs that may go on. Restarted, this ingest takes an id the hub
+        knew with this content for a repeat, as its lost ``seen`` would have: its result is claimed, never
+        generated and paid again (a review: a repeat of a request finished minutes before was)."""
+        refused, repeats, missing = await self._admit_ids(client, [j.req for j in jobs], [j.fp for j in jobs])
+        if repeats and self._reborn:
+            again = [j.req for j in jobs if j.req.uid in repeats]
+            await self._claim_repeats(client, again, missing=missing & repeats)
+            refused |= repeats
         return [j for j in jobs if j.req.uid not in refused] if refused else jobs
 
-    async def _admit_ids(self, client: str, reqs: list[Request], fps: list[str]) -> set[str]:
+    async def _admit_ids(self, client: str, reqs: list[Request], fps: list[str]) -> tuple[set[str], ...]:
         """``ResultHub.admit`` at the hub shards of the ids: the ids refused (another content holds them), whose
-        driver is told so; those stay unseen here. A refusal from one shard stands even when another shard
-        failed (which then raises: the driver re-admits those requests, and re-admission admits them again)."""
+        driver is told so and which stay unseen here, then the repeats and the claimed ids whose result is not
+        at the hub (``ResultHub.admit``). A refusal from one shard stands even when another shard failed (which
+        then raises: the driver re-admits those requests, and re-admission admits them again)."""
         answers, errors = await self.hubs.call_partial("admit", uid_shard, [r.uid for r in reqs], fps,
                                                        lead=(client,))
-        refused = {u for _, part in answers for u in part}
+        refused, repeats, missing = ({u for _, part in answers for u in part[k]} for k in range(3))
         if refused:
             bad = []
             for r in reqs:
@@ -284,7 +232,7 @@ class Ingest(Warm):
             self.hubs.send("refuse", by_result_uid, bad, lead=(client,))
         if errors:
             raise errors[0]
-        return refused
+        return refused, repeats, missing
 
     def reconstructed(self) -> None:  # restarted by Ray: ids admitted before are checked at the hub (``submit``)
         self._reborn = True
@@ -298,18 +246,21 @@ class Ingest(Warm):
             await self.hubs[shard].call("register", uids, [self.seen[u] for u in uids])
         return len(uids)
 
-    async def _claim_repeats(self, client: str, reqs: list[Request], checked: bool = False) -> None:
+    async def _claim_repeats(self, client: str, reqs: list[Request], checked: bool = False,
+                             missing: set[str] | None = None) -> None:
         """A request submitted again (another driver's, or this one's before it lost its memory): claim its
         result. One the hub no longer holds (delivered long ago) is sent again by whoever finished it; one
         still under way comes to the claim. One that nobody holds, after a second look ``REPEAT_LOOK_S`` later
         (a request may be between two actors at the first), finished so long ago that its result is gone:
-        the driver is told so, rather than left waiting or the request generated and paid a second time."""
-        try:
-            answers = await self.hubs.call("claim", uid_shard, [r.uid for r in reqs], lead=(client,))
-            missing = {u for _, part in answers for u in part}
-        except Exception as exc:  # the hub is restarting: the driver's re-admission claims them again
-            log.warning("ingest: claim failed (%s: %s)", type(exc).__name__, exc)
-            return
+        the driver is told so, rather than left waiting or the request generated and paid a second time.
+        ``missing``: claimed already (``_admit_across``), these were not at the hub."""
+        if missing is None:
+            try:
+                answers = await self.hubs.call("claim", uid_shard, [r.uid for r in reqs], lead=(client,))
+                missing = {u for _, part in answers for u in part}
+            except Exception as exc:  # the hub is restarting: the driver's re-admission claims them again
+                log.warning("ingest: claim failed (%s: %s)", type(exc).__name__, exc)
+                return
         if not missing:
             return
         missing -= await self._recall(self._rememberers(hubs=False) + self.groupers, sorted(missing))
@@ -382,7 +333,7 @@ class Ingest(Warm):
             # The hub checks that an id names one content, here too: across ingest shards (a refusal a failed
             # submit lost, a hub shard that restarted) and after this ingest restarted (its ``seen`` lost).
             fps = [fingerprint(r, share_across_tenants=self.share) for r in requests]
-            refused = await self._admit_ids(client, requests, fps)
+            refused = (await self._admit_ids(client, requests, fps))[0]
             requests = [r for r in requests if r.uid not in refused]
         uids = [r.uid for r in requests]
         if client is not None and self.hubs and uids and self.shard[1] == 1 and not self._reborn:

@@ -60,14 +60,14 @@ def test_ingest_forgets_the_ids_of_a_driver_killed_without_stop(monkeypatch):
     """A driver killed without ``stop()`` never forgets nor leaves; once the hub has dropped it as gone, ingest
     forgets the ids only it held, and keeps those another driver holds too. A driver dropped but only paused
     keeps its ids when it comes back before the forget."""
-    import actors.ingest as ingest_mod
+    import actors._ingest_holders as ingest_mod
     from actors import Ingest, ResultHub
     from actors import hub as hub_mod
     from engine.core.result import Result
     from tests.unit.helpers import Recorder
 
-    monkeypatch.setattr(ingest_mod, "DROPS_CHECK_S", 0.0, raising=False)
-    monkeypatch.setattr(ingest_mod, "DROPPED_FORGET_S", 0.0, raising=False)
+    monkeypatch.setattr(ingest_mod, "DROPS_CHECK_S", 0.0)
+    monkeypatch.setattr(ingest_mod, "DROPPED_FORGET_S", 0.0)
 
     def reqs(prefix: str, n: int) -> list[Request]:
         return [Request.model_validate({"id": f"{prefix}{k}", "arrival_s": 0.0, "model": "gpt-5-mini",
@@ -94,7 +94,7 @@ def test_ingest_forgets_the_ids_of_a_driver_killed_without_stop(monkeypatch):
         assert {"dead", "paused"} <= hub._lost
         # "paused" comes back (its pull says it was dropped; it re-admits its open requests) before the forget.
         assert await hub.pull(0.0, "paused") is None
-        monkeypatch.setattr(ingest_mod, "DROPPED_FORGET_S", 0.05, raising=False)
+        monkeypatch.setattr(ingest_mod, "DROPPED_FORGET_S", 0.05)
         await ing.submit(reqs("n", 1), "live")  # the next submit asks the hub which drivers it dropped
         await asyncio.sleep(0.01)
         await ing.readmit(paused, "paused")
@@ -114,14 +114,14 @@ def test_a_dropped_driver_back_before_ingest_reads_the_drop_keeps_its_ids(monkey
     open requests) before ingest asks the hub for drops, then submits nothing more there (its batch-API
     requests take hours). Its ids stay: forgotten, another driver could reuse one with other content, be
     accepted, and the paused driver be handed the result of a request it never sent."""
-    import actors.ingest as ingest_mod
+    import actors._ingest_holders as ingest_mod
     from actors import Ingest, ResultHub
     from actors import hub as hub_mod
     from engine.core.result import Result
     from tests.unit.helpers import Recorder
 
-    monkeypatch.setattr(ingest_mod, "DROPS_CHECK_S", 0.0, raising=False)
-    monkeypatch.setattr(ingest_mod, "DROPPED_FORGET_S", 0.05, raising=False)
+    monkeypatch.setattr(ingest_mod, "DROPS_CHECK_S", 0.0)
+    monkeypatch.setattr(ingest_mod, "DROPPED_FORGET_S", 0.05)
 
     def req(k: int, prompt: str = "q") -> Request:
         return Request.model_validate({"id": f"p{k}", "arrival_s": 0.0, "model": "gpt-5-mini", "prompt": prompt})

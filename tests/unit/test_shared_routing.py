@@ -297,3 +297,34 @@ def test_a_restarted_ingest_still_refuses_an_id_reused_with_other_content():
         (refusal,) = await hub.pull(0, "C")
         assert refusal.status == "failed" and "field 'id'" in refusal.error
     run(go())
+
+
+def test_a_restarted_ingest_takes_a_repeat_of_a_finished_request_for_a_repeat_and_never_generates_it_again(
+        monkeypatch):
+    """A restarted ingest had lost which ids it admitted, so a repeat of a request finished minutes before (same
+    id, same content, another driver) went on as a new request: generated and paid a second time (a review). The
+    hub knows the id with that content: the repeat claims the result, or is told it is gone, as before."""
+    async def go():
+        from actors import ingest as ingest_module
+
+        monkeypatch.setattr(ingest_module, "REPEAT_LOOK_S", 0.0)
+        monkeypatch.setattr(hub_module, "RECENT", 1)
+        hub, g = ResultHub(), Holding(held=[req(3).uid])  # r3 still waits in the grouper
+        first = Ingest([g], hub=hub, dispatchers=[Finisher(hub, {})])
+        assert await first.submit([req(1), req(2), req(3)], "A") == 3
+        await settle()
+        await hub.push([res(1)])
+        await hub.push([res(2)])  # r1 falls out of the hub's recent results
+        assert sorted(r.id for r in await hub.pull(0, "A")) == ["r1", "r2"]
+        again = Ingest([g], hub=hub, dispatchers=[Finisher(hub, {})])  # Ray restarted it
+        again.reconstructed()
+        assert await again.submit([req(1), req(2), req(3), req(4)], "B") == 1  # only r4 is new
+        for _ in range(20):
+            await asyncio.sleep(0)  # the second look for r1
+        got = {r.id: r for r in await hub.pull(0, "B")}
+        assert got["r2"].output == "out 2"  # still at the hub: its result
+        assert got["r1"].status == "failed" and "no longer held" in got["r1"].error  # gone: told so
+        assert "r3" not in got and [j.req.id for j in g.jobs] == ["r1", "r2", "r3", "r4"]  # nothing sent twice
+        await hub.push([res(3)])
+        assert [r.id for r in await hub.pull(0, "B")] == ["r3"]  # under way: comes when it is done
+    run(go())
