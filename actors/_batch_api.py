@@ -378,7 +378,7 @@ class BatchApiRuns:
             if st.status in ("cancelling", "finalizing"):
                 cancel = False  # taken (its answer was lost), or past cancelling: nothing is left to stop
             if outs is not None:
-                late = [(cj, outs[cj.key]) for cj in cjobs if cj.key in outs and outs[cj.key].ok]
+                late = [(cj, o) for cj in cjobs if (o := outs.get(cj.key)) is not None and (o.ok or o.maybe_billed)]
                 usd = sum(o.cost for _, o in late)
                 self.paid_twice += len(late)
                 self.paid_twice_usd += usd

@@ -360,7 +360,7 @@ class Dispatcher(CancelDispatches, Outbox, BatchApiRuns, Recovery, Warm):
         r = j.req
         now = max(self.clock.now(), r.arrival_s)
         # A success after an unanswered call: where the key is not honoured, that call may have been billed too.
-        maybe = 0.0 if ok and self.provider.honours_keys else self._maybe_billed(j)
+        maybe = 0.0 if ok and self.provider.honours_keys else self._maybe_billed(j, out)
         self._member_done(j, cost + maybe if ok else maybe)
         if not ok or not r.met_by(now):
             missed = self._counts.deadline_missed

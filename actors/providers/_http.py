@@ -6,18 +6,23 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import json
+import logging
+import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 from actors.providers._wire import redact, retry_after
 from engine.core.catalog import Catalog
-from engine.core.cost import Mode, cached_blocks, min_cacheable_tokens, price_usage
+from engine.core.cost import Mode, cached_blocks, min_cacheable_tokens, price_usage, reserve_bound
 from engine.core.errors import ProviderError
 from engine.core.provider_api import CallJob, CallOutcome, Secret, Usage
 from engine.core.settings import ProviderEndpoint, Settings
 
-__all__ = ["BatchHandle", "HttpBase", "PollBackoff", "create_call", "sdk_kwargs"]
+__all__ = ["BatchHandle", "HttpBase", "PollBackoff", "Unreadable", "create_call", "jsonl_records", "sdk_kwargs"]
+
+log = logging.getLogger("smartbatch.providers")
 
 # A 4xx other than these means the request itself is wrong: sending it again cannot help.
 _RETRYABLE_4XX = {408, 409, 429}
@@ -53,16 +58,49 @@ def _key_reused(code: int, exc: BaseException) -> bool:
 _OPTIONS = frozenset({"self", "extra_headers", "extra_query", "extra_body", "timeout"})
 
 
+class Unreadable(Exception):
+    """The provider answered a call (and so may have billed it), and its answer could not be read."""
+
+
 async def create_call(create: Callable, raw_create: Callable, body: dict[str, Any], key: str) -> tuple[Any, bool]:
     """Make a sync call: ``body`` as ``create``'s arguments, sent by its raw-response twin under ``key``. Returns
     the answer and whether the provider replayed an earlier call's answer under that key (``Idempotent-Replayed``,
     as Stripe names it): a replay is not billed again, and was counted at its full price (a re-run, or
-    ``--resume``, reported money the provider's bill never held; a helper's tour)."""
+    ``--resume``, reported money the provider's bill never held; a helper's tour). Raises ``Unreadable`` for a
+    success whose body is not JSON (cut short): a hunt saw it failed as an engine error and settled at $0."""
     resp = await raw_create(**sdk_kwargs(create, body), extra_headers={"Idempotency-Key": key})
-    answer = resp.parse()  # the OpenAI SDK's parses at once, the Anthropic SDK's is awaited
-    if inspect.isawaitable(answer):
-        answer = await answer
+    try:
+        answer = resp.parse()  # the OpenAI SDK's parses at once, the Anthropic SDK's is awaited
+        if inspect.isawaitable(answer):
+            answer = await answer
+    except ValueError as exc:  # json.JSONDecodeError, or a shape the SDK's models refuse
+        raise Unreadable(f"{type(exc).__name__}: {exc}") from None
     return answer, str(resp.headers.get("idempotent-replayed", "")).lower() == "true"
+
+
+_CUSTOM_ID = re.compile(r'"custom_id"\s*:\s*"((?:[^"\\]|\\.)*)"')
+
+
+def jsonl_records(text: str) -> tuple[list[dict], list[str | None]]:
+    """A batch's results file, each line read on its own: the lines that are JSON objects, and for each other
+    line the ``custom_id`` its text names (None where it names none). Read whole, one line cut short failed the
+    file, and every member, finished and billed, was sent again (a hunt). Lines end at "\\n" only:
+    ``str.splitlines`` also splits at U+2028, U+2029 and U+0085, which JSON leaves unescaped inside strings."""
+    records: list[dict] = []
+    unread: list[str | None] = []
+    for line in text.split("\n"):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            rec = None
+        if isinstance(rec, dict):
+            records.append(rec)
+        else:
+            m = _CUSTOM_ID.search(line)
+            unread.append(m.group(1) if m else None)
+    return records, unread
 
 
 @functools.cache
@@ -147,6 +185,30 @@ class HttpBase:
             err.maybe_done = (isinstance(exc, self._sdk.APIConnectionError) and not _never_connected(exc)) or (
                 isinstance(exc, self._sdk.APIStatusError) and exc.status_code >= 500)
             raise err from None
+
+    def _unread_members(self, handle: BatchHandle, unread: list[str | None], out: dict[str, CallOutcome]) -> None:
+        """Members whose result line could not be read: they ran, so they may be billed, and sent again they
+        would be paid twice. Each fails, its budget keeping its upper bound at the batch price."""
+        if not unread:
+            return
+        now = self.clock.now()
+        for cid in unread:
+            job = handle.jobs.get(cid) if cid is not None else None
+            if job is not None:
+                usd = reserve_bound(job.req, self.catalog, "batch_api", None)
+                out[job.key] = CallOutcome(False, now, usd, retryable=False, real=True, maybe_billed=True,
+                                           error=f"{self.name}: batch {handle.id} answered this request with a "
+                                                 "line that is not JSON; it ran and may be billed, so it is not "
+                                                 "sent again")
+        unnamed = sum(1 for cid in unread if cid is None or cid not in handle.jobs)
+        log.error("%s: batch %s: %d result line(s) could not be read%s", self.name, handle.id, len(unread),
+                  f"; {unnamed} name no member, which go again as if never run" if unnamed else "")
+
+    def _unreadable(self, exc: BaseException) -> CallOutcome:
+        """A sync call whose answer could not be read: it ran, so it may be billed (settled at its upper bound
+        if no retry is answered, as a cut connection's)."""
+        return CallOutcome(False, self.clock.now(), 0.0, error=f"{self.name}: the answer could not be read "
+                           f"({self._redact(str(exc))[:200]})", real=True, maybe_billed=True)
 
     def _priced(self, job: CallJob, usage: Usage, mode: Mode) -> float:
         return price_usage(job.req, self.catalog, mode, input_tokens=usage.input_tokens,

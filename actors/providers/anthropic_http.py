@@ -14,7 +14,7 @@ import contextlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
-from actors.providers._http import BatchHandle, HttpBase, PollBackoff, create_call
+from actors.providers._http import BatchHandle, HttpBase, PollBackoff, Unreadable, create_call, jsonl_records
 from actors.providers._wire import message_parts
 from engine.core._api_fields import MAX_CACHE_MARKS
 from engine.core._checks import cache_blocks
@@ -137,8 +137,13 @@ class AnthropicProvider(HttpBase):
         except TypeError as exc:
             return CallOutcome(False, self.clock.now(), 0.0, error=f"{self.name}: bad request body: {exc}",
                                retryable=False)
-        out = self._outcome(job, msg.model_dump(mode="json", exclude_none=True), getattr(msg, "_request_id", None),
-                            "sync")
+        except Unreadable as exc:
+            return self._unreadable(exc)
+        try:
+            out = self._outcome(job, msg.model_dump(mode="json", exclude_none=True),
+                                getattr(msg, "_request_id", None), "sync")
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:  # an answer of another shape
+            return self._unreadable(exc)
         return out._replace(replayed=True) if replayed else out
 
     def batch_body(self, jobs: Sequence[CallJob]) -> list[dict]:
@@ -187,7 +192,8 @@ class AnthropicProvider(HttpBase):
                 return None
             keys = {j.key for j in jobs}
             for b in ended[:FIND_ENDED]:
-                ids = {line.custom_id async for line in await self.client.messages.batches.results(b.id)}
+                lines, unread = await self._results(b.id)
+                ids = {line.get("custom_id") for line in lines} | set(unread)
                 if ids == keys:
                     self._marks.pop(ref, None)
                     return self._adopt(b, jobs)
@@ -247,8 +253,8 @@ class AnthropicProvider(HttpBase):
             if handle.batch.processing_status != "ended":
                 raise ProviderError(f"{self.name}: batch {handle.id} is {handle.batch.processing_status}, not ended")
         with self._refused("reading a batch's results"):
-            lines = [line.model_dump(mode="json", exclude_none=True)
-                     async for line in await self.client.messages.batches.results(handle.id)]
+            lines, unread = await self._results(handle.id)
+        self._unread_members(handle, unread, out)
         for item in lines:
             job = handle.jobs.get(item.get("custom_id"))
             res = item.get("result") or {}
@@ -256,7 +262,10 @@ class AnthropicProvider(HttpBase):
                 continue
             kind = res.get("type")
             if kind == "succeeded":
-                out[job.key] = self._outcome(job, res.get("message") or {}, handle.id, "batch_api")
+                try:
+                    out[job.key] = self._outcome(job, res.get("message") or {}, handle.id, "batch_api")
+                except (AttributeError, KeyError, TypeError, ValueError):  # an answer of another shape: billed
+                    self._unread_members(handle, [job.key], out)
             elif kind == "errored":
                 err = (res.get("error") or {}).get("error") or res.get("error") or {}
                 etype = err.get("type", "api_error")
@@ -265,6 +274,16 @@ class AnthropicProvider(HttpBase):
                                                  f"{self._redact(str(err.get('message', '')))}", real=True)
             # canceled / expired: never ran, not billed; absent, so it is sent again
         return out
+
+    async def _results(self, bid: str) -> tuple[list[dict], list[str | None]]:
+        """A Message Batch's results, each line read on its own (``jsonl_records``): the SDK's stream reads them
+        all or fails, and one line cut short sent every finished member again."""
+        stream = await self.client.messages.batches.results(bid)
+        try:
+            data = b"".join([chunk async for chunk in stream.http_response.aiter_bytes()])
+        finally:
+            await stream.close()
+        return jsonl_records(data.decode("utf-8", errors="replace"))
 
     async def close(self) -> None:
         await self.client.close()

@@ -9,7 +9,7 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from actors.providers._http import BatchHandle, HttpBase, PollBackoff, create_call
+from actors.providers._http import BatchHandle, HttpBase, PollBackoff, Unreadable, create_call, jsonl_records
 from actors.providers._wire import message_parts
 from engine.core.errors import ProviderError
 from engine.core.provider_api import BatchState, CallJob, CallOutcome, Usage, idempotency_key
@@ -149,8 +149,13 @@ class OpenAIProvider(HttpBase):
         except TypeError as exc:  # a field of the wrong kind for this SDK (unknown ones go in extra_body)
             return CallOutcome(False, self.clock.now(), 0.0, error=f"{self.name}: bad request body: {exc}",
                                retryable=False)
-        out = self._outcome(job, route, resp.model_dump(mode="json", exclude_none=True),
-                            getattr(resp, "_request_id", None), "sync")
+        except Unreadable as exc:
+            return self._unreadable(exc)
+        try:
+            out = self._outcome(job, route, resp.model_dump(mode="json", exclude_none=True),
+                                getattr(resp, "_request_id", None), "sync")
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:  # an answer of another shape
+            return self._unreadable(exc)
         return out._replace(replayed=True) if replayed else out
 
     # -- batch API ------------------------------------------------------------------------------------------
@@ -202,14 +207,12 @@ class OpenAIProvider(HttpBase):
             handle.batch = b = await self.client.batches.cancel(handle.id)
         return BatchState("ended", 0.0) if b.status in _ENDED else None
 
-    async def _lines(self, file_id: str | None) -> list[dict]:
+    async def _lines(self, file_id: str | None) -> tuple[list[dict], list[str | None]]:
         if not file_id:
-            return []
+            return [], []
         with self._refused("reading a batch's results"):
             content = await self.client.files.content(file_id)
-        # Lines end at "\n" only: str.splitlines also splits at U+2028, U+2029 and U+0085, which JSON leaves
-        # unescaped inside strings, and one output with such a character made the whole file unreadable.
-        return [json.loads(x) for x in content.text.split("\n") if x.strip()]
+        return jsonl_records(content.text)
 
     async def fetch(self, handle: BatchHandle) -> Mapping[str, CallOutcome]:
         out: dict[str, CallOutcome] = {}
@@ -219,16 +222,22 @@ class OpenAIProvider(HttpBase):
                 raise ProviderError(f"{self.name}: batch {handle.id} is {handle.batch.status}, not ended")
         b = handle.batch
         route = b.endpoint
-        for line in await self._lines(b.output_file_id):
+        lines, unread = await self._lines(b.output_file_id)
+        self._unread_members(handle, unread, out)  # an error file's are left out: its members were not billed
+        for line in lines:
             job = handle.jobs.get(line.get("custom_id"))
             resp = line.get("response") or {}
             if job is None:
                 continue
             if resp.get("status_code") == 200:
-                out[job.key] = self._outcome(job, route, resp.get("body") or {}, resp.get("request_id"), "batch_api")
+                try:
+                    out[job.key] = self._outcome(job, route, resp.get("body") or {}, resp.get("request_id"),
+                                                 "batch_api")
+                except (AttributeError, KeyError, TypeError, ValueError):  # an answer of another shape: billed
+                    self._unread_members(handle, [job.key], out)
             else:
                 out[job.key] = self._member_error(resp, line.get("error"))
-        for line in await self._lines(b.error_file_id):
+        for line in (await self._lines(b.error_file_id))[0]:
             job = handle.jobs.get(line.get("custom_id"))
             err = line.get("error") or {}
             # Cancelled or expired members never ran: not billed, and absent from the map so they go again.

@@ -158,7 +158,8 @@ def _results(ctx: Ctx) -> Reply:
         if batch.status(now) != "ended":
             raise ApiError(400, f"Message Batch {batch.id} has not yet ended; results are available once "
                            "processing_status is 'ended'")
-        data = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in batch.results).encode()
+        data = "".join(ctx.faults.result_line(r.get("custom_id"), json.dumps(r, separators=(",", ":"))) + "\n"
+                       for r in batch.results).encode()
     return Reply(200, {"content-type": "application/x-jsonl", "request-id": ctx.request_id}, data)
 
 

@@ -96,7 +96,10 @@ class App:
         fault = self.faults.next_fault(ctx.provider, r.name, r.generating,
                                        529 if r.family == "anthropic" else 500)
         if fault is not None:
-            return self._fault(fault, ctx)
+            return self._fault(fault, ctx, r)
+        return self._answer(r, ctx)
+
+    def _answer(self, r: Route, ctx: Ctx) -> Reply:
         key = ctx.headers.get("idempotency-key")
         if r.idempotent and key and self.honour_keys:
             return self._idempotent((ctx.provider, r.name, key), r, ctx)
@@ -113,7 +116,10 @@ class App:
             err = ApiError(500, f"emulator internal error in {r.name}: {type(exc).__name__}: {exc}")
             return error_reply(ctx.family, err, ctx.request_id)
 
-    def _fault(self, fault: FaultSpec, ctx: Ctx) -> Reply:
+    def _fault(self, fault: FaultSpec, ctx: Ctx, r: Route) -> Reply:
+        if fault.cut_body:  # run (and billed, and kept under its key), its answer cut short on the way
+            reply = self._answer(r, ctx)
+            return reply._replace(body=reply.body[:len(reply.body) // 2])
         # Held in real seconds: the point is to outlast a client's (real) timeout.
         if fault.timeout_s and self.core.stopping.wait(fault.timeout_s):
             return _DROP

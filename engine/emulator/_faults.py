@@ -1,6 +1,7 @@
 """Injectable faults: scripted answers per route, seeded random error rates, and batch faults.
 
-No fault answer is billed: a fault is decided before the call reaches the model.
+No fault answer is billed: a fault is decided before the call reaches the model. Two faults are answers
+cut short instead, of calls that ran and are billed: ``FaultSpec.cut_body`` and ``garble_members``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ __all__ = ["FaultPlan", "FaultSpec"]
 class FaultSpec(BaseModel):
     """One scripted answer. ``status``: answer that error (429 carries ``retry-after``). ``timeout_s``: hold the
     connection that many *real* seconds first (to trip a client timeout); alone, the connection is then closed
-    without an answer, so a client that waits longer sees a dropped connection, never a free result."""
+    without an answer, so a client that waits longer sees a dropped connection, never a free result.
+    ``cut_body``: the call runs and is billed, and its answer's body is cut in half (not JSON)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -29,11 +31,14 @@ class FaultSpec(BaseModel):
     retry_after_s: float | None = Field(default=None, ge=0)
     timeout_s: float | None = Field(default=None, ge=0)
     message: str | None = None
+    cut_body: bool = False
 
     @model_validator(mode="after")
     def _something(self) -> FaultSpec:
-        if self.status is None and self.timeout_s is None:
-            raise ValueError("a fault needs 'status' (e.g. 429, 500, 529) or 'timeout_s'")
+        if self.status is None and self.timeout_s is None and not self.cut_body:
+            raise ValueError("a fault needs 'status' (e.g. 429, 500, 529), 'timeout_s' or 'cut_body'")
+        if self.cut_body and (self.status is not None or self.timeout_s is not None):
+            raise ValueError("'cut_body' answers the call itself: give it alone")
         return self
 
 
@@ -60,6 +65,7 @@ class FaultPlan:
     ``rate_429``/``rate_5xx`` apply to the generating routes only (chat.completions, responses,
     images.generations, messages); 5xx is 500 on OpenAI routes and 529 (overloaded) on Anthropic routes.
     ``fail_members``: custom_ids that fail with a server error inside any batch, until cleared.
+    ``garble_members``: custom_ids that run (billed) inside any batch, their result line cut short, until cleared.
     """
 
     def __init__(self, seed: int, routes: Iterable[str], providers: Iterable[str]):
@@ -74,6 +80,7 @@ class FaultPlan:
         self._rate_5xx = 0.0
         self._retry_after_s = 1.0
         self.fail_members: set[str] = set()
+        self.garble_members: set[str] = set()
 
     # -- settings ------------------------------------------------------------------------------------------
     @property
@@ -127,13 +134,15 @@ class FaultPlan:
             self._rate_429 = self._rate_5xx = 0.0
             self._retry_after_s = 1.0
             self.fail_members = set()
+            self.garble_members = set()
             self._rng = np.random.default_rng([self._seed, 7])
 
     def configure(self, cfg: Mapping[str, Any]) -> None:
         """Apply a JSON plan: ``{"clear": true, "rate_429": 0.1, "rate_5xx": 0.05, "retry_after_s": 2,
         "fail_members": ["a"], "expire_batches": {"n": 1, "finished_fraction": 0.5},
         "script": [{"provider": "openai", "route": "chat.completions", "specs": [{"status": 429}]}]}``."""
-        known = {"clear", "rate_429", "rate_5xx", "retry_after_s", "fail_members", "expire_batches", "script"}
+        known = {"clear", "rate_429", "rate_5xx", "retry_after_s", "fail_members", "garble_members",
+                 "expire_batches", "script"}
         unknown = set(cfg) - known
         if unknown:
             raise ConfigError(f"unknown fault settings {sorted(unknown)}; known: {sorted(known)}")
@@ -142,11 +151,12 @@ class FaultPlan:
         for name in ("rate_429", "rate_5xx", "retry_after_s"):
             if name in cfg:
                 setattr(self, name, cfg[name])
-        if "fail_members" in cfg:
-            ids = cfg["fail_members"]
-            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-                raise ConfigError("fail_members must be a list of custom_id strings")
-            self.fail_members = set(ids)
+        for name in ("fail_members", "garble_members"):
+            if name in cfg:
+                ids = cfg[name]
+                if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+                    raise ConfigError(f"{name} must be a list of custom_id strings")
+                setattr(self, name, set(ids))
         if "expire_batches" in cfg:
             e = cfg["expire_batches"]
             if not isinstance(e, Mapping):
@@ -182,8 +192,15 @@ class FaultPlan:
         with self._lock:
             return custom_id in self.fail_members
 
+    def result_line(self, custom_id: str | None, line: str) -> str:
+        """A batch member's result line as written: cut in half for a member of ``garble_members``."""
+        with self._lock:
+            garbled = custom_id in self.garble_members
+        return line[:len(line) // 2] if garbled else line
+
     def __repr__(self) -> str:
         with self._lock:
             scripted = sum(len(q) for q in self._scripts.values())
             return (f"FaultPlan(scripted={scripted}, rate_429={self._rate_429}, rate_5xx={self._rate_5xx}, "
-                    f"fail_members={len(self.fail_members)}, expiring_batches={len(self._expiries)})")
+                    f"fail_members={len(self.fail_members)}, garble_members={len(self.garble_members)}, "
+                    f"expiring_batches={len(self._expiries)})")
