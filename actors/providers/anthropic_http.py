@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -39,9 +40,16 @@ def _usage(u: Mapping | None) -> Usage:
     return Usage(int(u.get("input_tokens") or 0) + read + write, int(u.get("output_tokens") or 0), read, write)
 
 
-def _text(msg: Mapping) -> str | None:
-    parts = [c.get("text", "") for c in msg.get("content") or [] if c.get("type") == "text"]
-    return "".join(parts) if parts else None
+def _text(msg: Mapping) -> tuple[str | None, list | None]:
+    """(output, tool_calls): the text, and the ``tool_use`` blocks; with calls and no text, ``output`` carries them
+    as JSON too (a hunt: the calls were dropped, and a copy answered from the cache got nothing usable)."""
+    content = msg.get("content") or []
+    parts = [c.get("text", "") for c in content if c.get("type") == "text"]
+    calls = [c for c in content if c.get("type") == "tool_use"]
+    text = "".join(parts) if parts else None
+    if not calls:
+        return text, None
+    return (json.dumps(calls) if text is None else text), calls
 
 
 class AnthropicProvider(HttpBase):
@@ -118,8 +126,10 @@ class AnthropicProvider(HttpBase):
     def _outcome(self, job: CallJob, msg: dict, rid: str | None, mode: str) -> CallOutcome:
         usage = _usage(msg.get("usage"))
         warm = self._keep_warm(job, usage)
-        return CallOutcome(True, self.clock.now(), self._priced(job, usage, mode), output=_text(msg), usage=usage,
-                           provider_request_id=rid or msg.get("id"), raw=msg, real=True, warm_blocks=warm)
+        output, calls = _text(msg)
+        return CallOutcome(True, self.clock.now(), self._priced(job, usage, mode), output=output, usage=usage,
+                           provider_request_id=rid or msg.get("id"), raw=msg, real=True, warm_blocks=warm,
+                           tool_calls=calls)
 
     def sync_body(self, job: CallJob) -> dict[str, Any]:
         return self.body(job, self._warm_blocks(job))

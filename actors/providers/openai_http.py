@@ -35,24 +35,35 @@ def _usage_responses(u: Mapping | None) -> Usage:
     return Usage(int(u.get("input_tokens") or 0), int(u.get("output_tokens") or 0), int(det.get("cached_tokens") or 0))
 
 
-def _text_chat(body: Mapping) -> str | None:
+# Responses output items the caller runs (the provider's own tools, e.g. web search, are results, not calls).
+_CALL_ITEMS = frozenset({"function_call", "custom_tool_call", "computer_call", "local_shell_call"})
+
+
+def _answer(text: str | None, calls: list) -> tuple[str | None, list | None]:
+    """(output, tool_calls): an answer with calls and no text carries them as JSON in ``output`` too (a hunt: a
+    call was dropped, and a copy answered from the cache got nothing usable)."""
+    if not calls:
+        return text, None
+    return (json.dumps(calls) if text is None else text), calls
+
+
+def _text_chat(body: Mapping) -> tuple[str | None, list | None]:
     choices = body.get("choices") or []
     msg = (choices[0] or {}).get("message") or {} if choices else {}
-    content = msg.get("content")
-    if content is None and msg.get("tool_calls"):
-        return json.dumps(msg["tool_calls"])
-    return content
+    return _answer(msg.get("content"), list(msg.get("tool_calls") or []))
 
 
-def _text_responses(body: Mapping) -> str | None:
+def _text_responses(body: Mapping) -> tuple[str | None, list | None]:
+    items = body.get("output") or []
+    calls = [item for item in items if item.get("type") in _CALL_ITEMS]
     if isinstance(body.get("output_text"), str):
-        return body["output_text"]
+        return _answer(body["output_text"], calls)
     parts = []
-    for item in body.get("output") or []:
+    for item in items:
         for c in item.get("content") or []:
             if c.get("type") == "output_text":
                 parts.append(c.get("text", ""))
-    return "".join(parts) if parts else None
+    return _answer("".join(parts) if parts else None, calls)
 
 
 def _as_made(job: CallJob, raw: Mapping, spec) -> CallJob:
@@ -117,17 +128,18 @@ class OpenAIProvider(HttpBase):
     # -- sync -----------------------------------------------------------------------------------------------
     def _outcome(self, job: CallJob, route: str, raw: dict, rid: str | None, mode: str) -> CallOutcome:
         now = self.clock.now()
+        calls = None
         if route == "/v1/images/generations":
             data = (raw.get("data") or [{}])[0]
             usage = Usage(0, 0)
             output = data.get("b64_json") or data.get("url")
             job = _as_made(job, raw, self.spec.models[job.req.model])
         elif route == "/v1/responses":
-            usage, output = _usage_responses(raw.get("usage")), _text_responses(raw)
+            usage, (output, calls) = _usage_responses(raw.get("usage")), _text_responses(raw)
         else:
-            usage, output = _usage_chat(raw.get("usage")), _text_chat(raw)
+            usage, (output, calls) = _usage_chat(raw.get("usage")), _text_chat(raw)
         return CallOutcome(True, now, self._priced(job, usage, mode), output=output, usage=usage,
-                           provider_request_id=rid or raw.get("id"), raw=raw, real=True,
+                           provider_request_id=rid or raw.get("id"), raw=raw, real=True, tool_calls=calls,
                            warm_blocks=self._warm_of(job, usage) if route != "/v1/images/generations" else 0)
 
     def sync_body(self, job: CallJob) -> dict[str, Any]:

@@ -3,8 +3,7 @@
 The input format is OpenAI's (one ``{"custom_id", "method": "POST", "url", "body"}`` per line). Every line
 arrives at once (``arrival_s`` 0) and must finish within the batch's completion window (``deadline_s``).
 
-Lines are sorted into three kinds, so that every ``custom_id`` of the input ends up exactly once across the
-output and error files:
+Lines are sorted into three kinds, so that every ``custom_id`` of the input ends up once in the output or errors:
 
 * a valid line becomes a ``Request`` (``custom_id`` is its id, ``body`` is sent unchanged);
 * a line with a usable ``custom_id`` that is not a valid request is *invalid*: the trace builder reports it
@@ -12,9 +11,8 @@ output and error files:
 * a line with no usable ``custom_id`` (not JSON, not an object, a missing or repeated ``custom_id``) cannot be
   answered by id: it is a problem of the file, refused unless ``skip_invalid``.
 
-The output line shapes are OpenAI's: ``{"id": "batch_req_...", "custom_id", "response": {"status_code": 200,
-"request_id", "body"}, "error": null}`` and ``{"id", "custom_id", "response": null, "error": {"code",
-"message"}}``. This module does no I/O beyond the files it is given and never starts Ray (floor 1).
+The output lines are OpenAI's (``{"id": "batch_req_...", "custom_id", "response": {"status_code": 200, "request_id",
+"body"}, "error": null}``, or ``"response": null`` and an ``error``). No I/O but the files given; never starts Ray.
 """
 
 from __future__ import annotations
@@ -39,11 +37,12 @@ from engine.core.files import write_atomic
 from engine.core.request import Request, validation_context
 from engine.core.result import CANCELLED, Result, why_not
 from engine.core.settings import MAX_DEADLINE_S, Settings
+from engine.core.tool_calls import answer_text, as_chat_calls, as_response_items
 from engine.core.trace import Trace, _problems_of, decode_lines, read_lines
 
 __all__ = ["BatchFile", "BatchLine", "answered_lines", "error_line", "from_openai_batch", "list_price_usd", "output_line",
-           "parse_batch_file", "parse_window", "provider_status", "read_batch_file", "report", "response_body", "result_rows",
-           "write_results"]
+           "parse_batch_file", "parse_window", "provider_status", "read_batch_file", "report", "response_body",
+           "result_rows", "write_results"]
 
 Problem = tuple[str, int, str, str]  # (file, line, field, message), as in engine.core.trace
 _UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -221,7 +220,7 @@ def response_body(url: str, req: Request, res: Result, created: int = 0) -> dict
     usage = res.usage or {}
     n_in, n_out = int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0))
     rid = hashlib.sha256(f"{res.uid}".encode()).hexdigest()[:24]
-    text = res.output or ""
+    calls, said, text = res.tool_calls or [], answer_text(res.output, res.tool_calls), res.output or ""
     if url == "/v1/images/generations":
         item = {"url": text} if "://" in text else {"b64_json": text}
         return {"created": created, "data": [item]}
@@ -232,12 +231,15 @@ def response_body(url: str, req: Request, res: Result, created: int = 0) -> dict
                 "metadata": {}, "temperature": None, "top_p": None, "tools": [], "tool_choice": "auto",
                 "parallel_tool_calls": True,
                 "output": [{"type": "message", "id": f"msg_{rid}", "status": "completed", "role": "assistant",
-                            "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+                            "content": [{"type": "output_text", "text": said or "", "annotations": []}]},
+                           *as_response_items(calls)],
                 "usage": {"input_tokens": n_in, "output_tokens": n_out, "total_tokens": n_in + n_out,
                           "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
                           "output_tokens_details": {"reasoning_tokens": 0}}}
     return {"id": f"chatcmpl-{rid}", "object": "chat.completion", "created": created, "model": res.model or req.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": said if calls else text,
+                                                 **({"tool_calls": as_chat_calls(calls)} if calls else {})},
+                         "finish_reason": "tool_calls" if calls else "stop"}],
             "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}}
 
 

@@ -74,6 +74,7 @@ class CallOutcome(NamedTuple):
     # The provider answered with an earlier call's answer under this Idempotency-Key (``Idempotent-Replayed``),
     # billing nothing again; ``cost`` is that earlier call's, which this engine counts only if it never had it.
     replayed: bool = False
+    tool_calls: list | None = None  # the tool calls of the answer, as the provider gave them (``Result.tool_calls``)
 
 
 class BatchState(NamedTuple):

@@ -27,8 +27,12 @@ class Result(BaseModel):
     id: str
     status: Status
     tenant: str = "default"
-    # The output: a text answer, an image (base64 or URL); a simulated provider returns a sim:// reference.
+    # The output: a text answer (an answer with tool calls and no text: the calls as JSON), an image (base64 or
+    # URL); a simulated provider returns a sim:// reference.
     output: str | None = None
+    # The tool calls of the answer, as the provider gave them: OpenAI chat's ``tool_calls`` items, Responses'
+    # ``function_call`` (and ``custom_tool_call``) items, Anthropic's ``tool_use`` blocks. None: no call.
+    tool_calls: list[dict] | None = None
     usage: dict[str, int] | None = None  # the provider's token counts (input, output, cached, cache_write)
     provider_request_id: str | None = None  # the provider's id of the call, or of the batch that carried it
     raw: dict | None = None  # the provider's whole response body (HTTP providers only)

@@ -13,7 +13,7 @@ from engine.emulator._batches import MemberOutcome, MessageBatch, Schedule, newe
 from engine.emulator._core import Core, TextCall
 from engine.emulator._faults import FaultPlan
 from engine.emulator._routing import Ctx, Route, route
-from engine.emulator._text import anthropic_prompt
+from engine.emulator._text import anthropic_prompt, forced_tool
 from engine.emulator._wire import ApiError, Reply, error_object, json_reply
 
 __all__ = ["ROUTES", "message_result"]
@@ -44,10 +44,14 @@ def message_result(core: Core, provider: str, body: dict, mode: str, at: float |
         raise ApiError(400, "max_tokens: Field required", param="max_tokens")
     prompt = anthropic_prompt(body, spec.image_input or p.image_input)
     call = core.text_call(p, spec, body["model"], prompt, body["max_tokens"], "max_tokens", mode, at)
+    tool = forced_tool(body)
     out = {
         "id": core.new_id("msg_"), "type": "message", "role": "assistant", "model": body["model"],
-        "content": [{"type": "text", "text": call.text, "citations": None}],
-        "stop_reason": "max_tokens" if call.capped else "end_turn", "stop_sequence": None,
+        "content": [{"type": "text", "text": call.text, "citations": None},
+                    *([] if tool is None else [{"type": "tool_use", "id": core.new_id("toolu_"), "name": tool,
+                                                "input": {}}])],
+        "stop_reason": "max_tokens" if call.capped else "end_turn" if tool is None else "tool_use",
+        "stop_sequence": None,
         "usage": {"input_tokens": call.split.plain, "output_tokens": call.output_tokens,
                   "cache_creation_input_tokens": call.split.write, "cache_read_input_tokens": call.split.read,
                   "cache_creation": {"ephemeral_5m_input_tokens": call.split.write, "ephemeral_1h_input_tokens": 0},

@@ -15,7 +15,7 @@ from typing import Any
 from engine.emulator._bill import BilledItem
 from engine.emulator._core import EMULATED_AUTO_QUALITY, Core, TextCall
 from engine.emulator._routing import Ctx, Route, route
-from engine.emulator._text import chat_prompt, responses_prompt
+from engine.emulator._text import chat_prompt, forced_tool, responses_prompt
 from engine.emulator._wire import ApiError, Reply, json_reply
 
 __all__ = ["ROUTES", "chat_result", "responses_result"]
@@ -80,12 +80,17 @@ def chat_result(core: Core, provider: str, body: dict, mode: str, at: float | No
     _sampling(body, spec.reasoning)
     cap, cap_param = _cap(body, "max_completion_tokens", "max_tokens")
     call = core.text_call(p, spec, body["model"], prompt, cap, cap_param, mode, at)
+    message: dict[str, Any] = {"role": "assistant", "content": call.text, "refusal": None, "annotations": []}
+    finish = "length" if call.capped else "stop"
+    if (tool := forced_tool(body)) is not None:  # the text, then the call (the API may send both)
+        message["tool_calls"] = [{"id": core.new_id("call_"), "type": "function",
+                                  "function": {"name": tool, "arguments": "{}"}}]
+        finish = "tool_calls"
     out = {
         "id": core.new_id("chatcmpl-"), "object": "chat.completion",
         "created": int(core.now() if at is None else at),
         "model": body["model"], "system_fingerprint": "fp_emulator",
-        "choices": [{"index": 0, "finish_reason": "length" if call.capped else "stop", "logprobs": None,
-                     "message": {"role": "assistant", "content": call.text, "refusal": None, "annotations": []}}],
+        "choices": [{"index": 0, "finish_reason": finish, "logprobs": None, "message": message}],
         "usage": {"prompt_tokens": call.input_tokens, "completion_tokens": call.output_tokens,
                   "total_tokens": call.input_tokens + call.output_tokens,
                   "prompt_tokens_details": _prompt_details(call),
@@ -114,7 +119,8 @@ def responses_result(core: Core, provider: str, body: dict, mode: str, at: float
         "prompt_cache_key": body.get("prompt_cache_key"),
         "output": [{"type": "message", "id": core.new_id("msg_"), "role": "assistant",
                     "status": "incomplete" if call.capped else "completed",
-                    "content": [{"type": "output_text", "text": call.text, "annotations": []}]}],
+                    "content": [{"type": "output_text", "text": call.text, "annotations": []}]},
+                   *_function_calls(core, body)],
         "usage": {"input_tokens": call.input_tokens,
                   "input_tokens_details": {"cached_tokens": call.split.read,
                                            "cache_write_tokens": call.split.write},
@@ -122,6 +128,12 @@ def responses_result(core: Core, provider: str, body: dict, mode: str, at: float
                   "total_tokens": call.input_tokens + call.output_tokens},
     }
     return call, out
+
+
+def _function_calls(core: Core, body: dict) -> list[dict]:
+    tool = forced_tool(body)
+    return [] if tool is None else [{"type": "function_call", "id": core.new_id("fc_"), "call_id": core.new_id("call_"),
+                                     "name": tool, "arguments": "{}", "status": "completed"}]
 
 
 def _sync_text(ctx: Ctx, result: Any) -> Reply:

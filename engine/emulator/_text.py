@@ -30,6 +30,7 @@ __all__ = [
     "anthropic_prompt",
     "chat_prompt",
     "filler_text",
+    "forced_tool",
     "natural_tokens",
     "responses_prompt",
     "tokens",
@@ -266,3 +267,22 @@ def anthropic_prompt(body: dict, images: ImageInput | None = None) -> Prompt:
     if body.get("cache_control") is not None and b._marked(body, "request"):
         b.mark()
     return b.build()
+
+
+def forced_tool(body: dict) -> str | None:
+    """The name of the tool a body makes the model call, else None: ``tool_choice`` naming one, or asking for any
+    (OpenAI's "required", Anthropic's ``{"type": "any"}``), which the emulator answers with the first tool. A
+    tool's name sits at ``function.name`` (OpenAI chat) or ``name`` (Responses, Anthropic)."""
+    choice, tools = body.get("tool_choice"), body.get("tools")
+    if not isinstance(tools, list) or not tools or not all(isinstance(t, dict) for t in tools):
+        return None
+    if isinstance(choice, dict):
+        named = choice.get("name") or (choice.get("function") or {}).get("name")
+        if named:
+            return str(named)
+        if choice.get("type") != "any":
+            return None
+    elif choice != "required":
+        return None
+    first = tools[0]
+    return str(first.get("name") or (first.get("function") or {}).get("name") or "tool")
