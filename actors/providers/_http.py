@@ -12,6 +12,7 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 from actors.providers._wire import redact, retry_after
 from engine.core.catalog import Catalog
@@ -161,6 +162,7 @@ class HttpBase:
         self.honours_keys = endpoint.honours_idempotency_key
         self._key = key or Secret("")
         self.clock = clock
+        self._tiers_told: set[str] = set()
 
     def create_slot(self, n: int) -> contextlib.AbstractAsyncContextManager:
         """Nothing to hold where a batch carries its name (OpenAI's metadata); Anthropic overrides it."""
@@ -185,6 +187,28 @@ class HttpBase:
             err.maybe_done = (isinstance(exc, self._sdk.APIConnectionError) and not _never_connected(exc)) or (
                 isinstance(exc, self._sdk.APIStatusError) and exc.status_code >= 500)
             raise err from None
+
+    # The provider's own host, where a sync call asks for the standard tier that the catalog prices (``_pinned``):
+    # a compatible server may not know the field's values (Groq's tiers are others).
+    home_host = ""
+    standard_tier = ""  # what the provider calls its standard tier in a request
+
+    def _pinned(self, body: dict[str, Any], base_url: str) -> dict[str, Any]:
+        """``body`` asking for the standard tier where it names none: at "auto" (both providers' default) a
+        project or organisation with priority capacity is billed its priority prices, which the catalog does
+        not hold (a hunt: a call answered at "priority" was counted at the standard price)."""
+        if "service_tier" in body or urlsplit(base_url).hostname != self.home_host:
+            return body
+        return {**body, "service_tier": self.standard_tier}
+
+    def _check_tier(self, tier: Any) -> None:
+        """Say so, once per tier, when an answer was served at a tier the catalog does not price."""
+        if tier in (None, "default", "standard", "batch") or not isinstance(tier, str):
+            return
+        if tier not in self._tiers_told:
+            self._tiers_told.add(tier)
+            log.warning("%s: a call was served at service tier %r; its cost is counted at the catalog's "
+                        "standard prices, so the provider's bill may differ (docs/providers.md)", self.name, tier)
 
     def _unread_members(self, handle: BatchHandle, unread: list[str | None], out: dict[str, CallOutcome]) -> None:
         """Members whose result line could not be read: they ran, so they may be billed, and sent again they

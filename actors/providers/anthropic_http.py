@@ -54,6 +54,7 @@ def _text(msg: Mapping) -> tuple[str | None, list | None]:
 
 class AnthropicProvider(HttpBase):
     names_batches = False  # a Message Batch carries nothing that names it (``find_batch``)
+    home_host, standard_tier = "api.anthropic.com", "standard_only"
 
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
@@ -125,6 +126,7 @@ class AnthropicProvider(HttpBase):
 
     def _outcome(self, job: CallJob, msg: dict, rid: str | None, mode: str) -> CallOutcome:
         usage = _usage(msg.get("usage"))
+        self._check_tier((msg.get("usage") or {}).get("service_tier"))
         warm = self._keep_warm(job, usage)
         output, calls = _text(msg)
         return CallOutcome(True, self.clock.now(), self._priced(job, usage, mode), output=output, usage=usage,
@@ -132,7 +134,7 @@ class AnthropicProvider(HttpBase):
                            tool_calls=calls)
 
     def sync_body(self, job: CallJob) -> dict[str, Any]:
-        return self.body(job, self._warm_blocks(job))
+        return self._pinned(self.body(job, self._warm_blocks(job)), str(self.client.base_url))
 
     async def call(self, job: CallJob) -> CallOutcome:
         sdk = self._sdk

@@ -79,6 +79,8 @@ def _as_made(job: CallJob, raw: Mapping, spec) -> CallJob:
 
 
 class OpenAIProvider(HttpBase):
+    home_host, standard_tier = "api.openai.com", "default"
+
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
         import openai
@@ -128,6 +130,7 @@ class OpenAIProvider(HttpBase):
     # -- sync -----------------------------------------------------------------------------------------------
     def _outcome(self, job: CallJob, route: str, raw: dict, rid: str | None, mode: str) -> CallOutcome:
         now = self.clock.now()
+        self._check_tier(raw.get("service_tier"))
         calls = None
         if route == "/v1/images/generations":
             data = (raw.get("data") or [{}])[0]
@@ -143,13 +146,14 @@ class OpenAIProvider(HttpBase):
                            warm_blocks=self._warm_of(job, usage) if route != "/v1/images/generations" else 0)
 
     def sync_body(self, job: CallJob) -> dict[str, Any]:
-        return self.body(job)
+        body = self.body(job)
+        return body if self.route(job) == "/v1/images/generations" else self._pinned(body, str(self.client.base_url))
 
     async def call(self, job: CallJob) -> CallOutcome:
         sdk = self._sdk
         route = self.route(job)
         # The dispatcher passes the body it fixed at the first try; the key names that body (idempotency_key).
-        body = job.body if job.body is not None else self.body(job)
+        body = job.body if job.body is not None else self.sync_body(job)
         key = idempotency_key(job.key, body)
         c = self.client
         api, verb = ((c.images, "generate") if route == "/v1/images/generations" else

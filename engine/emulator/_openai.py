@@ -89,7 +89,7 @@ def chat_result(core: Core, provider: str, body: dict, mode: str, at: float | No
     out = {
         "id": core.new_id("chatcmpl-"), "object": "chat.completion",
         "created": int(core.now() if at is None else at),
-        "model": body["model"], "system_fingerprint": "fp_emulator",
+        "model": body["model"], "system_fingerprint": "fp_emulator", "service_tier": "default",
         "choices": [{"index": 0, "finish_reason": finish, "logprobs": None, "message": message}],
         "usage": {"prompt_tokens": call.input_tokens, "completion_tokens": call.output_tokens,
                   "total_tokens": call.input_tokens + call.output_tokens,
@@ -116,7 +116,7 @@ def responses_result(core: Core, provider: str, body: dict, mode: str, at: float
         "incomplete_details": {"reason": "max_output_tokens"} if call.capped else None, "error": None,
         "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
         "metadata": body.get("metadata"), "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
-        "prompt_cache_key": body.get("prompt_cache_key"),
+        "prompt_cache_key": body.get("prompt_cache_key"), "service_tier": "default",
         "output": [{"type": "message", "id": core.new_id("msg_"), "role": "assistant",
                     "status": "incomplete" if call.capped else "completed",
                     "content": [{"type": "output_text", "text": call.text, "annotations": []}]},

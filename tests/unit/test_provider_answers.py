@@ -231,3 +231,44 @@ def test_tool_calls_are_answered_in_the_shape_of_the_api_the_caller_used(source)
     assert json.loads(f["arguments"]) == {"city": "Oslo"}
     with_text = res.model_copy(update={"output": "Let me look."})
     assert response_body("/v1/chat/completions", req, with_text)["choices"][0]["message"]["content"] == "Let me look."
+
+
+# -- the service tier ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("provider,home,standard", [("openai", "https://api.openai.com/v1", "default"),
+                                                    ("anthropic", "https://api.anthropic.com", "standard_only")])
+def test_a_sync_call_to_the_providers_own_api_asks_for_the_standard_tier_the_catalog_prices(
+        emu, provider, home, standard):
+    """At "auto", both providers' default, a project with priority capacity is billed priority prices, which the
+    catalog does not hold: a call answered at "priority" was counted at the standard price (a hunt). A server
+    that only speaks the wire format (the emulator here, vLLM, Groq) is sent no tier: it may not know the value."""
+    from tests.unit.test_http_providers import direct, job_of
+
+    p = direct(emu, provider)
+    j = job_of(tool_job(provider, "chat" if provider == "openai" else "messages", "sync").req)
+    try:
+        assert "service_tier" not in p.sync_body(j)  # the emulator's address
+        p.client.base_url = home
+        assert p.sync_body(j)["service_tier"] == standard
+        asked = j._replace(req=j.req.model_copy(update={"body": {**j.req.body, "service_tier": "auto"}}))
+        assert p.sync_body(asked)["service_tier"] == "auto"  # the caller's own choice stands
+        assert "service_tier" not in p.body(j)  # a batch member's tier is the batch's
+    finally:
+        asyncio.run(p.close())
+
+
+def test_an_answer_served_at_a_tier_the_catalog_does_not_price_is_told_once(emu, caplog):
+    from tests.unit.test_http_providers import direct, job_of
+
+    p = direct(emu, "openai")
+    j = job_of(tool_job("openai", "chat", "sync").req)
+    raw = {"id": "c1", "service_tier": "priority", "usage": {"prompt_tokens": 10, "completion_tokens": 2},
+           "choices": [{"message": {"role": "assistant", "content": "hi"}}]}
+    try:
+        with caplog.at_level("WARNING", logger="smartbatch.providers"):
+            for _ in range(3):
+                out = p._outcome(j, "/v1/chat/completions", raw, None, "sync")
+            p._outcome(j, "/v1/chat/completions", {**raw, "service_tier": "default"}, None, "sync")
+        told = [r.getMessage() for r in caplog.records if "service tier" in r.getMessage()]
+        assert len(told) == 1 and "'priority'" in told[0] and out.ok
+    finally:
+        asyncio.run(p.close())
