@@ -8,6 +8,7 @@ claim). A hub that nobody claims from hands every result to its one puller."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from engine.core.result import Result
 
 __all__ = ["ResultHub", "merge_reports", "sum_figures"]
 
+log = logging.getLogger("smartbatch.hub")
+
 # Results kept after delivery so that an ObjectRef asked for just as its result was pulled still resolves;
 # the window between the driver's check and the hub's answer is milliseconds, far below this many results.
 RECENT = 16_384
@@ -27,6 +30,9 @@ RECENT = 16_384
 # One that was only paused learns it at its next pull (``None``) and claims its open requests again.
 CLIENT_IDLE_S = 900.0
 DROPS_KEPT = 1024  # drivers dropped as idle lately, numbered, for ingest to read (``dropped_since``)
+# A restarted shard holds its ``admit`` answers until every ingest shard gave the fingerprints back (the drivers'
+# rewire), at most this long (real seconds): a driver that never rewires must not stop submits for good.
+REGISTER_WAIT_S = 30.0
 
 
 @dataclass(eq=False)
@@ -41,8 +47,11 @@ class _Client:
 
 
 class ResultHub(Warm, MemoryJournalStore):
-    def __init__(self) -> None:
+    def __init__(self, ingests: int = 1) -> None:
         self.metrics = EngineMetrics()
+        self._ingests = ingests  # ingest shards, which give a restarted hub shard its fingerprints (``register``)
+        self._unregistered: set[int] = set()
+        self._registered: asyncio.Future | None = None
         self._clients: dict[str | None, _Client] = {None: _Client()}  # None: the one puller of an unclaimed hub
         self._owners: dict[str, list[str]] = {}  # claimed id -> the drivers waiting for its result
         self._routed = False  # set by the first claim
@@ -164,6 +173,8 @@ class ResultHub(Warm, MemoryJournalStore):
         so this shard (the id's) keeps each claimed id's fingerprint until the id is forgotten. Returns the ids
         refused (claimed before with another fingerprint), those claimed before with this one (repeats, to an
         ingest restarted since), and the claimed ones whose result is not here (``claim``)."""
+        if self._unregistered:
+            await self._until_registered()
         known, refused, ok, repeats = self._fps, [], [], []
         for u, fp in zip(uids, fps):
             old = known.get(u)
@@ -177,10 +188,36 @@ class ResultHub(Warm, MemoryJournalStore):
                 refused.append(u)
         return refused, repeats, await self.claim(client, ok)
 
-    async def register(self, uids: list[str], fps: list[str]) -> None:
-        """The fingerprints of ids admitted before this shard restarted (``Ingest.reregister``)."""
+    def reconstructed(self) -> None:
+        """Restarted by Ray: the fingerprints are gone until the ingest shards give them back (``register``).
+        Meanwhile ``admit`` waits: it took the first content to come for an id, and another driver's content
+        under a used id got the first one's answer, the first one refused (a hunt, about a second after a kill)."""
+        self._unregistered = set(range(self._ingests))
+
+    async def _until_registered(self) -> None:
+        if self._registered is None or self._registered.done():
+            self._registered = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._registered), REGISTER_WAIT_S)
+        except asyncio.TimeoutError:
+            if self._unregistered:
+                log.warning("hub: ingest shard(s) %s gave no fingerprints in %.0f s after this hub restarted; "
+                            "ids are admitted without them", sorted(self._unregistered), REGISTER_WAIT_S)
+                self._unregistered.clear()
+
+    async def register(self, uids: list[str], fps: list[str], shard: int | None = None) -> None:
+        """The fingerprints of ids admitted before this shard restarted (``Ingest.reregister``), from ingest
+        shard ``shard``: its record is the one that stands."""
+        known, other = self._fps, 0
         for u, fp in zip(uids, fps):
-            self._fps.setdefault(u, fp)
+            other += known.get(u, fp) != fp
+            known[u] = fp
+        if other:
+            log.warning("hub: %d id(s) were admitted with other content before ingest gave theirs back", other)
+        if shard is not None and shard in self._unregistered:
+            self._unregistered.discard(shard)
+            if not self._unregistered and self._registered is not None and not self._registered.done():
+                self._registered.set_result(None)
 
     async def refuse(self, client: str | None, results: list[Result]) -> None:
         """Results for driver ``client`` alone (ingest refusing a request it sent): not the engine's results,

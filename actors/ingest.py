@@ -48,6 +48,7 @@ class Ingest(Holders, Warm):
         # id -> the driver(s) that submitted it (a string, mostly): forgotten when its last driver forgets it
         self.holders: dict[str, str | set[str]] = {}
         self._moving: set[str] = set()  # admitted, on their way to the cache and the groupers
+        self._admitting: set[str] = set()  # in ``seen``, waiting for the hub's ``admit``
         self._leaving: dict[str, asyncio.TimerHandle] = {}  # driver -> the forget of the ids only it holds
         self._drops_seen, self._drops_check_at = 0, 0.0  # the hub's dropped drivers read, and the next look
         self._drops_task: asyncio.Task | None = None
@@ -207,7 +208,15 @@ class Ingest(Holders, Warm):
         admitted with other content; returns the jobs that may go on. Restarted, this ingest takes an id the hub
         knew with this content for a repeat, as its lost ``seen`` would have: its result is claimed, never
         generated and paid again (a review: a repeat of a request finished minutes before was)."""
-        refused, repeats, missing = await self._admit_ids(client, [j.req for j in jobs], [j.fp for j in jobs])
+        try:
+            refused, repeats, missing = await self._admit_ids(client, [j.req for j in jobs], [j.fp for j in jobs])
+        except Exception:
+            # Not admitted (a hub shard is down): ``seen`` must not vouch for their content, or a restarted hub
+            # shard takes it from ``reregister`` over the content the id was admitted with (a hunt: another
+            # driver's request got the first one's answer). The driver re-admits them, checked again.
+            for j in jobs:
+                self.seen.pop(j.req.uid, None)
+            raise
         if repeats and self._reborn:
             again = [j.req for j in jobs if j.req.uid in repeats]
             await self._claim_repeats(client, again, missing=missing & repeats)
@@ -219,8 +228,13 @@ class Ingest(Holders, Warm):
         driver is told so and which stay unseen here, then the repeats and the claimed ids whose result is not
         at the hub (``ResultHub.admit``). A refusal from one shard stands even when another shard failed (which
         then raises: the driver re-admits those requests, and re-admission admits them again)."""
-        answers, errors = await self.hubs.call_partial("admit", uid_shard, [r.uid for r in reqs], fps,
-                                                       lead=(client,))
+        asking = {r.uid for r in reqs} - self._admitting
+        self._admitting |= asking
+        try:
+            answers, errors = await self.hubs.call_partial("admit", uid_shard, [r.uid for r in reqs], fps,
+                                                           lead=(client,))
+        finally:
+            self._admitting -= asking
         refused, repeats, missing = ({u for _, part in answers for u in part[k]} for k in range(3))
         if refused:
             bad = []
@@ -240,11 +254,10 @@ class Ingest(Holders, Warm):
     async def reregister(self, shard: int) -> int:
         """Hub shard ``shard`` restarted and lost the fingerprints of the ids it checks: give it those of the
         ids admitted here (the rest of the engine's are given by the other ingest shards). Returns how many."""
-        n = len(self.hubs)
-        uids = [u for u in self.seen if uid_shard(u, n) == shard]
-        if uids:
-            await self.hubs[shard].call("register", uids, [self.seen[u] for u in uids])
-        return len(uids)
+        n = len(self.hubs)  # not those the hub has yet to admit: one may be refused, and its content is not the id's
+        uids = [u for u in self.seen if uid_shard(u, n) == shard and u not in self._admitting]
+        await self.hubs[shard].call("register", uids, [self.seen[u] for u in uids], self.shard[0])  # even none:
+        return len(uids)  # the hub waits for every ingest shard
 
     async def _claim_repeats(self, client: str, reqs: list[Request], checked: bool = False,
                              missing: set[str] | None = None) -> None:

@@ -138,7 +138,7 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
     def refs(base: str) -> list[Named]:
         return [ref(shard_kind(base, k)) for k in range(num_shards)]
 
-    hubs = [_actor(ResultHub).options(**opts(shard_kind("hub", k))).remote() for k in range(num_shards)]
+    hubs = [_actor(ResultHub).options(**opts(shard_kind("hub", k))).remote(num_shards) for k in range(num_shards)]
     hub_refs = refs("hub")
     budgets = settings.budgets
     later = ClockRef(engine)  # the clock is made once every actor is up; a restarted actor reads it (publish_clock)

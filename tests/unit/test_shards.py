@@ -193,6 +193,35 @@ def test_a_hub_shard_that_restarted_still_refuses_an_id_with_other_content_and_s
     asyncio.run(go())
 
 
+def test_a_restarted_hub_shard_admits_nothing_until_the_ingest_shards_gave_their_fingerprints_back():
+    """Until the drivers' rewire (about a second), a restarted hub shard took the first content to come for an id:
+    another driver's other content under a used id was generated or got the first one's answer, and the first
+    driver's own request was refused (a hunt). ``admit`` now waits for every ingest shard's ``register``."""
+    async def go():
+        hubs, groupers, ingests, first, other, a, b = one_id_two_contents()
+        assert await a.submit([first], "one") == 1
+        k = uid_shard(first.uid, 2)
+        hubs[k] = ResultHub(ingests=2)
+        hubs[k].reconstructed()  # as actors.remote does for an actor Ray restarted
+        for i in ingests:
+            i.hubs[k] = Shards(hubs[k])[0]
+        early = asyncio.ensure_future(b.submit([other], "two"))  # before the rewire
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert not early.done()  # held: the id's content is not known yet
+        assert await a.reregister(k) == 1
+        await asyncio.sleep(0)
+        assert not early.done()  # one ingest shard is not enough
+        assert await b.reregister(k) == 0
+        assert await early == 0  # refused: the id names the first content
+        assert await a.readmit([first], "one") == 1  # the first one's own re-admission goes on, not refused
+        await asyncio.sleep(0)
+        assert [j.req.model for j in groupers[0].jobs] == [first.model] * 2  # the other content never
+        (refusal,) = await hubs[k].pull(0, "two")
+        assert "other content" in refusal.error and await hubs[k].pull(0, "one") == []
+    asyncio.run(go())
+
+
 def test_followers_of_a_request_rerouted_to_another_class_are_released_at_the_cache_shard_that_holds_them():
     from actors import Grouper
     from actors._types import Job
