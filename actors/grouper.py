@@ -18,6 +18,7 @@ import secrets
 from collections import OrderedDict
 
 from actors._cancel import CancelGroups
+from actors._grouper_learn import Learning
 from actors._grouper_park import Parking
 from actors._peer import Warm, as_peer, resolve_clock
 from actors._shards import Shards, by_result_uid
@@ -30,7 +31,6 @@ from engine.core.result import Result
 from engine.runtime.outcomes import refused_result
 from engine.runtime.reservation import goes_back
 from engine.runtime.scheduler import Dispatch, GroupFailed, GroupTable, Wake
-from engine.runtime.turnaround import Turnaround
 from engine.runtime.waiting import BudgetWaits, sync_lead
 
 __all__ = ["Grouper"]
@@ -40,7 +40,7 @@ log = logging.getLogger("smartbatch.grouper")
 ENDED_KEEP = 65_536  # results of requests ended here, for copies re-admitted after a restart
 
 
-class Grouper(CancelGroups, Parking, Warm):
+class Grouper(CancelGroups, Learning, Parking, Warm):
     def __init__(self, policy, catalog: Catalog, clock, dispatchers: dict, budget, hub,
                  name: str = "g0", budget_limited: bool = True, *, max_attempts: int = 4,
                  reserve_model_max: bool = True, cache=None, budget_specs: tuple = (),
@@ -119,19 +119,6 @@ class Grouper(CancelGroups, Parking, Warm):
             if self._withdrawn:  # free again: a new request under it is sent (a review)
                 self._withdrawn.pop(u, None)
 
-    async def observe_turnarounds(self, obs: list[Turnaround], source: str | None = None, seq: int = 0) -> None:
-        """Batch-API batches the dispatchers started and ended: the table learns the turnaround from them, at
-        its epochs only, so when this message arrives changes no decision (engine.runtime.turnaround).
-        ``seq``: the number of dispatcher ``source``'s message (they come in order); one already taken is
-        skipped."""
-        if source is not None:
-            if seq <= self._heard.get(source, 0):
-                return
-            self._heard[source] = seq
-            if self._first_heard is not None:
-                self._first_heard.setdefault(source, seq)
-        self.table.observe(obs)
-
     async def observe_warmth(self, notes: list[WarmNote]) -> None:
         """Prompt-cache warmth the dispatchers' results showed (``GroupTable.warm``): a hint, whose loss costs a
         cheaper way at most, never a request. Waiting turns it makes cheaper sync now go at once."""
@@ -142,29 +129,6 @@ class Grouper(CancelGroups, Parking, Warm):
         if failed:  # ended first, as in ``_on_wake``: until then a re-admitted copy would find them nowhere
             await self._resolve(failed)
         await self._send(pulled.dispatches + [d for gf in pulled.failed for d in gf.dispatches])
-
-    async def relearn(self) -> int:
-        """After Ray restarted this grouper: learn again, in a fresh estimate, what the dispatchers told it before
-        (they keep their messages). A message that comes while they answer is taken once: the fresh estimate
-        takes it as it comes, and the answers only the messages before the first such. Returns how many
-        messages it took from the answers."""
-        if self.table.turnarounds is None:
-            return 0
-        self.table.relearn()
-        self._first_heard = {}
-        taken = 0
-        try:
-            for name, d in self.dispatchers.items():
-                msgs = await d.call("turnarounds_told")
-                first = self._first_heard.get(name)  # its messages that came while it answered are taken
-                for seq, obs in msgs:
-                    if first is None or seq < first:
-                        self.table.observe(obs)
-                        self._heard[name] = max(self._heard.get(name, 0), seq)
-                        taken += 1
-        finally:
-            self._first_heard = None
-        return taken
 
     async def add(self, jobs: list[Job]) -> None:
         if self._cancelled:
