@@ -20,7 +20,7 @@ class Naive(Policy):
     name = "naive"
 
     def group_key(self, req: Request, compat: tuple, now: float) -> Hashable:
-        return req.id
+        return req.uid
 
     def decide(self, group: Group, now: float) -> Decision:
         return Decision("dispatch", mode="sync", recommendation="process_individually",
@@ -92,7 +92,7 @@ class BatchAll(Policy):
 
     def group_key(self, req: Request, compat: tuple, now: float) -> Hashable:
         prov = self.catalog.provider(req.provider)
-        return compat if prov.supports_batch_api(req.kind) else req.id
+        return compat if prov.supports_batch_api(req.kind) else req.uid
 
     def decide(self, group: Group, now: float) -> Decision:
         ba = group.provider.batch_api

@@ -108,7 +108,7 @@ class Smart(GpuLane, Policy):
                 if (warmth is not None and self.params.warm_margin_s is not None and req.prefix_blocks
                         and warm_sync_pays(self.catalog, req, provider.batch_api, p_on_time, warmth, now,
                                            self.params.warm_margin_s, self.params.block_tokens)):
-                    return ("sync", req.id, "warm")
+                    return ("sync", req.uid, "warm")
                 # Deadlines within a factor of two share a batch, so one urgent member does not hedge
                 # (and push to sync) members that could have waited for the batch. Past the band cap a batch
                 # is on time with P >= band_p whatever the deadline, so those share one band: a hedge, rare,
@@ -130,7 +130,7 @@ class Smart(GpuLane, Policy):
                     # a group per run loses no sharing and gathers from its own first turn.
                     return ("batch", compat, bucket, req.prefix_blocks[:self._cacheable_blocks(provider, spec)])
                 return ("batch", compat, bucket)
-        return ("sync", req.id)
+        return ("sync", req.uid)
 
     def prefix_run(self, key: Hashable) -> tuple | None:
         """A conversation's group (``conversation_groups``) gathers the requests that start with one cacheable run."""
@@ -253,7 +253,7 @@ class Smart(GpuLane, Policy):
         why = "deadline too close for a batch" if group.provider.supports_batch_api(req.kind) else (
             "no batch lever for this model")
         # By the key's shape, not its last item: a plain sync key ends with the request's id, which may be "warm".
-        if group.key == ("sync", req.id, "warm"):  # it reads the prefix and writes its turn for the next
+        if group.key == ("sync", req.uid, "warm"):  # it reads the prefix and writes its turn for the next
             write, why = True, "its prompt prefix is warm at the provider, cheaper read now than in a batch"
         return Decision("dispatch", mode="sync", cache_write=write, recommendation="process_individually",
                         reason=f"sync now: {why}" + ("; prefix marked for caching" if write else ""), prefix=prefix)

@@ -256,3 +256,12 @@ def test_two_tenants_may_use_the_same_id_in_one_simulation():
     for policy in ("naive", "batch-all"):
         res = simulate(reqs, load_policy(policy, CAT))
         assert res.status.tolist() == [1, 1] and (res.cost > 0).all(), policy
+    # Sent at one instant to two providers, due soon (each goes alone): the policies keyed a lone request's group
+    # by its id, so both joined one group, sent to the first one's provider (KeyError: 'claude-sonnet-4-5'; a
+    # hunt). The live grouper sends a dispatch to its first member's provider too.
+    two = [Request.model_validate({"id": "q1", "tenant": t, "arrival_s": 0.0, "model": m, "prompt": "hi",
+                                   "deadline_s": 30.0}) for t, m in (("acme", "gpt-5-mini"),
+                                                                     ("globex", "claude-sonnet-4-5"))]
+    for policy in ("naive", "cache-only", "fixed", "batch-all", "smart"):
+        res = simulate(two, load_policy(policy, CAT))
+        assert res.status.tolist() == [1, 1] and (res.cost > 0).all(), policy

@@ -68,7 +68,7 @@ def test_smart_routes_a_warm_follow_up_to_a_sync_call_that_writes_its_turn():
     w.see([WarmNote("openai", "gpt-5", tuple(PREFIX), 300.0)], now=0.0)
     pol = Smart(cat)
     key = pol.group_key(req, ("c",), 0.0, warmth=w)
-    assert key == ("sync", "t1", "warm")
+    assert key == ("sync", req.uid, "warm")
     assert pol.group_key(req, ("c",), 0.0, warmth=PrefixWarmth())[0] == "batch"
     assert Smart(cat, SmartParams(warm_margin_s=None)).group_key(req, ("c",), 0.0, warmth=w)[0] == "batch"
     from engine.runtime.scheduler import GroupTable
