@@ -19,7 +19,7 @@ from actors.providers._http import BatchHandle, HttpBase, PollBackoff, Unreadabl
 from actors.providers._wire import message_parts
 from engine.core._api_fields import MAX_CACHE_MARKS
 from engine.core._checks import cache_blocks
-from engine.core.cost import shared_prefix_marks
+from engine.core.cost import min_cacheable_tokens, shared_prefix_marks
 from engine.core.errors import ProviderError
 from engine.core.grouping import PrefixWarmth, WarmNote
 from engine.core.provider_api import BatchState, CallJob, CallOutcome, Usage, idempotency_key
@@ -162,7 +162,8 @@ class AnthropicProvider(HttpBase):
         # Members run in order: a prefix an earlier member writes (or that is warm) is read by the later ones,
         # as the cost model prices a batch (engine.core.cost.price_batch). Built once: which prefixes are warm
         # changes, and a create made again under its key must send the same body.
-        marks = shared_prefix_marks([j.req for j in jobs])
+        marks = shared_prefix_marks([j.req for j in jobs], self.settings.prefix_block_tokens,
+                                    min_cacheable_tokens(self.spec, self.spec.models[jobs[0].req.model]))
         seen: set[int] = set()
         reqs = []
         for j, mark in zip(jobs, marks, strict=True):

@@ -283,22 +283,27 @@ def input_bound(req: Request, spec: ModelSpec) -> int:
     return max(req.input_tokens, min(req.input_tokens + text, cap))
 
 
-def shared_prefix_marks(reqs: Sequence[Request]) -> list[int]:
-    """For each member, how many leading prefix blocks some later member also starts with.
+def shared_prefix_marks(reqs: Sequence[Request], block_tokens: int = 512, min_tokens: int = 0) -> list[int]:
+    """For each member, how many leading prefix blocks some later member also starts with and can read.
 
     Block ids name a whole prefix up to and including that block (as Mooncake's ``hash_ids`` do), so a block
-    id found in a later member is a prefix that member shares.
+    id found in a later member is a prefix that member shares. A later member reads only the blocks its input
+    reaches, and nothing when that prefix is shorter than ``min_tokens`` (``cache_split``): counted anyway, a
+    write was marked that nobody read, and the batch cost more than its members alone (a hunt).
     """
     later: set[int] = set()
     marks = [0] * len(reqs)
     for i in range(len(reqs) - 1, -1, -1):
+        r = reqs[i]
         k = 0
-        for b in reqs[i].prefix_blocks:
+        for b in r.prefix_blocks:
             if b not in later:
                 break
             k += 1
         marks[i] = k
-        later.update(reqs[i].prefix_blocks)
+        prefix = min(len(r.prefix_blocks) * block_tokens, r.input_tokens)
+        if prefix >= max(min_tokens, 1):
+            later.update(r.prefix_blocks[:-(-prefix // block_tokens)])
     return marks
 
 
@@ -346,7 +351,8 @@ def price_batch(reqs: Sequence[Request], catalog: Catalog, mode: Mode, *,
     pc = provider.prompt_cache
     use_cache = pc is not None and (mode != "batch_api" or pc.stacks_with_batch)
     warm_set = set(warm) if use_cache else set()
-    marks = shared_prefix_marks(reqs) if use_cache else [0] * len(reqs)
+    marks = (shared_prefix_marks(reqs, block_tokens, min_cacheable_tokens(provider, spec)) if use_cache
+             else [0] * len(reqs))
     gone = set(failed)
     prices = []
     for k, (r, mark) in enumerate(zip(reqs, marks)):

@@ -30,10 +30,12 @@ def text_requests(draw, provider=None, model=None, n=None):
         depth = draw(st.integers(0, 8))
         # Prefix ids name a whole prefix: requests of one root share its leading ids.
         blocks = [roots[i] * 100 + j for j in range(depth)]
-        tail = draw(st.integers(0, 3000))
+        # A request may end inside its shared blocks (a short turn of a long conversation): it reads only what
+        # its input reaches (a hunt found the writer's mark counting the rest).
+        tail = draw(st.integers(-2000, 3000))
         out.append(Request.model_validate({
             "id": f"r{i}", "arrival_s": 0, "provider": provider, "model": model,
-            "input_tokens": depth * 512 + tail, "output_tokens": draw(st.integers(0, 4000)),
+            "input_tokens": max(depth * 512 + tail, 0), "output_tokens": draw(st.integers(0, 4000)),
             "prefix_blocks": blocks}))
     return out
 
@@ -52,6 +54,22 @@ def test_a_text_batch_never_costs_more_than_its_items_alone(reqs, mode):
     together = sum(p.total for p in price_batch(reqs, CAT, mode))
     alone = sum(price_alone(r, CAT, mode).total for r in reqs)
     assert together <= alone + 1e-12
+
+
+@pytest.mark.parametrize("mode", ["sync", "batch_api"])
+def test_a_writer_marks_no_block_that_its_only_later_sharer_is_too_short_to_read(mode):
+    """Sonnet reads nothing under 1,024 tokens: a 1,000-token reader of the writer's first two blocks reads
+    nothing, so the writer pays no 1.25x write for it (it did: $0.004884 in a batch against $0.004500 alone)."""
+    def sonnet(i, blocks, n_in):
+        return Request.model_validate({"id": f"r{i}", "arrival_s": 0, "model": "claude-sonnet-4-5",
+                                       "input_tokens": n_in, "output_tokens": 100, "prefix_blocks": blocks})
+
+    writer, reader = sonnet(0, [0, 1, 2], 2000), sonnet(1, [0, 1], 1000)
+    together = price_batch([writer, reader], CAT, mode)
+    assert [p.total for p in together] == pytest.approx([price_alone(r, CAT, mode).total for r in (writer, reader)])
+    long_reader = sonnet(2, [0, 1], 1100)  # reaches the minimum: now the write pays for itself
+    assert sum(p.total for p in price_batch([writer, long_reader], CAT, mode)) < sum(
+        price_alone(r, CAT, mode).total for r in (writer, long_reader))
 
 
 @hsettings(max_examples=100, deadline=None)
