@@ -134,7 +134,9 @@ class OpenAIProvider(HttpBase):
         calls = None
         if route == "/v1/images/generations":
             data = (raw.get("data") or [{}])[0]
-            usage = Usage(0, 0)
+            u = raw.get("usage") or {}  # the prompt's text tokens, billed beside the image (gpt-image-1)
+            usage = Usage(int((u.get("input_tokens_details") or {}).get("text_tokens") or u.get("input_tokens") or 0),
+                          int(u.get("output_tokens") or 0))
             output = data.get("b64_json") or data.get("url")
             job = _as_made(job, raw, self.spec.models[job.req.model])
         elif route == "/v1/responses":

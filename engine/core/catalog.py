@@ -211,6 +211,8 @@ class ModelSpec(_Frozen):
     # hosted media priced per unit
     per_image: dict[str, _Price] | None = None
     per_image_quality: dict[str, dict[str, _Price]] | None = None  # by quality, then size (per_image: the default)
+    # a hosted image model's text prompt, per million input tokens, on top of the image's price (gpt-image-1)
+    prompt_per_mtok: float | None = Field(default=None, ge=0)
     per_second: dict[str, _Price] | None = None
     # self-hosted media priced by GPU time
     gpu_s_per_image: dict[str, _GpuSeconds] | None = None

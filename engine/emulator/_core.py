@@ -206,9 +206,10 @@ class Core:
              "prompt": prompt, "params": params},
             context=validation_context(self.catalog, self._settings))
 
-    def image_price(self, req: Request) -> float:
-        """Price of one image, from the cost model (per-image list price, or GPU time for GPU-priced models)."""
-        return price_alone(req, self.catalog, "sync").total
+    def image_price(self, req: Request) -> Price:
+        """Price of one image, from the cost model (per-image list price and its prompt's tokens, or GPU time for
+        GPU-priced models)."""
+        return price_alone(req, self.catalog, "sync")
 
     # -- latency ---------------------------------------------------------------------------------------------
     def text_latency_s(self, provider: ProviderSpec, model: str, call: TextCall) -> float:

@@ -172,13 +172,16 @@ def _images(ctx: Ctx) -> Reply:
         raise ApiError(400, f"size {size!r} is not offered by {body['model']}; use one of {sorted(table)}",
                        param="size")
     req = core.image_request(p, body["model"], prompt, size, body.get("quality"))
-    unit = core.image_price(req)
+    price = core.image_price(req)  # the prompt's text tokens billed once, beside n images
     core.wait(core.image_latency_s(p, req))  # the n images are drawn in parallel: one latency
     core.bill(BilledItem(provider=ctx.provider, model=body["model"], mode="sync", route=ctx.route,
                          request_id=ctx.request_id, idempotency_key=ctx.headers.get("idempotency-key"),
-                         usage={"images": n, "size": size}, cost_usd=unit * n))
+                         usage={"images": n, "size": size, "input_tokens": req.input_tokens},
+                         cost_usd=price.media * n + price.input))
     out = {"created": int(core.now()), "data": [{"b64_json": _PNG_B64} for _ in range(n)], "size": size,
-           "output_format": "png"}
+           "output_format": "png",
+           "usage": {"input_tokens": req.input_tokens, "output_tokens": 0, "total_tokens": req.input_tokens,
+                     "input_tokens_details": {"text_tokens": req.input_tokens, "image_tokens": 0}}}
     if spec.per_image_quality:  # as OpenAI's answer says which quality it made (its pick, under "auto")
         out["quality"] = req.params.get("quality", EMULATED_AUTO_QUALITY)
     return json_reply("openai", 200, out, ctx.request_id)

@@ -8,7 +8,7 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from engine.core.catalog import default_catalog
-from engine.core.cost import cache_split, price_alone, price_batch
+from engine.core.cost import cache_split, price_alone, price_batch, price_usage
 from engine.core.errors import CatalogError
 from engine.core.request import Request
 
@@ -142,12 +142,20 @@ def test_gpu_batch_formula():
 
 
 @pytest.mark.parametrize("provider, model", HOSTED_MEDIA)
-def test_hosted_media_is_list_price(provider, model):
+def test_hosted_media_is_list_price_and_its_prompt_tokens_where_the_catalog_prices_them(provider, model):
+    """gpt-image-1 bills the prompt's text tokens ($5 per million) beside the image: a bill without them was 27 %
+    short for a 3,000-token prompt (a hunt)."""
     spec = CAT.model(provider, model)
-    r = Request.model_validate({"id": "m", "arrival_s": 0, "provider": provider, "model": model, "prompt": "x"})
+    r = Request.model_validate({"id": "m", "arrival_s": 0, "provider": provider, "model": model,
+                                "prompt": "x" * 12_000})
     want = (spec.per_image[r.params["size"]] if spec.kind == "image"
             else spec.per_second[r.params["resolution"]] * r.params["duration_s"])
-    assert price_alone(r, CAT, "sync").total == pytest.approx(want)
+    prompt = (spec.prompt_per_mtok or 0.0) * r.input_tokens / 1e6
+    assert r.input_tokens == 3_000 and (prompt > 0) == (model == "gpt-image-1")
+    p = price_alone(r, CAT, "sync")
+    assert p.total == pytest.approx(want + prompt) and p.media == pytest.approx(want) and p.input == pytest.approx(prompt)
+    counted = price_usage(r, CAT, "sync", input_tokens=4_000, output_tokens=0)  # as the answer's usage says
+    assert counted.total == pytest.approx(want + prompt * 4 / 3)
 
 
 def test_unavailable_modes_are_refused_with_the_reason():
@@ -234,9 +242,10 @@ def test_a_hosted_image_is_priced_and_reserved_at_its_quality():
         return Request.model_validate({"id": "i", "arrival_s": 0.0, "model": "gpt-image-1", "prompt": "a cat",
                                        "params": params})
 
-    prices = {q: price_alone(image(quality=q), cat, "sync").total for q in ("low", "medium", "high")}
+    # the image's part (its 2-token prompt adds $0.00001)
+    prices = {q: price_alone(image(quality=q), cat, "sync").media for q in ("low", "medium", "high")}
     assert prices == pytest.approx({"low": 0.011, "medium": 0.042, "high": 0.167})
-    assert price_alone(image(), cat, "sync").total == pytest.approx(0.042)  # none asked: the catalog's default
-    assert price_alone(image(quality="auto"), cat, "sync").total == pytest.approx(0.167)  # the provider picks
-    assert price_alone(image(quality="high", size="1536x1024"), cat, "sync").total == pytest.approx(0.25)
+    assert price_alone(image(), cat, "sync").media == pytest.approx(0.042)  # none asked: the catalog's default
+    assert price_alone(image(quality="auto"), cat, "sync").media == pytest.approx(0.167)  # the provider picks
+    assert price_alone(image(quality="high", size="1536x1024"), cat, "sync").media == pytest.approx(0.25)
     assert reserve_bound(image(quality="high"), cat, "sync") >= 0.167

@@ -272,16 +272,20 @@ def test_image_generation_is_billed_per_image(emu: Emulator, sdk: Sdk) -> None:
     assert base64.b64decode(out.data[0].b64_json).startswith(b"\x89PNG\r\n\x1a\n")
     (item,) = emu.bill().items
     per_image = default_catalog().model("openai", "gpt-image-1").per_image
-    assert item.cost_usd == per_image["1536x1024"] * 3 and item.usage == {"images": 3, "size": "1536x1024"}
+    spec = default_catalog().model("openai", "gpt-image-1")  # and the prompt's 3 text tokens, billed once
+    assert item.cost_usd == pytest.approx(per_image["1536x1024"] * 3 + 3 * spec.prompt_per_mtok / 1e6, abs=1e-12)
+    assert item.usage == {"images": 3, "size": "1536x1024", "input_tokens": 3} and out.usage.input_tokens == 3
     with pytest.raises(openai.BadRequestError, match="size"):
         client.images.generate(model="gpt-image-1", prompt="a fox", size="256x256")
     assert len(emu.bill().items) == 1
     client.images.generate(model="gpt-image-1", prompt="a red fox", size="1024x1024", quality="high")
     by_quality = default_catalog().model("openai", "gpt-image-1").per_image_quality
-    assert emu.bill().items[-1].cost_usd == by_quality["high"]["1024x1024"]  # billed at its quality, not medium
+    assert emu.bill().items[-1].cost_usd == pytest.approx(by_quality["high"]["1024x1024"] + 3 * spec.prompt_per_mtok
+                                                           / 1e6, abs=1e-12)  # billed at its quality, not medium
     # Asked at no quality (OpenAI's default is "auto"), the answer says which quality was made, as OpenAI's does.
     made = client.images.generate(model="gpt-image-1", prompt="a red fox", size="1024x1024")
-    assert made.quality == "medium" and emu.bill().items[-1].cost_usd == by_quality["medium"]["1024x1024"]
+    assert made.quality == "medium" and emu.bill().items[-1].cost_usd == pytest.approx(
+        by_quality["medium"]["1024x1024"] + 3 * spec.prompt_per_mtok / 1e6, abs=1e-12)
 
 
 def test_unknown_model_missing_key_and_streaming_are_refused(emu: Emulator, sdk: Sdk) -> None:

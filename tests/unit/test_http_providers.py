@@ -248,8 +248,10 @@ def test_an_image_is_generated_and_billed_at_the_quality_its_params_ask(emu, qua
             await rig.run("sync", [Job(0, r, "fp-img")])
             res = await rig.until(lambda: rig.results.get("img"), "the image")
             (item,) = emu.bill().items
-            assert res.status == "ok" and res.cost_usd == pytest.approx(listed, abs=1e-12)
-            assert item.cost_usd == pytest.approx(listed, abs=1e-12)
+            # and the prompt's text tokens, as the answer's usage counts them (r's 3 tokens here)
+            billed = listed + res.usage["input_tokens"] * CAT.model("openai", "gpt-image-1").prompt_per_mtok / 1e6
+            assert res.status == "ok" and res.usage["input_tokens"] == r.input_tokens == 3
+            assert res.cost_usd == pytest.approx(billed, abs=1e-12) and item.cost_usd == pytest.approx(billed, abs=1e-12)
         finally:
             await rig.close()
     asyncio.run(go())

@@ -40,15 +40,25 @@ def test_an_image_sent_without_a_quality_is_reserved_at_the_dearest_and_billed_a
             raw["quality"] = made
         return provider._outcome(CallJob("k", r, 0.0, 0, 0), "/v1/images/generations", raw, None, "sync").cost
 
+    # each beside the prompt's text tokens (an answer without usage: the request's estimate, 3 tokens)
+    prompt = make(model="gpt-image-1", prompt="a red fox").input_tokens * 5.0 / 1e6
     for asked in ({}, {"quality": "auto"}):
         assert reserve_bound(make(model="gpt-image-1", prompt="a red fox", params=asked), CAT, "sync") == \
-            pytest.approx(by_quality["high"]["1024x1024"])
-        assert counted(asked, "high") == pytest.approx(by_quality["high"]["1024x1024"])
-        assert counted(asked, "low") == pytest.approx(by_quality["low"]["1024x1024"])
+            pytest.approx(by_quality["high"]["1024x1024"] + prompt)
+        assert counted(asked, "high") == pytest.approx(by_quality["high"]["1024x1024"] + prompt)
+        assert counted(asked, "low") == pytest.approx(by_quality["low"]["1024x1024"] + prompt)
     # A quality asked is the one billed, whatever the answer's field; an answer that names none keeps the price
     # the request was given.
-    assert counted({"quality": "low"}, "high") == pytest.approx(by_quality["low"]["1024x1024"])
-    assert counted({}, None) == pytest.approx(by_quality["medium"]["1024x1024"])
+    assert counted({"quality": "low"}, "high") == pytest.approx(by_quality["low"]["1024x1024"] + prompt)
+    assert counted({}, None) == pytest.approx(by_quality["medium"]["1024x1024"] + prompt)
+    # The answer's usage counts the prompt's text tokens: those are billed (a 3,000-token prompt was left out, a
+    # bill 27 % short; a hunt).
+    r = make(model="gpt-image-1", prompt="a red fox", params={"quality": "medium"})
+    raw = {"created": 1, "data": [{"b64_json": "AAAA"}], "usage": {"input_tokens": 3000, "output_tokens": 1056,
+                                                                   "input_tokens_details": {"text_tokens": 3000}}}
+    out = provider._outcome(CallJob("k", r, 0.0, 0, 0), "/v1/images/generations", raw, None, "sync")
+    assert out.cost == pytest.approx(by_quality["medium"]["1024x1024"] + 3000 * 5.0 / 1e6)
+    assert out.usage.input_tokens == 3000
 
 
 @pytest.mark.parametrize(("model", "body", "field"), [
