@@ -6,6 +6,7 @@ output and error files mapped back by ``custom_id``). Works with any server that
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,6 +17,8 @@ from engine.core.provider_api import BatchState, CallJob, CallOutcome, Usage, id
 from engine.core.responses_input import as_messages
 
 __all__ = ["OpenAIProvider"]
+
+log = logging.getLogger("smartbatch.providers")
 
 _ENDED = {"completed", "failed", "expired", "cancelled"}
 _REF = "smartbatch_ref"  # the batch's metadata key naming it, so a restarted dispatcher finds a create it cut
@@ -240,6 +243,10 @@ class OpenAIProvider(HttpBase):
                 raise ProviderError(f"{self.name}: batch {handle.id} is {handle.batch.status}, not ended")
         b = handle.batch
         route = b.endpoint
+        if b.status == "failed":  # refused whole (e.g. token_limit_exceeded): every member goes back to the policy
+            said = [f"{e.code}: {e.message}" for e in ((b.errors.data or []) if b.errors else [])][:3]
+            log.warning("%s: batch %s failed: %s; its members go back to be sent again", self.name, handle.id,
+                        self._redact("; ".join(said) or "no reason given"))
         lines, unread = await self._lines(b.output_file_id)
         self._unread_members(handle, unread, out)  # an error file's are left out: its members were not billed
         for line in lines:

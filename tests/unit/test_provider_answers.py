@@ -272,3 +272,27 @@ def test_an_answer_served_at_a_tier_the_catalog_does_not_price_is_told_once(emu,
         assert len(told) == 1 and "'priority'" in told[0] and out.ok
     finally:
         asyncio.run(p.close())
+
+
+def test_a_batch_the_provider_failed_whole_says_why_and_hands_every_member_back(emu, caplog):
+    """A batch refused whole (OpenAI's ``failed``, e.g. the enqueued-token limit) sent its members back with
+    nothing logged, not even its ``errors``."""
+    from openai.types import Batch
+    from openai.types.batch import Errors
+    from openai.types.batch_error import BatchError
+
+    from tests.unit.test_http_providers import direct, job_of
+
+    p = direct(emu, "openai")
+    j = job_of(tool_job("openai", "chat", "batch_api").req)
+    handle = p._handle("batch_1", [j])
+    handle.batch = Batch.model_construct(id="batch_1", status="failed", endpoint="/v1/chat/completions",
+                                         output_file_id=None, error_file_id=None, errors=Errors(data=[BatchError(
+                                             code="token_limit_exceeded", message="Enqueued token limit reached")]))
+    try:
+        with caplog.at_level("WARNING", logger="smartbatch.providers"):
+            assert asyncio.run(p.fetch(handle)) == {}  # none answered: every member goes back
+        (said,) = [r.getMessage() for r in caplog.records if "batch_1 failed" in r.getMessage()]
+        assert "token_limit_exceeded: Enqueued token limit reached" in said
+    finally:
+        asyncio.run(p.close())
