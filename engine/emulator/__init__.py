@@ -31,7 +31,10 @@ Output. Natural length N = the last ``[[emulator:output_tokens=N]]`` in the last
 ``max_tokens`` (chat), ``max_output_tokens`` (Responses), ``max_tokens`` (Anthropic, required) or the
 model's maximum. The text is exactly ``4 * output_tokens`` characters: ``[emulator <sha256(prompt)[:16]>]``
 then filler (``filler_text``), so it counts back to the same tokens and differs between prompts.
-finish_reason ``length``/``stop`` (Anthropic stop_reason ``max_tokens``/``end_turn``).
+finish_reason ``length``/``stop`` (Anthropic stop_reason ``max_tokens``/``end_turn``). A ``tool_choice`` that
+forces a call (``"required"`` or a named function; Anthropic ``{"type": "any"}`` or a named tool) adds one call
+of that tool (else the first listed) with empty arguments after the text (finish_reason ``tool_calls``,
+stop_reason ``tool_use``; a Responses ``function_call`` item).
 
 Prompt cache, per model, from the catalog's ``prompt_cache`` (and the model's ``cache_min_tokens``):
 automatic providers cache every prefix of every prompt for ``ttl_s``; a call reads the longest warm prefix,
@@ -42,8 +45,10 @@ breakpoint beyond that if that prefix reaches the minimum (``cache_read_input_to
 ``cache_creation_input_tokens``; ``input_tokens`` is the rest).
 
 Billing. Each successful call, and each succeeded batch member (once, mode ``batch_api``), is priced by
-``engine.core.cost.price_text`` (text) or ``engine.core.cost.price_alone`` times ``n`` (images). Error answers,
-injected faults, replays of an ``Idempotency-Key`` and calls cut by ``stop()`` bill nothing. A sync call is
+``engine.core.cost.price_text`` (text) or ``engine.core.cost.price_alone`` (images: the image times ``n``, and its
+prompt's text tokens once where the catalog prices them). Error answers, injected faults, replays of an
+``Idempotency-Key`` and calls cut by ``stop()`` bill nothing; but two faults are answers cut short of calls that
+ran, and bill: ``cut_body`` (a sync answer) and ``garble_members`` (a batch member's result line). A sync call is
 billed when its answer is ready, even if the client has given up by then, as real providers do.
 
 Time. Emulator time is a virtual unix time running ``speedup`` times the wall clock; a sync call sleeps its
