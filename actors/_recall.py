@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from engine.core.result import Result
+from engine.core.tool_calls import calls_bytes
 
 __all__ = ["Delivered"]
 
@@ -45,4 +46,4 @@ class Delivered:
 
 
 def _size(r: Result) -> int:
-    return len(r.output or "") + PER_RESULT_BYTES
+    return len(r.output or "") + calls_bytes(r.tool_calls) + PER_RESULT_BYTES

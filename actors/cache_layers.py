@@ -23,6 +23,7 @@ from typing import NamedTuple, Protocol
 
 from engine.core.files import write_atomic
 from engine.core.result import Result
+from engine.core.tool_calls import calls_bytes
 
 __all__ = ["SCHEMA", "BlobStore", "CorruptValue", "Entry", "LocalBlobStore", "MemoryLRU", "RedisLayer",
            "decode", "encode"]
@@ -51,7 +52,7 @@ class Entry(NamedTuple):
     params: dict | None = None  # the request's parameters: part of its near-duplicate vector
 
     def size(self) -> int:
-        return 400 + len(self.text) + len(self.result.output or "")
+        return 400 + len(self.text) + len(self.result.output or "") + calls_bytes(self.result.tool_calls)
 
 
 def _tuples(x):

@@ -52,6 +52,7 @@ class ResultHub(Warm, MemoryJournalStore):
         self._ingests = ingests  # ingest shards, which give a restarted hub shard its fingerprints (``register``)
         self._unregistered: set[int] = set()
         self._registered: asyncio.Future | None = None
+        self._registered_by = 0.0  # monotonic: when a restarted shard stops waiting for registrations
         self._clients: dict[str | None, _Client] = {None: _Client()}  # None: the one puller of an unclaimed hub
         self._owners: dict[str, list[str]] = {}  # claimed id -> the drivers waiting for its result
         self._routed = False  # set by the first claim
@@ -183,7 +184,8 @@ class ResultHub(Warm, MemoryJournalStore):
                 ok.append(u)
             elif old == fp:
                 ok.append(u)
-                repeats.append(u)
+                if u not in self._owners:  # answered (or never claimed): one awaited may be lost in transit, and
+                    repeats.append(u)  # its own driver's re-admission, not this repeat, generates it (a review)
             else:
                 refused.append(u)
         return refused, repeats, await self.claim(client, ok)
@@ -193,17 +195,23 @@ class ResultHub(Warm, MemoryJournalStore):
         Meanwhile ``admit`` waits: it took the first content to come for an id, and another driver's content
         under a used id got the first one's answer, the first one refused (a hunt, about a second after a kill)."""
         self._unregistered = set(range(self._ingests))
+        self._registered_by = time.monotonic() + REGISTER_WAIT_S
 
     async def _until_registered(self) -> None:
-        if self._registered is None or self._registered.done():
+        """Every admit waits for the same end, so they go on together, in the order they came (a review: one that
+        timed out let later ones pass while earlier ones waited on, and the first content lost the id)."""
+        if self._registered is None:
             self._registered = asyncio.get_running_loop().create_future()
         try:
-            await asyncio.wait_for(asyncio.shield(self._registered), REGISTER_WAIT_S)
+            left = self._registered_by - time.monotonic()
+            await asyncio.wait_for(asyncio.shield(self._registered), max(left, 0.0))
         except asyncio.TimeoutError:
             if self._unregistered:
                 log.warning("hub: ingest shard(s) %s gave no fingerprints in %.0f s after this hub restarted; "
                             "ids are admitted without them", sorted(self._unregistered), REGISTER_WAIT_S)
                 self._unregistered.clear()
+            if not self._registered.done():
+                self._registered.set_result(None)
 
     async def register(self, uids: list[str], fps: list[str], shard: int | None = None) -> None:
         """The fingerprints of ids admitted before this shard restarted (``Ingest.reregister``), from ingest

@@ -194,10 +194,10 @@ class HttpBase:
     standard_tier = ""  # what the provider calls its standard tier in a request
 
     def _pinned(self, body: dict[str, Any], base_url: str) -> dict[str, Any]:
-        """``body`` asking for the standard tier where it names none: at "auto" (both providers' default) a
+        """``body`` asking for the standard tier where it names none or "auto" (both providers' default): there a
         project or organisation with priority capacity is billed its priority prices, which the catalog does
         not hold (a hunt: a call answered at "priority" was counted at the standard price)."""
-        if "service_tier" in body or urlsplit(base_url).hostname != self.home_host:
+        if body.get("service_tier") not in (None, "auto") or urlsplit(base_url).hostname != self.home_host:
             return body
         return {**body, "service_tier": self.standard_tier}
 

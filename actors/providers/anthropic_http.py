@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -24,6 +23,7 @@ from engine.core.errors import ProviderError
 from engine.core.grouping import PrefixWarmth, WarmNote
 from engine.core.provider_api import BatchState, CallJob, CallOutcome, Usage, idempotency_key
 from engine.core.responses_input import as_messages
+from engine.core.tool_calls import answer_output
 
 __all__ = ["AnthropicProvider"]
 
@@ -41,15 +41,10 @@ def _usage(u: Mapping | None) -> Usage:
 
 
 def _text(msg: Mapping) -> tuple[str | None, list | None]:
-    """(output, tool_calls): the text, and the ``tool_use`` blocks; with calls and no text, ``output`` carries them
-    as JSON too (a hunt: the calls were dropped, and a copy answered from the cache got nothing usable)."""
+    """(output, tool_calls): the text, and the ``tool_use`` blocks (``answer_output``)."""
     content = msg.get("content") or []
     parts = [c.get("text", "") for c in content if c.get("type") == "text"]
-    calls = [c for c in content if c.get("type") == "tool_use"]
-    text = "".join(parts) if parts else None
-    if not calls:
-        return text, None
-    return (json.dumps(calls) if text is None else text), calls
+    return answer_output("".join(parts) if parts else None, [c for c in content if c.get("type") == "tool_use"])
 
 
 class AnthropicProvider(HttpBase):

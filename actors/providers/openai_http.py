@@ -15,6 +15,7 @@ from actors.providers._wire import message_parts
 from engine.core.errors import ProviderError
 from engine.core.provider_api import BatchState, CallJob, CallOutcome, Usage, idempotency_key
 from engine.core.responses_input import as_messages
+from engine.core.tool_calls import answer_output
 
 __all__ = ["OpenAIProvider"]
 
@@ -39,34 +40,26 @@ def _usage_responses(u: Mapping | None) -> Usage:
 
 
 # Responses output items the caller runs (the provider's own tools, e.g. web search, are results, not calls).
-_CALL_ITEMS = frozenset({"function_call", "custom_tool_call", "computer_call", "local_shell_call"})
-
-
-def _answer(text: str | None, calls: list) -> tuple[str | None, list | None]:
-    """(output, tool_calls): an answer with calls and no text carries them as JSON in ``output`` too (a hunt: a
-    call was dropped, and a copy answered from the cache got nothing usable)."""
-    if not calls:
-        return text, None
-    return (json.dumps(calls) if text is None else text), calls
+_CALL_ITEMS = frozenset({"function_call", "custom_tool_call"})
 
 
 def _text_chat(body: Mapping) -> tuple[str | None, list | None]:
     choices = body.get("choices") or []
     msg = (choices[0] or {}).get("message") or {} if choices else {}
-    return _answer(msg.get("content"), list(msg.get("tool_calls") or []))
+    return answer_output(msg.get("content"), list(msg.get("tool_calls") or []))
 
 
 def _text_responses(body: Mapping) -> tuple[str | None, list | None]:
     items = body.get("output") or []
     calls = [item for item in items if item.get("type") in _CALL_ITEMS]
     if isinstance(body.get("output_text"), str):
-        return _answer(body["output_text"], calls)
+        return answer_output(body["output_text"], calls)
     parts = []
     for item in items:
         for c in item.get("content") or []:
             if c.get("type") == "output_text":
                 parts.append(c.get("text", ""))
-    return _answer("".join(parts) if parts else None, calls)
+    return answer_output("".join(parts) if parts else None, calls)
 
 
 def _as_made(job: CallJob, raw: Mapping, spec) -> CallJob:
@@ -138,8 +131,8 @@ class OpenAIProvider(HttpBase):
         if route == "/v1/images/generations":
             data = (raw.get("data") or [{}])[0]
             u = raw.get("usage") or {}  # the prompt's text tokens, billed beside the image (gpt-image-1)
-            usage = Usage(int((u.get("input_tokens_details") or {}).get("text_tokens") or u.get("input_tokens") or 0),
-                          int(u.get("output_tokens") or 0))
+            # Its output is priced per image: its image tokens would only weigh on the text models' token gate.
+            usage = Usage(int((u.get("input_tokens_details") or {}).get("text_tokens") or u.get("input_tokens") or 0), 0)
             output = data.get("b64_json") or data.get("url")
             job = _as_made(job, raw, self.spec.models[job.req.model])
         elif route == "/v1/responses":

@@ -199,8 +199,7 @@ def from_openai_batch(path: str | Path, *, window_s: float = 86400.0, tenant: st
 
 # --- the output and error files -----------------------------------------------------------------------------
 
-def _req_id(tenant: str, custom_id: str) -> str:
-    # Deterministic, so a rerun of the same file names its lines the same way.
+def _req_id(tenant: str, custom_id: str) -> str:  # deterministic: a rerun of the file names its lines alike
     text = f"{len(tenant)}:{tenant}/{custom_id}".encode("utf-8", "surrogatepass")
     return "batch_req_" + hashlib.sha256(text).hexdigest()[:32]
 
@@ -230,8 +229,9 @@ def response_body(url: str, req: Request, res: Result, created: int = 0) -> dict
                 "status": "completed", "error": None, "incomplete_details": None, "instructions": None,
                 "metadata": {}, "temperature": None, "top_p": None, "tools": [], "tool_choice": "auto",
                 "parallel_tool_calls": True,
-                "output": [{"type": "message", "id": f"msg_{rid}", "status": "completed", "role": "assistant",
-                            "content": [{"type": "output_text", "text": said or "", "annotations": []}]},
+                "output": [*([] if calls and said is None else [  # calls alone: no empty message, as the API
+                    {"type": "message", "id": f"msg_{rid}", "status": "completed", "role": "assistant",
+                     "content": [{"type": "output_text", "text": said or "", "annotations": []}]}]),
                            *as_response_items(calls)],
                 "usage": {"input_tokens": n_in, "output_tokens": n_out, "total_tokens": n_in + n_out,
                           "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},

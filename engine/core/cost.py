@@ -266,6 +266,8 @@ def reserve_bound(req: Request, catalog: Catalog, mode: Mode, output_tokens: int
             # Sent without a quality, the image is made at the provider's default, "auto": the provider picks,
             # and it may pick the dearest (a helper's fault hunt: reserved at medium, billed up to 4x that).
             req = req.model_copy(update={"params": {**req.params, "quality": "auto"}})
+        if spec.prompt_per_mtok and not spec.gpu_priced:  # its prompt at most one token per byte, as text's
+            return _media_price(provider, spec, req, mode, input_bound(req, spec)).total
         return price_alone(req, catalog, "sync" if mode == "gpu_batch" else mode).total
     f = mode_factor(provider, mode)
     pc = provider.prompt_cache

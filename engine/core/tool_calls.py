@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-__all__ = ["as_chat_calls", "as_response_items", "answer_text"]
+__all__ = ["answer_output", "answer_text", "as_chat_calls", "as_response_items", "calls_bytes"]
 
 
 def _name_args(item: dict) -> tuple[str, str, str, str]:
@@ -43,6 +43,19 @@ def as_response_items(items: list[dict]) -> list[dict[str, Any]]:
             out.append({"type": "function_call", "id": f"fc_{k}", "call_id": cid, "name": name, "arguments": args,
                         "status": "completed"})
     return out
+
+
+def answer_output(text: str | None, calls: list) -> tuple[str | None, list | None]:
+    """(output, tool_calls) of an answer: with calls and no text, ``output`` carries them as JSON too (a hunt: the
+    calls were dropped, and a copy answered from the cache got nothing usable)."""
+    if not calls:
+        return text, None
+    return (json.dumps(calls) if text is None else text), calls
+
+
+def calls_bytes(calls: list | None) -> int:
+    """What a result's calls weigh in memory, for the caches' byte limits (their arguments can be large)."""
+    return len(json.dumps(calls)) if calls else 0
 
 
 def answer_text(output: str | None, tool_calls: list | None) -> str | None:

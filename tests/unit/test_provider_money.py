@@ -12,7 +12,7 @@ from actors.providers._http import _never_connected
 from actors.providers.openai_http import OpenAIProvider
 from engine.core.catalog import default_catalog
 from engine.core.clock import ManualClock
-from engine.core.cost import input_bound, reserve_bound
+from engine.core.cost import input_bound, price_usage, reserve_bound
 from engine.core.provider_api import CallJob, Secret
 from engine.core.request import Request, validation_context
 from engine.core.settings import ProviderEndpoint, Settings
@@ -43,8 +43,10 @@ def test_an_image_sent_without_a_quality_is_reserved_at_the_dearest_and_billed_a
     # each beside the prompt's text tokens (an answer without usage: the request's estimate, 3 tokens)
     prompt = make(model="gpt-image-1", prompt="a red fox").input_tokens * 5.0 / 1e6
     for asked in ({}, {"quality": "auto"}):
+        # reserved with the prompt at one token a byte at most, as text is (the estimate is no bound; a review)
+        bound = input_bound(make(model="gpt-image-1", prompt="a red fox"), CAT.model("openai", "gpt-image-1"))
         assert reserve_bound(make(model="gpt-image-1", prompt="a red fox", params=asked), CAT, "sync") == \
-            pytest.approx(by_quality["high"]["1024x1024"] + prompt)
+            pytest.approx(by_quality["high"]["1024x1024"] + bound * 5.0 / 1e6)
         assert counted(asked, "high") == pytest.approx(by_quality["high"]["1024x1024"] + prompt)
         assert counted(asked, "low") == pytest.approx(by_quality["low"]["1024x1024"] + prompt)
     # A quality asked is the one billed, whatever the answer's field; an answer that names none keeps the price
@@ -185,3 +187,14 @@ def test_an_image_quality_the_model_does_not_offer_is_refused_naming_it():
         make(model="gpt-image-1", kind="image", prompt="a cat", params={"quality": "ultra"})
     assert make(model="gpt-image-1", kind="image", prompt="a cat", params={"quality": "high"}).params["quality"] == "high"
     assert make(model="gpt-image-1", kind="image", prompt="a cat", body={"prompt": "a cat", "quality": "auto"})
+
+
+@pytest.mark.parametrize("prompt,tokens_given", [("猫" * 8000, None), ("7" * 20000, None), ("a" * 20000, 1)])
+def test_an_images_prompt_is_reserved_at_no_less_than_its_answer_can_count(prompt, tokens_given):
+    """gpt-image-1's prompt tokens are counted from the answer: reserved on the estimate (a quarter of the
+    characters, or the caller's own count), dense prompts were counted up to 10x what was reserved (a review)."""
+    d = {"model": "gpt-image-1", "prompt": prompt, "params": {"quality": "low"}}
+    r = make(**d, **({} if tokens_given is None else {"input_tokens": tokens_given}))
+    worst = len(prompt.encode())  # at most one token per byte, whatever the tokenizer
+    counted = price_usage(r, CAT, "sync", input_tokens=worst, output_tokens=0).total
+    assert reserve_bound(r, CAT, "sync") >= counted

@@ -222,6 +222,27 @@ def test_a_restarted_hub_shard_admits_nothing_until_the_ingest_shards_gave_their
     asyncio.run(go())
 
 
+def test_a_restarted_hub_shard_whose_registrations_never_come_admits_in_arrival_order_at_its_deadline(monkeypatch):
+    """No driver rewires it: at ``REGISTER_WAIT_S`` every waiting admit goes on, in the order they came. One that
+    timed out alone let later ones pass while earlier ones waited on, and the first content lost its id (a review)."""
+    from actors import hub as hub_module
+
+    monkeypatch.setattr(hub_module, "REGISTER_WAIT_S", 0.2)
+
+    async def go():
+        hub = ResultHub(ingests=2)
+        hub.reconstructed()
+        a = asyncio.ensure_future(hub.admit("A", ["x"], ["fpA"]))
+        await asyncio.sleep(0.1)
+        b = asyncio.ensure_future(hub.admit("B", ["y"], ["fpB"]))  # the first to ask for y
+        await asyncio.sleep(0)
+        assert not a.done() and not b.done()  # both held
+        assert (await a)[0] == []  # the deadline: A goes on ...
+        c = await hub.admit("C", ["y"], ["fpC"])  # ... and so does B, before C, which waits no more
+        assert b.done() and (await b)[0] == [] and c[0] == ["y"]  # the first comer keeps the id
+    asyncio.run(go())
+
+
 def test_followers_of_a_request_rerouted_to_another_class_are_released_at_the_cache_shard_that_holds_them():
     from actors import Grouper
     from actors._types import Job
