@@ -114,17 +114,18 @@ class Smart(GpuLane, Policy):
                 # is on time with P >= band_p whatever the deadline, so those share one band: a hedge, rare,
                 # only sends a long-deadline member back to the policy for another batch, and the turns of one
                 # conversation (priorities drawn per turn) meet in one batch, where they share a prefix write.
-                band_s = req.deadline_s
-                conversation = self._shares_prefix(req, provider, spec)
-                if conversation:
-                    band_s = min(band_s, self._band_cap_of(provider))
+                band_s, left = req.deadline_s, req.deadline_at - now
+                if conversation := self._shares_prefix(req, provider, spec):
+                    band_s, left = min(band_s, cap := self._band_cap_of(provider)), min(left, cap)
                 bucket = int(math.log2(max(band_s, 1.0)))
                 if returned:
                     # Back from a dispatch (a batch cancelled late, a failed attempt): apart from fresh requests,
                     # whose gathering its old arrival would cut short and whose batch its near hedge would cancel
                     # early; with the members of its batch, which come back in the same second, banded by the
-                    # time they have left (one due soon would hedge the others early again).
-                    return ("batch", compat, ("back", math.floor(now), int(math.log2(max(req.deadline_at - now, 1.0)))))
+                    # time they have left (one due soon would hedge the others early again), up to the band cap
+                    # as fresh ones are: past it, a conversation's normal and background turns went to two
+                    # batches, each writing their prefix again (a review: $2.40 on Mooncake's seed 0).
+                    return ("batch", compat, ("back", math.floor(now), int(math.log2(max(left, 1.0)))))
                 if conversation and self.params.conversation_groups:
                     # Two requests can share a cache read only if they start with the same cacheable run, so
                     # a group per run loses no sharing and gathers from its own first turn.

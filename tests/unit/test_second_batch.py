@@ -121,6 +121,27 @@ def test_members_back_from_a_batch_are_told_apart_by_the_runtime_not_by_their_ag
     assert back[2][:2] == ("back", 1500) and pol.arrival_key(back) is None
 
 
+def test_a_conversations_normal_and_background_turns_back_from_one_batch_ride_the_next_one_together():
+    """Fresh, a conversation's turns share a batch across priorities (their band is capped), so their prefix is
+    written once; back from a cancelled batch they were banded by the time each had left, so the normal turn and
+    the background turn went to two batches, each writing the prefix again (a review: $2.40 on Mooncake's seed 0;
+    capped as fresh ones are, smart's mean over seeds 0-11 fell $0.55-0.63)."""
+    from engine.core.features import compat_key
+
+    pol = load_policy("smart", CAT)
+    blocks = list(range(100, 140))  # 40 shared blocks: a long conversation at Sonnet, cacheable
+    normal, background = (Request.model_validate({
+        "id": name, "arrival_s": 0.0, "model": "claude-sonnet-4-5", "prompt": name, "input_tokens": 40 * 512 + 300,
+        "output_tokens": 200, "prefix_blocks": blocks, "deadline_s": deadline}) for name, deadline in
+        (("normal", 3_600.0), ("background", 86_400.0)))
+    now = 1_500.5  # both back in the same second, one with ~2,100 s left and one with ~85,000 s
+    keys = [pol.group_key(r, compat_key(r), now, returned=True) for r in (normal, background)]
+    assert keys[0] == keys[1] and keys[0][2][:2] == ("back", 1500)
+    other = normal.model_copy(update={"prefix_blocks": []})  # no shared prefix: still apart by time left
+    assert pol.group_key(other, compat_key(other), now, returned=True) != pol.group_key(
+        background.model_copy(update={"prefix_blocks": []}), compat_key(other), now, returned=True)
+
+
 def test_a_lone_member_back_from_its_checkpoint_rides_its_second_batch():
     """The first batch was judged with the chance of two; at the checkpoint the second one is not judged again
     by value of time (a lone cheap request would fail it and go sync, after giving up the first batch's chance
