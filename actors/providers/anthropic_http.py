@@ -40,6 +40,11 @@ def _usage(u: Mapping | None) -> Usage:
     return Usage(int(u.get("input_tokens") or 0) + read + write, int(u.get("output_tokens") or 0), read, write)
 
 
+# Anthropic's stop_reason in OpenAI chat's words (``Result.finish``): a cut answer must read as cut.
+_FINISH = {"end_turn": "stop", "stop_sequence": "stop", "pause_turn": "stop", "max_tokens": "length",
+           "model_context_window_exceeded": "length", "tool_use": "tool_calls", "refusal": "content_filter"}
+
+
 def _text(msg: Mapping) -> tuple[str | None, list | None]:
     """(output, tool_calls): the text, and the ``tool_use`` blocks (``answer_output``)."""
     content = msg.get("content") or []
@@ -126,7 +131,7 @@ class AnthropicProvider(HttpBase):
         output, calls = _text(msg)
         return CallOutcome(True, self.clock.now(), self._priced(job, usage, mode), output=output, usage=usage,
                            provider_request_id=rid or msg.get("id"), raw=msg, real=True, warm_blocks=warm,
-                           tool_calls=calls)
+                           tool_calls=calls, finish=_FINISH.get(msg.get("stop_reason") or ""))
 
     def sync_body(self, job: CallJob) -> dict[str, Any]:
         return self._pinned(self.body(job, self._warm_blocks(job)), str(self.client.base_url))

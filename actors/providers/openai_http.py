@@ -49,6 +49,19 @@ def _text_chat(body: Mapping) -> tuple[str | None, list | None]:
     return answer_output(msg.get("content"), list(msg.get("tool_calls") or []))
 
 
+def _finish_chat(body: Mapping) -> str | None:
+    choices = body.get("choices") or []
+    said = (choices[0] or {}).get("finish_reason") if choices else None
+    return "tool_calls" if said == "function_call" else said
+
+
+def _finish_responses(body: Mapping, calls: list | None) -> str:
+    if body.get("status") == "incomplete":
+        why = (body.get("incomplete_details") or {}).get("reason")
+        return "content_filter" if why == "content_filter" else "length"
+    return "tool_calls" if calls else "stop"
+
+
 def _text_responses(body: Mapping) -> tuple[str | None, list | None]:
     items = body.get("output") or []
     calls = [item for item in items if item.get("type") in _CALL_ITEMS]
@@ -127,7 +140,7 @@ class OpenAIProvider(HttpBase):
     def _outcome(self, job: CallJob, route: str, raw: dict, rid: str | None, mode: str) -> CallOutcome:
         now = self.clock.now()
         self._check_tier(raw.get("service_tier"))
-        calls = None
+        calls = finish = None
         if route == "/v1/images/generations":
             data = (raw.get("data") or [{}])[0]
             u = raw.get("usage") or {}  # the prompt's text tokens, billed beside the image (gpt-image-1)
@@ -137,10 +150,11 @@ class OpenAIProvider(HttpBase):
             job = _as_made(job, raw, self.spec.models[job.req.model])
         elif route == "/v1/responses":
             usage, (output, calls) = _usage_responses(raw.get("usage")), _text_responses(raw)
+            finish = _finish_responses(raw, calls)
         else:
-            usage, (output, calls) = _usage_chat(raw.get("usage")), _text_chat(raw)
+            usage, (output, calls), finish = _usage_chat(raw.get("usage")), _text_chat(raw), _finish_chat(raw)
         return CallOutcome(True, now, self._priced(job, usage, mode), output=output, usage=usage,
-                           provider_request_id=rid or raw.get("id"), raw=raw, real=True, tool_calls=calls,
+                           provider_request_id=rid or raw.get("id"), raw=raw, real=True, tool_calls=calls, finish=finish,
                            warm_blocks=self._warm_of(job, usage) if route != "/v1/images/generations" else 0)
 
     def sync_body(self, job: CallJob) -> dict[str, Any]:

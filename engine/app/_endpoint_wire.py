@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import math
+import re
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -132,14 +133,19 @@ class Validator:
             return Request.model_validate({**d, "arrival_s": 0.0}, context=self._ctx)
         except ValidationError as exc:
             field, message = next(iter(_problems_of(exc, "the request")), ("request", str(exc)))
-            raise refused(field, f"field '{field}': {message}", param_of) from None
+            # OpenAI's code for a prompt past the model's window, which applications catch to shorten and retry
+            code = "context_length_exceeded" if _PAST_WINDOW.search(message) else None
+            raise refused(field, f"field '{field}': {message}", param_of, code) from None
 
 
-def refused(field: str, message: str, param_of: Callable[[str], str | None]) -> ApiError:
+_PAST_WINDOW = re.compile(r"exceeds \S+'s (context window|input limit) of")  # engine.core.request._check_window
+
+
+def refused(field: str, message: str, param_of: Callable[[str], str | None], code: str | None = None) -> ApiError:
     header = _HEADER_OF.get(field)
     if header is not None:
-        return ApiError(400, f"header {header}: {message}", param=header)
-    return ApiError(400, message, param=param_of(field))
+        return ApiError(400, f"header {header}: {message}", param=header, code=code)
+    return ApiError(400, message, param=param_of(field), code=code)
 
 
 async def engine_call(call: Any, param_of: Callable[[str], str | None]) -> Any:

@@ -118,8 +118,13 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
     if api_key_sha256 is not None:
         _ask_for_key(app, api_key_sha256)
     validator = Validator(catalog, engine.settings)
+    known = {m for p in catalog.providers.values() for m in p.models}
 
     async def generate(http: HttpRequest, body: dict[str, Any], url: str) -> JSONResponse:
+        model = body.get("model")
+        if isinstance(model, str) and model and model not in known:  # as OpenAI answers: apps fall back on it
+            raise ApiError(404, f"The model '{model}' does not exist; GET /v1/models lists the catalog's models",
+                           param="model", code="model_not_found")
         fields = smartbatch_fields(http.headers)
         rid = http.headers.get(HEADER_REQUEST_ID)
         if rid is not None and not rid.strip():

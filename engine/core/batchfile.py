@@ -29,6 +29,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from engine.core.answer_body import response_body
 from engine.core.budgets import parse_duration
 from engine.core.catalog import Catalog, default_catalog
 from engine.core.cost import price_alone
@@ -37,7 +38,6 @@ from engine.core.files import write_atomic
 from engine.core.request import Request, validation_context
 from engine.core.result import CANCELLED, Result, why_not
 from engine.core.settings import MAX_DEADLINE_S, Settings
-from engine.core.tool_calls import answer_text, as_chat_calls, as_response_items
 from engine.core.trace import Trace, _problems_of, decode_lines, read_lines
 
 __all__ = ["BatchFile", "BatchLine", "answered_lines", "error_line", "from_openai_batch", "list_price_usd", "output_line",
@@ -202,45 +202,6 @@ def from_openai_batch(path: str | Path, *, window_s: float = 86400.0, tenant: st
 def _req_id(tenant: str, custom_id: str) -> str:  # deterministic: a rerun of the file names its lines alike
     text = f"{len(tenant)}:{tenant}/{custom_id}".encode("utf-8", "surrogatepass")
     return "batch_req_" + hashlib.sha256(text).hexdigest()[:32]
-
-
-def _in_shape(url: str, raw: dict) -> bool:
-    if url == "/v1/images/generations":
-        return isinstance(raw.get("data"), list)
-    return raw.get("object") == ("response" if url == "/v1/responses" else "chat.completion")
-
-
-def response_body(url: str, req: Request, res: Result, created: int = 0) -> dict:
-    """The response body of one line: the provider's raw body when it was called over HTTP and answered in
-    ``url``'s shape, else one built in that shape from the result's output and usage (simulated providers,
-    reuse, and a provider with a wire format of its own, e.g. Anthropic's messages in an OpenAI batch file)."""
-    if res.raw is not None and _in_shape(url, res.raw):
-        return res.raw
-    usage = res.usage or {}
-    n_in, n_out = int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0))
-    rid = hashlib.sha256(f"{res.uid}".encode()).hexdigest()[:24]
-    calls, said, text = res.tool_calls or [], answer_text(res.output, res.tool_calls), res.output or ""
-    if url == "/v1/images/generations":
-        item = {"url": text} if "://" in text else {"b64_json": text}
-        return {"created": created, "data": [item]}
-    if url == "/v1/responses":  # every field the SDK's Response type requires (strict validation passes)
-        cached = int(usage.get("cache_read", 0))
-        return {"id": f"resp_{rid}", "object": "response", "created_at": created, "model": res.model or req.model,
-                "status": "completed", "error": None, "incomplete_details": None, "instructions": None,
-                "metadata": {}, "temperature": None, "top_p": None, "tools": [], "tool_choice": "auto",
-                "parallel_tool_calls": True,
-                "output": [*([] if calls and said is None else [  # calls alone: no empty message, as the API
-                    {"type": "message", "id": f"msg_{rid}", "status": "completed", "role": "assistant",
-                     "content": [{"type": "output_text", "text": said or "", "annotations": []}]}]),
-                           *as_response_items(calls)],
-                "usage": {"input_tokens": n_in, "output_tokens": n_out, "total_tokens": n_in + n_out,
-                          "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
-                          "output_tokens_details": {"reasoning_tokens": 0}}}
-    return {"id": f"chatcmpl-{rid}", "object": "chat.completion", "created": created, "model": res.model or req.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": said if calls else text,
-                                                 **({"tool_calls": as_chat_calls(calls)} if calls else {})},
-                         "finish_reason": "tool_calls" if calls else "stop"}],
-            "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}}
 
 
 def output_line(line: BatchLine, res: Result, *, created: int = 0, raw: dict | None = None,

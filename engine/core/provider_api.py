@@ -75,6 +75,7 @@ class CallOutcome(NamedTuple):
     # billing nothing again; ``cost`` is that earlier call's, which this engine counts only if it never had it.
     replayed: bool = False
     tool_calls: list | None = None  # the tool calls of the answer, as the provider gave them (``Result.tool_calls``)
+    finish: str | None = None  # how the answer ended (``Result.finish``)
 
 
 class BatchState(NamedTuple):

@@ -33,6 +33,9 @@ class Result(BaseModel):
     # The tool calls of the answer, as the provider gave them: OpenAI chat's ``tool_calls`` items, Responses'
     # ``function_call`` (and ``custom_tool_call``) items, Anthropic's ``tool_use`` blocks. None: no call.
     tool_calls: list[dict] | None = None
+    # How the answer ended: "stop", "length" (cut at its output cap), "tool_calls" or "content_filter", in OpenAI
+    # chat's words whichever provider made it; None: not said (simulated).
+    finish: str | None = None
     usage: dict[str, int] | None = None  # the provider's token counts (input, output, cached, cache_write)
     provider_request_id: str | None = None  # the provider's id of the call, or of the batch that carried it
     raw: dict | None = None  # the provider's whole response body (HTTP providers only)

@@ -33,7 +33,7 @@ def ok_result(req, *, at: float, cost: float, mode: str, batch_id: str | None, r
     usage = out.usage if out is not None else None
     return Result(id=req.id, tenant=req.tenant, status="ok",
                   output=out.output if out is not None else f"sim://{req.provider}/{req.model}/{req.id}",
-                  tool_calls=out.tool_calls if out is not None else None,
+                  tool_calls=out.tool_calls if out is not None else None, finish=out.finish if out is not None else None,
                   cost_usd=cost, usage=usage.as_dict() if usage is not None else None,
                   provider_request_id=out.provider_request_id if out is not None else None,
                   raw=out.raw if out is not None else None, real=out is not None and out.real, mode=mode,
@@ -61,14 +61,14 @@ def refused_result(req, *, at: float, status: Status, error: str, reason: str = 
 
 def reused_result(req, *, at: float, hit: str, source_id: str, output: str | None,
                   similarity: float | None = None, made_by: tuple[str, str] | None = None,
-                  tool_calls: list | None = None) -> Result:
+                  tool_calls: list | None = None, finish: str | None = None) -> Result:
     """A request answered from the result of ``source_id`` (exact, in flight or near), free. ``made_by``: the
     (provider, model) that made the output, where it is not the request's (a leader rerouted to its fallback)."""
     why = f"reused {hit} result of {source_id}" + (f" (cosine {similarity:.3f})" if similarity is not None else "")
     provider, model = made_by or (req.provider, req.model)
     if made_by is not None and made_by != (req.provider, req.model):
         why += f", made by the fallback model {provider}/{model}"
-    return Result(id=req.id, tenant=req.tenant, status="reused", output=output, tool_calls=tool_calls, cost_usd=0.0,
-                  mode="reuse", hit=hit,
+    return Result(id=req.id, tenant=req.tenant, status="reused", output=output, tool_calls=tool_calls, finish=finish,
+                  cost_usd=0.0, mode="reuse", hit=hit,
                   provider=provider, model=model, arrival_s=req.arrival_s, done_s=at,
                   deadline_met=req.met_by(at), reason=why)

@@ -318,7 +318,7 @@ def test_a_body_nested_too_deeply_is_a_400_in_openais_shape(served):
 
 def test_a_bad_body_is_a_400_naming_the_field(served):
     _, client = served
-    with pytest.raises(openai.BadRequestError) as exc:
+    with pytest.raises(openai.NotFoundError) as exc:  # as OpenAI answers an unknown model (since stop 56)
         client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
     assert exc.value.param == "model" and "no-such-model" in exc.value.message
     with pytest.raises(openai.BadRequestError) as exc:
@@ -408,6 +408,27 @@ def test_images_come_back_in_openais_shape(served):
     with pytest.raises(openai.BadRequestError) as exc:  # a text model on the images route
         client.images.generate(model="gpt-5-mini", prompt="a fox")
     assert exc.value.param == "model"
+
+
+def test_an_unknown_model_is_a_404_model_not_found_and_a_prompt_past_the_window_says_context_length_exceeded(
+        served):
+    """As OpenAI answers, and as applications catch to fall back or to shorten the prompt: both were 400s with no
+    code (a helper's hunt with the SDK)."""
+    eng, client = served
+    before = len(eng.seen)
+    for call in (lambda: client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "hi"}]),
+                 lambda: client.responses.create(model="gpt-9", input="hi"),
+                 lambda: client.images.generate(model="dall-e-9", prompt="a fox")):
+        with pytest.raises(openai.NotFoundError) as exc:
+            call()
+        assert (exc.value.code, exc.value.param) == ("model_not_found", "model")
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "x " * 300_000}])
+    assert exc.value.code == "context_length_exceeded" and exc.value.param == "messages"
+    with pytest.raises(openai.BadRequestError) as exc:  # another refusal keeps no code
+        client.chat.completions.create(model="gpt-5-mini", messages=[{"role": "user", "content": "hi"}],
+                                       temperature=9)
+    assert exc.value.code is None and len(eng.seen) == before  # none of them reached the engine
 
 
 def test_models_list_the_catalog(served):

@@ -40,6 +40,7 @@ from tests.unit.test_http_providers import (
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:The model .* is deprecated:DeprecationWarning")
+MODEL_OF = {"openai": "gpt-4o-mini", "anthropic": "claude-haiku-4-5"}
 
 
 @pytest.fixture
@@ -294,3 +295,58 @@ def test_a_batch_the_provider_failed_whole_says_why_and_hands_every_member_back(
         assert "token_limit_exceeded: Enqueued token limit reached" in said
     finally:
         asyncio.run(p.close())
+
+
+# -- how an answer ended -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_an_answer_cut_at_its_cap_says_so_and_so_does_a_copy_of_it_from_the_cache(emu, provider):
+    """The endpoint answered "stop" (Responses: "completed") for answers cut at their cap whenever it built the
+    body itself: from another provider's answer, and for every copy from the cache, which had no end to carry. An
+    application that continues a cut answer kept it (a hunt with the SDK)."""
+    model = MODEL_OF[provider]
+    body = {"messages": [{"role": "user", "content": "tell me everything"}],
+            ("max_completion_tokens" if provider == "openai" else "max_tokens"): 5}
+    r = Request.model_validate({"id": f"cut-{provider}", "arrival_s": 0.0, "model": model, "body": body,
+                                "output_tokens": 5})
+    j = Job(0, r, fingerprint(r))
+
+    async def go():
+        rig = Rig(emu, provider)
+        try:
+            await rig.run("sync", [j])
+            return await rig.until(lambda: rig.results.get(r.id), "the result")
+        finally:
+            await rig.close()
+
+    res = asyncio.run(go())
+    assert res.status == "ok" and res.finish == "length", res
+    copy = res.model_copy(update={"status": "reused", "raw": None})  # as the cache hands it out
+    chat = response_body("/v1/chat/completions", r, copy)["choices"][0]
+    assert chat["finish_reason"] == "length"
+    asked = r.model_copy(update={"body": {"input": "tell me everything", "max_output_tokens": 16,
+                                          "instructions": "be brief"}})
+    resp = response_body("/v1/responses", asked, copy)
+    assert resp["status"] == "incomplete" and resp["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert (resp["instructions"], resp["max_output_tokens"]) == ("be brief", 16)  # echoed, as the API does
+    done = copy.model_copy(update={"finish": "stop"})
+    assert response_body("/v1/responses", asked, done)["status"] == "completed"
+    assert response_body("/v1/chat/completions", r, done)["choices"][0]["finish_reason"] == "stop"
+
+
+def test_a_reused_answer_keeps_how_it_ended():
+    async def go():
+        hub = ResultHub()
+        cache = ResultCache(ReuseSettings(exact=True, in_flight=True, near=False), hub, ManualClock(5.0))
+        first = tool_job("anthropic", "messages", "sync")
+        again = Job(1, first.req.model_copy(update={"id": "again"}), first.fp)
+        assert await cache.lookup([first]) == [0]
+        await cache.complete([(first.fp, Result(id=first.req.id, status="ok", output="cut sho", finish="length",
+                                                cost_usd=0.01, mode="sync", provider="anthropic",
+                                                model=first.req.model, done_s=1.0))])
+        await hub.pull(0.01)
+        assert await cache.lookup([again]) == []
+        (hit,) = await hub.pull(0.01)
+        return hit
+
+    hit = asyncio.run(go())
+    assert hit.status == "reused" and hit.finish == "length"

@@ -1,0 +1,60 @@
+"""The body of an answer in the shape of the OpenAI API a caller used (chat completions, Responses, images): what
+the OpenAI-compatible endpoint and batch files return for a request, whichever provider made it, or the cache."""
+
+from __future__ import annotations
+
+import hashlib
+
+from engine.core.request import Request
+from engine.core.result import Result
+from engine.core.tool_calls import answer_text, as_chat_calls, as_response_items
+
+__all__ = ["response_body"]
+
+
+def _in_shape(url: str, raw: dict) -> bool:
+    if url == "/v1/images/generations":
+        return isinstance(raw.get("data"), list)
+    return raw.get("object") == ("response" if url == "/v1/responses" else "chat.completion")
+
+
+def response_body(url: str, req: Request, res: Result, created: int = 0) -> dict:
+    """The response body of one line: the provider's raw body when it was called over HTTP and answered in
+    ``url``'s shape, else one built in that shape from the result's output, calls, end and usage (simulated
+    providers, reuse, and a provider with a wire format of its own, e.g. Anthropic's messages in an OpenAI batch
+    file). An answer cut at its cap says so (``finish_reason: "length"``, Responses ``status: "incomplete"``):
+    read as finished, an application that continues a cut answer kept it (a hunt)."""
+    if res.raw is not None and _in_shape(url, res.raw):
+        return res.raw
+    usage = res.usage or {}
+    n_in, n_out = int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0))
+    rid = hashlib.sha256(f"{res.uid}".encode()).hexdigest()[:24]
+    calls, said, text = res.tool_calls or [], answer_text(res.output, res.tool_calls), res.output or ""
+    finish = res.finish or ("tool_calls" if calls else "stop")
+    if url == "/v1/images/generations":
+        item = {"url": text} if "://" in text else {"b64_json": text}
+        return {"created": created, "data": [item]}
+    if url == "/v1/responses":  # every field the SDK's Response type requires (strict validation passes)
+        cached = int(usage.get("cache_read", 0))
+        body = req.body or {}
+        cut = finish == "length"
+        status = "incomplete" if cut else "completed"
+        return {"id": f"resp_{rid}", "object": "response", "created_at": created, "model": res.model or req.model,
+                "status": status, "error": None,
+                "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
+                "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
+                "metadata": {}, "temperature": body.get("temperature"), "top_p": body.get("top_p"),
+                "tools": body.get("tools") or [], "tool_choice": body.get("tool_choice") or "auto",
+                "parallel_tool_calls": True,
+                "output": [*([] if calls and said is None else [  # calls alone: no empty message, as the API
+                    {"type": "message", "id": f"msg_{rid}", "status": status, "role": "assistant",
+                     "content": [{"type": "output_text", "text": said or "", "annotations": []}]}]),
+                           *as_response_items(calls)],
+                "usage": {"input_tokens": n_in, "output_tokens": n_out, "total_tokens": n_in + n_out,
+                          "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
+                          "output_tokens_details": {"reasoning_tokens": 0}}}
+    return {"id": f"chatcmpl-{rid}", "object": "chat.completion", "created": created, "model": res.model or req.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": said if calls else text,
+                                                 **({"tool_calls": as_chat_calls(calls)} if calls else {})},
+                         "finish_reason": finish}],
+            "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}}
