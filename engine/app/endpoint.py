@@ -62,8 +62,10 @@ from engine.app._endpoint_wire import (
     new_id,
     smartbatch_fields,
 )
-from engine.core.batchfile import list_price_usd, provider_status, response_body
+from engine.core.answer_body import response_body
+from engine.core.batchfile import list_price_usd, provider_status
 from engine.core.catalog import Catalog
+from engine.core.errors import CatalogError
 from engine.core.request import Request
 from engine.core.result import Result, why_not
 
@@ -123,8 +125,10 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
     async def generate(http: HttpRequest, body: dict[str, Any], url: str) -> JSONResponse:
         model = body.get("model")
         if isinstance(model, str) and model and model not in known:  # as OpenAI answers: apps fall back on it
-            raise ApiError(404, f"The model '{model}' does not exist; GET /v1/models lists the catalog's models",
-                           param="model", code="model_not_found")
+            try:
+                catalog.find_model(model)
+            except CatalogError as exc:  # its message names the close matches and the catalog overlay
+                raise ApiError(404, f"field 'model': {exc}", param="model", code="model_not_found") from None
         fields = smartbatch_fields(http.headers)
         rid = http.headers.get(HEADER_REQUEST_ID)
         if rid is not None and not rid.strip():

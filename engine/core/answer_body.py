@@ -18,6 +18,27 @@ def _in_shape(url: str, raw: dict) -> bool:
     return raw.get("object") == ("response" if url == "/v1/responses" else "chat.completion")
 
 
+_TOOL_CHOICES = ("auto", "none", "required")
+
+
+def _echoed(body: dict) -> dict:
+    """What a Responses body repeats of its request, where the request gave it in the Responses API's own shapes
+    (a text ``instructions``, function tools with their ``name`` at the top): another shape (a chat or Anthropic
+    body the engine took, text parts as instructions) would fail a strict reading of the answer (a review), so
+    the defaults stand for it."""
+    tools = body.get("tools") or []
+    own = "messages" not in body and all(isinstance(t, dict) and t.get("type") == "function" and "name" in t
+                                         for t in tools)
+    choice = body.get("tool_choice", "auto")
+    if not (choice in _TOOL_CHOICES or isinstance(choice, dict) and choice.get("type") == "function"
+            and "name" in choice):
+        choice = "auto"
+    instructions = body.get("instructions")
+    return {"instructions": instructions if isinstance(instructions, str) else None,
+            "max_output_tokens": body.get("max_output_tokens"), "temperature": body.get("temperature"),
+            "top_p": body.get("top_p"), "tools": tools if own else [], "tool_choice": choice if own else "auto"}
+
+
 def response_body(url: str, req: Request, res: Result, created: int = 0) -> dict:
     """The response body of one line: the provider's raw body when it was called over HTTP and answered in
     ``url``'s shape, else one built in that shape from the result's output, calls, end and usage (simulated
@@ -36,16 +57,12 @@ def response_body(url: str, req: Request, res: Result, created: int = 0) -> dict
         return {"created": created, "data": [item]}
     if url == "/v1/responses":  # every field the SDK's Response type requires (strict validation passes)
         cached = int(usage.get("cache_read", 0))
-        body = req.body or {}
-        cut = finish == "length"
+        cut = finish in ("length", "content_filter")
         status = "incomplete" if cut else "completed"
         return {"id": f"resp_{rid}", "object": "response", "created_at": created, "model": res.model or req.model,
                 "status": status, "error": None,
-                "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
-                "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
-                "metadata": {}, "temperature": body.get("temperature"), "top_p": body.get("top_p"),
-                "tools": body.get("tools") or [], "tool_choice": body.get("tool_choice") or "auto",
-                "parallel_tool_calls": True,
+                "incomplete_details": {"reason": "max_output_tokens" if finish == "length" else finish} if cut else None,
+                **_echoed(req.body or {}), "metadata": {}, "parallel_tool_calls": True,
                 "output": [*([] if calls and said is None else [  # calls alone: no empty message, as the API
                     {"type": "message", "id": f"msg_{rid}", "status": status, "role": "assistant",
                      "content": [{"type": "output_text", "text": said or "", "annotations": []}]}]),

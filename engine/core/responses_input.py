@@ -8,7 +8,7 @@ provider's body builder turns it into messages on the wire (``as_messages``), fo
 alike. What has no counterpart there is refused when the request is validated (``check_responses_body``),
 naming the field and the fix (the model's ``api: responses`` in a catalog overlay), never dropped: a dropped
 field changes the answer the caller paid for. A field at its default value changes nothing and is left out.
-The answer comes back in the Responses shape (``batchfile.response_body``)."""
+The answer comes back in the Responses shape (``answer_body.response_body``)."""
 
 from __future__ import annotations
 

@@ -316,7 +316,7 @@ def test_a_body_nested_too_deeply_is_a_400_in_openais_shape(served):
         assert error["type"] == "invalid_request_error" and "nested too deeply" in error["message"]
 
 
-def test_a_bad_body_is_a_400_naming_the_field(served):
+def test_a_bad_body_is_refused_naming_the_field(served):
     _, client = served
     with pytest.raises(openai.NotFoundError) as exc:  # as OpenAI answers an unknown model (since stop 56)
         client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])

@@ -333,20 +333,57 @@ def test_an_answer_cut_at_its_cap_says_so_and_so_does_a_copy_of_it_from_the_cach
     assert response_body("/v1/chat/completions", r, done)["choices"][0]["finish_reason"] == "stop"
 
 
-def test_a_reused_answer_keeps_how_it_ended():
+def test_a_reused_answer_keeps_how_it_ended_in_flight_and_from_the_store():
     async def go():
         hub = ResultHub()
         cache = ResultCache(ReuseSettings(exact=True, in_flight=True, near=False), hub, ManualClock(5.0))
         first = tool_job("anthropic", "messages", "sync")
-        again = Job(1, first.req.model_copy(update={"id": "again"}), first.fp)
+        follower, again = (Job(k, first.req.model_copy(update={"id": name}), first.fp)
+                           for k, name in ((1, "follower"), (2, "again")))
         assert await cache.lookup([first]) == [0]
+        assert await cache.lookup([follower]) == []  # follows the first, in flight
         await cache.complete([(first.fp, Result(id=first.req.id, status="ok", output="cut sho", finish="length",
                                                 cost_usd=0.01, mode="sync", provider="anthropic",
                                                 model=first.req.model, done_s=1.0))])
-        await hub.pull(0.01)
+        (followed,) = [r for r in await hub.pull(0.01) if r.id == "follower"]
         assert await cache.lookup([again]) == []
         (hit,) = await hub.pull(0.01)
-        return hit
+        return followed, hit
 
-    hit = asyncio.run(go())
-    assert hit.status == "reused" and hit.finish == "length"
+    followed, hit = asyncio.run(go())
+    assert (followed.hit, followed.finish) == ("in_flight", "length")
+    assert (hit.hit, hit.status, hit.finish) == ("exact", "reused", "length")
+
+
+def test_the_responses_apis_end_is_read_a_cut_or_filtered_answer_as_incomplete():
+    from actors.providers.openai_http import _finish_responses
+
+    cut = {"status": "incomplete", "incomplete_details": {"reason": "max_output_tokens"}}
+    assert _finish_responses(cut, None) == "length"
+    assert _finish_responses({**cut, "incomplete_details": {"reason": "content_filter"}}, None) == "content_filter"
+    assert _finish_responses({"status": "completed"}, [{"type": "function_call"}]) == "tool_calls"
+    assert _finish_responses({"status": "completed"}, None) == "stop"
+    req = Request.model_validate({"id": "q", "arrival_s": 0.0, "model": "gpt-5-mini", "prompt": "hi"})
+    filtered = response_body("/v1/responses", req, Result(id="q", status="reused", output="", finish="content_filter"))
+    assert filtered["status"] == "incomplete" and filtered["incomplete_details"] == {"reason": "content_filter"}
+
+
+@pytest.mark.parametrize("body", [
+    {"input": "hi", "instructions": "be brief", "tools": [{"type": "function", "name": "f", "parameters": {}}],
+     "tool_choice": {"type": "function", "name": "f"}},  # the Responses API's own shapes: echoed
+    {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required",
+     "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},  # a chat body
+    {"input": "hi", "tools": [{"name": "f", "input_schema": {"type": "object"}}], "tool_choice": {"type": "any"}},
+    {"input": "hi", "instructions": [{"type": "input_text", "text": "be brief"}]},  # text parts
+])
+def test_a_responses_body_echoes_only_what_its_type_reads(body):
+    """Echoing the request's tools and instructions as given made the body fail the SDK's ``Response`` type for
+    a chat body, Anthropic tools or text parts as instructions (a review)."""
+    from openai.types.responses import Response
+
+    req = Request.model_validate({"id": "q", "arrival_s": 0.0, "model": "gpt-5-mini", "body": body})
+    out = response_body("/v1/responses", req, Result(id="q", status="ok", output="hello", finish="stop"))
+    parsed = Response.model_validate(out)
+    own = "messages" not in body and "input_schema" not in str(body) and "tools" in body
+    assert (len(parsed.tools) == 1) == own and parsed.output_text == "hello"
+    assert parsed.instructions == (body["instructions"] if isinstance(body.get("instructions"), str) else None)
