@@ -30,8 +30,9 @@ __all__ = ["SCHEMA", "BlobStore", "CorruptValue", "Entry", "LocalBlobStore", "Me
 
 # 2 since stop 54: a near key holds the output cap, an exact key a line's indentation. An entry of 1 was served
 # where it must not be (a capped answer to an uncapped ask, warmed from Redis: a review); in Redis under keys of
-# its own version, it is never read again and expires.
-SCHEMA = 2
+# its own version, it is never read again and expires. 3 since stop 57: an answer keeps its tool calls and how it
+# ended; an entry of 2 lost both, and served a tool call's answer as an empty text.
+SCHEMA = 3
 _APP = "smartbatch.cache"
 log = logging.getLogger("smartbatch.cache")
 

@@ -156,6 +156,17 @@ def test_codec_round_trips_and_rejects_foreign_values():
         decode(encode(e), "fp2")
 
 
+def test_an_entry_written_before_answers_kept_their_tool_calls_is_never_served():
+    # Schema 2 stored no tool calls: its entry of a tool-call answer reads as an empty text.
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    e = Entry("fp1", Result(id="x", status="ok", output="", tool_calls=[call], finish="tool_calls"),
+              ("acme", ("openai", "gpt-5", "text")), "hi")
+    assert decode(encode(e), "fp1").result.tool_calls == [call]
+    old = encode(e).replace(f'"v":{SCHEMA}'.encode(), b'"v":2')
+    with pytest.raises(CorruptValue, match="schema version"):
+        decode(old, "fp1")
+
+
 def test_near_duplicate_is_reused_unless_a_guard_objects(tmp_path):
     async def go():
         hub, cache = make_cache(tmp_path)
