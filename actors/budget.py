@@ -69,6 +69,7 @@ class BudgetController(LedgerJournal, Warm):
         self._charges: list[tuple[Charge, float]] = []  # charges Redis has not taken yet, each with its time
         self._charged: dict[str, float] = {}  # every charge id this controller was given, and its USD
         self._settling = 0  # settlements in a call to Redis now
+        self.lost_records = 0  # settlements counted though Redis had lost their claim's record
         self._flusher: asyncio.Task | None = None
         if settings.redis_url:
             import redis.asyncio as aioredis
@@ -104,23 +105,39 @@ class BudgetController(LedgerJournal, Warm):
         return f"BudgetController({self.book!r}, refusals={self.refusals}{ledger})"
 
     async def check_ledger(self) -> None:
-        """Raise ``ConfigError`` when budgets are set and their Redis does not answer (or refuses the ledger's
-        scripts): awaited at engine start, so a budget that cannot be enforced stops the start."""
+        """Raise ``ConfigError`` when budgets are set and their Redis does not answer, refuses the ledger's scripts
+        or their writes (a replica, a full Redis), or may evict its keys: awaited at engine start, so a budget that
+        cannot be enforced stops the start."""
         if not self.settings.specs:
             return
         if self._config_error is not None:
             raise ConfigError(self._config_error)
         if not self._errors:
             return
+        from redis.exceptions import ResponseError
+
+        names = ", ".join(s.name for s in self.settings.specs)
         try:
-            await self.book.sweep()  # runs a ledger script: reachable, authorised, scripting allowed
+            await self.book.probe()  # reachable, authorised, scripting allowed, and its writes taken
+            evicts = await self.book.eviction()
         except self._errors as exc:
-            names = ", ".join(s.name for s in self.settings.specs)
+            if isinstance(exc, ResponseError):  # it answered, and refused (read-only, out of memory, no rights)
+                raise ConfigError(
+                    f"setting budgets.redis_url: the budget ledger's Redis at {self._url} refuses the ledger's "
+                    f"writes ({self._describe(exc)}), so budgets {names} cannot be enforced; point "
+                    "SMARTBATCH_BUDGETS__REDIS_URL at a primary (not a replica) with room to write, or unset it "
+                    "to keep the budgets in this engine alone") from None
             raise ConfigError(
                 f"setting budgets.redis_url: the budget ledger's Redis at {self._url} did not answer "
                 f"({self._describe(exc)}), so budgets {names} cannot be enforced; start Redis there, point "
                 "SMARTBATCH_BUDGETS__REDIS_URL at a running one, or unset it to keep the budgets in this "
                 "engine alone") from None
+        if evicts:
+            raise ConfigError(
+                f"setting budgets.redis_url: the budget ledger's Redis at {self._url} may evict keys ({evicts}), "
+                f"and with them the spend of budgets {names}, which would then be passed unsaid; point "
+                "SMARTBATCH_BUDGETS__REDIS_URL at a Redis with maxmemory-policy noeviction, or run this one so "
+                "(CONFIG SET maxmemory-policy noeviction)")
 
     async def close(self) -> None:
         """Close the ledger's Redis connections (settlements still in the outbox stay unsettled: they expire)."""
@@ -228,11 +245,17 @@ class BudgetController(LedgerJournal, Warm):
         if self._usable():
             self._settling += len(items)
             try:
-                await self._maybe(self.book.settle_many(items))
+                lost = await self._maybe(self.book.settle_many(items))
             except self._errors as exc:
                 self._failed(exc)
             else:
                 self._recovered()
+                if lost:
+                    self.lost_records += lost
+                    log.warning("budget ledger: %d settlement(s) found their claim's record gone from Redis at %s "
+                                "(restarted without persistence, or its keys evicted): their spend is counted "
+                                "from this engine's copy; what was spent before is forgotten (docs/budgets.md)",
+                                lost, self._url)
                 return True
             finally:
                 self._settling -= len(items)
@@ -325,7 +348,8 @@ class BudgetController(LedgerJournal, Warm):
         if self._errors:
             down = self._down_until is not None
             out["ledger"] = {"redis_url": self._url, "up": not down, "error": self._last_error if down else None,
-                             "unsettled": len(self._outbox) + self._settling + len(self._charges)}
+                             "unsettled": len(self._outbox) + self._settling + len(self._charges),
+                             "lost_records": self.lost_records}
         if isinstance(self.book, BudgetBook):
             out["ledger_id"] = self.ledger_id
             out["windows"] = self.book.windows()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 
 from engine.core.budgets import (
     BudgetSpec,
@@ -115,13 +116,25 @@ _SETTLE = _SWEEP + """
 local prefix = ARGV[1]
 local n = tonumber(ARGV[2])
 sweep(prefix, tonumber(ARGV[3]))
-for c = 0, n - 1 do
-  local rid = ARGV[4 + 2 * c]
+local i = 4
+local lost = 0
+for c = 1, n do
+  local rid, actual, who, nk = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2], tonumber(ARGV[i + 3])
   local claim = prefix .. ':c:' .. rid
-  local actual = tonumber(ARGV[5 + 2 * c])
   -- A swept claim's reservation was released already: count its spend, release nothing again.
   local swept = redis.call('HEXISTS', claim, '_swept') == 1
   local kv = redis.call('HGETALL', claim)
+  if #kv == 0 and who ~= '' and actual > 0 then
+    -- Its record is gone (a Redis restarted without persistence): the spend is counted where the claim was,
+    -- as a charge. ``who`` is sent only with a claim's first settlement, so a replay counts nothing.
+    lost = lost + 1
+    redis.call('HINCRBYFLOAT', prefix .. ':spend', who, actual)
+    for j = 0, nk - 1 do
+      local h, ttl = prefix .. ':w:' .. ARGV[i + 4 + 2 * j], tonumber(ARGV[i + 5 + 2 * j])
+      redis.call('HINCRBYFLOAT', h, 'spent', actual)
+      if ttl > 0 then redis.call('EXPIRE', h, ttl) end
+    end
+  end
   for j = 1, #kv, 2 do
     if kv[j] == '_who' then
       redis.call('HINCRBYFLOAT', prefix .. ':spend', kv[j + 1], actual)
@@ -135,8 +148,9 @@ for c = 0, n - 1 do
   end
   redis.call('DEL', claim)
   redis.call('ZREM', prefix .. ':exp', rid)
+  i = i + 4 + 2 * nk
 end
-return n
+return lost
 """
 
 # Spend no claim covers (``Charge``): counted once per charge id, whose marker lives two days.
@@ -164,6 +178,19 @@ _SWEEP_ONLY = _SWEEP + """
 local now, swept = sweep(ARGV[1], tonumber(ARGV[2]))
 return swept
 """
+
+# A write every ledger script may make: a Redis that answers reads but refuses writes (a read-only replica, a full
+# one under noeviction) refuses this, where a sweep with nothing due writes nothing and passes (a helper's hunt).
+_PROBE = """
+redis.call('SET', ARGV[1] .. ':probe', '1', 'PX', 60000)
+return 1
+"""
+
+
+def _ttl(s: BudgetSpec, now: float) -> int:
+    """Seconds a budget's window hash lives: a day past the window's end (0: a window that never ends)."""
+    end = window_bounds(s.budget_duration, now)[1]
+    return 0 if end == math.inf else int(end - now) + 86400
 
 
 def _who(tenant: str, provider: str, model: str) -> str:
@@ -194,6 +221,10 @@ class RedisBudgetBook:
         self._settle = client.register_script(_SETTLE)
         self._sweep = client.register_script(_SWEEP_ONLY)
         self._charge = client.register_script(_CHARGE)
+        self._probe = client.register_script(_PROBE)
+        # The claims this book granted and has not settled: whose spend each is and the windows it holds, sent
+        # with its first settlement so that spend counts if Redis lost the claim's record. Oldest first.
+        self._open: dict[str, tuple[float, str, list[tuple[str, int]]]] = {}
 
     def __repr__(self) -> str:
         return f"RedisBudgetBook(specs={len(self.specs)}, prefix={self.prefix!r})"
@@ -211,15 +242,17 @@ class RedisBudgetBook:
             args += [c.rid, repr(float(c.amount)), len(touched)]
             th = self.throttle
             for s in touched:
-                end = window_bounds(s.budget_duration, now)[1]
-                ttl = 0 if end == math.inf else int(end - now) + 86400
                 allowed = s.max_budget * th.of(c.priority) * th.pace_of(s, c.priority, now)
-                args += [s.key(now), repr(float(s.max_budget)), repr(float(allowed)), ttl]
+                args += [s.key(now), repr(float(s.max_budget)), repr(float(allowed)), _ttl(s, now)]
             args.append(_who(c.tenant, c.provider, c.model))
         raw = await self._reserve(args=args)
         out = []
+        self._forget_old()
         for c, touched, r in zip(claims, touched_all, raw):
             text = r.decode() if isinstance(r, bytes) else r
+            if not text:  # granted
+                self._open[c.rid] = (time.monotonic(), _who(c.tenant, c.provider, c.model),
+                                     [(s.key(now), _ttl(s, now)) for s in touched])
             refusals = []
             for j, rem, fits in (part.split(":") for part in text.split(",") if part):
                 s = touched[int(j) - 1]
@@ -229,13 +262,30 @@ class RedisBudgetBook:
             out.append(verdict_of(refusals, c.priority, now))
         return out
 
-    async def settle_many(self, items: list[tuple[str, float]]) -> None:
+    async def settle_many(self, items: list[tuple[str, float]]) -> int:
+        """Settle each (claim id, actual); returns how many settlements found their claim's record gone and were
+        counted from what this book kept of them (a claim another engine, or this one before a restart, granted
+        is counted only through its record)."""
         if not items:
-            return
+            return 0
         args: list = [self.prefix, len(items), SWEEP_MAX]
         for rid, actual in items:
-            args += [rid, repr(float(actual))]
-        await self._settle(args=args)
+            # Popped before it is sent: a settlement whose reply is lost is sent again without it, and counts once.
+            _, who, windows = self._open.pop(rid, (0.0, "", []))
+            args += [rid, repr(float(actual)), who, len(windows)]
+            for key, ttl in windows:
+                args += [key, ttl]
+        return int(await self._settle(args=args))
+
+    def _forget_old(self) -> None:
+        """A claim never settled (its grouper gone) is released by the sweep; what this book kept of it goes a day
+        after its expiry, so the map stays bounded by the claims of that span."""
+        cutoff = time.monotonic() - self.reservation_ttl_s - 86400
+        while self._open:
+            rid, (at, _, _) = next(iter(self._open.items()))
+            if at >= cutoff:
+                break
+            del self._open[rid]
 
     async def charge_many(self, charges: list[Charge], now: float) -> None:
         if not charges:
@@ -245,14 +295,33 @@ class RedisBudgetBook:
             touched = self.covering(c.tenant, c.provider, c.model)
             args += [c.cid, repr(float(c.usd)), _who(c.tenant, c.provider, c.model), len(touched)]
             for s in touched:
-                end = window_bounds(s.budget_duration, now)[1]
-                args += [s.key(now), 0 if end == math.inf else int(end - now) + 86400]
+                args += [s.key(now), _ttl(s, now)]
         await self._charge(args=args)
 
     async def sweep(self) -> int:
         """Release the reservations of expired claims now (every reservation or settlement does it too);
         returns how many were released. Also a check that the ledger's Redis answers and runs its scripts."""
         return int(await self._sweep(args=[self.prefix, SWEEP_MAX]))
+
+    async def probe(self) -> None:
+        """Raise unless the ledger's Redis answers, runs its scripts and takes their writes."""
+        await self._probe(args=[self.prefix])
+        await self.sweep()
+
+    async def eviction(self) -> str | None:
+        """How this Redis may drop the ledger's keys (a memory limit under any policy but ``noeviction``; a
+        budget's window hash has a TTL, so even a ``volatile-*`` policy takes it), or None. None too when its
+        configuration cannot be read (managed services): it is let be."""
+        from redis.exceptions import ResponseError
+
+        try:
+            cfg = await self.client.config_get("maxmemory*")
+        except ResponseError:
+            return None
+        policy, limit = str(cfg.get("maxmemory-policy", "")), int(cfg.get("maxmemory", 0) or 0)
+        if not limit or policy in ("", "noeviction"):
+            return None
+        return f"maxmemory {limit}, maxmemory-policy {policy}"
 
     async def spend_report(self) -> list[dict]:
         """Settled spend per tenant, provider and model, over every engine sharing this Redis."""

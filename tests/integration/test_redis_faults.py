@@ -85,6 +85,67 @@ def test_without_budgets_an_unreachable_ledger_redis_does_not_stop_the_start(own
     asyncio.run(go())
 
 
+@pytest.mark.parametrize("fault", ["replica", "full", "evicting"])
+def test_a_ledger_redis_that_refuses_writes_or_may_evict_is_refused_at_start(own_redis, fault):
+    """A read-only replica or a full Redis under noeviction answers the reads but refuses every reservation: the
+    start passed, and each budgeted request waited out its deadline. One that evicts under a memory limit drops a
+    budget's window hash (it has a TTL) beside cache keys, and the limit is passed unsaid (a helper's hunt: $70-100
+    under a $10 limit). Each is a ConfigError naming the setting and the fix."""
+    from actors.budget import BudgetController
+
+    c = own_redis.client()
+    if fault == "replica":
+        c.replicaof("127.0.0.1", own_redis.port + 1)  # nothing there: a replica is read-only, linked or not
+    elif fault == "full":
+        c.config_set("maxmemory-policy", "noeviction")
+        c.set("filler", "x" * 2_000_000)
+        c.config_set("maxmemory", "1mb")
+    else:
+        c.config_set("maxmemory-policy", "volatile-lru")
+        c.config_set("maxmemory", "64mb")
+
+    async def go():
+        ctl = BudgetController(budgets(own_redis.url))
+        try:
+            with pytest.raises(ConfigError) as err:
+                await ctl.check_ledger()
+            return str(err.value)
+        finally:
+            await ctl.close()
+    msg = asyncio.run(go())
+    assert "budgets.redis_url" in msg and ("cannot be enforced" in msg or "may evict" in msg)
+    want = {"replica": "ReadOnlyError", "full": "OutOfMemoryError", "evicting": "maxmemory-policy volatile-lru"}
+    assert want[fault] in msg and "SMARTBATCH_BUDGETS__REDIS_URL" in msg
+    if fault != "evicting":  # what the check saves the user from: no reservation can be made there
+        async def reserve():
+            ctl = BudgetController(budgets(own_redis.url))
+            try:
+                return await ctl.reserve_many([Claim("c1", "acme", "openai", "gpt-4o-mini", "normal", 1.0)])
+            finally:
+                await ctl.close()
+        assert [v.reason for v in asyncio.run(reserve())] == ["budget_unavailable"]
+    c.replicaof("NO", "ONE")
+    c.config_set("maxmemory", "0")
+    c.close()
+
+
+def test_a_ledger_redis_with_room_and_noeviction_passes_the_start_check(own_redis):
+    from actors.budget import BudgetController
+
+    c = own_redis.client()
+    c.config_set("maxmemory-policy", "noeviction")
+    c.config_set("maxmemory", "64mb")  # a limit, but nothing is dropped: writes are refused instead, and seen
+    c.close()
+
+    async def go():
+        ctl = BudgetController(budgets(own_redis.url))
+        await ctl.check_ledger()
+        v = await ctl.reserve_many([Claim("c1", "acme", "openai", "gpt-4o-mini", "normal", 1.0)])
+        await ctl.close()
+        return v
+    assert [x.ok for x in asyncio.run(go())] == [True]
+
+
 @pytest.mark.solo  # answers within a fraction of the Redis timeout, in real time
 def test_the_budget_controller_answers_at_once_while_redis_is_paused_and_settles_after(own_redis):
     """No Ray: the controller itself. Paused, a claim is answered ``budget_unavailable`` within the timeout and
@@ -294,3 +355,46 @@ def test_a_charge_kept_while_redis_is_away_counts_in_the_window_it_was_made_in(o
         assert spent == [0.2, 0.0], spent
         await ctl.close()
     asyncio.run(go())
+
+
+def test_spend_settled_after_a_restart_that_lost_the_claims_is_counted_once(own_redis):
+    """A Redis restarted without persistence forgets the spend so far (docs/budgets.md), and it forgot the claims
+    under way too: their settlements counted nothing, so what was in flight was spent past the limit unsaid (a
+    helper's hunt: $16 after the restart under a $10 limit). Now the book sends what it kept of each claim with
+    its first settlement, and a replay of one whose reply was lost counts nothing more."""
+    import redis.asyncio as aioredis
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from actors.budget_redis import RedisBudgetBook
+
+    spec = BudgetSpec(max_budget=10.0, budget_duration="1d")
+
+    async def go():
+        client = aioredis.Redis.from_url(own_redis.url)
+        book = RedisBudgetBook(client, [spec], prefix=f"sbtest-lost{next(_prefix)}")
+        claims = [Claim(f"a{k}", "acme", "openai", "gpt-4o-mini", "urgent", 2.0) for k in range(3)]
+        assert all(v.ok for v in await book.reserve_many(claims, 0.0))
+        own_redis.stop()
+        own_redis.start()  # no persistence: the ledger is empty
+        with contextlib.suppress(RedisConnectionError):
+            await client.ping()  # the connection the restart cut fails once, then a new one is made
+        real = book._settle
+
+        async def reply_lost(*a, **kw):  # Redis runs it; its answer never comes back
+            await real(*a, **kw)
+            raise RedisConnectionError("reply lost")
+        book._settle = reply_lost
+        with pytest.raises(RedisConnectionError):
+            await book.settle_many([(c.rid, 2.0) for c in claims[:1]])
+        book._settle = real
+        lost = await book.settle_many([(c.rid, 2.0) for c in claims])  # the first again (a replay), two more
+        spent, reserved = await book.window(spec, 0.0)
+        spend = await book.spend_report()
+        later = await book.reserve_many([Claim(f"b{k}", "acme", "openai", "gpt-4o-mini", "urgent", 2.0)
+                                         for k in range(5)], 0.0)
+        await client.aclose()
+        return lost, spent, reserved, spend, [v.ok for v in later]
+    lost, spent, reserved, spend, later = asyncio.run(go())
+    assert lost == 2 and spent == pytest.approx(6.0) and reserved == 0.0
+    assert [round(r["spent_usd"], 6) for r in spend] == [6.0] and spend[0]["tenant"] == "acme"
+    assert later == [True, True, False, False, False]  # $4 left under the limit, not $10
