@@ -14,12 +14,12 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from engine.core.cost import min_cacheable_tokens, price_alone, token_prices
+from engine.core.cost import min_cacheable_tokens, mode_factor, price_alone, token_prices
 from engine.core.grouping import PrefixWarmth
 from engine.core.latency import Z99
 from engine.core.request import Request
 
-__all__ = ["BatchMates", "TextConsts", "second_batch_checkpoint", "text_consts", "warm_sync_pays"]
+__all__ = ["BatchMates", "TextConsts", "not_worth", "second_batch_checkpoint", "text_consts", "warm_sync_pays"]
 
 _MIN_GAIN = 0.005  # P(on time) a second batch must add to be worth its cancel and its second submission
 
@@ -103,3 +103,29 @@ class BatchMates:
         node = self._root
         for b in blocks:
             node = node.setdefault(b, {})
+
+
+def not_worth(p, group, projected: float, c_sync: float, p_on_time: float, hedge_at: float, send_at: float,
+          now: float) -> str | None:
+    """Why a batch is not worth its wait (None when it is): P(on time) too low, an expected saving too small
+    in all or as a share of the price, or less than what its members' wait is worth."""
+    if p_on_time < p.min_on_time_p or projected <= 0:
+        return f"P(batch done by hedge)={p_on_time:.2f} too low"
+    if group.returned:
+        return None  # back from a dispatch already judged (with its second batch): its wait is spent
+    if projected < p.min_batch_saving_usd:
+        return (f"a batch would save ${projected:.4f} expected, under min_batch_saving_usd "
+                f"${p.min_batch_saving_usd:g}")
+    share = p_on_time * (1.0 - mode_factor(group.provider, "batch_api"))
+    if c_sync > 0 and share < p.min_saving_rel:
+        return (f"a batch would save {share:.0%} of the list price expected, under min_saving_rel "
+                f"{p.min_saving_rel:.0%}")
+    if p.wait_usd_per_hour:
+        # Expected wait: until it is sent, then the turnaround if on time, else until the hedge.
+        to_hedge = max(hedge_at - send_at, 0.0)
+        on_time = min(group.provider.batch_api.turnaround_median_s, to_hedge)
+        hours = (send_at - now + p_on_time * on_time + (1 - p_on_time) * to_hedge) / 3600
+        price = hours * sum(p.wait_usd_per_hour.get(k, 0.0) * n for k, n in group.by_priority.items())
+        if price >= projected:
+            return f"its wait is worth ${price:.4f}, the batch would save ${projected:.4f} expected"
+    return None

@@ -29,6 +29,7 @@ from engine.core.similarity import Guards
 from policies._gpu import GpuLane
 from policies._smart_params import SmartParams
 from policies._text import BatchMates, TextConsts, second_batch_checkpoint, text_consts, warm_sync_pays
+from policies._text import not_worth as _not_worth
 from policies.base import Policy, register
 
 __all__ = ["Smart", "SmartParams"]
@@ -355,10 +356,12 @@ class Smart(GpuLane, Policy):
             projected = saving * (1.0 + group.arrival_rate(now) * (flush_at - group.oldest_arrival_s) / k)
         else:
             projected = saving * (1.0 + group.arrival_rate(now) * (flush_at - now) / k) if gathering else saving
-        why_not = self._not_worth(group, projected, c_sync, p_on_time, hedge_at, send_at, now)
+        why_not = _not_worth(self.params, group, projected, c_sync, p_on_time, hedge_at, send_at, now)
         if why_not is not None and gathering and group.closed:
             # The rest of its submission is on its way (a file's lines come in parts): judged with it.
             return Decision.wait(flush_at, "gathering the rest of a submission")
+        if why_not is not None and p_on_time < p.min_on_time_p and isinstance(group.key[2], tuple) and k > 1:
+            return self._split_back(group, c, now, k)
         if why_not is not None:
             return Decision("dispatch", mode="sync", take=k, recommendation="process_individually",
                             reason=f"sync now: {why_not}")
@@ -372,28 +375,22 @@ class Smart(GpuLane, Policy):
                                                     f"of ${c_sync:.4f} at list price, P(on time)={p_on_time:.2f}, "
                                                     f"{hedge}"))
 
-    def _not_worth(self, group: Group, projected: float, c_sync: float, p_on_time: float, hedge_at: float,
-                   send_at: float, now: float) -> str | None:
-        """Why a batch is not worth its wait (None when it is): P(on time) too low, an expected saving too small
-        in all or as a share of the price, or less than what its members' wait is worth."""
-        p = self.params
-        if p_on_time < p.min_on_time_p or projected <= 0:
-            return f"P(batch done by hedge)={p_on_time:.2f} too low"
-        if group.returned:
-            return None  # back from a dispatch already judged (with its second batch): its wait is spent
-        if projected < p.min_batch_saving_usd:
-            return (f"a batch would save ${projected:.4f} expected, under min_batch_saving_usd "
-                    f"${p.min_batch_saving_usd:g}")
-        share = p_on_time * (1.0 - mode_factor(group.provider, "batch_api"))
-        if c_sync > 0 and share < p.min_saving_rel:
-            return (f"a batch would save {share:.0%} of the list price expected, under min_saving_rel "
-                    f"{p.min_saving_rel:.0%}")
-        if p.wait_usd_per_hour:
-            # Expected wait: until it is sent, then the turnaround if on time, else until the hedge.
-            to_hedge = max(hedge_at - send_at, 0.0)
-            on_time = min(group.provider.batch_api.turnaround_median_s, to_hedge)
-            hours = (send_at - now + p_on_time * on_time + (1 - p_on_time) * to_hedge) / 3600
-            price = hours * sum(p.wait_usd_per_hour.get(k, 0.0) * n for k, n in group.by_priority.items())
-            if price >= projected:
-                return f"its wait is worth ${price:.4f}, the batch would save ${projected:.4f} expected"
-        return None
+    def _split_back(self, group: Group, c: TextConsts, now: float, k: int) -> Decision:
+        """Members back with no chance as one batch (its earliest deadline with its slowest member's lead), where
+        most alone still have one: the leading ones that do ride a batch hedged at the earliest of their own last
+        safe moments; with none, the first goes sync and the rest is decided again (a review, stop 57)."""
+        ba, mp = group.provider.batch_api, self.params.min_on_time_p
+        j = 0
+        while j < k and self._p_alone(group.provider, c, group.members[j], now) >= mp:
+            j += 1
+        ride = group.members[:j]
+        hedge_at = min((r.deadline_at - self._hedge_lead(c, r.output_tokens, j) for r in ride), default=now)
+        p_on_time = ba.turnaround_cdf(hedge_at - now)
+        if p_on_time < mp:
+            return Decision("dispatch", mode="sync", take=1, recommendation="process_individually",
+                            reason=f"sync now: P(batch done by hedge)={p_on_time:.2f} too low")
+        c_sync = sum(c.p_in * r.input_tokens + c.p_out * r.output_tokens for r in ride)
+        saving = p_on_time * (1.0 - mode_factor(group.provider, "batch_api")) * c_sync
+        return Decision("dispatch", mode="batch_api", take=j, hedge_at=hedge_at, recommendation="consider_batch",
+                        reason=f"batch API: {j} of {k} members back, expected ${saving:.4f} saved of "
+                               f"${c_sync:.4f} at list price, P(on time)={p_on_time:.2f}, hedge at t={hedge_at:.0f}s")
