@@ -19,7 +19,8 @@ from engine.core.grouping import PrefixWarmth
 from engine.core.latency import Z99
 from engine.core.request import Request
 
-__all__ = ["BatchMates", "TextConsts", "not_worth", "second_batch_checkpoint", "text_consts", "warm_sync_pays"]
+__all__ = ["BatchMates", "TextConsts", "fallback_slot", "not_worth", "second_batch_checkpoint", "text_consts",
+           "warm_sync_pays"]
 
 _MIN_GAIN = 0.005  # P(on time) a second batch must add to be worth its cancel and its second submission
 
@@ -129,3 +130,15 @@ def not_worth(p, group, projected: float, c_sync: float, p_on_time: float, hedge
         if price >= projected:
             return f"its wait is worth ${price:.4f}, the batch would save ${projected:.4f} expected"
     return None
+
+
+def fallback_slot(group, c: TextConsts, hedge_at: float, calls_s: float, k: int,
+                  max_out: int) -> tuple[float, tuple]:
+    """A batch of ``k`` hedged at ``hedge_at`` at the latest, whose fallback calls (of ``max_out`` tokens at most)
+    take ``calls_s`` once its cancel is through: its hedge where the calls other batches' fallbacks may need
+    leave room for its own (``FallbackCalendar``), and the (start, end, calls, seconds a call) reserved."""
+    start, call = hedge_at + c.cancel_s, (c.base + c.per_tok * max_out) * c.p99_factor
+    end = start + calls_s
+    if group.calendar is not None:
+        start = group.calendar.latest(group.provider.name, start, end, k, call, c.max_conc)
+    return start - c.cancel_s, (start, end, k, call)

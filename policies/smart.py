@@ -29,6 +29,7 @@ from engine.core.similarity import Guards
 from policies._gpu import GpuLane
 from policies._smart_params import SmartParams
 from policies._text import BatchMates, TextConsts, second_batch_checkpoint, text_consts, warm_sync_pays
+from policies._text import fallback_slot as _fallback_slot
 from policies._text import not_worth as _not_worth
 from policies.base import Policy, register
 
@@ -82,10 +83,9 @@ class Smart(GpuLane, Policy):
         return c if c is not None else text_consts(provider, spec)
 
     def _hedge_lead(self, c: TextConsts, output_tokens: int, n: int) -> float:
-        """Seconds before the earliest deadline at which a late batch must fall back to sync: the sync p99 of
-        its slowest member, once per wave of ``max_concurrency`` calls (and once more with ``hedge_retry``), plus the
-        margin, plus the time a cancel takes at that provider (the unfinished members are known only once the cancel
-        ends)."""
+        """Seconds before the earliest deadline at which a late batch must fall back to sync: its slowest member's
+        sync p99 per wave of ``max_concurrency`` calls (one more with ``hedge_retry``), the margin, and the time a
+        cancel takes there (the unfinished members are known only once it ends)."""
         waves = -(-max(n, 1) // c.max_conc) + (1 if self.params.hedge_retry else 0)  # a retry: one wave more
         return (c.base + c.per_tok * output_tokens) * c.p99_factor * waves + self.params.hedge_margin_s + c.cancel_s
 
@@ -332,7 +332,8 @@ class Smart(GpuLane, Policy):
             k, max_out, earliest = len(members), max(r.output_tokens for r in members), min(r.deadline_at
                                                                                               for r in members)
             tokens_in, tokens_out = sum(r.input_tokens for r in members), sum(r.output_tokens for r in members)
-        hedge_at = earliest - self._hedge_lead(c, max_out, k)
+        lead = self._hedge_lead(c, max_out, k)
+        hedge_at, fallback = _fallback_slot(group, c, earliest - lead, lead - p.hedge_margin_s - c.cancel_s, k, max_out)
         send_at = flush_at if gathering else now
         if not p.second_batch or group.returned:
             checkpoint, p_on_time = None, ba.turnaround_cdf(hedge_at - send_at)
@@ -371,7 +372,7 @@ class Smart(GpuLane, Policy):
         hedge = (f"hedge at t={hedge_at:.0f}s" if checkpoint is None else
                  f"cancelled at t={checkpoint:.0f}s if late for a second batch, hedge at t={hedge_at:.0f}s")
         return Decision("dispatch", mode="batch_api", take=k, hedge_at=hedge_at if checkpoint is None else checkpoint,
-                        recommendation=rec, reason=(f"batch API: {k} requests, expected ${saving:.4f} saved "
+                        fallback=fallback, recommendation=rec, reason=(f"batch API: {k} requests, expected ${saving:.4f} saved "
                                                     f"of ${c_sync:.4f} at list price, P(on time)={p_on_time:.2f}, "
                                                     f"{hedge}"))
 
@@ -385,12 +386,15 @@ class Smart(GpuLane, Policy):
             j += 1
         ride = group.members[:j]
         hedge_at = min((r.deadline_at - self._hedge_lead(c, r.output_tokens, j) for r in ride), default=now)
+        out, margin = max((r.output_tokens for r in ride), default=0), self.params.hedge_margin_s + c.cancel_s
+        hedge_at, fallback = _fallback_slot(group, c, hedge_at, self._hedge_lead(c, out, j) - margin, j, out)
         p_on_time = ba.turnaround_cdf(hedge_at - now)
         if p_on_time < mp:
             return Decision("dispatch", mode="sync", take=1, recommendation="process_individually",
                             reason=f"sync now: P(batch done by hedge)={p_on_time:.2f} too low")
         c_sync = sum(c.p_in * r.input_tokens + c.p_out * r.output_tokens for r in ride)
         saving = p_on_time * (1.0 - mode_factor(group.provider, "batch_api")) * c_sync
-        return Decision("dispatch", mode="batch_api", take=j, hedge_at=hedge_at, recommendation="consider_batch",
+        return Decision("dispatch", mode="batch_api", take=j, hedge_at=hedge_at, fallback=fallback,
+                        recommendation="consider_batch",
                         reason=f"batch API: {j} of {k} members back, expected ${saving:.4f} saved of "
                                f"${c_sync:.4f} at list price, P(on time)={p_on_time:.2f}, hedge at t={hedge_at:.0f}s")

@@ -24,6 +24,7 @@ from engine.core.errors import PolicyError
 from engine.core.grouping import (
     BudgetPressure,
     Decision,
+    FallbackCalendar,
     Group,
     LaneRates,
     PrefixSightings,
@@ -83,6 +84,7 @@ class GroupTable:
         self.sightings = PrefixSightings()
         self.rates = LaneRates()
         self.budget = BudgetPressure()  # the runtime keeps it current (``BudgetWaits.holding``)
+        self.calendar = FallbackCalendar()  # every batch dispatch decided here, until its deadline
         # Every key under itself, unless the policy says which and under what (policies.base.Policy.arrival_key).
         self._arrival_key = getattr(policy, "arrival_key", lambda key: key)
         # A policy that declares it gets the budget pressure in ``group_key`` too (``budget=``), so it can route
@@ -214,7 +216,8 @@ class GroupTable:
         if g is None:
             prov = self.catalog.providers[req.provider]
             g = self.groups[key] = Group(key, prov, prov.models[req.model], sightings=self.sightings,
-                                         rates=self.rates, rate_key=rate_key, budget=self.budget)
+                                         rates=self.rates, rate_key=rate_key, budget=self.budget,
+                                         calendar=self.calendar)
             if rate_key is not None and self._riders is not None:
                 self._lanes.setdefault(rate_key, {})[key] = g
             run = self._prefix_run(key) if self._prefix_run is not None else None
@@ -224,6 +227,8 @@ class GroupTable:
                 self._run_lengths[len(run)] = self._run_lengths.get(len(run), 0) + 1
         if rate_key is not None:
             self.rates.see(rate_key, now)
+        if returned:
+            self.calendar.free(req.uid)
         g.add(req, returned)
         return g
 
@@ -271,6 +276,9 @@ class GroupTable:
                                       "return a later wake_at or dispatch")
                 return out, Wake(d.wake_at, g, g.version)
             out.append(Dispatch(d, g.take(self._checked_take(g, d))))
+            if d.fallback is not None and out[-1].members:
+                self.calendar.reserve(out[-1].members[0].provider, d.fallback, (r.uid for r in out[-1].members),
+                                      now)
             if d.prefix is not None:
                 self.sightings.see(d.prefix, now)
         self.drop(g)
