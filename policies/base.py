@@ -123,6 +123,9 @@ def load_policy(spec: str, catalog: Catalog, params: Mapping[str, Any] | None = 
             cls = getattr(importlib.import_module(mod_name), attr)
         except (ImportError, AttributeError) as exc:
             raise RegistryError(f"cannot load policy {spec!r}: {exc}; use module.path:ClassName") from exc
+        except Exception as exc:  # the user's module raised on import: its error, not smartbatch's
+            raise RegistryError(f"cannot load policy {spec!r}: importing {mod_name} raised "
+                                f"{type(exc).__name__}: {exc}") from exc
         if not isinstance(cls, type):
             raise RegistryError(f"{spec!r} is not a class; give module:Class of a policy "
                                 "(see engine.core.policy_api.Policy)")
@@ -134,6 +137,12 @@ def load_policy(spec: str, catalog: Catalog, params: Mapping[str, Any] | None = 
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise RegistryError(f"unknown policy {spec!r}; {hint}choose one of {sorted(_REGISTRY)} "
                                 "or give module:Class") from None
-    policy = cls(catalog, params)
+    try:
+        policy = cls(catalog, params)
+    except TypeError as exc:
+        if ":" not in spec:
+            raise
+        raise RegistryError(f"{spec!r} is not a policy class: {cls.__name__}(catalog, params) raised {exc}; give "
+                            "module:Class of a policy (see engine.core.policy_api.Policy)") from exc
     check_policy(policy, spec)
     return policy

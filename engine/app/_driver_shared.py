@@ -46,8 +46,8 @@ def init_ray(address: str) -> bool:
     check_answers(address)
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    except ConnectionError as exc:
-        raise ConfigError(f"address {address}: no Ray cluster answers there ({exc}); give the address that "
+    except (ConnectionError, ValueError, OSError, RuntimeError) as exc:  # "bad address", "http://x": Ray's words
+        raise ConfigError(f"--address {address}: no Ray cluster answers there ({exc}); give the address that "
                           "smartbatch serve printed, or start Ray with `ray start --head`") from None
     return True
 

@@ -15,10 +15,11 @@ from fastapi import Request as HttpRequest
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
+from engine.core._checks import tenant_problem
 from engine.core.batchfile import parse_window
 from engine.core.catalog import Catalog
 from engine.core.errors import ConfigError, EngineStopped, Overloaded, RequestError
-from engine.core.request import PRIORITIES, Request, tenant_problem, validation_context
+from engine.core.request import PRIORITIES, Request, validation_context
 from engine.core.result import Result
 from engine.core.settings import Settings
 from engine.core.trace import _problems_of

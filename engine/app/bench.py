@@ -61,6 +61,13 @@ def load_variants(path: str | Path | None) -> dict[str, PolicySpec]:
             raise ConfigError(f"{path}: variants[{k}].{'.'.join(map(str, first['loc']))}: {first['msg']}") from exc
         if spec.name in out:
             raise ConfigError(f"{path}: variant name {spec.name!r} appears twice")
+        from policies import available_policies
+
+        if spec.name != spec.policy and spec.name in available_policies():
+            # It would stand in for the registered policy of that name in every table (a helper's hunt: a
+            # "naive" row that was batch-all's cost).
+            raise ConfigError(f"{path}: variants[{k}].name {spec.name!r} is a registered policy's name, and this "
+                              f"variant runs {spec.policy!r}; give it a name of its own")
         out[spec.name] = spec
     return out
 

@@ -92,7 +92,7 @@ def _bench(requests, name: str, policies: str, variants: Path | None, out: Path,
 
     specs = resolve_policies(policies, load_variants(variants))
     _check_outputs(dirs={"--out": out})
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+    with Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=err_console, transient=True) as bar:
         if len(seeds) == 1:
             task = bar.add_task(f"bench {name}", total=len(specs) + 1)
@@ -162,7 +162,7 @@ def _live(requests, name: str, policy: str, speedup: float, address: str | None,
 
     params, label = (spec.params, spec.name) if spec is not None else (None, None)
     policy = spec.policy if spec is not None else policy
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+    with Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=err_console, transient=True) as bar:
         task = bar.add_task(f"live {label or policy} x{speedup:g}", total=len(requests))
         return run_live(requests, trace_name=name, policy=policy, params=params, label=label, speedup=speedup,
@@ -176,7 +176,7 @@ def run(trace: Path = typer.Argument(..., help="a JSONL trace"),
         policy: str = typer.Option("smart", help="registered name, module:Class, or a variant from --variants"),
         variants: Path | None = typer.Option(None, help="YAML with variants: [{name, policy, params}], as for "
                                              "bench"),
-        speedup: float = typer.Option(100.0, min=0.001, help="engine seconds per real second"),
+        speedup: float = typer.Option(100.0, min=0.001, max=1e6, help="engine seconds per real second"),
         out: Path = typer.Option(Path("out/run"), "--out", help="where results.json, results.md and plot.png go"),
         address: str | None = typer.Option(None, help="attach to a Ray cluster (e.g. auto); default: "
                                               "an embedded local Ray"),
@@ -262,7 +262,7 @@ def _say_lag(live_late: int, sim_late: int, speedup: float) -> None:
     if speedup > 1:
         said += (f" At --speedup {speedup:g} a deadline of 30 s is {30 / speedup:.2f} s of real time, and this machine "
                  "did not keep up; rerun with a lower --speedup to see the policy's own deadlines.")
-    console.print(f"[yellow]{said}[/yellow]")
+    console.print(said, style="yellow")
 
 
 def _keep_interrupted(stop, out: Path) -> NoReturn:
@@ -293,7 +293,7 @@ def _keep_interrupted(stop, out: Path) -> NoReturn:
 def demo(out: Path = typer.Option(Path("out/demo"), "--out", help="where results.json, results.md and plot.png go"),
          n: int = typer.Option(2000, "--n", min=1, help="requests in the synthetic workload"),
          seed: int = typer.Option(0, "--seed", min=0, help="seed of the workload and the draws"),
-         speedup: float = typer.Option(25.0, min=1.0, help="engine seconds per real second"),
+         speedup: float = typer.Option(25.0, min=1.0, max=1e6, help="engine seconds per real second"),
          providers: str = typer.Option("http", "--providers", help="http: OpenAI and Anthropic calls go over HTTP "
                                        "to the loopback emulator; sim: every provider simulated")) -> None:
     """A synthetic workload through the live engine on an embedded local Ray (smart policy), next to every

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from pathlib import Path
@@ -46,7 +47,7 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
                                                     "http: real calls to the providers with an endpoint"),
                base_url: list[str] | None = typer.Option(None, "--base-url", help="NAME=URL: where provider NAME "
                                                          "is reached over HTTP (repeatable)"),
-               speedup: float = typer.Option(1.0, min=0.001, help="engine seconds per real second (1: real "
+               speedup: float = typer.Option(1.0, min=0.001, max=1e6, help="engine seconds per real second (1: real "
                                              "time; higher only against simulated or emulated providers)"),
                address: str | None = typer.Option(None, help="attach to a Ray cluster (e.g. auto); default: "
                                                   "an embedded local Ray"),
@@ -57,6 +58,8 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
                resume: bool = typer.Option(False, "--resume", help="keep the lines OUT already answers (an "
                                            "earlier, interrupted run's) and send only the others; a line is "
                                            "known by its custom_id"),
+               overwrite: bool = typer.Option(False, "--overwrite", help="send every line again, though OUT "
+                                              "already answers some of them (paid again), and replace OUT"),
                catalog: Path | None = typer.Option(None, help="a catalog YAML replacing the packaged one"),
                catalog_overlay: Path | None = typer.Option(None, "--catalog-overlay", help="a YAML merged over the "
                                                            "catalog: adds or overrides providers, models, prices")) -> None:
@@ -96,6 +99,17 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
         stack.enter_context(_output_lock(out))
         kept: dict[int, dict] = {}
         kept_lines: list = []  # the input's lines an earlier run answered
+        if resume and overwrite:
+            raise ConfigError("--resume keeps the lines OUT answers and --overwrite sends them again: give one")
+        if not resume and not overwrite and out.is_file():
+            # Its answers were paid for: sent again, they are paid twice, and OUT's copy is lost (a helper's hunt).
+            ours = {ln.custom_id for ln in bf.lines}
+            again = [cid for cid in answered_lines(out) if cid in ours]
+            if again:
+                raise ConfigError(f"--out {out} already answers {len(again):,} line(s) of {input_file} (e.g. "
+                                  f"{again[0]!r}), paid for by an earlier run: pass --resume to keep them and send "
+                                  "only the others, --overwrite to send every line again (paid again), or give "
+                                  "another --out")
         if resume:  # what an earlier run answered was paid for: written again, never sent again
             done = answered_lines(out)
             foreign = sorted(set(done) - {ln.custom_id for ln in bf.lines})
@@ -188,7 +202,7 @@ def _wait_showing_progress(futs: list, what: str) -> None:
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+    with Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TextColumn("${task.fields[spent]:.4f}"), TimeElapsedColumn(), console=err_console,
                   transient=True) as bar:
         task = bar.add_task(what, total=len(futs), spent=0.0)
@@ -250,13 +264,23 @@ def _output_lock(out: Path):
     if out.exists() and not out.is_file():
         yield
         return
+    made = not out.exists()
     with open(out, "a", encoding="utf-8") as held:  # "a": the lock never truncates what a run before wrote
         try:
             fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise ConfigError(f"--out {out}: another run is writing it (it holds the file's lock); wait for it to "
                               "end, or give another --out") from None
-        yield
+        try:
+            yield
+        finally:
+            # A run refused or cut before it wrote OUT (a key not set, a bad --address): the empty file the lock
+            # made goes, not left as the answers of a batch that never ran (a helper's hunt). A run that wrote
+            # OUT renamed a whole file over this one.
+            with contextlib.suppress(OSError):
+                mine, now = os.fstat(held.fileno()), out.stat()
+                if made and mine.st_size == 0 and (mine.st_ino, mine.st_dev) == (now.st_ino, now.st_dev):
+                    out.unlink()
 
 
 @contextlib.contextmanager
@@ -336,8 +360,8 @@ def _print_batch_report(doc: dict) -> None:
 
 
 @app.command()
-def emulate(port: int = typer.Option(8765, help="port on 127.0.0.1 (0: a free one)"),
-            speedup: float = typer.Option(1.0, min=0.001, help="emulated seconds per real second (match the "
+def emulate(port: int = typer.Option(8765, min=0, max=65535, help="port on 127.0.0.1 (0: a free one)"),
+            speedup: float = typer.Option(1.0, min=0.001, max=1e6, help="emulated seconds per real second (match the "
                                           "engine's --speedup)"),
             seed: int = typer.Option(0, min=0, help="seed of latencies, turnarounds and random faults"),
             catalog: Path | None = typer.Option(None, help="a catalog YAML replacing the packaged one")) -> None:

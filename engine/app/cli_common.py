@@ -63,8 +63,10 @@ trace_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                         help="Build traces (JSONL) from real data or a seeded generator.")
 app.add_typer(trace_app, name="trace")
 # Wide enough for the results table when output goes to a file or CI log (rich assumes 80 columns there).
-console = Console(width=None if Console().is_terminal else 120)
-err_console = Console(stderr=True, soft_wrap=True)
+# No console markup: what is printed holds user paths, names and ids, and a "[/x]" in one was a MarkupError after a
+# paid run, or vanished from the line ("[exp1]"); style goes through ``style=`` or ``Text`` (a helper's hunt).
+console = Console(width=None if Console().is_terminal else 120, markup=False)
+err_console = Console(stderr=True, soft_wrap=True, markup=False)
 
 
 def _version(value: bool) -> None:
@@ -200,8 +202,8 @@ def _warn_skipped(count: int, what: str, problems: list[tuple]) -> None:
 
 def _check_tenant(tenant: str) -> None:
     """``--tenant`` (of every line of a batch file) against the rule of a request's tenant, once, naming the flag."""
+    from engine.core._checks import tenant_problem
     from engine.core.errors import ConfigError
-    from engine.core.request import tenant_problem
 
     why = tenant_problem(tenant)
     if why is not None:

@@ -7,6 +7,7 @@ from rich.table import Table
 from rich.text import Text
 
 from engine.app.cli_common import console
+from engine.core.settings import masked_url
 
 __all__ = ["print_plan", "print_providers", "print_seed_table", "print_table"]
 
@@ -124,7 +125,7 @@ def print_plan(plan: dict) -> None:
                   str(m.get("gpu_batch", 0)), str(m.get("reuse", 0)), f"{row['cost_usd']:.4f}")
     console.print(t)
     for name, sample in plan["samples"].items():
-        console.print(f"[bold]{name}[/] {sample['route']} at {sample['base_url']}:")
+        console.print(Text.assemble((name, "bold"), f" {sample['route']} at {masked_url(sample['base_url'])}:"))
         console.print_json(data=sample["body"])
 
 

@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import quote
 
 import typer
+from rich.text import Text
 
 from engine.app._driver_shared import check_answers, init_ray
 from engine.app._ray_stop import exit_now, own_ray_processes, stop_or_lose_ray
@@ -168,13 +169,13 @@ def serve(name: str = typer.Option("smartbatch", "--name", help="the engine's na
           policy: str = typer.Option("smart", help="registered name or module:Class"),
           address: str | None = typer.Option(None, help="run on this Ray cluster (e.g. auto); default: start a "
                                              "local Ray that other drivers on this machine attach to"),
-          speedup: float = typer.Option(1.0, min=0.001, help="engine seconds per real second (1: real time; "
+          speedup: float = typer.Option(1.0, min=0.001, max=1e6, help="engine seconds per real second (1: real time; "
                                         "higher only against simulated or emulated providers)"),
           providers: str | None = typer.Option(None, "--providers", help="sim: every provider simulated; http: "
                                                "real calls to the providers with an endpoint (default: settings)"),
           base_url: list[str] | None = typer.Option(None, "--base-url", help="NAME=URL: where provider NAME is "
                                                     "reached over HTTP (repeatable)"),
-          http_port: int | None = typer.Option(None, "--http-port", help="serve the OpenAI-compatible endpoint "
+          http_port: int | None = typer.Option(None, "--http-port", min=0, max=65535, help="serve the OpenAI-compatible endpoint "
                                                "(/v1/chat/completions, /v1/files, /v1/batches ...) on this port "
                                                "(0: a free one); default: no endpoint"),
           http_host: str = typer.Option("127.0.0.1", "--http-host", help="the endpoint's bind address (0.0.0.0: "
@@ -251,8 +252,8 @@ def _http_key(env: str | None, host: str, port: int | None) -> str | None:
     on an address others can reach is said, not refused (a trusted network is the caller's call)."""
     if env is None:
         if port is not None and host not in ("127.0.0.1", "localhost", "::1"):
-            console.print(f"[yellow]warning:[/] the endpoint on {host} asks no key: anyone who reaches it spends "
-                          "the engine's provider keys; pass --http-key-env NAME")
+            console.print(Text.assemble(("warning:", "yellow"), f" the endpoint on {host} asks no key: anyone who "
+                                        "reaches it spends the engine's provider keys; pass --http-key-env NAME"))
         return None
     key = os.environ.get(env, "").strip()
     if not key:

@@ -17,6 +17,9 @@ from engine.app.cli_common import (
 )
 from engine.core.errors import SmartbatchError
 
+# A trace spans a year at most (engine.core.trace.MAX_SPAN_S), and synth's follow-ups run to 1.2x its duration.
+_MAX_DURATION_S = 365 * 86400.0 / 1.2
+
 
 @trace_app.command("from-azure")
 def trace_from_azure(csv: Path = typer.Argument(..., help="an Azure LLM inference trace CSV"),
@@ -63,7 +66,7 @@ def trace_from_mooncake(jsonl: Path = typer.Argument(..., help="a Mooncake trace
 def trace_synth(out: Path = typer.Option(..., "--out"),
                 n: int = typer.Option(5000, "--n", min=1, help="number of requests"),
                 seed: int = typer.Option(0, "--seed", min=0),
-                duration: float = typer.Option(3600.0, min=1.0, help="seconds the campaigns' arrivals span; re-sent and reworded requests follow "
+                duration: float = typer.Option(3600.0, min=1.0, max=_MAX_DURATION_S, help="seconds the campaigns' arrivals span; re-sent and reworded requests follow "
                                                      "theirs by minutes, up to 1.2x this"),
                 catalog: Path | None = typer.Option(None)) -> None:
     """A seeded text/image/video workload with campaigns, re-submissions and a priority mix."""

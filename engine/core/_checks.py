@@ -5,16 +5,19 @@ defaults."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 if TYPE_CHECKING:
+    from pydantic import TypeAdapter
+
     from engine.core.catalog import ModelSpec
 
-__all__ = ["GENERATION_PARAMS", "FieldProblem", "cache_blocks", "check_generation", "check_json", "check_media", "check_messages",
-           "check_params", "check_route", "check_text", "check_tools"]
+__all__ = ["GENERATION_PARAMS", "FieldProblem", "cache_blocks", "check_generation", "check_json", "check_media",
+           "check_messages", "check_params", "check_route", "check_text", "check_tools", "tenant_problem"]
 
 
 class FieldProblem(ValueError):
@@ -323,3 +326,24 @@ def check_params(params: dict, kind: str, model: str, known: tuple[str, ...]) ->
             raise FieldProblem("params.seed", f"params.seed must be a whole number, got {value!r}")
         if key == "fps" and not 0 < value <= 240:
             raise FieldProblem("params.fps", f"params.fps must be in (0, 240], got {value!r}")
+
+
+def tenant_problem(tenant: str) -> str | None:
+    """What is wrong with ``tenant`` as a request's tenant (pydantic's words), or None. For one tenant that sets
+    many requests (a CLI flag, a header): checked in each, it was reported against each, as a field of theirs."""
+    from pydantic import ValidationError
+
+    try:
+        _tenant_rule().validate_python(tenant)
+    except ValidationError as exc:
+        return exc.errors()[0]["msg"]
+    return None
+
+
+@functools.cache
+def _tenant_rule() -> TypeAdapter:  # built once: the endpoint checks a tenant header on every call
+    from pydantic import TypeAdapter
+
+    from engine.core.request import Request
+
+    return TypeAdapter(Annotated[(str, *Request.model_fields["tenant"].metadata)])

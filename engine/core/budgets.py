@@ -37,6 +37,9 @@ _UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 EPS = 1e-9
 
 
+_MAX_MONTHS = 1200  # 100 years
+
+
 @functools.lru_cache(maxsize=256)  # every reservation asks it again of the same few specs
 def parse_duration(text: str | None) -> tuple[float, str] | None:
     """``"1h"`` -> (1.0, "h"); ``"1mo"`` -> (1.0, "mo"); None -> None (no reset)."""
@@ -46,7 +49,16 @@ def parse_duration(text: str | None) -> tuple[float, str] | None:
     if not m or float(m.group(1)) <= 0:
         raise ValueError(f"budget_duration {text!r}: use a positive number and a unit, e.g. 30s, 15m, 1h, 1d, 30d, "
                          "1mo (calendar month)")
-    return float(m.group(1)), m.group(2)
+    n, unit = float(m.group(1)), m.group(2)
+    # Months are calendar months, counted whole (0.5mo was a division by zero, 1.5mo read as 1mo); and no window
+    # outlives the calendar's years (100000mo ran past year 9999).
+    if unit == "mo" and (n != int(n) or n > _MAX_MONTHS):
+        raise ValueError(f"budget_duration {text!r}: months are whole calendar months, 1mo to {_MAX_MONTHS}mo; "
+                         "for a part of a month use days or hours, e.g. 15d")
+    if unit != "mo" and n * _UNIT_S[unit] > _MAX_MONTHS * 31 * 86400:
+        raise ValueError(f"budget_duration {text!r}: at most 100 years (e.g. 36500d); leave it out for a budget "
+                         "that never resets")
+    return n, unit
 
 
 def window_bounds(duration: str | None, t: float) -> tuple[float, float]:

@@ -11,8 +11,6 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
-    TypeAdapter,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -26,6 +24,7 @@ from engine.core._checks import (
     check_messages,
     check_params,
     check_text,
+    tenant_problem,
 )
 from engine.core.body_tokens import (
     body_image_tokens,
@@ -195,6 +194,16 @@ class Request(BaseModel):
                          "whole), so it is never held to gather company: its batch goes as soon as it is judged")
     body: dict[str, Any] | None = Field(default=None, description="the provider's own request body "
                                         "(messages, system, temperature, tools, ...), sent unchanged")
+
+    @field_validator("id")
+    @classmethod
+    def _printable_id(cls, v: str) -> str:
+        # An id is printed (samples, logs) and keys the cache, the journal and idempotency: a NUL, newline or ESC
+        # in it garbled a terminal and the hash of tenant + id (custom_id and tenant refuse them too).
+        bad = next((c for c in v if ord(c) < 32 or ord(c) == 127), None)
+        if bad is not None:
+            raise ValueError(f"id {v[:40]!r} holds the control character {bad!r}; use printable characters")
+        return v
 
     @field_validator("arrival_s", "deadline_s")
     @classmethod
@@ -384,17 +393,3 @@ def in_catalog(req: Request, catalog: Catalog, position: int | None = None, sett
             raise RequestError(req.id, exc.field, str(exc), position) from None
     return req
 
-
-def tenant_problem(tenant: str) -> str | None:
-    """What is wrong with ``tenant`` as a request's tenant (pydantic's words), or None. For one tenant that sets
-    many requests (a CLI flag, a header): checked in each, it was reported against each, as a field of theirs."""
-    try:
-        _tenant_rule().validate_python(tenant)
-    except ValidationError as exc:
-        return exc.errors()[0]["msg"]
-    return None
-
-
-@functools.cache
-def _tenant_rule() -> TypeAdapter:  # built once: the endpoint checks a tenant header on every call
-    return TypeAdapter(Annotated[(str, *Request.model_fields["tenant"].metadata)])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,15 +200,26 @@ def load_trace(path: str | Path, *, catalog: Catalog | None = None, settings: Se
 
 
 def write_trace(requests: Iterable[Request], path: str | Path) -> int:
-    """Write requests as JSONL with every default resolved; returns the number of lines."""
+    """Write requests as JSONL with every default resolved; returns the number of lines. Written beside ``path``
+    and renamed over it once whole: a Ctrl-C or a full disk midway leaves the file that was there (it was cut
+    short, and a shorter trace loaded without a word: a helper's hunt)."""
     p = Path(path)
-    n = 0
+    n, tmp = 0, None
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
-        with p.open("w", encoding="utf-8") as fh:
+        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # as a file opened for writing would be, not mkstemp's 0600
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
             for r in requests:
                 fh.write(json.dumps(r.model_dump(mode="json"), separators=(",", ":")) + "\n")
                 n += 1
+        os.replace(tmp, p)
+        tmp = None
     except OSError as exc:  # a full disk, a directory, a path under a file: the cause, not a traceback
         raise ConfigError(f"cannot write the trace to {p}: {exc.strerror or exc}; give a writable file path") from None
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
     return n

@@ -1,0 +1,194 @@
+"""Bad flag values, odd paths and reruns at the command line (a helper's hunt, stop 57): each is one error naming
+the flag and its fix (exit 2), never "unexpected, a bug in smartbatch"; no written file is cut short or left
+empty; a rerun never pays again for what its output already answers without being told to."""
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from engine.app.cli import app
+
+runner = CliRunner()
+
+
+def test_write_trace_interrupted_midway_keeps_the_previous_trace(tmp_path):
+    """Ctrl-C (or a full disk) while a trace builder writes --out left the file cut short: the previous trace gone,
+    and a shorter one that loads without a word (confirmed with SIGINT on `trace synth --n 200000`: 6,481 of
+    200,000 lines, `bench` ran on it)."""
+    from engine.core.trace import load_trace, write_trace
+
+    out = tmp_path / "t.jsonl"
+    r = runner.invoke(app, ["trace", "synth", "--n", "50", "--seed", "1", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    before = out.read_bytes()
+    reqs = load_trace(out).requests
+
+    def interrupted():
+        yield from reqs[:10]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_trace(interrupted(), out)
+    assert out.read_bytes() == before, f"{out} now holds {len(out.read_bytes().splitlines())} of 50 lines"
+
+
+def _small_trace(tmp_path):
+    p = tmp_path / "t.jsonl"
+    p.write_text('{"id":"a1","arrival_s":0,"model":"gpt-5-mini","prompt":"hello","deadline_s":600}\n'
+                 '{"id":"a2","arrival_s":1,"model":"gpt-5-mini","prompt":"hello2","deadline_s":6000}\n')
+    return p
+
+
+@pytest.mark.parametrize("duration", ["0.5mo", "0.25mo"])
+def test_a_fractional_month_budget_window_is_refused_naming_the_flag(tmp_path, duration):
+    """`--budget-duration 0.5mo` passes parse_duration (n > 0), then window_bounds does `months % int(0.5)`:
+    ZeroDivisionError, 'unexpected, a bug' in bench (exit 1), and in `run` (or a SMARTBATCH_BUDGETS__SPECS of
+    it, in serve) the BudgetController fails every reservation and the run ends exit 1 with no results file.
+    engine/core/budgets.py:46 and :65. ("1.5mo" is silently taken as 1 month, the same int().)"""
+    r = runner.invoke(app, ["bench", str(_small_trace(tmp_path)), "--policies", "naive", "--budget", "1",
+                            "--budget-duration", duration, "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "--budget-duration" in r.output, r.output
+
+
+def test_a_huge_month_budget_window_is_refused_naming_the_flag(tmp_path):
+    """`--budget-duration 100000mo` (past year 9999): ValueError 'year 0 is out of range', unexpected (exit 1)."""
+    r = runner.invoke(app, ["bench", str(_small_trace(tmp_path)), "--policies", "naive", "--budget", "1",
+                            "--budget-duration", "100000mo", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "--budget-duration" in r.output, r.output
+
+
+def test_an_out_path_with_brackets_is_printed_as_given_and_the_command_succeeds(tmp_path):
+    """The 'wrote ...' lines are rich markup: `--out 'o/[/x]'` made bench write everything and then exit 1 with
+    'MarkupError ... (unexpected, so a bug in smartbatch)'; `batch --out` does the same after a paid run
+    (cli_batch.py:166), and `--out 'o/[exp1]'` is printed as 'o/'. engine/app/cli.py:143/146/231/355."""
+    out = tmp_path / "[/x]"
+    r = runner.invoke(app, ["bench", str(_small_trace(tmp_path)), "--policies", "naive", "--out", str(out)])
+    assert (out / "results.json").exists()
+    assert r.exit_code == 0, r.output
+    out2 = tmp_path / "[exp1]"
+    r = runner.invoke(app, ["bench", str(_small_trace(tmp_path)), "--policies", "naive", "--out", str(out2)])
+    assert r.exit_code == 0 and "[exp1]" in r.output, r.output
+
+
+def test_a_variant_named_after_the_policy_it_runs_elsewhere_cannot_shadow_a_registered_name(tmp_path):
+    """A variant named 'naive' (policy batch-all) replaces the real naive under its name: the table's 'naive'
+    row is batch-all's cost, with no word. engine/app/bench.py:73."""
+    v = tmp_path / "v.yaml"
+    v.write_text("variants:\n  - name: naive\n    policy: batch-all\n")
+    r = runner.invoke(app, ["bench", str(_small_trace(tmp_path)), "--policies", "naive,smart", "--variants", str(v),
+                            "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "naive" in r.output, r.output
+
+
+@pytest.mark.parametrize("args", [
+    ["run", "{trace}", "--speedup", "inf", "--dry-run"],          # live.py:213 -> provider_setup.py:64 ValidationError
+    ["trace", "synth", "--n", "10", "--duration", "inf", "--out", "{out}"],   # tracegen.py:283 OverflowError
+    ["run", "{trace}", "--address", "bad address", "--out", "{dir}"],        # _driver_shared.py:48 ValueError
+    ["bench", "{trace}", "--policies", "engine.core.request:Request", "--out", "{dir}"],  # policies/base.py:137
+])
+def test_bad_flag_values_are_one_error_naming_the_flag_not_an_unexpected_bug(tmp_path, args):
+    trace = _small_trace(tmp_path)
+    args = [a.format(trace=trace, out=tmp_path / "s.jsonl", dir=tmp_path / "o") for a in args]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2 and "unexpected" not in r.output, r.output
+
+
+@pytest.mark.parametrize("args", [["emulate", "--port", "70000"], ["serve", "--name", "hunt-cli-port", "--http-port", "70000"]])
+def test_a_port_out_of_range_names_the_flag(args):
+    """OverflowError from bind(): 'unexpected, a bug in smartbatch', exit 1 (serve_http.py:37, emulator)."""
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2 and "unexpected" not in r.output, r.output
+
+
+def test_a_synth_duration_past_a_year_names_duration_not_rows(tmp_path):
+    """`trace synth --duration 1e9` is refused as 'arrives ... s after the first row ... split the file, or fix
+    the outlier ... Fix or remove the rows named': synth has no rows or file; the flag to change is --duration."""
+    r = runner.invoke(app, ["trace", "synth", "--n", "10", "--duration", "1e9", "--out", str(tmp_path / "s.jsonl")])
+    assert r.exit_code == 2 and "--duration" in r.output, r.output
+
+
+def _bline(cid, content="Name three rivers.", model="gpt-5-mini"):
+    return json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
+                       "body": {"model": model, "messages": [{"role": "user", "content": content}],
+                                "max_completion_tokens": 50}})
+
+
+def test_a_batch_refused_before_anything_is_sent_leaves_no_empty_output_file(tmp_path, monkeypatch):
+    """`_output_lock` opens OUT with "a" (cli_batch.py:248) before Engine.start: a run refused there (a key not
+    exported with --providers http, a bad --address) leaves a new, empty OUT behind, with no error file beside
+    it: an empty answer file of a batch that never ran."""
+    import engine.app.driver as driver_mod
+    from engine.core.errors import ConfigError
+
+    def refused(*_a, **_k):
+        raise ConfigError("providers.endpoints.openai: the environment variable OPENAI_API_KEY ... is not set")
+    monkeypatch.setattr(driver_mod.Engine, "start", classmethod(refused))
+    p = tmp_path / "in.jsonl"
+    p.write_text(_bline("a") + "\n")
+    out = tmp_path / "o.jsonl"
+    r = runner.invoke(app, ["batch", str(p), "--out", str(out)])
+    assert r.exit_code == 2, r.output
+    assert not out.exists(), f"{out} left behind ({out.stat().st_size} bytes)"
+
+
+def test_a_rerun_over_an_output_that_answers_its_lines_does_not_pay_for_them_again_silently(tmp_path, monkeypatch):
+    """OUT already answers line a (an earlier run, paid); the same command again without --resume sends a again
+    (paid twice) and overwrites the earlier paid answer, with no word. --resume exists, but nothing points to it
+    when OUT holds this input's answers."""
+    import concurrent.futures
+
+    import engine.app.driver as driver_mod
+    from engine.core.result import Result
+    from engine.core.catalog import default_catalog
+    from tests.unit.helpers import CtrlCEngine
+
+    sent = []
+
+    class Answering(CtrlCEngine):
+        def submit_many(self, reqs):
+            sent.extend(r.id for r in reqs)
+            futs = []
+            for r in reqs:
+                f = concurrent.futures.Future()
+                f.set_result(Result(id=r.id, status="ok", output="sim://y", cost_usd=0.002, mode="sync",
+                                    usage={"input_tokens": 4, "output_tokens": 5}, provider=r.provider, model=r.model))
+                futs.append(f)
+            return futs
+    monkeypatch.setattr(driver_mod.Engine, "start", classmethod(lambda cls, *a, **k: Answering(default_catalog())))
+    p = tmp_path / "in.jsonl"
+    p.write_text(_bline("a") + "\n")
+    out = tmp_path / "o.jsonl"
+    assert runner.invoke(app, ["batch", str(p), "--out", str(out)]).exit_code == 0
+    first = out.read_text()
+    sent.clear()
+    r = runner.invoke(app, ["batch", str(p), "--out", str(out)])
+    assert r.exit_code == 2 and sent == [] and "--resume" in r.output and "--overwrite" in r.output, r.output
+    assert out.read_text() == first  # the paid answer is still there
+    r = runner.invoke(app, ["batch", str(p), "--out", str(out), "--resume"])
+    assert r.exit_code == 0 and sent == [], r.output  # nothing left to send
+    r = runner.invoke(app, ["batch", str(p), "--out", str(out), "--overwrite"])
+    assert r.exit_code == 0 and sent == ["a"], r.output  # asked for: sent again
+
+
+def test_a_base_url_credential_is_not_printed_by_dry_run(tmp_path, monkeypatch):
+    """`run --dry-run --providers http --base-url openai=http://user:KEY@host/v1` prints the URL whole, credential
+    included ('openai /v1/chat/completions at http://u:sk-test-SECRET123@h/v1:'; cli_report.py:127, the same
+    sample is printed after a real run). Redis URLs get masked_url; provider URLs do not."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-other")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-other")
+    r = runner.invoke(app, ["run", str(_small_trace(tmp_path)), "--dry-run", "--providers", "http",
+                            "--base-url", "openai=http://u:sk-test-SECRET123@127.0.0.1:9/v1"])
+    assert r.exit_code == 0, r.output
+    assert "SECRET123" not in r.output, r.output
+
+
+def test_a_trace_id_with_a_control_character_is_refused_as_a_custom_id_or_tenant_is(tmp_path):
+    """A batch file's custom_id and a tenant refuse control characters; a trace's id takes NUL, newline and ESC,
+    and `run` prints it raw to the terminal in its samples ('  a^@b (openai/gpt-5-mini, sync, ...)')."""
+    from engine.core.trace import load_trace
+
+    p = tmp_path / "t.jsonl"
+    p.write_text('{"id":"a\\u0000b","arrival_s":0,"model":"gpt-5-mini","prompt":"hello"}\n'
+                 '{"id":"ok","arrival_s":0,"model":"gpt-5-mini","prompt":"hello2"}\n')
+    tr = load_trace(p, skip_invalid=True)
+    assert [r.id for r in tr.requests] == ["ok"], [r.id for r in tr.requests]
