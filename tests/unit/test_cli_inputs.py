@@ -138,8 +138,8 @@ def test_a_rerun_over_an_output_that_answers_its_lines_does_not_pay_for_them_aga
     import concurrent.futures
 
     import engine.app.driver as driver_mod
-    from engine.core.result import Result
     from engine.core.catalog import default_catalog
+    from engine.core.result import Result
     from tests.unit.helpers import CtrlCEngine
 
     sent = []
