@@ -124,9 +124,10 @@ for c = 1, n do
   -- A swept claim's reservation was released already: count its spend, release nothing again.
   local swept = redis.call('HEXISTS', claim, '_swept') == 1
   local kv = redis.call('HGETALL', claim)
-  if #kv == 0 and who ~= '' and actual > 0 then
+  local done = prefix .. ':s:' .. rid
+  if #kv == 0 and who ~= '' and actual > 0 and redis.call('EXISTS', done) == 0 then
     -- Its record is gone (a Redis restarted without persistence): the spend is counted where the claim was,
-    -- as a charge. ``who`` is sent only with a claim's first settlement, so a replay counts nothing.
+    -- as a charge. A settlement replayed after its reply was lost finds the marker left below: counted once.
     lost = lost + 1
     redis.call('HINCRBYFLOAT', prefix .. ':spend', who, actual)
     for j = 0, nk - 1 do
@@ -146,6 +147,7 @@ for c = 1, n do
       end
     end
   end
+  if who ~= '' then redis.call('SET', done, '1', 'EX', 3600) end  -- an hour for a replay to find it settled
   redis.call('DEL', claim)
   redis.call('ZREM', prefix .. ':exp', rid)
   i = i + 4 + 2 * nk
@@ -223,7 +225,7 @@ class RedisBudgetBook:
         self._charge = client.register_script(_CHARGE)
         self._probe = client.register_script(_PROBE)
         # The claims this book granted and has not settled: whose spend each is and the windows it holds, sent
-        # with its first settlement so that spend counts if Redis lost the claim's record. Oldest first.
+        # with its settlement (until Redis takes it) so that spend counts if Redis lost the claim's record. Oldest first.
         self._open: dict[str, tuple[float, str, list[tuple[str, int]]]] = {}
 
     def __repr__(self) -> str:
@@ -270,12 +272,16 @@ class RedisBudgetBook:
             return 0
         args: list = [self.prefix, len(items), SWEEP_MAX]
         for rid, actual in items:
-            # Popped before it is sent: a settlement whose reply is lost is sent again without it, and counts once.
-            _, who, windows = self._open.pop(rid, (0.0, "", []))
+            # Kept until Redis took it: the controller sends a settlement again after a failed call (the first
+            # after a restart meets the connection it cut), and the marker the script leaves makes it count once.
+            _, who, windows = self._open.get(rid, (0.0, "", []))
             args += [rid, repr(float(actual)), who, len(windows)]
             for key, ttl in windows:
                 args += [key, ttl]
-        return int(await self._settle(args=args))
+        lost = int(await self._settle(args=args))
+        for rid, _ in items:
+            self._open.pop(rid, None)
+        return lost
 
     def _forget_old(self) -> None:
         """A claim never settled (its grouper gone) is released by the sweep; what this book kept of it goes a day

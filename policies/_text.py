@@ -132,13 +132,14 @@ def not_worth(p, group, projected: float, c_sync: float, p_on_time: float, hedge
     return None
 
 
-def fallback_slot(group, c: TextConsts, hedge_at: float, calls_s: float, k: int,
-                  max_out: int) -> tuple[float, tuple]:
+def fallback_slot(group, c: TextConsts, hedge_at: float, calls_s: float, k: int, max_out: int, now: float,
+                  sent: bool = True) -> tuple[float, tuple]:
     """A batch of ``k`` hedged at ``hedge_at`` at the latest, whose fallback calls (of ``max_out`` tokens at most)
     take ``calls_s`` once its cancel is through: its hedge where the calls other batches' fallbacks may need
-    leave room for its own (``FallbackCalendar``), and the (start, end, calls, seconds a call) reserved."""
+    leave room for its own (``FallbackCalendar``), and the (start, end, calls, seconds a call) reserved. Asked
+    only of a batch ``sent`` now: on every arrival to a group that gathers, it cost seconds on a busy lane."""
     start, call = hedge_at + c.cancel_s, (c.base + c.per_tok * max_out) * c.p99_factor
     end = start + calls_s
-    if group.calendar is not None:
-        start = group.calendar.latest(group.provider.name, start, end, k, call, c.max_conc)
+    if group.calendar is not None and sent:
+        start = group.calendar.latest(group.provider.name, start, end, k, call, c.max_conc, now)
     return start - c.cancel_s, (start, end, k, call)

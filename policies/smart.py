@@ -318,8 +318,7 @@ class Smart(GpuLane, Policy):
         c = self._text_consts(group.provider, group.spec, group.members[0].model)
         flush_at = self._flush_at(group, c)
         if isinstance(group.key[2], tuple):
-            # Members back from one dispatch come back together: judged once all of them are here, then sent
-            # (nothing else joins this group).
+            # Members back from one dispatch come back together: judged once all are here, then sent (no one joins).
             if now < group.key[2][1] + 1.0:
                 return Decision.wait(group.key[2][1] + 1.0, "gathering the members back from one batch")
             flush_at = now
@@ -333,7 +332,8 @@ class Smart(GpuLane, Policy):
                                                                                               for r in members)
             tokens_in, tokens_out = sum(r.input_tokens for r in members), sum(r.output_tokens for r in members)
         lead = self._hedge_lead(c, max_out, k)
-        hedge_at, fallback = _fallback_slot(group, c, earliest - lead, lead - p.hedge_margin_s - c.cancel_s, k, max_out)
+        hedge_at, fallback = _fallback_slot(group, c, earliest - lead, lead - p.hedge_margin_s - c.cancel_s, k, max_out,
+                                            now, sent=not gathering)
         send_at = flush_at if gathering else now
         if not p.second_batch or group.returned:
             checkpoint, p_on_time = None, ba.turnaround_cdf(hedge_at - send_at)
@@ -377,17 +377,17 @@ class Smart(GpuLane, Policy):
                                                     f"{hedge}"))
 
     def _split_back(self, group: Group, c: TextConsts, now: float, k: int) -> Decision:
-        """Members back with no chance as one batch (its earliest deadline with its slowest member's lead), where
-        most alone still have one: the leading ones that do ride a batch hedged at the earliest of their own last
-        safe moments; with none, the first goes sync and the rest is decided again (a review, stop 57)."""
+        """Members back with no chance as one batch, most of whom alone have one: the leading ones that do (one
+        wave of calls at most, so each one's own lead holds) ride a batch hedged at the earliest of their last safe
+        moments; with none, the first goes sync, the rest decided again (a review, stop 57)."""
         ba, mp = group.provider.batch_api, self.params.min_on_time_p
         j = 0
-        while j < k and self._p_alone(group.provider, c, group.members[j], now) >= mp:
+        while j < min(k, c.max_conc) and self._p_alone(group.provider, c, group.members[j], now) >= mp:
             j += 1
         ride = group.members[:j]
         hedge_at = min((r.deadline_at - self._hedge_lead(c, r.output_tokens, j) for r in ride), default=now)
         out, margin = max((r.output_tokens for r in ride), default=0), self.params.hedge_margin_s + c.cancel_s
-        hedge_at, fallback = _fallback_slot(group, c, hedge_at, self._hedge_lead(c, out, j) - margin, j, out)
+        hedge_at, fallback = _fallback_slot(group, c, hedge_at, self._hedge_lead(c, out, j) - margin, j, out, now)
         p_on_time = ba.turnaround_cdf(hedge_at - now)
         if p_on_time < mp:
             return Decision("dispatch", mode="sync", take=1, recommendation="process_individually",
@@ -395,6 +395,6 @@ class Smart(GpuLane, Policy):
         c_sync = sum(c.p_in * r.input_tokens + c.p_out * r.output_tokens for r in ride)
         saving = p_on_time * (1.0 - mode_factor(group.provider, "batch_api")) * c_sync
         return Decision("dispatch", mode="batch_api", take=j, hedge_at=hedge_at, fallback=fallback,
-                        recommendation="consider_batch",
-                        reason=f"batch API: {j} of {k} members back, expected ${saving:.4f} saved of "
-                               f"${c_sync:.4f} at list price, P(on time)={p_on_time:.2f}, hedge at t={hedge_at:.0f}s")
+                        recommendation="consider_batch", reason=f"batch API: {j} of {k} members back, expected "
+                        f"${saving:.4f} saved of ${c_sync:.4f} at list price, P(on time)={p_on_time:.2f}, hedge at "
+                        f"t={hedge_at:.0f}s")

@@ -50,6 +50,8 @@ def parse_duration(text: str | None) -> tuple[float, str] | None:
         raise ValueError(f"budget_duration {text!r}: use a positive number and a unit, e.g. 30s, 15m, 1h, 1d, 30d, "
                          "1mo (calendar month)")
     n, unit = float(m.group(1)), m.group(2)
+    if not math.isfinite(n):  # 400 digits read as inf
+        raise ValueError(f"budget_duration {text[:20]!r}...: a number too large; at most 100 years (e.g. 36500d)")
     # Months are calendar months, counted whole (0.5mo was a division by zero, 1.5mo read as 1mo); and no window
     # outlives the calendar's years (100000mo ran past year 9999).
     if unit == "mo" and (n != int(n) or n > _MAX_MONTHS):

@@ -6,8 +6,6 @@ The runtime (simulator or actors) owns the groups and the loop; a policy only re
 
 from __future__ import annotations
 
-import bisect
-import heapq
 import math
 from collections import OrderedDict
 from collections.abc import Container, Hashable, Iterable, Sequence
@@ -16,6 +14,7 @@ from typing import Any, Literal, NamedTuple
 
 from engine.core.catalog import ModelSpec, ProviderSpec
 from engine.core.cost import Mode
+from engine.core.fallbacks import FallbackCalendar
 from engine.core.request import Request
 from engine.core.similarity import Guards
 
@@ -201,89 +200,6 @@ class LaneRates:
 
     def __len__(self) -> int:
         return len(self._seen)
-
-
-class FallbackCalendar:
-    """The provider's concurrent calls that the batches under way may need for their sync fallbacks: each
-    batch's members, from its final hedge to its earliest deadline (less the margin), ``calls`` of about
-    ``call_s`` each. A batch's hedge leaves room for its own members' calls; batches that hedge together share
-    the provider's calls, so a policy moves a new batch's hedge earlier until, in every span its fallback shares
-    with others, their calls fit (a helper's property test: three lanes hedged at one instant at a provider of
-    one call, and two fallbacks missed deadlines naive met). Runtime state that a policy reads, like
-    ``LaneRates``: the table reserves every batch dispatch's fallback, and frees it when its members come back
-    (cancelled at a checkpoint or hedge) or its time has passed (a batch back in time is not told apart: it errs
-    on the safe side)."""
-
-    __slots__ = ("_by", "_longest", "_of")
-
-    def __init__(self) -> None:
-        self._by: dict[str, list[list]] = {}  # provider -> [start, end, calls, call_s, live] sorted by start
-        self._longest: dict[str, float] = {}  # provider -> the longest reservation it has held
-        self._of: dict[str, list] = {}  # member uid -> its batch's reservation
-
-    def reserve(self, provider: str, fallback: tuple[float, float, int, float], uids: Iterable[str],
-                now: float) -> None:
-        """``fallback``: (start, end, calls, call_s) of a batch whose members are ``uids``."""
-        book = self._by.setdefault(provider, [])
-        if len(book) > 64 and book[0][0] + self._longest[provider] < now:
-            book[:] = [r for r in book if r[4] and r[1] >= now]  # ended or freed: gone, now and then
-            self._of = {u: r for u, r in self._of.items() if r[4] and r[1] >= now}
-        r = [*fallback, True]
-        bisect.insort(book, r, key=lambda x: x[0])
-        self._longest[provider] = max(self._longest.get(provider, 0.0), r[1] - r[0])
-        for u in uids:
-            self._of[u] = r
-
-    def free(self, uid: str) -> None:
-        """``uid``'s batch was cancelled (its members come back to be decided again): its calls are free."""
-        r = self._of.pop(uid, None)
-        if r is not None:
-            r[4] = False
-
-    def latest(self, provider: str, start: float, end: float, calls: int, call_s: float, conc: int) -> float:
-        """The latest start, at ``start`` or before, of ``calls`` more of ``call_s`` each, due by ``end``, at which
-        the provider's ``conc`` calls, served in the order the fallbacks come, finish ours by ``end`` and every
-        reservation by its own end (or no later than it would without ours): ``start``, else ending as one in
-        its way begins, within three durations (its own or the longest reservation's) earlier; failing that,
-        the earliest of those."""
-        book = self._by.get(provider)
-        if not book:
-            return start
-        dur, longest = end - start, self._longest[provider]
-        floor = start - 3 * max(dur, longest, 1.0)
-        lo = bisect.bisect_left(book, floor - longest, key=lambda x: x[0])
-        hi = bisect.bisect_left(book, end + 3 * longest, key=lambda x: x[0])  # ours may delay those, in turn
-        near = [r for r in book[lo:hi] if r[4] and r[1] > floor]
-        if calls + sum(r[2] for r in near) <= conc:
-            return start  # all of them at once
-        alone = _finishes(near, conc)
-        tries = sorted({start, *(r[0] - dur for r in near if floor <= r[0] - dur < start)}, reverse=True)
-        for t in tries:
-            mine = [t, t + dur, calls, call_s]
-            jobs = sorted([*near, mine], key=lambda x: x[0])
-            done = dict(zip(map(id, jobs), _finishes(jobs, conc), strict=True))
-            if done[id(mine)] <= mine[1] + 1e-6 and all(
-                    done[id(r)] <= max(r[1], was) + 1e-6 for r, was in zip(near, alone, strict=True)):
-                return t
-        return tries[-1]
-
-    def __len__(self) -> int:
-        return sum(1 for b in self._by.values() for r in b if r[4])
-
-
-def _finishes(jobs: list, conc: int) -> list[float]:
-    """When each of ``jobs`` ([start, end, calls, call_s, ...], by start) has its last call done, its calls served
-    in the order the jobs start by ``conc`` calls at once."""
-    free = [-math.inf] * conc  # when each of the provider's calls is next free (a heap)
-    out = []
-    for start, _, n, call, *_ in jobs:
-        last = start
-        for _ in range(n):
-            at = max(start, heapq.heappop(free)) + call
-            heapq.heappush(free, at)
-            last = max(last, at)
-        out.append(last)
-    return out
 
 
 class BudgetPressure:

@@ -309,8 +309,9 @@ def check_redis_url(url: str | None, setting: str) -> str | None:
 def masked_url(url: str) -> str:
     """``url`` with any password replaced by ***, for messages and logs (a user name alone too: a key is often
     passed as one, ``https://sk-...@host``)."""
-    return re.sub(r"//([^/@]*)@", lambda m: "//" + (m.group(1).split(":", 1)[0] + ":***" if ":" in m.group(1)
-                                                    else "***") + "@", url)
+    # Up to the last "@" before the path: a password may hold an "@" itself.
+    return re.sub(r"//([^/]*)@", lambda m: "//" + (m.group(1).split(":", 1)[0] + ":***" if ":" in m.group(1)
+                                                  else "***") + "@", url)
 
 
 @functools.cache

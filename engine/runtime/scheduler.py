@@ -21,10 +21,10 @@ from typing import NamedTuple
 from engine.core.catalog import Catalog, ProviderSpec
 from engine.core.cost import mode_allowed
 from engine.core.errors import PolicyError
+from engine.core.fallbacks import FallbackCalendar
 from engine.core.grouping import (
     BudgetPressure,
     Decision,
-    FallbackCalendar,
     Group,
     LaneRates,
     PrefixSightings,

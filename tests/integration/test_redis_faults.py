@@ -398,3 +398,30 @@ def test_spend_settled_after_a_restart_that_lost_the_claims_is_counted_once(own_
     assert lost == 2 and spent == pytest.approx(6.0) and reserved == 0.0
     assert [round(r["spent_usd"], 6) for r in spend] == [6.0] and spend[0]["tenant"] == "acme"
     assert later == [True, True, False, False, False]  # $4 left under the limit, not $10
+
+
+def test_spend_of_claims_a_restart_lost_is_counted_once_through_the_controllers_replay(own_redis):
+    """The first call after a restart meets the connection the restart cut: the controller keeps the settlements
+    in its outbox and sends them again once Redis answers. The book kept what it knew of each claim until Redis
+    took the settlement (a review: it dropped that before the first call, and the replay counted nothing)."""
+    from actors.budget import BudgetController
+
+    b = budgets(own_redis.url)
+
+    async def go():
+        ctl = BudgetController(b)
+        await ctl.check_ledger()
+        assert all(v.ok for v in await ctl.reserve_many([Claim(f"a{k}", "acme", "openai", "gpt-4o-mini", "urgent",
+                                                               2.0) for k in range(3)]))
+        own_redis.stop()
+        own_redis.start()  # no persistence: the claims and the spend so far are gone
+        await ctl.settle_many([(f"a{k}", 2.0) for k in range(3)])  # the work finished: $6 spent
+        if ctl._flusher is not None:  # the outbox's replay, once Redis answers again (bounded)
+            await asyncio.wait_for(asyncio.shield(ctl._flusher), 10)
+        out = ctl.lost_records, len(ctl._outbox), (await ctl.report())["ledger"]["lost_records"]
+        await ctl.close()
+        return out
+    lost, left, reported = asyncio.run(go())
+    spent, reserved = ledger(own_redis, b)
+    assert (lost, left, reported) == (3, 0, 3)
+    assert spent == pytest.approx(6.0) and reserved == 0.0

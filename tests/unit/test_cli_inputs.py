@@ -192,3 +192,15 @@ def test_a_trace_id_with_a_control_character_is_refused_as_a_custom_id_or_tenant
                  '{"id":"ok","arrival_s":0,"model":"gpt-5-mini","prompt":"hello2"}\n')
     tr = load_trace(p, skip_invalid=True)
     assert [r.id for r in tr.requests] == ["ok"], [r.id for r in tr.requests]
+
+
+def test_a_password_holding_an_at_sign_is_masked_whole_and_a_month_count_too_long_to_read_names_the_field():
+    """A review: ``redis://u:p@ss@h`` printed ``ss@h`` of the password; a budget window of 400 digits of months was
+    an OverflowError rather than the field's error."""
+    from engine.core.budgets import parse_duration
+    from engine.core.settings import masked_url
+
+    assert masked_url("redis://u:p@ss@h:1/0") == "redis://u:***@h:1/0"
+    assert masked_url("https://sk-abc@host/v1?q=a@b") == "https://***@host/v1?q=a@b"
+    with pytest.raises(ValueError, match="budget_duration"):
+        parse_duration("1" * 400 + "mo")

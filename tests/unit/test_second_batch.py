@@ -286,3 +286,37 @@ def test_members_back_that_each_have_a_chance_are_not_sent_sync_whole_by_one_mis
         g2.add(r, returned=True)
     d2 = pol.decide(g2, now + 1.0)
     assert (d2.mode, d2.take) == ("sync", 1)
+
+
+def test_members_back_that_ride_on_their_own_chances_fit_one_wave_of_the_providers_calls():
+    """Each member back keeps its own lead only while the fallback is one wave of calls: a review built nine
+    members back, eight with long answers and one short one due first, at a provider of 4 calls and batches that
+    are always late; the short one fell back behind two waves of long calls and was 14 s late where naive met
+    it. At most ``max_concurrency`` ride so; the rest are decided again."""
+    import copy
+
+    import yaml
+
+    from engine.core.catalog import Catalog
+    from engine.core.request import validation_context
+
+    raw = yaml.safe_load((__import__("pathlib").Path(__file__).parents[2] / "engine/data/catalog.yaml").read_text())
+    raw = copy.deepcopy(raw)
+    for p in raw["providers"].values():
+        p["failure_rate"] = 0.0
+    raw["providers"]["openai"]["rate_limits"]["max_concurrency"] = 4
+    raw["providers"]["openai"]["sync_latency"] = {"base_s": 0.6, "per_output_token_s": 0.012, "sigma": 0.0}
+    cat = Catalog.model_validate(raw)
+
+    def rq(i, out, deadline):
+        return Request.model_validate({"id": i, "arrival_s": 0.0, "model": "gpt-5-mini", "prompt": f"task {i}",
+                                       "input_tokens": 50_000, "output_tokens": out, "deadline_s": deadline},
+                                      context=validation_context(cat))
+    first = 1106.3
+    t1 = first - (3 * (0.6 + 0.012 * 2500) + 15) + 0.5
+    reqs = [rq("E", 2500, first)] + [rq(f"L{k}", 2500, t1 + 250) for k in range(8)] + [rq("S", 10, t1 + 140)]
+    params = {"min_batch_saving_usd": 0.0, "second_batch": False}
+    naive = simulate(reqs, load_policy("naive", cat), catalog=cat, draws=SlowThenFast(len(reqs), 1e9))
+    smart = simulate(reqs, load_policy("smart", cat, params), catalog=cat, draws=SlowThenFast(len(reqs), 1e9))
+    assert naive.met.all() and smart.met.all()
+    assert any("members back" in b.reason for b in smart.batches)  # the path under test ran
