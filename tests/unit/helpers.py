@@ -172,3 +172,42 @@ def sdk_request():
     import httpx2
 
     return httpx2.Request("POST", "http://127.0.0.1/v1/chat/completions")
+
+
+class AnsweringEngine(CtrlCEngine):
+    """A stand-in ``Engine`` that answers every request at once ($0.002, sync) and records the ids of each
+    ``submit_many`` call in ``sent`` (one list per call)."""
+
+    def __init__(self, catalog=None, sent: list | None = None) -> None:
+        super().__init__(catalog)
+        self.sent = sent if sent is not None else []
+
+    def submit_many(self, reqs):
+        from engine.core.result import Result
+
+        self.sent.append([r.id for r in reqs])
+        futs = []
+        for r in reqs:
+            f = concurrent.futures.Future()
+            f.set_result(Result(id=r.id, status="ok", output="sim://y", cost_usd=0.002, mode="sync",
+                                usage={"input_tokens": 4, "output_tokens": 5}, provider=r.provider, model=r.model))
+            futs.append(f)
+        return futs
+
+
+def limited_catalog(provider: str, conc: int, base_s: float, per_token_s: float = 0.0):
+    """The default catalog with no failures and ``provider`` limited to ``conc`` calls at once, of a fixed sync
+    latency (``sigma`` 0): where batches that hedge together must share the calls."""
+    import copy
+    from pathlib import Path
+
+    import yaml
+
+    from engine.core.catalog import Catalog
+
+    raw = copy.deepcopy(yaml.safe_load((Path(__file__).parents[2] / "engine/data/catalog.yaml").read_text()))
+    for p in raw["providers"].values():
+        p["failure_rate"] = 0.0
+    raw["providers"][provider]["rate_limits"]["max_concurrency"] = conc
+    raw["providers"][provider]["sync_latency"] = {"base_s": base_s, "per_output_token_s": per_token_s, "sigma": 0.0}
+    return Catalog.model_validate(raw)

@@ -342,7 +342,7 @@ def test_resume_sends_only_the_lines_the_earlier_run_did_not_answer(tmp_path, mo
     """A run interrupted after line a was answered (and paid); `--resume` writes a's answer again and sends only
     b. Without it every rerun paid again for what the output already held (a helper's fault hunt)."""
     import engine.app.driver as driver_mod
-    from tests.unit.helpers import CtrlCEngine
+    from tests.unit.helpers import AnsweringEngine, CtrlCEngine
 
     p = tmp_path / "in.jsonl"
     p.write_text(line("a") + "\n" + line("b", "Name two seas.") + "\n" + line("c", "Name two lakes.") + "\n")
@@ -356,18 +356,7 @@ def test_resume_sends_only_the_lines_the_earlier_run_did_not_answer(tmp_path, mo
     (first,) = [json.loads(x) for x in out.read_text().splitlines()]
 
     sent: list[list[str]] = []
-
-    class Answering(CtrlCEngine):
-        def submit_many(self, reqs):
-            sent.append([r.id for r in reqs])
-            futs = []
-            for r in reqs:
-                f = concurrent.futures.Future()
-                f.set_result(Result(id=r.id, status="ok", output="sim://y", cost_usd=0.002, mode="sync",
-                                    usage={"input_tokens": 4, "output_tokens": 5}, provider=r.provider, model=r.model))
-                futs.append(f)
-            return futs
-    monkeypatch.setattr(driver_mod.Engine, "start", classmethod(lambda cls, *a, **k: Answering(CAT)))
+    monkeypatch.setattr(driver_mod.Engine, "start", classmethod(lambda cls, *a, **k: AnsweringEngine(CAT, sent)))
     r = runner.invoke(app, ["batch", str(p), "--out", str(out), "--resume"])
     assert r.exit_code == 0, r.output
     assert [sorted(ids) for ids in sent] == [["b", "c"]]  # a was not sent again

@@ -135,39 +135,26 @@ def test_a_rerun_over_an_output_that_answers_its_lines_does_not_pay_for_them_aga
     """OUT already answers line a (an earlier run, paid); the same command again without --resume sends a again
     (paid twice) and overwrites the earlier paid answer, with no word. --resume exists, but nothing points to it
     when OUT holds this input's answers."""
-    import concurrent.futures
-
     import engine.app.driver as driver_mod
     from engine.core.catalog import default_catalog
-    from engine.core.result import Result
-    from tests.unit.helpers import CtrlCEngine
+    from tests.unit.helpers import AnsweringEngine
 
-    sent = []
-
-    class Answering(CtrlCEngine):
-        def submit_many(self, reqs):
-            sent.extend(r.id for r in reqs)
-            futs = []
-            for r in reqs:
-                f = concurrent.futures.Future()
-                f.set_result(Result(id=r.id, status="ok", output="sim://y", cost_usd=0.002, mode="sync",
-                                    usage={"input_tokens": 4, "output_tokens": 5}, provider=r.provider, model=r.model))
-                futs.append(f)
-            return futs
-    monkeypatch.setattr(driver_mod.Engine, "start", classmethod(lambda cls, *a, **k: Answering(default_catalog())))
+    calls: list[list[str]] = []
+    monkeypatch.setattr(driver_mod.Engine, "start",
+                        classmethod(lambda cls, *a, **k: AnsweringEngine(default_catalog(), calls)))
     p = tmp_path / "in.jsonl"
     p.write_text(_bline("a") + "\n")
     out = tmp_path / "o.jsonl"
     assert runner.invoke(app, ["batch", str(p), "--out", str(out)]).exit_code == 0
     first = out.read_text()
-    sent.clear()
+    calls.clear()
     r = runner.invoke(app, ["batch", str(p), "--out", str(out)])
-    assert r.exit_code == 2 and sent == [] and "--resume" in r.output and "--overwrite" in r.output, r.output
+    assert r.exit_code == 2 and calls == [] and "--resume" in r.output and "--overwrite" in r.output, r.output
     assert out.read_text() == first  # the paid answer is still there
     r = runner.invoke(app, ["batch", str(p), "--out", str(out), "--resume"])
-    assert r.exit_code == 0 and sent == [], r.output  # nothing left to send
+    assert r.exit_code == 0 and calls == [], r.output  # nothing left to send
     r = runner.invoke(app, ["batch", str(p), "--out", str(out), "--overwrite"])
-    assert r.exit_code == 0 and sent == ["a"], r.output  # asked for: sent again
+    assert r.exit_code == 0 and calls == [["a"]], r.output  # asked for: sent again
 
 
 def test_a_base_url_credential_is_not_printed_by_dry_run(tmp_path, monkeypatch):

@@ -5,34 +5,24 @@ instant at a provider of one call, and two of their fallbacks queued past their 
 
 from __future__ import annotations
 
-import copy
-
 import pytest
-import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.core.catalog import Catalog
 from engine.core.grouping import FallbackCalendar
 from engine.core.request import Request, validation_context
 from engine.core.settings import Settings, SimSettings
 from engine.sim.simulator import simulate
 from policies import load_policy
 
-_RAW = yaml.safe_load((__import__("pathlib").Path(__file__).parents[2] / "engine/data/catalog.yaml").read_text())
+from .helpers import limited_catalog
 
 
-def catalog(conc: int, base_s: float, per_token_s: float = 0.0) -> Catalog:
-    """The default catalog with no failures and OpenAI limited to ``conc`` calls at once, of a fixed latency."""
-    raw = copy.deepcopy(_RAW)
-    for p in raw["providers"].values():
-        p["failure_rate"] = 0.0
-    raw["providers"]["openai"]["rate_limits"]["max_concurrency"] = conc
-    raw["providers"]["openai"]["sync_latency"] = {"base_s": base_s, "per_output_token_s": per_token_s, "sigma": 0.0}
-    return Catalog.model_validate(raw)
+def catalog(conc: int, base_s: float, per_token_s: float = 0.0):
+    return limited_catalog("openai", conc, base_s, per_token_s)
 
 
-def trace(cat: Catalog, rows) -> list[Request]:
+def trace(cat, rows) -> list[Request]:
     return [Request.model_validate({"id": f"q{i}", "arrival_s": a, "model": m, "input_tokens": tin,
                                     "output_tokens": tout, "deadline_s": d, "priority": "normal"},
                                    context=validation_context(cat)) for i, (a, m, tin, tout, d) in enumerate(rows)]

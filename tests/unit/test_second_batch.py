@@ -293,20 +293,11 @@ def test_members_back_that_ride_on_their_own_chances_fit_one_wave_of_the_provide
     members back, eight with long answers and one short one due first, at a provider of 4 calls and batches that
     are always late; the short one fell back behind two waves of long calls and was 14 s late where naive met
     it. At most ``max_concurrency`` ride so; the rest are decided again."""
-    import copy
-
-    import yaml
-
-    from engine.core.catalog import Catalog
     from engine.core.request import validation_context
 
-    raw = yaml.safe_load((__import__("pathlib").Path(__file__).parents[2] / "engine/data/catalog.yaml").read_text())
-    raw = copy.deepcopy(raw)
-    for p in raw["providers"].values():
-        p["failure_rate"] = 0.0
-    raw["providers"]["openai"]["rate_limits"]["max_concurrency"] = 4
-    raw["providers"]["openai"]["sync_latency"] = {"base_s": 0.6, "per_output_token_s": 0.012, "sigma": 0.0}
-    cat = Catalog.model_validate(raw)
+    from .helpers import limited_catalog
+
+    cat = limited_catalog("openai", 4, 0.6, 0.012)
 
     def rq(i, out, deadline):
         return Request.model_validate({"id": i, "arrival_s": 0.0, "model": "gpt-5-mini", "prompt": f"task {i}",
