@@ -104,12 +104,17 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
         if not resume and not overwrite and out.is_file():
             # Its answers were paid for: sent again, they are paid twice, and OUT's copy is lost (a helper's hunt).
             ours = {ln.custom_id for ln in bf.lines}
-            again = [cid for cid in answered_lines(out) if cid in ours]
+            answered = answered_lines(out)
+            again = [cid for cid in answered if cid in ours]
             if again:
                 raise ConfigError(f"--out {out} already answers {len(again):,} line(s) of {input_file} (e.g. "
                                   f"{again[0]!r}), paid for by an earlier run: pass --resume to keep them and send "
                                   "only the others, --overwrite to send every line again (paid again), or give "
                                   "another --out")
+            if answered:  # another input's answers, which writing OUT would drop
+                raise ConfigError(f"--out {out} holds {len(answered):,} answered line(s) of another input (e.g. "
+                                  f"{next(iter(answered))!r}), paid for by an earlier run: give another --out, or "
+                                  "--overwrite to replace them")
         if resume:  # what an earlier run answered was paid for: written again, never sent again
             done = answered_lines(out)
             foreign = sorted(set(done) - {ln.custom_id for ln in bf.lines})

@@ -155,6 +155,10 @@ def test_a_rerun_over_an_output_that_answers_its_lines_does_not_pay_for_them_aga
     assert r.exit_code == 0 and calls == [], r.output  # nothing left to send
     r = runner.invoke(app, ["batch", str(p), "--out", str(out), "--overwrite"])
     assert r.exit_code == 0 and calls == [["a"]], r.output  # asked for: sent again
+    other = tmp_path / "other.jsonl"  # another input's lines, answered in OUT: not dropped unasked either
+    other.write_text(_bline("b") + "\n")
+    r = runner.invoke(app, ["batch", str(other), "--out", str(out)])
+    assert r.exit_code == 2 and "another input" in r.output and calls == [["a"]], r.output
 
 
 def test_a_base_url_credential_is_not_printed_by_dry_run(tmp_path, monkeypatch):
