@@ -101,12 +101,16 @@ class Pulling:
         # replica killed and replaced, whose successor asked the same ids again) holds nothing any more: counted,
         # it kept every line of a cancelled endpoint batch running and billed (a helper's hunt).
         parts = self._by_ingest(reqs)
-        others = [o for ol in ray.get([i.others.remote([r.uid for r in rs], self._client) for i, rs in parts],
-                                      timeout=timeout_s) for o in ol]
+        # Asked through a restart of ingest or the hub (their calls fail until the new incarnation is up): given
+        # up there, the withdrawal was dropped whole, nothing recorded for the rewire, and a provider batch of
+        # the withdrawn lines alone ran to its end, every member billed (a helper's hunt).
+        end = time.monotonic() + timeout_s
+        others = [o for ol in _through_restarts(ray, lambda: [i.others.remote([r.uid for r in rs], self._client)
+                                                              for i, rs in parts], end) for o in ol]
         named = sorted({c for o in others for c in o})
         gone = set()
         if named:
-            gone = set(ray.get(self._h["hubs"][0].quiet.remote(named, QUIET_S), timeout=timeout_s))
+            gone = set(_through_restarts(ray, lambda: self._h["hubs"][0].quiet.remote(named, QUIET_S), end))
         uids = [r.uid for (_, rs) in parts for r in rs]
         uids = [u for u, o in zip(uids, others, strict=True) if gone.issuperset(o)]
         if not uids:
@@ -116,14 +120,22 @@ class Pulling:
         # the supervisor's thread reads it, and two cancels (the endpoint's, in threads) may run at once.
         with self._lock:
             self._h["withdrawn"] = dict.fromkeys([*list(self._h.get("withdrawn", {}))[-WITHDRAWN_KEEP:], *uids])
-        # The groupers first (a member a dispatcher hands back finds them told), but the dispatchers are told
-        # even when a grouper did not answer (restarting: its rewire tells it), or a batch of withdrawn members
-        # alone ran on, billed (a review).
-        groupers = [g.withdraw.remote(uids) for g in self._h["groupers"]]
-        try:
-            ray.get(groupers, timeout=timeout_s)
-        finally:
-            ray.get([d.withdraw.remote(uids) for d in self._h["dispatchers"].values()], timeout=timeout_s)
+        # The groupers first (a member a dispatcher hands back finds them told). One that is restarting does not
+        # answer, but its rewire tells it (the ids are kept above): the withdrawal holds, and the Ray error told
+        # the caller it had failed (a helper's hunt).
+        # The dispatchers are told even when a grouper failed otherwise, or a batch of withdrawn members alone
+        # ran on, billed (a review); the first such error is raised once all were told.
+        failed = []
+        for actors in (self._h["groupers"], list(self._h["dispatchers"].values())):
+            for ref in [a.withdraw.remote(uids) for a in actors]:
+                try:
+                    ray.get(ref, timeout=max(end - time.monotonic(), 0.001))
+                except ray.exceptions.ActorUnavailableError:
+                    pass
+                except Exception as exc:  # noqa: BLE001 (raised below, once every actor was told)
+                    failed.append(exc)
+        if failed:
+            raise failed[0]
         return len(uids)
 
     def count_spent(self, charges: Sequence[Any], timeout_s: float = 60.0) -> None:
@@ -294,3 +306,17 @@ class Pulling:
         if self._running:
             self._end(f"engine failure: the result hub ({kind}) died ({type(exc).__name__}) and did not come back")
         return False
+
+
+def _through_restarts(ray: Any, call, end: float) -> Any:
+    """``ray.get(call())``, made again while an actor it asks is restarting (Ray refuses its calls until the new
+    incarnation is up, seconds on a loaded machine), until ``end`` (``time.monotonic()``)."""
+    pause = 0.05
+    while True:
+        try:
+            return ray.get(call(), timeout=max(end - time.monotonic(), 0.001))
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() + pause >= end:
+                raise
+            time.sleep(pause)  # backoff between asks of a restarting actor, not a wait for a result
+            pause = min(2 * pause, 1.0)

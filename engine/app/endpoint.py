@@ -60,6 +60,7 @@ from engine.app._endpoint_wire import (
     engine_call,
     json_body,
     new_id,
+    refused,
     smartbatch_fields,
 )
 from engine.core.answer_body import response_body
@@ -67,15 +68,18 @@ from engine.core.batchfile import list_price_usd, provider_status
 from engine.core.catalog import Catalog
 from engine.core.errors import CatalogError
 from engine.core.request import Request
-from engine.core.result import Result, why_not
+from engine.core.result import ID_TAKEN, Result, why_not
 
-__all__ = ["HEADER_COST", "HEADER_DEADLINE", "HEADER_HIT", "HEADER_MODE", "HEADER_PRIORITY",
+__all__ = ["HEADER_COST", "HEADER_DEADLINE", "HEADER_HIT", "HEADER_DEADLINE_MET", "HEADER_MODE", "HEADER_PRIORITY",
            "HEADER_REQUEST_ID", "HEADER_SAVING", "HEADER_TENANT", "MAX_FILE_BYTES", "AsyncEngine", "make_app"]
 
 HEADER_MODE = "X-Smartbatch-Mode"
 HEADER_COST = "X-Smartbatch-Cost-Usd"
 HEADER_SAVING = "X-Smartbatch-Saving-Usd"
 HEADER_HIT = "X-Smartbatch-Hit"
+# "false" when the answer came after the request's deadline: it is still given (it was paid for), where a 504
+# would have thrown a billed answer away.
+HEADER_DEADLINE_MET = "X-Smartbatch-Deadline-Met"
 CHAT_URL = "/v1/chat/completions"
 RESPONSES_URL = "/v1/responses"
 IMAGES_URL = "/v1/images/generations"
@@ -273,6 +277,11 @@ def _failure(res: Result) -> ApiError:
         return ApiError(503, f"request {res.id!r} ended unanswered: the engine is stopping; send it again once it "
                              "is back", type="server_error", code="engine_stopped",
                         headers={"Retry-After": str(STOPPING_RETRY_S)})
+    if res.reason == ID_TAKEN:
+        # Another driver of a shared engine took the id with other content: the caller's id is at fault, as when
+        # this endpoint's own earlier request holds it (a 400 naming the header there; here a 502 server error
+        # told the client nothing of what to change: a helper's hunt).
+        return refused("id", f"request {res.id!r}: {why_not(res)}", lambda field: None, code=ID_TAKEN)
     status, kind, code = _FAILURES.get(res.status, _FAILURES["failed"])
     message = why_not(res)
     status = provider_status(res) or status  # the provider's own answer, passed through
@@ -282,4 +291,5 @@ def _failure(res: Result) -> ApiError:
 def _smartbatch_headers(req: Request, res: Result, catalog: Catalog) -> dict[str, str]:
     saving = list_price_usd(req, res, catalog) - res.cost_usd
     return {HEADER_MODE: res.mode or "none", HEADER_COST: f"{res.cost_usd:.10f}",
-            HEADER_SAVING: f"{saving:.10f}", HEADER_HIT: res.hit or "none", HEADER_REQUEST_ID: req.id}
+            HEADER_SAVING: f"{saving:.10f}", HEADER_HIT: res.hit or "none", HEADER_REQUEST_ID: req.id,
+            HEADER_DEADLINE_MET: "false" if res.deadline_met is False else "true"}

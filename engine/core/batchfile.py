@@ -336,19 +336,21 @@ def list_price_usd(req: Request, res: Result, catalog: Catalog) -> float:
 def report(bf: BatchFile, results: Sequence[Result], catalog: Catalog, *, window_s: float, policy: str) -> dict:
     """What each line cost against its list price (sent alone, synchronously), the totals and the modes used.
     ``list_price_usd`` and ``saving_usd`` count the answered lines (succeeded or reused); ``cost_usd`` is every
-    line's cost, so ``saving_usd = list_price_usd - cost_usd``."""
+    line's cost, so ``saving_usd = list_price_usd - cost_usd``; ``late`` the lines answered after the window."""
     by_id = {r.id: r for r in results}
     rows = []
     for ln in bf.lines:
         if ln.request is None:
             rows.append({"line": ln.no, "custom_id": ln.custom_id, "status": "invalid", "mode": None, "hit": None,
-                         "provider": None, "model": None, "cost_usd": 0.0, "list_price_usd": 0.0, "saving_usd": 0.0})
+                         "provider": None, "model": None, "cost_usd": 0.0, "list_price_usd": 0.0, "saving_usd": 0.0,
+                         "deadline_met": None})
             continue
         res = by_id[ln.request.id]
         listed = list_price_usd(ln.request, res, catalog)
         rows.append({"line": ln.no, "custom_id": ln.custom_id, "status": res.status, "mode": res.mode,
                      "hit": res.hit, "provider": ln.request.provider, "model": ln.request.model,
-                     "cost_usd": res.cost_usd, "list_price_usd": listed, "saving_usd": listed - res.cost_usd})
+                     "cost_usd": res.cost_usd, "list_price_usd": listed, "saving_usd": listed - res.cost_usd,
+                     "deadline_met": res.deadline_met})
     cost = sum(r["cost_usd"] for r in rows)
     listed = sum(r["list_price_usd"] for r in rows)
     return {"input": bf.source, "window_s": window_s, "policy": policy,
@@ -357,5 +359,7 @@ def report(bf: BatchFile, results: Sequence[Result], catalog: Catalog, *, window
                        "failed": sum(r["status"] not in ("ok", "reused") for r in rows),
                        "statuses": dict(collections.Counter(r["status"] for r in rows)),
                        "modes": dict(collections.Counter(r["mode"] for r in rows if r["mode"])),
+                       # Answered after the window: in the output all the same (paid for), and counted here.
+                       "late": sum(r["deadline_met"] is False for r in rows),
                        "cost_usd": cost, "list_price_usd": listed, "saving_usd": listed - cost},
             "lines": rows}

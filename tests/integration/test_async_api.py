@@ -183,3 +183,24 @@ def test_cancel_requests_withdraws_what_is_not_sent_and_leaves_the_rest_running(
     assert eng.cancel_requests(futs) == 0  # all done: nothing left to withdraw
     with pytest.raises(ConfigError, match="futures"):
         eng.cancel_requests(["c3"])
+
+
+@pytest.mark.parametrize("kind", ["ingest", "grouper-0"])
+def test_a_cancel_made_while_an_actor_restarts_still_withdraws_the_requests(ray_session, kind):
+    """The driver asks ingest which other drivers hold the requests before it withdraws them. While Ray restarted
+    ingest that ask failed, the withdrawal was dropped whole and the caller got a Ray error: every line of a
+    cancelled endpoint batch ran on, billed (a helper's hunt). Now the ask waits out the restart. A grouper that
+    restarts is told by its rewire; the caller got a Ray error for it though the withdrawal held."""
+    import ray
+
+    from engine.core.result import CANCELLED
+
+    with Engine.start(catalog=OPENAI_ONLY, speedup=100, metrics_port=None,
+                      policy_params={"min_batch_saving_usd": 0.0}) as e:
+        futs = e.submit_many([slow(f"k{i}", deadline_s=86_400) for i in range(3)])  # gather for hours
+        assert not any(f.done() for f in futs)
+        ray.kill(e._h["named"][kind], no_restart=False)
+        assert e.cancel_requests(futs) == 3
+        gone = [f.result(timeout=60) for f in futs]
+    assert all(r.status == "failed" and r.error.startswith(f"{CANCELLED}: withdrawn") and r.cost_usd == 0.0
+               for r in gone)

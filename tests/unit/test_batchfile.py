@@ -226,6 +226,10 @@ def test_report_sums_the_lines_costs_against_list_prices(batch):
     assert tot["cost_usd"] == pytest.approx(sum(r["cost_usd"] for r in doc["lines"])) == pytest.approx(0.001)
     assert tot["saving_usd"] == pytest.approx(tot["list_price_usd"] - tot["cost_usd"])
     assert (tot["lines"], tot["succeeded"], tot["failed"], tot["modes"]) == (3, 1, 2, {"batch_api": 1})
+    assert tot["late"] == 0
+    late = [r.model_copy(update={"deadline_met": r.status == "failed"}) for r in results_for(bf)]
+    doc = report(bf, late, CAT, window_s=3600.0, policy="smart")  # "a" answered after the window: counted
+    assert doc["totals"]["late"] == 1 and {r["custom_id"]: r["deadline_met"] for r in doc["lines"]}["a"] is False
 
 
 def test_ctrl_c_during_batch_keeps_finished_lines_and_answers_the_rest(tmp_path, monkeypatch):

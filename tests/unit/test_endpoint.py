@@ -24,7 +24,7 @@ from engine.core.catalog import default_catalog
 from engine.core.cost import price_alone
 from engine.core.errors import Overloaded, RequestError
 from engine.core.request import Request, validation_context
-from engine.core.result import CANCELLED, ENGINE_CANCELLED, Result
+from engine.core.result import CANCELLED, ENGINE_CANCELLED, ID_TAKEN, Result
 from engine.core.settings import default_settings
 from engine.core.trace import _problems_of
 
@@ -34,7 +34,8 @@ CANCEL_WAIT_S = 1.0
 
 class FakeEngine:
     """The engine's asyncio API, answering at once: text echoes the last message, cost is half the list price.
-    An id ending in ``boom`` fails (a provider's 503), ``full`` is refused as overloaded, and one ending in
+    An id ending in ``boom`` fails (a provider's 503), ``taken`` is held by another driver, ``tardy`` is answered
+    after its deadline, ``full`` is refused as overloaded, and one ending in
     ``slow`` stays unfinished until ``release()``. A (tenant, id) names one request, as in the engine."""
 
     def __init__(self):
@@ -68,6 +69,10 @@ class FakeEngine:
         if req.id.endswith("broke"):
             return Result(id=req.id, tenant=req.tenant, status="rejected", error="budget_exhausted",
                           reason="budget global has $0.000371 left")
+        if req.id.endswith("taken"):  # another driver of a shared engine holds the id with other content
+            return Result(id=req.id, tenant=req.tenant, status="failed", reason=ID_TAKEN,
+                          error=f"field 'id': tenant {req.tenant!r} already submitted id {req.id!r} with other "
+                                "content (another driver of this engine?)")
         if req.id.endswith("late"):
             return Result(id=req.id, tenant=req.tenant, status="expired", error="deadline passed before a result")
         if req.id.endswith("stopping"):  # the engine's cancel, as a ``serve`` stop drains
@@ -78,7 +83,8 @@ class FakeEngine:
             out = "echo: " + (req.body["messages"][-1]["content"] if "messages" in req.body else req.body["input"])
         return Result(id=req.id, tenant=req.tenant, status="ok", output=out, model=req.model,
                       provider=req.provider, usage={"input_tokens": 7, "output_tokens": 3},
-                      cost_usd=price_alone(req, CAT, "sync").total / 2, mode="batch_api", hit=None)
+                      cost_usd=price_alone(req, CAT, "sync").total / 2, mode="batch_api", hit=None,
+                      deadline_met=not req.id.endswith("tardy"))
 
     async def asubmit(self, d: dict) -> Result:
         return self._result(self._request(d))
@@ -248,7 +254,11 @@ def test_chat_completion_answers_with_smartbatch_headers_and_fields_from_headers
     assert done.usage.prompt_tokens == 7 and done.usage.completion_tokens == 3
     h = raw.headers
     assert h[endpoint.HEADER_MODE] == "batch_api" and h[endpoint.HEADER_HIT] == "none"
-    assert h[endpoint.HEADER_REQUEST_ID] == "q1"
+    assert h[endpoint.HEADER_REQUEST_ID] == "q1" and h[endpoint.HEADER_DEADLINE_MET] == "true"
+    # An answer after its deadline is still the answer (billed: a 504 threw it away), and says it came late.
+    late = chat(client, extra_headers={endpoint.HEADER_REQUEST_ID: "q1-tardy"})
+    assert late.parse().choices[0].message.content == "echo: Name three rivers."
+    assert late.headers[endpoint.HEADER_DEADLINE_MET] == "false"
     sent = eng.seen["q1"]
     assert (sent["deadline_s"], sent["tenant"], sent["priority"]) == (120.5, "acme", "background")
     assert sent["body"]["max_completion_tokens"] == 50 and "arrival_s" not in sent
@@ -330,6 +340,12 @@ def test_a_bad_body_is_refused_naming_the_field(served):
     with pytest.raises(openai.BadRequestError) as exc:  # the same key with other content
         chat(client, "Other", extra_headers=key)
     assert exc.value.param == endpoint.HEADER_REQUEST_ID
+    # Held by another driver of a shared engine with other content: the caller's id again, not a 502 server
+    # error that named nothing to change (a helper's hunt).
+    with pytest.raises(openai.BadRequestError) as exc:
+        chat(client, "Mine", extra_headers={endpoint.HEADER_REQUEST_ID: "q-taken"})
+    assert exc.value.param == endpoint.HEADER_REQUEST_ID and exc.value.code == "id_taken"
+    assert "another driver" in exc.value.message
 
 
 def test_the_responses_route_answers_in_the_sdks_shape(served):
