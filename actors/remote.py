@@ -85,6 +85,9 @@ def actor_name(engine: str, kind: str) -> str:
     return f"{engine}.{kind}"
 
 
+HEAD_RESOURCE = "node:__internal_head__"  # Ray's resource of the head node (one unit, there alone)
+
+
 def provider_resource(provider: str) -> str:
     return f"provider:{provider}"
 
@@ -138,7 +141,14 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
     def refs(base: str) -> list[Named]:
         return [ref(shard_kind(base, k)) for k in range(num_shards)]
 
-    hubs = [_actor(ResultHub).options(**opts(shard_kind("hub", k))).remote(num_shards) for k in range(num_shards)]
+    # The hub keeps the journal when no Redis does, and the budget ledger's snapshot: on a cluster, on the head
+    # node, which lives as long as the cluster. Placed anywhere, it shared a worker with the dispatchers whose
+    # batches it recorded, and losing that one node lost both: the restarted dispatchers sent every member again
+    # (181 requests paid twice) and the ledger restarted from zero, past a hard limit (a helper's hunt).
+    cluster = ray.cluster_resources()
+    head = {"resources": {HEAD_RESOURCE: 0.001}} if HEAD_RESOURCE in cluster else {}
+    hubs = [_actor(ResultHub).options(**opts(shard_kind("hub", k), **head)).remote(num_shards)
+            for k in range(num_shards)]
     hub_refs = refs("hub")
     budgets = settings.budgets
     later = ClockRef(engine)  # the clock is made once every actor is up; a restarted actor reads it (publish_clock)
@@ -161,7 +171,6 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
         max_attempts=settings.sim.max_attempts, reserve_model_max=budgets.reserve_output == "model_max",
         cache=cache_ref, budget_specs=budgets.specs, day_origin_s=settings.sim.day_origin_s)
         for k in range(num_groupers)]
-    cluster = ray.cluster_resources()
     learning = getattr(policy, "turnaround_learning", None)
     learns = learning is not None and learning.enabled  # the groupers' tables learn (engine.runtime.scheduler)
     warm_readers = bool(getattr(policy, "reads_warmth", False))  # ... and read prompt-cache warmth
@@ -329,44 +338,50 @@ def _cancel_batches(engine: str, dispatchers: list) -> None:
                     "not answering): they may run on, billed", engine, missed, len(refs) - len(ready))
 
 
-def rewire(h: dict, kind: str, metrics: tuple[int, str] | None = None) -> None:
+def rewire(h: dict, kind: str, metrics: tuple[int, str] | None = None, timeout_s: float | None = None) -> None:
     """Give a restarted actor (``kind`` as in ``h["named"]``) what the engine set after construction, and let
     it recover its journaled state: a dispatcher re-attaches to its open batches, the budget controller takes
     its memory ledger back, a hub shard serves metrics on the same port (``metrics``) and shard 0 has the journal
-    written again. Ingest needs nothing: the driver re-admits its open requests after any restart."""
+    written again. Ingest needs nothing: the driver re-admits its open requests after any restart. ``timeout_s``
+    bounds each wait: a peer Ray cannot restart (no node offers its resources) held the driver's recovery for
+    good, and with it the sweep of overdue requests (a helper's hunt); past it the driver rewires again later."""
     clock = h["clock"]
-    ray.get(h["named"][kind].set_logging.remote(h["log_level"], kind, Named(actor_name(h["engine"], "hub"),
+
+    def get(refs):
+        return ray.get(refs, timeout=timeout_s)
+
+    get(h["named"][kind].set_logging.remote(h["log_level"], kind, Named(actor_name(h["engine"], "hub"),
                                                                            NAMESPACE)))
     base = kind.split("-", 1)[0]
     if base == "hub":
         if metrics is not None:  # each hub shard serves the metrics of its results, on its own port
-            ray.get(h["named"][kind].serve_metrics.remote(*metrics))
+            get(h["named"][kind].serve_metrics.remote(*metrics))
         # It checks that an id names one content: across ingest shards, and for an ingest that restarted.
         k = int(kind.split("-", 1)[1]) if "-" in kind else 0
-        ray.get([i.reregister.remote(k) for i in h["ingests"]])
+        get([i.reregister.remote(k) for i in h["ingests"]])
         if kind == "hub":  # shard 0 keeps the journal
-            ray.get([d.rejournal.remote() for d in h["dispatchers"].values()] + [h["budget"].rejournal.remote()])
+            get([d.rejournal.remote() for d in h["dispatchers"].values()] + [h["budget"].rejournal.remote()])
             # Its metrics start empty, and gauges are sent when they move: every sender sends them again.
-            ray.get([a.report_again.remote() for a in [*h["dispatchers"].values(), h["budget"], *h["caches"]]])
+            get([a.report_again.remote() for a in [*h["dispatchers"].values(), h["budget"], *h["caches"]]])
     elif kind.startswith("grouper-"):
-        ray.get(h["named"][kind].set_clock.remote(clock))
-        ray.get(h["named"][kind].relearn.remote())  # the batch turnarounds it had learned, from the dispatchers
+        get(h["named"][kind].set_clock.remote(clock))
+        get(h["named"][kind].relearn.remote())  # the batch turnarounds it had learned, from the dispatchers
         if h.get("cancelled"):  # the engine was cancelled (Engine.cancel): a new incarnation knew nothing of it
-            ray.get(h["named"][kind].cancel.remote())
+            get(h["named"][kind].cancel.remote())
         if withdrawn := h.get("withdrawn"):  # nor of the requests withdrawn (Engine.cancel_requests)
-            ray.get(h["named"][kind].withdraw.remote(list(withdrawn)))
+            get(h["named"][kind].withdraw.remote(list(withdrawn)))
     elif kind.startswith("dispatcher-"):
         d = h["named"][kind]
-        ray.get(d.set_clock.remote(clock))
+        get(d.set_clock.remote(clock))
         if withdrawn := h.get("withdrawn"):  # before its recovery: a create a restart cut is not made for them
-            ray.get(d.withdraw.remote(list(withdrawn)))
-        if ray.get(d.recover.remote()) < 0:  # the supervisor rewires it again at its next check
+            get(d.withdraw.remote(list(withdrawn)))
+        if get(d.recover.remote()) < 0:  # the supervisor rewires it again at its next check
             raise RuntimeError(f"{kind} could not read its journal")
         if h.get("cancelled"):  # cancels the batches its journal named, which it follows again
-            ray.get(d.cancel.remote())
+            get(d.cancel.remote())
     elif base == "cache":
-        ray.get(h["named"][kind].set_clock.remote(clock))
-        ray.get(h["named"][kind].warm_from_redis.remote())
+        get(h["named"][kind].set_clock.remote(clock))
+        get(h["named"][kind].warm_from_redis.remote())
     elif kind == "budget":
-        ray.get(h["budget"].set_clock.remote(clock, h["budget_base"]))
-        ray.get(h["budget"].recover.remote())
+        get(h["budget"].set_clock.remote(clock, h["budget_base"]))
+        get(h["budget"].recover.remote())

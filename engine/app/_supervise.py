@@ -31,6 +31,7 @@ log = logging.getLogger("smartbatch")
 HEALTH_EVERY_S = 1.0  # how often the driver checks every engine actor
 HEALTH_TIMEOUT_S = 2.0  # a busy (or restarting) actor may answer late; only repeated errors count as dead
 DEAD_AFTER = 3  # consecutive failed checks before an actor counts as gone for good
+REWIRE_WAIT_S = 300.0  # real seconds each step of a restarted actor's rewiring may wait for its peers
 HUB_BACK_S = 60.0  # how long the driver waits for a restarted result hub before failing the open futures
 READMIT_TRIES = 5  # tries of one re-admission before its requests fail
 # The safety net under every recovery path: a request still open this long (real seconds) past its deadline is
@@ -53,6 +54,7 @@ class Supervised:
         named = self._h["named"]
         self._incarnation: dict[str, str] = dict(zip(named, ray.get([a.ping.remote() for a in named.values()])))
         self._misses: dict[str, int] = {}
+        self._restarting: dict[str, float] = {}  # actor kind -> since when (monotonic) Ray says it is restarting
         # Actor -> its oldest health check still unanswered (ref, when asked): an answer that comes after the
         # check's own wait still shows the actor alive, so silence counts from the oldest ping nobody answered.
         self._silent: dict[str, tuple[Any, float]] = {}
@@ -94,7 +96,9 @@ class Supervised:
             kind = refs[ref]
             try:
                 tok = ray.get(ref)
-            except ray.exceptions.ActorUnavailableError:  # restarting: it comes back as a new incarnation
+            except ray.exceptions.ActorUnavailableError:  # restarting: it comes back as a new incarnation ...
+                if self._restarting_too_long(kind):  # ... unless Ray cannot place it: its requests hung for good
+                    dead.append(kind)
                 continue
             except Exception as exc:  # ActorDiedError: gone for good, or dying just as it was asked
                 log.debug("smartbatch: %s did not answer its health check: %r", kind, exc)
@@ -103,6 +107,7 @@ class Supervised:
                     dead.append(kind)
                 continue
             self._misses.pop(kind, None)
+            self._restarting.pop(kind, None)
             if tok != self._incarnation.get(kind):
                 self._incarnation[kind] = tok
                 restarted.append(kind)
@@ -115,7 +120,38 @@ class Supervised:
         if dead and not self._engine_stopped():
             # Requests may sit in the dead actor's groups or timers; nothing can resolve them now, so every open
             # future fails with the reason instead of hanging.
-            self._fail_open(f"engine failure: actor(s) died: {', '.join(sorted(dead))}")
+            stuck = sorted(k for k in dead if k in self._restarting)
+            gone = sorted(set(dead) - set(stuck))
+            self._fail_open("; ".join([*([f"engine failure: actor(s) died: {', '.join(gone)}"] if gone else []),
+                                       *([self._stuck_reason(stuck)] if stuck else [])]))
+
+    def _restarting_too_long(self, kind: str) -> bool:
+        """``kind`` has been restarting for more than ``settings.actor_restart_wait_s``. On a cluster, Ray cannot
+        restart an actor where no live node offers its resources (a dispatcher's ``provider:<name>``, when the
+        only such node is lost): it stays restarting, and every request it would serve stayed open for good,
+        new ones too (a helper's hunt)."""
+        since = self._restarting.setdefault(kind, time.monotonic())
+        wait = self.settings.actor_restart_wait_s
+        return bool(wait) and time.monotonic() - since > wait
+
+    def _stuck_reason(self, kinds: list[str]) -> str:
+        """Why the open requests fail when ``kinds`` stayed restarting: the resource no live node offers, if any."""
+        from actors.remote import provider_resource
+
+        missing = []
+        try:
+            have = self._ray.cluster_resources()
+        except Exception:  # noqa: BLE001 (the reason is a hint; the failure stands without it)
+            have = None
+        for kind in kinds:
+            if have is not None and kind.startswith("dispatcher-"):
+                res = provider_resource(kind.split("-", 1)[1])
+                if res not in have:
+                    missing.append(f"no live node offers the resource {res!r} it needs")
+        hint = f" ({'; '.join(missing)})" if missing else ""
+        return (f"engine failure: actor(s) {', '.join(kinds)} could not be restarted within "
+                f"actor_restart_wait_s={self.settings.actor_restart_wait_s:g} s{hint}; start a node that offers "
+                "it, then a new engine")
 
     def _watch_silence(self, refs: dict, ready: list, asked: float) -> None:
         """Kill an actor that has answered no health check for ``settings.actor_hang_s`` (only the driver that
@@ -196,7 +232,9 @@ class Supervised:
             log.warning("smartbatch: engine actor %s restarted; recovering its state and re-admitting open work",
                         kind)
             try:
-                rewire(self._h, kind, self._metrics_addr(kind))
+                # Bounded: a dispatcher's journal read waits up to journal.recover_wait_s, so well past that.
+                rewire(self._h, kind, self._metrics_addr(kind),
+                       timeout_s=max(REWIRE_WAIT_S, 3 * self.settings.journal.recover_wait_s))
             except Exception as exc:  # it died again meanwhile: the next check sees the new incarnation
                 log.warning("smartbatch: rewiring %s failed (%s); trying again at the next check", kind, exc)
                 self._incarnation[kind] = ""

@@ -244,6 +244,11 @@ class Settings(BaseSettings):
         "seconds an engine actor may leave every health check unanswered before the driver that started the engine "
         "kills it, so Ray restarts it and its open work is re-admitted (a hung actor would hold it forever); "
         "0 turns it off"))
+    actor_restart_wait_s: float = Field(default=600.0, ge=0, description=(
+        "real seconds an engine actor may stay restarting (Ray cannot place it: on a cluster, no live node offers "
+        "its resources, such as a dispatcher's provider:<name>) before the driver counts it gone and fails the "
+        "open requests with the reason, as for an actor that died; long enough for an autoscaler's new node; "
+        "0 waits for ever"))
     hedge_lag_s: float = Field(default=0.5, ge=0, description=(
         "real seconds a live engine's hedge takes beyond what its figures in engine time count (the cancel's "
         "round trip, the members' way back through the grouper, the fallback's dispatch): at speed-up k the "

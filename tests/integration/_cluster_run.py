@@ -65,6 +65,7 @@ def main() -> None:
             where = lambda h: ray.get(h.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()))  # noqa: E731
             placed = {name: where(h) for name, h in eng._h["dispatchers"].items()}
             grouper_nodes = {where(h) for h in eng._h["groupers"]}
+            hubs_on_head = [where(h) == cluster.head_node.node_id for h in eng._h["hubs"]]
             ask = lambda h, f: ray.get(h.__ray_call__.remote(f))  # noqa: E731
             work = {  # what each shard did: requests admitted, looked up, results counted
                 "ingest": [ask(h, lambda self: self.next_seq) for h in eng._h["ingests"]],
@@ -82,6 +83,7 @@ def main() -> None:
             "sim_cost": sim.total_cost,
             "placement_ok": {name: f"provider:{name}" in node_res.get(node, {}) for name, node in placed.items()},
             "grouper_nodes": len(grouper_nodes),
+            "hubs_on_head": hubs_on_head,
             "work": work,
             "report_requests": report["requests"],
             "report_spend": report["spend_usd"],

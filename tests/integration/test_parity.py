@@ -36,7 +36,8 @@ pytestmark = pytest.mark.solo
 def test_the_engine_on_a_simulated_cluster_makes_the_simulators_decisions_request_by_request():
     """Head plus one node per provider resource group (ray.cluster_utils, in a process of its own: a process
     holds one Ray connection), two shards of each sharded kind (the hub by request id; ingest, cache and
-    groupers by compatibility class). Every dispatcher runs on a node with its provider's resource, every shard does part
+    groupers by compatibility class). Every dispatcher runs on a node with its provider's resource, the hub shards on
+    the head node, every shard does part
     of the work, and every request gets the simulator's mode, cost, deadline outcome and reuse kind, in the same
     batches; the report merged from the hub shards counts every request once. _parity.py checks the trace's
     premise and coverage first."""
@@ -50,6 +51,9 @@ def test_the_engine_on_a_simulated_cluster_makes_the_simulators_decisions_reques
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["nodes"] == 4
     assert all(out["placement_ok"].values()) and len(out["placement_ok"]) == 4, out["placement_ok"]
+    # The hub shards, which keep an in-memory journal and the budget ledger's snapshot, on the head node: on a
+    # worker beside the dispatchers, one node's loss lost both, and the batches were sent again (a helper's hunt).
+    assert out["hubs_on_head"] == [True, True]
     assert out["premise"] is True, out["coverage"]
     assert out["differences"] == []
     assert out["live_cost"] == pytest.approx(out["sim_cost"], abs=1e-9)

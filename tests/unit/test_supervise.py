@@ -75,3 +75,63 @@ def test_only_the_starting_driver_kills_and_not_while_it_stops(watched, starter,
     s._starter, s._running = starter, running
     checks(s, clock, float("inf"), n=40)
     assert s._ray.killed == []
+
+
+class _Unavailable(Exception):
+    pass
+
+
+class RestartingRay:
+    """Every ping answers at once; the dispatcher's raises "unavailable" (Ray restarting it) while ``placed`` is
+    false. No node offers ``provider:openai`` then, as after the loss of the only node that did."""
+
+    exceptions = types.SimpleNamespace(ActorUnavailableError=_Unavailable)
+
+    def __init__(self):
+        self.placed = False
+
+    def wait(self, refs, num_returns, timeout):
+        return list(refs), []
+
+    def get(self, ref):
+        if ref == "dispatcher-openai" and not self.placed:
+            raise _Unavailable("The actor is temporarily unavailable: restarting")
+        return f"token-{ref}"
+
+    def cluster_resources(self):
+        return {"CPU": 2.0} | ({"provider:openai": 1.0} if self.placed else {})
+
+
+class _Handle:
+    def __init__(self, kind):
+        self.ping = types.SimpleNamespace(remote=lambda: kind)
+
+
+def test_an_actor_ray_cannot_restart_fails_the_open_requests_with_the_reason_after_the_wait(monkeypatch):
+    """Losing the only node that offered ``provider:openai`` left its dispatcher restarting for ever, and every
+    request it would serve open for good, new ones too (a helper's hunt on a cluster). Past
+    ``actor_restart_wait_s`` the driver fails them, naming the actor and the resource no node offers; an actor
+    that comes back before then is recovered as usual and nothing fails."""
+    clock = [0.0]
+    monkeypatch.setattr(_supervise, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    s = Supervised.__new__(Supervised)
+    kinds = ["ingest", "dispatcher-openai"]
+    s._ray, s._h = RestartingRay(), {"named": {k: _Handle(k) for k in kinds}}
+    s._incarnation = {k: f"token-{k}" for k in kinds}
+    s._misses, s._restarting = {}, {}
+    s.settings = types.SimpleNamespace(actor_restart_wait_s=600.0)
+    failed: list[str] = []
+    s._engine_stopped, s._fail_open = (lambda: False), failed.append
+    s._watch_silence = s._sweep = s._relay_logs = lambda *a: None
+    for t in (0.0, 300.0, 599.0):
+        clock[0] = t
+        s._health()
+    assert failed == []
+    clock[0] = 601.0
+    s._health()
+    assert len(failed) == 1 and "dispatcher-openai" in failed[0] and "'provider:openai'" in failed[0]
+    assert "actor_restart_wait_s=600" in failed[0] and "ingest" not in failed[0]
+    # Placed again (a node that offers it joined): it answers, and its wait starts afresh at the next restart.
+    s._ray.placed = True
+    s._health()
+    assert s._restarting == {} and len(failed) == 1
