@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from engine.runtime.turnaround import Turnaround
 
 __all__ = ["Learning"]
+
+log = logging.getLogger("smartbatch.grouper")
+RELEARN_WAIT_S = 30.0  # real seconds a restarted grouper waits for each dispatcher's turnaround messages
 
 
 class Learning:
@@ -45,7 +49,12 @@ class Learning:
         taken = 0
         try:
             for name, d in self.dispatchers.items():
-                msgs = await d.call("turnarounds_told")
+                try:  # one that Ray cannot restart (its node lost) held the grouper's whole rewiring (a hunt)
+                    msgs = await asyncio.wait_for(d.call("turnarounds_told"), RELEARN_WAIT_S)
+                except Exception as exc:  # noqa: BLE001 (what it told is not learned again: a cheaper estimate)
+                    log.warning("grouper: the turnarounds %s told could not be read again (%s: %s)", name,
+                                type(exc).__name__, exc)
+                    continue
                 first = self._first_heard.get(name)  # its messages that came while it answered are taken
                 for seq, obs in msgs:
                     if first is None or seq < first:

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 
-__all__ = ["DROPPED_FORGET_S", "DROPS_CHECK_S", "Holders"]
+__all__ = ["DROPPED_FORGET_S", "DROPS_CHECK_S", "REBORN_GRACE_S", "UNKNOWN_HOLDER", "Holders"]
 
 log = logging.getLogger("smartbatch.ingest")
 
@@ -15,6 +15,8 @@ log = logging.getLogger("smartbatch.ingest")
 # the ids only it held DROPPED_FORGET_S later (the default ``retention_s``). Before, they stayed for good.
 DROPS_CHECK_S = 60.0
 DROPPED_FORGET_S = 3600.0
+REBORN_GRACE_S = 60.0  # real seconds after a restart in which an ingest's holders may still be rebuilding
+UNKNOWN_HOLDER = "\x00unknown"  # ``others``: any other driver may hold it (no driver's name has a NUL)
 
 
 class Holders:
@@ -32,9 +34,16 @@ class Holders:
         return False
 
     async def others(self, uids: list[str], client: str) -> list[list[str]]:
-        """For each of ``uids``, the drivers but ``client`` that hold it here (their copy must run on)."""
+        """For each of ``uids``, the drivers but ``client`` that hold it here (their copy must run on). For
+        ``REBORN_GRACE_S`` after Ray restarted this ingest, ``UNKNOWN_HOLDER`` too: its holders are rebuilt as each
+        driver re-admits its requests, and one that has not yet would have had its copy withdrawn with another's
+        (a review); the asking driver takes that for every other driver still pulling."""
         held = [self.holders.get(u) for u in uids]
-        return [sorted(h - {client}) if isinstance(h, set) else [] if h in (None, client) else [h] for h in held]
+        out = [sorted(h - {client}) if isinstance(h, set) else [] if h in (None, client) else [h] for h in held]
+        born = getattr(self, "_reborn_at", None)
+        if born is not None and time.monotonic() - born < REBORN_GRACE_S:
+            out = [[*o, UNKNOWN_HOLDER] for o in out]
+        return out
 
     async def leave(self, client: str, after_s: float, dropped: bool = False) -> int:
         """Driver ``client`` left the engine: the ids only it held are forgotten ``after_s`` (real) seconds from

@@ -265,6 +265,13 @@ class ResultHub(Warm, MemoryJournalStore):
         return [c for c in clients
                 if c in self._lost or (q := self._clients.get(c)) is not None and now - q.seen_at > after_s]
 
+    async def pulling(self, within_s: float) -> list[str]:
+        """The drivers that have pulled from here within ``within_s`` real seconds (a live driver pulls all the
+        time): those that may hold a request a restarted ingest does not know yet (``Engine.cancel_requests``)."""
+        now = time.monotonic()
+        return [c for c, q in self._clients.items()
+                if c is not None and c not in self._lost and now - q.seen_at <= within_s]
+
     async def undelivered(self, quiet_s: float) -> int:
         """Results waiting here for a driver that has pulled within ``quiet_s`` real seconds: what a stop now
         would take from drivers still reading (a stop's drain waits until there are none)."""

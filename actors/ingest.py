@@ -43,6 +43,7 @@ class Ingest(Holders, Warm):
         self.dispatchers = [as_peer(d) for d in dispatchers]
         self.readmitted = 0
         self._reborn = False  # restarted by Ray: ``seen`` was lost (``reconstructed``)
+        self._reborn_at: float | None = None  # when (monotonic): its holders rebuild meanwhile (``others``)
         self.caches = Shards(cache)  # by compatibility class
         self.seen: dict[str, str] = {}  # admitted id -> its content's fingerprint
         # id -> the driver(s) that submitted it (a string, mostly): forgotten when its last driver forgets it
@@ -250,6 +251,7 @@ class Ingest(Holders, Warm):
 
     def reconstructed(self) -> None:  # restarted by Ray: ids admitted before are checked at the hub (``submit``)
         self._reborn = True
+        self._reborn_at = time.monotonic()  # its holders rebuild as the drivers re-admit (``others``)
 
     async def reregister(self, shard: int) -> int:
         """Hub shard ``shard`` restarted and lost the fingerprints of the ids it checks: give it those of the

@@ -350,6 +350,13 @@ def rewire(h: dict, kind: str, metrics: tuple[int, str] | None = None, timeout_s
     def get(refs):
         return ray.get(refs, timeout=timeout_s)
 
+    def get_each(refs):  # peers that are themselves restarting are left out: their own rewiring does it
+        for r in refs:
+            try:
+                ray.get(r, timeout=timeout_s)
+            except ray.exceptions.ActorUnavailableError:
+                pass
+
     get(h["named"][kind].set_logging.remote(h["log_level"], kind, Named(actor_name(h["engine"], "hub"),
                                                                            NAMESPACE)))
     base = kind.split("-", 1)[0]
@@ -360,16 +367,17 @@ def rewire(h: dict, kind: str, metrics: tuple[int, str] | None = None, timeout_s
         k = int(kind.split("-", 1)[1]) if "-" in kind else 0
         get([i.reregister.remote(k) for i in h["ingests"]])
         if kind == "hub":  # shard 0 keeps the journal
-            get([d.rejournal.remote() for d in h["dispatchers"].values()] + [h["budget"].rejournal.remote()])
+            get_each([d.rejournal.remote() for d in h["dispatchers"].values()] + [h["budget"].rejournal.remote()])
             # Its metrics start empty, and gauges are sent when they move: every sender sends them again.
-            get([a.report_again.remote() for a in [*h["dispatchers"].values(), h["budget"], *h["caches"]]])
+            get_each([a.report_again.remote() for a in [*h["dispatchers"].values(), h["budget"], *h["caches"]]])
     elif kind.startswith("grouper-"):
         get(h["named"][kind].set_clock.remote(clock))
-        get(h["named"][kind].relearn.remote())  # the batch turnarounds it had learned, from the dispatchers
+        # What it must not forget first: learning reads every dispatcher, which a lost node can hold up.
         if h.get("cancelled"):  # the engine was cancelled (Engine.cancel): a new incarnation knew nothing of it
             get(h["named"][kind].cancel.remote())
         if withdrawn := h.get("withdrawn"):  # nor of the requests withdrawn (Engine.cancel_requests)
             get(h["named"][kind].withdraw.remote(list(withdrawn)))
+        get(h["named"][kind].relearn.remote())  # the batch turnarounds it had learned, from the dispatchers
     elif kind.startswith("dispatcher-"):
         d = h["named"][kind]
         get(d.set_clock.remote(clock))

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from actors._ingest_holders import UNKNOWN_HOLDER
 from engine.app._future import ResultFuture
 from engine.app._supervise import HEALTH_EVERY_S, HEALTH_TIMEOUT_S, HUB_BACK_S
 from engine.core.errors import ConfigError, EngineStopped
@@ -107,6 +108,11 @@ class Pulling:
         end = time.monotonic() + timeout_s
         others = [o for ol in _through_restarts(ray, lambda: [i.others.remote([r.uid for r in rs], self._client)
                                                               for i, rs in parts], end) for o in ol]
+        if any(UNKNOWN_HOLDER in o for o in others):  # a restarted ingest rebuilding: any driver pulling may
+            live = [c for c in _through_restarts(ray, lambda: self._h["hubs"][0].pulling.remote(QUIET_S), end)
+                    if c != self._client]
+            others = [[*(c for c in o if c != UNKNOWN_HOLDER), *(live if UNKNOWN_HOLDER in o else ())]
+                      for o in others]
         named = sorted({c for o in others for c in o})
         gone = set()
         if named:

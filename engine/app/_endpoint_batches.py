@@ -333,8 +333,9 @@ class FilesAndBatches(TakeBack):
             job.error_file_id = self._add_file(f"{job.id}_error.jsonl", "batch_output", b"".join(err),
                                                f"file-{job.id}-error").id
         job.report = report(job.bf, results, self.catalog, window_s=job.window_s, policy="engine")
-        # A line the engine could not answer within the window (its deadline) expired, and so did the batch, as
-        # OpenAI reports one not done within its completion window: the lines done are in its output all the same.
+        # A line ended expired (its window passed while the endpoint was down: ``_endpoint_resume``) makes the
+        # batch expired, as OpenAI reports one not done within its window; the lines done are in its output all
+        # the same. One the engine answered late is an answer (paid for), counted late in the report.
         expired = any(r.status == "expired" for r in results)
         self._enter(job, "cancelled" if job.status == "cancelling" else "expired" if expired else "completed")
         job.release()

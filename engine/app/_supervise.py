@@ -32,6 +32,7 @@ HEALTH_EVERY_S = 1.0  # how often the driver checks every engine actor
 HEALTH_TIMEOUT_S = 2.0  # a busy (or restarting) actor may answer late; only repeated errors count as dead
 DEAD_AFTER = 3  # consecutive failed checks before an actor counts as gone for good
 REWIRE_WAIT_S = 300.0  # real seconds each step of a restarted actor's rewiring may wait for its peers
+RESTART_SEEN_GAP_S = 10.0  # real seconds without a check seeing an actor restarting: a later restart is a new one
 HUB_BACK_S = 60.0  # how long the driver waits for a restarted result hub before failing the open futures
 READMIT_TRIES = 5  # tries of one re-admission before its requests fail
 # The safety net under every recovery path: a request still open this long (real seconds) past its deadline is
@@ -54,7 +55,8 @@ class Supervised:
         named = self._h["named"]
         self._incarnation: dict[str, str] = dict(zip(named, ray.get([a.ping.remote() for a in named.values()])))
         self._misses: dict[str, int] = {}
-        self._restarting: dict[str, float] = {}  # actor kind -> since when (monotonic) Ray says it is restarting
+        # Actor kind -> (since when, last seen) Ray says it is restarting, monotonic seconds.
+        self._restarting: dict[str, tuple[float, float]] = {}
         # Actor -> its oldest health check still unanswered (ref, when asked): an answer that comes after the
         # check's own wait still shows the actor alive, so silence counts from the oldest ping nobody answered.
         self._silent: dict[str, tuple[Any, float]] = {}
@@ -91,17 +93,18 @@ class Supervised:
         asked = time.monotonic()
         ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=HEALTH_TIMEOUT_S)
         self._watch_silence(refs, ready, asked)
-        restarted, dead = [], []
+        restarted, dead, stuck = [], [], []
         for ref in ready:
             kind = refs[ref]
             try:
                 tok = ray.get(ref)
             except ray.exceptions.ActorUnavailableError:  # restarting: it comes back as a new incarnation ...
                 if self._restarting_too_long(kind):  # ... unless Ray cannot place it: its requests hung for good
-                    dead.append(kind)
+                    stuck.append(kind)
                 continue
             except Exception as exc:  # ActorDiedError: gone for good, or dying just as it was asked
                 log.debug("smartbatch: %s did not answer its health check: %r", kind, exc)
+                self._restarting.pop(kind, None)  # died, not stuck: its reason is its death
                 self._misses[kind] = self._misses.get(kind, 0) + 1
                 if self._misses[kind] >= DEAD_AFTER:
                     dead.append(kind)
@@ -111,6 +114,10 @@ class Supervised:
             if tok != self._incarnation.get(kind):
                 self._incarnation[kind] = tok
                 restarted.append(kind)
+        # A ping to an actor Ray is restarting may outlast the check's wait on a loaded head: still restarting.
+        for kind in {refs[r] for r in refs} - {refs[r] for r in ready}:
+            if kind in self._restarting and self._restarting_too_long(kind):
+                stuck.append(kind)
         self._sweep()
         self._relay_logs()
         if restarted:
@@ -120,38 +127,54 @@ class Supervised:
         if dead and not self._engine_stopped():
             # Requests may sit in the dead actor's groups or timers; nothing can resolve them now, so every open
             # future fails with the reason instead of hanging.
-            stuck = sorted(k for k in dead if k in self._restarting)
-            gone = sorted(set(dead) - set(stuck))
-            self._fail_open("; ".join([*([f"engine failure: actor(s) died: {', '.join(gone)}"] if gone else []),
-                                       *([self._stuck_reason(stuck)] if stuck else [])]))
+            self._fail_open(f"engine failure: actor(s) died: {', '.join(sorted(dead))}")
+        if stuck and not self._engine_stopped():
+            self._unstick(sorted(stuck))
 
     def _restarting_too_long(self, kind: str) -> bool:
-        """``kind`` has been restarting for more than ``settings.actor_restart_wait_s``. On a cluster, Ray cannot
-        restart an actor where no live node offers its resources (a dispatcher's ``provider:<name>``, when the
-        only such node is lost): it stays restarting, and every request it would serve stayed open for good,
-        new ones too (a helper's hunt)."""
-        since = self._restarting.setdefault(kind, time.monotonic())
+        """``kind`` has been restarting, check after check, for more than ``settings.actor_restart_wait_s``. On a
+        cluster, Ray cannot restart an actor where no live node offers its resources (a dispatcher's
+        ``provider:<name>``, when the only such node is lost): it stays restarting, and every request it would
+        serve stayed open for good, new ones too (a helper's hunt). A restart seen again after checks that did
+        not see it is a new one: its wait starts afresh (one answered late in between cleared nothing)."""
+        now = time.monotonic()
+        since, last = self._restarting.get(kind, (now, now))
+        if now - last > RESTART_SEEN_GAP_S:
+            since = now
+        self._restarting[kind] = (since, now)
         wait = self.settings.actor_restart_wait_s
-        return bool(wait) and time.monotonic() - since > wait
+        return bool(wait) and now - since > wait
 
-    def _stuck_reason(self, kinds: list[str]) -> str:
-        """Why the open requests fail when ``kinds`` stayed restarting: the resource no live node offers, if any."""
+    def _unstick(self, kinds: list[str]) -> None:
+        """``kinds`` stayed restarting past the wait. A dispatcher's provider alone is cut off: its open requests
+        fail, at every check while it stays so (new ones too), and the rest of the engine works on; it takes the
+        provider's work again once Ray restarts it. Without any other actor the engine cannot work: this driver
+        ends, as when its engine is stopped elsewhere."""
         from actors.remote import provider_resource
 
-        missing = []
         try:
             have = self._ray.cluster_resources()
-        except Exception:  # noqa: BLE001 (the reason is a hint; the failure stands without it)
+        except Exception:  # noqa: BLE001 (the resource is a hint; the failure stands without it)
             have = None
+        wait = f"actor_restart_wait_s={self.settings.actor_restart_wait_s:g} s"
+        others = [k for k in kinds if not k.startswith("dispatcher-")]
+        if others:
+            self._end(f"engine failure: actor(s) {', '.join(others)} could not be restarted within {wait}; "
+                      "start a new engine")
+            return
         for kind in kinds:
-            if have is not None and kind.startswith("dispatcher-"):
-                res = provider_resource(kind.split("-", 1)[1])
-                if res not in have:
-                    missing.append(f"no live node offers the resource {res!r} it needs")
-        hint = f" ({'; '.join(missing)})" if missing else ""
-        return (f"engine failure: actor(s) {', '.join(kinds)} could not be restarted within "
-                f"actor_restart_wait_s={self.settings.actor_restart_wait_s:g} s{hint}; start a node that offers "
-                "it, then a new engine")
+            provider = kind.split("-", 1)[1]
+            res = provider_resource(provider)
+            where = (f": no live node offers the resource {res!r} it needs; start one" if have is not None
+                     and res not in have else "")
+            with self._lock:
+                ids = [u for u, f in self._futs.items() if not f.done() and f._req.provider == provider]
+            if ids:
+                log.warning("smartbatch: %d open request(s) for %s failed: %s could not be restarted", len(ids),
+                            provider, kind)
+                self._fail_ids(ids, f"provider {provider!r} is cut off: its dispatcher could not be restarted "
+                                    f"within {wait}{where}. The engine takes its work again once it is back; a "
+                                    "request that was in a provider batch may still be billed")
 
     def _watch_silence(self, refs: dict, ready: list, asked: float) -> None:
         """Kill an actor that has answered no health check for ``settings.actor_hang_s`` (only the driver that

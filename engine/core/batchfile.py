@@ -360,6 +360,7 @@ def report(bf: BatchFile, results: Sequence[Result], catalog: Catalog, *, window
                        "statuses": dict(collections.Counter(r["status"] for r in rows)),
                        "modes": dict(collections.Counter(r["mode"] for r in rows if r["mode"])),
                        # Answered after the window: in the output all the same (paid for), and counted here.
-                       "late": sum(r["deadline_met"] is False for r in rows),
+                       # (a failed or refused line carries deadline_met False too: not a late answer)
+                       "late": sum(r["deadline_met"] is False and r["status"] in ("ok", "reused") for r in rows),
                        "cost_usd": cost, "list_price_usd": listed, "saving_usd": listed - cost},
             "lines": rows}

@@ -4,6 +4,7 @@ late is not; only the driver that started the engine kills; nothing is killed on
 
 from __future__ import annotations
 
+import threading
 import types
 
 import pytest
@@ -83,20 +84,23 @@ class _Unavailable(Exception):
 
 class RestartingRay:
     """Every ping answers at once; the dispatcher's raises "unavailable" (Ray restarting it) while ``placed`` is
-    false. No node offers ``provider:openai`` then, as after the loss of the only node that did."""
+    false (no node offers ``provider:openai`` then, as after the loss of the only node that did), or "died" while
+    ``died``. Placed again, it answers a new incarnation's token."""
 
     exceptions = types.SimpleNamespace(ActorUnavailableError=_Unavailable)
 
     def __init__(self):
-        self.placed = False
+        self.placed, self.died = False, False
 
     def wait(self, refs, num_returns, timeout):
         return list(refs), []
 
     def get(self, ref):
+        if ref == "dispatcher-openai" and self.died:
+            raise RuntimeError("ActorDiedError: the actor died unexpectedly")
         if ref == "dispatcher-openai" and not self.placed:
             raise _Unavailable("The actor is temporarily unavailable: restarting")
-        return f"token-{ref}"
+        return f"token-{ref}" + ("-2" if ref == "dispatcher-openai" else "")
 
     def cluster_resources(self):
         return {"CPU": 2.0} | ({"provider:openai": 1.0} if self.placed else {})
@@ -107,31 +111,77 @@ class _Handle:
         self.ping = types.SimpleNamespace(remote=lambda: kind)
 
 
-def test_an_actor_ray_cannot_restart_fails_the_open_requests_with_the_reason_after_the_wait(monkeypatch):
-    """Losing the only node that offered ``provider:openai`` left its dispatcher restarting for ever, and every
-    request it would serve open for good, new ones too (a helper's hunt on a cluster). Past
-    ``actor_restart_wait_s`` the driver fails them, naming the actor and the resource no node offers; an actor
-    that comes back before then is recovered as usual and nothing fails."""
+class _Fut:
+    def __init__(self, provider):
+        self._req, self.result = types.SimpleNamespace(provider=provider), None
+
+    def done(self):
+        return self.result is not None
+
+
+@pytest.fixture
+def restarting(monkeypatch):
     clock = [0.0]
     monkeypatch.setattr(_supervise, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
     s = Supervised.__new__(Supervised)
     kinds = ["ingest", "dispatcher-openai"]
     s._ray, s._h = RestartingRay(), {"named": {k: _Handle(k) for k in kinds}}
     s._incarnation = {k: f"token-{k}" for k in kinds}
-    s._misses, s._restarting = {}, {}
+    s._misses, s._restarting, s._gone, s._lock = {}, {}, None, threading.Lock()
     s.settings = types.SimpleNamespace(actor_restart_wait_s=600.0)
-    failed: list[str] = []
-    s._engine_stopped, s._fail_open = (lambda: False), failed.append
+    s._futs = {"o1": _Fut("openai"), "g1": _Fut("google")}
+    failed: dict[str, str] = {}
+
+    def fail_ids(ids, error):
+        for u in ids:
+            failed[u] = s._futs[u].result = error
+
+    s._engine_stopped, s._fail_ids = (lambda: False), fail_ids
+    s._fail_open = lambda error: fail_ids([u for u, f in s._futs.items() if not f.done()], error)
     s._watch_silence = s._sweep = s._relay_logs = lambda *a: None
-    for t in (0.0, 300.0, 599.0):
+    recovered = threading.Event()
+    s._recover = lambda kinds: recovered.set()
+    return s, clock, failed, recovered
+
+
+def health_checks(s, clock, times):
+    for t in times:
         clock[0] = t
         s._health()
-    assert failed == []
-    clock[0] = 601.0
-    s._health()
-    assert len(failed) == 1 and "dispatcher-openai" in failed[0] and "'provider:openai'" in failed[0]
-    assert "actor_restart_wait_s=600" in failed[0] and "ingest" not in failed[0]
-    # Placed again (a node that offers it joined): it answers, and its wait starts afresh at the next restart.
+
+
+def test_a_dispatcher_ray_cannot_restart_fails_its_providers_requests_with_the_reason_after_the_wait(restarting):
+    """Losing the only node that offered ``provider:openai`` left its dispatcher restarting for ever, and every
+    request it would serve open for good, new ones too (a helper's hunt on a cluster). Past
+    ``actor_restart_wait_s`` its provider's requests fail, naming the dispatcher and the resource no node offers;
+    another provider's work goes on (a review: failing it all, at every check, failed healthy work); an openai
+    request that comes later fails at the next check; placed again, the dispatcher is recovered."""
+    s, clock, failed, recovered = restarting
+    health_checks(s, clock, [float(t) for t in range(0, 600)])
+    assert failed == {}
+    health_checks(s, clock, [601.0])
+    assert list(failed) == ["o1"] and "'provider:openai'" in failed["o1"] and "actor_restart_wait_s=600" in failed["o1"]
+    s._futs["o2"] = _Fut("openai")
+    health_checks(s, clock, [602.0])
+    assert sorted(failed) == ["o1", "o2"] and not s._futs["g1"].done() and s._gone is None
     s._ray.placed = True
-    s._health()
-    assert s._restarting == {} and len(failed) == 1
+    health_checks(s, clock, [603.0])
+    assert recovered.wait(10) and s._restarting == {}
+
+
+def test_a_restart_seen_again_after_checks_that_did_not_see_it_waits_afresh(restarting):
+    """The wait counts one restart, check after check: an actor seen restarting at 0 s, back (or silent) until
+    700 s, then restarting again is not past its wait at once (a review: a stale start failed all work)."""
+    s, clock, failed, _ = restarting
+    health_checks(s, clock, [0.0, 1.0])
+    s._restarting["dispatcher-openai"] = (0.0, 1.0)  # as if the checks since had not seen it (answered late)
+    health_checks(s, clock, [700.0, 701.0, 1000.0])
+    assert failed == {}
+
+
+def test_an_actor_that_died_after_restarting_fails_the_work_as_dead_not_as_stuck(restarting):
+    s, clock, failed, _ = restarting
+    health_checks(s, clock, [0.0, 1.0])
+    s._ray.died = True
+    health_checks(s, clock, [2.0, 3.0, 4.0])
+    assert failed and all("died: dispatcher-openai" in e and "restart" not in e for e in failed.values())

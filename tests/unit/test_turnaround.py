@@ -388,3 +388,32 @@ def test_a_live_engine_counts_hours_from_its_clocks_start_in_every_grouper_and_d
     assert engine_day_origin(None, clock) == first.table.turnarounds.day_origin_s
     assert grouper(clock, 3600.0).table.turnarounds.day_origin_s == 3600.0  # a replay's
     assert engine_day_origin(None, ManualClock(5.0)) == 0.0
+
+
+def test_a_restarted_grouper_learns_from_the_dispatchers_that_answer_when_one_cannot(monkeypatch):
+    """A dispatcher Ray cannot restart (its node lost) held a restarted grouper's relearn, and with it the
+    driver's whole recovery (a helper's hunt on a cluster). The grouper learns from the others and goes on."""
+    import actors._grouper_learn as learn
+
+    told = [(1, [Turnaround("openai", "gpt-5-mini", float(s), float(s) + 2400.0) for s in range(0, 50, 10)])]
+
+    class _Answers:
+        async def turnarounds_told(self):
+            return told
+
+    class _Gone:
+        async def turnarounds_told(self):
+            raise ConnectionError("the actor is unavailable: restarting")
+
+    class _Silent:
+        async def turnarounds_told(self):
+            await asyncio.Event().wait()  # never answers
+
+    async def go():
+        budget = BudgetController(BudgetSettings(), None, ManualClock(0.0))
+        g = Grouper(load_policy("smart", CAT), CAT, ManualClock(0.0),
+                    {"anthropic": _Gone(), "google": _Silent(), "openai": _Answers()}, budget, ResultHub())
+        return await g.relearn(), g.table.turnarounds.batches
+
+    monkeypatch.setattr(learn, "RELEARN_WAIT_S", 0.05)
+    assert asyncio.run(go()) == (1, 5)

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from types import SimpleNamespace
+
+import pytest
 
 from actors import Grouper, ResultHub
 from actors._types import Job
@@ -200,3 +203,111 @@ def test_a_grouper_or_dispatcher_ray_restarts_is_told_again_what_was_withdrawn(m
         remote.rewire(h, kind)
     told = {(k, a[0] and tuple(a[0])) for k, m, a in calls if m == "withdraw"}
     assert told == {(k, ("7:default/r1", "7:default/r2")) for k in kinds}
+
+
+class _Handle:
+    """An actor handle over an in-process actor: ``h.method.remote(*a)`` runs the call on ``loop`` and is the
+    answer (``_FakeRay.get`` returns it), or raises what ``fail`` holds for that method, once each."""
+
+    def __init__(self, actor, loop, fail=None):
+        self._actor, self._loop, self._fail = actor, loop, fail if fail is not None else {}
+
+    def __getattr__(self, method):
+        def remote(*args):
+            if self._fail.get(method):
+                return self._fail[method].pop(0)
+            return self._loop.run_until_complete(getattr(self._actor, method)(*args))
+        return SimpleNamespace(remote=remote)
+
+
+class _Unavailable(Exception):
+    pass
+
+
+class _FakeRay:
+    exceptions = SimpleNamespace(ActorUnavailableError=_Unavailable)
+
+    @staticmethod
+    def get(ref, timeout=None):
+        refs = ref if isinstance(ref, list) else [ref]
+        for r in refs:
+            if isinstance(r, Exception):
+                raise r
+        return ref
+
+
+def _driver(client, ingest, hub, groupers, dispatchers, futs):
+    import threading
+
+    from engine.app.driver import Engine
+
+    eng = Engine.__new__(Engine)
+    eng._running, eng._lock, eng._client, eng._ray = True, threading.RLock(), client, _FakeRay()
+    eng._futs = {f._req.uid: f for f in futs}
+    eng._flush = lambda: None
+    eng._h = {"ingests": [ingest], "hubs": [hub], "groupers": groupers, "dispatchers": dispatchers}
+    return eng
+
+
+@pytest.mark.parametrize("other_pulls", [False, True])
+def test_a_withdrawal_while_ingest_rebuilds_its_holders_spares_a_copy_another_live_driver_may_hold(other_pulls):
+    """Ray restarted ingest: it knows each request's holders again only as each driver re-admits. A withdrawal
+    asked meanwhile (waiting out the restart, since stop 58) took a request only this driver had re-admitted as
+    this driver's alone, and withdrew another driver's copy with it (a review). Now, while the holders rebuild,
+    a request runs on if another driver still pulls; with none, it is withdrawn as before."""
+    import asyncio as aio
+
+    from actors import Ingest
+    from engine.app._future import ResultFuture
+
+    loop = aio.new_event_loop()
+    try:
+        hub, grouper, disp = ResultHub(), Recorder(), Recorder()
+        ing = Ingest([Recorder()], hub=hub)
+        a = plain_req(0)
+        loop.run_until_complete(ing.submit([a], "driver-1"))
+        ing.reconstructed()  # Ray restarted it: "driver-2" has not re-admitted its copy of r0 yet
+        ing.holders = {a.uid: "driver-1"}
+        loop.run_until_complete(hub.pull(0.0, "driver-1"))
+        if other_pulls:
+            loop.run_until_complete(hub.pull(0.0, "driver-2"))
+        fut = ResultFuture(a, None)
+        # The first ask reaches ingest while it restarts: asked again.
+        ingest = _Handle(ing, loop, {"others": [_Unavailable("restarting")]})
+        eng = _driver("driver-1", ingest, _Handle(hub, loop), [_Handle(grouper, loop)],
+                      {"openai": _Handle(disp, loop)}, [fut])
+        n = eng.cancel_requests([fut], timeout_s=5.0)
+    finally:
+        loop.close()
+    told = [args[0] for name, args in grouper.calls + disp.calls if name == "withdraw"]
+    assert (n, told) == ((0, []) if other_pulls else (1, [[a.uid], [a.uid]]))
+
+
+def test_a_withdrawal_is_not_failed_by_a_grouper_that_restarts_and_reaches_the_dispatchers_when_one_fails():
+    """A grouper restarting answers "unavailable": its rewire tells it (the ids are kept), so the withdrawal
+    holds; the caller got a Ray error for it (a helper's hunt). Another error still reaches the caller, once the
+    dispatchers were told (a batch of withdrawn members alone ran on, billed, when they were not)."""
+    import asyncio as aio
+
+    from actors import Ingest
+    from engine.app._future import ResultFuture
+
+    loop = aio.new_event_loop()
+    try:
+        hub, disp = ResultHub(), Recorder()
+        ing = Ingest([Recorder()], hub=hub)
+        a, b = plain_req(0), plain_req(1)
+        loop.run_until_complete(ing.submit([a, b], "driver-1"))
+        futs = [ResultFuture(a, None), ResultFuture(b, None)]
+        restarting = _Handle(Recorder(), loop, {"withdraw": [_Unavailable("restarting")]})
+        eng = _driver("driver-1", _Handle(ing, loop), _Handle(hub, loop), [restarting],
+                      {"openai": _Handle(disp, loop)}, futs)
+        assert eng.cancel_requests(futs[:1], timeout_s=5.0) == 1
+        assert eng._h["withdrawn"] == {a.uid: None}  # kept for the grouper's rewire
+        broken = _Handle(Recorder(), loop, {"withdraw": [RuntimeError("grouper crashed")]})
+        eng._h["groupers"] = [broken]
+        with pytest.raises(RuntimeError, match="crashed"):
+            eng.cancel_requests(futs[1:], timeout_s=5.0)
+    finally:
+        loop.close()
+    assert [args[0] for name, args in disp.calls if name == "withdraw"] == [[a.uid], [b.uid]]
