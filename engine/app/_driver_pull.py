@@ -126,11 +126,10 @@ class Pulling:
         # the supervisor's thread reads it, and two cancels (the endpoint's, in threads) may run at once.
         with self._lock:
             self._h["withdrawn"] = dict.fromkeys([*list(self._h.get("withdrawn", {}))[-WITHDRAWN_KEEP:], *uids])
-        # The groupers first (a member a dispatcher hands back finds them told). One that is restarting does not
-        # answer, but its rewire tells it (the ids are kept above): the withdrawal holds, and the Ray error told
-        # the caller it had failed (a helper's hunt).
-        # The dispatchers are told even when a grouper failed otherwise, or a batch of withdrawn members alone
-        # ran on, billed (a review); the first such error is raised once all were told.
+        # The groupers first (a member a dispatcher hands back finds them told), then the dispatchers, even when
+        # a grouper failed (a batch of withdrawn members alone ran on, billed: a review); the first error is
+        # raised once all were told. One that is restarting does not answer, but its rewire tells it (the ids are
+        # kept above): the withdrawal holds, where the Ray error told the caller it had failed (a helper's hunt).
         failed = []
         for actors in (self._h["groupers"], list(self._h["dispatchers"].values())):
             for ref in [a.withdraw.remote(uids) for a in actors]:

@@ -115,7 +115,7 @@ class Supervised:
                 self._incarnation[kind] = tok
                 restarted.append(kind)
         # A ping to an actor Ray is restarting may outlast the check's wait on a loaded head: still restarting.
-        for kind in {refs[r] for r in refs} - {refs[r] for r in ready}:
+        for kind in set(refs.values()) - {refs[r] for r in ready}:
             if kind in self._restarting and self._restarting_too_long(kind):
                 stuck.append(kind)
         self._sweep()
