@@ -258,19 +258,15 @@ class ResultHub(Warm, MemoryJournalStore):
         return [c for k, c in self._drops if k >= seq], self._next_drop
 
     async def quiet(self, clients: list[str], after_s: float) -> list[str]:
-        """Of ``clients``, those that have not pulled from here for ``after_s`` real seconds (a live driver pulls
-        all the time): gone, as a replica killed and replaced is, though not yet dropped as idle. One this hub
-        does not know is not counted gone: a restarted hub knows nobody until they pull again (a review)."""
+        """Of ``clients``, those that have not pulled here for ``after_s`` real seconds: gone, as a replica killed and
+        replaced, if not yet dropped as idle. One it does not know is not: a restarted hub knows nobody (a review)."""
         now = time.monotonic()
         return [c for c in clients
                 if c in self._lost or (q := self._clients.get(c)) is not None and now - q.seen_at > after_s]
 
     async def pulling(self, within_s: float) -> list[str]:
-        """The drivers that have pulled from here within ``within_s`` real seconds (a live driver pulls all the
-        time): those that may hold a request a restarted ingest does not know yet (``Engine.cancel_requests``)."""
-        now = time.monotonic()
-        return [c for c, q in self._clients.items()
-                if c is not None and c not in self._lost and now - q.seen_at <= within_s]
+        """The drivers not ``quiet`` for ``within_s``: any may hold a request a restarted ingest does not know."""
+        return [c for c in self._clients if c is not None and not await self.quiet([c], within_s)]
 
     async def undelivered(self, quiet_s: float) -> int:
         """Results waiting here for a driver that has pulled within ``quiet_s`` real seconds: what a stop now
@@ -304,9 +300,8 @@ class ResultHub(Warm, MemoryJournalStore):
 
     async def observe_dispatches(self, provider: str, observed: list[tuple[str, list[float], int]],
                                  counts: dict | None = None, in_flight: int | None = None) -> None:
-        """A dispatcher's batched observations: dispatch waits, and (``DispatchCounts.as_dict()``) its retries,
-        429s, circuit states, hedges, turnarounds and rate-limit waits since its last flush; its requests in
-        flight now."""
+        """A dispatcher's batched observations: dispatch waits, and (``DispatchCounts.as_dict()``) its retries, 429s,
+        circuit states, hedges, turnarounds and rate-limit waits since its last flush; its requests in flight."""
         for mode, waits, n in observed:
             self.metrics.observe_dispatch(provider, mode, waits, n)
         if in_flight is not None:
