@@ -94,4 +94,4 @@ class Admitting:
 def _same_content(r: Request, fut: ResultFuture) -> None:
     if r.model_copy(update={"arrival_s": fut._req.arrival_s}) != fut._req:
         raise RequestError(r.id, "id", f"tenant {r.tenant!r} already submitted id {r.id!r} with other content; an "
-                           "id names one request: use a new id for a new request")
+                           "id names one request: use a new id for a new request", code=ID_TAKEN)

@@ -26,6 +26,7 @@ QUIET_S = 10.0  # a driver that has not pulled for this long (real seconds) has 
 FORGET_WAIT_S = 10.0  # at most this long a request under an id being forgotten waits for the forget
 CHECK_EVERY_S = 0.05  # how often the check loop collects returned ingest calls and forgets finished requests
 LAST_REPORT_S = 5.0  # at most this long a stop waits for the report it keeps
+REPORT_WAIT_S = 60.0  # at most this long (real seconds) ``report()`` waits for actors Ray restarts
 log = logging.getLogger("smartbatch.driver")
 
 
@@ -160,25 +161,31 @@ class Pulling:
             raise EngineStopped(f"engine {self.name!r} was stopped" + (
                 ", and its report could not be read then" if self._owner else
                 " for this driver: attach again with Engine.connect() for its report"))
-        return self._read_report()
+        try:
+            return self._read_report(timeout_s=REPORT_WAIT_S)
+        except self._ray.exceptions.ActorDiedError as exc:  # a Ray error named nothing to do (a helper's hunt)
+            raise EngineStopped(f"engine {self.name!r} failed: one of its actors died for good, so its report "
+                                f"cannot be read ({exc.__class__.__name__}); start a new engine") from exc
 
     def _read_report(self, timeout_s: float | None = None) -> dict:
         ray = self._ray
         from actors.hub import merge_reports, sum_figures
 
-        def get(refs):
-            return ray.get(refs, timeout=timeout_s)
+        end = time.monotonic() + (timeout_s if timeout_s is not None else REPORT_WAIT_S)
 
-        rep = merge_reports(get([h.report.remote() for h in self._h["hubs"]]))
-        rep["budget"] = get(self._h["budget"].report.remote())
+        def get(actors, method):  # asked again through an actor's restart (a raw Ray error, a helper's hunt)
+            return _through_restarts(ray, lambda: [getattr(a, method).remote() for a in actors], end)
+
+        rep = merge_reports(get(self._h["hubs"], "report"))
+        rep["budget"] = get([self._h["budget"]], "report")[0]
         # ``refusals`` counts the ledger's verdicts (each "wait" of a held request); these are the requests the
         # budgets rejected for good, which a user read there as 0 (a helper's tour).
         rep["budget"]["rejected"] = {k: v for k, v in rep.get("rejected", {}).items() if k.startswith("budget_")}
         # Per provider: were its calls real (http) or simulated, and what its batches did.
         rep["providers"] = {s["provider"]: {k: v for k, v in s.items() if k != "provider"}
-                            for s in get([d.stats.remote() for d in self._h["dispatchers"].values()])}
+                            for s in get(list(self._h["dispatchers"].values()), "stats")}
         if self._h["caches"]:  # read from the cache itself: the hub's copy is pushed every 0.5 s
-            rep["cache"] = sum_figures(get([c.stats_now.remote() for c in self._h["caches"]]))
+            rep["cache"] = sum_figures(get(self._h["caches"], "stats_now"))
         return rep
 
     def _keep_last_report(self) -> None:

@@ -155,7 +155,7 @@ async def engine_call(call: Any, param_of: Callable[[str], str | None]) -> Any:
     try:
         return await call
     except RequestError as exc:
-        raise refused(exc.field, str(exc), param_of) from None
+        raise refused(exc.field, str(exc), param_of, code=exc.code) from None
     except Overloaded as exc:
         raise ApiError(429, f"the engine is full: {exc}", type="requests", code="rate_limit_exceeded",
                        headers={"Retry-After": str(RETRY_AFTER_S)}) from None

@@ -96,10 +96,12 @@ class Overloaded(SmartbatchError):
 
 class RequestError(SmartbatchError):
     """A request given to ``submit`` is invalid. ``field`` names what to fix; nothing was queued. ``position``:
-    where it was among the requests of one ``submit_many`` (from 0), which names a request that has no id."""
+    where it was among the requests of one ``submit_many`` (from 0), which names a request that has no id.
+    ``code``: a machine-readable kind, where callers tell one apart (``id_taken``: the id names other content)."""
 
-    def __init__(self, request_id: str | None, field: str, message: str, position: int | None = None):
-        self.request_id, self.field, self.position = request_id, field, position
+    def __init__(self, request_id: str | None, field: str, message: str, position: int | None = None,
+                 code: str | None = None):
+        self.request_id, self.field, self.position, self.code = request_id, field, position, code
         rid = f"request {request_id!r}" if request_id else "request"
         at = f" (at {position} of the requests given, counting from 0)" if position is not None else ""
         super().__init__(f"{rid}{at}: field '{field}': {message}")

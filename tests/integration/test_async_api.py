@@ -204,3 +204,16 @@ def test_a_cancel_made_while_an_actor_restarts_still_withdraws_the_requests(ray_
         gone = [f.result(timeout=60) for f in futs]
     assert all(r.status == "failed" and r.error.startswith(f"{CANCELLED}: withdrawn") and r.cost_usd == 0.0
                for r in gone)
+
+
+def test_report_waits_out_a_restart_and_names_an_actor_dead_for_good(ray_session):
+    """``report()`` raised Ray's own error while an actor restarted, and after one died for good (a helper's
+    hunt): it waits out a restart, and says what happened and what to do when an actor is gone."""
+    import ray
+
+    with Engine.start(catalog=OPENAI_ONLY, speedup=100, metrics_port=None) as e:
+        ray.kill(e._h["named"]["dispatcher-openai"], no_restart=False)
+        assert "openai" in e.report()["providers"]
+        ray.kill(e._h["named"]["dispatcher-openai"], no_restart=True)
+        with pytest.raises(EngineStopped, match="died for good"):
+            e.report()

@@ -58,7 +58,7 @@ class FakeEngine:
             raise Overloaded("max_pending=0 unfinished requests")
         first = self._reqs.setdefault((req.tenant, req.id), req)
         if first.model_copy(update={"deadline_s": req.deadline_s}) != req:  # content, as the engine's fingerprint
-            raise RequestError(req.id, "id", "already submitted with other content")
+            raise RequestError(req.id, "id", "already submitted with other content", code=ID_TAKEN)  # as the engine
         self.seen[req.id] = dict(d)
         self.submitted.append(req.id)
         return req
@@ -339,7 +339,7 @@ def test_a_bad_body_is_refused_naming_the_field(served):
     assert chat(client, "Same", extra_headers=key).parse().id == first.id  # the idempotency key: one answer
     with pytest.raises(openai.BadRequestError) as exc:  # the same key with other content
         chat(client, "Other", extra_headers=key)
-    assert exc.value.param == endpoint.HEADER_REQUEST_ID
+    assert exc.value.param == endpoint.HEADER_REQUEST_ID and exc.value.code == "id_taken"
     # Held by another driver of a shared engine with other content: the caller's id again, not a 502 server
     # error that named nothing to change (a helper's hunt).
     with pytest.raises(openai.BadRequestError) as exc:
@@ -607,3 +607,19 @@ def test_bad_batch_inputs_and_unknown_ids(served):
     with pytest.raises(openai.NotFoundError):
         client.files.content(f.id)
     assert f.id not in [x.id for x in client.files.list()]
+
+
+def test_the_engine_refuses_an_id_reused_with_other_content_with_the_code_the_endpoint_passes_on():
+    """The driver's own refusal carries ``id_taken``, as another driver's does, so a caller tells them by one code
+    (the endpoint answered the first with ``code: null``, a review)."""
+    from types import SimpleNamespace
+
+    from engine.app._driver_admit import _same_content
+
+    ctx = validation_context(CAT)
+    first = Request.model_validate({"id": "q", "model": "gpt-5-mini", "prompt": "One", "arrival_s": 0.0}, context=ctx)
+    again = first.model_copy(update={"prompt": "Two"})
+    _same_content(first, SimpleNamespace(_req=first))  # the same content: no refusal
+    with pytest.raises(RequestError) as exc:
+        _same_content(again, SimpleNamespace(_req=first))
+    assert exc.value.field == "id" and exc.value.code == ID_TAKEN
