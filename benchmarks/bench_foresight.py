@@ -7,7 +7,9 @@ subclasses that read the trace's future arrivals (no online policy can), paired 
   has come (it gives up no sharing and gains chance of finishing in time), and it does not ride another
   group's batch before that turn has come;
 - ``hold=E``: a group is held past its flush for its conversation's next turn when that turn comes within
-  ``E`` seconds of the flush (the sharing a longer gather would buy, with none of the waits that buy nothing).
+  ``E`` seconds of the flush (the sharing a longer gather would buy, with none of the waits that buy nothing);
+- ``quiet=Q`` (no foresight: a rule an online policy could use): a conversation's group of one turn is sent once
+  it has been quiet ``Q`` seconds, if that is before its flush.
 
 Prints figures; asserts nothing (docs/benchmarks.md, "Stop 58").
 """
@@ -39,6 +41,7 @@ class _Foresight(Smart):
     trace: list = []
     early = False
     hold_s = 0.0
+    quiet_s = 0.0
 
     def __init__(self, catalog, params=None):
         super().__init__(catalog, params)
@@ -63,6 +66,13 @@ class _Foresight(Smart):
 
     def _flush_at(self, group, c):
         kept = super()._flush_at(group, c)
+        if self.quiet_s > 0:
+            if len(group) != 1 or not self._turns(group):
+                return kept
+            new = min(kept, group.members[0].arrival_s + self.quiet_s)
+            if new != kept:
+                group.memo = (group.memo[0], new, None, None)
+            return new
         turns = self._turns(group)
         if not turns:
             return kept
@@ -99,8 +109,10 @@ class _Foresight(Smart):
 def _policy(kind: str, catalog, reqs):
     if kind == "smart":
         return Smart(catalog)
-    cls = type(f"Foresight_{kind}", (_Foresight,), {"trace": reqs, "early": kind == "early",
-                                                    "hold_s": float(kind[5:]) if kind.startswith("hold=") else 0.0})
+    name, _, value = kind.partition("=")
+    cls = type(f"Foresight_{name}", (_Foresight,), {"trace": reqs, "early": name == "early",
+                                                    "hold_s": float(value) if name == "hold" else 0.0,
+                                                    "quiet_s": float(value) if name == "quiet" else 0.0})
     return cls(catalog)
 
 
@@ -111,8 +123,9 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=DATA)
     a = ap.parse_args()
     for k in a.kinds:
-        if k != "early" and not (k.startswith("hold=") and k[5:].replace(".", "", 1).isdigit()):
-            ap.error(f"--kinds {k!r}: give early or hold=SECONDS")
+        name, _, value = k.partition("=")
+        if k != "early" and not (name in ("hold", "quiet") and value.replace(".", "", 1).isdigit()):
+            ap.error(f"--kinds {k!r}: give early, hold=SECONDS or quiet=SECONDS")
     t0 = time.perf_counter()
     reqs = list(load_real("mooncake", a.data))
     cat = default_catalog()
