@@ -167,14 +167,9 @@ class Supervised:
             res = provider_resource(provider)
             where = (f": no live node offers the resource {res!r} it needs; start one" if have is not None
                      and res not in have else "")
-            with self._lock:
-                ids = [u for u, f in self._futs.items() if not f.done() and f._req.provider == provider]
-            if ids:
-                log.warning("smartbatch: %d open request(s) for %s failed: %s could not be restarted", len(ids),
-                            provider, kind)
-                self._fail_ids(ids, f"provider {provider!r} is cut off: its dispatcher could not be restarted "
-                                    f"within {wait}{where}. The engine takes its work again once it is back; a "
-                                    "request that was in a provider batch may still be billed")
+            self._fail_open(f"provider {provider!r} is cut off: its dispatcher could not be restarted within "
+                            f"{wait}{where}. The engine takes its work again once it is back; a request that was "
+                            "in a provider batch may still be billed", provider)
 
     def _watch_silence(self, refs: dict, ready: list, asked: float) -> None:
         """Kill an actor that has answered no health check for ``settings.actor_hang_s`` (only the driver that
@@ -301,9 +296,10 @@ class Supervised:
             if fut is not None and not fut.done():
                 self._resolve(fut, Result(id=fut.request_id, tenant=fut.tenant, status="failed", error=error))
 
-    def _fail_open(self, error: str) -> None:
+    def _fail_open(self, error: str, provider: str | None = None) -> None:
+        """Fail the open futures (of ``provider``'s requests alone, if given) with ``error``."""
         with self._lock:
-            ids = [k for k, f in self._futs.items() if not f.done()]
+            ids = [k for k, f in self._futs.items() if not f.done() and provider in (None, f._req.provider)]
         if ids:  # in the user's log too, not only in each result: a stop may end work they meant to wait for
             log.warning("%d open request(s) failed: %s", len(ids), error)
         self._fail_ids(ids, error)

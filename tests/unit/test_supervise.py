@@ -137,7 +137,7 @@ def restarting(monkeypatch):
             failed[u] = s._futs[u].result = error
 
     s._engine_stopped, s._fail_ids = (lambda: False), fail_ids
-    s._fail_open = lambda error: fail_ids([u for u, f in s._futs.items() if not f.done()], error)
+    s._fail_open = types.MethodType(Supervised._fail_open, s)
     s._watch_silence = s._sweep = s._relay_logs = lambda *a: None
     recovered = threading.Event()
     s._recover = lambda kinds: recovered.set()
