@@ -93,14 +93,19 @@ def http_settings(emu: Emulator, *, timeout_s: float = 30.0, cancel_s: float | N
     return s.model_copy(update={"providers": s.providers.model_copy(update={"endpoints": eps, "replay": True})})
 
 
-def journal_delete_fails_once(rig, space: str) -> list:
-    """The journal's first delete in ``space`` fails (a Redis blip); the keys it refused are in the list returned."""
+def journal_delete_fails_once(rig, space: str, hold_retry: bool = False) -> list:
+    """The journal's first delete in ``space`` fails (a Redis blip); the keys it refused are in the list returned.
+    ``hold_retry``: every later delete there waits for good (until its task is cancelled), so a restart comes
+    inside the retry's window however slow the machine (a retry 0.2 s later cleared the record first on a loaded
+    one)."""
     inner, failed = rig.d.journal.delete, []
 
     async def delete(sp, keys):
         if sp == space and not failed:
             failed.append(keys)
             raise ConnectionError("the journal's Redis timed out")
+        if sp == space and hold_retry:
+            await asyncio.Event().wait()
         return await inner(sp, keys)
 
     rig.d.journal.delete = delete
