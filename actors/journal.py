@@ -304,5 +304,10 @@ def redis_journal(settings, engine: str) -> RedisJournal | None:
 
 
 def make_journal(settings, engine: str, hub: Any):
-    """The journal for an engine named ``engine``: Redis when one is configured, else the hub's memory."""
+    """The journal for an engine named ``engine``: files under ``journal.dir`` when it is set, else Redis when one is
+    configured, else the hub's memory."""
+    if settings.journal.dir is not None:
+        from actors._file_journal import FileJournal
+
+        return FileJournal(settings.journal.dir, engine)
     return redis_journal(settings, engine) or HubJournal(hub)

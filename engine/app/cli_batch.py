@@ -12,6 +12,7 @@ import typer
 from rich.table import Table
 
 from engine.app._batch_kept import kept_charges
+from engine.app._batch_rescue import charges, finish, prepare
 from engine.app._ray_stop import (
     Terminated,
     exit_now,
@@ -125,10 +126,12 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
             kept = {ln.no: done[ln.custom_id] for ln in bf.lines if ln.custom_id in done}
             kept_lines = [ln for ln in bf.lines if ln.no in kept]
             bf = BatchFile(bf.source, [ln for ln in bf.lines if ln.no not in kept], bf.file_problems)
-        results = []
+        settings, rescued, sending = prepare(out, settings, cat, bf.requests, resume=resume, overwrite=overwrite,
+                                             address=address, speedup=speedup)
+        results = list(rescued.results.values())  # answered by the batches of a run cut off by a crash
         interrupted = ray_gone = False
         written = None
-        if bf.requests:
+        if sending:
             try:
                 eng = Engine.start(settings, policy=policy, catalog=cat, address=address, speedup=speedup, seed=seed)
             except KeyboardInterrupt:  # it stops what it had started; nothing was sent
@@ -139,23 +142,23 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
             if settings.budgets.specs and settings.budgets.redis_url is None:
                 # Budgets in this process start at 0: the kept lines were paid for, and a resumed run was granted
                 # the whole budget again (a helper's hunt: 1.85x a hard limit). With Redis they are counted there.
-                eng.count_spent(kept_charges(kept_lines, kept, cat, out))
+                eng.count_spent(kept_charges(kept_lines, kept, cat, out) + charges(rescued.results, out))
             if settings.providers.mode != "http" and speedup <= 1:  # a quiet wait of hours read as a hang
                 err_console.print(f"simulated providers at real time: a line may wait for its batch up to the "
                                   f"{window} window (--speedup compresses time; --providers http makes real calls)",
                                   style="dim")
             try:
-                futs = eng.submit_many(bf.requests)
+                futs = eng.submit_many(sending)
                 try:
                     with terminate_as_interrupt():
                         _wait_showing_progress(futs, f"batch {input_file.name}")
-                        results = [f.result() for f in futs]
+                        results += [f.result() for f in futs]
                 except KeyboardInterrupt as exc:
                     # Ctrl-C or SIGTERM: cancel what is under way, keep what finished (it was paid for) and answer
                     # the rest in the error file, instead of leaving no file at all while a provider batch may
                     # still run and bill.
                     interrupted = True
-                    results = _cancel_and_keep(eng, futs, bf.requests, wait=not isinstance(exc, Terminated))
+                    results += _cancel_and_keep(eng, futs, sending, wait=not isinstance(exc, Terminated))
                 cat = eng.catalog
                 # The files before the engine's stop, which takes seconds: a second Ctrl-C (or one during the
                 # stop) left no file at all, every answer paid for and lost (a helper's fault hunt).
@@ -170,6 +173,7 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
                     interrupted = interrupted or ray_gone
                 except KeyboardInterrupt:  # the files are written; the interrupt ends the run as one would
                     interrupted = True
+                finish(settings, clean=written is not None and not interrupted)
         n_out, n_err = written or _write(bf, results, out, errors, kept)
         doc = report(bf, results, cat, window_s=window_s, policy=policy)
         if report_path is not None:
@@ -184,7 +188,9 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
     _print_batch_report(doc)
     console.print(f"wrote {n_out:,} output line(s) to {out}, {n_err:,} error line(s) to {errors}"
                   + (f", the report to {report_path}" if report_path is not None else "")
-                  + (f"; {len(kept):,} line(s) kept from the earlier run, not sent again" if kept else ""))
+                  + (f"; {len(kept):,} line(s) kept from the earlier run, not sent again" if kept else "")
+                  + (f"; {len(rescued.results):,} line(s) answered by the provider batches of a run cut off "
+                     "earlier, not sent again" if rescued.results else ""))
     if interrupted:
         n_open = sum(r.error == _INTERRUPTED for r in results)
         n_cancelled = sum((r.error or "").startswith(CANCELLED) for r in results)

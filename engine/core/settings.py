@@ -209,6 +209,11 @@ class JournalSettings(BaseModel):
     in_memory: bool = Field(default=False, description="keep the journal in the result hub's memory even where a "
                             "Redis is set (the engine sets it when the cache's Redis, which it would fall back "
                             "to, may evict keys)")
+    dir: Path | None = Field(default=None, description="a directory on this machine where the dispatchers journal "
+                             "their provider batches and calls, in files that outlive every process of the engine "
+                             "(``smartbatch batch`` sets it beside its output file, so that ``--resume`` after a "
+                             "crash collects what those batches finished instead of paying for it again); the "
+                             "engine must run on this machine")
     recover_wait_s: float = Field(default=60.0, ge=0.0, description="real seconds a restarted dispatcher keeps "
                                   "trying to read an unreadable journal (work waits meanwhile) before it sends "
                                   "the members of its open batches again, which may bill them twice")

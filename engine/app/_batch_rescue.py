@@ -1,0 +1,260 @@
+"""What a ``smartbatch batch`` run cut off by a crash had under way at the providers, read back from its journal
+beside the output file (``journal.dir``, ``actors._file_journal``).
+
+A SIGKILL, an OOM kill or a lost machine ends the run with no word: its provider batches run on at the
+providers and bill every member they finish, and a rerun that sent those lines again paid for them twice. Before
+a ``--resume`` sends anything, ``rescue`` cancels each batch the journal names (a cancel keeps what already
+finished: billed, and read here) and waits for it to end; the members it finished are answered from its output,
+never sent again, and only the rest go to the new run. Waiting on instead of cancelling would keep the discount
+for the members still to run, but a batch may take up to its 24 h window: the rest are sent again at once, by a
+policy that batches them anew. Sync calls that were under way are counted, not collected: their answers went
+with the process (a provider that does not honour idempotency keys bills them again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from actors._file_journal import ARCHIVE, engine_dirs, locked_out, read_spaces
+from actors.providers import make_provider
+from engine.core.clock import ManualClock
+from engine.core.provider_api import CallJob, call_key
+from engine.core.result import Result
+from engine.runtime.outcomes import ok_result
+
+__all__ = ["Rescued", "charges", "finish", "journal_dir", "pending", "prepare", "rescue", "sweep"]
+
+# Past the provider's own cancel allowance, this many times over, a batch that has not ended is given up on: its
+# unfinished members are sent again (and paid twice if it still finishes them), with a warning.
+GIVE_UP_FACTOR = 2.0
+POLL_TRIES = 5  # failed polls in a row before a batch is given up on
+WRITERS_GONE_S = 60.0  # real seconds to wait for the processes of a killed run to end
+
+
+def journal_dir(out: Path) -> Path:
+    """Where ``batch`` keeps the journal of a run writing ``out``."""
+    return out.with_name(out.name + ".journal")
+
+
+@dataclass
+class Rescued:
+    results: dict[str, Result] = field(default_factory=dict)  # request id -> its answer from an earlier batch
+    batches: int = 0  # provider batches of the earlier run read back
+    lost_batches: int = 0  # those given up on (not ended in time, unreadable, or a cut create not found)
+    cut_calls: int = 0  # sync calls under way when the earlier run was cut off (maybe billed, sent again)
+
+
+def _spaces_of(run: Path) -> dict[str, dict]:
+    return {s: recs for s, recs in read_spaces(run).items() if s.startswith(("batches:", "sync:", ARCHIVE))}
+
+
+def pending(root: Path) -> tuple[int, int, int]:
+    """(provider batches, of which still under way, sync calls under way) that the journal under ``root`` names."""
+    batches = open_ = calls = 0
+    for run in engine_dirs(root):
+        for space, recs in _spaces_of(run).items():
+            if space.startswith("sync:"):
+                calls += len(recs)
+            else:
+                batches += len(recs)
+                open_ += 0 if space.startswith(ARCHIVE) else len(recs)
+    return batches, open_, calls
+
+
+def sweep(root: Path) -> None:
+    """Remove the journal of every run under ``root`` that has nothing under way, and ``root`` once empty."""
+    for run in engine_dirs(root):
+        if not any(_spaces_of(run).values()):
+            shutil.rmtree(run, ignore_errors=True)
+    try:
+        root.rmdir()
+    except OSError:
+        pass
+
+
+def rescue(root: Path, settings, catalog, keys: dict, *, speedup: float = 1.0, wanted: set[str] | None = None,
+           say: Callable[[str], None] = print) -> Rescued:
+    """Cancel and read every provider batch the journal under ``root`` names, then remove what was read. Only the
+    answers of requests in ``wanted`` (ids; None: all) are kept. ``speedup``: engine seconds per real second of the
+    providers (an emulator's; 1 against real ones)."""
+    return asyncio.run(_rescue(root, settings, catalog, keys, speedup, wanted, say))
+
+
+async def _rescue(root, settings, catalog, keys, speedup, wanted, say) -> Rescued:
+    from engine.core.errors import ConfigError
+
+    got = Rescued()
+    providers: dict[str, object] = {}
+    try:
+        for run in engine_dirs(root):
+            # Its dispatchers outlive a killed driver by seconds, still following (and hedging) its batches.
+            lock = await asyncio.to_thread(locked_out, run, WRITERS_GONE_S)
+            if lock is None:
+                raise ConfigError(f"the journal {run} is still written by a running engine {WRITERS_GONE_S:.0f} s "
+                                  "on: is another run writing the same output on this machine? Stop it, or let it "
+                                  "end, and run again")
+            try:
+                for space, recs in _spaces_of(run).items():
+                    if space.startswith("sync:"):
+                        got.cut_calls += len(recs)
+                        continue
+                    archived = space.startswith(ARCHIVE)
+                    name = space.removeprefix(ARCHIVE).split(":")[1]
+                    if name not in providers:
+                        # Its answers date from before this run: at its time 0, within every deadline.
+                        providers[name] = make_provider(name, catalog, settings, None, ManualClock(0.0),
+                                                        keys.get(name))
+                    for key, rec in recs.items():
+                        await _collect(providers[name], name, catalog, key, rec, space.endswith(":watch"), got,
+                                       speedup, wanted, say, archived)
+                shutil.rmtree(run, ignore_errors=True)  # read: a later run must not collect it again
+            finally:
+                os.close(lock)
+    finally:
+        for p in providers.values():
+            await p.close()
+    sweep(root)
+    return got
+
+
+async def _collect(p, name: str, catalog, key: str, rec: tuple, watch: bool, got: Rescued, speedup: float,
+                   wanted: set[str] | None, say, archived: bool) -> None:
+    """One journaled batch: found (if its create was cut), cancelled, read; its finished members into ``got``.
+    ``archived``: one that ended in the run (its answers may not have reached the output file)."""
+    if watch:
+        b, handle, jobs, start, _ = rec
+    else:
+        b, jobs, start, _, handle, _ = rec
+    if archived and (handle is None or wanted is not None and not any(
+            j.req.id in wanted and j.req.id not in got.results for j in jobs)):
+        return  # ended: its create failed (nothing made), or what it answered is in the output file already
+    got.batches += 1  # (one still under way is cancelled, wanted or not: what it goes on finishing is billed)
+    if handle is None and getattr(p, "names_batches", True):
+        cjobs = [CallJob(call_key(j.req.tenant, j.req.id, j.req.model, j.attempts), j.req, start, j.attempts, j.seq)
+                 for j in jobs]
+        handle = await _quietly(p.find_batch(cjobs, key))
+    if handle is None:
+        got.lost_batches += 1
+        say(f"a provider batch of the earlier run ({name}) was being created when it was cut off and cannot be "
+            "found: if it was made, what it finishes is billed and its lines are sent again")
+        return
+    outs = await _ended(p, handle, catalog.provider(name).batch_api.cancel_s, speedup, say, name)
+    if outs is None:
+        got.lost_batches += 1
+        return
+    for ckey, o in outs.items():
+        cj = handle.jobs.get(ckey)
+        if cj is None or not o.ok or (wanted is not None and cj.req.id not in wanted) or cj.req.id in got.results:
+            continue
+        got.results[cj.req.id] = ok_result(cj.req, at=0.0, cost=o.cost, mode="batch_api", batch_id=b.bid,
+                                           recommendation=b.recommendation,
+                                           reason="answered by a provider batch of an earlier run", out=o)
+
+
+async def _quietly(aw):
+    try:
+        return await aw
+    except Exception:
+        return None
+
+
+async def _ended(p, handle, allowance: float, speedup: float, say, name: str):
+    """Cancel ``handle``'s batch and wait for it to end; its members' outcomes, or None when given up on."""
+    give_up = time.monotonic() + GIVE_UP_FACTOR * allowance / speedup + 30.0
+    try:
+        st = await p.poll(handle)
+        if st.status == "running":
+            try:
+                st = await p.cancel(handle) or await p.poll(handle)
+            except Exception:  # it ended meanwhile ("cannot cancel a completed batch"), or a blip: the polls tell
+                st = await p.poll(handle)
+        fails = 0
+        while st.status != "ended":
+            if time.monotonic() > give_up:
+                say(f"provider batch {handle.id} ({name}) of the earlier run has not ended {allowance:.0f} s after "
+                    "its cancel: its lines are sent again, and what it still finishes is billed twice")
+                return None
+            await asyncio.sleep(min(max(st.next_poll_s, 1.0) / speedup, 30.0))
+            try:
+                st, fails = await p.poll(handle), 0
+            except Exception:
+                fails += 1
+                if fails >= POLL_TRIES:
+                    raise
+        return await p.fetch(handle)
+    except Exception as exc:
+        say(f"provider batch {handle.id} ({name}) of the earlier run could not be read ({type(exc).__name__}: "
+            f"{str(exc)[:200]}): its lines are sent again")
+        return None
+
+
+def charges(results: dict[str, Result], out: Path) -> list:
+    """The rescued answers as charges for this run's budgets (billed, never counted by the run that was cut off)."""
+    from engine.core.budgets import Charge
+
+    return [Charge(f"rescue:{out}:{r.tenant}:{r.id}", r.tenant, r.provider, r.model, r.cost_usd)
+            for r in results.values()]
+
+
+
+def prepare(out: Path, settings, cat, requests: list, *, resume: bool, overwrite: bool, address: str | None,
+            speedup: float, say: Callable[[str], None] | None = None) -> tuple[object, Rescued, list]:
+    """Before a ``batch`` run writing ``out`` sends anything: the settings that journal its provider work beside
+    ``out`` (real calls on this machine's Ray only: a cluster's dispatchers write to their own disks), what the
+    earlier runs cut off by a crash left under way, collected (``--resume``), cancelled unread (``--overwrite``)
+    or refused with the way on, and the requests still to send."""
+    from engine.app.cli_common import err_console
+    from engine.app.provider_setup import http_setup
+    from engine.core.errors import ConfigError
+
+    say = say or (lambda m: err_console.print(m, style="yellow"))
+    if address is not None or settings.providers.mode != "http":
+        return settings, Rescued(), requests
+    root = journal_dir(out.absolute())
+    batches, open_, calls = pending(root)
+    got = Rescued()
+    if batches or calls:
+        if not resume and not overwrite:
+            raise ConfigError(
+                f"--out {out}: an earlier run writing it did not finish (its journal {root} names {batches:,} "
+                f"provider batch(es), {open_:,} of them still under way, and {calls:,} sync call(s) under way); "
+                "pass --resume to collect what those batches answered (billed) and send only the rest, or "
+                "--overwrite to cancel them and send every line again (what they answered is paid again)")
+        plan, keys = http_setup(cat, settings)
+        say(f"an earlier run writing {out} did not finish: reading what its {batches:,} provider batch(es) "
+            f"answered" + (f", after cancelling the {open_:,} still under way (a cancel takes up to 10 minutes "
+                           "at OpenAI and Anthropic)" if open_ else ""))
+        got = rescue(root, settings, plan, keys, speedup=speedup,
+                     wanted=set() if overwrite else {r.id for r in requests}, say=say)
+        if got.cut_calls:
+            say(f"{got.cut_calls:,} sync call(s) were under way when it was cut off: they may have been billed, "
+                "and their lines are sent again")
+    sweep(root)
+    rest = [r for r in requests if r.id not in got.results]
+    if not rest or out.exists() and not out.is_file():  # nothing to send, or a stream (/dev/stdout, a pipe)
+        return settings, got, rest
+    try:
+        root.mkdir(exist_ok=True)
+    except OSError as exc:  # a read-only directory (OUT itself writable): the run goes on, unjournaled
+        say(f"no journal beside {out} ({exc.strerror or exc}): if this run is killed, what its provider batches "
+            "finish is paid again by the next run")
+        return settings, got, rest
+    return settings.model_copy(update={"journal": settings.journal.model_copy(update={"dir": root})}), got, rest
+
+
+def finish(settings, clean: bool) -> None:
+    """After a ``batch`` run: its journal goes if the run ended cleanly (every line has its final answer), else
+    only what names nothing under way (a run interrupted with batches still open leaves them to ``--resume``)."""
+    root = settings.journal.dir
+    if root is None:
+        return
+    if clean:
+        shutil.rmtree(root, ignore_errors=True)
+    else:
+        sweep(Path(root))

@@ -1,0 +1,84 @@
+"""`smartbatch batch` killed with SIGKILL while its provider batch runs, then run again with --resume: the lines
+that batch answered (billed) are read back from the provider, never sent and paid again."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from actors._file_journal import engine_dirs, read_spaces
+from engine.app._batch_rescue import journal_dir
+from engine.emulator import Emulator
+from tests.unit.test_http_providers import fixed_turnaround_catalog
+
+BIN = Path(sys.executable).parent / "smartbatch"
+SPEEDUP = 1000.0
+N = 30
+
+
+def _env():
+    return {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1", "OPENAI_API_KEY": "emulator-key",
+            "ANTHROPIC_API_KEY": "emulator-key"}
+
+
+def _until(probe, what: str, proc: subprocess.Popen | None = None, timeout_s: float = 180.0):
+    """Poll ``probe`` (files, the emulator's bill) until it is truthy; fail after ``timeout_s`` (a bound)."""
+    deadline = time.monotonic() + timeout_s
+    while not (got := probe()):
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the run ended before {what}: {proc.stdout.read()}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    return got
+
+
+def _journaled_batch(root: Path) -> bool:
+    return any(rec[4] is not None for d in engine_dirs(root) for s, recs in read_spaces(d).items()
+               if s == "batches:openai" for rec in recs.values())
+
+
+def test_a_resume_after_a_sigkill_reads_the_killed_runs_batch_instead_of_paying_again(tmp_path):
+    lines = [{"custom_id": f"r{k}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": "gpt-5", "max_completion_tokens": 1000,
+                       "messages": [{"role": "user", "content": f"Summarise report number {k}. " * 150}]}}
+             for k in range(N)]
+    src, out, rep = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "report.json"
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    root = journal_dir(out)
+    # Every batch takes 6,000 emulated s (6 s real): the kill comes while it runs.
+    with Emulator(fixed_turnaround_catalog(6000.0), speedup=SPEEDUP, seed=0, cancel_s=600.0) as emu:
+        args = [str(BIN), "batch", str(src), "--out", str(out), "--providers", "http",
+                "--base-url", f"openai={emu.base_url('openai')}", "--speedup", str(SPEEDUP)]
+        first = subprocess.Popen(args, env=_env(), start_new_session=True, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+        try:
+            _until(lambda: _journaled_batch(root), "its provider batch to be journaled", first)
+        finally:
+            if first.poll() is None:
+                os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+            first.stdout.close()
+        # The batch runs on at the provider, to its end: every line billed, its answer read by nobody.
+        _until(lambda: len(emu.bill().items) == N, "the killed run's batch to finish at the provider")
+        again = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=300)
+        assert again.returncode == 2 and "--resume" in again.stderr and "--overwrite" in again.stderr, again.stderr
+        assert len(emu.bill().items) == N  # refused before anything was sent
+        resumed = subprocess.run(args + ["--resume", "--report", str(rep)], env=_env(), capture_output=True,
+                                 text=True, timeout=300)
+        bill = emu.bill()
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    ids = [i.custom_id for i in bill.items]
+    assert len(ids) == N == len(set(ids))  # no line paid twice
+    answered = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted(a["custom_id"] for a in answered) == sorted(x["custom_id"] for x in lines)
+    assert all(a["error"] is None and a["response"]["status_code"] == 200 for a in answered)
+    doc = json.loads(rep.read_text())
+    assert doc["totals"]["cost_usd"] == pytest.approx(bill.total_usd, abs=1e-9)  # each answer counted
+    said = " ".join(resumed.stdout.split())
+    assert f"{N} line(s) answered by the provider batches of a run cut off earlier" in said
+    assert not root.exists()  # the journal goes with a run that finished

@@ -1,0 +1,99 @@
+"""A ``batch`` run cut off by a crash: what its journal beside the output file names is read back before a resume
+sends anything (``engine.app._batch_rescue``). The crash is the dispatcher's tasks cancelled and its journal's
+lock dropped, as a killed process's is; its provider batch runs on at the emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from actors._file_journal import ARCHIVE, engine_dirs, read_spaces
+from engine.app._batch_rescue import journal_dir, prepare, rescue
+from engine.core.errors import ConfigError
+from engine.core.provider_api import Secret
+
+from .test_http_providers import KEY, SPEED, Rig, batch_key, emu, jobs_of  # noqa: F401  (emu: the fixture)
+
+FAR = 1e9  # a hedge that never comes: the batch runs until it ends or is cancelled
+
+
+def _crash(rig: Rig) -> None:
+    for t in list(rig.d._tasks) + list(rig.d._journal_retries) + list(rig.d._sync_journal.retries):
+        t.cancel()
+    os.close(rig.d.journal._lock)  # the process is gone, and the kernel drops its lock
+
+
+def _billed(emu) -> dict[str, float]:  # noqa: F811
+    items = [i for i in emu.bill().items if i.custom_id is not None]
+    ids = [i.custom_id for i in items]
+    assert len(ids) == len(set(ids)), f"a member was billed twice: {ids}"
+    return {i.custom_id: i.cost_usd for i in items}
+
+
+def _records(root) -> dict[str, dict]:
+    return {s: r for d in engine_dirs(root) for s, r in read_spaces(d).items()}
+
+
+def test_a_batch_under_way_at_the_crash_is_cancelled_and_its_finished_members_answered(emu, tmp_path):  # noqa: F811
+    out = tmp_path / "out.jsonl"
+    root = journal_dir(out)
+    jobs = jobs_of("openai", claims=True)
+
+    async def go():
+        rig = Rig(emu, "openai", journal={"dir": str(root)})
+        try:
+            await rig.reserve(jobs)
+            await rig.run("batch_api", jobs, hedge_at=FAR)
+            await rig.until(lambda: _billed(emu), "a first member to finish at the provider")
+            assert any(rec[4] is not None for rec in _records(root)["batches:openai"].values())  # its id journaled
+            _crash(rig)
+        finally:
+            await rig.close()
+        return rig
+
+    rig = asyncio.run(go())
+    with pytest.raises(ConfigError, match="--resume.*--overwrite"):  # a rerun that would pay again is refused
+        prepare(out, rig.settings, rig.catalog, [j.req for j in jobs], resume=False, overwrite=False, address=None,
+                speedup=SPEED)
+    got = rescue(root, rig.settings, rig.catalog, {"openai": Secret(KEY)}, speedup=SPEED, say=lambda m: None)
+    billed = _billed(emu)
+    assert got.batches == 1 and got.lost_batches == 0 and got.results
+    by_key = {batch_key(j): j.req.id for j in jobs}
+    assert {by_key[k] for k in billed} == set(got.results)  # every member billed is answered, and none other
+    for r in got.results.values():
+        assert r.status == "ok" and r.mode == "batch_api" and r.real and r.output and r.deadline_met
+    assert sum(r.cost_usd for r in got.results.values()) == pytest.approx(sum(billed.values()), abs=1e-12)
+    cancels = emu.count("batches.cancel")
+    assert cancels <= 1 and (cancels == 1 or len(billed) == len(jobs))  # cancelled once, unless it had ended
+    assert not root.exists()  # read once: a later run finds nothing to collect
+
+
+def test_a_batch_that_ended_before_the_crash_is_read_from_its_archived_record(emu, tmp_path):  # noqa: F811
+    """The batch ended and its results reached the result hub, which cleared its record, and then the driver
+    died before the answers reached the output file: the archived record still names it."""
+    root = tmp_path / "j"
+    jobs = jobs_of("openai", claims=True)
+
+    async def go():
+        rig = Rig(emu, "openai", journal={"dir": str(root)})
+        try:
+            await rig.reserve(jobs)
+            await rig.run("batch_api", jobs, hedge_at=FAR)
+            await rig.resolved(jobs)
+            await rig.until(lambda: _records(root).get(ARCHIVE + "batches:openai"), "the record to be archived")
+            assert _records(root)["batches:openai"] == {}
+            _crash(rig)
+        finally:
+            await rig.close()
+        return rig
+
+    rig = asyncio.run(go())
+    cancels = emu.count("batches.cancel")
+    wanted = {jobs[0].req.id, jobs[2].req.id}  # the others are in the output file already
+    got = rescue(root, rig.settings, rig.catalog, {"openai": Secret(KEY)}, speedup=SPEED, wanted=wanted,
+                 say=lambda m: None)
+    assert set(got.results) == wanted and got.lost_batches == 0
+    assert emu.count("batches.cancel") == cancels  # an ended batch is read, not cancelled
+    assert len(_billed(emu)) == len(jobs)  # nothing sent, nothing billed again

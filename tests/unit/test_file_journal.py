@@ -1,0 +1,94 @@
+"""The journal in files (``journal.dir``): what a dispatcher writes outlives its process, a torn last write loses
+only itself, provider batches are archived rather than dropped, and a reader waits for the writers to be gone."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+
+from actors._file_journal import ARCHIVE, FileJournal, engine_dirs, locked_out, read_spaces
+from actors.journal import make_journal
+from engine.core.settings import Settings
+
+
+def test_records_outlive_the_writer_and_deletes_stick(tmp_path):
+    async def go():
+        j = FileJournal(tmp_path, "eng@run1")
+        await j.put_many("sync:openai", {"a": (1, [2]), "b": "x"})
+        await j.put("sync:openai", "c", {"k": 3})
+        await j.delete("sync:openai", ["b", "missing"])
+        again = FileJournal(tmp_path, "eng@run1")  # a restarted process: nothing but the files
+        assert await again.items("sync:openai") == {"a": (1, [2]), "c": {"k": 3}}
+        assert await again.items("never:written") == {}
+    asyncio.run(go())
+    assert [p.name for p in engine_dirs(tmp_path)] == ["eng@run1"]
+
+
+def test_a_torn_last_write_loses_only_itself(tmp_path):
+    async def go():
+        j = FileJournal(tmp_path, "e")
+        await j.put("batches:openai", "k1", "first")
+        await j.put("batches:openai", "k2", "second")
+    asyncio.run(go())
+    (log,) = (tmp_path / "e").glob("*.log")
+    data = log.read_bytes()
+    log.write_bytes(data[:-3])  # killed in the middle of its last write
+    assert read_spaces(tmp_path / "e") == {"batches:openai": {"k1": "first"}}
+
+
+def test_a_provider_batchs_record_is_archived_when_deleted_and_others_are_dropped(tmp_path):
+    async def go():
+        j = FileJournal(tmp_path, "e")
+        await j.put("batches:openai", "b1", ("batch", 1))
+        await j.put("sync:openai", "s1", "call")
+        await j.delete("batches:openai", ["b1"])
+        await j.delete("sync:openai", ["s1"])
+        assert await j.items("batches:openai") == {}
+    asyncio.run(go())
+    spaces = read_spaces(tmp_path / "e")
+    assert spaces[ARCHIVE + "batches:openai"] == {"b1": ("batch", 1)}
+    assert spaces["sync:openai"] == {} and ARCHIVE + "sync:openai" not in spaces
+
+
+def test_a_log_of_mostly_dead_records_is_rewritten_with_the_live_ones(tmp_path):
+    async def go():
+        j = FileJournal(tmp_path, "e")
+        for i in range(300):
+            await j.put("sync:x", f"k{i}", i)
+            if i % 10:
+                await j.delete("sync:x", [f"k{i}"])
+        return await j.items("sync:x")
+    live = asyncio.run(go())
+    assert live == {f"k{i}": i for i in range(0, 300, 10)}
+    assert read_spaces(tmp_path / "e")["sync:x"] == live
+    (log,) = (tmp_path / "e").glob("*.log")
+    assert log.stat().st_size < 300 * 40  # not every frame of 570 writes
+
+
+def test_a_reader_is_locked_out_while_a_writer_lives(tmp_path):
+    j = FileJournal(tmp_path, "e")
+    asyncio.run(j.put("batches:openai", "b", 1))
+    assert locked_out(tmp_path / "e", 0.2) is None  # the writer (this journal's open lock) still holds it
+    os.close(j._lock)  # the writer's process ends: the kernel drops its lock
+    fd = locked_out(tmp_path / "e", 0.2)
+    assert fd is not None
+    os.close(fd)
+
+
+def test_a_value_that_cannot_be_pickled_fails_the_write_and_leaves_the_record_as_it_was(tmp_path):
+    async def go():
+        j = FileJournal(tmp_path, "e")
+        await j.put("s", "k", "kept")
+        with pytest.raises(Exception):
+            await j.put("s", "k", lambda: None)
+        assert await j.items("s") == {"k": "kept"}
+    asyncio.run(go())
+
+
+def test_journal_dir_takes_the_dispatchers_journal(tmp_path):
+    s = Settings(journal={"dir": str(tmp_path)})
+    j = make_journal(s, "eng@r", hub=None)
+    assert isinstance(j, FileJournal) and j.dir == tmp_path / "eng@r"
+    assert j.durable
