@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import secrets
 import time
 
@@ -96,6 +97,7 @@ class BudgetController(LedgerJournal, Warm):
                                             reservation_ttl_s=settings.reservation_ttl_s)
         else:
             self.book = BudgetBook(list(settings.specs), settings.throttle)
+        self.book.origin = self.base
         self.refusals = {"wait": 0, "deferred": 0, "budget_exhausted": 0, "budget_unavailable": 0}
         self._reported: asyncio.Task | None = None
         self._dirty = False
@@ -181,6 +183,7 @@ class BudgetController(LedgerJournal, Warm):
 
     async def set_clock(self, clock, base: float = 0.0) -> None:
         self.clock, self.base = clock, base
+        self.book.origin = base  # a horizon is paced from the engine's start, on the ledger's clock
 
     def now(self) -> float:
         return (self.clock.now() if self.clock is not None else 0.0) + self.base
@@ -219,7 +222,7 @@ class BudgetController(LedgerJournal, Warm):
         calls to an async actor, so a release sent apart from its settlement could let a reservation through
         that the limit cannot cover."""
         await self._restored_first()
-        await self._settle(items)
+        await self._settle([(rid, _spend(rid, usd)) for rid, usd in items])
         self._changed()
         await self._durable()
 
@@ -269,6 +272,7 @@ class BudgetController(LedgerJournal, Warm):
         (a charge is counted once per id, so a replay of one Redis did take changes nothing)."""
         now = self.now()  # its windows are those open now, however late Redis takes it
         await self._restored_first()
+        charges = [c._replace(usd=_spend(c.cid, c.usd)) for c in charges]
         self._charges.extend((c, now) for c in charges)
         self._charged.update((c.cid, c.usd) for c in charges)
         await self._charge()
@@ -359,3 +363,13 @@ class BudgetController(LedgerJournal, Warm):
         else:
             out["spent_usd"] = round(sum(r["spent_usd"] for r in out["spend"]), 6)
         return out
+
+
+def _spend(what: str, usd: float) -> float:
+    """Spend as the ledgers may count it: finite and not below 0. One NaN settlement made the Redis ledger's
+    script fail, kept the outbox at its head and every later call failing, the ledger down for good; a negative
+    one gave spend back (a helper's hunt). Counted at 0, said loudly: no bound is known here."""
+    if math.isfinite(usd) and usd >= 0:
+        return usd
+    log.error("budget ledger: %s came with spend %r USD, counted as 0 (a provider's answer or a bug)", what, usd)
+    return 0.0

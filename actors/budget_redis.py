@@ -37,6 +37,9 @@ __all__ = ["RedisBudgetBook"]
 
 _SEP = "\x1f"  # joins tenant, provider and model in the spend hash; escaped inside a name (see _who)
 SWEEP_MAX = 1000  # expired claims released per script, so one script never runs long
+# Past a claim's expiry, how long the book keeps who spent it (a settlement it sends again) and Redis the marker
+# that such a replay was counted already: a day.
+MARKER_SLACK_S = 86400
 
 # Run first by every script: release the reservations of claims past their expiry.
 _SWEEP = """
@@ -116,7 +119,8 @@ _SETTLE = _SWEEP + """
 local prefix = ARGV[1]
 local n = tonumber(ARGV[2])
 sweep(prefix, tonumber(ARGV[3]))
-local i = 4
+local marked = tonumber(ARGV[4])
+local i = 5
 local lost = 0
 for c = 1, n do
   local rid, actual, who, nk = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2], tonumber(ARGV[i + 3])
@@ -147,7 +151,9 @@ for c = 1, n do
       end
     end
   end
-  if who ~= '' then redis.call('SET', done, '1', 'EX', 3600) end  -- an hour for a replay to find it settled
+  -- As long as the controller may send it again (it keeps who spent it that long): an hour's marker let a
+  -- replay after a longer outage, whose first try Redis had run, count the spend twice (a helper's hunt).
+  if who ~= '' then redis.call('SET', done, '1', 'EX', marked) end
   redis.call('DEL', claim)
   redis.call('ZREM', prefix .. ':exp', rid)
   i = i + 4 + 2 * nk
@@ -217,6 +223,7 @@ class RedisBudgetBook:
         self.specs = list(specs)
         self.covering = Covering(self.specs)
         self.throttle = throttle
+        self.origin = 0.0  # where a horizon's pacing starts on this book's clock (``BudgetSpec.span``)
         self.prefix = prefix
         self.reservation_ttl_s = reservation_ttl_s
         self._reserve = client.register_script(_RESERVE)
@@ -244,7 +251,7 @@ class RedisBudgetBook:
             args += [c.rid, repr(float(c.amount)), len(touched)]
             th = self.throttle
             for s in touched:
-                allowed = s.max_budget * th.of(c.priority) * th.pace_of(s, c.priority, now)
+                allowed = s.max_budget * th.of(c.priority) * th.pace_of(s, c.priority, now, self.origin)
                 args += [s.key(now), repr(float(s.max_budget)), repr(float(allowed)), _ttl(s, now)]
             args.append(_who(c.tenant, c.provider, c.model))
         raw = await self._reserve(args=args)
@@ -260,7 +267,8 @@ class RedisBudgetBook:
                 s = touched[int(j) - 1]
                 used = s.max_budget - float(rem)
                 refusals.append(Refusal(s, float(rem), fits == "1",
-                                        self.throttle.paced_until(s, c.priority, now, used + c.amount)))
+                                        self.throttle.paced_until(s, c.priority, now, used + c.amount,
+                                                                self.origin)))
             out.append(verdict_of(refusals, c.priority, now))
         return out
 
@@ -270,7 +278,7 @@ class RedisBudgetBook:
         is counted only through its record)."""
         if not items:
             return 0
-        args: list = [self.prefix, len(items), SWEEP_MAX]
+        args: list = [self.prefix, len(items), SWEEP_MAX, int(self.reservation_ttl_s + MARKER_SLACK_S)]
         for rid, actual in items:
             # Kept until Redis took it: the controller sends a settlement again after a failed call (the first
             # after a restart meets the connection it cut), and the marker the script leaves makes it count once.
@@ -286,7 +294,7 @@ class RedisBudgetBook:
     def _forget_old(self) -> None:
         """A claim never settled (its grouper gone) is released by the sweep; what this book kept of it goes a day
         after its expiry, so the map stays bounded by the claims of that span."""
-        cutoff = time.monotonic() - self.reservation_ttl_s - 86400
+        cutoff = time.monotonic() - self.reservation_ttl_s - MARKER_SLACK_S
         while self._open:
             rid, (at, _, _) = next(iter(self._open.items()))
             if at >= cutoff:

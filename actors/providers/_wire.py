@@ -18,7 +18,7 @@ from collections.abc import Iterable
 
 from engine.core.request import Request, split_body
 
-__all__ = ["message_parts", "redact", "retry_after"]
+__all__ = ["message_parts", "redact", "retry_after", "tokens"]
 
 _KEYLIKE = re.compile(r"(sk-(?:proj-|ant-)?[A-Za-z0-9_\-]{6,})")
 _WORDS = ("alpha", "bravo", "cobalt", "delta", "ember", "fjord", "garnet", "harbor", "indigo", "juniper",
@@ -96,3 +96,10 @@ def message_parts(req: Request, block_tokens: int, chars_per_token: float,
 
 def tokens_of(text: str, chars_per_token: float) -> int:
     return math.ceil(len(text) / chars_per_token)
+
+
+def tokens(value) -> int:
+    """A token count from a provider's usage: never below 0. A negative one was priced as a negative cost, and
+    the ledgers took it as spend given back, letting a hard limit be overrun (a helper's hunt)."""
+    n = int(value or 0)
+    return n if n > 0 else 0

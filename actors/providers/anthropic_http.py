@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from actors.providers._http import BatchHandle, HttpBase, PollBackoff, Unreadable, create_call, jsonl_records
-from actors.providers._wire import message_parts
+from actors.providers._wire import message_parts, tokens
 from engine.core._api_fields import MAX_CACHE_MARKS
 from engine.core._checks import cache_blocks
 from engine.core.cost import min_cacheable_tokens, shared_prefix_marks
@@ -35,9 +35,9 @@ FIND_ENDED = 3  # ended look-alikes whose results are read to tell which one hol
 
 def _usage(u: Mapping | None) -> Usage:
     u = u or {}
-    read = int(u.get("cache_read_input_tokens") or 0)
-    write = int(u.get("cache_creation_input_tokens") or 0)
-    return Usage(int(u.get("input_tokens") or 0) + read + write, int(u.get("output_tokens") or 0), read, write)
+    read = tokens(u.get("cache_read_input_tokens"))
+    write = tokens(u.get("cache_creation_input_tokens"))
+    return Usage(tokens(u.get("input_tokens")) + read + write, tokens(u.get("output_tokens")), read, write)
 
 
 # Anthropic's stop_reason in OpenAI chat's words (``Result.finish``): a cut answer must read as cut.

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from actors.providers._http import BatchHandle, HttpBase, PollBackoff, Unreadable, create_call, jsonl_records
-from actors.providers._wire import message_parts
+from actors.providers._wire import message_parts, tokens
 from engine.core.errors import ProviderError
 from engine.core.provider_api import BatchState, CallJob, CallOutcome, Usage, idempotency_key
 from engine.core.responses_input import as_messages
@@ -29,14 +29,13 @@ FIND_SCAN = 1_000  # most recent batches looked through for it
 def _usage_chat(u: Mapping | None) -> Usage:
     u = u or {}
     det = u.get("prompt_tokens_details") or {}
-    return Usage(int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0),
-                 int(det.get("cached_tokens") or 0))
+    return Usage(tokens(u.get("prompt_tokens")), tokens(u.get("completion_tokens")), tokens(det.get("cached_tokens")))
 
 
 def _usage_responses(u: Mapping | None) -> Usage:
     u = u or {}
     det = u.get("input_tokens_details") or {}
-    return Usage(int(u.get("input_tokens") or 0), int(u.get("output_tokens") or 0), int(det.get("cached_tokens") or 0))
+    return Usage(tokens(u.get("input_tokens")), tokens(u.get("output_tokens")), tokens(det.get("cached_tokens")))
 
 
 # Responses output items the caller runs (the provider's own tools, e.g. web search, are results, not calls).

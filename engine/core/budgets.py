@@ -100,8 +100,9 @@ class BudgetSpec(BaseModel):
     max_budget: float = Field(ge=0, description="hard limit in USD per window")
     soft_budget: float | None = Field(default=None, ge=0, description="alert above this spend, USD")
     budget_duration: str | None = Field(default=None, description="30s, 1h, 1d, 30d, 1mo; None: never resets")
-    horizon_s: float | None = Field(default=None, gt=0, description="a budget that never resets is paced over "
-                                    "this many seconds from time 0 (e.g. a job's planned length); None: not paced")
+    horizon_s: float | None = Field(default=None, gt=0, allow_inf_nan=False,
+                                    description="a budget that never resets is paced over this many seconds from "
+                                    "the engine's start (e.g. a job's planned length); None: not paced")
 
     @model_validator(mode="after")
     def _check(self) -> BudgetSpec:
@@ -122,11 +123,13 @@ class BudgetSpec(BaseModel):
         """The name of this spec's window at ``t`` (a ledger key)."""
         return f"{self.name}@{window_bounds(self.budget_duration, t)[0]:.0f}"
 
-    def span(self, t: float) -> tuple[float, float] | None:
-        """The stretch of time over which spend is paced at ``t``: the window, or [0, horizon_s)."""
+    def span(self, t: float, origin: float = 0.0) -> tuple[float, float] | None:
+        """The stretch of time over which spend is paced at ``t``: the window, or [origin, origin + horizon_s),
+        ``origin`` being the engine's start on the ledger's clock (a live engine at real speed budgets on the
+        calendar: from time 0, its horizon had passed decades ago and nothing was paced; a helper's hunt)."""
         if self.budget_duration is not None:
             return window_bounds(self.budget_duration, t)
-        return (0.0, self.horizon_s) if self.horizon_s is not None else None
+        return (origin, origin + self.horizon_s) if self.horizon_s is not None else None
 
 
 class Throttle(BaseModel):
@@ -157,17 +160,18 @@ class Throttle(BaseModel):
     def of(self, priority: str) -> float:
         return getattr(self, priority)
 
-    def pace_of(self, spec: BudgetSpec, priority: str, t: float) -> float:
+    def pace_of(self, spec: BudgetSpec, priority: str, t: float, origin: float = 0.0) -> float:
         """The share of its fraction that ``priority`` may use at ``t`` (1: all of it)."""
-        span = spec.span(t) if self.pace and priority != "urgent" else None
+        span = spec.span(t, origin) if self.pace and priority != "urgent" else None
         if span is None:
             return 1.0
         start, end = span
         return min(1.0, max(t - start, 0.0) / (end - start) + self.pace_slack)
 
-    def paced_until(self, spec: BudgetSpec, priority: str, t: float, need: float) -> float | None:
+    def paced_until(self, spec: BudgetSpec, priority: str, t: float, need: float,
+                    origin: float = 0.0) -> float | None:
         """When the paced allowance of ``priority`` reaches ``need`` USD, if pacing is what holds it back."""
-        span = spec.span(t) if self.pace and priority != "urgent" else None
+        span = spec.span(t, origin) if self.pace and priority != "urgent" else None
         full = spec.max_budget * self.of(priority)
         if span is None or need > full + EPS or full <= 0:
             return None
@@ -289,14 +293,18 @@ class BudgetSettings(BaseModel):
     redis_url: str | None = Field(default=None, description="share the budgets with other engines through "
                                                           "this Redis (None: this engine alone)")
     redis_prefix: str = Field(default="smartbatch:budget", min_length=1)
+    # Finite, and bounded: an infinite timeout blocked every claim while Redis was paused, an infinite retry
+    # pause kept the ledger down for good after one blip (a helper's hunt).
     redis_timeout_s: float = Field(
-        default=2.0, gt=0, description="connect and read timeout of each call to the ledger's Redis: a call that "
-                                       "takes longer counts as Redis unavailable, so a paused Redis never blocks")
+        default=2.0, gt=0, le=60, allow_inf_nan=False,
+        description="connect and read timeout of each call to the ledger's Redis: a call that takes longer counts "
+                    "as Redis unavailable, so a paused Redis never blocks")
     redis_retry_s: float = Field(
-        default=1.0, gt=0, description="after a failed call, claims are answered budget_unavailable at once for "
-                                       "this long (real seconds), then Redis is tried again")
+        default=1.0, gt=0, le=3600, allow_inf_nan=False,
+        description="after a failed call, claims are answered budget_unavailable at once for this long (real "
+                    "seconds), then Redis is tried again")
     reservation_ttl_s: float = Field(
-        default=172_800.0, gt=0,
+        default=172_800.0, gt=0, allow_inf_nan=False,
         description="a reservation in the Redis ledger still unsettled after this long (real seconds) is released, "
                     "so an engine that crashed holding it cannot keep it for good; keep it above the longest "
                     "dispatch (a batch API's window is 24 h). A settlement that comes later still counts its spend")

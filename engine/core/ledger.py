@@ -35,6 +35,7 @@ class BudgetBook:
     def __init__(self, specs: list[BudgetSpec], throttle: Throttle = Throttle()):
         self.specs = list(specs)
         self.throttle = throttle
+        self.origin = 0.0  # where a horizon's pacing starts on this book's clock (``BudgetSpec.span``)
         self.spent: dict[str, float] = {}
         self.reserved: dict[str, float] = {}
         self.claims: dict[str, tuple[tuple[str, str, str], list[tuple[str, float]]]] = {}  # rid -> (who, windows)
@@ -68,10 +69,10 @@ class BudgetBook:
         for s, k in touched:
             spent = self.spent.get(k, 0.0)
             used = spent + self.reserved.get(k, 0.0)
-            limit = s.max_budget * frac * th.pace_of(s, c.priority, now)
+            limit = s.max_budget * frac * th.pace_of(s, c.priority, now, self.origin)
             if used + c.amount > limit + EPS:
                 refusals.append(Refusal(s, s.max_budget - used, spent + c.amount <= limit + EPS,
-                                        th.paced_until(s, c.priority, now, used + c.amount)))
+                                        th.paced_until(s, c.priority, now, used + c.amount, self.origin)))
         return touched, verdict_of(refusals, c.priority, now)
 
     def _at(self, now: float) -> float:
