@@ -353,7 +353,8 @@ class BudgetController(LedgerJournal, Warm):
             down = self._down_until is not None
             out["ledger"] = {"redis_url": self._url, "up": not down, "error": self._last_error if down else None,
                              "unsettled": len(self._outbox) + self._settling + len(self._charges),
-                             "lost_records": self.lost_records}
+                             "lost_records": self.lost_records,
+                             "replayed_after_restart": getattr(self.book, "replayed", 0)}
         if isinstance(self.book, BudgetBook):
             out["ledger_id"] = self.ledger_id
             out["windows"] = self.book.windows()

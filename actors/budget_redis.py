@@ -21,6 +21,7 @@ import math
 import re
 import time
 
+from actors._budget_replay import ServerWatch
 from engine.core.budgets import (
     BudgetSpec,
     Charge,
@@ -212,7 +213,7 @@ def _names(field: str) -> list[str]:
     return [re.sub("%(25|1F)", lambda m: "%" if m.group(1) == "25" else _SEP, x) for x in field.split(_SEP)]
 
 
-class RedisBudgetBook:
+class RedisBudgetBook(ServerWatch):
     """``BudgetBook``'s interface (async), state in Redis. ``client``: a ``redis.asyncio.Redis``."""
 
     def __init__(self, client, specs: list[BudgetSpec], throttle: Throttle = Throttle(), *,
@@ -234,6 +235,7 @@ class RedisBudgetBook:
         # The claims this book granted and has not settled: whose spend each is and the windows it holds, sent
         # with its settlement (until Redis takes it) so that spend counts if Redis lost the claim's record. Oldest first.
         self._open: dict[str, tuple[float, str, list[tuple[str, int]]]] = {}
+        ServerWatch.__init__(self)
 
     def __repr__(self) -> str:
         return f"RedisBudgetBook(specs={len(self.specs)}, prefix={self.prefix!r})"
@@ -241,6 +243,7 @@ class RedisBudgetBook:
     async def reserve_many(self, claims: list[Claim], now: float) -> list[Verdict]:
         if not claims:
             return []
+        await self._same_server()
         args: list = [self.prefix, repr(float(self.reservation_ttl_s)), len(claims), SWEEP_MAX]
         touched_all = []
         for c in claims:
@@ -278,6 +281,10 @@ class RedisBudgetBook:
         is counted only through its record)."""
         if not items:
             return 0
+        await self._same_server()
+        return await self._settle_items(items)
+
+    async def _settle_items(self, items: list[tuple[str, float]]) -> int:
         args: list = [self.prefix, len(items), SWEEP_MAX, int(self.reservation_ttl_s + MARKER_SLACK_S)]
         for rid, actual in items:
             # Kept until Redis took it: the controller sends a settlement again after a failed call (the first
@@ -287,8 +294,11 @@ class RedisBudgetBook:
             for key, ttl in windows:
                 args += [key, ttl]
         lost = int(await self._settle(args=args))
-        for rid, _ in items:
-            self._open.pop(rid, None)
+        t = time.monotonic()
+        for rid, actual in items:
+            _, who, windows = self._open.pop(rid, (0.0, "", []))
+            if who:  # a claim this book granted: sent again should Redis forget it
+                self._kept(self._settled, rid, (t, actual, who, windows))
         return lost
 
     def _forget_old(self) -> None:
@@ -304,6 +314,10 @@ class RedisBudgetBook:
     async def charge_many(self, charges: list[Charge], now: float) -> None:
         if not charges:
             return
+        await self._same_server()
+        await self._charge_items(charges, now)
+
+    async def _charge_items(self, charges: list[Charge], now: float) -> None:
         args: list = [self.prefix, len(charges)]
         for c in charges:
             touched = self.covering(c.tenant, c.provider, c.model)
@@ -311,6 +325,9 @@ class RedisBudgetBook:
             for s in touched:
                 args += [s.key(now), _ttl(s, now)]
         await self._charge(args=args)
+        t = time.monotonic()
+        for c in charges:
+            self._kept(self._charged, c.cid, (t, c, now))
 
     async def sweep(self) -> int:
         """Release the reservations of expired claims now (every reservation or settlement does it too);
@@ -321,6 +338,7 @@ class RedisBudgetBook:
         """Raise unless the ledger's Redis answers, runs its scripts and takes their writes."""
         await self._probe(args=[self.prefix])
         await self.sweep()
+        await self._same_server()
 
     async def eviction(self) -> str | None:
         """How this Redis may drop the ledger's keys (a memory limit under any policy but ``noeviction``; a

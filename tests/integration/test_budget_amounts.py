@@ -107,3 +107,38 @@ def test_a_providers_negative_token_counts_are_read_as_zero():
     assert _usage_responses({"input_tokens": -5, "output_tokens": 7}).input_tokens == 0
     u = anthropic_usage({"input_tokens": 3, "output_tokens": -1, "cache_read_input_tokens": -9})
     assert (u.input_tokens, u.output_tokens, u.cache_read) == (3, 0, 0)
+
+
+def test_a_redis_that_crashes_back_to_its_last_snapshot_gets_the_settlements_since_again(own_redis):
+    """Claims settled after Redis's last snapshot came back as open reservations, their spend gone, when it
+    crashed and restarted from that snapshot: the budget was held for two days, unseen (the client re-made its
+    connection without an error). The book sees another Redis process answer and sends them again."""
+    b = _redis_budgets(own_redis.url)
+
+    async def go():
+        ctl = BudgetController(b, None, ManualClock(100.0))
+        await ctl.check_ledger()
+        try:
+            assert all(v.ok for v in await ctl.reserve_many(_claims(*(f"a{k}" for k in range(5)), usd=2.0)))
+            own_redis.client().save()  # Redis's periodic snapshot happens to run now
+            await ctl.settle_many([(f"a{k}", 1.5) for k in range(5)])
+            await ctl.charge_many([Charge("late", "acme", "openai", "gpt-5-mini", 0.5)])
+            own_redis.proc.kill()  # a crash: no save on the way out
+            own_redis.proc.wait(10)
+            own_redis.proc.stdout.close()
+            own_redis.start()  # back from the snapshot: the five claims open, $10 reserved, nothing spent
+            ctl.book._server_read = -math.inf  # (a second passed: the book looks at which Redis answers)
+            for k in range(20):  # the pooled connection the crash cut may fail one call: its retry pause, then on
+                (v,) = await ctl.reserve_many(_claims(f"n{k}", usd=1.0))
+                if v.reason != "budget_unavailable":
+                    break
+                await asyncio.sleep(b.redis_retry_s)
+            rep = await ctl.report()
+        finally:
+            await ctl.close()
+        return v, rep
+    v, rep = asyncio.run(go())
+    assert v.ok, v  # before: "wait" for two days, the five settled claims holding $10
+    (row,) = rep["budgets"]
+    assert row["spent_usd"] == pytest.approx(8.0) and row["reserved_usd"] == pytest.approx(1.0)
+    assert rep["ledger"]["replayed_after_restart"] == 6
