@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from engine.core.provider_api import CallJob, call_key
 from engine.core.result import Result
 from engine.runtime.outcomes import ok_result
 
-__all__ = ["Rescued", "charges", "finish", "journal_dir", "pending", "prepare", "rescue", "sweep"]
+__all__ = ["Rescued", "charges", "finish", "journal_dir", "pending", "prepare", "rescue", "sweep", "watch_answers"]
 
 # Past the provider's own cancel allowance, this many times over, a batch that has not ended is given up on: its
 # unfinished members are sent again (and paid twice if it still finishes them), with a warning.
@@ -48,10 +49,51 @@ class Rescued:
     batches: int = 0  # provider batches of the earlier run read back
     lost_batches: int = 0  # those given up on (not ended in time, unreadable, or a cut create not found)
     cut_calls: int = 0  # sync calls under way when the earlier run was cut off (maybe billed, sent again)
+    answered: int = 0  # of ``results``, those the earlier run's driver had received (the rest: from batches)
 
 
 def _spaces_of(run: Path) -> dict[str, dict]:
     return {s: recs for s, recs in read_spaces(run).items() if s.startswith(("batches:", "sync:", ARCHIVE))}
+
+
+ANSWERS = "answers"  # the answers a run's driver received, one JSON Result a line: ``answers.<run>.jsonl``
+
+
+def watch_answers(settings, futs: list) -> list:
+    """``futs``, each of whose answers (succeeded or reused) is appended, as it reaches the driver, to a file in
+    the run's journal: a run killed before its end writes no output file, and the sync answers it had were paid
+    for again by the resume (provider batches' answers are read again at the provider)."""
+    root = settings.journal.dir
+    if root is None:
+        return futs
+    path = Path(root) / f"{ANSWERS}.{os.getpid()}-{time.time_ns()}.jsonl"
+    lock = threading.Lock()
+
+    def keep(fut) -> None:
+        try:
+            r = fut.result()
+        except BaseException:
+            return
+        if r.status in ("ok", "reused"):
+            line = r.model_dump_json() + "\n"
+            with lock, open(path, "a", encoding="utf-8") as f:  # a whole line at once: a kill cuts at most it
+                f.write(line)
+    for f in futs:
+        f.add_done_callback(keep)
+    return futs
+
+
+def _answers(root: Path) -> dict[str, Result]:
+    """The answers earlier runs' drivers received (a torn last line, from a kill mid-write, is skipped)."""
+    out: dict[str, Result] = {}
+    for p in sorted(root.glob(f"{ANSWERS}.*.jsonl")) if root.is_dir() else ():
+        for line in p.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                r = Result.model_validate_json(line)
+            except ValueError:
+                continue
+            out.setdefault(r.id, r)
+    return out
 
 
 def pending(root: Path) -> tuple[int, int, int]:
@@ -72,7 +114,7 @@ def sweep(root: Path) -> None:
     for run in engine_dirs(root):
         if not any(_spaces_of(run).values()):
             shutil.rmtree(run, ignore_errors=True)
-    try:
+    try:  # (not while it holds answers)
         root.rmdir()
     except OSError:
         pass
@@ -90,6 +132,8 @@ async def _rescue(root, settings, catalog, keys, speedup, wanted, say) -> Rescue
     from engine.core.errors import ConfigError
 
     got = Rescued()
+    got.results.update((i, r) for i, r in _answers(root).items() if wanted is None or i in wanted)
+    got.answered = len(got.results)
     providers: dict[str, object] = {}
     try:
         for run in engine_dirs(root):
@@ -119,6 +163,8 @@ async def _rescue(root, settings, catalog, keys, speedup, wanted, say) -> Rescue
     finally:
         for p in providers.values():
             await p.close()
+    for p in root.glob(f"{ANSWERS}.*.jsonl"):  # read: taken into this run's results
+        p.unlink(missing_ok=True)
     sweep(root)
     return got
 
@@ -218,18 +264,21 @@ def prepare(out: Path, settings, cat, requests: list, *, resume: bool, overwrite
         return settings, Rescued(), requests
     root = journal_dir(out.absolute())
     batches, open_, calls = pending(root)
+    answered = len(_answers(root))
     got = Rescued()
-    if batches or calls:
+    if batches or calls or answered:
         if not resume and not overwrite:
             raise ConfigError(
-                f"--out {out}: an earlier run writing it did not finish (its journal {root} names {batches:,} "
-                f"provider batch(es), {open_:,} of them still under way, and {calls:,} sync call(s) under way); "
+                f"--out {out}: an earlier run writing it did not finish (its journal {root} holds {answered:,} "
+                f"answer(s) it had received and names {batches:,} provider batch(es), {open_:,} of them still "
+                f"under way, and {calls:,} sync call(s) under way); "
                 "pass --resume to collect what those batches answered (billed) and send only the rest, or "
                 "--overwrite to cancel them and send every line again (what they answered is paid again)")
         plan, keys = http_setup(cat, settings)
-        say(f"an earlier run writing {out} did not finish: reading what its {batches:,} provider batch(es) "
-            f"answered" + (f", after cancelling the {open_:,} still under way (a cancel takes up to 10 minutes "
-                           "at OpenAI and Anthropic)" if open_ else ""))
+        say(f"an earlier run writing {out} did not finish: taking the {answered:,} answer(s) it had received and "
+            f"reading what its {batches:,} provider batch(es) answered" + (
+                f", after cancelling the {open_:,} still under way (a cancel takes up to 10 minutes at OpenAI and "
+                "Anthropic)" if open_ else ""))
         got = rescue(root, settings, plan, keys, speedup=speedup,
                      wanted=set() if overwrite else {r.id for r in requests}, say=say)
         if got.cut_calls:

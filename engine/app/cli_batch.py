@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 
 from engine.app._batch_kept import kept_charges
-from engine.app._batch_rescue import charges, finish, prepare
+from engine.app._batch_rescue import charges, finish, prepare, watch_answers
 from engine.app._ray_stop import (
     Terminated,
     exit_now,
@@ -148,7 +148,7 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
                                   f"{window} window (--speedup compresses time; --providers http makes real calls)",
                                   style="dim")
             try:
-                futs = eng.submit_many(sending)
+                futs = watch_answers(settings, eng.submit_many(sending))
                 try:
                     with terminate_as_interrupt():
                         _wait_showing_progress(futs, f"batch {input_file.name}")
@@ -189,8 +189,9 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
     console.print(f"wrote {n_out:,} output line(s) to {out}, {n_err:,} error line(s) to {errors}"
                   + (f", the report to {report_path}" if report_path is not None else "")
                   + (f"; {len(kept):,} line(s) kept from the earlier run, not sent again" if kept else "")
-                  + (f"; {len(rescued.results):,} line(s) answered by the provider batches of a run cut off "
-                     "earlier, not sent again" if rescued.results else ""))
+                  + (f"; {len(rescued.results):,} line(s) answered by a run cut off earlier ({rescued.answered:,} "
+                     "it had received, the rest read from its provider batches), not sent again"
+                     if rescued.results else ""))
     if interrupted:
         n_open = sum(r.error == _INTERRUPTED for r in results)
         n_cancelled = sum((r.error or "").startswith(CANCELLED) for r in results)
@@ -296,8 +297,7 @@ def _output_lock(out: Path):
 
 @contextlib.contextmanager
 def _signals_held():
-    """Ctrl-C and SIGTERM wait while the files are written (they hold what was paid for); yields the list of
-    those that came, for the caller to end the run as interrupted."""
+    """Ctrl-C and SIGTERM wait while the files are written (they hold what was paid for); yields those that came."""
     got: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield got

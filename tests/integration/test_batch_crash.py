@@ -80,5 +80,5 @@ def test_a_resume_after_a_sigkill_reads_the_killed_runs_batch_instead_of_paying_
     doc = json.loads(rep.read_text())
     assert doc["totals"]["cost_usd"] == pytest.approx(bill.total_usd, abs=1e-9)  # each answer counted
     said = " ".join(resumed.stdout.split())
-    assert f"{N} line(s) answered by the provider batches of a run cut off earlier" in said
+    assert f"{N} line(s) answered by a run cut off earlier" in said
     assert not root.exists()  # the journal goes with a run that finished

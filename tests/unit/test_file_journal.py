@@ -92,3 +92,30 @@ def test_journal_dir_takes_the_dispatchers_journal(tmp_path):
     j = make_journal(s, "eng@r", hub=None)
     assert isinstance(j, FileJournal) and j.dir == tmp_path / "eng@r"
     assert j.durable
+
+
+def test_the_answers_a_killed_run_had_received_are_taken_by_its_resume(tmp_path):
+    """A run killed before its end writes no output file: the answers its driver had (sync calls' among them,
+    which no provider keeps) are in its journal, one line each as they came, and a resume takes them."""
+    import concurrent.futures
+
+    from engine.app._batch_rescue import journal_dir, rescue, watch_answers
+    from engine.core.catalog import default_catalog
+    from engine.core.result import Result
+
+    root = journal_dir(tmp_path / "out.jsonl")
+    root.mkdir()
+    settings = Settings(journal={"dir": str(root)})
+    futs = [concurrent.futures.Future() for _ in range(4)]
+    assert watch_answers(settings, futs) is futs
+    futs[0].set_result(Result(id="a", status="ok", output="answer a", cost_usd=0.02, mode="sync", real=True))
+    futs[1].set_result(Result(id="b", status="failed", error="boom"))  # failed: sent again
+    futs[2].set_result(Result(id="c", status="reused", output="answer c", mode="reuse", hit="exact"))
+    # futs[3]: the kill came first
+    (log,) = root.glob("answers.*.jsonl")
+    with open(log, "a", encoding="utf-8") as f:
+        f.write('{"id": "d", "status": "o')  # the kill cut its last write
+    got = rescue(root, settings, default_catalog(), {}, wanted={"a", "b", "c", "d"}, say=lambda m: None)
+    assert set(got.results) == {"a", "c"} and got.answered == 2
+    assert got.results["a"].output == "answer a" and got.results["a"].cost_usd == 0.02
+    assert not root.exists()  # taken: a later run does not take them again
