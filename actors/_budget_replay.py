@@ -13,7 +13,7 @@ import math
 import time
 from collections import OrderedDict
 
-__all__ = ["REPLAY_KEEP_MAX", "REPLAY_KEEP_S", "SERVER_CHECK_S", "ServerWatch"]
+__all__ = ["REPLAY_KEEP_MAX", "REPLAY_KEEP_S", "SERVER_CHECK_S", "ScriptRefused", "ServerWatch"]
 
 log = logging.getLogger("smartbatch.budget")
 
@@ -23,6 +23,11 @@ log = logging.getLogger("smartbatch.budget")
 REPLAY_KEEP_S, REPLAY_KEEP_MAX = 7200.0, 200_000
 CHUNK = 1000  # settlements sent again per script, so one script never runs long
 SERVER_CHECK_S = 1.0  # real seconds between reads of which Redis process answers (``INFO server`` run_id)
+
+
+class ScriptRefused(Exception):
+    """The ledger's script refused what it was given (a value it cannot read, a key of another type under the
+    ledger's prefix): not an outage, and settled apart (``BudgetController._settle_apart``)."""
 
 
 class ServerWatch:

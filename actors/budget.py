@@ -28,6 +28,7 @@ import secrets
 import time
 
 from actors._budget_journal import LedgerJournal
+from actors._budget_replay import ScriptRefused
 from actors._peer import Warm, as_peer, resolve_clock
 from actors.journal import HubJournal
 from engine.core.budgets import LEDGER, BudgetSettings, Charge, Claim, Verdict
@@ -71,6 +72,7 @@ class BudgetController(LedgerJournal, Warm):
         self._charged: dict[str, float] = {}  # every charge id this controller was given, and its USD
         self._settling = 0  # settlements in a call to Redis now
         self.lost_records = 0  # settlements counted though Redis had lost their claim's record
+        self.rejected_settlements = 0  # settlements the ledger's script refused, dropped (``_settle_apart``)
         self._flusher: asyncio.Task | None = None
         if settings.redis_url:
             import redis.asyncio as aioredis
@@ -248,7 +250,10 @@ class BudgetController(LedgerJournal, Warm):
         if self._usable():
             self._settling += len(items)
             try:
-                lost = await self._maybe(self.book.settle_many(items))
+                try:
+                    lost = await self._maybe(self.book.settle_many(items))
+                except ScriptRefused:  # one or more that the script cannot take: settled one by one
+                    lost = await self._settle_apart(items)
             except self._errors as exc:
                 self._failed(exc)
             else:
@@ -266,6 +271,19 @@ class BudgetController(LedgerJournal, Warm):
         self._outbox = items + self._outbox
         self._arm_flush()
         return False
+
+    async def _settle_apart(self, items: list[tuple[str, float]]) -> int:
+        """Settle ``items`` one at a time, dropping (with an ERROR) each that the ledger's script refuses: kept
+        in the outbox, one such item failed every later call with it and kept the ledger down for the run."""
+        lost = 0
+        for item in items:
+            try:
+                lost += await self._maybe(self.book.settle_many([item]))
+            except ScriptRefused as exc:
+                self.rejected_settlements += 1
+                log.error("budget ledger: Redis at %s refuses the settlement of claim %s (%r USD): %s; dropped, "
+                          "its reservation held until it expires", self._url, item[0], item[1], str(exc)[:200])
+        return lost
 
     async def charge_many(self, charges: list[Charge]) -> None:
         """Count spend no reservation covered (``Charge``); kept until the ledger takes it, as settlements are
@@ -354,7 +372,8 @@ class BudgetController(LedgerJournal, Warm):
             out["ledger"] = {"redis_url": self._url, "up": not down, "error": self._last_error if down else None,
                              "unsettled": len(self._outbox) + self._settling + len(self._charges),
                              "lost_records": self.lost_records,
-                             "replayed_after_restart": getattr(self.book, "replayed", 0)}
+                             "replayed_after_restart": getattr(self.book, "replayed", 0),
+                             "rejected_settlements": self.rejected_settlements}
         if isinstance(self.book, BudgetBook):
             out["ledger_id"] = self.ledger_id
             out["windows"] = self.book.windows()

@@ -21,7 +21,7 @@ import math
 import re
 import time
 
-from actors._budget_replay import ServerWatch
+from actors._budget_replay import ScriptRefused, ServerWatch
 from engine.core.budgets import (
     BudgetSpec,
     Charge,
@@ -213,6 +213,14 @@ def _names(field: str) -> list[str]:
     return [re.sub("%(25|1F)", lambda m: "%" if m.group(1) == "25" else _SEP, x) for x in field.split(_SEP)]
 
 
+def _refused(exc: BaseException) -> bool:
+    """The ledger's script failed on what it was given (a value it cannot read, a key of another type written
+    under the ledger's prefix), not for Redis's state (busy, loading, read-only, out of memory, no permission),
+    which is an outage like any other."""
+    text = str(exc)
+    return "user_script" in text or "Error running script" in text or text.startswith("WRONGTYPE")
+
+
 class RedisBudgetBook(ServerWatch):
     """``BudgetBook``'s interface (async), state in Redis. ``client``: a ``redis.asyncio.Redis``."""
 
@@ -278,7 +286,8 @@ class RedisBudgetBook(ServerWatch):
     async def settle_many(self, items: list[tuple[str, float]]) -> int:
         """Settle each (claim id, actual); returns how many settlements found their claim's record gone and were
         counted from what this book kept of them (a claim another engine, or this one before a restart, granted
-        is counted only through its record)."""
+        is counted only through its record). Raises ``ScriptRefused`` when the script refused what it was given
+        (nothing settled: the caller settles them one by one, ``BudgetController._settle_apart``)."""
         if not items:
             return 0
         await self._same_server()
@@ -293,7 +302,14 @@ class RedisBudgetBook(ServerWatch):
             args += [rid, repr(float(actual)), who, len(windows)]
             for key, ttl in windows:
                 args += [key, ttl]
-        lost = int(await self._settle(args=args))
+        from redis.exceptions import ResponseError
+
+        try:
+            lost = int(await self._settle(args=args))
+        except ResponseError as exc:
+            if not _refused(exc):
+                raise
+            raise ScriptRefused(str(exc)) from exc
         t = time.monotonic()
         for rid, actual in items:
             _, who, windows = self._open.pop(rid, (0.0, "", []))

@@ -142,3 +142,26 @@ def test_a_redis_that_crashes_back_to_its_last_snapshot_gets_the_settlements_sin
     (row,) = rep["budgets"]
     assert row["spent_usd"] == pytest.approx(8.0) and row["reserved_usd"] == pytest.approx(1.0)
     assert rep["ledger"]["replayed_after_restart"] == 6
+
+
+def test_a_settlement_the_ledgers_script_refuses_is_dropped_alone_and_the_ledger_stays_up(redis_server):
+    """A key of another type under the ledger's prefix (another program's) makes the script fail on that one
+    settlement: kept at the head of the outbox, it failed every later call and kept the ledger down."""
+    b = _redis_budgets(redis_server.url)
+
+    async def go():
+        ctl = BudgetController(b, None, ManualClock(100.0))
+        await ctl.check_ledger()
+        try:
+            assert all(v.ok for v in await ctl.reserve_many(_claims("w0", "w1")))
+            redis_server.client().set(f"{b.redis_prefix}:c:w0", "not a claim record")
+            await ctl.settle_many([("w0", 0.3), ("w1", 0.4)])
+            (v,) = await ctl.reserve_many(_claims("w2"))
+            rep = await ctl.report()
+        finally:
+            await ctl.close()
+        return v, rep
+    v, rep = asyncio.run(go())
+    assert v.ok, v
+    assert rep["ledger"]["up"] and rep["ledger"]["rejected_settlements"] == 1 and not rep["ledger"]["unsettled"]
+    assert rep["budgets"][0]["spent_usd"] == pytest.approx(0.4)  # the other settlement counted
