@@ -5,6 +5,7 @@ batch call that failed is to send its members sync, and a member the batch finis
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 
 import pytest
 
@@ -35,15 +36,19 @@ from tests.unit.test_http_providers import (  # noqa: F401  (emu: the fixture)
 )
 
 CANCEL_ROUTE = {"openai": "batches.cancel", "anthropic": "messages.batches.cancel"}
-SLOW_CANCEL_S = 50 * EMU_CANCEL_S  # 1 s real: a loaded machine's polls never see a late cancel end in time
+SLOW_CANCEL_S = 50 * EMU_CANCEL_S  # 2 s real (below): a loaded machine's polls never see a late cancel end in time
 
 
 @pytest.fixture
 def slow_cancel_emu():
     """An emulator whose cancels outlast the dispatcher's allowance by far: with the shared one's 20 ms (real), a
-    poll slowed by a loaded machine saw the cancel end within the allowance, and nothing was paid twice."""
-    with Emulator(CAT, latency_scale=0.0, speedup=SPEED, cancel_s=SLOW_CANCEL_S, validating_s=VALIDATING_S["openai"],
-                  finalizing_s=1.0) as e:
+    poll slowed by a loaded machine saw the cancel end within the allowance, and nothing was paid twice. At half
+    the engine's speed: a batch whose cancel is slow still ends when its last member does (T after its create),
+    and at ``SPEED`` that was 0.4 s of real time after a hedge at 0.6 T, for the cancel and the polls after the
+    allowance; round trips slowed by a helper's delay injection took longer, the batch was read as ended, and
+    nothing was paid twice. Here it is 1.4 s."""
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED / 2, cancel_s=SLOW_CANCEL_S,
+                  validating_s=VALIDATING_S["openai"], finalizing_s=1.0) as e:
         yield e
 
 
@@ -55,21 +60,24 @@ async def _settled(rig: Rig, timeout_s: float = 10.0) -> None:
 
 
 @PROVIDERS
-def test_a_cancel_that_failed_once_is_made_again_and_nothing_is_paid_twice(emu, provider):  # noqa: F811
-    jobs = jobs_of(provider, claims=True)
-    emu.faults.script(provider, CANCEL_ROUTE[provider], [{"status": 500}])
+def test_a_cancel_that_failed_once_is_made_again_and_nothing_is_paid_twice(quarter, provider):  # noqa: F811
+    # At a quarter speed, the engine's too: the cancel made again must come before the batch ends on its own, 0.7 T
+    # after the hedge, which at SPEED was 0.7 s of real time, and a loaded machine (the unit suite beside three
+    # busy processes on two cores) took longer: one cancel only, the batch read as ended. Here 2.8 s.
+    e, jobs = quarter, jobs_of(provider, claims=True)
+    e.faults.script(provider, CANCEL_ROUTE[provider], [{"status": 500}])
 
     async def go():
-        rig = Rig(emu, provider, cancel_s=10 * EMU_CANCEL_S)
+        rig = Rig(e, provider, cancel_s=10 * EMU_CANCEL_S, speed=SPEED / 4)
         try:
             await rig.reserve(jobs)
             hedge_at = rig.clock.now() + VALIDATING_S[provider] + 0.3 * T
             await rig.run("batch_api", jobs, hedge_at=hedge_at)
             await rig.resolved(jobs)
             await _settled(rig)  # a batch left running is followed to its end, and what it finished counted
-            assert emu.count(CANCEL_ROUTE[provider]) >= 2  # the failed cancel, then the one taken
+            assert e.count(CANCEL_ROUTE[provider]) >= 2  # the failed cancel, then the one taken
             assert rig.d.paid_twice == 0, f"{rig.d.paid_twice} member(s) paid twice"
-            assert_split_by_the_bill(rig, emu, jobs, provider)
+            assert_split_by_the_bill(rig, e, jobs, provider)
         finally:
             await rig.close()
     asyncio.run(go())
@@ -103,15 +111,26 @@ def test_the_allowance_counts_from_the_cancel_the_provider_took_not_from_a_first
         asyncio.run(go())
 
 
+@pytest.fixture
+def eighth() -> Iterator[Emulator]:
+    """The emulator at an eighth of ``SPEED`` (the engine's clock stays at ``SPEED``): member 0 of a batch
+    finishes about 2 s of real time after its create."""
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED / 8, cancel_s=EMU_CANCEL_S,
+                  validating_s=VALIDATING_S["openai"], finalizing_s=1.0) as e:
+        yield e
+
+
 @PROVIDERS
-def test_a_cancel_the_provider_never_took_in_the_allowance_is_made_again_after_the_members_went(quarter,  # noqa: F811
+def test_a_cancel_the_provider_never_took_in_the_allowance_is_made_again_after_the_members_went(eighth,  # noqa: F811
                                                                                                provider):
     """The cancel endpoint fails for longer than the allowance (50 s), so the members go back to be sent sync.
     The batch is cancelled as soon as the provider takes it: left running, it finished every member, each paid
-    twice (the follow-up only polled). At a quarter of the shared emulator's speed: the seven cancels must be
-    taken before member 0 finishes, 150 engine s after the hedge, which at 1,000x was 150 ms of real time, and a
-    loaded machine's unit suite once took longer (member 0 was then paid twice, and counted so)."""
-    _cancel_never_taken(quarter, provider)
+    twice (the follow-up only polled). At an eighth of the engine's speed: the seven cancels, each with a poll
+    after it (some fifteen round trips), must be taken before member 0 finishes. At 1,000x that was 150 ms of real
+    time, and a loaded machine's unit suite once took longer; at a quarter (about 0.9 s), round trips slowed by
+    up to 0.1 s each (a helper's delay injection in the emulator) made member 0 finish first, paid twice and
+    counted so; at an eighth, about 2 s."""
+    _cancel_never_taken(eighth, provider)
 
 
 def _cancel_never_taken(emu: Emulator, provider: str) -> None:  # noqa: F811
@@ -122,7 +141,8 @@ def _cancel_never_taken(emu: Emulator, provider: str) -> None:  # noqa: F811
         rig = Rig(emu, provider, cancel_s=50.0)
         try:
             await rig.reserve(jobs)
-            # The hedge is 150 s before member 0 finishes: the outage and the cancel both end before it.
+            # The hedge is 0.1 s of real time after this, member 0 finishes 2 s after the create (``eighth``): the
+            # outage and the cancel both end before it.
             await rig.run("batch_api", jobs, hedge_at=rig.clock.now() + VALIDATING_S[provider] + 0.1 * T)
             await rig.resolved(jobs, timeout_s=20)
             await _settled(rig, 20)

@@ -237,7 +237,10 @@ def test_a_dispatcher_restarted_past_the_hedge_of_a_batch_that_completed_reads_i
         d2 = None
         try:
             await rig.reserve(jobs)
-            hedge_at = rig.clock.now() + VALIDATING_S["openai"] + T + 100
+            # The batch completes before its hedge whatever its upload and create take (up to 0.5 s of real time
+            # here: with 100 engine s, 0.1 s, round trips slowed by a helper's delay injection left member 3
+            # unfinished at the hedge, and it went back).
+            hedge_at = rig.clock.now() + VALIDATING_S["openai"] + T + 500
             await rig.run("batch_api", jobs, hedge_at=hedge_at)
             await rig.until(lambda: rig.d._open and all(r[4] is not None for r in rig.d._open.values()),
                             "the batch journaled with its handle")

@@ -13,7 +13,7 @@ from engine.core.cost import reserve_bound
 from engine.core.settings import Resilience
 from engine.emulator import Emulator
 from tests.unit.helpers import sdk_request
-from tests.unit.test_http_providers import CAT, Rig, jobs_of
+from tests.unit.test_http_providers import CAT, Rig, http_settings, jobs_of
 
 
 async def kept_bound(rig: Rig, j) -> float:
@@ -195,8 +195,11 @@ def test_a_call_resumed_after_a_restart_keeps_its_upper_bound_if_every_retry_fai
                 for h in list(rig.d._timers):
                     h.cancel()
                 slow.faults.script("openai", "chat.completions", [{"status": 500}] * 10)
-                again = Dispatcher("openai", rig.catalog, rig.settings, 0, rig.clock, [rig.grouper], rig.hub, None,
-                                   rig.budget, key=rig.d._key)
+                # Its retries get their 500 however slow the machine: with the 0.1 s timeout, a round trip slowed
+                # past it (a helper's delay injection in the emulator) timed out instead. Below the ~2.5 s a call
+                # takes, so a retry the provider answered would still time out, never pass for a 500.
+                again = Dispatcher("openai", rig.catalog, http_settings(slow, timeout_s=1.0), 0, rig.clock,
+                                   [rig.grouper], rig.hub, None, rig.budget, key=rig.d._key)
                 try:
                     await again.recover()
                     assert again.resumed_calls == 1
