@@ -17,6 +17,8 @@ no fsync, which would cost each journaled call a disk flush).
 from __future__ import annotations
 
 import fcntl
+import logging
+import math
 import os
 import pickle
 import re
@@ -28,10 +30,12 @@ from urllib.parse import quote, unquote
 
 __all__ = ["ARCHIVE", "FileJournal", "engine_dirs", "locked_out", "read_spaces"]
 
+log = logging.getLogger("smartbatch.journal")
+
 _FRAME = struct.Struct("<Q")  # the length of the pickle that follows
 _SUFFIX = ".log"
 _LOCK = ".lock"
-ARCHIVE = "archive:"  # a space's deleted records, kept for good (those of ``ARCHIVED_SPACES``)
+ARCHIVE = "archive:"  # a space's deleted records, as (when, record), for ``archive_s`` (``ARCHIVED_SPACES``)
 ARCHIVED_SPACES = ("batches:",)  # provider batches: their output can be read again at the provider
 
 
@@ -46,14 +50,14 @@ def engine_dirs(root: Path) -> list[Path]:
     return sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
 
 
-def _replay(path: Path) -> tuple[dict[str, Any], int]:
-    """The live records of one space's log, and how many whole frames it holds."""
+def _replay(path: Path) -> tuple[dict[str, Any], int, int]:
+    """The live records of one space's log, how many whole frames it holds, and where the last whole one ends."""
     records: dict[str, Any] = {}
-    frames = 0
+    frames = bad = 0
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        return records, 0
+        return records, 0, 0
     at = 0
     while at + _FRAME.size <= len(data):
         (n,) = _FRAME.unpack_from(data, at)
@@ -61,16 +65,19 @@ def _replay(path: Path) -> tuple[dict[str, Any], int]:
             break  # torn by a kill mid-write: what came before stands
         try:
             op, arg = pickle.loads(data[at + _FRAME.size:at + _FRAME.size + n])
-        except Exception:
-            break
+        except Exception:  # a damaged frame whose length holds: skipped, not every frame after it
+            bad += 1
+            op, arg = "", ()
         if op == "put":
             records.update(arg)
-        else:
+        elif op == "del":
             for k in arg:
                 records.pop(k, None)
         frames += 1
         at += _FRAME.size + n
-    return records, frames
+    if bad:
+        log.error("journal %s: %d damaged record(s) skipped; what they named is not known", path, bad)
+    return records, frames, at
 
 
 def locked_out(run_dir: Path, wait_s: float) -> int | None:
@@ -99,8 +106,9 @@ class FileJournal:
 
     durable = True
 
-    def __init__(self, root: Path | str, engine: str):
+    def __init__(self, root: Path | str, engine: str, archive_s: float = math.inf):
         self.dir = Path(root) / _safe(engine)
+        self.archive_s = archive_s  # how long an archived record is kept (``ARCHIVE``): a service's would grow
         self._live: dict[str, dict[str, Any]] = {}
         self._frames: dict[str, int] = {}
         self._lock: int | None = None  # held shared from the first write until the process ends
@@ -111,7 +119,12 @@ class FileJournal:
     def _space(self, space: str) -> dict[str, Any]:
         live = self._live.get(space)
         if live is None:
-            live, self._frames[space] = _replay(self._path(space))
+            path = self._path(space)
+            live, self._frames[space], end = _replay(path)
+            if path.exists() and path.stat().st_size > end:
+                # Torn by a kill mid-write (a dispatcher Ray restarted): cut back to the last whole frame, or
+                # what this process appends would follow the torn bytes, unreadable by anyone.
+                os.truncate(path, end)
             self._live[space] = live
         return live
 
@@ -150,13 +163,24 @@ class FileJournal:
                 # Kept: a record goes once its results are with the result hub, and the hub dies with a killed
                 # driver, whose dispatchers lived on for seconds (a run's answers reach its output file only at
                 # its end): the batch, ended and billed, was read by nobody, and a resume paid for it again.
-                gone = {k: live[k] for k in keys if k in live}
+                gone = {k: (time.time(), live[k]) for k in keys if k in live}
                 if gone:
-                    self._space(ARCHIVE + space).update(gone)
-                    self._append(ARCHIVE + space, "put", gone)
+                    self._archive(ARCHIVE + space, gone)
             for k in keys:
                 live.pop(k, None)
             self._append(space, "del", list(keys))
+
+    def _archive(self, space: str, gone: dict[str, tuple[float, Any]]) -> None:
+        """Keep ``gone`` ((when, record) by key) in the archive ``space``, past ``archive_s`` no longer."""
+        arch = self._space(space)
+        arch.update(gone)
+        cutoff, old = time.time() - self.archive_s, 0
+        while arch and next(iter(arch.values()))[0] < cutoff:  # (kept in the order they came)
+            arch.pop(next(iter(arch)))
+            old += 1
+        if old:  # rewritten with what is kept
+            self._frames[space] = 2 * len(arch) + 64
+        self._append(space, "put", gone)
 
     async def items(self, space: str) -> dict[str, Any]:
         return pickle.loads(pickle.dumps(self._space(space)))

@@ -309,5 +309,5 @@ def make_journal(settings, engine: str, hub: Any):
     if settings.journal.dir is not None:
         from actors._file_journal import FileJournal
 
-        return FileJournal(settings.journal.dir, engine)
+        return FileJournal(settings.journal.dir, engine, settings.journal.archive_s)
     return redis_journal(settings, engine) or HubJournal(hub)

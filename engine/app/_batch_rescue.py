@@ -29,7 +29,8 @@ from engine.core.provider_api import CallJob, call_key
 from engine.core.result import Result
 from engine.runtime.outcomes import ok_result
 
-__all__ = ["Rescued", "charges", "finish", "journal_dir", "pending", "prepare", "rescue", "sweep", "watch_answers"]
+__all__ = ["ANSWERS", "Rescued", "charges", "finish", "journal_dir", "kept_answers", "pending", "prepare", "rescue",
+           "sweep", "watch_answers"]
 
 # Past the provider's own cancel allowance, this many times over, a batch that has not ended is given up on: its
 # unfinished members are sent again (and paid twice if it still finishes them), with a warning.
@@ -83,7 +84,7 @@ def watch_answers(settings, futs: list) -> list:
     return futs
 
 
-def _answers(root: Path) -> dict[str, Result]:
+def kept_answers(root: Path) -> dict[str, Result]:
     """The answers earlier runs' drivers received (a torn last line, from a kill mid-write, is skipped)."""
     out: dict[str, Result] = {}
     for p in sorted(root.glob(f"{ANSWERS}.*.jsonl")) if root.is_dir() else ():
@@ -121,79 +122,117 @@ def sweep(root: Path) -> None:
 
 
 def rescue(root: Path, settings, catalog, keys: dict, *, speedup: float = 1.0, wanted: set[str] | None = None,
-           say: Callable[[str], None] = print) -> Rescued:
-    """Cancel and read every provider batch the journal under ``root`` names, then remove what was read. Only the
-    answers of requests in ``wanted`` (ids; None: all) are kept. ``speedup``: engine seconds per real second of the
-    providers (an emulator's; 1 against real ones)."""
-    return asyncio.run(_rescue(root, settings, catalog, keys, speedup, wanted, say))
+           say: Callable[[str], None] = print, strict: bool = True) -> Rescued:
+    """Take the answers, and cancel and read every provider batch, that the journal under ``root`` names. Only
+    the answers of requests in ``wanted`` (ids; None: all) are kept. What was read is written whole into one
+    answers file under ``root`` before anything read is removed, so a run killed after this (before it wrote
+    its output) loses none of it to the next. A batch that cannot be read (its provider unreachable, or not
+    ended well after its cancel) raises ``ConfigError`` with nothing removed: sending its lines again would pay
+    for what it finished twice (``strict``; else it is said, and the journal goes all the same). ``speedup``:
+    engine seconds per real second of the providers (1 when real)."""
+    return asyncio.run(_rescue(root, settings, catalog, keys, speedup, wanted, say, strict))
 
 
-async def _rescue(root, settings, catalog, keys, speedup, wanted, say) -> Rescued:
+async def _rescue(root, settings, catalog, keys, speedup, wanted, say, strict) -> Rescued:
     from engine.core.errors import ConfigError
 
     got = Rescued()
-    got.results.update((i, r) for i, r in _answers(root).items() if wanted is None or i in wanted)
+    got.results.update((i, r) for i, r in kept_answers(root).items() if wanted is None or i in wanted)
     got.answered = len(got.results)
+    old_answers = sorted(root.glob(f"{ANSWERS}.*.jsonl")) if root.is_dir() else []
     providers: dict[str, object] = {}
+    runs, locks = engine_dirs(root), []
     try:
-        for run in engine_dirs(root):
+        for run in runs:
             # Its dispatchers outlive a killed driver by seconds, still following (and hedging) its batches.
-            lock = await asyncio.to_thread(locked_out, run, WRITERS_GONE_S)
+            lock = locked_out(run, 0.0)
             if lock is None:
-                raise ConfigError(f"the journal {run} is still written by a running engine {WRITERS_GONE_S:.0f} s "
-                                  "on: is another run writing the same output on this machine? Stop it, or let it "
-                                  "end, and run again")
-            try:
-                for space, recs in _spaces_of(run).items():
-                    if space.startswith("sync:"):
-                        got.cut_calls += len(recs)
-                        continue
-                    archived = space.startswith(ARCHIVE)
-                    name = space.removeprefix(ARCHIVE).split(":")[1]
-                    if name not in providers:
-                        # Its answers date from before this run: at its time 0, within every deadline.
-                        providers[name] = make_provider(name, catalog, settings, None, ManualClock(0.0),
-                                                        keys.get(name))
-                    for key, rec in recs.items():
-                        await _collect(providers[name], name, catalog, key, rec, space.endswith(":watch"), got,
-                                       speedup, wanted, say, archived)
-                shutil.rmtree(run, ignore_errors=True)  # read: a later run must not collect it again
-            finally:
-                os.close(lock)
+                say(f"waiting for the processes of the earlier run to end (they hold {run})")
+                lock = await asyncio.to_thread(locked_out, run, WRITERS_GONE_S)
+            if lock is None:
+                raise ConfigError(f"the journal {run} is still held {WRITERS_GONE_S:.0f} s on by a process of the "
+                                  "earlier run (leftover Ray workers: `ps -ef | grep ray::`); stop them and run "
+                                  "again")
+            locks.append(lock)
+        jobs, seen = [], set()
+        for run in runs:
+            for space, recs in _spaces_of(run).items():
+                if space.startswith("sync:"):
+                    got.cut_calls += len(recs)
+                    continue
+                archived = space.startswith(ARCHIVE)
+                name = space.removeprefix(ARCHIVE).split(":")[1]
+                if name not in providers:
+                    # Its answers date from before this run: at its time 0, within every deadline.
+                    providers[name] = make_provider(name, catalog, settings, None, ManualClock(0.0), keys.get(name))
+                for key, rec in recs.items():
+                    rec = rec[1] if archived else rec  # (when it was archived, the record)
+                    jobs.append(_collect(providers[name], name, catalog, key, rec, space.endswith(":watch"), got,
+                                         speed=speedup, wanted=wanted, say=say, archived=archived, seen=seen))
+        # Together: a cancel takes up to 10 minutes, and one batch after another took that many times over.
+        errors = [e for e in await asyncio.gather(*jobs, return_exceptions=True) if e is not None]
+        if errors and strict:
+            raise ConfigError(f"{len(errors)} provider batch(es) of the earlier run could not be read ({errors[0]}); "
+                              f"nothing of its journal ({root}) was removed: try again once the provider answers "
+                              "(sending their lines again would pay twice for what they finished)")
+        for e in errors:
+            say(f"a provider batch of the earlier run could not be read ({e}): what it finished is paid twice")
+        _keep_answers(root, got.results)  # first: then what was read can go
+        for run in runs:
+            shutil.rmtree(run, ignore_errors=True)
+        for path in old_answers:
+            path.unlink(missing_ok=True)
     finally:
+        for fd in locks:
+            os.close(fd)
         for p in providers.values():
             await p.close()
-    for p in root.glob(f"{ANSWERS}.*.jsonl"):  # read: taken into this run's results
-        p.unlink(missing_ok=True)
     sweep(root)
     return got
 
 
-async def _collect(p, name: str, catalog, key: str, rec: tuple, watch: bool, got: Rescued, speedup: float,
-                   wanted: set[str] | None, say, archived: bool) -> None:
+def _keep_answers(root: Path, results: dict[str, Result]) -> None:
+    """``results`` in one answers file under ``root``, whole (written aside, flushed, renamed) or not at all."""
+    if not results:
+        return
+    from engine.core.files import write_atomic
+
+    data = "".join(r.model_dump_json() + "\n" for r in results.values()).encode()
+    write_atomic(root / f"{ANSWERS}.rescued-{time.time_ns()}.jsonl", data, durable=True)
+
+
+async def _collect(p, name: str, catalog, key: str, rec: tuple, watch: bool, got: Rescued, *, speed: float,
+                   wanted: set[str] | None, say, archived: bool, seen: set[str]) -> Exception | None:
     """One journaled batch: found (if its create was cut), cancelled, read; its finished members into ``got``.
-    ``archived``: one that ended in the run (its answers may not have reached the output file)."""
+    ``archived``: one that ended in the run (its answers may not have reached the output file). Returns the
+    error that kept it from being read, if one did."""
     if watch:
         b, handle, jobs, start, _ = rec
     else:
         b, jobs, start, _, handle, _ = rec
     if archived and (handle is None or wanted is not None and not any(
             j.req.id in wanted and j.req.id not in got.results for j in jobs)):
-        return  # ended: its create failed (nothing made), or what it answered is in the output file already
-    got.batches += 1  # (one still under way is cancelled, wanted or not: what it goes on finishing is billed)
+        return None  # ended: its create failed (nothing made), or what it answered is in the output file already
     if handle is None and getattr(p, "names_batches", True):
         cjobs = [CallJob(call_key(j.req.tenant, j.req.id, j.req.model, j.attempts), j.req, start, j.attempts, j.seq)
                  for j in jobs]
-        handle = await _quietly(p.find_batch(cjobs, key))
+        try:
+            handle = await p.find_batch(cjobs, key)
+        except Exception as exc:
+            return ProviderUnread(f"{name}: the lookup of batch {key} failed: {_brief(exc)}")
     if handle is None:
         got.lost_batches += 1
         say(f"a provider batch of the earlier run ({name}) was being created when it was cut off and cannot be "
             "found: if it was made, what it finishes is billed and its lines are sent again")
-        return
-    outs = await _ended(p, handle, catalog.provider(name).batch_api.cancel_s, speedup, say, name)
-    if outs is None:
-        got.lost_batches += 1
-        return
+        return None
+    if handle.id in seen:  # a hedged batch is both archived and watched
+        return None
+    seen.add(handle.id)
+    got.batches += 1  # (one still under way is cancelled, wanted or not: what it goes on finishing is billed)
+    try:
+        outs = await _ended(p, handle, catalog.provider(name).batch_api.cancel_s, speed)
+    except Exception as exc:
+        return ProviderUnread(f"{name} batch {handle.id}: {_brief(exc)}")
     for ckey, o in outs.items():
         cj = handle.jobs.get(ckey)
         if cj is None or not o.ok or (wanted is not None and cj.req.id not in wanted) or cj.req.id in got.results:
@@ -201,43 +240,45 @@ async def _collect(p, name: str, catalog, key: str, rec: tuple, watch: bool, got
         got.results[cj.req.id] = ok_result(cj.req, at=0.0, cost=o.cost, mode="batch_api", batch_id=b.bid,
                                            recommendation=b.recommendation,
                                            reason="answered by a provider batch of an earlier run", out=o)
+    return None
 
 
-async def _quietly(aw):
-    try:
-        return await aw
-    except Exception:
-        return None
+class ProviderUnread(Exception):
+    """A batch of the earlier run that could not be read."""
 
 
-async def _ended(p, handle, allowance: float, speedup: float, say, name: str):
-    """Cancel ``handle``'s batch and wait for it to end; its members' outcomes, or None when given up on."""
+def _brief(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc)[:200]}"
+
+
+async def _retried(call, speed: float):
+    """``await call()``, tried ``POLL_TRIES`` times a few seconds apart while it fails (a blip)."""
+    for attempt in range(POLL_TRIES):
+        try:
+            return await call()
+        except Exception:
+            if attempt == POLL_TRIES - 1:
+                raise
+            await asyncio.sleep(min(2.0 ** attempt, 30.0) / max(speed, 1.0))
+    raise AssertionError("unreachable")
+
+
+async def _ended(p, handle, allowance: float, speedup: float):
+    """Cancel ``handle``'s batch and wait for it to end; its members' outcomes. Raises if it cannot be read,
+    or has not ended well after its cancel's allowance."""
     give_up = time.monotonic() + GIVE_UP_FACTOR * allowance / speedup + 30.0
-    try:
-        st = await p.poll(handle)
-        if st.status == "running":
-            try:
-                st = await p.cancel(handle) or await p.poll(handle)
-            except Exception:  # it ended meanwhile ("cannot cancel a completed batch"), or a blip: the polls tell
-                st = await p.poll(handle)
-        fails = 0
-        while st.status != "ended":
-            if time.monotonic() > give_up:
-                say(f"provider batch {handle.id} ({name}) of the earlier run has not ended {allowance:.0f} s after "
-                    "its cancel: its lines are sent again, and what it still finishes is billed twice")
-                return None
-            await asyncio.sleep(min(max(st.next_poll_s, 1.0) / speedup, 30.0))
-            try:
-                st, fails = await p.poll(handle), 0
-            except Exception:
-                fails += 1
-                if fails >= POLL_TRIES:
-                    raise
-        return await p.fetch(handle)
-    except Exception as exc:
-        say(f"provider batch {handle.id} ({name}) of the earlier run could not be read ({type(exc).__name__}: "
-            f"{str(exc)[:200]}): its lines are sent again")
-        return None
+    st = await _retried(lambda: p.poll(handle), speedup)
+    if st.status == "running":
+        try:
+            st = await p.cancel(handle) or await _retried(lambda: p.poll(handle), speedup)
+        except Exception:  # it ended meanwhile ("cannot cancel a completed batch"), or a blip: the polls tell
+            st = await _retried(lambda: p.poll(handle), speedup)
+    while st.status != "ended":
+        if time.monotonic() > give_up:
+            raise ProviderUnread(f"not ended {allowance:.0f} s after its cancel (status {st.status})")
+        await asyncio.sleep(min(max(st.next_poll_s, 1.0) / speedup, 30.0))
+        st = await _retried(lambda: p.poll(handle), speedup)
+    return await _retried(lambda: p.fetch(handle), speedup)
 
 
 def charges(results: dict[str, Result], out: Path) -> list:
@@ -264,7 +305,7 @@ def prepare(out: Path, settings, cat, requests: list, *, resume: bool, overwrite
         return settings, Rescued(), requests
     root = journal_dir(out.absolute())
     batches, open_, calls = pending(root)
-    answered = len(_answers(root))
+    answered = len(kept_answers(root))
     got = Rescued()
     if batches or calls or answered:
         if not resume and not overwrite:
@@ -280,13 +321,13 @@ def prepare(out: Path, settings, cat, requests: list, *, resume: bool, overwrite
                 f", after cancelling the {open_:,} still under way (a cancel takes up to 10 minutes at OpenAI and "
                 "Anthropic)" if open_ else ""))
         got = rescue(root, settings, plan, keys, speedup=speedup,
-                     wanted=set() if overwrite else {r.id for r in requests}, say=say)
+                     wanted=set() if overwrite else {r.id for r in requests}, say=say, strict=not overwrite)
         if got.cut_calls:
             say(f"{got.cut_calls:,} sync call(s) were under way when it was cut off: they may have been billed, "
                 "and their lines are sent again")
     sweep(root)
     rest = [r for r in requests if r.id not in got.results]
-    if not rest or out.exists() and not out.is_file():  # nothing to send, or a stream (/dev/stdout, a pipe)
+    if out.exists() and not out.is_file():  # a stream (/dev/stdout, a pipe): no place beside it
         return settings, got, rest
     try:
         root.mkdir(exist_ok=True)
@@ -297,11 +338,12 @@ def prepare(out: Path, settings, cat, requests: list, *, resume: bool, overwrite
     return settings.model_copy(update={"journal": settings.journal.model_copy(update={"dir": root})}), got, rest
 
 
-def finish(settings, clean: bool) -> None:
-    """After a ``batch`` run: its journal goes if the run ended cleanly (every line has its final answer), else
-    only what names nothing under way (a run interrupted with batches still open leaves them to ``--resume``)."""
+def finish(settings, out: Path, clean: bool) -> None:
+    """After a ``batch`` run writing ``out``: its journal goes if the run ended cleanly (every line has its final
+    answer in ``out``), else only what names nothing under way (a run interrupted with batches still open leaves
+    them to ``--resume``). A journal directory set by hand (``journal.dir``) is left as it is."""
     root = settings.journal.dir
-    if root is None:
+    if root is None or Path(root) != journal_dir(out.absolute()):
         return
     if clean:
         shutil.rmtree(root, ignore_errors=True)

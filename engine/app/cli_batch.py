@@ -173,8 +173,8 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
                     interrupted = interrupted or ray_gone
                 except KeyboardInterrupt:  # the files are written; the interrupt ends the run as one would
                     interrupted = True
-                finish(settings, clean=written is not None and not interrupted)
         n_out, n_err = written or _write(bf, results, out, errors, kept)
+        finish(settings, out, clean=not interrupted)  # (its journal: what a killed run leaves to --resume)
         doc = report(bf, results, cat, window_s=window_s, policy=policy)
         if report_path is not None:
             report_path.parent.mkdir(parents=True, exist_ok=True)
@@ -253,9 +253,9 @@ def _write(bf, results: list, out: Path, errors: Path, kept: dict[int, dict]) ->
 
     from engine.core.batchfile import write_results
     from engine.core.errors import ConfigError
-
+    by_id = {r.id: r for r in results}  # in the input's order: answers taken from a killed run come first
     try:
-        return write_results(bf, results, out, errors, created=int(time.time()), kept=kept)
+        return write_results(bf, [by_id[q.id] for q in bf.requests], out, errors, created=int(time.time()), kept=kept)
     except OSError as exc:
         paid = sum(r.status in ("ok", "reused") for r in results)
         raise ConfigError(f"could not write {out} or {errors}: {exc.strerror or exc}. Both are left as they were"

@@ -18,6 +18,7 @@ import typer
 from rich.text import Text
 
 from engine.app._driver_shared import check_answers, init_ray
+from engine.app._endpoint_rescue import prepare_endpoint
 from engine.app._ray_stop import exit_now, own_ray_processes, stop_or_lose_ray
 from engine.app.cli_common import _fail, _providers, _settings, app, console, err_console
 from engine.core.errors import ConfigError, SmartbatchError
@@ -210,6 +211,7 @@ def serve(name: str = typer.Option("smartbatch", "--name", help="the engine's na
 
         settings, cat = _settings(catalog, catalog_overlay)
         settings = _providers(settings, providers, base_url)
+        settings = prepare_endpoint(state, settings, cat, speedup=speedup, address=address)  # (a killed one's)
         init_ray(address or "local")
         # Ray Serve logs its own start and stop at INFO on this terminal, one line of which ("New http_options ...
         # will not be applied") reads as a problem when there is none; its warnings still show. Its logger is

@@ -214,6 +214,9 @@ class JournalSettings(BaseModel):
                              "(``smartbatch batch`` sets it beside its output file, so that ``--resume`` after a "
                              "crash collects what those batches finished instead of paying for it again); the "
                              "engine must run on this machine")
+    archive_s: float = Field(default=3 * 86400.0, gt=0.0, description="with journal.dir: how long the record of a "
+                             "provider batch that ended is kept (its output can be read again after a crash; a "
+                             "service's journal would grow without a bound)")
     recover_wait_s: float = Field(default=60.0, ge=0.0, description="real seconds a restarted dispatcher keeps "
                                   "trying to read an unreadable journal (work waits meanwhile) before it sends "
                                   "the members of its open batches again, which may bill them twice")

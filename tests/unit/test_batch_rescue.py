@@ -10,7 +10,7 @@ import os
 import pytest
 
 from actors._file_journal import ARCHIVE, engine_dirs, read_spaces
-from engine.app._batch_rescue import journal_dir, prepare, rescue
+from engine.app._batch_rescue import journal_dir, kept_answers, prepare, rescue
 from engine.core.errors import ConfigError
 from engine.core.provider_api import Secret
 
@@ -68,7 +68,9 @@ def test_a_batch_under_way_at_the_crash_is_cancelled_and_its_finished_members_an
     assert sum(r.cost_usd for r in got.results.values()) == pytest.approx(sum(billed.values()), abs=1e-12)
     cancels = emu.count("batches.cancel")
     assert cancels <= 1 and (cancels == 1 or len(billed) == len(jobs))  # cancelled once, unless it had ended
-    assert not root.exists()  # read once: a later run finds nothing to collect
+    # What was read is kept whole, in one answers file, until the resume writes its output; the rest is gone.
+    assert [p.name.startswith("answers.rescued-") for p in root.iterdir()] == [True]
+    assert set(kept_answers(root)) == set(got.results)
 
 
 def test_a_batch_that_ended_before_the_crash_is_read_from_its_archived_record(emu, tmp_path):  # noqa: F811
@@ -98,3 +100,33 @@ def test_a_batch_that_ended_before_the_crash_is_read_from_its_archived_record(em
     assert set(got.results) == wanted and got.lost_batches == 0
     assert emu.count("batches.cancel") == cancels  # an ended batch is read, not cancelled
     assert len(_billed(emu)) == len(jobs)  # nothing sent, nothing billed again
+
+
+def test_a_batch_the_rescue_cannot_read_keeps_the_journal_and_is_refused(emu, tmp_path):  # noqa: F811
+    """The provider unreachable during the resume: the batch was counted lost, the journal deleted, its lines
+    sent again, and the next resume paid for what it finished twice (a helper's review)."""
+    root = tmp_path / "j"
+    jobs = jobs_of("openai", claims=True)
+
+    async def go():
+        rig = Rig(emu, "openai", journal={"dir": str(root)})
+        try:
+            await rig.reserve(jobs)
+            await rig.run("batch_api", jobs, hedge_at=FAR)
+            await rig.until(lambda: any(rec[4] is not None for rec in
+                                        _records(root).get("batches:openai", {}).values()), "the batch journaled")
+            _crash(rig)
+        finally:
+            await rig.close()
+        return rig
+
+    rig = asyncio.run(go())
+    before = {s: sorted(r) for s, r in _records(root).items()}
+    gone = rig.settings.model_copy(update={"providers": rig.settings.providers.model_copy(update={
+        "endpoints": {n: ep.model_copy(update={"base_url": "http://127.0.0.1:9/v1"})
+                      for n, ep in rig.settings.providers.endpoints.items()}})})
+    with pytest.raises(ConfigError, match="could not be read.*nothing of its journal"):
+        rescue(root, gone, rig.catalog, {"openai": Secret(KEY)}, speedup=SPEED, say=lambda m: None)
+    assert {s: sorted(r) for s, r in _records(root).items()} == before  # nothing removed: the next resume reads it
+    got = rescue(root, rig.settings, rig.catalog, {"openai": Secret(KEY)}, speedup=SPEED, say=lambda m: None)
+    assert got.batches == 1 and set(got.results) <= {j.req.id for j in jobs}
