@@ -9,8 +9,8 @@ State is per replica: files and batches live in this process's dicts and, given 
 ``smartbatch serve --state-dir``), on disk (``engine.app._endpoint_state``). Without one, a restart forgets them
 while their requests run on in the engine. With one, a restarted replica takes them back (``resume``): an ended
 batch as it was, an open one by asking the engine again for the lines it had no result for, under the same
-request ids, so an engine that still holds a line hands its result over without generating it again. Replicas
-do not share them: behind a load balancer, keep a client on one replica.
+request ids, so an engine that still holds a line hands its result over without generating it again (replicas do
+not share them: behind a load balancer, keep a client on one replica).
 
 Cancel follows OpenAI: the lines not sent yet end at once, billed nothing, and a provider batch of its lines
 alone is cancelled (``Engine.cancel_requests``); ``cancelling`` while the others finish, up to ``cancel_wait_s``
@@ -124,10 +124,11 @@ class FilesAndBatches(TakeBack):
         return f
 
     def _add_file(self, filename: str, purpose: str, data: bytes, file_id: str | None = None) -> StoredFile:
+        """In memory, and on disk with a state directory (``OSError``: not there, the caller decides)."""
         f = StoredFile(file_id or new_id("file-"), filename, purpose, data, int(self._now()))
-        if self.state is not None:
-            self.state.save_file(f)
         self.files[f.id] = f
+        if self.state is not None:
+            self.state.save_file(f, strict=True)
         return f
 
     async def create_file(self, http: HttpRequest) -> dict:
@@ -145,7 +146,11 @@ class FilesAndBatches(TakeBack):
         if len(data) > MAX_FILE_BYTES:
             raise ApiError(413, f"the file is over {MAX_FILE_BYTES:,} bytes (OpenAI's limit for a batch "
                                 "input file); split it into several batches", param="file")
-        return self._add_file(upload.filename or "upload.jsonl", purpose, data).view()
+        try:
+            return self._add_file(upload.filename or "upload.jsonl", purpose, data, fid := new_id("file-")).view()
+        except OSError as exc:  # taken with 200 and gone at the next start (a helper's hunt: a full disk)
+            self.files.pop(fid, None)
+            raise self.state.no_room(exc, "the file") from None
 
     async def list_files(self, purpose: str | None = None, limit: str | None = None, after: str | None = None,
                          order: str = "desc") -> dict:
@@ -237,8 +242,7 @@ class FilesAndBatches(TakeBack):
         n = len(job.bf.requests)
         try:
             if self.state is not None:  # on disk before the engine has a line: a crash then loses nothing it took
-                self.state.keep_input(job.id, file_id)
-                self._save(job)
+                self.state.take_batch(job.id, file_id, job.record())
             try:
                 await self._submit(job, job.bf.requests)
             except Exception as exc:
@@ -325,13 +329,14 @@ class FilesAndBatches(TakeBack):
                 row["error"]["code"] = "batch_cancelled"
             text = json.dumps(row, separators=(",", ":")).encode() + b"\n"
             (out if row["error"] is None else err).append(text)
-        if out:
-            # Named after the batch: an end written again after a crash replaces the file, never adds one.
-            job.output_file_id = self._add_file(f"{job.id}_output.jsonl", "batch_output", b"".join(out),
-                                                f"file-{job.id}-output").id
-        if err:
-            job.error_file_id = self._add_file(f"{job.id}_error.jsonl", "batch_output", b"".join(err),
-                                               f"file-{job.id}-error").id
+        kept = True  # its files on disk: else the record stays open, with its results, for the next start
+        for rows, kind in ((out, "output"), (err, "error")):
+            if rows:  # named after the batch: an end written again after a crash replaces the file, never adds one
+                setattr(job, f"{kind}_file_id", fid := f"file-{job.id}-{kind}")
+                try:
+                    self._add_file(f"{job.id}_{kind}.jsonl", "batch_output", b"".join(rows), fid)
+                except OSError:  # (served from memory meanwhile; a helper's hunt: ended, then gone at a restart)
+                    kept = False
         job.report = report(job.bf, results, self.catalog, window_s=job.window_s, policy="engine")
         # A line ended expired (its window passed while the endpoint was down: ``_endpoint_resume``) makes the
         # batch expired, as OpenAI reports one not done within its window; the lines done are in its output all
@@ -339,8 +344,8 @@ class FilesAndBatches(TakeBack):
         expired = any(r.status == "expired" for r in results)
         self._enter(job, "cancelled" if job.status == "cancelling" else "expired" if expired else "completed")
         job.release()
-        self._save(job)
-        if self.state is not None:
+        if kept and self.state is not None:
+            self._save(job)
             self.state.ended(job.id)
 
     def _enter(self, job: BatchJob, status: str) -> None:

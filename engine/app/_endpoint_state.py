@@ -15,8 +15,12 @@ A record that cannot be read (cut by a power loss, from another version) is rena
 record never keeps the endpoint from starting. A results line cut by a crash is dropped (that line is asked of the
 engine again, which answers a request it already holds without generating it twice).
 
-Writes that fail (a full disk) are logged and counted in ``write_errors``, never raised into the batch's work:
-its lines are still collected and answered, only their record on disk lags.
+Writes that fail (a full disk) are logged and counted in ``write_errors``. What the endpoint must not accept
+unless it is on disk is refused with a 507 instead (an upload, a batch's input and first record: taken with
+200, they were gone or failed at the next start), and a batch whose end cannot be written stays open on disk,
+with its results, for the next start to write it (saved ended, its paid answers were gone). A result that
+cannot be appended is only logged: its line is asked again at the next start. The temporary files of writes a
+kill cut, and inputs with no record, are swept when an endpoint takes the directory.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.app._endpoint_wire import StoredFile
+from engine.app._endpoint_wire import ApiError, StoredFile
 from engine.core.errors import ConfigError
 from engine.core.files import write_atomic
 from engine.core.result import Result
@@ -55,17 +59,38 @@ class EndpointState:
             raise ConfigError(f"state_dir {self.root}: another endpoint uses this directory; give each its own "
                               "--state-dir") from None
         self.write_errors = 0
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """What a kill left half made, now that no other endpoint writes here: the temporary files of writes it
+        cut (an upload's bytes, up to its 200 MB; a helper's hunt), and inputs kept for a batch with no record."""
+        for d in (self.files_dir, self.batches_dir):
+            for tmp in d.glob(".tmp-*"):
+                tmp.unlink(missing_ok=True)
+        for inp in self.batches_dir.glob("*.input"):
+            if not inp.with_suffix(".json").exists():
+                inp.unlink(missing_ok=True)
 
     def __repr__(self) -> str:
         return f"EndpointState({str(self.root)!r}, write_errors={self.write_errors})"
 
-    def _guarded(self, what: str, write) -> None:
+    def _guarded(self, what: str, write, strict: bool = False) -> None:
+        """``write()``; a failure is logged and counted, and raised too if ``strict`` (what the endpoint must not
+        accept unless it is on disk: an upload, a batch's input and first record, a batch's end)."""
         try:
             write()
         except OSError as exc:
             self.write_errors += 1
             log.error("endpoint state: could not write %s under %s (%s); a restart would not know it", what,
                       self.root, exc)
+            if strict:
+                raise
+
+    def no_room(self, exc: OSError, what: str) -> ApiError:
+        """The answer to a request refused because ``what`` could not be kept here."""
+        return ApiError(507, f"the endpoint could not keep {what} in its state directory {self.root} "
+                             f"({exc.strerror or exc}): not accepted; free room there and send it again",
+                        type="server_error")
 
     def ledger_id(self) -> str | None:
         """The budget ledger id the endpoint last ran under (None: none recorded)."""
@@ -80,12 +105,12 @@ class EndpointState:
                                                                         {"ledger_id": current}))
 
     # -- files ----------------------------------------------------------------------------------------------
-    def save_file(self, f: StoredFile) -> None:
+    def save_file(self, f: StoredFile, strict: bool = False) -> None:
         def write() -> None:
             write_atomic(self.files_dir / f"{f.id}.data", f.data, durable=True)
             _write_json(self.files_dir / f"{f.id}.json", {"id": f.id, "filename": f.filename, "purpose": f.purpose,
                                                            "created_at": f.created_at, "created_ns": time.time_ns()})
-        self._guarded(f"file {f.id}", write)
+        self._guarded(f"file {f.id}", write, strict)
 
     def _drop(self, what: str, paths: list[Path]) -> None:
         def drop() -> None:
@@ -109,7 +134,7 @@ class EndpointState:
         return {f.id: f for _, f in sorted(out, key=lambda t: (t[0], t[1].created_at))}  # in upload order
 
     # -- batches --------------------------------------------------------------------------------------------
-    def keep_input(self, batch_id: str, file_id: str) -> None:
+    def keep_input(self, batch_id: str, file_id: str, strict: bool = False) -> None:
         def link() -> None:
             src, dst = self.files_dir / f"{file_id}.data", self.batches_dir / f"{batch_id}.input"
             dst.unlink(missing_ok=True)
@@ -117,10 +142,22 @@ class EndpointState:
                 os.link(src, dst)
             except OSError:  # a filesystem without hard links
                 dst.write_bytes(src.read_bytes())
-        self._guarded(f"the input of batch {batch_id}", link)
+        self._guarded(f"the input of batch {batch_id}", link, strict)
 
-    def save_batch(self, record: dict[str, Any]) -> None:
-        self._guarded(f"batch {record['id']}", lambda: _write_json(self.batches_dir / f"{record['id']}.json", record))
+    def take_batch(self, batch_id: str, file_id: str, record: dict[str, Any]) -> None:
+        """A batch's input and first record, on disk before the engine has a line, or ``ApiError`` (507) with
+        nothing of it left: taken with a failed write, it was in progress and then failed at the next start,
+        its input gone (a helper's hunt: a full disk)."""
+        try:
+            self.keep_input(batch_id, file_id, strict=True)
+            self.save_batch(record, strict=True)
+        except OSError as exc:
+            self.forget_batch(batch_id)
+            raise self.no_room(exc, "the batch") from None
+
+    def save_batch(self, record: dict[str, Any], strict: bool = False) -> None:
+        self._guarded(f"batch {record['id']}", lambda: _write_json(self.batches_dir / f"{record['id']}.json", record),
+                      strict)
 
     def add_result(self, batch_id: str, res: Result) -> None:
         def append() -> None:  # opened per result: an endpoint with thousands of open batches holds no handles

@@ -330,3 +330,81 @@ def test_a_new_engine_counts_what_an_open_batch_kept_against_its_budgets_and_a_r
     with serving(make_app(fourth, catalog=CAT, state_dir=state)):
         pass
     assert [c.cid for c in fourth.counted] == [charge.cid]
+
+
+@contextlib.contextmanager
+def disk_full(match: str):
+    """Writes under the state directory whose path holds ``match`` fail as on a full disk (ENOSPC)."""
+    import errno
+
+    import engine.app._endpoint_state as st
+
+    real_write, real_link = st.write_atomic, st.os.link
+
+    def write(path, data, **kw):
+        if match in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(path, data, **kw)
+
+    def link(src, dst):
+        if match in str(dst):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_link(src, dst)
+    st.write_atomic, st.os.link = write, link
+    try:
+        yield
+    finally:
+        st.write_atomic, st.os.link = real_write, real_link
+
+
+def test_an_upload_or_a_create_the_state_directory_cannot_keep_is_refused_not_lost_at_the_next_start(tmp_path):
+    """A full disk: the upload was answered 200 and gone at the next start, and a create answered in_progress,
+    its lines run and paid, then failed at the next start, "its input was not found" (a helper's hunt)."""
+    eng, state = FakeEngine(), tmp_path / "state"
+    with serving(make_app(eng, catalog=CAT, state_dir=state)) as url, \
+            openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=10) as client:
+        with disk_full("/files/"), pytest.raises(openai.APIStatusError) as up:
+            upload(client, [batch_line("a", "one")])
+        assert up.value.status_code == 507 and "state directory" in str(up.value) and "free room" in str(up.value)
+        assert list(client.files.list()) == []  # not accepted: nothing to lose
+        f = upload(client, [batch_line("b", "two")])
+        with disk_full("/batches/"), pytest.raises(openai.APIStatusError) as create:
+            client.batches.create(input_file_id=f.id, **CREATE)
+        assert create.value.status_code == 507 and eng.submitted == []  # nothing sent, nothing paid
+        assert list(client.batches.list()) == [] and not list((state / "batches").iterdir())
+
+
+def test_a_batch_whose_end_cannot_be_written_stays_open_on_disk_and_the_next_start_writes_it(tmp_path):
+    """The output file's write failed (a full disk), and the batch was saved completed with its results let go:
+    at the next start its output was a 404, the paid answers gone (a helper's hunt)."""
+    eng, state = FakeEngine(), tmp_path / "state"
+    with serving(make_app(eng, catalog=CAT, state_dir=state)) as url, \
+            openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=10) as client:
+        f = upload(client, [batch_line("a", "one"), batch_line("b", "two")])
+        with disk_full("-output."):
+            b = wait_done(client, client.batches.create(input_file_id=f.id, **CREATE).id)
+            assert b.status == "completed" and len(client.files.content(b.output_file_id).text.splitlines()) == 2
+    asked = list(eng.submitted)
+    with serving(make_app(eng, catalog=CAT, state_dir=state)) as url, \
+            openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=10) as client:
+        again = wait_done(client, b.id)
+        out = client.files.content(again.output_file_id).text
+    assert again.status == "completed" and again.request_counts.completed == 2
+    assert sorted(json.loads(x)["custom_id"] for x in out.splitlines()) == ["a", "b"]
+    assert eng.submitted == asked  # written from the results kept on disk: nothing asked again
+
+
+def test_what_a_kill_left_half_written_is_swept_at_the_next_start(tmp_path):
+    """A kill during an upload's write left its temporary file (8 MB of a 156 MB upload) for good."""
+    from engine.app._endpoint_state import EndpointState
+
+    state = tmp_path / "state"
+    st = EndpointState(state)
+    left_open(st, "batch_kept", [batch_line("a", "one")])  # an open batch: its input stays
+    st.close()
+    (state / "files" / ".tmp-cut").write_bytes(b"x" * 100)
+    (state / "batches" / ".tmp-cut2").write_bytes(b"{")
+    (state / "batches" / "batch_gone.input").write_bytes(b"line\n")  # its create never reached its record
+    EndpointState(state).close()
+    assert sorted(p.name for p in (state / "files").iterdir()) == []
+    assert sorted(p.name for p in (state / "batches").iterdir()) == ["batch_kept.input", "batch_kept.json"]
