@@ -4,10 +4,15 @@
   arriving before every reader's deadline (``min over writers j of write_j + the plain price of each holder whose
   deadline comes before j's arrival``), against the bound as it is;
 - ``third``: what a third batch attempt (two checkpoints, each at its best point) adds to P(on time) over the
-  second batch, per provider and time to the hedge.
+  second batch, per provider and time to the hedge;
+- ``segments`` (stop 59): the bound with each cache cluster split where its rigid holders (a send window no
+  longer than the TTL: urgent turns) lie more than a TTL apart and no flexible holder's window reaches into the
+  gap, or too few flexible holders are left to bridge it (their positions relaxed): one holder is sent once,
+  so a cluster chained through it may need more than the one write the bound charges.
 
     .venv/bin/python benchmarks/bench_gap_probes.py bound --seeds 0 1
     .venv/bin/python benchmarks/bench_gap_probes.py third
+    .venv/bin/python benchmarks/bench_gap_probes.py segments --seeds 0 1
 
 Prints figures; asserts nothing.
 """
@@ -76,6 +81,68 @@ def bound(seeds: list[int], data: Path) -> None:
               f"${after.cache_write_usd:.3f}")
 
 
+def _segment_writes(ttl_s: float, seen: dict):
+    """``_cluster_writes`` with at least as many segments per cluster as its rigid holders need (see the module
+    docstring); each segment holds one of them at least and pays ``min(write, its plain)``, the cheapest first."""
+    def writes(holders: list) -> float:
+        holders.sort()
+        clusters, cur, end = [], [], -np.inf
+        for h in holders:
+            if cur and h[0] > end:
+                clusters.append(cur)
+                cur = []
+            end = h[1] if not cur else max(end, h[1])
+            cur.append(h)
+        if cur:
+            clusters.append(cur)
+        total = 0.0
+        for c in clusters:
+            w_min, base = min(h[2] for h in c), min(min(h[2] for h in c), sum(h[3] for h in c))
+            rigid = sorted((h for h in c if h[1] - ttl_s - h[0] <= ttl_s), key=lambda h: h[0])
+            flex = [(h[0], h[1] - ttl_s) for h in c if h[1] - ttl_s - h[0] > ttl_s]
+            needs, hard = [], 0
+            for x, y in zip(rigid, rigid[1:]):
+                lo, hi = x[1] - ttl_s, y[0]
+                if hi - lo <= ttl_s:
+                    continue
+                seen["gaps"] += 1
+                if any(a < hi and d > lo for a, d in flex):
+                    needs.append(int(np.ceil((hi - lo) / ttl_s)) - 1)
+                else:
+                    hard += 1
+            left, unbridged = len(flex), 0
+            for n in sorted(needs):
+                if n <= left:
+                    left -= n
+                else:
+                    unbridged += 1
+            k = 1 + hard + unbridged
+            tight = sum(sorted(min(w_min, h[3]) for h in rigid)[:k]) if k > 1 else 0.0
+            seen["split"] += tight > base
+            total += max(base, tight)
+        return total
+    return writes
+
+
+def segments(seeds: list[int], data: Path) -> None:
+    reqs = load_real("mooncake", data)
+    ttls = {pc.ttl_s for prov in default_catalog().providers.values() if (pc := prov.prompt_cache) is not None}
+    if len(ttls) != 1:
+        raise SystemExit(f"the probe takes one cache TTL for every provider; the catalog has {sorted(ttls)}")
+    ttl_s, as_is = ttls.pop(), lb._cluster_writes
+    for seed in seeds:
+        before = lb.lower_bound(reqs, seed=seed)
+        seen = {"gaps": 0, "split": 0}
+        lb._cluster_writes = _segment_writes(ttl_s, seen)
+        try:
+            after = lb.lower_bound(reqs, seed=seed)
+        finally:
+            lb._cluster_writes = as_is
+        print(f"seed {seed}: bound ${before.total_usd:.3f} -> ${after.total_usd:.3f} "
+              f"(+${after.total_usd - before.total_usd:.3f}); rigid gaps over a TTL {seen['gaps']}, clusters split "
+              f"{seen['split']}")
+
+
 def third() -> None:
     cat = default_catalog()
     print("| provider | s to the hedge | one batch | two | three |")
@@ -98,11 +165,11 @@ def third() -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("probe", choices=["bound", "third"])
+    ap.add_argument("probe", choices=["bound", "third", "segments"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--data", type=Path, default=DATA)
     a = ap.parse_args()
-    bound(a.seeds, a.data) if a.probe == "bound" else third()
+    {"bound": lambda: bound(a.seeds, a.data), "segments": lambda: segments(a.seeds, a.data), "third": third}[a.probe]()
 
 
 if __name__ == "__main__":
