@@ -173,6 +173,8 @@ class FileJournal:
     def _archive(self, space: str, gone: dict[str, tuple[float, Any]]) -> None:
         """Keep ``gone`` ((when, record) by key) in the archive ``space``, past ``archive_s`` no longer."""
         arch = self._space(space)
+        for k in gone:  # (to the end: the order they came in is the order they go)
+            arch.pop(k, None)
         arch.update(gone)
         cutoff, old = time.time() - self.archive_s, 0
         while arch and next(iter(arch.values()))[0] < cutoff:  # (kept in the order they came)

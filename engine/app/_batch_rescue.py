@@ -110,10 +110,11 @@ def pending(root: Path) -> tuple[int, int, int]:
     return batches, open_, calls
 
 
-def sweep(root: Path) -> None:
-    """Remove the journal of every run under ``root`` that has nothing under way, and ``root`` once empty."""
+def sweep(root: Path, keep_ended: bool = True) -> None:
+    """Remove the journal of every run under ``root`` that has nothing under way, nor (``keep_ended``) any ended
+    batch archived, and ``root`` once empty."""
     for run in engine_dirs(root):
-        if not any(_spaces_of(run).values()):
+        if not any(recs for space, recs in _spaces_of(run).items() if keep_ended or not space.startswith(ARCHIVE)):
             shutil.rmtree(run, ignore_errors=True)
     try:  # (not while it holds answers)
         root.rmdir()
@@ -142,6 +143,16 @@ async def _rescue(root, settings, catalog, keys, speedup, wanted, say, strict) -
     old_answers = sorted(root.glob(f"{ANSWERS}.*.jsonl")) if root.is_dir() else []
     providers: dict[str, object] = {}
     runs, locks = engine_dirs(root), []
+    real = set(settings.providers.http_providers(catalog.providers))
+
+    def provider(name: str):
+        """Made when a batch of ``name`` is read: never a simulated one (a journaled batch is a real one)."""
+        if name not in real:
+            raise ProviderUnread(f"{name} is not called over HTTP in this run (its endpoint, or the catalog, "
+                                 "changed since): give it its endpoint again")
+        if name not in providers:  # its answers date from before this run: at its time 0, within every deadline
+            providers[name] = make_provider(name, catalog, settings, None, ManualClock(0.0), keys.get(name))
+        return providers[name]
     try:
         for run in runs:
             # Its dispatchers outlive a killed driver by seconds, still following (and hedging) its batches.
@@ -162,12 +173,9 @@ async def _rescue(root, settings, catalog, keys, speedup, wanted, say, strict) -
                     continue
                 archived = space.startswith(ARCHIVE)
                 name = space.removeprefix(ARCHIVE).split(":")[1]
-                if name not in providers:
-                    # Its answers date from before this run: at its time 0, within every deadline.
-                    providers[name] = make_provider(name, catalog, settings, None, ManualClock(0.0), keys.get(name))
                 for key, rec in recs.items():
                     rec = rec[1] if archived else rec  # (when it was archived, the record)
-                    jobs.append(_collect(providers[name], name, catalog, key, rec, space.endswith(":watch"), got,
+                    jobs.append(_collect(provider, name, catalog, key, rec, space.endswith(":watch"), got,
                                          speed=speedup, wanted=wanted, say=say, archived=archived, seen=seen))
         # Together: a cancel takes up to 10 minutes, and one batch after another took that many times over.
         errors = [e for e in await asyncio.gather(*jobs, return_exceptions=True) if e is not None]
@@ -177,7 +185,12 @@ async def _rescue(root, settings, catalog, keys, speedup, wanted, say, strict) -
                               "(sending their lines again would pay twice for what they finished)")
         for e in errors:
             say(f"a provider batch of the earlier run could not be read ({e}): what it finished is paid twice")
-        _keep_answers(root, got.results)  # first: then what was read can go
+        try:
+            _keep_answers(root, got.results)  # first: then what was read can go
+        except OSError as exc:
+            why = exc.strerror or exc
+            raise ConfigError(f"could not keep what the earlier run's journal gave under {root} ({why}); nothing "
+                              "of it was removed: free room there and run again") from None
         for run in runs:
             shutil.rmtree(run, ignore_errors=True)
         for path in old_answers:
@@ -201,7 +214,7 @@ def _keep_answers(root: Path, results: dict[str, Result]) -> None:
     write_atomic(root / f"{ANSWERS}.rescued-{time.time_ns()}.jsonl", data, durable=True)
 
 
-async def _collect(p, name: str, catalog, key: str, rec: tuple, watch: bool, got: Rescued, *, speed: float,
+async def _collect(provider, name: str, catalog, key: str, rec: tuple, watch: bool, got: Rescued, *, speed: float,
                    wanted: set[str] | None, say, archived: bool, seen: set[str]) -> Exception | None:
     """One journaled batch: found (if its create was cut), cancelled, read; its finished members into ``got``.
     ``archived``: one that ended in the run (its answers may not have reached the output file). Returns the
@@ -213,6 +226,10 @@ async def _collect(p, name: str, catalog, key: str, rec: tuple, watch: bool, got
     if archived and (handle is None or wanted is not None and not any(
             j.req.id in wanted and j.req.id not in got.results for j in jobs)):
         return None  # ended: its create failed (nothing made), or what it answered is in the output file already
+    try:
+        p = provider(name)
+    except ProviderUnread as exc:
+        return exc
     if handle is None and getattr(p, "names_batches", True):
         cjobs = [CallJob(call_key(j.req.tenant, j.req.id, j.req.model, j.attempts), j.req, start, j.attempts, j.seq)
                  for j in jobs]

@@ -344,9 +344,11 @@ class FilesAndBatches(TakeBack):
         expired = any(r.status == "expired" for r in results)
         self._enter(job, "cancelled" if job.status == "cancelling" else "expired" if expired else "completed")
         job.release()
-        if kept and self.state is not None:
+        if self.state is not None and kept:
             self._save(job)
             self.state.ended(job.id)
+        elif self.state is not None:  # what the next start writes the end from, whole (its appends may have failed)
+            self.state.rewrite_results(job.id, results)  # as its client saw them
 
     def _enter(self, job: BatchJob, status: str) -> None:
         if status == "finalizing" and job.status == "cancelling":  # a cancelled batch goes on cancelling

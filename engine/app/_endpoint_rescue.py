@@ -9,7 +9,7 @@ from pathlib import Path
 
 from engine.app._batch_rescue import ANSWERS, kept_answers, pending, rescue, sweep
 
-__all__ = ["ENDPOINT_ARCHIVE_S", "prepare_endpoint"]
+__all__ = ["ENDPOINT_ARCHIVE_S", "prepare_endpoint", "stopped_cleanly"]
 
 ENDPOINT_ARCHIVE_S = 3600.0  # a service's ended batches: kept an hour (its replica keeps their answers as they come)
 
@@ -44,6 +44,7 @@ def _prepared(state_dir: Path | None, settings, cat, speedup: float, address: st
     root = state_dir / "journal"
     batches, open_, calls = pending(root)
     if batches or calls or kept_answers(root):  # (answers: what a start killed after its rescue had read)
+        # (ended batches only: killed before its replica kept what they answered, or a stop past its drain)
         state = EndpointState(state_dir)  # its lock: no replica reads DIR meanwhile
         try:
             kept = {}
@@ -51,8 +52,8 @@ def _prepared(state_dir: Path | None, settings, cat, speedup: float, address: st
                 if BatchJob.from_record(rec).final is None:
                     kept[rec["id"]] = results
             plan, keys = http_setup(cat, settings)
-            say(f"the engine of an endpoint on {state_dir} was cut off with {open_:,} provider batch(es) under way "
-                f"and {calls:,} sync call(s): reading what its {batches:,} batch(es) answered"
+            say(f"the engine of an endpoint on {state_dir} did not stop cleanly ({open_:,} provider batch(es) "
+                f"and {calls:,} sync call(s) under way): reading what its {batches:,} batch(es) answered"
                 + (" after cancelling those still running" if open_ else ""))
             got = rescue(root, settings, plan, keys, speedup=speedup, wanted=_wanted(root, kept), say=say)
             n, errors = 0, state.write_errors
@@ -120,3 +121,11 @@ def _wait_for_the_lock(state_dir: Path, say) -> None:
                     "(the processes of one just killed end within seconds)")
                 said = True
             time.sleep(0.2)  # a process ending: no event to wait on but its lock
+
+
+def stopped_cleanly(state_dir: Path | None) -> None:
+    """After ``serve``'s stop went through (drained, its endpoint and engine stopped): what its engine's ended
+    batches answered is with the endpoint, so their archived records go. Kept, the next start read them at the
+    provider again for nothing, and was refused while the provider was down (a helper's review)."""
+    if state_dir is not None:
+        sweep(state_dir / "journal", keep_ended=False)

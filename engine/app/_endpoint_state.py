@@ -67,9 +67,10 @@ class EndpointState:
         for d in (self.files_dir, self.batches_dir):
             for tmp in d.glob(".tmp-*"):
                 tmp.unlink(missing_ok=True)
-        for inp in self.batches_dir.glob("*.input"):
-            if not inp.with_suffix(".json").exists():
-                inp.unlink(missing_ok=True)
+        for d, data in ((self.batches_dir, "*.input"), (self.files_dir, "*.data")):
+            for path in d.glob(data):  # bytes whose record a kill or a full disk kept from being written
+                if not path.with_suffix(".json").exists():
+                    path.unlink(missing_ok=True)
 
     def __repr__(self) -> str:
         return f"EndpointState({str(self.root)!r}, write_errors={self.write_errors})"
@@ -108,8 +109,13 @@ class EndpointState:
     def save_file(self, f: StoredFile, strict: bool = False) -> None:
         def write() -> None:
             write_atomic(self.files_dir / f"{f.id}.data", f.data, durable=True)
-            _write_json(self.files_dir / f"{f.id}.json", {"id": f.id, "filename": f.filename, "purpose": f.purpose,
-                                                           "created_at": f.created_at, "created_ns": time.time_ns()})
+            try:
+                _write_json(self.files_dir / f"{f.id}.json", {"id": f.id, "filename": f.filename,
+                                                               "purpose": f.purpose, "created_at": f.created_at,
+                                                               "created_ns": time.time_ns()})
+            except OSError:  # its bytes would stay for good, listed by nothing (a helper's review)
+                (self.files_dir / f"{f.id}.data").unlink(missing_ok=True)
+                raise
         self._guarded(f"file {f.id}", write, strict)
 
     def _drop(self, what: str, paths: list[Path]) -> None:
@@ -164,6 +170,12 @@ class EndpointState:
             with open(self.batches_dir / f"{batch_id}.results.jsonl", "ab") as out:
                 out.write(res.model_dump_json().encode() + b"\n")
         self._guarded(f"a result of batch {batch_id}", append)
+
+    def rewrite_results(self, batch_id: str, results: list[Result]) -> None:
+        """An open batch's results, written whole (its appends may have failed as its end did: a full disk)."""
+        data = b"".join(r.model_dump_json().encode() + b"\n" for r in results)
+        self._guarded(f"the results of batch {batch_id}",
+                      lambda: write_atomic(self.batches_dir / f"{batch_id}.results.jsonl", data, durable=True))
 
     def ended(self, batch_id: str) -> None:
         """The batch's record holds all it shows now: its input and results go."""

@@ -18,7 +18,7 @@ import typer
 from rich.text import Text
 
 from engine.app._driver_shared import check_answers, init_ray
-from engine.app._endpoint_rescue import prepare_endpoint
+from engine.app._endpoint_rescue import prepare_endpoint, stopped_cleanly
 from engine.app._ray_stop import exit_now, own_ray_processes, stop_or_lose_ray
 from engine.app.cli_common import _fail, _providers, _settings, app, console, err_console
 from engine.core.errors import ConfigError, SmartbatchError
@@ -316,6 +316,7 @@ def _serve_until_stopped(eng: Any, claim: NameClaim, *, policy: str, speedup: fl
                 eng.shutdown()
             else:
                 eng.stop()
+            stopped_cleanly(state_dir)
 
         try:
             # No grace: Ray was started before the engine (above), so its stop never shuts Ray down itself.

@@ -190,3 +190,56 @@ def test_a_second_endpoint_on_a_state_dir_in_use_is_refused_before_it_starts_any
     finally:
         held.close()
     er._wait_for_the_lock(tmp_path, said.append)  # free again: taken at once
+
+
+def test_a_clean_serve_stop_leaves_only_what_was_under_way(tmp_path):
+    """After a stop that drained, the archived ended batches were read at the provider again at each restart
+    within the hour, and the start refused while the provider was down (a helper's review)."""
+    from engine.app._batch_rescue import pending
+    from engine.app._endpoint_rescue import stopped_cleanly
+
+    async def go():
+        ended, open_ = FileJournal(tmp_path / "journal", "e@1"), FileJournal(tmp_path / "journal", "e@2")
+        await ended.put("batches:openai", "b0", "rec")
+        await ended.delete("batches:openai", ["b0"])  # archived
+        await open_.put("batches:openai", "b1", "rec")  # still under way (a drain past its limit)
+        os.close(ended._lock)
+        os.close(open_._lock)
+    asyncio.run(go())
+    assert pending(tmp_path / "journal") == (2, 1, 0)
+    stopped_cleanly(tmp_path)
+    assert pending(tmp_path / "journal") == (1, 1, 0)
+    assert [d.name for d in engine_dirs(tmp_path / "journal")] == ["e@2"]
+
+
+def test_a_journaled_batch_of_a_provider_not_called_over_http_now_is_refused_not_read_from_a_simulator(tmp_path):
+    """A restart whose catalog or endpoints changed: it failed as "a bug" (AttributeError), or would have read a
+    real batch from the simulator (a helper's review)."""
+    from actors._types import Job
+    from engine.app._batch_rescue import rescue
+    from engine.core.catalog import default_catalog
+    from engine.core.errors import ConfigError
+    from engine.core.request import Request
+
+    job = Job(0, Request.model_validate({"id": "r0", "arrival_s": 0.0, "model": "gpt-5-mini", "input_tokens": 10,
+                                         "output_tokens": 5}), "fp")
+
+    async def go():
+        j = FileJournal(tmp_path, "e@1")
+        await j.put("batches:openai", "k", ("batch", [job], 0.0, 0, _Handle(), None))
+        os.close(j._lock)
+    asyncio.run(go())
+    with pytest.raises(ConfigError, match="openai is not called over HTTP in this run"):
+        rescue(tmp_path, Settings(), default_catalog(), {}, say=lambda m: None)
+    assert pending_records(tmp_path) == 1  # nothing removed
+
+
+def pending_records(root) -> int:
+    from engine.app._batch_rescue import pending
+
+    return pending(root)[0]
+
+
+class _Handle:  # a journaled provider batch's handle, as far as the rescue reads it
+    id = "batch_real"
+    jobs: dict = {}
