@@ -36,20 +36,26 @@ from engine.core.catalog import default_catalog  # noqa: E402
 GRID = 60  # checkpoints tried for the first of three batches
 
 
+def _clusters(holders: list) -> list[list]:
+    """The bound's clusters of one block's holders: windows ``[arrival, deadline + ttl]`` that chain."""
+    holders.sort()
+    clusters, cur, end = [], [], -np.inf
+    for h in holders:
+        if cur and h[0] > end:
+            clusters.append(cur)
+            cur = []
+        end = h[1] if not cur else max(end, h[1])
+        cur.append(h)
+    if cur:
+        clusters.append(cur)
+    return clusters
+
+
 def _first_writer_writes(ttl_s: float):
     """``_cluster_writes`` with the first writer bound to arrive before every reader's deadline. A holder tuple is
     (arrival, deadline + ttl, write extra, plain extra), as the bound builds it."""
     def writes(holders: list) -> float:
-        holders.sort()
-        clusters, cur, end = [], [], -np.inf
-        for h in holders:
-            if cur and h[0] > end:
-                clusters.append(cur)
-                cur = []
-            end = h[1] if not cur else max(end, h[1])
-            cur.append(h)
-        if cur:
-            clusters.append(cur)
+        clusters = _clusters(holders)
         total = 0.0
         for c in clusters:
             a = np.array([h[0] for h in c])
@@ -85,16 +91,7 @@ def _segment_writes(ttl_s: float, seen: dict):
     """``_cluster_writes`` with at least as many segments per cluster as its rigid holders need (see the module
     docstring); each segment holds one of them at least and pays ``min(write, its plain)``, the cheapest first."""
     def writes(holders: list) -> float:
-        holders.sort()
-        clusters, cur, end = [], [], -np.inf
-        for h in holders:
-            if cur and h[0] > end:
-                clusters.append(cur)
-                cur = []
-            end = h[1] if not cur else max(end, h[1])
-            cur.append(h)
-        if cur:
-            clusters.append(cur)
+        clusters = _clusters(holders)
         total = 0.0
         for c in clusters:
             w_min, base = min(h[2] for h in c), min(min(h[2] for h in c), sum(h[3] for h in c))

@@ -36,25 +36,34 @@ def _records(root) -> dict[str, dict]:
     return {s: r for d in engine_dirs(root) for s, r in read_spaces(d).items()}
 
 
-def test_a_batch_under_way_at_the_crash_is_cancelled_and_its_finished_members_answered(emu, tmp_path):  # noqa: F811
-    out = tmp_path / "out.jsonl"
-    root = journal_dir(out)
-    jobs = jobs_of("openai", claims=True)
+def _journaled(rig: Rig) -> bool:
+    return any(rec[4] is not None for rec in _records(rig.settings.journal.dir).get("batches:openai", {}).values())
 
+
+def _crashed_after(emu, root, jobs, until, what: str) -> Rig:  # noqa: F811
+    """A dispatcher journaling under ``root`` sends ``jobs`` in one provider batch, and crashes once
+    ``until(rig)`` holds."""
     async def go():
         rig = Rig(emu, "openai", journal={"dir": str(root)})
         try:
             await rig.reserve(jobs)
             await rig.run("batch_api", jobs, hedge_at=FAR)
-            await rig.until(lambda: _billed(emu) and any(  # (its id journaled: a slow create's reply comes late)
-                rec[4] is not None for rec in _records(root).get("batches:openai", {}).values()),
-                "a first member to finish at the provider, and the batch's id in the journal")
+            await rig.until(lambda: until(rig), what)
             _crash(rig)
         finally:
             await rig.close()
         return rig
+    return asyncio.run(go())
 
-    rig = asyncio.run(go())
+
+def test_a_batch_under_way_at_the_crash_is_cancelled_and_its_finished_members_answered(emu, tmp_path):  # noqa: F811
+    out = tmp_path / "out.jsonl"
+    root = journal_dir(out)
+    jobs = jobs_of("openai", claims=True)
+
+    # (its id journaled too: a slow create's reply comes late)
+    rig = _crashed_after(emu, root, jobs, lambda rig: _billed(emu) and _journaled(rig),
+                         "a first member to finish at the provider, and the batch's id in the journal")
     with pytest.raises(ConfigError, match="--resume.*--overwrite"):  # a rerun that would pay again is refused
         prepare(out, rig.settings, rig.catalog, [j.req for j in jobs], resume=False, overwrite=False, address=None,
                 speedup=SPEED)
@@ -79,20 +88,10 @@ def test_a_batch_that_ended_before_the_crash_is_read_from_its_archived_record(em
     root = tmp_path / "j"
     jobs = jobs_of("openai", claims=True)
 
-    async def go():
-        rig = Rig(emu, "openai", journal={"dir": str(root)})
-        try:
-            await rig.reserve(jobs)
-            await rig.run("batch_api", jobs, hedge_at=FAR)
-            await rig.resolved(jobs)
-            await rig.until(lambda: _records(root).get(ARCHIVE + "batches:openai"), "the record to be archived")
-            assert _records(root)["batches:openai"] == {}
-            _crash(rig)
-        finally:
-            await rig.close()
-        return rig
-
-    rig = asyncio.run(go())
+    ids = {j.req.id for j in jobs}
+    rig = _crashed_after(emu, root, jobs, lambda rig: ids <= set(rig.results) and _records(root).get(
+        ARCHIVE + "batches:openai"), "every member answered, and the batch's record archived")
+    assert _records(root)["batches:openai"] == {}
     cancels = emu.count("batches.cancel")
     wanted = {jobs[0].req.id, jobs[2].req.id}  # the others are in the output file already
     got = rescue(root, rig.settings, rig.catalog, {"openai": Secret(KEY)}, speedup=SPEED, wanted=wanted,
@@ -108,19 +107,7 @@ def test_a_batch_the_rescue_cannot_read_keeps_the_journal_and_is_refused(emu, tm
     root = tmp_path / "j"
     jobs = jobs_of("openai", claims=True)
 
-    async def go():
-        rig = Rig(emu, "openai", journal={"dir": str(root)})
-        try:
-            await rig.reserve(jobs)
-            await rig.run("batch_api", jobs, hedge_at=FAR)
-            await rig.until(lambda: any(rec[4] is not None for rec in
-                                        _records(root).get("batches:openai", {}).values()), "the batch journaled")
-            _crash(rig)
-        finally:
-            await rig.close()
-        return rig
-
-    rig = asyncio.run(go())
+    rig = _crashed_after(emu, root, jobs, _journaled, "the batch journaled")
     before = {s: sorted(r) for s, r in _records(root).items()}
     gone = rig.settings.model_copy(update={"providers": rig.settings.providers.model_copy(update={
         "endpoints": {n: ep.model_copy(update={"base_url": "http://127.0.0.1:9/v1"})
