@@ -69,7 +69,8 @@ def _first_writer_writes(ttl_s: float):
     return writes
 
 
-def bound(seeds: list[int], data: Path) -> None:
+def _against_the_bound(seeds: list[int], data: Path, writes):
+    """(seed, the bound, the bound with ``writes(ttl_s)`` as its ``_cluster_writes``) on Mooncake, per seed."""
     reqs = load_real("mooncake", data)
     ttls = {pc.ttl_s for prov in default_catalog().providers.values() if (pc := prov.prompt_cache) is not None}
     if len(ttls) != 1:
@@ -77,11 +78,16 @@ def bound(seeds: list[int], data: Path) -> None:
     ttl_s, as_is = ttls.pop(), lb._cluster_writes
     for seed in seeds:
         before = lb.lower_bound(reqs, seed=seed)
-        lb._cluster_writes = _first_writer_writes(ttl_s)
+        lb._cluster_writes = writes(ttl_s)
         try:
             after = lb.lower_bound(reqs, seed=seed)
         finally:
             lb._cluster_writes = as_is
+        yield seed, before, after
+
+
+def bound(seeds: list[int], data: Path) -> None:
+    for seed, before, after in _against_the_bound(seeds, data, _first_writer_writes):
         print(f"seed {seed}: bound ${before.total_usd:.3f} -> ${after.total_usd:.3f} "
               f"(+${after.total_usd - before.total_usd:.3f}); cache writes ${before.cache_write_usd:.3f} -> "
               f"${after.cache_write_usd:.3f}")
@@ -122,22 +128,12 @@ def _segment_writes(ttl_s: float, seen: dict):
 
 
 def segments(seeds: list[int], data: Path) -> None:
-    reqs = load_real("mooncake", data)
-    ttls = {pc.ttl_s for prov in default_catalog().providers.values() if (pc := prov.prompt_cache) is not None}
-    if len(ttls) != 1:
-        raise SystemExit(f"the probe takes one cache TTL for every provider; the catalog has {sorted(ttls)}")
-    ttl_s, as_is = ttls.pop(), lb._cluster_writes
-    for seed in seeds:
-        before = lb.lower_bound(reqs, seed=seed)
-        seen = {"gaps": 0, "split": 0}
-        lb._cluster_writes = _segment_writes(ttl_s, seen)
-        try:
-            after = lb.lower_bound(reqs, seed=seed)
-        finally:
-            lb._cluster_writes = as_is
+    seen = {"gaps": 0, "split": 0}
+    for seed, before, after in _against_the_bound(seeds, data, lambda ttl_s: _segment_writes(ttl_s, seen)):
         print(f"seed {seed}: bound ${before.total_usd:.3f} -> ${after.total_usd:.3f} "
               f"(+${after.total_usd - before.total_usd:.3f}); rigid gaps over a TTL {seen['gaps']}, clusters split "
               f"{seen['split']}")
+        seen.update(gaps=0, split=0)
 
 
 def third() -> None:
