@@ -51,6 +51,9 @@ class Rescued:
     lost_batches: int = 0  # those given up on (not ended in time, unreadable, or a cut create not found)
     cut_calls: int = 0  # sync calls under way when the earlier run was cut off (maybe billed, sent again)
     answered: int = 0  # of ``results``, those the earlier run's driver had received (the rest: from batches)
+    # Every member a batch answered, by (tenant, id), with the request it answered: what a driver's take-back
+    # (``engine.app._driver_resume``) matches against the content submitted again, tenants apart.
+    members: dict[str, tuple] = field(default_factory=dict)  # Request.uid -> (Request, Result)
 
 
 def _spaces_of(run: Path) -> dict[str, dict]:
@@ -123,18 +126,20 @@ def sweep(root: Path, keep_ended: bool = True) -> None:
 
 
 def rescue(root: Path, settings, catalog, keys: dict, *, speedup: float = 1.0, wanted: set[str] | None = None,
-           say: Callable[[str], None] = print, strict: bool = True) -> Rescued:
+           say: Callable[[str], None] = print, strict: bool = True,
+           keep: Callable[[Rescued], None] | None = None) -> Rescued:
     """Take the answers, and cancel and read every provider batch, that the journal under ``root`` names. Only
     the answers of requests in ``wanted`` (ids; None: all) are kept. What was read is written whole into one
     answers file under ``root`` before anything read is removed, so a run killed after this (before it wrote
     its output) loses none of it to the next. A batch that cannot be read (its provider unreachable, or not
     ended well after its cancel) raises ``ConfigError`` with nothing removed: sending its lines again would pay
     for what it finished twice (``strict``; else it is said, and the journal goes all the same). ``speedup``:
-    engine seconds per real second of the providers (1 when real)."""
-    return asyncio.run(_rescue(root, settings, catalog, keys, speedup, wanted, say, strict))
+    engine seconds per real second of the providers (1 when real). ``keep``: how what was read is kept (a
+    driver's own answers file), instead of the batch command's."""
+    return asyncio.run(_rescue(root, settings, catalog, keys, speedup, wanted, say, strict, keep))
 
 
-async def _rescue(root, settings, catalog, keys, speedup, wanted, say, strict) -> Rescued:
+async def _rescue(root, settings, catalog, keys, speedup, wanted, say, strict, keep) -> Rescued:
     from engine.core.errors import ConfigError
 
     got = Rescued()
@@ -186,7 +191,7 @@ async def _rescue(root, settings, catalog, keys, speedup, wanted, say, strict) -
         for e in errors:
             say(f"a provider batch of the earlier run could not be read ({e}): what it finished is paid twice")
         try:
-            _keep_answers(root, got.results)  # first: then what was read can go
+            (keep or (lambda g: _keep_answers(root, g.results)))(got)  # first: then what was read can go
         except OSError as exc:
             why = exc.strerror or exc
             raise ConfigError(f"could not keep what the earlier run's journal gave under {root} ({why}); nothing "
@@ -252,11 +257,13 @@ async def _collect(provider, name: str, catalog, key: str, rec: tuple, watch: bo
         return ProviderUnread(f"{name} batch {handle.id}: {_brief(exc)}")
     for ckey, o in outs.items():
         cj = handle.jobs.get(ckey)
-        if cj is None or not o.ok or (wanted is not None and cj.req.id not in wanted) or cj.req.id in got.results:
+        if cj is None or not o.ok:
             continue
-        got.results[cj.req.id] = ok_result(cj.req, at=0.0, cost=o.cost, mode="batch_api", batch_id=b.bid,
-                                           recommendation=b.recommendation,
-                                           reason="answered by a provider batch of an earlier run", out=o)
+        res = ok_result(cj.req, at=0.0, cost=o.cost, mode="batch_api", batch_id=b.bid,
+                        recommendation=b.recommendation, reason="answered by a provider batch of an earlier run", out=o)
+        got.members.setdefault(cj.req.uid, (cj.req, res))
+        if (wanted is None or cj.req.id in wanted) and cj.req.id not in got.results:
+            got.results[cj.req.id] = res
     return None
 
 
@@ -352,7 +359,8 @@ def prepare(out: Path, settings, cat, requests: list, *, resume: bool, overwrite
         say(f"no journal beside {out} ({exc.strerror or exc}): if this run is killed, what its provider batches "
             "finish is paid again by the next run")
         return settings, got, rest
-    return settings.model_copy(update={"journal": settings.journal.model_copy(update={"dir": root})}), got, rest
+    journal = settings.journal.model_copy(update={"dir": root, "take_back": False})  # (taken back above)
+    return settings.model_copy(update={"journal": journal}), got, rest
 
 
 def finish(settings, out: Path, clean: bool) -> None:

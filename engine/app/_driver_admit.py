@@ -16,6 +16,8 @@ __all__ = ["Admitting"]
 
 class Admitting:
     _admits = 0  # submits that queued requests: a submit waiting for room looks again when it has moved
+    _kept = None  # answers an earlier, killed run of the job paid for (``engine.app._driver_resume``)
+    _kept_due: list  # (future, kept answer) to resolve once the lock is let go (``_give_kept``)
 
     def _admit(self, reqs: list[Request]) -> tuple[list[ResultFuture], bool]:
         """Futures for ``reqs`` (existing ones for a repeated (tenant, id)), queuing the new ones; waits for
@@ -33,6 +35,10 @@ class Admitting:
             fut = self._futs.get(r.uid) or futs.get(r.uid)
             if fut is not None:
                 _same_content(r, fut)
+            elif self._kept is not None and (res := self._kept.take(r)) is not None:
+                fut = self._futs[r.uid] = ResultFuture(r, self)  # answered, never sent: resolved by _give_kept
+                self._pending += 1
+                self._kept_due.append((fut, res))
             else:
                 fut = ResultFuture(r, self)
                 new.append(r)
@@ -63,6 +69,15 @@ class Admitting:
             if self._idle:
                 self._wake.set()
         return [futs[r.uid] for r in reqs], bool(new)
+
+    def _give_kept(self) -> None:
+        """Resolve the futures ``_admit`` answered from kept answers, out of the lock (a callback may submit)."""
+        if self._kept is None:
+            return
+        with self._lock:
+            due, self._kept_due = self._kept_due, []
+        for fut, res in due:
+            self._resolve(fut, res)
 
     def _queued_meanwhile(self, new: list[Request], futs: dict[str, ResultFuture]) -> list[Request]:
         """The wait for room let the lock go, and another submit may have queued some of ``new`` meanwhile: those

@@ -94,6 +94,7 @@ class AsyncSubmit:
                     return None
             futs, new = self._admit(reqs)
             full = len(self._buffer) >= self._micro_batch
+        self._give_kept()
         if len(reqs) != 1 or full:
             self._flush()
         elif new and reqs[0].priority == "urgent":

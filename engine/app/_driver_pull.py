@@ -184,6 +184,8 @@ class Pulling:
         # Per provider: were its calls real (http) or simulated, and what its batches did.
         rep["providers"] = {s["provider"]: {k: v for k, v in s.items() if k != "provider"}
                             for s in get(list(self._h["dispatchers"].values()), "stats")}
+        if self._kept is not None:  # answered from what a killed run of the job paid for: counted nowhere else
+            rep["taken_back"] = {"answers": self._kept.given, "cost_usd": self._kept.given_usd}
         if self._h["caches"]:  # read from the cache itself: the hub's copy is pushed every 0.5 s
             rep["cache"] = sum_figures(get(self._h["caches"], "stats_now"))
         return rep
@@ -272,11 +274,12 @@ class Pulling:
                 if results is None:  # the shard lost this driver's queue (it restarted, or took it for gone)
                     self._readmit_open()  # which claims every open request again
                     continue
-                for res in results:
-                    with self._lock:
-                        fut = self._futs.get(res.uid)
-                    if fut is not None:
-                        self._resolve(fut, res)
+                with self._lock:
+                    due = [(f, res) for res in results if (f := self._futs.get(res.uid)) is not None]
+                if self._kept is not None:  # kept before they resolve: a kill in between pays nothing again
+                    self._kept.record((f._req, res) for f, res in due)
+                for fut, res in due:
+                    self._resolve(fut, res)
 
     def _check_loop(self) -> None:
         """What the pull loop must not wait for: ingest calls that returned (re-admitting a failed one's

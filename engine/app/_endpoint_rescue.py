@@ -73,7 +73,7 @@ def _prepared(state_dir: Path | None, settings, cat, speedup: float, address: st
             state.close()
     sweep(root)
     return settings.model_copy(update={"journal": settings.journal.model_copy(
-        update={"dir": root, "archive_s": ENDPOINT_ARCHIVE_S})})
+        update={"dir": root, "archive_s": ENDPOINT_ARCHIVE_S, "take_back": False})})
 
 
 def _wanted(root: Path, kept: dict[str, dict]) -> set[str]:

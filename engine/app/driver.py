@@ -24,6 +24,7 @@ from engine.app._driver_admit import Admitting
 from engine.app._driver_async import AsyncSubmit
 from engine.app._driver_lanes import IngestLanes
 from engine.app._driver_pull import Pulling
+from engine.app._driver_resume import take_back
 from engine.app._driver_shared import SharedEngine, init_ray, stale_engine
 from engine.app._future import ResultFuture
 from engine.app._start_args import check_start_args
@@ -50,7 +51,8 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervi
 
     def __init__(self, *, handles: dict, clock, settings: Settings, catalog: Catalog, started_ray: bool,
                  micro_batch: int, flush_ms: float, max_pending: int = 100_000, overload: str = "block",
-                 submit_timeout_s: float = 60.0, retention_s: float = 3600.0, owner: bool = True, attached: bool = False):
+                 submit_timeout_s: float = 60.0, retention_s: float = 3600.0, owner: bool = True, attached: bool = False,
+                 kept=None):
         import ray
 
         self._ray = ray
@@ -79,6 +81,7 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervi
         self._finished: collections.deque[tuple[float, str]] = collections.deque()  # (when, uid), to forget
         self._futs: dict[str, ResultFuture] = {}  # by Request.uid: (tenant, id)
         self._buffer: list[Request] = []
+        self._kept, self._kept_due = kept, []  # what a killed run of the job paid for (``take_back``)
         self._inflight_refs: dict[Any, tuple[list[str], int]] = {}  # ingest call -> (uids, tries)
         self._running = True
         self._init_supervision(attached)
@@ -143,6 +146,9 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervi
         catalog, keys = http_setup(catalog, settings, speedup=speedup)  # the catalog it plans with
         num_groupers = max(num_groupers, num_shards)
         pol = load_policy(policy, catalog, policy_params)  # fails fast on a bad name or parameter
+        # What an engine killed on journal.dir left is read before anything starts: its journal's locks must be
+        # free, and a batch that cannot be read stops the start, not a run that would pay for it again.
+        kept = None if detached else take_back(settings, catalog, keys, speedup=speedup)
         started = init_ray(address or "local")
         from actors._peer import read_layout
 
@@ -168,7 +174,9 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervi
             eng = cls(handles=handles, clock=handles["clock"], settings=settings, catalog=catalog,
                       started_ray=started, micro_batch=micro_batch, flush_ms=flush_ms, max_pending=max_pending,
                       overload=overload, submit_timeout_s=submit_timeout_s, retention_s=retention_s,
-                      owner=not detached)
+                      owner=not detached, kept=kept)
+            if kept is not None and settings.budgets.specs and settings.budgets.redis_url is None:
+                eng.count_spent(kept.charges())  # billed by the run cut off; a Redis ledger counted it there
             port = settings.metrics.port if metrics_port == "settings" else metrics_port
             if port is not None:
                 eng.metrics_urls = ray.get([h.serve_metrics.remote(port + k if port else 0, settings.metrics.host)
@@ -212,6 +220,7 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervi
         try:
             self._flush()
             self._lanes_turn(force=True)  # what waits for a call to return leaves now: the flush thread has stopped
+            clean = self._pending == 0
             self._fail_open("engine stopped before the request finished (drain() first waits)" if self._owner else
                             f"this driver left engine {self.name!r} before the request finished; it still runs there: "
                             "submit the same tenant and id (from any driver) for its result")
@@ -222,6 +231,8 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervi
             if self._owner:
                 self._keep_last_report()  # report() after stop() answers with it
                 kill_engine(self._h["engine"], self._h["all"], self._h["dispatchers"].values())
+                if self._kept is not None:  # (its dispatchers gone: nothing writes the journal now)
+                    self._kept.finish(clean)
             else:  # the ids only this driver held are forgotten after its retention window, as it would have
                 for h in self._h["hubs"]:
                     h.leave.remote(self._client)
@@ -297,6 +308,7 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervi
         with self._lock:
             (fut,), new = self._admit([req])
             full = len(self._buffer) >= self._micro_batch
+        self._give_kept()
         if full:
             self._flush()
         elif new and req.priority == "urgent":
@@ -312,6 +324,7 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervi
         reqs = self._forgotten([self._as_request(r, k, now) for k, r in enumerate(requests)])
         with self._lock:
             futs, _ = self._admit(reqs)
+        self._give_kept()
         self._flush()
         return futs
 

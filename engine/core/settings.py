@@ -211,9 +211,11 @@ class JournalSettings(BaseModel):
                             "to, may evict keys)")
     dir: Path | None = Field(default=None, description="a directory on this machine where the dispatchers journal "
                              "their provider batches and calls, in files that outlive every process of the engine "
-                             "(``smartbatch batch`` sets it beside its output file, so that ``--resume`` after a "
-                             "crash collects what those batches finished instead of paying for it again); the "
-                             "engine must run on this machine")
+                             "(the engine must run on this machine): a job's crash insurance (``take_back``; "
+                             "``smartbatch batch`` sets it beside its output file for ``--resume``)")
+    take_back: bool = Field(default=True, description="with dir, real providers: an engine a driver starts first "
+                            "collects what one killed on that directory left (its batches cancelled and read, the "
+                            "answers its driver had), and answers the same requests submitted again from it")
     archive_s: float = Field(default=3 * 86400.0, gt=0.0, description="with journal.dir: how long the record of a "
                              "provider batch that ended is kept (its output can be read again after a crash; a "
                              "service's journal would grow without a bound)")

@@ -1,0 +1,32 @@
+"""A bulk job as a user's driver script writes one, for ``test_driver_crash.py``: N requests, a few urgent ones
+answered at once, the rest riding provider batches; prints one JSON line per result, then the engine's
+``taken_back`` figures. ``sys.argv[1]``: N; ``sys.argv[2]``: text that replaces request r0's prompt ("" keeps it)."""
+
+import json
+import sys
+
+from engine import Engine
+
+URGENT = 4
+
+
+def requests(n: int, r0: str) -> list[dict]:
+    out = []
+    for k in range(n):
+        urgent = k >= n - URGENT
+        prompt = r0 if k == 0 and r0 else f"Summarise report number {k}. " * 150
+        out.append({"id": f"r{k}", "model": ("gpt-5", "gpt-5-mini")[k % 2], "prompt": prompt,
+                    "max_output_tokens": 1000, "priority": "urgent" if urgent else "background",
+                    "deadline_s": 60 if urgent else 86400})
+    return out
+
+
+if __name__ == "__main__":
+    n, r0 = int(sys.argv[1]), sys.argv[2]
+    with Engine.start(speedup=1000.0) as eng:
+        futs = eng.submit_many(requests(n, r0))
+        for f in futs:
+            r = f.result()
+            print(json.dumps({"id": r.id, "status": r.status, "mode": r.mode, "reason": r.reason,
+                              "cost_usd": r.cost_usd}), flush=True)
+        print(json.dumps({"taken_back": eng.report().get("taken_back")}), flush=True)

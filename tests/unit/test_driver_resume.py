@@ -1,0 +1,96 @@
+"""A driver's crash insurance (``engine.app._driver_resume``): an engine started on ``journal.dir`` takes back what
+one killed on it left, and answers from it only the same tenant, id and content submitted again. The crash is
+the dispatcher's tasks cancelled and its journal's lock dropped (``test_batch_rescue._crash``)."""
+
+from __future__ import annotations
+
+import pytest
+
+from actors._file_journal import engine_dirs
+from engine.app._driver_resume import DRIVER_ANSWERS, KEPT_REASON, KeptAnswers, content_digest, take_back
+from engine.core.errors import ConfigError
+from engine.core.provider_api import Secret
+from engine.core.result import Result
+
+from .test_batch_rescue import FAR, _billed, _crashed_after, _journaled  # noqa: F401
+from .test_http_providers import KEY, SPEED, batch_key, emu, jobs_of, req  # noqa: F401  (emu: the fixture)
+
+KEYS = {"openai": Secret(KEY)}
+
+
+def _ok(r, cost: float = 0.01, status: str = "ok") -> Result:
+    return Result(id=r.id, tenant=r.tenant, status=status, provider=r.provider, model=r.model, cost_usd=cost,
+                  output="an answer" if status == "ok" else None)
+
+
+def test_the_batches_a_killed_engine_left_are_read_once_and_answer_the_same_requests_again(emu, tmp_path):  # noqa: F811
+    root = tmp_path / "j"
+    jobs = jobs_of("openai", claims=True)
+    rig = _crashed_after(emu, root, jobs, lambda rig: _billed(emu) and _journaled(rig),
+                         "a first member to finish at the provider, and the batch's id in the journal")
+    kept = take_back(rig.settings, rig.catalog, KEYS, speedup=SPEED)
+    billed = _billed(emu)
+    by_key = {batch_key(j): j.req for j in jobs}
+    answered = {by_key[k].id for k in billed}
+    assert kept is not None and len(kept) == len(answered) and answered
+    for j in jobs:
+        got = kept.take(j.req.model_copy(update={"arrival_s": 99.0}))  # submitted again, later
+        if j.req.id in answered:
+            assert got is not None and got.reason == KEPT_REASON and got.mode == "batch_api" and got.output
+            assert got.cost_usd == pytest.approx(billed[batch_key(j)], abs=1e-12)
+        else:
+            assert got is None  # not finished when cancelled: billed nothing, sent again
+    assert not engine_dirs(root)  # read once: the journal's records are gone, the answers kept in one file
+    cancels = emu.count("batches.cancel")
+    # Killed again before it answered anything: the next start has them from the file, and asks no provider.
+    again = take_back(rig.settings, rig.catalog, KEYS, speedup=SPEED)
+    assert again is not None and len(again) == len(kept) and emu.count("batches.cancel") == cancels
+
+
+def test_a_kept_answer_goes_only_to_the_same_tenant_id_and_content(tmp_path):
+    r = req(0, "openai")
+    kept = KeptAnswers(tmp_path, {r.uid: (content_digest(r), _ok(r))})
+    assert kept.take(r) is not None and kept.given == 1
+    assert kept.take(r.model_copy(update={"prompt": r.prompt + " Another question."})) is None
+    assert kept.take(r.model_copy(update={"tenant": "someone-else"})) is None
+    assert kept.take(r.model_copy(update={"id": "r-other"})) is None
+    assert kept.given == 1 and kept.given_usd == pytest.approx(0.01)
+
+
+def test_answers_are_kept_as_they_come_a_torn_line_is_skipped_and_a_clean_stop_removes_them(emu, tmp_path):  # noqa: F811
+    from engine.app._driver_resume import _read
+
+    rs = [req(k, "openai") for k in range(3)]
+    kept = KeptAnswers(tmp_path, {})
+    kept.record([(rs[0], _ok(rs[0])), (rs[1], _ok(rs[1], 0.0, status="failed"))])  # a failure is no answer
+    kept.record([(rs[2], _ok(rs[2]))])
+    (path,) = tmp_path.glob(f"{DRIVER_ANSWERS}.*.jsonl")
+    with open(path, "a") as f:
+        f.write('{"digest": "abc", "result": {"id": "r9", "sta')  # a kill mid-write
+    assert set(_read([path])) == {rs[0].uid, rs[2].uid}
+    kept.finish(clean=False)  # open requests at the stop: left for the next run
+    assert path.exists()
+    kept.finish(clean=True)
+    assert not path.exists()
+
+
+def test_a_batch_that_cannot_be_read_stops_the_start_naming_the_directory(emu, tmp_path):  # noqa: F811
+    root = tmp_path / "j"
+    rig = _crashed_after(emu, root, jobs_of("openai", claims=True), _journaled, "the batch journaled")
+    gone = rig.settings.model_copy(update={"providers": rig.settings.providers.model_copy(update={
+        "endpoints": {n: ep.model_copy(update={"base_url": "http://127.0.0.1:9/v1"})
+                      for n, ep in rig.settings.providers.endpoints.items()}})})
+    with pytest.raises(ConfigError, match=r"journal.dir=.*could not be read.*remove that directory"):
+        take_back(gone, rig.catalog, KEYS, speedup=SPEED)
+    assert engine_dirs(root)  # nothing removed: the next start reads it
+
+
+@pytest.mark.parametrize("change", [{"take_back": False}, {"dir": None}])
+def test_no_take_back_without_a_directory_or_when_turned_off(emu, tmp_path, change):  # noqa: F811
+    root = tmp_path / "j"
+    rig = _crashed_after(emu, root, jobs_of("openai", claims=True), _journaled, "the batch journaled")
+    off = rig.settings.model_copy(update={"journal": rig.settings.journal.model_copy(update=change)})
+    assert take_back(off, rig.catalog, KEYS, speedup=SPEED) is None
+    sim = rig.settings.model_copy(update={"providers": rig.settings.providers.model_copy(update={"mode": "sim"})})
+    assert take_back(sim, rig.catalog, KEYS, speedup=SPEED) is None  # simulated calls bill nothing
+    assert engine_dirs(root)
