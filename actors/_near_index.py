@@ -63,7 +63,10 @@ class NearIndex:
                     tops[k] = top
         ks = list(tops)
         stored = (await self._fetch([(self._scope(items[k]), tops[k].source) for k in ks]))[0] if ks else []
-        entry_of = dict(zip(ks, stored))
+        # Memory again, as an exact ask does: a top match in flight may have completed while this waited on Redis
+        # (a slow one: up to its timeout), its followers gone with it; read before, the ask found neither the
+        # entry nor the leader and was generated a second time (a helper's hunt).
+        entry_of = {k: e if e is not None else self.memory.get(tops[k].source) for k, e in zip(ks, stored)}
         out: list[Result] = [LEADS] * len(items)
         for key, ks in by_class.items():
             sims = vecs[ks] @ vecs[ks].T

@@ -1,0 +1,75 @@
+"""The cache against a real redis-server that misbehaves (a helper's hunt): what a slow or refusing Redis must not
+cost a request."""
+
+import asyncio
+import itertools
+
+from actors import ResultCache, ResultHub
+from actors._types import Job
+from actors.cache_layers import RedisLayer
+from engine.core.clock import ManualClock
+from engine.core.features import fingerprint
+from engine.core.grouping import ReuseSettings
+from engine.core.request import Request
+from engine.core.result import Result
+from engine.core.settings import CacheSettings, Settings
+
+REUSE = ReuseSettings(exact=True, in_flight=True, near=True, near_threshold=0.92)
+_prefixes = itertools.count()
+
+
+def job(i, prompt, *, tenant="acme", reuse="near"):
+    r = Request.model_validate({"id": f"r{i}", "arrival_s": 0.0, "model": "gpt-image-1", "prompt": prompt,
+                                "tenant": tenant, "reuse": reuse})
+    return Job(i, r, fingerprint(r))
+
+
+def ok(j, done_s=1.0):
+    return (j.fp, Result(id=j.req.id, tenant=j.req.tenant, status="ok", output=f"img://{j.req.id}", cost_usd=0.04,
+                         mode="sync", provider=j.req.provider, model=j.req.model, done_s=done_s))
+
+
+def new_cache(url, tmp_path, layer=None, **cfg):
+    cfg.setdefault("redis_timeout_s", 5.0)
+    settings = Settings(cache=CacheSettings(redis_url=url, redis_prefix=f"sbhunt{next(_prefixes)}",
+                                            blob_dir=tmp_path / "blobs", **cfg))
+    hub = ResultHub()
+    return hub, ResultCache(REUSE, hub, ManualClock(0.0), settings=settings, redis=layer)
+
+
+def test_a_near_source_that_completes_while_the_lookup_reads_a_slow_redis_serves_it_not_a_second_call(
+        own_redis, tmp_path):
+    """A near ask whose top match is a leader in flight reads that match's entry from Redis. Held there by a slow
+    Redis, it let the leader's ``complete`` run: the entry was in memory, the leader no longer in flight, and the
+    ask, finding neither in what it had read, was generated and paid a second time (``stale_near``). It is
+    served the stored result, as an exact ask re-reading memory after its Redis read already was."""
+    layer = RedisLayer(own_redis.url, prefix=f"sbhunt{next(_prefixes)}", timeout_s=5.0)
+    hub, cache = new_cache(own_redis.url, tmp_path, layer)
+    src = job(0, "Draw a red car parked on a wet street at night")
+    ask = job(1, "draw a red car parked on a wet street at night.")
+    reading = asyncio.Event()
+    real_get = layer.get_many
+
+    async def get_many(keys):
+        if layer.key("acme", src.fp) in keys:  # the top match's entry, not the ask's own exact read
+            reading.set()
+        return await real_get(keys)
+
+    async def go():
+        assert await cache.lookup([src]) == [0]  # leads
+        await cache._materialise([cache._near_key(src)])  # its row in the index, as a near ask of its class makes it
+        layer.get_many = get_many
+        # Slow: the server holds every command for 0.5 s (bounded; the layer waits up to 5 s).
+        own_redis.client().execute_command("CLIENT", "PAUSE", "500", "ALL")
+        asking = asyncio.ensure_future(cache.lookup([ask]))
+        await reading.wait()  # the ask waits on Redis for its top match's entry
+        await cache.complete([ok(src)])  # the leader's result comes meanwhile
+        misses = await asking
+        results = await hub.pull(0.01)
+        await cache.close()
+        return misses, results
+
+    misses, results = asyncio.run(go())
+    assert misses == [], f"generated again although its near source's result was stored: {cache.cache_stats()}"
+    (res,) = [r for r in results if r.id == "r1"]
+    assert (res.hit, res.output) == ("near", "img://r0")
