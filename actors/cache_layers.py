@@ -180,10 +180,11 @@ class RedisLayer:
     """Batched reads and writes of entries in Redis, namespaced ``{prefix}:v1:{scope}:{fp}``, each with a TTL.
 
     Every failure (refused, timed out, reset) marks the layer down for ``retry_s`` (on ``now``) and is
-    counted; while down, reads miss at once and writes wait in a bounded buffer."""
+    counted; while down, reads miss at once and writes wait in a buffer bounded by count and by bytes."""
 
     def __init__(self, url: str, *, prefix: str = "smartbatch", timeout_s: float = 0.25, retry_s: float = 5.0,
-                 now: Callable[[], float] = time.monotonic, buffer_max: int = 10_000):
+                 now: Callable[[], float] = time.monotonic, buffer_max: int = 10_000,
+                 buffer_max_bytes: int | None = None):
         import redis.asyncio as aioredis
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
@@ -198,7 +199,12 @@ class RedisLayer:
                                               retry=Retry(NoBackoff(), 0))
         self.up = True
         self._retry_at = 0.0
-        self._pending: deque[tuple[str, bytes, int, float]] = deque(maxlen=buffer_max)  # ..., when buffered
+        self._pending: deque[tuple[str, bytes, int, float]] = deque()  # (key, value, ttl_ms, when buffered)
+        # Bounded by bytes too: a value holds its prompt's text, which has no size limit, so 10,000 writes of long
+        # prompts held a gigabyte while Redis was down, outside ``memory_max_mb`` (a helper's hunt).
+        self.buffer_max = buffer_max
+        self.buffer_max_bytes = buffer_max_bytes
+        self._pending_bytes = 0
         self.errors = 0
         self.reconnects = 0
         self.dropped_writes = 0
@@ -227,7 +233,7 @@ class RedisLayer:
         self.up = True
         self.reconnects += 1
         log.warning("Redis at %s is back: %d buffered writes replayed", self.url, len(self._pending))
-        pending, self._pending = list(self._pending), deque(maxlen=self._pending.maxlen)
+        pending, self._pending, self._pending_bytes = list(self._pending), deque(), 0
         # Each with the life it has left: replayed with its whole TTL, an entry outlived it by the outage.
         now = time.monotonic()
         left = [(k, v, ttl_ms - (now - at) * 1000.0) for k, v, ttl_ms, at in pending]
@@ -270,10 +276,16 @@ class RedisLayer:
         await self._recovered()
 
     def _buffer(self, items: list[tuple[str, bytes, int]]) -> None:
-        room = self._pending.maxlen - len(self._pending)
-        self.dropped_writes += max(0, len(items) - room)
+        """Keep ``items`` for the replay; past either bound the oldest writes are dropped (counted)."""
         at = time.monotonic()
-        self._pending.extend((k, v, ttl_ms, at) for k, v, ttl_ms in items)
+        for k, v, ttl_ms in items:
+            self._pending.append((k, v, ttl_ms, at))
+            self._pending_bytes += len(v)
+        max_bytes = self.buffer_max_bytes
+        while self._pending and (len(self._pending) > self.buffer_max
+                                 or (max_bytes is not None and self._pending_bytes > max_bytes)):
+            self._pending_bytes -= len(self._pending.popleft()[1])
+            self.dropped_writes += 1
 
     async def scan_values(self, limit: int, batch: int = 1000) -> list[tuple[str, bytes, int]]:
         """Up to ``limit`` (key, value, milliseconds the key has left) under this prefix and schema, for warming

@@ -73,3 +73,31 @@ def test_a_near_source_that_completes_while_the_lookup_reads_a_slow_redis_serves
     assert misses == [], f"generated again although its near source's result was stored: {cache.cache_stats()}"
     (res,) = [r for r in results if r.id == "r1"]
     assert (res.hit, res.output) == ("near", "img://r0")
+
+
+def test_writes_buffered_while_redis_is_down_are_bounded_by_bytes_not_only_by_count(own_redis, tmp_path):
+    """While Redis is down each result's write waits in the layer's buffer, which was bounded by its count alone
+    (10,000): results of long prompts (a document to summarise) held their text there, outside
+    ``cache.memory_max_mb``, 10,000 at a time (100 kB prompts: a gigabyte in the cache actor). The buffer holds
+    at most ``memory_max_mb`` bytes too, the oldest dropped first (counted), and the newest are written once
+    Redis is back."""
+    mb = 1
+    hub, cache = new_cache(own_redis.url, tmp_path, memory_max_mb=mb, redis_timeout_s=1.0, redis_retry_s=3600.0)
+    layer = cache.redis
+    own_redis.stop()  # down: every write is buffered
+    page = "word " * 20_000  # a 100 kB prompt
+    jobs = [job(k, f"Summarise document {k}: {page}", reuse="exact") for k in range(40)]
+
+    async def go():
+        for j in jobs:
+            assert await cache.lookup([j]) == [0]
+            await cache.complete([ok(j)])
+        held = sum(len(v) for _, v, _, _ in layer._pending)
+        await cache.close()
+        return held
+
+    held = asyncio.run(go())
+    assert not layer.up
+    assert held <= mb * 2**20, f"{held / 2**20:.1f} MiB of writes buffered under a {mb} MiB memory limit"
+    assert layer.dropped_writes == len(jobs) - len(layer._pending) > 0
+    assert layer._pending[-1][0] == layer.key("acme", jobs[-1].fp)  # the newest kept
