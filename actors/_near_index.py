@@ -5,6 +5,7 @@ A mixin of ``ResultCache``: it uses the cache's state."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import sys
 from collections import deque
@@ -22,6 +23,7 @@ from engine.core.similarity import guard_between, guard_reason, traits
 from engine.runtime.reuse import Top, class_threshold
 
 Item = Job
+log = logging.getLogger("smartbatch.cache")
 FOLLOWING = Result(id="", status="reused")  # marker: attached to a near duplicate in flight
 LEADS = Result(id="", status="failed")  # marker: generated, and a source for the asks after it
 # Characters of prompt featurised between two yields of the event loop: about 0.05 s of work (15-22 us per 100
@@ -234,6 +236,12 @@ class NearIndex:
         except BaseException:  # not read: the next rewiring tries again
             self._warmed = False
             raise
+        if pairs is None:
+            # Redis down or failing: read again once it answers (``_warm_when_up``). Counted as done, the warm
+            # of a cache restarted while Redis was away never came, and for that incarnation's life no near
+            # duplicate of a result stored before it was found: each was generated again (a helper's hunt).
+            self._warmed, self._warm_later = False, True
+            return 0
         # Each keeps the life its Redis key has left, not a new TTL: its time and ``done_s`` are another
         # incarnation's clock, and a restart must not extend what it stored (a row served a day past its TTL).
         ttl_s = self.cfg.ttl_s
@@ -251,5 +259,19 @@ class NearIndex:
         self._queue_rows([(e.near_key, e.fp, e.text, e.params or {}, e.result.done_s or 0.0, None) for _, e in near],
                          [now - (ttl_s - left) for left, _ in near])
         for left, e in entries[-self.cfg.memory_max_entries:]:
-            self.memory.put(e, left)
+            if self.memory.get(e.fp) is None:  # a late warm (below) keeps what this incarnation stored since
+                self.memory.put(e, left)
         return len(entries)
+
+    def _warm_when_up(self) -> None:
+        """Warm again, in the background, once Redis answers after a warm that could not read it."""
+        if self._warm_later and self.redis is not None and self.redis.up:
+            self._warm_later = False
+            self._warming = asyncio.get_running_loop().create_task(self._warm_again())
+
+    async def _warm_again(self) -> None:
+        try:
+            await self.warm_from_redis()
+        except Exception as exc:  # a task's error is nobody's to see: said here, and the next answer retries
+            self._warm_later = True
+            log.warning("cache: warming from Redis failed again: %s: %s", type(exc).__name__, exc)

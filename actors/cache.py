@@ -93,6 +93,8 @@ class ResultCache(CacheReports, NearIndex, Following, Warm):
         self.stats = {"exact_memory": 0, "exact_redis": 0, "near": 0, "in_flight": 0, "miss": 0,
                       "corrupt": 0, "stale_near": 0, "blobs": 0, "near_evicted": 0, "released": 0}
         self._new_leads: list[Item] = []
+        self._warm_later = False  # a warm could not read Redis: read again once it answers (``_warm_when_up``)
+        self._warming: asyncio.Task | None = None
         self._reported: dict[str, int] = {}
         # Requests this cache resolved lately, with their results: a re-admission after the hub lost them gets
         # them again instead of a call (see ``recall``).
@@ -233,6 +235,7 @@ class ResultCache(CacheReports, NearIndex, Following, Warm):
             send_sharded(self.groupers, [items[k] for k in misses])
             misses = []
         self._index_leaders(vecs)
+        self._warm_when_up()
         if hits:
             await self._deliver(hits, hit_items)
         await self._report()
@@ -341,6 +344,7 @@ class ResultCache(CacheReports, NearIndex, Following, Warm):
                 ttl_ms = int(self.cfg.ttl_s * 1000 / self._speedup())
                 await self.redis.put_many([(self.redis.key(self._scope(it), e.fp), encode(e), ttl_ms)
                                            for it, e in stored])
+        self._warm_when_up()
         if out:
             await self._deliver(out, out_items, prices)
         await self._report()

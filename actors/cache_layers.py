@@ -287,12 +287,13 @@ class RedisLayer:
             self._pending_bytes -= len(self._pending.popleft()[1])
             self.dropped_writes += 1
 
-    async def scan_values(self, limit: int, batch: int = 1000) -> list[tuple[str, bytes, int]]:
+    async def scan_values(self, limit: int, batch: int = 1000) -> list[tuple[str, bytes, int]] | None:
         """Up to ``limit`` (key, value, milliseconds the key has left) under this prefix and schema, for warming
-        up after a restart (-1: the key has no expiry)."""
+        up after a restart (-1: the key has no expiry); None when Redis is down or failed during the read, so
+        the caller can tell "nothing stored" from "not read" and read again later."""
         out: list[tuple[str, bytes, int]] = []
         if not self._usable():
-            return out
+            return None
         try:
             keys: list[bytes] = []
             async for k in self.client.scan_iter(match=f"{self.prefix}:v{SCHEMA}:*", count=batch):
@@ -311,6 +312,8 @@ class RedisLayer:
                            if v is not None and ms != -2)
         except Exception as exc:
             self._failed(exc)
+            return None
+        await self._recovered()
         return out
 
     async def close(self) -> None:

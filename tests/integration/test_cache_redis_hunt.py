@@ -101,3 +101,40 @@ def test_writes_buffered_while_redis_is_down_are_bounded_by_bytes_not_only_by_co
     assert held <= mb * 2**20, f"{held / 2**20:.1f} MiB of writes buffered under a {mb} MiB memory limit"
     assert layer.dropped_writes == len(jobs) - len(layer._pending) > 0
     assert layer._pending[-1][0] == layer.key("acme", jobs[-1].fp)  # the newest kept
+
+
+def test_a_cache_restarted_while_redis_is_down_warms_its_near_index_once_redis_is_back(own_redis, tmp_path):
+    """A restarted cache rebuilds its near-duplicate index from Redis (``warm_from_redis``), once per incarnation.
+    Restarted while Redis was down (a machine's restart brings both back), its read failed quietly and the warm
+    counted as done: for that incarnation's whole life no near duplicate of a result stored before was found,
+    and each was generated and paid again. The warm is tried again once Redis answers."""
+    prefix = f"sbhunt{next(_prefixes)}"
+    clock = ManualClock(0.0)  # the layer's retry timer
+
+    def layer():
+        return RedisLayer(own_redis.url, prefix=prefix, timeout_s=5.0, retry_s=5.0, now=clock.now)
+
+    async def go():
+        hub, cache = new_cache(own_redis.url, tmp_path, layer())
+        src = job(0, "Draw a red car parked on a wet street at night")
+        assert await cache.lookup([src]) == [0]
+        await cache.complete([ok(src)])
+        await cache.close()
+        own_redis.client().save()  # a Redis with persistence: its restart keeps the entry
+        own_redis.stop()
+        hub, fresh = new_cache(own_redis.url, tmp_path, layer())  # restarted while Redis is down
+        assert await fresh.warm_from_redis() == 0
+        own_redis.start()
+        clock.advance(5.0)
+        assert await fresh.lookup([job(1, "A harbour at noon", reuse="exact")]) == [0]  # Redis answers again
+        assert fresh._warming is not None
+        await fresh._warming  # the warm that answer started, in the background
+        misses = await fresh.lookup([job(2, "draw a red car parked on a wet street at night.")])
+        results = await hub.pull(0.01)
+        await fresh.close()
+        return misses, results
+
+    misses, results = asyncio.run(go())
+    assert misses == [], "a near duplicate of a result in Redis was generated again: the index was never warmed"
+    (res,) = [r for r in results if r.id == "r2"]
+    assert (res.hit, res.output) == ("near", "img://r0")
