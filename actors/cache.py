@@ -91,7 +91,8 @@ class ResultCache(CacheReports, NearIndex, Following, Warm):
         self._near_rows: deque[tuple[Hashable, str, int, float]] = deque()
         self._near_bytes = 0
         self.stats = {"exact_memory": 0, "exact_redis": 0, "near": 0, "in_flight": 0, "miss": 0,
-                      "corrupt": 0, "stale_near": 0, "blobs": 0, "near_evicted": 0, "released": 0}
+                      "corrupt": 0, "stale_near": 0, "blobs": 0, "blob_errors": 0, "near_evicted": 0,
+                      "released": 0}
         self._new_leads: list[Item] = []
         self._warm_later = False  # a warm could not read Redis: read again once it answers (``_warm_when_up``)
         self._warming: asyncio.Task | None = None
@@ -288,7 +289,8 @@ class ResultCache(CacheReports, NearIndex, Following, Warm):
         self.generating[item.req.uid] = item
 
     # -- writing ----------------------------------------------------------------------------------------------
-    def _entry(self, item: Item, res: Result) -> Entry:
+    def _entry(self, item: Item, res: Result) -> Entry | None:
+        """The entry to store of ``res``; None when its output cannot be kept (the blob store failed)."""
         blob = None
         output = res.output
         # A reuse is answered from the output alone (``reused_result``): the provider's raw body (a base64 image
@@ -297,7 +299,16 @@ class ResultCache(CacheReports, NearIndex, Following, Warm):
         if res.raw is not None:
             res = res.model_copy(update={"raw": None})
         if output is not None and len(output) > self.cfg.blob_min_kb * 1024:
-            blob = self.blobs.put(output.encode())
+            try:
+                blob = self.blobs.put(output.encode())
+            except Exception as exc:
+                # A store that cannot write (a full disk) loses this entry, nothing more: raised from here, it
+                # failed the whole ``complete``, and the followers of this result and of those after it were
+                # never answered; the sweep had them generated and paid again (a helper's hunt).
+                self.stats["blob_errors"] += 1
+                log.warning("cache: blob store could not keep a %d-character output (%s: %s): not cached",
+                            len(output), type(exc).__name__, exc)
+                return None
             res = res.model_copy(update={"output": None})
             self.stats["blobs"] += 1
         return Entry(item.fp, res, self._near_key(item) if self.reuse.near else None, near_text(item.req), blob,
@@ -320,8 +331,9 @@ class ResultCache(CacheReports, NearIndex, Following, Warm):
             # simulator), so no entry (nor blob) is made of it.
             if res.model is None or (res.provider, res.model) == (item.req.provider, item.req.model):
                 e = self._entry(item, res)
-                self.memory.put(e, self.cfg.ttl_s)
-                stored.append((item, e))
+                if e is not None:
+                    self.memory.put(e, self.cfg.ttl_s)
+                    stored.append((item, e))
             at = res.done_s or self._now()
             for f, how in self.inflight.done(fp, item):
                 # One that arrived once the result existed (it reached this cache later) found it stored, as
