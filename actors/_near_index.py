@@ -244,11 +244,13 @@ class NearIndex:
             return 0
         # Each keeps the life its Redis key has left, not a new TTL: its time and ``done_s`` are another
         # incarnation's clock, and a restart must not extend what it stored (a row served a day past its TTL).
-        ttl_s = self.cfg.ttl_s
-        entries: list[tuple[float, Entry]] = []  # (seconds left, entry)
+        # Redis counts it in real seconds, the memory layer and the index in engine ones (as ``_fetch`` converts
+        # it): read as engine seconds, a warmed row of a 100x engine lived a hundredth of its life (a hunt).
+        ttl_s, speedup = self.cfg.ttl_s, self._speedup()
+        entries: list[tuple[float, Entry]] = []  # (engine seconds left, entry)
         for _, raw, left_ms in pairs:
             try:
-                entries.append((ttl_s if left_ms < 0 else min(left_ms / 1000, ttl_s), decode(raw)))
+                entries.append((ttl_s if left_ms < 0 else min(left_ms / 1000 * speedup, ttl_s), decode(raw)))
             except CorruptValue:
                 self.stats["corrupt"] += 1
         entries.sort(key=lambda le: le[0])  # oldest first: the least life left
