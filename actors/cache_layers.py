@@ -208,10 +208,12 @@ class RedisLayer:
         self.errors = 0
         self.reconnects = 0
         self.dropped_writes = 0
+        self.refused_writes = 0  # writes the server answered with an error: dropped
+        self._refusing = False
 
     def __repr__(self) -> str:
         return (f"RedisLayer({self.url!r}, up={self.up}, errors={self.errors}, reconnects={self.reconnects}, "
-                f"pending_writes={len(self._pending)})")
+                f"pending_writes={len(self._pending)}, refused_writes={self.refused_writes})")
 
     def key(self, scope: str, fp: str) -> str:
         return f"{self.prefix}:v{SCHEMA}:{scope}:{fp}"
@@ -268,11 +270,23 @@ class RedisLayer:
             pipe = self.client.pipeline(transaction=False)
             for k, v, ttl_ms in items:
                 pipe.set(k, v, px=max(int(ttl_ms), 1))
-            await pipe.execute()
+            answers = await pipe.execute(raise_on_error=False)
         except Exception as exc:
             self._failed(exc)
             self._buffer(items)
             return
+        # A write the server refused (full under ``noeviction``, a read-only replica) is dropped, not buffered,
+        # and Redis stays up for reads: marked down, a full Redis was read about once per retry interval (each
+        # read replayed the refused writes, refused again), and what it held was generated again (a hunt).
+        refused = [a for a in answers if isinstance(a, Exception)]
+        if refused and not self._refusing:
+            log.warning("Redis at %s refuses writes (%s): results are not stored there, reads go on",
+                        self.url, refused[0])
+        elif not refused and self._refusing:
+            log.warning("Redis at %s takes writes again", self.url)
+        self._refusing = bool(refused)
+        self.refused_writes += len(refused)
+        self.dropped_writes += len(refused)  # never stored, as a write over the buffer's bounds
         await self._recovered()
 
     def _buffer(self, items: list[tuple[str, bytes, int]]) -> None:

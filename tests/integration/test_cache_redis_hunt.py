@@ -167,3 +167,38 @@ def test_a_row_warmed_in_a_time_compressed_engine_keeps_the_life_its_key_has_lef
     memory_left, row_age = asyncio.run(go())
     assert 3000 < memory_left <= 3600, f"a warmed entry has {memory_left:.0f} engine seconds left of 3,600"
     assert row_age < 600, f"a warmed row counts as {row_age:.0f} engine seconds old, stored a moment ago"
+
+
+def test_a_redis_that_refuses_writes_still_serves_what_it_holds(own_redis, tmp_path):
+    """A full Redis under ``noeviction`` (or a read-only replica) answers reads and refuses writes. A refused write
+    marked the whole layer down: reads were skipped for ``redis_retry_s``, the next read marked it up, its replay
+    of the refused writes marked it down again, and so on, so a result Redis held was read about once per retry
+    interval, and every other ask for it was generated and paid again. A refused write is dropped and counted;
+    reads go on."""
+    hub, cache = new_cache(own_redis.url, tmp_path, memory_max_entries=1)  # memory holds one: the rest is in Redis
+    held = job(0, "A koi pond at dawn", reuse="exact")
+    admin = own_redis.client()
+
+    async def go():
+        assert await cache.lookup([held]) == [0]
+        await cache.complete([ok(held)])
+        # Full: no room for another key, and no eviction.
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", str(admin.info("memory")["used_memory"]))
+        refused = job(1, "A desert road at noon", reuse="exact")
+        assert await cache.lookup([refused]) == [0]
+        await cache.complete([ok(refused)])  # its write is refused; it also pushes ``held`` out of memory
+        assert cache.memory.get(held.fp) is None
+        again = [job(k, "A koi pond at dawn", reuse="exact") for k in range(2, 5)]
+        misses = [await cache.lookup([j]) for j in again]
+        results = await hub.pull(0.01)
+        admin.config_set("maxmemory", "0")
+        await cache.close()
+        return misses, results
+
+    misses, results = asyncio.run(go())
+    assert misses == [[], [], []], f"generated again although Redis held it: {cache.cache_stats()}"
+    assert {r.id: r.output for r in results if r.id in ("r2", "r3", "r4")} == dict.fromkeys(("r2", "r3", "r4"),
+                                                                                          "img://r0")
+    assert cache.redis.up and cache.redis.refused_writes == 1
+    assert cache.cache_stats()["redis_dropped_writes"] == 1 and cache.cache_stats()["redis_errors"] == 0
