@@ -62,7 +62,7 @@ class Attempt(NamedTuple):
 
 class BatchOutcome(NamedTuple):
     hedged: bool
-    at: float  # hedge time when hedged, else completion
+    at: float  # when hedged, the end of its cancel (``SimProvider.cancel_s`` past the hedge); else completion
     members: list[Attempt]  # filled when the batch ends (``SimProvider.end_batch``): members use the cache then
     pending: tuple | None = None  # (reqs, oks) until then
 
@@ -92,9 +92,8 @@ class Event(NamedTuple):
 class SimProvider:
     def __init__(self, provider: ProviderSpec, catalog: Catalog, settings: Settings, draws: Draws, *,
                  scheduling: Scheduling | None = None, record: bool = False, draw: bool = True):
-        # draw=False (the live dispatcher): sync calls and batch-API batches leave the queue without an
-        # outcome; they hold their gate slot until ``finish_sync``/``finish_batch`` says when they ended, as
-        # a real provider's calls do. GPU dispatches are always drawn (no HTTP provider runs them).
+        # draw=False (the live dispatcher): sync calls and batch-API batches leave the queue undrawn, holding their
+        # gate slot until ``finish_sync``/``finish_batch``, as real calls do. GPU dispatches are always drawn.
         self.draw = draw
         self.spec = provider
         self.catalog = catalog
@@ -121,6 +120,9 @@ class SimProvider:
         self._gate_of = {m: (m if s.rate_limits is not None else None) for m, s in provider.models.items()}
         ba = provider.batch_api
         self.enqueued = EnqueuedTokens(ba.max_enqueued_tokens) if ba is not None else None
+        # A batch called over HTTP runs on for its endpoint's cancel_s once cancelled; a simulated one stops at once.
+        http = provider.name in settings.providers.http_providers(catalog.providers)
+        self.cancel_s = settings.providers.endpoints[provider.name].cancel_s if http else 0.0
         self.batch_queue = BatchQueue(sched, self.max_att)
         # Work of models whose circuit is open and that have no fallback: a heap by when the circuit closes.
         self.parked: list[tuple[float, int, Unit]] = []
@@ -363,15 +365,15 @@ class SimProvider:
 
     def batch(self, idxs: Sequence[int], reqs: Sequence[Request], t: float, hedge_at: float | None,
               attempts: Sequence[int]) -> BatchOutcome:
-        """Submit a batch at ``t``. If it would finish after ``hedge_at`` it is cancelled then (billing nothing,
-        a cancelled batch bills only finished work and none has finished)."""
+        """Submit a batch at ``t``. If it would finish after ``hedge_at`` it is cancelled then, and back once the
+        cancel is through (``cancel_s``) billing nothing (its members finish together); one that ends sooner is billed."""
         prov = self.spec
         ba = prov.batch_api
         if hedge_at is not None and hedge_at <= t:  # it waited in the queue past its hedge: never submitted
             return BatchOutcome(True, t, [])
         done = t + self.draws.turnaround(prov.name, ba, t, self.world)
-        if hedge_at is not None and done > hedge_at:
-            return BatchOutcome(True, hedge_at, [])
+        if hedge_at is not None and done > hedge_at + self.cancel_s:
+            return BatchOutcome(True, hedge_at + self.cancel_s, [])
         fail_u = self.draws.fail_u
         oks = [fail_u(i, k) >= prov.failure_rate for i, k in zip(idxs, attempts)]
         return BatchOutcome(False, done, [], (list(reqs), oks))

@@ -1,0 +1,89 @@
+"""The live engine over HTTP against the simulator when providers fail: a text trace through the loopback
+emulator, with 429s and 5xx on a fifth of the sync calls and batches twice as slow as the catalog says (most
+of them hedged and cancelled), beside the simulator's run of the same trace with the catalog and settings the
+engine plans with (``engine.app.live.planned``, what ``smartbatch run --dry-run`` prints).
+
+The emulator draws its faults and sync latencies from draws of its own, so the two runs are compared where
+those do not reach: every request gets the simulator's mode, and the requests end when the simulator says,
+up to the engine's own lag (a median over the trace). What the provider billed is what the results say, once
+per request, and every future resolves.
+
+Found by this test: the simulator cancelled a hedged batch at once, whatever the catalog's ``cancel_s``, where
+a provider called over HTTP takes that long to cancel (the emulator exactly that long, real ones up to 10
+minutes), finishing members meanwhile: every hedged member was back, and sent sync, ``cancel_s`` earlier in the
+simulation than in the live run (the median request sent sync ended 57 engine seconds later live, with a
+60-s cancel), so the simulation met deadlines a live run under faults misses; and a batch that ended during
+its cancel was billed sync in the simulation, at the batch price live (up to 6 % of the HTTP providers' cost
+of a 2,000-request dry run; tests/unit/test_sim_cancel.py holds the rule).
+"""
+
+from __future__ import annotations
+
+import collections
+import statistics
+
+import pytest
+
+from engine import Engine
+from engine.app.live import as_emulated, follow_engine, planned, point_at_emulator
+from engine.core.cost import MODES
+from engine.core.provider_api import call_key
+from engine.core.settings import Settings, SimSettings
+from engine.emulator import Emulator
+from tests.integration._parity import PARITY_POLICY, parity_catalog, wave_trace
+
+pytestmark = pytest.mark.solo  # completion times in real time: no other test beside it
+
+SPEEDUP = 10.0
+CANCEL_S = 60.0  # engine seconds the emulator takes to cancel a batch
+FAULTS = {"rate_429": 0.1, "rate_5xx": 0.1, "retry_after_s": 5.0}
+WORLD = 2.0  # batches twice as slow as the catalog says: most are hedged
+
+
+def trace():
+    """The parity wave trace's text requests (all at Anthropic), every other one moved to OpenAI."""
+    reqs = [r for r in wave_trace(n=400, seed=52) if r.kind == "text"]
+    return [r.model_copy(update={"provider": "openai", "model": "gpt-4o-mini"}) if k % 2 else r
+            for k, r in enumerate(reqs)]
+
+
+def test_under_sync_faults_and_hedged_batches_the_engine_ends_requests_when_the_simulator_says_billed_once(
+        ray_session):
+    reqs, cat = trace(), as_emulated(parity_catalog())
+    base = Settings(sim=SimSettings(turnaround_scale=WORLD, day_origin_s=0.0))
+    with Emulator(cat, speedup=SPEEDUP, seed=3, cancel_s=CANCEL_S, honour_keys=False) as emu:
+        settings = point_at_emulator(base, emu)
+        # The emulator fails no batch member, and its sync faults are not the simulator's draws: the simulator
+        # fails nothing (``as_emulated``), so only timing separates the runs' retries.
+        sim, _ = planned(reqs, policy="smart", params=PARITY_POLICY, catalog=cat, settings=settings,
+                         seed=0, speedup=SPEEDUP)
+        with Engine.start(settings, catalog=cat, policy_params=PARITY_POLICY, speedup=SPEEDUP,
+                          metrics_port=None) as eng:
+            follow_engine(emu, settings, 0)(eng)
+            emu.faults.configure(FAULTS)
+            live = {r.id: r for r in (f.result(timeout=300) for f in eng.replay(reqs))}
+            rep = eng.report()
+        bill = emu.bill()
+        faulted = sum(c.status in (429, 500, 529) for c in emu.calls)
+
+    assert faulted > 10 and sum(b.outcome == "hedged" for b in sim.batches) >= 5  # the premise: faults, hedges
+    assert sum(rep["providers"][p]["batches_cancelled"] for p in ("openai", "anthropic")) >= 5
+    # A sync call fails 4 times in a row once in 625 here: that request fails, saying so, billed nothing.
+    bad = {r.id for r in live.values() if r.status not in ("ok", "reused")}
+    assert all("after 4 attempt(s)" in live[i].error and "injected fault" in live[i].error for i in bad), bad
+    # Billed once per request, and what the results say is the bill.
+    keys = collections.Counter((i.custom_id or i.idempotency_key).rsplit("-", 1)[0] for i in bill.items)
+    assert not [k for k, n in keys.items() if n > 1]
+    assert set(keys) == {call_key(r.tenant, r.id, r.model).rsplit("-", 1)[0] for r in live.values()
+                         if r.status == "ok"}
+    assert sum(r.cost_usd for r in live.values()) == pytest.approx(bill.total_usd, abs=1e-9)
+    # The simulator's modes, and, for the requests sent sync (most of them the fallbacks of hedged batches),
+    # its completion times up to the engine's lag and the emulator's own latency draws: the median 1 engine
+    # second late (57 s when the simulator cancelled at once). A batch member's answer comes up to a poll late
+    # (10 to 60 engine s apart) and, at OpenAI, once a cancel is through: 20 s both before and after.
+    assert [(r.id, live[r.id].mode) for r in sim.requests if r.id not in bad] == [
+        (r.id, MODES[m]) for r, m in zip(sim.requests, sim.mode) if r.id not in bad]
+    late = statistics.median(live[r.id].done_s - float(sim.done_at[i]) for i, r in enumerate(sim.requests)
+                             if MODES[sim.mode[i]] == "sync" and r.id not in bad)
+    assert abs(late) < CANCEL_S / 4, late
+    assert int(sim.met.sum()) == len(reqs) and all(r.deadline_met for r in live.values() if r.id not in bad)
