@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import secrets
 
+from actors._batch_parts import file_parts
 from actors._types import BatchJob, Job
 from actors.providers._wire import redact
 from engine.core.budgets import Charge
@@ -27,7 +27,6 @@ SUBMIT_TRIES = 3  # creates of a batch whose answer was lost, each after a looku
 FETCH_TRIES = 5  # reads of an ended batch's results: its finished members are billed, never to be sent again
 CANCELLED_READS = 20  # more rounds of those, POLL_RETRY_S apart, once the engine is cancelled (nobody waits)
 RETRY_BASE_S = 0.2  # real seconds before a lookup or a read is tried again, doubling each time
-LINE_OVERHEAD = 1024  # bytes a batch line adds to its request's body or prompt, at most (ids, url, model, caps)
 _UNKNOWN = object()  # no lookup of a lost create's batch was answered: whether the provider made it is unknown
 
 
@@ -60,28 +59,8 @@ class BatchApiRuns:
         return None if ba is None else ba.max_file_mb
 
     def _file_parts(self, jobs: list[Job]) -> list[list[Job]]:
-        """``jobs`` in order, cut into parts whose requests weigh at most 95 % of the provider's limit (the
-        margin covers what the provider's body adds to a request: model, caps, the line's own fields). A
-        request is weighed by its body or prompt as JSON, and at least by its input tokens as text, which is
-        what a request sent at its recorded size sends (``message_parts``): that text holds its prompt, whose
-        characters past ASCII and JSON escapes weigh more than a byte each."""
-        limit_mb = self._max_file_mb()
-        if limit_mb is None:
-            return [jobs]
-        limit, cpt = 0.95 * limit_mb * 2**20, self.settings.chars_per_token
-        parts: list[list[Job]] = [[]]
-        size = 0.0
-        for j in jobs:
-            r = j.req
-            raw = json.dumps(r.body if r.body is not None else r.prompt, ensure_ascii=False)
-            extra = len(json.dumps(r.prompt, ensure_ascii=False).encode()) - len(r.prompt)
-            weight = max(len(raw.encode()), r.input_tokens * cpt + extra) + LINE_OVERHEAD
-            if parts[-1] and size + weight > limit:
-                parts.append([])
-                size = 0.0
-            parts[-1].append(j)
-            size += weight
-        return parts
+        """``jobs`` in parts that each fit the provider's limit on one batch (``file_parts``)."""
+        return file_parts(jobs, self._max_file_mb(), self.settings.chars_per_token)
 
     async def _run_batch(self, b: BatchJob, jobs: list[Job], start: float, tokens: int, key: str | None = None,
                          body=None, name: str | None = None) -> None:
@@ -136,6 +115,15 @@ class BatchApiRuns:
             try:
                 return await self.provider.submit_batch(cjobs, hedge_at, key, body)
             except ProviderError as exc:
+                # Rate limited (a 429): nothing was made, so made again after its wait while the hedge allows (sent
+                # back, four such refusals sent every member sync, far from its deadline: a helper's hunt).
+                if exc.retry_after_s is not None and attempt + 1 < SUBMIT_TRIES and (
+                        hedge_at is None or self.clock.now() + exc.retry_after_s < hedge_at):
+                    log.warning("dispatcher %s: batch %s: its create was rate limited (%s); made again in %g s",
+                                self.name, key, _short(exc), exc.retry_after_s)
+                    await self._sleep(exc.retry_after_s)
+                    if not (self._cancelled or self._all_withdrawn(cjobs)):
+                        continue
                 if not exc.maybe_done:
                     raise
                 log.warning("dispatcher %s: batch %s got no answer to its create (%s); looking for it", self.name,

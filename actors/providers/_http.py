@@ -186,6 +186,9 @@ class HttpBase:
             # Timeouts are connection errors; a connection never made (refused) sent nothing.
             err.maybe_done = (isinstance(exc, self._sdk.APIConnectionError) and not _never_connected(exc)) or (
                 isinstance(exc, self._sdk.APIStatusError) and exc.status_code >= 500)
+            if isinstance(exc, self._sdk.APIStatusError) and exc.status_code == 429:
+                ra = retry_after(exc.response.headers)
+                err.retry_after_s = self.spec.retry_after_s if ra is None else ra
             raise err from None
 
     # The provider's own host, where a sync call asks for the standard tier that the catalog prices (``_pinned``):

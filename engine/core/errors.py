@@ -80,9 +80,11 @@ class PolicyError(SmartbatchError):
 
 class ProviderError(SmartbatchError):
     """A provider call failed after all retries. ``maybe_done``: no answer came (a timeout, a dropped connection,
-    a 5xx), so the provider may have done what was asked."""
+    a 5xx), so the provider may have done what was asked. ``retry_after_s``: it was rate limited (a 429), so
+    nothing was done, and it may be made again after that many seconds."""
 
     maybe_done: bool = False
+    retry_after_s: float | None = None
 
 
 class EngineStopped(SmartbatchError):

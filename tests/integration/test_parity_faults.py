@@ -87,3 +87,33 @@ def test_under_sync_faults_and_hedged_batches_the_engine_ends_requests_when_the_
                              if MODES[sim.mode[i]] == "sync" and r.id not in bad)
     assert abs(late) < CANCEL_S / 4, late
     assert int(sim.met.sum()) == len(reqs) and all(r.deadline_met for r in live.values() if r.id not in bad)
+
+
+def test_a_batch_create_refused_with_429s_is_made_again_after_retry_after_not_sent_sync(ray_session):
+    """Deadlines of up to 50 minutes, so every request rides a batch, and Anthropic answers the first four
+    creates of a batch with 429 and a Retry-After of 30 s (a provider's limit on creates or enqueued tokens).
+    Nothing was made, so the batch is created again after the wait, while its hedge allows: every request still
+    rides a batch, at the simulator's cost. Found by this test: each refusal sent the members back to the
+    policy as a hedge does, the policy batched them again at once, and after four the runtime's progress guard
+    sent all 65 sync, at twice the batch price, 50 minutes before their deadlines ($0.885 for $0.318)."""
+    speedup = 50.0
+    reqs, cat = [r.model_copy(update={"deadline_s": r.deadline_s * 7.5}) for r in trace()], as_emulated(
+        parity_catalog())
+    base = Settings(sim=SimSettings(turnaround_scale=0.7, day_origin_s=0.0))
+    with Emulator(cat, speedup=speedup, seed=3, cancel_s=CANCEL_S, honour_keys=False) as emu:
+        settings = point_at_emulator(base, emu)
+        sim, _ = planned(reqs, policy="smart", params=PARITY_POLICY, catalog=cat, settings=settings, seed=0,
+                         speedup=speedup)
+        with Engine.start(settings, catalog=cat, policy_params=PARITY_POLICY, speedup=speedup,
+                          metrics_port=None) as eng:
+            follow_engine(emu, settings, 0)(eng)
+            emu.faults.script("anthropic", "messages.batches.create", [{"status": 429, "retry_after_s": 30.0}] * 4)
+            live = {r.id: r for r in (f.result(timeout=300) for f in eng.replay(reqs))}
+        bill = emu.bill()
+        refused = emu.count("messages.batches.create", "anthropic", 429)
+
+    assert refused == 4 and {MODES[m] for m in sim.mode} == {"batch_api", "reuse"}  # the premise
+    assert [(r.id, live[r.id].mode) for r in sim.requests] == [(r.id, MODES[m]) for r, m in zip(sim.requests, sim.mode)]
+    assert all(r.deadline_met for r in live.values())
+    assert sum(r.cost_usd for r in live.values()) == pytest.approx(bill.total_usd, abs=1e-9)
+    assert bill.total_usd == pytest.approx(sim.total_cost, rel=0.01)

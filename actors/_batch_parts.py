@@ -1,0 +1,36 @@
+"""How a dispatch to a batch API is cut to the provider's limit on one batch's size (OpenAI's 200 MB input
+file, Anthropic's 256 MB create; ``batch_api.max_file_mb``)."""
+
+from __future__ import annotations
+
+import json
+
+from actors._types import Job
+
+__all__ = ["LINE_OVERHEAD", "file_parts"]
+
+LINE_OVERHEAD = 1024  # bytes a batch line adds to its request's body or prompt, at most (ids, url, model, caps)
+
+
+def file_parts(jobs: list[Job], limit_mb: float | None, cpt: float) -> list[list[Job]]:
+    """``jobs`` in order, cut into parts whose requests weigh at most 95 % of the provider's limit (the
+    margin covers what the provider's body adds to a request: model, caps, the line's own fields). A
+    request is weighed by its body or prompt as JSON, and at least by its input tokens as text, which is
+    what a request sent at its recorded size sends (``message_parts``): that text holds its prompt, whose
+    characters past ASCII and JSON escapes weigh more than a byte each."""
+    if limit_mb is None:
+        return [jobs]
+    limit = 0.95 * limit_mb * 2**20
+    parts: list[list[Job]] = [[]]
+    size = 0.0
+    for j in jobs:
+        r = j.req
+        raw = json.dumps(r.body if r.body is not None else r.prompt, ensure_ascii=False)
+        extra = len(json.dumps(r.prompt, ensure_ascii=False).encode()) - len(r.prompt)
+        weight = max(len(raw.encode()), r.input_tokens * cpt + extra) + LINE_OVERHEAD
+        if parts[-1] and size + weight > limit:
+            parts.append([])
+            size = 0.0
+        parts[-1].append(j)
+        size += weight
+    return parts
