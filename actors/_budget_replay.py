@@ -3,10 +3,13 @@ that took it (``RedisBudgetBook``): a Redis that crashes and comes back from its
 second) has lost them, its connections re-made unseen by the client, and the claims they settled came back as
 open reservations, their spend gone, held until ``reservation_ttl_s`` (two days by default; a helper's hunt).
 Each counts once when sent again: a settlement through its claim's record or the marker it left, a charge
-through its id."""
+through its id. The claims it granted and has not settled yet are reserved again first, where that Redis lost
+them: forgotten, their room went to new claims, and their spend came on top when they settled (a helper's hunt:
+$19 billed under a $10 limit)."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import math
@@ -25,15 +28,50 @@ CHUNK = 1000  # settlements sent again per script, so one script never runs long
 SERVER_CHECK_S = 1.0  # real seconds between reads of which Redis process answers (``INFO server`` run_id)
 
 
+# Reserve again, past the limit if it comes to that (the money is under way), the claims a Redis that restarted lost:
+# neither its record nor the marker of its settlement is there. Its expiry is kept; a window already gone is skipped.
+_REOPEN = """
+if redis.replicate_commands then redis.replicate_commands() end
+local prefix = ARGV[1]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local i, back = 3, 0
+for c = 1, tonumber(ARGV[2]) do
+  local rid, amount, left, who, nk = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3], tonumber(ARGV[i + 4])
+  local claim = prefix .. ':c:' .. rid
+  if redis.call('EXISTS', claim) == 0 and redis.call('EXISTS', prefix .. ':s:' .. rid) == 0 then
+    back = back + 1
+    redis.call('HSET', claim, '_who', who)
+    for j = 0, nk - 1 do
+      local k, ttl = ARGV[i + 5 + 2 * j], tonumber(ARGV[i + 6 + 2 * j])
+      if ttl >= 0 then
+        local h = prefix .. ':w:' .. k
+        redis.call('HINCRBYFLOAT', h, 'reserved', amount)
+        if ttl > 0 then redis.call('EXPIRE', h, ttl) end
+        redis.call('HINCRBYFLOAT', claim, k, amount)
+      end
+    end
+    redis.call('ZADD', prefix .. ':exp', now + left, rid)
+  end
+  i = i + 5 + 2 * nk
+end
+return back
+"""
+
+
 class ScriptRefused(Exception):
     """The ledger's script refused what it was given (a value it cannot read, a key of another type under the
     ledger's prefix): not an outage, and settled apart (``BudgetController._settle_apart``)."""
 
 
 class ServerWatch:
-    """Mixed into ``RedisBudgetBook``, which provides ``client``, ``_open``, ``_settle_items``, ``_charge_items``."""
+    """Mixed into ``RedisBudgetBook``, which provides ``client``, ``prefix``, ``reservation_ttl_s``, ``_open``,
+    ``_settle_items``, ``_charge_items``."""
 
     def __init__(self) -> None:
+        self._reopen_script = self.client.register_script(_REOPEN)
+        self._watch = asyncio.Lock()
+        self.reopened = 0  # open claims reserved again after such a restart
         # rid -> (when, actual, who, windows); cid -> (when, charge, its now): taken in the last REPLAY_KEEP_S
         self._settled: OrderedDict[str, tuple] = OrderedDict()
         self._charged: OrderedDict[str, tuple] = OrderedDict()
@@ -43,8 +81,12 @@ class ServerWatch:
 
     async def _same_server(self) -> None:
         """Every ``SERVER_CHECK_S`` at most: if another Redis process answers than the one that took this book's
-        recent settlements and charges, send them again (each counts once: a settlement through its claim's
-        record or its marker, a charge through its id)."""
+        recent settlements and charges, reserve again the open claims it lost, and send those again (each counts
+        once: a settlement through its claim's record or its marker, a charge through its id)."""
+        async with self._watch:  # a call meanwhile waits: let through, it was granted the room of claims not back yet
+            await self._check_server()
+
+    async def _check_server(self) -> None:
         t = time.monotonic()
         if t - self._server_read < SERVER_CHECK_S:
             return
@@ -62,17 +104,41 @@ class ServerWatch:
             self.server = sid
             return
         settled, charged = list(self._settled.items()), list(self._charged.values())
+        back = await self._reopen([rid for rid in self._open if rid not in self._settled])
         for rid, (at, _, who, windows) in settled:
-            self._open.setdefault(rid, (at, who, windows))
+            self._open.setdefault(rid, (at, who, windows, 0.0))
         for k in range(0, len(settled), CHUNK):
             await self._settle_items([(rid, rec[1]) for rid, rec in settled[k:k + CHUNK]])
         for now, group in itertools.groupby(charged, key=lambda x: x[2]):
             await self._charge_items([c for _, c, _ in group], now)
         log.warning("budget ledger: another Redis process answers (run_id %s, was %s): restarted from an older "
-                    "state? %d settlement(s) and %d charge(s) of the last %.0f min sent again, each counted once",
-                    sid[:8], self.server[:8], len(settled), len(charged), REPLAY_KEEP_S / 60)
+                    "state? %d open claim(s) it had lost reserved again; %d settlement(s) and %d charge(s) of the last "
+                    "%.0f min sent again, each counted once", sid[:8], self.server[:8], back, len(settled),
+                    len(charged), REPLAY_KEEP_S / 60)
         self.server = sid  # only once all went: a failure midway tries them all again (each counts once)
         self.replayed += len(settled) + len(charged)
+        self.reopened += back
+
+    async def _reopen(self, rids: list[str]) -> int:
+        """Reserve again, in the Redis that now answers, the claims of ``rids`` (granted by this book, not settled)
+        that it lost; returns how many it had lost. Each keeps its expiry, and a window whose hash has expired
+        since is not made again."""
+        t, back = time.monotonic(), 0
+        for k in range(0, len(rids), CHUNK):
+            args: list = [self.prefix, 0]
+            for rid in rids[k:k + CHUNK]:
+                at, who, windows, amount = self._open.get(rid, (-math.inf, "", [], 0.0))
+                elapsed = t - at
+                if elapsed >= self.reservation_ttl_s:  # settled meanwhile, or the sweep would have released it
+                    continue
+                args[1] += 1
+                args += [rid, repr(float(amount)), repr(self.reservation_ttl_s - elapsed), who, len(windows)]
+                for key, ttl in windows:  # its hash's life left: 0, a window that never ends; -1, gone
+                    left = ttl - int(elapsed)
+                    args += [key, 0 if ttl == 0 else left if left > 0 else -1]
+            if args[1]:
+                back += int(await self._reopen_script(args=args))
+        return back
 
     def _kept(self, book: OrderedDict, key: str, value: tuple) -> None:
         book.pop(key, None)

@@ -373,6 +373,7 @@ class BudgetController(LedgerJournal, Warm):
                              "unsettled": len(self._outbox) + self._settling + len(self._charges),
                              "lost_records": self.lost_records,
                              "replayed_after_restart": getattr(self.book, "replayed", 0),
+                             "reopened_after_restart": getattr(self.book, "reopened", 0),
                              "rejected_settlements": self.rejected_settlements}
         if isinstance(self.book, BudgetBook):
             out["ledger_id"] = self.ledger_id

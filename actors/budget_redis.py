@@ -41,6 +41,7 @@ SWEEP_MAX = 1000  # expired claims released per script, so one script never runs
 # Past a claim's expiry, how long the book keeps who spent it (a settlement it sends again) and Redis the marker
 # that such a replay was counted already: a day.
 MARKER_SLACK_S = 86400
+_UNKNOWN = (0.0, "", [], 0.0)  # what this book knows of a claim it did not grant
 
 # Run first by every script: release the reservations of claims past their expiry.
 _SWEEP = """
@@ -240,9 +241,10 @@ class RedisBudgetBook(ServerWatch):
         self._sweep = client.register_script(_SWEEP_ONLY)
         self._charge = client.register_script(_CHARGE)
         self._probe = client.register_script(_PROBE)
-        # The claims this book granted and has not settled: whose spend each is and the windows it holds, sent
-        # with its settlement (until Redis takes it) so that spend counts if Redis lost the claim's record. Oldest first.
-        self._open: dict[str, tuple[float, str, list[tuple[str, int]]]] = {}
+        # The claims this book granted and has not settled: (when, whose spend, the windows it holds, its amount),
+        # sent with its settlement (until Redis takes it) so that spend counts if Redis lost the claim's record, and
+        # reserved again should another Redis process answer (``ServerWatch._reopen``). Oldest first.
+        self._open: dict[str, tuple[float, str, list[tuple[str, int]], float]] = {}
         ServerWatch.__init__(self)
 
     def __repr__(self) -> str:
@@ -272,7 +274,7 @@ class RedisBudgetBook(ServerWatch):
             text = r.decode() if isinstance(r, bytes) else r
             if not text:  # granted
                 self._open[c.rid] = (time.monotonic(), _who(c.tenant, c.provider, c.model),
-                                     [(s.key(now), _ttl(s, now)) for s in touched])
+                                     [(s.key(now), _ttl(s, now)) for s in touched], float(c.amount))
             refusals = []
             for j, rem, fits in (part.split(":") for part in text.split(",") if part):
                 s = touched[int(j) - 1]
@@ -298,7 +300,7 @@ class RedisBudgetBook(ServerWatch):
         for rid, actual in items:
             # Kept until Redis took it: the controller sends a settlement again after a failed call (the first
             # after a restart meets the connection it cut), and the marker the script leaves makes it count once.
-            _, who, windows = self._open.get(rid, (0.0, "", []))
+            who, windows = self._open.get(rid, _UNKNOWN)[1:3]
             args += [rid, repr(float(actual)), who, len(windows)]
             for key, ttl in windows:
                 args += [key, ttl]
@@ -312,7 +314,7 @@ class RedisBudgetBook(ServerWatch):
             raise ScriptRefused(str(exc)) from exc
         t = time.monotonic()
         for rid, actual in items:
-            _, who, windows = self._open.pop(rid, (0.0, "", []))
+            who, windows = self._open.pop(rid, _UNKNOWN)[1:3]
             if who:  # a claim this book granted: sent again should Redis forget it
                 self._kept(self._settled, rid, (t, actual, who, windows))
         return lost
@@ -322,7 +324,7 @@ class RedisBudgetBook(ServerWatch):
         after its expiry, so the map stays bounded by the claims of that span."""
         cutoff = time.monotonic() - self.reservation_ttl_s - MARKER_SLACK_S
         while self._open:
-            rid, (at, _, _) = next(iter(self._open.items()))
+            rid, (at, *_) = next(iter(self._open.items()))
             if at >= cutoff:
                 break
             del self._open[rid]
