@@ -376,8 +376,8 @@ class BatchApiRuns:
                     # One id per member of this batch (its journal key, unique per batch, and the custom_id): a
                     # replay counts nothing twice, and the same ids in another batch (another engine on the
                     # ledger, the same file run again) are charged again, as they are billed again.
-                    self.budget.deliver("charge_many", [Charge(f"late:{key}:{cj.key}", cj.req.tenant, cj.req.provider,
-                                                            cj.req.model, o.cost) for cj, o in late])
+                    self._to_budget("charge_many", [Charge(f"late:{key}:{cj.key}", cj.req.tenant, cj.req.provider,
+                                                           cj.req.model, o.cost) for cj, o in late])
                 self._kick()
                 return
             if self.clock.now() >= until:

@@ -18,7 +18,8 @@ log = logging.getLogger("smartbatch.dispatcher")
 # of each request still open, so a call cut by two restarts is charged as two (``Outbox._maybe_billed``).
 TALLY = ("paid_twice", "paid_twice_usd", "possibly_billed", "possibly_billed_usd", "reattached", "resumed_calls",
          "batches_cancelled", "members_saved_by_cancel", "key_conflicts", "rerouted")
-_ZERO_TALLY = (*(0 for _ in TALLY), {})
+# Then the settlements and charges the budget controller had not taken (``Outbox._to_budget``), sent again.
+_ZERO_TALLY = (*(0 for _ in TALLY), {}, {})
 
 
 class Recovery:
@@ -183,16 +184,19 @@ class Recovery:
         return f"tally:{self.name}"
 
     def _tally(self) -> tuple:
-        return (*(getattr(self, k) for k in TALLY), dict(self._unanswered))
+        return (*(getattr(self, k) for k in TALLY), dict(self._unanswered), dict(self._undelivered))
 
     def _add_tally(self, saved: tuple | None) -> None:
-        """Add what the last process counted (it died with it) to what this one counts."""
+        """Add what the last process counted (it died with it) to what this one counts, and send again what it
+        had not delivered to the budget controller."""
         if saved is None:
             return
-        *counts, unanswered = saved
+        counts, (unanswered, *undelivered) = saved[:len(TALLY)], saved[len(TALLY):]  # (a tally of before: none)
         for k, v in zip(TALLY, counts):
             setattr(self, k, getattr(self, k) + v)
         self._unanswered.update(unanswered)
+        if undelivered and undelivered[0]:
+            self._deliver_again(undelivered[0])
 
     async def _journal_tally(self) -> None:
         """Write the tally when it changed (each flush asks; it changes with faults, rarely). A write that fails

@@ -12,6 +12,7 @@ import inspect
 import logging
 import pickle
 import secrets
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from actors._wire import pack_args
@@ -62,25 +63,44 @@ class Peer:
         self._tasks.add(task)  # keep a reference until done, or the task may be collected mid-flight
         task.add_done_callback(self._tasks.discard)
 
-    def deliver(self, method: str, *args: Any) -> None:
+    def deliver(self, method: str, *args: Any, held: Callable[[bool], None] | None = None) -> None:
         """``send``, asked again while the peer is dead or restarting (the call may or may not have run, so only
         for idempotent calls: a settlement, a charge). A message sent as the budget controller died was lost,
-        and the spend it carried with it (a hunt: the ledger 10 % short of the bill after four restarts)."""
+        and the spend it carried with it (a hunt: the ledger 10 % short of the bill after four restarts).
+        ``held(True)``: the first try failed or was not answered within ``HELD_AFTER_S`` (a sender that may itself
+        die keeps it somewhere that outlives it meanwhile); ``held(False)``: taken."""
         if not self._is_ray:
             self.send(method, *args)
             return
-        task = asyncio.get_running_loop().create_task(self._deliver(method, args))
+        try:  # the first try leaves now, ahead of what the caller sends next (its results, to the hub)
+            first = getattr(self._resolve(), method).remote(*pack_args(args))
+        except Exception:  # tried again below
+            first = None
+        task = asyncio.get_running_loop().create_task(self._deliver(method, args, held, first))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _deliver(self, method: str, args: tuple) -> None:
+    async def _deliver(self, method: str, args: tuple, held: Callable[[bool], None] | None = None,
+                       first: Any = None) -> None:
         from ray.exceptions import RayActorError
 
+        async def sent(ref: Any) -> Any:
+            return await ref
+
         loop = asyncio.get_running_loop()
-        end, wait = loop.time() + DELIVER_WAIT_S, RESTART_POLL_S
+        end, wait, waited = loop.time() + DELIVER_WAIT_S, RESTART_POLL_S, held is None
         while True:
+            call = asyncio.ensure_future(sent(first) if first is not None else self.call(method, *args))
+            first = None
+            if not waited:  # failed, or slow (Ray holds a call to an actor it restarts): kept by the sender meanwhile
+                await asyncio.wait([call], timeout=HELD_AFTER_S)
+                if not call.done() or call.exception() is not None:
+                    held(True)
+                    waited = True
             try:
-                await self.call(method, *args)
+                await call
+                if held is not None:
+                    held(False)
                 return
             except Exception as exc:
                 if not (restarting(exc) or isinstance(exc, RayActorError)) or loop.time() >= end:
@@ -105,6 +125,7 @@ def as_peer(x: Any) -> Peer | None:
 RESTART_WAIT_S = 60.0
 RESTART_POLL_S = 0.2
 DELIVER_WAIT_S = 600.0  # how long ``Peer.deliver`` keeps asking a peer that is dead (Ray restarts it)
+HELD_AFTER_S = 0.25  # a delivery not answered within this is said to be held (``Peer.deliver``'s ``held``)
 
 
 def restarting(exc: BaseException) -> bool:
@@ -254,4 +275,5 @@ def resolve_clock(clock) -> tuple[object | None, float | None]:
     except Exception:  # outside Ray (unit tests) or Ray not reachable: no clock yet
         return None, None
     return pickle.loads(raw) if raw else (None, None)
+
 

@@ -91,9 +91,9 @@ def test_a_call_that_comes_while_the_claims_go_back_waits_for_them(own_redis, mo
         try:
             assert all(v.ok for v in await ctl.reserve_many(_claims(*(f"a{k}" for k in range(4)), usd=2.0)))
             _crash_and_restart(own_redis)
-            first = asyncio.ensure_future(_until_answered(ctl, b, _claims("n0", usd=2.0)))
+            first = asyncio.ensure_future(_until_answered(ctl, b, _claims("n0", usd=3.0)))
             await entered.wait()
-            second = asyncio.ensure_future(ctl.reserve_many(_claims("n1", usd=2.0)))
+            second = asyncio.ensure_future(ctl.reserve_many(_claims("n1", usd=3.0)))
             await asyncio.wait([second], timeout=0.5)  # bounded: it must not be answered before the claims are back
             answered_early = second.done()
             resume.set()
@@ -102,5 +102,62 @@ def test_a_call_that_comes_while_the_claims_go_back_waits_for_them(own_redis, mo
             await ctl.close()
         return answered_early, v0, v1
     answered_early, v0, v1 = asyncio.run(go())
-    assert not answered_early and not v1.ok, v1
-    assert v0.ok  # $8 back under way, $2 left: the first one fits, not the second
+    # $8 back under way, $2 left: neither fits (whichever comes first: the outbox's replay may be the call that
+    # finds the new Redis process).
+    assert not answered_early and not v1.ok and not v0.ok, (v0, v1)
+
+
+def _spend_requests(n: int) -> list[dict]:
+    import random
+
+    rng = random.Random(5)
+    return [{"id": f"r{k}", "tenant": rng.choice(["acme", "globex"]), "model": rng.choice(["gpt-4o-mini", "gpt-5-mini"]),
+             "prompt": f"Summarise report number {k}. " * 20, "output_tokens": 300, "max_output_tokens": 400,
+             "priority": "urgent" if k % 10 == 0 else "normal", "deadline_s": 120.0 if k % 2 else 1500.0}
+            for k in range(n)]
+
+
+@pytest.mark.solo
+def test_settlements_a_dispatcher_holds_for_a_restarting_budget_controller_outlive_the_dispatcher(ray_session):
+    """Settlements sent while the budget controller restarted waited in the dispatcher's memory (``Peer.deliver``
+    asks again, backing off up to 5 s): a dispatcher that died meanwhile took them along. The results were
+    delivered and billed, their claims stayed open until the engine stopped, and the ledger fell short of the bill
+    (a helper's hunt: $0.016 counted of $0.040 billed, 72 % of a $0.06 budget held by 57 finished requests, later
+    ones refused). They wait in the dispatcher's journaled tally now, and its restart sends them again."""
+    import concurrent.futures as cf
+
+    import ray
+
+    from engine import Engine
+    from engine.app.live import follow_engine, point_at_emulator
+    from engine.core.catalog import default_catalog
+    from engine.core.settings import Settings
+    from engine.emulator import Emulator
+    from tests.integration._catalogs import OPENAI_ONLY
+
+    reqs = _spend_requests(300)
+    b = BudgetSettings(specs=(BudgetSpec(max_budget=0.1),), reserve_output="request")
+    with Emulator(default_catalog(), speedup=100.0, seed=3, cancel_s=1.0) as emu:
+        settings = point_at_emulator(Settings(budgets=b), emu, providers=("openai",))
+        with Engine.start(settings, catalog=OPENAI_ONLY, policy="naive", speedup=100.0, metrics_port=None) as eng:
+            follow_engine(emu, settings, 0)(eng)
+            futs = []
+            for part in range(2):  # twice: whether a delivery was still waiting at the kill is a matter of timing
+                futs += eng.submit_many(reqs[100 * part:100 * (part + 1)])
+                next(cf.as_completed(futs[-100:], timeout=120))  # work under way, settlements flowing
+                ray.kill(eng._h["named"]["budget"], no_restart=False)
+                # Requests that end while it is down: their settlements wait in the dispatcher for its restart.
+                for _, _f in zip(range(10), cf.as_completed([f for f in futs if not f.done()], timeout=120)):
+                    pass
+                assert eng.wait_recovered("budget", times=part + 1, timeout=90)
+                ray.kill(eng._h["named"]["dispatcher-openai"], no_restart=False)  # before it delivered them
+                assert eng.wait_recovered("dispatcher-openai", times=part + 1, timeout=90)
+            futs += eng.submit_many(reqs[200:])
+            done, open_ = cf.wait(futs, timeout=240)
+            assert not open_
+            rep = eng.report()["budget"]
+            bill = emu.bill().total_usd
+    assert sum(f.result().cost_usd for f in futs) == pytest.approx(bill, abs=1e-9)
+    assert rep["reserved_usd"] == pytest.approx(0.0, abs=1e-9), rep  # before: finished requests' claims held
+    assert rep["spent_usd"] == pytest.approx(bill, abs=1e-6), rep  # before: the ledger short of the bill
+    assert bill <= 0.1 + 1e-9
