@@ -31,17 +31,14 @@ class Admitting:
             raise EngineStopped("this engine was cancelled (Engine.cancel) and takes no more work; start a new one")
         futs: dict[str, ResultFuture] = {}  # by uid: the existing future, or a new one
         new: list[Request] = []
+        kept: list[Request] = []  # answered from what a killed run of the job paid for: never sent, no room taken
         for r in reqs:
             fut = self._futs.get(r.uid) or futs.get(r.uid)
             if fut is not None:
                 _same_content(r, fut)
-            elif self._kept is not None and (res := self._kept.take(r)) is not None:
-                fut = self._futs[r.uid] = ResultFuture(r, self)  # answered, never sent: resolved by _give_kept
-                self._pending += 1
-                self._kept_due.append((fut, res))
             else:
                 fut = ResultFuture(r, self)
-                new.append(r)
+                (kept if self._kept is not None and self._kept.holds(r) else new).append(r)
             futs[r.uid] = fut
         if new:
             deadline = time.monotonic() + self._submit_timeout_s
@@ -56,6 +53,9 @@ class Admitting:
                     raise EngineStopped(self._gone or "the engine was stopped while this submit waited for room")
                 if self._admits != seen:
                     new = self._queued_meanwhile(new, futs)
+        if kept:  # after the wait for room: one that raised left no kept future behind, open for good
+            self._take_kept(kept, futs)
+        if new:
             # Buffered first, each step one call: a Ctrl-C (raised after a call returns) then leaves the requests
             # sent with no future at worst, which the same ids submitted again follow (ingest takes a request
             # once). Registered first, their futures were never sent, and submitted again the same ids got those
@@ -69,6 +69,20 @@ class Admitting:
             if self._idle:
                 self._wake.set()
         return [futs[r.uid] for r in reqs], bool(new)
+
+    def _take_kept(self, kept: list[Request], futs: dict[str, ResultFuture]) -> None:
+        """Register the futures of ``kept``, to resolve with their kept answers once the lock is let go
+        (``_give_kept``). Counted under ``max_pending`` only until then: held while their own submit waited for room,
+        a rerun larger than ``max_pending`` (admitted whole the first time) waited and was refused."""
+        for r in kept:  # first: one refused for its content leaves none of them registered
+            if (fut := self._futs.get(r.uid)) is not None:  # another submit took it while this one waited
+                _same_content(r, fut)
+                futs[r.uid] = fut
+        for r in kept:
+            if r.uid not in self._futs:
+                fut = self._futs[r.uid] = futs[r.uid]
+                self._pending += 1
+                self._kept_due.append((fut, self._kept.take(r)))
 
     def _give_kept(self) -> None:
         """Resolve the futures ``_admit`` answered from kept answers, out of the lock (a callback may submit)."""

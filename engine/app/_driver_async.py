@@ -89,7 +89,8 @@ class AsyncSubmit:
         and ``_admit`` never waits here: an event loop may call this."""
         with self._lock:
             if self._running and self._overload == "block":
-                fresh = {r.uid for r in reqs if r.uid not in self._futs}  # what _admit would queue
+                fresh = {r.uid for r in reqs if r.uid not in self._futs  # what _admit would queue (a kept
+                         and not (self._kept is not None and self._kept.holds(r))}  # answer takes no room)
                 if fresh and self._pending + len(fresh) > self._max_pending and self._pending > 0:
                     return None
             futs, new = self._admit(reqs)

@@ -59,11 +59,16 @@ class KeptAnswers:
     def __len__(self) -> int:
         return len(self._kept)
 
+    def holds(self, req: Request) -> bool:
+        """Whether an earlier run answered this tenant, id and content (``take`` gives it)."""
+        got = self._kept.get(req.uid)
+        return got is not None and got[0] == content_digest(req)
+
     def take(self, req: Request) -> Result | None:
         """The kept answer to ``req`` if an earlier run answered this tenant, id and content (else None)."""
-        got = self._kept.get(req.uid)
-        if got is None or got[0] != content_digest(req):
+        if not self.holds(req):
             return None
+        got = self._kept[req.uid]
         with self._lock:
             self.given += 1
             self.given_usd += got[1].cost_usd
