@@ -113,10 +113,10 @@ def pending(root: Path) -> tuple[int, int, int]:
     return batches, open_, calls
 
 
-def sweep(root: Path, keep_ended: bool = True) -> None:
-    """Remove the journal of every run under ``root`` that has nothing under way, nor (``keep_ended``) any ended
-    batch archived, and ``root`` once empty."""
-    for run in engine_dirs(root):
+def sweep(root: Path, keep_ended: bool = True, runs: list[Path] | None = None) -> None:
+    """Remove the journal of every run under ``root`` (or of ``runs`` only) that has nothing under way, nor
+    (``keep_ended``) any ended batch archived, and ``root`` once empty."""
+    for run in engine_dirs(root) if runs is None else [r for r in runs if r.is_dir()]:
         if not any(recs for space, recs in _spaces_of(run).items() if keep_ended or not space.startswith(ARCHIVE)):
             shutil.rmtree(run, ignore_errors=True)
     try:  # (not while it holds answers)

@@ -15,6 +15,7 @@ stop with nothing open removes the directory's contents: the job ended, and noth
 from __future__ import annotations
 
 import concurrent.futures
+import fcntl
 import hashlib
 import json
 import logging
@@ -45,10 +46,15 @@ class KeptAnswers:
     """The answers an earlier run of the job paid for, by ``Request.uid`` with their request's digest, and the file
     this run's answers are appended to as they reach the driver."""
 
-    def __init__(self, root: Path, kept: dict[str, tuple[str, Result]]):
+    def __init__(self, root: Path, kept: dict[str, tuple[str, Result]], taken: Iterable[Path] = ()):
         self.root = root
         self._kept = kept
+        self._taken = list(taken)  # what this run took over (answers files, runs of dead engines): its own to clear
         self._path = root / f"{DRIVER_ANSWERS}.{os.getpid()}-{time.time_ns()}.jsonl"
+        # Held (exclusive) while this engine lives, as a dispatcher holds its journal: another engine on the
+        # directory (a second job, a second engine of the script) neither takes this file over nor removes it.
+        self._fd: int | None = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
         self._lock = threading.Lock()
         self._write_failed = False
         self.given, self.given_usd = 0, 0.0
@@ -88,24 +94,37 @@ class KeptAnswers:
         if not data:
             return
         try:
-            with self._lock, open(self._path, "a", encoding="utf-8") as f:
-                f.write(data)
+            with self._lock:
+                if self._fd is None:
+                    raise OSError(f"{self._path} was closed by the engine's stop")
+                os.write(self._fd, data.encode())
         except OSError as exc:  # the answers still reach the driver; only the insurance is lost
             if not self._write_failed:
                 self._write_failed = True
                 log.error("journal.dir %s: answers could not be kept (%s): if this run is killed, the next pays "
                           "for them again", self.root, exc.strerror or exc)
 
-    def finish(self, clean: bool) -> None:
-        """After the engine's stop. ``clean`` (nothing was open): the job ended, so its journal goes; else it stays
-        for the next run to take back."""
+    def finish(self, clean: bool, engine: str) -> None:
+        """After the stop of engine ``engine``. ``clean`` (nothing was open): the job ended, so what it wrote and
+        took over goes (its answers, its journal, the files and runs of the dead engines it took back); else it
+        stays for the next run to take back. Another engine's on the directory is left: it may still run."""
+        with self._lock:
+            fd, self._fd = self._fd, None
         if not clean:
+            if fd is not None:
+                os.close(fd)
             return
+        from actors._file_journal import FileJournal
         from engine.app._batch_rescue import sweep
 
-        for p in self.root.glob(f"{DRIVER_ANSWERS}.*.jsonl"):
-            p.unlink(missing_ok=True)
-        sweep(self.root, keep_ended=False)
+        self._path.unlink(missing_ok=True)
+        if fd is not None:  # (unlinked first: no engine starting meanwhile takes it over)
+            os.close(fd)
+        runs = [p for p in self._taken if p.is_dir()] + [FileJournal(self.root, engine).dir]
+        for p in self._taken:
+            if not p.is_dir():
+                p.unlink(missing_ok=True)
+        sweep(self.root, keep_ended=False, runs=runs)
 
 
 def _line(digest: str, res: Result) -> str:
@@ -135,7 +154,7 @@ def take_back(settings, catalog, keys: dict, *, speedup: float) -> KeptAnswers |
     from engine.core.files import write_atomic
 
     root = Path(j.dir).absolute()
-    old = sorted(root.glob(f"{DRIVER_ANSWERS}.*.jsonl")) if root.is_dir() else []
+    old = [p for p in sorted(root.glob(f"{DRIVER_ANSWERS}.*.jsonl")) if root.is_dir() and not _held(p)]
     kept = _read(old)
     batches, open_, calls = pending(root)
     if batches or calls:
@@ -163,6 +182,7 @@ def take_back(settings, catalog, keys: dict, *, speedup: float) -> KeptAnswers |
         if written:  # the old answers are in the file just written
             for p in old:
                 p.unlink(missing_ok=True)
+            old = written
         if got.cut_calls:
             log.warning("journal.dir %s: %d sync call(s) were under way when the earlier engine was cut off; they "
                         "may have been billed, and are sent again when submitted", root, got.cut_calls)
@@ -170,4 +190,32 @@ def take_back(settings, catalog, keys: dict, *, speedup: float) -> KeptAnswers |
         log.warning("journal.dir %s: %d answer(s) an earlier run of this job paid for are kept: the same requests "
                     "submitted again get them, not sent again", root, len(kept))
     root.mkdir(parents=True, exist_ok=True)
-    return KeptAnswers(root, kept)
+    return KeptAnswers(root, kept, [*old, *_dead_runs(root)])
+
+
+def _held(path: Path) -> bool:
+    """Whether a live engine holds ``path`` (its answers file, ``KeptAnswers``)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return True  # (gone meanwhile: nothing to take over)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _dead_runs(root: Path) -> list[Path]:
+    """The journal runs under ``root`` that no process writes any more (a live engine's is left to it)."""
+    from actors._file_journal import engine_dirs, locked_out
+
+    out = []
+    for run in engine_dirs(root):
+        fd = locked_out(run, 0.0)
+        if fd is not None:
+            os.close(fd)
+            out.append(run)
+    return out

@@ -68,9 +68,9 @@ def test_answers_are_kept_as_they_come_a_torn_line_is_skipped_and_a_clean_stop_r
     with open(path, "a") as f:
         f.write('{"digest": "abc", "result": {"id": "r9", "sta')  # a kill mid-write
     assert set(_read([path])) == {rs[0].uid, rs[2].uid}
-    kept.finish(clean=False)  # open requests at the stop: left for the next run
+    kept.finish(clean=False, engine="sb-t")  # open requests at the stop: left for the next run
     assert path.exists()
-    kept.finish(clean=True)
+    kept.finish(clean=True, engine="sb-t")
     assert not path.exists()
 
 
@@ -94,3 +94,29 @@ def test_no_take_back_without_a_directory_or_when_turned_off(emu, tmp_path, chan
     sim = rig.settings.model_copy(update={"providers": rig.settings.providers.model_copy(update={"mode": "sim"})})
     assert take_back(sim, rig.catalog, KEYS, speedup=SPEED) is None  # simulated calls bill nothing
     assert engine_dirs(root)
+
+
+
+def test_a_clean_stop_removes_only_its_own_run_not_another_engines_still_running_on_the_directory(tmp_path):
+    # Two jobs on one journal.dir (SMARTBATCH_JOURNAL__DIR in a shared environment, or two engines of one script):
+    # the one that ended cleanly removed the answers the other had received and the other's journal, and the
+    # other, killed after, paid again for all of them.
+    import asyncio
+
+    from actors._file_journal import ARCHIVE, FileJournal, read_spaces
+    from engine.app._driver_resume import _read
+    from engine.core.settings import Settings
+
+    settings = Settings(journal={"dir": str(tmp_path)}, providers={"mode": "http"})
+    first, second = (take_back(settings, None, {}, speedup=1.0) for _ in range(2))  # both started
+    rs = [req(k, "openai") for k in range(2)]
+    first.record([(rs[0], _ok(rs[0]))])
+    journal = FileJournal(tmp_path, "sb-first")  # the first engine's dispatcher: a batch that ended, archived
+    asyncio.run(journal.put("batches:openai", "b1", ("record",)))
+    asyncio.run(journal.delete("batches:openai", ["b1"]))
+    second.record([(rs[1], _ok(rs[1]))])
+    second.finish(clean=True, engine="sb-second")  # the second job ended: its own answers go
+    assert {s for s, recs in read_spaces(journal.dir).items() if recs} == {ARCHIVE + "batches:openai"}
+    assert set(_read(tmp_path.glob(f"{DRIVER_ANSWERS}.*.jsonl"))) == {rs[0].uid}
+    first.finish(clean=True, engine="sb-first")
+    assert not list(tmp_path.glob(f"{DRIVER_ANSWERS}.*"))
