@@ -82,6 +82,7 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervi
         self._futs: dict[str, ResultFuture] = {}  # by Request.uid: (tenant, id)
         self._buffer: list[Request] = []
         self._kept, self._kept_due = kept, []  # what a killed run of the job paid for (``take_back``)
+        self._cut_short = False  # left its ``with`` block on an error: the job did not end (``__exit__``)
         self._inflight_refs: dict[Any, tuple[list[str], int]] = {}  # ingest call -> (uids, tries)
         self._running = True
         self._init_supervision(attached)
@@ -220,7 +221,7 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervi
         try:
             self._flush()
             self._lanes_turn(force=True)  # what waits for a call to return leaves now: the flush thread has stopped
-            clean = self._pending == 0
+            clean = self._pending == 0 and not self._cut_short  # the job ended: its journal.dir goes
             self._fail_open("engine stopped before the request finished (drain() first waits)" if self._owner else
                             f"this driver left engine {self.name!r} before the request finished; it still runs there: "
                             "submit the same tenant and id (from any driver) for its result")
@@ -252,6 +253,10 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervi
         return self
 
     def __exit__(self, exc_type: type | None, *exc: object) -> None:
+        # Left on an error, a Ctrl-C or a SIGTERM, the job has not ended even with nothing open (a script that
+        # failed between two submits): what a killed run of it paid for stays for the next run (``_kept``).
+        self._cut_short = exc_type is not None and not (issubclass(exc_type, SystemExit)
+                                                        and getattr(exc[0], "code", 1) in (0, None))
         self.stop(drain_s=self._drain_on_exit(exc_type))
 
     def now(self) -> float:
