@@ -325,6 +325,9 @@ def prepare(out: Path, settings, cat, requests: list, *, resume: bool, overwrite
     from engine.core.errors import ConfigError
 
     say = say or (lambda m: err_console.print(m, style="yellow"))
+    # Its own journal is taken back here, or none (a cluster, OUT a stream): never a driver job's journal.dir
+    # (exported for it), which its engine took over, and its end removed what that job's killed run paid for.
+    settings = settings.model_copy(update={"journal": settings.journal.model_copy(update={"take_back": False})})
     if address is not None or settings.providers.mode != "http":
         return settings, Rescued(), requests
     root = journal_dir(out.absolute())
@@ -359,8 +362,7 @@ def prepare(out: Path, settings, cat, requests: list, *, resume: bool, overwrite
         say(f"no journal beside {out} ({exc.strerror or exc}): if this run is killed, what its provider batches "
             "finish is paid again by the next run")
         return settings, got, rest
-    journal = settings.journal.model_copy(update={"dir": root, "take_back": False})  # (taken back above)
-    return settings.model_copy(update={"journal": journal}), got, rest
+    return settings.model_copy(update={"journal": settings.journal.model_copy(update={"dir": root})}), got, rest
 
 
 def finish(settings, out: Path, clean: bool) -> None:

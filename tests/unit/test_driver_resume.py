@@ -120,3 +120,18 @@ def test_a_clean_stop_removes_only_its_own_run_not_another_engines_still_running
     assert set(_read(tmp_path.glob(f"{DRIVER_ANSWERS}.*.jsonl"))) == {rs[0].uid}
     first.finish(clean=True, engine="sb-first")
     assert not list(tmp_path.glob(f"{DRIVER_ANSWERS}.*"))
+
+
+@pytest.mark.parametrize("where", ["cluster", "stream"])
+def test_the_batch_command_never_takes_back_a_driver_jobs_journal_dir(tmp_path, where):
+    # ``smartbatch batch`` takes back its own journal (beside OUT) or none (a cluster, OUT a stream): with
+    # SMARTBATCH_JOURNAL__DIR exported for a driver job, its engine took that job's journal over, and its end
+    # removed what the job's killed run had paid for.
+    from engine.app._batch_rescue import prepare
+    from engine.core.settings import Settings
+
+    settings = Settings(journal={"dir": str(tmp_path / "nightly")}, providers={"mode": "http"})
+    out, address = (tmp_path / "out.jsonl", "auto") if where == "cluster" else (tmp_path, None)  # (not a file)
+    got, _, _ = prepare(out, settings, None, [], resume=False, overwrite=False, address=address, speedup=1.0,
+                        say=lambda m: None)
+    assert got.journal.take_back is False
