@@ -205,7 +205,8 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
     base = clock.epoch if real_time else 0.0
     ray.get(budget.set_clock.remote(clock, base))
     publish_clock(engine, clock, base)
-    return _handles(engine, named, clock, base, settings.log_level)
+    # (its journal's name too: what its driver's clean stop removes under journal.dir, ``_driver_resume``)
+    return {**_handles(engine, named, clock, base, settings.log_level), "journal": journal}
 
 
 def _shards(named: dict, base: str) -> list:

@@ -51,10 +51,8 @@ class KeptAnswers:
         self._kept = kept
         self._taken = list(taken)  # what this run took over (answers files, runs of dead engines): its own to clear
         self._path = root / f"{DRIVER_ANSWERS}.{os.getpid()}-{time.time_ns()}.jsonl"
-        # Held (exclusive) while this engine lives, as a dispatcher holds its journal: another engine on the
-        # directory (a second job, a second engine of the script) neither takes this file over nor removes it.
-        self._fd: int | None = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        self._fd: int | None = None  # this run's answers file, made at its first answer (``_open``)
+        self._closed = False  # by the engine's stop
         self._lock = threading.Lock()
         self._write_failed = False
         self.given, self.given_usd = 0, 0.0
@@ -95,21 +93,39 @@ class KeptAnswers:
             return
         try:
             with self._lock:
-                if self._fd is None:
-                    raise OSError(f"{self._path} was closed by the engine's stop")
-                os.write(self._fd, data.encode())
+                os.write(self._open(), data.encode())
         except OSError as exc:  # the answers still reach the driver; only the insurance is lost
             if not self._write_failed:
                 self._write_failed = True
                 log.error("journal.dir %s: answers could not be kept (%s): if this run is killed, the next pays "
                           "for them again", self.root, exc.strerror or exc)
 
+    def _open(self) -> int:
+        """This run's answers file, held (exclusive) while the engine lives, as a dispatcher holds its journal:
+        another engine on the directory (a second job, a second engine of the script) neither takes it over nor
+        removes it. Locked before it has its name, so no other engine ever sees it unheld. Holds ``_lock``."""
+        if self._closed:
+            raise OSError(f"{self._path} was closed by the engine's stop")
+        if self._fd is None:
+            self.root.mkdir(parents=True, exist_ok=True)  # (another engine's clean stop removed it, empty)
+            made = self.root / f".{self._path.name}.new"
+            fd = os.open(made, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                os.rename(made, self._path)
+            except OSError:
+                os.close(fd)
+                raise
+            self._fd = fd
+        return self._fd
+
     def finish(self, clean: bool, engine: str) -> None:
-        """After the stop of engine ``engine``. ``clean`` (nothing was open): the job ended, so what it wrote and
-        took over goes (its answers, its journal, the files and runs of the dead engines it took back); else it
-        stays for the next run to take back. Another engine's on the directory is left: it may still run."""
+        """After the stop of the engine whose journal is named ``engine`` (``actors.remote.start_actors``).
+        ``clean`` (nothing was open): the job ended, so what it wrote and took over goes (its answers, its journal,
+        the files and runs of the dead engines it took back); else it stays for the next run to take back. Another
+        engine's on the directory is left: it may still run."""
         with self._lock:
-            fd, self._fd = self._fd, None
+            fd, self._fd, self._closed = self._fd, None, True
         if not clean:
             if fd is not None:
                 os.close(fd)

@@ -233,7 +233,7 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervi
                 self._keep_last_report()  # report() after stop() answers with it
                 kill_engine(self._h["engine"], self._h["all"], self._h["dispatchers"].values())
                 if self._kept is not None:  # (its dispatchers gone: nothing writes the journal now)
-                    self._kept.finish(clean, self.name)
+                    self._kept.finish(clean, self._h.get("journal", self.name))
             else:  # the ids only this driver held are forgotten after its retention window, as it would have
                 for h in self._h["hubs"]:
                     h.leave.remote(self._client)
