@@ -23,6 +23,9 @@ class Job(NamedTuple):
     # The cache shard that looked it up (its class's when admitted): where its result and its followers are,
     # even after a reroute to a fallback model of another class.
     cache_shard: int = 0
+    # (provider, model) its driver asked, when rerouted to a fallback (``req`` then names the fallback): what a
+    # driver's take-back after a kill matches the request submitted again against (``engine.app._driver_resume``).
+    asked: tuple[str, str] | None = None
 
 
 class BatchJob(NamedTuple):

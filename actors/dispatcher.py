@@ -314,8 +314,8 @@ class Dispatcher(CancelDispatches, Outbox, BatchApiRuns, Recovery, Warm):
             # A sync call of it that timed out may be billed, and the fallback does not retry its key: its claim
             # keeps that call's upper bound, as a failed request's does (``_maybe_billed``).
             self._member_done(j, self._maybe_billed(j))
-            self._readmit.append(j._replace(req=j.req.model_copy(update={"provider": provider, "model": model}),
-                                            claim=None))
+            req = j.req.model_copy(update={"provider": provider, "model": model})
+            self._readmit.append(j._replace(req=req, asked=j.asked or (j.req.provider, j.req.model), claim=None))
 
     def _at(self, at: float, fn) -> None:
         loop = asyncio.get_running_loop()

@@ -255,13 +255,16 @@ async def _collect(provider, name: str, catalog, key: str, rec: tuple, watch: bo
         outs = await _ended(p, handle, catalog.provider(name).batch_api.cancel_s, speed)
     except Exception as exc:
         return ProviderUnread(f"{name} batch {handle.id}: {_brief(exc)}")
+    asked = {j.req.uid: j.asked for j in jobs if getattr(j, "asked", None)}  # members rerouted to a fallback
     for ckey, o in outs.items():
         cj = handle.jobs.get(ckey)
         if cj is None or not o.ok:
             continue
         res = ok_result(cj.req, at=0.0, cost=o.cost, mode="batch_api", batch_id=b.bid,
                         recommendation=b.recommendation, reason="answered by a provider batch of an earlier run", out=o)
-        got.members.setdefault(cj.req.uid, (cj.req, res))
+        was = asked.get(cj.req.uid)  # the request as its driver asked it, not as rerouted
+        got.members.setdefault(cj.req.uid, (cj.req.model_copy(update={"provider": was[0], "model": was[1]})
+                                            if was else cj.req, res))
         if (wanted is None or cj.req.id in wanted) and cj.req.id not in got.results:
             got.results[cj.req.id] = res
     return None

@@ -135,3 +135,24 @@ def test_the_batch_command_never_takes_back_a_driver_jobs_journal_dir(tmp_path, 
     got, _, _ = prepare(out, settings, None, [], resume=False, overwrite=False, address=address, speedup=1.0,
                         say=lambda m: None)
     assert got.journal.take_back is False
+
+
+def test_the_members_of_a_fallback_batch_answer_the_request_as_its_driver_asked_it(emu, tmp_path):  # noqa: F811
+    # A model's circuit open, its work went to its fallback in a provider batch (the dispatcher's reroute); the
+    # driver killed, the batch's members were kept under the fallback's model, and the request submitted again
+    # (as the script asks it, with its own model) was sent and paid again.
+    root = tmp_path / "j"
+    asked = ("anthropic", "claude-sonnet-4-5")
+    jobs = [j._replace(asked=asked) for j in jobs_of("openai", claims=True)]  # as ``Dispatcher._start_reroute``
+    rig = _crashed_after(emu, root, jobs, lambda rig: _billed(emu) and _journaled(rig),
+                         "a first member to finish at the provider, and the batch's id in the journal")
+    kept = take_back(rig.settings, rig.catalog, KEYS, speedup=SPEED)
+    answered = {j.req.id for j in jobs if batch_key(j) in _billed(emu)}
+    assert answered
+    for j in jobs:
+        mine = j.req.model_copy(update={"provider": asked[0], "model": asked[1], "arrival_s": 99.0})
+        got = kept.take(mine)
+        assert (got is not None) == (j.req.id in answered)
+        assert kept.take(j.req) is None  # the fallback's own content was never asked under this id
+        if got is not None:
+            assert got.model == "gpt-5-mini" and got.output  # made by the fallback, as the killed run's was
