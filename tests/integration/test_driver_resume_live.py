@@ -37,3 +37,24 @@ def test_a_script_that_fails_with_nothing_open_keeps_what_the_killed_run_paid_fo
         assert not emu.bill().items  # nothing was sent
     kept = _read(root.glob(f"{DRIVER_ANSWERS}.*.jsonl"))
     assert {r.uid for r in reqs} <= set(kept)  # the next run answers all three, pays for none again
+
+
+def test_kept_answers_take_no_room_and_every_future_resolves(ray_session, tmp_path):
+    import asyncio
+
+    root = tmp_path / "journal"
+    cat = fixed_turnaround_catalog(6000.0)
+    reqs = [req(k, "openai") for k in range(4)]
+    _killed_run_left(root, reqs[:3])
+    with Emulator(cat, speedup=1000.0, seed=0) as emu:
+        settings = point_at_emulator(Settings(journal={"dir": str(root)}), emu)
+        with Engine.start(settings, catalog=cat, speedup=1000.0, metrics_port=None, max_pending=2,
+                          overload="raise") as eng:
+            # Larger than max_pending, as the killed run's first submit was: admitted whole, as it was then.
+            futs = eng.submit_many([*reqs[:2], reqs[3].model_copy(update={"priority": "urgent"})])
+            assert [f.result(timeout=60).reason == KEPT_REASON for f in futs] == [True, True, False]
+            assert asyncio.run(eng.asubmit(reqs[2])).reason == KEPT_REASON
+            assert eng.drain(timeout_s=60) == 0 and eng._pending == 0
+            assert eng.report()["taken_back"] == {"answers": 3, "cost_usd": pytest.approx(0.03)}
+        assert len(emu.bill().items) == 1  # only the request no run had answered
+    assert not root.exists()  # the job ended: nothing left to take back
