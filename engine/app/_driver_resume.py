@@ -9,7 +9,9 @@ each batch named there (``_batch_rescue.rescue``: a cancel keeps what finished, 
 the answers the killed driver had received (written here, each before its future resolved). A request submitted
 again under the same tenant and id, with the same content, gets its kept answer at once, at the cost the earlier
 run paid; one with other content is sent as new (an id reused across jobs never gets another job's answer). A
-stop with nothing open removes the directory's contents: the job ended, and nothing is left to take back.
+stop with nothing open, not on an error, removes what its engine wrote and took back there: the job ended. An
+engine's answers file is locked while it lives (as its dispatchers' journal is): another engine on the directory
+neither takes it over nor removes it.
 """
 
 from __future__ import annotations
@@ -136,7 +138,8 @@ class KeptAnswers:
         self._path.unlink(missing_ok=True)
         if fd is not None:  # (unlinked first: no engine starting meanwhile takes it over)
             os.close(fd)
-        runs = [p for p in self._taken if p.is_dir()] + [FileJournal(self.root, engine).dir]
+        # (the runs it took over looked again at: one another engine had made but not yet locked looked dead)
+        runs = _dead_runs(self.root, [p for p in self._taken if p.is_dir()]) + [FileJournal(self.root, engine).dir]
         for p in self._taken:
             if not p.is_dir():
                 p.unlink(missing_ok=True)
@@ -224,12 +227,12 @@ def _held(path: Path) -> bool:
         os.close(fd)
 
 
-def _dead_runs(root: Path) -> list[Path]:
-    """The journal runs under ``root`` that no process writes any more (a live engine's is left to it)."""
+def _dead_runs(root: Path, runs: list[Path] | None = None) -> list[Path]:
+    """The journal runs under ``root`` (of ``runs``) that no process writes any more (a live engine's is left)."""
     from actors._file_journal import engine_dirs, locked_out
 
     out = []
-    for run in engine_dirs(root):
+    for run in engine_dirs(root) if runs is None else runs:
         fd = locked_out(run, 0.0)
         if fd is not None:
             os.close(fd)
