@@ -166,9 +166,10 @@ async def _rescue(root, settings, catalog, keys, speedup, wanted, say, strict, k
                 say(f"waiting for the processes of the earlier run to end (they hold {run})")
                 lock = await asyncio.to_thread(locked_out, run, WRITERS_GONE_S)
             if lock is None:
-                raise ConfigError(f"the journal {run} is still held {WRITERS_GONE_S:.0f} s on by a process of the "
-                                  "earlier run (leftover Ray workers: `ps -ef | grep ray::`); stop them and run "
-                                  "again")
+                raise ConfigError(f"the journal {run} is still held {WRITERS_GONE_S:.0f} s on: an engine on it "
+                                  "still runs (another job given the same journal directory: give each its own), "
+                                  "or processes of a killed run linger (Ray workers: `ps -ef | grep ray::`; stop "
+                                  "them); then run again")
             locks.append(lock)
         jobs, seen = [], set()
         for run in runs:
