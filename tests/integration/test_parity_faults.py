@@ -34,7 +34,7 @@ from tests.integration._parity import PARITY_POLICY, parity_catalog, wave_trace
 
 pytestmark = pytest.mark.solo  # completion times in real time: no other test beside it
 
-SPEEDUP = 10.0
+SPEEDUP = 20.0
 CANCEL_S = 60.0  # engine seconds the emulator takes to cancel a batch
 FAULTS = {"rate_429": 0.1, "rate_5xx": 0.1, "retry_after_s": 5.0}
 WORLD = 2.0  # batches twice as slow as the catalog says: most are hedged
@@ -96,7 +96,7 @@ def test_a_batch_create_refused_with_429s_is_made_again_after_retry_after_not_se
     rides a batch, at the simulator's cost. Found by this test: each refusal sent the members back to the
     policy as a hedge does, the policy batched them again at once, and after four the runtime's progress guard
     sent all 65 sync, at twice the batch price, 50 minutes before their deadlines ($0.885 for $0.318)."""
-    speedup = 50.0
+    speedup = 100.0
     reqs, cat = [r.model_copy(update={"deadline_s": r.deadline_s * 7.5}) for r in trace()], as_emulated(
         parity_catalog())
     base = Settings(sim=SimSettings(turnaround_scale=0.7, day_origin_s=0.0))
