@@ -29,7 +29,7 @@ def _answers_kept(root: Path) -> int:
 
 def test_a_driver_killed_mid_job_and_run_again_pays_for_nothing_twice(tmp_path):
     root = tmp_path / "journal"
-    with Emulator(fixed_turnaround_catalog(6000.0), speedup=SPEEDUP, seed=0, cancel_s=600.0) as emu:
+    with Emulator(fixed_turnaround_catalog(3000.0), speedup=SPEEDUP, seed=0, cancel_s=600.0) as emu:
         env = {**_env(), "SMARTBATCH_PROVIDERS__MODE": "http", "SMARTBATCH_JOURNAL__DIR": str(root),
                "OPENAI_BASE_URL": emu.base_url("openai"), "PYTHONPATH": str(ROOT)}
         args = [sys.executable, str(SCRIPT), str(N)]
