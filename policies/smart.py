@@ -333,7 +333,7 @@ class Smart(GpuLane, Policy):
             tokens_in, tokens_out = sum(r.input_tokens for r in members), sum(r.output_tokens for r in members)
         lead = self._hedge_lead(c, max_out, k)
         hedge_at, fallback = _fallback_slot(group, c, earliest - lead, lead - p.hedge_margin_s - c.cancel_s, k, max_out,
-                                            now, sent=not gathering)
+                                            now, sent=not gathering, margin_s=p.hedge_margin_s)
         send_at = flush_at if gathering else now
         if not p.second_batch or group.returned:
             checkpoint, p_on_time = None, ba.turnaround_cdf(hedge_at - send_at)
@@ -387,7 +387,7 @@ class Smart(GpuLane, Policy):
         ride = group.members[:j]
         hedge_at = min((r.deadline_at - self._hedge_lead(c, r.output_tokens, j) for r in ride), default=now)
         out, margin = max((r.output_tokens for r in ride), default=0), self.params.hedge_margin_s + c.cancel_s
-        hedge_at, fallback = _fallback_slot(group, c, hedge_at, self._hedge_lead(c, out, j) - margin, j, out, now)
+        hedge_at, fallback = _fallback_slot(group, c, hedge_at, self._hedge_lead(c, out, j) - margin, j, out, now, margin_s=margin - c.cancel_s)
         p_on_time = ba.turnaround_cdf(hedge_at - now)
         if p_on_time < mp:
             return Decision("dispatch", mode="sync", take=1, recommendation="process_individually",

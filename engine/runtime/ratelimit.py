@@ -20,14 +20,13 @@ import math
 
 from engine.core.catalog import RateLimits
 
-__all__ = ["BURST_S", "BURST_SHARE", "EnqueuedTokens", "RateGate", "WINDOW_S"]
-
-WINDOW_S = 60.0
 # Within the minute, at most BURST_SHARE of its quota in any BURST_S seconds. A minute's whole quota may
 # otherwise start in its first instant (a flood takes it all), and work that comes a second later (urgent
-# work, a quiet tenant) waits for the minute to slide. The minute's limit is unchanged.
-BURST_S = 10.0
-BURST_SHARE = 1 / 3
+# work, a quiet tenant) waits for the minute to slide. The minute's limit is unchanged. (In the core, where a
+# policy reads them too: ``engine.core.rates.start_spread_s``.)
+from engine.core.rates import BURST_S, BURST_SHARE, WINDOW_S
+
+__all__ = ["BURST_S", "BURST_SHARE", "EnqueuedTokens", "RateGate", "WINDOW_S"]
 
 
 class _Window:
