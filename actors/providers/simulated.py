@@ -24,6 +24,7 @@ def _sim_output(job: CallJob) -> str:
 
 class _Handle:
     __slots__ = ("cancelled", "jobs", "out")
+    real = False  # nothing was billed: a killed run's take-back has nothing to read back from it
 
     def __init__(self, jobs: Sequence[CallJob], out: BatchOutcome):
         self.jobs, self.out, self.cancelled = list(jobs), out, False

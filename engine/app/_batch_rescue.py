@@ -229,6 +229,8 @@ async def _collect(provider, name: str, catalog, key: str, rec: tuple, watch: bo
         b, handle, jobs, start, _ = rec
     else:
         b, jobs, start, _, handle, _ = rec
+    if not getattr(handle, "real", True):  # the simulator ran it (Gemini beside real calls): nothing was billed
+        return None
     if archived and (handle is None or wanted is not None and not any(
             j.req.id in wanted and j.req.id not in got.results for j in jobs)):
         return None  # ended: its create failed (nothing made), or what it answered is in the output file already

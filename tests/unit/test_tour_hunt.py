@@ -1,0 +1,34 @@
+"""Defects a helper's tour of the README and docs found, each pinned by the test that failed before its fix."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from actors._file_journal import FileJournal, engine_dirs
+from engine.core.settings import Settings
+
+
+def test_a_journaled_batch_of_a_simulated_provider_is_not_a_batch_to_take_back(tmp_path):
+    """`smartbatch run traces/conv.jsonl --providers http ...` (the README's trace: Gemini stays simulated) with
+    SMARTBATCH_JOURNAL__DIR set, killed and run again: the start refused with "google is not called over HTTP in
+    this run (its endpoint, or the catalog, changed since): give it its endpoint again", every time, though google
+    never had one; the only way on was to remove the directory and pay again for what the killed run's real
+    batches finished. A batch the simulator ran billed nothing: there is nothing to read back."""
+    from actors._types import Job
+    from actors.providers.simulated import _Handle
+    from engine.app._batch_rescue import pending, rescue
+    from engine.core.catalog import default_catalog
+    from engine.core.request import Request
+
+    job = Job(0, Request.model_validate({"id": "g0", "arrival_s": 0.0, "model": "gemini-2.5-flash",
+                                         "input_tokens": 10, "output_tokens": 5}), "fp")
+
+    async def go():
+        j = FileJournal(tmp_path, "e@1")
+        await j.put("batches:google", "k", ("batch", [job], 0.0, 0, _Handle([], None), None))
+        os.close(j._lock)
+    asyncio.run(go())
+    got = rescue(tmp_path, Settings(), default_catalog(), {}, say=lambda m: None)
+    assert got.results == {} and got.batches == 0  # nothing read, nothing billed twice
+    assert pending(tmp_path) == (0, 0, 0) and not engine_dirs(tmp_path)
