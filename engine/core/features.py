@@ -116,8 +116,8 @@ def fingerprint(req: Request, *, share_across_tenants: bool = False) -> str:
         parts.append(str(req.input_tokens))
         # The cap is sent (max_tokens): a 16-token answer was served to the same prompt asked uncapped.
         parts.append(str(req.max_output_tokens))
-    if req.body:  # temperature, tools, a system prompt...: all of the body shapes the output
-        parts.append(json.dumps(req.body, sort_keys=True, separators=(",", ":"), default=str))
+    if shape := _unnamed(req.body):  # temperature, tools, a system prompt...: all of the body shapes the output
+        parts.append(json.dumps(shape, sort_keys=True, separators=(",", ":"), default=str))
     # exact_prompt turns the separator inside a prompt into a space: no prompt reads as two fields.
     return hashlib.blake2b(_SEP.join(parts).encode(), digest_size=16).hexdigest()
 
@@ -214,6 +214,13 @@ def near_vectors(requests: Sequence[Request]) -> np.ndarray:
     return near_vectors_texts([near_text(r) for r in requests], [r.params for r in requests])
 
 
+def _unnamed(body: dict | None) -> dict | None:
+    """``body`` without its ``model``: it equals the request's (validated), which the keys hold already, and the
+    engine sets it on the wire. Named there, as the endpoint's and a batch file's bodies do, and not in a
+    driver's, the same call had two keys and was paid twice (a helper's tour)."""
+    return {k: v for k, v in body.items() if k != "model"} if body and "model" in body else body
+
+
 def near_text(req: Request) -> str:
     """The text a near-duplicate search compares. A chat request (a ``body`` whose ``messages`` end with the
     user's turn) compares its last user message: the thresholds were tuned on questions, and a shared
@@ -229,17 +236,18 @@ def near_context(req: Request) -> str | None:
     message's images or files); for another body all of it that is not prompt text (tools, an answer format,
     the roles of the messages, an image block: a request with tools and one without read the same text, and
     one was served the other's answer)."""
-    if not req.body:
+    body = _unnamed(req.body)
+    if not body:
         return None
-    if sends_prompt(req.body, req.kind):  # the prompt is the text compared; all of the body shapes the output
-        return _digest(req.body)
+    if sends_prompt(body, req.kind):  # the prompt is the text compared; all of the body shapes the output
+        return _digest(body)
     split = _chat_split(req)
-    return _digest(split_body(req.body)[1] if split is None else split[1])
+    return _digest(split_body(body)[1] if split is None else split[1])
 
 
 def _chat_split(req: Request) -> tuple[str, dict] | None:
     """(the last user message's text, the body with that text taken out) of a chat request, else None."""
-    body = req.body
+    body = _unnamed(req.body)
     if not body or req.kind != "text" or "input" in body or "prompt" in body:
         return None
     messages = body.get("messages")

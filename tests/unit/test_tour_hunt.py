@@ -32,3 +32,29 @@ def test_a_journaled_batch_of_a_simulated_provider_is_not_a_batch_to_take_back(t
     got = rescue(tmp_path, Settings(), default_catalog(), {}, say=lambda m: None)
     assert got.results == {} and got.batches == 0  # nothing read, nothing billed twice
     assert pending(tmp_path) == (0, 0, 0) and not engine_dirs(tmp_path)
+
+
+def _req(**d):
+    from engine.core.request import Request, validation_context
+
+    return Request.model_validate({"id": "q", "arrival_s": 0.0, "deadline_s": 600, **d}, context=validation_context())
+
+
+def test_a_body_that_names_its_model_is_the_same_request_to_the_cache():
+    """The README's three ways in share one cache, but a driver's chat request (``model`` beside ``messages``) and
+    the same call through the endpoint or a batch file (``model`` inside the body, as OpenAI's are) had two
+    fingerprints: the second was sent and paid again (the emulator billed the same body twice). ``body.model``
+    must equal ``model``, which the key holds already, and the engine sets it on the wire."""
+    from engine.core.features import fingerprint, near_class
+
+    msgs = [{"role": "user", "content": "Hello there"}]
+    driver = _req(model="gpt-5-mini", messages=msgs, seed=5)
+    endpoint = _req(model="gpt-5-mini", body={"model": "gpt-5-mini", "messages": msgs, "seed": 5})
+    assert fingerprint(driver) == fingerprint(endpoint)
+    assert near_class(driver, "t") == near_class(endpoint, "t")
+    assert fingerprint(_req(model="gpt-5-mini", prompt="Hi")) == fingerprint(
+        _req(model="gpt-5-mini", prompt="Hi", body={"model": "gpt-5-mini"}))
+    # Still apart: another model, another setting.
+    assert fingerprint(_req(model="gpt-4o-mini", body={"model": "gpt-4o-mini", "messages": msgs,
+                                                       "seed": 5})) != fingerprint(endpoint)
+    assert fingerprint(_req(model="gpt-5-mini", messages=msgs, seed=7)) != fingerprint(driver)
