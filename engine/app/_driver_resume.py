@@ -208,7 +208,11 @@ def take_back(settings, catalog, keys: dict, *, speedup: float) -> KeptAnswers |
     if kept:
         log.warning("journal.dir %s: %d answer(s) an earlier run of this job paid for are kept: the same requests "
                     "submitted again get them, not sent again", root, len(kept))
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file there, or no right to write: the setting's to fix, not a bug
+        raise ConfigError(f"setting journal.dir = {root}: cannot be a directory ({exc.strerror or exc}); point "
+                          "SMARTBATCH_JOURNAL__DIR at a directory this machine can write, or unset it") from None
     return KeptAnswers(root, kept, [*old, *_dead_runs(root)])
 
 

@@ -58,3 +58,21 @@ def test_a_body_that_names_its_model_is_the_same_request_to_the_cache():
     assert fingerprint(_req(model="gpt-4o-mini", body={"model": "gpt-4o-mini", "messages": msgs,
                                                        "seed": 5})) != fingerprint(endpoint)
     assert fingerprint(_req(model="gpt-5-mini", messages=msgs, seed=7)) != fingerprint(driver)
+
+
+def test_a_journal_dir_that_cannot_be_a_directory_is_a_config_error_naming_the_setting(tmp_path):
+    """SMARTBATCH_JOURNAL__DIR naming a file (or a place that cannot be written) with real providers: `smartbatch
+    run` said "FileExistsError: ... (unexpected, so a bug in smartbatch ...)" and exited 1."""
+    import pytest
+
+    from engine.app._driver_resume import take_back
+    from engine.core.catalog import default_catalog
+    from engine.core.errors import ConfigError
+
+    a_file = tmp_path / "jobs.txt"
+    a_file.write_text("not a directory")
+    settings = Settings(providers={"mode": "http"}, journal={"dir": str(a_file)})
+    with pytest.raises(ConfigError, match="journal.dir") as err:
+        take_back(settings, default_catalog(), {}, speedup=1.0)
+    assert "SMARTBATCH_JOURNAL__DIR" in str(err.value)
+    assert a_file.read_text() == "not a directory"
