@@ -76,3 +76,28 @@ def test_a_journal_dir_that_cannot_be_a_directory_is_a_config_error_naming_the_s
         take_back(settings, default_catalog(), {}, speedup=1.0)
     assert "SMARTBATCH_JOURNAL__DIR" in str(err.value)
     assert a_file.read_text() == "not a directory"
+
+
+def test_a_clean_simulated_run_on_a_journal_dir_does_not_block_a_later_real_run_on_it(tmp_path):
+    """SMARTBATCH_JOURNAL__DIR exported, a `smartbatch run` with simulated providers ends cleanly and leaves its
+    dispatchers' journal (take-back is off without real providers); the next run with --providers http on the
+    same directory refused to start: "4 provider batch(es) of the earlier run could not be read ('_Handle' object
+    has no attribute 'id')", a simulated batch read as a real one at the now real openai."""
+    from actors._types import Job
+    from actors.providers.simulated import _Handle
+    from engine.app._batch_rescue import rescue
+    from engine.core.catalog import default_catalog
+    from engine.core.request import Request
+
+    job = Job(0, Request.model_validate({"id": "r0", "arrival_s": 0.0, "model": "gpt-5-mini", "input_tokens": 10,
+                                         "output_tokens": 5}), "fp")
+
+    async def go():
+        j = FileJournal(tmp_path, "e@1")
+        await j.put("batches:openai", "k", ("batch", [job], 0.0, 0, _Handle([], None), None))
+        await j.delete("batches:openai", ["k"])  # ended: archived
+        os.close(j._lock)
+    asyncio.run(go())
+    got = rescue(tmp_path, Settings(providers={"mode": "http"}), default_catalog(), {"openai": "x"},
+                 say=lambda m: None)
+    assert got.results == {} and got.batches == 0 and not engine_dirs(tmp_path)
