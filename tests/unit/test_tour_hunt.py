@@ -78,7 +78,7 @@ def test_a_journal_dir_that_cannot_be_a_directory_is_a_config_error_naming_the_s
     assert a_file.read_text() == "not a directory"
 
 
-def test_a_clean_simulated_run_on_a_journal_dir_does_not_block_a_later_real_run_on_it(tmp_path):
+def test_a_clean_simulated_run_on_a_journal_dir_does_not_block_a_later_real_run_on_it(tmp_path, monkeypatch):
     """SMARTBATCH_JOURNAL__DIR exported, a `smartbatch run` with simulated providers ends cleanly and leaves its
     dispatchers' journal (take-back is off without real providers); the next run with --providers http on the
     same directory refused to start: "4 provider batch(es) of the earlier run could not be read ('_Handle' object
@@ -98,6 +98,11 @@ def test_a_clean_simulated_run_on_a_journal_dir_does_not_block_a_later_real_run_
         await j.delete("batches:openai", ["k"])  # ended: archived
         os.close(j._lock)
     asyncio.run(go())
-    got = rescue(tmp_path, Settings(providers={"mode": "http"}), default_catalog(), {"openai": "x"},
-                 say=lambda m: None)
+    from engine.app.provider_setup import http_setup
+
+    monkeypatch.setenv("OPENAI_API_KEY", "x")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "x")
+    settings = Settings(providers={"mode": "http"})
+    plan, keys = http_setup(default_catalog(), settings)
+    got = rescue(tmp_path, settings, plan, keys, say=lambda m: None)
     assert got.results == {} and got.batches == 0 and not engine_dirs(tmp_path)
