@@ -120,10 +120,7 @@ class SimProvider:
         self._gate_of = {m: (m if s.rate_limits is not None else None) for m, s in provider.models.items()}
         ba = provider.batch_api
         self.enqueued = EnqueuedTokens(ba.max_enqueued_tokens) if ba is not None else None
-        # A cancelled batch runs on for the catalog's cancel_s, the one its policy plans with: the endpoint's for a
-        # provider called over HTTP (``http_setup``), 0 for a simulated one. Read from the settings instead, a
-        # bench of the plain catalog under http settings (the demo's) hedged as if a cancel were instant and got
-        # its members back 600 s later: 7 % of its deadlines missed.
+        # A cancel takes the catalog's cancel_s, which its policy plans with (not the settings': docs/simulator.md).
         self.cancel_s = ba.cancel_s if ba is not None else 0.0
         self.batch_queue = BatchQueue(sched, self.max_att)
         # Work of models whose circuit is open and that have no fallback: a heap by when the circuit closes.
