@@ -37,6 +37,20 @@ def _until(probe, what: str, proc: subprocess.Popen | None = None, timeout_s: fl
     return got
 
 
+def _kill_when(args: list[str], env: dict, probe, what: str) -> None:
+    """Run ``args`` in a session of its own and SIGKILL its whole process group (Ray's workers too) once
+    ``probe()`` holds."""
+    proc = subprocess.Popen(args, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        _until(probe, what, proc)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+
+
 def _journaled_batches(root: Path) -> int:
     return sum(rec[4] is not None for d in engine_dirs(root) for s, recs in read_spaces(d).items()
                if s == "batches:openai" for rec in recs.values())
@@ -54,17 +68,9 @@ def test_a_resume_after_a_sigkill_reads_the_killed_runs_batch_instead_of_paying_
     with Emulator(fixed_turnaround_catalog(6000.0), speedup=SPEEDUP, seed=0, cancel_s=600.0) as emu:
         args = [str(BIN), "batch", str(src), "--out", str(out), "--providers", "http",
                 "--base-url", f"openai={emu.base_url('openai')}", "--speedup", str(SPEEDUP)]
-        first = subprocess.Popen(args, env=_env(), start_new_session=True, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True)
-        try:
-            # Two batches (one per model): their answers come back out of the input's order (a helper's review:
-            # the resume then failed to write OUT, after it had taken the killed run's journal).
-            _until(lambda: _journaled_batches(root) >= 2, "its two provider batches to be journaled", first)
-        finally:
-            if first.poll() is None:
-                os.killpg(first.pid, signal.SIGKILL)
-            first.wait()
-            first.stdout.close()
+        # Two batches (one per model): their answers come back out of the input's order (a helper's review:
+        # the resume then failed to write OUT, after it had taken the killed run's journal).
+        _kill_when(args, _env(), lambda: _journaled_batches(root) >= 2, "its two provider batches to be journaled")
         # The batch runs on at the provider, to its end: every line billed, its answer read by nobody.
         _until(lambda: len(emu.bill().items) == N, "the killed run's batch to finish at the provider")
         again = subprocess.run(args, env=_env(), capture_output=True, text=True, timeout=300)

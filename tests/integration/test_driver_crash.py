@@ -3,8 +3,6 @@ batches finished (billed) and the answers the killed script had received are giv
 again, never sent and paid again; a request submitted again with other content is sent as new."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +13,7 @@ from actors._file_journal import engine_dirs
 from engine.app._driver_resume import DRIVER_ANSWERS, KEPT_REASON
 from engine.emulator import Emulator
 from tests.integration._job_driver import URGENT
-from tests.integration.test_batch_crash import SPEEDUP, _env, _journaled_batches, _until
+from tests.integration.test_batch_crash import SPEEDUP, _env, _journaled_batches, _kill_when, _until
 from tests.unit.test_http_providers import fixed_turnaround_catalog
 
 N = 24
@@ -33,16 +31,9 @@ def test_a_driver_killed_mid_job_and_run_again_pays_for_nothing_twice(tmp_path):
         env = {**_env(), "SMARTBATCH_PROVIDERS__MODE": "http", "SMARTBATCH_JOURNAL__DIR": str(root),
                "OPENAI_BASE_URL": emu.base_url("openai"), "PYTHONPATH": str(ROOT)}
         args = [sys.executable, str(SCRIPT), str(N)]
-        first = subprocess.Popen(args + [""], env=env, start_new_session=True, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True)
-        try:  # the urgent answers reached the script, and both batches (one per model) run at the provider
-            _until(lambda: _journaled_batches(root) >= 2 and _answers_kept(root) >= URGENT,
-                   "two provider batches and the urgent answers", first)
-        finally:
-            if first.poll() is None:
-                os.killpg(first.pid, signal.SIGKILL)
-            first.wait()
-            first.stdout.close()
+        # The urgent answers reached the script, and both batches (one per model) run at the provider.
+        _kill_when(args + [""], env, lambda: _journaled_batches(root) >= 2 and _answers_kept(root) >= URGENT,
+                   "two provider batches and the urgent answers")
         # The batches run on at the provider, to their end: every member billed, its answer read by nobody.
         _until(lambda: len(emu.bill().items) == N, "the killed run's batches to finish at the provider")
         before = emu.bill().items
