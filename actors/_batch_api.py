@@ -9,6 +9,7 @@ import logging
 import secrets
 
 from actors._batch_parts import file_parts
+from actors._queue_full import QueueFull
 from actors._types import BatchJob, Job
 from actors.providers._wire import redact
 from engine.core.budgets import Charge
@@ -34,7 +35,7 @@ def _short(exc: BaseException) -> str:
     return redact(f"{type(exc).__name__}: {str(exc)[:200]}")
 
 
-class BatchApiRuns:
+class BatchApiRuns(QueueFull):
     """Batch-API methods of ``Dispatcher``."""
 
     def _start_batch_api(self, e: Event, b: BatchJob, jobs: list[Job]) -> None:
@@ -199,6 +200,7 @@ class BatchApiRuns:
         p = self.provider
         hedge_at = b.hedge_at
         outs: dict = {}
+        again = None  # refused whole for a full queue: the parts it goes again in (``_queue_refused``)
         was_cancelled = False
         told = learn = self._learners and handle is not None and submitted(start, hedge_at)
         if handle is not None:
@@ -280,6 +282,8 @@ class BatchApiRuns:
                     # budgets. Before, it was paid twice with the report saying 0 and the ledger short of it.
                     await self._watch(b, key, jobs, start, handle)
                 outs = read or {}
+                again = self._queue_refused(key, b, jobs, handle, outs)
+                learn = learn and again is None
         if self._open.pop(key, None) is not None:
             self._unjournal.append((self._space, key))
         stem = key.rpartition("#")[0]  # a part's dispatch; "" for a batch sent whole
@@ -288,7 +292,7 @@ class BatchApiRuns:
             self._parts_left[stem] = left - 1  # another part of the dispatch still holds its tokens
         else:
             self._parts_left.pop(stem, None)
-            self.sim.finish_batch(tokens, self.clock.now())
+            self.sim.finish_batch(tokens, self.clock.now(), jobs[0].req.model)
         self._counts.turnaround_s.append(self.clock.now() - start)
         if told and not learn:  # its start was told: closed with a bound of 0, it is left out of the fit; left
             # open, it read as a batch still running, later and later (a review)
@@ -297,7 +301,9 @@ class BatchApiRuns:
             ends = [o.at for o in outs.values()]
             self._turnarounds.append(batch_turnaround(self.name, jobs[0].req.model, start, ends, len(jobs),
                                                       hedge_at if was_cancelled else self.clock.now()))
-        for j, cj in zip(jobs, cjobs, strict=True):
+        for part in again or ():  # never ran: still this dispatcher's, they wait at its gate for room
+            self._enqueue("batch_api", b._replace(jobs=part), part)
+        for j, cj in zip(jobs, cjobs, strict=True) if again is None else ():
             o = outs.get(cj.key)
             if o is None:
                 self._hedged(j)

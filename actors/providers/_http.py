@@ -164,6 +164,9 @@ class HttpBase:
         self.clock = clock
         self._tiers_told: set[str] = set()
 
+    def queue_refusal(self, handle: BatchHandle) -> int | None:
+        return None  # Anthropic names no batch queue limit (OpenAI overrides it)
+
     def create_slot(self, n: int) -> contextlib.AbstractAsyncContextManager:
         """Nothing to hold where a batch carries its name (OpenAI's metadata); Anthropic overrides it."""
         return contextlib.nullcontext()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,6 +25,7 @@ log = logging.getLogger("smartbatch.providers")
 _ENDED = {"completed", "failed", "expired", "cancelled"}
 _REF = "smartbatch_ref"  # the batch's metadata key naming it, so a restarted dispatcher finds a create it cut
 FIND_SCAN = 1_000  # most recent batches looked through for it
+_QUEUE_LIMIT = re.compile(r"Limit: ([\d,]+) enqueued tokens")  # token_limit_exceeded's message names the limit
 
 
 def _usage_chat(u: Mapping | None) -> Usage:
@@ -251,7 +253,7 @@ class OpenAIProvider(HttpBase):
         route = b.endpoint
         if b.status == "failed":  # refused whole (e.g. token_limit_exceeded): every member goes back to the policy
             said = [f"{e.code}: {e.message}" for e in ((b.errors.data or []) if b.errors else [])][:3]
-            log.warning("%s: batch %s failed: %s; its members go back to be sent again", self.name, handle.id,
+            log.warning("%s: batch %s failed: %s; its members did not run", self.name, handle.id,
                         self._redact("; ".join(said) or "no reason given"))
         lines, unread = await self._lines(b.output_file_id)
         self._unread_members(handle, unread, out)  # an error file's are left out: its members were not billed
@@ -276,6 +278,19 @@ class OpenAIProvider(HttpBase):
                 continue
             out.setdefault(job.key, self._member_error(line.get("response") or {}, err))
         return out
+
+    def queue_refusal(self, handle: BatchHandle) -> int | None:
+        """The batch queue limit a ``failed`` batch's ``token_limit_exceeded`` names ("Enqueued token limit
+        reached for gpt-4o-mini in organization org-... Limit: 2,000,000 enqueued tokens. Please try again once
+        some in_progress batches have been completed."): 0 when it names none (Azure's words differ)."""
+        b = handle.batch
+        if b is None or b.status != "failed" or not b.errors:
+            return None
+        for e in b.errors.data or []:
+            if e.code == "token_limit_exceeded":
+                m = _QUEUE_LIMIT.search(e.message or "")
+                return int(m.group(1).replace(",", "")) if m else 0
+        return None
 
     def _member_error(self, resp: Mapping, err: Mapping | None) -> CallOutcome:
         code = resp.get("status_code") or 500

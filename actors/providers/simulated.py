@@ -67,6 +67,9 @@ class SimulatedProvider:
     def create_slot(self, n: int) -> contextlib.nullcontext:
         return contextlib.nullcontext()
 
+    def queue_refusal(self, handle: object) -> None:
+        return None  # its queue is the dispatcher's own gate: never refused
+
     async def find_batch(self, jobs: Sequence[CallJob], ref: str, known: frozenset[str] = frozenset()) -> None:
         return None  # nothing real was created: the draws run again
 

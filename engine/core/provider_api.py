@@ -198,5 +198,9 @@ class Provider(Protocol):
         """Outcomes of the members that finished, by ``CallJob.key`` (ok, or failed inside the batch). A member
         absent from the map did not run (cancelled or expired): it was not billed and may be sent again."""
 
+    def queue_refusal(self, handle: Any) -> int | None:
+        """For an ended batch the provider refused whole because its batch queue was full (OpenAI's
+        ``token_limit_exceeded``): the limit it named, in tokens (0: it named none). None for any other batch."""
+
     async def close(self) -> None:
         """Release connections."""

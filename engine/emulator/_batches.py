@@ -70,6 +70,7 @@ class OpenAIBatch:
     finalizing_s: float
     cancel_s: float
     cancelling_at: float | None = None
+    queued_tokens: int = 0  # its input tokens, held in its model's batch queue until it ends
     done: int = 0
     completed: int = 0
     failed: int = 0

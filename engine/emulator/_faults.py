@@ -66,6 +66,9 @@ class FaultPlan:
     images.generations, messages); 5xx is 500 on OpenAI routes and 529 (overloaded) on Anthropic routes.
     ``fail_members``: custom_ids that fail with a server error inside any batch, until cleared.
     ``garble_members``: custom_ids that run (billed) inside any batch, their result line cut short, until cleared.
+    ``batch_queue_limits``: per model, the input tokens an OpenAI batch queue holds (OpenAI's "batch queue limit",
+    90,000 for gpt-4o at tier 1): a batch that would pass it, counting the batches of that model not yet ended,
+    fails at validation with ``token_limit_exceeded``, as OpenAI's does. Empty (the default): no limit.
     """
 
     def __init__(self, seed: int, routes: Iterable[str], providers: Iterable[str]):
@@ -81,6 +84,7 @@ class FaultPlan:
         self._retry_after_s = 1.0
         self.fail_members: set[str] = set()
         self.garble_members: set[str] = set()
+        self.batch_queue_limits: dict[str, int] = {}
 
     # -- settings ------------------------------------------------------------------------------------------
     @property
@@ -135,14 +139,16 @@ class FaultPlan:
             self._retry_after_s = 1.0
             self.fail_members = set()
             self.garble_members = set()
+            self.batch_queue_limits = {}
             self._rng = np.random.default_rng([self._seed, 7])
 
     def configure(self, cfg: Mapping[str, Any]) -> None:
         """Apply a JSON plan: ``{"clear": true, "rate_429": 0.1, "rate_5xx": 0.05, "retry_after_s": 2,
         "fail_members": ["a"], "expire_batches": {"n": 1, "finished_fraction": 0.5},
+        "batch_queue_limits": {"gpt-4o-mini": 2000000},
         "script": [{"provider": "openai", "route": "chat.completions", "specs": [{"status": 429}]}]}``."""
         known = {"clear", "rate_429", "rate_5xx", "retry_after_s", "fail_members", "garble_members",
-                 "expire_batches", "script"}
+                 "expire_batches", "script", "batch_queue_limits"}
         unknown = set(cfg) - known
         if unknown:
             raise ConfigError(f"unknown fault settings {sorted(unknown)}; known: {sorted(known)}")
@@ -157,6 +163,14 @@ class FaultPlan:
                 if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
                     raise ConfigError(f"{name} must be a list of custom_id strings")
                 setattr(self, name, set(ids))
+        if "batch_queue_limits" in cfg:
+            lim = cfg["batch_queue_limits"]
+            if not isinstance(lim, Mapping) or not all(
+                    isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                    for k, v in lim.items()):
+                raise ConfigError("batch_queue_limits must map model names to token counts >= 1, e.g. "
+                                  "{'gpt-4o-mini': 2000000}")
+            self.batch_queue_limits = dict(lim)
         if "expire_batches" in cfg:
             e = cfg["expire_batches"]
             if not isinstance(e, Mapping):
@@ -188,6 +202,11 @@ class FaultPlan:
         with self._lock:
             return self._expiries.popleft() if self._expiries else None
 
+    def queue_limit(self, model: str | None) -> int | None:
+        """The batch queue limit of ``model`` in input tokens, if one is set."""
+        with self._lock:
+            return self.batch_queue_limits.get(model) if model is not None else None
+
     def member_fails(self, custom_id: str) -> bool:
         with self._lock:
             return custom_id in self.fail_members
@@ -203,4 +222,5 @@ class FaultPlan:
             scripted = sum(len(q) for q in self._scripts.values())
             return (f"FaultPlan(scripted={scripted}, rate_429={self._rate_429}, rate_5xx={self._rate_5xx}, "
                     f"fail_members={len(self.fail_members)}, garble_members={len(self.garble_members)}, "
+                    f"batch_queue_limits={self.batch_queue_limits}, "
                     f"expiring_batches={len(self._expiries)})")

@@ -11,6 +11,7 @@ from engine.emulator._core import Core
 from engine.emulator._faults import FaultPlan
 from engine.emulator._openai import chat_result, responses_result
 from engine.emulator._routing import Ctx, Route, route
+from engine.emulator._text import chat_prompt, responses_prompt, tokens
 from engine.emulator._wire import ApiError, Reply, error_object, json_reply
 
 __all__ = ["ROUTES"]
@@ -79,6 +80,34 @@ def _parse_lines(data: bytes, endpoint: str, provider: ProviderSpec
     return members, problems, model
 
 
+def _input_tokens(endpoint: str, body: dict) -> int:
+    """A member's input tokens as the batch queue counts them (a body the prompt reader refuses: its JSON's)."""
+    try:
+        return (responses_prompt if endpoint == "/v1/responses" else chat_prompt)(body).tokens
+    except (ApiError, AttributeError, TypeError, ValueError):
+        return tokens(len(json.dumps(body)))
+
+
+_QUEUED = ("validating", "in_progress", "finalizing")  # a batch holds its tokens in the queue until it ends
+
+
+def _queue_problem(core: Core, faults: FaultPlan, provider: str, model: str | None, endpoint: str,
+                   members: list[tuple[str, dict]], now: float) -> tuple[int, list[dict]]:
+    """The batch's input tokens, and the refusal of a batch that would pass its model's batch queue limit
+    (``FaultPlan.batch_queue_limits``), in the words of OpenAI's (openai-python issue 2084)."""
+    mine = sum(_input_tokens(endpoint, body) for _, body in members)
+    limit = faults.queue_limit(model)
+    if limit is None:
+        return mine, []
+    held = sum(b.queued_tokens for b in core.batches.values() if isinstance(b, OpenAIBatch)  # (under core.lock)
+               and b.provider == provider and b.model == model and b.status(now) in _QUEUED)
+    if held + mine <= limit:
+        return mine, []
+    return 0, [_problem("token_limit_exceeded", f"Enqueued token limit reached for {model} in organization "
+                        f"org-emulator. Limit: {limit:,} enqueued tokens. Please try again once some in_progress "
+                        "batches have been completed.")]
+
+
 def _check_metadata(meta: object) -> None:
     """``BatchCreateParams.metadata``: at most 16 pairs, keys of at most 64 characters, string values of at
     most 512."""
@@ -112,18 +141,21 @@ def _create(ctx: Ctx) -> Reply:
         raise ApiError(400, f"provider {ctx.provider} declares no batch API in the catalog")
     _check_metadata(body.get("metadata"))
     members, problems, model = _parse_lines(rec.data, endpoint, p)
-    now = core.now()
-    turnaround = core.draw_turnaround(p)
-    start = now + core.validating_s
-    fraction = None if problems else ctx.faults.take_expiry()
-    nominal = now + p.batch_api.completion_window_s
-    batch = OpenAIBatch(
-        id=core.new_id("batch_"), provider=ctx.provider, endpoint=endpoint, input_file_id=rec.id,
-        completion_window=window, metadata=body.get("metadata"), model=model, members=members,
-        errors=problems, created_at=now, schedule=Schedule(start, turnaround, max(len(members), 1), core.members_together),
-        expire_at=nominal if fraction is None else start + turnaround * fraction, expires_at=nominal,
-        finalizing_s=core.finalizing_s, cancel_s=core.cancel_s)
-    with core.lock:
+    with core.lock:  # the queue's count and this batch's place in it at once
+        now = core.now()
+        turnaround = core.draw_turnaround(p)
+        start = now + core.validating_s
+        queued = 0
+        if not problems:
+            queued, problems = _queue_problem(core, ctx.faults, ctx.provider, model, endpoint, members, now)
+        fraction = None if problems else ctx.faults.take_expiry()
+        nominal = now + p.batch_api.completion_window_s
+        batch = OpenAIBatch(
+            id=core.new_id("batch_"), provider=ctx.provider, endpoint=endpoint, input_file_id=rec.id,
+            completion_window=window, metadata=body.get("metadata"), model=model, members=members,
+            errors=problems, created_at=now, schedule=Schedule(start, turnaround, max(len(members), 1), core.members_together),
+            expire_at=nominal if fraction is None else start + turnaround * fraction, expires_at=nominal,
+            finalizing_s=core.finalizing_s, cancel_s=core.cancel_s, queued_tokens=queued)
         core.batches[batch.id] = batch
         core.advancers[batch.id] = lambda t: _advance(core, ctx.faults, batch, t)
         return json_reply("openai", 200, batch.view(now), ctx.request_id)

@@ -217,7 +217,7 @@ class SimProvider:
                                 if self.draw else 0))
         while (picked := bq.peek(now)) is not None:
             u = picked[2]
-            s = self.enqueued.earliest(now, u.tokens)
+            s = self.enqueued.earliest(now, u.tokens, u.item.reqs[0].model)
             if s > now + 1e-9:
                 next_at = min(next_at, s)
                 break
@@ -273,9 +273,9 @@ class SimProvider:
         the estimate the gate counted)."""
         self.gates[self._gate_of[model]].finish(end, extra_tokens)
 
-    def finish_batch(self, tokens: int, end: float) -> None:
+    def finish_batch(self, tokens: int, end: float, model: str | None = None) -> None:
         if self.enqueued is not None:
-            self.enqueued.finish(tokens, end)
+            self.enqueued.finish(tokens, end, model)
 
     # -- sync calls ---------------------------------------------------------------------------------------
     def sync(self, i: int, r: Request, s: float, attempt: int, cache_write: bool,
@@ -337,7 +337,7 @@ class SimProvider:
     # -- batch API ------------------------------------------------------------------------------------------
     def _start_batch(self, w: Work, s: float, tokens: int) -> Event:
         if not self.draw:
-            self.enqueued.take(s, tokens, _INF)
+            self.enqueued.take(s, tokens, _INF, w.reqs[0].model)
             return Event("batch_api", w, s, tokens)
         out = self.batch(w.idxs, w.reqs, s, w.hedge_at, w.attempts)
         self.enqueued.take(s, tokens, out.at)  # held until it ends or is cancelled

@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
+from collections.abc import Iterable
 
 from engine.core.catalog import RateLimits
 
@@ -155,40 +156,55 @@ class RateGate:
 
 class EnqueuedTokens:
     """The batch API's limit on tokens in batches not yet finished (OpenAI's "enqueued tokens"). A batch holds
-    its whole weight from submission until it ends or is cancelled."""
+    its whole weight from submission until it ends or is cancelled. A limit the provider named for one model
+    (``learn``: OpenAI's batch queue limits are per model and per account tier) holds that model's batches too."""
 
     def __init__(self, limit: float):
         self.limit = limit
         self._open: list[tuple[float, float]] = []  # (end, tokens)
         self.held = 0.0
+        self._models: dict[str, EnqueuedTokens] = {}  # a model's limit, as the provider named it
 
     def __repr__(self) -> str:
-        return f"EnqueuedTokens(held={self.held:g}/{self.limit:g}, batches={len(self._open)})"
+        return f"EnqueuedTokens(held={self.held:g}/{self.limit:g}, batches={len(self._open)}, learnt={self._models})"
+
+    def learn(self, model: str, limit: float, held: Iterable[int]) -> None:
+        """``model``'s batches wait for room under ``limit`` from now on; ``held``: the weights its batches under
+        way hold, as ``take`` took them (each until its ``finish``)."""
+        q = self._models[model] = EnqueuedTokens(limit)
+        for w in held:
+            q.take(0.0, w, math.inf)
 
     def _release(self, t: float) -> None:
         while self._open and self._open[0][0] <= t:
             self.held -= heapq.heappop(self._open)[1]
 
-    def earliest(self, t: float, tokens: int) -> float:
+    def earliest(self, t: float, tokens: int, model: str | None = None) -> float:
+        q = self._models.get(model) if model is not None else None
+        s = q.earliest(t, tokens) if q is not None else t
         w = min(float(tokens), self.limit)
         self._release(t)
         if self.held + w <= self.limit + 1e-9:
-            return t
+            return s
         held = self.held
         for end, tok in sorted(self._open):
             held -= tok
             if held + w <= self.limit + 1e-9:
-                return end
-        return t
+                return max(end, s)
+        return s
 
-    def take(self, s: float, tokens: int, end: float) -> None:
+    def take(self, s: float, tokens: int, end: float, model: str | None = None) -> None:
+        if model in self._models:
+            self._models[model].take(s, tokens, end)
         self._release(s)
         w = min(float(tokens), self.limit)
         heapq.heappush(self._open, (end, w))
         self.held += w
 
-    def finish(self, tokens: int, end: float) -> None:
+    def finish(self, tokens: int, end: float, model: str | None = None) -> None:
         """A batch taken with an unknown end (``take(s, tokens, inf)``) ended at ``end``."""
+        if model in self._models:
+            self._models[model].finish(tokens, end)
         w = min(float(tokens), self.limit)
         try:
             i = self._open.index((math.inf, w))

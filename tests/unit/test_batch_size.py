@@ -188,7 +188,7 @@ def test_a_split_dispatch_cut_by_the_dispatchers_restart_is_followed_part_by_par
             d2 = Dispatcher(provider, rig.catalog, rig.settings, 0, rig.clock, [rig.grouper], rig.hub, None,
                             rig.budget, key=Secret(KEY))
             released = []
-            d2.sim.finish_batch = lambda tokens, end: released.append(tokens)
+            d2.sim.finish_batch = lambda tokens, end, model=None: released.append(tokens)
             assert await d2.recover() == parts
             await rig.resolved(jobs)
             assert rig.grouper.readmitted() == [] and emu.count(ROUTE[provider]) == 0

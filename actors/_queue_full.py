@@ -1,0 +1,61 @@
+"""A batch the provider refused whole because its batch queue was full (OpenAI's ``failed`` batch with
+``token_limit_exceeded``: "try again once some in_progress batches have been completed"). A mixin of the
+dispatcher's batch-API methods.
+
+Its members never ran. Handed back to the policy, they were batched again at once into the same full queue,
+and refused again, until the progress guard sent them sync at twice the price (a helper's hunt). Instead the
+dispatcher learns the limit the provider named for that model (``EnqueuedTokens.learn``) and queues the batch
+again, in parts that fit it, at its own gate: each part waits there for room (the end of a batch of its model
+under way) until its hedge, as a batch waits for the catalog's limit."""
+
+from __future__ import annotations
+
+import logging
+
+from actors._types import BatchJob, Job
+
+log = logging.getLogger("smartbatch.dispatcher")
+
+__all__ = ["QueueFull", "token_parts"]
+
+
+def token_parts(jobs: list[Job], limit: float) -> list[list[Job]]:
+    """``jobs`` in order, cut into parts whose weight at the gate (input plus output tokens) is at most ``limit``
+    (a request heavier alone is a part alone)."""
+    parts: list[list[Job]] = [[]]
+    held = 0
+    for j in jobs:
+        w = j.req.input_tokens + j.req.output_tokens
+        if parts[-1] and held + w > limit:
+            parts.append([])
+            held = 0
+        parts[-1].append(j)
+        held += w
+    return parts
+
+
+class QueueFull:
+    """The dispatcher's handling of a batch refused for a full queue."""
+
+    def _queue_refused(self, key: str, b: BatchJob, jobs: list[Job], handle, outs: dict) -> list[list[Job]] | None:
+        """The parts in which the batch ``key`` goes again, when the provider refused it whole for its full queue
+        and waiting can help: its hedge is still to come and a batch of its model under way here will free room,
+        or the batch alone passes the limit (then its parts fit). None: its members go back to the policy."""
+        limit = self.provider.queue_refusal(handle) if handle is not None and not outs else None
+        if limit is None or self._cancelled or self._all_withdrawn(jobs) or (
+                b.hedge_at is not None and self.clock.now() >= b.hedge_at):
+            return None
+        model, stem = jobs[0].req.model, key.rpartition("#")[0] or key
+        held: dict[str, int] = {}  # per dispatch (its parts share one weight) of this model: what the gate holds
+        for k, rec in self._open.items():
+            if rec[1] and rec[1][0].req.model == model:
+                held[k.rpartition("#")[0] or k] = rec[3]
+        others = sum(w for s, w in held.items() if s != stem)
+        limit = limit or others  # named none: no more than what is under way fits
+        parts = token_parts(jobs, limit) if limit > 0 else []
+        if not parts or (len(parts) == 1 and not others):  # nothing here to wait for: another's batches fill it
+            return None
+        self.sim.enqueued.learn(model, limit, held.values())
+        log.warning("dispatcher %s: batch %s was refused for a full batch queue (limit %d tokens for %s); it is "
+                    "sent again in %d part(s) as room frees", self.name, key, limit, model, len(parts))
+        return parts
