@@ -34,8 +34,24 @@ def redact(text: str, secrets: Iterable[str] = ()) -> str:
     return _KEYLIKE.sub("[redacted]", text)
 
 
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _duration(v: str | None) -> float | None:
+    """OpenAI's reset durations (``12ms``, ``1.5s``, ``6m0s``) in seconds; None when absent or unreadable."""
+    parts = _DURATION.findall(v or "")
+    if not parts or "".join(a + u for a, u in parts) != (v or "").strip():
+        return None
+    return sum(float(a) * _UNIT_S[u] for a, u in parts)
+
+
 def retry_after(headers) -> float | None:
-    """Seconds from a ``Retry-After`` (or ``retry-after-ms``) header; None when absent or unreadable."""
+    """Seconds from a ``Retry-After`` (or ``retry-after-ms``) header; else, as OpenAI's 429s may carry no
+    ``Retry-After`` (openai-node issue 1477), from its ``x-ratelimit-reset-requests`` / ``-tokens`` (the reset of
+    the limit whose ``remaining`` is 0; of both, the later, when neither says). None when none is readable: an
+    HTTP date, say (the engine's own backoff applies). Without them, a 429 of a minute's window was retried 1, 2
+    and 4 s later and the request failed (a helper's protocol hunt)."""
     if headers is None:
         return None
     ms = headers.get("retry-after-ms")
@@ -43,9 +59,14 @@ def retry_after(headers) -> float | None:
         if ms is not None:
             return max(float(ms) / 1000.0, 0.0)
         v = headers.get("retry-after")
-        return None if v is None else max(float(v), 0.0)
+        if v is not None:
+            return max(float(v), 0.0)
     except (TypeError, ValueError):
-        return None  # an HTTP date: the engine's own backoff applies
+        return None
+    resets = {k: _duration(headers.get(f"x-ratelimit-reset-{k}")) for k in ("requests", "tokens")}
+    out = [r for k, r in resets.items() if r is not None and str(headers.get(f"x-ratelimit-remaining-{k}")) == "0"]
+    out = out or [r for r in resets.values() if r is not None]
+    return max(out) if out else None
 
 
 def _block_text(block: int, chars: int) -> str:

@@ -24,6 +24,14 @@ ROUTE_NAMES: tuple[str, ...] = tuple(r.name for r in _ROUTES)
 _DROP = Reply(0, {}, b"", drop=True)
 
 
+def _go_duration(s: float) -> str:
+    """Seconds as OpenAI writes a rate limit's reset (``6m0s``, ``1.5s``, ``20ms``)."""
+    if s < 1:
+        return f"{round(s * 1000)}ms"
+    m, rest = divmod(s, 60.0)
+    return f"{int(m)}m{rest:g}s" if m else f"{rest:g}s"
+
+
 class Call(NamedTuple):
     """One received request (never its credentials)."""
 
@@ -133,6 +141,12 @@ class App:
                                         fault.status, "The server had an error while processing your request "
                                                       "(injected fault).")
         code = {429: "rate_limit_exceeded"}.get(fault.status, "server_error" if fault.status >= 500 else None)
+        if retry is not None and ctx.family == "openai" and not self.faults.retry_after_header:
+            reply = error_reply(ctx.family, ApiError(fault.status, message, code=code), ctx.request_id)
+            return reply._replace(headers={**reply.headers, "x-ratelimit-remaining-requests": "0",
+                                           "x-ratelimit-reset-requests": _go_duration(retry),
+                                           "x-ratelimit-remaining-tokens": "1000",
+                                           "x-ratelimit-reset-tokens": "0s"})
         return error_reply(ctx.family, ApiError(fault.status, message, code=code, retry_after_s=retry),
                            ctx.request_id)
 

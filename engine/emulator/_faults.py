@@ -66,6 +66,9 @@ class FaultPlan:
     images.generations, messages); 5xx is 500 on OpenAI routes and 529 (overloaded) on Anthropic routes.
     ``fail_members``: custom_ids that fail with a server error inside any batch, until cleared.
     ``garble_members``: custom_ids that run (billed) inside any batch, their result line cut short, until cleared.
+    ``retry_after_header``: False answers an OpenAI-route 429 without ``retry-after``, its wait only in
+    ``x-ratelimit-reset-requests``/``-tokens`` (``"1m40s"``) beside ``x-ratelimit-remaining-requests: 0``, as OpenAI's
+    429s may come (openai-node issue 1477). True (the default): a ``retry-after`` header, as Anthropic's always has.
     ``batch_queue_limits``: per model, the input tokens an OpenAI batch queue holds (OpenAI's "batch queue limit",
     90,000 for gpt-4o at tier 1): a batch that would pass it, counting the batches of that model not yet ended,
     fails at validation with ``token_limit_exceeded``, as OpenAI's does. Empty (the default): no limit.
@@ -85,6 +88,7 @@ class FaultPlan:
         self.fail_members: set[str] = set()
         self.garble_members: set[str] = set()
         self.batch_queue_limits: dict[str, int] = {}
+        self.retry_after_header = True
 
     # -- settings ------------------------------------------------------------------------------------------
     @property
@@ -140,6 +144,7 @@ class FaultPlan:
             self.fail_members = set()
             self.garble_members = set()
             self.batch_queue_limits = {}
+            self.retry_after_header = True
             self._rng = np.random.default_rng([self._seed, 7])
 
     def configure(self, cfg: Mapping[str, Any]) -> None:
@@ -148,7 +153,7 @@ class FaultPlan:
         "batch_queue_limits": {"gpt-4o-mini": 2000000},
         "script": [{"provider": "openai", "route": "chat.completions", "specs": [{"status": 429}]}]}``."""
         known = {"clear", "rate_429", "rate_5xx", "retry_after_s", "fail_members", "garble_members",
-                 "expire_batches", "script", "batch_queue_limits"}
+                 "expire_batches", "script", "batch_queue_limits", "retry_after_header"}
         unknown = set(cfg) - known
         if unknown:
             raise ConfigError(f"unknown fault settings {sorted(unknown)}; known: {sorted(known)}")
@@ -163,6 +168,10 @@ class FaultPlan:
                 if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
                     raise ConfigError(f"{name} must be a list of custom_id strings")
                 setattr(self, name, set(ids))
+        if "retry_after_header" in cfg:
+            if not isinstance(cfg["retry_after_header"], bool):
+                raise ConfigError("retry_after_header must be true or false")
+            self.retry_after_header = cfg["retry_after_header"]
         if "batch_queue_limits" in cfg:
             lim = cfg["batch_queue_limits"]
             if not isinstance(lim, Mapping) or not all(

@@ -659,6 +659,42 @@ def test_a_429_is_retried_no_earlier_than_its_retry_after(emu):
     asyncio.run(go())
 
 
+def test_an_openai_429_without_retry_after_is_retried_after_its_rate_limit_resets(emu):
+    """OpenAI's 429s may carry no ``Retry-After``, only ``x-ratelimit-reset-requests``/``-tokens`` (a helper's
+    protocol hunt): read as no wait at all, a window of 100 s was retried 1 s later (and a minute's window failed
+    the request after its four tries within 7 s)."""
+    wait_s = 100.0  # engine seconds (100 ms real)
+    emu.faults.retry_after_header = False
+    emu.faults.script("openai", "chat.completions", [{"status": 429, "retry_after_s": wait_s}])
+
+    async def go():
+        rig = Rig(emu)
+        try:
+            (j,) = jobs_of("openai", 1)
+            await rig.run("sync", [j])
+            r = await rig.until(lambda: rig.results.get(j.req.id), "the result")
+            assert r.status == "ok", r
+            (_, _, o1), (_, start2, o2) = rig.calls
+            assert not o1.ok and o1.retry_after_s == wait_s and o2.ok
+            assert start2 >= o1.at + wait_s - 1e-3 * SPEED
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize(("headers", "seconds"), [
+    ({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "1m40s",
+      "x-ratelimit-remaining-tokens": "900", "x-ratelimit-reset-tokens": "0s"}, 100.0),
+    ({"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "6m0s",
+      "x-ratelimit-reset-requests": "12ms"}, 360.0),
+    ({"x-ratelimit-reset-requests": "20ms", "x-ratelimit-reset-tokens": "1.5s"}, 1.5),
+    ({"retry-after": "3", "x-ratelimit-reset-tokens": "6m0s"}, 3.0),
+    ({"x-ratelimit-reset-tokens": "soon"}, None),
+])
+def test_a_rate_limits_reset_is_read_when_a_429_says_no_retry_after(headers, seconds):
+    assert retry_after(headers) == seconds
+
+
 def test_5xx_is_retried_with_backoff_then_failed_unbilled(emu):
     emu.faults.script("openai", "chat.completions", [{"status": 500}] * 3)
 
