@@ -200,6 +200,12 @@ _Price = Annotated[float, Field(ge=0)]  # USD a unit: 0 is free, never below
 _GpuSeconds = Annotated[float, Field(gt=0)]
 
 
+class LongContext(_Frozen):  # a whole call's prices once its prompt passes above_input_tokens (Gemini 2.5 Pro)
+    above_input_tokens: int = Field(ge=1)
+    input_per_mtok: float = Field(ge=0)
+    output_per_mtok: float = Field(ge=0)
+
+
 class ModelSpec(_Frozen):
     kind: Kind
     # text
@@ -208,6 +214,7 @@ class ModelSpec(_Frozen):
     max_output_tokens: int = Field(default=4096, ge=1)
     cache_read_multiplier: float | None = Field(default=None, ge=0, le=1)
     cache_min_tokens: int | None = Field(default=None, ge=0)
+    long_context: LongContext | None = None  # the dearer tier of a long prompt (None: one price at any length)
     # hosted media priced per unit
     per_image: dict[str, _Price] | None = None
     per_image_quality: dict[str, dict[str, _Price]] | None = None  # by quality, then size (per_image: the default)

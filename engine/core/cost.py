@@ -67,8 +67,12 @@ def mode_factor(provider: ProviderSpec, mode: Mode) -> float:
     return 1.0 - provider.batch_api.discount if mode == "batch_api" and provider.batch_api else 1.0
 
 
-def token_prices(spec: ModelSpec) -> tuple[float, float]:
-    """List USD per input token and per output token of a text model."""
+def token_prices(spec: ModelSpec, input_tokens: int = 0) -> tuple[float, float]:
+    """List USD per input token and per output token of a text model, for a call of ``input_tokens`` (its
+    whole prompt, cached tokens included): past the model's ``long_context`` tier the whole call costs more."""
+    lc = spec.long_context
+    if lc is not None and input_tokens > lc.above_input_tokens:
+        return lc.input_per_mtok * _M, lc.output_per_mtok * _M
     return spec.input_per_mtok * _M, spec.output_per_mtok * _M  # type: ignore[operator]
 
 
@@ -158,7 +162,7 @@ def price_text(provider: ProviderSpec, spec: ModelSpec, split: CacheSplit, outpu
         return Price(0.0)
     pc = provider.prompt_cache
     f = mode_factor(provider, mode)
-    p_in, p_out = token_prices(spec)
+    p_in, p_out = token_prices(spec, split.read + split.write + split.plain)
     if pc is not None and (mode != "batch_api" or pc.stacks_with_batch):
         r = cache_read_multiplier(provider, spec)
         cached = f * p_in * r * split.read
@@ -274,7 +278,9 @@ def reserve_bound(req: Request, catalog: Catalog, mode: Mode, output_tokens: int
     w = max(1.0, pc.write_multiplier) if pc is not None and (mode != "batch_api" or pc.stacks_with_batch) else 1.0
     out = (req.max_output_tokens if req.max_output_tokens is not None
            else spec.max_output_tokens if output_tokens is None else output_tokens)
-    return f * (spec.input_per_mtok * w * input_bound(req, spec) + spec.output_per_mtok * out) * _M  # type: ignore[operator]
+    n_in = input_bound(req, spec)
+    p_in, p_out = token_prices(spec, n_in)  # the bound past a long-prompt tier: reserved at its prices
+    return f * (p_in * w * n_in + p_out * out)
 
 
 def input_bound(req: Request, spec: ModelSpec) -> int:

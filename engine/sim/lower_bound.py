@@ -181,7 +181,7 @@ def _optional_writer(r: Request, catalog: Catalog, p: float, bt: int, arrival: f
     prefix = min(len(r.prefix_blocks) * bt, r.input_tokens)
     if prefix < max(min_cacheable_tokens(prov, spec), 1):
         return
-    p_in, _ = token_prices(spec)
+    p_in, _ = token_prices(spec, r.input_tokens)
     fw = mode_factor(prov, "batch_api") if p > 0 and pc.stacks_with_batch else 1.0  # its cheapest write lane
     write = p_in * pc.write_multiplier * fw
     for k, b in enumerate(r.prefix_blocks):
@@ -288,7 +288,7 @@ def lower_bound(requests: Sequence[Request], *, catalog: Catalog | None = None, 
             else:
                 per[i] = sum(w * f for w, f in lanes) * price_alone(r, catalog, "sync").total
             continue
-        p_in, p_out = token_prices(spec)
+        p_in, p_out = token_prices(spec, r.input_tokens)
         pc = prov.prompt_cache
         prefix = min(len(r.prefix_blocks) * bt, r.input_tokens)
         if pc is None or prefix == 0 or prefix < max(min_cacheable_tokens(prov, spec), 1):

@@ -249,3 +249,30 @@ def test_a_hosted_image_is_priced_and_reserved_at_its_quality():
     assert price_alone(image(quality="auto"), cat, "sync").media == pytest.approx(0.167)  # the provider picks
     assert price_alone(image(quality="high", size="1536x1024"), cat, "sync").media == pytest.approx(0.25)
     assert reserve_bound(image(quality="high"), cat, "sync") >= 0.167
+
+
+def test_a_gemini_25_pro_prompt_past_200k_tokens_is_billed_whole_at_the_long_prompt_prices():
+    """Google's pricing page (https://ai.google.dev/gemini-api/docs/pricing): Gemini 2.5 Pro costs $1.25 in and
+    $10 out per million for prompts up to 200k tokens and $2.50 / $15 past that, for the whole call, its cached
+    input at 0.1x of either. The catalog held the first tier only, and takes prompts up to 1,048,576 tokens: a
+    500k-token prompt was counted, and reserved, at 60 % of its bill."""
+    from engine.core.cost import reserve_bound
+
+    def pro(n_in, model="gemini-2.5-pro", cap=None):
+        return Request.model_validate({"id": "g", "arrival_s": 0, "provider": "google", "model": model,
+                                       "input_tokens": n_in, "output_tokens": 1_000, "max_output_tokens": cap})
+
+    def usd(n_in, p_in, p_out, read=0):
+        return ((n_in - read) * p_in + read * p_in * 0.1 + 1_000 * p_out) / 1e6
+
+    assert price_alone(pro(200_000), CAT).total == pytest.approx(usd(200_000, 1.25, 10.0))  # the tier's edge
+    assert price_alone(pro(200_001), CAT).total == pytest.approx(usd(200_001, 2.50, 15.0))
+    assert price_alone(pro(500_000), CAT).total == pytest.approx(usd(500_000, 2.50, 15.0))
+    assert price_alone(pro(500_000), CAT, "batch_api").total == pytest.approx(usd(500_000, 2.50, 15.0) / 2)
+    # From a call's usage, cache reads included in the prompt's length: 300k tokens, 100k of them read.
+    got = price_usage(pro(300_000), CAT, "sync", input_tokens=300_000, output_tokens=1_000, cache_read=100_000)
+    assert got.total == pytest.approx(usd(300_000, 2.50, 15.0, read=100_000))
+    # A budget reserves the long prices for a prompt that may pass the tier.
+    assert reserve_bound(pro(500_000, cap=1_000), CAT, "sync") >= usd(500_000, 2.50, 15.0)
+    # Gemini 2.5 Flash has one price at any length.
+    assert price_alone(pro(500_000, "gemini-2.5-flash"), CAT).total == pytest.approx(usd(500_000, 0.30, 2.50))
