@@ -75,8 +75,12 @@ class EngineMetrics:
         r = self.registry
         self.requests = Counter("smartbatch_requests", "Requests resolved, by outcome", ["outcome"], registry=r)
         self.cost = Counter("smartbatch_cost_usd", "Billed cost in USD", ["provider", "mode"], registry=r)
-        self.saving = Counter("smartbatch_saving_usd", "List price minus billed cost, USD", ["provider"],
-                              registry=r)
+        # A request may cost more than its list price (a cache write), which a counter cannot take back: the
+        # report's saving is list_price - cost, summed; saving_usd sums each request's gain, never below 0.
+        self.list_price = Counter("smartbatch_list_price_usd", "List price of served requests (each alone, sync, "
+                                  "no cache read), USD", ["provider"], registry=r)
+        self.saving = Counter("smartbatch_saving_usd", "List price minus billed cost per served request, USD, "
+                              "never below 0", ["provider"], registry=r)
         self.hits = Counter("smartbatch_cache_hits", "Requests served without a provider call", ["kind"],
                             registry=r)
         self.batch_size = Histogram("smartbatch_batch_size", "Requests per dispatch", ["provider", "mode"],
@@ -160,6 +164,7 @@ class EngineMetrics:
         outcomes: dict[str, int] = {}
         cost: dict[tuple[str, str], float] = {}
         saving: dict[str, float] = {}
+        listed: dict[str, float] = {}
         hits: dict[str, int] = {}
         e2e: dict[str, list[float]] = {}
         rejected: dict[str, int] = {}
@@ -174,6 +179,7 @@ class EngineMetrics:
                 cost[key] = cost.get(key, 0.0) + res.cost_usd
             if list_prices and res.status in ("ok", "reused"):
                 saving[prov] = saving.get(prov, 0.0) + max(list_prices[k] - res.cost_usd, 0.0)
+                listed[prov] = listed.get(prov, 0.0) + list_prices[k]
             if res.hit:
                 hits[res.hit] = hits.get(res.hit, 0) + 1
             if res.done_s is not None:
@@ -184,6 +190,8 @@ class EngineMetrics:
             self.cost.labels(prov, mode).inc(usd)
         for prov, usd in saving.items():
             self.saving.labels(prov).inc(usd)
+        for prov, usd in listed.items():
+            self.list_price.labels(prov).inc(usd)
         for kind, n in hits.items():
             self.hits.labels(kind).inc(n)
         for why, n in rejected.items():

@@ -72,7 +72,7 @@ def test_every_metric_of_the_dashboard_exists():
                    "smartbatch_http_429_responses_total", "smartbatch_circuit_breaker_open_bool",
                    "smartbatch_hedge_cancelled_batches_total", "smartbatch_batch_turnaround_seconds_bucket",
                    "smartbatch_rate_limit_wait_seconds_bucket", "smartbatch_budget_remaining_usd",
-                   "smartbatch_cache_hits_total", "smartbatch_cost_usd_total", "smartbatch_saving_usd_total"):
+                   "smartbatch_cache_hits_total", "smartbatch_cost_usd_total", "smartbatch_list_price_usd_total"):
         assert needed in used
 
 
@@ -178,3 +178,26 @@ def test_a_batch_of_observations_exports_what_one_at_a_time_would():
     (one, one_sum), (many, many_sum) = out
     assert one == many and any('le="+Inf",provider="openai"} 517.0' in line for line in many)
     assert many_sum == pytest.approx(one_sum, rel=1e-12)  # summed in another order
+
+
+def test_the_dashboards_saving_is_the_reports_list_price_minus_cost():
+    """A request may cost more than its list price (an Anthropic sync call that writes the cache pays 1.25x on
+    what it writes; an image at "auto" made at a dearer quality). The report nets it (``saving_usd`` = list
+    prices - cost); the saving counter, which cannot fall, dropped it, so the dashboard read a larger saving than
+    the report: $1.4738 against $1.4722 in a helper's run over the emulator. A list price counter beside the cost
+    one gives the report's figure."""
+    m = EngineMetrics()
+    results = [Result(id="w", status="ok", provider="anthropic", mode="sync", cost_usd=0.01875),
+               Result(id="b", status="ok", provider="anthropic", mode="batch_api", cost_usd=0.004),
+               Result(id="r", status="reused", provider="anthropic", mode="reuse", cost_usd=0.0),
+               Result(id="f", status="failed", provider="anthropic", cost_usd=0.0)]
+    lists = [0.017214, 0.008, 0.008, 0.009]
+    m.observe_results(results, lists)
+    v = m.registry.get_sample_value
+    cost = sum(v("smartbatch_cost_usd_total", {"provider": "anthropic", "mode": mode}) or 0.0
+               for mode in ("sync", "batch_api", "reuse"))
+    report_saving = sum(lists[:3]) - sum(r.cost_usd for r in results)  # actors.hub: served requests' list prices
+    assert v("smartbatch_list_price_usd_total", {"provider": "anthropic"}) - cost == pytest.approx(report_saving)
+    saving = [e for e in dashboard_exprs() if "saving" in e or "list_price" in e]
+    assert saving and all("smartbatch_list_price_usd_total" in e and "smartbatch_cost_usd_total" in e
+                          for e in saving), saving
