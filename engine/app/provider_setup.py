@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+import logging
 import os
 
 from engine.core.catalog import Catalog
@@ -9,11 +11,16 @@ from engine.core.errors import ConfigError
 from engine.core.provider_api import Secret
 from engine.core.settings import Settings
 
-__all__ = ["http_setup", "with_hedge_lag"]
+__all__ = ["http_setup", "retiring", "with_hedge_lag"]
+
+log = logging.getLogger("smartbatch.providers")
+
+RETIRING_DAYS = 30  # a model that shuts down within this many days is named at every start that calls it
+_BASE_URL_ENV = {"openai": "OPENAI_BASE_URL", "anthropic": "ANTHROPIC_BASE_URL"}  # read by the SDKs
 
 
-def http_setup(catalog: Catalog, settings: Settings, *, need_keys: bool = True,
-               speedup: float = 0.0) -> tuple[Catalog, dict[str, Secret]]:
+def http_setup(catalog: Catalog, settings: Settings, *, need_keys: bool = True, speedup: float = 0.0,
+               today: datetime.date | None = None) -> tuple[Catalog, dict[str, Secret]]:
     """The catalog the engine plans with when some providers are called over HTTP, and their keys. A live
     engine's clock runs at ``speedup`` (0: none, a plan): every hedge then comes its real-time lag earlier
     (``with_hedge_lag``).
@@ -21,7 +28,8 @@ def http_setup(catalog: Catalog, settings: Settings, *, need_keys: bool = True,
     A real batch takes up to ``cancel_s`` to cancel, so for those providers the catalog's ``batch_api.cancel_s``
     becomes the endpoint's and every hedge falls back that much earlier. Keys are read here, from the
     driver's environment, and travel to the dispatchers inside a ``Secret`` (a cluster's workers need not have
-    them); a missing key is a start-up error, not a run of 401s."""
+    them); a missing key is a start-up error, not a run of 401s. The catalog's models that the provider has shut
+    down, or shuts down within ``RETIRING_DAYS`` of ``today`` (UTC), are named in a warning (``retiring``)."""
     keys: dict[str, Secret] = {}
     providers = dict(catalog.providers)
     for name in settings.providers.http_providers(catalog.providers):
@@ -38,6 +46,7 @@ def http_setup(catalog: Catalog, settings: Settings, *, need_keys: bool = True,
                               "line break or another character an HTTP header cannot carry; set it again "
                               "without them")
         keys[name] = Secret(value)
+        _warn_retiring(catalog, name, ep, today or datetime.datetime.now(datetime.timezone.utc).date())
         spec = providers[name]
         if spec.batch_api is not None and spec.batch_api.cancel_s != ep.cancel_s:
             providers[name] = spec.model_copy(update={"batch_api": spec.batch_api.model_copy(
@@ -46,6 +55,31 @@ def http_setup(catalog: Catalog, settings: Settings, *, need_keys: bool = True,
         catalog = Catalog.model_validate({"schema_version": catalog.schema_version,
                                           "providers": {k: v.model_dump() for k, v in providers.items()}})
     return with_hedge_lag(catalog, settings.hedge_lag_s, speedup), (keys if need_keys else {})
+
+
+def retiring(catalog: Catalog, provider: str, today: datetime.date,
+             within_days: int = RETIRING_DAYS) -> list[tuple[str, datetime.date]]:
+    """The models of ``provider`` whose ``shutdown`` day is past or within ``within_days`` of ``today``, by day."""
+    spec = catalog.providers[provider]
+    soon = today + datetime.timedelta(days=within_days)
+    return sorted(((m, s.shutdown) for m, s in spec.models.items() if s.shutdown is not None and s.shutdown <= soon),
+                  key=lambda x: (x[1], x[0]))
+
+
+def _warn_retiring(catalog: Catalog, name: str, ep, today: datetime.date) -> None:
+    # The dates are the provider's own: a server the user named (vLLM, a proxy, the emulator) keeps its own
+    # lineup, so only the provider's default address is warned about. From the day, each call for the model
+    # fails there (model_not_found) and a batch of it is refused: nothing is billed, but a job's requests for it
+    # all fail, which a start can say ahead.
+    if ep.base_url is not None or os.environ.get(_BASE_URL_ENV.get(ep.api, "")):
+        return
+    gone = retiring(catalog, name, today)
+    if gone:
+        said = "; ".join(f"{m} {'shut down on' if d <= today else 'shuts down on'} {d}"
+                         + ("" if d <= today else f" (in {(d - today).days} days)") for m, d in gone)
+        log.warning("%s: %s, by the provider's deprecations page: requests for them fail from that day; name "
+                    "their successors and prices in a catalog (--catalog-overlay or --catalog; docs/providers.md, "
+                    "\"Retired models\")", name, said)
 
 
 def with_hedge_lag(catalog: Catalog, lag_s: float, speedup: float) -> Catalog:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+from datetime import date
 from importlib import resources
 from pathlib import Path
 from statistics import NormalDist
@@ -19,20 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from engine.core.body_tokens import ImageInput
 from engine.core.errors import CatalogError
 
-__all__ = [
-    "BatchApi",
-    "Catalog",
-    "GpuBatching",
-    "Kind",
-    "Latency",
-    "MediaLatency",
-    "ModelSpec",
-    "PromptCache",
-    "ProviderSpec",
-    "RateLimits",
-    "default_catalog",
-    "load_catalog",
-]
+__all__ = ["BatchApi", "Catalog", "GpuBatching", "Kind", "Latency", "MediaLatency", "ModelSpec", "PromptCache",
+           "ProviderSpec", "RateLimits", "default_catalog", "load_catalog"]
 
 Kind = Literal["text", "image", "video"]
 
@@ -208,15 +197,13 @@ class LongContext(_Frozen):  # a whole call's prices once its prompt passes abov
 
 class ModelSpec(_Frozen):
     kind: Kind
-    # text
-    input_per_mtok: float | None = Field(default=None, ge=0)
+    input_per_mtok: float | None = Field(default=None, ge=0)  # text
     output_per_mtok: float | None = Field(default=None, ge=0)
     max_output_tokens: int = Field(default=4096, ge=1)
     cache_read_multiplier: float | None = Field(default=None, ge=0, le=1)
     cache_min_tokens: int | None = Field(default=None, ge=0)
     long_context: LongContext | None = None  # the dearer tier of a long prompt (None: one price at any length)
-    # hosted media priced per unit
-    per_image: dict[str, _Price] | None = None
+    per_image: dict[str, _Price] | None = None  # hosted media priced per unit
     per_image_quality: dict[str, dict[str, _Price]] | None = None  # by quality, then size (per_image: the default)
     # a hosted image model's text prompt, per million input tokens, on top of the image's price (gpt-image-1)
     prompt_per_mtok: float | None = Field(default=None, ge=0)
@@ -244,6 +231,8 @@ class ModelSpec(_Frozen):
     reasoning: bool = Field(default=False, description="an OpenAI reasoning model (gpt-5, o-series): the API "
                             "refuses max_tokens for it (max_completion_tokens, which also counts reasoning tokens) "
                             "and any temperature or top_p but 1")
+    shutdown: date | None = Field(default=None, description="the day the provider stops serving the model, as "
+                                  "its deprecations page says (a start that calls it over HTTP warns ahead)")
 
     @model_validator(mode="after")
     def _priced(self) -> ModelSpec:
