@@ -15,7 +15,7 @@ from engine.core.catalog import Catalog, default_catalog
 from engine.core.draws import Draws
 from engine.core.errors import ConfigError
 from engine.core.request import Request
-from engine.core.settings import Settings
+from engine.core.settings import Settings, load_settings
 from engine.core.trace import with_day_origin
 from engine.sim.lower_bound import lower_bound
 from engine.sim.simulator import SimResult, simulate
@@ -154,7 +154,7 @@ def run_bench(requests: Sequence[Request], specs: Sequence[PolicySpec], *, trace
     """Simulate every policy, the naive baseline and the lower bound; return the results document."""
     from policies import load_policy
 
-    settings = with_day_origin(settings or Settings(), requests)  # before the sort drops the trace's
+    settings = with_day_origin(settings or load_settings(), requests)  # before the sort drops the trace's
     catalog = catalog or default_catalog()
     seed = settings.sim.seed if seed is None else seed
     reqs = sorted(requests, key=lambda r: r.arrival_s)

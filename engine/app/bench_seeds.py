@@ -20,7 +20,7 @@ from pathlib import Path
 from engine.app.bench import PolicySpec, places_for, run_bench
 from engine.core.catalog import Catalog, default_catalog
 from engine.core.request import Request
-from engine.core.settings import Settings
+from engine.core.settings import Settings, load_settings
 from engine.core.trace import with_day_origin
 
 __all__ = ["run_seeds", "seed_cells", "seeds_markdown", "write_seed_outputs"]
@@ -90,7 +90,7 @@ def run_seeds(requests: Sequence[Request], specs: Sequence[PolicySpec], seeds: S
     for s in specs:  # a bad name or parameter fails here, before any run or process starts
         load_policy(s.policy, catalog or default_catalog(), s.params)
     # The trace's time of day, read before the list below drops it (a TraceRequests carries it), as run_bench does.
-    settings = with_day_origin(settings or Settings(), requests)
+    settings = with_day_origin(settings or load_settings(), requests)
     args = (list(requests), list(specs), trace_name, catalog, settings)
     runs: list[dict] = []
     if jobs <= 1 or len(seeds) == 1:

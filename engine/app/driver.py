@@ -34,7 +34,7 @@ from engine.core.catalog import Catalog, load_catalog
 from engine.core.draws import engine_day_origin
 from engine.core.errors import ConfigError, RequestError
 from engine.core.request import Request, in_catalog, validation_context
-from engine.core.settings import Settings, with_budget
+from engine.core.settings import Settings, load_settings, with_budget
 from engine.runtime.collector import driver_gc
 
 __all__ = ["Engine", "ResultFuture"]
@@ -140,7 +140,7 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervi
                          num_groupers=num_groupers, num_shards=num_shards, max_pending=max_pending,
                          overload=overload, submit_timeout_s=submit_timeout_s, retention_s=retention_s,
                          metrics_port=metrics_port)
-        settings = settings or Settings()
+        settings = settings or load_settings()
         if budget_usd is not None:  # before any Ray starts: a bad amount left an embedded Ray running
             settings = with_budget(settings, budget_usd)
         catalog = catalog or load_catalog(settings.catalog_path, settings.catalog_overlay)

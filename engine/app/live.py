@@ -17,7 +17,7 @@ from engine.core.cost import MODES
 from engine.core.draws import Draws
 from engine.core.request import Request
 from engine.core.result import Result
-from engine.core.settings import Settings
+from engine.core.settings import Settings, load_settings
 from engine.core.trace import with_day_origin
 from engine.sim.lower_bound import lower_bound
 from engine.sim.simulator import BatchRecord, SimResult, simulate
@@ -77,7 +77,7 @@ def run_live(requests: Sequence[Request], *, trace_name: str, policy: str = "sma
     from engine.app.driver import Engine
     from policies import load_policy
 
-    settings = with_day_origin(settings or Settings(), requests)
+    settings = with_day_origin(settings or load_settings(), requests)
     if settings.providers.mode == "http" and not settings.providers.replay:
         # A trace line is sent at its recorded size, so the bill from real usage compares with the simulator's.
         settings = settings.model_copy(update={"providers": settings.providers.model_copy(update={"replay": True})})

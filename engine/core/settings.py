@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,6 +13,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
+from engine.core._settings_env import ENV_PREFIX, check_env_names, env_names, explain
 from engine.core.budgets import BudgetSettings, BudgetSpec
 from engine.core.errors import ConfigError
 from engine.core.resilience import Resilience
@@ -22,7 +22,6 @@ __all__ = ["MAX_DEADLINE_S", "BudgetSettings", "CacheSettings", "DeadlineDefault
            "MetricsSettings", "ProviderEndpoint", "ProvidersSettings", "Resilience", "Settings", "SimSettings",
            "TurnaroundLearning", "check_redis_url", "default_settings", "load_settings", "masked_url", "with_budget"]
 
-ENV_PREFIX = "SMARTBATCH_"
 # A deadline further out changes nothing (batch windows are 24 h) and would make the lower bound's per-slot
 # arrays span it; requests and the defaults below are refused past it.
 MAX_DEADLINE_S = 366 * 86400.0
@@ -166,9 +165,11 @@ class ProviderEndpoint(BaseModel):
         return self
 
 
+_KNOWN_APIS = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
+
+
 def _default_endpoints() -> dict[str, ProviderEndpoint]:
-    return {"openai": ProviderEndpoint(api="openai", api_key_env="OPENAI_API_KEY"),
-            "anthropic": ProviderEndpoint(api="anthropic", api_key_env="ANTHROPIC_API_KEY")}
+    return {name: ProviderEndpoint(api=name, api_key_env=key) for name, key in _KNOWN_APIS.items()}
 
 
 class ProvidersSettings(BaseModel):
@@ -183,6 +184,17 @@ class ProvidersSettings(BaseModel):
     replay: bool = Field(default=False, description="send each request at its recorded size (a trace replay: "
                          "a prompt of input_tokens, naming the recorded output length for the emulator); "
                          "set by `smartbatch run`")
+
+    @field_validator("endpoints", mode="before")
+    @classmethod
+    def _known_api(cls, v: Any) -> Any:
+        # An endpoint named openai or anthropic speaks that API with its usual key unless told otherwise, so
+        # SMARTBATCH_PROVIDERS__ENDPOINTS__OPENAI__BASE_URL alone points it elsewhere (a helper's tour: it was
+        # refused, "api: Field required").
+        if not isinstance(v, Mapping):
+            return v
+        return {name: {"api": name, "api_key_env": _KNOWN_APIS[name], **ep}
+                if name in _KNOWN_APIS and isinstance(ep, Mapping) else ep for name, ep in v.items()}
 
     def http_providers(self, catalog_providers) -> list[str]:
         """The providers called over HTTP in this configuration."""
@@ -281,6 +293,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _budget_redis_url(self) -> Settings:
         check_redis_url(self.budgets.redis_url, "budgets.redis_url")
+        check_env_names(type(self).model_fields)
         return self
 
     def journal_redis_url(self) -> str | None:
@@ -346,38 +359,15 @@ def load_settings(**values: Any) -> Settings:
         return Settings(**values)
     except ValidationError as exc:
         errors = exc.errors()
-        parts = [_explain(e) for e in errors[:3]]
+        parts = [explain(e) for e in errors[:3]]
         more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
         raise ConfigError("; ".join(parts) + more) from exc
     except SettingsError as exc:  # a nested setting that is not valid JSON
         m = re.search(r'field "([^"]+)"', str(exc))
         name = m.group(1) if m else "?"
         cause = f" ({exc.__cause__})" if exc.__cause__ else ""
-        raise ConfigError(f"setting {name} (from {_env_names([name])}): cannot parse its value{cause}; write it "
+        raise ConfigError(f"setting {name} (from {env_names([name])}): cannot parse its value{cause}; write it "
                           "as JSON, e.g. SMARTBATCH_BUDGETS__SPECS='[{\"max_budget\": 50}]'") from exc
-
-
-def _explain(err: Any) -> str:
-    loc = [str(x) for x in err["loc"]]
-    setting = ".".join(loc) or "settings"
-    msg = err["msg"].removeprefix("Value error, ")
-    if err["type"] == "extra_forbidden":
-        return f"{_env_names(loc)}: there is no setting {setting}; remove it or fix its spelling"
-    value = err.get("input")
-    got = f" = {value!r:.60}" if isinstance(value, (str, int, float)) else ""
-    env = _env_names(loc)
-    return f"setting {setting}{got} (from {env}): {msg}; fix or unset {env}"
-
-
-def _env_names(loc: list[str]) -> str:
-    """The environment variable(s) a setting came from: the longest prefix of its path that is set."""
-    keys = {k.upper(): k for k in os.environ if k.upper().startswith(ENV_PREFIX)}
-    for n in range(len(loc), 0, -1):
-        name = ENV_PREFIX + "__".join(loc[:n]).upper()
-        hits = sorted(v for k, v in keys.items() if k == name or k.startswith(name + "__"))
-        if hits:
-            return ", ".join(hits)
-    return ENV_PREFIX + "__".join(loc).upper() if loc else "the arguments"
 
 
 def with_budget(settings: Settings, total_usd: float | None = None,

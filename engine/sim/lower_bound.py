@@ -59,7 +59,7 @@ from engine.core.cost import (
 from engine.core.draws import Draws, TurnaroundWorld
 from engine.core.features import compat_key, fingerprint, near_class, near_text, near_vectors
 from engine.core.request import Request
-from engine.core.settings import Settings
+from engine.core.settings import Settings, load_settings
 from engine.core.similarity import guard_reason
 from engine.core.trace import with_day_origin
 
@@ -210,7 +210,7 @@ def lower_bound(requests: Sequence[Request], *, catalog: Catalog | None = None, 
                 seed: int | None = None, draws: Draws | None = None,
                 relax: np.ndarray | None = None, online: bool = False,
                 unserved: np.ndarray | None = None) -> LowerBound:
-    settings = with_day_origin(settings or Settings(), requests)  # the world's hours, as the simulator's
+    settings = with_day_origin(settings or load_settings(), requests)  # the world's hours, as the simulator's
     catalog = catalog or default_catalog()
     reqs = sorted(requests, key=lambda r: r.arrival_s)
     n = len(reqs)

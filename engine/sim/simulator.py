@@ -27,7 +27,7 @@ from engine.core.ledger import BudgetBook
 from engine.core.request import Request
 from engine.core.resilience import check_fallbacks
 from engine.core.scheduling import Scheduling
-from engine.core.settings import Settings
+from engine.core.settings import Settings, load_settings
 from engine.core.trace import with_day_origin
 from engine.runtime.admission import InFlight, release_lead
 from engine.runtime.outcomes import call_mode, verdict
@@ -344,7 +344,7 @@ def simulate(requests: Sequence[Request], policy, *, catalog: Catalog | None = N
     ``extra["calls"][provider][model or None]``. Hours of day count from ``settings.sim.day_origin_s``, else the
     trace's (``engine.core.trace.with_day_origin``). A policy that learns the batch turnaround leaves what it
     learned in ``extra["turnaround"]`` (``TurnaroundEstimator.learned``)."""
-    settings = with_day_origin(settings or Settings(), requests)
+    settings = with_day_origin(settings or load_settings(), requests)
     catalog = catalog or default_catalog()
     seed = settings.sim.seed if seed is None else seed
     reqs = list(requests)

@@ -1,0 +1,72 @@
+"""How a setting's problem is told in terms of the ``SMARTBATCH_*`` variables the user wrote."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Collection
+from typing import Any
+
+from engine.core.errors import ConfigError
+
+ENV_PREFIX = "SMARTBATCH_"
+
+
+def check_env_names(fields: Collection[str]) -> None:
+    """Refuse a ``SMARTBATCH_*`` variable that looks meant for a setting and names none. pydantic-settings drops
+    a variable whose first part is no setting without a word, so ``SMARTBATCH_BUDGET__SPECS`` (one letter short)
+    ran with no budget at all, and ``SMARTBATCH_PROVIDER__MODE=http`` stayed simulated (a helper's tour). A
+    nested name (``__``) is always meant for a setting; a flat one only when it is close to a setting's name,
+    since the family also holds keys and switches of the tests (``SMARTBATCH_HTTP_KEY``, ``SMARTBATCH_DATA_DIR``)."""
+    known = {f.upper() for f in fields}
+    for var in sorted(os.environ):
+        if not var.upper().startswith(ENV_PREFIX):
+            continue
+        name = var.upper()[len(ENV_PREFIX):]
+        head, nested, rest = name.partition("__")
+        if head in known:
+            continue
+        near = difflib.get_close_matches(head, known, n=1, cutoff=0.6 if nested else 0.8)
+        if not nested and not near:
+            continue
+        meant = f"did you mean {ENV_PREFIX}{near[0]}{'__' + rest if nested else ''}? " if near else ""
+        raise ConfigError(f"{var}: there is no setting {head.lower()}; {meant}rename or unset it (the settings: "
+                          f"{', '.join(sorted(f.lower() for f in known))})")
+
+
+def explain(err: Any) -> str:
+    """One pydantic error as a line naming the setting, the variable it came from and the fix."""
+    loc = [str(x) for x in err["loc"]]
+    setting = ".".join(loc) or "settings"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return f"{env_names(loc)}: there is no setting {setting}; remove it or fix its spelling"
+    if err["type"] == "missing":
+        return f"setting {setting} is required: {_how_to_add(loc)}"
+    value = err.get("input")
+    got = f" = {value!r:.60}" if isinstance(value, (str, int, float)) else ""
+    env = env_names(loc)
+    return f"setting {setting}{got} (from {env}): {msg}; fix or unset {env}"
+
+
+def env_names(loc: list[str]) -> str:
+    """The environment variable(s) a setting came from: the longest prefix of its path that is set."""
+    keys = {k.upper(): k for k in os.environ if k.upper().startswith(ENV_PREFIX)}
+    for n in range(len(loc), 0, -1):
+        name = ENV_PREFIX + "__".join(loc[:n]).upper()
+        hits = sorted(v for k, v in keys.items() if k == name or k.startswith(name + "__"))
+        if hits:
+            return ", ".join(hits)
+    return ENV_PREFIX + "__".join(loc).upper() if loc else "the arguments"
+
+
+def _how_to_add(loc: list[str]) -> str:
+    """Where a missing setting goes: into the variable whose JSON holds its parent, else a variable of its own."""
+    keys = {k.upper(): k for k in os.environ if k.upper().startswith(ENV_PREFIX)}
+    for n in range(len(loc) - 1, 0, -1):
+        var = keys.get(ENV_PREFIX + "__".join(loc[:n]).upper())
+        if var is not None:
+            path = ".".join(f"item {x}" if x.isdigit() else x for x in loc[n:-1])
+            inside = f" (in its {path})" if path else ""
+            return f"add {loc[-1]!r} to the JSON of {var}{inside}"
+    return f"set {ENV_PREFIX}{'__'.join(loc).upper()}"

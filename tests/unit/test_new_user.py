@@ -1,0 +1,71 @@
+"""What a new user tripped on in a tour of the README and docs (a helper's tour, stop 61): each test is one trip."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine.core.errors import ConfigError
+from engine.core.settings import Settings, load_settings
+
+
+@pytest.mark.parametrize("var, value, says", [
+    ("SMARTBATCH_BUDGET__SPECS", '[{"max_budget": 0.01}]', "SMARTBATCH_BUDGETS"),  # the budget was never set
+    ("SMARTBATCH_PROVIDER__MODE", "http", "SMARTBATCH_PROVIDERS"),                 # calls stayed simulated
+    ("SMARTBATCH_LOGLEVEL", "DEBUG", "SMARTBATCH_LOG_LEVEL"),
+    ("smartbatch_budget__specs", '[{"max_budget": 0.01}]', "SMARTBATCH_BUDGETS"),
+])
+def test_a_misspelt_setting_group_or_name_is_an_error_naming_the_right_one(monkeypatch, var, value, says):
+    monkeypatch.setenv(var, value)
+    for build in (load_settings, Settings):
+        with pytest.raises(ConfigError) as ei:
+            build()
+        msg = str(ei.value)
+        assert var in msg and f"did you mean {says}" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("var", ["SMARTBATCH_HTTP_KEY", "SMARTBATCH_DATA_DIR", "SMARTBATCH_REALTIME",
+                                 "SMARTBATCH_EMULATOR_KEY"])
+def test_variables_of_the_smartbatch_family_that_are_no_settings_pass(monkeypatch, var):
+    monkeypatch.setenv(var, "x")
+    assert load_settings().budgets.specs == ()
+
+
+def test_a_driver_script_gets_the_settings_error_in_one_line_naming_the_variable(monkeypatch):
+    # Engine.start, simulate and lower_bound built Settings() themselves: a bad value came out as pydantic's
+    # report of a dozen lines, naming the field and not the variable to fix.
+    from engine import Engine, default_catalog, lower_bound, simulate
+    from engine.core.tracegen import synth
+    from policies import load_policy
+
+    requests = synth(5, seed=0)
+    monkeypatch.setenv("SMARTBATCH_SIM__SEED", "abc")
+    calls = [Engine.start, lambda: simulate(requests, load_policy("naive", default_catalog()), seed=0),
+             lambda: lower_bound(requests, seed=0)]
+    for call in calls:
+        with pytest.raises(ConfigError) as ei:
+            call()
+        assert "SMARTBATCH_SIM__SEED" in str(ei.value) and "\n" not in str(ei.value)
+
+
+def test_the_default_endpoints_take_a_base_url_alone_from_the_environment(monkeypatch):
+    # Pointing a driver script at the emulator: the base URL alone was refused ("api: Field required").
+    monkeypatch.setenv("SMARTBATCH_PROVIDERS__ENDPOINTS__OPENAI__BASE_URL", "http://127.0.0.1:8765/openai/v1")
+    monkeypatch.setenv("SMARTBATCH_PROVIDERS__ENDPOINTS__ANTHROPIC__BASE_URL", "http://127.0.0.1:8765/anthropic")
+    eps = load_settings().providers.endpoints
+    assert (eps["openai"].api, eps["openai"].api_key_env) == ("openai", "OPENAI_API_KEY")
+    assert (eps["anthropic"].api, eps["anthropic"].api_key_env) == ("anthropic", "ANTHROPIC_API_KEY")
+    assert eps["openai"].base_url == "http://127.0.0.1:8765/openai/v1"
+
+
+def test_a_missing_setting_names_the_variable_to_set(monkeypatch):
+    monkeypatch.setenv("SMARTBATCH_PROVIDERS__ENDPOINTS__LOCAL__BASE_URL", "http://127.0.0.1:8000/v1")
+    with pytest.raises(ConfigError) as ei:
+        load_settings()
+    msg = str(ei.value)
+    assert "set SMARTBATCH_PROVIDERS__ENDPOINTS__LOCAL__API" in msg
+    assert "set SMARTBATCH_PROVIDERS__ENDPOINTS__LOCAL__API_KEY_ENV" in msg
+    monkeypatch.delenv("SMARTBATCH_PROVIDERS__ENDPOINTS__LOCAL__BASE_URL")
+    monkeypatch.setenv("SMARTBATCH_BUDGETS__SPECS", '[{"tenant": "acme", "max_budgt": 5}]')
+    with pytest.raises(ConfigError, match="add 'max_budget' to the JSON of SMARTBATCH_BUDGETS__SPECS"):
+        load_settings()
+
