@@ -211,7 +211,7 @@ def test_grouper_rejects_when_the_budget_is_spent():
         # The dispatcher was only asked whether it serves the request (a re-admitted copy), never sent it.
         assert res.status == "rejected" and res.error == "budget_exhausted"
         assert [name for name, _ in disp.calls] == ["holds"]
-        assert res.reason == "budget global has $0.000000 left"
+        assert res.reason.startswith("budget global has $0.000000 left, and this request reserves up to $")
     run(go())
 
 

@@ -69,3 +69,15 @@ def test_a_missing_setting_names_the_variable_to_set(monkeypatch):
     with pytest.raises(ConfigError, match="add 'max_budget' to the JSON of SMARTBATCH_BUDGETS__SPECS"):
         load_settings()
 
+
+def test_a_budget_rejection_says_what_the_request_reserves_and_how_to_reserve_less():
+    # A $0.05 budget rejected a one-word gpt-5-mini request with "budget global has $0.050000 left": the
+    # request reserved its model's whole output (128,000 tokens, $0.26), which the message did not say.
+    from engine.core.budgets import BudgetSpec, Claim
+    from engine.core.ledger import BudgetBook
+
+    book = BudgetBook([BudgetSpec(max_budget=0.05)])
+    (v,) = book.reserve_many([Claim("q1#0", "acme", "openai", "gpt-5-mini", "urgent", 0.256)], 0.0)
+    assert v.reason == "budget_exhausted"
+    why = v.why(0.256)
+    assert "has $0.050000 left" in why and "reserves up to $0.256000" in why and "max_tokens" in why
