@@ -44,10 +44,7 @@ class Policy:
             try:
                 params = self.Params.model_validate(dict(params or {}))
             except ValidationError as exc:
-                first = exc.errors()[0]
-                loc = ".".join(str(x) for x in first["loc"])
-                raise ConfigError(f"policy {self.name!r}: parameter '{loc}': {first['msg']}; "
-                                  f"valid parameters: {sorted(self.Params.model_fields)}") from exc
+                raise ConfigError(_param_error(self.name, sorted(self.Params.model_fields), exc)) from exc
         self.params = params
 
     @property
@@ -111,6 +108,20 @@ def available_policies() -> list[str]:
     import policies  # noqa: F401  (registers the built-in policies)
 
     return sorted(_REGISTRY)
+
+
+def _param_error(policy: str, names: list[str], exc: ValidationError) -> str:
+    """One line: an unknown parameter with the near name and the list (the list alone hid the fix among 29
+    names), a bad value with the value given (a helper's tour)."""
+    first = exc.errors()[0]
+    loc = ".".join(str(x) for x in first["loc"])
+    if first["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(loc, names, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        return f"policy {policy!r} has no parameter {loc!r}; {hint}its parameters: {', '.join(names)}"
+    got = first.get("input")
+    shown = f" = {got!r:.60}" if isinstance(got, (str, int, float, bool)) else ""
+    return f"policy {policy!r}: parameter {loc}{shown}: {first['msg']} (`smartbatch policies` shows its default)"
 
 
 def load_policy(spec: str, catalog: Catalog, params: Mapping[str, Any] | None = None) -> Policy:

@@ -58,7 +58,9 @@ def load_variants(path: str | Path | None) -> dict[str, PolicySpec]:
             spec = PolicySpec.model_validate(item)
         except ValidationError as exc:
             first = exc.errors()[0]
-            raise ConfigError(f"{path}: variants[{k}].{'.'.join(map(str, first['loc']))}: {first['msg']}") from exc
+            keys = "; a variant takes name, policy and params" if first["type"] == "extra_forbidden" else ""
+            raise ConfigError(f"{path}: variants[{k}].{'.'.join(map(str, first['loc']))}: {first['msg']}{keys}"
+                              ) from exc
         if spec.name in out:
             raise ConfigError(f"{path}: variant name {spec.name!r} appears twice")
         from policies import available_policies
@@ -78,6 +80,19 @@ def resolve_policies(names: str | Sequence[str], variants: dict[str, PolicySpec]
     if not items:
         raise ConfigError("--policies is empty; give e.g. --policies naive,smart")
     return [variants.get(n) or PolicySpec(name=n, policy=n) for n in items]
+
+
+def load_spec(spec: PolicySpec, catalog: Catalog):
+    """The policy of one bench entry; an error in a variant's parameters names the variant (of several variants
+    of one policy, the error said only "policy 'smart'")."""
+    from policies import load_policy
+
+    try:
+        return load_policy(spec.policy, catalog, spec.params)
+    except ConfigError as exc:
+        if spec.name == spec.policy:
+            raise
+        raise ConfigError(f"variant {spec.name!r} (policy {spec.policy}): {exc}") from exc
 
 
 def _round(x: float | None, nd: int = 6) -> float | None:
@@ -159,7 +174,7 @@ def run_bench(requests: Sequence[Request], specs: Sequence[PolicySpec], *, trace
     seed = settings.sim.seed if seed is None else seed
     reqs = sorted(requests, key=lambda r: r.arrival_s)
     draws = Draws(len(reqs), settings.sim.max_attempts, seed, settings.sim.batch_slot_s)
-    policies = [(s, load_policy(s.policy, catalog, s.params)) for s in specs]  # fail fast on bad params
+    policies = [(s, load_spec(s, catalog)) for s in specs]  # fail fast on bad params
     lb = lower_bound(reqs, catalog=catalog, settings=settings, draws=draws)
     online = lower_bound(reqs, catalog=catalog, settings=settings, draws=draws, online=True).total_usd
     if on_progress:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from engine.app.bench import PolicySpec, places_for, run_bench
+from engine.app.bench import PolicySpec, load_spec, places_for, run_bench
 from engine.core.catalog import Catalog, default_catalog
 from engine.core.request import Request
 from engine.core.settings import Settings, load_settings
@@ -84,11 +84,9 @@ def run_seeds(requests: Sequence[Request], specs: Sequence[PolicySpec], seeds: S
     first policy of ``specs``, the reference. ``on_progress`` receives each seed as its run ends."""
     if not seeds:
         raise ValueError("seeds is empty")
-    from policies import load_policy
-
     names = [s.name for s in specs]
     for s in specs:  # a bad name or parameter fails here, before any run or process starts
-        load_policy(s.policy, catalog or default_catalog(), s.params)
+        load_spec(s, catalog or default_catalog())
     # The trace's time of day, read before the list below drops it (a TraceRequests carries it), as run_bench does.
     settings = with_day_origin(settings or load_settings(), requests)
     args = (list(requests), list(specs), trace_name, catalog, settings)

@@ -81,3 +81,35 @@ def test_a_budget_rejection_says_what_the_request_reserves_and_how_to_reserve_le
     assert v.reason == "budget_exhausted"
     why = v.why(0.256)
     assert "has $0.050000 left" in why and "reserves up to $0.256000" in why and "max_tokens" in why
+
+
+def _variants(tmp_path, text):
+    p = tmp_path / "variants.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_a_variants_file_with_a_misspelt_key_names_the_keys_a_variant_takes(tmp_path):
+    from engine.app.bench import load_variants
+
+    p = _variants(tmp_path, "variants:\n  - name: se\n    policy: smart\n    parms: {batch_gather_s: 0}\n")
+    with pytest.raises(ConfigError, match=r"variants\[0\]\.parms: .*a variant takes name, policy and params"):
+        load_variants(p)
+
+
+def test_a_bad_variant_parameter_names_the_variant_the_near_name_and_the_value(tmp_path):
+    # The error listed all 29 parameters of smart for a bad value too, and never said which variant it was.
+    from engine.app.bench import load_variants, resolve_policies, run_bench
+    from engine.core.tracegen import synth
+
+    reqs = synth(5, seed=0)
+    p = _variants(tmp_path, "variants:\n  - name: se\n    policy: smart\n    params: {batch_gather: 0}\n")
+    with pytest.raises(ConfigError) as ei:
+        run_bench(reqs, resolve_policies("naive,se", load_variants(p)), trace_name="t")
+    msg = str(ei.value)
+    assert msg.startswith("variant 'se' (policy smart)") and "did you mean 'batch_gather_s'" in msg
+    p = _variants(tmp_path, "variants:\n  - name: se\n    policy: smart\n    params: {batch_gather_s: -5}\n")
+    with pytest.raises(ConfigError) as ei:
+        run_bench(reqs, resolve_policies("naive,se", load_variants(p)), trace_name="t")
+    msg = str(ei.value)
+    assert "variant 'se'" in msg and "batch_gather_s = -5" in msg and "warm_margin_s" not in msg

@@ -84,9 +84,9 @@ def test_fixed_flushes_at_size_or_timeout():
 
 
 def test_params_are_typed_and_errors_name_the_parameter():
-    with pytest.raises(ConfigError, match=r"parameter 'max_batch_size'.*greater than or equal to 1"):
+    with pytest.raises(ConfigError, match=r"parameter max_batch_size = 0: .*greater than or equal to 1"):
         load_policy("fixed", CAT, {"max_batch_size": 0})
-    with pytest.raises(ConfigError, match=r"parameter 'max_batch'.*valid parameters"):
+    with pytest.raises(ConfigError, match=r"no parameter 'max_batch'; did you mean 'max_batch_size'\? its parameters"):
         load_policy("fixed", CAT, {"max_batch": 3})
 
 
