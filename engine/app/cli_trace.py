@@ -43,11 +43,11 @@ def trace_from_azure(csv: Path = typer.Argument(..., help="an Azure LLM inferenc
 
 @trace_app.command("from-mooncake")
 def trace_from_mooncake(jsonl: Path = typer.Argument(..., help="a Mooncake trace JSONL"),
-                        out: Path = typer.Option(..., "--out"),
-                        seed: int = typer.Option(0, min=0),
+                        out: Path = typer.Option(..., "--out", help="where to write the JSONL trace"),
+                        seed: int = typer.Option(0, min=0, help="seed of the assignment rules"),
                         model: str | None = typer.Option(None, help="force one model, as provider/model"),
-                        limit: int | None = typer.Option(None, min=1),
-                        catalog: Path | None = typer.Option(None)) -> None:
+                        limit: int | None = typer.Option(None, min=1, help="only the first N rows"),
+                        catalog: Path | None = typer.Option(None, help="catalog YAML (default: packaged)")) -> None:
     """Mooncake JSONL (timestamp, input_length, output_length, hash_ids) to a trace."""
     from engine.core.trace import write_trace
     from engine.core.tracegen import from_mooncake
@@ -63,12 +63,12 @@ def trace_from_mooncake(jsonl: Path = typer.Argument(..., help="a Mooncake trace
 
 
 @trace_app.command("synth")
-def trace_synth(out: Path = typer.Option(..., "--out"),
+def trace_synth(out: Path = typer.Option(..., "--out", help="where to write the JSONL trace"),
                 n: int = typer.Option(5000, "--n", min=1, help="number of requests"),
-                seed: int = typer.Option(0, "--seed", min=0),
+                seed: int = typer.Option(0, "--seed", min=0, help="seed of the workload"),
                 duration: float = typer.Option(3600.0, min=1.0, max=_MAX_DURATION_S, help="seconds the campaigns' arrivals span; re-sent and reworded requests follow "
                                                      "theirs by minutes, up to 1.2x this"),
-                catalog: Path | None = typer.Option(None)) -> None:
+                catalog: Path | None = typer.Option(None, help="catalog YAML (default: packaged)")) -> None:
     """A seeded text/image/video workload with campaigns, re-submissions and a priority mix."""
     from engine.core.trace import write_trace
     from engine.core.tracegen import synth

@@ -332,7 +332,7 @@ class Catalog(_Frozen):
             close = difflib.get_close_matches(model, names, n=3, cutoff=0.6)
             hint = f"did you mean {' or '.join(map(repr, close))}?" if close else f"the catalog has {names}"
             raise CatalogError(f"model {model!r} is in no provider's catalog; {hint} (a model of your own "
-                               "goes in a catalog overlay: SMARTBATCH_CATALOG_OVERLAY=file.yaml, or run's "
+                               "goes in a catalog overlay: SMARTBATCH_CATALOG_OVERLAY=file.yaml, or the commands' "
                                "--catalog-overlay)")
         if len(hits) > 1:
             raise CatalogError(f"model {model!r} is offered by several providers {[h[0] for h in hits]}; set "
