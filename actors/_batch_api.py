@@ -281,6 +281,8 @@ class BatchApiRuns(QueueFull):
                     # finished is then on the bill twice, so it is counted (paid_twice) and charged to the
                     # budgets. Before, it was paid twice with the report saying 0 and the ledger short of it.
                     await self._watch(b, key, jobs, start, handle)
+                else:  # read: nothing needs its input any more (its output stays for a resume: _batch_files)
+                    self._files.discard(p, handle)
                 outs = read or {}
                 again = self._queue_refused(key, b, jobs, handle, outs)
                 learn = learn and again is None
@@ -372,6 +374,7 @@ class BatchApiRuns(QueueFull):
             if st.status in ("cancelling", "finalizing"):
                 cancel = False  # taken (its answer was lost), or past cancelling: nothing is left to stop
             if outs is not None:
+                self._files.discard(p, handle)
                 late = [(cj, o) for cj in cjobs if (o := outs.get(cj.key)) is not None and (o.ok or o.maybe_billed)]
                 usd = sum(o.cost for _, o in late)
                 self.paid_twice += len(late)

@@ -6,9 +6,9 @@ goes to the ``Provider`` (``engine.core.provider_api``): simulated (the catalog'
 over HTTP; the dispatcher knows only the protocol. A call holds its concurrency slot until its outcome arrives.
 A failed sync call is retried after ``Retry-After`` or a jittered backoff and counts toward the model's circuit
 breaker. A batch is polled until it ends; at its hedge it is cancelled, its finished members are used (billed
-once, never sent again) and only the unfinished go back to the policy. Results, cache fills, settlements and
-retries leave in batches (an outbox flushed every few milliseconds), never one actor call per request.
-"""
+once, never sent again) and only the unfinished go back to the policy; what it left at the provider (OpenAI's
+input file) is then deleted (``_batch_files``). Results, cache fills, settlements and retries leave in batches
+(an outbox flushed every few milliseconds), never one actor call per request."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import time
 from collections import Counter, OrderedDict, deque
 
 from actors._batch_api import BatchApiRuns
+from actors._batch_files import FileCleanup
 from actors._cancel import CancelDispatches
 from actors._dispatch_outbox import Outbox, maybe_billed_error
 from actors._dispatch_recovery import Recovery
@@ -61,8 +62,8 @@ class Dispatcher(CancelDispatches, Outbox, BatchApiRuns, Recovery, Warm):
         self._day_from(clock)
         self._key = key
         self.provider = make_provider(provider, catalog, settings, self.sim, clock, key)
+        self._files = FileCleanup(provider)  # ended batches' files deleted at the provider (``_batch_files``)
         self._tasks: set[asyncio.Task] = set()
-        self.batches_cancelled = 0
         self.members_saved_by_cancel = 0  # finished members of cancelled batches: used, never sent again
         self.paid_twice, self.paid_twice_usd = 0, 0.0  # members a too-slow cancel still finished after sent again
         self.key_conflicts = 0  # sync calls the provider refused with 409: their key was billed with another body
@@ -118,10 +119,9 @@ class Dispatcher(CancelDispatches, Outbox, BatchApiRuns, Recovery, Warm):
         self._cache_tasks: dict[int, asyncio.Task] = {}
         self._timers: set[asyncio.TimerHandle] = set()
         self._pump_timer: tuple[float, asyncio.TimerHandle] | None = None
-        self.in_flight = 0
+        self.in_flight = self.rerouted = self.batches_cancelled = 0
         self.reattached = 0  # journaled batches followed again after a restart
         self.resumed_calls = 0  # journaled sync calls made again (same key and body) after a restart
-        self.rerouted = 0
         self.waits: deque[float] = deque(maxlen=10_000)  # engine seconds from arrival to start, for benchmarks
 
     async def set_clock(self, clock) -> None:
@@ -394,7 +394,7 @@ class Dispatcher(CancelDispatches, Outbox, BatchApiRuns, Recovery, Warm):
                "paid_twice": self.paid_twice, "paid_twice_usd": round(self.paid_twice_usd, 6),
                "possibly_billed": self.possibly_billed, "possibly_billed_usd": round(self.possibly_billed_usd, 6),
                "key_conflicts": self.key_conflicts, "open_batches": len(self._open), "reattached": self.reattached,
-               "resumed_calls": self.resumed_calls, "journal_unread": self.journal_unread}
+               "resumed_calls": self.resumed_calls, "journal_unread": self.journal_unread, **self._files.stats()}
         if waits:
             out["waits"] = list(self.waits)
         return out

@@ -167,6 +167,12 @@ class HttpBase:
     def queue_refusal(self, handle: BatchHandle) -> int | None:
         return None  # Anthropic names no batch queue limit (OpenAI overrides it)
 
+    async def discard(self, handle: BatchHandle) -> int:
+        """Nothing (OpenAI overrides it). A Message Batch holds its requests with its results and can be deleted
+        once ended, but only with them: a resume or a take-back reads an ended batch's results again from the
+        journal's archive (``engine.app._batch_rescue``), so it is left to the provider's 29 days."""
+        return 0
+
     def create_slot(self, n: int) -> contextlib.AbstractAsyncContextManager:
         """Nothing to hold where a batch carries its name (OpenAI's metadata); Anthropic overrides it."""
         return contextlib.nullcontext()

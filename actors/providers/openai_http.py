@@ -279,6 +279,21 @@ class OpenAIProvider(HttpBase):
             out.setdefault(job.key, self._member_error(line.get("response") or {}, err))
         return out
 
+    async def discard(self, handle: BatchHandle) -> int:
+        """Delete the batch's input file (its prompts; it counts against the project's file storage). Its output
+        and error files stay: a resume or a take-back may read them again while the journal's archive names the
+        batch (``journal.archive_s``), and OpenAI deletes a batch's files 30 days after their creation."""
+        b = handle.batch
+        fid = getattr(b, "input_file_id", None)
+        if not fid:
+            return 0
+        with self._refused("deleting a batch's input file"):
+            try:
+                await self.client.files.delete(fid)
+            except self._sdk.NotFoundError:  # deleted before: a restarted dispatcher reads its batches again
+                return 0
+        return 1
+
     def queue_refusal(self, handle: BatchHandle) -> int | None:
         """The batch queue limit a ``failed`` batch's ``token_limit_exceeded`` names ("Enqueued token limit
         reached for gpt-4o-mini in organization org-... Limit: 2,000,000 enqueued tokens. Please try again once

@@ -67,6 +67,9 @@ class SimulatedProvider:
     def create_slot(self, n: int) -> contextlib.nullcontext:
         return contextlib.nullcontext()
 
+    async def discard(self, handle: object) -> int:
+        return 0  # nothing was uploaded
+
     def queue_refusal(self, handle: object) -> None:
         return None  # its queue is the dispatcher's own gate: never refused
 

@@ -14,6 +14,7 @@ with the process (a provider that does not honour idempotency keys bills them ag
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import threading
@@ -28,6 +29,8 @@ from engine.core.clock import ManualClock
 from engine.core.provider_api import CallJob, call_key
 from engine.core.result import Result
 from engine.runtime.outcomes import ok_result
+
+log = logging.getLogger("smartbatch.rescue")
 
 __all__ = ["ANSWERS", "Rescued", "charges", "finish", "journal_dir", "kept_answers", "pending", "prepare", "rescue",
            "sweep", "watch_answers"]
@@ -258,6 +261,10 @@ async def _collect(provider, name: str, catalog, key: str, rec: tuple, watch: bo
         outs = await _ended(p, handle, catalog.provider(name).batch_api.cancel_s, speed)
     except Exception as exc:
         return ProviderUnread(f"{name} batch {handle.id}: {_brief(exc)}")
+    try:  # read: its input file (the prompts) goes, once; its output stays for a later read (docs/providers.md)
+        await p.discard(handle)
+    except Exception as exc:
+        log.warning("%s: the input file of batch %s could not be deleted (%s)", name, handle.id, _brief(exc))
     asked = {j.req.uid: j.asked for j in jobs if getattr(j, "asked", None)}  # members rerouted to a fallback
     for ckey, o in outs.items():
         cj = handle.jobs.get(ckey)

@@ -198,6 +198,11 @@ class Provider(Protocol):
         """Outcomes of the members that finished, by ``CallJob.key`` (ok, or failed inside the batch). A member
         absent from the map did not run (cancelled or expired): it was not billed and may be sent again."""
 
+    async def discard(self, handle: Any) -> int:
+        """After an ended batch's results were read: delete at the provider what it kept for that batch and
+        nothing reads again (OpenAI: its input file, which holds the prompts). Returns how many things were
+        deleted (0: nothing to delete, or already gone); raises ``ProviderError`` when the provider refused."""
+
     def queue_refusal(self, handle: Any) -> int | None:
         """For an ended batch the provider refused whole because its batch queue was full (OpenAI's
         ``token_limit_exceeded``): the limit it named, in tokens (0: it named none). None for any other batch."""

@@ -13,7 +13,7 @@ Conventions of this test double
 -------------------------------
 Paths. Every catalog provider is served under its catalog name, with both route families:
 ``/<provider>/v1/chat/completions``, ``/v1/responses``, ``/v1/images/generations``, ``/v1/files``,
-``/v1/files/{id}``, ``/v1/files/{id}/content``, ``/v1/batches``, ``/v1/batches/{id}``,
+``/v1/files/{id}`` (GET, DELETE), ``/v1/files/{id}/content``, ``/v1/batches``, ``/v1/batches/{id}``,
 ``/v1/batches/{id}/cancel`` (OpenAI format: ``Authorization: Bearer <key>``, ``x-request-id``) and
 ``/<provider>/v1/messages``, ``/v1/messages/batches``, ``.../{id}``, ``.../{id}/cancel``, ``.../{id}/results``
 (Anthropic format: ``x-api-key: <key>``, or the Bearer header the SDK's ``auth_token`` sends; ``request-id``).

@@ -244,6 +244,12 @@ class Core:
             self.files[rec.id] = rec
         return rec
 
+    def drop_file(self, file_id: str) -> FileRecord:
+        rec = self.file(file_id)
+        with self.lock:
+            self.files.pop(file_id, None)
+        return rec
+
     def file(self, file_id: str) -> FileRecord:
         with self.lock:
             rec = self.files.get(file_id)

@@ -149,6 +149,12 @@ class Emulator:
         return sum(1 for c in self._app.calls() if c.route == route and provider in (None, c.provider)
                    and status in (None, c.status))
 
+    def files(self, purpose: str | None = None) -> dict[str, str]:
+        """The files stored now (uploaded, or a batch's output and error files, not deleted), id -> purpose;
+        ``purpose`` ("batch", "batch_output"): only those. Deletions are ``count("files.delete", status=200)``."""
+        with self._core.lock:
+            return {i: f.purpose for i, f in self._core.files.items() if purpose in (None, f.purpose)}
+
     def counters(self) -> Counter[tuple[str, str]]:
         """Calls per (provider, route name)."""
         return Counter((c.provider, c.route) for c in self._app.calls())

@@ -222,6 +222,13 @@ def _files_retrieve(ctx: Ctx) -> Reply:
     return json_reply("openai", 200, ctx.core.file(ctx.params["file_id"]).view(), ctx.request_id)
 
 
+def _files_delete(ctx: Ctx) -> Reply:
+    """As OpenAI's ``DELETE /v1/files/{file_id}``: gone at once; a batch that names it as its input keeps what it
+    read at its create (its members and results), and its content can no longer be read."""
+    rec = ctx.core.drop_file(ctx.params["file_id"])
+    return json_reply("openai", 200, {"id": rec.id, "object": "file", "deleted": True}, ctx.request_id)
+
+
 def _files_content(ctx: Ctx) -> Reply:
     rec = ctx.core.file(ctx.params["file_id"])
     return Reply(200, {"content-type": "application/octet-stream", "x-request-id": ctx.request_id}, rec.data)
@@ -234,4 +241,5 @@ ROUTES: list[Route] = [
     route("POST", "/v1/files", "openai", "files.create", _files_create),
     route("GET", "/v1/files/{file_id}", "openai", "files.retrieve", _files_retrieve),
     route("GET", "/v1/files/{file_id}/content", "openai", "files.content", _files_content),
+    route("DELETE", "/v1/files/{file_id}", "openai", "files.delete", _files_delete),
 ]

@@ -20,7 +20,7 @@ FAR = 1e9  # a hedge that never comes: the batch runs until it ends or is cancel
 
 
 def _crash(rig: Rig) -> None:
-    for t in list(rig.d._tasks) + list(rig.d._journal_retries) + list(rig.d._sync_journal.retries):
+    for t in [*rig.d._tasks, *rig.d._journal_retries, *rig.d._sync_journal.retries, *rig.d._files.tasks]:
         t.cancel()
     os.close(rig.d.journal._lock)  # the process is gone, and the kernel drops its lock
 
@@ -80,6 +80,7 @@ def test_a_batch_under_way_at_the_crash_is_cancelled_and_its_finished_members_an
     # What was read is kept whole, in one answers file, until the resume writes its output; the rest is gone.
     assert [p.name.startswith("answers.rescued-") for p in root.iterdir()] == [True]
     assert set(kept_answers(root)) == set(got.results)
+    assert emu.files("batch") == {}  # the dead run's input file (its prompts) deleted once its batch was read
 
 
 def test_a_batch_that_ended_before_the_crash_is_read_from_its_archived_record(emu, tmp_path):  # noqa: F811
