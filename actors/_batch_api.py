@@ -95,6 +95,8 @@ class BatchApiRuns(QueueFull):
                     handle = await self._submit(cjobs, b.hedge_at, key, body)
             except Exception as exc:  # the provider refused the batch: nothing ran, so the members go sync
                 log.warning("dispatcher %s: batch submission failed: %s", self.name, _short(exc))
+                if getattr(exc, "quota", None):  # for billing: its members, sent sync, are held too (``QuotaStop``)
+                    self._quota.trip(self.clock.now(), exc.quota)
             unknown = handle is _UNKNOWN
             if unknown:
                 handle = None

@@ -26,6 +26,8 @@ class Job(NamedTuple):
     # (provider, model) its driver asked, when rerouted to a fallback (``req`` then names the fallback): what a
     # driver's take-back after a kill matches the request submitted again against (``engine.app._driver_resume``).
     asked: tuple[str, str] | None = None
+    # Rate limits' 429s its sync calls met: not tries (``max_attempts``), bounded by its deadline.
+    throttled: int = 0
 
 
 class BatchJob(NamedTuple):

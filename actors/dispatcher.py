@@ -24,6 +24,7 @@ from actors._dispatch_outbox import Outbox, maybe_billed_error
 from actors._dispatch_recovery import Recovery
 from actors._peer import Warm, as_peer, resolve_clock
 from actors._shards import Shards
+from actors._sync_calls import QuotaStop, SyncCalls
 from actors._types import BatchJob, Job
 from actors.journal import JournalWriter, make_journal
 from actors.metrics import DispatchCounts, retry_reason
@@ -35,7 +36,7 @@ from engine.core.provider_api import CallJob, CallOutcome, Secret, call_key
 from engine.core.result import Result
 from engine.core.scheduling import Scheduling
 from engine.core.settings import Settings
-from engine.runtime.outcomes import call_mode, failed_result, ok_result, verdict
+from engine.runtime.outcomes import failed_result, ok_result, verdict
 from engine.runtime.providers import Event, SimProvider, Work
 from engine.runtime.reservation import goes_back
 
@@ -49,7 +50,7 @@ DONE_KEEP, DONE_KEEP_S = 65_536, 300.0
 TOLD_KEPT = 4096  # messages about batches kept, for a grouper Ray restarts (one per outbox flush that had any)
 
 
-class Dispatcher(CancelDispatches, Outbox, BatchApiRuns, Recovery, Warm):
+class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, Recovery, Warm):
     def __init__(self, provider: str, catalog: Catalog, settings: Settings, seed: int, clock, groupers: list,
                  hub, cache, budget, scheduling: Scheduling | None = None, key: Secret | None = None,
                  engine: str = "engine", learners: bool = False, warm_readers: bool = True):
@@ -69,6 +70,7 @@ class Dispatcher(CancelDispatches, Outbox, BatchApiRuns, Recovery, Warm):
         self.key_conflicts = 0  # sync calls the provider refused with 409: their key was billed with another body
         self.possibly_billed, self.possibly_billed_usd = 0, 0.0  # failed requests whose call timed out (charged)
         self._unanswered: Counter[str] = Counter()  # uid -> its sync calls that got no answer (maybe billed)
+        self._quota = QuotaStop()  # a billing refusal, held for the other requests (``SyncCalls``)
         self.groupers = [as_peer(g) for g in groupers]
         self.hubs, self.caches = Shards(hub), Shards(cache)  # results by id, cache fills by class
         self.hub, self.budget = self.hubs.first, as_peer(budget)  # hub shard 0: metrics and the journal
@@ -259,42 +261,6 @@ class Dispatcher(CancelDispatches, Outbox, BatchApiRuns, Recovery, Warm):
         (j,) = jobs
         self._spawn(self._run_sync(b, j, e.work.cache_write, e.start), jobs, b)
 
-    async def _run_sync(self, b: BatchJob, j: Job, cache_write: bool, start: float) -> None:
-        r = j.req
-        cj = self._call_job(j, start, cache_write)
-        if self.provider.real:
-            # One body per idempotency key, journaled before the first try: a retry (here, or after this
-            # dispatcher restarted) must send what the provider may already have billed under that key.
-            rec = self._sync_calls.get(cj.key)
-            if rec is None:
-                rec = self._sync_calls[cj.key] = (b._replace(jobs=[]), j, cache_write, self.provider.sync_body(cj))
-                await self._sync_journal.put(cj.key, rec)
-            cj = cj._replace(body=rec[3])
-        a = await self.provider.call(cj)
-        self._note_warm(r, a, start)
-        extra = (max(a.usage.input_tokens + a.usage.output_tokens - r.input_tokens - r.output_tokens, 0)
-                 if a.usage is not None else 0)
-        self.sim.finish_sync(r.model, a.at, extra)
-        mode = call_mode(self.sim.spec.models[r.model])
-        v = verdict(a.ok, j.attempts + 1, self.max_att, a.retryable)
-        if a.ok:
-            self.sim.success(r.model, self.clock.now())
-        else:
-            if a.maybe_billed:
-                self._unanswered[r.uid] += 1
-            self._breaker_failure(r.model)
-            self._counts.failed(retry_reason(a.retry_after_s, a.error), v == "retry")
-            if a.key_reused:  # billed by the provider, failed here: never silent (docs/reliability.md)
-                self.key_conflicts += 1
-                log.error("dispatcher %s: %s failed: %s", self.name, r.uid, a.error)
-        if v != "retry":  # a replay of a call another run made and counted is not billed again (a helper's tour)
-            paid = a.ok and (not a.replayed or self._unanswered[r.uid])
-            self._final(b, j, a.ok, a.cost if paid else 0.0, mode, a)
-        else:
-            nj = j._replace(attempts=j.attempts + 1)
-            self._retry_later(self.sim.retry_at(j.seq, j.attempts, a), b, nj)
-        self._pump()
-
     def _body_done(self, j: Job) -> None:
         """``j`` left this dispatcher (ended, rerouted, back to the policy): its sync body record goes (from the
         journal once its result is with the hub). Left behind, it would grow and be called again after a restart."""
@@ -393,8 +359,9 @@ class Dispatcher(CancelDispatches, Outbox, BatchApiRuns, Recovery, Warm):
                "batches_cancelled": self.batches_cancelled, "members_saved_by_cancel": self.members_saved_by_cancel,
                "paid_twice": self.paid_twice, "paid_twice_usd": round(self.paid_twice_usd, 6),
                "possibly_billed": self.possibly_billed, "possibly_billed_usd": round(self.possibly_billed_usd, 6),
-               "key_conflicts": self.key_conflicts, "open_batches": len(self._open), "reattached": self.reattached,
-               "resumed_calls": self.resumed_calls, "journal_unread": self.journal_unread, **self._files.stats()}
+                "key_conflicts": self.key_conflicts, "quota_unsent": self._quota.refused, "open_batches": len(self._open),
+                "reattached": self.reattached, "resumed_calls": self.resumed_calls, "journal_unread": self.journal_unread,
+                **self._files.stats()}
         if waits:
             out["waits"] = list(self.waits)
         return out

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
-from actors.providers._wire import redact, retry_after
+from actors.providers._wire import billing_refusal, redact, retry_after
 from engine.core.catalog import Catalog
 from engine.core.cost import Mode, cached_blocks, min_cacheable_tokens, price_usage, reserve_bound
 from engine.core.errors import ProviderError
@@ -57,6 +57,13 @@ def _key_reused(code: int, exc: BaseException) -> bool:
 # The SDK's own options, not fields of the body: a body key of that name is a field, sent on the wire (a body
 # 'timeout' was taken as the client's timeout, and a body 'extra_body' was overwritten).
 _OPTIONS = frozenset({"self", "extra_headers", "extra_query", "extra_body", "timeout"})
+
+
+def quota_message(name: str, status: int, said: str, msg: str) -> str:
+    """A billing refusal's error, naming the cause and the fix."""
+    return (f"{name} HTTP {status} {said}: {msg[:300]} -- the provider account is out of credit or past its spend "
+            "limit: add credit or raise the limit in the provider's billing settings (check the plan), then submit "
+            "again; not retried, and billed nothing")
 
 
 class Unreadable(Exception):
@@ -195,7 +202,11 @@ class HttpBase:
             # Timeouts are connection errors; a connection never made (refused) sent nothing.
             err.maybe_done = (isinstance(exc, self._sdk.APIConnectionError) and not _never_connected(exc)) or (
                 isinstance(exc, self._sdk.APIStatusError) and exc.status_code >= 500)
-            if isinstance(exc, self._sdk.APIStatusError) and exc.status_code == 429:
+            said = (billing_refusal(exc.status_code, exc.body, str(exc))
+                    if isinstance(exc, self._sdk.APIStatusError) else None)
+            if said is not None:  # no wait lifts it: not made again (``retry_after_s`` stays None)
+                err.quota = quota_message(self.name, exc.status_code, said, self._redact(str(exc)))
+            elif isinstance(exc, self._sdk.APIStatusError) and exc.status_code == 429:
                 ra = retry_after(exc.response.headers)
                 err.retry_after_s = self.spec.retry_after_s if ra is None else ra
             raise err from None
@@ -284,8 +295,12 @@ class HttpBase:
                                    "the provider billed an earlier call under this key, with another body, whose "
                                    "answer cannot be read back; not sent again, so as not to pay twice)",
                                    retryable=False, real=True, key_reused=True)
+            said = billing_refusal(code, getattr(exc, "body", None), msg)
+            if said is not None:  # refused before it ran (billed nothing); every call fails alike until it is fixed
+                return CallOutcome(False, now, 0.0, error=quota_message(self.name, code, said, msg), retryable=False,
+                                   real=True, quota=True)
             return CallOutcome(False, now, 0.0, ra, error=f"{self.name} HTTP {code}: {msg}", retryable=retryable,
-                               real=True, maybe_billed=code in _GATEWAY)
+                               real=True, maybe_billed=code in _GATEWAY, rate_limited=code == 429)
         # A connection error: billed nothing if it never connected; cut after the request went, the call may have
         # been run and billed, as a timeout's (settled at the call's upper bound if every retry fails).
         return CallOutcome(False, now, 0.0, error=f"{self.name}: {type(exc).__name__}: {self._redact(str(exc))}",

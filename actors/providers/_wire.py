@@ -18,7 +18,7 @@ from collections.abc import Iterable
 
 from engine.core.request import Request, split_body
 
-__all__ = ["message_parts", "redact", "retry_after", "tokens"]
+__all__ = ["billing_refusal", "message_parts", "redact", "retry_after", "tokens"]
 
 _KEYLIKE = re.compile(r"(sk-(?:proj-|ant-)?[A-Za-z0-9_\-]{6,})")
 _WORDS = ("alpha", "bravo", "cobalt", "delta", "ember", "fjord", "garnet", "harbor", "indigo", "juniper",
@@ -67,6 +67,32 @@ def retry_after(headers) -> float | None:
     out = [r for k, r in resets.items() if r is not None and str(headers.get(f"x-ratelimit-remaining-{k}")) == "0"]
     out = out or [r for r in resets.values() if r is not None]
     return max(out) if out else None
+
+
+# OpenAI's codes (and types) of a 429 that no wait lifts: the account is out of credit or past a spend or usage
+# limit. Its rate limits say ``rate_limit_exceeded`` (or nothing); those are waited out.
+_QUOTA_CODES = frozenset({"insufficient_quota", "credit_balance_exhausted", "organization_spend_limit_exceeded",
+                          "project_spend_limit_exceeded", "organization_usage_limit_exceeded"})
+# Anthropic says it by a 402 ``billing_error``, or by a 400 (or 403) whose message names the credit balance
+# ("Your credit balance is too low to access the Anthropic API. Please go to Plans & Billing ...") or the
+# organisation's own spend limit ("You have reached your specified API usage limits").
+_BILLING_WORDS = re.compile(r"credit balance|purchase credits|plans (?:&|and) billing|api usage limits", re.I)
+
+
+def billing_refusal(status: int, body, message: str = "") -> str | None:
+    """What a provider's error says is wrong with the account's billing, when it says so: the code or type it
+    names (``insufficient_quota``, ``billing_error``, ...), else None. ``body``: the error body as the SDK kept
+    it (OpenAI's ``error`` object, or Anthropic's whole body)."""
+    err = body.get("error", body) if isinstance(body, dict) else {}
+    err = err if isinstance(err, dict) else {}
+    code, kind = str(err.get("code") or ""), str(err.get("type") or "")
+    if status == 429:
+        return next((c for c in (code, kind) if c in _QUOTA_CODES), None)
+    if status == 402 or kind == "billing_error":
+        return kind or "billing_error"
+    if status in (400, 403) and _BILLING_WORDS.search(f"{err.get('message') or ''} {message}"):
+        return kind or "billing_error"
+    return None
 
 
 def _block_text(block: int, chars: int) -> str:

@@ -81,10 +81,12 @@ class PolicyError(SmartbatchError):
 class ProviderError(SmartbatchError):
     """A provider call failed after all retries. ``maybe_done``: no answer came (a timeout, a dropped connection,
     a 5xx), so the provider may have done what was asked. ``retry_after_s``: it was rate limited (a 429), so
-    nothing was done, and it may be made again after that many seconds."""
+    nothing was done, and it may be made again after that many seconds. ``quota``: the provider refused it for
+    the account's billing (no credit, a spend limit), saying so in this message; no wait lifts it."""
 
     maybe_done: bool = False
     retry_after_s: float | None = None
+    quota: str | None = None
 
 
 class EngineStopped(SmartbatchError):

@@ -76,6 +76,11 @@ class CallOutcome(NamedTuple):
     replayed: bool = False
     tool_calls: list | None = None  # the tool calls of the answer, as the provider gave them (``Result.tool_calls``)
     finish: str | None = None  # how the answer ended (``Result.finish``)
+    # A 429 of a rate limit: waited out as the provider asks and sent again while the deadline leaves room, not
+    # counted as one of the request's tries (it billed nothing; docs/providers.md).
+    rate_limited: bool = False
+    # The provider refused it for the account's billing (no credit, a spend limit): no wait lifts that.
+    quota: bool = False
 
 
 class BatchState(NamedTuple):

@@ -134,21 +134,26 @@ class App:
         if fault.status is None:
             return _DROP
         retry = fault.retry_after_s
-        if fault.status == 429 and retry is None:
-            retry = self.faults.retry_after_s  # a 429 always says when to come back, as both providers do
+        if fault.status == 429 and retry is None and fault.code in (None, "rate_limit_exceeded"):
+            retry = self.faults.retry_after_s  # a rate limit's 429 always says when to come back, as both do
         message = fault.message or {429: "Rate limit reached (injected fault).",
                                     529: "Overloaded (injected fault)."}.get(
                                         fault.status, "The server had an error while processing your request "
                                                       "(injected fault).")
-        code = {429: "rate_limit_exceeded"}.get(fault.status, "server_error" if fault.status >= 500 else None)
+        if fault.code is not None or fault.type is not None:  # a refusal of the account (no credit)
+            message = fault.message or ("Your credit balance is too low; add credits in Plans & Billing (injected)."
+                                        if ctx.family == "anthropic" else
+                                        "You exceeded your current quota; check your plan and billing (injected).")
+        code = fault.code or {429: "rate_limit_exceeded"}.get(fault.status,
+                                                              "server_error" if fault.status >= 500 else None)
         if retry is not None and ctx.family == "openai" and not self.faults.retry_after_header:
             reply = error_reply(ctx.family, ApiError(fault.status, message, code=code), ctx.request_id)
             return reply._replace(headers={**reply.headers, "x-ratelimit-remaining-requests": "0",
                                            "x-ratelimit-reset-requests": _go_duration(retry),
                                            "x-ratelimit-remaining-tokens": "1000",
                                            "x-ratelimit-reset-tokens": "0s"})
-        return error_reply(ctx.family, ApiError(fault.status, message, code=code, retry_after_s=retry),
-                           ctx.request_id)
+        return error_reply(ctx.family, ApiError(fault.status, message, code=code, retry_after_s=retry,
+                                                kind=fault.type), ctx.request_id)
 
     def _idempotent(self, key: tuple[str, str, str], r: Route, ctx: Ctx) -> Reply:
         """The same key again gets the same answer and bills nothing more; an answer in flight is waited for.

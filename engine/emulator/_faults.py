@@ -23,7 +23,10 @@ class FaultSpec(BaseModel):
     """One scripted answer. ``status``: answer that error (429 carries ``retry-after``). ``timeout_s``: hold the
     connection that many *real* seconds first (to trip a client timeout); alone, the connection is then closed
     without an answer, so a client that waits longer sees a dropped connection, never a free result.
-    ``cut_body``: the call runs and is billed, and its answer's body is cut in half (not JSON)."""
+    ``cut_body``: the call runs and is billed, and its answer's body is cut in half (not JSON). ``code`` and
+    ``type``: the error body's ``error.code`` and ``error.type`` in place of the status's own, e.g. OpenAI's
+    out-of-credit 429 ``{'status': 429, 'code': 'insufficient_quota', 'type': 'insufficient_quota'}`` (sent
+    without ``retry-after``: no wait lifts it) or Anthropic's ``{'status': 402, 'type': 'billing_error'}``."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -31,6 +34,8 @@ class FaultSpec(BaseModel):
     retry_after_s: float | None = Field(default=None, ge=0)
     timeout_s: float | None = Field(default=None, ge=0)
     message: str | None = None
+    code: str | None = None
+    type: str | None = None
     cut_body: bool = False
 
     @model_validator(mode="after")

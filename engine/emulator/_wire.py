@@ -37,10 +37,10 @@ class ApiError(SmartbatchError):
     it into the route family's error body (it subclasses ``SmartbatchError`` only to keep one hierarchy)."""
 
     def __init__(self, status: int, message: str, *, code: str | None = None, param: str | None = None,
-                 retry_after_s: float | None = None):
+                 retry_after_s: float | None = None, kind: str | None = None):
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
-        self.retry_after_s = retry_after_s
+        self.retry_after_s, self.kind = retry_after_s, kind  # kind: the body's error.type, else the status's
 
 
 class Dropped(SmartbatchError):
@@ -60,9 +60,9 @@ _ANTHROPIC_TYPE = {400: "invalid_request_error", 401: "authentication_error", 40
 
 def _error_body(family: Family, err: ApiError, request_id: str) -> dict[str, Any]:
     if family == "openai":
-        kind = _OPENAI_TYPE.get(err.status, "server_error" if err.status >= 500 else "invalid_request_error")
+        kind = err.kind or _OPENAI_TYPE.get(err.status, "server_error" if err.status >= 500 else "invalid_request_error")
         return {"error": {"message": err.message, "type": kind, "param": err.param, "code": err.code}}
-    kind = _ANTHROPIC_TYPE.get(err.status, "api_error" if err.status >= 500 else "invalid_request_error")
+    kind = err.kind or _ANTHROPIC_TYPE.get(err.status, "api_error" if err.status >= 500 else "invalid_request_error")
     return {"type": "error", "error": {"type": kind, "message": err.message}, "request_id": request_id}
 
 

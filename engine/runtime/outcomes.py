@@ -9,7 +9,8 @@ from typing import Literal
 from engine.core.catalog import ModelSpec
 from engine.core.result import CANCELLED, Result, Status
 
-__all__ = ["Verdict", "call_mode", "failed_result", "ok_result", "refused_result", "reused_result", "verdict"]
+__all__ = ["THROTTLED_TRIES", "Verdict", "call_mode", "failed_result", "ok_result", "refused_result", "reused_result",
+           "throttled_verdict", "throttled_wait", "verdict"]
 
 Verdict = Literal["complete", "retry", "fail"]
 
@@ -20,6 +21,30 @@ def verdict(ok: bool, tries: int, max_attempts: int, retryable: bool = True) -> 
     if ok:
         return "complete"
     return "retry" if retryable and tries < max_attempts else "fail"
+
+
+# Rate-limited tries of one request, at most: its deadline bounds them, and this bounds a deadline of days.
+THROTTLED_TRIES = 50
+
+
+def throttled_wait(retry_after_s: float | None, throttled: int, base_s: float, max_s: float) -> float:
+    """Seconds to wait after a rate limit's 429, the request's ``throttled + 1``-th in a row: what the provider
+    asked, but never less than a backoff that doubles with each 429 in a row up to ``max_s`` (a provider that
+    says 0 s, or nothing readable, is not called again at once, time after time)."""
+    return max(retry_after_s or 0.0, min(base_s * 2 ** throttled, max_s))
+
+
+def throttled_verdict(retry_at: float, call_s: float, deadline_at: float, throttled: int,
+                      cap: int = THROTTLED_TRIES) -> tuple[Verdict, str | None]:
+    """A rate limit's 429 (it billed nothing), the request's ``throttled + 1``-th: try again at ``retry_at`` if a
+    call of ``call_s`` started then ends by ``deadline_at`` and it was refused fewer than ``cap`` times; it is
+    not one of its ``max_attempts``. "fail" comes with why."""
+    if throttled + 1 >= cap:
+        return "fail", f"{cap} rate-limited tries, the most one request makes"
+    if retry_at + call_s > deadline_at:
+        return "fail", (f"its next try, at engine time {retry_at:.0f} s as the provider asks, could not end by "
+                        f"its deadline at {deadline_at:.0f} s")
+    return "retry", None
 
 
 def call_mode(spec: ModelSpec) -> str:

@@ -126,7 +126,8 @@ def test_a_call_waiting_for_its_next_try_ends_at_the_cancel_and_leaves_nothing_u
     async def go():
         rig = Rig(emu)
         try:
-            (j,) = jobs_of("openai", 1)
+            # A deadline with room for that wait: else the 429 fails it at once (test_rate_limits.py).
+            (j,) = jobs_of("openai", 1, deadline_s=2 * 3600.0 * SPEED)
             await rig.run("sync", [j])
             await rig.until(lambda: rig.calls, "the first try")
             assert await rig.d.settled() == 1  # waiting for its next try: under way

@@ -649,7 +649,8 @@ def test_a_429_is_retried_no_earlier_than_its_retry_after(emu):
             assert r.status == "ok" and r.real, r
             (j1, _, o1), (j2, start2, o2) = rig.calls
             assert not o1.ok and o1.retry_after_s == wait_s and o2.ok
-            assert (j1.attempt, j2.attempt) == (0, 1) and j1.key == j2.key
+            # A rate limit's 429 billed nothing: not a try (test_rate_limits), sent again under the same key.
+            assert (j1.attempt, j2.attempt) == (0, 0) and j1.key == j2.key
             assert start2 >= o1.at + wait_s - 1e-3 * SPEED  # engine time (1 ms real: the two clocks' reads)
             # The SDK retried nothing: the emulator saw exactly the engine's two calls.
             assert emu.count("chat.completions", status=429) == 1 and emu.count("chat.completions", status=200) == 1

@@ -1,0 +1,123 @@
+"""A dispatcher's sync calls: make one, then complete, retry or fail its request. A mixin of ``Dispatcher``.
+
+Two refusals are not failures of a try. A rate limit's 429 billed nothing and says when to come back: the request
+waits (``throttled_wait``) and goes again through the rate gate while its deadline leaves room for the call,
+however many times (``throttled_verdict``), without spending one of its ``max_attempts``. A billing refusal (no
+credit, a spend limit) fails the request at once, and the provider's other sync requests fail unsent with the
+same message (``QuotaStop``) but for one call a ``QUOTA_PROBE_S``, whose success lifts the stop.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from actors._types import BatchJob, Job
+from actors.metrics import retry_reason
+from engine.core.latency import sync_latency_median
+from engine.runtime.outcomes import call_mode, throttled_verdict, throttled_wait, verdict
+
+log = logging.getLogger("smartbatch.dispatcher")
+
+__all__ = ["QUOTA_PROBE_S", "QuotaStop", "SyncCalls"]
+
+QUOTA_PROBE_S = 60.0  # engine seconds between the calls that look whether a billing refusal was lifted
+
+
+class QuotaStop:
+    """A provider's billing refusal, held for its other requests: they would all be refused alike, each a call
+    that tells nothing new. While held, a request is failed unsent with the refusal's message, but for one call
+    every ``probe_s`` engine seconds; a success of a call started after the refusal (someone added credit) lifts
+    it. A call sent before it may still succeed (it was admitted before the money ran out) and lifts nothing."""
+
+    __slots__ = ("at", "next_probe", "probe_s", "refused", "why")
+
+    def __init__(self, probe_s: float = QUOTA_PROBE_S):
+        self.probe_s, self.why, self.at, self.next_probe, self.refused = probe_s, None, 0.0, 0.0, 0
+
+    def __repr__(self) -> str:
+        held = "lifted" if self.why is None else f"held since {self.at:g} s"
+        return f"QuotaStop({held}, refused_unsent={self.refused})"
+
+    def trip(self, now: float, why: str) -> None:
+        if self.why is None:
+            self.at = now
+        self.why, self.next_probe = why, now + self.probe_s
+
+    def lift(self, started: float) -> bool:
+        """A call started at ``started`` succeeded; True if that lifted the stop."""
+        if self.why is None or started < self.at:
+            return False
+        self.why = None
+        return True
+
+    def refuses(self, now: float) -> str | None:
+        """The error to fail a request with unsent, or None to send it (no stop, or this call is the probe)."""
+        if self.why is None:
+            return None
+        if now >= self.next_probe:
+            self.next_probe = now + self.probe_s
+            return None
+        self.refused += 1
+        return (f"not sent: an earlier call was refused for billing at engine time {self.at:.0f} s and every call "
+                f"to this provider would be refused alike (one is tried every {self.probe_s:g} s; a success lifts "
+                f"this): {self.why}")
+
+
+class SyncCalls:
+    """Sync-call methods of ``Dispatcher``."""
+
+    async def _run_sync(self, b: BatchJob, j: Job, cache_write: bool, start: float) -> None:
+        r = j.req
+        mode = call_mode(self.sim.spec.models[r.model])
+        if (unsent := self._quota.refuses(start)) is not None:
+            self.sim.finish_sync(r.model, start)  # its gate slot, taken when it started
+            self._final(b, j, False, 0.0, mode, error=unsent)
+            self._pump()
+            return
+        cj = self._call_job(j, start, cache_write)
+        if self.provider.real:
+            # One body per idempotency key, journaled before the first try: a retry (here, or after this
+            # dispatcher restarted) must send what the provider may already have billed under that key.
+            rec = self._sync_calls.get(cj.key)
+            if rec is None:
+                rec = self._sync_calls[cj.key] = (b._replace(jobs=[]), j, cache_write, self.provider.sync_body(cj))
+                await self._sync_journal.put(cj.key, rec)
+            cj = cj._replace(body=rec[3])
+        a = await self.provider.call(cj)
+        self._note_warm(r, a, start)
+        extra = (max(a.usage.input_tokens + a.usage.output_tokens - r.input_tokens - r.output_tokens, 0)
+                 if a.usage is not None else 0)
+        self.sim.finish_sync(r.model, a.at, extra)
+        v = verdict(a.ok, j.attempts + 1, self.max_att, a.retryable)
+        wait, why = 0.0, None
+        if a.rate_limited and not a.ok:
+            wait = throttled_wait(a.retry_after_s, j.throttled, self.sim.backoff, self.sim.backoff_max)
+            room = sync_latency_median(self.sim.spec, self.sim.spec.models[r.model], r)
+            v, why = throttled_verdict(a.at + wait, room, r.arrival_s + r.deadline_s, j.throttled)
+        if a.ok:
+            self.sim.success(r.model, self.clock.now())
+            if self._quota.lift(start):
+                log.warning("dispatcher %s: a call succeeded after a billing refusal: requests are sent again",
+                            self.name)
+        else:
+            if a.maybe_billed:
+                self._unanswered[r.uid] += 1
+            if a.quota:
+                if self._quota.why is None:
+                    log.error("dispatcher %s: %s", self.name, a.error)
+                self._quota.trip(a.at, a.error)
+            self._breaker_failure(r.model)
+            self._counts.failed(retry_reason(a.retry_after_s, a.error), v == "retry")
+            if a.key_reused:  # billed by the provider, failed here: never silent (docs/reliability.md)
+                self.key_conflicts += 1
+                log.error("dispatcher %s: %s failed: %s", self.name, r.uid, a.error)
+        if v != "retry":  # a replay of a call another run made and counted is not billed again (a helper's tour)
+            paid = a.ok and (not a.replayed or self._unanswered[r.uid])
+            if why is not None:
+                a = a._replace(error=f"{a.error} (rate limited {j.throttled + 1} time(s); {why})")
+            self._final(b, j, a.ok, a.cost if paid else 0.0, mode, a)
+        elif a.rate_limited:  # not a try: it billed nothing, and the provider said when to come back
+            self._retry_later(a.at + wait, b, j._replace(throttled=j.throttled + 1))
+        else:
+            self._retry_later(self.sim.retry_at(j.seq, j.attempts, a), b, j._replace(attempts=j.attempts + 1))
+        self._pump()
