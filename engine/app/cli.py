@@ -189,7 +189,8 @@ def run(trace: Path = typer.Argument(..., help="a JSONL trace"),
         budget: float | None = typer.Option(None, min=0, help="hard budget over all spend, USD"),
         tenant_budget: list[str] | None = typer.Option(None, "--tenant-budget",
                                                        help="hard budget of one tenant, NAME=USD (repeatable)"),
-        budget_duration: str | None = typer.Option(None, help="budget window (30s, 1h, 1d, 30d, 1mo)"),
+        budget_duration: str | None = typer.Option(None, help="budget window (30s, 1h, 1d, 30d, 1mo); default: "
+                                                    "the whole trace"),
         seed: int = typer.Option(0, min=0, help="seed of the simulated draws"),
         shards: int = typer.Option(1, "--shards", min=1, help="actors each of ingest, cache, result hub and "
                                    "groupers"),

@@ -44,8 +44,8 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
                                                        "(JSON)"),
                policy: str = typer.Option("smart", help="registered name or module:Class"),
                tenant: str = typer.Option("default", help="the tenant of every line (budgets, cache)"),
-               providers: str | None = typer.Option(None, "--providers", help="sim: every provider simulated; "
-                                                    "http: real calls to the providers with an endpoint"),
+               providers: str | None = typer.Option(None, "--providers", help="http: real calls to the "
+                                                    "providers with an endpoint; sim: none (default: providers.mode)"),
                base_url: list[str] | None = typer.Option(None, "--base-url", help="NAME=URL: where provider NAME "
                                                          "is reached over HTTP (repeatable)"),
                speedup: float = typer.Option(1.0, min=0.001, max=1e6, help="engine seconds per real second (1: real "
