@@ -2,9 +2,10 @@
 
 Two refusals are not failures of a try. A rate limit's 429 billed nothing and says when to come back: the request
 waits (``throttled_wait``) and goes again through the rate gate while its deadline leaves room for the call,
-however many times (``throttled_verdict``), without spending one of its ``max_attempts``. A billing refusal (no
-credit, a spend limit) fails the request at once, and the provider's other sync requests fail unsent with the
-same message (``QuotaStop``) but for one call a ``QUOTA_PROBE_S``, whose success lifts the stop.
+however many times (``throttled_verdict``), without spending one of its ``max_attempts``; past that room, each
+429 is one of its tries, waited out alike. A billing refusal (no credit, a spend limit) fails the request at
+once, and the provider's other sync requests fail unsent with the same message (``QuotaStop``) but for one call a
+``QUOTA_PROBE_S``, whose success lifts the stop.
 """
 
 from __future__ import annotations
@@ -89,11 +90,15 @@ class SyncCalls:
                  if a.usage is not None else 0)
         self.sim.finish_sync(r.model, a.at, extra)
         v = verdict(a.ok, j.attempts + 1, self.max_att, a.retryable)
-        wait, why = 0.0, None
+        wait, why, free = 0.0, None, False
         if a.rate_limited and not a.ok:
             wait = throttled_wait(a.retry_after_s, j.throttled, self.sim.backoff, self.sim.backoff_max)
             room = sync_latency_median(self.sim.spec, self.sim.spec.models[r.model], r)
-            v, why = throttled_verdict(a.at + wait, room, r.arrival_s + r.deadline_s, j.throttled)
+            free, why = throttled_verdict(a.at + wait, room, r.arrival_s + r.deadline_s, j.throttled)
+            free = free == "retry"
+            # Past the room its deadline leaves, the 429 is one of its tries, as before: failed at once instead,
+            # a request with a 30 s deadline behind a minute's window went unanswered (a review).
+            v = "retry" if free else v
         if a.ok:
             self.sim.success(r.model, self.clock.now())
             if self._quota.lift(start):
@@ -114,10 +119,12 @@ class SyncCalls:
         if v != "retry":  # a replay of a call another run made and counted is not billed again (a helper's tour)
             paid = a.ok and (not a.replayed or self._unanswered[r.uid])
             if why is not None:
-                a = a._replace(error=f"{a.error} (rate limited {j.throttled + 1} time(s); {why})")
+                a = a._replace(error=f"{a.error} (after {j.throttled} rate limit(s) waited out, not tries; {why})")
             self._final(b, j, a.ok, a.cost if paid else 0.0, mode, a)
-        elif a.rate_limited:  # not a try: it billed nothing, and the provider said when to come back
+        elif free:  # not a try: it billed nothing, and the provider said when to come back
             self._retry_later(a.at + wait, b, j._replace(throttled=j.throttled + 1))
+        elif a.rate_limited:  # a try, still after the provider's wait
+            self._retry_later(a.at + wait, b, j._replace(attempts=j.attempts + 1))
         else:
             self._retry_later(self.sim.retry_at(j.seq, j.attempts, a), b, j._replace(attempts=j.attempts + 1))
         self._pump()

@@ -133,24 +133,6 @@ def test_rate_limits_beyond_max_attempts_are_waited_out_and_the_request_succeeds
     asyncio.run(go())
 
 
-def test_rate_limits_fail_the_request_once_its_deadline_leaves_no_room(emu):  # noqa: F811
-    wait_s = 500.0  # engine seconds (0.5 s real); the deadline leaves room for two waits, not three
-    emu.faults.script("openai", "chat.completions", [{"status": 429, "retry_after_s": wait_s}] * 10)
-
-    async def go():
-        rig = Rig(emu)
-        try:
-            (j,) = jobs_of("openai", 1, deadline_s=1200.0)
-            await rig.run("sync", [j])
-            r = await rig.until(lambda: rig.results.get(j.req.id), "the result")
-            assert r.status == "failed" and r.cost_usd == 0.0, r
-            assert len(rig.calls) == 3 and "rate limited 3 time(s)" in r.error and "deadline" in r.error, r.error
-            assert emu.bill().items == ()
-        finally:
-            await rig.close()
-    asyncio.run(go())
-
-
 @PROVIDERS
 def test_a_billing_refusal_holds_the_providers_other_requests_until_a_call_succeeds(emu, provider):  # noqa: F811
     emu.faults.script(provider, ROUTE[provider], [NO_CREDIT[provider]])
@@ -175,6 +157,47 @@ def test_a_billing_refusal_holds_the_providers_other_requests_until_a_call_succe
             await rig.until(lambda: rig.results.get(after.req.id), "the next request")
             assert rig.results[probe.req.id].status == "ok" and rig.results[after.req.id].status == "ok"
             assert len(emu.bill().items) == 2
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+def test_a_rate_limit_past_the_deadlines_room_is_a_try_as_before_not_a_failure_at_once(emu):  # noqa: F811
+    """A request whose deadline leaves no room for the provider's wait (a 60 s window, a 30 s deadline; a sync
+    fallback after its hedge) still has its tries: failed at the first 429 where before the 429s were honoured up
+    to ``max_attempts`` and it was answered, late. Its 429s then count as tries, throttled ones included."""
+    emu.faults.script("openai", "chat.completions", [{"status": 429, "retry_after_s": 60.0}])
+
+    async def go():
+        rig = Rig(emu, sim=SimSettings(max_attempts=4))
+        try:
+            (j,) = jobs_of("openai", 1, deadline_s=30.0)
+            await rig.run("sync", [j])
+            r = await rig.until(lambda: rig.results.get(j.req.id), "the result")
+            assert r.status == "ok" and len(rig.calls) == 2, r
+            assert rig.calls[1][1] - rig.calls[0][1] >= 60.0  # the provider's wait honoured
+            assert len(emu.bill().items) == 1
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+def test_rate_limits_past_the_deadlines_room_are_tries_and_end_the_request_after_max_attempts(emu):  # noqa: F811
+    wait_s = 200.0  # engine seconds (0.2 s real); the deadline leaves room for two waits, not three
+    emu.faults.script("openai", "chat.completions", [{"status": 429, "retry_after_s": wait_s}] * 10)
+
+    async def go():
+        rig = Rig(emu, sim=SimSettings(max_attempts=4))
+        try:
+            (j,) = jobs_of("openai", 1, deadline_s=500.0)
+            await rig.run("sync", [j])
+            r = await rig.until(lambda: rig.results.get(j.req.id), "the result")
+            assert r.status == "failed" and r.cost_usd == 0.0, r
+            # Two waited out free, then four tries, each after the provider's wait.
+            assert [c.attempt for c, _, _ in rig.calls] == [0, 0, 0, 1, 2, 3]
+            assert all(b[1] - a[1] >= wait_s for a, b in zip(rig.calls, rig.calls[1:]))
+            assert "after 4 attempt(s)" in r.error and "2 rate limit(s) waited out" in r.error, r.error
+            assert "deadline" in r.error and emu.bill().items == ()
         finally:
             await rig.close()
     asyncio.run(go())
