@@ -25,7 +25,10 @@ log = logging.getLogger("smartbatch.providers")
 _ENDED = {"completed", "failed", "expired", "cancelled"}
 _REF = "smartbatch_ref"  # the batch's metadata key naming it, so a restarted dispatcher finds a create it cut
 FIND_SCAN = 1_000  # most recent batches looked through for it
-_QUEUE_LIMIT = re.compile(r"Limit: ([\d,]+) enqueued tokens")  # token_limit_exceeded's message names the limit
+# The limit token_limit_exceeded's message names: OpenAI's "Limit: 2,000,000 enqueued tokens", Azure's "the configured
+# limit of 30K for the deployment".
+_QUEUE_LIMIT = re.compile(r"Limit: ([\d,]+) enqueued tokens|configured limit of ([\d.,]+) ?([KM]?)\b", re.I)
+_SCALE = {"": 1, "K": 1_000, "M": 1_000_000}
 
 
 def _usage_chat(u: Mapping | None) -> Usage:
@@ -297,14 +300,19 @@ class OpenAIProvider(HttpBase):
     def queue_refusal(self, handle: BatchHandle) -> int | None:
         """The batch queue limit a ``failed`` batch's ``token_limit_exceeded`` names ("Enqueued token limit
         reached for gpt-4o-mini in organization org-... Limit: 2,000,000 enqueued tokens. Please try again once
-        some in_progress batches have been completed."): 0 when it names none (Azure's words differ)."""
+        some in_progress batches have been completed."; Azure: "... the configured limit of 30K for the
+        deployment ..."): 0 when it names none. (Azure's went unread, and the limit was then taken for what was
+        under way, for good: a review.)"""
         b = handle.batch
         if b is None or b.status != "failed" or not b.errors:
             return None
         for e in b.errors.data or []:
             if e.code == "token_limit_exceeded":
                 m = _QUEUE_LIMIT.search(e.message or "")
-                return int(m.group(1).replace(",", "")) if m else 0
+                if m is None:
+                    return 0
+                figure, scale = (m.group(1), "") if m.group(1) else (m.group(2), m.group(3).upper())
+                return int(float(figure.replace(",", "")) * _SCALE[scale])
         return None
 
     def _member_error(self, resp: Mapping, err: Mapping | None) -> CallOutcome:

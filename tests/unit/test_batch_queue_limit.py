@@ -86,3 +86,27 @@ def test_the_emulators_batch_queue_limits_are_opt_in_and_checked():
             e.faults.configure({"batch_queue_limits": {MODEL: 0}})
         e.faults.clear()
         assert e.faults.batch_queue_limits == {}
+
+
+@pytest.mark.parametrize(("message", "limit"), [
+    ("Enqueued token limit reached for gpt-4o-mini in organization org-x. Limit: 2,000,000 enqueued tokens. "
+     "Please try again once some in_progress batches have been completed.", 2_000_000),
+    # Azure OpenAI's words: unread, the limit was taken for what was under way then, for good (one small batch
+    # under way serialised every later batch of the model in parts of its size).
+    ("The number of enqueued tokens has surpassed the configured limit of 30K for the deployment "
+     "'gpt-4.1-batch'. Please either increase the limit or try again once the current jobs have finished.", 30_000),
+    ("... the configured limit of 1.5M for the deployment 'd' ...", 1_500_000),
+    ("Enqueued token limit reached, no figure", 0),
+])
+def test_the_queue_limit_a_refusal_names_is_read_in_openais_words_and_azures(emu, message, limit):  # noqa: F811
+    from types import SimpleNamespace as NS
+
+    from tests.unit.test_http_providers import direct
+
+    p = direct(emu, "openai")
+    err = NS(code="token_limit_exceeded", message=message)
+    handle = NS(batch=NS(status="failed", errors=NS(data=[err])))
+    try:
+        assert p.queue_refusal(handle) == limit
+    finally:
+        asyncio.run(p.close())
