@@ -5,6 +5,7 @@ output and error files mapped back by ``custom_id``). Works with any server that
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -102,6 +103,7 @@ class OpenAIProvider(HttpBase):
         # max_retries=0: the engine's retry, Retry-After, backoff and circuit breaker are the only ones.
         self.client = openai.AsyncOpenAI(api_key=self._key.get() or "unset", base_url=self.endpoint.base_url,
                                          max_retries=0, timeout=self.endpoint.timeout_s)
+        self._orphans: set[asyncio.Task] = set()  # deletes of uploads no batch was made from
 
     # -- bodies ---------------------------------------------------------------------------------------------
     def route(self, job: CallJob) -> str:
@@ -222,9 +224,28 @@ class OpenAIProvider(HttpBase):
         with self._refused("batch submission"):
             f = await self.client.files.create(file=("smartbatch.jsonl", data, "application/jsonl"),
                                                purpose="batch")
-            b = await self.client.batches.create(input_file_id=f.id, endpoint=route, completion_window="24h",
-                                                 metadata={"origin": "smartbatch", _REF: ref})
+            try:
+                b = await self.client.batches.create(input_file_id=f.id, endpoint=route, completion_window="24h",
+                                                     metadata={"origin": "smartbatch", _REF: ref})
+            except self._sdk.APIStatusError as exc:
+                # Refused (a 4xx: a rate limit, a bad request, no credit): no batch reads the upload, and the
+                # create made again uploads anew, so each refusal left one file of prompts behind (a helper's
+                # hunt). A 5xx or a cut answer may have made the batch, which the lookup follows: kept.
+                if 400 <= exc.status_code < 500:
+                    task = asyncio.get_running_loop().create_task(self._delete_upload(f.id))
+                    self._orphans.add(task)
+                    task.add_done_callback(self._orphans.discard)
+                raise
         return self._handle(b.id, jobs)
+
+    async def _delete_upload(self, file_id: str) -> None:
+        """Best effort, beside the members (they go back at once): a failure is logged; OpenAI expires the file
+        30 days after its upload."""
+        try:
+            await self.client.files.delete(file_id)
+        except Exception as exc:
+            log.warning("%s: the upload %s of a refused batch could not be deleted (%s)", self.name, file_id,
+                        self._redact(f"{type(exc).__name__}: {str(exc)[:200]}"))
 
     async def poll(self, handle: BatchHandle) -> BatchState:
         with self._refused("batch poll"):
@@ -322,4 +343,8 @@ class OpenAIProvider(HttpBase):
                            f"{self._redact(str(msg))}", retryable=code >= 500 or code == 429, real=True)
 
     async def close(self) -> None:
+        if self._orphans:  # a delete under way gets a moment to finish; the file expires anyway
+            _, late = await asyncio.wait(list(self._orphans), timeout=5.0)
+            for t in late:
+                t.cancel()
         await self.client.close()

@@ -150,3 +150,28 @@ def test_the_emulator_deletes_a_file_once_and_404s_after(emu, route):  # noqa: F
     with pytest.raises(openai.NotFoundError):
         c.files.delete(f.id)
     assert emu.count(route, status=200) == 1 and emu.count(route, status=404) == 1
+
+
+@pytest.mark.parametrize("status, deleted", [(400, 1), (429, 1), (500, 0)])
+def test_the_upload_of_a_refused_batch_create_is_deleted_but_not_one_a_5xx_may_have_used(emu, status, deleted):  # noqa: F811
+    """A create refused (4xx) made no batch: the create made again uploads anew, so each refusal left a file of
+    prompts behind. A 5xx may have made the batch (the lookup follows it): its upload stays."""
+    from engine.core.errors import ProviderError
+    from engine.core.provider_api import CallJob, call_key
+
+    from .test_http_providers import direct, req
+
+    emu.faults.script("openai", "batches.create", [{"status": status}])
+
+    async def go():
+        p = direct(emu, "openai")
+        jobs = [CallJob(call_key(r.tenant, r.id, r.model, 0), r, 0.0, 0, 0) for r in (req(0), req(1))]
+        try:
+            with pytest.raises(ProviderError):
+                await p.submit_batch(jobs, None, "ref-1")
+        finally:
+            await p.close()  # lets a delete under way finish
+        assert emu.count("files.create", status=200) == 1
+        assert emu.count("files.delete", status=200) == deleted
+        assert len(emu.files("batch")) == 1 - deleted
+    asyncio.run(go())
