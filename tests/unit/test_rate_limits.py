@@ -183,13 +183,15 @@ def test_a_rate_limit_past_the_deadlines_room_is_a_try_as_before_not_a_failure_a
 
 
 def test_rate_limits_past_the_deadlines_room_are_tries_and_end_the_request_after_max_attempts(emu):  # noqa: F811
-    wait_s = 200.0  # engine seconds (0.2 s real); the deadline leaves room for two waits, not three
+    # Engine seconds (0.5 s real): the deadline leaves room for two waits, not three, by a quarter of a wait
+    # either way, so a loaded machine's slower calls do not move the boundary.
+    wait_s = 500.0
     emu.faults.script("openai", "chat.completions", [{"status": 429, "retry_after_s": wait_s}] * 10)
 
     async def go():
         rig = Rig(emu, sim=SimSettings(max_attempts=4))
         try:
-            (j,) = jobs_of("openai", 1, deadline_s=500.0)
+            (j,) = jobs_of("openai", 1, deadline_s=2.5 * wait_s)
             await rig.run("sync", [j])
             r = await rig.until(lambda: rig.results.get(j.req.id), "the result")
             assert r.status == "failed" and r.cost_usd == 0.0, r
