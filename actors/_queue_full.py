@@ -6,7 +6,11 @@ Its members never ran. Handed back to the policy, they were batched again at onc
 and refused again, until the progress guard sent them sync at twice the price (a helper's hunt). Instead the
 dispatcher learns the limit the provider named for that model (``EnqueuedTokens.learn``) and queues the batch
 again, in parts that fit it, at its own gate: each part waits there for room (the end of a batch of its model
-under way) until its hedge, as a batch waits for the catalog's limit."""
+under way) until its hedge, as a batch waits for the catalog's limit.
+
+The limit counts input tokens alone, as OpenAI's does ("enqueued prompt tokens"; the emulator's too). Weighed
+with their output, parts were cut several times smaller than the account takes and waited for one another for
+hours, their members reaching their hedges and going sync at the full price (a review)."""
 
 from __future__ import annotations
 
@@ -20,12 +24,12 @@ __all__ = ["QueueFull", "token_parts"]
 
 
 def token_parts(jobs: list[Job], limit: float) -> list[list[Job]]:
-    """``jobs`` in order, cut into parts whose weight at the gate (input plus output tokens) is at most ``limit``
-    (a request heavier alone is a part alone)."""
+    """``jobs`` in order, cut into parts of at most ``limit`` input tokens, what the batch queue counts (a request
+    heavier alone is a part alone)."""
     parts: list[list[Job]] = [[]]
     held = 0
     for j in jobs:
-        w = j.req.input_tokens + j.req.output_tokens
+        w = j.req.input_tokens
         if parts[-1] and held + w > limit:
             parts.append([])
             held = 0
@@ -46,16 +50,17 @@ class QueueFull:
                 b.hedge_at is not None and self.clock.now() >= b.hedge_at):
             return None
         model, stem = jobs[0].req.model, key.rpartition("#")[0] or key
-        held: dict[str, int] = {}  # per dispatch (its parts share one weight) of this model: what the gate holds
-        for k, rec in self._open.items():
-            if rec[1] and rec[1][0].req.model == model:
-                held[k.rpartition("#")[0] or k] = rec[3]
-        others = sum(w for s, w in held.items() if s != stem)
+        # The input tokens of this model's other dispatches under way here (a split dispatch: its parts'). The gate
+        # keeps its own count (``EnqueuedTokens``), batches taken but not yet created included; this is what
+        # the provider may hold.
+        others = sum(sum(j.req.input_tokens for j in rec[1]) for k, rec in self._open.items()
+                     if rec[1] and rec[1][0].req.model == model and (k.rpartition("#")[0] or k) != stem)
+        guess = not limit
         limit = limit or others  # named none: no more than what is under way fits
         parts = token_parts(jobs, limit) if limit > 0 else []
         if not parts or (len(parts) == 1 and not others):  # nothing here to wait for: another's batches fill it
             return None
-        self.sim.enqueued.learn(model, limit, held.values())
-        log.warning("dispatcher %s: batch %s was refused for a full batch queue (limit %d tokens for %s); it is "
+        self.sim.enqueued.learn(model, limit, self.clock.now(), guess=guess)
+        log.warning("dispatcher %s: batch %s was refused for a full batch queue (limit %d input tokens for %s); it is "
                     "sent again in %d part(s) as room frees", self.name, key, limit, model, len(parts))
         return parts

@@ -68,6 +68,7 @@ class Unit(NamedTuple):
     cost_usd: float
     attempts: int
     lead_s: float  # expected seconds from start to result, for the slack
+    input_tokens: int = 0  # of ``tokens``: what a batch queue's learnt limit counts (``EnqueuedTokens.learn``)
 
 
 class FairQueue:

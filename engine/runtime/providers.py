@@ -161,12 +161,12 @@ class SimProvider:
         if lead is None:
             lead = self._lead[first.model] = sync_latency_median(self.spec, spec, first) * 2.0
         text = spec.kind == "text"
-        tokens = sum(r.input_tokens + r.output_tokens for r in reqs) if text and w.kind != "gpu_batch" else 0
-        cost = (list_price_text(spec, sum(r.input_tokens for r in reqs), sum(r.output_tokens for r in reqs))
-                if text else 0.0)
+        n_in, n_out = (sum(r.input_tokens for r in reqs), sum(r.output_tokens for r in reqs)) if text else (0, 0)
+        tokens = n_in + n_out if w.kind != "gpu_batch" else 0
+        cost = list_price_text(spec, n_in, n_out) if text else 0.0
         prio = min((r.priority for r in reqs), key=PRIORITY_RANK.__getitem__)
         u = Unit(w, first.tenant, prio, min(r.deadline_at for r in reqs), min(r.arrival_s for r in reqs),
-                 tokens, cost, max(w.attempts), 0.0 if w.kind == "batch_api" else lead)
+                 tokens, cost, max(w.attempts), 0.0 if w.kind == "batch_api" else lead, n_in)
         if w.kind == "batch_api":
             self.batch_queue.push(u, w.hedge_at)
         else:
@@ -217,12 +217,12 @@ class SimProvider:
                                 if self.draw else 0))
         while (picked := bq.peek(now)) is not None:
             u = picked[2]
-            s = self.enqueued.earliest(now, u.tokens, u.item.reqs[0].model)
+            s = self.enqueued.earliest(now, u.tokens, u.item.reqs[0].model, u.input_tokens)
             if s > now + 1e-9:
                 next_at = min(next_at, s)
                 break
             bq.take(picked)
-            events.append(self._start_batch(u.item, s, u.tokens))
+            events.append(self._start_batch(u.item, s, u.tokens, u.input_tokens))
         next_at = min(next_at, bq.next_hedge())
         return events, (None if next_at == _INF else next_at)
 
@@ -335,9 +335,9 @@ class SimProvider:
         return [Attempt(fail_u(i, k) >= prov.failure_rate, end, p.total) for i, k, p in zip(idxs, attempts, prices)]
 
     # -- batch API ------------------------------------------------------------------------------------------
-    def _start_batch(self, w: Work, s: float, tokens: int) -> Event:
+    def _start_batch(self, w: Work, s: float, tokens: int, inputs: int = 0) -> Event:
         if not self.draw:
-            self.enqueued.take(s, tokens, _INF, w.reqs[0].model)
+            self.enqueued.take(s, tokens, _INF, w.reqs[0].model, inputs)
             return Event("batch_api", w, s, tokens)
         out = self.batch(w.idxs, w.reqs, s, w.hedge_at, w.attempts)
         self.enqueued.take(s, tokens, out.at)  # held until it ends or is cancelled

@@ -17,7 +17,6 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
-from collections.abc import Iterable
 
 from engine.core.catalog import RateLimits
 
@@ -27,7 +26,7 @@ from engine.core.catalog import RateLimits
 # policy reads them too: ``engine.core.rates.start_spread_s``.)
 from engine.core.rates import BURST_S, BURST_SHARE, WINDOW_S
 
-__all__ = ["BURST_S", "BURST_SHARE", "EnqueuedTokens", "RateGate", "WINDOW_S"]
+__all__ = ["BURST_S", "BURST_SHARE", "EnqueuedTokens", "LEARNT_LIMIT_S", "RateGate", "WINDOW_S"]
 
 
 class _Window:
@@ -154,34 +153,91 @@ class RateGate:
         return len(self._busy)
 
 
+# Engine seconds a limit the provider named for one model's batch queue is kept (``EnqueuedTokens.learn``): an
+# account's tier rises with its spend, and a limit kept for good held every later batch to the old one. Forgotten,
+# a limit still in force costs one refused batch (nothing billed) and is learnt again.
+LEARNT_LIMIT_S = 3600.0
+
+
+class _ModelQueue:
+    """One model's batches under way, weighed as its provider's batch queue counts them: by their input tokens
+    (OpenAI's "enqueued prompt tokens"; output is not counted). Counted from the first batch, learnt limit or
+    not, so a limit learnt later meets the exact count, batches taken but not yet created included."""
+
+    __slots__ = ("guess", "held", "limit", "open", "until")
+
+    def __init__(self) -> None:
+        self.open: list[list[float]] = []  # [end, its weight at the catalog's gate (what ``finish`` names), inputs]
+        self.held = 0.0
+        self.limit: float | None = None  # None: no limit learnt (or forgotten)
+        self.until = math.inf  # when a learnt limit is forgotten
+        self.guess = False  # the limit is what was under way at a refusal that named none
+
+    def __repr__(self) -> str:
+        return f"{self.held:g}/{self.limit if self.limit is not None else '-'}"
+
+    def release(self, t: float) -> None:
+        if any(e[0] <= t for e in self.open):
+            self.held -= sum(e[2] for e in self.open if e[0] <= t)
+            self.open = [e for e in self.open if e[0] > t]
+        # A guess stood for the batches under way at the refusal: once none is, it says nothing more.
+        if self.limit is not None and (t >= self.until or self.guess and not self.open):
+            self.limit, self.until, self.guess = None, math.inf, False
+
+    def earliest(self, t: float, inputs: float) -> float:
+        self.release(t)
+        if self.limit is None:
+            return t
+        w = min(inputs, self.limit)  # a part heavier alone starts in an empty queue
+        held = self.held
+        if held + w <= self.limit + 1e-9:
+            return t
+        for end, _, tok in sorted(self.open):
+            held -= tok
+            if held + w <= self.limit + 1e-9:
+                return min(max(end, t), self.until)
+        return self.until
+
+
 class EnqueuedTokens:
     """The batch API's limit on tokens in batches not yet finished (OpenAI's "enqueued tokens"). A batch holds
     its whole weight from submission until it ends or is cancelled. A limit the provider named for one model
-    (``learn``: OpenAI's batch queue limits are per model and per account tier) holds that model's batches too."""
+    (``learn``: OpenAI's batch queue limits are per model and per account tier, and count input tokens) holds
+    that model's batches too, weighed by their input tokens, for ``LEARNT_LIMIT_S``."""
 
     def __init__(self, limit: float):
         self.limit = limit
         self._open: list[tuple[float, float]] = []  # (end, tokens)
         self.held = 0.0
-        self._models: dict[str, EnqueuedTokens] = {}  # a model's limit, as the provider named it
+        self._models: dict[str, _ModelQueue] = {}  # per model: its batches' input tokens, and a learnt limit
 
     def __repr__(self) -> str:
-        return f"EnqueuedTokens(held={self.held:g}/{self.limit:g}, batches={len(self._open)}, learnt={self._models})"
+        return f"EnqueuedTokens(held={self.held:g}/{self.limit:g}, batches={len(self._open)}, models={self._models})"
 
-    def learn(self, model: str, limit: float, held: Iterable[int]) -> None:
-        """``model``'s batches wait for room under ``limit`` from now on; ``held``: the weights its batches under
-        way hold, as ``take`` took them (each until its ``finish``)."""
-        q = self._models[model] = EnqueuedTokens(limit)
-        for w in held:
-            q.take(0.0, w, math.inf)
+    def learn(self, model: str, limit: float, now: float, *, guess: bool = False) -> None:
+        """``model``'s batches wait for room under ``limit`` input tokens from ``now`` for ``LEARNT_LIMIT_S``
+        (``guess``: the limit is what was under way at a refusal that named none, forgotten too once none of the
+        model's batches is under way). The count is kept: it is the model's since its first batch, exact."""
+        q = self._models.setdefault(model, _ModelQueue())
+        q.release(now)
+        q.limit, q.until, q.guess = float(limit), now + LEARNT_LIMIT_S, guess
+
+    def learnt(self, model: str, now: float) -> float | None:
+        """The limit learnt for ``model`` still in force at ``now``, if any."""
+        q = self._models.get(model)
+        if q is None:
+            return None
+        q.release(now)
+        return q.limit
 
     def _release(self, t: float) -> None:
         while self._open and self._open[0][0] <= t:
             self.held -= heapq.heappop(self._open)[1]
 
-    def earliest(self, t: float, tokens: int, model: str | None = None) -> float:
+    def earliest(self, t: float, tokens: int, model: str | None = None, inputs: int = 0) -> float:
+        """When a batch of ``tokens`` (the catalog's weight) and ``inputs`` input tokens of ``model`` may start."""
         q = self._models.get(model) if model is not None else None
-        s = q.earliest(t, tokens) if q is not None else t
+        s = q.earliest(t, float(inputs)) if q is not None else t
         w = min(float(tokens), self.limit)
         self._release(t)
         if self.held + w <= self.limit + 1e-9:
@@ -193,9 +249,12 @@ class EnqueuedTokens:
                 return max(end, s)
         return s
 
-    def take(self, s: float, tokens: int, end: float, model: str | None = None) -> None:
-        if model in self._models:
-            self._models[model].take(s, tokens, end)
+    def take(self, s: float, tokens: int, end: float, model: str | None = None, inputs: int = 0) -> None:
+        if model is not None:
+            q = self._models.setdefault(model, _ModelQueue())
+            q.release(s)
+            q.open.append([end, float(tokens), float(inputs)])
+            q.held += inputs
         self._release(s)
         w = min(float(tokens), self.limit)
         heapq.heappush(self._open, (end, w))
@@ -203,8 +262,13 @@ class EnqueuedTokens:
 
     def finish(self, tokens: int, end: float, model: str | None = None) -> None:
         """A batch taken with an unknown end (``take(s, tokens, inf)``) ended at ``end``."""
-        if model in self._models:
-            self._models[model].finish(tokens, end)
+        q = self._models.get(model) if model is not None else None
+        if q is not None:
+            # Named by its weight, as below: of two open batches of one weight, either may be closed, and the
+            # count is off by their inputs' difference until the other ends.
+            e = next((e for e in q.open if e[0] == math.inf and e[1] == float(tokens)), None)
+            if e is not None:
+                e[0] = end
         w = min(float(tokens), self.limit)
         try:
             i = self._open.index((math.inf, w))
