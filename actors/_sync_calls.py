@@ -5,7 +5,7 @@ waits (``throttled_wait``) and goes again through the rate gate while its deadli
 however many times (``throttled_verdict``), without spending one of its ``max_attempts``; past that room, each
 429 is one of its tries, waited out alike. A billing refusal (no credit, a spend limit) fails the request at
 once, and the provider's other sync requests fail unsent with the same message (``QuotaStop``) but for one call a
-``QUOTA_PROBE_S``, whose success lifts the stop.
+``QUOTA_PROBE_S`` (its retries included), whose success lifts the stop.
 """
 
 from __future__ import annotations
@@ -28,12 +28,17 @@ class QuotaStop:
     """A provider's billing refusal, held for its other requests: they would all be refused alike, each a call
     that tells nothing new. While held, a request is failed unsent with the refusal's message, but for one call
     every ``probe_s`` engine seconds; a success of a call started after the refusal (someone added credit) lifts
-    it. A call sent before it may still succeed (it was admitted before the money ran out) and lifts nothing."""
+    it. A call sent before it may still succeed (it was admitted before the money ran out) and lifts nothing.
 
-    __slots__ = ("at", "next_probe", "probe_s", "refused", "why")
+    A probe's own retries (a rate limit's 429, a 5xx) are the probe still, sent until its request ends
+    (``ended``): taken for new work, one that came back within ``probe_s`` failed unsent with the billing
+    message, never retried nor failed with its own error (a review)."""
+
+    __slots__ = ("at", "next_probe", "probe_s", "probes", "refused", "why")
 
     def __init__(self, probe_s: float = QUOTA_PROBE_S):
         self.probe_s, self.why, self.at, self.next_probe, self.refused = probe_s, None, 0.0, 0.0, 0
+        self.probes: set[str] = set()  # requests let through as probes, until they end (or the stop is lifted)
 
     def __repr__(self) -> str:
         held = "lifted" if self.why is None else f"held since {self.at:g} s"
@@ -49,14 +54,20 @@ class QuotaStop:
         if self.why is None or started < self.at:
             return False
         self.why = None
+        self.probes.clear()
         return True
 
-    def refuses(self, now: float) -> str | None:
-        """The error to fail a request with unsent, or None to send it (no stop, or this call is the probe)."""
-        if self.why is None:
+    def ended(self, uid: str) -> None:
+        """Request ``uid`` has its answer: a retry of it is no probe any more."""
+        self.probes.discard(uid)
+
+    def refuses(self, now: float, uid: str) -> str | None:
+        """The error to fail request ``uid`` with unsent, or None to send it (no stop, or it is a probe)."""
+        if self.why is None or uid in self.probes:
             return None
         if now >= self.next_probe:
             self.next_probe = now + self.probe_s
+            self.probes.add(uid)
             return None
         self.refused += 1
         return (f"not sent: an earlier call was refused for billing at engine time {self.at:.0f} s and every call "
@@ -70,7 +81,7 @@ class SyncCalls:
     async def _run_sync(self, b: BatchJob, j: Job, cache_write: bool, start: float) -> None:
         r = j.req
         mode = call_mode(self.sim.spec.models[r.model])
-        if (unsent := self._quota.refuses(start)) is not None:
+        if (unsent := self._quota.refuses(start, r.uid)) is not None:
             self.sim.finish_sync(r.model, start)  # its gate slot, taken when it started
             self._final(b, j, False, 0.0, mode, error=unsent)
             self._pump()
@@ -117,6 +128,7 @@ class SyncCalls:
                 self.key_conflicts += 1
                 log.error("dispatcher %s: %s failed: %s", self.name, r.uid, a.error)
         if v != "retry":  # a replay of a call another run made and counted is not billed again (a helper's tour)
+            self._quota.ended(r.uid)
             paid = a.ok and (not a.replayed or self._unanswered[r.uid])
             if why is not None:
                 a = a._replace(error=f"{a.error} (after {j.throttled} rate limit(s) waited out, not tries; {why})")

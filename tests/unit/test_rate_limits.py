@@ -59,13 +59,37 @@ def test_a_rate_limit_is_tried_again_while_the_deadline_leaves_room_for_the_call
 
 def test_the_quota_stop_holds_others_lets_one_probe_through_and_a_later_success_lifts_it():
     q = QuotaStop(probe_s=60.0)
-    assert q.refuses(0.0) is None and not q.lift(0.0)
+    assert q.refuses(0.0, "a") is None and not q.lift(0.0)
     q.trip(10.0, "openai HTTP 429 insufficient_quota: ...")
-    assert "insufficient_quota" in q.refuses(11.0) and q.refused == 1
+    assert "insufficient_quota" in q.refuses(11.0, "b") and q.refused == 1
     assert not q.lift(5.0)  # a call sent before the refusal lifts nothing
-    assert q.refuses(70.0) is None  # the probe
-    assert q.refuses(71.0) is not None  # only one
-    assert q.lift(70.0) and q.refuses(72.0) is None
+    assert q.refuses(70.0, "p") is None  # the probe
+    assert q.refuses(71.0, "c") is not None  # only one
+    assert q.refuses(72.0, "p") is None  # its retry (a 429, a 5xx) is the probe still, until it ends
+    q.ended("p")
+    assert q.refuses(73.0, "p") is not None
+    assert q.lift(70.0) and q.refuses(72.0, "c") is None
+
+
+def test_a_probes_rate_limit_is_waited_out_and_sent_again_not_failed_for_billing(emu):  # noqa: F811
+    """The probe after a billing refusal meets a rate limit's 429: its retry, within the probe interval, was
+    failed unsent with the billing message, though the account had been topped up (a review)."""
+    emu.faults.script("openai", ROUTE["openai"], [NO_CREDIT["openai"], {"status": 429, "retry_after_s": 0.2}])
+
+    async def go():
+        rig = Rig(emu, "openai")
+        try:
+            first, probe = jobs_of("openai", 2)
+            await rig.run("sync", [first])
+            await rig.until(lambda: rig.results.get(first.req.id), "the refusal")
+            rig.d._quota.next_probe = 0.0  # time for a probe
+            await rig.run("sync", [probe])
+            r = await rig.until(lambda: rig.results.get(probe.req.id), "the probe")
+            assert r.status == "ok" and emu.count(ROUTE["openai"]) == 3, r
+            assert (await rig.d.stats())["quota_unsent"] == 0
+        finally:
+            await rig.close()
+    asyncio.run(go())
 
 
 @PROVIDERS
