@@ -221,7 +221,7 @@ class Parking:
                         self._ledger_down = v.why()
                     self._park(j, self.waits.due_after(t, v, now), LEDGER if t == "retry" else v.budget, b)
                 else:
-                    refused.append((j, self._failed(j, "budget_exhausted", status="rejected", reason=v.why(c.amount))))
+                    refused.append((j, self._failed(j, "budget_exhausted", status="rejected", reason=v.why(c.amount, self.reserve_model_max))))
             if keep:
                 out.append(b._replace(jobs=keep))
         self.table.budget.holding = self.waits.holding(self.budget_specs)

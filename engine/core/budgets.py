@@ -215,10 +215,11 @@ class Verdict(NamedTuple):
     budget: str | None = None  # the spec that refused (LEDGER when the ledger did not answer)
     detail: str | None = None  # budget_unavailable: what failed
 
-    def why(self, claim_usd: float | None = None) -> str:
+    def why(self, claim_usd: float | None = None, model_max: bool = True) -> str:
         """The ``reason`` a request rejected on this verdict carries; ``claim_usd``, what it reserved, since a
         reservation is an upper bound a new user does not expect (a one-word request refused by a $0.05 budget
-        reserved its model's whole output, $0.26: a helper's tour)."""
+        reserved its model's whole output, $0.26: a helper's tour). ``model_max``: ``budgets.reserve_output``
+        is ``model_max`` (else ``request``: its output_tokens are reserved)."""
         if self.reason == "deferred":
             return f"budget {self.budget} resets at t={self.retry_at:.0f}s, after the deadline"
         if self.reason == "budget_unavailable":
@@ -226,8 +227,9 @@ class Verdict(NamedTuple):
         left = f"budget {self.budget} has ${self.remaining_usd:.6f} left"
         if claim_usd is None or claim_usd <= self.remaining_usd:
             return left
-        return (f"{left}, and this request reserves up to ${claim_usd:.6f} (its output at its max_tokens, or the "
-                "model's maximum without one: a lower max_tokens reserves less; docs/budgets.md)")
+        without = "the model's maximum" if model_max else "its output_tokens (budgets.reserve_output: request)"
+        return (f"{left}, and this request reserves up to ${claim_usd:.6f} (its output at its max_tokens, or "
+                f"{without} without one: a lower max_tokens reserves less; docs/budgets.md)")
 
 
 class Refusal(NamedTuple):

@@ -56,7 +56,7 @@ class SimBudget:
                     self.deferrals += 1
                 waits.hold(i, r, waits.due_after(t, v, now), v.budget, (i, d))
             else:
-                self.reject(i, "budget_exhausted", v.why(c.amount))
+                self.reject(i, "budget_exhausted", v.why(c.amount, self.model_max))
         self.table.budget.holding = waits.holding(self.book.specs)
         self.tick()
         return ok

@@ -83,6 +83,26 @@ def test_a_budget_rejection_says_what_the_request_reserves_and_how_to_reserve_le
     assert "has $0.050000 left" in why and "reserves up to $0.256000" in why and "max_tokens" in why
 
 
+@pytest.mark.parametrize(("reserve", "said", "unsaid"), [
+    ("model_max", "the model's maximum", "output_tokens"),
+    ("request", "its output_tokens", "the model's maximum"),
+])
+def test_a_budget_rejection_says_what_the_reservation_assumes_under_each_reserve_output(reserve, said, unsaid):
+    # Under reserve_output: request the message said the model's maximum output was reserved, which it was not.
+    from engine.core.budgets import BudgetSettings
+    from engine.core.catalog import default_catalog
+    from engine.core.request import Request
+    from engine.core.settings import Settings, with_budget
+    from engine.sim.simulator import simulate
+    from policies import load_policy
+
+    r = Request.model_validate({"id": "q1", "arrival_s": 0.0, "model": "gpt-5-mini", "input_tokens": 100,
+                                "output_tokens": 20_000, "deadline_s": 60.0})
+    s = with_budget(Settings(budgets=BudgetSettings(reserve_output=reserve)), 0.001)
+    (why,) = simulate([r], load_policy("naive", default_catalog()), settings=s).extra["reject_why"].values()
+    assert "reserves up to $" in why and said in why and unsaid not in why
+
+
 def _variants(tmp_path, text):
     p = tmp_path / "variants.yaml"
     p.write_text(text)
