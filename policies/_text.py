@@ -36,14 +36,26 @@ class TextConsts(NamedTuple):
     p_out: float
     cancel_s: float  # how long a cancel may take before the batch's finished members are known
     limits: RateLimits  # the gate its calls pass: the model's own limits, else the provider's
+    long_p_in: float = 0.0  # what a token costs more in a call past the model's long_context tier (else 0)
+    long_p_out: float = 0.0
+
+    def list_usd(self, tokens_in: int, tokens_out: int, long_in: int = 0, long_out: int = 0) -> float:
+        """List price of calls of ``tokens_in`` / ``tokens_out`` tokens, ``long_in`` / ``long_out`` of them in
+        calls past the model's long_context tier (Gemini 2.5 Pro past 200k prompt tokens: the whole call at
+        $2.50 / $15 a million, not $1.25 / $10; priced at the lower, a long prompt's batch saving read half)."""
+        usd = self.p_in * tokens_in + self.p_out * tokens_out
+        return usd + self.long_p_in * long_in + self.long_p_out * long_out if long_in or long_out else usd
 
 
 def text_consts(provider, spec) -> TextConsts:
     lat = provider.sync_latency
     p_in, p_out = token_prices(spec)
     limits = spec.rate_limits or provider.rate_limits
+    lc = spec.long_context
+    long_in, long_out = (token_prices(spec, lc.above_input_tokens + 1) if lc is not None else (p_in, p_out))
     return TextConsts(lat.base_s, lat.per_output_token_s, math.exp(Z99 * lat.sigma), limits.max_concurrency,
-                      p_in, p_out, provider.batch_api.cancel_s if provider.batch_api is not None else 0.0, limits)
+                      p_in, p_out, provider.batch_api.cancel_s if provider.batch_api is not None else 0.0, limits,
+                      long_in - p_in, long_out - p_out)
 
 
 def rate_hedge(members, c: TextConsts, hedge_at: float, margin_s: float) -> float:

@@ -21,7 +21,7 @@ import math
 from collections.abc import Hashable
 
 from engine.core.cost import min_cacheable_tokens, mode_factor
-from engine.core.grouping import Decision, Group, PrefixWarmth, ReuseSettings
+from engine.core.grouping import Decision, Group, PrefixWarmth, ReuseSettings, token_sums
 from engine.core.request import Request
 from engine.core.scheduling import Scheduling
 from engine.core.settings import TurnaroundLearning
@@ -325,12 +325,12 @@ class Smart(GpuLane, Policy):
         gathering = n < ba.max_requests and now < flush_at
         if n <= ba.max_requests:  # the running aggregates, no pass over the members (decide is O(1) per arrival)
             k, max_out, earliest = n, group.max_output_tokens, group.earliest_deadline_at
-            tokens_in, tokens_out = group.input_tokens, group.output_tokens
+            tokens = group.input_tokens, group.output_tokens, group.long_input_tokens, group.long_output_tokens
         else:
             members = group.members[: ba.max_requests]
             k, max_out, earliest = len(members), max(r.output_tokens for r in members), min(r.deadline_at
                                                                                               for r in members)
-            tokens_in, tokens_out = sum(r.input_tokens for r in members), sum(r.output_tokens for r in members)
+            tokens = token_sums(group.spec, members)
         lead = self._hedge_lead(c, max_out, k)
         hedge_at, fallback = _fallback_slot(group, c, earliest - lead, lead - p.hedge_margin_s - c.cancel_s, k, max_out,
                                             now, sent=not gathering, margin_s=p.hedge_margin_s)
@@ -344,7 +344,7 @@ class Smart(GpuLane, Policy):
             group.memo = group.memo[:2] + ((hedge_at, send_at, ba), (checkpoint, p_on_time))
         # List prices without cache effects: the batch reads the provider cache as sync calls would, so the
         # comparison (and the saving quoted in the reason) holds with caching too.
-        c_sync = c.p_in * tokens_in + c.p_out * tokens_out
+        c_sync = c.list_usd(*tokens)
         c_batch = mode_factor(group.provider, "batch_api") * c_sync
         # Value of time, judged on every decision, with P(on time) at the time the batch would be sent. P only
         # falls while a batch waits, so a batch not worth it now never will be, unless company arrives: the
@@ -392,7 +392,7 @@ class Smart(GpuLane, Policy):
         if p_on_time < mp:
             return Decision("dispatch", mode="sync", take=1, recommendation="process_individually",
                             reason=f"sync now: P(batch done by hedge)={p_on_time:.2f} too low")
-        c_sync = sum(c.p_in * r.input_tokens + c.p_out * r.output_tokens for r in ride)
+        c_sync = sum(c.list_usd(*token_sums(group.spec, (r,))) for r in ride)
         saving = p_on_time * (1.0 - mode_factor(group.provider, "batch_api")) * c_sync
         return Decision("dispatch", mode="batch_api", take=j, hedge_at=hedge_at, fallback=fallback,
                         recommendation="consider_batch", reason=f"batch API: {j} of {k} members back, expected "

@@ -76,9 +76,15 @@ def token_prices(spec: ModelSpec, input_tokens: int = 0) -> tuple[float, float]:
     return spec.input_per_mtok * _M, spec.output_per_mtok * _M  # type: ignore[operator]
 
 
-def list_price_text(spec: ModelSpec, input_tokens: int, output_tokens: int) -> float:
-    """List (sync, uncached) USD of text tokens."""
-    return (input_tokens * spec.input_per_mtok + output_tokens * spec.output_per_mtok) * _M  # type: ignore[operator]
+def list_price_text(spec: ModelSpec, input_tokens: int, output_tokens: int, long_input_tokens: int = 0,
+                    long_output_tokens: int = 0) -> float:
+    """List (sync, uncached) USD of text tokens; ``long_*``: those of them in calls past the model's
+    ``long_context`` tier (``engine.core.grouping.token_sums``), at its prices."""
+    usd = (input_tokens * spec.input_per_mtok + output_tokens * spec.output_per_mtok) * _M  # type: ignore[operator]
+    if (lc := spec.long_context) is None or not (long_input_tokens or long_output_tokens):
+        return usd
+    return usd + (long_input_tokens * (lc.input_per_mtok - spec.input_per_mtok)  # type: ignore[operator]
+                  + long_output_tokens * (lc.output_per_mtok - spec.output_per_mtok)) * _M  # type: ignore[operator]
 
 
 def min_cacheable_tokens(provider: ProviderSpec, spec: ModelSpec) -> int:

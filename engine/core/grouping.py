@@ -19,7 +19,7 @@ from engine.core.request import Request
 from engine.core.similarity import Guards
 
 __all__ = ["RECOMMENDATIONS", "BudgetPressure", "Decision", "FallbackCalendar", "Group", "LaneRates", "PrefixSightings",
-           "PrefixWarmth", "Recommendation", "ReuseSettings", "WarmNote"]
+           "PrefixWarmth", "Recommendation", "ReuseSettings", "WarmNote", "token_sums"]
 
 Recommendation = Literal["process_as_batch", "consider_batch", "process_individually"]
 RECOMMENDATIONS: tuple[Recommendation, ...] = ("process_as_batch", "consider_batch", "process_individually")
@@ -218,6 +218,16 @@ class BudgetPressure:
         return any(s.covers(req.tenant, req.provider, req.model) for s in self.holding)
 
 
+def token_sums(spec: ModelSpec, reqs: Sequence[Request]) -> tuple[int, int, int, int]:
+    """Input and output tokens of ``reqs``, then of those whose prompt passes ``spec``'s ``long_context`` tier
+    (each such call billed whole at the tier's prices: ``engine.core.cost.list_price_text``)."""
+    lc, past = spec.long_context, ()
+    if lc is not None:
+        past = [r for r in reqs if r.input_tokens > lc.above_input_tokens]
+    return (sum(r.input_tokens for r in reqs), sum(r.output_tokens for r in reqs),
+            sum(r.input_tokens for r in past), sum(r.output_tokens for r in past))
+
+
 @dataclass(eq=False, slots=True)
 class Group:
     """Pending requests that a policy put under one key, in arrival order, with running aggregates so a
@@ -240,6 +250,8 @@ class Group:
     budget: BudgetPressure | None = None
     input_tokens: int = 0  # of the members, summed
     output_tokens: int = 0
+    long_input_tokens: int = 0  # of those, the members' whose prompt passes the model's long_context tier
+    long_output_tokens: int = 0
     by_priority: dict[str, int] = field(default_factory=dict)  # members per priority
     returned: set[str] = field(default_factory=set)  # uids of members back from a dispatch (a cancelled batch, a retry)
     closed: int = 0  # members that expect no company (``Request.gather`` false): nothing is held for them
@@ -260,6 +272,9 @@ class Group:
         self.max_output_tokens = max(self.max_output_tokens, req.output_tokens)
         self.input_tokens += req.input_tokens
         self.output_tokens += req.output_tokens
+        if (lc := self.spec.long_context) is not None and req.input_tokens > lc.above_input_tokens:
+            self.long_input_tokens += req.input_tokens
+            self.long_output_tokens += req.output_tokens
         self.by_priority[req.priority] = self.by_priority.get(req.priority, 0) + 1
         self.closed += not req.gather
         self.version += 1
@@ -293,10 +308,15 @@ class Group:
         if not self.members:
             self.earliest_deadline_at = self.oldest_arrival_s = float("inf")
             self.max_output_tokens = self.input_tokens = self.output_tokens = self.closed = 0
+            self.long_input_tokens = self.long_output_tokens = 0
             self.by_priority = {}
             return out
         self.input_tokens -= sum(r.input_tokens for r in out)
         self.output_tokens -= sum(r.output_tokens for r in out)
+        if self.spec.long_context is not None:
+            _, _, long_in, long_out = token_sums(self.spec, out)
+            self.long_input_tokens -= long_in
+            self.long_output_tokens -= long_out
         for r in out:
             self.by_priority[r.priority] -= 1
             self.closed -= not r.gather

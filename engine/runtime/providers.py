@@ -29,6 +29,7 @@ from engine.core.cost import (
     price_text,
 )
 from engine.core.draws import Draws, TurnaroundWorld
+from engine.core.grouping import token_sums
 from engine.core.latency import gpu_batch_seconds, sync_latency_median
 from engine.core.request import PRIORITY_RANK, Request
 from engine.core.resilience import CircuitBreaker, Resilience, retry_delay
@@ -161,12 +162,12 @@ class SimProvider:
         if lead is None:
             lead = self._lead[first.model] = sync_latency_median(self.spec, spec, first) * 2.0
         text = spec.kind == "text"
-        n_in, n_out = (sum(r.input_tokens for r in reqs), sum(r.output_tokens for r in reqs)) if text else (0, 0)
-        tokens = n_in + n_out if w.kind != "gpu_batch" else 0
-        cost = list_price_text(spec, n_in, n_out) if text else 0.0
+        sums = token_sums(spec, reqs) if text else (0, 0, 0, 0)
+        tokens = sums[0] + sums[1] if w.kind != "gpu_batch" else 0
+        cost = list_price_text(spec, *sums) if text else 0.0
         prio = min((r.priority for r in reqs), key=PRIORITY_RANK.__getitem__)
         u = Unit(w, first.tenant, prio, min(r.deadline_at for r in reqs), min(r.arrival_s for r in reqs),
-                 tokens, cost, max(w.attempts), 0.0 if w.kind == "batch_api" else lead, n_in)
+                 tokens, cost, max(w.attempts), 0.0 if w.kind == "batch_api" else lead, sums[0])
         if w.kind == "batch_api":
             self.batch_queue.push(u, w.hedge_at)
         else:
