@@ -201,7 +201,7 @@ class FilesAndBatches(TakeBack):
         job = BatchJob(new_id("batch_"), endpoint, file_id, window, window_s, metadata, tenant,
                        int(self._now()))
         bf = parse_batch_file(src.data, source=file_id, window_s=window_s, tenant=tenant,
-                              catalog=self.catalog, settings=self.engine.settings)
+                              catalog=self.catalog, settings=self.engine.settings, live=True)
         job.bf = for_endpoint(bf, endpoint)
         problems = bf.file_problems or ([] if bf.lines else [(file_id, 0, "file", "the file has no lines")])
         held = self._admitting + sum(cid not in b.results for b in self.batches.values() if b.final is None

@@ -126,7 +126,7 @@ class Validator:
     what the caller sent: a header, or the field of the OpenAI body (``param_of``)."""
 
     def __init__(self, catalog: Catalog, settings: Settings):
-        self._ctx = validation_context(catalog, settings)
+        self._ctx = validation_context(catalog, settings, live=True)
 
     def request(self, d: dict[str, Any], param_of: Callable[[str], str | None]) -> Request:
         try:

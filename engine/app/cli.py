@@ -201,6 +201,7 @@ def run(trace: Path = typer.Argument(..., help="a JSONL trace"),
     """Replay a trace through the live engine on Ray (time-compressed); same report and results.json as bench."""
     from engine.app.bench import load_variants, resolve_policies, write_outputs
     from engine.app.live import Interrupted
+    from engine.app.provider_setup import check_simulated
     from engine.core.errors import ConfigError
 
     try:
@@ -211,6 +212,7 @@ def run(trace: Path = typer.Argument(..., help="a JSONL trace"),
         settings, cat = _settings(catalog, catalog_overlay)
         settings = _providers(settings, providers, base_url)
         tr = _load(trace, cat, settings, skip_invalid)
+        check_simulated(tr.requests, settings)  # a dry run says it too: the run it stands for sends nothing
         settings = _budgets(settings, budget, tenant_budget, budget_duration, tr.requests)
         if dry_run:
             from engine.app.live import dry_run as plan

@@ -86,8 +86,8 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
         _check_tenant(tenant)
         settings, cat = _settings(catalog, catalog_overlay)
         settings = _providers(settings, providers, base_url)
-        bf = _only_real(read_batch_file(input_file, window_s=window_s, tenant=tenant, catalog=cat,
-                                        settings=settings), settings, cat)
+        settings = _strict(settings)
+        bf = read_batch_file(input_file, window_s=window_s, tenant=tenant, catalog=cat, settings=settings, live=True)
         if bf.file_problems and not skip_invalid:
             raise TraceError(bf.file_problems, hint="fix the lines named (each needs a unique custom_id), or pass "
                                                     "--skip-invalid to skip them", what="batch file")
@@ -228,23 +228,14 @@ def _wait_showing_progress(futs: list, what: str) -> None:
                     bar.update(task, completed=len(done), spent=sum(r.cost_usd for r in done), refresh=True)
 
 
-def _only_real(bf, settings, cat):
-    """Over HTTP, a line whose provider has no endpoint is answered in the error file, naming the fix: its answer
-    would be simulated, and it was written to OUT as a 200 with made-up text, costed at what no provider billed
-    (a helper's hunt). ``run`` says so of its simulated providers; an output file cannot."""
-    import dataclasses
-
-    from engine.core.batchfile import BatchFile
-
-    if settings.providers.mode != "http":
-        return bf
-    real = set(settings.providers.http_providers(cat.providers))
-    lines = [ln if ln.request is None or ln.request.provider in real else dataclasses.replace(
-        ln, request=None, problem=("model", f"{ln.request.model!r} is served by {ln.request.provider}, which has "
-                                   "no HTTP endpoint in this run (--providers http): its answer would be simulated; "
-                                   f"give {ln.request.provider} an endpoint (SMARTBATCH_PROVIDERS__ENDPOINTS), or "
-                                   "run this line with --providers sim")) for ln in bf.lines]
-    return BatchFile(bf.source, lines, bf.file_problems)
+def _strict(settings):
+    """Over HTTP, a line whose provider has no endpoint is answered in the error file (``check_real``) unless
+    ``simulate_others`` is set true, loopback endpoints or not: its answer would be simulated, and it was written
+    to OUT as a 200 with made-up text, costed at what no provider billed (a helper's hunt). ``run`` says so of its
+    simulated providers; an output file cannot."""
+    if settings.providers.simulate_others is not None:
+        return settings
+    return settings.model_copy(update={"providers": settings.providers.model_copy(update={"simulate_others": False})})
 
 
 def _write(bf, results: list, out: Path, errors: Path, kept: dict[int, dict]) -> tuple[int, int]:

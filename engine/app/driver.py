@@ -33,8 +33,9 @@ from engine.app.provider_setup import http_setup
 from engine.core.catalog import Catalog, load_catalog
 from engine.core.draws import engine_day_origin
 from engine.core.errors import ConfigError, RequestError
-from engine.core.request import Request, in_catalog, validation_context
+from engine.core.request import FieldProblem, Request, in_catalog, validation_context
 from engine.core.settings import Settings, load_settings, with_budget
+from engine.core.wire_checks import check_real
 from engine.runtime.collector import driver_gc
 
 __all__ = ["Engine", "ResultFuture"]
@@ -64,7 +65,7 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervi
         self._next_row = 0 if owner else secrets.randbits(15) << 32
         ray.get([h.claim.remote(self._client, []) for h in handles["hubs"]])  # known before its first pull
         self.clock, self.settings, self.catalog = clock, settings, catalog
-        self._ctx = validation_context(catalog, settings)
+        self._ctx = validation_context(catalog, settings, live=True)
         self._started_ray = started_ray
         self._micro_batch = micro_batch
         self._flush_s = flush_ms / 1000.0
@@ -141,6 +142,8 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervi
                          overload=overload, submit_timeout_s=submit_timeout_s, retention_s=retention_s,
                          metrics_port=metrics_port)
         settings = settings or load_settings()
+        # Decided once, here: the drivers that attach later and the endpoint refuse the same requests.
+        settings = settings.model_copy(update={"providers": settings.providers.decided()})
         if budget_usd is not None:  # before any Ray starts: a bad amount left an embedded Ray running
             settings = with_budget(settings, budget_usd)
         catalog = catalog or load_catalog(settings.catalog_path, settings.catalog_overlay)
@@ -272,7 +275,12 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervi
     # -- submitting -------------------------------------------------------------------------------------------
     def _as_request(self, r: Request | Mapping, at: int | None = None, now: float | None = None) -> Request:
         if isinstance(r, Request):
-            return in_catalog(r, self.catalog, at, self.settings)
+            r = in_catalog(r, self.catalog, at, self.settings)
+            try:
+                check_real(r.provider, r.model, self.settings)
+            except FieldProblem as exc:
+                raise RequestError(r.id, exc.field, str(exc), at) from None
+            return r
         if not isinstance(r, Mapping):
             raise RequestError(None, "request", f"a request is a dict (or a Request), got {type(r).__name__}", at)
         d = dict(r)

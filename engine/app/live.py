@@ -11,7 +11,7 @@ import numpy as np
 
 from engine.app._ray_stop import Terminated, own_ray_processes, stop_or_lose_ray, terminate_as_interrupt
 from engine.app.bench import document, result_row
-from engine.app.provider_setup import http_setup, with_hedge_lag
+from engine.app.provider_setup import check_simulated, http_setup, with_hedge_lag
 from engine.core.catalog import Catalog
 from engine.core.cost import MODES
 from engine.core.draws import Draws
@@ -78,6 +78,7 @@ def run_live(requests: Sequence[Request], *, trace_name: str, policy: str = "sma
     from policies import load_policy
 
     settings = with_day_origin(settings or load_settings(), requests)
+    check_simulated(requests, settings)  # before the engine starts: its replay would refuse them one by one
     if settings.providers.mode == "http" and not settings.providers.replay:
         # A trace line is sent at its recorded size, so the bill from real usage compares with the simulator's.
         settings = settings.model_copy(update={"providers": settings.providers.model_copy(update={"replay": True})})
@@ -200,7 +201,9 @@ def point_at_emulator(settings: Settings, emu, providers: Sequence[str] = ("open
         endpoints[name] = ProviderEndpoint(api=api, base_url=url, api_key_env=EMULATOR_KEY_ENV, timeout_s=60.0,
                                            cancel_s=emu.cancel_s, poll_min_s=10.0, poll_max_s=60.0,
                                            honours_idempotency_key=emu.honour_keys)
-    return settings.model_copy(update={"providers": ProvidersSettings(mode="http", endpoints=endpoints)})
+    # (simulate_others kept: None is decided by where the endpoints are, the emulator's all on 127.0.0.1)
+    return settings.model_copy(update={"providers": ProvidersSettings(
+        mode="http", endpoints=endpoints, simulate_others=settings.providers.simulate_others)})
 
 
 def planned(requests: Sequence[Request], *, policy: str, params: dict | None, catalog: Catalog, settings: Settings,

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import collections
 import datetime
 import logging
 import os
+from collections.abc import Iterable
 
+from engine.core._settings_providers import add_endpoint, keep_defaults
 from engine.core.catalog import Catalog
 from engine.core.errors import ConfigError
 from engine.core.provider_api import Secret
+from engine.core.request import Request
 from engine.core.settings import Settings
 
-__all__ = ["http_setup", "retiring", "with_hedge_lag"]
+__all__ = ["check_simulated", "http_setup", "retiring", "with_hedge_lag"]
 
 log = logging.getLogger("smartbatch.providers")
 
 RETIRING_DAYS = 30  # a model that shuts down within this many days is named at every start that calls it
-_BASE_URL_ENV = {"openai": "OPENAI_BASE_URL", "anthropic": "ANTHROPIC_BASE_URL"}  # read by the SDKs
 
 
 def http_setup(catalog: Catalog, settings: Settings, *, need_keys: bool = True, speedup: float = 0.0,
@@ -57,6 +60,28 @@ def http_setup(catalog: Catalog, settings: Settings, *, need_keys: bool = True, 
     return with_hedge_lag(catalog, settings.hedge_lag_s, speedup), (keys if need_keys else {})
 
 
+def check_simulated(requests: Iterable[Request], settings: Settings) -> None:
+    """Refuse, before anything is sent, requests an HTTP run would answer from the simulator (their provider has
+    no endpoint) where ``settings.providers`` does not let it (``simulate_others``): a ``ConfigError`` that counts
+    them per provider and names the fixes. A trace's replay refused them one by one, after sending the others."""
+    prov = settings.providers
+    if prov.mode != "http" or prov.simulates_others():
+        return
+    counts = collections.Counter(r.provider for r in requests if r.provider not in prov.endpoints)
+    if not counts:
+        return
+    models: dict[str, str] = {}
+    for r in requests:
+        models.setdefault(r.provider, r.model)
+    ranked = sorted(counts.items(), key=lambda x: (-x[1], x[0]))
+    said = "; ".join(f"{n:,} of {p} (e.g. {models[p]!r}): {add_endpoint(p)}" for p, n in ranked)
+    raise ConfigError(f"providers.mode=http: {sum(counts.values()):,} request(s) are for providers with no HTTP "
+                      f"endpoint in this run, whose answers would be simulated (placeholder text, a simulated cost), "
+                      f"not real, so nothing is sent: {said}{keep_defaults(ranked[0][0], prov.endpoints)}. Add an "
+                      "endpoint for each as shown, leave those requests out, or set "
+                      "SMARTBATCH_PROVIDERS__SIMULATE_OTHERS=true for a demo")
+
+
 def retiring(catalog: Catalog, provider: str, today: datetime.date,
              within_days: int = RETIRING_DAYS) -> list[tuple[str, datetime.date]]:
     """The models of ``provider`` whose ``shutdown`` day is past or within ``within_days`` of ``today``, by day."""
@@ -71,7 +96,7 @@ def _warn_retiring(catalog: Catalog, name: str, ep, today: datetime.date) -> Non
     # lineup, so only the provider's default address is warned about. From the day, each call for the model
     # fails there (model_not_found) and a batch of it is refused: nothing is billed, but a job's requests for it
     # all fail, which a start can say ahead.
-    if ep.base_url is not None or os.environ.get(_BASE_URL_ENV.get(ep.api, "")):
+    if ep.address() is not None:
         return
     gone = retiring(catalog, name, today)
     if gone:

@@ -101,29 +101,31 @@ class BatchFile:
 
 
 def read_batch_file(path: str | Path, *, window_s: float, tenant: str = "default", catalog: Catalog | None = None,
-                    settings: Settings | None = None) -> BatchFile:
+                    settings: Settings | None = None, live: bool = False) -> BatchFile:
     """Read and validate an OpenAI Batch input file (see the module docstring); raises ``TraceError`` only when
-    the file cannot be read."""
+    the file cannot be read. ``live``: its lines go to an engine (``validation_context``)."""
     problems: list[Problem] = []
     not_utf8: dict[int, str] = {}
     return _parse(read_lines(path, problems, not_utf8), problems, str(Path(path)), window_s, tenant, catalog,
-                  settings, not_utf8)
+                  settings, not_utf8, live)
 
 
 def parse_batch_file(data: bytes, *, source: str, window_s: float, tenant: str = "default",
-                     catalog: Catalog | None = None, settings: Settings | None = None) -> BatchFile:
+                     catalog: Catalog | None = None, settings: Settings | None = None, live: bool = False
+                     ) -> BatchFile:
     """``read_batch_file`` of a file's bytes (an upload), named ``source`` in problems; never raises."""
     problems: list[Problem] = []
     not_utf8: dict[int, str] = {}
     lines = decode_lines(io.BytesIO(data), source, problems, not_utf8)  # split as a file is: on \n only
-    return _parse(lines, problems, source, window_s, tenant, catalog, settings, not_utf8)
+    return _parse(lines, problems, source, window_s, tenant, catalog, settings, not_utf8, live)
 
 
 def _parse(numbered: Iterable[tuple[int, str]], problems: list[Problem], src: str, window_s: float, tenant: str,
-           catalog: Catalog | None, settings: Settings | None, not_utf8: Mapping[int, str]) -> BatchFile:
+           catalog: Catalog | None, settings: Settings | None, not_utf8: Mapping[int, str],
+           live: bool = False) -> BatchFile:
     """A line that is not UTF-8 (``not_utf8``: its problem by line number) is answered by its custom_id, an error
     line of its own, when the custom_id reads whole; else it is a problem of the file, as a line without one."""
-    ctx = validation_context(catalog or default_catalog(), settings)
+    ctx = validation_context(catalog or default_catalog(), settings, live=live)
     lines: list[BatchLine] = []
     seen: dict[str, int] = {}
     for no, text in numbered:

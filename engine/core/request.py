@@ -37,7 +37,7 @@ from engine.core.body_tokens import (
 from engine.core.catalog import Catalog, Kind, default_catalog
 from engine.core.errors import CatalogError, RequestError
 from engine.core.settings import MAX_DEADLINE_S, Settings, default_settings
-from engine.core.wire_checks import check_wire
+from engine.core.wire_checks import check_real, check_wire
 
 __all__ = ["BODY_KEYS", "DEADLINE_SLACK_S", "MAX_DEADLINE_S", "MEDIA_PARAMS", "PRIORITIES", "PRIORITY_RANK", "FieldProblem", "Priority",
            "Request", "Reuse", "in_catalog", "split_body", "tenant_problem", "validation_context"]
@@ -149,9 +149,11 @@ def _larger(catalog: Catalog, input_tokens: int, need: int) -> str:
     return f", or use a model with a larger window ({', '.join(n for _, n in fits[:3])})" if fits else ""
 
 
-def validation_context(catalog: Catalog | None = None, settings: Settings | None = None) -> dict[str, Any]:
-    """The context ``Request.model_validate(d, context=...)`` reads to fill defaults and check the model."""
-    return {"catalog": catalog or default_catalog(), "settings": settings or default_settings()}
+def validation_context(catalog: Catalog | None = None, settings: Settings | None = None, *,
+                       live: bool = False) -> dict[str, Any]:
+    """The context ``Request.model_validate(d, context=...)`` reads to fill defaults and check the model.
+    ``live``: for an engine's way in, which also refuses a provider it would simulate (``check_real``)."""
+    return {"catalog": catalog or default_catalog(), "settings": settings or default_settings(), "live": live}
 
 
 def _ctx(info: ValidationInfo) -> tuple[Catalog, Settings]:
@@ -287,6 +289,8 @@ class Request(BaseModel):
                 return d
         except CatalogError as exc:
             raise FieldProblem("provider" if "has no model" not in str(exc) and provider is not None else "model", str(exc)) from None
+        if (info.context or {}).get("live"):
+            check_real(d["provider"], model, settings)
         if body is not None:
             check_messages(body, "body", spec.kind)
             check_wire(body, spec, d["provider"], settings)

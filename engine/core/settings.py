@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from engine.core._settings_env import ENV_PREFIX, check_env_names, env_names, explain
+from engine.core._settings_providers import ProviderEndpoint, ProvidersSettings
 from engine.core.budgets import BudgetSettings, BudgetSpec
 from engine.core.errors import ConfigError
 from engine.core.resilience import Resilience
@@ -133,74 +134,6 @@ class CacheSettings(BaseModel):
     @classmethod
     def _redis_url(cls, v: str | None) -> str | None:
         return check_redis_url(v, "cache.redis_url")
-
-
-class ProviderEndpoint(BaseModel):
-    """How to reach one provider over HTTP. The key is read from the environment variable named here, by the
-    driver, and handed to the dispatcher inside a ``Secret`` that never prints."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    api: Literal["openai", "anthropic"] = Field(description="wire format: openai (any OpenAI-compatible server: "
-                                                "vLLM, Ollama, Together, Groq, a LiteLLM proxy) or anthropic")
-    base_url: str | None = Field(default=None, description="None: the SDK's default (or OPENAI_BASE_URL / "
-                                 "ANTHROPIC_BASE_URL)")
-    api_key_env: str = Field(min_length=1, description="environment variable that holds the API key")
-    timeout_s: float = Field(default=600.0, gt=0, description="real seconds before one HTTP call times out")
-    cancel_s: float = Field(default=600.0, ge=0, description="engine seconds a batch cancel may take (real "
-                            "batches sit in 'cancelling' up to 10 min); the hedge falls back this much earlier")
-    poll_min_s: float = Field(default=30.0, gt=0, description="first wait between polls of a batch (engine s)")
-    poll_max_s: float = Field(default=300.0, gt=0, description="longest wait between polls (engine s)")
-    honours_idempotency_key: bool = Field(default=False, description=(
-        "whether the server answers a call made again under the same Idempotency-Key with its first answer, "
-        "billed once (the project's emulator does; OpenAI and Anthropic do not document the header). False: a "
-        "sync call that got no answer and then succeeded on a retry also keeps the unanswered call's upper bound "
-        "on its budget (possibly billed)"))
-
-    @model_validator(mode="after")
-    def _url(self) -> ProviderEndpoint:
-        if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url must start with http:// or https://, got {self.base_url!r}")
-        if self.poll_max_s < self.poll_min_s:
-            raise ValueError(f"poll_max_s={self.poll_max_s} must be >= poll_min_s={self.poll_min_s}")
-        return self
-
-
-_KNOWN_APIS = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
-
-
-def _default_endpoints() -> dict[str, ProviderEndpoint]:
-    return {name: ProviderEndpoint(api=name, api_key_env=key) for name, key in _KNOWN_APIS.items()}
-
-
-class ProvidersSettings(BaseModel):
-    """Which providers the live engine calls for real (``SMARTBATCH_PROVIDERS__MODE=http``). Providers without
-    an endpoint (the GPU-priced and video providers of the default catalog, Gemini unless you add one) stay
-    simulated in a mixed run, and the report says which were real."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-    mode: Literal["sim", "http"] = Field(default="sim", description="sim: every provider simulated; http: "
-                                         "providers with an endpoint are called over HTTP")
-    endpoints: dict[str, ProviderEndpoint] = Field(default_factory=_default_endpoints)
-    replay: bool = Field(default=False, description="send each request at its recorded size (a trace replay: "
-                         "a prompt of input_tokens, naming the recorded output length for the emulator); "
-                         "set by `smartbatch run`")
-
-    @field_validator("endpoints", mode="before")
-    @classmethod
-    def _known_api(cls, v: Any) -> Any:
-        # An endpoint named openai or anthropic speaks that API with its usual key unless told otherwise, so
-        # SMARTBATCH_PROVIDERS__ENDPOINTS__OPENAI__BASE_URL alone points it elsewhere (a helper's tour: it was
-        # refused, "api: Field required").
-        if not isinstance(v, Mapping):
-            return v
-        return {name: {"api": name, "api_key_env": _KNOWN_APIS[name], **ep}
-                if name in _KNOWN_APIS and isinstance(ep, Mapping) else ep for name, ep in v.items()}
-
-    def http_providers(self, catalog_providers) -> list[str]:
-        """The providers called over HTTP in this configuration."""
-        if self.mode != "http":
-            return []
-        return [p for p in catalog_providers if p in self.endpoints]
 
 
 class MetricsSettings(BaseModel):

@@ -9,17 +9,19 @@ from typing import Any
 
 from engine.core._api_fields import check_api_body
 from engine.core._checks import (
+    FieldProblem,
     check_anthropic_system,
     check_cache_ttl,
     check_generation,
     check_route,
     check_tools,
 )
+from engine.core._settings_providers import simulated_refusal
 from engine.core.catalog import ModelSpec
 from engine.core.responses_input import as_messages, check_responses_body, translates
 from engine.core.settings import Settings
 
-__all__ = ["check_wire"]
+__all__ = ["check_real", "check_wire"]
 
 
 def check_wire(body: dict[str, Any] | None, spec: ModelSpec, provider: str, settings: Settings) -> None:
@@ -43,3 +45,10 @@ def check_wire(body: dict[str, Any] | None, spec: ModelSpec, provider: str, sett
     if spec.kind == "text" and settings.providers.mode == "http":  # only a real call has a route
         check_responses_body(body, "body", endpoint.api, spec.api)
         check_route(body, "body", endpoint.api, spec.api)
+
+
+def check_real(provider: str, model: str, settings: Settings) -> None:
+    """Raise ``FieldProblem`` (``model``) for a request an HTTP run would answer from the simulator, made-up text
+    at a made-up cost, where ``settings.providers`` does not let it (``simulate_others``)."""
+    if settings.providers.refuses(provider):
+        raise FieldProblem("model", simulated_refusal(provider, model, settings.providers.endpoints))

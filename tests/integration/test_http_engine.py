@@ -218,3 +218,32 @@ def test_a_stop_cancels_the_provider_batches_under_way_rather_than_leave_them_bi
         assert emu.count("batches.cancel", "openai", 200) == 1
         assert all(f.result(timeout=5).status == "failed" for f in futs)
         assert not [i for i in emu.bill().items if i.mode == "batch_api"]  # none finished: none billed
+
+
+def test_an_engine_that_may_not_simulate_refuses_at_submit_what_it_would_simulate(ray_session, emulator, monkeypatch):
+    """A driver script of an HTTP engine submitted Gemini and GPU work, which has no endpoint, and got ``ok`` results
+    of placeholder text at a simulated cost (a new user's tour, with real keys). With ``simulate_others`` false (an
+    engine whose endpoints reach a real API decides so at its start) such a request raises ``RequestError`` naming
+    ``model``, a dict or a ``Request`` alike, and nothing of its ``submit_many`` is queued; the rest go on."""
+    from engine import Engine
+    from engine.core.errors import RequestError
+
+    base = point_at_emulator(Settings(), emulator, providers=("openai",))
+    settings = base.model_copy(update={"providers": base.providers.model_copy(update={
+        "endpoints": {"openai": base.providers.endpoints["openai"]}, "simulate_others": False})})
+    monkeypatch.setenv(settings.providers.endpoints["openai"].api_key_env, KEY)
+    ok = {"id": "o1", "model": "gpt-4o-mini", "prompt": "Name a river.", "priority": "urgent", "deadline_s": 60}
+    with Engine.start(settings, speedup=SPEEDUP, metrics_port=None) as eng:
+        with pytest.raises(RequestError) as one:
+            eng.submit({"id": "g1", "model": "gemini-2.5-flash", "prompt": "Name two seas.", "deadline_s": 600})
+        assert one.value.field == "model" and "google, which has no HTTP endpoint" in str(one.value)
+        with pytest.raises(RequestError) as many:
+            eng.submit_many([ok, {"id": "m1", "model": "flux-1-dev", "prompt": "a lighthouse", "deadline_s": 600}])
+        assert (many.value.field, many.value.position) == ("model", 1) and "modal-h100" in str(many.value)
+        made = Request.model_validate({"id": "g2", "arrival_s": 0.0, "model": "gemini-2.5-pro", "prompt": "Hi",
+                                       "deadline_s": 600}, context=validation_context(CAT))
+        with pytest.raises(RequestError, match="field 'model'"):
+            eng.replay([made])
+        got = eng.submit(ok).result(timeout=60)  # its id stayed free
+        assert eng.report()["requests"] == 1
+    assert got.status == "ok" and got.real and emulator.bill().total_usd == pytest.approx(got.cost_usd)

@@ -623,3 +623,31 @@ def test_the_engine_refuses_an_id_reused_with_other_content_with_the_code_the_en
     with pytest.raises(RequestError) as exc:
         _same_content(again, SimpleNamespace(_req=first))
     assert exc.value.field == "id" and exc.value.code == ID_TAKEN
+
+
+def test_an_http_engines_endpoint_refuses_a_model_it_would_simulate_per_request_and_per_line(monkeypatch):
+    """An HTTP engine that calls the providers' own APIs answered a chat call for Gemini (no endpoint) with a 200 of
+    placeholder text at a simulated cost, and so each such line of a batch (a new user's tour). Refused now: a 400
+    naming ``model``, and in a batch that line alone, its neighbours answered."""
+    from engine.core.settings import Settings
+
+    for var in ("OPENAI_BASE_URL", "ANTHROPIC_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    eng = FakeEngine()
+    eng.settings = Settings(providers={"mode": "http"})  # the providers' own APIs: simulate_others is false
+    with serving(make_app(eng, catalog=CAT, cancel_wait_s=CANCEL_WAIT_S)) as url, \
+            openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=10) as client:
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.chat.completions.create(model="gemini-2.5-flash", messages=[{"role": "user", "content": "Hi"}])
+        assert exc.value.param == "model" and "google, which has no HTTP endpoint" in exc.value.message
+        assert "SIMULATE_OTHERS=true" in exc.value.message and eng.submitted == []
+        assert chat(client).parse().choices[0].message.content.startswith("echo:")  # its endpoint's model
+        f = upload(client, [batch_line("a", "one"), batch_line("g", "two", model="gemini-2.5-flash"),
+                            batch_line("b", "three")])
+        b = wait_done(client, client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                                    completion_window="24h").id)
+        assert (b.status, b.request_counts.completed, b.request_counts.failed) == ("completed", 2, 1)
+        (err,) = map(json.loads, client.files.content(b.error_file_id).text.splitlines())
+        assert err["custom_id"] == "g" and err["error"]["code"] == "invalid_request"
+        assert "field 'model'" in err["error"]["message"] and "simulated" in err["error"]["message"]
+        assert [x for x in eng.submitted if x.endswith("/g")] == []

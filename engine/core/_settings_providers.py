@@ -1,0 +1,164 @@
+"""Which providers the live engine calls over HTTP, and whether the others may be simulated beside them
+(``Settings.providers``; re-exported by ``engine.core.settings``)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# Where an endpoint without a base_url goes: the variable its SDK reads, else the provider's own API.
+BASE_URL_ENV = {"openai": "OPENAI_BASE_URL", "anthropic": "ANTHROPIC_BASE_URL"}
+
+
+class ProviderEndpoint(BaseModel):
+    """How to reach one provider over HTTP. The key is read from the environment variable named here, by the
+    driver, and handed to the dispatcher inside a ``Secret`` that never prints."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    api: Literal["openai", "anthropic"] = Field(description="wire format: openai (any OpenAI-compatible server: "
+                                                "vLLM, Ollama, Together, Groq, a LiteLLM proxy) or anthropic")
+    base_url: str | None = Field(default=None, description="None: the SDK's default (or OPENAI_BASE_URL / "
+                                 "ANTHROPIC_BASE_URL)")
+    api_key_env: str = Field(min_length=1, description="environment variable that holds the API key")
+    timeout_s: float = Field(default=600.0, gt=0, description="real seconds before one HTTP call times out")
+    cancel_s: float = Field(default=600.0, ge=0, description="engine seconds a batch cancel may take (real "
+                            "batches sit in 'cancelling' up to 10 min); the hedge falls back this much earlier")
+    poll_min_s: float = Field(default=30.0, gt=0, description="first wait between polls of a batch (engine s)")
+    poll_max_s: float = Field(default=300.0, gt=0, description="longest wait between polls (engine s)")
+    honours_idempotency_key: bool = Field(default=False, description=(
+        "whether the server answers a call made again under the same Idempotency-Key with its first answer, "
+        "billed once (the project's emulator does; OpenAI and Anthropic do not document the header). False: a "
+        "sync call that got no answer and then succeeded on a retry also keeps the unanswered call's upper bound "
+        "on its budget (possibly billed)"))
+
+    @model_validator(mode="after")
+    def _url(self) -> ProviderEndpoint:
+        if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must start with http:// or https://, got {self.base_url!r}")
+        if self.poll_max_s < self.poll_min_s:
+            raise ValueError(f"poll_max_s={self.poll_max_s} must be >= poll_min_s={self.poll_min_s}")
+        return self
+
+    def address(self, environ: Mapping[str, str] | None = None) -> str | None:
+        """Where its calls go: ``base_url``, else the SDK's variable (None: the provider's own API)."""
+        env = os.environ if environ is None else environ
+        return self.base_url or env.get(BASE_URL_ENV[self.api]) or None
+
+
+_KNOWN_APIS = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
+
+
+def _default_endpoints() -> dict[str, ProviderEndpoint]:
+    return {name: ProviderEndpoint(api=name, api_key_env=key) for name, key in _KNOWN_APIS.items()}
+
+
+class ProvidersSettings(BaseModel):
+    """Which providers the live engine calls for real (``SMARTBATCH_PROVIDERS__MODE=http``). A provider without
+    an endpoint (the GPU-priced and video providers of the default catalog, Gemini unless you add one) would be
+    simulated in an HTTP run: its answers made up. That is refused per request unless ``simulate_others``, which
+    by default holds only where every endpoint is on this machine (the emulator, a test server)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    mode: Literal["sim", "http"] = Field(default="sim", description="sim: every provider simulated; http: "
+                                         "providers with an endpoint are called over HTTP")
+    endpoints: dict[str, ProviderEndpoint] = Field(default_factory=_default_endpoints)
+    replay: bool = Field(default=False, description="send each request at its recorded size (a trace replay: "
+                         "a prompt of input_tokens, naming the recorded output length for the emulator); "
+                         "set by `smartbatch run`")
+    simulate_others: bool | None = Field(default=None, description=(
+        "in an HTTP run, answer the requests of a provider without an endpoint from the simulator (placeholder "
+        "text, a simulated cost; Result.real False). False: each such request is refused, naming the fix. None: "
+        "true when every endpoint is on a loopback address (127.0.0.0/8, localhost, ::1: the emulator, a test "
+        "server), false when one reaches a real API. An engine decides it once, at its start"))
+
+    @field_validator("endpoints", mode="before")
+    @classmethod
+    def _known_api(cls, v: Any) -> Any:
+        # An endpoint named openai or anthropic speaks that API with its usual key unless told otherwise, so
+        # SMARTBATCH_PROVIDERS__ENDPOINTS__OPENAI__BASE_URL alone points it elsewhere (a helper's tour: it was
+        # refused, "api: Field required").
+        if not isinstance(v, Mapping):
+            return v
+        return {name: {"api": name, "api_key_env": _KNOWN_APIS[name], **ep}
+                if name in _KNOWN_APIS and isinstance(ep, Mapping) else ep for name, ep in v.items()}
+
+    def http_providers(self, catalog_providers) -> list[str]:
+        """The providers called over HTTP in this configuration."""
+        if self.mode != "http":
+            return []
+        return [p for p in catalog_providers if p in self.endpoints]
+
+    def simulates_others(self, environ: Mapping[str, str] | None = None) -> bool:
+        """Whether a provider without an endpoint is simulated beside the real ones (``simulate_others``; None:
+        every endpoint on a loopback address). A real job's fake answers are worse than its refusals, so an
+        endpoint with no base_url (the provider's own API, unless its SDK's variable names a loopback server)
+        makes the answer no."""
+        if self.simulate_others is not None or self.mode != "http":
+            return self.simulate_others is not False
+        return bool(self.endpoints) and all(loopback(ep.address(environ)) for ep in self.endpoints.values())
+
+    def decided(self, environ: Mapping[str, str] | None = None) -> ProvidersSettings:
+        """These settings with ``simulate_others`` decided (an engine's start: its drivers, its endpoint and a
+        driver that attaches later then agree, whatever their own environment says)."""
+        if self.mode != "http" or self.simulate_others is not None:
+            return self
+        return self.model_copy(update={"simulate_others": self.simulates_others(environ)})
+
+    def refuses(self, provider: str) -> bool:
+        """Whether a request of ``provider`` is refused: an HTTP run would simulate it, and may not."""
+        return self.mode == "http" and provider not in self.endpoints and not self.simulates_others()
+
+
+def loopback(url: str | None) -> bool:
+    """Whether ``url`` names a server on this machine (127.0.0.0/8, ::1, localhost); None (a provider's own
+    API) does not. No name is looked up: the answer must not depend on the network."""
+    if not url:
+        return False
+    try:
+        host = urlsplit(url).hostname
+    except ValueError:
+        return False
+    if not host:
+        return False
+    host = host.rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):  # RFC 6761: always this machine
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def simulated_refusal(provider: str, model: str, endpoints: Mapping[str, ProviderEndpoint] | None = None) -> str:
+    """Why a request of ``model`` (served by ``provider``, which has no endpoint) is refused, and the fixes."""
+    return (f"{model!r} is served by {provider}, which has no HTTP endpoint in this run (providers.mode=http): "
+            f"its answers would be simulated (placeholder text, a simulated cost), not real; add an endpoint for "
+            f"it ({add_endpoint(provider)}{keep_defaults(provider, endpoints)}), or set "
+            "SMARTBATCH_PROVIDERS__SIMULATE_OTHERS=true for a demo")
+
+
+def add_endpoint(provider: str) -> str:
+    """The variables that give ``provider`` an endpoint."""
+    var = f"SMARTBATCH_PROVIDERS__ENDPOINTS__{provider.upper()}"
+    if provider in _KNOWN_APIS:
+        return f"{var}__API_KEY_ENV={_KNOWN_APIS[provider]} for its own API, or {var}__BASE_URL=URL"
+    if provider.replace("_", "").isalnum():
+        return f"{var}__API=openai, {var}__BASE_URL=URL of its OpenAI-compatible API and {var}__API_KEY_ENV=VAR"
+    # No shell exports a variable of that name: the JSON form names it.
+    return (f'SMARTBATCH_PROVIDERS__ENDPOINTS=\'{{"{provider}": {{"api": "openai", "base_url": URL, '
+            '"api_key_env": VAR}, ...}\'')
+
+
+def keep_defaults(provider: str, endpoints: Mapping[str, ProviderEndpoint] | None) -> str:
+    """What to add to ``add_endpoint``'s variables while the endpoints are the default pair: endpoints named in
+    the environment replace it, and OpenAI's and Anthropic's requests would be refused next."""
+    if provider in _KNOWN_APIS or dict(endpoints or {}) != _default_endpoints():
+        return ""
+    return "; naming endpoints in the environment replaces the default openai and anthropic ones: name them too"

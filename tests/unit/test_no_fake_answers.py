@@ -1,0 +1,134 @@
+"""An HTTP run does not answer a provider without an endpoint from the simulator unless told so: a new user's tour
+ran a real job with SMARTBATCH_PROVIDERS__MODE=http and its Gemini requests came back ``ok`` with placeholder text
+at a simulated cost (only ``Result.real`` and the report said so). ``providers.simulate_others`` decides; by
+default it holds only where every endpoint is on this machine (the emulator, a test server)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import ValidationError
+from typer.testing import CliRunner
+
+from engine.app.cli import app
+from engine.core.batchfile import read_batch_file
+from engine.core.catalog import default_catalog
+from engine.core.request import Request, validation_context
+from engine.core.settings import ProvidersSettings, Settings
+from engine.core.trace import _problems_of
+
+CAT = default_catalog()
+LOOP = {"openai": {"base_url": "http://127.0.0.1:8765/openai/v1"},
+        "anthropic": {"base_url": "http://localhost:8765/anthropic"}}
+
+
+@pytest.fixture(autouse=True)
+def no_sdk_urls(monkeypatch):
+    for var in ("OPENAI_BASE_URL", "ANTHROPIC_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def providers(**kw) -> ProvidersSettings:
+    return ProvidersSettings.model_validate({"mode": "http", **kw})
+
+
+def test_simulate_others_is_decided_by_where_the_endpoints_are(monkeypatch):
+    assert providers(endpoints=LOOP).simulates_others()  # the emulator: a demo, a test
+    assert providers(endpoints={"openai": {"base_url": "http://[::1]:9/v1"}}).simulates_others()
+    assert providers(endpoints={"openai": {"base_url": "http://127.8.0.1:9/v1"}}).simulates_others()
+    assert not providers().simulates_others()  # the default pair: the providers' own APIs
+    assert not providers(endpoints={**LOOP, "anthropic": {}}).simulates_others()  # one real API among them
+    assert not providers(endpoints={"openai": {"base_url": "https://api.together.xyz/v1"}}).simulates_others()
+    assert not providers(endpoints={"openai": {"base_url": "http://127.0.0.1.example.com/v1"}}).simulates_others()
+    assert not providers(endpoints={}).simulates_others()  # an HTTP run that names no endpoint meant real calls
+    # An endpoint without base_url goes where its SDK's variable says.
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
+    assert not providers().simulates_others()  # Anthropic's still goes to its API
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", "http://localhost:9")
+    assert providers().simulates_others()
+    assert not providers(simulate_others=False).simulates_others()  # said outright, it holds
+    assert providers(endpoints={"openai": {}}, simulate_others=True).simulates_others()
+    # An engine decides it once: a driver attaching later with another environment agrees with its start.
+    decided = providers().decided()
+    monkeypatch.delenv("OPENAI_BASE_URL")
+    assert decided.simulate_others is True and decided.simulates_others()
+    assert ProvidersSettings().decided().simulate_others is None  # a simulated run has nothing to decide
+
+
+def validate(d: dict, settings: Settings, live: bool = True) -> Request:
+    return Request.model_validate({"id": "q1", "arrival_s": 0.0, "deadline_s": 600, **d},
+                                  context=validation_context(CAT, settings, live=live))
+
+
+def test_an_engines_request_for_a_provider_it_would_simulate_is_refused_naming_the_field_and_the_fixes():
+    real = Settings(providers=providers())
+    with pytest.raises(ValidationError) as ei:
+        validate({"model": "gemini-2.5-flash", "prompt": "Name two seas."}, real)
+    ((field, msg),) = _problems_of(ei.value)
+    assert field == "model"
+    assert "google" in msg and "no HTTP endpoint" in msg and "simulated" in msg and "not real" in msg
+    assert "SMARTBATCH_PROVIDERS__ENDPOINTS__GOOGLE__BASE_URL" in msg
+    assert "SMARTBATCH_PROVIDERS__SIMULATE_OTHERS=true" in msg
+    assert "replaces the default openai and anthropic ones" in msg  # adding google alone would drop them
+    # Anthropic left out by a user who named OpenAI's endpoint alone; GPU work, whose name no shell exports.
+    only_openai = Settings(providers=providers(endpoints={"openai": {}}))
+    with pytest.raises(ValidationError, match="ENDPOINTS__ANTHROPIC__API_KEY_ENV=ANTHROPIC_API_KEY"):
+        validate({"model": "claude-haiku-4-5", "prompt": "Hi"}, only_openai)
+    with pytest.raises(ValidationError, match=r"SMARTBATCH_PROVIDERS__ENDPOINTS='\{\"modal-h100\""):
+        validate({"model": "flux-1-dev", "prompt": "a lighthouse"}, real)
+    assert validate({"model": "gpt-5-mini", "prompt": "Hi"}, real).provider == "openai"  # has its endpoint
+    # Where simulating is allowed, and outside an engine (bench, a trace loaded for the simulator), it passes.
+    for settings, live in ((Settings(providers=providers(endpoints=LOOP)), True),
+                           (Settings(providers=providers(simulate_others=True)), True), (real, False),
+                           (Settings(providers={"simulate_others": False}), True)):  # sim mode: all simulated
+        assert validate({"model": "gemini-2.5-flash", "prompt": "Hi"}, settings, live).provider == "google"
+
+
+def test_a_batch_file_line_for_a_provider_it_would_simulate_is_its_own_error(tmp_path):
+    from engine.app.cli_batch import _strict
+
+    lines = [{"custom_id": c, "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": m, "messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": 9}}
+             for c, m in (("a", "gpt-5-mini"), ("g", "gemini-2.5-flash"), ("b", "gpt-4o-mini"))]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines))
+
+    def read(settings):
+        return read_batch_file(src, window_s=3600.0, catalog=CAT, settings=settings, live=True)
+    # `smartbatch batch` on the emulator still refuses it (an output file cannot say a line was simulated),
+    # unless told to simulate it.
+    bf = read(_strict(Settings(providers=providers(endpoints=LOOP))))
+    assert [ln.custom_id for ln in bf.lines if ln.request is not None] == ["a", "b"]
+    ((field, msg),) = [ln.problem for ln in bf.invalid]
+    assert field == "model" and "SIMULATE_OTHERS=true" in msg
+    assert len(read(_strict(Settings(providers=providers(endpoints=LOOP, simulate_others=True)))).requests) == 3
+
+
+def _trace(tmp_path):
+    p = tmp_path / "t.jsonl"
+    rows = ([{"id": f"o{k}", "model": "gpt-5-mini"} for k in range(3)] + [{"id": f"g{k}", "model": "gemini-2.5-flash"}
+            for k in range(4)] + [{"id": "m0", "model": "flux-1-dev"}])
+    p.write_text("".join(json.dumps({"arrival_s": k, "prompt": f"p{k}", "deadline_s": 600, **r}) + "\n"
+                         for k, r in enumerate(rows)))
+    return p
+
+
+@pytest.mark.parametrize("dry", [False, True])
+def test_run_of_a_trace_with_providers_it_would_simulate_refuses_at_start_counting_them(tmp_path, monkeypatch, dry):
+    """Refused before anything starts or is sent, with the count per provider; the dry run says the same."""
+    monkeypatch.setenv("SMARTBATCH_PROVIDERS__MODE", "http")
+    r = CliRunner().invoke(app, ["run", str(_trace(tmp_path)), "--out", str(tmp_path / "out")]
+                           + (["--dry-run"] if dry else []),
+                           env={"OPENAI_API_KEY": "", "ANTHROPIC_API_KEY": "", "COLUMNS": "400"})
+    said = " ".join(r.output.split())
+    assert r.exit_code == 2, r.output  # a ConfigError
+    assert "5 request(s) are for providers with no HTTP endpoint" in said
+    assert "4 of google (e.g. 'gemini-2.5-flash')" in said and "1 of modal-h100 (e.g. 'flux-1-dev')" in said
+    assert "SMARTBATCH_PROVIDERS__ENDPOINTS__GOOGLE__BASE_URL" in said and "SIMULATE_OTHERS=true" in said
+    assert "nothing is sent" in said and not (tmp_path / "out").exists()
+    # Told to simulate them (a demo), the dry run plans it.
+    monkeypatch.setenv("SMARTBATCH_PROVIDERS__SIMULATE_OTHERS", "true")
+    r = CliRunner().invoke(app, ["run", str(_trace(tmp_path)), "--dry-run"],
+                           env={"OPENAI_API_KEY": "", "ANTHROPIC_API_KEY": "", "COLUMNS": "400"})
+    assert r.exit_code == 0 and "dry run: 8 requests, nothing sent" in r.output, r.output
