@@ -4,10 +4,11 @@ file, Anthropic's 256 MB create; ``batch_api.max_file_mb``)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 from actors._types import Job
 
-__all__ = ["LINE_OVERHEAD", "file_parts"]
+__all__ = ["LINE_OVERHEAD", "cut", "file_parts"]
 
 LINE_OVERHEAD = 1024  # bytes a batch line adds to its request's body or prompt, at most (ids, url, model, caps)
 
@@ -21,16 +22,25 @@ def file_parts(jobs: list[Job], limit_mb: float | None, cpt: float) -> list[list
     if limit_mb is None:
         return [jobs]
     limit = 0.95 * limit_mb * 2**20
-    parts: list[list[Job]] = [[]]
-    size = 0.0
-    for j in jobs:
+
+    def weight(j: Job) -> float:
         r = j.req
         raw = json.dumps(r.body if r.body is not None else r.prompt, ensure_ascii=False)
         extra = len(json.dumps(r.prompt, ensure_ascii=False).encode()) - len(r.prompt)
-        weight = max(len(raw.encode()), r.input_tokens * cpt + extra) + LINE_OVERHEAD
-        if parts[-1] and size + weight > limit:
+        return max(len(raw.encode()), r.input_tokens * cpt + extra) + LINE_OVERHEAD
+
+    return cut(jobs, weight, limit)
+
+
+def cut(jobs: list[Job], weight: Callable[[Job], float], limit: float) -> list[list[Job]]:
+    """``jobs`` in order, in parts whose ``weight`` sums to at most ``limit`` (a job heavier alone is a part alone)."""
+    parts: list[list[Job]] = [[]]
+    held = 0.0
+    for j in jobs:
+        w = weight(j)
+        if parts[-1] and held + w > limit:
             parts.append([])
-            size = 0.0
+            held = 0.0
         parts[-1].append(j)
-        size += weight
+        held += w
     return parts

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 
+from actors._batch_parts import cut
 from actors._types import BatchJob, Job
 
 log = logging.getLogger("smartbatch.dispatcher")
@@ -26,16 +27,7 @@ __all__ = ["QueueFull", "token_parts"]
 def token_parts(jobs: list[Job], limit: float) -> list[list[Job]]:
     """``jobs`` in order, cut into parts of at most ``limit`` input tokens, what the batch queue counts (a request
     heavier alone is a part alone)."""
-    parts: list[list[Job]] = [[]]
-    held = 0
-    for j in jobs:
-        w = j.req.input_tokens
-        if parts[-1] and held + w > limit:
-            parts.append([])
-            held = 0
-        parts[-1].append(j)
-        held += w
-    return parts
+    return cut(jobs, lambda j: j.req.input_tokens, limit)
 
 
 class QueueFull:
