@@ -36,18 +36,18 @@ def check_answers(address: str, flag: str = "address", timeout_s: float = 3.0) -
                           "smartbatch serve printed while it runs, or start Ray with `ray start --head`") from None
 
 
-def init_ray(address: str) -> bool:
+def init_ray(address: str, flag: str = "address") -> bool:
     """Attach to the Ray cluster at ``address`` (``local``: start one) unless this process already is; True if
-    this call did."""
+    this call did. ``flag``: how the message names the setting (a driver script gave ``address=``, no flag)."""
     import ray
 
     if ray.is_initialized():
         return False
-    check_answers(address)
+    check_answers(address, flag)
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
     except (ConnectionError, ValueError, OSError, RuntimeError) as exc:  # "bad address", "http://x": Ray's words
-        raise ConfigError(f"--address {address}: no Ray cluster answers there ({exc}); give the address that "
+        raise ConfigError(f"{flag} {address}: no Ray cluster answers there ({exc}); give the address that "
                           "smartbatch serve printed, or start Ray with `ray start --head`") from None
     return True
 

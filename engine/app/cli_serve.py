@@ -212,7 +212,7 @@ def serve(name: str = typer.Option("smartbatch", "--name", help="the engine's na
         settings, cat = _settings(catalog, catalog_overlay)
         settings = _providers(settings, providers, base_url)
         settings = prepare_endpoint(state, settings, cat, speedup=speedup, address=address)  # (a killed one's)
-        init_ray(address or "local")
+        init_ray(address or "local", "--address")
         # Ray Serve logs its own start and stop at INFO on this terminal, one line of which ("New http_options ...
         # will not be applied") reads as a problem when there is none; its warnings still show. Its logger is
         # configured when ray.serve is first imported, so after that.

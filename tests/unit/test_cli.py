@@ -280,6 +280,9 @@ def test_stop_at_an_address_where_nothing_listens_fails_at_once_naming_it():
                    lambda: Engine.start(address=f"ray://127.0.0.1:{port}")):
         with pytest.raises(ConfigError, match=f"127.0.0.1:{port}: no Ray cluster answers there"):
             attach()
+    # A driver script gave address=, not a flag: Ray's own refusal is told in those words too (a helper's tour).
+    with pytest.raises(ConfigError, match=r"^address http://x: no Ray cluster answers there"):
+        Engine.start(address="http://x")
     assert not ray.is_initialized()
 
 
