@@ -39,9 +39,14 @@ def http_setup(catalog: Catalog, settings: Settings, *, need_keys: bool = True, 
         ep = settings.providers.endpoints[name]
         value = os.environ.get(ep.api_key_env) if need_keys else "unread"
         if not value:
+            others = [p for p in settings.providers.endpoints if p != name]
+            alone = (f"; or call only {others[0]} (SMARTBATCH_PROVIDERS__ENDPOINTS__{others[0].upper()}__API="
+                     f"{settings.providers.endpoints[others[0]].api} names its endpoint alone: {name}'s requests are "
+                     "then refused)") if len(others) == 1 else ""
             raise ConfigError(f"providers.endpoints.{name}: the environment variable {ep.api_key_env} holding the "
                               f"API key is not set; export it, or name another variable with "
-                              f"SMARTBATCH_PROVIDERS__ENDPOINTS (api_key_env), or run with providers.mode=sim")
+                              f"SMARTBATCH_PROVIDERS__ENDPOINTS__{name.upper()}__API_KEY_ENV, or run with "
+                              f"providers.mode=sim{alone}")
         # No header can carry it (a pasted newline, say): every call failed unsent, and was counted as possibly
         # billed at its upper bound (a helper's tour). The key itself is never shown.
         if value.strip() != value or any(ord(c) < 0x20 or ord(c) == 0x7F or ord(c) > 0x7E for c in value):

@@ -89,8 +89,10 @@ def test_an_overlay_adds_a_provider_with_prices_alone_and_overrides_a_price(tmp_
 def test_http_providers_need_their_key_and_plan_with_the_real_cancel_time(monkeypatch):
     settings = Settings(providers=ProvidersSettings(mode="http"))
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    with pytest.raises(ConfigError, match="OPENAI_API_KEY"):
+    with pytest.raises(ConfigError, match="OPENAI_API_KEY") as exc:
         http_setup(CAT, settings)
+    # One key alone: the way to call that provider alone (the other's requests are then refused, not simulated).
+    assert "SMARTBATCH_PROVIDERS__ENDPOINTS__ANTHROPIC__API=anthropic names its endpoint alone" in str(exc.value)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-fake")
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-fake")
     cat, keys = http_setup(CAT, settings)
