@@ -8,7 +8,7 @@ import logging
 import os
 from collections.abc import Iterable
 
-from engine.core._settings_providers import add_endpoint, keep_defaults
+from engine.core._settings_providers import add_endpoint, keep_defaults, simulated_refusal
 from engine.core.catalog import Catalog
 from engine.core.errors import ConfigError
 from engine.core.provider_api import Secret
@@ -33,6 +33,7 @@ def http_setup(catalog: Catalog, settings: Settings, *, need_keys: bool = True, 
     driver's environment, and travel to the dispatchers inside a ``Secret`` (a cluster's workers need not have
     them); a missing key is a start-up error, not a run of 401s. The catalog's models that the provider has shut
     down, or shuts down within ``RETIRING_DAYS`` of ``today`` (UTC), are named in a warning (``retiring``)."""
+    _check_fallbacks_real(settings)
     keys: dict[str, Secret] = {}
     providers = dict(catalog.providers)
     for name in settings.providers.http_providers(catalog.providers):
@@ -63,6 +64,17 @@ def http_setup(catalog: Catalog, settings: Settings, *, need_keys: bool = True, 
         catalog = Catalog.model_validate({"schema_version": catalog.schema_version,
                                           "providers": {k: v.model_dump() for k, v in providers.items()}})
     return with_hedge_lag(catalog, settings.hedge_lag_s, speedup), (keys if need_keys else {})
+
+
+def _check_fallbacks_real(settings: Settings) -> None:
+    # A circuit that opens sends its requests to their fallback without the checks of a request's way in: one
+    # to a provider with no endpoint was answered from the simulator, made-up text at a made-up cost (a hunt).
+    for a, b in settings.resilience.fallbacks.items():
+        provider, model = b.split("/", 1)
+        if settings.providers.refuses(provider):
+            raise ConfigError(f"resilience.fallbacks {a!r} -> {b!r}: the fallback would be simulated, not real: "
+                              f"{simulated_refusal(provider, model, settings.providers.endpoints)}; or map it "
+                              "to a model of a provider with an endpoint")
 
 
 def check_simulated(requests: Iterable[Request], settings: Settings) -> None:

@@ -132,3 +132,20 @@ def test_run_of_a_trace_with_providers_it_would_simulate_refuses_at_start_counti
     r = CliRunner().invoke(app, ["run", str(_trace(tmp_path)), "--dry-run"],
                            env={"OPENAI_API_KEY": "", "ANTHROPIC_API_KEY": "", "COLUMNS": "400"})
     assert r.exit_code == 0 and "dry run: 8 requests, nothing sent" in r.output, r.output
+
+
+def test_a_fallback_to_a_provider_it_would_simulate_is_refused_at_start():
+    """A circuit that opens moves its requests to their fallback model (``resilience.fallbacks``); one served by a
+    provider with no endpoint was answered from the simulator, placeholder text at a made-up cost, though every
+    request naming it was refused (a fault hunt). The start refuses it, naming the setting and the fixes."""
+    from engine.app.provider_setup import http_setup
+
+    fb = {"resilience": {"fallbacks": {"openai/gpt-5-mini": "google/gemini-2.5-flash"}}}
+    real = Settings.model_validate({"providers": {"mode": "http", "simulate_others": False}, **fb})
+    with pytest.raises(Exception) as err:
+        http_setup(CAT, real, need_keys=False)
+    said = str(err.value)
+    assert "resilience.fallbacks" in said and "gemini-2.5-flash" in said and "SIMULATE_OTHERS" in said, said
+    demo = Settings.model_validate({"providers": {"mode": "http", "endpoints": LOOP}, **fb})
+    http_setup(CAT, demo, need_keys=False)  # the emulator's run simulates it: a demo
+    http_setup(CAT, Settings.model_validate(fb), need_keys=False)  # a simulated run: nothing is real
