@@ -235,11 +235,20 @@ class CancelDispatches:
         """Requests their driver withdrew (``Engine.cancel_requests``): work that starts later leaves them out
         (they end cancelled, billed nothing), and a provider batch under way whose members are all withdrawn is
         cancelled now, as at its hedge: what it finished is answered, the others go back to their grouper,
-        which ends them. A call under way, or a batch that carries other work too, runs on. Returns how many
-        open batches it cancels."""
+        which ends them. A sync call waiting for its next try (a 429's wait) ends now: left to its timer, it
+        ended when the wait was over. A call under way, or a batch that carries other work too, runs on.
+        Returns how many open batches it cancels."""
         if self._withdrawn is None:
             self._withdrawn = {}
         _remember(self._withdrawn, uids)
+        w = self._withdrawn
+        waiting = [(t, bj) for t, bj in (self._retrying or {}).items() if bj[1].req.uid in w]
+        for token, (b, j) in waiting:  # waiting for a next try (a 429's wait may be an hour): ended now
+            del self._retrying[token]
+            self._final(b, j, False, 0.0, b.mode,
+                        error=_WITHDRAWN_AFTER_TRY if self._unanswered[j.req.uid] else _WITHDRAWN)
+        if waiting:
+            self._kick()
         gone = [rec for rec in self._open.values() if self._all_withdrawn(rec[1])]
         if gone:  # each follow-up (or lookup) wakes and acts now; the event is made anew for later sleeps
             event, self._cancel_event = self._woken(), None

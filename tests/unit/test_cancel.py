@@ -141,6 +141,38 @@ def test_a_call_waiting_for_its_next_try_ends_at_the_cancel_and_leaves_nothing_u
     asyncio.run(go())
 
 
+def test_a_call_waiting_out_a_429_ends_at_its_withdrawal_its_reservation_settled_once_at_0(emu):  # noqa: F811
+    """``Engine.cancel_requests`` of a request that waits out a rate limit's 429 (an hour's Retry-After) ends it
+    at once, billed nothing, its claim settled once at 0, and the other request waiting runs on. Left to its timer,
+    it ended only when the wait was over: an endpoint batch's cancel stayed ``cancelling`` all that time, and a
+    drain waited for it (a fault hunt)."""
+    emu.faults.script("openai", "chat.completions", [{"status": 429, "retry_after_s": 3600.0 * SPEED}] * 2)
+
+    async def go():
+        rig = Rig(emu)
+        settled, settle = [], rig.budget.settle_many
+
+        async def spy(items):
+            settled.extend(items)
+            await settle(items)
+        rig.budget.settle_many = spy
+        try:
+            gone, kept = jobs_of("openai", 2, claims=True, deadline_s=2 * 3600.0 * SPEED)
+            await rig.run("sync", [gone, kept])
+            await rig.until(lambda: len(rig.calls) == 2, "the first tries")
+            await rig.d.withdraw([gone.req.uid])
+            r = await rig.until(lambda: rig.results.get(gone.req.id), "its end", timeout_s=3.0)
+            assert r.status == "failed" and r.error.startswith("cancelled: withdrawn") and r.cost_usd == 0, r
+            assert "may have been billed" not in r.error  # a 429 billed nothing
+            await rig.until(lambda: settled, "its settlement")
+            assert [s for s in settled if s[0] == gone.claim] == [(gone.claim, 0.0)]
+            assert kept.req.id not in rig.results and await rig.d.settled() == 1  # still waiting its turn
+            assert len(rig.calls) == 2 and not emu.bill().items
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
 @pytest.mark.parametrize("fault", ["batches.cancel", "files.content"])
 def test_once_the_engine_is_cancelled_a_batch_is_read_to_its_end_whatever_its_cancel_and_read_meet(quarter, fault):  # noqa: F811
     """A stop's drain waits for the provider batches the engine's cancel cancelled, and reads what they finished.
