@@ -10,7 +10,7 @@ from pathlib import Path
 
 from engine.app._endpoint_job import CANCELLED_LINE, BatchJob, for_endpoint
 from engine.app._endpoint_wire import ApiError
-from engine.core.batchfile import parse_batch_file
+from engine.core.batchfile import BatchFile, parse_batch_file
 from engine.core.budgets import Charge
 from engine.core.result import Result
 
@@ -61,8 +61,14 @@ class TakeBack:
             job.release()
             self._save(job)
             return
-        bf = parse_batch_file(data, source=job.input_file_id, window_s=job.window_s, tenant=job.tenant,
-                              catalog=self.catalog, settings=self.engine.settings)
+        # Checked as at its create (``live``): this engine may refuse what the last one took (``simulate_others``
+        # is decided at each start), and one line it refuses failed the whole submission, every open line. A
+        # line answered before stays answered (paid for).
+        bf, kept = (parse_batch_file(data, source=job.input_file_id, window_s=job.window_s, tenant=job.tenant,
+                                     catalog=self.catalog, settings=self.engine.settings, live=live)
+                    for live in (True, False))
+        bf = BatchFile(bf.source, [k if ln.request is None and ln.custom_id in results else ln
+                                   for ln, k in zip(bf.lines, kept.lines, strict=True)], bf.file_problems)
         job.bf, job.results = for_endpoint(bf, job.endpoint), results
         # The window counts engine seconds (a line's deadline), the time since the create real ones.
         left_s = job.window_s - (self._now() - job.created_at) * self.speedup

@@ -416,3 +416,44 @@ def test_what_a_kill_left_half_written_is_swept_at_the_next_start(tmp_path):
     EndpointState(state).close()
     assert sorted(p.name for p in (state / "files").iterdir()) == []
     assert sorted(p.name for p in (state / "batches").iterdir()) == ["batch_kept.input", "batch_kept.json"]
+
+
+def test_a_line_the_restarted_engine_would_simulate_is_its_own_error_and_the_others_are_asked(tmp_path, monkeypatch):
+    """An endpoint restarted on its state directory whose engine now may not simulate (``simulate_others``,
+    decided at each start: a restart with real endpoints, or without SIMULATE_OTHERS=true) met an open batch's
+    Gemini line: the engine refused the whole submission, and every line not yet answered failed "the engine
+    refused this line", the OpenAI ones too (a fault hunt). The line is its own error, as at a create."""
+    import asyncio
+
+    from engine.app._endpoint_batches import FilesAndBatches
+    from engine.app._endpoint_state import EndpointState
+    from engine.core.request import validation_context
+    from engine.core.result import Result
+    from engine.core.settings import Settings
+
+    for var in ("OPENAI_BASE_URL", "ANTHROPIC_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    state, eng = EndpointState(tmp_path), FakeEngine()
+    left_open(state, "batch_g", [batch_line("a", "one"), batch_line("g", "two", model="gemini-2.5-flash"),
+                                 batch_line("h", "three", model="gemini-2.5-flash")])
+    state.add_result("batch_g", Result(id="h", status="ok", output="answered before"))  # kept as it was
+    state.close()
+    eng.settings = Settings(providers={"mode": "http"})  # the providers' own APIs: Gemini is refused
+    eng._ctx = validation_context(CAT, eng.settings, live=True)  # the engine's way in (``Engine._as_request``)
+
+    async def go():
+        store = FilesAndBatches(eng, CAT, window_default_s=86400.0, now=lambda: 10.0, state_dir=tmp_path)
+        await store.resume()
+        r = store.batches["batch_g"]
+        if r.task is not None:  # the lines asked: their answers collected
+            await asyncio.wait_for(r.task, 5.0)
+        await store.shutdown()
+        return store, r
+
+    store, r = asyncio.run(go())
+    assert r.counts() == {"total": 3, "completed": 2, "failed": 1}, r.counts()
+    out = {x["custom_id"] for x in map(json.loads, store.files[r.output_file_id].data.decode().splitlines())}
+    assert out == {"a", "h"}
+    (err,) = map(json.loads, store.files[r.error_file_id].data.decode().splitlines())
+    assert err["custom_id"] == "g" and "simulated" in err["error"]["message"], err
+    assert eng.submitted == ["batch_g/a"]
