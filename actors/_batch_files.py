@@ -17,6 +17,10 @@ log = logging.getLogger("smartbatch.dispatcher")
 
 DISCARD_TRIES = 3  # deletes of one batch's files, RETRY_S real seconds apart, doubling
 RETRY_S = 0.5
+# Real seconds the engine's stop waits for the deletes under way (within the stop's wait for the dispatchers'
+# cancels, ``actors.remote._cancel_batches``): a batch that ended is out of the journal, so a delete the stop cut
+# left its prompts at the provider, known to no later start.
+STOP_WAIT_S = 3.0
 
 
 class FileCleanup:
@@ -53,6 +57,16 @@ class FileCleanup:
                 log.warning("dispatcher %s: the files of batch %s could not be deleted at the provider (%s); "
                             "they stay until the provider expires them", self.name, getattr(handle, "id", "?"),
                             redact(f"{type(exc).__name__}: {str(exc)[:200]}"))
+
+    async def drain(self) -> int:
+        """Wait for the deletes under way, ``STOP_WAIT_S`` at most (the engine stops); how many still run, logged."""
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=STOP_WAIT_S)
+        left = sum(not t.done() for t in self.tasks)
+        if left:
+            log.warning("dispatcher %s: the stop cut the deletes of %d ended batch(es)' input files; they stay until "
+                        "the provider expires them", self.name, left)
+        return left
 
     def stats(self) -> dict[str, int]:
         return {"files_deleted": self.deleted, "files_undeleted": self.undeleted}

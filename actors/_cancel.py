@@ -138,8 +138,8 @@ class CancelGroups:
 
 
 class CancelDispatches:
-    """The dispatcher's side: needs its ``provider``, ``_open``, ``sim``, ``clock``, ``_queued_at``, ``_final``,
-    ``_unanswered``, ``_pump``, ``_kick``, ``_at``, ``_enqueue``, ``_flusher`` and ``hubs``. Work queued at a
+    """The dispatcher's side: needs its ``provider``, ``_open``, ``_files``, ``sim``, ``clock``, ``_queued_at``,
+    ``_final``, ``_unanswered``, ``_pump``, ``_kick``, ``_at``, ``_enqueue``, ``_flusher`` and ``hubs``. Work queued at a
     rate gate, or waiting for its next try, ends cancelled at once, and work that comes later when its gate lets
     it start; a batch not yet created is never created; a batch under way is cancelled now (its follow-up,
     woken, reads what it finished, and its unfinished members go back to a grouper, which ends them)."""
@@ -173,10 +173,12 @@ class CancelDispatches:
 
     async def stop_spending(self) -> tuple[int, int]:
         """The engine stops (its other actors are gone already, so nothing this publishes reaches a driver): cancel
-        the provider batches under way, as ``cancel`` does. Returns how many were open and how many of those no
-        cancel reached in time (they run on, billed)."""
+        the provider batches under way, as ``cancel`` does, and wait a little for the deletes of ended batches'
+        input files (``FileCleanup.drain``). Returns how many were open and how many of those no cancel reached
+        in time (they run on, billed)."""
         under_way = set(self._open)
         await self.cancel()
+        await self._files.drain()  # the ended batches' input files: known to no later start once cut
         return len(under_way), len(self._open.keys() - self._cancel_sent)
 
     _retrying: dict[object, tuple] | None = None  # a sync call's next try, waiting for its time: (batch, job)

@@ -175,3 +175,47 @@ def test_the_upload_of_a_refused_batch_create_is_deleted_but_not_one_a_5xx_may_h
         assert emu.count("files.delete", status=200) == deleted
         assert len(emu.files("batch")) == 1 - deleted
     asyncio.run(go())
+
+
+def test_the_engines_stop_waits_for_the_deletes_under_way_a_bounded_time(emu, monkeypatch):  # noqa: F811
+    """A batch ended and was read just before the engine stopped: its delete ran in the background, and the stop
+    (``Dispatcher.stop_spending``, then the actor killed) cut it; the batch left the journal when it ended, so
+    no later start knew of the file, and its prompts stayed at the provider for 30 days (a fault hunt). The stop
+    waits for the deletes under way, up to ``STOP_WAIT_S``; one that never answers holds it no longer."""
+    async def go():
+        rig = Rig(emu, "openai")
+        inner, slow, held = rig.d.provider.discard, asyncio.Event(), asyncio.Event()
+
+        async def late(handle):  # the delete is slower than the stop's call
+            held.set()
+            await slow.wait()
+            return await inner(handle)
+
+        rig.d.provider.discard = late
+        try:
+            await _two_batches(rig, emu)
+            await held.wait()
+            asyncio.get_running_loop().call_later(0.2, slow.set)
+            assert await rig.d.stop_spending() == (0, 0)
+            assert emu.files("batch") == {} and (await rig.d.stats())["files_deleted"] == 2
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+    async def hung():
+        rig = Rig(emu, "openai")
+        monkeypatch.setattr(batch_files, "STOP_WAIT_S", 0.2)
+
+        async def never(handle):
+            await asyncio.Event().wait()
+
+        rig.d.provider.discard = never
+        try:
+            await _two_batches(rig, emu)
+            async with asyncio.timeout(5.0):
+                assert await rig.d.stop_spending() == (0, 0)
+        finally:
+            for t in rig.d._files.tasks:
+                t.cancel()
+            await rig.close()
+    asyncio.run(hung())
