@@ -1,14 +1,16 @@
-"""The real traces the benchmarks read by name, from ``../shared/data/real`` (or ``--data``)."""
+"""The real traces the benchmarks read by name, from ``../shared/data/real`` beside the checkout, or the directory
+``SMARTBATCH_DATA_DIR`` names (as the tests read it), or a script's ``--data``."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from engine.core.request import Request
 from engine.core.tracegen import from_azure, from_mooncake
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+DATA = Path(os.environ.get("SMARTBATCH_DATA_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data" / "real")
 FILES = {"azure_conv": "azure_llm_2023_conv.csv", "azure_code": "azure_llm_2023_code.csv",
          "mooncake": "mooncake_conversation_trace.jsonl"}
 

@@ -18,6 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _real import DATA  # noqa: E402
+
 from engine.core.catalog import default_catalog  # noqa: E402
 from engine.core.cost import price_batch  # noqa: E402
 from engine.core.tracegen import from_mooncake  # noqa: E402
@@ -42,7 +44,7 @@ def conversations(reqs) -> dict[str, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "real")
+    ap.add_argument("--data", type=Path, default=DATA)
     a = ap.parse_args()
     path = a.data / "mooncake_conversation_trace.jsonl"
     if not path.exists():

@@ -25,6 +25,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _real import DATA  # noqa: E402
+
 from engine.core.budgets import BudgetSettings  # noqa: E402
 from engine.core.catalog import Catalog, default_catalog  # noqa: E402
 from engine.core.request import Request, validation_context  # noqa: E402
@@ -155,7 +157,7 @@ def live_table(speedup: float) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "real")
+    ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--share", type=float, default=3.0, help="budget = naive cost / share")
     ap.add_argument("--live", action="store_true", help="also run the live engine on a local Ray (about 1 min)")
     ap.add_argument("--speedup", type=float, default=100.0)

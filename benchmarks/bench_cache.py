@@ -29,6 +29,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _real import DATA  # noqa: E402
+
 from engine.core import embedding  # noqa: E402
 from engine.core._pair_eval import Scored, choose_threshold, clusters, load_pairs, score, split  # noqa: E402
 from engine.core.features import (  # noqa: E402
@@ -41,7 +43,7 @@ from engine.core.features import (  # noqa: E402
 from engine.core.similarity import GUARDS, Guards  # noqa: E402
 from engine.runtime.reuse import ReuseIndex  # noqa: E402
 
-DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "real"
+DEFAULT_DATA = DATA
 SWEEP = (0.85, 0.88, 0.9, 0.91, 0.92, 0.925, 0.93, 0.94, 0.95, 0.96)
 TARGET = 0.995
 # Image prompts that differ in one visual attribute no guard knows (should stay apart), and rewordings.

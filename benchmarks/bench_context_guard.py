@@ -18,6 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _real import DATA  # noqa: E402
+
 from engine.core.features import near_min_threshold, near_vectors_texts  # noqa: E402
 from engine.core.similarity import CONTEXT_RATIO, CONTEXT_WORDS, GUARDS, Guards, guard_reason  # noqa: E402
 
@@ -28,7 +30,6 @@ ASKS = ["Critique the report below.", "Rewrite the report below for children.", 
         "List the opportunities in the report below.", "Write a short poem about the report below.",
         "Write a long essay about the report below.", "Translate the report below into plain English.",
         "Give a title to the report below.", "Find the spelling mistakes in the report below."]
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 
 
 def cosine(a: str, b: str) -> float:

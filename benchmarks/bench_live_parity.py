@@ -23,6 +23,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _real import DATA  # noqa: E402
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import numpy as np  # noqa: E402
@@ -32,8 +35,6 @@ from engine.core.catalog import default_catalog  # noqa: E402
 from engine.core.tracegen import from_azure, from_mooncake, synth  # noqa: E402
 from engine.sim.simulator import simulate  # noqa: E402
 from policies import load_policy  # noqa: E402
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 
 
 def main() -> None:

@@ -16,6 +16,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _real import DATA  # noqa: E402
+
 from engine.app.bench import (  # noqa: E402
     PolicySpec,
     _markdown,  # noqa: E402
@@ -29,7 +31,7 @@ POLICIES = ["naive", "cache-only", "fixed", "batch-all", "smart"]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "real")
+    ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "benchmarks")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()

@@ -14,12 +14,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _real import DATA  # noqa: E402
+
 from engine.core.catalog import default_catalog  # noqa: E402
 from engine.core.tracegen import from_azure, from_mooncake  # noqa: E402
 from engine.sim.simulator import simulate  # noqa: E402
 from policies import load_policy  # noqa: E402
 
-DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "azure_llm_2023_conv.csv"
+DEFAULT = DATA / "azure_llm_2023_conv.csv"
 
 
 def main() -> None:

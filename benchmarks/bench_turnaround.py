@@ -22,6 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _real import DATA  # noqa: E402
+
 from engine.core.catalog import Catalog, default_catalog  # noqa: E402
 from engine.core.settings import Settings, SimSettings  # noqa: E402
 from engine.core.trace import TraceRequests, with_day_origin  # noqa: E402
@@ -72,7 +74,7 @@ def row(name: str, s: dict, naive: float, bound: float, hedged: int) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "real")
+    ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--hours", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--traces", default="azure_conv,azure_code,mooncake_conversation")

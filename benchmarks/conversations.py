@@ -24,6 +24,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _real import DATA  # noqa: E402
+
 import engine.runtime.providers as pricing  # noqa: E402
 from engine.core.catalog import default_catalog  # noqa: E402
 from engine.core.settings import Settings, SimSettings  # noqa: E402
@@ -99,7 +101,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--policy-params", type=json.loads, default={})
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "real")
+    ap.add_argument("--data", type=Path, default=DATA)
     a = ap.parse_args()
     path = a.data / "mooncake_conversation_trace.jsonl"
     cat = default_catalog()

@@ -15,13 +15,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _real import DATA  # noqa: E402
+
 from engine.core.catalog import default_catalog  # noqa: E402
 from engine.core.tracegen import from_azure, from_mooncake, synth  # noqa: E402
 from engine.sim.lower_bound import lower_bound  # noqa: E402
 from engine.sim.simulator import simulate  # noqa: E402
 from policies import load_policy  # noqa: E402
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+REAL = DATA
 
 
 def main() -> None:

@@ -18,6 +18,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _real import DATA  # noqa: E402
+
 from engine.core.catalog import default_catalog  # noqa: E402
 from engine.core.tracegen import from_mooncake, synth  # noqa: E402
 from engine.sim.simulator import simulate  # noqa: E402
@@ -27,7 +29,7 @@ from policies import Smart, SmartParams  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trace", choices=["mooncake", "synth"], default="mooncake")
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "real")
+    ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--margins", nargs="+", default=["none", "10"], help="warm_margin_s values; none = off")
     a = ap.parse_args()
