@@ -1,5 +1,6 @@
 """How a dispatch to a batch API is cut to the provider's limit on one batch's size (OpenAI's 200 MB input
-file, Anthropic's 256 MB create; ``batch_api.max_file_mb``)."""
+file, Anthropic's 256 MB create; ``batch_api.max_file_mb``); ``cut`` also makes the parts of a batch a full batch
+queue refused, by their input tokens (``actors._queue_full``)."""
 
 from __future__ import annotations
 

@@ -5,10 +5,12 @@ Work waits in the provider's fair queue until its rate gate lets it start (``Sim
 goes to the ``Provider`` (``engine.core.provider_api``): simulated (the catalog's draws on the engine clock) or
 over HTTP; the dispatcher knows only the protocol. A call holds its concurrency slot until its outcome arrives.
 A failed sync call is retried after ``Retry-After`` or a jittered backoff and counts toward the model's circuit
-breaker. A batch is polled until it ends; at its hedge it is cancelled, its finished members are used (billed
-once, never sent again) and only the unfinished go back to the policy; what it left at the provider (OpenAI's
-input file) is then deleted (``_batch_files``). Results, cache fills, settlements and retries leave in batches
-(an outbox flushed every few milliseconds), never one actor call per request."""
+breaker; over HTTP a rate limit's 429 is no try while the deadline leaves room, and a billing refusal is never
+retried (``_sync_calls``). A batch is polled until it ends; at its hedge it is cancelled, its finished members are
+used (billed once, never sent again) and only the unfinished go back to the policy; what it left at the provider
+(OpenAI's input file) is then deleted (``_batch_files``). A batch refused for a full batch queue is queued again at
+the gate, in parts that fit its limit, until its hedge (``_queue_full``). Results, cache fills, settlements and
+retries leave in batches (an outbox flushed every few milliseconds), never one actor call per request."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 dispatcher actors (which run it in compressed real time), so both runtimes bill and time calls alike.
 
 A runtime hands a ``SimProvider`` work (``enqueue``) and asks it what may start now (``pump``). Work waits in
-a ``FairQueue`` per rate gate (docs/scheduling.md) and starts when the gate allows: requests and tokens per
+a ``FairQueue`` per rate gate (docs/budgets.md) and starts when the gate allows: requests and tokens per
 sliding minute and concurrent calls, per provider or per model with limits of its own; batch-API batches wait
 for the enqueued-token limit. What happens to a started call is drawn from ``Draws``: its latency, whether
 it fails (a 429 with the provider's ``Retry-After``, or a 5xx), what it costs (the cost model, with this
