@@ -123,7 +123,8 @@ class SyncCalls:
                     log.error("dispatcher %s: %s", self.name, a.error)
                 self._quota.trip(a.at, a.error)
             self._breaker_failure(r.model)
-            self._counts.failed(retry_reason(a.retry_after_s, a.error), v == "retry")
+            # A billing refusal's 429 is no rate limit (the 429s metric's help says so): never retried, "other".
+            self._counts.failed("other" if a.quota else retry_reason(a.retry_after_s, a.error), v == "retry")
             if a.key_reused:  # billed by the provider, failed here: never silent (docs/reliability.md)
                 self.key_conflicts += 1
                 log.error("dispatcher %s: %s failed: %s", self.name, r.uid, a.error)

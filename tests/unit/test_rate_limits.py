@@ -169,6 +169,9 @@ def test_a_billing_refusal_holds_the_providers_other_requests_until_a_call_succe
             await rig.run("sync", [first])
             r = await rig.until(lambda: rig.results.get(first.req.id), "the refusal")
             assert r.status == "failed" and "add credit" in r.error and len(rig.calls) == 1, r
+            # No rate limit: the 429s metric counts none (its help says "Rate-limit answers"; a billing 429 was one).
+            assert not rig.hub.metrics.registry.get_sample_value("smartbatch_http_429_responses_total",
+                                                                  {"provider": provider})
             await rig.run("sync", held)
             await rig.resolved(held)
             assert all("not sent" in rig.results[j.req.id].error for j in held)
