@@ -62,7 +62,7 @@ def _where(name: str, address: str) -> str:
 
     if address != "auto" or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
         return address
-    from engine.app.cli_serve import served_address
+    from engine.app._serve_claim import served_address
 
     return served_address(name) or address
 

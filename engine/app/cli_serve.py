@@ -4,15 +4,12 @@ endpoint) and ``smartbatch stop``."""
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import signal
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import typer
 from rich.text import Text
@@ -20,6 +17,7 @@ from rich.text import Text
 from engine.app._driver_shared import check_answers, init_ray
 from engine.app._endpoint_rescue import prepare_endpoint, stopped_cleanly
 from engine.app._ray_stop import exit_now, own_ray_processes, stop_or_lose_ray
+from engine.app._serve_claim import NameClaim, port_holder, served_address, wait_released
 from engine.app.cli_common import _fail, _providers, _settings, app, console, err_console
 from engine.core.errors import ConfigError, SmartbatchError
 
@@ -29,124 +27,13 @@ _GRACEFUL_S = 30.0
 _DRAIN_SLACK_S = 15.0
 
 
-def _claims_dir() -> Path:
-    """Where each running ``smartbatch serve`` holds the claim of its engine's name (one directory per user)."""
-    return Path(tempfile.gettempdir()) / f"smartbatch-{os.getuid()}" / "serve"
-
-
-class NameClaim:
-    """One running ``smartbatch serve``'s claim of its engine name on this machine: an exclusive ``flock`` of a
-    file named after it. A second ``serve`` of the name would start a second engine on a Ray of its own (and a
-    second endpoint on the same port: Ray Serve's proxy binds with SO_REUSEPORT); the claim refuses it at once,
-    naming the first. The kernel drops the lock when the process ends, however it ends, so a crash or SIGKILL
-    leaves no stale claim. The file holds what the refusal quotes: pid, Ray address, endpoint."""
-
-    def __init__(self, name: str):
-        import fcntl
-
-        self.name = name
-        d = _claims_dir()
-        d.mkdir(parents=True, exist_ok=True)
-        self.path = d / f"{quote(name, safe='')}.json"
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise ConfigError(_claimed(name, _read(self.path))) from None
-            if _same_file(fd, self.path):
-                break
-            os.close(fd)  # locked a file its holder removed as it released it: claim the path's file anew
-        self._fd: int | None = fd
-        self.publish()
-
-    def publish(self, **info: Any) -> None:
-        """Record what a second ``serve`` of this name is told about this one (besides name and pid)."""
-        raw = json.dumps({"name": self.name, "pid": os.getpid(), **info}).encode()
-        if self._fd is not None:
-            os.ftruncate(self._fd, 0)
-            os.pwrite(self._fd, raw, 0)
-
-    def release(self) -> None:
-        if self._fd is not None:
-            self.path.unlink(missing_ok=True)  # while locked: a serve that opened it meanwhile sees it gone, above
-            os.close(self._fd)  # closing drops the lock
-            self._fd = None
-
-    def __repr__(self) -> str:
-        return f"NameClaim({self.name!r}, {self.path}, held={self._fd is not None})"
-
-
-def _same_file(fd: int, path: Path) -> bool:
-    try:
-        return os.path.samestat(os.fstat(fd), os.stat(path))
-    except FileNotFoundError:
-        return False
-
-
-def _read(path: Path) -> dict:
-    try:
-        info = json.loads(path.read_text() or "{}")
-    except (OSError, ValueError):  # being rewritten this very moment: the refusal names less
-        return {}
-    return info if isinstance(info, dict) else {}
-
-
-def _claimed(name: str, info: dict) -> str:
-    addr, url = info.get("address"), info.get("endpoint")
-    facts = [f"pid {info['pid']}" if "pid" in info else None, f"Ray address {addr}" if addr else "still starting",
-             f"endpoint {url}" if url else None]
-    how = f"smartbatch stop --name {name}" + (f" --address {addr}" if addr else "")
-    return (f"engine {name!r} is already served on this machine ({', '.join(f for f in facts if f)}); stop it "
-            f"first ({how}, or Ctrl-C where it runs), or serve this one under another --name"
-            + (" (and another --http-port)" if url else ""))
-
-
-def served_address(name: str) -> str | None:
-    """The Ray address that a ``smartbatch serve --name NAME`` running on this machine published (None if none
-    runs, or it has not published one yet)."""
-    path = _claims_dir() / f"{quote(name, safe='')}.json"
-    if not path.exists() or _free_claim(path):
-        return None
-    addr = _read(path).get("address")
-    return addr if isinstance(addr, str) and addr else None
-
-
-def _port_holder(port: int) -> dict:
-    """What the running ``serve`` whose endpoint is on ``port`` published ({} if none is)."""
-    d = _claims_dir()
-    for path in sorted(d.glob("*.json")) if d.is_dir() else ():
-        info = _read(path)
-        if f":{port}/" in str(info.get("endpoint", "")) and not _free_claim(path):
-            return info
-    return {}
-
-
-def _free_claim(path: Path) -> bool:
-    """Whether no running process holds the claim at ``path`` (a file a stopped ``serve`` left)."""
-    import fcntl
-
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # removed meanwhile: nobody holds it
-        return True
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)  # and with it the lock this probe may have taken
-
-
 def _check_http_port(host: str, port: int | None) -> None:
     from engine.app.serve_http import port_in_use
 
     why = port_in_use(host, port) if port else None
     if why is None:
         return
-    info = _port_holder(port)
+    info = port_holder(port)
     addr = f" --address {info['address']}" if info.get("address") else ""
     holder = (f"; engine {info.get('name')!r} serves its endpoint there (pid {info.get('pid')}): stop it "
               f"(smartbatch stop --name {info.get('name')}{addr})" if info else "; stop what listens there")
@@ -390,9 +277,14 @@ def stop(name: str = typer.Option(..., "--name", help="the engine to stop, as `s
                       "batches and calls under way to end, so what they finished is answered (Ctrl-C to stop now: "
                       "what they finished is then billed and not read)")
 
+    here = served_address(name)  # the serve of this engine on this machine, which `stop` then waits out
     try:
         check_answers(address, "--address")
         n = Engine.stop_named(name, address=address, drain_s=drain_s, draining=draining)
     except SmartbatchError as exc:
         _fail(exc)
+    if here is not None and (address == here or address == "auto" and not os.environ.get("RAY_ADDRESS")):
+        if (pid := wait_released(name, here)) is not None:
+            err_console.print(f"serve (pid {pid}) has not exited yet; a new `smartbatch serve --name {name}` is "
+                              "refused until it has", style="yellow")
     console.print(f"stopped engine {name!r} ({n} actors)")

@@ -277,3 +277,36 @@ def test_a_stop_that_fails_as_ray_goes_down_under_it_is_ray_gone_not_an_error():
         if proc.poll() is None:
             proc.kill()
         proc.stdin.close()
+
+
+def test_stop_returns_once_the_serve_it_stopped_has_let_go_of_the_name(own_claims, monkeypatch):
+    """`smartbatch stop` returned as the engine went, and its serve took 7 s more (its endpoint, its Ray) to let go
+    of the name: `stop` then `serve` again, a restart on the same --state-dir, was refused as already served (a
+    helper's tour). A real process stands for serve; it exits a moment after the engine is stopped."""
+    from engine.app.driver import Engine
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from engine.app.cli_serve import NameClaim; "
+                               "c = NameClaim('prod'); c.publish(address='10.0.0.5:6379'); print('held', flush=True); "
+                               "sys.stdin.read(); time.sleep(0.5)"],
+                              env={**cli_serve.os.environ, "TMPDIR": str(own_claims)}, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    stopped = []
+
+    def stop_named(name, *, address, **_):
+        stopped.append((name, address))
+        holder.stdin.close()  # the engine is gone: its serve begins to exit
+        return 9
+    monkeypatch.setattr(Engine, "stop_named", staticmethod(stop_named))
+    monkeypatch.setattr(cli_serve, "check_answers", lambda *_: None)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        r = runner.invoke(app, ["stop", "--name", "prod"])
+        assert r.exit_code == 0 and "stopped engine 'prod' (9 actors)" in r.output, r.output
+        assert holder.poll() is not None  # gone by the time stop returned
+        NameClaim("prod").release()  # and a new serve may take the name
+        assert stopped == [("prod", "auto")]
+    finally:
+        holder.kill()
+        holder.wait(30)
+        holder.stdout.close()
