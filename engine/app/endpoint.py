@@ -6,6 +6,8 @@ Routes (OpenAI's shapes): ``POST /v1/chat/completions``, ``POST /v1/responses``,
 (upload, list, retrieve, content, delete), ``/v1/batches`` (create, list, retrieve, cancel), ``/v1/models``;
 and one of ours, ``GET /v1/batches/{id}/smartbatch_report`` (each line's cost against its list price).
 
+``stream: true`` on chat completions answers in OpenAI's chunks once the whole answer is in (``_endpoint_stream``).
+
 Request headers (all optional; absent, the engine's defaults apply):
 
 * ``X-Smartbatch-Deadline``: seconds the answer may take (a float > 0); the longer, the cheaper it may ride.
@@ -44,11 +46,12 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.app._endpoint_batches import CANCEL_WAIT_S, MAX_FILE_BYTES, MAX_OPEN_LINES, FilesAndBatches
 from engine.app._endpoint_job import cut_by_cancel
+from engine.app._endpoint_stream import sse_chunks, stream_wanted
 from engine.app._endpoint_wire import (
     HEADER_DEADLINE,
     HEADER_PRIORITY,
@@ -127,6 +130,11 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
     known = {m for p in catalog.providers.values() for m in p.models}
 
     async def generate(http: HttpRequest, body: dict[str, Any], url: str) -> JSONResponse:
+        done, headers = await answer(http, body, url)
+        return JSONResponse(done, headers=headers)
+
+    async def answer(http: HttpRequest, body: dict[str, Any], url: str) -> tuple[dict, dict[str, str]]:
+        """The answer's body in ``url``'s shape, and the smartbatch headers."""
         model = body.get("model")
         if isinstance(model, str) and model and model not in known:  # as OpenAI answers: apps fall back on it
             try:
@@ -152,21 +160,21 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
         res: Result = await engine_call(engine.asubmit(d), param_of)
         if res.status not in ("ok", "reused"):
             raise _failure(res)
-        return JSONResponse(response_body(url, req, res, int(time.time())),
-                            headers=_smartbatch_headers(req, res, catalog))
+        return response_body(url, req, res, int(time.time())), _smartbatch_headers(req, res, catalog)
 
     @app.post(CHAT_URL)
-    async def chat_completions(http: HttpRequest) -> JSONResponse:
+    async def chat_completions(http: HttpRequest) -> Response:
         body = await json_body(http)
-        if body.get("stream"):
-            raise ApiError(400, "stream=true is not supported: smartbatch answers with the whole completion "
-                                "once it is ready (it may ride a provider's batch); send stream=false or leave "
-                                "it out", param="stream")
+        stream, usage = stream_wanted(body)  # the engine gets the body without them: it reads whole answers
+        body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "messages is required: a non-empty list such as [{\"role\": \"user\", "
                                 "\"content\": \"...\"}]", param="messages")
-        return await generate(http, body, CHAT_URL)
+        if not stream:
+            return await generate(http, body, CHAT_URL)
+        done, headers = await answer(http, body, CHAT_URL)  # whole, before the first byte: an error keeps its status
+        return StreamingResponse(sse_chunks(done, usage), media_type="text/event-stream", headers=headers)
 
     @app.post(RESPONSES_URL)
     async def responses(http: HttpRequest) -> JSONResponse:

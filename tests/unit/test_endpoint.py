@@ -363,14 +363,6 @@ def test_the_responses_route_answers_in_the_sdks_shape(served):
     assert exc.value.param == "input"
 
 
-def test_streaming_is_refused(served):
-    _, client = served
-    with pytest.raises(openai.BadRequestError) as exc:
-        client.chat.completions.create(model="gpt-5-mini", messages=[{"role": "user", "content": "x"}],
-                                       stream=True)
-    assert exc.value.param == "stream" and "not supported" in exc.value.message
-
-
 def test_a_failed_result_passes_the_providers_status_and_a_full_engine_is_a_429(served):
     _, client = served
     with pytest.raises(openai.InternalServerError) as exc:
