@@ -240,6 +240,10 @@ def check_tools(body: dict, where: str, api: str) -> None:
     allowed, hint = _CLIENT_TOOLS[api]
     for i, tool in enumerate(tools):
         kind = tool.get("type") if isinstance(tool, dict) else None
+        if api == "anthropic" and kind == "function":  # OpenAI's shape, which a chat call to a Claude model keeps
+            raise FieldProblem(f"{where}.tools.{i}", f"{where}.tools.{i} is an OpenAI function tool, and this model "
+                               "is called through Anthropic's Messages API, which takes a tool as {'name', "
+                               "'description', 'input_schema'} (the function's parameters): give it in that shape")
         if kind is not None and not (isinstance(kind, str) and kind.startswith(allowed)):
             raise FieldProblem(f"{where}.tools.{i}.type", f"{where}.tools.{i}.type {kind!r} is a tool the provider "
                                f"runs and bills per use, which the catalog does not price; give {hint}, which "

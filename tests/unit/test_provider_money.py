@@ -95,6 +95,18 @@ def test_tools_the_caller_runs_pass():
     assert fn.body["tools"][0]["type"] == "function"
 
 
+def test_an_openai_function_tool_for_a_claude_model_is_refused_naming_anthropics_shape():
+    """A chat completions call to a Claude model, with its tools in OpenAI's shape, was refused as "a tool the
+    provider runs and bills per use", which a function tool is not (a helper's tour of the endpoint)."""
+    with pytest.raises(ValidationError) as refused:
+        make(model="claude-haiku-4-5", max_tokens=100, body={
+            "messages": [{"role": "user", "content": "weather?"}],
+            "tools": [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]})
+    said = str(refused.value)
+    assert "body.tools.0" in said and "OpenAI function tool" in said and "input_schema" in said
+    assert "bills per use" not in said
+
+
 def test_a_bare_prompt_sent_as_it_is_reserves_for_its_bytes():
     """A body's text was bounded by its bytes (stop 44), a bare prompt not: 4,200 Chinese characters, estimated
     at 1,050 tokens, were reserved at a quarter of what they may tokenize to. A placeholder prompt far shorter
