@@ -117,10 +117,10 @@ class FilesAndBatches(TakeBack):
             self.state.close()
 
     # -- files ----------------------------------------------------------------------------------------------
-    def _file(self, file_id: str) -> StoredFile:
+    def _file(self, file_id: str, param: str = "file_id") -> StoredFile:
         f = self.files.get(file_id)
         if f is None:
-            raise ApiError(404, f"No such File object: {file_id}", param="file_id")
+            raise ApiError(404, f"No such File object: {file_id}", param=param)
         return f
 
     def _add_file(self, filename: str, purpose: str, data: bytes, file_id: str | None = None) -> StoredFile:
@@ -187,7 +187,7 @@ class FilesAndBatches(TakeBack):
         if not isinstance(file_id, str) or not file_id:
             raise ApiError(400, "input_file_id is required: the id of a file uploaded with purpose 'batch'",
                            param="input_file_id")
-        src = self._file(file_id)
+        src = self._file(file_id, "input_file_id")  # the create's field (it named the files route's path)
         if src.purpose != "batch":
             raise ApiError(400, f"file {file_id} has purpose {src.purpose!r}; a batch reads a file uploaded "
                                 "with purpose 'batch'", param="input_file_id")

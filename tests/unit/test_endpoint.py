@@ -577,9 +577,10 @@ def test_bad_batch_inputs_and_unknown_ids(served):
     with pytest.raises(openai.NotFoundError) as exc:
         client.batches.retrieve("batch_nope")
     assert "batch_nope" in exc.value.message
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(openai.NotFoundError) as exc:
         client.batches.create(input_file_id="file-nope", endpoint="/v1/chat/completions",
                               completion_window="24h")
+    assert exc.value.param == "input_file_id"  # the create's field: it was the files route's "file_id"
     with pytest.raises(openai.BadRequestError) as exc:
         client.files.create(file=("x.jsonl", b"{}\n"), purpose="fine-tune")
     assert exc.value.param == "purpose"
