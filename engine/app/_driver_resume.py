@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from engine.core.errors import ConfigError
+from engine.core.files import locked
 from engine.core.request import Request
 from engine.core.result import Result
 
@@ -217,18 +218,9 @@ def take_back(settings, catalog, keys: dict, *, speedup: float) -> KeptAnswers |
 
 
 def _held(path: Path) -> bool:
-    """Whether a live engine holds ``path`` (its answers file, ``KeptAnswers``)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return True  # (gone meanwhile: nothing to take over)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
+    """Whether a live engine holds ``path`` (its answers file, ``KeptAnswers``); one gone meanwhile is nothing to
+    take over either."""
+    return locked(path) is not False
 
 
 def _dead_runs(root: Path, runs: list[Path] | None = None) -> list[Path]:

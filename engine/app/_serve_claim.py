@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import quote
 
 from engine.core.errors import ConfigError
+from engine.core.files import locked
 
 __all__ = ["NameClaim", "port_holder", "served_address", "wait_released"]
 
@@ -111,20 +112,8 @@ def port_holder(port: int) -> dict:
 
 
 def _free_claim(path: Path) -> bool:
-    """Whether no running process holds the claim at ``path`` (a file a stopped ``serve`` left)."""
-    import fcntl
-
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # removed meanwhile: nobody holds it
-        return True
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)  # and with it the lock this probe may have taken
+    """Whether no running process holds the claim at ``path`` (a file a stopped ``serve`` left, or none)."""
+    return not locked(path, exclusive_only=True)
 
 
 # How long ``smartbatch stop`` waits for the serve it stopped to exit (it stops its endpoint, then its Ray: 7 s measured).

@@ -6,7 +6,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["write_atomic"]
+__all__ = ["locked", "write_atomic"]
 
 
 def write_atomic(path: Path, data: bytes, *, durable: bool = False, mode: int | None = None) -> None:
@@ -26,3 +26,21 @@ def write_atomic(path: Path, data: bytes, *, durable: bool = False, mode: int | 
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def locked(path: Path, *, exclusive_only: bool = False) -> bool | None:
+    """Whether a running process holds a lock (``flock``) on ``path``, an exclusive one with ``exclusive_only``;
+    None when it cannot be opened (gone meanwhile). The probe's own lock goes with its descriptor."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_SH if exclusive_only else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
