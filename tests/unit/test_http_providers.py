@@ -613,6 +613,17 @@ def direct(emu: Emulator, provider: str, key: str = KEY, clock: Any = None, **se
     return p
 
 
+def one_call(emu: Emulator, provider: str):
+    """The outcome of one sync call of a request through the HTTP provider alone (``direct``), closed after it."""
+    async def go():
+        p = direct(emu, provider)
+        try:
+            return await p.call(job_of(req(0, provider)))
+        finally:
+            await p.close()
+    return asyncio.run(go())
+
+
 def job_of(r: Request, attempt: int = 0) -> CallJob:
     return CallJob(call_key(r.tenant, r.id, r.model, 0), r, 0.0, attempt, 0)
 
@@ -623,17 +634,11 @@ def job_of(r: Request, attempt: int = 0) -> CallJob:
 def test_an_error_answer_is_an_unbilled_outcome_and_the_sdk_does_not_retry(emu, provider, status, retryable):
     emu.faults.script(provider, ROUTE[provider], [{"status": status, "retry_after_s": 7.5 if status == 429 else None}])
 
-    async def go():
-        p = direct(emu, provider)
-        try:
-            out = await p.call(job_of(req(0, provider)))
-        finally:
-            await p.close()
-        assert not out.ok and out.cost == 0.0 and out.usage is None and out.retryable is retryable and out.real
-        assert out.error.startswith(f"{provider} HTTP {status}: "), out.error
-        assert out.retry_after_s == (7.5 if status == 429 else None)
-        assert emu.count(ROUTE[provider]) == 1 and emu.bill().items == ()  # max_retries=0: one call, not billed
-    asyncio.run(go())
+    out = one_call(emu, provider)
+    assert not out.ok and out.cost == 0.0 and out.usage is None and out.retryable is retryable and out.real
+    assert out.error.startswith(f"{provider} HTTP {status}: "), out.error
+    assert out.retry_after_s == (7.5 if status == 429 else None)
+    assert emu.count(ROUTE[provider]) == 1 and emu.bill().items == ()  # max_retries=0: one call, not billed
 
 
 def test_a_429_is_retried_no_earlier_than_its_retry_after(emu):
