@@ -15,7 +15,7 @@ from engine.core.errors import ProviderError
 from engine.core.provider_api import CallJob, call_key
 from engine.core.settings import SimSettings
 from engine.runtime.outcomes import throttled_verdict, throttled_wait
-from tests.unit.test_http_providers import PROVIDERS, ROUTE, Rig, direct, emu, job_of, jobs_of, req  # noqa: F401
+from tests.unit.test_http_providers import PROVIDERS, ROUTE, Rig, direct, emu, jobs_of, one_call, req  # noqa: F401
 
 pytestmark = pytest.mark.filterwarnings("ignore:The model .* is deprecated:DeprecationWarning")
 
@@ -96,31 +96,19 @@ def test_a_probes_rate_limit_is_waited_out_and_sent_again_not_failed_for_billing
 def test_a_billing_refusal_is_unretryable_unbilled_and_names_the_fix(emu, provider):  # noqa: F811
     emu.faults.script(provider, ROUTE[provider], [NO_CREDIT[provider]])
 
-    async def go():
-        p = direct(emu, provider)
-        try:
-            out = await p.call(job_of(req(0, provider)))
-        finally:
-            await p.close()
-        assert not out.ok and out.quota and not out.retryable and not out.rate_limited and not out.maybe_billed
-        assert out.retry_after_s is None and out.cost == 0.0
-        assert "add credit" in out.error and "not retried" in out.error, out.error
-        assert emu.bill().items == ()
-    asyncio.run(go())
+    out = one_call(emu, provider)
+    assert not out.ok and out.quota and not out.retryable and not out.rate_limited and not out.maybe_billed
+    assert out.retry_after_s is None and out.cost == 0.0
+    assert "add credit" in out.error and "not retried" in out.error, out.error
+    assert emu.bill().items == ()
 
 
 @PROVIDERS
 def test_a_rate_limit_is_told_as_one(emu, provider):  # noqa: F811
     emu.faults.script(provider, ROUTE[provider], [{"status": 429, "retry_after_s": 3.0}])
 
-    async def go():
-        p = direct(emu, provider)
-        try:
-            out = await p.call(job_of(req(0, provider)))
-        finally:
-            await p.close()
-        assert out.rate_limited and out.retryable and not out.quota and out.retry_after_s == 3.0
-    asyncio.run(go())
+    out = one_call(emu, provider)
+    assert out.rate_limited and out.retryable and not out.quota and out.retry_after_s == 3.0
 
 
 def test_a_batch_create_refused_for_billing_is_not_made_again(emu):  # noqa: F811
@@ -210,15 +198,16 @@ def test_a_rate_limit_past_the_deadlines_room_is_a_try_as_before_not_a_failure_a
 
 
 def test_rate_limits_past_the_deadlines_room_are_tries_and_end_the_request_after_max_attempts(emu):  # noqa: F811
-    # Engine seconds (0.5 s real): the deadline leaves room for two waits, not three, by a quarter of a wait
-    # either way, so a loaded machine's slower calls do not move the boundary.
+    # Engine seconds (0.5 s real). The deadline leaves room for two waits and not three: a late call only moves a
+    # try later, so the deadline sits just short of the third (which no delay can bring inside it) and a loaded
+    # machine's slower calls have most of a wait before the second try is pushed out of the room.
     wait_s = 500.0
     emu.faults.script("openai", "chat.completions", [{"status": 429, "retry_after_s": wait_s}] * 10)
 
     async def go():
         rig = Rig(emu, sim=SimSettings(max_attempts=4))
         try:
-            (j,) = jobs_of("openai", 1, deadline_s=2.5 * wait_s)
+            (j,) = jobs_of("openai", 1, deadline_s=2.9 * wait_s)
             await rig.run("sync", [j])
             r = await rig.until(lambda: rig.results.get(j.req.id), "the result")
             assert r.status == "failed" and r.cost_usd == 0.0, r
