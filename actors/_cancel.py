@@ -237,10 +237,9 @@ class CancelDispatches:
         """Requests their driver withdrew (``Engine.cancel_requests``): work that starts later leaves them out
         (they end cancelled, billed nothing), and a provider batch under way whose members are all withdrawn is
         cancelled now, as at its hedge: what it finished is answered, the others go back to their grouper,
-        which ends them. A sync call waiting for its next try (a 429's wait), and a provider batch waiting at
-        the gate for queue room whose members are all withdrawn, end now: they ended when the wait was over.
-        A call under way, or a batch that carries other work too, runs on. Returns how many open batches it
-        cancels."""
+        which ends them. A sync call waiting for its next try (a 429's wait) ends now: left to its timer, it
+        ended when the wait was over. A call under way, or a batch that carries other work too, runs on.
+        Returns how many open batches it cancels."""
         if self._withdrawn is None:
             self._withdrawn = {}
         _remember(self._withdrawn, uids)
@@ -250,16 +249,7 @@ class CancelDispatches:
             del self._retrying[token]
             self._final(b, j, False, 0.0, b.mode,
                         error=_WITHDRAWN_AFTER_TRY if self._unanswered[j.req.uid] else _WITHDRAWN)
-        # A batch waiting at the gate for the provider's queue room (until another batch ends, or its hedge):
-        # its members all withdrawn, they end now, not when the gate lets it start.
-        queued = self.sim.batch_queue.take_where(lambda u: self._all_withdrawn(u.item.item[1]))
-        for item in (u.item.item for u in queued):
-            self._queued_at.pop(id(item), None)
-            b, jobs = item
-            for j in jobs:
-                self._final(b, j, False, 0.0, b.mode,
-                            error=_WITHDRAWN_AFTER_TRY if self._unanswered[j.req.uid] else _WITHDRAWN)
-        if waiting or queued:
+        if waiting:
             self._kick()
         gone = [rec for rec in self._open.values() if self._all_withdrawn(rec[1])]
         if gone:  # each follow-up (or lookup) wakes and acts now; the event is made anew for later sleeps

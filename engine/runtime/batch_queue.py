@@ -68,14 +68,6 @@ class BatchQueue:
         self._waiting.pop(id(u), None)
         return u
 
-    def take_where(self, pred) -> list[Unit]:
-        """The waiting units for which ``pred(unit)`` holds, taken out (void in the fair queue, as given back)."""
-        out = [u for u in self._waiting.values() if pred(u)]
-        for u in out:
-            del self._waiting[id(u)]
-            self._void.add(id(u))
-        return out
-
     def take_all(self) -> list[Unit]:
         out = []
         while (picked := self.peek(0.0)) is not None:

@@ -11,15 +11,13 @@ import asyncio
 import pytest
 
 from engine.emulator import Emulator
-from tests.unit.test_http_providers import (  # noqa: F401  (emu, quarter: fixtures)
-    SPEED,
+from tests.unit.test_http_providers import (  # noqa: F401  (emu: a fixture)
     Rig,
     assert_batch_member,
     batch_key,
     billed_by_custom_id,
     emu,
     jobs_of,
-    quarter,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:The model .* is deprecated:DeprecationWarning")
@@ -112,34 +110,3 @@ def test_the_queue_limit_a_refusal_names_is_read_in_openais_words_and_azures(emu
         assert p.queue_refusal(handle) == limit
     finally:
         asyncio.run(p.close())
-
-
-def test_a_batch_waiting_for_queue_room_whose_members_are_all_withdrawn_ends_them_at_once(quarter):  # noqa: F811
-    """A batch refused for a full queue waits at the dispatcher's gate for room (the end of another batch of its
-    model, hours away at a provider) until its hedge. Its members all withdrawn (``Engine.cancel_requests``, an
-    endpoint batch's cancel), they end now, billed nothing, their claims settled at 0: before, they ended only
-    when the gate let the batch start, and the endpoint's cancel stayed ``cancelling`` all that time (a fault
-    hunt). The batch under way runs on, and the gate's count lets the next batch in when it ends."""
-    first, second = jobs_of("openai", 8, claims=True)[:4], jobs_of("openai", 8, claims=True)[4:]
-    quarter.faults.batch_queue_limits = {MODEL: 2_000}
-
-    async def go():
-        rig = Rig(quarter, "openai", speed=SPEED / 4)
-        try:
-            await rig.reserve(first + second)
-            await rig.run("batch_api", first, bid="b1")
-            await rig.run("batch_api", second, bid="b2")
-            await rig.until(lambda: len(rig.d.sim.batch_queue) == 1, "the refused batch waiting for room")
-            await rig.d.withdraw([j.req.uid for j in second])
-            await rig.until(lambda: all(j.req.id in rig.results for j in second), "the withdrawn members' end")
-            assert not any(j.req.id in rig.results for j in first)  # ended before the batch under way
-            assert all(rig.results[j.req.id].error.startswith("cancelled: withdrawn") for j in second)
-            assert len(rig.d.sim.batch_queue) == 0 and rig.grouper.readmitted() == []
-            await rig.until(lambda: len(rig.results) == 8, "the first batch's answers", 20.0)
-            assert [rig.results[j.req.id].status for j in first] == ["ok"] * 4
-            await rig.until(lambda: not rig.budget.book.claims, "every claim settled")
-            assert set(billed_by_custom_id(quarter)) == {batch_key(j) for j in first}  # the withdrawn: never billed
-            assert rig.d.in_flight == 0 and not rig.d._open
-        finally:
-            await rig.close()
-    asyncio.run(go())
