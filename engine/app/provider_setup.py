@@ -119,9 +119,11 @@ def _warn_retiring(catalog: Catalog, name: str, ep, today: datetime.date) -> Non
     if gone:
         said = "; ".join(f"{m} {'shut down on' if d <= today else 'shuts down on'} {d}"
                          + ("" if d <= today else f" (in {(d - today).days} days)") for m, d in gone)
-        log.warning("%s: %s, by the provider's deprecations page: requests for them fail from that day; name "
+        later = [m for m, s in catalog.providers[name].models.items() if s.shutdown is None and s.kind == "text"]
+        others = f"the catalog also prices {', '.join(later)}; " if later else ""
+        log.warning("%s: %s, by the provider's deprecations page: requests for them fail from that day; %sname "
                     "their successors and prices in a catalog (--catalog-overlay or --catalog; docs/providers.md, "
-                    "\"Retired models\")", name, said)
+                    "\"Retired models\")", name, said, others)
 
 
 def with_hedge_lag(catalog: Catalog, lag_s: float, speedup: float) -> Catalog:

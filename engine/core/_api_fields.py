@@ -67,10 +67,11 @@ def check_api_body(body: dict, where: str, api: str, spec: ModelSpec) -> None:
         if body.get("max_tokens") is not None:
             raise FieldProblem(f"{where}.max_tokens", f"{where}.max_tokens is refused by OpenAI for reasoning models; "
                                "give max_completion_tokens (it also counts the model's reasoning tokens)")
-        for key in ("temperature", "top_p"):
+        for key in ("temperature", "top_p") if spec.fixed_sampling(body) else ():
             if body.get(key) not in (None, 1):
+                none = " unless the reasoning effort is 'none'" if spec.effort_default is not None else ""
                 raise FieldProblem(f"{where}.{key}", f"{where}.{key} must be 1 or left out: OpenAI's reasoning "
-                                   f"models take no other value, got {body[key]!r}")
+                                   f"models take no other value{none}, got {body[key]!r}")
     _check_parts(body, where, api)
     if api != "anthropic":
         return

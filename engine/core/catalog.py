@@ -230,9 +230,20 @@ class ModelSpec(_Frozen):
                                            "provider's rule)")
     reasoning: bool = Field(default=False, description="an OpenAI reasoning model (gpt-5, o-series): the API "
                             "refuses max_tokens for it (max_completion_tokens, which also counts reasoning tokens) "
-                            "and any temperature or top_p but 1")
+                            "and any temperature or top_p but 1, unless its reasoning effort is 'none'")
+    effort_default: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = Field(
+        default=None, description="the reasoning effort of a call that names none (gpt-5.1 on: 'none', at which "
+        "the model takes any temperature and top_p)")
     shutdown: date | None = Field(default=None, description="the day the provider stops serving the model, as "
                                   "its deprecations page says (a start that calls it over HTTP warns ahead)")
+
+    def fixed_sampling(self, body: dict) -> bool:
+        """Whether ``body`` (on the wire) may give only 1 as temperature and top_p: at an effort but gpt-5.1's 'none'."""
+        if not self.reasoning or self.effort_default is None:  # gpt-5 and the o-series have no effort 'none'
+            return self.reasoning
+        r = body.get("reasoning")
+        return (body.get("reasoning_effort") or (r.get("effort") if isinstance(r, dict) else None)
+                or self.effort_default) != "none"
 
     @model_validator(mode="after")
     def _priced(self) -> ModelSpec:

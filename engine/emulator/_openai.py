@@ -12,6 +12,7 @@ import struct
 import zlib
 from typing import Any
 
+from engine.core.catalog import ModelSpec
 from engine.emulator._bill import BilledItem
 from engine.emulator._core import EMULATED_AUTO_QUALITY, Core, TextCall
 from engine.emulator._routing import Ctx, Route, route
@@ -48,9 +49,10 @@ def _cap(body: dict, *names: str) -> tuple[Any, str]:
     return None, names[0]
 
 
-def _sampling(body: dict, reasoning: bool) -> None:
-    """OpenAI's ranges, and what its reasoning models refuse (max_tokens; a temperature or top_p but 1)."""
-    if reasoning and body.get("max_tokens") is not None:
+def _sampling(body: dict, spec: ModelSpec) -> None:
+    """OpenAI's ranges, and what its reasoning models refuse (max_tokens; a temperature or top_p but 1 while they
+    reason)."""
+    if spec.reasoning and body.get("max_tokens") is not None:
         raise ApiError(400, "Unsupported parameter: 'max_tokens' is not supported with this model. Use "
                        "'max_completion_tokens' instead.", param="max_tokens", code="unsupported_parameter")
     for key, hi in (("temperature", 2), ("top_p", 1)):
@@ -60,7 +62,7 @@ def _sampling(body: dict, reasoning: bool) -> None:
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= hi:
             raise ApiError(400, f"Invalid '{key}': expected a number between 0 and {hi}, got {v!r}.", param=key,
                            code="invalid_value")
-        if reasoning and v != 1:
+        if v != 1 and spec.fixed_sampling(body):
             raise ApiError(400, f"Unsupported value: '{key}' does not support {v!r} with this model. Only the "
                            "default (1) value is supported.", param=key, code="unsupported_value")
 
@@ -77,7 +79,7 @@ def chat_result(core: Core, provider: str, body: dict, mode: str, at: float | No
     if body.get("n") not in (None, 1):
         raise ApiError(400, "the emulator answers n=1 only", param="n")
     prompt = chat_prompt(body, spec.image_input or p.image_input)  # parsed before the cap, so a bad body is reported as such
-    _sampling(body, spec.reasoning)
+    _sampling(body, spec)
     cap, cap_param = _cap(body, "max_completion_tokens", "max_tokens")
     call = core.text_call(p, spec, body["model"], prompt, cap, cap_param, mode, at)
     message: dict[str, Any] = {"role": "assistant", "content": call.text, "refusal": None, "annotations": []}
@@ -107,6 +109,7 @@ def responses_result(core: Core, provider: str, body: dict, mode: str, at: float
     _no_stream(body)
     p, spec = core.model(provider, body.get("model"), "text")
     prompt = responses_prompt(body, spec.image_input or p.image_input)
+    _sampling(body, spec)
     cap, cap_param = _cap(body, "max_output_tokens")
     call = core.text_call(p, spec, body["model"], prompt, cap, cap_param, mode, at)
     now = core.now() if at is None else at

@@ -97,6 +97,16 @@ def test_an_openai_reasoning_model_refuses_max_tokens_and_a_temperature_other_th
     assert r.max_output_tokens == 50
 
 
+def test_gpt_5_4_takes_a_temperature_at_effort_none_its_default_and_refuses_it_while_it_reasons():
+    for model in ("gpt-5.4", "gpt-5.4-mini"):
+        assert make(model, temperature=0.2, top_p=0.9).body["temperature"] == 0.2
+        assert make(model, temperature=0.2, reasoning_effort="none").body["temperature"] == 0.2
+        msg = refusal(model, temperature=0.2, reasoning_effort="high")
+        assert msg.startswith("Value error, body.temperature") and "unless the reasoning effort is 'none'" in msg
+        assert "max_completion_tokens" in refusal(model, max_tokens=50)  # a reasoning model's cap, at any effort
+    assert "body.temperature" in refusal("gpt-5-mini", temperature=0.2, reasoning_effort="none")  # no such effort
+
+
 def test_one_bad_line_of_a_file_fails_alone_and_its_neighbours_load(tmp_path):
     from engine.core.trace import load_trace
 

@@ -103,6 +103,8 @@ def test_a_top_level_cache_control_marks_the_last_block(emu: Emulator, sdk: Sdk)
 @pytest.mark.parametrize(("model", "kw", "code"), [
     ("gpt-5-mini", {"max_tokens": 50}, "unsupported_parameter"),
     ("gpt-5-mini", {"temperature": 0.2}, "unsupported_value"),
+    ("gpt-5.4-mini", {"temperature": 0.2, "reasoning_effort": "low"}, "unsupported_value"),
+    ("gpt-5.4", {"max_tokens": 50}, "unsupported_parameter"),
     ("gpt-4o-mini", {"temperature": 2.5}, "invalid_value"),
     ("gpt-4o-mini", {"messages": [{"role": "banana", "content": "hi"}]}, None),
     ("gpt-4o-mini", {"messages": [{"role": "user", "content": [
@@ -115,7 +117,9 @@ def test_openai_refuses_what_chat_completions_refuses(emu: Emulator, sdk: Sdk, m
     assert err.value.code == code
     sdk.openai().chat.completions.create(model="gpt-4o-mini", max_tokens=50, temperature=0.2, messages=user("hi"))
     sdk.openai().chat.completions.create(model="gpt-5-mini", max_completion_tokens=50, messages=user("hi"))
-    assert len(emu.bill().items) == 2
+    # gpt-5.4's family samples as a chat model at its default effort, none
+    sdk.openai().chat.completions.create(model="gpt-5.4-mini", temperature=0.2, messages=user("hi"))
+    assert len(emu.bill().items) == 3
 
 
 def test_a_batch_with_more_metadata_than_openai_takes_is_a_400(emu: Emulator, sdk: Sdk):  # noqa: F811

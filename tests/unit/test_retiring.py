@@ -55,6 +55,7 @@ def test_a_start_against_the_real_api_warns_of_the_models_it_shuts_down(keys, ca
     for m in gone:
         assert f"{m} shut down on {CAT.providers['openai'].models[m].shutdown}" in said[0]
     assert "--catalog-overlay" in said[0]
+    assert "the catalog also prices gpt-5.4, gpt-5.4-mini;" in said[0]  # the models with no day, to move to
     assert "gpt-4o-mini" not in said[0]  # 40 days on: not yet
     assert not [m for m in _warned(caplog) if m.startswith("anthropic:")]  # none of its models has a day
 
