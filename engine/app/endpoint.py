@@ -50,6 +50,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.app._endpoint_batches import CANCEL_WAIT_S, MAX_FILE_BYTES, MAX_OPEN_LINES, FilesAndBatches
+from engine.app._endpoint_choices import choices_wanted, fan_out, merged_body, merged_headers
 from engine.app._endpoint_job import cut_by_cancel
 from engine.app._endpoint_stream import sse_chunks, stream_wanted
 from engine.app._endpoint_wire import (
@@ -133,8 +134,9 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
         done, headers = await answer(http, body, url)
         return JSONResponse(done, headers=headers)
 
-    async def answer(http: HttpRequest, body: dict[str, Any], url: str) -> tuple[dict, dict[str, str]]:
-        """The answer's body in ``url``'s shape, and the smartbatch headers."""
+    async def answer(http: HttpRequest, body: dict[str, Any], url: str, n: int = 1) -> tuple[dict, dict[str, str]]:
+        """The answer's body in ``url``'s shape, and the smartbatch headers; ``n`` > 1: a chat body of n choices,
+        each a request of its own (``_endpoint_choices``)."""
         model = body.get("model")
         if isinstance(model, str) and model and model not in known:  # as OpenAI answers: apps fall back on it
             try:
@@ -157,23 +159,35 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
             where = {"image": IMAGES_URL, "text": f"{CHAT_URL} or {RESPONSES_URL}"}.get(req.kind, "the engine")
             raise ApiError(400, f"model {req.model!r} makes {req.kind}, not {want}; send it to {where}",
                            param="model")
-        res: Result = await engine_call(engine.asubmit(d), param_of)
-        if res.status not in ("ok", "reused"):
-            raise _failure(res)
-        return response_body(url, req, res, int(time.time())), _smartbatch_headers(req, res, catalog)
+        if n == 1:
+            res: Result = await engine_call(engine.asubmit(d), param_of)
+            if res.status not in ("ok", "reused"):
+                raise _failure(res)
+            return response_body(url, req, res, int(time.time())), _smartbatch_headers(req, res, catalog)
+        # One submission, in choice order: choice 0 reaches the cache first, so it never follows a later choice.
+        results: list[Result] = await engine_call(engine.asubmit_many(fan_out(d, n)), param_of)
+        failed = next((r for r in results if r.status not in ("ok", "reused")), None)
+        if failed is not None:  # the others are billed all the same; the same request id again gets them back
+            raise _failure(failed)
+        now, reqs = int(time.time()), [req.model_copy(update={"id": r.id}) for r in results]
+        return (merged_body([response_body(url, q, r, now) for q, r in zip(reqs, results, strict=True)]),
+                merged_headers([_smartbatch_headers(q, r, catalog) for q, r in zip(reqs, results, strict=True)],
+                               cost=HEADER_COST, saving=HEADER_SAVING, mode=HEADER_MODE, hit=HEADER_HIT,
+                               met=HEADER_DEADLINE_MET))
 
     @app.post(CHAT_URL)
     async def chat_completions(http: HttpRequest) -> Response:
         body = await json_body(http)
         stream, usage = stream_wanted(body)  # the engine gets the body without them: it reads whole answers
-        body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+        n = choices_wanted(body)  # nor n: each of its requests makes one output
+        body = {k: v for k, v in body.items() if k not in ("stream", "stream_options", "n")}
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "messages is required: a non-empty list such as [{\"role\": \"user\", "
                                 "\"content\": \"...\"}]", param="messages")
+        done, headers = await answer(http, body, CHAT_URL, n)  # whole before a byte: an error keeps its status
         if not stream:
-            return await generate(http, body, CHAT_URL)
-        done, headers = await answer(http, body, CHAT_URL)  # whole, before the first byte: an error keeps its status
+            return JSONResponse(done, headers=headers)
         return StreamingResponse(sse_chunks(done, usage), media_type="text/event-stream", headers=headers)
 
     @app.post(RESPONSES_URL)

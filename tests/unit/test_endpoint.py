@@ -89,6 +89,9 @@ class FakeEngine:
     async def asubmit(self, d: dict) -> Result:
         return self._result(self._request(d))
 
+    async def asubmit_many(self, ds: list[dict]) -> list[Result]:
+        return [self._result(req) for req in [self._request(d) for d in ds]]  # all refused, or all queued
+
     def submit_many(self, ds: list[dict]) -> list[concurrent.futures.Future]:
         futs = []
         for req in [self._request(d) for d in ds]:
@@ -331,8 +334,8 @@ def test_a_bad_body_is_refused_naming_the_field(served):
     with pytest.raises(openai.NotFoundError) as exc:  # as OpenAI answers an unknown model (since stop 56)
         client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
     assert exc.value.param == "model" and "no-such-model" in exc.value.message
-    with pytest.raises(openai.BadRequestError) as exc:
-        chat(client, n=2)
+    with pytest.raises(openai.BadRequestError) as exc:  # n=2 is two choices (test_endpoint_choices.py)
+        chat(client, n=0)
     assert exc.value.param == "n"
     key = {endpoint.HEADER_REQUEST_ID: "q2"}
     first = chat(client, "Same", extra_headers=key).parse()

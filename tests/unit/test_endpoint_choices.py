@@ -1,0 +1,72 @@
+"""``n`` > 1 on the chat completions route, read with the official SDK over the tests' fake engine under uvicorn (no
+Ray): it was a 400, so an application that samples several answers could not change only its ``base_url`` (a
+helper's tour). Each choice is a request of its own, reserved for and billed as one."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from engine.app import endpoint
+from engine.app.endpoint import make_app
+from tests.unit.test_endpoint import CAT, FakeEngine, serving
+
+ASK = [{"role": "user", "content": "Name a river."}]
+
+
+@pytest.fixture(scope="module")
+def served():
+    eng = FakeEngine()
+    with serving(make_app(eng, catalog=CAT)) as url, \
+            openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=10) as client:
+        yield eng, client
+
+
+def test_n_choices_are_n_requests_each_generated_and_billed_with_its_own_output(served):
+    eng, client = served
+    one = client.chat.completions.with_raw_response.create(
+        model="gpt-5-mini", messages=ASK, max_completion_tokens=50, extra_headers={endpoint.HEADER_REQUEST_ID: "c1"})
+    raw = client.chat.completions.with_raw_response.create(
+        model="gpt-5-mini", messages=ASK, max_completion_tokens=50, n=3,
+        extra_headers={endpoint.HEADER_REQUEST_ID: "c3"})
+    done = raw.parse()
+    assert [c.index for c in done.choices] == [0, 1, 2]
+    assert all(c.message.content == "echo: Name a river." and c.finish_reason == "stop" for c in done.choices)
+    # Three requests, the first under the caller's id; the others are generated, never served choice 0's answer.
+    assert eng.submitted[-3:] == ["c3", "c3/n1", "c3/n2"]
+    assert [eng.seen[i].get("reuse") for i in ("c3", "c3/n1", "c3/n2")] == [None, "none", "none"]
+    # Each reserves and is billed as a whole request: its cap, no n on the wire (Anthropic refuses n).
+    assert all(eng.seen[i]["body"]["max_completion_tokens"] == 50 and "n" not in eng.seen[i]["body"]
+               for i in ("c3", "c3/n1", "c3/n2"))
+    assert done.usage.prompt_tokens == 3 * 7 and done.usage.completion_tokens == 3 * 3
+    cost = float(one.headers[endpoint.HEADER_COST])
+    assert float(raw.headers[endpoint.HEADER_COST]) == pytest.approx(3 * cost)
+    assert float(raw.headers[endpoint.HEADER_SAVING]) == pytest.approx(3 * float(one.headers[endpoint.HEADER_SAVING]))
+    assert raw.headers[endpoint.HEADER_MODE] == "batch_api" and raw.headers[endpoint.HEADER_REQUEST_ID] == "c3"
+
+
+def test_n_choices_stream_and_reach_a_claude_model(served):
+    eng, client = served
+    chunks = list(client.chat.completions.create(model="claude-haiku-4-5", messages=ASK, n=2, stream=True,
+                                                 extra_headers={endpoint.HEADER_REQUEST_ID: "c-claude"}))
+    assert sorted(ch.index for c in chunks for ch in c.choices if ch.finish_reason) == [0, 1]
+    assert [ch.delta.content for c in chunks for ch in c.choices if ch.delta.content] == ["echo: Name a river."] * 2
+    assert "n" not in eng.seen["c-claude"]["body"] and "n" not in eng.seen["c-claude/n1"]["body"]
+    single = client.chat.completions.create(model="claude-haiku-4-5", messages=ASK, n=1)  # n=1 too: not on the wire
+    assert len(single.choices) == 1
+
+
+@pytest.mark.parametrize("n", [0, 129, "2", 1.5, True])
+def test_a_bad_n_is_a_400_naming_it(served, n):
+    _, client = served
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model="gpt-5-mini", messages=ASK, extra_body={"n": n})
+    assert exc.value.param == "n" and "128" in exc.value.message
+
+
+def test_one_failed_choice_fails_the_call_with_its_status(served):
+    _, client = served
+    with pytest.raises(openai.APIStatusError) as exc:
+        client.chat.completions.create(model="gpt-5-mini", messages=ASK, n=2,
+                                       extra_headers={endpoint.HEADER_REQUEST_ID: "c-boom"})
+    assert exc.value.status_code == 503 and exc.value.response.headers["x-should-retry"] == "false"
