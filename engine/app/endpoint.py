@@ -6,7 +6,9 @@ Routes (OpenAI's shapes): ``POST /v1/chat/completions``, ``POST /v1/responses``,
 (upload, list, retrieve, content, delete), ``/v1/batches`` (create, list, retrieve, cancel), ``/v1/models``;
 and one of ours, ``GET /v1/batches/{id}/smartbatch_report`` (each line's cost against its list price).
 
-``stream: true`` on chat completions answers in OpenAI's chunks once the whole answer is in (``_endpoint_stream``).
+``stream: true`` answers in OpenAI's chunks (chat completions, ``_endpoint_stream``) or the Responses API's events
+(``_endpoint_responses_stream``) once the whole answer is in; ``n`` > 1 on chat completions is n requests
+(``_endpoint_choices``).
 
 Request headers (all optional; absent, the engine's defaults apply):
 
@@ -52,6 +54,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from engine.app._endpoint_batches import CANCEL_WAIT_S, MAX_FILE_BYTES, MAX_OPEN_LINES, FilesAndBatches
 from engine.app._endpoint_choices import choices_wanted, fan_out, merged_body, merged_headers
 from engine.app._endpoint_job import cut_by_cancel
+from engine.app._endpoint_responses_stream import response_events, responses_stream_wanted
 from engine.app._endpoint_stream import sse_chunks, stream_wanted
 from engine.app._endpoint_wire import (
     HEADER_DEADLINE,
@@ -191,14 +194,16 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
         return StreamingResponse(sse_chunks(done, usage), media_type="text/event-stream", headers=headers)
 
     @app.post(RESPONSES_URL)
-    async def responses(http: HttpRequest) -> JSONResponse:
+    async def responses(http: HttpRequest) -> Response:
         body = await json_body(http)
-        if body.get("stream"):
-            raise ApiError(400, "stream=true is not supported: smartbatch answers with the whole response once it "
-                                "is ready; send stream=false or leave it out", param="stream")
+        stream = responses_stream_wanted(body)  # the engine gets the body without it, as on the chat route
+        body = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
         if not body.get("input"):
             raise ApiError(400, "input is required: a string, or a list of input items", param="input")
-        return await generate(http, body, RESPONSES_URL)
+        done, headers = await answer(http, body, RESPONSES_URL)  # whole before a byte: an error keeps its status
+        if not stream:
+            return JSONResponse(done, headers=headers)
+        return StreamingResponse(response_events(done), media_type="text/event-stream", headers=headers)
 
     @app.post(IMAGES_URL)
     async def images_generations(http: HttpRequest) -> JSONResponse:
