@@ -173,7 +173,7 @@ class ResultCache(CacheReports, NearIndex, Following, Warm):
         if output is None and e.blob is not None:
             return None  # the blob is gone: a miss, never an empty answer
         return reused_result(item.req, at=at, hit=hit, source_id=e.result.id, output=output, similarity=similarity,
-                             tool_calls=e.result.tool_calls, finish=e.result.finish)
+                             tool_calls=e.result.tool_calls, finish=e.result.finish, usage=e.result.usage)
 
     def _list_prices(self, items: list[Item]) -> list[float]:
         """What each reused request would have cost alone: its saving, for the report."""
@@ -343,7 +343,7 @@ class ResultCache(CacheReports, NearIndex, Following, Warm):
                 # damaged file under its name, a store that lost it) must not drop the followers.
                 out.append(reused_result(f.req, at=max(at, f.req.arrival_s), hit=hit, source_id=res.id,
                                          output=res.output, made_by=(res.provider, res.model) if res.model else None,
-                                         tool_calls=res.tool_calls, finish=res.finish))
+                                         tool_calls=res.tool_calls, finish=res.finish, usage=res.usage))
                 out_items.append(f)
         # The followers left the in-flight table above: they are held for ``recall`` from now, not from their
         # delivery after the awaits below, or a re-admission meanwhile generates them a second time.

@@ -119,7 +119,8 @@ class BatchJob:
         return job
 
     def _usage(self) -> dict[str, Any]:
-        used = [r.usage or {} for r in self.results.values() if r.status in ANSWERED]
+        # The tokens billed: a reused line reports its source's usage (``reused_result``) and cost nothing.
+        used = [r.usage or {} for r in self.results.values() if r.status == "ok"]
         n_in = sum(u.get("input_tokens", 0) for u in used)
         n_out = sum(u.get("output_tokens", 0) for u in used)
         cached = sum(u.get("cache_read", 0) for u in used)

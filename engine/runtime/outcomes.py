@@ -86,14 +86,18 @@ def refused_result(req, *, at: float, status: Status, error: str, reason: str = 
 
 def reused_result(req, *, at: float, hit: str, source_id: str, output: str | None,
                   similarity: float | None = None, made_by: tuple[str, str] | None = None,
-                  tool_calls: list | None = None, finish: str | None = None) -> Result:
+                  tool_calls: list | None = None, finish: str | None = None,
+                  usage: dict[str, int] | None = None) -> Result:
     """A request answered from the result of ``source_id`` (exact, in flight or near), free. ``made_by``: the
-    (provider, model) that made the output, where it is not the request's (a leader rerouted to its fallback)."""
+    (provider, model) that made the output, where it is not the request's (a leader rerouted to its fallback).
+    ``usage``: the source's, the tokens of the call that made the answer, as a cache in front of an API reports
+    a hit (LiteLLM's does); that it cost nothing is said by ``status``, ``mode``, ``hit`` and ``cost_usd``. Left
+    out, an endpoint's client read an answer of 0 tokens (a helper's tour)."""
     why = f"reused {hit} result of {source_id}" + (f" (cosine {similarity:.3f})" if similarity is not None else "")
     provider, model = made_by or (req.provider, req.model)
     if made_by is not None and made_by != (req.provider, req.model):
         why += f", made by the fallback model {provider}/{model}"
     return Result(id=req.id, tenant=req.tenant, status="reused", output=output, tool_calls=tool_calls, finish=finish,
-                  cost_usd=0.0, mode="reuse", hit=hit,
+                  usage=dict(usage) if usage else None, cost_usd=0.0, mode="reuse", hit=hit,
                   provider=provider, model=model, arrival_s=req.arrival_s, done_s=at,
                   deadline_met=req.met_by(at), reason=why)
