@@ -53,6 +53,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.app._endpoint_batches import CANCEL_WAIT_S, MAX_FILE_BYTES, MAX_OPEN_LINES, FilesAndBatches
 from engine.app._endpoint_choices import choices_wanted, fan_out, merged_body, merged_headers
+from engine.app._endpoint_claude import for_messages_api
 from engine.app._endpoint_job import cut_by_cancel
 from engine.app._endpoint_responses_stream import response_events, responses_stream_wanted
 from engine.app._endpoint_stream import sse_chunks, stream_wanted
@@ -137,9 +138,10 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
         done, headers = await answer(http, body, url)
         return JSONResponse(done, headers=headers)
 
-    async def answer(http: HttpRequest, body: dict[str, Any], url: str, n: int = 1) -> tuple[dict, dict[str, str]]:
+    async def answer(http: HttpRequest, body: dict[str, Any], url: str, n: int = 1,
+                     came: dict[str, str] | None = None) -> tuple[dict, dict[str, str]]:
         """The answer's body in ``url``'s shape, and the smartbatch headers; ``n`` > 1: a chat body of n choices,
-        each a request of its own (``_endpoint_choices``)."""
+        each a request of its own (``_endpoint_choices``); ``came``: the caller's name of a renamed body field."""
         model = body.get("model")
         if isinstance(model, str) and model and model not in known:  # as OpenAI answers: apps fall back on it
             try:
@@ -155,7 +157,7 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
             default = getattr(engine.settings.deadlines, fields.get("priority", "normal"))
             fields["deadline_s"] = min(default, waits * CLIENT_TIMEOUT_SHARE * speedup)
         d = {"id": rid or new_id("req_"), **fields, "body": body}
-        param_of = _param_in(body)
+        param_of = _param_in(body, came or {})
         req = validator.request(d, param_of)
         want = "image" if url == IMAGES_URL else "text"
         if req.kind != want:
@@ -184,11 +186,12 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
         stream, usage = stream_wanted(body)  # the engine gets the body without them: it reads whole answers
         n = choices_wanted(body)  # nor n: each of its requests makes one output
         body = {k: v for k, v in body.items() if k not in ("stream", "stream_options", "n")}
+        body, came = for_messages_api(body, catalog, engine.settings)  # a Claude model: Messages' names
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "messages is required: a non-empty list such as [{\"role\": \"user\", "
                                 "\"content\": \"...\"}]", param="messages")
-        done, headers = await answer(http, body, CHAT_URL, n)  # whole before a byte: an error keeps its status
+        done, headers = await answer(http, body, CHAT_URL, n, came)  # whole before a byte: errors keep a status
         if not stream:
             return JSONResponse(done, headers=headers)
         return StreamingResponse(sse_chunks(done, usage), media_type="text/event-stream", headers=headers)
@@ -274,15 +277,17 @@ def _ask_for_key(app: FastAPI, digest: str) -> None:
         return await call_next(http)
 
 
-def _param_in(body: dict) -> Callable[[str], str | None]:
-    """The OpenAI body field behind a refused request field (``body.messages`` -> ``messages``)."""
+def _param_in(body: dict, came: dict[str, str]) -> Callable[[str], str | None]:
+    """The OpenAI body field behind a refused request field (``body.messages`` -> ``messages``; a field the
+    endpoint renamed, ``came``, by the caller's name)."""
     cap = next((k for k in ("max_completion_tokens", "max_tokens") if body.get(k) is not None), "max_tokens")
     text = "prompt" if "prompt" in body else "messages"
     by_field = {"max_output_tokens": cap, "output_tokens": cap, "input_tokens": text, "prompt": text,
                 "provider": "model", "kind": "model", "params.size": "size", "line": None}
 
     def param_of(field: str) -> str | None:
-        return by_field.get(field, field.removeprefix("body.").removeprefix("params."))
+        param = by_field.get(field, field.removeprefix("body.").removeprefix("params."))
+        return came.get(param, param) if param is not None else None
 
     return param_of
 
