@@ -10,6 +10,7 @@ import pytest
 from engine.app import endpoint
 from engine.app.endpoint import make_app
 from tests.unit.test_endpoint import CAT, FakeEngine, serving
+from tests.unit.test_endpoint_reuse import CachedEngine
 
 ASK = [{"role": "user", "content": "Name a river."}]
 
@@ -70,3 +71,22 @@ def test_one_failed_choice_fails_the_call_with_its_status(served):
         client.chat.completions.create(model="gpt-5-mini", messages=ASK, n=2,
                                        extra_headers={endpoint.HEADER_REQUEST_ID: "c-boom"})
     assert exc.value.status_code == 503 and exc.value.response.headers["x-should-retry"] == "false"
+
+
+def test_over_the_real_cache_choice_0_may_be_reused_and_the_others_are_always_generated(tmp_path):
+    eng = CachedEngine(tmp_path)
+    with serving(make_app(eng, catalog=CAT)) as url, \
+            openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=10) as client:
+        one = client.chat.completions.create(model="gpt-5-mini", messages=ASK, extra_headers={
+            endpoint.HEADER_REQUEST_ID: "a"})
+        raw = client.chat.completions.with_raw_response.create(model="gpt-5-mini", messages=ASK, n=3,
+                                                               extra_headers={endpoint.HEADER_REQUEST_ID: "b"})
+        texts = [c.message.content for c in raw.parse().choices]
+        # Choice 0 is the earlier identical request's answer (free); choices 1 and 2 are their own calls, not
+        # served that answer nor each other's though all three have one content.
+        assert texts == [one.choices[0].message.content, "The Nile (b/n1).", "The Nile (b/n2)."]
+        assert raw.headers[endpoint.HEADER_MODE] == "reuse,sync,sync"
+        assert raw.headers[endpoint.HEADER_HIT] == "exact,none,none"
+        fresh = client.chat.completions.create(model="gpt-5-mini", messages=[{"role": "user", "content": "New?"}],
+                                               n=2, extra_headers={endpoint.HEADER_REQUEST_ID: "c"})
+        assert [c.message.content for c in fresh.choices] == ["The Nile (c).", "The Nile (c/n1)."]
