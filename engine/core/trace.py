@@ -127,9 +127,11 @@ def parse_trace_lines(lines: Iterable[str] | Iterable[tuple[int, str]], *, sourc
     numbered: list[tuple[int, Request]] = []
     problems = problems if problems is not None else []
     seen: dict[str, int] = {}
+    head = ""  # the first non-empty line: what the file is, when no line of it is a request
     for no, line in _numbered(lines):
         if not line.strip():
             continue
+        head = head or line.strip()
         try:
             raw = json.loads(line.rstrip("\r\n"))  # a cut-off line errs at its own end, not at column 1 of the next
         except json.JSONDecodeError as exc:
@@ -152,15 +154,37 @@ def parse_trace_lines(lines: Iterable[str] | Iterable[tuple[int, str]], *, sourc
         numbered.append((no, req))
     requests, shift = _rebase(numbered, source, problems)
     problems.sort(key=lambda p: p[1])  # stable: a line's problems stay in the order found
+    bad_lines = len({(p[0], p[1]) for p in problems})
+    fix = _what_it_is(head, source)
+    if not requests and (skip_invalid or fix or not problems):
+        # The headline comes first: listed after every bad line, it was cut from the message (a CSV of 50 rows
+        # showed 20 "not valid JSON" lines, and "... and 31 more" hid why). --skip-invalid cannot help here.
+        why = f"all {bad_lines} non-empty line(s) are invalid" if bad_lines else "it is empty"
+        raise TraceError([(source, 0, "file", f"trace {Path(source).name} has no requests ({why}); "
+                                              + (fix or "give at least one valid line"))] + problems, hint="")
     if problems and not skip_invalid:
         raise TraceError(problems)
-    bad_lines = len({(p[0], p[1]) for p in problems})
-    if not requests:
-        why = f"all {bad_lines} non-empty line(s) are invalid" if bad_lines else "it is empty"
-        raise TraceError(problems + [(source, 0, "file", f"trace {Path(source).name} has no requests ({why}); "
-                                                         "give at least one valid line")], hint="")
     requests.sort(key=lambda r: r.arrival_s)  # stable: equal arrivals keep file order
     return Trace(name=Path(source).stem, requests=requests, skipped=bad_lines, problems=problems, rebased_s=shift)
+
+
+def _what_it_is(head: str, source: str) -> str:
+    """The fix for a file that is no trace, from its first line (a recorded source names its builder), or ''."""
+    name = Path(source).name
+    try:
+        first = json.loads(head)
+    except (ValueError, RecursionError):  # reported as its line's problem already
+        first = None
+    if isinstance(first, dict) and {"timestamp", "input_length"} <= set(first):
+        return (f"it is a Mooncake trace: convert it first, `smartbatch trace from-mooncake {name} "
+                "--out trace.jsonl` (docs/traces.md)")
+    if first is None and "," in head and not head.startswith(("{", "[")):
+        if {"TIMESTAMP", "ContextTokens"} <= {c.strip() for c in head.split(",")}:
+            return (f"it is an Azure LLM trace (CSV): convert it first, `smartbatch trace from-azure {name} "
+                    "--out trace.jsonl` (docs/traces.md)")
+        return (f"line 1 reads like a CSV header ({head[:60]!r}); a trace is one JSON object per line "
+                "(README.md, 'Trace format')")
+    return ""
 
 
 def _numbered(lines: Iterable[str] | Iterable[tuple[int, str]]) -> Iterator[tuple[int, str]]:

@@ -1,0 +1,63 @@
+"""A new user's tour of `bench` (a helper's, stop 62): what a user comparing policies on recorded traces before
+trusting one with money runs into, each pinned here. No Ray; every bench is a handful of requests."""
+
+import pytest
+from typer.testing import CliRunner
+
+from engine.app.cli import app
+from engine.core.errors import TraceError
+from engine.core.trace import load_trace
+
+runner = CliRunner()
+AZURE_CSV = ("TIMESTAMP,ContextTokens,GeneratedTokens\n"
+             "2023-11-16 18:15:46.6805900,374,44\n2023-11-16 18:15:50.9951690,396,109\n")
+MOONCAKE = '{"timestamp": 0, "input_length": 6758, "output_length": 500, "hash_ids": [0, 1, 2]}\n' * 3
+
+
+def _error_lines(output: str) -> list[str]:
+    lines = output.splitlines()
+    return lines[next(k for k, line in enumerate(lines) if line.startswith("error:")):]
+
+
+# --- a file that is not a trace at all: the headline says so and names the builder -----------------------------
+
+@pytest.mark.parametrize("name,text,builder", [("code.csv", AZURE_CSV, "trace from-azure"),
+                                               ("raw.jsonl", MOONCAKE, "trace from-mooncake")])
+@pytest.mark.parametrize("skip", [False, True])
+def test_a_recorded_source_file_given_as_a_trace_names_its_builder_first(tmp_path, name, text, builder, skip):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(TraceError) as info:
+        load_trace(path, skip_invalid=skip)
+    first = info.value.problems[0]
+    # Before: every line's "not valid JSON" (or "'timestamp' is not a request field") came first, and with
+    # --skip-invalid the one line that said why (no requests) was the 51st, hidden under "... and 31 more".
+    assert first[1] == 0 and first[2] == "file", info.value.problems[:2]
+    assert "no requests" in first[3] and builder in first[3], first[3]
+    assert str(info.value).splitlines()[1].startswith(f"{path}: field 'file'"), str(info.value)
+
+
+def test_a_csv_of_unknown_columns_is_called_a_csv(tmp_path):
+    path = tmp_path / "mine.csv"
+    path.write_text("id,model,prompt\n1,gpt-5-mini,hello\n")
+    with pytest.raises(TraceError) as info:
+        load_trace(path)
+    first = info.value.problems[0][3]
+    assert "CSV" in first and "one JSON object per line" in first, first
+
+
+def test_a_trace_with_one_good_line_still_lists_its_bad_lines_as_before(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"id": "a", "arrival_s": 0, "model": "gpt-5-mini", "prompt": "hi"}\nnot json\n')
+    with pytest.raises(TraceError) as info:
+        load_trace(path)
+    assert [p[1] for p in info.value.problems] == [2]
+
+
+def test_bench_of_an_azure_csv_says_so_in_its_first_lines(tmp_path):
+    path = tmp_path / "code.csv"
+    path.write_text(AZURE_CSV + "2023-11-16 18:15:51.1,10,10\n" * 40)
+    r = runner.invoke(app, ["bench", str(path), "--policies", "naive", "--out", str(tmp_path / "o"),
+                            "--skip-invalid"])
+    assert r.exit_code == 2
+    assert "smartbatch trace from-azure code.csv" in "\n".join(_error_lines(r.output)[:2]), r.output
