@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import types
+import typing
 from collections.abc import Hashable, Mapping
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 
 from engine.core.catalog import Catalog
 from engine.core.errors import ConfigError, RegistryError
@@ -30,6 +32,23 @@ class PolicyParams(BaseModel):
     of .inf woke a group at infinity and submitted its batch there (a hunt); "never" is a parameter's None."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _json_types(cls, value: Any, info: ValidationInfo) -> Any:
+        """A boolean is true or false and a number a number, as in a trace: lax mode read "yes" as true and
+        ``min_on_time_p: true`` as 1.0 (a helper's tour), and results.json kept what was written."""
+        kinds = _scalar_kinds(cls.model_fields[info.field_name].annotation)
+        if value is None or not kinds:
+            return value
+        shown = f"{value!r:.40}"
+        if kinds == {bool}:
+            if not isinstance(value, bool):
+                raise ValueError(f"must be true or false, not {type(value).__name__} {shown}")
+        elif isinstance(value, (bool, str, bytes)):
+            what = "a boolean" if isinstance(value, bool) else "a string"
+            raise ValueError(f"must be a number, not {what} ({shown}); write it bare, unquoted")
+        return value
 
 
 class Policy:
@@ -110,6 +129,13 @@ def available_policies() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def _scalar_kinds(annotation: Any) -> set[type]:
+    """The scalar types a field takes ({bool}, {float}, ... through ``| None``), or none for any other field."""
+    union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    kinds = {a for a in (typing.get_args(annotation) if union else (annotation,)) if a is not type(None)}
+    return kinds if kinds and kinds <= {bool, int, float} else set()
+
+
 def _param_error(policy: str, names: list[str], exc: ValidationError) -> str:
     """One line: an unknown parameter with the near name and the list (the list alone hid the fix among 29
     names), a bad value with the value given (a helper's tour)."""
@@ -121,7 +147,8 @@ def _param_error(policy: str, names: list[str], exc: ValidationError) -> str:
         return f"policy {policy!r} has no parameter {loc!r}; {hint}its parameters: {', '.join(names)}"
     got = first.get("input")
     shown = f" = {got!r:.60}" if isinstance(got, (str, int, float, bool)) else ""
-    return f"policy {policy!r}: parameter {loc}{shown}: {first['msg']} (`smartbatch policies` shows its default)"
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"policy {policy!r}: parameter {loc}{shown}: {msg} (`smartbatch policies` shows its default)"
 
 
 def load_policy(spec: str, catalog: Catalog, params: Mapping[str, Any] | None = None) -> Policy:

@@ -61,3 +61,37 @@ def test_bench_of_an_azure_csv_says_so_in_its_first_lines(tmp_path):
                             "--skip-invalid"])
     assert r.exit_code == 2
     assert "smartbatch trace from-azure code.csv" in "\n".join(_error_lines(r.output)[:2]), r.output
+
+
+# --- a variant's parameters have JSON types: "yes" is no boolean, "10" and true are no numbers -------------------
+
+@pytest.mark.parametrize("params,field,said", [
+    ({"reuse_exact": "yes"}, "reuse_exact", "true or false"),
+    ({"reuse_near": 1}, "reuse_near", "true or false"),
+    ({"batch_gather_s": "10"}, "batch_gather_s", "a number, not a string"),
+    ({"min_on_time_p": True}, "min_on_time_p", "a number, not a boolean"),
+    ({"gpu_max_wait_s": "30"}, "gpu_max_wait_s", "a number, not a string"),  # an optional number too
+])
+def test_a_variant_parameter_of_the_wrong_json_type_is_refused_naming_it(tmp_path, params, field, said):
+    # Before, pydantic's lax mode took all of these: min_on_time_p: true ran smart at a probability of 1.0, and
+    # results.json recorded the string or boolean as given.
+    from engine.app.bench import PolicySpec, load_spec
+    from engine.core.catalog import default_catalog
+    from engine.core.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        load_spec(PolicySpec(name="v", policy="smart", params=params), default_catalog())
+    text = str(info.value)
+    assert f"parameter {field} = " in text and said in text and "Value error" not in text, text
+
+
+def test_variant_parameters_of_the_right_types_still_load():
+    from engine.app.bench import PolicySpec, load_spec
+    from engine.core.catalog import default_catalog
+
+    pol = load_spec(PolicySpec(name="v", policy="smart", params={
+        "batch_gather_s": 0, "min_on_time_p": 0.5, "reuse_near": False, "gpu_max_wait_s": None,
+        "near_guards": ["numbers"], "scheduling": {"order": "fifo"}}), default_catalog())
+    assert pol.params.batch_gather_s == 0.0 and pol.params.near_guards == ("numbers",)
+    fixed = load_spec(PolicySpec(name="f", policy="fixed", params={"max_batch_size": 8}), default_catalog())
+    assert fixed.params.max_batch_size == 8
