@@ -20,8 +20,10 @@ from engine.core.trace import with_day_origin
 from engine.sim.lower_bound import lower_bound
 from engine.sim.simulator import SimResult, simulate
 
-__all__ = ["PolicySpec", "document", "load_variants", "resolve_policies", "result_row", "run_bench",
-           "write_outputs"]
+__all__ = ["PolicySpec", "document", "load_variants", "resolve_policies", "result_row", "run_bench", "source_line",
+           "source_of", "write_outputs"]
+
+SOURCE_PROBLEMS_KEPT = 1000  # skipped lines named one by one in results.json; ``skipped_lines`` counts them all
 
 
 class PolicySpec(BaseModel):
@@ -163,6 +165,29 @@ def document(trace_name: str, n_requests: int, seed: int, lb, rows: list[dict],
     return doc
 
 
+def source_of(trace_file: str | Path, *, skipped: int = 0, problems: Sequence[tuple] = (),
+              catalog: str | Path | None = None, overlay: str | Path | None = None) -> dict:
+    """What a results document was made from: the trace file, the lines ``--skip-invalid`` left out (each with
+    its field and problem), and the catalog and overlay that priced it. A report read later, or beside another,
+    said none of it: a skipped line past the first five was named nowhere (a helper's tour)."""
+    return {"trace_file": str(trace_file), "skipped_lines": skipped,
+            "invalid_lines": [{"line": n, "field": f, "message": m} for _, n, f, m in problems[:SOURCE_PROBLEMS_KEPT]],
+            "catalog": str(catalog) if catalog else "packaged", "catalog_overlay": str(overlay) if overlay else None}
+
+
+def source_line(doc: dict) -> str | None:
+    """The sentence results.md gives the source, when it is not a whole trace at the packaged prices."""
+    src = doc.get("source") or {}
+    said = []
+    if src.get("skipped_lines"):
+        said.append(f"{src['skipped_lines']:,} invalid line(s) skipped (--skip-invalid; each named in results.json, "
+                    "`source.invalid_lines`).")
+    if src.get("catalog", "packaged") != "packaged" or src.get("catalog_overlay"):
+        overlay = f", overlay {src['catalog_overlay']}" if src.get("catalog_overlay") else ""
+        said.append(f"Catalog: {src.get('catalog', 'packaged')}{overlay}.")
+    return " ".join(said) or None
+
+
 def run_bench(requests: Sequence[Request], specs: Sequence[PolicySpec], *, trace_name: str,
               catalog: Catalog | None = None, settings: Settings | None = None, seed: int | None = None,
               on_progress: Callable[[str], None] | None = None) -> dict:
@@ -233,7 +258,7 @@ def _markdown(doc: dict) -> str:
         + ("" if not doc.get("budgets") else " Budgets: " + "; ".join(
             f"{b.get('tenant') or 'all'} ${b['max_budget']:g}" + (f"/{b['budget_duration']}" if b.get(
                 "budget_duration") else "") for b in doc["budgets"]) + "."),
-        "",
+        *([source_line(doc), ""] if source_line(doc) else [""]),
         "| policy | cost USD | saving vs naive | capture of achievable | capture of online | deadlines met | "
         "urgent met | latency p50 / p99 (urgent; normal; background) | exact/in-flight/near hits | failed | "
         "rejected | sim req/s |",

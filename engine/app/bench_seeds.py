@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from engine.app.bench import PolicySpec, load_spec, places_for, run_bench
+from engine.app.bench import PolicySpec, load_spec, places_for, run_bench, source_line
 from engine.core.catalog import Catalog, default_catalog
 from engine.core.request import Request
 from engine.core.settings import Settings, load_settings
@@ -154,7 +154,7 @@ def seeds_markdown(doc: dict) -> str:
              + ("" if online is None else f" (online: ${online:.{nd}f})") + f"; naive ${doc['naive_cost_usd']:.{nd}f}."
              " ± is the standard error of the mean; the difference from "
              f"{doc['reference']} is paired, seed by seed; \"met, fewest\" is the least share of deadlines met on "
-             "any seed.", "",
+             "any seed.", *([source_line(doc)] if source_line(doc) else []), "",
              "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     # Seed by seed, so a mean's spread and a lost deadline can be traced to the draws that made them.

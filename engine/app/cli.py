@@ -85,7 +85,7 @@ def _load(trace: Path, cat, settings: Settings, skip_invalid: bool):
 
 
 def _bench(requests, name: str, policies: str, variants: Path | None, out: Path, seeds: list[int], jobs: int, cat,
-           settings: Settings) -> dict:
+           settings: Settings, source: dict | None = None) -> dict:
     """One seed: ``run_bench`` and its results, table and plot; several: ``run_seeds`` and its summary."""
     from engine.app.bench import load_variants, resolve_policies, run_bench, write_outputs
     from engine.app.bench_seeds import run_seeds, write_seed_outputs
@@ -102,6 +102,8 @@ def _bench(requests, name: str, policies: str, variants: Path | None, out: Path,
             task = bar.add_task(f"bench {name}, {len(seeds)} seeds", total=len(seeds))
             doc = run_seeds(requests, specs, seeds, trace_name=name, catalog=cat, settings=settings, jobs=jobs,
                             on_progress=lambda seed: bar.update(task, advance=1, description=f"done: seed {seed}"))
+    if source is not None:
+        doc["source"] = source
     (write_outputs if len(seeds) == 1 else write_seed_outputs)(doc, out)
     return doc
 
@@ -130,12 +132,16 @@ def bench(trace: Path = typer.Argument(..., help="a JSONL trace"),
                                                       "catalog: adds or overrides providers, models, prices")) -> None:
     """Run policies on a trace in the simulator; write results.json, results.md and plot.png (with --seeds:
     results.json and results.md, the policies summarised over the seeds)."""
+    from engine.app.bench import source_of
+
     try:
         settings, cat = _settings(catalog, catalog_overlay)
         tr = _load(trace, cat, settings, skip_invalid)
         settings = _budgets(settings, budget, tenant_budget, budget_duration, tr.requests, reserve_output)
+        source = source_of(trace, skipped=tr.skipped, problems=tr.problems, catalog=catalog or settings.catalog_path,
+                           overlay=catalog_overlay or settings.catalog_overlay)
         doc = _bench(tr.requests, tr.name, policies, variants, out, list(range(seed, seed + seeds)), jobs, cat,
-                     settings)
+                     settings, source)
     except SmartbatchError as exc:
         _fail(exc)
     if seeds > 1:

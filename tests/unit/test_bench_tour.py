@@ -1,6 +1,8 @@
 """A new user's tour of `bench` (a helper's, stop 62): what a user comparing policies on recorded traces before
 trusting one with money runs into, each pinned here. No Ray; every bench is a handful of requests."""
 
+import json
+
 import pytest
 from typer.testing import CliRunner
 
@@ -95,3 +97,39 @@ def test_variant_parameters_of_the_right_types_still_load():
     assert pol.params.batch_gather_s == 0.0 and pol.params.near_guards == ("numbers",)
     fixed = load_spec(PolicySpec(name="f", policy="fixed", params={"max_batch_size": 8}), default_catalog())
     assert fixed.params.max_batch_size == 8
+
+
+# --- results record what they were made from: the lines skipped, the catalog and its overlay --------------------
+
+GOOD = '{"id": "a", "arrival_s": 0, "model": "gpt-5-mini", "prompt": "hi", "input_tokens": 1000}\n'
+OVERLAY = "providers:\n  openai:\n    models:\n      gpt-5-mini: {input_per_mtok: 0.20}\n"
+
+
+@pytest.mark.parametrize("seeds", ["1", "2"])
+def test_results_name_the_skipped_lines_and_the_catalog_overlay(tmp_path, seeds):
+    trace, overlay, out = tmp_path / "t.jsonl", tmp_path / "prices.yaml", tmp_path / "o"
+    trace.write_text(GOOD + '{"id": "b", "arrival_s": 1, "model": "gpt-6", "prompt": "x"}\n')
+    overlay.write_text(OVERLAY)
+    r = runner.invoke(app, ["bench", str(trace), "--policies", "naive", "--out", str(out), "--skip-invalid",
+                            "--catalog-overlay", str(overlay), "--seeds", seeds])
+    assert r.exit_code == 0, r.output
+    # Before, neither file said a line was left out, nor which prices made the figures: a report read later
+    # (or beside another run's) could not tell, and the skipped lines past the first five were named nowhere.
+    src = json.loads((out / "results.json").read_text())["source"]
+    assert src["trace_file"] == str(trace) and src["skipped_lines"] == 1
+    assert src["invalid_lines"] == [{"line": 2, "field": "model", "message": src["invalid_lines"][0]["message"]}]
+    assert "gpt-6" in src["invalid_lines"][0]["message"]
+    assert src["catalog"] == "packaged" and src["catalog_overlay"] == str(overlay)
+    md = (out / "results.md").read_text()
+    assert "1 invalid line(s) skipped" in md and "prices.yaml" in md, md
+
+
+def test_a_plain_bench_keeps_its_results_md_and_records_the_packaged_catalog(tmp_path):
+    trace, out = tmp_path / "t.jsonl", tmp_path / "o"
+    trace.write_text(GOOD)
+    r = runner.invoke(app, ["bench", str(trace), "--policies", "naive", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    src = json.loads((out / "results.json").read_text())["source"]
+    assert src == {"trace_file": str(trace), "skipped_lines": 0, "invalid_lines": [], "catalog": "packaged",
+                   "catalog_overlay": None}
+    assert "skipped" not in (out / "results.md").read_text() and "Catalog" not in (out / "results.md").read_text()
