@@ -303,6 +303,7 @@ def _plot(doc: dict, path: Path) -> Any:
     p50 = [((r.get("latency_s") or {}).get("p50")) for r in doc["results"]]
     panels.append((lat_ax, p50, "median latency, completion minus arrival (s)", "cost against median latency"))
     naive = doc["results"][0]["naive_cost_usd"]
+    nd = usd_places(doc)  # results.md's decimals: at 2, a cheap trace's legend read "naive $0.00"
     labels: dict[Any, list] = {}
     for ax, xs, xlabel, title in panels:
         labels[ax] = []
@@ -312,15 +313,19 @@ def _plot(doc: dict, path: Path) -> Any:
             ax.scatter(x, r["cost_usd"], s=40)
             labels[ax].append(ax.annotate(r["policy"], (x, r["cost_usd"]), textcoords="offset points",
                                           xytext=(5, 4), fontsize=8))
-        ax.axhline(naive, color="grey", linestyle="--", linewidth=1, label=f"naive ${naive:.2f}")
+        ax.axhline(naive, color="grey", linestyle="--", linewidth=1, label=f"naive ${naive:.{nd}f}")
         ax.axhline(doc["lower_bound_usd"], color="green", linestyle=":", linewidth=1,
-                   label=f"lower bound ${doc['lower_bound_usd']:.2f}")
+                   label=f"lower bound ${doc['lower_bound_usd']:.{nd}f}")
         ax.set_xlabel(xlabel)
         ax.set_title(f"{doc['trace']}: {title}", fontsize=9)
     if any(x is not None and x > 0 for x in p50):
         lat_ax.set_xscale("symlog", linthresh=1.0)  # seconds to hours in one panel
+        # From 0: autoscaling gave the symlog axis a negative half, ticked -10 s and -1 s. A little room past the
+        # slowest point, whose marker sat on the frame.
+        lat_ax.set_xlim(0, max(x for x in p50 if x is not None) * 1.6)
     met_ax.set_ylabel("cost (USD)")
-    met_ax.set_ylim(bottom=0)
+    # Headroom above the dearest point: labels stacked over it (naive, cache-only, fixed) ran into the titles.
+    met_ax.set_ylim(0, 1.25 * max([naive, doc["lower_bound_usd"]] + [r["cost_usd"] for r in doc["results"]]))
     met_ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.canvas.draw()

@@ -133,3 +133,46 @@ def test_a_plain_bench_keeps_its_results_md_and_records_the_packaged_catalog(tmp
     assert src == {"trace_file": str(trace), "skipped_lines": 0, "invalid_lines": [], "catalog": "packaged",
                    "catalog_overlay": None}
     assert "skipped" not in (out / "results.md").read_text() and "Catalog" not in (out / "results.md").read_text()
+
+
+# --- the plot: no negative latencies, and its dollar figures as results.md prints them ---------------------------
+
+def _small_doc() -> dict:
+    from engine.app.bench import resolve_policies, run_bench
+    from engine.core.trace import parse_trace_lines
+
+    lines = [json.dumps({"id": f"r{k}", "arrival_s": 10 * k, "model": "gpt-5-mini", "prompt": f"task {k}",
+                         "priority": "urgent" if k % 3 == 0 else "background"}) for k in range(12)]
+    return run_bench(parse_trace_lines(lines).requests, resolve_policies("naive,batch-all,smart", {}),
+                     trace_name="small")
+
+
+def test_the_latency_panel_starts_at_zero_and_the_legend_has_results_md_figures(tmp_path):
+    from engine.app.bench import _markdown, _plot
+
+    doc = _small_doc()
+    fig = _plot(doc, tmp_path / "plot.png")
+    met_ax, lat_ax = fig.axes
+    # Before: a symlog axis with ticks at -10 and -1 seconds, half of the panel for latencies that cannot be.
+    assert lat_ax.get_xlim()[0] == 0, lat_ax.get_xlim()
+    assert all(t.get_position()[0] >= 0 for t in lat_ax.get_xticklabels() if t.get_text())
+    # Before: "naive $0.00" and "lower bound $0.00" in the legend of a trace results.md priced at $0.0051.
+    legend = [t.get_text() for t in met_ax.get_legend().get_texts()]
+    md = _markdown(doc)
+    for text in legend:
+        figure = text.rsplit("$", 1)[1]
+        assert f"${figure}" in md, (legend, md.splitlines()[2])
+
+
+def test_labels_stacked_over_the_dearest_point_stay_inside_the_panel(tmp_path):
+    from engine.app.bench import _plot
+
+    doc = _small_doc()
+    for r in doc["results"]:  # three policies at naive's point, as naive, cache-only and fixed are on real traces
+        r["cost_usd"], r["deadline_met_frac"], r["latency_s"] = doc["results"][0]["naive_cost_usd"], 1.0, {"p50": 2}
+    fig = _plot(doc, tmp_path / "plot.png")
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        top = ax.get_window_extent(renderer).y1
+        for label in ax.texts:  # before: they climbed over the frame into the panel's title
+            assert label.get_window_extent(renderer).y1 <= top, label.get_text()
