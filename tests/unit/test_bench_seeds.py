@@ -85,7 +85,7 @@ def test_bench_with_seeds_writes_the_summary_and_refuses_zero_seeds(tmp_path):
         row = next(line for line in md.splitlines() if line.startswith(f"| {seed} | "))
         nd = places_for(doc["naive_cost_usd"])
         assert row.split(" | ")[2].startswith(f"{by_seed[seed]['smart']['cost_usd']:.{nd}f} / "), row
-    assert "seeds below naive" in md and doc["summary"][0]["seeds_below_naive"] == 0
+    assert "seeds, fewer met than naive" in md and doc["summary"][0]["seeds_below_naive"] == 0
     assert "smart" in r.output and "±" in r.output
     r = runner.invoke(app, ["bench", str(trace), "--seeds", "0", "--out", str(out)])
     assert r.exit_code == 2 and "--seeds" in r.output

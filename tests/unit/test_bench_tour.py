@@ -176,3 +176,27 @@ def test_labels_stacked_over_the_dearest_point_stay_inside_the_panel(tmp_path):
         top = ax.get_window_extent(renderer).y1
         for label in ax.texts:  # before: they climbed over the frame into the panel's title
             assert label.get_window_extent(renderer).y1 <= top, label.get_text()
+
+
+# --- --seeds: the deadline column says what it counts -----------------------------------------------------------
+
+def test_the_seeds_deadline_column_says_it_counts_seeds_with_fewer_deadlines_met_than_naive():
+    from engine.app.bench_seeds import seed_cells, seeds_markdown
+
+    row = {"cost_usd": 1.0, "capture_of_achievable": 0.5, "capture_of_online": 0.5, "deadline_met_frac": 1.0}
+    runs = [{"seed": s, "lower_bound_usd": 0.5, "online_bound_usd": 0.6, "naive_cost_usd": 2.0,
+             "results": [dict(row, policy="naive", cost_usd=2.0, capture_of_achievable=0.0),
+                         dict(row, policy="smart")]} for s in (0, 1)]
+    summary = [{"policy": p, "mean_cost_usd": c, "se_cost_usd": 0.0, "mean_capture_of_achievable": k,
+                "se_capture_of_achievable": 0.0, "seeds_with_capture": 2, "mean_capture_of_online": k,
+                "min_deadline_met_frac": 1.0, "mean_deadline_met_frac": 1.0, "mean_diff_vs_reference_usd": c - 2.0,
+                "se_diff_vs_reference_usd": 0.0, "seeds_below_naive": 0}
+               for p, c, k in (("naive", 2.0, 0.0), ("smart", 1.0, 0.5))]
+    doc = {"trace": "t", "requests": 2, "seeds": [0, 1], "reference": "naive", "lower_bound_usd": 0.5,
+           "online_bound_usd": 0.6, "naive_cost_usd": 2.0, "summary": summary, "by_seed": runs}
+    head, _ = seed_cells(doc)
+    # Before: "seeds below naive", beside a cost column, read as "seeds that cost less than naive": smart,
+    # cheaper than naive on every seed, showed 0 there.
+    assert head[-1] == "seeds, fewer met than naive", head
+    assert '"seeds, fewer met than naive" counts the seeds on which a policy met fewer deadlines than naive' \
+        in seeds_markdown(doc)
