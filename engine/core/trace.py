@@ -66,6 +66,19 @@ def with_day_origin(settings: Settings, requests: Sequence[Request]) -> Settings
     return settings.model_copy(update={"sim": settings.sim.model_copy(update={"day_origin_s": origin})})
 
 
+_JSON_TYPE_FIX = {"tuple_type": "a JSON list, e.g. [0, 1, 2]", "list_type": "a JSON list, e.g. [0, 1, 2]",
+                  "dict_type": 'a JSON object, e.g. {"size": "1024x1024"}', "string_type": "a string"}
+
+
+def _json_kind(value: object) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "a string", list: "a list", dict: "an object"}.get(type(value), "null" if value is None
+                                                                    else type(value).__name__)
+
+
 def _problems_of(exc: ValidationError, where: str = "the line") -> list[tuple[str, str]]:
     """(field, message) per problem of a request's validation; a missing field is to be added to ``where``."""
     out = []
@@ -78,6 +91,10 @@ def _problems_of(exc: ValidationError, where: str = "the line") -> list[tuple[st
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "missing":
             msg = f"is required; add it to {where}"
+        elif err["type"] in _JSON_TYPE_FIX:  # pydantic's "a valid tuple": a JSON file has none
+            got = err.get("input")
+            msg = f"must be {_JSON_TYPE_FIX[err['type']]}, not {_json_kind(got)} ({got!r:.40})" + (
+                "; write it in quotes" if err["type"] == "string_type" else "")
         elif err["type"] == "extra_forbidden":
             msg = "is not a trace field; remove it or fix its spelling (see docs/traces.md)"
         out.append((loc, msg))

@@ -200,3 +200,23 @@ def test_the_seeds_deadline_column_says_it_counts_seeds_with_fewer_deadlines_met
     assert head[-1] == "seeds, fewer met than naive", head
     assert '"seeds, fewer met than naive" counts the seeds on which a policy met fewer deadlines than naive' \
         in seeds_markdown(doc)
+
+
+# --- a value of the wrong JSON type is named in JSON's words, not Python's -------------------------------------
+
+@pytest.mark.parametrize("field,value,said", [
+    ("prefix_blocks", "1,2", "must be a JSON list, e.g. [0, 1, 2], not a string ('1,2')"),
+    ("prefix_blocks", 5, "must be a JSON list, e.g. [0, 1, 2], not a number (5)"),
+    ("params", "x", "must be a JSON object, e.g. {\"size\": \"1024x1024\"}, not a string ('x')"),
+    ("id", 20, "must be a string, not a number (20); write it in quotes"),
+    ("tenant", ["a"], "must be a string, not a list (['a']); write it in quotes"),
+])
+def test_a_field_of_the_wrong_json_type_is_named_in_json_terms(field, value, said):
+    from engine.core.trace import parse_trace_lines
+
+    line = {"id": "a", "arrival_s": 0, "model": "gpt-5-mini", "prompt": "x", field: value}
+    with pytest.raises(TraceError) as info:
+        parse_trace_lines([json.dumps(line)])
+    (_, _, got_field, msg), = info.value.problems
+    # Before: "Input should be a valid tuple" (a JSON file has no tuples), "... a valid dictionary".
+    assert got_field == field and said in msg, msg
