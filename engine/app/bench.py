@@ -253,7 +253,8 @@ def _markdown(doc: dict) -> str:
         f"### {doc['trace']} ({doc['requests']:,} requests, seed {doc['seed']})",
         "",
         f"Lower bound: ${doc['lower_bound_usd']:.{nd}f}"
-        + (f" (online: ${doc['online_bound_usd']:.{nd}f})" if doc.get("online_bound_usd") is not None else "")
+        + (f" (online: ${doc['online_bound_usd']:.{nd}f}{_online_note(doc)})" if doc.get("online_bound_usd")
+           is not None else "")
         + f"; naive: ${doc['results'][0]['naive_cost_usd']:.{nd}f}."
         + ("" if not doc.get("budgets") else " Budgets: " + "; ".join(
             f"{b.get('tenant') or 'all'} ${b['max_budget']:g}" + (f"/{b['budget_duration']}" if b.get(
@@ -277,6 +278,14 @@ def _markdown(doc: dict) -> str:
             f"{sum(r['rejected'].values())} | "
             f"{'live' if r.get('sim_requests_per_s') is None else format(r['sim_requests_per_s'], ',.0f')} |")
     return "\n".join(lines) + "\n"
+
+
+def _online_note(doc: dict) -> str:
+    """Why an online bound can read below the offline one (its captures then below the offline captures)."""
+    if doc["online_bound_usd"] >= doc["lower_bound_usd"]:
+        return ""
+    return (", below this seed's offline bound: it is an expectation over the batch turnarounds, and this "
+            "seed drew slower ones than average (docs/lower-bound.md)")
 
 
 def _latency(row: dict) -> str:

@@ -220,3 +220,18 @@ def test_a_field_of_the_wrong_json_type_is_named_in_json_terms(field, value, sai
     (_, _, got_field, msg), = info.value.problems
     # Before: "Input should be a valid tuple" (a JSON file has no tuples), "... a valid dictionary".
     assert got_field == field and said in msg, msg
+
+
+# --- an online bound below the offline one is explained where it is shown -------------------------------------
+
+def test_results_md_explains_an_online_bound_below_this_seeds_offline_bound():
+    from engine.app.bench import _markdown
+
+    doc = _small_doc()
+    doc["online_bound_usd"] = doc["lower_bound_usd"] * 0.9  # as a 5-line trace with one urgent Claude call gave
+    # Before: "Lower bound: $0.0439 (online: $0.0437)" and a capture of online below the capture of achievable,
+    # while docs/lower-bound.md called the online bound the offline one without hindsight.
+    line = _markdown(doc).splitlines()[2]
+    assert "below this seed's offline bound" in line and "an expectation" in line, line
+    doc["online_bound_usd"] = doc["lower_bound_usd"] * 1.1
+    assert "below this seed's" not in _markdown(doc)
