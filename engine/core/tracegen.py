@@ -126,6 +126,11 @@ def from_azure(path: str | Path, *, seed: int = 0, model: str | None = None, cat
     reader = csv.DictReader(text for _, text in numbered)
     need = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
     missing = [c for c in need if c not in (reader.fieldnames or [])]
+    head = next((text.strip() for _, text in numbered if text.strip()), "")
+    if missing and head.startswith("{"):  # JSON lines, not a CSV: their commas are no column names
+        fix = ("a Mooncake trace goes through `smartbatch trace from-mooncake`" if '"input_length"' in head else
+               "if it is already a trace (id, arrival_s, model, ...), give it to `smartbatch bench` as it is")
+        raise TraceError([(src, nos[0], "file", f"JSON lines, not an Azure CSV: {fix}")], hint="")
     if missing:
         got = reader.fieldnames or "an empty file"
         raise TraceError([(src, nos[0] if nos else 0, "header", f"missing column(s) {missing}; the first line must "

@@ -235,3 +235,22 @@ def test_results_md_explains_an_online_bound_below_this_seeds_offline_bound():
     assert "below this seed's offline bound" in line and "an expectation" in line, line
     doc["online_bound_usd"] = doc["lower_bound_usd"] * 1.1
     assert "below this seed's" not in _markdown(doc)
+
+
+# --- trace from-azure given JSON lines says which builder (or none) the file is for ------------------------------
+
+@pytest.mark.parametrize("text,said", [
+    (MOONCAKE, "smartbatch trace from-mooncake"),
+    (GOOD, "already a trace"),
+])
+def test_from_azure_of_json_lines_names_the_right_command(tmp_path, text, said):
+    from engine.core.tracegen import from_azure
+
+    path = tmp_path / "x.jsonl"
+    path.write_text(text)
+    with pytest.raises(TraceError) as info:
+        from_azure(path)
+    (_, _, field, msg), = info.value.problems
+    # Before: "missing column(s) [...], got ['{"timestamp": 0', ' "input_length": 6758', ...]": the JSON cut at
+    # its commas, read as a CSV header.
+    assert field == "file" and said in msg and "input_length\": 6758'" not in msg, msg
