@@ -38,17 +38,31 @@ class PolicyParams(BaseModel):
     def _json_types(cls, value: Any, info: ValidationInfo) -> Any:
         """A boolean is true or false and a number a number, as in a trace: lax mode read "yes" as true and
         ``min_on_time_p: true`` as 1.0 (a helper's tour), and results.json kept what was written."""
-        kinds = _scalar_kinds(cls.model_fields[info.field_name].annotation)
-        if value is None or not kinds:
-            return value
-        shown = f"{value!r:.40}"
-        if kinds == {bool}:
-            if not isinstance(value, bool):
-                raise ValueError(f"must be true or false, not {type(value).__name__} {shown}")
-        elif isinstance(value, (bool, str, bytes)):
-            what = "a boolean" if isinstance(value, bool) else "a string"
-            raise ValueError(f"must be a number, not {what} ({shown}); write it bare, unquoted")
+        why = _json_type_problem(cls.model_fields[info.field_name].annotation, value, info.field_name, top=True)
+        if why:
+            raise ValueError(why)
         return value
+
+
+def _json_type_problem(annotation: Any, value: Any, path: str, top: bool = False) -> str | None:
+    """What is wrong with ``value``'s JSON type for ``annotation``, or None; into nested settings models (smart's
+    ``turnaround``, ``scheduling``) too, naming the key by its path."""
+    at = "" if top else f"{path} "  # a top-level parameter is named by the error's own prefix
+    kinds = _scalar_kinds(annotation)
+    if value is None:
+        return None
+    if kinds == {bool} and not isinstance(value, bool):
+        return f"{at}must be true or false, not {type(value).__name__} {value!r:.40}"
+    if kinds and kinds != {bool} and isinstance(value, (bool, str, bytes)):
+        what = "a boolean" if isinstance(value, bool) else "a string"
+        return f"{at}must be a number, not {what} ({value!r:.40}); write it bare, unquoted"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel) and isinstance(value, Mapping):
+        for key, item in value.items():
+            field = annotation.model_fields.get(key)
+            why = field and _json_type_problem(field.annotation, item, f"{path}.{key}")
+            if why:
+                return why
+    return None
 
 
 class Policy:
@@ -63,7 +77,7 @@ class Policy:
             try:
                 params = self.Params.model_validate(dict(params or {}))
             except ValidationError as exc:
-                raise ConfigError(_param_error(self.name, sorted(self.Params.model_fields), exc)) from exc
+                raise ConfigError(_param_error(self.name, self.Params, exc)) from exc
         self.params = params
 
     @property
@@ -136,15 +150,23 @@ def _scalar_kinds(annotation: Any) -> set[type]:
     return kinds if kinds and kinds <= {bool, int, float} else set()
 
 
-def _param_error(policy: str, names: list[str], exc: ValidationError) -> str:
+def _param_error(policy: str, params: type[BaseModel], exc: ValidationError) -> str:
     """One line: an unknown parameter with the near name and the list (the list alone hid the fix among 29
     names), a bad value with the value given (a helper's tour)."""
     first = exc.errors()[0]
     loc = ".".join(str(x) for x in first["loc"])
     if first["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(loc, names, n=1, cutoff=0.6)
+        # A nested key (turnaround.epoch) is matched among its own setting's keys, not the policy's parameters.
+        model, owner = params, "its parameters"
+        for part in first["loc"][:-1]:
+            ann = model.model_fields[part].annotation if part in model.model_fields else None
+            if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+                break
+            model, owner = ann, f"{part}'s keys"
+        names = sorted(model.model_fields)
+        close = difflib.get_close_matches(str(first["loc"][-1]), names, n=1, cutoff=0.6)
         hint = f"did you mean {close[0]!r}? " if close else ""
-        return f"policy {policy!r} has no parameter {loc!r}; {hint}its parameters: {', '.join(names)}"
+        return f"policy {policy!r} has no parameter {loc!r}; {hint}{owner}: {', '.join(names)}"
     got = first.get("input")
     shown = f" = {got!r:.60}" if isinstance(got, (str, int, float, bool)) else ""
     msg = first["msg"].removeprefix("Value error, ")

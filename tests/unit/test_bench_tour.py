@@ -254,3 +254,28 @@ def test_from_azure_of_json_lines_names_the_right_command(tmp_path, text, said):
     # Before: "missing column(s) [...], got ['{"timestamp": 0', ' "input_length": 6758', ...]": the JSON cut at
     # its commas, read as a CSV header.
     assert field == "file" and said in msg and "input_length\": 6758'" not in msg, msg
+
+
+@pytest.mark.parametrize("params,said", [
+    ({"turnaround": {"enabled": "no"}}, "turnaround.enabled must be true or false"),
+    ({"scheduling": {"promote_s": True}}, "scheduling.promote_s must be a number, not a boolean"),
+])
+def test_a_nested_parameter_of_the_wrong_json_type_is_refused_too(params, said):
+    from engine.app.bench import PolicySpec, load_spec
+    from engine.core.catalog import default_catalog
+    from engine.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=said):  # before: "no" turned learning off, true promoted at 1 s
+        load_spec(PolicySpec(name="v", policy="smart", params=params), default_catalog())
+
+
+def test_a_misspelt_nested_key_is_matched_among_that_setting_s_own_keys():
+    from engine.app.bench import PolicySpec, load_spec
+    from engine.core.catalog import default_catalog
+    from engine.core.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        load_spec(PolicySpec(name="v", policy="smart", params={"turnaround": {"epoch": 300}}), default_catalog())
+    text = str(info.value)
+    # Before: "did you mean 'turnaround'? its parameters: band_p, batch_gather_s, ..." (smart's 29, not its keys)
+    assert "did you mean 'epoch_s'?" in text and "turnaround's keys: " in text and "band_p" not in text, text
