@@ -60,7 +60,7 @@ class Outbox:
     def _note_warm(self, r, out, start: float) -> None:
         """A call or batch member that read or wrote ``r``'s prompt prefix (``WarmNote.of``), for the groupers'
         policy (``GroupTable.warm``)."""
-        pc = self.sim.spec.prompt_cache
+        pc = self.sim.spec.cache_of(r.model)
         if self._warm_readers and out.ok and out.warm_blocks and pc is not None:
             self._warmth.append(WarmNote.of(r, out.warm_blocks, start, pc.ttl_s, self.settings.prefix_block_tokens))
 

@@ -72,9 +72,10 @@ def _first_writer_writes(ttl_s: float):
 def _against_the_bound(seeds: list[int], data: Path, writes):
     """(seed, the bound, the bound with ``writes(ttl_s)`` as its ``_cluster_writes``) on Mooncake, per seed."""
     reqs = load_real("mooncake", data)
-    ttls = {pc.ttl_s for prov in default_catalog().providers.values() if (pc := prov.prompt_cache) is not None}
+    cat = default_catalog()
+    ttls = {pc.ttl_s for r in reqs if (pc := cat.providers[r.provider].cache_of(r.model)) is not None}
     if len(ttls) != 1:
-        raise SystemExit(f"the probe takes one cache TTL for every provider; the catalog has {sorted(ttls)}")
+        raise SystemExit(f"the probe takes one cache TTL for every model of the trace; they have {sorted(ttls)}")
     ttl_s, as_is = ttls.pop(), lb._cluster_writes
     for seed in seeds:
         before = lb.lower_bound(reqs, seed=seed)

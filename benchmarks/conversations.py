@@ -106,7 +106,7 @@ def main() -> None:
     path = a.data / "mooncake_conversation_trace.jsonl"
     cat = default_catalog()
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    follow_ups(rows, cat.providers["anthropic"].prompt_cache.ttl_s)
+    follow_ups(rows, cat.providers["anthropic"].cache_of("claude-sonnet-4-5").ttl_s)  # type: ignore[union-attr]
     bill_parts(from_mooncake(path, catalog=cat), cat, a.seed, a.policy_params)
 
 

@@ -84,10 +84,10 @@ def warm_sync_pays(catalog, req: Request, batch_api, p_on_time: float, warmth: P
     ``margin_s`` more seconds (the call must start before it goes cold). ``mates``: leading blocks an earlier member
     writes for it in the batch it waits for (``BatchMates``), which it reads there in any case."""
     provider = catalog.provider(req.provider)
-    if provider.prompt_cache is None:  # a batch API without a prompt cache (a catalog overlay may declare one)
+    pc = provider.cache_of(req.model)
+    if pc is None:  # a batch API without a prompt cache (a catalog overlay may declare one)
         return 0
-    n, until = warmth.leading(req.provider, req.model, req.prefix_blocks, now + margin_s,
-                              exact=not provider.prompt_cache.automatic)
+    n, until = warmth.leading(req.provider, req.model, req.prefix_blocks, now + margin_s, exact=not pc.automatic)
     if n * block_tokens < min_cacheable_tokens(provider, provider.models[req.model]):
         return 0  # too little to read (most often the one leading block that every prompt shares)
     warm = price_alone(req, catalog, "sync", warm_blocks=n, write=True, block_tokens=block_tokens).total

@@ -176,7 +176,7 @@ class Smart(GpuLane, Policy):
     def _shares_prefix(self, req: Request, provider, spec) -> bool:
         """Whether ``req`` carries a prompt prefix long enough for the provider's cache, where that cache also
         serves batches: the requests for which sharing a batch with other turns of a conversation pays."""
-        pc = provider.prompt_cache
+        pc = provider.cache_of(spec)
         if pc is None or not pc.stacks_with_batch or not req.prefix_blocks:
             return False
         min_tokens = min_cacheable_tokens(provider, spec)
@@ -232,10 +232,10 @@ class Smart(GpuLane, Policy):
         """Whether to mark ``req``'s cacheable prefix for a cache write (the same prefix was sent within the
         cache's TTL, so a write is likely read again), and the prefix's key for the runtime to record."""
         provider = self.catalog.provider(req.provider)
-        pc = provider.prompt_cache
+        spec = provider.models[req.model]
+        pc = provider.cache_of(spec)
         if pc is None or not req.prefix_blocks:
             return False, None
-        spec = provider.models[req.model]
         k = self._cacheable_blocks(provider, spec)
         if len(req.prefix_blocks) < k or req.input_tokens < min_cacheable_tokens(provider, spec):
             return False, None
@@ -279,7 +279,7 @@ class Smart(GpuLane, Policy):
         target = ba.turnaround_cdf(usable) - loss
         g = usable - ba.turnaround_quantile(target) if target > 0 else usable - ba.turnaround_min_s
         cap = self.params.batch_gather_s
-        pc = group.provider.prompt_cache
+        pc = group.provider.cache_of(group.spec)
         if self.params.chain_cache and pc is not None and pc.stacks_with_batch:
             # Flush at least once per (median turnaround + cache TTL). Written for batches whose prefixes were
             # warm from their submission (the simulator before stop 30); kept since it still hedges less

@@ -265,7 +265,7 @@ class HttpBase:
     def _warm_of(self, job: CallJob, usage: Usage) -> int:
         """The leading prefix blocks a call left in the provider's cache, from its usage: those it read or wrote;
         at an automatic cache, its whole prefix once that reaches the model's minimum (the provider writes it)."""
-        pc, r, bt = self.spec.prompt_cache, job.req, self.settings.prefix_block_tokens
+        pc, r, bt = self.spec.cache_of(job.req.model), job.req, self.settings.prefix_block_tokens
         if pc is None or not r.prefix_blocks:
             return 0
         if pc.automatic:

@@ -65,7 +65,8 @@ class AnthropicProvider(HttpBase):
                                                max_retries=0, timeout=self.endpoint.timeout_s)
         # What its calls read or wrote, warm for one TTL from their answer (the groupers' belief, ``WarmNote``,
         # counts from the call's start: it must hold wherever in a batch a member ran).
-        self._warm = PrefixWarmth(self.spec.prompt_cache.ttl_s if self.spec.prompt_cache else 300.0)
+        self._warm = PrefixWarmth(max((pc.ttl_s for m in self.spec.models if (pc := self.spec.cache_of(m))),
+                                      default=300.0))  # the longest of its models' TTLs: a note carries its own
         self._made: dict[str, None] = {}  # ordered: the oldest go first past MADE_KEEP
         # Per batch name whose create got no answer: the newest batch made before it (the lookup stops there).
         self._marks: dict[str, str | None] = {}
@@ -85,7 +86,7 @@ class AnthropicProvider(HttpBase):
         if n:
             now = self.clock.now()
             self._warm.see([WarmNote(self.name, job.req.model, tuple(job.req.prefix_blocks[:n]),
-                                     now + self.spec.prompt_cache.ttl_s)], now)
+                                     now + self.spec.cache_of(job.req.model).ttl_s)], now)
         return n
 
     def body(self, job: CallJob, warm_blocks: int = 0, mark_blocks: int = 0) -> dict[str, Any]:

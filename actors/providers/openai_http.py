@@ -35,13 +35,16 @@ _SCALE = {"": 1, "K": 1_000, "M": 1_000_000}
 def _usage_chat(u: Mapping | None) -> Usage:
     u = u or {}
     det = u.get("prompt_tokens_details") or {}
-    return Usage(tokens(u.get("prompt_tokens")), tokens(u.get("completion_tokens")), tokens(det.get("cached_tokens")))
+    # cache_write_tokens: billed at 1.25x the input price from the GPT-5.6 family on (the catalog's write terms)
+    return Usage(tokens(u.get("prompt_tokens")), tokens(u.get("completion_tokens")), tokens(det.get("cached_tokens")),
+                 tokens(det.get("cache_write_tokens")))
 
 
 def _usage_responses(u: Mapping | None) -> Usage:
     u = u or {}
     det = u.get("input_tokens_details") or {}
-    return Usage(tokens(u.get("input_tokens")), tokens(u.get("output_tokens")), tokens(det.get("cached_tokens")))
+    return Usage(tokens(u.get("input_tokens")), tokens(u.get("output_tokens")), tokens(det.get("cached_tokens")),
+                 tokens(det.get("cache_write_tokens")))
 
 
 # Responses output items the caller runs (the provider's own tools, e.g. web search, are results, not calls).

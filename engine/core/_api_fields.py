@@ -52,8 +52,9 @@ _CAPS_ALL = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
 def check_api_body(body: dict, where: str, api: str, spec: ModelSpec) -> None:
     """What the provider's wire format refuses that another's takes (``body`` as it goes on the wire): a cap under
-    another endpoint's name; the other API's content parts; at an OpenAI reasoning model, ``max_tokens`` and a
-    temperature or top_p other than 1; at Anthropic, OpenAI's fields, roles and metadata keys, a non-text system
+    another endpoint's name; the other API's content parts; at an OpenAI reasoning model, ``max_tokens``, an effort
+    it does not take (``efforts``) and a temperature or top_p other than 1; at a Claude model that thinks adaptively
+    only, a manual thinking budget and a sampling parameter but its default; at Anthropic, OpenAI's fields, roles and metadata keys, a non-text system
     message, the ``fast`` speed (priced apart from the catalog's) and a fifth cache mark. Each was accepted,
     reserved for and sent, and the provider answered 400 for that call alone (a helper's hunt)."""
     # A cap under another endpoint's name is no cap there: the budget reserved for it, and the call ran to the
@@ -67,14 +68,22 @@ def check_api_body(body: dict, where: str, api: str, spec: ModelSpec) -> None:
         if body.get("max_tokens") is not None:
             raise FieldProblem(f"{where}.max_tokens", f"{where}.max_tokens is refused by OpenAI for reasoning models; "
                                "give max_completion_tokens (it also counts the model's reasoning tokens)")
+        effort = spec.effort(body)
+        if spec.efforts is not None and effort not in spec.efforts:
+            key = "reasoning_effort" if body.get("reasoning_effort") else "reasoning.effort"
+            raise FieldProblem(f"{where}.{key}", f"{where}.{key} {str(effort)[:20]!r} is refused by OpenAI for "
+                               f"{body.get('model') or 'this model'}: give one of {', '.join(spec.efforts)}")
         for key in ("temperature", "top_p") if spec.fixed_sampling(body) else ():
             if body.get(key) not in (None, 1):
-                none = " unless the reasoning effort is 'none'" if spec.effort_default is not None else ""
+                none = (" unless the reasoning effort is 'none'" if spec.effort_default is not None
+                        and "none" in (spec.efforts or ("none",)) else "")
                 raise FieldProblem(f"{where}.{key}", f"{where}.{key} must be 1 or left out: OpenAI's reasoning "
                                    f"models take no other value{none}, got {body[key]!r}")
     _check_parts(body, where, api)
     if api != "anthropic":
         return
+    if spec.adaptive_only:
+        _check_adaptive(body, where)
     for key, fix in _NOT_ANTHROPIC.items():
         if key in body:
             raise FieldProblem(f"{where}.{key}", f"{where}.{key} is an OpenAI field that Anthropic's Messages API "
@@ -108,6 +117,20 @@ def check_api_body(body: dict, where: str, api: str, spec: ModelSpec) -> None:
                 field = f"{where}.messages[{k}].content[{bad}]"
                 raise FieldProblem(field, f"{field} must be a text block: Anthropic takes only text in a system "
                                    "message; put images and documents in a user message")
+
+
+def _check_adaptive(body: dict, where: str) -> None:
+    """What a Claude model that thinks adaptively only (Sonnet 5 on) answers 400 to: a manual thinking budget, and
+    a sampling parameter other than its default (``ModelSpec.adaptive_only``)."""
+    thinking = body.get("thinking")
+    if isinstance(thinking, Mapping) and thinking.get("type") == "enabled":
+        raise FieldProblem(f"{where}.thinking", f"{where}.thinking {{type: 'enabled'}} (a manual budget) is refused "
+                           "by this model, which thinks adaptively only: give {'type': 'adaptive'} or leave it out, "
+                           "and steer the depth with output_config.effort")
+    for key, default in (("temperature", (None, 1)), ("top_p", (None, 1)), ("top_k", (None,))):
+        if body.get(key) not in default:
+            raise FieldProblem(f"{where}.{key}", f"{where}.{key} is refused by this model at any value but its "
+                               f"default, got {body[key]!r}: leave it out")
 
 
 def _check_parts(body: dict, where: str, api: str) -> None:

@@ -15,22 +15,26 @@ from statistics import NormalDist
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, model_validator
 
+from engine.core._catalog_parts import (
+    GpuBatching,
+    LongContext,
+    ModelCache,
+    PromptCache,
+    _Frozen,
+    merged_cache,
+)
 from engine.core.body_tokens import ImageInput
 from engine.core.errors import CatalogError
 
-__all__ = ["BatchApi", "Catalog", "GpuBatching", "Kind", "Latency", "MediaLatency", "ModelSpec", "PromptCache",
-           "ProviderSpec", "RateLimits", "default_catalog", "load_catalog"]
+__all__ = ["BatchApi", "Catalog", "Effort", "GpuBatching", "Kind", "Latency", "MediaLatency", "ModelCache", "ModelSpec",
+           "PromptCache", "ProviderSpec", "RateLimits", "default_catalog", "load_catalog"]
 
 Kind = Literal["text", "image", "video"]
+Effort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
 
 _CHECKPOINTS = 16  # candidate checkpoints of a second batch (``BatchApi.second_batch``)
-
-
-class _Frozen(BaseModel):
-    # No infinity nor NaN anywhere: a price of .inf billed inf and printed a saving of nan % (a hunt).
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class RateLimits(_Frozen):
@@ -140,59 +144,8 @@ class BatchApi(_Frozen):
         return min(max(t, self.turnaround_min_s), self.completion_window_s)
 
 
-class PromptCache(_Frozen):
-    automatic: bool
-    min_tokens: int = Field(ge=0)
-    block_tokens: int = Field(ge=1)
-    ttl_s: float = Field(gt=0)
-    read_multiplier: float = Field(ge=0, le=1)
-    write_multiplier: float = Field(ge=1)
-    stacks_with_batch: bool
-
-
-class GpuBatching(_Frozen):
-    price_per_gpu_s: float = Field(gt=0)
-    setup_s: float = Field(ge=0)
-    max_batch: int = Field(ge=1)
-    speedup: tuple[tuple[int, float], ...]
-
-    @field_validator("speedup")
-    @classmethod
-    def _physical(cls, v: tuple[tuple[int, float], ...]) -> tuple[tuple[int, float], ...]:
-        # The cost model's "a batch never costs more than its items alone" rests on these three facts.
-        if not v or v[0] != (1, 1.0):
-            raise ValueError("speedup must start at [1, 1.0] (a batch of one runs at base speed)")
-        for (b0, s0), (b1, s1) in zip(v, v[1:]):
-            if b1 <= b0 or s1 < s0:
-                raise ValueError(f"speedup must increase in batch size and never fall: {b0}->{s0}, {b1}->{s1}")
-        for b, s in v:
-            if s > b:
-                raise ValueError(f"speedup {s} at batch size {b} is faster than linear; at most {b}")
-        return v
-
-    def speedup_at(self, b: int) -> float:
-        """Throughput multiplier at batch size ``b``, linear between the catalog's points."""
-        pts = self.speedup
-        if b <= pts[0][0]:
-            return pts[0][1]
-        for (b0, s0), (b1, s1) in zip(pts, pts[1:]):
-            if b <= b1:
-                return s0 + (s1 - s0) * (b - b0) / (b1 - b0)
-        return pts[-1][1]
-
-    def runtime_s(self, unit_gpu_s: float, b: int) -> float:
-        """GPU seconds of one dispatch of ``b`` jobs of ``unit_gpu_s`` each (one warm-up)."""
-        return self.setup_s + unit_gpu_s * b / self.speedup_at(b)
-
-
 _Price = Annotated[float, Field(ge=0)]  # USD a unit: 0 is free, never below
 _GpuSeconds = Annotated[float, Field(gt=0)]
-
-
-class LongContext(_Frozen):  # a whole call's prices once its prompt passes above_input_tokens (Gemini 2.5 Pro)
-    above_input_tokens: int = Field(ge=1)
-    input_per_mtok: float = Field(ge=0)
-    output_per_mtok: float = Field(ge=0)
 
 
 class ModelSpec(_Frozen):
@@ -200,8 +153,8 @@ class ModelSpec(_Frozen):
     input_per_mtok: float | None = Field(default=None, ge=0)  # text
     output_per_mtok: float | None = Field(default=None, ge=0)
     max_output_tokens: int = Field(default=4096, ge=1)
-    cache_read_multiplier: float | None = Field(default=None, ge=0, le=1)
-    cache_min_tokens: int | None = Field(default=None, ge=0)
+    prompt_cache: ModelCache | None = Field(default=None, description="the model's own terms of its provider's "
+                                            "prompt cache (None: the provider's); read through ProviderSpec.cache_of")
     long_context: LongContext | None = None  # the dearer tier of a long prompt (None: one price at any length)
     per_image: dict[str, _Price] | None = None  # hosted media priced per unit
     per_image_quality: dict[str, dict[str, _Price]] | None = None  # by quality, then size (per_image: the default)
@@ -231,19 +184,44 @@ class ModelSpec(_Frozen):
     reasoning: bool = Field(default=False, description="an OpenAI reasoning model (gpt-5, o-series): the API "
                             "refuses max_tokens for it (max_completion_tokens, which also counts reasoning tokens) "
                             "and any temperature or top_p but 1, unless its reasoning effort is 'none'")
-    effort_default: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = Field(
-        default=None, description="the reasoning effort of a call that names none (gpt-5.1 on: 'none', at which "
-        "the model takes any temperature and top_p)")
+    effort_default: Effort | None = Field(
+        default=None, description="the reasoning effort of a call that names none (gpt-5.1 on: 'none' or 'medium'; "
+        "at 'none' the model takes any temperature and top_p)")
+    efforts: tuple[Effort, ...] | None = Field(default=None, description="the reasoning efforts the API takes for "
+                                               "the model (None: not checked; gpt-6.2-sol refuses 'none')")
+    adaptive_only: bool = Field(default=False, description="a Claude model that thinks adaptively only (Sonnet 5 on): "
+                                "the API answers 400 to a manual thinking {type: enabled} and to a temperature, "
+                                "top_p or top_k other than the default")
     shutdown: date | None = Field(default=None, description="the day the provider stops serving the model, as "
                                   "its deprecations page says (a start that calls it over HTTP warns ahead)")
 
+    def effort(self, body: dict) -> str | None:
+        """The reasoning effort ``body`` (on the wire, OpenAI's) asks for, else the model's default."""
+        r = body.get("reasoning")
+        return body.get("reasoning_effort") or (r.get("effort") if isinstance(r, dict) else None) or self.effort_default
+
     def fixed_sampling(self, body: dict) -> bool:
-        """Whether ``body`` (on the wire) may give only 1 as temperature and top_p: at an effort but gpt-5.1's 'none'."""
+        """Whether ``body`` (on the wire) may give only the default temperature and top_p: a Claude model that thinks
+        adaptively only, or an OpenAI reasoning model at an effort but 'none' (gpt-5.1 on)."""
+        if self.adaptive_only:
+            return True
         if not self.reasoning or self.effort_default is None:  # gpt-5 and the o-series have no effort 'none'
             return self.reasoning
-        r = body.get("reasoning")
-        return (body.get("reasoning_effort") or (r.get("effort") if isinstance(r, dict) else None)
-                or self.effort_default) != "none"
+        return self.effort(body) != "none"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cache_terms(cls, raw: object) -> object:
+        # The older spelling of a model's cache terms (cache_read_multiplier, cache_min_tokens), as overlays may
+        # still give it: one place, the model's prompt_cache, holds them now.
+        if isinstance(raw, dict) and ("cache_read_multiplier" in raw or "cache_min_tokens" in raw):
+            raw = dict(raw)
+            own = dict(raw.get("prompt_cache") or {})
+            for old, new in (("cache_read_multiplier", "read_multiplier"), ("cache_min_tokens", "min_tokens")):
+                if old in raw:
+                    own.setdefault(new, raw.pop(old))
+            raw["prompt_cache"] = own
+        return raw
 
     @model_validator(mode="after")
     def _priced(self) -> ModelSpec:
@@ -296,6 +274,17 @@ class ProviderSpec(_Frozen):
             if m.kind != "text" and not m.gpu_priced and self.media_latency is None:
                 raise ValueError(f"model {mname!r} is a hosted {m.kind} model; add media_latency to the provider")
         return self
+
+    def cache_of(self, model: str | ModelSpec) -> PromptCache | None:
+        """The prompt cache ``model`` (a name or its spec) is billed under: the provider's, with the model's own
+        terms where it gives them (None: the provider has no prompt cache, whatever the model's terms, as an overlay
+        that takes the provider's away means). The one way every bill, bound, estimate and warmth
+        reads a cache's terms, so a model's 1.25x write or 30-minute TTL holds in all of them alike."""
+        pc = self.prompt_cache
+        spec = self.models.get(model) if isinstance(model, str) else model
+        if pc is None or spec is None or spec.prompt_cache is None:
+            return pc
+        return merged_cache(pc, spec.prompt_cache)
 
     def supports_batch_api(self, kind: str) -> bool:
         return self.batch_api is not None and kind in self.batch_api.kinds

@@ -89,18 +89,14 @@ def list_price_text(spec: ModelSpec, input_tokens: int, output_tokens: int, long
 
 def min_cacheable_tokens(provider: ProviderSpec, spec: ModelSpec) -> int:
     """The shortest prefix the provider caches for this model (0: no prompt cache)."""
-    pc = provider.prompt_cache
-    if pc is None:
-        return 0
-    return spec.cache_min_tokens if spec.cache_min_tokens is not None else pc.min_tokens
+    pc = provider.cache_of(spec)
+    return 0 if pc is None else pc.min_tokens
 
 
 def cache_read_multiplier(provider: ProviderSpec, spec: ModelSpec) -> float:
     """The share of the input price a cache read costs (1.0: no prompt cache)."""
-    pc = provider.prompt_cache
-    if pc is None:
-        return 1.0
-    return spec.cache_read_multiplier if spec.cache_read_multiplier is not None else pc.read_multiplier
+    pc = provider.cache_of(spec)
+    return 1.0 if pc is None else pc.read_multiplier
 
 
 def gpu_share_price(provider: ProviderSpec, unit_s: float, b: int) -> float:
@@ -135,11 +131,11 @@ def cache_split(provider: ProviderSpec, spec: ModelSpec, input_tokens: int, n_bl
     ``block_tokens`` tokens, the first ``warm_blocks`` of them warm at the provider.
 
     Reads are rounded down to the provider's cache granularity and need at least the minimum cacheable
-    prefix. A provider with automatic caching writes the whole cold prefix (at ``write_multiplier``, 1.0 for
-    the automatic providers in the default catalog); one with explicit caching writes only up to the
+    prefix. A provider with automatic caching writes the whole cold prefix (at the model's ``write_multiplier``:
+    1.0 at OpenAI before the GPT-5.6 family, 1.25 from it on); one with explicit caching writes only up to the
     breakpoint the caller marks (``mark_blocks`` leading blocks), and only if that prefix is cacheable.
     """
-    pc = provider.prompt_cache
+    pc = provider.cache_of(spec)
     if pc is None or n_blocks == 0:
         return CacheSplit(0, 0, input_tokens)
     prefix = min(n_blocks * block_tokens, input_tokens)
@@ -166,12 +162,11 @@ def price_text(provider: ProviderSpec, spec: ModelSpec, split: CacheSplit, outpu
     """Price of a text call with its input split into cache read / write / plain tokens."""
     if mode == "reuse":
         return Price(0.0)
-    pc = provider.prompt_cache
+    pc = provider.cache_of(spec)
     f = mode_factor(provider, mode)
     p_in, p_out = token_prices(spec, split.read + split.write + split.plain)
     if pc is not None and (mode != "batch_api" or pc.stacks_with_batch):
-        r = cache_read_multiplier(provider, spec)
-        cached = f * p_in * r * split.read
+        cached = f * p_in * pc.read_multiplier * split.read
         write = f * p_in * pc.write_multiplier * split.write
         plain = f * p_in * split.plain
     else:
@@ -280,7 +275,7 @@ def reserve_bound(req: Request, catalog: Catalog, mode: Mode, output_tokens: int
             return _media_price(provider, spec, req, mode, input_bound(req, spec)).total
         return price_alone(req, catalog, "sync" if mode == "gpu_batch" else mode).total
     f = mode_factor(provider, mode)
-    pc = provider.prompt_cache
+    pc = provider.cache_of(spec)
     w = max(1.0, pc.write_multiplier) if pc is not None and (mode != "batch_api" or pc.stacks_with_batch) else 1.0
     out = (req.max_output_tokens if req.max_output_tokens is not None
            else spec.max_output_tokens if output_tokens is None else output_tokens)
@@ -373,7 +368,7 @@ def price_batch(reqs: Sequence[Request], catalog: Catalog, mode: Mode, *,
         return out
     if spec.kind != "text":
         return [price_alone(r, catalog, mode) for r in reqs]
-    pc = provider.prompt_cache
+    pc = provider.cache_of(spec)
     use_cache = pc is not None and (mode != "batch_api" or pc.stacks_with_batch)
     warm_set = set(warm) if use_cache else set()
     marks = (shared_prefix_marks(reqs, block_tokens, min_cacheable_tokens(provider, spec)) if use_cache

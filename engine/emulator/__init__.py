@@ -36,7 +36,7 @@ forces a call (``"required"`` or a named function; Anthropic ``{"type": "any"}``
 of that tool (else the first listed) with empty arguments after the text (finish_reason ``tool_calls``,
 stop_reason ``tool_use``; a Responses ``function_call`` item).
 
-Prompt cache, per model, from the catalog's ``prompt_cache`` (and the model's ``cache_min_tokens``):
+Prompt cache, per model, on the catalog's terms for it (``ProviderSpec.cache_of``: its provider's ``prompt_cache`` and its own):
 automatic providers cache every prefix of every prompt for ``ttl_s``; a call reads the longest warm prefix,
 rounded down to ``block_tokens``, if it reaches the minimum (``usage.prompt_tokens_details.cached_tokens``).
 Explicit providers cache only prefixes ending at a ``cache_control: {"type": "ephemeral"}`` block (tools,

@@ -42,6 +42,8 @@ def message_result(core: Core, provider: str, body: dict, mode: str, at: float |
     p, spec = core.model(provider, body.get("model"), "text")
     if body.get("max_tokens") is None:
         raise ApiError(400, "max_tokens: Field required", param="max_tokens")
+    if spec.adaptive_only:
+        _adaptive(body)
     prompt = anthropic_prompt(body, spec.image_input or p.image_input)
     call = core.text_call(p, spec, body["model"], prompt, body["max_tokens"], "max_tokens", mode, at)
     tool = forced_tool(body)
@@ -58,6 +60,19 @@ def message_result(core: Core, provider: str, body: dict, mode: str, at: float |
                   "service_tier": "batch" if mode == "batch_api" else "standard"},
     }
     return call, out
+
+
+def _adaptive(body: dict) -> None:
+    """What a Claude model that thinks adaptively only (Sonnet 5 on) answers 400 to."""
+    thinking = body.get("thinking")
+    if isinstance(thinking, dict) and thinking.get("type") == "enabled":
+        raise ApiError(400, f"thinking.type.enabled is not supported for this model ({body['model']}). Use "
+                       "thinking.type.adaptive and output_config.effort to control thinking behavior.",
+                       param="thinking")
+    for key, default in (("temperature", (None, 1)), ("top_p", (None, 1)), ("top_k", (None,))):
+        if body.get(key) not in default:
+            raise ApiError(400, f"{key}: setting {key} to a non-default value is not supported for this model "
+                           f"({body['model']}); remove it", param=key)
 
 
 def _messages(ctx: Ctx) -> Reply:

@@ -116,7 +116,7 @@ class PromptCaches:
     def use(self, provider: ProviderSpec, spec: ModelSpec, model: str, prompt: Prompt, now: float) -> CacheSplit:
         """Split the prompt's tokens into read / written / plain and update the cache as the call does."""
         total = prompt.tokens
-        pc = provider.prompt_cache
+        pc = provider.cache_of(spec)
         if pc is None:
             return CacheSplit(0, 0, total)
         min_tokens = max(min_cacheable_tokens(provider, spec), 1)

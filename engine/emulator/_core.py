@@ -176,7 +176,7 @@ class Core:
                            f"messages or {cap_param}.", code="context_length_exceeded")
         natural = natural_tokens(prompt.last_user, self.default_output_tokens)
         out = min(cap, natural)
-        pc = provider.prompt_cache
+        pc = provider.cache_of(spec)
         use_cache = pc is not None and (mode == "sync" or pc.stacks_with_batch)
         with self.lock:
             split = (self.caches.use(provider, spec, model, prompt, self.now() if at is None else at) if use_cache

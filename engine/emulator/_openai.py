@@ -55,6 +55,12 @@ def _sampling(body: dict, spec: ModelSpec) -> None:
     if spec.reasoning and body.get("max_tokens") is not None:
         raise ApiError(400, "Unsupported parameter: 'max_tokens' is not supported with this model. Use "
                        "'max_completion_tokens' instead.", param="max_tokens", code="unsupported_parameter")
+    effort = spec.effort(body)
+    if spec.reasoning and spec.efforts is not None and effort not in spec.efforts:
+        param = "reasoning_effort" if body.get("reasoning_effort") else "reasoning.effort"
+        raise ApiError(400, f"Unsupported value: '{param}' does not support {effort!r} with this model. Supported "
+                       f"values are: {', '.join(repr(e) for e in spec.efforts)}.", param=param,
+                       code="unsupported_value")
     for key, hi in (("temperature", 2), ("top_p", 1)):
         v = body.get(key)
         if v is None:

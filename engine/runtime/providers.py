@@ -231,12 +231,11 @@ class SimProvider:
         """Forget prefix blocks cold for more than one cache TTL, once per TTL of engine time (kept for good, a
         trace's fresh blocks grew without end: 15,000 requests held 120,000 blocks, none warm). A call starts
         no earlier than the pump that started it, so a block cold a TTL before a pump is never read again."""
-        pc = self.spec.prompt_cache
-        if pc is None:
+        if self.spec.prompt_cache is None:
             self._warm_sweep_at = _INF  # nothing is ever warm here
             return
-        cold = now - pc.ttl_s
         for model, warm in list(self.warm.items()):
+            cold = now - self.spec.cache_of(model).ttl_s  # type: ignore[union-attr]  # a model's TTL may be its own
             since = self.warm_from.get(model, {})
             for b in [b for b, until in warm.items() if until < cold]:
                 del warm[b]
@@ -244,7 +243,7 @@ class SimProvider:
             if not warm:
                 del self.warm[model]
                 self.warm_from.pop(model, None)
-        self._warm_sweep_at = now + pc.ttl_s
+        self._warm_sweep_at = now + min(self.spec.cache_of(m).ttl_s for m in self.spec.models)  # type: ignore[union-attr]
 
     def failure(self, model: str, t: float) -> None:
         """A call of ``model`` failed at ``t`` (told when the failure happens, not when it was drawn)."""
@@ -308,7 +307,7 @@ class SimProvider:
         prov = self.spec
         if spec.kind != "text":
             return price_alone(r, self.catalog, "sync").total, 0
-        pc = prov.prompt_cache
+        pc = prov.cache_of(spec)
         blocks = r.prefix_blocks
         if pc is None or not blocks:
             return price_text(prov, spec, cache_split(prov, spec, r.input_tokens, 0, 0, 0, self.bt),
@@ -385,9 +384,9 @@ class SimProvider:
         if out.members or out.pending is None:
             return out.members
         (reqs, oks), done = out.pending, out.at
-        pc = self.spec.prompt_cache
-        stacks = pc is not None and pc.stacks_with_batch
         model = reqs[0].model
+        pc = self.spec.cache_of(model)
+        stacks = pc is not None and pc.stacks_with_batch
         blocks = {b for r in reqs for b in r.prefix_blocks} if stacks else ()  # most shared by many: each asked once
         warm_blocks = {b for b in blocks if self._is_warm(model, b, done)}
         warmed: list[int] = []  # per member, the blocks it read or wrote: only those stay warm

@@ -68,7 +68,7 @@ class SimCalls:
     def warm_note(self, r: Request, cached: int, start: float) -> WarmNote:
         """What the runtime learns with a result (the simulator's batches run at their end, and stay warm longer
         than the note says)."""
-        ttl = self.catalog.providers[r.provider].prompt_cache.ttl_s
+        ttl = self.catalog.providers[r.provider].cache_of(r.model).ttl_s  # type: ignore[union-attr]
         return WarmNote.of(r, cached, start, ttl, self.settings.prefix_block_tokens)
 
     def on_warm(self, notes: list[WarmNote]) -> None:

@@ -160,7 +160,7 @@ def _shared_blocks(reqs: Sequence[Request], unserv: np.ndarray, catalog: Catalog
     seen: set[tuple] = set()
     shared: set[tuple] = set()
     for i, r in enumerate(reqs):
-        if unserv[i] or not r.prefix_blocks or catalog.providers[r.provider].prompt_cache is None:
+        if unserv[i] or not r.prefix_blocks or catalog.providers[r.provider].cache_of(r.model) is None:
             continue
         for b in r.prefix_blocks:
             key = (r.provider, r.model, b)
@@ -175,7 +175,7 @@ def _optional_writer(r: Request, catalog: Catalog, p: float, bt: int, arrival: f
     it nothing else) and reads nothing."""
     prov = catalog.providers[r.provider]
     spec = prov.models[r.model]
-    pc = prov.prompt_cache
+    pc = prov.cache_of(spec)
     if pc is None or spec.kind != "text" or spec.gpu_priced or not r.prefix_blocks:
         return
     prefix = min(len(r.prefix_blocks) * bt, r.input_tokens)
@@ -202,7 +202,7 @@ def _readable(r: Request, prov, spec, prefix: int, shared: set[tuple], bt: int) 
             break
         run += 1
     readable = min(run * bt, prefix)
-    readable -= readable % max(prov.prompt_cache.block_tokens, 1)
+    readable -= readable % max(prov.cache_of(spec).block_tokens, 1)
     return readable if readable >= max(min_cacheable_tokens(prov, spec), 1) else 0
 
 
@@ -289,7 +289,7 @@ def lower_bound(requests: Sequence[Request], *, catalog: Catalog | None = None, 
                 per[i] = sum(w * f for w, f in lanes) * price_alone(r, catalog, "sync").total
             continue
         p_in, p_out = token_prices(spec, r.input_tokens)
-        pc = prov.prompt_cache
+        pc = prov.cache_of(spec)
         prefix = min(len(r.prefix_blocks) * bt, r.input_tokens)
         if pc is None or prefix == 0 or prefix < max(min_cacheable_tokens(prov, spec), 1):
             per[i] = sum(w * f for w, f in lanes) * (p_in * r.input_tokens + p_out * r.output_tokens)

@@ -76,7 +76,7 @@ def cache_ties(sim, catalog) -> int:
     four requests differently live, though not in total)."""
     n = collections.Counter()
     for i, r in enumerate(sim.requests):
-        pc = catalog.providers[r.provider].prompt_cache
+        pc = catalog.providers[r.provider].cache_of(r.model)
         if MODES[sim.mode[i]] == "sync" and r.prefix_blocks and pc is not None and pc.automatic:
             n[(r.provider, r.model, r.prefix_blocks[0], r.arrival_s)] += 1
     return sum(k > 1 for k in n.values())

@@ -107,6 +107,28 @@ def test_gpt_5_4_takes_a_temperature_at_effort_none_its_default_and_refuses_it_w
     assert "body.temperature" in refusal("gpt-5-mini", temperature=0.2, reasoning_effort="none")  # no such effort
 
 
+def test_gpt_6_2_sol_refuses_effort_none_and_so_any_temperature_and_gpt_6_luna_takes_one_only_at_none():
+    for body in ({"reasoning_effort": "none"}, {"reasoning": {"effort": "none"}}):
+        msg = refusal("gpt-6.2-sol", **body)
+        assert "effort 'none' is refused" in msg and "low, medium, high, xhigh, max" in msg
+    assert "body.reasoning.effort" in refusal("gpt-6.2-sol", reasoning={"effort": "minimal"})
+    assert make("gpt-6.2-sol", reasoning_effort="max").body["reasoning_effort"] == "max"
+    msg = refusal("gpt-6.2-sol", temperature=0.2)
+    assert msg.startswith("Value error, body.temperature") and "none" not in msg  # no effort takes it
+    assert "unless the reasoning effort is 'none'" in refusal("gpt-6-luna", temperature=0.2)  # medium by default
+    assert make("gpt-6-luna", temperature=0.2, reasoning_effort="none").body["temperature"] == 0.2
+
+
+@pytest.mark.parametrize("model", ["claude-sonnet-5-5", "claude-opus-5-5"])
+def test_a_claude_model_that_thinks_adaptively_only_refuses_a_manual_budget_and_sampling_but_the_default(model):
+    assert "thinks adaptively only" in refusal(model, max_tokens=50, thinking={"type": "enabled", "budget_tokens": 1024})
+    for key, value in (("temperature", 0.5), ("top_p", 0.9), ("top_k", 40)):
+        assert refusal(model, max_tokens=50, **{key: value}).startswith(f"Value error, body.{key} is refused")
+    ok = make(model, max_tokens=50, temperature=1, thinking={"type": "adaptive"})
+    assert ok.body["thinking"] == {"type": "adaptive"}
+    assert make("claude-haiku-4-5", max_tokens=50, temperature=0.5, top_k=40).body["top_k"] == 40  # as before
+
+
 def test_one_bad_line_of_a_file_fails_alone_and_its_neighbours_load(tmp_path):
     from engine.core.trace import load_trace
 

@@ -105,6 +105,9 @@ def test_a_top_level_cache_control_marks_the_last_block(emu: Emulator, sdk: Sdk)
     ("gpt-5-mini", {"temperature": 0.2}, "unsupported_value"),
     ("gpt-5.4-mini", {"temperature": 0.2, "reasoning_effort": "low"}, "unsupported_value"),
     ("gpt-5.4", {"max_tokens": 50}, "unsupported_parameter"),
+    ("gpt-6.2-sol", {"reasoning_effort": "none"}, "unsupported_value"),
+    ("gpt-6.2-sol", {"temperature": 0.2}, "unsupported_value"),
+    ("gpt-6-luna", {"temperature": 0.2}, "unsupported_value"),
     ("gpt-4o-mini", {"temperature": 2.5}, "invalid_value"),
     ("gpt-4o-mini", {"messages": [{"role": "banana", "content": "hi"}]}, None),
     ("gpt-4o-mini", {"messages": [{"role": "user", "content": [
@@ -119,7 +122,36 @@ def test_openai_refuses_what_chat_completions_refuses(emu: Emulator, sdk: Sdk, m
     sdk.openai().chat.completions.create(model="gpt-5-mini", max_completion_tokens=50, messages=user("hi"))
     # gpt-5.4's family samples as a chat model at its default effort, none
     sdk.openai().chat.completions.create(model="gpt-5.4-mini", temperature=0.2, messages=user("hi"))
-    assert len(emu.bill().items) == 3
+    sdk.openai().chat.completions.create(model="gpt-6-luna", temperature=0.2, reasoning_effort="none",
+                                         messages=user("hi"))
+    sdk.openai().chat.completions.create(model="gpt-6.2-sol", reasoning_effort="low", messages=user("hi"))
+    assert len(emu.bill().items) == 5
+
+
+@pytest.mark.parametrize(("kw", "param"), [
+    ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking"),
+    ({"temperature": 0.5}, "temperature"), ({"top_p": 0.9}, "top_p"), ({"top_k": 40}, "top_k")])
+def test_claude_sonnet_5_5_answers_400_to_a_manual_budget_and_to_sampling_but_the_default(emu: Emulator, sdk: Sdk,  # noqa: F811
+                                                                                          kw, param):
+    claude = sdk.anthropic()  # (the SDK names no sampling key any more: the API still takes them, as extra_body)
+    with pytest.raises(anthropic.BadRequestError, match=param):
+        claude.messages.create(model="claude-sonnet-5-5", max_tokens=50, messages=user("hi"), extra_body=kw)
+    assert not emu.bill().items
+    claude.messages.create(model="claude-sonnet-5-5", max_tokens=50, messages=user("hi"),
+                           extra_body={"temperature": 1, "thinking": {"type": "adaptive"}})
+    claude.messages.create(model="claude-haiku-4-5", max_tokens=50, messages=user("hi"), extra_body=kw)  # it takes them
+    assert len(emu.bill().items) == 2
+
+
+def test_a_gpt_6_cache_write_is_billed_at_1_25x_its_input_price(emu: Emulator, sdk: Sdk):  # noqa: F811
+    shared = words(1250)  # a cacheable prefix (>= 1024 tokens)
+    first = sdk.openai().chat.completions.create(model="gpt-6.2-sol", messages=user(shared + "A question"))
+    det = first.usage.prompt_tokens_details
+    write = 1250 // 128 * 128
+    assert (det.cached_tokens, det.model_dump().get("cache_write_tokens")) == (0, write)
+    (item,) = emu.bill().items
+    plain, out = first.usage.prompt_tokens - write, first.usage.completion_tokens
+    assert item.cost_usd == pytest.approx((plain * 2.0 + write * 2.0 * 1.25 + out * 10.0) / 1e6, rel=1e-12)
 
 
 def test_a_batch_with_more_metadata_than_openai_takes_is_a_400(emu: Emulator, sdk: Sdk):  # noqa: F811

@@ -55,9 +55,12 @@ def test_a_start_against_the_real_api_warns_of_the_models_it_shuts_down(keys, ca
     for m in gone:
         assert f"{m} shut down on {CAT.providers['openai'].models[m].shutdown}" in said[0]
     assert "--catalog-overlay" in said[0]
-    assert "the catalog also prices gpt-5.4, gpt-5.4-mini;" in said[0]  # the models with no day, to move to
+    # the models with no day, to move to
+    assert "the catalog also prices gpt-5.4, gpt-5.4-mini, gpt-6.2-sol, gpt-6-luna;" in said[0]
     assert "gpt-4o-mini" not in said[0]  # 40 days on: not yet
-    assert not [m for m in _warned(caplog) if m.startswith("anthropic:")]  # none of its models has a day
+    (claude,) = [m for m in _warned(caplog) if m.startswith("anthropic:")]
+    assert "claude-sonnet-4-5 shut down on 2026-11-30," in claude  # retired five days before
+    assert "the catalog also prices claude-haiku-4-5, claude-sonnet-5-5, claude-opus-5-5, claude-haiku-5-5;" in claude
 
 
 def test_a_server_the_user_named_keeps_its_own_lineup_and_is_not_warned_of(keys, caplog):
@@ -68,7 +71,8 @@ def test_a_server_the_user_named_keeps_its_own_lineup_and_is_not_warned_of(keys,
         keys.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")  # the SDK's own variable names a server too
         http_setup(CAT, Settings(providers=ProvidersSettings(mode="http")), today=DAY)
         http_setup(CAT, Settings(), today=DAY)  # simulated: nothing is called
-    assert not _warned(caplog)
+    # (Anthropic's real API, named by no one, is warned of: its claude-sonnet-4-5 has shut down)
+    assert not [m for m in _warned(caplog) if not m.startswith("anthropic:")]
 
 
 def test_an_overlay_gives_or_takes_back_a_shutdown_day_and_a_bad_one_names_the_field(tmp_path):
@@ -77,7 +81,8 @@ def test_an_overlay_gives_or_takes_back_a_shutdown_day_and_a_bad_one_names_the_f
                        "  anthropic:\n    models:\n      claude-haiku-4-5: {shutdown: 2026-12-20}\n")
     cat = load_catalog(None, overlay)
     assert cat.model("openai", "gpt-5-mini").shutdown is None
-    assert retiring(cat, "anthropic", DAY) == [("claude-haiku-4-5", datetime.date(2026, 12, 20))]
+    assert retiring(cat, "anthropic", DAY) == [("claude-sonnet-4-5", datetime.date(2026, 11, 30)),
+                                               ("claude-haiku-4-5", datetime.date(2026, 12, 20))]
     overlay.write_text("providers:\n  openai:\n    models:\n      gpt-5: {shutdown: next week}\n")
     with pytest.raises(CatalogError, match="shutdown"):
         load_catalog(None, overlay)

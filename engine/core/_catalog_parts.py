@@ -1,0 +1,84 @@
+"""Parts of a catalog entry that hold prices of one kind: a provider's prompt cache and a model's own terms of it,
+a model's long-prompt tier, a GPU provider's batching. ``engine.core.catalog`` names them; the one way to read the
+prompt cache a model is billed under is ``ProviderSpec.cache_of``."""
+
+from __future__ import annotations
+
+import functools
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = ["GpuBatching", "LongContext", "ModelCache", "PromptCache", "merged_cache"]
+
+
+class _Frozen(BaseModel):
+    # No infinity nor NaN anywhere: a price of .inf billed inf and printed a saving of nan % (a hunt).
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+class PromptCache(_Frozen):
+    automatic: bool
+    min_tokens: int = Field(ge=0)
+    block_tokens: int = Field(ge=1)
+    ttl_s: float = Field(gt=0)
+    read_multiplier: float = Field(ge=0, le=1)
+    write_multiplier: float = Field(ge=1)
+    stacks_with_batch: bool
+
+
+class ModelCache(_Frozen):
+    """A model's own terms of its provider's prompt cache, where the provider-wide ones do not hold (OpenAI
+    bills a cache write at 1.25x from the GPT-5.6 family on and at 1x before it; a model's cached input may be
+    0.05x where its provider's is 0.1x). A field left out is the provider's."""
+
+    min_tokens: int | None = Field(default=None, ge=0, description="the shortest prefix cached for the model")
+    ttl_s: float | None = Field(default=None, gt=0, description="how long a prefix stays warm after its call")
+    read_multiplier: float | None = Field(default=None, ge=0, le=1, description="a cache read, times the input price")
+    write_multiplier: float | None = Field(default=None, ge=1, description="a cache write, times the input price")
+
+
+@functools.lru_cache(maxsize=256)
+def merged_cache(pc: PromptCache, own: ModelCache) -> PromptCache:
+    """``pc`` with the fields ``own`` gives (both frozen, so one merge serves every call of the model)."""
+    return pc.model_copy(update=own.model_dump(exclude_none=True))
+
+
+class LongContext(_Frozen):  # a whole call's prices once its prompt passes above_input_tokens (Gemini 2.5 Pro)
+    above_input_tokens: int = Field(ge=1)
+    input_per_mtok: float = Field(ge=0)
+    output_per_mtok: float = Field(ge=0)
+
+
+class GpuBatching(_Frozen):
+    price_per_gpu_s: float = Field(gt=0)
+    setup_s: float = Field(ge=0)
+    max_batch: int = Field(ge=1)
+    speedup: tuple[tuple[int, float], ...]
+
+    @field_validator("speedup")
+    @classmethod
+    def _physical(cls, v: tuple[tuple[int, float], ...]) -> tuple[tuple[int, float], ...]:
+        # The cost model's "a batch never costs more than its items alone" rests on these three facts.
+        if not v or v[0] != (1, 1.0):
+            raise ValueError("speedup must start at [1, 1.0] (a batch of one runs at base speed)")
+        for (b0, s0), (b1, s1) in zip(v, v[1:]):
+            if b1 <= b0 or s1 < s0:
+                raise ValueError(f"speedup must increase in batch size and never fall: {b0}->{s0}, {b1}->{s1}")
+        for b, s in v:
+            if s > b:
+                raise ValueError(f"speedup {s} at batch size {b} is faster than linear; at most {b}")
+        return v
+
+    def speedup_at(self, b: int) -> float:
+        """Throughput multiplier at batch size ``b``, linear between the catalog's points."""
+        pts = self.speedup
+        if b <= pts[0][0]:
+            return pts[0][1]
+        for (b0, s0), (b1, s1) in zip(pts, pts[1:]):
+            if b <= b1:
+                return s0 + (s1 - s0) * (b - b0) / (b1 - b0)
+        return pts[-1][1]
+
+    def runtime_s(self, unit_gpu_s: float, b: int) -> float:
+        """GPU seconds of one dispatch of ``b`` jobs of ``unit_gpu_s`` each (one warm-up)."""
+        return self.setup_s + unit_gpu_s * b / self.speedup_at(b)
