@@ -54,7 +54,8 @@ def check_api_body(body: dict, where: str, api: str, spec: ModelSpec) -> None:
     """What the provider's wire format refuses that another's takes (``body`` as it goes on the wire): a cap under
     another endpoint's name; the other API's content parts; at an OpenAI reasoning model, ``max_tokens``, an effort
     it does not take (``efforts``) and a temperature or top_p other than 1; at a Claude model that thinks adaptively
-    only, a manual thinking budget and a sampling parameter but its default; at Anthropic, OpenAI's fields, roles and metadata keys, a non-text system
+    only, a manual thinking budget and a sampling parameter but its default, and a forced tool where the model refuses one
+    (``forced_tool_choice``); at Anthropic, OpenAI's fields, roles and metadata keys, a non-text system
     message, the ``fast`` speed (priced apart from the catalog's) and a fifth cache mark. Each was accepted,
     reserved for and sent, and the provider answered 400 for that call alone (a helper's hunt)."""
     # A cap under another endpoint's name is no cap there: the budget reserved for it, and the call ran to the
@@ -84,6 +85,11 @@ def check_api_body(body: dict, where: str, api: str, spec: ModelSpec) -> None:
         return
     if spec.adaptive_only:
         _check_adaptive(body, where)
+    choice = body.get("tool_choice")
+    if not spec.forced_tool_choice and isinstance(choice, Mapping) and choice.get("type") in ("any", "tool"):
+        raise FieldProblem(f"{where}.tool_choice", f"{where}.tool_choice {{type: {str(choice['type'])!r}}} forces a tool, "
+                           "which this model refuses: give {'type': 'auto'} (or 'none') and ask for the tool in the "
+                           "prompt")
     for key, fix in _NOT_ANTHROPIC.items():
         if key in body:
             raise FieldProblem(f"{where}.{key}", f"{where}.{key} is an OpenAI field that Anthropic's Messages API "

@@ -192,6 +192,8 @@ class ModelSpec(_Frozen):
     adaptive_only: bool = Field(default=False, description="a Claude model that thinks adaptively only (Sonnet 5 on): "
                                 "the API answers 400 to a manual thinking {type: enabled} and to a temperature, "
                                 "top_p or top_k other than the default")
+    forced_tool_choice: bool = Field(default=True, description="whether the API takes a tool_choice that forces a "
+                                     "tool (Anthropic's {type: any} or {type: tool}); Claude Fable 5.1 answers 400")
     shutdown: date | None = Field(default=None, description="the day the provider stops serving the model, as "
                                   "its deprecations page says (a start that calls it over HTTP warns ahead)")
 

@@ -44,6 +44,10 @@ def message_result(core: Core, provider: str, body: dict, mode: str, at: float |
         raise ApiError(400, "max_tokens: Field required", param="max_tokens")
     if spec.adaptive_only:
         _adaptive(body)
+    choice = body.get("tool_choice")
+    if not spec.forced_tool_choice and isinstance(choice, dict) and choice.get("type") in ("any", "tool"):
+        raise ApiError(400, f"tool_choice.type: forcing tool use ({choice['type']!r}) is not supported for this model "
+                       f"({body['model']}); use tool_choice.type 'auto' or 'none'", param="tool_choice")
     prompt = anthropic_prompt(body, spec.image_input or p.image_input)
     call = core.text_call(p, spec, body["model"], prompt, body["max_tokens"], "max_tokens", mode, at)
     tool = forced_tool(body)

@@ -119,7 +119,7 @@ def test_gpt_6_2_sol_refuses_effort_none_and_so_any_temperature_and_gpt_6_luna_t
     assert make("gpt-6-luna", temperature=0.2, reasoning_effort="none").body["temperature"] == 0.2
 
 
-@pytest.mark.parametrize("model", ["claude-sonnet-5-5", "claude-opus-5-5"])
+@pytest.mark.parametrize("model", ["claude-sonnet-5-5", "claude-opus-5-5", "claude-fable-5-1", "claude-fable-5"])
 def test_a_claude_model_that_thinks_adaptively_only_refuses_a_manual_budget_and_sampling_but_the_default(model):
     assert "thinks adaptively only" in refusal(model, max_tokens=50, thinking={"type": "enabled", "budget_tokens": 1024})
     for key, value in (("temperature", 0.5), ("top_p", 0.9), ("top_k", 40)):
@@ -127,6 +127,16 @@ def test_a_claude_model_that_thinks_adaptively_only_refuses_a_manual_budget_and_
     ok = make(model, max_tokens=50, temperature=1, thinking={"type": "adaptive"})
     assert ok.body["thinking"] == {"type": "adaptive"}
     assert make("claude-haiku-4-5", max_tokens=50, temperature=0.5, top_k=40).body["top_k"] == 40  # as before
+
+
+def test_claude_fable_5_1_refuses_a_forced_tool_and_fable_5_takes_one():
+    tools = [{"name": "lookup", "description": "find a word", "input_schema": {"type": "object"}}]
+    for choice in ({"type": "any"}, {"type": "tool", "name": "lookup"}):
+        msg = refusal("claude-fable-5-1", max_tokens=50, tools=tools, tool_choice=choice)
+        assert msg.startswith("Value error, body.tool_choice") and "forces a tool" in msg and "'auto'" in msg
+        assert make("claude-fable-5", max_tokens=50, tools=tools, tool_choice=choice).body["tool_choice"] == choice
+    for choice in ({"type": "auto"}, {"type": "none"}):
+        assert make("claude-fable-5-1", max_tokens=50, tools=tools, tool_choice=choice).body["tool_choice"] == choice
 
 
 def test_one_bad_line_of_a_file_fails_alone_and_its_neighbours_load(tmp_path):

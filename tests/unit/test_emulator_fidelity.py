@@ -143,6 +143,22 @@ def test_claude_sonnet_5_5_answers_400_to_a_manual_budget_and_to_sampling_but_th
     assert len(emu.bill().items) == 2
 
 
+def test_claude_fable_5_1_answers_400_to_a_forced_tool_and_fable_5_calls_it(emu: Emulator, sdk: Sdk):  # noqa: F811
+    claude = sdk.anthropic()
+    tools = [{"name": "lookup", "description": "find a word", "input_schema": {"type": "object"}}]
+    for choice in ({"type": "any"}, {"type": "tool", "name": "lookup"}):
+        with pytest.raises(anthropic.BadRequestError, match="tool_choice"):
+            claude.messages.create(model="claude-fable-5-1", max_tokens=50, messages=user("hi"), tools=tools,
+                                   tool_choice=choice)
+    assert not emu.bill().items
+    ok = claude.messages.create(model="claude-fable-5", max_tokens=50, messages=user("hi"), tools=tools,
+                                tool_choice={"type": "any"})
+    assert [b.name for b in ok.content if b.type == "tool_use"] == ["lookup"]
+    claude.messages.create(model="claude-fable-5-1", max_tokens=50, messages=user("hi"), tools=tools,
+                           tool_choice={"type": "auto"})
+    assert len(emu.bill().items) == 2
+
+
 def test_a_gpt_6_cache_write_is_billed_at_1_25x_its_input_price(emu: Emulator, sdk: Sdk):  # noqa: F811
     shared = words(1250)  # a cacheable prefix (>= 1024 tokens)
     first = sdk.openai().chat.completions.create(model="gpt-6.2-sol", messages=user(shared + "A question"))

@@ -60,7 +60,8 @@ def test_a_start_against_the_real_api_warns_of_the_models_it_shuts_down(keys, ca
     assert "gpt-4o-mini" not in said[0]  # 40 days on: not yet
     (claude,) = [m for m in _warned(caplog) if m.startswith("anthropic:")]
     assert "claude-sonnet-4-5 shut down on 2026-11-30," in claude  # retired five days before
-    assert "the catalog also prices claude-haiku-4-5, claude-sonnet-5-5, claude-opus-5-5, claude-haiku-5-5;" in claude
+    assert ("the catalog also prices claude-haiku-4-5, claude-sonnet-5-5, claude-opus-5-5, claude-haiku-5-5, "
+            "claude-fable-5-1, claude-fable-5;") in claude
 
 
 def test_a_server_the_user_named_keeps_its_own_lineup_and_is_not_warned_of(keys, caplog):
