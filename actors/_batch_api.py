@@ -9,10 +9,9 @@ import logging
 import secrets
 
 from actors._batch_parts import file_parts
+from actors._batch_watch import _UNKNOWN, CANCEL_RETRY_S, POLL_RETRY_S, BatchWatch, _short
 from actors._queue_full import QueueFull
 from actors._types import BatchJob, Job
-from actors.providers._wire import redact
-from engine.core.budgets import Charge
 from engine.core.errors import ProviderError
 from engine.core.provider_api import CallJob, refusal_state
 from engine.runtime.providers import Event
@@ -20,22 +19,14 @@ from engine.runtime.turnaround import Turnaround, batch_turnaround, submitted
 
 log = logging.getLogger("smartbatch.dispatcher")
 
-POLL_RETRY_S = 30.0  # engine seconds before polling again after a failed poll
-CANCEL_RETRY_S = 10.0  # engine seconds before a cancel the provider did not take is made again
-WATCH_S = 26 * 3600.0  # engine seconds a batch whose members went again is followed: its 24 h window and more
 FIND_TRIES = 5  # lookups of a lost create's batch a real second or more apart; then every POLL_RETRY_S engine s
 SUBMIT_TRIES = 3  # creates of a batch whose answer was lost, each after a lookup that did not find it
 FETCH_TRIES = 5  # reads of an ended batch's results: its finished members are billed, never to be sent again
 CANCELLED_READS = 20  # more rounds of those, POLL_RETRY_S apart, once the engine is cancelled (nobody waits)
 RETRY_BASE_S = 0.2  # real seconds before a lookup or a read is tried again, doubling each time
-_UNKNOWN = object()  # no lookup of a lost create's batch was answered: whether the provider made it is unknown
 
 
-def _short(exc: BaseException) -> str:
-    return redact(f"{type(exc).__name__}: {str(exc)[:200]}")
-
-
-class BatchApiRuns(QueueFull):
+class BatchApiRuns(QueueFull, BatchWatch):
     """Batch-API methods of ``Dispatcher``."""
 
     def _start_batch_api(self, e: Event, b: BatchJob, jobs: list[Job]) -> None:
@@ -318,82 +309,4 @@ class BatchApiRuns(QueueFull):
                 self._note_warm(j.req, o, start)
                 self._attempt(b, j, o.ok, o.cost, "batch_api", o)
         self._pump()
-
-    @property
-    def _watch_space(self) -> str:
-        return self._space + ":watch"
-
-    async def _watch(self, b: BatchJob, key: str, jobs: list[Job], start: float, handle, cancel: bool = False) -> None:
-        """Follow a batch whose members go again (``_watch_late_cancel``), journaled first: its own record goes
-        once its members are answered, and a restart then found nothing that named it. The batch ran on,
-        uncancelled, and finished every member the sync calls also paid for, uncounted and uncharged (a helper's
-        fault hunt)."""
-        rec = self._watching[key] = (b._replace(jobs=[]), handle, jobs, start, cancel)
-        try:
-            await self.journal.put(self._watch_space, key, rec)
-        except Exception as exc:  # it is still followed; only a restart of this dispatcher would lose it
-            log.warning("dispatcher %s: could not journal the watch of batch %s: %s", self.name, key, _short(exc))
-        cjobs = [self._call_job(j, start, batch=True) for j in jobs]
-        self._spawn(self._watch_late_cancel(handle, cjobs, key, cancel=cancel), [], b)
-
-    async def _watch_late_cancel(self, handle, cjobs: list[CallJob], key: str, cancel: bool = False) -> None:
-        await self._watch_to_end(handle, cjobs, key, cancel)
-        # Ended, or given up on: nothing is left to count. (Cancelled with the actor, its record stays.)
-        if self._watching.pop(key, None) is not None:
-            self._unjournal.append((self._watch_space, key))
-            self._kick()
-
-    async def _watch_to_end(self, handle, cjobs: list[CallJob], key: str, cancel: bool) -> None:
-        """A batch whose members were sent again for their deadlines: its cancel outlasted ``cancel_s``, or its
-        results could not be read. Follow it to its end and read its results, so any member it finished
-        (billed twice) is counted, not hidden. ``cancel``: the provider never took its cancel, which is made
-        again until it does: a batch left running finishes every member, each paid twice."""
-        p = self.provider
-        until = self.clock.now() + WATCH_S
-        if handle is None:  # a create whose answer was lost, and no lookup of it answered before its hedge
-            handle = await self._find_batch(cjobs, key, until, watch=True)
-            if handle is None or handle is _UNKNOWN:  # never made (the provider says so), or never answered
-                return
-            cancel = True
-        for _ in range(10_000):  # and a bound on tries, for a clock that does not move
-            if cancel:
-                try:
-                    await p.cancel(handle)
-                    cancel = False
-                except Exception as exc:
-                    log.warning("dispatcher %s: cancelling a batch whose members went again failed (%s)",
-                                self.name, _short(exc))
-            try:
-                st = await p.poll(handle)
-                outs = (await p.fetch(handle)) if st.status == "ended" else None
-            except Exception as exc:  # a failed poll or read is tried again: ending here would hide the count
-                log.warning("dispatcher %s: following a batch whose members went again failed (%s)", self.name,
-                            _short(exc))
-                if self.clock.now() >= until:
-                    break
-                await self._sleep(POLL_RETRY_S)
-                continue
-            if st.status in ("cancelling", "finalizing"):
-                cancel = False  # taken (its answer was lost), or past cancelling: nothing is left to stop
-            if outs is not None:
-                self._files.discard(p, handle)
-                late = [(cj, o) for cj in cjobs if (o := outs.get(cj.key)) is not None and (o.ok or o.maybe_billed)]
-                usd = sum(o.cost for _, o in late)
-                self.paid_twice += len(late)
-                self.paid_twice_usd += usd
-                self._counts.paid_twice_members += len(late)
-                self._counts.paid_twice_usd += usd
-                if late and self.budget is not None:  # on the bill, so on the budgets too (docs/budgets.md)
-                    # One id per member of this batch (its journal key, unique per batch, and the custom_id): a
-                    # replay counts nothing twice, and the same ids in another batch (another engine on the
-                    # ledger, the same file run again) are charged again, as they are billed again.
-                    self._to_budget("charge_many", [Charge(f"late:{key}:{cj.key}", cj.req.tenant, cj.req.provider,
-                                                           cj.req.model, o.cost) for cj, o in late])
-                self._kick()
-                return
-            if self.clock.now() >= until:
-                break
-            await self._sleep(min(st.next_poll_s, CANCEL_RETRY_S) if cancel else st.next_poll_s)
-        log.error("dispatcher %s: batch %s whose members went again did not end in %.0f h; what it finished after "
-                  "they went is on the bill twice and not counted", self.name, key, WATCH_S / 3600)
 
