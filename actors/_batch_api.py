@@ -75,6 +75,8 @@ class BatchApiRuns(QueueFull, BatchWatch):
             now = self.clock.now()
             late = (self._cancelled or self._all_withdrawn(jobs)  # (a create a restart cut too: a review)
                     or not cut and b.hedge_at is not None and b.hedge_at <= (now if now > asked else start))
+            if not cut and not late and self._withdrawn:  # withdrawn while it waited for the slot: left out
+                jobs, cjobs = self._left_in(b, jobs, cjobs)
             if p.real and not cut and not late:  # the create may reach the provider, and this dispatcher die
                 body = p.batch_body(cjobs)       # before it hears back
                 self._open[key] = (b, jobs, start, tokens, None, body)

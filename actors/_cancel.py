@@ -139,10 +139,11 @@ class CancelGroups:
 
 class CancelDispatches:
     """The dispatcher's side: needs its ``provider``, ``_open``, ``_files``, ``sim``, ``clock``, ``_queued_at``,
-    ``_final``, ``_unanswered``, ``_pump``, ``_kick``, ``_at``, ``_enqueue``, ``_flusher`` and ``hubs``. Work queued at a
-    rate gate, or waiting for its next try, ends cancelled at once, and work that comes later when its gate lets
-    it start; a batch not yet created is never created; a batch under way is cancelled now (its follow-up,
-    woken, reads what it finished, and its unfinished members go back to a grouper, which ends them)."""
+    ``_final``, ``_unanswered``, ``_pump``, ``_kick``, ``_at``, ``_enqueue``, ``_flusher``, ``hubs`` and
+    ``_batch_gate``'s methods. Work queued at a rate gate, or waiting for its next try, ends cancelled at once, and
+    work that comes later when its gate lets it start; a batch not yet created is never created; a batch under way
+    is cancelled now (its follow-up, woken, reads what it finished, and its unfinished members go back to a
+    grouper, which ends them)."""
 
     _cancelled = False
     _cancel_event: asyncio.Event | None = None
@@ -238,8 +239,9 @@ class CancelDispatches:
         (they end cancelled, billed nothing), and a provider batch under way whose members are all withdrawn is
         cancelled now, as at its hedge: what it finished is answered, the others go back to their grouper,
         which ends them. A sync call waiting for its next try (a 429's wait) ends now: left to its timer, it
-        ended when the wait was over. A call under way, or a batch that carries other work too, runs on.
-        Returns how many open batches it cancels."""
+        ended when the wait was over. So do the withdrawn members of a provider batch waiting at the gate for the
+        batch queue's room (``_withdraw_at_gate``): they ended when the gate let it start, or at its hedge. A call
+        under way, or a batch created with other work too, runs on. Returns how many open batches it cancels."""
         if self._withdrawn is None:
             self._withdrawn = {}
         _remember(self._withdrawn, uids)
@@ -247,9 +249,10 @@ class CancelDispatches:
         waiting = [(t, bj) for t, bj in (self._retrying or {}).items() if bj[1].req.uid in w]
         for token, (b, j) in waiting:  # waiting for a next try (a 429's wait may be an hour): ended now
             del self._retrying[token]
-            self._final(b, j, False, 0.0, b.mode,
-                        error=_WITHDRAWN_AFTER_TRY if self._unanswered[j.req.uid] else _WITHDRAWN)
-        if waiting:
+            self._final(b, j, False, 0.0, b.mode, error=self._why_withdrawn(j))
+        if self._withdraw_at_gate():  # waiting for the batch queue's room (``_batch_gate``): what is left may fit
+            self._pump()
+        elif waiting:
             self._kick()
         gone = [rec for rec in self._open.values() if self._all_withdrawn(rec[1])]
         if gone:  # each follow-up (or lookup) wakes and acts now; the event is made anew for later sleeps
@@ -277,6 +280,6 @@ class CancelDispatches:
         if kind == "sync":
             self.sim.finish_sync(jobs[0].req.model, self.clock.now(), 0)
         for j in gone:
-            why = _WHY if self._cancelled else _WITHDRAWN_AFTER_TRY if self._unanswered[j.req.uid] else _WITHDRAWN
+            why = _WHY if self._cancelled else self._why_withdrawn(j)
             self._final(b, j, False, 0.0, b.mode, error=why)
         return [] if gone is jobs else [j for j in jobs if j.req.uid not in w]

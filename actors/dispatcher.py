@@ -21,6 +21,7 @@ from collections import Counter, OrderedDict, deque
 
 from actors._batch_api import BatchApiRuns
 from actors._batch_files import FileCleanup
+from actors._batch_gate import BatchGate
 from actors._cancel import CancelDispatches
 from actors._dispatch_outbox import Outbox, maybe_billed_error
 from actors._dispatch_recovery import Recovery
@@ -52,7 +53,7 @@ DONE_KEEP, DONE_KEEP_S = 65_536, 300.0
 TOLD_KEPT = 4096  # messages about batches kept, for a grouper Ray restarts (one per outbox flush that had any)
 
 
-class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, Recovery, Warm):
+class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, Recovery, Warm):
     def __init__(self, provider: str, catalog: Catalog, settings: Settings, seed: int, clock, groupers: list,
                  hub, cache, budget, scheduling: Scheduling | None = None, key: Secret | None = None,
                  engine: str = "engine", learners: bool = False, warm_readers: bool = True):
@@ -203,10 +204,10 @@ class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, Recovery, Wa
                 else:
                     self._enqueue("sync", b, [j])
 
-    def _enqueue(self, kind: str, b: BatchJob, jobs: list[Job]) -> None:
+    def _enqueue(self, kind: str, b: BatchJob, jobs: list[Job], since: float | None = None) -> None:
         item = (b, jobs)
         # Keyed by identity: the Work holds the item until it starts, so the id is not reused before then.
-        self._queued_at[id(item)] = self.clock.now()
+        self._queued_at[id(item)] = self.clock.now() if since is None else since
         self.sim.enqueue(Work(kind, item, [j.req for j in jobs], [j.seq for j in jobs],
                               [j.attempts for j in jobs], b.cache_write and kind == "sync",
                               b.hedge_at if kind == "batch_api" else None))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+from collections.abc import Callable
 
 from engine.core.scheduling import FairQueue, Scheduling, Unit
 
@@ -67,6 +68,14 @@ class BatchQueue:
         u = self._q.take(picked)
         self._waiting.pop(id(u), None)
         return u
+
+    def take_where(self, pred: Callable[[Unit], bool]) -> list[Unit]:
+        """The waiting units for which ``pred`` holds, taken out (void in the fair queue, as one given back)."""
+        out = [u for u in self._waiting.values() if pred(u)]
+        for u in out:
+            del self._waiting[id(u)]
+            self._void.add(id(u))
+        return out
 
     def take_all(self) -> list[Unit]:
         out = []

@@ -11,13 +11,15 @@ import asyncio
 import pytest
 
 from engine.emulator import Emulator
-from tests.unit.test_http_providers import (  # noqa: F401  (emu: a fixture)
+from tests.unit.test_http_providers import (  # noqa: F401  (emu, quarter: fixtures)
+    SPEED,
     Rig,
     assert_batch_member,
     batch_key,
     billed_by_custom_id,
     emu,
     jobs_of,
+    quarter,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:The model .* is deprecated:DeprecationWarning")
@@ -110,3 +112,104 @@ def test_the_queue_limit_a_refusal_names_is_read_in_openais_words_and_azures(emu
         assert p.queue_refusal(handle) == limit
     finally:
         asyncio.run(p.close())
+
+
+def polls_held(d, jobs: list) -> asyncio.Event:
+    """Dispatcher ``d``'s polls of the batch that carries ``jobs`` wait for the event returned: until it is set,
+    that batch is under way however slow the machine (its 4 s turnaround was the margin the reverted test leant
+    on)."""
+    release, inner, ids = asyncio.Event(), d.provider.poll, {j.req.uid for j in jobs}
+
+    async def poll(handle):
+        if any(rec[4] is handle and {j.req.uid for j in rec[1]} == ids for rec in d._open.values()):
+            await release.wait()
+        return await inner(handle)
+
+    d.provider.poll = poll  # an instance attribute shadows the method: the dispatcher calls this
+    return release
+
+
+async def one_refused_at_the_gate(rig: Rig, first: list, second: list) -> asyncio.Event:
+    """``first`` made a batch (created before ``second``'s is asked for, so ``second``'s is the one refused: two
+    creates under way at once reached the emulator in either order, and the reverted test withdrew the batch
+    under way in 2 runs of 3), and ``second``'s batch refused for the full queue and waiting at the gate for
+    ``first``'s end, which waits for the event returned."""
+    release = polls_held(rig.d, first)
+    await rig.reserve(first + second)
+    await rig.run("batch_api", first, bid="b1")
+    await rig.until(lambda: any(rec[4] is not None for rec in rig.d._open.values()), "the first batch's create", 20.0)
+    await rig.run("batch_api", second, bid="b2")
+    await rig.until(lambda: len(rig.d.sim.batch_queue) == 1, "the refused batch waiting for room", 20.0)
+    (u,) = rig.d.sim.batch_queue._waiting.values()
+    assert [j.req.uid for j in u.item.item[1]] == [j.req.uid for j in second]
+    return release
+
+
+def test_a_batch_waiting_for_queue_room_whose_members_are_all_withdrawn_ends_them_at_once(quarter):  # noqa: F811
+    """A batch refused for a full queue waits at the dispatcher's gate for room (the end of another batch of its
+    model, hours away at a provider) until its hedge. Its members all withdrawn (``Engine.cancel_requests``, an
+    endpoint batch's cancel), they end now, billed nothing, their claims settled at 0: before, they ended only
+    when the gate let the batch start, and the endpoint's cancel stayed ``cancelling`` all that time. The batch
+    under way runs on, and nothing more is created."""
+    first, second = jobs_of("openai", 8, claims=True)[:4], jobs_of("openai", 8, claims=True)[4:]
+    quarter.faults.batch_queue_limits = {MODEL: 2_000}
+
+    async def go():
+        rig = Rig(quarter, "openai", speed=SPEED / 4)
+        try:
+            release = await one_refused_at_the_gate(rig, first, second)
+            await rig.d.withdraw([j.req.uid for j in second])
+            await rig.until(lambda: all(j.req.id in rig.results for j in second), "the withdrawn members' end", 5.0)
+            assert all(rig.results[j.req.id].error.startswith("cancelled: withdrawn") for j in second)
+            assert len(rig.d.sim.batch_queue) == 0 and rig.grouper.readmitted() == []
+            await rig.until(lambda: set(rig.budget.book.claims) == {j.claim for j in first}, "claims settled at 0")
+            assert not any(j.req.id in rig.results for j in first)  # ended before the batch under way
+            release.set()
+            await rig.until(lambda: len(rig.results) == 8, "the first batch's answers", 20.0)
+            assert [rig.results[j.req.id].status for j in first] == ["ok"] * 4
+            await rig.until(lambda: not rig.budget.book.claims, "every claim settled")
+            assert set(billed_by_custom_id(quarter)) == {batch_key(j) for j in first}  # the withdrawn: never billed
+            assert failed_batches(quarter) == ["token_limit_exceeded"] and len(quarter._core.batches) == 2
+            assert sum(rig.budget.book.spend.values()) == pytest.approx(
+                sum(rig.results[j.req.id].cost_usd for j in first), abs=1e-12)
+            assert rig.d.in_flight == 0 and not rig.d._open
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+def test_a_batch_waiting_for_queue_room_leaves_its_withdrawn_members_at_once_and_sends_the_rest(quarter):  # noqa: F811
+    """Some members of a batch waiting at the gate withdrawn: they end now, billed nothing, and the batch waits on
+    without them (before, they ended only when the gate let it start). Smaller, it may fit now: the gate is
+    asked again at once, and here the second withdrawal lets it in while the first batch still runs."""
+    first, second = jobs_of("openai", 8, claims=True)[:4], jobs_of("openai", 8, claims=True)[4:]
+    quarter.faults.batch_queue_limits = {MODEL: 2_000}  # first: 1,260 input tokens; second's last two: 730
+
+    async def go():
+        rig = Rig(quarter, "openai", speed=SPEED / 4)
+        try:
+            release = await one_refused_at_the_gate(rig, first, second)
+            await rig.d.withdraw([second[0].req.uid])
+            await rig.until(lambda: second[0].req.id in rig.results, "the withdrawn member's end", 5.0)
+            (u,) = rig.d.sim.batch_queue._waiting.values()  # the other three still wait for room
+            assert [j.req.uid for j in u.item.item[1]] == [j.req.uid for j in second[1:]]
+            await rig.d.withdraw([second[1].req.uid])
+            await rig.until(lambda: len(quarter._core.batches) == 3, "the last two members' batch", 20.0)
+            assert len(rig.d.sim.batch_queue) == 0 and not any(j.req.id in rig.results for j in first)
+            release.set()
+            await rig.until(lambda: len(rig.results) == 8, "every answer", 20.0)
+            assert all(rig.results[j.req.id].error.startswith("cancelled: withdrawn") for j in second[:2])
+            assert rig.grouper.readmitted() == []
+            billed = billed_by_custom_id(quarter)
+            kept = first + second[2:]
+            assert set(billed) == {batch_key(j) for j in kept}  # the withdrawn: never sent, never billed
+            for j in kept:
+                assert_batch_member(rig.results[j.req.id], j, billed[batch_key(j)], "openai")
+            await rig.until(lambda: not rig.budget.book.claims, "every claim settled")
+            assert sum(rig.budget.book.spend.values()) == pytest.approx(
+                sum(rig.results[j.req.id].cost_usd for j in kept), abs=1e-12)
+            assert rig.d.in_flight == 0 and not rig.d._open
+        finally:
+            await rig.close()
+    asyncio.run(go())
+

@@ -140,6 +140,47 @@ def test_withdrawn_work_that_starts_later_is_not_sent(quarter):  # noqa: F811
     asyncio.run(go())
 
 
+def test_a_member_withdrawn_while_its_batch_waits_for_its_create_slot_is_never_sent(quarter):  # noqa: F811
+    """Anthropic's batches of one size are created one at a time (``create_slot``: a Message Batch carries no
+    name). A member withdrawn while its batch, let in by the gate, waits for that slot ends, billed nothing, and
+    the batch is created without it; before, it was sent in it and billed."""
+    emu, jobs = quarter, jobs_of("anthropic", 8, claims=True)
+    first, second = jobs[:4], jobs[4:]
+
+    async def go():
+        rig = Rig(emu, "anthropic", speed=SPEED / 4)
+        inner, held, release, sent = rig.d.provider.submit_batch, asyncio.Event(), asyncio.Event(), []
+
+        async def submit(cjobs, *args):
+            sent.append([cj.req.id for cj in cjobs])
+            if len(sent) == 1:  # the first create waits, holding the slot of its size
+                held.set()
+                await release.wait()
+            return await inner(cjobs, *args)
+
+        rig.d.provider.submit_batch = submit
+        try:
+            await rig.reserve(jobs)
+            await rig.run("batch_api", first, bid="b1")
+            await asyncio.wait_for(held.wait(), 20.0)
+            await rig.run("batch_api", second, bid="b2")
+            await rig.until(lambda: rig.d.provider._slots[4][1] == 2, "the second batch at its create's slot")
+            await rig.d.withdraw([second[0].req.uid])
+            release.set()
+            await rig.until(lambda: len(rig.results) == 8, "every answer", 30.0)
+            r = rig.results[second[0].req.id]
+            assert r.status == "failed" and r.error.startswith(f"{CANCELLED}: withdrawn") and r.cost_usd == 0.0
+            assert sent == [[j.req.id for j in first], [j.req.id for j in second[1:]]]
+            billed = {i.custom_id for i in emu.bill().items}
+            assert len(billed) == 7 and rig.grouper.readmitted() == []
+            await rig.until(lambda: not rig.budget.book.claims, "every claim settled")
+            assert sum(rig.budget.book.spend.values()) == pytest.approx(emu.bill().total_usd, abs=1e-12)
+        finally:
+            release.set()
+            await rig.close()
+    asyncio.run(go())
+
+
 def test_a_withdrawn_id_forgotten_past_its_retention_names_a_new_request_that_is_sent():
     """The withdrawn ids were kept for good: a new request under one, once the driver had forgotten the old
     (past ``retention_s``), ended "cancelled" at once (a review)."""
