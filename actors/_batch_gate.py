@@ -1,12 +1,15 @@
 """The dispatcher's gate for the provider's batch queue (``engine.runtime.batch_queue``) and a batch's way from it
-to its create, as a withdrawal sees them. A mixin of ``Dispatcher``.
+to its create, as a withdrawal and a restart see them. A mixin of ``Dispatcher``.
 
 A batch waits at the gate for room (the end of another batch of its model, hours away at a provider) until its
 hedge. A withdrawal (``Engine.cancel_requests``, an endpoint batch's cancel) takes its withdrawn members out of it
 at once: they end, billed nothing, and what is left waits on, or starts now if it fits. Left in, they ended only
-when the gate let the batch start, and an endpoint's cancel stayed ``cancelling`` all that time."""
+when the gate let the batch start, and an endpoint's cancel stayed ``cancelling`` all that time. A restarted
+dispatcher counts the batches it re-attaches to on the gate, as the process that made them did."""
 
 from __future__ import annotations
+
+import math
 
 from actors._cancel import _WITHDRAWN, _WITHDRAWN_AFTER_TRY
 from actors._types import Job
@@ -15,7 +18,7 @@ __all__ = ["BatchGate"]
 
 
 class BatchGate:
-    """Needs the dispatcher's ``sim``, ``_withdrawn``, ``_queued_at``, ``_unanswered``, ``_final``,
+    """Needs the dispatcher's ``sim``, ``clock``, ``_withdrawn``, ``_queued_at``, ``_unanswered``, ``_final``,
     ``_kick`` and ``_enqueue``."""
 
     def _withdraw_at_gate(self) -> bool:
@@ -52,3 +55,11 @@ class BatchGate:
 
     def _why_withdrawn(self, j: Job) -> str:
         return _WITHDRAWN_AFTER_TRY if self._unanswered[j.req.uid] else _WITHDRAWN
+
+    def _count_reattached(self, tokens: int, jobs: list[Job]) -> None:
+        """A dispatch a restarted dispatcher re-attaches to (or whose cut create it resumes; ``jobs``: its members
+        still open, in all its parts) holds its ``tokens`` on the gate until it ends (``finish_batch``), as in the
+        process that made it, and its members' input tokens on its model's count (``EnqueuedTokens.learn``)."""
+        if self.sim.enqueued is not None and jobs:
+            self.sim.enqueued.take(self.clock.now(), tokens, math.inf, jobs[0].req.model,
+                                   sum(j.req.input_tokens for j in jobs))

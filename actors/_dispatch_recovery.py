@@ -106,7 +106,7 @@ class Recovery:
         self._add_tally(tally.get("tally"))
         ended = await self._ended_at_hub([rec[1].req.uid for rec in bodies.values()]
                                          + [j.req.uid for rec in records.values() for j in rec[1]])
-        n = 0
+        n, held = 0, {}
         for key, rec in bodies.items():
             b, j, cache_write, _ = rec
             if j.req.uid in ended:  # answered before the restart, which cut only its record's delete
@@ -136,8 +136,11 @@ class Recovery:
             if key in self._open or not jobs:
                 continue
             self._open[key] = (b, jobs, start, tokens, handle, body)
-            if stem := key.rpartition("#")[0]:  # a part of a split dispatch: its last part releases its tokens
+            stem = key.rpartition("#")[0]
+            if stem:  # a part of a split dispatch: its last part releases its tokens
                 self._parts_left[stem] = self._parts_left.get(stem, 0) + 1
+            gated = held.setdefault(stem or key, [tokens, []])  # one dispatch holds its tokens once
+            gated[1] += jobs
             self._known.update(j.req.uid for j in jobs)
             self.in_flight += len(jobs)
             if handle is None:  # its create was cut: find it at the provider, or create it under the same name
@@ -146,6 +149,10 @@ class Recovery:
                 cjobs = [self._call_job(j, start, batch=True) for j in jobs]
                 self._spawn(self._follow_batch(key, b, jobs, start, tokens, handle, cjobs), jobs, b)
             n += 1
+        # On the batch queue's gate until each ends (``finish_batch``), as in the process that made them: uncounted,
+        # new batches were created past the provider's limit. Before any await, so none of them has ended yet.
+        for tokens, jobs in held.values():
+            self._count_reattached(tokens, jobs)
         for key, (b, handle, jobs, start, cancel) in watches.items():
             if handle is None and not getattr(self.provider, "names_batches", True) and key not in self._watching:
                 # A lost create's batch with no name (Anthropic): a restarted process no longer knows its own

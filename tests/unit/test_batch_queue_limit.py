@@ -10,8 +10,12 @@ import asyncio
 
 import pytest
 
+from actors import Dispatcher
+from actors._types import BatchJob
+from engine.core.provider_api import Secret
 from engine.emulator import Emulator
 from tests.unit.test_http_providers import (  # noqa: F401  (emu, quarter: fixtures)
+    KEY,
     SPEED,
     Rig,
     assert_batch_member,
@@ -114,7 +118,7 @@ def test_the_queue_limit_a_refusal_names_is_read_in_openais_words_and_azures(emu
         asyncio.run(p.close())
 
 
-def polls_held(d, jobs: list) -> asyncio.Event:
+def polls_held(d: Dispatcher, jobs: list) -> asyncio.Event:
     """Dispatcher ``d``'s polls of the batch that carries ``jobs`` wait for the event returned: until it is set,
     that batch is under way however slow the machine (its 4 s turnaround was the margin the reverted test leant
     on)."""
@@ -213,3 +217,48 @@ def test_a_batch_waiting_for_queue_room_leaves_its_withdrawn_members_at_once_and
             await rig.close()
     asyncio.run(go())
 
+
+def test_a_restarted_dispatcher_counts_the_batches_it_re_attaches_to_on_its_queue_gate(emu):  # noqa: F811
+    """The provider's queue holds 2,000 tokens (the catalog's ``max_enqueued_tokens``): one batch of four at a
+    time. The dispatcher dies with one batch under way; restarted (as Ray does), it re-attaches to it from its
+    journal, and a new batch waits at its gate for that one's end. Before, the gate did not count it: the new batch
+    was created at once, past the provider's limit (refused whole there, or counted wrong by the engine)."""
+    first, second = jobs_of("openai", 8, claims=True)[:4], jobs_of("openai", 8, claims=True)[4:]
+
+    async def go():
+        rig = Rig(emu, "openai")
+        rig.d.sim.enqueued.limit = 2_000
+        inner, journaled = rig.d._journal_put, asyncio.Event()
+
+        async def journal_put(key: str) -> None:
+            await inner(key)
+            if (rec := rig.d._open.get(key)) is not None and rec[4] is not None:
+                journaled.set()  # the batch's handle is in the journal
+
+        rig.d._journal_put = journal_put
+        try:
+            await rig.reserve(first + second)
+            await rig.run("batch_api", first, bid="b1")
+            await asyncio.wait_for(journaled.wait(), 20.0)
+            for t in list(rig.d._tasks):  # the process dies
+                t.cancel()
+            d2 = Dispatcher("openai", rig.catalog, rig.settings, 0, rig.clock, [rig.grouper], rig.hub, None,
+                            rig.budget, key=Secret(KEY))
+            d2.sim.enqueued.limit = 2_000
+            release = polls_held(d2, first)
+            assert await d2.recover() == 1
+            await d2.run_many([BatchJob("b2", "batch_api", None, False, "test", "test", second)])
+            assert len(d2.sim.batch_queue) == 1  # it waits for the re-attached batch's room
+            release.set()
+            await rig.until(lambda: len(rig.results) == 8, "every answer", 30.0)
+            assert rig.grouper.readmitted() == [] and emu.count("batches.create", status=200) == 2
+            billed = billed_by_custom_id(emu)
+            for j in first + second:
+                assert_batch_member(rig.results[j.req.id], j, billed[batch_key(j)], "openai")
+            await rig.until(lambda: not d2._open, "both batches ended")
+            now = rig.clock.now()
+            assert d2.sim.enqueued.earliest(now, 2_000) == now and d2.in_flight == 0  # the gate let go of both
+            await d2.provider.close()
+        finally:
+            await rig.close()
+    asyncio.run(go())
