@@ -77,6 +77,9 @@ class BatchApiRuns(QueueFull, BatchWatch):
                     or not cut and b.hedge_at is not None and b.hedge_at <= (now if now > asked else start))
             if not cut and not late and self._withdrawn:  # withdrawn while it waited for the slot: left out
                 jobs, cjobs = self._left_in(b, jobs, cjobs)
+            # A billing refusal held (``QuotaStop``): never created, but for the probe (``_batch_gate``)
+            unpaid = None if cut or late else self._quota.refuses(now, key, len(jobs))
+            late = late or unpaid is not None
             if p.real and not cut and not late:  # the create may reach the provider, and this dispatcher die
                 body = p.batch_body(cjobs)       # before it hears back
                 self._open[key] = (b, jobs, start, tokens, None, body)
@@ -86,18 +89,23 @@ class BatchApiRuns(QueueFull, BatchWatch):
                     handle = await self._find_batch(cjobs, key, b.hedge_at)
                 if handle is None and not late:
                     handle = await self._submit(cjobs, b.hedge_at, key, body)
-            except Exception as exc:  # the provider refused the batch: nothing ran, so the members go sync
+            except Exception as exc:  # the provider refused the batch: nothing ran, so the members go back
                 log.warning("dispatcher %s: batch submission failed: %s", self.name, _short(exc))
-                if getattr(exc, "quota", None):  # for billing: its members, sent sync, are held too (``QuotaStop``)
-                    self._quota.trip(self.clock.now(), exc.quota)
+                if getattr(exc, "quota", None):  # for billing: its members fail, and the provider's work is held
+                    unpaid = self._refused_for_billing(exc.quota)
+            self._quota.ended(key)  # a probe's create has its answer
             unknown = handle is _UNKNOWN
             if unknown:
                 handle = None
             if handle is not None:
+                self._created_after_refusal(now)
                 self._open[key] = (b, jobs, start, tokens, handle, None)
                 if self._learners and submitted(start, b.hedge_at):  # every grouper learns it is running
                     self._turnarounds.append(Turnaround(self.name, jobs[0].req.model, start))
                 await self._journal_put(key)
+        if unpaid is not None:
+            self._unpaid(key, b, jobs, tokens, unpaid)
+            return
         if unknown:  # its members go back now; the batch, if it was made, is found later and cancelled
             await self._watch(b, key, jobs, start, None, cancel=True)
         await self._follow_batch(key, b, jobs, start, tokens, handle, cjobs)
@@ -281,15 +289,7 @@ class BatchApiRuns(QueueFull, BatchWatch):
                 outs = read or {}
                 again = self._queue_refused(key, b, jobs, handle, outs)
                 learn = learn and again is None
-        if self._open.pop(key, None) is not None:
-            self._unjournal.append((self._space, key))
-        stem = key.rpartition("#")[0]  # a part's dispatch; "" for a batch sent whole
-        left = self._parts_left.get(stem, 1)
-        if left > 1:
-            self._parts_left[stem] = left - 1  # another part of the dispatch still holds its tokens
-        else:
-            self._parts_left.pop(stem, None)
-            self.sim.finish_batch(tokens, self.clock.now(), jobs[0].req.model)
+        self._release_dispatch(key, tokens, jobs[0].req.model)
         self._counts.turnaround_s.append(self.clock.now() - start)
         if told and not learn:  # its start was told: closed with a bound of 0, it is left out of the fit; left
             # open, it read as a batch still running, later and later (a review)

@@ -1,5 +1,5 @@
 """The dispatcher's gate for the provider's batch queue (``engine.runtime.batch_queue``) and a batch's way from it
-to its create, as a withdrawal and a restart see them. A mixin of ``Dispatcher``.
+to its create, as a withdrawal, a restart and a billing refusal see them. A mixin of ``Dispatcher``.
 
 A batch waits at the gate for room (the end of another batch of its model, hours away at a provider) until its
 hedge. A withdrawal (``Engine.cancel_requests``, an endpoint batch's cancel) takes its withdrawn members out of it
@@ -9,6 +9,7 @@ dispatcher counts the batches it re-attaches to on the gate, as the process that
 
 from __future__ import annotations
 
+import logging
 import math
 
 from actors._cancel import _WITHDRAWN, _WITHDRAWN_AFTER_TRY
@@ -16,10 +17,12 @@ from actors._types import Job
 
 __all__ = ["BatchGate"]
 
+log = logging.getLogger("smartbatch.dispatcher")
+
 
 class BatchGate:
-    """Needs the dispatcher's ``sim``, ``clock``, ``_withdrawn``, ``_queued_at``, ``_unanswered``, ``_final``,
-    ``_kick`` and ``_enqueue``."""
+    """Needs the dispatcher's ``sim``, ``clock``, ``_quota``, ``_open``, ``_parts_left``, ``_withdrawn``, ``_queued_at``,
+    ``_unanswered``, ``_unjournal``, ``_final``, ``_kick``, ``_pump`` and ``_enqueue``."""
 
     def _withdraw_at_gate(self) -> bool:
         """End the withdrawn members of the batches waiting at the gate; the rest of each waits again, under
@@ -52,6 +55,46 @@ class BatchGate:
                 self._final(b, j, False, 0.0, b.mode, error=self._why_withdrawn(j))
         self._kick()
         return [j for j, _ in kept], [cj for _, cj in kept]
+
+    def _release_dispatch(self, key: str, tokens: int, model: str) -> None:
+        """Batch ``key`` ended (or was never created): out of the journal, and its dispatch's tokens off the gate
+        once its last part has ended."""
+        if self._open.pop(key, None) is not None:
+            self._unjournal.append((self._space, key))
+        stem = key.rpartition("#")[0]  # a part's dispatch; "" for a batch sent whole
+        left = self._parts_left.get(stem, 1)
+        if left > 1:
+            self._parts_left[stem] = left - 1  # another part of the dispatch still holds its tokens
+        else:
+            self._parts_left.pop(stem, None)
+            self.sim.finish_batch(tokens, self.clock.now(), model)
+
+    # -- billing refusals ------------------------------------------------------------------------------------
+    # A batch create refused for billing (no credit, a spend limit) ran nothing, and every create or call to the
+    # provider would be refused alike. Its members handed back to the policy were batched again into the same
+    # refusal, or sent sync, and the provider's other batches were created, each refused, while its sync calls
+    # were held (``QuotaStop``). Now its members fail at once, naming the fix, billed nothing, and the provider's
+    # batch creates are held as its sync calls are, with the same probe: one create or call a ``probe_s``.
+
+    def _refused_for_billing(self, why: str) -> str:
+        if self._quota.why is None:
+            log.error("dispatcher %s: %s", self.name, why)
+        self._quota.trip(self.clock.now(), why)
+        return why
+
+    def _created_after_refusal(self, asked: float) -> None:
+        """A batch create asked at ``asked`` was made: one made after a billing refusal lifts its hold."""
+        if self._quota.lift(asked):
+            log.warning("dispatcher %s: a batch was created after a billing refusal: requests are sent again",
+                        self.name)
+
+    def _unpaid(self, key: str, b, jobs: list[Job], tokens: int, why: str) -> None:
+        """Batch ``key`` is not created for billing (refused, or held unsent): its members fail, their claims
+        settled at 0, and nothing of it is left on the gate or in the journal."""
+        self._release_dispatch(key, tokens, jobs[0].req.model)
+        for j in jobs:
+            self._final(b, j, False, 0.0, b.mode, error=why)
+        self._pump()
 
     def _why_withdrawn(self, j: Job) -> str:
         return _WITHDRAWN_AFTER_TRY if self._unanswered[j.req.uid] else _WITHDRAWN

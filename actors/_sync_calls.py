@@ -5,7 +5,8 @@ waits (``throttled_wait``) and goes again through the rate gate while its deadli
 however many times (``throttled_verdict``), without spending one of its ``max_attempts``; past that room, each
 429 is one of its tries, waited out alike. A billing refusal (no credit, a spend limit) fails the request at
 once, and the provider's other sync requests fail unsent with the same message (``QuotaStop``) but for one call a
-``QUOTA_PROBE_S`` (its retries included), whose success lifts the stop.
+``QUOTA_PROBE_S`` (its retries included), whose success lifts the stop. Its batch creates are held alike, with the
+same probe (``actors._batch_gate``).
 """
 
 from __future__ import annotations
@@ -61,15 +62,16 @@ class QuotaStop:
         """Request ``uid`` has its answer: a retry of it is no probe any more."""
         self.probes.discard(uid)
 
-    def refuses(self, now: float, uid: str) -> str | None:
-        """The error to fail request ``uid`` with unsent, or None to send it (no stop, or it is a probe)."""
+    def refuses(self, now: float, uid: str, n: int = 1) -> str | None:
+        """The error to fail request ``uid`` with unsent, or None to send it (no stop, or it is a probe). A batch
+        create asks under its own key, for its ``n`` members."""
         if self.why is None or uid in self.probes:
             return None
         if now >= self.next_probe:
             self.next_probe = now + self.probe_s
             self.probes.add(uid)
             return None
-        self.refused += 1
+        self.refused += n
         return (f"not sent: an earlier call was refused for billing at engine time {self.at:.0f} s and every call "
                 f"to this provider would be refused alike (one is tried every {self.probe_s:g} s; a success lifts "
                 f"this): {self.why}")

@@ -127,6 +127,56 @@ def test_a_batch_create_refused_for_billing_is_not_made_again(emu):  # noqa: F81
     asyncio.run(go())
 
 
+CREATE = {"openai": "batches.create", "anthropic": "messages.batches.create"}
+
+
+@PROVIDERS
+def test_a_batch_create_refused_for_billing_fails_its_members_naming_the_fix_and_holds_the_providers_creates(
+        emu, provider):  # noqa: F811
+    """A batch create refused for billing: its members fail at once, billed nothing, naming the fix, and are not
+    handed back to the policy (batched again, each create refused alike until the progress guard sent them sync).
+    The provider's other batch creates are held as its sync calls are, failed unsent, but for the probe: a
+    create after the account was topped up is made, and its success lifts the hold."""
+    emu.faults.script(provider, CREATE[provider], [NO_CREDIT[provider]])
+    jobs = jobs_of(provider, 13, claims=True)
+    refused, held, call, probe, after = jobs[:4], jobs[4:8], jobs[8], jobs[9:12], jobs[12]
+
+    async def go():
+        rig = Rig(emu, provider)
+        rig.d._quota.probe_s = 1e9  # no probe but the one the test lets through
+        try:
+            await rig.reserve(jobs)
+            await rig.run("batch_api", refused, bid="b1")
+            await rig.resolved(refused)
+            assert rig.grouper.readmitted() == []  # not handed back, to be batched (and refused) again
+            for j in refused:
+                r = rig.results[j.req.id]
+                assert r.status == "failed" and "add credit" in r.error and r.cost_usd == 0.0, r
+            await rig.run("batch_api", held, bid="b2")
+            await rig.run("sync", [call])
+            await rig.resolved([*held, call])
+            assert rig.grouper.readmitted() == []
+            for j in [*held, call]:
+                r = rig.results[j.req.id]
+                assert r.status == "failed" and "not sent" in r.error and "add credit" in r.error, r
+            assert emu.count(CREATE[provider]) == 1 and emu.count(ROUTE[provider]) == 0
+            assert (await rig.d.stats())["quota_unsent"] == 5
+            rig.d._quota.next_probe = 0.0  # time for a probe: the account was topped up meanwhile
+            await rig.run("batch_api", probe, bid="b3")
+            await rig.until(lambda: all(j.req.id in rig.results for j in probe), "the probe's answers", 20.0)
+            assert all(rig.results[j.req.id].status == "ok" for j in probe)
+            await rig.run("sync", [after])
+            assert (await rig.until(lambda: rig.results.get(after.req.id), "the next call")).status == "ok"
+            billed = {i.custom_id or i.request_id for i in emu.bill().items}
+            assert len(billed) == 4 and emu.count(CREATE[provider]) == 2
+            await rig.until(lambda: not rig.budget.book.claims, "every claim settled")
+            assert sum(rig.budget.book.spend.values()) == pytest.approx(emu.bill().total_usd, abs=1e-12)
+            assert rig.d.in_flight == 0 and not rig.d._open
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
 def test_rate_limits_beyond_max_attempts_are_waited_out_and_the_request_succeeds(emu):  # noqa: F811
     """Six 429s, each honoured: they are not tries, so a request of 4 tries is answered on the seventh call."""
     emu.faults.script("openai", "chat.completions", [{"status": 429, "retry_after_s": 5.0}] * 6)
