@@ -24,19 +24,20 @@ CAT = default_catalog()
 def req(i: int, deadline_s: float, arrival_s: float = 0.0, priority: str = "normal", **kw) -> Request:
     return Request.model_validate({"id": f"q{i}", "arrival_s": arrival_s, "model": "gpt-5-mini",
                                    "prompt": f"Summarise report {i}.", "deadline_s": deadline_s,
-                                   "priority": priority, **kw})
+                                   "priority": priority} | kw)
 
 
+@pytest.mark.parametrize("model", ["gpt-5-mini", "gpt-5.4-mini"])
 @pytest.mark.parametrize("deadline_s", [300.0, 600.0, 3600.0, 86400.0])
-def test_a_lone_request_that_a_batch_would_barely_save_on_is_sent_at_once(deadline_s):
-    """The README's first example: one gpt-5-mini request. Before, it waited for a one-request batch with an
-    expected saving of $0.0001 and came back at 580 s of a 600 s deadline."""
-    res = simulate([req(0, deadline_s)], load_policy("smart", CAT))
+def test_a_lone_request_that_a_batch_would_barely_save_on_is_sent_at_once(deadline_s, model):
+    """The README's first example: one gpt-5.4-mini request (gpt-5-mini until stop 62). Before, it waited for a
+    one-request batch with an expected saving of $0.0001 and came back at 580 s of a 600 s deadline."""
+    res = simulate([req(0, deadline_s, model=model)], load_policy("smart", CAT))
     (b,) = res.batches
     assert (b.mode, b.t) == ("sync", 0.0) and res.done_at[0] < 10.0
     assert "under min_batch_saving_usd" in b.reason
     # With the threshold off, the same request waits for a batch (the old behaviour): the rule is what moved it.
-    off = simulate([req(0, deadline_s)], load_policy("smart", CAT, {"min_batch_saving_usd": 0.0}))
+    off = simulate([req(0, deadline_s, model=model)], load_policy("smart", CAT, {"min_batch_saving_usd": 0.0}))
     assert off.batches[0].mode == "batch_api" or off.batches[0].t > 0.0
 
 
