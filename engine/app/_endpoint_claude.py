@@ -19,7 +19,7 @@ from engine.core.catalog import Catalog
 from engine.core.errors import CatalogError
 from engine.core.settings import Settings
 
-__all__ = ["for_messages_api"]
+__all__ = ["for_messages_api", "in_callers_words"]
 
 
 def _wire(model: Any, catalog: Catalog, settings: Settings) -> str | None:
@@ -67,3 +67,15 @@ def for_messages_api(body: dict[str, Any], catalog: Catalog, settings: Settings)
         raise ApiError(400, "store=true asks OpenAI to keep the completion, which Anthropic's Messages API does "
                             "not: leave it out for a Claude model", param="store")
     return out, came
+
+
+def in_callers_words(exc: ApiError, came: dict[str, str]) -> ApiError:
+    """``exc`` with the fields ``for_messages_api`` renamed (``came``) named as the caller sent them: the param
+    was the caller's, but the engine's message named the Messages field ("field 'body.max_tokens': ...") that the
+    caller never sent (a review)."""
+    if exc.param not in came.values():
+        return exc
+    for new, old in came.items():
+        exc.message = exc.message.replace(f"body.{new}", old)
+    exc.args = (exc.message,)
+    return exc

@@ -53,7 +53,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.app._endpoint_batches import CANCEL_WAIT_S, MAX_FILE_BYTES, MAX_OPEN_LINES, FilesAndBatches
 from engine.app._endpoint_choices import choices_wanted, fan_out, merged_body, merged_headers
-from engine.app._endpoint_claude import for_messages_api
+from engine.app._endpoint_claude import for_messages_api, in_callers_words
 from engine.app._endpoint_job import cut_by_cancel
 from engine.app._endpoint_responses_stream import response_events, responses_stream_wanted
 from engine.app._endpoint_stream import sse_chunks, stream_wanted
@@ -191,7 +191,10 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
         if not isinstance(messages, list) or not messages:
             raise ApiError(400, "messages is required: a non-empty list such as [{\"role\": \"user\", "
                                 "\"content\": \"...\"}]", param="messages")
-        done, headers = await answer(http, body, CHAT_URL, n, came)  # whole before a byte: errors keep a status
+        try:
+            done, headers = await answer(http, body, CHAT_URL, n, came)  # whole before a byte: errors keep a status
+        except ApiError as exc:
+            raise in_callers_words(exc, came) from None
         if not stream:
             return JSONResponse(done, headers=headers)
         return StreamingResponse(sse_chunks(done, usage), media_type="text/event-stream", headers=headers)

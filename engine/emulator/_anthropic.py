@@ -39,6 +39,9 @@ def message_result(core: Core, provider: str, body: dict, mode: str, at: float |
     meta = body.get("metadata")
     if meta is not None and (not isinstance(meta, dict) or set(meta) - {"user_id"}):
         raise ApiError(400, "metadata: only user_id is permitted", param="metadata")
+    stops = body.get("stop_sequences")
+    if isinstance(stops, list) and any(isinstance(s, str) and not s.strip() for s in stops):
+        raise ApiError(400, "stop_sequences: each stop sequence must contain non-whitespace", param="stop_sequences")
     p, spec = core.model(provider, body.get("model"), "text")
     if body.get("max_tokens") is None:
         raise ApiError(400, "max_tokens: Field required", param="max_tokens")

@@ -48,6 +48,16 @@ def test_an_anthropic_request_with_what_the_messages_api_refuses_is_refused_nami
     assert msg.startswith(f"Value error, {field}") and fix in msg
 
 
+@pytest.mark.parametrize("stops", [["\n"], ["END", ""], [" \t\n"]])
+def test_a_blank_stop_sequence_is_refused_for_an_anthropic_model_only(stops):
+    # Anthropic refuses one ("stop_sequences: each stop sequence must contain non-whitespace"); a chat client's
+    # stop: "\n", renamed by the endpoint, was accepted, reserved for and batched, and the provider refused the
+    # call (a review). OpenAI takes it.
+    msg = refusal("claude-haiku-4-5", max_tokens=20, stop_sequences=stops)
+    assert msg.startswith("Value error, body.stop_sequences must be") and "whitespace" in msg, msg
+    assert make("gpt-4o-mini", stop=stops).body["stop"] == stops
+
+
 IMAGE_URL = {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}
 IMAGE = {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}}
 
@@ -73,10 +83,10 @@ def test_a_content_part_of_the_other_providers_api_is_refused_naming_its_counter
 
 
 def test_what_anthropic_takes_passes_and_the_same_fields_pass_at_openai():
-    ok = make("claude-haiku-4-5", max_tokens=20, stop_sequences=["\n"], metadata={"user_id": "u-1"},
+    ok = make("claude-haiku-4-5", max_tokens=20, stop_sequences=["\n\nHuman:"], metadata={"user_id": "u-1"},
               system=[{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
               messages=[{"role": "system", "content": "Answer in French."}, HI])
-    assert ok.body["stop_sequences"] == ["\n"] and ok.body["metadata"] == {"user_id": "u-1"}
+    assert ok.body["stop_sequences"] == ["\n\nHuman:"] and ok.body["metadata"] == {"user_id": "u-1"}
     # The four marks Anthropic allows pass.
     four = [{"type": "text", "text": f"part {k}", "cache_control": {"type": "ephemeral"}} for k in range(4)]
     assert len(make("claude-haiku-4-5", max_tokens=20, system=four).body["system"]) == 4

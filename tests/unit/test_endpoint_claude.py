@@ -108,3 +108,31 @@ def test_what_messages_cannot_carry_is_a_400_naming_the_callers_field(claude):
         with pytest.raises(openai.BadRequestError) as exc:
             client.chat.completions.create(model=MODEL, messages=ask, **kw)
         assert exc.value.param == param, (kw, exc.value.message)
+
+
+def test_a_renamed_field_the_engine_refuses_is_named_in_the_message_as_the_caller_sent_it(claude):
+    # The param was the caller's, but the message read "field 'body.max_tokens': body.max_tokens 10000000 is over
+    # ...": a field the caller never sent (a review).
+    _, client, _ = claude
+    ask = [{"role": "user", "content": "x"}]
+    for cap in (10**7, 0, "5"):
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.chat.completions.create(model=MODEL, messages=ask, max_completion_tokens=cap)
+        message = exc.value.body["message"]
+        assert exc.value.param == "max_completion_tokens", message
+        assert message.startswith("field 'max_completion_tokens': max_completion_tokens ") and "max_tokens" not in \
+            message.replace("max_completion_tokens", ""), message
+
+
+def test_a_blank_stop_is_a_400_naming_stop_before_anything_is_sent(claude):
+    # OpenAI takes stop: "\n"; Anthropic refuses it as a stop sequence, after the request was accepted (a review).
+    eng, client, emu = claude
+    sent = len(emu.bill().items)
+    for stop in ("\n", ["END", "  "]):
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], stop=stop,
+                                           max_tokens=5)
+        message = exc.value.body["message"]
+        assert exc.value.param == "stop" and message.startswith("field 'stop': stop must be") and \
+            "whitespace" in message and "stop_sequences" not in message, message
+    assert len(emu.bill().items) == sent
