@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,12 +36,22 @@ class PolicySpec(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class _VariantsLoader(yaml.SafeLoader):
+    """YAML as JSON reads numbers: YAML 1.1's float needs a dot and a signed exponent, so PyYAML read a bare
+    ``1e-4`` as the string '1e-4', which a policy parameter refuses as no number (a review)."""
+
+
+_VariantsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"))
+
+
 def load_variants(path: str | Path | None) -> dict[str, PolicySpec]:
     """Named variants from YAML: ``variants: [{name, policy, params}]``."""
     if path is None:
         return {}
     try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        raw = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_VariantsLoader) or {}
     except OSError as exc:
         raise ConfigError(f"cannot read variants file {path}: {exc}") from exc
     except UnicodeDecodeError as exc:

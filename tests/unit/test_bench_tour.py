@@ -99,6 +99,22 @@ def test_variant_parameters_of_the_right_types_still_load():
     assert fixed.params.max_batch_size == 8
 
 
+def test_a_number_in_exponent_notation_in_a_variants_file_is_a_number(tmp_path):
+    # YAML 1.1 (PyYAML) reads 1e-4 as the string '1e-4': pydantic's lax mode took it as 0.0001, the JSON-type check
+    # refused it, telling the user who wrote it bare to "write it bare, unquoted" (a review).
+    from engine.app.bench import load_spec, load_variants
+    from engine.core.catalog import default_catalog
+
+    path = tmp_path / "v.yaml"
+    path.write_text("variants:\n  - {name: v, policy: smart, params: {min_batch_saving_usd: 1e-4, "
+                    "batch_gather_s: 36E2, min_on_time_p: .5e-1, name_like: '1e-4'}}\n")
+    spec = load_variants(path)["v"]
+    assert spec.params["min_batch_saving_usd"] == 0.0001 and spec.params["batch_gather_s"] == 3600.0
+    assert spec.params["min_on_time_p"] == 0.05 and spec.params["name_like"] == "1e-4"  # quoted: still a string
+    spec = spec.model_copy(update={"params": {k: v for k, v in spec.params.items() if k != "name_like"}})
+    assert load_spec(spec, default_catalog()).params.min_batch_saving_usd == 0.0001
+
+
 # --- results record what they were made from: the lines skipped, the catalog and its overlay --------------------
 
 GOOD = '{"id": "a", "arrival_s": 0, "model": "gpt-5-mini", "prompt": "hi", "input_tokens": 1000}\n'
