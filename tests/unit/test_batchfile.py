@@ -725,3 +725,24 @@ def test_a_kept_image_sent_without_a_quality_is_counted_at_the_quality_its_answe
     assert counted({"data": [{"b64_json": "x"}], "quality": "low"}) == pytest.approx(at("low"))
     assert counted({"data": [{"b64_json": "x"}]}) == pytest.approx(at("auto")) == pytest.approx(at("high"))
     assert at("high") > price_alone(req, CAT, "sync").total  # the default the count used before
+
+
+@pytest.mark.xfail(strict=True, reason="open finding (review62): a reused line's output reports its source's usage "
+                   "since d051816, and nothing in the line says it was reused, so --resume counts it at the sync price")
+def test_a_kept_line_the_cache_answered_counts_nothing_against_a_resumed_runs_budget(tmp_path):
+    """A line answered from the cache cost 0. Its output line reports the usage of the call that made the answer
+    (``reused_result``, d051816); ``kept_charges`` prices a kept line from that usage, so a resumed run counted
+    the reused line at its whole sync price against the budgets (before d051816 it reported 0 tokens: 0)."""
+    from engine.app._batch_kept import kept_charges
+    from engine.core.batchfile import write_results
+    from engine.runtime.outcomes import reused_result
+
+    p, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    p.write_text(line("a") + "\n")
+    bf = read_batch_file(p, window_s=86400.0, catalog=CAT)
+    (ln,) = bf.lines
+    res = reused_result(ln.request, at=1.0, hit="exact", source_id="earlier", output="Nile, Amazon, Yangtze.",
+                        usage={"input_tokens": 900, "output_tokens": 300})
+    write_results(bf, [res], out)
+    (c,) = kept_charges([ln], {ln.no: json.loads(out.read_text().splitlines()[0])}, CAT, out)
+    assert c.usd == pytest.approx(res.cost_usd) == 0.0
