@@ -173,7 +173,12 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
         results: list[Result] = await engine_call(engine.asubmit_many(fan_out(d, n)), param_of)
         failed = next((r for r in results if r.status not in ("ok", "reused")), None)
         if failed is not None:  # the others are billed all the same; the same request id again gets them back
-            raise _failure(failed)
+            exc = _failure(failed)
+            if billed := sum(r.status == "ok" for r in results):
+                # A stop's 503 invited the SDK's retry, a new request that paid for the billed choices again.
+                exc.headers = {**(exc.headers or {}), **_NO_RETRY}
+                exc.message += f" ({billed} of the {n} choices were answered and billed: sent again, they are again)"
+            raise exc
         now, reqs = int(time.time()), [req.model_copy(update={"id": r.id}) for r in results]
         return (merged_body([response_body(url, q, r, now) for q, r in zip(reqs, results, strict=True)]),
                 merged_headers([_smartbatch_headers(q, r, catalog) for q, r in zip(reqs, results, strict=True)],

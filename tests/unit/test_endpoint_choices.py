@@ -9,6 +9,7 @@ import pytest
 
 from engine.app import endpoint
 from engine.app.endpoint import make_app
+from engine.core.result import ENGINE_CANCELLED, Result
 from tests.unit.test_endpoint import CAT, FakeEngine, serving
 from tests.unit.test_endpoint_reuse import CachedEngine
 
@@ -71,6 +72,31 @@ def test_one_failed_choice_fails_the_call_with_its_status(served):
         client.chat.completions.create(model="gpt-5-mini", messages=ASK, n=2,
                                        extra_headers={endpoint.HEADER_REQUEST_ID: "c-boom"})
     assert exc.value.status_code == 503 and exc.value.response.headers["x-should-retry"] == "false"
+
+
+class StoppingEngine(FakeEngine):
+    """Choice 1 is cut by the engine's stop (``serve`` draining) after choice 0 was answered and billed."""
+
+    def _result(self, req):
+        if req.id.endswith("/n1"):
+            return Result(id=req.id, tenant=req.tenant, status="failed", error=ENGINE_CANCELLED)
+        return super()._result(req)
+
+
+def test_a_choice_cut_by_the_engines_stop_after_another_was_billed_is_not_retried_by_the_sdk():
+    # A stop's 503 asks the SDK to retry (nothing was billed for that request); for n choices the others were
+    # billed, and the SDK's retry (a new request: a new engine, or a fresh id) paid for them again (a review).
+    with serving(make_app(StoppingEngine(), catalog=CAT)) as url, \
+            openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=10) as client:
+        with pytest.raises(openai.APIStatusError) as exc:
+            client.chat.completions.create(model="gpt-5-mini", messages=ASK, n=2,
+                                           extra_headers={endpoint.HEADER_REQUEST_ID: "s1"})
+        assert exc.value.status_code == 503 and exc.value.response.headers.get("x-should-retry") == "false"
+        assert "1 of the 2 choices were answered and billed" in exc.value.message
+        with pytest.raises(openai.APIStatusError) as exc:  # nothing billed: the SDK may retry it
+            client.chat.completions.create(model="gpt-5-mini", messages=ASK,
+                                           extra_headers={endpoint.HEADER_REQUEST_ID: "s2/n1"})
+        assert exc.value.status_code == 503 and "x-should-retry" not in exc.value.response.headers
 
 
 def test_over_the_real_cache_choice_0_may_be_reused_and_the_others_are_always_generated(tmp_path):
