@@ -157,7 +157,7 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
             default = getattr(engine.settings.deadlines, fields.get("priority", "normal"))
             fields["deadline_s"] = min(default, waits * CLIENT_TIMEOUT_SHARE * speedup)
         d = {"id": rid or new_id("req_"), **fields, "body": body}
-        param_of = _param_in(body, came or {})
+        param_of = _param_in(body, came)
         req = validator.request(d, param_of)
         want = "image" if url == IMAGES_URL else "text"
         if req.kind != want:
@@ -285,7 +285,7 @@ def _ask_for_key(app: FastAPI, digest: str) -> None:
         return await call_next(http)
 
 
-def _param_in(body: dict, came: dict[str, str]) -> Callable[[str], str | None]:
+def _param_in(body: dict, came: dict[str, str] | None = None) -> Callable[[str], str | None]:
     """The OpenAI body field behind a refused request field (``body.messages`` -> ``messages``; a field the
     endpoint renamed, ``came``, by the caller's name)."""
     cap = next((k for k in ("max_completion_tokens", "max_tokens") if body.get(k) is not None), "max_tokens")
@@ -295,7 +295,7 @@ def _param_in(body: dict, came: dict[str, str]) -> Callable[[str], str | None]:
 
     def param_of(field: str) -> str | None:
         param = by_field.get(field, field.removeprefix("body.").removeprefix("params."))
-        return came.get(param, param) if param is not None else None
+        return (came or {}).get(param, param) if param is not None else None
 
     return param_of
 
