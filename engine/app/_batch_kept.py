@@ -12,18 +12,23 @@ def kept_charges(lines: list, kept: dict[int, dict], cat, out: Path) -> list:
     """What each line kept from an earlier run cost, priced from the usage its answer reports at the sync price,
     its input at the dearer of what it reports and all but its reads written to a prompt cache (the file does not
     say which mode answered it, nor always what it wrote: never less than it cost); a line with no usage, at its
-    list price."""
+    list price. A line the cache answered (its request id says so) and a line that shares its request id with a
+    line before it (a copy answered by that call) cost 0."""
     from engine.core.budgets import Charge
     from engine.core.cost import price_alone, price_usage
 
-    charges = []
+    charges, calls = [], set()
     for ln in lines:
         req = ln.request
         if req is None:
             continue
-        body = (kept[ln.no].get("response") or {}).get("body")
+        resp = kept[ln.no].get("response") or {}
+        body = resp.get("body")
         u = body.get("usage") if isinstance(body, dict) else None
-        if req.kind == "text" and isinstance(u, dict):
+        rid = resp.get("request_id")
+        if isinstance(rid, str) and (rid.startswith("smartbatch_reused_") or rid in calls):
+            usd = 0.0  # answered from the cache, or by a call another kept line already counts
+        elif req.kind == "text" and isinstance(u, dict):
             chat = "prompt_tokens" in u  # chat completions; else Responses, or Anthropic's own
             read = ((u.get("prompt_tokens_details") if chat else u.get("input_tokens_details")) or {}).get(
                 "cached_tokens") or u.get("cache_read_input_tokens") or 0
@@ -43,5 +48,7 @@ def kept_charges(lines: list, kept: dict[int, dict], cat, out: Path) -> list:
             usd = price_alone(req.model_copy(update={"params": {**req.params, "quality": q}}), cat, "sync").total
         else:
             usd = price_alone(req, cat, "sync").total
+        if isinstance(rid, str):
+            calls.add(rid)
         charges.append(Charge(f"resume:{out}:{req.uid}", req.tenant, req.provider, req.model, usd))
     return charges

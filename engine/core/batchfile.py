@@ -214,7 +214,10 @@ def output_line(line: BatchLine, res: Result, *, created: int = 0, raw: dict | N
     if res.raw is None and raw is not None:  # the borrowed body, in the route's shape like any other
         res = res.model_copy(update={"raw": raw})
     body = response_body(line.url, line.request, res, created)
-    rid = res.provider_request_id or request_id or "smartbatch_" + _req_id(res.tenant, line.custom_id)[10:]
+    # A line the cache answered names no call of its own: its id says so, and a resumed run counts it at 0
+    # (``kept_charges``), as a line that shares the id of the call it reused counts that call once.
+    own = "smartbatch_reused_" if res.status == "reused" else "smartbatch_"
+    rid = res.provider_request_id or request_id or own + _req_id(res.tenant, line.custom_id)[10:]
     return {"id": _req_id(line.request.tenant, line.custom_id), "custom_id": line.custom_id,
             "response": {"status_code": 200, "request_id": rid, "body": body}, "error": None}
 

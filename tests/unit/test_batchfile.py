@@ -727,8 +727,6 @@ def test_a_kept_image_sent_without_a_quality_is_counted_at_the_quality_its_answe
     assert at("high") > price_alone(req, CAT, "sync").total  # the default the count used before
 
 
-@pytest.mark.xfail(strict=True, reason="open finding (review62): a reused line's output reports its source's usage "
-                   "since d051816, and nothing in the line says it was reused, so --resume counts it at the sync price")
 def test_a_kept_line_the_cache_answered_counts_nothing_against_a_resumed_runs_budget(tmp_path):
     """A line answered from the cache cost 0. Its output line reports the usage of the call that made the answer
     (``reused_result``, d051816); ``kept_charges`` prices a kept line from that usage, so a resumed run counted
@@ -746,3 +744,25 @@ def test_a_kept_line_the_cache_answered_counts_nothing_against_a_resumed_runs_bu
     write_results(bf, [res], out)
     (c,) = kept_charges([ln], {ln.no: json.loads(out.read_text().splitlines()[0])}, CAT, out)
     assert c.usd == pytest.approx(res.cost_usd) == 0.0
+
+
+def test_a_kept_copy_answered_by_another_lines_call_counts_that_call_once(tmp_path):
+    """Two lines of one content: the first called the provider, the second reused its answer, and its output
+    line carries the first's body and request id. A resumed run counts that call once, not twice."""
+    from engine.app._batch_kept import kept_charges
+    from engine.core.batchfile import write_results
+
+    p, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    p.write_text(line("x") + "\n" + line("y") + "\n")
+    bf = read_batch_file(p, window_s=86400.0, catalog=CAT)
+    x, y = bf.requests
+    usage = {"prompt_tokens": 900, "completion_tokens": 300, "total_tokens": 1200}
+    called = Result(id="x", status="ok", output="Nile.", usage={"input_tokens": 900, "output_tokens": 300},
+                    cost_usd=0.0008, mode="sync", provider=x.provider, model=x.model, provider_request_id="req_9",
+                    raw={"id": "chatcmpl-9", "object": "chat.completion", "usage": usage}, real=True)
+    reused = Result(id="y", status="reused", output="Nile.", mode="reuse", hit="exact", provider=y.provider,
+                    model=y.model)
+    write_results(bf, [called, reused], out)
+    kept = {ln.no: json.loads(row) for ln, row in zip(bf.lines, out.read_text().splitlines(), strict=True)}
+    first, second = kept_charges(bf.lines, kept, CAT, out)
+    assert first.usd > 0.0 and second.usd == 0.0
