@@ -143,26 +143,21 @@ class FakeEngine:
 
 @pytest.fixture(scope="module")
 def served():
-    eng = FakeEngine()
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
     # A cancelling batch waits 1 s for its running lines here (600 s by default, as OpenAI's cancel may take).
-    server = uvicorn.Server(uvicorn.Config(make_app(eng, catalog=CAT, cancel_wait_s=CANCEL_WAIT_S), log_level="warning",
-                                           ws="none", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    limit = time.monotonic() + 10
-    while not server.started and thread.is_alive() and time.monotonic() < limit:
-        time.sleep(0.01)
-    assert server.started, "uvicorn did not start"
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=10)
-    yield eng, client
-    client.close()
-    eng.release()
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+    with fake_endpoint(cancel_wait_s=CANCEL_WAIT_S) as (eng, client):
+        yield eng, client
+
+
+@contextlib.contextmanager
+def fake_endpoint(**app_kw):
+    """The endpoint over a ``FakeEngine`` on a free loopback port, and an SDK client of it (no retries)."""
+    eng = FakeEngine()
+    try:
+        with serving(make_app(eng, catalog=CAT, **app_kw)) as url, \
+                openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=10) as client:
+            yield eng, client
+    finally:
+        eng.release()
 
 
 @contextlib.contextmanager

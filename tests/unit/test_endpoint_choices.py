@@ -10,7 +10,7 @@ import pytest
 from engine.app import endpoint
 from engine.app.endpoint import make_app
 from engine.core.result import ENGINE_CANCELLED, Result
-from tests.unit.test_endpoint import CAT, FakeEngine, serving
+from tests.unit.test_endpoint import CAT, FakeEngine, fake_endpoint, serving
 from tests.unit.test_endpoint_reuse import CachedEngine
 
 ASK = [{"role": "user", "content": "Name a river."}]
@@ -18,9 +18,7 @@ ASK = [{"role": "user", "content": "Name a river."}]
 
 @pytest.fixture(scope="module")
 def served():
-    eng = FakeEngine()
-    with serving(make_app(eng, catalog=CAT)) as url, \
-            openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=10) as client:
+    with fake_endpoint() as (eng, client):
         yield eng, client
 
 

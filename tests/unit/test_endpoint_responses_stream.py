@@ -14,17 +14,14 @@ from pydantic import TypeAdapter
 
 from engine.app import endpoint
 from engine.app._endpoint_responses_stream import response_events
-from engine.app.endpoint import make_app
-from tests.unit.test_endpoint import CAT, FakeEngine, serving
+from tests.unit.test_endpoint import fake_endpoint
 
 EVENT = TypeAdapter(ResponseStreamEvent)
 
 
 @pytest.fixture(scope="module")
 def streamed():
-    eng = FakeEngine()
-    with serving(make_app(eng, catalog=CAT)) as url, \
-            openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=10) as client:
+    with fake_endpoint() as (eng, client):
         yield eng, client
 
 

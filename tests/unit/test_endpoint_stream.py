@@ -13,17 +13,14 @@ from openai.types.chat import ChatCompletionChunk
 
 from engine.app import endpoint
 from engine.app._endpoint_stream import sse_chunks
-from engine.app.endpoint import make_app
-from tests.unit.test_endpoint import CAT, FakeEngine, serving
+from tests.unit.test_endpoint import fake_endpoint
 
 ASK = [{"role": "user", "content": "Name a river."}]
 
 
 @pytest.fixture(scope="module")
 def streamed():
-    eng = FakeEngine()
-    with serving(make_app(eng, catalog=CAT)) as url, \
-            openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=10) as client:
+    with fake_endpoint() as (eng, client):
         yield eng, client
 
 
