@@ -8,7 +8,8 @@ import functools
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-__all__ = ["GpuBatching", "LongContext", "ModelCache", "PromptCache", "merged_cache"]
+__all__ = ["GpuBatching", "LongContext", "ModelCache", "PromptCache", "merged_cache", "respelt_cache_terms",
+           "respelt_catalog"]
 
 
 class _Frozen(BaseModel):
@@ -41,6 +42,52 @@ class ModelCache(_Frozen):
 def merged_cache(pc: PromptCache, own: ModelCache) -> PromptCache:
     """``pc`` with the fields ``own`` gives (both frozen, so one merge serves every call of the model)."""
     return pc.model_copy(update=own.model_dump(exclude_none=True))
+
+
+_OLD_TERMS = (("cache_read_multiplier", "read_multiplier"), ("cache_min_tokens", "min_tokens"))
+
+
+def respelt_cache_terms(model: object) -> object:
+    """A model's mapping with the older spelling of its cache terms (``cache_read_multiplier``,
+    ``cache_min_tokens``, as overlays may still give them) moved into its ``prompt_cache``; one mapping that
+    gives a term both ways, with two values, is refused (which of them holds would be a guess)."""
+    if not isinstance(model, dict) or not any(old in model for old, _ in _OLD_TERMS):
+        return model
+    out = dict(model)
+    own = dict(out.get("prompt_cache") or {})
+    for old, new in _OLD_TERMS:
+        if old not in out:
+            continue
+        value = out.pop(old)
+        if new in own and own[new] != value:
+            raise ValueError(f"{old} {value} and prompt_cache.{new} {own[new]} both given: keep "
+                             f"prompt_cache.{new} alone")
+        own[new] = value
+    out["prompt_cache"] = own
+    return out
+
+
+def respelt_catalog(raw: dict) -> dict:
+    """A catalog's or overlay's mapping with every model's older cache terms respelt, before an overlay is
+    merged: respelt after, an overlay's ``cache_read_multiplier`` lost to the ``prompt_cache`` the default
+    catalog gives the same model (gpt-4o-mini's reads stayed at 0.5x where an overlay said 0.25x, a review).
+    ``ValueError`` names the provider and model of a term given both ways."""
+    providers = raw.get("providers")
+    if not isinstance(providers, dict):
+        return raw
+    out = dict(raw, providers=dict(providers))
+    for pname, prov in providers.items():
+        models = prov.get("models") if isinstance(prov, dict) else None
+        if not isinstance(models, dict):
+            continue
+        respelt = {}
+        for mname, model in models.items():
+            try:
+                respelt[mname] = respelt_cache_terms(model)
+            except ValueError as exc:
+                raise ValueError(f"providers.{pname}.models.{mname}: {exc}") from None
+        out["providers"][pname] = dict(prov, models=respelt)
+    return out
 
 
 class LongContext(_Frozen):  # a whole call's prices once its prompt passes above_input_tokens (Gemini 2.5 Pro)

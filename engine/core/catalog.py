@@ -24,6 +24,8 @@ from engine.core._catalog_parts import (
     PromptCache,
     _Frozen,
     merged_cache,
+    respelt_cache_terms,
+    respelt_catalog,
 )
 from engine.core.body_tokens import ImageInput
 from engine.core.errors import CatalogError
@@ -214,16 +216,9 @@ class ModelSpec(_Frozen):
     @model_validator(mode="before")
     @classmethod
     def _cache_terms(cls, raw: object) -> object:
-        # The older spelling of a model's cache terms (cache_read_multiplier, cache_min_tokens), as overlays may
-        # still give it: one place, the model's prompt_cache, holds them now.
-        if isinstance(raw, dict) and ("cache_read_multiplier" in raw or "cache_min_tokens" in raw):
-            raw = dict(raw)
-            own = dict(raw.get("prompt_cache") or {})
-            for old, new in (("cache_read_multiplier", "read_multiplier"), ("cache_min_tokens", "min_tokens")):
-                if old in raw:
-                    own.setdefault(new, raw.pop(old))
-            raw["prompt_cache"] = own
-        return raw
+        # The older spelling of a model's cache terms: one place, the model's prompt_cache, holds them now
+        # (``load_catalog`` respells an overlay before merging it, so it overrides a newer-spelt default).
+        return respelt_cache_terms(raw)
 
     @model_validator(mode="after")
     def _priced(self) -> ModelSpec:
@@ -376,6 +371,10 @@ def load_catalog(path: str | Path | None = None, overlay: str | Path | None = No
     raw, where = _read_yaml(path, "--catalog")
     if overlay is not None:
         extra, owhere = _read_yaml(overlay, "--catalog-overlay")
+        try:
+            raw, extra = respelt_catalog(raw), respelt_catalog(extra)
+        except ValueError as exc:
+            raise CatalogError(f"catalog {where} + overlay {owhere}: {exc}") from None
         raw, where = _merge(raw, extra), f"{where} + overlay {owhere}"
     try:
         return Catalog.model_validate(raw)

@@ -5,15 +5,23 @@ for 30 minutes, so every bill, reservation and bound of the current models follo
 from __future__ import annotations
 
 import math
+from importlib import resources
+
+import pytest
 
 from actors.providers.openai_http import _usage_chat, _usage_responses
 from engine.core.catalog import default_catalog, load_catalog
 from engine.core.cost import CacheSplit, price_batch, price_text, price_usage, reserve_bound
+from engine.core.errors import CatalogError
 from engine.core.request import Request
 
 CAT = default_catalog()
 OA = CAT.provider("openai")
 M = 1e-6
+
+
+def load_catalog_text() -> str:
+    return resources.files("engine").joinpath("data/catalog.yaml").read_text(encoding="utf-8")
 
 
 def req(model: str, rid: str, blocks: list[int], tokens: int = 4000, out: int = 100, **kw) -> Request:
@@ -81,3 +89,32 @@ def test_a_batch_the_bound_a_reservation_and_a_live_usage_price_the_write_alike(
         got = price_usage(a, CAT, "sync", input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
                           cache_read=usage.cache_read, cache_write=usage.cache_write)
         assert math.isclose(got.total, (928 * 2.0 + 1024 * 0.10 + 2048 * 2.5 + 100 * 10.0) * M)
+
+
+def test_an_older_overlay_overrides_the_default_models_own_terms_as_it_did(tmp_path):
+    """The default catalog now gives gpt-4o-mini's, Haiku 4.5's and Gemini 2.5 Pro's terms in the newer spelling;
+    an overlay in the older one still overrides them (merged as given, the default's prompt_cache kept its value
+    and the overlay's was dropped without a word: gpt-4o-mini's reads billed at 0.5x where the overlay said 0.25x)."""
+    overlay = tmp_path / "o.yaml"
+    overlay.write_text("providers:\n  openai:\n    models:\n      gpt-4o-mini: {cache_read_multiplier: 0.25}\n"
+                       "  anthropic:\n    models:\n      claude-haiku-4-5: {cache_min_tokens: 2048}\n"
+                       "  google:\n    models:\n      gemini-2.5-pro: {cache_min_tokens: null}\n")
+    cat = load_catalog(None, overlay)
+    assert cat.provider("openai").cache_of("gpt-4o-mini").read_multiplier == 0.25
+    assert cat.provider("anthropic").cache_of("claude-haiku-4-5").min_tokens == 2048
+    assert cat.provider("google").cache_of("gemini-2.5-pro").min_tokens == 1024  # null: the provider's, as before
+    mini = Request(id="m", arrival_s=0.0, provider="openai", model="gpt-4o-mini", input_tokens=4000, output_tokens=0)
+    got = price_usage(mini, cat, "sync", input_tokens=4000, output_tokens=0, cache_read=2048)
+    assert math.isclose(got.total, (1952 + 2048 * 0.25) * 0.15 * M)  # the parent commit's bill
+
+
+def test_a_catalog_in_the_older_spelling_takes_an_overlay_in_the_newer_and_one_mapping_gives_one_value(tmp_path):
+    base, over = tmp_path / "c.yaml", tmp_path / "o.yaml"
+    base.write_text(load_catalog_text().replace("prompt_cache: {read_multiplier: 0.5}", "cache_read_multiplier: 0.5"))
+    over.write_text("providers:\n  openai:\n    models:\n      gpt-4o-mini: {prompt_cache: {read_multiplier: 0.3}}\n")
+    assert load_catalog(base, over).provider("openai").cache_of("gpt-4o-mini").read_multiplier == 0.3
+    over.write_text("providers:\n  openai:\n    models:\n"
+                    "      gpt-4o-mini: {cache_read_multiplier: 0.2, prompt_cache: {read_multiplier: 0.3}}\n")
+    with pytest.raises(CatalogError, match=r"gpt-4o-mini.*cache_read_multiplier 0.2.*prompt_cache.read_multiplier 0.3"):
+        load_catalog(None, over)
+
