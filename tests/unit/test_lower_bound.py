@@ -241,3 +241,25 @@ def test_a_batch_uses_the_cache_when_it_ends_not_when_it_is_sent():
     res = simulate(pair + [after], _BackgroundBatched(CAT), seed=0)
     assert res.done_at[0] == end and res.met.all()
     assert res.cost[2] < alone  # the batch's prefix, written when it ended, is read
+
+
+def _gpt_6_trace(seed: int, n: int = 40) -> list[Request]:
+    """OpenAI's automatic cache with a write above plain input (1.25x) and a 30-minute TTL, beside gpt-5's 1x and
+    5 minutes: four shared prefixes of one to seven blocks, arrivals over 5 minutes to 2.5 hours."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        k, fam = int(rng.integers(1, 8)), int(rng.integers(0, 4))
+        out.append(Request.model_validate({
+            "id": f"g{i}", "arrival_s": float(rng.uniform(0, float(rng.choice([300, 3000, 9000])))),
+            "provider": "openai", "model": str(rng.choice(["gpt-6.2-sol", "gpt-6-luna", "gpt-5"], p=[0.6, 0.2, 0.2])),
+            "prompt": f"p{i}", "deadline_s": float(rng.choice([30.0, 600.0, 3600.0, 86400.0])),
+            "priority": str(rng.choice(["urgent", "normal", "background"])),
+            "input_tokens": int(rng.integers(200, 600 * (k + 1))), "output_tokens": int(rng.integers(1, 300)),
+            "prefix_blocks": [1000 * fam + j for j in range(k)]}))
+    return sorted(out, key=lambda r: r.arrival_s)
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_no_policy_beats_the_bound_where_an_automatic_cache_write_costs_more_than_plain_input(seed):
+    _check_no_policy_beats_the_bound(_gpt_6_trace(seed), seed=seed)

@@ -7,13 +7,25 @@ from __future__ import annotations
 import math
 from importlib import resources
 
+import hypothesis.strategies as st
 import pytest
+from hypothesis import given, settings
 
 from actors.providers.openai_http import _usage_chat, _usage_responses
 from engine.core.catalog import default_catalog, load_catalog
-from engine.core.cost import CacheSplit, price_batch, price_text, price_usage, reserve_bound
+from engine.core.cost import (
+    CacheSplit,
+    mode_allowed,
+    price_alone,
+    price_batch,
+    price_text,
+    price_usage,
+    reserve_bound,
+)
 from engine.core.errors import CatalogError
 from engine.core.request import Request
+from engine.emulator._cache import PromptCaches
+from engine.emulator._text import Prompt
 
 CAT = default_catalog()
 OA = CAT.provider("openai")
@@ -74,8 +86,9 @@ def test_a_gpt_6_cache_write_is_billed_at_1_25x_and_a_gpt_5_one_at_1x():
 def test_a_batch_the_bound_a_reservation_and_a_live_usage_price_the_write_alike():
     a, b = req("gpt-6.2-sol", "a", [1, 2, 3, 4]), req("gpt-6.2-sol", "b", [1, 2, 3, 4, 5])
     first, second = price_batch([a, b], CAT, "sync", block_tokens=512)
-    assert math.isclose(first.cache_write, 2048 * 2.0 * 1.25 * M)  # the shared prefix, written once at 1.25x
-    assert math.isclose(second.cached_input, 2048 * 0.10 * M)
+    # the whole prompt written at 1.25x (3,968 of 4,000 tokens: OpenAI's 128-token steps), the shared blocks read
+    assert math.isclose(first.cache_write, 3968 * 2.0 * 1.25 * M)
+    assert math.isclose(second.cached_input, 2048 * 0.10 * M) and math.isclose(second.cache_write, 1920 * 2.5 * M)
     # a budget reserves every input token at the dearer of plain and written
     assert math.isclose(reserve_bound(a, CAT, "sync", 0), a.input_tokens * 2.0 * 1.25 * M)
     assert math.isclose(reserve_bound(req("gpt-5", "c", [1]), CAT, "sync", 0), 4000 * 1.25 * M)
@@ -118,3 +131,66 @@ def test_a_catalog_in_the_older_spelling_takes_an_overlay_in_the_newer_and_one_m
     with pytest.raises(CatalogError, match=r"gpt-4o-mini.*cache_read_multiplier 0.2.*prompt_cache.read_multiplier 0.3"):
         load_catalog(None, over)
 
+
+def test_the_simulator_bills_a_gpt_6_call_as_the_emulator_does_its_whole_prompt_written():
+    """An automatic cache writes the whole prompt it did not read, not only the blocks a request names as shared
+    (the emulator does, and OpenAI's usage counts nearly all of a cold prompt in cache_write_tokens). At 1x that
+    was no matter; at GPT-6's 1.25x the simulator, every estimate and the bound priced a cold gpt-6.2-sol call of
+    4,000 tokens, 2 of them shared blocks, at $0.008712 where the emulator billed $0.010184 (a review)."""
+    caches = PromptCaches()
+    shared = "a" * 4 * 1024  # two 512-token blocks
+    calls = [("gpt-6.2-sol", [11, 12], shared + "b" * 4 * 2976, 0.0), ("gpt-6.2-sol", [], "c" * 4 * 4000, 1.0),
+             ("gpt-6.2-sol", [11, 12], shared + "d" * 4 * 2976, 900.0),  # reads the shared blocks: 30 minutes warm
+             ("gpt-6-luna", [11, 12], shared + "e" * 4 * 2976, 901.0)]  # another model's cache: cold
+    for k, (model, blocks, text, t) in enumerate(calls):
+        spec = CAT.model("openai", model)
+        split = caches.use(OA, spec, model, Prompt(text, (), text), t)
+        r = req(model, f"r{k}", blocks, tokens=len(text) // 4)
+        warm = 2 if k == 2 else 0
+        assert split.read == warm * 512
+        sim = price_alone(r, CAT, "sync", warm_blocks=warm, block_tokens=512)
+        assert math.isclose(sim.total, price_text(OA, spec, split, r.output_tokens, "sync").total, rel_tol=1e-12), k
+
+
+TEXT_MODELS = sorted((p, m) for p, prov in CAT.providers.items() for m, s in prov.models.items() if s.kind == "text")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(TEXT_MODELS), st.integers(1, 1_100_000), st.integers(1, 128_000), st.integers(0, 2_000_000),
+       st.integers(0, 2_000_000), st.sampled_from(["sync", "batch_api"]), st.lists(st.integers(0, 9), max_size=6),
+       st.integers(0, 6), st.booleans())
+def test_no_usage_a_provider_answers_bills_more_than_its_reservation(pm, inp, cap, read, write, mode, blocks, warm,
+                                                                     mark):
+    """Every text model on its own cache terms (a GPT-6 write at 1.25x, its long prompts at 2x): whatever usage
+    comes back for the request (reads and writes past its input included, which the bill clamps) and however the
+    simulator splits it, the bill stays within what a hard budget reserved."""
+    provider, model = pm
+    spec = CAT.model(provider, model)
+    if not mode_allowed(CAT.provider(provider), spec, mode):
+        return
+    cap = min(cap, spec.max_output_tokens)
+    inp = max(min(inp, spec.max_input_tokens or inp, (spec.context_window or inp + cap) - cap), 0)
+    r = Request(id="r", arrival_s=0.0, provider=provider, model=model, input_tokens=inp, output_tokens=1,
+                max_output_tokens=cap, prefix_blocks=blocks)
+    bound = reserve_bound(r, CAT, mode)
+    billed = price_usage(r, CAT, mode, input_tokens=inp, output_tokens=r.max_output_tokens, cache_read=read,
+                         cache_write=write)
+    planned = price_alone(r, CAT, mode, warm_blocks=warm, write=mark).total
+    assert billed.total <= bound * (1 + 1e-12) and planned <= bound * (1 + 1e-12), (billed, planned, bound)
+
+
+def test_a_live_usage_without_the_write_with_null_or_with_more_than_its_input_is_billed_within_its_reservation():
+    a = req("gpt-6.2-sol", "a", [1, 2], out=100)
+    bound = reserve_bound(a, CAT, "sync", 100)
+    shapes = [({}, (0, 0)), ({"cached_tokens": None, "cache_write_tokens": None}, (0, 0)),
+              ({"cached_tokens": 1024}, (1024, 0)), ({"cache_write_tokens": 9_000}, (0, 9_000))]
+    for det, (read, write) in shapes:
+        for usage in (_usage_chat({"prompt_tokens": 4000, "completion_tokens": 100, "prompt_tokens_details": det}),
+                      _usage_responses({"input_tokens": 4000, "output_tokens": 100, "input_tokens_details": det})):
+            assert (usage.cache_read, usage.cache_write) == (read, write)
+            got = price_usage(a, CAT, "sync", input_tokens=4000, output_tokens=100, cache_read=read,
+                              cache_write=write).total
+            assert got <= bound * (1 + 1e-12)
+    # a write past the input is billed as the whole input written, no more: the reservation's own figure
+    assert math.isclose(got, bound)
+    assert _usage_chat({"prompt_tokens": 10, "prompt_tokens_details": None}).cache_write == 0
