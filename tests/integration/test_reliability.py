@@ -1,5 +1,6 @@
 """Identity, idempotency, stopping, backpressure and retention of the live engine (issue 11, first part)."""
 
+import asyncio
 import time
 
 import pytest
@@ -53,6 +54,10 @@ def test_submit_on_a_stopped_engine_raises_and_a_second_engine_runs_on(ray_sessi
     first.stop()
     with pytest.raises(EngineStopped):
         first.submit(text(1))
+    with pytest.raises(EngineStopped):  # the asyncio API alike (it was checked on an engine of its own)
+        asyncio.run(first.asubmit(text(2)))
+    with pytest.raises(EngineStopped):
+        asyncio.run(first.asubmit_many([text(3)]))
     try:
         assert second.submit(text(1)).result(timeout=60).status == "ok"  # Ray is still up under it
     finally:
