@@ -6,6 +6,7 @@ import json
 import sys
 
 from engine import Engine
+from tests.integration._catalogs import OPENAI_ONLY
 
 URGENT = 4
 
@@ -23,7 +24,8 @@ def requests(n: int, r0: str) -> list[dict]:
 
 if __name__ == "__main__":
     n, r0 = int(sys.argv[1]), sys.argv[2]
-    with Engine.start(speedup=1000.0) as eng:
+    # OpenAI alone, the one provider the job calls: each run starts four dispatcher processes fewer.
+    with Engine.start(catalog=OPENAI_ONLY, speedup=1000.0) as eng:
         futs = eng.submit_many(requests(n, r0))
         for f in futs:
             r = f.result()

@@ -14,6 +14,7 @@ import pytest
 from actors._file_journal import engine_dirs, read_spaces
 from engine.app._batch_rescue import journal_dir
 from engine.emulator import Emulator
+from tests.integration._catalogs import openai_only_file
 from tests.unit.test_http_providers import fixed_turnaround_catalog
 
 BIN = Path(sys.executable).parent / "smartbatch"
@@ -66,7 +67,9 @@ def test_a_resume_after_a_sigkill_reads_the_killed_runs_batch_instead_of_paying_
     root = journal_dir(out)
     # Every batch takes 6,000 emulated s (6 s real): the kill comes while it runs.
     with Emulator(fixed_turnaround_catalog(6000.0), speedup=SPEEDUP, seed=0, cancel_s=600.0) as emu:
+        # OpenAI alone, the one provider the lines call: each run starts four dispatcher processes fewer.
         args = [str(BIN), "batch", str(src), "--out", str(out), "--providers", "http",
+                "--catalog", str(openai_only_file(tmp_path)),
                 "--base-url", f"openai={emu.base_url('openai')}", "--speedup", str(SPEEDUP)]
         # Two batches (one per model): their answers come back out of the input's order (a helper's review:
         # the resume then failed to write OUT, after it had taken the killed run's journal).
