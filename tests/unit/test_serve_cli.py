@@ -1,7 +1,7 @@
 """`smartbatch serve` without Ray: one serve per engine name on a machine (a second one is refused at once, naming
 the first), an endpoint port already in use is refused, and a stop that Ray goes down under does not wait on it.
 The real processes (a serve, a second serve, a SIGTERM to the process group) are in
-tests/integration/test_serve_signals.py."""
+tests/integration/test_serve_crash.py."""
 
 import socket
 import subprocess
