@@ -32,13 +32,12 @@ from actors._shards import Shards, by_result_uid
 from actors._types import send_sharded
 from actors.cache_layers import CorruptValue, Entry, LocalBlobStore, MemoryLRU, RedisLayer, decode, encode
 from engine.core.catalog import default_catalog
-from engine.core.cost import price_alone
 from engine.core.features import NEAR_DIM, near_class, near_text, near_vectors_texts
 from engine.core.grouping import ReuseSettings
 from engine.core.result import Result
 from engine.core.settings import CacheSettings, Settings
 from engine.runtime.admission import InFlight, release_lead
-from engine.runtime.outcomes import reused_result
+from engine.runtime.outcomes import list_price, reused_result
 from engine.runtime.reuse import ReuseIndex
 
 __all__ = ["ResultCache", "tenant_scope"]
@@ -175,9 +174,11 @@ class ResultCache(CacheReports, NearIndex, Following, Warm):
         return reused_result(item.req, at=at, hit=hit, source_id=e.result.id, output=output, similarity=similarity,
                              tool_calls=e.result.tool_calls, finish=e.result.finish, usage=e.result.usage)
 
-    def _list_prices(self, items: list[Item]) -> list[float]:
-        """What each reused request would have cost alone: its saving, for the report."""
-        return [price_alone(it.req, self.catalog, "sync").total for it in items]
+    def _list_prices(self, results: list[Result], items: list[Item]) -> list[float]:
+        """What each reused request would have cost alone, at the tokens of the answer it was given where the
+        request's own model made it: its saving, for the report."""
+        return [list_price(it.req, self.catalog, r.usage if (r.provider, r.model) == (it.req.provider, it.req.model)
+                           else None) for r, it in zip(results, items, strict=True)]
 
     async def lookup(self, items: list[Item]) -> list[int]:
         """Resolve hits and attach in-flight duplicates. The misses must be generated: a cache that knows the
@@ -249,7 +250,7 @@ class ResultCache(CacheReports, NearIndex, Following, Warm):
 
     def _held(self, results: list[Result], items: list[Item]) -> list[float]:
         """Keep ``results`` for ``recall`` and return their prices: held from here on, before any await."""
-        prices = self._list_prices(items)
+        prices = self._list_prices(results, items)
         for r, p in zip(results, prices):
             self._delivered.put(r, p)
         return prices

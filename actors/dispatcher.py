@@ -33,13 +33,12 @@ from actors.journal import JournalWriter, make_journal
 from actors.metrics import DispatchCounts, retry_reason
 from actors.providers import make_provider
 from engine.core.catalog import Catalog
-from engine.core.cost import price_alone
 from engine.core.draws import Draws, TurnaroundWorld, engine_day_origin
 from engine.core.provider_api import CallJob, CallOutcome, Secret, call_key
 from engine.core.result import Result
 from engine.core.scheduling import Scheduling
 from engine.core.settings import Settings
-from engine.runtime.outcomes import failed_result, ok_result, verdict
+from engine.runtime.outcomes import failed_result, list_price, ok_result, verdict
 from engine.runtime.providers import Event, SimProvider, Work
 from engine.runtime.reservation import goes_back
 
@@ -341,7 +340,7 @@ class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, R
             res = failed_result(r, at=now, batch_id=b.bid, recommendation=b.recommendation, tries=j.attempts + 1,
                                 max_attempts=self.max_att, real=out is not None and out.real,
                                 error=maybe_billed_error(error or (out.error if out is not None and out.error else None), maybe))
-        price = price_alone(r, self.catalog, "sync").total
+        price = list_price(r, self.catalog, res.usage if ok else None)
         self._results.append(res)
         self._list_prices.append(price)
         if self.caches:

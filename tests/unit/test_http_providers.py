@@ -239,6 +239,31 @@ def test_sync_call_round_trip_bills_real_usage_once(emu, provider):
     asyncio.run(go())
 
 
+@pytest.mark.parametrize("provider,model", [("openai", "gpt-6.2-sol"), ("anthropic", "claude-sonnet-5-5")])
+def test_a_sync_call_alone_saves_nothing_against_its_list_price_whatever_its_answers_length(emu, provider, model):
+    """The report's saving is against each served request's list price (sync, alone, no cache read). Priced at
+    the request's estimate (256 output tokens without one) while billed at the 2,000 its answer wrote, a call at
+    exactly its list price read as a loss of $0.0174 at gpt-6.2-sol: a run of GPT-6 and Claude 5.5 bodies billed
+    $0.90 against $1.37 at list prices reported a saving of -$0.26 (a parity hunt)."""
+    async def go():
+        rig = Rig(emu, provider)
+        try:
+            body: dict[str, Any] = {"messages": [{"role": "user", "content": "at length [[emulator:output_tokens=2000]]"}]}
+            if provider == "anthropic":
+                body["max_tokens"] = 4000
+            ask = Request.model_validate({"id": "long", "arrival_s": 0.0, "model": model, **body})
+            assert ask.output_tokens < 2000  # the estimate
+            await rig.run("sync", [Job(0, ask, "fp-long")])
+            r = await rig.until(lambda: rig.results.get("long"), "the result")
+            assert r.status == "ok" and r.usage["output_tokens"] == 2000 and r.usage["cache_read"] == 0
+            rep = await rig.hub.report()
+            assert rep["list_price_usd"] == pytest.approx(r.cost_usd, abs=2e-6)
+            assert rep["saving_usd"] == pytest.approx(0.0, abs=2e-6)
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
 @pytest.mark.parametrize("quality", ["low", "high"])
 def test_an_image_is_generated_and_billed_at_the_quality_its_params_ask(emu, quality):
     """``params.quality``, which the cost model prices, reaches the provider: left out of the body, the image
