@@ -264,6 +264,39 @@ def test_a_sync_call_alone_saves_nothing_against_its_list_price_whatever_its_ans
     asyncio.run(go())
 
 
+@pytest.mark.parametrize("in_flight", [False, True])
+def test_a_reused_copy_is_listed_at_the_tokens_of_the_answer_it_was_given(in_flight):
+    """A copy the cache answers saves its whole list price, taken at the answer's tokens (the call it follows):
+    at the estimate, a copy of a 2,000-token answer was listed at 256 output tokens, an eighth of its worth."""
+    from actors import ResultCache
+    from engine.core.grouping import ReuseSettings
+    from engine.runtime.outcomes import list_price
+
+    ask = Request.model_validate({"id": "first", "arrival_s": 0.0, "model": "gpt-6.2-sol", "prompt": "at length"})
+    usage = {"input_tokens": 300, "output_tokens": 2000, "cache_read": 0, "cache_write": 0}
+
+    async def go():
+        hub = ResultHub()
+        cache = ResultCache(ReuseSettings(exact=True, in_flight=True, near=False), hub, ManualClock(5.0))
+        first, again = Job(0, ask, "fp-1"), Job(1, ask.model_copy(update={"id": "again"}), "fp-1")
+        assert await cache.lookup([first]) == [0]
+        if in_flight:
+            assert await cache.lookup([again]) == []  # follows the call under way
+        done = Result(id="first", status="ok", output="x" * 8000, cost_usd=0.0206, usage=usage, mode="sync",
+                      provider="openai", model="gpt-6.2-sol", done_s=1.0)
+        await cache.complete([(first.fp, done)])
+        if not in_flight:
+            assert await cache.lookup([again]) == []  # served from the cache
+        (hit,) = await hub.pull(0.01)
+        return hit, await hub.report()
+
+    hit, rep = asyncio.run(go())
+    assert hit.status == "reused" and hit.usage == usage
+    listed = list_price(ask, CAT, usage)
+    assert listed == pytest.approx(300 * 2e-6 + 2000 * 10e-6) and listed > 5 * list_price(ask, CAT)
+    assert rep["list_price_usd"] == pytest.approx(listed, abs=1e-6) == rep["saving_usd"]
+
+
 @pytest.mark.parametrize("quality", ["low", "high"])
 def test_an_image_is_generated_and_billed_at_the_quality_its_params_ask(emu, quality):
     """``params.quality``, which the cost model prices, reaches the provider: left out of the body, the image
