@@ -149,6 +149,14 @@ async def one_refused_at_the_gate(rig: Rig, first: list, second: list) -> asynci
     return release
 
 
+async def settled(rig: Rig, kept: list) -> None:
+    """Every claim settled, the budget's spend the kept members' bills, nothing left under way."""
+    await rig.until(lambda: not rig.budget.book.claims, "every claim settled")
+    assert sum(rig.budget.book.spend.values()) == pytest.approx(
+        sum(rig.results[j.req.id].cost_usd for j in kept), abs=1e-12)
+    assert rig.d.in_flight == 0 and not rig.d._open
+
+
 def test_a_batch_waiting_for_queue_room_whose_members_are_all_withdrawn_ends_them_at_once(quarter):  # noqa: F811
     """A batch refused for a full queue waits at the dispatcher's gate for room (the end of another batch of its
     model, hours away at a provider) until its hedge. Its members all withdrawn (``Engine.cancel_requests``, an
@@ -171,12 +179,9 @@ def test_a_batch_waiting_for_queue_room_whose_members_are_all_withdrawn_ends_the
             release.set()
             await rig.until(lambda: len(rig.results) == 8, "the first batch's answers", 20.0)
             assert [rig.results[j.req.id].status for j in first] == ["ok"] * 4
-            await rig.until(lambda: not rig.budget.book.claims, "every claim settled")
             assert set(billed_by_custom_id(quarter)) == {batch_key(j) for j in first}  # the withdrawn: never billed
             assert failed_batches(quarter) == ["token_limit_exceeded"] and len(quarter._core.batches) == 2
-            assert sum(rig.budget.book.spend.values()) == pytest.approx(
-                sum(rig.results[j.req.id].cost_usd for j in first), abs=1e-12)
-            assert rig.d.in_flight == 0 and not rig.d._open
+            await settled(rig, first)
         finally:
             await rig.close()
     asyncio.run(go())
@@ -209,10 +214,7 @@ def test_a_batch_waiting_for_queue_room_leaves_its_withdrawn_members_at_once_and
             assert set(billed) == {batch_key(j) for j in kept}  # the withdrawn: never sent, never billed
             for j in kept:
                 assert_batch_member(rig.results[j.req.id], j, billed[batch_key(j)], "openai")
-            await rig.until(lambda: not rig.budget.book.claims, "every claim settled")
-            assert sum(rig.budget.book.spend.values()) == pytest.approx(
-                sum(rig.results[j.req.id].cost_usd for j in kept), abs=1e-12)
-            assert rig.d.in_flight == 0 and not rig.d._open
+            await settled(rig, kept)
         finally:
             await rig.close()
     asyncio.run(go())
