@@ -87,11 +87,20 @@ def load_variants(path: str | Path | None) -> dict[str, PolicySpec]:
     return out
 
 
-def resolve_policies(names: str | Sequence[str], variants: dict[str, PolicySpec]) -> list[PolicySpec]:
+def resolve_policies(names: str | Sequence[str], variants: dict[str, PolicySpec],
+                     catalog: Catalog | None = None) -> list[PolicySpec]:
+    """The entries ``names`` asks for. Given the ``catalog``, every variant of a registered policy is built once
+    too, asked for or not: a variants file's bad entry failed only the run that asked for it, maybe days later."""
     items = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
     items = [n for n in items if n]
     if not items:
         raise ConfigError("--policies is empty; give e.g. --policies naive,smart")
+    if catalog is not None:
+        from policies import available_policies
+
+        for spec in variants.values():
+            if spec.policy in available_policies():  # a module:Class is the user's code: imported only when run
+                load_spec(spec, catalog)
     return [variants.get(n) or PolicySpec(name=n, policy=n) for n in items]
 
 

@@ -90,7 +90,7 @@ def _bench(requests, name: str, policies: str, variants: Path | None, out: Path,
     from engine.app.bench import load_variants, resolve_policies, run_bench, write_outputs
     from engine.app.bench_seeds import run_seeds, write_seed_outputs
 
-    specs = resolve_policies(policies, load_variants(variants))
+    specs = resolve_policies(policies, load_variants(variants), cat)
     _check_outputs(dirs={"--out": out})
     with Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                   TimeElapsedColumn(), console=err_console, transient=True) as bar:

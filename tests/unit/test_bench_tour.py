@@ -115,6 +115,25 @@ def test_a_number_in_exponent_notation_in_a_variants_file_is_a_number(tmp_path):
     assert load_spec(spec, default_catalog()).params.min_batch_saving_usd == 0.0001
 
 
+def test_a_bad_variant_not_asked_for_is_refused_too_naming_it(tmp_path):
+    """A variants file's bad entry failed only a bench that asked for it (a helper's tour): every variant of a
+    registered policy is built once, and a module:Class variant (the user's code) is left for its run."""
+    path = tmp_path / "v.yaml"
+    path.write_text("variants:\n  - {name: good, policy: smart, params: {batch_gather_s: 60}}\n"
+                    "  - {name: typo, policy: smart, params: {batch_gather: 60}}\n"
+                    "  - {name: mine, policy: 'my_pkg.nowhere:Policy'}\n")
+    trace = tmp_path / "t.jsonl"
+    trace.write_text(GOOD)
+    res = CliRunner().invoke(app, ["bench", str(trace), "--variants", str(path), "--policies", "naive,good",
+                                   "--out", str(tmp_path / "out")])
+    assert res.exit_code != 0 and "variant 'typo'" in res.output and "batch_gather" in res.output, res.output
+    path.write_text("variants:\n  - {name: good, policy: smart, params: {batch_gather_s: 60}}\n"
+                    "  - {name: mine, policy: 'my_pkg.nowhere:Policy'}\n")
+    res = CliRunner().invoke(app, ["bench", str(trace), "--variants", str(path), "--policies", "naive,good",
+                                   "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+
+
 # --- results record what they were made from: the lines skipped, the catalog and its overlay --------------------
 
 GOOD = '{"id": "a", "arrival_s": 0, "model": "gpt-5-mini", "prompt": "hi", "input_tokens": 1000}\n'
