@@ -205,7 +205,7 @@ def run(trace: Path = typer.Argument(..., help="a JSONL trace"),
         catalog_overlay: Path | None = typer.Option(None, "--catalog-overlay", help="a YAML merged over the "
                                                     "catalog: adds or overrides providers, models, prices")) -> None:
     """Replay a trace through the live engine on Ray (time-compressed); same report and results.json as bench."""
-    from engine.app.bench import load_variants, resolve_policies, write_outputs
+    from engine.app.bench import load_variants, resolve_policies, source_of, write_outputs
     from engine.app.live import Interrupted
     from engine.app.provider_setup import check_simulated
     from engine.core.errors import ConfigError
@@ -232,6 +232,8 @@ def run(trace: Path = typer.Argument(..., help="a JSONL trace"),
                         shards=shards)
         except Interrupted as stop:
             _keep_interrupted(stop, out)
+        doc["source"] = source_of(trace, skipped=tr.skipped, problems=tr.problems, overlay=catalog_overlay
+                                  or settings.catalog_overlay, catalog=catalog or settings.catalog_path)
         paths = write_outputs(doc, out)
     except SmartbatchError as exc:
         _fail(exc)

@@ -159,6 +159,27 @@ def test_results_name_the_skipped_lines_and_the_catalog_overlay(tmp_path, seeds)
     assert "1 invalid line(s) skipped" in md and "prices.yaml" in md, md
 
 
+def test_run_records_the_skipped_lines_and_the_catalog_overlay_as_bench_does(tmp_path, monkeypatch):
+    """`run` wrote no ``source`` (the tour's leftover): its results could not say which lines it left out nor which
+    prices made them. The live engine stands in here for the simulator's run of the same policy."""
+    import engine.app.cli as cli
+    from engine.app.bench import run_bench
+
+    def live(reqs, name, policy, speedup, address, seed, settings, cat, *, spec, shards):
+        return run_bench(reqs, [spec], trace_name=name, catalog=cat, settings=settings, seed=seed)
+
+    monkeypatch.setattr(cli, "_live", live)
+    trace, overlay, out = tmp_path / "t.jsonl", tmp_path / "prices.yaml", tmp_path / "o"
+    trace.write_text(GOOD + '{"id": "b", "arrival_s": 1, "model": "gpt-6", "prompt": "x"}\n')
+    overlay.write_text(OVERLAY)
+    r = runner.invoke(app, ["run", str(trace), "--policy", "naive", "--out", str(out), "--skip-invalid",
+                            "--catalog-overlay", str(overlay)])
+    assert r.exit_code == 0, r.output
+    src = json.loads((out / "results.json").read_text())["source"]
+    assert src["trace_file"] == str(trace) and src["skipped_lines"] == 1 and src["catalog_overlay"] == str(overlay)
+    assert "1 invalid line(s) skipped" in (out / "results.md").read_text()
+
+
 def test_a_plain_bench_keeps_its_results_md_and_records_the_packaged_catalog(tmp_path):
     trace, out = tmp_path / "t.jsonl", tmp_path / "o"
     trace.write_text(GOOD)
