@@ -31,7 +31,7 @@ from actors._budget_journal import LedgerJournal
 from actors._budget_replay import ScriptRefused
 from actors._peer import Warm, as_peer, resolve_clock
 from actors.journal import HubJournal
-from engine.core.budgets import LEDGER, BudgetSettings, Charge, Claim, Verdict
+from engine.core.budgets import LEDGER, BudgetSettings, Charge, Claim, Verdict, usd
 from engine.core.errors import ConfigError
 from engine.core.ledger import BudgetBook
 from engine.core.settings import JournalSettings
@@ -378,11 +378,11 @@ class BudgetController(LedgerJournal, Warm):
         if isinstance(self.book, BudgetBook):
             out["ledger_id"] = self.ledger_id
             out["windows"] = self.book.windows()
-            out["overrun_usd"] = round(self.book.overrun_usd(), 6)
-            out["reserved_usd"] = round(sum(self.book.reserved.values()), 6)
-            out["spent_usd"] = round(sum(self.book.spend.values()), 6)
+            out["overrun_usd"] = usd(self.book.overrun_usd())
+            out["reserved_usd"] = usd(sum(self.book.reserved.values()))
+            out["spent_usd"] = usd(sum(self.book.spend.values()))
         else:
-            out["spent_usd"] = round(sum(r["spent_usd"] for r in out["spend"]), 6)
+            out["spent_usd"] = usd(sum(r["spent_usd"] for r in out["spend"]))
         return out
 
 

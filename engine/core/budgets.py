@@ -30,7 +30,7 @@ from typing import Literal, NamedTuple
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = ["LEDGER", "BudgetSettings", "BudgetSpec", "Charge", "Claim", "Covering", "Refusal", "Throttle", "Verdict",
-           "parse_duration", "verdict_of", "window_bounds", "window_row"]
+           "parse_duration", "usd", "verdict_of", "window_bounds", "window_row"]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|mo)\s*$")
 _UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -280,10 +280,16 @@ class Covering:
         return [s for _, s in sorted(found, key=lambda ks: ks[0])]
 
 
+def usd(x: float) -> float:
+    """A report's dollars, to the micro-dollar; a sum of reservations and releases that ends a hair below zero
+    reads 0, not -0.0."""
+    return round(x, 6) + 0.0
+
+
 def window_row(s: BudgetSpec, key: str, spent: float, reserved: float) -> dict:
     return {"budget": s.name, "window": key.rsplit("@", 1)[1], "budget_duration": s.budget_duration,
-            "max_budget": s.max_budget, "soft_budget": s.soft_budget, "spent_usd": round(spent, 6),
-            "reserved_usd": round(reserved, 6), "remaining_usd": round(s.max_budget - spent - reserved, 6),
+            "max_budget": s.max_budget, "soft_budget": s.soft_budget, "spent_usd": usd(spent),
+            "reserved_usd": usd(reserved), "remaining_usd": usd(s.max_budget - spent - reserved),
             "soft_exceeded": s.soft_budget is not None and spent > s.soft_budget}
 
 

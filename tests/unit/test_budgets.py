@@ -317,3 +317,15 @@ def test_a_body_request_reserves_for_its_bytes_where_its_text_tokenizes_denser_t
                                    "input_tokens": 3000, "max_output_tokens": 5}, context=ctx)
     assert reserve_bound(bare, CAT, "sync") == pytest.approx((spec.input_per_mtok * w * 3000
                                                               + spec.output_per_mtok * 5) / 1e6)
+
+
+def test_a_window_whose_reservations_sum_a_hair_below_zero_reads_zero_not_minus_zero():
+    """Reservations released in another order than taken can sum to -1e-12: the report read ``-0.0`` (a helper's
+    parity hunt)."""
+    import math
+
+    from engine.core.budgets import usd, window_row
+
+    row = window_row(BudgetSpec(max_budget=1.0), "all@0", 0.5, 0.1 + 0.2 - 0.3 - 1e-12)
+    assert row["reserved_usd"] == 0.0 and math.copysign(1.0, row["reserved_usd"]) == 1.0
+    assert math.copysign(1.0, usd(-1e-9)) == 1.0 and usd(0.1234567) == 0.123457
