@@ -143,7 +143,7 @@ def parse_trace_lines(lines: Iterable[str] | Iterable[tuple[int, str]], *, sourc
     ctx = validation_context(catalog or default_catalog(), settings)
     numbered: list[tuple[int, Request]] = []
     problems = problems if problems is not None else []
-    seen: dict[str, int] = {}
+    seen: dict[str, tuple[int, str]] = {}  # id: its line and tenant
     head = ""  # the first non-empty line: what the file is, when no line of it is a request
     for no, line in _numbered(lines):
         if not line.strip():
@@ -164,10 +164,14 @@ def parse_trace_lines(lines: Iterable[str] | Iterable[tuple[int, str]], *, sourc
             problems.extend((source, no, f, m) for f, m in _problems_of(exc))
             continue
         if req.id in seen:
-            problems.append((source, no, "id", f"duplicate id {req.id!r} (first on line {seen[req.id]}); "
+            first, other = seen[req.id]
+            # The engine keys requests by (tenant, id), a trace by id alone (its results and bounds are per id).
+            also = f" (under tenant {other!r} there: a trace's ids are unique across tenants too)" \
+                if other != req.tenant else ""
+            problems.append((source, no, "id", f"duplicate id {req.id!r} (first on line {first}{also}); "
                                                 "ids are idempotency keys and must be unique"))
             continue
-        seen[req.id] = no
+        seen[req.id] = (no, req.tenant)
         numbered.append((no, req))
     requests, shift = _rebase(numbered, source, problems)
     problems.sort(key=lambda p: p[1])  # stable: a line's problems stay in the order found

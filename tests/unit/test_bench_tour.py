@@ -335,3 +335,15 @@ def test_a_misspelt_nested_key_is_matched_among_that_setting_s_own_keys():
     text = str(info.value)
     # Before: "did you mean 'turnaround'? its parameters: band_p, batch_gather_s, ..." (smart's 29, not its keys)
     assert "did you mean 'epoch_s'?" in text and "turnaround's keys: " in text and "band_p" not in text, text
+
+
+def test_an_id_used_again_under_another_tenant_is_refused_saying_ids_are_unique_across_tenants(tmp_path):
+    """The engine keys a request by (tenant, id), a trace by id alone: a trace's second tenant reusing an id was
+    refused as a plain duplicate, which read as wrong to a user who knows the engine's rule (the tour's leftover)."""
+    path = tmp_path / "t.jsonl"
+    path.write_text(GOOD + GOOD.replace('"id": "a"', '"id": "a", "tenant": "t2"') + GOOD)
+    tr = load_trace(path, skip_invalid=True)
+    assert [r.id for r in tr.requests] == ["a"] and tr.skipped == 2
+    across, again = (p[3] for p in tr.problems)
+    assert "under tenant 'default' there: a trace's ids are unique across tenants too" in across
+    assert "unique across tenants" not in again and "duplicate id 'a' (first on line 1)" in again
