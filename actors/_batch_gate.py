@@ -35,10 +35,7 @@ class BatchGate:
             item = u.item.item
             since = self._queued_at.pop(id(item), None)
             b, jobs = item
-            for j in jobs:
-                if j.req.uid in w:
-                    self._final(b, j, False, 0.0, b.mode, error=self._why_withdrawn(j))
-            if keep := [j for j in jobs if j.req.uid not in w]:
+            if keep := self._end_withdrawn(b, jobs):
                 self._enqueue("batch_api", b._replace(jobs=keep), keep, since)
         return bool(taken)
 
@@ -50,11 +47,17 @@ class BatchGate:
         if not any(j.req.uid in w for j in jobs):
             return jobs, cjobs
         kept = [(j, cj) for j, cj in zip(jobs, cjobs, strict=True) if j.req.uid not in w]
+        self._end_withdrawn(b, jobs)
+        self._kick()
+        return [j for j, _ in kept], [cj for _, cj in kept]
+
+    def _end_withdrawn(self, b, jobs: list[Job]) -> list[Job]:
+        """End the members of ``jobs`` withdrawn, billed nothing; the others, returned, go on."""
+        w = self._withdrawn
         for j in jobs:
             if j.req.uid in w:
                 self._final(b, j, False, 0.0, b.mode, error=self._why_withdrawn(j))
-        self._kick()
-        return [j for j, _ in kept], [cj for _, cj in kept]
+        return [j for j in jobs if j.req.uid not in w]
 
     def _release_dispatch(self, key: str, tokens: int, model: str) -> None:
         """Batch ``key`` ended (or was never created): out of the journal, and its dispatch's tokens off the gate
