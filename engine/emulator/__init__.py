@@ -34,7 +34,11 @@ then filler (``filler_text``), so it counts back to the same tokens and differs 
 finish_reason ``length``/``stop`` (Anthropic stop_reason ``max_tokens``/``end_turn``). A ``tool_choice`` that
 forces a call (``"required"`` or a named function; Anthropic ``{"type": "any"}`` or a named tool) adds one call
 of that tool (else the first listed) with empty arguments after the text (finish_reason ``tool_calls``,
-stop_reason ``tool_use``; a Responses ``function_call`` item).
+stop_reason ``tool_use``; a Responses ``function_call`` item). At Anthropic the forced call is the whole answer,
+as the API gives it (no text before a forced call), its ``input`` every required property of the tool's
+``input_schema`` at a placeholder of its type (a string ``"emulated"``, an enum's first value); a custom tool
+needs an object ``input_schema``, and each ``tool_use`` needs its ``tool_result`` in the next turn (400s as the
+API's, ``_anthropic_tools``).
 
 Prompt cache, per model, on the catalog's terms for it (``ProviderSpec.cache_of``: its provider's ``prompt_cache`` and its own):
 automatic providers cache every prefix of every prompt for ``ttl_s``; a call reads the longest warm prefix,

@@ -9,6 +9,7 @@ import json
 import re
 from typing import Any
 
+from engine.emulator._anthropic_tools import check_tool_turns, check_tools, forced, input_for
 from engine.emulator._batches import MemberOutcome, MessageBatch, Schedule, newest_first
 from engine.emulator._core import Core, TextCall
 from engine.emulator._faults import FaultPlan
@@ -51,14 +52,18 @@ def message_result(core: Core, provider: str, body: dict, mode: str, at: float |
     if not spec.forced_tool_choice and isinstance(choice, dict) and choice.get("type") in ("any", "tool"):
         raise ApiError(400, f"tool_choice.type: forcing tool use ({choice['type']!r}) is not supported for this model "
                        f"({body['model']}); use tool_choice.type 'auto' or 'none'", param="tool_choice")
+    check_tools(body.get("tools"))
+    check_tool_turns(body.get("messages"))
     prompt = anthropic_prompt(body, spec.image_input or p.image_input)
     call = core.text_call(p, spec, body["model"], prompt, body["max_tokens"], "max_tokens", mode, at)
     tool = forced_tool(body)
+    # A forced call is the whole answer (no text before it), its input what the tool's schema requires.
     out = {
         "id": core.new_id("msg_"), "type": "message", "role": "assistant", "model": body["model"],
-        "content": [{"type": "text", "text": call.text, "citations": None},
+        "content": [*([] if tool is not None and forced(body) else [{"type": "text", "text": call.text,
+                                                                      "citations": None}]),
                     *([] if tool is None else [{"type": "tool_use", "id": core.new_id("toolu_"), "name": tool,
-                                                "input": {}}])],
+                                                "input": input_for(body, tool)}])],
         "stop_reason": "max_tokens" if call.capped else "end_turn" if tool is None else "tool_use",
         "stop_sequence": None,
         "usage": {"input_tokens": call.split.plain, "output_tokens": call.output_tokens,

@@ -160,6 +160,36 @@ def test_claude_fable_5_1_answers_400_to_a_forced_tool_and_fable_5_calls_it(emu:
     assert len(emu.bill().items) == 2
 
 
+def test_anthropic_tool_use_is_refused_and_answered_as_the_messages_api_does(emu: Emulator, sdk: Sdk):  # noqa: F811
+    # The emulator took a tool with no input_schema and tool results that answered nothing, and answered a forced
+    # call with text before it and an empty input: an endpoint's translation that broke these passed here.
+    claude = sdk.anthropic()
+    schema = {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["C", "F"]},
+                                               "days": {"type": "integer"}}, "required": ["city", "unit"]}
+    tools = [{"name": "get_weather", "input_schema": schema}]
+    use = {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Oslo", "unit": "C"}}
+    answer = {"type": "tool_result", "tool_use_id": "toolu_1", "content": "12 C"}
+    for bad, match in (
+            (dict(tools=[{"name": "get_weather"}]), "input_schema: Field required"),
+            (dict(tools=[{"name": "f", "input_schema": {"type": "array"}}]), "input_schema.type"),
+            (dict(messages=[*user("weather?"), {"role": "assistant", "content": [use]}, *user("and?")]),
+             "`tool_use` ids were found without `tool_result` blocks immediately after: toolu_1"),
+            (dict(messages=[*user("weather?"), {"role": "assistant", "content": [use]}]), "toolu_1"),
+            (dict(messages=[*user("weather?"), {"role": "user", "content": [answer]}]), "unexpected `tool_use_id`")):
+        with pytest.raises(anthropic.BadRequestError, match=match):
+            claude.messages.create(model="claude-sonnet-4-5", max_tokens=500, **{"messages": user("hi"), **bad})
+    assert not emu.bill().items
+    # Results in the next turn, two user messages of it too (the API combines consecutive turns of a role).
+    turns = [*user("weather?"), {"role": "assistant", "content": [use]},
+             {"role": "user", "content": [answer]}, *user("Thanks.")]
+    assert claude.messages.create(model="claude-sonnet-4-5", max_tokens=500, messages=turns, tools=tools)
+    forced = claude.messages.create(model="claude-sonnet-4-5", max_tokens=500, messages=user("hi"), tools=tools,
+                                    tool_choice={"type": "tool", "name": "get_weather"})
+    (call,) = forced.content  # the call alone: no text before a forced one
+    assert call.type == "tool_use" and forced.stop_reason == "tool_use"
+    assert call.input == {"city": "emulated", "unit": "C"}  # what the schema requires, as a model fills it
+
+
 def test_a_gpt_6_cache_write_is_billed_at_1_25x_its_input_price(emu: Emulator, sdk: Sdk):  # noqa: F811
     shared = words(1250)  # a cacheable prefix (>= 1024 tokens)
     first = sdk.openai().chat.completions.create(model="gpt-6.2-sol", messages=user(shared + "A question"))

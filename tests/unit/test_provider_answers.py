@@ -169,10 +169,21 @@ def test_a_tool_call_reaches_the_result_beside_the_text(emu, provider, api, mode
             assert r.status == "ok" and r.mode == mode, r
             (call,) = r.tool_calls
             name = call["function"]["name"] if provider == "openai" else call["name"]
-            assert name == "get_weather" and r.output and not r.output.startswith("[{")  # the text stays the output
+            assert name == "get_weather"
+            if provider == "openai":
+                assert r.output and not r.output.startswith("[{")  # the text stays the output
+            else:  # Anthropic writes no text before a forced call: the answer is the call (its JSON the output)
+                assert json.loads(r.output) == r.tool_calls and call["input"] == {}  # the schema requires nothing
         finally:
             await rig.close()
     asyncio.run(go())
+
+
+def test_an_anthropic_answer_of_text_and_tool_use_keeps_both():
+    from actors.providers.anthropic_http import _text
+
+    use = {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Oslo"}}
+    assert _text({"content": [{"type": "text", "text": "Let me look."}, use]}) == ("Let me look.", [use])
 
 
 def test_a_responses_function_call_is_read_and_an_answer_of_calls_alone_carries_them_as_json():
