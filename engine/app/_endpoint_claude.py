@@ -5,31 +5,40 @@ Claude one (a helper's tour). Messages, a system message among them, ``max_token
 ``top_p`` pass as they are; the answer comes back in the chat shape (``answer_body.response_body``: Anthropic's
 ``stop_reason`` as ``finish_reason``, its usage as ``prompt_tokens`` with the cached input counted).
 
+Function calling too (``_endpoint_claude_tools``): OpenAI's function ``tools``, ``tool_choice`` and
+``parallel_tool_calls``, an assistant's ``tool_calls`` and the ``role: tool`` messages that answer them, and image
+parts go in Anthropic's shapes; the answer's ``tool_use`` blocks come back as ``tool_calls``
+(``engine.core.tool_calls``). They were refused, so an application that calls functions could not switch.
+
 Renamed here, at the endpoint, where the body is known to be OpenAI's; a driver's or a batch file's body to a Claude
 model is the caller's own and keeps its refusals. A field with no counterpart (``seed``, ``logprobs``,
 ``response_format`` ...) stays refused by the engine, naming it and the fix, never dropped: it changes the
-answer."""
+answer. Every field the translation moved is recorded (``came``), so a refusal names the caller's field."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
+from engine.app._endpoint_claude_tools import claude_messages, claude_tools
 from engine.app._endpoint_wire import ApiError
-from engine.core.catalog import Catalog
+from engine.core._checks import FieldProblem
+from engine.core.catalog import Catalog, ModelSpec
 from engine.core.errors import CatalogError
 from engine.core.settings import Settings
 
-__all__ = ["for_messages_api", "in_callers_words"]
+__all__ = ["callers_field", "for_messages_api", "in_callers_words"]
 
 
-def _wire(model: Any, catalog: Catalog, settings: Settings) -> str | None:
-    """The wire format ``model``'s provider is called in, or None (unknown: the engine says why)."""
+def _wire(model: Any, catalog: Catalog, settings: Settings) -> tuple[str | None, ModelSpec | None]:
+    """The wire format ``model``'s provider is called in and the model's entry, or None (unknown: the engine says
+    why)."""
     try:
-        provider, _ = catalog.find_model(model) if isinstance(model, str) else (None, None)
+        provider, spec = catalog.find_model(model) if isinstance(model, str) else (None, None)
     except CatalogError:
-        return None
+        return None, None
     endpoint = settings.providers.endpoints.get(provider) if provider else None
-    return endpoint.api if endpoint is not None else None
+    return (endpoint.api if endpoint is not None else None), spec
 
 
 def for_messages_api(body: dict[str, Any], catalog: Catalog, settings: Settings) -> tuple[dict[str, Any],
@@ -38,8 +47,10 @@ def for_messages_api(body: dict[str, Any], catalog: Catalog, settings: Settings)
     Messages API (else as it is), and which Messages field came from which of the caller's (for an error's
     ``param``). ``stop`` -> ``stop_sequences`` (a string as a list of one), ``max_completion_tokens`` ->
     ``max_tokens``, ``user`` -> ``metadata.user_id``; ``store`` false (OpenAI's keeping of the completion, which
-    Messages has no field for) is left out, true is a 400."""
-    if _wire(body.get("model"), catalog, settings) != "anthropic":
+    Messages has no field for) is left out, true is a 400; function calling and images, ``_endpoint_claude_tools``.
+    ``came`` maps a Messages path (dotted, ``messages.2.content.1``) to the caller's."""
+    api, spec = _wire(body.get("model"), catalog, settings)
+    if api != "anthropic" or spec is None:
         return body, {}
     out, came = dict(body), {}
     stop = out.pop("stop", None)
@@ -61,21 +72,50 @@ def for_messages_api(body: dict[str, Any], catalog: Catalog, settings: Settings)
         if not isinstance(user, str) or out.get("metadata") is not None:
             raise ApiError(400, "user must be a string, given without metadata: it goes to Anthropic as "
                                 "metadata.user_id", param="user")
-        out["metadata"], came["metadata"] = {"user_id": user}, "user"
+        out["metadata"], came["metadata"], came["metadata.user_id"] = {"user_id": user}, "user", "user"
     store = out.pop("store", None)
     if store:
         raise ApiError(400, "store=true asks OpenAI to keep the completion, which Anthropic's Messages API does "
                             "not: leave it out for a Claude model", param="store")
+    try:
+        claude_tools(out, came, spec.forced_tool_choice)
+        if isinstance(out.get("messages"), list):
+            out["messages"] = claude_messages(out["messages"], came)
+    except FieldProblem as exc:
+        raise ApiError(400, str(exc), param=exc.field) from None
     return out, came
 
 
+_INDEX = re.compile(r"\[(\d+)\]")
+_PATH = re.compile(r"\bbody\.([A-Za-z_][\w-]*(?:\.[\w-]+|\[\d+\])*)")
+
+
+def callers_field(field: str, came: dict[str, str]) -> str:
+    """``field`` (a path of the body the engine got, in either style: ``messages[2].content[1]`` or
+    ``messages.2.content.1``) as the caller wrote it: the longest recorded prefix of it renamed (``came``),
+    written in the style it came in."""
+    if not came:
+        return field
+    parts = _INDEX.sub(r".\1", field).split(".")
+    for n in range(len(parts), 0, -1):
+        old = came.get(".".join(parts[:n]))
+        if old is not None:
+            path = ".".join([old, *parts[n:]])
+            return re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", path) if "[" in field else path
+    return field
+
+
 def in_callers_words(exc: ApiError, came: dict[str, str]) -> ApiError:
-    """``exc`` with the fields ``for_messages_api`` renamed (``came``) named as the caller sent them: the param
+    """``exc`` with the fields ``for_messages_api`` moved (``came``) named as the caller sent them: the param
     was the caller's, but the engine's message named the Messages field ("field 'body.max_tokens': ...") that the
-    caller never sent (a review)."""
-    if exc.param not in came.values():
+    caller never sent (a review); a path into a translated message or tool too."""
+    if not came:
         return exc
-    for new, old in came.items():
-        exc.message = exc.message.replace(f"body.{new}", old)
+
+    def name(m: re.Match) -> str:
+        old = callers_field(m.group(1), came)
+        return m.group(0) if old == m.group(1) else old
+
+    exc.message = _PATH.sub(name, exc.message)
     exc.args = (exc.message,)
     return exc

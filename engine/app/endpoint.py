@@ -53,7 +53,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.app._endpoint_batches import CANCEL_WAIT_S, MAX_FILE_BYTES, MAX_OPEN_LINES, FilesAndBatches
 from engine.app._endpoint_choices import choices_wanted, fan_out, merged_body, merged_headers
-from engine.app._endpoint_claude import for_messages_api, in_callers_words
+from engine.app._endpoint_claude import callers_field, for_messages_api, in_callers_words
 from engine.app._endpoint_job import cut_by_cancel
 from engine.app._endpoint_responses_stream import response_events, responses_stream_wanted
 from engine.app._endpoint_stream import sse_chunks, stream_wanted
@@ -287,7 +287,7 @@ def _ask_for_key(app: FastAPI, digest: str) -> None:
 
 def _param_in(body: dict, came: dict[str, str] | None = None) -> Callable[[str], str | None]:
     """The OpenAI body field behind a refused request field (``body.messages`` -> ``messages``; a field the
-    endpoint renamed, ``came``, by the caller's name)."""
+    endpoint renamed or moved, ``came``, by the caller's name)."""
     cap = next((k for k in ("max_completion_tokens", "max_tokens") if body.get(k) is not None), "max_tokens")
     text = "prompt" if "prompt" in body else "messages"
     by_field = {"max_output_tokens": cap, "output_tokens": cap, "input_tokens": text, "prompt": text,
@@ -295,7 +295,7 @@ def _param_in(body: dict, came: dict[str, str] | None = None) -> Callable[[str],
 
     def param_of(field: str) -> str | None:
         param = by_field.get(field, field.removeprefix("body.").removeprefix("params."))
-        return (came or {}).get(param, param) if param is not None else None
+        return callers_field(param, came or {}) if param is not None else None
 
     return param_of
 

@@ -1,11 +1,15 @@
 """A Claude model asked through ``/v1/chat/completions`` with the official ``openai`` SDK: the endpoint under uvicorn,
 an engine stand-in that makes one sync call through the real Anthropic HTTP provider, and the emulator's Anthropic
 side behind it (no Ray). OpenAI's ``stop``, ``max_completion_tokens`` and ``user`` were refused ("Anthropic's is
-stop_sequences"), so an application could not change only its ``model`` (a helper's tour)."""
+stop_sequences"), so an application could not change only its ``model`` (a helper's tour); so were its function
+tools, tool calls and tool messages, and its images."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import struct
 
 import openai
 import pytest
@@ -15,6 +19,7 @@ from engine.app.endpoint import make_app
 from engine.core.request import Request, validation_context
 from engine.core.result import Result
 from engine.emulator import Emulator
+from engine.runtime.outcomes import reused_result
 from tests.unit.test_endpoint import serving
 from tests.unit.test_http_providers import CAT, SPEED, direct, http_settings, job_of
 
@@ -24,16 +29,24 @@ MODEL = "claude-sonnet-4-5"
 
 class OneCallEngine:
     """The engine's asyncio face, each request one sync call through the Anthropic provider alone; keeps the body
-    each call sent on the wire. The provider is made on the serving loop, where its client lives."""
+    each call sent on the wire and each request. The provider is made on the serving loop, where its client lives.
+    A body answered before is answered again from that answer, as the cache's exact hit (``reused_result``)."""
 
     def __init__(self, emu: Emulator):
         self.emu, self.settings, self.gone = emu, http_settings(emu), None
         self._ctx = validation_context(CAT, self.settings, live=True)
         self.wire: dict[str, dict] = {}
+        self.reqs: dict[str, Request] = {}
+        self.answered: dict[str, Result] = {}  # by the body's JSON
         self.provider, self.loop = None, None
 
     async def asubmit(self, d: dict) -> Result:
         req = Request.model_validate({**d, "arrival_s": 0.0}, context=self._ctx)
+        self.reqs[req.id] = req
+        seen = self.answered.get(json.dumps(req.body, sort_keys=True))
+        if seen is not None and req.reuse != "none":
+            return reused_result(req, at=0.0, hit="exact", source_id=seen.id, output=seen.output,
+                                 tool_calls=seen.tool_calls, finish=seen.finish, usage=seen.usage)
         if self.provider is None:
             self.provider, self.loop = direct(self.emu, "anthropic"), asyncio.get_running_loop()
         job = job_of(req)
@@ -41,9 +54,11 @@ class OneCallEngine:
         self.wire[req.id] = job.body
         out = await self.provider.call(job)
         assert out.ok, out.error
-        return Result(id=req.id, tenant=req.tenant, status="ok", output=out.output, tool_calls=out.tool_calls,
-                      finish=out.finish, usage=out.usage.as_dict(), raw=out.raw, real=True, cost_usd=out.cost,
-                      mode="sync", provider=req.provider, model=req.model)
+        res = Result(id=req.id, tenant=req.tenant, status="ok", output=out.output, tool_calls=out.tool_calls,
+                     finish=out.finish, usage=out.usage.as_dict(), raw=out.raw, real=True, cost_usd=out.cost,
+                     mode="sync", provider=req.provider, model=req.model)
+        self.answered[json.dumps(req.body, sort_keys=True)] = res
+        return res
 
     async def asubmit_many(self, ds: list[dict]) -> list[Result]:
         return [await self.asubmit(d) for d in ds]
@@ -136,3 +151,171 @@ def test_a_blank_stop_is_a_400_naming_stop_before_anything_is_sent(claude):
         assert exc.value.param == "stop" and message.startswith("field 'stop': stop must be") and \
             "whitespace" in message and "stop_sequences" not in message, message
     assert len(emu.bill().items) == sent
+
+
+# -- function calling ----------------------------------------------------------------------------------------------
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather now in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                    "unit": {"type": "string", "enum": ["C", "F"]}},
+                   "required": ["city", "unit"], "additionalProperties": False},
+    "strict": True}}
+
+
+def billed_input(item) -> int:
+    return sum(int(item.usage.get(k, 0)) for k in ("input_tokens", "cache_read_input_tokens",
+                                                   "cache_creation_input_tokens"))
+
+
+def test_a_function_calling_app_switches_to_a_claude_model_changing_only_its_model(claude):
+    # OpenAI's tools, tool_choice, an assistant's tool_calls and tool messages were refused for a Claude model
+    # ("refused, not translated"): an application that calls functions could not switch.
+    eng, client, emu = claude
+    ask = [{"role": "system", "content": "Use the tools."}, {"role": "user", "content": "What is the weather in Oslo?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    sent = len(emu.bill().items)
+    first = client.chat.completions.create(model=MODEL, messages=ask, tools=[WEATHER], tool_choice=named,
+                                           parallel_tool_calls=False, max_completion_tokens=300,
+                                           extra_headers={endpoint.HEADER_REQUEST_ID: "fc1"})
+    wire, fn = eng.wire["fc1"], WEATHER["function"]
+    assert wire["tools"] == [{"name": "get_weather", "description": fn["description"],
+                              "input_schema": fn["parameters"], "strict": True}]
+    assert wire["tool_choice"] == {"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True}
+    assert "parallel_tool_calls" not in wire
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    args = json.loads(call.function.arguments)
+    assert call.type == "function" and call.function.name == "get_weather" and args["unit"] == "C" and \
+        isinstance(args["city"], str)
+    # The tools are billed as input, and the estimate the budget reserves on counted them.
+    bill = emu.bill().items[sent]
+    assert first.usage.prompt_tokens == billed_input(bill) <= eng.reqs["fc1"].input_tokens
+
+    # The application sends the assistant's message back as the SDK gave it, and the tool's result.
+    again = [*ask, choice.message, {"role": "tool", "tool_call_id": call.id, "content": "12 C, clear"}]
+    final = client.chat.completions.create(model=MODEL, messages=again, tools=[WEATHER], tool_choice="auto",
+                                           max_completion_tokens=300, extra_headers={endpoint.HEADER_REQUEST_ID: "fc2"})
+    assert eng.wire["fc2"]["messages"][2:] == [
+        {"role": "assistant", "content": [{"type": "tool_use", "id": call.id, "name": "get_weather", "input": args}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "12 C, clear"}]}]
+    assert eng.wire["fc2"]["tool_choice"] == {"type": "auto"}
+    done = final.choices[0]
+    assert done.finish_reason == "stop" and done.message.content and not done.message.tool_calls
+    assert final.usage.prompt_tokens == billed_input(emu.bill().items[sent + 1]) <= eng.reqs["fc2"].input_tokens
+
+
+def test_a_claude_tool_call_streams_and_comes_back_from_the_cache_in_the_chat_shape(claude):
+    eng, client, emu = claude
+    ask = [{"role": "user", "content": "Weather in Bergen, please."}]
+    kw = dict(model=MODEL, messages=ask, tools=[WEATHER], tool_choice="required", max_tokens=1000)
+    chunks = list(client.chat.completions.create(stream=True, extra_headers={endpoint.HEADER_REQUEST_ID: "st1"},
+                                                 **kw))
+    assert eng.wire["st1"]["tool_choice"] == {"type": "any"}
+    (call,) = [c for ch in chunks for d in ch.choices for c in d.delta.tool_calls or ()]
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments)["unit"] == "C"
+    assert [d.finish_reason for ch in chunks for d in ch.choices if d.finish_reason] == ["tool_calls"]
+    sent = len(emu.bill().items)
+    raw = client.chat.completions.with_raw_response.create(extra_headers={endpoint.HEADER_REQUEST_ID: "st2"}, **kw)
+    hit = raw.parse().choices[0]  # the same body: answered from the first answer, nothing sent
+    assert raw.headers[endpoint.HEADER_MODE] == "reuse" and len(emu.bill().items) == sent and "st2" not in eng.wire
+    assert hit.finish_reason == "tool_calls" and hit.message.content is None
+    assert [(c.id, c.function.name, c.function.arguments) for c in hit.message.tool_calls] == \
+        [(call.id, "get_weather", call.function.arguments)]
+
+
+def png(width: int, height: int) -> str:
+    """A PNG's header (all the engine and the emulator read of it), as base64."""
+    return base64.b64encode(b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" +
+                            struct.pack(">II", width, height) + b"\x08\x02\x00\x00\x00").decode()
+
+
+def test_an_image_part_goes_to_a_claude_model_as_an_image_block_and_is_reserved_for(claude):
+    eng, client, emu = claude
+    data = png(750, 400)  # 400 tokens by Anthropic's area rule
+    content = [{"type": "text", "text": "Which is sunnier?"},
+               {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}", "detail": "high"}},
+               {"type": "image_url", "image_url": {"url": "https://example.com/b.jpg"}}]
+    sent = len(emu.bill().items)
+    done = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}],
+                                          max_tokens=50, extra_headers={endpoint.HEADER_REQUEST_ID: "im1"})
+    assert eng.wire["im1"]["messages"][0]["content"][1:] == [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": data}},
+        {"type": "image", "source": {"type": "url", "url": "https://example.com/b.jpg"}}]
+    # Billed by the image rule (a URL at its largest), and the reservation counted as much.
+    assert done.usage.prompt_tokens == billed_input(emu.bill().items[sent]) >= 400 + 1600
+    assert eng.reqs["im1"].input_tokens >= done.usage.prompt_tokens
+
+
+CALLED = {"role": "assistant", "content": None, "tool_calls": [
+    {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}},
+    {"id": "call_2", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]}
+ASKED = {"role": "user", "content": "Weather in Oslo and Rome?"}
+
+
+def result(cid: str, content="12 C") -> dict:
+    return {"role": "tool", "tool_call_id": cid, "content": content}
+
+
+def with_call(**change) -> dict:
+    call = {**CALLED["tool_calls"][0], **change}
+    return {**CALLED, "tool_calls": [call, CALLED["tool_calls"][1]]}
+
+
+@pytest.mark.parametrize(("kw", "param"), [
+    (dict(messages=[ASKED, with_call(function={"name": "get_weather", "arguments": '{"city": "Oslo"'}),
+                    result("call_1"), result("call_2")]), "messages.1.tool_calls.0.function.arguments"),
+    (dict(messages=[ASKED, with_call(function={"name": "get_weather", "arguments": '["Oslo"]'}),
+                    result("call_1"), result("call_2")]), "messages.1.tool_calls.0.function.arguments"),
+    (dict(messages=[ASKED, CALLED, result("call_1"), result("call_9")]), "messages.3.tool_call_id"),
+    (dict(messages=[ASKED, CALLED, result("call_1"), result("call_1")]), "messages.3.tool_call_id"),
+    (dict(messages=[ASKED, CALLED, result("call_2"), ASKED]), "messages.1.tool_calls.0"),
+    (dict(messages=[ASKED, CALLED]), "messages.1.tool_calls.0"),
+    (dict(messages=[ASKED, result("call_1")]), "messages.1"),
+    (dict(messages=[ASKED, with_call(id="call:1"), result("call:1"), result("call_2")]), "messages.1.tool_calls.0.id"),
+    (dict(messages=[ASKED, with_call(type="custom"), result("call_1"), result("call_2")]),
+     "messages.1.tool_calls.0.type"),
+    (dict(messages=[ASKED], tool_choice={"type": "function", "function": {"name": "get_time"}}),
+     "tool_choice.function.name"),
+    (dict(messages=[ASKED], tools=None, tool_choice="required"), "tool_choice"),
+    (dict(messages=[ASKED], tool_choice={"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": []}}),
+     "tool_choice"),
+    (dict(messages=[ASKED], parallel_tool_calls="no"), "parallel_tool_calls"),
+    (dict(messages=[ASKED], tools=[{"type": "custom", "custom": {"name": "sql"}}]), "tools.0.type"),
+    (dict(messages=[ASKED], tools=[{"type": "function", "function": {**WEATHER["function"], "name": "get weather"}}]),
+     "tools.0.function.name"),
+    (dict(messages=[ASKED], tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "array"}}}]),
+     "tools.0.function.parameters"),
+    (dict(messages=[ASKED], tools=[{"type": "function", "function": {"name": "f", "examples": []}}]),
+     "tools.0.function.examples"),
+    (dict(messages=[ASKED], functions=[WEATHER["function"]]), "functions"),
+    (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/a.png",
+                                                                                    "detail": "low"}}]}]),
+     "messages.0.content.0.image_url.detail"),
+    (dict(messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}, {
+        "type": "image_url", "image_url": {"url": "data:image/tiff;base64,AAAA"}}]}]), "messages.0.content.1.image_url.url"),
+])
+def test_function_calling_a_claude_model_cannot_take_is_a_400_naming_the_callers_field(claude, kw, param):
+    _, client, emu = claude
+    sent = len(emu.bill().items)
+    kw = {"tools": [WEATHER], **kw}
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model=MODEL, max_tokens=50, **{k: v for k, v in kw.items() if v is not None})
+    assert exc.value.param == param and exc.value.body["message"].startswith(param), exc.value.body["message"]
+    assert len(emu.bill().items) == sent
+
+
+def test_a_refusal_the_engine_finds_in_a_translated_message_names_the_callers_message(claude):
+    # The engine reads the body as Anthropic gets it (the tool messages merged into one user message): its
+    # refusal named that message, "body.messages[2].content[1].content[0].text", which the caller never sent.
+    _, client, emu = claude
+    messages = [ASKED, CALLED, result("call_1"), result("call_2", [{"type": "text", "text": 7}])]
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model=MODEL, max_tokens=50, messages=messages, tools=[WEATHER])
+    message = exc.value.body["message"]
+    assert exc.value.param == "messages[3].content[0].text" and "'messages[3].content[0].text'" in message, message
+    assert "body." not in message, message
+    with pytest.raises(openai.BadRequestError) as exc:  # a forced tool where the model refuses one, in OpenAI's words
+        client.chat.completions.create(model="claude-fable-5-1", max_tokens=50, messages=[ASKED], tools=[WEATHER],
+                                       tool_choice="required")
+    assert exc.value.param == "tool_choice" and "'auto'" in exc.value.body["message"]
