@@ -35,7 +35,7 @@ def anthropic_tool(fn: Any, where: str, extra: Sequence[str] = ()) -> dict[str, 
     if not isinstance(fn, Mapping):
         raise FieldProblem(where, f"{where} must be an object {{name, description, parameters}}, got "
                            f"{type(fn).__name__}")
-    other = sorted(k for k in fn if k not in _FUNCTION_KEYS and k not in extra and fn[k] is not None)
+    other = sorted(k for k in fn if k not in _FUNCTION_KEYS and k not in extra and fn[k] not in (None, False))
     if other:
         raise FieldProblem(f"{where}.{other[0]}", f"{where}.{other[0]} is not a field of a function tool "
                            f"(they are {', '.join(_FUNCTION_KEYS)}), and Anthropic's Messages API has no "
@@ -62,36 +62,39 @@ def anthropic_tool(fn: Any, where: str, extra: Sequence[str] = ()) -> dict[str, 
 
 
 def anthropic_tool_choice(choice: Any, parallel: Any, names: Sequence[str], *, forced_ok: bool = True,
-                          flat: bool = False) -> dict[str, Any] | None:
+                          flat: bool = False, where: str = "") -> dict[str, Any] | None:
     """Anthropic's ``tool_choice`` for OpenAI's ``tool_choice`` and ``parallel_tool_calls`` over the tools
     ``names`` (none: no tools given), or None when it goes without one. ``forced_ok``: the model takes a choice that
     forces a call (``ModelSpec.forced_tool_choice``); ``flat``: a named choice is the Responses API's
-    ``{type: function, name}``, else chat's ``{type: function, function: {name}}``."""
+    ``{type: function, name}``, else chat's ``{type: function, function: {name}}``; ``where``: the body's path,
+    before the fields' names (none: they are the caller's)."""
+    at = f"{where}." if where else ""
     if parallel is not None and not isinstance(parallel, bool):
-        raise FieldProblem("parallel_tool_calls", f"parallel_tool_calls must be true or false, got {parallel!r}")
+        raise FieldProblem(f"{at}parallel_tool_calls", f"{at}parallel_tool_calls must be true or false, got "
+                           f"{parallel!r}")
     if isinstance(choice, Mapping) and choice.get("type") == "function":
         fn = choice if flat else choice.get("function")
         name = fn.get("name") if isinstance(fn, Mapping) else None
         if name not in names:
-            field = "tool_choice.name" if flat else "tool_choice.function.name"
+            field = f"{at}tool_choice.name" if flat else f"{at}tool_choice.function.name"
             known = f"one of the tools given ({', '.join(names)})" if names else "a tool given in tools"
             raise FieldProblem(field, f"{field} {str(name)[:70]!r} must name {known}")
         out: dict[str, Any] = {"type": "tool", "name": name}
     elif choice is None or choice in _CHOICES:
         kind = {"required": "any", None: "auto"}.get(choice, choice)
         if kind == "any" and not names:
-            raise FieldProblem("tool_choice", "tool_choice 'required' asks for a tool call, and no tools are "
+            raise FieldProblem(f"{at}tool_choice", f"{at}tool_choice 'required' asks for a tool call, and no tools are "
                                "given: give tools, or leave tool_choice out")
         if not names:  # moot without tools
             return None
         out = {"type": kind}
     else:
         kind = choice.get("type") if isinstance(choice, Mapping) else choice
-        raise FieldProblem("tool_choice", f"tool_choice {str(kind)[:40]!r} has no counterpart in Anthropic's "
+        raise FieldProblem(f"{at}tool_choice", f"{at}tool_choice {str(kind)[:40]!r} has no counterpart in Anthropic's "
                            "Messages API: give 'auto', 'none', 'required' or a function by name")
     if out["type"] in ("any", "tool") and not forced_ok:
         shown = repr(choice) if isinstance(choice, str) else f"{{type: 'function', name: {out['name']!r}}}"
-        raise FieldProblem("tool_choice", f"tool_choice {shown} forces a tool call, which this model "
+        raise FieldProblem(f"{at}tool_choice", f"{at}tool_choice {shown} forces a tool call, which this model "
                            "refuses: give 'auto' (or 'none') and ask for the tool in the prompt")
     if parallel is False and out["type"] != "none":
         out["disable_parallel_tool_use"] = True

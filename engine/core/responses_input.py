@@ -8,7 +8,12 @@ provider's body builder turns it into messages on the wire (``as_messages``), fo
 alike. What has no counterpart there is refused when the request is validated (``check_responses_body``),
 naming the field and the fix (the model's ``api: responses`` in a catalog overlay), never dropped: a dropped
 field changes the answer the caller paid for. A field at its default value changes nothing and is left out.
-The answer comes back in the Responses shape (``answer_body.response_body``)."""
+The answer comes back in the Responses shape (``answer_body.response_body``).
+
+At Anthropic, function calling passes too (``engine.core._claude_tools``): function ``tools``, ``tool_choice`` and
+``parallel_tool_calls``, ``function_call`` items as ``tool_use`` blocks of an assistant message and
+``function_call_output`` items as ``tool_result`` blocks of a user message (a run of either, one message), each
+call answered by an output right after it, as Anthropic requires."""
 
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from engine.core._checks import FieldProblem
+from engine.core._claude_tools import anthropic_tool, anthropic_tool_choice, call_id, tool_input
 
 __all__ = ["as_messages", "check_responses_body", "translates"]
 
@@ -72,14 +78,20 @@ def _text(value: Any, where: str, through: str, api: str) -> list[dict[str, Any]
             if not (isinstance(part, Mapping) and part.get("type") in _TEXT_PARTS and isinstance(part.get("text"), str)):
                 raise FieldProblem(f"{where}[{j}]", f"{where}[{j}] is not a text part ({', '.join(_TEXT_PARTS)}); "
                                    f"only text passes to {through}: {_FIX}")
-        return [{**part, "type": "text"} if api == "anthropic" else {"type": "text", "text": part["text"]}
+        # At Anthropic a part keeps its cache mark; an output_text part's annotations (an answer sent back) are
+        # no field of a text block there.
+        return [{"type": "text", "text": part["text"], **({"cache_control": part["cache_control"]} if api ==
+                                                           "anthropic" and "cache_control" in part else {})}
                 for part in value]
     raise FieldProblem(where, f"{where} must be text or a list of text parts, got {type(value).__name__}")
 
 
 def _translate(body: Mapping[str, Any], where: str, api: str) -> dict[str, Any]:
     through = "chat completions" if api == "openai" else "Anthropic's Messages API"
+    tools = _tools(body, where) if api == "anthropic" else {}
     for key, defaults in _DEFAULTS.items():
+        if api == "anthropic" and key in ("tools", "tool_choice"):
+            continue  # _tools
         if body.get(key) is not None and body[key] not in defaults:
             raise FieldProblem(f"{where}.{key}", f"{where}.{key} is a Responses API field this model's API "
                                f"({through}) cannot carry as given: {_FIX}")
@@ -92,9 +104,13 @@ def _translate(body: Mapping[str, Any], where: str, api: str) -> dict[str, Any]:
     if not isinstance(items, list) or not items:
         raise FieldProblem(f"{where}.input", f"{where}.input must be a string or a non-empty list of messages")
     system = [_text(body[k], f"{where}.{k}", through, api) for k in ("system", "instructions") if body.get(k)]
-    messages = []
+    messages: list[dict[str, Any]] = []
+    turns = _Turns(where)
     for k, item in enumerate(items):
         kind = item.get("type", "message") if isinstance(item, Mapping) else type(item).__name__
+        if api == "anthropic" and kind in ("function_call", "function_call_output"):
+            turns.add(messages, k, item)
+            continue
         if kind != "message" or item.get("role") not in _ROLES:
             raise FieldProblem(f"{where}.input[{k}]", f"{where}.input[{k}] is not a message with a role of "
                                f"{', '.join(_ROLES)} (a {kind!r} item); only messages pass to {through}: {_FIX}")
@@ -103,6 +119,7 @@ def _translate(body: Mapping[str, Any], where: str, api: str) -> dict[str, Any]:
             system.append(content)  # Messages takes the system prompt beside the messages, not among them
         else:
             messages.append({"role": item["role"], "content": content})
+    turns.check(messages)
     if not messages:
         raise FieldProblem(f"{where}.input", f"{where}.input has no user or assistant message; give one")
     left_out = ("input", "instructions", "max_output_tokens", "system", *_DEFAULTS, *_MOOT,
@@ -114,7 +131,87 @@ def _translate(body: Mapping[str, Any], where: str, api: str) -> dict[str, Any]:
                              ([{"type": "text", "text": s}] if isinstance(s, str) else s)]
     else:
         messages[:0] = [{"role": "system", "content": s} for s in system]
+    out.update(tools)
     out["messages"] = messages
     if body.get("max_output_tokens") is not None:
         out["max_tokens" if api == "anthropic" else "max_completion_tokens"] = body["max_output_tokens"]
     return out
+
+
+def _tools(body: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """A Responses body's function ``tools`` and ``tool_choice`` as Anthropic's (the keys to send)."""
+    tools, out, names = body.get("tools"), {}, []
+    if tools:
+        if not isinstance(tools, list):
+            raise FieldProblem(f"{where}.tools", f"{where}.tools must be a list of tools")
+        built = []
+        for i, tool in enumerate(tools):
+            kind = tool.get("type") if isinstance(tool, Mapping) else type(tool).__name__
+            if kind != "function":
+                raise FieldProblem(f"{where}.tools[{i}]", f"{where}.tools[{i}] is a {str(kind)[:40]!r} tool, and "
+                                   "only function tools pass to Anthropic's Messages API: " + _FIX)
+            built.append(anthropic_tool(tool, f"{where}.tools[{i}]", extra=("type",)))
+            names.append(built[-1]["name"])
+        out["tools"] = built
+    choice = anthropic_tool_choice(body.get("tool_choice"), body.get("parallel_tool_calls"), names, flat=True,
+                                   where=where)
+    return {**out, **({"tool_choice": choice} if choice is not None else {})}
+
+
+class _Turns:
+    """``function_call`` and ``function_call_output`` items as Anthropic's blocks: a run of calls is one assistant
+    message of ``tool_use`` blocks, a run of outputs one user message of ``tool_result`` blocks; ``check``: each
+    run of calls answered, each of its calls once, by the run of outputs right after it."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.runs: dict[int, list[tuple[int, str]]] = {}  # a message's index -> (item index, call id) per block
+
+    def add(self, messages: list[dict[str, Any]], k: int, item: Mapping[str, Any]) -> None:
+        at = f"{self.where}.input[{k}]"
+        other = sorted(key for key in item if key not in ("type", "call_id", "name", "arguments", "output", "id",
+                                                          "status") and item[key] is not None)
+        if other:
+            raise FieldProblem(f"{at}.{other[0]}", f"{at}.{other[0]} has no counterpart in Anthropic's Messages "
+                               f"API: {_FIX}")
+        cid = call_id(item.get("call_id"), f"{at}.call_id")
+        if item["type"] == "function_call":
+            name = item.get("name")
+            if not isinstance(name, str) or not name:
+                raise FieldProblem(f"{at}.name", f"{at}.name must be the function's name, as the model gave it")
+            role, block = "assistant", {"type": "tool_use", "id": cid, "name": name,
+                                        "input": tool_input(item.get("arguments"), f"{at}.arguments")}
+        else:
+            role, block = "user", {"type": "tool_result", "tool_use_id": cid, **self._output(item, at)}
+        if not (messages and len(messages) - 1 in self.runs and messages[-1]["role"] == role):
+            messages.append({"role": role, "content": []})
+            self.runs[len(messages) - 1] = []
+        messages[-1]["content"].append(block)
+        self.runs[len(messages) - 1].append((k, cid))
+
+    @staticmethod
+    def _output(item: Mapping[str, Any], at: str) -> dict[str, Any]:
+        output = item.get("output")
+        if isinstance(output, list):
+            output = _text(output, f"{at}.output", "Anthropic's Messages API", "anthropic")
+        elif not isinstance(output, str):
+            raise FieldProblem(f"{at}.output", f"{at}.output must be text or a list of text parts")
+        return {"content": output} if output else {}  # an empty result: no content (Anthropic refuses empty text)
+
+    def check(self, messages: list[dict[str, Any]]) -> None:
+        asked: list[tuple[int, str]] = []
+        for i in range(len(messages) + 1):
+            blocks = self.runs.get(i, []) if i < len(messages) and messages[i]["role"] == "user" else []
+            open_ids = {cid for _, cid in asked}
+            for k, cid in blocks:
+                if cid not in open_ids:
+                    raise FieldProblem(f"{self.where}.input[{k}].call_id", f"{self.where}.input[{k}].call_id "
+                                       f"{cid!r} answers no function_call of the items right before it not answered "
+                                       "yet: give the call_id of the call this is the output of, once")
+                open_ids.discard(cid)
+            if open_ids:
+                k = next(k for k, cid in asked if cid in open_ids)
+                raise FieldProblem(f"{self.where}.input[{k}]", f"{self.where}.input[{k}], a function_call, has no "
+                                   "function_call_output right after the calls it came with: give each call's "
+                                   "output there (Anthropic requires it)")
+            asked = self.runs.get(i, []) if i < len(messages) and messages[i]["role"] == "assistant" else []

@@ -30,19 +30,23 @@ def check_wire(body: dict[str, Any] | None, spec: ModelSpec, provider: str, sett
     if body is None or endpoint is None:
         return
     check_generation(body, "body", endpoint.api)
-    check_tools(body, "body", endpoint.api)
     # The body as it goes on the wire: a Responses body for chat completions or Messages goes as messages, with
     # the fields those cannot carry dropped, and its cache marks where they land (checked on the Responses body,
     # a Responses client's metadata and user were refused at Anthropic, and a fifth mark passed; a review).
     responses = translates(body, endpoint.api, spec.api)
     wire = as_messages(body, endpoint.api, spec.api) if responses else body
+    real = spec.kind == "text" and settings.providers.mode == "http"  # only a real call has a route
+    # A Responses body's function tools go as Anthropic's (checked on the wire); one that cannot go as messages is
+    # refused below, naming why (check_responses_body), where its tools read as another API's here.
+    if not (responses and wire is body and real):
+        check_tools(wire, "body", endpoint.api)
     if wire is not body or not responses:  # else it cannot go as messages, and check_responses_body says why
         check_api_body(wire, "body", endpoint.api, spec)
         if endpoint.api == "anthropic":
             check_cache_ttl(wire, "body")
     if endpoint.api == "anthropic" and not responses:
         check_anthropic_system(body, "body")  # a Responses body's system parts: check_responses_body
-    if spec.kind == "text" and settings.providers.mode == "http":  # only a real call has a route
+    if real:
         check_responses_body(body, "body", endpoint.api, spec.api)
         check_route(body, "body", endpoint.api, spec.api)
 

@@ -319,3 +319,44 @@ def test_a_refusal_the_engine_finds_in_a_translated_message_names_the_callers_me
         client.chat.completions.create(model="claude-fable-5-1", max_tokens=50, messages=[ASKED], tools=[WEATHER],
                                        tool_choice="required")
     assert exc.value.param == "tool_choice" and "'auto'" in exc.value.body["message"]
+
+
+def test_a_responses_app_calls_functions_on_a_claude_model_too(claude):
+    # The Responses API's function tools and function_call / function_call_output items were refused for a Claude
+    # model ("a Responses API field this model's API cannot carry"): the same translation takes them now.
+    eng, client, emu = claude
+    tool = {"type": "function", **WEATHER["function"]}
+    ask = [{"role": "user", "content": "What is the weather in Lima?"}]
+    sent = len(emu.bill().items)
+    first = client.responses.create(model=MODEL, input=ask, tools=[tool], parallel_tool_calls=False,
+                                    tool_choice={"type": "function", "name": "get_weather"}, max_output_tokens=300,
+                                    extra_headers={endpoint.HEADER_REQUEST_ID: "rs1"})
+    wire = eng.wire["rs1"]
+    assert wire["tools"] == [{"name": "get_weather", "description": tool["description"],
+                              "input_schema": tool["parameters"], "strict": True}]
+    assert wire["tool_choice"] == {"type": "tool", "name": "get_weather", "disable_parallel_tool_use": True}
+    (call,) = first.output
+    args = json.loads(call.arguments)
+    assert call.type == "function_call" and call.name == "get_weather" and args["unit"] == "C"
+    assert first.usage.input_tokens == billed_input(emu.bill().items[sent]) <= eng.reqs["rs1"].input_tokens
+    # The application sends the output back, and the function's result.
+    again = [*ask, *first.output, {"type": "function_call_output", "call_id": call.call_id, "output": "19 C"}]
+    final = client.responses.create(model=MODEL, input=again, tools=[tool], max_output_tokens=300,
+                                    extra_headers={endpoint.HEADER_REQUEST_ID: "rs2"})
+    assert eng.wire["rs2"]["messages"][1:] == [
+        {"role": "assistant", "content": [{"type": "tool_use", "id": call.call_id, "name": "get_weather",
+                                           "input": args}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.call_id, "content": "19 C"}]}]
+    assert final.status == "completed" and final.output_text and not [o for o in final.output
+                                                                      if o.type == "function_call"]
+    for bad, param in (([*ask, *first.output], "input[1]"),
+                       ([*ask, {"type": "function_call_output", "call_id": call.call_id, "output": "x"}],
+                        "input[1].call_id"),
+                       ([*ask, *first.output, {"type": "function_call_output", "call_id": "call_9", "output": "x"}],
+                        "input[2].call_id")):
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.responses.create(model=MODEL, input=bad, tools=[tool], max_output_tokens=300)
+        assert exc.value.param == param, exc.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.responses.create(model=MODEL, input=ask, tools=[{"type": "web_search"}], max_output_tokens=300)
+    assert exc.value.param == "tools[0]", exc.value.body["message"]

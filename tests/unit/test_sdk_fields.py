@@ -130,6 +130,7 @@ def test_the_system_prompts_of_a_responses_body_all_reach_the_model():
     ({"reasoning": {"effort": "low"}}, "body.reasoning"),
     ({"previous_response_id": "resp_1"}, "body.previous_response_id"),
     ({"tools": [{"type": "function", "name": "f"}]}, "body.tools"),
+    ({"tools": [{"type": "web_search"}]}, "body.tools"),
     ({"instructions": 5}, "body.instructions"),
     ({"input": [{"role": "user", "content": "x"}, {"type": "function_call_output", "call_id": "c", "output": "1"}]},
      "body.input[1]"),
@@ -147,6 +148,10 @@ def test_a_responses_field_with_no_counterpart_is_refused_naming_it(provider, ch
     d = {"id": "r", "arrival_s": 0.0, "model": MODEL[provider], "body": {**RESPONSES_BODY, **change}}
     if provider == "openai" and change == {"input": [{"role": "system", "content": "only a system prompt"}]}:
         # chat completions takes a system message alone (Messages has nothing to answer)
+        assert Request.model_validate(d, context=_http_context(provider)).body == d["body"]
+        return
+    if provider == "anthropic" and change == {"tools": [{"type": "function", "name": "f"}]}:
+        # Messages has function tools: they go in its shape (engine.core._claude_tools, test_endpoint_claude.py)
         assert Request.model_validate(d, context=_http_context(provider)).body == d["body"]
         return
     with pytest.raises(ValueError) as exc:
