@@ -111,6 +111,21 @@ def test_a_responses_body_goes_as_messages_to_a_model_called_through_chat_or_mes
         assert wire["system"] == [{"type": "text", "text": "Be brief."}] and "store" not in wire
 
 
+def test_an_answer_sent_back_to_a_claude_model_goes_as_plain_text_blocks():
+    """An output message item sent back (an application's next turn) kept its output_text part's other keys
+    (``annotations``), which no text block of Anthropic's has."""
+    from engine.core.responses_input import as_messages
+
+    said = {"type": "message", "id": "msg_1", "status": "completed", "role": "assistant",
+            "content": [{"type": "output_text", "text": "Lima is warm.", "annotations": []}]}
+    marked = {"type": "input_text", "text": "And now?", "cache_control": {"type": "ephemeral"}}
+    wire = as_messages({"input": [{"role": "user", "content": "Lima?"}, said,
+                                  {"role": "user", "content": [marked]}]}, "anthropic", "chat")
+    assert wire["messages"][1:] == [{"role": "assistant", "content": [{"type": "text", "text": "Lima is warm."}]},
+                                    {"role": "user", "content": [{"type": "text", "text": "And now?",
+                                                                  "cache_control": {"type": "ephemeral"}}]}]
+
+
 def test_the_system_prompts_of_a_responses_body_all_reach_the_model():
     """A ``system`` beside ``instructions`` was overwritten by it, and a non-string ``instructions`` dropped, both
     counted in the prompt's tokens (a review)."""
