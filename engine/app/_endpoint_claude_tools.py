@@ -89,6 +89,9 @@ def claude_messages(messages: list, came: dict[str, str]) -> list:
                                "message: give role 'tool' with the tool_call_id it answers")
         if len(out) != k:
             came[f"messages.{len(out)}"] = f"messages.{k}"
+        if role == "developer":  # OpenAI's system message for its newer models; Messages calls it system
+            m = {**m, "role": "system"}
+            came[f"messages.{len(out)}.role"] = f"messages.{k}.role"
         if role == "assistant" and m.get("tool_calls") is not None:
             m, ids = _calls(m, k, len(out), came)
             asked = (k, ids) if ids else None

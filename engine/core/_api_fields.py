@@ -115,6 +115,11 @@ def check_api_body(body: dict, where: str, api: str, spec: ModelSpec) -> None:
                    else "use 'system' (or the top-level system)" if role == "developer" else "use user or assistant")
             raise FieldProblem(f"{where}.messages[{k}].role", f"{where}.messages[{k}].role {str(role)[:40]!r} is not "
                                f"one of Anthropic's ({', '.join(_ANTHROPIC_ROLES)}); {fix}")
+        extra = sorted(key for key in m if key not in ("role", "content"))
+        if extra:  # OpenAI's participant ``name`` above all: the provider's "Extra inputs are not permitted"
+            fix = "name the speaker in the content" if extra[0] == "name" else "leave it out"
+            raise FieldProblem(f"{where}.messages[{k}].{extra[0]}", f"{where}.messages[{k}].{extra[0]} is not a "
+                               f"field of an Anthropic message (role, content): {fix}")
         content = m.get("content")
         if role == "system" and isinstance(content, list):
             bad = next((i for i, b in enumerate(content) if not isinstance(b, Mapping) or b.get("type") != "text"),

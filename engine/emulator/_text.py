@@ -209,6 +209,10 @@ class _Builder:
             if m.get("role") not in self.roles:
                 raise ApiError(400, f"{param}[{i}].role: Input should be one of {', '.join(map(repr, self.roles))}, "
                                f"got {m.get('role')!r}", param=f"{param}[{i}].role")
+            extra = sorted(k for k in m if k not in ("role", "content")) if self.anthropic else ()
+            if extra:
+                raise ApiError(400, f"{param}.{i}.{extra[0]}: Extra inputs are not permitted",
+                               param=f"{param}.{i}.{extra[0]}")
             text = self.content(m.get("content"), f"{param}[{i}].content",
                                 text_only=self.anthropic and m.get("role") == "system")
             for t in call_texts(m):  # an assistant's tool calls, after its text

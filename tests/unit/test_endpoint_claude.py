@@ -360,3 +360,20 @@ def test_a_responses_app_calls_functions_on_a_claude_model_too(claude):
     with pytest.raises(openai.BadRequestError) as exc:
         client.responses.create(model=MODEL, input=ask, tools=[{"type": "web_search"}], max_output_tokens=300)
     assert exc.value.param == "tools[0]", exc.value.body["message"]
+
+
+def test_a_developer_message_goes_to_a_claude_model_as_its_system_message(claude):
+    # OpenAI's newer models take their instructions as a developer message; it was a 400 ("use 'system'"), so an
+    # application written for them could not change only its model to a Claude one.
+    eng, client, emu = claude
+    billed = len(emu.bill().items)
+    done = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        extra_headers={endpoint.HEADER_REQUEST_ID: "dev1"})
+    assert eng.wire["dev1"]["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert done.choices[0].message.content and len(emu.bill().items) == billed + 1
+    # A participant's name has no field in an Anthropic message: the provider would refuse the call.
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi", "name": "ola"}])
+    assert exc.value.param == "messages[0].name" and "name the speaker in the content" in exc.value.body["message"]
+    assert len(emu.bill().items) == billed + 1
