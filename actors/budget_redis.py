@@ -279,9 +279,11 @@ class RedisBudgetBook(ServerWatch):
             for j, rem, fits in (part.split(":") for part in text.split(",") if part):
                 s = touched[int(j) - 1]
                 used = s.max_budget - float(rem)
+                th = self.throttle
                 refusals.append(Refusal(s, float(rem), fits == "1",
-                                        self.throttle.paced_until(s, c.priority, now, used + c.amount,
-                                                                self.origin)))
+                                        th.paced_until(s, c.priority, now, used + c.amount, self.origin),
+                                        s.max_budget * th.of(c.priority) * th.pace_of(s, c.priority, now,
+                                                                                      self.origin)))
             out.append(verdict_of(refusals, c.priority, now))
         return out
 

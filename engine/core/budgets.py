@@ -214,6 +214,11 @@ class Verdict(NamedTuple):
     remaining_usd: float | None = None  # of the tightest covering budget, for the rejection message
     budget: str | None = None  # the spec that refused (LEDGER when the ledger did not answer)
     detail: str | None = None  # budget_unavailable: what failed
+    # budget_exhausted: the spec's limit and what the claim's priority may reach of it (``Throttle``), for a
+    # reason that says why money left does not let it pass
+    max_usd: float | None = None
+    allowed_usd: float | None = None
+    priority: str | None = None
 
     def why(self, claim_usd: float | None = None, model_max: bool = True) -> str:
         """The ``reason`` a request rejected on this verdict carries; ``claim_usd``, what it reserved, since a
@@ -226,7 +231,16 @@ class Verdict(NamedTuple):
             return f"the budget ledger did not answer: {self.detail}"
         left = f"budget {self.budget} has ${self.remaining_usd:.6f} left"
         if claim_usd is None or claim_usd <= self.remaining_usd:
-            return left
+            if self.allowed_usd is None or self.max_usd is None or self.allowed_usd >= self.max_usd - EPS:
+                return left
+            # The money left is the share kept for more urgent work: said bare, "$0.0077 left" read as a bug
+            # beside 956 refused requests of $0.0001 each (a helper's tour).
+            room = max(self.allowed_usd - (self.max_usd - self.remaining_usd), 0.0)
+            return (f"{left}, but {self.priority} work may spend only ${self.allowed_usd:.6f} of its "
+                    f"${self.max_usd:.6f} (budgets.throttle.{self.priority}): the rest is kept for more urgent work, "
+                    f"and {self.priority} work has ${room:.6f} of its share left"
+                    + ("" if claim_usd is None else f" where this request reserves up to ${claim_usd:.6f}")
+                    + "; raise the budget, send it at a higher priority, or raise that fraction (docs/budgets.md)")
         without = "the model's maximum" if model_max else "its output_tokens (budgets.reserve_output: request)"
         return (f"{left}, and this request reserves up to ${claim_usd:.6f} (its output at its max_tokens, or "
                 f"{without} without one: a lower max_tokens reserves less; docs/budgets.md)")
@@ -237,6 +251,7 @@ class Refusal(NamedTuple):
     remaining: float  # limit - spent - reserved
     fits_settled: bool  # the claim would pass on the spend alone, were every open reservation released
     paced_until: float | None = None  # pacing holds it back until then
+    allowed: float | None = None  # what the claim's priority may reach of the limit now (fraction, pace)
 
 
 _RANK = {"wait": 0, "deferred": 1, "budget_exhausted": 2}
@@ -247,7 +262,7 @@ def verdict_of(refusals: list[Refusal], priority: str, now: float) -> Verdict:
     a deferral (waiting for a reset cannot help when some budget never resets), which outranks waiting for
     open reservations; among deferrals the latest reset wins."""
     worst: Verdict | None = None
-    for s, remaining, fits_settled, paced in refusals:
+    for s, remaining, fits_settled, paced, allowed in refusals:
         end = window_bounds(s.budget_duration, now)[1]
         rem = max(remaining, 0.0)
         if fits_settled:
@@ -257,7 +272,8 @@ def verdict_of(refusals: list[Refusal], priority: str, now: float) -> Verdict:
         elif priority != "urgent" and end < math.inf:
             v = Verdict(False, "deferred", end, rem, s.name)
         else:
-            v = Verdict(False, "budget_exhausted", None, rem, s.name)
+            v = Verdict(False, "budget_exhausted", None, rem, s.name, max_usd=s.max_budget,
+                        allowed_usd=allowed, priority=priority)
         if worst is None or _RANK[v.reason] > _RANK[worst.reason] or (
                 v.reason == worst.reason == "deferred" and v.retry_at > worst.retry_at):
             worst = v

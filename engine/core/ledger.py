@@ -72,7 +72,7 @@ class BudgetBook:
             limit = s.max_budget * frac * th.pace_of(s, c.priority, now, self.origin)
             if used + c.amount > limit + EPS:
                 refusals.append(Refusal(s, s.max_budget - used, spent + c.amount <= limit + EPS,
-                                        th.paced_until(s, c.priority, now, used + c.amount, self.origin)))
+                                        th.paced_until(s, c.priority, now, used + c.amount, self.origin), limit))
         return touched, verdict_of(refusals, c.priority, now)
 
     def _at(self, now: float) -> float:

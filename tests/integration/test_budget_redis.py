@@ -73,6 +73,8 @@ def test_the_lua_ledger_decides_as_the_reference_does(redis_server):
                       rng.choice(["urgent", "normal", "background"]), round(rng.uniform(0, 1.2), 3))
             (want,), (got,) = ref.reserve_many([c], t), await book.reserve_many([c], t)
             assert got.ok == want.ok and (got.ok or got.reason == want.reason), (k, got, want)
+            if want.reason == "budget_exhausted":  # what the priority may reach, for the reason it gives
+                assert got.allowed_usd == pytest.approx(want.allowed_usd) and got.priority == want.priority, k
             if got.ok:
                 open_ids.append(c.rid)
             if open_ids and rng.random() < 0.4:
