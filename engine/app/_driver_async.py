@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from engine.app._driver_pull import FORGET_WAIT_S
+from engine.app._driver_reject import OnInvalid, check_on_invalid, reject_taken, validated, with_rejected
 from engine.core.request import Request
 from engine.core.result import Result
 
@@ -28,10 +29,21 @@ class AsyncSubmit:
         (fut,) = await self._asubmit_futures([request])
         return await _awaited(fut)
 
-    async def asubmit_many(self, requests: Iterable[Request | Mapping]) -> list[Result]:
+    async def asubmit_many(self, requests: Iterable[Request | Mapping], *,
+                           on_invalid: OnInvalid = "raise") -> list[Result]:
         """``submit_many`` for asyncio: the ``Result`` of each request, in the order given. A bad request
-        raises ``RequestError`` before any is queued."""
-        futs = await self._asubmit_futures(list(requests))
+        raises ``RequestError`` before any is queued; with ``on_invalid="reject"`` it is its own ``rejected``
+        result (``error`` "invalid_request", ``reason`` naming the field and the fix) and the others are queued."""
+        check_on_invalid(on_invalid)
+        requests = list(requests)
+        if on_invalid == "raise":
+            futs = await self._asubmit_futures(requests)
+        else:
+            now = self.clock.now()  # one arrival instant for them all: judged together (``GroupTable.join``)
+            reqs, at, refused = validated(self._as_request, requests, now, on_invalid)
+            with self._lock:
+                reqs, at = reject_taken(reqs, at, self._futs, refused)
+            futs = with_rejected(await self._asubmit_futures(reqs, now=now, many=True) if reqs else [], at, refused)
         return list(await asyncio.gather(*(_awaited(f) for f in futs)))
 
     async def as_completed(self, futures: Iterable[concurrent.futures.Future | Awaitable[Result]], *,
@@ -71,10 +83,12 @@ class AsyncSubmit:
                 f = arrived.get_nowait()
             yield f.result()
 
-    async def _asubmit_futures(self, requests: list[Request | Mapping]) -> list[ResultFuture]:
+    async def _asubmit_futures(self, requests: list[Request | Mapping], now: float | None = None,
+                               many: bool = False) -> list[ResultFuture]:
         # RequestError here, before any is queued; a position only among several (asubmit gives one)
-        now = self.clock.now()  # one arrival instant for them all: judged together (``GroupTable.join``)
-        reqs = [self._as_request(r, k if len(requests) > 1 else None, now) for k, r in enumerate(requests)]
+        now = self.clock.now() if now is None else now  # one arrival instant for them all: judged together
+        many = many or len(requests) > 1
+        reqs = [self._as_request(r, k if many else None, now) for k, r in enumerate(requests)]
         refs = self._forgets_of(reqs)
         if refs:  # an id being forgotten: sent only once it is (``Pulling._forget``)
             await asyncio.to_thread(self._ray.wait, refs, num_returns=len(refs), timeout=FORGET_WAIT_S)

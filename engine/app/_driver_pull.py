@@ -90,10 +90,13 @@ class Pulling:
             futures = list(dict.fromkeys(futures))  # each once: a future given twice was counted twice
         except TypeError:
             futures = [None]
-        if not all(isinstance(f, ResultFuture) for f in futures):
+        # (a request submit_many(on_invalid="reject") refused has a plain future, resolved: nothing to withdraw)
+        if not all(isinstance(f, ResultFuture) or (isinstance(f, concurrent.futures.Future) and f.done())
+                   for f in futures):
             raise ConfigError("cancel_requests takes the futures that submit() and submit_many() returned")
         with self._lock:
-            reqs = [f._req for f in futures if not f.done() and self._futs.get(f._req.uid) is f]
+            reqs = [f._req for f in futures if isinstance(f, ResultFuture) and not f.done()
+                    and self._futs.get(f._req.uid) is f]
         if not reqs:
             return 0
         self._flush()

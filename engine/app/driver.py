@@ -24,6 +24,7 @@ from engine.app._driver_admit import Admitting
 from engine.app._driver_async import AsyncSubmit
 from engine.app._driver_lanes import IngestLanes
 from engine.app._driver_pull import Pulling
+from engine.app._driver_reject import OnInvalid, check_on_invalid, reject_taken, validated, with_rejected
 from engine.app._driver_resume import take_back
 from engine.app._driver_shared import SharedEngine, init_ray, stale_engine
 from engine.app._future import ResultFuture
@@ -330,16 +331,23 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervi
             self._wake.set()
         return fut
 
-    def submit_many(self, requests: Iterable[Request | Mapping]) -> list[ResultFuture]:
-        """Queue many requests, arrived at one instant (judged together); a bad one raises ``RequestError``
-        before any is queued."""
+    def submit_many(self, requests: Iterable[Request | Mapping], *,
+                    on_invalid: OnInvalid = "raise") -> list[ResultFuture]:
+        """Queue many requests, arrived at one instant (judged together). A bad one raises ``RequestError``
+        before any is queued; with ``on_invalid="reject"`` its future is resolved at once with a ``rejected``
+        result (``error`` "invalid_request", ``reason`` naming the field and the fix) and the others are
+        queued. The futures are in the order given."""
+        check_on_invalid(on_invalid)
         now = self.clock.now()
-        reqs = self._forgotten([self._as_request(r, k, now) for k, r in enumerate(requests)])
+        reqs, at, refused = validated(self._as_request, requests, now, on_invalid)
+        reqs = self._forgotten(reqs)
         with self._lock:
+            if refused or on_invalid == "reject":
+                reqs, at = reject_taken(reqs, at, self._futs, refused)
             futs, _ = self._admit(reqs)
         self._give_kept()
         self._flush()
-        return futs
+        return with_rejected(futs, at, refused)
 
     # -- reading ------------------------------------------------------------------------------------------------
     def replay(self, requests: Sequence[Request], *, on_submit=None,

@@ -30,3 +30,73 @@ def test_a_rejection_that_the_money_left_would_not_cover_anyway_keeps_its_reserv
     (v,) = book.reserve_many([Claim("q1#0", "t", "openai", "gpt-5-mini", "normal", 0.256)], 0.0)
     why = v.why(0.256)
     assert "reserves up to $0.256000" in why and "max_tokens" in why and "throttle" not in why
+
+
+def _bulk_engine(monkeypatch):
+    from engine.core.catalog import default_catalog
+    from engine.core.request import validation_context
+    from tests.unit.test_driver_lanes import _engine
+
+    e = _engine(monkeypatch)
+    e._ctx = validation_context(default_catalog())
+    return e
+
+
+def _mixed():
+    good = [{"id": f"g{k}", "model": "gpt-5.4-mini", "prompt": f"hi {k}"} for k in range(4)]
+    bad = [{"id": "b1", "model": "gpt-5.4-mini", "promt": "typo"},
+           {"id": "b2", "model": "gpt-5-4-mini", "prompt": "hi"},
+           {"model": "gpt-5.4-mini", "prompt": "no id"},
+           {"id": "g0", "model": "gpt-5.4-mini", "prompt": "other content under g0"}]
+    return [good[0], bad[0], good[1], bad[1], good[2], bad[2], good[3], bad[3]]
+
+
+def test_submit_many_can_reject_its_bad_requests_one_by_one_and_queue_the_others(monkeypatch):
+    # A job of 3,000 requests with a few bad ones queued none of them, and named only the first bad one: its
+    # user fixed one line a run. With on_invalid="reject" each bad one is its own rejected result.
+    e = _bulk_engine(monkeypatch)
+    futs = e.submit_many(_mixed(), on_invalid="reject")
+    assert len(futs) == 8
+    assert sorted(e._futs) == sorted(f._req.uid for f in futs[0::2])  # the four good ones, queued
+    assert e._pending == 4
+    rej = [f.result(0) for f in futs[1::2]]
+    assert [r.status for r in rej] == ["rejected"] * 4 and {r.error for r in rej} == {"invalid_request"}
+    assert [r.id for r in rej] == ["b1", "b2", "#5", "g0"]
+    assert "field 'promt'" in rej[0].reason and "did you mean 'prompt'" in rej[0].reason
+    assert "field 'model'" in rej[1].reason and "did you mean 'gpt-5.4-mini'" in rej[1].reason
+    assert "at 5 of the requests given" in rej[2].reason and "add it to the request" in rej[2].reason
+    assert "field 'id'" in rej[3].reason and "use a new id" in rej[3].reason
+    # the default is unchanged: the first bad one raises, nothing more is queued
+    from engine.core.errors import RequestError
+
+    with pytest.raises(RequestError, match="promt"):
+        e.submit_many([{"id": "n1", "model": "gpt-5.4-mini", "prompt": "x"}, _mixed()[1]])
+    assert e._pending == 4
+    # an id already submitted with other content is refused alone, the default raising as before
+    (again,) = e.submit_many([{"id": "g1", "model": "gpt-5.4-mini", "prompt": "changed"}], on_invalid="reject")
+    assert again.result(0).status == "rejected" and "already submitted id 'g1'" in again.result(0).reason
+    with pytest.raises(RequestError, match="already submitted"):
+        e.submit_many([{"id": "g1", "model": "gpt-5.4-mini", "prompt": "changed"}])
+    assert e.cancel_requests(futs[1::2]) == 0  # a rejection has nothing to withdraw, and is no error
+    with pytest.raises(Exception, match="on_invalid must be 'raise'"):
+        e.submit_many([], on_invalid="skip")
+
+
+def test_asubmit_many_can_reject_its_bad_requests_and_answer_the_others(monkeypatch):
+    import asyncio
+
+    from engine.core.result import Result
+
+    e = _bulk_engine(monkeypatch)
+
+    async def go():
+        task = asyncio.create_task(e.asubmit_many(_mixed(), on_invalid="reject"))
+        while len(e._futs) < 4:
+            await asyncio.sleep(0)  # (yields to the task; no time passes)
+        for uid, f in list(e._futs.items()):
+            e._resolve(f, Result(id=f._req.id, status="ok"))
+        return await task
+
+    got = asyncio.run(go())
+    assert [r.status for r in got] == ["ok", "rejected"] * 4
+    assert [r.id for r in got[0::2]] == ["g0", "g1", "g2", "g3"]
