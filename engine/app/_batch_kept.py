@@ -1,54 +1,114 @@
-"""What the lines ``smartbatch batch --resume`` keeps from an earlier run cost: counted against the budgets of
-this run, never less than they were billed."""
+"""What ``smartbatch batch`` keeps of an earlier run writing the same output: the lines its output file answers
+and the choices its error file holds of lines of n choices (``engine.core._batch_rows``), written again and never
+sent again (``--resume``), or a refusal to send them again (paid twice) without ``--overwrite``; and what the kept
+answers cost, counted against the budgets of this run, never less than they were billed."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-__all__ = ["kept_charges"]
+__all__ = ["earlier_answers", "kept_charges"]
+
+
+def earlier_answers(bf, input_file: Path, out: Path, errors: Path, *, resume: bool, overwrite: bool):
+    """(the lines still to answer, with the choices kept from the error file; the rows of ``out`` kept, by line
+    number; the lines they answer). ``ConfigError`` where a paid answer would be sent again or dropped."""
+    from engine.core.batchfile import BatchFile, answered_choices, answered_lines
+    from engine.core.errors import ConfigError
+
+    if resume and overwrite:
+        raise ConfigError("--resume keeps the lines OUT answers and --overwrite sends them again: give one")
+    if overwrite:
+        return bf, {}, []
+    done, partly = answered_lines(out), answered_choices(errors)
+    ours = {ln.custom_id: ln for ln in bf.lines}
+    if not resume:
+        # Its answers were paid for: sent again, they are paid twice, and OUT's copy is lost (a helper's hunt).
+        # A line of n choices one of which failed is in the error file, with the choices answered.
+        again = [cid for cid in [*done, *partly] if cid in ours]
+        if again:
+            raise ConfigError(f"--out {out} (or its error file) already answers {len(again):,} line(s) of "
+                              f"{input_file} (e.g. {again[0]!r}), or choices of them, paid for by an earlier run: "
+                              "pass --resume to keep them and send only the others, --overwrite to send every line "
+                              "again (paid again), or give another --out")
+        if done or partly:  # another input's answers, which writing OUT would drop
+            raise ConfigError(f"--out {out} (or its error file) holds {len(done) + len(partly):,} answered line(s) "
+                              f"of another input (e.g. {next(iter([*done, *partly]))!r}), paid for by an earlier "
+                              "run: give another --out, or --overwrite to replace them")
+        return bf, {}, []
+    # What an earlier run answered was paid for: written again, never sent again. OUT and the error file are
+    # rewritten below: a paid answer of another input would be lost with no word.
+    foreign = sorted(set(done) - set(ours)) + sorted(
+        cid for cid, got in partly.items() if cid not in done and not _fits(ours.get(cid), got))
+    if foreign:
+        raise ConfigError(f"--resume: {out} (or its error file) holds {len(foreign):,} answered line(s) or choices "
+                          f"that are not {input_file}'s (e.g. {foreign[0]!r}: no such custom_id, or not a line of as "
+                          "many choices): it is another input's output, and resuming would drop them; give another "
+                          "--out, or the input that made it")
+    kept = {ln.no: done[ln.custom_id] for ln in bf.lines if ln.custom_id in done}
+    lines = [dataclasses.replace(ln, kept=partly[ln.custom_id]) if ln.custom_id in partly else ln
+             for ln in bf.lines if ln.no not in kept]
+    return BatchFile(bf.source, lines, bf.file_problems), kept, [ln for ln in bf.lines if ln.no in kept]
+
+
+def _fits(ln, got: dict[int, dict]) -> bool:
+    """Whether the choices ``got`` can be choices of ``ln``: a valid line with that many choices at least."""
+    return ln is not None and ln.request is not None and max(got) < len(ln.choices)
 
 
 def kept_charges(lines: list, kept: dict[int, dict], cat, out: Path) -> list:
-    """What each line kept from an earlier run cost, priced from the usage its answer reports at the sync price,
-    its input at the dearer of what it reports and all but its reads written to a prompt cache (the file does not
-    say which mode answered it, nor always what it wrote: never less than it cost); a line with no usage, at its
-    list price. A line the cache answered (its request id says so) and a line that shares its request id with a
-    line before it (a copy answered by that call) cost 0."""
+    """What each line kept from an earlier run cost (``kept``: its row, by line number), and each choice a line
+    kept (``BatchLine.kept``), priced from the usage its answer reports at the sync price, its input at the
+    dearer of what it reports and all but its reads written to a prompt cache (the file does not say which mode
+    answered it, nor always what it wrote: never less than it cost); one with no usage, at its list price. A line
+    the cache answered (its request id says so) and a line that shares its request id with a line before it (a
+    copy answered by that call) cost 0. A line of n choices is priced from the n calls' usage its answer adds up
+    (choice 0's among them, at its call's, when the cache answered it: more than it cost, never less)."""
     from engine.core.budgets import Charge
-    from engine.core.cost import price_alone, price_usage
 
     charges, calls = [], set()
     for ln in lines:
-        req = ln.request
-        if req is None:
+        if ln.request is None:
             continue
-        resp = kept[ln.no].get("response") or {}
-        body = resp.get("body")
-        u = body.get("usage") if isinstance(body, dict) else None
-        rid = resp.get("request_id")
-        if isinstance(rid, str) and (rid.startswith("smartbatch_reused_") or rid in calls):
-            usd = 0.0  # answered from the cache, or by a call another kept line already counts
-        elif req.kind == "text" and isinstance(u, dict):
-            chat = "prompt_tokens" in u  # chat completions; else Responses, or Anthropic's own
-            read = ((u.get("prompt_tokens_details") if chat else u.get("input_tokens_details")) or {}).get(
-                "cached_tokens") or u.get("cache_read_input_tokens") or 0
-            write = u.get("cache_creation_input_tokens") or 0
-            inp = u.get("prompt_tokens", 0) if chat else u.get("input_tokens", 0) + (
-                read + write if "cache_read_input_tokens" in u or "cache_creation_input_tokens" in u else 0)
-            out_t = u.get("completion_tokens" if chat else "output_tokens", 0)
-            # An answer in chat shape may not say what its input wrote to a prompt cache (an Anthropic one
-            # rewritten as a chat completion): every unread input token priced as a write bounds it (a review).
-            usd = max(price_usage(req, cat, "sync", input_tokens=inp, output_tokens=out_t, cache_read=r,
-                                  cache_write=w).total for r, w in ((read, write), (read, inp - read)))
-        elif req.kind == "image" and req.params.get("quality") in (None, "auto"):
-            # The quality the provider picked, as its answer says (``_as_made``), else the dearest: at the default,
-            # two kept "high" images were counted at a quarter of their bill, past a hard limit (a hunt).
-            made = body.get("quality") if isinstance(body, dict) else None
-            q = made if made in (cat.model(req.provider, req.model).per_image_quality or {}) else "auto"
-            usd = price_alone(req.model_copy(update={"params": {**req.params, "quality": q}}), cat, "sync").total
-        else:
-            usd = price_alone(req, cat, "sync").total
-        if isinstance(rid, str):
-            calls.add(rid)
-        charges.append(Charge(f"resume:{out}:{req.uid}", req.tenant, req.provider, req.model, usd))
+        answers = [(ln.request, kept[ln.no].get("response") or {})] if ln.no in kept else []
+        answers += [(ln.choices[k], c) for k, c in sorted(ln.kept.items())]
+        for req, resp in answers:
+            usd = _charged(req, resp, calls, cat)
+            charges.append(Charge(f"resume:{out}:{req.uid}", req.tenant, req.provider, req.model, usd))
     return charges
+
+
+def _charged(req, resp: dict, calls: set, cat) -> float:
+    """What one kept answer (``resp``: its request id and body) cost; ``calls``: the request ids counted before."""
+    from engine.core.cost import price_alone, price_usage
+
+    body = resp.get("body")
+    u = body.get("usage") if isinstance(body, dict) else None
+    rid = resp.get("request_id")
+    several = isinstance(body, dict) and len(body.get("choices") or ()) > 1  # n calls, never all from the cache
+    if isinstance(rid, str) and not several and (rid.startswith("smartbatch_reused_") or rid in calls):
+        usd = 0.0  # answered from the cache, or by a call another kept line already counts
+    elif req.kind == "text" and isinstance(u, dict):
+        chat = "prompt_tokens" in u  # chat completions; else Responses, or Anthropic's own
+        read = ((u.get("prompt_tokens_details") if chat else u.get("input_tokens_details")) or {}).get(
+            "cached_tokens") or u.get("cache_read_input_tokens") or 0
+        write = u.get("cache_creation_input_tokens") or 0
+        inp = u.get("prompt_tokens", 0) if chat else u.get("input_tokens", 0) + (
+            read + write if "cache_read_input_tokens" in u or "cache_creation_input_tokens" in u else 0)
+        out_t = u.get("completion_tokens" if chat else "output_tokens", 0)
+        # An answer in chat shape may not say what its input wrote to a prompt cache (an Anthropic one
+        # rewritten as a chat completion): every unread input token priced as a write bounds it (a review).
+        usd = max(price_usage(req, cat, "sync", input_tokens=inp, output_tokens=out_t, cache_read=r,
+                              cache_write=w).total for r, w in ((read, write), (read, inp - read)))
+    elif req.kind == "image" and req.params.get("quality") in (None, "auto"):
+        # The quality the provider picked, as its answer says (``_as_made``), else the dearest: at the default,
+        # two kept "high" images were counted at a quarter of their bill, past a hard limit (a hunt).
+        made = body.get("quality") if isinstance(body, dict) else None
+        q = made if made in (cat.model(req.provider, req.model).per_image_quality or {}) else "auto"
+        usd = price_alone(req.model_copy(update={"params": {**req.params, "quality": q}}), cat, "sync").total
+    else:
+        usd = price_alone(req, cat, "sync").total * (len(body["choices"]) if several else 1)
+    if isinstance(rid, str):
+        calls.add(rid)
+    return usd

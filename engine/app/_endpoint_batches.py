@@ -320,12 +320,14 @@ class FilesAndBatches(TakeBack):
         for cid in missing:
             job.results[cid] = Result(id=cid, status="failed", tenant=job.tenant, error=why)
         results = [job.results[req.id] for req in job.bf.requests]
+        # (by line: a line of n choices is one of them while one of its choices is)
+        cut = {ln.custom_id for ln in job.bf.lines if any(q.id in missing for q in ln.choices)}
         out: list[bytes] = []
         err: list[bytes] = []
         for row in result_rows(job.bf, results, created=int(self._now())):
             # Line ids unique per batch, as OpenAI's are (batchfile's follow tenant and custom_id alone).
             row["id"] = "batch_req_" + hashlib.sha256(f"{job.id}/{row['id']}".encode()).hexdigest()[:32]
-            if row["custom_id"] in missing and why == _CANCELLED:
+            if row["custom_id"] in cut and why == _CANCELLED:
                 row["error"]["code"] = "batch_cancelled"
             text = json.dumps(row, separators=(",", ":")).encode() + b"\n"
             (out if row["error"] is None else err).append(text)

@@ -1,15 +1,7 @@
-"""``n`` > 1 on the chat completions route: n requests to the engine, answered as one body of n choices. It was
-a 400 ("one request makes one output"), so an application that samples several answers (best-of, voting) could
-not change only its ``base_url`` (a helper's tour).
-
-Why n requests rather than ``n`` on the wire: the engine's unit is one request with one output. Its cache keeps
-one output a result, a batch line and a reservation are one request's, and Anthropic and Gemini take no ``n``. So
-each choice is a request of its own, decided (batch API or sync), reserved for and billed as one: the input is
-billed n times where OpenAI's ``n`` bills it once, and each reservation holds the whole output of its own choice.
-
-Choice 0 is the caller's request as it would be with ``n`` left out (its id, its reuse): an identical request
-answered before may answer it. Choices 1 to n-1 are sent with ``reuse: "none"``, so they are generated: served
-from the cache, or following choice 0 in flight, they would repeat its answer, which is not what n asks for."""
+"""``n`` > 1 on the chat completions route: n requests to the engine, answered as one body of n choices, by the rule
+of ``engine.core._choices`` (a batch file's line follows it too). It was a 400 ("one request makes one output"),
+so an application that samples several answers (best-of, voting) could not change only its ``base_url`` (a
+helper's tour). Here: ``n`` read as the route's 400, and the smartbatch headers of the n choices."""
 
 from __future__ import annotations
 
@@ -17,10 +9,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from engine.app._endpoint_wire import ApiError
+from engine.core._choices import MAX_CHOICES, fan_out, joined, merged_body
 
 __all__ = ["MAX_CHOICES", "choices_wanted", "fan_out", "merged_body", "merged_headers"]
-
-MAX_CHOICES = 128  # OpenAI's own bound on n
 
 
 def choices_wanted(body: dict[str, Any]) -> int:
@@ -35,24 +26,6 @@ def choices_wanted(body: dict[str, Any]) -> int:
     return n
 
 
-def fan_out(d: dict[str, Any], n: int) -> list[dict[str, Any]]:
-    """The engine requests of ``d`` (one request dict, ``n`` already out of its body) for ``n`` choices: ``d``
-    itself, then ``<id>/n<k>`` with ``reuse: "none"`` for each further choice."""
-    return [d, *({**d, "id": f"{d['id']}/n{k}", "reuse": "none"} for k in range(1, n))]
-
-
-def merged_body(bodies: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """One ``chat.completion`` of the n bodies (one choice each), choice k from body k. ``usage`` adds them up:
-    each choice was its own call, whose input was billed (a reused one's usage is its original call's)."""
-    head = dict(bodies[0])
-    head["choices"] = [{**(b.get("choices") or [{}])[0], "index": k} for k, b in enumerate(bodies)]
-    used = [b.get("usage") or {} for b in bodies]
-    n_in = sum(int(u.get("prompt_tokens", 0)) for u in used)
-    n_out = sum(int(u.get("completion_tokens", 0)) for u in used)
-    head["usage"] = {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}
-    return head
-
-
 def merged_headers(each: Sequence[dict[str, str]], *, cost: str, saving: str, mode: str, hit: str,
                    met: str) -> dict[str, str]:
     """The smartbatch headers of n choices: the first's (its request id is the caller's), cost and saving summed,
@@ -62,7 +35,6 @@ def merged_headers(each: Sequence[dict[str, str]], *, cost: str, saving: str, mo
     for name in (cost, saving):
         out[name] = f"{sum(float(h[name]) for h in each):.10f}"
     for name in (mode, hit):
-        values = [h[name] for h in each]
-        out[name] = values[0] if len(set(values)) == 1 else ",".join(values)
+        out[name] = joined([h[name] for h in each])
     out[met] = "true" if all(h[met] == "true" for h in each) else "false"
     return out

@@ -70,12 +70,19 @@ class BatchJob:
         return cid
 
     def counts(self) -> dict[str, int]:
+        """Lines, as OpenAI counts them: a line of n choices (``engine.core._choices``) is completed once every
+        choice is answered, and failed once one is not (it cannot be answered then)."""
         if self.final is not None:
             return self.final[0]
         lines = self.bf.lines if self.bf is not None else []
-        done = sum(r.status in ANSWERED for r in self.results.values())
-        invalid = sum(ln.request is None for ln in lines)
-        return {"total": len(lines), "completed": done, "failed": invalid + len(self.results) - done}
+        done = failed = 0
+        for ln in lines:
+            got = [self.results.get(q.id) for q in ln.choices]
+            if ln.request is None or any(r is not None and r.status not in ANSWERED for r in got):
+                failed += 1
+            elif all(r is not None for r in got):
+                done += 1
+        return {"total": len(lines), "completed": done, "failed": failed}
 
     def release(self) -> None:
         """Keep what an ended batch shows (its counts, usage, files and report), let go of the rest."""
@@ -139,7 +146,7 @@ def for_endpoint(bf: BatchFile, endpoint: str) -> BatchFile:
         return "url", f"url {url!r} differs from the batch's endpoint {endpoint!r}; every line goes to it"
 
     lines = [ln if ln.request is None or ln.url == endpoint else
-             replace(ln, request=None, problem=why(ln.url)) for ln in bf.lines]
+             replace(ln, request=None, more=(), problem=why(ln.url)) for ln in bf.lines]
     return BatchFile(bf.source, lines, bf.file_problems)
 
 

@@ -67,7 +67,7 @@ class TakeBack:
         bf, kept = (parse_batch_file(data, source=job.input_file_id, window_s=job.window_s, tenant=job.tenant,
                                      catalog=self.catalog, settings=self.engine.settings, live=live)
                     for live in (True, False))
-        bf = BatchFile(bf.source, [k if ln.request is None and ln.custom_id in results else ln
+        bf = BatchFile(bf.source, [k if ln.request is None and any(q.id in results for q in k.choices) else ln
                                    for ln, k in zip(bf.lines, kept.lines, strict=True)], bf.file_problems)
         job.bf, job.results = for_endpoint(bf, job.endpoint), results
         # The window counts engine seconds (a line's deadline), the time since the create real ones.

@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from engine.app._batch_kept import kept_charges
+from engine.app._batch_kept import earlier_answers, kept_charges
 from engine.app._batch_rescue import charges, finish, prepare, watch_answers
 from engine.app._ray_stop import (
     Terminated,
@@ -70,14 +70,8 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
     import json
 
     from engine.app.driver import Engine
-    from engine.core.batchfile import (
-        BatchFile,
-        answered_lines,
-        parse_window,
-        read_batch_file,
-        report,
-    )
-    from engine.core.errors import ConfigError, TraceError
+    from engine.core.batchfile import parse_window, read_batch_file, report
+    from engine.core.errors import TraceError
     from engine.core.result import CANCELLED
 
     stack = contextlib.ExitStack()
@@ -98,34 +92,7 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
         errors = errors if errors is not None else out.with_name(out.stem + ".errors.jsonl")
         _check_outputs({"--out": out, err_flag: errors, "--report": report_path}, inputs=(input_file,))
         stack.enter_context(_output_lock(out))
-        kept: dict[int, dict] = {}
-        kept_lines: list = []  # the input's lines an earlier run answered
-        if resume and overwrite:
-            raise ConfigError("--resume keeps the lines OUT answers and --overwrite sends them again: give one")
-        if not resume and not overwrite and out.is_file():
-            # Its answers were paid for: sent again, they are paid twice, and OUT's copy is lost (a helper's hunt).
-            ours = {ln.custom_id for ln in bf.lines}
-            answered = answered_lines(out)
-            again = [cid for cid in answered if cid in ours]
-            if again:
-                raise ConfigError(f"--out {out} already answers {len(again):,} line(s) of {input_file} (e.g. "
-                                  f"{again[0]!r}), paid for by an earlier run: pass --resume to keep them and send "
-                                  "only the others, --overwrite to send every line again (paid again), or give "
-                                  "another --out")
-            if answered:  # another input's answers, which writing OUT would drop
-                raise ConfigError(f"--out {out} holds {len(answered):,} answered line(s) of another input (e.g. "
-                                  f"{next(iter(answered))!r}), paid for by an earlier run: give another --out, or "
-                                  "--overwrite to replace them")
-        if resume:  # what an earlier run answered was paid for: written again, never sent again
-            done = answered_lines(out)
-            foreign = sorted(set(done) - {ln.custom_id for ln in bf.lines})
-            if foreign:  # OUT is rewritten below: a paid answer of another input would be lost with no word
-                raise ConfigError(f"--resume: {out} holds {len(foreign):,} answered line(s) whose custom_id is not "
-                                  f"in {input_file} (e.g. {foreign[0]!r}): it is another input's output, and "
-                                  "resuming would drop them; give another --out, or the input that made it")
-            kept = {ln.no: done[ln.custom_id] for ln in bf.lines if ln.custom_id in done}
-            kept_lines = [ln for ln in bf.lines if ln.no in kept]
-            bf = BatchFile(bf.source, [ln for ln in bf.lines if ln.no not in kept], bf.file_problems)
+        bf, kept, kept_lines = earlier_answers(bf, input_file, out, errors, resume=resume, overwrite=overwrite)
         settings, rescued, sending = prepare(out, settings, cat, bf.requests, resume=resume, overwrite=overwrite,
                                              address=address, speedup=speedup)
         results = list(rescued.results.values())  # answered by the batches of a run cut off by a crash
@@ -142,7 +109,8 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
             if settings.budgets.specs and settings.budgets.redis_url is None:
                 # Budgets in this process start at 0: the kept lines were paid for, and a resumed run was granted
                 # the whole budget again (a helper's hunt: 1.85x a hard limit). With Redis they are counted there.
-                eng.count_spent(kept_charges(kept_lines, kept, cat, out) + charges(rescued.results, out))
+                eng.count_spent(kept_charges(kept_lines + [ln for ln in bf.lines if ln.kept], kept, cat, out)
+                                + charges(rescued.results, out))
             if settings.providers.mode != "http" and speedup <= 1:  # a quiet wait of hours read as a hang
                 err_console.print(f"simulated providers at real time: a line may wait for its batch up to the "
                                   f"{window} window (--speedup compresses time; --providers http makes real calls)",
@@ -186,17 +154,20 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
     if bf.file_problems:
         _warn_skipped(len(bf.file_problems), "line(s) with no usable custom_id", bf.file_problems)
     _print_batch_report(doc)
+    partly = [ln for ln in bf.lines if ln.kept]  # (its choices answered by an earlier run)
     console.print(f"wrote {n_out:,} output line(s) to {out}, {n_err:,} error line(s) to {errors}"
                   + (f", the report to {report_path}" if report_path is not None else "")
                   + (f"; {len(kept):,} line(s) kept from the earlier run, not sent again" if kept else "")
+                  + (f"; {sum(len(ln.kept) for ln in partly):,} choice(s) of {len(partly):,} line(s) of n choices "
+                     "kept from the earlier run's error file, not sent again" if partly else "")
                   + (f"; {len(rescued.results):,} line(s) answered by a run cut off earlier ({rescued.answered:,} "
                      "it had received, the rest read from its provider batches), not sent again"
                      if rescued.results else ""))
     if interrupted:
         n_open = sum(r.error == _INTERRUPTED for r in results)
         n_cancelled = sum((r.error or "").startswith(CANCELLED) for r in results)
-        err_console.print(f"interrupted: {n_cancelled:,} line(s) cancelled before they ran (billed nothing; "
-                          "--resume sends them)" + (f"; {n_open:,} had not finished: what their cancelled provider "
+        err_console.print(f"interrupted: {n_cancelled:,} request(s) cancelled before they ran (a line of n choices is n "
+                          "requests; billed nothing; --resume sends them)" + (f"; {n_open:,} had not finished: what their cancelled provider "
                                                     "batches still finish is billed, and --resume sends them again"
                                                     if n_open else ""), style="yellow")
         if ray_gone:  # Ray's exit hooks would each wait for its GCS

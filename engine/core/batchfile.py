@@ -5,7 +5,9 @@ arrives at once (``arrival_s`` 0) and must finish within the batch's completion 
 
 Lines are sorted into three kinds, so that every ``custom_id`` of the input ends up once in the output or errors:
 
-* a valid line becomes a ``Request`` (``custom_id`` is its id, ``body`` is sent unchanged);
+* a valid line becomes a ``Request`` (``custom_id`` is its id, ``body`` is sent unchanged); a chat completions
+  line whose body asks for ``n`` > 1 choices becomes n requests, each without ``n``, answered as one output line
+  of n choices (``engine.core._choices``, ``engine.core._batch_rows``);
 * a line with a usable ``custom_id`` that is not a valid request is *invalid*: the trace builder reports it
   (file, line, field, fix), ``smartbatch batch`` answers it in the error file (code ``invalid_request``);
 * a line with no usable ``custom_id`` (not JSON, not an object, a missing or repeated ``custom_id``) cannot be
@@ -17,38 +19,43 @@ The output lines are OpenAI's (``{"id": "batch_req_...", "custom_id", "response"
 
 from __future__ import annotations
 
-import collections
-import hashlib
 import io
 import json
 import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pydantic import ValidationError
 
+from engine.core._batch_rows import (
+    CHOICES_KEY,
+    ERROR_CODES,
+    error_line,
+    list_price_usd,
+    output_line,
+    provider_status,
+    report,
+    result_rows,
+)
+from engine.core._checks import FieldProblem
+from engine.core._choices import fan_out_request, line_choices
 from engine.core.answer_body import response_body
 from engine.core.budgets import parse_duration
 from engine.core.catalog import Catalog, default_catalog
-from engine.core.cost import price_alone
 from engine.core.errors import ConfigError, TraceError
 from engine.core.files import write_atomic
 from engine.core.request import Request, validation_context
-from engine.core.result import CANCELLED, Result, why_not
+from engine.core.result import Result
 from engine.core.settings import MAX_DEADLINE_S, Settings
 from engine.core.trace import Trace, _problems_of, decode_lines, read_lines
 
-__all__ = ["BatchFile", "BatchLine", "answered_lines", "error_line", "from_openai_batch", "list_price_usd", "output_line",
-           "parse_batch_file", "parse_window", "provider_status", "read_batch_file", "report", "response_body",
-           "result_rows", "write_results"]
+__all__ = ["CHOICES_KEY", "ERROR_CODES", "BatchFile", "BatchLine", "answered_choices", "answered_lines", "error_line",
+           "from_openai_batch", "list_price_usd", "output_line", "parse_batch_file", "parse_window", "provider_status",
+           "read_batch_file", "report", "response_body", "result_rows", "write_results"]
 
 Problem = tuple[str, int, str, str]  # (file, line, field, message), as in engine.core.trace
 _UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-# Error codes of the error file, by the status of the request's result.
-ERROR_CODES = {"failed": "request_failed", "rejected": "request_rejected", "expired": "batch_expired"}
-_HTTP_STATUS = re.compile(r"\bHTTP (\d{3})\b")  # how a provider's refusal reads in Result.error
 
 
 def parse_window(text: str) -> float:
@@ -69,13 +76,27 @@ def parse_window(text: str) -> float:
 
 @dataclass(frozen=True)
 class BatchLine:
-    """One answerable line: its number, ``custom_id`` and ``url``, and either its request or its problem."""
+    """One answerable line: its number, ``custom_id`` and ``url``, and either its request or its problem. A chat
+    line whose body asks for ``n`` > 1 choices is n requests (``engine.core._choices``): ``request`` is choice 0,
+    ``more`` the others."""
 
     no: int
     custom_id: str
     url: str
     request: Request | None = None
     problem: tuple[str, str] | None = None  # (field, message) when the line is not a valid request
+    more: tuple[Request, ...] = ()  # choices 1 to n-1, ``<custom_id>/n<k>``
+    kept: Mapping[int, dict] = field(default_factory=dict)  # choices an earlier run answered, by index (--resume)
+
+    @property
+    def choices(self) -> list[Request]:
+        """The request of every choice, in choice order (none for an invalid line)."""
+        return [] if self.request is None else [self.request, *self.more]
+
+    @property
+    def to_send(self) -> list[Request]:
+        """The choices still to answer: all but those an earlier run answered."""
+        return [q for k, q in enumerate(self.choices) if k not in self.kept]
 
 
 @dataclass(frozen=True)
@@ -88,7 +109,8 @@ class BatchFile:
 
     @property
     def requests(self) -> list[Request]:
-        return [ln.request for ln in self.lines if ln.request is not None]
+        """What goes to the engine: every choice of every valid line that is still to answer, in line order."""
+        return [q for ln in self.lines for q in ln.to_send]
 
     @property
     def invalid(self) -> list[BatchLine]:
@@ -171,15 +193,31 @@ def _parse(numbered: Iterable[tuple[int, str]], problems: list[Problem], src: st
                                                                  "the line")))
             continue
         try:
+            n, raw = line_choices(raw, url)  # body.n > 1: n requests, none with n in its body
             # A file is read whole: nothing more comes to batch with its lines, so none is held for company.
             req = Request.model_validate({"gather": False, **raw, "arrival_s": 0.0, "deadline_s": window_s,
                                           "tenant": tenant}, context=ctx)
+        except FieldProblem as exc:
+            lines.append(BatchLine(no, cid, url, problem=(exc.field, str(exc))))
+            continue
         except ValidationError as exc:
             first = next(iter(_problems_of(exc)), ("line", str(exc)))
             lines.append(BatchLine(no, cid, url, problem=first))
             continue
-        lines.append(BatchLine(no, cid, url, request=req))
-    return BatchFile(src, lines, problems)
+        lines.append(BatchLine(no, cid, url, request=req, more=fan_out_request(req, n)))
+    return BatchFile(src, [_own_ids(ln, seen) for ln in lines], problems)
+
+
+def _own_ids(ln: BatchLine, custom_ids: Mapping[str, int]) -> BatchLine:
+    """A line of n choices whose choice id (``<custom_id>/n<k>``) is another line's custom_id is an error of its
+    own: the two would be one request in the engine, and one line would get the other's answer."""
+    clash = next((k for k, q in enumerate(ln.more, 1) if q.id in custom_ids), None)
+    if clash is None:
+        return ln
+    other = ln.more[clash - 1].id
+    return replace(ln, request=None, more=(), problem=(
+        "custom_id", f"choice {clash} of this line (its body.n is {len(ln.more) + 1}) is sent as {other!r}, the "
+        f"custom_id of line {custom_ids[other]}: give one of the two lines another custom_id"))
 
 
 def from_openai_batch(path: str | Path, *, window_s: float = 86400.0, tenant: str = "default",
@@ -199,102 +237,41 @@ def from_openai_batch(path: str | Path, *, window_s: float = 86400.0, tenant: st
                  problems=problems)
 
 
-# --- the output and error files -----------------------------------------------------------------------------
-
-def _req_id(tenant: str, custom_id: str) -> str:  # deterministic: a rerun of the file names its lines alike
-    text = f"{len(tenant)}:{tenant}/{custom_id}".encode("utf-8", "surrogatepass")
-    return "batch_req_" + hashlib.sha256(text).hexdigest()[:32]
-
-
-def output_line(line: BatchLine, res: Result, *, created: int = 0, raw: dict | None = None,
-                request_id: str | None = None) -> dict:
-    """A line of the output file for a succeeded (or reused) request; ``raw`` and ``request_id`` stand in for a
-    reused result's, which carries neither (the response of the line it reused)."""
-    assert line.request is not None
-    if res.raw is None and raw is not None:  # the borrowed body, in the route's shape like any other
-        res = res.model_copy(update={"raw": raw})
-    body = response_body(line.url, line.request, res, created)
-    # A line the cache answered names no call of its own: its id says so, and a resumed run counts it at 0
-    # (``kept_charges``), as a line that shares the id of the call it reused counts that call once.
-    own = "smartbatch_reused_" if res.status == "reused" else "smartbatch_"
-    rid = res.provider_request_id or request_id or own + _req_id(res.tenant, line.custom_id)[10:]
-    return {"id": _req_id(line.request.tenant, line.custom_id), "custom_id": line.custom_id,
-            "response": {"status_code": 200, "request_id": rid, "body": body}, "error": None}
-
-
-def error_line(custom_id: str, code: str, message: str, *, tenant: str = "default") -> dict:
-    """A line of the error file."""
-    return {"id": _req_id(tenant, custom_id), "custom_id": custom_id, "response": None,
-            "error": {"code": code, "message": message}}
-
-
-def _content_key(req: Request) -> str:
-    return json.dumps([req.provider, req.model, req.prompt, req.body], sort_keys=True, default=str)
-
-
-def result_rows(bf: BatchFile, results: Sequence[Result], *, created: int = 0) -> list[dict]:
-    """The lines of the output file (succeeded and reused lines, ``error`` None) and of the error file
-    (invalid, failed, rejected and expired lines), in input order. ``results`` pair with ``bf.requests`` one to
-    one."""
-    reqs = bf.requests
-    if len(results) != len(reqs):
-        raise ValueError(f"{len(results)} results for {len(reqs)} requests; they must pair one to one")
-    by_id = {}
-    for req, res in zip(reqs, results, strict=True):
-        if res.id != req.id:
-            raise ValueError(f"result {res.id!r} answers request {req.id!r}; results must be in request order")
-        by_id[req.id] = res
-    # A reused result carries no raw body: give it the raw body of a line with the same content that was called.
-    called = {_content_key(r): by_id[r.id] for r in reqs if by_id[r.id].raw is not None}
-    rows = []
-    for ln in bf.lines:
-        if ln.request is None:
-            fld, msg = ln.problem or ("line", "invalid")
-            rows.append(error_line(ln.custom_id, "invalid_request", f"{bf.source}:{ln.no}: field '{fld}': {msg}"))
-            continue
-        res = by_id[ln.request.id]
-        if res.status in ("ok", "reused"):
-            src = called.get(_content_key(ln.request)) if res.raw is None else None
-            rows.append(output_line(ln, res, created=created, raw=src.raw if src else None,
-                                    request_id=src.provider_request_id if src else None))
-        else:
-            cancelled = (res.error or "").startswith(CANCELLED)
-            code = "batch_cancelled" if cancelled else ERROR_CODES.get(res.status, "request_failed")
-            row = error_line(ln.custom_id, code, why_not(res), tenant=ln.request.tenant)
-            status = provider_status(res)
-            if status is not None:
-                # The provider answered with an HTTP error: OpenAI's error file gives such a line its response
-                # (status and error body), which readers look up as line["response"]["status_code"].
-                row["response"] = {"status_code": status, "request_id": res.provider_request_id,
-                                   "body": {"error": {"message": row["error"]["message"], "type": "api_error",
-                                                      "param": None, "code": code}}}
-            rows.append(row)
-    return rows
-
-
-def provider_status(res: Result) -> int | None:
-    """The HTTP status (4xx, 5xx) a provider answered a failed request with, as its error reads, or None."""
-    m = _HTTP_STATUS.search(res.error or "") if res.status == "failed" else None
-    return int(m.group(1)) if m and 400 <= int(m.group(1)) <= 599 else None
-
+# --- the output and error files (their rows: ``engine.core._batch_rows``) ---------------------------------------
 
 def answered_lines(path: str | Path) -> dict[str, dict]:
     """The answered lines (``error`` null) of an output file an earlier run wrote, by ``custom_id``; none when
     the file is absent. A line that is not such a row is passed over (it is not an answer)."""
+    return {row["custom_id"]: row for row in _rows(path) if row.get("error") is None
+            and isinstance(row.get("custom_id"), str) and isinstance(row.get("response"), dict)}
+
+
+def answered_choices(path: str | Path) -> dict[str, dict[int, dict]]:
+    """The choices answered of the lines of n choices that an error file an earlier run wrote holds (a line one of
+    whose choices was not answered: ``CHOICES_KEY``), by ``custom_id``, then by choice index; none when the file
+    is absent. What is not such a choice is passed over."""
+    found: dict[str, dict[int, dict]] = {}
+    for row in _rows(path):
+        got = {c["index"]: c for c in row.get(CHOICES_KEY) or () if isinstance(c, dict)
+               and type(c.get("index")) is int and c["index"] >= 0 and isinstance(c.get("body"), dict)
+               and isinstance(c.get("request_id"), str)}
+        if got and row.get("error") is not None and isinstance(row.get("custom_id"), str):
+            found[row["custom_id"]] = got
+    return found
+
+
+def _rows(path: str | Path) -> Iterable[dict]:
     p = Path(path)
-    found: dict[str, dict] = {}
     if not p.is_file():
-        return found
+        return
     with p.open(encoding="utf-8", errors="replace") as f:
         for text in f:
             try:
                 row = json.loads(text)
             except ValueError:
                 continue
-            if isinstance(row, dict) and row.get("error") is None and isinstance(row.get("custom_id"), str) \
-                    and isinstance(row.get("response"), dict):
-                found[row["custom_id"]] = row
-    return found
+            if isinstance(row, dict):
+                yield row
 
 
 def write_results(bf: BatchFile, results: Sequence[Result], out: str | Path, errors: str | Path | None = None, *,
@@ -323,7 +300,6 @@ def write_results(bf: BatchFile, results: Sequence[Result], out: str | Path, err
     return len(out_lines), len(err_lines)
 
 
-
 def _mode(p: Path) -> int:
     """The permissions a rewritten file keeps: its own, or a new file's under the process's umask."""
     if p.exists():
@@ -331,41 +307,3 @@ def _mode(p: Path) -> int:
     umask = os.umask(0)
     os.umask(umask)
     return 0o666 & ~umask
-
-def list_price_usd(req: Request, res: Result, catalog: Catalog) -> float:
-    """What an answered request would have cost sent alone and synchronously (0 for an unanswered one): the
-    price a saving is measured against."""
-    return price_alone(req, catalog, "sync").total if res.status in ("ok", "reused") else 0.0
-
-
-def report(bf: BatchFile, results: Sequence[Result], catalog: Catalog, *, window_s: float, policy: str) -> dict:
-    """What each line cost against its list price (sent alone, synchronously), the totals and the modes used.
-    ``list_price_usd`` and ``saving_usd`` count the answered lines (succeeded or reused); ``cost_usd`` is every
-    line's cost, so ``saving_usd = list_price_usd - cost_usd``; ``late`` the lines answered after the window."""
-    by_id = {r.id: r for r in results}
-    rows = []
-    for ln in bf.lines:
-        if ln.request is None:
-            rows.append({"line": ln.no, "custom_id": ln.custom_id, "status": "invalid", "mode": None, "hit": None,
-                         "provider": None, "model": None, "cost_usd": 0.0, "list_price_usd": 0.0, "saving_usd": 0.0,
-                         "deadline_met": None})
-            continue
-        res = by_id[ln.request.id]
-        listed = list_price_usd(ln.request, res, catalog)
-        rows.append({"line": ln.no, "custom_id": ln.custom_id, "status": res.status, "mode": res.mode,
-                     "hit": res.hit, "provider": ln.request.provider, "model": ln.request.model,
-                     "cost_usd": res.cost_usd, "list_price_usd": listed, "saving_usd": listed - res.cost_usd,
-                     "deadline_met": res.deadline_met})
-    cost = sum(r["cost_usd"] for r in rows)
-    listed = sum(r["list_price_usd"] for r in rows)
-    return {"input": bf.source, "window_s": window_s, "policy": policy,
-            "totals": {"lines": len(rows),
-                       "succeeded": sum(r["status"] in ("ok", "reused") for r in rows),
-                       "failed": sum(r["status"] not in ("ok", "reused") for r in rows),
-                       "statuses": dict(collections.Counter(r["status"] for r in rows)),
-                       "modes": dict(collections.Counter(r["mode"] for r in rows if r["mode"])),
-                       # Answered after the window: in the output all the same (paid for), and counted here.
-                       # (a failed or refused line carries deadline_met False too: not a late answer)
-                       "late": sum(r["deadline_met"] is False and r["status"] in ("ok", "reused") for r in rows),
-                       "cost_usd": cost, "list_price_usd": listed, "saving_usd": listed - cost},
-            "lines": rows}
