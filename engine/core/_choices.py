@@ -70,13 +70,17 @@ def line_choices(line: dict[str, Any], url: str) -> tuple[int, dict[str, Any]]:
 
 def merged_body(bodies: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One ``chat.completion`` of the n bodies (one choice each), choice k from body k. ``usage`` adds them up:
-    each choice was its own call, whose input was billed (a reused one's usage is its original call's)."""
+    each choice was its own call, whose input was billed (a reused one's usage is its original call's); the
+    input read from a prompt cache too, where a body says (a resumed batch run prices a kept line by it)."""
     head = dict(bodies[0])
     head["choices"] = [{**(b.get("choices") or [{}])[0], "index": k} for k, b in enumerate(bodies)]
     used = [b.get("usage") or {} for b in bodies]
     n_in = sum(int(u.get("prompt_tokens", 0)) for u in used)
     n_out = sum(int(u.get("completion_tokens", 0)) for u in used)
     head["usage"] = {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}
+    read = [(u.get("prompt_tokens_details") or {}).get("cached_tokens") for u in used]
+    if any(read):
+        head["usage"]["prompt_tokens_details"] = {"cached_tokens": sum(int(r or 0) for r in read)}
     return head
 
 

@@ -119,7 +119,8 @@ def test_identical_lines_of_n_choices_answer_once_each_copy_with_its_own_answer(
     def raw(text: str) -> dict:
         return {"id": f"chatcmpl-{text}", "object": "chat.completion", "model": "gpt-5-mini",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}}
+                "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10,
+                          "prompt_tokens_details": {"cached_tokens": 2}}}
 
     p, out = tmp_path / "in.jsonl", tmp_path / "o.jsonl"
     p.write_text(line("x", n=2) + "\n" + line("y", n=2) + "\n")
@@ -133,6 +134,8 @@ def test_identical_lines_of_n_choices_answer_once_each_copy_with_its_own_answer(
     rows = {r["custom_id"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert [c["message"]["content"] for c in rows["y"]["response"]["body"]["choices"]] == ["X0", "Y1"]
     assert rows["y"]["response"]["request_id"] == "req_x0" and rows["y"]["response"]["body"]["id"] == "chatcmpl-X0"
+    # The usage adds up the input read from the provider's prompt cache too: a kept line is priced by it.
+    assert rows["x"]["response"]["body"]["usage"]["prompt_tokens_details"] == {"cached_tokens": 4}
     xc, yc = kept_charges(bf.lines, {ln.no: rows[ln.custom_id] for ln in bf.lines}, CAT, out)
     assert xc.usd > 0 and yc.usd == pytest.approx(xc.usd)  # never less than y's one paid call
 
