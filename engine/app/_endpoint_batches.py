@@ -320,7 +320,7 @@ class FilesAndBatches(TakeBack):
         for cid in missing:
             job.results[cid] = Result(id=cid, status="failed", tenant=job.tenant, error=why)
         results = [job.results[req.id] for req in job.bf.requests]
-        # (by line: a line of n choices is one of them while one of its choices is)
+        # The lines the cancel cut: a line of n choices is one when any of its choices is.
         cut = {ln.custom_id for ln in job.bf.lines if any(q.id in missing for q in ln.choices)}
         out: list[bytes] = []
         err: list[bytes] = []

@@ -30,7 +30,6 @@ from pydantic import ValidationError
 
 from engine.core._batch_rows import (
     CHOICES_KEY,
-    ERROR_CODES,
     error_line,
     list_price_usd,
     output_line,
@@ -50,7 +49,7 @@ from engine.core.result import Result
 from engine.core.settings import MAX_DEADLINE_S, Settings
 from engine.core.trace import Trace, _problems_of, decode_lines, read_lines
 
-__all__ = ["CHOICES_KEY", "ERROR_CODES", "BatchFile", "BatchLine", "answered_choices", "answered_lines", "error_line",
+__all__ = ["CHOICES_KEY", "BatchFile", "BatchLine", "answered_choices", "answered_lines", "error_line",
            "from_openai_batch", "list_price_usd", "output_line", "parse_batch_file", "parse_window", "provider_status",
            "read_batch_file", "report", "response_body", "result_rows", "write_results"]
 
