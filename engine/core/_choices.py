@@ -48,12 +48,13 @@ def fan_out_request(req: Request, n: int) -> tuple[Request, ...]:
 
 def line_choices(line: dict[str, Any], url: str) -> tuple[int, dict[str, Any]]:
     """A batch file's line as (its number of choices, the line the engine reads): a chat completions body with an
-    ``n`` from 2 to ``MAX_CHOICES`` loses its ``n`` (each choice is a request of its own), and any other line is
-    as it was (``n`` 1 or left out: one choice; an images body keeps its own rule). ``FieldProblem`` naming
-    ``body.n``: an ``n`` out of range on a chat line, or any ``n`` but 1 on a Responses line (that API has none)."""
+    ``n`` from 1 to ``MAX_CHOICES`` loses its ``n``, as on the endpoint's chat route (each choice is a request of
+    its own, and Anthropic takes no ``n``); any other line is as it was (an images body keeps its own rule).
+    ``FieldProblem`` naming ``body.n``: an ``n`` out of range on a chat line, or any ``n`` but 1 on a Responses
+    line (that API has none)."""
     body = line.get("body")
     n = body.get("n") if isinstance(body, dict) else None
-    if n is None or n == 1 and type(n) is int:
+    if n is None or n == 1 and type(n) is int and url != CHAT_URL:
         return 1, line
     if url == "/v1/responses":
         raise FieldProblem("body.n", f"body.n {str(n)[:20]!r}: the Responses API has no n (OpenAI refuses it); "

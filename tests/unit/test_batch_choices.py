@@ -56,7 +56,14 @@ def test_a_chat_line_of_n_choices_is_n_requests_and_a_bad_n_fails_its_line_alone
     assert (a.reuse, a1.reuse, a2.reuse) == ("exact", "none", "none")
     assert all("n" not in q.body and q.body["messages"] == a.body["messages"] and q.deadline_s == 3600.0
                for q in (a, a1, a2))
-    assert bf.requests[3].body["n"] == 1  # n 1 is one choice, sent as it always was
+    # n 1 is one choice, and n goes on the wire no more than on the chat route: a Claude model takes a line with
+    # it, as the endpoint's chat route does (Anthropic refuses n; the line was an error line).
+    assert "n" not in bf.requests[3].body
+    claude = tmp_path / "claude.jsonl"
+    claude.write_text("".join(json.dumps({"custom_id": cid, "body": {
+        "model": "claude-haiku-4-5", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 20, "n": n}}) + "\n"
+        for cid, n in (("c1", 1), ("c2", 2))))
+    assert [q.id for q in read_batch_file(claude, window_s=3600.0, catalog=CAT).requests] == ["c1", "c2", "c2/n1"]
     problems = {ln.custom_id: ln.problem for ln in bf.invalid}
     for cid in ("zero", "many", "half", "text", "yes"):
         fld, msg = problems[cid]
