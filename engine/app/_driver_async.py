@@ -34,17 +34,23 @@ class AsyncSubmit:
         """``submit_many`` for asyncio: the ``Result`` of each request, in the order given. A bad request
         raises ``RequestError`` before any is queued; with ``on_invalid="reject"`` it is its own ``rejected``
         result (``error`` "invalid_request", ``reason`` naming the field and the fix) and the others are queued."""
+        futs = await self.asubmit_futures(requests, on_invalid=on_invalid)
+        return list(await asyncio.gather(*(_awaited(f) for f in futs)))
+
+    async def asubmit_futures(self, requests: Iterable[Request | Mapping], *,
+                              on_invalid: OnInvalid = "raise") -> list[ResultFuture]:
+        """``submit_many`` for asyncio, as futures: queue the requests and return their ``ResultFuture``s (for
+        ``as_completed``) once queued. Where the engine is full it waits for room in a worker thread, never on
+        the loop, as ``submit_many`` called from a coroutine would (it blocked the loop until room freed)."""
         check_on_invalid(on_invalid)
         requests = list(requests)
         if on_invalid == "raise":
-            futs = await self._asubmit_futures(requests)
-        else:
-            now = self.clock.now()  # one arrival instant for them all: judged together (``GroupTable.join``)
-            reqs, at, refused = validated(self._as_request, requests, now, on_invalid)
-            with self._lock:
-                reqs, at = reject_taken(reqs, at, self._futs, refused)
-            futs = with_rejected(await self._asubmit_futures(reqs, now=now, many=True) if reqs else [], at, refused)
-        return list(await asyncio.gather(*(_awaited(f) for f in futs)))
+            return await self._asubmit_futures(requests)
+        now = self.clock.now()  # one arrival instant for them all: judged together (``GroupTable.join``)
+        reqs, at, refused = validated(self._as_request, requests, now, on_invalid)
+        with self._lock:
+            reqs, at = reject_taken(reqs, at, self._futs, refused)
+        return with_rejected(await self._asubmit_futures(reqs, now=now, many=True) if reqs else [], at, refused)
 
     async def as_completed(self, futures: Iterable[concurrent.futures.Future | Awaitable[Result]], *,
                            timeout: float | None = None) -> AsyncIterator[Result]:

@@ -100,3 +100,28 @@ def test_asubmit_many_can_reject_its_bad_requests_and_answer_the_others(monkeypa
     got = asyncio.run(go())
     assert [r.status for r in got] == ["ok", "rejected"] * 4
     assert [r.id for r in got[0::2]] == ["g0", "g1", "g2", "g3"]
+
+
+def test_asubmit_futures_waits_for_room_off_the_loop_and_gives_the_futures_once_queued(monkeypatch):
+    # The README's async recipe called the blocking submit_many from a coroutine: with the engine full it held
+    # the event loop until room freed (or submit_timeout_s passed), so nothing else on the loop ran.
+    import asyncio
+
+    from engine.core.result import Result
+
+    e = _bulk_engine(monkeypatch)
+    e._max_pending, e._submit_timeout_s = 2, 5.0  # a loop held by a wait for room is held this long
+    first = e.submit_many([{"id": f"g{k}", "model": "gpt-5.4-mini", "prompt": f"hi {k}"} for k in range(2)])
+
+    async def go():
+        task = asyncio.create_task(e.asubmit_futures(
+            [{"id": f"g{k}", "model": "gpt-5.4-mini", "prompt": f"hi {k}"} for k in (2, 3)]))
+        for _ in range(3):
+            await asyncio.sleep(0)  # the loop runs on while the task waits for room (no time passes)
+        assert not task.done()
+        for f in first:
+            e._resolve(f, Result(id=f._req.id, status="ok"))
+        return await task
+
+    futs = asyncio.run(go())
+    assert [f._req.id for f in futs] == ["g2", "g3"] and not any(f.done() for f in futs)
