@@ -84,11 +84,17 @@ class BatchApiRuns(QueueFull, BatchWatch):
                 body = p.batch_body(cjobs)       # before it hears back
                 self._open[key] = (b, jobs, start, tokens, None, body)
                 await self._journal_put(key)
+
+            async def left_in() -> tuple[list[CallJob], object]:  # withdrawn while the create waits out a 429
+                nonlocal jobs, cjobs, body
+                jobs, cjobs, body = await self._left_in_journaled(key, b, jobs, cjobs, start, tokens, body)
+                return cjobs, body
+
             try:
                 if cut:
                     handle = await self._find_batch(cjobs, key, b.hedge_at)
-                if handle is None and not late:
-                    handle = await self._submit(cjobs, b.hedge_at, key, body)
+                if handle is None and not late:  # (a cut create's body stays: the cut create may have made it)
+                    handle = await self._submit(cjobs, b.hedge_at, key, body, None if cut else left_in)
             except Exception as exc:  # the provider refused the batch: nothing ran, so the members go back
                 log.warning("dispatcher %s: batch submission failed: %s", self.name, _short(exc))
                 if getattr(exc, "quota", None):  # for billing: its members fail, and the provider's work is held
@@ -110,11 +116,12 @@ class BatchApiRuns(QueueFull, BatchWatch):
             await self._watch(b, key, jobs, start, None, cancel=True)
         await self._follow_batch(key, b, jobs, start, tokens, handle, cjobs)
 
-    async def _submit(self, cjobs: list[CallJob], hedge_at: float | None, key: str, body):
+    async def _submit(self, cjobs: list[CallJob], hedge_at: float | None, key: str, body, left_in=None):
         """Create the batch. A create that got no answer (a timeout, a dropped connection, a 5xx) may have made
         it: the provider is asked for it as after a restart's cut create (OpenAI: by the name in its metadata;
         Anthropic: the create made again under its Idempotency-Key, with the same body). Taken for a refusal,
-        the batch ran unfollowed beside its members sent sync: each paid twice, and counted nowhere."""
+        the batch ran unfollowed beside its members sent sync: each paid twice, and counted nowhere. ``left_in``:
+        called while a rate limit is waited out, for the members and body of the create made after it."""
         for attempt in range(SUBMIT_TRIES):
             try:
                 return await self.provider.submit_batch(cjobs, hedge_at, key, body)
@@ -125,11 +132,12 @@ class BatchApiRuns(QueueFull, BatchWatch):
                         hedge_at is None or self.clock.now() + exc.retry_after_s < hedge_at):
                     log.warning("dispatcher %s: batch %s: its create was rate limited (%s); made again in %g s",
                                 self.name, key, _short(exc), exc.retry_after_s)
-                    await self._sleep(exc.retry_after_s)
+                    cjobs, body = await self._wait_out(exc.retry_after_s, cjobs, body, left_in)
                     if not (self._cancelled or self._all_withdrawn(cjobs)):
                         continue
                 if not exc.maybe_done:
                     raise
+                left_in = None  # this create may have made the batch: made again, it sends the same body
                 log.warning("dispatcher %s: batch %s got no answer to its create (%s); looking for it", self.name,
                             key, _short(exc))
                 error = exc
@@ -142,6 +150,26 @@ class BatchApiRuns(QueueFull, BatchWatch):
             if self._cancelled or self._all_withdrawn(cjobs):  # nobody waits: not made again, looked for (a review)
                 return _UNKNOWN
         raise error
+
+    async def _wait_out(self, wait_s: float, cjobs: list[CallJob], body, left_in) -> tuple[list[CallJob], object]:
+        """Wait out a rate limit's ``wait_s`` engine seconds before a create is made again; the members and body
+        of that create. With ``left_in`` (every try so far refused: no batch holds the body), a member withdrawn
+        meanwhile is left out at once, its withdrawal waking the wait; left in, it was sent in the create after
+        the wait, and billed. A wake for another batch (its withdrawal) does not end the wait."""
+        until, token = self.clock.now() + wait_s, object()
+        try:
+            while True:
+                if left_in is not None and not self._cancelled and not self._all_withdrawn(cjobs) and any(
+                        cj.req.uid in (self._withdrawn or ()) for cj in cjobs):
+                    cjobs, body = await left_in()
+                now = self.clock.now()
+                if now >= until or self._cancelled or self._all_withdrawn(cjobs):
+                    return cjobs, body
+                if left_in is not None:  # a withdrawal of one of them wakes this wait (``withdraw``)
+                    self._creates_waiting[token] = cjobs
+                await self._sleep(until - now)
+        finally:
+            self._creates_waiting.pop(token, None)
 
     async def _find_batch(self, cjobs: list[CallJob], key: str, until: float | None, *, watch: bool = False):
         """The provider's batch for a create whose answer was lost, or that a restart cut: its handle, or None

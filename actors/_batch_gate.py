@@ -21,8 +21,9 @@ log = logging.getLogger("smartbatch.dispatcher")
 
 
 class BatchGate:
-    """Needs the dispatcher's ``sim``, ``clock``, ``_quota``, ``_open``, ``_parts_left``, ``_withdrawn``, ``_queued_at``,
-    ``_unanswered``, ``_unjournal``, ``_final``, ``_kick``, ``_pump`` and ``_enqueue``."""
+    """Needs the dispatcher's ``sim``, ``clock``, ``provider``, ``_quota``, ``_open``, ``_parts_left``,
+    ``_withdrawn``, ``_queued_at``, ``_unanswered``, ``_unjournal``, ``_final``, ``_kick``, ``_pump``, ``_enqueue`` and
+    ``_journal_put``."""
 
     def _withdraw_at_gate(self) -> bool:
         """End the withdrawn members of the batches waiting at the gate; the rest of each waits again, under
@@ -50,6 +51,24 @@ class BatchGate:
         self._end_withdrawn(b, jobs)
         self._kick()
         return [j for j, _ in kept], [cj for _, cj in kept]
+
+    async def _left_in_journaled(self, key: str, b, jobs: list[Job], cjobs: list, start: float, tokens: int,
+                                 body) -> tuple[list[Job], list, object]:
+        """``_left_in`` for a batch whose create waits out a rate limit (``_wait_out``): its journal record says
+        first what the create made after the wait sends (its members, and the body made of them where one is
+        journaled), so a restart re-attaches to that batch and a create made again under its key sends that
+        body; then the withdrawn members end."""
+        w = self._withdrawn
+        gone = [j for j in jobs if j.req.uid in w]
+        kept = [(j, cj) for j, cj in zip(jobs, cjobs, strict=True) if j.req.uid not in w]
+        jobs, cjobs = [j for j, _ in kept], [cj for _, cj in kept]
+        if self.provider.real:
+            body = self.provider.batch_body(cjobs)
+            self._open[key] = (b, jobs, start, tokens, None, body)
+            await self._journal_put(key)
+        self._end_withdrawn(b, gone)
+        self._kick()
+        return jobs, cjobs, body
 
     def _end_withdrawn(self, b, jobs: list[Job]) -> list[Job]:
         """End the members of ``jobs`` withdrawn, billed nothing; the others, returned, go on."""

@@ -255,7 +255,9 @@ class CancelDispatches:
         elif waiting:
             self._kick()
         gone = [rec for rec in self._open.values() if self._all_withdrawn(rec[1])]
-        if gone:  # each follow-up (or lookup) wakes and acts now; the event is made anew for later sleeps
+        # A create waiting out a 429 leaves its withdrawn members out now (``_wait_out``), not after the wait.
+        creating = any(cj.req.uid in w for cjobs in self._creates_waiting.values() for cj in cjobs)
+        if gone or creating:  # each follow-up (or lookup) wakes and acts now; the event is made anew for later sleeps
             event, self._cancel_event = self._woken(), None
             event.set()
         return sum(rec[4] is not None for rec in gone)  # those created: each is cancelled now

@@ -26,6 +26,8 @@ from tests.unit.test_http_providers import (
     N,
     Rig,
     assert_split_by_the_bill,
+    batch_key,
+    emu,  # noqa: F401  (a fixture)
     jobs_of,
     quarter,  # noqa: F401  (a fixture)
     req,
@@ -85,7 +87,7 @@ def test_a_provider_batch_whose_members_are_all_withdrawn_is_cancelled_and_keeps
     """Every member of a running batch is withdrawn: its cancel goes out at once (no hedge would ever send it),
     the members it finished are answered from its output, billed once, and the others go back to be ended by
     their grouper. A batch one of whose members is not withdrawn runs on."""
-    emu, jobs = quarter, jobs_of("openai", claims=True)
+    emu, jobs = quarter, jobs_of("openai", claims=True)  # noqa: F811  (the fixture at a quarter of the speed)
     others = [Job(20 + k, req(20 + k), f"fp-other-{k}", claim=f"o{k}") for k in range(2)]
 
     async def go():
@@ -119,7 +121,7 @@ def test_a_provider_batch_whose_members_are_all_withdrawn_is_cancelled_and_keeps
 def test_withdrawn_work_that_starts_later_is_not_sent(quarter):  # noqa: F811
     """A sync call and a batch withdrawn before the dispatcher starts them (on their way, or at a rate gate):
     neither reaches the provider; the call ends cancelled, billed nothing; the batch is never created."""
-    emu = quarter
+    emu = quarter  # noqa: F811  (the fixture at a quarter of the speed)
     sync, batch = [Job(30, req(30), "fp-s", claim="s")], [Job(31, req(31), "fp-b", claim="b")]
 
     async def go():
@@ -144,7 +146,7 @@ def test_a_member_withdrawn_while_its_batch_waits_for_its_create_slot_is_never_s
     """Anthropic's batches of one size are created one at a time (``create_slot``: a Message Batch carries no
     name). A member withdrawn while its batch, let in by the gate, waits for that slot ends, billed nothing, and
     the batch is created without it; before, it was sent in it and billed."""
-    emu, jobs = quarter, jobs_of("anthropic", 8, claims=True)
+    emu, jobs = quarter, jobs_of("anthropic", 8, claims=True)  # noqa: F811  (the fixture at a quarter of the speed)
     first, second = jobs[:4], jobs[4:]
 
     async def go():
@@ -177,6 +179,62 @@ def test_a_member_withdrawn_while_its_batch_waits_for_its_create_slot_is_never_s
             assert sum(rig.budget.book.spend.values()) == pytest.approx(emu.bill().total_usd, abs=1e-12)
         finally:
             release.set()
+            await rig.close()
+    asyncio.run(go())
+
+
+CREATE = {"openai": "batches.create", "anthropic": "messages.batches.create"}
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_a_member_withdrawn_while_its_batch_create_waits_out_a_429_is_left_out_of_the_create(emu, provider):  # noqa: F811
+    """A batch's create is rate limited (a 429: nothing made) and waits out its Retry-After to be made again. A
+    member withdrawn meanwhile ends at once, billed nothing, its claim settled once at 0, and the create that
+    follows is made without it, its journal record saying so first (a restart re-attaches to what was made).
+    Before, the create was made again with the body journaled before the first, the member sent and billed."""
+    jobs = jobs_of(provider, claims=True)
+    gone, kept = jobs[1], [j for j in jobs if j is not jobs[1]]
+    wait_s = SPEED  # engine s: 1 s real, the window the withdrawal comes in
+    emu.faults.script(provider, CREATE[provider], [{"status": 429, "retry_after_s": wait_s}])
+
+    async def go():
+        rig = Rig(emu, provider)
+        p, refused, sent, journaled = rig.d.provider, asyncio.Event(), [], []
+        inner = p.submit_batch
+
+        async def submit(cjobs, hedge_at, key, body=None):
+            record = (await rig.d.journal.items(rig.d._space))[key]  # what a restart would re-attach to
+            journaled.append(([j.req.id for j in record[1]],
+                              None if record[5] is None else [m["custom_id"] for m in record[5]]))
+            sent.append([cj.req.id for cj in cjobs])
+            try:
+                return await inner(cjobs, hedge_at, key, body)
+            except Exception:
+                refused.set()
+                raise
+
+        p.submit_batch = submit
+        try:
+            await rig.reserve(jobs)
+            await rig.run("batch_api", jobs)  # no hedge: the 429's wait is taken
+            await asyncio.wait_for(refused.wait(), 20.0)
+            await rig.d.withdraw([gone.req.uid])
+            r = await rig.until(lambda: rig.results.get(gone.req.id), "the withdrawn member's end")
+            assert len(sent) == 1  # at once, not when the wait is over
+            assert r.status == "failed" and r.error.startswith(f"{CANCELLED}: withdrawn") and r.cost_usd == 0.0
+            await rig.until(lambda: len(rig.results) == N, "every answer", 30.0)
+            assert [sorted(ids) for ids in sent] == [sorted(j.req.id for j in jobs), sorted(j.req.id for j in kept)]
+            keys = {j.req.id: batch_key(j) for j in jobs}
+            assert [sorted(ids) for ids, _ in journaled] == sent
+            if provider == "anthropic":  # the body the create sends again under its key is journaled
+                assert [sorted(ids) for _, ids in journaled] == [sorted(keys[i] for i in s) for s in sent]
+            assert all(rig.results[j.req.id].status == "ok" for j in kept)
+            assert sorted(i.custom_id for i in emu.bill().items) == sorted(keys[j.req.id] for j in kept)
+            assert emu.count(CREATE[provider], status=200) == 1 and rig.grouper.readmitted() == []
+            await rig.until(lambda: not rig.budget.book.claims, "every claim settled")
+            assert sum(rig.budget.book.spend.values()) == pytest.approx(emu.bill().total_usd, abs=1e-12)
+            assert rig.d.in_flight == 0 and not rig.d._open
+        finally:
             await rig.close()
     asyncio.run(go())
 
