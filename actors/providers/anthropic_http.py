@@ -239,8 +239,12 @@ class AnthropicProvider(HttpBase):
                            body: Any = None) -> Any:
         reqs = body if body is not None else self.batch_body(jobs)
         self._marks.setdefault(ref, next(reversed(self._made), None))
+        # The key names the body, as a sync call's does: a create made again after a lost answer sends the same
+        # body (journaled), so the same key; one made without members withdrawn while a 429 was waited out (the
+        # 429 made nothing) is another create, under another key, never a 409 where a server pinned the first.
+        key = idempotency_key(ref, {"requests": reqs})
         with self._refused("batch submission"):
-            b = await self.client.messages.batches.create(requests=reqs, extra_headers={"Idempotency-Key": ref})
+            b = await self.client.messages.batches.create(requests=reqs, extra_headers={"Idempotency-Key": key})
         self._marks.pop(ref, None)
         self._made[b.id] = None
         while len(self._made) > MADE_KEEP:  # oldest first

@@ -115,7 +115,8 @@ def call_key(tenant: str, request_id: str, model: str, attempt: int = 0) -> str:
 
 
 def idempotency_key(key: str, body: Mapping[str, Any]) -> str:
-    """The ``Idempotency-Key`` header of a sync call: its ``call_key`` and a digest of the exact body sent.
+    """The ``Idempotency-Key`` header of a sync call: its ``call_key`` and a digest of the exact body sent (of an
+    Anthropic batch create too: its journal key and its body, which a 429 waited out may make smaller).
 
     A key names one body, so the same key can never carry two bodies (a provider answers that with 409,
     ``idempotency_key_reused``, and keeps the first call billed). A body is not a function of the request alone:

@@ -158,6 +158,40 @@ def test_the_key_names_the_body_and_keeps_the_request_first():
     assert KEY not in a
 
 
+def test_an_anthropic_batch_creates_key_names_its_body(emu):  # noqa: F811
+    """A batch create refused with a 429 made nothing; made again without the members withdrawn while that was
+    waited out, it is another create: under the batch's name alone (the key before), a server that pins a key to
+    the first body it saw refused it 409. The key names the body, as a sync call's does, so a create made again
+    after a lost answer, with the same (journaled) body, still gets the batch the lost one made."""
+    from engine.core.errors import ProviderError
+    from tests.unit.test_http_providers import direct, job_of, req
+
+    emu.faults.script("anthropic", "messages.batches.create", [{"status": 429, "retry_after_s": 1.0}])
+
+    async def go():
+        p = direct(emu, "anthropic")
+        batches, keys = p.client.messages.batches, []
+        create = batches.create
+
+        async def spy(**kw: Any) -> Any:
+            keys.append(kw["extra_headers"]["Idempotency-Key"])
+            return await create(**kw)
+
+        batches.create = spy
+        jobs = [job_of(req(i, "anthropic")) for i in range(3)]
+        try:
+            with pytest.raises(ProviderError) as refused:
+                await p.submit_batch(jobs, None, "b-1", p.batch_body(jobs))
+            assert refused.value.retry_after_s == 1.0
+            made = await p.submit_batch(jobs[1:], None, "b-1", p.batch_body(jobs[1:]))  # jobs[0] withdrawn
+            again = await p.submit_batch(jobs[1:], None, "b-1", p.batch_body(jobs[1:]))  # as after a lost answer
+        finally:
+            await p.close()
+        assert keys[0] != keys[1] == keys[2] and all(k.startswith("b-1_") for k in keys)
+        assert again.id == made.id and emu.count("messages.batches.create", status=200) == 2  # the second replayed
+    asyncio.run(go())
+
+
 def test_a_sync_record_whose_delete_failed_is_deleted_again_so_a_restart_never_calls_it_again(emu):  # noqa: F811
     """A request fails for good (its four attempts answered 500), and the journal fails once to delete its body
     record (a Redis blip). The delete is made again: dropped, the record stayed, and the next restart of the
