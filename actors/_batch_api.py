@@ -80,16 +80,20 @@ class BatchApiRuns(QueueFull, BatchWatch):
             # A billing refusal held (``QuotaStop``): never created, but for the probe (``_batch_gate``)
             unpaid = None if cut or late else self._quota.refuses(now, key, len(jobs))
             late = late or unpaid is not None
-            if p.real and not cut and not late:  # the create may reach the provider, and this dispatcher die
-                body = p.batch_body(cjobs)       # before it hears back
-                self._open[key] = (b, jobs, start, tokens, None, body)
-                await self._journal_put(key)
 
-            async def left_in() -> tuple[list[CallJob], object]:  # withdrawn while the create waits out a 429
+            async def left_in() -> tuple[list[CallJob], object]:  # withdrawn while journaled, or waiting out a 429
                 nonlocal jobs, cjobs, body
                 jobs, cjobs, body = await self._left_in_journaled(key, b, jobs, cjobs, start, tokens, body)
                 return cjobs, body
 
+            if p.real and not cut and not late:  # the create may reach the provider, and this dispatcher die
+                body = p.batch_body(cjobs)       # before it hears back
+                self._open[key] = (b, jobs, start, tokens, None, body)
+                await self._journal_put(key)
+                # Withdrawn while it was journaled (a write may wait behind others): left out, as at the slot;
+                # all of them, or the engine cancelled, and it is never created. Before, sent in it and billed.
+                while not (late := self._cancelled or self._all_withdrawn(jobs)) and self._some_withdrawn(jobs):
+                    await left_in()
             try:
                 if cut:
                     handle = await self._find_batch(cjobs, key, b.hedge_at)
@@ -159,8 +163,8 @@ class BatchApiRuns(QueueFull, BatchWatch):
         until, token = self.clock.now() + wait_s, object()
         try:
             while True:
-                if left_in is not None and not self._cancelled and not self._all_withdrawn(cjobs) and any(
-                        cj.req.uid in (self._withdrawn or ()) for cj in cjobs):
+                if left_in is not None and not (self._cancelled or self._all_withdrawn(cjobs)) and \
+                        self._some_withdrawn(cjobs):
                     cjobs, body = await left_in()
                 now = self.clock.now()
                 if now >= until or self._cancelled or self._all_withdrawn(cjobs):

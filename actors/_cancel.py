@@ -266,6 +266,17 @@ class CancelDispatches:
         w = self._withdrawn
         return bool(w) and bool(jobs) and all(j.req.uid in w for j in jobs)
 
+    def _some_withdrawn(self, jobs: list) -> bool:
+        w = self._withdrawn
+        return bool(w) and any(j.req.uid in w for j in jobs)
+
+    def _not_sent(self, j: Job) -> str | None:
+        """Why ``j``, let start, is not sent after all (the engine cancelled, or ``j`` withdrawn, while its start
+        awaited something); None: it is sent."""
+        if self._cancelled:
+            return _WHY
+        return self._why_withdrawn(j) if self._some_withdrawn([j]) else None
+
     def _to_start(self, kind: str, b, jobs: list[Job]) -> list[Job]:
         """Of work the rate gate lets start, what is sent. After the cancel, nothing: it ends here, its gate's
         room given back, except a batch, which its run never creates. Withdrawn members are left out (ended

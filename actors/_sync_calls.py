@@ -96,6 +96,13 @@ class SyncCalls:
             if rec is None:
                 rec = self._sync_calls[cj.key] = (b._replace(jobs=[]), j, cache_write, self.provider.sync_body(cj))
                 await self._sync_journal.put(cj.key, rec)
+                # Withdrawn, or the engine cancelled, during the write (it may wait behind others): never sent, as
+                # at the rate gate (``_to_start``). Before, sent and billed.
+                if (why := self._not_sent(j)) is not None:
+                    self.sim.finish_sync(r.model, self.clock.now(), 0)
+                    self._final(b, j, False, 0.0, mode, error=why)
+                    self._pump()
+                    return
             cj = cj._replace(body=rec[3])
         a = await self.provider.call(cj)
         self._note_warm(r, a, start)

@@ -239,6 +239,111 @@ def test_a_member_withdrawn_while_its_batch_create_waits_out_a_429_is_left_out_o
     asyncio.run(go())
 
 
+def _held_once(obj, name: str):
+    """``obj.name`` (an async method) whose first call waits for the event returned second, once the first
+    returned has been set: a journal write that is slow (a burst coalesced behind another, a Redis round trip)."""
+    inner, held, release, calls = getattr(obj, name), asyncio.Event(), asyncio.Event(), []
+
+    async def slow(*args):
+        calls.append(args)
+        if len(calls) == 1:
+            held.set()
+            await release.wait()
+        return await inner(*args)
+
+    setattr(obj, name, slow)
+    return held, release
+
+
+@pytest.mark.parametrize("how", ["withdrawn", "engine cancelled"])
+def test_a_sync_call_withdrawn_while_its_body_is_journaled_is_never_sent(emu, how):  # noqa: F811
+    """A sync call's body is journaled before its first try, after the rate gate let it start: a request
+    withdrawn (or an engine cancelled) during that write was sent and billed anyway."""
+    (j,) = [Job(40, req(40), "fp-40", claim="c40")]
+
+    async def go():
+        rig = Rig(emu, "openai")
+        held, release = _held_once(rig.d._sync_journal, "put")
+        try:
+            await rig.reserve([j])
+            await rig.run("sync", [j])
+            await asyncio.wait_for(held.wait(), 10.0)
+            if how == "withdrawn":
+                await rig.d.withdraw([j.req.uid])
+            else:
+                cancel = asyncio.ensure_future(rig.d.cancel())
+            release.set()
+            r = await rig.until(lambda: rig.results.get(j.req.id), "its end")
+            assert r.status == "failed" and r.error.startswith(CANCELLED) and r.cost_usd == 0.0, r
+            assert emu.count(ROUTE["openai"]) == 0 and not rig.calls and emu.bill().items == ()
+            await rig.until(lambda: not rig.budget.book.claims, "its claim settled")
+            assert rig.d.in_flight == 0 and not rig.d._sync_calls  # its body record is gone, from the journal too
+            if how != "withdrawn":
+                await cancel
+        finally:
+            release.set()
+            await rig.close()
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_a_member_withdrawn_while_its_batch_is_journaled_before_its_create_is_left_out(emu, provider):  # noqa: F811
+    """A batch is journaled before its create leaves: a member withdrawn during that write was sent in the
+    create and billed; all of them withdrawn, the batch was created and cancelled at once."""
+    jobs = jobs_of(provider, claims=True)
+
+    async def go():
+        rig = Rig(emu, provider)
+        held, release = _held_once(rig.d.journal, "put")
+        try:
+            await rig.reserve(jobs)
+            await rig.run("batch_api", jobs)
+            await asyncio.wait_for(held.wait(), 10.0)
+            await rig.d.withdraw([jobs[0].req.uid])
+            release.set()
+            await rig.until(lambda: len(rig.results) == N, "every answer", 30.0)
+            r = rig.results[jobs[0].req.id]
+            assert r.status == "failed" and r.error.startswith(f"{CANCELLED}: withdrawn") and r.cost_usd == 0.0
+            assert sorted(i.custom_id for i in emu.bill().items) == sorted(batch_key(j) for j in jobs[1:])
+            await rig.until(lambda: not rig.budget.book.claims, "every claim settled")
+            assert sum(rig.budget.book.spend.values()) == pytest.approx(emu.bill().total_usd, abs=1e-12)
+        finally:
+            release.set()
+            await rig.close()
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("how", ["all withdrawn", "engine cancelled"])
+def test_a_batch_withdrawn_whole_while_it_is_journaled_before_its_create_is_never_created(emu, how):  # noqa: F811
+    """Every member withdrawn, or the engine cancelled, while the batch is journaled before its create: it is
+    never created, its members going back to be ended by their grouper, nothing billed. Before, it was
+    created, and cancelled at once."""
+    jobs = jobs_of("openai", claims=True)
+
+    async def go():
+        rig = Rig(emu, "openai")
+        held, release = _held_once(rig.d.journal, "put")
+        try:
+            await rig.reserve(jobs)
+            await rig.run("batch_api", jobs)
+            await asyncio.wait_for(held.wait(), 10.0)
+            if how == "all withdrawn":
+                await rig.d.withdraw([j.req.uid for j in jobs])
+            else:
+                cancel = asyncio.ensure_future(rig.d.cancel())
+            release.set()
+            await rig.resolved(jobs)
+            assert sorted(j.req.id for j in rig.grouper.readmitted()) == sorted(j.req.id for j in jobs)
+            assert emu.count("batches.create") == 0 and emu.bill().items == ()
+            assert rig.d.in_flight == 0 and not rig.d._open
+            if how != "all withdrawn":
+                await cancel
+        finally:
+            release.set()
+            await rig.close()
+    asyncio.run(go())
+
+
 def test_a_withdrawn_id_forgotten_past_its_retention_names_a_new_request_that_is_sent():
     """The withdrawn ids were kept for good: a new request under one, once the driver had forgotten the old
     (past ``retention_s``), ended "cancelled" at once (a review)."""
