@@ -126,9 +126,16 @@ class BatchApiRuns(QueueFull, BatchWatch):
         Anthropic: the create made again under its Idempotency-Key, with the same body). Taken for a refusal,
         the batch ran unfollowed beside its members sent sync: each paid twice, and counted nowhere. ``left_in``:
         called while a rate limit is waited out, for the members and body of the create made after it."""
+        # Asked by a provider whose create leaves after an upload: made with a member withdrawn meanwhile, or
+        # after the engine's cancel, it was sent and billed. ``cjobs`` as it is when asked.
+        wanted = None if left_in is None else lambda: not (self._cancelled or self._some_withdrawn(cjobs))
         for attempt in range(SUBMIT_TRIES):
             try:
-                return await self.provider.submit_batch(cjobs, hedge_at, key, body)
+                while (made := await self.provider.submit_batch(cjobs, hedge_at, key, body, wanted)) is None:
+                    if self._cancelled or self._all_withdrawn(cjobs):  # not created: its members go back
+                        return None
+                    cjobs, body = await left_in()  # created anew without those withdrawn during the upload
+                return made
             except ProviderError as exc:
                 # Rate limited (a 429): nothing was made, so made again after its wait while the hedge allows (sent
                 # back, four such refusals sent every member sync, far from its deadline: a helper's hunt).
@@ -141,7 +148,7 @@ class BatchApiRuns(QueueFull, BatchWatch):
                         continue
                 if not exc.maybe_done:
                     raise
-                left_in = None  # this create may have made the batch: made again, it sends the same body
+                left_in = wanted = None  # this create may have made the batch: made again, it sends the same body
                 log.warning("dispatcher %s: batch %s got no answer to its create (%s); looking for it", self.name,
                             key, _short(exc))
                 error = exc

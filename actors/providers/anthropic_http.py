@@ -236,7 +236,8 @@ class AnthropicProvider(HttpBase):
         return handle
 
     async def submit_batch(self, jobs: Sequence[CallJob], hedge_at: float | None, ref: str,
-                           body: Any = None) -> Any:
+                           body: Any = None, wanted: Any = None) -> Any:
+        # One request carries the body: no step before the create leaves for ``wanted`` to be asked after.
         reqs = body if body is not None else self.batch_body(jobs)
         self._marks.setdefault(ref, next(reversed(self._made), None))
         # The key names the body, as a sync call's does: a create made again after a lost answer sends the same

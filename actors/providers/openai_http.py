@@ -9,7 +9,7 @@ import asyncio
 import json
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from actors.providers._http import BatchHandle, HttpBase, PollBackoff, Unreadable, create_call, jsonl_records
@@ -219,7 +219,7 @@ class OpenAIProvider(HttpBase):
         return BatchHandle(bid, jobs, PollBackoff(self.endpoint.poll_min_s, self.endpoint.poll_max_s))
 
     async def submit_batch(self, jobs: Sequence[CallJob], hedge_at: float | None, ref: str,
-                           body: Any = None) -> Any:
+                           body: Any = None, wanted: Callable[[], bool] | None = None) -> Any:
         route = self.route(jobs[0])
         lines = [json.dumps({"custom_id": j.key, "method": "POST", "url": route, "body": self.body(j)},
                             ensure_ascii=False) for j in jobs]
@@ -227,6 +227,9 @@ class OpenAIProvider(HttpBase):
         with self._refused("batch submission"):
             f = await self.client.files.create(file=("smartbatch.jsonl", data, "application/jsonl"),
                                                purpose="batch")
+            if wanted is not None and not wanted():  # withdrawn during the upload (minutes, for 200 MB): not
+                self._drop_upload(f.id)               # created from it (sent and billed, before)
+                return None
             try:
                 b = await self.client.batches.create(input_file_id=f.id, endpoint=route, completion_window="24h",
                                                      metadata={"origin": "smartbatch", _REF: ref})
@@ -235,11 +238,15 @@ class OpenAIProvider(HttpBase):
                 # create made again uploads anew, so each refusal left one file of prompts behind (a helper's
                 # hunt). A 5xx or a cut answer may have made the batch, which the lookup follows: kept.
                 if 400 <= exc.status_code < 500:
-                    task = asyncio.get_running_loop().create_task(self._delete_upload(f.id))
-                    self._orphans.add(task)
-                    task.add_done_callback(self._orphans.discard)
+                    self._drop_upload(f.id)
                 raise
         return self._handle(b.id, jobs)
+
+    def _drop_upload(self, file_id: str) -> None:
+        """Delete an upload no batch reads, beside the members (they go on at once)."""
+        task = asyncio.get_running_loop().create_task(self._delete_upload(file_id))
+        self._orphans.add(task)
+        task.add_done_callback(self._orphans.discard)
 
     async def _delete_upload(self, file_id: str) -> None:
         """Best effort, beside the members (they go back at once): a failure is logged; OpenAI expires the file

@@ -77,7 +77,7 @@ class SimulatedProvider:
         return None  # nothing real was created: the draws run again
 
     async def submit_batch(self, jobs: Sequence[CallJob], hedge_at: float | None, ref: str = "",
-                           body: Any = None) -> Any:
+                           body: Any = None, wanted: Any = None) -> Any:  # (no step before the create: ``wanted``)
         # The draws know when the batch ends; a batch that would end after its hedge is drawn as cancelled
         # there, billing nothing (all members of a simulated batch finish together).
         out = self.sim.batch([j.row for j in jobs], [j.req for j in jobs], jobs[0].start, hedge_at,

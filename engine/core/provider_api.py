@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
@@ -184,9 +184,11 @@ class Provider(Protocol):
         (Anthropic), one at a time per size, so such a lookup never meets a look-alike of the dispatcher's own."""
 
     async def submit_batch(self, jobs: Sequence[CallJob], hedge_at: float | None, ref: str,
-                           body: Any = None) -> Any:
+                           body: Any = None, wanted: Callable[[], bool] | None = None) -> Any:
         """Submit a batch-API batch named ``ref`` (unique per batch, the same on every try); returns a handle for
-        ``poll``/``cancel``/``fetch``."""
+        ``poll``/``cancel``/``fetch``. ``wanted``, where the create leaves after a step of its own (OpenAI's
+        upload of the input file), is asked then: False (a member was withdrawn meanwhile), nothing is created
+        and what the step left is deleted; returns None."""
 
     async def find_batch(self, jobs: Sequence[CallJob], ref: str, known: frozenset[str] = frozenset()) -> Any:
         """After a create got no answer (or a restart cut it): the handle of the batch named ``ref`` if the
