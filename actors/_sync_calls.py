@@ -96,14 +96,15 @@ class SyncCalls:
             if rec is None:
                 rec = self._sync_calls[cj.key] = (b._replace(jobs=[]), j, cache_write, self.provider.sync_body(cj))
                 await self._sync_journal.put(cj.key, rec)
-                # Withdrawn, or the engine cancelled, during the write (it may wait behind others): never sent, as
-                # at the rate gate (``_to_start``). Before, sent and billed.
-                if (why := self._not_sent(j)) is not None:
-                    self.sim.finish_sync(r.model, self.clock.now(), 0)
-                    self._final(b, j, False, 0.0, mode, error=why)
-                    self._pump()
-                    return
             cj = cj._replace(body=rec[3])
+            # Withdrawn, or the engine cancelled, during the write (it may wait behind others), or before a restart
+            # made the call again (the rewire tells the withdrawals first): not sent, as at the rate gate
+            # (``_to_start``). Before, sent and billed (again, for a call made before the restart).
+            if (why := self._not_sent(j)) is not None:
+                self.sim.finish_sync(r.model, self.clock.now(), 0)
+                self._final(b, j, False, 0.0, mode, error=why)
+                self._pump()
+                return
         a = await self.provider.call(cj)
         self._note_warm(r, a, start)
         extra = (max(a.usage.input_tokens + a.usage.output_tokens - r.input_tokens - r.output_tokens, 0)

@@ -379,6 +379,47 @@ def test_a_member_withdrawn_while_its_openai_batch_file_uploads_is_left_out_of_t
     asyncio.run(go())
 
 
+def test_a_sync_call_cut_by_a_restart_is_not_made_again_for_a_request_withdrawn_meanwhile(emu):  # noqa: F811
+    """A restarted dispatcher makes again, under its key, the sync calls its journal says were under way; the
+    driver's rewire tells it the withdrawals first. A withdrawn request's call was made again all the same, and
+    billed again where the provider does not honour the key (OpenAI and Anthropic document none). Now it ends
+    withdrawn, unsent; its claim keeps the first call's upper bound, as that call may have been billed."""
+    from actors import Dispatcher
+    from tests.unit.test_unanswered import kept_bound
+
+    (j,) = [Job(41, req(41), "fp-41", claim="c41")]
+
+    async def go():
+        rig = Rig(emu, "openai")
+        on_the_wire = asyncio.Event()
+
+        async def dies_on_the_wire(job):  # the process dies with this call out, its answer never heard
+            on_the_wire.set()
+            await asyncio.Event().wait()
+
+        rig.d.provider.call = dies_on_the_wire
+        again = None
+        try:
+            await rig.reserve([j])
+            await rig.run("sync", [j])
+            await asyncio.wait_for(on_the_wire.wait(), 10.0)
+            for t in list(rig.d._tasks):
+                t.cancel()
+            again = Dispatcher("openai", rig.catalog, rig.settings, 0, rig.clock, [rig.grouper], rig.hub, None,
+                               rig.budget, key=rig.d._key)
+            await again.withdraw([j.req.uid])  # the rewire: the withdrawals, then the recovery
+            await again.recover()
+            r = await rig.until(lambda: rig.results.get(j.req.id), "its end")
+            assert r.status == "failed" and r.error.startswith(CANCELLED) and "may have been billed" in r.error
+            assert emu.count(ROUTE["openai"]) == 0  # not made again
+            await kept_bound(rig, j)
+        finally:
+            if again is not None:
+                await again.provider.close()
+            await rig.close()
+    asyncio.run(go())
+
+
 def test_a_withdrawn_id_forgotten_past_its_retention_names_a_new_request_that_is_sent():
     """The withdrawn ids were kept for good: a new request under one, once the driver had forgotten the old
     (past ``retention_s``), ended "cancelled" at once (a review)."""
