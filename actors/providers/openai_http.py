@@ -14,6 +14,7 @@ from typing import Any
 
 from actors.providers._http import BatchHandle, HttpBase, PollBackoff, Unreadable, create_call, jsonl_records
 from actors.providers._wire import message_parts, tokens
+from engine.core._gemini import gemini_output_tokens
 from engine.core.errors import ProviderError
 from engine.core.provider_api import BatchState, CallJob, CallOutcome, Usage, idempotency_key
 from engine.core.responses_input import as_messages
@@ -32,11 +33,13 @@ _QUEUE_LIMIT = re.compile(r"Limit: ([\d,]+) enqueued tokens|configured limit of 
 _SCALE = {"": 1, "K": 1_000, "M": 1_000_000}
 
 
-def _usage_chat(u: Mapping | None) -> Usage:
+def _usage_chat(u: Mapping | None, gemini: bool = False) -> Usage:
     u = u or {}
     det = u.get("prompt_tokens_details") or {}
+    # Gemini's layer may count thinking apart from completion_tokens; Google bills it as output.
+    out = gemini_output_tokens(u) if gemini else tokens(u.get("completion_tokens"))
     # cache_write_tokens: billed at 1.25x the input price from the GPT-5.6 family on (the catalog's write terms)
-    return Usage(tokens(u.get("prompt_tokens")), tokens(u.get("completion_tokens")), tokens(det.get("cached_tokens")),
+    return Usage(tokens(u.get("prompt_tokens")), out, tokens(det.get("cached_tokens")),
                  tokens(det.get("cache_write_tokens")))
 
 
@@ -137,7 +140,7 @@ class OpenAIProvider(HttpBase):
                 body["input"] = text
             else:
                 body["messages"] = [{"role": "user", "content": text}]
-            if blocks:
+            if blocks and self.spec.compat != "gemini":  # Gemini's layer takes no such field (it caches alone)
                 # Requests that share a prefix share a cache key, so the provider routes them to one cache.
                 body.setdefault("prompt_cache_key", f"sb-{r.prefix_blocks[0]}")
         if r.max_output_tokens is not None and not any(k in body for k in ("max_tokens", "max_completion_tokens",
@@ -161,7 +164,8 @@ class OpenAIProvider(HttpBase):
             usage, (output, calls) = _usage_responses(raw.get("usage")), _text_responses(raw)
             finish = _finish_responses(raw, calls)
         else:
-            usage, (output, calls), finish = _usage_chat(raw.get("usage")), _text_chat(raw), _finish_chat(raw)
+            usage = _usage_chat(raw.get("usage"), self.spec.compat == "gemini")
+            (output, calls), finish = _text_chat(raw), _finish_chat(raw)
         return CallOutcome(True, now, self._priced(job, usage, mode), output=output, usage=usage,
                            provider_request_id=rid or raw.get("id"), raw=raw, real=True, tool_calls=calls, finish=finish,
                            warm_blocks=self._warm_of(job, usage) if route != "/v1/images/generations" else 0)

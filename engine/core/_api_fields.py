@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from engine.core._checks import FieldProblem, cache_blocks
+from engine.core._gemini import check_gemini_body
 
 if TYPE_CHECKING:
     from engine.core.catalog import ModelSpec
@@ -50,12 +51,13 @@ _CAPS = {"chat": ("max_tokens", "max_completion_tokens"), "responses": ("max_out
 _CAPS_ALL = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
 
-def check_api_body(body: dict, where: str, api: str, spec: ModelSpec) -> None:
+def check_api_body(body: dict, where: str, api: str, spec: ModelSpec, compat: str | None = None) -> None:
     """What the provider's wire format refuses that another's takes (``body`` as it goes on the wire): a cap under
     another endpoint's name; the other API's content parts; at an OpenAI reasoning model, ``max_tokens``, an effort
     it does not take (``efforts``) and a temperature or top_p other than 1; at a Claude model that thinks adaptively
     only, a manual thinking budget and a sampling parameter but its default, and a forced tool where the model refuses one
-    (``forced_tool_choice``); at Anthropic, OpenAI's fields, roles and metadata keys, a non-text system
+    (``forced_tool_choice``); at Gemini's OpenAI-compatible layer (``compat``), what it does not document
+    (``check_gemini_body``); at Anthropic, OpenAI's fields, roles and metadata keys, a non-text system
     message, the ``fast`` speed (priced apart from the catalog's) and a fifth cache mark. Each was accepted,
     reserved for and sent, and the provider answered 400 for that call alone (a helper's hunt)."""
     # A cap under another endpoint's name is no cap there: the budget reserved for it, and the call ran to the
@@ -81,6 +83,8 @@ def check_api_body(body: dict, where: str, api: str, spec: ModelSpec) -> None:
                 raise FieldProblem(f"{where}.{key}", f"{where}.{key} must be 1 or left out: OpenAI's reasoning "
                                    f"models take no other value{none}, got {body[key]!r}")
     _check_parts(body, where, api)
+    if api == "openai" and compat == "gemini":  # the provider's own OpenAI-compatible layer (ProviderSpec.compat)
+        check_gemini_body(body, where, spec)
     if api != "anthropic":
         return
     if spec.adaptive_only:

@@ -11,6 +11,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from engine.core._gemini import GEMINI_OPENAI_URL
+
 # Where an endpoint without a base_url goes: the variable its SDK reads, else the provider's own API.
 BASE_URL_ENV = {"openai": "OPENAI_BASE_URL", "anthropic": "ANTHROPIC_BASE_URL"}
 
@@ -51,6 +53,12 @@ class ProviderEndpoint(BaseModel):
 
 
 _KNOWN_APIS = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
+# What an endpoint of a known name speaks, where and with which key unless told otherwise: google is Gemini through
+# Google's OpenAI compatibility layer (not among the default endpoints: a run without a Gemini key still starts).
+PRESETS: dict[str, dict[str, str]] = {
+    **{name: {"api": name, "api_key_env": key} for name, key in _KNOWN_APIS.items()},
+    "google": {"api": "openai", "base_url": GEMINI_OPENAI_URL, "api_key_env": "GEMINI_API_KEY"}}
+_GOOGLE_HOST = "generativelanguage.googleapis.com"
 
 
 def _default_endpoints() -> dict[str, ProviderEndpoint]:
@@ -81,11 +89,28 @@ class ProvidersSettings(BaseModel):
     def _known_api(cls, v: Any) -> Any:
         # An endpoint named openai or anthropic speaks that API with its usual key unless told otherwise, so
         # SMARTBATCH_PROVIDERS__ENDPOINTS__OPENAI__BASE_URL alone points it elsewhere (a helper's tour: it was
-        # refused, "api: Field required").
+        # refused, "api: Field required"); one named google is Gemini's OpenAI compatibility layer (PRESETS).
         if not isinstance(v, Mapping):
             return v
-        return {name: {"api": name, "api_key_env": _KNOWN_APIS[name], **ep}
-                if name in _KNOWN_APIS and isinstance(ep, Mapping) else ep for name, ep in v.items()}
+        return {name: {**PRESETS[name], **ep} if name in PRESETS and isinstance(ep, Mapping) else ep
+                for name, ep in v.items()}
+
+    @field_validator("endpoints")
+    @classmethod
+    def _google_whole(cls, v: dict[str, ProviderEndpoint]) -> dict[str, ProviderEndpoint]:
+        # Half of Gemini's configuration reached no Gemini: its Anthropic wire, or Google's API without the
+        # compatibility layer's path (the path of Google's first announcement, /v1beta/), answer every call 404.
+        for name, ep in v.items():
+            host = urlsplit(ep.base_url).hostname if ep.base_url else None
+            if name != "google" and host != _GOOGLE_HOST:
+                continue
+            if ep.api != "openai":
+                raise ValueError(f"providers.endpoints.{name}.api is {ep.api!r}: Google documents an OpenAI-"
+                                 "compatible layer for Gemini, no other; give api openai (or leave it out)")
+            if host == _GOOGLE_HOST and urlsplit(ep.base_url).path.rstrip("/") != "/v1beta/openai":
+                raise ValueError(f"providers.endpoints.{name}.base_url {ep.base_url!r} is Google's API but not its "
+                                 f"OpenAI compatibility layer: give {GEMINI_OPENAI_URL} (or leave base_url out)")
+        return v
 
     def http_providers(self, catalog_providers) -> list[str]:
         """The providers called over HTTP in this configuration."""
@@ -147,6 +172,9 @@ def simulated_refusal(provider: str, model: str, endpoints: Mapping[str, Provide
 def add_endpoint(provider: str) -> str:
     """The variables that give ``provider`` an endpoint."""
     var = f"SMARTBATCH_PROVIDERS__ENDPOINTS__{provider.upper()}"
+    if provider == "google":
+        return (f"{var}__API_KEY_ENV=GEMINI_API_KEY for Gemini through Google's OpenAI compatibility layer, "
+                "with the key in GEMINI_API_KEY")
     if provider in _KNOWN_APIS:
         return f"{var}__API_KEY_ENV={_KNOWN_APIS[provider]} for its own API, or {var}__BASE_URL=URL"
     if provider.replace("_", "").isalnum():

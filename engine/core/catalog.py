@@ -261,6 +261,9 @@ class ProviderSpec(_Frozen):
     prompt_cache: PromptCache | None = None
     gpu_batching: GpuBatching | None = None
     image_input: ImageInput | None = None  # the models' rule for input images, unless a model names its own
+    # How the provider's OpenAI-compatible layer differs from OpenAI's API, as its documentation says (None: not
+    # at all): "gemini", Google's (docs/providers.md, "Gemini"). Bodies are checked and usage read by it.
+    compat: Literal["gemini"] | None = None
     models: dict[str, ModelSpec]
 
     @model_validator(mode="after")

@@ -293,7 +293,7 @@ class Request(BaseModel):
             check_real(d["provider"], model, settings)
         if body is not None:
             check_messages(body, "body", spec.kind)
-            check_wire(body, spec, d["provider"], settings)
+            check_wire(body, spec, d["provider"], settings, catalog.provider(d["provider"]).compat)
         if line_url is not None and _URL_KIND[line_url] != spec.kind:
             # Sent as the model's kind and answered in the url's shape: paid for, and read as the wrong thing.
             fits = [u for u, k in _URL_KIND.items() if k == spec.kind]
@@ -392,7 +392,7 @@ def in_catalog(req: Request, catalog: Catalog, position: int | None = None, sett
                            "give a model of it, or start the engine with a catalog that has it", position) from None
     if settings is not None:
         try:
-            check_wire(req.body, spec, req.provider, settings)
+            check_wire(req.body, spec, req.provider, settings, catalog.provider(req.provider).compat)
         except FieldProblem as exc:
             raise RequestError(req.id, exc.field, str(exc), position) from None
     return req

@@ -24,8 +24,10 @@ from engine.core.settings import Settings
 __all__ = ["check_real", "check_wire"]
 
 
-def check_wire(body: dict[str, Any] | None, spec: ModelSpec, provider: str, settings: Settings) -> None:
-    """Raise ``FieldProblem`` for what the provider's API would refuse, or bill at prices the catalog lacks."""
+def check_wire(body: dict[str, Any] | None, spec: ModelSpec, provider: str, settings: Settings,
+               compat: str | None = None) -> None:
+    """Raise ``FieldProblem`` for what the provider's API would refuse, or bill at prices the catalog lacks
+    (``compat``: the provider's ``ProviderSpec.compat``, how its OpenAI-compatible layer differs from OpenAI's)."""
     endpoint = settings.providers.endpoints.get(provider)
     if body is None or endpoint is None:
         return
@@ -41,7 +43,7 @@ def check_wire(body: dict[str, Any] | None, spec: ModelSpec, provider: str, sett
     if not (responses and wire is body and real):
         check_tools(wire, "body", endpoint.api)
     if wire is not body or not responses:  # else it cannot go as messages, and check_responses_body says why
-        check_api_body(wire, "body", endpoint.api, spec)
+        check_api_body(wire, "body", endpoint.api, spec, compat)
         if endpoint.api == "anthropic":
             check_cache_ttl(wire, "body")
     if endpoint.api == "anthropic" and not responses:

@@ -68,7 +68,7 @@ def test_an_engines_request_for_a_provider_it_would_simulate_is_refused_naming_t
     ((field, msg),) = _problems_of(ei.value)
     assert field == "model"
     assert "google" in msg and "no HTTP endpoint" in msg and "simulated" in msg and "not real" in msg
-    assert "SMARTBATCH_PROVIDERS__ENDPOINTS__GOOGLE__BASE_URL" in msg
+    assert "SMARTBATCH_PROVIDERS__ENDPOINTS__GOOGLE__API_KEY_ENV=GEMINI_API_KEY" in msg  # its preset (Gemini)
     assert "SMARTBATCH_PROVIDERS__SIMULATE_OTHERS=true" in msg
     assert "replaces the default openai and anthropic ones" in msg  # adding google alone would drop them
     # Anthropic left out by a user who named OpenAI's endpoint alone; GPU work, whose name no shell exports.
@@ -125,7 +125,7 @@ def test_run_of_a_trace_with_providers_it_would_simulate_refuses_at_start_counti
     assert r.exit_code == 2, r.output  # a ConfigError
     assert "5 request(s) are for providers with no HTTP endpoint" in said
     assert "4 of google (e.g. 'gemini-2.5-flash')" in said and "1 of modal-h100 (e.g. 'flux-1-dev')" in said
-    assert "SMARTBATCH_PROVIDERS__ENDPOINTS__GOOGLE__BASE_URL" in said and "SIMULATE_OTHERS=true" in said
+    assert "SMARTBATCH_PROVIDERS__ENDPOINTS__GOOGLE__API_KEY_ENV=GEMINI_API_KEY" in said and "SIMULATE_OTHERS=true" in said
     assert "nothing is sent" in said and not (tmp_path / "out").exists()
     # Told to simulate them (a demo), the dry run plans it.
     monkeypatch.setenv("SMARTBATCH_PROVIDERS__SIMULATE_OTHERS", "true")
