@@ -38,15 +38,17 @@ class TextCall(NamedTuple):
     text: str
     capped: bool
     price: Price
+    thoughts: int = 0  # of output_tokens, those the model thought (billed as output; not in the text)
 
     @property
     def input_tokens(self) -> int:
         return self.split.read + self.split.write + self.split.plain
 
     def usage(self) -> dict[str, int | str]:
-        return {"input_tokens": self.input_tokens, "cache_read_tokens": self.split.read,
-                "cache_write_tokens": self.split.write, "plain_input_tokens": self.split.plain,
-                "output_tokens": self.output_tokens}
+        u: dict[str, int | str] = {"input_tokens": self.input_tokens, "cache_read_tokens": self.split.read,
+                                   "cache_write_tokens": self.split.write, "plain_input_tokens": self.split.plain,
+                                   "output_tokens": self.output_tokens}
+        return {**u, "thought_tokens": self.thoughts} if self.thoughts else u
 
 
 class FileRecord(NamedTuple):
@@ -155,9 +157,10 @@ class Core:
 
     # -- text ------------------------------------------------------------------------------------------------
     def text_call(self, provider: ProviderSpec, spec: ModelSpec, model: str, prompt: Prompt, cap: Any,
-                  cap_param: str, mode: BillMode, at: float | None = None) -> TextCall:
+                  cap_param: str, mode: BillMode, at: float | None = None, thoughts: int = 0) -> TextCall:
         """Count, cache and price one text call made at emulator time ``at`` (default: now). The cache is
-        updated at once, as a provider caches the prompt at prefill."""
+        updated at once, as a provider caches the prompt at prefill. ``thoughts``: tokens the model thinks
+        first, within the cap (as Gemini's maximum output counts them), billed as output."""
         given = cap if isinstance(cap, int) and not isinstance(cap, bool) else 0  # a cap counts if asked
         if cap is None:
             cap = spec.max_output_tokens
@@ -175,14 +178,16 @@ class Core:
                            f"({prompt.tokens} of input, {given} of {cap_param}). Please reduce the length of the "
                            f"messages or {cap_param}.", code="context_length_exceeded")
         natural = natural_tokens(prompt.last_user, self.default_output_tokens)
-        out = min(cap, natural)
+        thoughts = min(thoughts, cap - 1)
+        out = min(cap - thoughts, natural)
         pc = provider.cache_of(spec)
         use_cache = pc is not None and (mode == "sync" or pc.stacks_with_batch)
         with self.lock:
             split = (self.caches.use(provider, spec, model, prompt, self.now() if at is None else at) if use_cache
                      else CacheSplit(0, 0, prompt.tokens))
-        price = price_text(provider, spec, split, out, mode)
-        return TextCall(provider.name, model, split, out, filler_text(prompt.text, out), natural > cap, price)
+        price = price_text(provider, spec, split, out + thoughts, mode)
+        return TextCall(provider.name, model, split, out + thoughts, filler_text(prompt.text, out),
+                        natural > cap - thoughts, price, thoughts)
 
     def bill_text(self, call: TextCall, mode: BillMode, route: str, request_id: str,
                   custom_id: str | None = None, idempotency_key: str | None = None) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 from engine.core.catalog import ModelSpec
 from engine.emulator._bill import BilledItem
 from engine.emulator._core import EMULATED_AUTO_QUALITY, Core, TextCall
+from engine.emulator._gemini import gemini_thoughts, gemini_usage
 from engine.emulator._routing import Ctx, Route, route
 from engine.emulator._text import chat_prompt, forced_tool, responses_prompt
 from engine.emulator._wire import ApiError, Reply, json_reply
@@ -85,9 +86,10 @@ def chat_result(core: Core, provider: str, body: dict, mode: str, at: float | No
     if body.get("n") not in (None, 1):
         raise ApiError(400, "the emulator answers n=1 only", param="n")
     prompt = chat_prompt(body, spec.image_input or p.image_input)  # parsed before the cap, so a bad body is reported as such
+    thoughts = gemini_thoughts(body, spec) if p.compat == "gemini" else 0
     _sampling(body, spec)
     cap, cap_param = _cap(body, "max_completion_tokens", "max_tokens")
-    call = core.text_call(p, spec, body["model"], prompt, cap, cap_param, mode, at)
+    call = core.text_call(p, spec, body["model"], prompt, cap, cap_param, mode, at, thoughts)
     message: dict[str, Any] = {"role": "assistant", "content": call.text, "refusal": None, "annotations": []}
     finish = "length" if call.capped else "stop"
     if (tool := forced_tool(body)) is not None:  # the text, then the call (the API may send both)
@@ -106,6 +108,8 @@ def chat_result(core: Core, provider: str, body: dict, mode: str, at: float | No
                                                 "accepted_prediction_tokens": 0,
                                                 "rejected_prediction_tokens": 0}},
     }
+    if p.compat == "gemini":
+        out["usage"] = gemini_usage(call.input_tokens, call.split.read, call.output_tokens, call.thoughts)
     return call, out
 
 
