@@ -83,10 +83,10 @@ def emu() -> Iterator[Emulator]:
 
 
 def http_settings(emu: Emulator, *, timeout_s: float = 30.0, cancel_s: float | None = None,
-                  **kw: Any) -> Settings:
-    """Settings whose openai and anthropic are called over HTTP at ``emu`` (``point_at_emulator``), with short
+                  http: tuple[str, ...] = ("openai", "anthropic"), **kw: Any) -> Settings:
+    """Settings whose ``http`` providers are called over HTTP at ``emu`` (``point_at_emulator``), with short
     polls, the given client timeout (real s) and cancel allowance (engine s), replaying requests at their size."""
-    s = point_at_emulator(Settings(**kw), emu)
+    s = point_at_emulator(Settings(**kw), emu, http)
     eps = {name: ep.model_copy(update={"timeout_s": timeout_s, "poll_min_s": 10.0, "poll_max_s": 40.0,
                                        **({} if cancel_s is None else {"cancel_s": cancel_s})})
            for name, ep in s.providers.endpoints.items()}
@@ -118,7 +118,8 @@ class Rig:
     def __init__(self, emu: Emulator, provider: str = "openai", *, key: str = KEY, speed: float = SPEED,
                  **settings_kw: Any):
         self.emu, self.name = emu, provider
-        self.settings = http_settings(emu, **settings_kw)
+        http = tuple(dict.fromkeys(("openai", "anthropic", provider)))  # google too when it is the one driven
+        self.settings = http_settings(emu, http=http, **settings_kw)
         # The catalog the engine plans with: its batch_api.cancel_s is the endpoint's (engine.app.driver).
         self.catalog, _ = http_setup(emu.catalog, self.settings, need_keys=False)
         self.clock = ScaledClock(time.time(), speed)
