@@ -25,6 +25,10 @@ _DATA_URL = re.compile(r"data:(image/(?:jpeg|png|gif|webp));base64,(.*)", re.S) 
 # What an assistant message carries that Anthropic's has no field for, once its text and calls are blocks: null
 # (the SDK's unset) is left out, anything else is refused.
 _ASSISTANT_EXTRA = ("refusal", "audio", "function_call", "annotations")
+# Fields of an OpenAI message that say nothing when null, as the SDK's ``message.model_dump()`` sends every unset
+# one (and OpenAI's own answers ``annotations: []``): left out, they were 400s ("not a field of an Anthropic
+# message") for a conversation OpenAI takes.
+_SAY_NOTHING = ("name", "tool_calls", *_ASSISTANT_EXTRA)
 
 
 def claude_tools(out: dict[str, Any], came: dict[str, str], forced_ok: bool) -> None:
@@ -73,6 +77,8 @@ def claude_messages(messages: list, came: dict[str, str]) -> list:
     k = 0
     while k < len(messages):
         m = messages[k]
+        if isinstance(m, Mapping):
+            m = {key: v for key, v in m.items() if not (key in _SAY_NOTHING and v in (None, []))}
         role = m.get("role") if isinstance(m, Mapping) else None
         if role == "tool":
             if asked is None:

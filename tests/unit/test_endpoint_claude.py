@@ -377,3 +377,26 @@ def test_a_developer_message_goes_to_a_claude_model_as_its_system_message(claude
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi", "name": "ola"}])
     assert exc.value.param == "messages[0].name" and "name the speaker in the content" in exc.value.body["message"]
     assert len(emu.bill().items) == billed + 1
+
+
+def test_an_assistant_message_sent_back_as_the_sdk_dumps_it_goes_to_a_claude_model(claude):
+    # ``messages.append(choice.message.model_dump())`` sends every field of the SDK's message, unset ones as null
+    # (tool_calls, refusal, audio, function_call, annotations), and an answer of OpenAI's own carries
+    # ``"annotations": []``: each was a 400 ("not a field of an Anthropic message"), though OpenAI takes them and
+    # they say nothing; a null was let pass only beside tool calls, and an empty annotations list nowhere.
+    eng, client, emu = claude
+    ask = [{"role": "user", "content": "Name a river."}]
+    first = client.chat.completions.create(model=MODEL, messages=ask, max_completion_tokens=50)
+    dumped = first.choices[0].message.model_dump()
+    assert dumped["tool_calls"] is None and dumped["refusal"] is None  # as the SDK gives it
+    openai_own = {"role": "assistant", "content": "The Nile.", "refusal": None, "annotations": []}
+    for k, said in enumerate((dumped, openai_own, {**CALLED, "refusal": None, "annotations": [], "name": None})):
+        rest = [result("call_1"), result("call_2")] if said.get("tool_calls") else []
+        billed = len(emu.bill().items)
+        client.chat.completions.create(
+            model=MODEL, max_completion_tokens=50, tools=[WEATHER],
+            messages=[*ask, said, *rest, {"role": "user", "content": "And another?"}],
+            extra_headers={endpoint.HEADER_REQUEST_ID: f"dump{k}"})
+        sent = eng.wire[f"dump{k}"]["messages"][1]
+        assert set(sent) == {"role", "content"} and sent["role"] == "assistant", sent
+        assert len(emu.bill().items) == billed + 1
