@@ -112,6 +112,7 @@ def check_api_body(body: dict, where: str, api: str, spec: ModelSpec, compat: st
     if meta is not None and (not isinstance(meta, dict) or set(meta) - {"user_id"}):
         raise FieldProblem(f"{where}.metadata", f"{where}.metadata takes only user_id at Anthropic, got "
                            f"{str(meta)[:60]}; leave the other keys out")
+    _check_empty_text(body.get("system"), f"{where}.system")
     for k, m in enumerate(body.get("messages") or ()):
         role = m.get("role") if isinstance(m, Mapping) else None
         if role not in _ANTHROPIC_ROLES:
@@ -125,6 +126,7 @@ def check_api_body(body: dict, where: str, api: str, spec: ModelSpec, compat: st
             raise FieldProblem(f"{where}.messages[{k}].{extra[0]}", f"{where}.messages[{k}].{extra[0]} is not a "
                                f"field of an Anthropic message (role, content): {fix}")
         content = m.get("content")
+        _check_empty_text(content, f"{where}.messages[{k}].content")
         if role == "system" and isinstance(content, list):
             bad = next((i for i, b in enumerate(content) if not isinstance(b, Mapping) or b.get("type") != "text"),
                        None)
@@ -132,6 +134,15 @@ def check_api_body(body: dict, where: str, api: str, spec: ModelSpec, compat: st
                 field = f"{where}.messages[{k}].content[{bad}]"
                 raise FieldProblem(field, f"{field} must be a text block: Anthropic takes only text in a system "
                                    "message; put images and documents in a user message")
+
+
+def _check_empty_text(content: object, where: str) -> None:
+    """Anthropic refuses a text block with no text ("text content blocks must be non-empty"): refused here, per
+    request, where it was accepted, perhaps batched, and then refused by the provider (a review)."""
+    for j, block in enumerate(content if isinstance(content, list) else ()):
+        if isinstance(block, Mapping) and block.get("type") == "text" and block.get("text") == "":
+            raise FieldProblem(f"{where}[{j}].text", f"{where}[{j}].text is empty, and Anthropic refuses an empty "
+                               "text block: leave the block out, or give it text")
 
 
 def _check_adaptive(body: dict, where: str) -> None:

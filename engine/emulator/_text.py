@@ -171,6 +171,8 @@ class _Builder:
                     raise ApiError(400, f"{where}[{n}].text: expected a string, got "
                                    f"{'null' if text is None else type(text).__name__}",
                                    param=f"{where}[{n}].text")
+                if self.anthropic and block.get("type") == "text" and not text:
+                    raise ApiError(400, f"{where}.{n}: text content blocks must be non-empty", param=f"{where}.{n}")
                 self.add(text, False)
                 texts.append(text)
             if text_only and block.get("type") != "text":

@@ -39,6 +39,9 @@ def refusal(model: str, **body) -> str:
     ({"messages": [{"role": "developer", "content": "be brief"}, HI]}, "body.messages[0].role", "'system'"),
     ({"messages": [HI, {"role": "tool", "content": "42"}]}, "body.messages[1].role", "tool_result"),
     ({"messages": [{**HI, "name": "ola"}]}, "body.messages[0].name", "name the speaker in the content"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": ""}, {"type": "text", "text": "hi"}]}]},
+     "body.messages[0].content[0].text", "empty text block"),
+    ({"system": [{"type": "text", "text": ""}]}, "body.system[0].text", "empty text block"),
     ({"messages": [{"role": "system", "content": [{"type": "image", "source": {
         "type": "url", "url": "https://example.com/a.png"}}]}, HI]}, "body.messages[0].content[0]", "text block"),
     ({"system": [{"type": "text", "text": f"part {k}", "cache_control": {"type": "ephemeral"}} for k in range(5)]},

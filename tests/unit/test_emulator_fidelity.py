@@ -65,6 +65,7 @@ def test_a_batch_member_past_the_window_errors_alone_and_is_not_billed(emu: Emul
      "Input tag 'image_url'"),
     ({"extra_body": {"seed": 7}}, "seed: Extra inputs are not permitted"),
     ({"messages": [{"role": "user", "content": "hi", "name": "ola"}]}, "messages.0.name: Extra inputs"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": ""}]}]}, "must be non-empty"),
     ({"stop_sequences": ["END", "\n"]}, "each stop sequence must contain non-whitespace"),
     ({"metadata": {"user_id": "u", "tenant": "acme"}}, "only user_id"),
     ({"system": [{"type": "text", "text": "s", "cache_control": {"type": "persistent"}}]}, "cache_control"),
