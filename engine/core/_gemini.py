@@ -47,6 +47,11 @@ def check_gemini_body(body: Mapping[str, Any], where: str, spec: ModelSpec) -> N
             why = _FIXES.get(key, "it is not among the fields Google documents for its OpenAI compatibility layer")
             raise FieldProblem(f"{where}.{key}", f"{where}.{key} is not taken by Gemini's OpenAI compatibility layer "
                                f"({why}): leave it out")
+    modalities = body.get("modalities")
+    if modalities is not None and modalities != ["text"]:
+        raise FieldProblem(f"{where}.modalities", f"{where}.modalities {str(modalities)[:40]} is refused: only "
+                           "['text'] here, an answer in audio is billed at prices the catalog does not hold; leave "
+                           "it out")
     thinking = _thinking_config(body.get("extra_body"), f"{where}.extra_body")
     effort = body.get("reasoning_effort")
     if effort is not None:

@@ -105,6 +105,7 @@ def test_half_a_gemini_configuration_is_refused_naming_the_fix(endpoint, said):
 # -- what the layer refuses ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("model", "body", "field"), [
     (FLASH, {"store": True}, "body.store"),
+    (FLASH, {"modalities": ["text", "audio"]}, "body.modalities"),
     (FLASH, {"prompt_cache_key": "k"}, "body.prompt_cache_key"),
     (FLASH, {"service_tier": "default"}, "body.service_tier"),
     ("gemini-2.5-pro", {"reasoning_effort": "none"}, "body.reasoning_effort"),  # 2.5 Pro cannot stop thinking
@@ -130,6 +131,7 @@ def test_a_field_geminis_layer_does_not_take_is_refused_per_request_naming_it(mo
     {"reasoning_effort": "none", "max_completion_tokens": 100, "temperature": 0.3},
     {"extra_body": {"google": {"thinking_config": {"thinking_budget": 1024, "include_thoughts": True}}}},
     {"response_format": {"type": "json_object"}, "seed": 7, "stop": ["\n\n"]},
+    {"modalities": ["text"]},
 ])
 def test_what_geminis_layer_documents_is_taken(body):
     assert ask(0, **body).body["messages"] == [HI]
