@@ -11,26 +11,26 @@ from actors._types import BatchJob, Job
 from engine.core.budgets import LEDGER, Claim, Verdict
 from engine.core.result import Result
 from engine.runtime.reservation import claim_amount, dispatch_mode, triage
-from engine.runtime.waiting import STEP_S, Held, held_too_long
+from engine.runtime.waiting import STEP_S, Held, held_too_long, tiers
 
 log = logging.getLogger("smartbatch.grouper")
 LOST_CHECK_S = 60.0  # how long a re-admitted job waits for its dispatcher to say whether it holds it
 DISPATCHED_KEPT = 65_536  # claims of dispatched requests a grouper remembers (``Grouper._dispatched``)
 
-__all__ = ["PARK_RETRY_REAL_S", "Parking"]
+__all__ = ["Parking"]
 
-PARK_RETRY_REAL_S = 0.05  # real seconds between tries at least (a replay at 1000x would try at 1 kHz)
 
 
 class Parking:
     """Needs the grouper's ``clock``, ``catalog``, ``budget``, ``budget_specs``, ``table``, ``waits``,
-    ``reserve_model_max``, ``_park_timer``, ``_reserving``, ``_tasks``, ``_ledger_down``, ``_unsure_claims``,
-    ``_claims``, ``_claim_prefix``, ``_dispatch``, ``_resolve`` and ``_failed``."""
+    ``reserve_model_max``, ``_park_timer``, ``_trying``, ``_reserving``, ``_tasks``, ``_ledger_down``,
+    ``_unsure_claims``, ``_claims``, ``_claim_prefix``, ``_dispatch``, ``_resolve`` and ``_failed``."""
 
-    @property
-    def _park_step(self) -> float:
-        """Engine seconds between tries of held work."""
-        return max(STEP_S, PARK_RETRY_REAL_S * getattr(self.clock, "speedup", 1.0))
+    # Engine seconds between tries of held work, as in the simulator, at any speed-up. A floor of 50 ms of real
+    # time made it 10 engine seconds at 200x: held urgent work with a 60 s deadline was tried a few times and
+    # given up while room had freed (a helper's tour). What bounds the load instead is one try at a time: the
+    # next is armed once the last one's reservation has answered (``_retry_parked``).
+    _park_step = STEP_S
 
     def _lost_claim(self, job: Job) -> str | None:
         """``job`` was re-admitted by ingest, which found that nobody it asked holds it: the claim of its last
@@ -101,6 +101,8 @@ class Parking:
         self.waits.hold(j.req.uid, j.req, due, budget, (j, b._replace(jobs=[])))
 
     def _arm_parked(self) -> None:
+        if self._trying:  # armed again once the try under way has its answer
+            return
         now = self.clock.now()
         due = self.waits.next_try(now)
         if due is None:
@@ -121,6 +123,7 @@ class Parking:
         # must still be recognised (``add``), or both would go on.
         self._reserving.update(h.key for h in late)
         self._reserving.update(h.key for h in again)
+        self.waits.ask(again)  # until their reservation answers, less urgent work that comes waits behind them
         batches: dict[str, BatchJob] = {}
         for h in again:
             j, meta = h.payload
@@ -133,12 +136,21 @@ class Parking:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         if batches:
-            # One reservation call takes them in this order, so the room that settled goes to urgent work
-            # before normal and background (as in the simulator).
-            task = loop.create_task(self._dispatch(list(batches.values())))
+            # Reserved a priority at a time, most urgent first (``_reserve``), so the room that settled goes to
+            # urgent work before normal and background (as in the simulator).
+            self._trying = True
+            task = loop.create_task(self._try(list(batches.values()), [h.key for h in again]))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         self._arm_parked()
+
+    async def _try(self, batches: list[BatchJob], keys: list) -> None:
+        try:
+            await self._dispatch(batches)
+        finally:  # members that went back to the policy, or were cancelled, ask no more
+            self.waits.answered(keys)
+            self._trying = False
+            self._arm_parked()
 
     def _held_back(self, h: Held) -> Result:
         """The rejection of work a budget (or an unanswering ledger) held back until it could no longer finish by
@@ -153,65 +165,26 @@ class Parking:
 
     async def _reserve(self, batches: list[BatchJob], now: float,
                        refused: list[tuple[Job, Result]]) -> list[BatchJob]:
-        """Reserve every member's upper bound in one call; keep the members that may go."""
-        # No overtaking: while more urgent work waits on a budget, less urgent work under that budget waits
-        # behind it (engine.runtime.waiting).
-        overtaken = self.waits.overtaken(self.budget_specs)
-        step = self._park_step
-        if overtaken:
-            kept = []
-            for b in batches:
-                go = []
-                for j in b.jobs:
-                    name = self.waits.blocker(j.req, overtaken)
-                    if name is None:
-                        go.append(j)
-                    else:
-                        if j.claim is not None:
-                            self.budget.deliver("settle_many", [(j.claim, 0.0)])
-                            j = j._replace(claim=None)
-                        self._park(j, now + step, name, b)
-                if go:
-                    kept.append(b._replace(jobs=go))
-            batches = kept
-            if not batches:
-                self.table.budget.holding = self.waits.holding(self.budget_specs)
-                self._arm_parked()
-                return []
-        claims: list[Claim] = []
-        release = [j.claim for b in batches for j in b.jobs if j.claim is not None]  # held since a hedge
-        unsure, self._unsure_claims = self._unsure_claims, []
-        release += unsure
-        for b in batches:
-            # A batch hedged before it starts goes sync (the dispatcher does so), at the sync price.
-            mode = dispatch_mode(b.mode, b.hedge_at, now)
-            for j in b.jobs:
-                r = j.req
-                amount = claim_amount(r, self.catalog, mode, self.reserve_model_max)
-                claims.append(Claim(f"{r.id}#{self._claim_prefix}-{next(self._claims)}", r.tenant, r.provider, r.model,
-                                    r.priority, amount))
-        try:
-            verdicts = await self.budget.call("reserve_many", claims, release)
-            if len(verdicts) != len(claims):
-                raise RuntimeError(f"{len(verdicts)} verdicts for {len(claims)} claims")
-        except Exception as exc:  # the budget actor failed: nothing reserved, the work waits (or ends at its deadline)
-            # Whether it released or reserved anything is unknown: the next call releases all of it.
-            self._unsure_claims.extend([*release, *(c.rid for c in claims)])
-            verdicts = [Verdict(False, "budget_unavailable", budget=LEDGER,
-                                detail=f"the budget actor failed ({type(exc).__name__}: {exc})"[:500])] * len(claims)
-        if verdicts:  # as the simulator: a call that reserved nothing (members all back) leaves the share
-            self.waits.adapt(verdicts)
-        out: list[BatchJob] = []
-        k = 0
-        for b in batches:
-            keep = []
-            for j in b.jobs:
-                c, v = claims[k], verdicts[k]
-                k += 1
-                j = j._replace(claim=None)  # released by the call above
+        """Reserve every member's upper bound, a priority at a time, most urgent first (``tiers``: a member held
+        back holds the less urgent members after it behind it, as in the simulator); keep the members that may
+        go, each batch's in its order."""
+        kept: dict[str, list[Job]] = {}  # bid -> members that may go
+        verdicts: list[Verdict] = []
+        for tier in tiers(((b, j) for b in batches for j in b.jobs), lambda bj: bj[1].req):
+            go = self._behind(tier, now)
+            if not go:
+                continue
+            # A member's claim held since a hedge is let go in the call that reserves its fallback.
+            release = [j.claim for _, j in go if j.claim is not None]
+            unsure, self._unsure_claims = self._unsure_claims, []
+            got = await self._ask(go, now, release + unsure)
+            verdicts += [v for _, v in got]
+            self.waits.answered(j.req.uid for _, j in go)
+            for (b, j), (c, v) in zip(go, got):
+                j = j._replace(claim=None)  # released by the call
                 t = triage(v, j.req.deadline_at)
                 if t == "go":
-                    keep.append(j._replace(claim=c.rid))
+                    kept.setdefault(b.bid, []).append(j._replace(claim=c.rid))
                     self._dispatched[j.req.uid] = (c.rid, j.req.provider, j.req.model)
                     self._dispatched.move_to_end(j.req.uid)
                     if len(self._dispatched) > DISPATCHED_KEPT:
@@ -221,9 +194,54 @@ class Parking:
                         self._ledger_down = v.why()
                     self._park(j, self.waits.due_after(t, v, now), LEDGER if t == "retry" else v.budget, b)
                 else:
-                    refused.append((j, self._failed(j, "budget_exhausted", status="rejected", reason=v.why(c.amount, self.reserve_model_max))))
-            if keep:
-                out.append(b._replace(jobs=keep))
+                    refused.append((j, self._failed(j, "budget_exhausted", status="rejected",
+                                                    reason=v.why(c.amount, self.reserve_model_max))))
+        if verdicts:  # as the simulator: a call that reserved nothing (members all back) leaves the share
+            self.waits.adapt(verdicts)
         self.table.budget.holding = self.waits.holding(self.budget_specs)
         self._arm_parked()
+        out = []
+        for b in batches:
+            ids = {j.req.uid: j for j in kept.get(b.bid, ())}
+            keep = [ids[j.req.uid] for j in b.jobs if j.req.uid in ids]
+            if keep:
+                out.append(b._replace(jobs=keep))
         return out
+
+    def _behind(self, tier: list[tuple[BatchJob, Job]], now: float) -> list[tuple[BatchJob, Job]]:
+        """No overtaking: the members of ``tier`` that a budget holding more urgent work back covers are parked
+        behind it (a claim held since a hedge let go); the others may ask."""
+        overtaken = self.waits.overtaken(self.budget_specs)
+        if not overtaken:
+            return tier
+        go = []
+        for b, j in tier:
+            name = self.waits.blocker(j.req, overtaken)
+            if name is None:
+                go.append((b, j))
+            else:
+                if j.claim is not None:
+                    self.budget.deliver("settle_many", [(j.claim, 0.0)])
+                    j = j._replace(claim=None)
+                self._park(j, now + self.waits.step_s, name, b)
+        return go
+
+    async def _ask(self, go: list[tuple[BatchJob, Job]], now: float, release: list[str]) -> list[tuple[Claim, Verdict]]:
+        """One reservation call for ``go`` (releasing ``release`` first): each member's claim and verdict."""
+        claims: list[Claim] = []
+        for b, j in go:
+            # A batch hedged before it starts goes sync (the dispatcher does so), at the sync price.
+            r = j.req
+            amount = claim_amount(r, self.catalog, dispatch_mode(b.mode, b.hedge_at, now), self.reserve_model_max)
+            claims.append(Claim(f"{r.id}#{self._claim_prefix}-{next(self._claims)}", r.tenant, r.provider, r.model,
+                                r.priority, amount))
+        try:
+            verdicts = await self.budget.call("reserve_many", claims, release)
+            if len(verdicts) != len(claims):
+                raise RuntimeError(f"{len(verdicts)} verdicts for {len(claims)} claims")
+        except Exception as exc:  # the budget actor failed: nothing reserved, the work waits (or ends at its deadline)
+            # Whether it released or reserved anything is unknown: the next call releases all of it.
+            self._unsure_claims.extend([*release, *(c.rid for c in claims)])
+            verdicts = [Verdict(False, "budget_unavailable", budget=LEDGER,
+                                detail=f"the budget actor failed ({type(exc).__name__}: {exc})"[:500])] * len(claims)
+        return list(zip(claims, verdicts))

@@ -63,6 +63,7 @@ class Grouper(CancelGroups, Learning, Parking, Warm):
         # Members a budget holds back, by request id, each with its dispatch (actors._grouper_park).
         self.waits = BudgetWaits(self._park_step, sync_lead(catalog))
         self._park_timer: tuple[float, asyncio.TimerHandle] | None = None
+        self._trying = False  # a try of held work is under way (``Parking._retry_parked``): one at a time
         self._claims = itertools.count()
         # Claim ids must be unique across engines sharing one Redis ledger and across restarts.
         self._claim_prefix = f"{name}-{secrets.token_hex(4)}"
@@ -87,7 +88,6 @@ class Grouper(CancelGroups, Learning, Parking, Warm):
     async def set_clock(self, clock) -> None:
         """The engine sets the clock once every actor is up, so engine time 0 is when submitting can start."""
         self.clock = clock
-        self.waits.step_s = self._park_step  # its speed-up sets the real time between tries
         origin = engine_day_origin(self._day_origin, clock)
         est = self.table.turnarounds
         if est is not None and est.day_origin_s != origin:
@@ -328,6 +328,7 @@ class Grouper(CancelGroups, Learning, Parking, Warm):
         back = [j for b in batches for j in b.jobs if goes_back(b.mode, b.hedge_at, now, j.req)]
         if back:  # held past its hedge by a budget: back to the policy, as at a hedge (the simulator's ``send``)
             gone = {j.req.uid for j in back}
+            self.waits.answered(gone)  # taken by a try, they go back to the policy: they hold nothing behind them
             rest = [b._replace(jobs=[j for j in b.jobs if j.req.uid not in gone]) for b in batches]
             # Neither pending nor parked until ``add`` takes them back: a copy re-admitted meanwhile is one.
             self._reserving.update(gone)

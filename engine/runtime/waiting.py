@@ -6,11 +6,19 @@ reservations to settle, ``retry`` when the ledger did not answer, ``defer`` to a
 the dispatch it belongs to, and tried again *as decided* (the policy is not run again over held work: re-running
 it over every held job at every try loaded a 2-core machine enough to make urgent work late):
 
-- one try per ``step_s`` engine seconds at most, a deferred member not before its window opens;
+- one try per ``step_s`` engine seconds at most, a deferred member not before its window opens; engine seconds
+  at any speed-up (a floor of 50 ms of real time between tries made it 10 engine seconds at 200x, so held urgent
+  work with a 60 s deadline was tried a handful of times and the live engine decided otherwise than the
+  simulator);
 - most urgent first (priority, then deadline), and only ``share`` of them per try: the share doubles while tries
   get through and halves when one is held back again, so a crowd held back together is not retried as a crowd;
 - no overtaking: while more urgent work waits on a budget, less urgent work under that budget waits behind it
-  instead of taking the room the next settlement frees;
+  instead of taking the room the next settlement frees. This holds within one reservation too: the members of a
+  try (or of one decision) reserve a priority at a time, most urgent first (``tiers``), so a less urgent member
+  waits behind a more urgent one held back in the same call (one call for all let a small normal claim take the
+  room a larger urgent one was waiting for, and hold it past the urgent one's deadline); and in the grouper the
+  members a try takes count as held until their reservation answers (``asking``), so work that comes meanwhile
+  does not pass them;
 - a member still held when it can no longer finish by its deadline (its deadline less ``lead_s``, the runtime's
   median of a sync call for it) is rejected: the budget it would take buys a late answer, and work that can
   still be on time needs it.
@@ -33,7 +41,7 @@ from engine.core.latency import sync_latency_median
 from engine.core.request import PRIORITY_RANK, Request
 from engine.runtime.reservation import Triage
 
-__all__ = ["STEP_S", "BudgetWaits", "Held", "held_too_long", "sync_lead"]
+__all__ = ["STEP_S", "BudgetWaits", "Held", "held_too_long", "sync_lead", "tiers"]
 
 STEP_S = 1.0  # engine seconds between tries of held work
 MIN_SHARE, MAX_SHARE, FIRST_SHARE = 1, 4096, 32
@@ -54,6 +62,16 @@ def held_too_long(budget: str) -> str:
     return f"budget {budget} held it back until it could no longer finish by its deadline"
 
 
+def tiers(items: Iterable[Any], req_of: Callable[[Any], Request]) -> list[list[Any]]:
+    """``items`` split by priority, most urgent first, each in its order: a reservation asks the ledger a tier at a
+    time, and a member held back in one tier holds the less urgent members of the next behind it (no overtaking
+    within a call)."""
+    by: dict[int, list[Any]] = {}
+    for x in items:
+        by.setdefault(PRIORITY_RANK[req_of(x).priority], []).append(x)
+    return [by[k] for k in sorted(by)]
+
+
 class Held(NamedTuple):
     key: Hashable
     req: Request
@@ -72,7 +90,8 @@ class BudgetWaits:
         self.lead_s = lead_s  # seconds before its deadline a member must go to finish by it (None: 0)
         self.held: dict[Hashable, Held] = {}
         self.share = FIRST_SHARE
-        self._ranks: dict[str, list[int]] = {}  # budget -> held members per priority rank
+        self._ranks: dict[str, list[int]] = {}  # budget -> held (or asking) members per priority rank
+        self._asking: dict[Hashable, tuple[str, int]] = {}  # taken by a try, no verdict yet: (budget, rank)
         self._seq = itertools.count()
         self._by_due: list[tuple[float, int, Hashable]] = []
         self._by_deadline: list[tuple[float, int, Hashable]] = []
@@ -85,10 +104,11 @@ class BudgetWaits:
         return key in self.held
 
     def __repr__(self) -> str:
-        return f"BudgetWaits(held={len(self.held)}, share={self.share})"
+        return f"BudgetWaits(held={len(self.held)}, asking={len(self._asking)}, share={self.share})"
 
     def hold(self, key: Hashable, req: Request, due: float, budget: str, payload: Any) -> None:
         self.drop(key)
+        self.answered((key,))
         if len(self._by_deadline) > 2 * len(self.held) + 1024:
             self._compact()  # entries of members sent or dropped since: a deadline may be a day away
         h = self.held[key] = Held(key, req, due, budget, payload, next(self._seq))
@@ -101,6 +121,26 @@ class BudgetWaits:
         if h is not None:
             self._ranks[h.budget][PRIORITY_RANK[h.req.priority]] -= 1
         return h
+
+    def ask(self, taken: Iterable[Held]) -> None:
+        """Members a try took, whose reservation is under way: until ``answered`` (or held again) they still hold
+        less urgent work under their budget behind them, as while they were held. Without this, work that came
+        while the ledger answered a try was judged against a budget holding nothing back, and took the room the
+        try's urgent members were refused for (a live engine's reservation can take tens of engine seconds under
+        a speed-up)."""
+        for h in taken:
+            if h.key not in self._asking and h.key not in self.held:
+                rank = PRIORITY_RANK[h.req.priority]
+                self._asking[h.key] = (h.budget, rank)
+                self._ranks.setdefault(h.budget, [0, 0, 0])[rank] += 1
+
+    def answered(self, keys: Iterable[Hashable]) -> None:
+        """The reservation of these members answered (or they went elsewhere): they no longer count as asking. A
+        key not asking is let be, so a runtime may say it twice."""
+        for k in keys:
+            entry = self._asking.pop(k, None)
+            if entry is not None:
+                self._ranks[entry[0]][entry[1]] -= 1
 
     def _compact(self) -> None:
         """Rebuild the heaps from what is held (dropping the stale entries); the due ones stay ready."""
@@ -126,8 +166,8 @@ class BudgetWaits:
         return max(v.retry_at, nxt) if t == "defer" and v.retry_at is not None else nxt
 
     def overtaken(self, specs: Iterable[BudgetSpec]) -> list[tuple[BudgetSpec, int]]:
-        """(budget, the most urgent rank it holds back) for each budget with held work: a member of a less
-        urgent rank that the budget covers waits behind it (``blocker``)."""
+        """(budget, the most urgent rank it holds back) for each budget with held (or asking) work: a member of a
+        less urgent rank that the budget covers waits behind it (``blocker``)."""
         tops = {name: next(k for k, n in enumerate(ranks) if n) for name, ranks in self._ranks.items() if any(ranks)}
         return [(s, tops[s.name]) for s in specs if s.name in tops]
 

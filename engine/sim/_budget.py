@@ -8,7 +8,7 @@ from __future__ import annotations
 from engine.core.budgets import Claim
 from engine.core.grouping import Decision
 from engine.runtime.reservation import claim_amount, triage
-from engine.runtime.waiting import held_too_long
+from engine.runtime.waiting import held_too_long, tiers
 from engine.sim.results import (
     _REJECTED,
 )
@@ -24,42 +24,46 @@ class SimBudget:
         if self.book is None:
             return [idxs for idxs, _, _ in sends]
         waits, now = self.waits, self.now
-        overtaken = waits.overtaken(self.book.specs)
-        go: list[tuple[int, int]] = []  # (member, which send)
-        for k, (idxs, _, d) in enumerate(sends):
-            for i in idxs:
+        ok: list[set[int]] = [set() for _ in sends]
+        verdicts: list = []
+        # A priority at a time, most urgent first: a member held back in one tier holds the less urgent members
+        # of the next behind it (``engine.runtime.waiting.tiers``), as held work does between calls.
+        for tier in tiers(((i, k) for k, (idxs, _, _) in enumerate(sends) for i in idxs), lambda ik: self.reqs[ik[0]]):
+            overtaken = waits.overtaken(self.book.specs)
+            go: list[tuple[int, int]] = []  # (member, which send)
+            for i, k in tier:
                 name = waits.blocker(self.reqs[i], overtaken) if overtaken else None
                 if name is None:
                     go.append((i, k))
                 else:  # no overtaking: behind more urgent work that this budget holds back
-                    waits.hold(i, self.reqs[i], now + waits.step_s, name, (i, d))
-        claims = []
-        for i, k in go:
-            r = self.reqs[i]
-            amount = claim_amount(r, self.catalog, sends[k][1], self.model_max)
-            claims.append(Claim(f"{r.id}#{next(self.claim_ids)}", r.tenant, r.provider, r.model, r.priority,
-                                amount))
-        verdicts = self.book.reserve_many(claims, now) if claims else []
-        if verdicts:
-            waits.adapt(verdicts)
-        ok: list[list[int]] = [[] for _ in sends]
-        for (i, k), c, v in zip(go, claims, verdicts):
-            r, d = self.reqs[i], sends[k][2]
-            t = triage(v, r.deadline_at)
-            if t == "go":
-                self.claim_of[i] = (c.rid, c.amount)
-                ok[k].append(i)
-            elif t in ("wait", "defer"):
-                if t == "wait":
-                    self.budget_waits += 1
+                    waits.hold(i, self.reqs[i], now + waits.step_s, name, (i, sends[k][2]))
+            claims = []
+            for i, k in go:
+                r = self.reqs[i]
+                amount = claim_amount(r, self.catalog, sends[k][1], self.model_max)
+                claims.append(Claim(f"{r.id}#{next(self.claim_ids)}", r.tenant, r.provider, r.model, r.priority,
+                                    amount))
+            got = self.book.reserve_many(claims, now) if claims else []
+            verdicts += got
+            for (i, k), c, v in zip(go, claims, got):
+                r, d = self.reqs[i], sends[k][2]
+                t = triage(v, r.deadline_at)
+                if t == "go":
+                    self.claim_of[i] = (c.rid, c.amount)
+                    ok[k].add(i)
+                elif t in ("wait", "defer"):
+                    if t == "wait":
+                        self.budget_waits += 1
+                    else:
+                        self.deferrals += 1
+                    waits.hold(i, r, waits.due_after(t, v, now), v.budget, (i, d))
                 else:
-                    self.deferrals += 1
-                waits.hold(i, r, waits.due_after(t, v, now), v.budget, (i, d))
-            else:
-                self.reject(i, "budget_exhausted", v.why(c.amount, self.model_max))
+                    self.reject(i, "budget_exhausted", v.why(c.amount, self.model_max))
+        if verdicts:  # the share of a try follows the whole try, as in one call
+            waits.adapt(verdicts)
         self.table.budget.holding = waits.holding(self.book.specs)
         self.tick()
-        return ok
+        return [[i for i in idxs if i in ok[k]] for k, (idxs, _, _) in enumerate(sends)]
 
     def settle_claim(self, i: int, actual: float, at: float) -> None:
         entry = self.claim_of.pop(i, None)

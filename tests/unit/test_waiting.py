@@ -114,3 +114,30 @@ def test_what_it_keeps_is_bounded_by_what_is_held_not_by_what_passed_through():
         w.take(2.0)
     _, ready = w.take(60.0)
     assert [h.payload for h in ready] == ["kept"]  # compacting kept what was held
+
+
+def test_a_reservation_asks_a_priority_at_a_time_most_urgent_first():
+    from engine.runtime.waiting import tiers
+
+    rs = [req(0, "background"), req(1, "normal"), req(2, "urgent"), req(3, "normal"), req(4, "urgent")]
+    assert [[r.id for r in t] for t in tiers(rs, lambda r: r)] == [["r2", "r4"], ["r1", "r3"], ["r0"]]
+    assert tiers([], lambda r: r) == []
+
+
+def test_members_a_try_took_hold_less_urgent_work_behind_them_until_their_reservation_answers():
+    acme = BudgetSpec(tenant="acme", max_budget=1.0)
+    w = BudgetWaits()
+    u = req(0, "urgent")
+    w.hold(u.uid, u, 1.0, acme.name, None)
+    _, ready = w.take(1.0)
+    assert w.overtaken([acme]) == []
+    w.ask(ready)  # their reservation is under way
+    assert len(w) == 0 and w.blocker(req(1), w.overtaken([acme])) == acme.name
+    w.answered([u.uid])
+    assert w.overtaken([acme]) == []
+    w.ask(ready)
+    w.hold(u.uid, u, 2.0, acme.name, None)  # held again: counted once
+    w.answered([u.uid])
+    assert [(s.name, top) for s, top in w.overtaken([acme])] == [(acme.name, 0)]
+    w.drop(u.uid)
+    assert w.overtaken([acme]) == []
