@@ -215,7 +215,10 @@ class BudgetController(LedgerJournal, Warm):
                 if v.retry_at is not None:
                     v = v._replace(retry_at=v.retry_at - self.base)
             out.append(v)
-        self._changed()
+        # A call that reserved and released nothing (a try of held work that must wait again) changed only the
+        # refusal counts: no journal write to wait for. Held work is tried once per engine second, 200 times a
+        # second at 200x, and each write is the whole ledger.
+        self._changed(journal=bool(release) or any(v.ok for v in out))
         await self._durable()
         return out
 
@@ -325,8 +328,8 @@ class BudgetController(LedgerJournal, Warm):
             if self._usable() and await self._settle([]) and await self._charge():
                 self._changed()
 
-    def _changed(self) -> None:
-        if self.journal is not None and self.settings.specs:
+    def _changed(self, journal: bool = True) -> None:
+        if journal and self.journal is not None and self.settings.specs:
             self._journal_dirty = True
             self._asked += 1
             if self._journaling is None or self._journaling.done():

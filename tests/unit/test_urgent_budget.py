@@ -122,3 +122,26 @@ def test_held_work_is_tried_again_one_engine_second_later_at_any_speed_up():
         assert g._park_timer[0] == pytest.approx(clock.now() + STEP_S)  # 10 engine seconds at 200x before
         g._park_timer[1].cancel()
     asyncio.run(go())
+
+
+def test_a_try_that_must_wait_again_writes_no_journal_a_reservation_does():
+    """Held work is tried once per engine second (200 tries a second at 200x): a try that reserved and released
+    nothing changed only the refusal counts, and waits for no write of the whole ledger."""
+    async def go():
+        spec = BudgetSpec(max_budget=1.0)
+        ctl = BudgetController(BudgetSettings(specs=(spec,)), ResultHub(), ManualClock(0.0))
+        writes = []
+        write = ctl.rejournal
+
+        async def counted():
+            writes.append(1)
+            await write()
+
+        ctl.rejournal = counted
+        (v,) = await ctl.reserve_many([Claim("a", "default", "openai", "gpt-5", "normal", 0.9)])
+        assert v.ok and len(writes) == 1
+        (v,) = await ctl.reserve_many([Claim("b", "default", "openai", "gpt-5", "urgent", 0.5)])
+        assert v.reason == "wait" and len(writes) == 1 and ctl.refusals["wait"] == 1
+        (v,) = await ctl.reserve_many([Claim("c", "default", "openai", "gpt-5", "urgent", 0.5)], ["a"])
+        assert v.ok and len(writes) == 2  # a release and a reservation: written before the answer
+    asyncio.run(go())
