@@ -1,15 +1,23 @@
-"""Parts of a catalog entry that hold prices of one kind: a provider's prompt cache and a model's own terms of it,
-a model's long-prompt tier, a GPU provider's batching. ``engine.core.catalog`` names them; the one way to read the
-prompt cache a model is billed under is ``ProviderSpec.cache_of``."""
+"""Parts of a catalog entry that hold prices or terms of one kind: a provider's prompt cache and a model's own terms
+of it, a model's long-prompt tier, a GPU provider's batching, a provider's batch API and its turnaround.
+``engine.core.catalog`` names them; the one way to read the prompt cache a model is billed under is
+``ProviderSpec.cache_of``."""
 
 from __future__ import annotations
 
 import functools
+import math
+from statistics import NormalDist
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["GpuBatching", "LongContext", "ModelCache", "PromptCache", "merged_cache", "respelt_cache_terms",
-           "respelt_catalog"]
+__all__ = ["BatchApi", "GpuBatching", "Kind", "LongContext", "ModelCache", "PromptCache", "merged_cache",
+           "respelt_cache_terms", "respelt_catalog"]
+
+
+Kind = Literal["text", "image", "video"]
+_CHECKPOINTS = 16  # candidate checkpoints of a second batch (``BatchApi.second_batch``)
 
 
 class _Frozen(BaseModel):
@@ -129,3 +137,88 @@ class GpuBatching(_Frozen):
     def runtime_s(self, unit_gpu_s: float, b: int) -> float:
         """GPU seconds of one dispatch of ``b`` jobs of ``unit_gpu_s`` each (one warm-up)."""
         return self.setup_s + unit_gpu_s * b / self.speedup_at(b)
+
+
+def _lognormal_cdf(t: float, lo: float, window: float, median: float, den: float) -> float:
+    """P(turnaround <= t) of a lognormal of ``median`` (``den`` = sigma x sqrt 2), clipped to [lo, window]."""
+    if t < lo:
+        return 0.0
+    if t >= window:
+        return 1.0
+    return 0.5 * (1.0 + math.erf(math.log(max(t, 1e-9) / median) / den))
+
+
+class BatchApi(_Frozen):
+    kinds: tuple[Kind, ...] = ("text",)
+    discount: float = Field(gt=0, lt=1)
+    completion_window_s: float = Field(gt=0)
+    turnaround_median_s: float = Field(gt=0)
+    turnaround_p95_s: float = Field(gt=0)
+    turnaround_min_s: float = Field(ge=0)
+    max_requests: int = Field(ge=1)
+    max_file_mb: float | None = Field(default=None, gt=0, description=(
+        "the most one batch's requests may weigh (OpenAI's input file, Anthropic's create body), in MiB; the "
+        "engine sends a larger dispatch as several batches (None: no limit)"))
+    max_enqueued_tokens: float = Field(gt=0)
+    cancel_s: float = Field(default=0.0, ge=0, description=(
+        "seconds a cancel may take before the finished members are known (a real batch sits in 'cancelling' "
+        "for up to 10 min); the hedge falls back this much earlier. Simulated batches cancel at once (0); "
+        "the engine sets it from providers.endpoints.<name>.cancel_s for providers it calls over HTTP"))
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BatchApi:
+        if not (self.turnaround_min_s <= self.turnaround_median_s <= self.turnaround_p95_s
+                <= self.completion_window_s):
+            raise ValueError(
+                "need turnaround_min_s <= turnaround_median_s <= turnaround_p95_s <= completion_window_s, got "
+                f"{self.turnaround_min_s} / {self.turnaround_median_s} / {self.turnaround_p95_s} / "
+                f"{self.completion_window_s}"
+            )
+        return self
+
+    @property
+    def turnaround_sigma(self) -> float:
+        """Lognormal sigma that puts the 95th percentile at ``turnaround_p95_s``."""
+        return max(math.log(self.turnaround_p95_s / self.turnaround_median_s) / 1.6448536, 1e-9)
+
+    def turnaround_cdf(self, t: float) -> float:
+        """P(turnaround <= t) under the catalog's lognormal, clipped to [min, completion window]."""
+        return _lognormal_cdf(t, self.turnaround_min_s, self.completion_window_s, self.turnaround_median_s,
+                              self._cdf_den())
+
+    def _cdf_den(self) -> float:
+        # Computed per call: a property or private attribute of a pydantic model costs more than the arithmetic.
+        return max(math.log(self.turnaround_p95_s / self.turnaround_median_s) / 1.6448536, 1e-9) * 1.4142135623730951
+
+    def second_batch(self, usable: float) -> tuple[float | None, float]:
+        """The best checkpoint for a second batch within ``usable`` seconds, and the chance that one of two is
+        back in time: the first, cancelled at the checkpoint if still out, then a fresh one with the time left
+        once the cancel is through (``cancel_s``). (None, P of one batch) when two do not fit.
+
+        The turnaround's tail is heavy (lognormal): a batch still out at the checkpoint is likely to stay out,
+        and a fresh batch draws a fresh turnaround. Checked on an even grid of the room between two minimal
+        turnarounds; the best lies near its middle."""
+        p_one = self.turnaround_cdf(usable)
+        room = usable - self.cancel_s
+        lo = self.turnaround_min_s
+        if room < 2 * lo or p_one >= 1.0:
+            return None, p_one
+        # A policy asks this on most decisions of a batch: the lognormal's constants once, not per point.
+        window, med, den = self.completion_window_s, self.turnaround_median_s, self._cdf_den()
+        best, p_best = None, p_one
+        for i in range(1, _CHECKPOINTS):
+            c = lo + (room - 2 * lo) * i / _CHECKPOINTS
+            f = _lognormal_cdf(c, lo, window, med, den)
+            p_two = f + (1.0 - f) * _lognormal_cdf(room - c, lo, window, med, den)
+            if p_two > p_best:
+                best, p_best = c, p_two
+        return best, p_best
+
+    def turnaround_quantile(self, p: float) -> float:
+        """Smallest t with P(turnaround <= t) >= p (the inverse of ``turnaround_cdf``)."""
+        if p <= 0.0:
+            return self.turnaround_min_s
+        if p >= 1.0:
+            return self.completion_window_s
+        t = self.turnaround_median_s * math.exp(self.turnaround_sigma * NormalDist().inv_cdf(p))
+        return min(max(t, self.turnaround_min_s), self.completion_window_s)

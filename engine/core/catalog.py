@@ -7,18 +7,18 @@ the policies read those declarations and never guess a capability from a provide
 from __future__ import annotations
 
 import functools
-import math
 from datetime import date
 from importlib import resources
 from pathlib import Path
-from statistics import NormalDist
 from typing import Annotated, Literal
 
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
 from engine.core._catalog_parts import (
+    BatchApi,
     GpuBatching,
+    Kind,
     LongContext,
     ModelCache,
     PromptCache,
@@ -33,10 +33,7 @@ from engine.core.errors import CatalogError
 __all__ = ["BatchApi", "Catalog", "Effort", "GpuBatching", "Kind", "Latency", "MediaLatency", "ModelCache", "ModelSpec",
            "PromptCache", "ProviderSpec", "RateLimits", "default_catalog", "load_catalog"]
 
-Kind = Literal["text", "image", "video"]
 Effort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
-
-_CHECKPOINTS = 16  # candidate checkpoints of a second batch (``BatchApi.second_batch``)
 
 
 class RateLimits(_Frozen):
@@ -54,96 +51,11 @@ class Latency(_Frozen):
     sigma: float = Field(ge=0, le=2, default=0.3)
 
 
-def _lognormal_cdf(t: float, lo: float, window: float, median: float, den: float) -> float:
-    """P(turnaround <= t) of a lognormal of ``median`` (``den`` = sigma x sqrt 2), clipped to [lo, window]."""
-    if t < lo:
-        return 0.0
-    if t >= window:
-        return 1.0
-    return 0.5 * (1.0 + math.erf(math.log(max(t, 1e-9) / median) / den))
-
-
 class MediaLatency(_Frozen):
     image_s: float = Field(gt=0)
     video_base_s: float = Field(gt=0)
     video_per_second_s: float = Field(ge=0)
     sigma: float = Field(ge=0, le=2, default=0.3)
-
-
-class BatchApi(_Frozen):
-    kinds: tuple[Kind, ...] = ("text",)
-    discount: float = Field(gt=0, lt=1)
-    completion_window_s: float = Field(gt=0)
-    turnaround_median_s: float = Field(gt=0)
-    turnaround_p95_s: float = Field(gt=0)
-    turnaround_min_s: float = Field(ge=0)
-    max_requests: int = Field(ge=1)
-    max_file_mb: float | None = Field(default=None, gt=0, description=(
-        "the most one batch's requests may weigh (OpenAI's input file, Anthropic's create body), in MiB; the "
-        "engine sends a larger dispatch as several batches (None: no limit)"))
-    max_enqueued_tokens: float = Field(gt=0)
-    cancel_s: float = Field(default=0.0, ge=0, description=(
-        "seconds a cancel may take before the finished members are known (a real batch sits in 'cancelling' "
-        "for up to 10 min); the hedge falls back this much earlier. Simulated batches cancel at once (0); "
-        "the engine sets it from providers.endpoints.<name>.cancel_s for providers it calls over HTTP"))
-
-    @model_validator(mode="after")
-    def _ordered(self) -> BatchApi:
-        if not (self.turnaround_min_s <= self.turnaround_median_s <= self.turnaround_p95_s
-                <= self.completion_window_s):
-            raise ValueError(
-                "need turnaround_min_s <= turnaround_median_s <= turnaround_p95_s <= completion_window_s, got "
-                f"{self.turnaround_min_s} / {self.turnaround_median_s} / {self.turnaround_p95_s} / "
-                f"{self.completion_window_s}"
-            )
-        return self
-
-    @property
-    def turnaround_sigma(self) -> float:
-        """Lognormal sigma that puts the 95th percentile at ``turnaround_p95_s``."""
-        return max(math.log(self.turnaround_p95_s / self.turnaround_median_s) / 1.6448536, 1e-9)
-
-    def turnaround_cdf(self, t: float) -> float:
-        """P(turnaround <= t) under the catalog's lognormal, clipped to [min, completion window]."""
-        return _lognormal_cdf(t, self.turnaround_min_s, self.completion_window_s, self.turnaround_median_s,
-                              self._cdf_den())
-
-    def _cdf_den(self) -> float:
-        # Computed per call: a property or private attribute of a pydantic model costs more than the arithmetic.
-        return max(math.log(self.turnaround_p95_s / self.turnaround_median_s) / 1.6448536, 1e-9) * 1.4142135623730951
-
-    def second_batch(self, usable: float) -> tuple[float | None, float]:
-        """The best checkpoint for a second batch within ``usable`` seconds, and the chance that one of two is
-        back in time: the first, cancelled at the checkpoint if still out, then a fresh one with the time left
-        once the cancel is through (``cancel_s``). (None, P of one batch) when two do not fit.
-
-        The turnaround's tail is heavy (lognormal): a batch still out at the checkpoint is likely to stay out,
-        and a fresh batch draws a fresh turnaround. Checked on an even grid of the room between two minimal
-        turnarounds; the best lies near its middle."""
-        p_one = self.turnaround_cdf(usable)
-        room = usable - self.cancel_s
-        lo = self.turnaround_min_s
-        if room < 2 * lo or p_one >= 1.0:
-            return None, p_one
-        # A policy asks this on most decisions of a batch: the lognormal's constants once, not per point.
-        window, med, den = self.completion_window_s, self.turnaround_median_s, self._cdf_den()
-        best, p_best = None, p_one
-        for i in range(1, _CHECKPOINTS):
-            c = lo + (room - 2 * lo) * i / _CHECKPOINTS
-            f = _lognormal_cdf(c, lo, window, med, den)
-            p_two = f + (1.0 - f) * _lognormal_cdf(room - c, lo, window, med, den)
-            if p_two > p_best:
-                best, p_best = c, p_two
-        return best, p_best
-
-    def turnaround_quantile(self, p: float) -> float:
-        """Smallest t with P(turnaround <= t) >= p (the inverse of ``turnaround_cdf``)."""
-        if p <= 0.0:
-            return self.turnaround_min_s
-        if p >= 1.0:
-            return self.completion_window_s
-        t = self.turnaround_median_s * math.exp(self.turnaround_sigma * NormalDist().inv_cdf(p))
-        return min(max(t, self.turnaround_min_s), self.completion_window_s)
 
 
 _Price = Annotated[float, Field(ge=0)]  # USD a unit: 0 is free, never below
