@@ -1,4 +1,5 @@
-"""What a provider body bills as input: its text (``split_body``), tool definitions and images.
+"""What a provider body bills as input: its text (``split_body``), tool definitions, images and the system prompt a
+provider adds for tool use.
 
 The engine estimates a request's input tokens before the call (budgets reserve on the estimate; the provider's
 ``usage`` replaces it after), and the emulator bills by the same rules, so both must count what the providers
@@ -21,9 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from engine.core._checks import FieldProblem
 
-__all__ = ["TEXT_PARTS", "ImageInput", "block_call_text", "body_image_tokens", "call_chars", "call_texts",
-           "image_blocks", "image_size", "image_tokens", "only_tool_outputs", "sends_prompt", "split_body",
-           "tool_chars", "tool_output_parts"]
+__all__ = ["TEXT_PARTS", "ImageInput", "ToolPrompt", "block_call_text", "body_image_tokens", "call_chars",
+           "call_texts", "image_blocks", "image_size", "image_tokens", "only_tool_outputs", "sends_prompt",
+           "split_body", "tool_chars", "tool_output_parts", "tool_prompt_tokens"]
 
 
 class ImageInput(BaseModel):
@@ -43,6 +44,17 @@ class ImageInput(BaseModel):
     tile_tokens: int = Field(default=170, ge=0)
     multiplier: float = Field(default=1.0, gt=0)
     max_tokens: int = Field(default=1600, ge=1)
+
+
+class ToolPrompt(BaseModel):
+    """The system prompt a provider adds to a call that carries tools, billed as input tokens (catalog:
+    ``tool_prompt``). Anthropic's size depends on the model and on the call's ``tool_choice``: ``auto`` tokens
+    when the choice leaves the model free (auto, none, or no choice given), ``any`` when it forces a call (any,
+    or a tool by name)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    auto: int = Field(ge=0)
+    any: int = Field(ge=0)
 
 
 # A model whose catalog entry names no rule: Anthropic's, whose largest count (1,600) is also about what the
@@ -122,6 +134,21 @@ def tool_chars(body: Any) -> int:
         return 0
     return sum(len(json.dumps({k: v for k, v in t.items() if k != "cache_control"} if isinstance(t, dict) else t,
                               sort_keys=True, separators=(",", ":"))) for t in tools)
+
+
+def tool_prompt_tokens(body: Any, rule: ToolPrompt | None) -> int:
+    """Tokens of the system prompt ``rule``'s provider adds to ``body``: once, when it carries tools (a
+    non-empty ``tools``, server tools too), by its ``tool_choice`` in Anthropic's shape (``{type: auto | none | any
+    | tool}``) or OpenAI's ("auto", "none", "required", a function by name), as a body for a Claude model may come
+    in either. A choice of another shape counts the larger: a reservation never guesses low."""
+    tools = body.get("tools") if isinstance(body, dict) else None
+    if rule is None or not isinstance(tools, list) or not tools:
+        return 0
+    choice = body.get("tool_choice")
+    kind = choice.get("type") if isinstance(choice, dict) else choice
+    if kind in (None, "auto", "none"):
+        return rule.auto
+    return rule.any if kind in ("any", "tool", "required", "function") else max(rule.auto, rule.any)
 
 
 def image_blocks(content: Any) -> list[tuple[str, str]]:

@@ -27,7 +27,7 @@ from engine.core._catalog_parts import (
     respelt_cache_terms,
     respelt_catalog,
 )
-from engine.core.body_tokens import ImageInput
+from engine.core.body_tokens import ImageInput, ToolPrompt
 from engine.core.errors import CatalogError
 
 __all__ = ["BatchApi", "Catalog", "Effort", "GpuBatching", "Kind", "Latency", "MediaLatency", "ModelCache", "ModelSpec",
@@ -95,6 +95,8 @@ class ModelSpec(_Frozen):
                                          "the provider limits input on its own (None: only the context window)")
     image_input: ImageInput | None = Field(default=None, description="how an input image is billed (None: the "
                                            "provider's rule)")
+    tool_prompt: ToolPrompt | None = Field(default=None, description="the system prompt added to a call that "
+                                           "carries tools, in tokens by tool_choice (None: the provider's)")
     reasoning: bool = Field(default=False, description="an OpenAI reasoning model (gpt-5, o-series): the API "
                             "refuses max_tokens for it (max_completion_tokens, which also counts reasoning tokens) "
                             "and any temperature or top_p but 1, unless its reasoning effort is 'none'")
@@ -173,6 +175,7 @@ class ProviderSpec(_Frozen):
     prompt_cache: PromptCache | None = None
     gpu_batching: GpuBatching | None = None
     image_input: ImageInput | None = None  # the models' rule for input images, unless a model names its own
+    tool_prompt: ToolPrompt | None = None  # the tool-use system prompt of its models, unless a model names its own
     # How the provider's OpenAI-compatible layer differs from OpenAI's API, as its documentation says (None: not
     # at all): "gemini", Google's (docs/providers.md, "Gemini"). Bodies are checked and usage read by it.
     compat: Literal["gemini"] | None = None
@@ -233,6 +236,10 @@ class Catalog(_Frozen):
     def image_rule(self, provider: str, model: str) -> ImageInput | None:
         """How the model bills an input image: its own rule, else its provider's (None: neither names one)."""
         return self.model(provider, model).image_input or self.provider(provider).image_input
+
+    def tool_prompt(self, provider: str, model: str) -> ToolPrompt | None:
+        """The system prompt the model's calls with tools carry: its own term, else its provider's (None: none)."""
+        return self.model(provider, model).tool_prompt or self.provider(provider).tool_prompt
 
     def find_model(self, model: str) -> tuple[str, ModelSpec]:
         """The provider of a model name, when a trace line names only the model."""

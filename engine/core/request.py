@@ -33,6 +33,7 @@ from engine.core.body_tokens import (
     sends_prompt,
     split_body,
     tool_chars,
+    tool_prompt_tokens,
 )
 from engine.core.catalog import Catalog, Kind, default_catalog
 from engine.core.errors import CatalogError, RequestError
@@ -312,7 +313,7 @@ class Request(BaseModel):
         if d.get("input_tokens") is None:
             # A turn of only tool outputs (an agent's loop) has no text, and is one: even of empty outputs. So
             # is a message of only an image: it is sent, and billed by the image rule.
-            calls = call_chars(body)
+            calls, hidden = call_chars(body), tool_prompt_tokens(body, catalog.tool_prompt(d["provider"], model))
             images = body_image_tokens(body, catalog.image_rule(d["provider"], model))
             if (spec.kind == "text" and not (isinstance(prompt, str) and prompt) and not calls and not images
                     and not only_tool_outputs(body)):
@@ -322,7 +323,7 @@ class Request(BaseModel):
                 raise FieldProblem("input_tokens", "a text request needs 'input_tokens' or a 'prompt' to estimate them from")
             sent = len(prompt) if isinstance(prompt, str) else 0  # sent beside the body's text, or a label of it
             chars = (sent + body_chars if sends_prompt(body, spec.kind) else max(sent, body_chars)) + tool_chars(body) + calls
-            d["input_tokens"] = math.ceil(chars / settings.chars_per_token) + images
+            d["input_tokens"] = math.ceil(chars / settings.chars_per_token) + images + hidden
         if d.get("output_tokens") is None:
             out = settings.default_output_tokens if spec.kind == "text" else 0
             cap = d.get("max_output_tokens")

@@ -21,8 +21,9 @@ A missing key is a 401 in the family's error shape; any non-empty key passes and
 Prices, cache rules and batch timings come from the provider's catalog entry, whatever the wire format.
 Control: ``GET /_emulator/bill``, ``GET /_emulator/calls``, ``POST /_emulator/faults`` (``FaultPlan.configure``).
 
-Tokens. Prompt tokens = ``ceil(chars / 4)`` of the prompt text: tool definitions (canonical JSON, if any),
-then system / instructions, then every message's text (text blocks of block lists), concatenated in that
+Tokens. Prompt tokens = ``ceil(chars / 4)`` of the prompt text: the system prompt the provider adds for tool
+use (the catalog's ``tool_prompt``, Anthropic's, as text of its tokens, when tools are given), tool definitions
+(canonical JSON, if any), then system / instructions, then every message's text (text blocks of block lists), concatenated in that
 order, each input image standing in that order as text of its tokens by the model's ``image_input`` rule
 (``engine.core.body_tokens``). This is the engine's own estimate (``chars_per_token = 4``).
 

@@ -54,7 +54,7 @@ def message_result(core: Core, provider: str, body: dict, mode: str, at: float |
                        f"({body['model']}); use tool_choice.type 'auto' or 'none'", param="tool_choice")
     check_tools(body.get("tools"))
     check_tool_turns(body.get("messages"))
-    prompt = anthropic_prompt(body, spec.image_input or p.image_input)
+    prompt = anthropic_prompt(body, spec.image_input or p.image_input, spec.tool_prompt or p.tool_prompt)
     call = core.text_call(p, spec, body["model"], prompt, body["max_tokens"], "max_tokens", mode, at)
     tool = forced_tool(body)
     # A forced call is the whole answer (no text before it), its input what the tool's schema requires.

@@ -85,7 +85,8 @@ def chat_result(core: Core, provider: str, body: dict, mode: str, at: float | No
     p, spec = core.model(provider, body.get("model"), "text")
     if body.get("n") not in (None, 1):
         raise ApiError(400, "the emulator answers n=1 only", param="n")
-    prompt = chat_prompt(body, spec.image_input or p.image_input)  # parsed before the cap, so a bad body is reported as such
+    # Parsed before the cap, so a bad body is reported as such.
+    prompt = chat_prompt(body, spec.image_input or p.image_input, spec.tool_prompt or p.tool_prompt)
     thoughts = gemini_thoughts(body, spec) if p.compat == "gemini" else 0
     _sampling(body, spec)
     cap, cap_param = _cap(body, "max_completion_tokens", "max_tokens")
@@ -118,7 +119,7 @@ def responses_result(core: Core, provider: str, body: dict, mode: str, at: float
     """One Responses call (minimal: text in, one output_text message out). Bills nothing."""
     _no_stream(body)
     p, spec = core.model(provider, body.get("model"), "text")
-    prompt = responses_prompt(body, spec.image_input or p.image_input)
+    prompt = responses_prompt(body, spec.image_input or p.image_input, spec.tool_prompt or p.tool_prompt)
     _sampling(body, spec)
     cap, cap_param = _cap(body, "max_output_tokens")
     call = core.text_call(p, spec, body["model"], prompt, cap, cap_param, mode, at)

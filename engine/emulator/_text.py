@@ -14,12 +14,14 @@ from typing import Any, NamedTuple
 from engine.core.body_tokens import (
     TEXT_PARTS,
     ImageInput,
+    ToolPrompt,
     block_call_text,
     call_texts,
     image_blocks,
     image_size,
     image_tokens,
     tool_output_parts,
+    tool_prompt_tokens,
 )
 from engine.emulator._wire import ApiError
 
@@ -121,13 +123,17 @@ class _Builder:
         if self.length > 0 and (not self.bounds or self.bounds[-1] != self.length):
             self.bounds.append(self.length)
 
-    def tools(self, tools: Any) -> None:
+    def tools(self, tools: Any, hidden: int = 0) -> None:
         # Tool definitions are tokens too and come first in the cache prefix (both providers document this
-        # order); they are counted as their canonical JSON without the cache_control marker.
+        # order); they are counted as their canonical JSON without the cache_control marker. The system prompt
+        # a provider adds for tool use (``hidden`` tokens, Anthropic's) goes before them: a cached prefix that
+        # covers the tools covers it, and the prefix of a call with tools is the same for the same tool choice.
         if tools is None:
             return
         if not isinstance(tools, list):
             raise ApiError(400, "tools must be a list", param="tools")
+        if tools and hidden:
+            self.add(_stand_in("[tool use system prompt]", hidden), False)
         for tool in tools:
             if not isinstance(tool, dict):
                 raise ApiError(400, "each tool must be an object", param="tools")
@@ -227,7 +233,12 @@ class _Builder:
 
 
 def _image_text(source: str, n_tokens: int) -> str:
-    head = f"[image {hashlib.sha256(source.encode()).hexdigest()[:16]}]"
+    return _stand_in(f"[image {hashlib.sha256(source.encode()).hexdigest()[:16]}]", n_tokens)
+
+
+def _stand_in(head: str, n_tokens: int) -> str:
+    """Text of exactly ``n_tokens`` tokens that stands for what is billed but not sent as text (an image, a
+    provider's own prompt): ``head`` repeated, so the same thing is the same text in the cache order."""
     n = CHARS_PER_TOKEN * n_tokens
     return (head * (n // len(head) + 1))[:n]
 
@@ -237,18 +248,19 @@ def _marked(block: dict) -> bool:
     return isinstance(cc, dict) and cc.get("type") == "ephemeral"
 
 
-def chat_prompt(body: dict, images: ImageInput | None = None) -> Prompt:
-    """OpenAI chat completions: tools, then every message (system and developer messages included) in order."""
+def chat_prompt(body: dict, images: ImageInput | None = None, tool_prompt: ToolPrompt | None = None) -> Prompt:
+    """OpenAI chat completions: tools, then every message (system and developer messages included) in order.
+    ``tool_prompt``: the system prompt the provider adds to a call with tools (the catalog's), before them."""
     b = _Builder(images)
-    b.tools(body.get("tools"))
+    b.tools(body.get("tools"), tool_prompt_tokens(body, tool_prompt))
     b.messages(body.get("messages"), "messages")
     return b.build()
 
 
-def responses_prompt(body: dict, images: ImageInput | None = None) -> Prompt:
+def responses_prompt(body: dict, images: ImageInput | None = None, tool_prompt: ToolPrompt | None = None) -> Prompt:
     """OpenAI Responses: tools, ``instructions``, then ``input`` (a string or a list of message items)."""
     b = _Builder(images, _RESPONSES_ROLES)
-    b.tools(body.get("tools"))
+    b.tools(body.get("tools"), tool_prompt_tokens(body, tool_prompt))
     instructions = body.get("instructions")
     if instructions is not None:
         if not isinstance(instructions, str):
@@ -263,11 +275,12 @@ def responses_prompt(body: dict, images: ImageInput | None = None) -> Prompt:
     return b.build()
 
 
-def anthropic_prompt(body: dict, images: ImageInput | None = None) -> Prompt:
-    """Anthropic messages: tools, ``system`` (a string or text blocks), then the messages. A top-level
-    ``cache_control`` is a breakpoint at the end of the last block, as the API applies it."""
+def anthropic_prompt(body: dict, images: ImageInput | None = None, tool_prompt: ToolPrompt | None = None) -> Prompt:
+    """Anthropic messages: the tool-use system prompt (``tool_prompt``, when the body carries tools), tools,
+    ``system`` (a string or text blocks), then the messages. A top-level ``cache_control`` is a breakpoint at the
+    end of the last block, as the API applies it."""
     b = _Builder(images, _ANTHROPIC_ROLES, anthropic=True)
-    b.tools(body.get("tools"))
+    b.tools(body.get("tools"), tool_prompt_tokens(body, tool_prompt))
     b.content(body.get("system"), "system", text_only=True)
     b.messages(body.get("messages"), "messages")
     if body.get("cache_control") is not None and b._marked(body, "request"):

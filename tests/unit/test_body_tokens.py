@@ -1,14 +1,22 @@
 """Input images count in the estimate by their provider's rule, the emulator bills the same, and a budget
-reserves for them."""
+reserves for them; so does the system prompt Anthropic adds to a call with tools."""
 
 import base64
 import io
+import math
 import struct
 
 import pytest
 from PIL import Image
 
-from engine.core.body_tokens import ImageInput, body_image_tokens, image_size, image_tokens
+from engine.core.body_tokens import (
+    ImageInput,
+    body_image_tokens,
+    image_size,
+    image_tokens,
+    split_body,
+    tool_chars,
+)
 from engine.core.catalog import default_catalog
 from engine.core.cost import price_usage, reserve_bound
 from engine.core.request import Request
@@ -256,3 +264,65 @@ def test_a_body_whose_only_input_is_an_image_is_a_request_billed_for_it():
         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": IMG}}]}]}
     r = Request.model_validate({"id": "a", "arrival_s": 0.0, "provider": "anthropic", "body": body})
     assert r.input_tokens == anthropic_prompt(body, default_catalog().image_rule("anthropic", r.model)).tokens > 0
+
+
+# Anthropic's "tool use system prompt token count" for the Claude 4 family and Sonnet 3.7 (the catalog takes it for
+# the 5.x families too): by tool_choice, as either API's body names it.
+TOOL_USE_PROMPT = {None: 346, "auto": 346, "none": 346, "any": 313, "tool": 313, "required": 313, "function": 313}
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}}
+CLAUDE_TOOL = {"name": "lookup", "description": "Looks a city up.", "input_schema": SCHEMA}
+RESPONSES_TOOL = {"type": "function", "name": "lookup", "description": "Looks a city up.", "parameters": SCHEMA}
+
+
+def estimate(model: str, body: dict) -> int:
+    return Request.model_validate({"id": "t", "arrival_s": 0.0, "model": model, "body": body}).input_tokens
+
+
+@pytest.mark.parametrize("kind", [None, "auto", "none", "any", "tool"])
+@pytest.mark.parametrize("claude", ["claude-sonnet-4-5", "claude-haiku-5-5", "claude-opus-5-5"])
+def test_a_claude_request_with_tools_is_estimated_with_the_tool_use_prompt_anthropic_adds(kind, claude):
+    """Anthropic adds a system prompt to every call that carries tools (346 tokens with tool_choice auto or none,
+    313 when it forces a call) and bills it as input; the estimate budgets reserve on, and smart prices, counted
+    the body's text and tools alone. Without tools, or with an empty list, nothing is added."""
+    choice = {} if kind is None else {"tool_choice": {"type": kind, **({"name": "lookup"} if kind == "tool" else {})}}
+    body = {"messages": [{"role": "user", "content": "Weather in Oslo?"}], "max_tokens": 100, "tools": [CLAUDE_TOOL],
+            **choice}
+    chars = len(split_body(body)[0]) + tool_chars(body)
+    assert estimate(claude, body) == math.ceil(chars / 4) + TOOL_USE_PROMPT[kind]
+    rule = default_catalog().tool_prompt("anthropic", claude)
+    assert (rule.auto, rule.any) == (346, 313)
+    bare = {k: v for k, v in body.items() if k not in ("tools", "tool_choice")}
+    assert estimate(claude, bare) == estimate(claude, {**bare, "tools": []}) == math.ceil(len("Weather in Oslo?") / 4)
+
+
+@pytest.mark.parametrize("kind", [None, "auto", "none", "required", "function"])
+def test_a_responses_body_for_claude_is_estimated_with_the_tool_use_prompt_of_its_openai_tool_choice(kind):
+    """A Responses body goes to a Claude model as messages (its tool_choice "required" as {type: any}, a function
+    by name as {type: tool}): the same body is estimated for Claude at exactly the prompt's tokens more than for a
+    GPT model, which has none."""
+    choice = {} if kind is None else {"tool_choice": {"type": "function", "name": "lookup"} if kind == "function"
+                                      else kind}
+    body = {"input": "Weather in Oslo?", "max_output_tokens": 100, "tools": [RESPONSES_TOOL], **choice}
+    assert estimate("claude-sonnet-5-5", body) - estimate("gpt-5-mini", body) == TOOL_USE_PROMPT[kind]
+    bare = {"input": "Weather in Oslo?", "max_output_tokens": 100}
+    assert estimate("claude-sonnet-5-5", bare) == estimate("gpt-5-mini", bare)
+
+
+@pytest.mark.parametrize("kind", ["auto", "none", "any", "tool", None])
+def test_the_emulator_bills_a_claude_call_with_tools_its_tool_use_prompt_before_the_tools(kind):
+    """Billed by Anthropic, the tool-use prompt was billed by the emulator nowhere: it under-billed every tool call
+    by some 330 tokens, and the engine's estimate, which must bound the bill, was tested against that. It stands
+    before the tools in the cache order, so a cached prefix that covers the tools covers it."""
+    cat = default_catalog()
+    tools = [{**CLAUDE_TOOL, "cache_control": {"type": "ephemeral"}}]
+    choice = {} if kind is None else {"tool_choice": {"type": kind, **({"name": "lookup"} if kind == "tool" else {})}}
+    body = {"max_tokens": 100, "messages": [{"role": "user", "content": "Weather in Oslo?"}], "tools": tools, **choice}
+    rule = cat.tool_prompt("anthropic", "claude-sonnet-5-5")
+    bare, billed = anthropic_prompt(body), anthropic_prompt(body, None, rule)
+    assert billed.tokens == bare.tokens + TOOL_USE_PROMPT[kind]
+    assert billed.breakpoints == (bare.breakpoints[0] + 4 * TOOL_USE_PROMPT[kind],)  # the tools' mark covers it
+    r = Request.model_validate({"id": "t", "arrival_s": 0.0, "model": "claude-sonnet-5-5", "body": body})
+    assert billed.tokens <= r.input_tokens <= billed.tokens + 1  # (the engine joins texts with a newline)
+    no_tools = {k: v for k, v in body.items() if k not in ("tools", "tool_choice")}
+    assert anthropic_prompt(no_tools, None, rule) == anthropic_prompt(no_tools)
+    assert anthropic_prompt({**no_tools, "tools": []}, None, rule).tokens == anthropic_prompt(no_tools).tokens

@@ -19,7 +19,9 @@ from engine.app.endpoint import make_app
 from engine.core.request import Request, validation_context
 from engine.core.result import Result
 from engine.emulator import Emulator
+from engine.emulator._text import anthropic_prompt
 from engine.runtime.outcomes import reused_result
+from tests.unit.test_body_tokens import TOOL_USE_PROMPT
 from tests.unit.test_endpoint import serving
 from tests.unit.test_http_providers import CAT, SPEED, direct, http_settings, job_of
 
@@ -188,8 +190,10 @@ def test_a_function_calling_app_switches_to_a_claude_model_changing_only_its_mod
     args = json.loads(call.function.arguments)
     assert call.type == "function" and call.function.name == "get_weather" and args["unit"] == "C" and \
         isinstance(args["city"], str)
-    # The tools are billed as input, and the estimate the budget reserves on counted them.
+    # The tools are billed as input, and Anthropic's tool-use prompt for a forced call before them; the estimate
+    # the budget reserves on counted both.
     bill = emu.bill().items[sent]
+    assert billed_input(bill) == anthropic_prompt(wire).tokens + TOOL_USE_PROMPT["tool"]
     assert first.usage.prompt_tokens == billed_input(bill) <= eng.reqs["fc1"].input_tokens
 
     # The application sends the assistant's message back as the SDK gave it, and the tool's result.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -33,15 +34,17 @@ from engine.app.provider_setup import http_setup
 from engine.core.budgets import BudgetSettings, Claim
 from engine.core.catalog import Catalog, default_catalog
 from engine.core.clock import ManualClock, ScaledClock
-from engine.core.cost import price_usage
+from engine.core.cost import price_usage, reserve_bound
 from engine.core.draws import Draws
 from engine.core.provider_api import CallJob, CallOutcome, Provider, Secret, call_key, idempotency_key
 from engine.core.request import Request
 from engine.core.result import Result
 from engine.core.settings import Resilience, Settings, SimSettings
 from engine.emulator import Emulator
+from engine.emulator._text import anthropic_prompt
 from engine.runtime.providers import SimProvider
 from tests.unit.helpers import Recorder
+from tests.unit.test_body_tokens import TOOL_USE_PROMPT
 
 # The Anthropic SDK warns that catalog models such as claude-sonnet-4-5 near their end of life: not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:The model .* is deprecated:DeprecationWarning")
@@ -363,6 +366,51 @@ def test_batch_round_trip_resolves_every_member_billed_once_at_the_batch_price(e
         finally:
             await rig.close()
     asyncio.run(go())
+
+
+# -- 2b. a Claude call with tools -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["sync", "batch_api"])
+@pytest.mark.parametrize("kind", [None, "any"])
+def test_a_claude_call_with_tools_bills_anthropic_s_tool_use_prompt_cached_with_the_tools_and_reserved_for(emu, mode,
+                                                                                                            kind):
+    """Anthropic bills a call that carries tools a system prompt of its own (346 tokens, 313 when tool_choice
+    forces a call) ahead of the tools; the emulator billed none of it. Through the Anthropic provider, each call is
+    billed it, the engine's bill is the emulator's, a breakpoint after the tools caches it with them (the second
+    call reads what the first wrote), and the estimate and a reservation of the request's own output bound it."""
+    tool = {"name": "lookup", "description": "Looks a city up in the atlas. " * 170,
+            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}},
+            "cache_control": {"type": "ephemeral"}}
+    choice = {} if kind is None else {"tool_choice": {"type": kind}}
+    bodies = [{"max_tokens": 50, "messages": [{"role": "user", "content": f"Weather in city {i}?"}], "tools": [tool],
+               **choice} for i in range(2)]
+    jobs = [Job(i, Request.model_validate({"id": f"t{i}", "arrival_s": 0.0, "model": MODEL["anthropic"], "body": b}),
+                f"fp-t{i}") for i, b in enumerate(bodies)]
+
+    async def go():
+        rig = Rig(emu, "anthropic")
+        try:
+            for batch in ([jobs] if mode == "batch_api" else [[j] for j in jobs]):
+                await rig.run(mode, batch, bid=batch[0].req.id)
+                await rig.resolved(batch)
+            return dict(rig.results)
+        finally:
+            await rig.close()
+    results = asyncio.run(go())
+    items = billed_by_custom_id(emu) if mode == "batch_api" else {i.request_id: i for i in emu.bill().items}
+    hidden = TOOL_USE_PROMPT[kind]
+    for k, (j, body) in enumerate(zip(jobs, bodies, strict=True)):
+        r = results[j.req.id]
+        item = items[batch_key(j) if mode == "batch_api" else r.provider_request_id]
+        bare = anthropic_prompt(body)  # the body's tools and text, as the emulator counts them
+        assert sum(item.usage.get(f, 0) for f in ("input_tokens", "cache_read_input_tokens",
+                                                  "cache_creation_input_tokens")) == bare.tokens + hidden
+        prefix = math.ceil(bare.breakpoints[0] / 4) + hidden  # the tool-use prompt and the tools, cached
+        # (the members of a test batch finish T / 2 = 500 s apart, past the 5-minute TTL: each writes)
+        read = k > 0 and mode == "sync"
+        assert (r.usage["cache_write"], r.usage["cache_read"]) == ((0, prefix) if read else (prefix, 0))
+        assert r.cost_usd == pytest.approx(item.cost_usd, abs=1e-12)
+        assert bare.tokens + hidden <= j.req.input_tokens
+        assert r.cost_usd <= reserve_bound(j.req, CAT, mode, j.req.output_tokens)
 
 
 # -- 3. a failed member --------------------------------------------------------------------------------------------
