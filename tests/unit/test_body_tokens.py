@@ -326,3 +326,26 @@ def test_the_emulator_bills_a_claude_call_with_tools_its_tool_use_prompt_before_
     no_tools = {k: v for k, v in body.items() if k not in ("tools", "tool_choice")}
     assert anthropic_prompt(no_tools, None, rule) == anthropic_prompt(no_tools)
     assert anthropic_prompt({**no_tools, "tools": []}, None, rule).tokens == anthropic_prompt(no_tools).tokens
+
+
+def test_a_model_s_own_tool_prompt_overrides_its_provider_s_and_a_bad_one_is_refused_naming_it(tmp_path):
+    """An overlay gives a model its own figures (Claude 3 Haiku's, 264 / 340): the estimate and the emulator's
+    bill follow the model, its neighbours keep the provider's."""
+    from engine.core.catalog import load_catalog
+    from engine.core.errors import CatalogError
+    from engine.core.request import validation_context
+
+    over = tmp_path / "over.yaml"
+    over.write_text("providers:\n  anthropic:\n    models:\n      claude-haiku-4-5: {tool_prompt: {auto: 264, any: 340}}\n")
+    cat = load_catalog(None, over)
+    body = {"max_tokens": 10, "messages": [{"role": "user", "content": "Hi"}], "tools": [CLAUDE_TOOL],
+            "tool_choice": {"type": "any"}}
+    ctx = validation_context(cat)
+    for model, hidden in (("claude-haiku-4-5", 340), ("claude-sonnet-4-5", 313)):
+        r = Request.model_validate({"id": "t", "arrival_s": 0.0, "model": model, "body": body}, context=ctx)
+        billed = anthropic_prompt(body, None, cat.tool_prompt("anthropic", model)).tokens
+        assert billed == anthropic_prompt(body).tokens + hidden
+        assert r.input_tokens == math.ceil((len(split_body(body)[0]) + tool_chars(body)) / 4) + hidden
+    over.write_text("providers:\n  anthropic:\n    tool_prompt: {auto: -1, any: 313}\n")
+    with pytest.raises(CatalogError, match=r"providers.anthropic.tool_prompt.auto"):
+        load_catalog(None, over)
