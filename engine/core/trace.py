@@ -97,6 +97,10 @@ def _problems_of(exc: ValidationError, where: str = "the line") -> list[tuple[st
                 "; write it in quotes" if err["type"] == "string_type" else "")
         elif err["type"] == "extra_forbidden":
             msg = "is not a trace field; remove it or fix its spelling (see docs/traces.md)"
+        elif err["type"] == "literal_error":  # "Input should be 'a', 'b' or 'c'": the fix, said as one
+            msg = f"{msg}, got {err.get('input')!r:.40}; give one of these"
+        elif err["type"] == "string_too_short" and err.get("input") == "":
+            msg = "must not be empty; give a name, or leave the field out for its default where it has one"
         out.append((loc, msg))
     return out
 

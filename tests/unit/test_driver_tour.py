@@ -125,3 +125,17 @@ def test_asubmit_futures_waits_for_room_off_the_loop_and_gives_the_futures_once_
 
     futs = asyncio.run(go())
     assert [f._req.id for f in futs] == ["g2", "g3"] and not any(f.done() for f in futs)
+
+
+@pytest.mark.parametrize(("bad", "said"), [
+    ({"priority": "high"}, "field 'priority': Input should be 'urgent', 'normal' or 'background', got 'high'; give one"),
+    ({"tenant": ""}, "field 'tenant': must not be empty; give a name"),
+])
+def test_a_bad_priority_or_an_empty_tenant_is_refused_saying_the_fix(monkeypatch, bad, said):
+    # The validation library's words named the field and its values, or only that a string was too short.
+    from engine.core.errors import RequestError
+
+    e = _bulk_engine(monkeypatch)
+    with pytest.raises(RequestError) as ei:
+        e.submit({"id": "a", "model": "gpt-5.4-mini", "prompt": "x", **bad})
+    assert said in str(ei.value)
