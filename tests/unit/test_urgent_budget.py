@@ -12,7 +12,7 @@ import pytest
 
 from actors import BudgetController, Grouper, ResultHub
 from actors._types import Job
-from engine.core.budgets import BudgetSettings, BudgetSpec, Claim
+from engine.core.budgets import BudgetSettings, BudgetSpec, Claim, Throttle
 from engine.core.catalog import default_catalog
 from engine.core.clock import ManualClock
 from engine.core.request import Request, validation_context
@@ -144,4 +144,52 @@ def test_a_try_that_must_wait_again_writes_no_journal_a_reservation_does():
         assert v.reason == "wait" and len(writes) == 1 and ctl.refusals["wait"] == 1
         (v,) = await ctl.reserve_many([Claim("c", "default", "openai", "gpt-5", "urgent", 0.5)], ["a"])
         assert v.ok and len(writes) == 2  # a release and a reservation: written before the answer
+    asyncio.run(go())
+
+
+def test_a_restart_after_tries_that_wrote_no_journal_recovers_the_same_ledger():
+    """A call that reserved and released nothing writes no journal, yet it moves the ledger's clock and lets an
+    ended window go. A restart after it must still take back a ledger that counts and decides as the one it
+    replaces (only the refusal counts, a figure of the report, may lag). A 60 s window ends between the calls."""
+    async def go():
+        spec, hub, clock = BudgetSpec(max_budget=1.0, budget_duration="60s"), ResultHub(), ManualClock(0.0)
+        settings = BudgetSettings(specs=(spec,), throttle=Throttle(pace=False))
+        ctl = BudgetController(settings, hub, clock)
+        writes = []
+        write = ctl.rejournal
+
+        async def counted():
+            writes.append(1)
+            await write()
+
+        ctl.rejournal = counted
+
+        def claim(rid, usd, priority="normal"):
+            return Claim(rid, "default", "openai", "gpt-5", priority, usd)
+
+        async def same_after_restart() -> BudgetController:
+            again = BudgetController(settings, hub, clock)
+            again.reconstructed()
+            mine, theirs = await ctl.report(), await again.report()
+            for k in ("windows", "overrun_usd", "reserved_usd", "spent_usd", "spend", "budgets"):
+                assert theirs[k] == mine[k], k
+            return again
+
+        assert (await ctl.reserve_many([claim("a", 0.5)]))[0].ok
+        await ctl.settle_many([("a", 0.45)])
+        n = len(writes)
+        clock.advance(70.0)  # the first window ended, and nothing refers to it
+        (v,) = await ctl.reserve_many([claim("c", 1.5)])  # more than the limit: refused
+        assert not v.ok and len(writes) == n and len(ctl.book.ended) == 1  # the first window went, unwritten
+        await same_after_restart()
+        assert (await ctl.reserve_many([claim("open", 0.6)]))[0].ok
+        n = len(writes)
+        (v,) = await ctl.reserve_many([claim("b", 0.5, "urgent")])  # must wait for "open"
+        assert v.reason == "wait" and len(writes) == n
+        again = await same_after_restart()
+        for book in (ctl, again):  # the same calls next: the same answers, the same ledger
+            await book.settle_many([("open", 0.2)])
+            assert [x.ok for x in await book.reserve_many([claim("d", 0.9), claim("e", 0.7)])] == [False, True]
+        mine, theirs = await ctl.report(), await again.report()
+        assert theirs["windows"] == mine["windows"] and theirs["spent_usd"] == mine["spent_usd"]
     asyncio.run(go())
