@@ -170,6 +170,12 @@ class Rig:
             return all(j.req.id in self.results or j.req.id in back for j in jobs)
         await self.until(done, f"{[j.req.id for j in jobs]} to resolve", timeout_s)
 
+    async def settled_to(self, billed_usd: float) -> None:
+        """Every claim settled, the budget's spend ``billed_usd`` (the provider's bill), nothing left under way."""
+        await self.until(lambda: not self.budget.book.claims, "every claim settled")
+        assert sum(self.budget.book.spend.values()) == pytest.approx(billed_usd, abs=1e-12)
+        assert self.d.in_flight == 0 and not self.d._open
+
     async def close(self) -> None:
         await self.d.provider.close()
 

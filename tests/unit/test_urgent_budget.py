@@ -124,20 +124,26 @@ def test_held_work_is_tried_again_one_engine_second_later_at_any_speed_up():
     asyncio.run(go())
 
 
+def counted_writes(ctl: BudgetController) -> list[int]:
+    """A list that grows by one at each journal write of ``ctl``."""
+    writes: list[int] = []
+    write = ctl.rejournal
+
+    async def counted():
+        writes.append(1)
+        await write()
+
+    ctl.rejournal = counted
+    return writes
+
+
 def test_a_try_that_must_wait_again_writes_no_journal_a_reservation_does():
     """Held work is tried once per engine second (200 tries a second at 200x): a try that reserved and released
     nothing changed only the refusal counts, and waits for no write of the whole ledger."""
     async def go():
         spec = BudgetSpec(max_budget=1.0)
         ctl = BudgetController(BudgetSettings(specs=(spec,)), ResultHub(), ManualClock(0.0))
-        writes = []
-        write = ctl.rejournal
-
-        async def counted():
-            writes.append(1)
-            await write()
-
-        ctl.rejournal = counted
+        writes = counted_writes(ctl)
         (v,) = await ctl.reserve_many([Claim("a", "default", "openai", "gpt-5", "normal", 0.9)])
         assert v.ok and len(writes) == 1
         (v,) = await ctl.reserve_many([Claim("b", "default", "openai", "gpt-5", "urgent", 0.5)])
@@ -155,14 +161,7 @@ def test_a_restart_after_tries_that_wrote_no_journal_recovers_the_same_ledger():
         spec, hub, clock = BudgetSpec(max_budget=1.0, budget_duration="60s"), ResultHub(), ManualClock(0.0)
         settings = BudgetSettings(specs=(spec,), throttle=Throttle(pace=False))
         ctl = BudgetController(settings, hub, clock)
-        writes = []
-        write = ctl.rejournal
-
-        async def counted():
-            writes.append(1)
-            await write()
-
-        ctl.rejournal = counted
+        writes = counted_writes(ctl)
 
         def claim(rid, usd, priority="normal"):
             return Claim(rid, "default", "openai", "gpt-5", priority, usd)
