@@ -50,7 +50,7 @@ class AsyncSubmit:
         reqs, at, refused = validated(self._as_request, requests, now, on_invalid)
         with self._lock:
             reqs, at = reject_taken(reqs, at, self._futs, refused)
-        return with_rejected(await self._asubmit_futures(reqs, now=now, many=True) if reqs else [], at, refused)
+        return with_rejected(await self._aqueue(reqs) if reqs else [], at, refused)
 
     async def as_completed(self, futures: Iterable[concurrent.futures.Future | Awaitable[Result]], *,
                            timeout: float | None = None) -> AsyncIterator[Result]:
@@ -89,12 +89,14 @@ class AsyncSubmit:
                 f = arrived.get_nowait()
             yield f.result()
 
-    async def _asubmit_futures(self, requests: list[Request | Mapping], now: float | None = None,
-                               many: bool = False) -> list[ResultFuture]:
+    async def _asubmit_futures(self, requests: list[Request | Mapping]) -> list[ResultFuture]:
         # RequestError here, before any is queued; a position only among several (asubmit gives one)
-        now = self.clock.now() if now is None else now  # one arrival instant for them all: judged together
-        many = many or len(requests) > 1
-        reqs = [self._as_request(r, k if many else None, now) for k, r in enumerate(requests)]
+        now = self.clock.now()  # one arrival instant for them all: judged together (``GroupTable.join``)
+        return await self._aqueue([self._as_request(r, k if len(requests) > 1 else None, now)
+                                   for k, r in enumerate(requests)])
+
+    async def _aqueue(self, reqs: list[Request]) -> list[ResultFuture]:
+        """Queue ``reqs``, validated already (each once: a bulk submission's checks are per request)."""
         refs = self._forgets_of(reqs)
         if refs:  # an id being forgotten: sent only once it is (``Pulling._forget``)
             await asyncio.to_thread(self._ray.wait, refs, num_returns=len(refs), timeout=FORGET_WAIT_S)

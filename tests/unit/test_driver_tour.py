@@ -102,6 +102,23 @@ def test_asubmit_many_can_reject_its_bad_requests_and_answer_the_others(monkeypa
     assert [r.id for r in got[0::2]] == ["g0", "g1", "g2", "g3"]
 
 
+def test_asubmit_many_rejecting_validates_each_request_once(monkeypatch):
+    # Each request's checks (the model, the wire format) ran twice on the way to the queue: once to sort the bad
+    # ones out, and again on the good ones already validated.
+    import asyncio
+
+    e = _bulk_engine(monkeypatch)
+    checked, inner = [], e._as_request
+
+    def as_request(r, *args):
+        checked.append(r)
+        return inner(r, *args)
+
+    e._as_request = as_request
+    futs = asyncio.run(e.asubmit_futures(_mixed(), on_invalid="reject"))
+    assert len(checked) == len(futs) == 8 and e._pending == 4
+
+
 def test_asubmit_futures_waits_for_room_off_the_loop_and_gives_the_futures_once_queued(monkeypatch):
     # The README's async recipe called the blocking submit_many from a coroutine: with the engine full it held
     # the event loop until room freed (or submit_timeout_s passed), so nothing else on the loop ran.
