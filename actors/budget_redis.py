@@ -255,22 +255,23 @@ class RedisBudgetBook(ServerWatch):
             return []
         await self._same_server()
         args: list = [self.prefix, repr(float(self.reservation_ttl_s)), len(claims), SWEEP_MAX]
-        touched_all = []
+        touched_all, allowed_all = [], []  # per claim: the budgets covering it, what its priority may reach of each
+        th = self.throttle
         for c in claims:
             if c.amount < 0:
                 raise ValueError(f"claim {c.rid}: amount must be >= 0, got {c.amount}")
             touched = self.covering(c.tenant, c.provider, c.model)
+            allowed = [s.max_budget * th.of(c.priority) * th.pace_of(s, c.priority, now, self.origin) for s in touched]
             touched_all.append(touched)
+            allowed_all.append(allowed)
             args += [c.rid, repr(float(c.amount)), len(touched)]
-            th = self.throttle
-            for s in touched:
-                allowed = s.max_budget * th.of(c.priority) * th.pace_of(s, c.priority, now, self.origin)
-                args += [s.key(now), repr(float(s.max_budget)), repr(float(allowed)), _ttl(s, now)]
+            for s, a in zip(touched, allowed):
+                args += [s.key(now), repr(float(s.max_budget)), repr(float(a)), _ttl(s, now)]
             args.append(_who(c.tenant, c.provider, c.model))
         raw = await self._reserve(args=args)
         out = []
         self._forget_old()
-        for c, touched, r in zip(claims, touched_all, raw):
+        for c, touched, allowed, r in zip(claims, touched_all, allowed_all, raw):
             text = r.decode() if isinstance(r, bytes) else r
             if not text:  # granted
                 self._open[c.rid] = (time.monotonic(), _who(c.tenant, c.provider, c.model),
@@ -279,11 +280,9 @@ class RedisBudgetBook(ServerWatch):
             for j, rem, fits in (part.split(":") for part in text.split(",") if part):
                 s = touched[int(j) - 1]
                 used = s.max_budget - float(rem)
-                th = self.throttle
                 refusals.append(Refusal(s, float(rem), fits == "1",
                                         th.paced_until(s, c.priority, now, used + c.amount, self.origin),
-                                        s.max_budget * th.of(c.priority) * th.pace_of(s, c.priority, now,
-                                                                                      self.origin)))
+                                        allowed[int(j) - 1]))
             out.append(verdict_of(refusals, c.priority, now))
         return out
 
