@@ -17,7 +17,6 @@ from pydantic import ValidationError
 from actors._types import Job
 from engine.app.provider_setup import http_setup
 from engine.core._gemini import GEMINI_OPENAI_URL
-from engine.core.catalog import Catalog, default_catalog
 from engine.core.cost import price_usage
 from engine.core.errors import ConfigError
 from engine.core.request import Request, validation_context
@@ -31,25 +30,14 @@ from tests.unit.test_http_providers import (
     T,
     batch_key,
     billed_by_custom_id,
+    fixed_turnaround_catalog,
 )
 
 FLASH = "gemini-2.5-flash"
 HI = {"role": "user", "content": "Name three rivers."}
 
 
-def _catalog(turnaround_s: float) -> Catalog:
-    """The default catalog with every Gemini batch taking exactly ``turnaround_s`` (a point, so a test waits
-    for a known time)."""
-    cat = default_catalog()
-    g = cat.providers["google"]
-    g = g.model_copy(update={"batch_api": g.batch_api.model_copy(update={
-        "turnaround_min_s": turnaround_s, "turnaround_median_s": turnaround_s, "turnaround_p95_s": turnaround_s})})
-    return Catalog.model_validate({"schema_version": cat.schema_version,
-                                   "providers": {k: (g if k == "google" else v).model_dump()
-                                                 for k, v in cat.providers.items()}})
-
-
-CAT = _catalog(T)
+CAT = fixed_turnaround_catalog(T, ("google",))
 
 
 @pytest.fixture

@@ -61,11 +61,12 @@ BATCH_ROUTE = {"openai": "batches", "anthropic": "messages.batches"}  # the bill
 PROVIDERS = pytest.mark.parametrize("provider", ["openai", "anthropic"])
 
 
-def fixed_turnaround_catalog(turnaround_s: float) -> Catalog:
-    """The default catalog with every batch of openai and anthropic taking exactly ``turnaround_s``."""
+def fixed_turnaround_catalog(turnaround_s: float, names: tuple[str, ...] = ("openai", "anthropic")) -> Catalog:
+    """The default catalog with every batch of the providers ``names`` taking exactly ``turnaround_s`` (a point,
+    so a test waits for a known time)."""
     cat = default_catalog()
     providers = dict(cat.providers)
-    for name in ("openai", "anthropic"):
+    for name in names:
         p = providers[name]
         providers[name] = p.model_copy(update={"batch_api": p.batch_api.model_copy(update={
             "turnaround_min_s": turnaround_s, "turnaround_median_s": turnaround_s,
