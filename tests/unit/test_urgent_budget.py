@@ -48,9 +48,15 @@ def test_in_the_simulator_a_normal_request_of_the_same_instant_waits_behind_a_he
     assert res.extra["budget"]["overrun_usd"] == 0.0
 
 
-def ledger_with_open_claim() -> tuple[BudgetSpec, BudgetController]:
+async def grouper_beside_open_claim(clock: ManualClock) -> tuple[Grouper, BudgetController, Recorder]:
+    """A grouper on ``clock`` (its dispatcher a ``Recorder``) and its $1 budget, $0.50 of which an open claim
+    holds."""
     spec = BudgetSpec(max_budget=1.0)
-    return spec, BudgetController(BudgetSettings(specs=(spec,)), None, ManualClock(0.0))
+    budget = BudgetController(BudgetSettings(specs=(spec,)), None, ManualClock(0.0))
+    await budget.reserve_many([Claim("open", "default", "openai", "gpt-5", "normal", 0.5)])
+    disp = Recorder()
+    g = Grouper(load_policy("naive", CAT), CAT, clock, {"openai": disp}, budget, ResultHub(), budget_specs=(spec,))
+    return g, budget, disp
 
 
 async def settle_tasks(g: Grouper) -> None:
@@ -65,11 +71,8 @@ def sent(disp: Recorder) -> list[str]:
 
 def test_in_the_grouper_a_normal_request_of_the_same_call_waits_behind_a_held_urgent_one():
     async def go():
-        spec, budget = ledger_with_open_claim()
-        await budget.reserve_many([Claim("open", "default", "openai", "gpt-5", "normal", 0.5)])
-        disp, clock = Recorder(), ManualClock(1.0)
-        g = Grouper(load_policy("naive", CAT), CAT, clock, {"openai": disp}, budget, ResultHub(),
-                    budget_specs=(spec,))
+        clock = ManualClock(1.0)
+        g, budget, disp = await grouper_beside_open_claim(clock)
         await g.add([Job(0, NORMAL, "n"), Job(1, URGENT, "u")])
         await settle_tasks(g)
         assert sent(disp) == [] and set(g.waits.held) == {NORMAL.uid, URGENT.uid}
@@ -84,11 +87,8 @@ def test_in_the_grouper_a_normal_request_of_the_same_call_waits_behind_a_held_ur
 def test_in_the_grouper_work_that_comes_while_a_try_asks_the_ledger_waits_behind_it():
     """The members a try takes count as held until their reservation answers; and one try is out at a time."""
     async def go():
-        spec, budget = ledger_with_open_claim()
-        await budget.reserve_many([Claim("open", "default", "openai", "gpt-5", "normal", 0.5)])
-        disp, clock = Recorder(), ManualClock(1.0)
-        g = Grouper(load_policy("naive", CAT), CAT, clock, {"openai": disp}, budget, ResultHub(),
-                    budget_specs=(spec,))
+        clock = ManualClock(1.0)
+        g, _, disp = await grouper_beside_open_claim(clock)
         await g.add([Job(1, URGENT, "u")])
         assert set(g.waits.held) == {URGENT.uid}
         clock.advance(STEP_S)
@@ -112,11 +112,8 @@ class Fast(ManualClock):
 
 def test_held_work_is_tried_again_one_engine_second_later_at_any_speed_up():
     async def go():
-        spec, budget = ledger_with_open_claim()
-        await budget.reserve_many([Claim("open", "default", "openai", "gpt-5", "normal", 0.5)])
         clock = Fast(1.0)
-        g = Grouper(load_policy("naive", CAT), CAT, clock, {"openai": Recorder()}, budget, ResultHub(),
-                    budget_specs=(spec,))
+        g, _, _ = await grouper_beside_open_claim(clock)
         await g.add([Job(1, URGENT, "u")])
         assert set(g.waits.held) == {URGENT.uid}
         assert g._park_timer[0] == pytest.approx(clock.now() + STEP_S)  # 10 engine seconds at 200x before
