@@ -12,7 +12,7 @@ from typing import Any
 
 from engine.core.batchfile import BatchFile
 from engine.core.request import Request
-from engine.core.result import ENGINE_CANCELLED, Result
+from engine.core.result import ANSWERED, ENGINE_CANCELLED, Result
 
 __all__ = ["CANCELLED_LINE", "OPEN", "BatchJob", "cut_by_cancel", "for_endpoint", "submission", "withdraw_open"]
 
@@ -29,7 +29,6 @@ def cut_by_cancel(res: Result) -> bool:
 
 log = logging.getLogger("smartbatch.endpoint")
 
-ANSWERED = ("ok", "reused")
 OPEN = ("validating", "in_progress")
 
 

@@ -21,7 +21,7 @@ from engine.core.answer_body import response_body
 from engine.core.catalog import Catalog
 from engine.core.cost import price_alone
 from engine.core.request import Request
-from engine.core.result import CANCELLED, Result, why_not
+from engine.core.result import ANSWERED, CANCELLED, Result, why_not
 
 if TYPE_CHECKING:
     from engine.core.batchfile import BatchFile, BatchLine
@@ -33,7 +33,6 @@ __all__ = ["CHOICES_KEY", "ERROR_CODES", "error_line", "list_price_usd", "output
 ERROR_CODES = {"failed": "request_failed", "rejected": "request_rejected", "expired": "batch_expired"}
 CHOICES_KEY = "smartbatch_choices"  # an error line's answered choices (a line of n choices, one not answered)
 _HTTP_STATUS = re.compile(r"\bHTTP (\d{3})\b")  # how a provider's refusal reads in Result.error
-_ANSWERED = ("ok", "reused")
 
 
 def _req_id(tenant: str, custom_id: str) -> str:  # deterministic: a rerun of the file names its lines alike
@@ -121,7 +120,7 @@ def result_rows(bf: BatchFile, results: Sequence[Result], *, created: int = 0) -
             rows.append(error_line(ln.custom_id, "invalid_request", f"{bf.source}:{ln.no}: field '{fld}': {msg}"))
         elif ln.more or ln.kept:
             rows.append(_choices_row(ln, by_id, called, created))
-        elif (res := by_id[ln.request.id]).status in _ANSWERED:
+        elif (res := by_id[ln.request.id]).status in ANSWERED:
             src = _source(ln.request, res, called) if res.raw is None else None
             rows.append(output_line(ln, res, created=created, raw=src.raw if src else None,
                                     request_id=src.provider_request_id if src else None))
@@ -141,7 +140,7 @@ def _choices_row(ln: BatchLine, by_id: Mapping[str, Result], called: Mapping[str
             answered.append({"index": k, "request_id": ln.kept[k]["request_id"], "body": ln.kept[k]["body"]})
             continue
         res = by_id[q.id]
-        if res.status not in _ANSWERED:
+        if res.status not in ANSWERED:
             failed = failed or (k, res)
             continue
         src = _source(q, res, called) if res.status == "reused" and res.raw is None else None
@@ -171,7 +170,7 @@ def provider_status(res: Result) -> int | None:
 def list_price_usd(req: Request, res: Result, catalog: Catalog) -> float:
     """What an answered request would have cost sent alone and synchronously (0 for an unanswered one): the
     price a saving is measured against."""
-    return price_alone(req, catalog, "sync").total if res.status in _ANSWERED else 0.0
+    return price_alone(req, catalog, "sync").total if res.status in ANSWERED else 0.0
 
 
 def report(bf: BatchFile, results: Sequence[Result], catalog: Catalog, *, window_s: float, policy: str) -> dict:
@@ -202,13 +201,13 @@ def report(bf: BatchFile, results: Sequence[Result], catalog: Catalog, *, window
     modes = [m for r in rows for m in r.get("modes", [r["mode"]]) if m]
     return {"input": bf.source, "window_s": window_s, "policy": policy,
             "totals": {"lines": len(rows),
-                       "succeeded": sum(r["status"] in _ANSWERED for r in rows),
-                       "failed": sum(r["status"] not in _ANSWERED for r in rows),
+                       "succeeded": sum(r["status"] in ANSWERED for r in rows),
+                       "failed": sum(r["status"] not in ANSWERED for r in rows),
                        "statuses": dict(collections.Counter(r["status"] for r in rows)),
                        "modes": dict(collections.Counter(modes)),
                        # Answered after the window: in the output all the same (paid for), and counted here.
                        # (a failed or refused line carries deadline_met False too: not a late answer)
-                       "late": sum(r["deadline_met"] is False and r["status"] in _ANSWERED for r in rows),
+                       "late": sum(r["deadline_met"] is False and r["status"] in ANSWERED for r in rows),
                        "cost_usd": cost, "list_price_usd": listed, "saving_usd": listed - cost},
             "lines": rows}
 
@@ -220,7 +219,7 @@ def _choices_report(ln: BatchLine, by_id: Mapping[str, Result], catalog: Catalog
     answered. Choices an earlier run answered (``kept_choices``) count in neither: that run's report had them."""
     assert ln.request is not None
     sent = [by_id[q.id] for q in ln.to_send]
-    bad = next((r for r in sent if r.status not in _ANSWERED), None)
+    bad = next((r for r in sent if r.status not in ANSWERED), None)
     status = bad.status if bad else "reused" if sent and all(r.status == "reused" for r in sent) else "ok"
     cost = sum(r.cost_usd for r in sent)
     listed = 0.0 if bad else sum(list_price_usd(q, r, catalog) for q, r in zip(ln.to_send, sent, strict=True))

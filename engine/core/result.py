@@ -6,9 +6,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-__all__ = ["CANCELLED", "ENGINE_CANCELLED", "ID_TAKEN", "Result", "Status", "why_not"]
+__all__ = ["ANSWERED", "CANCELLED", "ENGINE_CANCELLED", "ID_TAKEN", "Result", "Status", "why_not"]
 
 Status = Literal["ok", "reused", "failed", "rejected", "expired"]
+ANSWERED = ("ok", "reused")  # the statuses of an answer (called, or served from the cache)
 # The reason of a request refused because another driver submitted its (tenant, id) with other content: its
 # driver frees the id, so the right content can be submitted under it.
 ID_TAKEN = "id_taken"
