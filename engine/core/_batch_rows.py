@@ -17,9 +17,9 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from engine.core._choices import joined, merged_body
+from engine.core._list_price import list_price
 from engine.core.answer_body import response_body
 from engine.core.catalog import Catalog
-from engine.core.cost import price_alone
 from engine.core.request import Request
 from engine.core.result import ANSWERED, CANCELLED, Result, why_not
 
@@ -169,8 +169,11 @@ def provider_status(res: Result) -> int | None:
 
 def list_price_usd(req: Request, res: Result, catalog: Catalog) -> float:
     """What an answered request would have cost sent alone and synchronously (0 for an unanswered one): the
-    price a saving is measured against."""
-    return price_alone(req, catalog, "sync").total if res.status in ANSWERED else 0.0
+    price a saving is measured against, at the tokens its answer counted where its own model made it, as the
+    engine's report prices it (``engine.core._list_price``)."""
+    if res.status not in ANSWERED:
+        return 0.0
+    return list_price(req, catalog, res.usage if (res.provider, res.model) == (req.provider, req.model) else None)
 
 
 def report(bf: BatchFile, results: Sequence[Result], catalog: Catalog, *, window_s: float, policy: str) -> dict:

@@ -4,12 +4,10 @@ resolves to. Pure functions, used by the simulator and by the actors alike (one 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Literal
 
-from engine.core.catalog import Catalog, ModelSpec
-from engine.core.cost import price_alone
-from engine.core.request import Request
+from engine.core._list_price import list_price
+from engine.core.catalog import ModelSpec
 from engine.core.result import CANCELLED, Result, Status
 
 __all__ = ["THROTTLED_TRIES", "Verdict", "call_mode", "failed_result", "list_price", "ok_result", "refused_result",
@@ -53,17 +51,6 @@ def throttled_verdict(retry_at: float, call_s: float, deadline_at: float, thrott
 def call_mode(spec: ModelSpec) -> str:
     """The mode a lone call is billed in: a GPU-priced model runs it as a GPU batch of one."""
     return "gpu_batch" if spec.gpu_priced else "sync"
-
-
-def list_price(req: Request, catalog: Catalog, usage: Mapping[str, int] | None = None) -> float:
-    """A served request's list price, which the report's saving is measured against: sent alone, sync, at the
-    catalog's prices, no cache read. ``usage``: the tokens its answer counted (its call's, or the call a reused
-    copy follows), priced in place of the request's estimate. At the estimate (256 output tokens without one),
-    a call billed at exactly its list price for an answer of 2,000 tokens read as a loss (a parity hunt)."""
-    if usage and req.kind == "text":
-        req = req.model_copy(update={"input_tokens": int(usage.get("input_tokens") or req.input_tokens),
-                                     "output_tokens": int(usage.get("output_tokens", req.output_tokens))})
-    return price_alone(req, catalog, "sync").total
 
 
 def ok_result(req, *, at: float, cost: float, mode: str, batch_id: str | None, recommendation: str | None,

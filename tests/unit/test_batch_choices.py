@@ -18,7 +18,7 @@ from engine.app.cli import app
 from engine.app.endpoint import make_app
 from engine.core.batchfile import read_batch_file, report, write_results
 from engine.core.catalog import default_catalog
-from engine.core.cost import price_alone
+from engine.core.cost import price_usage
 from engine.core.result import Result
 from tests.unit.helpers import AnsweringEngine
 from tests.unit.test_endpoint import FakeEngine, serving, upload, wait_done
@@ -104,10 +104,11 @@ def test_the_output_line_has_n_choices_and_a_failed_choice_fails_its_line_keepin
     assert e["response"]["status_code"] == 503
     assert [(c["index"], c["request_id"]) for c in e["smartbatch_choices"]] == [(0, "req_x"), (1, "req_x/n1")]
     assert e["smartbatch_choices"][1]["body"]["choices"][0]["message"]["content"] == "answer of x/n1"
-    # The report: a line's cost is every choice's (billed), its list price each choice sent alone, once answered.
+    # The report: a line's cost is every choice's (billed), its list price each choice sent alone (at the tokens
+    # its answer counted), once answered.
     doc = report(bf, results, CAT, window_s=3600.0, policy="smart")
     rows = {r["custom_id"]: r for r in doc["lines"]}
-    alone = sum(price_alone(q, CAT, "sync").total for q in bf.requests[:3])
+    alone = sum(price_usage(q, CAT, "sync", input_tokens=7, output_tokens=3).total for q in bf.requests[:3])
     assert rows["a"]["list_price_usd"] == pytest.approx(alone) and rows["a"]["cost_usd"] == pytest.approx(0.006)
     assert (rows["a"]["status"], rows["a"]["mode"], rows["a"]["choices"]) == ("ok", "sync", 3)
     assert (rows["x"]["status"], rows["x"]["list_price_usd"]) == ("failed", 0.0)
@@ -274,9 +275,11 @@ def test_a_batch_of_lines_of_n_choices_through_the_sdk():
         assert b.usage.input_tokens == 6 * 7
         rep = client.get(f"/batches/{b.id}/smartbatch_report", cast_to=object)
         rows = {r["custom_id"]: r for r in rep["lines"]}
-        one = price_alone(read_batch_file_line(line("b", "two")), CAT, "sync").total
+        one = price_usage(read_batch_file_line(line("b", "two")), CAT, "sync", input_tokens=7, output_tokens=3).total
         assert rows["a"]["cost_usd"] == pytest.approx(3 * rows["b"]["cost_usd"]) == pytest.approx(3 * one / 2)
-        part = price_alone(read_batch_file_line(line("part", "three")), CAT, "sync").total
+        assert rows["a"]["list_price_usd"] == pytest.approx(3 * one)  # at the answers' tokens
+        part = price_usage(read_batch_file_line(line("part", "three")), CAT, "sync", input_tokens=7,
+                           output_tokens=3).total
         assert rows["part"]["cost_usd"] == pytest.approx(2 * part / 2) and rows["part"]["list_price_usd"] == 0.0
 
 

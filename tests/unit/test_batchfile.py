@@ -220,7 +220,9 @@ def test_report_sums_the_lines_costs_against_list_prices(batch):
     bf = read_batch_file(batch, window_s=3600.0, catalog=CAT)
     doc = report(bf, results_for(bf), CAT, window_s=3600.0, policy="smart")
     rows = {r["custom_id"]: r for r in doc["lines"]}
-    assert rows["a"]["list_price_usd"] == pytest.approx(price_alone(bf.requests[0], CAT, "sync").total)
+    a = bf.requests[0]  # priced at its answer's tokens
+    assert rows["a"]["list_price_usd"] == pytest.approx(price_alone(a.model_copy(update={
+        "input_tokens": 5, "output_tokens": 6}), CAT, "sync").total)
     assert rows["b"]["status"] == "failed" and rows["bad"]["status"] == "invalid"
     tot = doc["totals"]
     assert tot["cost_usd"] == pytest.approx(sum(r["cost_usd"] for r in doc["lines"])) == pytest.approx(0.001)
@@ -766,3 +768,24 @@ def test_a_kept_copy_answered_by_another_lines_call_counts_that_call_once(tmp_pa
     kept = {ln.no: json.loads(row) for ln, row in zip(bf.lines, out.read_text().splitlines(), strict=True)}
     first, second = kept_charges(bf.lines, kept, CAT, out)
     assert first.usd > 0.0 and second.usd == 0.0
+
+
+def test_a_lines_list_price_is_at_the_tokens_its_answer_counted_not_its_cap(batch):
+    """A line sent sync whose answer stopped short of its cap saves nothing: its list price is its bill. The
+    report priced the cap (``max_completion_tokens`` 50), so a live tour's sync Gemini lines of 40 tokens under
+    a cap of 100 reported a saving of 59 % (the engine's own report, pricing the answer's tokens, said 0)."""
+    from engine.core.cost import price_usage
+
+    bf = read_batch_file(batch, window_s=3600.0, catalog=CAT)
+    a, b = bf.requests
+    billed = price_usage(a, CAT, "sync", input_tokens=5, output_tokens=6).total
+    done = [Result(id="a", status="ok", output="Nile, Amazon, Rhine", usage={"input_tokens": 5, "output_tokens": 6},
+                   real=True, cost_usd=billed, mode="sync", provider=a.provider, model=a.model),
+            Result(id="b", status="reused", output="x", usage={"input_tokens": 5, "output_tokens": 6}, cost_usd=0.0,
+                   mode="reuse", hit="exact", provider=b.provider, model=b.model)]
+    rows = {r["custom_id"]: r for r in report(bf, done, CAT, window_s=3600.0, policy="smart")["lines"]}
+    assert 0 < billed < price_alone(a, CAT, "sync").total
+    assert rows["a"]["list_price_usd"] == pytest.approx(billed, abs=1e-12) and rows["a"]["saving_usd"] == 0
+    # A reused copy's list price is the call it follows, at that call's tokens.
+    assert rows["b"]["list_price_usd"] == pytest.approx(price_usage(b, CAT, "sync", input_tokens=5,
+                                                                    output_tokens=6).total, abs=1e-12)

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from engine.app import endpoint
 from engine.app.endpoint import make_app
 from engine.core.catalog import default_catalog
-from engine.core.cost import price_alone
+from engine.core.cost import price_alone, price_usage
 from engine.core.errors import Overloaded, RequestError
 from engine.core.request import Request, validation_context
 from engine.core.result import CANCELLED, ENGINE_CANCELLED, ID_TAKEN, Result
@@ -83,7 +83,8 @@ class FakeEngine:
             out = "echo: " + (req.body["messages"][-1]["content"] if "messages" in req.body else req.body["input"])
         return Result(id=req.id, tenant=req.tenant, status="ok", output=out, model=req.model,
                       provider=req.provider, usage={"input_tokens": 7, "output_tokens": 3},
-                      cost_usd=price_alone(req, CAT, "sync").total / 2, mode="batch_api", hit=None,
+                      cost_usd=price_usage(req, CAT, "batch_api", input_tokens=7, output_tokens=3).total,
+                      mode="batch_api", hit=None,
                       deadline_met=not req.id.endswith("tardy"))
 
     async def asubmit(self, d: dict) -> Result:
@@ -260,9 +261,11 @@ def test_chat_completion_answers_with_smartbatch_headers_and_fields_from_headers
     sent = eng.seen["q1"]
     assert (sent["deadline_s"], sent["tenant"], sent["priority"]) == (120.5, "acme", "background")
     assert sent["body"]["max_completion_tokens"] == 50 and "arrival_s" not in sent
-    listed = price_alone(Request.model_validate({**sent, "arrival_s": 0.0}, context=validation_context(CAT)),
-                         CAT, "sync").total
-    assert listed > 0
+    # The saving is against the list price at the tokens the answer counted (7 in, 3 out), not at the cap of 50
+    # it was sent with: priced at the cap, an answer that stopped short read as a saving it never made.
+    req = Request.model_validate({**sent, "arrival_s": 0.0}, context=validation_context(CAT))
+    listed = price_usage(req, CAT, "sync", input_tokens=7, output_tokens=3).total
+    assert 0 < listed < price_alone(req, CAT, "sync").total
     assert float(h[endpoint.HEADER_COST]) == pytest.approx(listed / 2, abs=1e-9)
     assert float(h[endpoint.HEADER_SAVING]) == pytest.approx(listed / 2, abs=1e-9)
 
