@@ -81,6 +81,7 @@ def kept_charges(lines: list, kept: dict[int, dict], cat, out: Path) -> list:
 
 def _charged(req, resp: dict, calls: set, cat) -> float:
     """What one kept answer (``resp``: its request id and body) cost; ``calls``: the request ids counted before."""
+    from engine.core._gemini import gemini_output_tokens
     from engine.core.cost import price_alone, price_usage
 
     body = resp.get("body")
@@ -97,6 +98,8 @@ def _charged(req, resp: dict, calls: set, cat) -> float:
         inp = u.get("prompt_tokens", 0) if chat else u.get("input_tokens", 0) + (
             read + write if "cache_read_input_tokens" in u or "cache_creation_input_tokens" in u else 0)
         out_t = u.get("completion_tokens" if chat else "output_tokens", 0)
+        if chat and cat.provider(req.provider).compat == "gemini":
+            out_t = gemini_output_tokens(u)  # its thoughts, counted in total_tokens alone, are billed as output
         # An answer in chat shape may not say what its input wrote to a prompt cache (an Anthropic one
         # rewritten as a chat completion): every unread input token priced as a write bounds it (a review).
         usd = max(price_usage(req, cat, "sync", input_tokens=inp, output_tokens=out_t, cache_read=r,

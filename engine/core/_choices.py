@@ -78,7 +78,10 @@ def merged_body(bodies: Sequence[dict[str, Any]]) -> dict[str, Any]:
     used = [b.get("usage") or {} for b in bodies]
     n_in = sum(int(u.get("prompt_tokens", 0)) for u in used)
     n_out = sum(int(u.get("completion_tokens", 0)) for u in used)
-    head["usage"] = {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}
+    # Each call's own total: Gemini's counts its thoughts there alone (billed as output, ``gemini_output_tokens``).
+    total = sum(int(u.get("total_tokens") or 0) or int(u.get("prompt_tokens", 0)) + int(u.get("completion_tokens", 0))
+                for u in used)
+    head["usage"] = {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": total}
     read = [(u.get("prompt_tokens_details") or {}).get("cached_tokens") for u in used]
     if any(read):
         head["usage"]["prompt_tokens_details"] = {"cached_tokens": sum(int(r or 0) for r in read)}

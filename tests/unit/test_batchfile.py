@@ -789,3 +789,23 @@ def test_a_lines_list_price_is_at_the_tokens_its_answer_counted_not_its_cap(batc
     # A reused copy's list price is the call it follows, at that call's tokens.
     assert rows["b"]["list_price_usd"] == pytest.approx(price_usage(b, CAT, "sync", input_tokens=5,
                                                                     output_tokens=6).total, abs=1e-12)
+
+
+def test_a_kept_gemini_line_that_thought_is_counted_with_its_thoughts_one_of_n_choices_too(tmp_path):
+    """Gemini's layer counts thinking in ``total_tokens`` alone, and Google bills it as output (the engine bills it
+    so, ``gemini_output_tokens``). A resumed run counted a kept line at its ``completion_tokens``, below what it
+    cost; and a line of n choices lost the thoughts from its ``total_tokens`` too, as the n calls' usage was added
+    up (a helper's live tour: 927 where the three calls' said 1,119)."""
+    from engine.app._batch_kept import kept_charges
+    from engine.core._choices import merged_body
+    from engine.core.cost import price_usage
+
+    p = tmp_path / "in.jsonl"
+    p.write_text(line("g", model="gemini-2.5-flash") + "\n")
+    (ln,) = read_batch_file(p, window_s=86400.0, catalog=CAT).lines
+    call = {"object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant", "content": "x"}}],
+            "usage": {"prompt_tokens": 9, "completion_tokens": 300, "total_tokens": 373}}
+    (c,) = kept_charges([ln], {ln.no: {"response": {"status_code": 200, "body": call}}}, CAT, p)
+    assert c.usd == pytest.approx(price_usage(ln.request, CAT, "sync", input_tokens=9, output_tokens=364).total)
+    three = merged_body([call, call, call])
+    assert three["usage"]["total_tokens"] == 3 * 373 and three["usage"]["completion_tokens"] == 900
