@@ -219,6 +219,7 @@ class Verdict(NamedTuple):
     max_usd: float | None = None
     allowed_usd: float | None = None
     priority: str | None = None
+    paced: bool = False  # deferred: pacing (``Throttle.pace``) cut what the claim's priority may reach now
 
     def why(self, claim_usd: float | None = None, model_max: bool = True) -> str:
         """The ``reason`` a request rejected on this verdict carries; ``claim_usd``, what it reserved, since a
@@ -226,7 +227,7 @@ class Verdict(NamedTuple):
         reserved its model's whole output, $0.26: a helper's tour). ``model_max``: ``budgets.reserve_output``
         is ``model_max`` (else ``request``: its output_tokens are reserved)."""
         if self.reason == "deferred":
-            return f"budget {self.budget} resets at t={self.retry_at:.0f}s, after the deadline"
+            return self._deferred(claim_usd)
         if self.reason == "budget_unavailable":
             return f"the budget ledger did not answer: {self.detail}"
         left = f"budget {self.budget} has ${self.remaining_usd:.6f} left"
@@ -245,6 +246,24 @@ class Verdict(NamedTuple):
         return (f"{left}, and this request reserves up to ${claim_usd:.6f} (its output at its max_tokens, or "
                 f"{without} without one: a lower max_tokens reserves less; docs/budgets.md)")
 
+    def _deferred(self, claim_usd: float | None) -> str:
+        # Said as "resets at t=86400s, after the deadline" alone, a normal request of $0.0009 under a $0.004 day
+        # budget with $0.0013 left read as a bug: pacing held it, and nothing named it or the ways on (a tour).
+        said = f"budget {self.budget} has ${self.remaining_usd:.6f} left"
+        if self.allowed_usd is not None and self.max_usd is not None and self.allowed_usd < self.max_usd - EPS:
+            said += (f", of which {self.priority} work may reach ${self.allowed_usd:.6f} of its ${self.max_usd:.6f}"
+                     + (f" by now (budgets.throttle.{self.priority}, paced over the window by budgets.throttle.pace: "
+                        "the share grows as the window goes)" if self.paced else
+                        f" (budgets.throttle.{self.priority}: the rest is kept for more urgent work)"))
+        if claim_usd is not None:
+            said += f"; this request reserves up to ${claim_usd:.6f}"
+        said += (f" and could go only at t={self.retry_at:.0f}s"
+                 + ("" if self.paced else ", when the window resets") + ", after its deadline")
+        ways = (", or turn pacing off (SMARTBATCH_BUDGETS__THROTTLE__PACE=false)" if self.paced
+                else ", or raise that fraction")
+        return (f"{said}: send it urgent ({'never paced, and ' if self.paced else ''}it may spend the whole "
+                f"limit), give it a later deadline, raise the budget{ways} (docs/budgets.md)")
+
 
 class Refusal(NamedTuple):
     spec: BudgetSpec
@@ -252,6 +271,7 @@ class Refusal(NamedTuple):
     fits_settled: bool  # the claim would pass on the spend alone, were every open reservation released
     paced_until: float | None = None  # pacing holds it back until then
     allowed: float | None = None  # what the claim's priority may reach of the limit now (fraction, pace)
+    paced: bool = False  # pacing cut that reach now (``Throttle.pace_of`` < 1)
 
 
 _RANK = {"wait": 0, "deferred": 1, "budget_exhausted": 2}
@@ -262,15 +282,17 @@ def verdict_of(refusals: list[Refusal], priority: str, now: float) -> Verdict:
     a deferral (waiting for a reset cannot help when some budget never resets), which outranks waiting for
     open reservations; among deferrals the latest reset wins."""
     worst: Verdict | None = None
-    for s, remaining, fits_settled, paced, allowed in refusals:
+    for s, remaining, fits_settled, paced, allowed, cut in refusals:
         end = window_bounds(s.budget_duration, now)[1]
         rem = max(remaining, 0.0)
         if fits_settled:
             v = Verdict(False, "wait", None, rem, s.name)
         elif paced is not None and paced > now:
-            v = Verdict(False, "deferred", paced, rem, s.name)
+            v = Verdict(False, "deferred", paced, rem, s.name, max_usd=s.max_budget, allowed_usd=allowed,
+                        priority=priority, paced=cut)
         elif priority != "urgent" and end < math.inf:
-            v = Verdict(False, "deferred", end, rem, s.name)
+            v = Verdict(False, "deferred", end, rem, s.name, max_usd=s.max_budget, allowed_usd=allowed,
+                        priority=priority, paced=cut)
         else:
             v = Verdict(False, "budget_exhausted", None, rem, s.name, max_usd=s.max_budget,
                         allowed_usd=allowed, priority=priority)

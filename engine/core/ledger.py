@@ -69,10 +69,12 @@ class BudgetBook:
         for s, k in touched:
             spent = self.spent.get(k, 0.0)
             used = spent + self.reserved.get(k, 0.0)
-            limit = s.max_budget * frac * th.pace_of(s, c.priority, now, self.origin)
+            pace = th.pace_of(s, c.priority, now, self.origin)
+            limit = s.max_budget * frac * pace
             if used + c.amount > limit + EPS:
                 refusals.append(Refusal(s, s.max_budget - used, spent + c.amount <= limit + EPS,
-                                        th.paced_until(s, c.priority, now, used + c.amount, self.origin), limit))
+                                        th.paced_until(s, c.priority, now, used + c.amount, self.origin), limit,
+                                        pace < 1.0))
         return touched, verdict_of(refusals, c.priority, now)
 
     def _at(self, now: float) -> float:

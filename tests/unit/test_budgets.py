@@ -329,3 +329,30 @@ def test_a_window_whose_reservations_sum_a_hair_below_zero_reads_zero_not_minus_
     row = window_row(BudgetSpec(max_budget=1.0), "all@0", 0.5, 0.1 + 0.2 - 0.3 - 1e-12)
     assert row["reserved_usd"] == 0.0 and math.copysign(1.0, row["reserved_usd"]) == 1.0
     assert math.copysign(1.0, usd(-1e-9)) == 1.0 and usd(0.1234567) == 0.123457
+
+
+def test_a_request_pacing_holds_past_its_deadline_is_told_pacing_holds_it_and_the_ways_on():
+    """A live tour: a $0.004 day budget, four urgent requests spent $0.0027, and six normal ones of $0.0009 each
+    were rejected with "budget global/1d resets at t=86400s, after the deadline" alone, $0.0013 left: pacing held
+    them (normal work may reach 9.5 % of the limit in a day's first minutes), and the reason named neither it
+    nor a way on. The verdict is the same; its reason says what holds the request and how to send it."""
+    from engine.runtime.reservation import triage
+
+    book = BudgetBook([BudgetSpec(max_budget=0.004, budget_duration="1d")], Throttle())
+    start = window_bounds("1d", T0)[0]
+    assert book.reserve_many([claim("u", 0.0027, "urgent")], start + 60)[0].ok
+    book.settle_many([("u", 0.0027)])
+    v = book.reserve_many([claim("n", 0.0009)], start + 60)[0]
+    assert v.reason == "deferred" and triage(v, start + 660) == "reject"  # a deadline of 10 minutes
+    why = v.why(0.0009)
+    assert "budget global/1d has $0.001300 left" in why and f"normal work may reach ${0.004 * 0.95 * (60 / 86400 + 0.1):.6f}" in why
+    assert "budgets.throttle.pace" in why and "SMARTBATCH_BUDGETS__THROTTLE__PACE=false" in why
+    assert "send it urgent" in why and "later deadline" in why and "reserves up to $0.000900" in why
+    # Without pacing, past its fraction, it waits for the window's reset; said so, with that fraction's way on.
+    book = BudgetBook([BudgetSpec(max_budget=0.004, budget_duration="1d")], Throttle(pace=False))
+    assert book.reserve_many([claim("u", 0.0035, "urgent")], start + 60)[0].ok
+    book.settle_many([("u", 0.0035)])
+    v = book.reserve_many([claim("n", 0.0004)], start + 60)[0]
+    why = v.why(0.0004)
+    assert v.reason == "deferred" and "when the window resets" in why and "raise that fraction" in why
+    assert "pac" not in why.replace("space", "")
