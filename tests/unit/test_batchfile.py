@@ -772,7 +772,7 @@ def test_a_kept_copy_answered_by_another_lines_call_counts_that_call_once(tmp_pa
 
 def test_a_lines_list_price_is_at_the_tokens_its_answer_counted_not_its_cap(batch):
     """A line sent sync whose answer stopped short of its cap saves nothing: its list price is its bill. The
-    report priced the cap (``max_completion_tokens`` 50), so a live tour's sync Gemini lines of 40 tokens under
+    report priced the estimate (``max_completion_tokens`` 50 here), so a live tour's sync Gemini lines of 40 tokens under
     a cap of 100 reported a saving of 59 % (the engine's own report, pricing the answer's tokens, said 0)."""
     from engine.core.cost import price_usage
 

@@ -314,6 +314,8 @@ def test_emulate_prints_where_it_listens_and_its_bill_when_stopped():
         line = proc.stdout.readline() if ready else ""
         m = re.search(r"http://127\.0\.0\.1:(\d+)/openai/v1 and http://127\.0\.0\.1:\1/anthropic", line)
         assert m, line
+        # Gemini's side too: the emulator serves it, and a tour of Gemini could not find its address (stop 63).
+        assert f"http://127.0.0.1:{m.group(1)}/google/v1" in line, line
         with urllib.request.urlopen(f"http://127.0.0.1:{m.group(1)}/_emulator/bill", timeout=10) as r:
             assert json.loads(r.read())["total_usd"] == 0
         proc.send_signal(signal.SIGTERM)  # its handler is in place before the line above is printed
