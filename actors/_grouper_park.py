@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from actors._peer import RESTART_POLL_S, restarting
 from actors._types import BatchJob, Job
 from engine.core.budgets import LEDGER, Claim, Verdict
 from engine.core.result import Result
@@ -76,13 +77,24 @@ class Parking:
             by_provider.setdefault(j.req.provider, []).append((j.req.uid, claim))
         for provider, items in by_provider.items():
             await asyncio.gather(*self._runs.get(provider, ()), return_exceptions=True)
-            try:
-                held = set(await self.dispatchers[provider].call("holds", [u for u, _ in items]))
-            except Exception as exc:
-                log.warning("grouper: dispatcher %s did not say what it holds (%s); %d claim(s) stay held",
-                            provider, type(exc).__name__, len(items))
-                continue
-            self._unsure_claims.extend(c for u, c in items if u not in held)
+            wait_s = RESTART_POLL_S
+            while True:
+                try:
+                    held = set(await self.dispatchers[provider].call("holds", [u for u, _ in items]))
+                    break
+                except Exception as exc:
+                    # Restarted under the question (a fault test's second kill): asked again once it is back, as
+                    # a question asks nothing of it, until ``LOST_CHECK_S``. Given up at once, its claims stayed
+                    # held until the engine stopped, and later requests were refused for their room.
+                    if not restarting(exc):
+                        log.warning("grouper: dispatcher %s did not say what it holds (%s); %d claim(s) stay held",
+                                    provider, type(exc).__name__, len(items))
+                        held = None
+                        break
+                    await asyncio.sleep(wait_s)
+                    wait_s = min(2 * wait_s, 2.0)
+            if held is not None:
+                self._unsure_claims.extend(c for u, c in items if u not in held)
 
     def _send_runs(self, per_provider: dict[str, list[BatchJob]], learns: tuple) -> None:
         for provider, part in per_provider.items():

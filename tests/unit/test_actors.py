@@ -727,6 +727,38 @@ def test_a_request_ingest_readmits_releases_the_claim_its_lost_dispatch_held():
     run(go(True))
 
 
+def test_a_lost_claim_is_judged_once_its_dispatcher_is_back_from_a_restart_under_the_question():
+    """A dispatcher restarted while the grouper asked whether it holds a re-admitted request (a fault test killed
+    it twice): the question failed and the old claim stayed held until the engine stopped, holding budget that
+    later requests were refused for. It is asked again once the dispatcher is back."""
+    from ray.exceptions import ActorUnavailableError
+
+    from actors._types import OWN_ROWS
+
+    class Restarting(Recorder):
+        def __init__(self):
+            super().__init__()
+            self.asked = 0
+
+        async def holds(self, uids):
+            self.asked += 1
+            if self.asked == 1:
+                raise ActorUnavailableError("the actor was restarted", None)
+            return []
+
+    async def go():
+        hub, budget, d = ResultHub(), ledger(10.0), Restarting()
+        g = Grouper(load_policy("naive", CAT), CAT, ManualClock(0.0), {"openai": d}, budget, hub)
+        r = req(0, priority="urgent")
+        await g.add([Job(0, r, "fp")])
+        (first,) = set(budget.book.claims)
+        await g.add([Job(OWN_ROWS, r, "fp")])  # ingest re-admits it
+        await asyncio.wait_for(asyncio.gather(*list(g._tasks)), 10.0)
+        await asyncio.gather(*g._runs.get("openai", ()))
+        assert d.asked == 2 and first not in budget.book.claims and len(budget.book.claims) == 1
+    run(go())
+
+
 def test_a_delivered_message_is_asked_again_while_its_actor_restarts():
     """``Peer.deliver``: a settlement sent as the budget controller died was lost, and the spend with it."""
     from ray.exceptions import RayActorError
