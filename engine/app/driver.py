@@ -342,7 +342,7 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervi
         reqs, at, refused = validated(self._as_request, requests, now, on_invalid)
         reqs = self._forgotten(reqs)
         with self._lock:
-            if refused or on_invalid == "reject":
+            if on_invalid == "reject":  # (``refused`` is only ever filled then)
                 reqs, at = reject_taken(reqs, at, self._futs, refused)
             futs, _ = self._admit(reqs)
         self._give_kept()
