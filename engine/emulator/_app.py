@@ -14,6 +14,7 @@ from engine.core.errors import ConfigError
 from engine.emulator import _anthropic, _openai, _openai_batch
 from engine.emulator._core import Core
 from engine.emulator._faults import FaultPlan, FaultSpec
+from engine.emulator._gemini import gemini_error
 from engine.emulator._routing import Ctx, Route
 from engine.emulator._wire import ApiError, Dropped, Family, Reply, error_reply, json_reply
 
@@ -90,15 +91,15 @@ class App:
         found = self._match(method, rest)
         if found is None:
             err = ApiError(404, f"no route {method} {rest} (the emulator serves {sorted(set(ROUTE_NAMES))})")
-            return self._record(provider, "?", method, error_reply(family, err, rid))
+            return self._record(provider, "?", method, self._as_provider(provider, error_reply(family, err, rid)))
         r, params = found
         params = {**dict(parse_qsl(query)), **params}  # a list's cursor and limit, e.g. ?after=...&limit=100
         if not self._authorized(r.family, headers):
             where = "an 'Authorization: Bearer <key>'" if r.family == "openai" else "an 'x-api-key: <key>'"
             err = ApiError(401, f"missing API key: send {where} header", code="invalid_api_key")
-            return self._record(provider, r.name, method, error_reply(r.family, err, rid))
+            return self._record(provider, r.name, method, self._as_provider(provider, error_reply(r.family, err, rid)))
         ctx = Ctx(self.core, self.faults, provider, r.name, params, headers, body, rid, r.family, self.origin)
-        return self._record(provider, r.name, method, self._serve(r, ctx))
+        return self._record(provider, r.name, method, self._as_provider(provider, self._serve(r, ctx)))
 
     def _serve(self, r: Route, ctx: Ctx) -> Reply:
         fault = self.faults.next_fault(ctx.provider, r.name, r.generating,
@@ -123,6 +124,12 @@ class App:
         except Exception as exc:  # a bug of the emulator: answer it plainly rather than cut the connection
             err = ApiError(500, f"emulator internal error in {r.name}: {type(exc).__name__}: {exc}")
             return error_reply(ctx.family, err, ctx.request_id)
+
+    def _as_provider(self, provider: str, reply: Reply) -> Reply:
+        """``reply`` in the error shape of the provider's compatibility layer (Google's for ``compat: gemini``)."""
+        if reply.drop or reply.status < 400 or self.core.catalog.providers[provider].compat != "gemini":
+            return reply
+        return gemini_error(reply)
 
     def _fault(self, fault: FaultSpec, ctx: Ctx, r: Route) -> Reply:
         if fault.cut_body:  # run (and billed, and kept under its key), its answer cut short on the way

@@ -74,6 +74,8 @@ class FaultPlan:
     ``retry_after_header``: False answers an OpenAI-route 429 without ``retry-after``, its wait only in
     ``x-ratelimit-reset-requests``/``-tokens`` (``"1m40s"``) beside ``x-ratelimit-remaining-requests: 0``, as OpenAI's
     429s may come (openai-node issue 1477). True (the default): a ``retry-after`` header, as Anthropic's always has.
+    Google's layer (``compat: gemini``) says the wait in its error body, never in a header: a ``google.rpc.RetryInfo``
+    detail, or with ``retry_after_header`` False nothing at all (its bare "Resource has been exhausted").
     ``batch_queue_limits``: per model, the input tokens an OpenAI batch queue holds (OpenAI's "batch queue limit",
     90,000 for gpt-4o at tier 1): a batch that would pass it, counting the batches of that model not yet ended,
     fails at validation with ``token_limit_exceeded``, as OpenAI's does. Empty (the default): no limit.

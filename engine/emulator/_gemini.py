@@ -3,18 +3,32 @@ differs from OpenAI's chat completions as Google documents it: the fields it tak
 ``extra_body.google``, the reasoning efforts each model takes, an effort and a thinking budget refused together,
 and thinking billed as output. How its usage counts the thoughts Google's pages do not say: the emulator counts
 them in ``total_tokens`` only, beside ``completion_tokens`` (ASSUMPTION, the shape the layer's answers have been
-reported in, and the harder one for a reader that must bill them as output)."""
+reported in, and the harder one for a reader that must bill them as output).
+
+Its errors are Google's, not OpenAI's: a list of one ``{"error": {"code", "message", "status"}}`` with the
+google.rpc status name (``INVALID_ARGUMENT``, ``RESOURCE_EXHAUSTED``, ...), as the layer's answers are reported
+through the ``openai`` SDK (``Error code: 400 - [{'error': {'code': 400, 'message': 'Invalid JSON payload
+received. Unknown name "reasoning": Cannot find field.', 'status': 'INVALID_ARGUMENT', ...}}]``); a rate limit's
+wait is no ``Retry-After`` header but a ``google.rpc.RetryInfo`` detail (``"retryDelay": "36s"``), as Google's
+429s carry it (ASSUMPTION for the layer: its 429s are reported with it and without it)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
 from engine.core._gemini import GEMINI_FIELDS, THINKING_KEYS
 from engine.core.catalog import ModelSpec
-from engine.emulator._wire import ApiError
+from engine.emulator._wire import ApiError, Reply
 
-__all__ = ["gemini_thoughts", "gemini_usage"]
+__all__ = ["RETRY_INFO", "gemini_error", "gemini_thoughts", "gemini_usage"]
+
+RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
+# The google.rpc status Google's errors name beside their HTTP status.
+_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+           409: "ABORTED", 413: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE",
+           504: "DEADLINE_EXCEEDED"}
 
 # Tokens the emulator thinks at each effort or level (a real model thinks as long as it needs, within its budget).
 # Asked nothing, it thinks not at all: a simplification (Gemini 2.5 thinks by default), so bodies without thinking
@@ -75,3 +89,20 @@ def gemini_usage(input_tokens: int, read: int, output_tokens: int, thoughts: int
     in ``total_tokens``; the cached part of the prompt in ``prompt_tokens_details``."""
     return {"prompt_tokens": input_tokens, "completion_tokens": output_tokens - thoughts,
             "total_tokens": input_tokens + output_tokens, "prompt_tokens_details": {"cached_tokens": read}}
+
+
+def gemini_error(reply: Reply) -> Reply:
+    """An error answer of the OpenAI routes in the shape Google's layer answers it: its message under Google's
+    status, in a list of one; the wait of a ``retry-after`` header (if any) as a RetryInfo detail instead, and
+    no OpenAI rate limit headers (a 429 without a wait is Google's bare "Resource has been exhausted")."""
+    try:
+        said = json.loads(reply.body).get("error") or {}
+    except (ValueError, AttributeError):
+        return reply
+    err: dict[str, Any] = {"code": reply.status, "message": said.get("message") or "",
+                           "status": _STATUS.get(reply.status, "INTERNAL" if reply.status >= 500 else "UNKNOWN")}
+    wait = reply.headers.get("retry-after")
+    if wait is not None:
+        err["details"] = [{"@type": RETRY_INFO, "retryDelay": f"{wait}s"}]
+    headers = {k: v for k, v in reply.headers.items() if k != "retry-after" and not k.startswith("x-ratelimit-")}
+    return reply._replace(headers=headers, body=json.dumps([{"error": err}], separators=(",", ":")).encode())

@@ -125,19 +125,47 @@ def test_what_geminis_layer_documents_is_taken(body):
     assert ask(0, **body).body["messages"] == [HI]
 
 
+def google_says(exc: openai.APIStatusError) -> str:
+    """What Google's layer said in an error answer: a list of one error, whose message the SDK leaves out of its
+    own text ("Error code: 400")."""
+    (item,) = exc.body
+    return f"{item['error']['status']}: {item['error']['message']}"
+
+
 def test_the_emulators_google_side_refuses_what_the_layer_does_not_take_naming_it_unbilled(emu):
     client = openai.OpenAI(base_url=emu.base_url("google"), api_key="emulator-test-key", max_retries=0)
-    with pytest.raises(openai.BadRequestError, match='Unknown name "store"'):
-        client.chat.completions.create(model=FLASH, messages=[HI], extra_body={"store": True})
-    with pytest.raises(openai.BadRequestError, match="Invalid reasoning_effort: none"):
-        client.chat.completions.create(model="gemini-2.5-pro", messages=[HI], reasoning_effort="none")
-    with pytest.raises(openai.BadRequestError, match="cannot be set together"):
-        client.chat.completions.create(model=FLASH, messages=[HI], reasoning_effort="low", extra_body={
-            "extra_body": {"google": {"thinking_config": {"thinking_budget": 100}}}})
+    for said, kw in [('INVALID_ARGUMENT: Invalid JSON payload received. Unknown name "store"',
+                      {"extra_body": {"store": True}}),
+                     ("Invalid reasoning_effort: none", {"model": "gemini-2.5-pro", "reasoning_effort": "none"}),
+                     ("cannot be set together", {"reasoning_effort": "low", "extra_body": {"extra_body": {
+                         "google": {"thinking_config": {"thinking_budget": 100}}}}})]:
+        with pytest.raises(openai.BadRequestError) as ei:
+            client.chat.completions.create(**{"model": FLASH, "messages": [HI], **kw})
+        assert said in google_says(ei.value) and str(ei.value) == "Error code: 400"
     # OpenAI's side takes what Gemini's refuses: the difference is the layer's, not the wire's.
     openai.OpenAI(base_url=emu.base_url("openai"), api_key="k", max_retries=0).chat.completions.create(
         model="gpt-4o-mini", messages=[HI], extra_body={"store": True})
     assert [i.provider for i in emu.bill().items] == ["openai"]
+
+
+def test_the_emulators_google_side_says_a_rate_limits_wait_in_its_body_as_google_does(emu):
+    """Google's 429 is a RESOURCE_EXHAUSTED whose wait is a RetryInfo detail, with no Retry-After header (nor
+    OpenAI's rate limit headers); without a wait, it says none."""
+    client = openai.OpenAI(base_url=emu.base_url("google"), api_key="emulator-test-key", max_retries=0)
+    emu.faults.script("google", "chat.completions", [{"status": 429, "retry_after_s": 36}])
+    with pytest.raises(openai.RateLimitError) as ei:
+        client.chat.completions.create(model=FLASH, messages=[HI])
+    (item,) = ei.value.body
+    assert item["error"]["status"] == "RESOURCE_EXHAUSTED" and item["error"]["code"] == 429
+    assert item["error"]["details"] == [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "36s"}]
+    assert not {h for h in ei.value.response.headers if h.startswith(("retry-after", "x-ratelimit"))}
+    emu.faults.retry_after_header = False
+    emu.faults.script("google", "chat.completions", [{"status": 429, "retry_after_s": 36}])
+    with pytest.raises(openai.RateLimitError) as ei:
+        client.chat.completions.create(model=FLASH, messages=[HI])
+    assert "details" not in ei.value.body[0]["error"]
+    assert not {h for h in ei.value.response.headers if h.startswith(("retry-after", "x-ratelimit"))}
+    assert emu.bill().items == ()
 
 
 # -- calls ---------------------------------------------------------------------------------------------------------
