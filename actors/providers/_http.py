@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
-from actors.providers._wire import billing_refusal, redact, retry_after
+from actors.providers._wire import billing_refusal, error_of, error_text, redact, retry_after
 from engine.core.catalog import Catalog
 from engine.core.cost import Mode, cached_blocks, min_cacheable_tokens, price_usage, reserve_bound
 from engine.core.errors import ProviderError
@@ -48,9 +48,8 @@ def _key_reused(code: int, exc: BaseException) -> bool:
     provider's message naming idempotency), as against a 409 that is a passing conflict."""
     if code != 409:
         return False
-    body: Any = getattr(exc, "body", None)
-    err = body.get("error", body) if isinstance(body, dict) else {}
-    said = f"{err.get('code') or ''} {err.get('type') or ''} {getattr(exc, 'message', '') or exc}".lower()
+    err = error_of(getattr(exc, "body", None))
+    said = f"{err.get('code') or ''} {err.get('type') or ''} {error_text(exc)}".lower()
     return "idempoten" in said
 
 
@@ -198,16 +197,16 @@ class HttpBase:
         try:
             yield
         except self._sdk.APIError as exc:
-            err = ProviderError(f"{self.name}: {what} failed: {type(exc).__name__}: {self._redact(str(exc))}")
+            err = ProviderError(f"{self.name}: {what} failed: {type(exc).__name__}: {self._redact(error_text(exc))}")
             # Timeouts are connection errors; a connection never made (refused) sent nothing.
             err.maybe_done = (isinstance(exc, self._sdk.APIConnectionError) and not _never_connected(exc)) or (
                 isinstance(exc, self._sdk.APIStatusError) and exc.status_code >= 500)
             said = (billing_refusal(exc.status_code, exc.body, str(exc))
                     if isinstance(exc, self._sdk.APIStatusError) else None)
             if said is not None:  # no wait lifts it: not made again (``retry_after_s`` stays None)
-                err.quota = quota_message(self.name, exc.status_code, said, self._redact(str(exc)))
+                err.quota = quota_message(self.name, exc.status_code, said, self._redact(error_text(exc)))
             elif isinstance(exc, self._sdk.APIStatusError) and exc.status_code == 429:
-                ra = retry_after(exc.response.headers)
+                ra = retry_after(exc.response.headers, exc.body)
                 err.retry_after_s = self.spec.retry_after_s if ra is None else ra
             raise err from None
 
@@ -284,9 +283,9 @@ class HttpBase:
         if isinstance(exc, status_error):
             resp: Any = getattr(exc, "response", None)
             code = getattr(exc, "status_code", None) or getattr(resp, "status_code", 0)
-            ra = retry_after(getattr(resp, "headers", None)) if code == 429 else None
+            ra = retry_after(getattr(resp, "headers", None), getattr(exc, "body", None)) if code == 429 else None
             retryable = code >= 500 or code in _RETRYABLE_4XX
-            msg = self._redact(str(getattr(exc, "message", "") or exc))
+            msg = self._redact(error_text(exc))
             if _key_reused(code, exc):
                 # An earlier call under this key, with another body, was answered and billed. Sending it again
                 # under this key can only be refused again, and under a new key it would be paid twice; its

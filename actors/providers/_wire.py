@@ -19,7 +19,7 @@ from collections.abc import Iterable
 
 from engine.core.request import Request, split_body
 
-__all__ = ["billing_refusal", "message_parts", "redact", "retry_after", "tokens"]
+__all__ = ["billing_refusal", "error_of", "error_text", "message_parts", "redact", "retry_after", "tokens"]
 
 _KEYLIKE = re.compile(r"(sk-(?:proj-|ant-)?[A-Za-z0-9_\-]{6,})")
 _WORDS = ("alpha", "bravo", "cobalt", "delta", "ember", "fjord", "garnet", "harbor", "indigo", "juniper",
@@ -47,14 +47,16 @@ def _duration(v: str | None) -> float | None:
     return sum(float(a) * _UNIT_S[u] for a, u in parts)
 
 
-def retry_after(headers) -> float | None:
+def retry_after(headers, body=None) -> float | None:
     """Seconds from a ``Retry-After`` (or ``retry-after-ms``) header; else, as OpenAI's 429s may carry no
     ``Retry-After`` (openai-node issue 1477), from its ``x-ratelimit-reset-requests`` / ``-tokens`` (the reset of
-    the limit whose ``remaining`` is 0; of both, the later, when neither says). None when none is readable: an
-    HTTP date, say (the engine's own backoff applies). Without them, a 429 of a minute's window was retried 1, 2
-    and 4 s later and the request failed (a helper's protocol hunt)."""
+    the limit whose ``remaining`` is 0; of both, the later, when neither says); else from the error ``body``'s
+    ``google.rpc.RetryInfo`` detail, where Google says it (``"retryDelay": "36s"``), with no header at all. None
+    when none is readable: an HTTP date, say (the engine's own backoff applies). Without them, a 429 of a minute's
+    window was retried 1, 2 and 4 s later and the request failed (a helper's protocol hunt; Google's, a fault
+    hunt)."""
     if headers is None:
-        return None
+        return _retry_delay(body)
     ms = headers.get("retry-after-ms")
     try:
         if ms is not None:
@@ -67,7 +69,45 @@ def retry_after(headers) -> float | None:
     resets = {k: _duration(headers.get(f"x-ratelimit-reset-{k}")) for k in ("requests", "tokens")}
     out = [r for k, r in resets.items() if r is not None and str(headers.get(f"x-ratelimit-remaining-{k}")) == "0"]
     out = out or [r for r in resets.values() if r is not None]
-    return max(out) if out else None
+    return max(out) if out else _retry_delay(body)
+
+
+_RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
+_PROTO_DURATION = re.compile(r"(\d+(?:\.\d+)?)s")
+
+
+def _retry_delay(body) -> float | None:
+    """The ``retryDelay`` of a Google error's RetryInfo detail (a protobuf Duration, ``"36.4s"``), in seconds."""
+    details = error_of(body).get("details")
+    for d in details if isinstance(details, list) else ():
+        if isinstance(d, dict) and d.get("@type") == _RETRY_INFO:
+            m = _PROTO_DURATION.fullmatch(str(d.get("retryDelay") or "").strip())
+            return float(m.group(1)) if m else None
+    return None
+
+
+def error_of(body) -> dict:
+    """The error object of an error answer's body as the SDK kept it: OpenAI's ``error`` object (the SDK took it
+    out), Anthropic's whole body (``{"type": "error", "error": {...}}``), or the list of one that Google's OpenAI
+    compatibility layer answers (``[{"error": {"code": 400, "message": ..., "status": "INVALID_ARGUMENT"}}]``).
+    {} for anything else."""
+    if isinstance(body, list) and body:
+        body = body[0]
+    err = body.get("error", body) if isinstance(body, dict) else None
+    return err if isinstance(err, dict) else {}
+
+
+def error_text(exc: BaseException) -> str:
+    """An SDK error's text, with the provider's own words where the SDK left them out: the ``openai`` SDK takes
+    the message of an object body only, so each error of Google's layer, a list, read "Error code: 400" and not
+    a word of what was refused (a fault hunt). Not redacted: the caller redacts."""
+    text = str(getattr(exc, "message", "") or exc)
+    body = getattr(exc, "body", None)
+    err = error_of(body) if isinstance(body, list) else {}  # an object's message is in the SDK's text already
+    said, status = err.get("message"), err.get("status")
+    if isinstance(said, str) and said:
+        text += f" - {status}: {said}" if isinstance(status, str) and status else f" - {said}"
+    return text
 
 
 # OpenAI's codes (and types) of a 429 that no wait lifts: the account is out of credit or past a spend or usage
@@ -83,9 +123,8 @@ _BILLING_WORDS = re.compile(r"credit balance|purchase credits|plans (?:&|and) bi
 def billing_refusal(status: int, body, message: str = "") -> str | None:
     """What a provider's error says is wrong with the account's billing, when it says so: the code or type it
     names (``insufficient_quota``, ``billing_error``, ...), else None. ``body``: the error body as the SDK kept
-    it (OpenAI's ``error`` object, or Anthropic's whole body)."""
-    err = body.get("error", body) if isinstance(body, dict) else {}
-    err = err if isinstance(err, dict) else {}
+    it (``error_of``)."""
+    err = error_of(body)
     code, kind = str(err.get("code") or ""), str(err.get("type") or "")
     if status == 429:
         return next((c for c in (code, kind) if c in _QUOTA_CODES), None)
