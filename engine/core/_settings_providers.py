@@ -12,6 +12,8 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from engine.core._gemini import GEMINI_OPENAI_URL
+from engine.core._settings_env import env_names, masked_url
+from engine.core.errors import ConfigError
 
 # Where an endpoint without a base_url goes: the variable its SDK reads, else the provider's own API.
 BASE_URL_ENV = {"openai": "OPENAI_BASE_URL", "anthropic": "ANTHROPIC_BASE_URL"}
@@ -41,7 +43,7 @@ class ProviderEndpoint(BaseModel):
     @model_validator(mode="after")
     def _url(self) -> ProviderEndpoint:
         if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url must start with http:// or https://, got {self.base_url!r}")
+            raise ValueError(f"base_url must start with http:// or https://, got {masked_url(self.base_url)!r}")
         if self.poll_max_s < self.poll_min_s:
             raise ValueError(f"poll_max_s={self.poll_max_s} must be >= poll_min_s={self.poll_min_s}")
         return self
@@ -95,6 +97,23 @@ class ProvidersSettings(BaseModel):
         return {name: {**PRESETS[name], **ep} if name in PRESETS and isinstance(ep, Mapping) else ep
                 for name, ep in v.items()}
 
+    @field_validator("endpoints", mode="before")
+    @classmethod
+    def _no_query(cls, v: Any) -> Any:
+        # The SDKs put each route after the whole base_url, so one with a query misses on every call (a 404); and
+        # Google's own API takes its key there (?key=...), which a user may carry over. Refused as ConfigError, not
+        # ValueError: pydantic's error would quote the input, key and all (check_redis_url's way with a password).
+        for name, ep in v.items() if isinstance(v, Mapping) else ():
+            url = ep.get("base_url") if isinstance(ep, Mapping) else None
+            if isinstance(url, str) and "?" in url:
+                field = f"providers.endpoints.{name}.base_url"
+                key_env = ep.get("api_key_env") or PRESETS.get(name, {}).get("api_key_env") or "its api_key_env"
+                raise ConfigError(f"setting {field} = {masked_url(url.partition('?')[0]) + '?...'!r} (from "
+                                  f"{env_names(field.split('.'))}) holds a query, which every call would miss (each "
+                                  "route goes after the whole URL: a 404): give it without its query, and the key in "
+                                  f"{key_env}, which is sent as a bearer token")
+        return v
+
     @field_validator("endpoints")
     @classmethod
     def _google_whole(cls, v: dict[str, ProviderEndpoint]) -> dict[str, ProviderEndpoint]:
@@ -108,7 +127,8 @@ class ProvidersSettings(BaseModel):
                 raise ValueError(f"providers.endpoints.{name}.api is {ep.api!r}: Google documents an OpenAI-"
                                  "compatible layer for Gemini, no other; give api openai (or leave it out)")
             if host == _GOOGLE_HOST and urlsplit(ep.base_url).path.rstrip("/") != "/v1beta/openai":
-                raise ValueError(f"providers.endpoints.{name}.base_url {ep.base_url!r} is Google's API but not its "
+                raise ValueError(f"providers.endpoints.{name}.base_url {masked_url(ep.base_url)!r} is Google's API "
+                                 "but not its "
                                  f"OpenAI compatibility layer: give {GEMINI_OPENAI_URL} (or leave base_url out)")
         return v
 

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
-from engine.core._settings_env import ENV_PREFIX, check_env_names, env_names, explain
+from engine.core._settings_env import ENV_PREFIX, check_env_names, env_names, explain, masked_url
 from engine.core._settings_providers import ProviderEndpoint, ProvidersSettings
 from engine.core.budgets import BudgetSettings, BudgetSpec
 from engine.core.errors import ConfigError
@@ -265,14 +265,6 @@ def check_redis_url(url: str | None, setting: str) -> str | None:
                                                            f"has database {db!r}, not a number")
         raise ConfigError(f"setting {setting} = {shown!r} {why}; {fix}")
     return url
-
-
-def masked_url(url: str) -> str:
-    """``url`` with any password replaced by ***, for messages and logs (a user name alone too: a key is often
-    passed as one, ``https://sk-...@host``)."""
-    # Up to the last "@" before the path: a password may hold an "@" itself.
-    return re.sub(r"//([^/]*)@", lambda m: "//" + (m.group(1).split(":", 1)[0] + ":***" if ":" in m.group(1)
-                                                  else "***") + "@", url)
 
 
 @functools.cache

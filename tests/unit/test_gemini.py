@@ -7,6 +7,7 @@ own: a run with real keys refused its requests, or simulated them."""
 from __future__ import annotations
 
 import asyncio
+import traceback
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,7 +21,7 @@ from engine.core._gemini import GEMINI_OPENAI_URL
 from engine.core.cost import price_usage
 from engine.core.errors import ConfigError
 from engine.core.request import Request, validation_context
-from engine.core.settings import ProvidersSettings, Settings
+from engine.core.settings import ProvidersSettings, Settings, load_settings
 from engine.emulator import Emulator
 from tests.unit.test_http_providers import (
     EMU_CANCEL_S,
@@ -88,6 +89,35 @@ def test_half_a_gemini_configuration_is_refused_naming_the_fix(endpoint, said):
     with pytest.raises(ValidationError, match="providers.endpoints.google") as ei:
         ProvidersSettings(mode="http", endpoints={"google": endpoint})
     assert said in str(ei.value)
+
+
+GKEY = "AIzaSyD-NEVERSHOWN-gemini-0123456789abc"  # a key in Google's shape
+
+
+@pytest.mark.parametrize(("name", "url"), [
+    ("google", f"https://generativelanguage.googleapis.com/v1beta/openai/?key={GKEY}"),
+    ("google", f"https://generativelanguage.googleapis.com/v1beta/models/gemini-2.5-flash:generateContent?key={GKEY}"),
+    ("google", f"generativelanguage.googleapis.com/v1beta/openai/?key={GKEY}"),
+    ("openai", f"http://127.0.0.1:8000/v1?api_key={GKEY}"),
+], ids=["layer", "native", "no-scheme", "openai"])
+def test_a_base_url_with_a_query_is_refused_naming_the_fix_and_never_shows_the_key_it_holds(monkeypatch, name, url):
+    """Google's own API takes its key as ``?key=``, and a user may carry it over to the layer's URL: the SDK puts
+    each route after the whole URL, so every call would miss (a 404), and the start-up error printed the key (and
+    pydantic's, a driver's, the end of it). Refused by name, the key shown nowhere, from the environment and from
+    a driver alike."""
+    env = f"SMARTBATCH_PROVIDERS__ENDPOINTS__{name.upper()}__BASE_URL"
+    monkeypatch.setenv("SMARTBATCH_PROVIDERS__MODE", "http")
+    monkeypatch.setenv(env, url)
+    with pytest.raises(ConfigError) as from_env:
+        load_settings()
+    monkeypatch.delenv(env)
+    with pytest.raises(ConfigError) as from_driver:
+        Settings(providers={"mode": "http", "endpoints": {name: {"base_url": url}}})
+    for ei in (from_env, from_driver):
+        said = "".join(traceback.format_exception(ei.value))
+        assert f"providers.endpoints.{name}.base_url" in said and "without its query" in said, said
+        assert GKEY not in said and GKEY[-12:] not in said, said
+    assert env in str(from_env.value)
 
 
 # -- what the layer refuses ----------------------------------------------------------------------------------------
