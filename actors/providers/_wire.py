@@ -21,7 +21,8 @@ from engine.core.request import Request, split_body
 
 __all__ = ["billing_refusal", "error_of", "error_text", "message_parts", "redact", "retry_after", "tokens"]
 
-_KEYLIKE = re.compile(r"(sk-(?:proj-|ant-)?[A-Za-z0-9_\-]{6,})")
+# OpenAI's and Anthropic's keys (sk-...), and Google's (AIza and 35 more).
+_KEYLIKE = re.compile(r"(sk-(?:proj-|ant-)?[A-Za-z0-9_\-]{6,}|AIza[A-Za-z0-9_\-]{35})")
 _WORDS = ("alpha", "bravo", "cobalt", "delta", "ember", "fjord", "garnet", "harbor", "indigo", "juniper",
           "kestrel", "lumen", "meadow", "nimbus", "onyx", "prairie", "quartz", "river", "saffron", "tundra")
 

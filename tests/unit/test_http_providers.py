@@ -1043,6 +1043,9 @@ def test_redact_hides_given_secrets_and_anything_shaped_like_a_key():
     assert redact("k=sk-proj-abcDEF123_-x and sk-ant-api03-zzzzzz") == "k=[redacted] and [redacted]"
     assert redact("token plainsecret42 here", ["plainsecret42"]) == "token [redacted] here"
     assert redact("nothing to hide: sk-abc", ["", "absent"]) == "nothing to hide: sk-abc"  # too short for a key
+    # Google's keys (AIza and 35 more), since Gemini is called for real: the dispatcher's logs of a batch's file
+    # deletes and watches redact by shape alone.
+    assert redact("key=AIzaSyD-0123456789abcdefghijABCDEFGHIJ_.") == "key=[redacted]."
 
 
 @pytest.mark.parametrize(("headers", "seconds"), [
