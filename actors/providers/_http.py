@@ -244,11 +244,16 @@ class HttpBase:
                 usd = reserve_bound(job.req, self.catalog, "batch_api", None)
                 out[job.key] = CallOutcome(False, now, usd, retryable=False, real=True, maybe_billed=True,
                                            error=f"{self.name}: batch {handle.id} answered this request with a "
-                                                 "line that is not JSON; it ran and may be billed, so it is not "
-                                                 "sent again")
+                                                 "line that could not be read (not JSON, or not of the shape "
+                                                 "documented); it ran and may be billed, so it is not sent again")
         unnamed = sum(1 for cid in unread if cid is None or cid not in handle.jobs)
         log.error("%s: batch %s: %d result line(s) could not be read%s", self.name, handle.id, len(unread),
                   f"; {unnamed} name no member, which go again as if never run" if unnamed else "")
+
+    @staticmethod
+    def _member(handle: BatchHandle, custom_id: Any) -> CallJob | None:
+        """The member a results line names; None for a name of another type (a list cannot key the map)."""
+        return handle.jobs.get(custom_id) if isinstance(custom_id, str) else None
 
     def _unreadable(self, exc: BaseException) -> CallOutcome:
         """A sync call whose answer could not be read: it ran, so it may be billed (settled at its upper bound

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 
 from engine.core.request import Request, split_body
 
-__all__ = ["billing_refusal", "error_of", "error_text", "message_parts", "redact", "retry_after", "tokens"]
+__all__ = ["billing_refusal", "error_message", "error_of", "error_text", "message_parts", "redact", "retry_after", "tokens"]
 
 # OpenAI's and Anthropic's keys (sk-...), and Google's (AIza and 35 more).
 _KEYLIKE = re.compile(r"(sk-(?:proj-|ant-)?[A-Za-z0-9_\-]{6,}|AIza[A-Za-z0-9_\-]{35})")
@@ -96,6 +96,14 @@ def error_of(body) -> dict:
         body = body[0]
     err = body.get("error", body) if isinstance(body, dict) else None
     return err if isinstance(err, dict) else {}
+
+
+def error_message(said) -> str | None:
+    """What an error says, whatever its shape: a bare string, or the message of ``error_of``'s object. A batch's
+    results line is read by it, since a line of another shape than documented raised in the read of the whole
+    file, and every member, the finished ones too, went again (a fault hunt)."""
+    said = said if isinstance(said, str) else error_of(said).get("message")
+    return said if isinstance(said, str) and said else None
 
 
 def error_text(exc: BaseException) -> str:

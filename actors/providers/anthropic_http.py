@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from actors.providers._http import BatchHandle, HttpBase, PollBackoff, Unreadable, create_call, jsonl_records
-from actors.providers._wire import message_parts, tokens
+from actors.providers._wire import error_message, error_of, message_parts, tokens
 from engine.core._api_fields import MAX_CACHE_MARKS
 from engine.core._checks import cache_blocks
 from engine.core.cost import min_cacheable_tokens, shared_prefix_marks
@@ -275,22 +275,25 @@ class AnthropicProvider(HttpBase):
             lines, unread = await self._results(handle.id)
         self._unread_members(handle, unread, out)
         for item in lines:
-            job = handle.jobs.get(item.get("custom_id"))
-            res = item.get("result") or {}
+            job = self._member(handle, item.get("custom_id"))
             if job is None:
                 continue
-            kind = res.get("type")
+            res = item.get("result")
+            kind = res.get("type") if isinstance(res, Mapping) else None
             if kind == "succeeded":
                 try:
                     out[job.key] = self._outcome(job, res.get("message") or {}, handle.id, "batch_api")
                 except (AttributeError, KeyError, TypeError, ValueError):  # an answer of another shape: billed
                     self._unread_members(handle, [job.key], out)
             elif kind == "errored":
-                err = (res.get("error") or {}).get("error") or res.get("error") or {}
-                etype = err.get("type", "api_error")
+                etype = error_of(res.get("error")).get("type")
+                etype = etype if isinstance(etype, str) and etype != "error" else "api_error"
+                said = error_message(res.get("error")) or ""
                 out[job.key] = CallOutcome(False, self.clock.now(), 0.0, retryable=etype != "invalid_request_error",
-                                           error=f"{self.name} batch member {etype}: "
-                                                 f"{self._redact(str(err.get('message', '')))}", real=True)
+                                           error=f"{self.name} batch member {etype}: {self._redact(said)}",
+                                           real=True)
+            elif kind not in ("canceled", "expired"):  # no result it documents: it may have run and been billed
+                self._unread_members(handle, [job.key], out)
             # canceled / expired: never ran, not billed; absent, so it is sent again
         return out
 

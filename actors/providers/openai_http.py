@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from actors.providers._http import BatchHandle, HttpBase, PollBackoff, Unreadable, create_call, jsonl_records
-from actors.providers._wire import message_parts, tokens
+from actors.providers._wire import error_message, error_of, message_parts, tokens
 from engine.core._gemini import gemini_output_tokens
 from engine.core.errors import ProviderError
 from engine.core.provider_api import BatchState, CallJob, CallOutcome, Usage, idempotency_key
@@ -296,25 +296,30 @@ class OpenAIProvider(HttpBase):
         lines, unread = await self._lines(b.output_file_id)
         self._unread_members(handle, unread, out)  # an error file's are left out: its members were not billed
         for line in lines:
-            job = handle.jobs.get(line.get("custom_id"))
-            resp = line.get("response") or {}
+            job = self._member(handle, line.get("custom_id"))
             if job is None:
                 continue
-            if resp.get("status_code") == 200:
+            resp = line.get("response")
+            code = _status(resp)
+            if code == 200:
                 try:
                     out[job.key] = self._outcome(job, route, resp.get("body") or {}, resp.get("request_id"),
                                                  "batch_api")
                 except (AttributeError, KeyError, TypeError, ValueError):  # an answer of another shape: billed
                     self._unread_members(handle, [job.key], out)
-            else:
-                out[job.key] = self._member_error(resp, line.get("error"))
+            elif code is not None:
+                out[job.key] = self._member_error(code, resp.get("body"), line.get("error"))
+            else:  # in the output file with no status: it ran, and neither its answer nor its refusal can be read
+                self._unread_members(handle, [job.key], out)
         for line in (await self._lines(b.error_file_id))[0]:
-            job = handle.jobs.get(line.get("custom_id"))
-            err = line.get("error") or {}
+            job = self._member(handle, line.get("custom_id"))
+            err = line.get("error")
             # Cancelled or expired members never ran: not billed, and absent from the map so they go again.
-            if job is None or err.get("code") in ("batch_cancelled", "batch_expired"):
+            if job is None or error_of(err).get("code") in ("batch_cancelled", "batch_expired"):
                 continue
-            out.setdefault(job.key, self._member_error(line.get("response") or {}, err))
+            resp = line.get("response")
+            out.setdefault(job.key, self._member_error(_status(resp) or 500, resp.get("body") if isinstance(
+                resp, Mapping) else None, err))
         return out
 
     async def discard(self, handle: BatchHandle) -> int:
@@ -350,11 +355,12 @@ class OpenAIProvider(HttpBase):
                 return int(float(figure.replace(",", "")) * _SCALE[scale])
         return None
 
-    def _member_error(self, resp: Mapping, err: Mapping | None) -> CallOutcome:
-        code = resp.get("status_code") or 500
-        msg = (err or {}).get("message") or ((resp.get("body") or {}).get("error") or {}).get("message") or "failed"
+    def _member_error(self, code: int, body: Any, err: Any) -> CallOutcome:
+        """A member the provider refused (not billed). Its words are read from any shape: Google's layer answers
+        a list, where OpenAI answers an object."""
+        said = error_message(err) or error_message(body) or "failed"
         return CallOutcome(False, self.clock.now(), 0.0, error=f"{self.name} batch member HTTP {code}: "
-                           f"{self._redact(str(msg))}", retryable=code >= 500 or code == 429, real=True)
+                           f"{self._redact(said)}", retryable=code >= 500 or code == 429, real=True)
 
     async def close(self) -> None:
         if self._orphans:  # a delete under way gets a moment to finish; the file expires anyway
@@ -362,3 +368,9 @@ class OpenAIProvider(HttpBase):
             for t in late:
                 t.cancel()
         await self.client.close()
+
+
+def _status(resp: Any) -> int | None:
+    """A results line's HTTP status; None where the line gives none as a number."""
+    code = resp.get("status_code") if isinstance(resp, Mapping) else None
+    return code if isinstance(code, int) and not isinstance(code, bool) else None
