@@ -1,9 +1,11 @@
 """A chat completions body for a model called through Anthropic's Messages API (the default catalog's Claude
 models): the OpenAI fields an OpenAI-SDK application sends that have a Messages counterpart go under that name.
 They were refused ("Anthropic's is stop_sequences"), so an application could not change only its ``model`` to a
-Claude one (a helper's tour). Messages, a system message among them, ``max_tokens``, ``temperature`` and
-``top_p`` pass as they are; the answer comes back in the chat shape (``answer_body.response_body``: Anthropic's
-``stop_reason`` as ``finish_reason``, its usage as ``prompt_tokens`` with the cached input counted).
+Claude one (a helper's tour). The leading system (and developer) messages go as Messages' top-level ``system``,
+where every Claude model takes them (sent among the messages, the provider refused them); the other messages,
+``max_tokens``, ``temperature`` and ``top_p`` pass as they are; the answer comes back in the chat shape
+(``answer_body.response_body``: Anthropic's ``stop_reason`` as ``finish_reason``, its usage as ``prompt_tokens``
+with the cached input counted).
 
 Function calling too (``_endpoint_claude_tools``): OpenAI's function ``tools``, ``tool_choice`` and
 ``parallel_tool_calls``, an assistant's ``tool_calls`` and the ``role: tool`` messages that answer them, and image
@@ -20,7 +22,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from engine.app._endpoint_claude_tools import claude_messages, claude_tools
+from engine.app._endpoint_claude_tools import claude_messages, claude_system, claude_tools
 from engine.app._endpoint_wire import ApiError
 from engine.core._checks import FieldProblem
 from engine.core.catalog import Catalog, ModelSpec
@@ -80,7 +82,10 @@ def for_messages_api(body: dict[str, Any], catalog: Catalog, settings: Settings)
     try:
         claude_tools(out, came, spec.forced_tool_choice)
         if isinstance(out.get("messages"), list):
-            out["messages"] = claude_messages(out["messages"], came)
+            out["messages"], lead = claude_messages(out["messages"], came)
+            system = claude_system(out.pop("system", None), lead, came)
+            if system is not None:
+                out["system"] = system
     except FieldProblem as exc:
         raise ApiError(400, str(exc), param=exc.field) from None
     return out, came

@@ -19,7 +19,7 @@ from typing import Any
 from engine.core._checks import FieldProblem
 from engine.core._claude_tools import anthropic_tool, anthropic_tool_choice, call_id, tool_input
 
-__all__ = ["claude_messages", "claude_tools"]
+__all__ = ["claude_messages", "claude_system", "claude_tools"]
 
 _DATA_URL = re.compile(r"data:(image/(?:jpeg|png|gif|webp));base64,(.*)", re.S)  # Anthropic's four image types
 # What an assistant message carries that Anthropic's has no field for, once its text and calls are blocks: null
@@ -70,9 +70,11 @@ def claude_tools(out: dict[str, Any], came: dict[str, str], forced_ok: bool) -> 
         came["tool_choice.disable_parallel_tool_use"] = "parallel_tool_calls"
 
 
-def claude_messages(messages: list, came: dict[str, str]) -> list:
-    """``messages`` (an OpenAI chat conversation) as Anthropic's; ``came`` gets where each part went."""
+def claude_messages(messages: list, came: dict[str, str]) -> tuple[list, list]:
+    """``messages`` (an OpenAI chat conversation) as Anthropic's, and the leading system and developer messages'
+    content, for Messages' top-level ``system`` (``claude_system``); ``came`` gets where each part went."""
     out: list = []
+    lead: list = []  # (index, message) of the system and developer messages before any other
     asked: tuple[int, dict[str, int]] | None = None  # the last assistant message with calls: its index, call ids
     k = 0
     while k < len(messages):
@@ -80,6 +82,12 @@ def claude_messages(messages: list, came: dict[str, str]) -> list:
         if isinstance(m, Mapping):
             m = {key: v for key, v in m.items() if not (key in _SAY_NOTHING and v in (None, []))}
         role = m.get("role") if isinstance(m, Mapping) else None
+        if role in ("system", "developer") and not out:
+            # Anthropic takes a system message among the messages only mid-conversation, after a user turn, and
+            # at few models: a leading one was refused by the provider after the request was accepted.
+            lead.append((k, m))
+            k += 1
+            continue
         if role == "tool":
             if asked is None:
                 raise FieldProblem(f"messages.{k}", f"messages.{k} is a tool message, and the message before it "
@@ -108,7 +116,49 @@ def claude_messages(messages: list, came: dict[str, str]) -> list:
         k += 1
     if asked is not None:
         _unanswered(asked, len(messages), len(messages))
-    return out
+    if lead and not out:
+        raise FieldProblem("messages", "messages has system or developer messages alone: Anthropic takes them as "
+                           "the system prompt and needs a user message after them; give one")
+    return out, lead
+
+
+def claude_system(system: Any, lead: list, came: dict[str, str]) -> Any:
+    """Messages' top-level ``system``: the body's own (``system``: Anthropic's shape, or None), then the leading
+    system and developer messages (``lead``, from ``claude_messages``) in order; one message of text alone stays a
+    string. None: no system prompt."""
+    if not lead:
+        return system
+    if system is None and len(lead) == 1 and isinstance(lead[0][1].get("content"), str):
+        k, m = lead[0]
+        _plain(m, k)
+        came["system"] = f"messages.{k}.content"
+        return m["content"] or None
+    blocks = [{"type": "text", "text": system}] if isinstance(system, str) and system else list(system or [])
+    for k, m in lead:
+        _plain(m, k)
+        content = m.get("content")
+        if isinstance(content, str):
+            if content:  # Anthropic refuses an empty text block
+                came[f"system.{len(blocks)}"] = f"messages.{k}.content"
+                blocks.append({"type": "text", "text": content})
+        elif isinstance(content, list):
+            for n, part in enumerate(content):
+                came[f"system.{len(blocks)}"] = f"messages.{k}.content.{n}"
+                blocks.append(part)
+        else:
+            raise FieldProblem(f"messages.{k}.content", f"messages.{k}.content must be text or a list of text "
+                               f"parts, got {type(content).__name__}")
+    return blocks or None
+
+
+def _plain(m: Mapping, k: int) -> None:
+    """A system message carries its role and content alone: what else it has (a participant's ``name``) no
+    system prompt of Anthropic's has."""
+    other = sorted(key for key in m if key not in ("role", "content"))
+    if other:
+        fix = "name the speaker in the content" if other[0] == "name" else "leave it out"
+        raise FieldProblem(f"messages.{k}.{other[0]}", f"messages.{k}.{other[0]} is not a field of an Anthropic "
+                           f"system prompt: {fix}")
 
 
 def _unanswered(asked: tuple[int, dict[str, int]], at: int, total: int) -> None:

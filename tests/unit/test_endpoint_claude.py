@@ -93,7 +93,7 @@ def test_a_claude_model_answers_an_openai_chat_call_translated_to_messages(claud
     assert wire["stop_sequences"] == ["\n\nHuman:"] and wire["max_tokens"] == 4000
     assert wire["metadata"] == {"user_id": "u-7"} and wire["temperature"] == 0.2
     assert not {"stop", "max_completion_tokens", "user", "n"} & set(wire)
-    assert wire["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert wire["system"] == "Be brief." and wire["messages"] == [{"role": "user", "content": "Name three rivers."}]
     assert done.object == "chat.completion" and done.model == MODEL and done.choices[0].finish_reason == "stop"
     assert done.choices[0].message.role == "assistant" and done.choices[0].message.content
     # Anthropic's usage, in OpenAI's words; the cost the provider billed.
@@ -200,7 +200,7 @@ def test_a_function_calling_app_switches_to_a_claude_model_changing_only_its_mod
     again = [*ask, choice.message, {"role": "tool", "tool_call_id": call.id, "content": "12 C, clear"}]
     final = client.chat.completions.create(model=MODEL, messages=again, tools=[WEATHER], tool_choice="auto",
                                            max_completion_tokens=300, extra_headers={endpoint.HEADER_REQUEST_ID: "fc2"})
-    assert eng.wire["fc2"]["messages"][2:] == [
+    assert eng.wire["fc2"]["messages"][1:] == [
         {"role": "assistant", "content": [{"type": "tool_use", "id": call.id, "name": "get_weather", "input": args}]},
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "12 C, clear"}]}]
     assert eng.wire["fc2"]["tool_choice"] == {"type": "auto"}
@@ -374,7 +374,7 @@ def test_a_developer_message_goes_to_a_claude_model_as_its_system_message(claude
     done = client.chat.completions.create(
         model=MODEL, messages=[{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
         extra_headers={endpoint.HEADER_REQUEST_ID: "dev1"})
-    assert eng.wire["dev1"]["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert eng.wire["dev1"]["system"] == "Be brief." and eng.wire["dev1"]["messages"][0]["role"] == "user"
     assert done.choices[0].message.content and len(emu.bill().items) == billed + 1
     # A participant's name has no field in an Anthropic message: the provider would refuse the call.
     with pytest.raises(openai.BadRequestError) as exc:
@@ -404,3 +404,30 @@ def test_an_assistant_message_sent_back_as_the_sdk_dumps_it_goes_to_a_claude_mod
         sent = eng.wire[f"dump{k}"]["messages"][1]
         assert set(sent) == {"role", "content"} and sent["role"] == "assistant", sent
         assert len(emu.bill().items) == billed + 1
+
+
+def test_the_leading_system_messages_go_as_the_top_level_system_prompt(claude):
+    # They went among the messages as role "system", which Anthropic takes only mid-conversation, after a user turn
+    # and at few models: every Claude call of an application with a system prompt was refused by the provider.
+    eng, client, emu = claude
+    marked = {"type": "text", "text": "Rules: be brief.", "cache_control": {"type": "ephemeral"}}
+    messages = [{"role": "system", "content": [marked]}, {"role": "developer", "content": "Answer in French."},
+                {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Salut."},
+                {"role": "system", "content": "Now in English."}, {"role": "user", "content": "Again"}]
+    billed = len(emu.bill().items)
+    done = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=50,
+                                          extra_headers={endpoint.HEADER_REQUEST_ID: "sys1"})
+    wire = eng.wire["sys1"]
+    assert wire["system"] == [marked, {"type": "text", "text": "Answer in French."}]
+    # A system message after a user turn stays where it is (Anthropic's mid-conversation system message).
+    assert [m["role"] for m in wire["messages"]] == ["user", "assistant", "system", "user"]
+    assert done.usage.prompt_tokens == billed_input(emu.bill().items[billed]) <= eng.reqs["sys1"].input_tokens
+    # A refusal in a lifted message names it as the caller sent it; a system prompt alone has nothing to answer.
+    for bad, param in (([{"role": "system", "content": [{"type": "text", "text": ""}]}, ASKED],
+                        "messages[0].content[0].text"),
+                       ([{"role": "system", "content": "Be brief.", "name": "ops"}, ASKED], "messages.0.name"),
+                       ([{"role": "system", "content": "Be brief."}], "messages")):
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.chat.completions.create(model=MODEL, messages=bad, max_tokens=50)
+        assert exc.value.param == param, exc.value.body["message"]
+    assert len(emu.bill().items) == billed + 1
