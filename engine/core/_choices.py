@@ -82,9 +82,11 @@ def merged_body(bodies: Sequence[dict[str, Any]]) -> dict[str, Any]:
     total = sum(int(u.get("total_tokens") or 0) or int(u.get("prompt_tokens", 0)) + int(u.get("completion_tokens", 0))
                 for u in used)
     head["usage"] = {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": total}
-    read = [(u.get("prompt_tokens_details") or {}).get("cached_tokens") for u in used]
-    if any(read):
-        head["usage"]["prompt_tokens_details"] = {"cached_tokens": sum(int(r or 0) for r in read)}
+    details = [u["prompt_tokens_details"] for u in used if isinstance(u.get("prompt_tokens_details"), dict)]
+    if details:
+        head["usage"]["prompt_tokens_details"] = {
+            key: sum(int(d.get(key) or 0) for d in details) for key in ("cached_tokens", "cache_write_tokens")
+            if any(key in d for d in details)}
     return head
 
 

@@ -49,6 +49,10 @@ def response_body(url: str, req: Request, res: Result, created: int = 0) -> dict
         return res.raw
     usage = res.usage or {}
     n_in, n_out = int(usage.get("input_tokens", 0)), int(usage.get("output_tokens", 0))
+    # The input read from and written to the provider's prompt cache (Anthropic's cache_read_input_tokens and
+    # cache_creation_input_tokens), under OpenAI's names: a chat answer said neither, so an application that
+    # reads usage.prompt_tokens_details.cached_tokens, as OpenAI always sends it, failed or saw no cache.
+    read, write = int(usage.get("cache_read", 0)), int(usage.get("cache_write", 0))
     rid = hashlib.sha256(f"{res.uid}".encode()).hexdigest()[:24]
     calls, said, text = res.tool_calls or [], answer_text(res.output, res.tool_calls), res.output or ""
     finish = res.finish or ("tool_calls" if calls else "stop")
@@ -56,7 +60,6 @@ def response_body(url: str, req: Request, res: Result, created: int = 0) -> dict
         item = {"url": text} if "://" in text else {"b64_json": text}
         return {"created": created, "data": [item]}
     if url == "/v1/responses":  # every field the SDK's Response type requires (strict validation passes)
-        cached = int(usage.get("cache_read", 0))
         cut = finish in ("length", "content_filter")
         status = "incomplete" if cut else "completed"
         return {"id": f"resp_{rid}", "object": "response", "created_at": created, "model": res.model or req.model,
@@ -68,10 +71,11 @@ def response_body(url: str, req: Request, res: Result, created: int = 0) -> dict
                      "content": [{"type": "output_text", "text": said or "", "annotations": []}]}]),
                            *as_response_items(calls)],
                 "usage": {"input_tokens": n_in, "output_tokens": n_out, "total_tokens": n_in + n_out,
-                          "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
+                          "input_tokens_details": {"cached_tokens": read, "cache_write_tokens": write},
                           "output_tokens_details": {"reasoning_tokens": 0}}}
     return {"id": f"chatcmpl-{rid}", "object": "chat.completion", "created": created, "model": res.model or req.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": said if calls else text,
                                                  **({"tool_calls": as_chat_calls(calls)} if calls else {})},
                          "finish_reason": finish}],
-            "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}}
+            "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out,
+                      "prompt_tokens_details": {"cached_tokens": read, "cache_write_tokens": write}}}

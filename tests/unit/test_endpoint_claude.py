@@ -431,3 +431,31 @@ def test_the_leading_system_messages_go_as_the_top_level_system_prompt(claude):
             client.chat.completions.create(model=MODEL, messages=bad, max_tokens=50)
         assert exc.value.param == param, exc.value.body["message"]
     assert len(emu.bill().items) == billed + 1
+
+
+def test_the_input_a_claude_call_read_or_wrote_in_the_prompt_cache_is_in_openais_usage(claude):
+    # Anthropic's cache_read_input_tokens and cache_creation_input_tokens were counted in prompt_tokens and said
+    # nowhere else: a chat answer had no prompt_tokens_details (an application reading its cached_tokens, which
+    # OpenAI always sends, failed), and a Responses answer said cache_write_tokens 0.
+    eng, client, emu = claude
+    rules = {"type": "text", "text": "Answer as a careful agent would. " * 400, "cache_control": {"type": "ephemeral"}}
+    ask = [{"role": "system", "content": [rules]}, {"role": "user", "content": "Hi"}]
+    billed = len(emu.bill().items)
+    wrote = client.chat.completions.create(model=MODEL, messages=ask, max_tokens=20)
+    read = client.chat.completions.create(model=MODEL, messages=[*ask, {"role": "assistant", "content": "Hello."},
+                                                                 {"role": "user", "content": "Again"}],
+                                          max_tokens=20, stream=True, stream_options={"include_usage": True})
+    (used,) = [c.usage for c in read if c.usage is not None]
+    first, second = (b.usage for b in emu.bill().items[billed:])
+    assert first["cache_write_tokens"] > 0 and second["cache_read_tokens"] > 0
+    assert wrote.usage.prompt_tokens_details.cached_tokens == first["cache_read_tokens"]
+    assert wrote.usage.prompt_tokens_details.cache_write_tokens == first["cache_write_tokens"]
+    assert used.prompt_tokens_details.cached_tokens == second["cache_read_tokens"]
+    assert used.prompt_tokens_details.cache_write_tokens == second["cache_write_tokens"]
+    marked = {"type": "input_text", "text": "Lima's weather, in full detail. " * 400,
+              "cache_control": {"type": "ephemeral"}}
+    done = client.responses.create(model=MODEL, input=[{"role": "user", "content": [marked]}], max_output_tokens=20)
+    third = emu.bill().items[billed + 2].usage
+    assert third["cache_write_tokens"] > 0
+    assert done.usage.input_tokens_details.cache_write_tokens == third["cache_write_tokens"]
+    assert done.usage.input_tokens_details.cached_tokens == third["cache_read_tokens"]
