@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from engine.core._checks import FieldProblem
-from engine.core._claude_tools import anthropic_tool, anthropic_tool_choice, call_id, tool_input
+from engine.core._claude_tools import anthropic_tool, anthropic_tool_choice, call_id, says_nothing, tool_input
 
 __all__ = ["claude_messages", "claude_system", "claude_tools"]
 
@@ -101,6 +101,9 @@ def claude_messages(messages: list, came: dict[str, str]) -> tuple[list, list]:
         if role == "function":
             raise FieldProblem(f"messages.{k}.role", f"messages.{k}.role 'function' is OpenAI's deprecated tool "
                                "message: give role 'tool' with the tool_call_id it answers")
+        if role == "assistant" and m.get("tool_calls") is None and says_nothing(m.get("content")):
+            k += 1  # an empty answer sent back (engine.core._claude_tools.says_nothing)
+            continue
         if len(out) != k:
             came[f"messages.{len(out)}"] = f"messages.{k}"
         if role == "developer":  # OpenAI's system message for its newer models; Messages calls it system

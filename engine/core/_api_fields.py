@@ -126,6 +126,10 @@ def check_api_body(body: dict, where: str, api: str, spec: ModelSpec, compat: st
             raise FieldProblem(f"{where}.messages[{k}].{extra[0]}", f"{where}.messages[{k}].{extra[0]} is not a "
                                f"field of an Anthropic message (role, content): {fix}")
         content = m.get("content")
+        if content in ("", []) and not (role == "assistant" and k == len(body["messages"]) - 1):
+            field = f"{where}.messages[{k}].content"
+            raise FieldProblem(field, f"{field} is empty, and Anthropic refuses a message with no content (but a "
+                               "final assistant message): leave the message out, or give it content")
         _check_empty_text(content, f"{where}.messages[{k}].content")
         if role == "system" and isinstance(content, list):
             bad = next((i for i, b in enumerate(content) if not isinstance(b, Mapping) or b.get("type") != "text"),

@@ -19,7 +19,7 @@ from typing import Any
 
 from engine.core._checks import FieldProblem
 
-__all__ = ["anthropic_tool", "anthropic_tool_choice", "call_id", "tool_input"]
+__all__ = ["anthropic_tool", "anthropic_tool_choice", "call_id", "says_nothing", "tool_input"]
 
 # OpenAI's rule for a function's name, which Anthropic's for a tool's name takes too.
 _NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
@@ -125,3 +125,16 @@ def call_id(value: Any, where: str) -> str:
         raise FieldProblem(where, f"{where} must be the call's id as the model gave it (letters, digits, '_' or "
                            f"'-'), got {str(value)[:70]!r}")
     return value
+
+
+def says_nothing(content: Any) -> bool:
+    """Whether an assistant message's ``content`` (with no tool calls beside it) says nothing: null, blank text, or
+    text parts of blank text alone. A Claude answer of no text (``end_turn`` with no content) comes back as ``""``,
+    and an agent sends it back so; Anthropic refuses it ("all messages must have non-empty content except for the
+    optional final assistant message"), where OpenAI takes it. Left out, the turns beside it are one turn, as
+    Anthropic reads two messages of one role in a row."""
+    if content is None or isinstance(content, str):
+        return not (content or "").strip()
+    return isinstance(content, list) and all(
+        isinstance(p, Mapping) and p.get("type") in ("text", "input_text", "output_text")
+        and isinstance(p.get("text"), str) and not p["text"].strip() for p in content)

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from engine.core._checks import FieldProblem
-from engine.core._claude_tools import anthropic_tool, anthropic_tool_choice, call_id, tool_input
+from engine.core._claude_tools import anthropic_tool, anthropic_tool_choice, call_id, says_nothing, tool_input
 
 __all__ = ["as_messages", "check_responses_body", "translates"]
 
@@ -115,6 +115,8 @@ def _translate(body: Mapping[str, Any], where: str, api: str) -> dict[str, Any]:
             raise FieldProblem(f"{where}.input[{k}]", f"{where}.input[{k}] is not a message with a role of "
                                f"{', '.join(_ROLES)} (a {kind!r} item); only messages pass to {through}: {_FIX}")
         content = _text(item.get("content"), f"{where}.input[{k}].content", through, api)
+        if api == "anthropic" and item["role"] == "assistant" and says_nothing(content):
+            continue  # an empty answer sent back, which Anthropic refuses (_claude_tools.says_nothing)
         if api == "anthropic" and item["role"] in ("system", "developer"):
             system.append(content)  # Messages takes the system prompt beside the messages, not among them
         else:

@@ -53,6 +53,12 @@ def message_result(core: Core, provider: str, body: dict, mode: str, at: float |
         raise ApiError(400, f"tool_choice.type: forcing tool use ({choice['type']!r}) is not supported for this model "
                        f"({body['model']}); use tool_choice.type 'auto' or 'none'", param="tool_choice")
     check_tools(body.get("tools"))
+    messages = body.get("messages") if isinstance(body.get("messages"), list) else []
+    for k, m in enumerate(messages):
+        if isinstance(m, dict) and m.get("content") in ("", []) and not (
+                m.get("role") == "assistant" and k == len(messages) - 1):
+            raise ApiError(400, f"messages.{k}: all messages must have non-empty content except for the optional "
+                           "final assistant message", param=f"messages.{k}")
     check_tool_turns(body.get("messages"))
     prompt = anthropic_prompt(body, spec.image_input or p.image_input, spec.tool_prompt or p.tool_prompt)
     call = core.text_call(p, spec, body["model"], prompt, body["max_tokens"], "max_tokens", mode, at)

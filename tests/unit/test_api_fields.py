@@ -42,6 +42,9 @@ def refusal(model: str, **body) -> str:
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": ""}, {"type": "text", "text": "hi"}]}]},
      "body.messages[0].content[0].text", "empty text block"),
     ({"system": [{"type": "text", "text": ""}]}, "body.system[0].text", "empty text block"),
+    ({"messages": [HI, {"role": "assistant", "content": ""}, HI]}, "body.messages[1].content", "no content"),
+    ({"messages": [HI, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": []}]},
+     "body.messages[2].content", "no content"),
     ({"messages": [{"role": "system", "content": [{"type": "image", "source": {
         "type": "url", "url": "https://example.com/a.png"}}]}, HI]}, "body.messages[0].content[0]", "text block"),
     ({"system": [{"type": "text", "text": f"part {k}", "cache_control": {"type": "ephemeral"}} for k in range(5)]},
@@ -50,6 +53,11 @@ def refusal(model: str, **body) -> str:
 def test_an_anthropic_request_with_what_the_messages_api_refuses_is_refused_naming_field_and_fix(body, field, fix):
     msg = refusal("claude-haiku-4-5", **({} if "max_completion_tokens" in body else {"max_tokens": 20}), **body)
     assert msg.startswith(f"Value error, {field}") and fix in msg
+
+
+def test_a_final_assistant_message_may_be_empty_at_anthropic():
+    # Anthropic: "all messages must have non-empty content except for the optional final assistant message".
+    assert make("claude-haiku-4-5", max_tokens=20, messages=[HI, {"role": "assistant", "content": ""}]).body
 
 
 @pytest.mark.parametrize("stops", [["\n"], ["END", ""], [" \t\n"]])

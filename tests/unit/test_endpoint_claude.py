@@ -459,3 +459,30 @@ def test_the_input_a_claude_call_read_or_wrote_in_the_prompt_cache_is_in_openais
     assert third["cache_write_tokens"] > 0
     assert done.usage.input_tokens_details.cache_write_tokens == third["cache_write_tokens"]
     assert done.usage.input_tokens_details.cached_tokens == third["cache_read_tokens"]
+
+
+def test_an_empty_claude_answer_sent_back_is_left_out_and_the_conversation_goes_on(claude):
+    # A Claude answer of no text (end_turn, no content) comes back as content "" (a Responses output_text of ""),
+    # and an agent appends it: Anthropic refuses a message with no content but a final assistant one, so its next
+    # turn went to the provider and was refused there (chat), or was a 400 naming messages[1].content[0].text, a
+    # field the caller never sent (Responses).
+    eng, client, emu = claude
+    billed = len(emu.bill().items)
+    said = [{"role": "assistant", "content": ""}, {"role": "assistant", "content": None},
+            {"role": "assistant", "content": [{"type": "text", "text": " "}], "refusal": None}]
+    for k, empty in enumerate(said):
+        client.chat.completions.create(model=MODEL, max_tokens=20, messages=[ASKED, empty, {
+            "role": "user", "content": "Again?"}], extra_headers={endpoint.HEADER_REQUEST_ID: f"empty{k}"})
+        assert [m["role"] for m in eng.reqs[f"empty{k}"].body["messages"]] == ["user", "user"]
+    assert len(emu.bill().items) == billed + 1  # one conversation, called once: the others are its exact copies
+    item = {"type": "message", "id": "msg_1", "status": "completed", "role": "assistant",
+            "content": [{"type": "output_text", "text": "", "annotations": []}]}
+    done = client.responses.create(model=MODEL, max_output_tokens=2000, input=[ASKED, item, {
+        "role": "user", "content": "Again?"}], extra_headers={endpoint.HEADER_REQUEST_ID: "empty_r"})
+    assert done.status == "completed" and [m["role"] for m in eng.wire["empty_r"]["messages"]] == ["user", "user"]
+    assert len(emu.bill().items) == billed + 2
+    # A user message of nothing is the caller's to fix: refused before anything is sent, naming it.
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model=MODEL, max_tokens=20, messages=[ASKED, {"role": "user", "content": ""}])
+    assert exc.value.param == "messages[1].content" and "no content" in exc.value.body["message"]
+    assert len(emu.bill().items) == billed + 2
