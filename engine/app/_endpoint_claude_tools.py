@@ -12,16 +12,21 @@ here names it at once, raised as ``FieldProblem``."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
 from engine.core._checks import FieldProblem
-from engine.core._claude_tools import anthropic_tool, anthropic_tool_choice, call_id, says_nothing, tool_input
+from engine.core._claude_tools import (
+    anthropic_tool,
+    anthropic_tool_choice,
+    call_id,
+    image_block,
+    says_nothing,
+    tool_input,
+)
 
 __all__ = ["claude_messages", "claude_system", "claude_tools"]
 
-_DATA_URL = re.compile(r"data:(image/(?:jpeg|png|gif|webp));base64,(.*)", re.S)  # Anthropic's four image types
 # What an assistant message carries that Anthropic's has no field for, once its text and calls are blocks: null
 # (the SDK's unset) is left out, anything else is refused.
 _ASSISTANT_EXTRA = ("refusal", "audio", "function_call", "annotations")
@@ -265,19 +270,6 @@ def _part(part: Any, where: str, lands: str, came: dict[str, str]) -> Any:
     if not isinstance(url, str):
         raise FieldProblem(f"{where}.image_url", f"{where}.image_url must be {{url: ...}}, the image's URL or a "
                            "data: URL")
-    if image.get("detail") == "low":
-        raise FieldProblem(f"{where}.image_url.detail", f"{where}.image_url.detail 'low' has no counterpart at "
-                           "Anthropic, which reads every image at its size (width x height / 750 tokens, at most "
-                           "about 1,600): leave detail out, or scale the image down")
-    data = _DATA_URL.fullmatch(url)
-    if data is not None:
-        source = {"type": "base64", "media_type": data.group(1), "data": data.group(2)}
-    elif url.startswith(("https://", "http://")):
-        source = {"type": "url", "url": url}
-    else:
-        raise FieldProblem(f"{where}.image_url.url", f"{where}.image_url.url must be a web URL or a base64 data: "
-                           "URL of a JPEG, PNG, GIF or WebP image (Anthropic's image types), got "
-                           f"{url[:40]!r}")
+    block = image_block(url, image.get("detail"), f"{where}.image_url.url", f"{where}.image_url.detail")
     came[f"{lands}.source"] = f"{where}.image_url"
-    return {"type": "image", "source": source,
-            **({"cache_control": part["cache_control"]} if part.get("cache_control") is not None else {})}
+    return {**block, **({"cache_control": part["cache_control"]} if part.get("cache_control") is not None else {})}

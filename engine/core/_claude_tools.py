@@ -19,13 +19,14 @@ from typing import Any
 
 from engine.core._checks import FieldProblem
 
-__all__ = ["anthropic_tool", "anthropic_tool_choice", "call_id", "says_nothing", "tool_input"]
+__all__ = ["anthropic_tool", "anthropic_tool_choice", "call_id", "image_block", "says_nothing", "tool_input"]
 
 # OpenAI's rule for a function's name, which Anthropic's for a tool's name takes too.
 _NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 # Anthropic's rule for a tool_use block's id (an OpenAI call id is "call_..."; Anthropic's own, "toolu_...").
 _ID = re.compile(r"^[a-zA-Z0-9_-]{1,256}$")
 _FUNCTION_KEYS = ("name", "description", "parameters", "strict")
+_DATA_URL = re.compile(r"data:(image/(?:jpeg|png|gif|webp));base64,(.*)", re.S)  # Anthropic's four image types
 _CHOICES = ("auto", "none", "required")
 
 
@@ -138,3 +139,20 @@ def says_nothing(content: Any) -> bool:
     return isinstance(content, list) and all(
         isinstance(p, Mapping) and p.get("type") in ("text", "input_text", "output_text")
         and isinstance(p.get("text"), str) and not p["text"].strip() for p in content)
+
+
+def image_block(url: Any, detail: Any, at_url: str, at_detail: str) -> dict[str, Any]:
+    """OpenAI's image (its ``url``: a ``data:`` URL or a web URL, and its ``detail``) as an Anthropic ``image``
+    block; ``at_url`` and ``at_detail``: their paths as the caller wrote them (chat's ``image_url.url``, the
+    Responses API's ``image_url``)."""
+    if detail == "low":
+        raise FieldProblem(at_detail, f"{at_detail} 'low' has no counterpart at Anthropic, which reads every image "
+                           "at its size (width x height / 750 tokens, at most about 1,600): leave detail out, or "
+                           "scale the image down")
+    data = _DATA_URL.fullmatch(url) if isinstance(url, str) else None
+    if data is not None:
+        return {"type": "image", "source": {"type": "base64", "media_type": data.group(1), "data": data.group(2)}}
+    if isinstance(url, str) and url.startswith(("https://", "http://")):
+        return {"type": "image", "source": {"type": "url", "url": url}}
+    raise FieldProblem(at_url, f"{at_url} must be a web URL or a base64 data: URL of a JPEG, PNG, GIF or WebP image "
+                       f"(Anthropic's image types), got {str(url)[:40]!r}")

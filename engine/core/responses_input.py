@@ -13,7 +13,8 @@ The answer comes back in the Responses shape (``answer_body.response_body``).
 At Anthropic, function calling passes too (``engine.core._claude_tools``): function ``tools``, ``tool_choice`` and
 ``parallel_tool_calls``, ``function_call`` items as ``tool_use`` blocks of an assistant message and
 ``function_call_output`` items as ``tool_result`` blocks of a user message (a run of either, one message), each
-call answered by an output right after it, as Anthropic requires."""
+call answered by an output right after it, as Anthropic requires; and images, an ``input_image`` part of a user
+message or of a tool's output as an ``image`` block, by the chat route's rule (``_claude_tools.image_block``)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from engine.core._checks import FieldProblem
-from engine.core._claude_tools import anthropic_tool, anthropic_tool_choice, call_id, says_nothing, tool_input
+from engine.core._claude_tools import (
+    anthropic_tool,
+    anthropic_tool_choice,
+    call_id,
+    image_block,
+    says_nothing,
+    tool_input,
+)
 
 __all__ = ["as_messages", "check_responses_body", "translates"]
 
@@ -68,22 +76,34 @@ def as_messages(body: dict[str, Any], api: str, route: str) -> dict[str, Any]:
         return body
 
 
-def _text(value: Any, where: str, through: str, api: str) -> list[dict[str, Any]] | str:
+def _text(value: Any, where: str, through: str, api: str, images: bool = False) -> list[dict[str, Any]] | str:
     """A string as it is, or a list of text parts as text blocks; at Anthropic with the rest of each part (a
-    ``cache_control`` breakpoint on a system block: dropped, the caller's cached prefix was billed in full)."""
+    ``cache_control`` breakpoint on a system block: dropped, the caller's cached prefix was billed in full), and
+    where ``images`` (a user message, a tool's output) an ``input_image`` part as an image block."""
     if isinstance(value, str):
         return value
-    if isinstance(value, list):
-        for j, part in enumerate(value):
-            if not (isinstance(part, Mapping) and part.get("type") in _TEXT_PARTS and isinstance(part.get("text"), str)):
-                raise FieldProblem(f"{where}[{j}]", f"{where}[{j}] is not a text part ({', '.join(_TEXT_PARTS)}); "
-                                   f"only text passes to {through}: {_FIX}")
-        # At Anthropic a part keeps its cache mark; an output_text part's annotations (an answer sent back) are
-        # no field of a text block there.
-        return [{"type": "text", "text": part["text"], **({"cache_control": part["cache_control"]} if api ==
-                                                           "anthropic" and "cache_control" in part else {})}
-                for part in value]
-    raise FieldProblem(where, f"{where} must be text or a list of text parts, got {type(value).__name__}")
+    if not isinstance(value, list):
+        raise FieldProblem(where, f"{where} must be text or a list of text parts, got {type(value).__name__}")
+    images = images and api == "anthropic"
+    out = []
+    for j, part in enumerate(value):
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        mark = {"cache_control": part["cache_control"]} if api == "anthropic" and kind and "cache_control" in part \
+            else {}
+        if kind in _TEXT_PARTS and isinstance(part.get("text"), str):
+            # An output_text part's annotations (an answer sent back) are no field of a text block there.
+            out.append({"type": "text", "text": part["text"], **mark})
+        elif kind == "input_image" and images:
+            if part.get("file_id") is not None:
+                raise FieldProblem(f"{where}[{j}].file_id", f"{where}[{j}].file_id names a file OpenAI keeps, which "
+                                   f"{through} cannot read: give the image as image_url (a web URL or a data: URL)")
+            out.append({**image_block(part.get("image_url"), part.get("detail"), f"{where}[{j}].image_url",
+                                      f"{where}[{j}].detail"), **mark})
+        else:
+            kinds = ", ".join((*_TEXT_PARTS, *(("input_image",) if images else ())))
+            raise FieldProblem(f"{where}[{j}]", f"{where}[{j}] is not a part of these kinds ({kinds}); only "
+                               f"{'text and images pass' if images else 'text passes'} to {through} here: {_FIX}")
+    return out
 
 
 def _translate(body: Mapping[str, Any], where: str, api: str) -> dict[str, Any]:
@@ -114,7 +134,8 @@ def _translate(body: Mapping[str, Any], where: str, api: str) -> dict[str, Any]:
         if kind != "message" or item.get("role") not in _ROLES:
             raise FieldProblem(f"{where}.input[{k}]", f"{where}.input[{k}] is not a message with a role of "
                                f"{', '.join(_ROLES)} (a {kind!r} item); only messages pass to {through}: {_FIX}")
-        content = _text(item.get("content"), f"{where}.input[{k}].content", through, api)
+        content = _text(item.get("content"), f"{where}.input[{k}].content", through, api,
+                        images=item["role"] == "user")
         if api == "anthropic" and item["role"] == "assistant" and says_nothing(content):
             continue  # an empty answer sent back, which Anthropic refuses (_claude_tools.says_nothing)
         if api == "anthropic" and item["role"] in ("system", "developer"):
@@ -195,7 +216,7 @@ class _Turns:
     def _output(item: Mapping[str, Any], at: str) -> dict[str, Any]:
         output = item.get("output")
         if isinstance(output, list):
-            output = _text(output, f"{at}.output", "Anthropic's Messages API", "anthropic")
+            output = _text(output, f"{at}.output", "Anthropic's Messages API", "anthropic", images=True)
         elif not isinstance(output, str):
             raise FieldProblem(f"{at}.output", f"{at}.output must be text or a list of text parts")
         return {"content": output} if output else {}  # an empty result: no content (Anthropic refuses empty text)

@@ -486,3 +486,41 @@ def test_an_empty_claude_answer_sent_back_is_left_out_and_the_conversation_goes_
         client.chat.completions.create(model=MODEL, max_tokens=20, messages=[ASKED, {"role": "user", "content": ""}])
     assert exc.value.param == "messages[1].content" and "no content" in exc.value.body["message"]
     assert len(emu.bill().items) == billed + 2
+
+
+def test_a_responses_app_sends_images_to_a_claude_model_in_messages_and_in_tool_outputs(claude):
+    # An input_image part was a 400 for a Claude model ("only text passes to Anthropic's Messages API"), where the
+    # same image through chat completions went as an image block: a Responses app that sends a picture, or a tool
+    # whose output is a screenshot, could not switch.
+    eng, client, emu = claude
+    tool = {"type": "function", **WEATHER["function"]}
+    data = png(750, 400)  # 400 tokens by Anthropic's area rule
+    ask = [{"role": "user", "content": [{"type": "input_text", "text": "Which city is this?"},
+                                        {"type": "input_image", "image_url": f"data:image/png;base64,{data}",
+                                         "detail": "auto"}]}]
+    call = {"type": "function_call", "call_id": "call_7", "name": "get_weather", "arguments": '{"city": "Oslo"}'}
+    shot = {"type": "function_call_output", "call_id": "call_7", "output": [
+        {"type": "input_text", "text": "A radar map:"}, {"type": "input_image", "image_url": "https://example.com/r.png"}]}
+    billed = len(emu.bill().items)
+    done = client.responses.create(model=MODEL, input=[*ask, call, shot], tools=[tool], max_output_tokens=2000,
+                                   extra_headers={endpoint.HEADER_REQUEST_ID: "img_r"})
+    wire = eng.wire["img_r"]["messages"]
+    assert wire[0]["content"][1] == {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                                 "data": data}}
+    assert wire[2]["content"] == [{"type": "tool_result", "tool_use_id": "call_7", "content": [
+        {"type": "text", "text": "A radar map:"}, {"type": "image", "source": {"type": "url",
+                                                                              "url": "https://example.com/r.png"}}]}]
+    # Billed by the image rule (a URL at its largest), and the reservation counted as much.
+    assert done.usage.input_tokens == billed_input(emu.bill().items[billed]) >= 400 + 1600
+    assert eng.reqs["img_r"].input_tokens >= done.usage.input_tokens
+    for part, param in (({"type": "input_image", "image_url": "https://x/a.png", "detail": "low"}, "input[0].content[0].detail"),
+                        ({"type": "input_image", "file_id": "file-1"}, "input[0].content[0].file_id"),
+                        ({"type": "input_file", "file_id": "file-1"}, "input[0].content[0]")):
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.responses.create(model=MODEL, input=[{"role": "user", "content": [part]}], max_output_tokens=50)
+        assert exc.value.param == param, exc.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as exc:  # Anthropic takes no image in a system prompt
+        client.responses.create(model=MODEL, max_output_tokens=50, input=[
+            {"role": "developer", "content": [{"type": "input_image", "image_url": "https://x/a.png"}]}, *ask])
+    assert exc.value.param == "input[0].content[0]", exc.value.body["message"]
+    assert len(emu.bill().items) == billed + 1

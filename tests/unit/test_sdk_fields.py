@@ -165,8 +165,10 @@ def test_a_responses_field_with_no_counterpart_is_refused_naming_it(provider, ch
         # chat completions takes a system message alone (Messages has nothing to answer)
         assert Request.model_validate(d, context=_http_context(provider)).body == d["body"]
         return
-    if provider == "anthropic" and change == {"tools": [{"type": "function", "name": "f"}]}:
-        # Messages has function tools: they go in its shape (engine.core._claude_tools, test_endpoint_claude.py)
+    if provider == "anthropic" and (change == {"tools": [{"type": "function", "name": "f"}]} or field.endswith(
+            "content[0]")):
+        # Messages has function tools and images: they go in its shape (engine.core._claude_tools,
+        # test_endpoint_claude.py)
         assert Request.model_validate(d, context=_http_context(provider)).body == d["body"]
         return
     with pytest.raises(ValueError) as exc:
