@@ -24,12 +24,13 @@ from typing import Any
 
 from engine.app._endpoint_claude_tools import claude_messages, claude_system, claude_tools
 from engine.app._endpoint_wire import ApiError
+from engine.core._callers import callers_field
 from engine.core._checks import FieldProblem
 from engine.core.catalog import Catalog, ModelSpec
 from engine.core.errors import CatalogError
 from engine.core.settings import Settings
 
-__all__ = ["callers_field", "for_messages_api", "in_callers_words"]
+__all__ = ["for_messages_api", "in_callers_words"]
 
 
 def _wire(model: Any, catalog: Catalog, settings: Settings) -> tuple[str | None, ModelSpec | None]:
@@ -91,23 +92,7 @@ def for_messages_api(body: dict[str, Any], catalog: Catalog, settings: Settings)
     return out, came
 
 
-_INDEX = re.compile(r"\[(\d+)\]")
 _PATH = re.compile(r"\bbody\.([A-Za-z_][\w-]*(?:\.[\w-]+|\[\d+\])*)")
-
-
-def callers_field(field: str, came: dict[str, str]) -> str:
-    """``field`` (a path of the body the engine got, in either style: ``messages[2].content[1]`` or
-    ``messages.2.content.1``) as the caller wrote it: the longest recorded prefix of it renamed (``came``),
-    written in the style it came in."""
-    if not came:
-        return field
-    parts = _INDEX.sub(r".\1", field).split(".")
-    for n in range(len(parts), 0, -1):
-        old = came.get(".".join(parts[:n]))
-        if old is not None:
-            path = ".".join([old, *parts[n:]])
-            return re.sub(r"\.(\d+)(?=\.|$)", r"[\1]", path) if "[" in field else path
-    return field
 
 
 def in_callers_words(exc: ApiError, came: dict[str, str]) -> ApiError:

@@ -53,7 +53,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.app._endpoint_batches import CANCEL_WAIT_S, MAX_FILE_BYTES, MAX_OPEN_LINES, FilesAndBatches
 from engine.app._endpoint_choices import choices_wanted, fan_out, merged_body, merged_headers
-from engine.app._endpoint_claude import callers_field, for_messages_api, in_callers_words
+from engine.app._endpoint_claude import for_messages_api, in_callers_words
 from engine.app._endpoint_job import cut_by_cancel
 from engine.app._endpoint_responses_stream import response_events, responses_stream_wanted
 from engine.app._endpoint_stream import sse_chunks, stream_wanted
@@ -71,6 +71,7 @@ from engine.app._endpoint_wire import (
     refused,
     smartbatch_fields,
 )
+from engine.core._callers import callers_field
 from engine.core.answer_body import response_body
 from engine.core.batchfile import list_price_usd, provider_status
 from engine.core.catalog import Catalog

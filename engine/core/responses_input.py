@@ -61,17 +61,18 @@ def check_responses_body(body: Mapping[str, Any], where: str, api: str, route: s
         _translate(body, where, api)
 
 
-def as_messages(body: dict[str, Any], api: str, route: str) -> dict[str, Any]:
+def as_messages(body: dict[str, Any], api: str, route: str, came: dict[str, str] | None = None) -> dict[str, Any]:
     """``body`` as the model's API takes it: a Responses body for chat completions or Messages gets ``input`` as
     ``messages``, ``instructions`` (and a ``system`` beside it) as the system prompt and ``max_output_tokens`` as
     that API's cap, in a new dict; any other body is returned as it is. Never raises: a body that was not
     checked (a ``Request`` made under other settings, a fallback's reroute) and cannot go as messages is sent
     as it is, for the provider to refuse that request alone; raised here, it failed every member of its batch
-    (a review)."""
+    (a review). ``came``, when given, gets where each path of the messages came from in the Responses body
+    (``engine.core._callers``), so a refusal of the translated body names the caller's field."""
     if not translates(body, api, route):
         return body
     try:
-        return _translate(body, "body", api)
+        return _translate(body, "body", api, came)
     except FieldProblem:
         return body
 
@@ -106,7 +107,7 @@ def _text(value: Any, where: str, through: str, api: str, images: bool = False) 
     return out
 
 
-def _translate(body: Mapping[str, Any], where: str, api: str) -> dict[str, Any]:
+def _translate(body: Mapping[str, Any], where: str, api: str, came: dict[str, str] | None = None) -> dict[str, Any]:
     through = "chat completions" if api == "openai" else "Anthropic's Messages API"
     tools = _tools(body, where) if api == "anthropic" else {}
     for key, defaults in _DEFAULTS.items():
@@ -124,7 +125,9 @@ def _translate(body: Mapping[str, Any], where: str, api: str) -> dict[str, Any]:
     if not isinstance(items, list) or not items:
         raise FieldProblem(f"{where}.input", f"{where}.input must be a string or a non-empty list of messages")
     system = [_text(body[k], f"{where}.{k}", through, api) for k in ("system", "instructions") if body.get(k)]
+    system_from = [k for k in ("system", "instructions") if body.get(k)]  # the caller's path of each system part
     messages: list[dict[str, Any]] = []
+    item_of: dict[int, int] = {}  # a message's index -> the input item it is (a run of calls: _Turns.runs)
     turns = _Turns(where)
     for k, item in enumerate(items):
         kind = item.get("type", "message") if isinstance(item, Mapping) else type(item).__name__
@@ -140,7 +143,9 @@ def _translate(body: Mapping[str, Any], where: str, api: str) -> dict[str, Any]:
             continue  # an empty answer sent back, which Anthropic refuses (_claude_tools.says_nothing)
         if api == "anthropic" and item["role"] in ("system", "developer"):
             system.append(content)  # Messages takes the system prompt beside the messages, not among them
+            system_from.append(f"input.{k}.content")
         else:
+            item_of[len(messages)] = k
             messages.append({"role": item["role"], "content": content})
     turns.check(messages)
     if not messages:
@@ -154,6 +159,8 @@ def _translate(body: Mapping[str, Any], where: str, api: str) -> dict[str, Any]:
                              ([{"type": "text", "text": s}] if isinstance(s, str) else s)]
     else:
         messages[:0] = [{"role": "system", "content": s} for s in system]
+    if came is not None:
+        came.update(_came_from(system, system_from, item_of, turns.runs, api, isinstance(body["input"], str)))
     out.update(tools)
     out["messages"] = messages
     if body.get("max_output_tokens") is not None:
@@ -179,6 +186,33 @@ def _tools(body: Mapping[str, Any], where: str) -> dict[str, Any]:
     choice = anthropic_tool_choice(body.get("tool_choice"), body.get("parallel_tool_calls"), names, flat=True,
                                    where=where)
     return {**out, **({"tool_choice": choice} if choice is not None else {})}
+
+
+def _came_from(system: list, system_from: list[str], item_of: dict[int, int], runs: dict[int, list[tuple[int, str]]],
+               api: str, plain: bool) -> dict[str, str]:
+    """Where each path of the translated body came from in the Responses body (dotted, without ``body.``): its
+    system parts (Anthropic's top-level ``system``; chat's leading system messages), its messages and, in a run
+    of calls or outputs, each block."""
+    came: dict[str, str] = {}
+    shift = 0 if api == "anthropic" else len(system)
+    if api == "anthropic":
+        n = 0
+        for part, src in zip(system, system_from, strict=True):
+            for j in range(1 if isinstance(part, str) else len(part)):
+                came[f"system.{n}"] = src if isinstance(part, str) else f"{src}.{j}"
+                n += 1
+    else:
+        came.update({f"messages.{i}.content": src for i, src in enumerate(system_from)})
+    for j, k in item_of.items():  # a string input is the one user message's content
+        came[f"messages.{j + shift}"] = "input" if plain else f"input.{k}"
+        if plain:
+            came[f"messages.{j + shift}.content"] = "input"
+    for j, blocks in runs.items():
+        came[f"messages.{j + shift}"] = f"input.{blocks[0][0]}"
+        for n, (k, _) in enumerate(blocks):
+            at = f"messages.{j + shift}.content.{n}"
+            came.update({at: f"input.{k}", f"{at}.content": f"input.{k}.output", f"{at}.input": f"input.{k}.arguments"})
+    return came
 
 
 class _Turns:

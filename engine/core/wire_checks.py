@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from engine.core._api_fields import check_api_body
+from engine.core._callers import renamed
 from engine.core._checks import (
     FieldProblem,
     check_anthropic_system,
@@ -36,16 +37,20 @@ def check_wire(body: dict[str, Any] | None, spec: ModelSpec, provider: str, sett
     # the fields those cannot carry dropped, and its cache marks where they land (checked on the Responses body,
     # a Responses client's metadata and user were refused at Anthropic, and a fifth mark passed; a review).
     responses = translates(body, endpoint.api, spec.api)
-    wire = as_messages(body, endpoint.api, spec.api) if responses else body
+    came: dict[str, str] = {}  # a refusal of the translated body names the caller's field (engine.core._callers)
+    wire = as_messages(body, endpoint.api, spec.api, came) if responses else body
     real = spec.kind == "text" and settings.providers.mode == "http"  # only a real call has a route
-    # A Responses body's function tools go as Anthropic's (checked on the wire); one that cannot go as messages is
-    # refused below, naming why (check_responses_body), where its tools read as another API's here.
-    if not (responses and wire is body and real):
-        check_tools(wire, "body", endpoint.api)
-    if wire is not body or not responses:  # else it cannot go as messages, and check_responses_body says why
-        check_api_body(wire, "body", endpoint.api, spec, compat)
-        if endpoint.api == "anthropic":
-            check_cache_ttl(wire, "body")
+    try:
+        # A Responses body's function tools go as Anthropic's (checked on the wire); one that cannot go as
+        # messages is refused below, naming why (check_responses_body), where its tools read as another API's here.
+        if not (responses and wire is body and real):
+            check_tools(wire, "body", endpoint.api)
+        if wire is not body or not responses:  # else it cannot go as messages, and check_responses_body says why
+            check_api_body(wire, "body", endpoint.api, spec, compat)
+            if endpoint.api == "anthropic":
+                check_cache_ttl(wire, "body")
+    except FieldProblem as exc:
+        raise renamed(exc, came) from None
     if endpoint.api == "anthropic" and not responses:
         check_anthropic_system(body, "body")  # a Responses body's system parts: check_responses_body
     if real:

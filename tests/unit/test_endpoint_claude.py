@@ -524,3 +524,31 @@ def test_a_responses_app_sends_images_to_a_claude_model_in_messages_and_in_tool_
             {"role": "developer", "content": [{"type": "input_image", "image_url": "https://x/a.png"}]}, *ask])
     assert exc.value.param == "input[0].content[0]", exc.value.body["message"]
     assert len(emu.bill().items) == billed + 1
+
+
+def test_a_refusal_of_a_translated_responses_body_names_the_callers_input_item(claude):
+    # The engine checks a Responses body as it goes on the wire, as messages: its refusal named a field the caller
+    # never sent ("messages[0].content[0].text" for input[1].content[0].text, a developer item lifted to the
+    # system prompt before it), as the chat route's did until its translation recorded where each field went.
+    _, client, emu = claude
+    billed = len(emu.bill().items)
+    lead = {"role": "developer", "content": "Be brief."}
+    marks = [{"type": "input_text", "text": f"part {k}", "cache_control": {"type": "ephemeral"}} for k in range(5)]
+    call = {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": "{}"}
+    out = {"type": "function_call_output", "call_id": "call_1", "output": "12 C"}
+    for given, param in (
+            ([lead, {"role": "user", "content": [{"type": "input_text", "text": ""}]}], "input[1].content[0].text"),
+            ([lead, ASKED, {"role": "assistant", "content": "Well."}, {"role": "user", "content": ""}],
+             "input[3].content"),
+            ([lead, ASKED, call, out, {"role": "user", "content": marks}], "input.4.content.4.cache_control")):
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.responses.create(model=MODEL, input=given, tools=[{"type": "function", **WEATHER["function"]}],
+                                    max_output_tokens=50)
+        message = exc.value.body["message"]
+        assert exc.value.param == param and f"'body.{param}'" in message and "messages" not in message, message
+    assert len(emu.bill().items) == billed
+    # To chat completions (an OpenAI model) the instructions go first, as a system message.
+    from engine.core.responses_input import as_messages
+    came: dict[str, str] = {}
+    as_messages({"instructions": "Be brief.", "input": "Hi"}, "openai", "chat", came)
+    assert came == {"messages.0.content": "instructions", "messages.1": "input", "messages.1.content": "input"}
