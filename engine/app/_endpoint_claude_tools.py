@@ -7,7 +7,7 @@ messages right after its assistant message, and each tool message must answer on
 same conversations, so an application that works there is not refused here.
 
 Every place a translated field lands is recorded (``came``: the Messages path -> the caller's, dotted), so a
-refusal found later, by the engine, names the caller's field (``_endpoint_claude.callers_field``). A refusal found
+refusal found later, by the engine, names the caller's field (``engine.core._callers.callers_field``). A refusal found
 here names it at once, raised as ``FieldProblem``."""
 
 from __future__ import annotations
