@@ -2,7 +2,9 @@
 models): the OpenAI fields an OpenAI-SDK application sends that have a Messages counterpart go under that name.
 They were refused ("Anthropic's is stop_sequences"), so an application could not change only its ``model`` to a
 Claude one (a helper's tour). The leading system (and developer) messages go as Messages' top-level ``system``,
-where every Claude model takes them (sent among the messages, the provider refused them); the other messages,
+where every Claude model takes them (sent among the messages, the provider refused them); a later one stays where
+it is, Anthropic's mid-conversation system message, which the engine refuses per request at a model that takes
+none there (``ModelSpec.mid_conversation_system``) or where it does not follow a user turn; the other messages,
 ``max_tokens``, ``temperature`` and ``top_p`` pass as they are; the answer comes back in the chat shape
 (``answer_body.response_body``: Anthropic's ``stop_reason`` as ``finish_reason``, its usage as ``prompt_tokens``
 with the cached input counted).

@@ -111,7 +111,10 @@ def claude_messages(messages: list, came: dict[str, str]) -> tuple[list, list]:
             continue
         if len(out) != k:
             came[f"messages.{len(out)}"] = f"messages.{k}"
-        if role == "developer":  # OpenAI's system message for its newer models; Messages calls it system
+        # A later system or developer message (OpenAI's system message for its newer models) stays where it is, as
+        # Anthropic's mid-conversation system message: the engine's check (engine.core._api_fields) takes it at a
+        # model that takes one, right after a user turn, and refuses it, naming the caller's message, elsewhere.
+        if role == "developer":
             m = {**m, "role": "system"}
             came[f"messages.{len(out)}.role"] = f"messages.{k}.role"
         if role == "assistant" and m.get("tool_calls") is not None:

@@ -4,7 +4,7 @@ reserved for and perhaps batched (a helper's hunt of the emulator, whose answers
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from engine.core._checks import FieldProblem, cache_blocks
@@ -44,7 +44,9 @@ _FOREIGN_PARTS = {
                "tool_result": "OpenAI's is a message of role 'tool' with its tool_call_id",
                "thinking": "leave it out", "redacted_thinking": "leave it out"},
 }
-_ANTHROPIC_ROLES = ("user", "assistant", "system")
+# The roles of Anthropic's messages; a message of role system is taken only mid-conversation, at few models
+# (``_check_system_message``).
+_ANTHROPIC_ROLES = ("user", "assistant")
 MAX_CACHE_MARKS = 4  # cache_control blocks in one Anthropic request
 # The output caps each OpenAI endpoint takes, the one to give last.
 _CAPS = {"chat": ("max_tokens", "max_completion_tokens"), "responses": ("max_output_tokens",)}
@@ -57,9 +59,10 @@ def check_api_body(body: dict, where: str, api: str, spec: ModelSpec, compat: st
     it does not take (``efforts``) and a temperature or top_p other than 1; at a Claude model that thinks adaptively
     only, a manual thinking budget and a sampling parameter but its default, and a forced tool where the model refuses one
     (``forced_tool_choice``); at Gemini's OpenAI-compatible layer (``compat``), what it does not document
-    (``check_gemini_body``); at Anthropic, OpenAI's fields, roles and metadata keys, a non-text system
-    message, the ``fast`` speed (priced apart from the catalog's) and a fifth cache mark. Each was accepted,
-    reserved for and sent, and the provider answered 400 for that call alone (a helper's hunt)."""
+    (``check_gemini_body``); at Anthropic, OpenAI's fields, roles and metadata keys, a system message among the
+    messages where the model takes none there (``_check_system_message``), a non-text one, the ``fast`` speed
+    (priced apart from the catalog's) and a fifth cache mark. Each was accepted, reserved for and sent, and the
+    provider answered 400 for that call alone (a helper's hunt)."""
     # A cap under another endpoint's name is no cap there: the budget reserved for it, and the call ran to the
     # model's maximum (a lenient server ignores the key; a helper's hunt: a hard budget overrun tenfold).
     own = _CAPS.get(spec.api) if api == "openai" else None
@@ -113,11 +116,14 @@ def check_api_body(body: dict, where: str, api: str, spec: ModelSpec, compat: st
         raise FieldProblem(f"{where}.metadata", f"{where}.metadata takes only user_id at Anthropic, got "
                            f"{str(meta)[:60]}; leave the other keys out")
     _check_empty_text(body.get("system"), f"{where}.system")
-    for k, m in enumerate(body.get("messages") or ()):
+    messages = body.get("messages") or ()
+    for k, m in enumerate(messages):
         role = m.get("role") if isinstance(m, Mapping) else None
-        if role not in _ANTHROPIC_ROLES:
+        if role == "system":
+            _check_system_message(messages, k, spec, where)
+        elif role not in _ANTHROPIC_ROLES:
             fix = ("give a tool's output as a tool_result block in a user message" if role in ("tool", "function")
-                   else "use 'system' (or the top-level system)" if role == "developer" else "use user or assistant")
+                   else "give it as the top-level system field" if role == "developer" else "use user or assistant")
             raise FieldProblem(f"{where}.messages[{k}].role", f"{where}.messages[{k}].role {str(role)[:40]!r} is not "
                                f"one of Anthropic's ({', '.join(_ANTHROPIC_ROLES)}); {fix}")
         extra = sorted(key for key in m if key not in ("role", "content"))
@@ -138,6 +144,36 @@ def check_api_body(body: dict, where: str, api: str, spec: ModelSpec, compat: st
                 field = f"{where}.messages[{k}].content[{bad}]"
                 raise FieldProblem(field, f"{field} must be a text block: Anthropic takes only text in a system "
                                    "message; put images and documents in a user message")
+
+
+def _check_system_message(messages: Sequence, k: int, spec: ModelSpec, where: str) -> None:
+    """Anthropic's system prompt is its top-level ``system``; a message of role system among the messages is its
+    mid-conversation system message, which a model takes only where the catalog says so
+    (``ModelSpec.mid_conversation_system``), never first, right after a user turn (or an assistant one that ends in
+    a server tool use), then last or before an assistant turn. Any other answered 400 ("Unexpected role
+    \"system\""), after the request was accepted, reserved for and perhaps batched (since stop 64)."""
+    field = f"{where}.messages[{k}].role"
+    fix = ("put the system instructions first, as the top-level system field (an OpenAI body's leading system "
+           "messages go there), or say this in a user message")
+    if not spec.mid_conversation_system:
+        raise FieldProblem(field, f"{field}: a system message among the messages is refused by Anthropic at this "
+                           f"model, which takes a system prompt only ahead of the conversation: {fix}")
+    before = messages[k - 1] if k > 0 and isinstance(messages[k - 1], Mapping) else {}
+    after = messages[k + 1] if k + 1 < len(messages) and isinstance(messages[k + 1], Mapping) else None
+    if k == 0 or not (before.get("role") == "user" or before.get("role") == "assistant"
+                      and _ends_in_server_tool(before.get("content"))):
+        said = "opens the conversation" if k == 0 else "follows no user turn"
+        raise FieldProblem(field, f"{field}: a system message {said}, and Anthropic takes one among the messages only "
+                           f"right after a user turn (or an assistant one that ends in a server tool use): {fix}")
+    if after is not None and after.get("role") != "assistant":
+        raise FieldProblem(field, f"{field}: a system message is followed by a {str(after.get('role'))[:20]!r} "
+                           "message, and Anthropic takes one among the messages only last or right before an "
+                           f"assistant turn: {fix}")
+
+
+def _ends_in_server_tool(content: object) -> bool:
+    last = content[-1] if isinstance(content, list) and content else None
+    return isinstance(last, Mapping) and last.get("type") == "server_tool_use"
 
 
 def _check_empty_text(content: object, where: str) -> None:

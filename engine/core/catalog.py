@@ -110,6 +110,10 @@ class ModelSpec(_Frozen):
                                 "top_p or top_k other than the default")
     forced_tool_choice: bool = Field(default=True, description="whether the API takes a tool_choice that forces a "
                                      "tool (Anthropic's {type: any} or {type: tool}); Claude Fable 5.1 answers 400")
+    mid_conversation_system: bool = Field(
+        default=False, description="whether Anthropic's API takes a message of role system among the messages (its "
+        "mid-conversation system message: after a user turn, last or before an assistant one); at any other model it "
+        "answers 400, the system prompt being the top-level system field alone")
     shutdown: date | None = Field(default=None, description="the day the provider stops serving the model, as "
                                   "its deprecations page says (a start that calls it over HTTP warns ahead)")
 

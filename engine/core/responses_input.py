@@ -141,12 +141,16 @@ def _translate(body: Mapping[str, Any], where: str, api: str, came: dict[str, st
                         images=item["role"] == "user")
         if api == "anthropic" and item["role"] == "assistant" and says_nothing(content):
             continue  # an empty answer sent back, which Anthropic refuses (_claude_tools.says_nothing)
-        if api == "anthropic" and item["role"] in ("system", "developer"):
+        if api == "anthropic" and item["role"] in ("system", "developer") and not messages:
             system.append(content)  # Messages takes the system prompt beside the messages, not among them
             system_from.append(f"input.{k}.content")
         else:
+            # A later one stays where it is, as Anthropic's mid-conversation system message, which the engine's
+            # check takes or refuses by the model (engine.core._api_fields): lifted to the system prompt, it
+            # changed the instructions of the turns before it and the cached prefix of the conversation.
+            role = "system" if api == "anthropic" and item["role"] == "developer" else item["role"]
             item_of[len(messages)] = k
-            messages.append({"role": item["role"], "content": content})
+            messages.append({"role": role, "content": content})
     turns.check(messages)
     if not messages:
         raise FieldProblem(f"{where}.input", f"{where}.input has no user or assistant message; give one")

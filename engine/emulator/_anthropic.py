@@ -59,6 +59,7 @@ def message_result(core: Core, provider: str, body: dict, mode: str, at: float |
                 m.get("role") == "assistant" and k == len(messages) - 1):
             raise ApiError(400, f"messages.{k}: all messages must have non-empty content except for the optional "
                            "final assistant message", param=f"messages.{k}")
+    _system_messages(messages, spec.mid_conversation_system)
     check_tool_turns(body.get("messages"))
     prompt = anthropic_prompt(body, spec.image_input or p.image_input, spec.tool_prompt or p.tool_prompt)
     call = core.text_call(p, spec, body["model"], prompt, body["max_tokens"], "max_tokens", mode, at)
@@ -91,6 +92,32 @@ def _adaptive(body: dict) -> None:
         if body.get(key) not in default:
             raise ApiError(400, f"{key}: setting {key} to a non-default value is not supported for this model "
                            f"({body['model']}); remove it", param=key)
+
+
+def _system_messages(messages: list, mid: bool) -> None:
+    """A message of role system: the API's mid-conversation system message, taken only at a model that takes it
+    (``mid``), never first, right after a user turn (or an assistant one ending in a server tool use), then last
+    or before an assistant turn; elsewhere the system prompt is the top-level ``system``."""
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") != "system":
+            continue
+        if not mid:
+            raise ApiError(400, f"messages.{k}.role: Unexpected role \"system\". This model takes the system prompt "
+                           "as the top-level `system` parameter, not as a message", param=f"messages.{k}.role")
+        if k == 0:
+            raise ApiError(400, "messages.0: the initial system prompt goes in the top-level `system` parameter",
+                           param="messages.0")
+        before, after = messages[k - 1], messages[k + 1] if k + 1 < len(messages) else None
+        content = before.get("content") if isinstance(before, dict) else None
+        server_tool = isinstance(content, list) and content and isinstance(content[-1], dict) \
+            and content[-1].get("type") == "server_tool_use"
+        if not isinstance(before, dict) or not (before.get("role") == "user" or before.get("role") == "assistant"
+                                                and server_tool):
+            raise ApiError(400, f"messages.{k}: role 'system' must follow a 'user' message (or an 'assistant' "
+                           "message ending in a server tool use)", param=f"messages.{k}")
+        if after is not None and not (isinstance(after, dict) and after.get("role") == "assistant"):
+            raise ApiError(400, f"messages.{k}: role 'system' must precede an 'assistant' message or end the array",
+                           param=f"messages.{k}")
 
 
 def _messages(ctx: Ctx) -> Reply:

@@ -83,6 +83,8 @@ def filler_text(prompt_text: str, output_tokens: int) -> str:
 
 # The roles each wire format takes in its messages (openai/types/chat, anthropic/types/message_param.py).
 _CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+# A system message is billed as any other where a model takes one (mid-conversation; the rule per model:
+# ``_anthropic._system_messages``, which answers the others 400 first).
 _ANTHROPIC_ROLES = ("user", "assistant", "system")
 _RESPONSES_ROLES = ("system", "developer", "user", "assistant")
 _MAX_BREAKPOINTS = 4  # Anthropic's documented limit of cache_control blocks in one request

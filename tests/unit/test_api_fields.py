@@ -36,7 +36,7 @@ def refusal(model: str, **body) -> str:
     ({"user": "u-1"}, "body.user", "metadata.user_id"),
     ({"metadata": {"tenant": "acme"}}, "body.metadata", "only user_id"),
     ({"speed": "fast"}, "body.speed", "other prices"),
-    ({"messages": [{"role": "developer", "content": "be brief"}, HI]}, "body.messages[0].role", "'system'"),
+    ({"messages": [{"role": "developer", "content": "be brief"}, HI]}, "body.messages[0].role", "top-level system"),
     ({"messages": [HI, {"role": "tool", "content": "42"}]}, "body.messages[1].role", "tool_result"),
     ({"messages": [{**HI, "name": "ola"}]}, "body.messages[0].name", "name the speaker in the content"),
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": ""}, {"type": "text", "text": "hi"}]}]},
@@ -45,14 +45,56 @@ def refusal(model: str, **body) -> str:
     ({"messages": [HI, {"role": "assistant", "content": ""}, HI]}, "body.messages[1].content", "no content"),
     ({"messages": [HI, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": []}]},
      "body.messages[2].content", "no content"),
-    ({"messages": [{"role": "system", "content": [{"type": "image", "source": {
-        "type": "url", "url": "https://example.com/a.png"}}]}, HI]}, "body.messages[0].content[0]", "text block"),
     ({"system": [{"type": "text", "text": f"part {k}", "cache_control": {"type": "ephemeral"}} for k in range(5)]},
      "body.system.4.cache_control", "at most 4"),
 ])
 def test_an_anthropic_request_with_what_the_messages_api_refuses_is_refused_naming_field_and_fix(body, field, fix):
     msg = refusal("claude-haiku-4-5", **({} if "max_completion_tokens" in body else {"max_tokens": 20}), **body)
     assert msg.startswith(f"Value error, {field}") and fix in msg
+
+
+SAY = {"role": "system", "content": "Now answer in French."}
+SAID = {"role": "assistant", "content": "Hello."}
+MORE = {"role": "user", "content": "And again?"}
+
+
+@pytest.mark.parametrize(("model", "messages", "field", "why"), [
+    ("claude-haiku-4-5", [SAY, HI], "body.messages[0].role", "only ahead of the conversation"),
+    ("claude-sonnet-4-5", [HI, SAY], "body.messages[1].role", "only ahead of the conversation"),
+    ("claude-opus-5-5", [HI, SAY, SAID], "body.messages[1].role", "only ahead of the conversation"),
+    # At a model that takes one mid-conversation: never first, right after a user turn, then last or before an
+    # assistant turn (the placement rules of Anthropic's mid-conversation system messages).
+    ("claude-fable-5-1", [SAY, HI], "body.messages[0].role", "opens the conversation"),
+    ("claude-fable-5-1", [HI, SAID, SAY], "body.messages[2].role", "follows no user turn"),
+    ("claude-fable-5", [HI, SAY, MORE], "body.messages[1].role", "followed by a 'user' message"),
+    ("claude-sonnet-5-5", [HI, SAY, SAY], "body.messages[1].role", "followed by a 'system' message"),
+    ("claude-sonnet-5-5", [HI, {"role": "system", "content": [{"type": "image", "source": {
+        "type": "url", "url": "https://example.com/a.png"}}]}], "body.messages[1].content[0]", "text block"),
+])
+def test_a_system_message_among_the_messages_is_refused_where_anthropic_refuses_it(model, messages, field, why):
+    # Anthropic's system prompt is the top-level system; a message of role system was accepted at every Claude
+    # model, reserved for and perhaps batched, and the provider refused the call ("Unexpected role \"system\"").
+    msg = refusal(model, max_tokens=20, messages=messages)
+    assert msg.startswith(f"Value error, {field}") and why in msg, msg
+    assert field.endswith("content[0]") or "top-level system field" in msg and "user message" in msg
+
+
+def test_a_mid_conversation_system_message_passes_at_a_model_that_takes_one():
+    assert CAT.model("anthropic", "claude-fable-5-1").mid_conversation_system
+    assert not CAT.model("anthropic", "claude-haiku-4-5").mid_conversation_system
+    for messages in ([HI, SAY], [HI, SAY, SAID, MORE], [HI, SAID, MORE, {**SAY, "content": [
+            {"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}]}]):
+        assert make("claude-fable-5-1", max_tokens=20, messages=messages).body["messages"] == messages
+    # A Responses body: its leading system and developer items go as the system prompt at any Claude model; a
+    # later one stays where it is, refused (naming the caller's item) where the model takes none there.
+    later = {"input": [{"role": "developer", "content": "Be brief."}, HI, {"role": "developer", "content": "French."}]}
+    r = Request.model_validate({"id": "r", "arrival_s": 0.0, "model": "claude-fable-5", "max_output_tokens": 20,
+                                "body": later}, context=CTX)
+    assert r.body == later
+    with pytest.raises(ValidationError) as ei:
+        Request.model_validate({"id": "r", "arrival_s": 0.0, "model": "claude-haiku-4-5", "max_output_tokens": 20,
+                                "body": later}, context=CTX)
+    assert ei.value.errors()[0]["msg"].startswith("Value error, body.input[2].role: a system message")
 
 
 def test_a_final_assistant_message_may_be_empty_at_anthropic():
@@ -96,8 +138,7 @@ def test_a_content_part_of_the_other_providers_api_is_refused_naming_its_counter
 
 def test_what_anthropic_takes_passes_and_the_same_fields_pass_at_openai():
     ok = make("claude-haiku-4-5", max_tokens=20, stop_sequences=["\n\nHuman:"], metadata={"user_id": "u-1"},
-              system=[{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
-              messages=[{"role": "system", "content": "Answer in French."}, HI])
+              system=[{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}])
     assert ok.body["stop_sequences"] == ["\n\nHuman:"] and ok.body["metadata"] == {"user_id": "u-1"}
     # The four marks Anthropic allows pass.
     four = [{"type": "text", "text": f"part {k}", "cache_control": {"type": "ephemeral"}} for k in range(4)]

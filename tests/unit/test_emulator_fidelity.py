@@ -59,8 +59,8 @@ def test_a_batch_member_past_the_window_errors_alone_and_is_not_billed(emu: Emul
     ({"messages": [*user("hi"), {"role": "tool", "content": "42"}]}, "messages[1].role"),
     ({"system": [{"type": "text", "text": "Be brief."},
                  {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}}]}, "system.1"),
-    ({"messages": [{"role": "system", "content": [{"type": "image", "source": {
-        "type": "url", "url": "https://example.com/a.png"}}]}, *user("hi")]}, "must be a text block"),
+    ({"messages": [{"role": "system", "content": "be brief"}, *user("hi")]}, 'Unexpected role "system"'),
+    ({"messages": [*user("hi"), {"role": "system", "content": "be brief"}]}, 'Unexpected role "system"'),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://e.com/a.png"}}]}]},
      "Input tag 'image_url'"),
     ({"extra_body": {"seed": 7}}, "seed: Extra inputs are not permitted"),
@@ -85,9 +85,32 @@ def test_anthropic_takes_what_the_messages_api_takes(emu: Emulator, sdk: Sdk):  
     client = sdk.anthropic()
     system = [{"type": "text", "text": f"s{k}", "cache_control": {"type": "ephemeral", "ttl": "5m"}} for k in range(4)]
     client.messages.create(model="claude-haiku-4-5", max_tokens=20, system=system, metadata={"user_id": "u"},
-                           messages=[{"role": "system", "content": "Answer in French."}, *user("hi")],
-                           extra_body={"temperature": 0.2, "top_k": 40})
+                           messages=user("hi"), extra_body={"temperature": 0.2, "top_k": 40})
     assert len(emu.bill().items) == 1
+
+
+SAY = {"role": "system", "content": "Now answer in French."}
+SAID = {"role": "assistant", "content": "Hello."}
+
+
+@pytest.mark.parametrize(("messages", "words_in_error"), [
+    ([SAY, *user("hi")], "top-level `system` parameter"),
+    ([*user("hi"), SAID, SAY], "must follow a 'user' message"),
+    ([*user("hi"), SAY, *user("again")], "must precede an 'assistant' message or end the array"),
+    ([*user("hi"), {"role": "system", "content": [{"type": "image", "source": {
+        "type": "url", "url": "https://example.com/a.png"}}]}], "must be a text block"),
+])
+def test_a_mid_conversation_system_message_is_taken_where_anthropic_takes_it(emu: Emulator, sdk: Sdk,  # noqa: F811
+                                                                             messages, words_in_error):
+    # Anthropic's mid-conversation system message: at a model that takes one, right after a user turn, then last
+    # or before an assistant turn, text alone; the emulator took a message of role system anywhere, at any model.
+    client = sdk.anthropic()
+    with pytest.raises(anthropic.BadRequestError, match=words_in_error):
+        client.messages.create(model="claude-fable-5-1", max_tokens=20, messages=messages)
+    assert not emu.bill().items
+    for ok in ([*user("hi"), SAY], [*user("hi"), SAY, SAID, *user("again")]):
+        client.messages.create(model="claude-fable-5-1", max_tokens=20, messages=ok)
+    assert len(emu.bill().items) == 2
 
 
 @real_time

@@ -413,14 +413,13 @@ def test_the_leading_system_messages_go_as_the_top_level_system_prompt(claude):
     marked = {"type": "text", "text": "Rules: be brief.", "cache_control": {"type": "ephemeral"}}
     messages = [{"role": "system", "content": [marked]}, {"role": "developer", "content": "Answer in French."},
                 {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Salut."},
-                {"role": "system", "content": "Now in English."}, {"role": "user", "content": "Again"}]
+                {"role": "user", "content": "Again"}]
     billed = len(emu.bill().items)
     done = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=50,
                                           extra_headers={endpoint.HEADER_REQUEST_ID: "sys1"})
     wire = eng.wire["sys1"]
     assert wire["system"] == [marked, {"type": "text", "text": "Answer in French."}]
-    # A system message after a user turn stays where it is (Anthropic's mid-conversation system message).
-    assert [m["role"] for m in wire["messages"]] == ["user", "assistant", "system", "user"]
+    assert [m["role"] for m in wire["messages"]] == ["user", "assistant", "user"]
     assert done.usage.prompt_tokens == billed_input(emu.bill().items[billed]) <= eng.reqs["sys1"].input_tokens
     # A refusal in a lifted message names it as the caller sent it; a system prompt alone has nothing to answer.
     for bad, param in (([{"role": "system", "content": [{"type": "text", "text": ""}]}, ASKED],
@@ -431,6 +430,47 @@ def test_the_leading_system_messages_go_as_the_top_level_system_prompt(claude):
             client.chat.completions.create(model=MODEL, messages=bad, max_tokens=50)
         assert exc.value.param == param, exc.value.body["message"]
     assert len(emu.bill().items) == billed + 1
+
+
+def test_a_later_system_message_goes_mid_conversation_where_the_model_takes_one_and_is_a_400_elsewhere(claude):
+    # A system or developer message later in the conversation went among the messages as role system at every
+    # Claude model, and the provider refused the call after it was accepted (Anthropic takes one there only at a
+    # few models, right after a user turn); lifted to the system prompt (the Responses route), it changed the
+    # instructions of the turns before it.
+    eng, client, emu = claude
+    lead, hi, said = ({"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "Salut."})
+    billed = len(emu.bill().items)
+    for model, given, param in (
+            (MODEL, [lead, hi, said, ASKED, {"role": "system", "content": "Now in English."}], "messages[4].role"),
+            (MODEL, [lead, hi, {"role": "developer", "content": "Now in English."}, said, ASKED], "messages[2].role"),
+            ("claude-fable-5-1", [hi, said, {"role": "system", "content": "Now in English."}, ASKED],
+             "messages[2].role")):  # a model that takes one, but after an assistant turn
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.chat.completions.create(model=model, messages=given, max_tokens=50)
+        message = exc.value.body["message"]
+        assert exc.value.param == param and f"{param}: a system message" in message, message
+        assert "put the system instructions first" in message and "user message" in message, message
+    for given, param in (([lead, hi, {"role": "developer", "content": "Now in English."}], "input[2].role"),
+                         ([hi, said, ASKED, {"role": "system", "content": "French."}], "input[3].role")):
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.responses.create(model=MODEL, input=given, max_output_tokens=50)
+        assert exc.value.param == param and "put the system instructions first" in exc.value.body["message"]
+    assert len(emu.bill().items) == billed
+    # At a model that takes one (Fable 5.1), right after a user turn, it stays where it is, as Anthropic's
+    # mid-conversation system message: the instructions apply from there on, and the cached prefix before it holds.
+    later = {"role": "developer", "content": "Now in English."}
+    client.chat.completions.create(model="claude-fable-5-1", messages=[lead, hi, later, said, ASKED], max_tokens=50,
+                                   extra_headers={endpoint.HEADER_REQUEST_ID: "mid1"})
+    client.responses.create(model="claude-fable-5-1", input=[lead, hi, said, ASKED, later], max_output_tokens=50,
+                            extra_headers={endpoint.HEADER_REQUEST_ID: "mid2"})
+    for rid, roles in (("mid1", ["user", "system", "assistant", "user"]),
+                       ("mid2", ["user", "assistant", "user", "system"])):
+        wire = eng.wire[rid]
+        assert wire["system"] in ("Be brief.", [{"type": "text", "text": "Be brief."}]), wire["system"]
+        assert [m["role"] for m in wire["messages"]] == roles
+        assert {"role": "system", "content": "Now in English."} in wire["messages"]
+    assert len(emu.bill().items) == billed + 2
 
 
 def test_the_input_a_claude_call_read_or_wrote_in_the_prompt_cache_is_in_openais_usage(claude):

@@ -139,6 +139,13 @@ def test_the_system_prompts_of_a_responses_body_all_reach_the_model():
     out = as_messages(body, "openai", "chat")
     assert [m["role"] for m in out["messages"]] == ["system", "system", "developer", "user"]
     assert as_messages(body, "openai", "responses") is body  # a model called through /v1/responses takes it as is
+    # A later system or developer item stays where it is at Anthropic, as its mid-conversation system message (the
+    # engine takes or refuses it by the model, test_api_fields.py): lifted to the system prompt, it changed the
+    # instructions of the turns before it.
+    later = {**body, "input": [*body["input"], {"role": "developer", "content": "L"}]}
+    out = as_messages(later, "anthropic", "chat")
+    assert out["system"] == [{"type": "text", "text": t} for t in "SID"]
+    assert out["messages"] == [{"role": "user", "content": "hi"}, {"role": "system", "content": "L"}]
 
 
 @pytest.mark.parametrize(("change", "field"), [
