@@ -382,7 +382,7 @@ class BudgetController(LedgerJournal, Warm):
             out["ledger_id"] = self.ledger_id
             out["windows"] = self.book.windows()
             out["overrun_usd"] = usd(self.book.overrun_usd())
-            out["reserved_usd"] = usd(sum(self.book.reserved.values()))
+            out["reserved_usd"] = usd(self.book.reserved_total())
             out["spent_usd"] = usd(sum(self.book.spend.values()))
         else:
             out["spent_usd"] = usd(sum(r["spent_usd"] for r in out["spend"]))
