@@ -109,8 +109,9 @@ class Parking:
         except Exception as exc:  # the dispatcher died: the driver re-admits its requests
             log.warning("grouper: dispatch to %s failed (%s)", provider, type(exc).__name__)
 
-    def _park(self, j: Job, due: float, budget: str, b: BatchJob) -> None:
-        self.waits.hold(j.req.uid, j.req, due, budget, (j, b._replace(jobs=[])))
+    def _park(self, j: Job, due: float, budget: str, b: BatchJob, verdict: Verdict | None = None,
+              claim_usd: float | None = None) -> None:
+        self.waits.hold(j.req.uid, j.req, due, budget, (j, b._replace(jobs=[])), verdict, claim_usd)
 
     def _arm_parked(self) -> None:
         if self._trying:  # armed again once the try under way has its answer
@@ -173,7 +174,7 @@ class Parking:
                                 reason=f"{self._ledger_down}; still so when the request could no longer finish by "
                                        "its deadline")
         return self._failed(j, "budget_exhausted", status="rejected",
-                            reason=held_too_long(h.budget))
+                            reason=held_too_long(h))
 
     async def _reserve(self, batches: list[BatchJob], now: float,
                        refused: list[tuple[Job, Result]]) -> list[BatchJob]:
@@ -204,7 +205,8 @@ class Parking:
                 elif t in ("wait", "retry", "defer"):
                     if t == "retry":  # the ledger did not answer: try again, until the deadline
                         self._ledger_down = v.why()
-                    self._park(j, self.waits.due_after(t, v, now), LEDGER if t == "retry" else v.budget, b)
+                    self._park(j, self.waits.due_after(t, v, now), LEDGER if t == "retry" else v.budget, b, v,
+                               c.amount)
                 else:
                     refused.append((j, self._failed(j, "budget_exhausted", status="rejected",
                                                     reason=v.why(c.amount, self.reserve_model_max))))

@@ -246,15 +246,19 @@ class Verdict(NamedTuple):
         return (f"{left}, and this request reserves up to ${claim_usd:.6f} (its output at its max_tokens, or "
                 f"{without} without one: a lower max_tokens reserves less; docs/budgets.md)")
 
+    def _reach(self) -> str:
+        """What the claim's priority may reach of the limit, when that is less than the limit."""
+        if self.allowed_usd is None or self.max_usd is None or self.allowed_usd >= self.max_usd - EPS:
+            return ""
+        return (f", of which {self.priority} work may reach ${self.allowed_usd:.6f} of its ${self.max_usd:.6f}"
+                + (f" by now (budgets.throttle.{self.priority}, paced over the window by budgets.throttle.pace: "
+                   "the share grows as the window goes)" if self.paced else
+                   f" (budgets.throttle.{self.priority}: the rest is kept for more urgent work)"))
+
     def _deferred(self, claim_usd: float | None) -> str:
         # Said as "resets at t=86400s, after the deadline" alone, a normal request of $0.0009 under a $0.004 day
         # budget with $0.0013 left read as a bug: pacing held it, and nothing named it or the ways on (a tour).
-        said = f"budget {self.budget} has ${self.remaining_usd:.6f} left"
-        if self.allowed_usd is not None and self.max_usd is not None and self.allowed_usd < self.max_usd - EPS:
-            said += (f", of which {self.priority} work may reach ${self.allowed_usd:.6f} of its ${self.max_usd:.6f}"
-                     + (f" by now (budgets.throttle.{self.priority}, paced over the window by budgets.throttle.pace: "
-                        "the share grows as the window goes)" if self.paced else
-                        f" (budgets.throttle.{self.priority}: the rest is kept for more urgent work)"))
+        said = f"budget {self.budget} has ${self.remaining_usd:.6f} left" + self._reach()
         if claim_usd is not None:
             said += f"; this request reserves up to ${claim_usd:.6f}"
         said += (f" and could go only at t={self.retry_at:.0f}s"
@@ -263,6 +267,20 @@ class Verdict(NamedTuple):
                 else ", or raise that fraction")
         return (f"{said}: send it urgent ({'never paced, and ' if self.paced else ''}it may spend the whole "
                 f"limit), give it a later deadline, raise the budget{ways} (docs/budgets.md)")
+
+    def held(self, claim_usd: float | None = None) -> str:
+        """What held a request back (``wait`` or ``deferred``) when it was last tried: the reason it carries
+        once it can no longer finish by its deadline (it named the budget alone, one with $1.73 of $2 left; a
+        tour, stop 64)."""
+        said = f"budget {self.budget} has ${self.remaining_usd:.6f} left"
+        said += (" beyond what requests under way reserve (each its upper bound, what it does not spend freed as "
+                 "it ends)" if self.reason == "wait" else self._reach())
+        if claim_usd is not None:
+            said += f"; this request reserves up to ${claim_usd:.6f}"
+        if self.reason == "deferred" and self.retry_at is not None:
+            said += f" and could go at t={self.retry_at:.0f}s"
+        return (f"{said}: a lower max_tokens reserves less; or send it urgent (it goes first), give it a later "
+                "deadline or raise the budget (docs/budgets.md)")
 
 
 class Refusal(NamedTuple):

@@ -57,9 +57,15 @@ def sync_lead(catalog: Catalog) -> Callable[[Request], float]:
     return lead
 
 
-def held_too_long(budget: str) -> str:
-    """The reason of a rejection ``BudgetWaits.take`` calls late, the same in both runtimes."""
-    return f"budget {budget} held it back until it could no longer finish by its deadline"
+def held_too_long(h: Held) -> str:
+    """The reason of a rejection ``BudgetWaits.take`` calls late, the same in both runtimes: what held it when it
+    was last tried, and the ways on. Said as the first sentence alone, it named a budget with $1.73 of $2 left and
+    no more (a tour, stop 64)."""
+    said = f"budget {h.budget} held it back until it could no longer finish by its deadline: "
+    if h.verdict is None:  # held behind more urgent work, not asked (no overtaking)
+        return (said + "more urgent work that this budget holds back goes first (no overtaking); send it at a "
+                "higher priority, give it a later deadline or raise the budget (docs/budgets.md)")
+    return said + h.verdict.held(h.claim_usd)
 
 
 def tiers(items: Iterable[Any], req_of: Callable[[Any], Request]) -> list[list[Any]]:
@@ -79,6 +85,8 @@ class Held(NamedTuple):
     budget: str  # the budget that held it back (or the ledger's name, when it did not answer)
     payload: Any  # what the runtime re-sends: the member and the dispatch it belongs to
     seq: int = 0  # which holding of ``key`` this is (heap entries of an earlier one are stale)
+    verdict: Verdict | None = None  # the ledger's, when it was last asked (None: held behind more urgent work)
+    claim_usd: float | None = None  # what it reserved then
 
 
 class BudgetWaits:
@@ -106,12 +114,13 @@ class BudgetWaits:
     def __repr__(self) -> str:
         return f"BudgetWaits(held={len(self.held)}, asking={len(self._asking)}, share={self.share})"
 
-    def hold(self, key: Hashable, req: Request, due: float, budget: str, payload: Any) -> None:
+    def hold(self, key: Hashable, req: Request, due: float, budget: str, payload: Any,
+             verdict: Verdict | None = None, claim_usd: float | None = None) -> None:
         self.drop(key)
         self.answered((key,))
         if len(self._by_deadline) > 2 * len(self.held) + 1024:
             self._compact()  # entries of members sent or dropped since: a deadline may be a day away
-        h = self.held[key] = Held(key, req, due, budget, payload, next(self._seq))
+        h = self.held[key] = Held(key, req, due, budget, payload, next(self._seq), verdict, claim_usd)
         self._ranks.setdefault(budget, [0, 0, 0])[PRIORITY_RANK[req.priority]] += 1
         heapq.heappush(self._by_due, (due, h.seq, key))
         heapq.heappush(self._by_deadline, (self._last_start(req), h.seq, key))

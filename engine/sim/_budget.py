@@ -56,7 +56,7 @@ class SimBudget:
                         self.budget_waits += 1
                     else:
                         self.deferrals += 1
-                    waits.hold(i, r, waits.due_after(t, v, now), v.budget, (i, d))
+                    waits.hold(i, r, waits.due_after(t, v, now), v.budget, (i, d), v, c.amount)
                 else:
                     self.reject(i, "budget_exhausted", v.why(c.amount, self.model_max))
         if verdicts:  # the share of a try follows the whole try, as in one call
@@ -83,7 +83,7 @@ class SimBudget:
         first (a dispatch's members that are due together go together)."""
         late, ready = self.waits.take(self.now)
         for h in late:
-            self.reject(h.key, "budget_exhausted", held_too_long(h.budget))
+            self.reject(h.key, "budget_exhausted", held_too_long(h))
         sends: dict[int, tuple[Decision, list[int]]] = {}
         for h in ready:
             i, d = h.payload

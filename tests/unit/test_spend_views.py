@@ -4,6 +4,7 @@ driver script, `smartbatch serve` and the endpoint against the emulator, stop 64
 from __future__ import annotations
 
 import asyncio
+import re
 
 from actors import BudgetController
 from engine.core.budgets import BudgetSettings, BudgetSpec, Claim
@@ -33,3 +34,89 @@ def test_the_reports_reserved_total_counts_each_open_claim_once_however_many_bud
     assert held == {"global/1d": 0.004, "tenant=acme": 0.004, "model=claude-haiku-5-5": 0.004}
     assert rep["reserved_usd"] == 0.004  # the open claim, once (0.012 before: once per covering budget)
     assert rep["spent_usd"] == 0.001
+
+
+def _req(rid: str, arrival_s: float, priority: str, max_output_tokens: int, output_tokens: int, deadline_s: float):
+    from engine.core.catalog import default_catalog
+    from engine.core.request import Request, validation_context
+    from engine.core.settings import Settings
+
+    # gpt-5 at $10 per million output tokens: a sync claim is about max_output_tokens x $0.00001.
+    return Request.model_validate({"id": rid, "arrival_s": arrival_s, "model": "gpt-5", "input_tokens": 100,
+                                   "output_tokens": output_tokens, "max_output_tokens": max_output_tokens,
+                                   "priority": priority, "deadline_s": deadline_s},
+                                  context=validation_context(default_catalog(), Settings()))
+
+
+# A $1 budget; a long call holds $0.50 of it for minutes; a normal request of $0.50 with a minute to go fits on the
+# spend alone (0.50 <= 95 %), so it waits for that claim to settle, and is rejected once a call can no longer make
+# its deadline. Its reason named the budget alone: "budget global held it back until it could no longer finish by
+# its deadline". The tour saw 35 of 73 rejections say only that, naming a budget with $1.73 of $2 left.
+LONG = _req("long", 0.0, "normal", 50_000, 40_000, 3600.0)
+HELD = _req("held", 1.0, "normal", 50_000, 100, 60.0)
+
+
+def _says_what_held_it(why: str) -> None:
+    assert why.startswith("budget global held it back until it could no longer finish by its deadline: ")
+    assert re.search(r"budget global has \$0\.(49|50)\d+ left beyond what requests under way reserve", why)
+    assert "this request reserves up to $0.50" in why
+    assert "a lower max_tokens reserves less" in why and "later deadline" in why and "docs/budgets.md" in why
+
+
+def test_in_the_simulator_a_request_held_to_its_deadline_is_told_what_held_it_and_the_ways_on():
+    from engine.core.catalog import default_catalog
+    from engine.core.settings import Settings, with_budget
+    from engine.sim.simulator import simulate
+    from policies import load_policy
+
+    cat = default_catalog()
+    res = simulate([LONG, HELD], load_policy("naive", cat), catalog=cat, settings=with_budget(Settings(), 1.0))
+    assert res.summary()["rejected"] == {"budget_exhausted": 1}
+    (why,) = res.extra["reject_why"].values()
+    _says_what_held_it(why)
+
+
+def test_in_the_grouper_a_request_held_to_its_deadline_is_told_what_held_it_and_the_ways_on():
+    from actors import Grouper, ResultHub
+    from actors._types import Job
+    from engine.core.catalog import default_catalog
+    from policies import load_policy
+    from tests.unit.helpers import Recorder
+    from tests.unit.test_urgent_budget import settle_tasks
+
+    async def go():
+        cat, spec, clock = default_catalog(), BudgetSpec(max_budget=1.0), ManualClock(1.0)
+        budget = BudgetController(BudgetSettings(specs=(spec,)), None, ManualClock(0.0))
+        await budget.reserve_many([Claim("long", "default", "openai", "gpt-5", "normal", 0.5)])
+        hub = ResultHub()
+        g = Grouper(load_policy("naive", cat), cat, clock, {"openai": Recorder()}, budget, hub, budget_specs=(spec,))
+        await g.add([Job(0, HELD, "held")])
+        await settle_tasks(g)
+        assert set(g.waits.held) == {HELD.uid}
+        clock.advance(HELD.deadline_s)
+        g._retry_parked()
+        await settle_tasks(g)
+        assert not g.waits.held
+        return hub
+
+    hub = asyncio.run(go())
+    (res,) = [r for r in hub._recent.values() if r.id == "held"]
+    assert (res.status, res.error) == ("rejected", "budget_exhausted")
+    _says_what_held_it(res.reason)
+
+
+def test_a_request_held_by_pacing_or_behind_more_urgent_work_to_its_deadline_is_told_which():
+    from engine.core.ledger import BudgetBook
+    from engine.runtime.waiting import Held, held_too_long
+
+    book = BudgetBook([BudgetSpec(max_budget=2.0, budget_duration="1d")])
+    assert book.reserve_many([_claim("u#0", "acme", 0.25, "urgent")], 60.0)[0].ok
+    book.settle_many([("u#0", 0.25)])
+    (v,) = book.reserve_many([_claim("n#0", "acme", 0.01)], 60.0)  # normal work may reach ~10 % this early
+    assert v.reason == "deferred" and v.paced
+    why = held_too_long(Held("n", HELD, 61.0, v.budget, None, 1, v, 0.01))
+    assert why.startswith("budget global/1d held it back until it could no longer finish by its deadline: ")
+    assert "of which normal work may reach $0.19" in why and "budgets.throttle.pace" in why
+    assert f"could go at t={v.retry_at:.0f}s" in why and "reserves up to $0.010000" in why
+    behind = held_too_long(Held("n", HELD, 61.0, "global/1d", None, 1))
+    assert "more urgent work that this budget holds back goes first" in behind and "docs/budgets.md" in behind
