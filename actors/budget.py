@@ -27,6 +27,7 @@ import math
 import secrets
 import time
 
+from actors._budget_check import check_redis_ledger
 from actors._budget_journal import LedgerJournal
 from actors._budget_replay import ScriptRefused
 from actors._peer import Warm, as_peer, resolve_clock
@@ -111,37 +112,16 @@ class BudgetController(LedgerJournal, Warm):
     async def check_ledger(self) -> None:
         """Raise ``ConfigError`` when budgets are set and their Redis does not answer, refuses the ledger's scripts
         or their writes (a replica, a full Redis), or may evict its keys: awaited at engine start, so a budget that
-        cannot be enforced stops the start."""
+        cannot be enforced stops the start. Then send the budget gauges: they are sent when they move, and a
+        scrape before the first reservation showed no budget at all (a tour, stop 64)."""
         if not self.settings.specs:
             return
         if self._config_error is not None:
             raise ConfigError(self._config_error)
-        if not self._errors:
-            return
-        from redis.exceptions import ResponseError
-
-        names = ", ".join(s.name for s in self.settings.specs)
-        try:
-            await self.book.probe()  # reachable, authorised, scripting allowed, and its writes taken
-            evicts = await self.book.eviction()
-        except self._errors as exc:
-            if isinstance(exc, ResponseError):  # it answered, and refused (read-only, out of memory, no rights)
-                raise ConfigError(
-                    f"setting budgets.redis_url: the budget ledger's Redis at {self._url} refuses the ledger's "
-                    f"writes ({self._describe(exc)}), so budgets {names} cannot be enforced; point "
-                    "SMARTBATCH_BUDGETS__REDIS_URL at a primary (not a replica) with room to write, or unset it "
-                    "to keep the budgets in this engine alone") from None
-            raise ConfigError(
-                f"setting budgets.redis_url: the budget ledger's Redis at {self._url} did not answer "
-                f"({self._describe(exc)}), so budgets {names} cannot be enforced; start Redis there, point "
-                "SMARTBATCH_BUDGETS__REDIS_URL at a running one, or unset it to keep the budgets in this "
-                "engine alone") from None
-        if evicts:
-            raise ConfigError(
-                f"setting budgets.redis_url: the budget ledger's Redis at {self._url} may evict keys ({evicts}), "
-                f"and with them the spend of budgets {names}, which would then be passed unsaid; point "
-                "SMARTBATCH_BUDGETS__REDIS_URL at a Redis with maxmemory-policy noeviction, or run this one so "
-                "(CONFIG SET maxmemory-policy noeviction)")
+        if self._errors:
+            await check_redis_ledger(self.book, self._url, ", ".join(s.name for s in self.settings.specs),
+                                     self._errors, self._describe)
+        self._changed(journal=False)
 
     async def close(self) -> None:
         """Close the ledger's Redis connections (settlements still in the outbox stay unsettled: they expire)."""

@@ -94,6 +94,9 @@ class EngineMetrics:
                                ["provider"], buckets=_SECONDS, registry=r)
         self.budget_limit = Gauge("smartbatch_budget_limit_usd", "Hard limit of each budget (max_budget)",
                                   ["budget"], registry=r)
+        # Exported for the budgets that have one, so an alert compares spend with it (spent_usd > soft_limit_usd).
+        self.budget_soft = Gauge("smartbatch_budget_soft_limit_usd", "Soft limit of each budget that has one "
+                                 "(soft_budget: an alert above it, nothing refused)", ["budget"], registry=r)
         self.budget_spent = Gauge("smartbatch_budget_spent_usd", "Settled spend in each budget's current window",
                                   ["budget"], registry=r)
         self.budget_reserved = Gauge("smartbatch_budget_reserved_usd", "Open reservations in each budget's "
@@ -229,6 +232,8 @@ class EngineMetrics:
         for row in rows:
             b = row["budget"]
             self.budget_limit.labels(b).set(row["max_budget"])
+            if row.get("soft_budget") is not None:
+                self.budget_soft.labels(b).set(row["soft_budget"])
             self.budget_spent.labels(b).set(row["spent_usd"])
             self.budget_reserved.labels(b).set(row["reserved_usd"])
             self.budget_remaining.labels(b).set(row["remaining_usd"])

@@ -120,3 +120,33 @@ def test_a_request_held_by_pacing_or_behind_more_urgent_work_to_its_deadline_is_
     assert f"could go at t={v.retry_at:.0f}s" in why and "reserves up to $0.010000" in why
     behind = held_too_long(Held("n", HELD, 61.0, "global/1d", None, 1))
     assert "more urgent work that this budget holds back goes first" in behind and "docs/budgets.md" in behind
+
+
+def test_the_budgets_are_on_the_metrics_page_from_the_start_with_their_soft_limits():
+    # Gauges are sent when they move: a scrape of a fresh engine had no smartbatch_budget_* sample at all until
+    # its first reservation, and a dashboard's "remaining" panel was blank. A soft limit was on no metric, so an
+    # alert on it had to copy the number from the settings.
+    from actors import ResultHub
+
+    specs = (BudgetSpec(max_budget=2.0, soft_budget=1.0, budget_duration="1d"), BudgetSpec(tenant="beta", max_budget=0.05))
+
+    async def go():
+        hub, seen = ResultHub(), asyncio.Event()
+        observe = hub.observe_budget
+
+        async def observed(*args):
+            await observe(*args)
+            seen.set()
+
+        hub.observe_budget = observed
+        ctl = BudgetController(BudgetSettings(specs=specs), hub, ManualClock(0.0))
+        await ctl.check_ledger()  # the engine's start awaits it
+        await asyncio.wait_for(seen.wait(), 10)
+        ctl._reported.cancel()  # it waits out its throttle before it looks again
+        return hub.metrics.registry
+
+    reg = asyncio.run(go())
+    assert reg.get_sample_value("smartbatch_budget_limit_usd", {"budget": "global/1d"}) == 2.0
+    assert reg.get_sample_value("smartbatch_budget_remaining_usd", {"budget": "tenant=beta"}) == 0.05
+    assert reg.get_sample_value("smartbatch_budget_soft_limit_usd", {"budget": "global/1d"}) == 1.0
+    assert reg.get_sample_value("smartbatch_budget_soft_limit_usd", {"budget": "tenant=beta"}) is None

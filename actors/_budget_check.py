@@ -1,0 +1,41 @@
+"""The start's check of a budget ledger on Redis (``BudgetController.check_ledger``): a budget that cannot be
+enforced stops the engine's start with a ``ConfigError`` naming ``budgets.redis_url`` and the fix."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from engine.core.errors import ConfigError
+
+__all__ = ["check_redis_ledger"]
+
+
+async def check_redis_ledger(book: Any, url: str, names: str, errors: tuple[type[BaseException], ...],
+                             describe: Callable[[BaseException], str]) -> None:
+    """Raise ``ConfigError`` when the Redis of ``book`` (``RedisBudgetBook``, at ``url``, password masked) does not
+    answer, refuses the ledger's scripts or their writes (a replica, a full Redis), or may evict its keys;
+    ``names``: the budgets it holds; ``errors``: what a failed call raises; ``describe``: an error, masked."""
+    from redis.exceptions import ResponseError
+
+    try:
+        await book.probe()  # reachable, authorised, scripting allowed, and its writes taken
+        evicts = await book.eviction()
+    except errors as exc:
+        if isinstance(exc, ResponseError):  # it answered, and refused (read-only, out of memory, no rights)
+            raise ConfigError(
+                f"setting budgets.redis_url: the budget ledger's Redis at {url} refuses the ledger's "
+                f"writes ({describe(exc)}), so budgets {names} cannot be enforced; point "
+                "SMARTBATCH_BUDGETS__REDIS_URL at a primary (not a replica) with room to write, or unset it "
+                "to keep the budgets in this engine alone") from None
+        raise ConfigError(
+            f"setting budgets.redis_url: the budget ledger's Redis at {url} did not answer "
+            f"({describe(exc)}), so budgets {names} cannot be enforced; start Redis there, point "
+            "SMARTBATCH_BUDGETS__REDIS_URL at a running one, or unset it to keep the budgets in this "
+            "engine alone") from None
+    if evicts:
+        raise ConfigError(
+            f"setting budgets.redis_url: the budget ledger's Redis at {url} may evict keys ({evicts}), "
+            f"and with them the spend of budgets {names}, which would then be passed unsaid; point "
+            "SMARTBATCH_BUDGETS__REDIS_URL at a Redis with maxmemory-policy noeviction, or run this one so "
+            "(CONFIG SET maxmemory-policy noeviction)")
