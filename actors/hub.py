@@ -13,10 +13,11 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
+from actors._hub_stats import merge_reports, new_stats, stats_report, sum_figures, tally
 from actors._peer import Warm
 from actors.journal import MemoryJournalStore
 from actors.logship import LogBook, ship_logs
-from actors.metrics import EngineMetrics, rejected_reason
+from actors.metrics import EngineMetrics
 from engine.core.result import Result
 
 __all__ = ["ResultHub", "merge_reports", "sum_figures"]
@@ -65,9 +66,7 @@ class ResultHub(Warm, MemoryJournalStore):
         self._fps: dict[str, str] = {}  # id -> its content's fingerprint, while ingest shards admit it (``admit``)
         self._waiters: dict[str, asyncio.Future] = {}
         self._cache: dict[int, dict] = {}  # cache shard -> its latest figures
-        self._stats: dict = {"requests": 0, "cost_usd": 0.0, "list_price_usd": 0.0, "by_status": {},
-                             "by_mode": {}, "hits": {}, "deadline_met": 0, "deadline_known": 0, "by_provider": {},
-                             "rejected": {}}
+        self._stats: dict = new_stats()
 
     def __repr__(self) -> str:
         waiting = sum(len(c.ready) for c in self._clients.values())
@@ -85,27 +84,7 @@ class ResultHub(Warm, MemoryJournalStore):
             list_prices = [list_prices[k] for k in keep] if list_prices else None
             if not results:
                 return
-        s = self._stats
-        for k, r in enumerate(results):
-            s["requests"] += 1
-            s["cost_usd"] += r.cost_usd
-            # Served only: a failed or refused request's list price is no saving (a failed run read 89.8 % saved).
-            s["list_price_usd"] += list_prices[k] if list_prices and r.status in ("ok", "reused") else 0.0
-            s["by_status"][r.status] = s["by_status"].get(r.status, 0) + 1
-            if r.status == "rejected":
-                why = rejected_reason(r)
-                s["rejected"][why] = s["rejected"].get(why, 0) + 1
-            if r.mode:
-                s["by_mode"][r.mode] = s["by_mode"].get(r.mode, 0) + 1
-            if r.hit:
-                s["hits"][r.hit] = s["hits"].get(r.hit, 0) + 1
-            if r.deadline_met is not None:
-                s["deadline_known"] += 1
-                s["deadline_met"] += bool(r.deadline_met)
-            if r.provider:
-                p = s["by_provider"].setdefault(r.provider, {"requests": 0, "cost_usd": 0.0})
-                p["requests"] += 1
-                p["cost_usd"] += r.cost_usd
+        tally(self._stats, results, list_prices)
         self.metrics.observe_results(results, list_prices)
         self._route(results, uids)
         waiters = self._waiters
@@ -349,52 +328,4 @@ class ResultHub(Warm, MemoryJournalStore):
         return out
 
     async def report(self) -> dict:
-        s = self._stats
-        saving = s["list_price_usd"] - s["cost_usd"]
-        return {
-            "requests": s["requests"],
-            "spend_usd": round(s["cost_usd"], 6),
-            "list_price_usd": round(s["list_price_usd"], 6),
-            "saving_usd": round(saving, 6),
-            "saving_frac": round(saving / s["list_price_usd"], 6) if s["list_price_usd"] > 0 else 0.0,
-            "by_status": dict(s["by_status"]),
-            "rejected": dict(s["rejected"]),  # requests rejected for good, by reason
-            "by_mode": dict(s["by_mode"]),
-            "hits": dict(s["hits"]),
-            "deadline_met_frac": (s["deadline_met"] / s["deadline_known"]) if s["deadline_known"] else None,
-            "deadlines_known": s["deadline_known"],
-            "by_provider": {k: {"requests": v["requests"], "cost_usd": round(v["cost_usd"], 6)}
-                            for k, v in s["by_provider"].items()},
-            "cache": sum_figures(self._cache.values()),
-        }
-
-
-def sum_figures(parts) -> dict:
-    """Figures of several shards (numbers, and dicts of them, nested) added up; anything else from the first."""
-    out: dict = {}
-    for part in parts:
-        for k, v in part.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float, dict)):
-                out.setdefault(k, v)
-            elif k.endswith("_up"):  # a state, not a count: up only when every shard is
-                out[k] = min(out.get(k, v), v)
-            elif isinstance(v, dict):
-                out[k] = sum_figures([out.get(k, {}), v])
-            else:
-                out[k] = out.get(k, 0) + v
-    return out
-
-
-def merge_reports(reps: list[dict]) -> dict:
-    """One engine report from the hub shards' reports (each counts the results of its ids)."""
-    if len(reps) == 1:
-        return reps[0]
-    out = sum_figures([{k: v for k, v in r.items() if k not in ("saving_frac", "deadline_met_frac", "cache")}
-                       for r in reps])
-    out["cache"] = reps[0]["cache"]  # cache figures reach shard 0 only
-    lp = out["list_price_usd"]
-    out["saving_frac"] = round(out["saving_usd"] / lp, 6) if lp > 0 else 0.0
-    known = [(r["deadline_met_frac"], r["deadlines_known"]) for r in reps if r["deadline_met_frac"] is not None]
-    n = sum(w for _, w in known)
-    out["deadline_met_frac"] = sum(f * w for f, w in known) / n if n else None
-    return out
+        return stats_report(self._stats, sum_figures(self._cache.values()))

@@ -150,3 +150,28 @@ def test_the_budgets_are_on_the_metrics_page_from_the_start_with_their_soft_limi
     assert reg.get_sample_value("smartbatch_budget_remaining_usd", {"budget": "tenant=beta"}) == 0.05
     assert reg.get_sample_value("smartbatch_budget_soft_limit_usd", {"budget": "global/1d"}) == 1.0
     assert reg.get_sample_value("smartbatch_budget_soft_limit_usd", {"budget": "tenant=beta"}) is None
+
+
+def test_the_report_gives_spend_per_tenant_and_per_model_without_budgets_and_across_hub_shards():
+    # Without budgets the engine's report gave spend per provider alone (the ledger's per-tenant rows need a
+    # budget), so a job's spend per tenant or model could not be read, nor set beside the provider's bill.
+    from actors import ResultHub
+    from actors.hub import merge_reports
+    from engine.core.result import Result
+
+    def res(k, tenant, model, usd, provider="anthropic"):
+        return Result(id=f"r{k}", status="ok", tenant=tenant, cost_usd=usd, mode="sync", provider=provider,
+                      model=model, arrival_s=0.0, done_s=1.0)
+
+    async def go():
+        hubs = [ResultHub(), ResultHub()]
+        await hubs[0].push([res(0, "acme", "claude-haiku-5-5", 0.001), res(1, "beta", "claude-haiku-5-5", 0.002)])
+        await hubs[1].push([res(2, "acme", "gpt-5.4-mini", 0.004, "openai"),
+                            Result(id="r3", status="rejected", tenant="beta", error="budget_exhausted")])
+        return merge_reports([await h.report() for h in hubs])
+
+    rep = asyncio.run(go())
+    assert rep["by_tenant"] == {"acme": {"requests": 2, "cost_usd": 0.005}, "beta": {"requests": 2, "cost_usd": 0.002}}
+    assert rep["by_model"] == {"anthropic/claude-haiku-5-5": {"requests": 2, "cost_usd": 0.003},
+                               "openai/gpt-5.4-mini": {"requests": 1, "cost_usd": 0.004}}
+    assert sum(v["cost_usd"] for v in rep["by_model"].values()) == rep["spend_usd"] == 0.007
