@@ -175,3 +175,68 @@ def test_the_report_gives_spend_per_tenant_and_per_model_without_budgets_and_acr
     assert rep["by_model"] == {"anthropic/claude-haiku-5-5": {"requests": 2, "cost_usd": 0.003},
                                "openai/gpt-5.4-mini": {"requests": 1, "cost_usd": 0.004}}
     assert sum(v["cost_usd"] for v in rep["by_model"].values()) == rep["spend_usd"] == 0.007
+
+
+class _Attached:
+    """What ``Engine.connect`` gives back, with a report as a served engine's after a budgeted job."""
+
+    stopped = False
+
+    def report(self) -> dict:
+        return {"requests": 5, "spend_usd": 0.0123, "list_price_usd": 0.02, "saving_usd": 0.0077,
+                "saving_frac": 0.385, "by_status": {"ok": 4, "rejected": 1}, "rejected": {"budget_exhausted": 1},
+                "by_model": {"anthropic/claude-haiku-5-5": {"requests": 3, "cost_usd": 0.0023},
+                             "openai/gpt-5.4-mini": {"requests": 1, "cost_usd": 0.01}},
+                "by_tenant": {"acme": {"requests": 4, "cost_usd": 0.0123}, "beta": {"requests": 1, "cost_usd": 0.0}},
+                "budget": {"budgets": [
+                    {"budget": "tenant=acme/1h", "window": "3600", "budget_duration": "1h", "max_budget": 0.3,
+                     "soft_budget": 0.01, "spent_usd": 0.0123, "reserved_usd": 0.004, "remaining_usd": 0.2837,
+                     "soft_exceeded": True}],
+                    "refusals": {"wait": 3, "deferred": 0, "budget_exhausted": 1, "budget_unavailable": 0},
+                    "rejected": {"budget_exhausted": 1}}}
+
+    def now(self) -> float:
+        return 4000.0
+
+    def stop(self) -> None:
+        _Attached.stopped = True
+
+
+def test_smartbatch_status_shows_a_served_engines_spend_per_model_and_tenant_and_its_budgets(monkeypatch):
+    # The tour found no command to read a served engine's spend: `smartbatch --help` lists none, and a user of
+    # `serve` had to write a driver script or read the metrics page.
+    import json
+
+    from typer.testing import CliRunner
+
+    from engine.app import driver as driver_mod
+    from engine.app.cli import app
+
+    seen = []
+    monkeypatch.setattr(driver_mod.Engine, "connect",
+                        classmethod(lambda cls, name, **k: seen.append((name, k)) or _Attached()))
+    r = CliRunner().invoke(app, ["status", "--name", "prod"])
+    assert r.exit_code == 0, r.output
+    out = " ".join(r.output.split())
+    assert seen == [("prod", {"address": "auto"})] and _Attached.stopped  # a driver's session, ended
+    assert "spend $0.012300 (USD" in out and "openai/gpt-5.4-mini" in out and "acme" in out
+    assert "tenant=acme/1h" in out and "0.300000" in out and "0.004000" in out and "0.283700" in out
+    assert "(passed)" in out and "t=3,600s" in out and "t=7,200s" in out and "now t=4,000s" in out
+    assert "rejected by the budgets: budget_exhausted 1" in out
+    r = CliRunner().invoke(app, ["status", "--name", "prod", "--json"])
+    assert json.loads(r.output)["budget"]["budgets"][0]["spent_usd"] == 0.0123
+
+
+def test_smartbatch_status_of_no_such_engine_is_one_error_naming_it(monkeypatch):
+    from typer.testing import CliRunner
+
+    from engine.app import driver as driver_mod
+    from engine.app.cli import app
+    from engine.core.errors import ConfigError
+
+    def none(cls, name, **_k):
+        raise ConfigError(f"no engine named {name!r} runs on this Ray cluster (running: none)")
+
+    monkeypatch.setattr(driver_mod.Engine, "connect", classmethod(none))
+    r = CliRunner().invoke(app, ["status", "--name", "nope"])
+    assert r.exit_code == 2 and "error: no engine named 'nope'" in r.output
