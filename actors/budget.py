@@ -32,7 +32,7 @@ from actors._budget_journal import LedgerJournal
 from actors._budget_replay import ScriptRefused
 from actors._peer import Warm, as_peer, resolve_clock
 from actors.journal import HubJournal
-from engine.core.budgets import LEDGER, BudgetSettings, Charge, Claim, Verdict, usd
+from engine.core.budgets import LEDGER, BudgetSettings, Charge, Claim, Verdict, usd, window_label
 from engine.core.errors import ConfigError
 from engine.core.ledger import BudgetBook
 from engine.core.settings import JournalSettings
@@ -104,6 +104,7 @@ class BudgetController(LedgerJournal, Warm):
         self.refusals = {"wait": 0, "deferred": 0, "budget_exhausted": 0, "budget_unavailable": 0}
         self._reported: asyncio.Task | None = None
         self._dirty = False
+        self._soft_said: dict[str, str] = {}  # budget -> the window whose passed soft limit was logged
 
     def __repr__(self) -> str:
         ledger = "" if not self._errors else f", redis_up={self._down_until is None}, unsettled={len(self._outbox)}"
@@ -326,8 +327,19 @@ class BudgetController(LedgerJournal, Warm):
             except self._errors as exc:
                 self._failed(exc)
                 rows = []
+            self._say_soft(rows)
             self.hub.send("observe_budget", rows, dict(self.refusals))
             await asyncio.sleep(METRICS_EVERY_S)
+
+    def _say_soft(self, rows: list[dict]) -> None:
+        """A WARNING, once per window, for a budget whose spend passed its soft limit ("an alert above it"):
+        ``soft_exceeded`` turned true in a report nobody read, and nothing else said it (a tour, stop 64)."""
+        for r in rows:
+            if r["soft_exceeded"] and self._soft_said.get(r["budget"]) != r["window"]:
+                self._soft_said[r["budget"]] = r["window"]
+                log.warning("budget %s passed its soft limit: $%.6f spent of $%.6f soft ($%.6f hard) in its window "
+                            "from %s", r["budget"], r["spent_usd"], r["soft_budget"], r["max_budget"],
+                            window_label(float(r["window"])))
 
     async def report_again(self) -> None:
         """Send the budget gauges again: the hub restarted with none, and they are sent when they move."""

@@ -12,25 +12,10 @@ import typer
 from rich.table import Table
 
 from engine.app.cli_common import _fail, app, console
-from engine.core.budgets import window_bounds
+from engine.core.budgets import window_bounds, window_label
 from engine.core.errors import SmartbatchError
 
 __all__ = ["print_status"]
-
-# A ledger at real speed keys its windows by calendar time (Unix seconds); a time-compressed one by engine seconds
-# from its start, which a trace spans at most a year of.
-_CALENDAR_S = 1e9
-
-
-def _when(t: float) -> str:
-    if math.isinf(t):
-        return "never"
-    if t >= _CALENDAR_S:
-        import datetime as dt
-
-        return dt.datetime.fromtimestamp(t, dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return f"t={t:,.0f}s"
-
 
 def _usd(x: float | None) -> str:
     return "-" if x is None else f"{x:.6f}"
@@ -67,11 +52,11 @@ def print_status(name: str, rep: dict[str, Any], now: float | None = None) -> No
             start, end = window_bounds(b["budget_duration"], float(b["window"]))
             over = b["remaining_usd"] < 0 or b["spent_usd"] > b["max_budget"]
             soft = _usd(b["soft_budget"]) + (" (passed)" if b.get("soft_exceeded") else "")
-            t.add_row(b["budget"], "whole run" if math.isinf(end) else _when(start), _when(end),
+            t.add_row(b["budget"], "whole run" if math.isinf(end) else window_label(start), window_label(end),
                       _usd(b["max_budget"]), soft, _usd(b["spent_usd"]), _usd(b["reserved_usd"]),
                       _usd(b["remaining_usd"]) + (" (over)" if over else ""))
         console.print(t)
-        if now is not None and any(float(b["window"]) < _CALENDAR_S < math.inf for b in budget["budgets"]
+        if now is not None and any(window_label(float(b["window"])).startswith("t=") for b in budget["budgets"]
                                    if b["budget_duration"]):
             console.print(f"(windows in engine seconds, as the engine runs time-compressed: it is now t={now:,.0f}s)")
     if budget:

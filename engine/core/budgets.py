@@ -30,7 +30,7 @@ from typing import Literal, NamedTuple
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = ["LEDGER", "BudgetSettings", "BudgetSpec", "Charge", "Claim", "Covering", "Refusal", "Throttle", "Verdict",
-           "parse_duration", "usd", "verdict_of", "window_bounds", "window_row"]
+           "parse_duration", "usd", "verdict_of", "window_bounds", "window_label", "window_row"]
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|mo)\s*$")
 _UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -334,6 +334,16 @@ class Covering:
         found = [ks for t in (None, tenant) for p in (None, provider) for m in (None, model)
                  for ks in self._by.get((t, p, m), ())]
         return [s for _, s in sorted(found, key=lambda ks: ks[0])]
+
+
+def window_label(t: float) -> str:
+    """A window's bound as a reader takes it: the calendar (UTC) for a ledger at real speed, whose windows are
+    keyed by Unix seconds, else engine seconds (a time-compressed engine's, from its start: a year at most)."""
+    if math.isinf(t):
+        return "never"
+    if t >= 1e9:
+        return datetime.fromtimestamp(t, tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"t={t:,.0f}s"
 
 
 def usd(x: float) -> float:

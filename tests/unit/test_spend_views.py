@@ -240,3 +240,40 @@ def test_smartbatch_status_of_no_such_engine_is_one_error_naming_it(monkeypatch)
     monkeypatch.setattr(driver_mod.Engine, "connect", classmethod(none))
     r = CliRunner().invoke(app, ["status", "--name", "nope"])
     assert r.exit_code == 2 and "error: no engine named 'nope'" in r.output
+
+
+def test_a_budget_passing_its_soft_limit_is_said_once_per_window_in_the_log(caplog, monkeypatch):
+    # soft_budget is "an alert above this spend", yet nothing said it: soft_exceeded turned true in a report
+    # nobody was reading. The budget actor's WARNING reaches every driver's logging (docs/service.md, "Logs").
+    import logging
+
+    from actors import ResultHub, budget
+
+    monkeypatch.setattr(budget, "METRICS_EVERY_S", 0.0)  # each change reported, none throttled
+    spec = BudgetSpec(max_budget=1.0, soft_budget=0.01, budget_duration="1h")
+
+    async def go():
+        clock = ManualClock(0.0)
+        ctl = BudgetController(BudgetSettings(specs=(spec,)), ResultHub(), clock)
+        for k, usd in enumerate((0.004, 0.008, 0.003)):  # passes 0.01 at the second
+            await ctl.reserve_many([_claim(f"c{k}#0", "acme", 0.05)])
+            await ctl.settle_many([(f"c{k}#0", usd)])
+            await ctl._reported
+        clock.advance(3600.0)  # the next window: said again once it passes too
+        await ctl.reserve_many([_claim("d#0", "acme", 0.05)])
+        await ctl.settle_many([("d#0", 0.02)])
+        await ctl._reported
+
+    with caplog.at_level(logging.WARNING, logger="smartbatch.budget"):
+        asyncio.run(go())
+    said = [r.getMessage() for r in caplog.records if "soft limit" in r.getMessage()]
+    assert len(said) == 2, said
+    assert "budget global/1h passed its soft limit: $0.012000 spent of $0.010000 soft" in said[0]
+    assert "$1.000000 hard" in said[0] and "t=0s" in said[0] and "t=3,600s" in said[1]
+
+
+def test_a_window_is_labelled_on_the_calendar_at_real_speed_and_in_engine_seconds_under_a_speed_up():
+    from engine.core.budgets import window_label
+
+    assert window_label(1796486400.0) == "2026-12-05 16:00 UTC"
+    assert window_label(3600.0) == "t=3,600s" and window_label(float("inf")) == "never"
