@@ -126,9 +126,11 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
     """Create and wire the actors, named ``<engine>.<kind>``; ``clock()`` makes the engine clock once they are
     all up. ``detached``: the actors outlive the driver that started them (until ``kill_engine``).
     ``num_shards`` of each of ingest, cache and hub (kinds ``hub``, ``hub-1`` ...)."""
+    from engine.core._budget_check import check_budgets
     from engine.core.resilience import check_fallbacks
 
     check_fallbacks(catalog, settings.resilience)
+    check_budgets(catalog, settings.budgets)
     settings = check_keeps_records(settings)
     life = {"lifetime": "detached"} if detached else {}
 

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from engine.core._budget_check import check_budgets
 from engine.core.catalog import Catalog, default_catalog
 from engine.core.cost import MODES
 from engine.core.draws import Draws
@@ -97,6 +98,7 @@ class _Sim(SimBudget, SimReuse, SimCalls):
         self.table = GroupTable(policy, catalog, settings.sim.day_origin_s)
         sched = getattr(policy, "scheduling", None) or Scheduling(order="fifo", fair_share=False)
         check_fallbacks(catalog, settings.resilience)
+        check_budgets(catalog, settings.budgets)
         self.providers = {name: SimProvider(p, catalog, settings, draws, scheduling=sched, record=record_calls)
                           for name, p in catalog.providers.items()}
         self.pump_at: dict[str, float] = {}

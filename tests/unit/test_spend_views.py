@@ -277,3 +277,30 @@ def test_a_window_is_labelled_on_the_calendar_at_real_speed_and_in_engine_second
 
     assert window_label(1796486400.0) == "2026-12-05 16:00 UTC"
     assert window_label(3600.0) == "t=3,600s" and window_label(float("inf")) == "never"
+
+
+def test_a_budget_on_a_model_or_provider_the_catalog_lacks_is_refused_naming_the_field_and_the_fix():
+    # A misspelt model in SMARTBATCH_BUDGETS__SPECS started as if capped: its budget covered no request, and the
+    # model's spend ran on with no limit, the report listing the budget at $0 spent (the tour's dry run took it).
+    import pytest
+
+    from engine.core.catalog import default_catalog
+    from engine.core.errors import ConfigError
+    from engine.core.settings import Settings
+    from engine.sim.simulator import simulate
+    from policies import load_policy
+
+    cat = default_catalog()
+    for spec, field, said in (({"model": "gpt-5.4-mnii"}, "budgets.specs.1.model", "did you mean 'gpt-5.4-mini'"),
+                              ({"provider": "opneai"}, "budgets.specs.1.provider", "unknown provider 'opneai'"),
+                              ({"provider": "anthropic", "model": "gpt-5.4-mini"}, "budgets.specs.1.model",
+                               "provider 'anthropic' has no model 'gpt-5.4-mini'")):
+        budgets = BudgetSettings(specs=(BudgetSpec(max_budget=5.0), BudgetSpec(max_budget=1.0, **spec)))
+        with pytest.raises(ConfigError) as err:
+            simulate([HELD], load_policy("naive", cat), catalog=cat,
+                     settings=Settings().model_copy(update={"budgets": budgets}))
+        msg = str(err.value)
+        assert field in msg and said in msg and "covers no request" in msg and "SMARTBATCH_BUDGETS__SPECS" in msg
+    fine = BudgetSettings(specs=(BudgetSpec(model="gpt-5.4-mini", max_budget=1.0),
+                                 BudgetSpec(provider="anthropic", tenant="anyone", max_budget=1.0)))
+    simulate([HELD], load_policy("naive", cat), catalog=cat, settings=Settings().model_copy(update={"budgets": fine}))
