@@ -30,20 +30,20 @@ import time
 from actors._budget_check import check_redis_ledger
 from actors._budget_journal import LedgerJournal
 from actors._budget_replay import ScriptRefused
+from actors._budget_report import BudgetReports
 from actors._peer import Warm, as_peer, resolve_clock
 from actors.journal import HubJournal
-from engine.core.budgets import LEDGER, BudgetSettings, Charge, Claim, Verdict, usd, window_label
+from engine.core.budgets import LEDGER, BudgetSettings, Charge, Claim, Verdict, usd
 from engine.core.errors import ConfigError
 from engine.core.ledger import BudgetBook
 from engine.core.settings import JournalSettings
 
 __all__ = ["BudgetController"]
 
-METRICS_EVERY_S = 0.5
 log = logging.getLogger("smartbatch.budget")
 
 
-class BudgetController(LedgerJournal, Warm):
+class BudgetController(LedgerJournal, BudgetReports, Warm):
     def __init__(self, settings: BudgetSettings, hub=None, clock=None, base: float = 0.0, engine: str = "engine",
                  recover_wait_s: float = JournalSettings().recover_wait_s, ledger_id: str | None = None):
         self.settings, self.recover_wait_s = settings, recover_wait_s
@@ -105,6 +105,7 @@ class BudgetController(LedgerJournal, Warm):
         self._reported: asyncio.Task | None = None
         self._dirty = False
         self._soft_said: dict[str, str] = {}  # budget -> the window whose passed soft limit was logged
+        self._window_timer: tuple[float, asyncio.TimerHandle] | None = None  # (when, handle): the next window end
 
     def __repr__(self) -> str:
         ledger = "" if not self._errors else f", redis_up={self._down_until is None}, unsettled={len(self._outbox)}"
@@ -318,35 +319,6 @@ class BudgetController(LedgerJournal, Warm):
         self._dirty = True
         if self.hub is not None and (self._reported is None or self._reported.done()):
             self._reported = asyncio.get_running_loop().create_task(self._report_soon())
-
-    async def _report_soon(self) -> None:
-        while self._dirty:
-            self._dirty = False
-            try:
-                rows = await self._rows() if self._usable() else []
-            except self._errors as exc:
-                self._failed(exc)
-                rows = []
-            self._say_soft(rows)
-            self.hub.send("observe_budget", rows, dict(self.refusals))
-            await asyncio.sleep(METRICS_EVERY_S)
-
-    def _say_soft(self, rows: list[dict]) -> None:
-        """A WARNING, once per window, for a budget whose spend passed its soft limit ("an alert above it"):
-        ``soft_exceeded`` turned true in a report nobody read, and nothing else said it (a tour, stop 64)."""
-        for r in rows:
-            if r["soft_exceeded"] and self._soft_said.get(r["budget"]) != r["window"]:
-                self._soft_said[r["budget"]] = r["window"]
-                log.warning("budget %s passed its soft limit: $%.6f spent of $%.6f soft ($%.6f hard) in its window "
-                            "from %s", r["budget"], r["spent_usd"], r["soft_budget"], r["max_budget"],
-                            window_label(float(r["window"])))
-
-    async def report_again(self) -> None:
-        """Send the budget gauges again: the hub restarted with none, and they are sent when they move."""
-        self._changed()
-
-    async def _rows(self) -> list[dict]:
-        return await self._maybe(self.book.report(self.now()))
 
     async def report(self) -> dict:
         """Each budget's current window, settled spend per tenant/provider/model, refusals by reason, and (for

@@ -247,9 +247,9 @@ def test_a_budget_passing_its_soft_limit_is_said_once_per_window_in_the_log(capl
     # nobody was reading. The budget actor's WARNING reaches every driver's logging (docs/service.md, "Logs").
     import logging
 
-    from actors import ResultHub, budget
+    from actors import ResultHub, _budget_report
 
-    monkeypatch.setattr(budget, "METRICS_EVERY_S", 0.0)  # each change reported, none throttled
+    monkeypatch.setattr(_budget_report, "METRICS_EVERY_S", 0.0)  # each change reported, none throttled
     spec = BudgetSpec(max_budget=1.0, soft_budget=0.01, budget_duration="1h")
 
     async def go():
@@ -304,3 +304,53 @@ def test_a_budget_on_a_model_or_provider_the_catalog_lacks_is_refused_naming_the
     fine = BudgetSettings(specs=(BudgetSpec(model="gpt-5.4-mini", max_budget=1.0),
                                  BudgetSpec(provider="anthropic", tenant="anyone", max_budget=1.0)))
     simulate([HELD], load_policy("naive", cat), catalog=cat, settings=Settings().model_copy(update={"budgets": fine}))
+
+
+class _RealTime(ManualClock):
+    """Moved by hand, and its seconds are real ones (a ManualClock's wait no time)."""
+
+    def real_delay(self, virtual_s: float) -> float:
+        return max(virtual_s, 0.0)
+
+
+def test_the_budget_gauges_follow_a_window_that_resets_with_no_work_coming(monkeypatch):
+    # Gauges were sent when the ledger moved: with no work after a window's spend, the metrics page showed the
+    # ended window's spend and remaining for hours (the tour's 1h tenant budget: $0.104 spent, $0.196 left, four
+    # windows after the one it was spent in, where the current window had $0.30 left).
+    from actors import ResultHub, _budget_report
+    from actors._budget_report import next_window_end
+
+    monkeypatch.setattr(_budget_report, "METRICS_EVERY_S", 0.0)  # each change reported, none throttled
+
+    spec = BudgetSpec(tenant="acme", max_budget=0.3, budget_duration="1h")
+    assert next_window_end([spec, BudgetSpec(max_budget=1.0)], 100.0) == 3600.0
+    assert next_window_end([BudgetSpec(max_budget=1.0)], 100.0) is None  # no window ends: nothing to wait for
+
+    async def go():
+        hub, seen = ResultHub(), asyncio.Queue()
+        observe = hub.observe_budget
+
+        async def observed(rows, refusals):
+            await observe(rows, refusals)
+            seen.put_nowait(rows)
+
+        hub.observe_budget = observed
+        clock = _RealTime(3000.0)
+        ctl = BudgetController(BudgetSettings(specs=(spec,)), hub, clock)
+        await ctl.reserve_many([_claim("a#0", "acme", 0.2)])
+        await ctl.settle_many([("a#0", 0.1)])
+        while (rows := await seen.get())[0]["spent_usd"] != 0.1:
+            pass
+        at, timer = ctl._window_timer
+        assert at == 3600.0  # armed for the window's end, on the engine clock
+        timer.cancel()
+        clock.advance(600.0)
+        ctl._window_ended()  # what the timer calls: the window ended, and no work came
+        while (rows := await seen.get())[0]["window"] != "3600":
+            pass
+        assert ctl._window_timer[0] == 7200.0  # and the next end armed
+        ctl._window_timer[1].cancel()
+        return rows
+
+    (row,) = asyncio.run(go())
+    assert (row["window"], row["spent_usd"], row["remaining_usd"]) == ("3600", 0.0, 0.3)
