@@ -59,7 +59,6 @@ def print_status(name: str, rep: dict[str, Any], now: float | None = None) -> No
         if now is not None and any(window_label(float(b["window"])).startswith("t=") for b in budget["budgets"]
                                    if b["budget_duration"]):
             console.print(f"(windows in engine seconds, as the engine runs time-compressed: it is now t={now:,.0f}s)")
-    if budget:
         said = [f"{k} {v:,}" for k, v in budget.get("rejected", {}).items() if v]
         console.print("rejected by the budgets: " + (", ".join(said) or "none")
                       + "; the ledger's refusals (a held request's every try): "
