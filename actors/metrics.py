@@ -74,7 +74,9 @@ class EngineMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("smartbatch_requests", "Requests resolved, by outcome", ["outcome"], registry=r)
-        self.cost = Counter("smartbatch_cost_usd", "Billed cost in USD", ["provider", "mode"], registry=r)
+        # By model too, so spend per model can be watched and alerted on: the catalog bounds its values (a
+        # tenant, which callers name freely, would not be bounded, so it stays in report() and `status` alone).
+        self.cost = Counter("smartbatch_cost_usd", "Billed cost in USD", ["provider", "model", "mode"], registry=r)
         # A request may cost more than its list price (a cache write), which a counter cannot take back: the
         # report's saving is list_price - cost, summed; saving_usd sums each request's gain, never below 0.
         self.list_price = Counter("smartbatch_list_price_usd", "List price of served requests (each alone, sync, "
@@ -165,7 +167,7 @@ class EngineMetrics:
         # Sum per batch first: prometheus-client's labels() lookup costs more than the arithmetic, and the
         # hub sees every result (a profile of 20,000 requests showed 127,000 lookups before this).
         outcomes: dict[str, int] = {}
-        cost: dict[tuple[str, str], float] = {}
+        cost: dict[tuple[str, str, str], float] = {}
         saving: dict[str, float] = {}
         listed: dict[str, float] = {}
         hits: dict[str, int] = {}
@@ -178,7 +180,7 @@ class EngineMetrics:
                 rejected[why] = rejected.get(why, 0) + 1
             prov = res.provider or "unknown"
             if res.cost_usd:
-                key = (prov, res.mode or "none")
+                key = (prov, res.model or "unknown", res.mode or "none")
                 cost[key] = cost.get(key, 0.0) + res.cost_usd
             if list_prices and res.status in ("ok", "reused"):
                 saving[prov] = saving.get(prov, 0.0) + max(list_prices[k] - res.cost_usd, 0.0)
@@ -189,8 +191,8 @@ class EngineMetrics:
                 e2e.setdefault(prov, []).append(max(res.done_s - res.arrival_s, 0.0))
         for status, n in outcomes.items():
             self.requests.labels(status).inc(n)
-        for (prov, mode), usd in cost.items():
-            self.cost.labels(prov, mode).inc(usd)
+        for (prov, model, mode), usd in cost.items():
+            self.cost.labels(prov, model, mode).inc(usd)
         for prov, usd in saving.items():
             self.saving.labels(prov).inc(usd)
         for prov, usd in listed.items():

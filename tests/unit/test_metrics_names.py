@@ -187,17 +187,30 @@ def test_the_dashboards_saving_is_the_reports_list_price_minus_cost():
     the report: $1.4738 against $1.4722 in a helper's run over the emulator. A list price counter beside the cost
     one gives the report's figure."""
     m = EngineMetrics()
-    results = [Result(id="w", status="ok", provider="anthropic", mode="sync", cost_usd=0.01875),
-               Result(id="b", status="ok", provider="anthropic", mode="batch_api", cost_usd=0.004),
-               Result(id="r", status="reused", provider="anthropic", mode="reuse", cost_usd=0.0),
-               Result(id="f", status="failed", provider="anthropic", cost_usd=0.0)]
+    results = [Result(id=k, status=status, provider="anthropic", model="claude-haiku-4-5", mode=mode, cost_usd=usd)
+               for k, status, mode, usd in (("w", "ok", "sync", 0.01875), ("b", "ok", "batch_api", 0.004),
+                                            ("r", "reused", "reuse", 0.0), ("f", "failed", None, 0.0))]
     lists = [0.017214, 0.008, 0.008, 0.009]
     m.observe_results(results, lists)
     v = m.registry.get_sample_value
-    cost = sum(v("smartbatch_cost_usd_total", {"provider": "anthropic", "mode": mode}) or 0.0
-               for mode in ("sync", "batch_api", "reuse"))
+    cost = sum(v("smartbatch_cost_usd_total", {"provider": "anthropic", "model": "claude-haiku-4-5", "mode": mode})
+               or 0.0 for mode in ("sync", "batch_api", "reuse"))
     report_saving = sum(lists[:3]) - sum(r.cost_usd for r in results)  # actors.hub: served requests' list prices
     assert v("smartbatch_list_price_usd_total", {"provider": "anthropic"}) - cost == pytest.approx(report_saving)
     saving = [e for e in dashboard_exprs() if "saving" in e or "list_price" in e]
     assert saving and all("smartbatch_list_price_usd_total" in e and "smartbatch_cost_usd_total" in e
                           for e in saving), saving
+
+
+def test_spend_is_counted_per_model_and_the_dashboard_shows_it():
+    """A user watching spend per model had the report and ``smartbatch status`` only: the counter was by provider
+    and mode, so no dashboard or alert could say which model spent (a helper's tour)."""
+    m = EngineMetrics()
+    m.observe_results([Result(id="a", status="ok", provider="openai", model="gpt-5-mini", mode="sync", cost_usd=0.02),
+                       Result(id="b", status="ok", provider="openai", model="gpt-5", mode="sync", cost_usd=0.5),
+                       Result(id="c", status="ok", provider="openai", model="gpt-5", mode="sync", cost_usd=0.25)],
+                      None)
+    v = m.registry.get_sample_value
+    assert v("smartbatch_cost_usd_total", {"provider": "openai", "model": "gpt-5", "mode": "sync"}) == 0.75
+    assert v("smartbatch_cost_usd_total", {"provider": "openai", "model": "gpt-5-mini", "mode": "sync"}) == 0.02
+    assert any("by (provider, model)" in e and "smartbatch_cost_usd_total" in e for e in dashboard_exprs())
