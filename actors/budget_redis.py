@@ -22,6 +22,7 @@ import re
 import time
 
 from actors._budget_replay import ScriptRefused, ServerWatch
+from actors._budget_scripts import CHARGE, PROBE, RESERVE, SETTLE, SWEEP_ONLY
 from engine.core.budgets import (
     BudgetSpec,
     Charge,
@@ -42,160 +43,6 @@ SWEEP_MAX = 1000  # expired claims released per script, so one script never runs
 # that such a replay was counted already: a day.
 MARKER_SLACK_S = 86400
 _UNKNOWN = (0.0, "", [], 0.0)  # what this book knows of a claim it did not grant
-
-# Run first by every script: release the reservations of claims past their expiry.
-_SWEEP = """
-if redis.replicate_commands then redis.replicate_commands() end
-local function sweep(prefix, limit)
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-  local exp = prefix .. ':exp'
-  local due = redis.call('ZRANGEBYSCORE', exp, '-inf', now, 'LIMIT', 0, limit)
-  for _, rid in ipairs(due) do
-    local claim = prefix .. ':c:' .. rid
-    if redis.call('HEXISTS', claim, '_swept') == 0 then
-      local kv = redis.call('HGETALL', claim)
-      for j = 1, #kv, 2 do
-        local h = prefix .. ':w:' .. kv[j]
-        if kv[j] ~= '_who' and redis.call('EXISTS', h) == 1 then
-          redis.call('HINCRBYFLOAT', h, 'reserved', -tonumber(kv[j + 1]))
-        end
-      end
-      if #kv > 0 then
-        redis.call('HSET', claim, '_swept', '1')
-        redis.call('EXPIRE', claim, 86400)  -- a day for a late settlement to count its spend
-      end
-    end
-    redis.call('ZREM', exp, rid)
-  end
-  return now, #due
-end
-"""
-
-_RESERVE = _SWEEP + """
-local prefix = ARGV[1]
-local ttl = tonumber(ARGV[2])
-local n = tonumber(ARGV[3])
-local now = sweep(prefix, tonumber(ARGV[4]))
-local i = 5
-local out = {}
-for c = 1, n do
-  local rid, amount, nk = ARGV[i], tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-  i = i + 3
-  local refused = {}
-  for j = 0, nk - 1 do
-    local h = prefix .. ':w:' .. ARGV[i + 4 * j]
-    local limit = tonumber(ARGV[i + 4 * j + 1])
-    local allowed = tonumber(ARGV[i + 4 * j + 2])
-    local spent = tonumber(redis.call('HGET', h, 'spent') or '0')
-    local used = spent + tonumber(redis.call('HGET', h, 'reserved') or '0')
-    if used + amount > allowed + 1e-9 then
-      local fits = (spent + amount <= allowed + 1e-9) and '1' or '0'
-      refused[#refused + 1] = tostring(j + 1) .. ':' .. tostring(limit - used) .. ':' .. fits
-    end
-  end
-  if #refused == 0 then
-    -- Written for a claim no budget covers too: its settlement finds whose spend it is (the report's spend per
-    -- tenant is the bill's, as the in-process ledger's).
-    local claim = prefix .. ':c:' .. rid
-    redis.call('HSET', claim, '_who', ARGV[i + 4 * nk])
-    for j = 0, nk - 1 do
-      local k, ttl = ARGV[i + 4 * j], tonumber(ARGV[i + 4 * j + 3])
-      local h = prefix .. ':w:' .. k
-      redis.call('HINCRBYFLOAT', h, 'reserved', amount)
-      if ttl > 0 then redis.call('EXPIRE', h, ttl) end
-      redis.call('HINCRBYFLOAT', claim, k, amount)
-    end
-    -- No expiry of its own until it is settled or swept: the sweep must find what to release however long after
-    -- the claim's expiry the next script runs (a record that outlived it by a day was lost over a long weekend,
-    -- and its reservation stayed for good).
-    redis.call('ZADD', prefix .. ':exp', now + ttl, rid)
-  end
-  out[c] = table.concat(refused, ',')
-  i = i + 4 * nk + 1
-end
-return out
-"""
-
-_SETTLE = _SWEEP + """
-local prefix = ARGV[1]
-local n = tonumber(ARGV[2])
-sweep(prefix, tonumber(ARGV[3]))
-local marked = tonumber(ARGV[4])
-local i = 5
-local lost = 0
-for c = 1, n do
-  local rid, actual, who, nk = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2], tonumber(ARGV[i + 3])
-  local claim = prefix .. ':c:' .. rid
-  -- A swept claim's reservation was released already: count its spend, release nothing again.
-  local swept = redis.call('HEXISTS', claim, '_swept') == 1
-  local kv = redis.call('HGETALL', claim)
-  local done = prefix .. ':s:' .. rid
-  if #kv == 0 and who ~= '' and actual > 0 and redis.call('EXISTS', done) == 0 then
-    -- Its record is gone (a Redis restarted without persistence): the spend is counted where the claim was,
-    -- as a charge. A settlement replayed after its reply was lost finds the marker left below: counted once.
-    lost = lost + 1
-    redis.call('HINCRBYFLOAT', prefix .. ':spend', who, actual)
-    for j = 0, nk - 1 do
-      local h, ttl = prefix .. ':w:' .. ARGV[i + 4 + 2 * j], tonumber(ARGV[i + 5 + 2 * j])
-      redis.call('HINCRBYFLOAT', h, 'spent', actual)
-      if ttl > 0 then redis.call('EXPIRE', h, ttl) end
-    end
-  end
-  for j = 1, #kv, 2 do
-    if kv[j] == '_who' then
-      redis.call('HINCRBYFLOAT', prefix .. ':spend', kv[j + 1], actual)
-    elseif kv[j] ~= '_swept' then
-      local h = prefix .. ':w:' .. kv[j]
-      if redis.call('EXISTS', h) == 1 then  -- never recreate an expired window without its TTL
-        if not swept then redis.call('HINCRBYFLOAT', h, 'reserved', -tonumber(kv[j + 1])) end
-        redis.call('HINCRBYFLOAT', h, 'spent', actual)
-      end
-    end
-  end
-  -- As long as the controller may send it again (it keeps who spent it that long): an hour's marker let a
-  -- replay after a longer outage, whose first try Redis had run, count the spend twice (a helper's hunt).
-  if who ~= '' then redis.call('SET', done, '1', 'EX', marked) end
-  redis.call('DEL', claim)
-  redis.call('ZREM', prefix .. ':exp', rid)
-  i = i + 4 + 2 * nk
-end
-return lost
-"""
-
-# Spend no claim covers (``Charge``): counted once per charge id, whose marker lives two days.
-_CHARGE = """
-local prefix = ARGV[1]
-local n = tonumber(ARGV[2])
-local i = 3
-for c = 1, n do
-  local cid, usd, who, nk = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2], tonumber(ARGV[i + 3])
-  i = i + 4
-  if redis.call('SET', prefix .. ':x:' .. cid, '1', 'NX', 'EX', 172800) then
-    redis.call('HINCRBYFLOAT', prefix .. ':spend', who, usd)
-    for j = 0, nk - 1 do
-      local h, ttl = prefix .. ':w:' .. ARGV[i + 2 * j], tonumber(ARGV[i + 2 * j + 1])
-      redis.call('HINCRBYFLOAT', h, 'spent', usd)
-      if ttl > 0 then redis.call('EXPIRE', h, ttl) end
-    end
-  end
-  i = i + 2 * nk
-end
-return n
-"""
-
-_SWEEP_ONLY = _SWEEP + """
-local now, swept = sweep(ARGV[1], tonumber(ARGV[2]))
-return swept
-"""
-
-# A write every ledger script may make: a Redis that answers reads but refuses writes (a read-only replica, a full
-# one under noeviction) refuses this, where a sweep with nothing due writes nothing and passes (a helper's hunt).
-_PROBE = """
-redis.call('SET', ARGV[1] .. ':probe', '1', 'PX', 60000)
-return 1
-"""
-
 
 def _ttl(s: BudgetSpec, now: float) -> int:
     """Seconds a budget's window hash lives: a day past the window's end (0: a window that never ends)."""
@@ -236,11 +83,11 @@ class RedisBudgetBook(ServerWatch):
         self.origin = 0.0  # where a horizon's pacing starts on this book's clock (``BudgetSpec.span``)
         self.prefix = prefix
         self.reservation_ttl_s = reservation_ttl_s
-        self._reserve = client.register_script(_RESERVE)
-        self._settle = client.register_script(_SETTLE)
-        self._sweep = client.register_script(_SWEEP_ONLY)
-        self._charge = client.register_script(_CHARGE)
-        self._probe = client.register_script(_PROBE)
+        self._reserve = client.register_script(RESERVE)
+        self._settle = client.register_script(SETTLE)
+        self._sweep = client.register_script(SWEEP_ONLY)
+        self._charge = client.register_script(CHARGE)
+        self._probe = client.register_script(PROBE)
         # The claims this book granted and has not settled: (when, whose spend, the windows it holds, its amount),
         # sent with its settlement (until Redis takes it) so that spend counts if Redis lost the claim's record, and
         # reserved again should another Redis process answer (``ServerWatch._reopen``). Oldest first.
