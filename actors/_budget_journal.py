@@ -7,6 +7,7 @@ import asyncio
 import logging
 
 from actors.journal import read_patiently
+from engine.core.budgets import BudgetSpec
 
 __all__ = ["JOURNAL_KEY", "LedgerJournal"]
 
@@ -21,8 +22,12 @@ class LedgerJournal:
     # -- journal (memory ledger only) ----------------------------------------------------------------------------
     def _snapshot(self) -> tuple:
         b = self.book
+        # Last: the budgets changed live, if any (every budget its windows name, and the names in force), so a
+        # restart takes back the limits with the spend they were judged against, in one write.
+        live = ((self.spec_version, [s.model_dump() for s in b.by_name.values()], [s.name for s in b.specs])
+                if self.spec_version else None)
         return (dict(b.spent), dict(b.reserved), dict(b.claims), dict(b.spend), dict(self.refusals), list(b.ended),
-                b.ended_overrun, b.latest, set(b.charged))
+                b.ended_overrun, b.latest, set(b.charged), live)
 
     async def _journal_soon(self) -> None:
         # One write at a time, of every change made before it: the changes made while one is out go in the next.
@@ -82,7 +87,15 @@ class LedgerJournal:
         if snap is None:
             return False
         b = self.book
-        spent, reserved, claims, spend, refusals, *ended = snap  # 5 parts before ended windows, 7 before latest, 8 before charged
+        # 5 parts before ended windows, 7 before latest, 8 before charged, 9 before the budgets changed live
+        spent, reserved, claims, spend, refusals, *ended = snap
+        live = ended.pop(4) if len(ended) > 4 else None
+        if live is not None:  # the budgets first: the windows' ends are read from them
+            version, known, names = live
+            known = {s.name: s for s in (BudgetSpec.model_validate(d) for d in known)}
+            b.set_specs([known[n] for n in names])
+            b.by_name.update(known)
+            self.spec_version = version
         b.restore(spent, reserved, claims, spend, *ended)
         self.refusals.update(refusals)
         stale = list(b.claims)

@@ -45,7 +45,7 @@ class BudgetReports:
         if self.clock is None:
             return
         now = self.now()
-        end = next_window_end(self.settings.specs, now)
+        end = next_window_end(self.book.specs, now)  # the budgets in force (changed live, perhaps)
         if end is None or (self._window_timer is not None and self._window_timer[0] == end):
             return
         if self._window_timer is not None:

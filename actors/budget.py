@@ -29,6 +29,7 @@ import time
 
 from actors._budget_check import check_redis_ledger
 from actors._budget_journal import LedgerJournal
+from actors._budget_live import LiveBudgets
 from actors._budget_replay import ScriptRefused
 from actors._budget_report import BudgetReports
 from actors._peer import Warm, as_peer, resolve_clock
@@ -43,7 +44,7 @@ __all__ = ["BudgetController"]
 log = logging.getLogger("smartbatch.budget")
 
 
-class BudgetController(LedgerJournal, BudgetReports, Warm):
+class BudgetController(LedgerJournal, LiveBudgets, BudgetReports, Warm):
     def __init__(self, settings: BudgetSettings, hub=None, clock=None, base: float = 0.0, engine: str = "engine",
                  recover_wait_s: float = JournalSettings().recover_wait_s, ledger_id: str | None = None):
         self.settings, self.recover_wait_s = settings, recover_wait_s
@@ -106,6 +107,8 @@ class BudgetController(LedgerJournal, BudgetReports, Warm):
         self._dirty = False
         self._soft_said: dict[str, str] = {}  # budget -> the window whose passed soft limit was logged
         self._window_timer: tuple[float, asyncio.TimerHandle] | None = None  # (when, handle): the next window end
+        self.spec_version = 0  # budgets changed live so far (``LiveBudgets``): 0, those of the settings
+        self._specs_unread = False  # a Redis ledger restarted by Ray has not read its live budgets back yet
 
     def __repr__(self) -> str:
         ledger = "" if not self._errors else f", redis_up={self._down_until is None}, unsettled={len(self._outbox)}"
@@ -222,8 +225,11 @@ class BudgetController(LedgerJournal, BudgetReports, Warm):
     async def _restored_first(self) -> None:
         if self.__dict__.pop("_must_recover", False):
             await self.recover()
+            self._specs_unread = bool(self._errors)  # a Redis ledger's live budgets are in its Redis
         if self._restoring is not None:  # a restart's ledger is being read back (``recover``)
             await self._restoring.wait()
+        if self._specs_unread:
+            await self._read_specs()
 
     async def _settle(self, items: list[tuple[str, float]]) -> bool:
         """Settle ``items`` after whatever the outbox holds; on a Redis failure keep them all in the outbox
@@ -311,7 +317,7 @@ class BudgetController(LedgerJournal, BudgetReports, Warm):
                 self._changed()
 
     def _changed(self, journal: bool = True) -> None:
-        if journal and self.journal is not None and self.settings.specs:
+        if journal and self.journal is not None and (self.settings.specs or self.spec_version):
             self._journal_dirty = True
             self._asked += 1
             if self._journaling is None or self._journaling.done():

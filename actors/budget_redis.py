@@ -97,6 +97,12 @@ class RedisBudgetBook(ServerWatch):
     def __repr__(self) -> str:
         return f"RedisBudgetBook(specs={len(self.specs)}, prefix={self.prefix!r})"
 
+    def set_specs(self, specs: list[BudgetSpec]) -> None:
+        """The budgets from now on (a live change): a window's hash is keyed by its budget's name, so a limit
+        changed mid-window counts what that window spent and holds already."""
+        self.specs = list(specs)
+        self.covering = Covering(self.specs)
+
     async def reserve_many(self, claims: list[Claim], now: float) -> list[Verdict]:
         if not claims:
             return []

@@ -60,6 +60,7 @@ class Grouper(CancelGroups, Learning, Parking, Warm):
         self.max_attempts = max_attempts
         self.reserve_model_max = reserve_model_max
         self.budget_specs = tuple(budget_specs)
+        self._budget_version = 0  # the last live change of the budgets told (``Parking.set_budgets``)
         # Members a budget holds back, by request id, each with its dispatch (actors._grouper_park).
         self.waits = BudgetWaits(self._park_step, sync_lead(catalog))
         self._park_timer: tuple[float, asyncio.TimerHandle] | None = None

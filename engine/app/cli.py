@@ -11,7 +11,7 @@ import typer
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from engine.app import cli_batch, cli_serve, cli_status, cli_trace  # noqa: F401  (importing them registers their commands on the app)
+from engine.app import cli_batch, cli_budget, cli_serve, cli_status, cli_trace  # noqa: F401  (importing them registers their commands on the app)
 from engine.app.cli_common import (
     _check_outputs,
     _fail,

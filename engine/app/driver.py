@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from engine.app._driver_admit import Admitting
 from engine.app._driver_async import AsyncSubmit
+from engine.app._driver_budgets import LiveBudgeting
 from engine.app._driver_lanes import IngestLanes
 from engine.app._driver_pull import Pulling
 from engine.app._driver_reject import OnInvalid, check_on_invalid, reject_taken, validated, with_rejected
@@ -44,7 +45,7 @@ __all__ = ["Engine", "ResultFuture"]
 log = logging.getLogger("smartbatch")
 
 
-class Engine(Admitting, AsyncSubmit, IngestLanes, Pulling, SharedEngine, Supervised):
+class Engine(Admitting, AsyncSubmit, IngestLanes, LiveBudgeting, Pulling, SharedEngine, Supervised):
     """A running smartbatch engine. Use ``Engine.start(...)``, or ``with Engine.start(...) as eng:``."""
 
     # Engines running in this process: Ray is process-wide, so the last one to stop shuts down the Ray that

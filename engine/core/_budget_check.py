@@ -1,18 +1,28 @@
 """Budgets checked against the catalog: a budget whose provider or model the catalog does not have covers no
-request, so its limit would hold nothing while the spend it was meant to cap runs on."""
+request, so its limit would hold nothing while the spend it was meant to cap runs on. The same check for a
+budget set on a running engine (``Engine.set_budget``), and the rule of such a change (``changed_specs``)."""
 
 from __future__ import annotations
 
-from engine.core.budgets import BudgetSettings
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from pydantic import ValidationError
+
+from engine.core.budgets import BudgetSettings, BudgetSpec, parse_duration
 from engine.core.catalog import Catalog
 from engine.core.errors import CatalogError, ConfigError
 
-__all__ = ["check_budgets"]
+__all__ = ["budget_of", "changed_specs", "check_budgets"]
+
+LIVE_FIX = "fix the name in the budget you set"
 
 
-def check_budgets(catalog: Catalog, budgets: BudgetSettings) -> None:
+def check_budgets(catalog: Catalog, budgets: BudgetSettings, *, where: str = "setting budgets.specs.{k}",
+                  fix: str = "fix the name in SMARTBATCH_BUDGETS__SPECS") -> None:
     """Raise ``ConfigError`` naming the spec's field and the fix when a budget names a provider or a model that
-    ``catalog`` lacks (a tenant is the caller's word: any name goes)."""
+    ``catalog`` lacks (a tenant is the caller's word: any name goes). ``where``: how the message names the spec
+    (``{k}``, its index); ``fix``: where to fix it."""
     for k, s in enumerate(budgets.specs):
         field = "model" if s.model is not None else "provider"
         try:
@@ -26,6 +36,57 @@ def check_budgets(catalog: Catalog, budgets: BudgetSettings) -> None:
             if "several providers" in str(exc):  # a model name two providers share: the budget covers both
                 continue
             value = s.model if field == "model" else s.provider
-            raise ConfigError(f"setting budgets.specs.{k}.{field} = {value!r}: {exc}; as written, budget {s.name} "
-                              "covers no request and its limit holds nothing: fix the name in "
-                              "SMARTBATCH_BUDGETS__SPECS") from None
+            raise ConfigError(f"{where.format(k=k)}.{field} = {value!r}: {exc}; as written, budget {s.name} "
+                              f"covers no request and its limit holds nothing: {fix}") from None
+
+
+def budget_of(fields: BudgetSpec | Mapping[str, Any], current: Iterable[BudgetSpec], catalog: Catalog) -> BudgetSpec:
+    """The budget a live change sets, checked as a budget at start is (its fields, then the catalog's names).
+    A field left out of ``fields`` is taken from the budget of the same name in ``current`` (tenant, provider,
+    model and budget_duration name a budget), so a change of its soft limit alone keeps its limit; a new
+    budget needs ``max_budget``. Raises ``ConfigError`` naming the field and the fix."""
+    given = fields.model_dump(exclude_unset=True) if isinstance(fields, BudgetSpec) else dict(fields)
+    who = {k: given.get(k) for k in ("tenant", "provider", "model", "budget_duration")}
+    try:
+        parse_duration(who["budget_duration"])
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"budget.budget_duration = {who['budget_duration']!r}: {exc}") from None
+    try:
+        name = BudgetSpec(**who, max_budget=0).name
+    except ValidationError as exc:
+        raise _config_error(exc) from None
+    old = next((s for s in current if s.name == name), None)
+    merged = {**(old.model_dump() if old is not None else {}), **given}
+    if "max_budget" not in merged:
+        raise ConfigError(f"budget {name}: max_budget is missing, and no budget of that name runs to take it from: "
+                          "give its hard limit in USD per window (max_budget, --max)")
+    try:
+        spec = BudgetSpec.model_validate(merged)
+    except ValidationError as exc:
+        raise _config_error(exc, name) from None
+    check_budgets(catalog, BudgetSettings(specs=(spec,)), where="budget", fix=LIVE_FIX)
+    return spec
+
+
+def _config_error(exc: ValidationError, name: str = "") -> ConfigError:
+    # A field's error names it (budget.max_budget); a check across fields names both in its message.
+    said = "; ".join((f"budget.{'.'.join(map(str, e['loc']))}: " if e["loc"] else f"budget {name}: ")
+                     + e["msg"].removeprefix("Value error, ") for e in exc.errors())
+    return ConfigError(f"{said} (a budget's fields: tenant, provider, model, max_budget, soft_budget, "
+                       "budget_duration, horizon_s; docs/budgets.md)")
+
+
+def changed_specs(specs: Iterable[BudgetSpec], put: Iterable[BudgetSpec] = (),
+                  remove: Iterable[str] = ()) -> tuple[BudgetSpec, ...]:
+    """``specs`` with each of ``put`` in place of the budget of its name (or added last) and the budgets named in
+    ``remove`` left out. Raises ``ConfigError`` for a name to remove that no budget has, naming those that run."""
+    out = {s.name: s for s in specs}
+    missing = [n for n in remove if n not in out]
+    if missing:
+        raise ConfigError(f"no budget named {', '.join(map(repr, missing))} runs (running: "
+                          f"{', '.join(out) or 'none'}); name one as `smartbatch budget list` shows it")
+    for n in remove:
+        del out[n]
+    for s in put:
+        out[s.name] = s
+    return BudgetSettings(specs=tuple(out.values())).specs

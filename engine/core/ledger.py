@@ -58,6 +58,14 @@ class BudgetBook:
                 f"windows={len(self.spent.keys() | self.reserved.keys())}, "
                 f"reserved={sum(self.reserved.values()):.4f}, spent={sum(self.spent.values()):.4f})")
 
+    def set_specs(self, specs: list[BudgetSpec]) -> None:
+        """The budgets from now on (a live change): a budget keeps its windows' spend and reservations by its
+        name, so a limit changed mid-window counts what that window spent and holds already. A budget removed
+        is named still by the windows it left (``by_name``), which end and report as any other."""
+        self.specs = list(specs)
+        self.by_name.update((s.name, s) for s in self.specs)
+        self.covering = Covering(self.specs)
+
     def plan(self, c: Claim, now: float) -> tuple[list[tuple[BudgetSpec, str]], Verdict]:
         """The windows a claim touches and whether it may pass (no change made)."""
         touched = [(s, s.key(now)) for s in self.covering(c.tenant, c.provider, c.model)]

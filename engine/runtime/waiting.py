@@ -192,6 +192,17 @@ class BudgetWaits:
         return next((s.name for s, top in overtaken if top < rank and s.covers(req.tenant, req.provider, req.model)),
                     None)
 
+    def wake(self, now: float) -> int:
+        """Make every held member due now, deferred ones too (the budgets changed: a raised limit, a budget
+        removed), and let the next try take them all; returns how many were held. Held again if still refused,
+        each as its new verdict says."""
+        for key, h in list(self.held.items()):
+            if h.due > now:
+                self.held[key] = h._replace(due=now)
+                heapq.heappush(self._by_due, (now, h.seq, key))
+        self.share = MAX_SHARE  # halved again by the next try if the change let few through (``adapt``)
+        return len(self.held)
+
     def adapt(self, verdicts: Iterable[Verdict]) -> None:
         """After a reservation: halve the share of a try if any member was held back again (to wait, or to a
         pacing line that has not reached it), else double it."""

@@ -308,3 +308,42 @@ def test_the_spend_of_a_tenant_no_budget_covers_is_counted_as_the_in_process_led
 
     got = asyncio.run(go())
     assert got == reference.spend_report() and {row["tenant"] for row in got} == {"acme", "globex"}, got
+
+
+def test_a_budget_changed_live_on_a_redis_ledger_survives_the_budget_actors_restart(redis_server):
+    # A Redis ledger has no journal: its live budgets are kept in its Redis, under its ledger's id, and a restart
+    # of the actor (the constructor again, with the start's settings) took the start's $1 limit back.
+    from actors.budget import BudgetController
+    from engine.core.budgets import BudgetSettings
+    from engine.core.clock import ManualClock
+
+    spec = BudgetSpec(tenant="acme", max_budget=1.0, budget_duration="1d")
+    settings = BudgetSettings(specs=(spec,), redis_url=redis_server.url, redis_prefix=f"sbtest-live{next(_prefix)}")
+
+    async def go():
+        ctl = BudgetController(settings, None, ManualClock(T0), ledger_id="L1")
+        await ctl.check_ledger()
+        claim = Claim("a", "acme", "openai", "gpt-5-mini", "urgent", 0.9)
+        await ctl.reserve_many([claim])
+        await ctl.settle_many([("a", 0.8)])
+        await ctl.change_budgets([spec.model_copy(update={"max_budget": 3.0})])
+        await ctl.close()
+        again = BudgetController(settings, None, ManualClock(T0), ledger_id="L1")
+        again.reconstructed()
+        try:
+            version, specs = await again.budget_specs()
+            (v,) = await again.reserve_many([claim._replace(rid="b", amount=2.0)])
+            rows = (await again.report())["budgets"]
+        finally:
+            await again.close()
+        other = BudgetController(settings, None, ManualClock(T0), ledger_id="L2")  # a new engine: its settings
+        other.reconstructed()
+        try:
+            assert (await other.budget_specs()) == (0, (spec,))
+        finally:
+            await other.close()
+        return version, specs, v, rows
+
+    version, specs, v, rows = asyncio.run(go())
+    assert version == 1 and specs[0].max_budget == 3.0 and v.ok
+    assert [(r["max_budget"], r["spent_usd"], r["reserved_usd"]) for r in rows] == [(3.0, 0.8, 2.0)]

@@ -1,0 +1,84 @@
+"""Budgets changed while the engine runs (a mixin of ``actors.budget.BudgetController``, which owns the ledger):
+a budget added, its limit or soft limit changed, or removed, keeping what its current window spent and holds.
+
+A change is kept as the ledger is, so a restart of this actor keeps it: in the memory ledger's journal snapshot
+(``_budget_journal``: the budgets and the spend in one write), or in the ledger's Redis under
+``{prefix}:specs:{ledger_id}`` (a Redis ledger has no journal). It is answered once kept; one that cannot be
+kept (Redis down) is refused and changes nothing. Each change has a number, so a grouper told of two changes in
+the wrong order keeps the later one (``Grouper.set_budgets``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from engine.core._budget_check import changed_specs
+from engine.core.budgets import BudgetSpec
+from engine.core.errors import ConfigError
+
+__all__ = ["LiveBudgets", "SPECS_TTL_S"]
+
+SPECS_TTL_S = 400 * 86400  # the Redis copy of a ledger's budgets outlives any run of its engine, then goes
+log = logging.getLogger("smartbatch.budget")
+
+
+class LiveBudgets:
+    """Needs the controller's ``book``, ``settings``, ``ledger_id``, ``spec_version``, ``_errors``, ``_usable``,
+    ``_failed``, ``_recovered``, ``_changed``, ``_durable`` and ``_restored_first``."""
+
+    def _specs_key(self) -> str:
+        return f"{self.settings.redis_prefix}:specs:{self.ledger_id}"
+
+    async def budget_specs(self) -> tuple[int, tuple[BudgetSpec, ...]]:
+        """(the number of the last change, 0 for none; the budgets in force)."""
+        await self._restored_first()
+        return self.spec_version, tuple(self.book.specs)
+
+    async def change_budgets(self, put: list[BudgetSpec] = (), remove: list[str] = ()) -> tuple[int, tuple]:
+        """Set each budget of ``put`` (in place of the budget of its name, else added) and remove those named in
+        ``remove``, in one step; returns ``budget_specs()`` after it. Each window keeps what it spent and holds: a
+        lower limit refuses new claims past it and leaves open ones be (they settle as before); a higher one lets
+        claims through at once (the caller wakes the groupers' held work). Raises ``ConfigError`` for a name no
+        budget has, or when the change cannot be kept (the ledger's Redis down): nothing changed then."""
+        await self._restored_first()
+        specs = changed_specs(self.book.specs, put, remove)  # checked against the budgets in force now
+        version = self.spec_version + 1
+        if self._errors:
+            if not self._usable():
+                raise ConfigError(f"the budget ledger's Redis is unavailable ({self._last_error}): the budget "
+                                  "change was not made; try again once it answers")
+            try:
+                await self._write_specs(version, specs)
+            except self._errors as exc:
+                self._failed(exc)
+                raise ConfigError(f"the budget ledger's Redis did not take the change ({self._describe(exc)}): "
+                                  "the budget change was not made; try again once it answers") from None
+            self._recovered()
+        self.book.set_specs(list(specs))
+        self.spec_version = version
+        log.warning("budgets changed (change %d): %s", version, "; ".join(
+            f"{s.name} limit ${s.max_budget:g}" + (f" soft ${s.soft_budget:g}" if s.soft_budget is not None else "")
+            for s in specs) or "none")
+        self._changed()
+        await self._durable()  # in the journal before it is answered, as a reservation is
+        return version, specs
+
+    async def _write_specs(self, version: int, specs: tuple[BudgetSpec, ...]) -> None:
+        body = json.dumps({"version": version, "specs": [s.model_dump() for s in specs]})
+        await self.book.client.set(self._specs_key(), body, ex=SPECS_TTL_S)
+
+    async def _read_specs(self) -> None:
+        """A Redis ledger restarted by Ray: take back the budgets changed live, kept in its Redis. Tried again at
+        the next call while Redis does not answer (its claims are answered budget_unavailable meanwhile)."""
+        try:
+            raw = await self.book.client.get(self._specs_key())
+        except self._errors as exc:
+            self._failed(exc)
+            return
+        self._specs_unread = False
+        if raw is None:
+            return
+        kept = json.loads(raw)
+        self.book.set_specs([BudgetSpec.model_validate(s) for s in kept["specs"]])
+        self.spec_version = int(kept["version"])
+        log.warning("budget ledger: budgets of change %d taken back after a restart", self.spec_version)

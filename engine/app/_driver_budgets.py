@@ -1,0 +1,71 @@
+"""Budgets changed on a running engine from a driver (a mixin of ``Engine``): ``set_budget``, ``remove_budget``,
+``budgets``. The budget actor makes the change, keeps it as it keeps its ledger, and answers; then every grouper
+is told, and tries the work the budgets held back at once (``actors._budget_live``, ``Parking.set_budgets``)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from engine.app._driver_pull import _through_restarts
+from engine.core._budget_check import budget_of
+from engine.core.budgets import BudgetSpec
+from engine.core.errors import ConfigError, EngineStopped, SmartbatchError
+
+__all__ = ["LiveBudgeting"]
+
+
+class LiveBudgeting:
+    """Needs the engine's ``_ray``, ``_h``, ``_running``, ``name`` and ``catalog``."""
+
+    def budgets(self, timeout_s: float = 60.0) -> list[dict]:
+        """Each budget in force, its current window: budget (its name), window, budget_duration, max_budget,
+        soft_budget, spent_usd, reserved_usd, remaining_usd, soft_exceeded (as ``report()['budget']['budgets']``)."""
+        return self._budget_call("report", timeout_s=timeout_s)["budgets"]
+
+    def set_budget(self, budget: BudgetSpec | Mapping[str, Any] | None = None, *, timeout_s: float = 60.0,
+                   **fields: Any) -> dict:
+        """Add a budget, or change the limit or soft limit of the one of its name (tenant, provider, model and
+        budget_duration name a budget), while the engine runs, for every driver of it: e.g.
+        ``eng.set_budget(tenant="acme", budget_duration="1d", max_budget=80)``. A field left out keeps the
+        running budget's value (``soft_budget=None`` removes its soft limit). Its current window keeps what it
+        spent and holds: a higher limit lets held work go at once; a lower one, under the spend, refuses new
+        work and lets what was reserved or sent finish. The change outlives a restart of the budget actor.
+        Checked as a budget at start is (``ConfigError`` naming the field and the fix). Returns its window."""
+        given = {**(budget.model_dump(exclude_unset=True) if isinstance(budget, BudgetSpec) else dict(budget or {})),
+                 **fields}
+        _, current = self._budget_call("budget_specs", timeout_s=timeout_s)
+        spec = budget_of(given, current, self.catalog)
+        self._change_budgets([spec], [], timeout_s)
+        return next(r for r in self.budgets(timeout_s) if r["budget"] == spec.name)
+
+    def remove_budget(self, name: str, *, timeout_s: float = 60.0) -> dict:
+        """Remove the budget ``name`` (as ``budgets()`` names it, e.g. ``tenant=acme/1d``) while the engine runs:
+        the work it held back is tried at once. Returns its last window."""
+        last = next((r for r in self.budgets(timeout_s) if r["budget"] == name), None)
+        self._change_budgets([], [name], timeout_s)
+        return last
+
+    def _change_budgets(self, put: list[BudgetSpec], remove: list[str], timeout_s: float) -> None:
+        version, specs = self._budget_call("change_budgets", put, remove, timeout_s=timeout_s)
+        # A grouper that restarts meanwhile asks the budget actor for them (``actors.remote.rewire``).
+        end = time.monotonic() + timeout_s
+        _through_restarts(self._ray, lambda: [g.set_budgets.remote(version, specs) for g in self._h["groupers"]],
+                          end)
+
+    def _budget_call(self, method: str, *args: Any, timeout_s: float) -> Any:
+        if not self._running:
+            raise EngineStopped(f"engine {self.name!r} was stopped: its budgets cannot be read or changed")
+        ray = self._ray
+        try:
+            return _through_restarts(ray, lambda: getattr(self._h["budget"], method).remote(*args),
+                                     time.monotonic() + timeout_s)
+        except ray.exceptions.RayTaskError as exc:  # ours, raised in the actor: given as it was raised
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, SmartbatchError):
+                raise cause from None
+            raise
+        except ray.exceptions.GetTimeoutError:
+            raise ConfigError(f"engine {self.name!r}: its budget actor did not answer in {timeout_s:g} s; the "
+                              "change may or may not be made: read budgets() and try again") from None

@@ -1,0 +1,104 @@
+"""``smartbatch budget``: list, set and remove a running engine's budgets from the command line, as a driver does
+with ``Engine.budgets``/``set_budget``/``remove_budget`` (a change keeps what the current window spent and holds;
+a restart of ``smartbatch serve`` to raise a limit forgot the in-process ledger's spend)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import typer
+
+from engine.app.cli_common import app, console
+
+__all__ = ["budget_app", "budget_line"]
+
+budget_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                         help="A running engine's budgets: list them, add or change one, remove one (kept through "
+                              "the engine's run, with what each window spent).")
+app.add_typer(budget_app, name="budget")
+
+_NAME = typer.Option("smartbatch", "--name", help="the engine, as `smartbatch serve --name` named it")
+_ADDRESS = typer.Option("auto", help="the Ray cluster it runs on (what `smartbatch serve` printed; default: the "
+                        "serve of that name on this machine)")
+
+
+def _usd(x: float | None) -> str:
+    return "-" if x is None else f"${x:.6f}"
+
+
+def budget_line(r: dict[str, Any]) -> str:
+    """One budget's current window in a line (USD)."""
+    from engine.core.budgets import window_label
+
+    return (f"budget {r['budget']}: limit {_usd(r['max_budget'])}, soft {_usd(r['soft_budget'])}"
+            + (" (passed)" if r.get("soft_exceeded") else "")
+            + f"; spent {_usd(r['spent_usd'])}, reserved {_usd(r['reserved_usd'])}, remaining "
+            f"{_usd(r['remaining_usd'])} in its window from {window_label(float(r['window']))}")
+
+
+def _engine(name: str, address: str):
+    from engine.app.driver import Engine
+
+    return Engine.connect(name, address=address)
+
+
+@budget_app.command("list")
+def list_budgets(name: str = _NAME, address: str = _ADDRESS,
+                 as_json: bool = typer.Option(False, "--json", help="print the rows as JSON")) -> None:
+    """Each budget in force and its current window (limit, soft, spent, reserved, remaining)."""
+    eng = _engine(name, address)
+    try:
+        rows = eng.budgets()
+    finally:
+        eng.stop()
+    if as_json:
+        console.print_json(json.dumps(rows))
+        return
+    for r in rows:
+        console.print(budget_line(r))
+    if not rows:
+        console.print(f"engine {name!r} has no budget")
+
+
+@budget_app.command("set")
+def set_budget(name: str = _NAME, address: str = _ADDRESS,
+               tenant: str = typer.Option(None, help="the tenant it covers (default: every tenant)"),
+               provider: str = typer.Option(None, help="the provider it covers (default: every provider)"),
+               model: str = typer.Option(None, help="the model it covers (default: every model)"),
+               duration: str = typer.Option(None, "--duration", help="its window: 30s, 1h, 1d, 30d, 1mo (default: "
+                                            "one window for the whole run)"),
+               max_usd: float = typer.Option(None, "--max", help="hard limit in USD per window (kept when changing "
+                                             "only the soft limit)"),
+               soft_usd: float = typer.Option(None, "--soft", help="soft limit (an alert) in USD"),
+               no_soft: bool = typer.Option(False, "--no-soft", help="remove its soft limit")) -> None:
+    """Add a budget, or change the limit or soft limit of the one that covers the same tenant, provider, model
+    and window: its current window keeps what it spent and holds; held work goes at once under a higher limit;
+    a lower one refuses new work and lets what was sent finish."""
+    fields: dict[str, Any] = {"tenant": tenant, "provider": provider, "model": model, "budget_duration": duration}
+    if max_usd is not None:
+        fields["max_budget"] = max_usd
+    if soft_usd is not None or no_soft:
+        fields["soft_budget"] = None if no_soft else soft_usd
+    eng = _engine(name, address)
+    try:
+        was = {r["budget"]: r for r in eng.budgets()}
+        row = eng.set_budget(fields)
+    finally:
+        eng.stop()
+    old = was.get(row["budget"])
+    console.print(("added " if old is None else f"changed (limit was {_usd(old['max_budget'])}, soft "
+                   f"{_usd(old['soft_budget'])}): ") + budget_line(row))
+
+
+@budget_app.command("remove")
+def remove_budget(budget: str = typer.Argument(..., help="its name as `smartbatch budget list` shows it, e.g. "
+                                               "tenant=acme/1d"),
+                  name: str = _NAME, address: str = _ADDRESS) -> None:
+    """Remove a budget: the work it held back is tried at once."""
+    eng = _engine(name, address)
+    try:
+        last = eng.remove_budget(budget)
+    finally:
+        eng.stop()
+    console.print("removed " + (budget_line(last) if last is not None else f"budget {budget}"))

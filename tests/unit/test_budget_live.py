@@ -1,0 +1,245 @@
+"""Budgets changed while the engine runs: a running engine's budgets were read at start only, and a restart of
+`smartbatch serve` to raise one forgot the day's spend (the in-process ledger starts at $0). The actor classes
+are driven directly, without Ray; the driver's methods through a stand-in for Ray that calls them."""
+
+from __future__ import annotations
+
+import asyncio
+import types
+
+import pytest
+
+from actors import BudgetController, Grouper, ResultHub
+from actors._types import Job
+from engine.core.budgets import BudgetSettings, BudgetSpec, Claim
+from engine.core.catalog import default_catalog
+from engine.core.clock import ManualClock
+from engine.core.errors import ConfigError
+from engine.core.request import Request
+from policies import load_policy
+from tests.unit.helpers import Recorder
+
+CAT = default_catalog()
+DAY = BudgetSpec(tenant="acme", max_budget=1.0, budget_duration="1d")
+
+
+def _claim(rid: str, amount: float, priority: str = "urgent") -> Claim:
+    return Claim(rid, "acme", "openai", "gpt-5-mini", priority, amount)
+
+
+def _row(rep: dict, name: str = "tenant=acme/1d") -> dict:
+    return next(r for r in rep["budgets"] if r["budget"] == name)
+
+
+def test_a_raised_limit_keeps_the_windows_spend_and_lets_what_it_refused_through():
+    async def go():
+        ctl = BudgetController(BudgetSettings(specs=(DAY,)), None, ManualClock(0.0))
+        await ctl.reserve_many([_claim("a", 0.9)])
+        await ctl.settle_many([("a", 0.9)])
+        assert not (await ctl.reserve_many([_claim("b", 0.2)]))[0].ok
+        version, specs = await ctl.change_budgets([DAY.model_copy(update={"max_budget": 2.0})])
+        assert version == 1 and [s.max_budget for s in specs] == [2.0]
+        assert (await ctl.reserve_many([_claim("b", 0.2)]))[0].ok
+        row = _row(await ctl.report())
+        assert (row["max_budget"], row["spent_usd"], row["reserved_usd"]) == (2.0, 0.9, 0.2)  # the day's spend kept
+    asyncio.run(go())
+
+
+def test_a_limit_lowered_below_the_spend_refuses_new_work_and_leaves_what_was_reserved_to_settle():
+    async def go():
+        ctl = BudgetController(BudgetSettings(specs=(DAY,)), None, ManualClock(0.0))
+        await ctl.reserve_many([_claim("sent", 0.5), _claim("done", 0.4)])
+        await ctl.settle_many([("done", 0.4)])
+        await ctl.change_budgets([DAY.model_copy(update={"max_budget": 0.3})])
+        v = (await ctl.reserve_many([_claim("new", 0.01)]))[0]
+        assert not v.ok and v.reason == "budget_exhausted" and v.budget == "tenant=acme/1d"
+        assert "sent" in ctl.book.claims  # never cancelled: it settles as before
+        await ctl.settle_many([("sent", 0.45)])
+        row = _row(await ctl.report())
+        assert (row["max_budget"], row["spent_usd"], row["reserved_usd"]) == (0.3, 0.85, 0.0)
+    asyncio.run(go())
+
+
+def test_a_budget_is_added_and_removed_live_and_a_name_no_budget_has_is_refused_naming_those_that_run():
+    async def go():
+        ctl = BudgetController(BudgetSettings(), None, ManualClock(0.0))
+        await ctl.change_budgets([DAY])
+        assert not (await ctl.reserve_many([_claim("a", 1.5)]))[0].ok
+        with pytest.raises(ConfigError, match=r"no budget named 'tenant=acme/1h' runs \(running: tenant=acme/1d\)"):
+            await ctl.change_budgets(remove=["tenant=acme/1h"])
+        await ctl.change_budgets(remove=["tenant=acme/1d"])
+        assert (await ctl.reserve_many([_claim("a", 1.5)]))[0].ok and (await ctl.report())["budgets"] == []
+    asyncio.run(go())
+
+
+def test_a_live_change_survives_a_restart_of_the_budget_actor_with_the_spend_it_was_judged_against():
+    async def go():
+        hub = ResultHub()  # keeps the memory ledger's journal
+        ctl = BudgetController(BudgetSettings(specs=(DAY,)), hub, ManualClock(0.0))
+        await ctl.reserve_many([_claim("a", 0.9)])
+        await ctl.settle_many([("a", 0.9)])
+        gpt = BudgetSpec(model="gpt-5-mini", max_budget=0.5)
+        await ctl.change_budgets([DAY.model_copy(update={"max_budget": 3.0, "soft_budget": 2.0}), gpt])
+        await ctl.reserve_many([_claim("c", 0.2)])
+        await ctl.settle_many([("c", 0.1)])
+        await ctl.change_budgets(remove=[gpt.name])  # its window (spent 0.1) is named still
+        # Ray restarts it: the constructor runs again with the start's settings, then ``reconstructed``.
+        again = BudgetController(BudgetSettings(specs=(DAY,)), hub, ManualClock(0.0))
+        again.reconstructed()
+        version, specs = await again.budget_specs()
+        assert version == 2 and specs == (DAY.model_copy(update={"max_budget": 3.0, "soft_budget": 2.0}),)
+        rep = await again.report()
+        assert (_row(rep)["max_budget"], _row(rep)["spent_usd"]) == (3.0, 1.0) and len(rep["budgets"]) == 1
+        assert {w["budget"] for w in rep["windows"]} == {"tenant=acme/1d", "model=gpt-5-mini"}
+        assert (await again.reserve_many([_claim("b", 1.9)]))[0].ok  # under the raised limit, not the start's
+    asyncio.run(go())
+
+
+def test_a_live_budget_is_checked_as_one_at_start_naming_the_field_and_the_fix():
+    from engine.core._budget_check import budget_of
+
+    with pytest.raises(ConfigError) as err:
+        budget_of({"model": "gpt-5.4-mnii", "max_budget": 1.0}, (), CAT)
+    said = str(err.value)
+    assert said.startswith("budget.model = 'gpt-5.4-mnii'") and "did you mean 'gpt-5.4-mini'" in said
+    assert "fix the name in the budget you set" in said
+    with pytest.raises(ConfigError, match=r"budget tenant=acme/1d: .*soft_budget 5.0 must be <= max_budget 1.0"):
+        budget_of({"tenant": "acme", "budget_duration": "1d", "soft_budget": 5.0}, (DAY,), CAT)
+    with pytest.raises(ConfigError, match=r"budget.budget_duration = '1 day': .*use a positive number and a unit"):
+        budget_of({"budget_duration": "1 day", "max_budget": 1.0}, (), CAT)
+    with pytest.raises(ConfigError, match="budget tenant=beta: max_budget is missing"):
+        budget_of({"tenant": "beta", "soft_budget": 1.0}, (DAY,), CAT)
+    with pytest.raises(ConfigError, match=r"budget.max_budget: Input should be greater than or equal to 0"):
+        budget_of({"tenant": "beta", "max_budget": -1}, (DAY,), CAT)
+    # A field left out keeps the running budget's value: its soft limit alone changes.
+    assert budget_of({"tenant": "acme", "budget_duration": "1d", "soft_budget": 0.5}, (DAY,), CAT) == \
+        DAY.model_copy(update={"soft_budget": 0.5})
+
+
+def _req(i: int, **kw) -> Request:
+    d = {"id": f"r{i}", "arrival_s": 0.0, "model": "gpt-5-mini", "input_tokens": 100, "output_tokens": 10,
+         "tenant": "acme", "deadline_s": 86400.0 * 3}
+    d.update(kw)
+    return Request.model_validate(d)
+
+
+async def _settled(g: Grouper) -> None:
+    while g._tasks:
+        await asyncio.gather(*list(g._tasks))
+    await asyncio.sleep(0)  # the dispatcher's call is a task of its own
+
+
+def test_a_raised_limit_sends_the_work_it_deferred_to_the_next_window_at_once():
+    async def go():
+        clock = ManualClock(80_000.0)  # late in the day's window: its pacing lets normal work reach 95 % of it
+        ctl = BudgetController(BudgetSettings(specs=(DAY,)), None, clock)
+        await ctl.reserve_many([_claim("spent", 0.999)])
+        await ctl.settle_many([("spent", 0.999)])
+        disp = Recorder()
+        g = Grouper(load_policy("naive", CAT), CAT, clock, {"openai": disp}, ctl, ResultHub(), budget_specs=(DAY,))
+        await g.add([Job(0, _req(0, priority="normal"), "fp")])
+        await _settled(g)
+        (held,) = g.waits.held.values()
+        assert disp.calls == [] and held.due == 86400.0  # deferred to the next day's window
+        version, specs = await ctl.change_budgets([DAY.model_copy(update={"max_budget": 5.0})])
+        assert await g.set_budgets(version, specs) == 1
+        await _settled(g)
+        assert len(disp.calls) == 1 and len(g.waits) == 0 and clock.now() == 80_000.0  # at once, not at the window's end
+        assert await g.set_budgets(0, ()) == 0 and g.budget_specs == specs  # an older change is let be
+    asyncio.run(go())
+
+
+def test_an_engine_started_without_budgets_reserves_once_one_is_set():
+    async def go():
+        clock = ManualClock(0.0)
+        ctl = BudgetController(BudgetSettings(), None, clock)
+        disp = Recorder()
+        g = Grouper(load_policy("naive", CAT), CAT, clock, {"openai": disp}, ctl, ResultHub(), budget_limited=False)
+        await g.set_budgets(*await ctl.change_budgets([DAY]))
+        await g.add([Job(0, _req(0, priority="urgent"), "fp")])
+        await _settled(g)
+        (_, ([batch],)), = disp.calls
+        assert batch.jobs[0].claim in ctl.book.claims  # reserved under the new budget
+    asyncio.run(go())
+
+
+class _Ray:
+    """Ray as the driver's budget methods use it: ``handle.method.remote(...)`` runs the actor's coroutine."""
+
+    exceptions = types.SimpleNamespace(RayTaskError=type("RayTaskError", (Exception,), {}),
+                                       ActorUnavailableError=type("ActorUnavailableError", (Exception,), {}),
+                                       GetTimeoutError=type("GetTimeoutError", (Exception,), {}))
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+
+    def handle(self, actor):
+        loop = self.loop
+
+        class Method:
+            def __init__(self, fn):
+                self.fn = fn
+
+            def remote(self, *args):
+                return loop.run_until_complete(self.fn(*args))
+
+        return types.SimpleNamespace(**{m: Method(getattr(actor, m)) for m in
+                                        ("report", "budget_specs", "change_budgets", "set_budgets") if
+                                        hasattr(actor, m)})
+
+    def get(self, x, timeout=None):
+        return x
+
+
+def _driver(specs=(DAY,)):
+    """An engine's budget methods (``LiveBudgeting``) on a budget actor and a grouper, through ``_Ray``."""
+    from engine.app._driver_budgets import LiveBudgeting
+
+    class Driver(LiveBudgeting):
+        def __init__(self):
+            self._ray = _Ray()
+            self.ctl = BudgetController(BudgetSettings(specs=specs), None, ManualClock(0.0))
+            self.grouper = Grouper(load_policy("naive", CAT), CAT, ManualClock(0.0), {}, self.ctl, ResultHub(),
+                                   budget_specs=specs)
+            self._h = {"budget": self._ray.handle(self.ctl), "groupers": [self._ray.handle(self.grouper)]}
+            self._running, self.name, self.catalog = True, "prod", CAT
+
+        def stop(self) -> None:
+            self._ray.loop.close()
+
+    return Driver()
+
+
+def test_a_driver_sets_changes_and_removes_a_budget_and_every_grouper_is_told():
+    eng = _driver()
+    row = eng.set_budget(tenant="acme", budget_duration="1d", max_budget=4.0)
+    assert (row["budget"], row["max_budget"]) == ("tenant=acme/1d", 4.0) and eng.grouper.budget_specs[0].max_budget == 4.0
+    assert eng.set_budget({"tenant": "acme", "budget_duration": "1d"}, soft_budget=3.0)["soft_budget"] == 3.0
+    with pytest.raises(ConfigError, match=r"budget.model = 'gpt-5.4-mnii'.*did you mean 'gpt-5.4-mini'"):
+        eng.set_budget(model="gpt-5.4-mnii", max_budget=1.0)
+    assert eng.remove_budget("tenant=acme/1d")["max_budget"] == 4.0
+    assert eng.budgets() == [] and eng.grouper.budget_specs == () and not eng.grouper.budget_limited
+    eng.stop()
+
+
+def test_smartbatch_budget_sets_lists_and_removes_a_served_engines_budgets(monkeypatch):
+    from typer.testing import CliRunner
+
+    from engine.app import driver as driver_mod
+    from engine.app.cli import app
+
+    eng = _driver()
+    monkeypatch.setattr(eng, "stop", lambda: None)  # one engine for every command below
+    monkeypatch.setattr(driver_mod.Engine, "connect", classmethod(lambda cls, name, **k: eng))
+    r = CliRunner().invoke(app, ["budget", "set", "--name", "prod", "--tenant", "acme", "--duration", "1d",
+                                 "--max", "2.5", "--soft", "2"])
+    assert r.exit_code == 0, r.output
+    assert "changed (limit was $1.000000, soft -): budget tenant=acme/1d: limit $2.500000, soft $2.000000" in r.output
+    r = CliRunner().invoke(app, ["budget", "set", "--name", "prod", "--model", "gpt-5.4-mnii", "--max", "1"])
+    assert r.exit_code == 2 and "budget.model = 'gpt-5.4-mnii'" in " ".join(r.output.split())
+    r = CliRunner().invoke(app, ["budget", "list", "--name", "prod"])
+    assert r.exit_code == 0 and "budget tenant=acme/1d: limit $2.500000" in r.output
+    r = CliRunner().invoke(app, ["budget", "remove", "tenant=acme/1d", "--name", "prod"])
+    assert r.exit_code == 0 and r.output.startswith("removed budget tenant=acme/1d")
+    assert "has no budget" in CliRunner().invoke(app, ["budget", "list", "--name", "prod"]).output
+    eng._ray.loop.close()
