@@ -132,6 +132,23 @@ class TestOnOneQuietEngine:
                         "deadline_s": 20})
         assert f.result(timeout=60).status == "ok"
 
+    def test_a_budget_set_while_the_engine_runs_holds_work_and_a_raise_lets_it_go_at_once(self, quiet_engine):
+        """Live budgets through Ray: the driver's change reaches the budget actor and the groupers (the unit
+        tests drive the classes alone). The request is deferred to the next 1-day window (173 s of real time at
+        500x) until the raise, then goes at once."""
+        eng = quiet_engine
+        name = eng.set_budget(tenant="live", budget_duration="1d", max_budget=1e-6)["budget"]
+        f = eng.submit({"id": "live-1", "tenant": "live", "model": "gpt-5-mini", "prompt": "Hi",
+                        "output_tokens": 5, "deadline_s": 3 * 86_400})
+        end = time.monotonic() + 60
+        while not eng.report()["budget"]["refusals"].get("deferred"):  # held by the budget: a Ray round trip each
+            assert time.monotonic() < end and not f.done(), "the request was never held by its budget"
+        assert eng.set_budget(tenant="live", budget_duration="1d", max_budget=5.0)["max_budget"] == 5.0
+        r = f.result(timeout=60)
+        assert r.status == "ok" and r.cost_usd > 0
+        assert eng.remove_budget(name)["budget"] == name
+        assert name not in {b["budget"] for b in eng.budgets()}
+
     def test_a_follow_up_is_sent_at_once_when_its_first_turns_prefix_is_warm_at_the_provider(self, quiet_engine):
         """The live path of warm follow-ups (policies/_text.py): the dispatcher that ran the first turn's sync
         call tells the groupers which prompt-prefix blocks it left warm (``observe_warmth``), so the follow-up,
