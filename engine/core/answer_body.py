@@ -1,5 +1,6 @@
-"""The body of an answer in the shape of the OpenAI API a caller used (chat completions, Responses, images): what
-the OpenAI-compatible endpoint and batch files return for a request, whichever provider made it, or the cache."""
+"""The body of an answer in the shape of the API a caller used (OpenAI's chat completions, Responses, images;
+Anthropic's Messages): what the endpoint and batch files return for a request, whichever provider made it, or the
+cache."""
 
 from __future__ import annotations
 
@@ -7,14 +8,20 @@ import hashlib
 
 from engine.core.request import Request
 from engine.core.result import Result
-from engine.core.tool_calls import answer_text, as_chat_calls, as_response_items
+from engine.core.tool_calls import answer_text, as_chat_calls, as_response_items, as_tool_use_blocks
 
-__all__ = ["response_body"]
+__all__ = ["MESSAGES_URL", "response_body"]
+
+MESSAGES_URL = "/v1/messages"  # Anthropic's Messages API
+# How an answer ended (``Result.finish``, in OpenAI chat's words) -> Anthropic's ``stop_reason``.
+_STOP_REASON = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "content_filter": "refusal"}
 
 
 def _in_shape(url: str, raw: dict) -> bool:
     if url == "/v1/images/generations":
         return isinstance(raw.get("data"), list)
+    if url == MESSAGES_URL:
+        return raw.get("type") == "message" and isinstance(raw.get("content"), list)
     return raw.get("object") == ("response" if url == "/v1/responses" else "chat.completion")
 
 
@@ -59,6 +66,8 @@ def response_body(url: str, req: Request, res: Result, created: int = 0) -> dict
     if url == "/v1/images/generations":
         item = {"url": text} if "://" in text else {"b64_json": text}
         return {"created": created, "data": [item]}
+    if url == MESSAGES_URL:  # a copy from the cache, or a simulated answer: no provider body to give back
+        return _message(req, res, rid, said if calls else text, calls, finish)
     if url == "/v1/responses":  # every field the SDK's Response type requires (strict validation passes)
         cut = finish in ("length", "content_filter")
         status = "incomplete" if cut else "completed"
@@ -79,3 +88,17 @@ def response_body(url: str, req: Request, res: Result, created: int = 0) -> dict
                          "finish_reason": finish}],
             "usage": {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out,
                       "prompt_tokens_details": {"cached_tokens": read, "cache_write_tokens": write}}}
+
+
+def _message(req: Request, res: Result, rid: str, text: str | None, calls: list[dict], finish: str) -> dict:
+    """An Anthropic Message built from the result. Its ``usage.input_tokens`` is the input neither read from nor
+    written to the prompt cache, as Anthropic counts it (the result's counts every input token). A stop at one of
+    the request's ``stop_sequences`` reads as ``end_turn``: the result keeps no word of which one it was."""
+    usage = res.usage or {}
+    read, write = int(usage.get("cache_read", 0)), int(usage.get("cache_write", 0))
+    content = ([{"type": "text", "text": text}] if text or not calls else []) + as_tool_use_blocks(calls)
+    return {"id": f"msg_{rid}", "type": "message", "role": "assistant", "model": res.model or req.model,
+            "content": content, "stop_reason": _STOP_REASON.get(finish, "end_turn"), "stop_sequence": None,
+            "usage": {"input_tokens": max(int(usage.get("input_tokens", 0)) - read - write, 0),
+                      "output_tokens": int(usage.get("output_tokens", 0)),
+                      "cache_creation_input_tokens": write, "cache_read_input_tokens": read}}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-__all__ = ["answer_output", "answer_text", "as_chat_calls", "as_response_items", "calls_bytes"]
+__all__ = ["answer_output", "answer_text", "as_chat_calls", "as_response_items", "as_tool_use_blocks", "calls_bytes"]
 
 
 def _name_args(item: dict) -> tuple[str, str, str, str]:
@@ -42,6 +42,25 @@ def as_response_items(items: list[dict]) -> list[dict[str, Any]]:
         else:
             out.append({"type": "function_call", "id": f"fc_{k}", "call_id": cid, "name": name, "arguments": args,
                         "status": "completed"})
+    return out
+
+
+def as_tool_use_blocks(items: list[dict]) -> list[dict[str, Any]]:
+    """The calls as Anthropic's ``tool_use`` content blocks, their input an object (arguments that are not a JSON
+    object, which only another API's custom tool makes, go as ``{"input": text}``)."""
+    out = []
+    for item in items:
+        if item.get("type") == "tool_use":
+            out.append({"type": "tool_use", "id": item.get("id", ""), "name": item.get("name", ""),
+                        "input": item.get("input") or {}})
+            continue
+        _, cid, name, args = _name_args(item)
+        try:
+            given = json.loads(args) if args else {}
+        except ValueError:
+            given = None
+        out.append({"type": "tool_use", "id": cid, "name": name,
+                    "input": given if isinstance(given, dict) else {"input": args}})
     return out
 
 
