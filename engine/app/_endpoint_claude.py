@@ -32,10 +32,10 @@ from engine.core.catalog import Catalog, ModelSpec
 from engine.core.errors import CatalogError
 from engine.core.settings import Settings
 
-__all__ = ["for_messages_api", "in_callers_words"]
+__all__ = ["for_messages_api", "in_callers_words", "wire_of"]
 
 
-def _wire(model: Any, catalog: Catalog, settings: Settings) -> tuple[str | None, ModelSpec | None]:
+def wire_of(model: Any, catalog: Catalog, settings: Settings) -> tuple[str | None, ModelSpec | None]:
     """The wire format ``model``'s provider is called in and the model's entry, or None (unknown: the engine says
     why)."""
     try:
@@ -54,7 +54,7 @@ def for_messages_api(body: dict[str, Any], catalog: Catalog, settings: Settings)
     ``max_tokens``, ``user`` -> ``metadata.user_id``; ``store`` false (OpenAI's keeping of the completion, which
     Messages has no field for) is left out, true is a 400; function calling and images, ``_endpoint_claude_tools``.
     ``came`` maps a Messages path (dotted, ``messages.2.content.1``) to the caller's."""
-    api, spec = _wire(body.get("model"), catalog, settings)
+    api, spec = wire_of(body.get("model"), catalog, settings)
     if api != "anthropic" or spec is None:
         return body, {}
     out, came = dict(body), {}

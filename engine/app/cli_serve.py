@@ -180,6 +180,8 @@ def _serve_until_stopped(eng: Any, claim: NameClaim, *, policy: str, speedup: fl
             console.print(f"metrics at {', '.join(eng.metrics_urls)}")
         if endpoint is not None:
             console.print(f"OpenAI-compatible endpoint at {endpoint}")
+            console.print(f"Anthropic Messages at {endpoint.removesuffix('/v1')} (the anthropic SDK's base_url, "
+                          "Claude models)")
         console.print(f"stop: smartbatch stop --name {name} --address {gcs}  (or Ctrl-C)")
         # Until a signal, or until `smartbatch stop` (from anywhere) removed the engine, which a thread watches:
         # this thread only waits, as a signal's handler runs here between two bytecodes, and a Ray call (one can

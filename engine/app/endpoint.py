@@ -4,7 +4,8 @@ is sent (reuse, a provider's batch API, sync) within the deadline the caller giv
 
 Routes (OpenAI's shapes): ``POST /v1/chat/completions``, ``POST /v1/responses``, ``POST /v1/images/generations``, ``/v1/files``
 (upload, list, retrieve, content, delete), ``/v1/batches`` (create, list, retrieve, cancel), ``/v1/models``;
-and one of ours, ``GET /v1/batches/{id}/smartbatch_report`` (each line's cost against its list price).
+Anthropic's ``POST /v1/messages`` for a Claude model, in Anthropic's shapes (``_endpoint_messages``); and one of
+ours, ``GET /v1/batches/{id}/smartbatch_report`` (each line's cost against its list price).
 
 ``stream: true`` answers in OpenAI's chunks (chat completions, ``_endpoint_stream``) or the Responses API's events
 (``_endpoint_responses_stream``) once the whole answer is in; ``n`` > 1 on chat completions is n requests
@@ -55,6 +56,7 @@ from engine.app._endpoint_batches import CANCEL_WAIT_S, MAX_FILE_BYTES, MAX_OPEN
 from engine.app._endpoint_choices import choices_wanted, fan_out, merged_body, merged_headers
 from engine.app._endpoint_claude import for_messages_api, in_callers_words
 from engine.app._endpoint_job import cut_by_cancel
+from engine.app._endpoint_messages import AnthropicError, in_anthropic_shape, message_events, messages_body
 from engine.app._endpoint_responses_stream import response_events, responses_stream_wanted
 from engine.app._endpoint_stream import sse_chunks, stream_wanted
 from engine.app._endpoint_wire import (
@@ -72,7 +74,7 @@ from engine.app._endpoint_wire import (
     smartbatch_fields,
 )
 from engine.core._callers import callers_field
-from engine.core.answer_body import response_body
+from engine.core.answer_body import MESSAGES_URL, response_body
 from engine.core.batchfile import list_price_usd, provider_status
 from engine.core.catalog import Catalog
 from engine.core.errors import CatalogError
@@ -217,6 +219,18 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
             return JSONResponse(done, headers=headers)
         return StreamingResponse(response_events(done), media_type="text/event-stream", headers=headers)
 
+    @app.post(MESSAGES_URL)
+    async def messages(http: HttpRequest) -> Response:
+        try:
+            body, stream = messages_body(await json_body(http), http.headers, catalog, engine.settings)
+            done, headers = await answer(http, body, MESSAGES_URL)  # whole before a byte, as on the chat route
+        except ApiError as exc:
+            raise in_anthropic_shape(exc) from None
+        headers["request-id"] = headers[HEADER_REQUEST_ID]  # where the Anthropic SDK reads a call's id
+        if not stream:
+            return JSONResponse(done, headers=headers)
+        return StreamingResponse(message_events(done), media_type="text/event-stream", headers=headers)
+
     @app.post(IMAGES_URL)
     async def images_generations(http: HttpRequest) -> JSONResponse:
         body = await json_body(http)
@@ -259,7 +273,8 @@ def _errors_in_openai_shape(app: FastAPI) -> None:
         where = f"{http.method} {http.url.path}"
         msg = {404: f"Unknown request URL: {where}", 405: f"Method not allowed: {where}"}.get(exc.status_code,
                                                                                            str(exc.detail))
-        return ApiError(exc.status_code, msg).response()
+        anthropic = http.url.path == MESSAGES_URL or http.url.path.startswith(MESSAGES_URL + "/")
+        return (AnthropicError if anthropic else ApiError)(exc.status_code, msg).response()
 
     async def invalid(_: HttpRequest, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -278,11 +293,14 @@ def _ask_for_key(app: FastAPI, digest: str) -> None:
     @app.middleware("http")
     async def check_key(http: HttpRequest, call_next):
         scheme, _, key = http.headers.get("authorization", "").partition(" ")
+        if not scheme and (anthropic := http.headers.get("x-api-key")) is not None:  # the Anthropic SDK's api_key
+            scheme, key = "bearer", anthropic
         got = hashlib.sha256(key.strip().encode()).digest()
         if scheme.lower() != "bearer" or not hmac.compare_digest(got, want):
-            return ApiError(401, "Incorrect API key provided: send the key the endpoint was started with "
-                                 "(smartbatch serve --http-key-env) as 'Authorization: Bearer <key>', the SDK's "
-                                 "api_key", code="invalid_api_key").response()
+            error = AnthropicError if http.url.path == MESSAGES_URL else ApiError
+            return error(401, "Incorrect API key provided: send the key the endpoint was started with "
+                              "(smartbatch serve --http-key-env) as 'Authorization: Bearer <key>' or 'x-api-key: "
+                              "<key>', the SDK's api_key", code="invalid_api_key").response()
         return await call_next(http)
 
 
