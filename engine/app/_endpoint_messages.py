@@ -31,6 +31,7 @@ _ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_
                 413: "request_too_large", 429: "rate_limit_error", 529: "overloaded_error"}
 _BETA = "anthropic-beta"
 _FIELD = re.compile(r"^field '([^']*)': ")
+_BODY = re.compile(r"\bbody\.")  # the engine's name of a body field (body.temperature)
 
 
 class AnthropicError(ApiError):
@@ -45,7 +46,7 @@ class AnthropicError(ApiError):
 def in_anthropic_shape(exc: ApiError) -> AnthropicError:
     """``exc`` as Anthropic's error. Its body has no ``param``, so the message begins with the field the caller
     sent (``temperature: ...``), named as the caller wrote it (the engine's ``body.`` prefix left out)."""
-    message = exc.message.replace("body.", "")
+    message = _BODY.sub("", exc.message)
     if exc.param:
         message = _FIELD.sub("", message)
         if not message.startswith(exc.param):
