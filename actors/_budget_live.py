@@ -9,6 +9,7 @@ the wrong order keeps the later one (``Grouper.set_budgets``)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -24,7 +25,7 @@ log = logging.getLogger("smartbatch.budget")
 
 class LiveBudgets:
     """Needs the controller's ``book``, ``settings``, ``ledger_id``, ``spec_version``, ``_errors``, ``_usable``,
-    ``_failed``, ``_recovered``, ``_changed``, ``_durable`` and ``_restored_first``."""
+    ``_failed``, ``_recovered``, ``_changed``, ``_durable``, ``_restored_first`` and ``_specs_lock``."""
 
     def _specs_key(self) -> str:
         return f"{self.settings.redis_prefix}:specs:{self.ledger_id}"
@@ -34,13 +35,26 @@ class LiveBudgets:
         await self._restored_first()
         return self.spec_version, tuple(self.book.specs)
 
-    async def change_budgets(self, put: list[BudgetSpec] = (), remove: list[str] = ()) -> tuple[int, tuple]:
+    async def change_budgets(self, put: list[BudgetSpec] = (), remove: list[str] = (),
+                             base: int | None = None) -> tuple[int, tuple] | None:
         """Set each budget of ``put`` (in place of the budget of its name, else added) and remove those named in
         ``remove``, in one step; returns ``budget_specs()`` after it. Each window keeps what it spent and holds: a
         lower limit refuses new claims past it and leaves open ones be (they settle as before); a higher one lets
-        claims through at once (the caller wakes the groupers' held work). Raises ``ConfigError`` for a name no
-        budget has, or when the change cannot be kept (the ledger's Redis down): nothing changed then."""
+        claims through at once (the caller wakes the groupers' held work). ``base``: the change ``put`` was
+        merged on (``budget_specs``); None, and nothing changed, when another change came since (the caller
+        merges again). Raises ``ConfigError`` for a name no budget has, or when the change cannot be kept (the
+        ledger's Redis down): nothing changed then."""
         await self._restored_first()
+        # One change at a time: a Redis ledger awaits its write, and two drivers' changes made meanwhile were
+        # both numbered alike and merged on the same budgets, the later dropping the earlier (a hunt).
+        if self._specs_lock is None:
+            self._specs_lock = asyncio.Lock()
+        async with self._specs_lock:
+            if base is not None and base != self.spec_version:
+                return None
+            return await self._change_now(put, remove)
+
+    async def _change_now(self, put: list[BudgetSpec], remove: list[str]) -> tuple[int, tuple]:
         specs = changed_specs(self.book.specs, put, remove)  # checked against the budgets in force now
         version = self.spec_version + 1
         if self._errors:

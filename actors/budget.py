@@ -109,6 +109,7 @@ class BudgetController(LedgerJournal, LiveBudgets, BudgetReports, Warm):
         self._window_timer: tuple[float, asyncio.TimerHandle] | None = None  # (when, handle): the next window end
         self.spec_version = 0  # budgets changed live so far (``LiveBudgets``): 0, those of the settings
         self._specs_unread = False  # a Redis ledger restarted by Ray has not read its live budgets back yet
+        self._specs_lock: asyncio.Lock | None = None  # one live change at a time (``LiveBudgets``)
 
     def __repr__(self) -> str:
         ledger = "" if not self._errors else f", redis_up={self._down_until is None}, unsettled={len(self._outbox)}"

@@ -35,9 +35,13 @@ class LiveBudgeting:
         Checked as a budget at start is (``ConfigError`` naming the field and the fix). Returns its window."""
         given = {**(budget.model_dump(exclude_unset=True) if isinstance(budget, BudgetSpec) else dict(budget or {})),
                  **fields}
-        _, current = self._budget_call("budget_specs", timeout_s=timeout_s)
-        spec = budget_of(given, current, self.catalog)
-        self._change_budgets([spec], [], timeout_s)
+        # Merged on the budgets read, and made only if no other change came between (else read and merged again):
+        # a soft limit set from a stale read put back the limit another driver had just lowered (a hunt).
+        while True:
+            base, current = self._budget_call("budget_specs", timeout_s=timeout_s)
+            spec = budget_of(given, current, self.catalog)
+            if self._change_budgets([spec], [], timeout_s, base):
+                break
         return next(r for r in self.budgets(timeout_s) if r["budget"] == spec.name)
 
     def remove_budget(self, name: str, *, timeout_s: float = 60.0) -> dict:
@@ -47,12 +51,18 @@ class LiveBudgeting:
         self._change_budgets([], [name], timeout_s)
         return last
 
-    def _change_budgets(self, put: list[BudgetSpec], remove: list[str], timeout_s: float) -> None:
-        version, specs = self._budget_call("change_budgets", put, remove, timeout_s=timeout_s)
+    def _change_budgets(self, put: list[BudgetSpec], remove: list[str], timeout_s: float,
+                        base: int | None = None) -> bool:
+        """Make the change and tell every grouper; False, nothing changed, when ``base`` is not the last change."""
+        made = self._budget_call("change_budgets", put, remove, base, timeout_s=timeout_s)
+        if made is None:
+            return False
+        version, specs = made
         # A grouper that restarts meanwhile asks the budget actor for them (``actors.remote.rewire``).
         end = time.monotonic() + timeout_s
         _through_restarts(self._ray, lambda: [g.set_budgets.remote(version, specs) for g in self._h["groupers"]],
                           end)
+        return True
 
     def _budget_call(self, method: str, *args: Any, timeout_s: float) -> Any:
         if not self._running:

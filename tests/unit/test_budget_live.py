@@ -243,3 +243,63 @@ def test_smartbatch_budget_sets_lists_and_removes_a_served_engines_budgets(monke
     assert r.exit_code == 0 and r.output.startswith("removed budget tenant=acme/1d")
     assert "has no budget" in CliRunner().invoke(app, ["budget", "list", "--name", "prod"]).output
     eng._ray.loop.close()
+
+
+class _SlowRedis:
+    """What a Redis ledger's live change uses of its client, each write taking a turn of the loop as a real one
+    does; ``down`` fails every call as an unreachable Redis."""
+
+    def __init__(self):
+        self.kept: dict[str, str] = {}
+        self.down = False
+
+    async def set(self, key, body, ex=None):
+        await asyncio.sleep(0)
+        if self.down:
+            raise ConnectionError("Connection refused")
+        self.kept[key] = body
+
+    async def get(self, key):
+        if self.down:
+            raise ConnectionError("Connection refused")
+        return self.kept.get(key)
+
+    async def hgetall(self, key):
+        if self.down:
+            raise ConnectionError("Connection refused")
+        return {}
+
+
+def _redis_controller(client: _SlowRedis, specs=(DAY,), ledger_id: str = "L") -> BudgetController:
+    ctl = BudgetController(BudgetSettings(specs=specs, redis_url="redis://127.0.0.1:1/0"), None, ManualClock(0.0),
+                           ledger_id=ledger_id)
+    ctl.book.client = client  # never connected: its calls are these
+    return ctl
+
+
+def test_two_changes_at_once_on_a_redis_ledger_are_both_made_and_numbered_apart():
+    async def go():
+        ctl = _redis_controller(_SlowRedis())
+        beta, gpt = BudgetSpec(tenant="beta", max_budget=2.0), BudgetSpec(model="gpt-5-mini", max_budget=3.0)
+        (v1, _), (v2, _) = await asyncio.gather(ctl.change_budgets([beta]), ctl.change_budgets([gpt]))
+        assert sorted((v1, v2)) == [1, 2]  # one number per change: a grouper told both keeps the later
+        assert set(ctl.book.specs) == {DAY, beta, gpt}  # neither change dropped the other
+    asyncio.run(go())
+
+
+def test_two_drivers_changing_one_budget_at_once_keep_both_changes():
+    eng = _driver()
+    method = eng._h["budget"].budget_specs
+    read = method.fn
+
+    async def read_then_another_driver_lowers_the_limit():
+        seen = await read()
+        method.fn = read
+        await eng.ctl.change_budgets([DAY.model_copy(update={"max_budget": 0.2})])  # lands between read and write
+        return seen
+
+    method.fn = read_then_another_driver_lowers_the_limit
+    eng.set_budget(tenant="acme", budget_duration="1d", soft_budget=0.1)
+    assert [(s.max_budget, s.soft_budget) for s in eng.ctl.book.specs] == [(0.2, 0.1)]  # the lower limit kept
+    assert eng.grouper.budget_specs == tuple(eng.ctl.book.specs)
+    eng.stop()
