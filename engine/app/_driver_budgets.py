@@ -22,7 +22,13 @@ class LiveBudgeting:
     def budgets(self, timeout_s: float = 60.0) -> list[dict]:
         """Each budget in force, its current window: budget (its name), window, budget_duration, max_budget,
         soft_budget, spent_usd, reserved_usd, remaining_usd, soft_exceeded (as ``report()['budget']['budgets']``)."""
-        return self._budget_call("report", timeout_s=timeout_s)["budgets"]
+        rep = self._budget_call("report", timeout_s=timeout_s)
+        ledger = rep.get("ledger")
+        if ledger is not None and not ledger["up"]:  # its rows are empty then: read as "no budget" (a hunt)
+            raise ConfigError(f"engine {self.name!r}: its budget ledger's Redis at {ledger['redis_url']} is "
+                              f"unavailable ({ledger['error']}): its budgets cannot be read now; try again once it "
+                              "answers")
+        return rep["budgets"]
 
     def set_budget(self, budget: BudgetSpec | Mapping[str, Any] | None = None, *, timeout_s: float = 60.0,
                    **fields: Any) -> dict:
@@ -42,7 +48,11 @@ class LiveBudgeting:
             spec = budget_of(given, current, self.catalog)
             if self._change_budgets([spec], [], timeout_s, base):
                 break
-        return next(r for r in self.budgets(timeout_s) if r["budget"] == spec.name)
+        try:
+            return next(r for r in self.budgets(timeout_s) if r["budget"] == spec.name)
+        except (ConfigError, StopIteration) as exc:  # made: never said as failed (another driver may remove it)
+            raise ConfigError(f"budget {spec.name} set (change {base + 1}), but its window cannot be read now: "
+                              f"{exc or 'another change removed it since'}") from None
 
     def remove_budget(self, name: str, *, timeout_s: float = 60.0) -> dict:
         """Remove the budget ``name`` (as ``budgets()`` names it, e.g. ``tenant=acme/1d``) while the engine runs:

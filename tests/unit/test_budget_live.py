@@ -191,14 +191,15 @@ class _Ray:
         return x
 
 
-def _driver(specs=(DAY,)):
-    """An engine's budget methods (``LiveBudgeting``) on a budget actor and a grouper, through ``_Ray``."""
+def _driver(specs=(DAY,), ctl=None):
+    """An engine's budget methods (``LiveBudgeting``) on a budget actor (``ctl``, else one of memory) and a
+    grouper, through ``_Ray``."""
     from engine.app._driver_budgets import LiveBudgeting
 
     class Driver(LiveBudgeting):
         def __init__(self):
             self._ray = _Ray()
-            self.ctl = BudgetController(BudgetSettings(specs=specs), None, ManualClock(0.0))
+            self.ctl = ctl or BudgetController(BudgetSettings(specs=specs), None, ManualClock(0.0))
             self.grouper = Grouper(load_policy("naive", CAT), CAT, ManualClock(0.0), {}, self.ctl, ResultHub(),
                                    budget_specs=specs)
             self._h = {"budget": self._ray.handle(self.ctl), "groupers": [self._ray.handle(self.grouper)]}
@@ -302,4 +303,23 @@ def test_two_drivers_changing_one_budget_at_once_keep_both_changes():
     eng.set_budget(tenant="acme", budget_duration="1d", soft_budget=0.1)
     assert [(s.max_budget, s.soft_budget) for s in eng.ctl.book.specs] == [(0.2, 0.1)]  # the lower limit kept
     assert eng.grouper.budget_specs == tuple(eng.ctl.book.specs)
+    eng.stop()
+
+
+def test_a_redis_ledger_down_is_said_not_read_as_no_budget_and_a_change_it_took_is_not_called_failed():
+    redis = _SlowRedis()
+    eng = _driver(ctl=_redis_controller(redis))
+    redis.down = True
+    with pytest.raises(ConfigError, match=r"budget ledger's Redis .* unavailable .*ConnectionError.*try again"):
+        eng.budgets()  # was [] (`smartbatch budget list`: "has no budget")
+    redis.down, eng.ctl._down_until = False, None
+
+    async def down_once_kept(key, body, ex=None):  # the change is kept, then Redis goes before its window is read
+        redis.kept[key] = body
+        redis.down = True
+
+    redis.set = down_once_kept
+    with pytest.raises(ConfigError, match=r"budget tenant=acme/1d set \(change 1\), but its window cannot be read"):
+        eng.set_budget(tenant="acme", budget_duration="1d", max_budget=4.0)  # was StopIteration
+    assert eng.ctl.book.specs[0].max_budget == 4.0 and eng.grouper.budget_specs == tuple(eng.ctl.book.specs)
     eng.stop()
