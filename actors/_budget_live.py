@@ -65,6 +65,9 @@ class LiveBudgets:
                 await self._write_specs(version, specs)
             except self._errors as exc:
                 self._failed(exc)
+                # Redis may have kept it and lost only the reply: the budgets in force are written back at the
+                # next call it answers, or a restart of this actor would take up the change refused (a hunt).
+                self._specs_unsure = True
                 raise ConfigError(f"the budget ledger's Redis did not take the change ({self._describe(exc)}): "
                                   "the budget change was not made; try again once it answers") from None
             self._recovered()
@@ -80,6 +83,15 @@ class LiveBudgets:
     async def _write_specs(self, version: int, specs: tuple[BudgetSpec, ...]) -> None:
         body = json.dumps({"version": version, "specs": [s.model_dump() for s in specs]})
         await self.book.client.set(self._specs_key(), body, ex=SPECS_TTL_S)
+
+    async def _rewrite_specs(self) -> None:
+        """Write the budgets in force over a change Redis may have kept though it was refused."""
+        try:
+            await self._write_specs(self.spec_version, tuple(self.book.specs))
+        except self._errors as exc:
+            self._failed(exc)
+        else:
+            self._specs_unsure = False
 
     async def _read_specs(self) -> None:
         """A Redis ledger restarted by Ray: take back the budgets changed live, kept in its Redis. Tried again at

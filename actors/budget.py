@@ -110,6 +110,7 @@ class BudgetController(LedgerJournal, LiveBudgets, BudgetReports, Warm):
         self.spec_version = 0  # budgets changed live so far (``LiveBudgets``): 0, those of the settings
         self._specs_unread = False  # a Redis ledger restarted by Ray has not read its live budgets back yet
         self._specs_lock: asyncio.Lock | None = None  # one live change at a time (``LiveBudgets``)
+        self._specs_unsure = False  # a refused change's write may be in Redis: the budgets in force go over it
 
     def __repr__(self) -> str:
         ledger = "" if not self._errors else f", redis_up={self._down_until is None}, unsettled={len(self._outbox)}"
@@ -231,6 +232,8 @@ class BudgetController(LedgerJournal, LiveBudgets, BudgetReports, Warm):
             await self._restoring.wait()
         if self._specs_unread:
             await self._read_specs()
+        elif self._specs_unsure and self._usable():
+            await self._rewrite_specs()
 
     async def _settle(self, items: list[tuple[str, float]]) -> bool:
         """Settle ``items`` after whatever the outbox holds; on a Redis failure keep them all in the outbox

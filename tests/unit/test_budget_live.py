@@ -323,3 +323,26 @@ def test_a_redis_ledger_down_is_said_not_read_as_no_budget_and_a_change_it_took_
         eng.set_budget(tenant="acme", budget_duration="1d", max_budget=4.0)  # was StopIteration
     assert eng.ctl.book.specs[0].max_budget == 4.0 and eng.grouper.budget_specs == tuple(eng.ctl.book.specs)
     eng.stop()
+
+
+def test_a_change_refused_when_redis_lost_the_reply_is_not_taken_up_by_a_restart():
+    async def go():
+        redis = _SlowRedis()
+        ctl = _redis_controller(redis)
+        plain_set = redis.set
+
+        async def kept_but_no_reply(key, body, ex=None):
+            redis.kept[key] = body
+            raise asyncio.TimeoutError
+
+        redis.set = kept_but_no_reply
+        with pytest.raises(ConfigError, match="the budget change was not made"):
+            await ctl.change_budgets([DAY.model_copy(update={"max_budget": 50.0})])
+        redis.set = plain_set
+        ctl._down_until = 0.0  # its retry time has come: Redis answers again
+        await ctl.budget_specs()
+        # Ray restarts the actor: it takes back what its Redis keeps.
+        again = _redis_controller(redis)
+        again.reconstructed()
+        assert await again.budget_specs() == (0, (DAY,))  # not the refused $50 limit
+    asyncio.run(go())
