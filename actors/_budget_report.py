@@ -29,12 +29,12 @@ class BudgetReports:
     async def _report_soon(self) -> None:
         while self._dirty:
             self._dirty = False
-            try:
-                rows = await self._rows() if self._usable() else []
+            try:  # None: unread (Redis down), not "no budget", which would take every gauge off the page
+                rows = await self._rows() if self._usable() else None
             except self._errors as exc:
                 self._failed(exc)
-                rows = []
-            self._say_soft(rows)
+                rows = None
+            self._say_soft(rows or [])
             self.hub.send("observe_budget", rows, dict(self.refusals))
             self._arm_window_end()
             await asyncio.sleep(METRICS_EVERY_S)

@@ -108,6 +108,7 @@ class EngineMetrics:
         self.budget_refusals = Counter("smartbatch_budget_refusals", "Reservations refused, by reason (wait, "
                                        "deferred, budget_exhausted, budget_unavailable)", ["reason"], registry=r)
         self._refusals_seen: dict[str, int] = {}
+        self._budgets_shown: set[str] = set()  # budgets whose gauges the page shows
         self.cache_lookups = Counter("smartbatch_cache_lookups", "Cache lookups by result (exact_memory, "
                                      "exact_redis, near, in_flight, miss; released: in-flight followers "
                                      "sent on their own at their release time)", ["result"], registry=r)
@@ -230,12 +231,25 @@ class EngineMetrics:
         for mode, waits in c.get("rate_limit_wait_s", {}).items():
             _observe_all(self.rate_limit_wait_s.labels(provider, mode), np.maximum(waits, 0.0))
 
-    def observe_budget(self, rows: list[dict], refusals: dict[str, int]) -> None:
-        for row in rows:
+    def observe_budget(self, rows: list[dict] | None, refusals: dict[str, int]) -> None:
+        """``rows``: each budget in force, its current window; None when the ledger could not be read (the
+        gauges stay as they were). A budget removed, or its soft limit, leaves the page: its last figures kept
+        a removed budget's remaining, and an alert on it, for the rest of the run (a hunt)."""
+        if rows is not None:
+            names = {r["budget"] for r in rows}
+            gauges = (self.budget_limit, self.budget_soft, self.budget_spent, self.budget_reserved,
+                      self.budget_remaining)
+            for b in self._budgets_shown - names:
+                for g in gauges:
+                    g.remove(b)
+            self._budgets_shown = names
+        for row in rows or ():
             b = row["budget"]
             self.budget_limit.labels(b).set(row["max_budget"])
             if row.get("soft_budget") is not None:
                 self.budget_soft.labels(b).set(row["soft_budget"])
+            else:
+                self.budget_soft.remove(b)
             self.budget_spent.labels(b).set(row["spent_usd"])
             self.budget_reserved.labels(b).set(row["reserved_usd"])
             self.budget_remaining.labels(b).set(row["remaining_usd"])

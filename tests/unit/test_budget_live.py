@@ -271,8 +271,8 @@ class _SlowRedis:
         return {}
 
 
-def _redis_controller(client: _SlowRedis, specs=(DAY,), ledger_id: str = "L") -> BudgetController:
-    ctl = BudgetController(BudgetSettings(specs=specs, redis_url="redis://127.0.0.1:1/0"), None, ManualClock(0.0),
+def _redis_controller(client: _SlowRedis, specs=(DAY,), ledger_id: str = "L", hub=None) -> BudgetController:
+    ctl = BudgetController(BudgetSettings(specs=specs, redis_url="redis://127.0.0.1:1/0"), hub, ManualClock(0.0),
                            ledger_id=ledger_id)
     ctl.book.client = client  # never connected: its calls are these
     return ctl
@@ -346,3 +346,44 @@ def test_a_change_refused_when_redis_lost_the_reply_is_not_taken_up_by_a_restart
         again.reconstructed()
         assert await again.budget_specs() == (0, (DAY,))  # not the refused $50 limit
     asyncio.run(go())
+
+
+def test_a_removed_budget_and_a_removed_soft_limit_leave_the_metrics_page_and_an_unread_ledger_leaves_it_be():
+    from actors.metrics import EngineMetrics
+
+    m = EngineMetrics()
+    row = {"budget": "tenant=acme/1d", "window": "0", "budget_duration": "1d", "max_budget": 1.0,
+           "soft_budget": 0.5, "spent_usd": 0.9, "reserved_usd": 0.0, "remaining_usd": 0.1, "soft_exceeded": True}
+    other = {**row, "budget": "global", "budget_duration": None}
+
+    def shown(name: str, metric: str = "smartbatch_budget_remaining_usd"):
+        return m.registry.get_sample_value(metric, {"budget": name})
+
+    m.observe_budget([row, other], {})
+    m.observe_budget([other], {})  # tenant=acme/1d removed
+    assert shown("tenant=acme/1d") is None and shown("tenant=acme/1d", "smartbatch_budget_limit_usd") is None
+    m.observe_budget([{**other, "soft_budget": None}], {})  # its soft limit removed (--no-soft)
+    assert shown("global", "smartbatch_budget_soft_limit_usd") is None and shown("global") == 0.1
+    m.observe_budget(None, {})  # the ledger's Redis down: its rows unread, the gauges left as they were
+    assert shown("global") == 0.1
+
+
+def test_the_budget_gauges_are_sent_as_unread_while_the_ledgers_redis_is_down():
+    async def go():
+        hub, sent = ResultHub(), asyncio.Queue()
+        observe = hub.observe_budget
+
+        async def observed(rows, refusals):
+            await observe(rows, refusals)
+            sent.put_nowait(rows)
+
+        hub.observe_budget = observed
+        redis = _SlowRedis()
+        ctl = _redis_controller(redis, hub=hub)
+        redis.down = True
+        ctl._changed(journal=False)
+        rows = await asyncio.wait_for(sent.get(), 10)
+        ctl._reported.cancel()
+        return rows
+
+    assert asyncio.run(go()) is None  # [] read as "no budget" would take every gauge off the page
