@@ -27,7 +27,7 @@ class LedgerJournal:
         live = ((self.spec_version, [s.model_dump() for s in b.by_name.values()], [s.name for s in b.specs])
                 if self.spec_version else None)
         return (dict(b.spent), dict(b.reserved), dict(b.claims), dict(b.spend), dict(self.refusals), list(b.ended),
-                b.ended_overrun, b.latest, set(b.charged), live)
+                b.ended_overrun, b.latest, set(b.charged), live, dict(b.granted))
 
     async def _journal_soon(self) -> None:
         # One write at a time, of every change made before it: the changes made while one is out go in the next.
@@ -87,8 +87,10 @@ class LedgerJournal:
         if snap is None:
             return False
         b = self.book
-        # 5 parts before ended windows, 7 before latest, 8 before charged, 9 before the budgets changed live
+        # 5 parts before ended windows, 7 before latest, 8 before charged, 9 before the budgets changed live, 10
+        # before what windows had granted under a limit lowered since
         spent, reserved, claims, spend, refusals, *ended = snap
+        granted = ended.pop(5) if len(ended) > 5 else {}
         live = ended.pop(4) if len(ended) > 4 else None
         if live is not None:  # the budgets first: the windows' ends are read from them
             version, known, names = live
@@ -97,6 +99,7 @@ class LedgerJournal:
             b.by_name.update(known)
             self.spec_version = version
         b.restore(spent, reserved, claims, spend, *ended)
+        b.granted = dict(granted)
         self.refusals.update(refusals)
         stale = list(b.claims)
         if stale:

@@ -52,6 +52,9 @@ class BudgetBook:
         self._ends: list[tuple[float, str]] = []  # heap of (end, key) of the windows held that end
         self._ended_held: set[str] = set()  # ended, but a claim still refers to it
         self.latest = -math.inf  # the latest time given: no window it has passed is opened again
+        # Window key -> what its spend and claims reached under a limit lowered since (``set_specs``): granted
+        # under the limit then in force, it is no overrun of the lower one (``overrun_usd``).
+        self.granted: dict[str, float] = {}
 
     def __repr__(self) -> str:
         return (f"BudgetBook(specs={len(self.specs)}, open={len(self.claims)}, "
@@ -62,6 +65,14 @@ class BudgetBook:
         """The budgets from now on (a live change): a budget keeps its windows' spend and reservations by its
         name, so a limit changed mid-window counts what that window spent and holds already. A budget removed
         is named still by the windows it left (``by_name``), which end and report as any other."""
+        held = set(self.spent) | set(self.reserved)
+        for s in specs:
+            old = self.by_name.get(s.name)
+            if old is None or s.max_budget >= old.max_budget:
+                continue
+            for k in (k for k in held if k.rsplit("@", 1)[0] == s.name):
+                granted = min(old.max_budget, self.spent.get(k, 0.0) + self.reserved.get(k, 0.0))
+                self.granted[k] = max(self.granted.get(k, 0.0), granted)
         self.specs = list(specs)
         self.by_name.update((s.name, s) for s in self.specs)
         self.covering = Covering(self.specs)
@@ -128,7 +139,11 @@ class BudgetBook:
         self._refs.pop(k, None)
         row = window_row(self.by_name[k.rsplit("@", 1)[0]], k, self.spent.pop(k, 0.0), self.reserved.pop(k, 0.0))
         self.ended.append(row)
-        self.ended_overrun += max(row["spent_usd"] - row["max_budget"], 0.0)
+        self.ended_overrun += self._over(k, row)
+        self.granted.pop(k, None)
+
+    def _over(self, k: str, row: dict) -> float:
+        return max(row["spent_usd"] - max(row["max_budget"], self.granted.get(k, 0.0)), 0.0)
 
     def restore(self, spent: dict, reserved: dict, claims: dict, spend: dict, ended: tuple = (),
                 ended_overrun: float = 0.0, latest: float = -math.inf, charged: set = frozenset()) -> None:
@@ -204,10 +219,12 @@ class BudgetBook:
         return sorted(rows, key=lambda r: (float(r["window"]), f"{r['budget']}@{r['window']}"))
 
     def overrun_usd(self) -> float:
-        """Spend past the hard limit, summed over every window (the invariant says 0)."""
-        held = (window_row(self.by_name[k.rsplit("@", 1)[0]], k, self.spent.get(k, 0.0), self.reserved.get(k, 0.0))
-                for k in set(self.spent) | set(self.reserved))
-        return self.ended_overrun + sum(max(r["spent_usd"] - r["max_budget"], 0.0) for r in held)
+        """Spend past the hard limit, summed over every window (the invariant says 0). A limit lowered mid-window
+        counts from what the window had granted under the one before: read against the lower limit alone, that
+        spend showed as an overrun the ledger never made (a hunt)."""
+        held = ((k, window_row(self.by_name[k.rsplit("@", 1)[0]], k, self.spent.get(k, 0.0),
+                               self.reserved.get(k, 0.0))) for k in set(self.spent) | set(self.reserved))
+        return self.ended_overrun + sum(self._over(k, r) for k, r in held)
 
     def reserved_total(self) -> float:
         """What the open claims hold, each once: a claim is held in every budget that covers it, and the sum of

@@ -387,3 +387,23 @@ def test_the_budget_gauges_are_sent_as_unread_while_the_ledgers_redis_is_down():
         return rows
 
     assert asyncio.run(go()) is None  # [] read as "no budget" would take every gauge off the page
+
+
+def test_a_lowered_limit_reads_no_overrun_for_what_it_had_granted_and_a_real_one_still_counts():
+    async def go():
+        hub = ResultHub()
+        ctl = BudgetController(BudgetSettings(specs=(DAY,)), hub, ManualClock(0.0))
+        await ctl.reserve_many([_claim("sent", 0.5), _claim("done", 0.4)])
+        await ctl.settle_many([("done", 0.4)])
+        await ctl.change_budgets([DAY.model_copy(update={"max_budget": 0.3})])
+        await ctl.settle_many([("sent", 0.45)])  # granted under the $1 limit: no overrun of any
+        assert (await ctl.report())["overrun_usd"] == 0.0
+        again = BudgetController(BudgetSettings(specs=(DAY,)), hub, ManualClock(0.0))
+        again.reconstructed()  # Ray restarts it: read back from the journal, the reading holds
+        assert (await again.report())["overrun_usd"] == 0.0
+        from engine.core.budgets import Charge
+
+        # Spend no claim covered, past what the window had granted (0.9): that is an overrun, and it counts.
+        await again.charge_many([Charge("x", "acme", "openai", "gpt-5-mini", 0.1)])
+        assert (await again.report())["overrun_usd"] == pytest.approx(0.05)
+    asyncio.run(go())
