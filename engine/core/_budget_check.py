@@ -63,9 +63,22 @@ def budget_of(fields: BudgetSpec | Mapping[str, Any], current: Iterable[BudgetSp
     try:
         spec = BudgetSpec.model_validate(merged)
     except ValidationError as exc:
+        kept = merged.get("soft_budget") if "soft_budget" not in given else None
+        if kept is not None and _valid({**merged, "soft_budget": None}):  # --max alone, under the soft limit kept
+            raise ConfigError(f"budget {name}: max_budget {merged['max_budget']} is below its soft limit {kept}, "
+                              "kept from the running budget: give a soft limit at most the new limit too "
+                              "(soft_budget, --soft) or remove it (soft_budget=None, --no-soft)") from None
         raise _config_error(exc, name) from None
     check_budgets(catalog, BudgetSettings(specs=(spec,)), where="budget", fix=LIVE_FIX)
     return spec
+
+
+def _valid(fields: Mapping[str, Any]) -> bool:
+    try:
+        BudgetSpec.model_validate(fields)
+    except ValidationError:
+        return False
+    return True
 
 
 def _config_error(exc: ValidationError, name: str = "") -> ConfigError:

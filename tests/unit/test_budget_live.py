@@ -407,3 +407,15 @@ def test_a_lowered_limit_reads_no_overrun_for_what_it_had_granted_and_a_real_one
         await again.charge_many([Charge("x", "acme", "openai", "gpt-5-mini", 0.1)])
         assert (await again.report())["overrun_usd"] == pytest.approx(0.05)
     asyncio.run(go())
+
+
+def test_a_limit_lowered_under_the_soft_limit_it_keeps_says_which_and_how_to_fix_it():
+    from engine.core._budget_check import budget_of
+
+    running = DAY.model_copy(update={"soft_budget": 0.8})
+    with pytest.raises(ConfigError) as err:  # `smartbatch budget set --tenant acme --duration 1d --max 0.5`
+        budget_of({"tenant": "acme", "budget_duration": "1d", "max_budget": 0.5}, (running,), CAT)
+    said = str(err.value)
+    assert "soft limit 0.8, kept from the running budget" in said and "--soft" in said and "--no-soft" in said
+    assert budget_of({"tenant": "acme", "budget_duration": "1d", "max_budget": 0.5, "soft_budget": None},
+                     (running,), CAT).soft_budget is None
