@@ -58,8 +58,17 @@ class LiveBudgeting:
         """Remove the budget ``name`` (as ``budgets()`` names it, e.g. ``tenant=acme/1d``) while the engine runs:
         the work it held back is tried at once. Returns its last window."""
         last = next((r for r in self.budgets(timeout_s) if r["budget"] == name), None)
-        self._change_budgets([], [name], timeout_s)
-        return last
+        made = False
+        while True:
+            base, current = self._budget_call("budget_specs", timeout_s=timeout_s)
+            if made and name not in {s.name for s in current}:
+                # Made by a call whose answer a restart of the budget actor cut (asked again, it found the budget
+                # gone and was refused: "no budget named" of a removal made, and no grouper told; a hunt).
+                self._tell_groupers(base, current, timeout_s)
+                return last
+            made = True
+            if self._change_budgets([], [name], timeout_s, base):
+                return last
 
     def _change_budgets(self, put: list[BudgetSpec], remove: list[str], timeout_s: float,
                         base: int | None = None) -> bool:
@@ -67,12 +76,14 @@ class LiveBudgeting:
         made = self._budget_call("change_budgets", put, remove, base, timeout_s=timeout_s)
         if made is None:
             return False
-        version, specs = made
+        self._tell_groupers(*made, timeout_s)
+        return True
+
+    def _tell_groupers(self, version: int, specs: tuple, timeout_s: float) -> None:
         # A grouper that restarts meanwhile asks the budget actor for them (``actors.remote.rewire``).
         end = time.monotonic() + timeout_s
         _through_restarts(self._ray, lambda: [g.set_budgets.remote(version, specs) for g in self._h["groupers"]],
                           end)
-        return True
 
     def _budget_call(self, method: str, *args: Any, timeout_s: float) -> Any:
         if not self._running:

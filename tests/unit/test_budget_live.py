@@ -419,3 +419,21 @@ def test_a_limit_lowered_under_the_soft_limit_it_keeps_says_which_and_how_to_fix
     assert "soft limit 0.8, kept from the running budget" in said and "--soft" in said and "--no-soft" in said
     assert budget_of({"tenant": "acme", "budget_duration": "1d", "max_budget": 0.5, "soft_budget": None},
                      (running,), CAT).soft_budget is None
+
+
+def test_a_change_whose_answer_a_budget_actor_restart_cut_is_made_once_said_made_and_told_to_the_groupers():
+    eng = _driver()
+    method = eng._h["budget"].change_budgets
+    make = method.remote
+
+    def made_then_cut(*args):  # kept, then Ray restarts the actor before it answers: the driver asks again
+        make(*args)
+        method.remote = make
+        raise _Ray.exceptions.ActorUnavailableError("the actor is restarting")
+
+    method.remote = made_then_cut
+    assert eng.set_budget(tenant="acme", budget_duration="1d", max_budget=3.0)["max_budget"] == 3.0
+    method.remote = made_then_cut
+    assert eng.remove_budget("tenant=acme/1d")["max_budget"] == 3.0  # was "no budget named 'tenant=acme/1d' runs"
+    assert eng.ctl.book.specs == [] and eng.grouper.budget_specs == () and not eng.grouper.budget_limited
+    eng.stop()
