@@ -25,7 +25,7 @@ _MAX_DURATION_S = 365 * 86400.0 / 1.2
 def trace_from_azure(csv: Path = typer.Argument(..., help="an Azure LLM inference trace CSV"),
                      out: Path = typer.Option(..., "--out", help="where to write the JSONL trace"),
                      seed: int = typer.Option(0, min=0, help="seed of the assignment rules"),
-                     model: str | None = typer.Option(None, help="force one model, as provider/model"),
+                     model: str | None = typer.Option(None, help="force one model (provider/model where two providers offer it)"),
                      limit: int | None = typer.Option(None, min=1, help="only the first N rows"),
                      catalog: Path | None = typer.Option(None, help="catalog YAML (default: packaged)")) -> None:
     """Azure CSV (TIMESTAMP, ContextTokens, GeneratedTokens) to a trace."""
@@ -45,7 +45,7 @@ def trace_from_azure(csv: Path = typer.Argument(..., help="an Azure LLM inferenc
 def trace_from_mooncake(jsonl: Path = typer.Argument(..., help="a Mooncake trace JSONL"),
                         out: Path = typer.Option(..., "--out", help="where to write the JSONL trace"),
                         seed: int = typer.Option(0, min=0, help="seed of the assignment rules"),
-                        model: str | None = typer.Option(None, help="force one model, as provider/model"),
+                        model: str | None = typer.Option(None, help="force one model (provider/model where two providers offer it)"),
                         limit: int | None = typer.Option(None, min=1, help="only the first N rows"),
                         catalog: Path | None = typer.Option(None, help="catalog YAML (default: packaged)")) -> None:
     """Mooncake JSONL (timestamp, input_length, output_length, hash_ids) to a trace."""

@@ -49,10 +49,17 @@ Problems = list[tuple[str, int, str, str]]
 def _parse_model(model: str | None, catalog: Catalog) -> tuple[str, str] | None:
     if model is None:
         return None
-    if "/" not in model:
-        raise TraceError([("--model", 0, "model", f"{model!r}: write it as provider/model, e.g. openai/gpt-5")],
-                         hint="")
-    prov, name = model.split("/", 1)
+    if "/" in model:
+        prov, name = model.split("/", 1)
+    else:  # a model one provider offers names its provider, as a trace line's model does
+        offers = [f"{pn}/{model}" for pn, p in catalog.providers.items() if model in p.models]
+        if len(offers) > 1:
+            raise TraceError([("--model", 0, "model", f"{model!r} is offered by several providers: write it as "
+                               f"provider/model, one of {offers}")], hint="")
+        try:
+            prov, name = catalog.find_model(model)[0], model
+        except CatalogError as exc:
+            raise TraceError([("--model", 0, "model", f"{exc}")], hint="") from None
     try:
         spec = catalog.model(prov, name)
     except CatalogError as exc:

@@ -54,8 +54,12 @@ def test_builders_are_seeded(real_data):
 
 
 def test_bad_model_option_is_explained(real_data):
-    with pytest.raises(TraceError, match="provider/model"):
-        from_azure(real_data / "azure_llm_2023_code.csv", model="gpt-5", limit=3)
+    # A model named alone takes its provider (since stop 64; it was refused, "write it as provider/model").
+    assert {r.provider for r in from_azure(real_data / "azure_llm_2023_code.csv", model="gpt-5", limit=3)} == {"openai"}
+    with pytest.raises(TraceError, match="gpt-55.*did you mean"):
+        from_azure(real_data / "azure_llm_2023_code.csv", model="gpt-55", limit=3)
+    with pytest.raises(TraceError, match="openai/gpt-55"):
+        from_azure(real_data / "azure_llm_2023_code.csv", model="openai/gpt-55", limit=3)
 
 
 def test_synth_is_deterministic_and_mixed(tmp_path):
