@@ -141,6 +141,9 @@ class SyncCalls:
         if v != "retry":  # a replay of a call another run made and counted is not billed again (a helper's tour)
             self._quota.ended(r.uid)
             paid = a.ok and (not a.replayed or self._unanswered[r.uid])
+            if a.ok and not paid:
+                self.replayed += 1
+                self.replayed_usd += a.cost
             if why is not None:
                 a = a._replace(error=f"{a.error} (after {j.throttled} rate limit(s) waited out, not tries; {why})")
             self._final(b, j, a.ok, a.cost if paid else 0.0, mode, a)

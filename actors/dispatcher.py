@@ -71,6 +71,9 @@ class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, R
         self.paid_twice, self.paid_twice_usd = 0, 0.0  # members a too-slow cancel still finished after sent again
         self.key_conflicts = 0  # sync calls the provider refused with 409: their key was billed with another body
         self.possibly_billed, self.possibly_billed_usd = 0, 0.0  # failed requests whose call timed out (charged)
+        # Answers the provider gave again under their Idempotency-Key (an earlier run's calls, paid then): counted 0
+        # here, and counted, so a second run of a trace against the emulator says why it cost less (a tour)
+        self.replayed, self.replayed_usd = 0, 0.0
         self._unanswered: Counter[str] = Counter()  # uid -> its sync calls that got no answer (maybe billed)
         self._quota = QuotaStop()  # a billing refusal, held for the other requests (``SyncCalls``)
         self.groupers = [as_peer(g) for g in groupers]
@@ -362,6 +365,7 @@ class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, R
                "batches_cancelled": self.batches_cancelled, "members_saved_by_cancel": self.members_saved_by_cancel,
                "paid_twice": self.paid_twice, "paid_twice_usd": round(self.paid_twice_usd, 6),
                "possibly_billed": self.possibly_billed, "possibly_billed_usd": round(self.possibly_billed_usd, 6),
+               "replayed": self.replayed, "replayed_usd": round(self.replayed_usd, 6),
                 "key_conflicts": self.key_conflicts, "quota_unsent": self._quota.refused, "open_batches": len(self._open),
                 "reattached": self.reattached, "resumed_calls": self.resumed_calls, "journal_unread": self.journal_unread,
                 **self._files.stats()}

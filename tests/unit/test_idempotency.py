@@ -81,6 +81,28 @@ def test_an_answer_the_provider_replays_under_its_key_costs_nothing_again(emu, p
     asyncio.run(go())
 
 
+def test_a_replayed_answer_is_counted_per_provider_with_what_the_earlier_run_paid(emu):  # noqa: F811
+    """A second `smartbatch run` of the README's trace against the same emulator cost $24.73 against a bound of
+    $28.12, every deadline met, and the table put it down to "missing deadlines": nothing said its sync answers
+    were the first run's, replayed and counted 0 (a helper's README tour)."""
+    r = Request.model_validate({"id": "again", "arrival_s": 0.0, "model": "gpt-5.4-mini", "input_tokens": 50,
+                                "output_tokens": 5, "prompt": "Say hi."})
+
+    async def go():
+        first, second = Rig(emu, "openai"), Rig(emu, "openai")
+        try:
+            a = await sync_result(first, Job(0, r, "fp"))
+            b = await sync_result(second, Job(0, r, "fp"))
+            assert a.cost_usd > 0 and b.cost_usd == 0.0
+            one, two = await first.d.stats(), await second.d.stats()
+            assert (one["replayed"], one["replayed_usd"]) == (0, 0.0)
+            assert (two["replayed"], two["replayed_usd"]) == (1, pytest.approx(a.cost_usd, abs=1e-6))
+        finally:
+            await first.close()
+            await second.close()
+    asyncio.run(go())
+
+
 def test_a_409_for_a_reused_key_fails_at_once_and_says_the_provider_billed_it(emu):  # noqa: F811
     """Another client used the engine's key with another body first (the provider billed that call). The
     engine's call is refused with 409: sent again under that key it can only be refused again, and under a

@@ -36,3 +36,28 @@ def test_a_builders_model_alone_that_no_provider_or_two_offer_says_what_to_write
         _parse_model("gpt-5.4-mini", twice)
     assert _parse_model("azure/gpt-5.4-mini", twice) == ("azure", "gpt-5.4-mini")
 
+
+def test_a_live_run_that_got_an_earlier_runs_answers_says_so_not_missed_deadlines(monkeypatch):
+    """The second run of the README's `run --providers http` against the same emulator: $24.73 against a bound of
+    $28.12, every deadline met, explained as "below the bound by missing deadlines"."""
+    import io
+
+    from rich.console import Console
+
+    import engine.app.cli_report as cli_report
+
+    row = {"policy": "smart (live)", "cost_usd": 24.73, "saving_vs_naive": 0.539, "capture_of_achievable": 1.133,
+           "deadline_met_frac": 1.0, "deadline_met_by_priority": {"urgent": 1.0}, "failed": 0, "exact_hits": 0,
+           "in_flight_hits": 0, "near_hits": 0, "recommendations": {}, "rejected": {}, "sim_requests_per_s": None}
+    http = {"calls": "http", "batches_cancelled": 6, "members_saved_by_cancel": 345}
+    doc = {"trace": "conv", "requests": 19366, "lower_bound_usd": 28.12, "results": [row], "samples": [],
+           "engine_report": {"providers": {"openai": {**http, "replayed": 1234, "replayed_usd": 2.5},
+                                           "anthropic": {**http, "replayed": 0, "replayed_usd": 0.0}}}}
+    con = Console(width=200, record=True, file=io.StringIO())
+    monkeypatch.setattr(cli_report, "console", con)
+    cli_report.print_table(doc)
+    cli_report.print_providers(doc)
+    text = " ".join(con.export_text().split())
+    assert "below the bound by 1,234 answers an earlier run paid for" in text and "missing deadlines" not in text
+    assert "openai: real calls over HTTP" in text and "Idempotency-Key: 1,234 ($2.500000 then, $0 here)" in text
+    assert text.count("Idempotency-Key") == 1  # anthropic had none
