@@ -31,11 +31,11 @@ from typing import Any
 
 from fastapi import APIRouter
 from fastapi import Request as HttpRequest
-from fastapi.responses import Response
-from starlette.datastructures import UploadFile
 
+from engine.app._endpoint_files import MAX_FILE_BYTES, FileRoutes
 from engine.app._endpoint_job import CANCELLED_LINE as _CANCELLED
 from engine.app._endpoint_job import OPEN, BatchJob, cut_by_cancel, for_endpoint, submission, withdraw_open
+from engine.app._endpoint_msgbatches import MessageBatchRoutes
 from engine.app._endpoint_resume import TakeBack
 from engine.app._endpoint_state import EndpointState
 from engine.app._endpoint_wire import (
@@ -51,6 +51,7 @@ from engine.app._endpoint_wire import (
     smartbatch_fields,
     window_text,
 )
+from engine.core.answer_body import MESSAGES_URL
 from engine.core.batchfile import parse_batch_file, report, result_rows
 from engine.core.catalog import Catalog
 from engine.core.request import BATCH_LINE_URLS, Request
@@ -58,17 +59,19 @@ from engine.core.result import Result
 
 __all__ = ["FilesAndBatches", "MAX_FILE_BYTES"]
 
-MAX_FILE_BYTES = 200 * 1024 * 1024  # OpenAI's limit for a batch input file
 CANCEL_WAIT_S = 600.0  # real seconds a cancelling batch waits for its running lines (OpenAI: up to 10 minutes)
 # Unfinished batch lines the endpoint keeps in the engine at once. Past it a new batch fails, as OpenAI's does past
 # its enqueued-token limit: lines riding a 24-hour window hold the engine's max_pending places (100,000) for hours,
 # and chat calls, which share them, waited 60 s for room and got a 429 (a review).
 MAX_OPEN_LINES = 50_000
 log = logging.getLogger("smartbatch.endpoint")
+# A batch's endpoint: OpenAI's line urls (Anthropic's Messages lines come through ``/v1/messages/batches``).
+_OPENAI_URLS = [u for u in BATCH_LINE_URLS if u != MESSAGES_URL]
 
 
-class FilesAndBatches(TakeBack):
-    """The in-memory files and batches of one replica (see the module docstring), and their routes."""
+class FilesAndBatches(TakeBack, FileRoutes, MessageBatchRoutes):
+    """The in-memory files and batches of one replica (see the module docstring), and their routes (Anthropic's
+    Message Batches too, jobs of the same kind: ``_endpoint_msgbatches``)."""
 
     def __init__(self, engine: AsyncEngine, catalog: Catalog, *, window_default_s: float,
                  now: Callable[[], float] = time.time, cancel_wait_s: float = CANCEL_WAIT_S,
@@ -78,6 +81,7 @@ class FilesAndBatches(TakeBack):
         self.window_default_s, self.cancel_wait_s, self.max_open_lines = window_default_s, cancel_wait_s, max_open_lines
         self.files: dict[str, StoredFile] = self.state.files() if self.state is not None else {}
         self.batches: dict[str, BatchJob] = {}
+        self.message_counts: dict[str, dict[str, int]] = {}  # an ended Message Batch's counts, read once
         # Creates and cancels under way, each a task of its own (``_detach``), and the lines the creates bring.
         self._detached: set[asyncio.Task] = set()
         self._admitting = 0
@@ -97,6 +101,7 @@ class FilesAndBatches(TakeBack):
                 ("/v1/batches/{batch_id}/cancel", self.cancel_batch, "POST"),
                 ("/v1/batches/{batch_id}/smartbatch_report", self.batch_report, "GET")):
             r.add_api_route(path, route, methods=[method])
+        self.add_message_batch_routes(r)
         return r
 
     async def shutdown(self) -> None:
@@ -115,63 +120,6 @@ class FilesAndBatches(TakeBack):
                 self._take_done(job)
         if self.state is not None:
             self.state.close()
-
-    # -- files ----------------------------------------------------------------------------------------------
-    def _file(self, file_id: str, param: str = "file_id") -> StoredFile:
-        f = self.files.get(file_id)
-        if f is None:
-            raise ApiError(404, f"No such File object: {file_id}", param=param)
-        return f
-
-    def _add_file(self, filename: str, purpose: str, data: bytes, file_id: str | None = None) -> StoredFile:
-        """In memory, and on disk with a state directory (``OSError``: not there, the caller decides)."""
-        f = StoredFile(file_id or new_id("file-"), filename, purpose, data, int(self._now()))
-        self.files[f.id] = f
-        if self.state is not None:
-            self.state.save_file(f, strict=True)
-        return f
-
-    async def create_file(self, http: HttpRequest) -> dict:
-        if not http.headers.get("content-type", "").startswith("multipart/form-data"):
-            raise ApiError(400, "POST /v1/files takes multipart/form-data with the fields 'file' and "
-                                "'purpose'")
-        async with http.form(max_files=1, max_fields=4) as form:
-            purpose, upload = form.get("purpose"), form.get("file")
-            if purpose != "batch":
-                raise ApiError(400, f"purpose {purpose!r} is not supported here; upload batch input files "
-                                    "with purpose 'batch'", param="purpose")
-            if not isinstance(upload, UploadFile):
-                raise ApiError(400, "the form needs a 'file' part: the JSONL batch input file", param="file")
-            data = await upload.read(MAX_FILE_BYTES + 1)
-        if len(data) > MAX_FILE_BYTES:
-            raise ApiError(413, f"the file is over {MAX_FILE_BYTES:,} bytes (OpenAI's limit for a batch "
-                                "input file); split it into several batches", param="file")
-        try:
-            return self._add_file(upload.filename or "upload.jsonl", purpose, data, fid := new_id("file-")).view()
-        except OSError as exc:  # taken with 200 and gone at the next start (a helper's hunt: a full disk)
-            self.files.pop(fid, None)
-            raise self.state.no_room(exc, "the file") from None
-
-    async def list_files(self, purpose: str | None = None, limit: str | None = None, after: str | None = None,
-                         order: str = "desc") -> dict:
-        if order not in ("asc", "desc"):
-            raise ApiError(400, f"order {order!r} must be 'asc' or 'desc'", param="order")
-        items = [f.view() for f in self.files.values() if purpose is None or f.purpose == purpose]
-        return cursor_page(items[::-1] if order == "desc" else items, after=after, limit=limit,
-                           default_limit=10_000, max_limit=10_000)
-
-    async def get_file(self, file_id: str) -> dict:
-        return self._file(file_id).view()
-
-    async def delete_file(self, file_id: str) -> dict:
-        self._file(file_id)
-        del self.files[file_id]  # a batch made from it keeps its parsed lines (and on disk, its input)
-        if self.state is not None:
-            self.state.drop_file(file_id)
-        return {"id": file_id, "object": "file", "deleted": True}
-
-    async def file_content(self, file_id: str) -> Response:
-        return Response(self._file(file_id).data, media_type="application/octet-stream")
 
     # -- batches --------------------------------------------------------------------------------------------
     def _batch(self, batch_id: str) -> BatchJob:
@@ -192,8 +140,8 @@ class FilesAndBatches(TakeBack):
             raise ApiError(400, f"file {file_id} has purpose {src.purpose!r}; a batch reads a file uploaded "
                                 "with purpose 'batch'", param="input_file_id")
         endpoint = body.get("endpoint")
-        if endpoint not in BATCH_LINE_URLS:
-            raise ApiError(400, f"endpoint {endpoint!r} is not supported; use one of {list(BATCH_LINE_URLS)}",
+        if endpoint not in _OPENAI_URLS:
+            raise ApiError(400, f"endpoint {endpoint!r} is not supported; use one of {_OPENAI_URLS}",
                            param="endpoint")
         window = body.get("completion_window")
         window = window_text(self.window_default_s) if window is None else window
@@ -204,12 +152,8 @@ class FilesAndBatches(TakeBack):
                               catalog=self.catalog, settings=self.engine.settings, live=True)
         job.bf = for_endpoint(bf, endpoint)
         problems = bf.file_problems or ([] if bf.lines else [(file_id, 0, "file", "the file has no lines")])
-        held = self._admitting + sum(cid not in b.results for b in self.batches.values() if b.final is None
-                                     for cid in b.futures)
-        if not problems and held + len(job.bf.requests) > self.max_open_lines:
-            problems = [(file_id, 0, "limit", f"the endpoint holds {held:,} unfinished batch lines and this batch "
-                         f"adds {len(job.bf.requests):,}, past its {self.max_open_lines:,} (kept so that chat "
-                         "calls find room in the engine); create it again once earlier batches have ended")]
+        if not problems and (over := self._over_limit(job)) is not None:
+            problems = [(file_id, 0, "limit", over)]
         if problems:  # lines that cannot be answered by custom_id: the batch fails validation, as OpenAI's
             code = {"custom_id": "invalid_custom_id", "limit": "request_limit_exceeded"}
             job.errors = [{"code": code.get(fld, "invalid_line"), "message": msg, "param": None if fld == "limit"
@@ -220,11 +164,28 @@ class FilesAndBatches(TakeBack):
             self.batches[job.id] = job
             self._save(job)
             return job.view()
+        await self._open(job, file_id)
+        return job.view()  # before the collector runs: status in_progress
+
+    def _over_limit(self, job: BatchJob) -> str | None:
+        """Why ``job``'s lines would hold too many places in the engine (``max_open_lines``), or None."""
+        assert job.bf is not None
+        held = self._admitting + sum(cid not in b.results for b in self.batches.values() if b.final is None
+                                     for cid in b.futures)
+        if held + len(job.bf.requests) <= self.max_open_lines:
+            return None
+        return (f"the endpoint holds {held:,} unfinished batch lines and this batch adds {len(job.bf.requests):,}, "
+                f"past its {self.max_open_lines:,} (kept so that chat calls find room in the engine); create it "
+                "again once earlier batches have ended")
+
+    async def _open(self, job: BatchJob, file_id: str, drop_input: bool = False) -> None:
+        """Put ``job`` (its lines parsed from file ``file_id``) on record and its lines in the engine;
+        ``drop_input``: the file is the job's alone (a Message Batch's requests), gone once the job keeps it."""
+        assert job.bf is not None
         # Counted from now until the batch is on record (``_admit``), whether or not its client waits: two creates
         # at once, or one whose client left, cannot both pass the limit.
         self._admitting += len(job.bf.requests)
-        await self._detach(self._admit(job, file_id))
-        return job.view()  # before the collector runs: status in_progress
+        await self._detach(self._admit(job, file_id, drop_input))
 
     async def _detach(self, work: Coroutine[Any, Any, None]) -> None:
         """Run ``work`` as a task of its own and wait for it. A client that leaves mid-call (Serve then cancels
@@ -237,7 +198,7 @@ class FilesAndBatches(TakeBack):
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
         await asyncio.shield(task)
 
-    async def _admit(self, job: BatchJob, file_id: str) -> None:
+    async def _admit(self, job: BatchJob, file_id: str, drop_input: bool = False) -> None:
         assert job.bf is not None
         n = len(job.bf.requests)
         try:
@@ -255,6 +216,10 @@ class FilesAndBatches(TakeBack):
             job.task = asyncio.create_task(self._collect(job), name=f"smartbatch-{job.id}")
         finally:
             self._admitting -= n
+            if drop_input:  # (its batch keeps a link to its bytes on disk: ``EndpointState.keep_input``)
+                self.files.pop(file_id, None)
+                if self.state is not None:
+                    self.state.drop_file(file_id)
 
     async def _submit(self, job: BatchJob, reqs: list[Request], deadline_s: float | None = None) -> None:
         """Hand ``reqs`` (lines of ``job``) to the engine, each under the request id ``<batch id>/<custom_id>``
@@ -359,7 +324,8 @@ class FilesAndBatches(TakeBack):
         job.at.setdefault(status, int(self._now()))
 
     async def list_batches(self, limit: str | None = None, after: str | None = None) -> dict:
-        items = [b.view() for b in reversed(self.batches.values())]  # newest first, as OpenAI lists them
+        items = [b.view() for b in reversed(self.batches.values())  # newest first, as OpenAI lists them
+                 if b.endpoint != MESSAGES_URL]  # Anthropic's, listed on its own route
         return cursor_page(items, after=after, limit=limit, default_limit=20, max_limit=100)
 
     async def get_batch(self, batch_id: str) -> dict:

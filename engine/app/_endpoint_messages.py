@@ -23,7 +23,7 @@ from engine.app._endpoint_wire import ApiError
 from engine.core.catalog import Catalog
 from engine.core.settings import Settings
 
-__all__ = ["AnthropicError", "in_anthropic_shape", "message_events", "messages_body"]
+__all__ = ["AnthropicError", "error_type", "in_anthropic_shape", "message_events", "messages_body"]
 
 CHAT_URL = "/v1/chat/completions"
 # Anthropic's error type of an HTTP status (its API reference, "Errors"); any other 4xx is invalid_request_error.
@@ -34,11 +34,16 @@ _FIELD = re.compile(r"^field '([^']*)': ")
 _BODY = re.compile(r"\bbody\.")  # the engine's name of a body field (body.temperature)
 
 
+def error_type(status: int) -> str:
+    """Anthropic's error type of an HTTP status."""
+    return _ERROR_TYPES.get(status) or ("api_error" if status >= 500 else "invalid_request_error")
+
+
 class AnthropicError(ApiError):
     """An error answered in Anthropic's shape, at the same status and with the same headers as the chat route's."""
 
     def response(self) -> JSONResponse:
-        kind = _ERROR_TYPES.get(self.status) or ("api_error" if self.status >= 500 else "invalid_request_error")
+        kind = error_type(self.status)
         return JSONResponse({"type": "error", "error": {"type": kind, "message": self.message}},
                             status_code=self.status, headers=self.headers)
 

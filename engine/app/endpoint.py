@@ -297,7 +297,8 @@ def _ask_for_key(app: FastAPI, digest: str) -> None:
             scheme, key = "bearer", anthropic
         got = hashlib.sha256(key.strip().encode()).digest()
         if scheme.lower() != "bearer" or not hmac.compare_digest(got, want):
-            error = AnthropicError if http.url.path == MESSAGES_URL else ApiError
+            anthropic = http.url.path == MESSAGES_URL or http.url.path.startswith(MESSAGES_URL + "/")
+            error = AnthropicError if anthropic else ApiError
             return error(401, "Incorrect API key provided: send the key the endpoint was started with "
                               "(smartbatch serve --http-key-env) as 'Authorization: Bearer <key>' or 'x-api-key: "
                               "<key>', the SDK's api_key", code="invalid_api_key").response()

@@ -80,8 +80,8 @@ BODY_KEYS = frozenset({
     "background", "output_format", "moderation", "n", "prompt_cache_key", "service_tier", "parallel_tool_calls", "size",
 })
 _CAP_KEYS = ("max_output_tokens", "max_completion_tokens", "max_tokens")
-# An OpenAI Batch input line: {"custom_id", "method", "url", "body"}.
-_URL_KIND = {"/v1/chat/completions": "text", "/v1/responses": "text", "/v1/images/generations": "image"}
+# An OpenAI Batch input line: {"custom_id", "method", "url", "body"}; /v1/messages: a Message Batch's (Anthropic's).
+_URL_KIND = {"/v1/chat/completions": "text", "/v1/responses": "text", "/v1/images/generations": "image", "/v1/messages": "text"}
 BATCH_LINE_URLS = tuple(_URL_KIND)
 
 

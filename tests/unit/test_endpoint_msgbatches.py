@@ -1,0 +1,159 @@
+"""Anthropic's Message Batches (``/v1/messages/batches``) driven with the official ``anthropic`` SDK: the endpoint
+under uvicorn over ``FakeEngine`` (no Ray), whose settings call Anthropic over HTTP, as the Messages route asks.
+Before, ``client.messages.batches`` got a 404 and an Anthropic application had no batch route at all."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import anthropic
+import pytest
+
+from engine.app import endpoint
+from engine.app.endpoint import make_app
+from engine.core.settings import ProviderEndpoint, ProvidersSettings, default_settings
+from tests.unit.test_endpoint import CAT, FakeEngine, serving
+
+pytestmark = pytest.mark.filterwarnings("ignore:The model .* is deprecated:DeprecationWarning")
+MODEL = "claude-sonnet-4-5"
+
+
+class ClaudeEngine(FakeEngine):
+    """``FakeEngine`` (answers at once, by the request id's ending) whose Anthropic models go over HTTP."""
+
+    def __init__(self):
+        super().__init__()
+        ep = ProviderEndpoint(api="anthropic", base_url="http://127.0.0.1:9", api_key_env="SMARTBATCH_TEST_UNUSED")
+        s = default_settings()
+        self.settings = s.model_copy(update={"providers": ProvidersSettings(
+            mode="http", endpoints={"anthropic": ep}, simulate_others=True)})
+
+
+@contextlib.contextmanager
+def claude_endpoint(eng: ClaudeEngine | None = None, **app_kw):
+    eng = eng or ClaudeEngine()
+    try:
+        with serving(make_app(eng, catalog=CAT, cancel_wait_s=5.0, **app_kw)) as url, \
+                anthropic.Anthropic(base_url=url.removesuffix("/v1"), api_key="unused", max_retries=0,
+                                    timeout=10) as client:
+            yield eng, client
+    finally:
+        eng.release()
+
+
+@pytest.fixture(scope="module")
+def served():
+    with claude_endpoint() as (eng, client):
+        yield eng, client
+
+
+def ask(cid: str, text: str = "Name a river.", **params) -> dict:
+    return {"custom_id": cid, "params": {"model": MODEL, "max_tokens": 100,
+                                         "messages": [{"role": "user", "content": text}], **params}}
+
+
+def ended(client, batch_id: str, limit_s: float = 5.0):
+    """The batch once its processing has ended: the route polled (each call a round trip), up to ``limit_s``."""
+    end = time.monotonic() + limit_s
+    while (b := client.messages.batches.retrieve(batch_id)).processing_status != "ended":
+        assert time.monotonic() < end, b
+    return b
+
+
+def test_a_batch_of_good_and_bad_requests_ends_with_a_result_for_each(served):
+    eng, client = served
+    no_cap = ask("nocap")
+    del no_cap["params"]["max_tokens"]
+    b = client.messages.batches.create(requests=[
+        ask("a", "one"), ask("b", "two", system="Be brief."), no_cap, ask("gpt", model="gpt-5-mini"),
+        ask("hot", temperature="warm"), ask("c-boom"), ask("gone", model="claude-sonnet-9"),
+        {"custom_id": "noparams"}], extra_headers={endpoint.HEADER_TENANT: "acme"})
+    assert b.id.startswith("msgbatch_") and b.type == "message_batch" and b.results_url is None
+    assert b.processing_status in ("in_progress", "ended") and sum(b.request_counts.to_dict().values()) == 8
+    assert (b.expires_at - b.created_at).total_seconds() == 86400  # Anthropic's 24 hours, every line's deadline
+    sent = eng.seen[f"{b.id}/a"]
+    assert sent["deadline_s"] == 86400.0 and sent["tenant"] == "acme" and sent["body"]["model"] == MODEL
+    assert eng.seen[f"{b.id}/b"]["body"]["system"] == "Be brief."  # Anthropic's body, as the caller wrote it
+    b = ended(client, b.id)
+    assert b.ended_at is not None and b.results_url.endswith(f"/v1/messages/batches/{b.id}/results")
+    counts = b.request_counts
+    assert (counts.succeeded, counts.errored, counts.processing, counts.canceled) == (2, 6, 0, 0)
+    got = {r.custom_id: r.result for r in client.messages.batches.results(b.id)}
+    assert set(got) == {"a", "b", "nocap", "gpt", "hot", "c-boom", "gone", "noparams"}
+    assert got["a"].type == "succeeded" and got["a"].message.type == "message"
+    assert got["a"].message.content[0].text == "echo: one" and got["a"].message.model == MODEL
+    assert [got[k].type for k in ("nocap", "gpt", "hot", "c-boom", "gone", "noparams")] == ["errored"] * 6
+    says = {k: (got[k].error.error.type, got[k].error.error.message) for k in got if got[k].type == "errored"}
+    assert says["nocap"][1].startswith("params.max_tokens: ") and says["nocap"][0] == "invalid_request_error"
+    assert says["gpt"][1].startswith("params.model: ") and "/v1/batches" in says["gpt"][1]
+    assert says["hot"][1].startswith("params.temperature: ")
+    assert says["gone"][1].startswith("params.model: ") and "claude-sonnet-9" in says["gone"][1]
+    assert says["noparams"][1].startswith("params: ")
+    assert says["c-boom"][0] == "overloaded_error" or says["c-boom"][0] == "api_error"
+    assert "503" in says["c-boom"][1]
+    # Nothing refused went to the engine; the others each once.
+    assert not [i for i in eng.submitted if i.startswith(b.id) and i.split("/")[1] in ("nocap", "gpt", "noparams")]
+
+
+@pytest.mark.parametrize("requests, says", [
+    ([], "requests: is required"),
+    ([ask("a"), ask("a")], "requests.1.custom_id: 'a' is also the custom_id of requests.0"),
+    ([ask("a b")], "requests.0.custom_id: 'a b' must be 1 to 64"),
+    ([ask("x" * 65)], "requests.0.custom_id:"),
+])
+def test_a_malformed_create_is_a_400_in_anthropics_shape(served, requests, says):
+    _, client = served
+    with pytest.raises(anthropic.BadRequestError) as exc:
+        client.messages.batches.create(requests=requests)
+    assert exc.value.body["type"] == "error" and exc.value.body["error"]["type"] == "invalid_request_error"
+    assert exc.value.body["error"]["message"].startswith(says)
+
+
+def test_a_cancel_ends_the_unsent_requests_canceled_and_keeps_the_answered_ones(served):
+    eng, client = served
+    b = client.messages.batches.create(requests=[ask("x-queued"), ask("y-slow"), ask("z")])
+    c = client.messages.batches.cancel(b.id)
+    assert c.processing_status == "canceling" and c.cancel_initiated_at is not None
+    assert f"{b.id}/x-queued" in eng.withdrawn  # taken back from the engine: never sent, never billed
+    eng.release()  # the request already in a call is answered: kept, not paid again
+    b = ended(client, b.id)
+    counts = b.request_counts
+    assert (counts.canceled, counts.succeeded, counts.errored, counts.processing) == (1, 2, 0, 0)
+    got = {r.custom_id: r.result.type for r in client.messages.batches.results(b.id)}
+    assert got == {"x-queued": "canceled", "y-slow": "succeeded", "z": "succeeded"}
+    with pytest.raises(anthropic.APIStatusError) as exc:  # ended: nothing left to cancel
+        client.messages.batches.cancel(b.id)
+    assert exc.value.status_code == 409 and exc.value.body["type"] == "error"
+
+
+def test_the_list_pages_newest_first_and_holds_message_batches_alone(served):
+    _, client = served
+    first = client.messages.batches.create(requests=[ask("l1")])
+    second = client.messages.batches.create(requests=[ask("l2")])
+    page = client.messages.batches.list(limit=1)
+    assert [m.id for m in page.data] == [second.id] and page.has_more
+    every = [m.id for m in client.messages.batches.list(limit=1)]  # the SDK pages on with after_id
+    assert every.index(second.id) < every.index(first.id) and all(i.startswith("msgbatch_") for i in every)
+    with pytest.raises(anthropic.NotFoundError):
+        client.messages.batches.retrieve("msgbatch_nope")
+    ended(client, first.id)
+    assert client.messages.batches.delete(first.id).type == "message_batch_deleted"
+    assert first.id not in [m.id for m in client.messages.batches.list()]
+
+
+def test_a_restarted_endpoint_takes_back_an_open_message_batch_and_asks_nothing_twice(tmp_path):
+    state, first = tmp_path / "state", ClaudeEngine()
+    with claude_endpoint(first, state_dir=state) as (_, client):
+        b = client.messages.batches.create(requests=[ask("q"), ask("p-slow"), ask("bad", model="gpt-5-mini")])
+        assert client.messages.batches.retrieve(b.id).request_counts.succeeded == 1
+        first._held.clear()  # the engine went with the endpoint: its held request is never answered
+    again = ClaudeEngine()
+    with claude_endpoint(again, state_dir=state) as (_, client):
+        assert client.messages.batches.retrieve(b.id).processing_status == "in_progress"
+        assert again.submitted == [f"{b.id}/p-slow"]  # the answered one is kept, not asked again
+        again.release()
+        done = ended(client, b.id)
+        assert (done.request_counts.succeeded, done.request_counts.errored) == (2, 1)
+        got = {r.custom_id: r.result.type for r in client.messages.batches.results(b.id)}
+        assert got == {"q": "succeeded", "p-slow": "succeeded", "bad": "errored"}
