@@ -4,7 +4,8 @@ is sent (reuse, a provider's batch API, sync) within the deadline the caller giv
 
 Routes (OpenAI's shapes): ``POST /v1/chat/completions``, ``POST /v1/responses``, ``POST /v1/images/generations``, ``/v1/files``
 (upload, list, retrieve, content, delete), ``/v1/batches`` (create, list, retrieve, cancel), ``/v1/models``;
-Anthropic's ``POST /v1/messages`` for a Claude model, in Anthropic's shapes (``_endpoint_messages``); and one of
+Anthropic's ``POST /v1/messages`` for a Claude model, in Anthropic's shapes (``_endpoint_messages``), and its Message
+Batches, ``/v1/messages/batches`` (``_endpoint_msgbatches``, jobs of the OpenAI batch route); and one of
 ours, ``GET /v1/batches/{id}/smartbatch_report`` (each line's cost against its list price).
 
 ``stream: true`` answers in OpenAI's chunks (chat completions, ``_endpoint_stream``) or the Responses API's events
