@@ -4,27 +4,43 @@ a budget added, its limit or soft limit changed, or removed, keeping what its cu
 A change is kept as the ledger is, so a restart of this actor keeps it: in the memory ledger's journal snapshot
 (``_budget_journal``: the budgets and the spend in one write), or in the ledger's Redis under
 ``{prefix}:specs:{ledger_id}`` (a Redis ledger has no journal). It is answered once kept; one that cannot be
-kept (Redis down) is refused and changes nothing. Each change has a number, so a grouper told of two changes in
-the wrong order keeps the later one (``Grouper.set_budgets``)."""
+kept (Redis down) is refused and changes nothing.
+
+The groupers follow what this actor holds (``actors._grouper_budgets``): the driver that made a change tells
+them at once, and each also asks ``budget_state`` on a timer of its own, since a driver may die between the
+change and its telling. A state is (the number of its change, the budgets, this actor's incarnation): numbers
+order the changes of one incarnation (a grouper told of two in the wrong order keeps the later); a restart
+draws a new incarnation, whose number may have gone back (a journal write that failed, a Redis that lost its
+key), and which a grouper takes whatever its number."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+from typing import NamedTuple
 
 from engine.core._budget_check import changed_specs
 from engine.core.budgets import BudgetSpec
 from engine.core.errors import ConfigError
 
-__all__ = ["LiveBudgets", "SPECS_TTL_S"]
+__all__ = ["SPECS_TTL_S", "LiveBudgets", "SpecState"]
 
 SPECS_TTL_S = 400 * 86400  # the Redis copy of a ledger's budgets outlives any run of its engine, then goes
 log = logging.getLogger("smartbatch.budget")
 
 
+class SpecState(NamedTuple):
+    """The budgets in force at a budget actor: ``Grouper.set_budgets(*state)`` takes it."""
+
+    version: int  # the number of the last change, 0 for none (those of the settings)
+    specs: tuple[BudgetSpec, ...]
+    incarnation: str  # drawn by each start and restart of the budget actor
+
+
 class LiveBudgets:
-    """Needs the controller's ``book``, ``settings``, ``ledger_id``, ``spec_version``, ``_errors``, ``_usable``,
+    """Needs the controller's ``book``, ``settings``, ``ledger_id``, ``spec_version``, ``spec_incarnation``,
+    ``_errors``, ``_usable``,
     ``_failed``, ``_recovered``, ``_changed``, ``_durable``, ``_restored_first`` and ``_specs_lock``."""
 
     def _specs_key(self) -> str:
@@ -35,10 +51,20 @@ class LiveBudgets:
         await self._restored_first()
         return self.spec_version, tuple(self.book.specs)
 
+    async def budget_state(self, since: tuple[str, int] | None = None) -> SpecState | None:
+        """The budgets in force, as the groupers ask for them once a second: None when they are ``since``
+        (incarnation, version), the grouper's, so the usual answer is small; None too while a Redis ledger
+        restarted by Ray has not read its budgets back (Redis down), as the settings' budgets it holds meanwhile
+        are not those in force: an engine started without budgets would stop reserving under one set live."""
+        await self._restored_first()
+        if self._specs_unread or since == (self.spec_incarnation, self.spec_version):
+            return None
+        return SpecState(self.spec_version, tuple(self.book.specs), self.spec_incarnation)
+
     async def change_budgets(self, put: list[BudgetSpec] = (), remove: list[str] = (),
-                             base: int | None = None) -> tuple[int, tuple] | None:
+                             base: int | None = None) -> SpecState | None:
         """Set each budget of ``put`` (in place of the budget of its name, else added) and remove those named in
-        ``remove``, in one step; returns ``budget_specs()`` after it. Each window keeps what it spent and holds: a
+        ``remove``, in one step; returns the state after it (``budget_state``). Each window keeps what it spent and holds: a
         lower limit refuses new claims past it and leaves open ones be (they settle as before); a higher one lets
         claims through at once (the caller wakes the groupers' held work). ``base``: the change ``put`` was
         merged on (``budget_specs``); None, and nothing changed, when another change came since (the caller
@@ -54,7 +80,7 @@ class LiveBudgets:
                 return None
             return await self._change_now(put, remove)
 
-    async def _change_now(self, put: list[BudgetSpec], remove: list[str]) -> tuple[int, tuple]:
+    async def _change_now(self, put: list[BudgetSpec], remove: list[str]) -> SpecState:
         specs = changed_specs(self.book.specs, put, remove)  # checked against the budgets in force now
         version = self.spec_version + 1
         if self._errors:
@@ -78,7 +104,7 @@ class LiveBudgets:
             for s in specs) or "none")
         self._changed()
         await self._durable()  # in the journal before it is answered, as a reservation is
-        return version, specs
+        return SpecState(version, specs, self.spec_incarnation)
 
     async def _write_specs(self, version: int, specs: tuple[BudgetSpec, ...]) -> None:
         body = json.dumps({"version": version, "specs": [s.model_dump() for s in specs]})

@@ -33,25 +33,6 @@ class Parking:
     # next is armed once the last one's reservation has answered (``_retry_parked``).
     _park_step = STEP_S
 
-    async def set_budgets(self, version: int, specs: tuple) -> int:
-        """The budgets changed while the engine runs (``BudgetController.change_budgets``, change ``version``):
-        reserve under them from now on, and try the work they held back at once (a raised limit lets it go; what
-        is still refused is held again, each as its new verdict says). A change older than one told already is
-        let be (two drivers' changes may come in either order). Returns how many members were held."""
-        if version < self._budget_version:
-            return len(self.waits)
-        self._budget_version = version
-        self.budget_specs = tuple(specs)
-        # An engine started without budgets reserved nothing: it reserves once one is set (and stops once none is).
-        self.budget_limited = bool(specs)
-        self.table.budget.holding = self.waits.holding(self.budget_specs)
-        held = self.waits.wake(self.clock.now())
-        if held and not self._trying:
-            if self._park_timer is not None:
-                self._park_timer[1].cancel()
-            self._retry_parked()
-        return held
-
     def _lost_claim(self, job: Job) -> str | None:
         """``job`` was re-admitted by ingest, which found that nobody it asked holds it: the claim of its last
         dispatch here, to release if its dispatcher does not hold it either (``_check_lost``). Not a rerouted

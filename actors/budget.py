@@ -108,6 +108,7 @@ class BudgetController(LedgerJournal, LiveBudgets, BudgetReports, Warm):
         self._soft_said: dict[str, str] = {}  # budget -> the window whose passed soft limit was logged
         self._window_timer: tuple[float, asyncio.TimerHandle] | None = None  # (when, handle): the next window end
         self.spec_version = 0  # budgets changed live so far (``LiveBudgets``): 0, those of the settings
+        self.spec_incarnation = secrets.token_hex(4)  # this run of the actor: a restart's numbers may go back
         self._specs_unread = False  # a Redis ledger restarted by Ray has not read its live budgets back yet
         self._specs_lock: asyncio.Lock | None = None  # one live change at a time (``LiveBudgets``)
         self._specs_unsure = False  # a refused change's write may be in Redis: the budgets in force go over it

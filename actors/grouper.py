@@ -18,6 +18,7 @@ import secrets
 from collections import OrderedDict
 
 from actors._cancel import CancelGroups
+from actors._grouper_budgets import BudgetFollow
 from actors._grouper_learn import Learning
 from actors._grouper_park import Parking
 from actors._peer import Warm, as_peer, resolve_clock
@@ -40,7 +41,7 @@ log = logging.getLogger("smartbatch.grouper")
 ENDED_KEEP = 65_536  # results of requests ended here, for copies re-admitted after a restart
 
 
-class Grouper(CancelGroups, Learning, Parking, Warm):
+class Grouper(CancelGroups, Learning, BudgetFollow, Parking, Warm):
     def __init__(self, policy, catalog: Catalog, clock, dispatchers: dict, budget, hub,
                  name: str = "g0", budget_limited: bool = True, *, max_attempts: int = 4,
                  reserve_model_max: bool = True, cache=None, budget_specs: tuple = (),
@@ -60,7 +61,11 @@ class Grouper(CancelGroups, Learning, Parking, Warm):
         self.max_attempts = max_attempts
         self.reserve_model_max = reserve_model_max
         self.budget_specs = tuple(budget_specs)
-        self._budget_version = 0  # the last live change of the budgets told (``Parking.set_budgets``)
+        # The budget actor's state held (``BudgetFollow``): its change number, of which run of it (None: none
+        # heard of yet), the runs left behind, and the timer (or the call) of the next ask.
+        self._budget_version, self._budget_incarnation = 0, None
+        self._left_incarnations: set[str] = set()  # a few: one per restart of the budget actor
+        self._budget_ask: asyncio.TimerHandle | asyncio.Task | None = None
         # Members a budget holds back, by request id, each with its dispatch (actors._grouper_park).
         self.waits = BudgetWaits(self._park_step, sync_lead(catalog))
         self._park_timer: tuple[float, asyncio.TimerHandle] | None = None
@@ -89,6 +94,7 @@ class Grouper(CancelGroups, Learning, Parking, Warm):
     async def set_clock(self, clock) -> None:
         """The engine sets the clock once every actor is up, so engine time 0 is when submitting can start."""
         self.clock = clock
+        self._arm_budget_ask()  # at the start, and from the rewire of a grouper Ray restarted
         origin = engine_day_origin(self._day_origin, clock)
         est = self.table.turnarounds
         if est is not None and est.day_origin_s != origin:
@@ -132,6 +138,7 @@ class Grouper(CancelGroups, Learning, Parking, Warm):
         await self._send(pulled.dispatches + [d for gf in pulled.failed for d in gf.dispatches])
 
     async def add(self, jobs: list[Job]) -> None:
+        self._arm_budget_ask()  # a grouper Ray restarted whose rewire has not come asks all the same
         if self._cancelled:
             await self._refuse_cancelled(jobs)
             return
@@ -363,4 +370,5 @@ class Grouper(CancelGroups, Learning, Parking, Warm):
 
     async def stats(self) -> dict:
         return {"pending": len(self.pending), "groups": len(self.table.groups), "dispatched": self.dispatched,
-                "parked": len(self.waits)}
+                "parked": len(self.waits), "budget_change": self._budget_version,
+                "budgets": [s.name for s in self.budget_specs]}  # those it reserves under (``BudgetFollow``)

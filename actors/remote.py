@@ -381,8 +381,8 @@ def rewire(h: dict, kind: str, metrics: tuple[int, str] | None = None, timeout_s
         if withdrawn := h.get("withdrawn"):  # nor of the requests withdrawn (Engine.cancel_requests)
             get(h["named"][kind].withdraw.remote(list(withdrawn)))
         get(h["named"][kind].relearn.remote())  # the batch turnarounds it had learned, from the dispatchers
-        # The budgets in force (changed live, perhaps): a new incarnation has those of the settings.
-        get(h["named"][kind].set_budgets.remote(*get(h["budget"].budget_specs.remote())))
+        # The budgets in force (changed live, perhaps): a new incarnation has those of the settings. It asks.
+        get(h["named"][kind].sync_budgets.remote())
     elif kind.startswith("dispatcher-"):
         d = h["named"][kind]
         get(d.set_clock.remote(clock))

@@ -1,6 +1,8 @@
 """Budgets changed on a running engine from a driver (a mixin of ``Engine``): ``set_budget``, ``remove_budget``,
 ``budgets``. The budget actor makes the change, keeps it as it keeps its ledger, and answers; then every grouper
-is told, and tries the work the budgets held back at once (``actors._budget_live``, ``Parking.set_budgets``)."""
+is told, and tries the work the budgets held back at once (``actors._budget_live``, ``Grouper.set_budgets``). A
+grouper this telling misses (the driver killed before it) asks the budget actor itself within a second
+(``actors._grouper_budgets``)."""
 
 from __future__ import annotations
 
@@ -64,7 +66,9 @@ class LiveBudgeting:
             if made and name not in {s.name for s in current}:
                 # Made by a call whose answer a restart of the budget actor cut (asked again, it found the budget
                 # gone and was refused: "no budget named" of a removal made, and no grouper told; a hunt).
-                self._tell_groupers(base, current, timeout_s)
+                state = self._budget_call("budget_state", timeout_s=timeout_s)
+                if state is not None:  # else a Redis ledger not read back yet: the groupers ask it themselves
+                    self._tell_groupers(*state, timeout_s)
                 return last
             made = True
             if self._change_budgets([], [name], timeout_s, base):
@@ -79,11 +83,12 @@ class LiveBudgeting:
         self._tell_groupers(*made, timeout_s)
         return True
 
-    def _tell_groupers(self, version: int, specs: tuple, timeout_s: float) -> None:
-        # A grouper that restarts meanwhile asks the budget actor for them (``actors.remote.rewire``).
+    def _tell_groupers(self, version: int, specs: tuple, incarnation: str, timeout_s: float) -> None:
+        # At once, for every grouper; one that restarts meanwhile, or that this misses (the driver killed
+        # first), asks the budget actor for them (``actors.remote.rewire``, ``Grouper.sync_budgets``).
         end = time.monotonic() + timeout_s
-        _through_restarts(self._ray, lambda: [g.set_budgets.remote(version, specs) for g in self._h["groupers"]],
-                          end)
+        _through_restarts(self._ray, lambda: [g.set_budgets.remote(version, specs, incarnation)
+                                              for g in self._h["groupers"]], end)
 
     def _budget_call(self, method: str, *args: Any, timeout_s: float) -> Any:
         if not self._running:

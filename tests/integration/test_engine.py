@@ -149,6 +149,29 @@ class TestOnOneQuietEngine:
         assert eng.remove_budget(name)["budget"] == name
         assert name not in {b["budget"] for b in eng.budgets()}
 
+    def test_a_budget_change_no_driver_told_reaches_the_groupers_by_their_own_ask(self, quiet_engine):
+        """The driver killed once the budget actor kept the change and before it told the groupers (Ctrl-C on
+        `smartbatch budget set`): on an engine started without budgets they reserved nothing under it. Each
+        grouper asks the budget actor once a second, so the request below is held by the budget."""
+        import ray
+
+        from engine.core.budgets import BudgetSpec
+
+        eng = quiet_engine
+        before = eng.report()["budget"]["refusals"].get("deferred", 0)
+        spec = BudgetSpec(tenant="untold", budget_duration="1d", max_budget=1e-6)
+        ray.get(eng._h["budget"].change_budgets.remote([spec]))  # kept; no grouper told
+        end = time.monotonic() + 30
+        while any(spec.name not in s["budgets"] for s in ray.get([g.stats.remote() for g in eng._h["groupers"]])):
+            assert time.monotonic() < end, "a grouper never asked the budget actor for the budgets in force"
+        f = eng.submit({"id": "untold-1", "tenant": "untold", "model": "gpt-5-mini", "prompt": "Hi",
+                        "output_tokens": 5, "deadline_s": 3 * 86_400})
+        end = time.monotonic() + 60
+        while eng.report()["budget"]["refusals"].get("deferred", 0) <= before:  # a Ray round trip each
+            assert time.monotonic() < end and not f.done(), "the grouper never learnt of the budget"
+        eng.remove_budget(spec.name)  # told at once: the held request goes
+        assert f.result(timeout=60).status == "ok"
+
     def test_a_follow_up_is_sent_at_once_when_its_first_turns_prefix_is_warm_at_the_provider(self, quiet_engine):
         """The live path of warm follow-ups (policies/_text.py): the dispatcher that ran the first turn's sync
         call tells the groupers which prompt-prefix blocks it left warm (``observe_warmth``), so the follow-up,

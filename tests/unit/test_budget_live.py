@@ -37,7 +37,7 @@ def test_a_raised_limit_keeps_the_windows_spend_and_lets_what_it_refused_through
         await ctl.reserve_many([_claim("a", 0.9)])
         await ctl.settle_many([("a", 0.9)])
         assert not (await ctl.reserve_many([_claim("b", 0.2)]))[0].ok
-        version, specs = await ctl.change_budgets([DAY.model_copy(update={"max_budget": 2.0})])
+        version, specs, _ = await ctl.change_budgets([DAY.model_copy(update={"max_budget": 2.0})])
         assert version == 1 and [s.max_budget for s in specs] == [2.0]
         assert (await ctl.reserve_many([_claim("b", 0.2)]))[0].ok
         row = _row(await ctl.report())
@@ -141,7 +141,7 @@ def test_a_raised_limit_sends_the_work_it_deferred_to_the_next_window_at_once():
         await _settled(g)
         (held,) = g.waits.held.values()
         assert disp.calls == [] and held.due == 86400.0  # deferred to the next day's window
-        version, specs = await ctl.change_budgets([DAY.model_copy(update={"max_budget": 5.0})])
+        version, specs, _ = await ctl.change_budgets([DAY.model_copy(update={"max_budget": 5.0})])
         assert await g.set_budgets(version, specs) == 1
         await _settled(g)
         assert len(disp.calls) == 1 and len(g.waits) == 0 and clock.now() == 80_000.0  # at once, not at the window's end
@@ -184,7 +184,8 @@ class _Ray:
                 return loop.run_until_complete(self.fn(*args))
 
         return types.SimpleNamespace(**{m: Method(getattr(actor, m)) for m in
-                                        ("report", "budget_specs", "change_budgets", "set_budgets") if
+                                        ("report", "budget_specs", "budget_state", "change_budgets",
+                                         "set_budgets") if
                                         hasattr(actor, m)})
 
     def get(self, x, timeout=None):
@@ -282,7 +283,7 @@ def test_two_changes_at_once_on_a_redis_ledger_are_both_made_and_numbered_apart(
     async def go():
         ctl = _redis_controller(_SlowRedis())
         beta, gpt = BudgetSpec(tenant="beta", max_budget=2.0), BudgetSpec(model="gpt-5-mini", max_budget=3.0)
-        (v1, _), (v2, _) = await asyncio.gather(ctl.change_budgets([beta]), ctl.change_budgets([gpt]))
+        (v1, *_), (v2, *_) = await asyncio.gather(ctl.change_budgets([beta]), ctl.change_budgets([gpt]))
         assert sorted((v1, v2)) == [1, 2]  # one number per change: a grouper told both keeps the later
         assert set(ctl.book.specs) == {DAY, beta, gpt}  # neither change dropped the other
     asyncio.run(go())
