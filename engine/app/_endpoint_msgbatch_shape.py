@@ -31,6 +31,7 @@ _CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")  # Anthropic's pattern of a cu
 _ENDS = ("completed", "cancelled", "expired", "failed")
 _STATUS = {"cancelling": "canceling"}  # the job's status -> Anthropic's processing_status (else in_progress / ended)
 # An error row's code -> Anthropic's result type (an answered row: succeeded; any other: errored).
+_BODY = re.compile(r"\bbody\.")
 _RESULT = {"batch_cancelled": "canceled", "batch_expired": "expired"}
 _ROW_STATUS = {"request_rejected": 429, "request_failed": 502}  # as the Messages route answers them
 
@@ -100,8 +101,9 @@ def refused_line(custom_id: str, field: str, message: str, *, sent: bool) -> dic
     name = "params" if name in ("params", "line", "body") else f"params.{name}"
     message = message.removeprefix(f"field '{field}': ")
     for said in (field, field.removeprefix("body."), "params"):
-        message = message.removeprefix(f"{said}: ")
-    return {"custom_id": custom_id, "message": f"{name}: {message}", "sent": sent}
+        message = message.removeprefix(f"{said}: ").removeprefix(f"{said} ")
+    # The engine names a line's fields body.X (its own name of a batch line's body): the caller sent params.X.
+    return {"custom_id": custom_id, "message": f"{name}: {_BODY.sub('params.', message)}", "sent": sent}
 
 
 def _rfc3339(ts: float | None) -> str | None:

@@ -11,7 +11,9 @@ import anthropic
 import pytest
 
 from engine.app import endpoint
+from engine.app._endpoint_msgbatch_shape import batch_lines, refused_line
 from engine.app.endpoint import make_app
+from engine.core.batchfile import parse_batch_file
 from engine.core.settings import ProviderEndpoint, ProvidersSettings, default_settings
 from tests.unit.test_endpoint import CAT, FakeEngine, serving
 
@@ -157,3 +159,20 @@ def test_a_restarted_endpoint_takes_back_an_open_message_batch_and_asks_nothing_
         assert (done.request_counts.succeeded, done.request_counts.errored) == (2, 1)
         got = {r.custom_id: r.result.type for r in client.messages.batches.results(b.id)}
         assert got == {"q": "succeeded", "p-slow": "succeeded", "bad": "errored"}
+
+
+def test_a_request_the_engine_refuses_is_named_as_the_caller_sent_it():
+    """The engine names a line's fields ``body.X``; a Message Batch's caller sent ``params.X``. Before, a live tour
+    read ``params.temperature: body.temperature must be ...`` and ``params.max_tokens: max_tokens is required``."""
+    settings = ClaudeEngine().settings
+    no_cap = ask("nocap")
+    del no_cap["params"]["max_tokens"]
+    reqs = [ask("hot", temperature=1.7), ask("big", max_tokens=10**7), no_cap]
+    data, errors = batch_lines(reqs, CAT, settings)
+    bf = parse_batch_file(data, source="f", window_s=86400, catalog=CAT, settings=settings, live=True)
+    errors += [refused_line(ln.custom_id, *ln.problem, sent=True) for ln in bf.invalid]
+    says = {e["custom_id"]: e["message"] for e in errors}
+    assert set(says) == {"hot", "big", "nocap"}
+    for cid, field in (("hot", "temperature"), ("big", "max_tokens"), ("nocap", "max_tokens")):
+        assert says[cid].startswith(f"params.{field}: ") and "body." not in says[cid], says[cid]
+        assert not says[cid].startswith(f"params.{field}: {field}"), says[cid]
