@@ -96,7 +96,9 @@ def _strings(v: Any) -> bool:
 # null ("not set") passes.
 _DEFAULT_FIX = "fix it, or leave it out for the provider's default"
 _RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
-    "temperature": (_between(0, 2), "a number between 0 and 2", _DEFAULT_FIX),
+    # (Anthropic's narrower range named here too: checked before the provider is known, a Claude request's 3 was
+    # told "between 0 and 2", and its 1.8 then refused again by Anthropic's range; a helper's tour.)
+    "temperature": (_between(0, 2), "a number between 0 and 2 (0 and 1 at Anthropic)", _DEFAULT_FIX),
     "top_p": (_between(0, 1), "a number between 0 and 1", _DEFAULT_FIX),
     "frequency_penalty": (_between(-2, 2), "a number between -2 and 2", _DEFAULT_FIX),
     "presence_penalty": (_between(-2, 2), "a number between -2 and 2", _DEFAULT_FIX),

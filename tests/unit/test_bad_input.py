@@ -374,6 +374,7 @@ def test_known_media_params_pass():
 
 @pytest.mark.parametrize("where, key, value, says", [
     ("top", "temperature", "hot", "a number between 0 and 2"), ("body", "temperature", 2.5, "between 0 and 2"),
+    ("body", "temperature", 3, "(0 and 1 at Anthropic)"),
     ("top", "temperature", True, "a number"), ("body", "top_p", 1.5, "between 0 and 1"),
     ("top", "top_p", "0.9", "a number"), ("top", "max_tokens", "many", "a whole number >= 1"),
     ("body", "max_tokens", 0, "a whole number >= 1"), ("body", "max_completion_tokens", 100.5, "whole number"),
