@@ -40,6 +40,13 @@ def _usage(u: Mapping | None) -> Usage:
     return Usage(tokens(u.get("input_tokens")) + read + write, tokens(u.get("output_tokens")), read, write)
 
 
+# The HTTP status of Anthropic's error type (its API reference, "Errors"). A batch member's error carries the type
+# alone; said with its status, as a sync call's error is, it reads as the caller's own 400 (provider_status), not
+# as the endpoint's 502, which the SDKs retry: a Message Batch answered a bad member as a retryable api_error.
+_STATUS = {"invalid_request_error": 400, "authentication_error": 401, "billing_error": 402,
+           "permission_error": 403, "not_found_error": 404, "request_too_large": 413, "rate_limit_error": 429,
+           "api_error": 500, "overloaded_error": 529}
+
 # Anthropic's stop_reason in OpenAI chat's words (``Result.finish``): a cut answer must read as cut.
 _FINISH = {"end_turn": "stop", "stop_sequence": "stop", "pause_turn": "stop", "max_tokens": "length",
            "model_context_window_exceeded": "length", "tool_use": "tool_calls", "refusal": "content_filter"}
@@ -290,7 +297,8 @@ class AnthropicProvider(HttpBase):
                 etype = etype if isinstance(etype, str) and etype != "error" else "api_error"
                 said = error_message(res.get("error")) or ""
                 out[job.key] = CallOutcome(False, self.clock.now(), 0.0, retryable=etype != "invalid_request_error",
-                                           error=f"{self.name} batch member {etype}: {self._redact(said)}",
+                                           error=f"{self.name} batch member {etype} (HTTP "
+                                                 f"{_STATUS.get(etype, 500)}): {self._redact(said)}",
                                            real=True)
             elif kind not in ("canceled", "expired"):  # no result it documents: it may have run and been billed
                 self._unread_members(handle, [job.key], out)

@@ -26,11 +26,13 @@ from hypothesis import given, settings
 from actors import BudgetController, Dispatcher, ResultHub
 from actors._types import BatchJob, Job
 from actors.providers import make_provider
+from actors.providers._http import BatchHandle
 from actors.providers._wire import message_parts, redact, retry_after
 from actors.providers.anthropic_http import AnthropicProvider
 from actors.providers.openai_http import OpenAIProvider
 from engine.app.live import as_emulated, point_at_emulator
 from engine.app.provider_setup import http_setup
+from engine.core.batchfile import provider_status
 from engine.core.budgets import BudgetSettings, Claim
 from engine.core.catalog import Catalog, default_catalog
 from engine.core.clock import ManualClock, ScaledClock
@@ -753,6 +755,32 @@ def test_an_error_answer_is_an_unbilled_outcome_and_the_sdk_does_not_retry(emu, 
     assert out.error.startswith(f"{provider} HTTP {status}: "), out.error
     assert out.retry_after_s == (7.5 if status == 429 else None)
     assert emu.count(ROUTE[provider]) == 1 and emu.bill().items == ()  # max_retries=0: one call, not billed
+
+
+@pytest.mark.parametrize(("etype", "status"), [("invalid_request_error", 400), ("overloaded_error", 529)])
+def test_an_anthropic_batch_members_error_says_its_http_status_as_a_sync_calls_does(emu, etype, status):
+    """A Message Batch member errored with Anthropic's type alone: the endpoint read no status in it and answered
+    a bad member (an extra field) 502, an api_error the SDKs retry, where a sync call's refusal is the caller's
+    400 (a live tour of /v1/messages/batches)."""
+    j = job_of(req(0, "anthropic"))
+    error = {"type": "error", "error": {"type": etype, "message": "foo: Extra inputs are not permitted"}}
+
+    async def go():
+        p = direct(emu, "anthropic")
+        try:
+            async def results(bid):
+                return [{"custom_id": j.key, "result": {"type": "errored", "error": error}}], []
+            p._results = results
+            handle = BatchHandle("msgbatch_x", [j], None)
+            handle.batch = type("Ended", (), {"processing_status": "ended"})()
+            return (await p.fetch(handle))[j.key]
+        finally:
+            await p.close()
+    out = asyncio.run(go())
+    assert not out.ok and out.cost == 0.0 and out.retryable is (status != 400)
+    failed = Result(id="r", status="failed", error=f"anthropic failed after 1 attempt(s): {out.error}")
+    assert provider_status(failed) == status, out.error
+    assert "foo: Extra inputs are not permitted" in out.error
 
 
 def test_a_429_is_retried_no_earlier_than_its_retry_after(emu):
