@@ -53,7 +53,8 @@ def in_anthropic_shape(exc: ApiError) -> AnthropicError:
     sent (``temperature: ...``), named as the caller wrote it (the engine's ``body.`` prefix left out)."""
     message = _BODY.sub("", exc.message)
     if exc.param:
-        message = _FIELD.sub("", message)
+        # (the chat route's "header X-Smartbatch-Request-Id: ..." names it once more: it read twice, a tour)
+        message = _FIELD.sub("", message.removeprefix(f"header {exc.param}: "))
         if not message.startswith(exc.param):
             message = f"{exc.param}: {message}"
     return AnthropicError(exc.status, message, param=exc.param, code=exc.code, type=exc.type, headers=exc.headers)

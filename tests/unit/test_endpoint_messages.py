@@ -15,6 +15,8 @@ import anthropic
 import pytest
 
 from engine.app import endpoint
+from engine.app._endpoint_messages import in_anthropic_shape
+from engine.app._endpoint_wire import refused
 from engine.app.endpoint import make_app
 from engine.core.request import Request
 from engine.core.result import Result
@@ -208,3 +210,13 @@ def test_an_endpoint_that_asks_for_a_key_takes_it_as_the_anthropic_sdks_send_it(
             with pytest.raises(urllib.error.HTTPError) as got:
                 urllib.request.urlopen(post, timeout=10)
             assert got.value.code == status and json.loads(got.value.read())["type"] == "error"
+
+
+def test_a_refused_header_is_named_once():
+    """The chat route's refusal of a header reads "header X-Smartbatch-Request-Id: ...", and Anthropic's shape put
+    the header before it again ("X-Smartbatch-Request-Id: header X-Smartbatch-Request-Id: ...", a live tour of an
+    id sent again with another body)."""
+    exc = refused("id", "field 'id': tenant 'default' already submitted id 'a' with other content", lambda f: None)
+    said = in_anthropic_shape(exc).message
+    assert exc.param == endpoint.HEADER_REQUEST_ID and said.startswith(f"{exc.param}: ")
+    assert said.count(exc.param) == 1 and said.endswith("with other content"), said
