@@ -30,6 +30,7 @@ from engine.core.cost import MODES
 from engine.core.provider_api import call_key
 from engine.core.settings import Settings, SimSettings
 from engine.emulator import Emulator
+from tests.integration._catalogs import only
 from tests.integration._parity import PARITY_POLICY, parity_catalog, wave_trace
 
 pytestmark = pytest.mark.solo  # completion times in real time: no other test beside it
@@ -47,9 +48,15 @@ def trace():
             for k, r in enumerate(reqs)]
 
 
+def catalog():
+    """The parity catalog as the emulator plays it, with the trace's two providers alone: each dispatcher is a
+    process to start, and the others are never called (the simulator decides alike with the whole catalog)."""
+    return as_emulated(only("openai", "anthropic", catalog=parity_catalog()))
+
+
 def test_under_sync_faults_and_hedged_batches_the_engine_ends_requests_when_the_simulator_says_billed_once(
         ray_session):
-    reqs, cat = trace(), as_emulated(parity_catalog())
+    reqs, cat = trace(), catalog()
     base = Settings(sim=SimSettings(turnaround_scale=WORLD, day_origin_s=0.0))
     with Emulator(cat, speedup=SPEEDUP, seed=3, cancel_s=CANCEL_S, honour_keys=False) as emu:
         settings = point_at_emulator(base, emu)
@@ -97,8 +104,7 @@ def test_a_batch_create_refused_with_429s_is_made_again_after_retry_after_not_se
     policy as a hedge does, the policy batched them again at once, and after four the runtime's progress guard
     sent all 65 sync, at twice the batch price, 50 minutes before their deadlines ($0.885 for $0.318)."""
     speedup = 100.0
-    reqs, cat = [r.model_copy(update={"deadline_s": r.deadline_s * 7.5}) for r in trace()], as_emulated(
-        parity_catalog())
+    reqs, cat = [r.model_copy(update={"deadline_s": r.deadline_s * 7.5}) for r in trace()], catalog()
     base = Settings(sim=SimSettings(turnaround_scale=0.7, day_origin_s=0.0))
     with Emulator(cat, speedup=speedup, seed=3, cancel_s=CANCEL_S, honour_keys=False) as emu:
         settings = point_at_emulator(base, emu)
