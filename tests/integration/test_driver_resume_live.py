@@ -10,7 +10,14 @@ from engine.app.live import point_at_emulator
 from engine.core.result import Result
 from engine.core.settings import Settings
 from engine.emulator import Emulator
+from tests.integration._catalogs import only
 from tests.unit.test_http_providers import fixed_turnaround_catalog, req
+
+
+def catalog():
+    """Batches of a fixed 6,000 s at OpenAI, the one provider these tests call: an engine with the others would
+    start three dispatcher processes more, which nothing here reaches."""
+    return only("openai", catalog=fixed_turnaround_catalog(6000.0))
 
 
 def _killed_run_left(root, reqs) -> None:
@@ -24,11 +31,11 @@ def _killed_run_left(root, reqs) -> None:
 
 def test_a_script_that_fails_with_nothing_open_keeps_what_the_killed_run_paid_for(ray_session, tmp_path):
     root = tmp_path / "journal"
-    cat = fixed_turnaround_catalog(6000.0)
+    cat = catalog()
     reqs = [req(k, "openai") for k in range(3)]
     _killed_run_left(root, reqs)
     with Emulator(cat, speedup=1000.0, seed=0) as emu:
-        settings = point_at_emulator(Settings(journal={"dir": str(root)}), emu)
+        settings = point_at_emulator(Settings(journal={"dir": str(root)}), emu, providers=("openai",))
         with pytest.raises(RuntimeError, match="the script's own"):
             with Engine.start(settings, catalog=cat, speedup=1000.0, metrics_port=None) as eng:
                 got = eng.submit(reqs[0]).result(timeout=60)  # one kept answer given, nothing open after it
@@ -43,11 +50,11 @@ def test_kept_answers_take_no_room_and_every_future_resolves(ray_session, tmp_pa
     import asyncio
 
     root = tmp_path / "journal"
-    cat = fixed_turnaround_catalog(6000.0)
+    cat = catalog()
     reqs = [req(k, "openai") for k in range(4)]
     _killed_run_left(root, reqs[:3])
     with Emulator(cat, speedup=1000.0, seed=0) as emu:
-        settings = point_at_emulator(Settings(journal={"dir": str(root)}), emu)
+        settings = point_at_emulator(Settings(journal={"dir": str(root)}), emu, providers=("openai",))
         with Engine.start(settings, catalog=cat, speedup=1000.0, metrics_port=None, max_pending=2,
                           overload="raise") as eng:
             # Larger than max_pending, as the killed run's first submit was: admitted whole, as it was then.
