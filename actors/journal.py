@@ -154,21 +154,26 @@ class RedisJournal:
         self._base = f"{prefix}:journal:{engine}:"
         self._spaces: set[str] = set()  # those this journal wrote, read or cleared: its keeper pushes their expiry
         self._keeper: asyncio.Task | None = None
+        self._closed = False
 
     def _hold(self, space: str) -> None:
         self._spaces.add(space)
-        if self._keeper is None:
+        if self._keeper is None and not self._closed:
             self._keeper = asyncio.get_running_loop().create_task(self._keep())
 
     async def _keep(self) -> None:
         # While this journal's holder runs, its spaces do not expire: a request accepted on an engine that then
         # accepts nothing for 8 days kept its record only until then, and a driver that lost its memory could not
         # read it back (docs/reliability.md). Once the holder stops, the last push expires JOURNAL_TTL_S later.
-        while True:
+        while not self._closed:
             await asyncio.sleep(JOURNAL_REFRESH_S)
             try:
                 await self.refresh()
             except Exception as exc:  # a Redis blip: the expiry is days away, the next push is in a day
+                # A close's cancel that lands in a Redis read can come back as the client's own error (its read
+                # cut): caught here, the cancel was spent and the keeper ran on for good (a hung test).
+                if self._closed:
+                    return
                 log.warning("journal %s: expiry not pushed on (%s: %s)", self._base, type(exc).__name__, exc)
 
     async def refresh(self) -> None:
@@ -202,6 +207,7 @@ class RedisJournal:
         return {k.decode(): pickle.loads(v) for k, v in raw.items()}
 
     async def close(self) -> None:
+        self._closed = True
         if self._keeper is not None:
             self._keeper.cancel()
             self._keeper = None

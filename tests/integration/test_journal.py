@@ -450,8 +450,9 @@ def test_a_running_journal_keeps_its_spaces_from_expiring_and_a_closed_one_stops
         assert j._spaces == {"accepted", "sync:openai"} and client.exists(j._base + "sync:openai") == 0
         keeper = j._keeper
         await j.close()
-        with pytest.raises(asyncio.CancelledError):
-            await keeper
+        # It ends, cancelled or (the cancel landing in a Redis read, answered as the client's own error) returning.
+        await asyncio.wait([keeper], timeout=30.0)
+        assert keeper.done()
         assert j._keeper is None and client.hget(key, "u1") is not None  # it ends JOURNAL_TTL_S after the last push
     asyncio.run(go())
 
