@@ -73,9 +73,7 @@ class LiveBudgets:
         await self._restored_first()
         # One change at a time: a Redis ledger awaits its write, and two drivers' changes made meanwhile were
         # both numbered alike and merged on the same budgets, the later dropping the earlier (a hunt).
-        if self._specs_lock is None:
-            self._specs_lock = asyncio.Lock()
-        async with self._specs_lock:
+        async with self._one_at_a_time():
             if base is not None and base != self.spec_version:
                 return None
             return await self._change_now(put, remove)
@@ -106,31 +104,47 @@ class LiveBudgets:
         await self._durable()  # in the journal before it is answered, as a reservation is
         return SpecState(version, specs, self.spec_incarnation)
 
+    def _one_at_a_time(self) -> asyncio.Lock:
+        """The lock of every step that reads or writes the budgets kept in Redis: a change, and a restart's read
+        and rewrite of them (``_read_specs``, ``_rewrite_specs``)."""
+        if self._specs_lock is None:
+            self._specs_lock = asyncio.Lock()
+        return self._specs_lock
+
     async def _write_specs(self, version: int, specs: tuple[BudgetSpec, ...]) -> None:
         body = json.dumps({"version": version, "specs": [s.model_dump() for s in specs]})
         await self.book.client.set(self._specs_key(), body, ex=SPECS_TTL_S)
 
     async def _rewrite_specs(self) -> None:
         """Write the budgets in force over a change Redis may have kept though it was refused."""
-        try:
-            await self._write_specs(self.spec_version, tuple(self.book.specs))
-        except self._errors as exc:
-            self._failed(exc)
-        else:
-            self._specs_unsure = False
+        async with self._one_at_a_time():  # a change's write may not land before this older one
+            if not self._specs_unsure:  # another call wrote them while this one waited
+                return
+            try:
+                await self._write_specs(self.spec_version, tuple(self.book.specs))
+            except self._errors as exc:
+                self._failed(exc)
+            else:
+                self._specs_unsure = False
 
     async def _read_specs(self) -> None:
         """A Redis ledger restarted by Ray: take back the budgets changed live, kept in its Redis. Tried again at
-        the next call while Redis does not answer (its claims are answered budget_unavailable meanwhile)."""
-        try:
-            raw = await self.book.client.get(self._specs_key())
-        except self._errors as exc:
-            self._failed(exc)
-            return
-        self._specs_unread = False
-        if raw is None:
-            return
-        kept = json.loads(raw)
-        self.book.set_specs([BudgetSpec.model_validate(s) for s in kept["specs"]])
-        self.spec_version = int(kept["version"])
+        the next call while Redis does not answer (its claims are answered budget_unavailable meanwhile). One read
+        at a time, and none once one has taken them: every call of the restarted actor reads while they are unread,
+        and a late answer of an earlier call put the budgets before a change made meanwhile back in force (a
+        lowered limit raised again here while Redis kept it lowered; a review)."""
+        async with self._one_at_a_time():
+            if not self._specs_unread:
+                return
+            try:
+                raw = await self.book.client.get(self._specs_key())
+            except self._errors as exc:
+                self._failed(exc)
+                return
+            self._specs_unread = False
+            if raw is None:
+                return
+            kept = json.loads(raw)
+            self.book.set_specs([BudgetSpec.model_validate(s) for s in kept["specs"]])
+            self.spec_version = int(kept["version"])
         log.warning("budget ledger: budgets of change %d taken back after a restart", self.spec_version)

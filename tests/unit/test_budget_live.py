@@ -438,3 +438,32 @@ def test_a_change_whose_answer_a_budget_actor_restart_cut_is_made_once_said_made
     assert eng.remove_budget("tenant=acme/1d")["max_budget"] == 3.0  # was "no budget named 'tenant=acme/1d' runs"
     assert eng.ctl.book.specs == [] and eng.grouper.budget_specs == () and not eng.grouper.budget_limited
     eng.stop()
+
+
+def test_a_restarted_redis_ledgers_late_read_of_its_budgets_does_not_undo_a_change_made_meanwhile():
+    async def go():
+        redis = _SlowRedis()
+        first = _redis_controller(redis)
+        await first.change_budgets([DAY.model_copy(update={"max_budget": 5.0})])  # change 1, kept in Redis
+        ctl = _redis_controller(redis)
+        ctl.reconstructed()  # Ray restarts it: its live budgets are read back from Redis at its first call
+        plain_get, asked = redis.get, asyncio.Event()
+
+        async def late_reply(key):  # answered as Redis held it when asked, the reply read a few turns later
+            said = await plain_get(key)
+            redis.get = plain_get
+            asked.set()
+            for _ in range(20):
+                await asyncio.sleep(0)
+            return said
+
+        redis.get = late_reply
+        reading = asyncio.create_task(ctl.budget_specs())  # a grouper's ask, say
+        await asked.wait()
+        lowered = DAY.model_copy(update={"max_budget": 0.5})
+        state = await ctl.change_budgets([lowered])  # a driver's change, made while that read is under way
+        await reading
+        assert state is not None and state.version == 2
+        # The late read put back change 1's $5 limit over the $0.5 just made (and numbered it 1 again).
+        assert await ctl.budget_specs() == (2, (lowered,))
+    asyncio.run(go())
