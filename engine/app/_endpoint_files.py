@@ -20,7 +20,9 @@ class FileRoutes:
     """Needs ``files``, ``state`` and ``_now``."""
 
     def _file(self, file_id: str, param: str = "file_id") -> StoredFile:
-        f = self.files.get(file_id)
+        """A file of the Files API. A Message Batch's files are its own (read by its results route): fetched or
+        deleted here by id, a delete emptied the batch's results (a review)."""
+        f = self.files.get(file_id) if not file_id.startswith(_HIDDEN) else None
         if f is None:
             raise ApiError(404, f"No such File object: {file_id}", param=param)
         return f

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import time
+import urllib.error
+import urllib.request
 
 import anthropic
 import pytest
@@ -48,6 +50,14 @@ def claude_endpoint(eng: ClaudeEngine | None = None, **app_kw):
 def served():
     with claude_endpoint() as (eng, client):
         yield eng, client
+
+
+def status(method: str, url: str) -> int:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
 
 
 def ask(cid: str, text: str = "Name a river.", **params) -> dict:
@@ -96,6 +106,12 @@ def test_a_batch_of_good_and_bad_requests_ends_with_a_result_for_each(served):
     assert "503" in says["c-boom"][1]
     # Nothing refused went to the engine; the others each once.
     assert not [i for i in eng.submitted if i.startswith(b.id) and i.split("/")[1] in ("nocap", "gpt", "noparams")]
+    # Its files are the batch's own: the Files API neither serves nor deletes them (a delete emptied its results).
+    for kind in ("output", "error"):
+        fid = f"file-{b.id}-{kind}"
+        for method, path in (("GET", fid), ("DELETE", fid), ("GET", f"{fid}/content")):
+            assert status(method, f"{str(client.base_url).rstrip('/')}/v1/files/{path}") == 404, (method, path)
+    assert {r.custom_id for r in client.messages.batches.results(b.id)} == set(got)
 
 
 @pytest.mark.parametrize("requests, says", [
