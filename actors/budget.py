@@ -76,6 +76,7 @@ class BudgetController(LedgerJournal, LiveBudgets, BudgetReports, Warm):
         self.lost_records = 0  # settlements counted though Redis had lost their claim's record
         self.rejected_settlements = 0  # settlements the ledger's script refused, dropped (``_settle_apart``)
         self._flusher: asyncio.Task | None = None
+        self._closed = False  # the flusher's stop (``close``): its cancel alone can be spent in a Redis read
         if settings.redis_url:
             import redis.asyncio as aioredis
             from redis.asyncio.retry import Retry
@@ -133,6 +134,7 @@ class BudgetController(LedgerJournal, LiveBudgets, BudgetReports, Warm):
 
     async def close(self) -> None:
         """Close the ledger's Redis connections (settlements still in the outbox stay unsettled: they expire)."""
+        self._closed = True
         if self._flusher is not None:
             self._flusher.cancel()
         client = getattr(self.book, "client", None)
@@ -312,11 +314,13 @@ class BudgetController(LedgerJournal, LiveBudgets, BudgetReports, Warm):
 
     def _arm_flush(self) -> None:
         """Replay the outbox once Redis is back, even if no other call comes to do it."""
-        if self._flusher is None or self._flusher.done():
+        if not self._closed and (self._flusher is None or self._flusher.done()):
             self._flusher = asyncio.get_running_loop().create_task(self._flush_outbox())
 
     async def _flush_outbox(self) -> None:
-        while self._outbox or self._charges:
+        # A close's cancel that lands in a Redis read can come back as the client's own error, which ``_settle``
+        # takes for an outage: the cancel was spent, and with Redis away the flusher ran on for good.
+        while not self._closed and (self._outbox or self._charges):
             await asyncio.sleep(self.settings.redis_retry_s)
             if self._usable() and await self._settle([]) and await self._charge():
                 self._changed()

@@ -1,0 +1,46 @@
+"""Background loops end at their owner's close, also when the close's cancel lands in a client read that answers
+it with the client's own error (taken for a blip, the cancel was spent and the loop ran on: see
+``test_journal_keeper``). Each wait is bounded, so a loop that runs on fails its test, never hangs it."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis.exceptions
+
+from actors.budget import BudgetController
+from engine.core.budgets import BudgetSettings
+
+
+def _cut_once(reading: asyncio.Event, cuts: list):
+    """A Redis call under way that answers the first cancel with redis-py's own TimeoutError (its read cut)."""
+    async def call(*_args, **_kwargs):
+        reading.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            if cuts:  # only the first (so that a loop that runs on still ends with the test's loop)
+                raise
+            cuts.append(1)
+            raise redis.exceptions.TimeoutError("Timeout reading from socket") from None
+    return call
+
+
+def test_a_ledger_flusher_whose_cancel_comes_back_as_a_redis_error_still_ends_at_close():
+    """The outbox flusher replays settlements while Redis is away; a close's cancel spent in its Redis read left
+    it replaying for good, every ``redis_retry_s``, on a closed ledger."""
+    async def go():
+        ctl = BudgetController(BudgetSettings(redis_url="redis://127.0.0.1:1", redis_retry_s=0.001))
+        reading, cuts = asyncio.Event(), []
+        ctl.book.settle_many = _cut_once(reading, cuts)  # never reaches the URL: the call is replaced
+        ctl._outbox.append(("claim-1", 0.25))
+        ctl._arm_flush()
+        flusher = ctl._flusher
+        await asyncio.wait_for(reading.wait(), 5.0)
+        await ctl.close()
+        done, _ = await asyncio.wait([flusher], timeout=5.0)  # a bound, not a wait for time to pass
+        assert flusher in done, "the flusher ran on after close"
+        assert cuts, "the cancel did not land in the Redis call"
+        ctl._arm_flush()  # a closed ledger starts no flusher again
+        assert ctl._flusher is flusher
+    asyncio.run(go())
