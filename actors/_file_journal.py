@@ -105,6 +105,7 @@ class FileJournal:
     """Journal records in append-only files under ``root/<engine>/``: they survive every process of the run."""
 
     durable = True
+    closed = False  # its close holds nothing to end: a write after it opens its files again
 
     def __init__(self, root: Path | str, engine: str, archive_s: float = math.inf):
         self.dir = Path(root) / _safe(engine)

@@ -71,6 +71,8 @@ def delete_later(journal, space: str, keys: list[str], tasks: set, pending: set[
         give_up = asyncio.get_running_loop().time() + JOURNAL_TTL_S
         for attempt in itertools.count(1):
             await asyncio.sleep(retry_delay(attempt, DELETE_BASE_S, DELETE_MAX_S, 1.0))
+            if journal.closed:  # its holder is done with it: nothing tries again for it, nothing cancels this
+                return
             # ``pending``: those not written anew since (the same key, a request sent again under its id): a late
             # try must not delete a newer record (a review).
             todo = keys if pending is None else [k for k in keys if k in pending]
@@ -81,6 +83,10 @@ def delete_later(journal, space: str, keys: list[str], tasks: set, pending: set[
                     pending.difference_update(todo)
                 return
             except Exception as exc:
+                # A cancel that lands in a Redis read can come back as the client's own error: caught here, the
+                # cancel was spent and the retries ran on for days (a loop's end waited on them, hung).
+                if journal.closed:
+                    return
                 if attempt == DELETE_TRIES:
                     log.error("journal %s: %d record(s) of ended work could not be cleared yet (%s: %s); trying "
                               "again every %.0f s (until then a restart would take them up again)", space,
@@ -121,6 +127,7 @@ class HubJournal:
     """Journal records kept in the result hub's memory."""
 
     durable = False
+    closed = False  # it holds no connection of its own: the hub's peer outlives it
 
     def __init__(self, hub: Any):
         self.hub: Peer = as_peer(hub)
@@ -205,6 +212,10 @@ class RedisJournal:
         self._hold(space)
         raw = await self._client.hgetall(self._base + space)
         return {k.decode(): pickle.loads(v) for k, v in raw.items()}
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     async def close(self) -> None:
         self._closed = True

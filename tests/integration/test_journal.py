@@ -466,6 +466,8 @@ def test_a_delete_the_journal_failed_is_tried_until_it_is_done(monkeypatch):
     monkeypatch.setattr(jmod, "DELETE_MAX_S", 0.002)
 
     class Flaky:
+        closed = False
+
         def __init__(self):
             self.fails, self.deleted = jmod.DELETE_TRIES + 5, []
 
@@ -518,6 +520,8 @@ def test_a_late_retry_of_a_failed_delete_leaves_a_record_written_anew_under_its_
     monkeypatch.setattr(jmod, "DELETE_MAX_S", 0.002)
 
     class Store:
+        closed = False
+
         def __init__(self):
             self.recs, self.fails = {}, 3
 

@@ -256,6 +256,8 @@ def test_a_failed_delete_does_not_keep_the_records_written_with_it_from_the_jour
     from actors.journal import JournalWriter
 
     class Journal:
+        closed = False
+
         def __init__(self) -> None:
             self.rows: dict[str, Any] = {"old": 0}
             self.fails = 1

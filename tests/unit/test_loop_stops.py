@@ -44,3 +44,40 @@ def test_a_ledger_flusher_whose_cancel_comes_back_as_a_redis_error_still_ends_at
         ctl._arm_flush()  # a closed ledger starts no flusher again
         assert ctl._flusher is flusher
     asyncio.run(go())
+
+
+def test_a_delete_tried_again_ends_with_its_journal_also_when_its_cancel_comes_back_as_a_redis_error(monkeypatch):
+    """``delete_later`` tries a failed delete again for days while it fails: a cancel spent in its Redis read (the
+    end of the loop it runs on cancels it) left it trying on a closed journal, and that end waiting on it."""
+    from actors import journal as jmod
+
+    monkeypatch.setattr(jmod, "DELETE_BASE_S", 0.001)
+    monkeypatch.setattr(jmod, "DELETE_MAX_S", 0.002)
+
+    async def go():
+        j, tasks = jmod.RedisJournal("redis://127.0.0.1:1", "sbtest", "retries"), set()
+        reading, cuts = asyncio.Event(), []
+        j.delete = _cut_once(reading, cuts)  # never reaches the URL: the call is replaced
+        jmod.delete_later(j, "sync:openai", ["k1"], tasks)
+        (task,) = tasks
+        await asyncio.wait_for(reading.wait(), 5.0)
+        await j.close()
+        task.cancel()  # as the end of its loop does
+        done, _ = await asyncio.wait([task], timeout=5.0)  # a bound, not a wait for time to pass
+        assert task in done, "the retries ran on after their journal's close"
+        assert cuts, "the cancel did not land in the Redis call"
+
+        calls = []
+
+        async def failing(space, keys):
+            calls.append(keys)
+            raise redis.exceptions.ConnectionError("Redis is away")
+
+        asleep = jmod.RedisJournal("redis://127.0.0.1:1", "sbtest", "asleep")
+        await asleep.close()
+        asleep.delete = failing
+        jmod.delete_later(asleep, "sync:openai", ["k2"], tasks)
+        (task,) = tasks
+        done, _ = await asyncio.wait([task], timeout=5.0)
+        assert task in done and not calls, "a closed journal's retry still called Redis"
+    asyncio.run(go())
