@@ -13,7 +13,7 @@ from engine.core._gemini import check_gemini_body
 if TYPE_CHECKING:
     from engine.core.catalog import ModelSpec
 
-__all__ = ["MAX_CACHE_MARKS", "check_api_body"]
+__all__ = ["ANTHROPIC_BLOCKS", "MAX_CACHE_MARKS", "MIN_THINKING_BUDGET", "anthropic_block", "check_api_body"]
 
 # OpenAI fields that Anthropic's Messages API does not take ("Extra inputs are not permitted"): each with its
 # fix. Sent, they reached the provider as extra body keys and the call was refused after the request was
@@ -44,6 +44,24 @@ _FOREIGN_PARTS = {
                "tool_result": "OpenAI's is a message of role 'tool' with its tool_call_id",
                "thinking": "leave it out", "redacted_thinking": "leave it out"},
 }
+# The top-level fields of Anthropic's Messages API: the SDK's MessageCreateParams, its beta ones (refused where
+# they are, by the checks that know why: mcp_servers by check_tools) and the sampling keys the API still takes
+# though the SDK no longer names them. Any other is "Extra inputs are not permitted", for that call alone, after
+# the request was accepted, reserved for and perhaps batched (a tour, since stop 64).
+_ANTHROPIC_FIELDS = frozenset({
+    "model", "messages", "max_tokens", "system", "metadata", "stop_sequences", "stream", "temperature", "top_p",
+    "top_k", "thinking", "tool_choice", "tools", "cache_control", "container", "diagnostics", "inference_geo",
+    "output_config", "service_tier", "speed", "user_profile_id", "workspace_id",
+    "betas", "billing_policy", "compaction", "context_management", "fallback_credit_token", "fallbacks",
+    "mcp_servers", "output_format", "thread"})
+# The content blocks a message takes (the SDK's ContentBlockParam, compaction, a beta one, and tool_reference, of a
+# tool_result's content), and any server
+# tool's result (``*_tool_result``, a family that grows): a block of another type is "Input tag ... does not
+# match any of the expected tags" (a tour, since stop 64).
+ANTHROPIC_BLOCKS = frozenset({
+    "text", "image", "document", "search_result", "thinking", "redacted_thinking", "tool_use", "tool_result",
+    "server_tool_use", "container_upload", "compaction", "tool_reference"})
+MIN_THINKING_BUDGET = 1024  # Anthropic's floor of thinking.budget_tokens
 # The roles of Anthropic's messages; a message of role system is taken only mid-conversation, at few models
 # (``_check_system_message``).
 _ANTHROPIC_ROLES = ("user", "assistant")
@@ -101,6 +119,12 @@ def check_api_body(body: dict, where: str, api: str, spec: ModelSpec, compat: st
         if key in body:
             raise FieldProblem(f"{where}.{key}", f"{where}.{key} is an OpenAI field that Anthropic's Messages API "
                                f"refuses; {fix}")
+    unknown = sorted(key for key in body if key not in _ANTHROPIC_FIELDS)
+    if unknown:
+        raise FieldProblem(f"{where}.{unknown[0]}", f"{where}.{unknown[0]} is not a field of Anthropic's Messages "
+                           "API, which refuses any other (\"Extra inputs are not permitted\"): check its spelling, "
+                           "or leave it out")
+    _check_thinking_budget(body, where)
     if body.get("speed") not in (None, "standard"):
         raise FieldProblem(f"{where}.speed", f"{where}.speed {body['speed']!r} is billed at other prices than the "
                            "catalog's standard speed: leave it out")
@@ -144,6 +168,28 @@ def check_api_body(body: dict, where: str, api: str, spec: ModelSpec, compat: st
                 field = f"{where}.messages[{k}].content[{bad}]"
                 raise FieldProblem(field, f"{field} must be a text block: Anthropic takes only text in a system "
                                    "message; put images and documents in a user message")
+
+
+def anthropic_block(kind: object) -> bool:
+    """Whether ``kind`` is the type of a content block Anthropic's messages take."""
+    return isinstance(kind, str) and (kind in ANTHROPIC_BLOCKS or kind.endswith("_tool_result"))
+
+
+def _check_thinking_budget(body: dict, where: str) -> None:
+    """A manual thinking budget (``thinking: {type: "enabled", budget_tokens}``) is a whole number of at least
+    ``MIN_THINKING_BUDGET`` and, but where interleaved thinking with tools lets it reach past the cap, less than
+    ``max_tokens``: Anthropic answered any other 400, after the request was accepted (a tour, since stop 64)."""
+    thinking = body.get("thinking")
+    if not isinstance(thinking, Mapping) or thinking.get("type") != "enabled":
+        return
+    field, budget, cap = f"{where}.thinking.budget_tokens", thinking.get("budget_tokens"), body.get("max_tokens")
+    if type(budget) is not int or budget < MIN_THINKING_BUDGET:
+        raise FieldProblem(field, f"{field} must be a whole number >= {MIN_THINKING_BUDGET} (Anthropic's floor), got "
+                           f"{str(budget)[:20]}: give at least {MIN_THINKING_BUDGET}, or leave thinking out")
+    if not body.get("tools") and type(cap) is int and budget >= cap:
+        raise FieldProblem(field, f"{field} {budget} is not less than max_tokens {cap}, and Anthropic takes a "
+                           "thinking budget only below the cap (the thinking is part of the output): raise "
+                           f"{where}.max_tokens above it, or lower the budget")
 
 
 def _check_system_message(messages: Sequence, k: int, spec: ModelSpec, where: str) -> None:
@@ -207,7 +253,11 @@ def _check_parts(body: dict, where: str, api: str) -> None:
         content = m.get("content") if isinstance(m, Mapping) else None
         for i, part in enumerate(content if isinstance(content, list) else ()):
             kind = part.get("type") if isinstance(part, Mapping) else None
+            field = f"{where}.messages[{k}].content[{i}].type"
             if isinstance(kind, str) and kind in foreign:
-                field = f"{where}.messages[{k}].content[{i}].type"
                 raise FieldProblem(field, f"{field} {kind!r} is a part of another provider's API, which "
                                    f"{'Anthropic' if api == 'anthropic' else 'OpenAI'} refuses; {foreign[kind]}")
+            if api == "anthropic" and isinstance(part, Mapping) and not anthropic_block(kind):
+                raise FieldProblem(field, f"{field} {str(kind)[:40]!r} is not a content block Anthropic takes: give "
+                                   "one of text, image, document, tool_use, tool_result (or another block of "
+                                   "Anthropic's Messages API)")

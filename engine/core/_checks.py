@@ -132,6 +132,9 @@ GENERATION_PARAMS: Mapping[str, tuple[Callable[[Any], bool], str, str]] = Mappin
 _API_RULES: dict[str, dict[str, tuple[Callable[[Any], bool], str, str]]] = {
     "anthropic": {
         "temperature": (_between(0, 1), "a number between 0 and 1 (Anthropic's range)", _DEFAULT_FIX),
+        # Anthropic's top_k is an integer >= 0; 40.0, "40" or -1 passed here and the provider refused the call
+        # (a tour, since stop 64). Only Anthropic's: an OpenAI-compatible server may take -1.
+        "top_k": (_whole_from(0), "a whole number >= 0 (Anthropic's top_k)", _DEFAULT_FIX),
         # "each stop sequence must contain non-whitespace": OpenAI's stop: "\n", renamed by the endpoint, was
         # accepted, reserved for and batched, and Anthropic refused the call (a review).
         "stop_sequences": (lambda v: _strings(v) and all(s.strip() for s in v),

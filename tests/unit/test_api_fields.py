@@ -256,3 +256,57 @@ def test_a_cap_under_another_endpoints_name_is_refused_naming_the_endpoints_own(
                                 "body": {"input": "hi", "max_completion_tokens": 20}}, context=ctx)
     assert Request.model_validate({"id": "r", "arrival_s": 0.0, "model": "gpt-5-mini", "body": {
         "input": "hi", "max_output_tokens": 20}}, context=ctx).max_output_tokens == 20
+
+
+TOOLS = [{"name": "lookup", "description": "find a word", "input_schema": {"type": "object"}}]
+
+
+@pytest.mark.parametrize(("body", "field", "fix"), [
+    # Anthropic's top_k is an integer >= 0 (its API reference); each was accepted and the call refused after.
+    ({"top_k": 40.0}, "body.top_k", "a whole number >= 0"),
+    ({"top_k": -1}, "body.top_k", "a whole number >= 0"),
+    ({"top_k": "40"}, "body.top_k", "a whole number >= 0"),
+    # A content block of a type no Anthropic message takes ("Input tag ... does not match").
+    ({"messages": [{"role": "user", "content": [{"type": "txt", "text": "hi"}]}]}, "body.messages[0].content[0].type",
+     "not a content block Anthropic takes"),
+    ({"messages": [{"role": "user", "content": [{"text": "hi"}]}]}, "body.messages[0].content[0].type",
+     "not a content block Anthropic takes"),
+    # A manual thinking budget: >= 1,024, and below max_tokens (extended thinking's documented rules).
+    ({"max_tokens": 2000, "thinking": {"type": "enabled", "budget_tokens": 2000}}, "body.thinking.budget_tokens",
+     "raise body.max_tokens above it"),
+    ({"max_tokens": 4000, "thinking": {"type": "enabled", "budget_tokens": 512}}, "body.thinking.budget_tokens",
+     ">= 1024"),
+    ({"max_tokens": 4000, "thinking": {"type": "enabled"}}, "body.thinking.budget_tokens", ">= 1024"),
+    # A field the Messages API does not have ("Extra inputs are not permitted"), named with its fix.
+    ({"top_kk": 40}, "body.top_kk", "check its spelling"),
+    ({"reasoning": {"effort": "high"}}, "body.reasoning", "leave it out"),
+])
+def test_what_anthropic_refuses_in_a_native_body_is_refused_naming_field_and_fix(body, field, fix):
+    msg = refusal("claude-haiku-4-5", **{"max_tokens": 20, **body})
+    assert msg.startswith(f"Value error, {field}") and fix in msg, msg
+
+
+def test_what_anthropic_takes_of_these_passes():
+    """Precision first: each valid form of the same fields passes (a valid body must never be refused)."""
+    thinking = {"type": "enabled", "budget_tokens": 1024}
+    assert make("claude-haiku-4-5", max_tokens=1025, thinking=thinking).body["thinking"] == thinking
+    # With tools, interleaved thinking lets the budget reach past max_tokens (the context window is its limit).
+    assert make("claude-haiku-4-5", max_tokens=1024, thinking={"type": "enabled", "budget_tokens": 8000},
+                tools=TOOLS).body["tools"] == TOOLS
+    assert make("claude-haiku-4-5", max_tokens=20, thinking={"type": "disabled"}, top_k=0).body["top_k"] == 0
+    blocks = [{"type": "text", "text": "Look:"},
+              {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "x"}},
+              {"type": "search_result", "source": "https://e.com", "title": "t",
+               "content": [{"type": "text", "text": "x"}]}]
+    turns = [{"role": "user", "content": blocks},
+             {"role": "assistant", "content": [{"type": "server_tool_use", "id": "s1", "name": "web_search",
+                                                "input": {}},
+                                               {"type": "web_search_tool_result", "tool_use_id": "s1", "content": []},
+                                               {"type": "tool_use", "id": "t1", "name": "lookup", "input": {}}]},
+             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "42"}]}]
+    assert make("claude-haiku-4-5", max_tokens=20, tools=TOOLS, messages=turns).body["messages"] == turns
+    ok = make("claude-haiku-4-5", max_tokens=20, stream=False, service_tier="auto", cache_control={
+        "type": "ephemeral"}, container="c1", output_config={"effort": "low"}, inference_geo="us")
+    assert ok.body["container"] == "c1"
+    # At an OpenAI model, neither rule applies (top_k -1 is an OpenAI-compatible server's "off").
+    assert make("gpt-4o-mini", top_k=-1).body["top_k"] == -1
