@@ -9,6 +9,7 @@ import json
 import re
 from typing import Any
 
+from engine.core._api_fields import MIN_THINKING_BUDGET
 from engine.emulator._anthropic_tools import check_tool_turns, check_tools, forced, input_for
 from engine.emulator._batches import MemberOutcome, MessageBatch, Schedule, newest_first
 from engine.emulator._core import Core, TextCall
@@ -25,7 +26,7 @@ _CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _KEYS = frozenset({
     "model", "messages", "max_tokens", "cache_control", "container", "diagnostics", "inference_geo", "metadata",
     "output_config", "service_tier", "speed", "stop_sequences", "stream", "system", "thinking", "tool_choice",
-    "tools", "temperature", "top_p", "top_k"})
+    "tools", "temperature", "top_p", "top_k", "user_profile_id", "workspace_id"})
 
 
 def message_result(core: Core, provider: str, body: dict, mode: str, at: float | None = None
@@ -43,11 +44,16 @@ def message_result(core: Core, provider: str, body: dict, mode: str, at: float |
     stops = body.get("stop_sequences")
     if isinstance(stops, list) and any(isinstance(s, str) and not s.strip() for s in stops):
         raise ApiError(400, "stop_sequences: each stop sequence must contain non-whitespace", param="stop_sequences")
+    top_k = body.get("top_k")
+    if top_k is not None and (type(top_k) is not int or top_k < 0):
+        raise ApiError(400, f"top_k: Input should be an integer greater than or equal to 0, got {top_k!r}",
+                       param="top_k")
     p, spec = core.model(provider, body.get("model"), "text")
     if body.get("max_tokens") is None:
         raise ApiError(400, "max_tokens: Field required", param="max_tokens")
     if spec.adaptive_only:
         _adaptive(body)
+    _budget(body)
     choice = body.get("tool_choice")
     if not spec.forced_tool_choice and isinstance(choice, dict) and choice.get("type") in ("any", "tool"):
         raise ApiError(400, f"tool_choice.type: forcing tool use ({choice['type']!r}) is not supported for this model "
@@ -79,6 +85,23 @@ def message_result(core: Core, provider: str, body: dict, mode: str, at: float |
                   "service_tier": "batch" if mode == "batch_api" else "standard"},
     }
     return call, out
+
+
+def _budget(body: dict) -> None:
+    """A manual thinking budget: a whole number of at least 1,024, and below max_tokens but where interleaved
+    thinking with tools lets it reach past the cap."""
+    thinking = body.get("thinking")
+    if not isinstance(thinking, dict) or thinking.get("type") != "enabled":
+        return
+    budget = thinking.get("budget_tokens")
+    if type(budget) is not int or budget < MIN_THINKING_BUDGET:
+        raise ApiError(400, f"thinking.enabled.budget_tokens: Input should be greater than or equal to "
+                       f"{MIN_THINKING_BUDGET}", param="thinking.budget_tokens")
+    cap = body["max_tokens"]
+    if not body.get("tools") and type(cap) is int and budget >= cap:
+        raise ApiError(400, "`max_tokens` must be greater than `thinking.budget_tokens`. Please consult our "
+                       "documentation at https://docs.claude.com/en/docs/build-with-claude/extended-thinking",
+                       param="max_tokens")
 
 
 def _adaptive(body: dict) -> None:

@@ -11,6 +11,7 @@ import json
 import re
 from typing import Any, NamedTuple
 
+from engine.core._api_fields import anthropic_block
 from engine.core.body_tokens import (
     TEXT_PARTS,
     ImageInput,
@@ -158,8 +159,8 @@ class _Builder:
         for n, block in enumerate(content):
             if not isinstance(block, dict):
                 raise ApiError(400, f"each block of {where} must be an object", param=where)
-            if block.get("type") in self.foreign:
-                raise ApiError(400, f"{where}.{n}.type: Input tag {block['type']!r} found using 'type' does not "
+            if block.get("type") in self.foreign or self.anthropic and not anthropic_block(block.get("type")):
+                raise ApiError(400, f"{where}.{n}.type: Input tag {block.get('type')!r} found using 'type' does not "
                                "match any of the expected tags", param=f"{where}.{n}.type")
             # A marked block is one breakpoint, where the block ends. Its parts are added unmarked: marked,
             # the empty call text of a text block put a breakpoint where the block starts, an entry Anthropic

@@ -165,7 +165,8 @@ def test_claude_sonnet_5_5_answers_400_to_a_manual_budget_and_to_sampling_but_th
     assert not emu.bill().items
     claude.messages.create(model="claude-sonnet-5-5", max_tokens=50, messages=user("hi"),
                            extra_body={"temperature": 1, "thinking": {"type": "adaptive"}})
-    claude.messages.create(model="claude-haiku-4-5", max_tokens=50, messages=user("hi"), extra_body=kw)  # it takes them
+    # it takes them (a budget below max_tokens, as Anthropic takes one)
+    claude.messages.create(model="claude-haiku-4-5", max_tokens=2048, messages=user("hi"), extra_body=kw)
     assert len(emu.bill().items) == 2
 
 
@@ -238,3 +239,33 @@ def test_a_batch_with_more_metadata_than_openai_takes_is_a_400(emu: Emulator, sd
     ok = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h",
                                metadata={f"k{i}": "v" * 512 for i in range(16)})
     assert ok.status in ("validating", "in_progress")
+
+
+@pytest.mark.parametrize(("kw", "words_in_error"), [
+    ({"extra_body": {"top_k": 40.5}}, "top_k: Input should be an integer"),
+    ({"extra_body": {"top_k": -1}}, "top_k: Input should be an integer"),
+    ({"messages": [{"role": "user", "content": [{"type": "txt", "text": "hi"}]}]}, "Input tag 'txt'"),
+    ({"max_tokens": 2000, "thinking": {"type": "enabled", "budget_tokens": 2000}},
+     "`max_tokens` must be greater than `thinking.budget_tokens`"),
+    ({"max_tokens": 4000, "thinking": {"type": "enabled", "budget_tokens": 512}}, "greater than or equal to 1024"),
+    ({"extra_body": {"top_kk": 40}}, "top_kk: Extra inputs are not permitted"),
+])
+def test_anthropic_refuses_a_bad_top_k_an_unknown_block_and_a_budget_out_of_its_range(emu: Emulator, sdk: Sdk,  # noqa: F811
+                                                                                       kw, words_in_error):
+    kw = {"messages": user("hi"), "max_tokens": 20, **kw}
+    with pytest.raises(anthropic.BadRequestError, match=words_in_error):
+        sdk.anthropic().messages.create(model="claude-haiku-4-5", **kw)
+    assert not emu.bill().items
+
+
+def test_anthropic_takes_a_budget_in_range_and_past_the_cap_with_tools(emu: Emulator, sdk: Sdk):  # noqa: F811
+    client = sdk.anthropic()
+    tools = [{"name": "lookup", "description": "find a word", "input_schema": {"type": "object"}}]
+    client.messages.create(model="claude-haiku-4-5", max_tokens=1025, messages=user("hi"),
+                           thinking={"type": "enabled", "budget_tokens": 1024}, extra_body={"top_k": 0})
+    client.messages.create(model="claude-haiku-4-5", max_tokens=1024, messages=user("hi"), tools=tools,
+                           thinking={"type": "enabled", "budget_tokens": 4000})
+    client.messages.create(model="claude-haiku-4-5", max_tokens=20, messages=[{"role": "user", "content": [
+        {"type": "search_result", "source": "https://e.com", "title": "t", "content": [{"type": "text", "text": "x"}]},
+        {"type": "text", "text": "hi"}]}])
+    assert len(emu.bill().items) == 3
