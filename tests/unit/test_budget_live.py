@@ -18,6 +18,7 @@ from engine.core.errors import ConfigError
 from engine.core.request import Request
 from policies import load_policy
 from tests.unit.helpers import Recorder
+from tests.unit.test_spend_views import reporting_hub
 
 CAT = default_catalog()
 DAY = BudgetSpec(tenant="acme", max_budget=1.0, budget_duration="1d")
@@ -371,14 +372,7 @@ def test_a_removed_budget_and_a_removed_soft_limit_leave_the_metrics_page_and_an
 
 def test_the_budget_gauges_are_sent_as_unread_while_the_ledgers_redis_is_down():
     async def go():
-        hub, sent = ResultHub(), asyncio.Queue()
-        observe = hub.observe_budget
-
-        async def observed(rows, refusals):
-            await observe(rows, refusals)
-            sent.put_nowait(rows)
-
-        hub.observe_budget = observed
+        hub, sent = reporting_hub()
         redis = _SlowRedis()
         ctl = _redis_controller(redis, hub=hub)
         redis.down = True

@@ -306,6 +306,21 @@ def test_a_budget_on_a_model_or_provider_the_catalog_lacks_is_refused_naming_the
     simulate([HELD], load_policy("naive", cat), catalog=cat, settings=Settings().model_copy(update={"budgets": fine}))
 
 
+def reporting_hub():
+    """A result hub and a queue of the budget rows each of its ``observe_budget`` calls took, in order."""
+    from actors import ResultHub
+
+    hub, seen = ResultHub(), asyncio.Queue()
+    observe = hub.observe_budget
+
+    async def observed(rows, refusals):
+        await observe(rows, refusals)
+        seen.put_nowait(rows)
+
+    hub.observe_budget = observed
+    return hub, seen
+
+
 class _RealTime(ManualClock):
     """Moved by hand, and its seconds are real ones (a ManualClock's wait no time)."""
 
@@ -317,7 +332,7 @@ def test_the_budget_gauges_follow_a_window_that_resets_with_no_work_coming(monke
     # Gauges were sent when the ledger moved: with no work after a window's spend, the metrics page showed the
     # ended window's spend and remaining for hours (the tour's 1h tenant budget: $0.104 spent, $0.196 left, four
     # windows after the one it was spent in, where the current window had $0.30 left).
-    from actors import ResultHub, _budget_report
+    from actors import _budget_report
     from actors._budget_report import next_window_end
 
     monkeypatch.setattr(_budget_report, "METRICS_EVERY_S", 0.0)  # each change reported, none throttled
@@ -327,14 +342,7 @@ def test_the_budget_gauges_follow_a_window_that_resets_with_no_work_coming(monke
     assert next_window_end([BudgetSpec(max_budget=1.0)], 100.0) is None  # no window ends: nothing to wait for
 
     async def go():
-        hub, seen = ResultHub(), asyncio.Queue()
-        observe = hub.observe_budget
-
-        async def observed(rows, refusals):
-            await observe(rows, refusals)
-            seen.put_nowait(rows)
-
-        hub.observe_budget = observed
+        hub, seen = reporting_hub()
         clock = _RealTime(3000.0)
         ctl = BudgetController(BudgetSettings(specs=(spec,)), hub, clock)
         await ctl.reserve_many([_claim("a#0", "acme", 0.2)])
