@@ -15,8 +15,9 @@ Paths. Every catalog provider is served under its catalog name, with both route 
 ``/<provider>/v1/chat/completions``, ``/v1/responses``, ``/v1/images/generations``, ``/v1/files``,
 ``/v1/files/{id}`` (GET, DELETE), ``/v1/files/{id}/content``, ``/v1/batches``, ``/v1/batches/{id}``,
 ``/v1/batches/{id}/cancel`` (OpenAI format: ``Authorization: Bearer <key>``, ``x-request-id``) and
-``/<provider>/v1/messages``, ``/v1/messages/batches``, ``.../{id}``, ``.../{id}/cancel``, ``.../{id}/results``
-(Anthropic format: ``x-api-key: <key>``, or the Bearer header the SDK's ``auth_token`` sends; ``request-id``).
+``/<provider>/v1/messages``, ``/v1/messages/count_tokens`` (the input tokens ``/v1/messages`` bills for the same
+body, free), ``/v1/messages/batches``, ``.../{id}``, ``.../{id}/cancel``, ``.../{id}/results`` (Anthropic format:
+``x-api-key: <key>``, or the Bearer header the SDK's ``auth_token`` sends; ``request-id``).
 A missing key is a 401 in the family's error shape; any non-empty key passes and is never kept or echoed.
 Prices, cache rules and batch timings come from the provider's catalog entry, whatever the wire format.
 Control: ``GET /_emulator/bill``, ``GET /_emulator/calls``, ``POST /_emulator/faults`` (``FaultPlan.configure``).

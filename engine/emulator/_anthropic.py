@@ -27,6 +27,10 @@ _KEYS = frozenset({
     "model", "messages", "max_tokens", "cache_control", "container", "diagnostics", "inference_geo", "metadata",
     "output_config", "service_tier", "speed", "stop_sequences", "stream", "system", "thinking", "tool_choice",
     "tools", "temperature", "top_p", "top_k", "user_profile_id", "workspace_id"})
+# MessageCountTokensParams' keys (anthropic/types/message_count_tokens_params.py): a Messages body without its
+# cap, sampling, stop or metadata fields, which the count refuses as extra inputs.
+_COUNT_KEYS = frozenset({"model", "messages", "cache_control", "output_config", "speed", "system", "thinking",
+                         "tool_choice", "tools", "user_profile_id", "workspace_id"})
 
 
 def message_result(core: Core, provider: str, body: dict, mode: str, at: float | None = None
@@ -152,6 +156,24 @@ def _messages(ctx: Ctx) -> Reply:
     return json_reply("anthropic", 200, out, ctx.request_id)
 
 
+def _count_tokens(ctx: Ctx) -> Reply:
+    """The input tokens of a Messages body, by the same estimate ``message_result`` bills (``anthropic_prompt``):
+    all of it, whether a call would read it from the prompt cache, write it there or neither, as Anthropic counts.
+    Free, as Anthropic's count is: nothing billed, the prompt cache untouched."""
+    body = ctx.json()
+    extra = sorted(k for k in body if k not in _COUNT_KEYS)
+    if extra:
+        raise ApiError(400, f"{extra[0]}: Extra inputs are not permitted", param=extra[0])
+    p, spec = ctx.core.model(ctx.provider, body.get("model"), "text")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages: Field required (a non-empty list)", param="messages")
+    check_tools(body.get("tools"))
+    check_tool_turns(messages)
+    prompt = anthropic_prompt(body, spec.image_input or p.image_input, spec.tool_prompt or p.tool_prompt)
+    return json_reply("anthropic", 200, {"input_tokens": prompt.tokens}, ctx.request_id)
+
+
 def _create(ctx: Ctx) -> Reply:
     body, core = ctx.json(), ctx.core
     reqs = body.get("requests")
@@ -261,6 +283,7 @@ def _list(ctx: Ctx) -> Reply:
 ROUTES: list[Route] = [
     route("GET", "/v1/messages/batches", "anthropic", "messages.batches.list", _list),
     route("POST", "/v1/messages", "anthropic", "messages", _messages, generating=True),
+    route("POST", "/v1/messages/count_tokens", "anthropic", "messages.count_tokens", _count_tokens),
     route("POST", "/v1/messages/batches", "anthropic", "messages.batches.create", _create, idempotent=True),
     route("GET", "/v1/messages/batches/{batch_id}", "anthropic", "messages.batches.retrieve", _retrieve),
     route("POST", "/v1/messages/batches/{batch_id}/cancel", "anthropic", "messages.batches.cancel", _cancel),
