@@ -23,7 +23,7 @@ from engine.app._endpoint_wire import ApiError
 from engine.core.catalog import Catalog
 from engine.core.settings import Settings
 
-__all__ = ["AnthropicError", "error_type", "in_anthropic_shape", "message_events", "messages_body"]
+__all__ = ["AnthropicError", "claude_model", "error_type", "in_anthropic_shape", "message_events", "messages_body"]
 
 CHAT_URL = "/v1/chat/completions"
 # Anthropic's error type of an HTTP status (its API reference, "Errors"); any other 4xx is invalid_request_error.
@@ -60,11 +60,10 @@ def in_anthropic_shape(exc: ApiError) -> AnthropicError:
     return AnthropicError(exc.status, message, param=exc.param, code=exc.code, type=exc.type, headers=exc.headers)
 
 
-def messages_body(body: dict[str, Any], headers: Any, catalog: Catalog,
-                  settings: Settings) -> tuple[dict[str, Any], bool]:
-    """The body the engine gets (without ``stream``), and whether the caller asked for a stream; a 400 naming
-    the field for what Anthropic's API requires and is missing, or a model not called through it (one the catalog
-    does not know is the engine's 404, as Anthropic answers it)."""
+def claude_model(body: dict[str, Any], headers: Any, catalog: Catalog, settings: Settings) -> str:
+    """The model of an Anthropic body, after the checks the Anthropic routes share: no ``anthropic-beta`` header, a
+    model named, and, when the catalog knows it, one it calls through Anthropic's Messages API (a 400 naming the
+    field and the fix)."""
     if headers.get(_BETA) is not None:  # a beta feature changes the answer, and the header goes no further
         raise ApiError(400, f"the {_BETA} header {headers[_BETA]!r} asks for a beta feature the engine does not "
                             "pass on; leave it out", param=_BETA)
@@ -77,6 +76,15 @@ def messages_body(body: dict[str, Any], headers: Any, catalog: Catalog,
         raise ApiError(400, f"model {model!r} is not called through Anthropic's Messages API, the only one this "
                             f"route speaks; send it to {CHAT_URL} (OpenAI's chat completions), or name a Claude "
                             "model", param="model")
+    return model
+
+
+def messages_body(body: dict[str, Any], headers: Any, catalog: Catalog,
+                  settings: Settings) -> tuple[dict[str, Any], bool]:
+    """The body the engine gets (without ``stream``), and whether the caller asked for a stream; a 400 naming
+    the field for what Anthropic's API requires and is missing, or a model not called through it (one the catalog
+    does not know is the engine's 404, as Anthropic answers it)."""
+    claude_model(body, headers, catalog, settings)
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise ApiError(400, f"stream {stream!r} must be true or false", param="stream")

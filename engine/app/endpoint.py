@@ -3,10 +3,11 @@ against it unchanged (``OpenAI(base_url="http://host:port/v1")``), and smartbatc
 is sent (reuse, a provider's batch API, sync) within the deadline the caller gives.
 
 Routes (OpenAI's shapes): ``POST /v1/chat/completions``, ``POST /v1/responses``, ``POST /v1/images/generations``, ``/v1/files``
-(upload, list, retrieve, content, delete), ``/v1/batches`` (create, list, retrieve, cancel), ``/v1/models``;
-Anthropic's ``POST /v1/messages`` for a Claude model, in Anthropic's shapes (``_endpoint_messages``), and its Message
-Batches, ``/v1/messages/batches`` (``_endpoint_msgbatches``, jobs of the OpenAI batch route); and one of
-ours, ``GET /v1/batches/{id}/smartbatch_report`` (each line's cost against its list price).
+(upload, list, retrieve, content, delete), ``/v1/batches`` (create, list, retrieve, cancel), ``/v1/models``
+(Anthropic's Models API for the Anthropic SDK, ``_endpoint_models``); Anthropic's ``POST /v1/messages`` for a
+Claude model, in Anthropic's shapes (``_endpoint_messages``), its token count, ``/v1/messages/count_tokens``, asked
+of the provider (``_endpoint_count``), and its Message Batches, ``/v1/messages/batches`` (``_endpoint_msgbatches``,
+jobs of the OpenAI batch route); and one of ours, ``GET /v1/batches/{id}/smartbatch_report`` (each line's cost against its list price).
 
 ``stream: true`` answers in OpenAI's chunks (chat completions, ``_endpoint_stream``) or the Responses API's events
 (``_endpoint_responses_stream``) once the whole answer is in; ``n`` > 1 on chat completions is n requests
@@ -56,8 +57,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from engine.app._endpoint_batches import CANCEL_WAIT_S, MAX_FILE_BYTES, MAX_OPEN_LINES, FilesAndBatches
 from engine.app._endpoint_choices import choices_wanted, fan_out, merged_body, merged_headers
 from engine.app._endpoint_claude import for_messages_api, in_callers_words
+from engine.app._endpoint_count import TokenCounter, count_router
 from engine.app._endpoint_job import cut_by_cancel
 from engine.app._endpoint_messages import AnthropicError, in_anthropic_shape, message_events, messages_body
+from engine.app._endpoint_models import anthropic_caller, models_router
 from engine.app._endpoint_responses_stream import response_events, responses_stream_wanted
 from engine.app._endpoint_stream import sse_chunks, stream_wanted
 from engine.app._endpoint_wire import (
@@ -122,11 +125,15 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
     speedup = float(getattr(getattr(engine, "clock", None), "speedup", 1.0))
     store = FilesAndBatches(engine, catalog, window_default_s=window_default_s, cancel_wait_s=cancel_wait_s,
                             max_open_lines=max_open_batch_lines, state_dir=state_dir, speedup=speedup)
+    counter = TokenCounter(engine.settings)  # Anthropic's count_tokens, asked of the provider itself
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await store.resume()  # the batches a state directory holds, from before a restart
-        yield
+        try:
+            yield
+        finally:
+            await counter.close()
         await store.shutdown()
 
     app = FastAPI(title="smartbatch", summary="OpenAI-compatible front of the smartbatch engine",
@@ -245,21 +252,8 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
             raise ApiError(400, f"n={n!r}: only n=1 is supported; send n requests for n images", param="n")
         return await generate(http, body, IMAGES_URL)
 
-    models = [{"id": name, "object": "model", "created": 0, "owned_by": pname}
-              for pname, p in catalog.providers.items() for name in p.models]
-
-    @app.get("/v1/models")
-    async def list_models() -> dict:
-        return {"object": "list", "data": models}
-
-    @app.get("/v1/models/{model_id:path}")
-    async def get_model(model_id: str) -> dict:
-        found = next((m for m in models if m["id"] == model_id), None)
-        if found is None:
-            raise ApiError(404, f"The model '{model_id}' does not exist; GET /v1/models lists the catalog's "
-                                "models",                           param="model", code="model_not_found")
-        return found
-
+    app.include_router(models_router(catalog, engine.settings))
+    app.include_router(count_router(counter, catalog, engine.settings))
     app.include_router(store.router())
     return app
 
@@ -274,8 +268,7 @@ def _errors_in_openai_shape(app: FastAPI) -> None:
         where = f"{http.method} {http.url.path}"
         msg = {404: f"Unknown request URL: {where}", 405: f"Method not allowed: {where}"}.get(exc.status_code,
                                                                                            str(exc.detail))
-        anthropic = http.url.path == MESSAGES_URL or http.url.path.startswith(MESSAGES_URL + "/")
-        return (AnthropicError if anthropic else ApiError)(exc.status_code, msg).response()
+        return (AnthropicError if anthropic_caller(http) else ApiError)(exc.status_code, msg).response()
 
     async def invalid(_: HttpRequest, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
@@ -298,8 +291,7 @@ def _ask_for_key(app: FastAPI, digest: str) -> None:
             scheme, key = "bearer", anthropic
         got = hashlib.sha256(key.strip().encode()).digest()
         if scheme.lower() != "bearer" or not hmac.compare_digest(got, want):
-            anthropic = http.url.path == MESSAGES_URL or http.url.path.startswith(MESSAGES_URL + "/")
-            error = AnthropicError if anthropic else ApiError
+            error = AnthropicError if anthropic_caller(http) else ApiError
             return error(401, "Incorrect API key provided: send the key the endpoint was started with "
                               "(smartbatch serve --http-key-env) as 'Authorization: Bearer <key>' or 'x-api-key: "
                               "<key>', the SDK's api_key", code="invalid_api_key").response()

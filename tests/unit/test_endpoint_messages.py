@@ -177,9 +177,9 @@ def test_a_bad_header_and_a_bad_body_are_400s_in_anthropics_shape(messages):
     with pytest.raises(anthropic.BadRequestError) as exc:
         client.messages.create(**ask, extra_headers={endpoint.HEADER_DEADLINE: "soon"})
     assert exc.value.body["error"]["message"].startswith(endpoint.HEADER_DEADLINE)
-    with pytest.raises(anthropic.NotFoundError) as exc:  # Anthropic's other routes are not served: said so
-        client.messages.count_tokens(model=MODEL, messages=[{"role": "user", "content": "x"}])
-    assert exc.value.body["type"] == "error" and "/v1/messages/count_tokens" in exc.value.body["error"]["message"]
+    with pytest.raises(anthropic.NotFoundError) as exc:  # a route not served: said so, in Anthropic's shape
+        client.post("/v1/complete", cast_to=object, body={"model": MODEL, "prompt": "x"})
+    assert exc.value.body["type"] == "error" and "/v1/complete" in exc.value.body["error"]["message"]
     post = urllib.request.Request(str(client.base_url).rstrip("/") + "/v1/messages", data=b"{not json",
                                   headers={"content-type": "application/json"})
     with pytest.raises(urllib.error.HTTPError) as got:

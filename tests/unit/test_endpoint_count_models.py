@@ -1,0 +1,162 @@
+"""Anthropic's Models API and token count at the endpoint, with the official ``anthropic`` SDK: ``models.list()``
+(page by page), ``models.retrieve()`` and ``messages.count_tokens()``, the endpoint under uvicorn with the engine
+stand-in of ``test_endpoint_claude`` and the emulator's Anthropic side behind it (no Ray). Before, the Anthropic
+SDK got OpenAI's model list, which it could not read, and a 404 for the count; the OpenAI SDK's list stays as it
+was."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+
+import anthropic
+import openai
+import pytest
+
+from engine.app._endpoint_count import TokenCounter
+from engine.app._endpoint_messages import AnthropicError
+from engine.app._endpoint_models import display_name
+from engine.app.endpoint import make_app
+from engine.app.live import EMULATOR_KEY_ENV
+from engine.core.settings import Settings
+from engine.emulator import Emulator
+from tests.unit.test_endpoint import serving
+from tests.unit.test_endpoint_claude import OneCallEngine
+from tests.unit.test_http_providers import CAT, SPEED, http_settings
+
+pytestmark = pytest.mark.filterwarnings("ignore:The model .* is deprecated:DeprecationWarning")
+MODEL = "claude-sonnet-4-5"
+CLAUDE = [m for m, s in CAT.providers["anthropic"].models.items() if s.kind == "text"]
+WEATHER = {"name": "get_weather", "description": "The weather in a city now.",
+           "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+
+
+@pytest.fixture(scope="module")
+def both():
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED) as emu:
+        eng = OneCallEngine(emu)
+        with serving(make_app(eng, catalog=CAT)) as url, \
+                anthropic.Anthropic(base_url=url.removesuffix("/v1"), api_key="unused", max_retries=0,
+                                    timeout=20) as claude, \
+                openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=20) as oai:
+            try:
+                yield eng, claude, oai, emu
+            finally:
+                eng.close()
+
+
+def test_the_anthropic_sdk_lists_the_claude_models_page_by_page(both):
+    _, claude, _, _ = both
+    assert len(CLAUDE) > 3  # so a page of 3 leaves more
+    first = claude.models.list(limit=3)
+    assert [m.id for m in first.data] == CLAUDE[:3] and first.has_more
+    assert (first.first_id, first.last_id) == (CLAUDE[0], CLAUDE[2])
+    # The SDK's auto-paging follows last_id as after_id until has_more is false: every Claude model, once, in order.
+    assert [m.id for m in claude.models.list(limit=3)] == CLAUDE
+    assert [m.id for m in claude.models.list()] == CLAUDE  # the default page of 20 holds them all
+    back = claude.models.list(before_id=CLAUDE[4], limit=2)
+    assert [m.id for m in back.data] == CLAUDE[2:4] and back.has_more
+    assert [m.id for m in claude.models.list(before_id=CLAUDE[1], limit=5).data] == CLAUDE[:1]
+    info = first.data[0]
+    assert info.type == "model" and info.display_name == "Claude Sonnet 4.5"
+    assert info.created_at == datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+    assert info.max_tokens == CAT.providers["anthropic"].models[CLAUDE[0]].max_output_tokens
+    with pytest.raises(anthropic.BadRequestError, match="limit"):
+        claude.models.list(limit=1001)
+    with pytest.raises(anthropic.BadRequestError, match="after_id"):
+        claude.models.list(after_id="gpt-5-mini")
+
+
+def test_the_anthropic_sdk_retrieves_a_claude_model_and_an_unknown_one_is_anthropics_404(both):
+    _, claude, _, _ = both
+    got = claude.models.retrieve(MODEL)
+    assert (got.id, got.type, got.display_name) == (MODEL, "model", "Claude Sonnet 4.5")
+    for other in ("gpt-5-mini", "claude-nonesuch"):  # a model of another API is no Claude model either
+        with pytest.raises(anthropic.NotFoundError) as caught:
+            claude.models.retrieve(other)
+        assert caught.value.body["type"] == "error"
+        assert caught.value.body["error"]["type"] == "not_found_error" and other in caught.value.message
+
+
+def test_the_same_path_answers_the_openai_sdk_in_openais_shape_with_every_model(both):
+    _, claude, oai, _ = both
+    listed = oai.models.list()
+    every = [m for p in CAT.providers.values() for m in p.models]
+    assert [m.id for m in listed.data] == every and {m.object for m in listed.data} == {"model"}
+    assert oai.models.retrieve("gpt-5-mini").owned_by == "openai"
+    with pytest.raises(openai.NotFoundError) as caught:
+        oai.models.retrieve("nonesuch")
+    assert caught.value.body["code"] == "model_not_found"
+    assert [m.id for m in claude.models.list()] == CLAUDE  # and the Anthropic SDK, at the same path, its own
+
+
+def test_count_tokens_is_the_input_the_emulator_bills_for_the_same_body_and_bills_nothing(both):
+    eng, claude, _, emu = both
+    body = dict(model=MODEL, system="Answer in one word.", tools=[WEATHER],
+                messages=[{"role": "user", "content": "Is it raining in Oslo? Look it up."}])
+    before, asked = len(emu.bill().items), len(eng.reqs)
+    counted = claude.messages.count_tokens(**body)
+    assert emu.count("messages.count_tokens") == 1 and len(emu.bill().items) == before  # asked, free
+    assert len(eng.reqs) == asked  # not a request of the engine: not budgeted, cached nor billed
+    sent = claude.messages.create(max_tokens=50, **body)
+    (bill,) = [i for i in emu.bill().items[before:] if i.route == "messages"]
+    billed = sum(bill.usage.get(k, 0) for k in ("input_tokens", "cache_read_input_tokens",
+                                                 "cache_creation_input_tokens"))
+    assert counted.input_tokens == billed == sent.usage.input_tokens > 0
+
+
+def test_a_bad_count_is_refused_naming_the_field_and_the_providers_own_refusal_comes_back(both):
+    _, claude, _, emu = both
+    ask = [{"role": "user", "content": "Hi"}]
+    with pytest.raises(anthropic.BadRequestError, match=r"^400 model 'gpt-5-mini' is not called "
+                                                   r"through Anthropic's Messages API"):
+        claude.messages.count_tokens(model="gpt-5-mini", messages=ask)
+    with pytest.raises(anthropic.NotFoundError, match="claude-nonesuch"):
+        claude.messages.count_tokens(model="claude-nonesuch", messages=ask)
+    with pytest.raises(anthropic.BadRequestError, match="messages is required"):
+        claude.messages.count_tokens(model=MODEL, messages=[])
+    calls = emu.count("messages.count_tokens")
+    # What only the provider refuses (a count takes no max_tokens) is its 400, passed back in Anthropic's shape.
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        claude.messages.count_tokens(model=MODEL, messages=ask, extra_body={"max_tokens": 10})
+    assert caught.value.body["error"] == {"type": "invalid_request_error",
+                                          "message": "max_tokens: Extra inputs are not permitted"}
+    assert emu.count("messages.count_tokens") == calls + 1  # the three before never left the endpoint
+
+
+def test_a_providers_error_comes_back_at_its_status_with_the_key_masked():
+    key = "sk-count-NEVERSHOWN-7"
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED) as emu:
+        emu.faults.script("anthropic", "messages.count_tokens", [
+            {"status": 529}, {"status": 401, "message": f"invalid x-api-key {key}"}])
+        counter = TokenCounter(http_settings(emu), environ={EMULATOR_KEY_ENV: key})
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
+
+        async def go():
+            try:
+                return [await counter.count("anthropic", body) for _ in range(3)]
+            finally:
+                await counter.close()
+        busy, refused, fine = asyncio.run(go())
+    assert busy.status_code == 529 and b"overloaded_error" in busy.body
+    assert refused.status_code == 401 and key.encode() not in refused.body and b"**********" in refused.body
+    assert fine.status_code == 200 and b'"input_tokens"' in fine.body
+
+
+@pytest.mark.parametrize(("settings", "environ", "status", "said"), [
+    (Settings(), {}, 501, "providers.mode='sim'"),  # simulated: nobody to count exactly
+    (None, {}, 503, EMULATOR_KEY_ENV),  # the key's variable not set where the endpoint runs
+])
+def test_a_count_nobody_can_answer_exactly_is_refused_saying_why(settings, environ, status, said):
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED) as emu:
+        counter = TokenCounter(settings or http_settings(emu), environ=environ)
+        with pytest.raises(AnthropicError) as caught:
+            asyncio.run(counter.count("anthropic", {"model": MODEL, "messages": []}))
+    assert caught.value.status == status and said in caught.value.message
+    assert caught.value.headers == {"x-should-retry": "false"}
+
+
+def test_a_display_name_reads_as_anthropics():
+    assert display_name("claude-sonnet-4-5") == "Claude Sonnet 4.5"
+    assert display_name("claude-fable-5") == "Claude Fable 5"
+    assert display_name("claude-3-5-haiku-20241022") == "Claude 3.5 Haiku"
