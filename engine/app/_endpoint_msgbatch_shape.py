@@ -27,7 +27,9 @@ __all__ = ["MAX_REQUESTS", "batch_lines", "checked_requests", "ended_counts", "l
            "results_of", "view"]
 
 MAX_REQUESTS = 100_000  # Anthropic's limit of requests in one Message Batch
-_CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")  # Anthropic's pattern of a custom_id
+# Anthropic's pattern of a custom_id, matched whole (``fullmatch``): ``$`` also matches before a final newline, and
+# "a\n" beside "a" was taken, then lost (its result never came: a helper's hunt).
+_CUSTOM_ID = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 _ENDS = ("completed", "cancelled", "expired", "failed")
 _STATUS = {"cancelling": "canceling"}  # the job's status -> Anthropic's processing_status (else in_progress / ended)
 # An error row's code -> Anthropic's result type (an answered row: succeeded; any other: errored).
@@ -56,7 +58,7 @@ def checked_requests(body: dict[str, Any]) -> list[dict[str, Any]]:
             raise AnthropicError(400, f"requests.{i}: must be an object {{\"custom_id\", \"params\"}}",
                                  param="requests")
         cid = req.get("custom_id")
-        if not isinstance(cid, str) or not _CUSTOM_ID.match(cid):
+        if not isinstance(cid, str) or not _CUSTOM_ID.fullmatch(cid):
             shown = repr(cid) if len(repr(cid)) <= 70 else repr(cid)[:67] + "..."
             raise AnthropicError(400, f"requests.{i}.custom_id: {shown} must be 1 to 64 letters, digits, '_' or "
                                       "'-' (the id that pairs the request with its result)", param="custom_id")

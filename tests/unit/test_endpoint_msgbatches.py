@@ -119,6 +119,8 @@ def test_a_batch_of_good_and_bad_requests_ends_with_a_result_for_each(served):
     ([ask("a"), ask("a")], "requests.1.custom_id: 'a' is also the custom_id of requests.0"),
     ([ask("a b")], "requests.0.custom_id: 'a b' must be 1 to 64"),
     ([ask("x" * 65)], "requests.0.custom_id:"),
+    # Matched whole: "a\n" passed the pattern's "$", was taken beside "a", and its result never came (a hunt).
+    ([ask("a"), ask("a\n")], "requests.1.custom_id: 'a\\n' must be 1 to 64"),
 ])
 def test_a_malformed_create_is_a_400_in_anthropics_shape(served, requests, says):
     _, client = served
