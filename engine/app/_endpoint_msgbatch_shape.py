@@ -120,7 +120,9 @@ def _errored(message: str, kind: str = "invalid_request_error") -> dict[str, Any
 
 def results_of(rows: list[dict], errors: list[dict]) -> list[dict[str, Any]]:
     """Anthropic's results of a job: its output and error files' ``rows``, and the requests of ``errors``."""
-    refused = {e["custom_id"]: e["message"] for e in errors}
+    # (an error of the whole batch, with no custom_id, is no request's: a record written before the take-back of
+    # a Message Batch kept its errors per request, _endpoint_resume)
+    refused = {e["custom_id"]: e["message"] for e in errors if "custom_id" in e}
     out = []
     for row in rows:
         cid, err = row["custom_id"], row.get("error")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from engine.app._endpoint_job import CANCELLED_LINE, BatchJob, for_endpoint
 from engine.app._endpoint_wire import ApiError
+from engine.core.answer_body import MESSAGES_URL
 from engine.core.batchfile import BatchFile, parse_batch_file
 from engine.core.budgets import Charge
 from engine.core.result import Result
@@ -55,8 +56,16 @@ class TakeBack:
             data = input_path.read_bytes()
         except OSError as exc:
             log.error("endpoint state: batch %s has lost its input (%s); it fails", job.id, exc)
-            job.errors = [{"code": "server_error", "message": "the endpoint restarted and this batch's input "
-                           "was not found in its state directory", "param": None, "line": None}]
+            why = "the endpoint restarted and this batch's input was not found in its state directory"
+            if job.endpoint == MESSAGES_URL:
+                # Anthropic's results are per request: those refused at the create stay so, and each one known by
+                # a result ends errored. Given one error of OpenAI's shape, with no custom_id, the batch's
+                # retrieve and the whole list of Message Batches answered 500 (a helper's hunt).
+                job.errors = [*job.errors, *({"custom_id": cid, "message": f"{why}: its result came before the "
+                                              "restart (an answer is billed) and went with it", "sent": True}
+                                             for cid in results)]
+            else:
+                job.errors = [{"code": "server_error", "message": why, "param": None, "line": None}]
             self._enter(job, "failed")
             job.release()
             self._save(job)

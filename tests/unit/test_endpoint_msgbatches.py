@@ -179,6 +179,26 @@ def test_a_restarted_endpoint_takes_back_an_open_message_batch_and_asks_nothing_
         assert got == {"q": "succeeded", "p-slow": "succeeded", "bad": "errored"}
 
 
+def test_a_message_batch_whose_input_is_lost_at_a_restart_ends_with_a_result_per_known_request(tmp_path):
+    """Its input gone from the state directory, the batch fails at the next start. Before, it kept one error of
+    OpenAI's batch shape (no custom_id): its retrieve and the whole list of Message Batches answered 500."""
+    state, first = tmp_path / "state", ClaudeEngine()
+    with claude_endpoint(first, state_dir=state) as (_, client):
+        b = client.messages.batches.create(requests=[ask("q"), ask("p-slow"), ask("bad", model="gpt-5-mini")])
+        other = client.messages.batches.create(requests=[ask("o")])
+        first._held.clear()
+    (state / "batches" / f"{b.id}.input").unlink()
+    with claude_endpoint(ClaudeEngine(), state_dir=state) as (again, client):
+        done = client.messages.batches.retrieve(b.id)
+        assert done.processing_status == "ended" and done.request_counts.errored == 2
+        got = {r.custom_id: r.result for r in client.messages.batches.results(b.id)}
+        assert set(got) == {"q", "bad"} and {r.type for r in got.values()} == {"errored"}
+        assert got["bad"].error.error.message.startswith("params.model: ")
+        assert "input was not found" in got["q"].error.error.message
+        assert {m.id for m in client.messages.batches.list()} == {b.id, other.id}
+        assert not again.submitted  # nothing asked again
+
+
 def test_a_request_the_engine_refuses_is_named_as_the_caller_sent_it():
     """The engine names a line's fields ``body.X``; a Message Batch's caller sent ``params.X``. Before, a live tour
     read ``params.temperature: body.temperature must be ...`` and ``params.max_tokens: max_tokens is required``."""
