@@ -33,7 +33,7 @@ from engine.app._endpoint_msgbatch_shape import (
     results_of,
     view,
 )
-from engine.app._endpoint_wire import ApiError, json_body, new_id, smartbatch_fields, window_text
+from engine.app._endpoint_wire import ApiError, json_object, new_id, smartbatch_fields, window_text
 from engine.core.answer_body import MESSAGES_URL
 from engine.core.batchfile import parse_batch_file
 from engine.core.settings import MAX_DEADLINE_S
@@ -41,6 +41,7 @@ from engine.core.settings import MAX_DEADLINE_S
 __all__ = ["MessageBatchRoutes"]
 
 BATCHES_URL = MESSAGES_URL + "/batches"
+MAX_BATCH_BYTES = 256 * 1024 * 1024  # Anthropic's limit of one Message Batch (with its 100,000 requests)
 _ENDED = ("completed", "cancelled", "expired", "failed")
 
 
@@ -56,6 +57,24 @@ def _in_anthropic_shape(route: Callable[..., Awaitable[Any]]) -> Callable[..., A
     answer.__signature__ = inspect.signature(route)  # FastAPI reads the route's parameters from it
     answer.__name__ = route.__name__
     return answer
+
+
+async def _bounded_body(http: HttpRequest) -> bytes:
+    """The create's body, read no further than ``MAX_BATCH_BYTES``: before, any size was read whole into memory
+    and taken (a helper's hunt), where Anthropic answers 413."""
+    def too_large(size: str) -> AnthropicError:
+        return AnthropicError(413, f"requests: the batch is {size}, past the {MAX_BATCH_BYTES:,} bytes of one "
+                                   "Message Batch; split its requests into several batches", param="requests")
+    declared = http.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BATCH_BYTES:  # refused before a byte of it is read
+        raise too_large(f"{int(declared):,} bytes")
+    parts, size = [], 0
+    async for chunk in http.stream():
+        size += len(chunk)
+        if size > MAX_BATCH_BYTES:
+            raise too_large(f"more than {MAX_BATCH_BYTES:,} bytes")
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 class MessageBatchRoutes:
@@ -94,7 +113,7 @@ class MessageBatchRoutes:
         return view(job, counts, str(http.base_url))
 
     async def create_message_batch(self, http: HttpRequest) -> dict:
-        body = await json_body(http)
+        body = json_object(await _bounded_body(http))
         fields = smartbatch_fields(http.headers)  # the tenant, and the deadline of every request
         tenant, window_s = fields.get("tenant", "default"), fields.get("deadline_s", self.window_default_s)
         if window_s > MAX_DEADLINE_S:

@@ -4,6 +4,7 @@ Before, ``client.messages.batches`` got a 404 and an Anthropic application had n
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 import urllib.error
@@ -12,7 +13,9 @@ import urllib.request
 import anthropic
 import pytest
 
+from engine.app import _endpoint_msgbatches as msgbatches
 from engine.app import endpoint
+from engine.app._endpoint_messages import AnthropicError
 from engine.app._endpoint_msgbatch_shape import batch_lines, refused_line
 from engine.app.endpoint import make_app
 from engine.core.batchfile import parse_batch_file
@@ -128,6 +131,31 @@ def test_a_malformed_create_is_a_400_in_anthropics_shape(served, requests, says)
         client.messages.batches.create(requests=requests)
     assert exc.value.body["type"] == "error" and exc.value.body["error"]["type"] == "invalid_request_error"
     assert exc.value.body["error"]["message"].startswith(says)
+
+
+def test_a_create_past_the_size_of_a_message_batch_is_a_413(served, monkeypatch):
+    """Anthropic's 256 MB (here made 4 KB): before, a create of any size was read whole and taken. Refused by its
+    Content-Length, or as it streams in when it gives none."""
+    eng, client = served
+    monkeypatch.setattr(msgbatches, "MAX_BATCH_BYTES", 4096, raising=False)
+    reqs = [ask(f"big{i}", "word " * 200) for i in range(5)]
+    with pytest.raises(anthropic.APIStatusError) as exc:
+        client.messages.batches.create(requests=reqs)
+    assert exc.value.status_code == 413 and exc.value.body["error"]["type"] == "request_too_large"
+    assert exc.value.body["error"]["message"].startswith("requests: the batch is ")
+
+    class Chunked:  # a create with no Content-Length, read as it streams in
+        headers: dict = {}
+
+        async def stream(self):
+            for _ in range(5):
+                yield b"x" * 1000
+
+    with pytest.raises(AnthropicError) as said:
+        asyncio.run(msgbatches._bounded_body(Chunked()))
+    assert said.value.status == 413 and said.value.message.startswith("requests: the batch is more than 4,096")
+    assert not [i for i in eng.submitted if "/big" in i]  # nothing of either went to the engine
+    assert client.messages.batches.create(requests=reqs[:1]).request_counts  # one that fits goes through
 
 
 def test_a_cancel_ends_the_unsent_requests_canceled_and_keeps_the_answered_ones(served):
