@@ -33,7 +33,7 @@ from engine.app._endpoint_msgbatch_shape import (
     results_of,
     view,
 )
-from engine.app._endpoint_wire import ApiError, json_object, new_id, smartbatch_fields, window_text
+from engine.app._endpoint_wire import ApiError, json_body, new_id, smartbatch_fields, window_text
 from engine.core.answer_body import MESSAGES_URL
 from engine.core.batchfile import parse_batch_file
 from engine.core.settings import MAX_DEADLINE_S
@@ -113,7 +113,7 @@ class MessageBatchRoutes:
         return view(job, counts, str(http.base_url))
 
     async def create_message_batch(self, http: HttpRequest) -> dict:
-        body = json_object(await _bounded_body(http))
+        body = await json_body(http, await _bounded_body(http))
         fields = smartbatch_fields(http.headers)  # the tenant, and the deadline of every request
         tenant, window_s = fields.get("tenant", "default"), fields.get("deadline_s", self.window_default_s)
         if window_s > MAX_DEADLINE_S:

@@ -27,7 +27,7 @@ from engine.core.trace import _problems_of
 
 __all__ = ["HEADER_DEADLINE", "HEADER_PRIORITY", "HEADER_REQUEST_ID", "HEADER_TENANT", "ApiError",
            "AsyncEngine", "Validator", "checked_metadata", "completion_window_s", "cursor_page", "engine_call",
-           "json_body", "json_object", "new_id", "refused", "StoredFile", "smartbatch_fields", "window_text"]
+           "json_body", "new_id", "refused", "StoredFile", "smartbatch_fields", "window_text"]
 
 HEADER_DEADLINE = "X-Smartbatch-Deadline"
 HEADER_PRIORITY = "X-Smartbatch-Priority"
@@ -74,15 +74,11 @@ def new_id(prefix: str) -> str:
     return prefix + secrets.token_hex(12)
 
 
-async def json_body(http: HttpRequest) -> dict[str, Any]:
-    """The request's JSON object, or a 400 saying what is wrong with it."""
-    return json_object(await http.body())
-
-
-def json_object(data: bytes) -> dict[str, Any]:
-    """``data`` read as a JSON object (a request's body), or a 400 saying what is wrong with it."""
+async def json_body(http: HttpRequest, data: bytes | None = None) -> dict[str, Any]:
+    """The request's JSON object, or a 400 saying what is wrong with it; ``data``: its body, read already (a
+    route that reads it no further than a limit)."""
     try:
-        body = json.loads(data)
+        body = await http.json() if data is None else json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the body is not valid JSON ({exc}); send a JSON object with Content-Type: "
                             "application/json") from None
