@@ -42,7 +42,7 @@ def anthropic_tool(fn: Any, where: str, extra: Sequence[str] = ()) -> dict[str, 
                            f"(they are {', '.join(_FUNCTION_KEYS)}), and Anthropic's Messages API has no "
                            "counterpart: leave it out")
     name = fn.get("name")
-    if not (isinstance(name, str) and _NAME.match(name)):
+    if not (isinstance(name, str) and _NAME.fullmatch(name)):
         raise FieldProblem(f"{where}.name", f"{where}.name must be 1 to 64 letters, digits, '_' or '-', got "
                            f"{str(name)[:70]!r}")
     description = fn.get("description")
@@ -122,7 +122,7 @@ def tool_input(arguments: Any, where: str) -> dict[str, Any]:
 
 def call_id(value: Any, where: str) -> str:
     """A tool call's id as Anthropic takes one (letters, digits, '_' and '-')."""
-    if not (isinstance(value, str) and _ID.match(value)):
+    if not (isinstance(value, str) and _ID.fullmatch(value)):
         raise FieldProblem(where, f"{where} must be the call's id as the model gave it (letters, digits, '_' or "
                            f"'-'), got {str(value)[:70]!r}")
     return value

@@ -193,7 +193,7 @@ def _create(ctx: Ctx) -> Reply:
     for i, r in enumerate(reqs):
         cid = r.get("custom_id") if isinstance(r, dict) else None
         params = r.get("params") if isinstance(r, dict) else None
-        if not isinstance(cid, str) or not _CUSTOM_ID.match(cid):
+        if not isinstance(cid, str) or not _CUSTOM_ID.fullmatch(cid):
             raise ApiError(400, f"requests.{i}.custom_id: must match ^[a-zA-Z0-9_-]{{1,64}}$, got {cid!r}")
         if cid in seen:
             raise ApiError(400, f"requests.{i}.custom_id: {cid!r} is used more than once; custom_ids must be "

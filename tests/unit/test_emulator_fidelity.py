@@ -54,6 +54,17 @@ def test_a_batch_member_past_the_window_errors_alone_and_is_not_billed(emu: Emul
     assert [i.custom_id for i in emu.bill().items] == ["w0"]
 
 
+def test_a_message_batch_custom_id_must_match_whole(emu: Emulator, sdk: Sdk):  # noqa: F811
+    """A pattern's $ also matches before a final newline: "a\\n" passed as a custom_id, which Anthropic refuses."""
+    client = sdk.anthropic()
+    for bad in ("a\n", "a b", "x" * 65):
+        reqs = anthropic_requests(2, "c")
+        reqs[1]["custom_id"] = bad
+        with pytest.raises(anthropic.BadRequestError, match="requests.1.custom_id"):
+            client.messages.batches.create(requests=reqs)
+    assert emu.bill().items == ()
+
+
 @pytest.mark.parametrize(("kw", "words_in_error"), [
     ({"messages": [{"role": "developer", "content": "be brief"}, *user("hi")]}, "messages[0].role"),
     ({"messages": [*user("hi"), {"role": "tool", "content": "42"}]}, "messages[1].role"),

@@ -277,6 +277,11 @@ def with_call(**change) -> dict:
     (dict(messages=[ASKED, CALLED]), "messages.1.tool_calls.0"),
     (dict(messages=[ASKED, result("call_1")]), "messages.1"),
     (dict(messages=[ASKED, with_call(id="call:1"), result("call:1"), result("call_2")]), "messages.1.tool_calls.0.id"),
+    # A pattern's $ also matches before a final newline: the whole name and id must match.
+    (dict(messages=[ASKED, with_call(id="call_1\n"), result("call_1\n"), result("call_2")]),
+     "messages.1.tool_calls.0.id"),
+    (dict(messages=[ASKED], tools=[{"type": "function", "function": {**WEATHER["function"], "name": "get_weather\n"}}]),
+     "tools.0.function.name"),
     (dict(messages=[ASKED, with_call(type="custom"), result("call_1"), result("call_2")]),
      "messages.1.tool_calls.0.type"),
     (dict(messages=[ASKED], tool_choice={"type": "function", "function": {"name": "get_time"}}),
