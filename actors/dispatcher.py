@@ -331,8 +331,10 @@ class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, R
                error: str | None = None) -> None:
         r = j.req
         now = max(self.clock.now(), r.arrival_s)
-        # A success after an unanswered call: where the key is not honoured, that call may have been billed too.
-        maybe = 0.0 if ok and self.provider.honours_keys else self._maybe_billed(j, out)
+        # A success after an unanswered call: where the key is not honoured, that call may have been billed too,
+        # unless the provider found that call's own job again and answered with it (``recovered``).
+        maybe = (0.0 if ok and (self.provider.honours_keys or (out is not None and out.recovered))
+                 else self._maybe_billed(j, out))
         self._member_done(j, cost + maybe if ok else maybe)
         if not ok or not r.met_by(now):
             missed = self._counts.deadline_missed

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from actors.providers._http import BatchHandle, HttpBase, PollBackoff, Unreadable, create_call, jsonl_records
+from actors.providers._openai_video import VideoCalls
 from actors.providers._wire import error_message, error_of, message_parts, tokens
 from engine.core._gemini import gemini_output_tokens
 from engine.core.errors import ProviderError
@@ -110,17 +111,22 @@ class OpenAIProvider(HttpBase):
         self.client = openai.AsyncOpenAI(api_key=self._key.get() or "unset", base_url=self.endpoint.base_url,
                                          max_retries=0, timeout=self.endpoint.timeout_s)
         self._orphans: set[asyncio.Task] = set()  # deletes of uploads no batch was made from
+        self._videos = VideoCalls(self)  # the Videos API: a job made, then polled
 
     # -- bodies ---------------------------------------------------------------------------------------------
     def route(self, job: CallJob) -> str:
         spec = self.spec.models[job.req.model]
         if spec.kind == "image":
             return "/v1/images/generations"
+        if spec.kind == "video":
+            return "/v1/videos"
         return "/v1/responses" if spec.api == "responses" else "/v1/chat/completions"
 
     def body(self, job: CallJob) -> dict[str, Any]:
         r = job.req
         route = self.route(job)
+        if route == "/v1/videos":
+            return self._videos.body(job)
         body: dict[str, Any] = dict(r.body or {})
         if route == "/v1/chat/completions":
             body = as_messages(body, "openai", "chat")  # a Responses body, checked when the request was made
@@ -172,11 +178,15 @@ class OpenAIProvider(HttpBase):
 
     def sync_body(self, job: CallJob) -> dict[str, Any]:
         body = self.body(job)
-        return body if self.route(job) == "/v1/images/generations" else self._pinned(body, str(self.client.base_url))
+        if self.route(job) in ("/v1/images/generations", "/v1/videos"):  # no service tier there
+            return body
+        return self._pinned(body, str(self.client.base_url))
 
     async def call(self, job: CallJob) -> CallOutcome:
         sdk = self._sdk
         route = self.route(job)
+        if route == "/v1/videos":
+            return await self._videos.call(job)
         # The dispatcher passes the body it fixed at the first try; the key names that body (idempotency_key).
         body = job.body if job.body is not None else self.sync_body(job)
         key = idempotency_key(job.key, body)

@@ -81,6 +81,9 @@ class CallOutcome(NamedTuple):
     rate_limited: bool = False
     # The provider refused it for the account's billing (no credit, a spend limit): no wait lifts that.
     quota: bool = False
+    # This answer is of the one job an earlier unanswered try of the request made (found again, e.g. a video
+    # listed after its create's answer was lost): those tries billed nothing apart from it.
+    recovered: bool = False
 
 
 class BatchState(NamedTuple):

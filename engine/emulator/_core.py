@@ -103,6 +103,7 @@ class Core:
             self.ledger = Ledger()
             self.files: dict[str, FileRecord] = {}
             self.batches: dict[str, Any] = {}
+            self.videos: dict[str, Any] = {}  # the Videos API's jobs by id (``_videos``), newest last
             # Each batch's own "run what is due by t" step, so one call can bring every batch up to date.
             self.advancers: dict[str, Callable[[float], None]] = {}
             self._lat_rng = np.random.default_rng([self.seed, 3])
@@ -209,6 +210,13 @@ class Core:
         return Request.model_validate(
             {"id": "emulator", "arrival_s": 0.0, "provider": provider.name, "model": model, "kind": "image",
              "prompt": prompt, "params": params},
+            context=validation_context(self.catalog, self._settings))
+
+    def video_request(self, provider: ProviderSpec, model: str, prompt: str, resolution: str,
+                      duration_s: float) -> Request:
+        return Request.model_validate(
+            {"id": "emulator", "arrival_s": 0.0, "provider": provider.name, "model": model, "kind": "video",
+             "prompt": prompt, "params": {"resolution": resolution, "duration_s": duration_s}},
             context=validation_context(self.catalog, self._settings))
 
     def image_price(self, req: Request) -> Price:

@@ -76,6 +76,8 @@ class FaultPlan:
     429s may come (openai-node issue 1477). True (the default): a ``retry-after`` header, as Anthropic's always has.
     Google's layer (``compat: gemini``) says the wait in its error body, never in a header: a ``google.rpc.RetryInfo``
     detail, or with ``retry_after_header`` False nothing at all (its bare "Resource has been exhausted").
+    ``fail_videos``: the next that many video jobs (``POST /v1/videos``, any provider) are accepted and end
+    ``failed``, billed nothing, as a video the provider could not make does.
     ``batch_queue_limits``: per model, the input tokens an OpenAI batch queue holds (OpenAI's "batch queue limit",
     90,000 for gpt-4o at tier 1): a batch that would pass it, counting the batches of that model not yet ended,
     fails at validation with ``token_limit_exceeded``, as OpenAI's does. Empty (the default): no limit.
@@ -96,6 +98,7 @@ class FaultPlan:
         self.garble_members: set[str] = set()
         self.batch_queue_limits: dict[str, int] = {}
         self.retry_after_header = True
+        self._video_failures = 0
 
     # -- settings ------------------------------------------------------------------------------------------
     @property
@@ -142,6 +145,21 @@ class FaultPlan:
         with self._lock:
             self._expiries.extend([f] * n)
 
+    def fail_videos(self, n: int) -> None:
+        """The next ``n`` video jobs end ``failed`` (unbilled)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ConfigError(f"fail_videos must be a whole number of video jobs >= 0, got {n!r}")
+        with self._lock:
+            self._video_failures = n
+
+    def take_video_failure(self) -> bool:
+        """Whether the video job being created is to fail."""
+        with self._lock:
+            if self._video_failures <= 0:
+                return False
+            self._video_failures -= 1
+            return True
+
     def clear(self) -> None:
         with self._lock:
             self._scripts.clear()
@@ -152,6 +170,7 @@ class FaultPlan:
             self.garble_members = set()
             self.batch_queue_limits = {}
             self.retry_after_header = True
+            self._video_failures = 0
             self._rng = np.random.default_rng([self._seed, 7])
 
     def configure(self, cfg: Mapping[str, Any]) -> None:
@@ -160,7 +179,7 @@ class FaultPlan:
         "batch_queue_limits": {"gpt-4o-mini": 2000000},
         "script": [{"provider": "openai", "route": "chat.completions", "specs": [{"status": 429}]}]}``."""
         known = {"clear", "rate_429", "rate_5xx", "retry_after_s", "fail_members", "garble_members",
-                 "expire_batches", "script", "batch_queue_limits", "retry_after_header"}
+                 "expire_batches", "script", "batch_queue_limits", "retry_after_header", "fail_videos"}
         unknown = set(cfg) - known
         if unknown:
             raise ConfigError(f"unknown fault settings {sorted(unknown)}; known: {sorted(known)}")
@@ -179,6 +198,8 @@ class FaultPlan:
             if not isinstance(cfg["retry_after_header"], bool):
                 raise ConfigError("retry_after_header must be true or false")
             self.retry_after_header = cfg["retry_after_header"]
+        if "fail_videos" in cfg:
+            self.fail_videos(cfg["fail_videos"])
         if "batch_queue_limits" in cfg:
             lim = cfg["batch_queue_limits"]
             if not isinstance(lim, Mapping) or not all(

@@ -20,7 +20,7 @@ from engine.emulator._routing import Ctx, Route, route
 from engine.emulator._text import chat_prompt, forced_tool, responses_prompt
 from engine.emulator._wire import ApiError, Reply, json_reply
 
-__all__ = ["ROUTES", "chat_result", "responses_result"]
+__all__ = ["ROUTES", "chat_result", "multipart", "responses_result"]
 
 _FILE_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
 
@@ -201,11 +201,12 @@ def _images(ctx: Ctx) -> Reply:
     return json_reply("openai", 200, out, ctx.request_id)
 
 
-def _multipart(ctx: Ctx) -> dict[str, tuple[str | None, bytes]]:
-    """Form fields of a multipart body: name -> (filename, bytes)."""
+def multipart(ctx: Ctx, takes: str = "POST /v1/files takes multipart/form-data with 'purpose' and 'file'"
+              ) -> dict[str, tuple[str | None, bytes]]:
+    """Form fields of a multipart body: name -> (filename, bytes). ``takes``: the error of a body of another type."""
     ctype = ctx.headers.get("content-type", "")
     if not ctype.startswith("multipart/form-data"):
-        raise ApiError(400, "POST /v1/files takes multipart/form-data with 'purpose' and 'file'")
+        raise ApiError(400, takes)
     msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
         b"Content-Type: " + ctype.encode() + b"\r\n\r\n" + ctx.body)
     fields: dict[str, tuple[str | None, bytes]] = {}
@@ -217,7 +218,7 @@ def _multipart(ctx: Ctx) -> dict[str, tuple[str | None, bytes]]:
 
 
 def _files_create(ctx: Ctx) -> Reply:
-    fields = _multipart(ctx)
+    fields = multipart(ctx)
     purpose = fields.get("purpose", (None, b""))[1].decode(errors="replace")
     if purpose not in _FILE_PURPOSES:
         raise ApiError(400, f"purpose must be one of {list(_FILE_PURPOSES)}, got {purpose!r}", param="purpose")

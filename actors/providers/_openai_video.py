@@ -1,0 +1,221 @@
+"""OpenAI's Videos API for ``OpenAIProvider``: a video request is one job made then polled, inside the
+provider's ``call`` (a coroutine: the dispatcher's other calls go on while it waits on the engine clock).
+
+Create (``POST /v1/videos``), then ``GET /v1/videos/{id}`` until ``completed`` or ``failed``. A completed video is
+priced by the cost model at the seconds and size its answer reports; a failed one billed nothing, and goes
+again by the engine's retry rules (a new job). The result's ``output`` is the video's content address
+(``GET {base_url}/videos/{id}/content``, with the provider's key; OpenAI keeps it about an hour): the MP4 is
+never read into the engine, as an image's URL is not fetched.
+
+A create whose answer was lost (a timeout, a reset) may have made a video that will be billed. OpenAI documents
+no Idempotency-Key (the header is sent all the same, for a server that honours it) and a video carries no
+metadata, so the retry first looks for it: the videos listed newer than the newest one seen before the first
+create (``snapshot``), of the same model, prompt, seconds and size, that no other request of this provider holds.
+Found, it is polled, not made again. A poll that gives up (errors, or no end within ``GIVE_UP_S``) keeps the id,
+and the retry polls that video again. What stays at risk is said in docs/providers.md ("Video"): a restart of
+the dispatcher forgets the ids, and its retries make new videos, each counted as possibly billed."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from actors.providers._http import PollBackoff, Unreadable, create_call
+from engine.core.cost import price_alone
+from engine.core.latency import sync_latency_median
+from engine.core.provider_api import CallJob, CallOutcome, idempotency_key
+from engine.core.video_sizes import resolution_of, size_of
+
+__all__ = ["GIVE_UP_S", "VideoCalls"]
+
+log = logging.getLogger("smartbatch.providers")
+
+GIVE_UP_S = 10.0  # polls stop after this many times the model's expected latency (engine s), at least 600 s
+POLL_MIN_S, POLL_MAX_S = 2.0, 20.0  # engine seconds between polls of one video, growing by half
+POLL_ERRORS = 3  # polls in a row that fail before the call gives up (the video is kept for the retry)
+SCAN = 500  # videos looked through, newest first, for a create whose answer was lost
+# A failure no new try can help (ASSUMPTION: OpenAI's reference lists no codes; a refused prompt is moderation's)
+_FINAL_CODES = ("moderation", "policy", "invalid")
+
+
+def _quiet(fn: Callable) -> Callable:
+    """``fn`` without the SDK's DeprecationWarning (its video methods say the Sora API shuts down on 2026-09-24:
+    docs/providers.md, "Video"). The warning is raised when the method is called, before anything is awaited.
+    ``wraps``: the signature stays the method's, which ``sdk_kwargs`` reads to put unknown fields in extra_body."""
+    @functools.wraps(fn)
+    def call(*a: Any, **kw: Any) -> Any:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return fn(*a, **kw)
+    return call
+
+
+class _Try:
+    """One request's video: the listing before its first create, and the job's id once known."""
+
+    __slots__ = ("snapshot", "video_id")
+
+    def __init__(self, snapshot: tuple[int | None, frozenset[str]] | None):
+        self.snapshot, self.video_id = snapshot, None
+
+
+class VideoCalls:
+    """The video calls of one ``OpenAIProvider`` and the jobs it holds, by the request's Idempotency-Key."""
+
+    def __init__(self, provider: Any):
+        self.p = provider
+        self._tries: dict[str, _Try] = {}
+        self._held: set[str] = set()  # ids some request of this provider made or took: never taken again
+        videos = provider.client.videos  # made once: sdk_kwargs caches what each create names
+        self._create, self._raw_create = _quiet(videos.create), _quiet(videos.with_raw_response.create)
+
+    def __repr__(self) -> str:
+        return f"VideoCalls(open={len(self._tries)}, held={len(self._held)})"
+
+    def body(self, job: CallJob) -> dict[str, Any]:
+        r = job.req
+        body: dict[str, Any] = dict(r.body or {})
+        body["model"] = r.model
+        body.setdefault("prompt", r.prompt)
+        # What the cost model prices it by: sent, or made (and billed) at OpenAI's defaults (4 s, 720x1280).
+        if "duration_s" in r.params:
+            body.setdefault("seconds", f"{float(r.params['duration_s']):g}")
+        if (size := size_of(str(r.params.get("resolution", "")))) is not None:
+            body.setdefault("size", size)
+        return body
+
+    async def call(self, job: CallJob) -> CallOutcome:
+        p, sdk = self.p, self.p._sdk
+        body = job.body if job.body is not None else self.body(job)
+        key = idempotency_key(job.key, body)
+        t = self._tries.get(key)
+        recovered = t is not None
+        if t is None:
+            t = self._tries[key] = _Try(await self._snapshot())
+        elif t.video_id is None:  # an earlier create got no answer: did it make a video?
+            t.video_id, alone = await self._find(t, body)
+            recovered = alone
+        if t.video_id is None:
+            try:
+                resp, replayed = await create_call(self._create, self._raw_create, body, key)
+            except sdk.APIError as exc:
+                out = p._error(exc, sdk.APIStatusError, sdk.APITimeoutError, key)
+                if not out.maybe_billed:  # refused: no video was made
+                    self._tries.pop(key, None)
+                return out
+            except TypeError as exc:
+                self._tries.pop(key, None)
+                return CallOutcome(False, p.clock.now(), 0.0, error=f"{p.name}: bad request body: {exc}",
+                                   retryable=False)
+            except Unreadable as exc:
+                return p._unreadable(exc)
+            t.video_id, recovered = resp.id, recovered and replayed
+            self._held.add(resp.id)
+        return await self._poll(job, key, t, recovered)
+
+    async def _poll(self, job: CallJob, key: str, t: _Try, recovered: bool) -> CallOutcome:
+        p, sdk = self.p, self.p._sdk
+        spec = p.spec.models[job.req.model]
+        give_up = p.clock.now() + max(600.0, GIVE_UP_S * sync_latency_median(p.spec, spec, job.req))
+        backoff, errors = PollBackoff(POLL_MIN_S, POLL_MAX_S), 0
+        while True:
+            try:
+                v = await _quiet(p.client.videos.retrieve)(t.video_id)
+                errors = 0
+            except sdk.APIError as exc:
+                if isinstance(exc, sdk.NotFoundError):  # deleted or expired: not this engine's to find again
+                    self._tries.pop(key, None)
+                    return CallOutcome(False, p.clock.now(), 0.0, real=True, maybe_billed=True,
+                                       error=f"{p.name}: video {t.video_id} is gone ({p._redact(str(exc))[:200]})")
+                errors += 1
+                if errors >= POLL_ERRORS:
+                    return self._gave_up(t, f"{errors} polls failed, the last: {type(exc).__name__}: "
+                                            f"{p._redact(str(exc))[:200]}")
+                v = None
+            if v is not None and v.status == "completed":
+                self._tries.pop(key, None)
+                return self._made(job, v, recovered)
+            if v is not None and v.status == "failed":
+                self._tries.pop(key, None)  # billed nothing: a retry makes a new one
+                err = v.error
+                code, said = (getattr(err, "code", None) or "failed"), (getattr(err, "message", None) or "")
+                return CallOutcome(False, p.clock.now(), 0.0, real=True, provider_request_id=v.id,
+                                   retryable=not any(w in code for w in _FINAL_CODES),
+                                   error=f"{p.name}: video {v.id} failed: {code}: {p._redact(said)[:300]}")
+            if p.clock.now() >= give_up:
+                return self._gave_up(t, f"still {v.status if v is not None else 'unread'} at the poll limit")
+            await asyncio.sleep(p.clock.real_delay(backoff.next()))
+
+    def _gave_up(self, t: _Try, why: str) -> CallOutcome:
+        """The video may still complete and be billed: the retry polls it again (``_tries`` keeps its id)."""
+        p = self.p
+        return CallOutcome(False, p.clock.now(), 0.0, real=True, maybe_billed=True,
+                           error=f"{p.name}: video {t.video_id}: {why}; polled again on the next try")
+
+    def _made(self, job: CallJob, v: Any, recovered: bool) -> CallOutcome:
+        """A completed video, priced at the seconds and size it was made at (as the answer says), where the
+        catalog prices that size; at the request's own otherwise."""
+        p = self.p
+        raw = v.model_dump(mode="json", exclude_none=True)
+        params = dict(job.req.params)
+        res = resolution_of(raw.get("size"))
+        if res is not None and res in (p.spec.models[job.req.model].per_second or {}):
+            params["resolution"] = res
+        elif raw.get("size") is not None:
+            log.warning("%s: video %s was made at size %r, which the catalog does not price; counted at %r",
+                        p.name, v.id, raw.get("size"), params.get("resolution"))
+        try:
+            params["duration_s"] = float(raw["seconds"])
+        except (KeyError, TypeError, ValueError):
+            pass
+        req = job.req.model_copy(update={"params": params})
+        cost = price_alone(req, p.catalog, "sync").total
+        url = f"{str(p.client.base_url).rstrip('/')}/videos/{v.id}/content"
+        return CallOutcome(True, p.clock.now(), cost, output=url, provider_request_id=v.id, raw=raw, real=True,
+                           recovered=recovered)
+
+    async def _snapshot(self) -> tuple[int | None, frozenset[str]] | None:
+        """The newest videos before a first create: (their newest ``created_at``, their ids). None when the
+        listing fails: a lost create of this request then cannot be found, and the retry makes a new one."""
+        try:
+            page = await _quiet(self.p.client.videos.list)(limit=20, order="desc")
+        except self.p._sdk.APIError as exc:
+            log.warning("%s: videos could not be listed before a create (%s); a create of it cut short would be "
+                        "made again", self.p.name, self.p._redact(f"{type(exc).__name__}: {str(exc)[:200]}"))
+            return None
+        data = list(page.data)
+        return (max((v.created_at for v in data), default=None), frozenset(v.id for v in data))
+
+    async def _find(self, t: _Try, body: dict[str, Any]) -> tuple[str | None, bool]:
+        """The video a lost create of ``body`` made, if the listing shows one (newest first, down to the
+        snapshot's newest), and whether it was the only one; (None, False) if none, or none can be known."""
+        if t.snapshot is None:
+            return None, False
+        newest, seen = t.snapshot
+        want = (body.get("model"), body.get("prompt"), str(body.get("seconds", "4")), body.get("size", "720x1280"))
+        found: list[Any] = []
+        try:
+            n = 0
+            async for v in _quiet(self.p.client.videos.list)(limit=100, order="desc"):
+                n += 1
+                if (newest is not None and v.created_at < newest) or n > SCAN:
+                    break
+                if v.id in seen or v.id in self._held or v.status == "failed":
+                    continue
+                if (v.model, v.prompt, str(v.seconds), v.size) == want:
+                    found.append(v)
+        except self.p._sdk.APIError as exc:
+            log.warning("%s: videos could not be listed to find a create cut short (%s); made again", self.p.name,
+                        self.p._redact(f"{type(exc).__name__}: {str(exc)[:200]}"))
+            return None, False
+        if not found:
+            return None, False
+        if len(found) > 1:  # two tries' creates each made one: the others stay billed, counted as possibly so
+            log.warning("%s: %d videos match a create cut short; the oldest is taken", self.p.name, len(found))
+        vid = found[-1].id
+        self._held.add(vid)
+        return vid, len(found) == 1

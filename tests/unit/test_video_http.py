@@ -1,0 +1,147 @@
+"""OpenAI's Videos API over HTTP: the emulator's jobs and bill, and the provider's create-then-poll, against it.
+
+A video request went to the chat route and failed with "model 'sora-2' generates video, not text" before."""
+
+from __future__ import annotations
+
+import asyncio
+import warnings
+
+import openai
+import pytest
+
+from actors._types import Job
+from engine.core.cost import price_alone
+from engine.core.request import Request
+from engine.emulator import Emulator
+from tests.unit.test_http_providers import CAT, SPEED, Rig
+
+pytestmark = pytest.mark.filterwarnings("ignore:The Sora API is scheduled:DeprecationWarning")
+
+
+@pytest.fixture
+def emu_plain():
+    """OpenAI as documented: no Idempotency-Key honoured."""
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED, honour_keys=False) as e:
+        yield e
+
+
+def video(rid: str = "v", model: str = "sora-2", **kw) -> Request:
+    d = {"id": rid, "arrival_s": 0.0, "model": model, "prompt": f"a red fox in snow ({rid})",
+         "params": {"resolution": "720p", "duration_s": 8}}
+    d.update(kw)
+    return Request.model_validate(d)
+
+
+async def run_one(rig: Rig, r: Request):
+    """``r`` sent alone as a sync call, its budget claim reserved (settled at what the engine counts)."""
+    job = Job(0, r, f"fp-{r.id}", claim="c0")
+    await rig.reserve([job])
+    await rig.run("sync", [job])
+    return await rig.until(lambda: rig.results.get(r.id), f"the video {r.id}")
+
+
+@pytest.mark.parametrize("model, resolution, size", [("sora-2", "720p", None), ("sora-2-pro", "720p", "1792x1024")])
+def test_a_video_is_made_polled_and_billed_at_what_it_was_made_at(emu_plain, model, resolution, size):
+    """Create, then poll until completed: the result names the video and its content address, and its cost, from
+    the cost model at the seconds and size the answer reports, is the emulator's bill (a body's size of 1024p is
+    billed at 1024p, though the request's params said 720p)."""
+    r = video(model=model, params={"resolution": resolution, "duration_s": 12}, **({"body": {"size": size}} if size
+                                                                                    else {}))
+
+    async def go():
+        rig = Rig(emu_plain, "openai")
+        try:
+            res = await run_one(rig, r)
+            (item,) = emu_plain.bill().items
+            made = {"resolution": "1024p" if size else resolution, "duration_s": 12.0}
+            want = price_alone(r.model_copy(update={"params": made}), CAT, "sync").total
+            assert res.status == "ok", res.error
+            assert res.cost_usd == pytest.approx(want, abs=1e-12) == item.cost_usd
+            assert item.usage == {"seconds": 12, "size": size or "720x1280"}
+            assert res.provider_request_id == res.raw["id"] and res.output.endswith(f"/videos/{res.raw['id']}/content")
+            await rig.settled_to(item.cost_usd)
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+def test_a_video_the_provider_fails_is_not_billed_and_is_made_again(emu_plain):
+    emu_plain.faults.configure({"fail_videos": 1})
+
+    async def go():
+        rig = Rig(emu_plain, "openai")
+        try:
+            res = await run_one(rig, video())
+            outs = [o for _, _, o in rig.calls]
+            assert [o.ok for o in outs] == [False, True] and "video_generation_failed" in outs[0].error
+            assert outs[0].cost == 0.0 and outs[0].retryable and not outs[0].maybe_billed
+            (item,) = emu_plain.bill().items  # the failed job billed nothing
+            assert res.status == "ok" and res.cost_usd == pytest.approx(item.cost_usd, abs=1e-12)
+            await rig.settled_to(item.cost_usd)
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+def test_a_create_whose_answer_is_lost_is_found_again_not_made_twice(emu_plain):
+    """The create ran (its video made, to be billed) and its answer was cut short: the retry finds that video
+    in the listing and polls it. Before, a second video was made and both were billed."""
+    emu_plain.faults.configure({"script": [{"provider": "openai", "route": "videos", "specs": [{"cut_body": True}]}]})
+
+    async def go():
+        rig = Rig(emu_plain, "openai")
+        try:
+            res = await run_one(rig, video())
+            outs = [o for _, _, o in rig.calls]
+            assert [o.ok for o in outs] == [False, True] and outs[0].maybe_billed and outs[1].recovered
+            (item,) = emu_plain.bill().items
+            assert res.status == "ok" and res.cost_usd == pytest.approx(item.cost_usd, abs=1e-12)
+            assert [c.route for c in emu_plain.calls].count("videos") == 1  # one create
+            await rig.settled_to(item.cost_usd)  # nothing charged apart as possibly billed
+            assert rig.d.possibly_billed == 0
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("body, field, fix", [
+    ({"seconds": "5"}, "seconds", "'4', '8', '12'"),
+    ({"size": "1792x1024"}, "size", "720x1280, 1280x720"),
+    ({"sizee": "1280x720"}, "sizee", "prompt, model, seconds, size"),
+])
+def test_a_bad_field_is_refused_unbilled_naming_the_field_and_what_it_takes(emu_plain, body, field, fix):
+    async def go():
+        rig = Rig(emu_plain, "openai")
+        try:
+            res = await run_one(rig, video(body=body))
+            (_, _, out), = rig.calls  # not retried: the request itself is wrong
+            assert res.status == "failed" and not out.retryable and "HTTP 400" in res.error
+            assert f"'{field}'" in res.error and fix in res.error
+            assert emu_plain.bill().items == ()
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+def test_the_emulator_serves_the_videos_api_to_the_sdk(emu_plain):
+    """Status moves queued -> completed on the emulator's clock; content is a 404 until then; the list is newest
+    first; the bill holds the completed video once, at the catalog's per-second price."""
+    c = openai.OpenAI(base_url=emu_plain.base_url("openai"), api_key="k", max_retries=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        a = c.videos.create(model="sora-2", prompt="a", seconds="4", size="1280x720")
+        assert a.status == "queued" and a.object == "video" and a.seconds == "4" and a.size == "1280x720"
+        with pytest.raises(openai.NotFoundError, match="not ready"):
+            c.videos.download_content(a.id)
+        b = c.videos.create(model="sora-2", prompt="b")
+        assert [v.id for v in c.videos.list()] == [b.id, a.id]
+        emu_plain._core.clock.offset += 10_000  # past both jobs' latency
+        done = c.videos.retrieve(a.id)
+        assert done.status == "completed" and done.progress == 100 and done.completed_at and done.expires_at
+        assert c.videos.download_content(a.id).content[4:8] == b"ftyp"
+        with pytest.raises(openai.BadRequestError, match="'seconds' must be one of"):
+            c.videos.create(model="sora-2", prompt="c", seconds="6")
+    bill = emu_plain.bill()
+    assert [i.usage["seconds"] for i in bill.items] == [4, 4]  # b: OpenAI's default, 4 s at 720x1280
+    assert bill.total_usd == pytest.approx(2 * 4 * CAT.model("openai", "sora-2").per_second["720p"], abs=1e-12)
