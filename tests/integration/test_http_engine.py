@@ -264,3 +264,24 @@ def test_an_engine_that_may_not_simulate_refuses_at_submit_what_it_would_simulat
         got = eng.submit(ok).result(timeout=60)  # its id stayed free
         assert eng.report()["requests"] == 1
     assert got.status == "ok" and got.real and emulator.bill().total_usd == pytest.approx(got.cost_usd)
+
+
+def test_a_sora_video_over_http_is_made_polled_and_billed_once(ray_session, emulator, monkeypatch):
+    """A sora-2 request in a live run over HTTP: the engine creates the job at the emulator's Videos API, polls
+    it to completion (its chat calls go on meanwhile) and counts what the emulator bills. Before, it went to the
+    chat route and failed ("model 'sora-2' generates video, not text")."""
+    settings = point_at_emulator(Settings(), emulator)
+    monkeypatch.setenv(settings.providers.endpoints["openai"].api_key_env, KEY)
+    from engine import Engine
+
+    with Engine.start(settings, catalog=OPENAI_ONLY, speedup=SPEEDUP) as eng:
+        vid = eng.submit({"id": "fox", "model": "sora-2", "prompt": "a red fox in snow", "deadline_s": 3600,
+                          "params": {"resolution": "720p", "duration_s": 8}})
+        text = eng.submit({"id": "t", "model": "gpt-4o-mini", "prompt": "say hi", "deadline_s": 20})
+        v, t = vid.result(timeout=120), text.result(timeout=120)
+    assert v.status == "ok" and v.real and v.mode == "sync", v.error
+    assert v.output.endswith(f"/videos/{v.raw['id']}/content") and v.raw["status"] == "completed"
+    assert t.status == "ok" and t.done_s < v.done_s  # the text call did not wait behind the video's polls
+    (item,) = [i for i in emulator.bill().items if i.model == "sora-2"]
+    assert v.cost_usd == pytest.approx(item.cost_usd, abs=1e-12)
+    assert item.usage == {"seconds": 8, "size": "720x1280"}
