@@ -12,7 +12,8 @@ wire formats, so the official SDK clients work against it unchanged given a ``ba
 Conventions of this test double
 -------------------------------
 Paths. Every catalog provider is served under its catalog name, with both route families:
-``/<provider>/v1/chat/completions``, ``/v1/responses``, ``/v1/images/generations``, ``/v1/files``,
+``/<provider>/v1/chat/completions``, ``/v1/responses``, ``/v1/images/generations``, ``/v1/videos``,
+``/v1/videos/{id}`` (GET, DELETE), ``/v1/videos/{id}/content`` (OpenAI's Videos API, ``_videos``), ``/v1/files``,
 ``/v1/files/{id}`` (GET, DELETE), ``/v1/files/{id}/content``, ``/v1/batches``, ``/v1/batches/{id}``,
 ``/v1/batches/{id}/cancel`` (OpenAI format: ``Authorization: Bearer <key>``, ``x-request-id``) and
 ``/<provider>/v1/messages``, ``/v1/messages/count_tokens`` (the input tokens ``/v1/messages`` bills for the same
@@ -50,7 +51,8 @@ system blocks, message blocks): a call reads the longest warm one (refreshing it
 breakpoint beyond that if that prefix reaches the minimum (``cache_read_input_tokens`` /
 ``cache_creation_input_tokens``; ``input_tokens`` is the rest).
 
-Billing. Each successful call, and each succeeded batch member (once, mode ``batch_api``), is priced by
+Billing. Each successful call, each succeeded batch member (once, mode ``batch_api``) and each completed video
+job (once, when it completes, at the catalog's per-second price), is priced by
 ``engine.core.cost.price_text`` (text) or ``engine.core.cost.price_alone`` (images: the image times ``n``, and its
 prompt's text tokens once where the catalog prices them). Error answers, injected faults, replays of an
 ``Idempotency-Key`` and calls cut by ``stop()`` bill nothing; but two faults are answers cut short of calls that

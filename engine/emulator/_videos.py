@@ -130,7 +130,7 @@ def _create(ctx: Ctx) -> Reply:
     offered = [s for res in (spec.per_second or {}) for s in OPENAI_VIDEO_SIZES.get(res, ())]
     size = str(body.get("size") or "720x1280")
     if size not in offered:
-        raise ApiError(400, f"Invalid value: '{size}'. {model} makes 'size' one of {', '.join(offered)}.",
+        raise ApiError(400, f"Invalid value: '{size}'. 'size' must be one of {', '.join(offered)} for {model}.",
                        param="size", code="invalid_value")
     req = core.video_request(p, model, prompt, resolution_of(size), float(seconds))
     now = core.now()
