@@ -2,9 +2,14 @@
 a budget added, its limit or soft limit changed, or removed, keeping what its current window spent and holds.
 
 A change is kept as the ledger is, so a restart of this actor keeps it: in the memory ledger's journal snapshot
-(``_budget_journal``: the budgets and the spend in one write), or in the ledger's Redis under
-``{prefix}:specs:{ledger_id}`` (a Redis ledger has no journal). It is answered once kept; one that cannot be
-kept (Redis down) is refused and changes nothing.
+(``_budget_journal``: the budgets and the spend in one write), or in the ledger's Redis (``_budget_specs``: one
+hash per ledger, shared by every engine on it; a Redis ledger has no journal). It is answered once kept; one
+that cannot be kept (Redis down) is refused and changes nothing.
+
+Engines sharing a Redis ledger share its budgets: a change is written over the ledger's version it was merged on
+(else merged again on the budgets another engine wrote meanwhile), each budget actor checks the ledger's version
+at most once a second when its groupers ask (``follow_ledger``) and takes a newer one, and an actor starting or
+restarting takes the ledger's budgets over those of its settings.
 
 The groupers follow what this actor holds (``actors._grouper_budgets``): the driver that made a change tells
 them at once, and each also asks ``budget_state`` on a timer of its own, since a driver may die between the
@@ -16,17 +21,21 @@ key), and which a grouper takes whatever its number."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
+import secrets
+import time
 from typing import NamedTuple
 
+from actors._budget_specs import SPECS_TTL_S, Kept, SpecStore
 from engine.core._budget_check import changed_specs
 from engine.core.budgets import BudgetSpec
 from engine.core.errors import ConfigError
 
-__all__ = ["SPECS_TTL_S", "LiveBudgets", "SpecState"]
+__all__ = ["SPECS_CHECK_S", "SPECS_TTL_S", "LiveBudgets", "SpecState"]
 
-SPECS_TTL_S = 400 * 86400  # the Redis copy of a ledger's budgets outlives any run of its engine, then goes
+# Real seconds between two checks of a Redis ledger's version for changes made on other engines: the groupers
+# ask once a second (``BUDGET_ASK_S``), so a change reaches another engine's groupers within about two.
+SPECS_CHECK_S = 1.0
 log = logging.getLogger("smartbatch.budget")
 
 
@@ -39,16 +48,19 @@ class SpecState(NamedTuple):
 
 
 class LiveBudgets:
-    """Needs the controller's ``book``, ``settings``, ``ledger_id``, ``spec_version``, ``spec_incarnation``,
-    ``_errors``, ``_usable``,
-    ``_failed``, ``_recovered``, ``_changed``, ``_durable``, ``_restored_first`` and ``_specs_lock``."""
+    """Needs the controller's ``book``, ``settings``, ``spec_version``, ``spec_incarnation``, ``_errors``,
+    ``_config_error``, ``_usable``, ``_failed``, ``_recovered``, ``_changed``, ``_durable``, ``_restored_first``,
+    ``_restarted``, ``_specs_lock``, ``_specs_unread``, ``_specs_unsure`` and ``_specs_checked``."""
 
-    def _specs_key(self) -> str:
-        return f"{self.settings.redis_prefix}:specs:{self.ledger_id}"
+    @property
+    def _store(self) -> SpecStore:
+        return SpecStore(self.book.client, self.settings.redis_prefix)
 
     async def budget_specs(self) -> tuple[int, tuple[BudgetSpec, ...]]:
-        """(the number of the last change, 0 for none; the budgets in force)."""
+        """(the number of the last change, 0 for none; the budgets in force). A Redis ledger's are checked first:
+        a driver merges its change on them, and a budget another engine added is one it may change or remove."""
         await self._restored_first()
+        await self.follow_ledger()
         return self.spec_version, tuple(self.book.specs)
 
     async def budget_state(self, since: tuple[str, int] | None = None) -> SpecState | None:
@@ -57,6 +69,7 @@ class LiveBudgets:
         restarted by Ray has not read its budgets back (Redis down), as the settings' budgets it holds meanwhile
         are not those in force: an engine started without budgets would stop reserving under one set live."""
         await self._restored_first()
+        await self.follow_ledger(SPECS_CHECK_S)
         if self._specs_unread or since == (self.spec_incarnation, self.spec_version):
             return None
         return SpecState(self.spec_version, tuple(self.book.specs), self.spec_incarnation)
@@ -76,75 +89,143 @@ class LiveBudgets:
         async with self._one_at_a_time():
             if base is not None and base != self.spec_version:
                 return None
-            return await self._change_now(put, remove)
+            return await self._change_now(put, remove, base is None)
 
-    async def _change_now(self, put: list[BudgetSpec], remove: list[str]) -> SpecState:
-        specs = changed_specs(self.book.specs, put, remove)  # checked against the budgets in force now
-        version = self.spec_version + 1
-        if self._errors:
+
+    async def _change_now(self, put: list[BudgetSpec], remove: list[str], again: bool) -> SpecState | None:
+        """Under the lock. On a Redis ledger, written only over the ledger's version this actor holds: when another
+        engine's change came first, its budgets are taken, and ``put`` is merged on them again here when ``again``
+        (else None: the driver merges again, as for another driver's change on this engine)."""
+        on = self.spec_version  # the ledger's version the change is written over
+        while True:
+            specs = changed_specs(self.book.specs, put, remove)  # checked against the budgets in force now
+            version = self.spec_version + 1
+            if not self._errors:
+                break
             if not self._usable():
                 raise ConfigError(f"the budget ledger's Redis is unavailable ({self._last_error}): the budget "
                                   "change was not made; try again once it answers")
+            by = secrets.token_hex(4)
             try:
-                await self._write_specs(version, specs)
+                ledger = await self._store.write(on, version, specs, by)
             except self._errors as exc:
                 self._failed(exc)
-                # Redis may have kept it and lost only the reply: the budgets in force are written back at the
-                # next call it answers, or a restart of this actor would take up the change refused (a hunt).
-                self._specs_unsure = True
+                # Redis may have kept it and lost only the reply: the budgets in force are written back over it
+                # at the next call it answers, or a restart of this actor, or another engine, would take up the
+                # change refused (a hunt).
+                self._specs_unsure = (version, by)
                 raise ConfigError(f"the budget ledger's Redis did not take the change ({self._describe(exc)}): "
                                   "the budget change was not made; try again once it answers") from None
             self._recovered()
+            if ledger is None:
+                break
+            if ledger.version > self.spec_version:  # another engine's change came first
+                self._take(ledger)
+                if not again:
+                    return None
+            on = ledger.version  # else a Redis that lost them or went back: written over what it holds
         self.book.set_specs(list(specs))
         self.spec_version = version
-        log.warning("budgets changed (change %d): %s", version, "; ".join(
-            f"{s.name} limit ${s.max_budget:g}" + (f" soft ${s.soft_budget:g}" if s.soft_budget is not None else "")
-            for s in specs) or "none")
+        log.warning("budgets changed (change %d): %s", version, _listed(specs))
         self._changed()
         await self._durable()  # in the journal before it is answered, as a reservation is
         return SpecState(version, specs, self.spec_incarnation)
 
     def _one_at_a_time(self) -> asyncio.Lock:
-        """The lock of every step that reads or writes the budgets kept in Redis: a change, and a restart's read
-        and rewrite of them (``_read_specs``, ``_rewrite_specs``)."""
+        """The lock of every step that reads or writes the budgets kept in Redis: a change, a check of the
+        ledger's version, and a start's or restart's read of them (``_read_specs``, ``_rewrite_specs``)."""
         if self._specs_lock is None:
             self._specs_lock = asyncio.Lock()
         return self._specs_lock
 
-    async def _write_specs(self, version: int, specs: tuple[BudgetSpec, ...]) -> None:
-        body = json.dumps({"version": version, "specs": [s.model_dump() for s in specs]})
-        await self.book.client.set(self._specs_key(), body, ex=SPECS_TTL_S)
+    async def follow_ledger(self, unless_within_s: float = 0.0) -> None:
+        """A Redis ledger: read the version of its budgets (a few bytes) and take them when another engine changed
+        them since; should Redis hold an older version (it lost them, or went back to a snapshot), write the
+        budgets in force here back over it. Not again within ``unless_within_s`` real seconds of the last check
+        (the groupers' asks call it every second each)."""
+        if (not self._errors or self._config_error is not None or self._specs_unread or self._specs_unsure
+                or not self._usable()):
+            return
+        t = time.monotonic()
+        if t - self._specs_checked < unless_within_s:
+            return
+        self._specs_checked = t
+        async with self._one_at_a_time():
+            try:
+                if await self._store.version() != self.spec_version:
+                    await self._follow(await self._store.read())
+            except self._errors as exc:
+                self._failed(exc)
+                return
+        self._recovered()
+
+    async def _follow(self, ledger: Kept | None) -> None:
+        """Under the lock: take the ledger's budgets if newer than this actor's, else write these back over them."""
+        while ledger is not None and ledger.version != self.spec_version:
+            if ledger.version > self.spec_version:
+                self._take(ledger)
+                return
+            ledger = await self._store.write(ledger.version, self.spec_version, tuple(self.book.specs),
+                                             secrets.token_hex(4))
+
+    def _take(self, ledger: Kept) -> None:
+        self.book.set_specs(list(ledger.specs))
+        self.spec_version = ledger.version
+        log.warning("budgets of change %d taken from the ledger (made on another engine sharing it): %s",
+                    ledger.version, _listed(ledger.specs))
+        self._changed()
 
     async def _rewrite_specs(self) -> None:
-        """Write the budgets in force over a change Redis may have kept though it was refused."""
+        """Write the budgets in force over a change Redis may have kept though it was refused, as a change of its
+        own (another engine may have taken the refused one), then follow the ledger."""
         async with self._one_at_a_time():  # a change's write may not land before this older one
             if not self._specs_unsure:  # another call wrote them while this one waited
                 return
+            version, by = self._specs_unsure
             try:
-                await self._write_specs(self.spec_version, tuple(self.book.specs))
+                ledger = await self._store.read()
+                if ledger.by == by:  # kept: undone by the next change
+                    ledger = await self._store.write(version, version + 1, tuple(self.book.specs),
+                                                     secrets.token_hex(4))
+                    if ledger is None:
+                        self.spec_version = version + 1
+                await self._follow(ledger)
             except self._errors as exc:
                 self._failed(exc)
             else:
-                self._specs_unsure = False
+                self._specs_unsure = None
 
     async def _read_specs(self) -> None:
-        """A Redis ledger restarted by Ray: take back the budgets changed live, kept in its Redis. Tried again at
-        the next call while Redis does not answer (its claims are answered budget_unavailable meanwhile). One read
-        at a time, and none once one has taken them: every call of the restarted actor reads while they are unread,
-        and a late answer of an earlier call put the budgets before a change made meanwhile back in force (a
-        lowered limit raised again here while Redis kept it lowered; a review)."""
+        """A Redis ledger started, or restarted by Ray: take the budgets in force on the ledger (changed live, on
+        this engine or another) over those of the settings. Tried again at the next call while Redis does not
+        answer (its claims are answered budget_unavailable meanwhile). One read at a time, and none once one has
+        taken them: every call of the restarted actor reads while they are unread, and a late answer of an
+        earlier call put the budgets before a change made meanwhile back in force (a lowered limit raised again
+        here while Redis kept it lowered; a review)."""
         async with self._one_at_a_time():
             if not self._specs_unread:
                 return
             try:
-                raw = await self.book.client.get(self._specs_key())
+                ledger = await self._store.read()
             except self._errors as exc:
                 self._failed(exc)
                 return
             self._specs_unread = False
-            if raw is None:
+            if not ledger.version:  # no change made on this ledger: each engine starts with its settings'
                 return
-            kept = json.loads(raw)
-            self.book.set_specs([BudgetSpec.model_validate(s) for s in kept["specs"]])
-            self.spec_version = int(kept["version"])
-        log.warning("budget ledger: budgets of change %d taken back after a restart", self.spec_version)
+            settings = tuple(self.book.specs)
+            self.book.set_specs(list(ledger.specs))
+            self.spec_version = ledger.version
+        if self._restarted:
+            log.warning("budget ledger: budgets of change %d taken back after a restart", self.spec_version)
+        elif set(settings) != set(ledger.specs):
+            log.warning("budget ledger at %s: this engine follows the budgets in force on it (change %d, made "
+                        "live on an engine sharing it): %s; not those of its settings: %s. Change them with "
+                        "`smartbatch budget set` (or Engine.set_budget) on any engine sharing the ledger",
+                        self._url, ledger.version, _listed(ledger.specs), _listed(settings))
+
+
+def _listed(specs) -> str:
+    return "; ".join(f"{s.name} limit ${s.max_budget:g}" + (f" soft ${s.soft_budget:g}"
+                                                            if s.soft_budget is not None else "")
+                     for s in specs) or "none"

@@ -110,9 +110,12 @@ class BudgetController(LedgerJournal, LiveBudgets, BudgetReports, Warm):
         self._window_timer: tuple[float, asyncio.TimerHandle] | None = None  # (when, handle): the next window end
         self.spec_version = 0  # budgets changed live so far (``LiveBudgets``): 0, those of the settings
         self.spec_incarnation = secrets.token_hex(4)  # this run of the actor: a restart's numbers may go back
-        self._specs_unread = False  # a Redis ledger restarted by Ray has not read its live budgets back yet
+        # A Redis ledger's budgets are the ledger's, shared by its engines: read at the first call (``LiveBudgets``).
+        self._specs_unread = bool(self._errors) and self._config_error is None
+        self._restarted = False  # by Ray (``reconstructed``)
         self._specs_lock: asyncio.Lock | None = None  # one live change at a time (``LiveBudgets``)
-        self._specs_unsure = False  # a refused change's write may be in Redis: the budgets in force go over it
+        self._specs_unsure: tuple[int, str] | None = None  # a refused change (version, token) Redis may have kept
+        self._specs_checked = -math.inf  # monotonic time of the last check of the ledger's version
 
     def __repr__(self) -> str:
         ledger = "" if not self._errors else f", redis_up={self._down_until is None}, unsettled={len(self._outbox)}"
@@ -130,6 +133,7 @@ class BudgetController(LedgerJournal, LiveBudgets, BudgetReports, Warm):
         if self._errors:
             await check_redis_ledger(self.book, self._url, ", ".join(s.name for s in self.settings.specs),
                                      self._errors, self._describe)
+            await self._restored_first()  # the budgets in force on the ledger, said at start if not the settings'
         self._changed(journal=False)
 
     async def close(self) -> None:
@@ -226,11 +230,11 @@ class BudgetController(LedgerJournal, LiveBudgets, BudgetReports, Warm):
         back before any ledger call is answered, not only when the driver's rewire asks, a health check later
         (calls answered meanwhile from an empty ledger were then overwritten by the restore)."""
         self._must_recover = True
+        self._restarted = True
 
     async def _restored_first(self) -> None:
         if self.__dict__.pop("_must_recover", False):
             await self.recover()
-            self._specs_unread = bool(self._errors)  # a Redis ledger's live budgets are in its Redis
         if self._restoring is not None:  # a restart's ledger is being read back (``recover``)
             await self._restoring.wait()
         if self._specs_unread:
@@ -341,6 +345,7 @@ class BudgetController(LedgerJournal, LiveBudgets, BudgetReports, Warm):
         # charged_usd: spend no reservation covered (``Charge``), in the spend figures too, and past a limit if
         # it came to that: the bill's, not a decision's.
         await self._restored_first()  # restarted by Ray: the ledger taken back first, not reported empty
+        await self.follow_ledger()  # a budget changed on another engine sharing the ledger is listed as it is
         out = {"budgets": [], "spend": [], "refusals": dict(self.refusals),
                "charged_usd": round(sum(self._charged.values()), 6)}
         try:

@@ -311,7 +311,7 @@ def test_the_spend_of_a_tenant_no_budget_covers_is_counted_as_the_in_process_led
 
 
 def test_a_budget_changed_live_on_a_redis_ledger_survives_the_budget_actors_restart(redis_server):
-    # A Redis ledger has no journal: its live budgets are kept in its Redis, under its ledger's id, and a restart
+    # A Redis ledger has no journal: its live budgets are kept in its Redis, shared by its engines, and a restart
     # of the actor (the constructor again, with the start's settings) took the start's $1 limit back.
     from actors.budget import BudgetController
     from engine.core.budgets import BudgetSettings
@@ -336,10 +336,9 @@ def test_a_budget_changed_live_on_a_redis_ledger_survives_the_budget_actors_rest
             rows = (await again.report())["budgets"]
         finally:
             await again.close()
-        other = BudgetController(settings, None, ManualClock(T0), ledger_id="L2")  # a new engine: its settings
-        other.reconstructed()
+        other = BudgetController(settings, None, ManualClock(T0), ledger_id="L2")  # a new engine: the ledger's
         try:
-            assert (await other.budget_specs()) == (0, (spec,))
+            assert (await other.budget_specs()) == (1, (spec.model_copy(update={"max_budget": 3.0}),))
         finally:
             await other.close()
         return version, specs, v, rows
@@ -347,3 +346,112 @@ def test_a_budget_changed_live_on_a_redis_ledger_survives_the_budget_actors_rest
     version, specs, v, rows = asyncio.run(go())
     assert version == 1 and specs[0].max_budget == 3.0 and v.ok
     assert [(r["max_budget"], r["spent_usd"], r["reserved_usd"]) for r in rows] == [(3.0, 0.8, 2.0)]
+
+
+def _engines_on_one_ledger(redis_server, n: int = 2):
+    """``n`` engines' budget actors on one Redis ledger (one prefix), each of its own start (its own ledger id),
+    with the same settings: a $1 day budget for acme."""
+    from actors.budget import BudgetController
+    from engine.core.budgets import BudgetSettings
+    from engine.core.clock import ManualClock
+
+    spec = BudgetSpec(tenant="acme", max_budget=1.0, budget_duration="1d")
+    settings = BudgetSettings(specs=(spec,), redis_url=redis_server.url, redis_prefix=f"sbtest-live{next(_prefix)}")
+    return spec, settings, [BudgetController(settings, None, ManualClock(T0), ledger_id=f"E{k}") for k in range(n)]
+
+
+def test_a_budget_changed_on_one_engine_is_what_another_engine_on_its_ledger_enforces_after_its_next_check(
+        redis_server):
+    # Engines sharing a ledger shared its windows, not its budgets: a limit raised on one was still the settings'
+    # on the other, which went on refusing what the raised limit lets through (and a lowered one let work pass).
+    spec, _, (a, b) = _engines_on_one_ledger(redis_server)
+
+    async def go():
+        for ctl in (a, b):
+            await ctl.check_ledger()
+        claim = Claim("b1", "acme", "openai", "gpt-5-mini", "urgent", 2.0)
+        try:
+            await a.change_budgets([spec.model_copy(update={"max_budget": 3.0})])
+            state = await b.budget_state((b.spec_incarnation, 0))  # a grouper's ask: the ledger is checked first
+            (raised,) = await b.reserve_many([claim])
+            asks = []
+            plain = b.book.client.hget
+            b.book.client.hget = lambda *args: asks.append(args) or plain(*args)
+            for _ in range(5):  # the groupers' asks within a second check the ledger's version once at most
+                await b.budget_state((b.spec_incarnation, b.spec_version))
+            await b.settle_many([("b1", 0.6)])
+            await a.change_budgets([spec.model_copy(update={"max_budget": 0.5})])  # now under the day's spend
+            await b.follow_ledger()  # the check, as the next ask a second on makes it
+            (lowered,) = await b.reserve_many([claim._replace(rid="b2", amount=0.1)])
+            return state, raised, asks, lowered, b.spec_version
+        finally:
+            await a.close()
+            await b.close()
+
+    state, raised, asks, lowered, version = asyncio.run(go())
+    assert state.version == 1 and [s.max_budget for s in state.specs] == [3.0]  # what b's groupers are told
+    assert raised.ok and len(asks) <= 1  # 0 but for a pause of the test past a second
+    assert not lowered.ok and lowered.reason == "budget_exhausted" and version == 2
+
+
+def test_two_engines_changing_a_shared_ledgers_budgets_at_once_keep_both_changes(redis_server):
+    from engine.core._budget_check import budget_of
+    from engine.core.catalog import default_catalog
+
+    spec, _, (a, b) = _engines_on_one_ledger(redis_server)
+    beta, gpt = BudgetSpec(tenant="beta", max_budget=2.0), BudgetSpec(model="gpt-5-mini", max_budget=3.0)
+    soft = {"tenant": "acme", "budget_duration": "1d", "soft_budget": 0.3}
+
+    async def go():
+        try:
+            # Each merged on the budgets it holds, written over the ledger's version it holds: one finds the other's
+            # change there first, takes it and merges on it again.
+            await asyncio.gather(a.change_budgets([beta]), b.change_budgets([gpt]))
+            # A driver's change merged on a read that another engine's change overtook is refused, as on one engine,
+            # and the driver reads and merges again (``Engine.set_budget``): the read gives the ledger's budgets.
+            base, current = await a.budget_specs()
+            await b.change_budgets([spec.model_copy(update={"max_budget": 0.4})])
+            refused = await a.change_budgets([budget_of(soft, current, default_catalog())], base=base)
+            base, current = await a.budget_specs()
+            made = await a.change_budgets([budget_of(soft, current, default_catalog())], base=base)
+            await b.follow_ledger()
+            return refused, made, await a.budget_specs(), await b.budget_specs()
+        finally:
+            await a.close()
+            await b.close()
+
+    refused, made, on_a, on_b = asyncio.run(go())
+    assert refused is None and made.version == 4
+    # Neither engine's change undid the other's: the limit lowered on b keeps the soft limit set on a, and both
+    # engines hold the four changes' budgets.
+    assert on_a == on_b and on_a[0] == 4
+    assert set(on_a[1]) == {spec.model_copy(update={"max_budget": 0.4, "soft_budget": 0.3}), beta, gpt}
+
+
+def test_an_engine_started_on_a_ledger_whose_budgets_were_changed_enforces_them_not_its_settings(
+        redis_server, caplog):
+    spec, settings, (a, fresh, late) = _engines_on_one_ledger(redis_server, 3)
+    raised = spec.model_copy(update={"max_budget": 3.0})
+
+    async def go():
+        try:
+            await a.check_ledger()
+            await a.change_budgets([raised])
+            with caplog.at_level("WARNING", logger="smartbatch.budget"):
+                await fresh.check_ledger()  # an engine's start (a new `smartbatch serve`, its settings' $1)
+                await fresh.budget_state()
+                await fresh.budget_specs()
+            said = [r.getMessage() for r in caplog.records if "follows the budgets in force" in r.getMessage()]
+            (v,) = await fresh.reserve_many([Claim("f", "acme", "openai", "gpt-5-mini", "urgent", 2.0)])
+            # A Redis that lost the ledger's budgets (restarted empty) has them written back by an engine holding
+            # them, at its next check: a later start still finds them.
+            redis_server.client().delete(f"{settings.redis_prefix}:specs")
+            await a.follow_ledger()
+            return await fresh.budget_specs(), v, await late.budget_specs(), said
+        finally:
+            for ctl in (a, fresh, late):
+                await ctl.close()
+
+    on_fresh, v, on_late, said = asyncio.run(go())
+    assert on_fresh == (1, (raised,)) and v.ok and on_late == (1, (raised,))
+    assert len(said) == 1 and "tenant=acme/1d limit $3" in said[0] and "tenant=acme/1d limit $1" in said[0], said

@@ -133,7 +133,7 @@ def test_a_change_told_straight_after_a_restart_is_taken_though_its_number_went_
 class _DownRedis:
     """A Redis ledger's client while Redis does not answer."""
 
-    async def get(self, key):
+    async def hmget(self, key, *fields):
         raise ConnectionError("Connection refused")
 
     async def hgetall(self, key):

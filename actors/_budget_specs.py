@@ -1,0 +1,74 @@
+"""The budgets in force on a Redis ledger, shared by every engine on it (``actors._budget_live`` follows them).
+
+One hash per ledger, ``{prefix}:specs``: ``version`` (the number of the last change made on the ledger, by any
+engine), ``specs`` (the budgets, JSON) and ``by`` (a token drawn by the change that wrote them). Keyed by the
+ledger's prefix, not by an engine: two engines on one ledger share its windows, so they share its budgets too.
+An engine checks ``version`` (one small read) to see whether another engine changed them; a change is written
+only over the version it was merged on (a compare-and-set in one script), so of two engines changing at once
+one writes and the other is told the budgets now in force, merges on them and tries again."""
+
+from __future__ import annotations
+
+import json
+from typing import NamedTuple
+
+from engine.core.budgets import BudgetSpec
+
+__all__ = ["SPECS_TTL_S", "Kept", "SpecStore"]
+
+SPECS_TTL_S = 400 * 86400  # the budgets of a ledger outlive any run of its engines, then go
+
+# ARGV: the version the change was merged on, its version, the budgets, its token, the TTL. Written only when the
+# ledger holds that version still (none: 0); else the ledger's fields are returned, and nothing is written.
+_WRITE = """
+local now = redis.call('HMGET', KEYS[1], 'version', 'specs', 'by')
+if tonumber(now[1] or '0') ~= tonumber(ARGV[1]) then return now end
+redis.call('HSET', KEYS[1], 'version', ARGV[2], 'specs', ARGV[3], 'by', ARGV[4])
+redis.call('EXPIRE', KEYS[1], tonumber(ARGV[5]))
+return false
+"""
+
+
+class Kept(NamedTuple):
+    """The budgets a ledger holds: version 0 and no token when none was ever written (or Redis lost them)."""
+
+    version: int
+    specs: tuple[BudgetSpec, ...]
+    by: str
+
+
+def _text(x) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def _kept(fields) -> Kept:
+    version, specs, by = fields
+    if version is None or specs is None:
+        return Kept(0, (), "")
+    return Kept(int(_text(version)), tuple(BudgetSpec.model_validate(s) for s in json.loads(specs)),
+                _text(by or ""))
+
+
+class SpecStore:
+    """The ``{prefix}:specs`` hash of a ledger, through ``client`` (a ``redis.asyncio.Redis``)."""
+
+    def __init__(self, client, prefix: str):
+        self.client, self.key = client, f"{prefix}:specs"
+
+    def __repr__(self) -> str:
+        return f"SpecStore({self.key!r})"
+
+    async def version(self) -> int:
+        """The number of the last change on the ledger (0: none): the once-a-second check, a few bytes."""
+        raw = await self.client.hget(self.key, "version")
+        return 0 if raw is None else int(_text(raw))
+
+    async def read(self) -> Kept:
+        return _kept(await self.client.hmget(self.key, "version", "specs", "by"))
+
+    async def write(self, base: int, version: int, specs: tuple[BudgetSpec, ...], by: str) -> Kept | None:
+        """Write ``specs`` as change ``version`` if the ledger holds change ``base`` still: None when written, else
+        what it holds (another engine's change came first)."""
+        body = json.dumps([s.model_dump() for s in specs])
+        now = await self.client.eval(_WRITE, 1, self.key, base, version, body, by, SPECS_TTL_S)
+        return None if now is None else _kept(now)
