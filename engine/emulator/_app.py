@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 from urllib.parse import parse_qsl
 
 from engine.core.errors import ConfigError
-from engine.emulator import _anthropic, _openai, _openai_batch, _videos
+from engine.emulator import _anthropic, _openai, _openai_batch, _veo, _videos
 from engine.emulator._core import Core
 from engine.emulator._faults import FaultPlan, FaultSpec
 from engine.emulator._gemini import gemini_error
@@ -20,7 +20,7 @@ from engine.emulator._wire import ApiError, Dropped, Family, Reply, error_reply,
 
 __all__ = ["ROUTE_NAMES", "App", "Call"]
 
-_ROUTES: list[Route] = [*_openai.ROUTES, *_openai_batch.ROUTES, *_videos.ROUTES, *_anthropic.ROUTES]
+_ROUTES: list[Route] = [*_openai.ROUTES, *_openai_batch.ROUTES, *_videos.ROUTES, *_veo.ROUTES, *_anthropic.ROUTES]
 ROUTE_NAMES: tuple[str, ...] = tuple(r.name for r in _ROUTES)
 _DROP = Reply(0, {}, b"", drop=True)
 
@@ -82,7 +82,8 @@ class App:
             return self._control(method, path, body)
         provider, _, rest = path.lstrip("/").partition("/")
         rest = "/" + rest
-        family: Family = "anthropic" if rest.startswith("/v1/messages") else "openai"
+        family: Family = ("anthropic" if rest.startswith("/v1/messages") else
+                          "google" if rest.startswith("/v1beta/") else "openai")
         rid = self.core.new_id("req_")
         if provider not in self.core.catalog.providers:
             err = ApiError(404, f"unknown provider {provider!r} in the path; serve one of "
@@ -91,15 +92,19 @@ class App:
         found = self._match(method, rest)
         if found is None:
             err = ApiError(404, f"no route {method} {rest} (the emulator serves {sorted(set(ROUTE_NAMES))})")
-            return self._record(provider, "?", method, self._as_provider(provider, error_reply(family, err, rid)))
+            return self._record(provider, "?", method,
+                                self._as_provider(provider, family, error_reply(family, err, rid)))
         r, params = found
-        params = {**dict(parse_qsl(query)), **params}  # a list's cursor and limit, e.g. ?after=...&limit=100
-        if not self._authorized(r.family, headers):
-            where = "an 'Authorization: Bearer <key>'" if r.family == "openai" else "an 'x-api-key: <key>'"
+        query_params = dict(parse_qsl(query))
+        params = {**query_params, **params}  # a list's cursor and limit, e.g. ?after=...&limit=100
+        if not self._authorized(r.family, headers, query_params):
+            where = {"openai": "an 'Authorization: Bearer <key>'", "anthropic": "an 'x-api-key: <key>'",
+                     "google": "an 'x-goog-api-key: <key>'"}[r.family]
             err = ApiError(401, f"missing API key: send {where} header", code="invalid_api_key")
-            return self._record(provider, r.name, method, self._as_provider(provider, error_reply(r.family, err, rid)))
+            return self._record(provider, r.name, method,
+                                self._as_provider(provider, r.family, error_reply(r.family, err, rid)))
         ctx = Ctx(self.core, self.faults, provider, r.name, params, headers, body, rid, r.family, self.origin)
-        return self._record(provider, r.name, method, self._as_provider(provider, self._serve(r, ctx)))
+        return self._record(provider, r.name, method, self._as_provider(provider, r.family, self._serve(r, ctx)))
 
     def _serve(self, r: Route, ctx: Ctx) -> Reply:
         fault = self.faults.next_fault(ctx.provider, r.name, r.generating,
@@ -125,9 +130,11 @@ class App:
             err = ApiError(500, f"emulator internal error in {r.name}: {type(exc).__name__}: {exc}")
             return error_reply(ctx.family, err, ctx.request_id)
 
-    def _as_provider(self, provider: str, reply: Reply) -> Reply:
-        """``reply`` in the error shape of the provider's compatibility layer (Google's for ``compat: gemini``)."""
-        if reply.drop or reply.status < 400 or self.core.catalog.providers[provider].compat != "gemini":
+    def _as_provider(self, provider: str, family: Family, reply: Reply) -> Reply:
+        """``reply`` in the error shape of the provider's compatibility layer (Google's for ``compat: gemini``);
+        Google's own routes (family google) answer in their own shape already."""
+        if (reply.drop or reply.status < 400 or family == "google"
+                or self.core.catalog.providers[provider].compat != "gemini"):
             return reply
         return gemini_error(reply)
 
@@ -199,8 +206,10 @@ class App:
         return None
 
     @staticmethod
-    def _authorized(family: Family, headers: dict[str, str]) -> bool:
+    def _authorized(family: Family, headers: dict[str, str], query: dict[str, str]) -> bool:
         # Any non-empty key passes; the key itself is only tested for presence and never kept.
+        if family == "google":  # Google's own API: its header, or ?key= (never a bearer token: that is OAuth's)
+            return bool(headers.get("x-goog-api-key", "").strip() or query.get("key", "").strip())
         auth = headers.get("authorization", "")
         bearer = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
         if family == "openai":

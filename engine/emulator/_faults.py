@@ -76,8 +76,9 @@ class FaultPlan:
     429s may come (openai-node issue 1477). True (the default): a ``retry-after`` header, as Anthropic's always has.
     Google's layer (``compat: gemini``) says the wait in its error body, never in a header: a ``google.rpc.RetryInfo``
     detail, or with ``retry_after_header`` False nothing at all (its bare "Resource has been exhausted").
-    ``fail_videos``: the next that many video jobs (``POST /v1/videos``, any provider) are accepted and end
-    ``failed``, billed nothing, as a video the provider could not make does.
+    ``fail_videos``: the next that many video jobs (OpenAI's ``POST /v1/videos``, Google's Veo
+    ``:predictLongRunning``) are accepted and end failed, billed nothing, as a video the provider could not make
+    does: a number counts the jobs of any provider, ``{"google": 1}`` those of one provider.
     ``batch_queue_limits``: per model, the input tokens an OpenAI batch queue holds (OpenAI's "batch queue limit",
     90,000 for gpt-4o at tier 1): a batch that would pass it, counting the batches of that model not yet ended,
     fails at validation with ``token_limit_exceeded``, as OpenAI's does. Empty (the default): no limit.
@@ -98,7 +99,7 @@ class FaultPlan:
         self.garble_members: set[str] = set()
         self.batch_queue_limits: dict[str, int] = {}
         self.retry_after_header = True
-        self._video_failures = 0
+        self._video_failures: dict[str | None, int] = {}  # by provider; None: any provider
 
     # -- settings ------------------------------------------------------------------------------------------
     @property
@@ -145,20 +146,27 @@ class FaultPlan:
         with self._lock:
             self._expiries.extend([f] * n)
 
-    def fail_videos(self, n: int) -> None:
-        """The next ``n`` video jobs end ``failed`` (unbilled)."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ConfigError(f"fail_videos must be a whole number of video jobs >= 0, got {n!r}")
+    def fail_videos(self, n: int | Mapping[str, int]) -> None:
+        """The next ``n`` video jobs end failed (unbilled): of any provider, or per provider (``{"google": 1}``)."""
+        counts = dict(n) if isinstance(n, Mapping) else {None: n}
+        for provider, k in counts.items():
+            if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+                raise ConfigError(f"fail_videos must be a whole number of video jobs >= 0, or a map of provider to "
+                                  f"such a number (e.g. {{'google': 1}}), got {n!r}")
+            if provider is not None and provider not in self._providers:
+                raise ConfigError(f"fail_videos: unknown provider {provider!r}; the catalog has "
+                                  f"{sorted(self._providers)}")
         with self._lock:
-            self._video_failures = n
+            self._video_failures = counts
 
-    def take_video_failure(self) -> bool:
-        """Whether the video job being created is to fail."""
+    def take_video_failure(self, provider: str | None = None) -> bool:
+        """Whether the video job ``provider`` is creating is to fail (its own count first, then any provider's)."""
         with self._lock:
-            if self._video_failures <= 0:
-                return False
-            self._video_failures -= 1
-            return True
+            for who in (provider, None):
+                if self._video_failures.get(who, 0) > 0:
+                    self._video_failures[who] -= 1
+                    return True
+            return False
 
     def clear(self) -> None:
         with self._lock:
@@ -170,7 +178,7 @@ class FaultPlan:
             self.garble_members = set()
             self.batch_queue_limits = {}
             self.retry_after_header = True
-            self._video_failures = 0
+            self._video_failures = {}
             self._rng = np.random.default_rng([self._seed, 7])
 
     def configure(self, cfg: Mapping[str, Any]) -> None:

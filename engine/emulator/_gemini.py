@@ -20,15 +20,10 @@ from typing import Any
 
 from engine.core._gemini import GEMINI_FIELDS, THINKING_KEYS
 from engine.core.catalog import ModelSpec
-from engine.emulator._wire import ApiError, Reply
+from engine.emulator._wire import GOOGLE_STATUS as _STATUS
+from engine.emulator._wire import RETRY_INFO, ApiError, Reply
 
 __all__ = ["RETRY_INFO", "gemini_error", "gemini_thoughts", "gemini_usage"]
-
-RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
-# The google.rpc status Google's errors name beside their HTTP status.
-_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
-           409: "ABORTED", 413: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE",
-           504: "DEADLINE_EXCEEDED"}
 
 # Tokens the emulator thinks at each effort or level (a real model thinks as long as it needs, within its budget).
 # Asked nothing, it thinks not at all: a simplification (Gemini 2.5 thinks by default), so bodies without thinking

@@ -25,7 +25,7 @@ from engine.emulator._openai import multipart
 from engine.emulator._routing import Ctx, Route, route
 from engine.emulator._wire import ApiError, Reply, json_reply
 
-__all__ = ["FAILED_CODE", "ROUTES"]
+__all__ = ["FAILED_CODE", "ROUTES", "Video", "advance", "mp4"]
 
 _FIELDS = ("prompt", "model", "seconds", "size", "input_reference")
 _MAX_PROMPT = 32_000  # OpenAI's schema: a prompt of 1 to 32,000 characters
@@ -34,7 +34,7 @@ _KEEP_S = 3600.0  # a completed video's content is kept this long (expires_at; O
 FAILED_CODE = "video_generation_failed"  # ASSUMPTION: OpenAI's reference names no failure codes
 
 
-def _mp4(seconds: int) -> bytes:
+def mp4(seconds: int) -> bytes:
     """A tiny MP4: an ``ftyp`` box and an empty ``mdat``, enough for a reader to see the container. Not playable."""
     ftyp = b"isom" + struct.pack(">I", 512) + b"isomiso2avc1mp41"
     note = f"smartbatch emulator video, {seconds} s".encode()
@@ -43,7 +43,7 @@ def _mp4(seconds: int) -> bytes:
 
 
 @dataclass
-class _Video:
+class Video:
     id: str
     provider: str
     model: str
@@ -58,6 +58,7 @@ class _Video:
     fails: bool
     billed: bool = False
     deleted: bool = False
+    route: str = "videos"  # the bill's route: "veo" for Google's (``_veo``), whose ``size`` is a resolution
 
     def status(self, now: float) -> tuple[str, int]:
         t = now - self.created_at
@@ -82,14 +83,15 @@ class _Video:
         return out
 
 
-def _advance(core: Core, now: float) -> None:
+def advance(core: Core, now: float) -> None:
     """Bill every job that completed by ``now`` and is not billed yet (under ``core.lock``)."""
     for v in core.videos.values():
         if not v.billed and not v.fails and now >= v.created_at + v.run_s:
             v.billed = True
-            core.ledger.add(BilledItem(provider=v.provider, model=v.model, mode="sync", route="videos",
+            made = {"seconds": v.seconds, ("resolution" if v.route == "veo" else "size"): v.size}
+            core.ledger.add(BilledItem(provider=v.provider, model=v.model, mode="sync", route=v.route,
                                        request_id=v.request_id, idempotency_key=v.idempotency_key,
-                                       usage={"seconds": v.seconds, "size": v.size}, cost_usd=v.cost_usd))
+                                       usage=made, cost_usd=v.cost_usd))
 
 
 def _fields(ctx: Ctx) -> dict[str, Any]:
@@ -104,6 +106,9 @@ def _fields(ctx: Ctx) -> dict[str, Any]:
 
 def _create(ctx: Ctx) -> Reply:
     core = ctx.core
+    if core.catalog.providers[ctx.provider].compat == "gemini":  # Google's layer has no Videos API: Veo is native
+        raise ApiError(404, "Google's OpenAI compatibility layer serves no Videos API; Veo is made through the "
+                       "Gemini API's own route, POST /v1beta/models/{model}:predictLongRunning", code="not_found")
     body = _fields(ctx)
     unknown = sorted(set(body) - set(_FIELDS))
     if unknown:
@@ -135,22 +140,22 @@ def _create(ctx: Ctx) -> Reply:
     req = core.video_request(p, model, prompt, resolution_of(size), float(seconds))
     now = core.now()
     # media latency: the same draw an image takes, at the video's base and per-second terms
-    v = _Video(core.new_id("video_"), ctx.provider, model, prompt, int(seconds), size, now,
+    v = Video(core.new_id("video_"), ctx.provider, model, prompt, int(seconds), size, now,
                core.image_latency_s(p, req), price_alone(req, core.catalog, "sync").total, ctx.request_id,
-               ctx.headers.get("idempotency-key"), ctx.faults.take_video_failure())
+               ctx.headers.get("idempotency-key"), ctx.faults.take_video_failure(ctx.provider))
     with core.lock:
         core.videos[v.id] = v
-        core.advancers.setdefault("videos", lambda t: _advance(core, t))
+        core.advancers.setdefault("videos", lambda t: advance(core, t))
     return json_reply("openai", 200, v.view(now), ctx.request_id)
 
 
-def _video(ctx: Ctx) -> _Video:
+def _video(ctx: Ctx) -> Video:
     core = ctx.core
     vid = unquote(ctx.params["video_id"])
     with core.lock:
-        _advance(core, core.now())
+        advance(core, core.now())
         v = core.videos.get(vid)
-    if v is None or v.deleted:
+    if v is None or v.deleted or v.route != "videos":
         raise ApiError(404, f"Video with id '{vid}' not found.", param="video_id", code="video_not_found")
     return v
 
@@ -167,7 +172,7 @@ def _content(ctx: Ctx) -> Reply:
                        "Poll GET /v1/videos/{video_id} until it is 'completed'.", code="video_not_ready")
     if ctx.params.get("variant", "video") != "video":
         raise ApiError(400, "the emulator serves variant 'video' only", param="variant")
-    return Reply(200, {"content-type": "video/mp4", "x-request-id": ctx.request_id}, _mp4(v.seconds))
+    return Reply(200, {"content-type": "video/mp4", "x-request-id": ctx.request_id}, mp4(v.seconds))
 
 
 def _list(ctx: Ctx) -> Reply:
@@ -179,8 +184,8 @@ def _list(ctx: Ctx) -> Reply:
     if not 1 <= limit <= 100:
         raise ApiError(400, "limit must be an integer in [1, 100]", param="limit")
     with core.lock:
-        _advance(core, core.now())
-        jobs = [v for v in core.videos.values() if not v.deleted]
+        advance(core, core.now())
+        jobs = [v for v in core.videos.values() if not v.deleted and v.route == "videos"]
     if ctx.params.get("order", "desc") == "desc":
         jobs.reverse()
     after = ctx.params.get("after")

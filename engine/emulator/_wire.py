@@ -9,6 +9,7 @@ from typing import Any, Literal, NamedTuple
 from engine.core.errors import SmartbatchError
 
 __all__ = [
+    "GOOGLE_STATUS",
     "ApiError",
     "Dropped",
     "Family",
@@ -20,7 +21,7 @@ __all__ = [
     "rfc3339",
 ]
 
-Family = Literal["openai", "anthropic"]
+Family = Literal["openai", "anthropic", "google"]  # google: the Gemini API's own routes (Veo)
 
 
 class Reply(NamedTuple):
@@ -51,6 +52,12 @@ def request_id_header(family: Family) -> str:
     return "x-request-id" if family == "openai" else "request-id"
 
 
+# The google.rpc status Google's errors name beside their HTTP status.
+GOOGLE_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+                 409: "ABORTED", 413: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL",
+                 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
+
 # The types each provider puts in its error body for a status (OpenAI's 429 for request limits is "requests").
 _OPENAI_TYPE = {401: "invalid_request_error", 429: "requests"}
 _ANTHROPIC_TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -59,6 +66,12 @@ _ANTHROPIC_TYPE = {400: "invalid_request_error", 401: "authentication_error", 40
 
 
 def _error_body(family: Family, err: ApiError, request_id: str) -> dict[str, Any]:
+    if family == "google":  # one object (the compatibility layer answers a list of one: ``_gemini``)
+        body: dict[str, Any] = {"code": err.status, "message": err.message,
+                                "status": GOOGLE_STATUS.get(err.status, "INTERNAL" if err.status >= 500 else "UNKNOWN")}
+        if err.retry_after_s is not None:  # Google says the wait in the body, never in a Retry-After header
+            body["details"] = [{"@type": RETRY_INFO, "retryDelay": f"{_format_seconds(err.retry_after_s)}s"}]
+        return {"error": body}
     if family == "openai":
         kind = err.kind or _OPENAI_TYPE.get(err.status, "server_error" if err.status >= 500 else "invalid_request_error")
         return {"error": {"message": err.message, "type": kind, "param": err.param, "code": err.code}}
@@ -78,7 +91,7 @@ def json_reply(family: Family, status: int, body: Any, request_id: str,
 
 def error_reply(family: Family, err: ApiError, request_id: str) -> Reply:
     headers = {}
-    if err.retry_after_s is not None:
+    if err.retry_after_s is not None and family != "google":
         headers["retry-after"] = _format_seconds(err.retry_after_s)
     return json_reply(family, err.status, _error_body(family, err, request_id), request_id, headers)
 
