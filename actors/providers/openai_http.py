@@ -14,6 +14,7 @@ from typing import Any
 
 from actors.providers._http import BatchHandle, HttpBase, PollBackoff, Unreadable, create_call, jsonl_records
 from actors.providers._openai_video import VideoCalls
+from actors.providers._veo import VeoCalls
 from actors.providers._wire import error_message, error_of, message_parts, tokens
 from engine.core._gemini import gemini_output_tokens
 from engine.core.errors import ProviderError
@@ -111,7 +112,8 @@ class OpenAIProvider(HttpBase):
         self.client = openai.AsyncOpenAI(api_key=self._key.get() or "unset", base_url=self.endpoint.base_url,
                                          max_retries=0, timeout=self.endpoint.timeout_s)
         self._orphans: set[asyncio.Task] = set()  # deletes of uploads no batch was made from
-        self._videos = VideoCalls(self)  # the Videos API: a job made, then polled
+        # A video: a job made, then polled; OpenAI's Videos API, or Google's Veo on the Gemini API's own routes
+        self._videos = VeoCalls(self) if self.spec.compat == "gemini" else VideoCalls(self)
 
     # -- bodies ---------------------------------------------------------------------------------------------
     def route(self, job: CallJob) -> str:
@@ -377,6 +379,8 @@ class OpenAIProvider(HttpBase):
             _, late = await asyncio.wait(list(self._orphans), timeout=5.0)
             for t in late:
                 t.cancel()
+        if isinstance(self._videos, VeoCalls):
+            await self._videos.close()
         await self.client.close()
 
 

@@ -193,8 +193,8 @@ def add_endpoint(provider: str) -> str:
     """The variables that give ``provider`` an endpoint."""
     var = f"SMARTBATCH_PROVIDERS__ENDPOINTS__{provider.upper()}"
     if provider == "google":
-        return (f"{var}__API_KEY_ENV=GEMINI_API_KEY for Gemini through Google's OpenAI compatibility layer, "
-                "with the key in GEMINI_API_KEY")
+        return (f"{var}__API_KEY_ENV=GEMINI_API_KEY for Gemini through Google's OpenAI compatibility layer (and "
+                "Veo through the Gemini API's own routes), with the key in GEMINI_API_KEY")
     if provider in _KNOWN_APIS:
         return f"{var}__API_KEY_ENV={_KNOWN_APIS[provider]} for its own API, or {var}__BASE_URL=URL"
     if provider.replace("_", "").isalnum():

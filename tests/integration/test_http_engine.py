@@ -285,3 +285,25 @@ def test_a_sora_video_over_http_is_made_polled_and_billed_once(ray_session, emul
     (item,) = [i for i in emulator.bill().items if i.model == "sora-2"]
     assert v.cost_usd == pytest.approx(item.cost_usd, abs=1e-12)
     assert item.usage == {"seconds": 8, "size": "720x1280"}
+
+
+def test_a_veo_video_over_http_is_made_polled_and_billed_once(ray_session, emulator, monkeypatch):
+    """A Veo request in a live run with a google endpoint: the engine makes the operation on the Gemini API's own
+    route, polls it to done (a Gemini text call through the compatibility layer goes on meanwhile, with the same
+    key) and counts what the emulator bills. Before, it was sent to OpenAI's Videos API at the layer's address
+    (``/v1/videos``), which Google does not serve."""
+    settings = point_at_emulator(Settings(), emulator, ("google",))
+    monkeypatch.setenv(settings.providers.endpoints["google"].api_key_env, KEY)
+    from engine import Engine
+
+    with Engine.start(settings, catalog=only("google"), speedup=SPEEDUP) as eng:
+        vid = eng.submit({"id": "fox", "model": "veo-3.1-fast-generate-001", "prompt": "a red fox in snow",
+                          "deadline_s": 3600, "params": {"resolution": "1080p", "duration_s": 8}})
+        text = eng.submit({"id": "t", "model": "gemini-2.5-flash", "prompt": "say hi", "deadline_s": 20})
+        v, t = vid.result(timeout=120), text.result(timeout=120)
+    assert v.status == "ok" and v.real and v.mode == "sync", v.error
+    assert "/v1beta/files/" in v.output and v.raw["done"] is True
+    assert t.status == "ok" and t.done_s < v.done_s  # the text call did not wait behind the video's polls
+    (item,) = [i for i in emulator.bill().items if i.route == "veo"]
+    assert v.cost_usd == pytest.approx(item.cost_usd, abs=1e-12)
+    assert item.usage == {"seconds": 8, "resolution": "1080p"}

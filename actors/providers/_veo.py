@@ -1,0 +1,167 @@
+"""Google's Veo for ``OpenAIProvider`` at a ``compat: gemini`` provider: a video request is one long-running
+operation made then polled inside the provider's ``call`` (a coroutine: the dispatcher's other calls go on while
+it waits on the engine clock), on the Gemini API's own routes, with the same key as the provider's text calls
+(docs/providers.md, "Veo").
+
+``POST {root}/v1beta/models/{model}:predictLongRunning`` with ``{"instances": [{"prompt"}], "parameters": {...}}``,
+then ``GET {root}/v1beta/{operation name}`` until ``done``: a ``response`` names the video
+(``generateVideoResponse.generatedSamples[0].video.uri``), an ``error`` says why none was made (billed nothing;
+made again by the engine's retry rules, as a failed OpenAI video is). ``root`` is the provider's base URL without
+the compatibility layer's path (``/v1beta/openai``, or the emulator's ``/v1``). The key goes in ``x-goog-api-key``
+and no ``Authorization`` header is sent: Google reads a bearer token as OAuth's.
+
+The requests go through the ``openai`` SDK's generic ``post``/``get`` (its documented way to reach routes it has no
+method for), not Google's ``google-genai``: its 3.3.0 refuses ``generate_videos`` outside Vertex ("only supported
+in Gemini Enterprise Agent Platform mode"). So errors, timeouts, redaction and "possibly billed" are the text
+calls' own (``HttpBase._error``), with no SDK retry.
+
+The result's ``output`` is the video's URI (fetched with the key): the MP4 never enters the engine. Its cost is the
+cost model's at the seconds and resolution sent, which are always sent (the request's, else the catalog's
+defaults), since Google's answer does not repeat them. A create whose answer was lost may have made a video that
+will be billed: Google documents no Idempotency-Key and no listing of Veo operations, so nothing can find it
+again; the call is counted as possibly billed, and its retry makes a new video (docs/providers.md, "Veo", the
+residual risk). A poll that gives up keeps the operation's name, and the retry polls it again."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from actors.providers._http import PollBackoff
+from actors.providers._openai_video import GIVE_UP_S, POLL_ERRORS, POLL_MAX_S, POLL_MIN_S
+from engine.core.cost import price_alone
+from engine.core.latency import sync_latency_median
+from engine.core.provider_api import CallJob, CallOutcome, idempotency_key
+
+__all__ = ["VeoCalls", "native_root"]
+
+log = logging.getLogger("smartbatch.providers")
+
+# google.rpc codes of a failed operation no new try can help: INVALID_ARGUMENT, PERMISSION_DENIED, FAILED_PRECONDITION
+_FINAL_CODES = frozenset({3, 7, 9})
+_VERSION = re.compile(r"/v\d+(?:(?:alpha|beta)\d*)?$")
+
+
+def native_root(base_url: str) -> str:
+    """The Gemini API's root under a compatibility layer's base URL: ``.../v1beta/openai/`` (Google's) or
+    ``.../google/v1`` (the emulator's) without that path's last version segment and ``/openai``."""
+    parts = urlsplit(base_url)
+    path = parts.path.rstrip("/").removesuffix("/openai")
+    return urlunsplit(parts._replace(path=_VERSION.sub("", path) + "/"))
+
+
+class VeoCalls:
+    """The Veo calls of one Gemini ``OpenAIProvider`` and the operations it polls, by the request's key."""
+
+    def __init__(self, provider: Any):
+        self.p = provider
+        sdk = provider._sdk
+        self._omit = sdk.Omit()
+        self.client = sdk.AsyncOpenAI(api_key=provider._key.get() or "unset",
+                                      base_url=native_root(provider.endpoint.base_url), max_retries=0,
+                                      timeout=provider.endpoint.timeout_s,
+                                      default_headers={"x-goog-api-key": provider._key.get() or "unset"})
+        self._ops: dict[str, str] = {}  # key -> operation name, of a create answered whose video is not in yet
+
+    def __repr__(self) -> str:
+        return f"VeoCalls(open={len(self._ops)})"
+
+    def body(self, job: CallJob) -> dict[str, Any]:
+        """Google's body: the request's own ``instances``/``parameters`` where it gives them, its ``parameters``'
+        fields at the top of ``body`` otherwise; the seconds and resolution the cost model prices it at filled in."""
+        r = job.req
+        spec = self.p.spec.models[r.model]
+        given = dict(r.body or {})
+        params: dict[str, Any] = dict(given.pop("parameters", None) or {})
+        instances = given.pop("instances", None) or [{"prompt": r.prompt}]
+        params.update({k: v for k, v in given.items() if k != "model"})  # e.g. {"negativePrompt": "..."}
+        duration = r.params.get("duration_s", spec.default_duration_s)
+        params.setdefault("durationSeconds", int(duration) if float(duration).is_integer() else duration)
+        params.setdefault("resolution", r.params.get("resolution", spec.default_resolution))
+        return {"instances": instances, "parameters": params}
+
+    def _headers(self, **more: str) -> dict[str, Any]:
+        return {"headers": {"Authorization": self._omit, **more}}
+
+    async def call(self, job: CallJob) -> CallOutcome:
+        p, sdk = self.p, self.p._sdk
+        body = job.body if job.body is not None else self.body(job)
+        key = idempotency_key(job.key, body)
+        name = self._ops.get(key)
+        if name is None:
+            try:
+                op = await self.client.post(f"v1beta/models/{job.req.model}:predictLongRunning", body=body,
+                                            cast_to=object, options=self._headers(**{"Idempotency-Key": key}))
+                name = op["name"]
+            except sdk.APIError as exc:  # refused (nothing made), or lost on the way (possibly billed)
+                return p._error(exc, sdk.APIStatusError, sdk.APITimeoutError, key)
+            except (KeyError, TypeError, ValueError) as exc:  # answered (so maybe made), its operation unreadable
+                return p._unreadable(exc)
+            self._ops[key] = name
+        return await self._poll(job, key, name)
+
+    async def _poll(self, job: CallJob, key: str, name: str) -> CallOutcome:
+        p, sdk = self.p, self.p._sdk
+        give_up = p.clock.now() + max(600.0, GIVE_UP_S * sync_latency_median(p.spec, p.spec.models[job.req.model],
+                                                                               job.req))
+        backoff, errors = PollBackoff(POLL_MIN_S, POLL_MAX_S), 0
+        while True:
+            try:
+                op = await self.client.get(f"v1beta/{name}", cast_to=object, options=self._headers())
+                errors = 0
+            except sdk.APIError as exc:
+                if isinstance(exc, sdk.NotFoundError):  # expired or unknown: not this engine's to find again
+                    self._ops.pop(key, None)
+                    return CallOutcome(False, p.clock.now(), 0.0, real=True, maybe_billed=True,
+                                       error=f"{p.name}: operation {name} is gone ({p._redact(str(exc))[:200]})")
+                errors += 1
+                if errors >= POLL_ERRORS:
+                    return self._gave_up(name, f"{errors} polls failed, the last: {type(exc).__name__}: "
+                                               f"{p._redact(str(exc))[:200]}")
+                op = None
+            if isinstance(op, dict) and op.get("done"):
+                self._ops.pop(key, None)
+                return self._ended(job, name, op)
+            if p.clock.now() >= give_up:
+                return self._gave_up(name, "not done at the poll limit")
+            await asyncio.sleep(p.clock.real_delay(backoff.next()))
+
+    def _ended(self, job: CallJob, name: str, op: dict[str, Any]) -> CallOutcome:
+        p = self.p
+        err = op.get("error")
+        if err is not None:  # billed nothing: a retry makes a new one
+            code = err.get("code") if isinstance(err, dict) else None
+            said = p._redact(str(err.get("message", "")) if isinstance(err, dict) else str(err))
+            return CallOutcome(False, p.clock.now(), 0.0, real=True, provider_request_id=name,
+                               retryable=code not in _FINAL_CODES,
+                               error=f"{p.name}: video {name} failed: code {code}: {said[:300]}")
+        gen = ((op.get("response") or {}).get("generateVideoResponse") or {})
+        samples = gen.get("generatedSamples") or []
+        uri = ((samples[0] or {}).get("video") or {}).get("uri") if samples else None
+        if not isinstance(uri, str):  # filtered by Google's safety checks (raiMediaFilteredReasons): none made
+            why = "; ".join(map(str, gen.get("raiMediaFilteredReasons") or [])) or "no video in the answer"
+            return CallOutcome(False, p.clock.now(), 0.0, real=True, provider_request_id=name, retryable=False,
+                               error=f"{p.name}: video {name} made no video: {p._redact(why)[:300]}")
+        body = job.body if job.body is not None else self.body(job)
+        made = body.get("parameters") or {}
+        params = dict(job.req.params)
+        if made.get("resolution") in (p.spec.models[job.req.model].per_second or {}):
+            params["resolution"] = made["resolution"]
+        try:
+            params["duration_s"] = float(made["durationSeconds"])
+        except (KeyError, TypeError, ValueError):
+            pass
+        cost = price_alone(job.req.model_copy(update={"params": params}), p.catalog, "sync").total
+        return CallOutcome(True, p.clock.now(), cost, output=uri, provider_request_id=name, raw=op, real=True)
+
+    def _gave_up(self, name: str, why: str) -> CallOutcome:
+        """The video may still be made and billed: the retry polls it again (``_ops`` keeps its name)."""
+        p = self.p
+        return CallOutcome(False, p.clock.now(), 0.0, real=True, maybe_billed=True,
+                           error=f"{p.name}: video {name}: {why}; polled again on the next try")
+
+    async def close(self) -> None:
+        await self.client.close()
