@@ -120,6 +120,26 @@ def test_a_create_whose_answer_is_lost_is_counted_possibly_billed_and_made_again
     asyncio.run(go())
 
 
+def test_a_rate_limited_veo_create_waits_as_google_says_in_its_body_then_is_made(emu_plain):
+    """Google's 429 carries its wait as a RetryInfo detail in the error object, no Retry-After header: the engine
+    reads it, retries after it, and the video is made and billed once."""
+    emu_plain.faults.configure({"script": [{"provider": "google", "route": "veo", "specs": [
+        {"status": 429, "retry_after_s": 7}]}]})
+
+    async def go():
+        rig = Rig(emu_plain, "google")
+        try:
+            res = await run_one(rig, veo())
+            (_, _, first), (_, second_at, _) = rig.calls
+            assert first.rate_limited and first.retry_after_s == 7.0
+            assert second_at >= first.at + 7.0 and res.status == "ok"
+            (item,) = emu_plain.bill().items
+            await rig.settled_to(item.cost_usd)
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
 def test_the_key_never_shows_in_errors_or_logs(emu_plain, caplog):
     """A refused create and a poll that fails both name what went wrong, never the key (which went in
     x-goog-api-key, with no Authorization header)."""
