@@ -266,44 +266,36 @@ def test_an_engine_that_may_not_simulate_refuses_at_submit_what_it_would_simulat
     assert got.status == "ok" and got.real and emulator.bill().total_usd == pytest.approx(got.cost_usd)
 
 
-def test_a_sora_video_over_http_is_made_polled_and_billed_once(ray_session, emulator, monkeypatch):
-    """A sora-2 request in a live run over HTTP: the engine creates the job at the emulator's Videos API, polls
-    it to completion (its chat calls go on meanwhile) and counts what the emulator bills. Before, it went to the
-    chat route and failed ("model 'sora-2' generates video, not text")."""
-    settings = point_at_emulator(Settings(), emulator)
-    monkeypatch.setenv(settings.providers.endpoints["openai"].api_key_env, KEY)
+def test_a_sora_and_a_veo_video_over_http_are_made_polled_and_billed_once(ray_session, emulator, monkeypatch):
+    """Video requests in one live run over HTTP: the engine creates a sora-2 job at the emulator's OpenAI Videos
+    API and a Veo operation on the Gemini API's own route, polls each to completion (a text call of each provider
+    goes on meanwhile, Gemini's through the compatibility layer with the same key) and counts what the emulator
+    bills. Before, sora-2 went to the chat route and failed ("model 'sora-2' generates video, not text"), and Veo
+    was sent to OpenAI's Videos API at the layer's address (``/v1/videos``), which Google does not serve."""
+    settings = point_at_emulator(Settings(), emulator, ("openai", "google"))
+    for name in ("openai", "google"):
+        monkeypatch.setenv(settings.providers.endpoints[name].api_key_env, KEY)
     from engine import Engine
 
-    with Engine.start(settings, catalog=OPENAI_ONLY, speedup=SPEEDUP) as eng:
-        vid = eng.submit({"id": "fox", "model": "sora-2", "prompt": "a red fox in snow", "deadline_s": 3600,
-                          "params": {"resolution": "720p", "duration_s": 8}})
-        text = eng.submit({"id": "t", "model": "gpt-4o-mini", "prompt": "say hi", "deadline_s": 20})
-        v, t = vid.result(timeout=120), text.result(timeout=120)
-    assert v.status == "ok" and v.real and v.mode == "sync", v.error
-    assert v.output.endswith(f"/videos/{v.raw['id']}/content") and v.raw["status"] == "completed"
-    assert t.status == "ok" and t.done_s < v.done_s  # the text call did not wait behind the video's polls
-    (item,) = [i for i in emulator.bill().items if i.model == "sora-2"]
-    assert v.cost_usd == pytest.approx(item.cost_usd, abs=1e-12)
-    assert item.usage == {"seconds": 8, "size": "720x1280"}
-
-
-def test_a_veo_video_over_http_is_made_polled_and_billed_once(ray_session, emulator, monkeypatch):
-    """A Veo request in a live run with a google endpoint: the engine makes the operation on the Gemini API's own
-    route, polls it to done (a Gemini text call through the compatibility layer goes on meanwhile, with the same
-    key) and counts what the emulator bills. Before, it was sent to OpenAI's Videos API at the layer's address
-    (``/v1/videos``), which Google does not serve."""
-    settings = point_at_emulator(Settings(), emulator, ("google",))
-    monkeypatch.setenv(settings.providers.endpoints["google"].api_key_env, KEY)
-    from engine import Engine
-
-    with Engine.start(settings, catalog=only("google"), speedup=SPEEDUP) as eng:
-        vid = eng.submit({"id": "fox", "model": "veo-3.1-fast-generate-001", "prompt": "a red fox in snow",
-                          "deadline_s": 3600, "params": {"resolution": "1080p", "duration_s": 8}})
-        text = eng.submit({"id": "t", "model": "gemini-2.5-flash", "prompt": "say hi", "deadline_s": 20})
-        v, t = vid.result(timeout=120), text.result(timeout=120)
-    assert v.status == "ok" and v.real and v.mode == "sync", v.error
-    assert "/v1beta/files/" in v.output and v.raw["done"] is True
-    assert t.status == "ok" and t.done_s < v.done_s  # the text call did not wait behind the video's polls
-    (item,) = [i for i in emulator.bill().items if i.route == "veo"]
-    assert v.cost_usd == pytest.approx(item.cost_usd, abs=1e-12)
-    assert item.usage == {"seconds": 8, "resolution": "1080p"}
+    with Engine.start(settings, catalog=only("openai", "google"), speedup=SPEEDUP) as eng:
+        futures = {
+            "sora": eng.submit({"id": "fox", "model": "sora-2", "prompt": "a red fox in snow", "deadline_s": 3600,
+                                "params": {"resolution": "720p", "duration_s": 8}}),
+            "veo": eng.submit({"id": "owl", "model": "veo-3.1-fast-generate-001", "prompt": "a snowy owl in flight",
+                               "deadline_s": 3600, "params": {"resolution": "1080p", "duration_s": 8}}),
+            "gpt": eng.submit({"id": "t", "model": "gpt-4o-mini", "prompt": "say hi", "deadline_s": 20}),
+            "gemini": eng.submit({"id": "g", "model": "gemini-2.5-flash", "prompt": "say hi", "deadline_s": 20})}
+        r = {k: f.result(timeout=120) for k, f in futures.items()}
+    for k in ("sora", "veo"):
+        assert r[k].status == "ok" and r[k].real and r[k].mode == "sync", r[k].error
+    assert r["sora"].output.endswith(f"/videos/{r['sora'].raw['id']}/content") and r["sora"].raw["status"] == "completed"
+    assert "/v1beta/files/" in r["veo"].output and r["veo"].raw["done"] is True
+    # The text calls did not wait behind the videos' polls.
+    assert r["gpt"].status == "ok" and r["gpt"].done_s < r["sora"].done_s
+    assert r["gemini"].status == "ok" and r["gemini"].done_s < r["veo"].done_s
+    bill = emulator.bill().items
+    (sora,) = [i for i in bill if i.model == "sora-2"]
+    (veo,) = [i for i in bill if i.route == "veo"]
+    assert r["sora"].cost_usd == pytest.approx(sora.cost_usd, abs=1e-12)
+    assert r["veo"].cost_usd == pytest.approx(veo.cost_usd, abs=1e-12)
+    assert sora.usage == {"seconds": 8, "size": "720x1280"} and veo.usage == {"seconds": 8, "resolution": "1080p"}
