@@ -17,6 +17,13 @@ def only(*providers: str, catalog: Catalog = _CAT) -> Catalog:
 OPENAI_ONLY = only("openai")
 
 
+def for_trace(reqs, catalog: Catalog = _CAT) -> Catalog:
+    """``catalog`` with the providers ``reqs`` call alone: an engine that replays a synthetic trace needs no
+    dispatcher for a provider the trace never names (a seed of ``synth`` calls two or three of the four), and the
+    policy decides each request from its own provider's entry."""
+    return only(*sorted({r.provider for r in reqs}), catalog=catalog)
+
+
 def openai_only_file(folder: Path) -> Path:
     """``OPENAI_ONLY`` as a catalog file, for ``smartbatch serve --catalog``."""
     import yaml

@@ -108,6 +108,7 @@ def test_two_live_engines_sharing_a_budget_in_redis_never_pass_it(ray_session, r
     from engine.core.tracegen import synth
     from engine.sim.simulator import simulate
     from policies import load_policy
+    from tests.integration._catalogs import for_trace
 
     cat = default_catalog()
     traces = [[r.model_copy(update={"id": f"{k}-{r.id}", "deadline_s": min(r.deadline_s, 600.0)})
@@ -123,7 +124,8 @@ def test_two_live_engines_sharing_a_budget_in_redis_never_pass_it(ray_session, r
     settings = Settings(budgets=budgets)
 
     def run(trace):
-        with Engine.start(settings, speedup=200, policy="naive", metrics_port=None) as eng:
+        # Each engine with its trace's providers alone (two of the four): a dispatcher is a process to start.
+        with Engine.start(settings, catalog=for_trace(trace), speedup=200, policy="naive", metrics_port=None) as eng:
             results = [f.result(timeout=300) for f in eng.replay(trace)]
             return results, eng.report()["budget"]
 

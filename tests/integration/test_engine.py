@@ -12,7 +12,7 @@ from engine.core.catalog import default_catalog
 from engine.core.errors import ConfigError, RequestError
 from engine.core.tracegen import synth
 from engine.runtime.collector import THRESHOLDS
-from tests.integration._catalogs import OPENAI_ONLY
+from tests.integration._catalogs import OPENAI_ONLY, for_trace
 
 CAT = default_catalog()
 
@@ -25,7 +25,7 @@ def short_trace(n, seed, span_s, max_deadline_s):
 def test_every_future_resolves_and_the_report_adds_up(ray_session):
     reqs = short_trace(300, seed=3, span_s=300, max_deadline_s=900)
     before = gc.get_threshold()
-    with Engine.start(speedup=500) as eng:
+    with Engine.start(catalog=for_trace(reqs), speedup=500) as eng:
         in_driver = gc.get_threshold()
         futs = eng.replay(reqs)
         first = min(reqs, key=lambda r: r.arrival_s)
@@ -224,7 +224,8 @@ class TestOnOneQuietEngine:
 def test_a_budget_is_never_overrun_and_every_request_resolves(ray_session, policy):
     """With smart, the cache's in-flight followers of a rejected leader must resolve too."""
     reqs = short_trace(300, seed=5, span_s=100, max_deadline_s=600)
-    with Engine.start(speedup=500, budget_usd=2.0, policy=policy, metrics_port=None) as eng:
+    with Engine.start(catalog=for_trace(reqs), speedup=500, budget_usd=2.0, policy=policy,
+                      metrics_port=None) as eng:
         results = [f.result(timeout=120) for f in eng.replay(reqs)]
         rep = eng.report()
     rejected = [r for r in results if r.status == "rejected"]
@@ -258,7 +259,7 @@ def test_metrics_are_served_where_the_settings_say_and_scraped_over_http(ray_ses
                 samples[name] = float(value)
         return samples
 
-    with Engine.start(settings, speedup=500, budget_usd=1000.0) as eng:
+    with Engine.start(settings, catalog=for_trace(reqs), speedup=500, budget_usd=1000.0) as eng:
         assert eng.metrics_url == f"http://127.0.0.1:{port}/metrics" and eng.metrics_port == port
         results = [f.result(timeout=120) for f in eng.replay(reqs)]
         # The budget's gauges reach the hub at most every 0.5 s: a run this short can end inside the first
@@ -289,7 +290,8 @@ def test_a_dead_actor_fails_open_futures_instead_of_hanging(ray_session):
     import ray
 
     reqs = short_trace(100, seed=7, span_s=10, max_deadline_s=3600)
-    with Engine.start(speedup=1.0) as eng:  # real time: the batches and GPU groups are still open below
+    # Real time: the batches and GPU groups are still open below.
+    with Engine.start(catalog=for_trace(reqs), speedup=1.0) as eng:
         futs = eng.submit_many(reqs)
         ray.kill(eng._h["groupers"][0])
         results = [f.result(timeout=60) for f in futs]
@@ -302,7 +304,8 @@ def test_a_stop_fails_the_open_requests_aloud_and_drain_counts_them(ray_session,
     """``drain()`` returns how many requests are still open when it stops waiting; ``stop()`` (leaving a ``with``
     block) fails what is open, says so in the log and tells each result how to wait instead."""
     reqs = short_trace(30, seed=11, span_s=5, max_deadline_s=3600)
-    with Engine.start(speedup=1.0, metrics_port=None) as eng:  # real time: batch lanes hold for minutes
+    # Real time: batch lanes hold for minutes.
+    with Engine.start(catalog=for_trace(reqs), speedup=1.0, metrics_port=None) as eng:
         futs = eng.submit_many(reqs)
         before = sum(not f.done() for f in futs)
         n = eng.drain(timeout_s=0.5)
