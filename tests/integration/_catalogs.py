@@ -24,10 +24,15 @@ def for_trace(reqs, catalog: Catalog = _CAT) -> Catalog:
     return only(*sorted({r.provider for r in reqs}), catalog=catalog)
 
 
-def openai_only_file(folder: Path) -> Path:
-    """``OPENAI_ONLY`` as a catalog file, for ``smartbatch serve --catalog``."""
+def catalog_file(folder: Path, catalog: Catalog, stem: str = "catalog") -> Path:
+    """``catalog`` as a catalog file, for the commands' ``--catalog``."""
     import yaml
 
-    path = folder / "openai-only.yaml"
-    path.write_text(yaml.safe_dump(OPENAI_ONLY.model_dump(mode="json", exclude_none=True)))
+    path = folder / f"{stem}.yaml"
+    path.write_text(yaml.safe_dump(catalog.model_dump(mode="json", exclude_none=True)))
     return path
+
+
+def openai_only_file(folder: Path) -> Path:
+    """``OPENAI_ONLY`` as a catalog file, for ``smartbatch serve --catalog``."""
+    return catalog_file(folder, OPENAI_ONLY, "openai-only")

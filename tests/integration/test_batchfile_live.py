@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 from engine.app.cli import app
 from engine.core.catalog import default_catalog
 from engine.emulator import Emulator
+from tests.integration._catalogs import catalog_file, only
 
 CAT = default_catalog()
 SPEEDUP = 1000.0  # a 1 h window in 3.6 s
@@ -41,6 +42,8 @@ def test_batch_round_trips_a_standard_file_over_http(ray_session, tmp_path, monk
     with Emulator(CAT, speedup=SPEEDUP, seed=0, cancel_s=1.0) as emu:
         r = CliRunner().invoke(app, [
             "batch", str(src), "--window", "1h", "--out", str(out), "--errors", str(err), "--report", str(rep),
+            # The providers its lines name alone (no GPU line): each dispatcher is a process to start.
+            "--catalog", str(catalog_file(tmp_path, only("openai", "anthropic", "google"))),
             "--providers", "http", "--base-url", f"openai={emu.base_url('openai')}",
             "--base-url", f"anthropic={emu.anthropic_base_url('anthropic')}", "--speedup", str(SPEEDUP)])
         bill = emu.bill()

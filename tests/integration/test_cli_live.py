@@ -5,6 +5,8 @@ import json
 from typer.testing import CliRunner
 
 from engine.app.cli import app
+from engine.core.trace import load_trace
+from tests.integration._catalogs import catalog_file, for_trace
 
 runner = CliRunner()
 
@@ -17,8 +19,10 @@ def test_run_takes_a_variant_and_its_parameters_reach_the_live_policy(ray_sessio
     variants.write_text("variants:\n  - name: smart-impatient\n    policy: smart\n"
                         "    params: {min_batch_saving_usd: 1000}\n")
     out = tmp_path / "out"
+    # The trace's providers alone (two of the four): each dispatcher is a process to start.
+    cat = catalog_file(tmp_path, for_trace(load_trace(trace).requests))
     r = runner.invoke(app, ["run", str(trace), "--policy", "smart-impatient", "--variants", str(variants),
-                            "--speedup", "5000", "--out", str(out)], env={"COLUMNS": "200"})
+                            "--catalog", str(cat), "--speedup", "5000", "--out", str(out)], env={"COLUMNS": "200"})
     assert r.exit_code == 0, r.output
     doc = json.loads((out / "results.json").read_text())
     (row,) = doc["results"]
