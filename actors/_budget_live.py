@@ -143,14 +143,17 @@ class LiveBudgets:
         them since; should Redis hold an older version (it lost them, or went back to a snapshot), write the
         budgets in force here back over it. Not again within ``unless_within_s`` real seconds of the last check
         (the groupers' asks call it every second each)."""
-        if (not self._errors or self._config_error is not None or self._specs_unread or self._specs_unsure
-                or not self._usable()):
+        if not self._may_follow():
             return
         t = time.monotonic()
         if t - self._specs_checked < unless_within_s:
             return
         self._specs_checked = t
         async with self._one_at_a_time():
+            # Again once the lock is held: a change it waited for may have lost its reply, the ledger holding the
+            # change refused (taken here as another engine's, it was written again as the next change; a review).
+            if not self._may_follow():
+                return
             try:
                 if await self._store.version() != self.spec_version:
                     await self._follow(await self._store.read())
@@ -158,6 +161,10 @@ class LiveBudgets:
                 self._failed(exc)
                 return
         self._recovered()
+
+    def _may_follow(self) -> bool:
+        return not (not self._errors or self._config_error is not None or self._specs_unread or self._specs_unsure
+                    or not self._usable())
 
     async def _follow(self, ledger: Kept | None) -> None:
         """Under the lock: take the ledger's budgets if newer than this actor's, else write these back over them."""

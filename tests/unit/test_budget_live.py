@@ -5,6 +5,7 @@ are driven directly, without Ray; the driver's methods through a stand-in for Ra
 from __future__ import annotations
 
 import asyncio
+import math
 import types
 
 import pytest
@@ -475,3 +476,36 @@ def test_a_restarted_redis_ledgers_late_read_of_its_budgets_does_not_undo_a_chan
         # The late read put back change 1's $5 limit over the $0.5 just made (and numbered it 1 again).
         assert await ctl.budget_specs() == (2, (lowered,))
     asyncio.run(go())
+
+
+def test_a_grouper_ask_waiting_on_a_change_whose_reply_redis_lost_does_not_take_the_refused_change():
+    # The once-a-second check of the ledger's version waited for the change's lock, then read the ledger the lost
+    # reply had written: the refused change was taken as another engine's, and written again as the next change.
+    async def go():
+        redis = _SlowRedis()
+        ctl = _redis_controller(redis)
+        await ctl.budget_specs()  # the ledger read at the first call
+        plain_eval, writing = redis.eval, asyncio.Event()
+
+        async def kept_but_no_reply(*args):
+            await plain_eval(*args)
+            writing.set()
+            for _ in range(5):  # the reply's wait, long enough for the ask to reach the lock
+                await asyncio.sleep(0)
+            raise asyncio.TimeoutError
+
+        redis.eval = kept_but_no_reply
+        change = asyncio.create_task(ctl.change_budgets([DAY.model_copy(update={"max_budget": 50.0})]))
+        await writing.wait()
+        ctl._specs_checked = -math.inf  # a second since the last check: this ask checks the ledger's version
+        asked = asyncio.create_task(ctl.budget_state())  # a grouper's ask, its check waiting for the lock
+        with pytest.raises(ConfigError, match="the budget change was not made"):
+            await change
+        held = (await asked).specs
+        redis.eval = plain_eval
+        ctl._down_until = 0.0  # its retry time has come: Redis answers again
+        return held, await ctl.budget_specs(), await ctl.budget_state()
+
+    held, (version, specs), state = asyncio.run(go())
+    assert held == (DAY,) and specs == (DAY,) and state.specs == (DAY,), (held, specs)  # not the refused $50
+    assert version == 2  # the budgets in force written over the refused change as a change of their own
