@@ -63,6 +63,11 @@ class _Try:
         self.snapshot, self.video_id = snapshot, None
 
 
+def _made_as(body: dict[str, Any]) -> tuple:
+    """What a create of ``body`` makes, as the listing shows it (OpenAI's defaults where the body names none)."""
+    return body.get("model"), body.get("prompt"), str(body.get("seconds", "4")), body.get("size", "720x1280")
+
+
 class VideoCalls:
     """The video calls of one ``OpenAIProvider`` and the jobs it holds, by the request's Idempotency-Key."""
 
@@ -70,6 +75,9 @@ class VideoCalls:
         self.p = provider
         self._tries: dict[str, _Try] = {}
         self._held: set[str] = set()  # ids some request of this provider made or took: never taken again
+        # Creates under way (key -> what they make, and set once they answered or failed): their videos may be
+        # listed before their answers name them held (``_find``).
+        self._creating: dict[str, tuple[tuple, asyncio.Event]] = {}
         videos = provider.client.videos  # made once: sdk_kwargs caches what each create names
         self._create, self._raw_create = _quiet(videos.create), _quiet(videos.with_raw_response.create)
 
@@ -100,8 +108,11 @@ class VideoCalls:
             t.video_id, alone = await self._find(t, body)
             recovered = alone
         if t.video_id is None:
+            answered = asyncio.Event()
+            self._creating[key] = (_made_as(body), answered)
             try:
                 resp, replayed = await create_call(self._create, self._raw_create, body, key)
+                self._held.add(resp.id)
             except sdk.APIError as exc:
                 out = p._error(exc, sdk.APIStatusError, sdk.APITimeoutError, key)
                 if not out.maybe_billed:  # refused: no video was made
@@ -113,8 +124,10 @@ class VideoCalls:
                                    retryable=False)
             except Unreadable as exc:
                 return p._unreadable(exc)
+            finally:
+                del self._creating[key]
+                answered.set()
             t.video_id, recovered = resp.id, recovered and replayed
-            self._held.add(resp.id)
         return await self._poll(job, key, t, recovered)
 
     async def _poll(self, job: CallJob, key: str, t: _Try, recovered: bool) -> CallOutcome:
@@ -196,7 +209,7 @@ class VideoCalls:
         if t.snapshot is None:
             return None, False
         newest, seen = t.snapshot
-        want = (body.get("model"), body.get("prompt"), str(body.get("seconds", "4")), body.get("size", "720x1280"))
+        want = _made_as(body)
         found: list[Any] = []
         try:
             n = 0
@@ -212,6 +225,12 @@ class VideoCalls:
             log.warning("%s: videos could not be listed to find a create cut short (%s); made again", self.p.name,
                         self.p._redact(f"{type(exc).__name__}: {str(exc)[:200]}"))
             return None, False
+        # A create of the same under way (another request's, the same prompt) may have made one of these, its
+        # answer not back: taken here, its request and this one were answered with one video, each counting its
+        # price, and this one's lost try not counted (a review). Once each has answered, its video is held.
+        for done in [done for what, done in self._creating.values() if what == want]:
+            await done.wait()  # bounded by the create's timeout; one made after the listing is not in it
+        found = [v for v in found if v.id not in self._held]  # held meanwhile: another find took it, too
         if not found:
             return None, False
         if len(found) > 1:  # two tries' creates each made one: the others stay billed, counted as possibly so

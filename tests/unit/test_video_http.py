@@ -5,13 +5,16 @@ A video request went to the chat route and failed with "model 'sora-2' generates
 from __future__ import annotations
 
 import asyncio
+import types
 import warnings
 
+import httpx2
 import openai
 import pytest
 
 from actors._types import Job
 from engine.core.cost import price_alone
+from engine.core.provider_api import CallJob, CallOutcome
 from engine.core.request import Request
 from engine.emulator import Emulator
 from tests.unit.test_http_providers import CAT, SPEED, Rig
@@ -145,3 +148,97 @@ def test_the_emulator_serves_the_videos_api_to_the_sdk(emu_plain):
     bill = emu_plain.bill()
     assert [i.usage["seconds"] for i in bill.items] == [4, 4]  # b: OpenAI's default, 4 s at 720x1280
     assert bill.total_usd == pytest.approx(2 * 4 * CAT.model("openai", "sora-2").per_second["720p"], abs=1e-12)
+
+
+class _Listing:
+    """What ``client.videos.list`` answers: awaited, a page (``data``); iterated, its videos."""
+
+    def __init__(self, videos: list):
+        self.data = videos
+
+    def __await__(self):
+        async def page():
+            await asyncio.sleep(0)
+            return self
+        return page().__await__()
+
+    async def __aiter__(self):
+        for v in self.data:
+            await asyncio.sleep(0)  # a page read over HTTP: other calls go on meanwhile
+            yield v
+
+
+class _FakeVideos:
+    """OpenAI's Videos API as ``VideoCalls`` uses it, each create doing what ``script`` says: ``lost`` times out
+    having made nothing, ``slow`` makes its video at once (listed) and answers once ``answer`` is set."""
+
+    def __init__(self, script: list[str]):
+        self.script, self.made = script, []
+        self.slow_made, self.answer = asyncio.Event(), asyncio.Event()
+        self.with_raw_response = types.SimpleNamespace(create=self._raw_create)
+
+    async def create(self, *, model: str, prompt: str, seconds: str = "4", size: str = "720x1280"):
+        raise AssertionError("sent through with_raw_response")
+
+    async def _raw_create(self, *, extra_headers, model, prompt, seconds="4", size="720x1280"):
+        how = self.script.pop(0)
+        lost = openai.APITimeoutError(request=httpx2.Request("POST", "http://127.0.0.1/v1/videos"))
+        if how == "lost":
+            raise lost
+        v = types.SimpleNamespace(id=f"video_{len(self.made)}", created_at=1000 + len(self.made), model=model,
+                                  prompt=prompt, seconds=seconds, size=size, status="queued")
+        self.made.append(v)
+        if how == "slow":
+            self.slow_made.set()
+            await self.answer.wait()
+        return types.SimpleNamespace(parse=lambda: v, headers={})
+
+    def list(self, limit: int, order: str) -> _Listing:
+        return _Listing(list(reversed(self.made)))
+
+    async def retrieve(self, vid: str):
+        v = next(v for v in self.made if v.id == vid)
+        return types.SimpleNamespace(**{**vars(v), "status": "completed"},
+                                     model_dump=lambda **kw: {"id": v.id, "seconds": v.seconds, "size": v.size})
+
+
+def _video_calls(videos: _FakeVideos):
+    from actors.providers._openai_video import VideoCalls
+    from engine.core.clock import ManualClock
+
+    clock = ManualClock(0.0)
+
+    def error(exc, status_error, timeout_error, key=""):
+        return CallOutcome(False, clock.now(), 0.0, error=f"openai: {type(exc).__name__}", maybe_billed=True)
+
+    provider = types.SimpleNamespace(
+        client=types.SimpleNamespace(videos=videos, base_url="http://127.0.0.1/v1"), _sdk=openai, clock=clock,
+        spec=CAT.provider("openai"), catalog=CAT, name="openai", _error=error, _redact=str)
+    return VideoCalls(provider)
+
+
+def test_a_lost_create_is_not_found_as_an_identical_request_s_video_whose_create_is_under_way():
+    """Two tenants' identical requests: a's create timed out having made nothing, b's made its video and its answer
+    is on its way. a's retry found b's video in the listing, the only match and held by nobody yet, took it as its
+    own (recovered: its lost try not counted as possibly billed), and both requests were answered with one video,
+    each counting its price."""
+    videos = _FakeVideos(["lost", "slow", "made"])
+    calls = _video_calls(videos)
+    a, b = video("a", tenant="t1"), video("b", tenant="t2", prompt=video("a").prompt)
+
+    async def go():
+        first = await calls.call(CallJob("ka", a, 0.0, 0, 0))
+        b_call = asyncio.create_task(calls.call(CallJob("kb", b, 0.0, 0, 1)))
+        await videos.slow_made.wait()
+        a_retry = asyncio.create_task(calls.call(CallJob("ka", a, 0.0, 1, 0)))
+        for _ in range(20):  # a's retry lists the videos while b's answer is on its way
+            await asyncio.sleep(0)
+        videos.answer.set()
+        return first, await b_call, await a_retry
+
+    first, b_out, a_out = asyncio.run(go())
+    assert first.maybe_billed and b_out.ok and a_out.ok
+    assert a_out.provider_request_id != b_out.provider_request_id, "a took b's video"
+    assert not a_out.recovered  # its lost try may have been billed: counted so
+    assert len(videos.made) == 2
+
