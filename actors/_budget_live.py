@@ -48,7 +48,7 @@ class SpecState(NamedTuple):
 
 
 class LiveBudgets:
-    """Needs the controller's ``book``, ``settings``, ``spec_version``, ``spec_incarnation``, ``_errors``,
+    """Needs the controller's ``book``, ``settings``, ``spec_version``, ``_spec_by``, ``spec_incarnation``, ``_errors``,
     ``_config_error``, ``_usable``, ``_failed``, ``_recovered``, ``_changed``, ``_durable``, ``_restored_first``,
     ``_restarted``, ``_specs_lock``, ``_specs_unread``, ``_specs_unsure`` and ``_specs_checked``."""
 
@@ -119,13 +119,13 @@ class LiveBudgets:
             self._recovered()
             if ledger is None:
                 break
-            if ledger.version > self.spec_version:  # another engine's change came first
+            if self._newer(ledger):  # another engine's change came first
                 self._take(ledger)
                 if not again:
                     return None
             on = ledger.version  # else a Redis that lost them or went back: written over what it holds
         self.book.set_specs(list(specs))
-        self.spec_version = version
+        self.spec_version, self._spec_by = version, (by if self._errors else "")
         log.warning("budgets changed (change %d): %s", version, _listed(specs))
         self._changed()
         await self._durable()  # in the journal before it is answered, as a reservation is
@@ -155,7 +155,7 @@ class LiveBudgets:
             if not self._may_follow():
                 return
             try:
-                if await self._store.version() != self.spec_version:
+                if await self._store.head() != (self.spec_version, self._spec_by):
                     await self._follow(await self._store.read())
             except self._errors as exc:
                 self._failed(exc)
@@ -167,17 +167,28 @@ class LiveBudgets:
                     or not self._usable())
 
     async def _follow(self, ledger: Kept | None) -> None:
-        """Under the lock: take the ledger's budgets if newer than this actor's, else write these back over them."""
-        while ledger is not None and ledger.version != self.spec_version:
-            if ledger.version > self.spec_version:
+        """Under the lock: take the ledger's budgets if newer than this actor's, else write these back over them
+        (as the change they are, under its token: an engine holding it already has nothing to take)."""
+        while ledger is not None and (ledger.version, ledger.by) != (self.spec_version, self._spec_by):
+            if self._newer(ledger):
                 self._take(ledger)
                 return
             ledger = await self._store.write(ledger.version, self.spec_version, tuple(self.book.specs),
-                                             secrets.token_hex(4))
+                                             self._spec_by)
+
+    def _newer(self, ledger: Kept) -> bool:
+        """Whether the ledger's budgets are to be taken over this actor's: a later change, or another change of
+        the same number. The second is made where Redis lost the budgets: an engine a change behind wrote its next
+        change under the number the others held, and comparing numbers alone, each went on with its own budgets.
+        The ledger's are those every engine can agree on."""
+        return ledger.version > self.spec_version or (ledger.version == self.spec_version
+                                                      and ledger.by != self._spec_by)
 
     def _take(self, ledger: Kept) -> None:
+        if ledger.version == self.spec_version:  # not a later number: the groupers holding it must take them too
+            self.spec_incarnation = secrets.token_hex(4)
         self.book.set_specs(list(ledger.specs))
-        self.spec_version = ledger.version
+        self.spec_version, self._spec_by = ledger.version, ledger.by
         log.warning("budgets of change %d taken from the ledger (made on another engine sharing it): %s",
                     ledger.version, _listed(ledger.specs))
         self._changed()
@@ -192,10 +203,10 @@ class LiveBudgets:
             try:
                 ledger = await self._store.read()
                 if ledger.by == by:  # kept: undone by the next change
-                    ledger = await self._store.write(version, version + 1, tuple(self.book.specs),
-                                                     secrets.token_hex(4))
+                    token = secrets.token_hex(4)
+                    ledger = await self._store.write(version, version + 1, tuple(self.book.specs), token)
                     if ledger is None:
-                        self.spec_version = version + 1
+                        self.spec_version, self._spec_by = version + 1, token
                 await self._follow(ledger)
             except self._errors as exc:
                 self._failed(exc)
@@ -222,7 +233,7 @@ class LiveBudgets:
                 return
             settings = tuple(self.book.specs)
             self.book.set_specs(list(ledger.specs))
-            self.spec_version = ledger.version
+            self.spec_version, self._spec_by = ledger.version, ledger.by
         if self._restarted:
             log.warning("budget ledger: budgets of change %d taken back after a restart", self.spec_version)
         elif set(settings) != set(ledger.specs):

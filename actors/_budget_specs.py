@@ -58,10 +58,11 @@ class SpecStore:
     def __repr__(self) -> str:
         return f"SpecStore({self.key!r})"
 
-    async def version(self) -> int:
-        """The number of the last change on the ledger (0: none): the once-a-second check, a few bytes."""
-        raw = await self.client.hget(self.key, "version")
-        return 0 if raw is None else int(_text(raw))
+    async def head(self) -> tuple[int, str]:
+        """The number of the last change on the ledger (0: none) and its token: the once-a-second check, a few
+        bytes. The token tells two changes of one number apart (written where Redis had lost the budgets)."""
+        version, by = await self.client.hmget(self.key, "version", "by")
+        return (0, "") if version is None else (int(_text(version)), _text(by or ""))
 
     async def read(self) -> Kept:
         return _kept(await self.client.hmget(self.key, "version", "specs", "by"))

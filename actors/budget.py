@@ -110,6 +110,7 @@ class BudgetController(LedgerJournal, LiveBudgets, BudgetReports, Warm):
         self._window_timer: tuple[float, asyncio.TimerHandle] | None = None  # (when, handle): the next window end
         self.spec_version = 0  # budgets changed live so far (``LiveBudgets``): 0, those of the settings
         self.spec_incarnation = secrets.token_hex(4)  # this run of the actor: a restart's numbers may go back
+        self._spec_by = ""  # a Redis ledger: the token of the change in force (``actors._budget_specs``)
         # A Redis ledger's budgets are the ledger's, shared by its engines: read at the first call (``LiveBudgets``).
         self._specs_unread = bool(self._errors) and self._config_error is None
         self._restarted = False  # by Ray (``reconstructed``)

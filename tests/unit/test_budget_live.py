@@ -509,3 +509,25 @@ def test_a_grouper_ask_waiting_on_a_change_whose_reply_redis_lost_does_not_take_
     held, (version, specs), state = asyncio.run(go())
     assert held == (DAY,) and specs == (DAY,) and state.specs == (DAY,), (held, specs)  # not the refused $50
     assert version == 2  # the budgets in force written over the refused change as a change of their own
+
+
+def test_engines_on_a_redis_ledger_that_lost_its_budgets_do_not_part_on_two_changes_of_one_number():
+    # The ledger lost its budgets (a Redis restarted without persistence); an engine a change behind made one: it
+    # was written as the number the other engine held already, with other budgets, and the check compared numbers
+    # only, so each engine went on enforcing its own budgets, and the other's groupers theirs.
+    async def go():
+        redis = _SlowRedis()
+        a, b = _redis_controller(redis, ledger_id="A"), _redis_controller(redis, ledger_id="B")
+        await a.budget_specs(), await b.budget_specs()
+        await a.change_budgets([DAY.model_copy(update={"max_budget": 2.0})])  # change 1
+        await b.budget_specs()  # b takes change 1
+        await a.change_budgets([DAY.model_copy(update={"max_budget": 3.0})])  # change 2, b not told yet
+        redis.kept.clear()
+        await b.change_budgets([BudgetSpec(tenant="beta", max_budget=5.0)])  # change 2 too, on change 1's
+        a._specs_checked = -math.inf  # a second on
+        told = await a.budget_state((a.spec_incarnation, a.spec_version))  # a's groupers' ask: its check
+        return await a.budget_specs(), await b.budget_specs(), told
+
+    on_a, on_b, told = asyncio.run(go())
+    assert on_a == on_b, (on_a, on_b)
+    assert told is not None and set(told.specs) == set(on_a[1])  # a's groupers take them too
