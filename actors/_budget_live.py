@@ -221,7 +221,8 @@ class LiveBudgets:
         earlier call put the budgets before a change made meanwhile back in force (a lowered limit raised again
         here while Redis kept it lowered; a review)."""
         async with self._one_at_a_time():
-            if not self._specs_unread:
+            # Not before its retry time: a Redis that does not answer made every call wait a timeout in turn.
+            if not self._specs_unread or not self._usable():
                 return
             try:
                 ledger = await self._store.read()

@@ -10,7 +10,7 @@ import asyncio
 from actors import BudgetController, Grouper, ResultHub
 from actors._peer import as_peer
 from actors._types import Job
-from engine.core.budgets import BudgetSettings, BudgetSpec
+from engine.core.budgets import BudgetSettings, BudgetSpec, Claim
 from engine.core.catalog import default_catalog
 from engine.core.clock import ManualClock
 from engine.core.request import Request
@@ -151,3 +151,29 @@ def test_a_redis_ledger_restarted_while_redis_is_down_leaves_the_groupers_budget
         assert await ctl.budget_state() is None  # not "no budget", the settings' budgets it holds meanwhile
         assert not await g.sync_budgets() and g.budget_specs == (DAY,) and g.budget_limited
     asyncio.run(go())
+
+
+def test_a_redis_ledger_whose_budgets_are_unread_tries_redis_once_per_retry_not_once_per_call():
+    # While a Redis ledger's budgets were unread (a restart, or an engine started with none in its settings) each
+    # call read them under the one lock, Redis down or not: against a Redis that does not answer, every call of the
+    # groupers waited its turn and a whole timeout, one after the other.
+    asked = []
+
+    class _Counted(_DownRedis):
+        async def hmget(self, key, *fields):
+            asked.append(key)
+            return await super().hmget(key, *fields)
+
+    async def go():
+        ctl = BudgetController(BudgetSettings(redis_url="redis://127.0.0.1:1/0", redis_retry_s=60.0), None,
+                               ManualClock(0.0), ledger_id="L")
+        ctl.book.client = _Counted()
+        ctl.reconstructed()
+        claims = [Claim(f"c{i}", "acme", "openai", "gpt-5-mini", "urgent", 0.1) for i in range(5)]
+        verdicts = [v for c in claims for v in await ctl.reserve_many([c])]
+        states = [await ctl.budget_state() for _ in range(5)]
+        return verdicts, states
+
+    verdicts, states = asyncio.run(go())
+    assert [v.reason for v in verdicts] == ["budget_unavailable"] * 5 and states == [None] * 5
+    assert len(asked) == 1, asked  # the next try once its retry time has come
