@@ -55,12 +55,13 @@ def _quiet(fn: Callable) -> Callable:
 
 
 class _Try:
-    """One request's video: the listing before its first create, and the job's id once known."""
+    """One request's video: the listing before its first create, the job's id once known, and how many of its
+    creates got no answer (each may have made a video)."""
 
-    __slots__ = ("snapshot", "video_id")
+    __slots__ = ("lost", "snapshot", "video_id")
 
     def __init__(self, snapshot: tuple[int | None, frozenset[str]] | None):
-        self.snapshot, self.video_id = snapshot, None
+        self.snapshot, self.video_id, self.lost = snapshot, None, 0
 
 
 def _made_as(body: dict[str, Any]) -> tuple:
@@ -106,7 +107,9 @@ class VideoCalls:
             t = self._tries[key] = _Try(await self._snapshot())
         elif t.video_id is None:  # an earlier create got no answer: did it make a video?
             t.video_id, alone = await self._find(t, body)
-            recovered = alone
+            # Found alone, it is the video of one lost create; of two or more, the others' may be listed later
+            # (each still counted as possibly billed: ``recovered`` told the dispatcher they billed nothing).
+            recovered = alone and t.lost == 1
         if t.video_id is None:
             answered = asyncio.Event()
             self._creating[key] = (_made_as(body), answered)
@@ -117,12 +120,14 @@ class VideoCalls:
                 out = p._error(exc, sdk.APIStatusError, sdk.APITimeoutError, key)
                 if not out.maybe_billed:  # refused: no video was made
                     self._tries.pop(key, None)
+                t.lost += out.maybe_billed
                 return out
             except TypeError as exc:
                 self._tries.pop(key, None)
                 return CallOutcome(False, p.clock.now(), 0.0, error=f"{p.name}: bad request body: {exc}",
                                    retryable=False)
             except Unreadable as exc:
+                t.lost += 1
                 return p._unreadable(exc)
             finally:
                 del self._creating[key]

@@ -170,7 +170,7 @@ class _Listing:
 
 class _FakeVideos:
     """OpenAI's Videos API as ``VideoCalls`` uses it, each create doing what ``script`` says: ``lost`` times out
-    having made nothing, ``slow`` makes its video at once (listed) and answers once ``answer`` is set."""
+    having made nothing, ``cut`` having made its video, ``slow`` makes its video at once (listed) and answers once ``answer`` is set."""
 
     def __init__(self, script: list[str]):
         self.script, self.made = script, []
@@ -188,6 +188,8 @@ class _FakeVideos:
         v = types.SimpleNamespace(id=f"video_{len(self.made)}", created_at=1000 + len(self.made), model=model,
                                   prompt=prompt, seconds=seconds, size=size, status="queued")
         self.made.append(v)
+        if how == "cut":
+            raise lost
         if how == "slow":
             self.slow_made.set()
             await self.answer.wait()
@@ -242,3 +244,21 @@ def test_a_lost_create_is_not_found_as_an_identical_request_s_video_whose_create
     assert not a_out.recovered  # its lost try may have been billed: counted so
     assert len(videos.made) == 2
 
+
+
+def test_a_video_found_after_two_lost_creates_leaves_the_other_counted_as_possibly_billed():
+    """The first create got no answer and its video is not listed (not made, or listed late: OpenAI's listing is
+    all there is to go by), the second's answer was lost too and its video is found: the request was answered
+    ``recovered``, and the dispatcher counted neither lost create as possibly billed, the first's video billed
+    unseen where it was listed late."""
+    videos = _FakeVideos(["lost", "cut"])
+    calls = _video_calls(videos)
+    r = video("a")
+
+    async def go():
+        return [await calls.call(CallJob("ka", r, 0.0, n, 0)) for n in range(3)]
+
+    outs = asyncio.run(go())
+    assert [o.ok for o in outs] == [False, False, True] and all(o.maybe_billed for o in outs[:2])
+    assert outs[2].provider_request_id == videos.made[0].id and len(videos.made) == 1  # found, not made again
+    assert not outs[2].recovered
