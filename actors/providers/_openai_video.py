@@ -38,6 +38,7 @@ GIVE_UP_S = 10.0  # polls stop after this many times the model's expected latenc
 POLL_MIN_S, POLL_MAX_S = 2.0, 20.0  # engine seconds between polls of one video, growing by half
 POLL_ERRORS = 3  # polls in a row that fail before the call gives up (the video is kept for the retry)
 SCAN = 500  # videos looked through, newest first, for a create whose answer was lost
+HELD_KEEP = 4 * SCAN  # ids of videos made or taken kept: an older one is past any find's SCAN
 # A failure no new try can help (ASSUMPTION: OpenAI's reference lists no codes; a refused prompt is moderation's)
 _FINAL_CODES = ("moderation", "policy", "invalid")
 
@@ -75,7 +76,10 @@ class VideoCalls:
     def __init__(self, provider: Any):
         self.p = provider
         self._tries: dict[str, _Try] = {}
-        self._held: set[str] = set()  # ids some request of this provider made or took: never taken again
+        # Ids some request of this provider made or took, never taken again, newest last: the HELD_KEEP newest
+        # only, as a find looks at the SCAN newest videos listed and this provider's newer ones are among them
+        # (every id of a long serve's videos was kept).
+        self._held: dict[str, None] = {}
         # Creates under way (key -> what they make, and set once they answered or failed): their videos may be
         # listed before their answers name them held (``_find``).
         self._creating: dict[str, tuple[tuple, asyncio.Event]] = {}
@@ -84,6 +88,11 @@ class VideoCalls:
 
     def __repr__(self) -> str:
         return f"VideoCalls(open={len(self._tries)}, held={len(self._held)})"
+
+    def _hold(self, vid: str) -> None:
+        self._held[vid] = None
+        while len(self._held) > HELD_KEEP:
+            del self._held[next(iter(self._held))]
 
     def body(self, job: CallJob) -> dict[str, Any]:
         r = job.req
@@ -115,7 +124,7 @@ class VideoCalls:
             self._creating[key] = (_made_as(body), answered)
             try:
                 resp, replayed = await create_call(self._create, self._raw_create, body, key)
-                self._held.add(resp.id)
+                self._hold(resp.id)
             except sdk.APIError as exc:
                 out = p._error(exc, sdk.APIStatusError, sdk.APITimeoutError, key)
                 if not out.maybe_billed:  # refused: no video was made
@@ -241,5 +250,5 @@ class VideoCalls:
         if len(found) > 1:  # two tries' creates each made one: the others stay billed, counted as possibly so
             log.warning("%s: %d videos match a create cut short; the oldest is taken", self.p.name, len(found))
         vid = found[-1].id
-        self._held.add(vid)
+        self._hold(vid)
         return vid, len(found) == 1

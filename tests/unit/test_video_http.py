@@ -262,3 +262,19 @@ def test_a_video_found_after_two_lost_creates_leaves_the_other_counted_as_possib
     assert [o.ok for o in outs] == [False, False, True] and all(o.maybe_billed for o in outs[:2])
     assert outs[2].provider_request_id == videos.made[0].id and len(videos.made) == 1  # found, not made again
     assert not outs[2].recovered
+
+
+def test_the_ids_of_the_videos_a_provider_made_are_kept_within_a_bound(monkeypatch):
+    """Every video's id was kept for the life of the provider (a long serve's memory grew with each); those past
+    any find's look (the ``SCAN`` newest listed) are let go, the newest kept."""
+    from actors.providers import _openai_video
+
+    monkeypatch.setattr(_openai_video, "HELD_KEEP", 3, raising=False)
+    videos = _FakeVideos(["made"] * 5)
+    calls = _video_calls(videos)
+
+    async def go():
+        return [await calls.call(CallJob(f"k{n}", video(f"r{n}"), 0.0, 0, n)) for n in range(5)]
+
+    assert all(o.ok for o in asyncio.run(go()))
+    assert list(calls._held) == [v.id for v in videos.made[-3:]]
