@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from engine.core.catalog import ModelSpec
 
 __all__ = ["GENERATION_PARAMS", "FieldProblem", "cache_blocks", "check_generation", "check_json", "check_media",
-           "check_messages", "check_params", "check_route", "check_text", "check_tools", "tenant_problem"]
+           "check_messages", "check_params", "check_route", "check_text", "check_tools", "media_from_body",
+           "tenant_problem"]
 
 
 class FieldProblem(ValueError):
@@ -260,6 +261,36 @@ def check_tools(body: dict, where: str, api: str) -> None:
             raise FieldProblem(f"{where}.tools.{i}.type", f"{where}.tools.{i}.type {kind!r} is a tool the provider "
                                f"runs and bills per use, which the catalog does not price; give {hint}, which "
                                "you run, or send this request to the provider directly")
+
+
+def media_from_body(body: Mapping[str, Any], params: dict[str, Any], spec: ModelSpec, model: str,
+                    keys: tuple[str, ...]) -> None:
+    """Take into ``params`` (in place) the priced fields a provider body names: those of ``keys`` by their own
+    names, and a video's ``seconds`` and ``size`` (OpenAI's Videos API), which is what the provider makes and
+    bills: priced and reserved at the params' defaults instead, a sora-2-pro body of 12 s at 1792x1024 was
+    reserved $2.40 and billed $6 (a review). One the params name otherwise is refused: give one."""
+    from engine.core.video_sizes import OPENAI_VIDEO_SIZES, resolution_of
+
+    took = {k: (body[k], k) for k in keys if k in body}  # param -> (value, the body's field)
+    if spec.kind == "video" and "size" in body:
+        offered = [z for res in (spec.per_second or spec.gpu_s_per_video_second or {}) for z in
+                   OPENAI_VIDEO_SIZES.get(res, ())]
+        if body["size"] not in offered:
+            raise FieldProblem("body.size", f"body.size {body['size']!r} is not offered by {model!r} at a price the "
+                               f"catalog knows; use one of {', '.join(offered) or 'none'}")
+        took["resolution"] = (resolution_of(body["size"]), "size")
+    if spec.kind == "video" and "seconds" in body:
+        try:
+            seconds = float(body["seconds"])
+        except (TypeError, ValueError):
+            seconds = None
+        if seconds is None or (spec.durations_s is not None and seconds not in spec.durations_s):
+            raise FieldProblem("body.seconds", f"body.seconds {body['seconds']!r} is not offered by {model!r}; use "
+                               f"one of {', '.join(f'{d:g}' for d in spec.durations_s or ())} (seconds)")
+        took["duration_s"] = (seconds, "seconds")
+    for k, (v, field) in took.items():
+        if params.setdefault(k, v) != v:
+            raise FieldProblem(f"params.{k}", f"params.{k} {params[k]!r} differs from {field} {body[field]!r}: give one")
 
 
 def check_media(params: dict[str, Any], spec: ModelSpec, model: str) -> None:

@@ -24,6 +24,7 @@ from engine.core._checks import (
     check_messages,
     check_params,
     check_text,
+    media_from_body,
     tenant_problem,
 )
 from engine.core.body_tokens import (
@@ -336,9 +337,8 @@ class Request(BaseModel):
         params = d.get("params") or {}
         if isinstance(params, dict):
             params = dict(params)
-            for k in (MEDIA_PARAMS.get(spec.kind, ()) if body else ()):  # a top-level media field went into the body
-                if k in body and params.setdefault(k, body[k]) != body[k]:
-                    raise FieldProblem(f"params.{k}", f"params.{k} {params[k]!r} differs from {k} {body[k]!r}: give one")
+            if body:  # a top-level media field went into the body, or the provider's own names them
+                media_from_body(body, params, spec, model, MEDIA_PARAMS.get(spec.kind, ()))
             check_params(params, spec.kind, model, MEDIA_PARAMS.get(spec.kind, ()))
             check_media(params, spec, model)
             d["params"] = params

@@ -49,8 +49,9 @@ def test_a_video_is_made_polled_and_billed_at_what_it_was_made_at(emu_plain, mod
     """Create, then poll until completed: the result names the video and its content address, and its cost, from
     the cost model at the seconds and size the answer reports, is the emulator's bill (a body's size of 1024p is
     billed at 1024p, though the request's params said 720p)."""
-    r = video(model=model, params={"resolution": resolution, "duration_s": 12}, **({"body": {"size": size}} if size
-                                                                                    else {}))
+    # The body's size is what is made, and what the request's params (its budget's reservation) follow.
+    r = video(model=model, params={"duration_s": 12} if size else {"resolution": resolution, "duration_s": 12},
+              **({"body": {"size": size}} if size else {}))
 
     async def go():
         rig = Rig(emu_plain, "openai")
@@ -109,8 +110,6 @@ def test_a_create_whose_answer_is_lost_is_found_again_not_made_twice(emu_plain):
 
 
 @pytest.mark.parametrize("body, field, fix", [
-    ({"seconds": "5"}, "seconds", "'4', '8', '12'"),
-    ({"size": "1792x1024"}, "size", "720x1280, 1280x720"),
     ({"sizee": "1280x720"}, "sizee", "prompt, model, seconds, size"),
 ])
 def test_a_bad_field_is_refused_unbilled_naming_the_field_and_what_it_takes(emu_plain, body, field, fix):
@@ -278,3 +277,27 @@ def test_the_ids_of_the_videos_a_provider_made_are_kept_within_a_bound(monkeypat
 
     assert all(o.ok for o in asyncio.run(go()))
     assert list(calls._held) == [v.id for v in videos.made[-3:]]
+
+
+def test_a_video_bodys_seconds_and_size_are_what_its_budget_reserves():
+    """The body's ``seconds`` and ``size`` are what the Videos API makes and bills, but the budget reserved at the
+    request's params (their defaults: 8 s at 720p): a sora-2-pro body of 12 s at 1792x1024 was reserved $2.40 and
+    billed $6, past a hard limit that let it through. A size or length the model does not take (sora-2 makes no
+    1024p) is refused with the request, before a reservation, no longer by the provider after it."""
+    from engine.core.cost import reserve_bound
+
+    r = Request.model_validate({"id": "v", "arrival_s": 0.0, "model": "sora-2-pro", "prompt": "a fox",
+                                "body": {"seconds": "12", "size": "1792x1024"}})
+    made = r.model_copy(update={"params": {"resolution": "1024p", "duration_s": 12.0}})
+    assert reserve_bound(r, CAT, "sync") == pytest.approx(price_alone(made, CAT, "sync").total, abs=1e-12)
+    for params, body, field in [({"duration_s": 4}, {"seconds": "12"}, "params.duration_s"),
+                                ({"resolution": "720p"}, {"size": "1792x1024"}, "params.resolution"),
+                                ({}, {"size": "1080x1920"}, "body.size"), ({}, {"seconds": "ten"}, "body.seconds"),
+                                ({}, {"seconds": "6"}, "body.seconds")]:
+        with pytest.raises(ValueError, match=field.replace(".", r"\.")):
+            Request.model_validate({"id": "v", "arrival_s": 0.0, "model": "sora-2-pro", "prompt": "a fox",
+                                    "params": params, "body": body})
+    with pytest.raises(ValueError, match=r"body\.size '1792x1024' is not offered by 'sora-2'.*720x1280, 1280x720"):
+        video(body={"size": "1792x1024"}, params={"duration_s": 8})
+    with pytest.raises(ValueError, match=r"body\.seconds '5' is not offered by 'sora-2'; use one of 4, 8, 12"):
+        video(body={"seconds": "5"}, params={})
