@@ -34,7 +34,7 @@ from actors._budget_replay import ScriptRefused
 from actors._budget_report import BudgetReports
 from actors._peer import Warm, as_peer, resolve_clock
 from actors.journal import HubJournal
-from engine.core.budgets import LEDGER, BudgetSettings, Charge, Claim, Verdict, usd
+from engine.core.budgets import LEDGER, BudgetSettings, BudgetSpec, Charge, Claim, Verdict, usd
 from engine.core.errors import ConfigError
 from engine.core.ledger import BudgetBook
 from engine.core.settings import JournalSettings
@@ -122,20 +122,22 @@ class BudgetController(LedgerJournal, LiveBudgets, BudgetReports, Warm):
         ledger = "" if not self._errors else f", redis_up={self._down_until is None}, unsettled={len(self._outbox)}"
         return f"BudgetController({self.book!r}, refusals={self.refusals}{ledger})"
 
-    async def check_ledger(self) -> None:
+    async def check_ledger(self) -> tuple[BudgetSpec, ...]:
         """Raise ``ConfigError`` when budgets are set and their Redis does not answer, refuses the ledger's scripts
         or their writes (a replica, a full Redis), or may evict its keys: awaited at engine start, so a budget that
         cannot be enforced stops the start. Then send the budget gauges: they are sent when they move, and a
-        scrape before the first reservation showed no budget at all (a tour, stop 64)."""
-        if not self.settings.specs:
-            return
-        if self._config_error is not None:
+        scrape before the first reservation showed no budget at all (a tour, stop 64). Returns the budgets in
+        force, which the groupers start with: a Redis ledger's, changed live on an engine sharing it, over the
+        settings' (an engine started with none reserved nothing until its groupers' first ask; a review)."""
+        if self.settings.specs and self._config_error is not None:
             raise ConfigError(self._config_error)
-        if self._errors:
+        if self.settings.specs and self._errors:
             await check_redis_ledger(self.book, self._url, ", ".join(s.name for s in self.settings.specs),
                                      self._errors, self._describe)
-            await self._restored_first()  # the budgets in force on the ledger, said at start if not the settings'
-        self._changed(journal=False)
+        await self._restored_first()  # the budgets in force on the ledger, said at start if not the settings'
+        if self.book.specs:
+            self._changed(journal=False)
+        return tuple(self.book.specs)
 
     async def close(self) -> None:
         """Close the ledger's Redis connections (settlements still in the outbox stay unsettled: they expire)."""

@@ -92,12 +92,12 @@ def provider_resource(provider: str) -> str:
     return f"provider:{provider}"
 
 
-def _ledger_ready(budget, started: list) -> None:
-    """Wait for the budget ledger to answer (a budget on a Redis that does not answer cannot be enforced).
-    On failure, stop the actors started so far and raise the actor's own error (a ``ConfigError`` naming
-    ``budgets.redis_url``), not Ray's wrapper of it."""
+def _ledger_ready(budget, started: list) -> tuple:
+    """Wait for the budget ledger to answer (a budget on a Redis that does not answer cannot be enforced), and
+    return the budgets in force (a Redis ledger's). On failure, stop the actors started so far and raise the
+    actor's own error (a ``ConfigError`` naming ``budgets.redis_url``), not Ray's wrapper of it."""
     try:
-        ray.get(budget.check_ledger.remote())
+        return ray.get(budget.check_ledger.remote())
     except Exception as exc:
         for h in started:
             ray.kill(h)
@@ -157,7 +157,7 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
     budget = _actor(BudgetController).options(**opts("budget")).remote(budgets, ref("hub"), later, 0.0, engine,
                                                                        settings.journal.recover_wait_s,
                                                                        secrets.token_hex(8))
-    _ledger_ready(budget, [*hubs, budget])
+    in_force = _ledger_ready(budget, [*hubs, budget])  # the groupers start with them, not the settings
     reuse = policy.reuse
     with_cache = reuse.exact or reuse.in_flight or reuse.near
     grouper_refs = [ref(f"grouper-{k}") for k in range(num_groupers)]
@@ -169,9 +169,9 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
     # Hours of day count from settings.sim.day_origin_s, else from the clock's start (engine.core.draws.
     # engine_day_origin): a function of the clock, so every grouper and dispatcher, restarted or not, agrees.
     groupers = [_actor(Grouper).options(**opts(f"grouper-{k}")).remote(
-        policy, catalog, later, dispatcher_refs, ref("budget"), hub_refs, f"g{k}", bool(budgets.specs),
+        policy, catalog, later, dispatcher_refs, ref("budget"), hub_refs, f"g{k}", bool(in_force),
         max_attempts=settings.sim.max_attempts, reserve_model_max=budgets.reserve_output == "model_max",
-        cache=cache_ref, budget_specs=budgets.specs, day_origin_s=settings.sim.day_origin_s)
+        cache=cache_ref, budget_specs=in_force, day_origin_s=settings.sim.day_origin_s)
         for k in range(num_groupers)]
     learning = getattr(policy, "turnaround_learning", None)
     learns = learning is not None and learning.enabled  # the groupers' tables learn (engine.runtime.scheduler)

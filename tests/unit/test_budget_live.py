@@ -531,3 +531,19 @@ def test_engines_on_a_redis_ledger_that_lost_its_budgets_do_not_part_on_two_chan
     on_a, on_b, told = asyncio.run(go())
     assert on_a == on_b, (on_a, on_b)
     assert told is not None and set(told.specs) == set(on_a[1])  # a's groupers take them too
+
+
+def test_an_engine_started_without_budgets_on_a_ledger_with_some_starts_its_groupers_with_them():
+    # The groupers of a new engine were started with its settings' budgets: none, so they reserved nothing until
+    # their first ask of the budget actor, a second on, and what they sent meanwhile went past the ledger's limits.
+    async def go():
+        redis = _SlowRedis()
+        other = _redis_controller(redis, ledger_id="A")
+        await other.budget_specs()
+        await other.change_budgets([DAY.model_copy(update={"max_budget": 0.5})])
+        fresh = BudgetController(BudgetSettings(redis_url="redis://127.0.0.1:1/0"), None, ManualClock(0.0),
+                                 ledger_id="B")
+        fresh.book.client = redis
+        return await fresh.check_ledger()  # what the engine's start gives its groupers
+
+    assert asyncio.run(go()) == (DAY.model_copy(update={"max_budget": 0.5}),)
