@@ -139,7 +139,7 @@ class VideoCalls:
                 t.lost += 1
                 return p._unreadable(exc)
             finally:
-                del self._creating[key]
+                self._creating.pop(key, None)
                 answered.set()
             t.video_id, recovered = resp.id, recovered and replayed
         return await self._poll(job, key, t, recovered)
