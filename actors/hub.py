@@ -48,8 +48,8 @@ class _Client:
 
 
 class ResultHub(Warm, MemoryJournalStore):
-    def __init__(self, ingests: int = 1) -> None:
-        self.metrics = EngineMetrics()
+    def __init__(self, ingests: int = 1, max_tenants: int = 100) -> None:
+        self.metrics = EngineMetrics(max_tenants)  # settings.metrics.max_tenants: each shard keeps its own first ones
         self._ingests = ingests  # ingest shards, which give a restarted hub shard its fingerprints (``register``)
         self._unregistered: set[int] = set()
         self._registered: asyncio.Future | None = None

@@ -3,6 +3,7 @@ served on one port from there."""
 
 from __future__ import annotations
 
+import logging
 import re
 
 import numpy as np
@@ -10,11 +11,18 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from engine.core.result import Result
 
-__all__ = ["EngineMetrics", "DispatchCounts", "rejected_reason", "retry_reason"]
+__all__ = ["OTHER_TENANT", "DispatchCounts", "EngineMetrics", "TenantLabels", "rejected_reason", "retry_reason"]
 
 _SECONDS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, 24 * 3600)
 _HTTP_5XX = re.compile(r"\b5(\d\d|xx)\b")
 _REASON = re.compile(r"[a-z][a-z0-9_]{0,39}")
+OTHER_TENANT = "_other"  # the label value of every tenant past the cap
+_TENANT_CHARS = 256  # as long as a request's tenant may be (engine.core.request)
+# A lone surrogate cannot be encoded as UTF-8 (prometheus-client then fails the whole scrape); a control
+# character garbles whoever reads the page raw. Requests refuse both; a result is not checked again.
+_UNWRITABLE = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
+
+log = logging.getLogger("smartbatch.metrics")
 
 
 def retry_reason(retry_after_s: float | None, error: str | None) -> str:
@@ -69,14 +77,49 @@ class DispatchCounts:
         return any(vars(self).values())
 
 
+class TenantLabels:
+    """The ``tenant`` label value of each tenant: its own name (made writable) for the first ``max_tenants``
+    tenants seen, ``_other`` for every later one. Callers name tenants freely, and each value is a series the
+    registry keeps for its life and sends at every scrape: the cap bounds both, as the catalog bounds models.
+    Tenants past the cap are not remembered (that would grow too); the log says once that the cap was reached."""
+
+    def __init__(self, max_tenants: int = 100) -> None:
+        self.max_tenants = max_tenants
+        self._values: dict[str, str] = {}  # tenant -> its label value, for the tenants under the cap
+        self._said = False
+
+    def __repr__(self) -> str:
+        return f"TenantLabels(kept={len(self._values)}, max_tenants={self.max_tenants}, full={self._said})"
+
+    def __call__(self, tenant: str) -> str:
+        value = self._values.get(tenant)
+        if value is not None:
+            return value
+        if len(self._values) < self.max_tenants:
+            value = self._values[tenant] = _UNWRITABLE.sub("\ufffd", tenant[:_TENANT_CHARS])
+            return value
+        if not self._said:
+            self._said = True
+            if self.max_tenants:  # 0 was asked for: every tenant under _other, nothing to say
+                log.warning("metrics: %d tenants have a label value of their own (metrics.max_tenants); every later "
+                            "tenant is counted under tenant=\"%s\" on this hub's metrics page (report() and `smartbatch "
+                            "status` still show each). Raise SMARTBATCH_METRICS__MAX_TENANTS to see more",
+                            self.max_tenants, OTHER_TENANT)
+        return OTHER_TENANT
+
+
 class EngineMetrics:
-    def __init__(self) -> None:
+    def __init__(self, max_tenants: int = 100) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("smartbatch_requests", "Requests resolved, by outcome", ["outcome"], registry=r)
-        # By model too, so spend per model can be watched and alerted on: the catalog bounds its values (a
-        # tenant, which callers name freely, would not be bounded, so it stays in report() and `status` alone).
-        self.cost = Counter("smartbatch_cost_usd", "Billed cost in USD", ["provider", "model", "mode"], registry=r)
+        # By tenant, as report()'s by_tenant counts them: a spend dashboard shows requests beside cost.
+        self.tenant = TenantLabels(max_tenants)
+        self.requests = Counter("smartbatch_requests", "Requests resolved, by outcome and tenant",
+                                ["outcome", "tenant"], registry=r)
+        # By model and tenant, so spend per model or tenant can be watched and alerted on: the catalog bounds
+        # the models, ``metrics.max_tenants`` the tenants (TenantLabels).
+        self.cost = Counter("smartbatch_cost_usd", "Billed cost in USD", ["provider", "model", "mode", "tenant"],
+                            registry=r)
         # A request may cost more than its list price (a cache write), which a counter cannot take back: the
         # report's saving is list_price - cost, summed; saving_usd sums each request's gain, never below 0.
         self.list_price = Counter("smartbatch_list_price_usd", "List price of served requests (each alone, sync, "
@@ -167,21 +210,23 @@ class EngineMetrics:
     def observe_results(self, results: list[Result], list_prices: list[float] | None) -> None:
         # Sum per batch first: prometheus-client's labels() lookup costs more than the arithmetic, and the
         # hub sees every result (a profile of 20,000 requests showed 127,000 lookups before this).
-        outcomes: dict[str, int] = {}
-        cost: dict[tuple[str, str, str], float] = {}
+        outcomes: dict[tuple[str, str], int] = {}
+        cost: dict[tuple[str, str, str, str], float] = {}
         saving: dict[str, float] = {}
         listed: dict[str, float] = {}
         hits: dict[str, int] = {}
         e2e: dict[str, list[float]] = {}
         rejected: dict[str, int] = {}
+        tenant_of = self.tenant
         for k, res in enumerate(results):
-            outcomes[res.status] = outcomes.get(res.status, 0) + 1
+            tenant = tenant_of(res.tenant)
+            outcomes[res.status, tenant] = outcomes.get((res.status, tenant), 0) + 1
             if res.status == "rejected":
                 why = rejected_reason(res)
                 rejected[why] = rejected.get(why, 0) + 1
             prov = res.provider or "unknown"
             if res.cost_usd:
-                key = (prov, res.model or "unknown", res.mode or "none")
+                key = (prov, res.model or "unknown", res.mode or "none", tenant)
                 cost[key] = cost.get(key, 0.0) + res.cost_usd
             if list_prices and res.status in ("ok", "reused"):
                 saving[prov] = saving.get(prov, 0.0) + max(list_prices[k] - res.cost_usd, 0.0)
@@ -190,10 +235,10 @@ class EngineMetrics:
                 hits[res.hit] = hits.get(res.hit, 0) + 1
             if res.done_s is not None:
                 e2e.setdefault(prov, []).append(max(res.done_s - res.arrival_s, 0.0))
-        for status, n in outcomes.items():
-            self.requests.labels(status).inc(n)
-        for (prov, model, mode), usd in cost.items():
-            self.cost.labels(prov, model, mode).inc(usd)
+        for (status, tenant), n in outcomes.items():
+            self.requests.labels(status, tenant).inc(n)
+        for (prov, model, mode, tenant), usd in cost.items():
+            self.cost.labels(prov, model, mode, tenant).inc(usd)
         for prov, usd in saving.items():
             self.saving.labels(prov).inc(usd)
         for prov, usd in listed.items():

@@ -149,8 +149,8 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
     # (181 requests paid twice) and the ledger restarted from zero, past a hard limit (a helper's hunt).
     cluster = ray.cluster_resources()
     head = {"resources": {HEAD_RESOURCE: 0.001}} if HEAD_RESOURCE in cluster else {}
-    hubs = [_actor(ResultHub).options(**opts(shard_kind("hub", k), **head)).remote(num_shards)
-            for k in range(num_shards)]
+    hubs = [_actor(ResultHub).options(**opts(shard_kind("hub", k), **head)).remote(
+        num_shards, settings.metrics.max_tenants) for k in range(num_shards)]
     hub_refs = refs("hub")
     budgets = settings.budgets
     later = ClockRef(engine)  # the clock is made once every actor is up; a restarted actor reads it (publish_clock)

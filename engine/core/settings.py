@@ -137,12 +137,16 @@ class CacheSettings(BaseModel):
 
 
 class MetricsSettings(BaseModel):
-    """Where the engine serves Prometheus metrics (``SMARTBATCH_METRICS__HOST``, ``SMARTBATCH_METRICS__PORT``)."""
+    """Where the engine serves Prometheus metrics (``SMARTBATCH_METRICS__HOST``, ``SMARTBATCH_METRICS__PORT``) and
+    how many tenants get a label value of their own (``SMARTBATCH_METRICS__MAX_TENANTS``): callers name tenants
+    freely, and every value is a series kept for the life of the hub and sent at every scrape."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     host: str = Field(default="127.0.0.1", min_length=1, description="address to bind; 0.0.0.0 to be scraped from "
                       "other machines")
     port: int | None = Field(default=0, ge=0, le=65535, description="0: a free port; None: not served")
+    max_tenants: int = Field(default=100, ge=0, description="distinct tenant label values a hub shard exports; "
+                             "tenants seen later count under tenant=\"_other\" (0: every tenant does)")
 
 
 class JournalSettings(BaseModel):

@@ -1,6 +1,7 @@
 """The reliability metrics of a live engine, scraped from the hub's /metrics: a request that misses its deadline,
 a 429 and a 5xx that are retried, the circuit state and the rate-limit wait, over HTTP to the emulator."""
 
+import re
 import time
 import urllib.request
 
@@ -33,11 +34,13 @@ def total(samples: dict[str, float], prefix: str) -> float:
 
 def test_reliability_metrics_are_scraped_with_plausible_values(ray_session):
     with Emulator(CAT, speedup=SPEEDUP, seed=0, cancel_s=1.0) as emu:
-        settings = point_at_emulator(Settings(), emu)
+        # Four tenants (the late one is "default") over a cap of two: the setting reaches the hub, which names
+        # two and sums the others as _other.
+        settings = point_at_emulator(Settings(metrics={"max_tenants": 2}), emu)
         # The first two calls fail (a 429 with Retry-After, then a 500); both are retried and then served.
         emu.faults.script("openai", "chat.completions", [{"status": 429, "retry_after_s": 1}, {"status": 500}])
         reqs = [{"id": f"r{k}", "model": "gpt-4o-mini", "prompt": f"summarise ticket {k}", "priority": "urgent",
-                 "deadline_s": 600.0} for k in range(3)]
+                 "deadline_s": 600.0, "tenant": ("acme", "beta", "gamma")[k]} for k in range(3)]
         # An engine second is 10 ms here: no call answers within 0.05 engine seconds, so this one is late.
         reqs.append({"id": "late", "model": "gpt-4o-mini", "prompt": "a reply needed at once",
                      "priority": "urgent", "deadline_s": 0.05})
@@ -71,6 +74,11 @@ def test_reliability_metrics_are_scraped_with_plausible_values(ray_session):
     assert "smartbatch_cache_redis_up" not in samples  # no Redis configured, so no false "Redis down"
     assert sum(v for k, v in samples.items() if k.startswith("smartbatch_requests_total")) == len(reqs)
     assert emu.bill().total_usd == pytest.approx(sum(r.cost_usd for r in results), abs=1e-9)
+    cost = {k: v for k, v in samples.items() if k.startswith("smartbatch_cost_usd_total")}
+    tenants = {re.search(r'tenant="([^"]*)"', k).group(1) for k in cost}
+    assert "_other" in tenants and len(tenants - {"_other"}) == 2
+    assert tenants <= {"acme", "beta", "gamma", "default", "_other"}
+    assert sum(cost.values()) == pytest.approx(sum(r.cost_usd for r in results), abs=1e-9)
 
 
 def test_an_actors_log_line_reaches_the_drivers_logging(ray_session):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -193,8 +194,8 @@ def test_the_dashboards_saving_is_the_reports_list_price_minus_cost():
     lists = [0.017214, 0.008, 0.008, 0.009]
     m.observe_results(results, lists)
     v = m.registry.get_sample_value
-    cost = sum(v("smartbatch_cost_usd_total", {"provider": "anthropic", "model": "claude-haiku-4-5", "mode": mode})
-               or 0.0 for mode in ("sync", "batch_api", "reuse"))
+    cost = sum(v("smartbatch_cost_usd_total", {"provider": "anthropic", "model": "claude-haiku-4-5", "mode": mode,
+                                               "tenant": "default"}) or 0.0 for mode in ("sync", "batch_api", "reuse"))
     report_saving = sum(lists[:3]) - sum(r.cost_usd for r in results)  # actors.hub: served requests' list prices
     assert v("smartbatch_list_price_usd_total", {"provider": "anthropic"}) - cost == pytest.approx(report_saving)
     saving = [e for e in dashboard_exprs() if "saving" in e or "list_price" in e]
@@ -211,6 +212,102 @@ def test_spend_is_counted_per_model_and_the_dashboard_shows_it():
                        Result(id="c", status="ok", provider="openai", model="gpt-5", mode="sync", cost_usd=0.25)],
                       None)
     v = m.registry.get_sample_value
-    assert v("smartbatch_cost_usd_total", {"provider": "openai", "model": "gpt-5", "mode": "sync"}) == 0.75
-    assert v("smartbatch_cost_usd_total", {"provider": "openai", "model": "gpt-5-mini", "mode": "sync"}) == 0.02
+    key = {"provider": "openai", "mode": "sync", "tenant": "default"}
+    assert v("smartbatch_cost_usd_total", {**key, "model": "gpt-5"}) == 0.75
+    assert v("smartbatch_cost_usd_total", {**key, "model": "gpt-5-mini"}) == 0.02
     assert any("by (provider, model)" in e and "smartbatch_cost_usd_total" in e for e in dashboard_exprs())
+
+
+def _spend(tenant: str, usd: float, rid: str = "", status: str = "ok") -> Result:
+    return Result(id=rid or f"{tenant}-{usd}", status=status, tenant=tenant, provider="openai", model="gpt-5-mini",
+                  mode="sync", cost_usd=usd)
+
+
+def _by_tenant(m: EngineMetrics, metric: str) -> dict[str, float]:
+    """Each ``tenant`` label's sum of ``metric`` over its other labels."""
+    out: dict[str, float] = {}
+    for fam in m.registry.collect():
+        for s in fam.samples:
+            if s.name == metric:
+                out[s.labels["tenant"]] = out.get(s.labels["tenant"], 0.0) + s.value
+    return out
+
+
+def test_spend_is_counted_per_tenant_and_the_dashboard_shows_it():
+    """A user watching spend per tenant had the report's ``by_tenant`` and ``smartbatch status`` only: the cost
+    counter had no tenant label, so no Grafana panel or alert could say which tenant spent (the gap left when the
+    model label was added)."""
+    m = EngineMetrics()
+    m.observe_results([_spend("acme", 0.5, "a"), _spend("acme", 0.25, "b"), _spend("globex", 0.02, "c"),
+                       _spend("globex", 0.0, "d", status="failed")], None)
+    v = m.registry.get_sample_value
+    assert v("smartbatch_cost_usd_total", {"provider": "openai", "model": "gpt-5-mini", "mode": "sync",
+                                           "tenant": "acme"}) == 0.75
+    assert _by_tenant(m, "smartbatch_cost_usd_total") == {"acme": 0.75, "globex": 0.02}
+    # Requests per tenant too, as by_tenant counts them (every result, whatever its status).
+    assert _by_tenant(m, "smartbatch_requests_total") == {"acme": 2.0, "globex": 2.0}
+    assert v("smartbatch_requests_total", {"outcome": "failed", "tenant": "globex"}) == 1
+    assert any("by (tenant)" in e and "smartbatch_cost_usd_total" in e for e in dashboard_exprs())
+    variables = {v["name"]: v for v in json.loads(DASHBOARD.read_text())["templating"]["list"]}
+    assert "smartbatch_cost_usd_total" in variables["tenant"]["definition"]
+
+
+def test_tenants_past_the_cap_are_counted_under_other_and_the_totals_still_add_up(caplog):
+    """Tenants are named by callers: past ``metrics.max_tenants`` distinct ones a new tenant is counted under
+    ``tenant="_other"``, so the page cannot grow without bound; the first ones keep their own value, and the sum
+    over every label is still the engine's spend. The log says so once."""
+    m = EngineMetrics(max_tenants=3)
+    batches = [[_spend(f"t{k}", 0.01 * (k + 1), f"r{b}-{k}") for k in range(b * 4, b * 4 + 4)] for b in range(5)]
+    batches.append([_spend("t0", 1.0, "again"), _spend("t19", 2.0, "again")])  # a kept one and a late one again
+    with caplog.at_level(logging.WARNING, logger="smartbatch.metrics"):
+        for batch in batches:
+            m.observe_results(batch, None)
+    cost = _by_tenant(m, "smartbatch_cost_usd_total")
+    assert sorted(cost) == ["_other", "t0", "t1", "t2"]
+    assert cost["t0"] == pytest.approx(0.01 + 1.0)
+    everything = sum(r.cost_usd for batch in batches for r in batch)
+    assert sum(cost.values()) == pytest.approx(everything)
+    assert cost["_other"] == pytest.approx(everything - cost["t0"] - cost["t1"] - cost["t2"])
+    requests = _by_tenant(m, "smartbatch_requests_total")
+    assert sorted(requests) == sorted(cost) and sum(requests.values()) == sum(map(len, batches))
+    said = [r for r in caplog.records if "_other" in r.getMessage()]
+    assert len(said) == 1 and "max_tenants" in said[0].getMessage(), [r.getMessage() for r in caplog.records]
+
+
+def test_max_tenants_0_puts_every_tenant_under_other():
+    m = EngineMetrics(max_tenants=0)
+    m.observe_results([_spend("acme", 0.5), _spend("globex", 0.25)], None)
+    assert _by_tenant(m, "smartbatch_cost_usd_total") == {"_other": 0.75}
+
+
+def test_the_page_renders_whatever_the_tenants_are_called():
+    """A tenant's name goes on the page as a label value: quotes, backslashes and non-ASCII are escaped by the
+    exposition; text that is not valid UTF-8 (a lone surrogate) failed the whole scrape, so it is replaced, and a
+    name is cut to the length a request's tenant may have."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    names = ['ac"me', "back\\slash", "Zürich 東京", "x\ud800y", "t" * 300]
+    m = EngineMetrics()
+    m.observe_results([_spend(t, 0.125, f"r{k}") for k, t in enumerate(names)], None)
+    page = generate_latest(m.registry).decode("utf-8")
+    got = {s.labels["tenant"]: s.value for fam in text_string_to_metric_families(page) for s in fam.samples
+           if s.name == "smartbatch_cost_usd_total"}
+    assert got == {'ac"me': 0.125, "back\\slash": 0.125, "Zürich 東京": 0.125, "x\ufffdy": 0.125, "t" * 256: 0.125}
+
+
+def test_the_hub_takes_the_tenant_cap_from_the_settings():
+    from actors.hub import ResultHub
+    from engine.core.settings import MetricsSettings, Settings
+
+    assert MetricsSettings().max_tenants == 100
+    with pytest.raises(ValueError, match="max_tenants"):
+        MetricsSettings(max_tenants=-1)
+    hub = ResultHub(1, max_tenants=1)
+    hub.metrics.observe_results([_spend("acme", 0.5), _spend("globex", 0.25)], None)
+    assert _by_tenant(hub.metrics, "smartbatch_cost_usd_total") == {"acme": 0.5, "_other": 0.25}
+    import os
+    from unittest import mock
+
+    with mock.patch.dict(os.environ, {"SMARTBATCH_METRICS__MAX_TENANTS": "7"}):
+        assert Settings().metrics.max_tenants == 7
