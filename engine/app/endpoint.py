@@ -280,6 +280,16 @@ def _errors_in_openai_shape(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, invalid)
 
+    @app.middleware("http")
+    async def no_anthropic_files(http: HttpRequest, call_next):
+        # The Anthropic SDK's Files API (beta) shares OpenAI's paths: served by the OpenAI route, an upload was
+        # kept as a batch input no message can name, and its answers were not in the shape the SDK reads.
+        path = http.url.path
+        if (path == "/v1/files" or path.startswith("/v1/files/")) and anthropic_caller(http):
+            return AnthropicError(404, "Anthropic's Files API (beta) is not served by this endpoint: put the "
+                                       "document or image in the message itself (a base64 or URL source)").response()
+        return await call_next(http)
+
 
 def _ask_for_key(app: FastAPI, digest: str) -> None:
     want = bytes.fromhex(digest)

@@ -160,3 +160,18 @@ def test_a_display_name_reads_as_anthropics():
     assert display_name("claude-sonnet-4-5") == "Claude Sonnet 4.5"
     assert display_name("claude-fable-5") == "Claude Fable 5"
     assert display_name("claude-3-5-haiku-20241022") == "Claude 3.5 Haiku"
+
+
+def test_the_anthropic_sdks_files_api_is_a_404_in_its_shape_and_openais_files_stay(both):
+    """The Anthropic SDK's Files API (beta) shares OpenAI's /v1/files: the OpenAI route kept its upload as a batch
+    input no message could name. It is refused in Anthropic's shape; the OpenAI SDK's files route is unchanged."""
+    _, claude, oai, _ = both
+    for call in (lambda: claude.beta.files.upload(file=("notes.txt", b"hello", "text/plain")),
+                 lambda: claude.beta.files.list(), lambda: claude.beta.files.retrieve_metadata("file_x")):
+        with pytest.raises(anthropic.NotFoundError) as exc:
+            call()
+        assert exc.value.body["error"]["type"] == "not_found_error"
+        assert "Files API" in exc.value.body["error"]["message"]
+    line = b'{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "gpt-4o-mini"}}\n'
+    up = oai.files.create(file=("in.jsonl", line), purpose="batch")
+    assert oai.files.retrieve(up.id).purpose == "batch"
