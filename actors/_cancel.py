@@ -172,15 +172,20 @@ class CancelDispatches:
             await asyncio.sleep(0.05)  # the follow-ups' cancels go out on this loop
         return len(self._cancel_sent)
 
-    async def stop_spending(self) -> tuple[int, int]:
+    async def stop_spending(self) -> tuple[int, int, int]:
         """The engine stops (its other actors are gone already, so nothing this publishes reaches a driver): cancel
         the provider batches under way, as ``cancel`` does, and wait a little for the deletes of ended batches'
-        input files (``FileCleanup.drain``). Returns how many were open and how many of those no cancel reached
-        in time (they run on, billed)."""
+        input files (``FileCleanup.drain``). Returns how many were open, how many of those no cancel reached in
+        time (they run on, billed), and how many jobs its calls were polling (videos: no cancel exists, each is
+        billed when it completes; their records stay in the journal, ``_dispatch_jobs``)."""
         under_way = set(self._open)
         await self.cancel()
         await self._files.drain()  # the ended batches' input files: known to no later start once cut
-        return len(under_way), len(self._open.keys() - self._cancel_sent)
+        if self.open_jobs:  # (a drain, ``stop(drain_s=...)``, waits for them: they are calls under way)
+            log.warning("dispatcher %s: the engine stops with %d video(s) under way: each is billed when it "
+                        "completes and is not read; their records stay in the journal (%s)", self.name,
+                        self.open_jobs, self._jobs_journal.space)
+        return len(under_way), len(self._open.keys() - self._cancel_sent), self.open_jobs
 
     _retrying: dict[object, tuple] | None = None  # a sync call's next try, waiting for its time: (batch, job)
 

@@ -162,9 +162,10 @@ class Outbox:
                 unjournal, self._unjournal_held = unjournal + self._unjournal_held, []
         for space in {sp for sp, _ in unjournal}:
             keys = [k for sp, k in unjournal if sp == space]
-            if space == self._sync_journal.space:
+            writer = next((w for w in (self._sync_journal, self._jobs_journal) if w.space == space), None)
+            if writer is not None:  # with that space's writes, so a late delete never takes a newer record
                 for k in keys:
-                    self._sync_journal.delete(k)
+                    writer.delete(k)
             else:
                 try:
                     await self.journal.delete(space, keys)

@@ -90,13 +90,14 @@ class Recovery:
             fut.set_result(None)
 
     async def _recover_journal(self) -> int:
-        async def read() -> tuple[dict, dict, dict, dict]:
+        async def read() -> tuple[dict, dict, dict, dict, dict]:
             return (await self.journal.items(self._space), await self.journal.items(self._sync_journal.space),
-                    await self.journal.items(self._watch_space), await self.journal.items(self._tally_space))
+                    await self.journal.items(self._watch_space), await self.journal.items(self._tally_space),
+                    await self.journal.items(self._jobs_journal.space))
 
         wait_s = self.settings.journal.recover_wait_s
         try:
-            records, bodies, watches, tally = await read_patiently(read, f"dispatcher {self.name}", wait_s)
+            records, bodies, watches, tally, jobs = await read_patiently(read, f"dispatcher {self.name}", wait_s)
         except Exception as exc:
             self._recovery = None  # the driver's rewire may try again
             self.journal_unread += 1
@@ -106,7 +107,7 @@ class Recovery:
         self._add_tally(tally.get("tally"))
         ended = await self._ended_at_hub([rec[1].req.uid for rec in bodies.values()]
                                          + [j.req.uid for rec in records.values() for j in rec[1]])
-        n, held = 0, {}
+        n, held, resumed = 0, {}, set()
         for key, rec in bodies.items():
             b, j, cache_write, _ = rec
             if j.req.uid in ended:  # answered before the restart, which cut only its record's delete
@@ -119,11 +120,15 @@ class Recovery:
             self._sync_calls[key] = rec
             self._known.add(j.req.uid)
             # Whether that call was answered died with the last process: its retries settle at their real cost
-            # if one is answered, and at the call's upper bound if all fail (``_maybe_billed``), not at 0.
-            self._unanswered[j.req.uid] += 1
+            # if one is answered, and at the call's upper bound if all fail (``_maybe_billed``), not at 0. A call
+            # whose job (a video) is journaled was answered: made again, it polls that job (``_resume_jobs``).
+            if key not in jobs:
+                self._unanswered[j.req.uid] += 1
+            resumed.add(key)
             self.in_flight += 1
             self._spawn(self._run_sync(b, j, cache_write, self.clock.now()), [j], b)
             self.resumed_calls += 1
+        self._resume_jobs(jobs, resumed)  # before any await: the calls just spawned have not run yet
         for key, (b, jobs, start, tokens, handle, body) in records.items():
             # Not those sent again (a hedged member sent sync) nor those answered before the restart: a record
             # outlives its batch until its results are with the hub, and a restart in its delete's retry window
@@ -232,7 +237,8 @@ class Recovery:
         journal, restarted)."""
         for key in list(self._open):
             await self._journal_put(key)
-        for space, recs in ((self._sync_journal.space, self._sync_calls), (self._watch_space, self._watching)):
+        for space, recs in ((self._sync_journal.space, self._sync_calls), (self._watch_space, self._watching),
+                            (self._jobs_journal.space, self._jobs)):
             if recs:
                 try:
                     await self.journal.put_many(space, dict(recs))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 
+from actors._dispatch_jobs import CallSlot
 from actors._types import BatchJob, Job
 from actors.metrics import retry_reason
 from engine.core.latency import sync_latency_median
@@ -89,6 +90,7 @@ class SyncCalls:
             self._pump()
             return
         cj = self._call_job(j, start, cache_write)
+        slot = CallSlot(self.sim, r.model)  # freed when the call ends, or a video's once its create is answered
         if self.provider.real:
             # One body per idempotency key, journaled before the first try: a retry (here, or after this
             # dispatcher restarted) must send what the provider may already have billed under that key.
@@ -96,7 +98,7 @@ class SyncCalls:
             if rec is None:
                 rec = self._sync_calls[cj.key] = (b._replace(jobs=[]), j, cache_write, self.provider.sync_body(cj))
                 await self._sync_journal.put(cj.key, rec)
-            cj = cj._replace(body=rec[3])
+            cj = cj._replace(body=rec[3], made=self._made_hook(cj.key, slot))
             # Withdrawn, or the engine cancelled, during the write (it may wait behind others), or before a restart
             # made the call again (the rewire tells the withdrawals first): not sent, as at the rate gate
             # (``_to_start``). Before, sent and billed (again, for a call made before the restart).
@@ -109,7 +111,7 @@ class SyncCalls:
         self._note_warm(r, a, start)
         extra = (max(a.usage.input_tokens + a.usage.output_tokens - r.input_tokens - r.output_tokens, 0)
                  if a.usage is not None else 0)
-        self.sim.finish_sync(r.model, a.at, extra)
+        slot.free(a.at, extra)
         v = verdict(a.ok, j.attempts + 1, self.max_att, a.retryable)
         wait, why, free = 0.0, None, False
         if a.rate_limited and not a.ok:

@@ -3,7 +3,8 @@
 Work waits in the provider's fair queue until its rate gate lets it start (``SimProvider.pump`` with
 ``draw=False``, re-run by a timer when the gate next opens and whenever a call ends). A started call or batch
 goes to the ``Provider`` (``engine.core.provider_api``): simulated (the catalog's draws on the engine clock) or
-over HTTP; the dispatcher knows only the protocol. A call holds its concurrency slot until its outcome arrives.
+over HTTP; the dispatcher knows only the protocol. A call holds its concurrency slot until its outcome arrives
+(a video's, until its create is answered: its polls hold none, and its job is journaled, ``_dispatch_jobs``).
 A failed sync call is retried after ``Retry-After`` or a jittered backoff and counts toward the model's circuit
 breaker; over HTTP a rate limit's 429 is no try while the deadline leaves room, and a billing refusal is never
 retried (``_sync_calls``). A batch is polled until it ends; at its hedge it is cancelled, its finished members are
@@ -23,6 +24,7 @@ from actors._batch_api import BatchApiRuns
 from actors._batch_files import FileCleanup
 from actors._batch_gate import BatchGate
 from actors._cancel import CancelDispatches
+from actors._dispatch_jobs import MadeJobs
 from actors._dispatch_outbox import Outbox, maybe_billed_error
 from actors._dispatch_recovery import Recovery
 from actors._peer import Warm, as_peer, resolve_clock
@@ -52,7 +54,7 @@ DONE_KEEP, DONE_KEEP_S = 65_536, 300.0
 TOLD_KEPT = 4096  # messages about batches kept, for a grouper Ray restarts (one per outbox flush that had any)
 
 
-class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, Recovery, Warm):
+class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, Recovery, MadeJobs, Warm):
     def __init__(self, provider: str, catalog: Catalog, settings: Settings, seed: int, clock, groupers: list,
                  hub, cache, budget, scheduling: Scheduling | None = None, key: Secret | None = None,
                  engine: str = "engine", learners: bool = False, warm_readers: bool = True):
@@ -90,6 +92,7 @@ class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, R
         self._unjournal_held: list[tuple[str, str]] = []  # records of results the hub did not take (yet)
         self._journal_retries: set[asyncio.Task] = set()  # deletes of records tried again (the journal failed)
         self._sync_journal = JournalWriter(self.journal, f"sync:{provider}")
+        self._init_jobs()  # the jobs its sync calls poll (videos), journaled (``_dispatch_jobs``)
         # journal key -> (BatchJob, jobs, start, tokens, handle, body) of open batches; handle None while
         # being created (body: what the create sends, when it must be sent the same again)
         self._open: dict[str, tuple] = {}
@@ -273,6 +276,7 @@ class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, R
         key = call_key(j.req.tenant, j.req.id, j.req.model, 0)
         if self._sync_calls.pop(key, None) is not None:
             self._unjournal.append((self._sync_journal.space, key))
+        self._job_done(key)
 
     def _start_gpu_batch(self, e: Event, b: BatchJob, jobs: list[Job]) -> None:
         for j, a in zip(jobs, e.outcome):

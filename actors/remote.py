@@ -325,7 +325,7 @@ def _cancel_batches(engine: str, dispatchers: list) -> None:
     cancelled = missed = 0
     for ref in ready:
         try:
-            open_, left = ray.get(ref)
+            open_, left = ray.get(ref)[:2]  # (its videos under way it logs itself)
         except ray.exceptions.RayActorError:  # stopped already (by another driver's stop): nothing to cancel
             continue
         except Exception as exc:

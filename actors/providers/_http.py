@@ -179,6 +179,9 @@ class HttpBase:
         journal's archive (``engine.app._batch_rescue``), so it is left to the provider's 29 days."""
         return 0
 
+    def resume_jobs(self, records: Sequence[dict]) -> None:
+        """No job it polls (a provider that makes videos overrides this)."""
+
     def create_slot(self, n: int) -> contextlib.AbstractAsyncContextManager:
         """Nothing to hold where a batch carries its name (OpenAI's metadata); Anthropic overrides it."""
         return contextlib.nullcontext()

@@ -12,8 +12,9 @@ no Idempotency-Key (the header is sent all the same, for a server that honours i
 metadata, so the retry first looks for it: the videos listed newer than the newest one seen before the first
 create (``snapshot``), of the same model, prompt, seconds and size, that no other request of this provider holds.
 Found, it is polled, not made again. A poll that gives up (errors, or no end within ``GIVE_UP_S``) keeps the id,
-and the retry polls that video again. What stays at risk is said in docs/providers.md ("Video"): a restart of
-the dispatcher forgets the ids, and its retries make new videos, each counted as possibly billed."""
+and the retry polls that video again. Once a create is answered (or its video found), the id goes to the
+dispatcher (``CallJob.made``), which journals it and frees the call's concurrency slot: a restarted dispatcher
+gives it back (``resume``), and the call made again polls that video rather than make another."""
 
 from __future__ import annotations
 
@@ -59,10 +60,13 @@ class _Try:
     """One request's video: the listing before its first create, the job's id once known, and how many of its
     creates got no answer (each may have made a video)."""
 
-    __slots__ = ("lost", "snapshot", "video_id")
+    __slots__ = ("covers", "lost", "snapshot", "video_id")
 
     def __init__(self, snapshot: tuple[int | None, frozenset[str]] | None):
         self.snapshot, self.video_id, self.lost = snapshot, None, 0
+        # Whether its video's answer accounts for the request's earlier tries that got no answer (each may have
+        # made a video): False for one taken back from the journal whose request had such tries before it.
+        self.covers = True
 
 
 def _made_as(body: dict[str, Any]) -> tuple:
@@ -111,7 +115,7 @@ class VideoCalls:
         body = job.body if job.body is not None else self.body(job)
         key = idempotency_key(job.key, body)
         t = self._tries.get(key)
-        recovered = t is not None
+        recovered = t is not None and t.covers
         if t is None:
             t = self._tries[key] = _Try(await self._snapshot())
         elif t.video_id is None:  # an earlier create got no answer: did it make a video?
@@ -142,7 +146,21 @@ class VideoCalls:
                 self._creating.pop(key, None)
                 answered.set()
             t.video_id, recovered = resp.id, recovered and replayed
+        if job.made is not None:  # journaled, and the call's concurrency slot freed, before minutes of polls
+            await job.made({"provider": p.name, "api": "videos", "job": t.video_id, "key": key, "lost": t.lost,
+                            "covers": recovered or t.lost == 0, "model": job.req.model,
+                            "cost_usd": price_alone(job.req, p.catalog, "sync").total})
         return await self._poll(job, key, t, recovered)
+
+    def resume(self, records: Any) -> None:
+        """The videos a call of the last process made (``CallJob.made``'s records), by its key: the call made
+        again after the restart polls its video."""
+        for rec in records:
+            if rec.get("api") != "videos" or rec["key"] in self._tries:
+                continue
+            t = self._tries[rec["key"]] = _Try(None)
+            t.video_id, t.lost, t.covers = rec["job"], rec.get("lost", 0), rec.get("covers", True)
+            self._hold(rec["job"])
 
     async def _poll(self, job: CallJob, key: str, t: _Try, recovered: bool) -> CallOutcome:
         p, sdk = self.p, self.p._sdk

@@ -20,7 +20,9 @@ cost model's at the seconds and resolution sent, which are always sent (the requ
 defaults), since Google's answer does not repeat them. A create whose answer was lost may have made a video that
 will be billed: Google documents no Idempotency-Key and no listing of Veo operations, so nothing can find it
 again; the call is counted as possibly billed, and its retry makes a new video (docs/providers.md, "Veo", the
-residual risk). A poll that gives up keeps the operation's name, and the retry polls it again."""
+residual risk). A poll that gives up keeps the operation's name, and the retry polls it again. Once a create is
+answered, the name goes to the dispatcher (``CallJob.made``), which journals it and frees the call's concurrency
+slot: a restarted dispatcher gives it back (``resume``), and the call made again polls it."""
 
 from __future__ import annotations
 
@@ -101,7 +103,17 @@ class VeoCalls:
             except (KeyError, TypeError, ValueError) as exc:  # answered (so maybe made), its operation unreadable
                 return p._unreadable(exc)
             self._ops[key] = name
+        if job.made is not None:  # journaled, and the call's concurrency slot freed, before minutes of polls
+            await job.made({"provider": p.name, "api": "veo", "job": name, "key": key, "model": job.req.model,
+                            "cost_usd": price_alone(job.req, p.catalog, "sync").total})
         return await self._poll(job, key, name)
+
+    def resume(self, records: Any) -> None:
+        """The operations a call of the last process made (``CallJob.made``'s records), by its key: the call
+        made again after the restart polls its operation."""
+        for rec in records:
+            if rec.get("api") == "veo":
+                self._ops.setdefault(rec["key"], rec["job"])
 
     async def _poll(self, job: CallJob, key: str, name: str) -> CallOutcome:
         p, sdk = self.p, self.p._sdk

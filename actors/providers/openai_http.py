@@ -211,6 +211,9 @@ class OpenAIProvider(HttpBase):
             return self._unreadable(exc)
         return out._replace(replayed=True) if replayed else out
 
+    def resume_jobs(self, records: Sequence[dict]) -> None:
+        self._videos.resume(records)
+
     # -- batch API ------------------------------------------------------------------------------------------
     def batch_body(self, jobs: Sequence[CallJob]) -> None:
         return None  # a batch is found again by its metadata (find_batch): a new create may send a new file

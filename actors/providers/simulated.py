@@ -108,5 +108,8 @@ class SimulatedProvider:
                           else CallOutcome(False, a.at, 0.0, error=f"{r.provider} batch member failed"))
         return out
 
+    def resume_jobs(self, records) -> None:
+        """Nothing simulated is journaled as a job (``CallJob.made`` is set over HTTP only)."""
+
     async def close(self) -> None:
         return None

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
@@ -51,6 +51,11 @@ class CallJob(NamedTuple):
     # The sync body, fixed at the first try (``Provider.sync_body``) and journaled: every retry under the same
     # idempotency key, after a restart too, sends the same body, as a provider that honours the key requires.
     body: dict | None = None
+    # Set by the dispatcher on a sync call over HTTP: a provider that makes a job it then polls (a video) awaits
+    # it with the job's record once the create is answered (or the job is found again), before polling. The
+    # dispatcher journals the record, so a restart polls that job rather than make (and pay for) another, and
+    # frees the call's concurrency slot, which minutes of polls held (docs/providers.md, "Video").
+    made: Callable[[dict], Awaitable[None]] | None = None
 
 
 class CallOutcome(NamedTuple):
@@ -176,6 +181,10 @@ class Provider(Protocol):
 
     async def call(self, job: CallJob) -> CallOutcome:
         """One synchronous call, with ``job.body`` when it is set; returns when it ends."""
+
+    def resume_jobs(self, records: Sequence[dict]) -> None:
+        """After a restart: the jobs a call of the last process made (the records it gave ``CallJob.made``), so
+        the same call made again polls its job rather than make another."""
 
     def batch_body(self, jobs: Sequence[CallJob]) -> Any:
         """What ``submit_batch`` will send, when it must be the same on a second try (None: build it then). The

@@ -196,7 +196,7 @@ def test_the_engines_stop_waits_for_the_deletes_under_way_a_bounded_time(emu, mo
             await _two_batches(rig, emu)
             await held.wait()
             asyncio.get_running_loop().call_later(0.2, slow.set)
-            assert await rig.d.stop_spending() == (0, 0)
+            assert await rig.d.stop_spending() == (0, 0, 0)
             assert emu.files("batch") == {} and (await rig.d.stats())["files_deleted"] == 2
         finally:
             await rig.close()
@@ -213,7 +213,7 @@ def test_the_engines_stop_waits_for_the_deletes_under_way_a_bounded_time(emu, mo
         try:
             await _two_batches(rig, emu)
             async with asyncio.timeout(5.0):
-                assert await rig.d.stop_spending() == (0, 0)
+                assert await rig.d.stop_spending() == (0, 0, 0)
         finally:
             for t in rig.d._files.tasks:
                 t.cancel()

@@ -1,0 +1,78 @@
+"""Jobs a provider makes for a sync call and then polls (a video, minutes long): the dispatcher's side. A mixin of
+``Dispatcher``.
+
+Once a job's create is answered, the provider hands its record to the call's ``CallJob.made`` (``_job_made``): the
+call's concurrency slot is freed then, not when the job ends (a video held a slot for its whole poll, so 256
+videos under way kept every text call of the provider waiting), and the record is journaled (space
+``jobs:<provider>``, by the call's key), so a dispatcher Ray restarts gives it back to its provider before it makes
+the call again: the call polls that job, billed once, rather than make another (``_resume_jobs``). The record is
+cleared with the call's body record, once its result is with the hub; a job that failed (billed nothing) keeps
+its record until its retry's create writes the new one (a restart between them polls the failed job once more).
+At a stop the jobs still under way are said (``open_jobs``): they complete and are billed at the provider."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Awaitable, Callable
+
+from actors.journal import JournalWriter
+
+__all__ = ["CallSlot", "MadeJobs"]
+
+
+class CallSlot:
+    """A sync call's concurrency slot at its rate gate, freed once: when the call ends, or, for a job the provider
+    polls, once its create is answered."""
+
+    __slots__ = ("freed", "model", "sim")
+
+    def __init__(self, sim, model: str):
+        self.sim, self.model, self.freed = sim, model, False
+
+    def free(self, at: float, extra_tokens: int = 0) -> bool:
+        """Free it at engine time ``at``; False if it was freed already."""
+        if self.freed:
+            return False
+        self.freed = True
+        self.sim.finish_sync(self.model, at, extra_tokens)
+        return True
+
+
+class MadeJobs:
+    """Needs the dispatcher's ``name``, ``journal``, ``clock``, ``_pump`` and ``_unjournal``."""
+
+    def _init_jobs(self) -> None:
+        self._jobs_journal = JournalWriter(self.journal, f"jobs:{self.name}")
+        self._jobs: dict[str, dict] = {}  # call key -> the record of the job its call polls, until it ends
+
+    def _made_hook(self, key: str, slot: CallSlot) -> Callable[[dict], Awaitable[None]]:
+        return functools.partial(self._job_made, key, slot)
+
+    async def _job_made(self, key: str, slot: CallSlot, record: dict) -> None:
+        if slot.free(self.clock.now()):
+            self._pump()  # the calls waiting at the gate for that slot start now
+        self._jobs[key] = record
+        await self._jobs_journal.put(key, record)  # a failed write is logged: only a restart now would lose it
+
+    def _job_done(self, key: str) -> None:
+        """The call of ``key`` left this dispatcher: its job's record goes with its body record."""
+        if self._jobs.pop(key, None) is not None:
+            self._unjournal.append((self._jobs_journal.space, key))
+
+    def _resume_jobs(self, records: dict[str, dict], resumed: set[str]) -> None:
+        """After a restart: the jobs of the calls made again (``resumed``, their keys) go back to the provider;
+        the records of the others (their calls ended, or left) are cleared."""
+        back = []
+        for key, rec in records.items():
+            if key in resumed:
+                self._jobs[key] = rec
+                back.append(rec)
+            elif key not in self._jobs:
+                self._unjournal.append((self._jobs_journal.space, key))
+        if back:
+            self.provider.resume_jobs(back)
+
+    @property
+    def open_jobs(self) -> int:
+        """Jobs made and polled by calls under way (each billed when it completes)."""
+        return len(self._jobs)

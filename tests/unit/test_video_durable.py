@@ -1,0 +1,162 @@
+"""Videos under way, as the engine's other work: a dispatcher's restart polls the video its last process made
+(never makes and pays for another), a drain waits for it, and its polls hold no concurrency slot of the provider.
+
+Before: a restarted dispatcher made the call again and a second video was made and billed; a video held its call's
+slot for its whole poll, so with ``max_concurrency`` 1 a text call waited minutes behind it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from actors._types import Job
+from actors.dispatcher import Dispatcher
+from engine.core.catalog import Catalog
+from engine.core.request import Request
+from engine.emulator import Emulator
+from tests.unit.test_http_providers import CAT, SPEED, Rig
+from tests.unit.test_veo_http import veo
+from tests.unit.test_video_http import video
+
+pytestmark = pytest.mark.filterwarnings("ignore:The Sora API is scheduled:DeprecationWarning")
+
+MADE = {"openai": video, "google": veo}
+
+
+def _one_concurrent_call(provider: str) -> Catalog:
+    raw = CAT.model_dump()
+    raw["providers"][provider]["rate_limits"]["max_concurrency"] = 1
+    return Catalog.model_validate(raw)
+
+
+def on_first_poll(rig: Rig, hold: bool | asyncio.Event) -> asyncio.Event:
+    """An event set at the first poll of the video the rig's provider makes (its create answered). ``hold``: every
+    poll waits until that event is set (True: for good, as in a process that dies while it polls)."""
+    p = rig.d.provider
+    owner, name = (p.client.videos, "retrieve") if rig.name == "openai" else (p._videos.client, "get")
+    inner: Callable[..., Any] = getattr(owner, name)
+    polled = asyncio.Event()
+
+    async def spy(*a: Any, **kw: Any) -> Any:
+        polled.set()
+        if hold is True:
+            await asyncio.Event().wait()
+        elif hold:
+            await hold.wait()
+        return await inner(*a, **kw)
+
+    setattr(owner, name, spy)
+    return polled
+
+
+async def start(rig: Rig, r, hold: bool | asyncio.Event = False) -> tuple[Job, asyncio.Event]:
+    job = Job(0, r, f"fp-{r.id}", claim="c0")
+    await rig.reserve([job])
+    polled = on_first_poll(rig, hold)
+    await rig.run("sync", [job])
+    await asyncio.wait_for(polled.wait(), 10.0)
+    return job, polled
+
+
+def _creates(emu: Emulator, provider: str) -> int:
+    return [c.route for c in emu.calls].count("videos" if provider == "openai" else "veo")
+
+
+@pytest.mark.parametrize("provider", ["openai", "google"])
+def test_a_restarted_dispatcher_polls_the_video_under_way_and_it_is_billed_once(provider):
+    """The dispatcher dies while it polls a video (Ray restarts it): the new one reads its journal and polls that
+    video, and the request is answered with it. Before, the call was made again: two videos made, two billed."""
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED, honour_keys=False) as emu:
+        async def go():
+            rig = Rig(emu, provider)
+            r = MADE[provider]()
+            try:
+                await start(rig, r, hold=True)
+                for t in list(rig.d._tasks):  # the dispatcher dies: its calls and timers with it
+                    t.cancel()
+                for h in list(rig.d._timers):
+                    h.cancel()
+                again = Dispatcher(provider, rig.catalog, rig.settings, 0, rig.clock, [rig.grouper], rig.hub, None,
+                                   rig.budget, key=rig.d._key)
+                try:
+                    await again.recover()
+                    res = await rig.until(lambda: rig.results.get(r.id), "the video")
+                    await rig.until(lambda: not rig.budget.book.claims, "its claim settled")
+                    emu._core.clock.offset += 100_000  # any other video made has completed, and is billed
+                    (item,) = emu.bill().items
+                    assert _creates(emu, provider) == 1
+                    assert res.status == "ok" and res.cost_usd == pytest.approx(item.cost_usd, abs=1e-12)
+                    assert sum(rig.budget.book.spend.values()) == pytest.approx(item.cost_usd, abs=1e-12)
+                    assert again.in_flight == 0 and again.possibly_billed == 0
+                    for _ in range(3):  # its records cleared once its result is with the hub
+                        await again.flush()
+                    await asyncio.gather(*[t for t in (again._jobs_journal._task, again._sync_journal._task) if t])
+                    assert await rig.hub.journal_items(again._jobs_journal.space) == {}
+                finally:
+                    await again.provider.close()
+            finally:
+                await rig.close()
+        asyncio.run(go())
+
+
+@pytest.mark.parametrize("provider", ["openai", "google"])
+def test_a_text_call_is_not_held_behind_a_video_s_polls(provider):
+    """One call at a time: a text call sent while a video is polled is answered while the video is still polled
+    (its polls are held until then). Before, the video held the one slot until it completed, and the text call
+    waited for it: here, for good."""
+    with Emulator(_one_concurrent_call(provider), latency_scale=0.0, speedup=SPEED, honour_keys=False) as emu:
+        async def go():
+            rig = Rig(emu, provider)
+            r = MADE[provider]()
+            try:
+                polls = asyncio.Event()
+                await start(rig, r, hold=polls)
+                text = Job(1, Request.model_validate({
+                    "id": "text", "arrival_s": 0.0, "provider": provider, "input_tokens": 300, "output_tokens": 20,
+                    "model": "gpt-5-mini" if provider == "openai" else "gemini-2.5-flash", "prompt": "a text"}),
+                    "fp-text")
+                await rig.run("sync", [text], bid="t")
+                got = await rig.until(lambda: rig.results.get(text.req.id), "the text call's result")
+                assert got.status == "ok" and r.id not in rig.results
+                polls.set()
+                res = await rig.until(lambda: rig.results.get(r.id), "the video")
+                assert res.status == "ok" and got.done_s < res.done_s
+            finally:
+                await rig.close()
+        asyncio.run(go())
+
+
+def test_a_drain_waits_for_a_video_under_way_and_a_stop_leaves_it_journaled():
+    """After the engine's cancel, a video being polled counts as work under way (``settled``, which the drain
+    waits on) until its result is answered, billed once. A stop without a drain (``stop_spending``) says the video
+    under way, and its record stays in the journal."""
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED, honour_keys=False) as emu:
+        async def go():
+            rig = Rig(emu, "openai")
+            r = video()
+            try:
+                await start(rig, r)
+                await rig.d.cancel()
+                assert await rig.d.settled(0.0) == 1  # the video under way
+                res = await rig.until(lambda: rig.results.get(r.id), "the video")
+                (item,) = emu.bill().items
+                assert res.status == "ok" and res.cost_usd == pytest.approx(item.cost_usd, abs=1e-12)
+                assert await rig.d.settled(0.0) == 0
+            finally:
+                await rig.close()
+
+            stopped = Rig(emu, "openai")
+            r2 = video("v2")
+            try:
+                await start(stopped, r2, hold=True)
+                assert await stopped.d.stop_spending() == (0, 0, 1)
+                (rec,) = (await stopped.hub.journal_items(stopped.d._jobs_journal.space)).values()
+                assert rec is not None
+            finally:
+                for t in list(stopped.d._tasks):
+                    t.cancel()
+                await stopped.close()
+        asyncio.run(go())
