@@ -2,17 +2,22 @@
 serves new requests afterwards.
 
 One engine and one loopback provider emulator for all kinds (an engine start costs seconds): each phase submits
-1,000 new requests and, while they run, kills up to three actor kinds in turn the way a crash would
-(``ray.kill(no_restart=False)``: Ray restarts it), each once a share of the requests finished (waiting on their
-futures) and the previous kill was recovered; then it waits for all of them. Every phase after a kill, and a
-last one that kills nothing, shows that new submits work. OpenAI and Anthropic are called over HTTP, so the bill is the
-emulator's, counted per idempotency key and batch ``custom_id``: the results' costs must add up to it exactly.
+800 new requests and, while they run, kills up to three actor kinds in turn the way a crash would
+(``ray.kill(no_restart=False)``: Ray restarts it), the next once the last was recovered; then it waits for all
+of them. The phase's requests come in one wave before each kill (sent as it is made), and each kill waits until
+its wave is in the engine's hands, then asserts that at least a quarter of the phase's requests are accepted
+and not answered (the hubs' count, recorded per kill): sent all at once, they were nearly all answered by the
+later kills (phases end at their 1,800-s deadlines, 4.5 s at 400x, while each recovery takes 1-2 s: a run saw
+two kills with 4 of 800 open). Every wave after a kill shows that new submits work; the last phase ends with a
+wave after its last kill. OpenAI and Anthropic are called over HTTP, so the bill is the emulator's, counted per
+idempotency key and batch ``custom_id``: the results' costs must add up to it exactly.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+import time
 
 import pytest
 
@@ -30,6 +35,7 @@ N = 800
 GRACE_S = 90.0  # real seconds past the last deadline: restart, rewire and re-admission, on a 2-core machine
 KINDS = ["dispatcher-openai", "grouper-0", "ingest", "cache", "budget", "hub", "dispatcher-anthropic"]
 PER_PHASE = 3  # kinds killed (in turn) during one phase's requests
+FLOOR = N // 4  # of a phase's requests, accepted and not answered when each of its kills lands
 
 
 def phase_requests(phase: int, now: float) -> list[dict]:
@@ -46,6 +52,11 @@ def phase_requests(phase: int, now: float) -> list[dict]:
     return out[:N]
 
 
+def waves(reqs: list[dict], parts: int) -> list[list[dict]]:
+    """The phase's requests in ``parts`` waves of (nearly) equal size, in order."""
+    return [reqs[k * len(reqs) // parts:(k + 1) * len(reqs) // parts] for k in range(max(parts, 1))]
+
+
 def wait_for(futs, k: int, timeout: float) -> None:
     """Block until ``k`` of ``futs`` are done (on the futures themselves, no polling sleep)."""
     done = 0
@@ -53,6 +64,30 @@ def wait_for(futs, k: int, timeout: float) -> None:
         done += 1
         if done >= k:
             return
+
+
+def at_hubs(eng, futs) -> tuple[int, int, int]:
+    """Of ``futs`` not done here: how many the engine accepted and has not answered (claimed at their hub shard,
+    no result routed yet), how many it accepted (those, and those answered, their results on the way here), and
+    how many there are. One Ray call per hub shard."""
+    import ray
+
+    uids = [f._req.uid for f in futs if not f.done()]
+    ask = lambda self: (sum(u in self._owners for u in uids),  # noqa: E731
+                        sum(u in self._owners or u in self._recent for u in uids))
+    counts = ray.get([h.__ray_call__.remote(ask) for h in eng._h["hubs"]])
+    return sum(c[0] for c in counts), sum(c[1] for c in counts), len(uids)
+
+
+def wait_accepted(eng, futs, timeout: float) -> int:
+    """Ask the hubs, round after round, until every one of ``futs`` not done here is in the engine's hands
+    (none still on its way to ingest), or ``timeout`` real seconds passed. Returns how many are open then: the
+    most the kill can land on, as from then on the count only falls."""
+    end = time.monotonic() + timeout
+    while True:
+        open_, accepted, unfinished = at_hubs(eng, futs)
+        if accepted == unfinished or time.monotonic() >= end:
+            return open_
 
 
 SIM_CHAOS = os.environ.get("SMARTBATCH_CHAOS_SIM") == "1"
@@ -81,21 +116,29 @@ def test_killing_each_actor_kind_mid_run_loses_nothing_and_pays_nothing_twice(ch
     import ray
 
     eng, emu, http_run = chaos_engine
-    results = []
+    results, opened = [], []  # opened: (phase, kind, requests open at its kill)
     wanted = os.environ.get("CHAOS_KINDS", ",".join(KINDS)).split(",")  # to replay one kind when debugging
     kinds = [k for k in KINDS if k in wanted]
-    # Each phase's N requests see up to three kinds killed in turn (the next once the last is recovered);
-    # the last phase kills nothing: new submits still work after the last kill.
-    phases = [kinds[k:k + PER_PHASE] for k in range(0, len(kinds), PER_PHASE)] + [[]]
+    # Each phase's N requests come in one wave before each of up to three kinds killed in turn (the next once the
+    # last is recovered); the last phase's last wave comes after its last kill: new submits still work then.
+    phases = [kinds[k:k + PER_PHASE] for k in range(0, len(kinds), PER_PHASE)] or [[]]
     for phase, kill in enumerate(phases):
         reqs = phase_requests(phase, eng.now())
-        futs = eng.submit_many(reqs)
         budget_s = max(r["deadline_s"] for r in reqs) / SPEEDUP + GRACE_S
-        for n, kind in enumerate(kill, start=1):
-            actor = eng._h["named"][kind]
-            wait_for(futs, n * N // (len(kill) + 2), timeout=budget_s)
-            ray.kill(actor, no_restart=False)
-            assert eng.wait_recovered(kind, timeout=GRACE_S), f"{kind} was not recovered: {eng.restarts}"
+        futs = []
+        for n, wave in enumerate(waves(reqs, len(kill) + (phase == len(phases) - 1))):
+            now = eng.now()  # each wave arrives as it is sent: its deadlines run from then
+            futs += eng.submit_many([{**r, "arrival_s": now} for r in wave])
+            if n == len(kill):
+                break
+            if n == 0:  # a share answered first: the phase's work has reached every stage
+                wait_for(futs, len(wave) // 20, timeout=budget_s)
+            held = wait_accepted(eng, futs, timeout=GRACE_S)
+            opened.append((phase, kill[n], held))
+            # Killed with nothing open, a kill tests only the restart: this fails if the timing drifts back.
+            assert held >= FLOOR, f"{kill[n]} would be killed with {held} of {N} requests open: {opened}"
+            ray.kill(eng._h["named"][kill[n]], no_restart=False)
+            assert eng.wait_recovered(kill[n], timeout=GRACE_S), f"{kill[n]} was not recovered: {eng.restarts}"
         done, open_ = cf.wait(futs, timeout=budget_s)
         assert not open_, (f"after killing {kill}: {len(open_)} request(s) never finished, e.g. "
                            f"{[f.request_id for f in list(open_)[:5]]}")
@@ -107,6 +150,7 @@ def test_killing_each_actor_kind_mid_run_loses_nothing_and_pays_nothing_twice(ch
             "budget" in kill and r.status == "rejected" and r.error == "budget_unavailable")]
         assert not bad, f"after killing {kill}: {len(bad)} not served, e.g. {bad[0]}"
         results.extend(got)
+    print(f"requests open at each kill (phase, kind, open; floor {FLOOR}): {opened}")
     assert all(eng.restarts.get(k) == 1 for k in kinds), eng.restarts
 
     # Every request has one result, and the results' costs are exactly what the providers billed.
