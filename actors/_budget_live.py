@@ -4,7 +4,9 @@ a budget added, its limit or soft limit changed, or removed, keeping what its cu
 A change is kept as the ledger is, so a restart of this actor keeps it: in the memory ledger's journal snapshot
 (``_budget_journal``: the budgets and the spend in one write), or in the ledger's Redis (``_budget_specs``: one
 hash per ledger, shared by every engine on it; a Redis ledger has no journal). It is answered once kept; one
-that cannot be kept (Redis down) is refused and changes nothing.
+that cannot be kept (Redis down) is refused and changes nothing. One whose reply Redis lost is sent again at
+once, and else settled at the next call Redis answers (made or not, on every engine alike): it is never said
+refused while it may be in force.
 
 Engines sharing a Redis ledger share its budgets: a change is written over the ledger's version it was merged on
 (else merged again on the budgets another engine wrote meanwhile), each budget actor checks the ledger's version
@@ -106,18 +108,11 @@ class LiveBudgets:
                 raise ConfigError(f"the budget ledger's Redis is unavailable ({self._last_error}): the budget "
                                   "change was not made; try again once it answers")
             by = secrets.token_hex(4)
-            try:
-                ledger = await self._store.write(on, version, specs, by)
-            except self._errors as exc:
-                self._failed(exc)
-                # Redis may have kept it and lost only the reply: the budgets in force are written back over it
-                # at the next call it answers, or a restart of this actor, or another engine, would take up the
-                # change refused (a hunt).
-                self._specs_unsure = (version, by)
-                raise ConfigError(f"the budget ledger's Redis did not take the change ({self._describe(exc)}): "
-                                  "the budget change was not made; try again once it answers") from None
-            self._recovered()
+            ledger = await self._write_change(on, version, specs, by)
             if ledger is None:
+                break
+            if ledger.built_on(by):  # made, its reply lost, and found on the ledger (another change made on it)
+                specs, version, by = ledger.specs, ledger.version, ledger.by
                 break
             if self._newer(ledger):  # another engine's change came first
                 self._take(ledger)
@@ -131,9 +126,30 @@ class LiveBudgets:
         await self._durable()  # in the journal before it is answered, as a reservation is
         return SpecState(version, specs, self.spec_incarnation)
 
+    async def _write_change(self, on: int, version: int, specs: tuple[BudgetSpec, ...], by: str) -> Kept | None:
+        """Write the change (``SpecStore.write``). Its reply lost, Redis may have kept it: it is sent again at once,
+        under its token, so it is either written then, or found on the ledger (made), or found written over by
+        another change (not made). Never said refused while it may be in force: another engine may have taken
+        it, and made a change on it, before this one's next call (a review). When Redis does not answer that
+        either, whether it was made is settled at the next call Redis answers (``_settle_unsure``)."""
+        for _ in range(2):
+            try:
+                ledger = await self._store.write(on, version, specs, by)
+            except self._errors as exc:
+                self._failed(exc)
+                error = exc
+                continue
+            self._recovered()
+            return ledger
+        self._specs_unsure = (on, version, by)
+        raise ConfigError(f"the budget ledger's Redis did not answer the budget change ({self._describe(error)}): "
+                          "whether it was made is not known yet. It is settled at this engine's next call that "
+                          "Redis answers, and is then in force on every engine sharing the ledger or on none; "
+                          "read the budgets (`smartbatch budget list`) before making it again")
+
     def _one_at_a_time(self) -> asyncio.Lock:
         """The lock of every step that reads or writes the budgets kept in Redis: a change, a check of the
-        ledger's version, and a start's or restart's read of them (``_read_specs``, ``_rewrite_specs``)."""
+        ledger's version, and a start's or restart's read of them (``_read_specs``, ``_settle_unsure``)."""
         if self._specs_lock is None:
             self._specs_lock = asyncio.Lock()
         return self._specs_lock
@@ -193,25 +209,40 @@ class LiveBudgets:
                     ledger.version, _listed(ledger.specs))
         self._changed()
 
-    async def _rewrite_specs(self) -> None:
-        """Write the budgets in force over a change Redis may have kept though it was refused, as a change of its
-        own (another engine may have taken the refused one), then follow the ledger."""
+    async def _settle_unsure(self) -> None:
+        """Settle whether a change whose reply was lost was made, at the first call Redis answers after it: its
+        change's number is written over the change it was merged on, with the budgets in force here (a new
+        token). Written, the change was not made, nor can it be made later (a delivery Redis reads late finds
+        its number taken). Else the ledger moved on: it was made if the budgets in force there are its change or
+        were made on it (its token in their chain), and this engine follows them either way."""
         async with self._one_at_a_time():  # a change's write may not land before this older one
-            if not self._specs_unsure:  # another call wrote them while this one waited
+            if not self._specs_unsure:  # another call settled it while this one waited
                 return
-            version, by = self._specs_unsure
+            on, version, by = self._specs_unsure
+            fence = secrets.token_hex(4)
             try:
-                ledger = await self._store.read()
-                if ledger.by == by:  # kept: undone by the next change
-                    token = secrets.token_hex(4)
-                    ledger = await self._store.write(version, version + 1, tuple(self.book.specs), token)
-                    if ledger is None:
-                        self.spec_version, self._spec_by = version + 1, token
-                await self._follow(ledger)
+                ledger = await self._store.write(on, version, tuple(self.book.specs), fence)
             except self._errors as exc:
                 self._failed(exc)
+                return
+            self._recovered()
+            self._specs_unsure = None
+            if ledger is not None and ledger.built_on(by):
+                said = "was made: in force on the ledger"
+            elif ledger is None or ledger.tells(version):
+                said = "was not made: nothing changed"
             else:
-                self._specs_unsure = None
+                said = (f"may have been made: the ledger, at change {ledger.version}, no longer tells (its Redis "
+                        "lost the budgets, or a hundred changes were made since); its budgets are followed")
+            log.warning("budget change %d, whose reply Redis lost, %s", version, said)
+            if ledger is None:
+                self.spec_version, self._spec_by = version, fence
+                self._changed()
+                return
+            try:
+                await self._follow(ledger)
+            except self._errors as exc:  # settled all the same: the next check follows the ledger
+                self._failed(exc)
 
     async def _read_specs(self) -> None:
         """A Redis ledger started, or restarted by Ray: take the budgets in force on the ledger (changed live, on

@@ -115,7 +115,9 @@ class BudgetController(LedgerJournal, LiveBudgets, BudgetReports, Warm):
         self._specs_unread = bool(self._errors) and self._config_error is None
         self._restarted = False  # by Ray (``reconstructed``)
         self._specs_lock: asyncio.Lock | None = None  # one live change at a time (``LiveBudgets``)
-        self._specs_unsure: tuple[int, str] | None = None  # a refused change (version, token) Redis may have kept
+        # A change whose reply Redis lost (the version it was merged on, its version, its token): made or not is
+        # settled at the next call Redis answers (``LiveBudgets._settle_unsure``).
+        self._specs_unsure: tuple[int, int, str] | None = None
         self._specs_checked = -math.inf  # monotonic time of the last check of the ledger's version
 
     def __repr__(self) -> str:
@@ -243,7 +245,7 @@ class BudgetController(LedgerJournal, LiveBudgets, BudgetReports, Warm):
         if self._specs_unread:
             await self._read_specs()
         elif self._specs_unsure and self._usable():
-            await self._rewrite_specs()
+            await self._settle_unsure()
 
     async def _settle(self, items: list[tuple[str, float]]) -> bool:
         """Settle ``items`` after whatever the outbox holds; on a Redis failure keep them all in the outbox

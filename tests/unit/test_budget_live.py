@@ -262,13 +262,14 @@ class _SlowRedis:
         if self.down:
             raise ConnectionError("Connection refused")
 
-    async def eval(self, script, numkeys, key, base, version, body, by, ttl):
+    async def eval(self, script, numkeys, key, base, version, body, by, ttl, chain_kept=100):
         await asyncio.sleep(0)
         self._up()
         now = self.kept.get(key, {})
         if int(now.get("version", 0)) != int(base):
-            return [now.get("version"), now.get("specs"), now.get("by")]
-        self.kept[key] = {"version": str(version), "specs": body, "by": by}
+            return [now.get("version"), now.get("specs"), now.get("by"), now.get("chain")]
+        chain = " ".join([*now.get("chain", "").split(), by][-chain_kept:])
+        self.kept[key] = {"version": str(version), "specs": body, "by": by, "chain": chain}
         return None
 
     async def hget(self, key, field):
@@ -340,29 +341,33 @@ def test_a_redis_ledger_down_is_said_not_read_as_no_budget_and_a_change_it_took_
     eng.stop()
 
 
-def test_a_change_refused_when_redis_lost_the_reply_is_not_taken_up_by_a_restart():
+def test_a_change_whose_reply_redis_lost_is_not_said_refused_and_is_found_made_by_the_engine_and_a_restart():
+    # It was refused ("not made") and written over at the next answered call; another engine that had taken it
+    # and made a change on it meanwhile kept it in force everywhere (a review): it is found made instead.
+    fifty = DAY.model_copy(update={"max_budget": 50.0})
+
     async def go():
         redis = _SlowRedis()
         ctl = _redis_controller(redis)
         plain_eval = redis.eval
 
-        async def kept_but_no_reply(*args):
+        async def kept_but_no_reply(*args):  # sent again at once, it gets no reply either
             await plain_eval(*args)
             raise asyncio.TimeoutError
 
         redis.eval = kept_but_no_reply
-        with pytest.raises(ConfigError, match="the budget change was not made"):
-            await ctl.change_budgets([DAY.model_copy(update={"max_budget": 50.0})])
+        with pytest.raises(ConfigError, match="whether it was made is not known yet") as said:
+            await ctl.change_budgets([fifty])
+        assert "not made" not in str(said.value)
         redis.eval = plain_eval
         ctl._down_until = 0.0  # its retry time has come: Redis answers again
-        await ctl.budget_specs()
-        # Ray restarts the actor: it takes back what its Redis keeps.
+        on_ctl = await ctl.budget_specs()  # settled at this call: made
+        # Ray restarts the actor: it takes back what its Redis keeps, the same.
         again = _redis_controller(redis)
         again.reconstructed()
-        # Not the refused $50 limit: the budgets in force written over it as a change of their own (change 2), which
-        # another engine sharing the ledger, that may have taken the refused one, follows too.
-        assert await again.budget_specs() == (2, (DAY,))
-    asyncio.run(go())
+        return on_ctl, await again.budget_specs()
+
+    assert asyncio.run(go()) == ((1, (fifty,)), (1, (fifty,)))
 
 
 def test_a_removed_budget_and_a_removed_soft_limit_leave_the_metrics_page_and_an_unread_ledger_leaves_it_be():
@@ -478,9 +483,12 @@ def test_a_restarted_redis_ledgers_late_read_of_its_budgets_does_not_undo_a_chan
     asyncio.run(go())
 
 
-def test_a_grouper_ask_waiting_on_a_change_whose_reply_redis_lost_does_not_take_the_refused_change():
+def test_a_grouper_ask_waiting_on_a_change_whose_reply_redis_lost_keeps_the_budgets_before_until_it_is_settled():
     # The once-a-second check of the ledger's version waited for the change's lock, then read the ledger the lost
-    # reply had written: the refused change was taken as another engine's, and written again as the next change.
+    # reply had written: the change was taken as another engine's, and written again as the next change. The
+    # engine now holds the budgets before until it settles whether its change was made, then the ledger's.
+    fifty = DAY.model_copy(update={"max_budget": 50.0})
+
     async def go():
         redis = _SlowRedis()
         ctl = _redis_controller(redis)
@@ -495,20 +503,57 @@ def test_a_grouper_ask_waiting_on_a_change_whose_reply_redis_lost_does_not_take_
             raise asyncio.TimeoutError
 
         redis.eval = kept_but_no_reply
-        change = asyncio.create_task(ctl.change_budgets([DAY.model_copy(update={"max_budget": 50.0})]))
-        await writing.wait()
+        change = asyncio.create_task(ctl.change_budgets([fifty]))
+        await asyncio.wait_for(writing.wait(), 10)
         ctl._specs_checked = -math.inf  # a second since the last check: this ask checks the ledger's version
         asked = asyncio.create_task(ctl.budget_state())  # a grouper's ask, its check waiting for the lock
-        with pytest.raises(ConfigError, match="the budget change was not made"):
+        with pytest.raises(ConfigError, match="whether it was made is not known yet"):
             await change
         held = (await asked).specs
         redis.eval = plain_eval
         ctl._down_until = 0.0  # its retry time has come: Redis answers again
-        return held, await ctl.budget_specs(), await ctl.budget_state()
+        return held, await ctl.budget_specs(), await ctl.budget_state(), redis.kept["smartbatch:budget:specs"]
 
-    held, (version, specs), state = asyncio.run(go())
-    assert held == (DAY,) and specs == (DAY,) and state.specs == (DAY,), (held, specs)  # not the refused $50
-    assert version == 2  # the budgets in force written over the refused change as a change of their own
+    held, (version, specs), state, kept = asyncio.run(go())
+    assert held == (DAY,)  # not taken as another engine's change while it is not known to be made
+    assert (version, specs) == (1, (fifty,)) and state.specs == (fifty,)  # settled: made, and the groupers told
+    assert kept["version"] == "1"  # found made, not written again as a change of its own
+
+
+def test_a_lost_reply_settled_after_redis_lost_the_budgets_is_said_unknown_and_every_engine_ends_on_one_set(
+        caplog):
+    # The ledger no longer tells whether the change was made: "not made" would be said of a change another
+    # engine may hold (it took it at its check before Redis lost the budgets).
+    fifty = DAY.model_copy(update={"max_budget": 50.0})
+
+    async def go():
+        redis = _SlowRedis()
+        a, b = _redis_controller(redis, ledger_id="A"), _redis_controller(redis, ledger_id="B")
+        await a.change_budgets([DAY.model_copy(update={"max_budget": 2.0})])  # change 1
+        await b.budget_specs()
+        plain_eval = redis.eval
+
+        async def kept_but_no_reply(*args):
+            await plain_eval(*args)
+            raise asyncio.TimeoutError
+
+        redis.eval = kept_but_no_reply
+        with pytest.raises(ConfigError, match="not known yet"):
+            await a.change_budgets([fifty])  # change 2, kept
+        redis.eval = plain_eval
+        await b.budget_specs()  # b takes change 2
+        redis.kept.clear()  # Redis restarted without persistence
+        a._down_until = 0.0
+        with caplog.at_level("WARNING", logger="smartbatch.budget"):
+            await a.budget_specs()  # a settles it: the ledger no longer tells
+        b._specs_checked = a._specs_checked = -math.inf
+        await b.budget_state()  # b's check: it holds the later change, written back
+        return await a.budget_specs(), await b.budget_specs()
+
+    on_a, on_b = asyncio.run(go())
+    said = [r.getMessage() for r in caplog.records if "whose reply Redis lost" in r.getMessage()]
+    assert len(said) == 1 and "may have been made" in said[0], said
+    assert on_a == on_b == (2, (fifty,))
 
 
 def test_engines_on_a_redis_ledger_that_lost_its_budgets_do_not_part_on_two_changes_of_one_number():
