@@ -133,7 +133,10 @@ def test_killing_each_actor_kind_mid_run_loses_nothing_and_pays_nothing_twice(ch
             futs += eng.submit_many([{**r, "arrival_s": now} for r in wave])
             if n == len(kill):
                 break
-            if n == 0:  # a share answered first: the phase's work has reached every stage
+            # A share answered first: the phase's work has reached every stage. No deadline is asserted: a request
+            # with less time left at a kill than the restart takes (2-3 real s, 800-1,200 engine s at 400x) ends
+            # late, as with any engine (docs/reliability.md, Left), and this wait lets the first sent end first.
+            if n == 0:
                 wait_for(futs, len(wave) // 20, timeout=budget_s)
             held = wait_accepted(eng, futs, timeout=GRACE_S)
             opened.append((phase, kill[n], held))
