@@ -162,6 +162,12 @@ class VideoCalls:
             t.video_id, t.lost, t.covers = rec["job"], rec.get("lost", 0), rec.get("covers", True)
             self._hold(rec["job"])
 
+    async def poll_made(self, job: CallJob, rec: dict) -> CallOutcome:
+        """The video of a journaled record (an engine cut off made it), polled to its end: never made again."""
+        self.resume([rec])
+        t = self._tries[rec["key"]]
+        return await self._poll(job, rec["key"], t, t.covers)
+
     async def _poll(self, job: CallJob, key: str, t: _Try, recovered: bool) -> CallOutcome:
         p, sdk = self.p, self.p._sdk
         spec = p.spec.models[job.req.model]

@@ -115,6 +115,11 @@ class VeoCalls:
             if rec.get("api") == "veo":
                 self._ops.setdefault(rec["key"], rec["job"])
 
+    async def poll_made(self, job: CallJob, rec: dict) -> CallOutcome:
+        """The operation of a journaled record (an engine cut off made it), polled to its end: never made again."""
+        self.resume([rec])
+        return await self._poll(job, rec["key"], self._ops[rec["key"]])
+
     async def _poll(self, job: CallJob, key: str, name: str) -> CallOutcome:
         p, sdk = self.p, self.p._sdk
         give_up = p.clock.now() + max(600.0, GIVE_UP_S * sync_latency_median(p.spec, p.spec.models[job.req.model],

@@ -214,6 +214,10 @@ class OpenAIProvider(HttpBase):
     def resume_jobs(self, records: Sequence[dict]) -> None:
         self._videos.resume(records)
 
+    async def poll_job(self, job: CallJob, record: dict) -> CallOutcome:
+        """The job of a killed engine's call (its journaled record), polled to its end, never made again."""
+        return await self._videos.poll_made(job, record)
+
     # -- batch API ------------------------------------------------------------------------------------------
     def batch_body(self, jobs: Sequence[CallJob]) -> None:
         return None  # a batch is found again by its metadata (find_batch): a new create may send a new file

@@ -8,7 +8,8 @@ finished: billed, and read here) and waits for it to end; the members it finishe
 never sent again, and only the rest go to the new run. Waiting on instead of cancelling would keep the discount
 for the members still to run, but a batch may take up to its 24 h window: the rest are sent again at once, by a
 policy that batches them anew. Sync calls that were under way are counted, not collected: their answers went
-with the process (a provider that does not honour idempotency keys bills them again).
+with the process (a provider that does not honour idempotency keys bills them again); but a video whose create was
+answered is polled to its end and answers its request (``engine.app._video_rescue``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from actors._file_journal import ARCHIVE, engine_dirs, locked_out, read_spaces
 from actors.providers import make_provider
+from engine.app._video_rescue import made_videos, read_video
 from engine.core.clock import ManualClock
 from engine.core.provider_api import CallJob, call_key
 from engine.core.result import Result
@@ -53,6 +55,7 @@ class Rescued:
     batches: int = 0  # provider batches of the earlier run read back
     lost_batches: int = 0  # those given up on (not ended in time, unreadable, or a cut create not found)
     cut_calls: int = 0  # sync calls under way when the earlier run was cut off (maybe billed, sent again)
+    videos: int = 0  # videos the earlier run had made (create answered, journaled), polled to their end
     answered: int = 0  # of ``results``, those the earlier run's driver had received (the rest: from batches)
     # Every member a batch answered, by (tenant, id), with the request it answered: what a driver's take-back
     # (``engine.app._driver_resume``) matches against the content submitted again, tenants apart.
@@ -60,7 +63,7 @@ class Rescued:
 
 
 def _spaces_of(run: Path) -> dict[str, dict]:
-    return {s: recs for s, recs in read_spaces(run).items() if s.startswith(("batches:", "sync:", ARCHIVE))}
+    return {s: recs for s, recs in read_spaces(run).items() if s.startswith(("batches:", "sync:", "jobs:", ARCHIVE))}
 
 
 ANSWERS = "answers"  # the answers a run's driver received, one JSON Result a line: ``answers.<run>.jsonl``
@@ -110,7 +113,7 @@ def pending(root: Path) -> tuple[int, int, int]:
         for space, recs in _spaces_of(run).items():
             if space.startswith("sync:"):
                 calls += len(recs)
-            else:
+            elif not space.startswith("jobs:"):  # (a video's call is one of the sync calls)
                 batches += len(recs)
                 open_ += 0 if space.startswith(ARCHIVE) else len(recs)
     return batches, open_, calls
@@ -153,14 +156,15 @@ async def _rescue(root, settings, catalog, keys, speedup, wanted, say, strict, k
     runs, locks = engine_dirs(root), []
     real = set(settings.providers.http_providers(catalog.providers))
 
-    def provider(name: str):
+    def provider(name: str, clock=None):
         """Made when a batch of ``name`` is read: never a simulated one (a journaled batch is a real one)."""
         if name not in real:
             raise ProviderUnread(f"{name} is not called over HTTP in this run (its endpoint, or the catalog, "
                                  "changed since): give it its endpoint again")
-        if name not in providers:  # its answers date from before this run: at its time 0, within every deadline
-            providers[name] = make_provider(name, catalog, settings, None, ManualClock(0.0), keys.get(name))
-        return providers[name]
+        if (name, clock is None) not in providers:  # its answers date from before this run: at its time 0
+            providers[name, clock is None] = make_provider(name, catalog, settings, None, clock or ManualClock(0.0),
+                                                           keys.get(name))
+        return providers[name, clock is None]
     try:
         for run in runs:
             # Its dispatchers outlive a killed driver by seconds, still following (and hedging) its batches.
@@ -176,9 +180,14 @@ async def _rescue(root, settings, catalog, keys, speedup, wanted, say, strict, k
             locks.append(lock)
         jobs, seen = [], set()
         for run in runs:
-            for space, recs in _spaces_of(run).items():
+            spaces = _spaces_of(run)
+            videos = made_videos(spaces)  # (their calls: read, not cut)
+            jobs += [read_video(provider, sp, k, call, rec, got, speed=speedup, wanted=wanted, say=say)
+                     for (sp, k), (call, rec) in videos.items()]
+            for space, recs in spaces.items():
                 if space.startswith("sync:"):
-                    got.cut_calls += len(recs)
+                    got.cut_calls += sum((space, k) not in videos for k in recs)
+                if space.startswith(("sync:", "jobs:")):
                     continue
                 archived = space.startswith(ARCHIVE)
                 name = space.removeprefix(ARCHIVE).split(":")[1]
@@ -189,11 +198,11 @@ async def _rescue(root, settings, catalog, keys, speedup, wanted, say, strict, k
         # Together: a cancel takes up to 10 minutes, and one batch after another took that many times over.
         errors = [e for e in await asyncio.gather(*jobs, return_exceptions=True) if e is not None]
         if errors and strict:
-            raise ConfigError(f"{len(errors)} provider batch(es) of the earlier run could not be read ({errors[0]}); "
-                              f"nothing of its journal ({root}) was removed: try again once the provider answers "
+            raise ConfigError(f"{len(errors)} provider batch(es) or video(s) of the earlier run could not be read "
+                              f"({errors[0]}); nothing of its journal ({root}) was removed: try again once the provider answers "
                               "(sending their lines again would pay twice for what they finished)")
         for e in errors:
-            say(f"a provider batch of the earlier run could not be read ({e}): what it finished is paid twice")
+            say(f"a provider batch or video of the earlier run could not be read ({e}): what it made is paid twice")
         try:
             (keep or (lambda g: _keep_answers(root, g.results)))(got)  # first: then what was read can go
         except OSError as exc:
@@ -324,7 +333,6 @@ def charges(results: dict[str, Result], out: Path) -> list:
 
     return [Charge(f"rescue:{out}:{r.tenant}:{r.id}", r.tenant, r.provider, r.model, r.cost_usd)
             for r in results.values()]
-
 
 
 def prepare(out: Path, settings, cat, requests: list, *, resume: bool, overwrite: bool, address: str | None,

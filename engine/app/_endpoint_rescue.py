@@ -67,8 +67,8 @@ def _prepared(state_dir: Path | None, settings, cat, speedup: float, address: st
                 for path in root.glob(f"{ANSWERS}.*.jsonl"):
                     path.unlink(missing_ok=True)
             say(f"{n:,} line(s) of {len(kept):,} open batch(es) answered from them, not sent again"
-                + (f"; {calls:,} sync call(s) under way then may have been billed, their lines are sent again"
-                   if calls else ""))
+                + (f"; {got.cut_calls:,} sync call(s) under way then may have been billed, their lines are sent "
+                   "again" if got.cut_calls else ""))
         finally:
             state.close()
     sweep(root)
@@ -78,13 +78,19 @@ def _prepared(state_dir: Path | None, settings, cat, speedup: float, address: st
 
 def _wanted(root: Path, kept: dict[str, dict]) -> set[str]:
     """The engine ids (``<batch id>/<line>``) of the lines of open batches that have no result yet, among the
-    journaled batches' members: an archived batch with none of them is not read again (a clean restart read
-    every batch of the last hour at the provider)."""
+    journaled batches' members and videos made: an archived batch with none of them is not read again (a clean
+    restart read every batch of the last hour at the provider)."""
     from actors._file_journal import ARCHIVE, engine_dirs, read_spaces
+    from engine.app._video_rescue import made_videos
 
     out = set()
     for run in engine_dirs(root):
-        for space, recs in read_spaces(run).items():
+        spaces = read_spaces(run)
+        for call, _ in made_videos(spaces).values():  # (its videos made: a line's video answers it)
+            bid, _, line = call[1].req.id.partition("/")
+            if bid in kept and line not in kept[bid]:
+                out.add(call[1].req.id)
+        for space, recs in spaces.items():
             if not space.removeprefix(ARCHIVE).startswith("batches:"):
                 continue
             for rec in recs.values():
