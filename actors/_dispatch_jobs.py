@@ -8,6 +8,8 @@ videos under way kept every text call of the provider waiting), and the record i
 the call again: the call polls that job, billed once, rather than make another (``_resume_jobs``). The record is
 cleared with the call's body record, once its result is with the hub; a job that failed (billed nothing) keeps
 its record until its retry's create writes the new one (a restart between them polls the failed job once more).
+A record with no job (``"job": None``) is a create's intent, journaled before the create is sent (OpenAI's videos):
+the slot stays held, and a restart gives it back so the call made again looks for the video that create made.
 At a stop the jobs still under way are said (``open_jobs``): they complete and are billed at the provider."""
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ class MadeJobs:
         return functools.partial(self._job_made, key, slot)
 
     async def _job_made(self, key: str, slot: CallSlot, record: dict) -> None:
-        if slot.free(self.clock.now()):
+        # (a record without a job is a create's intent, journaled before it is sent: the slot is the create's)
+        if record.get("job") is not None and slot.free(self.clock.now()):
             self._pump()  # the calls waiting at the gate for that slot start now
         self._jobs[key] = record
         await self._jobs_journal.put(key, record)  # a failed write is logged: only a restart now would lose it

@@ -121,8 +121,9 @@ class Recovery:
             self._known.add(j.req.uid)
             # Whether that call was answered died with the last process: its retries settle at their real cost
             # if one is answered, and at the call's upper bound if all fail (``_maybe_billed``), not at 0. A call
-            # whose job (a video) is journaled was answered: made again, it polls that job (``_resume_jobs``).
-            if key not in jobs:
+            # whose job (a video) is journaled was answered: made again, it polls that job (``_resume_jobs``); one
+            # whose create's intent only is journaled was not, and looks for the video it may have made.
+            if jobs.get(key, {}).get("job") is None:
                 self._unanswered[j.req.uid] += 1
             resumed.add(key)
             self.in_flight += 1

@@ -14,12 +14,15 @@ create (``snapshot``), of the same model, prompt, seconds and size, that no othe
 Found, it is polled, not made again. A poll that gives up (errors, or no end within ``GIVE_UP_S``) keeps the id,
 and the retry polls that video again. Once a create is answered (or its video found), the id goes to the
 dispatcher (``CallJob.made``), which journals it and frees the call's concurrency slot: a restarted dispatcher
-gives it back (``resume``), and the call made again polls that video rather than make another."""
+gives it back (``resume``), and the call made again polls that video rather than make another. Before each create,
+its intent (no id yet, the snapshot) is journaled the same way: a restart that cuts the create before its answer
+gives the call made again its snapshot, and the look-up above finds the video that create made (``_intent``)."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import logging
 import warnings
 from collections.abc import Callable
@@ -67,6 +70,17 @@ class _Try:
         # Whether its video's answer accounts for the request's earlier tries that got no answer (each may have
         # made a video): False for one taken back from the journal whose request had such tries before it.
         self.covers = True
+
+
+def _intent(provider: str, job: CallJob, key: str, t: _Try, body: dict[str, Any]) -> dict[str, Any]:
+    """The record journaled before a create is sent (``job`` None: its video unknown yet): a dispatcher restarted
+    before its answer looks for the video it made among those listed newer than ``snapshot`` (``_find``), and
+    polls it rather than make another. The prompt only by its hash: the body record holds the prompt."""
+    model, prompt, seconds, size = _made_as(body)
+    newest, ids = t.snapshot or (None, frozenset())
+    return {"provider": provider, "api": "videos", "job": None, "key": key, "lost": t.lost + 1, "covers": True,
+            "snapshot": (newest, tuple(sorted(ids))), "model": model, "seconds": seconds, "size": size,
+            "prompt_sha256": hashlib.sha256(str(prompt).encode()).hexdigest(), "call": job.key}
 
 
 def _made_as(body: dict[str, Any]) -> tuple:
@@ -124,6 +138,8 @@ class VideoCalls:
             # (each still counted as possibly billed: ``recovered`` told the dispatcher they billed nothing).
             recovered = alone and t.lost == 1
         if t.video_id is None:
+            if job.made is not None and t.snapshot is not None:  # before: a restart cutting it finds its video
+                await job.made(_intent(p.name, job, key, t, body))
             answered = asyncio.Event()
             self._creating[key] = (_made_as(body), answered)
             try:
@@ -158,9 +174,11 @@ class VideoCalls:
         for rec in records:
             if rec.get("api") != "videos" or rec["key"] in self._tries:
                 continue
-            t = self._tries[rec["key"]] = _Try(None)
+            snap = rec.get("snapshot")  # (an intent's: its create cut before its answer, its video looked for)
+            t = self._tries[rec["key"]] = _Try(None if snap is None else (snap[0], frozenset(snap[1])))
             t.video_id, t.lost, t.covers = rec["job"], rec.get("lost", 0), rec.get("covers", True)
-            self._hold(rec["job"])
+            if t.video_id is not None:
+                self._hold(t.video_id)
 
     async def poll_made(self, job: CallJob, rec: dict) -> CallOutcome:
         """The video of a journaled record (an engine cut off made it), polled to its end: never made again."""

@@ -160,3 +160,49 @@ def test_a_drain_waits_for_a_video_under_way_and_a_stop_leaves_it_journaled():
                     t.cancel()
                 await stopped.close()
         asyncio.run(go())
+
+
+def test_a_restart_that_cuts_a_create_before_its_answer_takes_the_video_it_made_billed_once():
+    """The dispatcher dies after a create is sent and before its answer comes (the create made the video at the
+    provider): the new one, from the create's intent journaled before it was sent (its listing's newest videos),
+    finds that video in the listing and polls it. Before, no id was journaled and the restart made a second video,
+    billed, each counted as possibly billed."""
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED, honour_keys=False) as emu:
+        async def go():
+            rig = Rig(emu, "openai")
+            r = video()
+            vc = rig.d.provider._videos
+            inner, sent = vc._raw_create, asyncio.Event()
+
+            async def dropped(*a: Any, **kw: Any) -> Any:
+                await inner(*a, **kw)  # made (and to be billed) at the provider
+                sent.set()
+                await asyncio.Event().wait()  # its answer never reaches the dispatcher, which dies first
+
+            vc._raw_create = dropped
+            try:
+                job = Job(0, r, f"fp-{r.id}", claim="c0")
+                await rig.reserve([job])
+                await rig.run("sync", [job])
+                await asyncio.wait_for(sent.wait(), 10.0)
+                for t in list(rig.d._tasks):  # the dispatcher dies: its calls and timers with it
+                    t.cancel()
+                for h in list(rig.d._timers):
+                    h.cancel()
+                again = Dispatcher("openai", rig.catalog, rig.settings, 0, rig.clock, [rig.grouper], rig.hub, None,
+                                   rig.budget, key=rig.d._key)
+                try:
+                    await again.recover()
+                    res = await rig.until(lambda: rig.results.get(r.id), "the video")
+                    await rig.until(lambda: not rig.budget.book.claims, "its claim settled")
+                    emu._core.clock.offset += 100_000  # any other video made has completed, and is billed
+                    assert _creates(emu, "openai") == 1
+                    (item,) = emu.bill().items
+                    assert res.status == "ok" and res.cost_usd == pytest.approx(item.cost_usd, abs=1e-12)
+                    assert sum(rig.budget.book.spend.values()) == pytest.approx(item.cost_usd, abs=1e-12)
+                    assert again.possibly_billed == 0
+                finally:
+                    await again.provider.close()
+            finally:
+                await rig.close()
+        asyncio.run(go())
