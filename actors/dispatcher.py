@@ -11,7 +11,8 @@ retried (``_sync_calls``). A batch is polled until it ends; at its hedge it is c
 used (billed once, never sent again) and only the unfinished go back to the policy; what it left at the provider
 (OpenAI's input file) is then deleted (``_batch_files``). A batch refused for a full batch queue is queued again at
 the gate, in parts that fit its limit, until its hedge (``_queue_full``). Results, cache fills, settlements and
-retries leave in batches (an outbox flushed every few milliseconds), never one actor call per request."""
+retries leave in batches (an outbox flushed every few milliseconds), never one actor call per request. The
+endpoint's Anthropic token count is asked here too, with the provider's own client and key (``_count_tokens``)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from actors._batch_api import BatchApiRuns
 from actors._batch_files import FileCleanup
 from actors._batch_gate import BatchGate
 from actors._cancel import CancelDispatches
+from actors._count_tokens import CountTokens
 from actors._dispatch_jobs import MadeJobs
 from actors._dispatch_outbox import Outbox, maybe_billed_error
 from actors._dispatch_recovery import Recovery
@@ -54,7 +56,7 @@ DONE_KEEP, DONE_KEEP_S = 65_536, 300.0
 TOLD_KEPT = 4096  # messages about batches kept, for a grouper Ray restarts (one per outbox flush that had any)
 
 
-class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, Recovery, MadeJobs, Warm):
+class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, Recovery, MadeJobs, Warm, CountTokens):
     def __init__(self, provider: str, catalog: Catalog, settings: Settings, seed: int, clock, groupers: list,
                  hub, cache, budget, scheduling: Scheduling | None = None, key: Secret | None = None,
                  engine: str = "engine", learners: bool = False, warm_readers: bool = True):

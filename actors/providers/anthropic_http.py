@@ -14,6 +14,7 @@ import contextlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
+from actors.providers._anthropic_count import COUNT_TIMEOUT_S, CountAnswer, count_at
 from actors.providers._http import BatchHandle, HttpBase, PollBackoff, Unreadable, create_call, jsonl_records
 from actors.providers._wire import error_message, error_of, message_parts, tokens
 from engine.core._api_fields import MAX_CACHE_MARKS
@@ -314,6 +315,12 @@ class AnthropicProvider(HttpBase):
         finally:
             await stream.close()
         return jsonl_records(data.decode("utf-8", errors="replace"))
+
+    async def count_tokens(self, body: dict[str, Any]) -> CountAnswer:
+        """Anthropic's count of the Messages ``body``, asked with this provider's client and key (free: none of a
+        call's accounting, ``_anthropic_count``)."""
+        return await count_at(self.client, self._sdk, self._key.get(), body,
+                              min(self.endpoint.timeout_s, COUNT_TIMEOUT_S))
 
     async def close(self) -> None:
         await self.client.close()

@@ -1,5 +1,5 @@
-"""The asyncio face of ``Engine``: ``asubmit``, ``asubmit_many`` and ``as_completed`` (a mixin, so the driver module
-stays the threads-and-futures core)."""
+"""The asyncio face of ``Engine``: ``asubmit``, ``asubmit_many``, ``as_completed`` and the endpoint's Anthropic
+``count_tokens`` (a mixin, so the driver module stays the threads-and-futures core)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import concurrent.futures
 from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from actors.providers._anthropic_count import COUNT_TIMEOUT_S, CountAnswer
 from engine.app._driver_pull import FORGET_WAIT_S
 from engine.app._driver_reject import OnInvalid, check_on_invalid, reject_taken, validated, with_rejected
+from engine.core.errors import EngineStopped, ProviderError
 from engine.core.request import Request
 from engine.core.result import Result
 
@@ -17,6 +19,8 @@ if TYPE_CHECKING:
     from engine.app.driver import ResultFuture
 
 __all__ = ["AsyncSubmit"]
+
+COUNT_WAIT_S = COUNT_TIMEOUT_S + 15.0  # real seconds: the dispatcher's own timeout answers first, a 504
 
 
 class AsyncSubmit:
@@ -124,6 +128,31 @@ class AsyncSubmit:
             self._wake.set()  # as submit does: the flusher sends an urgent burst in one batch
         return futs
 
+
+    async def count_tokens(self, provider: str, body: Mapping[str, Any]) -> CountAnswer:
+        """Anthropic's token count of the Messages ``body``, asked by ``provider``'s dispatcher with the key and
+        client it holds (``actors._count_tokens``): ``(status, body, headers)`` as Anthropic answered, or the
+        engine's refusal in its shape. A count is free: nothing is admitted, budgeted or journaled. Raises
+        ``EngineStopped`` on a stopped engine, ``ProviderError`` when the dispatcher does not answer (lost, or
+        past ``COUNT_WAIT_S``)."""
+        if self._gone is not None or not self._running:
+            raise EngineStopped(self._gone or "this engine was stopped; start a new one, or connect to another")
+        dispatcher = self._h["dispatchers"].get(provider)
+        if dispatcher is None:
+            raise ProviderError(f"provider {provider!r} has no dispatcher in this engine (its catalog has "
+                                f"{sorted(self._h['dispatchers'])}); count with a model of one of them")
+        try:
+            return await asyncio.wait_for(_as_future(dispatcher.count_tokens.remote(dict(body))), COUNT_WAIT_S)
+        except asyncio.TimeoutError:
+            raise ProviderError(f"the dispatcher of {provider!r} did not answer the count within {COUNT_WAIT_S:g} "
+                                "s (busy, or restarting); send it again") from None
+        except self._ray.exceptions.RayError as exc:
+            raise ProviderError(f"the dispatcher of {provider!r} could not answer the count "
+                                f"({type(exc).__name__}); send it again") from None
+
+
+async def _as_future(ref: Any) -> Any:
+    return await ref
 
 
 def _awaited(fut: concurrent.futures.Future) -> Awaitable[Result]:

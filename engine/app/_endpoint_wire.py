@@ -55,6 +55,8 @@ class AsyncEngine(Protocol):
 
     def cancel_requests(self, futures: Iterable[concurrent.futures.Future]) -> int: ...
 
+    async def count_tokens(self, provider: str, body: Mapping[str, Any]) -> tuple[int, Any, dict[str, str]]: ...
+
 
 class ApiError(Exception):
     """An error answered in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""

@@ -6,8 +6,8 @@ Routes (OpenAI's shapes): ``POST /v1/chat/completions``, ``POST /v1/responses``,
 (upload, list, retrieve, content, delete), ``/v1/batches`` (create, list, retrieve, cancel), ``/v1/models``
 (Anthropic's Models API for the Anthropic SDK, ``_endpoint_models``); Anthropic's ``POST /v1/messages`` for a
 Claude model, in Anthropic's shapes (``_endpoint_messages``), its token count, ``/v1/messages/count_tokens``, asked
-of the provider (``_endpoint_count``), and its Message Batches, ``/v1/messages/batches`` (``_endpoint_msgbatches``,
-jobs of the OpenAI batch route); and one of ours, ``GET /v1/batches/{id}/smartbatch_report`` (each line's cost against its list price).
+of the provider by its dispatcher (``_endpoint_count``), and its Message Batches, ``/v1/messages/batches``
+(``_endpoint_msgbatches``, jobs of the OpenAI batch route); and one of ours, ``GET /v1/batches/{id}/smartbatch_report`` (each line's cost against its list price).
 
 ``stream: true`` answers in OpenAI's chunks (chat completions, ``_endpoint_stream``) or the Responses API's events
 (``_endpoint_responses_stream``) once the whole answer is in; ``n`` > 1 on chat completions is n requests
@@ -57,7 +57,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from engine.app._endpoint_batches import CANCEL_WAIT_S, MAX_FILE_BYTES, MAX_OPEN_LINES, FilesAndBatches
 from engine.app._endpoint_choices import choices_wanted, fan_out, merged_body, merged_headers
 from engine.app._endpoint_claude import for_messages_api, in_callers_words
-from engine.app._endpoint_count import TokenCounter, count_router
+from engine.app._endpoint_count import count_router
 from engine.app._endpoint_job import cut_by_cancel
 from engine.app._endpoint_messages import AnthropicError, in_anthropic_shape, message_events, messages_body
 from engine.app._endpoint_models import anthropic_caller, models_router
@@ -125,15 +125,11 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
     speedup = float(getattr(getattr(engine, "clock", None), "speedup", 1.0))
     store = FilesAndBatches(engine, catalog, window_default_s=window_default_s, cancel_wait_s=cancel_wait_s,
                             max_open_lines=max_open_batch_lines, state_dir=state_dir, speedup=speedup)
-    counter = TokenCounter(engine.settings)  # Anthropic's count_tokens, asked of the provider itself
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await store.resume()  # the batches a state directory holds, from before a restart
-        try:
-            yield
-        finally:
-            await counter.close()
+        yield
         await store.shutdown()
 
     app = FastAPI(title="smartbatch", summary="OpenAI-compatible front of the smartbatch engine",
@@ -253,7 +249,7 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
         return await generate(http, body, IMAGES_URL)
 
     app.include_router(models_router(catalog, engine.settings))
-    app.include_router(count_router(counter, catalog, engine.settings))
+    app.include_router(count_router(engine, catalog, engine.settings))
     app.include_router(store.router())
     return app
 

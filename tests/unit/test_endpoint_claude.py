@@ -14,6 +14,7 @@ import struct
 import openai
 import pytest
 
+from actors._count_tokens import count_by
 from engine.app import endpoint
 from engine.app.endpoint import make_app
 from engine.core.request import Request, validation_context
@@ -49,12 +50,10 @@ class OneCallEngine:
         if seen is not None and req.reuse != "none":
             return reused_result(req, at=0.0, hit="exact", source_id=seen.id, output=seen.output,
                                  tool_calls=seen.tool_calls, finish=seen.finish, usage=seen.usage)
-        if self.provider is None:
-            self.provider, self.loop = direct(self.emu, "anthropic"), asyncio.get_running_loop()
         job = job_of(req)
-        job = job._replace(body=self.provider.sync_body(job))
+        job = job._replace(body=self._provider().sync_body(job))
         self.wire[req.id] = job.body
-        out = await self.provider.call(job)
+        out = await self._provider().call(job)
         assert out.ok, out.error
         res = Result(id=req.id, tenant=req.tenant, status="ok", output=out.output, tool_calls=out.tool_calls,
                      finish=out.finish, usage=out.usage.as_dict(), raw=out.raw, real=True, cost_usd=out.cost,
@@ -64,6 +63,15 @@ class OneCallEngine:
 
     async def asubmit_many(self, ds: list[dict]) -> list[Result]:
         return [await self.asubmit(d) for d in ds]
+
+    async def count_tokens(self, provider: str, body: dict):
+        """As the engine's: the count asked by the provider the dispatcher holds, with its key (``count_by``)."""
+        return await count_by(self._provider(), provider, self.settings, body)
+
+    def _provider(self):
+        if self.provider is None:
+            self.provider, self.loop = direct(self.emu, "anthropic"), asyncio.get_running_loop()
+        return self.provider
 
     def close(self) -> None:
         if self.provider is not None:

@@ -8,21 +8,28 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import os
 
 import anthropic
 import openai
 import pytest
 
-from engine.app._endpoint_count import TokenCounter
+from actors._count_tokens import count_by
+from actors.providers import SimulatedProvider, make_provider
+from engine.app._endpoint_count import counted
 from engine.app._endpoint_messages import AnthropicError
 from engine.app._endpoint_models import display_name
 from engine.app.endpoint import make_app
 from engine.app.live import EMULATOR_KEY_ENV
+from engine.core.clock import ManualClock
+from engine.core.draws import Draws
+from engine.core.errors import ProviderError
 from engine.core.settings import Settings
 from engine.emulator import Emulator
+from engine.runtime.providers import SimProvider
 from tests.unit.test_endpoint import serving
 from tests.unit.test_endpoint_claude import OneCallEngine
-from tests.unit.test_http_providers import CAT, SPEED, http_settings
+from tests.unit.test_http_providers import CAT, SPEED, direct
 
 pytestmark = pytest.mark.filterwarnings("ignore:The model .* is deprecated:DeprecationWarning")
 MODEL = "claude-sonnet-4-5"
@@ -124,36 +131,73 @@ def test_a_bad_count_is_refused_naming_the_field_and_the_providers_own_refusal_c
     assert emu.count("messages.count_tokens") == calls + 1  # the three before never left the endpoint
 
 
-def test_a_providers_error_comes_back_at_its_status_with_the_key_masked():
+def test_the_count_needs_no_key_where_the_endpoint_runs_the_dispatchers_provider_holds_it(both, monkeypatch):
+    """``serve --address`` puts the replica on a cluster whose workers may not have the key's variable: the count
+    is asked by the provider the dispatcher holds, with its key (read where the engine started). Before, the
+    endpoint read the variable itself and answered a 503."""
+    _, claude, _, emu = both
+    ask = dict(model=MODEL, messages=[{"role": "user", "content": "How many tokens is this?"}])
+    with_key = claude.messages.count_tokens(**ask)  # (the stand-in's provider made while the variable is there)
+    calls = emu.count("messages.count_tokens")
+    monkeypatch.delenv(EMULATOR_KEY_ENV)
+    assert claude.messages.count_tokens(**ask).input_tokens == with_key.input_tokens > 0
+    assert emu.count("messages.count_tokens") == calls + 1 and EMULATOR_KEY_ENV not in os.environ
+
+
+def _counts(emu: Emulator, key: str, faults: list[dict], n: int, **settings_kw) -> list[tuple]:
+    """The answers of ``n`` counts asked by the HTTP provider alone (``count_by``), after ``faults``."""
+    emu.faults.script("anthropic", "messages.count_tokens", faults)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
+
+    async def go():
+        provider = direct(emu, "anthropic", key, **settings_kw)
+        try:
+            return [await count_by(provider, "anthropic", provider.settings, body) for _ in range(n)]
+        finally:
+            await provider.close()
+    return asyncio.run(go())
+
+
+def test_a_providers_error_comes_back_at_its_status_with_its_retry_headers_and_the_key_masked():
     key = "sk-count-NEVERSHOWN-7"
     with Emulator(CAT, latency_scale=0.0, speedup=SPEED) as emu:
-        emu.faults.script("anthropic", "messages.count_tokens", [
-            {"status": 529}, {"status": 401, "message": f"invalid x-api-key {key}"}])
-        counter = TokenCounter(http_settings(emu), environ={EMULATOR_KEY_ENV: key})
-        body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}]}
-
-        async def go():
-            try:
-                return [await counter.count("anthropic", body) for _ in range(3)]
-            finally:
-                await counter.close()
-        busy, refused, fine = asyncio.run(go())
-    assert busy.status_code == 529 and b"overloaded_error" in busy.body
-    assert refused.status_code == 401 and key.encode() not in refused.body and b"**********" in refused.body
-    assert fine.status_code == 200 and b'"input_tokens"' in fine.body
+        busy, limited, refused, fine = _counts(emu, key, [
+            {"status": 529}, {"status": 429, "retry_after_s": 7},
+            {"status": 401, "message": f"invalid x-api-key {key}"}], 4)
+    assert busy[0] == 529 and busy[1]["error"]["type"] == "overloaded_error"
+    assert limited[0] == 429 and limited[2]["retry-after"] == "7"  # the client waits as Anthropic asked
+    assert refused[0] == 401 and key not in str(refused) and "[redacted]" in refused[1]["error"]["message"]
+    assert fine == (200, {"input_tokens": fine[1]["input_tokens"]}, {}) and fine[1]["input_tokens"] > 0
 
 
-@pytest.mark.parametrize(("settings", "environ", "status", "said"), [
-    (Settings(), {}, 501, "providers.mode='sim'"),  # simulated: nobody to count exactly
-    (None, {}, 503, EMULATOR_KEY_ENV),  # the key's variable not set where the endpoint runs
-])
-def test_a_count_nobody_can_answer_exactly_is_refused_saying_why(settings, environ, status, said):
+def test_a_count_anthropic_does_not_answer_in_time_is_a_504():
     with Emulator(CAT, latency_scale=0.0, speedup=SPEED) as emu:
-        counter = TokenCounter(settings or http_settings(emu), environ=environ)
-        with pytest.raises(AnthropicError) as caught:
-            asyncio.run(counter.count("anthropic", {"model": MODEL, "messages": []}))
-    assert caught.value.status == status and said in caught.value.message
-    assert caught.value.headers == {"x-should-retry": "false"}
+        (late,) = _counts(emu, "k", [{"timeout_s": 2.0}], 1, timeout_s=0.2)
+    assert late[0] == 504 and "did not answer the count within 0.2 s" in late[1]["error"]["message"]
+
+
+def test_a_count_nobody_can_answer_exactly_is_refused_saying_why():
+    settings = Settings()  # simulated providers: nobody to count exactly
+    sim = SimProvider(CAT.provider("anthropic"), CAT, settings, Draws(0, 4, 0, 60.0), draw=False)
+    provider = make_provider("anthropic", CAT, settings, sim, ManualClock())  # what the dispatcher holds
+    assert isinstance(provider, SimulatedProvider)
+    status, body, headers = asyncio.run(count_by(provider, "anthropic", settings, {"model": MODEL}))
+    assert status == 501 and "providers.mode='sim'" in body["error"]["message"]
+    assert body["type"] == "error" and headers == {"x-should-retry": "false"}
+
+
+class _Lost:
+    settings = Settings()
+
+    async def count_tokens(self, provider, body):
+        raise ProviderError(f"the dispatcher of {provider!r} could not answer the count (RayActorError); send "
+                            "it again")
+
+
+def test_a_count_the_engine_cannot_ask_is_a_503_naming_why():
+    with pytest.raises(AnthropicError) as caught:
+        asyncio.run(counted(_Lost(), "anthropic", {"model": MODEL}))
+    assert caught.value.status == 503 and "RayActorError" in caught.value.message
 
 
 def test_a_display_name_reads_as_anthropics():
