@@ -1,5 +1,6 @@
 """The live engine over HTTP: real SDK calls to the loopback provider emulator, billed from the usage they return."""
 
+import asyncio
 import json
 import os
 import time
@@ -140,6 +141,25 @@ def paths(sim, results) -> dict:
         n, live, simd = out.get((MODES[sim.mode[k]], r.mode), (0, 0.0, 0.0))
         out[(MODES[sim.mode[k]], r.mode)] = (n + 1, round(live + r.cost_usd, 6), round(simd + float(sim.cost[k]), 6))
     return out
+
+
+def test_anthropics_token_count_is_asked_by_the_dispatcher_with_the_key_it_holds(ray_session, emulator, monkeypatch):
+    """The endpoint's ``count_tokens`` goes through the engine to the Anthropic dispatcher, whose provider holds
+    the key read at start: a process without the variable (an endpoint replica on a cluster ``serve --address``
+    attached to) counts all the same, a 429 comes back with its ``retry-after``, and nothing is billed."""
+    settings = point_at_emulator(Settings(), emulator)
+    env = settings.providers.endpoints["anthropic"].api_key_env
+    monkeypatch.setenv(env, KEY)
+    emulator.faults.script("anthropic", "messages.count_tokens", [{"status": 429, "retry_after_s": 3}])
+    body = {"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "Count me, please."}]}
+    from engine import Engine
+
+    with Engine.start(settings, catalog=only("anthropic"), speedup=SPEEDUP) as eng:
+        monkeypatch.delenv(env)
+        limited, counted = [asyncio.run(eng.count_tokens("anthropic", body)) for _ in range(2)]
+    assert limited[0] == 429 and limited[2]["retry-after"] == "3" and limited[1]["type"] == "error"
+    assert counted[0] == 200 and counted[1]["input_tokens"] > 0
+    assert emulator.count("messages.count_tokens") == 2 and not emulator.bill().items
 
 
 def test_the_key_appears_in_no_result_report_metric_or_log(ray_session, emulator, monkeypatch):
