@@ -143,25 +143,6 @@ def paths(sim, results) -> dict:
     return out
 
 
-def test_anthropics_token_count_is_asked_by_the_dispatcher_with_the_key_it_holds(ray_session, emulator, monkeypatch):
-    """The endpoint's ``count_tokens`` goes through the engine to the Anthropic dispatcher, whose provider holds
-    the key read at start: a process without the variable (an endpoint replica on a cluster ``serve --address``
-    attached to) counts all the same, a 429 comes back with its ``retry-after``, and nothing is billed."""
-    settings = point_at_emulator(Settings(), emulator)
-    env = settings.providers.endpoints["anthropic"].api_key_env
-    monkeypatch.setenv(env, KEY)
-    emulator.faults.script("anthropic", "messages.count_tokens", [{"status": 429, "retry_after_s": 3}])
-    body = {"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "Count me, please."}]}
-    from engine import Engine
-
-    with Engine.start(settings, catalog=only("anthropic"), speedup=SPEEDUP) as eng:
-        monkeypatch.delenv(env)
-        limited, counted = [asyncio.run(eng.count_tokens("anthropic", body)) for _ in range(2)]
-    assert limited[0] == 429 and limited[2]["retry-after"] == "3" and limited[1]["type"] == "error"
-    assert counted[0] == 200 and counted[1]["input_tokens"] > 0
-    assert emulator.count("messages.count_tokens") == 2 and not emulator.bill().items
-
-
 def test_the_key_appears_in_no_result_report_metric_or_log(ray_session, emulator, monkeypatch):
     settings = point_at_emulator(Settings(), emulator)
     monkeypatch.setenv(settings.providers.endpoints["openai"].api_key_env, KEY)
@@ -199,14 +180,22 @@ def test_the_key_appears_in_no_result_report_metric_or_log(ray_session, emulator
     assert os.environ[settings.providers.endpoints["openai"].api_key_env] == KEY  # it was really in use
 
 
-def test_an_anthropic_follow_up_sent_warm_reads_its_history_from_the_emulators_cache(ray_session, emulator,
-                                                                                      monkeypatch):
+def test_an_anthropic_follow_up_sent_warm_reads_its_history_and_the_count_asks_the_dispatcher(ray_session, emulator,
+                                                                                               monkeypatch):
     """Warm follow-ups over HTTP at an explicit cache: two urgent turns (the second marks its prefix, seen
     within the TTL), then a follow-up due in an hour that extends it. The dispatcher's note says which whole
     blocks the second turn cached; the follow-up is sent at once and the emulator, which holds exact prefixes
-    ending at breakpoints as Anthropic does, serves it that history from its cache."""
+    ending at breakpoints as Anthropic does, serves it that history from its cache.
+
+    In the same engine (one start fewer): the endpoint's ``count_tokens`` goes through the engine to the
+    Anthropic dispatcher, whose provider holds the key read at start: a process without the variable (an endpoint
+    replica on a cluster ``serve --address`` attached to) counts all the same, a 429 comes back with its
+    ``retry-after``, and nothing is billed."""
     settings = point_at_emulator(Settings(), emulator)
-    monkeypatch.setenv(settings.providers.endpoints["anthropic"].api_key_env, KEY)
+    env = settings.providers.endpoints["anthropic"].api_key_env
+    monkeypatch.setenv(env, KEY)
+    emulator.faults.script("anthropic", "messages.count_tokens", [{"status": 429, "retry_after_s": 3}])
+    body = {"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "Count me, please."}]}
     from engine import Engine
 
     history = list(range(300, 320))
@@ -225,6 +214,12 @@ def test_an_anthropic_follow_up_sent_warm_reads_its_history_from_the_emulators_c
         first, second = [f.result(timeout=60) for f in eng.replay(reqs)]
         reqs.append(turn(2, max(t0 + 150.0, second.done_s + 1.0), history + [9, 10, 11], 3600.0))
         follow = eng.replay(reqs[2:])[0].result(timeout=60)
+        monkeypatch.delenv(env)
+        limited, counted = [asyncio.run(eng.count_tokens("anthropic", body)) for _ in range(2)]
+    assert limited[0] == 429 and limited[2]["retry-after"] == "3" and limited[1]["type"] == "error"
+    assert counted[0] == 200 and counted[1]["input_tokens"] > 0
+    assert emulator.count("messages.count_tokens") == 2 and not [i for i in emulator.bill().items if i.route ==
+                                                                 "messages.count_tokens"]
     results = [first, second, follow]
     assert first.mode == second.mode == "sync" and second.done_s < reqs[2].arrival_s
     assert follow.status == "ok" and follow.mode == "sync" and "warm at the provider" in follow.reason
