@@ -104,7 +104,9 @@ def check_api_body(body: dict, where: str, api: str, spec: ModelSpec, compat: st
                 raise FieldProblem(f"{where}.{key}", f"{where}.{key} must be 1 or left out: OpenAI's reasoning "
                                    f"models take no other value{none}, got {body[key]!r}")
     _check_parts(body, where, api)
-    if api == "openai" and compat == "gemini":  # the provider's own OpenAI-compatible layer (ProviderSpec.compat)
+    # The provider's own OpenAI-compatible layer (ProviderSpec.compat); a video goes to Veo's own route instead,
+    # whose body Google checks (before, every Veo body field was refused as the layer's: a helper's tour).
+    if api == "openai" and compat == "gemini" and spec.kind != "video":
         check_gemini_body(body, where, spec)
     if api != "anthropic":
         return

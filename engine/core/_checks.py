@@ -1,6 +1,6 @@
 """Checks of a request's raw values: valid Unicode, a body that is JSON, the types and ranges of the well-known
-generation parameters in it, and a media request's priced params against its model's catalog entry. They
-raise ``FieldProblem``, which names the field to fix; ``engine.core.request`` runs them while filling
+generation parameters in it, a chat body's messages and tools (a media request's priced params:
+``engine.core._media_checks``). They raise ``FieldProblem``, which names the field to fix; ``engine.core.request`` runs them while filling
 defaults."""
 
 from __future__ import annotations
@@ -14,11 +14,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 if TYPE_CHECKING:
     from pydantic import TypeAdapter
 
-    from engine.core.catalog import ModelSpec
 
-__all__ = ["GENERATION_PARAMS", "FieldProblem", "cache_blocks", "check_generation", "check_json", "check_media",
-           "check_messages", "check_params", "check_route", "check_text", "check_tools", "media_from_body",
-           "tenant_problem"]
+__all__ = ["GENERATION_PARAMS", "FieldProblem", "cache_blocks", "check_generation", "check_json", "check_messages",
+           "check_params", "check_route", "check_text", "check_tools", "tenant_problem"]
 
 
 class FieldProblem(ValueError):
@@ -261,70 +259,6 @@ def check_tools(body: dict, where: str, api: str) -> None:
             raise FieldProblem(f"{where}.tools.{i}.type", f"{where}.tools.{i}.type {kind!r} is a tool the provider "
                                f"runs and bills per use, which the catalog does not price; give {hint}, which "
                                "you run, or send this request to the provider directly")
-
-
-def media_from_body(body: Mapping[str, Any], params: dict[str, Any], spec: ModelSpec, model: str,
-                    keys: tuple[str, ...]) -> None:
-    """Take into ``params`` (in place) the priced fields a provider body names: those of ``keys`` by their own
-    names, and a video's ``seconds`` and ``size`` (OpenAI's Videos API), which is what the provider makes and
-    bills: priced and reserved at the params' defaults instead, a sora-2-pro body of 12 s at 1792x1024 was
-    reserved $2.40 and billed $6 (a review). One the params name otherwise is refused: give one."""
-    from engine.core.video_sizes import OPENAI_VIDEO_SIZES, resolution_of
-
-    took = {k: (body[k], k) for k in keys if k in body}  # param -> (value, the body's field)
-    if spec.kind == "video" and "size" in body:
-        offered = [z for res in (spec.per_second or spec.gpu_s_per_video_second or {}) for z in
-                   OPENAI_VIDEO_SIZES.get(res, ())]
-        if body["size"] not in offered:
-            raise FieldProblem("body.size", f"body.size {body['size']!r} is not offered by {model!r} at a price the "
-                               f"catalog knows; use one of {', '.join(offered) or 'none'}")
-        took["resolution"] = (resolution_of(body["size"]), "size")
-    if spec.kind == "video" and "seconds" in body:
-        try:
-            seconds = float(body["seconds"])
-        except (TypeError, ValueError):
-            seconds = None
-        if seconds is None or (spec.durations_s is not None and seconds not in spec.durations_s):
-            raise FieldProblem("body.seconds", f"body.seconds {body['seconds']!r} is not offered by {model!r}; use "
-                               f"one of {', '.join(f'{d:g}' for d in spec.durations_s or ())} (seconds)")
-        took["duration_s"] = (seconds, "seconds")
-    for k, (v, field) in took.items():
-        if params.setdefault(k, v) != v:
-            raise FieldProblem(f"params.{k}", f"params.{k} {params[k]!r} differs from {field} {body[field]!r}: give one")
-
-
-def check_media(params: dict[str, Any], spec: ModelSpec, model: str) -> None:
-    """Fill a media request's priced params with its model's defaults (in place) and hold them to what the
-    catalog offers: an image's ``size``, a video's ``resolution`` and ``duration_s``. A value the model does not
-    take would be priced from no table, or refused by the provider after the request was accepted."""
-    if spec.kind == "image":
-        table = spec.per_image or spec.gpu_s_per_image or {}
-        params.setdefault("size", spec.default_size or next(iter(table)))
-        if params["size"] not in table:
-            raise FieldProblem("params.size", f"params.size {params['size']!r} is not offered by {model!r}; "
-                               f"use one of {sorted(table)}")
-        # A quality the provider does not know was reserved and counted at the dearest, and answered with a 400
-        # (an emulator that took it billed it so; a helper's hunt).
-        qualities = spec.per_image_quality
-        if qualities and params.get("quality") not in (None, "auto", *qualities):
-            raise FieldProblem("params.quality", f"params.quality {params['quality']!r} is not offered by {model!r}; "
-                               f"use one of {sorted(qualities)} or 'auto'")
-    elif spec.kind == "video":
-        table = spec.per_second or spec.gpu_s_per_video_second or {}
-        params.setdefault("resolution", spec.default_resolution or next(iter(table)))
-        params.setdefault("duration_s", spec.default_duration_s)
-        if params["resolution"] not in table:
-            raise FieldProblem("params.resolution", f"params.resolution {params['resolution']!r} is not offered by "
-                               f"{model!r}; use one of {sorted(table)}")
-        dur = params["duration_s"]
-        if isinstance(dur, bool) or not isinstance(dur, (int, float)) or not 0 < dur <= 600:
-            raise FieldProblem("params.duration_s", f"params.duration_s must be a number of seconds in (0, 600], "
-                               f"got {dur!r}")
-        # A provider with fixed lengths (OpenAI's Videos API: seconds "4", "8" or "12") refuses any other one
-        # when the job is created, after this request was accepted, reserved for and perhaps batched.
-        if spec.durations_s is not None and dur not in spec.durations_s:
-            raise FieldProblem("params.duration_s", f"params.duration_s {dur:g} is not offered by {model!r}; use "
-                               f"one of {', '.join(f'{d:g}' for d in spec.durations_s)} (seconds)")
 
 
 _ROLES = ("system", "developer", "user", "assistant", "tool", "function")  # OpenAI's; Anthropic's are among them

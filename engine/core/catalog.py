@@ -83,6 +83,8 @@ class ModelSpec(_Frozen):
     default_duration_s: float = Field(default=5.0, gt=0)
     durations_s: tuple[float, ...] | None = Field(default=None, description="the only video lengths the "
                                                   "provider accepts, in seconds (None: any in (0, 600])")
+    durations_at: dict[str, tuple[float, ...]] | None = Field(default=None, description="the only lengths made at "
+                                                              "a resolution, where fewer than durations_s")
     # GPU seconds grow with the sampler steps a job runs: the tables above are at this many (None: steps not priced)
     gpu_steps: int | None = Field(default=None, ge=1)
     # limits of this model alone (providers such as OpenAI limit per model); None: it shares the provider's
@@ -158,6 +160,11 @@ class ModelSpec(_Frozen):
             if self.default_duration_s not in self.durations_s:
                 raise ValueError(f"default_duration_s {self.default_duration_s:g} is not one of durations_s "
                                  f"{list(self.durations_s)}; make it one of them")
+        for res, lengths in (self.durations_at or {}).items():
+            if res not in (self.per_second or self.gpu_s_per_video_second or {}) or not lengths or (
+                    self.durations_s is not None and not set(lengths) <= set(self.durations_s)):
+                raise ValueError(f"durations_at {res!r}: {list(lengths)} must be lengths of durations_s at a priced "
+                                 "resolution")
         return self
 
     @property

@@ -20,13 +20,12 @@ from engine.core._checks import (
     FieldProblem,
     check_generation,
     check_json,
-    check_media,
     check_messages,
     check_params,
     check_text,
-    media_from_body,
     tenant_problem,
 )
+from engine.core._media_checks import check_media, media_from_body
 from engine.core.body_tokens import (
     body_image_tokens,
     call_chars,
@@ -337,10 +336,11 @@ class Request(BaseModel):
         params = d.get("params") or {}
         if isinstance(params, dict):
             params = dict(params)
-            if body:  # a top-level media field went into the body, or the provider's own names them
-                media_from_body(body, params, spec, model, MEDIA_PARAMS.get(spec.kind, ()))
+            came = {}  # a top-level media field went into the body, or the provider's own names them
+            if body:
+                came = media_from_body(body, params, spec, model, MEDIA_PARAMS.get(spec.kind, ()))
             check_params(params, spec.kind, model, MEDIA_PARAMS.get(spec.kind, ()))
-            check_media(params, spec, model)
+            check_media(params, spec, model, came)
             d["params"] = params
         return d
 

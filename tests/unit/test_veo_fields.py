@@ -1,0 +1,69 @@
+"""A Veo request's own fields, checked and priced when the request is made (docs/providers.md, "Veo"): its body's
+``parameters`` (or their fields at the top) pass to Google and are what the request is reserved for and billed at,
+and a length the model does not make at a resolution is refused then, naming the field and the fix. A helper's
+tour found every Veo body field refused as a field of Gemini's OpenAI layer, and a 4-s video at 1080p accepted,
+then failed at Google's 400."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from engine.core.cost import price_alone
+from engine.core.request import Request, validation_context
+from engine.emulator import Emulator
+from tests.unit.test_gemini import gemini_settings
+from tests.unit.test_http_providers import CAT, SPEED, Rig
+from tests.unit.test_video_http import run_one
+
+FAST = "veo-3.1-fast-generate-001"
+
+
+def veo(params=None, body=None, model: str = FAST) -> Request:
+    d = {"id": "v", "arrival_s": 0.0, "model": model, "prompt": "a paper boat on a river", "params": params or {}}
+    if body is not None:
+        d["body"] = body
+    return Request.model_validate(d, context=validation_context(CAT, gemini_settings(), live=True))
+
+
+@pytest.mark.parametrize("body, seconds, resolution", [
+    ({"parameters": {"durationSeconds": 4, "negativePrompt": "rain", "aspectRatio": "9:16"}}, 4, "720p"),
+    ({"negativePrompt": "rain", "durationSeconds": 6}, 6, "720p"),
+    ({"parameters": {"resolution": "4k"}}, 8, "4k"),
+])
+def test_a_veo_body_passes_and_is_what_the_request_is_priced_at(body, seconds, resolution):
+    r = veo(body=body)
+    assert (r.params["duration_s"], r.params["resolution"]) == (seconds, resolution)
+    assert price_alone(r, CAT, "sync").total == pytest.approx(seconds * CAT.model("google", FAST).per_second[resolution])
+
+
+@pytest.mark.parametrize("params, body, field, fix", [
+    ({"duration_s": 4, "resolution": "1080p"}, None, "params.duration_s", "give 8, or resolution 720p"),
+    ({"duration_s": 6, "resolution": "4k"}, None, "params.duration_s", "give 8, or resolution 720p"),
+    ({}, {"parameters": {"durationSeconds": 4, "resolution": "1080p"}}, "body.parameters.durationSeconds", "give 8"),
+    ({}, {"parameters": {"durationSeconds": 5}}, "body.parameters.durationSeconds", "use one of 4, 6, 8"),
+    ({}, {"parameters": {"resolution": "2k"}}, "body.parameters.resolution", "use one of ['1080p', '4k', '720p']"),
+    ({"duration_s": 4}, {"parameters": {"durationSeconds": 6}}, "params.duration_s", "give one"),
+])
+def test_a_length_or_resolution_veo_does_not_make_is_refused_when_made_naming_the_field(params, body, field, fix):
+    with pytest.raises(ValueError) as info:
+        veo(params=params, body=body)
+    assert f"Value error, {field} " in str(info.value) and fix in str(info.value)
+
+
+def test_a_veo_bodys_length_is_what_google_bills_and_the_engine_counts():
+    """Sent as given, the body's 4 s are made and billed; the engine counts the same, not the default 8 s."""
+    r = veo(body={"parameters": {"durationSeconds": 4}})
+
+    async def go(emu):
+        rig = Rig(emu, "google")
+        try:
+            res = await run_one(rig, r)
+            (item,) = emu.bill().items
+            assert res.status == "ok", res.error
+            assert item.usage["seconds"] == 4 and res.cost_usd == pytest.approx(item.cost_usd, abs=1e-12)
+        finally:
+            await rig.close()
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED, honour_keys=False) as emu:
+        asyncio.run(go(emu))
