@@ -120,14 +120,15 @@ class OpenAIProvider(HttpBase):
         spec = self.spec.models[job.req.model]
         if spec.kind == "image":
             return "/v1/images/generations"
-        if spec.kind == "video":
-            return "/v1/videos"
+        if spec.kind == "video":  # Veo's own route under the Gemini API's root (a dry run shows it)
+            return (f"/v1beta/models/{job.req.model}:predictLongRunning" if isinstance(self._videos, VeoCalls)
+                    else "/v1/videos")
         return "/v1/responses" if spec.api == "responses" else "/v1/chat/completions"
 
     def body(self, job: CallJob) -> dict[str, Any]:
         r = job.req
         route = self.route(job)
-        if route == "/v1/videos":
+        if self.spec.models[r.model].kind == "video":
             return self._videos.body(job)
         body: dict[str, Any] = dict(r.body or {})
         if route == "/v1/chat/completions":
@@ -180,14 +181,14 @@ class OpenAIProvider(HttpBase):
 
     def sync_body(self, job: CallJob) -> dict[str, Any]:
         body = self.body(job)
-        if self.route(job) in ("/v1/images/generations", "/v1/videos"):  # no service tier there
+        if self.spec.models[job.req.model].kind != "text":  # no service tier for an image or a video
             return body
         return self._pinned(body, str(self.client.base_url))
 
     async def call(self, job: CallJob) -> CallOutcome:
         sdk = self._sdk
         route = self.route(job)
-        if route == "/v1/videos":
+        if self.spec.models[job.req.model].kind == "video":
             return await self._videos.call(job)
         # The dispatcher passes the body it fixed at the first try; the key names that body (idempotency_key).
         body = job.body if job.body is not None else self.sync_body(job)

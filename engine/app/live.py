@@ -22,7 +22,7 @@ from engine.core.trace import with_day_origin
 from engine.sim.lower_bound import lower_bound
 from engine.sim.simulator import BatchRecord, SimResult, simulate
 
-__all__ = ["as_emulated", "as_sim_result", "dry_run", "follow_engine", "point_at_emulator", "run_live"]
+__all__ = ["as_emulated", "as_sim_result", "dry_run", "follow_engine", "point_at_emulator", "run_live", "samples"]
 
 EMULATOR_KEY_ENV = "SMARTBATCH_EMULATOR_KEY"
 
@@ -152,15 +152,21 @@ def run_live(requests: Sequence[Request], *, trace_name: str, policy: str = "sma
     doc = document(trace_name, len(reqs), seed, lb, [row],
                    [b.model_dump() for b in settings.budgets.specs] if settings.budgets.specs else None)
     doc["engine_report"] = report
-    # A few outputs, to show what came back (real text when the providers were called over HTTP).
-    shown, seen = [], set()
-    for r in sorted(results, key=lambda r: not r.real):  # one per provider, model and mode, real calls first
+    doc["samples"] = samples(results, reqs)
+    return doc
+
+
+def samples(results: Sequence[Result], requests: Sequence[Request]) -> list[dict]:
+    """A few outputs, to show what came back (real text when the providers were called over HTTP): one per
+    provider, model and mode, real calls first. A text's first 72 characters; a media result's whole address (cut
+    short, a video's URL in results.json could not be fetched: a helper's tour)."""
+    shown, seen, media = [], set(), {q.id for q in requests if q.kind != "text"}
+    for r in sorted(results, key=lambda r: not r.real):
         if r.status == "ok" and (r.provider, r.model, r.mode) not in seen and len(shown) < 4:
             seen.add((r.provider, r.model, r.mode))
             shown.append(r)
-    doc["samples"] = [{"id": r.id, "provider": r.provider, "model": r.model, "mode": r.mode, "cost_usd": r.cost_usd,
-                       "output": (r.output or "")[:72], "real": r.real} for r in shown]
-    return doc
+    return [{"id": r.id, "provider": r.provider, "model": r.model, "mode": r.mode, "cost_usd": r.cost_usd,
+             "output": (r.output or "") if r.id in media else (r.output or "")[:72], "real": r.real} for r in shown]
 
 
 def follow_engine(emu, settings: Settings, seed: int) -> Callable:
@@ -253,8 +259,11 @@ def dry_run(requests: Sequence[Request], *, policy: str = "smart", params: dict 
         job = CallJob(call_key(first.tenant, first.id, first.model), first, 0.0, 0, 0)
         body = prov.body(job)
         body = _clip(body)  # the shape, not kilobytes of a replayed prompt
-        samples[name] = {"route": prov.route(job),
-                         "base_url": settings.providers.endpoints[name].base_url or "(the SDK's default)",
+        route, base = prov.route(job), settings.providers.endpoints[name].base_url
+        if base and route.startswith("/v1beta/models/"):  # Veo: under the Gemini API's root, not the layer's path
+            from actors.providers._veo import native_root
+            base = native_root(base)
+        samples[name] = {"route": route, "base_url": base or "(the SDK's default)",
                          "body": body}
     return {"requests": len(res.requests), "cost_usd": float(res.total_cost), "list_price_usd": list_total,
             "providers": rows, "samples": samples}

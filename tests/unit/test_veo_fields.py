@@ -67,3 +67,33 @@ def test_a_veo_bodys_length_is_what_google_bills_and_the_engine_counts():
             await rig.close()
     with Emulator(CAT, latency_scale=0.0, speedup=SPEED, honour_keys=False) as emu:
         asyncio.run(go(emu))
+
+
+def test_a_dry_run_shows_veos_own_route_under_the_gemini_apis_root():
+    """It said ``/v1/videos`` at the layer's base URL, a route the docs say answers 404 there (a helper's tour)."""
+    from engine.app.live import dry_run
+    from engine.core.settings import ProvidersSettings, Settings
+
+    settings = Settings(providers=ProvidersSettings(mode="http", endpoints={
+        "google": {"base_url": "http://127.0.0.1:9/google/v1"}}))
+    r = Request.model_validate({"id": "v", "arrival_s": 0.0, "model": FAST, "prompt": "a boat"},
+                               context=validation_context(CAT, settings))
+    sample = dry_run([r], catalog=CAT, settings=settings)["samples"]["google"]
+    assert (sample["route"], sample["base_url"]) == (f"/v1beta/models/{FAST}:predictLongRunning",
+                                                     "http://127.0.0.1:9/google/")
+    assert sample["body"]["parameters"] == {"durationSeconds": 8, "resolution": "720p"}
+
+
+def test_a_runs_sample_of_a_video_keeps_its_whole_address():
+    """results.json cut every sample at 72 characters: a video's URL could not be fetched from it."""
+    from engine.app.live import samples
+    from engine.core.result import Result
+
+    r = veo()
+    url = "http://127.0.0.1:9/google/v1beta/files/op000000000000000000000003:download?alt=media"
+    got = Result(id="v", status="ok", output=url, provider="google", model=FAST, mode="sync", cost_usd=0.8, real=True)
+    text = Result(id="t", status="ok", output="x" * 100, provider="openai", model="gpt-5.4-mini", mode="sync",
+                  real=True)
+    asked = Request.model_validate({"id": "t", "arrival_s": 0.0, "model": "gpt-5.4-mini", "prompt": "hi"})
+    shown = {s["id"]: s["output"] for s in samples([got, text], [r, asked])}
+    assert shown == {"v": url, "t": "x" * 72}
