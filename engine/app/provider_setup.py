@@ -7,6 +7,7 @@ import datetime
 import logging
 import os
 from collections.abc import Iterable
+from urllib.parse import urlsplit
 
 from engine.core._settings_providers import add_endpoint, keep_defaults, simulated_refusal
 from engine.core.catalog import Catalog
@@ -108,12 +109,19 @@ def retiring(catalog: Catalog, provider: str, today: datetime.date,
                   key=lambda x: (x[1], x[0]))
 
 
+# The providers' own API hosts: an endpoint set to one (Gemini's preset names Google's; OPENAI_BASE_URL may name
+# OpenAI's) calls the provider's lineup, and was not warned of it (a helper's tour: Veo's previews, shut down,
+# passed unsaid at Google's address).
+_PROVIDER_HOSTS = frozenset({"api.openai.com", "api.anthropic.com", "generativelanguage.googleapis.com"})
+
+
 def _warn_retiring(catalog: Catalog, name: str, ep, today: datetime.date) -> None:
     # The dates are the provider's own: a server the user named (vLLM, a proxy, the emulator) keeps its own
     # lineup, so only the provider's default address is warned about. From the day, each call for the model
     # fails there (model_not_found) and a batch of it is refused: nothing is billed, but a job's requests for it
     # all fail, which a start can say ahead.
-    if ep.address() is not None:
+    address = ep.address()
+    if address is not None and urlsplit(address).hostname not in _PROVIDER_HOSTS:
         return
     gone = retiring(catalog, name, today)
     if gone:

@@ -87,3 +87,18 @@ def test_an_overlay_gives_or_takes_back_a_shutdown_day_and_a_bad_one_names_the_f
     overlay.write_text("providers:\n  openai:\n    models:\n      gpt-5: {shutdown: next week}\n")
     with pytest.raises(CatalogError, match="shutdown"):
         load_catalog(None, overlay)
+
+
+def test_a_start_at_googles_address_warns_of_its_retired_veo_previews(keys, caplog):
+    """Gemini's preset names Google's own address as its base_url: read as a server the user named, its retired
+    models passed unsaid (a helper's tour). OpenAI's own address given as a base_url is OpenAI's too."""
+    keys.setenv("GEMINI_API_KEY", "gem-test-fake")
+    with caplog.at_level(logging.WARNING, logger="smartbatch.providers"):
+        http_setup(CAT, Settings(providers=ProvidersSettings(mode="http", endpoints={"google": {}})), today=DAY)
+        keys.setenv("OPENAI_BASE_URL", "https://api.openai.com/v1")
+        http_setup(CAT, Settings(providers=ProvidersSettings(mode="http", endpoints={"openai": {}})), today=DAY)
+    (google,) = [m for m in _warned(caplog) if m.startswith("google:")]
+    assert ("veo-3.1-fast-generate-preview shut down on 2026-10-22; veo-3.1-generate-preview shut down on "
+            "2026-10-22") in google
+    (openai,) = [m for m in _warned(caplog) if m.startswith("openai:")]
+    assert "sora-2 shut down on 2026-09-24" in openai
