@@ -209,10 +209,13 @@ class SharedEngine:
         try:
             if not self.wait_cancelled(0.0):
                 return 0
+            # A video being made has no cancel: it is billed when it completes, so the wait is for its address
+            # (a helper's tour: a Ctrl-C mid-poll was told of provider batches, and there were none).
             log.warning("stopping engine %r with work under way: its work is cancelled, and the stop waits up to %g "
-                        "s for its provider batches to take the cancel, so what they finished (billed) is answered "
-                        "(a cancel takes up to 10 minutes at OpenAI and Anthropic; Ctrl-C leaves now, what they "
-                        "finished then billed and not read)", self.name, limit_s)
+                        "s for its provider batches to take the cancel and its calls under way to end (a video "
+                        "being made has no cancel and is billed when it completes), so what they finished (billed) "
+                        "is answered (a batch's cancel takes up to 10 minutes at OpenAI and Anthropic, a video "
+                        "minutes; Ctrl-C leaves now, what they finished then billed and not read)", self.name, limit_s)
             left = self.wind_down(limit_s)
             if left:
                 log.warning("engine %r stops before its provider batches and calls under way have ended: what they "

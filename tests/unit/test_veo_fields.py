@@ -97,3 +97,19 @@ def test_a_runs_sample_of_a_video_keeps_its_whole_address():
     asked = Request.model_validate({"id": "t", "arrival_s": 0.0, "model": "gpt-5.4-mini", "prompt": "hi"})
     shown = {s["id"]: s["output"] for s in samples([got, text], [r, asked])}
     assert shown == {"v": url, "t": "x" * 72}
+
+
+def test_a_stop_with_a_video_under_way_says_it_waits_for_it(caplog):
+    """Ctrl-C while a video was polled was told the stop waits for provider batches to take the cancel, and
+    there were none: the wait was for the video, which has no cancel and is billed when it completes."""
+    import logging
+    from types import SimpleNamespace
+
+    from engine.app._driver_shared import SharedEngine
+
+    eng = SimpleNamespace(_owner=True, _running=True, _gone=None, _puller=None, name="e",
+                          wait_cancelled=lambda _s: True, wind_down=lambda _s: 0)
+    with caplog.at_level(logging.WARNING, logger="smartbatch"):
+        assert SharedEngine._drain_before_stop(eng, 600.0) == 0
+    (said,) = [r.getMessage() for r in caplog.records]
+    assert "calls under way to end (a video being made has no cancel and is billed when it completes)" in said
