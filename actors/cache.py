@@ -315,6 +315,13 @@ class ResultCache(CacheReports, NearIndex, Following, Warm):
         return Entry(item.fp, res, self._near_key(item) if self.reuse.near else None, near_text(item.req), blob,
                      dict(item.req.params))
 
+    def _life(self, item: Item) -> float:
+        """Engine seconds an entry is served: ``cache.ttl_s``, but a media output whose provider keeps it at its
+        address for a while (``output_ttl_s``: a Sora video an hour) for nine tenths of that, so a copy served has
+        time to be fetched. Kept 7 days, an exact copy answered a dead address at $0 (a helper's tour)."""
+        life = self.catalog.model(item.req.provider, item.req.model).output_ttl_s
+        return self.cfg.ttl_s if life is None else min(self.cfg.ttl_s, 0.9 * life)
+
     async def complete(self, done: list[tuple[str, Result]]) -> None:
         """Requests finished: store the results that may feed the cache and resolve the requests attached."""
         out: list[Result] = []
@@ -333,7 +340,7 @@ class ResultCache(CacheReports, NearIndex, Following, Warm):
             if res.model is None or (res.provider, res.model) == (item.req.provider, item.req.model):
                 e = self._entry(item, res)
                 if e is not None:
-                    self.memory.put(e, self.cfg.ttl_s)
+                    self.memory.put(e, self._life(item))
                     stored.append((item, e))
             at = res.done_s or self._now()
             for f, how in self.inflight.done(fp, item):
@@ -354,9 +361,8 @@ class ResultCache(CacheReports, NearIndex, Following, Warm):
             self._index_leaders({})
             self._index_near(stored)
             if self.redis is not None:
-                ttl_ms = int(self.cfg.ttl_s * 1000 / self._speedup())
-                await self.redis.put_many([(self.redis.key(self._scope(it), e.fp), encode(e), ttl_ms)
-                                           for it, e in stored])
+                await self.redis.put_many([(self.redis.key(self._scope(it), e.fp), encode(e),
+                                            int(self._life(it) * 1000 / self._speedup())) for it, e in stored])
         self._warm_when_up()
         if out:
             await self._deliver(out, out_items, prices)

@@ -83,6 +83,8 @@ class ModelSpec(_Frozen):
     default_duration_s: float = Field(default=5.0, gt=0)
     durations_s: tuple[float, ...] | None = Field(default=None, description="the only video lengths the "
                                                   "provider accepts, in seconds (None: any in (0, 600])")
+    output_ttl_s: float | None = Field(default=None, gt=0, description="how long the provider keeps a media "
+                                       "output at the address it answers (None: no limit known)")
     durations_at: dict[str, tuple[float, ...]] | None = Field(default=None, description="the only lengths made at "
                                                               "a resolution, where fewer than durations_s")
     # GPU seconds grow with the sampler steps a job runs: the tables above are at this many (None: steps not priced)

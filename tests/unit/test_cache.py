@@ -22,6 +22,7 @@ from engine.runtime.reuse import ReuseIndex
 
 NEAR = ReuseSettings(exact=True, in_flight=True, near=True, near_threshold=0.85)
 LOW_FLOOR = Settings(sim=SimSettings(near_floor=0.5))
+REUSE_EXACT = ReuseSettings(exact=True, in_flight=True)
 
 
 def run(coro):
@@ -627,3 +628,23 @@ def test_the_simulator_reuses_across_tenants_when_the_cache_is_shared():
         res = simulate(reqs, load_policy("cache-only", default_catalog()), settings=s)
         assert int((res.cost > 0).sum()) == paid
         assert int((lower_bound(reqs, settings=s).per_request_usd > 0).sum()) == paid
+
+
+@pytest.mark.parametrize("model, life_s", [("sora-2", 3600.0), ("veo-3.1-fast-generate-001", 172800.0)])
+def test_a_video_is_served_from_the_cache_only_while_its_provider_keeps_it(tmp_path, model, life_s):
+    """A video's answer is an address the provider keeps for a while (a Sora video an hour): kept the cache's 7
+    days, an exact copy was served a dead address at $0 (a helper's tour). Served for nine tenths of that life."""
+    clock = ManualClock(0.0)
+    hub = ResultHub()
+    cache = ResultCache(REUSE_EXACT, hub, clock, settings=LOW_FLOOR.model_copy(
+        update={"cache": CacheSettings(blob_dir=tmp_path / "blobs")}))
+    assert CacheSettings().ttl_s > life_s
+
+    async def go():
+        await generated(cache, hub, job(0, "A dog surfing", model=model, reuse="exact"), output="https://v/0")
+        clock.advance(0.9 * life_s - 1.0)
+        assert await cache.lookup([job(1, "A dog surfing", model=model, reuse="exact")]) == []  # served
+        assert (await hub.pull(0.01))[0].output == "https://v/0"
+        clock.advance(2.0)
+        assert await cache.lookup([job(2, "A dog surfing", model=model, reuse="exact")]) == [0]  # made again
+    run(go())
