@@ -254,6 +254,12 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
     return app
 
 
+# An application of OpenAI's Videos API (client.videos) or Google's Veo routes got a bare 404 (a helper's tour).
+_NO_VIDEO_ROUTE = (". This endpoint has no video route: send a video request (sora-2, a Veo model) from a driver "
+                   "script, Engine.connect(name).submit({'model': ..., 'prompt': ..., 'params': {'duration_s': ..., "
+                   "'resolution': ...}}), whose result's output is the video's address (docs/service.md)")
+
+
 def _errors_in_openai_shape(app: FastAPI) -> None:
     async def api_error(_: HttpRequest, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ApiError)
@@ -264,6 +270,8 @@ def _errors_in_openai_shape(app: FastAPI) -> None:
         where = f"{http.method} {http.url.path}"
         msg = {404: f"Unknown request URL: {where}", 405: f"Method not allowed: {where}"}.get(exc.status_code,
                                                                                            str(exc.detail))
+        if exc.status_code == 404 and (http.url.path.startswith("/v1/videos") or ":predictLongRunning" in where):
+            msg += _NO_VIDEO_ROUTE
         return (AnthropicError if anthropic_caller(http) else ApiError)(exc.status_code, msg).response()
 
     async def invalid(_: HttpRequest, exc: Exception) -> JSONResponse:

@@ -219,3 +219,13 @@ def test_the_anthropic_sdks_files_api_is_a_404_in_its_shape_and_openais_files_st
     line = b'{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "gpt-4o-mini"}}\n'
     up = oai.files.create(file=("in.jsonl", line), purpose="batch")
     assert oai.files.retrieve(up.id).purpose == "batch"
+
+
+def test_the_openai_sdks_videos_api_is_a_404_that_says_where_video_goes(both):
+    """The endpoint has no video route: ``client.videos.create`` got a bare "Unknown request URL" (a helper's
+    tour). The 404 says so and names the way in that makes video, a driver script."""
+    _, _, oai, _ = both
+    with pytest.warns(DeprecationWarning), pytest.raises(openai.NotFoundError) as exc:
+        oai.videos.create(model="sora-2", prompt="A heron", seconds="4")
+    said = exc.value.body["message"] if "message" in exc.value.body else exc.value.body["error"]["message"]
+    assert "no video route" in said and "Engine.connect(name).submit(" in said
