@@ -338,15 +338,15 @@ def emulate(port: int = typer.Option(8765, min=0, max=65535, help="port on 127.0
                                           "engine's --speedup)"),
             seed: int = typer.Option(0, min=0, help="seed of latencies, turnarounds and random faults"),
             catalog: Path | None = typer.Option(None, help="a catalog YAML replacing the packaged one")) -> None:
-    """Serve the loopback provider emulator (OpenAI and Anthropic wire formats, and Gemini's OpenAI layer)
-    until interrupted. Point the engine at it with --base-url openai=http://127.0.0.1:PORT/openai/v1 --base-url
-    anthropic=http://127.0.0.1:PORT/anthropic; Gemini through an endpoint named google whose base_url is
-    http://127.0.0.1:PORT/google/v1 (docs/providers.md, "Gemini")."""
+    """Serve the loopback provider emulator (OpenAI and Anthropic wire formats, OpenAI's Videos API, Gemini's
+    OpenAI layer and Veo) until interrupted. Point the engine at it with --base-url
+    openai=http://127.0.0.1:PORT/openai/v1 --base-url anthropic=http://127.0.0.1:PORT/anthropic --base-url
+    google=http://127.0.0.1:PORT/google/v1 (Gemini and Veo; docs/providers.md, "Gemini", "Video")."""
     from engine.emulator import serve
 
     def started(emu) -> None:  # where it listens: with --port 0, nothing else says
         console.print(f"provider emulator on {emu.base_url('openai')} and {emu.anthropic_base_url('anthropic')}, "
-                      f"Gemini's layer on {emu.base_url('google')} (an endpoint named google) "
+                      f"Gemini's layer and Veo on {emu.base_url('google')} (--base-url google=...) "
                       f"(speed-up x{speedup:g}); its bill: GET http://127.0.0.1:{emu.port}/_emulator/bill; "
                       "Ctrl-C stops it", soft_wrap=True)
 

@@ -107,6 +107,7 @@ def _settings(catalog: Path | None, overlay: Path | None = None) -> tuple[Settin
 
 def _providers(settings: Settings, mode: str | None, base_urls: list[str] | None) -> Settings:
     """``--providers sim|http`` and ``--base-url NAME=URL`` on top of ``settings.providers``."""
+    from engine.core._settings_providers import PRESETS
     from engine.core.errors import ConfigError
     from engine.core.settings import ProvidersSettings
 
@@ -120,6 +121,8 @@ def _providers(settings: Settings, mode: str | None, base_urls: list[str] | None
         name, sep, url = item.partition("=")
         if not sep or not name or not url:
             raise ConfigError(f"--base-url {item!r}: write NAME=URL, e.g. --base-url openai=http://127.0.0.1:8000/v1")
+        if name not in raw["endpoints"] and name in PRESETS:  # google: its preset, at this URL (the emulator's)
+            raw["endpoints"][name] = {}
         if name not in raw["endpoints"]:
             raise ConfigError(f"--base-url {item!r}: no endpoint named {name!r}; endpoints are "
                               f"{sorted(raw['endpoints'])} (add one with SMARTBATCH_PROVIDERS__ENDPOINTS)")

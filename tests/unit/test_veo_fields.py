@@ -18,6 +18,7 @@ from tests.unit.test_http_providers import CAT, SPEED, Rig
 from tests.unit.test_video_http import run_one
 
 FAST = "veo-3.1-fast-generate-001"
+pytestmark = pytest.mark.filterwarnings("ignore:The Sora API is scheduled:DeprecationWarning")
 
 
 def veo(params=None, body=None, model: str = FAST) -> Request:
@@ -113,3 +114,21 @@ def test_a_stop_with_a_video_under_way_says_it_waits_for_it(caplog):
         assert SharedEngine._drain_before_stop(eng, 600.0) == 0
     (said,) = [r.getMessage() for r in caplog.records]
     assert "calls under way to end (a video being made has no cancel and is billed when it completes)" in said
+
+
+def test_base_url_google_points_the_gemini_preset_at_a_server():
+    """``--base-url google=URL`` was refused ("no endpoint named 'google'"), though the emulator's banner names
+    that endpoint: a user had to write the endpoints' JSON. It adds Gemini's preset at that URL beside the default
+    pair; a name that is no preset is still refused."""
+    from engine.app.cli_common import _providers
+    from engine.core.errors import ConfigError
+    from engine.core.settings import Settings
+
+    s = _providers(Settings(), "http", ["google=http://127.0.0.1:9/google/v1"])
+    google = s.providers.endpoints["google"]
+    assert (google.api, google.base_url, google.api_key_env) == ("openai", "http://127.0.0.1:9/google/v1",
+                                                                 "GEMINI_API_KEY")
+    assert {"openai", "anthropic"} <= set(s.providers.endpoints)
+    with pytest.raises(ConfigError, match="no endpoint named 'mistral'"):
+        _providers(Settings(), "http", ["mistral=http://127.0.0.1:9/v1"])
+
