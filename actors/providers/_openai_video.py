@@ -63,10 +63,13 @@ class _Try:
     """One request's video: the listing before its first create, the job's id once known, and how many of its
     creates got no answer (each may have made a video)."""
 
-    __slots__ = ("covers", "lost", "snapshot", "video_id")
+    __slots__ = ("covers", "lost", "replayed", "snapshot", "video_id")
 
     def __init__(self, snapshot: tuple[int | None, frozenset[str]] | None):
         self.snapshot, self.video_id, self.lost = snapshot, None, 0
+        # The create was answered with an earlier run's job under its Idempotency-Key (a server that honours it):
+        # that run counted it; counted again here, a re-run reported money the bill never held (a helper's tour).
+        self.replayed = False
         # Whether its video's answer accounts for the request's earlier tries that got no answer (each may have
         # made a video): False for one taken back from the journal whose request had such tries before it.
         self.covers = True
@@ -161,7 +164,7 @@ class VideoCalls:
             finally:
                 self._creating.pop(key, None)
                 answered.set()
-            t.video_id, recovered = resp.id, recovered and replayed
+            t.video_id, recovered, t.replayed = resp.id, recovered and replayed, replayed
         if job.made is not None:  # journaled, and the call's concurrency slot freed, before minutes of polls
             await job.made({"provider": p.name, "api": "videos", "job": t.video_id, "key": key, "lost": t.lost,
                             "covers": recovered or t.lost == 0, "model": job.req.model,
@@ -207,7 +210,7 @@ class VideoCalls:
                 v = None
             if v is not None and v.status == "completed":
                 self._tries.pop(key, None)
-                return self._made(job, v, recovered)
+                return self._made(job, v, recovered)._replace(replayed=t.replayed)
             if v is not None and v.status == "failed":
                 self._tries.pop(key, None)  # billed nothing: a retry makes a new one
                 err = v.error

@@ -67,6 +67,7 @@ class VeoCalls:
                                       timeout=provider.endpoint.timeout_s,
                                       default_headers={"x-goog-api-key": provider._key.get() or "unset"})
         self._ops: dict[str, str] = {}  # key -> operation name, of a create answered whose video is not in yet
+        self._replayed: set[str] = set()  # keys whose create was answered with an earlier run's operation
 
     def __repr__(self) -> str:
         return f"VeoCalls(open={len(self._ops)})"
@@ -95,18 +96,30 @@ class VeoCalls:
         name = self._ops.get(key)
         if name is None:
             try:
-                op = await self.client.post(f"v1beta/models/{job.req.model}:predictLongRunning", body=body,
-                                            cast_to=object, options=self._headers(**{"Idempotency-Key": key}))
-                name = op["name"]
+                # The SDK's raw-response header (what its with_raw_response sets): its headers, then its body
+                resp = await self.client.post(f"v1beta/models/{job.req.model}:predictLongRunning", body=body,
+                                              cast_to=object, options=self._headers(**{
+                                                  "Idempotency-Key": key, "X-Stainless-Raw-Response": "true"}))
+                name = resp.parse()["name"]
             except sdk.APIError as exc:  # refused (nothing made), or lost on the way (possibly billed)
                 return p._error(exc, sdk.APIStatusError, sdk.APITimeoutError, key)
             except (KeyError, TypeError, ValueError) as exc:  # answered (so maybe made), its operation unreadable
                 return p._unreadable(exc)
             self._ops[key] = name
+            # An earlier run's operation, answered again under its Idempotency-Key (a server that honours it; not
+            # Google): that run counted it, and counted again here a re-run reported money the bill never held.
+            if str(resp.headers.get("idempotent-replayed", "")).lower() == "true":
+                self._replayed.add(key)
+            else:
+                self._replayed.discard(key)
         if job.made is not None:  # journaled, and the call's concurrency slot freed, before minutes of polls
             await job.made({"provider": p.name, "api": "veo", "job": name, "key": key, "model": job.req.model,
                             "cost_usd": price_alone(job.req, p.catalog, "sync").total})
-        return await self._poll(job, key, name)
+        out = await self._poll(job, key, name)
+        if out.ok and key in self._replayed:
+            self._replayed.discard(key)
+            return out._replace(replayed=True)
+        return out
 
     def resume(self, records: Any) -> None:
         """The operations a call of the last process made (``CallJob.made``'s records), by its key: the call

@@ -172,7 +172,7 @@ class App:
     def _idempotent(self, key: tuple[str, str, str], r: Route, ctx: Ctx) -> Reply:
         """The same key again gets the same answer and bills nothing more; an answer in flight is waited for.
         Only successes are kept, so a retry after an error is served afresh."""
-        body_hash = hashlib.sha256(ctx.body).digest()
+        body_hash = _body_digest(ctx)
         while True:
             with self._lock:
                 pending = self._idem.get(key)
@@ -196,6 +196,7 @@ class App:
         return reply
 
     # -- helpers -------------------------------------------------------------------------------------------
+
     @staticmethod
     def _match(method: str, rest: str) -> tuple[Route, dict[str, str]] | None:
         for r in _ROUTES:
@@ -238,3 +239,17 @@ class App:
         self.core.advance_batches()
         with self.core.lock:
             return self.core.ledger.bill().model_dump(mode="json")
+
+
+def _body_digest(ctx: Ctx) -> bytes:
+    """A request body's identity for its Idempotency-Key: a multipart form's fields (the ``openai`` SDK draws a new
+    boundary for each send, so the same Sora create sent again by a re-run was a 409, "a different request body",
+    and its request failed: a helper's tour), any other body's bytes."""
+    if ctx.headers.get("content-type", "").startswith("multipart/form-data"):
+        try:
+            fields = _openai.multipart(ctx)
+        except (ApiError, ValueError):
+            fields = None
+        if fields is not None:
+            return hashlib.sha256(repr(sorted(fields.items())).encode()).digest()
+    return hashlib.sha256(ctx.body).digest()

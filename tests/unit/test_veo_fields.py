@@ -132,3 +132,26 @@ def test_base_url_google_points_the_gemini_preset_at_a_server():
     with pytest.raises(ConfigError, match="no endpoint named 'mistral'"):
         _providers(Settings(), "http", ["mistral=http://127.0.0.1:9/v1"])
 
+
+@pytest.mark.parametrize("model, duration", [("sora-2", 4), (FAST, 4)])
+def test_a_rerun_of_a_video_against_a_server_that_honours_the_key_gets_the_same_video_at_no_cost(model, duration):
+    """A second run of the same trace against the same emulator: the Sora create was a 409 ("a different request
+    body": the SDK draws a new multipart boundary per send) and its request failed; the Veo one was the first
+    run's operation, replayed and billed nothing, and counted again at full price (a helper's tour)."""
+    r = Request.model_validate({"id": "again", "arrival_s": 0.0, "model": model, "prompt": "A heron",
+                                "params": {"duration_s": duration}})
+
+    async def go(emu):
+        first, second = Rig(emu, r.provider), Rig(emu, r.provider)  # two runs of the same request
+        try:
+            a = await run_one(first, r)
+            b = await run_one(second, r)
+            assert a.status == b.status == "ok", (a.error, b.error)
+            assert b.output == a.output and a.cost_usd > 0 and b.cost_usd == 0.0
+            assert a.cost_usd == pytest.approx(emu.bill().total_usd, abs=1e-12) and len(emu.bill().items) == 1
+            assert (await second.d.stats())["replayed"] == 1
+        finally:
+            await first.close()
+            await second.close()
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED) as emu:
+        asyncio.run(go(emu))
