@@ -18,6 +18,7 @@ from engine.app.cli_common import (
     _providers,
     _settings,
     _warn_skipped,
+    _write_results,
     app,
     console,
     err_console,
@@ -227,11 +228,13 @@ def run(trace: Path = typer.Argument(..., help="a JSONL trace"),
                              seed=seed, speedup=speedup))
             return
         _check_outputs(dirs={"--out": out})
+        got: list = []
         try:
             doc = _live(tr.requests, tr.name, policy, speedup, address, seed, settings, cat, spec=spec,
-                        shards=shards)
+                        shards=shards, results=got)
         except Interrupted as stop:
             _keep_interrupted(stop, out)
+        each = _write_results(got, out / "results.jsonl")
         doc["source"] = source_of(trace, skipped=tr.skipped, problems=tr.problems, overlay=catalog_overlay
                                   or settings.catalog_overlay, catalog=catalog or settings.catalog_path)
         paths = write_outputs(doc, out)
@@ -239,7 +242,7 @@ def run(trace: Path = typer.Argument(..., help="a JSONL trace"),
         _fail(exc)
     print_table(doc)
     print_providers(doc)
-    console.print(f"wrote {paths['json']}, {paths['markdown']}, {paths['plot']}")
+    console.print(f"wrote {paths['json']}, {paths['markdown']}, {paths['plot']}, {each}")
     if speedup > 1 and _late(doc["results"][0], doc["requests"]):
         _flag_run_lag(doc, tr.requests, spec, settings, cat, seed, speedup)
 

@@ -212,3 +212,14 @@ def _check_tenant(tenant: str) -> None:
     if why is not None:
         raise ConfigError(f"--tenant {tenant!r}: {why}; give a name of 1 to 256 characters, "
                           "none of them a control character")
+
+
+def _write_results(results: list, path: Path) -> Path:
+    """Every request's result, a line each (the provider's raw body left out): a video's or an image's address,
+    a text's answer. Before, ``run`` kept four samples and a video trace's other addresses, paid for, were in no
+    file (a helper's tour)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as fh:
+        for r in results:
+            fh.write(r.model_dump_json(exclude={"raw"}) + "\n")
+    return path

@@ -165,7 +165,7 @@ def test_run_records_the_skipped_lines_and_the_catalog_overlay_as_bench_does(tmp
     import engine.app.cli as cli
     from engine.app.bench import run_bench
 
-    def live(reqs, name, policy, speedup, address, seed, settings, cat, *, spec, shards):
+    def live(reqs, name, policy, speedup, address, seed, settings, cat, *, spec, shards, results):
         return run_bench(reqs, [spec], trace_name=name, catalog=cat, settings=settings, seed=seed)
 
     monkeypatch.setattr(cli, "_live", live)

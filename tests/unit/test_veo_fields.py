@@ -155,3 +155,38 @@ def test_a_rerun_of_a_video_against_a_server_that_honours_the_key_gets_the_same_
             await second.close()
     with Emulator(CAT, latency_scale=0.0, speedup=SPEED) as emu:
         asyncio.run(go(emu))
+
+
+def test_run_writes_every_result_so_each_videos_address_is_in_a_file(tmp_path, monkeypatch):
+    """``run`` kept four samples in results.json: a video trace's other addresses, paid for, were in no file (a
+    helper's tour). Every result goes to results.jsonl, without the provider's raw body. The live run is a
+    stand-in that answers as ``run_live`` does (it needs Ray)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    import engine.app.bench as bench
+    import engine.app.cli as cli
+    from engine.core.result import Result
+
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("".join(json.dumps({"id": f"v{i}", "arrival_s": i, "model": FAST, "prompt": f"A boat {i}",
+                                         "params": {"duration_s": 4}}) + "\n" for i in range(6)))
+
+    def live(reqs, name, *args, results=None, **kwargs):
+        results.extend(Result(id=r.id, status="ok", output=f"https://g/v1beta/files/{r.id}:download?alt=media",
+                              provider="google", model=FAST, mode="sync", cost_usd=0.4, real=True,
+                              raw={"name": r.id}) for r in reqs)
+        row = {"policy": "smart (live)", "cost_usd": 2.4, "saving_vs_naive": 0.0, "capture_of_achievable": 1.0,
+               "deadline_met_frac": 1.0, "deadline_met_by_priority": {}, "failed": 0, "rejected": {},
+               "exact_hits": 0, "in_flight_hits": 0, "near_hits": 0, "recommendations": {}}
+        return {"trace": name, "requests": len(reqs), "lower_bound_usd": 2.4, "results": [row],
+                "engine_report": {"requests": len(reqs)}, "samples": []}
+
+    monkeypatch.setattr(cli, "_live", live)
+    monkeypatch.setattr(bench, "write_outputs", lambda doc, out: {"json": "j", "markdown": "m", "plot": "p"})
+    r = CliRunner().invoke(cli.app, ["run", str(trace), "--providers", "sim", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    lines = [json.loads(x) for x in (tmp_path / "o" / "results.jsonl").read_text().splitlines()]
+    assert [x["output"] for x in lines] == [f"https://g/v1beta/files/v{i}:download?alt=media" for i in range(6)]
+    assert all("raw" not in x for x in lines) and "results.jsonl" in r.output
