@@ -10,6 +10,10 @@ cleared with the call's body record, once its result is with the hub; a job that
 its record until its retry's create writes the new one (a restart between them polls the failed job once more).
 A record with no job (``"job": None``) is a create's intent, journaled before the create is sent (OpenAI's videos):
 the slot stays held, and a restart gives it back so the call made again looks for the video that create made.
+A create refused (no video made) replaces its intent by a record saying so (``"refused": True``): with the intent
+kept, a restart during the retry's wait looked for a video that create never made and took another request's of
+the same body (answered with it, its price counted twice); the restart counts the call unanswered only if an
+earlier create of it got no answer (``lost``).
 At a stop the jobs still under way are said (``open_jobs``): they complete and are billed at the provider."""
 
 from __future__ import annotations

@@ -86,6 +86,12 @@ def _intent(provider: str, job: CallJob, key: str, t: _Try, body: dict[str, Any]
             "prompt_sha256": hashlib.sha256(str(prompt).encode()).hexdigest(), "call": job.key}
 
 
+def _refused(provider: str, key: str, t: _Try) -> dict[str, Any]:
+    """The record that replaces a refused create's intent: no video to look for after a restart (the intent's
+    look-up took another request's video of the same body); ``lost``: its earlier creates that got no answer."""
+    return {"provider": provider, "api": "videos", "job": None, "key": key, "refused": True, "lost": t.lost}
+
+
 def _made_as(body: dict[str, Any]) -> tuple:
     """What a create of ``body`` makes, as the listing shows it (OpenAI's defaults where the body names none)."""
     return body.get("model"), body.get("prompt"), str(body.get("seconds", "4")), body.get("size", "720x1280")
@@ -150,12 +156,16 @@ class VideoCalls:
                 self._hold(resp.id)
             except sdk.APIError as exc:
                 out = p._error(exc, sdk.APIStatusError, sdk.APITimeoutError, key)
-                if not out.maybe_billed:  # refused: no video was made
+                if not out.maybe_billed:  # refused: no video was made, none to look for after a restart
                     self._tries.pop(key, None)
+                    if job.made is not None:
+                        await job.made(_refused(p.name, key, t))
                 t.lost += out.maybe_billed
                 return out
             except TypeError as exc:
                 self._tries.pop(key, None)
+                if job.made is not None:
+                    await job.made(_refused(p.name, key, t))
                 return CallOutcome(False, p.clock.now(), 0.0, error=f"{p.name}: bad request body: {exc}",
                                    retryable=False)
             except Unreadable as exc:
@@ -175,7 +185,7 @@ class VideoCalls:
         """The videos a call of the last process made (``CallJob.made``'s records), by its key: the call made
         again after the restart polls its video."""
         for rec in records:
-            if rec.get("api") != "videos" or rec["key"] in self._tries:
+            if rec.get("api") != "videos" or rec.get("refused") or rec["key"] in self._tries:
                 continue
             snap = rec.get("snapshot")  # (an intent's: its create cut before its answer, its video looked for)
             t = self._tries[rec["key"]] = _Try(None if snap is None else (snap[0], frozenset(snap[1])))

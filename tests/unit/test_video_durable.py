@@ -206,3 +206,53 @@ def test_a_restart_that_cuts_a_create_before_its_answer_takes_the_video_it_made_
             finally:
                 await rig.close()
         asyncio.run(go())
+
+
+def test_a_restart_after_a_refused_create_makes_its_own_video_not_another_request_s():
+    """A create refused (a 429: no video made) leaves its request waiting for its retry; meanwhile another request
+    of the same body makes its video and is answered; then the dispatcher dies. The new one makes the first
+    request's own video. Before, the refused create's intent stayed journaled: the restart looked for the video
+    it made, found the other request's (listed newer than its snapshot, no longer held by anyone) and answered
+    the first request with it, its price counted a second time."""
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED, honour_keys=False) as emu:
+        emu.faults.script("openai", "videos", [{"status": 429, "retry_after_s": 60}])  # the first create's
+
+        async def go():
+            rig = Rig(emu, "openai")
+            first, other = video("a", prompt="a red fox"), video("b", prompt="a red fox", tenant="t2")
+            waiting = asyncio.Event()
+            rig.d._retry_later = lambda *a, **kw: waiting.set()  # the dispatcher dies before the retry's time
+            try:
+                job = Job(0, first, f"fp-{first.id}", claim="c0")
+                await rig.reserve([job])
+                await rig.run("sync", [job])
+                await asyncio.wait_for(waiting.wait(), 10.0)
+                job_b = Job(1, other, f"fp-{other.id}", claim="c1")
+                await rig.reserve([job_b])
+                await rig.run("sync", [job_b], bid="b2")
+                got_b = await rig.until(lambda: rig.results.get(other.id), "the other request's video")
+                for _ in range(3):  # its records cleared once its result is with the hub
+                    await rig.d.flush()
+                for t in list(rig.d._tasks):  # the dispatcher dies
+                    t.cancel()
+                for h in list(rig.d._timers):
+                    h.cancel()
+                again = Dispatcher("openai", rig.catalog, rig.settings, 0, rig.clock, [rig.grouper], rig.hub, None,
+                                   rig.budget, key=rig.d._key)
+                try:
+                    await again.recover()
+                    res = await rig.until(lambda: rig.results.get(first.id), "the first request's video")
+                    assert res.status == "ok" and got_b.status == "ok"
+                    assert res.provider_request_id != got_b.provider_request_id
+                    await rig.until(lambda: not rig.budget.book.claims, "the claims settled")
+                    emu._core.clock.offset += 100_000
+                    items = emu.bill().items
+                    assert len(items) == 2  # one video each, the refused create billed nothing
+                    billed = sum(i.cost_usd for i in items)
+                    assert again.possibly_billed == 0  # its one create before the restart was refused
+                    assert sum(rig.budget.book.spend.values()) == pytest.approx(billed, abs=1e-12)
+                finally:
+                    await again.provider.close()
+            finally:
+                await rig.close()
+        asyncio.run(go())
