@@ -129,6 +129,8 @@ class Recovery:
                 self._unanswered[j.req.uid] += 1
             resumed.add(key)
             self.in_flight += 1
+            # Its gate slot, as the gate's start takes one: its end (or a video's made-hook) frees it, not another's.
+            self.sim.hold_sync(j.req.model, self.clock.now(), j.req.input_tokens + j.req.output_tokens)
             self._spawn(self._run_sync(b, j, cache_write, self.clock.now()), [j], b)
             self.resumed_calls += 1
         self._resume_jobs(jobs, resumed)  # before any await: the calls just spawned have not run yet

@@ -153,8 +153,7 @@ class SimProvider:
         return out
 
     def enqueue(self, w: Work) -> None:
-        reqs = w.reqs
-        first = reqs[0]
+        reqs, first = w.reqs, w.reqs[0]
         spec = self.spec.models[first.model]
         if w.kind == "sync" and spec.gpu_priced:
             w = w._replace(kind="gpu_batch")
@@ -263,14 +262,16 @@ class SimProvider:
             outs = self.gpu(w.idxs, w.reqs, s, w.attempts, gate)
             return Event("gpu_batch", w, s, outs)
         if not self.draw:
-            r = w.reqs[0]
-            gate.take(s, r.input_tokens + r.output_tokens, _INF)
+            gate.take(s, w.reqs[0].input_tokens + w.reqs[0].output_tokens, _INF)
             return Event("sync", w, s, None)
         return Event("sync", w, s, self.sync(w.idxs[0], w.reqs[0], s, w.attempts[0], w.cache_write, gate))
 
+    def hold_sync(self, model: str, at: float, tokens: int) -> None:
+        """A sync call with no drawn outcome holds a slot from ``at`` until ``finish_sync`` (one made again)."""
+        self.gates[self._gate_of[model]].take(at, tokens, _INF)
+
     def finish_sync(self, model: str, end: float, extra_tokens: int = 0) -> None:
-        """A sync call started without a drawn outcome ended at ``end`` (``extra_tokens``: real usage beyond
-        the estimate the gate counted)."""
+        """A sync call with no drawn outcome ended at ``end`` (``extra_tokens``: usage past the gate's estimate)."""
         self.gates[self._gate_of[model]].finish(end, extra_tokens)
 
     def finish_batch(self, tokens: int, end: float, model: str | None = None) -> None:

@@ -256,3 +256,49 @@ def test_a_restart_after_a_refused_create_makes_its_own_video_not_another_reques
             finally:
                 await rig.close()
         asyncio.run(go())
+
+
+def test_a_call_made_again_after_a_restart_holds_its_slot_at_the_rate_gate():
+    """One call at a time: a text call under way when the dispatcher dies is made again by the new one, and holds
+    the gate's one slot while it runs, as any call does; its end frees that slot, not another call's. Before, it
+    took no slot (it was not started by the gate), so a call started after the restart ran beside it, and its end
+    freed that call's slot: the gate's count drifted (a video's made-hook frees its slot the same way)."""
+    import math
+
+    with Emulator(_one_concurrent_call("openai"), latency_scale=0.0, speedup=SPEED, honour_keys=False) as emu:
+        async def go():
+            rig = Rig(emu, "openai")
+            text = Job(0, Request.model_validate({
+                "id": "text", "arrival_s": 0.0, "provider": "openai", "input_tokens": 300, "output_tokens": 20,
+                "model": "gpt-5-mini", "prompt": "a text"}), "fp-text", claim="c0")
+            sent = asyncio.Event()
+
+            async def held(job: Any) -> Any:
+                sent.set()
+                await asyncio.Event().wait()  # under way when the dispatcher dies, and after its restart
+
+            try:
+                rig.d.provider.call = held
+                await rig.reserve([text])
+                await rig.run("sync", [text])
+                await asyncio.wait_for(sent.wait(), 10.0)
+                for t in list(rig.d._tasks):  # the dispatcher dies
+                    t.cancel()
+                for h in list(rig.d._timers):
+                    h.cancel()
+                again = Dispatcher("openai", rig.catalog, rig.settings, 0, rig.clock, [rig.grouper], rig.hub, None,
+                                   rig.budget, key=rig.d._key)
+                sent.clear()
+                again.provider.call = held
+                try:
+                    await again.recover()
+                    await asyncio.wait_for(sent.wait(), 10.0)  # made again, and under way
+                    gate = again.sim.gates[again.sim._gate_of["gpt-5-mini"]]
+                    assert gate.earliest(again.clock.now(), 320) == math.inf  # its slot held until it ends
+                finally:
+                    for t in list(again._tasks):
+                        t.cancel()
+                    await again.provider.close()
+            finally:
+                await rig.close()
+        asyncio.run(go())
