@@ -229,3 +229,38 @@ def test_the_openai_sdks_videos_api_is_a_404_that_says_where_video_goes(both):
         oai.videos.create(model="sora-2", prompt="A heron", seconds="4")
     said = exc.value.body["message"] if "message" in exc.value.body else exc.value.body["error"]["message"]
     assert "no video route" in said and "Engine.connect(name).submit(" in said
+
+
+def test_counts_past_the_dispatchers_bound_are_refused_at_once_and_hold_none_of_its_slots():
+    """Slow counts (Anthropic slow to answer, up to a minute each) pile up at a dispatcher no further than
+    ``COUNT_CONCURRENCY``: one more is a 429 at once, with a retry-after, and once they answer a count goes through
+    again. Before, nothing bounded them: each held one of the dispatcher actor's method slots (1,000, shared with
+    the groupers' dispatches and its batch follow-up) and a connection of the provider's client."""
+    from actors._count_tokens import COUNT_CONCURRENCY, CountTokens
+
+    class SlowProvider:
+        def __init__(self):
+            self.release, self.asked = asyncio.Event(), 0
+
+        async def count_tokens(self, body):
+            self.asked += 1
+            await self.release.wait()
+            return 200, {"input_tokens": 7}, {}
+
+    class D(CountTokens):
+        def __init__(self):
+            self.provider, self.name, self.settings = SlowProvider(), "anthropic", Settings()
+
+    async def go():
+        d = D()
+        slow = [asyncio.ensure_future(d.count_tokens({"model": MODEL})) for _ in range(COUNT_CONCURRENCY)]
+        while d.provider.asked < COUNT_CONCURRENCY:
+            await asyncio.sleep(0)  # each started count reaches the provider (no timer: the loop's next turn)
+        status, body, headers = await asyncio.wait_for(d.count_tokens({"model": MODEL}), 5.0)  # (a bound)
+        assert status == 429 and body["error"]["type"] == "rate_limit_error" and headers.get("retry-after")
+        assert d.provider.asked == COUNT_CONCURRENCY  # never sent
+        d.provider.release.set()
+        assert [s for s, _, _ in await asyncio.gather(*slow)] == [200] * COUNT_CONCURRENCY
+        assert (await d.count_tokens({"model": MODEL}))[0] == 200
+
+    asyncio.run(go())
