@@ -14,6 +14,9 @@ A create refused (no video made) replaces its intent by a record saying so (``"r
 kept, a restart during the retry's wait looked for a video that create never made and took another request's of
 the same body (answered with it, its price counted twice); the restart counts the call unanswered only if an
 earlier create of it got no answer (``lost``).
+The jobs of calls that ended are journaled too, as one list (key ``ENDED``, the ``ENDED_KEEP`` newest): a restart
+gives them back (``"ended": True``) so a cut create's look-up never takes a video another request made and was
+answered with (the last process held its id in memory only: both requests were answered with one video).
 At a stop the jobs still under way are said (``open_jobs``): they complete and are billed at the provider."""
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ from collections.abc import Awaitable, Callable
 
 from actors.journal import JournalWriter
 
-__all__ = ["CallSlot", "MadeJobs"]
+__all__ = ["ENDED", "ENDED_KEEP", "CallSlot", "MadeJobs"]
+
+ENDED = "ended"  # the key of the list of ended calls' jobs (no call key is this: they start with the tenant)
+ENDED_KEEP = 2000  # as many as the OpenAI video look-up holds (``_openai_video.HELD_KEEP``): older are past its look
 
 
 class CallSlot:
@@ -50,6 +56,7 @@ class MadeJobs:
     def _init_jobs(self) -> None:
         self._jobs_journal = JournalWriter(self.journal, f"jobs:{self.name}")
         self._jobs: dict[str, dict] = {}  # call key -> the record of the job its call polls, until it ends
+        self._ended: dict[str, str] = {}  # job -> its api, of calls that ended (the ENDED_KEEP newest)
 
     def _made_hook(self, key: str, slot: CallSlot) -> Callable[[dict], Awaitable[None]]:
         return functools.partial(self._job_made, key, slot)
@@ -63,13 +70,24 @@ class MadeJobs:
 
     def _job_done(self, key: str) -> None:
         """The call of ``key`` left this dispatcher: its job's record goes with its body record."""
-        if self._jobs.pop(key, None) is not None:
+        rec = self._jobs.pop(key, None)
+        if rec is not None:
             self._unjournal.append((self._jobs_journal.space, key))
+            if rec.get("job") is not None:
+                self._end_job(rec)
+
+    def _end_job(self, rec: dict) -> None:
+        self._ended[rec["job"]] = rec.get("api", "")
+        while len(self._ended) > ENDED_KEEP:
+            del self._ended[next(iter(self._ended))]
+        self._jobs_journal.put_soon(ENDED, list(self._ended.items()))
 
     def _resume_jobs(self, records: dict[str, dict], resumed: set[str]) -> None:
         """After a restart: the jobs of the calls made again (``resumed``, their keys) go back to the provider;
         the records of the others (their calls ended, or left) are cleared."""
-        back = []
+        records = dict(records)
+        self._ended.update(dict(records.pop(ENDED, None) or []))
+        back = [{"api": api, "job": job, "ended": True} for job, api in self._ended.items()]
         for key, rec in records.items():
             if key in resumed:
                 self._jobs[key] = rec
@@ -78,6 +96,11 @@ class MadeJobs:
                 self._unjournal.append((self._jobs_journal.space, key))
         if back:
             self.provider.resume_jobs(back)
+
+    @property
+    def _jobs_records(self) -> dict:
+        """What the jobs space holds: the records of jobs under way, and the list of ended ones."""
+        return {**self._jobs, ENDED: list(self._ended.items())} if self._ended else self._jobs
 
     @property
     def open_jobs(self) -> int:

@@ -243,7 +243,7 @@ class Recovery:
         for key in list(self._open):
             await self._journal_put(key)
         for space, recs in ((self._sync_journal.space, self._sync_calls), (self._watch_space, self._watching),
-                            (self._jobs_journal.space, self._jobs)):
+                            (self._jobs_journal.space, self._jobs_records)):
             if recs:
                 try:
                     await self.journal.put_many(space, dict(recs))

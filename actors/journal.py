@@ -246,6 +246,12 @@ class JournalWriter:
         fut = self._arm()
         await asyncio.shield(fut)
 
+    def put_soon(self, key: str, value: Any) -> None:
+        """``put`` without waiting for its write (from code that cannot await)."""
+        self._retrying.discard(key)
+        self._puts[key] = value
+        self._arm()
+
     def delete(self, key: str) -> None:
         self._puts.pop(key, None)
         self._dels.append(key)

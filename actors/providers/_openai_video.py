@@ -185,7 +185,9 @@ class VideoCalls:
         """The videos a call of the last process made (``CallJob.made``'s records), by its key: the call made
         again after the restart polls its video."""
         for rec in records:
-            if rec.get("api") != "videos" or rec.get("refused") or rec["key"] in self._tries:
+            if rec.get("ended") and rec.get("api") == "videos":  # another call's, ended: never taken by a look-up
+                self._hold(rec["job"])
+            if rec.get("api") != "videos" or rec.get("ended") or rec.get("refused") or rec["key"] in self._tries:
                 continue
             snap = rec.get("snapshot")  # (an intent's: its create cut before its answer, its video looked for)
             t = self._tries[rec["key"]] = _Try(None if snap is None else (snap[0], frozenset(snap[1])))

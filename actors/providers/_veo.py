@@ -125,7 +125,7 @@ class VeoCalls:
         """The operations a call of the last process made (``CallJob.made``'s records), by its key: the call
         made again after the restart polls its operation."""
         for rec in records:
-            if rec.get("api") == "veo" and rec.get("job") is not None:
+            if rec.get("api") == "veo" and rec.get("job") is not None and not rec.get("ended"):
                 self._ops.setdefault(rec["key"], rec["job"])
 
     async def poll_made(self, job: CallJob, rec: dict) -> CallOutcome:
