@@ -34,7 +34,7 @@ from engine.core.latency import sync_latency_median
 from engine.core.provider_api import CallJob, CallOutcome, idempotency_key
 from engine.core.video_sizes import resolution_of, size_of
 
-__all__ = ["GIVE_UP_S", "VideoCalls"]
+__all__ = ["GIVE_UP_S", "VideoCalls", "poll_to_end"]
 
 log = logging.getLogger("smartbatch.providers")
 
@@ -202,37 +202,29 @@ class VideoCalls:
         return await self._poll(job, rec["key"], t, t.covers)
 
     async def _poll(self, job: CallJob, key: str, t: _Try, recovered: bool) -> CallOutcome:
-        p, sdk = self.p, self.p._sdk
-        spec = p.spec.models[job.req.model]
-        give_up = p.clock.now() + max(600.0, GIVE_UP_S * sync_latency_median(p.spec, spec, job.req))
-        backoff, errors = PollBackoff(POLL_MIN_S, POLL_MAX_S), 0
-        while True:
-            try:
-                v = await _quiet(p.client.videos.retrieve)(t.video_id)
-                errors = 0
-            except sdk.APIError as exc:
-                if isinstance(exc, sdk.NotFoundError):  # deleted or expired: not this engine's to find again
-                    self._tries.pop(key, None)
-                    return CallOutcome(False, p.clock.now(), 0.0, real=True, maybe_billed=True,
-                                       error=f"{p.name}: video {t.video_id} is gone ({p._redact(str(exc))[:200]})")
-                errors += 1
-                if errors >= POLL_ERRORS:
-                    return self._gave_up(t, f"{errors} polls failed, the last: {type(exc).__name__}: "
-                                            f"{p._redact(str(exc))[:200]}")
-                v = None
-            if v is not None and v.status == "completed":
+        p = self.p
+
+        def gone(said: str) -> CallOutcome:  # deleted or expired: not this engine's to find again
+            self._tries.pop(key, None)
+            return CallOutcome(False, p.clock.now(), 0.0, real=True, maybe_billed=True,
+                               error=f"{p.name}: video {t.video_id} is gone ({said})")
+
+        def finished(v: Any) -> CallOutcome | None:
+            if v.status == "completed":
                 self._tries.pop(key, None)
                 return self._made(job, v, recovered)._replace(replayed=t.replayed)
-            if v is not None and v.status == "failed":
+            if v.status == "failed":
                 self._tries.pop(key, None)  # billed nothing: a retry makes a new one
                 err = v.error
                 code, said = (getattr(err, "code", None) or "failed"), (getattr(err, "message", None) or "")
                 return CallOutcome(False, p.clock.now(), 0.0, real=True, provider_request_id=v.id,
                                    retryable=not any(w in code for w in _FINAL_CODES),
                                    error=f"{p.name}: video {v.id} failed: {code}: {p._redact(said)[:300]}")
-            if p.clock.now() >= give_up:
-                return self._gave_up(t, f"still {v.status if v is not None else 'unread'} at the poll limit")
-            await asyncio.sleep(p.clock.real_delay(backoff.next()))
+            return None
+
+        return await poll_to_end(p, job, lambda: _quiet(p.client.videos.retrieve)(t.video_id), finished, gone,
+                                 lambda why: self._gave_up(t, why),
+                                 lambda v: f"still {v.status if v is not None else 'unread'}")
 
     def _gave_up(self, t: _Try, why: str) -> CallOutcome:
         """The video may still complete and be billed: the retry polls it again (``_tries`` keeps its id)."""
@@ -309,3 +301,36 @@ class VideoCalls:
         vid = found[-1].id
         self._hold(vid)
         return vid, len(found) == 1
+
+
+async def poll_to_end(p: Any, job: CallJob, read: Callable[[], Any], finished: Callable[[Any], CallOutcome | None],
+                      gone: Callable[[str], CallOutcome], gave_up: Callable[[str], CallOutcome],
+                      pending: Callable[[Any], str]) -> CallOutcome:
+    """A video job polled to its end on the engine clock, for both video APIs (OpenAI's, Veo's): ``read()`` reads
+    it (an SDK error when the read fails), ``finished(state)`` is its outcome once it has one (None while it runs);
+    a 404 is ``gone(what the provider said)``; ``POLL_ERRORS`` failed reads in a row, or the poll limit (at least
+    600 engine s, ``GIVE_UP_S`` times the model's expected latency), are ``gave_up(why)``, the job kept for the
+    retry, ``pending(state)`` saying how it stood (state None: the last read failed)."""
+    sdk = p._sdk
+    give_up = p.clock.now() + max(600.0, GIVE_UP_S * sync_latency_median(p.spec, p.spec.models[job.req.model],
+                                                                           job.req))
+    backoff, errors = PollBackoff(POLL_MIN_S, POLL_MAX_S), 0
+    while True:
+        state = None
+        try:
+            state = await read()
+            errors = 0
+        except sdk.APIError as exc:
+            said = p._redact(str(exc))[:200]
+            if isinstance(exc, sdk.NotFoundError):
+                return gone(said)
+            errors += 1
+            if errors >= POLL_ERRORS:
+                return gave_up(f"{errors} polls failed, the last: {type(exc).__name__}: {said}")
+        else:
+            out = finished(state)
+            if out is not None:
+                return out
+        if p.clock.now() >= give_up:
+            return gave_up(f"{pending(state)} at the poll limit")
+        await asyncio.sleep(p.clock.real_delay(backoff.next()))

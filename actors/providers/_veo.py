@@ -26,16 +26,13 @@ slot: a restarted dispatcher gives it back (``resume``), and the call made again
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from actors.providers._http import PollBackoff
-from actors.providers._openai_video import GIVE_UP_S, POLL_ERRORS, POLL_MAX_S, POLL_MIN_S
+from actors.providers._openai_video import poll_to_end
 from engine.core.cost import price_alone
-from engine.core.latency import sync_latency_median
 from engine.core.provider_api import CallJob, CallOutcome, idempotency_key
 
 __all__ = ["VeoCalls", "native_root"]
@@ -134,30 +131,22 @@ class VeoCalls:
         return await self._poll(job, rec["key"], self._ops[rec["key"]])
 
     async def _poll(self, job: CallJob, key: str, name: str) -> CallOutcome:
-        p, sdk = self.p, self.p._sdk
-        give_up = p.clock.now() + max(600.0, GIVE_UP_S * sync_latency_median(p.spec, p.spec.models[job.req.model],
-                                                                               job.req))
-        backoff, errors = PollBackoff(POLL_MIN_S, POLL_MAX_S), 0
-        while True:
-            try:
-                op = await self.client.get(f"v1beta/{name}", cast_to=object, options=self._headers())
-                errors = 0
-            except sdk.APIError as exc:
-                if isinstance(exc, sdk.NotFoundError):  # expired or unknown: not this engine's to find again
-                    self._ops.pop(key, None)
-                    return CallOutcome(False, p.clock.now(), 0.0, real=True, maybe_billed=True,
-                                       error=f"{p.name}: operation {name} is gone ({p._redact(str(exc))[:200]})")
-                errors += 1
-                if errors >= POLL_ERRORS:
-                    return self._gave_up(name, f"{errors} polls failed, the last: {type(exc).__name__}: "
-                                               f"{p._redact(str(exc))[:200]}")
-                op = None
+        p = self.p
+
+        def gone(said: str) -> CallOutcome:  # expired or unknown: not this engine's to find again
+            self._ops.pop(key, None)
+            return CallOutcome(False, p.clock.now(), 0.0, real=True, maybe_billed=True,
+                               error=f"{p.name}: operation {name} is gone ({said})")
+
+        def finished(op: Any) -> CallOutcome | None:
             if isinstance(op, dict) and op.get("done"):
                 self._ops.pop(key, None)
                 return self._ended(job, name, op)
-            if p.clock.now() >= give_up:
-                return self._gave_up(name, "not done at the poll limit")
-            await asyncio.sleep(p.clock.real_delay(backoff.next()))
+            return None
+
+        return await poll_to_end(p, job, lambda: self.client.get(f"v1beta/{name}", cast_to=object,
+                                                                 options=self._headers()),
+                                 finished, gone, lambda why: self._gave_up(name, why), lambda _: "not done")
 
     def _ended(self, job: CallJob, name: str, op: dict[str, Any]) -> CallOutcome:
         p = self.p
