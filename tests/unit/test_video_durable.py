@@ -62,6 +62,19 @@ async def start(rig: Rig, r, hold: bool | asyncio.Event = False) -> tuple[Job, a
     return job, polled
 
 
+async def restarted(rig: Rig, provider: str, journal_written: bool = False) -> Dispatcher:
+    """The rig's dispatcher dies, its calls and timers with it (``journal_written``: once the journal write it
+    had under way is done), and a new one is built on the same hub journal, as Ray restarts it."""
+    for t in list(rig.d._tasks):
+        t.cancel()
+    for h in list(rig.d._timers):
+        h.cancel()
+    if journal_written:
+        await asyncio.gather(*[t for t in (rig.d._jobs_journal._task,) if t], return_exceptions=True)
+    return Dispatcher(provider, rig.catalog, rig.settings, 0, rig.clock, [rig.grouper], rig.hub, None, rig.budget,
+                      key=rig.d._key)
+
+
 def _creates(emu: Emulator, provider: str) -> int:
     return [c.route for c in emu.calls].count("videos" if provider == "openai" else "veo")
 
@@ -76,12 +89,7 @@ def test_a_restarted_dispatcher_polls_the_video_under_way_and_it_is_billed_once(
             r = MADE[provider]()
             try:
                 await start(rig, r, hold=True)
-                for t in list(rig.d._tasks):  # the dispatcher dies: its calls and timers with it
-                    t.cancel()
-                for h in list(rig.d._timers):
-                    h.cancel()
-                again = Dispatcher(provider, rig.catalog, rig.settings, 0, rig.clock, [rig.grouper], rig.hub, None,
-                                   rig.budget, key=rig.d._key)
+                again = await restarted(rig, provider)  # the dispatcher dies; Ray makes a new one
                 try:
                     await again.recover()
                     res = await rig.until(lambda: rig.results.get(r.id), "the video")
@@ -187,12 +195,7 @@ def test_a_restart_that_cuts_a_create_before_its_answer_takes_the_video_it_made_
                 await rig.reserve([job])
                 await rig.run("sync", [job])
                 await asyncio.wait_for(sent.wait(), 10.0)
-                for t in list(rig.d._tasks):  # the dispatcher dies: its calls and timers with it
-                    t.cancel()
-                for h in list(rig.d._timers):
-                    h.cancel()
-                again = Dispatcher("openai", rig.catalog, rig.settings, 0, rig.clock, [rig.grouper], rig.hub, None,
-                                   rig.budget, key=rig.d._key)
+                again = await restarted(rig, "openai")  # the dispatcher dies; Ray makes a new one
                 try:
                     await again.recover()
                     res = await rig.until(lambda: rig.results.get(r.id), "the video")
@@ -235,12 +238,7 @@ def test_a_restart_after_a_refused_create_makes_its_own_video_not_another_reques
                 got_b = await rig.until(lambda: rig.results.get(other.id), "the other request's video")
                 for _ in range(3):  # its records cleared once its result is with the hub
                     await rig.d.flush()
-                for t in list(rig.d._tasks):  # the dispatcher dies
-                    t.cancel()
-                for h in list(rig.d._timers):
-                    h.cancel()
-                again = Dispatcher("openai", rig.catalog, rig.settings, 0, rig.clock, [rig.grouper], rig.hub, None,
-                                   rig.budget, key=rig.d._key)
+                again = await restarted(rig, "openai")  # the dispatcher dies; Ray makes a new one
                 try:
                     await again.recover()
                     res = await rig.until(lambda: rig.results.get(first.id), "the first request's video")
@@ -284,12 +282,7 @@ def test_a_call_made_again_after_a_restart_holds_its_slot_at_the_rate_gate():
                 await rig.reserve([text])
                 await rig.run("sync", [text])
                 await asyncio.wait_for(sent.wait(), 10.0)
-                for t in list(rig.d._tasks):  # the dispatcher dies
-                    t.cancel()
-                for h in list(rig.d._timers):
-                    h.cancel()
-                again = Dispatcher("openai", rig.catalog, rig.settings, 0, rig.clock, [rig.grouper], rig.hub, None,
-                                   rig.budget, key=rig.d._key)
+                again = await restarted(rig, "openai")  # the dispatcher dies; Ray makes a new one
                 sent.clear()
                 again.provider.call = held
                 try:
@@ -337,13 +330,7 @@ def test_a_restart_that_cuts_a_create_never_sent_does_not_take_a_video_another_r
                 got_b = await rig.until(lambda: rig.results.get(other.id), "the other request's video")
                 for _ in range(3):  # its records cleared once its result is with the hub
                     await rig.d.flush()
-                for t in list(rig.d._tasks):  # the dispatcher dies
-                    t.cancel()
-                for h in list(rig.d._timers):
-                    h.cancel()
-                await asyncio.gather(*[t for t in (rig.d._jobs_journal._task,) if t], return_exceptions=True)
-                again = Dispatcher("openai", rig.catalog, rig.settings, 0, rig.clock, [rig.grouper], rig.hub, None,
-                                   rig.budget, key=rig.d._key)
+                again = await restarted(rig, "openai", journal_written=True)  # the dispatcher dies; Ray makes a new one
                 try:
                     await again.recover()
                     res = await rig.until(lambda: rig.results.get(first.id), "the first request's video")
