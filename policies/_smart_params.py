@@ -84,6 +84,10 @@ class SmartParams(PolicyParams):
     pull_warm: bool = Field(default=True, description=(
         "a call that leaves a conversation's prefix warm sends at once the turns of it waiting for a batch that "
         "read it for less than the batch is expected to cost them (warm_margin_s, policies/_text.py)"))
+    flex: bool = Field(default=True, description=(
+        "send a text request at once at the provider's flex tier (batch prices, a sync call's prompt cache, an "
+        "answer in seconds to minutes) where its model takes the tier and its deadline leaves room for a slow "
+        "flex call and then a standard one (a refused flex call is sent standard at once; policies/_text.py)"))
     block_tokens: int = Field(default=512, ge=1, description="tokens per prefix block in the traces")
     scheduling: Scheduling = Field(default=Scheduling(), description="order of ready work at a rate-limited "
                                    "provider: deadline promotion, fair share across tenants, score weights")

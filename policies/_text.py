@@ -17,12 +17,12 @@ from typing import NamedTuple
 from engine.core.catalog import RateLimits
 from engine.core.cost import min_cacheable_tokens, mode_factor, price_alone, token_prices
 from engine.core.grouping import PrefixWarmth
-from engine.core.latency import Z99
+from engine.core.latency import Z99, sync_latency_median
 from engine.core.rates import start_spread_s
 from engine.core.request import Request
 
-__all__ = ["BatchMates", "TextConsts", "fallback_slot", "not_worth", "rate_hedge", "second_batch_checkpoint",
-           "text_consts", "warm_sync_pays"]
+__all__ = ["BatchMates", "TextConsts", "fallback_slot", "flex_fits", "not_worth", "rate_hedge",
+           "second_batch_checkpoint", "text_consts", "warm_sync_pays"]
 
 _MIN_GAIN = 0.005  # P(on time) a second batch must add to be worth its cancel and its second submission
 
@@ -180,3 +180,13 @@ def fallback_slot(group, c: TextConsts, hedge_at: float, calls_s: float, k: int,
     if group.calendar is not None and sent:
         start = group.calendar.latest(group.provider.name, start, end, k, call, c.max_conc, now)
     return start - c.cancel_s, (start, end, k, call)
+
+
+def flex_fits(provider, spec, req: Request, now: float) -> bool:
+    """Whether ``req`` may go at the flex tier now: its model takes it, and before its deadline there is room for
+    a flex call at its 99th-percentile latency and then a standard call at its own (the one sent if the flex
+    call is refused or runs out its timeout), so the tier's price never costs a deadline."""
+    if provider.flex is None or req.model not in provider.flex.models:
+        return False
+    p99 = sync_latency_median(provider, spec, req) * math.exp(Z99 * provider.sync_latency.sigma)
+    return req.deadline_at - now >= min(p99 * provider.flex.slowdown, provider.flex.timeout_s) + p99

@@ -3,6 +3,7 @@
 Per request, the cheapest way that still meets the deadline:
 
 * reuse (exact, in flight, near-duplicate with guards), applied by the runtime from ``reuse``;
+* text whose model takes the provider's flex tier goes there at once when its deadline has room (batch prices);
 * text with a provider batch API goes to a *batch lane* when the batch has a fair chance of finishing before
   its hedge time; the batch is submitted with ``hedge_at = earliest deadline - (sync p99 x drain) - margin``
   so a late batch is cancelled (billing nothing) and its members sent synchronously in time. The expected
@@ -30,6 +31,7 @@ from policies._gpu import GpuLane
 from policies._smart_params import SmartParams
 from policies._text import BatchMates, TextConsts, second_batch_checkpoint, text_consts, warm_sync_pays
 from policies._text import fallback_slot as _fallback_slot
+from policies._text import flex_fits as _flex_fits
 from policies._text import not_worth as _not_worth
 from policies.base import Policy, register
 
@@ -47,7 +49,7 @@ class Smart(GpuLane, Policy):
     Params = SmartParams
     reads_budget_pressure = True  # the runtime passes ``group_key`` its BudgetPressure (``_held_back``)
     reads_warmth = True  # ... and its PrefixWarmth (``warm_sync_pays``)
-    reads_returned = True  # ... and whether the request comes back from a dispatch (a batch cancelled late, a failed attempt)
+    reads_returned = True  # ... and whether the request comes back from a dispatch (a late batch, a failed attempt)
 
     def __init__(self, catalog, params=None):
         super().__init__(catalog, params)
@@ -73,14 +75,12 @@ class Smart(GpuLane, Policy):
 
     @property
     def turnaround_learning(self) -> TurnaroundLearning:
-        """Read by the runtime (``engine.runtime.scheduler.GroupTable``), which then hands ``group_key`` and
-        ``decide`` the provider with its learned turnaround."""
+        """Read by the runtime (its ``GroupTable``), which hands ``group_key`` and ``decide`` the learned provider."""
         return self.params.turnaround
 
     # -- grouping ----------------------------------------------------------------------------------------------
     def _text_consts(self, provider, spec, model: str) -> TextConsts:
-        c = self._consts.get((provider.name, model))
-        return c if c is not None else text_consts(provider, spec)
+        return self._consts.get((provider.name, model)) or text_consts(provider, spec)
 
     def _hedge_lead(self, c: TextConsts, output_tokens: int, n: int) -> float:
         """Seconds before the earliest deadline at which a late batch must fall back to sync: its slowest member's
@@ -102,6 +102,8 @@ class Smart(GpuLane, Policy):
         spec = provider.models[req.model]
         if spec.gpu_priced:
             return ("gpu", compat)
+        if self.params.flex and spec.kind == "text" and _flex_fits(provider, spec, req, now):
+            return ("flex", req.uid)
         if spec.kind == "text" and provider.supports_batch_api(req.kind) and not self._held_back(req, budget):
             c = self._text_consts(provider, spec, req.model)
             p_on_time = self._p_alone(provider, c, req, now)
@@ -162,10 +164,9 @@ class Smart(GpuLane, Policy):
                 staying.add(req.prefix_blocks)
         if first is None:
             return None
-        _, prefix = self._prefix(first, group, now)
         return Decision("dispatch", mode="sync", cache_write=True, recommendation="process_individually",
                         reason="sync now: its prompt prefix is warm at the provider, cheaper read now than in a batch",
-                        prefix=prefix), uids
+                        prefix=self._prefix(first, group, now)[1]), uids
 
     def _band_cap_of(self, provider) -> float:
         """The shared band's deadline cap (``band_p``) at ``provider``'s turnaround: the catalog's, or a learned one."""
@@ -176,11 +177,10 @@ class Smart(GpuLane, Policy):
     def _shares_prefix(self, req: Request, provider, spec) -> bool:
         """Whether ``req`` carries a prompt prefix long enough for the provider's cache, where that cache also
         serves batches: the requests for which sharing a batch with other turns of a conversation pays."""
-        pc = provider.cache_of(spec)
-        if pc is None or not pc.stacks_with_batch or not req.prefix_blocks:
+        if (pc := provider.cache_of(spec)) is None or not pc.stacks_with_batch or not req.prefix_blocks:
             return False
-        min_tokens = min_cacheable_tokens(provider, spec)
-        return min(len(req.prefix_blocks) * self.params.block_tokens, req.input_tokens) >= min_tokens
+        return min(len(req.prefix_blocks) * self.params.block_tokens, req.input_tokens) >= min_cacheable_tokens(
+            provider, spec)
 
     @staticmethod
     def _held_back(req: Request, budget) -> bool:
@@ -205,8 +205,7 @@ class Smart(GpuLane, Policy):
         ``ride_s`` (a longer output or more waves of the sync fallback lengthen the hedge's lead); none with
         members back from a dispatch or held back by a budget; as many as the provider's batch takes. One
         provider batch per lane and ``ride_s``, not one per conversation: fewer batches to create and follow
-        (providers rate-limit both), at the price of sending a group, or hedging the batch, up to ``ride_s``
-        sooner."""
+        (providers rate-limit both), at the price of sending a group, or hedging the batch, ``ride_s`` sooner."""
         ride = self.params.ride_s
         if ride <= 0 or group.returned or not isinstance(group.key, tuple) or group.key[0] != "batch":
             return []
@@ -232,9 +231,7 @@ class Smart(GpuLane, Policy):
         """Whether to mark ``req``'s cacheable prefix for a cache write (the same prefix was sent within the
         cache's TTL, so a write is likely read again), and the prefix's key for the runtime to record."""
         provider = self.catalog.provider(req.provider)
-        spec = provider.models[req.model]
-        pc = provider.cache_of(spec)
-        if pc is None or not req.prefix_blocks:
+        if (pc := provider.cache_of(spec := provider.models[req.model])) is None or not req.prefix_blocks:
             return False, None
         k = self._cacheable_blocks(provider, spec)
         if len(req.prefix_blocks) < k or req.input_tokens < min_cacheable_tokens(provider, spec):
@@ -252,8 +249,10 @@ class Smart(GpuLane, Policy):
             return self._decide_batch(group, now)
         req = group.members[0]
         write, prefix = self._prefix(req, group, now)
-        why = "deadline too close for a batch" if group.provider.supports_batch_api(req.kind) else (
-            "no batch lever for this model")
+        if lane == "flex":
+            return Decision("dispatch", "flex", cache_write=write, reason="flex now: batch prices, no wait", prefix=prefix)
+        why = "deadline too close for a batch" if group.provider.supports_batch_api(req.kind) else \
+            "no batch lever for this model"
         # By the key's shape, not its last item: a plain sync key ends with the request's id, which may be "warm".
         if group.key == ("sync", req.uid, "warm"):  # it reads the prefix and writes its turn for the next
             write, why = True, "its prompt prefix is warm at the provider, cheaper read now than in a batch"

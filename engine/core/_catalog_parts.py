@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["BatchApi", "GpuBatching", "Kind", "LongContext", "ModelCache", "PromptCache", "merged_cache",
+__all__ = ["BatchApi", "FlexTier", "GpuBatching", "Kind", "LongContext", "ModelCache", "PromptCache", "merged_cache",
            "respelt_cache_terms", "respelt_catalog"]
 
 
@@ -146,6 +146,20 @@ def _lognormal_cdf(t: float, lo: float, window: float, median: float, den: float
     if t >= window:
         return 1.0
     return 0.5 * (1.0 + math.erf(math.log(max(t, 1e-9) / median) / den))
+
+
+class FlexTier(_Frozen):
+    """A synchronous tier billed at batch prices (OpenAI's ``service_tier: "flex"``): a call answers in seconds
+    to minutes, not a batch's hours, and is sometimes refused (a 429 "Resource Unavailable", not billed), after
+    which the engine sends it at the standard tier at once."""
+
+    discount: float = Field(gt=0, lt=1, description="share off list prices (OpenAI: the Batch API's rates)")
+    models: tuple[str, ...] = Field(min_length=1, description="the provider's models that take the tier")
+    slowdown: float = Field(default=3.0, ge=1, description="a flex call's latency over a standard call's")
+    unavailable_rate: float = Field(default=0.05, ge=0, lt=1, description=(
+        "share of flex calls refused for want of capacity (billed nothing; sent again at the standard tier)"))
+    timeout_s: float = Field(default=900.0, gt=0, description=(
+        "the engine's client timeout for a flex call; a call still out then is given up and sent standard"))
 
 
 class BatchApi(_Frozen):

@@ -17,6 +17,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from engine.core._catalog_parts import (
     BatchApi,
+    FlexTier,
     GpuBatching,
     Kind,
     LongContext,
@@ -30,7 +31,7 @@ from engine.core._catalog_parts import (
 from engine.core.body_tokens import ImageInput, ToolPrompt
 from engine.core.errors import CatalogError
 
-__all__ = ["BatchApi", "Catalog", "Effort", "GpuBatching", "Kind", "Latency", "MediaLatency", "ModelCache", "ModelSpec",
+__all__ = ["BatchApi", "Catalog", "Effort", "FlexTier", "GpuBatching", "Kind", "Latency", "MediaLatency", "ModelCache", "ModelSpec",
            "PromptCache", "ProviderSpec", "RateLimits", "default_catalog", "load_catalog"]
 
 Effort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
@@ -185,6 +186,7 @@ class ProviderSpec(_Frozen):
     sync_latency: Latency = Latency(base_s=1.0, per_output_token_s=0.01)
     media_latency: MediaLatency | None = None
     batch_api: BatchApi | None = None
+    flex: FlexTier | None = None
     prompt_cache: PromptCache | None = None
     gpu_batching: GpuBatching | None = None
     image_input: ImageInput | None = None  # the models' rule for input images, unless a model names its own
@@ -201,6 +203,10 @@ class ProviderSpec(_Frozen):
                 raise ValueError(f"model {mname!r} is GPU-priced but the provider declares no gpu_batching")
             if m.kind != "text" and not m.gpu_priced and self.media_latency is None:
                 raise ValueError(f"model {mname!r} is a hosted {m.kind} model; add media_latency to the provider")
+        for mname in self.flex.models if self.flex is not None else ():
+            if mname not in self.models or self.models[mname].kind != "text":
+                raise ValueError(f"flex.models names {mname!r}, which is not a text model of this provider; "
+                                 f"list some of: {', '.join(k for k, m in self.models.items() if m.kind == 'text')}")
         return self
 
     def cache_of(self, model: str | ModelSpec) -> PromptCache | None:
@@ -216,6 +222,9 @@ class ProviderSpec(_Frozen):
 
     def supports_batch_api(self, kind: str) -> bool:
         return self.batch_api is not None and kind in self.batch_api.kinds
+
+    def supports_flex(self, model: str) -> bool:
+        return self.flex is not None and model in self.flex.models
 
 
 class Catalog(_Frozen):

@@ -2,7 +2,8 @@
 
 The rules and formulas are stated in docs/cost-model.md; this module is their only implementation.
 Modes: ``sync`` (one call, list price), ``batch_api`` (provider batch API, discounted), ``gpu_batch``
-(compatible jobs share one warm-up on a GPU-priced provider), ``reuse`` (served from our cache: free).
+(compatible jobs share one warm-up on a GPU-priced provider), ``reuse`` (served from our cache: free), ``flex``
+(one call at the provider's flex tier: batch prices, a sync call's prompt cache, sometimes refused).
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ __all__ = [
     "token_prices",
 ]
 
-Mode = Literal["sync", "batch_api", "gpu_batch", "reuse"]
-MODES: tuple[Mode, ...] = ("sync", "batch_api", "gpu_batch", "reuse")
+Mode = Literal["sync", "batch_api", "gpu_batch", "reuse", "flex"]
+MODES: tuple[Mode, ...] = ("sync", "batch_api", "gpu_batch", "reuse", "flex")
 _M = 1e-6
 
 
@@ -63,8 +64,9 @@ class CacheSplit(NamedTuple):
 
 
 def mode_factor(provider: ProviderSpec, mode: Mode) -> float:
-    """What ``mode`` multiplies list prices by: one minus the batch discount for ``batch_api``, else 1."""
-    return 1.0 - provider.batch_api.discount if mode == "batch_api" and provider.batch_api else 1.0
+    """What ``mode`` multiplies list prices by: one minus the batch API's (or the flex tier's) discount, else 1."""
+    tier = provider.batch_api if mode == "batch_api" else provider.flex if mode == "flex" else None
+    return 1.0 - tier.discount if tier is not None else 1.0
 
 
 def token_prices(spec: ModelSpec, input_tokens: int = 0) -> tuple[float, float]:
@@ -113,6 +115,8 @@ def mode_allowed(provider: ProviderSpec, spec: ModelSpec, mode: Mode) -> bool:
         return True
     if mode == "batch_api":
         return provider.supports_batch_api(spec.kind)
+    if mode == "flex":  # by value: a spec does not know its own name, and a runtime's view copies them
+        return provider.flex is not None and any(provider.models.get(m) == spec for m in provider.flex.models)
     return spec.gpu_priced  # gpu_batch
 
 
@@ -121,7 +125,7 @@ def _check_mode(provider: ProviderSpec, spec: ModelSpec, model: str, mode: Mode)
         raise CatalogError(
             f"mode {mode!r} is not available for {provider.name}/{model}: "
             + ("the provider declares no batch_api for this kind" if mode == "batch_api"
-               else "the model is not GPU-priced")
+               else "the provider's flex.models does not list it" if mode == "flex" else "the model is not GPU-priced")
         )
 
 
@@ -271,8 +275,8 @@ def reserve_bound(req: Request, catalog: Catalog, mode: Mode, output_tokens: int
         raise ValueError(f"unknown mode {mode!r}: one of {MODES}")
     provider = catalog.provider(req.provider)
     spec = catalog.model(req.provider, req.model)
-    if mode == "reuse":
-        return 0.0
+    if mode in ("reuse", "flex"):  # a refused flex call is sent again at the standard tier, at its prices
+        return 0.0 if mode == "reuse" else reserve_bound(req, catalog, "sync", output_tokens)
     if spec.kind != "text":
         if spec.per_image_quality and req.params.get("quality") is None:
             # Sent without a quality, the image is made at the provider's default, "auto": the provider picks,
@@ -303,8 +307,7 @@ def input_bound(req: Request, spec: ModelSpec) -> int:
     if req.body is None and len(req.prompt) < req.input_tokens:  # fewer characters than tokens: no real text
         return req.input_tokens
     cap = spec.max_input_tokens or spec.context_window or 1 << 62
-    sent = sends_prompt(req.body, req.kind)
-    text = len(req.prompt.encode()) if sent else 0  # beside a body with text of its own, the prompt is a label
+    text = len(req.prompt.encode()) if sends_prompt(req.body, req.kind) else 0  # else the prompt is a label
     if req.body:
         text += len(split_body(req.body)[0].encode())
     return max(req.input_tokens, min(req.input_tokens + text, cap))

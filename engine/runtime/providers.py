@@ -16,7 +16,6 @@ import heapq
 import itertools
 import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple
 
 from engine.core.catalog import Catalog, ProviderSpec
 from engine.core.cost import (
@@ -35,6 +34,7 @@ from engine.core.request import PRIORITY_RANK, Request
 from engine.core.resilience import CircuitBreaker, Resilience, retry_delay
 from engine.core.scheduling import FairQueue, Scheduling, Unit
 from engine.core.settings import Settings
+from engine.runtime._work import Attempt, BatchOutcome, Event, SyncAttempt, Work
 from engine.runtime.batch_queue import BatchQueue
 from engine.runtime.ratelimit import EnqueuedTokens, RateGate
 
@@ -42,52 +42,6 @@ __all__ = ["Attempt", "BatchOutcome", "Event", "SimProvider", "SyncAttempt", "Wo
 
 FAILED_CALL_FRACTION = 0.3  # a failing call errors after this share of its latency
 _INF = math.inf
-
-
-class SyncAttempt(NamedTuple):
-    ok: bool
-    at: float  # when the call ended (result or error)
-    cost: float
-    retry_after_s: float | None  # a 429's Retry-After; None for success or a 5xx
-    cached: int = 0  # leading prefix blocks it read or wrote in the provider's prompt cache
-
-
-class Attempt(NamedTuple):
-    """One member's attempt in a batch or GPU dispatch."""
-
-    ok: bool
-    at: float
-    cost: float
-    cached: int = 0  # as ``SyncAttempt.cached``
-
-
-class BatchOutcome(NamedTuple):
-    hedged: bool
-    at: float  # when hedged, the end of its cancel (``SimProvider.cancel_s`` past the hedge); else completion
-    members: list[Attempt]  # filled when the batch ends (``SimProvider.end_batch``): members use the cache then
-    pending: tuple | None = None  # (reqs, oks) until then
-
-
-class Work(NamedTuple):
-    """What a runtime hands a provider: one sync call, one GPU dispatch or one batch-API batch."""
-
-    kind: Mode  # sync | gpu_batch | batch_api: the modes of engine.core.cost, one vocabulary
-    item: Any  # the runtime's own handle, returned in the Event
-    reqs: list[Request]
-    idxs: list[int]  # rows of the draws
-    attempts: list[int]
-    cache_write: bool = False
-    hedge_at: float | None = None
-
-
-class Event(NamedTuple):
-    """Work that left the queue: started (``sync``/``gpu_batch``/``batch_api`` with its outcome) or ``reroute``d to the
-    fallback ``provider/model`` in ``outcome`` because its model's circuit is open."""
-
-    kind: str
-    work: Work
-    start: float
-    outcome: Any
 
 
 class SimProvider:
@@ -263,8 +217,9 @@ class SimProvider:
             return Event("gpu_batch", w, s, outs)
         if not self.draw:
             gate.take(s, w.reqs[0].input_tokens + w.reqs[0].output_tokens, _INF)
-            return Event("sync", w, s, None)
-        return Event("sync", w, s, self.sync(w.idxs[0], w.reqs[0], s, w.attempts[0], w.cache_write, gate))
+            return Event(w.kind, w, s, None)
+        return Event(w.kind, w, s, self.sync(w.idxs[0], w.reqs[0], s, w.attempts[0], w.cache_write, gate,
+                                             w.kind == "flex"))
 
     def hold_sync(self, model: str, at: float, tokens: int) -> None:
         """A sync call with no drawn outcome holds a slot from ``at`` until ``finish_sync`` (one made again)."""
@@ -280,46 +235,51 @@ class SimProvider:
 
     # -- sync calls ---------------------------------------------------------------------------------------
     def sync(self, i: int, r: Request, s: float, attempt: int, cache_write: bool,
-             gate: RateGate | None = None) -> SyncAttempt:
-        """Attempt ``attempt`` of ``r`` (draw row ``i``), starting at ``s``."""
-        a, dur = self.draw_sync(i, r, s, attempt, cache_write)
+             gate: RateGate | None = None, flex: bool = False) -> SyncAttempt:
+        """Attempt ``attempt`` of ``r`` (draw row ``i``), starting at ``s`` (at the flex tier if ``flex``)."""
+        a, dur = self.draw_sync(i, r, s, attempt, cache_write, flex)
         (gate or self.gates[self._gate_of[r.model]]).take(s, r.input_tokens + r.output_tokens, dur)
         return a
 
-    def draw_sync(self, i: int, r: Request, s: float, attempt: int, cache_write: bool) -> tuple[SyncAttempt, float]:
-        """The drawn outcome of a sync attempt and how long it holds its slot (the gate is not touched)."""
+    def draw_sync(self, i: int, r: Request, s: float, attempt: int, cache_write: bool,
+                  flex: bool = False) -> tuple[SyncAttempt, float]:
+        """The drawn outcome of a sync attempt and how long it holds its slot (the gate is not touched). A flex
+        call is ``flex.slowdown`` times slower, and refused (quickly, unbilled) when the failure draw lands in the
+        first ``unavailable_rate`` above the failure rate: failing stays one draw at either tier, as the bound reads."""
         prov = self.spec
         spec = prov.models[r.model]
         base = sync_latency_median(prov, spec, r)
         sigma = prov.sync_latency.sigma if spec.kind == "text" else prov.media_latency.sigma
         k = min(attempt, self.max_att - 1)
-        lat = base * math.exp(sigma * self.draws.lat_z(i, k))
+        lat = base * math.exp(sigma * self.draws.lat_z(i, k)) * (prov.flex.slowdown if flex else 1.0)
         u = self.draws.fail_u(i, k)
         failed = u < prov.failure_rate
         dur = lat * FAILED_CALL_FRACTION if failed else lat
         if failed:
             throttled = u < prov.failure_rate * prov.throttled_share
             return SyncAttempt(False, s + dur, 0.0, prov.retry_after_s if throttled else None), dur
-        cost, cached = self._sync_price(r, spec, s, cache_write)
+        if flex and (u - prov.failure_rate) / (1.0 - prov.failure_rate) < prov.flex.unavailable_rate:
+            return SyncAttempt(False, s + (q := base * FAILED_CALL_FRACTION), 0.0, None, refused=True), q
+        cost, cached = self._sync_price(r, spec, s, cache_write, "flex" if flex else "sync")
         return SyncAttempt(True, s + lat, cost, None, cached), dur
 
-    def _sync_price(self, r: Request, spec, start: float, cache_write: bool) -> tuple[float, int]:
+    def _sync_price(self, r: Request, spec, start: float, cache_write: bool, mode: Mode = "sync") -> tuple[float, int]:
         """The call's price and the prefix blocks it left warm."""
         prov = self.spec
         if spec.kind != "text":
-            return price_alone(r, self.catalog, "sync").total, 0
+            return price_alone(r, self.catalog, mode).total, 0
         pc = prov.cache_of(spec)
         blocks = r.prefix_blocks
         if pc is None or not blocks:
             return price_text(prov, spec, cache_split(prov, spec, r.input_tokens, 0, 0, 0, self.bt),
-                              r.output_tokens, "sync").total, 0
+                              r.output_tokens, mode).total, 0
         n_warm = next((k for k, b in enumerate(blocks) if not self._is_warm(r.model, b, start)), len(blocks))
         split = cache_split(prov, spec, r.input_tokens, len(blocks), n_warm, len(blocks) if cache_write else 0,
                             self.bt)
         cached = cached_blocks(split.read, split.write, self.bt)
         if cached:
             self._keep_warm(r.model, blocks[:cached], start, start + pc.ttl_s)
-        return price_text(prov, spec, split, r.output_tokens, "sync").total, cached
+        return price_text(prov, spec, split, r.output_tokens, mode).total, cached
 
     # -- GPU batches ----------------------------------------------------------------------------------------
     def gpu(self, idxs: Sequence[int], reqs: Sequence[Request], t: float, attempts: Sequence[int],

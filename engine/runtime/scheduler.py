@@ -345,7 +345,7 @@ class GroupTable:
 
     def _checked_take(self, g: Group, d: Decision) -> int:
         mode = d.mode
-        if mode not in ("sync", "batch_api", "gpu_batch") or not mode_allowed(g.provider, g.spec, mode):
+        if mode not in ("sync", "batch_api", "gpu_batch", "flex") or not mode_allowed(g.provider, g.spec, mode):
             raise PolicyError(f"{self.policy.name}: mode {mode!r} is not available for "
                               f"{g.provider.name}/{g.members[0].model}")
         take = d.take if d.take > 0 else len(g.members)

@@ -12,7 +12,7 @@ from engine.core.grouping import WarmNote
 from engine.core.request import Request
 from engine.runtime.providers import Event
 from engine.runtime.turnaround import Turnaround, submitted
-from engine.sim.results import _BATCH, _GPU, _SYNC
+from engine.sim.results import _BATCH, _FLEX, _GPU, _SYNC
 
 
 class SimCalls:
@@ -27,14 +27,21 @@ class SimCalls:
             self.pump_at[name] = nxt
             self.push(nxt, "pump", name)
 
-    def start_sync(self, e: Event) -> None:
+    def start_flex(self, e: Event) -> None:
+        if e.outcome.refused:  # billed nothing and no attempt spent: at the standard tier, at once
+            self.flex_refused += 1
+            self.push(e.outcome.at, "requeue", e.work._replace(kind="sync"))
+        else:
+            self.start_sync(e, _FLEX)
+
+    def start_sync(self, e: Event, mode: int = _SYNC) -> None:
         w, a = e.work, e.outcome
         i = w.idxs[0]
         k = w.attempts[0]
         self.attempts[i] = k + 1
         if a.ok:
             self.settle_claim(i, a.cost, a.at)
-            self.complete(i, a.at, a.cost, _SYNC, w.item)
+            self.complete(i, a.at, a.cost, mode, w.item)
             self.push(a.at, "sync_ok", i)
             if a.cached and self.table.reads_warmth:  # learnt with the result; warm from the call's start
                 self.push(a.at, "warm", [self.warm_note(w.reqs[0], a.cached, e.start)])

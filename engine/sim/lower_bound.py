@@ -183,6 +183,7 @@ def _optional_writer(r: Request, catalog: Catalog, p: float, bt: int, arrival: f
         return
     p_in, _ = token_prices(spec, r.input_tokens)
     fw = mode_factor(prov, "batch_api") if p > 0 and pc.stacks_with_batch else 1.0  # its cheapest write lane
+    fw = min(fw, mode_factor(prov, "flex") if prov.supports_flex(r.model) else 1.0)
     write = p_in * pc.write_multiplier * fw
     for k, b in enumerate(r.prefix_blocks):
         tok = min(bt, prefix - k * bt)
@@ -280,25 +281,30 @@ def lower_bound(requests: Sequence[Request], *, catalog: Catalog | None = None, 
         prov = catalog.providers[r.provider]
         spec = prov.models[r.model]
         p = p_batch[i]
-        # (probability, price factor) of the lanes it pays: batch with p, sync otherwise
-        lanes = [(w, f) for w, f in ((p, mode_factor(prov, "batch_api")), (1.0 - p, 1.0)) if w > 0]
+        # (probability, price factor, whether the prompt cache stacks) of the lanes it pays: batch with p, else a
+        # call, at the flex tier where its model takes it (the bound lets a flex call through however often
+        # the tier refuses: a policy may ask again while its deadline allows)
+        call = mode_factor(prov, "flex") if prov.supports_flex(r.model) else 1.0
+        stacks = (pc0 := prov.cache_of(spec)) is None or pc0.stacks_with_batch
+        lanes = [(w, f, st) for w, f, st in ((p, mode_factor(prov, "batch_api"), stacks), (1.0 - p, call, True))
+                 if w > 0]
         if spec.kind != "text":
             if spec.gpu_priced:
                 gpu_classes.setdefault(compat_key(r), []).append(i)
             else:
-                per[i] = sum(w * f for w, f in lanes) * price_alone(r, catalog, "sync").total
+                per[i] = sum(w * f for w, f, _ in lanes) * price_alone(r, catalog, "sync").total
             continue
         p_in, p_out = token_prices(spec, r.input_tokens)
         pc = prov.cache_of(spec)
         prefix = min(len(r.prefix_blocks) * bt, r.input_tokens)
         if pc is None or prefix == 0 or prefix < max(min_cacheable_tokens(prov, spec), 1):
-            per[i] = sum(w * f for w, f in lanes) * (p_in * r.input_tokens + p_out * r.output_tokens)
+            per[i] = sum(w * f for w, f, _ in lanes) * (p_in * r.input_tokens + p_out * r.output_tokens)
             continue
         rm = cache_read_multiplier(prov, spec)
         readable = _readable(r, prov, spec, prefix, shared, bt)
         write_extra, plain_extra, write_over_plain = np.inf, np.inf, np.inf
-        for w, f in lanes:
-            rc = f * rm if pc.stacks_with_batch else min(f, rm)
+        for w, f, stacks in lanes:
+            rc = f * rm if stacks else min(f, rm)
             per[i] += w * (f * p_in * (r.input_tokens - readable) + rc * p_in * readable
                            + f * p_out * r.output_tokens)
             # Above its read price, a holder pays ``plain_extra`` for a block sent uncached, ``write_extra`` for
@@ -306,7 +312,7 @@ def lower_bound(requests: Sequence[Request], *, catalog: Catalog | None = None, 
             # at the cheapest lane, so a cluster's minimum stays below the expected minimum. Tokens it cannot
             # read it already pays plain, and writing them costs ``write_over_plain`` more.
             plain_extra = min(plain_extra, p_in * (f - rc))
-            fw = f if (pc.stacks_with_batch or f == 1.0) else 1.0
+            fw = f if stacks else 1.0
             write_extra = min(write_extra, p_in * (pc.write_multiplier * fw - rc))
             write_over_plain = min(write_over_plain, p_in * (pc.write_multiplier * fw - f))
         for k, b in enumerate(r.prefix_blocks):

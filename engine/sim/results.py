@@ -14,7 +14,7 @@ __all__ = ["BatchRecord", "SimResult"]
 
 # Codes of SimResult.mode (indexes of engine.core.cost.MODES), .status (pending/ok/reused/failed) and .hit
 # (none/exact/in_flight/near).
-_SYNC, _BATCH, _GPU, _REUSE = range(4)
+_SYNC, _BATCH, _GPU, _REUSE, _FLEX = range(5)
 _PENDING, _OK, _REUSED, _FAILED, _REJECTED = range(5)
 
 

@@ -103,6 +103,7 @@ class _Sim(SimBudget, SimReuse, SimCalls):
                           for name, p in catalog.providers.items()}
         self.pump_at: dict[str, float] = {}
         self.rerouted = 0
+        self.flex_refused = 0  # flex calls refused for want of capacity, each sent again at the standard tier
         self.moved: set[int] = set()  # rerouted to a fallback model: its fingerprint is the original model's
         b = settings.budgets
         self.book = BudgetBook(list(b.specs), b.throttle) if b.specs else None
@@ -285,9 +286,9 @@ class _Sim(SimBudget, SimReuse, SimCalls):
             self.batches.append(BatchRecord(bid, self.now, first.provider, first.model, mode, len(idxs),
                                             d.recommendation, d.reason))
         prov = self.providers[first.provider]
-        if mode == "sync":
+        if mode in ("sync", "flex"):
             for i in idxs:
-                prov.enqueue(Work("sync", bid, [self.reqs[i]], [i], [int(self.attempts[i])], d.cache_write))
+                prov.enqueue(Work(mode, bid, [self.reqs[i]], [i], [int(self.attempts[i])], d.cache_write))
         else:
             prov.enqueue(Work(mode, bid, [self.reqs[i] for i in idxs], idxs,
                               [int(self.attempts[i]) for i in idxs], False, d.hedge_at))
@@ -362,6 +363,7 @@ def simulate(requests: Sequence[Request], policy, *, catalog: Catalog | None = N
         raise PolicyError(f"{policy.name}: {pending} request(s) were never dispatched; a policy must dispatch "
                           "or set wake_at for every group it keeps waiting")
     extra: dict = {"rejected": dict(sim.rejected), "reject_why": sim.reject_why, "rerouted": sim.rerouted,
+                   "flex_refused": sim.flex_refused,
                    "circuit_opened": {n: p.breaker.opened for n, p in sim.providers.items() if p.breaker.opened}}
     if sim.book is not None:
         extra["budget"] = {"overrun_usd": round(sim.book.overrun_usd(), 6), "windows": sim.book.windows(),
