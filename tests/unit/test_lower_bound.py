@@ -94,7 +94,8 @@ def test_the_online_bound_prices_a_batch_at_its_chance_of_being_on_time():
     from engine.core.cost import price_alone
     from engine.core.request import Request
 
-    r = Request.model_validate({"id": "a", "arrival_s": 0.0, "model": "gpt-5-mini", "input_tokens": 2000,
+    # gpt-4o-mini: no flex tier, whose batch prices would come without a batch's doubt (the test below)
+    r = Request.model_validate({"id": "a", "arrival_s": 0.0, "model": "gpt-4o-mini", "input_tokens": 2000,
                                 "output_tokens": 500, "deadline_s": 3 * 3600})
     ba = CAT.providers[r.provider].batch_api
     one = ba.turnaround_cdf(r.deadline_s)
@@ -112,19 +113,44 @@ def test_the_online_bound_prices_a_batch_at_its_chance_of_being_on_time():
     assert offline.total_usd in (pytest.approx(batch), pytest.approx(sync))
 
 
+def _without_flex(cat):
+    return cat.model_copy(update={"providers": {n: p.model_copy(update={"flex": None})
+                                                for n, p in cat.providers.items()}})
+
+
 def test_the_online_bound_lies_between_the_offline_bound_and_naive():
     # The online bound is an expectation over turnaround draws; the offline bound, one draw's hindsight. A lucky
     # draw can take the offline bound above it on a trace where batches matter little, so: one trace, six draws.
-    seed = 0
+    # Without the flex tier, whose batch prices need no turnaround (the synthetic text is OpenAI's flex models).
+    seed, cat = 0, _without_flex(CAT)
     reqs = synth(1200, seed=seed, duration_s=1800)
-    online = lower_bound(reqs, seed=seed, online=True)
-    offline = max(lower_bound(reqs, seed=s).total_usd for s in range(6))
-    naive = simulate(reqs, load_policy("naive", CAT), seed=seed).total_cost
+    online = lower_bound(reqs, catalog=cat, seed=seed, online=True)
+    offline = max(lower_bound(reqs, catalog=cat, seed=s).total_usd for s in range(6))
+    naive = simulate(reqs, load_policy("naive", cat), catalog=cat, seed=seed).total_cost
     assert offline < online.total_usd < naive
     # With no deadline to meet, a batch is always on time: the two bounds are one.
     free = np.ones(len(reqs), dtype=bool)
-    assert lower_bound(reqs, seed=seed, relax=free, online=True).total_usd == pytest.approx(
-        lower_bound(reqs, seed=seed, relax=free).total_usd, rel=1e-12)
+    assert lower_bound(reqs, catalog=cat, seed=seed, relax=free, online=True).total_usd == pytest.approx(
+        lower_bound(reqs, catalog=cat, seed=seed, relax=free).total_usd, rel=1e-12)
+    # With it, a flex model's request is had at batch prices whatever the draws, and the bounds fall.
+    assert lower_bound(reqs, seed=seed, online=True).total_usd < online.total_usd
+
+
+def test_a_flex_model_is_bounded_at_flex_prices_whatever_its_deadline_and_a_model_without_the_tier_is_not():
+    from engine.core.cost import price_alone
+
+    def one(model: str, deadline_s: float) -> Request:
+        return Request.model_validate({"id": "a", "arrival_s": 0.0, "model": model, "input_tokens": 2000,
+                                       "output_tokens": 500, "deadline_s": deadline_s})
+    for deadline_s in (30.0, 3 * 3600.0):  # no batch can meet 30 s; a flex call can
+        r = one("gpt-5-mini", deadline_s)
+        flex = price_alone(r, CAT, "flex").total
+        assert flex == pytest.approx(price_alone(r, CAT, "batch_api").total)
+        assert flex < price_alone(r, CAT, "sync").total
+        for online in (False, True):
+            assert lower_bound([r], online=online).total_usd == pytest.approx(flex, rel=1e-12)
+    r = one("gpt-4o-mini", 30.0)
+    assert lower_bound([r]).total_usd == pytest.approx(price_alone(r, CAT, "sync").total, rel=1e-12)
 
 
 def test_a_cluster_pays_one_write_or_everyone_plain():

@@ -1,0 +1,83 @@
+"""OpenAI's flex tier in the simulator, the cost model and smart: batch prices at once, refusals sent standard."""
+
+import pytest
+
+from engine.core.catalog import default_catalog
+from engine.core.cost import MODES, mode_allowed, price_alone, reserve_bound
+from engine.core.errors import CatalogError
+from engine.core.request import Request
+from engine.sim.lower_bound import lower_bound
+from engine.sim.simulator import simulate
+from policies import load_policy
+
+CAT = default_catalog()
+
+
+def _cat(**flex):
+    oa = CAT.providers["openai"]
+    return CAT.model_copy(update={"providers": {**CAT.providers, "openai": oa.model_copy(
+        update={"flex": oa.flex.model_copy(update=flex)})}})
+
+
+def _reqs(n: int = 40, model: str = "gpt-5-mini", deadline_s: float = 3600.0) -> list[Request]:
+    return [Request.model_validate({"id": f"r{i}", "arrival_s": 10.0 * i, "model": model, "input_tokens": 3000,
+                                    "output_tokens": 400, "deadline_s": deadline_s, "prompt": f"ask {i}"})
+            for i in range(n)]
+
+
+def test_the_tier_is_priced_at_batch_rates_for_its_models_only_and_reserved_at_the_standard_price():
+    oa = CAT.providers["openai"]
+    r = _reqs(1)[0]
+    assert price_alone(r, CAT, "flex").total == pytest.approx(price_alone(r, CAT, "batch_api").total)
+    assert price_alone(r, CAT, "flex").total == pytest.approx(0.5 * price_alone(r, CAT, "sync").total)
+    # A refused flex call is sent again standard: what a budget holds for it covers that call.
+    assert reserve_bound(r, CAT, "flex") == reserve_bound(r, CAT, "sync")
+    assert "flex" in MODES and mode_allowed(oa, oa.models["gpt-5-mini"], "flex")
+    assert not mode_allowed(oa, oa.models["gpt-4o-mini"], "flex")
+    assert not mode_allowed(CAT.providers["anthropic"], CAT.providers["anthropic"].models["claude-sonnet-4-5"], "flex")
+    with pytest.raises(CatalogError, match="flex.models"):
+        price_alone(_reqs(1, "gpt-4o-mini")[0], CAT, "flex")
+
+
+def test_smart_sends_flex_models_at_once_at_the_tier_and_others_as_before():
+    cat = _cat(unavailable_rate=0.0)
+    res = simulate(_reqs(), load_policy("smart", cat), catalog=cat)
+    assert res.met.all()
+    assert {MODES[m] for m in res.mode} == {"flex"}
+    assert res.total_cost == pytest.approx(sum(price_alone(r, cat, "flex").total for r in res.requests), rel=1e-9)
+    # At once: answered within a slow call of arrival, not after a batch's gather and turnaround.
+    assert max(res.done_at - [r.arrival_s for r in res.requests]) < 120.0
+    # Off, or a model without the tier: no flex call is made.
+    for policy, reqs in ((load_policy("smart", cat, {"flex": False}), _reqs()),
+                         (load_policy("smart", cat), _reqs(model="gpt-4o-mini"))):
+        assert "flex" not in {MODES[m] for m in simulate(reqs, policy, catalog=cat).mode}
+
+
+def test_a_deadline_too_short_for_a_slow_flex_call_then_a_standard_one_is_sent_standard():
+    cat = _cat(unavailable_rate=0.0, slowdown=50.0)  # a flex call's p99 then passes 20 s
+    res = simulate(_reqs(5, deadline_s=20.0), load_policy("smart", cat), catalog=cat)
+    assert {MODES[m] for m in res.mode} == {"sync"} and res.met.all()
+
+
+def test_a_refused_flex_call_is_billed_nothing_and_sent_once_at_the_standard_tier_with_no_attempt_spent():
+    cat = _cat(unavailable_rate=0.99)
+    reqs = _reqs()
+    res = simulate(reqs, load_policy("smart", cat), catalog=cat)
+    refused = res.extra["flex_refused"]
+    assert refused >= 30  # of 40, at 99 %
+    modes = [MODES[m] for m in res.mode]
+    assert modes.count("sync") == refused and modes.count("flex") == len(reqs) - refused
+    assert res.met.all()  # all answered, none failed
+    # Each billed once: at the standard price if refused, else at flex's (no prefix here, so no cache).
+    want = sum(price_alone(r, cat, m).total for r, m in zip(res.requests, modes))
+    assert res.total_cost == pytest.approx(want, rel=1e-9)
+    # The bound still lies below (it lets a flex call through however often it is refused).
+    assert lower_bound(reqs, catalog=cat).total_usd <= res.total_cost + 1e-9
+
+
+def test_flex_calls_are_slower_than_standard_ones_by_the_catalogs_slowdown():
+    fast, slow = _cat(unavailable_rate=0.0, slowdown=1.0), _cat(unavailable_rate=0.0, slowdown=4.0)
+    reqs = _reqs(20)
+    lat = [simulate(reqs, load_policy("smart", c), catalog=c) for c in (fast, slow)]
+    waited = [res.done_at - [r.arrival_s for r in res.requests] for res in lat]
+    assert waited[1] == pytest.approx(4.0 * waited[0], rel=1e-6)
