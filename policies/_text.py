@@ -183,10 +183,12 @@ def fallback_slot(group, c: TextConsts, hedge_at: float, calls_s: float, k: int,
 
 
 def flex_fits(provider, spec, req: Request, now: float) -> bool:
-    """Whether ``req`` may go at the flex tier now: its model takes it, and before its deadline there is room for
-    a flex call at its 99th-percentile latency and then a standard call at its own (the one sent if the flex
-    call is refused or runs out its timeout), so the tier's price never costs a deadline."""
+    """Whether ``req`` may go at the flex tier now: its model takes it, a flex call at its 99th-percentile latency
+    ends within the tier's client timeout, and before its deadline there is room for that call and then a
+    standard one at its own (the one sent if the flex call is refused), so the tier's price never costs a
+    deadline."""
     if provider.flex is None or req.model not in provider.flex.models:
         return False
     p99 = sync_latency_median(provider, spec, req) * math.exp(Z99 * provider.sync_latency.sigma)
-    return req.deadline_at - now >= min(p99 * provider.flex.slowdown, provider.flex.timeout_s) + p99
+    slow = p99 * provider.flex.slowdown
+    return slow <= provider.flex.timeout_s and req.deadline_at - now >= slow + p99
