@@ -11,7 +11,7 @@ import math
 import pytest
 
 from engine.core.catalog import default_catalog
-from engine.core.cost import MODES
+from engine.core.cost import MODES, price_alone
 from engine.core.features import compat_key
 from engine.core.grouping import Group, LaneRates
 from engine.core.request import Request
@@ -21,30 +21,45 @@ from policies import load_policy
 CAT = default_catalog()
 
 
+def batching(params: dict | None = None):
+    """``smart`` with the flex tier off (``flex: False``): these tests weigh the batch lane, which a request for a
+    model with the tier (gpt-5-mini, gpt-5.4-mini) skips for flex when its deadline leaves room."""
+    return load_policy("smart", CAT, {"flex": False, **(params or {})})
+
+
 def req(i: int, deadline_s: float, arrival_s: float = 0.0, priority: str = "normal", **kw) -> Request:
     return Request.model_validate({"id": f"q{i}", "arrival_s": arrival_s, "model": "gpt-5-mini",
                                    "prompt": f"Summarise report {i}.", "deadline_s": deadline_s,
                                    "priority": priority} | kw)
 
 
-@pytest.mark.parametrize("model", ["gpt-5-mini", "gpt-5.4-mini"])
+@pytest.mark.parametrize("model", ["gpt-5-mini", "gpt-5.4-mini", "gpt-4o-mini", "claude-haiku-4-5"])
 @pytest.mark.parametrize("deadline_s", [300.0, 600.0, 3600.0, 86400.0])
 def test_a_lone_request_that_a_batch_would_barely_save_on_is_sent_at_once(deadline_s, model):
     """The README's first example: one gpt-5.4-mini request (gpt-5-mini until stop 62). Before, it waited for a
-    one-request batch with an expected saving of $0.0001 and came back at 580 s of a 600 s deadline."""
-    res = simulate([req(0, deadline_s, model=model)], load_policy("smart", CAT))
+    one-request batch with an expected saving of $0.0001 and came back at 580 s of a 600 s deadline. With the
+    flex tier (smart's default), a model that takes it goes there at once instead: batch prices, no wait."""
+    one = req(0, deadline_s, model=model)
+    res = simulate([one], batching())
     (b,) = res.batches
     assert (b.mode, b.t) == ("sync", 0.0) and res.done_at[0] < 10.0
     assert "under min_batch_saving_usd" in b.reason
     # With the threshold off, the same request waits for a batch (the old behaviour): the rule is what moved it.
-    off = simulate([req(0, deadline_s, model=model)], load_policy("smart", CAT, {"min_batch_saving_usd": 0.0}))
+    off = simulate([one], batching({"min_batch_saving_usd": 0.0}))
     assert off.batches[0].mode == "batch_api" or off.batches[0].t > 0.0
+    tiered = simulate([one], load_policy("smart", CAT))
+    if CAT.providers[one.provider].supports_flex(model):
+        assert [(x.mode, x.t) for x in tiered.batches] == [("flex", 0.0)] and tiered.met.all()
+        flex, sync = (price_alone(one, CAT, m).total for m in ("flex", "sync"))
+        assert tiered.cost[0] == pytest.approx(flex) and flex < sync
+    else:  # a model without the tier is judged as above
+        assert [(x.mode, x.t, x.reason) for x in tiered.batches] == [(b.mode, b.t, b.reason)]
 
 
 def test_a_lone_request_does_not_count_itself_as_company():
     """Alone in a new lane, a request is judged on its own saving: it goes at once, not after a gather that
     nothing joins (which would only make it late at the sync price)."""
-    res = simulate([req(0, 86400.0, input_tokens=2000, output_tokens=500)], load_policy("smart", CAT))
+    res = simulate([req(0, 86400.0, input_tokens=2000, output_tokens=500)], batching())
     (b,) = res.batches
     assert (b.mode, b.t) == ("sync", 0.0)
 
@@ -52,7 +67,7 @@ def test_a_lone_request_does_not_count_itself_as_company():
 def test_a_batch_worth_its_wait_still_gathers_and_saves():
     """Two thousand long-deadline requests at once: far above the threshold, they ride the batch API."""
     reqs = [req(i, 86400.0, input_tokens=2000, output_tokens=500) for i in range(2000)]
-    res = simulate(reqs, load_policy("smart", CAT))
+    res = simulate(reqs, batching())
     modes = [MODES[m] for m in res.mode]
     assert modes.count("batch_api") >= 1900, modes.count("sync")
     assert res.total_cost < simulate(reqs, load_policy("naive", CAT)).total_cost * 0.6
@@ -64,7 +79,7 @@ def test_a_lone_request_waits_when_the_lane_brings_company():
     threshold = {"min_batch_saving_usd": 0.05}
     # One request every 5 s for 20 minutes in the same lane (same model, same deadline bucket).
     steady = [req(i, 86400.0, arrival_s=5.0 * i, input_tokens=2000, output_tokens=500) for i in range(240)]
-    res = simulate(steady, load_policy("smart", CAT, threshold))
+    res = simulate(steady, batching(threshold))
     early = [b for b in res.batches if b.t < 60.0]
     late = [b for b in res.batches if b.t >= 600.0]
     assert early and all(b.mode == "sync" for b in early)  # no history yet: nothing says company is coming
@@ -74,20 +89,20 @@ def test_a_lone_request_waits_when_the_lane_brings_company():
 def test_a_price_of_waiting_sends_at_once_what_would_otherwise_wait():
     # Large enough that even the first, alone in its lane, is worth a batch.
     reqs = [req(i, 86400.0, priority="background", input_tokens=20000, output_tokens=500) for i in range(50)]
-    cheap = simulate(reqs, load_policy("smart", CAT))
+    cheap = simulate(reqs, batching())
     assert {MODES[m] for m in cheap.mode} == {"batch_api"}
-    dear = simulate(reqs, load_policy("smart", CAT, {"wait_usd_per_hour": {"background": 1.0}}))
+    dear = simulate(reqs, batching({"wait_usd_per_hour": {"background": 1.0}}))
     assert {MODES[m] for m in dear.mode} == {"sync"} and "its wait is worth" in dear.batches[0].reason
     # Priced for another priority only: background work still waits.
-    other = simulate(reqs, load_policy("smart", CAT, {"wait_usd_per_hour": {"urgent": 1.0}}))
+    other = simulate(reqs, batching({"wait_usd_per_hour": {"urgent": 1.0}}))
     assert {MODES[m] for m in other.mode} == {"batch_api"}
 
 
 def test_a_minimum_share_of_the_price_sends_a_long_shot_batch_at_once():
     reqs = [req(i, 1800.0, input_tokens=20000, output_tokens=2000) for i in range(100)]
-    base = simulate(reqs, load_policy("smart", CAT))
+    base = simulate(reqs, batching())
     assert "batch_api" in {b.mode for b in base.batches}
-    strict = simulate(reqs, load_policy("smart", CAT, {"min_saving_rel": 0.45}))  # needs P(on time) >= 0.9
+    strict = simulate(reqs, batching({"min_saving_rel": 0.45}))  # needs P(on time) >= 0.9
     assert {b.mode for b in strict.batches} == {"sync"} and "under min_saving_rel" in strict.batches[0].reason
 
 
@@ -172,33 +187,39 @@ def test_the_wait_is_priced_per_member_by_its_priority(priority):
 
 def test_only_the_lanes_a_policy_weighs_take_room_in_the_arrival_table():
     """Smart reads arrival rates for its batch lanes only; its one-request sync keys (one per request) would
-    otherwise push slow lanes out of the bounded table under heavy sync traffic."""
+    otherwise push slow lanes out of the bounded table under heavy sync traffic. Its flex keys (one per request
+    too, with the tier on) take no room either."""
     from engine.core.features import compat_key
     from engine.runtime.scheduler import GroupTable
 
-    pol = load_policy("smart", CAT)
-    table = GroupTable(pol, CAT)
     sync = [Request.model_validate({"id": f"s{i}", "arrival_s": 0.0, "model": "gpt-5-mini", "prompt": f"hi {i}",
                                     "deadline_s": 20.0, "priority": "urgent"}) for i in range(50)]
     lane = [req(i, 86400.0, input_tokens=2000, output_tokens=500) for i in range(5)]
+    pol = batching()
+    table = GroupTable(pol, CAT)
     for r in sync + lane:
         table.add(r, compat_key(r), 0.0)
     keys = {pol.group_key(r, compat_key(r), 0.0) for r in lane}
     assert len(table.rates) == len(keys) == 1  # the batch lane, none of the 50 sync keys
+    flexing = load_policy("smart", CAT)  # the tier on: the lane's requests go flex, one key each
+    table = GroupTable(flexing, CAT)
+    for r in sync + lane:
+        table.add(r, compat_key(r), 0.0)
+    assert {flexing.group_key(r, compat_key(r), 0.0)[0] for r in lane} == {"flex"} and len(table.rates) == 0
 
 
 def test_turns_with_a_cacheable_prefix_share_a_band_past_the_confident_deadline():
     """Past the turnaround quantile at ``band_p`` a batch is rarely hedged, so normal and background turns
     that carry a cacheable prefix share one group (one batch, one prefix write). Work with nothing to share
     keeps its factor-of-two band."""
-    pol = load_policy("smart", CAT)
+    pol = batching()
     conv = {"prefix_blocks": list(range(8)), "input_tokens": 5000, "output_tokens": 200}
     normal, background = req(1, 3600.0, **conv), req(2, 86400.0, priority="background", **conv)
     key = pol.group_key
     assert key(normal, compat_key(normal), 0.0) == key(background, compat_key(background), 0.0)
     plain_n, plain_b = req(3, 3600.0), req(4, 86400.0, priority="background")
     assert key(plain_n, compat_key(plain_n), 0.0) != key(plain_b, compat_key(plain_b), 0.0)
-    apart = load_policy("smart", CAT, {"band_p": 1.0})
+    apart = batching({"band_p": 1.0})
     assert apart.group_key(normal, compat_key(normal), 0.0) != apart.group_key(background, compat_key(background),
                                                                               0.0)
 
@@ -211,7 +232,7 @@ def test_the_shared_band_gathers_longer_and_work_due_sooner_or_with_nothing_to_s
         # Each its own prefix (no request finds another's warm, which would send it at once): the band's rule alone.
         reqs = [req(i, deadline_s, arrival_s=float(i), input_tokens=5000, output_tokens=200,
                     prefix_blocks=[100 * i + k for k in range(8)] if prefix else []) for i in range(40)]
-        res = simulate(reqs, load_policy("smart", CAT, params or {}))
+        res = simulate(reqs, batching(params))
         return min(b.t for b in res.batches if b.mode == "batch_api")
 
     cap = CAT.providers["openai"].batch_api.turnaround_quantile(load_policy("smart", CAT).params.band_p)

@@ -25,6 +25,12 @@ def _cat() -> Catalog:
     return Catalog.model_validate(raw)
 
 
+def _smart(cat: Catalog, policy: type[Smart] = Smart, **params) -> Smart:
+    """``smart`` with the flex tier off (``flex: False``): a warm follow-up is a turn the batch lane would take, and
+    a gpt-5 turn whose deadline leaves room goes to the flex tier before that lane is weighed."""
+    return policy(cat, SmartParams(flex=False, **params))
+
+
 def _turn(i: int, at: float, blocks: list[int], deadline_s: float, model: str = "gpt-5") -> Request:
     return Request.model_validate({"id": f"t{i}", "arrival_s": at, "model": model, "prompt": f"turn {i}",
                                    "input_tokens": len(blocks) * 512 + 300, "output_tokens": 200,
@@ -66,11 +72,12 @@ def test_smart_routes_a_warm_follow_up_to_a_sync_call_that_writes_its_turn():
     req = _turn(1, 0.0, PREFIX + [7, 8], 3600.0)
     w = PrefixWarmth()
     w.see([WarmNote("openai", "gpt-5", tuple(PREFIX), 300.0)], now=0.0)
-    pol = Smart(cat)
+    pol = _smart(cat)
     key = pol.group_key(req, ("c",), 0.0, warmth=w)
     assert key == ("sync", req.uid, "warm")
     assert pol.group_key(req, ("c",), 0.0, warmth=PrefixWarmth())[0] == "batch"
-    assert Smart(cat, SmartParams(warm_margin_s=None)).group_key(req, ("c",), 0.0, warmth=w)[0] == "batch"
+    assert _smart(cat, warm_margin_s=None).group_key(req, ("c",), 0.0, warmth=w)[0] == "batch"
+    assert Smart(cat).group_key(req, ("c",), 0.0, warmth=w)[0] == "flex"  # the tier on: batch prices at once
     from engine.runtime.scheduler import GroupTable
 
     table = GroupTable(pol, cat)
@@ -90,9 +97,8 @@ def test_in_the_simulator_a_follow_up_reads_what_its_first_turn_left_warm(first)
     settings = Settings.model_validate({"sim": {"turnaround_scale": 0.01}})
     reqs = [_turn(1, 0.0, PREFIX, 200.0 if first == "sync" else 3600.0), _turn(2, 150.0, PREFIX + [7, 8], 3600.0)]
     base = {"batch_gather_s": 0.0}
-    on = simulate(reqs, Smart(cat, SmartParams(**base)), catalog=cat, settings=settings, seed=3)
-    off = simulate(reqs, Smart(cat, SmartParams(warm_margin_s=None, **base)), catalog=cat, settings=settings,
-                   seed=3)
+    on = simulate(reqs, _smart(cat, **base), catalog=cat, settings=settings, seed=3)
+    off = simulate(reqs, _smart(cat, warm_margin_s=None, **base), catalog=cat, settings=settings, seed=3)
     assert MODES[on.mode[0]] == first and MODES[off.mode[0]] == first and on.done_at[0] < reqs[1].arrival_s
     assert MODES[on.mode[1]] == "sync" and MODES[off.mode[1]] == "batch_api"
     assert any("warm at the provider" in b.reason for b in on.batches)
@@ -100,6 +106,11 @@ def test_in_the_simulator_a_follow_up_reads_what_its_first_turn_left_warm(first)
     assert on.cost[1] < price_alone(reqs[1], cat, "batch_api").total
     assert on.done_at[1] < off.done_at[1] and on.done_at[1] <= reqs[1].deadline_at
     assert on.cost[0] == pytest.approx(off.cost[0])  # the first turn is the same either way
+    # With the flex tier on, both turns go flex at once, and the follow-up reads there what its first turn left warm.
+    flex = simulate(reqs, Smart(cat, SmartParams(**base)), catalog=cat, settings=settings, seed=3)
+    assert [MODES[m] for m in flex.mode] == ["flex", "flex"] and flex.done_at[0] < reqs[1].arrival_s
+    assert flex.cost[1] == pytest.approx(price_alone(reqs[1], cat, "flex", warm_blocks=len(PREFIX)).total)
+    assert flex.cost[1] < price_alone(reqs[1], cat, "flex").total
 
 
 def test_a_batch_member_is_believed_warm_only_until_a_ttl_after_its_batch_was_submitted():
@@ -109,7 +120,7 @@ def test_a_batch_member_is_believed_warm_only_until_a_ttl_after_its_batch_was_su
     cat = _cat()
     settings = Settings.model_validate({"sim": {"turnaround_scale": 0.2}})
     reqs = [_turn(1, 0.0, PREFIX, 3600.0), _turn(2, 320.0, PREFIX + [7, 8], 3600.0)]
-    res = simulate(reqs, Smart(cat, SmartParams(batch_gather_s=0.0)), catalog=cat, settings=settings, seed=3)
+    res = simulate(reqs, _smart(cat, batch_gather_s=0.0), catalog=cat, settings=settings, seed=3)
     assert MODES[res.mode[0]] == "batch_api" and res.done_at[0] < reqs[1].arrival_s
     assert MODES[res.mode[1]] == "batch_api"
     assert not any("warm at the provider" in b.reason for b in res.batches)
@@ -178,4 +189,4 @@ def test_a_provider_with_a_batch_api_and_no_prompt_cache_sends_nothing_warm():
     w = PrefixWarmth()
     w.see([WarmNote("openai", "gpt-5", tuple(PREFIX), 300.0)], now=0.0)
     assert warm_sync_pays(cat, req, cat.providers["openai"].batch_api, 0.9, w, 0.0, 10.0, 512) == 0
-    assert Smart(cat).group_key(req, ("c",), 0.0, warmth=w)[0] == "batch"
+    assert _smart(cat).group_key(req, ("c",), 0.0, warmth=w)[0] == "batch"

@@ -19,10 +19,10 @@ from engine.core.grouping import Decision, WarmNote
 from engine.core.request import Request
 from engine.runtime.scheduler import GroupTable
 from engine.sim.simulator import MODES, simulate
-from policies import Smart, SmartParams
+from policies import Smart
 from tests.unit.helpers import Recorder
 from tests.unit.test_actors import ledger
-from tests.unit.test_warm_followups import PREFIX, _cat, _turn
+from tests.unit.test_warm_followups import PREFIX, _cat, _smart, _turn
 
 CAT = _cat()
 
@@ -37,8 +37,8 @@ def _conversation() -> list[Request]:
 
 def test_in_the_simulator_a_waiting_turn_reads_what_an_urgent_turn_left_warm_and_the_rest_still_batch():
     reqs = _conversation()
-    on = simulate(reqs, Smart(CAT), catalog=CAT, seed=3)
-    off = simulate(reqs, Smart(CAT, SmartParams(pull_warm=False)), catalog=CAT, seed=3)
+    on = simulate(reqs, _smart(CAT), catalog=CAT, seed=3)
+    off = simulate(reqs, _smart(CAT, pull_warm=False), catalog=CAT, seed=3)
     assert [MODES[m] for m in off.mode] == ["batch_api", "batch_api", "sync"]
     assert [MODES[m] for m in on.mode] == ["sync", "batch_api", "sync"]
     assert [(b.mode, b.size) for b in on.batches if "warm at the provider" in b.reason] == [("sync", 1)]
@@ -55,10 +55,13 @@ def test_in_the_simulator_a_waiting_turn_reads_what_an_urgent_turn_left_warm_and
     assert on.total_cost < off.total_cost
     for res in (on, off):
         assert all(res.done_at[i] <= r.deadline_at for i, r in enumerate(res.requests))
+    # With the flex tier on, no turn of gpt-5 waits for a batch (each goes flex at once): nothing is left to pull.
+    flex = simulate(reqs, Smart(CAT), catalog=CAT, seed=3)
+    assert [MODES[m] for m in flex.mode] == ["flex"] * 3 and not any("warm at" in b.reason for b in flex.batches)
 
 
 def test_the_table_pulls_only_from_the_warm_conversations_group_and_decides_it_again():
-    table = GroupTable(Smart(CAT), CAT)
+    table = GroupTable(_smart(CAT), CAT)
     t1, t3, _ = _conversation()
     other = _turn(4, 0.0, list(range(900, 921)), 3600.0)  # another conversation, equally long, not warm
     for r in (t1, t3, other):
@@ -74,7 +77,7 @@ def test_the_table_pulls_only_from_the_warm_conversations_group_and_decides_it_a
     assert len(pulled.wakes) == 1 and pulled.wakes[0].group is g and pulled.wakes[0].version == g.version
     assert len(table) == 2  # t3 and the other conversation still wait
     # Off: the note only updates the belief.
-    off = GroupTable(Smart(CAT, SmartParams(pull_warm=False)), CAT)
+    off = GroupTable(_smart(CAT, pull_warm=False), CAT)
     off.add(t1, ("c",), 0.0)
     assert off.warm([WarmNote("openai", "gpt-5", tuple(PREFIX + [7, 8]), 330.0)], 35.0).dispatches == []
     assert len(off) == 1
@@ -101,7 +104,7 @@ def test_a_pull_that_breaks_the_contract_or_names_nobody_changes_nothing(pulls):
     (``keep_going``) logs it and the group waits on for its wake-up, untouched (the warmth is a hint). A pull of
     nobody changes nothing either: no second decision, so no second wake-up chain beside the valid one."""
     t1 = _conversation()[0]
-    policy = _BadPull(CAT)
+    policy = _smart(CAT, _BadPull)
     policy.pulls = pulls
     if pulls != "none":
         table = GroupTable(policy, CAT)
@@ -133,9 +136,9 @@ def test_a_live_grouper_sends_the_pulled_turn_sync_and_a_failed_pull_leaves_it_w
             h.cancel()
         return sent, [r.id for r in await hub.pull(0.01)], g, timers
 
-    sent, ended, g, _ = asyncio.run(go(Smart(CAT)))
+    sent, ended, g, _ = asyncio.run(go(_smart(CAT)))
     assert sent == [("sync", True, ["t1"])] and ended == [] and g.pending == {}
-    for policy in (Smart(CAT, SmartParams(pull_warm=False)), _BadPull(CAT)):
+    for policy in (_smart(CAT, pull_warm=False), _smart(CAT, _BadPull)):
         sent, ended, g, timers = asyncio.run(go(policy))
         assert sent == [] and ended == [] and list(g.pending) == [_conversation()[0].uid]
         assert timers == 1  # its gather's wake-up, still set
@@ -152,7 +155,7 @@ def test_a_turn_reads_in_its_batch_what_an_earlier_member_that_stays_writes_so_i
     note = [WarmNote("openai", "gpt-5", tuple(PREFIX + [9]), 330.0)]
 
     def pulled(*reqs):
-        table = GroupTable(Smart(CAT), CAT)
+        table = GroupTable(_smart(CAT), CAT)
         for r in reqs:
             table.add(r, ("c",), r.arrival_s)
         return [r.id for d in table.warm(note, 35.0).dispatches for r in d.members]
@@ -199,7 +202,7 @@ def test_a_group_whose_decision_fails_after_a_pull_still_sends_the_pulled_turn()
     """The pull is carried out; the group's failed decision fails only the members left in it (a grouper's
     ``GroupFailed``), as a failed decision on arrival does."""
     t1, t3, _ = _conversation()
-    table = GroupTable(_FailsAfterPull(CAT), CAT, keep_going=True)
+    table = GroupTable(_smart(CAT, _FailsAfterPull), CAT, keep_going=True)
     for r in (t1, t3):
         table.add(r, ("c",), r.arrival_s)
     pulled = table.warm(NOTE, 35.0)
