@@ -81,3 +81,12 @@ def test_flex_calls_are_slower_than_standard_ones_by_the_catalogs_slowdown():
     lat = [simulate(reqs, load_policy("smart", c), catalog=c) for c in (fast, slow)]
     waited = [res.done_at - [r.arrival_s for r in res.requests] for res in lat]
     assert waited[1] == pytest.approx(4.0 * waited[0], rel=1e-6)
+
+
+def test_a_flex_call_that_could_outlast_the_tiers_client_timeout_is_not_made_even_with_a_day_to_spare():
+    cat = _cat(unavailable_rate=0.0, slowdown=40.0, timeout_s=120.0)  # p99 of a 400-token answer: ~20 s x 40
+    res = simulate(_reqs(3, deadline_s=86400.0), load_policy("smart", cat), catalog=cat)
+    assert "flex" not in {MODES[m] for m in res.mode} and res.met.all()
+    roomy = _cat(unavailable_rate=0.0, slowdown=40.0, timeout_s=3600.0)
+    assert {MODES[m] for m in simulate(_reqs(3, deadline_s=86400.0), load_policy("smart", roomy),
+                                       catalog=roomy).mode} == {"flex"}
