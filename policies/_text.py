@@ -21,7 +21,7 @@ from engine.core.latency import Z99, sync_latency_median
 from engine.core.rates import start_spread_s
 from engine.core.request import Request
 
-__all__ = ["BatchMates", "TextConsts", "fallback_slot", "flex_fits", "not_worth", "rate_hedge",
+__all__ = ["BatchMates", "TextConsts", "as_flex", "fallback_slot", "flex_fits", "not_worth", "rate_hedge",
            "second_batch_checkpoint", "text_consts", "warm_sync_pays"]
 
 _MIN_GAIN = 0.005  # P(on time) a second batch must add to be worth its cancel and its second submission
@@ -192,3 +192,16 @@ def flex_fits(provider, spec, req: Request, now: float) -> bool:
     p99 = sync_latency_median(provider, spec, req) * math.exp(Z99 * provider.sync_latency.sigma)
     slow = p99 * provider.flex.slowdown
     return slow <= provider.flex.timeout_s and req.deadline_at - now >= slow + p99
+
+
+def as_flex(d, group, now: float, members=None):
+    """``d`` at the flex tier where it sends sync calls that all fit it (``flex_fits``): the same calls, the same
+    prompt cache, at batch prices. A decision to send sync (a deadline too close for a batch, a batch not worth
+    its wait, a warm prefix, a budget's hold, a hedge's fallback) is a decision to call now, which flex does for
+    less wherever the deadline leaves room for a slow call and a standard one after it."""
+    if d.action != "dispatch" or d.mode != "sync" or group.spec.kind != "text":
+        return d
+    members = members if members is not None else group.members[:d.take] if d.take > 0 else group.members
+    if not all(flex_fits(group.provider, group.spec, r, now) for r in members):
+        return d
+    return d._replace(mode="flex", reason=d.reason.replace("sync now", "flex now", 1))

@@ -30,6 +30,7 @@ from engine.core.similarity import Guards
 from policies._gpu import GpuLane
 from policies._smart_params import SmartParams
 from policies._text import BatchMates, TextConsts, second_batch_checkpoint, text_consts, warm_sync_pays
+from policies._text import as_flex as _as_flex
 from policies._text import fallback_slot as _fallback_slot
 from policies._text import flex_fits as _flex_fits
 from policies._text import not_worth as _not_worth
@@ -102,7 +103,9 @@ class Smart(GpuLane, Policy):
         spec = provider.models[req.model]
         if spec.gpu_priced:
             return ("gpu", compat)
-        if self.params.flex and spec.kind == "text" and _flex_fits(provider, spec, req, now):
+        p = self.params
+        if (p.flex and spec.kind == "text" and (p.flex_now_s is None or req.deadline_at - now <= p.flex_now_s)
+                and _flex_fits(provider, spec, req, now)):
             return ("flex", req.uid)
         if spec.kind == "text" and provider.supports_batch_api(req.kind) and not self._held_back(req, budget):
             c = self._text_consts(provider, spec, req.model)
@@ -164,9 +167,10 @@ class Smart(GpuLane, Policy):
                 staying.add(req.prefix_blocks)
         if first is None:
             return None
-        return Decision("dispatch", mode="sync", cache_write=True, recommendation="process_individually",
-                        reason="sync now: its prompt prefix is warm at the provider, cheaper read now than in a batch",
-                        prefix=self._prefix(first, group, now)[1]), uids
+        d = Decision("dispatch", mode="sync", cache_write=True, recommendation="process_individually",
+                     reason="sync now: its prompt prefix is warm at the provider, cheaper read now than in a batch",
+                     prefix=self._prefix(first, group, now)[1])
+        return (_as_flex(d, group, now, [r for r in group.members if r.uid in uids]) if self.params.flex else d), uids
 
     def _band_cap_of(self, provider) -> float:
         """The shared band's deadline cap (``band_p``) at ``provider``'s turnaround: the catalog's, or a learned one."""
@@ -245,8 +249,10 @@ class Smart(GpuLane, Policy):
         lane = group.key[0] if isinstance(group.key, tuple) else "sync"
         if lane == "gpu":
             return self._decide_gpu(group, now)
-        if lane == "batch":
-            return self._decide_batch(group, now)
+        d = self._decide_batch(group, now) if lane == "batch" else self._decide_call(group, now, lane)
+        return _as_flex(d, group, now) if self.params.flex else d
+
+    def _decide_call(self, group: Group, now: float, lane: str) -> Decision:
         req = group.members[0]
         write, prefix = self._prefix(req, group, now)
         if lane == "flex":
