@@ -30,6 +30,12 @@ def run(coro):
     return asyncio.run(coro)
 
 
+def batch_smart(params: dict | None = None):
+    """Smart with the flex tier off, for the tests of its batch lane: gpt-5-mini takes OpenAI's flex tier, where
+    smart would send these requests at once instead of to a batch."""
+    return load_policy("smart", CAT, {"flex": False, **(params or {})})
+
+
 def ledger(limit=None, **kw):
     specs = () if limit is None else (BudgetSpec(max_budget=limit, **kw),)
     return BudgetController(BudgetSettings(specs=specs), None, ManualClock(0.0))
@@ -545,7 +551,7 @@ def test_grouper_keeps_members_back_from_a_hedge_together_and_apart_from_fresh_w
     table so (``returned``), and smart gives them one group of their own, with no second checkpoint."""
     async def go():
         disp, hub = Recorder(), ResultHub()
-        g = Grouper(load_policy("smart", CAT), CAT, ManualClock(1500.0), {"openai": disp}, ledger(), hub)
+        g = Grouper(batch_smart(), CAT, ManualClock(1500.0), {"openai": disp}, ledger(), hub)
         big = {"input_tokens": 20_000, "output_tokens": 800, "deadline_s": 3600.0}
         back = [Job(i, req(i, **big), f"fp{i}", hedges=1) for i in range(3)]
         fresh = Job(9, req(9, arrival_s=1500.0, **big), "fp9")
@@ -601,7 +607,7 @@ def test_a_batch_a_budget_holds_past_its_checkpoint_goes_back_to_the_grouper_pol
         disp, hub = Seen(), ResultHub()
         spec, budget = await nearly_spent(0.9999)
         clock = ManualClock(0.0)
-        pol = load_policy("smart", CAT, {"min_batch_saving_usd": 0.0, "batch_gather_s": 0})
+        pol = batch_smart({"min_batch_saving_usd": 0.0, "batch_gather_s": 0})
         g = Grouper(pol, CAT, clock, {"openai": disp}, budget, hub, budget_specs=(spec,),
                     reserve_model_max=model_max)
         r = req(0, input_tokens=20_000, output_tokens=800, max_output_tokens=800, deadline_s=3600.0)
@@ -625,7 +631,7 @@ def test_the_grouper_judges_the_requests_of_one_arrival_instant_together():
     one batch; decided one by one, the first two went sync at once at the full price."""
     async def go():
         disp = Seen()
-        g = Grouper(load_policy("smart", CAT), CAT, ManualClock(0.0), {"openai": disp}, ledger(), ResultHub())
+        g = Grouper(batch_smart(), CAT, ManualClock(0.0), {"openai": disp}, ledger(), ResultHub())
         jobs = [Job(k, req(k, input_tokens=20, output_tokens=256, deadline_s=86400.0), f"fp{k}") for k in range(10)]
         await g.add(jobs)
         assert disp.calls == [] and [len(grp) for grp in g.table.groups.values()] == [10]

@@ -17,6 +17,12 @@ from .helpers import kind_trace
 CAT = default_catalog()
 
 
+def batch_smart(params: dict | None = None):
+    """Smart with the flex tier off: a file's gpt-5-mini lines would otherwise go at once at OpenAI's flex tier,
+    and the case here is how its batch lane gathers them."""
+    return load_policy("smart", CAT, {"flex": False, **(params or {})})
+
+
 def _file(tmp_path, n: int = 10, extra: dict | None = None):
     lines = [{"custom_id": f"line{k}", "method": "POST", "url": "/v1/chat/completions", **(extra or {}),
               "body": {"model": "gpt-5-mini", "max_completion_tokens": 256,
@@ -32,19 +38,19 @@ def test_a_batch_file_is_sent_at_once_not_after_a_gather_for_company_that_cannot
     though nothing more could come, and only then went to the batch API."""
     reqs = from_openai_batch(_file(tmp_path)).requests
     assert [r.gather for r in reqs] == [False] * 10
-    now = simulate(reqs, load_policy("smart", CAT))
-    held = simulate([r.model_copy(update={"gather": True}) for r in reqs], load_policy("smart", CAT))
+    now = simulate(reqs, batch_smart())
+    held = simulate([r.model_copy(update={"gather": True}) for r in reqs], batch_smart())
     assert list(now.mode) == list(held.mode) == [1] * 10  # one batch, at the batch price, either way
-    closed_s = load_policy("smart", CAT).params.closed_gather_s
+    closed_s = batch_smart().params.closed_gather_s
     assert len(now.batches) == len(held.batches) == 1
     assert now.batches[0].t <= closed_s < 1200.0 <= held.batches[0].t
     assert now.total_cost == held.total_cost
     # Each batch draws its own turnaround: over seeds, the file is back a gather sooner.
-    back = [[simulate(rs, load_policy("smart", CAT), seed=s).done_at.max() for s in range(8)]
+    back = [[simulate(rs, batch_smart(), seed=s).done_at.max() for s in range(8)]
             for rs in (reqs, [r.model_copy(update={"gather": True}) for r in reqs])]
     assert sum(back[0]) / 8 < sum(back[1]) / 8 - 600
     # A lone small line still goes sync, once the rest of its submission would have come.
-    lone = simulate(from_openai_batch(_file(tmp_path, n=1)).requests, load_policy("smart", CAT))
+    lone = simulate(from_openai_batch(_file(tmp_path, n=1)).requests, batch_smart())
     assert lone.mode[0] == 0 and lone.batches[0].t <= closed_s
 
 
@@ -54,9 +60,9 @@ def test_a_submission_that_reaches_the_policy_in_parts_still_rides_one_batch(tmp
     helper's review). They wait ``closed_gather_s`` for the rest of their submission."""
     reqs = [r.model_copy(update={"arrival_s": k * 0.002}) for k, r in
             enumerate(from_openai_batch(_file(tmp_path, n=40)).requests)]
-    res = simulate(reqs, load_policy("smart", CAT))
+    res = simulate(reqs, batch_smart())
     assert list(res.mode) == [1] * 40 and len(res.batches) == 1
-    apart = simulate(reqs, load_policy("smart", CAT, {"closed_gather_s": 0.0}))
+    apart = simulate(reqs, batch_smart({"closed_gather_s": 0.0}))
     assert len(apart.batches) > 1
 
 

@@ -24,6 +24,7 @@ from policies import Smart, load_policy
 CAT = default_catalog()
 CONV = {"conversation_groups": True}
 LANES = {"conversation_groups": False}
+NO_FLEX = {"flex": False}  # gpt-5-mini takes OpenAI's flex tier: off where its batch lane (or a sync call) is the case
 
 
 def turn(rid: str, arrival_s: float, blocks: list[int], model: str = "claude-sonnet-4-5",
@@ -69,10 +70,10 @@ def test_a_conversation_alone_in_a_busy_lane_still_rides_a_batch():
     """Thirty one-turn conversations of cheap requests: each saves less than ``min_batch_saving_usd`` alone,
     but the lane's company over their gather is worth it, as when they shared one group."""
     convs = [turn(f"c{i}", float(i), [1000 * i + k for k in range(4)], model="gpt-5-mini") for i in range(30)]
-    res = simulate(convs, load_policy("smart", CAT, CONV))
+    res = simulate(convs, load_policy("smart", CAT, {**CONV, **NO_FLEX}))
     modes = [res.batches[int(b)].mode for b in res.batch_of]  # each request's dispatch
     assert modes[1:] == ["batch_api"] * 29, {b.reason for b in res.batches if b.mode == "sync"}
-    alone = simulate(convs[:1], load_policy("smart", CAT, CONV))
+    alone = simulate(convs[:1], load_policy("smart", CAT, {**CONV, **NO_FLEX}))
     assert [b.mode for b in alone.batches] == ["sync"] and "min_batch_saving_usd" in alone.batches[0].reason
 
 
@@ -158,7 +159,7 @@ def test_the_runtime_refuses_riders_that_would_send_a_member_twice(rogue):
 
 def test_the_lane_index_forgets_every_group_that_leaves_the_table():
     """A long-running grouper must not keep the groups it sent (riders or not, batch or sync) in its lanes."""
-    table = GroupTable(load_policy("smart", CAT), CAT)
+    table = GroupTable(load_policy("smart", CAT, NO_FLEX), CAT)
     cheap = [turn(f"s{i}", 2000.0 * i, [7000 + 100 * i + k for k in range(4)], model="gpt-5-mini")
              for i in range(5)]  # lone and cheap: sent sync at once, never a batch
     trace = sorted(_two_turn_conversations(12) + cheap, key=lambda r: r.arrival_s)

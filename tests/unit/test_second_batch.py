@@ -18,6 +18,12 @@ CAT = default_catalog()
 FREE = {"min_batch_saving_usd": 0.0}  # a lone request still rides a batch: the rule under test alone
 
 
+def batch_smart(params: dict | None = None, cat=CAT):
+    """Smart with the flex tier off: gpt-5-mini takes OpenAI's flex tier, where smart would send these requests
+    at once, and the case here is its batches."""
+    return load_policy("smart", cat, {"flex": False, **(params or {})})
+
+
 def req(i: int, deadline_s: float, arrival_s: float = 0.0) -> Request:
     return Request.model_validate({"id": f"r{i}", "arrival_s": arrival_s, "model": "gpt-5-mini",
                                    "prompt": f"Summarise report {i}.", "input_tokens": 20_000,
@@ -39,7 +45,7 @@ def one_batch_decision(params: dict, deadline_s: float):
     prov = CAT.providers["openai"]
     g = Group(("batch", (), 0), prov, prov.models["gpt-5-mini"])
     g.add(req(0, deadline_s))
-    return load_policy("smart", CAT, {**FREE, "batch_gather_s": 0, **params}).decide(g, 0.0)
+    return batch_smart({**FREE, "batch_gather_s": 0, **params}).decide(g, 0.0)
 
 
 def test_the_checkpoint_lies_between_two_turnarounds_and_raises_the_chance_of_a_batch():
@@ -67,7 +73,7 @@ def test_no_checkpoint_where_two_batches_do_not_fit_or_one_is_sure(deadline_s):
 
 def test_a_batch_late_at_its_checkpoint_rides_a_second_batch_and_keeps_the_discount():
     until = 1200.0  # every batch sent before this is late; one sent after comes back in 5 minutes
-    res = simulate([req(0, 3600.0)], load_policy("smart", CAT, FREE), draws=SlowThenFast(1, until))
+    res = simulate([req(0, 3600.0)], batch_smart(FREE), draws=SlowThenFast(1, until))
     first, second = res.batches
     assert (first.mode, first.outcome, second.mode, second.outcome) == ("batch_api", "hedged", "batch_api", "sent")
     assert first.t < until <= second.t < 3600.0 - 300.0
@@ -75,14 +81,14 @@ def test_a_batch_late_at_its_checkpoint_rides_a_second_batch_and_keeps_the_disco
     batch_price = res.cost[0]
 
     # Without it the same world leaves the request to its last safe moment, then sync at the full price.
-    off = simulate([req(0, 3600.0)], load_policy("smart", CAT, {**FREE, "second_batch": False}),
+    off = simulate([req(0, 3600.0)], batch_smart({**FREE, "second_batch": False}),
                    draws=SlowThenFast(1, until))
     assert [b.mode for b in off.batches] == ["batch_api", "sync"] and off.done_at[0] <= 3600.0
     assert batch_price == pytest.approx(off.cost[0] / 2, rel=1e-9)
 
 
 def test_a_second_batch_late_too_still_falls_back_to_sync_in_time():
-    res = simulate([req(0, 3600.0)], load_policy("smart", CAT, FREE), draws=SlowThenFast(1, 10 ** 9))
+    res = simulate([req(0, 3600.0)], batch_smart(FREE), draws=SlowThenFast(1, 10 ** 9))
     assert [b.mode for b in res.batches][-1] == "sync"
     assert [b.outcome for b in res.batches if b.mode == "batch_api"] == ["hedged"] * (len(res.batches) - 1)
     assert res.done_at[0] <= 3600.0
@@ -94,10 +100,10 @@ def test_members_back_from_one_batch_ride_the_second_together_and_apart_from_fre
     own hedge instead of riding along with requests due sooner."""
     until = 1200.0
     back = [req(i, 3600.0) for i in range(5)]
-    probe = simulate(back, load_policy("smart", CAT, FREE), draws=SlowThenFast(5, until))
+    probe = simulate(back, batch_smart(FREE), draws=SlowThenFast(5, until))
     checkpoint = float(probe.batches[0].reason.split("cancelled at t=")[1].split("s")[0])
     fresh = [req(10 + i, 3600.0, arrival_s=checkpoint - 30.0 + 20.0 * i) for i in range(3)]
-    res = simulate(back + fresh, load_policy("smart", CAT, FREE), draws=SlowThenFast(8, until))
+    res = simulate(back + fresh, batch_smart(FREE), draws=SlowThenFast(8, until))
     ids = {r.id: i for i, r in enumerate(res.requests)}
     second = {int(res.batch_of[ids[r.id]]) for r in back}
     assert len(second) == 1
@@ -113,7 +119,7 @@ def test_members_back_from_a_batch_are_told_apart_by_the_runtime_not_by_their_ag
     batch is kept out of its lane's arrival rate, which it would inflate for minutes without ever joining."""
     from engine.core.features import compat_key
 
-    pol = load_policy("smart", CAT)
+    pol = batch_smart()
     r = req(0, 3600.0)
     fresh = pol.group_key(r, compat_key(r), 1500.5)
     back = pol.group_key(r, compat_key(r), 1500.5, returned=True)
@@ -128,7 +134,7 @@ def test_a_conversations_normal_and_background_turns_back_from_one_batch_ride_th
     capped as fresh ones are, smart's mean over seeds 0-11 fell $0.55-0.63)."""
     from engine.core.features import compat_key
 
-    pol = load_policy("smart", CAT)
+    pol = batch_smart()
     blocks = list(range(100, 140))  # 40 shared blocks: a long conversation at Sonnet, cacheable
     normal, background = (Request.model_validate({
         "id": name, "arrival_s": 0.0, "model": "claude-sonnet-4-5", "prompt": name, "input_tokens": 40 * 512 + 300,
@@ -148,7 +154,7 @@ def test_a_lone_member_back_from_its_checkpoint_rides_its_second_batch():
     to end in time: a review's counterexample)."""
     cheap = Request.model_validate({"id": "c", "arrival_s": 0.0, "model": "gpt-5-mini", "prompt": "c",
                                     "input_tokens": 7_500, "output_tokens": 300, "deadline_s": 3600.0})
-    res = simulate([cheap], load_policy("smart", CAT),
+    res = simulate([cheap], batch_smart(),
                    draws=SlowThenFast(1, 1200.0))
     first, second = res.batches
     assert "second batch" in first.reason and first.outcome == "hedged"
@@ -179,7 +185,7 @@ def test_a_batch_a_budget_holds_past_its_checkpoint_rides_a_second_batch_not_syn
     budgets = BudgetSettings(specs=(BudgetSpec(max_budget=0.0105, budget_duration="30m"),),
                              throttle=Throttle(pace=False), reserve_output=reserve)
     settings = Settings().model_copy(update={"budgets": budgets})
-    res = simulate([urgent, r], load_policy("smart", CAT, params), settings=settings,
+    res = simulate([urgent, r], batch_smart(params), settings=settings,
                    draws=SlowThenFast(2, 0.0))  # every batch is back in 5 minutes
     ids = {q.id: i for i, q in enumerate(res.requests)}
     i = ids[r.id]
@@ -221,7 +227,7 @@ def test_the_members_back_of_a_budget_try_are_decided_once_every_dispatch_of_it_
         return admit(self, i, fresh)
 
     monkeypatch.setattr(sim_mod._Sim, "admit", spy)
-    res = simulate(reqs, load_policy("smart", CAT, {**FREE, "batch_gather_s": 0}),
+    res = simulate(reqs, batch_smart({**FREE, "batch_gather_s": 0}),
                    settings=Settings().model_copy(update={"budgets": budgets}))
     ids = {q.id: i for i, q in enumerate(res.requests)}
     assert res.status[ids["c"]] == 1 and res.done_at[ids["c"]] >= 1800.0  # c went in the same try
@@ -242,10 +248,10 @@ def test_requests_that_arrive_at_one_instant_are_judged_together_and_ride_one_ba
     """Decided one by one, the first two lines of a ten-line batch file were each judged alone (a saving under
     ``min_batch_saving_usd``) and sent sync at the full price, while the other eight rode a batch (a helper's
     review as a new user). Arrivals of one instant now join their groups before any is decided."""
-    res = simulate(_burst(), load_policy("smart", CAT))
+    res = simulate(_burst(), batch_smart())
     assert list(res.mode) == [1] * 10 and len({int(b) for b in res.batch_of}) == 1
     # A millisecond apart they are separate arrivals: the first is judged alone, as before.
-    apart = simulate(_burst(spread_s=0.001), load_policy("smart", CAT))
+    apart = simulate(_burst(spread_s=0.001), batch_smart())
     assert apart.mode[0] == 0 and apart.total_cost > res.total_cost
 
 
@@ -256,7 +262,7 @@ def test_members_back_that_each_have_a_chance_are_not_sent_sync_whole_by_one_mis
     Mooncake seeds 0-3; -$0.07 a seed over seeds 0-11, every deadline met). Each now keeps its own lead."""
     from engine.core.features import compat_key
 
-    pol = load_policy("smart", CAT)
+    pol = batch_smart()
     prov = CAT.providers["openai"]
     now = 3_000.5
 
@@ -308,6 +314,6 @@ def test_members_back_that_ride_on_their_own_chances_fit_one_wave_of_the_provide
     reqs = [rq("E", 2500, first)] + [rq(f"L{k}", 2500, t1 + 250) for k in range(8)] + [rq("S", 10, t1 + 140)]
     params = {"min_batch_saving_usd": 0.0, "second_batch": False}
     naive = simulate(reqs, load_policy("naive", cat), catalog=cat, draws=SlowThenFast(len(reqs), 1e9))
-    smart = simulate(reqs, load_policy("smart", cat, params), catalog=cat, draws=SlowThenFast(len(reqs), 1e9))
+    smart = simulate(reqs, batch_smart(params, cat), catalog=cat, draws=SlowThenFast(len(reqs), 1e9))
     assert naive.met.all() and smart.met.all()
     assert any("members back" in b.reason for b in smart.batches)  # the path under test ran

@@ -11,7 +11,7 @@ import pytest
 from actors import BudgetController, Dispatcher, Grouper, ResultHub
 from actors._types import BatchJob, Job
 from engine.core.budgets import BudgetSettings
-from engine.core.catalog import default_catalog
+from engine.core.catalog import default_catalog, load_catalog
 from engine.core.clock import ManualClock, ScaledClock
 from engine.core.draws import Draws, TurnaroundWorld, engine_day_origin, hour_of_day
 from engine.core.errors import ConfigError
@@ -31,6 +31,12 @@ CAT = default_catalog()
 BA = CAT.provider("openai").batch_api  # median 900 s, p95 5400 s
 LEARN = TurnaroundLearning()  # epochs of 300 s, guard 60 s
 FIT = LEARN.model_copy(update={"doubt_z": 0.0})  # the plain fit, no benefit of the doubt for the catalog
+
+
+def batch_smart(params: dict | None = None):
+    """Smart with the flex tier off: gpt-5-mini takes OpenAI's flex tier, where smart would send these requests
+    at once, and the case here is its batches' turnaround."""
+    return load_policy("smart", CAT, {"flex": False, **(params or {})})
 
 
 def lognormal(n, median, seed=0):
@@ -156,7 +162,7 @@ def test_memory_stays_bounded_however_many_batches_it_is_told():
 
 
 def test_the_policy_reads_the_learned_turnaround_and_a_setting_turns_it_off():
-    on, off = (GroupTable(load_policy("smart", CAT, p), CAT) for p in ({}, {"turnaround": {"enabled": False}}))
+    on, off = (GroupTable(batch_smart(p), CAT) for p in ({}, {"turnaround": {"enabled": False}}))
     assert on.turnarounds is not None and off.turnarounds is None
     assert GroupTable(load_policy("naive", CAT), CAT).turnarounds is None  # it reads no turnaround
     # Urgent text that the catalog's turnaround gives a fair chance rides a batch; learned 10x slower, not.
@@ -186,7 +192,7 @@ def _slow_world_run(learn: bool):
             for r in kind_trace(k, n=900, seed=4, span_s=3 * 3600.0)]
     reqs.sort(key=lambda r: r.arrival_s)
     settings = Settings(sim=SimSettings(turnaround_scale=3.0))
-    pol = load_policy("smart", CAT, {"turnaround": {"enabled": learn}})
+    pol = batch_smart({"turnaround": {"enabled": learn}})
     return simulate(reqs, pol, catalog=CAT, settings=settings, seed=0)
 
 
@@ -330,10 +336,15 @@ def test_a_trace_built_from_the_azure_csv_keeps_the_time_of_day_it_started(tmp_p
     assert with_day_origin(Settings(), list(reqs)).sim.day_origin_s == 0.0
 
 
-def test_the_worlds_turnaround_by_hour_counts_from_the_traces_day_origin_in_the_simulator_and_the_bound():
+def test_the_worlds_turnaround_by_hour_counts_from_the_traces_day_origin_in_the_simulator_and_the_bound(tmp_path):
     """Batches 30x as slow from noon to midnight: none finishes within half an hour. A trace that started at
     noon (as its Azure timestamps say) meets the slow hours from its first batch on, in the simulator and in
-    the lower bound alike; the same requests without a start time meet the quick ones."""
+    the lower bound alike; the same requests without a start time meet the quick ones. (OpenAI's flex tier is
+    left out of the catalog: with it, smart and the bound send gpt-5-mini at batch prices with no batch, and the
+    hour a batch would have met changes nothing.)"""
+    overlay = tmp_path / "no_flex.yaml"
+    overlay.write_text("providers:\n  openai:\n    flex: null\n")
+    cat = load_catalog(None, overlay)
     day = tuple([1.0] * 12 + [30.0] * 12)
     world = TurnaroundWorld.of(SimSettings(turnaround_scale_by_hour=day, day_origin_s=12 * 3600.0))
     assert world.factor(0.0) == 30.0 and world.factor(12 * 3600.0) == 1.0
@@ -343,15 +354,15 @@ def test_the_worlds_turnaround_by_hour_counts_from_the_traces_day_origin_in_the_
     settings = Settings(sim=SimSettings(turnaround_scale_by_hour=day))
     told = settings.model_copy(update={"sim": settings.sim.model_copy(update={"day_origin_s": 12 * 3600.0})})
     pol = {"turnaround": {"enabled": False}}
-    runs = [simulate(r, load_policy("smart", CAT, pol), catalog=CAT, settings=s, seed=0)
+    runs = [simulate(r, load_policy("smart", cat, pol), catalog=cat, settings=s, seed=0)
             for r, s in ((noon, settings), (reqs, told), (reqs, settings))]
     hedged = [sum(b.outcome == "hedged" for b in r.batches) for r in runs]
     assert runs[0].total_cost == runs[1].total_cost and hedged[0] == hedged[1] > hedged[2]
-    bounds = [lower_bound(r, catalog=CAT, settings=s).total_usd for r, s in ((noon, settings), (reqs, told),
+    bounds = [lower_bound(r, catalog=cat, settings=s).total_usd for r, s in ((noon, settings), (reqs, told),
                                                                             (reqs, settings))]
     assert bounds[0] == bounds[1] > bounds[2]
     # The simulator's learned estimate files those batches under the afternoon's hours too.
-    learned = simulate(noon, load_policy("smart", CAT, {"turnaround": {"doubt_z": 0.0}}), catalog=CAT,
+    learned = simulate(noon, load_policy("smart", cat, {"turnaround": {"doubt_z": 0.0}}), catalog=cat,
                        settings=settings, seed=0).extra["turnaround"]
     hours = {h for _, by_hour in learned.values() for h in by_hour}
     assert hours and hours <= set(range(12, 24))
