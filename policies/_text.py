@@ -17,11 +17,11 @@ from typing import NamedTuple
 from engine.core.catalog import RateLimits
 from engine.core.cost import min_cacheable_tokens, mode_factor, price_alone, token_prices
 from engine.core.grouping import PrefixWarmth
-from engine.core.latency import Z99, sync_latency_median
+from engine.core.latency import Z99, flex_room
 from engine.core.rates import start_spread_s
 from engine.core.request import Request
 
-__all__ = ["BatchMates", "TextConsts", "as_flex", "fallback_slot", "flex_fits", "not_worth", "rate_hedge",
+__all__ = ["BatchMates", "TextConsts", "as_flex", "fallback_slot", "flex_fits", "held_back", "not_worth", "rate_hedge",
            "second_batch_checkpoint", "text_consts", "warm_sync_pays"]
 
 _MIN_GAIN = 0.005  # P(on time) a second batch must add to be worth its cancel and its second submission
@@ -185,13 +185,8 @@ def fallback_slot(group, c: TextConsts, hedge_at: float, calls_s: float, k: int,
 def flex_fits(provider, spec, req: Request, now: float) -> bool:
     """Whether ``req`` may go at the flex tier now: its model takes it, a flex call at its 99th-percentile latency
     ends within the tier's client timeout, and before its deadline there is room for that call and then a
-    standard one at its own (the one sent if the flex call is refused), so the tier's price never costs a
-    deadline."""
-    if provider.flex is None or req.model not in provider.flex.models:
-        return False
-    p99 = sync_latency_median(provider, spec, req) * math.exp(Z99 * provider.sync_latency.sigma)
-    slow = p99 * provider.flex.slowdown
-    return slow <= provider.flex.timeout_s and req.deadline_at - now >= slow + p99
+    standard one (sent if the tier refuses it), so the tier's price never costs a deadline (``flex_room``)."""
+    return req.deadline_at - now >= flex_room(provider, spec, req)
 
 
 def as_flex(d, group, now: float, members=None):
@@ -205,3 +200,12 @@ def as_flex(d, group, now: float, members=None):
     if not all(flex_fits(group.provider, group.spec, r, now) for r in members):
         return d
     return d._replace(mode="flex", reason=d.reason.replace("sync now", "flex now", 1))
+
+
+def held_back(req: Request, budget) -> bool:
+    """Whether a budget covering ``req`` holds work back while reservations are the model's maximum output:
+    a batch member keeps that reserved for the whole turnaround, a sync call for seconds (a flex call for a few
+    times that), and the money a batch locks keeps the held work waiting past its deadline (docs/budgets.md,
+    "Smart under a budget that binds"). Such a request goes sync, at arrival or, if it waits in a batch lane, at
+    the next decision."""
+    return budget is not None and budget.model_max and bool(budget.holding) and budget.holds(req)

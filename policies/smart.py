@@ -33,6 +33,7 @@ from policies._text import BatchMates, TextConsts, second_batch_checkpoint, text
 from policies._text import as_flex as _as_flex
 from policies._text import fallback_slot as _fallback_slot
 from policies._text import flex_fits as _flex_fits
+from policies._text import held_back as _held
 from policies._text import not_worth as _not_worth
 from policies.base import Policy, register
 
@@ -103,11 +104,11 @@ class Smart(GpuLane, Policy):
         spec = provider.models[req.model]
         if spec.gpu_priced:
             return ("gpu", compat)
-        p = self.params
-        if (p.flex and spec.kind == "text" and (p.flex_now_s is None or req.deadline_at - now <= p.flex_now_s)
-                and _flex_fits(provider, spec, req, now)):
+        p, held = self.params, self._held_back(req, budget)
+        if p.flex and (p.flex_now_s is None or req.deadline_at - now <= p.flex_now_s) and not held and _flex_fits(
+                provider, spec, req, now):
             return ("flex", req.uid)
-        if spec.kind == "text" and provider.supports_batch_api(req.kind) and not self._held_back(req, budget):
+        if spec.kind == "text" and provider.supports_batch_api(req.kind) and not held:
             c = self._text_consts(provider, spec, req.model)
             p_on_time = self._p_alone(provider, c, req, now)
             if p_on_time >= self.params.min_on_time_p:
@@ -115,11 +116,10 @@ class Smart(GpuLane, Policy):
                         and warm_sync_pays(self.catalog, req, provider.batch_api, p_on_time, warmth, now,
                                            self.params.warm_margin_s, self.params.block_tokens)):
                     return ("sync", req.uid, "warm")
-                # Deadlines within a factor of two share a batch, so one urgent member does not hedge
-                # (and push to sync) members that could have waited for the batch. Past the band cap a batch
-                # is on time with P >= band_p whatever the deadline, so those share one band: a hedge, rare,
-                # only sends a long-deadline member back to the policy for another batch, and the turns of one
-                # conversation (priorities drawn per turn) meet in one batch, where they share a prefix write.
+                # Deadlines within a factor of two share a batch, so one urgent member does not hedge (and push
+                # to sync) members that could have waited. Past the band cap a batch is on time with P >= band_p
+                # whatever the deadline, so those share one band: a rare hedge only sends a long-deadline member
+                # back for another batch, and a conversation's turns (priorities per turn) share a prefix write.
                 band_s, left = req.deadline_s, req.deadline_at - now
                 if conversation := self._shares_prefix(req, provider, spec):
                     band_s, left = min(band_s, cap := self._band_cap_of(provider)), min(left, cap)
@@ -133,8 +133,7 @@ class Smart(GpuLane, Policy):
                     # batches, each writing their prefix again (a review: $2.40 on Mooncake's seed 0).
                     return ("batch", compat, ("back", math.floor(now), int(math.log2(max(left, 1.0)))))
                 if conversation and self.params.conversation_groups:
-                    # Two requests can share a cache read only if they start with the same cacheable run, so
-                    # a group per run loses no sharing and gathers from its own first turn.
+                    # Only requests that start with one cacheable run share a read: a group per run loses nothing.
                     return ("batch", compat, bucket, req.prefix_blocks[:self._cacheable_blocks(provider, spec)])
                 return ("batch", compat, bucket)
         return ("sync", req.uid)
@@ -186,13 +185,7 @@ class Smart(GpuLane, Policy):
         return min(len(req.prefix_blocks) * self.params.block_tokens, req.input_tokens) >= min_cacheable_tokens(
             provider, spec)
 
-    @staticmethod
-    def _held_back(req: Request, budget) -> bool:
-        """Whether a budget covering ``req`` holds work back while reservations are the model's maximum output:
-        a batch member keeps that reserved for the whole turnaround, a sync call for seconds, and the money a
-        batch locks keeps the held work waiting past its deadline (docs/budgets.md, "Smart under a budget that
-        binds"). Such a request goes sync, at arrival or, if it waits in a batch lane, at the next decision."""
-        return budget is not None and budget.model_max and bool(budget.holding) and budget.holds(req)
+    _held_back = staticmethod(_held)  # a budget holds work back while reservations are the model's maximum
 
     def arrival_key(self, key: Hashable) -> Hashable | None:
         """The lanes that weigh company to come count arrivals; a conversation's group (``conversation_groups``)
@@ -250,7 +243,9 @@ class Smart(GpuLane, Policy):
         if lane == "gpu":
             return self._decide_gpu(group, now)
         d = self._decide_batch(group, now) if lane == "batch" else self._decide_call(group, now, lane)
-        return _as_flex(d, group, now) if self.params.flex else d
+        # Not what a budget holds back: a flex call keeps the standard price reserved for longer (``_held_back``).
+        held = any(self._held_back(m, group.budget) for m in group.members)
+        return _as_flex(d, group, now) if self.params.flex and not held else d
 
     def _decide_call(self, group: Group, now: float, lane: str) -> Decision:
         req = group.members[0]

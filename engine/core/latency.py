@@ -3,13 +3,16 @@ its quantiles)."""
 
 from __future__ import annotations
 
+import math
+
 from engine.core.catalog import ModelSpec, ProviderSpec
 from engine.core.cost import gpu_unit_seconds
 from engine.core.request import Request
 
-__all__ = ["Z99", "gpu_batch_seconds", "sync_latency_median"]
+__all__ = ["Z99", "flex_room", "gpu_batch_seconds", "sync_latency_median"]
 
 Z99 = 2.3263478740408408
+_INF = float("inf")
 
 
 def sync_latency_median(provider: ProviderSpec, spec: ModelSpec, req: Request) -> float:
@@ -34,3 +37,14 @@ def gpu_batch_seconds(provider: ProviderSpec, spec: ModelSpec, reqs: list[Reques
     assert gb is not None
     units = sum(gpu_unit_seconds(spec, r.params) for r in reqs)
     return provider.sync_latency.base_s + gb.setup_s + units / gb.speedup_at(len(reqs))
+
+
+def flex_room(provider: ProviderSpec, spec: ModelSpec, req: Request) -> float:
+    """Seconds before its deadline a flex call of ``req`` must start: its 99th-percentile latency at the flex tier
+    and then a standard call's (the one sent if the tier refuses it). Infinite where the model has no flex tier,
+    or a flex call's p99 passes the tier's client timeout (a live client would give it up)."""
+    fx = provider.flex
+    if fx is None or spec.kind != "text" or req.model not in fx.models:
+        return _INF
+    p99 = sync_latency_median(provider, spec, req) * math.exp(Z99 * provider.sync_latency.sigma)
+    return p99 * fx.slowdown + p99 if p99 * fx.slowdown <= fx.timeout_s else _INF

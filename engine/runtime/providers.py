@@ -29,7 +29,7 @@ from engine.core.cost import (
 )
 from engine.core.draws import Draws, TurnaroundWorld
 from engine.core.grouping import token_sums
-from engine.core.latency import gpu_batch_seconds, sync_latency_median
+from engine.core.latency import flex_room, gpu_batch_seconds, sync_latency_median
 from engine.core.request import PRIORITY_RANK, Request
 from engine.core.resilience import CircuitBreaker, Resilience, retry_delay
 from engine.core.scheduling import FairQueue, Scheduling, Unit
@@ -161,6 +161,11 @@ class SimProvider:
                     next_at = min(next_at, s)
                     break
                 q.take(picked)
+                if w.kind == "flex" and (len(q) or s > w.reqs[0].deadline_at - flex_room(
+                        self.spec, self.spec.models[model], w.reqs[0])):
+                    # Standard when others wait at this gate (a slow call would hold its slot from them) or it
+                    # waited past its room for a slow call: time is short here, and flex spends it.
+                    w = w._replace(kind="sync")
                 # Start at s, not now: s may pass now by a rounding error, and starting early by even that
                 # much would put a call inside a minute the gate had counted it out of.
                 events.append(self._start(w, s, gate))

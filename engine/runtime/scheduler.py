@@ -168,8 +168,9 @@ class GroupTable:
         if pulled is None:
             return None, set()
         d, uids = pulled
-        if d.action != "dispatch" or d.mode != "sync":
-            raise PolicyError(f"{self.policy.name}: warm_pull must return a sync dispatch, got {d.action!r} {d.mode!r}")
+        if d.action != "dispatch" or d.mode not in ("sync", "flex") or not mode_allowed(g.provider, g.spec, d.mode):
+            raise PolicyError(f"{self.policy.name}: warm_pull must return a sync (or flex) dispatch, got {d.action!r} "
+                              f"{d.mode!r}")
         uids = set(uids)
         if not uids <= {r.uid for r in g.members}:
             raise PolicyError(f"{self.policy.name}: warm_pull named requests that are not members of the group")
