@@ -90,8 +90,9 @@ class SmartParams(PolicyParams):
         "flex call and then a standard one (a refused flex call is sent standard at once; policies/_text.py)"))
     flex_now_s: float | None = Field(default=None, gt=0, description=(
         "with flex: a request due within this many seconds goes at the flex tier at arrival; one due later may "
-        "ride a batch first (sharing its prefix with its conversation's turns) and goes flex where smart would "
-        "otherwise call sync; None: every request that fits goes flex at arrival"))
+        "ride a batch first (sharing its prefix with its conversation's turns), hedged in time for a flex call, "
+        "and goes flex wherever smart would otherwise call sync; None: the provider's median batch turnaround "
+        "(a batch would more likely than not be late); a large value sends all that fits flex at arrival"))
     block_tokens: int = Field(default=512, ge=1, description="tokens per prefix block in the traces")
     scheduling: Scheduling = Field(default=Scheduling(), description="order of ready work at a rate-limited "
                                    "provider: deadline promotion, fair share across tenants, score weights")

@@ -21,7 +21,7 @@ from engine.core.latency import Z99, flex_room
 from engine.core.rates import start_spread_s
 from engine.core.request import Request
 
-__all__ = ["BatchMates", "TextConsts", "as_flex", "fallback_slot", "flex_fits", "held_back", "not_worth", "rate_hedge",
+__all__ = ["BatchMates", "TextConsts", "as_flex", "fallback_slot", "flex_fits", "hedge_lead", "held_back", "not_worth", "rate_hedge",
            "second_batch_checkpoint", "text_consts", "warm_sync_pays"]
 
 _MIN_GAIN = 0.005  # P(on time) a second batch must add to be worth its cancel and its second submission
@@ -38,6 +38,8 @@ class TextConsts(NamedTuple):
     limits: RateLimits  # the gate its calls pass: the model's own limits, else the provider's
     long_p_in: float = 0.0  # what a token costs more in a call past the model's long_context tier (else 0)
     long_p_out: float = 0.0
+    flex_slow: float = 0.0  # a flex call's slowdown where the model takes the provider's flex tier (else 0)
+    flex_timeout_s: float = 0.0
 
     def list_usd(self, tokens_in: int, tokens_out: int, long_in: int = 0, long_out: int = 0) -> float:
         """List price of calls of ``tokens_in`` / ``tokens_out`` tokens, ``long_in`` / ``long_out`` of them in
@@ -53,9 +55,25 @@ def text_consts(provider, spec) -> TextConsts:
     limits = spec.rate_limits or provider.rate_limits
     lc = spec.long_context
     long_in, long_out = (token_prices(spec, lc.above_input_tokens + 1) if lc is not None else (p_in, p_out))
+    fx = provider.flex
+    flex = fx is not None and any(provider.models.get(m) == spec for m in fx.models)
     return TextConsts(lat.base_s, lat.per_output_token_s, math.exp(Z99 * lat.sigma), limits.max_concurrency,
                       p_in, p_out, provider.batch_api.cancel_s if provider.batch_api is not None else 0.0, limits,
-                      long_in - p_in, long_out - p_out)
+                      long_in - p_in, long_out - p_out, fx.slowdown if flex else 0.0, fx.timeout_s if flex else 0.0)
+
+
+def hedge_lead(c: TextConsts, output_tokens: int, n: int, p) -> float:
+    """Seconds before the earliest deadline at which a late batch must fall back: its slowest member's sync p99
+    per wave of ``max_concurrency`` calls (one more with ``hedge_retry``), the margin, and the time a cancel takes
+    there (the unfinished members are known only once it ends). Where the model takes the flex tier (``p.flex``)
+    and the fallback is one wave, room for a flex call and then a standard one if the tier refuses it: the
+    fallback then costs batch prices too, for a hedge a slow call's p99 sooner (``as_flex``)."""
+    call = (c.base + c.per_tok * output_tokens) * c.p99_factor
+    waves = -(-max(n, 1) // c.max_conc)
+    lead = call * (waves + (1 if p.hedge_retry else 0))  # a retry: one wave more
+    if p.flex and c.flex_slow and waves == 1 and call * c.flex_slow <= c.flex_timeout_s:
+        lead = max(lead, call * (c.flex_slow + 1))
+    return lead + p.hedge_margin_s + c.cancel_s
 
 
 def rate_hedge(members, c: TextConsts, hedge_at: float, margin_s: float) -> float:

@@ -33,6 +33,7 @@ from policies._text import BatchMates, TextConsts, second_batch_checkpoint, text
 from policies._text import as_flex as _as_flex
 from policies._text import fallback_slot as _fallback_slot
 from policies._text import flex_fits as _flex_fits
+from policies._text import hedge_lead as _hedge_lead
 from policies._text import held_back as _held
 from policies._text import not_worth as _not_worth
 from policies.base import Policy, register
@@ -85,11 +86,7 @@ class Smart(GpuLane, Policy):
         return self._consts.get((provider.name, model)) or text_consts(provider, spec)
 
     def _hedge_lead(self, c: TextConsts, output_tokens: int, n: int) -> float:
-        """Seconds before the earliest deadline at which a late batch must fall back to sync: its slowest member's
-        sync p99 per wave of ``max_concurrency`` calls (one more with ``hedge_retry``), the margin, and the time a
-        cancel takes there (the unfinished members are known only once it ends)."""
-        waves = -(-max(n, 1) // c.max_conc) + (1 if self.params.hedge_retry else 0)  # a retry: one wave more
-        return (c.base + c.per_tok * output_tokens) * c.p99_factor * waves + self.params.hedge_margin_s + c.cancel_s
+        return _hedge_lead(c, output_tokens, n, self.params)  # when a late batch falls back (policies/_text.py)
 
     def _p_alone(self, provider, c: TextConsts, req: Request, now: float) -> float:
         """P(a batch sent now with ``req`` alone is back before its hedge)."""
@@ -104,9 +101,9 @@ class Smart(GpuLane, Policy):
         spec = provider.models[req.model]
         if spec.gpu_priced:
             return ("gpu", compat)
-        p, held = self.params, self._held_back(req, budget)
-        if p.flex and (p.flex_now_s is None or req.deadline_at - now <= p.flex_now_s) and not held and _flex_fits(
-                provider, spec, req, now):
+        p, held, ba = self.params, self._held_back(req, budget), provider.batch_api
+        now_s = p.flex_now_s if p.flex_now_s is not None else ba.turnaround_median_s if ba is not None else math.inf
+        if p.flex and req.deadline_at - now <= now_s and not held and _flex_fits(provider, spec, req, now):
             return ("flex", req.uid)
         if spec.kind == "text" and provider.supports_batch_api(req.kind) and not held:
             c = self._text_consts(provider, spec, req.model)

@@ -19,8 +19,8 @@ def _cat(**flex):
         update={"flex": oa.flex.model_copy(update=flex)})}})
 
 
-def _reqs(n: int = 40, model: str = "gpt-5-mini", deadline_s: float = 3600.0) -> list[Request]:
-    return [Request.model_validate({"id": f"r{i}", "arrival_s": 10.0 * i, "model": model, "input_tokens": 3000,
+def _reqs(n: int = 40, model: str = "gpt-5-mini", deadline_s: float = 600.0, input_tokens: int = 3000) -> list[Request]:
+    return [Request.model_validate({"id": f"r{i}", "arrival_s": 10.0 * i, "model": model, "input_tokens": input_tokens,
                                     "output_tokens": 400, "deadline_s": deadline_s, "prompt": f"ask {i}"})
             for i in range(n)]
 
@@ -85,10 +85,11 @@ def test_flex_calls_are_slower_than_standard_ones_by_the_catalogs_slowdown():
 
 def test_a_flex_call_that_could_outlast_the_tiers_client_timeout_is_not_made_even_with_a_day_to_spare():
     cat = _cat(unavailable_rate=0.0, slowdown=40.0, timeout_s=120.0)  # p99 of a 400-token answer: ~20 s x 40
-    res = simulate(_reqs(3, deadline_s=86400.0), load_policy("smart", cat), catalog=cat)
+    now = {"flex_now_s": 1e9}  # every request that fits goes flex at arrival
+    res = simulate(_reqs(3, deadline_s=86400.0), load_policy("smart", cat, now), catalog=cat)
     assert "flex" not in {MODES[m] for m in res.mode} and res.met.all()
     roomy = _cat(unavailable_rate=0.0, slowdown=40.0, timeout_s=3600.0)
-    assert {MODES[m] for m in simulate(_reqs(3, deadline_s=86400.0), load_policy("smart", roomy),
+    assert {MODES[m] for m in simulate(_reqs(3, deadline_s=86400.0), load_policy("smart", roomy, now),
                                        catalog=roomy).mode} == {"flex"}
 
 
@@ -108,3 +109,23 @@ def test_where_calls_queue_at_the_gate_flex_does_not_cost_a_deadline_naive_meets
     smart = simulate(reqs, load_policy("smart", cat), catalog=cat, seed=0)
     assert not (naive.met & ~smart.met).any()
     assert "flex" in {MODES[m] for m in smart.mode}  # still where the gate is free
+
+
+def test_work_due_after_a_batchs_median_turnaround_rides_a_batch_and_a_late_one_falls_back_at_the_flex_tier():
+    """By default (``flex_now_s`` None) a request due within the provider's median batch turnaround goes flex at
+    arrival; one due later rides a batch first (where a conversation's turns share a prefix), hedged with room
+    for a flex call, so a late batch's members are called at batch prices too."""
+    cat = _cat(unavailable_rate=0.0)
+    median = cat.providers["openai"].batch_api.turnaround_median_s
+    soon = simulate(_reqs(5, deadline_s=median - 60.0), load_policy("smart", cat), catalog=cat)
+    assert {MODES[m] for m in soon.mode} == {"flex"}
+    # In a world 20x slower than the catalog says, every batch is late at its hedge: its members go flex.
+    from engine.core.settings import Settings
+    slow = Settings.model_validate({"sim": {"turnaround_scale": 20.0}})
+    big = _reqs(5, deadline_s=2 * median, input_tokens=40_000)  # worth a batch's wait (min_batch_saving_usd)
+    later = simulate(big, load_policy("smart", cat), catalog=cat, settings=slow)
+    assert later.met.all() and any(b.mode == "batch_api" for b in later.batches)
+    assert {MODES[m] for m in later.mode} == {"flex"}
+    # Hedged for a standard call only (the tier off), the same members fall back at the standard price.
+    off = simulate(big, load_policy("smart", cat, {"flex": False}), catalog=cat, settings=slow)
+    assert {MODES[m] for m in off.mode} == {"sync"} and later.total_cost < off.total_cost

@@ -138,8 +138,7 @@ def batch_group(n: int = 20, deadline_s: float = 7200.0, priority: str = "normal
 
 def known(prov, g):
     """P(on time), the expected saving, and the expected wait in hours, as the rule states them."""
-    hedge_at = load_policy("smart", CAT, {**ONE_BATCH, "min_batch_saving_usd": 0.0,
-                                          "min_saving_rel": 0.0}).decide(g, 0.0).hedge_at
+    hedge_at = batching({**ONE_BATCH, "min_batch_saving_usd": 0.0, "min_saving_rel": 0.0}).decide(g, 0.0).hedge_at
     ba = prov.batch_api
     p = ba.turnaround_cdf(hedge_at)
     spec = prov.models["gpt-5-mini"]
@@ -149,9 +148,17 @@ def known(prov, g):
     return p, saving, hours
 
 
-def mode_with(g, **params):
-    d = load_policy("smart", CAT, {**ONE_BATCH, **params}).decide(g, 0.0)
+def mode_with(g, flex: bool = False, **params):
+    d = load_policy("smart", CAT, {**ONE_BATCH, "flex": flex, **params}).decide(g, 0.0)
     return d.mode, d.reason
+
+
+def test_a_batch_not_worth_its_wait_is_called_at_the_flex_tier_where_the_model_takes_it():
+    """With the tier on, the call smart makes instead costs batch prices too (``as_flex``)."""
+    prov, g = batch_group()
+    _, saving, _ = known(prov, g)
+    mode, why = mode_with(g, flex=True, min_batch_saving_usd=saving * 10, min_saving_rel=0.0)
+    assert mode == "flex" and why.startswith("flex now: a batch would save")
 
 
 def test_the_minimum_saving_in_usd_is_the_expected_saving_itself():
@@ -201,11 +208,12 @@ def test_only_the_lanes_a_policy_weighs_take_room_in_the_arrival_table():
         table.add(r, compat_key(r), 0.0)
     keys = {pol.group_key(r, compat_key(r), 0.0) for r in lane}
     assert len(table.rates) == len(keys) == 1  # the batch lane, none of the 50 sync keys
-    flexing = load_policy("smart", CAT)  # the tier on: the lane's requests go flex, one key each
+    flexing = load_policy("smart", CAT)  # the tier on: requests due within a batch's median go flex, a key each
+    soon = [req(100 + i, 600.0, input_tokens=2000, output_tokens=500) for i in range(5)]
     table = GroupTable(flexing, CAT)
-    for r in sync + lane:
+    for r in sync + soon:
         table.add(r, compat_key(r), 0.0)
-    assert {flexing.group_key(r, compat_key(r), 0.0)[0] for r in lane} == {"flex"} and len(table.rates) == 0
+    assert {flexing.group_key(r, compat_key(r), 0.0)[0] for r in soon} == {"flex"} and len(table.rates) == 0
 
 
 def test_turns_with_a_cacheable_prefix_share_a_band_past_the_confident_deadline():

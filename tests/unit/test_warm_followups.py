@@ -77,7 +77,10 @@ def test_smart_routes_a_warm_follow_up_to_a_sync_call_that_writes_its_turn():
     assert key == ("sync", req.uid, "warm")
     assert pol.group_key(req, ("c",), 0.0, warmth=PrefixWarmth())[0] == "batch"
     assert _smart(cat, warm_margin_s=None).group_key(req, ("c",), 0.0, warmth=w)[0] == "batch"
-    assert Smart(cat).group_key(req, ("c",), 0.0, warmth=w)[0] == "flex"  # the tier on: batch prices at once
+    # The tier on: due in more than a batch's median turnaround, it takes the warm lane as before (and is then
+    # called at the flex tier, ``as_flex``); with every request sent flex at arrival, it goes there at once.
+    assert Smart(cat).group_key(req, ("c",), 0.0, warmth=w) == key
+    assert Smart(cat, {"flex_now_s": 1e9}).group_key(req, ("c",), 0.0, warmth=w)[0] == "flex"
     from engine.runtime.scheduler import GroupTable
 
     table = GroupTable(pol, cat)
@@ -106,10 +109,15 @@ def test_in_the_simulator_a_follow_up_reads_what_its_first_turn_left_warm(first)
     assert on.cost[1] < price_alone(reqs[1], cat, "batch_api").total
     assert on.done_at[1] < off.done_at[1] and on.done_at[1] <= reqs[1].deadline_at
     assert on.cost[0] == pytest.approx(off.cost[0])  # the first turn is the same either way
-    # With the flex tier on, both turns go flex at once, and the follow-up reads there what its first turn left warm.
-    flex = simulate(reqs, Smart(cat, SmartParams(**base)), catalog=cat, settings=settings, seed=3)
+    # With the flex tier on and every request sent flex at arrival, both turns go flex at once, and the follow-up
+    # reads there what its first turn left warm; by default the first turn rides as above and the warm follow-up
+    # is called at the flex tier.
+    flex = simulate(reqs, Smart(cat, SmartParams(**base, flex_now_s=1e9)), catalog=cat, settings=settings, seed=3)
     assert [MODES[m] for m in flex.mode] == ["flex", "flex"] and flex.done_at[0] < reqs[1].arrival_s
     assert flex.cost[1] == pytest.approx(price_alone(reqs[1], cat, "flex", warm_blocks=len(PREFIX)).total)
+    auto = simulate(reqs, Smart(cat, SmartParams(**base)), catalog=cat, settings=settings, seed=3)
+    assert MODES[auto.mode[0]] == ("flex" if first == "sync" else first) and MODES[auto.mode[1]] == "flex"
+    assert auto.cost[1] == pytest.approx(price_alone(reqs[1], cat, "flex", warm_blocks=len(PREFIX), write=True).total)
     assert flex.cost[1] < price_alone(reqs[1], cat, "flex").total
 
 

@@ -55,8 +55,8 @@ def test_in_the_simulator_a_waiting_turn_reads_what_an_urgent_turn_left_warm_and
     assert on.total_cost < off.total_cost
     for res in (on, off):
         assert all(res.done_at[i] <= r.deadline_at for i, r in enumerate(res.requests))
-    # With the flex tier on, no turn of gpt-5 waits for a batch (each goes flex at once): nothing is left to pull.
-    flex = simulate(reqs, Smart(CAT), catalog=CAT, seed=3)
+    # With every request of gpt-5 sent flex at arrival, none waits for a batch: nothing is left to pull.
+    flex = simulate(reqs, Smart(CAT, {"flex_now_s": 1e9}), catalog=CAT, seed=3)
     assert [MODES[m] for m in flex.mode] == ["flex"] * 3 and not any("warm at" in b.reason for b in flex.batches)
 
 
