@@ -121,11 +121,12 @@ def print_seed_table(doc: dict) -> None:
 def print_plan(plan: dict) -> None:
     t = Table(title=f"dry run: {plan['requests']:,} requests, nothing sent; estimated ${plan['cost_usd']:.4f} "
                     f"(${plan['list_price_usd']:.4f} at list price)")
-    for col in ("provider", "calls", "requests", "sync", "batch API", "GPU batch", "reused", "est. $"):
+    for col in ("provider", "calls", "requests", "sync", "flex", "batch API", "GPU batch", "reused", "est. $"):
         t.add_column(col, justify="left" if col in ("provider", "calls") else "right", no_wrap=True)
     for name, row in plan["providers"].items():
         m = row["modes"]
-        t.add_row(name, row["calls"], str(row["requests"]), str(m.get("sync", 0)), str(m.get("batch_api", 0)),
+        t.add_row(name, row["calls"], str(row["requests"]), str(m.get("sync", 0)), str(m.get("flex", 0)),
+                  str(m.get("batch_api", 0)),
                   str(m.get("gpu_batch", 0)), str(m.get("reuse", 0)), f"{row['cost_usd']:.4f}")
     console.print(t)
     for name, sample in plan["samples"].items():
