@@ -203,7 +203,7 @@ class CancelDispatches:
 
         def fire() -> None:
             if self._retrying.pop(token, None) is not None:
-                self._enqueue("sync", b, [j])
+                self._enqueue(*self._as_call(b, j), [j])
                 self._pump()
         self._at(at, fire)
 
@@ -289,13 +289,13 @@ class CancelDispatches:
         w = self._withdrawn if kind != "reroute" else None
         if self._cancelled and kind not in ("batch_api", "reroute"):
             gone = jobs
-        elif w and (kind == "sync" or kind == "batch_api" and not self._all_withdrawn(jobs)):
+        elif w and (kind in ("sync", "flex") or kind == "batch_api" and not self._all_withdrawn(jobs)):
             gone = [j for j in jobs if j.req.uid in w]  # (a GPU batch runs whole: its lane is held for it)
         else:
             return jobs
         if not gone:
             return jobs
-        if kind == "sync":
+        if kind in ("sync", "flex"):
             self.sim.finish_sync(jobs[0].req.model, self.clock.now(), 0)
         for j in gone:
             why = _WHY if self._cancelled else self._why_withdrawn(j)

@@ -12,7 +12,7 @@ from actors._shards import by_result_uid
 from actors._types import send_sharded
 from actors.journal import delete_later
 from actors.metrics import DispatchCounts
-from engine.core.cost import reserve_bound
+from engine.core.cost import mode_factor, reserve_bound
 from engine.core.grouping import WarmNote
 
 log = logging.getLogger("smartbatch.dispatcher")
@@ -39,18 +39,23 @@ class Outbox:
         self._breaker_reported, self._breaker_dirty, self._in_flight_sent = {}, True, None
         self._kick()
 
-    def _maybe_billed(self, j, out=None) -> float:
+    def _maybe_billed(self, j, out=None, answered: bool = False) -> float:
         """What a failed request is settled at: 0, unless one of its sync calls timed out. That call reached the
         provider and may have been billed (the retries under its key find the answer only if the provider is done
         and honours the key), so its budget keeps the call's upper bound at the model's output cap: settled at 0,
         a hard budget was overrun by calls billed unseen (a run of slow answers: the bill $0.0454, the ledger
         $0.0349, the limit $0.05). Counted in the report (``possibly_billed``), never hidden. Where the provider
         does not honour the key, each unanswered call may have been billed: that many bounds. ``out``: a failed
-        batch member that may be billed too (its result line unreadable) carries its own bound as its cost."""
-        calls = self._unanswered.get(j.req.uid, 0)
+        batch member that may be billed too (its result line unreadable) carries its own bound as its cost.
+        ``answered``: a retry under the key was answered by a provider that honours it (billed once: nothing more).
+        A flex call given up at its timeout had a key (a body) of its own: its bound, at flex prices, stays."""
+        calls = 0 if answered else self._unanswered.get(j.req.uid, 0)
         if calls and self.provider.honours_keys:  # every retry went under the first call's key: billed once at most
             calls = 1
         usd = calls * reserve_bound(j.req, self.catalog, "sync", None) if calls else 0.0
+        if flex := self._flex_unanswered.get(j.req.uid, 0):
+            calls += flex
+            usd += flex * reserve_bound(j.req, self.catalog, "sync", None) * mode_factor(self.sim.spec, "flex")
         if out is not None and not out.ok and out.maybe_billed and out.cost:
             calls, usd = calls + 1, usd + out.cost
         self.possibly_billed += calls

@@ -7,6 +7,14 @@ however many times (``throttled_verdict``), without spending one of its ``max_at
 once, and the provider's other sync requests fail unsent with the same message (``QuotaStop``) but for one call a
 ``QUOTA_PROBE_S`` (its retries included), whose success lifts the stop. Its batch creates are held alike, with the
 same probe (``actors._batch_gate``).
+
+A flex dispatch (OpenAI's ``service_tier: "flex"``, batch prices) is one call per request, as sync. Where the
+tier does not serve it, it is sent again at once at the standard tier, no try spent, no breaker failure, no 429 in
+the metrics (``flex_refused``): refused for want of capacity (a 429 "Resource Unavailable", billed nothing), or
+given up at its timeout (``flex_timed_out``; it may have been billed: its bound is kept, ``possibly_billed``). The
+standard call has a body of its own, so an Idempotency-Key of its own: under the flex call's key, a server that
+honours keys would answer the refusal again. A provider that does not take the tier (a wire-format-only server)
+gets the call standard, billed standard (``_as_call``).
 """
 
 from __future__ import annotations
@@ -16,7 +24,8 @@ import logging
 from actors._dispatch_jobs import CallSlot
 from actors._types import BatchJob, Job
 from actors.metrics import retry_reason
-from engine.core.latency import sync_latency_median
+from engine.core.latency import flex_timeout_s, sync_latency_median
+from engine.core.provider_api import call_key
 from engine.runtime.outcomes import call_mode, throttled_verdict, throttled_wait, verdict
 
 log = logging.getLogger("smartbatch.dispatcher")
@@ -81,15 +90,43 @@ class QuotaStop:
 class SyncCalls:
     """Sync-call methods of ``Dispatcher``."""
 
+    def _as_call(self, b: BatchJob, j: Job) -> tuple[str, BatchJob]:
+        """The work kind ``j`` of ``b`` is queued as, and ``b`` as its call reads it: a flex dispatch goes at the
+        flex tier where the provider takes it for this model, else standard (``b`` then says sync: billed so)."""
+        if b.mode != "flex":
+            return "sync", b
+        if self.provider.takes_flex and self.sim.spec.supports_flex(j.req.model):
+            return "flex", b
+        return "sync", b._replace(mode="sync")
+
+    def _start_flex(self, e, b: BatchJob, jobs: list[Job]) -> None:
+        self._start_sync(e, b, jobs)  # ``_run_sync`` reads the tier from ``b.mode``, as a journaled record keeps it
+
+    def _to_standard(self, b: BatchJob, j: Job, a=None) -> BatchJob:
+        """``j``'s flex call was not served (``a``: its outcome; None, no room left for one): its record goes, and
+        the standard call's body is journaled under the same record key when it is made (a restart in between
+        sends the flex call again: a refusal billed nothing)."""
+        if a is not None:
+            if a.maybe_billed:
+                self.flex_timed_out += 1
+                self._flex_unanswered[j.req.uid] += 1
+            else:
+                self.flex_refused += 1
+        self._sync_calls.pop(call_key(j.req.tenant, j.req.id, j.req.model, 0), None)
+        return b._replace(mode="sync")
+
     async def _run_sync(self, b: BatchJob, j: Job, cache_write: bool, start: float) -> None:
         r = j.req
-        mode = call_mode(self.sim.spec.models[r.model])
+        flex = b.mode == "flex"
+        if flex and flex_timeout_s(self.sim.spec, r, start) <= 0:  # waited past the room for a flex call first
+            b, flex = self._to_standard(b, j), False
+        mode = "flex" if flex else call_mode(self.sim.spec.models[r.model])
         if (unsent := self._quota.refuses(start, r.uid)) is not None:
             self.sim.finish_sync(r.model, start)  # its gate slot, taken when it started
             self._final(b, j, False, 0.0, mode, error=unsent)
             self._pump()
             return
-        cj = self._call_job(j, start, cache_write)
+        cj = self._call_job(j, start, cache_write)._replace(flex=flex)
         slot = CallSlot(self.sim, r.model)  # freed when the call ends, or a video's once its create is answered
         if self.provider.real:
             # One body per idempotency key, journaled before the first try: a retry (here, or after this
@@ -112,6 +149,12 @@ class SyncCalls:
         extra = (max(a.usage.input_tokens + a.usage.output_tokens - r.input_tokens - r.output_tokens, 0)
                  if a.usage is not None else 0)
         slot.free(a.at, extra)
+        if flex and a.refused:  # not a try: sent at the standard tier at once
+            self._enqueue("sync", self._to_standard(b, j, a), [j])
+            self._pump()
+            return
+        if flex and a.ok and not a.flex:  # served at another tier (the provider said so), billed at its prices
+            mode = "sync"
         v = verdict(a.ok, j.attempts + 1, self.max_att, a.retryable)
         wait, why, free = 0.0, None, False
         if a.rate_limited and not a.ok:

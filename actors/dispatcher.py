@@ -79,6 +79,9 @@ class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, R
         # here, and counted, so a second run of a trace against the emulator says why it cost less (a tour)
         self.replayed, self.replayed_usd = 0, 0.0
         self._unanswered: Counter[str] = Counter()  # uid -> its sync calls that got no answer (maybe billed)
+        # uid -> its flex calls given up at their timeout (maybe billed, under keys no standard retry answers)
+        self._flex_unanswered: Counter[str] = Counter()
+        self.flex_refused = self.flex_timed_out = 0  # flex calls sent again standard: refused, or timed out
         self._quota = QuotaStop()  # a billing refusal, held for the other requests (``SyncCalls``)
         self.groupers = [as_peer(g) for g in groupers]
         self.hubs, self.caches = Shards(hub), Shards(cache)  # results by id, cache fills by class
@@ -201,7 +204,7 @@ class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, R
             self._enqueue("batch_api", b, jobs)
         elif b.mode == "gpu_batch":
             self._enqueue("gpu_batch", b, jobs)
-        else:  # sync, or a batch hedged before it started
+        else:  # sync or flex, or a batch hedged before it started
             for j in jobs:
                 # A member whose hedge passed on the way here goes back to the grouper, as at a hedge: its policy
                 # may still send it in a second batch, and its claim (of the batch price, where sync costs up to
@@ -210,14 +213,14 @@ class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, R
                     self._hedged(j)
                     self._kick()
                 else:
-                    self._enqueue("sync", b, [j])
+                    self._enqueue(*self._as_call(b, j), [j])
 
     def _enqueue(self, kind: str, b: BatchJob, jobs: list[Job], since: float | None = None) -> None:
         item = (b, jobs)
         # Keyed by identity: the Work holds the item until it starts, so the id is not reused before then.
         self._queued_at[id(item)] = self.clock.now() if since is None else since
         self.sim.enqueue(Work(kind, item, [j.req for j in jobs], [j.seq for j in jobs],
-                              [j.attempts for j in jobs], b.cache_write and kind == "sync",
+                              [j.attempts for j in jobs], b.cache_write and kind in ("sync", "flex"),
                               b.hedge_at if kind == "batch_api" else None))
 
     def _pump(self) -> None:
@@ -309,6 +312,7 @@ class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, R
     def _member_done(self, j: Job, cost: float) -> None:
         self.in_flight -= 1
         self._unanswered.pop(j.req.uid, None)
+        self._flex_unanswered.pop(j.req.uid, None)
         self._known.discard(j.req.uid)
         self._body_done(j)
         if j.claim is not None:
@@ -339,8 +343,7 @@ class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, R
         now = max(self.clock.now(), r.arrival_s)
         # A success after an unanswered call: where the key is not honoured, that call may have been billed too,
         # unless the provider found that call's own job again and answered with it (``recovered``).
-        maybe = (0.0 if ok and (self.provider.honours_keys or (out is not None and out.recovered))
-                 else self._maybe_billed(j, out))
+        maybe = self._maybe_billed(j, out, ok and (self.provider.honours_keys or (out is not None and out.recovered)))
         self._member_done(j, cost + maybe if ok else maybe)
         if not ok or not r.met_by(now):
             missed = self._counts.deadline_missed
@@ -374,7 +377,8 @@ class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, R
                "paid_twice": self.paid_twice, "paid_twice_usd": round(self.paid_twice_usd, 6),
                "possibly_billed": self.possibly_billed, "possibly_billed_usd": round(self.possibly_billed_usd, 6),
                "replayed": self.replayed, "replayed_usd": round(self.replayed_usd, 6),
-                "key_conflicts": self.key_conflicts, "quota_unsent": self._quota.refused, "open_batches": len(self._open),
+                "key_conflicts": self.key_conflicts, "flex_refused": self.flex_refused,
+                "flex_timed_out": self.flex_timed_out, "quota_unsent": self._quota.refused, "open_batches": len(self._open),
                 "reattached": self.reattached, "resumed_calls": self.resumed_calls, "journal_unread": self.journal_unread,
                 **self._files.stats()}
         if waits:

@@ -18,6 +18,7 @@ from actors.providers._wire import billing_refusal, error_of, error_text, redact
 from engine.core.catalog import Catalog
 from engine.core.cost import Mode, cached_blocks, min_cacheable_tokens, price_usage, reserve_bound
 from engine.core.errors import ProviderError
+from engine.core.latency import flex_timeout_s
 from engine.core.provider_api import CallJob, CallOutcome, Secret, Usage
 from engine.core.settings import ProviderEndpoint, Settings
 
@@ -69,13 +70,16 @@ class Unreadable(Exception):
     """The provider answered a call (and so may have billed it), and its answer could not be read."""
 
 
-async def create_call(create: Callable, raw_create: Callable, body: dict[str, Any], key: str) -> tuple[Any, bool]:
+async def create_call(create: Callable, raw_create: Callable, body: dict[str, Any], key: str,
+                      timeout: float | None = None) -> tuple[Any, bool]:
     """Make a sync call: ``body`` as ``create``'s arguments, sent by its raw-response twin under ``key``. Returns
     the answer and whether the provider replayed an earlier call's answer under that key (``Idempotent-Replayed``,
     as Stripe names it): a replay is not billed again, and was counted at its full price (a re-run, or
     ``--resume``, reported money the provider's bill never held; a helper's tour). Raises ``Unreadable`` for a
-    success whose body is not JSON (cut short): a hunt saw it failed as an engine error and settled at $0."""
-    resp = await raw_create(**sdk_kwargs(create, body), extra_headers={"Idempotency-Key": key})
+    success whose body is not JSON (cut short): a hunt saw it failed as an engine error and settled at $0.
+    ``timeout``: real seconds for this call, in place of the client's (a flex call's)."""
+    more = {} if timeout is None else {"timeout": timeout}
+    resp = await raw_create(**sdk_kwargs(create, body), extra_headers={"Idempotency-Key": key}, **more)
     try:
         answer = resp.parse()  # the OpenAI SDK's parses at once, the Anthropic SDK's is awaited
         if inspect.isawaitable(answer):
@@ -217,6 +221,54 @@ class HttpBase:
     # a compatible server may not know the field's values (Groq's tiers are others).
     home_host = ""
     standard_tier = ""  # what the provider calls its standard tier in a request
+    takes_flex = False  # whether a flex call goes at the flex tier (OpenAI's own API, the emulator: ``_flex_to``)
+
+    def _flex_to(self, base_url: str) -> bool:
+        """Whether flex calls go at the flex tier to ``base_url``: the catalog has the tier, and the endpoint says
+        the server takes it (``flex_tier``), else it is the provider's own API. A wire-format-only server (vLLM,
+        Groq) may not know the value: its flex decisions are sent, and billed, standard."""
+        said = self.endpoint.flex_tier
+        return self.spec.flex is not None and self.spec.compat != "gemini" and (
+            said if said is not None else urlsplit(base_url).hostname == self.home_host)
+
+    @staticmethod
+    def _tiered(job: CallJob, body: dict[str, Any]) -> dict[str, Any]:
+        """A flex call's body asks for the tier, unless the request's own body names one (then it goes so)."""
+        return {**body, "service_tier": "flex"} if job.flex and body.get("service_tier") in (None, "auto") else body
+
+    def _flex_wait(self, job: CallJob) -> float | None:
+        """Real seconds a flex call may run (``flex_timeout_s``: the tier's timeout, within the deadline's room
+        for a standard call after it); None for another call (the client's timeout)."""
+        if not job.flex:
+            return None
+        return max(self.clock.real_delay(flex_timeout_s(self.spec, job.req, self.clock.now())), 0.05)
+
+    def _flex_error(self, job: CallJob, exc: BaseException, out: CallOutcome) -> CallOutcome:
+        """A flex call's failure that the tier explains, as a refusal (sent standard at once, no try spent): a 429
+        that is no billing refusal (OpenAI's "Resource Unavailable", billed nothing), or its timeout (it may
+        have run and been billed: ``maybe_billed`` stays)."""
+        if not job.flex or out.quota:
+            return out
+        if isinstance(exc, self._sdk.APITimeoutError):
+            return out._replace(refused=True, error=f"{self.name}: the flex call timed out (the tier's timeout_s, "
+                                "or the room its deadline leaves a standard call after it); sent standard")
+        if out.rate_limited:
+            return out._replace(refused=True, rate_limited=False, retry_after_s=None)
+        return out
+
+    def _served_flex(self, job: CallJob, tier: Any) -> bool:
+        """Whether ``job``'s answer was served, and so billed, at the flex tier. A flex call served at another
+        tier is billed at the catalog's standard prices, said once per tier."""
+        if not job.flex:
+            self._check_tier(tier)
+            return False
+        if tier == "flex":
+            return True
+        if f"flex:{tier}" not in self._tiers_told:
+            self._tiers_told.add(f"flex:{tier}")
+            log.warning("%s: a flex call was served at service tier %r: counted at the standard prices "
+                        "(docs/providers.md, \"Flex tier\")", self.name, tier)
+        return False
 
     def _pinned(self, body: dict[str, Any], base_url: str) -> dict[str, Any]:
         """``body`` asking for the standard tier where it names none or "auto" (both providers' default): there a

@@ -13,14 +13,20 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from actors.providers._http import BatchHandle, HttpBase, PollBackoff, Unreadable, create_call, jsonl_records
+from actors.providers._openai_answers import (
+    _finish_chat,
+    _finish_responses,
+    _text_chat,
+    _text_responses,
+    _usage_chat,
+    _usage_responses,
+)
 from actors.providers._openai_video import VideoCalls
 from actors.providers._veo import VeoCalls
-from actors.providers._wire import error_message, error_of, message_parts, tokens
-from engine.core._gemini import gemini_output_tokens
+from actors.providers._wire import error_message, error_of, message_parts
 from engine.core.errors import ProviderError
 from engine.core.provider_api import BatchState, CallJob, CallOutcome, Usage, idempotency_key
 from engine.core.responses_input import as_messages
-from engine.core.tool_calls import answer_output
 
 __all__ = ["OpenAIProvider"]
 
@@ -33,59 +39,6 @@ FIND_SCAN = 1_000  # most recent batches looked through for it
 # limit of 30K for the deployment".
 _QUEUE_LIMIT = re.compile(r"Limit: ([\d,]+) enqueued tokens|configured limit of ([\d.,]+) ?([KM]?)\b", re.I)
 _SCALE = {"": 1, "K": 1_000, "M": 1_000_000}
-
-
-def _usage_chat(u: Mapping | None, gemini: bool = False) -> Usage:
-    u = u or {}
-    det = u.get("prompt_tokens_details") or {}
-    # Gemini's layer may count thinking apart from completion_tokens; Google bills it as output.
-    out = gemini_output_tokens(u) if gemini else tokens(u.get("completion_tokens"))
-    # cache_write_tokens: billed at 1.25x the input price from the GPT-5.6 family on (the catalog's write terms)
-    return Usage(tokens(u.get("prompt_tokens")), out, tokens(det.get("cached_tokens")),
-                 tokens(det.get("cache_write_tokens")))
-
-
-def _usage_responses(u: Mapping | None) -> Usage:
-    u = u or {}
-    det = u.get("input_tokens_details") or {}
-    return Usage(tokens(u.get("input_tokens")), tokens(u.get("output_tokens")), tokens(det.get("cached_tokens")),
-                 tokens(det.get("cache_write_tokens")))
-
-
-# Responses output items the caller runs (the provider's own tools, e.g. web search, are results, not calls).
-_CALL_ITEMS = frozenset({"function_call", "custom_tool_call"})
-
-
-def _text_chat(body: Mapping) -> tuple[str | None, list | None]:
-    choices = body.get("choices") or []
-    msg = (choices[0] or {}).get("message") or {} if choices else {}
-    return answer_output(msg.get("content"), list(msg.get("tool_calls") or []))
-
-
-def _finish_chat(body: Mapping) -> str | None:
-    choices = body.get("choices") or []
-    said = (choices[0] or {}).get("finish_reason") if choices else None
-    return "tool_calls" if said == "function_call" else said
-
-
-def _finish_responses(body: Mapping, calls: list | None) -> str:
-    if body.get("status") == "incomplete":
-        why = (body.get("incomplete_details") or {}).get("reason")
-        return "content_filter" if why == "content_filter" else "length"
-    return "tool_calls" if calls else "stop"
-
-
-def _text_responses(body: Mapping) -> tuple[str | None, list | None]:
-    items = body.get("output") or []
-    calls = [item for item in items if item.get("type") in _CALL_ITEMS]
-    if isinstance(body.get("output_text"), str):
-        return answer_output(body["output_text"], calls)
-    parts = []
-    for item in items:
-        for c in item.get("content") or []:
-            if c.get("type") == "output_text":
-                parts.append(c.get("text", ""))
-    return answer_output("".join(parts) if parts else None, calls)
 
 
 def _as_made(job: CallJob, raw: Mapping, spec) -> CallJob:
@@ -114,6 +67,7 @@ class OpenAIProvider(HttpBase):
         self._orphans: set[asyncio.Task] = set()  # deletes of uploads no batch was made from
         # A video: a job made, then polled; OpenAI's Videos API, or Google's Veo on the Gemini API's own routes
         self._videos = VeoCalls(self) if self.spec.compat == "gemini" else VideoCalls(self)
+        self.takes_flex = self._flex_to(str(self.client.base_url))
 
     # -- bodies ---------------------------------------------------------------------------------------------
     def route(self, job: CallJob) -> str:
@@ -160,7 +114,8 @@ class OpenAIProvider(HttpBase):
     # -- sync -----------------------------------------------------------------------------------------------
     def _outcome(self, job: CallJob, route: str, raw: dict, rid: str | None, mode: str) -> CallOutcome:
         now = self.clock.now()
-        self._check_tier(raw.get("service_tier"))
+        flex = self._served_flex(job, raw.get("service_tier"))
+        mode = "flex" if flex else mode
         calls = finish = None
         if route == "/v1/images/generations":
             data = (raw.get("data") or [{}])[0]
@@ -177,13 +132,13 @@ class OpenAIProvider(HttpBase):
             (output, calls), finish = _text_chat(raw), _finish_chat(raw)
         return CallOutcome(True, now, self._priced(job, usage, mode), output=output, usage=usage,
                            provider_request_id=rid or raw.get("id"), raw=raw, real=True, tool_calls=calls, finish=finish,
-                           warm_blocks=self._warm_of(job, usage) if route != "/v1/images/generations" else 0)
+                           warm_blocks=self._warm_of(job, usage) if route != "/v1/images/generations" else 0, flex=flex)
 
     def sync_body(self, job: CallJob) -> dict[str, Any]:
         body = self.body(job)
         if self.spec.models[job.req.model].kind != "text":  # no service tier for an image or a video
             return body
-        return self._pinned(body, str(self.client.base_url))
+        return self._pinned(self._tiered(job, body), str(self.client.base_url))
 
     async def call(self, job: CallJob) -> CallOutcome:
         sdk = self._sdk
@@ -197,9 +152,10 @@ class OpenAIProvider(HttpBase):
         api, verb = ((c.images, "generate") if route == "/v1/images/generations" else
                      (c.responses, "create") if route == "/v1/responses" else (c.chat.completions, "create"))
         try:
-            resp, replayed = await create_call(getattr(api, verb), getattr(api.with_raw_response, verb), body, key)
+            resp, replayed = await create_call(getattr(api, verb), getattr(api.with_raw_response, verb), body, key,
+                                               self._flex_wait(job))
         except sdk.APIError as exc:
-            return self._error(exc, sdk.APIStatusError, sdk.APITimeoutError, key)
+            return self._flex_error(job, exc, self._error(exc, sdk.APIStatusError, sdk.APITimeoutError, key))
         except TypeError as exc:  # a field of the wrong kind for this SDK (unknown ones go in extra_body)
             return CallOutcome(False, self.clock.now(), 0.0, error=f"{self.name}: bad request body: {exc}",
                                retryable=False)

@@ -34,6 +34,7 @@ class SimulatedProvider:
     real = False
     honours_keys = True  # nothing real is billed: a simulated retry never pays for an earlier attempt
     names_batches = True  # (nothing real is made: ``find_batch`` finds nothing)
+    takes_flex = True  # the catalog's flex draws: slower, refused at its ``unavailable_rate``
 
     def __init__(self, sim: SimProvider, clock):
         self.name = sim.spec.name
@@ -52,14 +53,17 @@ class SimulatedProvider:
         return None  # nothing is sent: no body to keep for retries
 
     async def call(self, job: CallJob) -> CallOutcome:
-        a, _ = self.sim.draw_sync(job.row, job.req, job.start, job.attempt, job.cache_write)
+        a, _ = self.sim.draw_sync(job.row, job.req, job.start, job.attempt, job.cache_write, job.flex)
         await self._until(a.at)
         r = job.req
+        if a.refused:  # billed nothing: the dispatcher sends it at the standard tier
+            return CallOutcome(False, a.at, 0.0, error=f"{r.provider} 429 flex tier: resource unavailable",
+                               refused=True)
         if not a.ok:
             return CallOutcome(False, a.at, 0.0, a.retry_after_s,
                                error=f"{r.provider} {'429 rate limited' if a.retry_after_s is not None else '5xx'}")
         return CallOutcome(True, a.at, a.cost, output=_sim_output(job), usage=Usage(r.input_tokens, r.output_tokens),
-                           warm_blocks=a.cached)
+                           warm_blocks=a.cached, flex=job.flex)
 
     def batch_body(self, jobs: Sequence[CallJob]) -> None:
         return None

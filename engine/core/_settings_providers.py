@@ -39,6 +39,11 @@ class ProviderEndpoint(BaseModel):
         "billed once (the project's emulator does; OpenAI and Anthropic do not document the header). False: a "
         "sync call that got no answer and then succeeded on a retry also keeps the unanswered call's upper bound "
         "on its budget (possibly billed)"))
+    flex_tier: bool | None = Field(default=None, description=(
+        "whether the server takes OpenAI's service_tier 'flex' (the catalog's flex block): a flex decision is then "
+        "sent at that tier. None: only OpenAI's own API (api.openai.com) and the project's emulator (which sets "
+        "True) do; a wire-format-only server (vLLM, Groq) may not know the value, so the call goes at the standard "
+        "tier and is billed standard"))
 
     @model_validator(mode="after")
     def _url(self) -> ProviderEndpoint:

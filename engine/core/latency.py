@@ -9,7 +9,7 @@ from engine.core.catalog import ModelSpec, ProviderSpec
 from engine.core.cost import gpu_unit_seconds
 from engine.core.request import Request
 
-__all__ = ["Z99", "flex_room", "gpu_batch_seconds", "sync_latency_median"]
+__all__ = ["Z99", "flex_room", "flex_timeout_s", "gpu_batch_seconds", "sync_latency_median"]
 
 Z99 = 2.3263478740408408
 _INF = float("inf")
@@ -48,3 +48,13 @@ def flex_room(provider: ProviderSpec, spec: ModelSpec, req: Request) -> float:
         return _INF
     p99 = sync_latency_median(provider, spec, req) * math.exp(Z99 * provider.sync_latency.sigma)
     return p99 * fx.slowdown + p99 if p99 * fx.slowdown <= fx.timeout_s else _INF
+
+
+def flex_timeout_s(provider: ProviderSpec, req: Request, now: float) -> float:
+    """Engine seconds a flex call of ``req`` started at ``now`` may run before it is given up and sent at the
+    standard tier: the tier's ``timeout_s``, and no more than leaves a standard call its 99th-percentile latency
+    before the deadline (<= 0: no room for a flex call, it goes standard). The room smart's ``flex_fits`` plans."""
+    assert provider.flex is not None
+    spec = provider.models[req.model]
+    p99 = sync_latency_median(provider, spec, req) * math.exp(Z99 * provider.sync_latency.sigma)
+    return min(provider.flex.timeout_s, req.deadline_at - now - p99)

@@ -56,6 +56,9 @@ class CallJob(NamedTuple):
     # dispatcher journals the record, so a restart polls that job rather than make (and pay for) another, and
     # frees the call's concurrency slot, which minutes of polls held (docs/providers.md, "Video").
     made: Callable[[dict], Awaitable[None]] | None = None
+    # At the provider's flex tier (OpenAI's ``service_tier: "flex"``): billed at flex prices when served there,
+    # and refused at times (``CallOutcome.refused``), when the dispatcher sends it again at the standard tier.
+    flex: bool = False
 
 
 class CallOutcome(NamedTuple):
@@ -89,6 +92,10 @@ class CallOutcome(NamedTuple):
     # This answer is of the one job an earlier unanswered try of the request made (found again, e.g. a video
     # listed after its create's answer was lost): those tries billed nothing apart from it.
     recovered: bool = False
+    # A flex call the provider had no capacity for (OpenAI's 429 "Resource Unavailable"): billed nothing, not a
+    # failed try; the dispatcher sends it again at the standard tier at once.
+    refused: bool = False
+    flex: bool = False  # answered at the flex tier and billed at its prices (``cost`` is the flex price)
 
 
 class BatchState(NamedTuple):
@@ -174,6 +181,8 @@ class Provider(Protocol):
     # Its batches carry a name the engine gave them (OpenAI's metadata): a batch whose create got no answer is
     # found by it. False (Anthropic): only by its size among batches this process did not make.
     names_batches: bool
+    # It sends a flex call (``CallJob.flex``) at the provider's flex tier; False: the dispatcher sends it standard.
+    takes_flex: bool
 
     def sync_body(self, job: CallJob) -> dict | None:
         """The body ``call`` would send for ``job`` now (None: nothing is sent). The dispatcher fixes it at the

@@ -17,7 +17,7 @@ class BilledItem(BaseModel):
 
     provider: str
     model: str
-    mode: Literal["sync", "batch_api"]
+    mode: Literal["sync", "batch_api", "flex"]
     route: str
     request_id: str
     custom_id: str | None = None

@@ -27,7 +27,7 @@ __all__ = ["EMULATED_AUTO_QUALITY", "Core", "FileRecord", "TextCall"]
 
 EMULATED_AUTO_QUALITY = "medium"  # the quality an image asked at "auto" (or at none) is made at, here
 
-BillMode = Literal["sync", "batch_api"]
+BillMode = Literal["sync", "batch_api", "flex"]
 
 
 class TextCall(NamedTuple):
@@ -182,7 +182,7 @@ class Core:
         thoughts = min(thoughts, cap - 1)
         out = min(cap - thoughts, natural)
         pc = provider.cache_of(spec)
-        use_cache = pc is not None and (mode == "sync" or pc.stacks_with_batch)
+        use_cache = pc is not None and (mode != "batch_api" or pc.stacks_with_batch)
         with self.lock:
             split = (self.caches.use(provider, spec, model, prompt, self.now() if at is None else at) if use_cache
                      else CacheSplit(0, 0, prompt.tokens))

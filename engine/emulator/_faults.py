@@ -79,6 +79,8 @@ class FaultPlan:
     ``fail_videos``: the next that many video jobs (OpenAI's ``POST /v1/videos``, Google's Veo
     ``:predictLongRunning``) are accepted and end failed, billed nothing, as a video the provider could not make
     does: a number counts the jobs of any provider, ``{"google": 1}`` those of one provider.
+    ``refuse_flex``: the next that many flex calls (``service_tier: "flex"``) are refused with OpenAI's 429
+    "Resource Unavailable", billed nothing (a number: of any provider; ``{"openai": 2}``: of one provider).
     ``batch_queue_limits``: per model, the input tokens an OpenAI batch queue holds (OpenAI's "batch queue limit",
     90,000 for gpt-4o at tier 1): a batch that would pass it, counting the batches of that model not yet ended,
     fails at validation with ``token_limit_exceeded``, as OpenAI's does. Empty (the default): no limit.
@@ -100,6 +102,7 @@ class FaultPlan:
         self.batch_queue_limits: dict[str, int] = {}
         self.retry_after_header = True
         self._video_failures: dict[str | None, int] = {}  # by provider; None: any provider
+        self._flex_refusals: dict[str | None, int] = {}  # the same, for flex calls
 
     # -- settings ------------------------------------------------------------------------------------------
     @property
@@ -146,27 +149,45 @@ class FaultPlan:
         with self._lock:
             self._expiries.extend([f] * n)
 
-    def fail_videos(self, n: int | Mapping[str, int]) -> None:
-        """The next ``n`` video jobs end failed (unbilled): of any provider, or per provider (``{"google": 1}``)."""
+    def _counts(self, name: str, what: str, n: int | Mapping[str, int]) -> dict[str | None, int]:
         counts = dict(n) if isinstance(n, Mapping) else {None: n}
         for provider, k in counts.items():
             if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-                raise ConfigError(f"fail_videos must be a whole number of video jobs >= 0, or a map of provider to "
+                raise ConfigError(f"{name} must be a whole number of {what} >= 0, or a map of provider to "
                                   f"such a number (e.g. {{'google': 1}}), got {n!r}")
             if provider is not None and provider not in self._providers:
-                raise ConfigError(f"fail_videos: unknown provider {provider!r}; the catalog has "
+                raise ConfigError(f"{name}: unknown provider {provider!r}; the catalog has "
                                   f"{sorted(self._providers)}")
+        return counts
+
+    def _take(self, counts: dict[str | None, int], provider: str | None) -> bool:
+        with self._lock:
+            for who in (provider, None):
+                if counts.get(who, 0) > 0:
+                    counts[who] -= 1
+                    return True
+            return False
+
+    def fail_videos(self, n: int | Mapping[str, int]) -> None:
+        """The next ``n`` video jobs end failed (unbilled): of any provider, or per provider (``{"google": 1}``)."""
+        counts = self._counts("fail_videos", "video jobs", n)
         with self._lock:
             self._video_failures = counts
 
     def take_video_failure(self, provider: str | None = None) -> bool:
         """Whether the video job ``provider`` is creating is to fail (its own count first, then any provider's)."""
+        return self._take(self._video_failures, provider)
+
+    def refuse_flex(self, n: int | Mapping[str, int]) -> None:
+        """The next ``n`` flex calls are refused (429 "Resource Unavailable", unbilled): of any provider, or per
+        provider (``{"openai": 2}``)."""
+        counts = self._counts("refuse_flex", "flex calls", n)
         with self._lock:
-            for who in (provider, None):
-                if self._video_failures.get(who, 0) > 0:
-                    self._video_failures[who] -= 1
-                    return True
-            return False
+            self._flex_refusals = counts
+
+    def take_flex_refusal(self, provider: str | None = None) -> bool:
+        """Whether the flex call ``provider`` is answering is to be refused (its own count first, then any's)."""
+        return self._take(self._flex_refusals, provider)
 
     def clear(self) -> None:
         with self._lock:
@@ -179,6 +200,7 @@ class FaultPlan:
             self.batch_queue_limits = {}
             self.retry_after_header = True
             self._video_failures = {}
+            self._flex_refusals = {}
             self._rng = np.random.default_rng([self._seed, 7])
 
     def configure(self, cfg: Mapping[str, Any]) -> None:
@@ -187,7 +209,8 @@ class FaultPlan:
         "batch_queue_limits": {"gpt-4o-mini": 2000000},
         "script": [{"provider": "openai", "route": "chat.completions", "specs": [{"status": 429}]}]}``."""
         known = {"clear", "rate_429", "rate_5xx", "retry_after_s", "fail_members", "garble_members",
-                 "expire_batches", "script", "batch_queue_limits", "retry_after_header", "fail_videos"}
+                 "expire_batches", "script", "batch_queue_limits", "retry_after_header", "fail_videos",
+                 "refuse_flex"}
         unknown = set(cfg) - known
         if unknown:
             raise ConfigError(f"unknown fault settings {sorted(unknown)}; known: {sorted(known)}")
@@ -208,6 +231,8 @@ class FaultPlan:
             self.retry_after_header = cfg["retry_after_header"]
         if "fail_videos" in cfg:
             self.fail_videos(cfg["fail_videos"])
+        if "refuse_flex" in cfg:
+            self.refuse_flex(cfg["refuse_flex"])
         if "batch_queue_limits" in cfg:
             lim = cfg["batch_queue_limits"]
             if not isinstance(lim, Mapping) or not all(

@@ -14,7 +14,7 @@ from typing import Any
 
 from engine.core.catalog import ModelSpec
 from engine.emulator._bill import BilledItem
-from engine.emulator._core import EMULATED_AUTO_QUALITY, Core, TextCall
+from engine.emulator._core import EMULATED_AUTO_QUALITY, BillMode, Core, TextCall
 from engine.emulator._gemini import gemini_thoughts, gemini_usage
 from engine.emulator._routing import Ctx, Route, route
 from engine.emulator._text import chat_prompt, forced_tool, responses_prompt
@@ -100,7 +100,7 @@ def chat_result(core: Core, provider: str, body: dict, mode: str, at: float | No
     out = {
         "id": core.new_id("chatcmpl-"), "object": "chat.completion",
         "created": int(core.now() if at is None else at),
-        "model": body["model"], "system_fingerprint": "fp_emulator", "service_tier": "default",
+        "model": body["model"], "system_fingerprint": "fp_emulator", "service_tier": _served(mode),
         "choices": [{"index": 0, "finish_reason": finish, "logprobs": None, "message": message}],
         "usage": {"prompt_tokens": call.input_tokens, "completion_tokens": call.output_tokens,
                   "total_tokens": call.input_tokens + call.output_tokens,
@@ -130,7 +130,7 @@ def responses_result(core: Core, provider: str, body: dict, mode: str, at: float
         "incomplete_details": {"reason": "max_output_tokens"} if call.capped else None, "error": None,
         "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
         "metadata": body.get("metadata"), "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
-        "prompt_cache_key": body.get("prompt_cache_key"), "service_tier": "default",
+        "prompt_cache_key": body.get("prompt_cache_key"), "service_tier": _served(mode),
         "output": [{"type": "message", "id": core.new_id("msg_"), "role": "assistant",
                     "status": "incomplete" if call.capped else "completed",
                     "content": [{"type": "output_text", "text": call.text, "annotations": []}]},
@@ -150,12 +150,37 @@ def _function_calls(core: Core, body: dict) -> list[dict]:
                                      "name": tool, "arguments": "{}", "status": "completed"}]
 
 
+def _served(mode: str) -> str:
+    return "flex" if mode == "flex" else "default"
+
+
+def _tier(ctx: Ctx, body: dict) -> BillMode:
+    """The call's mode by its ``service_tier``: ``flex`` (batch prices, slower) for a model of the catalog's flex
+    block, refused with a 400 naming the field for another model, as OpenAI does; else a standard call. A flex
+    call the fault plan refuses (``refuse_flex``) gets OpenAI's 429 "Resource Unavailable", billed nothing."""
+    if body.get("service_tier") != "flex":
+        return "sync"
+    p, _ = ctx.core.model(ctx.provider, body.get("model"), "text")
+    if not p.supports_flex(body["model"]):
+        flex = sorted(p.flex.models) if p.flex is not None else []
+        raise ApiError(400, f"Invalid service_tier 'flex' for model {body['model']!r}: flex processing is "
+                       f"available for {flex or 'no model of this provider'}; send 'auto' or 'default'",
+                       param="service_tier", code="invalid_value")
+    if ctx.faults.take_flex_refusal(ctx.provider):
+        raise ApiError(429, "Resource Unavailable: flex processing has no capacity for this request now; try "
+                       "again later or send it at the default tier (injected).", code="resource_unavailable")
+    return "flex"
+
+
 def _sync_text(ctx: Ctx, result: Any) -> Reply:
-    call, out = result(ctx.core, ctx.provider, ctx.json(), "sync")
+    body = ctx.json()
+    mode = _tier(ctx, body)
+    call, out = result(ctx.core, ctx.provider, body, mode)
     p = ctx.core.catalog.provider(ctx.provider)
-    ctx.core.wait(ctx.core.text_latency_s(p, call.model, call))
+    slow = p.flex.slowdown if mode == "flex" and p.flex is not None else 1.0
+    ctx.core.wait(ctx.core.text_latency_s(p, call.model, call) * slow)
     # Billed once the answer is ready: a call cut short by the emulator stopping is never billed.
-    ctx.core.bill_text(call, "sync", ctx.route, ctx.request_id,
+    ctx.core.bill_text(call, mode, ctx.route, ctx.request_id,
                        idempotency_key=ctx.headers.get("idempotency-key"))
     return json_reply("openai", 200, out, ctx.request_id)
 

@@ -1,0 +1,254 @@
+"""The live engine's flex tier (OpenAI's ``service_tier: "flex"``): the emulator's tier (served at batch prices
+for the catalog's flex models, a 400 naming the field for another, a fault knob that refuses it with a 429 billed
+nothing), the simulated provider's flex draws, and a dispatcher over HTTP carrying out smart's flex decisions:
+answered at flex and billed at its prices, or refused (or timed out) and sent once at the standard tier under a
+key of its own, no try spent. Dispatchers run as plain asyncio classes (no Ray); waits are bounded polls."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+from typing import Any
+
+import openai
+import pytest
+
+from actors._types import Job
+from actors.providers.simulated import SimulatedProvider
+from engine.core.catalog import default_catalog
+from engine.core.clock import ManualClock
+from engine.core.cost import CacheSplit, mode_factor, price_text, reserve_bound
+from engine.core.draws import Draws
+from engine.core.latency import flex_timeout_s
+from engine.core.provider_api import CallJob
+from engine.core.request import Request
+from engine.core.settings import Settings
+from engine.emulator import Emulator
+from engine.runtime.providers import SimProvider
+from tests.unit.test_http_providers import KEY, Rig, emu, priced  # noqa: F401  (emu: the fixture)
+
+CAT = default_catalog()
+OPENAI = CAT.provider("openai")
+
+
+def flex_req(rid: str = "flex-0", model: str = "gpt-5-mini", **kw: Any) -> Request:
+    d = {"id": rid, "arrival_s": 0.0, "model": model, "input_tokens": 60, "output_tokens": 12,
+         "prompt": f"Say hi to {rid}.", "deadline_s": 86_400.0}
+    d.update(kw)
+    return Request.model_validate(d)
+
+
+# -- the emulator -----------------------------------------------------------------------------------------------
+def _client(e: Emulator) -> openai.OpenAI:
+    return openai.OpenAI(base_url=e.base_url("openai"), api_key=KEY, max_retries=0)
+
+
+def test_the_emulator_serves_flex_at_flex_prices_on_both_routes_and_says_so(emu):  # noqa: F811
+    c = _client(emu)
+    try:
+        chat = c.chat.completions.create(model="gpt-5-mini", messages=[{"role": "user", "content": "hi there"}],
+                                         service_tier="flex")
+        resp = c.responses.create(model="gpt-5", input="hello there", service_tier="flex")
+        std = c.chat.completions.create(model="gpt-5-mini", messages=[{"role": "user", "content": "hi there"}])
+    finally:
+        c.close()
+    assert chat.service_tier == resp.service_tier == "flex" and std.service_tier == "default"
+    items = emu.bill().items
+    assert [i.mode for i in items] == ["flex", "flex", "sync"]
+    for item, model in zip(items, ["gpt-5-mini", "gpt-5", "gpt-5-mini"]):
+        u = item.usage
+        split = CacheSplit(u["cache_read_tokens"], u["cache_write_tokens"], u["plain_input_tokens"])
+        assert item.cost_usd == pytest.approx(price_text(OPENAI, OPENAI.models[model], split, u["output_tokens"],
+                                                         item.mode).total, abs=1e-12)
+    assert items[0].cost_usd == pytest.approx(items[2].cost_usd * mode_factor(OPENAI, "flex"), abs=1e-12)
+
+
+def test_the_emulator_refuses_flex_for_a_model_without_it_naming_the_field(emu):  # noqa: F811
+    c = _client(emu)
+    try:
+        with pytest.raises(openai.BadRequestError) as exc:
+            c.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}],
+                                      service_tier="flex")
+    finally:
+        c.close()
+    err = exc.value.body
+    assert err["param"] == "service_tier" and err["type"] == "invalid_request_error" and "flex" in err["message"]
+    assert not emu.bill().items
+
+
+def test_the_emulator_refuses_the_next_flex_calls_on_its_knob_unbilled(emu):  # noqa: F811
+    """``refuse_flex``: the next N flex calls get 429 "Resource Unavailable", billed nothing; standard calls and
+    the flex calls after them are served. Set over HTTP as the other fault knobs are."""
+    origin = emu.base_url("openai").rsplit("/openai/", 1)[0]
+    post = urllib.request.Request(origin + "/_emulator/faults", data=json.dumps({"refuse_flex": 2}).encode(),
+                                  method="POST")
+    assert json.load(urllib.request.urlopen(post, timeout=5))["ok"] is True
+    c = _client(emu)
+    msgs = [{"role": "user", "content": "hi"}]
+    try:
+        c.chat.completions.create(model="gpt-5-mini", messages=msgs)  # standard: not counted
+        for _ in range(2):
+            with pytest.raises(openai.RateLimitError) as exc:
+                c.chat.completions.create(model="gpt-5-mini", messages=msgs, service_tier="flex")
+            assert "Resource Unavailable" in str(exc.value) and exc.value.response.headers.get("retry-after") is None
+        assert c.chat.completions.create(model="gpt-5-mini", messages=msgs, service_tier="flex").service_tier == "flex"
+    finally:
+        c.close()
+    assert [i.mode for i in emu.bill().items] == ["sync", "flex"]
+
+
+# -- the simulated provider (a live engine's providers without an endpoint) -----------------------------------
+def test_the_simulated_provider_draws_flex_calls_slower_at_flex_prices_and_refused_unbilled():
+    """The live dispatcher's simulated provider draws what the simulator draws for a flex call (``flex=True``):
+    before, it drew every call standard, so a flex decision was timed, billed and never refused as sync."""
+    settings = Settings()
+    sim = SimProvider(OPENAI, CAT, settings, Draws(0, settings.sim.max_attempts, 3, settings.sim.batch_slot_s), draw=False)
+    prov = SimulatedProvider(sim, ManualClock(0.0))
+    refused = served = 0
+    for row in range(400):
+        r = flex_req(f"r{row}")
+        job = CallJob("k", r, 0.0, 0, row, flex=True)
+        drawn, _ = sim.draw_sync(row, r, 0.0, 0, False, flex=True)
+        out = asyncio.run(prov.call(job))
+        assert out.refused == drawn.refused and (out.cost, out.ok) == (drawn.cost, drawn.ok)
+        if out.refused:
+            refused += 1
+            assert out.cost == 0.0 and not out.ok
+        elif out.ok:
+            served += 1
+            assert out.flex and out.at == drawn.at
+            std, _ = sim.draw_sync(row, r, 0.0, 0, False)
+            assert out.cost == pytest.approx(std.cost * mode_factor(OPENAI, "flex")) and out.at > std.at
+    assert refused and served
+
+
+# -- the dispatcher over HTTP -----------------------------------------------------------------------------------
+def _tiers(rig: Rig) -> list[str | None]:
+    return [job.body.get("service_tier") if job.body else None for job, _, _ in rig.calls]
+
+
+def test_a_flex_dispatch_is_answered_at_flex_and_billed_at_its_prices(emu):  # noqa: F811
+    async def go():
+        rig = Rig(emu)
+        try:
+            r = flex_req()
+            await rig.run("flex", [Job(0, r, "fp")])
+            res = await rig.until(lambda: rig.results.get(r.id), "the result")
+            assert res.status == "ok" and res.mode == "flex", res.error
+            assert _tiers(rig) == ["flex"]
+            (item,) = emu.bill().items
+            assert item.mode == "flex" and res.cost_usd == pytest.approx(item.cost_usd, abs=1e-12)
+            assert res.cost_usd == pytest.approx(priced(res, r, "flex"), abs=1e-12)
+            assert (await rig.d.stats())["flex_refused"] == 0
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+def test_a_refused_flex_call_goes_standard_once_under_its_own_key_no_try_spent(emu):  # noqa: F811
+    """A 429 "Resource Unavailable" billed nothing: the request is sent again at once at the standard tier, under
+    an Idempotency-Key of its own, its attempts untouched, no breaker failure and no 429 in the metrics; its
+    result says sync, billed once at the standard price, the bill and the engine agreeing."""
+    emu.faults.refuse_flex(1)
+
+    async def go():
+        rig = Rig(emu)
+        try:
+            r = flex_req()
+            job = Job(0, r, "fp", claim="c0")
+            await rig.reserve([job])
+            await rig.run("flex", [job])
+            res = await rig.until(lambda: rig.results.get(r.id), "the result")
+            assert res.status == "ok" and res.mode == "sync", res.error
+            assert _tiers(rig) == ["flex", None] and [j.attempt for j, _, _ in rig.calls] == [0, 0]
+            first, second = (j for j, _, _ in rig.calls)
+            assert first.key == second.key and first.body != second.body  # one record, two bodies: two keys
+            keys = [i.idempotency_key for i in emu.bill().items]
+            assert len(keys) == 1 and keys[0] is not None
+            assert rig.calls[0][2].refused and not rig.calls[0][2].rate_limited
+            (item,) = emu.bill().items
+            assert item.mode == "sync" and res.cost_usd == pytest.approx(item.cost_usd, abs=1e-12)
+            stats = await rig.d.stats()
+            assert stats["flex_refused"] == 1 and stats["possibly_billed"] == 0
+            assert not rig.d._counts.http_429 and not rig.d._counts.retries
+            assert not rig.d.sim.breaker.opened and not rig.d.sim.breaker._fails.get(r.model)
+            await rig.until(lambda: not rig.budget.book.claims, "the claim settled")
+            assert sum(rig.budget.book.spend.values()) == pytest.approx(emu.bill().total_usd, abs=1e-12)
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+def test_a_flex_call_that_times_out_is_possibly_billed_and_sent_standard(emu):  # noqa: F811
+    """No answer within the flex call's timeout (the room its deadline leaves a standard call after it): it may
+    have run, so its bound at flex prices stays on the budget (``possibly_billed``, even where the provider
+    honours keys: the standard call has a key of its own), and the request is answered at the standard tier."""
+    emu.faults.script("openai", "chat.completions", [{"timeout_s": 2.0}])  # held 2 real s: the client gives up
+
+    async def go():
+        rig = Rig(emu)
+        # A deadline that leaves the flex call 500 engine s (0.5 real s at the rig's speed) before a standard one
+        r = flex_req(deadline_s=1.0)
+        room = r.deadline_at - flex_timeout_s(OPENAI, r, 0.0)
+        r = r.model_copy(update={"deadline_s": rig.clock.now() + room + 500.0})
+        job = Job(0, r, "fp", claim="c0")
+        try:
+            await rig.reserve([job])
+            await rig.run("flex", [job])
+            res = await rig.until(lambda: rig.results.get(r.id), "the result")
+            assert res.status == "ok" and res.mode == "sync", res.error
+            assert _tiers(rig) == ["flex", None] and rig.calls[0][2].maybe_billed
+            stats = await rig.d.stats()
+            bound = reserve_bound(r, rig.catalog, "sync", None) * mode_factor(OPENAI, "flex")
+            assert stats["flex_timed_out"] == 1 and stats["possibly_billed"] == 1
+            assert stats["possibly_billed_usd"] == pytest.approx(bound, abs=1e-6)
+            await rig.until(lambda: not rig.budget.book.claims, "the claim settled")
+            assert sum(rig.budget.book.spend.values()) == pytest.approx(res.cost_usd + bound, abs=1e-9)
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+def test_a_server_that_does_not_take_the_tier_gets_flex_decisions_standard(emu):  # noqa: F811
+    """A wire-format-only server (vLLM, Groq) may not know ``service_tier: "flex"``: sent no tier, billed
+    standard, its result saying sync."""
+    async def go():
+        rig = Rig(emu)
+        ep = rig.settings.providers.endpoints["openai"].model_copy(update={"flex_tier": False})
+        rig.d.provider.endpoint = ep
+        rig.d.provider.takes_flex = rig.d.provider._flex_to(ep.base_url)
+        try:
+            r = flex_req()
+            await rig.run("flex", [Job(0, r, "fp")])
+            res = await rig.until(lambda: rig.results.get(r.id), "the result")
+            assert res.status == "ok" and res.mode == "sync" and _tiers(rig) == [None]
+            assert [i.mode for i in emu.bill().items] == ["sync"]
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+def test_a_journaled_flex_body_keeps_its_tier_and_a_refusal_replaces_it(emu):  # noqa: F811
+    """The sync body record journaled before the call keeps the tier (a restarted dispatcher makes the same call
+    at the same tier under the same key); a refusal drops it, and the standard call journals its own."""
+    emu.faults.refuse_flex(1)
+
+    async def go():
+        rig = Rig(emu)
+        puts: list[tuple[str, dict, str]] = []
+        put = rig.d._sync_journal.put
+
+        async def spy(key: str, rec: tuple) -> None:
+            puts.append((key, rec[3], rec[0].mode))
+            return await put(key, rec)
+        rig.d._sync_journal.put = spy
+        try:
+            r = flex_req()
+            await rig.run("flex", [Job(0, r, "fp")])
+            await rig.until(lambda: rig.results.get(r.id), "the result")
+            assert [(b.get("service_tier"), mode) for _, b, mode in puts] == [("flex", "flex"), (None, "sync")]
+            assert puts[0][0] == puts[1][0]  # one record key; the bodies name two Idempotency-Keys
+        finally:
+            await rig.close()
+    asyncio.run(go())
