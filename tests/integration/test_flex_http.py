@@ -1,0 +1,47 @@
+"""The live engine's flex tier end to end: smart sends gpt-5-mini text at OpenAI's flex tier, the dispatcher calls the
+loopback emulator through the openai SDK with ``service_tier: "flex"``, and the bill from usage is the cost model's."""
+
+import pytest
+
+from engine.app.live import point_at_emulator
+from engine.core.catalog import default_catalog
+from engine.core.cost import price_usage
+from engine.core.request import Request, validation_context
+from engine.core.settings import Settings
+from engine.emulator import Emulator
+from tests.integration._catalogs import OPENAI_ONLY
+
+CAT = default_catalog()
+KEY = "sk-fake-flex-NEVERSHOWN"
+
+
+def test_smart_sends_text_at_flex_billed_half_and_a_refused_call_goes_standard_once(ray_session, monkeypatch):
+    with Emulator(CAT, speedup=200.0, seed=0, cancel_s=1.0) as emu:
+        settings = point_at_emulator(Settings(), emu, providers=("openai",))
+        monkeypatch.setenv(settings.providers.endpoints["openai"].api_key_env, KEY)
+        emu.faults.refuse_flex(1)  # the first flex call: 429 "Resource Unavailable", billed nothing
+        from engine import Engine
+
+        n = 4
+        with Engine.start(settings, catalog=OPENAI_ONLY, speedup=200.0) as eng:
+            futs = [eng.submit({"id": f"f{i}", "model": "gpt-5-mini", "prompt": f"say {i} twice",
+                                "deadline_s": 7200}) for i in range(n)]
+            results = [f.result(timeout=120) for f in futs]
+            report = eng.report()
+        bill = emu.bill()
+    assert [r.status for r in results] == ["ok"] * n, [r.error for r in results]  # nothing lost
+    modes = sorted(r.mode for r in results)
+    assert modes == ["flex"] * (n - 1) + ["sync"], modes  # the refused one answered at the standard tier
+    # Billed once each, at the tier each was served at: the emulator's bill is the engine's, to the cent's millionth.
+    assert sorted(i.mode for i in bill.items) == modes
+    assert sum(r.cost_usd for r in results) == pytest.approx(bill.total_usd, abs=1e-12)
+    for r in results:
+        req = Request.model_validate({"id": r.id, "arrival_s": 0.0, "model": "gpt-5-mini", "prompt": "x"},
+                                     context=validation_context(CAT))
+        u = r.usage
+        at = {m: price_usage(req, CAT, m, input_tokens=u["input_tokens"], output_tokens=u["output_tokens"],
+                             cache_read=u["cache_read"], cache_write=u["cache_write"]).total for m in ("flex", "sync")}
+        assert r.cost_usd == pytest.approx(at[r.mode], abs=1e-12)
+        assert at["flex"] == pytest.approx(at["sync"] / 2, abs=1e-12)  # half the standard price
+    prov = report["providers"]["openai"]
+    assert prov["flex_refused"] == 1 and prov["possibly_billed"] == 0 and prov["paid_twice"] == 0
