@@ -252,3 +252,23 @@ def test_a_journaled_flex_body_keeps_its_tier_and_a_refusal_replaces_it(emu):  #
         finally:
             await rig.close()
     asyncio.run(go())
+
+
+def test_the_dry_run_table_counts_the_requests_planned_at_flex(tmp_path):
+    """`run --dry-run` shows each provider's requests by mode: smart's flex ones had no column, so the row's
+    modes did not add up to its requests."""
+    from typer.testing import CliRunner
+
+    from engine.app.cli import app
+
+    trace = tmp_path / "t.jsonl"
+    trace.write_text("".join(json.dumps({"id": f"r{i}", "arrival_s": float(i), "model": "gpt-5-mini",
+                                         "prompt": f"say {i}", "deadline_s": 7200}) + "\n" for i in range(3)))
+    r = CliRunner().invoke(app, ["run", str(trace), "--dry-run"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    head = next(line for line in r.output.splitlines() if "provider" in line and "requests" in line)
+    row = next(line for line in r.output.splitlines() if line.lstrip("│ ").startswith("openai"))
+    cols = [c.strip() for c in head.strip("│┃ ").replace("┃", "│").split("│")]
+    vals = [c.strip() for c in row.strip("│ ").split("│")]
+    got = dict(zip(cols, vals))
+    assert got["requests"] == "3" and got["flex"] == "3", r.output
