@@ -272,3 +272,45 @@ def test_the_dry_run_table_counts_the_requests_planned_at_flex(tmp_path):
     vals = [c.strip() for c in row.strip("│ ").split("│")]
     got = dict(zip(cols, vals))
     assert got["requests"] == "3" and got["flex"] == "3", r.output
+
+
+def test_a_dispatcher_restarted_during_a_flex_call_makes_it_again_at_flex_under_its_key(emu):  # noqa: F811
+    """The journaled record keeps the tier: the restarted dispatcher sends the same flex body, so the same
+    Idempotency-Key, and the answer is billed once at flex prices."""
+    from actors import Dispatcher
+    from engine.core.provider_api import idempotency_key
+
+    async def go():
+        rig = Rig(emu)
+        r = flex_req()
+        sending, first = asyncio.Event(), []
+
+        async def under_way(job: CallJob):  # the call leaves (its body journaled first) and the process dies
+            first.append(idempotency_key(job.key, job.body))
+            sending.set()
+            await asyncio.Event().wait()
+        rig.d.provider.call = under_way
+        try:
+            await rig.run("flex", [Job(0, r, "fp")])
+            await asyncio.wait_for(sending.wait(), 10.0)
+            ((b, _, _, body),) = (await rig.d.journal.items(rig.d._sync_journal.space)).values()
+            assert b.mode == "flex" and body["service_tier"] == "flex"
+            for t in list(rig.d._tasks):
+                t.cancel()
+            d2 = Dispatcher("openai", rig.catalog, rig.settings, 0, rig.clock, [rig.grouper], rig.hub, None,
+                            rig.budget, key=rig.d._key)
+            sent, inner = [], d2.provider.call
+
+            async def spy(job: CallJob):
+                sent.append(idempotency_key(job.key, job.body))
+                return await inner(job)
+            d2.provider.call = spy
+            await d2.recover()
+            res = await rig.until(lambda: rig.results.get(r.id), "the result")
+            assert res.status == "ok" and res.mode == "flex" and sent == first
+            (item,) = emu.bill().items
+            assert item.mode == "flex" and item.idempotency_key == first[0]
+            await d2.provider.close()
+        finally:
+            await rig.close()
+    asyncio.run(go())
