@@ -223,13 +223,12 @@ class HttpBase:
     standard_tier = ""  # what the provider calls its standard tier in a request
     takes_flex = False  # whether a flex call goes at the flex tier (OpenAI's own API, the emulator: ``_flex_to``)
 
-    def _flex_to(self, base_url: str) -> bool:
-        """Whether flex calls go at the flex tier to ``base_url``: the catalog has the tier, and the endpoint says
-        the server takes it (``flex_tier``), else it is the provider's own API. A wire-format-only server (vLLM,
-        Groq) may not know the value: its flex decisions are sent, and billed, standard."""
-        said = self.endpoint.flex_tier
-        return self.spec.flex is not None and self.spec.compat != "gemini" and (
-            said if said is not None else urlsplit(base_url).hostname == self.home_host)
+    def _flex_to(self) -> bool:
+        """Whether flex calls go at the flex tier: the catalog has the tier, and the endpoint's server takes it
+        (``ProviderEndpoint.serves_flex``: its ``flex_tier``, else whether it is OpenAI's own API). A
+        wire-format-only server (vLLM, Groq) may not know the value: a flex decision is sent, and billed, standard
+        (and the catalog the engine plans with has no flex tier there: ``engine.app.provider_setup.http_setup``)."""
+        return self.spec.flex is not None and self.spec.compat != "gemini" and self.endpoint.serves_flex()
 
     @staticmethod
     def _tiered(job: CallJob, body: dict[str, Any]) -> dict[str, Any]:

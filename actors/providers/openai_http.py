@@ -67,7 +67,7 @@ class OpenAIProvider(HttpBase):
         self._orphans: set[asyncio.Task] = set()  # deletes of uploads no batch was made from
         # A video: a job made, then polled; OpenAI's Videos API, or Google's Veo on the Gemini API's own routes
         self._videos = VeoCalls(self) if self.spec.compat == "gemini" else VideoCalls(self)
-        self.takes_flex = self._flex_to(str(self.client.base_url))
+        self.takes_flex = self._flex_to()
 
     # -- bodies ---------------------------------------------------------------------------------------------
     def route(self, job: CallJob) -> str:

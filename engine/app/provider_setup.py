@@ -59,8 +59,12 @@ def http_setup(catalog: Catalog, settings: Settings, *, need_keys: bool = True, 
         _warn_retiring(catalog, name, ep, today or datetime.datetime.now(datetime.timezone.utc).date())
         spec = providers[name]
         if spec.batch_api is not None and spec.batch_api.cancel_s != ep.cancel_s:
-            providers[name] = spec.model_copy(update={"batch_api": spec.batch_api.model_copy(
+            providers[name] = spec = spec.model_copy(update={"batch_api": spec.batch_api.model_copy(
                 update={"cancel_s": ep.cancel_s})})
+        if spec.flex is not None and (spec.compat == "gemini" or not ep.serves_flex()):
+            # A server that may not know the tier is sent flex decisions standard, at twice the flex price: the
+            # policy plans without the tier there, batching what it would have sent at flex (docs/providers.md).
+            providers[name] = spec.model_copy(update={"flex": None})
     if providers != catalog.providers:
         catalog = Catalog.model_validate({"schema_version": catalog.schema_version,
                                           "providers": {k: v.model_dump() for k, v in providers.items()}})

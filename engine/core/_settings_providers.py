@@ -53,6 +53,14 @@ class ProviderEndpoint(BaseModel):
             raise ValueError(f"poll_max_s={self.poll_max_s} must be >= poll_min_s={self.poll_min_s}")
         return self
 
+    def serves_flex(self, environ: Mapping[str, str] | None = None) -> bool:
+        """Whether OpenAI's ``service_tier: "flex"`` goes to this server (``flex_tier``; unset: its address is
+        OpenAI's own API)."""
+        if self.flex_tier is not None:
+            return self.flex_tier
+        url = self.address(environ)
+        return self.api == "openai" and (url is None or urlsplit(url).hostname == _OPENAI_HOST)
+
     def address(self, environ: Mapping[str, str] | None = None) -> str | None:
         """Where its calls go: ``base_url``, else the SDK's variable (None: the provider's own API)."""
         env = os.environ if environ is None else environ
@@ -66,6 +74,7 @@ PRESETS: dict[str, dict[str, str]] = {
     **{name: {"api": name, "api_key_env": key} for name, key in _KNOWN_APIS.items()},
     "google": {"api": "openai", "base_url": GEMINI_OPENAI_URL, "api_key_env": "GEMINI_API_KEY"}}
 _GOOGLE_HOST = "generativelanguage.googleapis.com"
+_OPENAI_HOST = "api.openai.com"
 
 
 def _default_endpoints() -> dict[str, ProviderEndpoint]:

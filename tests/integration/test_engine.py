@@ -67,7 +67,10 @@ def quiet_engine(ray_session):
     oa = CAT.providers["openai"]
     cat = CAT.model_copy(update={"providers": {**CAT.providers, "openai": oa.model_copy(
         update={"prompt_cache": oa.prompt_cache.model_copy(update={"ttl_s": 1200.0})})}})
-    with Engine.start(Settings(metrics=MetricsSettings(port=None)), catalog=cat, speedup=500) as eng:
+    # flex off: the warm follow-up and warm pull tests are about text that would otherwise wait for an OpenAI
+    # batch; at the flex tier (batch prices at once) gpt-5 text never waits, and their path is not taken.
+    with Engine.start(Settings(metrics=MetricsSettings(port=None)), catalog=cat, speedup=500,
+                      policy_params={"flex": False}) as eng:
         yield eng
 
 

@@ -217,7 +217,7 @@ def test_a_server_that_does_not_take_the_tier_gets_flex_decisions_standard(emu):
         rig = Rig(emu)
         ep = rig.settings.providers.endpoints["openai"].model_copy(update={"flex_tier": False})
         rig.d.provider.endpoint = ep
-        rig.d.provider.takes_flex = rig.d.provider._flex_to(ep.base_url)
+        rig.d.provider.takes_flex = rig.d.provider._flex_to()
         try:
             r = flex_req()
             await rig.run("flex", [Job(0, r, "fp")])
@@ -314,3 +314,28 @@ def test_a_dispatcher_restarted_during_a_flex_call_makes_it_again_at_flex_under_
         finally:
             await rig.close()
     asyncio.run(go())
+
+
+def test_the_engine_plans_without_the_tier_where_the_server_may_not_take_it(emu, monkeypatch):  # noqa: F811
+    """Sent standard at such a server, a flex decision would cost twice what smart planned: the catalog the engine
+    plans with has no flex tier there, so smart batches that text as before. OpenAI's own API and the emulator
+    (``point_at_emulator``) keep it."""
+    from engine.app.live import point_at_emulator
+    from engine.app.provider_setup import http_setup
+    from engine.core.features import compat_key
+    from engine.core.settings import ProviderEndpoint, ProvidersSettings
+    from policies import load_policy
+
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    emulated = point_at_emulator(Settings(), emu, providers=("openai",))
+    vllm = Settings(providers=ProvidersSettings(mode="http", endpoints={"openai": ProviderEndpoint(
+        api="openai", base_url="http://127.0.0.1:8000/v1", api_key_env="X")}))
+    own = Settings(providers=ProvidersSettings(mode="http", endpoints={"openai": ProviderEndpoint(
+        api="openai", api_key_env="X")}))
+    flex = {name: http_setup(CAT, s, need_keys=False)[0].providers["openai"].flex is not None
+            for name, s in (("emulator", emulated), ("vllm", vllm), ("openai", own))}
+    assert flex == {"emulator": True, "vllm": False, "openai": True}
+    r = flex_req()
+    keys = {name: load_policy("smart", http_setup(CAT, s, need_keys=False)[0]).group_key(r, compat_key(r), 0.0)
+            for name, s in (("emulator", emulated), ("vllm", vllm))}
+    assert keys["emulator"][0] == "flex" and keys["vllm"][0] != "flex"
