@@ -147,6 +147,7 @@ class OpenAIProvider(HttpBase):
             return await self._videos.call(job)
         # The dispatcher passes the body it fixed at the first try; the key names that body (idempotency_key).
         body = job.body if job.body is not None else self.sync_body(job)
+        job = job._replace(flex=job.flex and body.get("service_tier") == "flex")  # a body naming its own tier
         key = idempotency_key(job.key, body)
         c = self.client
         api, verb = ((c.images, "generate") if route == "/v1/images/generations" else

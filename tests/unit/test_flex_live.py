@@ -339,3 +339,20 @@ def test_the_engine_plans_without_the_tier_where_the_server_may_not_take_it(emu,
     keys = {name: load_policy("smart", http_setup(CAT, s, need_keys=False)[0]).group_key(r, compat_key(r), 0.0)
             for name, s in (("emulator", emulated), ("vllm", vllm))}
     assert keys["emulator"][0] == "flex" and keys["vllm"][0] != "flex"
+
+
+def test_a_request_whose_body_names_its_tier_goes_at_that_tier_unwarned(emu, caplog):  # noqa: F811
+    """A body that asks ``service_tier: "default"`` is sent so, even on a flex decision: billed standard, its result
+    saying sync, and no warning that a flex call was served at another tier (none was asked)."""
+    async def go():
+        rig = Rig(emu)
+        try:
+            r = flex_req(body={"messages": [{"role": "user", "content": "hi"}], "service_tier": "default"})
+            await rig.run("flex", [Job(0, r, "fp")])
+            res = await rig.until(lambda: rig.results.get(r.id), "the result")
+            assert res.status == "ok" and res.mode == "sync" and _tiers(rig) == ["default"]
+        finally:
+            await rig.close()
+    with caplog.at_level("WARNING", logger="smartbatch.providers"):
+        asyncio.run(go())
+    assert not [m for m in caplog.messages if "flex call was served" in m]
