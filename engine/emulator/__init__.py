@@ -53,6 +53,11 @@ system blocks, message blocks): a call reads the longest warm one (refreshing it
 breakpoint beyond that if that prefix reaches the minimum (``cache_read_input_tokens`` /
 ``cache_creation_input_tokens``; ``input_tokens`` is the rest).
 
+Flex tier. ``service_tier: "flex"`` on chat completions or Responses, for a model of the catalog's ``flex`` block: the
+call reads and writes the prompt cache as a standard one, takes ``flex.slowdown`` times as long, is billed at flex
+prices (mode ``flex``) and answers ``service_tier: "flex"``; for another model, a 400 naming ``service_tier``.
+``refuse_flex`` in the fault plan refuses the next flex calls with 429 "Resource Unavailable", billed nothing.
+
 Billing. Each successful call, each succeeded batch member (once, mode ``batch_api``) and each completed video
 job (once, when it completes, at the catalog's per-second price), is priced by
 ``engine.core.cost.price_text`` (text) or ``engine.core.cost.price_alone`` (images: the image times ``n``, and its
