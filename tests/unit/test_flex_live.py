@@ -356,3 +356,27 @@ def test_a_request_whose_body_names_its_tier_goes_at_that_tier_unwarned(emu, cap
     with caplog.at_level("WARNING", logger="smartbatch.providers"):
         asyncio.run(go())
     assert not [m for m in caplog.messages if "flex call was served" in m]
+
+
+def test_a_flex_call_served_at_another_tier_is_billed_at_that_tiers_prices_said_once(emu, monkeypatch, caplog):  # noqa: F811
+    """A server that ignores the field answers ``service_tier: "default"``: billed standard, so counted at the
+    standard prices (at flex prices the ledger fell short of the bill by half), its result saying sync; logged
+    once, not per call."""
+    import engine.emulator._openai as emu_openai
+
+    monkeypatch.setattr(emu_openai, "_tier", lambda ctx, body: "sync")  # the tier asked, ignored
+
+    async def go():
+        rig = Rig(emu)
+        try:
+            reqs = [flex_req(f"other-{i}") for i in range(2)]
+            await rig.run("flex", [Job(i, r, "fp") for i, r in enumerate(reqs)])
+            got = [await rig.until(lambda r=r: rig.results.get(r.id), "the result") for r in reqs]
+            assert _tiers(rig) == ["flex", "flex"] and [res.mode for res in got] == ["sync", "sync"]
+            assert sum(res.cost_usd for res in got) == pytest.approx(emu.bill().total_usd, abs=1e-12)
+            assert [i.mode for i in emu.bill().items] == ["sync", "sync"]
+        finally:
+            await rig.close()
+    with caplog.at_level("WARNING", logger="smartbatch.providers"):
+        asyncio.run(go())
+    assert len([m for m in caplog.messages if "flex call was served at service tier 'default'" in m]) == 1
