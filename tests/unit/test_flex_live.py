@@ -335,7 +335,7 @@ def test_the_engine_plans_without_the_tier_where_the_server_may_not_take_it(emu,
     flex = {name: http_setup(CAT, s, need_keys=False)[0].providers["openai"].flex is not None
             for name, s in (("emulator", emulated), ("vllm", vllm), ("openai", own))}
     assert flex == {"emulator": True, "vllm": False, "openai": True}
-    r = flex_req()
+    r = flex_req(deadline_s=600.0)  # due within a batch's median turnaround: flex at arrival where the tier is
     keys = {name: load_policy("smart", http_setup(CAT, s, need_keys=False)[0]).group_key(r, compat_key(r), 0.0)
             for name, s in (("emulator", emulated), ("vllm", vllm))}
     assert keys["emulator"][0] == "flex" and keys["vllm"][0] != "flex"
