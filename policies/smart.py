@@ -240,9 +240,11 @@ class Smart(GpuLane, Policy):
         if lane == "gpu":
             return self._decide_gpu(group, now)
         d = self._decide_batch(group, now) if lane == "batch" else self._decide_call(group, now, lane)
+        if not self.params.flex or d.mode != "sync" or d.action != "dispatch":
+            return d
         # Not what a budget holds back: a flex call keeps the standard price reserved for longer (``_held_back``).
-        held = any(self._held_back(m, group.budget) for m in group.members)
-        return _as_flex(d, group, now) if self.params.flex and not held else d
+        held = group.budget is not None and any(self._held_back(m, group.budget) for m in group.members)
+        return d if held else _as_flex(d, group, now)
 
     def _decide_call(self, group: Group, now: float, lane: str) -> Decision:
         req = group.members[0]
