@@ -273,6 +273,8 @@ class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, R
 
     def _start_sync(self, e: Event, b: BatchJob, jobs: list[Job]) -> None:
         (j,) = jobs
+        if e.kind == "sync" and b.mode == "flex":  # the gate started it standard (``SimProvider.pump``), as planned
+            b = self._to_standard(b, j)
         self._spawn(self._run_sync(b, j, e.work.cache_write, e.start), jobs, b)
 
     def _body_done(self, j: Job) -> None:

@@ -161,10 +161,10 @@ class SimProvider:
                     next_at = min(next_at, s)
                     break
                 q.take(picked)
-                if w.kind == "flex" and (len(q) or s > w.reqs[0].deadline_at - flex_room(
-                        self.spec, self.spec.models[model], w.reqs[0])):
-                    # Standard when others wait at this gate (a slow call would hold its slot from them) or it
-                    # waited past its room for a slow call: time is short here, and flex spends it.
+                if w.kind == "flex" and (len(q) >= gate.limits.max_concurrency - gate.running or s > w.reqs[
+                        0].deadline_at - flex_room(self.spec, self.spec.models[model], w.reqs[0])):
+                    # Standard when more wait at this gate than it has free slots (a slow call would hold its slot
+                    # from them) or it waited past its room for a slow call: time is short here, and flex spends it.
                     w = w._replace(kind="sync")
                 # Start at s, not now: s may pass now by a rounding error, and starting early by even that
                 # much would put a call inside a minute the gate had counted it out of.

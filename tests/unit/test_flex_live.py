@@ -380,3 +380,27 @@ def test_a_flex_call_served_at_another_tier_is_billed_at_that_tiers_prices_said_
     with caplog.at_level("WARNING", logger="smartbatch.providers"):
         asyncio.run(go())
     assert len([m for m in caplog.messages if "flex call was served at service tier 'default'" in m]) == 1
+
+
+def test_a_flex_call_the_gate_starts_standard_is_made_and_billed_standard_as_the_simulator_does(emu):  # noqa: F811
+    """Behind a gate with one call at a time, the first of two flex dispatches starts while the other waits: the
+    runtime starts it standard (a slow call would hold the slot from the queue; ``SimProvider.pump``), and the
+    dispatcher makes and bills it so. Before, it read the tier from its dispatch and made a flex call, where the
+    simulator's plan had a standard one; the second, alone at the gate, goes flex."""
+    from engine.core.catalog import RateLimits
+    from engine.runtime.ratelimit import RateGate
+
+    async def go():
+        rig = Rig(emu)
+        try:
+            rig.d.sim.gates[None] = RateGate(RateLimits(rpm=10_000, tpm=4_000_000, max_concurrency=1))
+            first, second = flex_req("g0"), flex_req("g1")
+            await rig.run("flex", [Job(0, first, "fp0"), Job(1, second, "fp1")])
+            await rig.until(lambda: len(rig.results) == 2, "both results")
+            assert _tiers(rig) == [None, "flex"]
+            assert [rig.results[r.id].mode for r in (first, second)] == ["sync", "flex"]
+            assert sum(res.cost_usd for res in rig.results.values()) == pytest.approx(
+                sum(item.cost_usd for item in emu.bill().items), abs=1e-12)
+        finally:
+            await rig.close()
+    asyncio.run(go())
