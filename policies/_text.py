@@ -21,8 +21,8 @@ from engine.core.latency import Z99, flex_room
 from engine.core.rates import start_spread_s
 from engine.core.request import Request
 
-__all__ = ["BatchMates", "TextConsts", "as_flex", "fallback_slot", "flex_fits", "hedge_lead", "held_back", "not_worth", "rate_hedge",
-           "second_batch_checkpoint", "text_consts", "warm_sync_pays"]
+__all__ = ["BatchMates", "TextConsts", "as_flex", "fallback_slot", "flex_fits", "hedge_lead", "held_back", "not_worth",
+           "rate_hedge", "second_batch_checkpoint", "text_consts", "warm_sync_pays"]
 
 _MIN_GAIN = 0.005  # P(on time) a second batch must add to be worth its cancel and its second submission
 
@@ -210,8 +210,8 @@ def flex_fits(provider, spec, req: Request, now: float) -> bool:
 def as_flex(d, group, now: float, members=None):
     """``d`` at the flex tier where it sends sync calls that all fit it (``flex_fits``): the same calls, the same
     prompt cache, at batch prices. A decision to send sync (a deadline too close for a batch, a batch not worth
-    its wait, a warm prefix, a budget's hold, a hedge's fallback) is a decision to call now, which flex does for
-    less wherever the deadline leaves room for a slow call and a standard one after it."""
+    its wait, a warm prefix, a hedge's fallback) is a decision to call now, which flex does for less wherever the
+    deadline leaves room for a slow call and a standard one after it (smart keeps what a budget holds back sync)."""
     if d.action != "dispatch" or d.mode != "sync" or group.spec.kind != "text":
         return d
     members = members if members is not None else group.members[:d.take] if d.take > 0 else group.members
