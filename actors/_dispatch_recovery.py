@@ -18,8 +18,11 @@ log = logging.getLogger("smartbatch.dispatcher")
 # of each request still open, so a call cut by two restarts is charged as two (``Outbox._maybe_billed``).
 TALLY = ("paid_twice", "paid_twice_usd", "possibly_billed", "possibly_billed_usd", "reattached", "resumed_calls",
          "batches_cancelled", "members_saved_by_cancel", "key_conflicts", "rerouted")
-# Then the settlements and charges the budget controller had not taken (``Outbox._to_budget``), sent again.
-_ZERO_TALLY = (*(0 for _ in TALLY), {}, {})
+# Then the settlements and charges the budget controller had not taken (``Outbox._to_budget``), sent again; then
+# the flex calls of each open request given up at their timeout and the flex counts (after the rest: a tally
+# journaled before them reads as before). A restart forgot them: a flex call that may have been billed left the
+# ledger, and the report lost it (a hunt).
+_ZERO_TALLY = (*(0 for _ in TALLY), {}, {}, {}, 0, 0)
 
 
 class Recovery:
@@ -201,19 +204,25 @@ class Recovery:
         return f"tally:{self.name}"
 
     def _tally(self) -> tuple:
-        return (*(getattr(self, k) for k in TALLY), dict(self._unanswered), dict(self._undelivered))
+        return (*(getattr(self, k) for k in TALLY), dict(self._unanswered), dict(self._undelivered),
+                dict(self._flex_unanswered), self.flex_refused, self.flex_timed_out)
 
     def _add_tally(self, saved: tuple | None) -> None:
         """Add what the last process counted (it died with it) to what this one counts, and send again what it
         had not delivered to the budget controller."""
         if saved is None:
             return
-        counts, (unanswered, *undelivered) = saved[:len(TALLY)], saved[len(TALLY):]  # (a tally of before: none)
+        counts, rest = saved[:len(TALLY)], saved[len(TALLY):]
+        rest = (*rest, *_ZERO_TALLY[len(TALLY) + len(rest):])  # (a tally of before: none of the later parts)
+        unanswered, undelivered, flex, refused, timed_out = rest[:5]
         for k, v in zip(TALLY, counts):
             setattr(self, k, getattr(self, k) + v)
         self._unanswered.update(unanswered)
-        if undelivered and undelivered[0]:
-            self._deliver_again(undelivered[0])
+        self._flex_unanswered.update(flex)
+        self.flex_refused += refused
+        self.flex_timed_out += timed_out
+        if undelivered:
+            self._deliver_again(undelivered)
 
     async def _journal_tally(self) -> None:
         """Write the tally when it changed (each flush asks; it changes with faults, rarely). A write that fails

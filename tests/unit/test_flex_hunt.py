@@ -1,0 +1,69 @@
+"""A fault hunt on the flex tier (OpenAI's ``service_tier: "flex"``) across a dispatcher restart: a flex call's
+timeout (maybe billed) before the restart, and a refused flex call whose request left before its standard call.
+Dispatchers run as plain asyncio classes at the emulator (no Ray); waits are bounded polls."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from actors._types import Job
+from engine.core.cost import mode_factor, reserve_bound
+from engine.core.latency import flex_timeout_s
+from engine.core.provider_api import CallJob
+from tests.unit.test_flex_live import OPENAI, flex_req
+from tests.unit.test_http_providers import Rig, emu  # noqa: F401  (emu: the fixture)
+
+
+def _restarted(rig: Rig):
+    """A new dispatcher on the same journal, hub and budget, the old one's calls cut (its process died)."""
+    from actors import Dispatcher
+
+    for t in list(rig.d._tasks):
+        t.cancel()
+    return Dispatcher("openai", rig.catalog, rig.settings, 0, rig.clock, [rig.grouper], rig.hub, None, rig.budget,
+                      key=rig.d._key)
+
+
+def test_a_timed_out_flex_calls_bound_outlives_a_restart_during_its_standard_call(emu):  # noqa: F811
+    """The flex call timed out (it may have run and been billed), its standard call was under way when the
+    dispatcher died: the restarted one makes that call again under its key, and the request still settles at
+    its cost plus the flex call's bound, counted as timed out and possibly billed (the restart forgot it: the
+    ledger fell short of what the provider may have billed, and the report lost the timeout)."""
+    emu.faults.script("openai", "chat.completions", [{"timeout_s": 2.0}])  # held 2 real s: the client gives up
+
+    async def go():
+        rig = Rig(emu)
+        r = flex_req(deadline_s=1.0)
+        room = r.deadline_at - flex_timeout_s(OPENAI, r, 0.0)
+        r = r.model_copy(update={"deadline_s": rig.clock.now() + room + 500.0})
+        job = Job(0, r, "fp", claim="c0")
+        inner, standard = rig.d.provider.call, asyncio.Event()
+
+        async def hang_standard(cj: CallJob):
+            if cj.body.get("service_tier") != "flex":  # the standard call leaves, and the process dies
+                standard.set()
+                await asyncio.Event().wait()
+            return await inner(cj)
+        rig.d.provider.call = hang_standard
+        try:
+            await rig.reserve([job])
+            await rig.run("flex", [job])
+            await asyncio.wait_for(standard.wait(), 10.0)
+            await rig.until(lambda: rig.d._tally_sent == rig.d._tally(), "the tally journaled")
+            d2 = _restarted(rig)
+            await d2.recover()
+            res = await rig.until(lambda: rig.results.get(r.id), "the result")
+            assert res.status == "ok" and res.mode == "sync", res.error
+            bound = reserve_bound(r, rig.catalog, "sync", None) * mode_factor(OPENAI, "flex")
+            stats = await d2.stats()
+            assert stats["flex_timed_out"] == 1 and stats["possibly_billed"] == 1
+            assert stats["possibly_billed_usd"] == pytest.approx(bound, abs=1e-6)
+            await rig.until(lambda: not rig.budget.book.claims, "the claim settled")
+            assert sum(rig.budget.book.spend.values()) == pytest.approx(res.cost_usd + bound, abs=1e-9)
+            await d2.provider.close()
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
