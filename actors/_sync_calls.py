@@ -25,7 +25,6 @@ from actors._dispatch_jobs import CallSlot
 from actors._types import BatchJob, Job
 from actors.metrics import retry_reason
 from engine.core.latency import flex_timeout_s, sync_latency_median
-from engine.core.provider_api import call_key
 from engine.runtime.outcomes import call_mode, throttled_verdict, throttled_wait, verdict
 
 log = logging.getLogger("smartbatch.dispatcher")
@@ -103,16 +102,17 @@ class SyncCalls:
         self._start_sync(e, b, jobs)  # ``_run_sync`` reads the tier from ``b.mode``, as a journaled record keeps it
 
     def _to_standard(self, b: BatchJob, j: Job, a=None) -> BatchJob:
-        """``j``'s flex call was not served (``a``: its outcome; None, no room left for one): its record goes, and
-        the standard call's body is journaled under the same record key when it is made (a restart in between
-        sends the flex call again: a refusal billed nothing)."""
+        """``j``'s flex call was not served (``a``: its outcome; None, no room left for one): the standard call's
+        body replaces its record under the same key when it is made (a restart in between sends the flex call
+        again: a refusal billed nothing). Kept until then, so a request that leaves first (withdrawn, rerouted)
+        takes it from the journal: dropped here, it stayed, and a restart made the flex call of a request its
+        fallback answered (a hunt)."""
         if a is not None:
             if a.maybe_billed:
                 self.flex_timed_out += 1
                 self._flex_unanswered[j.req.uid] += 1
             else:
                 self.flex_refused += 1
-        self._sync_calls.pop(call_key(j.req.tenant, j.req.id, j.req.model, 0), None)
         return b._replace(mode="sync")
 
     async def _run_sync(self, b: BatchJob, j: Job, cache_write: bool, start: float) -> None:
@@ -132,7 +132,7 @@ class SyncCalls:
             # One body per idempotency key, journaled before the first try: a retry (here, or after this
             # dispatcher restarted) must send what the provider may already have billed under that key.
             rec = self._sync_calls.get(cj.key)
-            if rec is None:
+            if rec is None or (rec[0].mode == "flex" and not flex):  # a flex body the tier did not serve
                 rec = self._sync_calls[cj.key] = (b._replace(jobs=[]), j, cache_write, self.provider.sync_body(cj))
                 await self._sync_journal.put(cj.key, rec)
             cj = cj._replace(body=rec[3], made=self._made_hook(cj.key, slot))

@@ -67,3 +67,39 @@ def test_a_timed_out_flex_calls_bound_outlives_a_restart_during_its_standard_cal
             await rig.close()
     asyncio.run(go())
 
+
+def test_a_refused_flex_call_rerouted_before_its_standard_call_is_not_made_again_after_a_restart(emu):  # noqa: F811
+    """The flex call was refused and, before its standard call started, the model's circuit opened: the request
+    went to its fallback. Its journaled flex body went with it (it stayed: a restart made the flex call again
+    while the fallback answered the request, paid twice)."""
+    emu.faults.refuse_flex(1)
+
+    async def go():
+        rig = Rig(emu)
+        r = flex_req()
+        rig.d.sim.fallbacks[r.model] = "openai/gpt-5"
+        inner = rig.d.provider.call
+
+        async def circuit_opens(cj: CallJob):
+            rig.d.sim.breaker._open_until[r.model] = rig.clock.now() + 86_400.0  # while the flex call is out
+            return await inner(cj)
+        rig.d.provider.call = circuit_opens
+        try:
+            await rig.run("flex", [Job(0, r, "fp")])
+            await rig.until(lambda: rig.grouper.readmitted(), "the reroute")
+            await rig.until(lambda: rig.d._outbox_empty(), "the outbox flushed")
+            assert not await rig.d.journal.items(rig.d._sync_journal.space)
+            d2 = _restarted(rig)
+            sent = []
+
+            async def spy(cj: CallJob):
+                sent.append(cj)
+                return await asyncio.Event().wait()
+            d2.provider.call = spy
+            await d2.recover()
+            assert not sent and d2.in_flight == 0
+            assert len(emu.bill().items) == 0
+            await d2.provider.close()
+        finally:
+            await rig.close()
+    asyncio.run(go())
