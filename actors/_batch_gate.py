@@ -119,7 +119,7 @@ class BatchGate:
         self._pump()
 
     def _why_withdrawn(self, j: Job) -> str:
-        return _WITHDRAWN_AFTER_TRY if self._unanswered[j.req.uid] else _WITHDRAWN
+        return _WITHDRAWN_AFTER_TRY if self._unanswered[j.req.uid] or self._flex_unanswered[j.req.uid] else _WITHDRAWN
 
     def _count_reattached(self, tokens: int, jobs: list[Job]) -> None:
         """A dispatch a restarted dispatcher re-attaches to (or whose cut create it resumes; ``jobs``: its members

@@ -107,12 +107,21 @@ class SyncCalls:
         again: a refusal billed nothing). Kept until then, so a request that leaves first (withdrawn, rerouted)
         takes it from the journal: dropped here, it stayed, and a restart made the flex call of a request its
         fallback answered (a hunt)."""
+        uid = j.req.uid
         if a is not None:
             if a.maybe_billed:
                 self.flex_timed_out += 1
-                self._flex_unanswered[j.req.uid] += 1
+                self._flex_unanswered[uid] += 1
             else:
                 self.flex_refused += 1
+        # Its earlier flex tries that got no answer (a 504, a cut connection) were under the flex call's key, which
+        # the standard call's answer does not find: their bound stays, at flex prices (taken as answered by it, a
+        # lost flex call's bound was dropped where the server honours keys; a hunt).
+        # Under one key, a server that honours it bills them once.
+        if (lost := self._unanswered.pop(uid, 0)) and not self.provider.honours_keys:
+            self._flex_unanswered[uid] += lost
+        elif lost and not self._flex_unanswered[uid]:
+            self._flex_unanswered[uid] = 1
         return b._replace(mode="sync")
 
     async def _run_sync(self, b: BatchJob, j: Job, cache_write: bool, start: float) -> None:

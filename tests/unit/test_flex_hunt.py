@@ -12,7 +12,7 @@ from actors._types import Job
 from engine.core.cost import mode_factor, reserve_bound
 from engine.core.latency import flex_timeout_s
 from engine.core.provider_api import CallJob
-from tests.unit.test_flex_live import OPENAI, flex_req
+from tests.unit.test_flex_live import OPENAI, _tiers, flex_req
 from tests.unit.test_http_providers import Rig, emu  # noqa: F401  (emu: the fixture)
 
 
@@ -100,6 +100,67 @@ def test_a_refused_flex_call_rerouted_before_its_standard_call_is_not_made_again
             assert not sent and d2.in_flight == 0
             assert len(emu.bill().items) == 0
             await d2.provider.close()
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+def test_a_flex_call_lost_then_refused_keeps_its_bound_beside_the_standard_answer(emu):  # noqa: F811
+    """The flex call got no answer (a 504: it may have run and been billed), its retry under the same key was
+    refused, and the standard call under a key of its own was answered: that answer says nothing of the lost flex
+    call, so its bound at flex prices stays on the budget, possibly billed (the answer was taken as the lost
+    call's, at a server that honours keys, and the bound was dropped)."""
+    emu.faults.script("openai", "chat.completions", [{"status": 504}, {"status": 429}])
+
+    async def go():
+        rig = Rig(emu)
+        assert rig.d.provider.honours_keys
+        r = flex_req()
+        job = Job(0, r, "fp", claim="c0")
+        try:
+            await rig.reserve([job])
+            await rig.run("flex", [job])
+            res = await rig.until(lambda: rig.results.get(r.id), "the result")
+            assert res.status == "ok" and res.mode == "sync", res.error
+            assert _tiers(rig) == ["flex", "flex", None] and rig.calls[0][2].maybe_billed
+            bound = reserve_bound(r, rig.catalog, "sync", None) * mode_factor(OPENAI, "flex")
+            stats = await rig.d.stats()
+            assert stats["flex_refused"] == 1 and stats["possibly_billed"] == 1
+            assert stats["possibly_billed_usd"] == pytest.approx(bound, abs=1e-6)
+            await rig.until(lambda: not rig.budget.book.claims, "the claim settled")
+            assert sum(rig.budget.book.spend.values()) == pytest.approx(res.cost_usd + bound, abs=1e-9)
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+def test_a_request_withdrawn_while_its_flex_call_times_out_says_it_may_have_been_billed(emu):  # noqa: F811
+    """Withdrawn (``Engine.cancel_requests``) while its flex call was out, which then timed out: no standard call
+    is made, the request ends cancelled, settled at the flex call's bound, and its error says an earlier try got
+    no answer (it said "billed nothing" beside a settlement at that bound)."""
+    emu.faults.script("openai", "chat.completions", [{"timeout_s": 2.0}])
+
+    async def go():
+        rig = Rig(emu)
+        r = flex_req(deadline_s=1.0)
+        room = r.deadline_at - flex_timeout_s(OPENAI, r, 0.0)
+        r = r.model_copy(update={"deadline_s": rig.clock.now() + room + 500.0})
+        job = Job(0, r, "fp", claim="c0")
+        inner = rig.d.provider.call
+
+        async def withdrawn_meanwhile(cj: CallJob):
+            await rig.d.withdraw([r.uid])
+            return await inner(cj)
+        rig.d.provider.call = withdrawn_meanwhile
+        try:
+            await rig.reserve([job])
+            await rig.run("flex", [job])
+            res = await rig.until(lambda: rig.results.get(r.id), "the result")
+            assert res.status != "ok" and _tiers(rig) == ["flex"]
+            assert "earlier try got no answer" in res.error and "billed nothing" not in res.error, res.error
+            bound = reserve_bound(r, rig.catalog, "sync", None) * mode_factor(OPENAI, "flex")
+            await rig.until(lambda: not rig.budget.book.claims, "the claim settled")
+            assert sum(rig.budget.book.spend.values()) == pytest.approx(bound, abs=1e-9)
         finally:
             await rig.close()
     asyncio.run(go())
