@@ -24,7 +24,7 @@ Request headers (all optional; absent, the engine's defaults apply):
 * ``X-Smartbatch-Request-Id``: the idempotency key (the same id and body again gets the same answer, never a
   second call); without it each call gets a fresh id.
 
-Response headers of a generation: ``X-Smartbatch-Mode`` (sync, batch_api, gpu_batch, reuse),
+Response headers of a generation: ``X-Smartbatch-Mode`` (sync, flex, batch_api, gpu_batch, reuse),
 ``X-Smartbatch-Cost-Usd``, ``X-Smartbatch-Saving-Usd`` (list price minus cost), ``X-Smartbatch-Hit`` (exact,
 in_flight, near or none) and ``X-Smartbatch-Request-Id``.
 
