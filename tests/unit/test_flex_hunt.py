@@ -164,3 +164,26 @@ def test_a_request_withdrawn_while_its_flex_call_times_out_says_it_may_have_been
         finally:
             await rig.close()
     asyncio.run(go())
+
+
+def test_a_flex_call_billed_but_unread_then_refused_leaves_the_ledger_at_or_over_the_bill(emu):  # noqa: F811
+    """The flex call ran and was billed, its answer cut short; its retry under the flex key was refused; the
+    standard call was answered and billed. The provider billed both: the ledger holds at least that (it held the
+    standard call alone, $3.9e-05 of a $5.85e-05 bill)."""
+    emu.faults.script("openai", "chat.completions", [{"cut_body": True}, {"status": 429}])
+
+    async def go():
+        rig = Rig(emu)
+        r = flex_req()
+        job = Job(0, r, "fp", claim="c0")
+        try:
+            await rig.reserve([job])
+            await rig.run("flex", [job])
+            res = await rig.until(lambda: rig.results.get(r.id), "the result")
+            assert res.status == "ok" and _tiers(rig) == ["flex", "flex", None], res.error
+            assert [i.mode for i in emu.bill().items] == ["flex", "sync"]
+            await rig.until(lambda: not rig.budget.book.claims, "the claim settled")
+            assert sum(rig.budget.book.spend.values()) >= emu.bill().total_usd
+        finally:
+            await rig.close()
+    asyncio.run(go())
