@@ -127,7 +127,9 @@ class SyncCalls:
     async def _run_sync(self, b: BatchJob, j: Job, cache_write: bool, start: float) -> None:
         r = j.req
         flex = b.mode == "flex"
-        if flex and flex_timeout_s(self.sim.spec, r, start) <= 0:  # waited past the room for a flex call first
+        # Waited past the room for a flex call first; or a journaled flex call resumed where the tier is gone (a
+        # restart with the endpoint's ``flex_tier`` off: it failed as an engine error, a hunt).
+        if flex and (self._as_call(b, j)[0] != "flex" or flex_timeout_s(self.sim.spec, r, start) <= 0):
             b, flex = self._to_standard(b, j), False
         mode = "flex" if flex else call_mode(self.sim.spec.models[r.model])
         if (unsent := self._quota.refuses(start, r.uid)) is not None:

@@ -187,3 +187,33 @@ def test_a_flex_call_billed_but_unread_then_refused_leaves_the_ledger_at_or_over
         finally:
             await rig.close()
     asyncio.run(go())
+
+
+def test_a_journaled_flex_call_resumed_where_the_tier_is_gone_goes_standard(emu):  # noqa: F811
+    """A dispatcher restarted with a catalog that has no flex tier for the provider any more (its endpoint set
+    ``flex_tier: false`` meanwhile: ``http_setup`` drops the tier) finds a journaled flex call: it is made
+    standard and answered (it failed as an engine error: the flex call's timeout asked for a tier the catalog no
+    longer had)."""
+    async def go():
+        rig = Rig(emu)
+        r = flex_req()
+        sending = asyncio.Event()
+
+        async def under_way(cj: CallJob):  # the flex call leaves (its body journaled first) and the process dies
+            sending.set()
+            await asyncio.Event().wait()
+        rig.d.provider.call = under_way
+        try:
+            await rig.run("flex", [Job(0, r, "fp")])
+            await asyncio.wait_for(sending.wait(), 10.0)
+            openai = rig.catalog.providers["openai"].model_copy(update={"flex": None})
+            rig.catalog = rig.catalog.model_copy(update={"providers": {**rig.catalog.providers, "openai": openai}})
+            d2 = _restarted(rig)
+            await d2.recover()
+            res = await rig.until(lambda: rig.results.get(r.id), "the result")
+            assert res.status == "ok" and res.mode == "sync", res.error
+            assert [i.mode for i in emu.bill().items] == ["sync"]
+            await d2.provider.close()
+        finally:
+            await rig.close()
+    asyncio.run(go())
