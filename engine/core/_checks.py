@@ -121,10 +121,12 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str, str]] = {
                    "the engine already waits for the answer (and batches it) on its own: leave it out"),
     "response_format": (lambda v: isinstance(v, dict) and v.get("type") in ("text", "json_object", "json_schema"),
                         "an object whose type is 'text', 'json_object' or 'json_schema'", _DEFAULT_FIX),
-    # The catalog prices each model's standard tier; OpenAI's flex and priority tiers bill other prices.
+    # The tier is the policy's: smart sends OpenAI's flex tier itself where it pays (docs/policies.md); priority
+    # is billed at prices the catalog does not list.
     "service_tier": (lambda v: v in ("auto", "default", "standard_only"), "'auto' or 'default' (OpenAI), "
-                     "'auto' or 'standard_only' (Anthropic)", "the catalog prices the standard tier only, and "
-                     "flex or priority is billed at other prices: leave it out"),
+                     "'auto' or 'standard_only' (Anthropic)", "the policy picks the tier (smart sends OpenAI's "
+                     "flex tier itself where the deadline allows), and priority is billed at prices the catalog "
+                     "does not list: leave it out"),
 }
 GENERATION_PARAMS: Mapping[str, tuple[Callable[[Any], bool], str, str]] = MappingProxyType(_RULES)
 # Narrower ranges of one wire format, checked once the request's provider is known.

@@ -385,7 +385,7 @@ def test_known_media_params_pass():
     # A Responses background call answers "queued" with no output and no usage, then runs and bills unseen; a
     # flex or priority tier bills other prices than the catalog's.
     ("top", "background", True, "false, or for an image"), ("body", "service_tier", "priority", "'auto' or"),
-    ("top", "service_tier", "flex", "standard tier only"),
+    ("top", "service_tier", "flex", "the policy picks the tier"),
 ])
 def test_a_generation_parameter_of_the_wrong_type_or_range_is_refused_naming_it(where, key, value, says):
     # Accepted, each of these failed only at the provider: after the request was queued, perhaps in a batch.
