@@ -10,8 +10,9 @@ same probe (``actors._batch_gate``).
 
 A flex dispatch (OpenAI's ``service_tier: "flex"``, batch prices) is one call per request, as sync. Where the
 tier does not serve it, it is sent again at once at the standard tier, no try spent, no breaker failure, no 429 in
-the metrics (``flex_refused``): refused for want of capacity (a 429 "Resource Unavailable", billed nothing), or
-given up at its timeout (``flex_timed_out``; it may have been billed: its bound is kept, ``possibly_billed``). The
+the metrics: refused for want of capacity (a 429 "Resource Unavailable", billed nothing; ``flex_refused``, and
+``smartbatch_flex_refused_calls_total`` on the metrics page), or given up at its timeout (``flex_timed_out``,
+``smartbatch_flex_timed_out_calls_total``; it may have been billed: its bound is kept, ``possibly_billed``). The
 standard call has a body of its own, so an Idempotency-Key of its own: under the flex call's key, a server that
 honours keys would answer the refusal again. A provider that does not take the tier (a wire-format-only server)
 gets the call standard, billed standard (``_as_call``).
@@ -111,9 +112,11 @@ class SyncCalls:
         if a is not None:
             if a.maybe_billed:
                 self.flex_timed_out += 1
+                self._counts.flex_timed_out += 1
                 self._flex_unanswered[uid] += 1
             else:
                 self.flex_refused += 1
+                self._counts.flex_refused += 1
         # Its earlier flex tries that got no answer (a 504, a cut connection) were under the flex call's key, which
         # the standard call's answer does not find: their bound stays, at flex prices (taken as answered by it, a
         # lost flex call's bound was dropped where the server honours keys; a hunt).

@@ -280,7 +280,7 @@ class ResultHub(Warm, MemoryJournalStore):
     async def observe_dispatches(self, provider: str, observed: list[tuple[str, list[float], int]],
                                  counts: dict | None = None, in_flight: int | None = None) -> None:
         """A dispatcher's batched observations: dispatch waits, and (``DispatchCounts.as_dict()``) its retries, 429s,
-        circuit states, hedges, turnarounds and rate-limit waits since its last flush; its requests in flight."""
+        circuit states, flex refusals and timeouts, hedges, turnarounds and rate-limit waits since its last flush; its requests in flight."""
         for mode, waits, n in observed:
             self.metrics.observe_dispatch(provider, mode, waits, n)
         if in_flight is not None:

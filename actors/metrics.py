@@ -60,6 +60,8 @@ class DispatchCounts:
         self.paid_twice_usd = 0.0
         self.turnaround_s: list[float] = []
         self.rate_limit_wait_s: dict[str, list[float]] = {}  # mode -> engine seconds queued at the gate
+        self.flex_refused = 0  # flex calls sent again standard: refused for want of capacity (billed nothing)
+        self.flex_timed_out = 0  # ... or given up at their timeout (maybe billed)
 
     def __repr__(self) -> str:
         return f"DispatchCounts({self.as_dict()})"
@@ -198,6 +200,14 @@ class EngineMetrics:
                                            buckets=(0,) + _SECONDS, registry=r)
         self.rejected = Counter("smartbatch_rejected_requests", "Requests rejected, by reason "
                                 "(budget_exhausted, budget_unavailable, other)", ["reason"], registry=r)
+        # Not failures and not rate limits (no try spent, no 429 counted): flex calls the tier did not serve, each
+        # sent again at the standard tier. A rising rate says flex saves less than smart expects.
+        self.flex_refused = Counter("smartbatch_flex_refused_calls", "Flex calls (service_tier: flex) refused for "
+                                    "want of capacity, billed nothing, each sent again standard", ["provider"],
+                                    registry=r)
+        self.flex_timed_out = Counter("smartbatch_flex_timed_out_calls", "Flex calls given up at their timeout "
+                                      "(maybe billed: possibly_billed), each sent again standard", ["provider"],
+                                      registry=r)
         self.port: int | None = None
 
     def serve(self, port: int = 0, addr: str = "127.0.0.1") -> int:
@@ -268,7 +278,8 @@ class EngineMetrics:
         for model, n in c.get("breaker_openings", {}).items():
             self.breaker_openings.labels(provider, model).inc(n)
         for key, counter in (("hedged_batches", self.hedged_batches), ("hedge_kept_members", self.hedge_kept),
-                             ("paid_twice_members", self.paid_twice), ("paid_twice_usd", self.paid_twice_usd)):
+                             ("paid_twice_members", self.paid_twice), ("paid_twice_usd", self.paid_twice_usd),
+                             ("flex_refused", self.flex_refused), ("flex_timed_out", self.flex_timed_out)):
             if c.get(key):
                 counter.labels(provider).inc(c[key])
         if c.get("turnaround_s"):

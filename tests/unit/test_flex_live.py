@@ -128,6 +128,11 @@ def _tiers(rig: Rig) -> list[str | None]:
     return [job.body.get("service_tier") if job.body else None for job, _, _ in rig.calls]
 
 
+def _flex_metric(rig: Rig, what: str) -> float | None:
+    """The hub's ``smartbatch_flex_{what}_calls_total`` for openai (None: not exported yet)."""
+    return rig.hub.metrics.registry.get_sample_value(f"smartbatch_flex_{what}_calls_total", {"provider": "openai"})
+
+
 def test_a_flex_dispatch_is_answered_at_flex_and_billed_at_its_prices(emu):  # noqa: F811
     async def go():
         rig = Rig(emu)
@@ -171,6 +176,11 @@ def test_a_refused_flex_call_goes_standard_once_under_its_own_key_no_try_spent(e
             assert item.mode == "sync" and res.cost_usd == pytest.approx(item.cost_usd, abs=1e-12)
             stats = await rig.d.stats()
             assert stats["flex_refused"] == 1 and stats["possibly_billed"] == 0
+            # On the metrics page too, per provider (it was in the report only), and not as a rate limit's 429
+            await rig.until(lambda: _flex_metric(rig, "refused") == 1, "the refusal on the metrics page")
+            assert _flex_metric(rig, "timed_out") is None
+            assert rig.hub.metrics.registry.get_sample_value("smartbatch_http_429_responses_total",
+                                                             {"provider": "openai"}) is None
             assert not rig.d._counts.http_429 and not rig.d._counts.retries
             assert not rig.d.sim.breaker.opened and not rig.d.sim.breaker._fails.get(r.model)
             await rig.until(lambda: not rig.budget.book.claims, "the claim settled")
@@ -202,6 +212,8 @@ def test_a_flex_call_that_times_out_is_possibly_billed_and_sent_standard(emu):  
             stats = await rig.d.stats()
             bound = reserve_bound(r, rig.catalog, "sync", None) * mode_factor(OPENAI, "flex")
             assert stats["flex_timed_out"] == 1 and stats["possibly_billed"] == 1
+            await rig.until(lambda: _flex_metric(rig, "timed_out") == 1, "the timeout on the metrics page")
+            assert _flex_metric(rig, "refused") is None
             assert stats["possibly_billed_usd"] == pytest.approx(bound, abs=1e-6)
             await rig.until(lambda: not rig.budget.book.claims, "the claim settled")
             assert sum(rig.budget.book.spend.values()) == pytest.approx(res.cost_usd + bound, abs=1e-9)

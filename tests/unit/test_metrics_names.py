@@ -73,14 +73,16 @@ def test_every_metric_of_the_dashboard_exists():
                    "smartbatch_http_429_responses_total", "smartbatch_circuit_breaker_open_bool",
                    "smartbatch_hedge_cancelled_batches_total", "smartbatch_batch_turnaround_seconds_bucket",
                    "smartbatch_rate_limit_wait_seconds_bucket", "smartbatch_budget_remaining_usd",
-                   "smartbatch_cache_hits_total", "smartbatch_cost_usd_total", "smartbatch_list_price_usd_total"):
+                   "smartbatch_cache_hits_total", "smartbatch_cost_usd_total", "smartbatch_list_price_usd_total",
+                   "smartbatch_flex_refused_calls_total", "smartbatch_flex_timed_out_calls_total"):
         assert needed in used
 
 
 def test_the_reliability_metrics_carry_units():
     units = ("_seconds", "_usd", "_requests", "_calls", "_responses", "_bool", "_openings", "_batches", "_members")
     new = {"deadline_missed", "retries", "http_429", "breaker_open", "breaker_openings", "hedged_batches",
-           "hedge_kept", "paid_twice", "paid_twice_usd", "turnaround_s", "rate_limit_wait_s", "rejected"}
+           "hedge_kept", "paid_twice", "paid_twice_usd", "turnaround_s", "rate_limit_wait_s", "rejected",
+           "flex_refused", "flex_timed_out"}
     m = EngineMetrics()
     for attr in new:
         name = getattr(m, attr)._name
@@ -127,6 +129,7 @@ def test_dispatch_counts_reach_the_metrics():
     c.hedged_batches, c.hedge_kept_members = 1, 3
     c.turnaround_s.append(120.0)
     c.rate_limit_wait_s["sync"] = [0.0, 1.5]
+    c.flex_refused, c.flex_timed_out = 2, 1
     m = EngineMetrics()
     m.observe_counts("openai", c.as_dict())
     v = m.registry.get_sample_value
@@ -140,6 +143,8 @@ def test_dispatch_counts_reach_the_metrics():
     assert v("smartbatch_hedge_kept_members_total", {"provider": "openai"}) == 3
     assert v("smartbatch_batch_turnaround_seconds_count", {"provider": "openai"}) == 1
     assert v("smartbatch_rate_limit_wait_seconds_sum", {"provider": "openai", "mode": "sync"}) == 1.5
+    assert v("smartbatch_flex_refused_calls_total", {"provider": "openai"}) == 2
+    assert v("smartbatch_flex_timed_out_calls_total", {"provider": "openai"}) == 1
 
 
 def test_rejections_are_counted_by_a_bounded_reason():
