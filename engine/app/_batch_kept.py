@@ -61,7 +61,8 @@ def kept_charges(lines: list, kept: dict[int, dict], cat, out: Path) -> list:
     """What each line kept from an earlier run cost (``kept``: its row, by line number), and each choice a line
     kept (``BatchLine.kept``), priced from the usage its answer reports at the sync price, its input at the
     dearer of what it reports and all but its reads written to a prompt cache (the file does not say which mode
-    answered it, nor always what it wrote: never less than it cost); one with no usage, at its list price. A line
+    answered it, nor always what it wrote: never less than it cost), at the flex price where its body says the flex
+    tier served it (``_tier``); one with no usage, at its list price. A line
     the cache answered (its request id says so) and a line that shares its request id with a line before it (a
     copy answered by that call) cost 0. A line of n choices is priced from the n calls' usage its answer adds up
     (choice 0's among them, at its call's, when the cache answered it: more than it cost, never less)."""
@@ -102,7 +103,7 @@ def _charged(req, resp: dict, calls: set, cat) -> float:
             out_t = gemini_output_tokens(u)  # its thoughts, counted in total_tokens alone, are billed as output
         # An answer in chat shape may not say what its input wrote to a prompt cache (an Anthropic one
         # rewritten as a chat completion): every unread input token priced as a write bounds it (a review).
-        usd = max(price_usage(req, cat, "sync", input_tokens=inp, output_tokens=out_t, cache_read=r,
+        usd = max(price_usage(req, cat, _tier(req, body, several, cat), input_tokens=inp, output_tokens=out_t, cache_read=r,
                               cache_write=w).total for r, w in ((read, write), (read, inp - read)))
     elif req.kind == "image" and req.params.get("quality") in (None, "auto"):
         # The quality the provider picked, as its answer says (``_as_made``), else the dearest: at the default,
@@ -115,3 +116,12 @@ def _charged(req, resp: dict, calls: set, cat) -> float:
     if isinstance(rid, str):
         calls.add(rid)
     return usd
+
+
+def _tier(req, body: dict, several: bool, cat) -> str:
+    """The mode a kept text answer is priced at: ``flex`` where its body says OpenAI's flex tier served it and the
+    catalog gives its model that tier (billed at flex prices: counted at the standard price, a resumed run held
+    twice what it cost against its budgets), else ``sync``. A line of n choices stays at sync: its merged body
+    names its first call's tier, and another call may have been refused at flex and answered standard."""
+    flex = body.get("service_tier") == "flex" and not several
+    return "flex" if flex and cat.provider(req.provider).supports_flex(req.model) else "sync"

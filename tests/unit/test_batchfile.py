@@ -810,3 +810,39 @@ def test_a_kept_gemini_line_that_thought_is_counted_with_its_thoughts_one_of_n_c
     assert c.usd == pytest.approx(price_usage(ln.request, CAT, "sync", input_tokens=9, output_tokens=364).total)
     three = merged_body([call, call, call])
     assert three["usage"]["total_tokens"] == 3 * 373 and three["usage"]["completion_tokens"] == 900
+
+
+def test_a_kept_flex_answer_is_counted_at_flex_prices_where_its_model_takes_the_tier(tmp_path):
+    """An answer kept from an earlier run whose body says ``service_tier: "flex"`` was billed at flex prices
+    (batch prices, half of standard at OpenAI): a resumed run counted it at the standard price, twice what it
+    cost, against its budgets. A body naming another tier, a model the catalog gives no flex tier, and a line of
+    n choices (its merged body names the first call's tier only; another may have been refused and sent
+    standard) stay at the standard price, an upper bound."""
+    from engine.app._batch_kept import kept_charges
+    from engine.core.cost import mode_factor
+
+    p = tmp_path / "in.jsonl"
+    p.write_text(line("f") + "\n" + line("o", model="gpt-4o-mini") + "\n")
+    flexible, other = read_batch_file(p, window_s=86400.0, catalog=CAT).lines
+    assert CAT.provider("openai").supports_flex(flexible.request.model)
+    assert not CAT.provider("openai").supports_flex(other.request.model)
+    usage = {"prompt_tokens": 900, "completion_tokens": 300, "total_tokens": 1200}
+
+    def counted(ln, tier: str | None, n: int = 1) -> float:
+        choices = [{"index": k, "message": {"role": "assistant", "content": "Nile."}} for k in range(n)]
+        body = {"object": "chat.completion", "choices": choices, "usage": usage}
+        if tier is not None:
+            body["service_tier"] = tier
+        (c,) = kept_charges([ln], {ln.no: {"response": {"status_code": 200, "body": body}}}, CAT, p)
+        return c.usd
+
+    standard = counted(flexible, "default")
+    assert standard > 0 and counted(flexible, None) == pytest.approx(standard)
+    assert mode_factor(CAT.provider("openai"), "flex") == 0.5
+    assert counted(flexible, "flex") == pytest.approx(standard / 2)
+    responses = {"object": "response", "service_tier": "flex", "output": [],
+                 "usage": {"input_tokens": 900, "output_tokens": 300, "total_tokens": 1200}}
+    (c,) = kept_charges([flexible], {flexible.no: {"response": {"status_code": 200, "body": responses}}}, CAT, p)
+    assert c.usd == pytest.approx(standard / 2)
+    assert counted(other, "default") > 0 and counted(other, "flex") == pytest.approx(counted(other, "default"))
+    assert counted(flexible, "flex", n=2) == pytest.approx(counted(flexible, "default", n=2))
