@@ -363,8 +363,12 @@ def demo(out: Path = typer.Option(Path("out/demo"), "--out", help="where results
     if bill is not None:
         http = {k for k, p in rep.get("providers", {}).items() if p.get("calls") == "http"}
         engine_real = sum(p["cost_usd"] for k, p in rep["by_provider"].items() if k in http)
+        # A call with no answer (a flex call given up at its timeout) may be billed, in no result: its bound is kept.
+        maybe = [p for k, p in rep.get("providers", {}).items() if k in http and p.get("possibly_billed")]
+        kept = (f", with ${sum(p['possibly_billed_usd'] for p in maybe):.4f} more kept on budgets for "
+                f"{sum(p['possibly_billed'] for p in maybe)} call(s) with no answer that may have been billed" * bool(maybe))
         console.print(f"real calls ({', '.join(sorted(http))}): the emulator billed ${bill.total_usd:.4f}; the "
-                      f"engine's results for them add up to ${engine_real:.4f}")
+                      f"engine's results for them add up to ${engine_real:.4f}{kept}")
     _flag_compression(doc, speedup)
     console.print(f"wrote {paths['json']}, {paths['markdown']}, {paths['plot']}")
 
