@@ -9,10 +9,8 @@ import asyncio
 import pytest
 
 from actors._types import Job
-from engine.core.cost import mode_factor, reserve_bound
-from engine.core.latency import flex_timeout_s
 from engine.core.provider_api import CallJob
-from tests.unit.test_flex_live import OPENAI, _tiers, flex_req
+from tests.unit.test_flex_live import _tiers, flex_bound, flex_req, settled_at, timing_out
 from tests.unit.test_http_providers import Rig, emu  # noqa: F401  (emu: the fixture)
 
 
@@ -35,9 +33,7 @@ def test_a_timed_out_flex_calls_bound_outlives_a_restart_during_its_standard_cal
 
     async def go():
         rig = Rig(emu)
-        r = flex_req(deadline_s=1.0)
-        room = r.deadline_at - flex_timeout_s(OPENAI, r, 0.0)
-        r = r.model_copy(update={"deadline_s": rig.clock.now() + room + 500.0})
+        r = timing_out(rig)
         job = Job(0, r, "fp", claim="c0")
         inner, standard = rig.d.provider.call, asyncio.Event()
 
@@ -56,12 +52,11 @@ def test_a_timed_out_flex_calls_bound_outlives_a_restart_during_its_standard_cal
             await d2.recover()
             res = await rig.until(lambda: rig.results.get(r.id), "the result")
             assert res.status == "ok" and res.mode == "sync", res.error
-            bound = reserve_bound(r, rig.catalog, "sync", None) * mode_factor(OPENAI, "flex")
+            bound = flex_bound(r, rig)
             stats = await d2.stats()
             assert stats["flex_timed_out"] == 1 and stats["possibly_billed"] == 1
             assert stats["possibly_billed_usd"] == pytest.approx(bound, abs=1e-6)
-            await rig.until(lambda: not rig.budget.book.claims, "the claim settled")
-            assert sum(rig.budget.book.spend.values()) == pytest.approx(res.cost_usd + bound, abs=1e-9)
+            await settled_at(rig, res.cost_usd + bound)
             await d2.provider.close()
         finally:
             await rig.close()
@@ -123,12 +118,11 @@ def test_a_flex_call_lost_then_refused_keeps_its_bound_beside_the_standard_answe
             res = await rig.until(lambda: rig.results.get(r.id), "the result")
             assert res.status == "ok" and res.mode == "sync", res.error
             assert _tiers(rig) == ["flex", "flex", None] and rig.calls[0][2].maybe_billed
-            bound = reserve_bound(r, rig.catalog, "sync", None) * mode_factor(OPENAI, "flex")
+            bound = flex_bound(r, rig)
             stats = await rig.d.stats()
             assert stats["flex_refused"] == 1 and stats["possibly_billed"] == 1
             assert stats["possibly_billed_usd"] == pytest.approx(bound, abs=1e-6)
-            await rig.until(lambda: not rig.budget.book.claims, "the claim settled")
-            assert sum(rig.budget.book.spend.values()) == pytest.approx(res.cost_usd + bound, abs=1e-9)
+            await settled_at(rig, res.cost_usd + bound)
         finally:
             await rig.close()
     asyncio.run(go())
@@ -142,9 +136,7 @@ def test_a_request_withdrawn_while_its_flex_call_times_out_says_it_may_have_been
 
     async def go():
         rig = Rig(emu)
-        r = flex_req(deadline_s=1.0)
-        room = r.deadline_at - flex_timeout_s(OPENAI, r, 0.0)
-        r = r.model_copy(update={"deadline_s": rig.clock.now() + room + 500.0})
+        r = timing_out(rig)
         job = Job(0, r, "fp", claim="c0")
         inner = rig.d.provider.call
 
@@ -158,9 +150,8 @@ def test_a_request_withdrawn_while_its_flex_call_times_out_says_it_may_have_been
             res = await rig.until(lambda: rig.results.get(r.id), "the result")
             assert res.status != "ok" and _tiers(rig) == ["flex"]
             assert "earlier try got no answer" in res.error and "billed nothing" not in res.error, res.error
-            bound = reserve_bound(r, rig.catalog, "sync", None) * mode_factor(OPENAI, "flex")
-            await rig.until(lambda: not rig.budget.book.claims, "the claim settled")
-            assert sum(rig.budget.book.spend.values()) == pytest.approx(bound, abs=1e-9)
+            bound = flex_bound(r, rig)
+            await settled_at(rig, bound)
         finally:
             await rig.close()
     asyncio.run(go())

@@ -39,6 +39,25 @@ def flex_req(rid: str = "flex-0", model: str = "gpt-5-mini", **kw: Any) -> Reque
     return Request.model_validate(d)
 
 
+def timing_out(rig: Rig) -> Request:
+    """A flex request whose deadline leaves its flex call 500 engine s (0.5 real s at the rig's speed) before the
+    standard call's room: the emulator's 2-s hold outlasts the call's timeout."""
+    r = flex_req(deadline_s=1.0)
+    room = r.deadline_at - flex_timeout_s(OPENAI, r, 0.0)
+    return r.model_copy(update={"deadline_s": rig.clock.now() + room + 500.0})
+
+
+def flex_bound(r: Request, rig: Rig) -> float:
+    """What a flex call that got no answer keeps on the budget: its upper bound at flex prices."""
+    return reserve_bound(r, rig.catalog, "sync", None) * mode_factor(OPENAI, "flex")
+
+
+async def settled_at(rig: Rig, usd: float) -> None:
+    """Wait for the request's claim to settle, and check the ledger's spend is ``usd``."""
+    await rig.until(lambda: not rig.budget.book.claims, "the claim settled")
+    assert sum(rig.budget.book.spend.values()) == pytest.approx(usd, abs=1e-9)
+
+
 # -- the emulator -----------------------------------------------------------------------------------------------
 def _client(e: Emulator) -> openai.OpenAI:
     return openai.OpenAI(base_url=e.base_url("openai"), api_key=KEY, max_retries=0)
@@ -198,10 +217,7 @@ def test_a_flex_call_that_times_out_is_possibly_billed_and_sent_standard(emu):  
 
     async def go():
         rig = Rig(emu)
-        # A deadline that leaves the flex call 500 engine s (0.5 real s at the rig's speed) before a standard one
-        r = flex_req(deadline_s=1.0)
-        room = r.deadline_at - flex_timeout_s(OPENAI, r, 0.0)
-        r = r.model_copy(update={"deadline_s": rig.clock.now() + room + 500.0})
+        r = timing_out(rig)
         job = Job(0, r, "fp", claim="c0")
         try:
             await rig.reserve([job])
@@ -210,13 +226,12 @@ def test_a_flex_call_that_times_out_is_possibly_billed_and_sent_standard(emu):  
             assert res.status == "ok" and res.mode == "sync", res.error
             assert _tiers(rig) == ["flex", None] and rig.calls[0][2].maybe_billed
             stats = await rig.d.stats()
-            bound = reserve_bound(r, rig.catalog, "sync", None) * mode_factor(OPENAI, "flex")
+            bound = flex_bound(r, rig)
             assert stats["flex_timed_out"] == 1 and stats["possibly_billed"] == 1
             await rig.until(lambda: _flex_metric(rig, "timed_out") == 1, "the timeout on the metrics page")
             assert _flex_metric(rig, "refused") is None
             assert stats["possibly_billed_usd"] == pytest.approx(bound, abs=1e-6)
-            await rig.until(lambda: not rig.budget.book.claims, "the claim settled")
-            assert sum(rig.budget.book.spend.values()) == pytest.approx(res.cost_usd + bound, abs=1e-9)
+            await settled_at(rig, res.cost_usd + bound)
         finally:
             await rig.close()
     asyncio.run(go())
