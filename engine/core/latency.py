@@ -46,7 +46,7 @@ def flex_room(provider: ProviderSpec, spec: ModelSpec, req: Request) -> float:
     fx = provider.flex
     if fx is None or spec.kind != "text" or req.model not in fx.models:
         return _INF
-    p99 = sync_latency_median(provider, spec, req) * math.exp(Z99 * provider.sync_latency.sigma)
+    p99 = _text_p99(provider, spec, req)
     return p99 * fx.slowdown + p99 if p99 * fx.slowdown <= fx.timeout_s else _INF
 
 
@@ -56,5 +56,9 @@ def flex_timeout_s(provider: ProviderSpec, req: Request, now: float) -> float:
     before the deadline (<= 0: no room for a flex call, it goes standard). The room smart's ``flex_fits`` plans."""
     assert provider.flex is not None
     spec = provider.models[req.model]
-    p99 = sync_latency_median(provider, spec, req) * math.exp(Z99 * provider.sync_latency.sigma)
-    return min(provider.flex.timeout_s, req.deadline_at - now - p99)
+    return min(provider.flex.timeout_s, req.deadline_at - now - _text_p99(provider, spec, req))
+
+
+def _text_p99(provider: ProviderSpec, spec: ModelSpec, req: Request) -> float:
+    """The 99th-percentile seconds of one standard text call (the catalog's lognormal latency)."""
+    return sync_latency_median(provider, spec, req) * math.exp(Z99 * provider.sync_latency.sigma)
