@@ -158,9 +158,11 @@ class Parking:
         self._arm_parked()
 
     async def _try(self, batches: list[BatchJob], keys: list) -> None:
+        marks = list(keys)  # ``_retry_parked``'s, handed over to the reservation call (``_dispatch``)
         try:
-            await self._dispatch(batches)
+            await self._dispatch(batches, marks)
         finally:  # members that went back to the policy, or were cancelled, ask no more
+            self._let_go(marks)  # not handed over (the call failed first)
             self.waits.answered(keys)
             self._trying = False
             self._arm_parked()

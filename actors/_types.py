@@ -7,10 +7,46 @@ from typing import NamedTuple
 from actors._shards import class_shard
 from engine.core.request import Request
 
-__all__ = ["OWN_ROWS", "BatchJob", "Job", "send_sharded"]
+__all__ = ["OWN_ROWS", "BatchJob", "Held", "Job", "send_sharded"]
 
 
 OWN_ROWS = 1 << 48  # where ingest's own draw rows start (re-admissions): beyond any driver's
+
+
+class Held:
+    """Ids marked as under way by several holders at once, each letting go of its own mark only: an id is held while
+    any holder holds it. A set let one holder's end clear another's mark (a reservation call that ended while a
+    rejection of one of its members was still asking the dispatchers: a copy re-admitted then was sent and billed
+    beside the rejection its driver got)."""
+
+    __slots__ = ("_n",)
+
+    def __init__(self):
+        self._n: dict[str, int] = {}
+
+    def __contains__(self, uid: object) -> bool:
+        return uid in self._n
+
+    def __len__(self) -> int:
+        return len(self._n)
+
+    def __iter__(self):
+        return iter(self._n)
+
+    def update(self, uids) -> None:
+        n = self._n
+        for u in uids:
+            n[u] = n.get(u, 0) + 1
+
+    def difference_update(self, uids) -> None:
+        """Let go of one mark of each of ``uids``, which the same holder set with ``update``."""
+        n = self._n
+        for u in uids:
+            k = n.get(u, 0)
+            if k > 1:
+                n[u] = k - 1
+            elif k:
+                del n[u]
 
 
 class Job(NamedTuple):

@@ -23,7 +23,7 @@ from actors._grouper_learn import Learning
 from actors._grouper_park import Parking
 from actors._peer import Warm, as_peer, resolve_clock
 from actors._shards import Shards, by_result_uid
-from actors._types import OWN_ROWS, BatchJob, Job
+from actors._types import OWN_ROWS, BatchJob, Held, Job
 from engine.core.catalog import Catalog
 from engine.core.draws import engine_day_origin
 from engine.core.features import compat_key
@@ -79,7 +79,7 @@ class Grouper(CancelGroups, Learning, BudgetFollow, Parking, Warm):
         self._heard: dict[str, int] = {}  # dispatcher -> number of its last message about batches taken
         self._first_heard: dict[str, int] | None = None  # while relearning: the first message that came meanwhile
         self.pending: dict[str, Job] = {}
-        self._reserving: set[str] = set()  # uids whose budget reservation call is under way
+        self._reserving = Held()  # uids under way here (a reservation call, a rejection, a check): none is taken anew
         # Claims a failed reservation call may have left open (the hedged ones it was to release, the ones it may
         # have made before its answer was lost): released by the next call (settling an unknown claim is a no-op).
         self._unsure_claims: list[str] = []
@@ -223,15 +223,17 @@ class Grouper(CancelGroups, Learning, BudgetFollow, Parking, Warm):
         """Deliver results of requests that end here (rejected, policy error). Identical requests may be
         following them in the cache: they are handed back and generated after all, never left waiting."""
         # Held as under way until they are ended: a copy re-admitted while the dispatchers are asked below was
-        # neither pending nor ended, and went on to be billed beside the failure its driver got.
-        uids = {j.req.uid for j, _ in results} - self._reserving
+        # neither pending nor ended, and went on to be billed beside the failure its driver got. ``release``: the
+        # marks a caller set for them (``_retry_parked``), let go once they are ended.
+        uids = [j.req.uid for j, _ in results]
         self._reserving.update(uids)
         try:
-            await self._end(results, release)
+            await self._end(results)
         finally:
             self._reserving.difference_update(uids)
+            self._reserving.difference_update(release)
 
-    async def _end(self, results: list[tuple[Job, Result]], release: list[str]) -> None:
+    async def _end(self, results: list[tuple[Job, Result]]) -> None:
         # After a restart, a re-admitted copy of a request may have been dispatched while this one waited here:
         # the dispatcher's result stands, and this copy (rejected, never sent) is dropped. Rare enough (results
         # that end here) for one question per provider.
@@ -253,7 +255,6 @@ class Grouper(CancelGroups, Learning, BudgetFollow, Parking, Warm):
             if claims:
                 self.budget.deliver("settle_many", claims)
             if not results:
-                self._reserving.difference_update(release)
                 return
         # A peer that died (and restarts) loses these results or followers; the driver re-admits what it never
         # heard of, so the grouper goes on rather than dropping the dispatches of the same call.
@@ -266,8 +267,6 @@ class Grouper(CancelGroups, Learning, BudgetFollow, Parking, Warm):
             await self.hubs.call("push", by_result_uid, [r for _, r in results], [0.0] * len(results))
         except Exception as exc:
             log.warning("grouper %s: hub did not take %d result(s): %s", self.name, len(results), exc)
-        finally:
-            self._reserving.difference_update(release)
         held = [(j.claim, 0.0) for j, _ in results if j.claim is not None]
         if held:
             self.budget.deliver("settle_many", held)
@@ -329,8 +328,9 @@ class Grouper(CancelGroups, Learning, BudgetFollow, Parking, Warm):
                                     dec.recommendation, dec.reason, jobs))
         await self._dispatch(batches)
 
-    async def _dispatch(self, batches: list[BatchJob]) -> None:
-        """Reserve, then send each dispatcher its batches in one call."""
+    async def _dispatch(self, batches: list[BatchJob], marked: list[str] | None = None) -> None:
+        """Reserve, then send each dispatcher its batches in one call. ``marked``: ids the caller marked as under
+        way (``_retry_parked``), let go of (and emptied) once this call has marked them itself, before it waits."""
         now = self.clock.now()
         refused: list[tuple[Job, Result]] = []
         back = [j for b in batches for j in b.jobs if goes_back(b.mode, b.hedge_at, now, j.req)]
@@ -341,7 +341,7 @@ class Grouper(CancelGroups, Learning, BudgetFollow, Parking, Warm):
             # Neither pending nor parked until ``add`` takes them back: a copy re-admitted meanwhile is one.
             self._reserving.update(gone)
             try:
-                await self._dispatch([b for b in rest if b.jobs])
+                await self._dispatch([b for b in rest if b.jobs], marked)
             finally:
                 self._reserving.difference_update(gone)
                 await self.add([j._replace(hedges=j.hedges + 1) for j in back])
@@ -351,6 +351,7 @@ class Grouper(CancelGroups, Learning, BudgetFollow, Parking, Warm):
             # re-admitted meanwhile must still be recognised, or both would go on.
             uids = [j.req.uid for b in batches for j in b.jobs]
             self._reserving.update(uids)
+            self._let_go(marked)
             try:
                 batches = await self._reserve(batches, now, refused)
             finally:
@@ -359,6 +360,7 @@ class Grouper(CancelGroups, Learning, BudgetFollow, Parking, Warm):
                 await self._cancel_reserved(batches, refused)
                 return
             batches = await self._drop_withdrawn(batches)
+        self._let_go(marked)
         per_provider: dict[str, list[BatchJob]] = {}
         for b in batches:
             self.dispatched += len(b.jobs)
@@ -367,6 +369,11 @@ class Grouper(CancelGroups, Learning, BudgetFollow, Parking, Warm):
         self._send_runs(per_provider, learns)  # one call per dispatcher, however many dispatches
         if refused:
             await self._resolve(refused)
+
+    def _let_go(self, marked: list[str] | None) -> None:
+        if marked:
+            self._reserving.difference_update(marked)
+            marked.clear()
 
     async def stats(self) -> dict:
         return {"pending": len(self.pending), "groups": len(self.table.groups), "dispatched": self.dispatched,

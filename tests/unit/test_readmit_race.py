@@ -1,0 +1,87 @@
+"""A request the grouper is rejecting is never dispatched again under a re-admitted copy.
+
+The case (the chaos test, on a loaded machine): the budget controller restarts while one reservation call carries
+an urgent and a normal member (asked a priority at a time). The urgent tier's call fails, so its member is parked
+until the ledger answers; the normal tier's call hangs on the restarting actor. Meanwhile the urgent member can no
+longer finish by its deadline and is rejected, which first asks the dispatchers whether they hold a copy. The
+driver re-admits the request (the hub restarted too) while that question is out. The reservation call's end let go
+of the request's "under way" mark, which the rejection had set as well, so the copy was taken for new work,
+reserved and sent: billed by the provider while the driver got the rejection (10 of 800 requests in a run).
+"""
+
+import asyncio
+
+from actors import BudgetController, Grouper, ResultHub
+from actors._types import OWN_ROWS, BatchJob, Job
+from engine.core.budgets import BudgetSettings, BudgetSpec
+from engine.core.catalog import default_catalog
+from engine.core.clock import ManualClock
+from engine.core.request import Request
+from policies import load_policy
+
+CAT = default_catalog()
+
+
+def req(rid: str, priority: str, deadline_s: float) -> Request:
+    return Request.model_validate({"id": rid, "arrival_s": 0.0, "model": "claude-sonnet-4-5", "provider": "anthropic",
+                                   "input_tokens": 1000, "output_tokens": 100, "priority": priority,
+                                   "deadline_s": deadline_s})
+
+
+class Restarting(BudgetController):
+    """A ledger whose first reservation call fails (the actor restarting) and whose second hangs until ``back``."""
+
+    def __init__(self):
+        super().__init__(BudgetSettings(specs=(BudgetSpec(max_budget=100.0),)), None, ManualClock(0.0))
+        self.asks, self.hanging, self.back = 0, asyncio.Event(), asyncio.Event()
+
+    async def reserve_many(self, claims, release=()):
+        self.asks += 1
+        if self.asks == 1:
+            raise RuntimeError("ActorUnavailableError: the actor is restarting")
+        if self.asks == 2:
+            self.hanging.set()
+            await self.back.wait()
+        return await super().reserve_many(claims, release)
+
+
+class Provider:
+    """A dispatcher stand-in: records what it is sent; its answer to ``holds`` waits for ``answer``."""
+
+    def __init__(self):
+        self.sent: list[str] = []
+        self.asked, self.answer = asyncio.Event(), asyncio.Event()
+
+    async def holds(self, uids):
+        self.asked.set()
+        await self.answer.wait()
+        return []
+
+    async def run_many(self, batches, *learns):
+        self.sent += [j.req.uid for b in batches for j in b.jobs]
+        return True
+
+
+def test_a_copy_readmitted_while_its_request_is_rejected_is_not_sent():
+    async def go():
+        clock, budget, disp, hub = ManualClock(0.0), Restarting(), Provider(), ResultHub()
+        g = Grouper(load_policy("smart", CAT), CAT, clock, {"anthropic": disp}, budget, hub)
+        urgent, normal = req("u", "urgent", 300.0), req("n", "normal", 86_400.0)
+        jobs = [Job(0, urgent, "fp-u"), Job(1, normal, "fp-n")]
+        call = asyncio.ensure_future(g._dispatch([BatchJob("b0", "sync", None, False, "t", "t", jobs)]))
+        await asyncio.wait_for(budget.hanging.wait(), 5.0)  # the urgent member is parked; the normal tier's call hangs
+        assert urgent.uid in g.waits and not disp.sent
+        clock.advance(300.0)  # its deadline has come: rejected, once the dispatchers say they hold no copy
+        g._retry_parked()
+        await asyncio.wait_for(disp.asked.wait(), 5.0)
+        budget.back.set()  # the ledger answers the hanging call: that reservation call ends
+        await asyncio.wait_for(call, 5.0)
+        assert disp.sent == [normal.uid]
+        # The driver re-admits the urgent request while the rejection waits for the dispatchers' answer.
+        await g.add([Job(OWN_ROWS + 1, urgent, "fp-u")])
+        disp.answer.set()
+        await asyncio.gather(*list(g._tasks), *[t for ts in g._runs.values() for t in ts])
+        assert urgent.uid not in disp.sent, "the copy of a request being rejected was sent to its provider"
+        (res,) = await hub.pull(0.01)
+        assert res.id == "u" and res.status == "rejected" and res.error == "budget_unavailable"
+    asyncio.run(go())
