@@ -3,16 +3,20 @@ added up across hub shards (``merge_reports``)."""
 
 from __future__ import annotations
 
+import logging
+
 from actors.metrics import rejected_reason
 from engine.core.result import Result
 
-__all__ = ["merge_reports", "new_stats", "stats_report", "sum_figures", "tally"]
+__all__ = ["billed_behind", "merge_reports", "new_stats", "stats_report", "sum_figures", "tally"]
+
+log = logging.getLogger("smartbatch.hub")
 
 
 def new_stats() -> dict:
     return {"requests": 0, "cost_usd": 0.0, "list_price_usd": 0.0, "by_status": {}, "by_mode": {}, "hits": {},
             "deadline_met": 0, "deadline_known": 0, "by_provider": {}, "by_model": {}, "by_tenant": {},
-            "rejected": {}}
+            "rejected": {}, "billed_behind_refusal": {"requests": 0, "cost_usd": 0.0}}
 
 
 def _count(into: dict, key: str, usd: float) -> None:
@@ -51,6 +55,22 @@ def tally(s: dict, results: list[Result], list_prices: list[float] | None) -> No
                 _count(s["by_model"], f"{r.provider}/{r.model}", r.cost_usd)
 
 
+def billed_behind(s: dict, results: list[Result], recent) -> None:
+    """Count (and log) the billed answers among ``results`` that come after a result of the same request that billed
+    nothing (a rejection, a failure): its driver has that one, the hub keeps the first, and the provider's bill has
+    this one. No path of the engine should make it (a grouper race did, stop 67: a re-admitted copy sent while the
+    request was rejected); if one does, the report says so rather than a spend below the bill."""
+    row = s["billed_behind_refusal"]
+    for r in results:
+        first = recent.get(r.uid)
+        if first is not None and r.cost_usd > 0 and first.cost_usd == 0 and first.status not in ("ok", "reused"):
+            row["requests"] += 1
+            row["cost_usd"] += r.cost_usd
+            log.error("request %r of tenant %r was billed $%.6f (%s) after its driver got %s (%s): the engine sent a "
+                      "copy of it; its answer is not delivered (report: billed_behind_refusal)", r.id, r.tenant,
+                      r.cost_usd, r.mode, first.status, first.error)
+
+
 def _usd_rows(rows: dict) -> dict:
     return {k: {"requests": v["requests"], "cost_usd": round(v["cost_usd"], 6)} for k, v in rows.items()}
 
@@ -66,6 +86,10 @@ def stats_report(s: dict, cache: dict) -> dict:
         "saving_frac": round(saving / s["list_price_usd"], 6) if s["list_price_usd"] > 0 else 0.0,
         "by_status": dict(s["by_status"]),
         "rejected": dict(s["rejected"]),  # requests rejected for good, by reason
+        # Billed after their driver got a result that billed nothing (a defect: the provider's bill is above
+        # spend_usd by this much); zero on every run the tests see.
+        "billed_behind_refusal": {"requests": s["billed_behind_refusal"]["requests"],
+                                  "cost_usd": round(s["billed_behind_refusal"]["cost_usd"], 6)},
         "by_mode": dict(s["by_mode"]),
         "hits": dict(s["hits"]),
         "deadline_met_frac": (s["deadline_met"] / s["deadline_known"]) if s["deadline_known"] else None,

@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-from actors._hub_stats import merge_reports, new_stats, stats_report, sum_figures, tally
+from actors._hub_stats import billed_behind, merge_reports, new_stats, stats_report, sum_figures, tally
 from actors._peer import Warm
 from actors.journal import MemoryJournalStore
 from actors.logship import LogBook, ship_logs
@@ -78,6 +78,7 @@ class ResultHub(Warm, MemoryJournalStore):
         if any(u in recent for u in uids) or len(set(uids)) < len(uids):
             # A result sent again (a dispatcher answering a re-admitted request it had already finished): the
             # driver has it or will, and the report must not count it twice.
+            billed_behind(self._stats, results, recent)
             seen: set[str] = set()
             keep = [k for k, u in enumerate(uids) if u not in recent and not (u in seen or seen.add(u))]
             results, uids = [results[k] for k in keep], [uids[k] for k in keep]

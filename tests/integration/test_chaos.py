@@ -165,6 +165,7 @@ def test_killing_each_actor_kind_mid_run_loses_nothing_and_pays_nothing_twice(ch
     assert len({(r.tenant, r.id) for r in results}) == len(results) == N * len(phases)
     rep = eng.report()
     assert rep["budget"]["overrun_usd"] == 0
+    assert rep["billed_behind_refusal"]["requests"] == 0, rep["billed_behind_refusal"]
     if not http_run:
         assert rep["budget"]["spent_usd"] > 0  # the ledger came back from its journal and kept counting
         return  # simulated providers keep no bill of their own: the HTTP run checks it item by item

@@ -85,3 +85,28 @@ def test_a_copy_readmitted_while_its_request_is_rejected_is_not_sent():
         (res,) = await hub.pull(0.01)
         assert res.id == "u" and res.status == "rejected" and res.error == "budget_unavailable"
     asyncio.run(go())
+
+
+def test_an_answer_billed_after_its_driver_got_a_refusal_is_counted_and_logged(caplog):
+    """Should a copy of a refused request still be billed (the race above, or another like it), the hub keeps the
+    first result for the driver, but the report and the log say what the provider billed behind it; a result sent
+    again with the same cost (a dispatcher answering a re-admitted request it finished) is no such case."""
+    from actors._hub_stats import merge_reports
+
+    from engine.core.result import Result
+
+    async def go():
+        hubs = [ResultHub(), ResultHub()]
+        await hubs[0].push([Result(id="u", status="rejected", error="budget_unavailable", cost_usd=0.0)])
+        await hubs[0].push([Result(id="u", status="ok", cost_usd=0.25, mode="sync", provider="anthropic")])
+        await hubs[1].push([Result(id="v", status="ok", cost_usd=0.5, mode="sync", provider="anthropic")])
+        await hubs[1].push([Result(id="v", status="ok", cost_usd=0.5, mode="sync", provider="anthropic")])
+        await hubs[1].push([Result(id="w", status="rejected", error="budget_exhausted", cost_usd=0.0)])
+        await hubs[1].push([Result(id="x", status="ok", cost_usd=0.125, mode="batch_api", provider="openai")])
+        await hubs[1].push([Result(id="w", status="ok", cost_usd=0.125, mode="batch_api", provider="openai")])
+        return merge_reports([await h.report() for h in hubs])
+    rep = asyncio.run(go())
+    assert rep["billed_behind_refusal"] == {"requests": 2, "cost_usd": 0.375}
+    assert rep["spend_usd"] == 0.625 and rep["by_status"] == {"rejected": 2, "ok": 2}
+    said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(said) == 2 and "'u'" in said[0] and "$0.250000" in said[0] and "budget_unavailable" in said[0]
