@@ -12,11 +12,13 @@ reserved and sent: billed by the provider while the driver got the rejection (10
 import asyncio
 
 from actors import BudgetController, Grouper, ResultHub
+from actors._hub_stats import merge_reports
 from actors._types import OWN_ROWS, BatchJob, Job
 from engine.core.budgets import BudgetSettings, BudgetSpec
 from engine.core.catalog import default_catalog
 from engine.core.clock import ManualClock
 from engine.core.request import Request
+from engine.core.result import Result
 from policies import load_policy
 
 CAT = default_catalog()
@@ -91,10 +93,6 @@ def test_an_answer_billed_after_its_driver_got_a_refusal_is_counted_and_logged(c
     """Should a copy of a refused request still be billed (the race above, or another like it), the hub keeps the
     first result for the driver, but the report and the log say what the provider billed behind it; a result sent
     again with the same cost (a dispatcher answering a re-admitted request it finished) is no such case."""
-    from actors._hub_stats import merge_reports
-
-    from engine.core.result import Result
-
     async def go():
         hubs = [ResultHub(), ResultHub()]
         await hubs[0].push([Result(id="u", status="rejected", error="budget_unavailable", cost_usd=0.0)])
