@@ -14,7 +14,7 @@ import time
 from actors._ingest_holders import Holders
 from actors._peer import Warm, as_peer
 from actors._shards import Shards, by_job_class, by_result_uid, class_shard, uid_shard
-from actors._types import OWN_ROWS, Job, send_sharded
+from actors._types import OWN_ROWS, Held, Job, send_sharded
 from actors.journal import redis_journal
 from engine.core.features import fingerprint
 from engine.core.request import Request
@@ -49,7 +49,9 @@ class Ingest(Holders, Warm):
         # id -> the driver(s) that submitted it (a string, mostly): forgotten when its last driver forgets it
         self.holders: dict[str, str | set[str]] = {}
         self._moving: set[str] = set()  # admitted, on their way to the cache and the groupers
-        self._admitting: set[str] = set()  # in ``seen``, waiting for the hub's ``admit``
+        # In ``seen``, waiting for the hub's ``admit``: counted per admission (a re-admission and another driver's
+        # submit of the id may overlap), so one's end leaves the other's mark (``reregister``)
+        self._admitting = Held()
         self._leaving: dict[str, asyncio.TimerHandle] = {}  # driver -> the forget of the ids only it holds
         self._drops_seen, self._drops_check_at = 0, 0.0  # the hub's dropped drivers read, and the next look
         self._drops_task: asyncio.Task | None = None
@@ -229,13 +231,13 @@ class Ingest(Holders, Warm):
         driver is told so and which stay unseen here, then the repeats and the claimed ids whose result is not
         at the hub (``ResultHub.admit``). A refusal from one shard stands even when another shard failed (which
         then raises: the driver re-admits those requests, and re-admission admits them again)."""
-        asking = {r.uid for r in reqs} - self._admitting
-        self._admitting |= asking
+        asking = [r.uid for r in reqs]
+        self._admitting.update(asking)
         try:
             answers, errors = await self.hubs.call_partial("admit", uid_shard, [r.uid for r in reqs], fps,
                                                            lead=(client,))
         finally:
-            self._admitting -= asking
+            self._admitting.difference_update(asking)
         refused, repeats, missing = ({u for _, part in answers for u in part[k]} for k in range(3))
         if refused:
             bad = []
