@@ -30,9 +30,6 @@ class Held:
     def __len__(self) -> int:
         return len(self._n)
 
-    def __iter__(self):
-        return iter(self._n)
-
     def update(self, uids) -> None:
         n = self._n
         for u in uids:
