@@ -12,7 +12,8 @@ used (billed once, never sent again) and only the unfinished go back to the poli
 (OpenAI's input file) is then deleted (``_batch_files``). A batch refused for a full batch queue is queued again at
 the gate, in parts that fit its limit, until its hedge (``_queue_full``). Results, cache fills, settlements and
 retries leave in batches (an outbox flushed every few milliseconds), never one actor call per request. The
-endpoint's Anthropic token count is asked here too, with the provider's own client and key (``_count_tokens``)."""
+endpoint's Anthropic token count is asked here too, with the provider's own client and key (``_count_tokens``), and
+a video's bytes (``_video_content``)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from actors._peer import Warm, as_peer, resolve_clock
 from actors._shards import Shards
 from actors._sync_calls import QuotaStop, SyncCalls
 from actors._types import BatchJob, Job
+from actors._video_content import VideoContent
 from actors.journal import JournalWriter, make_journal
 from actors.metrics import DispatchCounts, retry_reason
 from actors.providers import make_provider
@@ -56,7 +58,8 @@ DONE_KEEP, DONE_KEEP_S = 65_536, 300.0
 TOLD_KEPT = 4096  # messages about batches kept, for a grouper Ray restarts (one per outbox flush that had any)
 
 
-class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, Recovery, MadeJobs, Warm, CountTokens):
+class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, Recovery, MadeJobs, Warm, CountTokens,
+                 VideoContent):
     def __init__(self, provider: str, catalog: Catalog, settings: Settings, seed: int, clock, groupers: list,
                  hub, cache, budget, scheduling: Scheduling | None = None, key: Secret | None = None,
                  engine: str = "engine", learners: bool = False, warm_readers: bool = True):

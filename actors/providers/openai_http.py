@@ -23,6 +23,7 @@ from actors.providers._openai_answers import (
 )
 from actors.providers._openai_video import VideoCalls
 from actors.providers._veo import VeoCalls
+from actors.providers._video_content import CONTENT_TIMEOUT_S, ContentAnswer, content_at, content_refusal
 from actors.providers._wire import error_message, error_of, message_parts
 from engine.core.errors import ProviderError
 from engine.core.provider_api import BatchState, CallJob, CallOutcome, Usage, idempotency_key
@@ -171,6 +172,14 @@ class OpenAIProvider(HttpBase):
 
     def resume_jobs(self, records: Sequence[dict]) -> None:
         self._videos.resume(records)
+
+    async def video_content(self, url: str, variant: str) -> ContentAnswer:
+        """The bytes of a video this provider made (its result's ``output``), fetched with its key
+        (``_video_content``); Veo's are not (Google's file addresses are no Videos API's)."""
+        if isinstance(self._videos, VeoCalls):
+            return content_refusal(400, f"{self.name} makes Veo videos, whose content is not served through "
+                                   "OpenAI's Videos API; fetch the result's output with the provider's key")
+        return await content_at(self.client, self._sdk, self._key.get(), url, variant, CONTENT_TIMEOUT_S)
 
     async def poll_job(self, job: CallJob, record: dict) -> CallOutcome:
         """The job of a killed engine's call (its journaled record), polled to its end, never made again."""

@@ -1,5 +1,5 @@
 """The asyncio face of ``Engine``: ``asubmit``, ``asubmit_many``, ``as_completed`` and the endpoint's Anthropic
-``count_tokens`` (a mixin, so the driver module stays the threads-and-futures core)."""
+``count_tokens`` and ``video_content`` (a mixin, so the driver module stays the threads-and-futures core)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from actors.providers._anthropic_count import COUNT_TIMEOUT_S, CountAnswer
+from actors.providers._video_content import CONTENT_TIMEOUT_S, ContentAnswer
 from engine.app._driver_pull import FORGET_WAIT_S
 from engine.app._driver_reject import OnInvalid, check_on_invalid, reject_taken, validated, with_rejected
 from engine.core.errors import EngineStopped, ProviderError
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 __all__ = ["AsyncSubmit"]
 
 COUNT_WAIT_S = COUNT_TIMEOUT_S + 15.0  # real seconds: the dispatcher's own timeout answers first, a 504
+CONTENT_WAIT_S = CONTENT_TIMEOUT_S + 15.0  # as COUNT_WAIT_S
 
 
 class AsyncSubmit:
@@ -135,19 +137,31 @@ class AsyncSubmit:
         engine's refusal in its shape. A count is free: nothing is admitted, budgeted or journaled. Raises
         ``EngineStopped`` on a stopped engine, ``ProviderError`` when the dispatcher does not answer (lost, or
         past ``COUNT_WAIT_S``)."""
+        return await self._ask_dispatcher(provider, "the count", COUNT_WAIT_S,
+                                          lambda d: d.count_tokens.remote(dict(body)))
+
+    async def video_content(self, provider: str, url: str, variant: str = "video") -> ContentAnswer:
+        """The bytes of a video ``provider`` made (a result's ``output``, its address there), fetched by its
+        dispatcher with the key and client it holds (``actors._video_content``): ``(status, bytes or OpenAI
+        error body, content type)``. A read: nothing is admitted, budgeted or journaled. Raises as
+        ``count_tokens`` does (``CONTENT_WAIT_S``)."""
+        return await self._ask_dispatcher(provider, "the video's download", CONTENT_WAIT_S,
+                                          lambda d: d.video_content.remote(url, variant))
+
+    async def _ask_dispatcher(self, provider: str, what: str, wait_s: float, call: Any) -> Any:
         if self._gone is not None or not self._running:
             raise EngineStopped(self._gone or "this engine was stopped; start a new one, or connect to another")
         dispatcher = self._h["dispatchers"].get(provider)
         if dispatcher is None:
             raise ProviderError(f"provider {provider!r} has no dispatcher in this engine (its catalog has "
-                                f"{sorted(self._h['dispatchers'])}); count with a model of one of them")
+                                f"{sorted(self._h['dispatchers'])}); ask with a model of one of them")
         try:
-            return await asyncio.wait_for(_as_future(dispatcher.count_tokens.remote(dict(body))), COUNT_WAIT_S)
+            return await asyncio.wait_for(_as_future(call(dispatcher)), wait_s)
         except asyncio.TimeoutError:
-            raise ProviderError(f"the dispatcher of {provider!r} did not answer the count within {COUNT_WAIT_S:g} "
+            raise ProviderError(f"the dispatcher of {provider!r} did not answer {what} within {wait_s:g} "
                                 "s (busy, or restarting); send it again") from None
         except self._ray.exceptions.RayError as exc:
-            raise ProviderError(f"the dispatcher of {provider!r} could not answer the count "
+            raise ProviderError(f"the dispatcher of {provider!r} could not answer {what} "
                                 f"({type(exc).__name__}); send it again") from None
 
 

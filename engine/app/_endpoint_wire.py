@@ -57,6 +57,8 @@ class AsyncEngine(Protocol):
 
     async def count_tokens(self, provider: str, body: Mapping[str, Any]) -> tuple[int, Any, dict[str, str]]: ...
 
+    async def video_content(self, provider: str, url: str, variant: str = "video") -> tuple[int, Any, str]: ...
+
 
 class ApiError(Exception):
     """An error answered in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""

@@ -1,0 +1,57 @@
+"""A video's bytes, ``GET {base_url}/videos/{id}/content``, fetched through an OpenAI provider's own client (its key,
+``base_url`` and ``max_retries=0``), for the endpoint's ``GET /v1/videos/{id}/content``.
+
+A result's ``output`` is that address (``_openai_video``): only an address under the provider's own ``base_url``
+is fetched, so the key goes nowhere else (an address of another server, an engine restarted on another endpoint,
+is refused, not sent the key). A fetch is a read of a video made and billed already: no idempotency key, no rate
+gate, no budget, no journal. Answers cross Ray as plain data, ``(status, bytes or error body, content type)``; the
+error body is OpenAI's shape, with a key the provider quoted masked."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from actors.providers._wire import redact
+
+__all__ = ["CONTENT_TIMEOUT_S", "ContentAnswer", "content_at", "content_refusal"]
+
+CONTENT_TIMEOUT_S = 120.0  # real seconds a download may take at most (an MP4 of up to tens of MB)
+
+ContentAnswer = tuple[int, Any, str]  # (HTTP status, the bytes or an OpenAI error body, content type)
+
+
+def content_refusal(status: int, message: str, code: str | None = None, param: str | None = None) -> ContentAnswer:
+    """A download the engine itself refuses or could not make, in OpenAI's error shape."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return status, {"error": {"message": message, "type": kind, "param": param, "code": code}}, "application/json"
+
+
+async def content_at(client: Any, sdk: Any, key: str, url: str, variant: str, timeout_s: float) -> ContentAnswer:
+    """The bytes at ``url`` (a video's content address under ``client``'s ``base_url``; an ``openai.AsyncOpenAI``,
+    ``sdk`` its module), as ``variant`` ("video", "thumbnail", "spritesheet"), within ``timeout_s``; ``key``: the
+    client's key, masked wherever an answer quotes it."""
+    base = str(client.base_url).rstrip("/") + "/videos/"
+    vid = url[len(base):].removesuffix("/content") if url.startswith(base) and url.endswith("/content") else ""
+    if not vid or "/" in vid:
+        return content_refusal(409, "the video's address is not at this engine's endpoint of its provider (the "
+                               "endpoint changed since it was made?): it cannot be fetched with its key here",
+                               code="video_address_elsewhere")
+    try:
+        with warnings.catch_warnings():  # the SDK's notice that the Sora API shuts down (docs/providers.md)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            got = client.videos.download_content(vid, variant=variant, timeout=timeout_s)
+        got = await got
+    except sdk.APIStatusError as exc:
+        body = exc.body if isinstance(exc.body, dict) else None
+        err = body.get("error", body) if body is not None else None
+        message = err.get("message") if isinstance(err, dict) else None
+        return content_refusal(exc.status_code, redact(f"the provider answered {exc.status_code}: "
+                                                       f"{message or exc.message}", [key]),
+                               code=err.get("code") if isinstance(err, dict) else None,
+                               param=err.get("param") if isinstance(err, dict) else None)
+    except sdk.APITimeoutError:
+        return content_refusal(504, f"the provider did not send the video within {timeout_s:g} s; ask again")
+    except sdk.APIConnectionError as exc:
+        return content_refusal(502, redact(f"the provider could not be reached for the video: {exc}", [key]))
+    return 200, got.content, got.response.headers.get("content-type", "application/octet-stream")
