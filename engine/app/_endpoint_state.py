@@ -9,6 +9,8 @@ Layout under ``DIR``:
 - ``batches/<id>.input``: the batch's input, a hard link to its file's bytes taken at create (a user may delete
   the file while its batch runs, as OpenAI allows);
 - ``batches/<id>.results.jsonl``: each line's result as it arrives (an open batch only);
+- ``videos/<id>.json``: a video's record (the request the engine was given, and its result once in:
+  ``engine.app._endpoint_videos``), written whole on every change;
 - ``.lock``: held while an endpoint uses the directory (two would take each other's batches).
 
 A record that cannot be read (cut by a power loss, from another version) is renamed ``*.bad`` and logged: one bad
@@ -49,8 +51,9 @@ class EndpointState:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.files_dir, self.batches_dir = self.root / "files", self.root / "batches"
-        self.files_dir.mkdir(parents=True, exist_ok=True)
-        self.batches_dir.mkdir(parents=True, exist_ok=True)
+        self.videos_dir = self.root / "videos"
+        for d in (self.files_dir, self.batches_dir, self.videos_dir):
+            d.mkdir(parents=True, exist_ok=True)
         self._lock = open(self.root / ".lock", "a")  # noqa: SIM115  (held for the endpoint's life)
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -64,7 +67,7 @@ class EndpointState:
     def _sweep(self) -> None:
         """What a kill left half made, now that no other endpoint writes here: the temporary files of writes it
         cut (an upload's bytes, up to its 200 MB; a helper's hunt), and inputs kept for a batch with no record."""
-        for d in (self.files_dir, self.batches_dir):
+        for d in (self.files_dir, self.batches_dir, self.videos_dir):
             for tmp in d.glob(".tmp-*"):
                 tmp.unlink(missing_ok=True)
         for d, data in ((self.batches_dir, "*.input"), (self.files_dir, "*.data")):
@@ -228,6 +231,27 @@ class EndpointState:
                     continue
                 got[res.id] = res
         return got
+
+    # -- videos ---------------------------------------------------------------------------------------------
+    def save_video(self, record: dict[str, Any], strict: bool = False) -> None:
+        self._guarded(f"video {record['id']}", lambda: _write_json(self.videos_dir / f"{record['id']}.json", record),
+                      strict)
+
+    def drop_video(self, video_id: str) -> None:
+        self._drop(f"video {video_id}", [self.videos_dir / f"{video_id}.json"])
+
+    def set_aside_video(self, video_id: str, exc: BaseException) -> None:
+        _set_aside(self.videos_dir / f"{video_id}.json", exc)
+
+    def videos(self) -> list[dict[str, Any]]:
+        """Every readable video record, oldest first."""
+        out = []
+        for path in self.videos_dir.glob("*.json"):
+            try:
+                out.append(json.loads(path.read_bytes()))
+            except Exception as exc:
+                _set_aside(path, exc)
+        return sorted(out, key=lambda r: (r.get("created_ns", 0), r.get("created_at", 0)))
 
     def close(self) -> None:
         self._lock.close()  # and with it the lock

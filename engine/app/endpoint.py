@@ -7,7 +7,8 @@ Routes (OpenAI's shapes): ``POST /v1/chat/completions``, ``POST /v1/responses``,
 (Anthropic's Models API for the Anthropic SDK, ``_endpoint_models``); Anthropic's ``POST /v1/messages`` for a
 Claude model, in Anthropic's shapes (``_endpoint_messages``), its token count, ``/v1/messages/count_tokens``, asked
 of the provider by its dispatcher (``_endpoint_count``), and its Message Batches, ``/v1/messages/batches``
-(``_endpoint_msgbatches``, jobs of the OpenAI batch route); and one of ours, ``GET /v1/batches/{id}/smartbatch_report`` (each line's cost against its list price).
+(``_endpoint_msgbatches``, jobs of the OpenAI batch route); OpenAI's Videos API, ``/v1/videos`` (create, retrieve,
+content, list, delete; ``_endpoint_videos``); and one of ours, ``GET /v1/batches/{id}/smartbatch_report`` (each line's cost against its list price).
 
 ``stream: true`` answers in OpenAI's chunks (chat completions, ``_endpoint_stream``) or the Responses API's events
 (``_endpoint_responses_stream``) once the whole answer is in; ``n`` > 1 on chat completions is n requests
@@ -33,7 +34,7 @@ SDK's ``api_key``), and answers any other with a 401 ``invalid_api_key``; the ke
 it (the default, for a loopback bind) anyone who reaches the port spends the engine's provider keys.
 
 Every error is OpenAI's ``{"error": {"message", "type", "param", "code"}}``; a bad header or body field is a
-400 whose ``param`` names it. Files and batches are held in memory per replica (``_endpoint_batches``).
+400 whose ``param`` names it. Files, batches and videos are held in memory per replica (``_endpoint_batches``).
 Serving it (uvicorn, Ray Serve) is the caller's business: this module starts nothing.
 """
 
@@ -63,6 +64,7 @@ from engine.app._endpoint_messages import AnthropicError, in_anthropic_shape, me
 from engine.app._endpoint_models import anthropic_caller, models_router
 from engine.app._endpoint_responses_stream import response_events, responses_stream_wanted
 from engine.app._endpoint_stream import sse_chunks, stream_wanted
+from engine.app._endpoint_videos import VideoRoutes
 from engine.app._endpoint_wire import (
     HEADER_DEADLINE,
     HEADER_PRIORITY,
@@ -125,12 +127,16 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
     speedup = float(getattr(getattr(engine, "clock", None), "speedup", 1.0))
     store = FilesAndBatches(engine, catalog, window_default_s=window_default_s, cancel_wait_s=cancel_wait_s,
                             max_open_lines=max_open_batch_lines, state_dir=state_dir, speedup=speedup)
+    videos = VideoRoutes(engine, catalog, headers_of=lambda req, res: _smartbatch_headers(req, res, catalog),
+                         state=store.state, speedup=speedup)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await store.resume()  # the batches a state directory holds, from before a restart
+        await videos.resume()  # and its videos
         yield
-        await store.shutdown()
+        await videos.shutdown()
+        await store.shutdown()  # (closes the state directory)
 
     app = FastAPI(title="smartbatch", summary="OpenAI-compatible front of the smartbatch engine",
                   lifespan=lifespan)
@@ -251,13 +257,14 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
     app.include_router(models_router(catalog, engine.settings))
     app.include_router(count_router(engine, catalog, engine.settings))
     app.include_router(store.router())
+    app.include_router(videos.router())
     return app
 
 
-# An application of OpenAI's Videos API (client.videos) or Google's Veo routes got a bare 404 (a helper's tour).
-_NO_VIDEO_ROUTE = (". This endpoint has no video route: send a video request (sora-2, a Veo model) from a driver "
-                   "script, Engine.connect(name).submit({'model': ..., 'prompt': ..., 'params': {'duration_s': ..., "
-                   "'resolution': ...}}), whose result's output is the video's address (docs/service.md)")
+# An application of Google's Veo routes got a bare 404 (a helper's tour); OpenAI's Videos API is served.
+_NO_VEO_ROUTE = (". This endpoint has no Veo route: send a Veo request from a driver script, "
+                 "Engine.connect(name).submit({'model': ..., 'prompt': ..., 'params': {'duration_s': ..., "
+                 "'resolution': ...}}), whose result's output is the video's address (docs/service.md)")
 
 
 def _errors_in_openai_shape(app: FastAPI) -> None:
@@ -270,8 +277,8 @@ def _errors_in_openai_shape(app: FastAPI) -> None:
         where = f"{http.method} {http.url.path}"
         msg = {404: f"Unknown request URL: {where}", 405: f"Method not allowed: {where}"}.get(exc.status_code,
                                                                                            str(exc.detail))
-        if exc.status_code == 404 and (http.url.path.startswith("/v1/videos") or ":predictLongRunning" in where):
-            msg += _NO_VIDEO_ROUTE
+        if exc.status_code == 404 and ":predictLongRunning" in where:
+            msg += _NO_VEO_ROUTE
         return (AnthropicError if anthropic_caller(http) else ApiError)(exc.status_code, msg).response()
 
     async def invalid(_: HttpRequest, exc: Exception) -> JSONResponse:

@@ -221,14 +221,14 @@ def test_the_anthropic_sdks_files_api_is_a_404_in_its_shape_and_openais_files_st
     assert oai.files.retrieve(up.id).purpose == "batch"
 
 
-def test_the_openai_sdks_videos_api_is_a_404_that_says_where_video_goes(both):
-    """The endpoint has no video route: ``client.videos.create`` got a bare "Unknown request URL" (a helper's
-    tour). The 404 says so and names the way in that makes video, a driver script."""
+def test_veos_own_route_is_a_404_that_says_where_veo_goes(both):
+    """Google's Veo route got a bare "Unknown request URL" (a helper's tour): the 404 names the way in that makes
+    Veo, a driver script. (OpenAI's Videos API is served: ``test_endpoint_videos``.)"""
     _, _, oai, _ = both
-    with pytest.warns(DeprecationWarning), pytest.raises(openai.NotFoundError) as exc:
-        oai.videos.create(model="sora-2", prompt="A heron", seconds="4")
+    with pytest.raises(openai.NotFoundError) as exc:
+        oai.post("/../v1beta/models/veo-3.1-generate-001:predictLongRunning", body={}, cast_to=object)
     said = exc.value.body["message"] if "message" in exc.value.body else exc.value.body["error"]["message"]
-    assert "no video route" in said and "Engine.connect(name).submit(" in said
+    assert "no Veo route" in said and "Engine.connect(name).submit(" in said
 
 
 def test_counts_past_the_dispatchers_bound_are_refused_at_once_and_hold_none_of_its_slots():

@@ -1,0 +1,352 @@
+"""OpenAI's Videos API on the HTTP front (``/v1/videos``: create, retrieve, content, list, delete), run through the
+engine: an application of the ``openai`` SDK's ``client.videos`` works against the endpoint unchanged.
+
+A create (the SDK's multipart form: ``prompt``, ``model``, ``seconds``, ``size``) is checked as the engine will
+check it (a bad field is a 400 naming it, nothing admitted), admitted as one request of the engine (a driver's
+submit, as a batch's lines are) and answered at once with the video ``queued``; a task waits for its result.
+Retrieve answers from that result: ``in_progress`` until there is one, then ``completed`` (with the
+``X-Smartbatch-*`` headers of the other routes: its cost, mode, saving) or ``failed`` with its ``error``. It never
+submits again. Content asks the engine's dispatcher of the video's provider to fetch the bytes at the result's
+``output`` with the provider's key (``Engine.video_content``): the key stays in the engine, never in a response.
+
+Paying once: ``X-Smartbatch-Request-Id`` (or ``Idempotency-Key``) names the create; the same name again (from the
+same tenant) answers the same video, and the video's id is made from it, so a create retried after a restart
+finds it too. Without one, each create is a new video. The engine itself answers a request id it holds without
+generating it again.
+
+Jobs live where the batches do (``_endpoint_batches``): in the replica's memory and, with a state directory, on
+disk (``EndpointState``, ``videos/<id>.json``): a restarted replica takes them back, an open one asked of the engine
+again under the same request id (never made twice while the engine holds it, or its journal does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi import Request as HttpRequest
+from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import UploadFile
+
+from engine.app._endpoint_job import cut_by_cancel
+from engine.app._endpoint_state import EndpointState
+from engine.app._endpoint_wire import (
+    HEADER_REQUEST_ID,
+    ApiError,
+    AsyncEngine,
+    Validator,
+    cursor_page,
+    engine_call,
+    json_body,
+    new_id,
+    smartbatch_fields,
+)
+from engine.core.catalog import Catalog
+from engine.core.errors import CatalogError, EngineStopped, ProviderError
+from engine.core.request import Request
+from engine.core.result import ANSWERED, ID_TAKEN, Result, why_not
+from engine.core.video_sizes import OPENAI_VIDEO_SIZES
+
+__all__ = ["VIDEOS_URL", "VideoJob", "VideoRoutes"]
+
+VIDEOS_URL = "/v1/videos"
+_FIELDS = ("prompt", "model", "seconds", "size", "input_reference")
+DEFAULTS = {"model": "sora-2", "seconds": "4", "size": "720x1280"}  # OpenAI's, when the create leaves them out
+VARIANTS = ("video", "thumbnail", "spritesheet")
+IDEMPOTENCY_KEY = "Idempotency-Key"
+# The error code of a video that failed, by its result's status (ASSUMPTION: OpenAI's reference names no codes).
+_FAILED_CODE = {"failed": "video_generation_failed", "rejected": "request_rejected", "expired": "deadline_expired"}
+# The request field a refusal names -> the create's field.
+_PARAM = {"body.seconds": "seconds", "params.duration_s": "seconds", "body.size": "size", "params.resolution": "size",
+          "params.size": "size", "body.prompt": "prompt", "provider": "model", "kind": "model"}
+log = logging.getLogger("smartbatch.endpoint")
+
+
+def _param_of(field_: str) -> str | None:
+    return _PARAM.get(field_, field_.removeprefix("body.").removeprefix("params."))
+
+
+@dataclass(eq=False)
+class VideoJob:
+    """One video: the request the engine was given, and its result once in. Changed only on the event loop."""
+
+    id: str
+    req: Request  # as validated, its ``id`` the engine's request id
+    created_at: int
+    result: Result | None = None
+    completed_at: int | None = None
+    created_ns: int = field(default_factory=time.time_ns)  # the order videos are listed in, across restarts
+    task: asyncio.Task | None = None
+    admitted: asyncio.Future | None = None  # resolved once the engine has it (True) or refused it (False)
+
+    @property
+    def asked(self) -> tuple[str, str, str, str]:
+        b = self.req.body
+        return self.req.model, self.req.prompt or "", str(b["seconds"]), str(b["size"])
+
+    def view(self, queued: bool = False) -> dict[str, Any]:
+        model, prompt, seconds, size = self.asked
+        res, status, progress, error, expires = self.result, "queued" if queued else "in_progress", 0, None, None
+        if res is not None and res.status in ANSWERED:
+            raw = res.raw or {}
+            status, progress, expires = "completed", 100, raw.get("expires_at")
+            seconds, size = str(raw.get("seconds", seconds)), str(raw.get("size", size))  # as it was made
+        elif res is not None:
+            status, progress = "failed", 100
+            code = ID_TAKEN if res.reason == ID_TAKEN else _FAILED_CODE.get(res.status, "video_generation_failed")
+            error = {"code": code, "message": why_not(res)}
+        return {"id": self.id, "object": "video", "model": model, "status": status, "progress": progress,
+                "prompt": prompt, "seconds": seconds, "size": size, "created_at": self.created_at,
+                "completed_at": self.completed_at, "expires_at": expires, "error": error,
+                "remixed_from_video_id": None}
+
+    def record(self) -> dict[str, Any]:
+        """What the state directory keeps of it (``EndpointState.save_video``); ``from_record`` reads it."""
+        return {"id": self.id, "request": self.req.model_dump(mode="json", exclude={"arrival_s"}),
+                "created_at": self.created_at, "created_ns": self.created_ns, "completed_at": self.completed_at,
+                "result": self.result.model_dump(mode="json") if self.result is not None else None}
+
+    @classmethod
+    def from_record(cls, rec: dict[str, Any], validator: Validator) -> VideoJob:
+        req = validator.request(rec["request"], _param_of)
+        res = Result.model_validate(rec["result"]) if rec["result"] is not None else None
+        return cls(rec["id"], req, rec["created_at"], res, rec["completed_at"], rec["created_ns"])
+
+    def __repr__(self) -> str:
+        return f"VideoJob({self.id}, {self.view()['status']}, request={self.req.id!r}, tenant={self.req.tenant!r})"
+
+
+class VideoRoutes:
+    """The videos of one replica (see the module docstring) and their routes. ``headers_of(req, res)``: the
+    ``X-Smartbatch-*`` headers of an answer, as the other routes give them; ``state``: the batches' state
+    directory, or None (memory only)."""
+
+    def __init__(self, engine: AsyncEngine, catalog: Catalog, *, headers_of: Callable[[Request, Result], dict],
+                 state: EndpointState | None = None, speedup: float = 1.0, now: Callable[[], float] = time.time):
+        self.engine, self.catalog, self.state, self.speedup, self._now = engine, catalog, state, speedup, now
+        self.headers_of, self.validator = headers_of, Validator(catalog, engine.settings)
+        self.jobs: dict[str, VideoJob] = {}
+        self._detached: set[asyncio.Task] = set()
+
+    def __repr__(self) -> str:
+        return f"VideoRoutes({len(self.jobs)} videos, {sum(j.result is None for j in self.jobs.values())} open)"
+
+    def router(self) -> APIRouter:
+        r = APIRouter()
+        for path, route, method in ((VIDEOS_URL, self.create, "POST"), (VIDEOS_URL, self.list_videos, "GET"),
+                                    (VIDEOS_URL + "/{video_id}", self.retrieve, "GET"),
+                                    (VIDEOS_URL + "/{video_id}", self.delete, "DELETE"),
+                                    (VIDEOS_URL + "/{video_id}/content", self.content, "GET")):
+            r.add_api_route(path, route, methods=[method])
+        return r
+
+    # -- create ---------------------------------------------------------------------------------------------
+    async def create(self, http: HttpRequest) -> JSONResponse:
+        body = await _fields(http)
+        req = self._checked(http, body)
+        key = http.headers.get(HEADER_REQUEST_ID) or http.headers.get(IDEMPOTENCY_KEY)
+        vid = new_id("video_") if key is None else "video_" + hashlib.sha256(
+            f"{len(req.tenant)}:{req.tenant}/{key}".encode()).hexdigest()[:24]
+        while (job := self.jobs.get(vid)) is not None:  # the same create again: the same video, never a second
+            if job.asked != VideoJob(vid, req, 0).asked or job.req.tenant != req.tenant:
+                raise ApiError(400, f"{HEADER_REQUEST_ID} {key!r} named another video (its model, prompt, seconds "
+                                    "or size differ); give each video an id of its own", param=HEADER_REQUEST_ID,
+                               code=ID_TAKEN)
+            if job.admitted is None or await asyncio.shield(job.admitted):
+                return JSONResponse(job.view(), headers={HEADER_REQUEST_ID: job.req.id})
+        job = VideoJob(vid, req.model_copy(update={"id": key or vid}), int(self._now()))
+        job.admitted = asyncio.get_running_loop().create_future()
+        self.jobs[vid] = job  # before the engine has it: a create again meanwhile waits for this one
+        # A task of its own: a client that leaves mid-create cancels only its wait, never a video admitted and
+        # paid for with no job on record.
+        task = asyncio.ensure_future(self._admit(job))
+        self._detached.add(task)
+        task.add_done_callback(self._detached.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # its error reaches the waiting client
+        await asyncio.shield(task)
+        return JSONResponse(job.view(queued=True), headers={HEADER_REQUEST_ID: job.req.id})
+
+    def _checked(self, http: HttpRequest, body: dict[str, Any]) -> Request:
+        """The create as the engine's request, or a 400 naming the field and the fix."""
+        unknown = sorted(set(body) - set(_FIELDS))
+        if unknown:
+            raise ApiError(400, f"unknown parameter {unknown[0]!r}; the Videos API takes {', '.join(_FIELDS)}",
+                           param=unknown[0], code="unknown_parameter")
+        if "input_reference" in body:
+            raise ApiError(400, "input_reference is not supported by this endpoint; send a text prompt only",
+                           param="input_reference")
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ApiError(400, "prompt is required: a non-empty string describing the video", param="prompt")
+        model = body.get("model") or DEFAULTS["model"]
+        if not isinstance(model, str):
+            raise ApiError(400, "model must be a string such as 'sora-2'", param="model")
+        served = self._served()
+        try:
+            provider, spec = self.catalog.find_model(model)
+        except CatalogError as exc:
+            raise ApiError(400, f"field 'model': {exc}; this route makes {', '.join(served)}", param="model",
+                           code="model_not_found") from None
+        if spec.kind != "video":
+            where = {"image": "/v1/images/generations"}.get(spec.kind, "/v1/chat/completions or /v1/responses")
+            raise ApiError(400, f"model {model!r} makes {spec.kind}, not video; send it to {where}, or name a video "
+                                f"model here: {', '.join(served)}", param="model")
+        if model not in served:
+            raise ApiError(400, f"model {model!r} ({provider}) is not made through OpenAI's Videos API; name one "
+                                f"of {', '.join(served)}, or send it from a driver script (Engine.connect(name)."
+                                "submit, docs/providers.md \"Video\")", param="model")
+        fields = smartbatch_fields(http.headers)
+        # A video takes minutes, and the create answers at once: the priority's own deadline, never the client's
+        # read timeout (the chat routes' cap).
+        fields.setdefault("deadline_s", getattr(self.engine.settings.deadlines, fields.get("priority", "normal")))
+        seconds, size = (str(body.get(k) or DEFAULTS[k]) for k in ("seconds", "size"))
+        d = {"id": "check", **fields, "model": model, "prompt": prompt, "body": {"seconds": seconds, "size": size}}
+        return self.validator.request(d, _param_of)  # seconds or a size the model refuses: a 400 naming it
+
+    def _served(self) -> list[str]:
+        """The catalog's video models made through OpenAI's Videos API (Veo has its own route, Gemini's)."""
+        return [m for p in self.catalog.providers.values() if p.compat is None for m, s in p.models.items()
+                if s.kind == "video" and set(s.per_second or {}) & set(OPENAI_VIDEO_SIZES)]
+
+    async def _admit(self, job: VideoJob, deadline_s: float | None = None) -> None:
+        """Hand ``job``'s request to the engine (on disk first, with a state directory), and wait for its result
+        in a task of its own; ``deadline_s``: what is left of its deadline, after a restart (its record is kept
+        if the engine refuses it then: the next start asks again)."""
+        assert job.admitted is not None
+        try:
+            if self.state is not None and deadline_s is None:  # on disk before the engine has it: a crash then
+                try:                                             # loses nothing it took
+                    self.state.save_video(job.record(), strict=True)
+                except OSError as exc:
+                    raise self.state.no_room(exc, "the video") from None
+            sub = {**job.req.model_dump(exclude={"arrival_s"}),
+                   **({} if deadline_s is None else {"deadline_s": deadline_s})}
+            # submit_many may wait for room in the engine: in a worker thread, never on the loop
+            futs = await engine_call(asyncio.to_thread(self.engine.submit_many, [sub]), _param_of)
+        except BaseException:
+            if deadline_s is None:
+                self.jobs.pop(job.id, None)
+                if self.state is not None:
+                    self.state.drop_video(job.id)
+            job.admitted.set_result(deadline_s is not None)  # (a taken-back one stays listed, open)
+            raise
+        job.admitted.set_result(True)
+        job.task = asyncio.create_task(self._collect(job, futs), name=f"smartbatch-{job.id}")
+
+    async def _collect(self, job: VideoJob, futs: list) -> None:
+        try:
+            async for res in self.engine.as_completed(futs):
+                if self.state is not None and (cut_by_cancel(res) or (res.status == "failed" and res.error
+                                                                      and res.error == self.engine.gone)):
+                    # Ended by the engine's stop, not answered: asked again at the next start (kept open on disk)
+                    log.warning("endpoint: video %s stays open for the next start: %s", job.id, res.error)
+                    return
+                job.result, job.completed_at = res.model_copy(update={"id": job.req.id}), int(self._now())
+        except Exception as exc:  # the engine gave no result (it went away): the video failed, billed nothing here
+            job.result = Result(id=job.req.id, tenant=job.req.tenant, status="failed",
+                                error=f"the engine gave no result: {type(exc).__name__}: {exc}")
+            job.completed_at = int(self._now())
+        if self.state is not None:
+            self.state.save_video(job.record())
+
+    # -- reads ----------------------------------------------------------------------------------------------
+    def _job(self, video_id: str) -> VideoJob:
+        job = self.jobs.get(video_id)
+        if job is None or job.admitted is not None and not job.admitted.done():
+            raise ApiError(404, f"Video with id '{video_id}' not found.", param="video_id", code="video_not_found")
+        return job
+
+    async def retrieve(self, video_id: str) -> JSONResponse:
+        job = self._job(video_id)
+        res = job.result
+        headers = self.headers_of(job.req, res) if res is not None and res.status in ANSWERED else {
+            HEADER_REQUEST_ID: job.req.id}
+        return JSONResponse(job.view(), headers=headers)
+
+    async def content(self, video_id: str, variant: str = "video") -> Response:
+        job = self._job(video_id)
+        status = job.view()["status"]
+        if status != "completed":  # OpenAI's answer while a video is made
+            raise ApiError(404 if status != "failed" else 400, f"Video is not ready yet; its status is "
+                           f"'{status}'. Poll GET /v1/videos/{video_id} until it is 'completed'.",
+                           param="video_id", code="video_not_ready")
+        if variant not in VARIANTS:
+            raise ApiError(400, f"variant {variant!r} must be one of {', '.join(VARIANTS)}", param="variant")
+        res = job.result
+        assert res is not None and res.provider is not None and res.output is not None
+        try:
+            code, data, kind = await self.engine.video_content(res.provider, res.output, variant)
+        except EngineStopped as exc:
+            raise ApiError(503, str(exc), type="server_error", code="engine_stopped") from None
+        except ProviderError as exc:
+            raise ApiError(502, str(exc), type="server_error") from None
+        if code != 200:
+            err = data.get("error", {}) if isinstance(data, dict) else {}
+            raise ApiError(code, f"video {video_id}: {err.get('message') or 'the download failed'}",
+                           param=err.get("param"), code=err.get("code"), type=err.get("type") or "api_error")
+        return Response(data, media_type=kind, headers=self.headers_of(job.req, res))
+
+    async def list_videos(self, after: str | None = None, limit: str | None = None, order: str = "desc") -> dict:
+        if order not in ("asc", "desc"):
+            raise ApiError(400, f"order {order!r} must be 'asc' or 'desc'", param="order")
+        items = [j.view() for j in sorted(self.jobs.values(), key=lambda j: j.created_ns)
+                 if j.admitted is None or j.admitted.done()]
+        return cursor_page(items[::-1] if order == "desc" else items, after=after, limit=limit, default_limit=20,
+                           max_limit=100)
+
+    async def delete(self, video_id: str) -> dict:
+        job = self._job(video_id)
+        if job.result is None:  # in the engine: it is made and billed whatever this job does
+            raise ApiError(409, f"video {video_id} is still being made (in_progress): it is billed when it "
+                                "completes; delete it once it has completed or failed", param="video_id")
+        del self.jobs[video_id]  # the provider keeps the video itself until it expires (about an hour)
+        if self.state is not None:
+            self.state.drop_video(video_id)
+        return {"id": video_id, "object": "video.deleted", "deleted": True}
+
+    # -- restart --------------------------------------------------------------------------------------------
+    async def resume(self) -> None:
+        """Take back the videos the state directory holds: an ended one as it was, an open one asked of the
+        engine again under the same request id (an engine that holds it answers without making it again)."""
+        if self.state is None:
+            return
+        for rec in self.state.videos():
+            try:
+                job = VideoJob.from_record(rec, self.validator)
+            except Exception as exc:  # one bad record never keeps the endpoint from starting
+                self.state.set_aside_video(str(rec.get("id")), exc)
+                continue
+            self.jobs[job.id] = job
+            if job.result is None:
+                left = (job.req.deadline_s or 0.0) - (self._now() - job.created_at) * self.speedup
+                job.admitted = asyncio.get_running_loop().create_future()
+                try:
+                    await self._admit(job, max(left, 1.0))
+                except Exception as exc:
+                    log.error("endpoint: video %s could not be asked of the engine again: %s", job.id, exc)
+
+    async def shutdown(self) -> None:
+        """Stop waiting (the engine's requests run on); an open video stays open on disk, for the next start."""
+        await asyncio.gather(*self._detached, return_exceptions=True)
+        tasks = [j.task for j in self.jobs.values() if j.task is not None and not j.task.done()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _fields(http: HttpRequest) -> dict[str, Any]:
+    """The create's fields: a multipart form, as the ``openai`` SDK sends it, or a JSON object."""
+    kind = http.headers.get("content-type", "")
+    if kind.startswith("application/json"):
+        return await json_body(http)
+    if not kind.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        raise ApiError(400, f"POST {VIDEOS_URL} takes multipart/form-data (or a JSON object) with 'prompt', and "
+                            "optionally 'model', 'seconds' and 'size'")
+    async with http.form(max_files=1, max_fields=len(_FIELDS) + 4) as form:
+        return {k: ("<file>" if isinstance(v, UploadFile) else v) for k, v in form.items()}

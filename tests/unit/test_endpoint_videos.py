@@ -1,0 +1,267 @@
+"""OpenAI's Videos API at the endpoint, with the official ``openai`` SDK's ``client.videos``: the endpoint under
+uvicorn, an engine stand-in whose every request is the call a dispatcher makes through the OpenAI provider alone,
+and the emulator's Videos API behind it (no Ray). Before, ``/v1/videos`` was a 404 saying "This endpoint has no
+video route": every test here failed at its first call."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+
+import openai
+import pytest
+from pydantic import ValidationError
+
+from actors._video_content import content_by
+from engine.app.endpoint import HEADER_COST, HEADER_MODE, HEADER_REQUEST_ID, make_app
+from engine.core.cost import price_alone
+from engine.core.errors import RequestError
+from engine.core.request import Request, validation_context
+from engine.core.result import Result
+from engine.core.trace import _problems_of
+from engine.emulator import Emulator
+from engine.emulator._videos import mp4
+from engine.runtime.outcomes import ok_result
+from tests.unit.test_endpoint import serving
+from tests.unit.test_http_providers import CAT, KEY, SPEED, direct, http_settings, job_of
+
+pytestmark = pytest.mark.filterwarnings("ignore:The Sora API is scheduled:DeprecationWarning")
+WAIT_S = 10.0  # real seconds any wait here is bounded by
+
+
+class VideoEngine:
+    """The engine's asyncio face for videos: each request one call through the OpenAI provider alone at the
+    emulator (``direct``), run on a loop of its own as a dispatcher's would be; a video's bytes fetched as the
+    dispatcher fetches them (``content_by``, with the provider's key). A (tenant, id) submitted again gets the same
+    future, as the engine's does. While ``hold()`` is on, calls wait before they start."""
+
+    def __init__(self, emu: Emulator):
+        self.settings, self.gone = http_settings(emu), None
+        self._ctx = validation_context(CAT, self.settings, live=True)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+        self.provider = self._on_loop(self._make(emu))
+        self._go = self._on_loop(self._event())
+        self.futs: dict[tuple[str, str], concurrent.futures.Future] = {}
+        self.submitted: list[str] = []  # every submission's id, in order
+
+    async def _make(self, emu):
+        return direct(emu, "openai")
+
+    async def _event(self) -> asyncio.Event:
+        ev = asyncio.Event()
+        ev.set()
+        return ev
+
+    def _on_loop(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(WAIT_S)
+
+    def hold(self) -> None:
+        self.loop.call_soon_threadsafe(self._go.clear)
+
+    def release(self) -> None:
+        self.loop.call_soon_threadsafe(self._go.set)
+
+    def submit_many(self, ds: list[dict]) -> list[concurrent.futures.Future]:
+        reqs = []
+        for d in ds:  # all refused, or all queued
+            try:
+                reqs.append(Request.model_validate({**d, "arrival_s": 0.0}, context=self._ctx))
+            except ValidationError as exc:
+                field, msg = _problems_of(exc)[0]
+                raise RequestError(d.get("id"), field, msg) from None
+        futs = []
+        for req in reqs:
+            self.submitted.append(req.id)
+            key = (req.tenant, req.id)
+            if key not in self.futs:
+                self.futs[key] = asyncio.run_coroutine_threadsafe(self._call(req), self.loop)
+            futs.append(self.futs[key])
+        return futs
+
+    async def _call(self, req: Request) -> Result:
+        await self._go.wait()
+        job = job_of(req)
+        out = await self.provider.call(job._replace(body=self.provider.sync_body(job)))
+        if not out.ok:
+            return Result(id=req.id, tenant=req.tenant, status="failed", error=out.error, provider=req.provider)
+        return ok_result(req, at=0.0, cost=out.cost, mode="sync", batch_id=None, recommendation=None, reason="",
+                         out=out)
+
+    async def as_completed(self, futures):
+        for f in futures:  # shielded, as the engine's: a wait cancelled (a shutdown) never cancels the request
+            yield await asyncio.shield(asyncio.wrap_future(f))
+
+    async def video_content(self, provider: str, url: str, variant: str = "video"):
+        got = asyncio.run_coroutine_threadsafe(content_by(self.provider, provider, self.settings, url, variant),
+                                               self.loop)
+        return await asyncio.wrap_future(got)
+
+    def close(self) -> None:
+        self.release()
+        self._on_loop(self.provider.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(WAIT_S)
+
+
+@pytest.fixture
+def rig():
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED) as emu:
+        eng = VideoEngine(emu)
+        try:
+            with serving(make_app(eng, catalog=CAT)) as url, \
+                    openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=WAIT_S) as client:
+                yield eng, client, emu
+        finally:
+            eng.close()
+
+
+def creates(emu: Emulator) -> int:
+    return [c.route for c in emu.calls].count("videos")
+
+
+def until_ended(client: openai.OpenAI, vid: str):
+    """Poll the retrieve route until the video has ended (a bounded loop: the emulator makes it in milliseconds)."""
+    limit = time.monotonic() + WAIT_S
+    while (v := client.videos.retrieve(vid)).status in ("queued", "in_progress"):
+        assert time.monotonic() < limit, f"video {vid} still {v.status} after {WAIT_S} s"
+    return v
+
+
+def test_a_video_is_created_polled_downloaded_and_billed_once_at_the_catalogs_price(rig):
+    eng, client, emu = rig
+    eng.hold()  # the engine has no result yet: the create answers at once, and retrieve says it is being made
+    made = client.videos.create(model="sora-2", prompt="A heron lands on a post", seconds="8", size="1280x720",
+                                extra_headers={HEADER_REQUEST_ID: "heron-1"})
+    assert (made.object, made.status, made.model, made.seconds, made.size) == ("video", "queued", "sora-2", "8",
+                                                                               "1280x720")
+    assert client.videos.retrieve(made.id).status == "in_progress" and creates(emu) == 0
+    eng.release()
+    done = until_ended(client, made.id)
+    assert done.status == "completed" and done.progress == 100 and done.error is None
+    raw = client.videos.with_raw_response.retrieve(made.id)
+    # The cost model's price for 8 s at 720p, which the emulator billed once.
+    want = price_alone(Request.model_validate({"id": "x", "arrival_s": 0.0, "model": "sora-2", "prompt": "p",
+                                               "params": {"duration_s": 8, "resolution": "720p"}}), CAT, "sync").total
+    (item,) = emu.bill().items
+    assert float(raw.headers[HEADER_COST]) == pytest.approx(want, abs=1e-9) == item.cost_usd
+    assert raw.headers[HEADER_MODE] == "sync" and raw.headers[HEADER_REQUEST_ID] == "heron-1"
+    got = client.videos.download_content(made.id)
+    assert got.content == mp4(8) and got.response.headers["content-type"] == "video/mp4"
+    with pytest.raises(openai.BadRequestError) as caught:  # the provider's own refusal, passed on
+        client.videos.download_content(made.id, variant="thumbnail")
+    assert caught.value.body["param"] == "variant"
+    # The same create again (the SDK's retry, or the app's): the same video, never a second.
+    again = client.videos.create(model="sora-2", prompt="A heron lands on a post", seconds="8", size="1280x720",
+                                 extra_headers={HEADER_REQUEST_ID: "heron-1"})
+    assert (again.id, again.status) == (made.id, "completed") and creates(emu) == 1 and eng.submitted == ["heron-1"]
+    assert [v.id for v in client.videos.list()] == [made.id]
+    assert client.videos.delete(made.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.videos.retrieve(made.id)
+    assert len(emu.bill().items) == 1
+
+
+@pytest.mark.parametrize("kw, param, said", [
+    ({"seconds": "5"}, "seconds", "'sora-2'"),
+    ({"size": "1792x1024"}, "size", "720x1280, 1280x720"),
+    ({"model": "gpt-5-mini"}, "model", "makes text, not video"),
+    ({"model": "sora-3"}, "model", "did you mean"),
+    ({"model": "veo-3.1-generate-001"}, "model", "not made through OpenAI's Videos API"),
+])
+def test_a_bad_field_is_a_400_naming_it_and_nothing_is_admitted(rig, kw, param, said):
+    eng, client, emu = rig
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.videos.create(**{"model": "sora-2", "prompt": "A heron", **kw})
+    assert caught.value.body["param"] == param and said in caught.value.body["message"]
+    assert eng.submitted == [] and creates(emu) == 0
+
+
+def test_an_unknown_video_is_a_404_in_openais_shape(rig):
+    _, client, _ = rig
+    for call in (client.videos.retrieve, client.videos.download_content, client.videos.delete):
+        with pytest.raises(openai.NotFoundError) as caught:
+            call("video_nonesuch")
+        assert caught.value.body["code"] == "video_not_found" and caught.value.body["param"] == "video_id"
+
+
+def test_a_failed_video_says_why_and_has_no_content(rig):
+    eng, client, emu = rig
+    emu.faults.configure({"fail_videos": 1})
+    made = client.videos.create(model="sora-2", prompt="A heron", seconds="4")
+    done = until_ended(client, made.id)
+    assert done.status == "failed" and "video_generation_failed" in done.error.message
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.videos.download_content(made.id)
+    assert caught.value.body["code"] == "video_not_ready" and not emu.bill().items
+
+
+def test_a_download_never_shows_the_providers_key(rig):
+    """The dispatcher fetches only an address under its provider's base_url (a result of another endpoint is
+    refused, the key not sent), and a provider error it passes on is masked."""
+    eng, _, _ = rig
+    code, body, _ = asyncio.run(eng.video_content("openai", "http://elsewhere.test/v1/videos/video_1/content"))
+    assert code == 409 and body["error"]["code"] == "video_address_elsewhere"
+    base = str(eng.provider.client.base_url).rstrip("/")
+    code, body, _ = asyncio.run(eng.video_content("openai", f"{base}/videos/video_nonesuch/content"))
+    assert code == 404 and KEY not in str(body) and "not found" in body["error"]["message"]
+
+
+def test_videos_survive_a_restart_with_the_state_directory_and_an_open_one_is_not_made_twice(tmp_path):
+    """An ended video is answered as it was; one still being made is asked of the engine again under the same
+    request id, which the engine answers without making it again (one create at the provider)."""
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED) as emu:
+        eng = VideoEngine(emu)
+        try:
+            with serving(make_app(eng, catalog=CAT, state_dir=tmp_path)) as url, \
+                    openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=WAIT_S) as client:
+                ended = until_ended(client, client.videos.create(model="sora-2", prompt="A heron").id)
+                eng.hold()
+                open_ = client.videos.create(model="sora-2-pro", prompt="A crane", seconds="12")
+            eng.release()
+            with serving(make_app(eng, catalog=CAT, state_dir=tmp_path)) as url, \
+                    openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=WAIT_S) as client:
+                assert client.videos.retrieve(ended.id).status == "completed"
+                assert until_ended(client, open_.id).status == "completed"
+                assert client.videos.download_content(open_.id).content == mp4(12)
+                assert [v.id for v in client.videos.list()] == [open_.id, ended.id]
+        finally:
+            eng.close()
+        assert creates(emu) == 2 and eng.submitted.count(eng.submitted[-1]) == 2  # asked again, made once
+
+
+def test_downloads_past_the_dispatchers_bound_are_refused_at_once():
+    """Slow downloads pile up at a dispatcher no further than ``CONTENT_CONCURRENCY``: one more is a 429 at once,
+    never sent, and once they end a download goes through again (each held an actor method slot and a connection)."""
+    from actors._video_content import CONTENT_CONCURRENCY, VideoContent
+    from engine.core.settings import Settings
+
+    class SlowProvider:
+        def __init__(self):
+            self.release, self.asked = asyncio.Event(), 0
+
+        async def video_content(self, url, variant):
+            self.asked += 1
+            await self.release.wait()
+            return 200, b"mp4", "video/mp4"
+
+    class D(VideoContent):
+        def __init__(self):
+            self.provider, self.name, self.settings = SlowProvider(), "openai", Settings()
+
+    async def go():
+        d = D()
+        slow = [asyncio.ensure_future(d.video_content("u", "video")) for _ in range(CONTENT_CONCURRENCY)]
+        while d.provider.asked < CONTENT_CONCURRENCY:
+            await asyncio.sleep(0)  # each started download reaches the provider (no timer: the loop's next turn)
+        status, body, _ = await asyncio.wait_for(d.video_content("u", "video"), WAIT_S)  # (a bound)
+        assert status == 429 and body["error"]["code"] == "rate_limit_exceeded"
+        assert d.provider.asked == CONTENT_CONCURRENCY  # never sent
+        d.provider.release.set()
+        assert [s for s, _, _ in await asyncio.gather(*slow)] == [200] * CONTENT_CONCURRENCY
+        assert (await d.video_content("u", "video"))[0] == 200
+
+    asyncio.run(go())
