@@ -142,3 +142,28 @@ def test_a_standard_batch_file_round_trips_through_the_sdk(endpoint):
         "completed", batch.request_counts, batch.output_file_id)
     assert [json.loads(x) for x in client.files.content(batch.output_file_id).text.splitlines()] == out
 
+
+
+@pytest.mark.filterwarnings("ignore:The Sora API is scheduled:DeprecationWarning")
+def test_a_video_round_trips_through_the_sdks_videos_api_its_bytes_fetched_by_the_dispatcher(endpoint):
+    """``client.videos`` through Serve's replica: created, polled, and its MP4 fetched by the engine's dispatcher
+    with the provider's key (``Engine.video_content``), billed once at the catalog's price. Before, a 404."""
+    from engine.core.cost import price_alone
+    from engine.core.request import Request
+    from engine.emulator._videos import mp4
+
+    _, _, emu, client, _ = endpoint
+    made = client.videos.create(model="sora-2", prompt="A kingfisher dives", seconds="4",
+                                extra_headers={"X-Smartbatch-Request-Id": "kingfisher-1"})
+    assert made.status == "queued"
+    until = time.monotonic() + 60
+    while (v := client.videos.retrieve(made.id)).status in ("queued", "in_progress"):
+        assert time.monotonic() < until, f"video still {v.status}"
+        time.sleep(0.2)  # polling the HTTP API, as a client does
+    assert v.status == "completed", v.error
+    raw = client.videos.with_raw_response.retrieve(made.id)
+    want = price_alone(Request.model_validate({"id": "x", "arrival_s": 0.0, "model": "sora-2", "prompt": "p",
+                                               "params": {"duration_s": 4, "resolution": "720p"}}), CAT, "sync").total
+    assert float(raw.headers["x-smartbatch-cost-usd"]) == pytest.approx(want, abs=1e-9)
+    assert client.videos.download_content(made.id).content == mp4(4)
+    assert emu.count("videos", "openai") == 1
