@@ -52,6 +52,10 @@ class Ingest(Holders, Warm):
         # In ``seen``, waiting for the hub's ``admit``: counted per admission (a re-admission and another driver's
         # submit of the id may overlap), so one's end leaves the other's mark (``reregister``)
         self._admitting = Held()
+        # Fresh ids of a sharded submit awaiting the hub's verdict, until marked ``_moving`` or let go: a
+        # re-admission waits for the verdict (``_decided``) before it asks who holds them
+        self._deciding = Held()
+        self._verdict: asyncio.Future | None = None
         self._leaving: dict[str, asyncio.TimerHandle] = {}  # driver -> the forget of the ids only it holds
         self._drops_seen, self._drops_check_at = 0, 0.0  # the hub's dropped drivers read, and the next look
         self._drops_task: asyncio.Task | None = None
@@ -180,17 +184,17 @@ class Ingest(Holders, Warm):
         try:
             if client is not None and self.hubs:
                 if across:
-                    jobs = await self._admit_across(client, jobs)
+                    jobs = await self._admit_deciding(client, jobs)
                     fresh = {j.req.uid for j in jobs}
                 elif jobs:  # before the jobs move on (a result that comes first is handed over at the claim), with
                     # the fingerprints the hub checks a restarted ingest's admissions against
                     self.hubs.send("claim", uid_shard, [j.req.uid for j in jobs], [j.fp for j in jobs], lead=(client,))
-                if repeats:
-                    await self._claim_repeats(client, repeats)
-            if not jobs:
-                return 0
-            self._moving.update(fresh)
+            self._moving.update(fresh)  # before any await, ``_admit_deciding``'s verdict included
             try:
+                if repeats and client is not None and self.hubs:
+                    await self._claim_repeats(client, repeats)
+                if not jobs:
+                    return 0
                 await self._journal(jobs)
                 if across and prev is not None:
                     await prev
@@ -205,6 +209,28 @@ class Ingest(Holders, Warm):
         finally:
             if across and not mine.done():
                 mine.set_result(None)
+
+    async def _admit_deciding(self, client: str, jobs: list[Job]) -> list[Job]:
+        """``_admit_across``, its ids marked as deciding meanwhile. A re-admission of one of them (another
+        driver's) asked who held it in that wait, heard nobody and sent it to its grouper, while the submit's copy
+        went on through the cache to follow an identical request in flight: a call billed beside the answer it was
+        to share (a review). The caller marks those that go on ``_moving`` before any await."""
+        asking = [j.req.uid for j in jobs]
+        self._deciding.update(asking)
+        try:
+            return await self._admit_across(client, jobs)
+        finally:
+            self._deciding.difference_update(asking)
+            if self._verdict is not None:
+                self._verdict.set_result(None)
+                self._verdict = None
+
+    async def _decided(self, uids: list[str]) -> None:
+        """Until no submit of ``uids`` awaits the hub's verdict (``_admit_deciding``)."""
+        while any(u in self._deciding for u in uids):
+            if self._verdict is None:
+                self._verdict = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._verdict)
 
     async def _admit_across(self, client: str, jobs: list[Job]) -> list[Job]:
         """Claim ``jobs`` for ``client`` at the hub shards of their ids, which refuse an id another ingest shard
@@ -357,6 +383,9 @@ class Ingest(Holders, Warm):
             self.hubs.send("claim", uid_shard, uids, lead=(client,))
         # The hub too: a result it holds but the driver had not pulled when it listed its unfinished requests.
         known = await self._recall(self._rememberers(caches=False), uids, caches=list(self.caches), detach=force)
+        while any(u in self._deciding for u in uids):  # a submit of one awaits the hub's verdict: ask once it has it
+            await self._decided(uids)
+            known = await self._recall(self._rememberers(caches=False), uids, caches=list(self.caches), detach=force)
         if force and known:
             log.warning("ingest: %d request(s) open long past their deadline are still held by a dispatcher or "
                         "the hub: %s", len(known), sorted(known)[:5])
