@@ -18,6 +18,7 @@ from engine.core.grouping import WarmNote
 log = logging.getLogger("smartbatch.dispatcher")
 
 FLUSH_S = 0.005
+SPEND_WAIT_S = 2.0  # at most this long ``spend_told`` waits for the budget controller (real seconds)
 
 
 def maybe_billed_error(error: str | None, maybe_usd: float) -> str | None:
@@ -106,6 +107,14 @@ class Outbox:
             self._kick()
 
         self.budget.deliver(method, items, held=held)
+
+    async def spend_told(self, timeout_s: float = SPEND_WAIT_S) -> bool:
+        """Answers once the budget controller has taken the settlements and charges this dispatcher has sent (each
+        leaves before the results it settles), or after ``timeout_s`` while it is restarting: the driver asks this
+        before it reads the ledger for a report. Ray does not order this dispatcher's settlement and the driver's
+        read of the ledger (two callers), so a report read as soon as the last result was in could miss that
+        result's spend (a helper's hunt under load: the ledger one image short of the bill)."""
+        return await self.budget.delivered(timeout_s)
 
     def _deliver_again(self, saved: dict) -> None:
         """After a restart: send again what the last process had not delivered (settling and charging count

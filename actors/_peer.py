@@ -109,6 +109,15 @@ class Peer:
             await asyncio.sleep(wait)
             wait = min(2 * wait, 5.0)
 
+    async def delivered(self, timeout_s: float) -> bool:
+        """Wait until what ``deliver`` (and, to a plain object, ``send``) has sent so far is taken, at most
+        ``timeout_s`` (a peer that is restarting keeps a delivery open for longer); True when it is."""
+        pending = list(self._tasks)
+        if not pending:
+            return True
+        _, left = await asyncio.wait(pending, timeout=timeout_s)
+        return not left
+
     @property
     def target(self) -> Any:
         return self._resolve()
