@@ -28,6 +28,7 @@ from engine.core.provider_api import call_key
 from engine.core.settings import Settings
 from engine.core.tracegen import synth
 from engine.emulator import Emulator
+from tests.integration._flex_bill import request_key, timed_out_flex
 
 CAT = default_catalog()
 SPEEDUP = 400.0
@@ -174,33 +175,21 @@ def test_killing_each_actor_kind_mid_run_loses_nothing_and_pays_nothing_twice(ch
     bill = emu.bill()
     rep = eng.report()
     twice = {p: s["paid_twice"] for p, s in rep["providers"].items() if s["paid_twice"]}
-    # Each billed item names its request: a batch member by custom_id, a sync call by Idempotency-Key (both
-    # call_key(tenant, id, model, attempt)); no request may be billed twice, and each billed one has its result.
-    keys = [(i.custom_id or i.idempotency_key or i.request_id).rsplit("-", 1)[0] for i in bill.items]
-    by_key: dict[str, list] = {}
-    for i, k in zip(bill.items, keys):
-        by_key.setdefault(k, []).append(i)
-    # But one: a flex call given up at its timeout (a slow machine makes it late) may have been billed, and its
-    # standard call is then billed too, which its deadline asks for. The engine takes that knowingly, keeps the flex
-    # call's bound on the budget and reports it (``flex_timed_out``, ``possibly_billed``): each such pair must be
-    # one flex item and one standard one, no more of them than the dispatchers counted, their flex items' cost
-    # within the reported bound. Any other item billed twice is a defect.
-    gave_up = {k: items for k, items in by_key.items() if sorted(i.mode for i in items) == ["flex", "sync"]}
-    again = sorted((k, i.mode, i.request_id, i.cost_usd) for k, items in by_key.items() if len(items) > 1
-                   and k not in gave_up for i in items)
+    # Each billed item names its request (``request_key``); no request may be billed twice, but for a flex call
+    # given up at its timeout and its standard call (``timed_out_flex``), and each billed one has its result.
+    keys = [request_key(i) for i in bill.items]
+    flex_paid = timed_out_flex(bill.items, {p: s for p, s in rep["providers"].items() if p in http})
+    paired = {request_key(i) for i in flex_paid}
+    again = sorted((k, i.mode, i.request_id, i.cost_usd) for i, k in zip(bill.items, keys)
+                   if keys.count(k) > 1 and k not in paired)
     result_of = {call_key(r.tenant, r.id, r.model).rsplit("-", 1)[0]: r for r in results}
     assert not again, (f"{len(again)} items billed twice: {again[:6]}; late cancels: {twice}; their results: "
                        f"{[result_of.get(k) for k, *_ in again[:2]]}")
-    timed_out = sum(s.get("flex_timed_out", 0) for p, s in rep["providers"].items() if p in http)
-    kept_usd = sum(s.get("possibly_billed_usd", 0.0) for p, s in rep["providers"].items() if p in http)
-    flex_paid = [i for items in gave_up.values() for i in items if i.mode == "flex"]
-    assert len(gave_up) <= timed_out, f"{len(gave_up)} flex and standard pairs billed, {timed_out} flex time-outs"
-    assert sum(i.cost_usd for i in flex_paid) <= kept_usd + 1e-9
     unmatched = [(i, result_of.get(k)) for i, k in zip(bill.items, keys)
                  if result_of.get(k) is None or result_of[k].status != "ok"]
     assert not unmatched, f"{len(unmatched)} billed item(s) whose request's result is not its call: {unmatched[:3]}"
-    billed = bill.total_usd - sum(i.cost_usd for i in flex_paid)
-    assert sum(r.cost_usd for r in called) == pytest.approx(billed, abs=1e-9)
+    assert sum(r.cost_usd for r in called) == pytest.approx(bill.total_usd - sum(i.cost_usd for i in flex_paid),
+                                                            abs=1e-9)
     assert len(bill.items) == len(called) + len(flex_paid)
     # The budget ledger came back from its journal: its spend covers what was billed, and nothing overran.
     assert rep["budget"]["overrun_usd"] == 0
