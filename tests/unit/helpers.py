@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 from collections.abc import Callable
 from typing import Any
@@ -211,3 +212,22 @@ def limited_catalog(provider: str, conc: int, base_s: float, per_token_s: float 
     raw["providers"][provider]["rate_limits"]["max_concurrency"] = conc
     raw["providers"][provider]["sync_latency"] = {"base_s": base_s, "per_output_token_s": per_token_s, "sigma": 0.0}
     return Catalog.model_validate(raw)
+
+
+class JobSink:
+    """A grouper stand-in: keeps the jobs it is sent (``add``), for the ingest race tests."""
+
+    def __init__(self):
+        self.jobs = []
+
+    async def add(self, jobs):
+        self.jobs.extend(jobs)
+
+
+async def until(cond) -> None:
+    """Let the event loop run (no time passes) until ``cond()`` holds: tasks started by a test reach a point."""
+    for _ in range(1000):
+        if cond():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("never came")

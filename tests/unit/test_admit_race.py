@@ -14,19 +14,13 @@ import asyncio
 from actors import Ingest, ResultHub
 from engine.core.features import fingerprint
 from engine.core.request import Request
+from tests.unit.helpers import JobSink, until
 
 
 def req(prompt: str) -> Request:
     return Request.model_validate({"id": "r1", "arrival_s": 0.0, "model": "gpt-5-mini", "prompt": prompt,
                                    "input_tokens": 50, "output_tokens": 10, "reuse": "exact"})
 
-
-class Recorder:
-    def __init__(self):
-        self.jobs = []
-
-    async def add(self, jobs):
-        self.jobs.extend(jobs)
 
 
 class GatedHub(ResultHub):
@@ -49,17 +43,10 @@ class GatedHub(ResultHub):
         return await super().recall(uids)
 
 
-async def until(cond) -> None:
-    for _ in range(1000):
-        if cond():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError("never came")
-
 
 def test_an_id_still_being_admitted_is_not_reregistered_when_another_admission_of_it_ends():
     async def go():
-        hub, grouper = GatedHub(), Recorder()
+        hub, grouper = GatedHub(), JobSink()
         ing = Ingest([grouper], None, hub=[hub], shard=(0, 2))  # sharded: every admission asks the hub
         theirs, mine = req("b"), req("a")  # one id, two contents, two drivers
         again = asyncio.ensure_future(ing.readmit([theirs], "two"))

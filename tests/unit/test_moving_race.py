@@ -17,19 +17,13 @@ from engine.core.clock import ManualClock
 from engine.core.features import fingerprint
 from engine.core.grouping import ReuseSettings
 from engine.core.request import Request
+from tests.unit.helpers import JobSink, until
 
 
 def req(rid: str, prompt: str) -> Request:
     return Request.model_validate({"id": rid, "arrival_s": 0.0, "model": "gpt-5-mini", "prompt": prompt,
                                    "input_tokens": 50, "output_tokens": 10, "reuse": "exact"})
 
-
-class Recorder:
-    def __init__(self):
-        self.jobs = []
-
-    async def add(self, jobs):
-        self.jobs.extend(jobs)
 
 
 class SlowHub(ResultHub):
@@ -45,20 +39,13 @@ class SlowHub(ResultHub):
         return await super().admit(client, uids, fps)
 
 
-async def until(cond) -> None:
-    for _ in range(1000):
-        if cond():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError("never came")
-
 
 def test_a_readmission_while_a_submit_of_its_request_awaits_the_hub_does_not_send_a_second_copy():
     async def go():
         hubs = [ResultHub(), SlowHub()]
         r, s, x = req("r", "same"), req("s1", "other"), req("x", "same")  # x: r's content under another id
         assert (uid_shard(r.uid, 2), uid_shard(s.uid, 2)) == (0, 1)
-        cache, grouper = ResultCache(ReuseSettings(exact=True, in_flight=True, near=False), hubs, ManualClock(0.0)), Recorder()
+        cache, grouper = ResultCache(ReuseSettings(exact=True, in_flight=True, near=False), hubs, ManualClock(0.0)), JobSink()
         assert await cache.lookup([Job(0, x, fingerprint(x))]) == [0]  # x leads: r's content is being generated
         await hubs[0].admit("two", [r.uid], [fingerprint(r)])  # driver two submitted r before the restart
         ing = Ingest([grouper], [cache], hub=hubs, shard=(0, 2))
@@ -95,7 +82,7 @@ def test_a_submit_of_a_request_whose_readmission_is_asking_who_holds_it_does_not
     async def go():
         hubs, disp = [ResultHub(), SlowHub()], SlowDispatcher()
         r, s, x = req("r", "same"), req("s1", "other"), req("x", "same")
-        cache, grouper = ResultCache(ReuseSettings(exact=True, in_flight=True, near=False), hubs, ManualClock(0.0)), Recorder()
+        cache, grouper = ResultCache(ReuseSettings(exact=True, in_flight=True, near=False), hubs, ManualClock(0.0)), JobSink()
         assert await cache.lookup([Job(0, x, fingerprint(x))]) == [0]
         await hubs[0].admit("two", [r.uid], [fingerprint(r)])
         ing = Ingest([grouper], [cache], hub=hubs, shard=(0, 2), dispatchers=[disp])
