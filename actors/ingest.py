@@ -364,13 +364,14 @@ class Ingest(Holders, Warm):
 
     async def readmit(self, requests: list[Request], client: str | None = None, force: bool = False) -> int:
         """Requests accepted earlier that a restarted actor may have lost (driver ``client`` sends every
-        unfinished one, claimed again here). Each goes on only if no dispatcher, not the cache and not the hub
-        holds it: those carry it out, send its result again, or have it. The rest go straight to their groupers
-        (no cache lookup: a request that is in fact still in flight somewhere must not be answered a second time
-        from the cache), which keep one copy of each. ``force`` (the driver's sweep, for requests open long past
-        their deadline): the cache lets go of those still following an identical request (whose result may
-        never reach them: the leader's end was lost with a restarted actor), and they are generated themselves;
-        who still says it holds one is logged."""
+        unfinished one, claimed again here). Each goes on only if no dispatcher, grouper, cache or hub holds it:
+        those carry it out, send its result again, or have it. The rest go straight to their groupers (no cache
+        lookup: a request that is in fact still in flight somewhere must not be answered a second time from the
+        cache), which keep one copy of each. (Its own grouper is not the only one to ask: one rerouted to a
+        fallback model waits in the fallback class's, and was billed under both models.) ``force`` (the driver's
+        sweep, for requests open long past their deadline): the cache lets go of those still following an
+        identical request (whose result may never reach them: the leader's end was lost with a restarted actor),
+        and they are generated themselves; who still says it holds one is logged."""
         requests = self._sort(requests, client)
         if client is not None and self.hubs and requests and (self.shard[1] > 1 or self._reborn):
             # The hub checks that an id names one content, here too: across ingest shards (a refusal a failed
@@ -382,13 +383,14 @@ class Ingest(Holders, Warm):
         if client is not None and self.hubs and uids and self.shard[1] == 1 and not self._reborn:
             self.hubs.send("claim", uid_shard, uids, lead=(client,))
         # The hub too: a result it holds but the driver had not pulled when it listed its unfinished requests.
-        known = await self._recall(self._rememberers(caches=False), uids, caches=list(self.caches), detach=force)
+        peers = [*self._rememberers(caches=False), *self.groupers]
+        known = await self._recall(peers, uids, caches=list(self.caches), detach=force)
         while any(u in self._deciding for u in uids):  # a submit of one awaits the hub's verdict: ask once it has it
             await self._decided(uids)
-            known = await self._recall(self._rememberers(caches=False), uids, caches=list(self.caches), detach=force)
+            known = await self._recall(peers, uids, caches=list(self.caches), detach=force)
         if force and known:
-            log.warning("ingest: %d request(s) open long past their deadline are still held by a dispatcher or "
-                        "the hub: %s", len(known), sorted(known)[:5])
+            log.warning("ingest: %d request(s) open long past their deadline are still held by a dispatcher, "
+                        "a grouper or the hub: %s", len(known), sorted(known)[:5])
         # Still in their cache lookup (a busy cache keeps one past the sweep's grace): that lookup sends them on,
         # so sent from here too they were generated and paid twice.
         jobs = [self._job(r) for r in requests if r.uid not in known and r.uid not in self._moving]
