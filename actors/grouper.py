@@ -348,18 +348,20 @@ class Grouper(CancelGroups, Learning, BudgetFollow, Parking, Warm):
             return
         if self.budget_limited:
             # While the reservation call is out, these requests are neither pending nor parked: a copy
-            # re-admitted meanwhile must still be recognised, or both would go on.
+            # re-admitted meanwhile must still be recognised, or both would go on. So until they are sent or
+            # ended: ending a member withdrawn meanwhile asks the dispatchers first, and a copy of a refused or
+            # reserved member re-admitted in that wait was sent beside it (a review).
             uids = [j.req.uid for b in batches for j in b.jobs]
             self._reserving.update(uids)
             self._let_go(marked)
             try:
                 batches = await self._reserve(batches, now, refused)
+                if self._cancelled:  # cancelled while the ledger answered: sent nowhere, its claims settled at 0
+                    await self._cancel_reserved(batches, refused)
+                    return
+                batches = await self._drop_withdrawn(batches)
             finally:
                 self._reserving.difference_update(uids)
-            if self._cancelled:  # cancelled while the ledger answered: sent nowhere, its claims settled at 0
-                await self._cancel_reserved(batches, refused)
-                return
-            batches = await self._drop_withdrawn(batches)
         self._let_go(marked)
         per_provider: dict[str, list[BatchJob]] = {}
         for b in batches:
