@@ -265,3 +265,21 @@ def test_downloads_past_the_dispatchers_bound_are_refused_at_once():
         assert (await d.video_content("u", "video"))[0] == 200
 
     asyncio.run(go())
+
+
+@pytest.mark.parametrize("key", [KEY, "NEVERSHOWN-plain-key-1234567890abcdef"], ids=["sk-shaped", "plain"])
+def test_a_download_refused_quoting_the_providers_key_never_shows_it(key):
+    """The provider answers the download with an error that quotes the key back (as OpenAI's 401 does): the
+    answer passed on has it masked, a key shaped like one or not (the one the provider holds, by value)."""
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED) as emu:
+        async def go():
+            p = direct(emu, "openai", key=key)
+            try:
+                emu.faults.script("openai", "videos.content",
+                                  [{"status": 401, "message": f"Incorrect API key provided: {key}"}])
+                base = str(p.client.base_url).rstrip("/")
+                return await content_by(p, "openai", p.settings, f"{base}/videos/video_1/content", "video")
+            finally:
+                await p.close()
+        code, body, _ = asyncio.run(go())
+    assert code == 401 and key not in str(body) and "[redacted]" in body["error"]["message"]
