@@ -65,16 +65,26 @@ class RedisServer:
         # Keep draining its output so a full pipe never blocks the server.
         import threading
 
-        self._drain = threading.Thread(target=lambda out=self.proc.stdout: [None for _ in out], daemon=True)
+        self._drain = threading.Thread(target=_drain, args=(self.proc.stdout,), daemon=True)
         self._drain.start()
 
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.terminate()
-            self.proc.wait(10)
-            self._drain.join(10)  # ends at the pipe's EOF, once the server is gone
-            self.proc.stdout.close()
+            self._gone()
             self.proc = None
+
+    def crash(self) -> None:
+        """Kill the server as a crash would (no save on the way out); ``start`` brings it back from its snapshot."""
+        self.proc.kill()
+        self._gone()
+
+    def _gone(self) -> None:
+        self.proc.wait(10)
+        # The drain ends at the pipe's EOF, once the server is gone; closed under it while it still read (a test's
+        # crash did so at once), its thread raised "I/O operation on closed file", which failed the test.
+        self._drain.join(10)
+        self.proc.stdout.close()
 
     def client(self):
         import redis
@@ -87,6 +97,15 @@ class RedisServer:
         for c in self._clients:
             c.close()
         self._clients.clear()
+
+
+def _drain(out) -> None:
+    """Read a server's output to its end, so a full pipe never blocks it; a pipe closed under it ends it too."""
+    try:
+        for _ in out:
+            pass
+    except ValueError:  # closed by ``stop`` after its bounded wait for the end
+        pass
 
 
 def _need_redis():

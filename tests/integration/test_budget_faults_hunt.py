@@ -25,9 +25,7 @@ def _claims(*ids, usd):
 
 
 def _crash_and_restart(srv) -> None:
-    srv.proc.kill()  # a crash: no save on the way out
-    srv.proc.wait(10)
-    srv.proc.stdout.close()
+    srv.crash()
     srv.start()  # back from its last snapshot (RDB)
 
 
