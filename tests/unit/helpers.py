@@ -231,3 +231,21 @@ async def until(cond) -> None:
             return
         await asyncio.sleep(0)
     raise AssertionError("never came")
+
+
+class SlowDispatcher:
+    """A dispatcher stand-in: records what it is sent; its answer to ``holds`` (of those, what it was sent) waits
+    for ``answer``, so a test acts while a grouper's question is out (``asked``)."""
+
+    def __init__(self):
+        self.sent: list[str] = []
+        self.asked, self.answer = asyncio.Event(), asyncio.Event()
+
+    async def holds(self, uids):
+        self.asked.set()
+        await self.answer.wait()
+        return [u for u in uids if u in self.sent]
+
+    async def run_many(self, batches, *learns):
+        self.sent += [j.req.uid for b in batches for j in b.jobs]
+        return True

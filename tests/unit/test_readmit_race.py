@@ -20,6 +20,7 @@ from engine.core.clock import ManualClock
 from engine.core.request import Request
 from engine.core.result import Result
 from policies import load_policy
+from tests.unit.helpers import SlowDispatcher
 
 CAT = default_catalog()
 
@@ -47,26 +48,10 @@ class Restarting(BudgetController):
         return await super().reserve_many(claims, release)
 
 
-class Provider:
-    """A dispatcher stand-in: records what it is sent; its answer to ``holds`` waits for ``answer``."""
-
-    def __init__(self):
-        self.sent: list[str] = []
-        self.asked, self.answer = asyncio.Event(), asyncio.Event()
-
-    async def holds(self, uids):
-        self.asked.set()
-        await self.answer.wait()
-        return []
-
-    async def run_many(self, batches, *learns):
-        self.sent += [j.req.uid for b in batches for j in b.jobs]
-        return True
-
 
 def test_a_copy_readmitted_while_its_request_is_rejected_is_not_sent():
     async def go():
-        clock, budget, disp, hub = ManualClock(0.0), Restarting(), Provider(), ResultHub()
+        clock, budget, disp, hub = ManualClock(0.0), Restarting(), SlowDispatcher(), ResultHub()
         g = Grouper(load_policy("smart", CAT), CAT, clock, {"anthropic": disp}, budget, hub)
         urgent, normal = req("u", "urgent", 300.0), req("n", "normal", 86_400.0)
         jobs = [Job(0, urgent, "fp-u"), Job(1, normal, "fp-n")]

@@ -17,6 +17,7 @@ from engine.core.catalog import default_catalog
 from engine.core.clock import ManualClock
 from engine.core.request import Request
 from policies import load_policy
+from tests.unit.helpers import SlowDispatcher
 
 CAT = default_catalog()
 
@@ -42,26 +43,10 @@ class Ledger:
         pass
 
 
-class Provider:
-    """A dispatcher stand-in: records what it is sent; its answer to ``holds`` waits for ``answer``."""
-
-    def __init__(self):
-        self.sent: list[str] = []
-        self.asked, self.answer = asyncio.Event(), asyncio.Event()
-
-    async def holds(self, uids):
-        self.asked.set()
-        await self.answer.wait()
-        return [u for u in uids if u in self.sent]
-
-    async def run_many(self, batches, *learns):
-        self.sent += [j.req.uid for b in batches for j in b.jobs]
-        return True
-
 
 def test_copies_readmitted_while_a_withdrawn_member_of_their_reservation_is_ended_are_not_sent_again():
     async def go():
-        ledger, disp, hub = Ledger(), Provider(), ResultHub()
+        ledger, disp, hub = Ledger(), SlowDispatcher(), ResultHub()
         g = Grouper(load_policy("naive", CAT), CAT, ManualClock(0.0), {"anthropic": disp}, ledger, hub)
         kept, refused, withdrawn = req("k"), req("x"), req("w")
         jobs = [Job(0, kept, "fp-k"), Job(1, refused, "fp-x"), Job(2, withdrawn, "fp-w")]
