@@ -10,7 +10,7 @@ import pytest
 
 from actors._types import Job
 from engine.core.provider_api import CallJob
-from tests.unit.test_flex_live import _tiers, flex_bound, flex_req, settled_at, timing_out
+from tests.unit.test_flex_live import _tiers, flex_bound, flex_req, flex_result, settled_at, timing_out
 from tests.unit.test_http_providers import Rig, emu  # noqa: F401  (emu: the fixture)
 
 
@@ -111,11 +111,8 @@ def test_a_flex_call_lost_then_refused_keeps_its_bound_beside_the_standard_answe
         rig = Rig(emu)
         assert rig.d.provider.honours_keys
         r = flex_req()
-        job = Job(0, r, "fp", claim="c0")
         try:
-            await rig.reserve([job])
-            await rig.run("flex", [job])
-            res = await rig.until(lambda: rig.results.get(r.id), "the result")
+            res = await flex_result(rig, r)
             assert res.status == "ok" and res.mode == "sync", res.error
             assert _tiers(rig) == ["flex", "flex", None] and rig.calls[0][2].maybe_billed
             bound = flex_bound(r, rig)
@@ -137,7 +134,6 @@ def test_a_request_withdrawn_while_its_flex_call_times_out_says_it_may_have_been
     async def go():
         rig = Rig(emu)
         r = timing_out(rig)
-        job = Job(0, r, "fp", claim="c0")
         inner = rig.d.provider.call
 
         async def withdrawn_meanwhile(cj: CallJob):
@@ -145,9 +141,7 @@ def test_a_request_withdrawn_while_its_flex_call_times_out_says_it_may_have_been
             return await inner(cj)
         rig.d.provider.call = withdrawn_meanwhile
         try:
-            await rig.reserve([job])
-            await rig.run("flex", [job])
-            res = await rig.until(lambda: rig.results.get(r.id), "the result")
+            res = await flex_result(rig, r)
             assert res.status != "ok" and _tiers(rig) == ["flex"]
             assert "earlier try got no answer" in res.error and "billed nothing" not in res.error, res.error
             bound = flex_bound(r, rig)
@@ -166,11 +160,8 @@ def test_a_flex_call_billed_but_unread_then_refused_leaves_the_ledger_at_or_over
     async def go():
         rig = Rig(emu)
         r = flex_req()
-        job = Job(0, r, "fp", claim="c0")
         try:
-            await rig.reserve([job])
-            await rig.run("flex", [job])
-            res = await rig.until(lambda: rig.results.get(r.id), "the result")
+            res = await flex_result(rig, r)
             assert res.status == "ok" and _tiers(rig) == ["flex", "flex", None], res.error
             assert [i.mode for i in emu.bill().items] == ["flex", "sync"]
             await rig.until(lambda: not rig.budget.book.claims, "the claim settled")

@@ -52,6 +52,14 @@ def flex_bound(r: Request, rig: Rig) -> float:
     return reserve_bound(r, rig.catalog, "sync", None) * mode_factor(OPENAI, "flex")
 
 
+async def flex_result(rig: Rig, r: Request):
+    """``r`` reserved (claim ``c0``) and dispatched at the flex tier by ``rig``'s dispatcher: its result."""
+    job = Job(0, r, "fp", claim="c0")
+    await rig.reserve([job])
+    await rig.run("flex", [job])
+    return await rig.until(lambda: rig.results.get(r.id), "the result")
+
+
 async def settled_at(rig: Rig, usd: float) -> None:
     """Wait for the request's claim to settle, and check the ledger's spend is ``usd``."""
     await rig.until(lambda: not rig.budget.book.claims, "the claim settled")
@@ -180,10 +188,7 @@ def test_a_refused_flex_call_goes_standard_once_under_its_own_key_no_try_spent(e
         rig = Rig(emu)
         try:
             r = flex_req()
-            job = Job(0, r, "fp", claim="c0")
-            await rig.reserve([job])
-            await rig.run("flex", [job])
-            res = await rig.until(lambda: rig.results.get(r.id), "the result")
+            res = await flex_result(rig, r)
             assert res.status == "ok" and res.mode == "sync", res.error
             assert _tiers(rig) == ["flex", None] and [j.attempt for j, _, _ in rig.calls] == [0, 0]
             first, second = (j for j, _, _ in rig.calls)
@@ -218,11 +223,8 @@ def test_a_flex_call_that_times_out_is_possibly_billed_and_sent_standard(emu):  
     async def go():
         rig = Rig(emu)
         r = timing_out(rig)
-        job = Job(0, r, "fp", claim="c0")
         try:
-            await rig.reserve([job])
-            await rig.run("flex", [job])
-            res = await rig.until(lambda: rig.results.get(r.id), "the result")
+            res = await flex_result(rig, r)
             assert res.status == "ok" and res.mode == "sync", res.error
             assert _tiers(rig) == ["flex", None] and rig.calls[0][2].maybe_billed
             stats = await rig.d.stats()
