@@ -3,7 +3,6 @@ within ``max_pending``, and the resolution that frees it. Its state is the engin
 
 from __future__ import annotations
 
-import concurrent.futures
 import time
 
 from engine.app._future import ResultFuture
@@ -105,19 +104,21 @@ class Admitting:
         return [r for r in new if r.uid not in self._futs]
 
     def _resolve(self, fut: ResultFuture, res: Result) -> None:
-        if fut.done():
-            return
-        try:
-            fut.set_result(res)
-        except concurrent.futures.InvalidStateError:  # another thread resolved it meanwhile, and counted it
-            return
+        # The place is freed before the result is set: a caller woken by its result (or a done-callback) that
+        # submits the next request finds the room. Freed after, it was still taken for a moment, and a submit
+        # with overload="raise" right after an awaited result was refused (CI of stop 67). The claim under the
+        # lock lets one of two threads resolving one future count it.
         with self._room:
+            if fut._claimed:
+                return
+            fut._claimed = True
             self._pending -= 1
             if res.reason == ID_TAKEN and self._futs.get(fut._req.uid) is fut:
                 del self._futs[fut._req.uid]  # refused for its id, taken elsewhere: free for the right content
             else:
                 self._finished.append((time.monotonic(), fut._req.uid))
             self._room.notify_all()
+        fut.set_result(res)  # out of the lock: a done-callback may submit
 
 
 def _same_content(r: Request, fut: ResultFuture) -> None:

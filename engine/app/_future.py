@@ -30,6 +30,7 @@ class ResultFuture(concurrent.futures.Future):
         self._req = req  # what was asked under this (tenant, id): a resubmission must ask the same
         self._engine = engine
         self._ref = None
+        self._claimed = False  # its result is being set (``Admitting._resolve``): counted off max_pending once
 
     def cancel(self) -> bool:
         """False, as for a call already running: a request handed to the engine is not called back. It runs on

@@ -102,3 +102,36 @@ def test_one_call_repeating_an_id_queues_it_once(overload):
         futs, queued = eng._admit([req("x"), req("y"), req("x")])
     assert queued and futs[0] is futs[2] and futs[0] is not futs[1]
     assert [r.id for r in eng._buffer] == ["x", "y"] and eng._pending == 2
+
+
+def test_a_result_is_seen_only_once_its_place_is_free_so_the_next_submit_finds_room():
+    """CI of stop 67: a driver awaited one request's result, then submitted with ``overload="raise"`` and was
+    refused, the finished request still holding its place (freed just after its result was set). A done-callback
+    runs inside the setting of the result, so it sees what any caller woken by the result could see."""
+    eng = Admit(max_pending=1)
+    eng._overload = "raise"
+    first = eng.submit(req("a"))
+    seen: list = []
+    first.add_done_callback(lambda f: seen.append((eng._pending, eng.submit(req("b")))))
+    eng._resolve(first, Result(id="a", tenant="default", status="ok"))
+    ((pending, nxt),) = seen
+    assert pending == 0 and not nxt.done() and eng._pending == 1  # "b" took the freed place
+    eng._resolve(first, Result(id="a", tenant="default", status="failed", error="late"))  # a second resolution
+    assert eng._pending == 1 and first.result(timeout=0).status == "ok"  # neither counted nor set again
+
+
+def test_two_threads_resolving_one_future_free_its_place_once():
+    eng = Admit(max_pending=2)
+    a, _b = eng.submit(req("a")), eng.submit(req("b"))
+    go = threading.Barrier(2)
+
+    def resolve():
+        go.wait(10)
+        eng._resolve(a, Result(id="a", tenant="default", status="ok"))
+
+    threads = [threading.Thread(target=resolve) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert eng._pending == 1 and a.result(timeout=0).status == "ok"
