@@ -328,8 +328,16 @@ class VideoRoutes:
                 job.admitted = asyncio.get_running_loop().create_future()
                 try:
                     await self._admit(job, max(left, 1.0))
-                except Exception as exc:
-                    log.error("endpoint: video %s could not be asked of the engine again: %s", job.id, exc)
+                except Exception as exc:  # the engine refused it (stopped, full, the request no longer valid)
+                    # It ends, saying why, as an open batch does: left open, it stayed in_progress for this
+                    # endpoint's life, and was refused again at every start (a review of stop 67).
+                    why = exc.message if isinstance(exc, ApiError) else f"{type(exc).__name__}: {exc}"
+                    log.error("endpoint: video %s could not be asked of the engine again: %s", job.id, why)
+                    job.result = Result(id=job.req.id, tenant=job.req.tenant, status="failed",
+                                        error=f"the endpoint restarted and the engine refused this video: {why} "
+                                              "(one under way before the restart may have been billed)")
+                    job.completed_at = int(self._now())
+                    self.state.save_video(job.record())
 
     async def shutdown(self) -> None:
         """Stop waiting (the engine's requests run on); an open video stays open on disk, for the next start."""

@@ -233,6 +233,39 @@ def test_videos_survive_a_restart_with_the_state_directory_and_an_open_one_is_no
         assert creates(emu) == 2 and eng.submitted.count(eng.submitted[-1]) == 2  # asked again, made once
 
 
+def test_an_open_video_the_engine_refuses_after_a_restart_fails_saying_why_and_is_not_asked_again(tmp_path):
+    """Before (a review of stop 67), a video still being made at a restart that the new engine refused (full,
+    stopped, the request no longer valid) stayed ``in_progress`` for the endpoint's life, and was refused again at
+    every start. Now it fails, saying why, as an open batch does then."""
+    from engine.core.errors import Overloaded
+
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED) as emu:
+        eng = VideoEngine(emu)
+        try:
+            with serving(make_app(eng, catalog=CAT, state_dir=tmp_path)) as url, \
+                    openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=WAIT_S) as client:
+                eng.hold()
+                open_ = client.videos.create(model="sora-2", prompt="A crane")
+            submit_many, asked = eng.submit_many, len(eng.submitted)
+
+            def full(ds):
+                raise Overloaded("100 requests are unfinished (max_pending=100)")
+
+            eng.submit_many = full
+            with serving(make_app(eng, catalog=CAT, state_dir=tmp_path)) as url, \
+                    openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=WAIT_S) as client:
+                v = client.videos.retrieve(open_.id)
+                assert v.status == "failed" and "engine refused this video" in v.error.message
+                assert "max_pending=100" in v.error.message
+            eng.submit_many = submit_many
+            with serving(make_app(eng, catalog=CAT, state_dir=tmp_path)) as url, \
+                    openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=WAIT_S) as client:
+                assert client.videos.retrieve(open_.id).status == "failed"  # ended: kept so, never asked again
+            assert len(eng.submitted) == asked
+        finally:
+            eng.close()
+
+
 def test_downloads_past_the_dispatchers_bound_are_refused_at_once():
     """Slow downloads pile up at a dispatcher no further than ``CONTENT_CONCURRENCY``: one more is a 429 at once,
     never sent, and once they end a download goes through again (each held an actor method slot and a connection)."""
