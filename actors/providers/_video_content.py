@@ -45,11 +45,15 @@ async def content_at(client: Any, sdk: Any, key: str, url: str, variant: str, ti
     except sdk.APIStatusError as exc:
         body = exc.body if isinstance(exc.body, dict) else None
         err = body.get("error", body) if body is not None else None
-        message = err.get("message") if isinstance(err, dict) else None
+        err = err if isinstance(err, dict) else {}
+
+        def said(name: str) -> str | None:  # a field of the provider's error, as text, the key masked in it too
+            v = err.get(name)
+            return redact(v, [key]) if isinstance(v, str) else None
+
         return content_refusal(exc.status_code, redact(f"the provider answered {exc.status_code}: "
-                                                       f"{message or exc.message}", [key]),
-                               code=err.get("code") if isinstance(err, dict) else None,
-                               param=err.get("param") if isinstance(err, dict) else None)
+                                                       f"{said('message') or exc.message}", [key]),
+                               code=said("code"), param=said("param"))
     except sdk.APITimeoutError:
         return content_refusal(504, f"the provider did not send the video within {timeout_s:g} s; ask again")
     except sdk.APIConnectionError as exc:

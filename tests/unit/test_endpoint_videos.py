@@ -309,10 +309,12 @@ def test_a_download_refused_quoting_the_providers_key_never_shows_it(key):
             p = direct(emu, "openai", key=key)
             try:
                 emu.faults.script("openai", "videos.content",
-                                  [{"status": 401, "message": f"Incorrect API key provided: {key}"}])
+                                  [{"status": 401, "message": f"Incorrect API key provided: {key}",
+                                    "code": f"invalid_api_key:{key}"}])
                 base = str(p.client.base_url).rstrip("/")
                 return await content_by(p, "openai", p.settings, f"{base}/videos/video_1/content", "video")
             finally:
                 await p.close()
         code, body, _ = asyncio.run(go())
     assert code == 401 and key not in str(body) and "[redacted]" in body["error"]["message"]
+    assert body["error"]["code"].startswith("invalid_api_key:")  # the code too, its key masked (stop 68)
