@@ -147,7 +147,7 @@ class FilesAndBatches(TakeBack, FileRoutes, MessageBatchRoutes):
         window = window_text(self.window_default_s) if window is None else window
         window_s, metadata = completion_window_s(window), checked_metadata(body.get("metadata"))
         job = BatchJob(new_id("batch_"), endpoint, file_id, window, window_s, metadata, tenant,
-                       int(self._now()))
+                       int(self._now()), speedup=self.speedup)
         bf = parse_batch_file(src.data, source=file_id, window_s=window_s, tenant=tenant,
                               catalog=self.catalog, settings=self.engine.settings, live=True)
         job.bf = for_endpoint(bf, endpoint)

@@ -60,6 +60,9 @@ class BatchJob:
     # long-running endpoint held every line and result of every batch it ever ran).
     final: tuple[dict[str, int], dict[str, Any]] | None = None
     created_ns: int = field(default_factory=time.time_ns)  # the order batches are listed in, across restarts
+    # The engine's seconds per real one: the window counts engine seconds (each line's deadline), so a batch of a
+    # time-compressed engine expires that much sooner than its created_at plus the window (was shown as if not).
+    speedup: float = 1.0
 
     def take(self, res: Result) -> str | None:
         """Keep ``res`` under its line's custom_id, which it returns (None: not a line of this batch)."""
@@ -96,7 +99,7 @@ class BatchJob:
             "input_file_id": self.input_file_id, "completion_window": self.completion_window,
             "status": self.status, "output_file_id": self.output_file_id, "error_file_id": self.error_file_id,
             "created_at": self.created_at, "in_progress_at": self.at.get("in_progress"),
-            "expires_at": self.created_at + int(self.window_s), "finalizing_at": self.at.get("finalizing"),
+            "expires_at": self.created_at + int(self.window_s / self.speedup), "finalizing_at": self.at.get("finalizing"),
             "completed_at": self.at.get("completed"), "failed_at": self.at.get("failed"),
             "expired_at": self.at.get("expired"),
             "cancelling_at": self.at.get("cancelling"), "cancelled_at": self.at.get("cancelled"),

@@ -174,6 +174,6 @@ def view(job: BatchJob, counts: dict[str, int], base_url: str) -> dict[str, Any]
     end_at = next((job.at[s] for s in _ENDS if s in job.at), None) if ended else None
     return {"id": job.id, "type": "message_batch", "processing_status": status, "request_counts": counts,
             "created_at": _rfc3339(job.created_at), "ended_at": _rfc3339(end_at),
-            "expires_at": _rfc3339(job.created_at + job.window_s), "archived_at": None,
+            "expires_at": _rfc3339(job.created_at + job.window_s / job.speedup), "archived_at": None,
             "cancel_initiated_at": _rfc3339(job.at.get("cancelling")),
             "results_url": f"{base_url.rstrip('/')}{MESSAGES_URL}/batches/{job.id}/results" if ended else None}

@@ -122,7 +122,8 @@ class MessageBatchRoutes:
         data, errors = batch_lines(checked_requests(body), self.catalog, self.engine.settings)
         bid = new_id("msgbatch_")
         fid = f"file-{bid}-input"
-        job = BatchJob(bid, MESSAGES_URL, fid, window_text(window_s), window_s, None, tenant, int(self._now()))
+        job = BatchJob(bid, MESSAGES_URL, fid, window_text(window_s), window_s, None, tenant, int(self._now()),
+                       speedup=self.speedup)
         job.errors = errors
         if not data:  # every request refused: nothing for the engine, the batch has ended
             self._enter(job, "completed")

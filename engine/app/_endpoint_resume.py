@@ -48,6 +48,7 @@ class TakeBack:
     async def _take_back(self, rec: dict, input_path: Path, results: dict[str, Result]) -> None:
         assert self.state is not None
         job = BatchJob.from_record(rec)
+        job.speedup = self.speedup
         self.batches[job.id] = job
         if job.final is not None:
             self.state.ended(job.id)  # what a crash after its end left behind

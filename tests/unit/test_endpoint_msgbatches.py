@@ -242,3 +242,24 @@ def test_a_request_the_engine_refuses_is_named_as_the_caller_sent_it():
     for cid, field in (("hot", "temperature"), ("big", "max_tokens"), ("nocap", "max_tokens")):
         assert says[cid].startswith(f"params.{field}: ") and "body." not in says[cid], says[cid]
         assert not says[cid].startswith(f"params.{field}: {field}"), says[cid]
+
+
+def test_a_time_compressed_engines_batches_expire_at_their_window_in_real_time():
+    """The window counts engine seconds (each line's deadline): at 24x a 24-hour batch ends within an hour of real
+    time. Before, both batch routes showed ``expires_at`` as ``created_at`` plus the whole window, a day away."""
+    import openai
+
+    from tests.unit.test_endpoint import batch_line, upload
+
+    class Compressed(ClaudeEngine):
+        class clock:  # noqa: N801 (the engine's clock, as the endpoint reads it)
+            speedup = 24.0
+
+    with claude_endpoint(Compressed()) as (eng, client):
+        b = client.messages.batches.create(requests=[ask("a")])
+        assert (b.expires_at - b.created_at).total_seconds() == 3600  # 86,400 engine seconds at 24x
+        with openai.OpenAI(base_url=str(client.base_url).rstrip("/") + "/v1", api_key="x", max_retries=0,
+                           timeout=10) as oai:
+            f = upload(oai, [batch_line("a", "one")])
+            o = oai.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+            assert o.expires_at - o.created_at == 3600
