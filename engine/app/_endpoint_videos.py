@@ -60,6 +60,7 @@ _FIELDS = ("prompt", "model", "seconds", "size", "input_reference")
 DEFAULTS = {"model": "sora-2", "seconds": "4", "size": "720x1280"}  # OpenAI's, when the create leaves them out
 VARIANTS = ("video", "thumbnail", "spritesheet")
 IDEMPOTENCY_KEY = "Idempotency-Key"
+DELETED_KEPT = 1000  # deleted videos whose place in the list an ``after`` may still name (a page's worth, and more)
 # The error code of a video that failed, by its result's status (ASSUMPTION: OpenAI's reference names no codes).
 _FAILED_CODE = {"failed": "video_generation_failed", "rejected": "request_rejected", "expired": "deadline_expired"}
 # The request field a refusal names -> the create's field.
@@ -132,6 +133,7 @@ class VideoRoutes:
         self.engine, self.catalog, self.state, self.speedup, self._now = engine, catalog, state, speedup, now
         self.headers_of, self.validator = headers_of, Validator(catalog, engine.settings)
         self.jobs: dict[str, VideoJob] = {}
+        self._deleted: dict[str, int] = {}  # a deleted video's created_ns, the newest DELETED_KEPT (``list_videos``)
         self._detached: set[asyncio.Task] = set()
 
     def __repr__(self) -> str:
@@ -295,10 +297,13 @@ class VideoRoutes:
     async def list_videos(self, after: str | None = None, limit: str | None = None, order: str = "desc") -> dict:
         if order not in ("asc", "desc"):
             raise ApiError(400, f"order {order!r} must be 'asc' or 'desc'", param="order")
-        items = [j.view() for j in sorted(self.jobs.values(), key=lambda j: j.created_ns)
-                 if j.admitted is None or j.admitted.done()]
-        return cursor_page(items[::-1] if order == "desc" else items, after=after, limit=limit, default_limit=20,
-                           max_limit=100)
+        jobs = sorted((j for j in self.jobs.values() if j.admitted is None or j.admitted.done()),
+                      key=lambda j: j.created_ns, reverse=order == "desc")
+        if after is not None and after not in self.jobs and (at := self._deleted.get(after)) is not None:
+            # Deleted since the page that ended with it (a loop that deletes what it lists, as the SDK pages
+            # on): the next page starts where it was listed, where "not an id of this list" ended the loop.
+            jobs, after = [j for j in jobs if (j.created_ns < at if order == "desc" else j.created_ns > at)], None
+        return cursor_page([j.view() for j in jobs], after=after, limit=limit, default_limit=20, max_limit=100)
 
     async def delete(self, video_id: str) -> dict:
         job = self._job(video_id)
@@ -306,6 +311,10 @@ class VideoRoutes:
             raise ApiError(409, f"video {video_id} is still being made (in_progress): it is billed when it "
                                 "completes; delete it once it has completed or failed", param="video_id")
         del self.jobs[video_id]  # the provider keeps the video itself until it expires (about an hour)
+        self._deleted.pop(video_id, None)  # (one made again under its request id and deleted again: the newest)
+        self._deleted[video_id] = job.created_ns
+        if len(self._deleted) > DELETED_KEPT:
+            del self._deleted[next(iter(self._deleted))]
         if self.state is not None:
             self.state.drop_video(video_id)
         return {"id": video_id, "object": "video.deleted", "deleted": True}

@@ -318,3 +318,26 @@ def test_a_download_refused_quoting_the_providers_key_never_shows_it(key):
         code, body, _ = asyncio.run(go())
     assert code == 401 and key not in str(body) and "[redacted]" in body["error"]["message"]
     assert body["error"]["code"].startswith("invalid_api_key:")  # the code too, its key masked (stop 68)
+
+
+def test_a_listing_that_deletes_as_it_goes_reaches_every_video(rig):
+    """The SDK's auto-paging asks each page ``after`` the last id of the one before; a loop that deletes each video
+    it is given (clearing out the videos made) has deleted that one by then. Before, the next page was a 400 "after
+    ... is not an id of this list", so the loop stopped after its first page. Now it goes on from where the deleted
+    video was listed, in either order."""
+    eng, client, _ = rig
+    made = [client.videos.create(model="sora-2", prompt=f"A heron, take {k}").id for k in range(5)]
+    for vid in made:
+        until_ended(client, vid)
+    for order in ("desc", "asc"):
+        seen = []
+        for v in client.videos.list(limit=2, order=order):
+            seen.append(v.id)
+            client.videos.delete(v.id)
+        assert seen == (made[::-1] if order == "desc" else made)
+        made = [client.videos.create(model="sora-2", prompt=f"A crane, take {k}").id for k in range(5)]
+        for vid in made:
+            until_ended(client, vid)
+    with pytest.raises(openai.BadRequestError) as caught:  # an id never listed is still refused, naming 'after'
+        client.videos.list(after="video_nonesuch")
+    assert caught.value.body["param"] == "after"
