@@ -114,10 +114,20 @@ class VideoJob:
                 "result": self.result.model_dump(mode="json") if self.result is not None else None}
 
     @classmethod
-    def from_record(cls, rec: dict[str, Any], validator: Validator) -> VideoJob:
-        req = validator.request(rec["request"], _param_of)
+    def from_record(cls, rec: dict[str, Any], validator: Validator) -> tuple[VideoJob, str | None]:
+        """The job ``rec`` keeps, and why its request is no longer one this engine takes (its catalog or its
+        providers changed since; None: it is). Such a job is kept all the same, as it was: it may have been made
+        and billed, and read as unreadable it was set aside, a 404 from then on."""
+        refused = None
+        try:
+            req = validator.request(rec["request"], _param_of)
+        except ApiError as exc:
+            d = rec["request"]  # as validated when it was kept (JSON has no tuple)
+            req, refused = Request.model_construct(**{**d, "prefix_blocks": tuple(d["prefix_blocks"])}), exc.message
         res = Result.model_validate(rec["result"]) if rec["result"] is not None else None
-        return cls(rec["id"], req, rec["created_at"], res, rec["completed_at"], rec["created_ns"])
+        job = cls(rec["id"], req, rec["created_at"], res, rec["completed_at"], rec["created_ns"])
+        job.view(), job.record(), req.id, req.tenant  # one that cannot be answered is unreadable after all
+        return job, refused
 
     def __repr__(self) -> str:
         return f"VideoJob({self.id}, {self.view()['status']}, request={self.req.id!r}, tenant={self.req.tenant!r})"
@@ -264,12 +274,18 @@ class VideoRoutes:
             raise ApiError(404, f"Video with id '{video_id}' not found.", param="video_id", code="video_not_found")
         return job
 
+    def _headers(self, job: VideoJob) -> dict[str, str]:
+        res = job.result
+        if res is not None and res.status in ANSWERED:
+            try:
+                return self.headers_of(job.req, res)
+            except CatalogError:  # its model left the catalog since it was made: no list price to say a saving by
+                pass
+        return {HEADER_REQUEST_ID: job.req.id}
+
     async def retrieve(self, video_id: str) -> JSONResponse:
         job = self._job(video_id)
-        res = job.result
-        headers = self.headers_of(job.req, res) if res is not None and res.status in ANSWERED else {
-            HEADER_REQUEST_ID: job.req.id}
-        return JSONResponse(job.view(), headers=headers)
+        return JSONResponse(job.view(), headers=self._headers(job))
 
     async def content(self, video_id: str, variant: str = "video") -> Response:
         job = self._job(video_id)
@@ -292,7 +308,7 @@ class VideoRoutes:
             err = data.get("error", {}) if isinstance(data, dict) else {}
             raise ApiError(code, f"video {video_id}: {err.get('message') or 'the download failed'}",
                            param=err.get("param"), code=err.get("code"), type=err.get("type") or "api_error")
-        return Response(data, media_type=kind, headers=self.headers_of(job.req, res))
+        return Response(data, media_type=kind, headers=self._headers(job))
 
     async def list_videos(self, after: str | None = None, limit: str | None = None, order: str = "desc") -> dict:
         if order not in ("asc", "desc"):
@@ -327,26 +343,27 @@ class VideoRoutes:
             return
         for rec in self.state.videos():
             try:
-                job = VideoJob.from_record(rec, self.validator)
+                job, why = VideoJob.from_record(rec, self.validator)
             except Exception as exc:  # one bad record never keeps the endpoint from starting
                 self.state.set_aside_video(str(rec.get("id")), exc)
                 continue
             self.jobs[job.id] = job
-            if job.result is None:
+            if job.result is None and why is None:
                 left = (job.req.deadline_s or 0.0) - (self._now() - job.created_at) * self.speedup
                 job.admitted = asyncio.get_running_loop().create_future()
                 try:
                     await self._admit(job, max(left, 1.0))
                 except Exception as exc:  # the engine refused it (stopped, full, the request no longer valid)
-                    # It ends, saying why, as an open batch does: left open, it stayed in_progress for this
-                    # endpoint's life, and was refused again at every start (a review of stop 67).
                     why = exc.message if isinstance(exc, ApiError) else f"{type(exc).__name__}: {exc}"
-                    log.error("endpoint: video %s could not be asked of the engine again: %s", job.id, why)
-                    job.result = Result(id=job.req.id, tenant=job.req.tenant, status="failed",
-                                        error=f"the endpoint restarted and the engine refused this video: {why} "
-                                              "(one under way before the restart may have been billed)")
-                    job.completed_at = int(self._now())
-                    self.state.save_video(job.record())
+            if job.result is None and why is not None:
+                # It ends, saying why, as an open batch does: left open, it stayed in_progress for this
+                # endpoint's life, and was refused again at every start (a review of stop 67).
+                log.error("endpoint: video %s could not be asked of the engine again: %s", job.id, why)
+                job.result = Result(id=job.req.id, tenant=job.req.tenant, status="failed",
+                                    error=f"the endpoint restarted and the engine refused this video: {why} "
+                                          "(one under way before the restart may have been billed)")
+                job.completed_at = int(self._now())
+                self.state.save_video(job.record())
 
     async def shutdown(self) -> None:
         """Stop waiting (the engine's requests run on); an open video stays open on disk, for the next start."""

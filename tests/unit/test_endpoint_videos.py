@@ -341,3 +341,52 @@ def test_a_listing_that_deletes_as_it_goes_reaches_every_video(rig):
     with pytest.raises(openai.BadRequestError) as caught:  # an id never listed is still refused, naming 'after'
         client.videos.list(after="video_nonesuch")
     assert caught.value.body["param"] == "after"
+
+
+def _without_sora_2_pro(eng):
+    """The catalog with OpenAI's sora-2-pro left out (a catalog file changed between two starts)."""
+    p = CAT.providers["openai"]
+    models = {k: v for k, v in p.models.items() if k != "sora-2-pro"}
+    return CAT.model_copy(update={"providers": {**CAT.providers, "openai": p.model_copy(update={"models": models})}})
+
+
+def _without_openais_endpoint(eng):
+    """The settings with no endpoint for OpenAI (a restart whose environment lacks it): its requests refused."""
+    p = eng.settings.providers
+    eng.settings = eng.settings.model_copy(update={"providers": p.model_copy(update={
+        "endpoints": {k: v for k, v in p.endpoints.items() if k != "openai"}, "simulate_others": False})})
+    return CAT
+
+
+@pytest.mark.parametrize("change", [_without_sora_2_pro, _without_openais_endpoint])
+def test_videos_whose_requests_a_restart_no_longer_takes_are_kept_not_set_aside(tmp_path, change):
+    """Before (a review of stop 68), a restart whose catalog or provider settings no longer took a video's request
+    read its record as unreadable: renamed ``*.bad`` and left out, so a video made and billed was a 404 from then
+    on, even once the settings were put back. Now an ended one is answered as it was, an open one fails saying
+    why (it may have been billed), and both are there again at the next start."""
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED) as emu:
+        eng = VideoEngine(emu)
+        eng.emu, settings = emu, eng.settings
+        try:
+            with serving(make_app(eng, catalog=CAT, state_dir=tmp_path)) as url, \
+                    openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=WAIT_S) as client:
+                ended = until_ended(client, client.videos.create(model="sora-2-pro", prompt="A heron").id)
+                eng.hold()
+                open_ = client.videos.create(model="sora-2-pro", prompt="A crane")
+            asked = len(eng.submitted)
+            with serving(make_app(eng, catalog=change(eng), state_dir=tmp_path)) as url, \
+                    openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=WAIT_S) as client:
+                got = client.videos.with_raw_response.retrieve(ended.id)
+                assert got.parse().status == "completed" and got.headers[HEADER_REQUEST_ID]
+                v = client.videos.retrieve(open_.id)
+                assert v.status == "failed" and "refused this video" in v.error.message, v
+                assert {x.id for x in client.videos.list()} == {ended.id, open_.id}
+            assert len(eng.submitted) == asked  # never asked of an engine that refuses it
+            eng.settings = settings
+            with serving(make_app(eng, catalog=CAT, state_dir=tmp_path)) as url, \
+                    openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=WAIT_S) as client:
+                assert client.videos.download_content(ended.id).content == mp4(4)
+                assert client.videos.retrieve(open_.id).status == "failed"
+        finally:
+            eng.close()
+        assert not list(tmp_path.glob("videos/*.bad"))
