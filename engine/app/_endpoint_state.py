@@ -244,11 +244,16 @@ class EndpointState:
         _set_aside(self.videos_dir / f"{video_id}.json", exc)
 
     def videos(self) -> list[dict[str, Any]]:
-        """Every readable video record, oldest first."""
+        """Every readable video record, oldest first: an object whose id is its file's name (a record is set
+        aside by its id, and sorted by its fields: a list there stopped the endpoint's start, and a bad record
+        naming another video had that video's file set aside)."""
         out = []
         for path in self.videos_dir.glob("*.json"):
             try:
-                out.append(json.loads(path.read_bytes()))
+                rec = json.loads(path.read_bytes())
+                if not isinstance(rec, dict) or rec.get("id") != path.stem:
+                    raise ValueError(f"not the record of video {path.stem}")
+                out.append(rec)
             except Exception as exc:
                 _set_aside(path, exc)
         return sorted(out, key=lambda r: (r.get("created_ns", 0), r.get("created_at", 0)))

@@ -390,3 +390,24 @@ def test_videos_whose_requests_a_restart_no_longer_takes_are_kept_not_set_aside(
         finally:
             eng.close()
         assert not list(tmp_path.glob("videos/*.bad"))
+
+
+@pytest.mark.parametrize("junk", ["[1, 2]", "null", '"video"', '{"id": "video_elsewhere"}'])
+def test_a_video_record_that_is_not_one_is_set_aside_and_the_endpoint_starts(tmp_path, junk):
+    """A ``videos/*.json`` that parses but is no video's record (a list, a string, a record of another name: a disk
+    fault, a hand edit). Before (a review of stop 68), the sort of the records by time raised on it, and the
+    endpoint did not start: every video, and every route, gone with it. Now it is set aside as unreadable records
+    are, and the videos beside it are answered."""
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED) as emu:
+        eng = VideoEngine(emu)
+        try:
+            with serving(make_app(eng, catalog=CAT, state_dir=tmp_path)) as url, \
+                    openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=WAIT_S) as client:
+                ended = until_ended(client, client.videos.create(model="sora-2", prompt="A heron").id)
+            (tmp_path / "videos" / "video_junk.json").write_text(junk)
+            with serving(make_app(eng, catalog=CAT, state_dir=tmp_path)) as url, \
+                    openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=WAIT_S) as client:
+                assert [v.id for v in client.videos.list()] == [ended.id]
+        finally:
+            eng.close()
+        assert [p.name for p in tmp_path.glob("videos/*.bad")] == ["video_junk.json.bad"]
