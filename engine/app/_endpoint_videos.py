@@ -196,7 +196,9 @@ class VideoRoutes:
         prompt = body.get("prompt")
         if not isinstance(prompt, str) or not prompt.strip():
             raise ApiError(400, "prompt is required: a non-empty string describing the video", param="prompt")
-        model = body.get("model") or DEFAULTS["model"]
+        # OpenAI's default for a field left out (or null) only: "" or 0 is a value, refused below (as a default,
+        # a video the client had not asked for was made and billed)
+        model = DEFAULTS["model"] if body.get("model") is None else body["model"]
         if not isinstance(model, str):
             raise ApiError(400, "model must be a string such as 'sora-2'", param="model")
         served = self._served()
@@ -217,7 +219,7 @@ class VideoRoutes:
         # A video takes minutes, and the create answers at once: the priority's own deadline, never the client's
         # read timeout (the chat routes' cap).
         fields.setdefault("deadline_s", getattr(self.engine.settings.deadlines, fields.get("priority", "normal")))
-        seconds, size = (str(body.get(k) or DEFAULTS[k]) for k in ("seconds", "size"))
+        seconds, size = (DEFAULTS[k] if body.get(k) is None else str(body[k]) for k in ("seconds", "size"))
         d = {"id": "check", **fields, "model": model, "prompt": prompt, "body": {"seconds": seconds, "size": size}}
         return self.validator.request(d, _param_of)  # seconds or a size the model refuses: a 400 naming it
 

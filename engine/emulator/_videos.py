@@ -117,8 +117,8 @@ def _create(ctx: Ctx) -> Reply:
     if "input_reference" in body:
         raise ApiError(400, "input_reference is not supported by the emulator; send a text prompt only",
                        param="input_reference")
-    p, spec = core.model(ctx.provider, body.get("model") or "sora-2", "video")
-    model = body.get("model") or "sora-2"
+    model = "sora-2" if body.get("model") is None else body["model"]  # the default for one left out, not for ""
+    p, spec = core.model(ctx.provider, model, "video")
     prompt = body.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise ApiError(400, "Missing required parameter: 'prompt' (a non-empty string).", param="prompt",
@@ -133,7 +133,7 @@ def _create(ctx: Ctx) -> Reply:
                        f"{', '.join(repr(str(d)) for d in lengths)} (a string).", param="seconds",
                        code="invalid_value")
     offered = [s for res in (spec.per_second or {}) for s in OPENAI_VIDEO_SIZES.get(res, ())]
-    size = str(body.get("size") or "720x1280")
+    size = "720x1280" if body.get("size") is None else str(body["size"])
     if size not in offered:
         raise ApiError(400, f"Invalid value: '{size}'. 'size' must be one of {', '.join(offered)} for {model}.",
                        param="size", code="invalid_value")

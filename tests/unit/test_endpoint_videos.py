@@ -411,3 +411,23 @@ def test_a_video_record_that_is_not_one_is_set_aside_and_the_endpoint_starts(tmp
         finally:
             eng.close()
         assert [p.name for p in tmp_path.glob("videos/*.bad")] == ["video_junk.json.bad"]
+
+
+@pytest.mark.parametrize("field, value", [("seconds", ""), ("size", ""), ("seconds", 0), ("model", "")])
+def test_an_empty_or_zero_field_is_a_400_naming_it_not_openais_default(rig, field, value):
+    """A field given as "" (an empty form field) or 0 (JSON) is a value the model does not take, not one left
+    out. Before (a review of stop 68), it took OpenAI's default: a 4 s, 720x1280 sora-2 video made and billed that
+    the client had not asked for. The emulator refuses them too, as OpenAI's enums do (it took the default of an
+    empty size or model)."""
+    eng, client, emu = rig
+    with openai.OpenAI(base_url=emu.base_url("openai"), api_key=KEY, max_retries=0, timeout=WAIT_S) as direct_:
+        for c in (client, direct_):
+            with pytest.raises(openai.BadRequestError) as caught:
+                if isinstance(value, str):  # the SDK's multipart form
+                    c.videos.create(**{"prompt": "A heron", field: value})
+                else:
+                    c.post("/videos", body={"prompt": "A heron", field: value}, cast_to=openai.types.Video)
+            assert caught.value.body["param"] == field
+            if c is client:
+                assert eng.submitted == [] and creates(emu) == 0
+    assert not emu.bill().items
