@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from actors._dispatch_outbox import SPEND_WAIT_S
+
 log = logging.getLogger("smartbatch.grouper")
 
 __all__ = ["BUDGET_ASK_S", "BudgetFollow"]
@@ -28,6 +30,13 @@ class BudgetFollow:
     """Needs the grouper's ``budget``, ``budget_specs``, ``budget_limited``, ``clock``, ``table``, ``waits``,
     ``_budget_version``, ``_budget_incarnation``, ``_left_incarnations``, ``_budget_ask``, ``_trying``,
     ``_park_timer`` and ``_retry_parked``."""
+
+    async def spend_told(self, timeout_s: float = SPEND_WAIT_S) -> bool:
+        """Answers once the budget actor has taken the claims this grouper let go (settled at 0: a member withdrawn,
+        cancelled or refused here; each leaves before its result), or after ``timeout_s``: the driver asks this, as
+        it asks each dispatcher, before it reads the ledger for a report, which held such a claim's bound after its
+        result was in."""
+        return await self.budget.delivered(timeout_s)
 
     async def set_budgets(self, version: int, specs: tuple, incarnation: str | None = None) -> int:
         """The budgets in force at the budget actor (``SpecState``: change ``version`` of its run

@@ -263,13 +263,15 @@ class Grouper(CancelGroups, Learning, BudgetFollow, Parking, Warm):
             ended[r.uid] = r
         while len(ended) > ENDED_KEEP:
             ended.popitem(last=False)
+        # Claims let go before the results leave, as a dispatcher's outbox does (``spend_told``): settled after the
+        # hub's answer, a withdrawn member's bound still held the ledger when its driver read the report.
+        held = [(j.claim, 0.0) for j, _ in results if j.claim is not None]
+        if held:
+            self.budget.deliver("settle_many", held)
         try:
             await self.hubs.call("push", by_result_uid, [r for _, r in results], [0.0] * len(results))
         except Exception as exc:
             log.warning("grouper %s: hub did not take %d result(s): %s", self.name, len(results), exc)
-        held = [(j.claim, 0.0) for j, _ in results if j.claim is not None]
-        if held:
-            self.budget.deliver("settle_many", held)
         if self.caches:
             answers, errors = await self.caches.call_partial("orphans", [j.cache_shard for j, _ in results],
                                                              [(j.fp, j.req.uid) for j, _ in results])

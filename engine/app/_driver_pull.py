@@ -180,8 +180,9 @@ class Pulling:
             return _through_restarts(ray, lambda: [getattr(a, method).remote() for a in actors], end)
 
         rep = merge_reports(get(self._h["hubs"], "report"))
-        # The ledger after the dispatchers say it took what they settled: their results' spend is then in it.
-        get(list(self._h["dispatchers"].values()), "spend_told")
+        # The ledger after the dispatchers say it took what they settled: their results' spend is then in it; and
+        # the groupers, the claims they let go (a withdrawn member's bound stayed reserved after its result).
+        get([*self._h["dispatchers"].values(), *self._h["groupers"]], "spend_told")
         rep["budget"] = get([self._h["budget"]], "report")[0]
         # ``refusals`` counts the ledger's verdicts (each "wait" of a held request); these are the requests the
         # budgets rejected for good, which a user read there as 0 (a helper's tour).

@@ -73,7 +73,7 @@ class _Actor:
         return _Call(self._log, self._who, method, self._answers[method])
 
 
-def test_a_report_reads_the_ledger_only_after_every_dispatcher_said_its_spend_was_told():
+def test_a_report_reads_the_ledger_only_after_every_dispatcher_and_grouper_said_its_spend_was_told():
     log: list = []
     ray = SimpleNamespace(get=lambda refs, timeout=None: list(refs),
                           exceptions=SimpleNamespace(ActorUnavailableError=RuntimeError))
@@ -84,9 +84,10 @@ def test_a_report_reads_the_ledger_only_after_every_dispatcher_said_its_spend_wa
     drv._h = {"hubs": [_Actor(log, "hub", answers)],
               "budget": _Actor(log, "budget", {"report": {"budgets": []}}),
               "dispatchers": {p: _Actor(log, p, {**answers, "stats": {"provider": p}}) for p in ("openai", "gpu")},
-              "caches": []}
+              "groupers": [_Actor(log, g, answers) for g in ("g0", "g1")], "caches": []}
     drv._lock = threading.Lock()
     drv._read_report(timeout_s=5.0)
     ledger_read = log.index(("budget", "report"))
-    told = [log.index((p, "spend_told")) for p in ("openai", "gpu") if (p, "spend_told") in log]
-    assert len(told) == 2 and max(told) < ledger_read, log
+    # The groupers too: a claim a grouper let go (a withdrawn member) is settled by it (test_claim_before_result).
+    told = [log.index((a, "spend_told")) for a in ("openai", "gpu", "g0", "g1") if (a, "spend_told") in log]
+    assert len(told) == 4 and max(told) < ledger_read, log
