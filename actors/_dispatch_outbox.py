@@ -161,6 +161,10 @@ class Outbox:
             # for a cache that was restarting (seconds) or hung (until the driver kills it), so the ledger's spend
             # lagged results already delivered, and their claims held the budget at their reserved bounds.
             self._to_budget("settle_many", settle)
+        # The fills leave before the results (a free lane's call starts before the push's): a driver that had a
+        # result and at once sent the same prompt under a new id, due sooner, found its leader still in flight in
+        # the cache, which it may not follow (``release_lead``), and it was generated and paid again.
+        self._to_caches(fills, orphans)
         if results:
             try:
                 await self.hubs.call("push", by_result_uid, results, prices)
@@ -191,6 +195,8 @@ class Outbox:
             send_sharded(self.groupers, readmit)
         self._undelivered_dirty = False  # the tally below holds them
         await self._journal_tally()
+
+    def _to_caches(self, fills: list, orphans: list) -> None:
         one = len(self.caches) == 1  # (as ``Shards`` routes: a lone cache takes every shard's part)
         for shard, fill in fills:
             self._cache_queues.setdefault(0 if one else shard, ([], []))[0].append(fill)
