@@ -303,8 +303,11 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, LiveBudgeting, Pulling, Shared
         with self._lock:
             fin = self._finished
             while fin and fin[0][0] < horizon:
-                _, uid = fin.popleft()
+                at, uid = fin.popleft()
                 f = self._futs.get(uid)
+                if f is not None and f._claimed and not f.done():  # its result is being set (``_resolve``): next look
+                    fin.appendleft((at, uid))
+                    break
                 if f is not None and f.done():
                     del self._futs[uid]
                     gone.append(f._req)

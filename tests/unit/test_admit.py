@@ -135,3 +135,29 @@ def test_two_threads_resolving_one_future_free_its_place_once():
     for t in threads:
         t.join(10)
     assert eng._pending == 1 and a.result(timeout=0).status == "ok"
+
+
+def test_a_future_whose_retention_ends_while_its_result_is_being_set_is_still_forgotten():
+    """A result's place is freed and its retention starts under the lock, and its future is set just after
+    (``_resolve``). The check thread's ``_forget_finished`` looking in between found the future not done and dropped
+    its entry without forgetting it: its id stayed taken for good (other content under it refused, ingest never
+    told), and its future and result were held for the driver's life."""
+    from engine.app._future import ResultFuture
+    from engine.app.driver import Engine
+
+    eng = Admit(max_pending=2)
+    eng._retention_s = -1.0  # retention past at once, with no clock tick needed
+    forgot: list = []
+    eng._forget = lambda reqs: forgot.extend(r.uid for r in reqs)
+
+    class ForgetBetween(ResultFuture):
+        def set_result(self, result) -> None:
+            Engine._forget_finished(eng)  # the check thread looks between the claim and the result
+            super().set_result(result)
+
+    r = req("a")
+    fut = eng._futs[r.uid] = ForgetBetween(r, eng)
+    eng._pending = 1
+    eng._resolve(fut, Result(id="a", tenant="default", status="ok"))
+    Engine._forget_finished(eng)  # its next look
+    assert r.uid not in eng._futs and forgot == [r.uid] and fut.result(timeout=0).status == "ok"
