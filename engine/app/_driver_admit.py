@@ -107,18 +107,24 @@ class Admitting:
         # The place is freed before the result is set: a caller woken by its result (or a done-callback) that
         # submits the next request finds the room. Freed after, it was still taken for a moment, and a submit
         # with overload="raise" right after an awaited result was refused (CI of stop 67). The claim under the
-        # lock lets one of two threads resolving one future count it.
-        with self._room:
-            if fut._claimed:
-                return
-            fut._claimed = True
-            self._pending -= 1
-            if res.reason == ID_TAKEN and self._futs.get(fut._req.uid) is fut:
-                del self._futs[fut._req.uid]  # refused for its id, taken elsewhere: free for the right content
-            else:
-                self._finished.append((time.monotonic(), fut._req.uid))
-            self._room.notify_all()
-        fut.set_result(res)  # out of the lock: a done-callback may submit
+        # lock lets one of two threads resolving one future count it; whoever claims it sets it, even through a
+        # Ctrl-C (a rerun's kept answers resolve in the submitting thread): claimed and never set, it hung for good
+        # and no later resolution could set it, nor could the check thread forget anything finished after it.
+        mine = False
+        try:
+            with self._room:
+                if fut._claimed:
+                    return
+                fut._claimed = mine = True
+                self._pending -= 1
+                if res.reason == ID_TAKEN and self._futs.get(fut._req.uid) is fut:
+                    del self._futs[fut._req.uid]  # refused for its id, taken elsewhere: free for the right content
+                else:
+                    self._finished.append((time.monotonic(), fut._req.uid))
+                self._room.notify_all()
+        finally:
+            if mine:
+                fut.set_result(res)  # out of the lock: a done-callback may submit
 
 
 def _same_content(r: Request, fut: ResultFuture) -> None:

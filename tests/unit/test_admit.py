@@ -161,3 +161,21 @@ def test_a_future_whose_retention_ends_while_its_result_is_being_set_is_still_fo
     eng._resolve(fut, Result(id="a", tenant="default", status="ok"))
     Engine._forget_finished(eng)  # its next look
     assert r.uid not in eng._futs and forgot == [r.uid] and fut.result(timeout=0).status == "ok"
+
+
+def test_an_interrupt_between_the_claim_and_the_result_still_sets_it():
+    """``_resolve`` claims a future under the lock and sets its result once the lock is let go. A Ctrl-C landing in
+    between (``_give_kept`` resolves a rerun's kept answers in the submitting thread, ``stop()`` fails the open ones
+    in the caller's) left it claimed and never set: every later resolution found it claimed and returned, so its
+    ``result()`` hung for good and the check thread, waiting for it to be set before forgetting it, forgot nothing
+    after it again. Here the interrupt lands as the lock wakes the waiting submits."""
+    eng = Admit(max_pending=2)
+    fut = eng.submit(req("a"))
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    eng._room.notify_all = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        eng._resolve(fut, Result(id="a", tenant="default", status="ok"))
+    assert fut.done() and fut.result(timeout=0).status == "ok" and eng._pending == 0
