@@ -231,7 +231,7 @@ class VideoRoutes:
     async def _admit(self, job: VideoJob, deadline_s: float | None = None) -> None:
         """Hand ``job``'s request to the engine (on disk first, with a state directory), and wait for its result
         in a task of its own; ``deadline_s``: what is left of its deadline, after a restart (its record is kept
-        if the engine refuses it then: the next start asks again)."""
+        if the engine refuses it then, and ``resume`` ends it failed, saying why: never asked again)."""
         assert job.admitted is not None
         try:
             if self.state is not None and deadline_s is None:  # on disk before the engine has it: a crash then
@@ -248,7 +248,7 @@ class VideoRoutes:
                 self.jobs.pop(job.id, None)
                 if self.state is not None:
                     self.state.drop_video(job.id)
-            job.admitted.set_result(deadline_s is not None)  # (a taken-back one stays listed, open)
+            job.admitted.set_result(deadline_s is not None)  # (a taken-back one stays listed, to fail in ``resume``)
             raise
         job.admitted.set_result(True)
         job.task = asyncio.create_task(self._collect(job, futs), name=f"smartbatch-{job.id}")
