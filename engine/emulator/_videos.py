@@ -127,7 +127,7 @@ def _create(ctx: Ctx) -> Reply:
         raise ApiError(400, f"Invalid 'prompt': string too long. Expected at most {_MAX_PROMPT} characters, got "
                        f"{len(prompt)}.", param="prompt", code="string_above_max_length")
     lengths = [int(d) for d in spec.durations_s or (4, 8, 12)]
-    seconds = str(body.get("seconds", "4"))  # a form carries text; OpenAI's default is 4 s
+    seconds = "4" if body.get("seconds") is None else str(body["seconds"])  # a form carries text; 4 s by default
     if not seconds.isdigit() or int(seconds) not in lengths:
         raise ApiError(400, f"Invalid value: '{seconds}'. 'seconds' must be one of "
                        f"{', '.join(repr(str(d)) for d in lengths)} (a string).", param="seconds",
