@@ -111,6 +111,7 @@ def test_a_cache_that_dies_while_a_copy_waits_for_its_release_loses_nothing_and_
             assert eng.now() < until_a and stats["in_flight"] == 1 and stats["released"] == 0, stats
             ray.kill(cache, no_restart=False)
             assert eng.wait_recovered("cache", 1, timeout=WAIT_S), eng.restarts
+            recovered_a = eng.now()  # the copy is re-admitted then (``_recover``: counted, then re-admitted)
             done, open_ = cf.wait(futs, timeout=WAIT_S)
             assert not open_, [f.request_id for f in open_]
 
@@ -143,7 +144,12 @@ def test_a_cache_that_dies_while_a_copy_waits_for_its_release_loses_nothing_and_
     else:
         assert fa.status == "ok" and fa.hit is None and fa.cost_usd > 0, fa
     paid = [r for r in results if r.id not in reused]
-    assert all(r.status == "ok" and r.deadline_met for r in paid), [r for r in paid if not (
+    # Its deadline is the engine's promise only when it was re-admitted with its lead still ahead (before its
+    # release time): a cache restart that outlasts that (9-17 s of real time with two busy cores beside the test,
+    # 1-2.5 s on a quiet machine, where the copy's whole deadline is 10.8 s) leaves it late wherever it is sent,
+    # as no engine could help. Answered once and billed once it must still be (below).
+    late_ok = {"a-follower"} if recovered_a > until_a else set()
+    assert all(r.status == "ok" and (r.deadline_met or r.id in late_ok) for r in paid), [r for r in paid if not (
         r.status == "ok" and r.deadline_met)]
     # The second copy was generated for itself, at its release.
     fb, lb = by_id["b-follower"], by_id["b-leader"]
