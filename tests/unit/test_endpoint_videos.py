@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import threading
 import time
 
@@ -210,20 +211,26 @@ def test_a_download_never_shows_the_providers_key(rig):
     assert code == 404 and KEY not in str(body) and "not found" in body["error"]["message"]
 
 
+@contextlib.contextmanager
+def restarted(eng: VideoEngine, state_dir):
+    """An endpoint started on ``state_dir`` (as a replica that restarts on it) and a client of it."""
+    with serving(make_app(eng, catalog=CAT, state_dir=state_dir)) as url, \
+            openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=WAIT_S) as client:
+        yield client
+
+
 def test_videos_survive_a_restart_with_the_state_directory_and_an_open_one_is_not_made_twice(tmp_path):
     """An ended video is answered as it was; one still being made is asked of the engine again under the same
     request id, which the engine answers without making it again (one create at the provider)."""
     with Emulator(CAT, latency_scale=0.0, speedup=SPEED) as emu:
         eng = VideoEngine(emu)
         try:
-            with serving(make_app(eng, catalog=CAT, state_dir=tmp_path)) as url, \
-                    openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=WAIT_S) as client:
+            with restarted(eng, tmp_path) as client:
                 ended = until_ended(client, client.videos.create(model="sora-2", prompt="A heron").id)
                 eng.hold()
                 open_ = client.videos.create(model="sora-2-pro", prompt="A crane", seconds="12")
             eng.release()
-            with serving(make_app(eng, catalog=CAT, state_dir=tmp_path)) as url, \
-                    openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=WAIT_S) as client:
+            with restarted(eng, tmp_path) as client:
                 assert client.videos.retrieve(ended.id).status == "completed"
                 assert until_ended(client, open_.id).status == "completed"
                 assert client.videos.download_content(open_.id).content == mp4(12)
@@ -242,8 +249,7 @@ def test_an_open_video_the_engine_refuses_after_a_restart_fails_saying_why_and_i
     with Emulator(CAT, latency_scale=0.0, speedup=SPEED) as emu:
         eng = VideoEngine(emu)
         try:
-            with serving(make_app(eng, catalog=CAT, state_dir=tmp_path)) as url, \
-                    openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=WAIT_S) as client:
+            with restarted(eng, tmp_path) as client:
                 eng.hold()
                 open_ = client.videos.create(model="sora-2", prompt="A crane")
             submit_many, asked = eng.submit_many, len(eng.submitted)
@@ -252,14 +258,12 @@ def test_an_open_video_the_engine_refuses_after_a_restart_fails_saying_why_and_i
                 raise Overloaded("100 requests are unfinished (max_pending=100)")
 
             eng.submit_many = full
-            with serving(make_app(eng, catalog=CAT, state_dir=tmp_path)) as url, \
-                    openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=WAIT_S) as client:
+            with restarted(eng, tmp_path) as client:
                 v = client.videos.retrieve(open_.id)
                 assert v.status == "failed" and "engine refused this video" in v.error.message
                 assert "max_pending=100" in v.error.message
             eng.submit_many = submit_many
-            with serving(make_app(eng, catalog=CAT, state_dir=tmp_path)) as url, \
-                    openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=WAIT_S) as client:
+            with restarted(eng, tmp_path) as client:
                 assert client.videos.retrieve(open_.id).status == "failed"  # ended: kept so, never asked again
             assert len(eng.submitted) == asked
         finally:
@@ -368,8 +372,7 @@ def test_videos_whose_requests_a_restart_no_longer_takes_are_kept_not_set_aside(
         eng = VideoEngine(emu)
         eng.emu, settings = emu, eng.settings
         try:
-            with serving(make_app(eng, catalog=CAT, state_dir=tmp_path)) as url, \
-                    openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=WAIT_S) as client:
+            with restarted(eng, tmp_path) as client:
                 ended = until_ended(client, client.videos.create(model="sora-2-pro", prompt="A heron").id)
                 eng.hold()
                 open_ = client.videos.create(model="sora-2-pro", prompt="A crane")
@@ -383,8 +386,7 @@ def test_videos_whose_requests_a_restart_no_longer_takes_are_kept_not_set_aside(
                 assert {x.id for x in client.videos.list()} == {ended.id, open_.id}
             assert len(eng.submitted) == asked  # never asked of an engine that refuses it
             eng.settings = settings
-            with serving(make_app(eng, catalog=CAT, state_dir=tmp_path)) as url, \
-                    openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=WAIT_S) as client:
+            with restarted(eng, tmp_path) as client:
                 assert client.videos.download_content(ended.id).content == mp4(4)
                 assert client.videos.retrieve(open_.id).status == "failed"
         finally:
@@ -401,12 +403,10 @@ def test_a_video_record_that_is_not_one_is_set_aside_and_the_endpoint_starts(tmp
     with Emulator(CAT, latency_scale=0.0, speedup=SPEED) as emu:
         eng = VideoEngine(emu)
         try:
-            with serving(make_app(eng, catalog=CAT, state_dir=tmp_path)) as url, \
-                    openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=WAIT_S) as client:
+            with restarted(eng, tmp_path) as client:
                 ended = until_ended(client, client.videos.create(model="sora-2", prompt="A heron").id)
             (tmp_path / "videos" / "video_junk.json").write_text(junk)
-            with serving(make_app(eng, catalog=CAT, state_dir=tmp_path)) as url, \
-                    openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=WAIT_S) as client:
+            with restarted(eng, tmp_path) as client:
                 assert [v.id for v in client.videos.list()] == [ended.id]
         finally:
             eng.close()
