@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._passes import check, select
+from tests._passes import check, select, wanted
 
 REALTIME_ENV = "SMARTBATCH_REALTIME"
 
@@ -33,6 +33,21 @@ def is_realtime(item: pytest.Item) -> bool:
 
 def pytest_configure(config):
     check(REALTIME_ENV, "the tests that run an emulator in real time")
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """A pass does not import the modules none of whose tests it would keep: each worker of each pass collected
+    all 133 modules (12 CPU-s apiece, four workers a pass on 2 cores: 25 s before the realtime pass's first test).
+    Under ``without``, a module that runs an emulator has no test left (the rule is per module); under ``only``, a
+    module that runs none has no test left unless its source names the ``realtime`` mark. Decided from the
+    source, as ``is_realtime`` does, so a pass keeps exactly the tests ``pytest_collection_modifyitems`` would."""
+    want = wanted(REALTIME_ENV)
+    if not want or collection_path.suffix != ".py" or not collection_path.name.startswith("test_"):
+        return None
+    runs = _module_runs_an_emulator(collection_path)
+    if want == "without":
+        return True if runs else None
+    return None if runs or "realtime" in collection_path.read_text(encoding="utf-8") else True
 
 
 def pytest_collection_modifyitems(config, items):
