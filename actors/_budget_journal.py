@@ -55,9 +55,10 @@ class LedgerJournal:
             await cond.wait_for(lambda: self._written >= want)
 
     async def rejournal(self) -> None:
-        """Write the ledger's snapshot to the journal (also after the hub, which keeps it, restarted)."""
+        """Write the ledger's snapshot to the journal (also after the hub, which keeps it, restarted); a Redis
+        ledger's outbox instead, if it holds anything."""
         if self.journal is None:
-            return
+            return await self.rejournal_outbox()
         try:  # bounded: a reservation waits for this write (``_durable``), and a wedged hub must not hold it for good
             await asyncio.wait_for(self.journal.put(*JOURNAL_KEY, self._snapshot()), PUT_TIMEOUT_S)
         except Exception as exc:
@@ -68,7 +69,9 @@ class LedgerJournal:
         released after ``budgets.reservation_ttl_s`` if nobody settles them (their settlement may have come
         between the snapshot and the restart). Once per incarnation: every driver of a shared engine that sees
         the restart asks, and a second restore would overwrite what was spent since the first."""
-        if self.journal is None or self.__dict__.get("_restored"):
+        if self.journal is None:  # a Redis ledger: what waited for Redis
+            return await self.recover_outbox()
+        if self.__dict__.get("_restored"):
             return False
         self._restored = True
         self._restoring = asyncio.Event()  # ledger calls wait: the restore overwrites what they would do meanwhile

@@ -14,8 +14,9 @@ budget that cannot be enforced must not silently pass. Mid-run, every call has a
 answered ``budget_unavailable`` (nothing reserved; the grouper holds the work until Redis is back or its
 deadline passes), and settlements wait in an outbox replayed, first thing, once Redis answers. A reservation
 whose reply was lost (Redis may still run a script it received before it paused) is released through the
-same outbox; what a crash loses anyway expires (``budgets.reservation_ttl_s``). No Redis error leaves this
-actor's methods.
+same outbox. The outbox is journaled in the hub while it holds anything (``actors._budget_outbox``), so a restart
+of this actor loses none of it; what is lost anyway expires (``budgets.reservation_ttl_s``). No Redis error leaves
+this actor's methods.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import time
 from actors._budget_check import check_redis_ledger
 from actors._budget_journal import LedgerJournal
 from actors._budget_live import LiveBudgets
+from actors._budget_outbox import OutboxJournal
 from actors._budget_replay import ScriptRefused
 from actors._budget_report import BudgetReports
 from actors._peer import Warm, as_peer, resolve_clock
@@ -44,7 +46,7 @@ __all__ = ["BudgetController"]
 log = logging.getLogger("smartbatch.budget")
 
 
-class BudgetController(LedgerJournal, LiveBudgets, BudgetReports, Warm):
+class BudgetController(LedgerJournal, OutboxJournal, LiveBudgets, BudgetReports, Warm):
     def __init__(self, settings: BudgetSettings, hub=None, clock=None, base: float = 0.0, engine: str = "engine",
                  recover_wait_s: float = JournalSettings().recover_wait_s, ledger_id: str | None = None):
         self.settings, self.recover_wait_s = settings, recover_wait_s
@@ -205,6 +207,7 @@ class BudgetController(LedgerJournal, LiveBudgets, BudgetReports, Warm):
             # Redis may have run the script and lost only the reply: release whatever it reserved.
             self._outbox.extend((c.rid, 0.0) for c in claims)
             self._arm_flush()
+            await self._keep_pending([(c.rid, 0.0) for c in claims])
             return self._unavailable(len(claims))
         self._recovered()
         out = []
@@ -265,6 +268,7 @@ class BudgetController(LedgerJournal, LiveBudgets, BudgetReports, Warm):
                 self._failed(exc)
             else:
                 self._recovered()
+                await self._taken(items)
                 if lost:
                     self.lost_records += lost
                     log.warning("budget ledger: %d settlement(s) found their claim's record gone from Redis at %s "
@@ -277,6 +281,7 @@ class BudgetController(LedgerJournal, LiveBudgets, BudgetReports, Warm):
         # Bounded by the claims open when Redis went away: no reservation succeeds while it is away.
         self._outbox = items + self._outbox
         self._arm_flush()
+        await self._keep_pending(items)  # in the journal before the call that handed them over is answered
         return False
 
     async def _settle_apart(self, items: list[tuple[str, float]]) -> int:
@@ -316,9 +321,11 @@ class BudgetController(LedgerJournal, LiveBudgets, BudgetReports, Warm):
                 self._failed(exc)
             else:
                 self._recovered()
+                await self._taken(charges=items)
                 return True
         self._charges = items + self._charges
         self._arm_flush()
+        await self._keep_pending(charges=items)
         return False
 
     def _arm_flush(self) -> None:
