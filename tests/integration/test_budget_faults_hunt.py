@@ -105,6 +105,108 @@ def test_a_call_that_comes_while_the_claims_go_back_waits_for_them(own_redis, mo
     assert not answered_early and not v1.ok and not v0.ok, (v0, v1)
 
 
+# Not solo: Redis's pause only makes calls time out; no verdict rests on how long they take.
+def test_what_waits_for_a_paused_redis_outlives_a_restart_of_the_budget_controller(own_redis):
+    """Settlements and a charge queued while Redis is paused, the controller restarted (a new instance on the same
+    hub journal), Redis back: every settlement's spend and the charge count once. Before, the outbox lived in the
+    controller's memory alone: the restart lost it, the claims held their $2 each until their expiry and none of
+    the $4 spent was counted (a hard budget passable unseen)."""
+    import os
+    import signal
+    import time
+
+    from actors.hub import ResultHub
+    from engine.core.budgets import Charge
+
+    b = _budgets(own_redis.url).model_copy(update={"redis_timeout_s": 0.3})
+    hub = ResultHub()
+    charge = Charge("late:m1", "acme", "openai", "gpt-5-mini", 0.5)
+
+    def ledger() -> tuple[float, float]:
+        h = own_redis.client().hgetall(f"{b.redis_prefix}:w:{b.specs[0].key(100.0)}")
+        return round(float(h.get(b"spent", 0)), 9), round(float(h.get(b"reserved", 0)), 9)
+
+    async def flushed(ctl) -> None:  # bounded: Redis answers again within a few retry pauses
+        give_up = time.monotonic() + 10
+        while ctl._outbox or ctl._charges or (ctl._flusher is not None and not ctl._flusher.done()):
+            assert time.monotonic() < give_up, f"still waiting for Redis: {ctl!r}"
+            await asyncio.sleep(0.05)
+
+    async def stop(ctl) -> None:
+        """As the actor's death would: its gauges' task too, which would read Redis again after the close."""
+        if ctl._reported is not None:
+            ctl._reported.cancel()
+            await asyncio.gather(ctl._reported, return_exceptions=True)
+        await ctl.close()
+
+    async def restarted():
+        ctl = BudgetController(b, hub, ManualClock(100.0))
+        ctl.reconstructed()  # Ray restarted it: its first call reads the journal back
+        return ctl
+
+    async def go():
+        first = BudgetController(b, hub, ManualClock(100.0))
+        await first.check_ledger()
+        assert all(v.ok for v in await first.reserve_many(_claims("a0", "a1", "a2", usd=2.0)))
+        assert await hub.journal_items("budget-outbox") == {}  # Redis up: nothing journaled
+        os.kill(own_redis.proc.pid, signal.SIGSTOP)
+        try:
+            await first.settle_many([("a0", 1.5)])
+            await first.settle_many([("a1", 2.0)])
+            await first.charge_many([charge])
+            assert (await first.report())["ledger"]["unsettled"] == 3
+            kept = await hub.journal_items("budget-outbox")  # there before each call was answered
+            await stop(first)  # the actor dies (its flusher with it) while Redis is away
+            second = await restarted()
+            rep = await second.report()
+            assert rep["ledger"]["unsettled"] == 3 and rep["charged_usd"] == 0.5
+        finally:
+            os.kill(own_redis.proc.pid, signal.SIGCONT)
+        await flushed(second)
+        assert ledger() == (4.0, 2.0)  # a2 still open
+        assert await hub.journal_items("budget-outbox") == {}  # taken by Redis: cleared
+        await stop(second)
+
+        # A record Redis took whose delete was lost: sent again by the next restart, it counts nothing more.
+        await hub.journal_put_many("budget-outbox", kept)
+        third = await restarted()
+        assert (await third.report())["ledger"]["unsettled"] == 3
+        await flushed(third)
+        assert ledger() == (4.0, 2.0) and await hub.journal_items("budget-outbox") == {}
+        await third.settle_many([("a2", 1.0)])
+        assert ledger() == (5.0, 0.0) and await hub.journal_items("budget-outbox") == {}
+        await stop(third)
+    asyncio.run(go())
+
+
+def test_a_settlement_journaled_for_a_redis_that_comes_back_empty_still_counts_its_spend(own_redis):
+    """Redis stopped and back without persistence while the controller restarted: the claim's record is gone, and
+    the settlement's journaled copy of whose spend it was and which windows it held counts its spend, once."""
+    from actors.hub import ResultHub
+
+    b = _budgets(own_redis.url).model_copy(update={"redis_timeout_s": 0.3})
+    hub = ResultHub()
+
+    async def go():
+        first = BudgetController(b, hub, ManualClock(100.0))
+        await first.check_ledger()
+        assert (await first.reserve_many(_claims("a0", usd=2.0)))[0].ok
+        own_redis.stop()
+        await first.settle_many([("a0", 1.5)])  # refused at once: nothing listens
+        await first.close()
+        second = BudgetController(b, hub, ManualClock(100.0))
+        second.reconstructed()
+        assert await second.recover()
+        own_redis.start()  # empty: the claim's record is gone
+        await asyncio.wait_for(second._flusher, timeout=10)
+        rep = await second.report()
+        await second.close()
+        return rep
+    rep = asyncio.run(go())
+    (row,) = rep["budgets"]
+    assert (row["spent_usd"], row["reserved_usd"]) == (pytest.approx(1.5), 0) and rep["ledger"]["lost_records"] == 1
+
+
 def _spend_requests(n: int) -> list[dict]:
     import random
 
