@@ -200,12 +200,12 @@ def test_the_emulators_google_side_says_a_rate_limits_wait_in_its_body_as_google
 
 # -- calls ---------------------------------------------------------------------------------------------------------
 def test_a_gemini_sync_call_bills_its_thinking_as_output_and_its_cached_prefix_at_the_read_price(emu):
-    """Two calls that share a 1,536-token prefix, the second thinking hard: the layer counts the thoughts in
+    """Two calls that share a 2,560-token prefix (Gemini 2.5 caches from 2,048), the second thinking hard: the layer counts the thoughts in
     total_tokens only, and the engine bills them as output; the prefix the first left in Gemini's implicit cache
     is read at 0.1x. Each result's cost is the emulator's bill for it, and no prompt_cache_key (which the layer
     refuses) was sent."""
-    first = Request.model_validate({"id": "g-a", "arrival_s": 0.0, "model": FLASH, "input_tokens": 1700,
-                                    "output_tokens": 40, "prompt": "q", "prefix_blocks": [5, 6, 7]})
+    first = Request.model_validate({"id": "g-a", "arrival_s": 0.0, "model": FLASH, "input_tokens": 2700,
+                                    "output_tokens": 40, "prompt": "q", "prefix_blocks": [5, 6, 7, 8, 9]})
     second = first.model_copy(update={"id": "g-b", "body": {"reasoning_effort": "high"}})
 
     async def go():
@@ -223,7 +223,7 @@ def test_a_gemini_sync_call_bills_its_thinking_as_output_and_its_cached_prefix_a
     items = {i.request_id: i for i in emu.bill().items}
     a, b = results["g-a"], results["g-b"]
     assert a.status == b.status == "ok" and a.real and b.real
-    assert a.usage["cache_read"] == 0 and b.usage["cache_read"] == 1536
+    assert a.usage["cache_read"] == 0 and b.usage["cache_read"] == 2560
     raw = b.raw["usage"]
     thoughts = raw["total_tokens"] - raw["prompt_tokens"] - raw["completion_tokens"]
     assert thoughts > 0 and b.usage["output_tokens"] == raw["completion_tokens"] + thoughts
@@ -232,7 +232,7 @@ def test_a_gemini_sync_call_bills_its_thinking_as_output_and_its_cached_prefix_a
         assert r.cost_usd == pytest.approx(items[r.provider_request_id].cost_usd, abs=1e-12)
         assert r.cost_usd == pytest.approx(priced(r, req, "sync"), abs=1e-12)
     spec = CAT.model("google", FLASH)
-    assert b.cost_usd == pytest.approx((1536 * 0.1 + (1700 - 1536)) * spec.input_per_mtok / 1e6
+    assert b.cost_usd == pytest.approx((2560 * 0.1 + (2700 - 2560)) * spec.input_per_mtok / 1e6
                                        + b.usage["output_tokens"] * spec.output_per_mtok / 1e6, abs=1e-12)
 
 

@@ -15,6 +15,7 @@ from actors.providers.openai_http import _usage_chat, _usage_responses
 from engine.core.catalog import default_catalog, load_catalog
 from engine.core.cost import (
     CacheSplit,
+    cache_split,
     mode_allowed,
     price_alone,
     price_batch,
@@ -106,17 +107,17 @@ def test_a_batch_the_bound_a_reservation_and_a_live_usage_price_the_write_alike(
 
 
 def test_an_older_overlay_overrides_the_default_models_own_terms_as_it_did(tmp_path):
-    """The default catalog now gives gpt-4o-mini's, Haiku 4.5's and Gemini 2.5 Pro's terms in the newer spelling;
+    """The default catalog now gives gpt-4o-mini's, Haiku 4.5's and Gemini 4 Argon's terms in the newer spelling;
     an overlay in the older one still overrides them (merged as given, the default's prompt_cache kept its value
     and the overlay's was dropped without a word: gpt-4o-mini's reads billed at 0.5x where the overlay said 0.25x)."""
     overlay = tmp_path / "o.yaml"
     overlay.write_text("providers:\n  openai:\n    models:\n      gpt-4o-mini: {cache_read_multiplier: 0.25}\n"
                        "  anthropic:\n    models:\n      claude-haiku-4-5: {cache_min_tokens: 2048}\n"
-                       "  google:\n    models:\n      gemini-2.5-pro: {cache_min_tokens: null}\n")
+                       "  google:\n    models:\n      gemini-4-argon: {cache_min_tokens: null}\n")
     cat = load_catalog(None, overlay)
     assert cat.provider("openai").cache_of("gpt-4o-mini").read_multiplier == 0.25
     assert cat.provider("anthropic").cache_of("claude-haiku-4-5").min_tokens == 2048
-    assert cat.provider("google").cache_of("gemini-2.5-pro").min_tokens == 1024  # null: the provider's, as before
+    assert cat.provider("google").cache_of("gemini-4-argon").min_tokens == 2048  # null: the provider's, not its 4,096
     mini = Request(id="m", arrival_s=0.0, provider="openai", model="gpt-4o-mini", input_tokens=4000, output_tokens=0)
     got = price_usage(mini, cat, "sync", input_tokens=4000, output_tokens=0, cache_read=2048)
     assert math.isclose(got.total, (1952 + 2048 * 0.25) * 0.15 * M)  # the parent commit's bill
@@ -227,3 +228,15 @@ def test_a_live_usage_without_the_write_with_null_or_with_more_than_its_input_is
     # a write past the input is billed as the whole input written, no more: the reservation's own figure
     assert math.isclose(got, bound)
     assert _usage_chat({"prompt_tokens": 10, "prompt_tokens_details": None}).cache_write == 0
+
+
+def test_gemini_2_5_reads_a_warm_prefix_only_from_2048_tokens():
+    """Google's caching page (its copies since 2026-07): "Gemini 2.5 Flash 2,048, Gemini 2.5 Pro 2,048". A warm
+    1,536-token prefix at 2.5 Flash is billed plain (the catalog said 1,024 until stop 69 and priced it as a read);
+    2,048 tokens are read."""
+    cat = default_catalog()
+    google = cat.provider("google")
+    for model in ("gemini-2.5-flash", "gemini-2.5-pro"):
+        spec = cat.model("google", model)
+        assert cache_split(google, spec, 3000, 3, 3, 0, 512).read == 0
+        assert cache_split(google, spec, 3000, 4, 4, 0, 512).read == 2048
