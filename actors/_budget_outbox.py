@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any
 
 from actors.journal import HubJournal, read_patiently
@@ -61,10 +60,10 @@ class OutboxJournal:
         if journal is None:
             return
         keys, lock = self._outbox_state()
-        opened = getattr(self.book, "_open", {})
+        copy = self.book.claim_copy
         # A settlement carries what the book knew of its claim (whose spend, which windows), so a restarted
         # controller still counts it should Redis have lost the claim's record meanwhile.
-        new = {k: (rid, usd, opened.get(rid)) for rid, usd in settlements
+        new = {k: (rid, usd, copy(rid)) for rid, usd in settlements
                if (k := _settlement_key(rid, usd)) not in keys}
         new.update((k, (c, t)) for c, t in charges if (k := _charge_key(c)) not in keys)
         if not new:
@@ -121,13 +120,12 @@ class OutboxJournal:
         keys, _ = self._outbox_state()
         keys.update(records)
         settlements, charges = [], []
-        opened = getattr(self.book, "_open", None)
         for k, v in records.items():
             if k.startswith("s\x1f"):
                 rid, usd, known = v
                 settlements.append((rid, usd))
-                if known is not None and opened is not None:  # its age restarts here: kept a little longer
-                    opened.setdefault(rid, (time.monotonic(), *known[1:]))
+                if known is not None:
+                    self.book.restore_copy(rid, known)
             else:
                 charges.append(v)
                 self._charged[v[0].cid] = v[0].usd

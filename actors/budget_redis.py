@@ -103,6 +103,16 @@ class RedisBudgetBook(ServerWatch):
         self.specs = list(specs)
         self.covering = Covering(self.specs)
 
+    def claim_copy(self, rid: str) -> tuple | None:
+        """What this book knows of an open claim (whose spend, which windows), for a settlement kept where it
+        outlives this process (``actors._budget_outbox``); None if it knows nothing of it."""
+        entry = self._open.get(rid)
+        return None if entry is None else entry[1:]
+
+    def restore_copy(self, rid: str, copy: tuple) -> None:
+        """Take back a ``claim_copy`` kept from before a restart; its age starts again here."""
+        self._open.setdefault(rid, (time.monotonic(), *copy))
+
     async def reserve_many(self, claims: list[Claim], now: float) -> list[Verdict]:
         if not claims:
             return []
