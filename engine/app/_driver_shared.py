@@ -42,6 +42,7 @@ def init_ray(address: str, flag: str = "address") -> bool:
     import ray
 
     if ray.is_initialized():
+        _same_ray_or_refuse(address, flag)
         return False
     check_answers(address, flag)
     try:
@@ -50,6 +51,29 @@ def init_ray(address: str, flag: str = "address") -> bool:
         raise ConfigError(f"{flag} {address}: no Ray cluster answers there ({exc}); give the address that "
                           "smartbatch serve printed, or start Ray with `ray start --head`") from None
     return True
+
+
+def _same_ray_or_refuse(address: str, flag: str) -> None:
+    """In a process already attached to Ray, refuse an explicit ``host:port`` of another cluster: it was ignored,
+    and the engine ran on the Ray the process had, not the one asked for. ``auto``/``local`` (the defaults) and a
+    Ray Client address take the process's Ray, as before."""
+    import socket
+
+    import ray
+
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if address in ("auto", "local") or address.startswith("ray://"):
+        return
+    try:
+        current = ray.get_runtime_context().gcs_address
+    except Exception:  # noqa: BLE001 - a client-mode or dying Ray: nothing to compare with
+        return
+    cur_host, _, cur_port = current.rpartition(":")
+    local = {"localhost", "127.0.0.1", "::1", "0.0.0.0", socket.gethostname(), cur_host}
+    if sep and port == cur_port and (host == cur_host or host in local):
+        return
+    raise ConfigError(f"{flag} {address}: this process is already attached to the Ray cluster at {current}; "
+                      f"drop {flag} to use that one, or give it from a process that has not called ray.init()")
 
 
 def _where(name: str, address: str) -> str:

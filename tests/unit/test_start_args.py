@@ -36,3 +36,30 @@ def test_a_bad_start_argument_is_named_before_anything_starts(kw, named, monkeyp
     monkeypatch.setattr(driver, "init_ray", no_ray)
     with pytest.raises(ConfigError, match=named.replace("(", r"\(").replace("[", r"\[")):
         Engine.start(**kw)
+
+
+class _AttachedRay:
+    """A process already attached to a Ray cluster at ``gcs`` (``ray.init`` called by the user's script)."""
+
+    def __init__(self, gcs: str) -> None:
+        self.gcs_address = gcs
+
+
+@pytest.mark.parametrize("address, refused", [
+    ("bad address", True), ("10.9.9.9:6379", True), ("192.0.2.2:6380", True),
+    ("auto", False), ("local", False), ("192.0.2.2:37299", False), ("127.0.0.1:37299", False),
+])
+def test_an_address_of_another_ray_in_an_attached_process_is_refused_not_ignored(address, refused, monkeypatch):
+    """It was ignored: `run --address X` in a process where Ray ran already used that Ray, not X."""
+    import ray
+
+    from engine.app._driver_shared import init_ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: _AttachedRay("192.0.2.2:37299"))
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("an attached process must not init Ray again"))
+    if refused:
+        with pytest.raises(ConfigError, match=r"--address .*already attached to the Ray cluster at 192\.0\.2\.2:37299"):
+            init_ray(address, "--address")
+    else:
+        assert init_ray(address, "--address") is False
