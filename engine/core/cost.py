@@ -273,8 +273,8 @@ def reserve_bound(req: Request, catalog: Catalog, mode: Mode, output_tokens: int
     """
     if mode not in MODES:  # a misspelt mode would otherwise be priced as sync, silently
         raise ValueError(f"unknown mode {mode!r}: one of {MODES}")
-    provider = catalog.provider(req.provider)
-    spec = catalog.model(req.provider, req.model)
+    provider, spec = catalog.provider(req.provider), catalog.model(req.provider, req.model)
+    _check_mode(provider, spec, req.model, mode)  # else a budget reserves a discount that no call gets
     if mode in ("reuse", "flex"):  # a refused flex call is sent again at the standard tier, at its prices
         return 0.0 if mode == "reuse" else reserve_bound(req, catalog, "sync", output_tokens)
     if spec.kind != "text":

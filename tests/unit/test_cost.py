@@ -277,3 +277,23 @@ def test_a_gemini_25_pro_prompt_past_200k_tokens_is_billed_whole_at_the_long_pro
     assert reserve_bound(pro(500_000, cap=1_000), CAT, "sync") >= usd(500_000, 2.50, 15.0)
     # Gemini 2.5 Flash has one price at any length.
     assert price_alone(pro(500_000, "gemini-2.5-flash"), CAT).total == pytest.approx(usd(500_000, 0.30, 2.50))
+
+
+def test_a_bound_in_a_mode_the_model_does_not_offer_is_refused_as_its_price_is():
+    """`reserve_bound` reserved gpt-image-1 in the batch API at half its price (OpenAI batches no image) and a
+    non-flex model's flex at its sync price, where `price_alone` refuses both: a budget reserved a discount that
+    no call gets."""
+    from engine.core.cost import mode_allowed, reserve_bound
+
+    refused = 0
+    for pname, provider in CAT.providers.items():
+        for mname, spec in provider.models.items():
+            r = Request.model_validate({"id": "m", "arrival_s": 0, "provider": pname, "model": mname, "prompt": "hi"})
+            for mode in ("batch_api", "flex", "gpu_batch"):
+                if mode_allowed(provider, spec, mode):
+                    assert reserve_bound(r, CAT, mode) >= 0.0
+                    continue
+                refused += 1
+                with pytest.raises(CatalogError, match=f"mode {mode!r} is not available for {pname}/{mname}"):
+                    reserve_bound(r, CAT, mode)
+    assert refused > 10  # the catalog has image models without a batch API, and most models have no flex tier
