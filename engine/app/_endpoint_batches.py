@@ -48,7 +48,7 @@ from engine.app._endpoint_wire import (
     engine_call,
     json_body,
     new_id,
-    smartbatch_fields,
+    tenant_of,
     window_text,
 )
 from engine.core.answer_body import MESSAGES_URL
@@ -122,20 +122,21 @@ class FilesAndBatches(TakeBack, FileRoutes, MessageBatchRoutes):
             self.state.close()
 
     # -- batches --------------------------------------------------------------------------------------------
-    def _batch(self, batch_id: str) -> BatchJob:
+    def _batch(self, batch_id: str, http: HttpRequest) -> BatchJob:
+        """The batch ``batch_id`` of the caller's tenant; another tenant's is answered as one that does not exist."""
         job = self.batches.get(batch_id)
-        if job is None:
+        if job is None or job.tenant != tenant_of(http.headers):
             raise ApiError(404, f"No such Batch object: {batch_id}", param="batch_id")
         return job
 
     async def create_batch(self, http: HttpRequest) -> dict:
         body = await json_body(http)
-        tenant = smartbatch_fields(http.headers, deadline=False).get("tenant", "default")
+        tenant = tenant_of(http.headers)
         file_id = body.get("input_file_id")
         if not isinstance(file_id, str) or not file_id:
             raise ApiError(400, "input_file_id is required: the id of a file uploaded with purpose 'batch'",
                            param="input_file_id")
-        src = self._file(file_id, "input_file_id")  # the create's field (it named the files route's path)
+        src = self._file(file_id, tenant, "input_file_id")  # the create's field (it named the files route's path)
         if src.purpose != "batch":
             raise ApiError(400, f"file {file_id} has purpose {src.purpose!r}; a batch reads a file uploaded "
                                 "with purpose 'batch'", param="input_file_id")
@@ -301,7 +302,7 @@ class FilesAndBatches(TakeBack, FileRoutes, MessageBatchRoutes):
             if rows:  # named after the batch: an end written again after a crash replaces the file, never adds one
                 setattr(job, f"{kind}_file_id", fid := f"file-{job.id}-{kind}")
                 try:
-                    self._add_file(f"{job.id}_{kind}.jsonl", "batch_output", b"".join(rows), fid)
+                    self._add_file(f"{job.id}_{kind}.jsonl", "batch_output", b"".join(rows), fid, tenant=job.tenant)
                 except OSError:  # (served from memory meanwhile; a helper's hunt: ended, then gone at a restart)
                     kept = False
         job.report = report(job.bf, results, self.catalog, window_s=job.window_s, policy="engine")
@@ -323,16 +324,20 @@ class FilesAndBatches(TakeBack, FileRoutes, MessageBatchRoutes):
         job.status = status
         job.at.setdefault(status, int(self._now()))
 
-    async def list_batches(self, limit: str | None = None, after: str | None = None) -> dict:
+    async def list_batches(self, http: HttpRequest, limit: str | None = None, after: str | None = None) -> dict:
+        tenant = tenant_of(http.headers)
         items = [b.view() for b in reversed(self.batches.values())  # newest first, as OpenAI lists them
-                 if b.endpoint != MESSAGES_URL]  # Anthropic's, listed on its own route
+                 if b.endpoint != MESSAGES_URL and b.tenant == tenant]  # Anthropic's, listed on its own route
         return cursor_page(items, after=after, limit=limit, default_limit=20, max_limit=100)
 
-    async def get_batch(self, batch_id: str) -> dict:
-        return self._batch(batch_id).view()
+    async def get_batch(self, http: HttpRequest, batch_id: str) -> dict:
+        return self._batch(batch_id, http).view()
 
-    async def cancel_batch(self, batch_id: str) -> dict:
-        job = self._batch(batch_id)
+    async def cancel_batch(self, http: HttpRequest, batch_id: str) -> dict:
+        return await self._cancel_job(self._batch(batch_id, http))
+
+    async def _cancel_job(self, job: BatchJob) -> dict:
+        batch_id = job.id
         if job.status == "cancelling":  # a cancel again (its client left mid-call, and retries): under way
             return job.view()
         if job.status not in OPEN:
@@ -357,9 +362,9 @@ class FilesAndBatches(TakeBack, FileRoutes, MessageBatchRoutes):
         # The collector ends the batch when its last line is in, or when the wait is over (cancelled).
         asyncio.get_running_loop().call_later(self.cancel_wait_s, task.cancel)
 
-    async def batch_report(self, batch_id: str) -> dict:
+    async def batch_report(self, http: HttpRequest, batch_id: str) -> dict:
         """smartbatch's extension: every line's cost against its list price, the totals and the modes used."""
-        job = self._batch(batch_id)
+        job = self._batch(batch_id, http)
         if job.report is None:
             raise ApiError(409, f"batch {batch_id} is {job.status}; its report exists once it is completed "
                                 "or cancelled", param="batch_id")

@@ -33,7 +33,7 @@ from engine.app._endpoint_msgbatch_shape import (
     results_of,
     view,
 )
-from engine.app._endpoint_wire import ApiError, json_body, new_id, smartbatch_fields, window_text
+from engine.app._endpoint_wire import ApiError, json_body, new_id, smartbatch_fields, tenant_of, window_text
 from engine.core.answer_body import MESSAGES_URL
 from engine.core.batchfile import parse_batch_file
 from engine.core.settings import MAX_DEADLINE_S
@@ -80,7 +80,7 @@ async def _bounded_body(http: HttpRequest) -> bytes:
 class MessageBatchRoutes:
     """Needs what ``FilesAndBatches`` has: ``batches``, ``files``, ``state``, ``engine``, ``catalog``,
     ``window_default_s``, ``message_counts``, ``_now``, ``_enter``, ``_save``, ``_add_file``, ``_over_limit``,
-    ``_open`` and ``cancel_batch``."""
+    ``_open`` and ``_cancel_job``."""
 
     def add_message_batch_routes(self, r: APIRouter) -> None:
         for path, route, method in (
@@ -91,9 +91,11 @@ class MessageBatchRoutes:
                 (BATCHES_URL + "/{message_batch_id}/results", self.message_batch_results, "GET")):
             r.add_api_route(path, _in_anthropic_shape(route), methods=[method])
 
-    def _message_batch(self, batch_id: str) -> BatchJob:
+    def _message_batch(self, batch_id: str, http: HttpRequest) -> BatchJob:
+        """The Message Batch ``batch_id`` of the caller's tenant; another tenant's is answered as one that does not
+        exist (before, any caller read, cancelled and deleted every tenant's)."""
         job = self.batches.get(batch_id)
-        if job is None or job.endpoint != MESSAGES_URL:
+        if job is None or job.endpoint != MESSAGES_URL or job.tenant != tenant_of(http.headers):
             raise AnthropicError(404, f"message_batch_id: no Message Batch {batch_id!r}; GET {BATCHES_URL} lists "
                                       "them", param="message_batch_id")
         return job
@@ -140,7 +142,7 @@ class MessageBatchRoutes:
         if (over := self._over_limit(job)) is not None:
             raise AnthropicError(429, over)
         try:
-            self._add_file(f"{bid}_requests.jsonl", "batch", data, fid)
+            self._add_file(f"{bid}_requests.jsonl", "batch", data, fid, tenant=tenant)
         except OSError as exc:
             self.files.pop(fid, None)
             raise self.state.no_room(exc, "the batch") from None
@@ -156,7 +158,8 @@ class MessageBatchRoutes:
             n = 0
         if not 1 <= n <= 1000:
             raise AnthropicError(400, f"limit: {limit!r} must be a whole number from 1 to 1000", param="limit")
-        jobs = [b for b in reversed(self.batches.values()) if b.endpoint == MESSAGES_URL]
+        tenant = tenant_of(http.headers)
+        jobs = [b for b in reversed(self.batches.values()) if b.endpoint == MESSAGES_URL and b.tenant == tenant]
         ids = [b.id for b in jobs]
         for name, given in (("after_id", after_id), ("before_id", before_id)):
             if given is not None and given not in ids:
@@ -175,27 +178,27 @@ class MessageBatchRoutes:
                 "last_id": data[-1]["id"] if data else None}
 
     async def get_message_batch(self, http: HttpRequest, message_batch_id: str) -> dict:
-        return self._message_view(self._message_batch(message_batch_id), http)
+        return self._message_view(self._message_batch(message_batch_id, http), http)
 
     async def cancel_message_batch(self, http: HttpRequest, message_batch_id: str) -> dict:
-        job = self._message_batch(message_batch_id)
+        job = self._message_batch(message_batch_id, http)
         if job.status in _ENDED:
             raise AnthropicError(409, f"message_batch_id: Message Batch {job.id} has ended; there is nothing left "
                                       "to cancel (its results are at its results_url)", param="message_batch_id")
         if job.status in OPEN:
-            await self.cancel_batch(job.id)  # the OpenAI route's cancel: what is not sent yet ends at once
+            await self._cancel_job(job)  # the OpenAI route's cancel: what is not sent yet ends at once
         return self._message_view(job, http)
 
-    async def message_batch_results(self, message_batch_id: str) -> Response:
-        job = self._message_batch(message_batch_id)
+    async def message_batch_results(self, http: HttpRequest, message_batch_id: str) -> Response:
+        job = self._message_batch(message_batch_id, http)
         if job.status not in _ENDED:
             raise AnthropicError(400, f"message_batch_id: Message Batch {job.id} is still processing; its results "
                                       "are there once its processing_status is 'ended'", param="message_batch_id")
         lines = [json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in self._results(job)]
         return Response(b"".join(lines), media_type="application/binary")
 
-    async def delete_message_batch(self, message_batch_id: str) -> dict:
-        job = self._message_batch(message_batch_id)
+    async def delete_message_batch(self, http: HttpRequest, message_batch_id: str) -> dict:
+        job = self._message_batch(message_batch_id, http)
         if job.status not in _ENDED:
             raise AnthropicError(400, f"message_batch_id: Message Batch {job.id} is still processing; cancel it, "
                                       "and delete it once it has ended", param="message_batch_id")

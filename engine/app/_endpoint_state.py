@@ -115,7 +115,7 @@ class EndpointState:
             try:
                 _write_json(self.files_dir / f"{f.id}.json", {"id": f.id, "filename": f.filename,
                                                                "purpose": f.purpose, "created_at": f.created_at,
-                                                               "created_ns": time.time_ns()})
+                                                               "created_ns": time.time_ns(), "tenant": f.tenant})
             except OSError:  # its bytes would stay for good, listed by nothing (a helper's review)
                 (self.files_dir / f"{f.id}.data").unlink(missing_ok=True)
                 raise
@@ -136,11 +136,22 @@ class EndpointState:
             try:
                 m = json.loads(meta.read_bytes())
                 f = StoredFile(m["id"], m["filename"], m["purpose"], (self.files_dir / f"{m['id']}.data").read_bytes(),
-                               int(m["created_at"]))
+                               int(m["created_at"]), m.get("tenant") or self._owner_before_tenants(m["id"]))
                 out.append((int(m.get("created_ns", 0)), f))
             except Exception as exc:
                 _set_aside(meta, exc)
         return {f.id: f for _, f in sorted(out, key=lambda t: (t[0], t[1].created_at))}  # in upload order
+
+    def _owner_before_tenants(self, file_id: str) -> str:
+        """The tenant of a file kept before files had one: a batch's output or error file is its batch's (asked
+        for by that tenant), any other 'default'."""
+        bid, _, kind = file_id.removeprefix("file-").rpartition("-")
+        try:
+            if kind in ("output", "error"):
+                return str(json.loads((self.batches_dir / f"{bid}.json").read_bytes())["tenant"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        return "default"
 
     # -- batches --------------------------------------------------------------------------------------------
     def keep_input(self, batch_id: str, file_id: str, strict: bool = False) -> None:

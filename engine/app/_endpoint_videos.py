@@ -46,6 +46,7 @@ from engine.app._endpoint_wire import (
     json_body,
     new_id,
     smartbatch_fields,
+    tenant_of,
 )
 from engine.core.catalog import Catalog
 from engine.core.errors import CatalogError, EngineStopped, ProviderError
@@ -270,9 +271,11 @@ class VideoRoutes:
             self.state.save_video(job.record())
 
     # -- reads ----------------------------------------------------------------------------------------------
-    def _job(self, video_id: str) -> VideoJob:
+    def _job(self, video_id: str, http: HttpRequest) -> VideoJob:
+        """The caller's tenant's video; another tenant's is answered as one that does not exist."""
         job = self.jobs.get(video_id)
-        if job is None or job.admitted is not None and not job.admitted.done():
+        if job is None or job.admitted is not None and not job.admitted.done() or \
+                job.req.tenant != tenant_of(http.headers):
             raise ApiError(404, f"Video with id '{video_id}' not found.", param="video_id", code="video_not_found")
         return job
 
@@ -285,12 +288,12 @@ class VideoRoutes:
                 pass
         return {HEADER_REQUEST_ID: job.req.id}
 
-    async def retrieve(self, video_id: str) -> JSONResponse:
-        job = self._job(video_id)
+    async def retrieve(self, http: HttpRequest, video_id: str) -> JSONResponse:
+        job = self._job(video_id, http)
         return JSONResponse(job.view(), headers=self._headers(job))
 
-    async def content(self, video_id: str, variant: str = "video") -> Response:
-        job = self._job(video_id)
+    async def content(self, http: HttpRequest, video_id: str, variant: str = "video") -> Response:
+        job = self._job(video_id, http)
         status = job.view()["status"]
         if status != "completed":  # OpenAI's answer while a video is made
             raise ApiError(404 if status != "failed" else 400, f"Video is not ready yet; its status is "
@@ -312,10 +315,13 @@ class VideoRoutes:
                            param=err.get("param"), code=err.get("code"), type=err.get("type") or "api_error")
         return Response(data, media_type=kind, headers=self._headers(job))
 
-    async def list_videos(self, after: str | None = None, limit: str | None = None, order: str = "desc") -> dict:
+    async def list_videos(self, http: HttpRequest, after: str | None = None, limit: str | None = None,
+                          order: str = "desc") -> dict:
         if order not in ("asc", "desc"):
             raise ApiError(400, f"order {order!r} must be 'asc' or 'desc'", param="order")
-        jobs = sorted((j for j in self.jobs.values() if j.admitted is None or j.admitted.done()),
+        tenant = tenant_of(http.headers)
+        jobs = sorted((j for j in self.jobs.values() if (j.admitted is None or j.admitted.done())
+                       and j.req.tenant == tenant),
                       key=lambda j: j.created_ns, reverse=order == "desc")
         if after is not None and after not in self.jobs and (at := self._deleted.get(after)) is not None:
             # Deleted since the page that ended with it (a loop that deletes what it lists, as the SDK pages
@@ -323,8 +329,8 @@ class VideoRoutes:
             jobs, after = [j for j in jobs if (j.created_ns < at if order == "desc" else j.created_ns > at)], None
         return cursor_page([j.view() for j in jobs], after=after, limit=limit, default_limit=20, max_limit=100)
 
-    async def delete(self, video_id: str) -> dict:
-        job = self._job(video_id)
+    async def delete(self, http: HttpRequest, video_id: str) -> dict:
+        job = self._job(video_id, http)
         if job.result is None:  # in the engine: it is made and billed whatever this job does
             raise ApiError(409, f"video {video_id} is still being made (in_progress): it is billed when it "
                                 "completes; delete it once it has completed or failed", param="video_id")

@@ -27,7 +27,7 @@ from engine.core.trace import _problems_of
 
 __all__ = ["HEADER_DEADLINE", "HEADER_PRIORITY", "HEADER_REQUEST_ID", "HEADER_TENANT", "ApiError",
            "AsyncEngine", "Validator", "checked_metadata", "completion_window_s", "cursor_page", "engine_call",
-           "json_body", "new_id", "refused", "StoredFile", "smartbatch_fields", "window_text"]
+           "json_body", "new_id", "refused", "StoredFile", "smartbatch_fields", "tenant_of", "window_text"]
 
 HEADER_DEADLINE = "X-Smartbatch-Deadline"
 HEADER_PRIORITY = "X-Smartbatch-Priority"
@@ -129,6 +129,12 @@ def smartbatch_fields(headers: Mapping[str, str], *, deadline: bool = True) -> d
     return out
 
 
+def tenant_of(headers: Mapping[str, str]) -> str:
+    """The caller's tenant (``X-Smartbatch-Tenant``; 'default' without it): the owner of the files, batches and
+    videos it makes, which no other tenant lists, reads, cancels or deletes (OpenAI scopes them to a project)."""
+    return smartbatch_fields(headers, deadline=False).get("tenant", "default")
+
+
 class Validator:
     """Validates a request dict as the engine will (same catalog and settings), naming a refused field by
     what the caller sent: a header, or the field of the OpenAI body (``param_of``)."""
@@ -195,13 +201,14 @@ def cursor_page(items: list[dict], *, after: str | None, limit: str | None, defa
 
 @dataclass(frozen=True)
 class StoredFile:
-    """A file of the Files API, held in the replica's memory."""
+    """A file of the Files API, held in the replica's memory; ``tenant``: whose it is (``tenant_of``)."""
 
     id: str
     filename: str
     purpose: str
     data: bytes
     created_at: int
+    tenant: str = "default"
 
     def view(self) -> dict[str, Any]:
         return {"id": self.id, "object": "file", "bytes": len(self.data), "created_at": self.created_at,

@@ -21,7 +21,8 @@ Request headers (all optional; absent, the engine's defaults apply):
   send as ``X-Stainless-Read-Timeout`` (600 s by default): a deadline of an hour let the SDK give up at 600 s
   and retry, twice, each retry a new request (``CLIENT_TIMEOUT_SHARE`` of it is the deadline);
 * ``X-Smartbatch-Priority``: ``urgent``, ``normal`` or ``background``;
-* ``X-Smartbatch-Tenant``: who the request is for (budgets, cache); also the tenant of a batch's lines;
+* ``X-Smartbatch-Tenant``: who the request is for (budgets, cache); also the tenant of a batch's lines, and the
+  owner of the files, batches and videos a call makes: no other tenant lists, reads or deletes them (``tenant_of``);
 * ``X-Smartbatch-Request-Id``: the idempotency key (the same id and body again gets the same answer, never a
   second call); without it each call gets a fresh id.
 
@@ -34,7 +35,8 @@ SDK's ``api_key``), and answers any other with a 401 ``invalid_api_key``; the ke
 it (the default, for a loopback bind) anyone who reaches the port spends the engine's provider keys.
 
 Every error is OpenAI's ``{"error": {"message", "type", "param", "code"}}``; a bad header or body field is a
-400 whose ``param`` names it. Files, batches and videos are held in memory per replica (``_endpoint_batches``).
+400 whose ``param`` names it. Files, batches and videos are held in memory per replica (``_endpoint_batches``),
+per tenant.
 Serving it (uvicorn, Ray Serve) is the caller's business: this module starts nothing.
 """
 

@@ -330,7 +330,7 @@ def test_a_batch_of_the_endpoint_that_fails_validation_keeps_its_errors_and_lets
     lines = [{"custom_id": f"q{k % 1500}", "method": "POST", "url": "/v1/chat/completions",
               "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"Question {k}?"}]}}
              for k in range(2000)]  # lines 1501-2000 repeat a custom_id
-    src = store._add_file("in.jsonl", "batch", "\n".join(json.dumps(x) for x in lines).encode())
+    src = store._add_file("in.jsonl", "batch", "\n".join(json.dumps(x) for x in lines).encode(), tenant="default")
     body = json.dumps({"input_file_id": src.id, "endpoint": "/v1/chat/completions",
                        "completion_window": "24h"}).encode()
 

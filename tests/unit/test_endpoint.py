@@ -461,12 +461,13 @@ def upload(client, lines):
 
 def test_a_batch_round_trip_through_files_and_batches(served):
     eng, client = served
+    client = client.with_options(default_headers={endpoint.HEADER_TENANT: "acme"})  # its files and batches
     f = upload(client, [batch_line("a", "one"), batch_line("b", "two"), batch_line("bad", "x", model="nope"),
                         batch_line("c-boom", "three")])
     assert f.id.startswith("file-") and f.purpose == "batch" and f.status == "processed" and f.bytes > 0
     assert client.files.retrieve(f.id).filename == "in.jsonl"
     b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h",
-                              metadata={"job": "t1"}, extra_headers={endpoint.HEADER_TENANT: "acme"})
+                              metadata={"job": "t1"})
     assert b.status == "in_progress" and b.request_counts.total == 4 and b.metadata == {"job": "t1"}
     b = wait_done(client, b.id)
     assert b.status == "completed" and b.completed_at is not None

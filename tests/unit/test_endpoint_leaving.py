@@ -53,7 +53,7 @@ class Http:
 
 def upload(store: FilesAndBatches, ids: list[str]) -> Http:
     data = ("\n".join(batch_line(cid, f"question {cid}") for cid in ids) + "\n").encode()
-    f = store._add_file("in.jsonl", "batch", data)
+    f = store._add_file("in.jsonl", "batch", data, tenant="default")
     return Http({"input_file_id": f.id, "endpoint": "/v1/chat/completions", "completion_window": "24h"})
 
 
@@ -87,7 +87,7 @@ def test_a_create_whose_client_leaves_mid_call_still_makes_a_listed_batch_that_e
         done = await until(lambda: listed.status == "completed" and listed, "the batch's end")
         assert eng.submitted == [f"{listed.id}/{cid}" for cid in "abc"]  # each line once
         assert store.files[done.output_file_id].data.count(b"\n") == 3
-        assert (await store.list_batches())["data"][0]["id"] == listed.id
+        assert (await store.list_batches(Http({})))["data"][0]["id"] == listed.id
         await store.shutdown()
     asyncio.run(go())
 
@@ -133,10 +133,10 @@ def test_a_cancel_whose_client_leaves_mid_call_still_ends_the_batch_and_a_retry_
         made = await store.create_batch(upload(store, ["a", "b-slow"]))  # b is in a call that runs on
         job = store.batches[made["id"]]
         await until(lambda: "a" in job.results, "the first line's answer")
-        cancel = asyncio.create_task(store.cancel_batch(job.id))
+        cancel = asyncio.create_task(store.cancel_batch(Http({}), job.id))
         await asyncio.to_thread(eng.entered.wait, 10)
         await left(cancel)
-        again = await store.cancel_batch(job.id)  # the client's retry: the batch, cancelling (was a 409)
+        again = await store.cancel_batch(Http({}), job.id)  # the client's retry: the batch, cancelling (was a 409)
         assert again["status"] == "cancelling"
         eng.gate.set()
         # The running line never ends here: the wait for it (cancel_wait_s) ends the batch (it stayed cancelling).

@@ -78,12 +78,13 @@ def ended(client, batch_id: str, limit_s: float = 5.0):
 
 def test_a_batch_of_good_and_bad_requests_ends_with_a_result_for_each(served):
     eng, client = served
+    client = client.with_options(default_headers={endpoint.HEADER_TENANT: "acme"})  # its batch, seen by acme
     no_cap = ask("nocap")
     del no_cap["params"]["max_tokens"]
     b = client.messages.batches.create(requests=[
         ask("a", "one"), ask("b", "two", system="Be brief."), no_cap, ask("gpt", model="gpt-5-mini"),
         ask("hot", temperature="warm"), ask("c-boom"), ask("gone", model="claude-sonnet-9"),
-        {"custom_id": "noparams"}], extra_headers={endpoint.HEADER_TENANT: "acme"})
+        {"custom_id": "noparams"}])
     assert b.id.startswith("msgbatch_") and b.type == "message_batch" and b.results_url is None
     assert b.processing_status in ("in_progress", "ended") and sum(b.request_counts.to_dict().values()) == 8
     assert (b.expires_at - b.created_at).total_seconds() == 86400  # Anthropic's 24 hours, every line's deadline
