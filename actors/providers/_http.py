@@ -22,7 +22,8 @@ from engine.core.latency import flex_timeout_s
 from engine.core.provider_api import CallJob, CallOutcome, Secret, Usage
 from engine.core.settings import ProviderEndpoint, Settings
 
-__all__ = ["BatchHandle", "HttpBase", "PollBackoff", "Unreadable", "create_call", "jsonl_records", "sdk_kwargs"]
+__all__ = ["BatchHandle", "HttpBase", "PollBackoff", "Unreadable", "create_call", "jsonl_records", "sdk_kwargs",
+           "whole_read"]
 
 log = logging.getLogger("smartbatch.providers")
 
@@ -112,6 +113,17 @@ def jsonl_records(text: str) -> tuple[list[dict], list[str | None]]:
             m = _CUSTOM_ID.search(line)
             unread.append(m.group(1) if m else None)
     return records, unread
+
+
+def whole_read(records: list[dict], unread: list[str | None], expected: int, what: str) -> None:
+    """Raise ``ProviderError`` when a results file read fewer lines than the batch says it answered
+    (``expected``, from its request counts): the read was cut short (a stream ended early, a proxy's cut), and
+    a member whose line was not read would be taken for one that never ran, sent again and paid twice (a fault
+    hunt: 3 of 6 finished members). Raised, the read is made again (``Dispatcher._fetch``)."""
+    got = len(records) + len(unread)
+    if got < expected:
+        raise ProviderError(f"{what}: {got} result line(s) read of the {expected} the batch answered; the read was "
+                            "cut short")
 
 
 @functools.cache

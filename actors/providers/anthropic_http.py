@@ -15,7 +15,15 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
 from actors.providers._anthropic_count import COUNT_TIMEOUT_S, CountAnswer, count_at
-from actors.providers._http import BatchHandle, HttpBase, PollBackoff, Unreadable, create_call, jsonl_records
+from actors.providers._http import (
+    BatchHandle,
+    HttpBase,
+    PollBackoff,
+    Unreadable,
+    create_call,
+    jsonl_records,
+    whole_read,
+)
 from actors.providers._wire import error_message, error_of, message_parts, tokens
 from engine.core._api_fields import MAX_CACHE_MARKS
 from engine.core._checks import cache_blocks
@@ -51,6 +59,12 @@ _STATUS = {"invalid_request_error": 400, "authentication_error": 401, "billing_e
 # Anthropic's stop_reason in OpenAI chat's words (``Result.finish``): a cut answer must read as cut.
 _FINISH = {"end_turn": "stop", "stop_sequence": "stop", "pause_turn": "stop", "max_tokens": "length",
            "model_context_window_exceeded": "length", "tool_use": "tool_calls", "refusal": "content_filter"}
+
+
+def _answered(c: Any) -> int:
+    """The requests an ended Message Batch answered, each with a line of its results (its request counts; 0
+    where none are known)."""
+    return sum(getattr(c, k, 0) or 0 for k in ("succeeded", "errored", "canceled", "expired"))
 
 
 def _text(msg: Mapping) -> tuple[str | None, list | None]:
@@ -215,6 +229,7 @@ class AnthropicProvider(HttpBase):
             keys = {j.key for j in jobs}
             for b in ended[:FIND_ENDED]:
                 lines, unread = await self._results(b.id)
+                whole_read(lines, unread, n, f"{self.name}: batch {b.id}")
                 ids = {line.get("custom_id") for line in lines} | set(unread)
                 if ids == keys:
                     self._marks.pop(ref, None)
@@ -281,6 +296,9 @@ class AnthropicProvider(HttpBase):
                 raise ProviderError(f"{self.name}: batch {handle.id} is {handle.batch.processing_status}, not ended")
         with self._refused("reading a batch's results"):
             lines, unread = await self._results(handle.id)
+        # An ended batch has a line per request: fewer, and the read was cut short (read again, ``whole_read``).
+        whole_read(lines, unread, _answered(getattr(handle.batch, "request_counts", None)),
+                   f"{self.name}: batch {handle.id}")
         self._unread_members(handle, unread, out)
         for item in lines:
             job = self._member(handle, item.get("custom_id"))

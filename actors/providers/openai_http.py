@@ -12,7 +12,15 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from actors.providers._http import BatchHandle, HttpBase, PollBackoff, Unreadable, create_call, jsonl_records
+from actors.providers._http import (
+    BatchHandle,
+    HttpBase,
+    PollBackoff,
+    Unreadable,
+    create_call,
+    jsonl_records,
+    whole_read,
+)
 from actors.providers._openai_answers import (
     _finish_chat,
     _finish_responses,
@@ -260,12 +268,17 @@ class OpenAIProvider(HttpBase):
             handle.batch = b = await self.client.batches.cancel(handle.id)
         return BatchState("ended", 0.0) if b.status in _ENDED else None
 
-    async def _lines(self, file_id: str | None) -> tuple[list[dict], list[str | None]]:
+    async def _lines(self, file_id: str | None, expected: int = 0) -> tuple[list[dict], list[str | None]]:
+        """A results file's lines; at least ``expected`` of them (the output file: the batch's completed requests),
+        else the read was cut short and ``whole_read`` raises (read again: a finished member whose line was not
+        read went again as never run, paid twice)."""
         if not file_id:
             return [], []
         with self._refused("reading a batch's results"):
             content = await self.client.files.content(file_id)
-        return jsonl_records(content.text)
+        lines, unread = jsonl_records(content.text)
+        whole_read(lines, unread, expected, f"{self.name}: file {file_id}")
+        return lines, unread
 
     async def fetch(self, handle: BatchHandle) -> Mapping[str, CallOutcome]:
         out: dict[str, CallOutcome] = {}
@@ -279,7 +292,7 @@ class OpenAIProvider(HttpBase):
             said = [f"{e.code}: {e.message}" for e in ((b.errors.data or []) if b.errors else [])][:3]
             log.warning("%s: batch %s failed: %s; its members did not run", self.name, handle.id,
                         self._redact("; ".join(said) or "no reason given"))
-        lines, unread = await self._lines(b.output_file_id)
+        lines, unread = await self._lines(b.output_file_id, getattr(b.request_counts, "completed", 0) or 0)
         self._unread_members(handle, unread, out)  # an error file's are left out: its members were not billed
         for line in lines:
             job = self._member(handle, line.get("custom_id"))
