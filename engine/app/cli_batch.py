@@ -70,7 +70,7 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
     import json
 
     from engine.app.driver import Engine
-    from engine.core.batchfile import parse_window, read_batch_file, report
+    from engine.core.batchfile import not_a_batch_file, parse_window, read_batch_file, report
     from engine.core.errors import TraceError
     from engine.core.result import CANCELLED
 
@@ -82,9 +82,14 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
         settings = _providers(settings, providers, base_url)
         settings = _strict(settings)
         bf = read_batch_file(input_file, window_s=window_s, tenant=tenant, catalog=cat, settings=settings, live=True)
+        shape = None if bf.lines else not_a_batch_file(input_file)
+        if shape is not None:
+            raise TraceError([shape], hint="")
         if bf.file_problems and not skip_invalid:
-            raise TraceError(bf.file_problems, hint="fix the lines named (each needs a unique custom_id), or pass "
-                                                    "--skip-invalid to skip them", what="batch file")
+            # --skip-invalid helps only where some line can be answered: with none, it skipped them all and failed.
+            skip = ", or pass --skip-invalid to skip them" if bf.lines else ""
+            raise TraceError(bf.file_problems, hint=f"fix the lines named (each needs a unique custom_id){skip}",
+                             what="batch file")
         if not bf.lines:
             raise TraceError([(bf.source, 0, "file", "no line can be answered; give at least one line with a "
                                                      "custom_id")], hint="")

@@ -47,11 +47,12 @@ from engine.core.files import write_atomic
 from engine.core.request import Request, validation_context
 from engine.core.result import Result
 from engine.core.settings import MAX_DEADLINE_S, Settings
-from engine.core.trace import Trace, _problems_of, decode_lines, read_lines
+from engine.core.trace import Trace, _problems_of, _what_it_is, decode_lines, read_lines
 
 __all__ = ["CHOICES_KEY", "BatchFile", "BatchLine", "answered_choices", "answered_lines", "error_line",
-           "from_openai_batch", "list_price_usd", "output_line", "parse_batch_file", "parse_window", "provider_status",
-           "read_batch_file", "report", "response_body", "result_rows", "write_results"]
+           "from_openai_batch", "list_price_usd", "not_a_batch_file", "output_line", "parse_batch_file",
+           "parse_window", "provider_status", "read_batch_file", "report", "response_body", "result_rows",
+           "write_results"]
 
 Problem = tuple[str, int, str, str]  # (file, line, field, message), as in engine.core.trace
 _UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -129,6 +130,35 @@ def read_batch_file(path: str | Path, *, window_s: float, tenant: str = "default
     not_utf8: dict[int, str] = {}
     return _parse(read_lines(path, problems, not_utf8), problems, str(Path(path)), window_s, tenant, catalog,
                   settings, not_utf8, live)
+
+
+def not_a_batch_file(path: str | Path) -> Problem | None:
+    """What a file none of whose lines could be answered is instead, as one problem of the file naming the command
+    that takes it (the project's own trace, a Mooncake or Azure trace), or None for a file of no shape known.
+    A trace given to ``batch`` was refused with "custom_id is required" once per line and "pass --skip-invalid",
+    which skips every line (a helper's tour of the README)."""
+    name = Path(path).name
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            head = next((ln.strip() for ln in f if ln.strip()), "")
+    except OSError:  # the read that found no line said why already
+        return None
+    try:
+        first = json.loads(head)
+    except (ValueError, RecursionError):
+        first = None
+    if isinstance(first, dict) and "id" in first and "custom_id" not in first:
+        fix = (f"it is a smartbatch trace (lines with an id, not a custom_id): replay it with `smartbatch run {path}`"
+               f", or price it with `smartbatch bench {path}`")
+    elif first is None and "," in head and not head.startswith(("{", "[")):
+        fix = _what_it_is(head, str(path))
+        fix = fix if "smartbatch trace from-" in fix else f"line 1 reads like a CSV header ({head[:60]!r})"
+    else:
+        fix = _what_it_is(head, str(path))
+    if not fix:
+        return None
+    return (str(path), 0, "file", f"{name} is not an OpenAI Batch input file (one {{\"custom_id\", \"method\", "
+                                  f"\"url\", \"body\"}} per line): {fix}")
 
 
 def parse_batch_file(data: bytes, *, source: str, window_s: float, tenant: str = "default",
@@ -225,6 +255,9 @@ def from_openai_batch(path: str | Path, *, window_s: float = 86400.0, tenant: st
     """An OpenAI Batch input file as a trace: every line arrives at 0 with the window as its deadline. Any bad
     line raises one ``TraceError`` naming every one (file, line, field, fix), unless ``skip_invalid``."""
     bf = read_batch_file(path, window_s=window_s, tenant=tenant, catalog=catalog, settings=settings)
+    shape = None if bf.lines else not_a_batch_file(path)
+    if shape is not None:
+        raise TraceError([shape], hint="")
     problems = bf.problems()
     if problems and not skip_invalid:
         raise TraceError(problems)
