@@ -202,8 +202,9 @@ def from_mooncake(path: str | Path, *, seed: int = 0, model: str | None = None, 
                 problems.append((src, no, "line", f"not valid JSON ({why})"))
     if not raw and first and "," in first and "{" not in first and all("JSON" in p[3] for p in problems):
         # A CSV (an Azure trace's): the wrong kind of file, said once rather than per line.
-        problems[:] = [(src, problems[0][1], "file", "a CSV, not a JSONL trace: an Azure trace's CSV goes through "
-                                                     "`smartbatch trace from-azure`")]
+        # The file is the problem, not its rows: the row builders' hint would say to fix rows (a helper's tour).
+        raise TraceError([(src, problems[0][1], "file", "a CSV, not a JSONL trace: an Azure trace's CSV goes "
+                                                        "through `smartbatch trace from-azure`")], hint="")
     tenants, prios = _common(rng, len(raw))
     rows = []
     for i, (no, r) in enumerate(raw[:limit] if limit is not None else raw):

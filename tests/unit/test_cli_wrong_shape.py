@@ -60,3 +60,9 @@ def test_a_batch_file_with_some_bad_lines_still_names_each_and_offers_skip_inval
     p.write_text(json.dumps(good) + "\n" + json.dumps({"id": "b", "model": "gpt-5-mini", "prompt": "x"}) + "\n")
     r = runner.invoke(app, ["batch", str(p), "--out", str(tmp_path / "o.jsonl")])
     assert r.exit_code == 2 and ":2: field 'custom_id'" in r.output and "--skip-invalid" in r.output, r.output
+
+
+def test_a_csv_given_to_from_mooncake_is_not_told_to_fix_its_rows(tmp_path):
+    """The file is the problem, not its rows: the row builders' "fix or remove the rows named" came after it."""
+    r = runner.invoke(app, ["trace", "from-mooncake", str(_azure(tmp_path)), "--out", str(tmp_path / "t.jsonl")])
+    assert r.exit_code == 2 and "trace from-azure" in r.output and "rows named" not in r.output, r.output
