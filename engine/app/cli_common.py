@@ -121,6 +121,12 @@ def _providers(settings: Settings, mode: str | None, base_urls: list[str] | None
         name, sep, url = item.partition("=")
         if not sep or not name or not url:
             raise ConfigError(f"--base-url {item!r}: write NAME=URL, e.g. --base-url openai=http://127.0.0.1:8000/v1")
+        if not url.startswith(("http://", "https://")):
+            # Checked here to name the flag: the endpoint's own check came back as pydantic's dump of
+            # ProvidersSettings. A credential before an "@" is not printed.
+            shown = f"***@{url.rpartition('@')[2]}" if "@" in url else url
+            raise ConfigError(f"--base-url '{name}={shown}': the URL must start with http:// or https://; write "
+                              f"--base-url {name}=http://{shown}")
         if name not in raw["endpoints"] and name in PRESETS:  # google: its preset, at this URL (the emulator's)
             raw["endpoints"][name] = {}
         if name not in raw["endpoints"]:

@@ -66,3 +66,15 @@ def test_a_csv_given_to_from_mooncake_is_not_told_to_fix_its_rows(tmp_path):
     """The file is the problem, not its rows: the row builders' "fix or remove the rows named" came after it."""
     r = runner.invoke(app, ["trace", "from-mooncake", str(_azure(tmp_path)), "--out", str(tmp_path / "t.jsonl")])
     assert r.exit_code == 2 and "trace from-azure" in r.output and "rows named" not in r.output, r.output
+
+
+def test_a_base_url_without_its_scheme_is_one_error_naming_the_flag(tmp_path, monkeypatch):
+    """`--base-url openai=127.0.0.1:8765/openai/v1` printed pydantic's dump ("1 validation error for
+    ProvidersSettings ... For further information visit https://errors.pydantic.dev/...")."""
+    monkeypatch.setenv("OPENAI_API_KEY", "test")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "test")
+    r = runner.invoke(app, ["run", str(_trace(tmp_path)), "--dry-run", "--providers", "http",
+                            "--base-url", "openai=127.0.0.1:8765/openai/v1"])
+    assert r.exit_code == 2, r.output
+    assert "--base-url 'openai=127.0.0.1:8765/openai/v1'" in r.output and "http://" in r.output, r.output
+    assert "validation error" not in r.output and "errors.pydantic.dev" not in r.output, r.output
