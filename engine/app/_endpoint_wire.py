@@ -4,6 +4,7 @@ ids, cursor pages, and the engine protocol the front drives."""
 from __future__ import annotations
 
 import concurrent.futures
+import difflib
 import json
 import math
 import re
@@ -25,7 +26,8 @@ from engine.core.result import Result
 from engine.core.settings import Settings
 from engine.core.trace import _problems_of
 
-__all__ = ["HEADER_DEADLINE", "HEADER_PRIORITY", "HEADER_REQUEST_ID", "HEADER_TENANT", "ApiError",
+__all__ = ["HEADER_COST", "HEADER_DEADLINE", "HEADER_DEADLINE_MET", "HEADER_HIT", "HEADER_MODE", "HEADER_PRIORITY",
+           "HEADER_REQUEST_ID", "HEADER_SAVING", "HEADER_TENANT", "ApiError",
            "AsyncEngine", "Validator", "checked_metadata", "completion_window_s", "cursor_page", "engine_call",
            "json_body", "new_id", "refused", "StoredFile", "smartbatch_fields", "tenant_of", "window_text"]
 
@@ -33,6 +35,15 @@ HEADER_DEADLINE = "X-Smartbatch-Deadline"
 HEADER_PRIORITY = "X-Smartbatch-Priority"
 HEADER_TENANT = "X-Smartbatch-Tenant"
 HEADER_REQUEST_ID = "X-Smartbatch-Request-Id"
+HEADER_MODE = "X-Smartbatch-Mode"
+HEADER_COST = "X-Smartbatch-Cost-Usd"
+HEADER_SAVING = "X-Smartbatch-Saving-Usd"
+HEADER_HIT = "X-Smartbatch-Hit"
+# "false" when the answer came after the request's deadline: it is still given (it was paid for), where a 504
+# would have thrown a billed answer away.
+HEADER_DEADLINE_MET = "X-Smartbatch-Deadline-Met"
+_ASKED = (HEADER_DEADLINE, HEADER_PRIORITY, HEADER_TENANT, HEADER_REQUEST_ID)  # what a caller may send
+_ANSWERED = (HEADER_MODE, HEADER_COST, HEADER_SAVING, HEADER_HIT, HEADER_DEADLINE_MET)
 # A request field the headers set -> the header that set it, so a refused value names what the caller sent.
 _HEADER_OF = {"deadline_s": HEADER_DEADLINE, "priority": HEADER_PRIORITY, "tenant": HEADER_TENANT,
               "id": HEADER_REQUEST_ID}
@@ -97,6 +108,7 @@ async def json_body(http: HttpRequest, data: bytes | None = None) -> dict[str, A
 def smartbatch_fields(headers: Mapping[str, str], *, deadline: bool = True) -> dict[str, Any]:
     """The request fields the ``X-Smartbatch-*`` headers set (tenant, priority, deadline_s); an absent header
     leaves the engine's default. ``deadline=False``: the deadline comes from elsewhere (a batch's window)."""
+    _known_headers(headers)
     out: dict[str, Any] = {}
     tenant = headers.get(HEADER_TENANT)
     if tenant is not None:
@@ -133,6 +145,25 @@ def tenant_of(headers: Mapping[str, str]) -> str:
     """The caller's tenant (``X-Smartbatch-Tenant``; 'default' without it): the owner of the files, batches and
     videos it makes, which no other tenant lists, reads, cancels or deletes (OpenAI scopes them to a project)."""
     return smartbatch_fields(headers, deadline=False).get("tenant", "default")
+
+
+def _known_headers(headers: Mapping[str, str]) -> None:
+    """Refuse an ``X-Smartbatch-*`` header that is none of the request's: misspelt, it was ignored, and the
+    request took a default unsaid (a helper's tour: ``X-Smartbatch-Dealine: 600``), as a misspelt setting is not."""
+    asked = {h.lower(): h for h in _ASKED}
+    answered = {h.lower(): h for h in _ANSWERED}
+    for name in headers:
+        low = name.lower()
+        if not low.startswith("x-smartbatch-") or low in asked:
+            continue
+        if low in answered:
+            why = (f"{answered[low]} is a header of the engine's answer, not of a request: the engine picks the "
+                   f"way; {HEADER_DEADLINE} gives it the time to pick a cheaper one")
+        else:
+            close = difflib.get_close_matches(low, list(asked), n=1, cutoff=0.8)
+            why = (f"{name} is not a header of smartbatch; " + (f"did you mean {asked[close[0]]}? " if close else "")
+                   + f"a request takes {', '.join(_ASKED)}")
+        raise ApiError(400, why, param=name)
 
 
 class Validator:

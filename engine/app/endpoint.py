@@ -68,9 +68,14 @@ from engine.app._endpoint_responses_stream import response_events, responses_str
 from engine.app._endpoint_stream import sse_chunks, stream_wanted
 from engine.app._endpoint_videos import VideoRoutes
 from engine.app._endpoint_wire import (
+    HEADER_COST,
     HEADER_DEADLINE,
+    HEADER_DEADLINE_MET,
+    HEADER_HIT,
+    HEADER_MODE,
     HEADER_PRIORITY,
     HEADER_REQUEST_ID,
+    HEADER_SAVING,
     HEADER_TENANT,
     ApiError,
     AsyncEngine,
@@ -92,13 +97,6 @@ from engine.core.result import ID_TAKEN, Result, why_not
 __all__ = ["HEADER_COST", "HEADER_DEADLINE", "HEADER_HIT", "HEADER_DEADLINE_MET", "HEADER_MODE", "HEADER_PRIORITY",
            "HEADER_REQUEST_ID", "HEADER_SAVING", "HEADER_TENANT", "MAX_FILE_BYTES", "AsyncEngine", "make_app"]
 
-HEADER_MODE = "X-Smartbatch-Mode"
-HEADER_COST = "X-Smartbatch-Cost-Usd"
-HEADER_SAVING = "X-Smartbatch-Saving-Usd"
-HEADER_HIT = "X-Smartbatch-Hit"
-# "false" when the answer came after the request's deadline: it is still given (it was paid for), where a 504
-# would have thrown a billed answer away.
-HEADER_DEADLINE_MET = "X-Smartbatch-Deadline-Met"
 CHAT_URL = "/v1/chat/completions"
 RESPONSES_URL = "/v1/responses"
 IMAGES_URL = "/v1/images/generations"

@@ -299,6 +299,25 @@ def test_a_bad_header_is_a_400_naming_it(served, header, value):
     assert exc.value.type == "invalid_request_error"
 
 
+@pytest.mark.parametrize(("header", "says"), [
+    ("X-Smartbatch-Dealine", endpoint.HEADER_DEADLINE), ("x-smartbatch-tenent", endpoint.HEADER_TENANT),
+    ("X-Smartbatch-Mode", "the engine's answer")])
+def test_a_misspelt_smartbatch_header_is_a_400_naming_it_and_the_one_meant(served, header, says):
+    """A helper's tour of the README sent `X-Smartbatch-Dealine: 600`: the header was ignored, and the request
+    took the default deadline unsaid, as a settings variable misspelt is not (README, "Layout")."""
+    eng, client = served
+    before = len(eng.seen)
+    with pytest.raises(openai.BadRequestError) as exc:
+        chat(client, extra_headers={header: "600"})
+    assert exc.value.param.lower() == header.lower() and says in exc.value.message, exc.value.message
+    f = upload(client, [batch_line("a", "one")])
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h",
+                              extra_headers={header: "acme"})
+    assert exc.value.param.lower() == header.lower()
+    assert len(eng.seen) == before  # nothing reached the engine
+
+
 @pytest.mark.parametrize("tenant", ["t" * 300, "a\tb"])
 def test_a_bad_tenant_header_of_a_batch_is_one_400_naming_it_not_an_error_on_every_line(served, tenant):
     """The batch was created and every line failed with "field 'tenant': ...", a field the lines do not have (a
