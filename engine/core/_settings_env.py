@@ -5,8 +5,12 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import types
+import typing
 from collections.abc import Collection
 from typing import Any
+
+from pydantic import BaseModel
 
 from engine.core.errors import ConfigError
 
@@ -35,19 +39,45 @@ def check_env_names(fields: Collection[str]) -> None:
                           f"{', '.join(sorted(f.lower() for f in known))})")
 
 
-def explain(err: Any) -> str:
-    """One pydantic error as a line naming the setting, the variable it came from and the fix."""
+def explain(err: Any, model: type | None = None) -> str:
+    """One pydantic error as a line naming the setting, the variable it came from and the fix. ``model``: the
+    settings class, whose fields a misspelt setting is matched against ("did you mean ...?")."""
     loc = [str(x) for x in err["loc"]]
     setting = ".".join(loc) or "settings"
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
-        return f"{env_names(loc)}: there is no setting {setting}; remove it or fix its spelling"
+        near = difflib.get_close_matches(loc[-1], _beside(model, loc), n=1, cutoff=0.6) if loc else []
+        meant = f"did you mean {'.'.join([*loc[:-1], near[0]])}? " if near else ""
+        return f"{env_names(loc)}: there is no setting {setting}; {meant}remove it or fix its spelling"
     if err["type"] == "missing":
         return f"setting {setting} is required: {_how_to_add(loc)}"
     value = err.get("input")
     got = f" = {value!r:.60}" if isinstance(value, (str, int, float)) else ""
     env = env_names(loc)
     return f"setting {setting}{got} (from {env}): {msg}; fix or unset {env}"
+
+
+def _beside(model: Any, loc: list[str]) -> list[str]:
+    """The names of the settings beside ``loc``'s last part: the fields of the model that holds it (a list's or
+    a mapping's items are their element's), or none when the path leaves the models."""
+    tp = model
+    for part in loc[:-1]:
+        tp = _unwrap(tp)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            field = tp.model_fields.get(part)
+            tp = field.annotation if field is not None else None
+        else:  # list[X], tuple[X, ...] or dict[str, X]: the part is an index or a key
+            args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+            tp = args[-1] if args else None
+    tp = _unwrap(tp)
+    return list(tp.model_fields) if isinstance(tp, type) and issubclass(tp, BaseModel) else []
+
+
+def _unwrap(tp: Any) -> Any:
+    """``X`` of ``X | None`` (the one argument of a union that is not None)."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    is_union = typing.get_origin(tp) is typing.Union or isinstance(tp, types.UnionType)
+    return _unwrap(args[0]) if is_union and len(args) == 1 else tp
 
 
 def env_names(loc: list[str]) -> str:

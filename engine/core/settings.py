@@ -288,7 +288,7 @@ def load_settings(**values: Any) -> Settings:
         return Settings(**values)
     except ValidationError as exc:
         errors = exc.errors()
-        parts = [explain(e) for e in errors[:3]]
+        parts = [explain(e, Settings) for e in errors[:3]]
         more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
         raise ConfigError("; ".join(parts) + more) from exc
     except SettingsError as exc:  # a nested setting that is not valid JSON

@@ -501,6 +501,20 @@ def test_a_misspelt_or_unparsable_environment_variable_is_named(monkeypatch):
         load_settings()
 
 
+@pytest.mark.parametrize(("var", "value", "meant"), [
+    ("SMARTBATCH_PROVIDERS__MODES", "http", "providers.mode"),
+    ("SMARTBATCH_PROVIDERS__ENDPOINTS__OPENAI__BASE_ULR", "http://127.0.0.1:9/v1", "providers.endpoints.openai.base_url"),
+    ("SMARTBATCH_BUDGETS__SPECS", '[{"tenant": "a", "max_budgt": 5, "budget_duration": "1d"}]',
+     "budgets.specs.0.max_budget"),
+])
+def test_a_misspelt_nested_setting_says_which_one_was_meant(monkeypatch, var, value, meant):
+    """A helper's tour: SMARTBATCH_BUDGET__SPECS is told "did you mean SMARTBATCH_BUDGETS__SPECS?" (README,
+    "Layout"), but SMARTBATCH_PROVIDERS__MODES only "remove it or fix its spelling", naming no setting."""
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ConfigError, match=f"did you mean {meant}"):
+        load_settings()
+
+
 @pytest.mark.parametrize("url", ["notaurl", "http://localhost:6379", "redis://", "redis://h:abc/0",
                                  "redis://h:6379/x", "unix://", "localhost:6379"])
 def test_malformed_redis_urls_are_config_errors_when_settings_are_built(monkeypatch, url):
