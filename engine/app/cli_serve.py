@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import signal
 import threading
 from pathlib import Path
@@ -69,8 +70,14 @@ def serve(name: str = typer.Option("smartbatch", "--name", help="the engine's na
           http_host: str = typer.Option("127.0.0.1", "--http-host", help="the endpoint's bind address (0.0.0.0: "
                                         "every interface)"),
           http_key_env: str | None = typer.Option(None, "--http-key-env", help="environment variable holding the "
-                                                  "key callers of the endpoint must send (the SDK's api_key); "
-                                                  "without it, anyone who reaches the port uses the engine"),
+                                                  "key callers of the endpoint must send (the SDK's api_key), "
+                                                  "which may name any tenant; without it or --http-tenant-key, "
+                                                  "anyone who reaches the port uses the engine"),
+          http_tenant_key: list[str] | None = typer.Option(None, "--http-tenant-key", metavar="TENANT=VAR",
+                                                           help="a key, held in environment variable VAR, that "
+                                                           "acts for TENANT alone: its calls are that tenant's, "
+                                                           "and naming another in X-Smartbatch-Tenant is refused "
+                                                           "(repeatable)"),
           state_dir: Path | None = typer.Option(None, "--state-dir", help="keep the endpoint's files and batches "
                                                  "in this directory, so a restarted endpoint takes them back "
                                                  "(default: in memory only)"),
@@ -90,7 +97,8 @@ def serve(name: str = typer.Option("smartbatch", "--name", help="the engine's na
     claim = NameClaim(name)  # first: a second serve of this name is refused at once, before any Ray starts
     try:
         _check_http_port(http_host, http_port)
-        key_digest = _http_key(http_key_env, http_host, http_port)
+        key_digest = _http_key(http_key_env, http_host, http_port, tenant_specs=http_tenant_key or [])
+        tenant_keys = _tenant_keys(http_tenant_key or [], http_port, key_digest, http_key_env)
         state = _state_dir(state_dir, http_port)
         import ray
 
@@ -112,7 +120,7 @@ def serve(name: str = typer.Option("smartbatch", "--name", help="the engine's na
         except SmartbatchError as exc:
             _fail(exc)
         _serve_until_stopped(eng, claim, policy=policy, speedup=speedup, http_host=http_host, http_port=http_port,
-                             key_digest=key_digest, state_dir=state, drain_s=drain_s)
+                             key_digest=key_digest, tenant_keys=tenant_keys, state_dir=state, drain_s=drain_s)
     finally:
         claim.release()
 
@@ -136,13 +144,14 @@ def _state_dir(path: Path | None, port: int | None) -> Path | None:
     return path
 
 
-def _http_key(env: str | None, host: str, port: int | None) -> str | None:
+def _http_key(env: str | None, host: str, port: int | None, tenant_specs: list[str] | None = None) -> str | None:
     """The SHA-256 (hex) of the endpoint's key, read from ``env``; a missing or empty variable is refused. No key
     on an address others can reach is said, not refused (a trusted network is the caller's call)."""
     if env is None:
-        if port is not None and host not in ("127.0.0.1", "localhost", "::1"):
+        if port is not None and not tenant_specs and host not in ("127.0.0.1", "localhost", "::1"):
             console.print(Text.assemble(("warning:", "yellow"), f" the endpoint on {host} asks no key: anyone who "
-                                        "reaches it spends the engine's provider keys; pass --http-key-env NAME"))
+                                        "reaches it spends the engine's provider keys; pass --http-key-env NAME "
+                                        "(or a key per tenant, --http-tenant-key TENANT=NAME)"))
         return None
     key = os.environ.get(env, "").strip()
     if not key:
@@ -151,9 +160,48 @@ def _http_key(env: str | None, host: str, port: int | None) -> str | None:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def _tenant_keys(specs: list[str], port: int | None, admin: str | None, admin_env: str | None) -> dict[str, str]:
+    """``--http-tenant-key TENANT=VAR``, each key read from VAR: its SHA-256 (hex) -> its tenant. Each fault is
+    refused here, before any Ray starts, naming the option and the fix, and never quoting a key."""
+    from engine.app._endpoint_keys import key_tenant_problem
+
+    if specs and port is None:
+        _fail(ConfigError("--http-tenant-key binds keys of the endpoint: pass --http-port too"))
+    out: dict[str, str] = {}
+    var_of: dict[str, str] = {}
+    for spec in specs:
+        tenant, eq, var = spec.rpartition("=")  # a variable's name has no '=': a tenant's may
+        if not eq or not tenant:
+            _fail(ConfigError(f"--http-tenant-key {spec!r}: write TENANT=VAR, the tenant and the environment "
+                              "variable holding its key (e.g. --http-tenant-key acme=ACME_ENDPOINT_KEY)"))
+        if not _VAR.fullmatch(var):  # not quoted: it may be the key itself, given in place of its variable
+            _fail(ConfigError(f"--http-tenant-key {tenant}=...: what follows '=' must be the name of an environment "
+                              "variable (letters, digits and _) that holds the key, never the key itself"))
+        if (why := key_tenant_problem(tenant)) is not None:
+            _fail(ConfigError(f"--http-tenant-key {spec}: tenant {tenant!r}: {why}; give a name of 1 to 256 "
+                              "Latin-1 characters, no control character, no space at either end"))
+        key = os.environ.get(var, "").strip()
+        if not key:
+            _fail(ConfigError(f"--http-tenant-key {spec}: the variable {var} is not set or empty; export the key "
+                              f"of tenant {tenant!r} in it"))
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        if digest == admin:
+            _fail(ConfigError(f"--http-tenant-key {spec}: {var} holds the key of --http-key-env {admin_env}, which "
+                              f"acts for every tenant; give tenant {tenant!r} a key of its own"))
+        if out.get(digest, tenant) != tenant:
+            _fail(ConfigError(f"--http-tenant-key {spec}: {var} holds the same key as {var_of[digest]}, the key "
+                              f"of tenant {out[digest]!r}, and a key acts for one tenant: give each tenant its own key"))
+        out[digest], var_of[digest] = tenant, var
+    return out
+
+
+_VAR = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
 def _serve_until_stopped(eng: Any, claim: NameClaim, *, policy: str, speedup: float, http_host: str,
                          http_port: int | None, key_digest: str | None = None,
-                         state_dir: Path | None = None, drain_s: float = 0.0) -> None:
+                         tenant_keys: dict[str, str] | None = None, state_dir: Path | None = None,
+                         drain_s: float = 0.0) -> None:
     import ray
 
     from actors._peer import read_layout
@@ -169,7 +217,7 @@ def _serve_until_stopped(eng: Any, claim: NameClaim, *, policy: str, speedup: fl
             from engine.app.serve_http import start_endpoint
 
             endpoint = start_endpoint(name, host=http_host, port=http_port, api_key_sha256=key_digest,
-                                      state_dir=state_dir)
+                                      tenant_keys=tenant_keys, state_dir=state_dir)
         for sig in (signal.SIGINT, signal.SIGTERM):  # one way out for both: the engine stops, then Ray
             signal.signal(sig, lambda *_: leave.set() if done.is_set() else done.set())
         claim.publish(address=gcs, endpoint=endpoint)
@@ -182,6 +230,9 @@ def _serve_until_stopped(eng: Any, claim: NameClaim, *, policy: str, speedup: fl
             console.print(f"OpenAI-compatible endpoint at {endpoint}")
             console.print(f"Anthropic Messages at {endpoint.removesuffix('/v1')} (the anthropic SDK's base_url, "
                           "Claude models)")
+            if tenant_keys:
+                console.print(f"tenant keys for {', '.join(sorted(set(tenant_keys.values())))} (each acts for its "
+                              "tenant alone)")
         console.print(f"stop: smartbatch stop --name {name} --address {gcs}  (or Ctrl-C)")
         # Until a signal, or until `smartbatch stop` (from anywhere) removed the engine, which a thread watches:
         # this thread only waits, as a signal's handler runs here between two bytecodes, and a Ray call (one can

@@ -22,7 +22,8 @@ Request headers (all optional; absent, the engine's defaults apply):
   and retry, twice, each retry a new request (``CLIENT_TIMEOUT_SHARE`` of it is the deadline);
 * ``X-Smartbatch-Priority``: ``urgent``, ``normal`` or ``background``;
 * ``X-Smartbatch-Tenant``: who the request is for (budgets, cache); also the tenant of a batch's lines, and the
-  owner of the files, batches and videos a call makes: no other tenant lists, reads or deletes them (``tenant_of``);
+  owner of the files, batches and videos a call makes: no other tenant lists, reads or deletes them (``tenant_of``).
+  A tenant key's call is its key's tenant, the header filled in; naming another is a 403 (``_endpoint_keys``);
 * ``X-Smartbatch-Request-Id``: the idempotency key (the same id and body again gets the same answer, never a
   second call); without it each call gets a fresh id.
 
@@ -30,9 +31,11 @@ Response headers of a generation: ``X-Smartbatch-Mode`` (sync, flex, batch_api, 
 ``X-Smartbatch-Cost-Usd``, ``X-Smartbatch-Saving-Usd`` (list price minus cost), ``X-Smartbatch-Hit`` (exact,
 in_flight, near or none) and ``X-Smartbatch-Request-Id``.
 
-With ``api_key_sha256`` every route asks for ``Authorization: Bearer <key>`` whose SHA-256 is that digest (the
-SDK's ``api_key``), and answers any other with a 401 ``invalid_api_key``; the key itself is never held. Without
-it (the default, for a loopback bind) anyone who reaches the port spends the engine's provider keys.
+With ``api_key_sha256`` or ``tenant_keys`` every route asks for ``Authorization: Bearer <key>`` (the SDK's
+``api_key``; or ``x-api-key``) whose SHA-256 is one of those digests, and answers any other with a 401
+``invalid_api_key``; the keys themselves are never held. ``api_key_sha256``'s key may name any tenant; a tenant
+key acts for its tenant alone (``_endpoint_keys``). Without either (the default, for a loopback bind) anyone who
+reaches the port spends the engine's provider keys.
 
 Every error is OpenAI's ``{"error": {"message", "type", "param", "code"}}``; a bad header or body field is a
 400 whose ``param`` names it. Files, batches and videos are held in memory per replica (``_endpoint_batches``),
@@ -43,11 +46,9 @@ Serving it (uvicorn, Ray Serve) is the caller's business: this module starts not
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,7 @@ from engine.app._endpoint_choices import choices_wanted, fan_out, merged_body, m
 from engine.app._endpoint_claude import for_messages_api, in_callers_words
 from engine.app._endpoint_count import count_router
 from engine.app._endpoint_job import cut_by_cancel
+from engine.app._endpoint_keys import EndpointKeys
 from engine.app._endpoint_messages import AnthropicError, in_anthropic_shape, message_events, messages_body
 from engine.app._endpoint_models import anthropic_caller, models_router
 from engine.app._endpoint_responses_stream import response_events, responses_stream_wanted
@@ -114,14 +116,17 @@ STOPPING_RETRY_S = 30  # what a 503 of a stopping engine asks: the next engine (
 
 def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float = 86400.0,
              api_key_sha256: str | None = None, cancel_wait_s: float = CANCEL_WAIT_S,
-             max_open_batch_lines: int = MAX_OPEN_LINES, state_dir: Path | None = None) -> FastAPI:
+             max_open_batch_lines: int = MAX_OPEN_LINES, state_dir: Path | None = None,
+             tenant_keys: Mapping[str, str] | None = None) -> FastAPI:
     """The OpenAI-compatible app over ``engine`` (anything with ``Engine``'s asyncio API: ``asubmit``,
     ``submit_many``, ``as_completed`` and ``settings``). ``catalog`` validates requests, lists models and
     prices the saving; ``window_default_s`` is a batch's completion window when the create call gives none;
     ``api_key_sha256``: the hex SHA-256 of the key a caller must send (None: no key asked); ``cancel_wait_s``: how
     long a cancelling batch waits for its running lines (real seconds); ``max_open_batch_lines``: unfinished batch
     lines held in the engine at once, past which a new batch fails (room left for chat calls); ``state_dir``: where
-    files and batches are kept on disk, taken back at the next start (None: in memory only)."""
+    files and batches are kept on disk, taken back at the next start (None: in memory only); ``tenant_keys``: the
+    hex SHA-256 of a key -> the one tenant it acts for (``_endpoint_keys``; a bad entry is a ``ConfigError``)."""
+    keys = EndpointKeys(api_key_sha256, tenant_keys)  # first: a bad entry is refused before anything is opened
     # The client's timeout and the time a batch waited are real seconds; deadlines are engine seconds (a
     # compressed clock in demos and tests).
     speedup = float(getattr(getattr(engine, "clock", None), "speedup", 1.0))
@@ -142,8 +147,8 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
                   lifespan=lifespan)
     app.state.smartbatch = store  # per-replica state, for inspection
     _errors_in_openai_shape(app)
-    if api_key_sha256 is not None:
-        _ask_for_key(app, api_key_sha256)
+    if keys.asked:
+        keys.guard(app)
     validator = Validator(catalog, engine.settings)
     known = {m for p in catalog.providers.values() for m in p.models}
 
@@ -299,23 +304,6 @@ def _errors_in_openai_shape(app: FastAPI) -> None:
         if (path == "/v1/files" or path.startswith("/v1/files/")) and anthropic_caller(http):
             return AnthropicError(404, "Anthropic's Files API (beta) is not served by this endpoint: put the "
                                        "document or image in the message itself (a base64 or URL source)").response()
-        return await call_next(http)
-
-
-def _ask_for_key(app: FastAPI, digest: str) -> None:
-    want = bytes.fromhex(digest)
-
-    @app.middleware("http")
-    async def check_key(http: HttpRequest, call_next):
-        scheme, _, key = http.headers.get("authorization", "").partition(" ")
-        if not scheme and (anthropic := http.headers.get("x-api-key")) is not None:  # the Anthropic SDK's api_key
-            scheme, key = "bearer", anthropic
-        got = hashlib.sha256(key.strip().encode()).digest()
-        if scheme.lower() != "bearer" or not hmac.compare_digest(got, want):
-            error = AnthropicError if anthropic_caller(http) else ApiError
-            return error(401, "Incorrect API key provided: send the key the endpoint was started with "
-                              "(smartbatch serve --http-key-env) as 'Authorization: Bearer <key>' or 'x-api-key: "
-                              "<key>', the SDK's api_key", code="invalid_api_key").response()
         return await call_next(http)
 
 

@@ -9,6 +9,7 @@ directory on disk too (see ``engine.app._endpoint_batches``).
 from __future__ import annotations
 
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 
 from engine.core.errors import ConfigError
@@ -40,24 +41,29 @@ def port_in_use(host: str, port: int) -> str | None:
     return None
 
 
-def _builder(engine: str, api_key_sha256: str | None, state_dir: str | None):
+def _builder(engine: str, api_key_sha256: str | None, state_dir: str | None, tenant_keys: dict[str, str]):
     def build():  # runs in the replica, which is already on the engine's Ray
         from engine.app.driver import Engine
         from engine.app.endpoint import make_app
 
         eng = Engine.connect(engine)
-        return make_app(eng, catalog=eng.catalog, api_key_sha256=api_key_sha256,
+        return make_app(eng, catalog=eng.catalog, api_key_sha256=api_key_sha256, tenant_keys=tenant_keys,
                         state_dir=None if state_dir is None else Path(state_dir))
     return build
 
 
 def start_endpoint(engine: str, *, host: str = "127.0.0.1", port: int = 8000,
-                   api_key_sha256: str | None = None, state_dir: Path | None = None) -> str:
+                   api_key_sha256: str | None = None, state_dir: Path | None = None,
+                   tenant_keys: Mapping[str, str] | None = None) -> str:
     """Serve the endpoint of engine ``engine`` on ``host:port`` (port 0: a free one); returns its base URL
     (``.../v1``), what an OpenAI SDK takes as ``base_url``. Ray must be initialised on the engine's cluster. A
     port something already listens on is refused (``ConfigError``), see ``port_in_use``. ``api_key_sha256``:
-    callers must send the key with that digest (only the digest reaches the replica). ``state_dir``: where the
-    replica keeps files and batches (``make_app``), a path on the machine it runs on (the head node's)."""
+    callers must send the key with that digest (only the digest reaches the replica); ``tenant_keys``: the digest
+    of a key -> the one tenant it acts for (``make_app``; checked here, before Serve starts). ``state_dir``: where
+    the replica keeps files and batches (``make_app``), a path on the machine it runs on (the head node's)."""
+    from engine.app._endpoint_keys import EndpointKeys
+
+    EndpointKeys(api_key_sha256, tenant_keys)  # a bad entry is refused here, not in the replica's log
     if port and (why := port_in_use(host, port)) is not None:
         raise ConfigError(f"port {port}: {host}:{port} is in use ({why}); stop what listens there, or pass "
                           "another port (0: a free one)")
@@ -73,7 +79,7 @@ def start_endpoint(engine: str, *, host: str = "127.0.0.1", port: int = 8000,
                           "own (leave out --address)")
     port = port or _free_port(host)
     serve.start(http_options={"host": host, "port": port})
-    built = _builder(engine, api_key_sha256, None if state_dir is None else str(state_dir))
+    built = _builder(engine, api_key_sha256, None if state_dir is None else str(state_dir), dict(tenant_keys or {}))
     options: dict = {"num_cpus": 0}
     if state_dir is not None:  # on the head node, whose disk holds the directory, after any restart too
         options["resources"] = {"node:__internal_head__": 0.001}

@@ -230,6 +230,47 @@ def test_an_endpoint_key_variable_that_is_not_set_is_refused_naming_it(monkeypat
     assert _went_on(["serve", "--name", "keyed", "--http-port", "0", "--http-key-env", "SB_TEST_ENDPOINT_KEY"])
 
 
+def test_a_tenant_key_is_refused_before_anything_starts_naming_the_option_and_the_fix(monkeypatch):
+    """``--http-tenant-key TENANT=VAR``: each fault is one error naming the option and the fix, and no key is ever
+    printed, not even one given in place of its variable."""
+    for var, key in (("SB_TEST_ACME", "sk-acme-key"), ("SB_TEST_ALSO", "sk-acme-key"), ("SB_TEST_GLOBEX", "sk-gx"),
+                     ("SB_TEST_ADMIN", "sk-admin-key"), ("SB_TEST_BLANK", "  ")):
+        monkeypatch.setenv(var, key)
+    monkeypatch.delenv("SB_TEST_UNSET", raising=False)
+
+    def refused(*specs: str, port: bool = True, admin: bool = False) -> str:
+        args = ["serve", "--name", "keyed", *(["--http-port", "0"] if port else []),
+                *(["--http-key-env", "SB_TEST_ADMIN"] if admin else [])]
+        for spec in specs:
+            args += ["--http-tenant-key", spec]
+        r = runner.invoke(app, args)
+        out = " ".join(r.output.split())
+        assert r.exit_code == 2 and out.startswith("error: --http-tenant-key"), (specs, r.output)
+        assert not any(key in out for key in ("sk-acme-key", "sk-gx", "sk-admin-key", "sk-inline")), out
+        return out
+
+    assert "TENANT=VAR" in refused("SB_TEST_ACME") and "TENANT=VAR" in refused("=SB_TEST_ACME")
+    assert "never the key itself" in refused("acme=sk-inline")  # the key where its variable's name goes
+    assert "never the key itself" in refused("acme=")
+    assert "tenant 'a\\tb'" in refused("a\tb=SB_TEST_ACME")  # a name the engine refuses
+    assert "tenant ' acme'" in refused(" acme=SB_TEST_ACME")  # one a header could not carry
+    assert "SB_TEST_UNSET is not set or empty" in refused("acme=SB_TEST_UNSET")
+    assert "SB_TEST_BLANK is not set or empty" in refused("acme=SB_TEST_BLANK")
+    out = refused("acme=SB_TEST_ACME", "globex=SB_TEST_ALSO")  # one key for two tenants
+    assert "SB_TEST_ALSO holds the same key as SB_TEST_ACME, the key of tenant 'acme'" in out and "its own key" in out
+    out = refused("acme=SB_TEST_ADMIN", admin=True)  # the operator's key, which acts for every tenant
+    assert "--http-key-env SB_TEST_ADMIN" in out and "a key of its own" in out
+    assert "pass --http-port too" in refused("acme=SB_TEST_ACME", port=False)
+    # Good ones go on (one tenant may have several keys, a tenant's name may hold '='), and no key is asked of
+    # the operator: a tenant key alone on an address others can reach is no keyless endpoint.
+    assert _went_on(["serve", "--name", "keyed", "--http-port", "0", "--http-key-env", "SB_TEST_ADMIN",
+                     "--http-tenant-key", "acme=SB_TEST_ACME", "--http-tenant-key", "acme=SB_TEST_ALSO",
+                     "--http-tenant-key", "team=2=SB_TEST_GLOBEX"])
+    r = runner.invoke(app, ["serve", "--name", "open", "--http-host", "0.0.0.0", "--http-port", "0",
+                            "--http-tenant-key", "acme=SB_TEST_ACME"])
+    assert "serve went on to start an engine" in r.output and "asks no key" not in r.output, r.output
+
+
 def test_an_endpoint_others_can_reach_without_a_key_is_warned_of():
     r = runner.invoke(app, ["serve", "--name", "open", "--http-host", "0.0.0.0", "--http-port", "0"])
     assert "asks no key" in " ".join(r.output.split()) and "--http-key-env" in r.output, r.output
