@@ -209,6 +209,18 @@ class SharedEngine:
         self.cancel(max(1.0, min(60.0, timeout_s)))  # (its own waits, up to 60 s twice, within a shorter limit)
         return self.wait_cancelled(timeout_s, interrupted)
 
+    def _stop_error(self) -> str:
+        """What a future still open at the stop says. After a drain whose cancel every provider batch and call
+        took, and whose answers all came in, what is open was never sent (its cancel's answer was on its way):
+        it was told "engine stopped before the request finished" as if it might have run (a helper's hunt)."""
+        if not self._owner:
+            return (f"this driver left engine {self.name!r} before the request finished; it still runs there: "
+                    "submit the same tenant and id (from any driver) for its result")
+        if getattr(self, "_drained", False):
+            return ("cancelled: the engine stopped (stop(drain_s=...)) after cancelling its work and waiting for "
+                    "what was under way; this request was never sent, and is billed nothing")
+        return "engine stopped before the request finished (drain() first waits)"
+
     def _drain_on_exit(self, exc_type: type | None) -> float:
         """How long leaving a ``with`` block waits (``stop(drain_s=...)``): ``settings.stop_drain_s`` when the
         script's error or Ctrl-C left it, with work possibly under way; stopped at once, the members its cancelled
@@ -241,6 +253,7 @@ class SharedEngine:
                         "is answered (a batch's cancel takes up to 10 minutes at OpenAI and Anthropic, a video "
                         "minutes; Ctrl-C leaves now, what they finished then billed and not read)", self.name, limit_s)
             left = self.wind_down(limit_s)
+            self._drained = left == 0
             if left:
                 log.warning("engine %r stops before its provider batches and calls under way have ended: what they "
                             "finished is billed and not read", self.name)

@@ -227,9 +227,7 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, LiveBudgeting, Pulling, Shared
             self._flush()
             self._lanes_turn(force=True)  # what waits for a call to return leaves now: the flush thread has stopped
             clean = self._pending == 0 and not self._cut_short  # the job ended: its journal.dir goes
-            self._fail_open("engine stopped before the request finished (drain() first waits)" if self._owner else
-                            f"this driver left engine {self.name!r} before the request finished; it still runs there: "
-                            "submit the same tenant and id (from any driver) for its result")
+            self._fail_open(self._stop_error())
             with self._room:
                 self._room.notify_all()  # a submit waiting for room learns the engine stopped
             from actors.remote import kill_engine

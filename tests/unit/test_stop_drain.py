@@ -62,3 +62,17 @@ def test_a_second_ctrl_c_or_an_error_anywhere_in_the_drain_ends_it_and_never_esc
     """A second Ctrl-C in the drain's first check escaped it: stop() left before stopping anything, the script's
     error was replaced, and the batch ran on, every member billed and unread (a review)."""
     assert Stopping(fault=fault, at=at)._drain_before_stop(30.0) == -1
+
+
+@pytest.mark.parametrize(("left", "never_sent"), [(0, True), (3, False)])
+def test_what_is_open_after_a_drain_that_ended_everything_is_told_it_was_never_sent(left, never_sent):
+    """Requests the drain's cancel ended on their way were told "engine stopped before the request finished", as
+    if they might have run and been billed (a helper's hunt: 6-16 of 300)."""
+    e = Stopping()
+    e.wait_cancelled = lambda timeout_s, interrupted=None: 2 if timeout_s == 0 else left
+    assert e._stop_error().startswith("engine stopped before the request finished")  # no drain yet
+    assert e._drain_before_stop(30.0) == left
+    said = e._stop_error()
+    assert ("never sent" in said and "billed nothing" in said) == never_sent, said
+    e._owner = False
+    assert "this driver left engine 'e'" in e._stop_error()
