@@ -278,7 +278,7 @@ class Request(BaseModel):
         model = d.get("model")
         if not isinstance(model, str):  # here: field validation names 'provider' (it comes first), not 'model'
             raise FieldProblem("model", ("model is required" if model is None else f"model {model!r} is not a name")
-                               + ": give a model of the catalog, e.g. 'gpt-5-mini'")
+                               + ": give a model of the catalog, e.g. 'gpt-5.4-mini'")
         provider = d.get("provider")
         try:
             if provider is None:
