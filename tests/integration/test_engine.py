@@ -282,11 +282,12 @@ def test_metrics_are_served_where_the_settings_say_and_scraped_over_http(ray_ses
     hits = sum(v for k, v in samples.items() if k.startswith("smartbatch_cache_hits_total"))
     assert hits == sum(r.status == "reused" for r in results)
     # The budget reaches the hub after the results (at most every 0.5 s), so the last settlement may still be
-    # on its way: spent is at most the billed cost, remaining at most the limit minus that spend.
+    # on its way: spent is at most the billed cost, remaining at most the limit minus that spend. The ledger's
+    # rows are rounded to the micro-dollar (a spend of $0.1602755 read 0.160276: failed at 1e-9 in a rehearsal).
     spent = samples['smartbatch_budget_spent_usd{budget="global"}']
-    assert 0 < spent <= cost + 1e-9
+    assert 0 < spent <= cost + 5e-7
     assert samples['smartbatch_budget_limit_usd{budget="global"}'] == 1000.0
-    assert samples['smartbatch_budget_remaining_usd{budget="global"}'] <= 1000.0 - spent + 1e-9
+    assert samples['smartbatch_budget_remaining_usd{budget="global"}'] <= 1000.0 - spent + 1e-6
 
 
 def test_a_dead_actor_fails_open_futures_instead_of_hanging(ray_session):
