@@ -132,6 +132,8 @@ def print_plan(plan: dict) -> None:
     for name, sample in plan["samples"].items():
         console.print(Text.assemble((name, "bold"), f" {sample['route']} at {masked_url(sample['base_url'])}:"))
         console.print_json(data=sample["body"])
+    for name, problem in plan.get("keys", {}).items():  # last, where a plan's reader looks before the real run
+        console.print(Text(f"{name}'s API key: the real run would stop at its start: {problem}", style="yellow"))
 
 
 def _replayed(doc: dict) -> int:

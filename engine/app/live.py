@@ -11,7 +11,7 @@ import numpy as np
 
 from engine.app._ray_stop import Terminated, own_ray_processes, stop_or_lose_ray, terminate_as_interrupt
 from engine.app.bench import document, result_row
-from engine.app.provider_setup import check_simulated, http_setup, with_hedge_lag
+from engine.app.provider_setup import check_simulated, http_setup, key_problems, with_hedge_lag
 from engine.core.catalog import Catalog
 from engine.core.cost import MODES
 from engine.core.draws import Draws
@@ -227,7 +227,9 @@ def dry_run(requests: Sequence[Request], *, policy: str = "smart", params: dict 
             catalog: Catalog, settings: Settings, seed: int = 0, speedup: float = 0.0) -> dict:
     """What a live run would send, and its estimated cost, without sending anything: the policy's plan in the
     simulator, per provider, with one sample request body of each provider called over HTTP (no key). At
-    ``speedup``, the run's hedges come its real-time lag earlier, as the engine plans them (``with_hedge_lag``)."""
+    ``speedup``, the run's hedges come its real-time lag earlier, as the engine plans them (``with_hedge_lag``).
+    ``keys``: per provider, why the run's start would refuse its API key (unset, or unfit for a header), in the
+    start's words; the plan needs none, so it is made all the same."""
     from actors.providers import make_provider
     from engine.core.clock import ManualClock
     from engine.core.cost import price_alone
@@ -266,7 +268,7 @@ def dry_run(requests: Sequence[Request], *, policy: str = "smart", params: dict 
         samples[name] = {"route": route, "base_url": base or "(the SDK's default)",
                          "body": body}
     return {"requests": len(res.requests), "cost_usd": float(res.total_cost), "list_price_usd": list_total,
-            "providers": rows, "samples": samples}
+            "providers": rows, "samples": samples, "keys": key_problems(catalog, settings)}
 
 
 def _clip(value, n: int = 120):

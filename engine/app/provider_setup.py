@@ -16,7 +16,7 @@ from engine.core.provider_api import Secret
 from engine.core.request import Request
 from engine.core.settings import Settings
 
-__all__ = ["check_simulated", "http_setup", "retiring", "with_hedge_lag"]
+__all__ = ["check_simulated", "http_setup", "key_problems", "retiring", "with_hedge_lag"]
 
 log = logging.getLogger("smartbatch.providers")
 
@@ -40,21 +40,9 @@ def http_setup(catalog: Catalog, settings: Settings, *, need_keys: bool = True, 
     for name in settings.providers.http_providers(catalog.providers):
         ep = settings.providers.endpoints[name]
         value = os.environ.get(ep.api_key_env) if need_keys else "unread"
-        if not value:
-            others = [p for p in settings.providers.endpoints if p != name]
-            alone = (f"; or call only {others[0]} (SMARTBATCH_PROVIDERS__ENDPOINTS__{others[0].upper()}__API="
-                     f"{settings.providers.endpoints[others[0]].api} names its endpoint alone: {name}'s requests are "
-                     "then refused)") if len(others) == 1 else ""
-            raise ConfigError(f"providers.endpoints.{name}: the environment variable {ep.api_key_env} holding the "
-                              f"API key is not set; export it, or name another variable with "
-                              f"SMARTBATCH_PROVIDERS__ENDPOINTS__{name.upper()}__API_KEY_ENV, or run with "
-                              f"providers.mode=sim{alone}")
-        # No header can carry it (a pasted newline, say): every call failed unsent, and was counted as possibly
-        # billed at its upper bound (a helper's tour). The key itself is never shown.
-        if value.strip() != value or any(ord(c) < 0x20 or ord(c) == 0x7F or ord(c) > 0x7E for c in value):
-            raise ConfigError(f"providers.endpoints.{name}: the API key in {ep.api_key_env} holds a space, a "
-                              "line break or another character an HTTP header cannot carry; set it again "
-                              "without them")
+        problem = _key_problem(settings, name, value)
+        if problem is not None:
+            raise ConfigError(problem)
         keys[name] = Secret(value)
         _warn_retiring(catalog, name, ep, today or datetime.datetime.now(datetime.timezone.utc).date())
         spec = providers[name]
@@ -69,6 +57,37 @@ def http_setup(catalog: Catalog, settings: Settings, *, need_keys: bool = True, 
         catalog = Catalog.model_validate({"schema_version": catalog.schema_version,
                                           "providers": {k: v.model_dump() for k, v in providers.items()}})
     return with_hedge_lag(catalog, settings.hedge_lag_s, speedup), (keys if need_keys else {})
+
+
+def _key_problem(settings: Settings, name: str, value: str | None) -> str | None:
+    """What is wrong with ``value``, the API key read for the endpoint ``name``, in the words of the start it
+    stops (None: nothing). The key itself is never part of it."""
+    ep = settings.providers.endpoints[name]
+    if not value:
+        others = [p for p in settings.providers.endpoints if p != name]
+        alone = (f"; or call only {others[0]} (SMARTBATCH_PROVIDERS__ENDPOINTS__{others[0].upper()}__API="
+                 f"{settings.providers.endpoints[others[0]].api} names its endpoint alone: {name}'s requests are "
+                 "then refused)") if len(others) == 1 else ""
+        return (f"providers.endpoints.{name}: the environment variable {ep.api_key_env} holding the API key is not "
+                f"set; export it, or name another variable with SMARTBATCH_PROVIDERS__ENDPOINTS__{name.upper()}"
+                f"__API_KEY_ENV, or run with providers.mode=sim{alone}")
+    # No header can carry it (a pasted newline, say): every call failed unsent, and was counted as possibly
+    # billed at its upper bound (a helper's tour).
+    if value.strip() != value or any(ord(c) < 0x20 or ord(c) == 0x7F or ord(c) > 0x7E for c in value):
+        return (f"providers.endpoints.{name}: the API key in {ep.api_key_env} holds a space, a line break or "
+                "another character an HTTP header cannot carry; set it again without them")
+    return None
+
+
+def key_problems(catalog: Catalog, settings: Settings) -> dict[str, str]:
+    """For each provider called over HTTP whose key the start would refuse, the start's message (a dry run says
+    them: it reads no key to plan, and a real run stopped at its start on what the plan had not said)."""
+    said = {}
+    for name in settings.providers.http_providers(catalog.providers):
+        problem = _key_problem(settings, name, os.environ.get(settings.providers.endpoints[name].api_key_env))
+        if problem is not None:
+            said[name] = problem
+    return said
 
 
 def _check_fallbacks_real(settings: Settings) -> None:

@@ -195,3 +195,37 @@ def test_a_password_holding_an_at_sign_is_masked_whole_and_a_month_count_too_lon
     assert masked_url("https://sk-abc@host/v1?q=a@b") == "https://***@host/v1?q=a@b"
     with pytest.raises(ValueError, match="budget_duration"):
         parse_duration("1" * 400 + "mo")
+
+
+def test_a_dry_run_says_which_api_key_the_real_run_would_stop_on_and_never_prints_one(tmp_path, monkeypatch):
+    """A new user's tour: `run --dry-run --providers http` without ANTHROPIC_API_KEY printed the plan with no word
+    of the key; the real run then stopped at its start naming the variable. The plan says it now, in the start's
+    words, and still succeeds (it sends nothing); a key an HTTP header cannot carry is said too, never shown."""
+    from engine.app.provider_setup import http_setup
+    from engine.core.catalog import default_catalog
+    from engine.core.errors import ConfigError
+    from engine.core.settings import ProvidersSettings, Settings
+
+    p = tmp_path / "t.jsonl"
+    p.write_text('{"id":"a1","arrival_s":0,"model":"gpt-5-mini","prompt":"hello","deadline_s":600}\n'
+                 '{"id":"a2","arrival_s":1,"model":"claude-haiku-4-5","prompt":"hello2","deadline_s":6000}\n')
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-SECRET42 ")  # a trailing space, as pasted
+    r = runner.invoke(app, ["run", str(p), "--dry-run", "--providers", "http"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    said = " ".join(r.output.split())
+    assert "dry run: 2 requests, nothing sent" in said
+    assert "SECRET42" not in r.output
+    settings = Settings(providers=ProvidersSettings(mode="http"))
+    with pytest.raises(ConfigError) as start:  # what the real start says, for each key in turn
+        http_setup(default_catalog(), settings)
+    assert "OPENAI_API_KEY" in str(start.value) and " ".join(str(start.value).split()) in said
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-fine")
+    with pytest.raises(ConfigError) as start:
+        http_setup(default_catalog(), settings)
+    assert "ANTHROPIC_API_KEY" in str(start.value) and " ".join(str(start.value).split()) in said
+    r = runner.invoke(app, ["run", str(p), "--dry-run", "--providers", "http"])
+    assert r.exit_code == 0 and "OPENAI_API_KEY" not in r.output and "ANTHROPIC_API_KEY" in r.output, r.output
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-fine")
+    r = runner.invoke(app, ["run", str(p), "--dry-run", "--providers", "http"])
+    assert r.exit_code == 0 and "API_KEY" not in r.output and "API key" not in r.output, r.output
