@@ -37,6 +37,54 @@ def budget_line(r: dict[str, Any]) -> str:
             f"{_usd(r['remaining_usd'])} in its window from {window_label(float(r['window']))}")
 
 
+# Each flag of `budget set` and the budget field it sets: an error names what the user typed (a new user's tour
+# got "budget.budget_duration = '1dd'" for --duration 1dd, and "budget.max_budget" for --max -1).
+_FLAGS = {"tenant": "--tenant", "provider": "--provider", "model": "--model", "budget_duration": "--duration",
+          "max_budget": "--max", "soft_budget": "--soft"}
+
+
+def _check_flags(fields: dict[str, Any]) -> None:
+    """The flags' values, checked as a budget's fields are (``BudgetSpec``), before the engine is reached."""
+    from typing import Annotated
+
+    from pydantic import TypeAdapter, ValidationError
+
+    from engine.app.cli_common import _check_tenant
+    from engine.core.budgets import BudgetSpec, parse_duration
+    from engine.core.errors import ConfigError
+
+    if fields["tenant"] is not None:  # a tenant no request can have: a budget that would hold nothing
+        _check_tenant(fields["tenant"])
+    duration = fields["budget_duration"]
+    try:
+        parse_duration(duration)
+    except ValueError as exc:
+        why = str(exc).removeprefix(f"budget_duration {duration!r}: ")
+        raise ConfigError(f"--duration {duration!r}: {why}") from None
+    for field in ("max_budget", "soft_budget"):
+        if fields.get(field) is not None:
+            info = BudgetSpec.model_fields[field]
+            try:
+                TypeAdapter(Annotated[info.annotation, info]).validate_python(fields[field])
+            except ValidationError:
+                raise ConfigError(f"{_FLAGS[field]} {fields[field]:g}: give a number of USD >= 0") from None
+    if fields.get("max_budget") is not None and fields.get("soft_budget") is not None:
+        try:
+            BudgetSpec(max_budget=fields["max_budget"], soft_budget=fields["soft_budget"])
+        except ValidationError:
+            raise ConfigError(f"--soft {fields['soft_budget']:g} is above --max {fields['max_budget']:g}: give a "
+                              "soft limit at most the hard limit, or leave --soft out") from None
+
+
+def _check_names(fields: dict[str, Any], catalog) -> None:
+    """``--provider`` and ``--model`` against the engine's catalog, as the change is checked, naming the flag."""
+    from engine.core._budget_check import check_budgets
+    from engine.core.budgets import BudgetSettings, BudgetSpec
+
+    spec = BudgetSpec(**{k: fields[k] for k in ("tenant", "provider", "model", "budget_duration")}, max_budget=0)
+    check_budgets(catalog, BudgetSettings(specs=(spec,)), flags=_FLAGS, fix="give a name the engine's catalog has")
+
+
 def _engine(name: str, address: str):
     from engine.app.driver import Engine
 
@@ -78,10 +126,16 @@ def set_budget(name: str = _NAME, address: str = _ADDRESS,
     fields: dict[str, Any] = {"tenant": tenant, "provider": provider, "model": model, "budget_duration": duration}
     if max_usd is not None:
         fields["max_budget"] = max_usd
+    if soft_usd is not None and no_soft:
+        from engine.core.errors import ConfigError
+
+        raise ConfigError(f"--soft {soft_usd:g} and --no-soft: give one (--no-soft removes the soft limit)")
     if soft_usd is not None or no_soft:
         fields["soft_budget"] = None if no_soft else soft_usd
+    _check_flags(fields)
     eng = _engine(name, address)
     try:
+        _check_names(fields, eng.catalog)
         was = {r["budget"]: r for r in eng.budgets()}
         row = eng.set_budget(fields)
     finally:

@@ -19,10 +19,11 @@ LIVE_FIX = "fix the name in the budget you set"
 
 
 def check_budgets(catalog: Catalog, budgets: BudgetSettings, *, where: str = "setting budgets.specs.{k}",
-                  fix: str = "fix the name in SMARTBATCH_BUDGETS__SPECS") -> None:
+                  fix: str = "fix the name in SMARTBATCH_BUDGETS__SPECS", flags: Mapping[str, str] | None = None) -> None:
     """Raise ``ConfigError`` naming the spec's field and the fix when a budget names a provider or a model that
     ``catalog`` lacks (a tenant is the caller's word: any name goes). ``where``: how the message names the spec
-    (``{k}``, its index); ``fix``: where to fix it."""
+    (``{k}``, its index); ``fix``: where to fix it; ``flags``: the command-line flag of each field, named instead
+    of the spec's field (``smartbatch budget set --model``)."""
     for k, s in enumerate(budgets.specs):
         field = "model" if s.model is not None else "provider"
         try:
@@ -36,7 +37,8 @@ def check_budgets(catalog: Catalog, budgets: BudgetSettings, *, where: str = "se
             if "several providers" in str(exc):  # a model name two providers share: the budget covers both
                 continue
             value = s.model if field == "model" else s.provider
-            raise ConfigError(f"{where.format(k=k)}.{field} = {value!r}: {exc}; as written, budget {s.name} "
+            said = f"{flags[field]} {value!r}" if flags else f"{where.format(k=k)}.{field} = {value!r}"
+            raise ConfigError(f"{said}: {exc}; as written, budget {s.name} "
                               f"covers no request and its limit holds nothing: {fix}") from None
 
 
@@ -68,6 +70,12 @@ def budget_of(fields: BudgetSpec | Mapping[str, Any], current: Iterable[BudgetSp
             raise ConfigError(f"budget {name}: max_budget {merged['max_budget']} is below its soft limit {kept}, "
                               "kept from the running budget: give a soft limit at most the new limit too "
                               "(soft_budget, --soft) or remove it (soft_budget=None, --no-soft)") from None
+        soft = merged.get("soft_budget")
+        if ("max_budget" not in given and isinstance(soft, (int, float)) and soft > merged["max_budget"]
+                and _valid({**merged, "soft_budget": None})):  # --soft alone, above the limit kept
+            raise ConfigError(f"budget {name}: soft_budget {merged['soft_budget']} is above its limit "
+                              f"{merged['max_budget']}, kept from the running budget: give a soft limit at most it "
+                              "(soft_budget, --soft) or a higher limit too (max_budget, --max)") from None
         raise _config_error(exc, name) from None
     check_budgets(catalog, BudgetSettings(specs=(spec,)), where="budget", fix=LIVE_FIX)
     return spec
