@@ -116,17 +116,18 @@ class SharedEngine:
     @classmethod
     def connect(cls, name: str, *, address: str = "auto", micro_batch: int = 1000, flush_ms: float = 2.0,
                 max_pending: int = 100_000, overload: str = "block", submit_timeout_s: float = 60.0,
-                retention_s: float = 3600.0) -> Any:
+                retention_s: float = 3600.0, flag: str = "address") -> Any:
         """Attach this driver to the running engine ``name`` (started by ``Engine.start(name=...)`` or
         ``smartbatch serve --name``) on the Ray cluster at ``address``. The engine's cache, budgets and
         idempotency are shared with every other driver: the same (tenant, id) from two drivers is one request,
-        whose result both get. ``stop()`` ends this driver's session; the engine runs on."""
+        whose result both get. ``stop()`` ends this driver's session; the engine runs on. ``flag``: how an error
+        names ``address`` (a command line passes its ``--address``)."""
         import ray
 
         from actors._peer import running_engines
         from actors.remote import attach_actors
 
-        started = init_ray(_where(name, address))
+        started = init_ray(_where(name, address), flag)
         got = attach_actors(name)
         if got is None or got[0]["clock"] is None:
             others = running_engines()
@@ -153,18 +154,19 @@ class SharedEngine:
 
     @staticmethod
     def stop_named(name: str, *, address: str = "auto", drain_s: float = 0.0,
-                   draining: Callable[[], None] | None = None) -> int:
+                   draining: Callable[[], None] | None = None, flag: str = "address") -> int:
         """Stop the running engine ``name`` for every driver (their open futures fail, naming the stop).
         Returns how many actors were stopped; raises ``ConfigError`` when no such engine runs. ``drain_s``: when
         provider batches or calls are under way, first cancel the engine's work and wait up to that long for them
         to end and their answers to reach the drivers (``wind_down``; ``draining`` is called as it starts, and a
-        KeyboardInterrupt ends the wait): stopped at once, what they finished is billed and unread."""
+        KeyboardInterrupt ends the wait): stopped at once, what they finished is billed and unread. ``flag``: as
+        ``connect`` takes it."""
         import ray
 
         from actors._peer import read_layout, running_engines
         from actors.remote import attach_actors, cancel_work, kill_engine, settle
 
-        started = init_ray(_where(name, address))
+        started = init_ray(_where(name, address), flag)
         try:
             if read_layout(name) is None:
                 raise ConfigError(f"no engine named {name!r} runs on this Ray cluster (running: "

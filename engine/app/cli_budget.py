@@ -88,7 +88,7 @@ def _check_names(fields: dict[str, Any], catalog) -> None:
 def _engine(name: str, address: str):
     from engine.app.driver import Engine
 
-    return Engine.connect(name, address=address)
+    return Engine.connect(name, address=address, flag="--address")
 
 
 @budget_app.command("list")

@@ -333,7 +333,7 @@ def stop(name: str = typer.Option(..., "--name", help="the engine to stop, as `s
     here = served_address(name)  # the serve of this engine on this machine, which `stop` then waits out
     try:
         check_answers(address, "--address")
-        n = Engine.stop_named(name, address=address, drain_s=drain_s, draining=draining)
+        n = Engine.stop_named(name, address=address, drain_s=drain_s, draining=draining, flag="--address")
     except SmartbatchError as exc:
         _fail(exc)
     if here is not None and (address == here or address == "auto" and not os.environ.get("RAY_ADDRESS")):

@@ -78,7 +78,7 @@ def status(name: str = typer.Option("smartbatch", "--name", help="the engine, as
     from engine.app.driver import Engine
 
     try:
-        eng = Engine.connect(name, address=address)
+        eng = Engine.connect(name, address=address, flag="--address")
     except SmartbatchError as exc:
         _fail(exc)
     try:

@@ -286,6 +286,20 @@ def test_stop_at_an_address_where_nothing_listens_fails_at_once_naming_it():
     assert not ray.is_initialized()
 
 
+@pytest.mark.parametrize("cmd", [["status"], ["budget", "list"], ["budget", "remove", "tenant=acme/1d"],
+                                 ["budget", "set", "--max", "1"], ["stop", "--name", "nu"]])
+def test_a_bad_address_is_named_by_its_flag_in_every_command_that_reaches_an_engine(cmd, monkeypatch):
+    """A new user's tour: `status --address nonsense` (and `budget`, `stop`) said "address nonsense: ...", the
+    argument of a driver's Engine.connect, where a command line names its --address. Nothing starts: Ray refuses
+    the address's form before it starts anything."""
+    import ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # the suite's own Ray may run in this process
+    r = runner.invoke(app, [*cmd, "--address", "nonsense"])
+    assert r.exit_code == 2 and r.output.startswith("error: --address nonsense: no Ray cluster answers there"), r.output
+
+
 def test_a_bad_budget_duration_is_one_line_with_the_fix(tmp_path):
     trace = tmp_path / "t.jsonl"
     assert runner.invoke(app, ["trace", "synth", "--n", "50", "--seed", "2", "--out", str(trace)]).exit_code == 0

@@ -205,7 +205,7 @@ def test_stop_without_address_finds_the_serve_of_that_name_on_this_machine(monke
     monkeypatch.setattr(ray, "is_initialized", lambda: False)  # the suite's own Ray may run in this process
     asked = []
 
-    def init(address):
+    def init(address, flag="address"):
         asked.append(address)
         raise ConfigError("stop here")
     monkeypatch.setattr(shared, "init_ray", init)
