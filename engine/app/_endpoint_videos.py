@@ -144,7 +144,8 @@ class VideoRoutes:
         self.engine, self.catalog, self.state, self.speedup, self._now = engine, catalog, state, speedup, now
         self.headers_of, self.validator = headers_of, Validator(catalog, engine.settings)
         self.jobs: dict[str, VideoJob] = {}
-        self._deleted: dict[str, int] = {}  # a deleted video's created_ns, the newest DELETED_KEPT (``list_videos``)
+        # A deleted video's tenant and created_ns, the newest DELETED_KEPT (``list_videos``)
+        self._deleted: dict[str, tuple[str, int]] = {}
         self._detached: set[asyncio.Task] = set()
 
     def __repr__(self) -> str:
@@ -323,9 +324,13 @@ class VideoRoutes:
         jobs = sorted((j for j in self.jobs.values() if (j.admitted is None or j.admitted.done())
                        and j.req.tenant == tenant),
                       key=lambda j: j.created_ns, reverse=order == "desc")
-        if after is not None and after not in self.jobs and (at := self._deleted.get(after)) is not None:
+        # Only the caller's own: another tenant's deleted id answered a page where an unknown one is a 400, which
+        # told that the other tenant had made and deleted it (a review)
+        gone = self._deleted.get(after) if after is not None and after not in self.jobs else None
+        if gone is not None and gone[0] == tenant:
             # Deleted since the page that ended with it (a loop that deletes what it lists, as the SDK pages
             # on): the next page starts where it was listed, where "not an id of this list" ended the loop.
+            at = gone[1]
             jobs, after = [j for j in jobs if (j.created_ns < at if order == "desc" else j.created_ns > at)], None
         return cursor_page([j.view() for j in jobs], after=after, limit=limit, default_limit=20, max_limit=100)
 
@@ -336,7 +341,7 @@ class VideoRoutes:
                                 "completes; delete it once it has completed or failed", param="video_id")
         del self.jobs[video_id]  # the provider keeps the video itself until it expires (about an hour)
         self._deleted.pop(video_id, None)  # (one made again under its request id and deleted again: the newest)
-        self._deleted[video_id] = job.created_ns
+        self._deleted[video_id] = (job.req.tenant, job.created_ns)
         if len(self._deleted) > DELETED_KEPT:
             del self._deleted[next(iter(self._deleted))]
         if self.state is not None:

@@ -131,3 +131,29 @@ def test_files_kept_before_files_had_a_tenant_go_to_their_batchs_tenant_or_defau
             openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=10) as client:
         assert "echo: one" in as_tenant(client, ACME).files.content(done.output_file_id).text
         assert [x.id for x in client.files.list()] == [f.id]
+
+
+def test_a_list_after_another_tenants_deleted_video_is_refused_as_an_unknown_id():
+    """``after`` naming a deleted video resumes the list where it was (the SDK's loop that deletes what it
+    lists); named by another tenant, it answered a page where an unknown id is a 400: whether that tenant had
+    made, and deleted, a video of that id showed through (a review)."""
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED) as emu:
+        eng = VideoEngine(emu)
+        try:
+            with serving(make_app(eng, catalog=CAT)) as url, \
+                    openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=WAIT_S) as client:
+                acme, globex = as_tenant(client, ACME), as_tenant(client, GLOBEX)
+                gone = acme.videos.create(model="sora-2", prompt="acme's heron", seconds="4")
+                kept = globex.videos.create(model="sora-2", prompt="globex's crane", seconds="4")
+                for who, vid in ((acme, gone.id), (globex, kept.id)):
+                    until_ended(who, vid)
+                acme.videos.delete(gone.id)
+                assert [v.id for v in acme.videos.list(after=gone.id)] == []  # its own: resumed, as before
+                for after in (gone.id, "video_nonesuch"):
+                    with pytest.raises(openai.BadRequestError) as caught:
+                        globex.videos.list(after=after)
+                    assert caught.value.body["param"] == "after"
+                    assert caught.value.body["message"] == f"after {after!r} is not an id of this list; pass " \
+                                                           "the last id of the previous page"
+        finally:
+            eng.close()
