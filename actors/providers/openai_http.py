@@ -268,17 +268,27 @@ class OpenAIProvider(HttpBase):
             handle.batch = b = await self.client.batches.cancel(handle.id)
         return BatchState("ended", 0.0) if b.status in _ENDED else None
 
-    async def _lines(self, file_id: str | None, expected: int = 0) -> tuple[list[dict], list[str | None]]:
-        """A results file's lines; at least ``expected`` of them (the output file: the batch's completed requests),
-        else the read was cut short and ``whole_read`` raises (read again: a finished member whose line was not
-        read went again as never run, paid twice)."""
+    async def _lines(self, file_id: str | None) -> tuple[list[dict], list[str | None]]:
         if not file_id:
             return [], []
         with self._refused("reading a batch's results"):
             content = await self.client.files.content(file_id)
-        lines, unread = jsonl_records(content.text)
-        whole_read(lines, unread, expected, f"{self.name}: file {file_id}")
-        return lines, unread
+        return jsonl_records(content.text)
+
+    async def _results(self, b: Any) -> tuple[list[dict], list[str | None], list[dict]]:
+        """An ended batch's output lines (read, unread) and error lines. The output must hold a line per completed
+        request, else the read was cut short and ``whole_read`` raises (read again: a finished member whose line was
+        not read went again as never run, paid twice). Never more than the requests the error file leaves: an
+        OpenAI-compatible server that counts a refused member as completed (AIBrix's batch API) was refused at every
+        read, and every member went again (a review)."""
+        lines, unread = await self._lines(b.output_file_id)
+        errors, unread_errors = await self._lines(b.error_file_id)
+        counts = b.request_counts
+        expected = getattr(counts, "completed", 0) or 0
+        if total := getattr(counts, "total", 0) or 0:
+            expected = min(expected, total - len(errors) - len(unread_errors))
+        whole_read(lines, unread, expected, f"{self.name}: file {b.output_file_id}")
+        return lines, unread, errors
 
     async def fetch(self, handle: BatchHandle) -> Mapping[str, CallOutcome]:
         out: dict[str, CallOutcome] = {}
@@ -292,7 +302,7 @@ class OpenAIProvider(HttpBase):
             said = [f"{e.code}: {e.message}" for e in ((b.errors.data or []) if b.errors else [])][:3]
             log.warning("%s: batch %s failed: %s; its members did not run", self.name, handle.id,
                         self._redact("; ".join(said) or "no reason given"))
-        lines, unread = await self._lines(b.output_file_id, getattr(b.request_counts, "completed", 0) or 0)
+        lines, unread, errors = await self._results(b)
         self._unread_members(handle, unread, out)  # an error file's are left out: its members were not billed
         for line in lines:
             job = self._member(handle, line.get("custom_id"))
@@ -310,7 +320,7 @@ class OpenAIProvider(HttpBase):
                 out[job.key] = self._member_error(code, resp.get("body"), line.get("error"))
             else:  # in the output file with no status: it ran, and neither its answer nor its refusal can be read
                 self._unread_members(handle, [job.key], out)
-        for line in (await self._lines(b.error_file_id))[0]:
+        for line in errors:
             job = self._member(handle, line.get("custom_id"))
             err = line.get("error")
             # Cancelled or expired members never ran: not billed, and absent from the map so they go again.

@@ -6,10 +6,14 @@ for one that never ran, it was sent again and paid twice, uncounted (a fault hun
 from __future__ import annotations
 
 import asyncio
+import json
+from types import SimpleNamespace
 
 import pytest
 
 from actors import Dispatcher
+from actors.providers._http import BatchHandle
+from engine.core.errors import ProviderError
 from engine.core.provider_api import Secret
 from tests.unit.test_http_providers import (  # noqa: F401  (emu: the fixture)
     KEY,
@@ -21,8 +25,11 @@ from tests.unit.test_http_providers import (  # noqa: F401  (emu: the fixture)
     assert_batch_member,
     batch_key,
     billed_by_custom_id,
+    direct,
     emu,
+    job_of,
     jobs_of,
+    req,
 )
 
 CUT = [{"cut_body": True}]
@@ -51,8 +58,9 @@ def test_a_results_read_cut_short_is_read_again_and_no_finished_member_is_sent_a
                 j.req.id for j in jobs if j not in finished)
             for j in finished:
                 assert_batch_member(rig.results[j.req.id], j, billed[batch_key(j)], provider)
-            # The cut read, then a whole one (and OpenAI's error file, of the expired members)
-            assert emu.count(RESULTS_ROUTE[provider], status=200) == 2 + (expired and provider == "openai")
+            # The cut read, then a whole one (each with OpenAI's error file, of the expired members: it bounds the
+            # output's lines, ``OpenAIProvider._results``)
+            assert emu.count(RESULTS_ROUTE[provider], status=200) == 2 + 2 * (expired and provider == "openai")
             assert rig.d.paid_twice == 0 and emu.count(ROUTE[provider]) == 0
             assert sum(r.cost_usd for r in rig.results.values()) == pytest.approx(emu.bill().total_usd, abs=1e-12)
         finally:
@@ -93,3 +101,51 @@ def test_a_cut_anthropic_create_is_told_by_its_results_though_the_first_read_of_
         finally:
             await rig.close()
     asyncio.run(go())
+
+
+def _answer(key: str) -> dict:
+    body = {"id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-4o-mini", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12}}
+    return {"custom_id": key, "response": {"status_code": 200, "request_id": "r", "body": body}, "error": None}
+
+
+def _refusal(key: str) -> dict:
+    return {"custom_id": key, "response": {"status_code": 400, "request_id": "r", "body": {"error": {
+        "message": "bad", "type": "invalid_request_error", "code": None}}}, "error": None}
+
+
+@pytest.mark.parametrize(("counts", "output", "errors", "whole"), [
+    # An OpenAI-compatible server that counts a refused member as completed (its line in the error file, as
+    # AIBrix's batch API does): read whole, it was refused at every read, and after the last every member went
+    # again, the finished ones paid twice, the batch read again for hours and never counted (a review).
+    ({"completed": 3, "failed": 0, "total": 3}, 2, 1, True),
+    ({"completed": 2, "failed": 1, "total": 3}, 2, 1, True),  # as OpenAI counts
+    ({"completed": 3, "failed": 0, "total": 3}, 2, 0, False),  # the output cut short: read again
+    ({"completed": 2, "failed": 1, "total": 3}, 1, 1, False),
+])
+def test_an_openai_results_read_is_whole_when_its_lines_are_all_the_batch_has(emu, counts, output, errors,  # noqa: F811
+                                                                               whole):
+    jobs = [job_of(req(i, "openai")) for i in range(3)]
+    files = {"out": [_answer(j.key) for j in jobs[:output]],
+             "err": [_refusal(j.key) for j in jobs[output:output + errors]]}
+
+    async def go():
+        p = direct(emu, "openai")
+        try:
+            async def content(file_id):
+                return SimpleNamespace(text="".join(json.dumps(x) + "\n" for x in files[file_id]))
+            p.client.files.content = content
+            handle = BatchHandle("batch_x", jobs, None)
+            handle.batch = SimpleNamespace(status="completed", endpoint="/v1/chat/completions", errors=None,
+                                           output_file_id="out", error_file_id="err" if errors else None,
+                                           request_counts=SimpleNamespace(**counts))
+            return await p.fetch(handle)
+        finally:
+            await p.close()
+    if not whole:
+        with pytest.raises(ProviderError, match="the read was cut short"):
+            asyncio.run(go())
+        return
+    out = asyncio.run(go())
+    assert [out[j.key].ok for j in jobs] == [True] * output + [False] * errors
