@@ -287,7 +287,8 @@ class OpenAIProvider(HttpBase):
         expected = getattr(counts, "completed", 0) or 0
         if total := getattr(counts, "total", 0) or 0:
             expected = min(expected, total - len(errors) - len(unread_errors))
-        whole_read(lines, unread, expected, f"{self.name}: file {b.output_file_id}")
+        if b.output_file_id:  # none (a batch cancelled or expired before any line was written): nothing to cut
+            whole_read(lines, unread, expected, f"{self.name}: file {b.output_file_id}")
         return lines, unread, errors
 
     async def fetch(self, handle: BatchHandle) -> Mapping[str, CallOutcome]:
