@@ -69,11 +69,23 @@ def _same_ray_or_refuse(address: str, flag: str) -> None:
     except Exception:  # noqa: BLE001 - a client-mode or dying Ray: nothing to compare with
         return
     cur_host, _, cur_port = current.rpartition(":")
-    local = {"localhost", "127.0.0.1", "::1", "0.0.0.0", socket.gethostname(), cur_host}
-    if sep and port == cur_port and (host == cur_host or host in local):
-        return
+    # An IPv6 address is written in brackets ("[::1]:6379"), and a host name in any case
+    host, cur_host = host.strip("[]").lower(), cur_host.strip("[]").lower()
+    local = {"localhost", "127.0.0.1", "::1", "0.0.0.0", socket.gethostname().lower(), cur_host}
+    if sep and port == cur_port and (host in local or _addresses(host) & (_addresses(cur_host) | {cur_host})):
+        return  # (a name of the cluster's head, e.g. a Kubernetes service's, was refused as another cluster's)
     raise ConfigError(f"{flag} {address}: this process is already attached to the Ray cluster at {current}; "
                       f"drop {flag} to use that one, or give it from a process that has not called ray.init()")
+
+
+def _addresses(host: str) -> set[str]:
+    """The IP addresses ``host`` names (a name resolved, an address itself); none when it resolves to nothing."""
+    import socket
+
+    try:
+        return {str(info[4][0]) for info in socket.getaddrinfo(host, None)}
+    except (OSError, UnicodeError):
+        return set()
 
 
 def _where(name: str, address: str) -> str:

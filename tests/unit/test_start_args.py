@@ -63,3 +63,39 @@ def test_an_address_of_another_ray_in_an_attached_process_is_refused_not_ignored
             init_ray(address, "--address")
     else:
         assert init_ray(address, "--address") is False
+
+
+_NAMES = {"raycluster-head-svc": "192.0.2.2", "ray-head.example": "192.0.2.2", "other-head": "10.9.9.9"}
+
+
+@pytest.mark.parametrize("gcs, address, refused", [
+    # a name of the cluster's head (a Kubernetes service's, a DNS name), in any case: the same cluster
+    ("192.0.2.2:37299", "raycluster-head-svc:37299", False), ("192.0.2.2:37299", "RAY-HEAD.example:37299", False),
+    ("192.0.2.2:37299", "[::1]:37299", False), ("[2001:db8::2]:37299", "[2001:DB8::2]:37299", False),
+    ("192.0.2.2:37299", "LOCALHOST:37299", False),
+    ("192.0.2.2:37299", "other-head:37299", True), ("192.0.2.2:37299", "nowhere.invalid:37299", True),
+    ("192.0.2.2:37299", "raycluster-head-svc:6379", True), ("[2001:db8::2]:37299", "[2001:db8::3]:37299", True),
+])
+def test_an_attached_process_takes_its_own_cluster_by_any_name_of_its_head(gcs, address, refused, monkeypatch):
+    """Refused before (a review of stop 70): a host name of the head (``ray.init`` resolves it; Ray reports the
+    cluster by IP), an IPv6 address in brackets, a name in capitals. Names resolve here from a table, not DNS."""
+    import socket
+
+    import ray
+
+    from engine.app._driver_shared import init_ray
+
+    def resolve(host, *_a, **_k):
+        if host in _NAMES or ":" in host or host[0].isdigit():
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (_NAMES.get(host, host), 0))]
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: _AttachedRay(gcs))
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("an attached process must not init Ray again"))
+    if refused:
+        with pytest.raises(ConfigError, match=r"--address .*already attached to the Ray cluster at "):
+            init_ray(address, "--address")
+    else:
+        assert init_ray(address, "--address") is False
