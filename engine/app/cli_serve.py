@@ -153,6 +153,9 @@ def _http_key(env: str | None, host: str, port: int | None, tenant_specs: list[s
                                         "reaches it spends the engine's provider keys; pass --http-key-env NAME "
                                         "(or a key per tenant, --http-tenant-key TENANT=NAME)"))
         return None
+    if not _VAR.fullmatch(env):  # not quoted: it may be the key itself (``--http-key-env $KEY``)
+        _fail(ConfigError("--http-key-env: give the name of an environment variable (letters, digits and _) that "
+                          "holds the key, never the key itself"))
     key = os.environ.get(env, "").strip()
     if not key:
         _fail(ConfigError(f"--http-key-env {env}: the variable {env} is not set or empty; export the key the "
@@ -171,9 +174,10 @@ def _tenant_keys(specs: list[str], port: int | None, admin: str | None, admin_en
     var_of: dict[str, str] = {}
     for spec in specs:
         tenant, eq, var = spec.rpartition("=")  # a variable's name has no '=': a tenant's may
-        if not eq or not tenant:
-            _fail(ConfigError(f"--http-tenant-key {spec!r}: write TENANT=VAR, the tenant and the environment "
-                              "variable holding its key (e.g. --http-tenant-key acme=ACME_ENDPOINT_KEY)"))
+        if not eq or not tenant:  # not quoted: it may be the key alone (``--http-tenant-key $ACME_KEY``)
+            _fail(ConfigError(f"--http-tenant-key (the {_ordinal(specs.index(spec) + 1)} given): write TENANT=VAR, "
+                              "the tenant and the environment variable holding its key (e.g. --http-tenant-key "
+                              "acme=ACME_ENDPOINT_KEY)"))
         if not _VAR.fullmatch(var):  # not quoted: it may be the key itself, given in place of its variable
             _fail(ConfigError(f"--http-tenant-key {tenant}=...: what follows '=' must be the name of an environment "
                               "variable (letters, digits and _) that holds the key, never the key itself"))
@@ -196,6 +200,10 @@ def _tenant_keys(specs: list[str], port: int | None, admin: str | None, admin_en
 
 
 _VAR = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
 
 
 def _serve_until_stopped(eng: Any, claim: NameClaim, *, policy: str, speedup: float, http_host: str,

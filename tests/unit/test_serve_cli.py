@@ -230,6 +230,16 @@ def test_an_endpoint_key_variable_that_is_not_set_is_refused_naming_it(monkeypat
     assert _went_on(["serve", "--name", "keyed", "--http-port", "0", "--http-key-env", "SB_TEST_ENDPOINT_KEY"])
 
 
+def test_an_endpoint_key_given_in_place_of_its_variable_is_refused_and_never_printed(monkeypatch):
+    """``--http-key-env $KEY`` (the key where its variable's name goes): "the variable <key> is not set" printed
+    the key (a review of stop 70)."""
+    monkeypatch.delenv("sk-live-s3cret", raising=False)
+    r = runner.invoke(app, ["serve", "--name", "keyed", "--http-port", "0", "--http-key-env", "sk-live-s3cret"])
+    out = " ".join(r.output.split())
+    assert r.exit_code == 2 and out.startswith("error: --http-key-env") and "never the key itself" in out, out
+    assert "s3cret" not in out, out
+
+
 def test_a_tenant_key_is_refused_before_anything_starts_naming_the_option_and_the_fix(monkeypatch):
     """``--http-tenant-key TENANT=VAR``: each fault is one error naming the option and the fix, and no key is ever
     printed, not even one given in place of its variable."""
@@ -250,6 +260,8 @@ def test_a_tenant_key_is_refused_before_anything_starts_naming_the_option_and_th
         return out
 
     assert "TENANT=VAR" in refused("SB_TEST_ACME") and "TENANT=VAR" in refused("=SB_TEST_ACME")
+    # the key alone, in place of TENANT=VAR (a shell's $ACME_KEY): it was echoed in full (a review of stop 70)
+    assert "TENANT=VAR" in refused("sk-inline") and "TENANT=VAR" in refused("=sk-inline")
     assert "never the key itself" in refused("acme=sk-inline")  # the key where its variable's name goes
     assert "never the key itself" in refused("acme=")
     assert "tenant 'a\\tb'" in refused("a\tb=SB_TEST_ACME")  # a name the engine refuses
