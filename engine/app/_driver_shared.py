@@ -88,6 +88,21 @@ def _addresses(host: str) -> set[str]:
         return set()
 
 
+def _attach(name: str, address: str, flag: str) -> bool:
+    """``init_ray`` at the engine ``name``'s cluster (``_where``). Where ``auto`` found no serve of that name on this
+    machine and no Ray, say that, naming the engine: Ray's "Could not find any running Ray instance" read as a fault
+    of Ray's, under an address the user never typed (a new user's tour of `status` and `budget`)."""
+    where = _where(name, address)
+    try:
+        return init_ray(where, flag)
+    except ConfigError:
+        if where != "auto":
+            raise
+        raise ConfigError(f"no engine named {name!r} runs on this machine (no `smartbatch serve --name {name}` here, "
+                          f"and no Ray cluster at {flag} auto): start it with `smartbatch serve --name {name}`, or "
+                          f"give {flag} the address its serve printed on another machine") from None
+
+
 def _where(name: str, address: str) -> str:
     """``address``, except that ``auto`` (Ray's guess: the latest ``ray start`` cluster, else any Ray of this
     machine) becomes the address a ``smartbatch serve --name NAME`` running here published: each serve starts
@@ -139,7 +154,7 @@ class SharedEngine:
         from actors._peer import running_engines
         from actors.remote import attach_actors
 
-        started = init_ray(_where(name, address), flag)
+        started = _attach(name, address, flag)
         got = attach_actors(name)
         if got is None or got[0]["clock"] is None:
             others = running_engines()
@@ -178,7 +193,7 @@ class SharedEngine:
         from actors._peer import read_layout, running_engines
         from actors.remote import attach_actors, cancel_work, kill_engine, settle
 
-        started = init_ray(_where(name, address), flag)
+        started = _attach(name, address, flag)
         try:
             if read_layout(name) is None:
                 raise ConfigError(f"no engine named {name!r} runs on this Ray cluster (running: "

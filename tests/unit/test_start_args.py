@@ -99,3 +99,25 @@ def test_an_attached_process_takes_its_own_cluster_by_any_name_of_its_head(gcs, 
             init_ray(address, "--address")
     else:
         assert init_ray(address, "--address") is False
+
+
+@pytest.mark.parametrize("attach", ["connect", "stop_named"])
+def test_no_serve_of_that_name_here_and_no_ray_names_the_engine_not_rays_words(attach, monkeypatch):
+    """`smartbatch status --name prod` with nothing running printed Ray's "Could not find any running Ray instance"
+    under `--address auto`, an address the user never typed."""
+    import ray
+
+    from engine.app import _driver_shared, _serve_claim
+
+    def no_ray(address, flag="address"):
+        raise ConfigError(f"{flag} {address}: no Ray cluster answers there (Could not find any running Ray instance)")
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(_serve_claim, "served_address", lambda name: None)
+    monkeypatch.setattr(_driver_shared, "init_ray", no_ray)
+    with pytest.raises(ConfigError, match=r"^no engine named 'prod' runs on this machine .*smartbatch serve --name "
+                                          r"prod.*give --address the address its serve printed"):
+        getattr(Engine, attach)("prod", flag="--address")
+    with pytest.raises(ConfigError, match=r"^--address 10\.0\.0\.5:6379: no Ray cluster answers there"):
+        getattr(Engine, attach)("prod", address="10.0.0.5:6379", flag="--address")  # an address typed: Ray's words
