@@ -1,0 +1,128 @@
+"""Whose a stored response is: a provider's response id (and a conversation id) belongs to the tenant whose request
+produced it, as OpenAI scopes them to the project whose key made them.
+
+Every tenant of an engine shares its one OpenAI project. A body for a model called through the Responses API
+(``api: responses`` in a catalog overlay) went to OpenAI as it was, so a tenant holding another tenant's response
+id (it is in the raw body that tenant got) could send it as ``previous_response_id`` and continue that tenant's
+conversation, reading its context back (a helper's hunt). Now a ``previous_response_id`` or ``conversation`` is
+refused, per request, unless an answer carrying that id was seen for the caller's tenant; the refusal is OpenAI's
+own for an unknown id ("Previous response with id '...' not found."), the same whether the id is another
+tenant's or nobody's, so it tells a caller nothing of other tenants.
+
+The record is bounded: the ``kept`` ids learnt or used most lately (the least lately used forgotten first, as an
+engine runs for days); a forgotten id is refused as unknown, as OpenAI refuses a stored response past its
+retention, and the caller sends the conversation's turns in ``input`` instead. An id never changes hands: the first
+tenant seen with it keeps it. Thread-safe: a driver learns on its pull thread and checks on its submitters'.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from typing import Any, NamedTuple
+
+from engine.core.errors import ConfigError
+
+__all__ = ["NOT_FOUND_CODES", "RESPONSES_KEPT", "Refusal", "ResponseOwners", "answer_refs", "refs_of"]
+
+RESPONSES_KEPT = 100_000  # ids kept (about 20 MB): a day of one Responses answer a second
+# A body field naming a stored object -> (the kind of id, OpenAI's words for an unknown one, the error's code).
+_FIELDS = {"previous_response_id": ("response", "Previous response with id {!r} not found.",
+                                    "previous_response_not_found"),
+           "conversation": ("conversation", "Conversation with id {!r} not found.", "conversation_not_found")}
+NOT_FOUND_CODES = frozenset(code for _, _, code in _FIELDS.values())  # answered as OpenAI's 404 by the endpoint
+
+
+class Refusal(NamedTuple):
+    """Why a body may not go: the field (``body.previous_response_id``), the message and OpenAI's code."""
+
+    field: str
+    message: str
+    code: str
+
+
+def refs_of(body: Mapping[str, Any] | None) -> list[tuple[str, str, str]]:
+    """The stored objects ``body`` names: (its field, the kind of id, the id) for each of ``previous_response_id``
+    and ``conversation`` (a string, or an object with an ``id``) that is given. A value of another type stands as
+    its text: it names nothing the caller owns, and is refused as unknown."""
+    out = []
+    for name, (kind, _, _) in _FIELDS.items():
+        value = (body or {}).get(name)
+        if isinstance(value, Mapping) and name == "conversation":
+            value = value.get("id")
+        if value is not None:
+            out.append((name, kind, value if isinstance(value, str) else repr(value)[:200]))
+    return out
+
+
+def answer_refs(answer: Mapping[str, Any] | None) -> list[tuple[str, str]]:
+    """The (kind, id) a Responses answer's body makes its caller's: its own ``id``, and its ``conversation``'s.
+    Any other body (a chat completion, an image) makes none."""
+    if not isinstance(answer, Mapping) or answer.get("object") != "response":
+        return []
+    out = [("response", answer["id"])] if isinstance(answer.get("id"), str) and answer["id"] else []
+    conv = answer.get("conversation")
+    conv = conv.get("id") if isinstance(conv, Mapping) else conv
+    if isinstance(conv, str) and conv:
+        out.append(("conversation", conv))
+    return out
+
+
+class ResponseOwners:
+    """(kind, id) -> the tenant it belongs to, the ``kept`` most lately learnt or used."""
+
+    def __init__(self, kept: int = RESPONSES_KEPT) -> None:
+        if isinstance(kept, bool) or not isinstance(kept, int) or kept < 1:
+            raise ConfigError(f"kept must be an integer >= 1 (the response ids remembered), got {kept!r}")
+        self.kept = kept
+        self._owner: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"ResponseOwners(known={len(self._owner)}, kept={self.kept})"
+
+    def __len__(self) -> int:
+        return len(self._owner)
+
+    def learn(self, tenant: str, answer: Mapping[str, Any] | None) -> list[tuple[str, str]]:
+        """Record the ids ``answer`` (a Responses body answered for ``tenant``) carries; returns those that are
+        ``tenant``'s (all, unless one was another's already)."""
+        return self.add(tenant, answer_refs(answer))
+
+    def add(self, tenant: str, refs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Record each (kind, id) of ``refs`` as ``tenant``'s, unless it is another's already; returns those that
+        are ``tenant``'s, learnt now or before."""
+        mine = []
+        with self._lock:
+            for ref in refs:
+                if self._owner.setdefault(ref, tenant) == tenant:
+                    self._owner.move_to_end(ref)
+                    mine.append(ref)
+            while len(self._owner) > self.kept:
+                self._owner.popitem(last=False)
+        return mine
+
+    def refusal(self, tenant: str, body: Mapping[str, Any] | None) -> Refusal | None:
+        """Why ``body`` may not go for ``tenant`` (the first id it names that is not ``tenant``'s), or None."""
+        for name, kind, ident in refs_of(body):
+            with self._lock:
+                if self._owner.get((kind, ident)) == tenant:
+                    self._owner.move_to_end((kind, ident))
+                    continue
+            _, words, code = _FIELDS[name]
+            return Refusal(f"body.{name}", words.format(ident) + f" No answer with this id was given to tenant "
+                           f"{tenant!r} here (an id belongs to the tenant whose request made it, and is kept for "
+                           f"its latest {self.kept:,}): continue it as that tenant, or send the conversation's "
+                           "turns in input and leave the field out", code)
+        return None
+
+    def rows(self) -> list[tuple[str, str, str]]:
+        """(kind, id, tenant) of every id kept, least lately used first: what ``load`` takes back."""
+        with self._lock:
+            return [(kind, ident, tenant) for (kind, ident), tenant in self._owner.items()]
+
+    def load(self, rows: Iterable[tuple[str, str, str]]) -> None:
+        """Take back ``rows`` (``rows()``, or an append-only log of them: later rows count as more lately used)."""
+        for kind, ident, tenant in rows:
+            self.add(tenant, [(kind, ident)])
