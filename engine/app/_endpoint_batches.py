@@ -36,6 +36,7 @@ from engine.app._endpoint_files import MAX_FILE_BYTES, FileRoutes
 from engine.app._endpoint_job import CANCELLED_LINE as _CANCELLED
 from engine.app._endpoint_job import OPEN, BatchJob, cut_by_cancel, for_endpoint, submission, withdraw_open
 from engine.app._endpoint_msgbatches import MessageBatchRoutes
+from engine.app._endpoint_responses import OwnedResponses
 from engine.app._endpoint_resume import TakeBack
 from engine.app._endpoint_state import EndpointState
 from engine.app._endpoint_wire import (
@@ -78,6 +79,8 @@ class FilesAndBatches(TakeBack, FileRoutes, MessageBatchRoutes):
                  max_open_lines: int = MAX_OPEN_LINES, state_dir: Path | None = None, speedup: float = 1.0):
         self.engine, self.catalog, self._now, self.speedup = engine, catalog, now, speedup
         self.state = EndpointState(state_dir) if state_dir is not None else None
+        # Whose each response id is: its engine driver's record, kept under the state directory (a restart knows it)
+        self.responses = OwnedResponses(getattr(engine, "responses", None), state_dir)
         self.window_default_s, self.cancel_wait_s, self.max_open_lines = window_default_s, cancel_wait_s, max_open_lines
         self.files: dict[str, StoredFile] = self.state.files() if self.state is not None else {}
         self.batches: dict[str, BatchJob] = {}
@@ -151,7 +154,7 @@ class FilesAndBatches(TakeBack, FileRoutes, MessageBatchRoutes):
                        int(self._now()), speedup=self.speedup)
         bf = parse_batch_file(src.data, source=file_id, window_s=window_s, tenant=tenant,
                               catalog=self.catalog, settings=self.engine.settings, live=True)
-        job.bf = for_endpoint(bf, endpoint)
+        job.bf = self.responses.lines(for_endpoint(bf, endpoint), tenant)  # another tenant's response id: that line
         problems = bf.file_problems or ([] if bf.lines else [(file_id, 0, "file", "the file has no lines")])
         if not problems and (over := self._over_limit(job)) is not None:
             problems = [(file_id, 0, "limit", over)]
@@ -290,6 +293,7 @@ class FilesAndBatches(TakeBack, FileRoutes, MessageBatchRoutes):
         cut = {ln.custom_id for ln in job.bf.lines if any(q.id in missing for q in ln.choices)}
         out: list[bytes] = []
         err: list[bytes] = []
+        bodies: list[tuple[str, dict]] = []  # (custom_id, Responses body) of each answered line
         for row in result_rows(job.bf, results, created=int(self._now())):
             # Line ids unique per batch, as OpenAI's are (batchfile's follow tenant and custom_id alone).
             row["id"] = "batch_req_" + hashlib.sha256(f"{job.id}/{row['id']}".encode()).hexdigest()[:32]
@@ -297,6 +301,10 @@ class FilesAndBatches(TakeBack, FileRoutes, MessageBatchRoutes):
                 row["error"]["code"] = "batch_cancelled"
             text = json.dumps(row, separators=(",", ":")).encode() + b"\n"
             (out if row["error"] is None else err).append(text)
+            if row["error"] is None and job.endpoint == "/v1/responses":
+                bodies.append((row["custom_id"], row["response"]["body"]))
+        # The ids of its called answers are its tenant's, before anyone reads them (a copy's are its source's).
+        self.responses.learn(job.tenant, [body for cid, body in bodies if job.results[cid].status == "ok"])
         kept = True  # its files on disk: else the record stays open, with its results, for the next start
         for rows, kind in ((out, "output"), (err, "error")):
             if rows:  # named after the batch: an end written again after a crash replaces the file, never adds one

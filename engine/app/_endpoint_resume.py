@@ -79,7 +79,8 @@ class TakeBack:
                     for live in (True, False))
         bf = BatchFile(bf.source, [k if ln.request is None and any(q.id in results for q in k.choices) else ln
                                    for ln, k in zip(bf.lines, kept.lines, strict=True)], bf.file_problems)
-        job.bf, job.results = for_endpoint(bf, job.endpoint), results
+        # As at its create: a line naming an id not its tenant's is an error line (one answered before stays so).
+        job.bf, job.results = self.responses.lines(for_endpoint(bf, job.endpoint), job.tenant, results), results
         # The window counts engine seconds (a line's deadline), the time since the create real ones.
         left_s = job.window_s - (self._now() - job.created_at) * self.speedup
         todo = [r for r in job.bf.requests if r.id not in results]

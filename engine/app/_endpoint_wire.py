@@ -22,6 +22,7 @@ from engine.core.batchfile import parse_window
 from engine.core.catalog import Catalog
 from engine.core.errors import ConfigError, EngineStopped, Overloaded, RequestError
 from engine.core.request import PRIORITIES, Request, validation_context
+from engine.core.response_owners import NOT_FOUND_CODES
 from engine.core.result import Result
 from engine.core.settings import Settings
 from engine.core.trace import _problems_of
@@ -191,7 +192,9 @@ def refused(field: str, message: str, param_of: Callable[[str], str | None], cod
     header = _HEADER_OF.get(field)
     if header is not None:
         return ApiError(400, f"header {header}: {message}", param=header, code=code)
-    return ApiError(400, message, param=param_of(field), code=code)
+    # An id of a stored response that is not the caller's (``engine.core.response_owners``): OpenAI's 404.
+    status = 404 if code in NOT_FOUND_CODES else 400
+    return ApiError(status, message, param=param_of(field), code=code)
 
 
 async def engine_call(call: Any, param_of: Callable[[str], str | None]) -> Any:

@@ -37,6 +37,9 @@ With ``api_key_sha256`` or ``tenant_keys`` every route asks for ``Authorization:
 key acts for its tenant alone (``_endpoint_keys``). Without either (the default, for a loopback bind) anyone who
 reaches the port spends the engine's provider keys.
 
+A ``previous_response_id`` or ``conversation`` is taken only if it is the caller's tenant's: an answer given to
+that tenant carried it (``_endpoint_responses``); any other is OpenAI's 404 for an unknown id.
+
 Every error is OpenAI's ``{"error": {"message", "type", "param", "code"}}``; a bad header or body field is a
 400 whose ``param`` names it. Files, batches and videos are held in memory per replica (``_endpoint_batches``),
 per tenant.
@@ -182,11 +185,16 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
             where = {"image": IMAGES_URL, "text": f"{CHAT_URL} or {RESPONSES_URL}"}.get(req.kind, "the engine")
             raise ApiError(400, f"model {req.model!r} makes {req.kind}, not {want}; send it to {where}",
                            param="model")
+        # A response id another tenant's request made (or none did) is not sent on to continue its conversation.
+        store.responses.check(req.tenant, req.body)
         if n == 1:
             res: Result = await engine_call(engine.asubmit(d), param_of)
             if res.status not in ("ok", "reused"):
                 raise _failure(res)
-            return response_body(url, req, res, int(time.time())), _smartbatch_headers(req, res, catalog)
+            done = response_body(url, req, res, int(time.time()))
+            if res.status == "ok" and url == RESPONSES_URL:  # its id is the tenant's (a copy's is its source's)
+                store.responses.learn(req.tenant, [done])
+            return done, _smartbatch_headers(req, res, catalog)
         # One submission, in choice order: choice 0 reaches the cache first, so it never follows a later choice.
         results: list[Result] = await engine_call(engine.asubmit_many(fan_out(d, n)), param_of)
         failed = next((r for r in results if r.status not in ("ok", "reused")), None)

@@ -1,0 +1,114 @@
+"""The endpoint's record of whose each provider response id is (``engine.core.response_owners``): a
+``previous_response_id`` or ``conversation`` that no answer of the caller's tenant carried is a 404 in OpenAI's
+words, naming the field, before the engine sees the request; in a batch, that line alone is an error line.
+
+The record is its engine driver's own (``Engine.responses``: what the driver learns from every answer it gets),
+so the endpoint's check and the driver's agree; an engine without one (a test's) gets one here. Learnt: the id of
+each Responses answer the endpoint gives (a call's, not a copy from the cache: a copy's id is its source's), and of
+each answered line of a ``/v1/responses`` batch once its output is written.
+
+With ``--state-dir`` the ids the endpoint gave out are appended to ``responses.jsonl`` (one ``[kind, id, tenant]``
+line each, before the answer leaves), read back at the next start and rewritten whole, oldest first, once the log
+holds twice what the record keeps: a restarted endpoint takes the continuation of a conversation it answered.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from engine.app._endpoint_wire import ApiError
+from engine.core.batchfile import BatchFile
+from engine.core.files import write_atomic
+from engine.core.response_owners import ResponseOwners
+
+__all__ = ["OwnedResponses"]
+
+log = logging.getLogger("smartbatch.endpoint")
+
+LOG_NAME = "responses.jsonl"
+
+
+class OwnedResponses:
+    """The record (``owners``) and its log under the endpoint's state directory (``root``; None: memory only)."""
+
+    def __init__(self, owners: ResponseOwners | None, root: Path | None = None) -> None:
+        self.owners = owners if owners is not None else ResponseOwners()
+        self._path = Path(root) / LOG_NAME if root is not None else None
+        self._lines = 0  # in the log: rewritten whole past twice what the record keeps
+        self.write_errors = 0
+        if self._path is not None:
+            self._read()
+
+    def __repr__(self) -> str:
+        return f"OwnedResponses({self.owners!r}, log={str(self._path) if self._path else None!r})"
+
+    def check(self, tenant: str, body: Mapping[str, Any] | None) -> None:
+        """Raise the 404 of an id ``body`` names that is not ``tenant``'s (``previous_response_id``, ``conversation``)."""
+        no = self.owners.refusal(tenant, body)
+        if no is not None:
+            param = no.field.removeprefix("body.")
+            raise ApiError(404, no.message, param=param, code=no.code)
+
+    def lines(self, bf: BatchFile, tenant: str, answered: Mapping[str, Any] | None = None) -> BatchFile:
+        """``bf`` with each line that names an id not ``tenant``'s an invalid line of its own, naming the field;
+        ``answered``: results by request id, of lines that stay as they are (paid for before a restart)."""
+        out, answered = [], answered or {}
+        for ln in bf.lines:
+            open_ = ln.request is not None and not any(q.id in answered for q in ln.choices)
+            no = self.owners.refusal(tenant, ln.request.body) if open_ else None
+            out.append(ln if no is None else replace(ln, request=None, more=(), problem=(no.field, no.message)))
+        return BatchFile(bf.source, out, bf.file_problems)
+
+    def learn(self, tenant: str, answers: list[Mapping[str, Any]]) -> None:
+        """Make the ids of ``answers`` (Responses bodies given to ``tenant``) its own, on disk first if kept there
+        (each, though its driver may have learnt it already from the raw answer: the driver's record is memory)."""
+        mine = [ref for body in answers for ref in self.owners.learn(tenant, body)]
+        if mine and self._path is not None:
+            self._append([[kind, ident, tenant] for kind, ident in mine])
+
+    def _append(self, rows: list[list[str]]) -> None:
+        try:
+            if self._lines + len(rows) > 2 * self.owners.kept:
+                self._rewrite()
+                return
+            with open(self._path, "a", encoding="utf-8") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in rows))
+            self._lines += len(rows)
+        except OSError as exc:  # the answer still goes: this endpoint knows the id until it restarts
+            self.write_errors += 1
+            log.warning("endpoint: %d response id(s) not kept in %s (%s); a restart will refuse their "
+                        "continuation", len(rows), self._path, exc)
+
+    def _rewrite(self) -> None:
+        assert self._path is not None
+        rows = self.owners.rows()
+        write_atomic(self._path, "".join(json.dumps(list(r)) + "\n" for r in rows).encode())
+        self._lines = len(rows)
+
+    def _read(self) -> None:
+        assert self._path is not None
+        if not self._path.exists():
+            return
+        rows, bad = [], 0
+        with open(self._path, encoding="utf-8", errors="replace") as f:
+            for text in f:
+                try:
+                    kind, ident, tenant = json.loads(text)
+                    rows.append((str(kind), str(ident), str(tenant)))
+                except (ValueError, TypeError):  # a line a crash cut: that one id is refused from now on
+                    bad += 1
+        if bad:
+            log.warning("endpoint: %d unreadable line(s) in %s skipped", bad, self._path)
+        self.owners.load(rows)
+        self._lines = len(rows)
+        if len(rows) > self.owners.kept or bad:
+            try:
+                self._rewrite()
+            except OSError as exc:
+                self.write_errors += 1
+                log.warning("endpoint: %s not rewritten (%s)", self._path, exc)
