@@ -8,6 +8,7 @@ import time
 from engine.app._future import ResultFuture
 from engine.core.errors import EngineStopped, Overloaded, RequestError
 from engine.core.request import Request
+from engine.core.response_owners import ResponseOwners
 from engine.core.result import ID_TAKEN, Result
 
 __all__ = ["Admitting"]
@@ -17,6 +18,7 @@ class Admitting:
     _admits = 0  # submits that queued requests: a submit waiting for room looks again when it has moved
     _kept = None  # answers an earlier, killed run of the job paid for (``engine.app._driver_resume``)
     _kept_due: list  # (future, kept answer) to resolve once the lock is let go (``_give_kept``)
+    responses: ResponseOwners  # whose each response id is (``Engine.__init__``)
 
     def _admit(self, reqs: list[Request]) -> tuple[list[ResultFuture], bool]:
         """Futures for ``reqs`` (existing ones for a repeated (tenant, id)), queuing the new ones; waits for
@@ -111,6 +113,7 @@ class Admitting:
         # Ctrl-C (a rerun's kept answers resolve in the submitting thread): claimed and never set, it hung for good
         # and no later resolution could set it, nor could the check thread forget anything finished after it.
         mine = False
+        self._learn_response(res)  # before its caller can read the answer's id and continue from it
         try:
             with self._room:
                 if fut._claimed:
@@ -125,6 +128,20 @@ class Admitting:
         finally:
             if mine:
                 fut.set_result(res)  # out of the lock: a done-callback may submit
+
+
+    def _owned(self, r: Request, at: int | None) -> Request:
+        """``r``, unless its body names a response (``previous_response_id``, ``conversation``) that no answer this
+        driver got for its tenant carried: refused then, naming the field, as OpenAI refuses an unknown id."""
+        no = self.responses.refusal(r.tenant, r.body) if r.body else None
+        if no is not None:
+            raise RequestError(r.id, no.field, no.message, at, code=no.code)
+        return r
+
+    def _learn_response(self, res: Result) -> None:
+        """A called answer's response id (``raw``) is its tenant's; a copy from the cache carries its source's."""
+        if res.status == "ok" and res.raw is not None:
+            self.responses.learn(res.tenant, res.raw)
 
 
 def _same_content(r: Request, fut: ResultFuture) -> None:

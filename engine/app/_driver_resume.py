@@ -81,6 +81,10 @@ class KeptAnswers:
             self.given_usd += got[1].cost_usd
         return got[1].model_copy(update={"reason": KEPT_REASON})
 
+    def results(self) -> list[Result]:
+        """Every kept answer (the driver learns whose its response ids are from them)."""
+        return [r for _, r in self._kept.values()]
+
     def charges(self) -> list:
         """Every kept answer as a charge for this run's budgets: billed, never counted by the run cut off."""
         from engine.core.budgets import Charge

@@ -121,7 +121,8 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
                                   f"{window} window (--speedup compresses time; --providers http makes real calls)",
                                   style="dim")
             try:
-                futs = watch_answers(settings, eng.submit_many(sending))
+                # A line the driver refuses (a previous_response_id this run answered for no one) is its own error.
+                futs = watch_answers(settings, eng.submit_many(sending, on_invalid="reject"))
                 try:
                     with terminate_as_interrupt():
                         _wait_showing_progress(futs, f"batch {input_file.name}")

@@ -36,6 +36,7 @@ from engine.core.catalog import Catalog, load_catalog
 from engine.core.draws import engine_day_origin
 from engine.core.errors import ConfigError, RequestError
 from engine.core.request import FieldProblem, Request, in_catalog, validation_context
+from engine.core.response_owners import ResponseOwners
 from engine.core.settings import Settings, load_settings, with_budget
 from engine.core.wire_checks import check_real
 from engine.runtime.collector import driver_gc
@@ -85,6 +86,12 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, LiveBudgeting, Pulling, Shared
         self._futs: dict[str, ResultFuture] = {}  # by Request.uid: (tenant, id)
         self._buffer: list[Request] = []
         self._kept, self._kept_due = kept, []  # what a killed run of the job paid for (``take_back``)
+        # Whose each provider response id is: learnt from the answers this driver gets (a killed run's kept ones
+        # too), so a previous_response_id of another tenant's is refused (``engine.core.response_owners``).
+        self.responses = ResponseOwners()
+        if kept is not None:
+            for res in kept.results():
+                self._learn_response(res)
         self._cut_short = False  # left its ``with`` block on an error: the job did not end (``__exit__``)
         self._inflight_refs: dict[Any, tuple[list[str], int]] = {}  # ingest call -> (uids, tries)
         self._running = True
@@ -280,19 +287,20 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, LiveBudgeting, Pulling, Shared
                 check_real(r.provider, r.model, self.settings)
             except FieldProblem as exc:
                 raise RequestError(r.id, exc.field, str(exc), at) from None
-            return r
+            return self._owned(r, at)
         if not isinstance(r, Mapping):
             raise RequestError(None, "request", f"a request is a dict (or a Request), got {type(r).__name__}", at)
         d = dict(r)
         d.setdefault("arrival_s", max(self.clock.now() if now is None else now, 0.0))
         try:
-            return Request.model_validate(d, context=self._ctx)
+            req = Request.model_validate(d, context=self._ctx)
         except ValidationError as exc:
             from engine.core.trace import _problems_of
 
             rid = d.get("id") if isinstance(d.get("id"), str) else None
             field, msg = next(iter(_problems_of(exc, "the request")), ("request", str(exc)))
             raise RequestError(rid, field, msg, at) from None
+        return self._owned(req, at)
 
     def _forget_finished(self) -> None:
         """Drop futures (and so requests and results) finished more than ``retention_s`` ago."""

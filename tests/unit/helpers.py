@@ -80,7 +80,7 @@ class CtrlCEngine:
         self.drained_for = limit_s  # (run's Ctrl-C drains before its report and stop: tests read this)
         return 0
 
-    def submit_many(self, reqs: list) -> list:
+    def submit_many(self, reqs: list, on_invalid: str = "raise") -> list:
         from engine.core.result import Result
 
         done = concurrent.futures.Future()
@@ -112,7 +112,7 @@ class CtrlCInReplayEngine(CtrlCEngine):
 class StopInterruptedEngine(CtrlCEngine):
     """Every request has finished; Ctrl-C comes while the engine stops (which takes seconds)."""
 
-    def submit_many(self, reqs: list) -> list:
+    def submit_many(self, reqs: list, on_invalid: str = "raise") -> list:
         done = CtrlCEngine.submit_many(self, reqs)[0]
         return [done] * len(reqs) if len(reqs) == 1 else [done, *[_done_as(done, r) for r in reqs[1:]]]
 
@@ -123,7 +123,7 @@ class StopInterruptedEngine(CtrlCEngine):
 class TerminatedEngine(CtrlCEngine):
     """SIGTERM comes while the second request is waited on (a `timeout`, a service manager's stop)."""
 
-    def submit_many(self, reqs: list) -> list:
+    def submit_many(self, reqs: list, on_invalid: str = "raise") -> list:
         return [CtrlCEngine.submit_many(self, reqs)[0], _Terminated()]
 
 
@@ -155,7 +155,7 @@ class DrainingEngine(CtrlCEngine):
         self.spend_usd += 0.0005
         return 0
 
-    def submit_many(self, reqs: list) -> list:
+    def submit_many(self, reqs: list, on_invalid: str = "raise") -> list:
         self.futs = CtrlCEngine.submit_many(self, reqs)
         return self.futs
 
@@ -183,7 +183,7 @@ class AnsweringEngine(CtrlCEngine):
         super().__init__(catalog)
         self.sent = sent if sent is not None else []
 
-    def submit_many(self, reqs):
+    def submit_many(self, reqs, on_invalid="raise"):
         from engine.core.result import Result
 
         self.sent.append([r.id for r in reqs])

@@ -152,7 +152,7 @@ def test_identical_lines_of_n_choices_answer_once_each_copy_with_its_own_answer(
 class FailsOneChoice(AnsweringEngine):
     """Answers every request but those whose id ends ``/n2``: they fail with a provider's 503."""
 
-    def submit_many(self, reqs):
+    def submit_many(self, reqs, on_invalid="raise"):
         futs = super().submit_many(reqs)
         for k, r in enumerate(reqs):
             if r.id.endswith("/n2"):

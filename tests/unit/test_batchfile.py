@@ -310,7 +310,7 @@ def test_a_resumed_run_counts_the_kept_lines_against_budgets_that_live_in_it(tmp
         def count_spent(self, charges):
             counted.extend(charges)
 
-        def submit_many(self, reqs):
+        def submit_many(self, reqs, on_invalid="raise"):
             futs = []
             for r in reqs:
                 f = concurrent.futures.Future()
@@ -357,7 +357,7 @@ def test_resume_sends_only_the_lines_the_earlier_run_did_not_answer(tmp_path, mo
     p.write_text(line("a") + "\n" + line("b", "Name two seas.") + "\n" + line("c", "Name two lakes.") + "\n")
     out = tmp_path / "o.jsonl"
     class FirstOfThree(CtrlCEngine):  # a answered, then Ctrl-C while b and c are waited on
-        def submit_many(self, reqs):
+        def submit_many(self, reqs, on_invalid="raise"):
             done, ctrl_c = CtrlCEngine.submit_many(self, reqs)
             return [done, ctrl_c, ctrl_c]
     monkeypatch.setattr(driver_mod.Engine, "start", classmethod(lambda cls, *a, **k: FirstOfThree(CAT)))
@@ -664,7 +664,7 @@ def test_ctrl_c_cancels_the_engines_work_and_keeps_what_the_cancelled_batch_fini
     cancels: list[int] = []
 
     class Cancelling(CtrlCEngine):
-        def submit_many(self, reqs):
+        def submit_many(self, reqs, on_invalid="raise"):
             self.futs = [concurrent.futures.Future(), _CtrlCOnce(), concurrent.futures.Future()]
             self.reqs = reqs
             self.futs[0].set_result(self._ok(reqs[0]))

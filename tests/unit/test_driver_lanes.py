@@ -368,6 +368,7 @@ def _engine(monkeypatch, owner: bool = True):
     e = object.__new__(Engine)
     e.log = []
     from engine.core.clock import ManualClock
+    from engine.core.response_owners import ResponseOwners
     from engine.core.settings import Settings
 
     e._ray, e.catalog, e.settings, e.clock = None, default_catalog(), Settings(), ManualClock(0.0)
@@ -379,6 +380,7 @@ def _engine(monkeypatch, owner: bool = True):
     e._pending, e._finished, e._futs, e._buffer, e._inflight_refs = 0, collections.deque(), {}, [], {}
     e._forgetting = []
     e._running, e._gone, e._readmit_after, e._started_ray = True, None, set(), False
+    e.responses = ResponseOwners()
     e._init_lanes()
     e._wake = threading.Event()
     e._flusher = e._puller = e._checker = threading.Thread(target=lambda: None)
