@@ -92,6 +92,9 @@ class OwnedResponses:
 
     def _read(self) -> None:
         assert self._path is not None
+        # A rewrite a kill cut (the endpoint holds the directory's lock by now: no other writes here).
+        for tmp in self._path.parent.glob(".tmp-*"):
+            tmp.unlink(missing_ok=True)
         if not self._path.exists():
             return
         rows, bad = [], 0

@@ -257,3 +257,20 @@ def test_a_batch_file_line_the_driver_refuses_is_an_error_line_and_its_neighbour
     assert [json.loads(t)["custom_id"] for t in out.read_text().splitlines()] == ["a"]
     (err,) = map(json.loads, out.with_name("out.errors.jsonl").read_text().splitlines())
     assert err["custom_id"] == "b" and "previous_response_id" in json.dumps(err)
+
+
+def test_the_log_on_the_state_directory_is_rewritten_past_twice_what_is_kept_and_read_back_whole(tmp_path):
+    from engine.app._endpoint_responses import OwnedResponses
+
+    log = OwnedResponses(ResponseOwners(kept=2), tmp_path)
+    for k in range(5):
+        log.learn("acme", [_answer(f"resp_{k}")])
+    (tmp_path / ".tmp-cut").write_bytes(b"half a rewrite")  # a kill during a rewrite
+    with open(tmp_path / "responses.jsonl", "a") as f:
+        f.write('["response", "resp_cut"')  # and a line a crash cut
+    lines = (tmp_path / "responses.jsonl").read_text().splitlines()
+    assert len(lines) <= 2 * 2 + 1
+    again = OwnedResponses(ResponseOwners(kept=2), tmp_path)
+    assert [i for _, i, _ in again.owners.rows()] == ["resp_3", "resp_4"]
+    assert not list(tmp_path.glob(".tmp-*"))
+    assert len((tmp_path / "responses.jsonl").read_text().splitlines()) == 2  # rewritten without the cut line
