@@ -26,7 +26,7 @@ from engine.core.errors import ConfigError
 
 __all__ = ["NOT_FOUND_CODES", "RESPONSES_KEPT", "Refusal", "ResponseOwners", "answer_refs", "refs_of"]
 
-RESPONSES_KEPT = 100_000  # ids kept (about 20 MB): a day of one Responses answer a second
+RESPONSES_KEPT = 100_000  # ids kept (32 MB measured, ids of 53 characters): a day of one Responses answer a second
 # A body field naming a stored object -> (the kind of id, OpenAI's words for an unknown one, the error's code).
 _FIELDS = {"previous_response_id": ("response", "Previous response with id {!r} not found.",
                                     "previous_response_not_found"),
