@@ -131,9 +131,10 @@ class Admitting:
 
 
     def _owned(self, r: Request, at: int | None) -> Request:
-        """``r``, unless its body names a response (``previous_response_id``, ``conversation``) that no answer this
-        driver got for its tenant carried: refused then, naming the field, as OpenAI refuses an unknown id."""
-        no = self.responses.refusal(r.tenant, r.body) if r.body else None
+        """``r``, unless its body names a response (``previous_response_id``, ``conversation``) that an answer this
+        driver got for another tenant carried: refused then, naming the field, as OpenAI refuses an unknown id. An
+        id it never saw goes (a script continues what an earlier process of its own got)."""
+        no = self.responses.refusal(r.tenant, r.body, strict=False) if r.body else None
         if no is not None:
             raise RequestError(r.id, no.field, no.message, at, code=no.code)
         return r

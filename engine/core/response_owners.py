@@ -103,12 +103,17 @@ class ResponseOwners:
                 self._owner.popitem(last=False)
         return mine
 
-    def refusal(self, tenant: str, body: Mapping[str, Any] | None) -> Refusal | None:
-        """Why ``body`` may not go for ``tenant`` (the first id it names that is not ``tenant``'s), or None."""
+    def refusal(self, tenant: str, body: Mapping[str, Any] | None, *, strict: bool = True) -> Refusal | None:
+        """Why ``body`` may not go for ``tenant`` (the first id it names that is not ``tenant``'s), or None.
+        ``strict=False`` refuses only an id known to be another tenant's: a driver script continues responses an
+        earlier process of its own got, which no record of this one holds (the endpoint, a gateway shared by
+        tenants, is strict)."""
         for name, kind, ident in refs_of(body):
             with self._lock:
-                if self._owner.get((kind, ident)) == tenant:
-                    self._owner.move_to_end((kind, ident))
+                owner = self._owner.get((kind, ident))
+                if owner == tenant or (owner is None and not strict):
+                    if owner is not None:
+                        self._owner.move_to_end((kind, ident))
                     continue
             _, words, code = _FIELDS[name]
             return Refusal(f"body.{name}", words.format(ident) + f" No answer with this id was given to tenant "

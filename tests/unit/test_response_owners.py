@@ -186,6 +186,10 @@ def test_a_driver_refuses_another_tenants_response_id_and_takes_its_own(monkeypa
                                            "'resp_p1' not found") as caught:
         e.submit({**turn, "id": "t2", "tenant": "globex"})
     assert caught.value.code == "previous_response_not_found"
+    # An id this driver never saw goes: a script continues what an earlier process of its own got.
+    earlier = e.submit({**turn, "id": "t0", "tenant": "acme",
+                        "body": {"input": "go on", "previous_response_id": "resp_from_an_earlier_run"}})
+    assert not earlier.done()
     # One of many: refused alone, its neighbours queued.
     futs = e.submit_many([{**turn, "id": "t3", "tenant": "globex"}, {**turn, "id": "t4", "tenant": "acme"}],
                          on_invalid="reject")
@@ -219,8 +223,8 @@ def test_an_open_batch_taken_back_at_a_restart_judges_its_lines_as_at_its_create
 
 
 def test_a_batch_file_line_the_driver_refuses_is_an_error_line_and_its_neighbours_are_answered(tmp_path, monkeypatch):
-    """``smartbatch batch`` is one driver: a line continuing a response it answered for no one is refused (the
-    driver's rule above). Submitted with the default ``on_invalid="raise"``, that one line failed the whole run."""
+    """``smartbatch batch`` is one driver: a line the driver refuses (here a stub's strict rule) is an error line of
+    its own. Submitted with the default ``on_invalid="raise"``, that one line failed the whole run."""
     import concurrent.futures
 
     from typer.testing import CliRunner
