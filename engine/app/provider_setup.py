@@ -6,6 +6,7 @@ import collections
 import datetime
 import logging
 import os
+import re
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
@@ -20,6 +21,7 @@ __all__ = ["check_simulated", "http_setup", "key_problems", "retiring", "with_he
 
 log = logging.getLogger("smartbatch.providers")
 
+_VAR = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")  # an environment variable's name (OpenAI's and Anthropic's keys hold a -)
 RETIRING_DAYS = 30  # a model that shuts down within this many days is named at every start that calls it
 
 
@@ -40,7 +42,7 @@ def http_setup(catalog: Catalog, settings: Settings, *, need_keys: bool = True, 
     for name in settings.providers.http_providers(catalog.providers):
         ep = settings.providers.endpoints[name]
         value = os.environ.get(ep.api_key_env) if need_keys else "unread"
-        problem = _key_problem(settings, name, value)
+        problem = _key_problem(settings, name, value) if need_keys else None  # a plan says it (key_problems)
         if problem is not None:
             raise ConfigError(problem)
         keys[name] = Secret(value)
@@ -63,6 +65,10 @@ def _key_problem(settings: Settings, name: str, value: str | None) -> str | None
     """What is wrong with ``value``, the API key read for the endpoint ``name``, in the words of the start it
     stops (None: nothing). The key itself is never part of it."""
     ep = settings.providers.endpoints[name]
+    if not _VAR.fullmatch(ep.api_key_env):  # not quoted: it may be the key itself, given in place of its variable
+        return (f"providers.endpoints.{name}.api_key_env: give the name of the environment variable that holds the "
+                f"API key (letters, digits and _), never the key itself (SMARTBATCH_PROVIDERS__ENDPOINTS__"
+                f"{name.upper()}__API_KEY_ENV=OPENAI_API_KEY, say)")
     if not value:
         others = [p for p in settings.providers.endpoints if p != name]
         alone = (f"; or call only {others[0]} (SMARTBATCH_PROVIDERS__ENDPOINTS__{others[0].upper()}__API="

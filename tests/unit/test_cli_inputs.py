@@ -229,3 +229,29 @@ def test_a_dry_run_says_which_api_key_the_real_run_would_stop_on_and_never_print
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-fine")
     r = runner.invoke(app, ["run", str(p), "--dry-run", "--providers", "http"])
     assert r.exit_code == 0 and "API_KEY" not in r.output and "API key" not in r.output, r.output
+
+
+def test_a_key_given_in_place_of_its_variable_is_never_printed_by_the_start_or_the_dry_run(tmp_path, monkeypatch):
+    """A review: SMARTBATCH_PROVIDERS__ENDPOINTS__OPENAI__API_KEY_ENV=$OPENAI_API_KEY (the key where its variable's
+    name goes) made the start say "the environment variable sk-... holding the API key is not set", and the dry
+    run, which now prints the start's words, printed the key on the terminal."""
+    from engine.app.provider_setup import http_setup, key_problems
+    from engine.core.catalog import default_catalog
+    from engine.core.errors import ConfigError
+    from engine.core.settings import ProviderEndpoint, ProvidersSettings, Settings
+
+    secret = "sk-proj-SECRET77abc"
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-fine")
+    endpoints = {"openai": ProviderEndpoint(api="openai", api_key_env=secret),
+                 "anthropic": ProviderEndpoint(api="anthropic", api_key_env="ANTHROPIC_API_KEY")}
+    settings = Settings(providers=ProvidersSettings(mode="http", endpoints=endpoints))
+    said = key_problems(default_catalog(), settings)
+    assert list(said) == ["openai"] and "api_key_env" in said["openai"] and "SECRET77" not in said["openai"]
+    with pytest.raises(ConfigError) as start:
+        http_setup(default_catalog(), settings)
+    assert "providers.endpoints.openai.api_key_env" in str(start.value) and "SECRET77" not in str(start.value)
+    monkeypatch.setenv("SMARTBATCH_PROVIDERS__ENDPOINTS__OPENAI__API_KEY_ENV", secret)
+    r = runner.invoke(app, ["run", str(_small_trace(tmp_path)), "--dry-run", "--providers", "http"],
+                      env={"COLUMNS": "200"})
+    assert r.exit_code == 0 and "api_key_env" in r.output, r.output
+    assert "SECRET77" not in r.output, r.output
