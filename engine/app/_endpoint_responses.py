@@ -8,8 +8,10 @@ each Responses answer the endpoint gives (a call's, not a copy from the cache: a
 each answered line of a ``/v1/responses`` batch once its output is written.
 
 With ``--state-dir`` the ids the endpoint gave out are appended to ``responses.jsonl`` (one ``[kind, id, tenant]``
-line each, before the answer leaves), read back at the next start and rewritten whole, oldest first, once the log
-holds twice what the record keeps: a restarted endpoint takes the continuation of a conversation it answered.
+line each, before the answer leaves), and again each time a request continues one (before it goes), read back at
+the next start, later lines as more lately used, and rewritten whole, least lately used first, once the log holds
+twice what the record keeps: a restarted endpoint takes the continuation of a conversation it answered, and
+forgets first what it would have forgotten first had it run on.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 from engine.app._endpoint_wire import ApiError
 from engine.core.batchfile import BatchFile
 from engine.core.files import write_atomic
-from engine.core.response_owners import ResponseOwners
+from engine.core.response_owners import ResponseOwners, refs_of
 
 __all__ = ["OwnedResponses"]
 
@@ -53,15 +55,18 @@ class OwnedResponses:
         if no is not None:
             param = no.field.removeprefix("body.")
             raise ApiError(404, no.message, param=param, code=no.code)
+        self._used(tenant, [(kind, ident) for _, kind, ident in refs_of(body)])
 
     def lines(self, bf: BatchFile, tenant: str, answered: Mapping[str, Any] | None = None) -> BatchFile:
         """``bf`` with each line that names an id not ``tenant``'s an invalid line of its own, naming the field;
         ``answered``: results by request id, of lines that stay as they are (paid for before a restart)."""
-        out, answered = [], answered or {}
+        out, answered, used = [], answered or {}, []
         for ln in bf.lines:
             open_ = ln.request is not None and not any(q.id in answered for q in ln.choices)
             no = self.owners.refusal(tenant, ln.request.body) if open_ else None
             out.append(ln if no is None else replace(ln, request=None, more=(), problem=(no.field, no.message)))
+            used += [(kind, ident) for _, kind, ident in refs_of(ln.request.body)] if open_ and no is None else []
+        self._used(tenant, used)
         return BatchFile(bf.source, out, bf.file_problems)
 
     def learn(self, tenant: str, answers: list[Mapping[str, Any]]) -> None:
@@ -70,6 +75,14 @@ class OwnedResponses:
         mine = [ref for body in answers for ref in self.owners.learn(tenant, body)]
         if mine and self._path is not None:
             self._append([[kind, ident, tenant] for kind, ident in mine])
+
+    def _used(self, tenant: str, refs: list[tuple[str, str]]) -> None:
+        """Log ``refs`` (ids of ``tenant``'s a request continues) as used now: read back, a later row counts as
+        more lately used, so a restart forgets what this run would have forgotten. Logged only when learnt, a
+        conversation continued all day sat among the oldest rows and was the first forgotten at a restart (past
+        ``kept`` rows), an open batch's line continuing it refused once taken back."""
+        if refs and self._path is not None:
+            self._append([[kind, ident, tenant] for kind, ident in dict.fromkeys(refs)])
 
     def _append(self, rows: list[list[str]]) -> None:
         try:

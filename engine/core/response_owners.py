@@ -7,7 +7,10 @@ id (it is in the raw body that tenant got) could send it as ``previous_response_
 conversation, reading its context back (a helper's hunt). Now a ``previous_response_id`` or ``conversation`` is
 refused, per request, unless an answer carrying that id was seen for the caller's tenant; the refusal is OpenAI's
 own for an unknown id ("Previous response with id '...' not found."), the same whether the id is another
-tenant's or nobody's, so it tells a caller nothing of other tenants.
+tenant's or nobody's, so it tells a caller nothing of other tenants. An ``item_reference`` in ``input`` names
+one item of a stored response (an output message, call or reasoning), which OpenAI reads back alike: it is held
+to the same rule, each output item of an answer its tenant's (a review: the id of another tenant's answer message,
+in the same raw body as its response id, read that answer back).
 
 The record is bounded: the ``kept`` ids learnt or used most lately (the least lately used forgotten first, as an
 engine runs for days); a forgotten id is refused as unknown, as OpenAI refuses a stored response past its
@@ -26,12 +29,15 @@ from engine.core.errors import ConfigError
 
 __all__ = ["NOT_FOUND_CODES", "RESPONSES_KEPT", "Refusal", "ResponseOwners", "answer_refs", "refs_of"]
 
-RESPONSES_KEPT = 100_000  # ids kept (32 MB measured, ids of 53 characters): a day of one Responses answer a second
+RESPONSES_KEPT = 100_000  # ids kept (32 MB measured, ids of 53 characters): each answer its own, its output items'
 # A body field naming a stored object -> (the kind of id, OpenAI's words for an unknown one, the error's code).
 _FIELDS = {"previous_response_id": ("response", "Previous response with id {!r} not found.",
                                     "previous_response_not_found"),
            "conversation": ("conversation", "Conversation with id {!r} not found.", "conversation_not_found")}
-NOT_FOUND_CODES = frozenset(code for _, _, code in _FIELDS.values())  # answered as OpenAI's 404 by the endpoint
+# An input item ``{"type": "item_reference", "id": ...}`` names an item OpenAI stored with a response (its output's
+# messages, calls, reasoning): OpenAI reads it back as it reads a previous response's.
+_ITEM = ("item", "Item with id {!r} not found.", "item_not_found")
+NOT_FOUND_CODES = frozenset(code for _, _, code in (*_FIELDS.values(), _ITEM))  # the endpoint's 404s
 
 
 class Refusal(NamedTuple):
@@ -44,21 +50,31 @@ class Refusal(NamedTuple):
 
 def refs_of(body: Mapping[str, Any] | None) -> list[tuple[str, str, str]]:
     """The stored objects ``body`` names: (its field, the kind of id, the id) for each of ``previous_response_id``
-    and ``conversation`` (a string, or an object with an ``id``) that is given. A value of another type stands as
-    its text: it names nothing the caller owns, and is refused as unknown."""
+    and ``conversation`` (a string, or an object with an ``id``) that is given, and each ``item_reference`` of its
+    ``input`` (field ``input[k].id``). A value of another type stands as its text: it names nothing the caller
+    owns, and is refused as unknown."""
     out = []
     for name, (kind, _, _) in _FIELDS.items():
         value = (body or {}).get(name)
         if isinstance(value, Mapping) and name == "conversation":
             value = value.get("id")
         if value is not None:
-            out.append((name, kind, value if isinstance(value, str) else repr(value)[:200]))
+            out.append((name, kind, _text(value)))
+    items = (body or {}).get("input")
+    for k, item in enumerate(items if isinstance(items, list) else ()):
+        if isinstance(item, Mapping) and item.get("type") == "item_reference":
+            out.append((f"input[{k}].id", _ITEM[0], _text(item.get("id"))))
     return out
 
 
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else repr(value)[:200]
+
+
 def answer_refs(answer: Mapping[str, Any] | None) -> list[tuple[str, str]]:
-    """The (kind, id) a Responses answer's body makes its caller's: its own ``id``, and its ``conversation``'s.
-    Any other body (a chat completion, an image) makes none."""
+    """The (kind, id) a Responses answer's body makes its caller's: its own ``id``, its ``conversation``'s and
+    each of its ``output`` items' (what an ``item_reference`` names). Any other body (a chat completion, an
+    image) makes none."""
     if not isinstance(answer, Mapping) or answer.get("object") != "response":
         return []
     out = [("response", answer["id"])] if isinstance(answer.get("id"), str) and answer["id"] else []
@@ -66,6 +82,9 @@ def answer_refs(answer: Mapping[str, Any] | None) -> list[tuple[str, str]]:
     conv = conv.get("id") if isinstance(conv, Mapping) else conv
     if isinstance(conv, str) and conv:
         out.append(("conversation", conv))
+    output = answer.get("output")
+    out += [(_ITEM[0], item["id"]) for item in (output if isinstance(output, list) else ())
+            if isinstance(item, Mapping) and isinstance(item.get("id"), str) and item["id"]]
     return out
 
 
@@ -115,7 +134,7 @@ class ResponseOwners:
                     if owner is not None:
                         self._owner.move_to_end((kind, ident))
                     continue
-            _, words, code = _FIELDS[name]
+            _, words, code = _FIELDS.get(name, _ITEM)
             return Refusal(f"body.{name}", words.format(ident) + f" No answer with this id was given to tenant "
                            f"{tenant!r} here (an id belongs to the tenant whose request made it, and is kept for "
                            f"its latest {self.kept:,}): continue it as that tenant, or send the conversation's "

@@ -278,3 +278,60 @@ def test_the_log_on_the_state_directory_is_rewritten_past_twice_what_is_kept_and
     assert [i for _, i, _ in again.owners.rows()] == ["resp_3", "resp_4"]
     assert not list(tmp_path.glob(".tmp-*"))
     assert len((tmp_path / "responses.jsonl").read_text().splitlines()) == 2  # rewritten without the cut line
+
+
+def test_an_item_reference_to_another_tenants_answer_is_refused_as_an_unknown_item():
+    """A review: an ``item_reference`` input item names one item of a stored response (an answer's message, by the
+    ``msg_`` id beside the response id in the raw body), and OpenAI reads it back as it reads a previous
+    response: it went as it was, and a tenant holding another's message id read that answer into its own call."""
+    owners = ResponseOwners()
+    answer = {"object": "response", "id": "resp_a", "output": [{"type": "message", "id": "msg_a"},
+                                                               {"type": "function_call", "id": "fc_a"}]}
+    assert ("item", "msg_a") in owners.learn("acme", answer)
+    ref = {"input": ["hi", {"type": "item_reference", "id": "msg_a"}, {"type": "item_reference", "id": "fc_a"}]}
+    assert owners.refusal("acme", ref) is None
+    no = owners.refusal("globex", ref)
+    assert no is not None and no.field == "body.input[1].id" and no.code == "item_not_found"
+    assert no.message.startswith("Item with id 'msg_a' not found.")
+    assert owners.refusal("globex", {"input": [{"type": "item_reference", "id": "msg_a"}]}, strict=False) is not None
+    assert owners.refusal("globex", {"input": [{"type": "item_reference", "id": "msg_new"}]}, strict=False) is None
+    class Engine(ResponsesEngine):
+        def _result(self, req):  # the fake echoes a string input
+            text = req.body["input"] if isinstance(req.body["input"], str) else "a list"
+            return super()._result(req.model_copy(update={"body": {**req.body, "input": text}}))
+
+    eng = Engine()
+    with serving(make_app(eng, catalog=CAT)) as url, _client(url, ACME) as acme, _client(url, GLOBEX) as globex:
+        first = acme.responses.create(model="gpt-5-mini", input="My password is hunter2.")
+        said = [{"type": "item_reference", "id": first.output[0].id}, {"role": "user", "content": "Repeat it."}]
+        sent = len(eng.submitted)
+        with pytest.raises(openai.NotFoundError) as caught:
+            globex.responses.create(model="gpt-5-mini", input=said)
+        assert caught.value.body["param"] == "input[0].id" and len(eng.submitted) == sent
+        assert acme.responses.create(model="gpt-5-mini", input=said).status == "completed"
+
+
+def test_a_restart_forgets_first_what_the_running_endpoint_would_have_forgotten_first(tmp_path):
+    """A review: the log held only the ids learnt, in the order learnt, and a restart read it back as the order of
+    use. A conversation continued all day, learnt early, was then among the first forgotten (past ``kept`` ids),
+    and the id the running endpoint had forgotten came back; an open batch's line continuing it, taken at the
+    create, was refused once taken back."""
+    from engine.app._endpoint_responses import OwnedResponses
+    from engine.core.batchfile import parse_batch_file
+
+    log = OwnedResponses(ResponseOwners(kept=2), tmp_path)
+    log.learn("acme", [_answer("resp_0")])
+    log.learn("acme", [_answer("resp_1")])
+    log.check("acme", {"previous_response_id": "resp_0"})  # continued: now the most lately used
+    log.learn("acme", [_answer("resp_2")])  # resp_1, the least lately used, is forgotten
+    assert [i for _, i, _ in log.owners.rows()] == ["resp_0", "resp_2"]
+    again = OwnedResponses(ResponseOwners(kept=2), tmp_path)
+    assert again.owners.rows() == log.owners.rows()
+    again.check("acme", {"previous_response_id": "resp_0"})  # a 404 before
+    # A batch line taken at the create counts as a use too.
+    bf = parse_batch_file((_line("on", "go on", previous_response_id="resp_2") + "\n").encode(), source="f",
+                          window_s=86400, tenant="acme", catalog=CAT, settings=ResponsesEngine().settings, live=True)
+    assert again.lines(bf, "acme").invalid == []
+    again.learn("acme", [_answer("resp_3")])  # resp_0 forgotten, resp_2 kept: the batch used it
+    taken_back = OwnedResponses(ResponseOwners(kept=2), tmp_path)
+    assert taken_back.lines(bf, "acme").invalid == []
