@@ -77,10 +77,17 @@ def _check_flags(fields: dict[str, Any]) -> None:
 
 
 def _check_names(fields: dict[str, Any], catalog) -> None:
-    """``--provider`` and ``--model`` against the engine's catalog, as the change is checked, naming the flag."""
+    """``--provider`` and ``--model`` against the engine's catalog, as the change is checked, naming the flag. A
+    ``--model provider/model`` that the catalog has as such a pair (``status`` and the fallbacks write a model so)
+    is taken as the two flags: refused before, as a model no provider has."""
     from engine.core._budget_check import check_budgets
     from engine.core.budgets import BudgetSettings, BudgetSpec
 
+    model = fields["model"]
+    if model and "/" in model and not any(model in p.models for p in catalog.providers.values()):
+        provider, _, name = model.partition("/")
+        if name in getattr(catalog.providers.get(provider), "models", {}) and fields["provider"] in (None, provider):
+            fields["provider"], fields["model"] = provider, name
     spec = BudgetSpec(**{k: fields[k] for k in ("tenant", "provider", "model", "budget_duration")}, max_budget=0)
     check_budgets(catalog, BudgetSettings(specs=(spec,)), flags=_FLAGS, fix="give a name the engine's catalog has")
 

@@ -285,6 +285,30 @@ def test_a_bad_value_of_budget_set_is_named_by_the_flag_typed_not_the_budget_fie
         eng._ray.loop.close()
 
 
+def test_budget_set_takes_a_model_given_with_its_provider_as_status_writes_it(monkeypatch):
+    """A review: `smartbatch status` lists spend by "provider/model", and `budget set --model openai/gpt-5-mini`
+    was refused as a model no provider has; it is the pair --provider openai --model gpt-5-mini. A pair the
+    catalog lacks, or one --provider contradicts, is still refused naming --model."""
+    from typer.testing import CliRunner
+
+    from engine.app import driver as driver_mod
+    from engine.app.cli import app
+
+    eng = _driver()
+    monkeypatch.setattr(eng, "stop", lambda: None)
+    monkeypatch.setattr(driver_mod.Engine, "connect", classmethod(lambda cls, name, **k: eng))
+    try:
+        r = CliRunner().invoke(app, ["budget", "set", "--name", "prod", "--model", "openai/gpt-5-mini", "--max", "3"])
+        assert r.exit_code == 0 and "added budget provider=openai,model=gpt-5-mini: limit $3.000000" in r.output, \
+            r.output
+        for bad in (["--model", "openai/claude-haiku-4-5"], ["--provider", "anthropic", "--model", "openai/gpt-5-mini"]):
+            r = CliRunner().invoke(app, ["budget", "set", "--name", "prod", *bad, "--max", "3"])
+            assert r.exit_code == 2 and " ".join(r.output.split()).startswith("error: --model"), r.output
+        assert len(eng.budgets()) == 2
+    finally:
+        eng._ray.loop.close()
+
+
 class _SlowRedis:
     """What a Redis ledger's live change uses of its client (``actors._budget_specs``: a hash per ledger, written by
     a compare-and-set script, done here as that script does), each write taking a turn of the loop as a real one
