@@ -95,8 +95,10 @@ def _attach(name: str, address: str, flag: str) -> bool:
     where = _where(name, address)
     try:
         return init_ray(where, flag)
-    except ConfigError:
-        if where != "auto":
+    except ConfigError as exc:
+        # Only where Ray found none: a Ray it found and could not join (another version, a RAY_ADDRESS cluster
+        # that does not answer) was said to be no Ray at all, its reason dropped.
+        if where != "auto" or "Could not find any running Ray instance" not in str(exc):
             raise
         raise ConfigError(f"no engine named {name!r} runs on this machine (no `smartbatch serve --name {name}` here, "
                           f"and no Ray cluster at {flag} auto): start it with `smartbatch serve --name {name}`, or "

@@ -121,3 +121,23 @@ def test_no_serve_of_that_name_here_and_no_ray_names_the_engine_not_rays_words(a
         getattr(Engine, attach)("prod", flag="--address")
     with pytest.raises(ConfigError, match=r"^--address 10\.0\.0\.5:6379: no Ray cluster answers there"):
         getattr(Engine, attach)("prod", address="10.0.0.5:6379", flag="--address")  # an address typed: Ray's words
+
+
+def test_a_ray_found_under_auto_that_cannot_be_joined_keeps_rays_reason(monkeypatch):
+    """A review: any failure to join under `--address auto` was said as "no engine named 'prod' runs on this machine
+    (... and no Ray cluster at --address auto)", though Ray had found one (another Ray version, or the unanswering
+    cluster RAY_ADDRESS names) and said why it could not join: that reason was dropped."""
+    import ray
+
+    from engine.app import _driver_shared, _serve_claim
+
+    def other_version(address, flag="address"):
+        raise ConfigError(f"{flag} {address}: no Ray cluster answers there (Version mismatch: The cluster was started "
+                          "with Ray 2.9.0, this process runs 2.40.0)")
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(_serve_claim, "served_address", lambda name: None)
+    monkeypatch.setattr(_driver_shared, "init_ray", other_version)
+    with pytest.raises(ConfigError, match=r"^--address auto: .*Version mismatch"):
+        Engine.connect("prod", flag="--address")
