@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
 import signal
 import threading
 from pathlib import Path
@@ -20,6 +19,7 @@ from engine.app._endpoint_rescue import prepare_endpoint, stopped_cleanly
 from engine.app._ray_stop import exit_now, own_ray_processes, stop_or_lose_ray
 from engine.app._serve_claim import NameClaim, port_holder, served_address, wait_released
 from engine.app.cli_common import _fail, _providers, _settings, app, console, err_console
+from engine.app.provider_setup import is_variable_name
 from engine.core.errors import ConfigError, SmartbatchError
 
 # How long a stop waits for the engine's endpoint and actors to go before it gives up on them (they are then
@@ -153,7 +153,7 @@ def _http_key(env: str | None, host: str, port: int | None, tenant_specs: list[s
                                         "reaches it spends the engine's provider keys; pass --http-key-env NAME "
                                         "(or a key per tenant, --http-tenant-key TENANT=NAME)"))
         return None
-    if not _VAR.fullmatch(env):  # not quoted: it may be the key itself (``--http-key-env $KEY``)
+    if not is_variable_name(env):  # not quoted: it may be the key itself (``--http-key-env $KEY``)
         _fail(ConfigError("--http-key-env: give the name of an environment variable (letters, digits and _) that "
                           "holds the key, never the key itself"))
     key = os.environ.get(env, "").strip()
@@ -178,7 +178,7 @@ def _tenant_keys(specs: list[str], port: int | None, admin: str | None, admin_en
             _fail(ConfigError(f"--http-tenant-key (the {_ordinal(specs.index(spec) + 1)} given): write TENANT=VAR, "
                               "the tenant and the environment variable holding its key (e.g. --http-tenant-key "
                               "acme=ACME_ENDPOINT_KEY)"))
-        if not _VAR.fullmatch(var):  # not quoted: it may be the key itself, given in place of its variable
+        if not is_variable_name(var):  # not quoted: it may be the key itself, given in place of its variable
             _fail(ConfigError(f"--http-tenant-key {tenant}=...: what follows '=' must be the name of an environment "
                               "variable (letters, digits and _) that holds the key, never the key itself"))
         if (why := key_tenant_problem(tenant)) is not None:
@@ -198,8 +198,6 @@ def _tenant_keys(specs: list[str], port: int | None, admin: str | None, admin_en
         out[digest], var_of[digest] = tenant, var
     return out
 
-
-_VAR = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _ordinal(n: int) -> str:

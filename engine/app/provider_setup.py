@@ -17,7 +17,7 @@ from engine.core.provider_api import Secret
 from engine.core.request import Request
 from engine.core.settings import Settings
 
-__all__ = ["check_simulated", "http_setup", "key_problems", "retiring", "with_hedge_lag"]
+__all__ = ["check_simulated", "http_setup", "is_variable_name", "key_problems", "retiring", "with_hedge_lag"]
 
 log = logging.getLogger("smartbatch.providers")
 
@@ -61,11 +61,17 @@ def http_setup(catalog: Catalog, settings: Settings, *, need_keys: bool = True, 
     return with_hedge_lag(catalog, settings.hedge_lag_s, speedup), (keys if need_keys else {})
 
 
+def is_variable_name(text: str) -> bool:
+    """Whether ``text`` can name an environment variable: where a key's variable is asked for, anything else may be
+    the key itself, pasted in its place, and is refused without being quoted."""
+    return _VAR.fullmatch(text) is not None
+
+
 def _key_problem(settings: Settings, name: str, value: str | None) -> str | None:
     """What is wrong with ``value``, the API key read for the endpoint ``name``, in the words of the start it
     stops (None: nothing). The key itself is never part of it."""
     ep = settings.providers.endpoints[name]
-    if not _VAR.fullmatch(ep.api_key_env):  # not quoted: it may be the key itself, given in place of its variable
+    if not is_variable_name(ep.api_key_env):  # not quoted: it may be the key itself, given in place of its variable
         return (f"providers.endpoints.{name}.api_key_env: give the name of the environment variable that holds the "
                 f"API key (letters, digits and _), never the key itself (SMARTBATCH_PROVIDERS__ENDPOINTS__"
                 f"{name.upper()}__API_KEY_ENV=OPENAI_API_KEY, say)")

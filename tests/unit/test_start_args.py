@@ -45,19 +45,25 @@ class _AttachedRay:
         self.gcs_address = gcs
 
 
+def _attach_to(monkeypatch, gcs: str) -> None:
+    """This process as one a script attached to the Ray cluster at ``gcs``; a second ``ray.init`` fails the test."""
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: _AttachedRay(gcs))
+    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("an attached process must not init Ray again"))
+
+
 @pytest.mark.parametrize("address, refused", [
     ("bad address", True), ("10.9.9.9:6379", True), ("192.0.2.2:6380", True),
     ("auto", False), ("local", False), ("192.0.2.2:37299", False), ("127.0.0.1:37299", False),
 ])
 def test_an_address_of_another_ray_in_an_attached_process_is_refused_not_ignored(address, refused, monkeypatch):
     """It was ignored: `run --address X` in a process where Ray ran already used that Ray, not X."""
-    import ray
 
     from engine.app._driver_shared import init_ray
 
-    monkeypatch.setattr(ray, "is_initialized", lambda: True)
-    monkeypatch.setattr(ray, "get_runtime_context", lambda: _AttachedRay("192.0.2.2:37299"))
-    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("an attached process must not init Ray again"))
+    _attach_to(monkeypatch, "192.0.2.2:37299")
     if refused:
         with pytest.raises(ConfigError, match=r"--address .*already attached to the Ray cluster at 192\.0\.2\.2:37299"):
             init_ray(address, "--address")
@@ -81,8 +87,6 @@ def test_an_attached_process_takes_its_own_cluster_by_any_name_of_its_head(gcs, 
     cluster by IP), an IPv6 address in brackets, a name in capitals. Names resolve here from a table, not DNS."""
     import socket
 
-    import ray
-
     from engine.app._driver_shared import init_ray
 
     def resolve(host, *_a, **_k):
@@ -91,9 +95,7 @@ def test_an_attached_process_takes_its_own_cluster_by_any_name_of_its_head(gcs, 
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
     monkeypatch.setattr(socket, "getaddrinfo", resolve)
-    monkeypatch.setattr(ray, "is_initialized", lambda: True)
-    monkeypatch.setattr(ray, "get_runtime_context", lambda: _AttachedRay(gcs))
-    monkeypatch.setattr(ray, "init", lambda *a, **k: pytest.fail("an attached process must not init Ray again"))
+    _attach_to(monkeypatch, gcs)
     if refused:
         with pytest.raises(ConfigError, match=r"--address .*already attached to the Ray cluster at "):
             init_ray(address, "--address")
