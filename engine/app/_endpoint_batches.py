@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,7 @@ class FilesAndBatches(TakeBack, FileRoutes, MessageBatchRoutes):
         self.message_counts: dict[str, dict[str, int]] = {}  # an ended Message Batch's counts, read once
         # Creates and cancels under way, each a task of its own (``_detach``), and the lines the creates bring.
         self._detached: set[asyncio.Task] = set()
-        self._admitting = 0
+        self._admitting: Counter[str] = Counter()  # lines being admitted, per tenant
 
     def __repr__(self) -> str:
         running = sum(b.status in OPEN or b.status == "cancelling" for b in self.batches.values())
@@ -172,15 +173,22 @@ class FilesAndBatches(TakeBack, FileRoutes, MessageBatchRoutes):
         return job.view()  # before the collector runs: status in_progress
 
     def _over_limit(self, job: BatchJob) -> str | None:
-        """Why ``job``'s lines would hold too many places in the engine (``max_open_lines``), or None."""
+        """Why ``job``'s lines would hold too many places in the engine (``max_open_lines``), or None. The limit is
+        the engine's, so shared by every tenant; the message quotes the caller's own lines only, as what other
+        tenants hold is theirs to know."""
         assert job.bf is not None
-        held = self._admitting + sum(cid not in b.results for b in self.batches.values() if b.final is None
-                                     for cid in b.futures)
-        if held + len(job.bf.requests) <= self.max_open_lines:
+        held = Counter(self._admitting)
+        for b in self.batches.values():
+            if b.final is None:
+                held[b.tenant] += sum(cid not in b.results for cid in b.futures)
+        adds = len(job.bf.requests)
+        if sum(held.values()) + adds <= self.max_open_lines:
             return None
-        return (f"the endpoint holds {held:,} unfinished batch lines and this batch adds {len(job.bf.requests):,}, "
-                f"past its {self.max_open_lines:,} (kept so that chat calls find room in the engine); create it "
-                "again once earlier batches have ended")
+        mine = held[job.tenant]
+        return (f"this batch adds {adds:,} lines to the {self.max_open_lines:,} unfinished batch lines the endpoint "
+                f"keeps in the engine at once, shared by every tenant (kept so that chat calls find room), and too "
+                f"few are free; your earlier batches hold {mine:,} of them. Create it again once earlier batches "
+                "have ended")
 
     async def _open(self, job: BatchJob, file_id: str, drop_input: bool = False) -> None:
         """Put ``job`` (its lines parsed from file ``file_id``) on record and its lines in the engine;
@@ -188,7 +196,7 @@ class FilesAndBatches(TakeBack, FileRoutes, MessageBatchRoutes):
         assert job.bf is not None
         # Counted from now until the batch is on record (``_admit``), whether or not its client waits: two creates
         # at once, or one whose client left, cannot both pass the limit.
-        self._admitting += len(job.bf.requests)
+        self._admitting[job.tenant] += len(job.bf.requests)
         await self._detach(self._admit(job, file_id, drop_input))
 
     async def _detach(self, work: Coroutine[Any, Any, None]) -> None:
@@ -219,7 +227,7 @@ class FilesAndBatches(TakeBack, FileRoutes, MessageBatchRoutes):
             self._save(job)
             job.task = asyncio.create_task(self._collect(job), name=f"smartbatch-{job.id}")
         finally:
-            self._admitting -= n
+            self._admitting[job.tenant] -= n
             if drop_input:  # (its batch keeps a link to its bytes on disk: ``EndpointState.keep_input``)
                 self.files.pop(file_id, None)
                 if self.state is not None:

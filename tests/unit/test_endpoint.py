@@ -193,7 +193,7 @@ def test_a_batch_past_the_open_lines_limit_fails_and_leaves_room_for_chat():
         assert held.status == "in_progress"
         over = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
         assert over.status == "failed" and over.errors.data[0].code == "request_limit_exceeded"
-        assert "2 unfinished batch lines" in over.errors.data[0].message
+        assert "your earlier batches hold 2 of them" in over.errors.data[0].message
         assert chat(client).parse().choices[0].message.content.startswith("echo:")
         eng.release()
         assert wait_done(client, held.id).status == "completed"

@@ -51,10 +51,13 @@ class Http:
         return self._body
 
 
-def upload(store: FilesAndBatches, ids: list[str]) -> Http:
+def upload(store: FilesAndBatches, ids: list[str], tenant: str = "default") -> Http:
     data = ("\n".join(batch_line(cid, f"question {cid}") for cid in ids) + "\n").encode()
-    f = store._add_file("in.jsonl", "batch", data, tenant="default")
-    return Http({"input_file_id": f.id, "endpoint": "/v1/chat/completions", "completion_window": "24h"})
+    f = store._add_file("in.jsonl", "batch", data, tenant=tenant)
+    http = Http({"input_file_id": f.id, "endpoint": "/v1/chat/completions", "completion_window": "24h"})
+    if tenant != "default":
+        http.headers = {"X-Smartbatch-Tenant": tenant}
+    return http
 
 
 async def until(probe: Callable[[], Any], what: str, timeout_s: float = 5.0) -> Any:
@@ -92,6 +95,25 @@ def test_a_create_whose_client_leaves_mid_call_still_makes_a_listed_batch_that_e
     asyncio.run(go())
 
 
+def test_the_open_lines_limit_is_shared_but_its_refusal_quotes_only_the_callers_own_lines():
+    """The limit guards the engine's places, so one tenant's lines count against another's batch; what other
+    tenants hold is theirs, so the refusal tells the caller its own count, never theirs."""
+    async def go():
+        eng = Gated()
+        eng.gate.set()
+        store = FilesAndBatches(eng, CAT, window_default_s=86400.0, max_open_lines=4)
+        assert (await store.create_batch(upload(store, ["a-slow", "b-slow", "c-slow"], tenant="acme")))[
+            "status"] == "in_progress"
+        refused = await store.create_batch(upload(store, ["d-slow", "e-slow"], tenant="globex"))
+        said = refused["errors"]["data"][0]["message"]
+        assert refused["status"] == "failed" and "your earlier batches hold 0 of them" in said and "3" not in said
+        again = await store.create_batch(upload(store, ["g-slow", "h-slow"], tenant="acme"))
+        assert "your earlier batches hold 3 of them" in again["errors"]["data"][0]["message"]
+        eng.release()
+        await store.shutdown()
+    asyncio.run(go())
+
+
 def test_two_creates_at_once_do_not_both_pass_the_open_lines_limit():
     async def go():
         eng = Gated()
@@ -100,7 +122,7 @@ def test_two_creates_at_once_do_not_both_pass_the_open_lines_limit():
         await asyncio.to_thread(eng.entered.wait, 10)  # the first is being admitted
         second = await store.create_batch(upload(store, ["d-slow", "e-slow", "f-slow"]))
         assert second["status"] == "failed" and second["errors"]["data"][0]["code"] == "request_limit_exceeded"
-        assert "holds 3 unfinished batch lines" in second["errors"]["data"][0]["message"]
+        assert "your earlier batches hold 3 of them" in second["errors"]["data"][0]["message"]
         eng.gate.set()
         assert (await first)["status"] == "in_progress"
         eng.release()
@@ -116,11 +138,11 @@ def test_a_create_whose_client_left_still_counts_its_lines_against_the_limit_unt
         await asyncio.to_thread(eng.entered.wait, 10)
         await left(first)  # its lines are still being admitted
         second = await store.create_batch(upload(store, ["d-slow", "e-slow", "f-slow"]))
-        assert second["status"] == "failed" and "holds 3 unfinished batch lines" in second["errors"]["data"][0]["message"]
+        assert second["status"] == "failed" and "your earlier batches hold 3 of them" in second["errors"]["data"][0]["message"]
         eng.gate.set()
         (made,) = [b for b in (await until(lambda: len(store.batches) == 2 and store.batches, "both on record")).values()
                    if b.status == "in_progress"]
-        assert len(made.futures) == 3 and store._admitting == 0
+        assert len(made.futures) == 3 and not +store._admitting
         eng.release()
         await store.shutdown()
     asyncio.run(go())
