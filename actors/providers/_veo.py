@@ -17,12 +17,20 @@ calls' own (``HttpBase._error``), with no SDK retry.
 
 The result's ``output`` is the video's URI (fetched with the key): the MP4 never enters the engine. Its cost is the
 cost model's at the seconds and resolution sent, which are always sent (the request's, else the catalog's
-defaults), since Google's answer does not repeat them. A create whose answer was lost may have made a video that
-will be billed: Google documents no Idempotency-Key and no listing of Veo operations, so nothing can find it
-again; the call is counted as possibly billed, and its retry makes a new video (docs/providers.md, "Veo", the
-residual risk). A poll that gives up keeps the operation's name, and the retry polls it again. Once a create is
-answered, the name goes to the dispatcher (``CallJob.made``), which journals it and frees the call's concurrency
-slot: a restarted dispatcher gives it back (``resume``), and the call made again polls it."""
+defaults), since Google's answer does not repeat them.
+
+A create whose answer was lost (sent, then a read timeout, a cut connection, an answer not Google's own: a proxy's
+502 or 504) may have made a video that will be billed: Google documents no Idempotency-Key and no listing of Veo
+operations, so nothing can find it again (``create_lost``). The request then fails, counted as possibly billed,
+its error saying so and naming the setting that makes it again (``remake_lost_veo_creates``, or a server that
+honours the key): made again, a second video was paid for (docs/providers.md, "Veo", the residual risk). A create
+that never left (refused, a connect timeout) or that Google refused with its own error made nothing, and goes
+again by the engine's retry rules. Before each create its intent is journaled (``CallJob.made``, no operation
+yet): a dispatcher restart that cuts the create gives the intent back (``resume``), and the call made again fails
+as a lost create does rather than make a second video. A poll that gives up keeps the operation's name, and the
+retry polls it again. Once a create is answered, the name goes to the dispatcher (``CallJob.made``), which
+journals it and frees the call's concurrency slot: a restarted dispatcher gives it back (``resume``), and the call
+made again polls it."""
 
 from __future__ import annotations
 
@@ -31,11 +39,13 @@ import re
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from actors.providers._http import _never_connected
 from actors.providers._openai_video import poll_to_end
+from engine.core._settings_env import ENV_PREFIX
 from engine.core.cost import price_alone
 from engine.core.provider_api import CallJob, CallOutcome, idempotency_key
 
-__all__ = ["VeoCalls", "native_root"]
+__all__ = ["VeoCalls", "create_lost", "native_root"]
 
 log = logging.getLogger("smartbatch.providers")
 
@@ -52,6 +62,28 @@ def native_root(base_url: str) -> str:
     return urlunsplit(parts._replace(path=_VERSION.sub("", path) + "/"))
 
 
+def create_lost(exc: BaseException, sdk: Any) -> bool:
+    """Whether a create that failed with ``exc`` (an SDK error) may have made an operation: it was sent and its
+    answer lost (a timeout or a cut once connected: the SDK's error wraps the transport's as its ``__cause__``), or
+    the answer is no answer of Google's (a 5xx without Google's ``error`` body: a proxy's 502 or 504, a page).
+    Not when nothing was written (refused, a connect or pool timeout), nor when Google answered with its own error
+    (a 429, a 400, a 503 with its google.rpc ``error`` body): no operation was made then."""
+    if isinstance(exc, sdk.APIStatusError):
+        return exc.status_code >= 500 and not _googles_error(exc.response)
+    if isinstance(exc, sdk.APIConnectionError):  # (a timeout is one)
+        return not _never_connected(exc)
+    return True  # answered, and not read as an answer: it may have made one
+
+
+def _googles_error(resp: Any) -> bool:
+    """The answer's body is Google's error object, ``{"error": {"code": 503, "message", "status"}}``."""
+    try:
+        err = resp.json().get("error")
+    except Exception:  # not JSON, not an object, or a body never read
+        return False
+    return isinstance(err, dict) and isinstance(err.get("code"), int) and isinstance(err.get("status"), str)
+
+
 class VeoCalls:
     """The Veo calls of one Gemini ``OpenAIProvider`` and the operations it polls, by the request's key."""
 
@@ -65,6 +97,9 @@ class VeoCalls:
                                       default_headers={"x-goog-api-key": provider._key.get() or "unset"})
         self._ops: dict[str, str] = {}  # key -> operation name, of a create answered whose video is not in yet
         self._replayed: set[str] = set()  # keys whose create was answered with an earlier run's operation
+        # key -> creates of it whose answer was lost (each may have made a video), where it may be made again;
+        # or given back by a restart from the intent of a create it cut
+        self._lost: dict[str, int] = {}
 
     def __repr__(self) -> str:
         return f"VeoCalls(open={len(self._ops)})"
@@ -92,6 +127,15 @@ class VeoCalls:
         key = idempotency_key(job.key, body)
         name = self._ops.get(key)
         if name is None:
+            if key in self._lost and not self._remakes():  # the last process's create, cut before its answer
+                del self._lost[key]
+                # Not maybe_billed: the restart counted that create unanswered already (its budget keeps its bound).
+                return CallOutcome(False, p.clock.now(), 0.0, real=True, retryable=False, error=(
+                    f"{p.name}: a create of this Veo video was under way when the dispatcher restarted, and its "
+                    f"answer was lost; {self._not_again()}"))
+            if job.made is not None:  # before it is sent: a restart that cuts it knows it may have made one
+                await job.made({"provider": p.name, "api": "veo", "job": None, "key": key, "model": job.req.model,
+                                "lost": self._lost.get(key, 0)})
             try:
                 # The SDK's raw-response header (what its with_raw_response sets): its headers, then its body
                 resp = await self.client.post(f"v1beta/models/{job.req.model}:predictLongRunning", body=body,
@@ -99,9 +143,16 @@ class VeoCalls:
                                                   "Idempotency-Key": key, "X-Stainless-Raw-Response": "true"}))
                 name = resp.parse()["name"]
             except sdk.APIError as exc:  # refused (nothing made), or lost on the way (possibly billed)
-                return p._error(exc, sdk.APIStatusError, sdk.APITimeoutError, key)
+                out = p._error(exc, sdk.APIStatusError, sdk.APITimeoutError, key)
+                if create_lost(exc, sdk):
+                    return self._lost_create(key, out)
+                if job.made is not None:  # no video to fail for after a restart: Google made none
+                    await job.made({"provider": p.name, "api": "veo", "job": None, "key": key, "refused": True,
+                                    "lost": self._lost.get(key, 0)})
+                return out._replace(maybe_billed=False)  # (a 502 or 504 in Google's own words made none)
             except (KeyError, TypeError, ValueError) as exc:  # answered (so maybe made), its operation unreadable
-                return p._unreadable(exc)
+                return self._lost_create(key, p._unreadable(exc))
+            self._lost.pop(key, None)
             self._ops[key] = name
             # An earlier run's operation, answered again under its Idempotency-Key (a server that honours it; not
             # Google): that run counted it, and counted again here a re-run reported money the bill never held.
@@ -118,12 +169,37 @@ class VeoCalls:
             return out._replace(replayed=True)
         return out
 
+    def _remakes(self) -> bool:
+        """A create whose answer was lost is made again: the setting says so, or the server honours the key (it
+        answers with the first operation, billed once)."""
+        return self.p.endpoint.remake_lost_veo_creates or self.p.honours_keys
+
+    def _not_again(self) -> str:
+        field = f"providers.endpoints.{self.p.name}.remake_lost_veo_creates"
+        return ("Google may have made the video and will bill it, and documents no Idempotency-Key and no listing "
+                "of Veo operations to find it by, so it was not made again (that would pay for two videos); to "
+                f"make it again all the same, set {field} true ({ENV_PREFIX}{field.replace('.', '__').upper()}=true)")
+
+    def _lost_create(self, key: str, out: CallOutcome) -> CallOutcome:
+        """A create sent and its answer lost: counted possibly billed, and failed saying why, unless made again."""
+        if self._remakes():
+            self._lost[key] = self._lost.get(key, 0) + 1
+            return out._replace(maybe_billed=True)
+        self._lost.pop(key, None)
+        return out._replace(maybe_billed=True, retryable=False,
+                            error=f"{out.error}: the create was sent and its answer lost; {self._not_again()}")
+
     def resume(self, records: Any) -> None:
         """The operations a call of the last process made (``CallJob.made``'s records), by its key: the call
-        made again after the restart polls its operation."""
+        made again after the restart polls its operation; and the intents of its creates cut before their
+        answer: the call made again fails saying so, as a lost create does (unless ``_remakes``)."""
         for rec in records:
-            if rec.get("api") == "veo" and rec.get("job") is not None and not rec.get("ended"):
+            if rec.get("api") != "veo" or rec.get("ended"):
+                continue
+            if rec.get("job") is not None:
                 self._ops.setdefault(rec["key"], rec["job"])
+            elif not rec.get("refused"):
+                self._lost[rec["key"]] = rec.get("lost", 0) + 1
 
     async def poll_made(self, job: CallJob, rec: dict) -> CallOutcome:
         """The operation of a journaled record (an engine cut off made it), polled to its end: never made again."""

@@ -39,6 +39,13 @@ class ProviderEndpoint(BaseModel):
         "billed once (the project's emulator does; OpenAI and Anthropic do not document the header). False: a "
         "sync call that got no answer and then succeeded on a retry also keeps the unanswered call's upper bound "
         "on its budget (possibly billed)"))
+    remake_lost_veo_creates: bool = Field(default=False, description=(
+        "whether a Veo create whose answer was lost (sent, then a read timeout, a cut connection, a proxy's 502 or "
+        "504) is made again. Google documents no Idempotency-Key and no listing of Veo operations, so the lost one "
+        "cannot be found, and it may have made a video Google bills. False: the request fails saying so, not paid "
+        "twice. True: made again, a new video (both may be billed; the lost one's upper bound stays on the "
+        "budget, possibly billed). A server that honours Idempotency-Key (honours_idempotency_key) is sent it "
+        "again either way: it answers with the first operation"))
     flex_tier: bool | None = Field(default=None, description=(
         "whether the server takes OpenAI's service_tier 'flex' (the catalog's flex block): a flex decision is then "
         "sent at that tier. None: only OpenAI's own API (api.openai.com) and the project's emulator (which sets "

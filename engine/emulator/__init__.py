@@ -62,9 +62,10 @@ Billing. Each successful call, each succeeded batch member (once, mode ``batch_a
 job (once, when it completes, at the catalog's per-second price), is priced by
 ``engine.core.cost.price_text`` (text) or ``engine.core.cost.price_alone`` (images: the image times ``n``, and its
 prompt's text tokens once where the catalog prices them). Error answers, injected faults, replays of an
-``Idempotency-Key`` and calls cut by ``stop()`` bill nothing; but two faults are answers cut short of calls that
-ran, and bill: ``cut_body`` (a sync answer) and ``garble_members`` (a batch member's result line). A sync call is
-billed when its answer is ready, even if the client has given up by then, as real providers do.
+``Idempotency-Key`` and calls cut by ``stop()`` bill nothing; but three faults are answers cut short of calls that
+ran, and bill: ``cut_body`` (a sync answer), ``cut_connection`` (a sync call's connection closed unanswered) and
+``garble_members`` (a batch member's result line). A sync call is billed when its answer is ready, even if the
+client has given up by then, as real providers do.
 
 Time. Emulator time is a virtual unix time running ``speedup`` times the wall clock; a sync call sleeps its
 catalog latency ``/ speedup * latency_scale`` real seconds. Batches advance lazily on every read: member

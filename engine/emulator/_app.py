@@ -142,6 +142,9 @@ class App:
         if fault.cut_body:  # run (and billed, and kept under its key), its answer cut short on the way
             reply = self._answer(r, ctx)
             return reply._replace(body=reply.body[:len(reply.body) // 2])
+        if fault.cut_connection:  # run (and billed, and kept under its key), the connection closed unanswered
+            self._answer(r, ctx)
+            return _DROP
         # Held in real seconds: the point is to outlast a client's (real) timeout.
         if fault.timeout_s and self.core.stopping.wait(fault.timeout_s):
             return _DROP

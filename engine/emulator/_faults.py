@@ -1,7 +1,8 @@
 """Injectable faults: scripted answers per route, seeded random error rates, and batch faults.
 
-No fault answer is billed: a fault is decided before the call reaches the model. Two faults are answers
-cut short instead, of calls that ran and are billed: ``FaultSpec.cut_body`` and ``garble_members``.
+No fault answer is billed: a fault is decided before the call reaches the model. Three faults are answers
+cut short instead, of calls that ran and are billed: ``FaultSpec.cut_body``, ``FaultSpec.cut_connection`` and
+``garble_members``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ class FaultSpec(BaseModel):
     """One scripted answer. ``status``: answer that error (429 carries ``retry-after``). ``timeout_s``: hold the
     connection that many *real* seconds first (to trip a client timeout); alone, the connection is then closed
     without an answer, so a client that waits longer sees a dropped connection, never a free result.
-    ``cut_body``: the call runs and is billed, and its answer's body is cut in half (not JSON). ``code`` and
+    ``cut_body``: the call runs and is billed, and its answer's body is cut in half (not JSON). ``cut_connection``:
+    the call runs and is billed, then the connection is closed with no answer (a client sees the server disconnect
+    after it sent the request: httpx's ``RemoteProtocolError``). ``code`` and
     ``type``: the error body's ``error.code`` and ``error.type`` in place of the status's own, e.g. OpenAI's
     out-of-credit 429 ``{'status': 429, 'code': 'insufficient_quota', 'type': 'insufficient_quota'}`` (sent
     without ``retry-after``: no wait lifts it) or Anthropic's ``{'status': 402, 'type': 'billing_error'}``."""
@@ -37,13 +40,16 @@ class FaultSpec(BaseModel):
     code: str | None = None
     type: str | None = None
     cut_body: bool = False
+    cut_connection: bool = False
 
     @model_validator(mode="after")
     def _something(self) -> FaultSpec:
-        if self.status is None and self.timeout_s is None and not self.cut_body:
-            raise ValueError("a fault needs 'status' (e.g. 429, 500, 529), 'timeout_s' or 'cut_body'")
-        if self.cut_body and (self.status is not None or self.timeout_s is not None):
-            raise ValueError("'cut_body' answers the call itself: give it alone")
+        if self.status is None and self.timeout_s is None and not self.cut_body and not self.cut_connection:
+            raise ValueError("a fault needs 'status' (e.g. 429, 500, 529), 'timeout_s', 'cut_body' or "
+                             "'cut_connection'")
+        cut = [f for f in ("cut_body", "cut_connection") if getattr(self, f)]
+        if cut and (self.status is not None or self.timeout_s is not None or len(cut) > 1):
+            raise ValueError(f"{cut[0]!r} answers the call itself: give it alone")
         return self
 
 

@@ -122,10 +122,15 @@ class Rig:
     """One dispatcher over HTTP at the emulator, with a hub, a budget ledger and a recording grouper."""
 
     def __init__(self, emu: Emulator, provider: str = "openai", *, key: str = KEY, speed: float = SPEED,
-                 **settings_kw: Any):
+                 endpoint: dict[str, Any] | None = None, **settings_kw: Any):
         self.emu, self.name = emu, provider
         http = tuple(dict.fromkeys(("openai", "anthropic", provider)))  # google too when it is the one driven
         self.settings = http_settings(emu, http=http, **settings_kw)
+        if endpoint:  # settings of the driven provider's endpoint, e.g. {"remake_lost_veo_creates": True}
+            eps = {**self.settings.providers.endpoints}
+            eps[provider] = eps[provider].model_copy(update=endpoint)
+            self.settings = self.settings.model_copy(update={"providers": self.settings.providers.model_copy(
+                update={"endpoints": eps})})
         # The catalog the engine plans with: its batch_api.cancel_s is the endpoint's (engine.app.driver).
         self.catalog, _ = http_setup(emu.catalog, self.settings, need_keys=False)
         self.clock = ScaledClock(time.time(), speed)

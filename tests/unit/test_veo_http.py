@@ -12,12 +12,14 @@ import logging
 import urllib.error
 import urllib.request
 
+import httpx2
 import pytest
 
-from actors.providers._veo import native_root
-from engine.core.cost import price_alone
+from actors.providers._veo import create_lost, native_root
+from engine.core.cost import price_alone, reserve_bound
 from engine.core.request import Request
 from engine.emulator import Emulator
+from tests.unit.helpers import sdk_request
 from tests.unit.test_http_providers import CAT, KEY, SPEED, Rig
 from tests.unit.test_video_http import run_one
 
@@ -100,25 +102,134 @@ def test_a_bad_veo_field_is_refused_unbilled_naming_the_field(emu_plain, body, f
     asyncio.run(go())
 
 
-def test_a_create_whose_answer_is_lost_is_counted_possibly_billed_and_made_again(emu_plain):
-    """The create ran (its video made, to be billed) and its answer was cut short. Google offers no key and no
-    listing to find it by: the try is counted as possibly billed, not failed as the engine's own error, and the
-    retry makes a second video, which is the result (docs/providers.md, "Veo", the residual risk)."""
-    emu_plain.faults.configure({"script": [{"provider": "google", "route": "veo", "specs": [{"cut_body": True}]}]})
+def lose_first_create(rig: Rig, cause: BaseException, status: int | None = None, body: str = "") -> None:
+    """The rig's first Veo create fails before it reaches Google, as the SDK says it (``cause``: the transport's
+    error it wraps; ``status``: an answer of that status and ``body`` instead, from whatever answered)."""
+    vc, sdk = rig.d.provider._videos, rig.d.provider._sdk
+    inner, tries = vc.client.post, []
+
+    async def post(*a, **kw):
+        tries.append(a)
+        if len(tries) > 1:
+            return await inner(*a, **kw)
+        if status is not None:
+            raise sdk.APIStatusError(f"Error code: {status}", response=httpx2.Response(
+                status, text=body, request=sdk_request()), body=body)
+        raise (sdk.APITimeoutError if isinstance(cause, httpx2.TimeoutException) else sdk.APIConnectionError)(
+            request=sdk_request()) from cause
+
+    vc.client.post = post
+
+
+@pytest.mark.parametrize("fault", [{"cut_connection": True}, {"cut_body": True}])
+def test_a_create_whose_answer_is_lost_fails_naming_the_setting_and_is_not_made_again(emu_plain, fault):
+    """The create reached Google (its video made, to be billed) and its answer was lost: the connection cut, or the
+    answer cut short. Google offers no key and no listing to find it by, so it is not made again: the request fails,
+    its error saying the video may be billed and naming the setting that makes it again, and its budget keeps the
+    call's upper bound (possibly billed). One video billed. Before, the retry made (and Google billed) a second."""
+    emu_plain.faults.configure({"script": [{"provider": "google", "route": "veo", "specs": [fault]}]})
+    r = veo()
 
     async def go():
         rig = Rig(emu_plain, "google")
+        try:
+            res = await run_one(rig, r)
+            (_, _, out), = rig.calls
+            assert res.status == "failed" and out.maybe_billed and not out.retryable
+            assert "remake_lost_veo_creates" in res.error and "not made again" in res.error
+            assert "SMARTBATCH_PROVIDERS__ENDPOINTS__GOOGLE__REMAKE_LOST_VEO_CREATES=true" in res.error
+            await rig.until(lambda: not rig.budget.book.claims, "its claim settled")
+            emu_plain._core.clock.offset += 10_000  # the video the lost create made completes, and is billed
+            (item,) = emu_plain.bill().items
+            assert [c.route for c in emu_plain.calls].count("veo") == 1 and rig.d.possibly_billed == 1
+            bound = reserve_bound(r, rig.catalog, "sync", None)
+            assert item.cost_usd <= bound == pytest.approx(sum(rig.budget.book.spend.values()), abs=1e-12)
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+def test_with_the_setting_a_lost_create_is_counted_possibly_billed_and_made_again(emu_plain):
+    """``remake_lost_veo_creates``: as before it, the lost try is counted as possibly billed and the retry makes a
+    second video, which is the result (docs/providers.md, "Veo", the residual risk)."""
+    emu_plain.faults.configure({"script": [{"provider": "google", "route": "veo", "specs": [
+        {"cut_connection": True}]}]})
+
+    async def go():
+        rig = Rig(emu_plain, "google", endpoint={"remake_lost_veo_creates": True})
         try:
             res = await run_one(rig, veo())
             outs = [o for _, _, o in rig.calls]
             assert [o.ok for o in outs] == [False, True] and outs[0].maybe_billed and not outs[1].recovered
             assert res.status == "ok" and [c.route for c in emu_plain.calls].count("veo") == 2
+            await rig.until(lambda: not rig.budget.book.claims, "its claim settled")
             emu_plain._core.clock.offset += 10_000  # the first video completes too, and is billed
             first, second = emu_plain.bill().items
-            assert res.cost_usd == pytest.approx(second.cost_usd, abs=1e-12) and rig.d.possibly_billed > 0
+            assert res.cost_usd == pytest.approx(second.cost_usd, abs=1e-12) and rig.d.possibly_billed == 1
         finally:
             await rig.close()
     asyncio.run(go())
+
+
+_GOOGLES_502 = json.dumps({"error": {"code": 502, "message": "Bad Gateway", "status": "UNAVAILABLE"}})
+
+
+@pytest.mark.parametrize("cause, status, body", [
+    (httpx2.ConnectError("[Errno 111] Connection refused"), None, ""),
+    (httpx2.ConnectTimeout("timed out"), None, ""),
+    (None, 502, _GOOGLES_502),  # Google's own error body: it made no operation
+])
+def test_a_create_that_never_reached_google_or_google_refused_is_made_again_billed_once(emu_plain, cause, status,
+                                                                                        body):
+    """Nothing was written (refused, a connect timeout), or Google answered with its own error: no operation was
+    made, so the retry makes the one video, billed once, and nothing is counted as possibly billed. Before, a 502 in
+    Google's words counted the try as possibly billed, its bound kept on the budget beside the video's price."""
+    async def go():
+        rig = Rig(emu_plain, "google")
+        lose_first_create(rig, cause, status, body)
+        try:
+            res = await run_one(rig, veo())
+            outs = [o for _, _, o in rig.calls]
+            assert [o.ok for o in outs] == [False, True] and not outs[0].maybe_billed
+            (item,) = emu_plain.bill().items
+            assert res.status == "ok" and res.cost_usd == pytest.approx(item.cost_usd, abs=1e-12)
+            assert rig.d.possibly_billed == 0
+            await rig.settled_to(item.cost_usd)
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("cause, status, body, lost", [
+    (httpx2.ConnectError("refused"), None, "", False),
+    (httpx2.ConnectTimeout("connect"), None, "", False),
+    (httpx2.PoolTimeout("pool"), None, "", False),
+    (httpx2.ReadTimeout("read"), None, "", True),
+    (httpx2.RemoteProtocolError("Server disconnected without sending a response."), None, "", True),
+    (httpx2.ReadError("reset"), None, "", True),
+    (None, 502, "<html><body>502 Bad Gateway</body></html>", True),  # a proxy's page
+    (None, 504, json.dumps({"message": "upstream timed out"}), True),  # a proxy's JSON, not Google's
+    (None, 500, "", True),
+    (None, 502, _GOOGLES_502, False),
+    (None, 503, json.dumps({"error": {"code": 503, "message": "overloaded", "status": "UNAVAILABLE"}}), False),
+    (None, 429, json.dumps({"error": {"code": 429, "message": "quota", "status": "RESOURCE_EXHAUSTED"}}), False),
+    (None, 400, "bad", False),
+])
+def test_a_create_is_lost_when_sent_and_its_answer_is_not_googles(cause, status, body, lost):
+    """How the SDK says a failed create (its error, the transport's as ``__cause__``, or the answer's status and
+    body), read as: may have made an operation (sent, answer lost) or certainly made none."""
+    import openai
+
+    if status is not None:
+        exc = openai.APIStatusError("x", response=httpx2.Response(status, text=body, request=sdk_request()),
+                                    body=body)
+    else:
+        kind = openai.APITimeoutError if isinstance(cause, httpx2.TimeoutException) else openai.APIConnectionError
+        try:
+            raise kind(request=sdk_request()) from cause
+        except openai.APIConnectionError as e:
+            exc = e
+    assert create_lost(exc, openai) is lost
 
 
 def test_a_rate_limited_veo_create_waits_as_google_says_in_its_body_then_is_made(emu_plain):

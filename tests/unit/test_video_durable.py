@@ -16,6 +16,7 @@ from actors._dispatch_jobs import ENDED
 from actors._types import Job
 from actors.dispatcher import Dispatcher
 from engine.core.catalog import Catalog
+from engine.core.cost import reserve_bound
 from engine.core.request import Request
 from engine.emulator import Emulator
 from tests.unit.test_http_providers import CAT, SPEED, Rig
@@ -339,6 +340,85 @@ def test_a_restart_that_cuts_a_create_never_sent_does_not_take_a_video_another_r
                     await rig.until(lambda: not rig.budget.book.claims, "the claims settled")
                     emu._core.clock.offset += 100_000
                     assert len(emu.bill().items) == 2  # one video each
+                finally:
+                    await again.provider.close()
+            finally:
+                await rig.close()
+        asyncio.run(go())
+
+
+@pytest.mark.parametrize("remake", [False, True])
+def test_a_restart_that_cuts_a_veo_create_before_its_answer_fails_it_rather_than_make_a_second(remake):
+    """The dispatcher dies after a Veo create reached Google (its video made, to be billed) and before its answer.
+    Google has no listing to find the video in, so the new one, from the create's intent journaled before it was
+    sent, fails the request saying the video may be billed and naming the setting that makes it again; its budget
+    keeps the call's upper bound (possibly billed). One video made. Before, nothing was journaled for the create,
+    and the restart made (and Google billed) a second video. With ``remake_lost_veo_creates``, as before."""
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED, honour_keys=False) as emu:
+        async def go():
+            rig = Rig(emu, "google", endpoint={"remake_lost_veo_creates": remake})
+            r = veo()
+            client = rig.d.provider._videos.client
+            inner, sent = client.post, asyncio.Event()
+
+            async def dropped(*a: Any, **kw: Any) -> Any:
+                await inner(*a, **kw)  # made (and to be billed) at Google
+                sent.set()
+                await asyncio.Event().wait()  # its answer never reaches the dispatcher, which dies first
+
+            client.post = dropped
+            try:
+                job = Job(0, r, f"fp-{r.id}", claim="c0")
+                await rig.reserve([job])
+                await rig.run("sync", [job])
+                await asyncio.wait_for(sent.wait(), 10.0)
+                again = await restarted(rig, "google")  # the dispatcher dies; Ray makes a new one
+                try:
+                    await again.recover()
+                    res = await rig.until(lambda: rig.results.get(r.id), "the request's end")
+                    await rig.until(lambda: not rig.budget.book.claims, "its claim settled")
+                    emu._core.clock.offset += 100_000  # every video made has completed, and is billed
+                    items = emu.bill().items
+                    assert _creates(emu, "google") == len(items) == 1 + remake and again.possibly_billed == 1
+                    bound = reserve_bound(r, rig.catalog, "sync", None)
+                    if remake:
+                        assert res.status == "ok" and res.cost_usd == pytest.approx(items[1].cost_usd, abs=1e-12)
+                    else:
+                        assert res.status == "failed" and "restarted" in res.error and "not made again" in res.error
+                        assert "remake_lost_veo_creates" in res.error
+                    assert sum(rig.budget.book.spend.values()) == pytest.approx(bound + res.cost_usd, abs=1e-12)
+                finally:
+                    await again.provider.close()
+            finally:
+                await rig.close()
+        asyncio.run(go())
+
+
+def test_a_restart_after_google_refused_a_veo_create_makes_its_video():
+    """Google refused the create (a 429: no operation made) and the dispatcher dies before the retry: the refusal
+    replaced the create's intent in the journal, so the new one makes the video, billed once, nothing counted as
+    possibly billed (the intent alone would fail the request as a create whose answer was lost)."""
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED, honour_keys=False) as emu:
+        emu.faults.script("google", "veo", [{"status": 429, "retry_after_s": 60}])
+
+        async def go():
+            rig = Rig(emu, "google")
+            r = veo()
+            waiting = asyncio.Event()
+            rig.d._retry_later = lambda *a, **kw: waiting.set()  # the dispatcher dies before the retry's time
+            try:
+                job = Job(0, r, f"fp-{r.id}", claim="c0")
+                await rig.reserve([job])
+                await rig.run("sync", [job])
+                await asyncio.wait_for(waiting.wait(), 10.0)
+                again = await restarted(rig, "google", journal_written=True)
+                try:
+                    await again.recover()
+                    res = await rig.until(lambda: rig.results.get(r.id), "the video")
+                    await rig.until(lambda: not rig.budget.book.claims, "its claim settled")
+                    (item,) = emu.bill().items
+                    assert res.status == "ok" and again.possibly_billed == 0
+                    assert sum(rig.budget.book.spend.values()) == pytest.approx(item.cost_usd, abs=1e-12)
                 finally:
                     await again.provider.close()
             finally:
