@@ -26,7 +26,7 @@ from pathlib import Path
 
 from actors._file_journal import ARCHIVE, engine_dirs, locked_out, read_spaces
 from actors.providers import make_provider
-from engine.app._video_rescue import made_videos, read_video
+from engine.app._video_rescue import fail_lost, made_videos, read_video
 from engine.core.clock import ManualClock
 from engine.core.provider_api import CallJob, call_key
 from engine.core.result import Result
@@ -184,9 +184,10 @@ async def _rescue(root, settings, catalog, keys, speedup, wanted, say, strict, k
             videos = made_videos(spaces)  # (their calls: read, not cut)
             jobs += [read_video(provider, sp, k, call, rec, got, speed=speedup, wanted=wanted, say=say)
                      for (sp, k), (call, rec) in videos.items()]
+            lost = fail_lost(spaces, settings, got, wanted=wanted, say=say)  # (Veo's: failed, not made again)
             for space, recs in spaces.items():
                 if space.startswith("sync:"):
-                    got.cut_calls += sum((space, k) not in videos for k in recs)
+                    got.cut_calls += sum((space, k) not in videos and (space, k) not in lost for k in recs)
                 if space.startswith(("sync:", "jobs:")):
                     continue
                 archived = space.startswith(ARCHIVE)

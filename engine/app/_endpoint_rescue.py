@@ -55,7 +55,7 @@ def _prepared(state_dir: Path | None, settings, cat, speedup: float, address: st
             say(f"the engine of an endpoint on {state_dir} did not stop cleanly ({open_:,} provider batch(es) "
                 f"and {calls:,} sync call(s) under way): reading what its {batches:,} batch(es) answered"
                 + (" after cancelling those still running" if open_ else ""))
-            got = rescue(root, settings, plan, keys, speedup=speedup, wanted=_wanted(root, kept), say=say)
+            got = rescue(root, settings, plan, keys, speedup=speedup, wanted=_wanted(root, kept, settings), say=say)
             n, errors = 0, state.write_errors
             for rid, res in got.results.items():
                 bid, _, line = rid.partition("/")
@@ -76,17 +76,17 @@ def _prepared(state_dir: Path | None, settings, cat, speedup: float, address: st
         update={"dir": root, "archive_s": ENDPOINT_ARCHIVE_S, "take_back": False})})
 
 
-def _wanted(root: Path, kept: dict[str, dict]) -> set[str]:
+def _wanted(root: Path, kept: dict[str, dict], settings) -> set[str]:
     """The engine ids (``<batch id>/<line>``) of the lines of open batches that have no result yet, among the
-    journaled batches' members and videos made: an archived batch with none of them is not read again (a clean
+    journaled batches' members, videos made and Veo creates cut (failed, not made again): an archived batch with none of them is not read again (a clean
     restart read every batch of the last hour at the provider)."""
     from actors._file_journal import ARCHIVE, engine_dirs, read_spaces
-    from engine.app._video_rescue import made_videos
+    from engine.app._video_rescue import lost_creates, made_videos
 
     out = set()
     for run in engine_dirs(root):
         spaces = read_spaces(run)
-        for call, _ in made_videos(spaces).values():  # (its videos made: a line's video answers it)
+        for call, _ in [*made_videos(spaces).values(), *lost_creates(spaces, settings).values()]:
             bid, _, line = call[1].req.id.partition("/")
             if bid in kept and line not in kept[bid]:
                 out.add(call[1].req.id)

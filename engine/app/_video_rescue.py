@@ -8,6 +8,8 @@ video. Now each is polled to its end (never made again): a completed one answers
 finished member is, and charged once, at the cost its answer reports); a failed one billed nothing and its request
 is sent again; one that cannot be read is an error that keeps the journal (strict), as a batch's is. A create that
 was cut before its answer (an intent record, its video id unknown) is counted as a call cut off: possibly billed.
+At Veo, which has no listing to find that video in, its request fails instead, not made again (``lost_creates``),
+unless its endpoint's ``remake_lost_veo_creates`` (or a server that honours Idempotency-Key) says to make it again.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from collections.abc import Callable
 
 from engine.core.clock import ScaledClock
 from engine.core.provider_api import CallJob
-from engine.runtime.outcomes import ok_result
+from engine.runtime.outcomes import failed_result, ok_result
 
-__all__ = ["VIDEO_REASON", "VideoUnread", "made_videos", "read_video"]
+__all__ = ["VIDEO_REASON", "VideoUnread", "fail_lost", "lost_creates", "made_videos", "read_video"]
 
 VIDEO_REASON = "answered by a video an earlier run made (its create billed once), not made again"
 
@@ -41,6 +43,55 @@ def made_videos(spaces: dict[str, dict]) -> dict[tuple[str, str], tuple[tuple, d
             if isinstance(rec, dict) and rec.get("job") is not None and key in calls:
                 out[(calls_space, key)] = (calls[key], rec)
     return out
+
+
+def lost_creates(spaces: dict[str, dict], settings) -> dict[tuple[str, str], tuple[tuple, dict]]:
+    """The journaled calls whose Veo create was cut before its answer (its intent journaled, no operation named),
+    by (their ``sync:`` space, call key), where their endpoint does not make such a create again: the video may
+    have been made, and nothing finds it (no listing of Veo operations)."""
+    out = {}
+    for space, recs in spaces.items():
+        if not space.startswith("jobs:"):
+            continue
+        ep = settings.providers.endpoints.get(space.removeprefix("jobs:"))
+        if ep is not None and (ep.remake_lost_veo_creates or ep.honours_idempotency_key):
+            continue
+        calls = spaces.get("sync:" + space.removeprefix("jobs:"), {})
+        for key, rec in recs.items():
+            if (isinstance(rec, dict) and rec.get("api") == "veo" and rec.get("job") is None
+                    and not rec.get("refused") and key in calls):
+                out[("sync:" + space.removeprefix("jobs:"), key)] = (calls[key], rec)
+    return out
+
+
+def fail_lost(spaces: dict[str, dict], settings, got, *, wanted: set[str] | None,
+              say: Callable[[str], None]) -> set[tuple[str, str]]:
+    """The calls of ``lost_creates``, their requests failed into ``got`` (not made again: each may be billed);
+    returns their (space, call key)."""
+    lost = lost_creates(spaces, settings)
+    for (space, _), (call, _) in lost.items():
+        _fail(space, call, got, wanted, say)
+    return set(lost)
+
+
+def _fail(space: str, call: tuple, got, wanted: set[str] | None, say: Callable[[str], None]) -> None:
+    name = space.split(":", 1)[1]
+    b, j, _, _ = call
+    if wanted is not None and j.req.id not in wanted:  # (``--overwrite``): sent again, as a call cut off
+        got.cut_calls += 1
+        return
+    field = f"providers.endpoints.{name}.remake_lost_veo_creates"
+    error = (f"{name}: a create of this Veo video was under way when the earlier engine was cut off, its answer "
+             "lost; Google may have made the video and will bill it, and documents no listing of Veo operations "
+             "to find it by, so it was not made again (that would pay for two videos); to make it again all the "
+             f"same, set {field} true")
+    say(f"request {j.req.id}: {error}")
+    was = getattr(j, "asked", None)
+    req = j.req.model_copy(update={"provider": was[0], "model": was[1]}) if was else j.req
+    res = failed_result(j.req, at=0.0, batch_id=b.bid, recommendation=b.recommendation, tries=j.attempts + 1,
+                        max_attempts=j.attempts + 1, error=error, real=True)
+    got.members.setdefault(j.req.uid, (req, res))
+    got.results.setdefault(j.req.id, res)
 
 
 async def read_video(provider: Callable, space: str, key: str, call: tuple, rec: dict, got, *, speed: float,

@@ -11,6 +11,7 @@ import asyncio
 
 import pytest
 
+from actors._types import Job
 from engine.app._batch_rescue import rescue
 from engine.app._driver_resume import take_back
 from engine.emulator import Emulator
@@ -66,3 +67,65 @@ def test_a_batch_run_resumed_takes_the_video_it_made_not_a_cut_call(tmp_path):
         assert res.status == "ok" and "video an earlier run made" in res.reason
         assert res.cost_usd == pytest.approx(item.cost_usd, abs=1e-12)
         assert not (tmp_path / "j").exists() or not any((tmp_path / "j").glob("*/"))  # its journal read and gone
+
+
+def _killed_during_a_veo_create(emu: Emulator, root, r, remake: bool) -> Rig:
+    """An engine journaling under ``root`` sends ``r``'s Veo create, which Google makes (to bill it), and is killed
+    before its answer comes."""
+    async def go() -> Rig:
+        rig = Rig(emu, "google", journal={"dir": str(root)}, endpoint={"remake_lost_veo_creates": remake})
+        client = rig.d.provider._videos.client
+        inner, sent = client.post, asyncio.Event()
+
+        async def dropped(*a, **kw):
+            await inner(*a, **kw)  # made (and to be billed) at Google
+            sent.set()
+            await asyncio.Event().wait()  # its answer never reaches the engine, which is killed first
+
+        client.post = dropped
+        try:
+            job = Job(0, r, f"fp-{r.id}", claim="c0")
+            await rig.reserve([job])
+            await rig.run("sync", [job])
+            await asyncio.wait_for(sent.wait(), 10.0)
+            _crash(rig)
+        finally:
+            await rig.close()
+        return rig
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("remake", [False, True])
+def test_a_veo_create_a_killed_engine_cut_fails_its_request_rather_than_make_a_second(remake, tmp_path):
+    """The engine was killed after a Veo create reached Google and before its answer: the create's intent is in the
+    journal, and Google has no listing to find the video by. The rescue fails the request, its error saying the
+    video may be billed and naming the setting that makes it again; it is not counted as a call to send again.
+    Before, no intent was journaled: the call was counted cut off, and the request asked again made (and Google
+    billed) a second video. With ``remake_lost_veo_creates``, as before."""
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED, honour_keys=False) as emu:
+        r = MADE["google"]()
+        rig = _killed_during_a_veo_create(emu, tmp_path / "j", r, remake)
+        said: list[str] = []
+        got = rescue(tmp_path / "j", rig.settings, rig.catalog, {"google": rig.d._key}, speedup=SPEED,
+                     wanted={r.id}, say=said.append)
+        assert _creates(emu, "google") == 1
+        if remake:
+            assert r.id not in got.results and got.cut_calls == 1
+            return
+        res = got.results[r.id]
+        assert got.cut_calls == 0 and res.status == "failed" and res.cost_usd == 0.0
+        assert "not made again" in res.error and "providers.endpoints.google.remake_lost_veo_creates" in res.error
+        assert any("remake_lost_veo_creates" in m for m in said)
+
+
+def test_a_driver_run_again_gets_its_cut_veo_create_failed_not_made_again(tmp_path):
+    """The same through a driver's ``journal.dir``: the request its script submits again gets the failure, and
+    nothing more is made at Google."""
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED, honour_keys=False) as emu:
+        r = MADE["google"]()
+        rig = _killed_during_a_veo_create(emu, tmp_path / "j", r, False)
+        kept = take_back(rig.settings, rig.catalog, {"google": rig.d._key}, speedup=SPEED)
+        assert kept is not None
+        got = kept.take(r.model_copy(update={"arrival_s": 99.0}))
+        assert got is not None and got.status == "failed" and "remake_lost_veo_creates" in got.error
+        assert _creates(emu, "google") == 1 and kept.charges() == []
