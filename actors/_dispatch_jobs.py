@@ -8,8 +8,9 @@ videos under way kept every text call of the provider waiting), and the record i
 the call again: the call polls that job, billed once, rather than make another (``_resume_jobs``). The record is
 cleared with the call's body record, once its result is with the hub; a job that failed (billed nothing) keeps
 its record until its retry's create writes the new one (a restart between them polls the failed job once more).
-A record with no job (``"job": None``) is a create's intent, journaled before the create is sent (OpenAI's videos):
-the slot stays held, and a restart gives it back so the call made again looks for the video that create made.
+A record with no job (``"job": None``) is a create's intent, journaled before the create is sent (OpenAI's videos,
+Veo's): the slot stays held, and a restart gives it back so the call made again looks for the video that create
+made (OpenAI), or fails rather than make a second (Veo, which has no listing to look in).
 A create refused (no video made) replaces its intent by a record saying so (``"refused": True``): with the intent
 kept, a restart during the retry's wait looked for a video that create never made and took another request's of
 the same body (answered with it, its price counted twice); the restart counts the call unanswered only if an

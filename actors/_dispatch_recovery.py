@@ -125,7 +125,7 @@ class Recovery:
             # Whether that call was answered died with the last process: its retries settle at their real cost
             # if one is answered, and at the call's upper bound if all fail (``_maybe_billed``), not at 0. A call
             # whose job (a video) is journaled was answered: made again, it polls that job (``_resume_jobs``); one
-            # whose create's intent only is journaled was not, and looks for the video it may have made.
+            # whose create's intent only is journaled was not, and looks for the video it may have made (Veo's fails).
             # A refused create's record says no create was under way (none unanswered but its ``lost`` ones).
             job_rec = jobs.get(key, {})
             if job_rec.get("job") is None and (not job_rec.get("refused") or job_rec.get("lost")):
