@@ -13,11 +13,13 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
+from actors._hub_owners import OwnerRecord
 from actors._hub_stats import billed_behind, merge_reports, new_stats, stats_report, sum_figures, tally
 from actors._peer import Warm
 from actors.journal import MemoryJournalStore
 from actors.logship import LogBook, ship_logs
 from actors.metrics import EngineMetrics
+from engine.core.response_owners import ResponseOwners
 from engine.core.result import Result
 
 __all__ = ["ResultHub", "merge_reports", "sum_figures"]
@@ -47,7 +49,7 @@ class _Client:
         self.event.set()
 
 
-class ResultHub(Warm, MemoryJournalStore):
+class ResultHub(OwnerRecord, Warm, MemoryJournalStore):
     def __init__(self, ingests: int = 1, max_tenants: int = 100) -> None:
         self.metrics = EngineMetrics(max_tenants)  # settings.metrics.max_tenants: each shard keeps its own first ones
         self._ingests = ingests  # ingest shards, which give a restarted hub shard its fingerprints (``register``)
@@ -67,6 +69,7 @@ class ResultHub(Warm, MemoryJournalStore):
         self._waiters: dict[str, asyncio.Future] = {}
         self._cache: dict[int, dict] = {}  # cache shard -> its latest figures
         self._stats: dict = new_stats()
+        self.responses = ResponseOwners()  # whose each provider response id is, for every driver (``owners_of``)
 
     def __repr__(self) -> str:
         waiting = sum(len(c.ready) for c in self._clients.values())
@@ -86,6 +89,7 @@ class ResultHub(Warm, MemoryJournalStore):
             if not results:
                 return
         tally(self._stats, results, list_prices)
+        self._learn_owners(results)  # before any driver has them: an id a driver holds is known here
         self.metrics.observe_results(results, list_prices)
         self._route(results, uids)
         waiters = self._waiters

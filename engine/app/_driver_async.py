@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from actors.providers._anthropic_count import COUNT_TIMEOUT_S, CountAnswer
 from actors.providers._video_content import CONTENT_TIMEOUT_S, ContentAnswer
+from engine.app._driver_owners import body_of
 from engine.app._driver_pull import FORGET_WAIT_S
 from engine.app._driver_reject import OnInvalid, check_on_invalid, reject_taken, validated, with_rejected
 from engine.core.errors import EngineStopped, ProviderError
@@ -32,6 +33,7 @@ class AsyncSubmit:
         """``submit`` for asyncio: queue one request and await its ``Result`` without blocking the event loop.
         Raises as ``submit`` does (``RequestError``, ``EngineStopped``, ``Overloaded``). Cancelling the awaiting
         task ends the wait, not the request: it still runs, and its future is ``submit`` of the same id."""
+        await self.know_owners([body_of(request)])
         (fut,) = await self._asubmit_futures([request])
         return await _awaited(fut)
 
@@ -50,6 +52,7 @@ class AsyncSubmit:
         the loop, as ``submit_many`` called from a coroutine would (it blocked the loop until room freed)."""
         check_on_invalid(on_invalid)
         requests = list(requests)
+        await self.know_owners(body_of(r) for r in requests)  # an id another driver learnt (``_driver_owners``)
         if on_invalid == "raise":
             return await self._asubmit_futures(requests)
         now = self.clock.now()  # one arrival instant for them all: judged together (``GroupTable.join``)

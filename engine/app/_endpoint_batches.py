@@ -81,7 +81,8 @@ class FilesAndBatches(TakeBack, FileRoutes, MessageBatchRoutes):
         self.engine, self.catalog, self._now, self.speedup = engine, catalog, now, speedup
         self.state = EndpointState(state_dir) if state_dir is not None else None
         # Whose each response id is: its engine driver's record, kept under the state directory (a restart knows it)
-        self.responses = OwnedResponses(getattr(engine, "responses", None), state_dir)
+        self.responses = OwnedResponses(getattr(engine, "responses", None), state_dir,
+                                        getattr(engine, "know_owners", None))
         self.window_default_s, self.cancel_wait_s, self.max_open_lines = window_default_s, cancel_wait_s, max_open_lines
         self.files: dict[str, StoredFile] = self.state.files() if self.state is not None else {}
         self.batches: dict[str, BatchJob] = {}
@@ -155,7 +156,7 @@ class FilesAndBatches(TakeBack, FileRoutes, MessageBatchRoutes):
                        int(self._now()), speedup=self.speedup)
         bf = parse_batch_file(src.data, source=file_id, window_s=window_s, tenant=tenant,
                               catalog=self.catalog, settings=self.engine.settings, live=True)
-        job.bf = self.responses.lines(for_endpoint(bf, endpoint), tenant)  # another tenant's response id: that line
+        job.bf = await self.responses.alines(for_endpoint(bf, endpoint), tenant)  # another tenant's response id: that line
         problems = bf.file_problems or ([] if bf.lines else [(file_id, 0, "file", "the file has no lines")])
         if not problems and (over := self._over_limit(job)) is not None:
             problems = [(file_id, 0, "limit", over)]

@@ -3,7 +3,10 @@
 words, naming the field, before the engine sees the request; in a batch, that line alone is an error line.
 
 The record is its engine driver's own (``Engine.responses``: what the driver learns from every answer it gets),
-so the endpoint's check and the driver's agree; an engine without one (a test's) gets one here. Learnt: the id of
+so the endpoint's check and the driver's agree; an engine without one (a test's) gets one here. Before a check, an
+id the record does not know is asked of the engine (``Engine.know_owners``: what the engine's other drivers learnt,
+another replica's answers among them); an engine that does not answer then makes a request the record alone would
+refuse a 503 to send again, not a 404 that says the caller's own conversation is gone. Learnt: the id of
 each Responses answer the endpoint gives (a call's, not a copy from the cache: a copy's id is its source's), and of
 each answered line of a ``/v1/responses`` batch once its output is written.
 
@@ -18,12 +21,12 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from engine.app._endpoint_wire import ApiError
+from engine.app._endpoint_wire import RETRY_AFTER_S, ApiError
 from engine.core.batchfile import BatchFile
 from engine.core.files import write_atomic
 from engine.core.response_owners import ResponseOwners, refs_of
@@ -38,8 +41,10 @@ LOG_NAME = "responses.jsonl"
 class OwnedResponses:
     """The record (``owners``) and its log under the endpoint's state directory (``root``; None: memory only)."""
 
-    def __init__(self, owners: ResponseOwners | None, root: Path | None = None) -> None:
+    def __init__(self, owners: ResponseOwners | None, root: Path | None = None,
+                 know: Callable[[Iterable[Mapping[str, Any]]], Awaitable[bool]] | None = None) -> None:
         self.owners = owners if owners is not None else ResponseOwners()
+        self._know = know  # asks the engine about ids the record does not know (``Engine.know_owners``)
         self._path = Path(root) / LOG_NAME if root is not None else None
         self._lines = 0  # in the log: rewritten whole past twice what the record keeps
         self.write_errors = 0
@@ -48,6 +53,27 @@ class OwnedResponses:
 
     def __repr__(self) -> str:
         return f"OwnedResponses({self.owners!r}, log={str(self._path) if self._path else None!r})"
+
+    async def acheck(self, tenant: str, body: Mapping[str, Any] | None) -> None:
+        """``check``, once the engine said whose the ids ``body`` names and the record does not know are."""
+        answered = await self.ask([body])
+        try:
+            self.check(tenant, body)
+        except ApiError as exc:
+            raise exc if answered else _unanswered() from None
+
+    async def alines(self, bf: BatchFile, tenant: str, answered: Mapping[str, Any] | None = None) -> BatchFile:
+        """``lines``, once the engine said whose the ids the lines name are (one ask for the whole file): if it
+        did not answer and a line would be refused, the create is a 503 to send again, no line refused for it."""
+        told = await self.ask([ln.request.body for ln in bf.lines if ln.request is not None])
+        out = self.lines(bf, tenant, answered)
+        if not told and len(out.invalid) > len(bf.invalid):
+            raise _unanswered()
+        return out
+
+    async def ask(self, bodies: list[Mapping[str, Any] | None]) -> bool:
+        """Ask the engine about the ids ``bodies`` name that the record does not know; False if it did not answer."""
+        return True if self._know is None else await self._know([b for b in bodies if b is not None])
 
     def check(self, tenant: str, body: Mapping[str, Any] | None) -> None:
         """Raise the 404 of an id ``body`` names that is not ``tenant``'s (``previous_response_id``, ``conversation``)."""
@@ -81,8 +107,10 @@ class OwnedResponses:
         more lately used, so a restart forgets what this run would have forgotten. Logged only when learnt, a
         conversation continued all day sat among the oldest rows and was the first forgotten at a restart (past
         ``kept`` rows), an open batch's line continuing it refused once taken back."""
-        if refs and self._path is not None:
-            self._append([[kind, ident, tenant] for kind, ident in dict.fromkeys(refs)])
+        if refs and self._path is not None:  # only the tenant's: an input item's own id (never learnt) is nobody's
+            mine = [[kind, ident, owner] for kind, ident, owner in self.owners.known(refs) if owner == tenant]
+            if mine:
+                self._append(mine)
 
     def _append(self, rows: list[list[str]]) -> None:
         try:
@@ -128,3 +156,9 @@ class OwnedResponses:
             except OSError as exc:
                 self.write_errors += 1
                 log.warning("endpoint: %s not rewritten (%s)", self._path, exc)
+
+
+def _unanswered() -> ApiError:
+    return ApiError(503, "the engine did not say in time whose a response or item id this request names is (its "
+                         "result hub is restarting?); send the request again", type="server_error",
+                    code="engine_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)})

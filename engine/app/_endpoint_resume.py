@@ -32,6 +32,9 @@ class TakeBack:
         ended at once if it was cancelling or its window has passed."""
         if self.state is None:
             return
+        if (share := getattr(self.engine, "share_owners", None)) is not None and len(self.responses.owners):
+            # The ids its log gave back are known to the engine's other drivers too (``actors._hub_owners``).
+            await asyncio.to_thread(share)
         current = await self._ledger_id()
         before = self.state.ledger_id()  # the new one is recorded once every kept line is counted
         self._fresh_ledger = current is not None and before is not None and before != current
@@ -80,6 +83,9 @@ class TakeBack:
         bf = BatchFile(bf.source, [k if ln.request is None and any(q.id in results for q in k.choices) else ln
                                    for ln, k in zip(bf.lines, kept.lines, strict=True)], bf.file_problems)
         # As at its create: a line naming an id not its tenant's is an error line (one answered before stays so).
+        # The ids its lines took then are in the state directory's log, read back; the engine is asked about the
+        # rest (an engine that does not answer leaves them unknown: no caller is there to send a 503 to).
+        await self.responses.ask([ln.request.body for ln in bf.lines if ln.request is not None])
         job.bf, job.results = self.responses.lines(for_endpoint(bf, job.endpoint), job.tenant, results), results
         # The window counts engine seconds (a line's deadline), the time since the create real ones.
         left_s = job.window_s - (self._now() - job.created_at) * self.speedup

@@ -257,6 +257,8 @@ class Supervised:
                 log.warning("smartbatch: rewiring %s failed (%s); trying again at the next check", kind, exc)
                 self._incarnation[kind] = ""
                 continue
+            if kind.split("-", 1)[0] == "hub":  # it knows no response id's owner: this driver's record again
+                self.share_owners([self._h["named"][kind]])
             self.restarts[kind] = self.restarts.get(kind, 0) + 1
         self._readmit_open()
         with self._recovered:

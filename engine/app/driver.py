@@ -24,6 +24,7 @@ from engine.app._driver_admit import Admitting
 from engine.app._driver_async import AsyncSubmit
 from engine.app._driver_budgets import LiveBudgeting
 from engine.app._driver_lanes import IngestLanes
+from engine.app._driver_owners import SharedOwners
 from engine.app._driver_pull import Pulling
 from engine.app._driver_reject import OnInvalid, check_on_invalid, reject_taken, validated, with_rejected
 from engine.app._driver_resume import take_back
@@ -46,7 +47,7 @@ __all__ = ["Engine", "ResultFuture"]
 log = logging.getLogger("smartbatch")
 
 
-class Engine(Admitting, AsyncSubmit, IngestLanes, LiveBudgeting, Pulling, SharedEngine, Supervised):
+class Engine(Admitting, AsyncSubmit, IngestLanes, LiveBudgeting, Pulling, SharedEngine, SharedOwners, Supervised):
     """A running smartbatch engine. Use ``Engine.start(...)``, or ``with Engine.start(...) as eng:``."""
 
     # Engines running in this process: Ray is process-wide, so the last one to stop shuts down the Ray that
@@ -87,7 +88,7 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, LiveBudgeting, Pulling, Shared
         self._buffer: list[Request] = []
         self._kept, self._kept_due = kept, []  # what a killed run of the job paid for (``take_back``)
         # Whose each provider response id is: learnt from the answers this driver gets (a killed run's kept ones
-        # too), so a previous_response_id of another tenant's is refused (``engine.core.response_owners``).
+        # too) and asked of the hub (``_driver_owners``), so another tenant's previous_response_id is refused.
         self.responses = ResponseOwners()
         if kept is not None:
             for res in kept.results():
@@ -328,6 +329,7 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, LiveBudgeting, Pulling, Shared
         """Queue one request; returns its future. The same (tenant, id) again returns the first submission's
         future (never a second call); with other content it is refused (``RequestError``). A bad request
         raises ``RequestError`` naming the field; nothing is queued and its id stays free."""
+        self._ask_owners([request])  # an id another driver of the engine learnt (``_driver_owners``)
         (req,) = self._forgotten([self._as_request(request)])
         with self._lock:
             (fut,), new = self._admit([req])
@@ -348,7 +350,8 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, LiveBudgeting, Pulling, Shared
         result (``error`` "invalid_request", ``reason`` naming the field and the fix) and the others are
         queued. The futures are in the order given."""
         check_on_invalid(on_invalid)
-        now = self.clock.now()
+        now, requests = self.clock.now(), list(requests)
+        self._ask_owners(requests)  # once for them all
         reqs, at, refused = validated(self._as_request, requests, now, on_invalid)
         reqs = self._forgotten(reqs)
         with self._lock:

@@ -186,7 +186,7 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
             raise ApiError(400, f"model {req.model!r} makes {req.kind}, not {want}; send it to {where}",
                            param="model")
         # A response id another tenant's request made (or none did) is not sent on to continue its conversation.
-        store.responses.check(req.tenant, req.body)
+        await store.responses.acheck(req.tenant, req.body)
         if n == 1:
             res: Result = await engine_call(engine.asubmit(d), param_of)
             if res.status not in ("ok", "reused"):

@@ -16,6 +16,16 @@ The record is bounded: the ``kept`` ids learnt or used most lately (the least la
 engine runs for days); a forgotten id is refused as unknown, as OpenAI refuses a stored response past its
 retention, and the caller sends the conversation's turns in ``input`` instead. An id never changes hands: the first
 tenant seen with it keeps it. Thread-safe: a driver learns on its pull thread and checks on its submitters'.
+
+An input item given back whole with its ``id`` (``[*input, *response.output, ...]``) names a stored item too. A
+reasoning item is read back by that id (OpenAI's 404 "Item with id 'rs_...' not found" when it was not stored, a
+reasoning item no client can write itself): strict, as an ``item_reference``. Any other (a message, a function
+call, a tool's output) brings its content with it, and its id may be one nobody stored: the client's own, or one
+the engine made (an answer from the cache or a simulated provider, ``msg_<hash>``): refused only when it is known to
+be another tenant's, the endpoint too, as refusing an unknown one broke the next turn after a copy from the cache.
+
+Several drivers share one engine: each result hub shard learns the ids of the answers it hands out
+(``actors._hub_owners``) and a driver asks them about an id it does not know (``unknown``, ``known``).
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ _FIELDS = {"previous_response_id": ("response", "Previous response with id {!r} 
 # An input item ``{"type": "item_reference", "id": ...}`` names an item OpenAI stored with a response (its output's
 # messages, calls, reasoning): OpenAI reads it back as it reads a previous response's.
 _ITEM = ("item", "Item with id {!r} not found.", "item_not_found")
+_READ_BACK = frozenset({"item_reference", "reasoning"})  # input items OpenAI reads back by their id: strict
 NOT_FOUND_CODES = frozenset(code for _, _, code in (*_FIELDS.values(), _ITEM))  # the endpoint's 404s
 
 
@@ -50,20 +61,28 @@ class Refusal(NamedTuple):
 
 def refs_of(body: Mapping[str, Any] | None) -> list[tuple[str, str, str]]:
     """The stored objects ``body`` names: (its field, the kind of id, the id) for each of ``previous_response_id``
-    and ``conversation`` (a string, or an object with an ``id``) that is given, and each ``item_reference`` of its
-    ``input`` (field ``input[k].id``). A value of another type stands as its text: it names nothing the caller
-    owns, and is refused as unknown."""
+    and ``conversation`` (a string, or an object with an ``id``) that is given, each ``item_reference`` of its
+    ``input`` and each other input item given with an ``id`` (field ``input[k].id``). A value of another type
+    stands as its text: it names nothing the caller owns, and is refused as unknown."""
+    return [ref[:3] for ref in _refs(body)]
+
+
+def _refs(body: Mapping[str, Any] | None) -> list[tuple[str, str, str, bool]]:
+    """``refs_of``, each with whether an id nobody is known to own is refused (at a strict check)."""
     out = []
     for name, (kind, _, _) in _FIELDS.items():
         value = (body or {}).get(name)
         if isinstance(value, Mapping) and name == "conversation":
             value = value.get("id")
         if value is not None:
-            out.append((name, kind, _text(value)))
+            out.append((name, kind, _text(value), True))
     items = (body or {}).get("input")
     for k, item in enumerate(items if isinstance(items, list) else ()):
-        if isinstance(item, Mapping) and item.get("type") == "item_reference":
-            out.append((f"input[{k}].id", _ITEM[0], _text(item.get("id"))))
+        if not isinstance(item, Mapping):
+            continue
+        kind = item.get("type")
+        if kind == "item_reference" or item.get("id") is not None:
+            out.append((f"input[{k}].id", _ITEM[0], _text(item.get("id")), kind in _READ_BACK))
     return out
 
 
@@ -96,6 +115,9 @@ class ResponseOwners:
             raise ConfigError(f"kept must be an integer >= 1 (the response ids remembered), got {kept!r}")
         self.kept = kept
         self._owner: OrderedDict[tuple[str, str], str] = OrderedDict()
+        # Ids the engine's record was asked about and knew no owner of (``asked``): not asked again, as a hub learns
+        # an id before any driver can hold it (``actors._hub_owners``), so no answer will change. Bounded alike.
+        self._nobody: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -126,11 +148,11 @@ class ResponseOwners:
         """Why ``body`` may not go for ``tenant`` (the first id it names that is not ``tenant``'s), or None.
         ``strict=False`` refuses only an id known to be another tenant's: a driver script continues responses an
         earlier process of its own got, which no record of this one holds (the endpoint, a gateway shared by
-        tenants, is strict)."""
-        for name, kind, ident in refs_of(body):
+        tenants, is strict; an input item that brings its own content, not read back, is judged so even there)."""
+        for name, kind, ident, read_back in _refs(body):
             with self._lock:
                 owner = self._owner.get((kind, ident))
-                if owner == tenant or (owner is None and not strict):
+                if owner == tenant or (owner is None and not (strict and read_back)):
                     if owner is not None:
                         self._owner.move_to_end((kind, ident))
                     continue
@@ -140,6 +162,32 @@ class ResponseOwners:
                            f"its latest {self.kept:,}): continue it as that tenant, or send the conversation's "
                            "turns in input and leave the field out", code)
         return None
+
+    def unknown(self, refs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+        """The (kind, id) of ``refs`` no tenant is known here to own, once each, and not ``asked`` before: what a
+        driver asks its engine."""
+        with self._lock:
+            return [ref for ref in dict.fromkeys(refs) if ref not in self._owner and ref not in self._nobody]
+
+    def asked(self, refs: Iterable[tuple[str, str]]) -> None:
+        """Record that the engine knew no owner of these of ``refs`` not known here: ``unknown`` leaves them out."""
+        with self._lock:
+            for ref in refs:
+                if ref not in self._owner:
+                    self._nobody[ref] = None
+                    self._nobody.move_to_end(ref)
+            while len(self._nobody) > self.kept:
+                self._nobody.popitem(last=False)
+
+    def known(self, refs: Iterable[tuple[str, str]]) -> list[tuple[str, str, str]]:
+        """(kind, id, tenant) of each of ``refs`` known here, each now the most lately used: a hub's answer."""
+        out = []
+        with self._lock:
+            for ref in dict.fromkeys(refs):
+                if (tenant := self._owner.get(ref)) is not None:
+                    self._owner.move_to_end(ref)
+                    out.append((*ref, tenant))
+        return out
 
     def rows(self) -> list[tuple[str, str, str]]:
         """(kind, id, tenant) of every id kept, least lately used first: what ``load`` takes back."""

@@ -1,0 +1,275 @@
+"""Whose a response id is, across the drivers of one engine (``actors._hub_owners``, ``engine.app._driver_owners``),
+and the input items given back by id (``engine.core.response_owners``).
+
+Each driver kept its own record: driver B (another script, or another endpoint replica on the same engine) knew
+nothing of what driver A had answered, so B took tenant Y's request continuing X's conversation (a driver lets an
+id it never saw go), and a strict endpoint replica refused X's own continuation of an answer the other replica
+gave. Now the result hub shards learn the ids of the answers they push, and a driver asks them about the ids it
+does not know, once per submission. And an input item given back with its id (a reasoning item, read back by it;
+a message or a call of another tenant's answer) was not looked at: it went as it was.
+
+No Ray: the real ``ResultHub`` and driver code, over handles that run the hub's methods at once."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+
+import openai
+import pytest
+
+from engine.app._driver_owners import SharedOwners
+from engine.app.endpoint import make_app
+from engine.core.errors import RequestError
+from engine.core.response_owners import ResponseOwners
+from engine.core.result import Result
+from tests.unit.test_endpoint import serving, upload, wait_done
+from tests.unit.test_response_owners import ACME, CAT, GLOBEX, ResponsesEngine, _client, _line
+
+
+def _at_once(coro):
+    """Run a hub coroutine that awaits nothing (its record's methods), from any thread or loop."""
+    try:
+        coro.send(None)
+    except StopIteration as stop:
+        return stop.value
+    raise AssertionError("the hub method awaited something")
+
+
+class _Ref:
+    """A Ray ObjectRef already resolved (or failed): ``ray.get`` of it, or awaited."""
+
+    def __init__(self, value=None, error: BaseException | None = None):
+        self.value, self.error = value, error
+
+    def get(self):
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+    def __await__(self):
+        async def get():
+            return self.get()
+        return get().__await__()
+
+
+class _Handle:
+    """An actor handle over a plain ``ResultHub``: ``handle.owners_of.remote(...)`` runs the method at once;
+    ``down``: every call fails, as a shard Ray is restarting."""
+
+    def __init__(self, hub):
+        self.hub, self.down, self.calls = hub, False, []
+
+    def __getattr__(self, name):
+        method = getattr(self.hub, name)
+
+        class _Method:
+            @staticmethod
+            def remote(*args):
+                self.calls.append(name)
+                if self.down:
+                    return _Ref(error=TimeoutError("restarting"))
+                return _Ref(_at_once(method(*args)))
+        return _Method
+
+
+class _Ray:
+    @staticmethod
+    def get(refs, timeout=None):
+        return [r.get() for r in refs] if isinstance(refs, list) else refs.get()
+
+
+def _hub():
+    from actors.hub import ResultHub
+
+    return ResultHub()
+
+
+def _answer(tenant: str, rid: str, n: int = 0) -> Result:
+    """A called Responses answer, as a dispatcher pushes it: the provider's raw body, its output items' ids."""
+    raw = {"object": "response", "id": rid, "status": "completed",
+           "output": [{"type": "reasoning", "id": f"rs_{rid}", "summary": []},
+                      {"type": "message", "id": f"msg_{rid}", "role": "assistant", "status": "completed",
+                       "content": [{"type": "output_text", "text": "ok", "annotations": []}]}]}
+    return Result(id=f"q{n}", tenant=tenant, status="ok", raw=raw, real=True, output="ok")
+
+
+# -- the hub -------------------------------------------------------------------------------------------------------
+
+def test_a_hub_shard_learns_the_ids_of_the_answers_it_pushes_and_tells_any_driver():
+    hub = _hub()
+    copy = _answer("globex", "resp_copy", 2).model_copy(update={"status": "reused"})  # a cache copy: its source's
+    asyncio.run(hub.push([_answer("acme", "resp_a", 1), copy]))
+    asked = [("response", "resp_a"), ("item", "rs_resp_a"), ("item", "msg_resp_a"), ("response", "resp_copy"),
+             ("response", "resp_nobody")]
+    assert sorted(asyncio.run(hub.owners_of(asked))) == sorted(
+        [("response", "resp_a", "acme"), ("item", "rs_resp_a", "acme"), ("item", "msg_resp_a", "acme")])
+    # A shard Ray restarted knows nothing until a driver gives its record back; an owner never changes hands.
+    again = _hub()
+    assert asyncio.run(again.teach_owners([("response", "resp_a", "acme"), ("response", "resp_a", "globex")])) == 1
+    assert asyncio.run(again.owners_of([("response", "resp_a")])) == [("response", "resp_a", "acme")]
+
+
+# -- two drivers of one engine -------------------------------------------------------------------------------------
+
+def _driver(monkeypatch, handle):
+    from engine.core.request import validation_context
+    from tests.unit.test_driver_lanes import _engine
+
+    e = _engine(monkeypatch, owner=False)
+    e.catalog, e._ctx = CAT, validation_context(CAT, e.settings, live=True)
+    e._ray, e._h["hubs"] = _Ray(), [handle]
+    return e
+
+
+ASK = {"role": "user", "content": "Go on."}
+
+
+def _turn(rid: str, tenant: str, **body) -> dict:
+    return {"id": rid, "tenant": tenant, "model": "gpt-5-mini", "body": {"input": "go on", **body}}
+
+
+def test_a_second_driver_refuses_an_id_the_first_one_answered_to_another_tenant(monkeypatch):
+    hub = _Handle(_hub())
+    a, b = _driver(monkeypatch, hub), _driver(monkeypatch, hub)
+    answer = _answer("acme", "resp_a")
+    asyncio.run(hub.hub.push([answer]))  # the hub learns it as it hands it to driver A
+    fut = a.submit(_turn("q0", "acme"))
+    a._resolve(fut, answer)
+    # Driver B never saw it: it asks the hub, once, and refuses it for globex as driver A does.
+    with pytest.raises(RequestError, match="field 'body.previous_response_id': Previous response with id "
+                                           "'resp_a' not found") as caught:
+        b.submit(_turn("g1", "globex", previous_response_id="resp_a"))
+    assert caught.value.code == "previous_response_not_found" and b.owner_asks == 1
+    # Its output items are acme's too: a reasoning item or a message given back by id, or an item_reference.
+    futs = b.submit_many([
+        _turn("g2", "globex", input=[{"type": "reasoning", "id": "rs_resp_a", "summary": []}, ASK]),
+        _turn("g3", "globex", input=[{"type": "message", "id": "msg_resp_a", "role": "assistant",
+                                      "content": [{"type": "output_text", "text": "ok"}]}, ASK]),
+        _turn("a1", "acme", previous_response_id="resp_a"),
+        _turn("a2", "acme", previous_response_id="resp_of_an_earlier_run")], on_invalid="reject")
+    assert [f.result(0).status for f in futs[:2]] == ["rejected", "rejected"]
+    assert "input[0].id" in futs[0].result(0).reason and "Item with id 'rs_resp_a' not found" in futs[0].result(0).reason
+    assert not futs[2].done() and not futs[3].done()  # acme's own, and an id nobody knows (a driver lets it go)
+    assert b.owner_asks == 2  # one ask for the whole submission (the ids not known yet)
+    # An id no shard knew is not asked about again; nor one known here.
+    b.submit(_turn("a3", "acme", previous_response_id="resp_of_an_earlier_run"))
+    b.submit(_turn("a4", "acme", previous_response_id="resp_a"))
+    assert b.owner_asks == 2 and hub.calls.count("owners_of") == 2
+
+
+def test_a_hub_that_does_not_answer_leaves_the_driver_on_its_own_record_and_a_restarted_one_is_taught(monkeypatch):
+    hub = _Handle(_hub())
+    a = _driver(monkeypatch, hub)
+    a._resolve(a.submit(_turn("q0", "acme")), _answer("acme", "resp_a"))  # learnt by driver A alone
+    hub.down = True
+    assert not a._ask_owners([_turn("g0", "globex", previous_response_id="resp_b")])
+    fut = a.submit(_turn("g1", "globex", previous_response_id="resp_b"))  # unknown, unanswered: a driver lets it go
+    assert not fut.done()
+    with pytest.raises(RequestError):  # what it knows itself still holds
+        a.submit(_turn("g2", "globex", previous_response_id="resp_a"))
+    hub.down = False  # back, restarted: it knows nothing; unanswered before, the id is asked about again
+    assert a._ask_owners([_turn("g3", "globex", previous_response_id="resp_b")]) and a.owner_asks == 3
+    assert asyncio.run(hub.hub.owners_of([("response", "resp_a")])) == []
+    assert a.share_owners([hub])  # the rewire gives it back this driver's record
+    assert asyncio.run(hub.hub.owners_of([("response", "resp_a")])) == [("response", "resp_a", "acme")]
+
+
+# -- two endpoint replicas of one engine ------------------------------------------------------------------------
+
+class ReplicaEngine(SharedOwners, ResponsesEngine):
+    """``ResponsesEngine`` (one driver, its own record) on a hub shared with the other replicas: its answers
+    reach the hub as a dispatcher pushes them, and its ``know_owners`` is the driver's."""
+
+    def __init__(self, hub: _Handle, prefix: str):
+        super().__init__()
+        self._ray, self._h, self._prefix = _Ray(), {"hubs": [hub]}, prefix
+        self._n = itertools.count()
+
+    def _result(self, req):
+        text = req.body.get("input") if isinstance(req.body.get("input"), str) else "a list"
+        res = super()._result(req.model_copy(update={"body": {**req.body, "input": text}}))
+        if res.raw is None:
+            return res
+        rid = f"resp_{self._prefix}{next(self._n)}"
+        raw = {**res.raw, "id": rid, "output": [{"type": "reasoning", "id": f"rs_{rid}", "summary": []},
+                                                *res.raw["output"]]}
+        res = res.model_copy(update={"raw": raw, "tenant": req.tenant})
+        self.responses.learn(req.tenant, raw)
+        _at_once(self._h["hubs"][0].hub.push([res]))
+        return res
+
+
+def test_an_endpoint_replica_takes_its_tenants_ids_the_other_replica_gave_and_refuses_the_rest(tmp_path):
+    hub = _Handle(_hub())
+    one, two = ReplicaEngine(hub, "one"), ReplicaEngine(hub, "two")
+    with serving(make_app(one, catalog=CAT)) as url1, serving(make_app(two, catalog=CAT)) as url2, \
+            _client(url1, ACME) as acme1, _client(url2, ACME) as acme2, _client(url2, GLOBEX) as globex2:
+        first = acme1.responses.create(model="gpt-5-mini", input="My password is hunter2.")
+        # Its own tenant continues it at the other replica (a 404 before: that replica's record did not know it).
+        assert acme2.responses.create(model="gpt-5-mini", input="And now?",
+                                      previous_response_id=first.id).status == "completed"
+        sent = len(two.submitted)
+        for kw, param in ((dict(previous_response_id=first.id), "previous_response_id"),
+                          (dict(input=[{"type": "reasoning", "id": first.output[0].id, "summary": []},
+                                       ASK]), "input[0].id")):
+            with pytest.raises(openai.NotFoundError) as caught:
+                globex2.responses.create(model="gpt-5-mini", **{"input": "What did acme say?", **kw})
+            assert caught.value.body["param"] == param and caught.value.body["code"] in (
+                "previous_response_not_found", "item_not_found")
+        assert len(two.submitted) == sent  # neither reached the engine
+        # A message given back with an id of the client's own goes (it brings its content); a reasoning item
+        # nobody answered does not (OpenAI reads it back by its id).
+        own = {"type": "message", "id": "msg_mine", "role": "assistant", "status": "completed",
+               "content": [{"type": "output_text", "text": "Hi.", "annotations": []}]}
+        assert globex2.responses.create(model="gpt-5-mini", input=[own, ASK]
+                                        ).status == "completed"
+        with pytest.raises(openai.NotFoundError):
+            globex2.responses.create(model="gpt-5-mini", input=[{"type": "reasoning", "id": "rs_made_up",
+                                                                 "summary": []}, ASK])
+        # In a batch, the other tenant's line alone is an error line; its own, from the other replica, goes.
+        f = upload(acme2, [_line("own", "go on", previous_response_id=first.id), _line("plain", "hello")])
+        g = upload(globex2, [_line("foreign", "go on", previous_response_id=first.id), _line("fine", "hello")])
+        mine = wait_done(acme2, acme2.batches.create(input_file_id=f.id, endpoint="/v1/responses",
+                                                     completion_window="24h").id)
+        theirs = wait_done(globex2, globex2.batches.create(input_file_id=g.id, endpoint="/v1/responses",
+                                                           completion_window="24h").id)
+        assert (mine.request_counts.completed, mine.request_counts.failed) == (2, 0)
+        assert (theirs.request_counts.completed, theirs.request_counts.failed) == (1, 1)
+        (err,) = map(json.loads, globex2.files.content(theirs.error_file_id).text.splitlines())
+        assert err["custom_id"] == "foreign" and "previous_response_id" in err["error"]["message"]
+
+
+def test_a_replica_whose_hub_does_not_answer_says_send_it_again_rather_than_not_found():
+    hub = _Handle(_hub())
+    one, two = ReplicaEngine(hub, "one"), ReplicaEngine(hub, "two")
+    with serving(make_app(one, catalog=CAT)) as url1, serving(make_app(two, catalog=CAT)) as url2, \
+            _client(url1, ACME) as acme1, _client(url2, ACME) as acme2:
+        first = acme1.responses.create(model="gpt-5-mini", input="Hello.")
+        hub.down = True
+        with pytest.raises(openai.InternalServerError) as caught:
+            acme2.responses.create(model="gpt-5-mini", input="And now?", previous_response_id=first.id)
+        assert caught.value.status_code == 503 and caught.value.body["code"] == "engine_unavailable"
+        assert caught.value.response.headers.get("retry-after")
+        # What the replica knows itself is judged as before.
+        assert acme1.responses.create(model="gpt-5-mini", input="And now?",
+                                      previous_response_id=first.id).status == "completed"
+        hub.down = False
+        assert acme2.responses.create(model="gpt-5-mini", input="And now?",
+                                      previous_response_id=first.id).status == "completed"
+
+
+def test_an_input_items_own_id_is_refused_only_when_another_tenant_owns_it():
+    owners = ResponseOwners()
+    owners.learn("acme", _answer("acme", "resp_a").raw)
+    call = {"input": [{"type": "function_call", "id": "fc_engine_made", "call_id": "c1", "name": "f",
+                       "arguments": "{}"}]}
+    assert owners.refusal("globex", call) is None  # an id nobody stored (a copy from the cache made it)
+    msg = {"input": ["hi", {"type": "message", "id": "msg_resp_a", "role": "assistant", "content": []}]}
+    no = owners.refusal("globex", msg)
+    assert no is not None and no.field == "body.input[1].id" and no.code == "item_not_found"
+    assert owners.refusal("acme", msg) is None
+    reasoning = {"input": [{"type": "reasoning", "id": "rs_unknown", "summary": []}]}
+    assert owners.refusal("acme", reasoning) is not None  # read back by its id: strict, as an item_reference
+    assert owners.refusal("acme", reasoning, strict=False) is None  # a driver lets an unknown one go
