@@ -34,8 +34,8 @@ class SharedOwners:
     owner_asks = 0  # calls made to the hub shards about unknown ids (each a whole submission's)
 
     def _unknown_ids(self, bodies: Iterable[Any]) -> list[tuple[str, str]]:
-        return self.responses.unknown((kind, ident) for b in bodies if isinstance(b, Mapping)
-                                      for _, kind, ident in refs_of(b))
+        refs = [(kind, ident) for b in bodies if isinstance(b, Mapping) for _, kind, ident in refs_of(b)]
+        return self.responses.unknown(refs) if refs else []  # most bodies name none: no lock taken
 
     def _ask_owners(self, requests: Iterable[Request | Mapping]) -> bool:
         """Learn from the hub shards the owners of the ids ``requests`` name that this driver does not know. False

@@ -57,19 +57,19 @@ class OwnedResponses:
     async def acheck(self, tenant: str, body: Mapping[str, Any] | None) -> None:
         """``check``, once the engine said whose the ids ``body`` names and the record does not know are."""
         answered = await self.ask([body])
-        try:
-            self.check(tenant, body)
-        except ApiError as exc:
-            raise exc if answered else _unanswered() from None
+        if not answered and (no := self.owners.refusal(tenant, body)) is not None and self.owners.unknown([no.ref]):
+            raise _unanswered()  # refused for want of the engine's word, not for another tenant's id
+        self.check(tenant, body)
 
     async def alines(self, bf: BatchFile, tenant: str, answered: Mapping[str, Any] | None = None) -> BatchFile:
         """``lines``, once the engine said whose the ids the lines name are (one ask for the whole file): if it
         did not answer and a line would be refused, the create is a 503 to send again, no line refused for it."""
-        told = await self.ask([ln.request.body for ln in bf.lines if ln.request is not None])
-        out = self.lines(bf, tenant, answered)
-        if not told and len(out.invalid) > len(bf.invalid):
-            raise _unanswered()
-        return out
+        bodies = [ln.request.body for ln in bf.lines if ln.request is not None]
+        if not await self.ask(bodies):
+            refused = [no.ref for b in bodies if (no := self.owners.refusal(tenant, b)) is not None]
+            if self.owners.unknown(refused):
+                raise _unanswered()
+        return self.lines(bf, tenant, answered)
 
     async def ask(self, bodies: list[Mapping[str, Any] | None]) -> bool:
         """Ask the engine about the ids ``bodies`` name that the record does not know; False if it did not answer."""

@@ -52,11 +52,13 @@ NOT_FOUND_CODES = frozenset(code for _, _, code in (*_FIELDS.values(), _ITEM))  
 
 
 class Refusal(NamedTuple):
-    """Why a body may not go: the field (``body.previous_response_id``), the message and OpenAI's code."""
+    """Why a body may not go: the field (``body.previous_response_id``), the message, OpenAI's code, and the
+    (kind, id) refused."""
 
     field: str
     message: str
     code: str
+    ref: tuple[str, str] | None = None
 
 
 def refs_of(body: Mapping[str, Any] | None) -> list[tuple[str, str, str]]:
@@ -160,7 +162,7 @@ class ResponseOwners:
             return Refusal(f"body.{name}", words.format(ident) + f" No answer with this id was given to tenant "
                            f"{tenant!r} here (an id belongs to the tenant whose request made it, and is kept for "
                            f"its latest {self.kept:,}): continue it as that tenant, or send the conversation's "
-                           "turns in input and leave the field out", code)
+                           "turns in input and leave the field out", code, (kind, ident))
         return None
 
     def unknown(self, refs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:

@@ -247,11 +247,15 @@ def test_a_replica_whose_hub_does_not_answer_says_send_it_again_rather_than_not_
     with serving(make_app(one, catalog=CAT)) as url1, serving(make_app(two, catalog=CAT)) as url2, \
             _client(url1, ACME) as acme1, _client(url2, ACME) as acme2:
         first = acme1.responses.create(model="gpt-5-mini", input="Hello.")
+        with _client(url2, GLOBEX) as globex2:
+            theirs = globex2.responses.create(model="gpt-5-mini", input="Hello.")
         hub.down = True
         with pytest.raises(openai.InternalServerError) as caught:
             acme2.responses.create(model="gpt-5-mini", input="And now?", previous_response_id=first.id)
         assert caught.value.status_code == 503 and caught.value.body["code"] == "engine_unavailable"
         assert caught.value.response.headers.get("retry-after")
+        with pytest.raises(openai.NotFoundError):  # known to be another tenant's: no answer would change that
+            acme2.responses.create(model="gpt-5-mini", input="And now?", previous_response_id=theirs.id)
         # What the replica knows itself is judged as before.
         assert acme1.responses.create(model="gpt-5-mini", input="And now?",
                                       previous_response_id=first.id).status == "completed"
@@ -260,7 +264,9 @@ def test_a_replica_whose_hub_does_not_answer_says_send_it_again_rather_than_not_
                                       previous_response_id=first.id).status == "completed"
 
 
-def test_an_input_items_own_id_is_refused_only_when_another_tenant_owns_it():
+def test_an_input_items_own_id_is_refused_only_when_another_tenant_owns_it(tmp_path):
+    from engine.app._endpoint_responses import OwnedResponses
+
     owners = ResponseOwners()
     owners.learn("acme", _answer("acme", "resp_a").raw)
     call = {"input": [{"type": "function_call", "id": "fc_engine_made", "call_id": "c1", "name": "f",
@@ -273,3 +279,8 @@ def test_an_input_items_own_id_is_refused_only_when_another_tenant_owns_it():
     reasoning = {"input": [{"type": "reasoning", "id": "rs_unknown", "summary": []}]}
     assert owners.refusal("acme", reasoning) is not None  # read back by its id: strict, as an item_reference
     assert owners.refusal("acme", reasoning, strict=False) is None  # a driver lets an unknown one go
+    # Taken, a client's own id is nobody's: the state directory's log, read back at a restart, does not make it
+    # the caller's (it logs each id a request continues).
+    kept = OwnedResponses(owners, tmp_path)
+    kept.check("acme", {"input": [*call["input"], *msg["input"]]})
+    assert [json.loads(t)[1] for t in (tmp_path / "responses.jsonl").read_text().splitlines()] == ["msg_resp_a"]
