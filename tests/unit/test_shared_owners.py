@@ -284,3 +284,14 @@ def test_an_input_items_own_id_is_refused_only_when_another_tenant_owns_it(tmp_p
     kept = OwnedResponses(owners, tmp_path)
     kept.check("acme", {"input": [*call["input"], *msg["input"]]})
     assert [json.loads(t)[1] for t in (tmp_path / "responses.jsonl").read_text().splitlines()] == ["msg_resp_a"]
+
+
+def test_an_endpoint_restarted_on_its_state_directory_gives_the_engine_the_ids_its_log_held(tmp_path):
+    """The ids a restarted endpoint reads back are known to the engine's other drivers too: a new engine's hub knew
+    none of them, and a script on it let globex continue acme's conversation."""
+    with serving(make_app(ReplicaEngine(_Handle(_hub()), "one"), catalog=CAT, state_dir=tmp_path)) as url, \
+            _client(url, ACME) as acme:
+        first = acme.responses.create(model="gpt-5-mini", input="Hello.")
+    hub = _Handle(_hub())  # the engine restarted too: its hub knows nothing
+    with serving(make_app(ReplicaEngine(hub, "two"), catalog=CAT, state_dir=tmp_path)):
+        assert asyncio.run(hub.hub.owners_of([("response", first.id)])) == [("response", first.id, "acme")]
