@@ -8,7 +8,9 @@ the ids of the called answers it pushes, in ``push`` (the batch it gets, no call
 to any driver: no driver can hold an id its shard does not know yet. A driver asks every shard at once about the
 ids it does not know (``owners_of``: one call per shard for a whole submission, and only for ids it has not seen),
 and keeps the answers. A shard Ray restarted knows nothing: each driver gives it its record back at the rewire
-(``teach_owners``), as the ingest shards give back their fingerprints.
+(``teach_owners``), as the ingest shards give back their fingerprints. Until every driver has, an id it does not
+know may be one another driver learnt before the restart: its answers say so (not ``whole``), and a driver does not
+keep them as final (it kept "nobody's", was never told otherwise, and let another tenant continue that id).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class OwnerRecord:
     """Mixed into ``ResultHub``; its ``responses`` is made in the hub's constructor."""
 
     responses: ResponseOwners
+    _partial = False  # Ray restarted this shard (``ResultHub.reconstructed``): it knows what drivers gave back
 
     def _learn_owners(self, results: Iterable[Result]) -> None:
         """The ids of each called answer of ``results`` are its tenant's (a copy from the cache has no ``raw``,
@@ -33,9 +36,11 @@ class OwnerRecord:
             if r.status == "ok" and r.raw is not None:
                 self.responses.learn(r.tenant, r.raw)
 
-    async def owners_of(self, refs: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
-        """(kind, id, tenant) of each (kind, id) of ``refs`` this shard knows the owner of."""
-        return self.responses.known(tuple(ref) for ref in refs)
+    async def owners_of(self, refs: list[tuple[str, str]]) -> tuple[list[tuple[str, str, str]], bool]:
+        """(kind, id, tenant) of each (kind, id) of ``refs`` this shard knows the owner of; and whether an id it
+        does not know is nobody's for good (``whole``): not once Ray restarted it, as no shard can tell when every
+        driver has given its record back."""
+        return self.responses.known(tuple(ref) for ref in refs), not self._partial
 
     async def teach_owners(self, rows: list[tuple[str, str, str]]) -> int:
         """Take (kind, id, tenant) rows a driver knows (this shard restarted, or an endpoint read its log back);

@@ -180,6 +180,7 @@ class ResultHub(OwnerRecord, Warm, MemoryJournalStore):
         under a used id got the first one's answer, the first one refused (a hunt, about a second after a kill)."""
         self._unregistered = set(range(self._ingests))
         self._registered_by = time.monotonic() + REGISTER_WAIT_S
+        self._partial = True  # its response ids' owners too, until the drivers give them back (``_hub_owners``)
 
     async def _until_registered(self) -> None:
         """Every admit waits for the same end, so they go on together, in the order they came (a review: one that

@@ -5,7 +5,8 @@
 answers this driver gets, and, before a submission naming an id it does not know is judged, from the hub shards,
 asked once for all the submission's unknown ids (a call per shard; none when every id is known here, or was
 asked before and no shard knew it). An id never changes hands, and a shard learns it before any driver can hold
-it, so neither answer changes: each id is asked about once. A hub that
+it, so neither answer changes: each id is asked about once. Not so a shard Ray restarted (not ``whole``): it knows
+only what the drivers rewired since gave back, so an id it does not know is asked about again. A hub that
 does not answer in ``OWNERS_WAIT_S`` (restarting) leaves the record as it was: a driver lets an unknown id go, as
 it did alone; the endpoint answers a 503 for a request it would refuse only for want of that answer.
 """
@@ -78,9 +79,10 @@ class SharedOwners:
             return False
         return True
 
-    def _took(self, refs: list[tuple[str, str]], answers: list[list[tuple[str, str, str]]]) -> bool:
-        self.responses.load(row for rows in answers for row in rows)
-        self.responses.asked(refs)  # those no shard knew: not asked again
+    def _took(self, refs: list[tuple[str, str]], answers: list[tuple[list[tuple[str, str, str]], bool]]) -> bool:
+        self.responses.load(row for rows, _ in answers for row in rows)
+        if all(whole for _, whole in answers):  # those no shard knew: not asked again
+            self.responses.asked(refs)
         return True
 
     def _not_asked(self, exc: BaseException) -> bool:

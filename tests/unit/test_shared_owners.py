@@ -103,12 +103,13 @@ def test_a_hub_shard_learns_the_ids_of_the_answers_it_pushes_and_tells_any_drive
     asyncio.run(hub.push([_answer("acme", "resp_a", 1), copy]))
     asked = [("response", "resp_a"), ("item", "rs_resp_a"), ("item", "msg_resp_a"), ("response", "resp_copy"),
              ("response", "resp_nobody")]
-    assert sorted(asyncio.run(hub.owners_of(asked))) == sorted(
+    assert sorted(asyncio.run(hub.owners_of(asked))[0]) == sorted(
         [("response", "resp_a", "acme"), ("item", "rs_resp_a", "acme"), ("item", "msg_resp_a", "acme")])
     # A shard Ray restarted knows nothing until a driver gives its record back; an owner never changes hands.
     again = _hub()
+    again.reconstructed()
     assert asyncio.run(again.teach_owners([("response", "resp_a", "acme"), ("response", "resp_a", "globex")])) == 1
-    assert asyncio.run(again.owners_of([("response", "resp_a")])) == [("response", "resp_a", "acme")]
+    assert asyncio.run(again.owners_of([("response", "resp_a")])) == ([("response", "resp_a", "acme")], False)
 
 
 # -- two drivers of one engine -------------------------------------------------------------------------------------
@@ -171,9 +172,9 @@ def test_a_hub_that_does_not_answer_leaves_the_driver_on_its_own_record_and_a_re
         a.submit(_turn("g2", "globex", previous_response_id="resp_a"))
     hub.down = False  # back, restarted: it knows nothing; unanswered before, the id is asked about again
     assert a._ask_owners([_turn("g3", "globex", previous_response_id="resp_b")]) and a.owner_asks == 3
-    assert asyncio.run(hub.hub.owners_of([("response", "resp_a")])) == []
+    assert asyncio.run(hub.hub.owners_of([("response", "resp_a")]))[0] == []
     assert a.share_owners([hub])  # the rewire gives it back this driver's record
-    assert asyncio.run(hub.hub.owners_of([("response", "resp_a")])) == [("response", "resp_a", "acme")]
+    assert asyncio.run(hub.hub.owners_of([("response", "resp_a")]))[0] == [("response", "resp_a", "acme")]
 
 
 # -- two endpoint replicas of one engine ------------------------------------------------------------------------
@@ -294,4 +295,23 @@ def test_an_endpoint_restarted_on_its_state_directory_gives_the_engine_the_ids_i
         first = acme.responses.create(model="gpt-5-mini", input="Hello.")
     hub = _Handle(_hub())  # the engine restarted too: its hub knows nothing
     with serving(make_app(ReplicaEngine(hub, "two"), catalog=CAT, state_dir=tmp_path)):
-        assert asyncio.run(hub.hub.owners_of([("response", first.id)])) == [("response", first.id, "acme")]
+        assert asyncio.run(hub.hub.owners_of([("response", first.id)]))[0] == [("response", first.id, "acme")]
+
+
+def test_an_id_a_restarted_hub_shard_did_not_know_yet_is_asked_again_once_a_rewire_taught_it(monkeypatch):
+    """Ray restarted the hub shard: it knows nothing until each driver's rewire gives its record back. Driver B asked
+    it about acme's id before driver A's rewire had: 'nobody's', an answer a restarted shard cannot give for good.
+    B must ask again, and refuse globex once the shard knows. Before, B kept that answer (not asked again): globex
+    continued acme's conversation at B for as long as B's record kept it."""
+    hub = _Handle(_hub())
+    a, b = _driver(monkeypatch, hub), _driver(monkeypatch, hub)
+    answer = _answer("acme", "resp_a")
+    asyncio.run(hub.hub.push([answer]))
+    a._resolve(a.submit(_turn("q0", "acme")), answer)
+    hub.hub = _hub()  # Ray restarted the shard
+    hub.hub.reconstructed()
+    b.submit(_turn("g1", "globex", previous_response_id="resp_a"))  # the restart's window: a driver lets it go
+    assert a.share_owners([hub])  # driver A's rewire gives the shard its record back
+    with pytest.raises(RequestError, match="body.previous_response_id"):
+        b.submit(_turn("g2", "globex", previous_response_id="resp_a"))
+    assert b.owner_asks == 2
