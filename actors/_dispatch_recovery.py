@@ -126,9 +126,13 @@ class Recovery:
             # if one is answered, and at the call's upper bound if all fail (``_maybe_billed``), not at 0. A call
             # whose job (a video) is journaled was answered: made again, it polls that job (``_resume_jobs``); one
             # whose create's intent only is journaled was not, and looks for the video it may have made (Veo's fails).
-            # A refused create's record says no create was under way (none unanswered but its ``lost`` ones).
+            # A refused create's record says no create was under way (none unanswered but its ``lost`` ones, which
+            # the journaled tally holds already once flushed: at least that many, not one more on top of them).
             job_rec = jobs.get(key, {})
-            if job_rec.get("job") is None and (not job_rec.get("refused") or job_rec.get("lost")):
+            if job_rec.get("refused"):
+                if (lost := job_rec.get("lost") or 0) > self._unanswered[j.req.uid]:
+                    self._unanswered[j.req.uid] = lost
+            elif job_rec.get("job") is None:
                 self._unanswered[j.req.uid] += 1
             resumed.add(key)
             self.in_flight += 1

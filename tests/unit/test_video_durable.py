@@ -424,3 +424,48 @@ def test_a_restart_after_google_refused_a_veo_create_makes_its_video():
             finally:
                 await rig.close()
         asyncio.run(go())
+
+
+def test_a_restart_after_a_lost_veo_create_and_a_refused_one_keeps_one_bound_not_two():
+    """With ``remake_lost_veo_creates``: the first create's answer is lost (its video may be billed), the retry's
+    create is refused (a 429: none made), and the dispatcher dies during the wait for the next try. The lost create
+    is counted once: in the journaled tally (its request's unanswered calls) and in the refused record's ``lost``,
+    one and the same. Before, the restart added the record's on top of the tally's: two bounds kept on the budget
+    and counted possibly billed, for one video that may be billed."""
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED, honour_keys=False) as emu:
+        emu.faults.script("google", "veo", [{"cut_connection": True}, {"status": 429, "retry_after_s": 60}])
+
+        async def go():
+            rig = Rig(emu, "google", endpoint={"remake_lost_veo_creates": True})
+            r = veo()
+            waiting, later = asyncio.Event(), rig.d._retry_later
+
+            def retry_later(*a: Any, **kw: Any) -> None:  # the first retry goes; the dispatcher dies in the second
+                if _creates(emu, "google") < 2:
+                    return later(*a, **kw)
+                waiting.set()
+
+            rig.d._retry_later = retry_later
+            try:
+                job = Job(0, r, f"fp-{r.id}", claim="c0")
+                await rig.reserve([job])
+                await rig.run("sync", [job])
+                await asyncio.wait_for(waiting.wait(), 10.0)
+                await rig.d.flush()  # its tally journaled, as the flushes do while the request waits
+                await asyncio.gather(*[t for t in (getattr(rig.d, "_tally_task", None),) if t],
+                                     return_exceptions=True)
+                again = await restarted(rig, "google", journal_written=True)
+                try:
+                    await again.recover()
+                    res = await rig.until(lambda: rig.results.get(r.id), "the video")
+                    await rig.until(lambda: not rig.budget.book.claims, "its claim settled")
+                    emu._core.clock.offset += 100_000  # the lost create's video completes too, and is billed
+                    assert _creates(emu, "google") == 3 and len(emu.bill().items) == 2
+                    bound = reserve_bound(r, rig.catalog, "sync", None)
+                    assert res.status == "ok" and again.possibly_billed == 1
+                    assert sum(rig.budget.book.spend.values()) == pytest.approx(bound + res.cost_usd, abs=1e-12)
+                finally:
+                    await again.provider.close()
+            finally:
+                await rig.close()
+        asyncio.run(go())
