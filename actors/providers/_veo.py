@@ -67,21 +67,25 @@ def create_lost(exc: BaseException, sdk: Any) -> bool:
     answer lost (a timeout or a cut once connected: the SDK's error wraps the transport's as its ``__cause__``), or
     the answer is no answer of Google's (a 5xx without Google's ``error`` body: a proxy's 502 or 504, a page).
     Not when nothing was written (refused, a connect or pool timeout), nor when Google answered with its own error
-    (a 429, a 400, a 503 with its google.rpc ``error`` body): no operation was made then."""
+    (a 429, a 400, a 503 with its google.rpc ``error`` body): no operation was made then. But Google's own
+    DEADLINE_EXCEEDED (a 504) is lost: google.rpc says it "may be returned even if the operation has completed
+    successfully", so the create may have made one."""
     if isinstance(exc, sdk.APIStatusError):
-        return exc.status_code >= 500 and not _googles_error(exc.response)
+        return exc.status_code >= 500 and _googles_status(exc.response) in (None, "DEADLINE_EXCEEDED")
     if isinstance(exc, sdk.APIConnectionError):  # (a timeout is one)
         return not _never_connected(exc)
     return True  # answered, and not read as an answer: it may have made one
 
 
-def _googles_error(resp: Any) -> bool:
-    """The answer's body is Google's error object, ``{"error": {"code": 503, "message", "status"}}``."""
+def _googles_status(resp: Any) -> str | None:
+    """The ``status`` of the answer's body if it is Google's error object, ``{"error": {"code": 503, "message",
+    "status"}}``; else None."""
     try:
         err = resp.json().get("error")
     except Exception:  # not JSON, not an object, or a body never read
-        return False
-    return isinstance(err, dict) and isinstance(err.get("code"), int) and isinstance(err.get("status"), str)
+        return None
+    ok = isinstance(err, dict) and isinstance(err.get("code"), int) and isinstance(err.get("status"), str)
+    return err["status"] if ok else None
 
 
 class VeoCalls:
@@ -149,7 +153,7 @@ class VeoCalls:
                 if job.made is not None:  # no video to fail for after a restart: Google made none
                     await job.made({"provider": p.name, "api": "veo", "job": None, "key": key, "refused": True,
                                     "lost": self._lost.get(key, 0)})
-                return out._replace(maybe_billed=False)  # (a 502 or 504 in Google's own words made none)
+                return out._replace(maybe_billed=False)  # (a 502 or 503 in Google's own words made none)
             except (KeyError, TypeError, ValueError) as exc:  # answered (so maybe made), its operation unreadable
                 return self._lost_create(key, p._unreadable(exc))
             self._lost.pop(key, None)

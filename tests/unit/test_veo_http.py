@@ -211,6 +211,9 @@ def test_a_create_that_never_reached_google_or_google_refused_is_made_again_bill
     (None, 504, json.dumps({"message": "upstream timed out"}), True),  # a proxy's JSON, not Google's
     (None, 500, "", True),
     (None, 502, _GOOGLES_502, False),
+    # google.rpc's DEADLINE_EXCEEDED: "may be returned even if the operation has completed successfully"
+    (None, 504, json.dumps({"error": {"code": 504, "message": "Deadline expired before operation could complete.",
+                                      "status": "DEADLINE_EXCEEDED"}}), True),
     (None, 503, json.dumps({"error": {"code": 503, "message": "overloaded", "status": "UNAVAILABLE"}}), False),
     (None, 429, json.dumps({"error": {"code": 429, "message": "quota", "status": "RESOURCE_EXHAUSTED"}}), False),
     (None, 400, "bad", False),
