@@ -84,7 +84,8 @@ def _refs(body: Mapping[str, Any] | None) -> list[tuple[str, str, str, bool]]:
             continue
         kind = item.get("type")
         if kind == "item_reference" or item.get("id") is not None:
-            out.append((f"input[{k}].id", _ITEM[0], _text(item.get("id")), kind in _READ_BACK))
+            # (a type that is no string, a client's bug, reads back nothing: hashed, it raised and failed the batch)
+            out.append((f"input[{k}].id", _ITEM[0], _text(item.get("id")), isinstance(kind, str) and kind in _READ_BACK))
     return out
 
 

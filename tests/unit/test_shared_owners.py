@@ -315,3 +315,14 @@ def test_an_id_a_restarted_hub_shard_did_not_know_yet_is_asked_again_once_a_rewi
     with pytest.raises(RequestError, match="body.previous_response_id"):
         b.submit(_turn("g2", "globex", previous_response_id="resp_a"))
     assert b.owner_asks == 2
+
+
+def test_an_input_item_whose_type_is_not_a_string_fails_no_neighbour_and_no_check(monkeypatch):
+    """An input item with an id and a ``type`` that is no string (a list, an object: a client's bug) is judged as
+    an item that brings its content (not read back by its id). Before, the check hashed its type: a TypeError out
+    of ``submit_many`` that failed the whole submission, its neighbours with it, and the endpoint's 500."""
+    odd = {"input": [{"type": ["message"], "id": "msg_x", "role": "user", "content": "hi"}]}
+    assert ResponseOwners().refusal("acme", odd) is None
+    b = _driver(monkeypatch, _Handle(_hub()))
+    futs = b.submit_many([_turn("g1", "globex", **odd), _turn("g2", "globex")], on_invalid="reject")
+    assert not futs[1].done()  # the neighbour is queued
