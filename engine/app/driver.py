@@ -93,6 +93,9 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, LiveBudgeting, Pulling, Shared
         if kept is not None:
             for res in kept.results():
                 self._learn_response(res)
+            # Known to the engine's other drivers too: a kept answer reaches its future from here, never the hub.
+            if len(self.responses):
+                self.share_owners()
         self._cut_short = False  # left its ``with`` block on an error: the job did not end (``__exit__``)
         self._inflight_refs: dict[Any, tuple[list[str], int]] = {}  # ingest call -> (uids, tries)
         self._running = True

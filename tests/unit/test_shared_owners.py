@@ -326,3 +326,34 @@ def test_an_input_item_whose_type_is_not_a_string_fails_no_neighbour_and_no_chec
     b = _driver(monkeypatch, _Handle(_hub()))
     futs = b.submit_many([_turn("g1", "globex", **odd), _turn("g2", "globex")], on_invalid="reject")
     assert not futs[1].done()  # the neighbour is queued
+
+
+def test_a_driver_started_on_a_killed_runs_answers_gives_their_ids_to_the_engine(monkeypatch):
+    """A script on ``journal.dir`` takes back the answers a killed run of it paid for (``take_back``): the driver
+    learns their response ids, and gives them to the engine's (new) hub, so a second driver of the engine refuses
+    globex's request continuing acme's kept conversation. Before, they stayed in that driver's record alone (a
+    kept answer reaches its future from the driver, never through the hub): the second driver let globex go."""
+    import sys
+    import types
+
+    from engine.app.driver import Engine
+    from engine.core.clock import ManualClock
+    from engine.core.settings import Settings
+    from engine.runtime.collector import driver_gc
+
+    hub = _Handle(_hub())
+    monkeypatch.setitem(sys.modules, "ray", types.SimpleNamespace(get=_Ray.get))
+    monkeypatch.setattr(Engine, "_init_supervision", lambda self, attached=False: None)
+    for loop in ("_flush_loop", "_pull_loop", "_check_loop"):
+        monkeypatch.setattr(Engine, loop, lambda self: None)
+    kept = types.SimpleNamespace(results=lambda: [_answer("acme", "resp_kept")])
+    first = Engine(handles={"hubs": [hub], "ingests": [], "named": {}}, clock=ManualClock(0.0), settings=Settings(),
+                   catalog=CAT, started_ray=False, micro_batch=1000, flush_ms=2.0, kept=kept)
+    try:
+        assert first.responses.refusal("globex", {"previous_response_id": "resp_kept"}) is not None
+        second = _driver(monkeypatch, hub)
+        with pytest.raises(RequestError, match="body.previous_response_id"):
+            second.submit(_turn("g1", "globex", previous_response_id="resp_kept"))
+    finally:
+        Engine._running_engines.discard(first)
+        driver_gc.engine_stopped()
