@@ -14,6 +14,7 @@ from engine.emulator._anthropic_tools import check_tool_turns, check_tools, forc
 from engine.emulator._batches import MemberOutcome, MessageBatch, Schedule, newest_first
 from engine.emulator._core import Core, TextCall
 from engine.emulator._faults import FaultPlan
+from engine.emulator._fields import check_fields
 from engine.emulator._routing import Ctx, Route, route
 from engine.emulator._text import anthropic_prompt, forced_tool
 from engine.emulator._wire import ApiError, Reply, error_object, json_reply
@@ -21,16 +22,6 @@ from engine.emulator._wire import ApiError, Reply, error_object, json_reply
 __all__ = ["ROUTES", "message_result"]
 
 _CUSTOM_ID = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
-# MessageCreateParamsNonStreaming's keys (anthropic/types/message_create_params.py), and the sampling keys the
-# API still takes though the SDK no longer names them: any other key is "Extra inputs are not permitted".
-_KEYS = frozenset({
-    "model", "messages", "max_tokens", "cache_control", "container", "diagnostics", "inference_geo", "metadata",
-    "output_config", "service_tier", "speed", "stop_sequences", "stream", "system", "thinking", "tool_choice",
-    "tools", "temperature", "top_p", "top_k", "user_profile_id", "workspace_id"})
-# MessageCountTokensParams' keys (anthropic/types/message_count_tokens_params.py): a Messages body without its
-# cap, sampling, stop or metadata fields, which the count refuses as extra inputs.
-_COUNT_KEYS = frozenset({"model", "messages", "cache_control", "output_config", "speed", "system", "thinking",
-                         "tool_choice", "tools", "user_profile_id", "workspace_id"})
 
 
 def message_result(core: Core, provider: str, body: dict, mode: str, at: float | None = None
@@ -39,9 +30,7 @@ def message_result(core: Core, provider: str, body: dict, mode: str, at: float |
     if body.get("stream"):
         raise ApiError(400, "stream=true is not supported by the emulator; send stream=false (or omit it)",
                        param="stream")
-    extra = sorted(k for k in body if k not in _KEYS)
-    if extra:
-        raise ApiError(400, f"{extra[0]}: Extra inputs are not permitted", param=extra[0])
+    check_fields("messages", body, "anthropic")  # the SDK's MessageCreateParams (``_fields``)
     meta = body.get("metadata")
     if meta is not None and (not isinstance(meta, dict) or set(meta) - {"user_id"}):
         raise ApiError(400, "metadata: only user_id is permitted", param="metadata")
@@ -161,9 +150,8 @@ def _count_tokens(ctx: Ctx) -> Reply:
     all of it, whether a call would read it from the prompt cache, write it there or neither, as Anthropic counts.
     Free, as Anthropic's count is: nothing billed, the prompt cache untouched."""
     body = ctx.json()
-    extra = sorted(k for k in body if k not in _COUNT_KEYS)
-    if extra:
-        raise ApiError(400, f"{extra[0]}: Extra inputs are not permitted", param=extra[0])
+    # MessageCountTokensParams: a Messages body without its cap, sampling, stop or metadata fields
+    check_fields("messages.count_tokens", body, "anthropic")
     p, spec = ctx.core.model(ctx.provider, body.get("model"), "text")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -176,6 +164,7 @@ def _count_tokens(ctx: Ctx) -> Reply:
 
 def _create(ctx: Ctx) -> Reply:
     body, core = ctx.json(), ctx.core
+    check_fields("messages.batches.create", body, "anthropic")
     reqs = body.get("requests")
     if not isinstance(reqs, list) or not reqs:
         raise ApiError(400, "requests: must be a non-empty list of {custom_id, params}", param="requests")
@@ -200,6 +189,9 @@ def _create(ctx: Ctx) -> Reply:
                            "unique")
         if not isinstance(params, dict):
             raise ApiError(400, f"requests.{i}.params: must be an object")
+        # The request's own keys are checked here; its params only when it runs: the batch guide says they are
+        # validated asynchronously, their errors coming back in the results once the batch has ended.
+        check_fields("messages.batches.request", r, "anthropic", f"requests.{i}.")
         seen.add(cid)
         members.append((cid, params))
     now = core.now()

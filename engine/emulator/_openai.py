@@ -15,12 +15,13 @@ from typing import Any
 from engine.core.catalog import ModelSpec
 from engine.emulator._bill import BilledItem
 from engine.emulator._core import EMULATED_AUTO_QUALITY, BillMode, Core, TextCall
+from engine.emulator._fields import check_fields
 from engine.emulator._gemini import gemini_thoughts, gemini_usage
 from engine.emulator._routing import Ctx, Route, route
 from engine.emulator._text import chat_prompt, forced_tool, responses_prompt
 from engine.emulator._wire import ApiError, Reply, json_reply
 
-__all__ = ["ROUTES", "chat_result", "multipart", "responses_result"]
+__all__ = ["ROUTES", "chat_result", "form_names", "multipart", "responses_result"]
 
 _FILE_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
 
@@ -81,6 +82,8 @@ def _prompt_details(call: TextCall) -> dict[str, int]:
 def chat_result(core: Core, provider: str, body: dict, mode: str, at: float | None = None
                 ) -> tuple[TextCall, dict[str, Any]]:
     """One chat completion: the call (priced, cache updated) and the response body. Bills nothing."""
+    if core.catalog.providers[provider].compat is None:  # Google's layer checks its own fields (gemini_thoughts)
+        check_fields("chat.completions", body, "openai")
     _no_stream(body)
     p, spec = core.model(provider, body.get("model"), "text")
     if body.get("n") not in (None, 1):
@@ -117,6 +120,7 @@ def chat_result(core: Core, provider: str, body: dict, mode: str, at: float | No
 def responses_result(core: Core, provider: str, body: dict, mode: str, at: float | None = None
                      ) -> tuple[TextCall, dict[str, Any]]:
     """One Responses call (minimal: text in, one output_text message out). Bills nothing."""
+    check_fields("responses", body, "openai")
     _no_stream(body)
     p, spec = core.model(provider, body.get("model"), "text")
     prompt = responses_prompt(body, spec.image_input or p.image_input, spec.tool_prompt or p.tool_prompt)
@@ -195,6 +199,7 @@ def _responses(ctx: Ctx) -> Reply:
 
 def _images(ctx: Ctx) -> Reply:
     body = ctx.json()
+    check_fields("images.generations", body, "openai")
     _no_stream(body)
     core = ctx.core
     p, spec = core.model(ctx.provider, body.get("model"), "image")
@@ -242,8 +247,14 @@ def multipart(ctx: Ctx, takes: str = "POST /v1/files takes multipart/form-data w
     return fields
 
 
+def form_names(fields: dict) -> set[str]:
+    """The top-level fields of a form: the SDK sends an object's keys as ``name[key]`` parts (``expires_after[anchor]``)."""
+    return {name.partition("[")[0] for name in fields}
+
+
 def _files_create(ctx: Ctx) -> Reply:
     fields = multipart(ctx)
+    check_fields("files.create", form_names(fields), "openai")
     purpose = fields.get("purpose", (None, b""))[1].decode(errors="replace")
     if purpose not in _FILE_PURPOSES:
         raise ApiError(400, f"purpose must be one of {list(_FILE_PURPOSES)}, got {purpose!r}", param="purpose")

@@ -9,6 +9,7 @@ from engine.core.catalog import ProviderSpec
 from engine.emulator._batches import MemberOutcome, OpenAIBatch, Schedule, newest_first
 from engine.emulator._core import Core
 from engine.emulator._faults import FaultPlan
+from engine.emulator._fields import check_fields
 from engine.emulator._openai import chat_result, responses_result
 from engine.emulator._routing import Ctx, Route, route
 from engine.emulator._text import chat_prompt, responses_prompt, tokens
@@ -123,6 +124,7 @@ def _check_metadata(meta: object) -> None:
 
 def _create(ctx: Ctx) -> Reply:
     body, core = ctx.json(), ctx.core
+    check_fields("batches.create", body, "openai")
     endpoint, window = body.get("endpoint"), body.get("completion_window")
     if endpoint not in _ENDPOINTS:
         raise ApiError(400, f"endpoint must be one of {sorted(_ENDPOINTS)}, got {endpoint!r}", param="endpoint")

@@ -21,13 +21,13 @@ from engine.core.cost import price_alone
 from engine.core.video_sizes import OPENAI_VIDEO_SIZES, resolution_of
 from engine.emulator._bill import BilledItem
 from engine.emulator._core import Core
-from engine.emulator._openai import multipart
+from engine.emulator._fields import check_fields
+from engine.emulator._openai import form_names, multipart
 from engine.emulator._routing import Ctx, Route, route
 from engine.emulator._wire import ApiError, Reply, json_reply
 
 __all__ = ["FAILED_CODE", "ROUTES", "Video", "advance", "mp4"]
 
-_FIELDS = ("prompt", "model", "seconds", "size", "input_reference")
 _MAX_PROMPT = 32_000  # OpenAI's schema: a prompt of 1 to 32,000 characters
 _QUEUED_SHARE = 0.1  # of a job's latency spent queued (ASSUMPTION: OpenAI says nothing of it)
 _KEEP_S = 3600.0  # a completed video's content is kept this long (expires_at; OpenAI: "about 1 hour")
@@ -97,9 +97,12 @@ def advance(core: Core, now: float) -> None:
 def _fields(ctx: Ctx) -> dict[str, Any]:
     """The create's fields: a multipart form, as the ``openai`` SDK sends it, or a JSON object."""
     if ctx.headers.get("content-type", "").startswith("application/json"):
-        return ctx.json()
+        body = ctx.json()
+        check_fields("videos", body, "openai")
+        return body
     form = multipart(ctx, "POST /v1/videos takes multipart/form-data (or a JSON object) with 'prompt', and "
                           "optionally 'model', 'seconds' and 'size'")
+    check_fields("videos", form_names(form), "openai")
     return {k: (data if filename is not None else data.decode(errors="replace")) for k, (filename, data) in
             form.items()}
 
@@ -110,10 +113,6 @@ def _create(ctx: Ctx) -> Reply:
         raise ApiError(404, "Google's OpenAI compatibility layer serves no Videos API; Veo is made through the "
                        "Gemini API's own route, POST /v1beta/models/{model}:predictLongRunning", code="not_found")
     body = _fields(ctx)
-    unknown = sorted(set(body) - set(_FIELDS))
-    if unknown:
-        raise ApiError(400, f"Unknown parameter: '{unknown[0]}'. The Videos API takes {', '.join(_FIELDS)}.",
-                       param=unknown[0], code="unknown_parameter")
     if "input_reference" in body:
         raise ApiError(400, "input_reference is not supported by the emulator; send a text prompt only",
                        param="input_reference")
