@@ -206,7 +206,8 @@ def point_at_emulator(settings: Settings, emu, providers: Sequence[str] = ("open
         url = emu.anthropic_base_url(name) if api == "anthropic" else emu.base_url(name)
         endpoints[name] = ProviderEndpoint(api=api, base_url=url, api_key_env=EMULATOR_KEY_ENV, timeout_s=60.0,
                                            cancel_s=emu.cancel_s, poll_min_s=10.0, poll_max_s=60.0,
-                                           honours_idempotency_key=emu.honour_keys, flex_tier=api == "openai")
+                                           honours_idempotency_key=emu.honour_keys, flex_tier=api == "openai",
+                                           strict_fields=api == "openai")
     # (simulate_others kept: None is decided by where the endpoints are, the emulator's all on 127.0.0.1)
     return settings.model_copy(update={"providers": ProvidersSettings(
         mode="http", endpoints=endpoints, simulate_others=settings.providers.simulate_others)})

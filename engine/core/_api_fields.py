@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from engine.core._checks import FieldProblem, cache_blocks
 from engine.core._gemini import check_gemini_body
+from engine.core._sdk_fields import sdk_fields
 
 if TYPE_CHECKING:
     from engine.core.catalog import ModelSpec
@@ -44,16 +45,6 @@ _FOREIGN_PARTS = {
                "tool_result": "OpenAI's is a message of role 'tool' with its tool_call_id",
                "thinking": "leave it out", "redacted_thinking": "leave it out"},
 }
-# The top-level fields of Anthropic's Messages API: the SDK's MessageCreateParams, its beta ones (refused where
-# they are, by the checks that know why: mcp_servers by check_tools) and the sampling keys the API still takes
-# though the SDK no longer names them. Any other is "Extra inputs are not permitted", for that call alone, after
-# the request was accepted, reserved for and perhaps batched (a tour, since stop 64).
-_ANTHROPIC_FIELDS = frozenset({
-    "model", "messages", "max_tokens", "system", "metadata", "stop_sequences", "stream", "temperature", "top_p",
-    "top_k", "thinking", "tool_choice", "tools", "cache_control", "container", "diagnostics", "inference_geo",
-    "output_config", "service_tier", "speed", "user_profile_id", "workspace_id",
-    "betas", "billing_policy", "compaction", "context_management", "fallback_credit_token", "fallbacks",
-    "mcp_servers", "output_format", "thread"})
 # The content blocks a message takes (the SDK's ContentBlockParam, compaction, a beta one, and tool_reference, of a
 # tool_result's content), and any server
 # tool's result (``*_tool_result``, a family that grows): a block of another type is "Input tag ... does not
@@ -121,11 +112,7 @@ def check_api_body(body: dict, where: str, api: str, spec: ModelSpec, compat: st
         if key in body:
             raise FieldProblem(f"{where}.{key}", f"{where}.{key} is an OpenAI field that Anthropic's Messages API "
                                f"refuses; {fix}")
-    unknown = sorted(key for key in body if key not in _ANTHROPIC_FIELDS)
-    if unknown:
-        raise FieldProblem(f"{where}.{unknown[0]}", f"{where}.{unknown[0]} is not a field of Anthropic's Messages "
-                           "API, which refuses any other (\"Extra inputs are not permitted\"): check its spelling, "
-                           "or leave it out")
+    _check_anthropic_fields(body, where)
     _check_thinking_budget(body, where)
     if body.get("speed") not in (None, "standard"):
         raise FieldProblem(f"{where}.speed", f"{where}.speed {body['speed']!r} is billed at other prices than the "
@@ -170,6 +157,24 @@ def check_api_body(body: dict, where: str, api: str, spec: ModelSpec, compat: st
                 field = f"{where}.messages[{k}].content[{bad}]"
                 raise FieldProblem(field, f"{field} must be a text block: Anthropic takes only text in a system "
                                    "message; put images and documents in a user message")
+
+
+def _check_anthropic_fields(body: dict, where: str) -> None:
+    """A top-level field the Messages API does not take (the SDK's ``MessageCreateParams``, ``_sdk_fields``; the
+    emulator answers with the same set) is "Extra inputs are not permitted", for that call alone, after the request
+    was accepted, reserved for and perhaps batched (a tour, since stop 64). A beta field is one too: the API takes
+    it only under its ``anthropic-beta`` header, which the engine does not send (until stop 72 the beta fields
+    passed here, and ``context_management`` or ``betas`` in a body was refused by the provider)."""
+    known = sdk_fields("messages")
+    unknown = sorted(key for key in body if known is not None and key not in known)
+    if not unknown:
+        return
+    key = unknown[0]
+    beta = key in (sdk_fields("messages.beta") or ())
+    why = (" (a beta field: the API takes it only under its anthropic-beta header, which the engine does not send)"
+           if beta else "")
+    raise FieldProblem(f"{where}.{key}", f"{where}.{key} is not a field of Anthropic's Messages API{why}, which "
+                       "refuses any other (\"Extra inputs are not permitted\"): check its spelling, or leave it out")
 
 
 def anthropic_block(kind: object) -> bool:

@@ -12,8 +12,15 @@ from __future__ import annotations
 
 import functools
 import importlib
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["sdk_fields"]
+from engine.core._checks import FieldProblem
+
+if TYPE_CHECKING:
+    from engine.core.catalog import ModelSpec
+
+__all__ = ["check_openai_fields", "sdk_fields"]
 
 # Per route: the SDK params whose keys it takes ("module:Class"; the streaming twins for the ``stream`` key the SDK
 # sends itself).
@@ -29,14 +36,16 @@ _SDK_PARAMS: dict[str, tuple[str, ...]] = {
     "batches.create": ("openai.types.batch_create_params:BatchCreateParams",),
     "messages": ("anthropic.types.message_create_params:MessageCreateParamsNonStreaming",
                  "anthropic.types.message_create_params:MessageCreateParamsStreaming"),
+    # the beta route's, which the engine does not call (its fields are named as beta ones when refused)
+    "messages.beta": ("anthropic.types.beta.message_create_params:MessageCreateParamsNonStreaming",),
     "messages.count_tokens": ("anthropic.types.message_count_tokens_params:MessageCountTokensParams",),
     "messages.batches.create": ("anthropic.types.messages.batch_create_params:BatchCreateParams",),
     "messages.batches.request": ("anthropic.types.messages.batch_create_params:Request",),
 }
 # What an API takes beyond the SDK's types. Anthropic's sampling keys temperature, top_p and top_k: anthropic 2.x's
-# MessageCreateParams no longer names them, but the Messages API takes them (the SDK for Ruby still types them, read
-# on rubydoc.info on 2026-12-06; and the models that think adaptively only refuse them at a value but the default,
-# a check of a field the API knows, not an extra input).
+# MessageCreateParams no longer names them, but the Messages API takes them (its create-message request schema lists
+# them, and the SDK for Ruby still types them: both read on 2026-12-06; the models that think adaptively only refuse
+# them at a value but the default, a check of a field the API knows, not an extra input).
 _BEYOND_SDK: dict[str, frozenset[str]] = {
     "messages": frozenset({"temperature", "top_p", "top_k"}),
 }
@@ -65,3 +74,31 @@ def sdk_fields(route: str) -> frozenset[str] | None:
             continue
         found = True
     return frozenset(keys | _BEYOND_SDK.get(route, frozenset())) if found else None
+
+
+def _openai_route(spec: ModelSpec) -> tuple[str, str]:
+    """The route a model of OpenAI's is called at: its name here and its path."""
+    if spec.kind == "image":
+        return "images.generations", "/v1/images/generations"
+    if spec.kind == "video":
+        return "videos", "/v1/videos"
+    return ("responses", "/v1/responses") if spec.api == "responses" else ("chat.completions", "/v1/chat/completions")
+
+
+def check_openai_fields(body: Mapping[str, Any], where: str, spec: ModelSpec) -> None:
+    """Raise ``FieldProblem`` for a top-level field of ``body`` (as it goes on the wire) that OpenAI's route for
+    ``spec`` does not take: OpenAI answers it 400 for that call alone, after the request was accepted, reserved for
+    and perhaps batched (the emulator took any field until stop 72, so none was seen failing)."""
+    route, path = _openai_route(spec)
+    known = sdk_fields(route)
+    unknown = sorted(k for k in body if known is not None and k not in known)
+    if not unknown:
+        return
+    key = unknown[0]
+    anthropic = sdk_fields("messages") or frozenset()
+    why = (" (it is a field of Anthropic's Messages API)" if key in anthropic else
+           " (it is a field of OpenAI's Responses API)" if key in (sdk_fields("responses") or ()) else
+           " (it is a field of OpenAI's chat completions)" if key in (sdk_fields("chat.completions") or ()) else "")
+    raise FieldProblem(f"{where}.{key}", f"{where}.{key} is not a field of OpenAI's {path}{why}, which refuses any "
+                       "field it does not know (\"Unrecognized request argument supplied\"): check its spelling, or "
+                       "leave it out")

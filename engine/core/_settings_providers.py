@@ -52,6 +52,13 @@ class ProviderEndpoint(BaseModel):
         "True) do; a wire-format-only server (vLLM, Groq) may not know the value, so the call goes at the standard "
         "tier and is billed standard"))
 
+    strict_fields: bool | None = Field(default=None, description=(
+        "whether the server refuses a top-level body field the openai SDK's params do not name, as OpenAI's own "
+        "API does (a 400 'Unrecognized request argument supplied'): such a field is then refused per request, "
+        "naming it, before anything is reserved or sent. None: only OpenAI's own API (api.openai.com) and the "
+        "project's emulator (which sets True) do; a wire-format-only server (vLLM) takes fields of its own "
+        "(top_k), sent as given"))
+
     @model_validator(mode="after")
     def _url(self) -> ProviderEndpoint:
         if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
@@ -63,8 +70,15 @@ class ProviderEndpoint(BaseModel):
     def serves_flex(self, environ: Mapping[str, str] | None = None) -> bool:
         """Whether OpenAI's ``service_tier: "flex"`` goes to this server (``flex_tier``; unset: its address is
         OpenAI's own API)."""
-        if self.flex_tier is not None:
-            return self.flex_tier
+        return self.flex_tier if self.flex_tier is not None else self.at_openai(environ)
+
+    def refuses_unknown_fields(self, environ: Mapping[str, str] | None = None) -> bool:
+        """Whether an OpenAI-format server refuses a body field the openai SDK does not type (``strict_fields``;
+        unset: its address is OpenAI's own API)."""
+        return self.strict_fields if self.strict_fields is not None else self.at_openai(environ)
+
+    def at_openai(self, environ: Mapping[str, str] | None = None) -> bool:
+        """Whether its calls go to OpenAI's own API."""
         url = self.address(environ)
         return self.api == "openai" and (url is None or urlsplit(url).hostname == _OPENAI_HOST)
 

@@ -17,6 +17,7 @@ from engine.core._checks import (
     check_route,
     check_tools,
 )
+from engine.core._sdk_fields import check_openai_fields
 from engine.core._settings_providers import simulated_refusal
 from engine.core.catalog import ModelSpec
 from engine.core.responses_input import as_messages, check_responses_body, translates
@@ -56,6 +57,14 @@ def check_wire(body: dict[str, Any] | None, spec: ModelSpec, provider: str, sett
     if real:
         check_responses_body(body, "body", endpoint.api, spec.api)
         check_route(body, "body", endpoint.api, spec.api)
+    # A field OpenAI's route does not take, where a real call goes to a server that refuses one (OpenAI's own API,
+    # the emulator): last, so a body of the other OpenAI route is named as such by the checks above.
+    if (settings.providers.mode == "http" and endpoint.api == "openai" and compat is None
+            and endpoint.refuses_unknown_fields()):
+        try:
+            check_openai_fields(wire, "body", spec)
+        except FieldProblem as exc:
+            raise renamed(exc, came) from None
 
 
 def check_real(provider: str, model: str, settings: Settings) -> None:
