@@ -25,6 +25,11 @@ A missing key is a 401 in the family's error shape; any non-empty key passes and
 Prices, cache rules and batch timings come from the provider's catalog entry, whatever the wire format.
 Control: ``GET /_emulator/bill``, ``GET /_emulator/calls``, ``POST /_emulator/faults`` (``FaultPlan.configure``).
 
+Fields. A top-level body field a route does not take is a 400 in its API's words (``_fields``): chat completions'
+"Unrecognized request argument supplied: foo", the other OpenAI routes' "Unknown parameter: 'foo'.", Anthropic's
+"foo: Extra inputs are not permitted". Each route's fields are the installed SDKs' typed params
+(``engine.core._sdk_fields``), and the emulator plays OpenAI's own API for every provider without a ``compat``.
+
 Tokens. Prompt tokens = ``ceil(chars / 4)`` of the prompt text: the system prompt the provider adds for tool
 use (the catalog's ``tool_prompt``, Anthropic's, as text of its tokens, when tools are given), tool definitions
 (canonical JSON, if any), then system / instructions, then every message's text (text blocks of block lists), concatenated in that
