@@ -163,7 +163,7 @@ def _check_anthropic_fields(body: dict, where: str) -> None:
     """A top-level field the Messages API does not take (the SDK's ``MessageCreateParams``, ``_sdk_fields``; the
     emulator answers with the same set) is "Extra inputs are not permitted", for that call alone, after the request
     was accepted, reserved for and perhaps batched (a tour, since stop 64). A beta field is one too: the API takes
-    it only under its ``anthropic-beta`` header, which the engine does not send (until stop 72 the beta fields
+    it only under its ``anthropic-beta`` header, which the engine does not send (until stop 71 the beta fields
     passed here, and ``context_management`` or ``betas`` in a body was refused by the provider)."""
     known = sdk_fields("messages")
     unknown = sorted(key for key in body if known is not None and key not in known)

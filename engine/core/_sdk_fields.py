@@ -88,7 +88,7 @@ def _openai_route(spec: ModelSpec) -> tuple[str, str]:
 def check_openai_fields(body: Mapping[str, Any], where: str, spec: ModelSpec) -> None:
     """Raise ``FieldProblem`` for a top-level field of ``body`` (as it goes on the wire) that OpenAI's route for
     ``spec`` does not take: OpenAI answers it 400 for that call alone, after the request was accepted, reserved for
-    and perhaps batched (the emulator took any field until stop 72, so none was seen failing)."""
+    and perhaps batched (the emulator took any field until stop 71, so none was seen failing)."""
     route, path = _openai_route(spec)
     known = sdk_fields(route)
     unknown = sorted(k for k in body if known is not None and k not in known)

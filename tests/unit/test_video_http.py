@@ -110,7 +110,7 @@ def test_a_create_whose_answer_is_lost_is_found_again_not_made_twice(emu_plain):
 
 
 @pytest.mark.parametrize("body, field, fix", [
-    ({"sizee": "1280x720"}, "sizee", "Unknown parameter"),  # the Videos API's own words (the emulator's since stop 72)
+    ({"sizee": "1280x720"}, "sizee", "Unknown parameter"),  # the Videos API's own words (the emulator's since stop 71)
 ])
 def test_a_bad_field_is_refused_unbilled_naming_the_field_and_what_it_takes(emu_plain, body, field, fix):
     async def go():
