@@ -1,5 +1,11 @@
-"""A Redis ledger's outbox in the hub's journal (a mixin of ``actors.budget.BudgetController``, which owns the
-outbox): the settlements and charges Redis has not taken yet, kept where they outlive the budget controller.
+"""A Redis ledger's outbox, journaled (a mixin of ``actors.budget.BudgetController``, which owns the outbox): the
+settlements and charges Redis has not taken yet, kept where they outlive the budget controller, and sent once
+Redis answers.
+
+Where: the controller's ``outbox_journal`` when it has one (the engine gives it Ray's key-value store,
+``actors._kv_journal``, which outlives the hub too), else the hub's memory. In the hub's memory alone, the
+outbox was lost when the hub and the controller died together while Redis was away (a helper's hunt): the
+engine no longer runs so; a controller made without either (a test's) journals nothing.
 
 Without it, a controller Ray restarted while Redis was away lost them: a lost settlement's claim was released at its
 expiry with its spend uncounted, a lost charge was never counted, and a hard budget could be passed unseen. Each is
@@ -40,10 +46,14 @@ def _charge_key(c: Charge) -> str:
 class OutboxJournal:
     """Outbox journal methods of ``BudgetController`` (a Redis ledger only: a memory ledger's snapshot holds all)."""
 
-    def _outbox_journal(self) -> HubJournal | None:
+    def _outbox_journal(self):
+        """Where the outbox is journaled: the controller's ``outbox_journal``, else the hub's memory (None: a
+        memory ledger, or neither)."""
         j = self.__dict__.get("_outbox_j")
-        if j is None and self.hub is not None and self._errors:
-            j = self.__dict__["_outbox_j"] = HubJournal(self.hub)
+        if j is None and self._errors:
+            j = self.outbox_journal if self.outbox_journal is not None else (
+                HubJournal(self.hub) if self.hub is not None else None)
+            self.__dict__["_outbox_j"] = j
         return j
 
     def _outbox_state(self) -> tuple[set[str], asyncio.Lock]:
@@ -94,9 +104,17 @@ class OutboxJournal:
                 log.warning("budget ledger: %d taken item(s) not cleared from the journal (%s: %s)", len(gone),
                             type(exc).__name__, exc)
 
+    def unjournaled(self) -> int:
+        """How many items waiting for Redis no journal holds now (none given, or its write failed: tried again at
+        the next retry): a restart now would lose them. Reported with the ledger, as `unjournaled`."""
+        keys = self.__dict__.get("_outbox_keys", ())
+        return (sum(_settlement_key(r, u) not in keys for r, u in self._outbox)
+                + sum(_charge_key(c) not in keys for c, _ in self._charges))
+
     async def rejournal_outbox(self) -> None:
-        """The hub restarted (its journal empty): write what waits for Redis again."""
-        if self._outbox_journal() is None:
+        """The hub restarted (its journal empty): write what waits for Redis again, if the hub kept it."""
+        journal = self._outbox_journal()
+        if journal is None or journal.durable:  # kept apart from the hub: its restart took nothing
             return
         self._outbox_state()[0].clear()
         await self._keep_pending(list(self._outbox), list(self._charges))
@@ -136,3 +154,16 @@ class OutboxJournal:
         self._arm_flush()
         self._changed(journal=False)
         return True
+
+    def _arm_flush(self) -> None:
+        """Replay the outbox once Redis is back, even if no other call comes to do it."""
+        if not self._closed and (self._flusher is None or self._flusher.done()):
+            self._flusher = asyncio.get_running_loop().create_task(self._flush_outbox())
+
+    async def _flush_outbox(self) -> None:
+        # A close's cancel that lands in a Redis read can come back as the client's own error, which ``_settle``
+        # takes for an outage: the cancel was spent, and with Redis away the flusher ran on for good.
+        while not self._closed and (self._outbox or self._charges):
+            await asyncio.sleep(self.settings.redis_retry_s)
+            if self._usable() and await self._settle([]) and await self._charge():
+                self._changed()

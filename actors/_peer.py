@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 from actors._wire import pack_args
 
-__all__ = ["Named", "Peer", "Warm", "as_peer", "ping_through_restart", "restarting"]
+__all__ = ["Named", "Peer", "Warm", "as_peer", "ping_through_restart", "restarting", "warm_all"]
 
 log = logging.getLogger("smartbatch.peer")
 
@@ -146,6 +146,24 @@ def restarting(exc: BaseException) -> bool:
     return isinstance(exc, ActorUnavailableError)
 
 
+def warm_all(actors: list) -> None:
+    """Every actor pings its peers once (``Warm.warm``), each waiting out a peer that Ray restarts; a call of
+    ours that reached an actor whose worker died is asked again the same way (``RESTART_WAIT_S``)."""
+    import time
+
+    import ray
+
+    end = time.monotonic() + RESTART_WAIT_S
+    while True:
+        try:
+            ray.get([a.warm.remote() for a in actors])
+            return
+        except Exception as exc:
+            if not restarting(exc) or time.monotonic() >= end:
+                raise
+        time.sleep(RESTART_POLL_S)  # Ray queues calls to a restarting actor: this only spaces the retries
+
+
 async def ping_through_restart(peer: Peer) -> Any:
     """``peer.ping()``, asked again while Ray restarts the peer, for at most ``RESTART_WAIT_S`` (a ping is
     idempotent, so one that may have run costs nothing)."""
@@ -238,12 +256,17 @@ def publish_clock(engine: str, clock, base: float = 0.0) -> None:
 
 
 def unpublish_clock(engine: str) -> None:
-    """Remove what the engine published (its clock and its layout): the engine is gone."""
+    """Remove what the engine published (its clock and its layout) and what its runs journaled in Ray's store (a
+    Redis ledger's outbox, ``actors._kv_journal``): the engine is gone, nobody reads them."""
     from ray.experimental import internal_kv
 
-    for key in (f"{engine}:clock", f"{engine}:layout"):
+    from actors._kv_journal import drop_engine
+
+    for drop in (lambda: internal_kv._internal_kv_del(f"{engine}:clock", namespace=_CLOCK_NS),
+                 lambda: internal_kv._internal_kv_del(f"{engine}:layout", namespace=_CLOCK_NS),
+                 lambda: drop_engine(engine)):
         try:
-            internal_kv._internal_kv_del(key, namespace=_CLOCK_NS)
+            drop()
         except Exception:  # Ray is already down: nothing is left to clean
             pass
 

@@ -14,9 +14,9 @@ budget that cannot be enforced must not silently pass. Mid-run, every call has a
 answered ``budget_unavailable`` (nothing reserved; the grouper holds the work until Redis is back or its
 deadline passes), and settlements wait in an outbox replayed, first thing, once Redis answers. A reservation
 whose reply was lost (Redis may still run a script it received before it paused) is released through the
-same outbox. The outbox is journaled in the hub while it holds anything (``actors._budget_outbox``), so a restart
-of this actor loses none of it; what is lost anyway expires (``budgets.reservation_ttl_s``). No Redis error leaves
-this actor's methods.
+same outbox. The outbox is journaled while it holds anything (``actors._budget_outbox``; the engine keeps it in
+Ray's key-value store), so a restart of this actor, of the hub or of both loses none of it; what is lost anyway
+expires (``budgets.reservation_ttl_s``). No Redis error leaves this actor's methods.
 """
 
 from __future__ import annotations
@@ -48,8 +48,10 @@ log = logging.getLogger("smartbatch.budget")
 
 class BudgetController(LedgerJournal, OutboxJournal, LiveBudgets, BudgetReports, Warm):
     def __init__(self, settings: BudgetSettings, hub=None, clock=None, base: float = 0.0, engine: str = "engine",
-                 recover_wait_s: float = JournalSettings().recover_wait_s, ledger_id: str | None = None):
+                 recover_wait_s: float = JournalSettings().recover_wait_s, ledger_id: str | None = None,
+                 outbox_journal=None):
         self.settings, self.recover_wait_s = settings, recover_wait_s
+        self.outbox_journal = outbox_journal  # a Redis ledger's outbox, if not in the hub (``_budget_outbox``)
         self._restoring: asyncio.Event | None = None  # set while ``recover`` reads the journal
         self.hub = as_peer(hub)
         # A ledger in this actor's memory is journaled in the hub (a Redis ledger needs no journal).
@@ -328,19 +330,6 @@ class BudgetController(LedgerJournal, OutboxJournal, LiveBudgets, BudgetReports,
         await self._keep_pending(charges=items)
         return False
 
-    def _arm_flush(self) -> None:
-        """Replay the outbox once Redis is back, even if no other call comes to do it."""
-        if not self._closed and (self._flusher is None or self._flusher.done()):
-            self._flusher = asyncio.get_running_loop().create_task(self._flush_outbox())
-
-    async def _flush_outbox(self) -> None:
-        # A close's cancel that lands in a Redis read can come back as the client's own error, which ``_settle``
-        # takes for an outage: the cancel was spent, and with Redis away the flusher ran on for good.
-        while not self._closed and (self._outbox or self._charges):
-            await asyncio.sleep(self.settings.redis_retry_s)
-            if self._usable() and await self._settle([]) and await self._charge():
-                self._changed()
-
     def _changed(self, journal: bool = True) -> None:
         if journal and self.journal is not None and (self.settings.specs or self.spec_version):
             self._journal_dirty = True
@@ -370,6 +359,7 @@ class BudgetController(LedgerJournal, OutboxJournal, LiveBudgets, BudgetReports,
             down = self._down_until is not None
             out["ledger"] = {"redis_url": self._url, "up": not down, "error": self._last_error if down else None,
                              "unsettled": len(self._outbox) + self._settling + len(self._charges),
+                             "unjournaled": self.unjournaled(),
                              "lost_records": self.lost_records,
                              "replayed_after_restart": getattr(self.book, "replayed", 0),
                              "reopened_after_restart": getattr(self.book, "reopened", 0),

@@ -6,8 +6,8 @@ it re-admits them after a restart) or rebuilt from them:
 - a dispatcher's **open provider batches** (batch id, members, hedge time), so a restarted dispatcher
   re-attaches to them by id and never submits their members again;
 - the **in-memory budget ledger** (a snapshot), so a restarted budget controller does not start from zero.
-  A ledger on Redis is its own journal: it writes here only the settlements and charges waiting for a Redis that
-  is away (``actors._budget_outbox``), so a restarted controller still sends them.
+  A ledger on Redis is its own journal: the settlements and charges waiting for a Redis that is away go to Ray's
+  key-value store instead (``actors._budget_outbox``, ``actors._kv_journal``), which outlives the hub too.
 
 Where it lives: in Redis when the engine has one (``journal.redis_url``, else the budgets' or the cache's
 URL), under ``<prefix>:journal:<engine>:<space>``; otherwise in the result hub's memory, which survives the

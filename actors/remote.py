@@ -19,17 +19,8 @@ from collections.abc import Iterable
 import ray
 
 from actors._cancel import CANCEL_CALL_S
-from actors._peer import (
-    RESTART_POLL_S,
-    RESTART_WAIT_S,
-    ClockRef,
-    Named,
-    publish_clock,
-    read_layout,
-    resolve_clock,
-    restarting,
-    unpublish_clock,
-)
+from actors._kv_journal import KvJournal
+from actors._peer import ClockRef, Named, publish_clock, read_layout, resolve_clock, unpublish_clock, warm_all
 from actors._shards import shard_kind
 from actors._wire import pack
 from actors.budget import BudgetController
@@ -107,20 +98,6 @@ def _ledger_ready(budget, started: list) -> tuple:
         raise
 
 
-def _warm(actors: list) -> None:
-    """Every actor pings its peers once (``Warm.warm``), each waiting out a peer that Ray restarts; a call of
-    ours that reached an actor whose worker died is asked again the same way (``RESTART_WAIT_S``)."""
-    end = time.monotonic() + RESTART_WAIT_S
-    while True:
-        try:
-            ray.get([a.warm.remote() for a in actors])
-            return
-        except Exception as exc:
-            if not restarting(exc) or time.monotonic() >= end:
-                raise
-        time.sleep(RESTART_POLL_S)  # Ray queues calls to a restarting actor: this only spaces the retries
-
-
 def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: int = 1, keys: dict | None = None,
                  engine: str = "engine", detached: bool = False, num_shards: int = 1) -> dict:
     """Create and wire the actors, named ``<engine>.<kind>``; ``clock()`` makes the engine clock once they are
@@ -154,9 +131,13 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
     hub_refs = refs("hub")
     budgets = settings.budgets
     later = ClockRef(engine)  # the clock is made once every actor is up; a restarted actor reads it (publish_clock)
-    budget = _actor(BudgetController).options(**opts("budget")).remote(budgets, ref("hub"), later, 0.0, engine,
-                                                                       settings.journal.recover_wait_s,
-                                                                       secrets.token_hex(8))
+    # The journal's records name this run of the engine: a later engine of the same name (on the same Redis, or
+    # another Ray cluster) must never resume them. It made the calls its namesake had under way again, for a
+    # request nobody in it sent, each paid twice (a helper's fault hunt). Ray restarts an actor with these.
+    journal = f"{engine}@{secrets.token_hex(4)}"
+    budget = _actor(BudgetController).options(**opts("budget")).remote(
+        budgets, ref("hub"), later, 0.0, engine, settings.journal.recover_wait_s, secrets.token_hex(8),
+        KvJournal(engine, journal) if budgets.redis_url else None)  # a Redis ledger's outbox: outlives the hub
     in_force = _ledger_ready(budget, [*hubs, budget])  # the groupers start with them, not the settings
     reuse = policy.reuse
     with_cache = reuse.exact or reuse.in_flight or reuse.near
@@ -176,10 +157,6 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
     learning = getattr(policy, "turnaround_learning", None)
     learns = learning is not None and learning.enabled  # the groupers' tables learn (engine.runtime.scheduler)
     warm_readers = bool(getattr(policy, "reads_warmth", False))  # ... and read prompt-cache warmth
-    # The journal's records name this run of the engine: a later engine of the same name (on the same Redis, or
-    # another Ray cluster) must never resume them. It made the calls its namesake had under way again, for a
-    # request nobody in it sent, each paid twice (a helper's fault hunt). Ray restarts an actor with these.
-    journal = f"{engine}@{secrets.token_hex(4)}"
     dispatchers = {}
     for name in catalog.providers:
         more = {}
@@ -192,7 +169,7 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
         grouper_refs, cache_ref, settings.cache.share_across_tenants, list(dispatcher_refs.values()), hub_refs,
         settings, journal, shard=(k, num_shards)) for k in range(num_shards)]
     everything = [*ingests, *groupers, *dispatchers.values(), budget, *hubs, *caches]
-    _warm(everything)
+    warm_all(everything)
     named = {"budget": budget}
     for base, shards in (("ingest", ingests), ("hub", hubs), ("cache", caches)):
         named.update({shard_kind(base, k): a for k, a in enumerate(shards)})

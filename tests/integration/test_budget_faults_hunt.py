@@ -179,6 +179,124 @@ def test_what_waits_for_a_paused_redis_outlives_a_restart_of_the_budget_controll
     asyncio.run(go())
 
 
+def test_what_waits_for_a_paused_redis_outlives_the_hub_and_the_budget_controller_dying_together(own_redis,
+                                                                                                 ray_session):
+    """The hub and the controller die together (a node lost) while Redis is paused, holding two settlements and a
+    charge; Redis back: their $4 counts once, and once more nothing when the records come back after Redis took
+    them. Before, the outbox lived in the hub's memory: the joint restart lost it, the claims held their $2 each
+    until their expiry and none of the $4 spent was counted (a hard budget passable unseen). The engine gives the
+    controller Ray's key-value store for it (``actors.remote``); here, that store, from this process."""
+    import os
+    import secrets
+    import signal
+
+    from actors._kv_journal import KvJournal, drop_engine
+    from actors.hub import ResultHub
+    from engine.core.budgets import Charge
+
+    b = _budgets(own_redis.url).model_copy(update={"redis_timeout_s": 0.3})
+    engine = f"sbtest-{secrets.token_hex(4)}"
+    kv = KvJournal(engine, f"{engine}@run")
+    charge = Charge("late:m1", "acme", "openai", "gpt-5-mini", 0.5)
+
+    def ledger() -> tuple[float, float]:
+        h = own_redis.client().hgetall(f"{b.redis_prefix}:w:{b.specs[0].key(100.0)}")
+        return round(float(h.get(b"spent", 0)), 9), round(float(h.get(b"reserved", 0)), 9)
+
+    async def stop(ctl) -> None:
+        if ctl._reported is not None:
+            ctl._reported.cancel()
+            await asyncio.gather(ctl._reported, return_exceptions=True)
+        await ctl.close()
+
+    async def restarted():  # both restarted by Ray: a new hub, its journal empty, and a new controller
+        ctl = BudgetController(b, ResultHub(), ManualClock(100.0), outbox_journal=KvJournal(engine, kv.run))
+        ctl.reconstructed()
+        await ctl.rejournal()  # the driver's rewire after the hub's restart: nothing to write again, nothing lost
+        return ctl
+
+    async def go():
+        hub = ResultHub()
+        first = BudgetController(b, hub, ManualClock(100.0), outbox_journal=kv)
+        await first.check_ledger()
+        assert all(v.ok for v in await first.reserve_many(_claims("a0", "a1", "a2", usd=2.0)))
+        os.kill(own_redis.proc.pid, signal.SIGSTOP)
+        try:
+            await first.settle_many([("a0", 1.5)])
+            await first.settle_many([("a1", 2.0)])
+            await first.charge_many([charge])
+            kept = await kv.items("budget-outbox")  # there before each call was answered
+            assert len(kept) == 3 and await hub.journal_items("budget-outbox") == {}
+            assert (await first.report())["ledger"]["unjournaled"] == 0
+            await stop(first)
+            # A controller with no journal at all (none in the engine) counts what it would lose, never silent.
+            lone = BudgetController(b, None, ManualClock(100.0))
+            await lone.settle_many([("a2", 0.0)])
+            assert (await lone.report())["ledger"]["unjournaled"] == 1
+            await stop(lone)
+            second = await restarted()
+            rep = await second.report()
+            assert rep["ledger"]["unsettled"] == 3 and rep["charged_usd"] == 0.5
+        finally:
+            os.kill(own_redis.proc.pid, signal.SIGCONT)
+        await asyncio.wait_for(second._flusher, timeout=10)
+        assert ledger() == (4.0, 2.0)  # a2 still open; before: (0.0, 6.0)
+        assert await kv.items("budget-outbox") == {}  # taken by Redis: cleared
+        await stop(second)
+
+        # Both die again, the records' deletes lost: sent again, they count nothing more.
+        await kv.put_many("budget-outbox", kept)
+        third = await restarted()
+        assert (await third.report())["ledger"]["unsettled"] == 3
+        await asyncio.wait_for(third._flusher, timeout=10)
+        assert ledger() == (4.0, 2.0) and await kv.items("budget-outbox") == {}
+        await third.settle_many([("a2", 1.0)])
+        assert ledger() == (5.0, 0.0)
+        await stop(third)
+    try:
+        asyncio.run(go())
+    finally:
+        drop_engine(engine)
+
+
+def test_an_engine_s_budget_outbox_outlives_its_hub_and_budget_controller_killed_together(own_redis, ray_session):
+    """The same through the engine's actors: both killed by Ray while Redis is paused and the outbox holds a
+    settlement and a charge, restarted; Redis back, their $2 counts once and the other claim stays held."""
+    import os
+    import signal
+    import time
+
+    import ray
+
+    from engine import Engine
+    from engine.core.budgets import Charge
+    from engine.core.settings import Settings
+    from tests.integration._catalogs import OPENAI_ONLY
+
+    b = _budgets(own_redis.url).model_copy(update={"redis_timeout_s": 0.3, "redis_retry_s": 0.05})
+    with Engine.start(Settings(budgets=b), catalog=OPENAI_ONLY, policy="naive", metrics_port=None) as eng:
+        budget = eng._h["named"]["budget"]
+        assert all(v.ok for v in ray.get(budget.reserve_many.remote(_claims("a0", "a1", usd=2.0)), timeout=30))
+        os.kill(own_redis.proc.pid, signal.SIGSTOP)
+        try:
+            ray.get(budget.settle_many.remote([("a0", 1.5)]), timeout=30)
+            ray.get(budget.charge_many.remote([Charge("late:m1", "acme", "openai", "gpt-5-mini", 0.5)]), timeout=30)
+            ray.kill(eng._h["named"]["hub"], no_restart=False)
+            ray.kill(budget, no_restart=False)
+            assert eng.wait_recovered("hub", timeout=90) and eng.wait_recovered("budget", timeout=90)
+            assert ray.get(budget.report.remote(), timeout=30)["ledger"]["unsettled"] == 2
+        finally:
+            os.kill(own_redis.proc.pid, signal.SIGCONT)
+        give_up = time.monotonic() + 30
+        while True:  # each call sends what waits once Redis is tried again (every redis_retry_s)
+            ray.get([budget.settle_many.remote([]), budget.charge_many.remote([])], timeout=30)
+            rep = ray.get(budget.report.remote(), timeout=30)
+            if not rep["ledger"]["unsettled"] or time.monotonic() > give_up:
+                break
+    (row,) = rep["budgets"]
+    assert (row["spent_usd"], row["reserved_usd"]) == (pytest.approx(2.0), pytest.approx(2.0)), rep  # before: 0, 4
+
+
 def test_a_settlement_journaled_for_a_redis_that_comes_back_empty_still_counts_its_spend(own_redis):
     """Redis stopped and back without persistence while the controller restarted: the claim's record is gone, and
     the settlement's journaled copy of whose spend it was and which windows it held counts its spend, once."""
