@@ -121,18 +121,31 @@ class OutboxJournal:
 
     async def recover_outbox(self) -> bool:
         """After a restart: take back what waited for Redis, to be sent once it answers. Merged with what came
-        since (no ledger call waits for it: nothing is overwritten). Once per incarnation."""
+        since (no ledger call waits for it: nothing is overwritten). Once per incarnation; a second caller (the
+        driver's rewire beside the first call) returns once the first has taken them back, so a report it makes
+        counts them."""
         journal = self._outbox_journal()
-        if journal is None or self.__dict__.get("_outbox_read"):
+        if journal is None:
             return False
-        self._outbox_read = True
+        reading = self.__dict__.get("_outbox_read")
+        if reading is not None:
+            await reading.wait()
+            return False
+        reading = self._outbox_read = asyncio.Event()
         try:
-            records: dict[str, Any] = await read_patiently(lambda: journal.items(OUTBOX_SPACE), "budget outbox",
-                                                           self.recover_wait_s)
-        except Exception as exc:
-            log.error("budget ledger: outbox journal unreadable after a restart (%s); what waited for Redis then "
-                      "is not sent (its claims are released at their expiry)", exc)
-            return False
+            try:
+                records: dict[str, Any] = await read_patiently(lambda: journal.items(OUTBOX_SPACE),
+                                                               "budget outbox", self.recover_wait_s)
+            except Exception as exc:
+                log.error("budget ledger: outbox journal unreadable after a restart (%s); what waited for Redis "
+                          "then is not sent (its claims are released at their expiry)", exc)
+                return False
+            return self._take_back(records)
+        finally:
+            reading.set()
+
+    def _take_back(self, records: dict[str, Any]) -> bool:
+        """Put the journal's ``records`` back in the outbox, ahead of what came since."""
         if not records:
             return False
         keys, _ = self._outbox_state()

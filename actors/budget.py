@@ -76,7 +76,7 @@ class BudgetController(LedgerJournal, OutboxJournal, LiveBudgets, BudgetReports,
         self._outbox: list[tuple[str, float]] = []  # settlements Redis has not taken yet
         self._charges: list[tuple[Charge, float]] = []  # charges Redis has not taken yet, each with its time
         self._charged: dict[str, float] = {}  # every charge id this controller was given, and its USD
-        self._settling = 0  # settlements in a call to Redis now
+        self._settling = 0  # settlements and charges in a call to Redis now (still unsettled: a report counts them)
         self.lost_records = 0  # settlements counted though Redis had lost their claim's record
         self.rejected_settlements = 0  # settlements the ledger's script refused, dropped (``_settle_apart``)
         self._flusher: asyncio.Task | None = None
@@ -316,6 +316,8 @@ class BudgetController(LedgerJournal, OutboxJournal, LiveBudgets, BudgetReports,
         if not items:
             return True
         if self._usable():
+            # Counted while out: a report read meanwhile said 0 unsettled with the charge not counted yet.
+            self._settling += len(items)
             try:
                 for t, group in itertools.groupby(items, key=lambda item: item[1]):
                     await self._maybe(self.book.charge_many([c for c, _ in group], t))
@@ -325,6 +327,8 @@ class BudgetController(LedgerJournal, OutboxJournal, LiveBudgets, BudgetReports,
                 self._recovered()
                 await self._taken(charges=items)
                 return True
+            finally:
+                self._settling -= len(items)
         self._charges = items + self._charges
         self._arm_flush()
         await self._keep_pending(charges=items)
