@@ -22,8 +22,8 @@ log = logging.getLogger("smartbatch.dispatcher")
 
 class BatchGate:
     """Needs the dispatcher's ``sim``, ``clock``, ``provider``, ``_quota``, ``_open``, ``_parts_left``,
-    ``_withdrawn``, ``_queued_at``, ``_unanswered``, ``_unjournal``, ``_final``, ``_kick``, ``_pump``, ``_enqueue`` and
-    ``_journal_put``."""
+    ``_withdrawn``, ``_queued_at``, ``_unanswered``, ``_kept``, ``_unjournal``, ``_final``, ``_kick``, ``_pump``,
+    ``_enqueue`` and ``_journal_put``."""
 
     def _withdraw_at_gate(self) -> bool:
         """End the withdrawn members of the batches waiting at the gate; the rest of each waits again, under
@@ -119,7 +119,9 @@ class BatchGate:
         self._pump()
 
     def _why_withdrawn(self, j: Job) -> str:
-        return _WITHDRAWN_AFTER_TRY if self._unanswered[j.req.uid] or self._flex_unanswered[j.req.uid] else _WITHDRAWN
+        uid = j.req.uid
+        return _WITHDRAWN_AFTER_TRY if self._unanswered[uid] or self._flex_unanswered[uid] or uid in self._kept \
+            else _WITHDRAWN
 
     def _count_reattached(self, tokens: int, jobs: list[Job]) -> None:
         """A dispatch a restarted dispatcher re-attaches to (or whose cut create it resumes; ``jobs``: its members

@@ -49,8 +49,10 @@ class Outbox:
         does not honour the key, each unanswered call may have been billed: that many bounds. ``out``: a failed
         batch member that may be billed too (its result line unreadable) carries its own bound as its cost.
         ``answered``: a retry under the key was answered by a provider that honours it (billed once: nothing more).
-        A flex call given up at its timeout had a key (a body) of its own: its bound, at flex prices, stays."""
-        calls = 0 if answered else self._unanswered.get(j.req.uid, 0)
+        A flex call given up at its timeout had a key (a body) of its own: its bound, at flex prices, stays.
+        A job whose polls gave up on the last try (``_kept``, a video still under way) is billed when it ends,
+        whoever polls it: one bound. A try that polled it again took it out: its outcome is that job's."""
+        calls = 0 if answered else self._unanswered.get(j.req.uid, 0) + (j.req.uid in self._kept)
         if calls and self.provider.honours_keys:  # every retry went under the first call's key: billed once at most
             calls = 1
         usd = calls * reserve_bound(j.req, self.catalog, "sync", None) if calls else 0.0

@@ -21,8 +21,9 @@ TALLY = ("paid_twice", "paid_twice_usd", "possibly_billed", "possibly_billed_usd
 # Then the settlements and charges the budget controller had not taken (``Outbox._to_budget``), sent again; then
 # the flex calls of each open request given up at their timeout and the flex counts (after the rest: a tally
 # journaled before them reads as before). A restart forgot them: a flex call that may have been billed left the
-# ledger, and the report lost it (a hunt).
-_ZERO_TALLY = (*(0 for _ in TALLY), {}, {}, {}, 0, 0)
+# ledger, and the report lost it (a hunt). Last, the open requests whose last try gave up polling a job (``_kept``):
+# its bound is charged if the request ends with no try that polls it again.
+_ZERO_TALLY = (*(0 for _ in TALLY), {}, {}, {}, 0, 0, ())
 
 
 class Recovery:
@@ -209,7 +210,7 @@ class Recovery:
 
     def _tally(self) -> tuple:
         return (*(getattr(self, k) for k in TALLY), dict(self._unanswered), dict(self._undelivered),
-                dict(self._flex_unanswered), self.flex_refused, self.flex_timed_out)
+                dict(self._flex_unanswered), self.flex_refused, self.flex_timed_out, tuple(sorted(self._kept)))
 
     def _add_tally(self, saved: tuple | None) -> None:
         """Add what the last process counted (it died with it) to what this one counts, and send again what it
@@ -218,11 +219,12 @@ class Recovery:
             return
         counts, rest = saved[:len(TALLY)], saved[len(TALLY):]
         rest = (*rest, *_ZERO_TALLY[len(TALLY) + len(rest):])  # (a tally of before: none of the later parts)
-        unanswered, undelivered, flex, refused, timed_out = rest[:5]
+        unanswered, undelivered, flex, refused, timed_out, kept = rest[:6]
         for k, v in zip(TALLY, counts):
             setattr(self, k, getattr(self, k) + v)
         self._unanswered.update(unanswered)
         self._flex_unanswered.update(flex)
+        self._kept.update(kept)
         self.flex_refused += refused
         self.flex_timed_out += timed_out
         if undelivered:

@@ -159,6 +159,8 @@ class SyncCalls:
                 self._pump()
                 return
         a = await self.provider.call(cj)
+        # A give-up of its last try kept the job, which this try polled again: this outcome is that job's.
+        self._kept.discard(r.uid)
         self._note_warm(r, a, start)
         extra = (max(a.usage.input_tokens + a.usage.output_tokens - r.input_tokens - r.output_tokens, 0)
                  if a.usage is not None else 0)
@@ -185,7 +187,9 @@ class SyncCalls:
                 log.warning("dispatcher %s: a call succeeded after a billing refusal: requests are sent again",
                             self.name)
         else:
-            if a.maybe_billed:
+            if a.maybe_billed and a.job_kept:  # one bound, whatever the number of tries that give up on it
+                self._kept.add(r.uid)
+            elif a.maybe_billed:
                 self._unanswered[r.uid] += 1
             if a.quota:
                 if self._quota.why is None:

@@ -84,6 +84,7 @@ class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, R
         self._unanswered: Counter[str] = Counter()  # uid -> its sync calls that got no answer (maybe billed)
         # uid -> its flex calls given up at their timeout (maybe billed, under keys no standard retry answers)
         self._flex_unanswered: Counter[str] = Counter()
+        self._kept: set[str] = set()  # uids whose last try gave up polling a job its next try polls (one bound)
         self.flex_refused = self.flex_timed_out = 0  # flex calls sent again standard: refused, or timed out
         self._quota = QuotaStop()  # a billing refusal, held for the other requests (``SyncCalls``)
         self.groupers = [as_peer(g) for g in groupers]
@@ -318,6 +319,7 @@ class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, R
         self.in_flight -= 1
         self._unanswered.pop(j.req.uid, None)
         self._flex_unanswered.pop(j.req.uid, None)
+        self._kept.discard(j.req.uid)
         self._known.discard(j.req.uid)
         self._body_done(j)
         if j.claim is not None:

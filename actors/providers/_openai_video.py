@@ -12,11 +12,12 @@ no Idempotency-Key (the header is sent all the same, for a server that honours i
 metadata, so the retry first looks for it: the videos listed newer than the newest one seen before the first
 create (``snapshot``), of the same model, prompt, seconds and size, that no other request of this provider holds.
 Found, it is polled, not made again. A poll that gives up (errors, or no end within ``GIVE_UP_S``) keeps the id,
-and the retry polls that video again. Once a create is answered (or its video found), the id goes to the
-dispatcher (``CallJob.made``), which journals it and frees the call's concurrency slot: a restarted dispatcher
-gives it back (``resume``), and the call made again polls that video rather than make another. Before each create,
-its intent (no id yet, the snapshot) is journaled the same way: a restart that cuts the create before its answer
-gives the call made again its snapshot, and the look-up above finds the video that create made (``_intent``)."""
+and the retry polls that video again, its end settling the try that gave up (``job_kept``). Once a create is
+answered (or its video found), the id goes to the dispatcher (``CallJob.made``), which journals it and frees the
+call's concurrency slot: a restarted dispatcher gives it back (``resume``), and the call made again polls that
+video rather than make another. Before each create, its intent (no id yet, the snapshot) is journaled the same
+way: a restart that cuts the create before its answer gives the call made again its snapshot, and the look-up
+above finds the video that create made (``_intent``)."""
 
 from __future__ import annotations
 
@@ -71,7 +72,7 @@ class _Try:
         # that run counted it; counted again here, a re-run reported money the bill never held (a helper's tour).
         self.replayed = False
         # Whether its video's answer accounts for the request's earlier tries that got no answer (each may have
-        # made a video): False for one taken back from the journal whose request had such tries before it.
+        # made a video): False once its video is known if lost creates of it are not all that video (``call``).
         self.covers = True
 
 
@@ -175,9 +176,13 @@ class VideoCalls:
                 self._creating.pop(key, None)
                 answered.set()
             t.video_id, recovered, t.replayed = resp.id, recovered and replayed, replayed
+        # What a retry that polls this video again (its poll gave up) answers, as the journal's record says. Left
+        # True, that retry answered ``recovered`` and the dispatcher dropped the bounds of lost creates of it whose
+        # videos were never found (a review).
+        t.covers = recovered or t.lost == 0
         if job.made is not None:  # journaled, and the call's concurrency slot freed, before minutes of polls
             await job.made({"provider": p.name, "api": "videos", "job": t.video_id, "key": key, "lost": t.lost,
-                            "covers": recovered or t.lost == 0, "model": job.req.model,
+                            "covers": t.covers, "model": job.req.model,
                             "cost_usd": price_alone(job.req, p.catalog, "sync").total})
         return await self._poll(job, key, t, recovered)
 
@@ -227,9 +232,10 @@ class VideoCalls:
                                  lambda v: f"still {v.status if v is not None else 'unread'}")
 
     def _gave_up(self, t: _Try, why: str) -> CallOutcome:
-        """The video may still complete and be billed: the retry polls it again (``_tries`` keeps its id)."""
+        """The video may still complete and be billed: the retry polls it again (``_tries`` keeps its id), and its
+        end settles this try's bound (``job_kept``): one video, not one more bound per try that gave up."""
         p = self.p
-        return CallOutcome(False, p.clock.now(), 0.0, real=True, maybe_billed=True,
+        return CallOutcome(False, p.clock.now(), 0.0, real=True, maybe_billed=True, job_kept=True,
                            error=f"{p.name}: video {t.video_id}: {why}; polled again on the next try")
 
     def _made(self, job: CallJob, v: Any, recovered: bool) -> CallOutcome:

@@ -28,9 +28,9 @@ that never left (refused, a connect timeout) or that Google refused with its own
 again by the engine's retry rules. Before each create its intent is journaled (``CallJob.made``, no operation
 yet): a dispatcher restart that cuts the create gives the intent back (``resume``), and the call made again fails
 as a lost create does rather than make a second video. A poll that gives up keeps the operation's name, and the
-retry polls it again. Once a create is answered, the name goes to the dispatcher (``CallJob.made``), which
-journals it and frees the call's concurrency slot: a restarted dispatcher gives it back (``resume``), and the call
-made again polls it."""
+retry polls it again: its end settles the try that gave up (``job_kept``: one video, one bound). Once a create is
+answered, the name goes to the dispatcher (``CallJob.made``), which journals it and frees the call's concurrency
+slot: a restarted dispatcher gives it back (``resume``), and the call made again polls it."""
 
 from __future__ import annotations
 
@@ -257,9 +257,10 @@ class VeoCalls:
         return CallOutcome(True, p.clock.now(), cost, output=uri, provider_request_id=name, raw=op, real=True)
 
     def _gave_up(self, name: str, why: str) -> CallOutcome:
-        """The video may still be made and billed: the retry polls it again (``_ops`` keeps its name)."""
+        """The video may still be made and billed: the retry polls it again (``_ops`` keeps its name), and its end
+        settles this try's bound (``job_kept``): one video, not one more bound per try that gave up."""
         p = self.p
-        return CallOutcome(False, p.clock.now(), 0.0, real=True, maybe_billed=True,
+        return CallOutcome(False, p.clock.now(), 0.0, real=True, maybe_billed=True, job_kept=True,
                            error=f"{p.name}: video {name}: {why}; polled again on the next try")
 
     async def close(self) -> None:

@@ -96,6 +96,9 @@ class CallOutcome(NamedTuple):
     # failed try; the dispatcher sends it again at the standard tier at once.
     refused: bool = False
     flex: bool = False  # answered at the flex tier and billed at its prices (``cost`` is the flex price)
+    # A job's polls gave up while it may still be billed (``maybe_billed``), and the provider keeps the job: the
+    # request's next try polls that same job, whose end settles this try's bound (not one bound more per try).
+    job_kept: bool = False
 
 
 class BatchState(NamedTuple):
