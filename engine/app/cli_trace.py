@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 
 import typer
+from rich.text import Text
 
 from engine.app.cli_common import (
     _check_outputs,
@@ -13,9 +15,48 @@ from engine.app.cli_common import (
     _settings,
     _warn_skipped,
     console,
+    err_console,
     trace_app,
 )
 from engine.core.errors import SmartbatchError
+
+_CURRENT = typer.Option(False, "--current-models", help="write a drawn model shut down by --today as its "
+                        "catalog successor (docs/traces.md, \"Current models\")")
+_TODAY = typer.Option(None, "--today", formats=["%Y-%m-%d"], help="the day models' shutdowns are judged at, "
+                      "YYYY-MM-DD (default: today, UTC)")
+
+
+def _day(today: datetime.datetime | None) -> datetime.date:
+    return today.date() if today is not None else datetime.datetime.now(datetime.timezone.utc).date()
+
+
+def _drawn(model: str | None, cat, media: bool = False) -> list[tuple[str, str]]:
+    from engine.core.tracegen import drawn_models
+
+    if model is None:
+        return list(drawn_models(media))
+    name = model.split("/", 1)[-1]  # the builder has checked it: its provider(s) offer it
+    return [(p, name) for p, spec in cat.providers.items() if name in spec.models]
+
+
+def _say_retired(reqs: list, cat, day: datetime.date, current: bool, drawn: list[tuple[str, str]]) -> None:
+    """One line: the written models shut down by ``day`` (a run at their provider's API is refused), and the flag
+    that writes their successors; with the flag, which of the ``drawn`` models were written as successors."""
+    written = {(r.provider, r.model) for r in reqs}
+    gone = sorted((m, d) for p, m in written if (d := cat.model(p, m).shutdown) is not None and d <= day)
+    names = ", ".join(f"{m} ({d})" for m, d in gone)
+    if current:
+        moved = sorted({f"{m} -> {cat.current(p, m, day)}" for p, m in drawn
+                        if cat.current(p, m, day) != m and (p, cat.current(p, m, day)) in written})
+        if moved:
+            console.print(f"models shut down by {day} written as their successors: {', '.join(moved)}")
+        if gone:
+            err_console.print(Text(f"the trace still names models shut down by {day} that have no successor in the "
+                                   f"catalog: {names}; name one in a catalog overlay, or leave them out", style="yellow"))
+    elif gone:
+        err_console.print(Text(f"the trace names models shut down by {day}: {names}; their providers refuse them. "
+                               "Add --current-models to write their successors", style="yellow"))
+
 
 # A trace spans a year at most (engine.core.trace.MAX_SPAN_S), and synth's follow-ups run to 1.2x its duration.
 _MAX_DURATION_S = 365 * 86400.0 / 1.2
@@ -27,7 +68,8 @@ def trace_from_azure(csv: Path = typer.Argument(..., help="an Azure LLM inferenc
                      seed: int = typer.Option(0, min=0, help="seed of the assignment rules"),
                      model: str | None = typer.Option(None, help="force one model (provider/model where two providers offer it)"),
                      limit: int | None = typer.Option(None, min=1, help="only the first N rows"),
-                     catalog: Path | None = typer.Option(None, help="catalog YAML (default: packaged)")) -> None:
+                     catalog: Path | None = typer.Option(None, help="catalog YAML (default: packaged)"),
+                     current_models: bool = _CURRENT, today: datetime.datetime | None = _TODAY) -> None:
     """Azure CSV (TIMESTAMP, ContextTokens, GeneratedTokens) to a trace."""
     from engine.core.trace import write_trace
     from engine.core.tracegen import from_azure
@@ -35,10 +77,14 @@ def trace_from_azure(csv: Path = typer.Argument(..., help="an Azure LLM inferenc
     try:
         _check_outputs({"--out": out}, inputs=(csv,))
         settings, cat = _settings(catalog)
-        n = write_trace(from_azure(csv, seed=seed, model=model, catalog=cat, settings=settings, limit=limit), out)
+        day = _day(today)
+        reqs = from_azure(csv, seed=seed, model=model, catalog=cat, settings=settings, limit=limit,
+                          today=day if current_models else None)
+        n = write_trace(reqs, out)
     except SmartbatchError as exc:
         _fail(exc)
     console.print(f"wrote {n:,} requests to {out}")
+    _say_retired(reqs, cat, day, current_models, _drawn(model, cat))
 
 
 @trace_app.command("from-mooncake")
@@ -47,7 +93,8 @@ def trace_from_mooncake(jsonl: Path = typer.Argument(..., help="a Mooncake trace
                         seed: int = typer.Option(0, min=0, help="seed of the assignment rules"),
                         model: str | None = typer.Option(None, help="force one model (provider/model where two providers offer it)"),
                         limit: int | None = typer.Option(None, min=1, help="only the first N rows"),
-                        catalog: Path | None = typer.Option(None, help="catalog YAML (default: packaged)")) -> None:
+                        catalog: Path | None = typer.Option(None, help="catalog YAML (default: packaged)"),
+                        current_models: bool = _CURRENT, today: datetime.datetime | None = _TODAY) -> None:
     """Mooncake JSONL (timestamp, input_length, output_length, hash_ids) to a trace."""
     from engine.core.trace import write_trace
     from engine.core.tracegen import from_mooncake
@@ -55,11 +102,14 @@ def trace_from_mooncake(jsonl: Path = typer.Argument(..., help="a Mooncake trace
     try:
         _check_outputs({"--out": out}, inputs=(jsonl,))
         settings, cat = _settings(catalog)
-        n = write_trace(from_mooncake(jsonl, seed=seed, model=model, catalog=cat, settings=settings, limit=limit),
-                        out)
+        day = _day(today)
+        reqs = from_mooncake(jsonl, seed=seed, model=model, catalog=cat, settings=settings, limit=limit,
+                             today=day if current_models else None)
+        n = write_trace(reqs, out)
     except SmartbatchError as exc:
         _fail(exc)
     console.print(f"wrote {n:,} requests to {out}")
+    _say_retired(reqs, cat, day, current_models, _drawn(model, cat))
 
 
 @trace_app.command("synth")
@@ -68,7 +118,8 @@ def trace_synth(out: Path = typer.Option(..., "--out", help="where to write the 
                 seed: int = typer.Option(0, "--seed", min=0, help="seed of the workload"),
                 duration: float = typer.Option(3600.0, min=1.0, max=_MAX_DURATION_S, help="seconds the campaigns' arrivals span; re-sent and reworded requests follow "
                                                      "theirs by minutes, up to 1.2x this"),
-                catalog: Path | None = typer.Option(None, help="catalog YAML (default: packaged)")) -> None:
+                catalog: Path | None = typer.Option(None, help="catalog YAML (default: packaged)"),
+                current_models: bool = _CURRENT, today: datetime.datetime | None = _TODAY) -> None:
     """A seeded text/image/video workload with campaigns, re-submissions and a priority mix."""
     from engine.core.trace import write_trace
     from engine.core.tracegen import synth
@@ -76,10 +127,14 @@ def trace_synth(out: Path = typer.Option(..., "--out", help="where to write the 
     try:
         _check_outputs({"--out": out})
         settings, cat = _settings(catalog)
-        count = write_trace(synth(n, seed=seed, duration_s=duration, catalog=cat, settings=settings), out)
+        day = _day(today)
+        reqs = synth(n, seed=seed, duration_s=duration, catalog=cat, settings=settings,
+                     today=day if current_models else None)
+        count = write_trace(reqs, out)
     except SmartbatchError as exc:
         _fail(exc)
     console.print(f"wrote {count:,} requests to {out}")
+    _say_retired(reqs, cat, day, current_models, _drawn(None, cat, media=True))
 
 
 @trace_app.command("from-openai-batch")

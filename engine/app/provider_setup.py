@@ -160,8 +160,11 @@ def _warn_retiring(catalog: Catalog, name: str, ep, today: datetime.date) -> Non
         return
     gone = retiring(catalog, name, today)
     if gone:
+        models = catalog.providers[name].models
+        notes = {m: [f"in {(d - today).days} days"] * (d > today)
+                 + [f"successor: {models[m].successor}"] * bool(models[m].successor) for m, d in gone}
         said = "; ".join(f"{m} {'shut down on' if d <= today else 'shuts down on'} {d}"
-                         + ("" if d <= today else f" (in {(d - today).days} days)") for m, d in gone)
+                         + (f" ({'; '.join(notes[m])})" if notes[m] else "") for m, d in gone)
         later = [m for m, s in catalog.providers[name].models.items() if s.shutdown is None and s.kind == "text"]
         others = f"the catalog also prices {', '.join(later)}; " if later else ""
         log.warning("%s: %s, by the provider's deprecations page: requests for them fail from that day; %sname "

@@ -121,6 +121,9 @@ class ModelSpec(_Frozen):
         "answers 400, the system prompt being the top-level system field alone")
     shutdown: date | None = Field(default=None, description="the day the provider stops serving the model, as "
                                   "its deprecations page says (a start that calls it over HTTP warns ahead)")
+    successor: str | None = Field(default=None, description="the model of the same provider and kind that takes over "
+                                  "from this one once it shuts down (None: none named); `trace ... --current-models` "
+                                  "writes it, following a chain, for a model shut down by the day")
 
     def effort(self, body: dict) -> str | None:
         """The reasoning effort ``body`` (on the wire, OpenAI's) asks for, else the model's default."""
@@ -203,6 +206,8 @@ class ProviderSpec(_Frozen):
                 raise ValueError(f"model {mname!r} is GPU-priced but the provider declares no gpu_batching")
             if m.kind != "text" and not m.gpu_priced and self.media_latency is None:
                 raise ValueError(f"model {mname!r} is a hosted {m.kind} model; add media_latency to the provider")
+        for mname, m in self.models.items():
+            _check_successor(self.models, mname, m)
         for mname in self.flex.models if self.flex is not None else ():
             if mname not in self.models or self.models[mname].kind != "text":
                 raise ValueError(f"flex.models names {mname!r}, which is not a text model of this provider; "
@@ -263,6 +268,14 @@ class Catalog(_Frozen):
         """The system prompt the model's calls with tools carry: its own term, else its provider's (None: none)."""
         return self.model(provider, model).tool_prompt or self.provider(provider).tool_prompt
 
+    def current(self, provider: str, model: str, today: date) -> str:
+        """The model a request for ``model`` goes to on ``today``: itself while it is served (or when it names no
+        successor), else its successor's, following the chain (validated on load: same provider and kind, no loop)."""
+        spec = self.model(provider, model)
+        while spec.shutdown is not None and spec.shutdown <= today and spec.successor is not None:
+            model, spec = spec.successor, self.providers[provider].models[spec.successor]
+        return model
+
     def find_model(self, model: str) -> tuple[str, ModelSpec]:
         """The provider of a model name, when a trace line names only the model."""
         hits = [(pn, p.models[model]) for pn, p in self.providers.items() if model in p.models]
@@ -279,6 +292,23 @@ class Catalog(_Frozen):
             raise CatalogError(f"model {model!r} is offered by several providers {[h[0] for h in hits]}; set "
                                "'provider' on the line")
         return hits[0]
+
+
+def _check_successor(models: dict[str, ModelSpec], name: str, spec: ModelSpec) -> None:
+    # A successor is the provider's own replacement: a trace row keeps its provider (and key, and bill) when its
+    # model is written as the successor, so the successor must be of the same provider, and make the same kind.
+    seen, at = [name], spec
+    while at.successor is not None:
+        nxt = models.get(at.successor)
+        if nxt is None or nxt.kind != at.kind:
+            same = ", ".join(k for k, m in models.items() if m.kind == at.kind and k != seen[-1]) or "none"
+            raise ValueError(f"model {seen[-1]!r}: successor {at.successor!r} is not a {at.kind} model of this "
+                             f"provider; name one of: {same} (or none)")
+        if at.successor in seen:
+            raise ValueError(f"model {name!r}: successors loop ({' -> '.join([*seen, at.successor])}); end the "
+                             "chain at a model with no successor")
+        seen.append(at.successor)
+        at = nxt
 
 
 def _read_yaml(path: str | Path | None, flag: str) -> tuple[dict, str]:

@@ -8,6 +8,8 @@ lacks is assigned by the seeded rules below (also in docs/traces.md), so the sam
 * provider/model: the text mix ``TEXT_MIX`` (or one model forced with ``model=``). For Mooncake the draw is
   keyed on the request's first two prefix blocks, so a conversation and its follow-ups stay on one model and
   their shared prefix can hit that model's prompt cache;
+* ``today=`` (``--current-models``): a drawn model shut down by that day is written as its catalog successor
+  (docs/traces.md, "Current models"); without it the builders write the mix as it is, so the benchmarks hold;
 * prompt: a placeholder naming the source row (Azure: unique per row; Mooncake: derived from the full
   ``hash_ids`` list, so a re-sent identical prompt is an exact duplicate); reuse: ``exact``.
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +31,7 @@ from engine.core.request import Request, validation_context
 from engine.core.settings import Settings
 from engine.core.trace import MAX_SPAN_S, TraceRequests, _problems_of, read_lines
 
-__all__ = ["TEXT_MIX", "from_azure", "from_mooncake", "synth"]
+__all__ = ["TEXT_MIX", "drawn_models", "from_azure", "from_mooncake", "synth"]
 
 TEXT_MIX: tuple[tuple[str, str, float], ...] = (
     ("openai", "gpt-5-mini", 0.30),
@@ -68,6 +70,22 @@ def _parse_model(model: str | None, catalog: Catalog) -> tuple[str, str] | None:
         raise TraceError([("--model", 0, "model", f"{model!r} makes {spec.kind}s; the traces' rows are text "
                            f"requests, so pick a text model such as {'/'.join(TEXT_MIX[0][:2])}")], hint="")
     return prov, name
+
+
+def _current(catalog: Catalog, prov: str, name: str, today: date | None) -> tuple[str, str]:
+    return prov, name if today is None else catalog.current(prov, name, today)
+
+
+def _served(options: tuple[tuple[str, str, float], ...], catalog: Catalog,
+            today: date | None) -> tuple[tuple[str, str, float], ...]:
+    """``options`` with each model written as its successor on ``today``; a model shut down with none (sora-2) is
+    left out, its weight spread over the others (a trace of the models it stands for cannot be run anywhere)."""
+    if today is None:
+        return options
+    mapped = [(p, catalog.current(p, m, today), w) for p, m, w in options]
+    kept = [(p, m, w) for p, m, w in mapped if (d := catalog.model(p, m).shutdown) is None or d > today]
+    total = sum(w for _, _, w in kept)
+    return tuple((p, m, w / total) for p, m, w in kept)
 
 
 def _common(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -119,7 +137,7 @@ def _cap_output(catalog: Catalog, prov: str, model: str, out: int) -> int:
 
 
 def from_azure(path: str | Path, *, seed: int = 0, model: str | None = None, catalog: Catalog | None = None,
-               settings: Settings | None = None, limit: int | None = None) -> TraceRequests:
+               settings: Settings | None = None, limit: int | None = None, today: date | None = None) -> TraceRequests:
     """Azure LLM inference trace CSV (TIMESTAMP, ContextTokens, GeneratedTokens) to requests. Arrivals start at
     0; the first one's time of day is kept as the trace's ``day_origin_s`` (timestamps read as UTC: the data
     names no zone)."""
@@ -165,7 +183,7 @@ def from_azure(path: str | Path, *, seed: int = 0, model: str | None = None, cat
     t0 = min((x[2] for x in parsed), default=0.0)  # the first row, in a file sorted by time
     rows = []
     for i, no, ts, ctx_tokens, gen_tokens in parsed:
-        prov, name = forced or TEXT_MIX[models[i]][:2]
+        prov, name = _current(catalog, *(forced or TEXT_MIX[models[i]][:2]), today)
         rows.append((no, {
             "id": f"{p.stem}-{i}", "arrival_s": round(ts - t0, 6), "tenant": _TENANTS[tenants[i]],
             "provider": prov, "model": name, "prompt": f"{p.stem} request {i}",
@@ -178,7 +196,8 @@ def from_azure(path: str | Path, *, seed: int = 0, model: str | None = None, cat
 
 
 def from_mooncake(path: str | Path, *, seed: int = 0, model: str | None = None, catalog: Catalog | None = None,
-                  settings: Settings | None = None, limit: int | None = None) -> list[Request]:
+                  settings: Settings | None = None, limit: int | None = None,
+                  today: date | None = None) -> list[Request]:
     """Mooncake JSONL (timestamp ms, input_length, output_length, hash_ids) to requests; hash_ids become
     prefix_blocks (512 tokens each)."""
     catalog = catalog or default_catalog()
@@ -226,7 +245,7 @@ def from_mooncake(path: str | Path, *, seed: int = 0, model: str | None = None, 
             continue
         key = hashlib.blake2b(f"{salt}:{blocks[:2]}".encode(), digest_size=8).digest()
         u = int.from_bytes(key, "big") / 2**64
-        prov, name = forced or TEXT_MIX[int(np.searchsorted(cum, u, side="right"))][:2]
+        prov, name = _current(catalog, *(forced or TEXT_MIX[int(np.searchsorted(cum, u, side="right"))][:2]), today)
         digest = hashlib.blake2b(json.dumps(blocks).encode(), digest_size=8).hexdigest()
         rows.append((no, {
             "id": f"{p.stem}-{i}", "arrival_s": float(stamp) / 1000.0, "tenant": _TENANTS[tenants[i]],
@@ -257,6 +276,11 @@ _IMAGE_MODELS = (("openai", "gpt-image-1", 0.3), ("google", "imagen-4", 0.2), ("
 _VIDEO_MODELS = (("openai", "sora-2", 0.25), ("google", "veo-3-fast", 0.25), ("modal-h100", "wan-2.1-t2v", 0.5))
 
 
+def drawn_models(media: bool = False) -> tuple[tuple[str, str], ...]:
+    """The models the builders draw (``media``: synth's image and video ones too), as written without ``today=``."""
+    return tuple((p, m) for p, m, _ in TEXT_MIX + ((_IMAGE_MODELS + _VIDEO_MODELS) if media else ()))
+
+
 def _pick(rng: np.random.Generator, options: tuple[tuple[str, str, float], ...]) -> tuple[str, str]:
     i = rng.choice(len(options), p=[o[2] for o in options])
     return options[i][0], options[i][1]
@@ -281,7 +305,7 @@ def _cover_text_providers(campaigns: list[dict]) -> None:
 
 
 def synth(n: int = 5000, *, seed: int = 0, duration_s: float = 3600.0, catalog: Catalog | None = None,
-          settings: Settings | None = None) -> list[Request]:
+          settings: Settings | None = None, today: date | None = None) -> list[Request]:
     """A seeded mixed workload: text campaigns sharing a system prompt (prefix blocks), image and video
     campaigns of similar prompts, exact re-submissions (8 %), near-duplicate paraphrases (5 %), look-alikes
     that change a colour or number (3 %, must not be reused), several tenants and a priority mix."""
@@ -289,6 +313,7 @@ def synth(n: int = 5000, *, seed: int = 0, duration_s: float = 3600.0, catalog: 
         raise TraceError([("--n", 0, "n", f"--n must be >= 1, got {n}")], hint="")
     catalog = catalog or default_catalog()
     rng = np.random.default_rng(seed)
+    images, videos = _served(_IMAGE_MODELS, catalog, today), _served(_VIDEO_MODELS, catalog, today)
     n_campaigns = max(3, n // 150)
     campaigns = []
     for c in range(n_campaigns):
@@ -301,12 +326,12 @@ def synth(n: int = 5000, *, seed: int = 0, duration_s: float = 3600.0, catalog: 
             prefix = [int(x) for x in (10_000_000 + c * 100 + np.arange(int(rng.integers(2, 7))))]
             params: dict = {}
         elif kind == "image":
-            prov, model = _pick(rng, _IMAGE_MODELS)
+            prov, model = _pick(rng, images)
             prefix = []
             table = catalog.model(prov, model).per_image or catalog.model(prov, model).gpu_s_per_image or {}
             params = {"size": str(rng.choice(sorted(table)))}
         else:
-            prov, model = _pick(rng, _VIDEO_MODELS)
+            prov, model = _pick(rng, videos)
             prefix = []
             spec = catalog.model(prov, model)
             table = spec.per_second or spec.gpu_s_per_video_second or {}
@@ -315,11 +340,15 @@ def synth(n: int = 5000, *, seed: int = 0, duration_s: float = 3600.0, catalog: 
                 # The nearest length the model takes (sora-2: 5 s is 4 s), drawn as before: a seed gives the
                 # same trace for every other model.
                 dur = min(spec.durations_s, key=lambda a: (abs(a - dur), a))
+            if dur not in (spec.durations_at or {}).get(resolution, (dur,)):  # Veo 3.1 makes 1080p at 8 s only
+                dur = min(spec.durations_at[resolution], key=lambda a: (abs(a - dur), a))
             params = {"resolution": resolution, "duration_s": dur}
         campaigns.append(dict(kind=str(kind), start=start, window=window, prio_p=prio_p, provider=prov,
                               model=model, prefix=prefix, params=params,
                               tenant=_TENANTS[rng.choice(4, p=_TENANT_P)], style=str(rng.choice(_STYLES))))
     _cover_text_providers(campaigns)
+    for c in campaigns if today is not None else ():  # text rows carry no params the successor could refuse
+        c["model"] = catalog.current(c["provider"], c["model"], today)
     rows: list[dict] = []
     for i in range(n):
         u = rng.random()

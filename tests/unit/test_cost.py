@@ -152,7 +152,7 @@ def test_hosted_media_is_list_price_and_its_prompt_tokens_where_the_catalog_pric
     want = (spec.per_image[r.params["size"]] if spec.kind == "image"
             else spec.per_second[r.params["resolution"]] * r.params["duration_s"])
     prompt = (spec.prompt_per_mtok or 0.0) * r.input_tokens / 1e6
-    assert r.input_tokens == 3_000 and (prompt > 0) == (model == "gpt-image-1")
+    assert r.input_tokens == 3_000 and (prompt > 0) == model.startswith("gpt-image")
     p = price_alone(r, CAT, "sync")
     assert p.total == pytest.approx(want + prompt) and p.media == pytest.approx(want) and p.input == pytest.approx(prompt)
     counted = price_usage(r, CAT, "sync", input_tokens=4_000, output_tokens=0)  # as the answer's usage says
@@ -250,6 +250,29 @@ def test_a_hosted_image_is_priced_and_reserved_at_its_quality():
     assert price_alone(image(quality="auto"), cat, "sync").media == pytest.approx(0.167)  # the provider picks
     assert price_alone(image(quality="high", size="1536x1024"), cat, "sync").media == pytest.approx(0.25)
     assert reserve_bound(image(quality="high"), cat, "sync") >= 0.167
+
+
+def test_gpt_image_2_is_priced_per_image_at_the_guides_figures_and_its_prompt_at_5_per_million():
+    """gpt-image-1 shut down on 2026-10-23 and the catalog priced no image model OpenAI serves: gpt-image-2's
+    figures are its image output tokens at $30 per million (7,024 at high quality square, 5,488 landscape: the
+    image guide's), and its text prompt at $5 per million, through the same cost model as gpt-image-1's."""
+    from engine.core.cost import price_alone, reserve_bound
+    from engine.core.request import Request
+
+    cat = default_catalog()
+
+    def image(**params):
+        return Request.model_validate({"id": "i", "arrival_s": 0.0, "model": "gpt-image-2", "prompt": "x" * 4000,
+                                       "params": params})
+
+    assert price_alone(image(quality="high"), cat, "sync").media == pytest.approx(7024 * 30 / 1e6, abs=5e-4)
+    assert price_alone(image(quality="high", size="1536x1024"), cat, "sync").media == pytest.approx(
+        5488 * 30 / 1e6, abs=5e-4)
+    got = {q: price_alone(image(quality=q), cat, "sync") for q in ("low", "medium", "high")}
+    assert {q: p.media for q, p in got.items()} == pytest.approx({"low": 0.006, "medium": 0.053, "high": 0.211})
+    assert all(p.input == pytest.approx(1000 * 5.0 / 1e6) for p in got.values())  # 4,000 bytes: 1,000 tokens
+    assert price_alone(image(quality="auto"), cat, "sync").media == pytest.approx(0.211)  # the provider picks
+    assert reserve_bound(image(), cat, "sync") >= 0.211  # none asked is "auto": reserved at the dearest
 
 
 def test_a_gemini_25_pro_prompt_past_200k_tokens_is_billed_whole_at_the_long_prompt_prices():

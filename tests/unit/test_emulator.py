@@ -265,25 +265,26 @@ def test_cache_entries_expire_on_the_emulator_clock(emu: Emulator, sdk: Sdk) -> 
     assert again.usage.prompt_tokens_details.cached_tokens == 0
 
 
-def test_image_generation_is_billed_per_image(emu: Emulator, sdk: Sdk) -> None:
+@pytest.mark.parametrize("model", ["gpt-image-1", "gpt-image-2"])
+def test_image_generation_is_billed_per_image(emu: Emulator, sdk: Sdk, model: str) -> None:
     client = sdk.openai()
-    out = client.images.generate(model="gpt-image-1", prompt="a red fox", n=3, size="1536x1024")
+    out = client.images.generate(model=model, prompt="a red fox", n=3, size="1536x1024")
     assert len(out.data) == 3
     assert base64.b64decode(out.data[0].b64_json).startswith(b"\x89PNG\r\n\x1a\n")
     (item,) = emu.bill().items
-    per_image = default_catalog().model("openai", "gpt-image-1").per_image
-    spec = default_catalog().model("openai", "gpt-image-1")  # and the prompt's 3 text tokens, billed once
+    per_image = default_catalog().model("openai", model).per_image
+    spec = default_catalog().model("openai", model)  # and the prompt's 3 text tokens, billed once
     assert item.cost_usd == pytest.approx(per_image["1536x1024"] * 3 + 3 * spec.prompt_per_mtok / 1e6, abs=1e-12)
     assert item.usage == {"images": 3, "size": "1536x1024", "input_tokens": 3} and out.usage.input_tokens == 3
     with pytest.raises(openai.BadRequestError, match="size"):
-        client.images.generate(model="gpt-image-1", prompt="a fox", size="256x256")
+        client.images.generate(model=model, prompt="a fox", size="256x256")
     assert len(emu.bill().items) == 1
-    client.images.generate(model="gpt-image-1", prompt="a red fox", size="1024x1024", quality="high")
-    by_quality = default_catalog().model("openai", "gpt-image-1").per_image_quality
+    client.images.generate(model=model, prompt="a red fox", size="1024x1024", quality="high")
+    by_quality = default_catalog().model("openai", model).per_image_quality
     assert emu.bill().items[-1].cost_usd == pytest.approx(by_quality["high"]["1024x1024"] + 3 * spec.prompt_per_mtok
                                                            / 1e6, abs=1e-12)  # billed at its quality, not medium
     # Asked at no quality (OpenAI's default is "auto"), the answer says which quality was made, as OpenAI's does.
-    made = client.images.generate(model="gpt-image-1", prompt="a red fox", size="1024x1024")
+    made = client.images.generate(model=model, prompt="a red fox", size="1024x1024")
     assert made.quality == "medium" and emu.bill().items[-1].cost_usd == pytest.approx(
         by_quality["medium"]["1024x1024"] + 3 * spec.prompt_per_mtok / 1e6, abs=1e-12)
 

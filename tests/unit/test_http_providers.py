@@ -315,13 +315,14 @@ def test_a_reused_copy_is_listed_at_the_tokens_of_the_answer_it_was_given(in_fli
     assert rep["list_price_usd"] == pytest.approx(listed, abs=1e-6) == rep["saving_usd"]
 
 
+@pytest.mark.parametrize("model", ["gpt-image-1", "gpt-image-2"])
 @pytest.mark.parametrize("quality", ["low", "high"])
-def test_an_image_is_generated_and_billed_at_the_quality_its_params_ask(emu, quality):
+def test_an_image_is_generated_and_billed_at_the_quality_its_params_ask(emu, quality, model):
     """``params.quality``, which the cost model prices, reaches the provider: left out of the body, the image
     was generated at the provider's default quality, billed at that price and reported at the asked one."""
-    r = Request.model_validate({"id": "img", "arrival_s": 0.0, "model": "gpt-image-1", "prompt": "a red fox",
+    r = Request.model_validate({"id": "img", "arrival_s": 0.0, "model": model, "prompt": "a red fox",
                                 "params": {"size": "1536x1024", "quality": quality}})
-    listed = CAT.model("openai", "gpt-image-1").per_image_quality[quality]["1536x1024"]
+    listed = CAT.model("openai", model).per_image_quality[quality]["1536x1024"]
 
     async def go():
         rig = Rig(emu, "openai")
@@ -330,7 +331,7 @@ def test_an_image_is_generated_and_billed_at_the_quality_its_params_ask(emu, qua
             res = await rig.until(lambda: rig.results.get("img"), "the image")
             (item,) = emu.bill().items
             # and the prompt's text tokens, as the answer's usage counts them (r's 3 tokens here)
-            billed = listed + res.usage["input_tokens"] * CAT.model("openai", "gpt-image-1").prompt_per_mtok / 1e6
+            billed = listed + res.usage["input_tokens"] * CAT.model("openai", model).prompt_per_mtok / 1e6
             assert res.status == "ok" and res.usage["input_tokens"] == r.input_tokens == 3
             assert res.cost_usd == pytest.approx(billed, abs=1e-12) and item.cost_usd == pytest.approx(billed, abs=1e-12)
         finally:

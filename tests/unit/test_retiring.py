@@ -51,7 +51,7 @@ def test_a_start_against_the_real_api_warns_of_the_models_it_shuts_down(keys, ca
     assert soon and gone
     for m in soon:
         d = CAT.providers["openai"].models[m].shutdown
-        assert f"{m} shuts down on {d} (in {(d - DAY).days} days)" in said[0]
+        assert f"{m} shuts down on {d} (in {(d - DAY).days} days" in said[0]
     for m in gone:
         assert f"{m} shut down on {CAT.providers['openai'].models[m].shutdown}" in said[0]
     assert "--catalog-overlay" in said[0]
@@ -59,7 +59,7 @@ def test_a_start_against_the_real_api_warns_of_the_models_it_shuts_down(keys, ca
     assert "the catalog also prices gpt-5.4, gpt-5.4-mini, gpt-6.2-sol, gpt-6-luna;" in said[0]
     assert "gpt-4o-mini" not in said[0]  # 40 days on: not yet
     (claude,) = [m for m in _warned(caplog) if m.startswith("anthropic:")]
-    assert "claude-sonnet-4-5 shut down on 2026-11-30," in claude  # retired five days before
+    assert "claude-sonnet-4-5 shut down on 2026-11-30 (successor: claude-sonnet-5-5)," in claude  # five days before
     assert ("the catalog also prices claude-haiku-4-5, claude-sonnet-5-5, claude-opus-5-5, claude-haiku-5-5, "
             "claude-fable-5-1, claude-fable-5;") in claude
 
@@ -98,7 +98,18 @@ def test_a_start_at_googles_address_warns_of_its_retired_veo_previews(keys, capl
         keys.setenv("OPENAI_BASE_URL", "https://api.openai.com/v1")
         http_setup(CAT, Settings(providers=ProvidersSettings(mode="http", endpoints={"openai": {}})), today=DAY)
     (google,) = [m for m in _warned(caplog) if m.startswith("google:")]
-    assert ("veo-3.1-fast-generate-preview shut down on 2026-10-22; veo-3.1-generate-preview shut down on "
-            "2026-10-22") in google
+    assert ("veo-3.1-fast-generate-preview shut down on 2026-10-22 (successor: veo-3.1-fast-generate-001); "
+            "veo-3.1-generate-preview shut down on 2026-10-22 (successor: veo-3.1-generate-001)") in google
     (openai,) = [m for m in _warned(caplog) if m.startswith("openai:")]
     assert "sora-2 shut down on 2026-09-24" in openai
+
+
+def test_a_retired_models_warning_names_its_successor_and_a_model_with_none_says_none(keys, caplog):
+    """The warning said a model shut down and to name a successor in a catalog, when the catalog names one: the
+    user was sent to research what it already knew (gpt-image-1's gpt-image-2, gpt-5's gpt-5.4)."""
+    with caplog.at_level(logging.WARNING, logger="smartbatch.providers"):
+        http_setup(CAT, Settings(providers=ProvidersSettings(mode="http")), today=DAY)
+    (said,) = [m for m in _warned(caplog) if m.startswith("openai:")]
+    assert "gpt-image-1 shut down on 2026-10-23 (successor: gpt-image-2);" in said
+    assert "gpt-5 shuts down on 2026-12-11 (in 6 days; successor: gpt-5.4);" in said
+    assert "sora-2 shut down on 2026-09-24;" in said  # OpenAI names no replacement: none is invented
