@@ -84,6 +84,9 @@ def _served(options: tuple[tuple[str, str, float], ...], catalog: Catalog,
         return options
     mapped = [(p, catalog.current(p, m, today), w) for p, m, w in options]
     kept = [(p, m, w) for p, m, w in mapped if (d := catalog.model(p, m).shutdown) is None or d > today]
+    if not kept:  # a catalog of the user's, every one of them retired
+        raise TraceError([("--current-models", 0, "model", f"{[m for _, m, _ in mapped]} are all shut down by "
+                           f"{today} with no successor: name one in a catalog overlay")], hint="")
     total = sum(w for _, _, w in kept)
     return tuple((p, m, w / total) for p, m, w in kept)
 

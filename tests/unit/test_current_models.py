@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from engine.app.cli import app
 from engine.core.catalog import default_catalog, load_catalog
-from engine.core.errors import CatalogError
+from engine.core.errors import CatalogError, TraceError
 from engine.core.trace import load_trace
 from engine.core.tracegen import drawn_models, from_azure, synth
 
@@ -138,3 +138,13 @@ def test_the_media_mixes_draw_only_models_with_a_successor_or_still_served():
     assert ("openai", "sora-2") in drawn_models(media=True) and ("openai", "sora-2") not in drawn_models()
     reqs = synth(3000, seed=1, today=DAY)
     assert "sora-2" not in {r.model for r in reqs} and "sora-2" in {r.model for r in synth(3000, seed=1)}
+
+
+def test_a_catalog_whose_every_video_model_is_retired_with_no_successor_is_refused_naming_the_flag(tmp_path):
+    overlay = tmp_path / "o.yaml"
+    overlay.write_text("providers:\n  google:\n    models:\n      veo-3-fast: {successor: null}\n"
+                       "  modal-h100:\n    models:\n      wan-2.1-t2v: {shutdown: 2026-01-01}\n")
+    cat = load_catalog(None, overlay)
+    synth(3000, seed=1, catalog=cat)  # written as drawn without a day
+    with pytest.raises(TraceError, match="--current-models.*no successor: name one in a catalog overlay"):
+        synth(3000, seed=1, catalog=cat, today=DAY)
