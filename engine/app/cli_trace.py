@@ -48,8 +48,12 @@ def _say_retired(reqs: list, cat, day: datetime.date, current: bool, drawn: list
     if current:
         moved = sorted({f"{m} -> {cat.current(p, m, day)}" for p, m in drawn
                         if cat.current(p, m, day) != m and (p, cat.current(p, m, day)) in written})
-        if moved:
-            console.print(f"models shut down by {day} written as their successors: {', '.join(moved)}")
+        # (synth leaves a media model with no successor out of its draws: said, so no kind seems lost unsaid)
+        dropped = sorted({m for p, m in drawn if cat.current(p, m, day) == m and (p, m) not in written
+                          and (d := cat.model(p, m).shutdown) is not None and d <= day})
+        if moved or dropped:
+            console.print(f"models shut down by {day} written as their successors: {', '.join(moved) or 'none'}"
+                          + (f"; left out of the draws, having none: {', '.join(dropped)}" if dropped else ""))
         if gone:
             err_console.print(Text(f"the trace still names models shut down by {day} that have no successor in the "
                                    f"catalog: {names}; name one in a catalog overlay, or leave them out", style="yellow"))

@@ -116,6 +116,7 @@ def test_the_cli_says_which_written_models_are_shut_down_and_the_flag_writes_the
     said = " ".join(r.output.split())
     assert ("models shut down by 2026-12-12 written as their successors: claude-sonnet-4-5 -> claude-sonnet-5-5, "
             "gpt-5 -> gpt-5.4, gpt-5-mini -> gpt-5.4-mini") in said and "the trace names" not in said
+    assert "veo-3-fast -> veo-3.1-fast-generate-001; left out of the draws, having none: sora-2" in said
 
 
 def test_the_cli_flag_reaches_the_real_data_builders(tmp_path):
