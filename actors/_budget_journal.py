@@ -1,5 +1,14 @@
 """The budget controller's memory ledger in the hub's journal: written before a change is answered, read
-back after a restart (a Redis ledger needs no journal)."""
+back after a restart (a Redis ledger needs no journal).
+
+A copy goes to Ray's key-value store (the controller's ``kv_journal``, ``actors._kv_journal``), which outlives the
+hub: the hub's journal is its memory, rewritten by the controller after the hub restarts, so the hub and the
+controller dying together (a node lost, both workers killed) restarted every budget from zero, its spend forgotten
+and a hard budget passable. The copy is off the hot path: no answer waits for it, at most one write is out at a time
+and the next carries the newest state, so a joint death loses at most the changes of one write's latency (never one
+write per request: Ray's store is the cluster's, on the head node). Each snapshot carries a change number that goes
+on across restarts; a restart takes back the newer of the two.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +22,7 @@ __all__ = ["JOURNAL_KEY", "LedgerJournal"]
 
 JOURNAL_KEY = ("budget", "ledger")
 PUT_TIMEOUT_S = 10.0  # a snapshot write that takes longer is given up (logged); the next change writes again
+KV_RETRY_S = 1.0  # a copy Ray's store refused is written again this long after (the latest state), until it takes one
 log = logging.getLogger("smartbatch.budget")
 
 
@@ -27,7 +37,35 @@ class LedgerJournal:
         live = ((self.spec_version, [s.model_dump() for s in b.by_name.values()], [s.name for s in b.specs])
                 if self.spec_version else None)
         return (dict(b.spent), dict(b.reserved), dict(b.claims), dict(b.spend), dict(self.refusals), list(b.ended),
-                b.ended_overrun, b.latest, set(b.charged), live, dict(b.granted))
+                b.ended_overrun, b.latest, set(b.charged), live, dict(b.granted),
+                self.__dict__.get("_seq_base", 0) + self._asked, dict(self._charged))
+
+    def _kv_soon(self) -> None:
+        """Have the copy in Ray's store follow the ledger: one write at a time, each of the state when it starts."""
+        if self.kv_journal is None:
+            return
+        self.__dict__["_kv_dirty"] = True
+        task = self.__dict__.get("_kv_task")
+        if task is None or task.done():
+            self._kv_task = asyncio.get_running_loop().create_task(self._kv_write())
+
+    async def _kv_write(self) -> None:
+        failing = False
+        while self.__dict__.get("_kv_dirty") and not self._closed:
+            self._kv_dirty = False
+            try:  # the snapshot is taken here, so the changes made while the last write was out all go in this one
+                await asyncio.wait_for(self.kv_journal.put(*JOURNAL_KEY, self._snapshot()), PUT_TIMEOUT_S)
+            except Exception as exc:
+                if not failing:
+                    log.warning("budget ledger: snapshot not copied to Ray's key-value store (%s: %s); tried again "
+                                "every %.0f s: the hub and this actor dying together meanwhile lose the changes since "
+                                "the last copy", type(exc).__name__, exc, KV_RETRY_S)
+                failing = self._kv_dirty = True
+                await asyncio.sleep(KV_RETRY_S)
+            else:
+                if failing:
+                    log.warning("budget ledger: snapshot copied to Ray's key-value store again")
+                failing = False
 
     async def _journal_soon(self) -> None:
         # One write at a time, of every change made before it: the changes made while one is out go in the next.
@@ -76,20 +114,31 @@ class LedgerJournal:
         self._restored = True
         self._restoring = asyncio.Event()  # ledger calls wait: the restore overwrites what they would do meanwhile
         try:
-            return self._restore(await read_patiently(lambda: self.journal.items(JOURNAL_KEY[0]), "budget ledger",
-                                                      self.recover_wait_s))
-        except Exception as exc:
-            log.error("budget ledger: journal unreadable after a restart (%s); spend restarts from zero", exc)
-            return False
+            found = [snap for snap in (await self._read(self.journal, "the hub's journal"),
+                                       await self._read(self.kv_journal, "Ray's key-value store")) if snap]
+            if not found:
+                return False
+            # The newer: the hub's while it lived (the copy lags it by a write at most), else Ray's store's.
+            return self._restore(max(found, key=lambda snap: snap[11] if len(snap) > 11 else 0))
         finally:
             self._restoring.set()
             self._restoring = None
 
-    def _restore(self, journal: dict) -> bool:
-        snap = journal.get(JOURNAL_KEY[1])
-        if snap is None:
-            return False
+    async def _read(self, journal, where: str) -> tuple | None:
+        if journal is None:
+            return None
+        try:
+            return (await read_patiently(lambda: journal.items(JOURNAL_KEY[0]), "budget ledger",
+                                         self.recover_wait_s)).get(JOURNAL_KEY[1])
+        except Exception as exc:
+            log.error("budget ledger: snapshot in %s unreadable after a restart (%s)", where, exc)
+            return None
+
+    def _restore(self, snap: tuple) -> bool:
         b = self.book
+        if len(snap) > 11:  # the change number (this run's snapshots number on from it), and the charges' USD
+            self._seq_base, charged, snap = snap[11], snap[12], snap[:11]
+            self._charged.update(charged)  # the report's charged_usd said 0 after every restart
         # 5 parts before ended windows, 7 before latest, 8 before charged, 9 before the budgets changed live, 10
         # before what windows had granted under a limit lowered since
         spent, reserved, claims, spend, refusals, *ended = snap

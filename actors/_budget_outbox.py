@@ -2,7 +2,7 @@
 settlements and charges Redis has not taken yet, kept where they outlive the budget controller, and sent once
 Redis answers.
 
-Where: the controller's ``outbox_journal`` when it has one (the engine gives it Ray's key-value store,
+Where: the controller's ``kv_journal`` when it has one (the engine gives it Ray's key-value store,
 ``actors._kv_journal``, which outlives the hub too), else the hub's memory. In the hub's memory alone, the
 outbox was lost when the hub and the controller died together while Redis was away (a helper's hunt): the
 engine no longer runs so; a controller made without either (a test's) journals nothing.
@@ -47,11 +47,11 @@ class OutboxJournal:
     """Outbox journal methods of ``BudgetController`` (a Redis ledger only: a memory ledger's snapshot holds all)."""
 
     def _outbox_journal(self):
-        """Where the outbox is journaled: the controller's ``outbox_journal``, else the hub's memory (None: a
+        """Where the outbox is journaled: the controller's ``kv_journal``, else the hub's memory (None: a
         memory ledger, or neither)."""
         j = self.__dict__.get("_outbox_j")
         if j is None and self._errors:
-            j = self.outbox_journal if self.outbox_journal is not None else (
+            j = self.kv_journal if self.kv_journal is not None else (
                 HubJournal(self.hub) if self.hub is not None else None)
             self.__dict__["_outbox_j"] = j
         return j

@@ -49,9 +49,10 @@ log = logging.getLogger("smartbatch.budget")
 class BudgetController(LedgerJournal, OutboxJournal, LiveBudgets, BudgetReports, Warm):
     def __init__(self, settings: BudgetSettings, hub=None, clock=None, base: float = 0.0, engine: str = "engine",
                  recover_wait_s: float = JournalSettings().recover_wait_s, ledger_id: str | None = None,
-                 outbox_journal=None):
+                 kv_journal=None):
         self.settings, self.recover_wait_s = settings, recover_wait_s
-        self.outbox_journal = outbox_journal  # a Redis ledger's outbox, if not in the hub (``_budget_outbox``)
+        # Ray's key-value store (``actors._kv_journal``): a Redis ledger's outbox, a memory ledger's snapshot's copy
+        self.kv_journal = kv_journal
         self._restoring: asyncio.Event | None = None  # set while ``recover`` reads the journal
         self.hub = as_peer(hub)
         # A ledger in this actor's memory is journaled in the hub (a Redis ledger needs no journal).
@@ -338,6 +339,7 @@ class BudgetController(LedgerJournal, OutboxJournal, LiveBudgets, BudgetReports,
         if journal and self.journal is not None and (self.settings.specs or self.spec_version):
             self._journal_dirty = True
             self._asked += 1
+            self._kv_soon()  # and Ray's store, off the hot path: the hub and this actor may die together
             if self._journaling is None or self._journaling.done():
                 self._journaling = asyncio.get_running_loop().create_task(self._journal_soon())
         self._dirty = True

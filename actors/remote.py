@@ -137,7 +137,7 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
     journal = f"{engine}@{secrets.token_hex(4)}"
     budget = _actor(BudgetController).options(**opts("budget")).remote(
         budgets, ref("hub"), later, 0.0, engine, settings.journal.recover_wait_s, secrets.token_hex(8),
-        KvJournal(engine, journal) if budgets.redis_url else None)  # a Redis ledger's outbox: outlives the hub
+        KvJournal(engine, journal))  # a Redis ledger's outbox, a memory ledger's snapshot: it outlives the hub
     in_force = _ledger_ready(budget, [*hubs, budget])  # the groupers start with them, not the settings
     reuse = policy.reuse
     with_cache = reuse.exact or reuse.in_flight or reuse.near
@@ -281,7 +281,10 @@ def kill_engine(engine: str, handles: list | None = None, dispatchers: Iterable 
     last = list(dispatchers or ())
     n = _kill([h for h in handles if h not in last])
     _cancel_batches(engine, last)
-    return n + _kill(last)
+    n += _kill(last)
+    # Again: the budget controller's copy of its ledger, written after the first, would outlive the engine.
+    unpublish_clock(engine)
+    return n
 
 
 def _kill(handles: list) -> int:

@@ -210,14 +210,14 @@ def test_what_waits_for_a_paused_redis_outlives_the_hub_and_the_budget_controlle
         await ctl.close()
 
     async def restarted():  # both restarted by Ray: a new hub, its journal empty, and a new controller
-        ctl = BudgetController(b, ResultHub(), ManualClock(100.0), outbox_journal=KvJournal(engine, kv.run))
+        ctl = BudgetController(b, ResultHub(), ManualClock(100.0), kv_journal=KvJournal(engine, kv.run))
         ctl.reconstructed()
         await ctl.rejournal()  # the driver's rewire after the hub's restart: nothing to write again, nothing lost
         return ctl
 
     async def go():
         hub = ResultHub()
-        first = BudgetController(b, hub, ManualClock(100.0), outbox_journal=kv)
+        first = BudgetController(b, hub, ManualClock(100.0), kv_journal=kv)
         await first.check_ledger()
         assert all(v.ok for v in await first.reserve_many(_claims("a0", "a1", "a2", usd=2.0)))
         os.kill(own_redis.proc.pid, signal.SIGSTOP)
@@ -295,6 +295,49 @@ def test_an_engine_s_budget_outbox_outlives_its_hub_and_budget_controller_killed
                 break
     (row,) = rep["budgets"]
     assert (row["spent_usd"], row["reserved_usd"]) == (pytest.approx(2.0), pytest.approx(2.0)), rep  # before: 0, 4
+
+
+def test_a_memory_ledger_outlives_its_hub_and_budget_controller_dying_together(ray_session):
+    """No Redis (the embedded default): the hub and the controller die together holding $1.5 spent, a $0.5 charge
+    and a claim of $2 open. Before, the snapshot lived in the hub's memory alone and the ledger restarted from zero:
+    spend forgotten, the claim's room free, a hard budget passable. Now its copy in Ray's key-value store (written
+    off the hot path, ``actors._budget_journal``) brings both back, and the engine's stop removes it."""
+    import secrets
+
+    from actors._kv_journal import KvJournal, drop_engine
+    from actors.hub import ResultHub
+    from engine.core.budgets import Charge
+
+    b = BudgetSettings(specs=(BudgetSpec(max_budget=10.0, budget_duration="1d"),))
+    engine = f"sbtest-{secrets.token_hex(4)}"
+    kv = KvJournal(engine, f"{engine}@run")
+
+    async def _copied(ctl) -> None:  # the copy holds every change so far (its writer runs while changes come)
+        if "_kv_task" in ctl.__dict__:
+            await asyncio.wait_for(ctl._kv_task, timeout=30)
+
+    async def go():
+        first = BudgetController(b, ResultHub(), ManualClock(100.0), kv_journal=kv)
+        await first.check_ledger()
+        assert all(v.ok for v in await first.reserve_many(_claims("a0", "a1", usd=2.0)))
+        await first.settle_many([("a0", 1.5)])
+        await first.charge_many([Charge("late:m1", "acme", "openai", "gpt-5-mini", 0.5)])
+        await _copied(first)
+        first._reported.cancel()
+        second = BudgetController(b, ResultHub(), ManualClock(100.0), kv_journal=KvJournal(engine, kv.run))
+        second.reconstructed()
+        rep = await second.report()
+        assert (rep["spent_usd"], rep["reserved_usd"], rep["charged_usd"]) == (2.0, 2.0, 0.5)  # before: 0, 0, 0
+        (last,) = await second.reserve_many(_claims("z", usd=6.5))  # $8 of $10 taken: a claim of $6.5 waits
+        assert not last.ok
+        await _copied(second)
+        second._reported.cancel()
+        drop_engine(engine)  # the engine's stop
+        assert await kv.items("budget") == {}
+    try:
+        asyncio.run(go())
+    finally:
+        drop_engine(engine)
 
 
 def test_a_settlement_journaled_for_a_redis_that_comes_back_empty_still_counts_its_spend(own_redis):

@@ -1,0 +1,115 @@
+"""The memory ledger's copy in Ray's key-value store (``actors._budget_journal``): the hub's journal is its memory,
+so the hub and the budget controller dying together restarted every budget from zero. Driven without Ray: a
+stand-in for the store whose writes land when the test lets them, so the writes in flight can be counted."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+
+from actors import BudgetController, ResultHub
+from engine.core.budgets import BudgetSettings, BudgetSpec, Charge, Claim
+from engine.core.clock import ManualClock
+
+SETTINGS = BudgetSettings(specs=(BudgetSpec(max_budget=10.0, budget_duration="1d"),))
+
+
+class HeldStore:
+    """Ray's store as ``KvJournal`` uses it; while ``held``, a write waits for ``gate`` before it lands."""
+
+    durable = True
+
+    def __init__(self):
+        self.records: dict[tuple[str, str], bytes] = {}
+        self.puts = self.out = self.most_out = 0
+        self.held, self.gate = False, asyncio.Event()
+
+    async def put(self, space: str, key: str, value) -> None:
+        blob = pickle.dumps(value)  # the state as sent, as KvJournal pickles it before it leaves
+        self.puts, self.out = self.puts + 1, self.out + 1
+        self.most_out = max(self.most_out, self.out)
+        try:
+            if self.held:
+                await self.gate.wait()
+        finally:
+            self.out -= 1
+        self.records[space, key] = blob
+
+    async def items(self, space: str) -> dict:
+        return {k: pickle.loads(v) for (s, k), v in self.records.items() if s == space}
+
+
+def _claims(*ids: str, usd: float) -> list[Claim]:
+    return [Claim(i, "acme", "openai", "gpt-5-mini", "urgent", usd) for i in ids]
+
+
+def _state(rep: dict) -> tuple:
+    return rep["spent_usd"], rep["reserved_usd"], rep["charged_usd"], rep["windows"]
+
+
+async def _stop(*ctls: BudgetController) -> None:
+    for ctl in ctls:
+        for task in (ctl._reported, ctl.__dict__.get("_kv_task")):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+
+async def _written(ctl: BudgetController) -> None:
+    """Once the copy holds every change made so far (its writer goes on while changes come)."""
+    if "_kv_task" in ctl.__dict__:
+        await asyncio.wait_for(ctl._kv_task, timeout=10)
+
+
+def test_the_hub_and_the_controller_dying_together_keep_the_spend_and_reservations_and_count_nothing_twice():
+    async def go():
+        store, clock = HeldStore(), ManualClock(100.0)
+        ctl = BudgetController(SETTINGS, ResultHub(), clock, kv_journal=store)
+        await ctl.check_ledger()
+        store.held = True  # answered meanwhile from the hub's journal alone: Ray's store is off the hot path
+        ids = [f"a{k}" for k in range(50)]
+        for rid in ids:
+            assert (await ctl.reserve_many(_claims(rid, usd=0.1)))[0].ok
+        await ctl.settle_many([(rid, 0.05) for rid in ids[:40]])
+        await ctl.charge_many([Charge("late:m1", "acme", "openai", "gpt-5-mini", 0.5)])
+        assert store.puts == 1 and store.most_out == 1  # one write out, none per request
+        store.gate.set()
+        await _written(ctl)
+        assert store.puts == 2  # the next carried every change made while the first was out
+        before = await ctl.report()
+
+        # Both restarted by Ray: a new hub, its journal empty, and a new controller. Before: spend 0, nothing held.
+        again = BudgetController(SETTINGS, ResultHub(), clock, kv_journal=store)
+        again.reconstructed()
+        assert _state(await again.report()) == _state(before)
+        # Every claim settled again (the 40 a second time): those settled before the death count nothing more.
+        await again.settle_many([(rid, 0.05) for rid in ids])
+        after = await again.report()
+        assert after["reserved_usd"] == 0 and after["spent_usd"] == before["spent_usd"] + 10 * 0.05
+        await _stop(ctl, again)
+    asyncio.run(go())
+
+
+def test_a_controller_restarted_alone_takes_the_hub_s_newer_snapshot_and_its_copies_number_after_it():
+    async def go():
+        store, clock, hub = HeldStore(), ManualClock(100.0), ResultHub()
+        ctl = BudgetController(SETTINGS, hub, clock, kv_journal=store)
+        await ctl.check_ledger()
+        assert (await ctl.reserve_many(_claims("a0", usd=1.0)))[0].ok
+        await _written(ctl)
+        store.held = True  # the copy lags: the write of a1 and a2 is out when the controller dies
+        assert all(v.ok for v in await ctl.reserve_many(_claims("a1", "a2", usd=1.0)))
+        ctl.__dict__.get("_kv_task", asyncio.Future()).cancel()
+        again = BudgetController(SETTINGS, hub, clock, kv_journal=store)
+        again.reconstructed()
+        assert (await again.report())["reserved_usd"] == 3.0  # the hub's, not the copy's 1.0
+        store.held = False
+        await again.settle_many([("a0", 0.5)])
+        await _written(again)
+        # Then the hub and the controller die together: the copy written after the restart is the newer.
+        third = BudgetController(SETTINGS, ResultHub(), clock, kv_journal=store)
+        third.reconstructed()
+        rep = await third.report()
+        assert (rep["spent_usd"], rep["reserved_usd"]) == (0.5, 2.0)
+        await _stop(ctl, again, third)
+    asyncio.run(go())
