@@ -4,9 +4,12 @@
 ``Engine.responses`` stays the record the checks read (``Admitting._owned``, the endpoint's): it learns from the
 answers this driver gets, and, before a submission naming an id it does not know is judged, from the hub shards,
 asked once for all the submission's unknown ids (a call per shard; none when every id is known here, or was
-asked before and no shard knew it). An id never changes hands, and a shard learns it before any driver can hold
-it, so neither answer changes: each id is asked about once. Not so a shard Ray restarted (not ``whole``): it knows
-only what the drivers rewired since gave back, so an id it does not know is asked about again. A hub that
+asked before and no shard knew it). An id never changes hands, and a shard learns the ids it pushes before any
+driver can hold them, so an owner, once answered, is kept for good. "Nobody's" is kept only ``NOBODY_FOR_S``
+(``engine.core.response_owners``): a shard is also taught ids it never pushed (an endpoint started on its state
+directory, after a script had asked), and a driver that kept that answer let another tenant continue the id. A shard
+Ray restarted (not ``whole``) knows only what the drivers rewired since gave back, so its "nobody's" is not kept at
+all; a rewire whose record the shard did not take is made again at the next check (``_supervise``). A hub that
 does not answer in ``OWNERS_WAIT_S`` (restarting) leaves the record as it was: a driver lets an unknown id go, as
 it did alone; the endpoint answers a 503 for a request it would refuse only for want of that answer.
 """

@@ -257,8 +257,12 @@ class Supervised:
                 log.warning("smartbatch: rewiring %s failed (%s); trying again at the next check", kind, exc)
                 self._incarnation[kind] = ""
                 continue
-            if kind.split("-", 1)[0] == "hub":  # it knows no response id's owner: this driver's record again
-                self.share_owners([self._h["named"][kind]])
+            # A restarted hub knows no response id's owner: this driver's record again. Not taken, the next check
+            # rewires it again (before, only logged: the shard never learnt this driver's ids, and another driver
+            # let a tenant continue a conversation of another's).
+            if kind.split("-", 1)[0] == "hub" and not self.share_owners([self._h["named"][kind]]):
+                self._incarnation[kind] = ""
+                continue
             self.restarts[kind] = self.restarts.get(kind, 0) + 1
         self._readmit_open()
         with self._recovered:

@@ -31,14 +31,19 @@ Several drivers share one engine: each result hub shard learns the ids of the an
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 from engine.core.errors import ConfigError
 
 __all__ = ["NOT_FOUND_CODES", "RESPONSES_KEPT", "Refusal", "ResponseOwners", "answer_refs", "refs_of"]
 
+# How long a driver takes "no shard knows this id" for an answer (real seconds): a shard is taught ids it never
+# pushed (an endpoint started on its state directory, a script on ``journal.dir``, a driver's rewire), so a
+# driver asks again past this; within it, it lets the id go as it would before the teaching.
+NOBODY_FOR_S = 10.0
 RESPONSES_KEPT = 100_000  # ids kept (32 MB measured, ids of 53 characters): each answer its own, its output items'
 # A body field naming a stored object -> (the kind of id, OpenAI's words for an unknown one, the error's code).
 _FIELDS = {"previous_response_id": ("response", "Previous response with id {!r} not found.",
@@ -113,14 +118,17 @@ def answer_refs(answer: Mapping[str, Any] | None) -> list[tuple[str, str]]:
 class ResponseOwners:
     """(kind, id) -> the tenant it belongs to, the ``kept`` most lately learnt or used."""
 
-    def __init__(self, kept: int = RESPONSES_KEPT) -> None:
+    def __init__(self, kept: int = RESPONSES_KEPT, nobody_for_s: float = NOBODY_FOR_S,
+                 now: Callable[[], float] = time.monotonic) -> None:
         if isinstance(kept, bool) or not isinstance(kept, int) or kept < 1:
             raise ConfigError(f"kept must be an integer >= 1 (the response ids remembered), got {kept!r}")
-        self.kept = kept
+        self.kept, self.nobody_for_s, self._now = kept, nobody_for_s, now
         self._owner: OrderedDict[tuple[str, str], str] = OrderedDict()
-        # Ids the engine's record was asked about and knew no owner of (``asked``): not asked again, as a hub learns
-        # an id before any driver can hold it (``actors._hub_owners``), so no answer will change. Bounded alike.
-        self._nobody: OrderedDict[tuple[str, str], None] = OrderedDict()
+        # Ids the engine's record was asked about and knew no owner of (``asked``), and when: not asked again for
+        # ``nobody_for_s``, as a hub learns the ids it pushes before any driver can hold them (``actors._hub_owners``).
+        # Not for good: a shard is also taught ids it never pushed, and a driver that kept "nobody's" for as long
+        # as its record kept the id let another tenant continue it (a review). Bounded alike.
+        self._nobody: OrderedDict[tuple[str, str], float] = OrderedDict()
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -167,17 +175,20 @@ class ResponseOwners:
         return None
 
     def unknown(self, refs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-        """The (kind, id) of ``refs`` no tenant is known here to own, once each, and not ``asked`` before: what a
-        driver asks its engine."""
+        """The (kind, id) of ``refs`` no tenant is known here to own, once each, and not ``asked`` in the last
+        ``nobody_for_s``: what a driver asks its engine."""
+        since = self._now() - self.nobody_for_s
         with self._lock:
-            return [ref for ref in dict.fromkeys(refs) if ref not in self._owner and ref not in self._nobody]
+            return [ref for ref in dict.fromkeys(refs)
+                    if ref not in self._owner and self._nobody.get(ref, since) <= since]
 
     def asked(self, refs: Iterable[tuple[str, str]]) -> None:
         """Record that the engine knew no owner of these of ``refs`` not known here: ``unknown`` leaves them out."""
+        now = self._now()
         with self._lock:
             for ref in refs:
                 if ref not in self._owner:
-                    self._nobody[ref] = None
+                    self._nobody[ref] = now
                     self._nobody.move_to_end(ref)
             while len(self._nobody) > self.kept:
                 self._nobody.popitem(last=False)

@@ -357,3 +357,49 @@ def test_a_driver_started_on_a_killed_runs_answers_gives_their_ids_to_the_engine
     finally:
         Engine._running_engines.discard(first)
         driver_gc.engine_stopped()
+
+
+def test_nobodys_answer_goes_stale_once_a_shard_is_taught_the_id_so_a_driver_asks_again(monkeypatch):
+    """Driver B asked about resp_a before anyone had taught the shard (an endpoint started on its state directory
+    teaches it what its log held): 'nobody's'. Before, B kept that answer for as long as its record kept the id and
+    never asked again: globex continued acme's conversation. Now the answer is kept ``nobody_for_s`` only."""
+    hub = _Handle(_hub())
+    b = _driver(monkeypatch, hub)
+    now = [0.0]
+    b.responses = ResponseOwners(nobody_for_s=10.0, now=lambda: now[0])
+    b.submit(_turn("g1", "globex", previous_response_id="resp_a"))  # nobody's yet: a driver lets it go
+    asyncio.run(hub.hub.teach_owners([("response", "resp_a", "acme")]))  # the endpoint on its state directory
+    now[0] = 9.0
+    b.submit(_turn("g2", "globex", previous_response_id="resp_a"))  # within the age: the answer still holds
+    assert b.owner_asks == 1
+    now[0] = 10.0
+    with pytest.raises(RequestError, match="body.previous_response_id"):
+        b.submit(_turn("g3", "globex", previous_response_id="resp_a"))
+    assert b.owner_asks == 2
+
+
+def test_a_hub_rewire_whose_owner_record_was_not_taken_is_made_again_at_the_next_check(monkeypatch):
+    """Ray restarted the hub shard and the rewire's ``share_owners`` failed (the shard busy, restarting again).
+    Before, that was only logged: the shard never learnt this driver's ids, and another driver let globex continue
+    acme's conversation. Now the next check takes the shard for restarted again and rewires it until it takes them."""
+    import threading
+
+    import actors.remote
+
+    hub = _Handle(_hub())
+    a = _driver(monkeypatch, hub)
+    a._resolve(a.submit(_turn("q0", "acme")), _answer("acme", "resp_a"))  # learnt by driver A alone
+    rewired = []
+    monkeypatch.setattr(actors.remote, "rewire", lambda h, kind, *args, **kw: rewired.append(kind))
+    a._h["named"], a._incarnation, a.restarts = {"hub": hub}, {"hub": "second run"}, {}
+    a._metrics_addr, a._readmit_open = (lambda kind: None), (lambda *args, **kw: None)
+    a._recovered = threading.Condition()
+    hub.hub = _hub()  # Ray restarted the shard: it knows nothing
+    hub.hub.reconstructed()
+    hub.down = True  # and does not take the record
+    a._recover_now(["hub"])
+    assert a._incarnation["hub"] != "second run" and not a.restarts  # the next check sees it to recover
+    hub.down = False
+    a._recover_now(["hub"])  # that check's recovery
+    assert rewired == ["hub", "hub"] and a.restarts == {"hub": 1}
+    assert asyncio.run(hub.hub.owners_of([("response", "resp_a")]))[0] == [("response", "resp_a", "acme")]
