@@ -42,8 +42,8 @@ class LedgerJournal:
 
     def _kv_soon(self) -> None:
         """Have the copy in Ray's store follow the ledger: one write at a time, each of the state when it starts."""
-        if self.kv_journal is None:
-            return
+        if self.kv_journal is None or "_must_recover" in self.__dict__ or self._restoring is not None:
+            return  # not before a restart took the ledger back: the empty one would replace the copy
         self.__dict__["_kv_dirty"] = True
         task = self.__dict__.get("_kv_task")
         if task is None or task.done():
@@ -72,7 +72,7 @@ class LedgerJournal:
         while self._journal_dirty:
             self._journal_dirty = False
             upto = self._asked
-            await self.rejournal()  # a write that fails is logged: the ledger goes on, as without a journal
+            await self._put_snapshot()  # a write that fails is logged: the ledger goes on, as without a journal
             self._written = upto
             cond = self._cond()
             async with cond:
@@ -95,8 +95,14 @@ class LedgerJournal:
     async def rejournal(self) -> None:
         """Write the ledger's snapshot to the journal (also after the hub, which keeps it, restarted); a Redis
         ledger's outbox instead, if it holds anything."""
+        # A restarted controller takes its ledger back first: the hub's rewire can come before its own, and it
+        # wrote the empty ledger of the new incarnation over the journal's.
+        await self._restored_first()
         if self.journal is None:
             return await self.rejournal_outbox()
+        await self._put_snapshot()
+
+    async def _put_snapshot(self) -> None:
         try:  # bounded: a reservation waits for this write (``_durable``), and a wedged hub must not hold it for good
             await asyncio.wait_for(self.journal.put(*JOURNAL_KEY, self._snapshot()), PUT_TIMEOUT_S)
         except Exception as exc:
@@ -112,17 +118,22 @@ class LedgerJournal:
         if self.__dict__.get("_restored"):
             return False
         self._restored = True
+        self.__dict__.pop("_must_recover", None)  # the driver's rewire asked first
         self._restoring = asyncio.Event()  # ledger calls wait: the restore overwrites what they would do meanwhile
+        restored = False
         try:
             found = [snap for snap in (await self._read(self.journal, "the hub's journal"),
                                        await self._read(self.kv_journal, "Ray's key-value store")) if snap]
             if not found:
                 return False
             # The newer: the hub's while it lived (the copy lags it by a write at most), else Ray's store's.
-            return self._restore(max(found, key=lambda snap: snap[11] if len(snap) > 11 else 0))
+            restored = self._restore(max(found, key=lambda snap: snap[11] if len(snap) > 11 else 0))
+            return restored
         finally:
             self._restoring.set()
             self._restoring = None
+            if restored:  # copied from now on (not while it was read back: the empty ledger would replace the copy)
+                self._kv_soon()
 
     async def _read(self, journal, where: str) -> tuple | None:
         if journal is None:

@@ -68,8 +68,11 @@ class BudgetReports:
                             window_label(float(r["window"])))
 
     async def report_again(self) -> None:
-        """Send the budget gauges again: the hub restarted with none, and they are sent when they move."""
-        self._changed()
+        """Send the budget gauges again: the hub restarted with none, and they are sent when they move. A
+        restarted controller takes its ledger back first (the hub's rewire can come before its own): nothing is
+        journaled here, the ledger did not change."""
+        await self._restored_first()
+        self._changed(journal=False)
 
     async def _rows(self) -> list[dict]:
         return await self._maybe(self.book.report(self.now()))

@@ -232,6 +232,7 @@ def cancel_work(h: dict, timeout_s: float) -> int:
 
 
 SETTLE_POLL_S = 0.25  # how often ``settle`` asks the dispatchers again (real seconds)
+DEATH_WAIT_S = 2.0  # how long a stop waits for its killed actors to be dead before it cleans Ray's store again
 
 
 def settle(h: dict, timeout_s: float, interrupted: threading.Event | None = None) -> int:
@@ -279,10 +280,17 @@ def kill_engine(engine: str, handles: list | None = None, dispatchers: Iterable 
                 dispatchers.append(h)
     unpublish_clock(engine)  # first: drivers attached to it see it gone rather than a half-stopped engine
     last = list(dispatchers or ())
-    n = _kill([h for h in handles if h not in last])
+    rest = [h for h in handles if h not in last]
+    n = _kill(rest)
     _cancel_batches(engine, last)
     n += _kill(last)
-    # Again: the budget controller's copy of its ledger, written after the first, would outlive the engine.
+    # Again once they are dead (a kill lands later): the budget controller's copy of its ledger, written after the
+    # first, outlived the engine in Ray's store.
+    try:
+        if rest:
+            ray.wait([h.ping.remote() for h in rest], num_returns=len(rest), timeout=DEATH_WAIT_S)
+    except Exception:  # Ray is going down: nothing is left to clean
+        pass
     unpublish_clock(engine)
     return n
 

@@ -5,6 +5,7 @@ their spend came on top when they settled. The book reserves them again, before 
 import asyncio
 import itertools
 import math
+import pickle
 
 import pytest
 
@@ -338,6 +339,40 @@ def test_a_memory_ledger_outlives_its_hub_and_budget_controller_dying_together(r
         asyncio.run(go())
     finally:
         drop_engine(engine)
+
+
+def test_an_engine_s_memory_ledger_outlives_its_hub_and_budget_controller_killed_together(ray_session):
+    """The same through the engine's actors (no Redis): both killed by Ray, restarted; the ledger's $1.5 spent and
+    $2 held come back from Ray's store, and the engine's stop removes its records there."""
+    import time
+
+    import ray
+    from ray.experimental import internal_kv
+
+    from engine import Engine
+    from engine.core.settings import Settings
+    from tests.integration._catalogs import OPENAI_ONLY
+
+    b = BudgetSettings(specs=(BudgetSpec(max_budget=10.0, budget_duration="1d"),))
+    with Engine.start(Settings(budgets=b), catalog=OPENAI_ONLY, policy="naive", metrics_port=None) as eng:
+        budget, prefix = eng._h["named"]["budget"], f"{eng._h['engine']}:journal:"
+        assert all(v.ok for v in ray.get(budget.reserve_many.remote(_claims("a0", "a1", usd=2.0)), timeout=30))
+        ray.get(budget.settle_many.remote([("a0", 1.5)]), timeout=30)
+
+        def copied() -> bool:  # the copy in Ray's store holds the settlement (written just after its answer)
+            keys = internal_kv._internal_kv_list(prefix, namespace="smartbatch")
+            snaps = [pickle.loads(internal_kv._internal_kv_get(k, namespace="smartbatch")) for k in keys]
+            return any(sum(snap[3].values()) == 1.5 for snap in snaps)
+        give_up = time.monotonic() + 30
+        while not copied():  # each try is a read of Ray's store: no spin
+            assert time.monotonic() < give_up, "the ledger was never copied to Ray's key-value store"
+        ray.kill(eng._h["named"]["hub"], no_restart=False)
+        ray.kill(budget, no_restart=False)
+        assert eng.wait_recovered("hub", timeout=90) and eng.wait_recovered("budget", timeout=90)
+        rep = ray.get(budget.report.remote(), timeout=30)
+    (row,) = rep["budgets"]
+    assert (row["spent_usd"], row["reserved_usd"]) == (pytest.approx(1.5), pytest.approx(2.0)), rep  # before: 0, 0
+    assert internal_kv._internal_kv_list(prefix, namespace="smartbatch") == []  # the stop removed them
 
 
 def test_a_settlement_journaled_for_a_redis_that_comes_back_empty_still_counts_its_spend(own_redis):

@@ -81,6 +81,10 @@ def test_the_hub_and_the_controller_dying_together_keep_the_spend_and_reservatio
         # Both restarted by Ray: a new hub, its journal empty, and a new controller. Before: spend 0, nothing held.
         again = BudgetController(SETTINGS, ResultHub(), clock, kv_journal=store)
         again.reconstructed()
+        # The hub's rewire may reach the new controller before its own: its empty ledger wrote over the copy.
+        await again.rejournal()
+        await again.report_again()
+        await _written(again)  # whatever they had copied
         assert _state(await again.report()) == _state(before)
         # Every claim settled again (the 40 a second time): those settled before the death count nothing more.
         await again.settle_many([(rid, 0.05) for rid in ids])
@@ -104,6 +108,7 @@ def test_a_controller_restarted_alone_takes_the_hub_s_newer_snapshot_and_its_cop
         again.reconstructed()
         assert (await again.report())["reserved_usd"] == 3.0  # the hub's, not the copy's 1.0
         store.held = False
+        store.gate.set()
         await again.settle_many([("a0", 0.5)])
         await _written(again)
         # Then the hub and the controller die together: the copy written after the restart is the newer.

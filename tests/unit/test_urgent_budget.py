@@ -124,13 +124,13 @@ def test_held_work_is_tried_again_one_engine_second_later_at_any_speed_up():
 def counted_writes(ctl: BudgetController) -> list[int]:
     """A list that grows by one at each journal write of ``ctl``."""
     writes: list[int] = []
-    write = ctl.rejournal
+    write = ctl._put_snapshot
 
     async def counted():
         writes.append(1)
         await write()
 
-    ctl.rejournal = counted
+    ctl._put_snapshot = counted
     return writes
 
 
