@@ -5,8 +5,8 @@ A copy goes to Ray's key-value store (the controller's ``kv_journal``, ``actors.
 hub: the hub's journal is its memory, rewritten by the controller after the hub restarts, so the hub and the
 controller dying together (a node lost, both workers killed) restarted every budget from zero, its spend forgotten
 and a hard budget passable. The copy is off the hot path: no answer waits for it, at most one write is out at a time
-and the next carries the newest state, so a joint death loses at most the changes of one write's latency (never one
-write per request: Ray's store is the cluster's, on the head node). Each snapshot carries a change number that goes
+and the next carries the newest state, started at most every ``KV_EVERY_S``: a joint death loses at most the changes
+of that and one write's latency (never one write per request: Ray's store is the cluster's, on the head node). Each snapshot carries a change number that goes
 on across restarts; a restart takes back the newer of the two.
 """
 
@@ -23,6 +23,9 @@ __all__ = ["JOURNAL_KEY", "LedgerJournal"]
 JOURNAL_KEY = ("budget", "ledger")
 PUT_TIMEOUT_S = 10.0  # a snapshot write that takes longer is given up (logged); the next change writes again
 KV_RETRY_S = 1.0  # a copy Ray's store refused is written again this long after (the latest state), until it takes one
+# Copies start at most this often: under steady load the ledger changes all the time, and back-to-back copies would
+# pickle the whole snapshot again per write and keep the head node's store busy; the loss window grows by this much.
+KV_EVERY_S = 0.25
 log = logging.getLogger("smartbatch.budget")
 
 
@@ -50,9 +53,9 @@ class LedgerJournal:
             self._kv_task = asyncio.get_running_loop().create_task(self._kv_write())
 
     async def _kv_write(self) -> None:
-        failing = False
+        failing, loop = False, asyncio.get_running_loop()
         while self.__dict__.get("_kv_dirty") and not self._closed:
-            self._kv_dirty = False
+            self._kv_dirty, started = False, loop.time()
             try:  # the snapshot is taken here, so the changes made while the last write was out all go in this one
                 await asyncio.wait_for(self.kv_journal.put(*JOURNAL_KEY, self._snapshot()), PUT_TIMEOUT_S)
             except Exception as exc:
@@ -66,6 +69,8 @@ class LedgerJournal:
                 if failing:
                     log.warning("budget ledger: snapshot copied to Ray's key-value store again")
                 failing = False
+                if self.__dict__.get("_kv_dirty") and (wait := started + KV_EVERY_S - loop.time()) > 0:
+                    await asyncio.sleep(wait)
 
     async def _journal_soon(self) -> None:
         # One write at a time, of every change made before it: the changes made while one is out go in the next.
