@@ -5,7 +5,10 @@ Anthropic: "Extra inputs are not permitted"): the engine refuses a body that hol
 reserved or sent (``_api_fields``), and the emulator answers it as the API does (``engine.emulator._fields``).
 
 ``_BEYOND_SDK`` adds what an API takes that the SDK's types do not name, each with where it was read. A route
-whose params the installed SDK lacks (an older SDK than the route) has no set, and its fields are not checked.
+whose params the installed SDK lacks (an older SDK than the route) has no set, and its fields are not checked; so
+has a route whose params lack a field the engine itself sends or checks there (``_CANARIES``): the SDK is older than
+the API the engine calls (pyproject lets ``openai>=1.60`` and ``anthropic>=0.45`` in, whose params name no
+``prompt_cache_key`` or ``thinking``), and its set would refuse what the API takes.
 """
 
 from __future__ import annotations
@@ -50,6 +53,17 @@ _BEYOND_SDK: dict[str, frozenset[str]] = {
     "messages": frozenset({"temperature", "top_p", "top_k"}),
 }
 
+# Per route: fields the engine sends itself (``prompt_cache_key``, ``service_tier`` at the provider's own address) or
+# takes from a request and checks (``thinking``). Params that lack one are of an SDK older than the API the engine
+# calls: with openai 1.60 the emulator refused the engine's own prompt_cache_key (every call sharing a prefix failed)
+# and with anthropic 0.45 the engine refused a request's thinking, cache_control or service_tier (a review).
+_CANARIES: dict[str, frozenset[str]] = {
+    "chat.completions": frozenset({"prompt_cache_key", "service_tier", "max_completion_tokens"}),
+    "responses": frozenset({"prompt_cache_key", "service_tier", "max_output_tokens"}),
+    "messages": frozenset({"service_tier", "thinking", "cache_control"}),
+    "messages.count_tokens": frozenset({"thinking"}),
+}
+
 
 def _keys(cls: type) -> set[str]:
     """A TypedDict's keys, its bases' included (``__required_keys__`` and ``__optional_keys__`` hold them all; the
@@ -63,7 +77,7 @@ def _keys(cls: type) -> set[str]:
 @functools.cache
 def sdk_fields(route: str) -> frozenset[str] | None:
     """The top-level fields ``route`` takes (a name of ``_SDK_PARAMS``), or None where the installed SDK has none of
-    its params."""
+    its params, or params too old to name the fields the engine sends there (``_CANARIES``)."""
     keys: set[str] = set()
     found = False
     for path in _SDK_PARAMS.get(route, ()):
@@ -73,7 +87,8 @@ def sdk_fields(route: str) -> frozenset[str] | None:
         except (ImportError, AttributeError):
             continue
         found = True
-    return frozenset(keys | _BEYOND_SDK.get(route, frozenset())) if found else None
+    keys |= _BEYOND_SDK.get(route, frozenset())
+    return frozenset(keys) if found and _CANARIES.get(route, frozenset()) <= keys else None
 
 
 def _openai_route(spec: ModelSpec) -> tuple[str, str]:
