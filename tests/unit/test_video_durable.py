@@ -76,6 +76,20 @@ async def restarted(rig: Rig, provider: str, journal_written: bool = False) -> D
                       key=rig.d._key)
 
 
+def answer_never_comes(owner: Any, name: str) -> asyncio.Event:
+    """Make ``owner.name`` (a create) send its call, which the provider makes and bills, and never return: its
+    answer is lost with the dispatcher or engine that dies first. The event is set once the call was made."""
+    inner, sent = getattr(owner, name), asyncio.Event()
+
+    async def dropped(*a: Any, **kw: Any) -> Any:
+        await inner(*a, **kw)
+        sent.set()
+        await asyncio.Event().wait()
+
+    setattr(owner, name, dropped)
+    return sent
+
+
 def _creates(emu: Emulator, provider: str) -> int:
     return [c.route for c in emu.calls].count("videos" if provider == "openai" else "veo")
 
@@ -182,15 +196,7 @@ def test_a_restart_that_cuts_a_create_before_its_answer_takes_the_video_it_made_
         async def go():
             rig = Rig(emu, "openai")
             r = video()
-            vc = rig.d.provider._videos
-            inner, sent = vc._raw_create, asyncio.Event()
-
-            async def dropped(*a: Any, **kw: Any) -> Any:
-                await inner(*a, **kw)  # made (and to be billed) at the provider
-                sent.set()
-                await asyncio.Event().wait()  # its answer never reaches the dispatcher, which dies first
-
-            vc._raw_create = dropped
+            sent = answer_never_comes(rig.d.provider._videos, "_raw_create")  # the dispatcher dies first
             try:
                 job = Job(0, r, f"fp-{r.id}", claim="c0")
                 await rig.reserve([job])
@@ -358,15 +364,7 @@ def test_a_restart_that_cuts_a_veo_create_before_its_answer_fails_it_rather_than
         async def go():
             rig = Rig(emu, "google", endpoint={"remake_lost_veo_creates": remake})
             r = veo()
-            client = rig.d.provider._videos.client
-            inner, sent = client.post, asyncio.Event()
-
-            async def dropped(*a: Any, **kw: Any) -> Any:
-                await inner(*a, **kw)  # made (and to be billed) at Google
-                sent.set()
-                await asyncio.Event().wait()  # its answer never reaches the dispatcher, which dies first
-
-            client.post = dropped
+            sent = answer_never_comes(rig.d.provider._videos.client, "post")  # the dispatcher dies first
             try:
                 job = Job(0, r, f"fp-{r.id}", claim="c0")
                 await rig.reserve([job])

@@ -17,7 +17,7 @@ from engine.app._driver_resume import take_back
 from engine.emulator import Emulator
 from tests.unit.test_batch_rescue import _crash
 from tests.unit.test_http_providers import CAT, SPEED, Rig
-from tests.unit.test_video_durable import MADE, _creates, start
+from tests.unit.test_video_durable import MADE, _creates, answer_never_comes, start
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Sora API is scheduled:DeprecationWarning")
 
@@ -74,15 +74,7 @@ def _killed_during_a_veo_create(emu: Emulator, root, r, remake: bool) -> Rig:
     before its answer comes."""
     async def go() -> Rig:
         rig = Rig(emu, "google", journal={"dir": str(root)}, endpoint={"remake_lost_veo_creates": remake})
-        client = rig.d.provider._videos.client
-        inner, sent = client.post, asyncio.Event()
-
-        async def dropped(*a, **kw):
-            await inner(*a, **kw)  # made (and to be billed) at Google
-            sent.set()
-            await asyncio.Event().wait()  # its answer never reaches the engine, which is killed first
-
-        client.post = dropped
+        sent = answer_never_comes(rig.d.provider._videos.client, "post")  # the engine is killed first
         try:
             job = Job(0, r, f"fp-{r.id}", claim="c0")
             await rig.reserve([job])
