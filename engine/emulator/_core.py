@@ -219,10 +219,10 @@ class Core:
              "prompt": prompt, "params": {"resolution": resolution, "duration_s": duration_s}},
             context=validation_context(self.catalog, self._settings))
 
-    def image_price(self, req: Request) -> Price:
+    def image_price(self, req: Request, mode: BillMode = "sync") -> Price:
         """Price of one image, from the cost model (per-image list price and its prompt's tokens, or GPU time for
-        GPU-priced models)."""
-        return price_alone(req, self.catalog, "sync")
+        GPU-priced models), in ``mode`` (a batch line's at the batch API's discount)."""
+        return price_alone(req, self.catalog, mode)
 
     # -- latency ---------------------------------------------------------------------------------------------
     def text_latency_s(self, provider: ProviderSpec, model: str, call: TextCall) -> float:

@@ -10,9 +10,10 @@ import email.parser
 import email.policy
 import struct
 import zlib
-from typing import Any
+from typing import Any, NamedTuple
 
 from engine.core.catalog import ModelSpec
+from engine.core.request import Request
 from engine.emulator._bill import BilledItem
 from engine.emulator._core import EMULATED_AUTO_QUALITY, BillMode, Core, TextCall
 from engine.emulator._fields import check_fields
@@ -21,7 +22,7 @@ from engine.emulator._routing import Ctx, Route, route
 from engine.emulator._text import chat_prompt, forced_tool, responses_prompt
 from engine.emulator._wire import ApiError, Reply, json_reply
 
-__all__ = ["ROUTES", "chat_result", "form_names", "multipart", "responses_result"]
+__all__ = ["ROUTES", "ImageCall", "chat_result", "form_names", "image_result", "multipart", "responses_result"]
 
 _FILE_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
 
@@ -197,12 +198,24 @@ def _responses(ctx: Ctx) -> Reply:
     return _sync_text(ctx, responses_result)
 
 
-def _images(ctx: Ctx) -> Reply:
-    body = ctx.json()
+class ImageCall(NamedTuple):
+    """One image generation, priced in its mode (billed by the caller): what its bill line and latency need."""
+
+    req: Request
+    n: int
+    size: str
+    cost_usd: float
+
+    def usage(self) -> dict[str, int | str]:
+        return {"images": self.n, "size": self.size, "input_tokens": self.req.input_tokens}
+
+
+def image_result(core: Core, provider: str, body: dict, mode: BillMode) -> tuple[ImageCall, dict[str, Any]]:
+    """One image generation: the call (priced in ``mode``: a batch line at the batch API's discount, as the cost
+    model prices it) and the response body. Bills nothing and waits for nothing (a batch member runs at its time)."""
     check_fields("images.generations", body, "openai")
     _no_stream(body)
-    core = ctx.core
-    p, spec = core.model(ctx.provider, body.get("model"), "image")
+    p, spec = core.model(provider, body.get("model"), "image")
     prompt = body.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise ApiError(400, "'prompt' must be a non-empty string", param="prompt")
@@ -216,18 +229,23 @@ def _images(ctx: Ctx) -> Reply:
         raise ApiError(400, f"size {size!r} is not offered by {body['model']}; use one of {sorted(table)}",
                        param="size")
     req = core.image_request(p, body["model"], prompt, size, body.get("quality"))
-    price = core.image_price(req)  # the prompt's text tokens billed once, beside n images
-    core.wait(core.image_latency_s(p, req))  # the n images are drawn in parallel: one latency
-    core.bill(BilledItem(provider=ctx.provider, model=body["model"], mode="sync", route=ctx.route,
-                         request_id=ctx.request_id, idempotency_key=ctx.headers.get("idempotency-key"),
-                         usage={"images": n, "size": size, "input_tokens": req.input_tokens},
-                         cost_usd=price.media * n + price.input))
+    price = core.image_price(req, mode)  # the prompt's text tokens billed once, beside n images
     out = {"created": int(core.now()), "data": [{"b64_json": _PNG_B64} for _ in range(n)], "size": size,
            "output_format": "png",
            "usage": {"input_tokens": req.input_tokens, "output_tokens": 0, "total_tokens": req.input_tokens,
                      "input_tokens_details": {"text_tokens": req.input_tokens, "image_tokens": 0}}}
     if spec.per_image_quality:  # as OpenAI's answer says which quality it made (its pick, under "auto")
         out["quality"] = req.params.get("quality", EMULATED_AUTO_QUALITY)
+    return ImageCall(req, n, size, price.media * n + price.input), out
+
+
+def _images(ctx: Ctx) -> Reply:
+    core = ctx.core
+    call, out = image_result(core, ctx.provider, ctx.json(), "sync")
+    core.wait(core.image_latency_s(core.catalog.provider(ctx.provider), call.req))  # n images in parallel: one latency
+    core.bill(BilledItem(provider=ctx.provider, model=call.req.model, mode="sync", route=ctx.route,
+                         request_id=ctx.request_id, idempotency_key=ctx.headers.get("idempotency-key"),
+                         usage=call.usage(), cost_usd=call.cost_usd))
     return json_reply("openai", 200, out, ctx.request_id)
 
 

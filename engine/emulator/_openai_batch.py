@@ -7,17 +7,25 @@ from typing import Any
 
 from engine.core.catalog import ProviderSpec
 from engine.emulator._batches import MemberOutcome, OpenAIBatch, Schedule, newest_first
+from engine.emulator._bill import BilledItem
 from engine.emulator._core import Core
 from engine.emulator._faults import FaultPlan
 from engine.emulator._fields import check_fields
-from engine.emulator._openai import chat_result, responses_result
+from engine.emulator._openai import chat_result, image_result, responses_result
 from engine.emulator._routing import Ctx, Route, route
 from engine.emulator._text import chat_prompt, responses_prompt, tokens
 from engine.emulator._wire import ApiError, Reply, error_object, json_reply
 
 __all__ = ["ROUTES"]
 
-_ENDPOINTS = {"/v1/chat/completions": chat_result, "/v1/responses": responses_result}
+_ENDPOINTS = {"/v1/chat/completions": chat_result, "/v1/responses": responses_result,
+              "/v1/images/generations": image_result}
+_IMAGES = "/v1/images/generations"
+
+
+def _kind(endpoint: str) -> str:
+    """The kind of model a batch's endpoint runs (one batch file, one endpoint)."""
+    return "image" if endpoint == _IMAGES else "text"
 
 
 def _problem(code: str, message: str, line: int | None = None, param: str | None = None) -> dict[str, Any]:
@@ -63,9 +71,10 @@ def _parse_lines(data: bytes, endpoint: str, provider: ProviderSpec
                                      f"{endpoint!r}", no, "url"))
         elif not isinstance(body, dict):
             problems.append(_problem("invalid_request", "body must be a JSON object", no, "body"))
-        elif body.get("model") not in provider.models or provider.models[body["model"]].kind != "text":
-            problems.append(_problem("model_not_found", f"model {body.get('model')!r} is not a text model of "
-                                     f"{provider.name}", no, "body.model"))
+        elif body.get("model") not in provider.models or provider.models[body["model"]].kind != _kind(endpoint):
+            what = "an image" if endpoint == _IMAGES else "a text"
+            problems.append(_problem("model_not_found", f"model {body.get('model')!r} is not {what} model of "
+                                     f"{provider.name} (the batch's endpoint is {endpoint})", no, "body.model"))
         elif model is not None and body["model"] != model:
             problems.append(_problem("mismatched_model", f"a batch holds one model: line {no} uses "
                                      f"{body['model']!r} after {model!r}", no, "body.model"))
@@ -82,7 +91,11 @@ def _parse_lines(data: bytes, endpoint: str, provider: ProviderSpec
 
 
 def _input_tokens(endpoint: str, body: dict) -> int:
-    """A member's input tokens as the batch queue counts them (a body the prompt reader refuses: its JSON's)."""
+    """A member's input tokens as the batch queue counts them (a body the prompt reader refuses: its JSON's; an
+    image's: its prompt's)."""
+    if endpoint == _IMAGES:
+        prompt = body.get("prompt")
+        return tokens(len(prompt if isinstance(prompt, str) else json.dumps(body)))
     try:
         return (responses_prompt if endpoint == "/v1/responses" else chat_prompt)(body).tokens
     except (ApiError, AttributeError, TypeError, ValueError):
@@ -139,8 +152,9 @@ def _create(ctx: Ctx) -> Reply:
         raise ApiError(400, f"file {file_id} has purpose {rec.purpose!r}; upload it with purpose 'batch'",
                        param="input_file_id")
     p = core.catalog.provider(ctx.provider)
-    if not p.supports_batch_api("text") or p.batch_api is None:
-        raise ApiError(400, f"provider {ctx.provider} declares no batch API in the catalog")
+    if not p.supports_batch_api(_kind(endpoint)) or p.batch_api is None:
+        raise ApiError(400, f"provider {ctx.provider} declares no batch API for {_kind(endpoint)} models in the "
+                       f"catalog (batch_api.kinds)", param="endpoint")
     _check_metadata(body.get("metadata"))
     members, problems, model = _parse_lines(rec.data, endpoint, p)
     with core.lock:  # the queue's count and this batch's place in it at once
@@ -174,6 +188,12 @@ def _advance(core: Core, faults: FaultPlan, batch: OpenAIBatch, now: float) -> N
                            code="server_error")
             return MemberOutcome(False, 500, error_object("openai", err, rid), rid, "server_error", err.message)
         try:
+            if batch.endpoint == _IMAGES:  # priced at the batch API's discount, billed once, as a text line
+                image, out = image_result(core, batch.provider, body, "batch_api")
+                core.bill(BilledItem(provider=batch.provider, model=image.req.model, mode="batch_api",
+                                     route="batches", request_id=rid, custom_id=cid, usage=image.usage(),
+                                     cost_usd=image.cost_usd))
+                return MemberOutcome(True, 200, out, rid, input_tokens=image.req.input_tokens)
             call, out = result(core, batch.provider, body, "batch_api", at)
         except ApiError as err:
             return MemberOutcome(False, err.status, error_object("openai", err, rid), rid,
