@@ -9,7 +9,7 @@ import inspect
 import json
 import logging
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
@@ -22,8 +22,8 @@ from engine.core.latency import flex_timeout_s
 from engine.core.provider_api import CallJob, CallOutcome, Secret, Usage
 from engine.core.settings import ProviderEndpoint, Settings
 
-__all__ = ["BatchHandle", "HttpBase", "PollBackoff", "Unreadable", "create_call", "jsonl_records", "sdk_kwargs",
-           "whole_read"]
+__all__ = ["BatchHandle", "HttpBase", "PollBackoff", "Unreadable", "create_call", "jsonl_records", "jsonl_stream",
+           "sdk_kwargs", "whole_read"]
 
 log = logging.getLogger("smartbatch.providers")
 
@@ -101,17 +101,37 @@ def jsonl_records(text: str) -> tuple[list[dict], list[str | None]]:
     records: list[dict] = []
     unread: list[str | None] = []
     for line in text.split("\n"):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            rec = None
-        if isinstance(rec, dict):
-            records.append(rec)
-        else:
-            m = _CUSTOM_ID.search(line)
-            unread.append(m.group(1) if m else None)
+        _read_line(line, records, unread)
+    return records, unread
+
+
+def _read_line(line: str, records: list[dict], unread: list[str | None]) -> None:
+    if not line.strip():
+        return
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        rec = None
+    if isinstance(rec, dict):
+        records.append(rec)
+    else:
+        m = _CUSTOM_ID.search(line)
+        unread.append(m.group(1) if m else None)
+
+
+async def jsonl_stream(chunks: AsyncIterator[bytes]) -> tuple[list[dict], list[str | None]]:
+    """``jsonl_records`` of a results file read as it arrives, a line at a time: an image batch's output holds a
+    base64 image of 1-2 MB per line, and read whole, the file's text, its lines and their records were three
+    copies of every image at once (a batch of 1,000 images: gigabytes). Split at b"\\n" before decoding: that
+    byte never sits inside a UTF-8 character, and a line cut short at the end is read (and counted) as one."""
+    records: list[dict] = []
+    unread: list[str | None] = []
+    tail = b""
+    async for chunk in chunks:
+        *lines, tail = (tail + chunk).split(b"\n")
+        for line in lines:
+            _read_line(line.decode("utf-8", errors="replace"), records, unread)
+    _read_line(tail.decode("utf-8", errors="replace"), records, unread)
     return records, unread
 
 

@@ -18,7 +18,7 @@ from actors.providers._http import (
     PollBackoff,
     Unreadable,
     create_call,
-    jsonl_records,
+    jsonl_stream,
     whole_read,
 )
 from actors.providers._openai_answers import (
@@ -269,11 +269,13 @@ class OpenAIProvider(HttpBase):
         return BatchState("ended", 0.0) if b.status in _ENDED else None
 
     async def _lines(self, file_id: str | None) -> tuple[list[dict], list[str | None]]:
+        """A results file, streamed a line at a time (``jsonl_stream``: an image batch's holds a base64 image a
+        line)."""
         if not file_id:
             return [], []
         with self._refused("reading a batch's results"):
-            content = await self.client.files.content(file_id)
-        return jsonl_records(content.text)
+            async with self.client.files.with_streaming_response.content(file_id) as resp:
+                return await jsonl_stream(resp.iter_bytes())
 
     async def _results(self, b: Any) -> tuple[list[dict], list[str | None], list[dict]]:
         """An ended batch's output lines (read, unread) and error lines. The output must hold a line per completed

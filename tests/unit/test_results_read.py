@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from actors import Dispatcher
-from actors.providers._http import BatchHandle
+from actors.providers._http import BatchHandle, jsonl_records
 from engine.core.errors import ProviderError
 from engine.core.provider_api import Secret
 from tests.unit.test_http_providers import (  # noqa: F401  (emu: the fixture)
@@ -134,9 +134,9 @@ def test_an_openai_results_read_is_whole_when_its_lines_are_all_the_batch_has(em
     async def go():
         p = direct(emu, "openai")
         try:
-            async def content(file_id):
-                return SimpleNamespace(text="".join(json.dumps(x) + "\n" for x in files[file_id]))
-            p.client.files.content = content
+            async def lines(file_id):  # the results files as read (streamed: ``_lines``)
+                return jsonl_records("".join(json.dumps(x) + "\n" for x in files[file_id])) if file_id else ([], [])
+            p._lines = lines
             handle = BatchHandle("batch_x", jobs, None)
             handle.batch = SimpleNamespace(status="completed", endpoint="/v1/chat/completions", errors=None,
                                            output_file_id="out" if output is not None else None,
