@@ -16,13 +16,13 @@ from typing import NamedTuple
 
 from engine.core.catalog import RateLimits
 from engine.core.cost import min_cacheable_tokens, mode_factor, price_alone, token_prices
-from engine.core.grouping import PrefixWarmth
+from engine.core.grouping import PrefixWarmth, token_sums
 from engine.core.latency import Z99, flex_room
 from engine.core.rates import start_spread_s
 from engine.core.request import Request
 
-__all__ = ["BatchMates", "TextConsts", "as_flex", "fallback_slot", "flex_fits", "hedge_lead", "held_back", "not_worth",
-           "rate_hedge", "second_batch_checkpoint", "text_consts", "warm_sync_pays"]
+__all__ = ["BatchMates", "TextConsts", "as_flex", "batch_lane", "fallback_slot", "flex_fits", "hedge_lead", "held_back", "member_usd",
+           "not_worth", "rate_hedge", "second_batch_checkpoint", "text_consts", "warm_sync_pays"]
 
 _MIN_GAIN = 0.005  # P(on time) a second batch must add to be worth its cancel and its second submission
 
@@ -49,7 +49,19 @@ class TextConsts(NamedTuple):
         return usd + self.long_p_in * long_in + self.long_p_out * long_out if long_in or long_out else usd
 
 
+def batch_lane(spec) -> bool:
+    """Whether ``spec``'s requests may ride smart's batch lane (where the provider's batch API takes their kind):
+    text, and hosted images (a GPU-priced model batches on its own GPUs)."""
+    return spec.kind == "text" or spec.kind == "image" and not spec.gpu_priced
+
+
 def text_consts(provider, spec) -> TextConsts:
+    """A model's constants for its batch lane. A hosted image (stop 71: OpenAI's Batch API takes them): one call's
+    latency is the model's (``media_latency``), whatever its output, and its price is per image (``member_usd``)."""
+    if spec.kind == "image":
+        ml, limits = provider.media_latency, spec.rate_limits or provider.rate_limits
+        return TextConsts(ml.image_s, 0.0, math.exp(Z99 * ml.sigma), limits.max_concurrency, 0.0, 0.0,
+                          provider.batch_api.cancel_s if provider.batch_api is not None else 0.0, limits)
     lat = provider.sync_latency
     p_in, p_out = token_prices(spec)
     limits = spec.rate_limits or provider.rate_limits
@@ -74,6 +86,14 @@ def hedge_lead(c: TextConsts, output_tokens: int, n: int, p) -> float:
     if p.flex and c.flex_slow and waves == 1 and call * c.flex_slow <= c.flex_timeout_s:
         lead = max(lead, call * (c.flex_slow + 1))
     return lead + p.hedge_margin_s + c.cancel_s
+
+
+def member_usd(catalog, group, c: TextConsts, members) -> float:
+    """The list (sync) price of ``members`` of ``group``: their tokens at the text model's prices, a hosted image's
+    from the cost model (per image, by size and quality, and its prompt's tokens)."""
+    if group.spec.kind == "text":
+        return c.list_usd(*token_sums(group.spec, members))
+    return sum(price_alone(r, catalog, "sync").total for r in members)
 
 
 def rate_hedge(members, c: TextConsts, hedge_at: float, margin_s: float) -> float:

@@ -4,11 +4,11 @@ Per request, the cheapest way that still meets the deadline:
 
 * reuse (exact, in flight, near-duplicate with guards), applied by the runtime from ``reuse``;
 * text whose model takes the provider's flex tier goes there at once when its deadline has room (batch prices);
-* text with a provider batch API goes to a *batch lane* when the batch has a fair chance of finishing before
-  its hedge time; the batch is submitted with ``hedge_at = earliest deadline - (sync p99 x drain) - margin``
-  so a late batch is cancelled (billing nothing) and its members sent synchronously in time. The expected
-  cost ``P * batch + (1 - P) * sync`` is compared with sync, so the risk of a late batch is priced in. A
-  request whose prompt prefix is warm at the provider now goes sync instead when reading it costs less;
+* text and hosted images with a provider batch API go to a *batch lane* when the batch has a fair chance of
+  finishing before its hedge time; it is sent with ``hedge_at = earliest deadline - (sync p99 x drain) - margin``
+  so a late batch is cancelled (billing nothing) and its members sent synchronously in time. The expected cost
+  ``P * batch + (1 - P) * sync`` is compared with sync, so the risk of a late batch is priced in. A request whose
+  prompt prefix is warm at the provider now goes sync instead when reading it costs less;
 * GPU-priced media gathers compatible jobs (same compat key) until the GPU batch is full or the latest start
   that still meets the earliest deadline, amortising the warm-up, while the lane's recent arrivals promise
   company worth the wait (value of time); a job with none expected goes at once;
@@ -31,10 +31,12 @@ from policies._gpu import GpuLane
 from policies._smart_params import SmartParams
 from policies._text import BatchMates, TextConsts, second_batch_checkpoint, text_consts, warm_sync_pays
 from policies._text import as_flex as _as_flex
+from policies._text import batch_lane as _batch_lane
 from policies._text import fallback_slot as _fallback_slot
 from policies._text import flex_fits as _flex_fits
 from policies._text import hedge_lead as _hedge_lead
 from policies._text import held_back as _held
+from policies._text import member_usd as _usd
 from policies._text import not_worth as _not_worth
 from policies.base import Policy, register
 
@@ -59,7 +61,7 @@ class Smart(GpuLane, Policy):
         # Per (provider, model) constants, computed once here so that ``decide`` never writes to the policy.
         self._consts: dict[tuple[str, str], TextConsts] = {
             (p.name, m): text_consts(p, spec) for p in catalog.providers.values()
-            for m, spec in p.models.items() if spec.kind == "text"}
+            for m, spec in p.models.items() if _batch_lane(spec)}
         # Per provider, the deadline past which requests share one band (see ``band_p``).
         self._band_cap: dict[str, float] = {
             p.name: p.batch_api.turnaround_quantile(self.params.band_p) if p.batch_api is not None else math.inf
@@ -105,7 +107,7 @@ class Smart(GpuLane, Policy):
         now_s = p.flex_now_s if p.flex_now_s is not None else ba.turnaround_median_s if ba is not None else math.inf
         if p.flex and req.deadline_at - now <= now_s and not held and _flex_fits(provider, spec, req, now):
             return ("flex", req.uid)
-        if spec.kind == "text" and provider.supports_batch_api(req.kind) and not held:
+        if _batch_lane(spec) and provider.supports_batch_api(req.kind) and not held:
             c = self._text_consts(provider, spec, req.model)
             p_on_time = self._p_alone(provider, c, req, now)
             if p_on_time >= self.params.min_on_time_p:
@@ -341,9 +343,8 @@ class Smart(GpuLane, Policy):
         else:
             checkpoint, p_on_time = second_batch_checkpoint(ba, send_at, hedge_at)
             group.memo = group.memo[:2] + ((hedge_at, send_at, ba), (checkpoint, p_on_time))
-        # List prices without cache effects: the batch reads the provider cache as sync calls would, so the
-        # comparison (and the saving quoted in the reason) holds with caching too.
-        c_sync = c.list_usd(*tokens)
+        # List prices without cache effects: the batch reads the provider cache as sync calls would, so it holds.
+        c_sync = c.list_usd(*tokens) if group.spec.kind == "text" else _usd(self.catalog, group, c, group.members[:k])
         c_batch = mode_factor(group.provider, "batch_api") * c_sync
         # Value of time, judged on every decision, with P(on time) at the time the batch would be sent. P only
         # falls while a batch waits, so a batch not worth it now never will be, unless company arrives: the
@@ -391,7 +392,7 @@ class Smart(GpuLane, Policy):
         if p_on_time < mp:
             return Decision("dispatch", mode="sync", take=1, recommendation="process_individually",
                             reason=f"sync now: P(batch done by hedge)={p_on_time:.2f} too low")
-        c_sync = sum(c.list_usd(*token_sums(group.spec, (r,))) for r in ride)
+        c_sync = sum(_usd(self.catalog, group, c, (r,)) for r in ride)
         saving = p_on_time * (1.0 - mode_factor(group.provider, "batch_api")) * c_sync
         return Decision("dispatch", mode="batch_api", take=j, hedge_at=hedge_at, fallback=fallback,
                         recommendation="consider_batch", reason=f"batch API: {j} of {k} members back, expected "

@@ -122,11 +122,9 @@ def mode_allowed(provider: ProviderSpec, spec: ModelSpec, mode: Mode) -> bool:
 
 def _check_mode(provider: ProviderSpec, spec: ModelSpec, model: str, mode: Mode) -> None:
     if not mode_allowed(provider, spec, mode):
-        raise CatalogError(
-            f"mode {mode!r} is not available for {provider.name}/{model}: "
-            + ("the provider declares no batch_api for this kind" if mode == "batch_api"
-               else "the provider's flex.models does not list it" if mode == "flex" else "the model is not GPU-priced")
-        )
+        raise CatalogError(f"mode {mode!r} is not available for {provider.name}/{model}: " + (
+            "the provider declares no batch_api for this kind" if mode == "batch_api"
+            else "the provider's flex.models does not list it" if mode == "flex" else "the model is not GPU-priced"))
 
 
 def cache_split(provider: ProviderSpec, spec: ModelSpec, input_tokens: int, n_blocks: int, warm_blocks: int,
@@ -377,6 +375,8 @@ def price_batch(reqs: Sequence[Request], catalog: Catalog, mode: Mode, *,
             out.append(Price(p, media=p))
         return out
     if spec.kind != "text":
+        if warmed is not None:  # no prompt cache: one count per member all the same (the simulator zips them)
+            warmed.extend([0] * len(reqs))
         return [price_alone(r, catalog, mode) for r in reqs]
     pc = provider.cache_of(spec)
     use_cache = pc is not None and (mode != "batch_api" or pc.stacks_with_batch)
