@@ -4,8 +4,9 @@ holds it dies, once while it waits and once just as its timer has sent it on. No
 paid twice: the follower is re-admitted (or recalled from the dispatcher carrying it) and billed once.
 
 OpenAI is called over HTTP at the loopback emulator, whose bill is counted per idempotency key: that is the
-proof of "billed once", not the hub's report (which drops a result sent again). gpt-image-1 has no batch-API
-lever and is not GPU-priced, so its copies get release times. The catalog runs one OpenAI call at a time and
+proof of "billed once", not the hub's report (which drops a result sent again). gpt-image-1 is not GPU-priced,
+so its copies get release times. The test's catalog keeps OpenAI's Batch API to text (images ride it since stop
+71), so the queue of images due in an hour is made one call at a time; it runs one OpenAI call at a time and
 draws 2 s images, so a leader sent after 30 others is still being waited for at the follower's release time,
 while the 60 s margin is several real seconds at this speed-up: room for a cache restart.
 """
@@ -44,6 +45,7 @@ def catalog() -> Catalog:
     oa["failure_rate"] = 0.0
     oa["rate_limits"]["max_concurrency"] = 1
     oa["media_latency"]["image_s"] = 2.0
+    oa["batch_api"]["kinds"] = ["text"]
     return Catalog.model_validate(raw)
 
 

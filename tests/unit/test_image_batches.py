@@ -20,6 +20,7 @@ from engine.core.catalog import default_catalog
 from engine.core.cost import MODES, price_alone, price_batch
 from engine.core.request import Request
 from engine.emulator import Emulator
+from engine.runtime.admission import release_lead
 from engine.sim.simulator import simulate
 from policies import load_policy
 from tests.unit.test_emulator import Sdk, finished_batch, jsonl, upload
@@ -235,3 +236,23 @@ def test_smart_sends_an_image_with_a_long_deadline_to_a_batch_and_one_due_soon_s
             assert mode == "batch_api" and usd == pytest.approx(0.5 * sync_usd), (r.id, mode, usd)
         else:
             assert mode == "sync" and usd == pytest.approx(sync_usd), (r.id, mode, usd)
+
+
+def test_an_image_copy_due_sooner_follows_a_leader_in_a_batch_until_its_release_time():
+    """A copy of an image whose leader rides a batch waits for the leader's result until its own release time (as
+    it waited for a sync leader before stop 71), and is reused at no cost; text with a batch lever still follows
+    only a leader due no later than itself."""
+    cat = default_catalog()
+    smart = load_policy("smart", cat)
+    lead = release_lead(cat, smart.reuse)
+    same = "a poster of a red fox in the snow"
+    copy = image(1, quality="high", arrival_s=1.0, deadline_s=20_000.0, reuse="exact", prompt=same)
+    assert lead(copy) is not None and 0 < lead(copy) < 600
+    text = Request.model_validate({"id": "t", "arrival_s": 0.0, "model": "gpt-5-mini", "input_tokens": 100,
+                                   "output_tokens": 10})
+    assert lead(text) is None
+    leader = image(0, quality="high", arrival_s=0.0, deadline_s=86_400.0, reuse="exact", prompt=same)
+    res = simulate([leader, copy], smart, catalog=cat)
+    (i_leader,), (i_copy,) = ([i for i, r in enumerate(res.requests) if r.id == x] for x in ("img-0", "img-1"))
+    assert MODES[int(res.mode[i_leader])] == "batch_api" and res.met.all()
+    assert MODES[int(res.mode[i_copy])] == "reuse" and float(res.cost[i_copy]) == 0.0
