@@ -10,7 +10,7 @@ import pytest
 
 from engine.app.live import follow_engine, point_at_emulator, run_live
 from engine.core.catalog import default_catalog
-from engine.core.cost import MODES
+from engine.core.cost import MODES, price_alone
 from engine.core.errors import EngineStopped
 from engine.core.request import Request, validation_context
 from engine.core.settings import Settings, SimSettings
@@ -332,3 +332,35 @@ def test_a_sora_and_a_veo_video_over_http_are_made_polled_and_billed_once(ray_se
     assert r["sora"].cost_usd == pytest.approx(sora.cost_usd, abs=1e-12)
     assert r["veo"].cost_usd == pytest.approx(veo.cost_usd, abs=1e-12)
     assert sora.usage == {"seconds": 8, "size": "720x1280"} and veo.usage == {"seconds": 8, "resolution": "1080p"}
+
+
+def test_openai_images_with_a_day_to_spare_ride_a_batch_over_http_and_are_billed_once_at_half_price(
+        ray_session, emulator, monkeypatch):
+    """Stop 71: images due in a day, through the whole engine (smart, the groupers, the dispatcher, the official
+    SDK) at the emulator: one OpenAI batch of image lines, each image back as the Result a sync call gives and
+    billed once, at half its list price; nothing generated sync. (``gather: false``: a submission that expects no
+    company, so its batches go at once rather than gathering for hours of engine time.)"""
+    settings = point_at_emulator(Settings(), emulator, ("openai",))
+    monkeypatch.setenv(settings.providers.endpoints["openai"].api_key_env, KEY)
+    from engine import Engine
+
+    shapes = [("1024x1024", "high"), ("1536x1024", "low"), ("1024x1536", "medium")]
+    reqs = [{"id": f"poster{k}", "model": "gpt-image-2", "prompt": f"a travel poster of a lighthouse, take {k}",
+             "deadline_s": 86_400, "gather": False, "params": {"size": size, "quality": quality}}
+            for k, (size, quality) in enumerate(shapes)]
+    with Engine.start(settings, catalog=OPENAI_ONLY, speedup=SPEEDUP) as eng:
+        results = {r.id: r for r in (f.result(timeout=120) for f in eng.submit_many(reqs))}
+        rep = eng.report()
+    bill = emulator.bill().items
+    # One batch or several (``gather: false``: each goes as soon as it is judged), none generated sync.
+    assert emulator.count("images.generations") == 0 and 1 <= emulator.count("batches.create") <= len(reqs)
+    assert len(bill) == len(reqs) and {i.mode for i in bill} == {"batch_api"}
+    for d in reqs:
+        r = results[d["id"]]
+        assert r.status == "ok" and r.real and r.mode == "batch_api" and r.deadline_met, r
+        assert r.output and len(r.output) > 20  # the image, base64, as a sync call gives it
+        req = Request.model_validate({**d, "arrival_s": 0.0}, context=validation_context(CAT))
+        assert r.cost_usd == pytest.approx(price_alone(req, CAT, "batch_api").total, abs=1e-9)
+        assert r.cost_usd == pytest.approx(0.5 * price_alone(req, CAT, "sync").total, abs=1e-9)
+    assert sum(i.cost_usd for i in bill) == pytest.approx(sum(r.cost_usd for r in results.values()), abs=1e-9)
+    assert rep["spend_usd"] == pytest.approx(sum(i.cost_usd for i in bill), abs=1e-6)
