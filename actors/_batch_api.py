@@ -8,7 +8,7 @@ import contextlib
 import logging
 import secrets
 
-from actors._batch_parts import file_parts
+from actors._batch_parts import file_parts, results_cap
 from actors._batch_watch import _UNKNOWN, CANCEL_RETRY_S, POLL_RETRY_S, BatchWatch, _short
 from actors._queue_full import QueueFull
 from actors._types import BatchJob, Job
@@ -35,14 +35,16 @@ class BatchApiRuns(QueueFull, BatchWatch):
             self._spawn(self._run_batch(b, jobs, e.start, e.outcome), jobs, b)
             return
         # The provider's limit on one batch's size (OpenAI's 200 MB input file, Anthropic's 256 MB): a larger
-        # batch is refused whole, and its members would all go sync at the full price. Each part is a batch of
+        # batch is refused whole, and its members would all go sync at the full price; and for images, the
+        # memory their results take here (``batch_results_max_mb``, ``_file_parts``). Each part is a batch of
         # its own (journalled, followed, hedged alike); the dispatch's enqueued tokens are released when the
         # last part ends. The parts' keys name the dispatch (``stem#k``), not its batch id: one id may come
         # twice (members parked for a budget go later under it; a restarted grouper numbers from 0 again).
         stem = f"{b.bid}-{secrets.token_hex(4)}"
         self._parts_left[stem] = len(parts)
-        log.info("dispatcher %s: a batch of %d requests is sent as %d batches (at most %g MB each)",
-                 self.name, len(jobs), len(parts), self._max_file_mb())
+        log.info("dispatcher %s: a batch of %d requests is sent as %d batches (at most %g MB of input each; "
+                 "images: at most %g MB of results each)", self.name, len(jobs), len(parts), self._max_file_mb(),
+                 self.settings.batch_results_max_mb)
         for k, part in enumerate(parts):
             self._spawn(self._run_batch(b, part, e.start, e.outcome, name=f"{stem}#{k}"), part, b)
 
@@ -52,7 +54,18 @@ class BatchApiRuns(QueueFull, BatchWatch):
 
     def _file_parts(self, jobs: list[Job]) -> list[list[Job]]:
         """``jobs`` in parts that each fit the provider's limit on one batch (``file_parts``)."""
-        return file_parts(jobs, self._max_file_mb(), self.settings.chars_per_token)
+        parts = file_parts(jobs, self._max_file_mb(), self.settings.chars_per_token)
+        # An image's results line holds it in base64 (1-2 MB): read whole, the results of a batch of the provider's
+        # 50,000 members held ~75 GB in this actor, which died, was restarted by Ray and read them again.
+        cap = min((c for m in {j.req.model for j in jobs} if (c := results_cap(
+            self.catalog.model(self.name, m), self.settings.batch_results_max_mb)) is not None), default=None)
+        return parts if cap is None else [p[k:k + cap] for p in parts for k in range(0, len(p), cap)]
+
+    def _results_slot(self, jobs: list[Job]) -> contextlib.AbstractAsyncContextManager:
+        """Held while a batch of images has its results read and handed on: k image batches ending together
+        hold one results file's images in this actor, not k. Text's results pass freely."""
+        image = any(self.catalog.model(self.name, j.req.model).kind == "image" for j in jobs)
+        return self._image_reads if image else contextlib.nullcontext()
 
     async def _run_batch(self, b: BatchJob, jobs: list[Job], start: float, tokens: int, key: str | None = None,
                          body=None, name: str | None = None) -> None:
@@ -314,6 +327,8 @@ class BatchApiRuns(QueueFull, BatchWatch):
                 limit = (hedge_at if cancel_deadline is None and hedge_at is not None and not finishing else
                          cancel_deadline if gives_up else float("inf"))  # (finishing past its hedge: a spin)
                 await self._sleep(max(min(wait, limit - now), 0.0))
+        # Held from the read of an image batch's results until every member is handed on (``_results_slot``).
+        async with self._results_slot(jobs if handle is not None else []):
             if handle is not None:
                 read, rounds = await self._fetch(handle), 0
                 while read is None and self._cancelled and (rounds := rounds + 1) <= CANCELLED_READS:  # as above
@@ -328,26 +343,26 @@ class BatchApiRuns(QueueFull, BatchWatch):
                 outs = read or {}
                 again = self._queue_refused(key, b, jobs, handle, outs)
                 learn = learn and again is None
-        self._release_dispatch(key, tokens, jobs[0].req.model)
-        self._counts.turnaround_s.append(self.clock.now() - start)
-        if told and not learn:  # its start was told: closed with a bound of 0, it is left out of the fit; left
-            # open, it read as a batch still running, later and later (a review)
-            self._turnarounds.append(Turnaround(self.name, jobs[0].req.model, start, start, censored=True))
-        elif learn:
-            ends = [o.at for o in outs.values()]
-            self._turnarounds.append(batch_turnaround(self.name, jobs[0].req.model, start, ends, len(jobs),
-                                                      hedge_at if was_cancelled else self.clock.now()))
-        for part in again or ():  # never ran: still this dispatcher's, they wait at its gate for room
-            self._enqueue("batch_api", b._replace(jobs=part), part)
-        for j, cj in zip(jobs, cjobs, strict=True) if again is None else ():
-            o = outs.get(cj.key)
-            if o is None:
-                self._hedged(j)
-            else:
-                if was_cancelled:
-                    self.members_saved_by_cancel += o.ok
-                    self._counts.hedge_kept_members += o.ok
-                self._note_warm(j.req, o, start)
-                self._attempt(b, j, o.ok, o.cost, "batch_api", o)
-        self._pump()
+            self._release_dispatch(key, tokens, jobs[0].req.model)
+            self._counts.turnaround_s.append(self.clock.now() - start)
+            if told and not learn:  # its start was told: closed with a bound of 0, it is left out of the fit; left
+                # open, it read as a batch still running, later and later (a review)
+                self._turnarounds.append(Turnaround(self.name, jobs[0].req.model, start, start, censored=True))
+            elif learn:
+                ends = [o.at for o in outs.values()]
+                self._turnarounds.append(batch_turnaround(self.name, jobs[0].req.model, start, ends, len(jobs),
+                                                          hedge_at if was_cancelled else self.clock.now()))
+            for part in again or ():  # never ran: still this dispatcher's, they wait at its gate for room
+                self._enqueue("batch_api", b._replace(jobs=part), part)
+            for j, cj in zip(jobs, cjobs, strict=True) if again is None else ():
+                o = outs.get(cj.key)
+                if o is None:
+                    self._hedged(j)
+                else:
+                    if was_cancelled:
+                        self.members_saved_by_cancel += o.ok
+                        self._counts.hedge_kept_members += o.ok
+                    self._note_warm(j.req, o, start)
+                    self._attempt(b, j, o.ok, o.cost, "batch_api", o)
+            self._pump()
 

@@ -27,7 +27,8 @@ def _short(exc: BaseException) -> str:
 
 
 class BatchWatch:
-    """The watch of a batch whose members went again; needs the dispatcher's ``_find_batch`` (``_batch_api``)."""
+    """The watch of a batch whose members went again; needs the dispatcher's ``_find_batch`` and ``_results_slot``
+    (``_batch_api``)."""
 
     @property
     def _watch_space(self) -> str:
@@ -75,7 +76,10 @@ class BatchWatch:
                                 self.name, _short(exc))
             try:
                 st = await p.poll(handle)
-                outs = (await p.fetch(handle)) if st.status == "ended" else None
+                outs = None
+                if st.status == "ended":  # counted below with no await between: then let go, as in ``_follow_batch``
+                    async with self._results_slot(cjobs):
+                        outs = await p.fetch(handle)
             except Exception as exc:  # a failed poll or read is tried again: ending here would hide the count
                 log.warning("dispatcher %s: following a batch whose members went again failed (%s)", self.name,
                             _short(exc))

@@ -106,6 +106,7 @@ class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, R
         # being created (body: what the create sends, when it must be sent the same again)
         self._open: dict[str, tuple] = {}
         self._parts_left: dict[str, int] = {}  # split dispatch (its parts' key stem) -> parts not ended
+        self._image_reads = asyncio.Semaphore(1)  # one image batch's results in memory at a time (``_results_slot``)
         self._creates_waiting: dict[object, list] = {}  # batch creates waiting out a 429: their call jobs
         self._known: set[str] = set()  # uids this dispatcher is carrying out (queued, calling, in a batch, retrying)
         self._done: OrderedDict[str, tuple[Result, float, float]] = OrderedDict()  # uid -> (result, price, when)
