@@ -61,11 +61,34 @@ class BatchApiRuns(QueueFull, BatchWatch):
             self.catalog.model(self.name, m), self.settings.batch_results_max_mb)) is not None), default=None)
         return parts if cap is None else [p[k:k + cap] for p in parts for k in range(0, len(p), cap)]
 
-    def _results_slot(self, jobs: list[Job]) -> contextlib.AbstractAsyncContextManager:
+    @contextlib.asynccontextmanager
+    async def _results_slot(self, jobs: list, until: float | None = None):
         """Held while a batch of images has its results read and handed on: k image batches ending together
-        hold one results file's images in this actor, not k. Text's results pass freely."""
-        image = any(self.catalog.model(self.name, j.req.model).kind == "image" for j in jobs)
-        return self._image_reads if image else contextlib.nullcontext()
+        hold one results file's images in this actor, not k. Text's results pass freely. Waited for until
+        ``until`` (engine time: the batch's hedge), then read without it: a read that stalls (a download
+        trickling for its timeout, five times over) held every other image batch behind it, finished members
+        past their deadlines and hedged ones never sent again (a review)."""
+        slot = self._image_reads
+        if not any(self.catalog.model(self.name, j.req.model).kind == "image" for j in jobs):
+            yield
+            return
+        if slot.locked() and until is not None:
+            left = until - self.clock.now()  # (a clock that does not move by itself: no real bound, waited for)
+            try:
+                if left <= 0:
+                    raise asyncio.TimeoutError
+                await asyncio.wait_for(slot.acquire(), self.clock.real_delay(left) or None)
+            except asyncio.TimeoutError:
+                log.warning("dispatcher %s: another image batch's results read outlasted this one's hedge: read "
+                            "without waiting for it", self.name)
+                yield
+                return
+        else:
+            await slot.acquire()
+        try:
+            yield
+        finally:
+            slot.release()
 
     async def _run_batch(self, b: BatchJob, jobs: list[Job], start: float, tokens: int, key: str | None = None,
                          body=None, name: str | None = None) -> None:
@@ -328,7 +351,7 @@ class BatchApiRuns(QueueFull, BatchWatch):
                          cancel_deadline if gives_up else float("inf"))  # (finishing past its hedge: a spin)
                 await self._sleep(max(min(wait, limit - now), 0.0))
         # Held from the read of an image batch's results until every member is handed on (``_results_slot``).
-        async with self._results_slot(jobs if handle is not None else []):
+        async with self._results_slot(jobs if handle is not None else [], hedge_at):
             if handle is not None:
                 read, rounds = await self._fetch(handle), 0
                 while read is None and self._cancelled and (rounds := rounds + 1) <= CANCELLED_READS:  # as above

@@ -6,7 +6,6 @@ image batch's results at a time, handing them on before the next (``_results_slo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 from typing import Any
 
@@ -15,7 +14,9 @@ from actors._types import Job
 from engine.core.settings import Settings
 from tests.unit.test_http_providers import (  # noqa: F401  (emu: the fixture)
     CAT,
+    VALIDATING_S,
     Rig,
+    T,
     batch_key,
     billed_by_custom_id,
     emu,
@@ -136,6 +137,49 @@ def test_text_batches_are_cut_as_before_and_read_freely(emu):  # noqa: F811
     assert results_cap(rig.catalog.model("openai", text[0].req.model), 1e-3) is None
     limit = rig.catalog.provider("openai").batch_api.max_file_mb
     assert rig.d._file_parts(text) == file_parts(text, limit, rig.settings.chars_per_token) == [text]
-    assert isinstance(rig.d._results_slot(text), contextlib.nullcontext)
-    assert not isinstance(rig.d._results_slot(five_images()), contextlib.nullcontext)
+
+    async def slots():
+        async with rig.d._results_slot(five_images()):
+            assert rig.d._image_reads.locked()
+            async with rig.d._results_slot(text):  # text's read passes the held slot
+                pass
+        assert not rig.d._image_reads.locked()
+    asyncio.run(asyncio.wait_for(slots(), 5.0))  # a bound
     asyncio.run(rig.close())
+
+
+def test_a_hung_image_read_holds_no_other_image_batch_past_its_hedge(emu):  # noqa: F811
+    """Two image batches end; the first one's results read hangs (a stalled download). The other waits for the
+    slot no later than its hedge, then reads and hands its members on: before, it waited behind the hung read
+    for as long as it hung, its finished members past their deadlines (a review)."""
+    jobs, cap = five_images()[:4], 2
+
+    async def go():
+        rig = capped_rig(emu, cap)
+        p = rig.d.provider
+        fetch, stalled, first = p.fetch, asyncio.Event(), []
+
+        async def fetched(handle):
+            if not first:  # the first read stalls until the test lets it go
+                first.append(handle.id)
+                await asyncio.wait_for(stalled.wait(), 30.0)  # a bound
+            return await fetch(handle)
+
+        p.fetch = fetched  # an instance attribute shadows the method
+        try:
+            await rig.reserve(jobs)
+            # Every member is done within T; the hedge 2 T later, well after both batches ended.
+            await rig.run("batch_api", jobs, hedge_at=rig.clock.now() + VALIDATING_S["openai"] + 3 * T)
+            await rig.until(lambda: len(rig.results) == cap, "the other batch's members, by its hedge")
+            assert len(first) == 1 and not rig.grouper.readmitted()
+            stalled.set()
+            await rig.resolved(jobs)
+            assert len(rig.results) == len(jobs) and not rig.grouper.readmitted()
+            billed = billed_by_custom_id(emu)
+            assert set(billed) == {batch_key(j) for j in jobs} and len(emu.bill().items) == len(jobs)
+            assert emu.count("images.generations") == 0
+            await rig.settled_to(emu.bill().total_usd)
+        finally:
+            stalled.set()
+            await rig.close()
+    asyncio.run(go())
