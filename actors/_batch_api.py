@@ -72,23 +72,30 @@ class BatchApiRuns(QueueFull, BatchWatch):
         if not any(self.catalog.model(self.name, j.req.model).kind == "image" for j in jobs):
             yield
             return
-        if slot.locked() and until is not None:
-            left = until - self.clock.now()  # (a clock that does not move by itself: no real bound, waited for)
+        if await self._slot_taken(slot, until):
             try:
-                if left <= 0:
-                    raise asyncio.TimeoutError
-                await asyncio.wait_for(slot.acquire(), self.clock.real_delay(left) or None)
-            except asyncio.TimeoutError:
-                log.warning("dispatcher %s: another image batch's results read outlasted this one's hedge: read "
-                            "without waiting for it", self.name)
                 yield
-                return
+            finally:
+                slot.release()
         else:
-            await slot.acquire()
-        try:
+            log.warning("dispatcher %s: another image batch's results read outlasted this one's hedge: read "
+                        "without waiting for it", self.name)
             yield
-        finally:
-            slot.release()
+
+    async def _slot_taken(self, slot: asyncio.Semaphore, until: float | None) -> bool:
+        """Whether ``slot`` was taken by ``until`` (engine time; None: however long it takes). A clock that does not
+        move by itself (no real bound) waits for it."""
+        if not slot.locked() or until is None:
+            await slot.acquire()
+            return True
+        left = until - self.clock.now()
+        if left <= 0:
+            return False
+        try:
+            await asyncio.wait_for(slot.acquire(), self.clock.real_delay(left) or None)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     async def _run_batch(self, b: BatchJob, jobs: list[Job], start: float, tokens: int, key: str | None = None,
                          body=None, name: str | None = None) -> None:
