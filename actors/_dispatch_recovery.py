@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections import OrderedDict
 
 from actors._batch_api import _short
 from actors._shards import uid_shard
 from actors.journal import read_patiently
+from engine.core.result import Result
 
 log = logging.getLogger("smartbatch.dispatcher")
 
@@ -24,10 +27,36 @@ TALLY = ("paid_twice", "paid_twice_usd", "possibly_billed", "possibly_billed_usd
 # ledger, and the report lost it (a hunt). Last, the open requests whose last try gave up polling a job (``_kept``):
 # its bound is charged if the request ends with no try that polls it again.
 _ZERO_TALLY = (*(0 for _ in TALLY), {}, {}, {}, 0, 0, ())
+# Finished requests kept to answer a re-admission (``recall``) rather than send it again: the newest DONE_KEEP, for
+# DONE_KEEP_S; and of their outputs, the newest DONE_OUTPUT_MB. An image's is a base64 image of 1-6 MB, so a
+# dispatch of images read batch after batch kept gigabytes here (a review); an output let go leaves its request
+# known (never made again, never paid twice), answered again as failed, saying why.
+DONE_KEEP, DONE_KEEP_S, DONE_OUTPUT_MB = 65_536, 300.0, 256.0
 
 
 class Recovery:
     """Recovery methods of ``Dispatcher``."""
+
+    _outputs: OrderedDict[str, int]  # uid -> its kept output's length, oldest first (``_keep_done``)
+    _output_bytes = 0
+
+    def _keep_done(self, uid: str, res: Result, price: float) -> None:
+        done, t = self._done, time.monotonic()
+        self._output_bytes -= self._outputs.pop(uid, 0)
+        done[uid] = (res, price, t)
+        if res.output:
+            self._outputs[uid] = len(res.output)
+            self._output_bytes += len(res.output)
+        while done and (len(done) > DONE_KEEP or next(iter(done.values()))[2] < t - DONE_KEEP_S):
+            self._output_bytes -= self._outputs.pop(done.popitem(last=False)[0], 0)
+        while self._output_bytes > DONE_OUTPUT_MB * 2**20:
+            old, n = self._outputs.popitem(last=False)
+            self._output_bytes -= n
+            kept, p, when = done[old]
+            done[old] = (kept.model_copy(update={"output": None, "status": "failed", "error": (
+                f"made and billed (${kept.cost_usd:.6f}), but its output ({n:,} characters) was no longer kept when "
+                f"the request was asked for again after a restart (a dispatcher keeps its newest {DONE_OUTPUT_MB:g} "
+                "MB of outputs); not made again, so not paid twice")}), p, when)
 
     # -- recovery -----------------------------------------------------------------------------------------------
     # A dispatcher Ray restarted knows nothing until it has read its journal. The driver asks it to (``rewire``)
@@ -57,6 +86,7 @@ class Recovery:
         """Finished requests past the driver's retention: a new request may use their ids."""
         for u in uids:
             self._done.pop(u, None)
+            self._output_bytes -= self._outputs.pop(u, 0)
             if self._withdrawn:  # free again: a new request under it is sent (a review)
                 self._withdrawn.pop(u, None)
 

@@ -54,7 +54,6 @@ __all__ = ["Dispatcher"]
 
 # Finished requests kept with their results, so a re-admission after a restart elsewhere gets the result again
 # instead of a second call; bounded by count and age (re-admissions follow restarts within seconds).
-DONE_KEEP, DONE_KEEP_S = 65_536, 300.0
 TOLD_KEPT = 4096  # messages about batches kept, for a grouper Ray restarts (one per outbox flush that had any)
 
 
@@ -110,6 +109,7 @@ class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, R
         self._creates_waiting: dict[object, list] = {}  # batch creates waiting out a 429: their call jobs
         self._known: set[str] = set()  # uids this dispatcher is carrying out (queued, calling, in a batch, retrying)
         self._done: OrderedDict[str, tuple[Result, float, float]] = OrderedDict()  # uid -> (result, price, when)
+        self._outputs: OrderedDict[str, int] = OrderedDict()  # of ``_done``, the outputs kept (``_keep_done``)
         self._results: list[Result] = []
         self._list_prices: list[float] = []
         # (cache shard, (fingerprint, result)) of ended requests; (cache shard, (fingerprint, uid)) of failed ones
@@ -371,11 +371,7 @@ class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, R
             self._fills.append((shard, (j.fp, res)))
             if not ok:
                 self._orphans.append((shard, (j.fp, r.uid)))
-        done = self._done
-        t = time.monotonic()
-        done[r.uid] = (res, price, t)
-        while done and (len(done) > DONE_KEEP or next(iter(done.values()))[2] < t - DONE_KEEP_S):
-            done.popitem(last=False)
+        self._keep_done(r.uid, res, price)
 
     async def stats(self, waits: bool = False) -> dict:
         out = {"provider": self.name, "calls": "http" if self.provider.real else "simulated",
