@@ -9,7 +9,10 @@ driver can hold them, so an owner, once answered, is kept for good. "Nobody's" i
 (``engine.core.response_owners``): a shard is also taught ids it never pushed (an endpoint started on its state
 directory, after a script had asked), and a driver that kept that answer let another tenant continue the id. A shard
 Ray restarted (not ``whole``) knows only what the drivers rewired since gave back, so its "nobody's" is not kept at
-all; a rewire whose record the shard did not take is made again at the next check (``_supervise``). A hub that
+all. A rewired shard that did not take this driver's record (it timed out, or was busy) is given it again, alone, at
+each health check until it does (``_share_owed``): it counts as recovered only then, and its answers stay not
+``whole`` meanwhile (before, the whole rewire was made again, journal reads and re-admission with it, so a slow
+shard got more work at every check). A hub that
 does not answer in ``OWNERS_WAIT_S`` (restarting) leaves the record as it was: a driver lets an unknown id go, as
 it did alone; the endpoint answers a 503 for a request it would refuse only for want of that answer.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -32,7 +36,8 @@ OWNERS_WAIT_S = 5.0  # real seconds a submission waits for the hub shards' answe
 
 
 class SharedOwners:
-    """Mixed into ``Engine``; uses its ``_ray``, ``_h`` (the hub shards) and ``responses``."""
+    """Mixed into ``Engine``; uses its ``_ray``, ``_h`` (the hub shards), ``responses`` and, for the restarted
+    shards, ``_count_recovered`` (``Supervised``)."""
 
     responses: ResponseOwners
     owner_asks = 0  # calls made to the hub shards about unknown ids (each a whole submission's)
@@ -81,6 +86,31 @@ class SharedOwners:
                         len(rows), type(exc).__name__)
             return False
         return True
+
+    def _init_owed(self) -> None:
+        self._owed: set[str] = set()  # kinds of rewired hub shards that have not taken this driver's record yet
+        self._sharing = threading.Lock()  # one giving at a time: a check never piles calls on a slow shard
+
+    def _share_owed(self, held: bool = False) -> list[str]:
+        """Give this driver's record to each rewired hub shard that has not taken it yet; the kinds that took it
+        now. ``held``: the caller took ``_sharing`` (released here)."""
+        if not held:
+            self._sharing.acquire()
+        try:
+            taught = [kind for kind in sorted(self._owed) if self.share_owners([self._h["named"][kind]])]
+            self._owed.difference_update(taught)
+        finally:
+            self._sharing.release()
+        return taught
+
+    def _retry_owed(self) -> None:
+        """At a health check: ``_share_owed`` in a thread of its own (a shard may take ``OWNERS_WAIT_S`` to
+        answer), unless one still runs. The shards that take it count as recovered (``Supervised``)."""
+        if self._owed and self._sharing.acquire(blocking=False):
+            threading.Thread(target=self._reshare, name="smartbatch-share", daemon=True).start()
+
+    def _reshare(self) -> None:
+        self._count_recovered(self._share_owed(held=True))
 
     def _took(self, refs: list[tuple[str, str]], answers: list[tuple[list[tuple[str, str, str]], bool]]) -> bool:
         self.responses.load(row for rows, _ in answers for row in rows)

@@ -74,6 +74,7 @@ class Supervised:
         self._log_seq: int | None = None if attached else 0
         self._gone: str | None = None  # why this driver can take no more work (the engine is gone)
         self._layout_seen, self._layout_missing = False, 0  # the engine's published layout, as last read
+        self._init_owed()
 
     def _metrics_addr(self, kind: str) -> tuple[int, str] | None:
         """Where hub shard ``kind`` served its metrics (None: another kind, or not served)."""
@@ -124,6 +125,8 @@ class Supervised:
             # In a thread of its own: rewiring waits on the restarted actor (seconds on a loaded machine), and
             # the pull loop that runs this check must keep delivering results meanwhile.
             threading.Thread(target=self._recover, args=(restarted,), name="smartbatch-recover", daemon=True).start()
+        else:  # a rewired hub shard that has not taken this driver's record yet: given it again, alone
+            self._retry_owed()
         if dead and not self._engine_stopped():
             # Requests may sit in the dead actor's groups or timers; nothing can resolve them now, so every open
             # future fails with the reason instead of hanging.
@@ -246,6 +249,7 @@ class Supervised:
     def _recover_now(self, kinds: list[str]) -> None:
         from actors.remote import rewire
 
+        done = []
         for kind in kinds:
             log.warning("smartbatch: engine actor %s restarted; recovering its state and re-admitting open work",
                         kind)
@@ -257,15 +261,20 @@ class Supervised:
                 log.warning("smartbatch: rewiring %s failed (%s); trying again at the next check", kind, exc)
                 self._incarnation[kind] = ""
                 continue
-            # A restarted hub knows no response id's owner: this driver's record again. Not taken, the next check
-            # rewires it again (before, only logged: the shard never learnt this driver's ids, and another driver
-            # let a tenant continue a conversation of another's).
-            if kind.split("-", 1)[0] == "hub" and not self.share_owners([self._h["named"][kind]]):
-                self._incarnation[kind] = ""
-                continue
-            self.restarts[kind] = self.restarts.get(kind, 0) + 1
+            # A restarted hub knows no response id's owner: it is recovered once it has taken this driver's record
+            # (below, or given again alone at the next checks until it does; ``_driver_owners``).
+            if kind.split("-", 1)[0] == "hub":
+                self._owed.add(kind)
+            else:
+                done.append(kind)
+        done += self._share_owed()
         self._readmit_open()
+        self._count_recovered(done)
+
+    def _count_recovered(self, kinds: list[str]) -> None:
         with self._recovered:
+            for kind in kinds:
+                self.restarts[kind] = self.restarts.get(kind, 0) + 1
             self._recovered.notify_all()
 
     def wait_recovered(self, kind: str, times: int = 1, timeout: float | None = None) -> bool:

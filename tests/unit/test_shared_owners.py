@@ -378,28 +378,72 @@ def test_nobodys_answer_goes_stale_once_a_shard_is_taught_the_id_so_a_driver_ask
     assert b.owner_asks == 2
 
 
-def test_a_hub_rewire_whose_owner_record_was_not_taken_is_made_again_at_the_next_check(monkeypatch):
-    """Ray restarted the hub shard and the rewire's ``share_owners`` failed (the shard busy, restarting again).
-    Before, that was only logged: the shard never learnt this driver's ids, and another driver let globex continue
-    acme's conversation. Now the next check takes the shard for restarted again and rewires it until it takes them."""
+class _SlowShard(_Handle):
+    """A hub shard that answers its health checks but, while ``slow``, does not take a driver's owner record."""
+
+    slow = False
+
+    def __getattr__(self, name):
+        if name != "teach_owners" or not self.slow:
+            return super().__getattr__(name)
+        calls = self.calls
+
+        class _Refused:
+            @staticmethod
+            def remote(*args):
+                calls.append(name)
+                return _Ref(error=TimeoutError("busy"))
+        return _Refused
+
+
+class _CheckedRay(_Ray):
+    """``_Ray`` for the driver's health checks: every ping answered at once."""
+
+    @staticmethod
+    def wait(refs, num_returns=1, timeout=None):
+        return list(refs), []
+
+
+def _check(driver) -> None:
+    """One health check of ``driver``, and the recovery or retry it started, to their end."""
     import threading
 
+    driver._health()
+    for t in threading.enumerate():
+        if t.name in ("smartbatch-recover", "smartbatch-share"):
+            t.join(10)
+
+
+def test_a_restarted_hub_that_does_not_take_the_owner_record_is_given_it_again_alone_until_it_does(monkeypatch):
+    """Ray restarted the hub shard and the rewire's ``share_owners`` failed (the shard busy). Before, the next check
+    took the shard for restarted again and made the whole rewire again (journal reads, re-admission of every open
+    request) at every check until the record was taken: a slow shard got more work each time. Now the rewire is
+    kept as made and the record alone is given again at each check, until the shard takes it; till then the
+    shard is not counted as recovered and its 'nobody's' is not kept by any driver."""
     import actors.remote
 
-    hub = _Handle(_hub())
-    a = _driver(monkeypatch, hub)
+    hub = _SlowShard(_hub())
+    a, b = _driver(monkeypatch, hub), _driver(monkeypatch, hub)
     a._resolve(a.submit(_turn("q0", "acme")), _answer("acme", "resp_a"))  # learnt by driver A alone
-    rewired = []
+    rewired, readmits = [], []
     monkeypatch.setattr(actors.remote, "rewire", lambda h, kind, *args, **kw: rewired.append(kind))
-    a._h["named"], a._incarnation, a.restarts = {"hub": hub}, {"hub": "second run"}, {}
-    a._metrics_addr, a._readmit_open = (lambda kind: None), (lambda *args, **kw: None)
-    a._recovered = threading.Condition()
-    hub.hub = _hub()  # Ray restarted the shard: it knows nothing
+    a._ray, a._h["named"] = _CheckedRay(), {"hub": hub}
+    a._init_supervision()
+    a._metrics_addr, a._readmit_open = (lambda kind: None), (lambda *args, **kw: readmits.append(args))
+    a._engine_stopped, a._relay_logs = (lambda: False), (lambda: None)
+    hub.hub = _hub()  # Ray restarted the shard: it knows nothing, and answers its check with a new token
     hub.hub.reconstructed()
-    hub.down = True  # and does not take the record
-    a._recover_now(["hub"])
-    assert a._incarnation["hub"] != "second run" and not a.restarts  # the next check sees it to recover
-    hub.down = False
-    a._recover_now(["hub"])  # that check's recovery
-    assert rewired == ["hub", "hub"] and a.restarts == {"hub": 1}
+    hub.slow = True
+    for _ in range(3):
+        _check(a)
+    assert (len(rewired), len(readmits), hub.calls.count("teach_owners")) == (1, 1, 3)
+    assert not a.restarts and not a.wait_recovered("hub", timeout=0)  # not recovered while the record is not taken
+    b.submit(_turn("g1", "globex", previous_response_id="resp_a"))  # the restart's window: a driver lets it go
+    hub.slow = False
+    _check(a)
+    assert a.restarts == {"hub": 1} and a.wait_recovered("hub", timeout=0)
+    _check(a)  # taken: nothing more is given
+    assert (len(rewired), len(readmits), hub.calls.count("teach_owners")) == (1, 1, 4)
     assert asyncio.run(hub.hub.owners_of([("response", "resp_a")]))[0] == [("response", "resp_a", "acme")]
+    with pytest.raises(RequestError, match="body.previous_response_id"):  # B asks again, and refuses globex
+        b.submit(_turn("g2", "globex", previous_response_id="resp_a"))

@@ -138,7 +138,7 @@ def restarting(monkeypatch):
 
     s._engine_stopped, s._fail_ids = (lambda: False), fail_ids
     s._fail_open = types.MethodType(Supervised._fail_open, s)
-    s._watch_silence = s._sweep = s._relay_logs = lambda *a: None
+    s._watch_silence = s._sweep = s._relay_logs = s._retry_owed = lambda *a: None  # (``SharedOwners``)
     recovered = threading.Event()
     s._recover = lambda kinds: recovered.set()
     return s, clock, failed, recovered
