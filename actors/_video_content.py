@@ -1,11 +1,15 @@
-"""A video's bytes at a dispatcher (a mixin, so the dispatcher module stays the carrying-out core).
+"""A video's bytes, and how far the videos under way are, at a dispatcher (a mixin, so the dispatcher module stays
+the carrying-out core).
 
 The endpoint's ``GET /v1/videos/{id}/content`` is asked here rather than by the endpoint's own client: the
 dispatcher holds the provider's key (a ``Secret`` read from the driver's environment at start), where the endpoint's
 replica, on a cluster ``serve --address`` attached to, may not have the key's variable at all (as the token count,
 ``_count_tokens``). A download is a read: it takes no slot of the rate gate, reserves nothing and is journaled
 nowhere. But one under way holds one of the dispatcher actor's method slots and a connection of the provider's
-client, so no more than ``CONTENT_CONCURRENCY`` are under way at once: one more is a 429 at once, never sent."""
+client, so no more than ``CONTENT_CONCURRENCY`` are under way at once: one more is a 429 at once, never sent.
+
+The progress is what the provider's polls of each video read last (``progress_by``): asked for many videos in one
+call, it asks nothing of the provider."""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from typing import Any
 from actors.providers._video_content import ContentAnswer, content_refusal
 from engine.core.settings import Settings
 
-__all__ = ["CONTENT_CONCURRENCY", "VideoContent", "content_by"]
+__all__ = ["CONTENT_CONCURRENCY", "VideoContent", "content_by", "progress_by"]
 
 CONTENT_CONCURRENCY = 16  # downloads under way at one dispatcher
 
@@ -29,6 +33,13 @@ async def content_by(provider: Any, name: str, settings: Settings, url: str, var
                                "send; run the engine with SMARTBATCH_PROVIDERS__MODE=http and the provider's "
                                "endpoint", code="video_simulated")
     return await fetch(url, variant)
+
+
+def progress_by(provider: Any, uids: list[str]) -> dict[str, int]:
+    """The last polled progress (0-99) of the videos of requests ``uids`` that ``provider`` is polling; none
+    for the others, and none at all where it makes no video over HTTP (simulated) or reads no figure (Veo)."""
+    read = getattr(provider, "video_progress", None)
+    return read(uids) if read is not None else {}
 
 
 class VideoContent:
@@ -47,3 +58,7 @@ class VideoContent:
             return await content_by(self.provider, self.name, self.settings, url, variant)
         finally:
             self._fetching -= 1
+
+    async def video_progress(self, uids: list[str]) -> dict[str, int]:
+        """``progress_by`` of this dispatcher's provider (the endpoint's retrieve, for all its open videos at once)."""
+        return progress_by(self.provider, uids)

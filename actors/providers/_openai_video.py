@@ -111,11 +111,18 @@ class VideoCalls:
         # Creates under way (key -> what they make, and set once they answered or failed): their videos may be
         # listed before their answers name them held (``_find``).
         self._creating: dict[str, tuple[tuple, asyncio.Event]] = {}
+        # The progress (0-100) the last poll read of each video under way, by its request's uid: what the
+        # endpoint's retrieve shows (``progress_of``), kept from the polls made anyway, never asked for itself.
+        self._progress: dict[str, int] = {}
         videos = provider.client.videos  # made once: sdk_kwargs caches what each create names
         self._create, self._raw_create = _quiet(videos.create), _quiet(videos.with_raw_response.create)
 
     def __repr__(self) -> str:
         return f"VideoCalls(open={len(self._tries)}, held={len(self._held)})"
+
+    def progress_of(self, uids: list[str]) -> dict[str, int]:
+        """The last polled progress of the videos of requests ``uids`` still being polled (the others: none)."""
+        return {u: self._progress[u] for u in uids if u in self._progress}
 
     def _hold(self, vid: str) -> None:
         self._held[vid] = None
@@ -225,11 +232,17 @@ class VideoCalls:
                 return CallOutcome(False, p.clock.now(), 0.0, real=True, provider_request_id=v.id,
                                    retryable=not any(w in code for w in _FINAL_CODES),
                                    error=f"{p.name}: video {v.id} failed: {code}: {p._redact(said)[:300]}")
+            if isinstance(v.progress, (int, float)):  # never past 99 before it ends; a new try's video starts lower
+                self._progress[uid] = max(self._progress.get(uid, 0), min(int(v.progress), 99))
             return None
 
-        return await poll_to_end(p, job, lambda: _quiet(p.client.videos.retrieve)(t.video_id), finished, gone,
-                                 lambda why: self._gave_up(t, why),
-                                 lambda v: f"still {v.status if v is not None else 'unread'}")
+        uid = job.req.uid
+        try:
+            return await poll_to_end(p, job, lambda: _quiet(p.client.videos.retrieve)(t.video_id), finished, gone,
+                                     lambda why: self._gave_up(t, why),
+                                     lambda v: f"still {v.status if v is not None else 'unread'}")
+        finally:
+            self._progress.pop(uid, None)  # ended (or given up: the retry's polls read it again)
 
     def _gave_up(self, t: _Try, why: str) -> CallOutcome:
         """The video may still complete and be billed: the retry polls it again (``_tries`` keeps its id), and its

@@ -108,6 +108,11 @@ class VeoCalls:
     def __repr__(self) -> str:
         return f"VeoCalls(open={len(self._ops)})"
 
+    def progress_of(self, uids: list[str]) -> dict[str, int]:
+        """None known: Google's operation says only whether it is ``done``, no figure of how far (an estimate from
+        the expected latency would be the engine's guess, not Veo's)."""
+        return {}
+
     def body(self, job: CallJob) -> dict[str, Any]:
         """Google's body: the request's own ``instances``/``parameters`` where it gives them, its ``parameters``'
         fields at the top of ``body`` otherwise; the seconds and resolution the cost model prices it at filled in."""

@@ -181,6 +181,10 @@ class OpenAIProvider(HttpBase):
     def resume_jobs(self, records: Sequence[dict]) -> None:
         self._videos.resume(records)
 
+    def video_progress(self, uids: list[str]) -> dict[str, int]:
+        """The last polled progress (0-99) of the videos of requests ``uids`` being polled (``_openai_video``)."""
+        return self._videos.progress_of(uids)
+
     async def video_content(self, url: str, variant: str) -> ContentAnswer:
         """The bytes of a video this provider made (its result's ``output``), fetched with its key
         (``_video_content``); Veo's are not (Google's file addresses are no Videos API's)."""

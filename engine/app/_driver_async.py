@@ -1,11 +1,11 @@
 """The asyncio face of ``Engine``: ``asubmit``, ``asubmit_many``, ``as_completed`` and the endpoint's Anthropic
-``count_tokens`` and ``video_content`` (a mixin, so the driver module stays the threads-and-futures core)."""
+``count_tokens``, ``video_content`` and ``video_progress`` (a mixin, so the driver module stays the threads-and-futures core)."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from actors.providers._anthropic_count import COUNT_TIMEOUT_S, CountAnswer
@@ -24,6 +24,7 @@ __all__ = ["AsyncSubmit"]
 
 COUNT_WAIT_S = COUNT_TIMEOUT_S + 15.0  # real seconds: the dispatcher's own timeout answers first, a 504
 CONTENT_WAIT_S = CONTENT_TIMEOUT_S + 15.0  # as COUNT_WAIT_S
+PROGRESS_WAIT_S = 2.0  # real seconds: a figure the dispatcher holds in memory; a retrieve never waits long for it
 
 
 class AsyncSubmit:
@@ -150,6 +151,14 @@ class AsyncSubmit:
         ``count_tokens`` does (``CONTENT_WAIT_S``)."""
         return await self._ask_dispatcher(provider, "the video's download", CONTENT_WAIT_S,
                                           lambda d: d.video_content.remote(url, variant))
+
+    async def video_progress(self, provider: str, uids: Sequence[str]) -> dict[str, int]:
+        """How far ``provider`` has made the videos of requests ``uids`` (``Request.uid``), 0-99, as its
+        dispatcher's polls last read them (one call for them all; nothing asked of the provider): none for a
+        video not being polled (queued in the engine, ended) or whose provider gives no figure (Veo, simulated).
+        Raises as ``count_tokens`` does (``PROGRESS_WAIT_S``)."""
+        return await self._ask_dispatcher(provider, "the videos' progress", PROGRESS_WAIT_S,
+                                          lambda d: d.video_progress.remote(list(uids)))
 
     async def _ask_dispatcher(self, provider: str, what: str, wait_s: float, call: Any) -> Any:
         if self._gone is not None or not self._running:

@@ -4,9 +4,9 @@ engine: an application of the ``openai`` SDK's ``client.videos`` works against t
 A create (the SDK's multipart form: ``prompt``, ``model``, ``seconds``, ``size``) is checked as the engine will
 check it (a bad field is a 400 naming it, nothing admitted), admitted as one request of the engine (a driver's
 submit, as a batch's lines are) and answered at once with the video ``queued``; a task waits for its result.
-Retrieve answers from that result: ``in_progress`` until there is one, then ``completed`` (with the
-``X-Smartbatch-*`` headers of the other routes: its cost, mode, saving) or ``failed`` with its ``error``. It never
-submits again. Content asks the engine's dispatcher of the video's provider to fetch the bytes at the result's
+Retrieve answers from that result: ``in_progress`` until there is one, its ``progress`` what the provider's own
+polls last read (``_endpoint_video_job``), then ``completed`` (with the ``X-Smartbatch-*`` headers of the other
+routes: its cost, mode, saving) or ``failed`` with its ``error``. It never submits again. Content asks the engine's dispatcher of the video's provider to fetch the bytes at the result's
 ``output`` with the provider's key (``Engine.video_content``): the key stays in the engine, never in a response.
 
 Paying once: ``X-Smartbatch-Request-Id`` (or ``Idempotency-Key``) names the create; the same name again (from the
@@ -26,7 +26,6 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter
@@ -36,6 +35,7 @@ from starlette.datastructures import UploadFile
 
 from engine.app._endpoint_job import cut_by_cancel
 from engine.app._endpoint_state import EndpointState
+from engine.app._endpoint_video_job import VideoJob, VideoProgress, param_of
 from engine.app._endpoint_wire import (
     HEADER_REQUEST_ID,
     ApiError,
@@ -51,7 +51,7 @@ from engine.app._endpoint_wire import (
 from engine.core.catalog import Catalog
 from engine.core.errors import CatalogError, EngineStopped, ProviderError
 from engine.core.request import Request
-from engine.core.result import ANSWERED, ID_TAKEN, Result, why_not
+from engine.core.result import ANSWERED, ID_TAKEN, Result
 from engine.core.video_sizes import OPENAI_VIDEO_SIZES
 
 __all__ = ["VIDEOS_URL", "VideoJob", "VideoRoutes"]
@@ -60,80 +60,9 @@ VIDEOS_URL = "/v1/videos"
 _FIELDS = ("prompt", "model", "seconds", "size", "input_reference")
 DEFAULTS = {"model": "sora-2", "seconds": "4", "size": "720x1280"}  # OpenAI's, when the create leaves them out
 VARIANTS = ("video", "thumbnail", "spritesheet")
+log = logging.getLogger("smartbatch.endpoint")
 IDEMPOTENCY_KEY = "Idempotency-Key"
 DELETED_KEPT = 1000  # deleted videos whose place in the list an ``after`` may still name (a page's worth, and more)
-# The error code of a video that failed, by its result's status (ASSUMPTION: OpenAI's reference names no codes).
-_FAILED_CODE = {"failed": "video_generation_failed", "rejected": "request_rejected", "expired": "deadline_expired"}
-# The request field a refusal names -> the create's field.
-_PARAM = {"body.seconds": "seconds", "params.duration_s": "seconds", "body.size": "size", "params.resolution": "size",
-          "params.size": "size", "body.prompt": "prompt", "provider": "model", "kind": "model"}
-log = logging.getLogger("smartbatch.endpoint")
-
-
-def _param_of(field_: str) -> str | None:
-    return _PARAM.get(field_, field_.removeprefix("body.").removeprefix("params."))
-
-
-@dataclass(eq=False)
-class VideoJob:
-    """One video: the request the engine was given, and its result once in. Changed only on the event loop."""
-
-    id: str
-    req: Request  # as validated, its ``id`` the engine's request id
-    created_at: int
-    result: Result | None = None
-    completed_at: int | None = None
-    created_ns: int = field(default_factory=time.time_ns)  # the order videos are listed in, across restarts
-    task: asyncio.Task | None = None
-    admitted: asyncio.Future | None = None  # resolved once the engine has it (True) or refused it (False)
-
-    @property
-    def asked(self) -> tuple[str, str, str, str]:
-        b = self.req.body
-        return self.req.model, self.req.prompt or "", str(b["seconds"]), str(b["size"])
-
-    def view(self, queued: bool = False) -> dict[str, Any]:
-        model, prompt, seconds, size = self.asked
-        res, status, progress, error, expires = self.result, "queued" if queued else "in_progress", 0, None, None
-        if res is not None and res.status in ANSWERED:
-            raw = res.raw or {}
-            status, progress, expires = "completed", 100, raw.get("expires_at")
-            seconds, size = str(raw.get("seconds", seconds)), str(raw.get("size", size))  # as it was made
-        elif res is not None:
-            status, progress = "failed", 100
-            code = ID_TAKEN if res.reason == ID_TAKEN else _FAILED_CODE.get(res.status, "video_generation_failed")
-            error = {"code": code, "message": why_not(res)}
-        return {"id": self.id, "object": "video", "model": model, "status": status, "progress": progress,
-                "prompt": prompt, "seconds": seconds, "size": size, "created_at": self.created_at,
-                "completed_at": self.completed_at, "expires_at": expires, "error": error,
-                "remixed_from_video_id": None}
-
-    def record(self) -> dict[str, Any]:
-        """What the state directory keeps of it (``EndpointState.save_video``); ``from_record`` reads it."""
-        return {"id": self.id, "request": self.req.model_dump(mode="json", exclude={"arrival_s"}),
-                "created_at": self.created_at, "created_ns": self.created_ns, "completed_at": self.completed_at,
-                "result": self.result.model_dump(mode="json") if self.result is not None else None}
-
-    @classmethod
-    def from_record(cls, rec: dict[str, Any], validator: Validator) -> tuple[VideoJob, str | None]:
-        """The job ``rec`` keeps, and why its request is no longer one this engine takes (its catalog or its
-        providers changed since; None: it is). Such a job is kept all the same, as it was: it may have been made
-        and billed, and read as unreadable it was set aside, a 404 from then on."""
-        refused = None
-        try:
-            req = validator.request(rec["request"], _param_of)
-        except ApiError as exc:
-            d = rec["request"]  # as validated when it was kept (JSON has no tuple)
-            req, refused = Request.model_construct(**{**d, "prefix_blocks": tuple(d["prefix_blocks"])}), exc.message
-        res = Result.model_validate(rec["result"]) if rec["result"] is not None else None
-        job = cls(rec["id"], req, rec["created_at"], res, rec["completed_at"], rec["created_ns"])
-        job.view(), job.record(), req.id, req.tenant  # one that cannot be answered is unreadable after all
-        return job, refused
-
-    def __repr__(self) -> str:
-        return f"VideoJob({self.id}, {self.view()['status']}, request={self.req.id!r}, tenant={self.req.tenant!r})"
-
-
 class VideoRoutes:
     """The videos of one replica (see the module docstring) and their routes. ``headers_of(req, res)``: the
     ``X-Smartbatch-*`` headers of an answer, as the other routes give them; ``state``: the batches' state
@@ -144,6 +73,7 @@ class VideoRoutes:
         self.engine, self.catalog, self.state, self.speedup, self._now = engine, catalog, state, speedup, now
         self.headers_of, self.validator = headers_of, Validator(catalog, engine.settings)
         self.jobs: dict[str, VideoJob] = {}
+        self.progress = VideoProgress(engine)  # how far the open ones are, asked of the engine in batches
         # A deleted video's tenant and created_ns, the newest DELETED_KEPT (``list_videos``)
         self._deleted: dict[str, tuple[str, int]] = {}
         self._detached: set[asyncio.Task] = set()
@@ -223,7 +153,7 @@ class VideoRoutes:
         fields.setdefault("deadline_s", getattr(self.engine.settings.deadlines, fields.get("priority", "normal")))
         seconds, size = (DEFAULTS[k] if body.get(k) is None else str(body[k]) for k in ("seconds", "size"))
         d = {"id": "check", **fields, "model": model, "prompt": prompt, "body": {"seconds": seconds, "size": size}}
-        return self.validator.request(d, _param_of)  # seconds or a size the model refuses: a 400 naming it
+        return self.validator.request(d, param_of)  # seconds or a size the model refuses: a 400 naming it
 
     def _served(self) -> list[str]:
         """The catalog's video models made through OpenAI's Videos API (Veo has its own route, Gemini's)."""
@@ -244,7 +174,7 @@ class VideoRoutes:
             sub = {**job.req.model_dump(exclude={"arrival_s"}),
                    **({} if deadline_s is None else {"deadline_s": deadline_s})}
             # submit_many may wait for room in the engine: in a worker thread, never on the loop
-            futs = await engine_call(asyncio.to_thread(self.engine.submit_many, [sub]), _param_of)
+            futs = await engine_call(asyncio.to_thread(self.engine.submit_many, [sub]), param_of)
         except BaseException:
             if deadline_s is None:
                 self.jobs.pop(job.id, None)
@@ -291,6 +221,7 @@ class VideoRoutes:
 
     async def retrieve(self, http: HttpRequest, video_id: str) -> JSONResponse:
         job = self._job(video_id, http)
+        await self.progress.refresh([job], self.jobs.values())
         return JSONResponse(job.view(), headers=self._headers(job))
 
     async def content(self, http: HttpRequest, video_id: str, variant: str = "video") -> Response:
@@ -332,6 +263,7 @@ class VideoRoutes:
             # on): the next page starts where it was listed, where "not an id of this list" ended the loop.
             at = gone[1]
             jobs, after = [j for j in jobs if (j.created_ns < at if order == "desc" else j.created_ns > at)], None
+        await self.progress.refresh(jobs, self.jobs.values())
         return cursor_page([j.view() for j in jobs], after=after, limit=limit, default_limit=20, max_limit=100)
 
     async def delete(self, http: HttpRequest, video_id: str) -> dict:
@@ -381,6 +313,7 @@ class VideoRoutes:
     async def shutdown(self) -> None:
         """Stop waiting (the engine's requests run on); an open video stays open on disk, for the next start."""
         await asyncio.gather(*self._detached, return_exceptions=True)
+        await self.progress.close()
         tasks = [j.task for j in self.jobs.values() if j.task is not None and not j.task.done()]
         for t in tasks:
             t.cancel()

@@ -71,6 +71,8 @@ class AsyncEngine(Protocol):
 
     async def video_content(self, provider: str, url: str, variant: str = "video") -> tuple[int, Any, str]: ...
 
+    async def video_progress(self, provider: str, uids: Sequence[str]) -> dict[str, int]: ...
+
 
 class ApiError(Exception):
     """An error answered in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""

@@ -147,20 +147,29 @@ def test_a_standard_batch_file_round_trips_through_the_sdk(endpoint):
 @pytest.mark.filterwarnings("ignore:The Sora API is scheduled:DeprecationWarning")
 def test_a_video_round_trips_through_the_sdks_videos_api_its_bytes_fetched_by_the_dispatcher(endpoint):
     """``client.videos`` through Serve's replica: created, polled, and its MP4 fetched by the engine's dispatcher
-    with the provider's key (``Engine.video_content``), billed once at the catalog's price. Before, a 404."""
+    with the provider's key (``Engine.video_content``), billed once at the catalog's price. Before, a 404. Its
+    ``progress`` while it is made is what the dispatcher's polls read (``Engine.video_progress``): it never goes
+    back, and says 100 only once the video has completed."""
+    import asyncio
+
     from engine.core.cost import price_alone
     from engine.core.request import Request
     from engine.emulator._videos import mp4
 
-    _, _, emu, client, _ = endpoint
+    eng, _, emu, client, _ = endpoint
     made = client.videos.create(model="sora-2", prompt="A kingfisher dives", seconds="4",
                                 extra_headers={"X-Smartbatch-Request-Id": "kingfisher-1"})
     assert made.status == "queued"
-    until = time.monotonic() + 60
+    until, seen = time.monotonic() + 60, []
     while (v := client.videos.retrieve(made.id)).status in ("queued", "in_progress"):
         assert time.monotonic() < until, f"video still {v.status}"
+        seen.append(v.progress)
         time.sleep(0.2)  # polling the HTTP API, as a client does
     assert v.status == "completed", v.error
+    assert seen == sorted(seen) and all(p < 100 for p in seen) and v.progress == 100, seen
+    # Asked of the dispatcher through Ray: a video no longer polled has no figure.
+    assert asyncio.run(eng.video_progress("openai", [Request.model_validate(
+        {"id": "kingfisher-1", "arrival_s": 0.0, "model": "sora-2", "prompt": "p"}).uid])) == {}
     raw = client.videos.with_raw_response.retrieve(made.id)
     want = price_alone(Request.model_validate({"id": "x", "arrival_s": 0.0, "model": "sora-2", "prompt": "p",
                                                "params": {"duration_s": 4, "resolution": "720p"}}), CAT, "sync").total

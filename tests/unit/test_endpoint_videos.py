@@ -15,7 +15,7 @@ import openai
 import pytest
 from pydantic import ValidationError
 
-from actors._video_content import content_by
+from actors._video_content import content_by, progress_by
 from engine.app.endpoint import HEADER_COST, HEADER_MODE, HEADER_REQUEST_ID, make_app
 from engine.core.cost import price_alone
 from engine.core.errors import RequestError
@@ -48,6 +48,7 @@ class VideoEngine:
         self._go = self._on_loop(self._event())
         self.futs: dict[tuple[str, str], concurrent.futures.Future] = {}
         self.submitted: list[str] = []  # every submission's id, in order
+        self.progress_asks: list[list[str]] = []  # the uids of each ask of ``video_progress``
 
     async def _make(self, emu):
         return direct(emu, "openai")
@@ -101,11 +102,21 @@ class VideoEngine:
                                                self.loop)
         return await asyncio.wrap_future(got)
 
+    async def video_progress(self, provider: str, uids):
+        """As the dispatcher answers it (``progress_by``: the figures its provider's polls read last)."""
+        self.progress_asks.append(list(uids))
+        got = asyncio.run_coroutine_threadsafe(_progress(self.provider, list(uids)), self.loop)
+        return await asyncio.wrap_future(got)
+
     def close(self) -> None:
         self.release()
         self._on_loop(self.provider.close())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(WAIT_S)
+
+
+async def _progress(provider, uids):
+    return progress_by(provider, uids)
 
 
 @pytest.fixture
