@@ -8,9 +8,9 @@ import contextlib
 import logging
 import secrets
 
-from actors._batch_parts import file_parts, results_cap
 from actors._batch_watch import _UNKNOWN, CANCEL_RETRY_S, POLL_RETRY_S, BatchWatch, _short
 from actors._queue_full import QueueFull
+from actors._results_room import ResultsReads
 from actors._types import BatchJob, Job
 from engine.core.errors import ProviderError
 from engine.core.provider_api import CallJob, refusal_state
@@ -26,7 +26,7 @@ CANCELLED_READS = 20  # more rounds of those, POLL_RETRY_S apart, once the engin
 RETRY_BASE_S = 0.2  # real seconds before a lookup or a read is tried again, doubling each time
 
 
-class BatchApiRuns(QueueFull, BatchWatch):
+class BatchApiRuns(QueueFull, BatchWatch, ResultsReads):
     """Batch-API methods of ``Dispatcher``."""
 
     def _start_batch_api(self, e: Event, b: BatchJob, jobs: list[Job]) -> None:
@@ -35,8 +35,8 @@ class BatchApiRuns(QueueFull, BatchWatch):
             self._spawn(self._run_batch(b, jobs, e.start, e.outcome), jobs, b)
             return
         # The provider's limit on one batch's size (OpenAI's 200 MB input file, Anthropic's 256 MB): a larger
-        # batch is refused whole, and its members would all go sync at the full price; and for images, the
-        # memory their results take here (``batch_results_max_mb``, ``_file_parts``). Each part is a batch of
+        # batch is refused whole, and its members would all go sync at the full price; and for images, the memory
+        # their results take here (``batch_results_max_mb``, ``ResultsReads._file_parts``). Each part is a batch of
         # its own (journalled, followed, hedged alike); the dispatch's enqueued tokens are released when the
         # last part ends. The parts' keys name the dispatch (``stem#k``), not its batch id: one id may come
         # twice (members parked for a budget go later under it; a restarted grouper numbers from 0 again).
@@ -51,51 +51,6 @@ class BatchApiRuns(QueueFull, BatchWatch):
     def _max_file_mb(self) -> float | None:
         ba = self.catalog.provider(self.name).batch_api
         return None if ba is None else ba.max_file_mb
-
-    def _file_parts(self, jobs: list[Job]) -> list[list[Job]]:
-        """``jobs`` in parts that each fit the provider's limit on one batch (``file_parts``)."""
-        parts = file_parts(jobs, self._max_file_mb(), self.settings.chars_per_token)
-        # An image's results line holds it in base64 (1-2 MB): read whole, the results of a batch of the provider's
-        # 50,000 members held ~75 GB in this actor, which died, was restarted by Ray and read them again.
-        cap = min((c for m in {j.req.model for j in jobs} if (c := results_cap(
-            self.catalog.model(self.name, m), self.settings.batch_results_max_mb)) is not None), default=None)
-        return parts if cap is None else [p[k:k + cap] for p in parts for k in range(0, len(p), cap)]
-
-    @contextlib.asynccontextmanager
-    async def _results_slot(self, jobs: list, until: float | None = None):
-        """Held while a batch of images has its results read and handed on: k image batches ending together
-        hold one results file's images in this actor, not k. Text's results pass freely. Waited for until
-        ``until`` (engine time: the batch's hedge), then read without it: a read that stalls (a download
-        trickling for its timeout, five times over) held every other image batch behind it, finished members
-        past their deadlines and hedged ones never sent again (a review)."""
-        slot = self._image_reads
-        if not any(self.catalog.model(self.name, j.req.model).kind == "image" for j in jobs):
-            yield
-            return
-        if await self._slot_taken(slot, until):
-            try:
-                yield
-            finally:
-                slot.release()
-        else:
-            log.warning("dispatcher %s: another image batch's results read outlasted this one's hedge: read "
-                        "without waiting for it", self.name)
-            yield
-
-    async def _slot_taken(self, slot: asyncio.Semaphore, until: float | None) -> bool:
-        """Whether ``slot`` was taken by ``until`` (engine time; None: however long it takes). A clock that does not
-        move by itself (no real bound) waits for it."""
-        if not slot.locked() or until is None:
-            await slot.acquire()
-            return True
-        left = until - self.clock.now()
-        if left <= 0:
-            return False
-        try:
-            await asyncio.wait_for(slot.acquire(), self.clock.real_delay(left) or None)
-        except asyncio.TimeoutError:
-            return False
-        return True
 
     async def _run_batch(self, b: BatchJob, jobs: list[Job], start: float, tokens: int, key: str | None = None,
                          body=None, name: str | None = None) -> None:

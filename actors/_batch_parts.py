@@ -1,26 +1,35 @@
 """How a dispatch to a batch API is cut to the provider's limit on one batch's size (OpenAI's 200 MB input
 file, Anthropic's 256 MB create; ``batch_api.max_file_mb``); ``cut`` also makes the parts of a batch a full batch
-queue refused, by their input tokens (``actors._queue_full``); ``results_cap`` bounds an image batch's members, so
-that the dispatcher holds at most ``batch_results_max_mb`` of images when it reads one batch's results."""
+queue refused, by their input tokens (``actors._queue_full``); ``results_parts`` cuts an image dispatch by its
+lines' bounds (``image_line_bytes``), so that the dispatcher holds at most ``batch_results_max_mb`` of images when
+it reads one batch's results."""
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable
 
 from actors._types import Job
 from engine.core.catalog import ModelSpec
+from engine.core.request import Request
 
-__all__ = ["IMAGE_BYTES_PER_PIXEL", "LINE_OVERHEAD", "cut", "file_parts", "image_line_mb", "results_cap"]
+__all__ = ["BYTES_PER_PIXEL", "LINE_OVERHEAD", "cut", "file_parts", "image_line_bytes", "results_parts"]
 
 LINE_OVERHEAD = 1024  # bytes a batch line adds to its request's body or prompt, at most (ids, url, model, caps)
-# A results line of an image holds it as base64 PNG. A PNG of an opaque image weighs at most about its 3 bytes of
-# RGB a pixel (stored, not compressed: zlib adds a few bytes a block), and base64 adds a third: 4 bytes a pixel.
-# An upper bound, as the read it bounds must not overrun: gpt-image PNGs compress to about half that (1-3 MB at
-# 1536x1024; a transparent one's 4th byte a pixel stays under the bound by that compression).
-IMAGE_BYTES_PER_PIXEL = 4.0
-FALLBACK_PIXELS = 1536 * 1024  # a model whose price table names no WxH size: OpenAI's largest gpt-image size
+# A results line holds its image in base64 (a third more than the file). The most a file may weigh, a pixel, by
+# the format asked (``output_format``, png by default). A png that does not compress (a transparent one at high
+# quality: noise-like detail in four channels) is its raw 8-bit RGBA, 4 bytes, and deflate stores such data as it
+# is. The bound was 3 bytes (RGB), an opaque one's: 85 transparent 1536x1024 lines of 8 MiB were ~680 MiB in a
+# read bounded at 512 (a review). webp lossless tops out at its raw RGBA too (3.99 measured on noise). A jpeg at
+# 100 % can pass its raw RGB: 4.1 bytes a pixel on noise, 4.7 on black-and-white noise (measured, 4:4:4), so 6.
+# The quality asked (low, medium, high) changes the detail, not the pixels: the bound is the same at every one.
+BYTES_PER_PIXEL = {"png": 4.0, "webp": 4.0, "jpeg": 6.0}
+PNG_SLACK = 1.01  # what a png adds to its pixels: a filter byte a row, deflate's stored blocks, 12 bytes a chunk
+FILE_OVERHEAD = 64 * 1024  # a file's own headers and ancillary chunks (a colour profile, text): a bound
+RESULT_OVERHEAD = 8 * 1024  # a results line's fields beside its image (custom_id, ids, status, usage, size)
+FALLBACK_PIXELS = (1536, 1024)  # a model whose price table names no WxH size: OpenAI's largest gpt-image size
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
 
 
@@ -57,18 +66,36 @@ def cut(jobs: list[Job], weight: Callable[[Job], float], limit: float) -> list[l
     return parts
 
 
-def image_line_mb(model: ModelSpec) -> float:
-    """What one image's results line may weigh, in MiB: the model's largest size in its price table
-    (``per_image_quality``, ``per_image``) at ``IMAGE_BYTES_PER_PIXEL``."""
+def _pixels(model: ModelSpec, size: object) -> tuple[int, int]:
+    """``size`` ("WxH") as pixels; any other (none, "auto") the model's largest in its price table."""
+    if isinstance(size, str) and (m := _SIZE.match(size)):
+        return int(m[1]), int(m[2])
     sizes = {k for t in (model.per_image_quality or {}).values() for k in t} | set(model.per_image or {})
-    pixels = [int(m[1]) * int(m[2]) for k in sizes if (m := _SIZE.match(k))]
-    return max(pixels, default=FALLBACK_PIXELS) * IMAGE_BYTES_PER_PIXEL / 2**20
+    pixels = [(int(m[1]), int(m[2])) for k in sizes if (m := _SIZE.match(k))]
+    return max(pixels, key=lambda wh: wh[0] * wh[1], default=FALLBACK_PIXELS)
 
 
-def results_cap(model: ModelSpec, max_mb: float) -> int | None:
-    """The most members a batch of ``model`` may hold so that its results file weighs at most ``max_mb``
-    (``Settings.batch_results_max_mb``): an image model's, at least 1; None for text, whose answers weigh
-    what the input limit already bounds (``file_parts``)."""
-    if model.kind != "image":
-        return None
-    return max(1, int(max_mb // image_line_mb(model)))
+def image_line_bytes(model: ModelSpec, req: Request | None = None) -> int:
+    """The most one image's results line may weigh, in bytes: the image at the size and format ``req`` asks (its
+    body's, else its params'; without one, the model's largest size as a png), stored as it comes from the pixels
+    (``BYTES_PER_PIXEL``, a png's filter bytes and framing), in base64, with the line's own fields and the prompt
+    as JSON (a model that gives a revised prompt echoes one). A true bound: a read cut by it must not overrun."""
+    body = (req.body or {}) if req is not None else {}
+    params = req.params if req is not None else {}
+    w, h = _pixels(model, body.get("size", params.get("size")))
+    fmt = body.get("output_format", params.get("output_format", "png"))
+    per_pixel = BYTES_PER_PIXEL.get(fmt if isinstance(fmt, str) else "", max(BYTES_PER_PIXEL.values()))
+    image = math.ceil((w * h * per_pixel + h) * PNG_SLACK) + FILE_OVERHEAD
+    prompt = body.get("prompt") or (req.prompt if req is not None else "")
+    echo = 6 * len(prompt) if isinstance(prompt, str) else 0  # as JSON (\uXXXX): 6 bytes a character at most
+    return 4 * math.ceil(image / 3) + RESULT_OVERHEAD + echo
+
+
+def results_parts(parts: list[list[Job]], line_bytes: Callable[[Job], int | None], max_mb: float) -> list[list[Job]]:
+    """``parts`` cut again so that the results of each weigh at most ``max_mb`` MiB
+    (``Settings.batch_results_max_mb``): by ``line_bytes``, an image's bound (``image_line_bytes``); None for
+    text, whose answers weigh what the input limit already bounds (``file_parts``) and are not cut by it. A line
+    heavier than the bound alone is a part alone."""
+    limit = max_mb * 2**20
+    return [q for p in parts for q in (cut(p, lambda j: line_bytes(j) or 0, limit)
+                                       if any(line_bytes(j) is not None for j in p) else [p])]

@@ -27,8 +27,8 @@ def _short(exc: BaseException) -> str:
 
 
 class BatchWatch:
-    """The watch of a batch whose members went again; needs the dispatcher's ``_find_batch`` and ``_results_slot``
-    (``_batch_api``)."""
+    """The watch of a batch whose members went again; needs the dispatcher's ``_find_batch`` (``_batch_api``) and
+    ``_results_slot`` (``_results_room``)."""
 
     @property
     def _watch_space(self) -> str:

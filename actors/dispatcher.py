@@ -31,6 +31,7 @@ from actors._dispatch_jobs import MadeJobs
 from actors._dispatch_outbox import Outbox, maybe_billed_error
 from actors._dispatch_recovery import Recovery
 from actors._peer import Warm, as_peer, resolve_clock
+from actors._results_room import ResultsRoom
 from actors._shards import Shards
 from actors._sync_calls import QuotaStop, SyncCalls
 from actors._types import BatchJob, Job
@@ -105,7 +106,8 @@ class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, R
         # being created (body: what the create sends, when it must be sent the same again)
         self._open: dict[str, tuple] = {}
         self._parts_left: dict[str, int] = {}  # split dispatch (its parts' key stem) -> parts not ended
-        self._image_reads = asyncio.Semaphore(1)  # one image batch's results in memory at a time (``_results_slot``)
+        # One image batch's results read at a time, and past a hedge one batch's worth more (``_results_slot``)
+        self._image_reads = ResultsRoom(int(settings.batch_results_max_mb * 2**20))
         self._creates_waiting: dict[object, list] = {}  # batch creates waiting out a 429: their call jobs
         self._known: set[str] = set()  # uids this dispatcher is carrying out (queued, calling, in a batch, retrying)
         self._done: OrderedDict[str, tuple[Result, float, float]] = OrderedDict()  # uid -> (result, price, when)

@@ -199,8 +199,10 @@ class Settings(BaseSettings):
     chars_per_token: float = Field(default=4.0, ge=1.0, description="token estimate for a line without counts")
     batch_results_max_mb: float = Field(default=512.0, gt=0, description=(
         "MiB of images one provider batch's results may hold, as a dispatcher reads them: an image dispatch to a "
-        "batch API goes as batches of at most this over an image's results line at its model's largest size "
-        "(1536x1024 at 4 bytes a pixel: 6 MiB, so 85 images a batch); text is not cut by it"))
+        "batch API goes as batches whose results lines' bounds sum to at most this (a line: its image at the size "
+        "and format asked, stored uncompressed, a png at 4 bytes a pixel of RGBA, in base64: over 8 MiB at "
+        "1536x1024, so 62 such images a batch); a dispatcher reads one such batch at a time, and beside it, batches "
+        "past their hedges within this much more; text is not cut by it"))
     default_output_tokens: int = Field(default=256, ge=0, description="output estimate for a text line without one")
     prefix_block_tokens: int = Field(default=512, ge=1, description="tokens per prefix block id in traces")
     actor_hang_s: float = Field(default=30.0, ge=0, description=(

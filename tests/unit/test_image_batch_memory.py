@@ -1,6 +1,6 @@
 """The memory an image batch's results take in a dispatcher: an image's results line holds it in base64 (1-2 MB),
 and a batch of the provider's 50,000 members, read whole, held ~75 GB in one actor. An image dispatch goes as
-batches of at most ``batch_results_max_mb`` over an image line's bound (``results_cap``), and a dispatcher reads one
+batches whose lines' bounds sum to at most ``batch_results_max_mb`` (``results_parts``), and a dispatcher reads one
 image batch's results at a time, handing them on before the next (``_results_slot``). Text is not cut by it."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import asyncio
 import math
 from typing import Any
 
-from actors._batch_parts import file_parts, image_line_mb, results_cap
+from actors._batch_parts import file_parts, image_line_bytes, results_parts
 from actors._types import Job
 from engine.core.settings import Settings
 from tests.unit.test_http_providers import (  # noqa: F401  (emu: the fixture)
@@ -33,19 +33,27 @@ def five_images() -> list[Job]:
 
 
 def capped_rig(emu: Any, cap: int) -> Rig:  # noqa: F811
-    """A dispatcher whose image batches hold at most ``cap`` members (the setting at ``cap`` image lines)."""
-    mb = cap * image_line_mb(CAT.model("openai", "gpt-image-2")) + 0.5
+    """A dispatcher whose image batches hold ``cap`` of ``five_images`` (the setting at ``cap`` of the model's
+    largest lines, and a little more: a small image and a large one fit, a third does not)."""
+    mb = (cap * image_line_bytes(CAT.model("openai", "gpt-image-2")) + 2**19) / 2**20
     rig = Rig(emu, "openai", batch_results_max_mb=mb)
-    assert results_cap(rig.catalog.model("openai", "gpt-image-2"), rig.settings.batch_results_max_mb) == cap
+    assert [len(p) for p in rig.d._file_parts(five_images())] == [cap] * (5 // cap) + [5 % cap] * (5 % cap > 0)
     return rig
 
 
-def test_the_default_bound_is_512_mib_over_a_6_mib_image_line():
-    """gpt-image-2's largest size, 1536x1024, at 4 bytes a pixel (RGB stored, in base64): 6 MiB, so 85 a batch."""
+def test_the_default_bound_is_512_mib_over_each_image_lines_own_bound():
+    """An image dispatch is cut by its lines' bounds: gpt-image-2's largest size, 1536x1024, as a png stored
+    uncompressed (4 bytes a pixel of RGBA, in base64: over 8 MiB) fits 62 to a batch; 1024x1024 ones fit 93."""
     model = CAT.model("openai", "gpt-image-2")
-    assert image_line_mb(model) == 1536 * 1024 * 4 / 2**20 == 6.0
-    assert results_cap(model, Settings().batch_results_max_mb) == 85
-    assert results_cap(model, 1.0) == 1  # never 0: a line alone is a batch alone
+    assert 8 * 2**20 < image_line_bytes(model) < 8.3 * 2**20
+    max_mb = Settings().batch_results_max_mb
+    assert max_mb == 512.0
+    for size, fit in (("1536x1024", 62), ("1024x1536", 62), ("1024x1024", 93)):
+        jobs = [Job(i, image(i, size=size), f"fp-{i}", claim=f"c{i}") for i in range(200)]
+        parts = results_parts([jobs], lambda j: image_line_bytes(model, j.req), max_mb)
+        assert [len(p) for p in parts] == [fit] * (200 // fit) + [200 % fit], size
+    one = [Job(0, image(0), "fp-0", claim="c0")]
+    assert results_parts([one], lambda j: image_line_bytes(model, j.req), 1.0) == [one]  # a line alone: a part alone
 
 
 def test_an_image_dispatch_goes_as_batches_of_at_most_the_cap_each_member_billed_once_at_the_batch_price(emu):  # noqa: F811
@@ -134,16 +142,16 @@ def test_text_batches_are_cut_as_before_and_read_freely(emu):  # noqa: F811
     """A text dispatch's parts are ``file_parts``'s alone, however small the image bound; its reads take no slot."""
     rig = Rig(emu, "openai", batch_results_max_mb=1e-3)
     text = jobs_of("openai", 7)
-    assert results_cap(rig.catalog.model("openai", text[0].req.model), 1e-3) is None
+    assert rig.d._line_bytes(text[0]) is None
     limit = rig.catalog.provider("openai").batch_api.max_file_mb
     assert rig.d._file_parts(text) == file_parts(text, limit, rig.settings.chars_per_token) == [text]
 
     async def slots():
         async with rig.d._results_slot(five_images()):
-            assert rig.d._image_reads.locked()
+            assert rig.d._image_reads.slot
             async with rig.d._results_slot(text):  # text's read passes the held slot
                 pass
-        assert not rig.d._image_reads.locked()
+        assert not rig.d._image_reads.slot
     asyncio.run(asyncio.wait_for(slots(), 5.0))  # a bound
     asyncio.run(rig.close())
 
