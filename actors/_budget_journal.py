@@ -6,8 +6,14 @@ hub: the hub's journal is its memory, rewritten by the controller after the hub 
 controller dying together (a node lost, both workers killed) restarted every budget from zero, its spend forgotten
 and a hard budget passable. The copy is off the hot path: no answer waits for it, at most one write is out at a time
 and the next carries the newest state, started at most every ``KV_EVERY_S``: a joint death loses at most the changes
-of that and one write's latency (never one write per request: Ray's store is the cluster's, on the head node). Each snapshot carries a change number that goes
-on across restarts; a restart takes back the newer of the two.
+of that and one write's latency (never one write per request: Ray's store is the cluster's, on the head node).
+
+Each snapshot carries an epoch (how many restarts took a ledger back before this incarnation) and a change number
+that goes on across restarts; a restart takes back the newest by (epoch, change), and its own epoch is one more.
+Each incarnation copies to a key of its own (``ledger@<incarnation>``): a dead incarnation's write still in flight
+when its successor wrote lands in its own key, never over the successor's, and its epoch ranks it below (by change
+number alone it could rank above: the successor goes on from the last copy that had landed, the late one's number
+may be higher). The older incarnations' keys go once this one's first copy landed.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from engine.core.budgets import BudgetSpec
 __all__ = ["JOURNAL_KEY", "LedgerJournal"]
 
 JOURNAL_KEY = ("budget", "ledger")
+_COPY = "ledger@"  # + the incarnation: the key of its copy in Ray's store
 PUT_TIMEOUT_S = 10.0  # a snapshot write that takes longer is given up (logged); the next change writes again
 KV_RETRY_S = 1.0  # a copy Ray's store refused is written again this long after (the latest state), until it takes one
 # Copies start at most this often: under steady load the ledger changes all the time, and back-to-back copies would
@@ -41,7 +48,7 @@ class LedgerJournal:
                 if self.spec_version else None)
         return (dict(b.spent), dict(b.reserved), dict(b.claims), dict(b.spend), dict(self.refusals), list(b.ended),
                 b.ended_overrun, b.latest, set(b.charged), live, dict(b.granted),
-                self.__dict__.get("_seq_base", 0) + self._asked, dict(self._charged))
+                self.__dict__.get("_seq_base", 0) + self._asked, dict(self._charged), self.__dict__.get("_epoch", 0))
 
     def _kv_soon(self) -> None:
         """Have the copy in Ray's store follow the ledger: one write at a time, each of the state when it starts."""
@@ -57,7 +64,9 @@ class LedgerJournal:
         while self.__dict__.get("_kv_dirty") and not self._closed:
             self._kv_dirty, started = False, loop.time()
             try:  # the snapshot is taken here, so the changes made while the last write was out all go in this one
-                await asyncio.wait_for(self.kv_journal.put(*JOURNAL_KEY, self._snapshot()), PUT_TIMEOUT_S)
+                await asyncio.wait_for(self.kv_journal.put(JOURNAL_KEY[0], _COPY + self.spec_incarnation,
+                                                           self._snapshot()), PUT_TIMEOUT_S)
+                await self._drop_superseded()
             except Exception as exc:
                 if not failing:
                     log.warning("budget ledger: snapshot not copied to Ray's key-value store (%s: %s); tried again "
@@ -71,6 +80,16 @@ class LedgerJournal:
                 failing = False
                 if self.__dict__.get("_kv_dirty") and (wait := started + KV_EVERY_S - loop.time()) > 0:
                     await asyncio.sleep(wait)
+
+    async def _drop_superseded(self) -> None:
+        """Remove the copies of the incarnations before this one (read back at its restore), now that its own holds
+        what they held. A dead one's write landing after this re-creates its key, ranked below by its epoch."""
+        stale = self.__dict__.pop("_kv_superseded", None)
+        if stale:
+            try:
+                await asyncio.wait_for(self.kv_journal.delete(JOURNAL_KEY[0], stale), PUT_TIMEOUT_S)
+            except Exception as exc:  # left: ranked below this incarnation's copy, removed at the engine's stop
+                log.info("budget ledger: older copies not removed from Ray's key-value store (%s)", exc)
 
     async def _journal_soon(self) -> None:
         # One write at a time, of every change made before it: the changes made while one is out go in the next.
@@ -127,12 +146,17 @@ class LedgerJournal:
         self._restoring = asyncio.Event()  # ledger calls wait: the restore overwrites what they would do meanwhile
         restored = False
         try:
-            found = [snap for snap in (await self._read(self.journal, "the hub's journal"),
-                                       await self._read(self.kv_journal, "Ray's key-value store")) if snap]
+            hub = (await self._read(self.journal, "the hub's journal")).get(JOURNAL_KEY[1])
+            copies = {k: v for k, v in (await self._read(self.kv_journal, "Ray's key-value store")).items()
+                      if k.startswith(_COPY) and k != _COPY + self.spec_incarnation}
+            self._kv_superseded = list(copies)
+            found = [snap for snap in (hub, *copies.values()) if snap]
+            # Numbered past every incarnation read (one whose copy never landed is ranked below by its changes).
+            self._epoch = max((_rank(snap)[0] for snap in found), default=0) + 1
             if not found:
                 return False
-            # The newer: the hub's while it lived (the copy lags it by a write at most), else Ray's store's.
-            restored = self._restore(max(found, key=lambda snap: snap[11] if len(snap) > 11 else 0))
+            # The newest: the hub's while it lived (the copy lags it by a write at most), else Ray's store's.
+            restored = self._restore(max(found, key=_rank))
             return restored
         finally:
             self._restoring.set()
@@ -140,20 +164,19 @@ class LedgerJournal:
             if restored:  # copied from now on (not while it was read back: the empty ledger would replace the copy)
                 self._kv_soon()
 
-    async def _read(self, journal, where: str) -> tuple | None:
+    async def _read(self, journal, where: str) -> dict:
         if journal is None:
-            return None
+            return {}
         try:
-            return (await read_patiently(lambda: journal.items(JOURNAL_KEY[0]), "budget ledger",
-                                         self.recover_wait_s)).get(JOURNAL_KEY[1])
+            return await read_patiently(lambda: journal.items(JOURNAL_KEY[0]), "budget ledger", self.recover_wait_s)
         except Exception as exc:
             log.error("budget ledger: snapshot in %s unreadable after a restart (%s)", where, exc)
-            return None
+            return {}
 
     def _restore(self, snap: tuple) -> bool:
         b = self.book
         if len(snap) > 11:  # the change number (this run's snapshots number on from it), and the charges' USD
-            self._seq_base, charged, snap = snap[11], snap[12], snap[:11]
+            self._seq_base, charged, snap = snap[11], snap[12], snap[:11]  # (then the epoch: ``recover`` read it)
             self._charged.update(charged)  # the report's charged_usd said 0 after every restart
         # 5 parts before ended windows, 7 before latest, 8 before charged, 9 before the budgets changed live, 10
         # before what windows had granted under a limit lowered since
@@ -182,3 +205,8 @@ class LedgerJournal:
         if open_:
             self.book.settle_many([(r, 0.0) for r in open_])
             self._changed()
+
+
+def _rank(snap: tuple) -> tuple[int, int]:
+    """(epoch, change number): the later incarnation's first, then the later change."""
+    return (snap[13] if len(snap) > 13 else 0, snap[11] if len(snap) > 11 else 0)

@@ -38,6 +38,31 @@ class HeldStore:
     async def items(self, space: str) -> dict:
         return {k: pickle.loads(v) for (s, k), v in self.records.items() if s == space}
 
+    async def delete(self, space: str, keys: list[str]) -> None:
+        for k in keys:
+            self.records.pop((space, k), None)
+
+
+class OneByOneStore(HeldStore):
+    """Each write started while ``held`` waits for a gate of its own (``gates``, in the order they started), so a
+    test lands them in the order it chooses: a dead incarnation's write after its successor's."""
+
+    def __init__(self):
+        super().__init__()
+        self.gates: list[asyncio.Event] = []
+        self.started = asyncio.Event()
+
+    async def put(self, space: str, key: str, value) -> None:
+        blob = pickle.dumps(value)
+        gate = None
+        if self.held:
+            gate = asyncio.Event()
+            self.gates.append(gate)
+            self.started.set()
+        if gate is not None:
+            await gate.wait()
+        self.records[space, key] = blob
+
 
 def _claims(*ids: str, usd: float) -> list[Claim]:
     return [Claim(i, "acme", "openai", "gpt-5-mini", "urgent", usd) for i in ids]
@@ -116,5 +141,38 @@ def test_a_controller_restarted_alone_takes_the_hub_s_newer_snapshot_and_its_cop
         third.reconstructed()
         rep = await third.report()
         assert (rep["spent_usd"], rep["reserved_usd"]) == (0.5, 2.0)
+        await _stop(ctl, again, third)
+    asyncio.run(go())
+
+
+def test_a_dead_incarnation_s_copy_landing_after_its_successor_s_does_not_replace_the_newer_ledger():
+    """The hub and the controller die together with a copy in flight; the successor goes on from the last copy
+    that landed and copies its own state; then the dead one's write lands. Before, both wrote one key and the late
+    write replaced the successor's newer state (and by change number alone it even ranked above it): a third
+    incarnation took back a settled claim as open and its spend as never made."""
+    async def go():
+        store, clock = OneByOneStore(), ManualClock(100.0)
+        ctl = BudgetController(SETTINGS, ResultHub(), clock, kv_journal=store)
+        await ctl.check_ledger()
+        assert (await ctl.reserve_many(_claims("a0", usd=1.0)))[0].ok
+        await _written(ctl)  # the copy: a0 held
+        store.held = True
+        for rid in ("a1", "a2", "a3"):  # answered from the hub's journal; one copy in flight, the next waits for it
+            assert (await ctl.reserve_many(_claims(rid, usd=1.0)))[0].ok
+        await asyncio.wait_for(store.started.wait(), 10)
+        # ctl dies here with its write in flight (its task lives on, as Ray's call in the network would).
+        store.held = False
+        again = BudgetController(SETTINGS, ResultHub(), clock, kv_journal=store)
+        again.reconstructed()
+        assert (await again.report())["reserved_usd"] == 1.0  # the last copy that landed
+        await again.settle_many([("a0", 0.5)])
+        await _written(again)
+        newer = _state(await again.report())
+        for gate in store.gates:  # the dead incarnation's write lands now, after its successor's
+            gate.set()
+        await _written(ctl)
+        third = BudgetController(SETTINGS, ResultHub(), clock, kv_journal=store)
+        third.reconstructed()
+        assert _state(await third.report()) == newer  # before: reserved 4.0 (a0 to a3), spent 0
         await _stop(ctl, again, third)
     asyncio.run(go())
