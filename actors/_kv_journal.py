@@ -7,7 +7,8 @@ while Redis was away (a node lost, both workers killed): spend uncounted, a hard
 journal on that Redis, which is the one away, nor a file under ``journal.dir``, which a controller Ray restarts on
 another node cannot read. Written only while Redis is away, so Ray's store carries no steady load.
 
-One key per record, ``<engine>:journal:<run>:<space>\\x1f<key>`` in Ray namespace ``smartbatch``; the engine's stop
+One key per record, ``<engine>:journal:<run>:<space>\\x1f<key>`` (a record may hold many: the outbox writes one
+per flush, ``actors._budget_outbox``) in Ray namespace ``smartbatch``; the engine's stop
 removes its engine's (``drop_engine``). Ray's calls block, so each runs in a thread off the actor's event loop.
 """
 
@@ -74,6 +75,16 @@ class KvJournal:
 
             for k in names:
                 internal_kv._internal_kv_del(k, namespace=_NS)
+        await asyncio.to_thread(run)
+
+    async def clear(self, space: str) -> None:
+        """Remove every record of ``space`` in one call (Ray's store deletes one key a call, or a prefix)."""
+        prefix = self._prefix(space)
+
+        def run() -> None:
+            from ray.experimental import internal_kv
+
+            internal_kv._internal_kv_del(prefix, del_by_prefix=True, namespace=_NS)
         await asyncio.to_thread(run)
 
     async def items(self, space: str) -> dict[str, Any]:

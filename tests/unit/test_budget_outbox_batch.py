@@ -1,0 +1,85 @@
+"""A Redis ledger's outbox journal written in groups (``actors._budget_outbox``): a burst of settlements and
+charges while Redis is away costs the journal a write or two, each call is answered only once its items are
+written, and a restart reads them back in the order they were queued. Without Ray or Redis: the ledger's Redis is
+a closed port (refused at once), the journal a stand-in whose writes land when the test lets them."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+import socket
+
+from actors import BudgetController
+from engine.core.budgets import BudgetSettings, BudgetSpec, Charge
+from engine.core.clock import ManualClock
+
+
+def _away() -> BudgetSettings:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens once closed: connections are refused at once
+    return BudgetSettings(specs=(BudgetSpec(max_budget=10.0, budget_duration="1d"),),
+                          redis_url=f"redis://127.0.0.1:{port}/0", redis_timeout_s=0.5, redis_retry_s=3600.0)
+
+
+class GatedStore:
+    """Ray's store as ``KvJournal`` uses it, counting its writes; while ``held``, a write waits for ``gate``."""
+
+    durable = True
+
+    def __init__(self):
+        self.records: dict[tuple[str, str], bytes] = {}
+        self.writes = self.keys_written = 0
+        self.held, self.gate, self.waiting = False, asyncio.Event(), asyncio.Event()
+
+    async def put_many(self, space: str, values: dict) -> None:
+        blobs = {k: pickle.dumps(v) for k, v in values.items()}
+        self.writes += 1
+        self.keys_written += len(blobs)  # KvJournal: one call to Ray's store per key
+        if self.held:
+            self.waiting.set()
+            await self.gate.wait()
+        self.records.update(((space, k), b) for k, b in blobs.items())
+
+    async def delete(self, space: str, keys: list[str]) -> None:
+        for k in keys:
+            self.records.pop((space, k), None)
+
+    async def items(self, space: str) -> dict:
+        return {k: pickle.loads(v) for (s, k), v in self.records.items() if s == space}
+
+
+async def _closed(*ctls: BudgetController) -> None:
+    for ctl in ctls:
+        for task in (ctl._reported,):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        await ctl.close()
+
+
+def test_a_burst_while_redis_is_away_is_journaled_in_a_write_or_two_each_call_answered_once_written():
+    async def go():
+        b, store = _away(), GatedStore()
+        ctl = BudgetController(b, None, ManualClock(100.0), kv_journal=store)
+        await ctl.settle_many([("warm", 0.0)])  # Redis found away: from here on each call goes to the outbox
+        assert store.writes == 1
+        store.held = True
+        calls = [asyncio.create_task(ctl.settle_many([(f"c{k}", 0.01 * k)])) for k in range(100)]
+        calls += [asyncio.create_task(ctl.charge_many([Charge(f"x{k}", "acme", "openai", "gpt-5-mini", 0.02)]))
+                  for k in range(100)]
+        await asyncio.wait_for(store.waiting.wait(), 10)
+        assert not any(c.done() for c in calls)  # none answered before its item is written
+        store.gate.set()
+        await asyncio.wait_for(asyncio.gather(*calls), 10)
+        # Before: one write per call, 200 (and 200 calls to Ray's store); now the one held, then all the others.
+        assert store.writes - 1 <= 2 and store.keys_written - 1 <= 2
+        assert ctl.unjournaled() == 0 and len(ctl._outbox) == 101 and len(ctl._charges) == 100
+
+        again = BudgetController(b, None, ManualClock(100.0), kv_journal=store)
+        again.reconstructed()
+        assert (await again.report())["ledger"]["unsettled"] == 201
+        assert again._outbox == ctl._outbox and again._charges == ctl._charges  # in the order queued
+        assert again.unjournaled() == 0
+        await _closed(ctl, again)
+    asyncio.run(go())
