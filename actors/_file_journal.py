@@ -44,10 +44,12 @@ def _safe(name: str) -> str:
 
 
 def engine_dirs(root: Path) -> list[Path]:
-    """The engine runs that journaled under ``root``, oldest first."""
+    """The engine runs that journaled under ``root``, oldest first. A directory whose name starts with a dot is
+    not one (``.budget-outbox``, ``actors._budget_kept``: a job's clean end swept it with the runs)."""
     if not root.is_dir():
         return []
-    return sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+    return sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                  key=lambda p: p.stat().st_mtime)
 
 
 def _replay(path: Path) -> tuple[dict[str, Any], int, int]:

@@ -34,6 +34,7 @@ from actors._budget_live import LiveBudgets
 from actors._budget_outbox import OutboxJournal
 from actors._budget_replay import ScriptRefused
 from actors._budget_report import BudgetReports
+from actors._budget_stop import OutboxAtStop
 from actors._peer import Warm, as_peer, resolve_clock
 from actors.journal import HubJournal
 from engine.core.budgets import LEDGER, BudgetSettings, BudgetSpec, Charge, Claim, Verdict, usd
@@ -46,7 +47,7 @@ __all__ = ["BudgetController"]
 log = logging.getLogger("smartbatch.budget")
 
 
-class BudgetController(LedgerJournal, OutboxJournal, LiveBudgets, BudgetReports, Warm):
+class BudgetController(LedgerJournal, OutboxJournal, OutboxAtStop, LiveBudgets, BudgetReports, Warm):
     def __init__(self, settings: BudgetSettings, hub=None, clock=None, base: float = 0.0, engine: str = "engine",
                  recover_wait_s: float = JournalSettings().recover_wait_s, ledger_id: str | None = None,
                  kv_journal=None):

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 
 import ray
 
+from actors._budget_kept import take_back_kept
 from actors._cancel import CANCEL_CALL_S
 from actors._kv_journal import KvJournal
 from actors._peer import ClockRef, Named, publish_clock, read_layout, resolve_clock, unpublish_clock, warm_all
@@ -183,6 +184,7 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
     real_time = clock.speedup == 1.0 and clock.offset == 0.0
     base = clock.epoch if real_time else 0.0
     ray.get(budget.set_clock.remote(clock, base))
+    take_back_kept(ray, budget, settings)  # what engines stopped on this ledger while its Redis was away left
     publish_clock(engine, clock, base)
     # (its journal's name too: what its driver's clean stop removes under journal.dir, ``_driver_resume``)
     return {**_handles(engine, named, clock, base, settings.log_level), "journal": journal}

@@ -197,11 +197,24 @@ class Pulling:
         return rep
 
     def _keep_last_report(self) -> None:
-        """Keep the report before the actors go (bounded: an engine whose actors died has none to give)."""
+        """Keep the report before the actors go (bounded: an engine whose actors died has none to give). First, a
+        Redis ledger's settlements and charges waiting for its Redis are given it a bounded time, then kept on
+        disk for the next engine on that ledger (``actors._budget_kept``); the report says what was left."""
+        from actors._budget_kept import keep_left
+
+        try:  # after the dispatchers' and groupers' settlements reached the ledger
+            _through_restarts(self._ray, lambda: [a.spend_told.remote() for a in [
+                *self._h["dispatchers"].values(), *self._h["groupers"]]], time.monotonic() + LAST_REPORT_S)
+        except Exception as exc:
+            log.warning("engine %s: settlements not all told to the ledger at its stop (%s)", self.name,
+                        type(exc).__name__)
+        left = keep_left(self._ray, self._h["budget"], self.settings, self.name)
         try:
             self._last_report = self._read_report(timeout_s=LAST_REPORT_S)
         except Exception as exc:
             log.warning("engine %s: no report could be kept at its stop (%s)", self.name, type(exc).__name__)
+        if left is not None and self._last_report is not None:
+            self._last_report.setdefault("budget", {}).setdefault("ledger", {})["left_at_stop"] = left
 
     def _by_ingest(self, reqs: Sequence[Request]) -> list[tuple[Any, list[Request]]]:
         """(ingest shard, its share of ``reqs``) for each shard that owns any: by compatibility class, as the

@@ -168,6 +168,13 @@ class JournalSettings(BaseModel):
     archive_s: float = Field(default=3 * 86400.0, gt=0.0, description="with journal.dir: how long the record of a "
                              "provider batch that ended is kept (its output can be read again after a crash; a "
                              "service's journal would grow without a bound)")
+    ledger_wait_s: float = Field(default=10.0, ge=0.0, le=3600.0, allow_inf_nan=False, description="at an engine's "
+                                 "stop, real seconds it waits for a Redis budget ledger that is away to take the "
+                                 "settlements and charges waiting for it; what is left then is kept in ledger_dir")
+    ledger_dir: Path | None = Field(default=None, description="where a stop keeps what a Redis budget ledger had not "
+                                    "taken, for the next engine on that ledger to send (None: <dir>/.budget-outbox "
+                                    "with journal.dir, else $XDG_STATE_HOME/smartbatch/budget-outbox, "
+                                    "~/.local/state/smartbatch/budget-outbox by default)")
     recover_wait_s: float = Field(default=60.0, ge=0.0, description="real seconds a restarted dispatcher keeps "
                                   "trying to read an unreadable journal (work waits meanwhile) before it sends "
                                   "the members of its open batches again, which may bill them twice")

@@ -83,3 +83,26 @@ def test_a_burst_while_redis_is_away_is_journaled_in_a_write_or_two_each_call_an
         assert again.unjournaled() == 0
         await _closed(ctl, again)
     asyncio.run(go())
+
+
+def test_where_a_stop_keeps_a_ledger_s_outbox_is_per_ledger_never_names_a_password_and_is_no_engine_run(
+        tmp_path, monkeypatch):
+    from actors._budget_kept import kept_dir
+    from actors._file_journal import engine_dirs
+    from engine.core.settings import JournalSettings, Settings
+
+    def settings(url: str, prefix: str = "p", **journal) -> Settings:
+        return Settings(budgets=BudgetSettings(redis_url=url, redis_prefix=prefix), journal=JournalSettings(**journal))
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    home = kept_dir(settings("redis://:pw@h:6379/0"))
+    assert home.parent == tmp_path / "state" / "smartbatch" / "budget-outbox" and "pw" not in str(home)
+    assert kept_dir(settings("redis://:other@h:6379/0")) == home  # the same ledger, whatever the password
+    assert len({home, kept_dir(settings("redis://h:6379/1")), kept_dir(settings("redis://h:6379/0", "q"))}) == 3
+    assert kept_dir(settings("redis://h/0", ledger_dir=tmp_path / "l")).parent == tmp_path / "l"
+    jobs = tmp_path / "jobs"
+    kept = kept_dir(settings("redis://h/0", dir=jobs))
+    kept.mkdir(parents=True)
+    (jobs / "sb-1").mkdir()
+    # Beside the dispatchers' journal, not taken for an engine run: a job's clean end sweeps every run's.
+    assert kept.is_relative_to(jobs) and engine_dirs(jobs) == [jobs / "sb-1"]
