@@ -150,7 +150,9 @@ class OutboxJournal:
         journal = self._outbox_journal()
         if journal is None or journal.durable:  # kept apart from the hub: its restart took nothing
             return
-        self.__dict__.pop("_outbox_segs", None)
+        old = self.__dict__.pop("_outbox_segs", None)
+        if old is not None:  # numbered on: the old writer, if still out, deletes none of the new records
+            self._outbox_state().seq = old.seq
         await self._keep_pending(list(self._outbox), list(self._charges))
 
     async def recover_outbox(self) -> bool:

@@ -8,8 +8,9 @@ journal on that Redis, which is the one away, nor a file under ``journal.dir``, 
 another node cannot read. Written only while Redis is away, so Ray's store carries no steady load.
 
 One key per record, ``<engine>:journal:<run>:<space>\\x1f<key>`` (a record may hold many: the outbox writes one
-per flush, ``actors._budget_outbox``) in Ray namespace ``smartbatch``; the engine's stop
-removes its engine's (``drop_engine``). Ray's calls block, so each runs in a thread off the actor's event loop.
+per flush, ``actors._budget_outbox``; a memory ledger's copy, one per incarnation of the controller,
+``actors._budget_journal``) in Ray namespace ``smartbatch``; the engine's stop removes its engine's
+(``drop_engine``), once its driver kept what a Redis ledger's outbox still held (``actors._budget_kept``). Ray's calls block, so each runs in a thread off the actor's event loop.
 """
 
 from __future__ import annotations

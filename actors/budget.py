@@ -148,7 +148,7 @@ class BudgetController(LedgerJournal, OutboxJournal, OutboxAtStop, LiveBudgets, 
         return tuple(self.book.specs)
 
     async def close(self) -> None:
-        """Close the ledger's Redis connections (settlements still in the outbox stay unsettled: they expire)."""
+        """Close the ledger's Redis connections (what the outbox holds then is the engine stop's: ``leave``)."""
         self._closed = True
         if self._flusher is not None:
             self._flusher.cancel()

@@ -220,7 +220,9 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, LiveBudgeting, Pulling, Shared
         open requests still run, and ``submit`` of the same (tenant, id) from any driver gets their results.
         ``drain_s``: first, if this driver started the engine and work is under way, cancel it and wait up to that
         long for what its provider batches finished (billed) to be answered (``cancel``, ``wait_cancelled``;
-        Ctrl-C leaves now). Leaving a ``with`` block on an error or Ctrl-C drains for ``settings.stop_drain_s``."""
+        Ctrl-C leaves now). Leaving a ``with`` block on an error or Ctrl-C drains for ``settings.stop_drain_s``.
+        A Redis budget ledger's settlements waiting for its Redis get up to ``journal.ledger_wait_s``, then go to
+        ``journal.ledger_dir`` for the next engine on that ledger (``report()["budget"]["ledger"]["left_at_stop"]``)."""
         try:
             self._drain_before_stop(drain_s)
         except KeyboardInterrupt:  # (one that lands between its own guards): the stop below must still run
