@@ -102,6 +102,8 @@ class OpenAIProvider(HttpBase):
             for k in ("size", "quality"):  # what the cost model prices it by: sent, or billed at the default
                 if k in r.params:
                     body.setdefault(k, r.params[k])
+            if self.spec.compat == "gemini":  # Google's example: one image, in base64 (the layer serves no url)
+                body.update(n=1, response_format="b64_json")
             return body
         has_input = "messages" in body or "input" in body
         if not has_input:

@@ -1,5 +1,5 @@
 """Google's OpenAI compatibility layer for the Gemini API (a provider whose catalog entry says ``compat: gemini``):
-what a chat completions body may hold there, and how an answer's usage is billed. Google documents the layer
+what a chat completions (or images) body may hold there, and how an answer's usage is billed. Google documents the layer
 briefly (https://ai.google.dev/gemini-api/docs/openai, and its reference of the request's fields); where it says
 nothing, the rule here refuses what may be refused and never bills less than Google may (docs/providers.md,
 "Gemini", whose ASSUMPTION marks say which is which)."""
@@ -14,7 +14,8 @@ from engine.core._checks import FieldProblem
 if TYPE_CHECKING:
     from engine.core.catalog import ModelSpec
 
-__all__ = ["GEMINI_FIELDS", "GEMINI_OPENAI_URL", "THINKING_KEYS", "check_gemini_body", "gemini_output_tokens"]
+__all__ = ["GEMINI_FIELDS", "GEMINI_IMAGE_FIELDS", "GEMINI_OPENAI_URL", "THINKING_KEYS", "check_gemini_body",
+           "gemini_output_tokens", "gemini_sizes"]
 
 GEMINI_OPENAI_URL = "https://generativelanguage.googleapis.com/v1beta/openai/"
 
@@ -24,6 +25,14 @@ GEMINI_FIELDS = frozenset({
     "model", "messages", "stream", "stream_options", "tools", "tool_choice", "reasoning_effort", "modalities", "n",
     "stop", "max_completion_tokens", "max_tokens", "temperature", "top_p", "response_format", "seed",
     "presence_penalty", "frequency_penalty", "extra_body"})
+# The images endpoint's fields: those of Google's example (model, prompt, response_format "b64_json", n 1), and
+# ``size``, which picks the aspect ratio of that pixel size (ASSUMPTION: the layer's page shows no size; a size it
+# ignored would make a 1:1 image at the same price, as every aspect ratio costs the same).
+GEMINI_IMAGE_FIELDS = frozenset({"model", "prompt", "n", "size", "response_format"})
+# Gemini 2.5 Flash Image's aspect ratios by the pixel size each makes (https://ai.google.dev/gemini-api/docs/
+# image-generation, its table; read 2026-12-06): named beside a size in a refusal, as Google names them.
+_ASPECTS = {"1024x1024": "1:1", "832x1248": "2:3", "1248x832": "3:2", "864x1184": "3:4", "1184x864": "4:3",
+            "896x1152": "4:5", "1152x896": "5:4", "768x1344": "9:16", "1344x768": "16:9", "1536x672": "21:9"}
 # ``extra_body.google.thinking_config``: its keys and their types (Gemini's thinking budget, or level, and whether
 # the answer shows the thoughts).
 THINKING_KEYS: dict[str, type] = {"thinking_budget": int, "thinking_level": str, "include_thoughts": bool}
@@ -41,7 +50,11 @@ def check_gemini_body(body: Mapping[str, Any], where: str, spec: ModelSpec) -> N
     """Raise ``FieldProblem`` for what Google's OpenAI compatibility layer would refuse, or bill at prices the
     catalog lacks: a field it does not document, a Gemini option it does not document (``cached_content`` is a
     cache billed per hour of storage), a reasoning effort the model does not take (``efforts``), and an effort
-    beside a thinking budget or level (the layer takes one or the other)."""
+    beside a thinking budget or level (the layer takes one or the other); for an image model, a field its images
+    endpoint does not take."""
+    if spec.kind == "image":
+        _check_image_body(body, where)
+        return
     for key in body:
         if key not in GEMINI_FIELDS:
             why = _FIXES.get(key, "it is not among the fields Google documents for its OpenAI compatibility layer")
@@ -62,6 +75,21 @@ def check_gemini_body(body: Mapping[str, Any], where: str, spec: ModelSpec) -> N
         if thinking.keys() & {"thinking_budget", "thinking_level"}:
             raise FieldProblem(f"{where}.reasoning_effort", f"{where}.reasoning_effort and {where}.extra_body.google"
                                ".thinking_config set the same thinking: Gemini takes one of them, give one")
+
+
+def _check_image_body(body: Mapping[str, Any], where: str) -> None:
+    """An images body at the layer: its documented fields only (an OpenAI image's ``quality``, ``style`` or
+    ``output_format`` has no Gemini counterpart). Its ``response_format`` is the engine's to set ("b64_json", what
+    it reads); a caller's string is refused by the generation checks, before this."""
+    for key in body:
+        if key not in GEMINI_IMAGE_FIELDS:
+            raise FieldProblem(f"{where}.{key}", f"{where}.{key} is not taken by the images endpoint of Gemini's OpenAI "
+                               f"compatibility layer (it takes {', '.join(sorted(GEMINI_IMAGE_FIELDS))}): leave it out")
+
+
+def gemini_sizes(sizes: Any) -> str:
+    """``sizes`` (pixel sizes) as a refusal names them, each with the aspect ratio Google names it by."""
+    return ", ".join(f"{z} ({_ASPECTS[z]})" if z in _ASPECTS else str(z) for z in sizes)
 
 
 def _thinking_config(extra: Any, where: str) -> Mapping[str, Any]:

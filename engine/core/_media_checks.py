@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from engine.core._checks import FieldProblem
+from engine.core._gemini import gemini_sizes
 
 if TYPE_CHECKING:
     from engine.core.catalog import ModelSpec
@@ -73,18 +74,25 @@ def media_from_body(body: Mapping[str, Any], params: dict[str, Any], spec: Model
     return {k: field for k, (_, field, _) in took.items()}
 
 
-def check_media(params: dict[str, Any], spec: ModelSpec, model: str, came: Mapping[str, str] | None = None) -> None:
+def check_media(params: dict[str, Any], spec: ModelSpec, model: str, came: Mapping[str, str] | None = None,
+                compat: str | None = None) -> None:
     """Fill a media request's priced params with its model's defaults (in place) and hold them to what the
     catalog offers: an image's ``size``, a video's ``resolution`` and ``duration_s``, and the lengths a model
     makes at a resolution (``durations_at``: Veo makes 1080p and 4k at 8 s only). A value the model does not
     take would be priced from no table, or refused by the provider after the request was accepted. ``came``:
-    the body's field that gave a param (``media_from_body``), named instead of the param."""
+    the body's field that gave a param (``media_from_body``), named instead of the param; ``compat``: the
+    provider's OpenAI-compatible layer (Gemini's makes no quality, and names its sizes by aspect ratio)."""
     if spec.kind == "image":
         table = spec.per_image or spec.gpu_s_per_image or {}
         params.setdefault("size", spec.default_size or next(iter(table)))
         if params["size"] not in table:
-            raise FieldProblem("params.size", f"params.size {params['size']!r} is not offered by {model!r}; "
-                               f"use one of {sorted(table)}")
+            field = (came or {}).get("size", "params.size")
+            offered = gemini_sizes(table) if compat == "gemini" else sorted(table)
+            raise FieldProblem(field, f"{field} {params['size']!r} is not offered by {model!r}; use one of {offered}")
+        if compat == "gemini" and params.get("quality") is not None:
+            field = (came or {}).get("quality", "params.quality")
+            raise FieldProblem(field, f"{field} is not taken by Gemini's OpenAI compatibility layer, whose image "
+                               f"models make one quality at one price: leave it out")
         # A quality the provider does not know was reserved and counted at the dearest, and answered with a 400
         # (an emulator that took it billed it so; a helper's hunt).
         qualities = spec.per_image_quality

@@ -38,7 +38,7 @@ from engine.core.body_tokens import (
 from engine.core.catalog import Catalog, Kind, default_catalog
 from engine.core.errors import CatalogError, RequestError
 from engine.core.settings import MAX_DEADLINE_S, Settings, default_settings
-from engine.core.wire_checks import check_real, check_wire
+from engine.core.wire_checks import check_real, check_wire, layer_of
 
 __all__ = ["BODY_KEYS", "DEADLINE_SLACK_S", "MAX_DEADLINE_S", "MEDIA_PARAMS", "PRIORITIES", "PRIORITY_RANK", "FieldProblem", "Priority",
            "Request", "Reuse", "in_catalog", "split_body", "tenant_problem", "validation_context"]
@@ -340,7 +340,7 @@ class Request(BaseModel):
             if body:
                 came = media_from_body(body, params, spec, model, MEDIA_PARAMS.get(spec.kind, ()))
             check_params(params, spec.kind, model, MEDIA_PARAMS.get(spec.kind, ()))
-            check_media(params, spec, model, came)
+            check_media(params, spec, model, came, layer_of(catalog, d["provider"], settings))
             d["params"] = params
         return d
 

@@ -19,11 +19,11 @@ from engine.core._checks import (
 )
 from engine.core._sdk_fields import check_openai_fields
 from engine.core._settings_providers import simulated_refusal
-from engine.core.catalog import ModelSpec
+from engine.core.catalog import Catalog, ModelSpec
 from engine.core.responses_input import as_messages, check_responses_body, translates
 from engine.core.settings import Settings
 
-__all__ = ["check_real", "check_wire"]
+__all__ = ["check_real", "check_wire", "layer_of"]
 
 
 def check_wire(body: dict[str, Any] | None, spec: ModelSpec, provider: str, settings: Settings,
@@ -65,6 +65,13 @@ def check_wire(body: dict[str, Any] | None, spec: ModelSpec, provider: str, sett
             check_openai_fields(wire, "body", spec)
         except FieldProblem as exc:
             raise renamed(exc, came) from None
+
+
+def layer_of(catalog: Catalog, provider: str, settings: Settings) -> str | None:
+    """The OpenAI-compatible layer (``ProviderSpec.compat``) whose rules a request to ``provider`` is held to: its
+    own where the settings give the provider an endpoint (its calls go there), else none (simulated, as
+    ``check_wire``)."""
+    return catalog.provider(provider).compat if provider in settings.providers.endpoints else None
 
 
 def check_real(provider: str, model: str, settings: Settings) -> None:

@@ -18,18 +18,20 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from engine.core._gemini import GEMINI_FIELDS, THINKING_KEYS
+from engine.core._gemini import GEMINI_FIELDS, GEMINI_IMAGE_FIELDS, THINKING_KEYS
 from engine.core.catalog import ModelSpec
 from engine.emulator._wire import GOOGLE_STATUS as _STATUS
 from engine.emulator._wire import RETRY_INFO, ApiError, Reply
 
-__all__ = ["RETRY_INFO", "gemini_error", "gemini_thoughts", "gemini_usage"]
+__all__ = ["RETRY_INFO", "gemini_error", "gemini_image", "gemini_image_answer", "gemini_thoughts", "gemini_usage"]
 
 # Tokens the emulator thinks at each effort or level (a real model thinks as long as it needs, within its budget).
 # Asked nothing, it thinks not at all: a simplification (Gemini 2.5 thinks by default), so bodies without thinking
 # bill as they did before the layer was played.
 _THOUGHTS = {"none": 0, "minimal": 32, "low": 64, "medium": 128, "high": 256}
 _DYNAMIC = 128  # a thinking_budget of -1: the model decides
+# Output tokens of one image: Gemini 2.5 Flash Image's flat count at every aspect ratio (Google's image page).
+_IMAGE_TOKENS = 1290
 
 
 def _unknown(name: str) -> ApiError:
@@ -77,6 +79,27 @@ def gemini_thoughts(body: Mapping[str, Any], spec: ModelSpec) -> int:
     if "thinking_level" in cfg:
         return _THOUGHTS.get(str(cfg["thinking_level"]).lower(), _THOUGHTS["medium"])
     return 0
+
+
+def gemini_image(body: Mapping[str, Any]) -> None:
+    """Check an images body as the layer does: a field outside its images example (and ``size``) is a 400 naming
+    it, and an answer in anything but base64 (ASSUMPTION: the layer serves no image address) a 400."""
+    for key in body:
+        if key not in GEMINI_IMAGE_FIELDS:
+            raise _unknown(key)
+    if body.get("response_format") not in (None, "b64_json"):
+        raise ApiError(400, f"response_format {str(body['response_format'])[:20]!r} is not supported: give b64_json",
+                       param="response_format", code="invalid_argument")
+
+
+def gemini_image_answer(out: Mapping[str, Any], n: int) -> dict[str, Any]:
+    """OpenAI's images answer as the layer gives it (ASSUMPTION: its usage in OpenAI's image shape, the prompt's
+    text tokens in ``input_tokens``, each image's 1,290 tokens as output): the images in base64, and none of
+    OpenAI's ``quality``, ``output_format`` or ``size``."""
+    text = out["usage"]["input_tokens"]
+    return {"created": out["created"], "data": out["data"],
+            "usage": {"input_tokens": text, "output_tokens": _IMAGE_TOKENS * n, "total_tokens": text + _IMAGE_TOKENS * n,
+                      "input_tokens_details": {"text_tokens": text, "image_tokens": 0}}}
 
 
 def gemini_usage(input_tokens: int, read: int, output_tokens: int, thoughts: int) -> dict[str, Any]:

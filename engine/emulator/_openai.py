@@ -17,7 +17,7 @@ from engine.core.request import Request
 from engine.emulator._bill import BilledItem
 from engine.emulator._core import EMULATED_AUTO_QUALITY, BillMode, Core, TextCall
 from engine.emulator._fields import check_fields
-from engine.emulator._gemini import gemini_thoughts, gemini_usage
+from engine.emulator._gemini import gemini_image, gemini_image_answer, gemini_thoughts, gemini_usage
 from engine.emulator._routing import Ctx, Route, route
 from engine.emulator._text import chat_prompt, forced_tool, responses_prompt
 from engine.emulator._wire import ApiError, Reply, json_reply
@@ -213,9 +213,12 @@ class ImageCall(NamedTuple):
 def image_result(core: Core, provider: str, body: dict, mode: BillMode) -> tuple[ImageCall, dict[str, Any]]:
     """One image generation: the call (priced in ``mode``: a batch line at the batch API's discount, as the cost
     model prices it) and the response body. Bills nothing and waits for nothing (a batch member runs at its time)."""
-    check_fields("images.generations", body, "openai")
+    if core.catalog.providers[provider].compat is None:  # Google's layer checks its own fields (gemini_image)
+        check_fields("images.generations", body, "openai")
     _no_stream(body)
     p, spec = core.model(provider, body.get("model"), "image")
+    if p.compat == "gemini":
+        gemini_image(body)
     prompt = body.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise ApiError(400, "'prompt' must be a non-empty string", param="prompt")
@@ -236,6 +239,8 @@ def image_result(core: Core, provider: str, body: dict, mode: BillMode) -> tuple
                      "input_tokens_details": {"text_tokens": req.input_tokens, "image_tokens": 0}}}
     if spec.per_image_quality:  # as OpenAI's answer says which quality it made (its pick, under "auto")
         out["quality"] = req.params.get("quality", EMULATED_AUTO_QUALITY)
+    if p.compat == "gemini":
+        out = gemini_image_answer(out, n)
     return ImageCall(req, n, size, price.media * n + price.input), out
 
 

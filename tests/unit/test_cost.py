@@ -152,7 +152,7 @@ def test_hosted_media_is_list_price_and_its_prompt_tokens_where_the_catalog_pric
     want = (spec.per_image[r.params["size"]] if spec.kind == "image"
             else spec.per_second[r.params["resolution"]] * r.params["duration_s"])
     prompt = (spec.prompt_per_mtok or 0.0) * r.input_tokens / 1e6
-    assert r.input_tokens == 3_000 and (prompt > 0) == model.startswith("gpt-image")
+    assert r.input_tokens == 3_000 and (prompt > 0) == model.startswith(("gpt-image", "gemini-2.5-flash-image"))
     p = price_alone(r, CAT, "sync")
     assert p.total == pytest.approx(want + prompt) and p.media == pytest.approx(want) and p.input == pytest.approx(prompt)
     counted = price_usage(r, CAT, "sync", input_tokens=4_000, output_tokens=0)  # as the answer's usage says
