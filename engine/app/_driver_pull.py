@@ -208,7 +208,7 @@ class Pulling:
         except Exception as exc:
             log.warning("engine %s: settlements not all told to the ledger at its stop (%s)", self.name,
                         type(exc).__name__)
-        left = keep_left(self._ray, self._h["budget"], self.settings, self.name)
+        left = keep_left(self._ray, self._h.get("budget"), self.settings, self.name)  # none: no ledger to ask
         try:
             self._last_report = self._read_report(timeout_s=LAST_REPORT_S)
         except Exception as exc:
