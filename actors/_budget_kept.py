@@ -7,26 +7,35 @@ charges was never counted, their claims held their room until they expired, and 
 engines could be passed unseen. Now the stop waits up to ``journal.ledger_wait_s`` for Redis; what is left goes to
 a file under ``journal.ledger_dir`` (one directory per ledger: its Redis and key prefix, never a password), said
 in an ERROR log and the stop's report (``budget.ledger.left_at_stop``). The next engine started on that ledger
-takes the files back at its start (claimed by a rename: two engines starting together do not both take one; were
-they to, sending one again counts nothing twice), journals their items as its own outbox and deletes the file.
+takes the files back at its start (claimed by a lock on the file and a rename: two engines starting together do
+not both take one; were they to, sending one again counts nothing twice), journals their items as its own outbox,
+and deletes the file at its own stop, once that stop kept what is still unsent (``KeptClaims``): deleted once
+journaled in Ray's store, which a local Ray takes with it, the file's spend was lost when that engine died before
+Redis answered, and a file taken by a start that died stayed ``*.taking-*``, read by nobody (a review). The files
+hold spend and who spent it: the user's alone (0600, in a 0700 directory).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
 import pickle
+import re
 import secrets
+import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
-__all__ = ["keep_left", "kept_dir", "take_back_kept"]
+__all__ = ["KeptClaims", "keep_left", "kept_dir", "take_back_kept"]
 
 log = logging.getLogger("smartbatch.budget")
 _SUFFIX = ".outbox"
+_TAKING = ".taking-"  # <kept file>.taking-<host>-<pid>-<token>: taken by an engine, locked while it runs
 TAKE_CALL_S = 60.0  # bound on the controller's take-back at start (it journals, and sends if Redis answers)
 
 
@@ -62,9 +71,11 @@ def keep_left(ray, budget, settings, engine: str) -> dict[str, Any] | None:
     records = left.pop("records")
     path = kept_dir(settings) / f"{time.time_ns()}-{secrets.token_hex(4)}{_SUFFIX}"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # spend, and who spent it: the owner's alone
         tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(pickle.dumps({**left, "engine": engine, "at": time.time(), "records": records}))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(pickle.dumps({**left, "engine": engine, "at": time.time(), "records": records}))
         os.replace(tmp, path)  # whole or not there: a reader never sees half of it
     except OSError as exc:
         left["kept_in"] = None
@@ -82,23 +93,85 @@ def keep_left(ray, budget, settings, engine: str) -> dict[str, Any] | None:
     return left
 
 
-def take_back_kept(ray, budget, settings) -> int:
-    """At an engine's start: give ``budget`` what engines stopped on its ledger left on disk; each file goes once
-    the controller journaled its items or Redis took them. Returns how many items were taken back."""
+class KeptClaims:
+    """The kept files an engine took back at its start, held (locked) until its stop: their items then live in
+    its controller's memory and Ray's store, which a local Ray takes with it, so a file goes only once the stop
+    has kept what is still unsent (``finish``). An engine that dies holding them lets go of their locks with its
+    process, and the next engine on the ledger takes them back (``take_back_kept``)."""
+
+    def __init__(self) -> None:
+        self.held: list[tuple[Path, BinaryIO]] = []
+        self.taken = 0  # items taken back
+
+    def __repr__(self) -> str:
+        return f"KeptClaims(files={len(self.held)}, taken={self.taken})"
+
+    def finish(self, left: dict[str, Any] | None) -> None:
+        """The engine stops, ``keep_left`` said ``left``: delete the files held if what their items left unsent is
+        kept anew (or nothing was left), else give them back for the next engine (sent again: counted once)."""
+        kept_anew = left is None or bool(left.get("kept_in"))
+        held, self.held = self.held, []
+        for path, f in held:
+            try:
+                if kept_anew:
+                    path.unlink()
+                else:
+                    os.rename(path, _kept_name(path))
+            except OSError as exc:
+                log.error("budget ledger: %s not %s (%s)", path, "removed" if kept_anew else "given back", exc)
+            finally:
+                f.close()
+
+
+def _kept_name(path: Path) -> Path:
+    return path.with_name(path.name.split(_TAKING)[0])
+
+
+def _claim(path: Path) -> tuple[Path, BinaryIO] | None:
+    """Take ``path`` (a kept file, or one an engine that died had taken) for this process: an exclusive lock on
+    it, held until it is given back or deleted, and renamed (pid and host only tell a reader who took it; the lock
+    says whether that one still runs: the system lets go of it when its process ends). None: another has it."""
+    try:
+        f = open(path, "rb")  # noqa: SIM115 (held open: the lock lives as long as it)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        mine, now = os.fstat(f.fileno()), os.stat(path)
+        # Taken and deleted, or renamed, between this open and this lock: the file opened is no longer that one.
+        if mine.st_nlink == 0 or (mine.st_ino, mine.st_dev) != (now.st_ino, now.st_dev):
+            raise FileNotFoundError(path)
+        who = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname())[:64]
+        taking = _kept_name(path).with_name(f"{_kept_name(path).name}{_TAKING}{who}-{os.getpid()}-"
+                                            f"{secrets.token_hex(4)}")
+        os.rename(path, taking)
+    except OSError:  # BlockingIOError: its taker runs; FileNotFoundError: another took it
+        f.close()
+        return None
+    return taking, f
+
+
+def take_back_kept(ray, budget, settings) -> KeptClaims:
+    """At an engine's start: give ``budget`` what engines stopped on its ledger left on disk, and what an engine
+    that died holding it had taken back. Returns the files taken back, held until the engine's stop."""
+    claims = KeptClaims()
     if not settings.budgets.redis_url:
-        return 0
+        return claims
     d = kept_dir(settings)
-    taken = 0
-    for f in sorted(d.glob("*" + _SUFFIX)) if d.is_dir() else ():
-        mine = f.with_name(f"{f.name}.taking-{secrets.token_hex(4)}")
-        try:
-            os.rename(f, mine)
-        except FileNotFoundError:  # another engine starting on this ledger took it
+    found = sorted([*d.glob("*" + _SUFFIX), *d.glob(f"*{_SUFFIX}{_TAKING}*")]) if d.is_dir() else []
+    for f in found:
+        claim = _claim(f)
+        if claim is None:
             continue
+        mine, held = claim
         try:
-            records = pickle.loads(mine.read_bytes())["records"]
+            records = pickle.loads(held.read())["records"]
         except Exception as exc:
-            log.error("budget ledger: %s unreadable (%s); left as is, its spend not counted", mine, exc)
+            bad = mine.with_name(mine.name.split(_SUFFIX)[0] + ".unreadable")
+            log.error("budget ledger: %s unreadable (%s); set aside as %s, its spend not counted", f, exc, bad.name)
+            with contextlib.suppress(OSError):
+                os.rename(mine, bad)
+            held.close()
             continue
         try:
             unjournaled = ray.get(budget.take_kept.remote(records), timeout=TAKE_CALL_S)
@@ -106,9 +179,10 @@ def take_back_kept(ray, budget, settings) -> int:
             unjournaled = -1
             log.error("budget ledger: what %s holds not taken back (%s); kept for the next start", f,
                       type(exc).__name__)
-        if unjournaled:  # kept for the next engine: sending one again counts nothing twice
-            os.rename(mine, f)
+        if unjournaled:  # given back for the next engine: sending one again counts nothing twice
+            os.rename(mine, _kept_name(mine))
+            held.close()
         else:
-            mine.unlink()
-            taken += len(records)
-    return taken
+            claims.held.append((mine, held))
+            claims.taken += len(records)
+    return claims

@@ -184,10 +184,11 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
     real_time = clock.speedup == 1.0 and clock.offset == 0.0
     base = clock.epoch if real_time else 0.0
     ray.get(budget.set_clock.remote(clock, base))
-    take_back_kept(ray, budget, settings)  # what engines stopped on this ledger while its Redis was away left
+    kept = take_back_kept(ray, budget, settings)  # what engines stopped on this ledger while its Redis was away left
     publish_clock(engine, clock, base)
-    # (its journal's name too: what its driver's clean stop removes under journal.dir, ``_driver_resume``)
-    return {**_handles(engine, named, clock, base, settings.log_level), "journal": journal}
+    # (its journal's name too: what its driver's clean stop removes under journal.dir, ``_driver_resume``; the
+    # kept files taken back, held until the stop has kept what their items left unsent, ``_keep_last_report``)
+    return {**_handles(engine, named, clock, base, settings.log_level), "journal": journal, "kept": kept}
 
 
 def _shards(named: dict, base: str) -> list:

@@ -209,6 +209,8 @@ class Pulling:
             log.warning("engine %s: settlements not all told to the ledger at its stop (%s)", self.name,
                         type(exc).__name__)
         left = keep_left(self._ray, self._h.get("budget"), self.settings, self.name)  # none: no ledger to ask
+        if self._h.get("kept") is not None:  # the files taken back at the start: deleted, or given back
+            self._h["kept"].finish(left)
         try:
             self._last_report = self._read_report(timeout_s=LAST_REPORT_S)
         except Exception as exc:
