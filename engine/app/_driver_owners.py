@@ -96,8 +96,9 @@ class SharedOwners:
         now. ``held``: the caller took ``_sharing`` (released here)."""
         if not held:
             self._sharing.acquire()
-        try:
-            taught = [kind for kind in sorted(self._owed) if self.share_owners([self._h["named"][kind]])]
+        try:  # an engine stopped meanwhile gets no more calls: each may wait ``OWNERS_WAIT_S`` past the stop
+            taught = [kind for kind in sorted(self._owed)
+                      if self._running and self.share_owners([self._h["named"][kind]])]
             self._owed.difference_update(taught)
         finally:
             self._sharing.release()

@@ -447,3 +447,36 @@ def test_a_restarted_hub_that_does_not_take_the_owner_record_is_given_it_again_a
     assert asyncio.run(hub.hub.owners_of([("response", "resp_a")]))[0] == [("response", "resp_a", "acme")]
     with pytest.raises(RequestError, match="body.previous_response_id"):  # B asks again, and refuses globex
         b.submit(_turn("g2", "globex", previous_response_id="resp_a"))
+
+
+def test_a_retry_of_the_owner_record_gives_nothing_more_once_the_engine_stopped(monkeypatch):
+    """The retry thread gives the record to each owed shard in turn, each call up to ``OWNERS_WAIT_S``: an engine
+    stopped meanwhile (its actors gone, or Ray shut down) had it call every other owed shard on, and count them
+    recovered, after the stop returned. Now it stops at the shard it is on."""
+    import threading
+
+    hub = _Handle(_hub())
+    a = _driver(monkeypatch, hub)
+    a._resolve(a.submit(_turn("q0", "acme")), _answer("acme", "resp_a"))
+    entered, gate, calls = threading.Event(), threading.Event(), []
+
+    class _Gated(_Ray):
+        @staticmethod
+        def get(refs, timeout=None):
+            calls.append(refs)
+            entered.set()
+            assert gate.wait(10)
+            return _Ray.get(refs, timeout)
+    a._h["named"] = {"hub-0": hub, "hub-1": hub}
+    a._init_supervision()
+    a._ray = _Gated()
+    a._owed.update({"hub-0", "hub-1"})
+    a._retry_owed()
+    assert entered.wait(10)  # giving it to hub-0
+    a._running = False  # the engine stops
+    gate.set()
+    for t in threading.enumerate():
+        if t.name == "smartbatch-share":
+            t.join(10)
+    # hub-1 not called (before: called after the stop, and counted recovered); hub-0 took it before the stop
+    assert len(calls) == 1 and a.restarts == {"hub-0": 1} and a._owed == {"hub-1"}
