@@ -64,7 +64,8 @@ class OutboxJournal:
 
     def _outbox_state(self) -> _Segments:
         if "_outbox_segs" not in self.__dict__:
-            self.__dict__["_outbox_segs"] = _Segments(self.spec_incarnation)
+            # A restarted controller's journal may hold a dead incarnation's records not read back yet.
+            self.__dict__["_outbox_segs"] = _Segments(self.spec_incarnation, whole=not self._restarted)
         return self.__dict__["_outbox_segs"]
 
     async def _keep_pending(self, settlements: list[tuple[str, float]] = (),
@@ -126,7 +127,8 @@ class OutboxJournal:
             dead = st.dead()
             if dead:
                 try:
-                    if not st.live and hasattr(journal, "clear"):  # the outbox is empty: one call for them all
+                    # The outbox empty and the journal holding nothing else: one call for them all.
+                    if not st.live and st.whole and hasattr(journal, "clear"):
                         await asyncio.wait_for(journal.clear(OUTBOX_SPACE), PUT_TIMEOUT_S)
                     else:
                         await asyncio.wait_for(journal.delete(OUTBOX_SPACE, dead), PUT_TIMEOUT_S)
@@ -176,7 +178,9 @@ class OutboxJournal:
                 log.error("budget ledger: outbox journal unreadable after a restart (%s); what waited for Redis "
                           "then is not sent (its claims are released at their expiry)", exc)
                 return False
-            return self._take_back(records)
+            taken = self._take_back(records)
+            self._outbox_state().whole = True  # read back: a clear removes nothing unread from now on
+            return taken
         finally:
             reading.set()
 
@@ -221,8 +225,12 @@ class _Segments:
     while the write before it was out, so a burst of calls while Redis is away costs the journal a write or two,
     not one per item. ``g<sep><number><sep><incarnation>``: numbered on across restarts, so read back in order."""
 
-    def __init__(self, incarnation: str):
+    def __init__(self, incarnation: str, whole: bool = True):
         self.incarnation = incarnation
+        # The journal holds no records but those this knows of (a new controller's, or once the restart's read
+        # them back): only then may the space be cleared whole. Cleared before, a restarted controller whose
+        # calls came beside its slow read-back wiped a dead incarnation's records unread (a review).
+        self.whole = whole
         self.keys: set[str] = set()  # every item the journal holds or is being given (``unjournaled``)
         self.pending: dict[str, Any] = {}  # queued for the next write
         self.live: dict[str, set[str]] = {}  # segment -> its items Redis has not taken

@@ -106,3 +106,42 @@ def test_where_a_stop_keeps_a_ledger_s_outbox_is_per_ledger_never_names_a_passwo
     (jobs / "sb-1").mkdir()
     # Beside the dispatchers' journal, not taken for an engine run: a job's clean end sweeps every run's.
     assert kept.is_relative_to(jobs) and engine_dirs(jobs) == [jobs / "sb-1"]
+
+
+def test_a_clear_of_the_outbox_journal_never_removes_a_dead_incarnation_s_records_not_read_back_yet():
+    """A restarted controller answers calls while its outbox is still being read back (nothing waits for it). One
+    of them queued for want of Redis, written, then taken by Redis, left this run's outbox empty: the writer
+    cleared the whole space, the dead incarnation's records with it, before the read-back got them (their spend
+    lost). Now a restarted controller clears only once it has read back; until then it deletes its own records."""
+    class SlowRead(GatedStore):
+        def __init__(self):
+            super().__init__()
+            self.read_held, self.reading, self.read_gate = False, asyncio.Event(), asyncio.Event()
+
+        async def clear(self, space: str) -> None:
+            for k in [k for k in self.records if k[0] == space]:
+                del self.records[k]
+
+        async def items(self, space: str) -> dict:
+            if self.read_held:  # (Ray's store busy: the first read retried)
+                self.reading.set()
+                await self.read_gate.wait()
+            return await super().items(space)
+
+    async def go():
+        b, store = _away(), SlowRead()
+        dead = BudgetController(b, None, ManualClock(100.0), kv_journal=store)
+        await dead.settle_many([("old", 1.0)])  # Redis away: journaled, and its controller dies
+        again = BudgetController(b, None, ManualClock(100.0), kv_journal=store)
+        again.reconstructed()
+        store.read_held = True
+        first = asyncio.create_task(again.settle_many([("a", 0.5)]))  # reads the outbox back (slowly)
+        await asyncio.wait_for(store.reading.wait(), 10)
+        await again.settle_many([("b", 2.0)])  # beside it: Redis away, journaled
+        again._outbox.remove(("b", 2.0))  # then Redis takes it, as ``_settle`` does
+        await again._taken([("b", 2.0)])
+        store.read_gate.set()
+        await asyncio.wait_for(first, 10)
+        assert ("old", 1.0) in again._outbox  # (before: cleared from the journal unread, its spend lost)
+        await _closed(dead, again)
+    asyncio.run(go())
