@@ -108,7 +108,11 @@ class SharedOwners:
         """At a health check: ``_share_owed`` in a thread of its own (a shard may take ``OWNERS_WAIT_S`` to
         answer), unless one still runs. The shards that take it count as recovered (``Supervised``)."""
         if self._owed and self._sharing.acquire(blocking=False):
-            threading.Thread(target=self._reshare, name="smartbatch-share", daemon=True).start()
+            try:
+                threading.Thread(target=self._reshare, name="smartbatch-share", daemon=True).start()
+            except BaseException:  # not started (out of threads): held for good, every recovery waited on it
+                self._sharing.release()
+                raise
 
     def _reshare(self) -> None:
         self._count_recovered(self._share_owed(held=True))

@@ -480,3 +480,25 @@ def test_a_retry_of_the_owner_record_gives_nothing_more_once_the_engine_stopped(
             t.join(10)
     # hub-1 not called (before: called after the stop, and counted recovered); hub-0 took it before the stop
     assert len(calls) == 1 and a.restarts == {"hub-0": 1} and a._owed == {"hub-1"}
+
+
+def test_a_retry_thread_that_could_not_start_lets_go_of_the_owner_record_s_lock(monkeypatch):
+    """Held for the thread it starts: a thread that could not start (the process out of threads) kept the lock for
+    good, and every later recovery waited on it, holding the recoveries' lock with it."""
+    import threading
+
+    hub = _Handle(_hub())
+    a = _driver(monkeypatch, hub)
+    a._resolve(a.submit(_turn("q0", "acme")), _answer("acme", "resp_a"))
+    a._h["named"] = {"hub": hub}
+    a._init_supervision()
+    a._owed.add("hub")
+
+    def refused(self):
+        raise RuntimeError("can't start new thread")
+    monkeypatch.setattr(threading.Thread, "start", refused)
+    with pytest.raises(RuntimeError):
+        a._retry_owed()
+    monkeypatch.undo()
+    assert a._sharing.acquire(timeout=0)  # (before: held for good)
+    a._sharing.release()
