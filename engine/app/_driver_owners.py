@@ -91,11 +91,14 @@ class SharedOwners:
         self._owed: set[str] = set()  # kinds of rewired hub shards that have not taken this driver's record yet
         self._sharing = threading.Lock()  # one giving at a time: a check never piles calls on a slow shard
 
-    def _share_owed(self, held: bool = False) -> list[str]:
-        """Give this driver's record to each rewired hub shard that has not taken it yet; the kinds that took it
-        now. ``held``: the caller took ``_sharing`` (released here)."""
+    def _share_owed(self, held: bool = False, owe: Iterable[str] = ()) -> list[str]:
+        """Give this driver's record to each rewired hub shard that has not taken it yet, ``owe`` (just rewired)
+        with them; the kinds that took it now. ``held``: the caller took ``_sharing`` (released here)."""
         if not held:
             self._sharing.acquire()
+        # Marked under the lock: marked while a retry was giving the shard's last incarnation its record, the
+        # retry's success took the mark away, and the new incarnation was never given it (a review).
+        self._owed.update(owe)
         try:  # an engine stopped meanwhile gets no more calls: each may wait ``OWNERS_WAIT_S`` past the stop
             taught = [kind for kind in sorted(self._owed)
                       if self._running and self.share_owners([self._h["named"][kind]])]

@@ -249,7 +249,7 @@ class Supervised:
     def _recover_now(self, kinds: list[str]) -> None:
         from actors.remote import rewire
 
-        done = []
+        done, owed = [], []
         for kind in kinds:
             log.warning("smartbatch: engine actor %s restarted; recovering its state and re-admitting open work",
                         kind)
@@ -263,11 +263,8 @@ class Supervised:
                 continue
             # A restarted hub knows no response id's owner: it is recovered once it has taken this driver's record
             # (below, or given again alone at the next checks until it does; ``_driver_owners``).
-            if kind.split("-", 1)[0] == "hub":
-                self._owed.add(kind)
-            else:
-                done.append(kind)
-        done += self._share_owed()
+            (owed if kind.split("-", 1)[0] == "hub" else done).append(kind)
+        done += self._share_owed(owe=owed)
         self._readmit_open()
         self._count_recovered(done)
 

@@ -502,3 +502,58 @@ def test_a_retry_thread_that_could_not_start_lets_go_of_the_owner_record_s_lock(
     monkeypatch.undo()
     assert a._sharing.acquire(timeout=0)  # (before: held for good)
     a._sharing.release()
+
+
+def test_a_hub_restarted_again_while_a_retry_gives_it_the_record_is_given_it_once_more(monkeypatch):
+    """The retry thread gives hub its record; the hub restarts again meanwhile, and the recovery of that restart
+    marks it owed. Marked before the retry ended, the retry's own success took the mark away: the new incarnation
+    was never given the record (its 'nobody's' let another tenant continue this driver's ids). Now the mark is set
+    under the lock the retry holds."""
+    import threading
+
+    import actors.remote
+
+    hub = _Handle(_hub())
+    a = _driver(monkeypatch, hub)
+    a._resolve(a.submit(_turn("q0", "acme")), _answer("acme", "resp_a"))
+    monkeypatch.setattr(actors.remote, "rewire", lambda *args, **kw: None)
+    a._h["named"] = {"hub": hub}
+    a._init_supervision()
+    a._metrics_addr, a._readmit_open = (lambda kind: None), (lambda *args, **kw: None)
+    entered, gate, waits = threading.Event(), threading.Event(), threading.Event()
+
+    class _Gated(_Ray):
+        @staticmethod
+        def get(refs, timeout=None):
+            if not gate.is_set():
+                entered.set()
+                assert gate.wait(10)
+            return _Ray.get(refs, timeout)
+
+    class _Watched:
+        """``_sharing``, saying when a caller waits for it."""
+
+        def __init__(self, lock):
+            self.lock = lock
+
+        def acquire(self, blocking=True, timeout=-1):
+            if blocking:
+                waits.set()
+            return self.lock.acquire(blocking, timeout)
+
+        def release(self):
+            self.lock.release()
+    a._ray, a._sharing = _Gated(), _Watched(a._sharing)
+    a._owed.add("hub")
+    a._retry_owed()
+    assert entered.wait(10)  # the retry is giving it to the first incarnation
+    again = threading.Thread(target=a._recover_now, args=(["hub"],))  # the hub restarted again: its recovery
+    again.start()
+    assert waits.wait(10)  # which waits for the retry
+    gate.set()
+    again.join(10)
+    for t in threading.enumerate():
+        if t.name == "smartbatch-share":
+            t.join(10)
+    # Given twice, the second incarnation too (before: once; its mark taken away by the first's success)
+    assert hub.calls.count("teach_owners") == 2 and not a._owed
