@@ -29,7 +29,7 @@ import socket
 import time
 from pathlib import Path
 from typing import Any, BinaryIO
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 __all__ = ["KeptClaims", "keep_left", "kept_dir", "take_back_kept"]
 
@@ -48,9 +48,18 @@ def kept_dir(settings) -> Path:
         root = Path(j.dir) / ".budget-outbox"  # (a dot: not taken for an engine run's journal, and swept)
     else:  # read when a stop needs it, not at import
         root = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "smartbatch" / "budget-outbox"
-    u = urlsplit(b.redis_url or "")
-    ledger = f"{u.scheme}://{u.hostname}:{u.port}{u.path}|{b.redis_prefix}"  # no user, no password
-    return root.expanduser() / hashlib.sha256(ledger.encode()).hexdigest()[:16]
+    return root.expanduser() / hashlib.sha256(_ledger(b.redis_url or "", b.redis_prefix).encode()).hexdigest()[:16]
+
+
+def _ledger(url: str, prefix: str) -> str:
+    """The ledger ``url`` and ``prefix`` name, never its user or password, with Redis's defaults filled in (port
+    6379, database 0, given in the path or as ``?db=``): spelt another way, an engine did not find what one
+    stopped on the same ledger kept (a review)."""
+    u = urlsplit(url)
+    asked = parse_qs(u.query).get("db", ["0"])[0]
+    if u.scheme == "unix":
+        return f"unix://{u.path}/{asked}|{prefix}"
+    return f"{u.scheme}://{u.hostname}:{u.port or 6379}/{u.path.strip('/') or asked}|{prefix}"
 
 
 def keep_left(ray, budget, settings, engine: str) -> dict[str, Any] | None:

@@ -152,3 +152,14 @@ def test_engines_starting_together_take_each_file_once(tmp_path):
         c.finish(None)
     assert _files(settings) == []
 
+
+
+def test_one_ledger_spelt_two_ways_keeps_its_files_in_one_place(tmp_path):
+    """Redis's defaults written out or left out name the same ledger: before, an engine started with
+    ``redis://h`` never found what one stopped with ``redis://h:6379/0`` kept (its spend never counted)."""
+    def home(url: str) -> object:
+        return kept.kept_dir(Settings(budgets=BudgetSettings(redis_url=url, redis_prefix="p"),
+                                      journal=JournalSettings(ledger_dir=tmp_path)))
+    assert home("redis://H") == home("redis://h:6379/0") == home("redis://:pw@h:6379/") == home("redis://h:6379?db=0")
+    assert home("redis://h/1") == home("redis://h:6379?db=1") != home("redis://h")
+    assert home("rediss://h") != home("redis://h") and home("redis://h:6380") != home("redis://h")
