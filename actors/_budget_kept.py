@@ -9,8 +9,8 @@ a file under ``journal.ledger_dir`` (one directory per ledger: its Redis and key
 in an ERROR log and the stop's report (``budget.ledger.left_at_stop``). The next engine started on that ledger
 takes the files back at its start (claimed by a lock on the file and a rename: two engines starting together do
 not both take one; were they to, sending one again counts nothing twice), journals their items as its own outbox,
-and deletes the file at its own stop, once that stop kept what is still unsent (``KeptClaims``): deleted once
-journaled in Ray's store, which a local Ray takes with it, the file's spend was lost when that engine died before
+and deletes the file once Redis took them all, or at its own stop once that stop kept what is still unsent
+(``KeptClaims``): deleted once journaled in Ray's store, which a local Ray takes with it, the file's spend was lost when that engine died before
 Redis answered, and a file taken by a start that died stayed ``*.taking-*``, read by nobody (a review). The files
 hold spend and who spent it: the user's alone (0600, in a 0700 directory).
 """
@@ -26,6 +26,7 @@ import pickle
 import re
 import secrets
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -37,6 +38,7 @@ log = logging.getLogger("smartbatch.budget")
 _SUFFIX = ".outbox"
 _TAKING = ".taking-"  # <kept file>.taking-<host>-<pid>-<token>: taken by an engine, locked while it runs
 TAKE_CALL_S = 60.0  # bound on the controller's take-back at start (it journals, and sends if Redis answers)
+SENT_CALL_S = 2.0  # bound on asking the controller which items taken back still wait (a driver's check)
 
 
 def kept_dir(settings) -> Path:
@@ -103,24 +105,48 @@ def keep_left(ray, budget, settings, engine: str) -> dict[str, Any] | None:
 
 
 class KeptClaims:
-    """The kept files an engine took back at its start, held (locked) until its stop: their items then live in
-    its controller's memory and Ray's store, which a local Ray takes with it, so a file goes only once the stop
-    has kept what is still unsent (``finish``). An engine that dies holding them lets go of their locks with its
+    """The kept files an engine took back at its start, held (locked) until Redis took their items
+    (``drop_sent``, at the driver's checks) or its stop: their items meanwhile live in its controller's memory
+    and Ray's store, which a local Ray takes with it, so a file goes only once Redis took them or the stop has
+    kept what is still unsent (``finish``). An engine that dies holding them lets go of their locks with its
     process, and the next engine on the ledger takes them back (``take_back_kept``)."""
 
     def __init__(self) -> None:
-        self.held: list[tuple[Path, BinaryIO]] = []
+        self.held: list[tuple[Path, BinaryIO, list[str]]] = []  # (file, its lock, its items' keys)
         self.taken = 0  # items taken back
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"KeptClaims(files={len(self.held)}, taken={self.taken})"
+
+    def drop_sent(self, ray, budget) -> None:
+        """Delete the files held whose items Redis has all taken (``BudgetController.kept_waiting``): held on, a
+        crash of this engine days later had the next one send them again once their markers had expired."""
+        if not self.held:
+            return
+        try:
+            waiting = set(ray.get(budget.kept_waiting.remote([k for *_, keys in list(self.held) for k in keys]),
+                                  timeout=SENT_CALL_S))
+        except Exception:  # noqa: BLE001 (busy, restarting: asked again at the next check)
+            return
+        with self._lock:  # (the stop's ``finish`` may come from another thread)
+            sent = [h for h in self.held if not waiting.intersection(h[2])]
+            self.held = [h for h in self.held if h not in sent]
+        for path, f, _ in sent:
+            try:
+                path.unlink()
+            except OSError as exc:
+                log.error("budget ledger: %s, whose items Redis took, not removed (%s)", path, exc)
+            finally:
+                f.close()
 
     def finish(self, left: dict[str, Any] | None) -> None:
         """The engine stops, ``keep_left`` said ``left``: delete the files held if what their items left unsent is
         kept anew (or nothing was left), else give them back for the next engine (sent again: counted once)."""
         kept_anew = left is None or bool(left.get("kept_in"))
-        held, self.held = self.held, []
-        for path, f in held:
+        with self._lock:
+            held, self.held = self.held, []
+        for path, f, _ in held:
             try:
                 if kept_anew:
                     path.unlink()
@@ -192,6 +218,7 @@ def take_back_kept(ray, budget, settings) -> KeptClaims:
             os.rename(mine, _kept_name(mine))
             held.close()
         else:
-            claims.held.append((mine, held))
+            claims.held.append((mine, held, list(records)))
             claims.taken += len(records)
+    claims.drop_sent(ray, budget)  # Redis answered at the start: nothing to hold
     return claims

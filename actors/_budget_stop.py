@@ -85,3 +85,16 @@ class OutboxAtStop:
                     "unsettled taken back; %s", len(settlements), len(charges),
                     "sent once Redis answers" if self._outbox or self._charges else "Redis took them")
         return self.unjournaled()
+
+    async def kept_waiting(self, keys: list[str]) -> list[str]:
+        """Which of ``keys`` (``take_kept``'s records) Redis has not taken yet: all while a call to Redis is out
+        (its items come back should it fail). The driver deletes a file it took back once none of its items wait:
+        held on after Redis took them, a crash of the engine days later had the next one send them again past
+        their markers' life (counted twice)."""
+        await self._restored_first()  # (a restarted controller's outbox is read back first)
+        if self._settling:
+            return list(keys)
+        waiting = {_settlement_key(rid, usd) for rid, usd in self._outbox}
+        waiting.update(_charge_key(c) for c, _ in self._charges)
+        return [k for k in keys if k in waiting]
+

@@ -315,6 +315,8 @@ class Pulling:
             if time.monotonic() - last_check > HEALTH_EVERY_S:
                 last_check = time.monotonic()
                 self._health()
+                if self._h.get("kept") is not None:  # kept outbox files taken back: gone once Redis took theirs
+                    self._h["kept"].drop_sent(self._ray, self._h["budget"])
 
     def _hub_lost(self, exc: BaseException, kind: str = "hub") -> bool:
         """A pull from hub shard ``kind`` failed: wait for Ray to restart it, rewire it and re-admit. False if it

@@ -1,6 +1,6 @@
 """What a stop keeps on disk of a Redis ledger's outbox, and how the next engine takes it back
 (``actors._budget_kept``). Without Ray or Redis: ``ray.get`` and the budget controller are stand-ins that say what
-a controller's ``leave`` and ``take_kept`` would."""
+a controller's ``leave``, ``take_kept`` and ``kept_waiting`` would (Redis away unless told)."""
 
 from __future__ import annotations
 
@@ -35,8 +35,10 @@ class _Budget:
 
     def __init__(self, left: dict | None = None, unjournaled: int = 0):
         self.given: list[dict] = []
+        self.sent: set[str] = set()  # the items Redis took (none: it is away)
         self.leave = _Method(lambda wait: dict(left or {}))
         self.take_kept = _Method(lambda records: (self.given.append(records), unjournaled)[1])
+        self.kept_waiting = _Method(lambda keys: [k for k in keys if k not in self.sent])
 
 
 def _settings(tmp_path) -> Settings:
@@ -163,3 +165,33 @@ def test_one_ledger_spelt_two_ways_keeps_its_files_in_one_place(tmp_path):
     assert home("redis://H") == home("redis://h:6379/0") == home("redis://:pw@h:6379/") == home("redis://h:6379?db=0")
     assert home("redis://h/1") == home("redis://h:6379?db=1") != home("redis://h")
     assert home("rediss://h") != home("redis://h") and home("redis://h:6380") != home("redis://h")
+
+
+def test_a_file_taken_back_goes_once_redis_took_its_items_not_at_a_crash_days_later(tmp_path):
+    """Held until the stop, a file whose items Redis took an hour after the start was sent again by the next
+    engine after a crash of this one days later, past its markers' life: counted twice. It goes once they are in."""
+    settings = _settings(tmp_path)
+    kept.keep_left(_Ray, _Budget(_left()), settings, "e1")
+    budget = _Budget()
+    claims = kept.take_back_kept(_Ray, budget, settings)
+    claims.drop_sent(_Ray, budget)  # a check: Redis still away
+    assert len(_files(settings)) == 1
+    budget.sent.update(_RECORDS)  # Redis back: the controller sent them
+    claims.drop_sent(_Ray, budget)
+    assert _files(settings) == [] and claims.held == []
+    claims.finish({"error": "not asked: the engine's actors died"})  # nothing to give back
+    assert _files(settings) == []
+    busy = _Budget()
+    busy.kept_waiting = _Method(lambda keys: TimeoutError("busy"))
+    kept.keep_left(_Ray, _Budget(_left()), settings, "e2")
+    again = kept.take_back_kept(_Ray, busy, settings)  # not answered: held, asked again at the next check
+    assert len(again.held) == 1
+    again.finish(None)
+
+
+def test_redis_answering_at_the_start_leaves_nothing_held(tmp_path):
+    settings = _settings(tmp_path)
+    kept.keep_left(_Ray, _Budget(_left()), settings, "e1")
+    up = _Budget()
+    up.sent.update(_RECORDS)
+    assert kept.take_back_kept(_Ray, up, settings).held == [] and _files(settings) == []

@@ -145,3 +145,23 @@ def test_a_clear_of_the_outbox_journal_never_removes_a_dead_incarnation_s_record
         assert ("old", 1.0) in again._outbox  # (before: cleared from the journal unread, its spend lost)
         await _closed(dead, again)
     asyncio.run(go())
+
+
+def test_what_a_controller_took_back_from_a_kept_file_waits_until_redis_takes_it():
+    """``kept_waiting``: the driver deletes a kept file it took back once none of its items wait for Redis."""
+    from actors._budget_outbox import _charge_key, _settlement_key
+
+    async def go():
+        ctl = BudgetController(_away(), None, ManualClock(100.0), kv_journal=GatedStore())
+        charge = Charge("x1", "acme", "openai", "gpt-5-mini", 0.5)
+        records = {_settlement_key("a0", 1.5): ("a0", 1.5, None), _charge_key(charge): (charge, 100.0)}
+        assert await ctl.take_kept(records) == 0  # journaled; Redis away
+        assert sorted(await ctl.kept_waiting([*records, "c\x1fother"])) == sorted(records)
+        ctl._settling += 1  # a call to Redis out: its items may come back
+        ctl._outbox.clear()
+        assert sorted(await ctl.kept_waiting(list(records))) == sorted(records)
+        ctl._settling -= 1
+        ctl._charges.clear()  # Redis took them
+        assert await ctl.kept_waiting(list(records)) == []
+        await _closed(ctl)
+    asyncio.run(go())
