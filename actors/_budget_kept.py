@@ -10,9 +10,9 @@ in an ERROR log and the stop's report (``budget.ledger.left_at_stop``). The next
 takes the files back at its start (claimed by a lock on the file and a rename: two engines starting together do
 not both take one; were they to, sending one again counts nothing twice), journals their items as its own outbox,
 and deletes the file once Redis took them all, or at its own stop once that stop kept what is still unsent
-(``KeptClaims``): deleted once journaled in Ray's store, which a local Ray takes with it, the file's spend was lost when that engine died before
-Redis answered, and a file taken by a start that died stayed ``*.taking-*``, read by nobody (a review). The files
-hold spend and who spent it: the user's alone (0600, in a 0700 directory).
+(``KeptClaims``). Deleted once journaled in Ray's store, which a local Ray takes with it, the file's spend was
+lost when that engine died before Redis answered, and a file taken by a start that died stayed ``*.taking-*``,
+read by nobody (a review). The files hold spend and who spent it: the user's alone (0600, in a 0700 directory).
 """
 
 from __future__ import annotations
@@ -188,7 +188,8 @@ def _claim(path: Path) -> tuple[Path, BinaryIO] | None:
 
 def take_back_kept(ray, budget, settings) -> KeptClaims:
     """At an engine's start: give ``budget`` what engines stopped on its ledger left on disk, and what an engine
-    that died holding it had taken back. Returns the files taken back, held until the engine's stop."""
+    that died holding it had taken back. Returns the files taken back, held until Redis took their items or the
+    engine stops (``KeptClaims``)."""
     claims = KeptClaims()
     if not settings.budgets.redis_url:
         return claims
@@ -215,7 +216,8 @@ def take_back_kept(ray, budget, settings) -> KeptClaims:
             log.error("budget ledger: what %s holds not taken back (%s); kept for the next start", f,
                       type(exc).__name__)
         if unjournaled:  # given back for the next engine: sending one again counts nothing twice
-            os.rename(mine, _kept_name(mine))
+            with contextlib.suppress(OSError):  # (left as taken: unlocked below, the next start takes it)
+                os.rename(mine, _kept_name(mine))
             held.close()
         else:
             claims.held.append((mine, held, list(records)))
