@@ -63,7 +63,11 @@ class OutboxAtStop:
             return 0
         await self._restored_first()
         settlements, charges = [], []
+        # An item waiting already (two kept files may hold one: one given back, then kept anew) waits once.
+        here = {_settlement_key(rid, usd) for rid, usd in self._outbox} | {_charge_key(c) for c, _ in self._charges}
         for k, v in records.items():
+            if k in here:
+                continue
             if k.startswith("s\x1f"):
                 rid, usd, known = v
                 settlements.append((rid, usd))

@@ -165,3 +165,21 @@ def test_what_a_controller_took_back_from_a_kept_file_waits_until_redis_takes_it
         assert await ctl.kept_waiting(list(records)) == []
         await _closed(ctl)
     asyncio.run(go())
+
+
+def test_items_taken_back_twice_wait_once():
+    """Two kept files may hold one item (a file given back at a start whose journal write failed, and the stop of
+    that engine keeping its outbox anew): taken back twice, it waited twice, and the ledger said twice as many
+    unsettled (and a stop's figures, their USD)."""
+    from actors._budget_outbox import _charge_key, _settlement_key
+
+    async def go():
+        ctl = BudgetController(_away(), None, ManualClock(100.0), kv_journal=GatedStore())
+        charge = Charge("x1", "acme", "openai", "gpt-5-mini", 0.5)
+        records = {_settlement_key("a0", 1.5): ("a0", 1.5, None), _charge_key(charge): (charge, 100.0)}
+        await ctl.take_kept(records)
+        await ctl.take_kept(dict(records))
+        assert (ctl._outbox, [c for c, _ in ctl._charges]) == ([("a0", 1.5)], [charge])
+        assert (await ctl.report())["ledger"]["unsettled"] == 2
+        await _closed(ctl)
+    asyncio.run(go())
