@@ -45,9 +45,9 @@ class CatalogError(ConfigError):
 class TraceError(SmartbatchError):
     """One or more trace lines are invalid.
 
-    ``problems`` holds ``(path, line_no, field, message)`` tuples, one per bad line (line 0: the whole file
-    or a command-line option), so a caller can show them all at once instead of making the user fix one line
-    per run. ``hint`` ends the message: what to do about them.
+    ``problems`` holds ``(path, line_no, field, message)`` tuples, one per problem (a line may have several;
+    line 0: the whole file or a command-line option), so a caller can show them all at once instead of making
+    the user fix one line per run. ``hint`` ends the message: what to do about them.
     """
 
     HINT = "fix the line(s) named, or pass --skip-invalid to skip and count bad lines"
@@ -61,7 +61,10 @@ class TraceError(SmartbatchError):
         else:
             more = f"\n... and {len(problems) - 20} more" if len(problems) > 20 else ""
             tail = f"\n{hint[:1].upper()}{hint[1:]}." if hint else ""
-            text = f"{len(problems)} invalid {what} line(s):\n" + "\n".join(lines) + more + tail
+            # A line may hold several problems: "27 invalid line(s)" of a 19-line file counted problems as lines.
+            bad = len({(p, n) for p, n, _, _ in problems if n})
+            head = f"{len(problems)} problems on {bad}" if 0 < bad < len(problems) else f"{len(problems)}"
+            text = f"{head} invalid {what} line(s):\n" + "\n".join(lines) + more + tail
         super().__init__(text)
 
 

@@ -193,8 +193,8 @@ class Request(BaseModel):
     priority: Priority = "normal"
     deadline_s: Float = Field(json_schema_extra={"exclusiveMinimum": 0})  # > 0, checked below to say the fix
     reuse: Reuse = "exact"
-    gather: bool = Field(default=True, description="false: nothing more will be sent with it (a batch file, read "
-                         "whole), so it is never held to gather company: its batch goes as soon as it is judged")
+    gather: bool = Field(default=True, strict=True, description="false: nothing more will be sent with it (a "
+                         "batch file, read whole), so it is never held to gather company: its batch goes once judged")
     body: dict[str, Any] | None = Field(default=None, description="the provider's own request body "
                                         "(messages, system, temperature, tools, ...), sent unchanged")
 

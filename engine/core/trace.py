@@ -67,7 +67,11 @@ def with_day_origin(settings: Settings, requests: Sequence[Request]) -> Settings
 
 
 _JSON_TYPE_FIX = {"tuple_type": "a JSON list, e.g. [0, 1, 2]", "list_type": "a JSON list, e.g. [0, 1, 2]",
-                  "dict_type": 'a JSON object, e.g. {"size": "1024x1024"}', "string_type": "a string"}
+                  "dict_type": 'a JSON object, e.g. {"size": "1024x1024"}', "string_type": "a string",
+                  "bool_type": "true or false"}
+
+
+_BOUND_FIX = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
 
 
 def _json_kind(value: object) -> str:
@@ -101,6 +105,18 @@ def _problems_of(exc: ValidationError, where: str = "the line") -> list[tuple[st
             msg = f"{msg}, got {err.get('input')!r:.40}; give one of these"
         elif err["type"] == "string_too_short" and err.get("input") == "":
             msg = "must not be empty; give a name, or leave the field out for its default where it has one"
+        elif err["type"] in _BOUND_FIX:  # pydantic's "Input should be greater than or equal to 0": no value, no fix
+            bound = next(iter((err.get("ctx") or {}).values()), "?")
+            bound = f"{bound:g}" if isinstance(bound, (int, float)) else bound
+            msg = f"must be {_BOUND_FIX[err['type']]} {bound}, got {err.get('input')!r:.40}; give such a number"
+        elif err["type"] == "string_too_long":
+            msg = (f"is {len(err.get('input') or '')} characters long, over the limit of "
+                   f"{(err.get('ctx') or {}).get('max_length')}; shorten it")
+        elif err["type"] == "string_pattern_mismatch" and r"\x00" in str((err.get("ctx") or {}).get("pattern")):
+            # the tenant's pattern: no control characters
+            msg = f"holds a control character ({err.get('input')!r:.40}); use printable characters only"
+        elif err["type"] == "int_from_float":
+            msg = f"must be a whole number, got {err.get('input')!r:.40}"
         out.append((loc, msg))
     return out
 

@@ -1,0 +1,48 @@
+"""Bad input found on a new user's tour: each problem names the field, the value given and the fix, and a
+file's count of bad lines counts lines, not problems."""
+
+import json
+
+import pytest
+
+from engine.core.errors import TraceError
+from engine.core.trace import parse_trace_lines
+
+BASE = {"id": "r1", "arrival_s": 0, "model": "gpt-5.4-mini", "prompt": "Hi", "deadline_s": 600}
+
+
+def problems_of(**kw) -> list[tuple[str, str]]:
+    with pytest.raises(TraceError) as ei:
+        parse_trace_lines([json.dumps({**BASE, **kw})])
+    return [(f, m) for _, _, f, m in ei.value.problems]
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("arrival_s", -1, "must be >= 0, got -1"),
+    ("input_tokens", -3, "must be >= 0, got -3"),
+    ("max_output_tokens", 0, "must be >= 1, got 0"),
+    ("input_tokens", 1.5, "must be a whole number, got 1.5"),
+    ("tenant", "acme\n", "holds a control character ('acme\\n')"),
+    ("tenant", "t" * 300, "300 characters long, over the limit of 256"),
+])
+def test_a_bound_or_pattern_is_said_with_the_value_given(field, value, says):
+    # pydantic's own words ("Input should be greater than or equal to 0") named neither the value nor a fix.
+    [(got, msg)] = problems_of(**{field: value})
+    assert got == field and says in msg and "Input should" not in msg, msg
+
+
+@pytest.mark.parametrize("value", ["yes", "no", 1, "false"])
+def test_gather_takes_true_or_false_only(value):
+    # "gather": "no" was taken as True (pydantic's lax bool), so a batch file's line was held to gather company.
+    [(field, msg)] = problems_of(gather=value)
+    assert field == "gather" and "must be true or false" in msg, msg
+
+
+def test_a_file_s_count_of_bad_lines_counts_lines_not_problems():
+    lines = [json.dumps({k: v for k, v in BASE.items() if k != "arrival_s"} | {"id": "a", "deadline_s": -5}),
+             json.dumps(BASE | {"id": "b", "promt": "x"}),
+             json.dumps(BASE | {"id": "c"})]
+    with pytest.raises(TraceError) as ei:
+        parse_trace_lines(lines, source="t.jsonl")
+    assert len(ei.value.problems) == 3  # line 1 has two
+    assert str(ei.value).startswith("3 problems on 2 invalid trace line(s):"), str(ei.value)
