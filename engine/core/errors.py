@@ -61,9 +61,12 @@ class TraceError(SmartbatchError):
         else:
             more = f"\n... and {len(problems) - 20} more" if len(problems) > 20 else ""
             tail = f"\n{hint[:1].upper()}{hint[1:]}." if hint else ""
-            # A line may hold several problems: "27 invalid line(s)" of a 19-line file counted problems as lines.
-            bad = len({(p, n) for p, n, _, _ in problems if n})
-            head = f"{len(problems)} problems on {bad}" if 0 < bad < len(problems) else f"{len(problems)}"
+            # A line may hold several problems: "27 invalid line(s)" of a 19-line file counted problems as lines
+            # (and a whole file's, line 0, as one more line).
+            on_lines = [(p, n) for p, n, _, _ in problems if n]
+            bad = len(set(on_lines))
+            head = f"{len(problems)}" if not bad else f"{bad}" if bad == len(on_lines) else \
+                f"{len(on_lines)} problems on {bad}"
             text = f"{head} invalid {what} line(s):\n" + "\n".join(lines) + more + tail
         super().__init__(text)
 

@@ -219,6 +219,19 @@ def _what_it_is(head: str, source: str) -> str:
     if isinstance(first, dict) and {"timestamp", "input_length"} <= set(first):
         return (f"it is a Mooncake trace: convert it first, `smartbatch trace from-mooncake {name} "
                 "--out trace.jsonl` (docs/traces.md)")
+    # Files of the project's own that a trace argument may be given by mistake (a new user's tour).
+    if isinstance(first, dict) and {"custom_id", "response"} <= set(first):
+        return ("it is a batch output file (an answer per line): give the batch input file it answers, or a trace "
+                "(docs/traces.md)")
+    if isinstance(first, dict) and {"status", "cost_usd"} <= set(first):
+        return ("it is a results file (a result per line, as `smartbatch run` writes): give the trace the run "
+                "replayed (docs/traces.md)")
+    if first is None and head.startswith("variants:"):
+        return (f"it is a variants file (YAML): give it with --variants, after a trace, e.g. `smartbatch bench "
+                f"trace.jsonl --variants {name}` (README.md, 'Using it')")
+    if head in ("{", "["):
+        return ("line 1 opens a JSON document that spans lines (a results.json?); a trace is one JSON object per "
+                "line (README.md, 'Trace format')")
     if first is None and "," in head and not head.startswith(("{", "[")):
         if {"TIMESTAMP", "ContextTokens"} <= {c.strip() for c in head.split(",")}:
             return (f"it is an Azure LLM trace (CSV): convert it first, `smartbatch trace from-azure {name} "

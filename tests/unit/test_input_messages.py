@@ -46,3 +46,26 @@ def test_a_file_s_count_of_bad_lines_counts_lines_not_problems():
         parse_trace_lines(lines, source="t.jsonl")
     assert len(ei.value.problems) == 3  # line 1 has two
     assert str(ei.value).startswith("3 problems on 2 invalid trace line(s):"), str(ei.value)
+
+
+def test_a_whole_file_s_problem_is_not_counted_as_a_line():
+    with pytest.raises(TraceError) as ei:  # no valid line: the file's headline (line 0), then line 1's one problem
+        parse_trace_lines([json.dumps(BASE | {"promt": "x"})], source="t.jsonl", skip_invalid=True)
+    assert [n for _, n, _, _ in ei.value.problems] == [0, 1]
+    assert str(ei.value).startswith("1 invalid trace line(s):"), str(ei.value)
+
+
+@pytest.mark.parametrize("first, says", [
+    ('{"id": "batch_req_1", "custom_id": "r1", "response": {"status_code": 200}, "error": null}',
+     "batch output file"),
+    ('{"id": "r1", "status": "ok", "cost_usd": 0.001, "mode": "sync"}', "results file"),
+    ("variants:", "give it with --variants"),
+    ("{", "spans lines"),
+])
+def test_a_file_of_the_project_s_own_given_as_a_trace_is_named(first, says):
+    # `bench variants.yaml` listed "not valid JSON" per line; a run's results.jsonl "'status' is not a request
+    # field" per line: neither said which file it was, nor which to give instead.
+    with pytest.raises(TraceError) as ei:
+        parse_trace_lines([first, "  - name: x"], source="f.jsonl")
+    (_, no, field, msg) = ei.value.problems[0]
+    assert (no, field) == (0, "file") and says in msg, msg
