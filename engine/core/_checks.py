@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 
 __all__ = ["GENERATION_PARAMS", "FieldProblem", "cache_blocks", "check_generation", "check_json", "check_messages",
-           "check_params", "check_route", "check_text", "check_tools", "tenant_problem"]
+           "check_params", "check_route", "check_text", "check_tools", "no_text_problem", "tenant_problem"]
 
 
 class FieldProblem(ValueError):
@@ -286,6 +286,21 @@ def check_messages(body: Mapping, where: str, kind: str = "text") -> None:
         if c is not None and not isinstance(c, (str, list)):
             raise FieldProblem(f"{where}.messages[{k}].content", f"a message's content is text or a list of "
                                f"parts, got {type(c).__name__} {str(c)[:40]!r}: give it as a string")
+
+
+def no_text_problem(body: Mapping, where: str = "body") -> FieldProblem:
+    """The problem of a text body with nothing to send, naming a misspelt ``messages`` or ``input`` where the
+    body has one: "the body has no text to send" alone sent a user with ``mesages`` looking for text that was
+    there (a new user's tour; a server that refuses unknown fields names it, one that does not is sent it)."""
+    import difflib
+
+    texts = ("messages", "input")
+    for key in body:
+        if isinstance(key, str) and key not in texts and (near := difflib.get_close_matches(key, texts, 1, 0.75)):
+            return FieldProblem(f"{where}.{key}", f"{where}.{key} is not a field the text is read from: did you "
+                                f"mean {where}.{near[0]}? fix its spelling")
+    return FieldProblem(f"{where}.messages", f"the {where} has no text to send: give messages with content, e.g. "
+                        '[{"role": "user", "content": "..."}] (or input, for /v1/responses)')
 
 
 def check_params(params: dict, kind: str, model: str, known: tuple[str, ...]) -> None:

@@ -23,6 +23,7 @@ from engine.core._checks import (
     check_messages,
     check_params,
     check_text,
+    no_text_problem,
     tenant_problem,
 )
 from engine.core._media_checks import check_media, media_from_body
@@ -317,9 +318,8 @@ class Request(BaseModel):
             images = body_image_tokens(body, catalog.image_rule(d["provider"], model))
             if (spec.kind == "text" and not (isinstance(prompt, str) and prompt) and not calls and not images
                     and not only_tool_outputs(body)):
-                if body is not None:  # an OpenAI/Anthropic body: name its field, not the trace's
-                    raise FieldProblem("body.messages", "the body has no text to send: give messages with content, "
-                                       'e.g. [{"role": "user", "content": "..."}] (or input, for /v1/responses)')
+                if body is not None:  # an OpenAI/Anthropic body: name its field (or a misspelt one), not the trace's
+                    raise no_text_problem(body)
                 raise FieldProblem("input_tokens", "a text request needs 'input_tokens' or a 'prompt' to estimate them from")
             sent = len(prompt) if isinstance(prompt, str) else 0  # sent beside the body's text, or a label of it
             chars = (sent + body_chars if sends_prompt(body, spec.kind) else max(sent, body_chars)) + tool_chars(body) + calls

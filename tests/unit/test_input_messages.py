@@ -69,3 +69,16 @@ def test_a_file_of_the_project_s_own_given_as_a_trace_is_named(first, says):
         parse_trace_lines([first, "  - name: x"], source="f.jsonl")
     (_, no, field, msg) = ei.value.problems[0]
     assert (no, field) == (0, "file") and says in msg, msg
+
+
+@pytest.mark.parametrize("body, field, says", [
+    ({"mesages": [{"role": "user", "content": "Hi"}]}, "body.mesages", "did you mean body.messages?"),
+    ({"imput": "Hi"}, "body.imput", "did you mean body.input?"),
+    ({"messages": [{"role": "user", "content": ""}]}, "body.messages", "the body has no text to send"),
+    ({"temperature": 1}, "body.messages", "the body has no text to send"),
+])
+def test_a_body_with_no_text_names_a_misspelt_messages(body, field, says):
+    # {"mesages": [...]} in a batch file's line was answered "the body has no text to send", naming
+    # body.messages: the text was there, under a misspelt name the message did not show.
+    [(got, msg)] = problems_of(prompt="", body=body)
+    assert got == field and says in msg, msg
