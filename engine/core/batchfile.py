@@ -185,8 +185,10 @@ def _parse(numbered: Iterable[tuple[int, str]], problems: list[Problem], src: st
         try:
             raw = json.loads(text)
         except (ValueError, RecursionError) as exc:
-            why = exc.msg if isinstance(exc, json.JSONDecodeError) else "too deep or too long a number"
-            problems.append((src, no, "line", not_utf8.get(no) or f"not valid JSON ({why}); fix the line"))
+            # Where, as a trace's line says it; the fix is the hint's ("fix the line; fix the lines named" was doubled).
+            why = f"{exc.msg} at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else \
+                "too deep or too long a number"
+            problems.append((src, no, "line", not_utf8.get(no) or f"not valid JSON ({why})"))
             continue
         if not isinstance(raw, dict):
             problems.append((src, no, "line", 'a batch line is a JSON object {"custom_id", "method", "url", "body"}'))

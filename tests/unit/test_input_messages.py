@@ -82,3 +82,17 @@ def test_a_body_with_no_text_names_a_misspelt_messages(body, field, says):
     # body.messages: the text was there, under a misspelt name the message did not show.
     [(got, msg)] = problems_of(prompt="", body=body)
     assert got == field and says in msg, msg
+
+
+def test_a_batch_file_s_line_that_is_not_json_says_where_and_the_fix_once(tmp_path):
+    from typer.testing import CliRunner
+
+    from engine.app.cli import app
+
+    p = tmp_path / "in.jsonl"
+    good = {"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "gpt-5.4-mini", "messages": [{"role": "user", "content": "Hi"}]}}
+    p.write_text(json.dumps(good) + "\n" + json.dumps(good | {"custom_id": "r2"})[:-1] + "\n")
+    r = CliRunner().invoke(app, ["batch", str(p), "--out", str(tmp_path / "out.jsonl")])
+    # It said "not valid JSON (Expecting ',' delimiter); fix the line; fix the lines named ...": no column, two fixes.
+    assert r.exit_code == 2 and "at column" in r.output and r.output.count("fix the line") == 1, r.output
