@@ -223,6 +223,9 @@ def _what_it_is(head: str, source: str) -> str:
     if isinstance(first, dict) and {"custom_id", "response"} <= set(first):
         return ("it is a batch output file (an answer per line): give the batch input file it answers, or a trace "
                 "(docs/traces.md)")
+    if isinstance(first, dict) and {"custom_id", "body"} <= set(first) and "arrival_s" not in first:
+        return (f"it is an OpenAI Batch input file: convert it first, `smartbatch trace from-openai-batch {name} "
+                f"--out trace.jsonl`, or send it with `smartbatch batch {name} --out output.jsonl`")
     if isinstance(first, dict) and {"status", "cost_usd"} <= set(first):
         return ("it is a results file (a result per line, as `smartbatch run` writes): give the trace the run "
                 "replayed (docs/traces.md)")

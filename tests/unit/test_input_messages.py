@@ -60,6 +60,8 @@ def test_a_whole_file_s_problem_is_not_counted_as_a_line():
      "batch output file"),
     ('{"id": "r1", "status": "ok", "cost_usd": 0.001, "mode": "sync"}', "results file"),
     ("variants:", "give it with --variants"),
+    ('{"custom_id": "r1", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "gpt-5.4-mini"}}',
+     "trace from-openai-batch"),
     ("{", "spans lines"),
 ])
 def test_a_file_of_the_project_s_own_given_as_a_trace_is_named(first, says):
