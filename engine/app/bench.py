@@ -6,6 +6,7 @@ import json
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +71,10 @@ def load_variants(path: str | Path | None) -> dict[str, PolicySpec]:
         try:
             spec = PolicySpec.model_validate(item)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            keys = "; a variant takes name, policy and params" if first["type"] == "extra_forbidden" else ""
+            first = min(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")  # a misspelt key ('polcy') first
+            near = get_close_matches(str(first["loc"][-1]), list(PolicySpec.model_fields), 1, 0.6)
+            keys = (f"; did you mean {near[0]!r}? a" if near else "; a") + " variant takes name, policy and params" \
+                if first["type"] == "extra_forbidden" else ""
             raise ConfigError(f"{path}: variants[{k}].{'.'.join(map(str, first['loc']))}: {first['msg']}{keys}"
                               ) from exc
         if spec.name in out:

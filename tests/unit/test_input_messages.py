@@ -98,3 +98,14 @@ def test_a_batch_file_s_line_that_is_not_json_says_where_and_the_fix_once(tmp_pa
     r = CliRunner().invoke(app, ["batch", str(p), "--out", str(tmp_path / "out.jsonl")])
     # It said "not valid JSON (Expecting ',' delimiter); fix the line; fix the lines named ...": no column, two fixes.
     assert r.exit_code == 2 and "at column" in r.output and r.output.count("fix the line") == 1, r.output
+
+
+def test_a_variant_with_a_misspelt_policy_key_names_the_typo(tmp_path):
+    from engine.app.bench import load_variants
+    from engine.core.errors import ConfigError
+
+    p = tmp_path / "variants.yaml"
+    p.write_text("variants:\n  - name: se\n    polcy: smart\n")
+    # It said "variants[0].policy: Field required": the missing key, not the misspelt one beside it.
+    with pytest.raises(ConfigError, match=r"variants\[0\]\.polcy: .*did you mean 'policy'\?"):
+        load_variants(p)
