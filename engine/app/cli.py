@@ -212,11 +212,11 @@ def run(trace: Path = typer.Argument(..., help="a JSONL trace"),
     from engine.core.errors import ConfigError
 
     try:
-        specs = resolve_policies(policy, load_variants(variants))
+        settings, cat = _settings(catalog, catalog_overlay)
+        specs = resolve_policies(policy, load_variants(variants), cat)  # with cat: a bad variant named, as in bench
         if len(specs) != 1:
             raise ConfigError(f"--policy {policy!r}: run takes one policy (bench compares several)")
         (spec,) = specs
-        settings, cat = _settings(catalog, catalog_overlay)
         settings = _providers(settings, providers, base_url)
         tr = _load(trace, cat, settings, skip_invalid)
         check_simulated(tr.requests, settings)  # a dry run says it too: the run it stands for sends nothing

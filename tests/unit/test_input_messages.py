@@ -109,3 +109,16 @@ def test_a_variant_with_a_misspelt_policy_key_names_the_typo(tmp_path):
     # It said "variants[0].policy: Field required": the missing key, not the misspelt one beside it.
     with pytest.raises(ConfigError, match=r"variants\[0\]\.polcy: .*did you mean 'policy'\?"):
         load_variants(p)
+
+
+def test_run_names_the_variant_whose_parameter_is_bad(tmp_path):
+    from typer.testing import CliRunner
+
+    from engine.app.cli import app
+
+    trace, variants = tmp_path / "t.jsonl", tmp_path / "v.yaml"
+    trace.write_text(json.dumps(BASE) + "\n")
+    variants.write_text("variants:\n  - name: smart-x\n    policy: smart\n    params: {batch_gather: 0}\n")
+    r = CliRunner().invoke(app, ["run", str(trace), "--policy", "smart-x", "--variants", str(variants), "--dry-run"])
+    # bench said "variant 'smart-x' (policy smart): ..."; run said only "policy 'smart' has no parameter ...".
+    assert r.exit_code != 0 and "variant 'smart-x' (policy smart)" in r.output, r.output
