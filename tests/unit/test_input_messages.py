@@ -33,7 +33,8 @@ def test_a_bound_or_pattern_is_said_with_the_value_given(field, value, says):
 
 @pytest.mark.parametrize("value", ["yes", "no", 1, "false"])
 def test_gather_takes_true_or_false_only(value):
-    # "gather": "no" was taken as True (pydantic's lax bool), so a batch file's line was held to gather company.
+    # pydantic's lax bool read "yes", "off", 1 and "1" as booleans where every other field of a line refuses a
+    # string or a number in place of its JSON type (docs/traces.md, "Numbers are JSON numbers").
     [(field, msg)] = problems_of(gather=value)
     assert field == "gather" and "must be true or false" in msg, msg
 
