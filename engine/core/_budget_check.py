@@ -5,6 +5,7 @@ budget set on a running engine (``Engine.set_budget``), and the rule of such a c
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from difflib import get_close_matches
 from typing import Any
 
 from pydantic import ValidationError
@@ -48,6 +49,11 @@ def budget_of(fields: BudgetSpec | Mapping[str, Any], current: Iterable[BudgetSp
     model and budget_duration name a budget), so a change of its soft limit alone keeps its limit; a new
     budget needs ``max_budget``. Raises ``ConfigError`` naming the field and the fix."""
     given = fields.model_dump(exclude_unset=True) if isinstance(fields, BudgetSpec) else dict(fields)
+    if unknown := [k for k in given if k not in BudgetSpec.model_fields]:
+        # Named first: set_budget(tenant="acme", max_budgt=5) said only "max_budget is missing" (a new user's tour).
+        near = get_close_matches(str(unknown[0]), list(BudgetSpec.model_fields), 1, 0.6)
+        raise ConfigError(f"budget.{unknown[0]}: not a budget field" + (f"; did you mean {near[0]}?" if near else "")
+                          + f" (a budget's fields: {', '.join(BudgetSpec.model_fields)}; docs/budgets.md)")
     who = {k: given.get(k) for k in ("tenant", "provider", "model", "budget_duration")}
     try:
         parse_duration(who["budget_duration"])

@@ -123,3 +123,13 @@ def test_run_names_the_variant_whose_parameter_is_bad(tmp_path):
     r = CliRunner().invoke(app, ["run", str(trace), "--policy", "smart-x", "--variants", str(variants), "--dry-run"])
     # bench said "variant 'smart-x' (policy smart): ..."; run said only "policy 'smart' has no parameter ...".
     assert r.exit_code != 0 and "variant 'smart-x' (policy smart)" in r.output, r.output
+
+
+def test_a_live_budget_with_a_misspelt_field_names_it():
+    from engine.core._budget_check import budget_of
+    from engine.core.catalog import default_catalog
+    from engine.core.errors import ConfigError
+
+    # Engine.set_budget(tenant="acme", max_budgt=5) said "max_budget is missing": the typo went unnamed.
+    with pytest.raises(ConfigError, match=r"budget\.max_budgt: not a budget field; did you mean max_budget\?"):
+        budget_of({"tenant": "acme", "max_budgt": 5}, (), default_catalog())
