@@ -133,3 +133,23 @@ def test_a_live_budget_with_a_misspelt_field_names_it():
     # Engine.set_budget(tenant="acme", max_budgt=5) said "max_budget is missing": the typo went unnamed.
     with pytest.raises(ConfigError, match=r"budget\.max_budgt: not a budget field; did you mean max_budget\?"):
         budget_of({"tenant": "acme", "max_budgt": 5}, (), default_catalog())
+
+
+def test_a_live_row_s_speed_is_not_called_simulated(monkeypatch):
+    import io
+
+    from rich.console import Console
+
+    import engine.app.cli_report as cli_report
+    from engine.app.bench import resolve_policies, run_bench
+    from engine.core.tracegen import synth
+
+    doc = run_bench(synth(30, seed=1), resolve_policies("naive", {}), trace_name="t")
+    doc["results"][0] |= {"policy": "smart (live)", "sim_requests_per_s": None}
+    doc["budgets"] = [{"tenant": None, "max_budget": 1.0, "budget_duration": None}]  # the short headers
+    con = Console(width=100, record=True, file=io.StringIO())
+    monkeypatch.setattr(cli_report, "console", con)
+    cli_report.print_table(doc)
+    text = con.export_text()
+    # `run` printed "live" in the req/s column above the legend "req/s: simulated".
+    assert "live" in text and "req/s: simulated, live: the engine's run" in " ".join(text.split()), text
