@@ -80,8 +80,9 @@ def _key_problem(settings: Settings, name: str, value: str | None) -> str | None
         alone = (f"; or call only {others[0]} (SMARTBATCH_PROVIDERS__ENDPOINTS__{others[0].upper()}__API="
                  f"{settings.providers.endpoints[others[0]].api} names its endpoint alone: {name}'s requests are "
                  "then refused)") if len(others) == 1 else ""
-        return (f"providers.endpoints.{name}: the environment variable {ep.api_key_env} holding the API key is not "
-                f"set; export it, or name another variable with SMARTBATCH_PROVIDERS__ENDPOINTS__{name.upper()}"
+        state = "set but empty" if value == "" else "not set"  # OPENAI_API_KEY= (a blank in .env) is set
+        return (f"providers.endpoints.{name}: the environment variable {ep.api_key_env} holding the API key is "
+                f"{state}; export it, or name another variable with SMARTBATCH_PROVIDERS__ENDPOINTS__{name.upper()}"
                 f"__API_KEY_ENV, or run with providers.mode=sim{alone}")
     # No header can carry it (a pasted newline, say): every call failed unsent, and was counted as possibly
     # billed at its upper bound (a helper's tour).

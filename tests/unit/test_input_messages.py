@@ -153,3 +153,19 @@ def test_a_live_row_s_speed_is_not_called_simulated(monkeypatch):
     text = con.export_text()
     # `run` printed "live" in the req/s column above the legend "req/s: simulated".
     assert "live" in text and "req/s: simulated, live: the engine's run" in " ".join(text.split()), text
+
+
+@pytest.mark.parametrize("value, says", [("", "is set but empty"), (None, "is not set")])
+def test_an_empty_key_variable_is_not_called_unset(monkeypatch, value, says):
+    from engine.app.provider_setup import key_problems
+    from engine.core.catalog import default_catalog
+    from engine.core.settings import ProvidersSettings, Settings
+
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "test")
+    if value is None:
+        monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    else:
+        monkeypatch.setenv("OPENAI_API_KEY", value)
+    # OPENAI_API_KEY= (exported, blank) was "is not set": the user looked for a missing export that was there.
+    said = key_problems(default_catalog(), Settings(providers=ProvidersSettings(mode="http")))
+    assert f"OPENAI_API_KEY holding the API key {says}" in said["openai"], said
