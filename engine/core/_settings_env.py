@@ -45,6 +45,8 @@ def explain(err: Any, model: type | None = None) -> str:
     loc = [str(x) for x in err["loc"]]
     setting = ".".join(loc) or "settings"
     msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] in ("bool_parsing", "bool_type"):  # pydantic's "unable to interpret input" named no value it takes
+        msg = "must be true or false"
     if err["type"] == "extra_forbidden":
         near = difflib.get_close_matches(loc[-1], _beside(model, loc), n=1, cutoff=0.6) if loc else []
         meant = f"did you mean {'.'.join([*loc[:-1], near[0]])}? " if near else ""

@@ -169,3 +169,13 @@ def test_an_empty_key_variable_is_not_called_unset(monkeypatch, value, says):
     # OPENAI_API_KEY= (exported, blank) was "is not set": the user looked for a missing export that was there.
     said = key_problems(default_catalog(), Settings(providers=ProvidersSettings(mode="http")))
     assert f"OPENAI_API_KEY holding the API key {says}" in said["openai"], said
+
+
+def test_a_boolean_setting_says_what_it_takes(monkeypatch):
+    from engine.core.errors import ConfigError
+    from engine.core.settings import load_settings
+
+    monkeypatch.setenv("SMARTBATCH_CACHE__SHARE_ACROSS_TENANTS", "maybe")
+    # It said "Input should be a valid boolean, unable to interpret input".
+    with pytest.raises(ConfigError, match=r"share_across_tenants = 'maybe' .*: must be true or false; fix or unset"):
+        load_settings()
