@@ -133,6 +133,10 @@ def _providers(settings: Settings, mode: str | None, base_urls: list[str] | None
             raise ConfigError(f"--base-url {item!r}: no endpoint named {name!r}; endpoints are "
                               f"{sorted(raw['endpoints'])} (add one with SMARTBATCH_PROVIDERS__ENDPOINTS)")
         raw["endpoints"][name]["base_url"] = url
+    if base_urls and raw["mode"] != "http":  # else taken and unused: the run simulated what it was pointed at
+        raise ConfigError("--base-url says where calls go over HTTP, and this run simulates every provider "
+                          "(providers.mode sim): add --providers http (or export SMARTBATCH_PROVIDERS__MODE=http), "
+                          "or leave --base-url out")
     try:
         return settings.model_copy(update={"providers": ProvidersSettings.model_validate(raw)})
     except ValueError as exc:

@@ -179,3 +179,16 @@ def test_a_boolean_setting_says_what_it_takes(monkeypatch):
     # It said "Input should be a valid boolean, unable to interpret input".
     with pytest.raises(ConfigError, match=r"share_across_tenants = 'maybe' .*: must be true or false; fix or unset"):
         load_settings()
+
+
+def test_a_base_url_in_a_simulated_run_is_refused_saying_how_to_call_it(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from engine.app.cli import app
+
+    monkeypatch.delenv("SMARTBATCH_PROVIDERS__MODE", raising=False)
+    trace = tmp_path / "t.jsonl"
+    trace.write_text(json.dumps(BASE) + "\n")
+    # Taken without a word: the dry run (and the run) simulated OpenAI while the user pointed it at a server.
+    r = CliRunner().invoke(app, ["run", str(trace), "--dry-run", "--base-url", "openai=http://127.0.0.1:9/v1"])
+    assert r.exit_code == 2 and "--base-url" in r.output and "--providers http" in r.output, r.output
