@@ -56,8 +56,8 @@ class ProviderEndpoint(BaseModel):
         "whether the server refuses a top-level body field the openai SDK's params do not name, as OpenAI's own "
         "API does (a 400 'Unrecognized request argument supplied'): such a field is then refused per request, "
         "naming it, before anything is reserved or sent. None: only OpenAI's own API (api.openai.com) and the "
-        "project's emulator (which sets True) do; a wire-format-only server (vLLM) takes fields of its own "
-        "(top_k), sent as given"))
+        "project's emulator (a loopback address whose path is /openai/v1, as `smartbatch emulate` serves it) "
+        "do; a wire-format-only server (vLLM) takes fields of its own (top_k), sent as given"))
 
     @model_validator(mode="after")
     def _url(self) -> ProviderEndpoint:
@@ -74,13 +74,23 @@ class ProviderEndpoint(BaseModel):
 
     def refuses_unknown_fields(self, environ: Mapping[str, str] | None = None) -> bool:
         """Whether an OpenAI-format server refuses a body field the openai SDK does not type (``strict_fields``;
-        unset: its address is OpenAI's own API)."""
-        return self.strict_fields if self.strict_fields is not None else self.at_openai(environ)
+        unset: its address is OpenAI's own API or the project's emulator)."""
+        if self.strict_fields is not None:
+            return self.strict_fields
+        return self.at_openai(environ) or self.at_emulator(environ)
 
     def at_openai(self, environ: Mapping[str, str] | None = None) -> bool:
         """Whether its calls go to OpenAI's own API."""
         url = self.address(environ)
         return self.api == "openai" and (url is None or urlsplit(url).hostname == _OPENAI_HOST)
+
+    def at_emulator(self, environ: Mapping[str, str] | None = None) -> bool:
+        """Whether its calls go to the project's emulator as OpenAI: a loopback address whose path is
+        ``/openai/v1``. Read from the address alone, not asked of the server: a request is checked before anything
+        is sent, and a README run starts the emulator in the background just before it (a probe would race it).
+        vLLM, Ollama and llama.cpp serve ``/v1``, so they keep their own fields."""
+        url = self.address(environ)
+        return self.api == "openai" and loopback(url) and urlsplit(url).path.rstrip("/") == _EMULATOR_OPENAI_PATH
 
     def address(self, environ: Mapping[str, str] | None = None) -> str | None:
         """Where its calls go: ``base_url``, else the SDK's variable (None: the provider's own API)."""
@@ -96,6 +106,7 @@ PRESETS: dict[str, dict[str, str]] = {
     "google": {"api": "openai", "base_url": GEMINI_OPENAI_URL, "api_key_env": "GEMINI_API_KEY"}}
 _GOOGLE_HOST = "generativelanguage.googleapis.com"
 _OPENAI_HOST = "api.openai.com"
+_EMULATOR_OPENAI_PATH = "/openai/v1"  # engine.emulator serves each provider at /<provider>/v1
 
 
 def _default_endpoints() -> dict[str, ProviderEndpoint]:

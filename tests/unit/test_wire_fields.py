@@ -81,6 +81,27 @@ def test_a_wire_format_server_gets_its_own_fields_and_strict_fields_says_otherwi
     assert make("gpt-5-mini", vllm, settings(strict_fields=False)).body["top_k"] == 5
 
 
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8765/openai/v1", "http://localhost:8765/openai/v1/"])
+def test_the_emulators_address_refuses_a_misspelt_field_without_strict_fields(url):
+    # The README's run against `smartbatch emulate` sets no strict_fields: the emulator refused the typo at call
+    # time, after the request was accepted and reserved for.
+    typo = {"messages": [HI], "temprature": 0.2}
+    assert "body.temprature" in refusal("gpt-5-mini", typo, settings(base_url=url))
+    assert make("gpt-5-mini", typo, settings(base_url=url, strict_fields=False)).body["temprature"] == 0.2
+
+
+def test_the_emulators_address_read_from_openai_base_url(monkeypatch):
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:8765/openai/v1")
+    assert "body.temprature" in refusal("gpt-5-mini", {"messages": [HI], "temprature": 0.2})
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8000/v1", "http://10.0.0.5:8765/openai/v1",
+                                 "http://127.0.0.1:8765/openai/v1/extra"])
+def test_another_server_is_not_taken_for_the_emulator(url):
+    vllm = {"messages": [HI], "top_k": 5}
+    assert make("gpt-5-mini", vllm, settings(base_url=url)).body["top_k"] == 5
+
+
 def test_what_openai_takes_passes():
     body = {"messages": [HI], "max_completion_tokens": 20, "stream": False, "seed": 3, "prompt_cache_key": "k",
             "metadata": {"a": "b"}, "response_format": {"type": "text"}, "logprobs": False}
