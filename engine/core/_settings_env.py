@@ -39,6 +39,12 @@ def check_env_names(fields: Collection[str]) -> None:
                           f"{', '.join(sorted(f.lower() for f in known))})")
 
 
+_BOUND_FIX = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+_NUMBER_FIX = {"int_parsing": "must be a whole number", "int_type": "must be a whole number",
+               "int_from_float": "must be a whole number", "float_parsing": "must be a number",
+               "float_type": "must be a number", "finite_number": "must be a finite number"}
+
+
 def explain(err: Any, model: type | None = None) -> str:
     """One pydantic error as a line naming the setting, the variable it came from and the fix. ``model``: the
     settings class, whose fields a misspelt setting is matched against ("did you mean ...?")."""
@@ -55,6 +61,13 @@ def explain(err: Any, model: type | None = None) -> str:
         return f"setting {setting} is required: {_how_to_add(loc)}"
     value = err.get("input")
     got = f" = {value!r:.60}" if isinstance(value, (str, int, float)) else ""
+    if err["type"] in _NUMBER_FIX:  # pydantic's "Input should be a valid integer, unable to parse string as ..."
+        msg = _NUMBER_FIX[err["type"]]
+    if err["type"] in _BOUND_FIX:  # pydantic's "Input should be greater than 0": the value said once, after the rule
+        bound = next(iter((err.get("ctx") or {}).values()), "?")
+        bound = f"{bound:g}" if isinstance(bound, (int, float)) else bound
+        msg = f"must be {_BOUND_FIX[err['type']]} {bound}" + (f", got {value!s:.60}" if got else "")
+        got = ""
     env = env_names(loc)
     return f"setting {setting}{got} (from {env}): {msg}; fix or unset {env}"
 

@@ -192,3 +192,19 @@ def test_a_base_url_in_a_simulated_run_is_refused_saying_how_to_call_it(tmp_path
     # Taken without a word: the dry run (and the run) simulated OpenAI while the user pointed it at a server.
     r = CliRunner().invoke(app, ["run", str(trace), "--dry-run", "--base-url", "openai=http://127.0.0.1:9/v1"])
     assert r.exit_code == 2 and "--base-url" in r.output and "--providers http" in r.output, r.output
+
+
+@pytest.mark.parametrize(("var", "value", "says"), [
+    ("SMARTBATCH_DEADLINES__URGENT", "-5", r"setting deadlines\.urgent \(from SMARTBATCH_DEADLINES__URGENT\): "
+     r"must be > 0, got -5; fix or unset SMARTBATCH_DEADLINES__URGENT"),
+    ("SMARTBATCH_SIM__SEED", "abc", r"sim\.seed = 'abc' .*: must be a whole number; fix or unset"),
+    ("SMARTBATCH_DEADLINES__URGENT", "soon", r"deadlines\.urgent = 'soon' .*: must be a number; fix or unset"),
+])
+def test_a_number_setting_says_what_it_takes(monkeypatch, var, value, says):
+    from engine.core.errors import ConfigError
+    from engine.core.settings import load_settings
+
+    monkeypatch.setenv(var, value)
+    # It said pydantic's "Input should be greater than 0" (or "a valid integer, unable to parse string as an integer").
+    with pytest.raises(ConfigError, match=says):
+        load_settings()
