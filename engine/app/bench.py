@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from engine.app._words import counted
 from engine.core.catalog import Catalog, default_catalog
 from engine.core.draws import Draws
 from engine.core.errors import ConfigError
@@ -273,7 +274,7 @@ def places_for(top: float) -> int:
 def _markdown(doc: dict) -> str:
     nd = usd_places(doc)
     lines = [
-        f"### {doc['trace']} ({doc['requests']:,} requests, seed {doc['seed']})",
+        f"### {doc['trace']} ({counted(doc['requests'], 'request')}, seed {doc['seed']})",
         "",
         f"Lower bound: ${doc['lower_bound_usd']:.{nd}f}"
         + (f" (online: ${doc['online_bound_usd']:.{nd}f}{_online_note(doc)})" if doc.get("online_bound_usd")

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from engine.app._words import counted
 from engine.app.bench import PolicySpec, load_spec, places_for, run_bench, source_line
 from engine.core.catalog import Catalog, default_catalog
 from engine.core.request import Request
@@ -151,7 +152,7 @@ def seeds_markdown(doc: dict) -> str:
     span = f"{seeds[0]}-{seeds[-1]}" if seeds == list(range(seeds[0], seeds[-1] + 1)) else ", ".join(map(str, seeds))
     online = doc["online_bound_usd"]
     head, rows = seed_cells(doc)
-    lines = [f"### {doc['trace']} ({doc['requests']:,} requests, {len(seeds)} seeds: {span})", "",
+    lines = [f"### {doc['trace']} ({counted(doc['requests'], 'request')}, {counted(len(seeds), 'seed')}: {span})", "",
              f"Means over the seeds: lower bound ${doc['lower_bound_usd']:.{nd}f}"
              + ("" if online is None else f" (online: ${online:.{nd}f})") + f"; naive ${doc['naive_cost_usd']:.{nd}f}."
              " ± is the standard error of the mean; the difference from "

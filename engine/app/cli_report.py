@@ -6,6 +6,7 @@ from __future__ import annotations
 from rich.table import Table
 from rich.text import Text
 
+from engine.app._words import counted
 from engine.app.cli_common import console
 from engine.core.settings import masked_url
 
@@ -48,7 +49,7 @@ def print_table(doc: dict) -> None:
     cols["speed"] = ("sim req/s", "req/s", ["live" if r.get("sim_requests_per_s") is None
                                             else f"{r['sim_requests_per_s']:,.0f}" for r in rows])
     fold_order = ["speed", "recs", "hits", "overrun", "rejected", "capture", "urgent"]
-    title = f"{doc['trace']}: {doc['requests']:,} requests; lower bound ${doc['lower_bound_usd']:.{nd}f}"
+    title = f"{doc['trace']}: {counted(doc['requests'], 'request')}; lower bound ${doc['lower_bound_usd']:.{nd}f}"
 
     # A run that did not serve every request is judged on what it served (``saving_vs_naive``): say so.
     served = " on the requests served" if budgeted or any(r.get("failed") for r in rows) else ""
@@ -109,7 +110,7 @@ def print_seed_table(doc: dict) -> None:
     head, rows = seed_cells(doc)
     seeds = doc["seeds"]
     nd = places_for(max(doc["naive_cost_usd"] or 0.0, *(s["mean_cost_usd"] for s in doc["summary"])))
-    t = Table(title=f"{doc['trace']}: {doc['requests']:,} requests, seeds {seeds[0]}-{seeds[-1]}; mean lower bound "
+    t = Table(title=f"{doc['trace']}: {counted(doc['requests'], 'request')}, seeds {seeds[0]}-{seeds[-1]}; mean lower bound "
                     f"${doc['lower_bound_usd']:.{nd}f}", caption="± standard error of the mean; the difference from "
               f"{doc['reference']} is paired, seed by seed")
     for col in head:
@@ -120,7 +121,7 @@ def print_seed_table(doc: dict) -> None:
 
 
 def print_plan(plan: dict) -> None:
-    t = Table(title=f"dry run: {plan['requests']:,} requests, nothing sent; estimated ${plan['cost_usd']:.4f} "
+    t = Table(title=f"dry run: {counted(plan['requests'], 'request')}, nothing sent; estimated ${plan['cost_usd']:.4f} "
                     f"(${plan['list_price_usd']:.4f} at list price)")
     for col in ("provider", "calls", "requests", "sync", "flex", "batch API", "GPU batch", "reused", "est. $"):
         t.add_column(col, justify="left" if col in ("provider", "calls") else "right", no_wrap=True)

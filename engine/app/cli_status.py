@@ -11,6 +11,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
+from engine.app._words import counted
 from engine.app.cli_common import _fail, app, console
 from engine.core.budgets import window_bounds, window_label
 from engine.core.errors import SmartbatchError
@@ -35,7 +36,7 @@ def print_status(name: str, rep: dict[str, Any], now: float | None = None) -> No
     """Print ``rep`` (``Engine.report()``) of the engine ``name``: every figure in US dollars. ``now``: the
     engine's clock, which the windows of a time-compressed engine run on."""
     counts = ", ".join(f"{k} {v:,}" for k, v in sorted(rep.get("by_status", {}).items()))
-    console.print(f"engine {name!r}: {rep['requests']:,} requests answered ({counts or 'none yet'})")
+    console.print(f"engine {name!r}: {counted(rep['requests'], 'request')} answered ({counts or 'none yet'})")
     console.print(f"spend ${rep['spend_usd']:.6f} (USD, billed to the providers), list price "
                   f"${rep['list_price_usd']:.6f}, saving ${rep['saving_usd']:.6f} ({100 * rep['saving_frac']:.1f} %)")
     for title, key, rows in (("spend by model", "provider/model", rep.get("by_model")),

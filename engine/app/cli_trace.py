@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.text import Text
 
+from engine.app._words import counted
 from engine.app.cli_common import (
     _check_outputs,
     _check_tenant,
@@ -87,7 +88,7 @@ def trace_from_azure(csv: Path = typer.Argument(..., help="an Azure LLM inferenc
         n = write_trace(reqs, out)
     except SmartbatchError as exc:
         _fail(exc)
-    console.print(f"wrote {n:,} requests to {out}")
+    console.print(f"wrote {counted(n, 'request')} to {out}")
     _say_retired(reqs, cat, day, current_models, _drawn(model, cat))
 
 
@@ -112,7 +113,7 @@ def trace_from_mooncake(jsonl: Path = typer.Argument(..., help="a Mooncake trace
         n = write_trace(reqs, out)
     except SmartbatchError as exc:
         _fail(exc)
-    console.print(f"wrote {n:,} requests to {out}")
+    console.print(f"wrote {counted(n, 'request')} to {out}")
     _say_retired(reqs, cat, day, current_models, _drawn(model, cat))
 
 
@@ -137,7 +138,7 @@ def trace_synth(out: Path = typer.Option(..., "--out", help="where to write the 
         count = write_trace(reqs, out)
     except SmartbatchError as exc:
         _fail(exc)
-    console.print(f"wrote {count:,} requests to {out}")
+    console.print(f"wrote {counted(count, 'request')} to {out}")
     _say_retired(reqs, cat, day, current_models, _drawn(None, cat, media=True))
 
 
@@ -167,6 +168,6 @@ def trace_from_openai_batch(jsonl: Path = typer.Argument(..., help="an OpenAI Ba
         _fail(exc)
     if tr.skipped:
         _warn_skipped(tr.skipped, "invalid line(s)", tr.problems)
-    console.print(f"wrote {n:,} requests to {out}")
+    console.print(f"wrote {counted(n, 'request')} to {out}")
 
 

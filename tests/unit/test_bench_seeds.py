@@ -106,3 +106,15 @@ def test_the_seeds_run_at_the_traces_time_of_day(trace, monkeypatch):
     monkeypatch.setattr(bs, "run_bench", spy)
     run_seeds(TraceRequests(trace, day_origin_s=86100.0), SPECS[:1], [0, 1], trace_name="t")
     assert seen == [86100.0, 86100.0]
+
+
+def test_a_one_request_trace_is_said_as_one_request(tmp_path):
+    # The tables and the builder's line said "1 requests".
+    runner = CliRunner()
+    trace, out = tmp_path / "one.jsonl", tmp_path / "out"
+    r = runner.invoke(app, ["trace", "synth", "--n", "1", "--seed", "3", "--out", str(trace)])
+    assert r.exit_code == 0 and "wrote 1 request to" in r.output, r.output
+    r = runner.invoke(app, ["bench", str(trace), "--policies", "naive", "--seeds", "2", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    said = " ".join(r.output.split()) + (out / "results.md").read_text()
+    assert "1 request," in said and "1 requests" not in said, said
