@@ -189,7 +189,7 @@ class Request(BaseModel):
     output_tokens: Int = Field(ge=0)
     max_output_tokens: Int | None = Field(default=None, ge=1, description="the cap sent to the provider "
                                           "(max_tokens); a budget reserves for it. None: the model's maximum")
-    prefix_blocks: tuple[Int, ...] = ()
+    prefix_blocks: tuple[Annotated[Int, Field(ge=0)], ...] = ()  # ids: a negative one is a mistake
     params: dict[str, ParamValue] = Field(default_factory=dict)
     priority: Priority = "normal"
     deadline_s: Float = Field(json_schema_extra={"exclusiveMinimum": 0})  # > 0, checked below to say the fix

@@ -696,3 +696,12 @@ def test_a_cut_off_json_line_is_reported_at_its_own_line_and_column_and_its_neig
     assert [r.id for r in tr.requests] == ["a", "b"]
     assert problems == [("t.jsonl", 2, "line", "not valid JSON (Expecting property name enclosed in double quotes "
                                                f"at column {len(cut.rstrip()) + 1})")]
+
+
+def test_a_negative_prefix_block_id_is_refused_naming_it_and_its_neighbours_load():
+    # A block id names a shared prompt-prefix block (a Mooncake hash_id, >= 0): -1 was taken as an id like any other.
+    assert refused({"id": "r1", "arrival_s": 0.0, "model": "gpt-5", "input_tokens": 1000, "output_tokens": 10,
+                    "prefix_blocks": [3, -1]}) == [("prefix_blocks.1", "must be >= 0, got -1; give such a number")]
+    tr = parse_trace_lines([line(id="a", prefix_blocks=[0, -2]), line(id="b", prefix_blocks=[0, 1])],
+                           skip_invalid=True)
+    assert [r.id for r in tr.requests] == ["b"] and tr.skipped == 1 and tr.requests[0].prefix_blocks == (0, 1)
