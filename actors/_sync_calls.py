@@ -25,6 +25,7 @@ import logging
 from actors._dispatch_jobs import CallSlot
 from actors._types import BatchJob, Job
 from actors.metrics import retry_reason
+from engine.core.cost import mode_factor, reserve_bound
 from engine.core.latency import flex_timeout_s, sync_latency_median
 from engine.runtime.outcomes import call_mode, throttled_verdict, throttled_wait, verdict
 
@@ -127,12 +128,50 @@ class SyncCalls:
             self._flex_unanswered[uid] = 1
         return b._replace(mode="sync")
 
+    def _start_to_standard(self, e, b: BatchJob, jobs: list[Job]) -> None:
+        """The gate would start these flex calls standard (``SimProvider.pump``): their claims hold the flex price."""
+        for j in jobs:
+            self._back_standard(b, j)
+
+    def _back_standard(self, b: BatchJob, j: Job, a=None) -> bool:
+        """``j``'s flex dispatch goes standard (``a``: the flex call's outcome, refused or given up; None, not
+        made). Where a budget reserved it, at the flex price, it goes back to its grouper (True), which reserves
+        the standard price and sends it sync as decided, or holds it as held work while its budget cannot
+        (``Job.standard``): sent on the flex claim, the standard call could bill twice what it held. An unbilled
+        refusal's claim goes back with it, released in the call that reserves the standard one; a flex call given
+        up at its timeout (maybe billed, under a key the standard call does not answer) settles its claim at its
+        bound at flex prices now, and the standard call reserves on its own. False: no claim, or withdrawn or
+        cancelled meanwhile (queued standard, it ends unsent at its start, ``_to_start``, its error saying what a
+        flex call that got no answer may have billed)."""
+        if j.claim is None or self._not_sent(j) is not None:
+            return False
+        self._to_standard(b, j, a)
+        uid = j.req.uid
+        claim = j.claim
+        if n := self._flex_unanswered.pop(uid, 0):
+            usd = n * reserve_bound(j.req, self.catalog, "sync", None) * mode_factor(self.sim.spec, "flex")
+            self.possibly_billed += n
+            self.possibly_billed_usd += usd
+            self._settle.append((claim, usd))
+            claim = None
+        self.in_flight -= 1
+        self._known.discard(uid)
+        self._body_done(j)
+        self._readmit.append(j._replace(claim=claim, standard=(b.cache_write, b.recommendation, b.reason)))
+        self._kick()
+        return True
+
     async def _run_sync(self, b: BatchJob, j: Job, cache_write: bool, start: float) -> None:
         r = j.req
         flex = b.mode == "flex"
         # Waited past the room for a flex call first; or a journaled flex call resumed where the tier is gone (a
         # restart with the endpoint's ``flex_tier`` off: it failed as an engine error, a hunt).
         if flex and (self._as_call(b, j)[0] != "flex" or flex_timeout_s(self.sim.spec, r, start) <= 0):
+            if j.claim is not None:  # its gate slot given back: it reserves the standard price first
+                self.sim.finish_sync(r.model, start, 0)
+                self._back_standard(b, j)
+                self._pump()
+                return
             b, flex = self._to_standard(b, j), False
         mode = "flex" if flex else call_mode(self.sim.spec.models[r.model])
         if (unsent := self._quota.refuses(start, r.uid)) is not None:
@@ -165,8 +204,9 @@ class SyncCalls:
         extra = (max(a.usage.input_tokens + a.usage.output_tokens - r.input_tokens - r.output_tokens, 0)
                  if a.usage is not None else 0)
         slot.free(a.at, extra)
-        if flex and a.refused:  # not a try: sent at the standard tier at once
-            self._enqueue("sync", self._to_standard(b, j, a), [j])
+        if flex and a.refused:  # not a try: sent at the standard tier at once (its standard price reserved first)
+            if not self._back_standard(b, j, a):
+                self._enqueue("sync", self._to_standard(b, j, a), [j])
             self._pump()
             return
         if flex and a.ok and not a.flex:  # served at another tier (the provider said so), billed at its prices

@@ -61,6 +61,10 @@ class Job(NamedTuple):
     asked: tuple[str, str] | None = None
     # Rate limits' 429s its sync calls met: not tries (``max_attempts``), bounded by its deadline.
     throttled: int = 0
+    # (cache_write, recommendation, reason) of a flex dispatch reserved at the flex price that goes standard (the
+    # tier did not serve it, or it would start standard): its grouper reserves the standard price and sends it
+    # sync as decided, no new decision (``SyncCalls._back_standard``).
+    standard: tuple[bool, str, str] | None = None
 
 
 class BatchJob(NamedTuple):

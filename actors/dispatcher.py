@@ -69,6 +69,7 @@ class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, R
         self.sim = SimProvider(catalog.provider(provider), catalog, settings,
                                Draws(0, settings.sim.max_attempts, seed, settings.sim.batch_slot_s),
                                scheduling=scheduling, draw=False)
+        self.sim.flex_reserved = lambda w: w.item[1][0].claim is not None  # reserved at the flex price
         self._day_from(clock)
         self._key = key
         self.provider = make_provider(provider, catalog, settings, self.sim, clock, key)
@@ -219,8 +220,8 @@ class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, R
                 if goes_back(b.mode, b.hedge_at, t, j.req):
                     self._hedged(j)
                     self._kick()
-                else:
-                    self._enqueue(*self._as_call(b, j), [j])
+                elif not ((call := self._as_call(b, j))[0] == "sync" and b.mode == "flex" and self._back_standard(b, j)):
+                    self._enqueue(*call, [j])
 
     def _enqueue(self, kind: str, b: BatchJob, jobs: list[Job], since: float | None = None) -> None:
         item = (b, jobs)
@@ -237,7 +238,7 @@ class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, R
         for e in events:
             b, jobs = e.work.item
             queued_at = self._queued_at.pop(id(e.work.item), None)
-            if e.kind != "reroute":
+            if e.kind not in ("reroute", "to_standard"):
                 observed.setdefault(b.mode, []).extend(now - j.req.arrival_s for j in jobs)
                 if queued_at is not None:
                     self._counts.rate_limit_wait_s.setdefault(b.mode, []).extend(

@@ -169,7 +169,7 @@ class Grouper(CancelGroups, Learning, BudgetFollow, Parking, Warm):
             joined.clear()
 
         for job in jobs:
-            fresh = job.hedges == 0 and job.attempts == 0
+            fresh = job.hedges == 0 and job.attempts == 0 and job.standard is None
             if joined and (not fresh or job.req.arrival_s != instant):
                 decide_joined()
             uid = job.req.uid
@@ -187,6 +187,12 @@ class Grouper(CancelGroups, Learning, BudgetFollow, Parking, Warm):
                 lost.append((job, x))  # joins once its old claim is judged (``_check_lost``)
                 continue
             self.pending[uid] = job
+            if job.standard is not None:  # a flex call gone standard: sent sync as decided, once reserved so
+                cw, rec, why = job.standard
+                self.pending[uid] = job._replace(standard=None)
+                dispatches.append(Dispatch(Decision("dispatch", mode="sync", cache_write=cw, recommendation=rec,
+                                                    reason=why), [job.req]))
+                continue
             if job.hedges >= self.max_attempts:
                 # Progress guard (as in the simulator): a request hedged this often is sent sync now.
                 dispatches.append(Dispatch(Decision("dispatch", mode="sync", reason="hedged too often"),

@@ -231,7 +231,7 @@ def as_flex(d, group, now: float, members=None):
     """``d`` at the flex tier where it sends sync calls that all fit it (``flex_fits``): the same calls, the same
     prompt cache, at batch prices. A decision to send sync (a deadline too close for a batch, a batch not worth
     its wait, a warm prefix, a hedge's fallback) is a decision to call now, which flex does for less wherever the
-    deadline leaves room for a slow call and a standard one after it (smart keeps what a budget holds back sync)."""
+    deadline leaves room for a slow call and a standard one after it."""
     if d.action != "dispatch" or d.mode != "sync" or group.spec.kind != "text":
         return d
     members = members if members is not None else group.members[:d.take] if d.take > 0 else group.members
@@ -244,6 +244,8 @@ def held_back(req: Request, budget) -> bool:
     """Whether a budget covering ``req`` holds work back while reservations are the model's maximum output:
     a batch member keeps that reserved for the whole turnaround, a sync call for seconds (a flex call for a few
     times that), and the money a batch locks keeps the held work waiting past its deadline (docs/budgets.md,
-    "Smart under a budget that binds"). Such a request goes sync, at arrival or, if it waits in a batch lane, at
-    the next decision."""
+    "Smart under a budget that binds"). Such a request is sent at once, at arrival or, if it waits in a batch
+    lane, at the next decision: at the flex tier where it fits (``flex_fits``; reserved and billed at the flex
+    price, so the money a budget holds serves more work; one the tier does not serve reserves the standard price
+    before its standard call), else sync."""
     return budget is not None and budget.model_max and bool(budget.holding) and budget.holds(req)

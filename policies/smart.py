@@ -105,7 +105,9 @@ class Smart(GpuLane, Policy):
             return ("gpu", compat)
         p, held, ba = self.params, self._held_back(req, budget), provider.batch_api
         now_s = p.flex_now_s if p.flex_now_s is not None else ba.turnaround_median_s if ba is not None else math.inf
-        if p.flex and req.deadline_at - now <= now_s and not held and _flex_fits(provider, spec, req, now):
+        # Held back by a budget, it goes at once (``_held_back``): at the flex tier where it fits, the same money
+        # serving twice the work a sync call would.
+        if p.flex and (held or req.deadline_at - now <= now_s) and _flex_fits(provider, spec, req, now):
             return ("flex", req.uid)
         if _batch_lane(spec) and provider.supports_batch_api(req.kind) and not held:
             c = self._text_consts(provider, spec, req.model)
@@ -244,9 +246,7 @@ class Smart(GpuLane, Policy):
         d = self._decide_batch(group, now) if lane == "batch" else self._decide_call(group, now, lane)
         if not self.params.flex or d.mode != "sync" or d.action != "dispatch":
             return d
-        # Not what a budget holds back: a flex call keeps the standard price reserved for longer (``_held_back``).
-        held = group.budget is not None and any(self._held_back(m, group.budget) for m in group.members)
-        return d if held else _as_flex(d, group, now)
+        return _as_flex(d, group, now)
 
     def _decide_call(self, group: Group, now: float, lane: str) -> Decision:
         req = group.members[0]

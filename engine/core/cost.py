@@ -266,15 +266,15 @@ def reserve_bound(req: Request, catalog: Catalog, mode: Mode, output_tokens: int
 
     Text: every input token at the dearer of the plain and cache-write prices (a cache read only lowers the
     bill), and the request's ``max_output_tokens`` cap, else ``output_tokens`` when given, else the model's
-    maximum output, at the output price; the batch API's discount applies to both. Media: the price alone, which for GPU-priced work is one warm-up per job, the
+    maximum output, at the output price; the batch API's discount (the flex tier's) applies to both. Media: the price alone, which for GPU-priced work is one warm-up per job, the
     most a GPU batch share can cost.
     """
     if mode not in MODES:  # a misspelt mode would otherwise be priced as sync, silently
         raise ValueError(f"unknown mode {mode!r}: one of {MODES}")
     provider, spec = catalog.provider(req.provider), catalog.model(req.provider, req.model)
     _check_mode(provider, spec, req.model, mode)  # else a budget reserves a discount that no call gets
-    if mode in ("reuse", "flex"):  # a refused flex call is sent again at the standard tier, at its prices
-        return 0.0 if mode == "reuse" else reserve_bound(req, catalog, "sync", output_tokens)
+    if mode in ("reuse", "flex"):  # a flex call the tier does not serve reserves the standard price again
+        return 0.0 if mode == "reuse" else reserve_bound(req, catalog, "sync", output_tokens) * mode_factor(provider, mode)
     if spec.kind != "text":
         if spec.per_image_quality and req.params.get("quality") is None:
             # Sent without a quality, the image is made at the provider's default, "auto": the provider picks,

@@ -48,8 +48,9 @@ class Work(NamedTuple):
 
 
 class Event(NamedTuple):
-    """Work that left the queue: started (``sync``/``gpu_batch``/``batch_api`` with its outcome) or ``reroute``d to the
-    fallback ``provider/model`` in ``outcome`` because its model's circuit is open."""
+    """Work that left the queue: started (``sync``/``gpu_batch``/``batch_api`` with its outcome), ``reroute``d to the
+    fallback ``provider/model`` in ``outcome`` because its model's circuit is open, or a flex call handed back
+    unstarted (``to_standard``) to reserve the standard price before it goes standard."""
 
     kind: str
     work: Work

@@ -15,7 +15,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from engine.core.catalog import Catalog, ProviderSpec
 from engine.core.cost import (
@@ -85,6 +85,9 @@ class SimProvider:
         self.warm_from: dict[str, dict[int, float]] = {}  # model -> block -> warm since (last cold -> warm)
         self._warm_sweep_at = 0.0  # when ``pump`` next drops blocks long cold (``_sweep_warm``)
         self._lead: dict[str, float] = {}
+        # Whether a flex call's budget claim holds the flex price (the runtime says, per work): then the gate does
+        # not start it standard itself but hands it back (``to_standard``) to reserve the standard price first.
+        self.flex_reserved: Callable[[Work], bool] | None = None
 
     def __repr__(self) -> str:
         return (f"SimProvider({self.spec.name}, waiting={self.waiting - len(self.parked)}, parked={len(self.parked)}, "
@@ -165,6 +168,11 @@ class SimProvider:
                         0].deadline_at - flex_room(self.spec, self.spec.models[model], w.reqs[0])):
                     # Standard when more wait at this gate than it has free slots (a slow call would hold its slot
                     # from them) or it waited past its room for a slow call: time is short here, and flex spends it.
+                    if self.flex_reserved is not None and self.flex_reserved(w):
+                        # Its budget holds the flex price: back to the runtime, which reserves the standard price
+                        # before it queues the call again (a standard call on a flex claim could pass a budget).
+                        events.append(Event("to_standard", w, now, None))
+                        continue
                     w = w._replace(kind="sync")
                 # Start at s, not now: s may pass now by a rounding error, and starting early by even that
                 # much would put a call inside a minute the gate had counted it out of.

@@ -71,6 +71,13 @@ class SimBudget:
             return
         self.push(at, "settle", (entry[0], actual))
 
+    def settle_claim_now(self, i: int) -> None:
+        """Release ``i``'s claim now, unbilled, before it reserves again (a hedge's, a flex call gone standard):
+        the room it held is its own to use."""
+        entry = self.claim_of.pop(i, None)
+        if entry is not None:
+            self.book.settle_many([(entry[0], 0.0)])
+
     def tick(self) -> None:
         """Schedule the next try of held work, unless one comes sooner."""
         at = self.waits.next_try(self.now)

@@ -8,7 +8,7 @@ import dataclasses
 import math
 
 from engine.core.features import compat_key
-from engine.core.grouping import WarmNote
+from engine.core.grouping import Decision, WarmNote
 from engine.core.request import Request
 from engine.runtime.providers import Event
 from engine.runtime.turnaround import Turnaround, submitted
@@ -30,9 +30,29 @@ class SimCalls:
     def start_flex(self, e: Event) -> None:
         if e.outcome.refused:  # billed nothing and no attempt spent: at the standard tier, at once
             self.flex_refused += 1
-            self.push(e.outcome.at, "requeue", e.work._replace(kind="sync"))
+            self.push(e.outcome.at, *self.standard_again(e.work))
         else:
             self.start_sync(e, _FLEX)
+
+    def start_to_standard(self, e: Event) -> None:
+        """The gate would start a flex call standard (``SimProvider.pump``) whose claim holds the flex price."""
+        self.push(self.now, "restandard", e.work)
+
+    def standard_again(self, w) -> tuple[str, object]:
+        """The event that sends flex work ``w`` at the standard tier: queued again at once, or, where its claim
+        holds the flex price, reserved again at the standard price first (``on_restandard``)."""
+        return ("restandard", w) if w.idxs[0] in self.claim_of else ("requeue", w._replace(kind="sync"))
+
+    def on_restandard(self, w) -> None:
+        """Flex work ``w`` goes standard: its flex claim (unbilled) is released and the standard price reserved
+        before the call is queued, as a decision to send it sync would (held by its budget, it waits as held work
+        does; past its deadline, rejected). Sent on its flex claim, a standard call could bill twice what it held
+        and pass a hard budget."""
+        i = w.idxs[0]
+        self.settle_claim_now(i)
+        rec = self.batches[w.item]
+        self.send(Decision("dispatch", mode="sync", cache_write=w.cache_write, recommendation=rec.recommendation,
+                           reason=rec.reason), [i], w.item)
 
     def start_sync(self, e: Event, mode: int = _SYNC) -> None:
         w, a = e.work, e.outcome

@@ -110,6 +110,9 @@ class _Sim(SimBudget, SimReuse, SimCalls):
         self.model_max = self.table.budget.model_max = b.reserve_output == "model_max"
         self.claim_ids = itertools.count()
         self.claim_of: dict[int, tuple[str, float]] = {}
+        if self.book is not None:  # a flex claim holds the flex price: the gate hands such work back to go standard
+            for prov in self.providers.values():
+                prov.flex_reserved = lambda w: w.idxs[0] in self.claim_of
         self.waits = BudgetWaits(lead_s=sync_lead(catalog))
         self.tick_at = math.inf
         self.budget_waits = 0
@@ -160,10 +163,8 @@ class _Sim(SimBudget, SimReuse, SimCalls):
         # for a batch and goes sync, while members with later deadlines may ride another batch.
         for j in idxs:
             # A cancelled batch bills nothing unfinished: release the claim now, before the member reserves
-            # again for its sync fallback, so the room it held is its own to use.
-            entry = self.claim_of.pop(j, None)
-            if entry is not None:
-                self.book.settle_many([(entry[0], 0.0)])
+            # again for its sync fallback.
+            self.settle_claim_now(j)
             self.hedges[j] += 1
             if self.hedges[j] >= self.max_att:  # progress guard against a policy that re-batches forever
                 bid = int(self.batch_of[j])  # -1: held back by a budget before any batch took it

@@ -25,13 +25,13 @@ def _reqs(n: int = 40, model: str = "gpt-5-mini", deadline_s: float = 600.0, inp
             for i in range(n)]
 
 
-def test_the_tier_is_priced_at_batch_rates_for_its_models_only_and_reserved_at_the_standard_price():
+def test_the_tier_is_priced_at_batch_rates_for_its_models_only_and_reserved_at_its_own_price():
     oa = CAT.providers["openai"]
     r = _reqs(1)[0]
     assert price_alone(r, CAT, "flex").total == pytest.approx(price_alone(r, CAT, "batch_api").total)
     assert price_alone(r, CAT, "flex").total == pytest.approx(0.5 * price_alone(r, CAT, "sync").total)
-    # A refused flex call is sent again standard: what a budget holds for it covers that call.
-    assert reserve_bound(r, CAT, "flex") == reserve_bound(r, CAT, "sync")
+    # Reserved at the flex price: a call the tier does not serve reserves the standard price again before it goes.
+    assert reserve_bound(r, CAT, "flex") == pytest.approx(0.5 * reserve_bound(r, CAT, "sync"))
     assert "flex" in MODES and mode_allowed(oa, oa.models["gpt-5-mini"], "flex")
     assert not mode_allowed(oa, oa.models["gpt-4o-mini"], "flex")
     assert not mode_allowed(CAT.providers["anthropic"], CAT.providers["anthropic"].models["claude-sonnet-4-5"], "flex")
@@ -129,3 +129,81 @@ def test_work_due_after_a_batchs_median_turnaround_rides_a_batch_and_a_late_one_
     # Hedged for a standard call only (the tier off), the same members fall back at the standard price.
     off = simulate(big, load_policy("smart", cat, {"flex": False}), catalog=cat, settings=slow)
     assert {MODES[m] for m in off.mode} == {"sync"} and later.total_cost < off.total_cost
+
+
+def _claims_of(monkeypatch) -> list[tuple[str, str, float]]:
+    """Every reservation and settlement the simulator's ledger takes, in order: ("reserve", request, amount) and
+    ("settle", request, actual)."""
+    from engine.core.ledger import BudgetBook
+
+    seen: list[tuple[str, str, float]] = []
+    reserve, settle = BudgetBook.reserve_many, BudgetBook.settle_many
+
+    def spy_reserve(self, claims, now):
+        seen.extend(("reserve", c.rid.split("#")[0], c.amount) for c in claims)
+        return reserve(self, claims, now)
+
+    def spy_settle(self, items):
+        seen.extend(("settle", cid.split("#")[0], usd) for cid, usd in items)
+        return settle(self, items)
+    monkeypatch.setattr(BudgetBook, "reserve_many", spy_reserve)
+    monkeypatch.setattr(BudgetBook, "settle_many", spy_settle)
+    return seen
+
+
+def test_a_flex_call_reserves_the_flex_price_and_a_refused_one_the_standard_price_before_it_goes(monkeypatch):
+    """Under a budget a flex call holds its bound at flex prices (half the standard at OpenAI); refused (billed
+    nothing), its claim is released and the standard price reserved before the standard call, so the budget
+    holds what that call may bill. Before, a flex call held the standard price for its whole slow call."""
+    from engine.core.settings import Settings, with_budget
+
+    cat = _cat(unavailable_rate=0.5)
+    reqs = _reqs(30)
+    seen = _claims_of(monkeypatch)
+    res = simulate(reqs, load_policy("smart", cat), catalog=cat, settings=with_budget(Settings(), 100.0))
+    assert res.extra["flex_refused"] > 0 and res.met.all()
+    flex, sync = (reserve_bound(reqs[0], cat, m) for m in ("flex", "sync"))
+    assert flex == pytest.approx(0.5 * sync)
+    for r in reqs:
+        mine = [(what, usd) for what, rid, usd in seen if rid == r.id]
+        assert mine[0] == ("reserve", pytest.approx(flex))
+        if len(mine) > 2:  # refused: the flex claim released unbilled before the standard price is reserved
+            assert mine[1:3] == [("settle", 0.0), ("reserve", pytest.approx(sync))]
+    assert sum(len([1 for w, rid, _ in seen if w == "reserve" and rid == r.id]) > 1 for r in reqs) == \
+        res.extra["flex_refused"]
+    assert res.extra["budget"]["overrun_usd"] == 0.0
+
+
+def test_refused_flex_calls_under_a_tight_budget_wait_for_the_standard_price_never_sent_unreserved():
+    """Every flex call refused, a hard budget of a few standard bounds: each standard call waits until the budget
+    holds its standard price (or is rejected at its deadline); sent on the flex claim, the run spent past the
+    limit."""
+    from engine.core.settings import Settings, with_budget
+
+    cat = _cat(unavailable_rate=1.0)
+    reqs = _reqs(30, deadline_s=3600.0)
+    limit = 2.5 * reserve_bound(reqs[0], cat, "sync")
+    res = simulate(reqs, load_policy("smart", cat), catalog=cat, settings=with_budget(Settings(), limit))
+    assert res.extra["flex_refused"] > 0
+    assert res.extra["budget"]["overrun_usd"] == 0.0 and res.total_cost <= limit + 1e-12
+
+
+@pytest.mark.parametrize("reserved", [False, True])
+def test_the_gate_hands_back_flex_work_it_would_start_standard_where_its_claim_holds_the_flex_price(reserved):
+    """Waited past its room for a slow call, flex work starts standard at the gate (``SimProvider.pump``). Where
+    the runtime says its claim holds the flex price (``flex_reserved``), it comes back unstarted instead
+    (``to_standard``), its gate slot untaken, to reserve the standard price first; else it starts standard."""
+    from engine.core.draws import Draws
+    from engine.core.settings import Settings
+    from engine.runtime.providers import SimProvider, Work
+
+    settings = Settings()
+    sim = SimProvider(CAT.providers["openai"], CAT, settings,
+                      Draws(0, settings.sim.max_attempts, 0, settings.sim.batch_slot_s), draw=False)
+    if reserved:
+        sim.flex_reserved = lambda w: w.item == "claimed"
+    r = _reqs(1, deadline_s=5.0)[0]  # no room for a flex call and a standard one after it
+    sim.enqueue(Work("flex", "claimed", [r], [0], [0]))
+    (e,), _ = sim.pump(0.0)
+    assert e.kind == ("to_standard" if reserved else "sync") and e.work.item == "claimed"
+    assert sim.gates[None].running == (0 if reserved else 1)

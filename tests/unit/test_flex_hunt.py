@@ -10,7 +10,15 @@ import pytest
 
 from actors._types import Job
 from engine.core.provider_api import CallJob
-from tests.unit.test_flex_live import _tiers, flex_bound, flex_req, flex_result, settled_at, timing_out
+from tests.unit.test_flex_live import (
+    _tiers,
+    flex_bound,
+    flex_req,
+    flex_result,
+    settled_at,
+    standard_again,
+    timing_out,
+)
 from tests.unit.test_http_providers import Rig, emu  # noqa: F401  (emu: the fixture)
 
 
@@ -28,7 +36,8 @@ def test_a_timed_out_flex_calls_bound_outlives_a_restart_during_its_standard_cal
     """The flex call timed out (it may have run and been billed), its standard call was under way when the
     dispatcher died: the restarted one makes that call again under its key, and the request still settles at
     its cost plus the flex call's bound, counted as timed out and possibly billed (the restart forgot it: the
-    ledger fell short of what the provider may have billed, and the report lost the timeout)."""
+    ledger fell short of what the provider may have billed, and the report lost the timeout). Under a budget the
+    flex claim is settled at that bound before the standard call, which reserves on its own (stop 72)."""
     emu.faults.script("openai", "chat.completions", [{"timeout_s": 2.0}])  # held 2 real s: the client gives up
 
     async def go():
@@ -46,6 +55,7 @@ def test_a_timed_out_flex_calls_bound_outlives_a_restart_during_its_standard_cal
         try:
             await rig.reserve([job])
             await rig.run("flex", [job])
+            await standard_again(rig, r)  # its flex claim settled at its bound, the standard price reserved
             await asyncio.wait_for(standard.wait(), 10.0)
             await rig.until(lambda: rig.d._tally_sent == rig.d._tally(), "the tally journaled")
             d2 = _restarted(rig)

@@ -16,6 +16,7 @@ import pytest
 
 from actors._types import Job
 from actors.providers.simulated import SimulatedProvider
+from engine.core.budgets import Claim
 from engine.core.catalog import default_catalog
 from engine.core.clock import ManualClock
 from engine.core.cost import CacheSplit, mode_factor, price_text, reserve_bound
@@ -53,11 +54,28 @@ def flex_bound(r: Request, rig: Rig) -> float:
 
 
 async def flex_result(rig: Rig, r: Request):
-    """``r`` reserved (claim ``c0``) and dispatched at the flex tier by ``rig``'s dispatcher: its result."""
+    """``r`` reserved (claim ``c0``) and dispatched at the flex tier by ``rig``'s dispatcher: its result. A flex
+    call the tier did not serve comes back to the grouper (its claim held the flex price), which reserves the
+    standard price (claim ``c1``, releasing what it got back) and sends it sync as decided (``Grouper.add``)."""
     job = Job(0, r, "fp", claim="c0")
     await rig.reserve([job])
     await rig.run("flex", [job])
+    got = await rig.until(lambda: rig.results.get(r.id) or rig.grouper.readmitted(), "the result or the job back")
+    if not isinstance(got, list):
+        return got
+    await standard_again(rig, r)
     return await rig.until(lambda: rig.results.get(r.id), "the result")
+
+
+async def standard_again(rig: Rig, r: Request) -> None:
+    """As ``Grouper.add`` does with a flex job back from its dispatcher (``Job.standard``): reserve the standard
+    price (claim ``c1``), releasing the claim it came back with, and send it sync as decided."""
+    (back,) = await rig.until(rig.grouper.readmitted, "the job back")
+    assert back.standard == (False, "test", "test") and back.req == r
+    assert rig.d.in_flight == 0 and all(j.body.get("service_tier") == "flex" for j, _, _ in rig.calls if j.body)
+    std = Claim("c1", r.tenant, r.provider, r.model, r.priority, reserve_bound(r, rig.catalog, "sync", None))
+    assert all(v.ok for v in await rig.budget.reserve_many([std], [back.claim] if back.claim else []))
+    await rig.run("sync", [back._replace(claim="c1", standard=None)], bid="b2")
 
 
 async def settled_at(rig: Rig, usd: float) -> None:
@@ -189,6 +207,8 @@ def test_a_refused_flex_call_goes_standard_once_under_its_own_key_no_try_spent(e
         try:
             r = flex_req()
             res = await flex_result(rig, r)
+            (back,) = rig.grouper.readmitted()
+            assert back.claim == "c0" and back.attempts == 0  # unbilled: released as the standard price is reserved
             assert res.status == "ok" and res.mode == "sync", res.error
             assert _tiers(rig) == ["flex", None] and [j.attempt for j, _, _ in rig.calls] == [0, 0]
             first, second = (j for j, _, _ in rig.calls)
@@ -225,6 +245,9 @@ def test_a_flex_call_that_times_out_is_possibly_billed_and_sent_standard(emu):  
         r = timing_out(rig)
         try:
             res = await flex_result(rig, r)
+            (back,) = rig.grouper.readmitted()
+            # Maybe billed: its claim settled at its flex bound, and the standard call reserves on its own
+            assert back.claim is None
             assert res.status == "ok" and res.mode == "sync", res.error
             assert _tiers(rig) == ["flex", None] and rig.calls[0][2].maybe_billed
             stats = await rig.d.stats()
@@ -253,6 +276,28 @@ def test_a_server_that_does_not_take_the_tier_gets_flex_decisions_standard(emu):
             res = await rig.until(lambda: rig.results.get(r.id), "the result")
             assert res.status == "ok" and res.mode == "sync" and _tiers(rig) == [None]
             assert [i.mode for i in emu.bill().items] == ["sync"]
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+def test_a_reserved_flex_decision_a_server_cannot_take_goes_back_for_the_standard_price_unsent(emu):  # noqa: F811
+    """Its claim holds the flex price: the standard call it would get (the server does not take the tier) waits
+    for its grouper to reserve the standard price; nothing is called on the flex claim, which goes back with
+    the job to be released in that reservation."""
+    async def go():
+        rig = Rig(emu)
+        ep = rig.settings.providers.endpoints["openai"].model_copy(update={"flex_tier": False})
+        rig.d.provider.endpoint = ep
+        rig.d.provider.takes_flex = rig.d.provider._flex_to()
+        try:
+            r = flex_req()
+            res = await flex_result(rig, r)
+            (back,) = rig.grouper.readmitted()
+            assert back.claim == "c0" and back.standard is not None
+            assert res.status == "ok" and res.mode == "sync" and _tiers(rig) == [None]
+            assert [i.mode for i in emu.bill().items] == ["sync"] and (await rig.d.stats())["flex_refused"] == 0
+            await settled_at(rig, emu.bill().total_usd)
         finally:
             await rig.close()
     asyncio.run(go())
@@ -433,3 +478,42 @@ def test_a_flex_call_the_gate_starts_standard_is_made_and_billed_standard_as_the
         finally:
             await rig.close()
     asyncio.run(go())
+
+
+def test_a_grouper_reserves_the_standard_price_of_a_flex_call_gone_standard_or_holds_it():
+    """A flex job back from its dispatcher (``Job.standard``) is sent sync as decided, no new decision: its flex
+    claim is released in the call that reserves the standard price. A budget that cannot hold that price now
+    holds the job back as held work, and nothing goes to the dispatcher unreserved."""
+    from actors import BudgetController, Grouper, ResultHub
+    from engine.core.budgets import BudgetSettings, BudgetSpec
+    from engine.core.clock import ManualClock
+    from policies import load_policy
+    from tests.unit.helpers import Recorder
+
+    async def go(other_in_bounds: float) -> tuple[Recorder, Grouper, BudgetController, float]:
+        clock = ManualClock(0.0)
+        r = flex_req(tenant="acme")
+        sync = reserve_bound(r, CAT, "sync", None)
+        spec = BudgetSpec(tenant="acme", max_budget=1.2 * sync)
+        ctl = BudgetController(BudgetSettings(specs=[spec]), None, clock)
+        disp = Recorder()
+        g = Grouper(load_policy("smart", CAT), CAT, clock, {"openai": disp}, ctl, ResultHub(), budget_specs=(spec,))
+        flex = Claim("c0", r.tenant, r.provider, r.model, r.priority, reserve_bound(r, CAT, "flex", None))
+        other = Claim("other", r.tenant, r.provider, r.model, r.priority, other_in_bounds * sync)
+        assert all(v.ok for v in await ctl.reserve_many([flex, other] if other_in_bounds else [flex]))
+        await g.add([Job(0, r, "fp", claim="c0", standard=(True, "process_individually", "flex, held work"))])
+        while g._tasks:
+            await asyncio.gather(*list(g._tasks))
+        await asyncio.sleep(0)
+        return disp, g, ctl, sync
+
+    disp, g, ctl, sync = asyncio.run(go(0.0))
+    (_, ([batch], *_)), = disp.calls
+    (job,) = batch.jobs
+    assert (batch.mode, batch.cache_write, batch.reason) == ("sync", True, "flex, held work")
+    assert job.standard is None and job.claim != "c0"
+    assert list(ctl.book.claims) == [job.claim] and ctl.book.claims[job.claim][1][0][1] == pytest.approx(sync)
+    # Another claim open, no room for the standard price once the flex claim is released: the job waits for
+    # that claim to settle (held work), sent nowhere meanwhile
+    disp, g, ctl, sync = asyncio.run(go(0.5))
+    assert not disp.calls and len(g.waits) == 1 and list(ctl.book.claims) == ["other"]
