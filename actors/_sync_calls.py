@@ -93,10 +93,14 @@ class SyncCalls:
 
     def _as_call(self, b: BatchJob, j: Job) -> tuple[str, BatchJob]:
         """The work kind ``j`` of ``b`` is queued as, and ``b`` as its call reads it: a flex dispatch goes at the
-        flex tier where the provider takes it for this model, else standard (``b`` then says sync: billed so)."""
+        flex tier where the provider takes it for this model, else standard (``b`` then says sync: billed so).
+        Standard too, where a budget reserved it at the flex price, when its body names another tier or the server
+        answered a flex call at another tier (billed standard): it reserves the standard price first."""
         if b.mode != "flex":
             return "sync", b
-        if self.provider.takes_flex and self.sim.spec.supports_flex(j.req.model):
+        if self.provider.takes_flex and self.sim.spec.supports_flex(j.req.model) and (j.claim is None or (
+                (j.req.body or {}).get("service_tier") in (None, "auto")
+                and not getattr(self.provider, "flex_unserved", False))):
             return "flex", b
         return "sync", b._replace(mode="sync")
 

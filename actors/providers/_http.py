@@ -297,6 +297,7 @@ class HttpBase:
             return False
         if tier == "flex":
             return True
+        self.flex_unserved = True  # billed standard: a flex call's claim (the flex price) no longer covers it
         if f"flex:{tier}" not in self._tiers_told:
             self._tiers_told.add(f"flex:{tier}")
             log.warning("%s: a flex call was served at service tier %r: counted at the standard prices "

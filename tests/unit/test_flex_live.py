@@ -517,3 +517,37 @@ def test_a_grouper_reserves_the_standard_price_of_a_flex_call_gone_standard_or_h
     # that claim to settle (held work), sent nowhere meanwhile
     disp, g, ctl, sync = asyncio.run(go(0.5))
     assert not disp.calls and len(g.waits) == 1 and list(ctl.book.claims) == ["other"]
+
+
+def test_a_reserved_flex_decision_sent_standard_by_its_body_or_its_server_reserves_the_standard_price_first(
+        emu, monkeypatch):  # noqa: F811
+    """Its claim holds the flex price: a body naming its own tier ("default") is sent standard, billed standard,
+    and so is every flex call once the server answered one at another tier (it ignores the field): such a job
+    goes back for the standard price before any call (before, called on its flex claim: billed twice what it held)."""
+    import engine.emulator._openai as emu_openai
+
+    async def go():
+        rig = Rig(emu)
+        try:
+            named = flex_req("named", body={"messages": [{"role": "user", "content": "hi"}], "service_tier": "default"})
+            res = await flex_result(rig, named)
+            assert res.status == "ok" and res.mode == "sync" and _tiers(rig) == ["default"]
+            (back,) = rig.grouper.readmitted()
+            assert back.claim == "c0"
+            await settled_at(rig, emu.bill().total_usd)
+            # A server that ignores the tier: an unreserved flex call learns it, billed standard
+            monkeypatch.setattr(emu_openai, "_tier", lambda ctx, body: "sync")
+            first = flex_req("first")
+            await rig.run("flex", [Job(1, first, "fp")], bid="b3")
+            await rig.until(lambda: rig.results.get(first.id), "the first result")
+            assert rig.d.provider.flex_unserved and _tiers(rig)[-1] == "flex"
+            calls = len(rig.calls)
+            second = flex_req("second")
+            job = Job(2, second, "fp", claim="c2")
+            await rig.reserve([job])
+            await rig.run("flex", [job], bid="b4")
+            (back,) = await rig.until(lambda: [j for j in rig.grouper.readmitted() if j.req.id == second.id], "back")
+            assert back.claim == "c2" and back.standard is not None and len(rig.calls) == calls
+        finally:
+            await rig.close()
+    asyncio.run(go())
