@@ -45,3 +45,32 @@ def test_smart_sends_text_at_flex_billed_half_and_a_refused_call_goes_standard_o
         assert at["flex"] == pytest.approx(at["sync"] / 2, abs=1e-12)  # half the standard price
     prov = report["providers"]["openai"]
     assert prov["flex_refused"] == 1 and prov["possibly_billed"] == 0 and prov["paid_twice"] == 0
+
+
+def test_under_a_budget_a_refused_flex_call_reserves_the_standard_price_before_its_standard_call(ray_session,
+                                                                                                monkeypatch):
+    """Under a hard budget a flex call holds the flex price; the refused one goes back to its grouper, which
+    reserves the standard price (releasing the flex claim) and sends it sync: answered, billed once, the ledger
+    holding exactly the bill and nothing left reserved."""
+    from engine.core.settings import with_budget
+
+    with Emulator(CAT, speedup=200.0, seed=0, cancel_s=1.0) as emu:
+        settings = with_budget(point_at_emulator(Settings(), emu, providers=("openai",)), 5.0)
+        monkeypatch.setenv(settings.providers.endpoints["openai"].api_key_env, KEY)
+        emu.faults.refuse_flex(1)
+        from engine import Engine
+
+        n = 4
+        with Engine.start(settings, catalog=OPENAI_ONLY, speedup=200.0) as eng:
+            futs = [eng.submit({"id": f"b{i}", "model": "gpt-5-mini", "prompt": f"say {i} twice",
+                                "deadline_s": 7200}) for i in range(n)]
+            results = [f.result(timeout=120) for f in futs]
+            report = eng.report()
+        bill = emu.bill()
+    assert [r.status for r in results] == ["ok"] * n, [r.error for r in results]
+    assert sorted(r.mode for r in results) == ["flex"] * (n - 1) + ["sync"]
+    assert sorted(i.mode for i in bill.items) == sorted(r.mode for r in results)  # billed once each
+    budget = report["budget"]
+    assert budget["spent_usd"] == pytest.approx(bill.total_usd, abs=1e-6), budget
+    assert budget["reserved_usd"] == pytest.approx(0.0, abs=1e-9) and budget["overrun_usd"] == 0.0, budget
+    assert report["providers"]["openai"]["flex_refused"] == 1
