@@ -135,7 +135,13 @@ class SyncCalls:
     def _start_to_standard(self, e, b: BatchJob, jobs: list[Job]) -> None:
         """The gate would start these flex calls standard (``SimProvider.pump``): their claims hold the flex price."""
         for j in jobs:
-            self._back_standard(b, j)
+            self._back_or_end(b, j)
+
+    def _back_or_end(self, b: BatchJob, j: Job) -> None:
+        """``j``, not called, goes back for the standard price (``_back_standard``), or ends here unsent when it
+        was withdrawn or the engine cancelled meanwhile (as at the rate gate, ``_to_start``)."""
+        if not self._back_standard(b, j):
+            self._final(b, j, False, 0.0, b.mode, error=self._not_sent(j))
 
     def _back_standard(self, b: BatchJob, j: Job, a=None) -> bool:
         """``j``'s flex dispatch goes standard (``a``: the flex call's outcome, refused or given up; None, not
@@ -173,7 +179,7 @@ class SyncCalls:
         if flex and (self._as_call(b, j)[0] != "flex" or flex_timeout_s(self.sim.spec, r, start) <= 0):
             if j.claim is not None:  # its gate slot given back: it reserves the standard price first
                 self.sim.finish_sync(r.model, start, 0)
-                self._back_standard(b, j)
+                self._back_or_end(b, j)
                 self._pump()
                 return
             b, flex = self._to_standard(b, j), False

@@ -480,6 +480,34 @@ def test_a_flex_call_the_gate_starts_standard_is_made_and_billed_standard_as_the
     asyncio.run(go())
 
 
+def test_a_reserved_flex_call_the_gate_would_start_standard_goes_back_unsent_or_ends_if_withdrawn(emu):  # noqa: F811
+    """As above, the three claimed (at the flex price): the first two, which the gate would start standard while
+    others wait, are not called on their flex claims: one goes back to its grouper for the standard price, its
+    claim with it; the other, withdrawn meanwhile, ends here unsent (before, a withdrawn one was dropped unended).
+    The last, alone at the gate, goes flex."""
+    from engine.core.catalog import RateLimits
+    from engine.runtime.ratelimit import RateGate
+
+    async def go():
+        rig = Rig(emu)
+        try:
+            rig.d.sim.gates[None] = RateGate(RateLimits(rpm=10_000, tpm=4_000_000, max_concurrency=1))
+            reqs = [flex_req(f"g{i}") for i in range(3)]
+            jobs = [Job(i, r, f"fp{i}", claim=f"c{i}") for i, r in enumerate(reqs)]
+            await rig.reserve(jobs)
+            await rig.d.withdraw([reqs[1].uid])
+            await rig.run("flex", jobs)
+            await rig.until(lambda: len(rig.results) == 2 and rig.grouper.readmitted(), "two results and one back")
+            (back,) = rig.grouper.readmitted()
+            assert back.req == reqs[0] and back.claim == "c0" and back.standard is not None
+            assert rig.results[reqs[1].id].status != "ok" and rig.results[reqs[2].id].mode == "flex"
+            assert _tiers(rig) == ["flex"] and rig.d.in_flight == 0
+            await rig.until(lambda: set(rig.budget.book.claims) == {"c0"}, "the others settled")
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
 def test_a_grouper_reserves_the_standard_price_of_a_flex_call_gone_standard_or_holds_it():
     """A flex job back from its dispatcher (``Job.standard``) is sent sync as decided, no new decision: its flex
     claim is released in the call that reserves the standard price. A budget that cannot hold that price now
