@@ -70,6 +70,7 @@ from engine.app._endpoint_keys import EndpointKeys
 from engine.app._endpoint_messages import AnthropicError, in_anthropic_shape, message_events, messages_body
 from engine.app._endpoint_models import anthropic_caller, models_router
 from engine.app._endpoint_responses_stream import response_events, responses_stream_wanted
+from engine.app._endpoint_retries import SdkRetries
 from engine.app._endpoint_stream import sse_chunks, stream_wanted
 from engine.app._endpoint_videos import VideoRoutes
 from engine.app._endpoint_wire import (
@@ -154,6 +155,7 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
         keys.guard(app)
     validator = Validator(catalog, engine.settings)
     known = {m for p in catalog.providers.values() for m in p.models}
+    retries = SdkRetries()  # an SDK's retry of a call is that call's request, never a second one
 
     async def generate(http: HttpRequest, body: dict[str, Any], url: str) -> JSONResponse:
         done, headers = await answer(http, body, url)
@@ -177,7 +179,21 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
         if "deadline_s" not in fields and (waits := _client_waits(http.headers)) is not None:
             default = getattr(engine.settings.deadlines, fields.get("priority", "normal"))
             fields["deadline_s"] = min(default, waits * CLIENT_TIMEOUT_SHARE * speedup)
-        d = {"id": rid or new_id("req_"), **fields, "body": body}
+        if rid is not None:
+            return await _generation({"id": rid, **fields, "body": body}, url, n, came)
+        key = retries.key(fields.get("tenant", "default"), url, {**fields, "body": body, "n": n})
+        d = {"id": retries.request_id(key, http.headers, lambda: new_id("req_")), **fields, "body": body}
+        try:
+            done = await _generation(d, url, n, came)
+        except ApiError:
+            retries.refused(key, d["id"])
+            raise
+        retries.answered(key, d["id"])
+        return done
+
+    async def _generation(d: dict[str, Any], url: str, n: int,
+                          came: dict[str, str] | None) -> tuple[dict, dict[str, str]]:
+        body = d["body"]
         param_of = _param_in(body, came)
         req = validator.request(d, param_of)
         want = "image" if url == IMAGES_URL else "text"

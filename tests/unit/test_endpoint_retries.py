@@ -1,0 +1,110 @@
+"""The SDKs' own retries (``max_retries=2``) against the endpoint, over the tests' fake engine under uvicorn (no
+Ray). A call that outlived the client's read timeout was sent again by the SDK as a new request at each retry: a
+helper's tour paid 7 calls for one ``n=3`` call and got no answer. A retry is now the request it repeats."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx2 as httpx
+import openai
+
+from engine.app import endpoint
+from engine.app._endpoint_retries import ANSWERED_KEEP_S, RETRY_COUNT, SdkRetries
+from engine.app.endpoint import make_app
+from engine.core.result import ENGINE_CANCELLED, Result
+from tests.unit.test_endpoint import CAT, FakeEngine, serving
+
+ASK = [{"role": "user", "content": "Name a river."}]
+
+
+class AnswersOnceRetried(FakeEngine):
+    """Takes each submission at once and answers none until ``tries`` submissions came: the first tries outlive
+    the client's timeout, and the SDK's retry is what releases them."""
+
+    def __init__(self, tries: int):
+        super().__init__()
+        self.tries, self._came, self._go = tries, 0, None
+
+    async def _hold(self):
+        self._go = self._go or asyncio.Event()
+        self._came += 1
+        if self._came >= self.tries:
+            self._go.set()
+        await asyncio.wait_for(self._go.wait(), 10)
+
+    async def asubmit(self, d):
+        req = self._request(d)
+        await self._hold()
+        return self._result(req)
+
+    async def asubmit_many(self, ds):
+        reqs = [self._request(d) for d in ds]
+        await self._hold()
+        return [self._result(req) for req in reqs]
+
+
+def test_an_sdk_retry_of_a_call_that_outlived_its_timeout_is_the_same_request_not_a_second_one():
+    eng = AnswersOnceRetried(tries=2)
+    with serving(make_app(eng, catalog=CAT)) as url, \
+            openai.OpenAI(base_url=url, api_key="x", max_retries=1, timeout=0.5) as client:
+        raw = client.chat.completions.with_raw_response.create(
+            model="gpt-5-mini", messages=ASK, n=3, extra_headers={endpoint.HEADER_DEADLINE: "3600"})
+    # Two tries reached the engine, the retry under the first try's ids: three requests, each generated once.
+    assert len(eng.submitted) == 6 and len(set(eng.submitted)) == 3
+    first = eng.submitted[0]
+    assert eng.submitted[:3] == eng.submitted[3:] == [first, f"{first}/n1", f"{first}/n2"]
+    assert raw.headers[endpoint.HEADER_REQUEST_ID] == first and len(raw.parse().choices) == 3
+
+
+def test_first_tries_with_the_same_body_stay_calls_of_their_own_and_a_refused_try_is_retried_afresh():
+    eng = FakeEngine()
+    with serving(make_app(eng, catalog=CAT)) as url, httpx.Client(base_url=url, timeout=10) as http:
+        def call(count, content="Name a river.", tenant="acme"):
+            got = http.post("/chat/completions", json={"model": "gpt-5-mini", "messages": [
+                {"role": "user", "content": content}]}, headers={RETRY_COUNT: str(count), endpoint.HEADER_TENANT: tenant})
+            return got.status_code, got.headers.get(endpoint.HEADER_REQUEST_ID)
+
+        (_, a), (_, b) = call(0), call(0)
+        assert a != b  # two clients' identical calls are two calls
+        assert call(1) == (200, b)  # a retry takes the latest try of that content
+        assert call(1, tenant="globex")[1] not in (a, b)  # of its own tenant only
+        assert call(1, content="Another river.")[1] not in (a, b)  # and of the same content only
+    assert len(set(eng.submitted)) == 4
+
+
+class StopsTheFirst(FakeEngine):
+    """The first request ends cut by the engine's stop (a 503 the SDKs retry), as ``serve`` drains."""
+
+    def _result(self, req):
+        if len(self.submitted) == 1:
+            return Result(id=req.id, tenant=req.tenant, status="failed", error=ENGINE_CANCELLED)
+        return super()._result(req)
+
+
+def test_a_retry_of_a_try_answered_with_an_error_is_a_new_request():
+    eng = StopsTheFirst()
+    with serving(make_app(eng, catalog=CAT)) as url, httpx.Client(base_url=url, timeout=10) as http:
+        tries = [http.post("/chat/completions", json={"model": "gpt-5-mini", "messages": ASK},
+                           headers={RETRY_COUNT: str(k)}) for k in (0, 1)]  # as the SDK retries the stop's 503
+    assert [t.status_code for t in tries] == [503, 200]
+    assert len(set(eng.submitted)) == 2  # the first ended unanswered: its retry is sent again
+
+
+def test_a_tries_id_outlives_its_answer_for_a_while_then_a_retry_is_a_new_request():
+    now = [0.0]
+    retries, ids = SdkRetries(clock=lambda: now[0], max_kept=2), iter(f"req_{k}" for k in range(100))
+
+    def take(key, count):
+        return retries.request_id(key, {RETRY_COUNT: str(count)}, lambda: next(ids))
+
+    rid = take("k", 0)
+    retries.answered("k", rid)
+    now[0] = ANSWERED_KEEP_S - 1
+    assert take("k", 1) == rid  # its answer was lost on the way: the retry gets it
+    retries.answered("k", rid)
+    now[0] += ANSWERED_KEEP_S + 1
+    assert take("k", 2) != rid
+    assert retries.request_id("x", {}, lambda: "plain") == "plain"  # not an SDK's try: never kept
+    take("a", 0), take("b", 0), take("c", 0)  # past max_kept, the least recent goes first
+    assert "SdkRetries(kept=2, running=2)" == repr(retries)
