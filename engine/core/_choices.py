@@ -87,6 +87,12 @@ def merged_body(bodies: Sequence[dict[str, Any]]) -> dict[str, Any]:
         head["usage"]["prompt_tokens_details"] = {
             key: sum(int(d.get(key) or 0) for d in details) for key in ("cached_tokens", "cache_write_tokens")
             if any(key in d for d in details)}
+    # Each key any choice's details have, summed (OpenAI always sends them: ``None`` failed the reader of
+    # usage.completion_tokens_details.reasoning_tokens on a call of n choices, a helper's tour).
+    done = [u["completion_tokens_details"] for u in used if isinstance(u.get("completion_tokens_details"), dict)]
+    if done:
+        head["usage"]["completion_tokens_details"] = {
+            key: sum(int(d.get(key) or 0) for d in done) for key in dict.fromkeys(k for d in done for k in d)}
     return head
 
 
