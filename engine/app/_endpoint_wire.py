@@ -81,6 +81,9 @@ class ApiError(Exception):
                  type: str = "invalid_request_error", headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        if status == 409:  # the SDKs retry a 409 (a lock's conflict at OpenAI) twice, 1.4 s on: every one here is
+            # final (a cancel of an ended batch, a delete of a video being made), answered the same each time
+            headers = {"x-should-retry": "false", **(headers or {})}
         self.headers = headers
 
     def response(self) -> JSONResponse:

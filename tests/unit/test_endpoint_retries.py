@@ -8,12 +8,14 @@ import asyncio
 
 import httpx2 as httpx
 import openai
+import pytest
 
 from engine.app import endpoint
+from engine.app._endpoint_messages import AnthropicError
 from engine.app._endpoint_retries import ANSWERED_KEEP_S, RETRY_COUNT, SdkRetries
 from engine.app.endpoint import make_app
 from engine.core.result import ENGINE_CANCELLED, Result
-from tests.unit.test_endpoint import CAT, FakeEngine, serving
+from tests.unit.test_endpoint import CAT, FakeEngine, batch_line, serving, upload, wait_done
 
 ASK = [{"role": "user", "content": "Name a river."}]
 
@@ -108,3 +110,21 @@ def test_a_tries_id_outlives_its_answer_for_a_while_then_a_retry_is_a_new_reques
     assert retries.request_id("x", {}, lambda: "plain") == "plain"  # not an SDK's try: never kept
     take("a", 0), take("b", 0), take("c", 0)  # past max_kept, the least recent goes first
     assert "SdkRetries(kept=2, running=2)" == repr(retries)
+
+
+
+def test_a_409_says_not_to_retry_so_the_sdk_asks_once():
+    """A cancel of an ended batch was asked three times, 1.4 s long: the SDKs retry a 409 unless told not to."""
+    asked = []
+    with serving(make_app(FakeEngine(), catalog=CAT)) as url, openai.OpenAI(
+            base_url=url, api_key="x", http_client=httpx.Client(event_hooks={"request": [asked.append]})) as client:
+        b = client.batches.create(input_file_id=upload(client, [batch_line("a", "one")]).id,
+                                  endpoint="/v1/chat/completions", completion_window="24h")
+        wait_done(client, b.id)
+        asked.clear()
+        with pytest.raises(openai.ConflictError) as exc:
+            client.batches.cancel(b.id)
+    assert exc.value.response.headers["x-should-retry"] == "false" and len(asked) == 1
+    # A Message Batch's (Anthropic's shape) too, and a header the error names itself is kept.
+    said = AnthropicError(409, "message_batch_id: ended", headers={"Retry-After": "1"}).response().headers
+    assert (said["x-should-retry"], said["retry-after"]) == ("false", "1")
