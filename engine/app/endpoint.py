@@ -25,7 +25,8 @@ Request headers (all optional; absent, the engine's defaults apply):
   owner of the files, batches and videos a call makes: no other tenant lists, reads or deletes them (``tenant_of``).
   A tenant key's call is its key's tenant, the header filled in; naming another is a 403 (``_endpoint_keys``);
 * ``X-Smartbatch-Request-Id``: the idempotency key (the same id and body again gets the same answer, never a
-  second call); without it each call gets a fresh id.
+  second call); without it each call gets a fresh id, but an SDK's own retry of a call takes that call's
+  (``_endpoint_retries``).
 
 Response headers of a generation: ``X-Smartbatch-Mode`` (sync, flex, batch_api, gpu_batch, reuse),
 ``X-Smartbatch-Cost-Usd``, ``X-Smartbatch-Saving-Usd`` (list price minus cost), ``X-Smartbatch-Hit`` (exact,
