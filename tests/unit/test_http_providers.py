@@ -19,7 +19,9 @@ import traceback
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import anthropic  # noqa: F401 - imported before any rig's clock starts: a provider imports its SDK when built,
 import hypothesis.strategies as st
+import openai  # noqa: F401 - and openai's import takes ~0.8 s, 800 engine s at SPEED, out of a deadline's room
 import pytest
 from hypothesis import given, settings
 
