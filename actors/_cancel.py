@@ -139,7 +139,7 @@ class CancelGroups:
 
 class CancelDispatches:
     """The dispatcher's side: needs its ``provider``, ``_open``, ``_files``, ``sim``, ``clock``, ``_queued_at``,
-    ``_final``, ``_unanswered``, ``_pump``, ``_kick``, ``_at``, ``_enqueue``, ``_flusher``, ``hubs`` and
+    ``_final``, ``_unanswered``, ``_pump``, ``_kick``, ``_at``, ``_queue_call``, ``_flusher``, ``hubs`` and
     ``_batch_gate``'s methods. Work queued at a rate gate, or waiting for its next try, ends cancelled at once, and
     work that comes later when its gate lets it start; a batch not yet created is never created; a batch under way
     is cancelled now (its follow-up, woken, reads what it finished, and its unfinished members go back to a
@@ -203,7 +203,7 @@ class CancelDispatches:
 
         def fire() -> None:
             if self._retrying.pop(token, None) is not None:
-                self._enqueue(*self._as_call(b, j), [j])
+                self._queue_call(b, j)
                 self._pump()
         self._at(at, fire)
 

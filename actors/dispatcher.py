@@ -220,8 +220,8 @@ class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, R
                 if goes_back(b.mode, b.hedge_at, t, j.req):
                     self._hedged(j)
                     self._kick()
-                elif not ((call := self._as_call(b, j))[0] == "sync" and b.mode == "flex" and self._back_standard(b, j)):
-                    self._enqueue(*call, [j])
+                else:
+                    self._queue_call(b, j)
 
     def _enqueue(self, kind: str, b: BatchJob, jobs: list[Job], since: float | None = None) -> None:
         item = (b, jobs)

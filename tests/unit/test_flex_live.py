@@ -579,3 +579,36 @@ def test_a_reserved_flex_decision_sent_standard_by_its_body_or_its_server_reserv
         finally:
             await rig.close()
     asyncio.run(go())
+
+
+def test_a_reserved_flex_call_retried_once_the_server_showed_it_ignores_the_tier_goes_back_for_the_standard_price(
+        emu):  # noqa: F811
+    """Its flex call failed with a 500 (a try, retried) and, before the retry, the server answered another flex
+    call at another tier (``flex_unserved``): the retry is no flex call, and is not made on its flex claim either,
+    but goes back for the standard price, as a new dispatch does. Before, the retry was queued standard on its
+    flex claim (``_retry_later``) and billed up to twice what the claim held."""
+    emu.faults.script("openai", "chat.completions", [{"status": 500}])
+
+    async def go():
+        rig = Rig(emu)
+        try:
+            spy = rig.d.provider.call
+
+            async def meanwhile(job):
+                out = await spy(job)
+                rig.d.provider.flex_unserved = True  # another flex call, answered at another tier, came back
+                return out
+
+            rig.d.provider.call = meanwhile
+            r = flex_req("retried")
+            job = Job(0, r, "fp", claim="c0")
+            await rig.reserve([job])
+            await rig.run("flex", [job])
+            got = await rig.until(lambda: rig.results.get(r.id) or rig.grouper.readmitted(), "the result or back")
+            assert isinstance(got, list), f"made on its flex claim: {got}"
+            (back,) = got
+            assert (back.claim, back.attempts, back.standard) == ("c0", 1, (False, "test", "test"))
+            assert _tiers(rig) == ["flex"] and rig.d.in_flight == 0
+        finally:
+            await rig.close()
+    asyncio.run(go())
