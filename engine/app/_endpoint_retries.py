@@ -12,9 +12,11 @@ So a retry takes the request id of the try it repeats: the latest try of the sam
 (body, ``n``, deadline, priority) that is still running or was answered within ``ANSWERED_KEEP_S``. The engine's
 idempotency then answers it with that request's result (the same id and content is never a second call). A try
 that ended in an error the endpoint answered is forgotten: its retry (a full engine's 429, a stop's 503) is a new
-request, as before. A first try (retry count 0) is always a request of its own: two clients that send the same
-body at once are two calls. What is matched is the content, so a retry from one client may take the request of
-another client's identical call of that tenant, which the cache's in-flight reuse would answer alike.
+request, as before, unless an earlier try of that content is still remembered (each is, up to ``PER_CONTENT``);
+one that broke otherwise (a bug's 500, the handler cut) is kept as answered: its request may run on. A first
+try (retry count 0) is always a request of its own: two clients that send the same body at once are two calls.
+What is matched is the content, so a retry from one client may take the request of another client's identical
+call of that tenant, which the cache's in-flight reuse would answer alike.
 """
 
 from __future__ import annotations
@@ -26,25 +28,31 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["ANSWERED_KEEP_S", "MAX_KEPT", "RETRY_COUNT", "SdkRetries"]
+__all__ = ["ANSWERED_KEEP_S", "MAX_KEPT", "PER_CONTENT", "RETRY_COUNT", "SdkRetries"]
 
 RETRY_COUNT = "x-stainless-retry-count"
 ANSWERED_KEEP_S = 120.0  # real seconds a try's id outlives its answer: the SDKs back off 8 s at most (60 s on a
 # Retry-After), and an answer that came just after the client gave up is what its retry must get
-MAX_KEPT = 10_000  # tries remembered at once, least recent first out (a try under way too: past it, a fresh id)
+MAX_KEPT = 10_000  # tries remembered at once: past it the oldest answered goes first, then the oldest under way
+PER_CONTENT = 8  # tries of one content remembered (any of them answers a retry alike: they back one another up)
 
 
 class SdkRetries:
-    """Which request id a try of a generation takes. Single-threaded: the endpoint's event loop calls it."""
+    """Which request id a try of a generation takes. Single-threaded: the endpoint's event loop calls it.
+
+    Every try of a content is remembered, not only the latest: a later identical call refused (the engine full)
+    took the id of an earlier one still running with it, whose retry was then paid again. And a full table lets
+    the answered tries go before those under way: the oldest try is the slow call whose retry is coming."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic, max_kept: int = MAX_KEPT) -> None:
         self._clock, self._max = clock, max_kept
-        self._tries: OrderedDict[str, tuple[str, float | None]] = OrderedDict()  # key -> (id, answered at)
+        self._running: OrderedDict[str, str] = OrderedDict()  # id -> key, oldest try first
+        self._answered: OrderedDict[str, tuple[str, float]] = OrderedDict()  # id -> (key, answered at), oldest first
+        self._of: dict[str, list[str]] = {}  # key -> the ids of its tries remembered, latest last
         self._swept_at = -float("inf")
 
     def __repr__(self) -> str:
-        running = sum(at is None for _, at in self._tries.values())
-        return f"SdkRetries(kept={len(self._tries)}, running={running})"
+        return f"SdkRetries(kept={len(self._running) + len(self._answered)}, running={len(self._running)})"
 
     @staticmethod
     def key(tenant: str, url: str, content: Mapping[str, Any]) -> str:
@@ -53,37 +61,59 @@ class SdkRetries:
         return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
     def request_id(self, key: str, headers: Mapping[str, str], fresh: Callable[[], str]) -> str:
-        """The id of this try: a retry's, that of the try it repeats while it is remembered; else ``fresh()``. A
-        try of the SDKs (one that says its retry count) is remembered under ``key`` for its retries."""
+        """The id of this try: a retry's, that of the latest try of its content still remembered; else
+        ``fresh()``. A try of the SDKs (one that says its retry count) is remembered under ``key`` for its retries."""
         count = _count(headers.get(RETRY_COUNT))
         if count is None:
             return fresh()  # not an SDK's try: nothing will retry it on its own
         self._forget_old()
-        kept = self._tries.get(key)
-        rid = kept[0] if count > 0 and kept is not None else fresh()
-        self._tries[key] = (rid, None)
-        self._tries.move_to_end(key)
-        while len(self._tries) > self._max:
-            self._tries.popitem(last=False)
+        ids = self._of.setdefault(key, [])
+        if count > 0 and ids:
+            rid = ids.pop()
+            self._answered.pop(rid, None)  # under way again until this try's answer
+        else:
+            rid = fresh()
+        ids.append(rid)
+        self._running[rid] = key
+        self._running.move_to_end(rid)
+        if len(ids) > PER_CONTENT:
+            self._drop(ids[0])
+        while len(self._running) + len(self._answered) > self._max:
+            self._drop(next(iter(self._answered or self._running)))
         return rid
 
     def answered(self, key: str, rid: str) -> None:
         """The try's answer went out: its retries (the answer lost on the way) take it for ``ANSWERED_KEEP_S``."""
-        if self._tries.get(key, (None,))[0] == rid:
-            self._tries[key] = (rid, self._clock())
+        if self._running.pop(rid, None) is not None or self._answered.pop(rid, None) is not None:
+            self._answered[rid] = (key, self._clock())
 
     def refused(self, key: str, rid: str) -> None:
-        """The try ended in an error the endpoint answered: a retry of it is a new request."""
-        if self._tries.get(key, (None,))[0] == rid:
-            del self._tries[key]
+        """The try ended in an error the endpoint answered: a retry of it is a new request, or takes an earlier
+        try of its content still under way (whose own retry is coming). The tries of that content answered before
+        it go with it: it was a call of its own after them, and its retry gets none of their answers."""
+        ids = self._of.get(key, [])
+        if rid in ids:
+            for old in [r for r in ids[:ids.index(rid)] if r in self._answered]:
+                self._drop(old)
+        self._drop(rid)
+
+    def _drop(self, rid: str) -> None:
+        key = self._running.pop(rid, None)
+        if key is None and (kept := self._answered.pop(rid, None)) is not None:
+            key = kept[0]
+        ids = self._of.get(key) if key is not None else None
+        if ids is not None:
+            ids.remove(rid)
+            if not ids:
+                del self._of[key]
 
     def _forget_old(self) -> None:
         now = self._clock()
-        if now - self._swept_at < 1.0:  # a sweep reads every try: once a second is enough for a 120-s keep
+        if now - self._swept_at < 1.0:  # once a second is enough for a 120-s keep
             return
         self._swept_at, limit = now, now - ANSWERED_KEEP_S
-        for key in [k for k, (_, at) in self._tries.items() if at is not None and at < limit]:
-            del self._tries[key]
+        while self._answered and next(iter(self._answered.values()))[1] < limit:
+            self._drop(next(iter(self._answered)))
 
 
 def _count(text: str | None) -> int | None:

@@ -189,6 +189,9 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
         except ApiError:
             retries.refused(key, d["id"])
             raise
+        except BaseException:  # a bug's 500, or the handler cancelled: the request may run on, and its retry take it
+            retries.answered(key, d["id"])  # kept for a while, not as under way for good (it was, until pushed out)
+            raise
         retries.answered(key, d["id"])
         return done
 

@@ -5,6 +5,8 @@ helper's tour paid 7 calls for one ``n=3`` call and got no answer. A retry is no
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import threading
 
 import httpx2 as httpx
 import openai
@@ -14,6 +16,7 @@ from engine.app import endpoint
 from engine.app._endpoint_messages import AnthropicError
 from engine.app._endpoint_retries import ANSWERED_KEEP_S, RETRY_COUNT, SdkRetries
 from engine.app.endpoint import make_app
+from engine.core.errors import Overloaded
 from engine.core.result import ENGINE_CANCELLED, Result
 from tests.unit.test_endpoint import CAT, FakeEngine, batch_line, serving, upload, wait_done
 
@@ -111,6 +114,94 @@ def test_a_tries_id_outlives_its_answer_for_a_while_then_a_retry_is_a_new_reques
     take("a", 0), take("b", 0), take("c", 0)  # past max_kept, the least recent goes first
     assert "SdkRetries(kept=2, running=2)" == repr(retries)
 
+
+
+class FullForASecondClient(AnswersOnceRetried):
+    """The first call is held (a slow call); an identical call of another client of the tenant finds the engine
+    full (a 429, refused before it is a request); the first call's retry releases the first."""
+
+    def __init__(self):
+        super().__init__(tries=2)
+        self.first_in, self.refused = threading.Event(), 0
+
+    async def asubmit(self, d):
+        if self.submitted and d["id"] not in self.submitted and not self.refused:
+            self.refused += 1
+            raise Overloaded("max_pending=1 unfinished requests")
+        if not self.submitted:
+            self.first_in.set()
+        return await super().asubmit(d)
+
+
+def test_an_identical_call_refused_meanwhile_leaves_the_running_try_to_its_retry():
+    """Before, one try per content was remembered, the latest: a second client's identical call refused with a
+    429 took the running first try's id with it, and the first try's retry was generated and paid again."""
+    eng = FullForASecondClient()
+    body = {"model": "gpt-5-mini", "messages": ASK}
+    with serving(make_app(eng, catalog=CAT)) as url, httpx.Client(base_url=url, timeout=10) as http, \
+            concurrent.futures.ThreadPoolExecutor(1) as pool:
+        first = pool.submit(http.post, "/chat/completions", json=body, headers={RETRY_COUNT: "0"})
+        assert eng.first_in.wait(10)
+        assert http.post("/chat/completions", json=body, headers={RETRY_COUNT: "0"}).status_code == 429
+        retry = http.post("/chat/completions", json=body, headers={RETRY_COUNT: "1"})
+        rid = first.result(10).headers[endpoint.HEADER_REQUEST_ID]
+    assert retry.status_code == 200 and retry.headers[endpoint.HEADER_REQUEST_ID] == rid
+    assert eng.submitted == [rid, rid]  # one request, generated once
+
+
+def test_a_refused_try_leaves_an_earlier_try_under_way_to_retries_but_not_an_earlier_answer():
+    retries, ids = SdkRetries(clock=lambda: 0.0), iter(f"req_{k}" for k in range(100))
+
+    def take(key, count):
+        return retries.request_id(key, {RETRY_COUNT: str(count)}, lambda: next(ids))
+
+    running, answered = take("k", 0), take("j", 0)
+    retries.answered("j", answered)
+    retries.refused("k", take("k", 0))
+    retries.refused("j", take("j", 0))  # a call of its own after that answer, refused (the engine full)
+    assert take("k", 1) == running and take("j", 1) not in (answered, "req_3")
+
+
+def test_a_full_table_forgets_answered_tries_before_one_still_running():
+    """Past ``max_kept``, the oldest answered try goes first: a slow call is the oldest try, and its retry (the
+    client's timeout passed) found it forgotten behind the quick calls answered since, and paid it again."""
+    retries, ids = SdkRetries(clock=lambda: 0.0, max_kept=2), iter(f"req_{k}" for k in range(100))
+
+    def take(key, count):
+        return retries.request_id(key, {RETRY_COUNT: str(count)}, lambda: next(ids))
+
+    slow = take("slow", 0)
+    for key in ("a", "b", "c"):
+        retries.answered(key, take(key, 0))
+    assert take("slow", 1) == slow and take("a", 1) != "req_1"
+    assert "SdkRetries(kept=2, running=2)" == repr(retries)
+
+
+def test_a_try_that_broke_with_a_500_is_kept_for_its_retry_for_a_while_not_as_under_way_for_good(monkeypatch):
+    """An error no ``ApiError`` (a bug's 500, the handler cancelled) may leave the request running in the engine:
+    its retry takes its id, as before, but the try is kept as answered, so it goes after ``ANSWERED_KEEP_S``. It
+    stayed under way for good, and a full table of such tries pushed out the answered tries first."""
+    made: list[SdkRetries] = []
+
+    class Seen(SdkRetries):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    class Broken(FakeEngine):
+        async def asubmit(self, d):
+            self._request(d)
+            raise RuntimeError("a bug after the request was taken")
+
+    monkeypatch.setattr(endpoint, "SdkRetries", Seen)
+    eng = Broken()
+    with serving(make_app(eng, catalog=CAT)) as url:
+        for k in (0, 1):
+            with httpx.Client(base_url=url, timeout=10) as http, pytest.raises(httpx.HTTPStatusError):
+                http.post("/chat/completions", json={"model": "gpt-5-mini", "messages": ASK},
+                          headers={RETRY_COUNT: str(k)}).raise_for_status()  # a 500: the SDK sends it again
+    assert len(eng.submitted) == 2 and len(set(eng.submitted)) == 1
+    assert repr(made[0]) == "SdkRetries(kept=1, running=0)"
 
 
 def test_a_409_says_not_to_retry_so_the_sdk_asks_once():
