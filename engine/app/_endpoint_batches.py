@@ -33,12 +33,14 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi import Request as HttpRequest
 
+from engine.app._endpoint_batch_once import OnceCreated
 from engine.app._endpoint_files import MAX_FILE_BYTES, FileRoutes
 from engine.app._endpoint_job import CANCELLED_LINE as _CANCELLED
 from engine.app._endpoint_job import OPEN, BatchJob, cut_by_cancel, for_endpoint, submission, withdraw_open
 from engine.app._endpoint_msgbatches import MessageBatchRoutes
 from engine.app._endpoint_responses import OwnedResponses
 from engine.app._endpoint_resume import TakeBack
+from engine.app._endpoint_retries import SdkRetries
 from engine.app._endpoint_state import EndpointState
 from engine.app._endpoint_wire import (
     ApiError,
@@ -49,7 +51,6 @@ from engine.app._endpoint_wire import (
     cursor_page,
     engine_call,
     json_body,
-    new_id,
     tenant_of,
     window_text,
 )
@@ -71,13 +72,14 @@ log = logging.getLogger("smartbatch.endpoint")
 _OPENAI_URLS = [u for u in BATCH_LINE_URLS if u != MESSAGES_URL]
 
 
-class FilesAndBatches(TakeBack, FileRoutes, MessageBatchRoutes):
+class FilesAndBatches(TakeBack, OnceCreated, FileRoutes, MessageBatchRoutes):
     """The in-memory files and batches of one replica (see the module docstring), and their routes (Anthropic's
     Message Batches too, jobs of the same kind: ``_endpoint_msgbatches``)."""
 
     def __init__(self, engine: AsyncEngine, catalog: Catalog, *, window_default_s: float,
                  now: Callable[[], float] = time.time, cancel_wait_s: float = CANCEL_WAIT_S,
-                 max_open_lines: int = MAX_OPEN_LINES, state_dir: Path | None = None, speedup: float = 1.0):
+                 max_open_lines: int = MAX_OPEN_LINES, state_dir: Path | None = None, speedup: float = 1.0,
+                 retries: SdkRetries | None = None):
         self.engine, self.catalog, self._now, self.speedup = engine, catalog, now, speedup
         self.state = EndpointState(state_dir) if state_dir is not None else None
         # Whose each response id is: its engine driver's record, kept under the state directory (a restart knows it)
@@ -90,6 +92,7 @@ class FilesAndBatches(TakeBack, FileRoutes, MessageBatchRoutes):
         # Creates and cancels under way, each a task of its own (``_detach``), and the lines the creates bring.
         self._detached: set[asyncio.Task] = set()
         self._admitting: Counter[str] = Counter()  # lines being admitted, per tenant
+        self._init_once(retries)  # an SDK's retry of a create answers the batch of the try it repeats
 
     def __repr__(self) -> str:
         running = sum(b.status in OPEN or b.status == "cancelling" for b in self.batches.values())
@@ -136,7 +139,11 @@ class FilesAndBatches(TakeBack, FileRoutes, MessageBatchRoutes):
 
     async def create_batch(self, http: HttpRequest) -> dict:
         body = await json_body(http)
-        tenant = tenant_of(http.headers)
+        return await self._create_once(http, "/v1/batches", body, "batch_",
+                                       lambda bid, key: self._create_batch(body, tenant_of(http.headers), bid, key),
+                                       BatchJob.view)
+
+    async def _create_batch(self, body: dict, tenant: str, bid: str, retry_key: str | None) -> dict:
         file_id = body.get("input_file_id")
         if not isinstance(file_id, str) or not file_id:
             raise ApiError(400, "input_file_id is required: the id of a file uploaded with purpose 'batch'",
@@ -152,8 +159,8 @@ class FilesAndBatches(TakeBack, FileRoutes, MessageBatchRoutes):
         window = body.get("completion_window")
         window = window_text(self.window_default_s) if window is None else window
         window_s, metadata = completion_window_s(window), checked_metadata(body.get("metadata"))
-        job = BatchJob(new_id("batch_"), endpoint, file_id, window, window_s, metadata, tenant,
-                       int(self._now()), speedup=self.speedup)
+        job = BatchJob(bid, endpoint, file_id, window, window_s, metadata, tenant, int(self._now()),
+                       speedup=self.speedup, retry_key=retry_key)
         bf = parse_batch_file(src.data, source=file_id, window_s=window_s, tenant=tenant,
                               catalog=self.catalog, settings=self.engine.settings, live=True)
         job.bf = await self.responses.alines(for_endpoint(bf, endpoint), tenant)  # another tenant's response id: that line

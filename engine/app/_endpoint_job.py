@@ -63,6 +63,7 @@ class BatchJob:
     # The engine's seconds per real one: the window counts engine seconds (each line's deadline), so a batch of a
     # time-compressed engine expires that much sooner than its created_at plus the window (was shown as if not).
     speedup: float = 1.0
+    retry_key: str | None = None  # what an SDK's retry of its create repeats (``_endpoint_batch_once``)
 
     def take(self, res: Result) -> str | None:
         """Keep ``res`` under its line's custom_id, which it returns (None: not a line of this batch)."""
@@ -115,14 +116,14 @@ class BatchJob:
                 "tenant": self.tenant, "created_at": self.created_at, "status": self.status, "errors": self.errors,
                 "at": self.at, "output_file_id": self.output_file_id, "error_file_id": self.error_file_id,
                 "report": self.report, "final": list(self.final) if self.final is not None else None,
-                "created_ns": self.created_ns}
+                "created_ns": self.created_ns, "retry_key": self.retry_key}
 
     @classmethod
     def from_record(cls, rec: dict[str, Any]) -> BatchJob:
         job = cls(rec["id"], rec["endpoint"], rec["input_file_id"], rec["completion_window"], rec["window_s"],
                   rec["metadata"], rec["tenant"], rec["created_at"], status=rec["status"], errors=rec["errors"],
                   at=rec["at"], output_file_id=rec["output_file_id"], error_file_id=rec["error_file_id"],
-                  report=rec["report"], created_ns=rec["created_ns"])
+                  report=rec["report"], created_ns=rec["created_ns"], retry_key=rec.get("retry_key"))
         if rec["final"] is not None:
             job.final = (rec["final"][0], rec["final"][1])
         return job

@@ -13,6 +13,7 @@ error here is in Anthropic's shape."""
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 from collections.abc import Awaitable, Callable
@@ -33,7 +34,7 @@ from engine.app._endpoint_msgbatch_shape import (
     results_of,
     view,
 )
-from engine.app._endpoint_wire import ApiError, json_body, new_id, smartbatch_fields, tenant_of, window_text
+from engine.app._endpoint_wire import ApiError, json_body, smartbatch_fields, tenant_of, window_text
 from engine.core.answer_body import MESSAGES_URL
 from engine.core.batchfile import parse_batch_file
 from engine.core.settings import MAX_DEADLINE_S
@@ -80,7 +81,7 @@ async def _bounded_body(http: HttpRequest) -> bytes:
 class MessageBatchRoutes:
     """Needs what ``FilesAndBatches`` has: ``batches``, ``files``, ``state``, ``engine``, ``catalog``,
     ``window_default_s``, ``message_counts``, ``_now``, ``_enter``, ``_save``, ``_add_file``, ``_over_limit``,
-    ``_open`` and ``_cancel_job``."""
+    ``_open``, ``_cancel_job`` and ``_create_once``."""
 
     def add_message_batch_routes(self, r: APIRouter) -> None:
         for path, route, method in (
@@ -115,17 +116,25 @@ class MessageBatchRoutes:
         return view(job, counts, str(http.base_url))
 
     async def create_message_batch(self, http: HttpRequest) -> dict:
-        body = await json_body(http, await _bounded_body(http))
+        raw = await _bounded_body(http)
+        body = await json_body(http, raw)
         fields = smartbatch_fields(http.headers)  # the tenant, and the deadline of every request
+        # What an SDK's retry repeats: the body as sent (up to 256 MB: its digest), and the deadline.
+        content = {**fields, "body": hashlib.sha256(raw).hexdigest()}
+        return await self._create_once(http, BATCHES_URL, content, "msgbatch_",
+                                       lambda bid, key: self._create_message_batch(http, body, fields, bid, key),
+                                       lambda job: self._message_view(job, http))
+
+    async def _create_message_batch(self, http: HttpRequest, body: dict, fields: dict, bid: str,
+                                    retry_key: str | None) -> dict:
         tenant, window_s = fields.get("tenant", "default"), fields.get("deadline_s", self.window_default_s)
         if window_s > MAX_DEADLINE_S:
             raise AnthropicError(400, f"X-Smartbatch-Deadline: {window_s:,.0f} s is past the longest deadline, "
                                       f"{MAX_DEADLINE_S:,.0f} s (366 days)", param="X-Smartbatch-Deadline")
         data, errors = batch_lines(checked_requests(body), self.catalog, self.engine.settings)
-        bid = new_id("msgbatch_")
         fid = f"file-{bid}-input"
         job = BatchJob(bid, MESSAGES_URL, fid, window_text(window_s), window_s, None, tenant, int(self._now()),
-                       speedup=self.speedup)
+                       speedup=self.speedup, retry_key=retry_key)
         job.errors = errors
         if not data:  # every request refused: nothing for the engine, the batch has ended
             self._enter(job, "completed")

@@ -22,7 +22,7 @@ log = logging.getLogger("smartbatch.endpoint")
 
 class TakeBack:
     """Needs ``state``, ``batches``, ``catalog``, ``engine``, ``speedup``, ``_now``, ``_enter``, ``_save``,
-    ``_finish``, ``_submit`` and ``_collect``."""
+    ``_finish``, ``_submit``, ``_collect`` and ``_remember_create``."""
 
     _fresh_ledger = False  # the engine's budget ledger did not see what the state directory kept (``resume``)
 
@@ -53,6 +53,7 @@ class TakeBack:
         job = BatchJob.from_record(rec)
         job.speedup = self.speedup
         self.batches[job.id] = job
+        self._remember_create(job)  # its create's retry may come after the restart
         if job.final is not None:
             self.state.ended(job.id)  # what a crash after its end left behind
             return

@@ -16,7 +16,8 @@ request, as before, unless an earlier try of that content is still remembered (e
 one that broke otherwise (a bug's 500, the handler cut) is kept as answered: its request may run on. A first
 try (retry count 0) is always a request of its own: two clients that send the same body at once are two calls.
 What is matched is the content, so a retry from one client may take the request of another client's identical
-call of that tenant, which the cache's in-flight reuse would answer alike.
+call of that tenant, which the cache's in-flight reuse would answer alike. A batch create takes its batch id from
+this table the same way (``_endpoint_batch_once``, its ``remember`` after a restart).
 """
 
 from __future__ import annotations
@@ -86,6 +87,14 @@ class SdkRetries:
         """The try's answer went out: its retries (the answer lost on the way) take it for ``ANSWERED_KEEP_S``."""
         if self._running.pop(rid, None) is not None or self._answered.pop(rid, None) is not None:
             self._answered[rid] = (key, self._clock())
+
+    def remember(self, key: str, rid: str, age_s: float) -> None:
+        """A try this table never saw, answered ``age_s`` ago: a batch create of the process before a restart
+        (``_endpoint_batch_once``), whose retry may come after it."""
+        ids = self._of.setdefault(key, [])
+        if rid not in ids:
+            ids.append(rid)
+            self._answered[rid] = (key, self._clock() - age_s)
 
     def refused(self, key: str, rid: str) -> None:
         """The try ended in an error the endpoint answered: a retry of it is a new request, or takes an earlier

@@ -26,7 +26,7 @@ Request headers (all optional; absent, the engine's defaults apply):
   A tenant key's call is its key's tenant, the header filled in; naming another is a 403 (``_endpoint_keys``);
 * ``X-Smartbatch-Request-Id``: the idempotency key (the same id and body again gets the same answer, never a
   second call); without it each call gets a fresh id, but an SDK's own retry of a call takes that call's
-  (``_endpoint_retries``).
+  (``_endpoint_retries``), and that of a batch create answers the batch its try made (``_endpoint_batch_once``).
 
 Response headers of a generation: ``X-Smartbatch-Mode`` (sync, flex, batch_api, gpu_batch, reuse),
 ``X-Smartbatch-Cost-Usd``, ``X-Smartbatch-Saving-Usd`` (list price minus cost), ``X-Smartbatch-Hit`` (exact,
@@ -135,8 +135,10 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
     # The client's timeout and the time a batch waited are real seconds; deadlines are engine seconds (a
     # compressed clock in demos and tests).
     speedup = float(getattr(getattr(engine, "clock", None), "speedup", 1.0))
+    retries = SdkRetries()  # an SDK's retry of a call (a batch create too) is that call's, never a second one
     store = FilesAndBatches(engine, catalog, window_default_s=window_default_s, cancel_wait_s=cancel_wait_s,
-                            max_open_lines=max_open_batch_lines, state_dir=state_dir, speedup=speedup)
+                            max_open_lines=max_open_batch_lines, state_dir=state_dir, speedup=speedup,
+                            retries=retries)
     videos = VideoRoutes(engine, catalog, headers_of=lambda req, res: _smartbatch_headers(req, res, catalog),
                          state=store.state, speedup=speedup)
 
@@ -156,7 +158,6 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
         keys.guard(app)
     validator = Validator(catalog, engine.settings)
     known = {m for p in catalog.providers.values() for m in p.models}
-    retries = SdkRetries()  # an SDK's retry of a call is that call's request, never a second one
 
     async def generate(http: HttpRequest, body: dict[str, Any], url: str) -> JSONResponse:
         done, headers = await answer(http, body, url)
