@@ -223,7 +223,11 @@ def fallback_slot(group, c: TextConsts, hedge_at: float, calls_s: float, k: int,
 def flex_fits(provider, spec, req: Request, now: float) -> bool:
     """Whether ``req`` may go at the flex tier now: its model takes it, a flex call at its 99th-percentile latency
     ends within the tier's client timeout, and before its deadline there is room for that call and then a
-    standard one (sent if the tier refuses it), so the tier's price never costs a deadline (``flex_room``)."""
+    standard one (sent if the tier refuses it), so the tier's price never costs a deadline (``flex_room``). Not
+    a request whose own body names a tier (``service_tier`` other than ``auto``): it chose its tier, and a live
+    engine sends and bills it there, so planned at flex the simulator priced it at batch prices (a review)."""
+    if (req.body or {}).get("service_tier") not in (None, "auto"):
+        return False
     return req.deadline_at - now >= flex_room(provider, spec, req)
 
 

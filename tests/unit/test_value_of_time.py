@@ -56,6 +56,20 @@ def test_a_lone_request_that_a_batch_would_barely_save_on_is_sent_at_once(deadli
         assert [(x.mode, x.t, x.reason) for x in tiered.batches] == [(b.mode, b.t, b.reason)]
 
 
+@pytest.mark.parametrize("deadline_s", [600.0, 86400.0])  # sent flex at arrival; sent at once after a batch is weighed
+def test_a_request_whose_body_names_its_tier_is_planned_and_priced_at_that_tier(deadline_s):
+    """A body naming ``service_tier: "default"`` (the one tier besides ``auto`` a request may name) chose its tier: the live engine sends and bills it there, so
+    smart plans it there too. Before, the simulator planned it at flex and priced it at batch prices while a live
+    run paid standard. A body saying ``auto`` still goes flex, as a live engine sends it."""
+    body = {"messages": [{"role": "user", "content": "Summarise the report."}]}
+    chose = req(0, deadline_s, body={**body, "service_tier": "default"})
+    res = simulate([chose], load_policy("smart", CAT))
+    assert [b.mode for b in res.batches] == ["sync"] and res.met.all()
+    assert res.cost[0] == pytest.approx(price_alone(chose, CAT, "sync").total)
+    auto = simulate([req(0, deadline_s, body={**body, "service_tier": "auto"})], load_policy("smart", CAT))
+    assert [b.mode for b in auto.batches] == ["flex"]
+
+
 def test_a_lone_request_does_not_count_itself_as_company():
     """Alone in a new lane, a request is judged on its own saving: it goes at once, not after a gather that
     nothing joins (which would only make it late at the sync price)."""
