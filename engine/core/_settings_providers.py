@@ -48,8 +48,8 @@ class ProviderEndpoint(BaseModel):
         "again either way: it answers with the first operation"))
     flex_tier: bool | None = Field(default=None, description=(
         "whether the server takes OpenAI's service_tier 'flex' (the catalog's flex block): a flex decision is then "
-        "sent at that tier. None: only OpenAI's own API (api.openai.com) and the project's emulator (which sets "
-        "True) do; a wire-format-only server (vLLM, Groq) may not know the value, so the call goes at the standard "
+        "sent at that tier. None: only OpenAI's own API (api.openai.com) and the project's emulator (a loopback "
+        "address whose path is /openai/v1, as `smartbatch emulate` serves it) do; a wire-format-only server (vLLM, Groq) may not know the value, so the call goes at the standard "
         "tier and is billed standard"))
 
     strict_fields: bool | None = Field(default=None, description=(
@@ -69,8 +69,11 @@ class ProviderEndpoint(BaseModel):
 
     def serves_flex(self, environ: Mapping[str, str] | None = None) -> bool:
         """Whether OpenAI's ``service_tier: "flex"`` goes to this server (``flex_tier``; unset: its address is
-        OpenAI's own API)."""
-        return self.flex_tier if self.flex_tier is not None else self.at_openai(environ)
+        OpenAI's own API or the project's emulator, which serves the tier: a README run against it planned no flex
+        while the simulator row of the same run did)."""
+        if self.flex_tier is not None:
+            return self.flex_tier
+        return self.at_openai(environ) or self.at_emulator(environ)
 
     def refuses_unknown_fields(self, environ: Mapping[str, str] | None = None) -> bool:
         """Whether an OpenAI-format server refuses a body field the openai SDK does not type (``strict_fields``;

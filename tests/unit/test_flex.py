@@ -207,3 +207,23 @@ def test_the_gate_hands_back_flex_work_it_would_start_standard_where_its_claim_h
     (e,), _ = sim.pump(0.0)
     assert e.kind == ("to_standard" if reserved else "sync") and e.work.item == "claimed"
     assert sim.gates[None].running == (0 if reserved else 1)
+
+
+@pytest.mark.parametrize(("url", "flex_tier", "planned"), [
+    ("http://127.0.0.1:8765/openai/v1", None, True), ("http://localhost:8765/openai/v1/", None, True),
+    ("http://127.0.0.1:8765/openai/v1", False, False), ("http://127.0.0.1:8000/v1", None, False),
+    ("http://127.0.0.1:8000/v1", True, True)])
+def test_a_live_run_at_the_emulators_address_plans_the_tier_without_flex_tier(monkeypatch, url, flex_tier, planned):
+    """The README's run against ``smartbatch emulate`` sets no ``flex_tier``: its live engine planned no flex (the
+    tier dropped from its catalog) while the simulator row of the same run did. The emulator's address (loopback,
+    ``/openai/v1``, as for ``strict_fields``) now says the server takes it; a wire-format server (vLLM's ``/v1``)
+    still does not unless told, and ``flex_tier`` overrides either way."""
+    from engine.app.provider_setup import http_setup
+    from engine.core.settings import Settings
+
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    monkeypatch.setenv("OPENAI_API_KEY", "x")
+    ep = {"api": "openai", "api_key_env": "OPENAI_API_KEY", "base_url": url, "flex_tier": flex_tier}
+    plan, _ = http_setup(CAT, Settings(providers={"mode": "http", "endpoints": {"openai": ep}}))
+    assert (plan.providers["openai"].flex is not None) is planned
+    assert (plan.providers["openai"].flex == CAT.providers["openai"].flex) is planned
