@@ -91,6 +91,8 @@ class QuotaStop:
 class SyncCalls:
     """Sync-call methods of ``Dispatcher``."""
 
+    _flex_probe: str | None = None  # the one reserved flex call under way at a server not yet seen serving flex
+
     def _as_call(self, b: BatchJob, j: Job) -> tuple[str, BatchJob]:
         """The work kind ``j`` of ``b`` is queued as, and ``b`` as its call reads it: a flex dispatch goes at the
         flex tier where the provider takes it for this model, else standard (``b`` then says sync: billed so).
@@ -215,7 +217,19 @@ class SyncCalls:
                 self._final(b, j, False, 0.0, mode, error=why)
                 self._pump()
                 return
+        if flex and j.claim is not None and not getattr(self.provider, "flex_served", True):
+            # A server named ``flex_tier: true`` not yet seen serving the tier may ignore it and bill each flex
+            # call under way standard, up to twice its claim: one reserved flex call at a time until it answers
+            # one at flex (``flex_served``); meanwhile the others go back for the standard price.
+            if self._flex_probe is not None:
+                self.sim.finish_sync(r.model, self.clock.now(), 0)
+                self._back_or_end(b, j)
+                self._pump()
+                return
+            self._flex_probe = r.uid
         a = await self.provider.call(cj)
+        if self._flex_probe == r.uid:
+            self._flex_probe = None
         # A give-up of its last try kept the job, which this try polled again: this outcome is that job's.
         self._kept.discard(r.uid)
         self._note_warm(r, a, start)

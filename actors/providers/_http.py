@@ -198,11 +198,10 @@ class HttpBase:
 
     def __init__(self, name: str, catalog: Catalog, settings: Settings, endpoint: ProviderEndpoint,
                  key: Secret | None, clock):
-        self.name = name
-        self.catalog = catalog
+        self.name, self.catalog, self.settings, self.endpoint = name, catalog, settings, endpoint
         self.spec = catalog.provider(name)
-        self.settings = settings
-        self.endpoint = endpoint
+        # Serves the flex tier: OpenAI and the emulator by address, another once it answered a flex call at flex.
+        self.flex_served = endpoint.at_openai() or endpoint.at_emulator()
         self.honours_keys = endpoint.honours_idempotency_key
         self._key = key or Secret("")
         self.clock = clock
@@ -296,6 +295,7 @@ class HttpBase:
             self._check_tier(tier)
             return False
         if tier == "flex":
+            self.flex_served = True
             return True
         self.flex_unserved = True  # billed standard: a flex call's claim (the flex price) no longer covers it
         if f"flex:{tier}" not in self._tiers_told:

@@ -612,3 +612,50 @@ def test_a_reserved_flex_call_retried_once_the_server_showed_it_ignores_the_tier
         finally:
             await rig.close()
     asyncio.run(go())
+
+
+def test_at_a_server_not_yet_seen_serving_flex_one_reserved_flex_call_goes_at_a_time(emu, monkeypatch):  # noqa: F811
+    """A server named ``flex_tier: true`` (neither OpenAI's address nor the emulator's: ``flex_served`` unset) may
+    ignore the field and bill every flex call under way standard, each up to twice its flex claim. Until it answers
+    one at flex, one reserved flex call goes at a time; another goes back for the standard price, uncalled. Before,
+    both were made on their flex claims and billed standard. Once one is served at flex, they go together."""
+    import engine.emulator._openai as emu_openai
+
+    async def two_at_once(rig: Rig, tag: str) -> list[Job]:
+        """Two reserved flex dispatches, the calls held until both have been made or sent back."""
+        jobs = [Job(i, flex_req(f"{tag}-{i}"), "fp", claim=f"{tag}{i}") for i in range(2)]
+        held, spy = asyncio.Event(), rig.d.provider.call
+        made: list[str] = []
+
+        async def gated(job):
+            made.append(job.req.id)
+            await held.wait()
+            return await spy(job)
+        rig.d.provider.call = gated
+        await rig.reserve(jobs)
+        await rig.run("flex", jobs, bid=tag)
+
+        def back() -> list[Job]:
+            return [j for j in rig.grouper.readmitted() if j.req.id.startswith(tag)]
+        await rig.until(lambda: len(made) + len(back()) == 2, "both made, or one made and one back")
+        held.set()
+        await rig.until(lambda: all(rig.results.get(r) for r in made), "the made calls answered")
+        rig.d.provider.call = spy
+        return back()
+
+    async def go(ignored: bool):
+        if ignored:
+            monkeypatch.setattr(emu_openai, "_tier", lambda ctx, body: "sync")  # the tier asked, ignored
+        rig = Rig(emu)
+        try:
+            rig.d.provider.flex_served = False  # as at another address named flex_tier: true
+            tag = "ignored" if ignored else "served"  # ids of their own: the emulator replays a key it answered
+            (back,) = await two_at_once(rig, tag)
+            assert back.claim == f"{tag}1" and back.standard is not None and _tiers(rig) == ["flex"]
+            assert rig.d.provider.flex_served is not ignored
+            if not ignored:  # served at flex once: both of the next go flex
+                assert await two_at_once(rig, "then") == [] and _tiers(rig) == ["flex"] * 3
+        finally:
+            await rig.close()
+    asyncio.run(go(False))
+    asyncio.run(go(True))
