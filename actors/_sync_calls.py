@@ -227,9 +227,11 @@ class SyncCalls:
                 self._pump()
                 return
             self._flex_probe = r.uid
-        a = await self.provider.call(cj)
-        if self._flex_probe == r.uid:
-            self._flex_probe = None
+        try:
+            a = await self.provider.call(cj)
+        finally:  # a call cancelled (the dispatcher stopping) frees it too: held, every later one went standard
+            if self._flex_probe == r.uid:
+                self._flex_probe = None
         # A give-up of its last try kept the job, which this try polled again: this outcome is that job's.
         self._kept.discard(r.uid)
         self._note_warm(r, a, start)
