@@ -43,12 +43,18 @@ model's maximum. The text is exactly ``4 * output_tokens`` characters: ``[emulat
 then filler (``filler_text``), so it counts back to the same tokens and differs between prompts.
 finish_reason ``length``/``stop`` (Anthropic stop_reason ``max_tokens``/``end_turn``). A ``tool_choice`` that
 forces a call (``"required"`` or a named function; Anthropic ``{"type": "any"}`` or a named tool) adds one call
-of that tool (else the first listed) with empty arguments after the text (finish_reason ``tool_calls``,
-stop_reason ``tool_use``; a Responses ``function_call`` item). At Anthropic the forced call is the whole answer,
-as the API gives it (no text before a forced call), its ``input`` every required property of the tool's
-``input_schema`` at a placeholder of its type (a string ``"emulated"``, an enum's first value); a custom tool
-needs an object ``input_schema``, and each ``tool_use`` needs its ``tool_result`` in the next turn (400s as the
-API's, ``_anthropic_tools``).
+of that tool (else the first listed) after the text (finish_reason ``tool_calls``, stop_reason ``tool_use``; a
+Responses ``function_call`` item). At Anthropic the forced call is the whole answer, as the API gives it (no text
+before a forced call); a custom tool needs an object ``input_schema``, and each ``tool_use`` needs its
+``tool_result`` in the next turn (400s as the API's, ``_anthropic_tools``).
+
+Structured outputs (``_schema``). A forced call's arguments and the answer to a ``json_schema`` format (chat's
+``response_format``, Responses' ``text.format``, Anthropic's ``output_config.format``) are compact JSON valid against
+the schema: required properties only, an enum's first value, numbers inside their bounds, one array item (or
+``minItems``), the non-null branch of a nullable, ``$ref`` resolved; the first free-form string starts with the
+prompt's digest. A ``json_schema`` answer with a free-form string is ``4 * output_tokens`` characters as the lorem
+text is; without one, as long as its JSON (output tokens ``ceil(chars / 4)``). The arguments are the shortest
+instance, billed as output beside the text; past the cap the JSON is cut there.
 
 Prompt cache, per model, on the catalog's terms for it (``ProviderSpec.cache_of``: its provider's ``prompt_cache`` and its own):
 automatic providers cache every prefix of every prompt for ``ttl_s``; a call reads the longest warm prefix,

@@ -10,12 +10,13 @@ import re
 from typing import Any
 
 from engine.core._api_fields import MIN_THINKING_BUDGET
-from engine.emulator._anthropic_tools import check_tool_turns, check_tools, forced, input_for
+from engine.emulator._anthropic_tools import check_tool_turns, check_tools, forced, tool_input
 from engine.emulator._batches import MemberOutcome, MessageBatch, Schedule, newest_first
 from engine.emulator._core import Core, TextCall
 from engine.emulator._faults import FaultPlan
 from engine.emulator._fields import check_fields
 from engine.emulator._routing import Ctx, Route, route
+from engine.emulator._schema import answer_of
 from engine.emulator._text import anthropic_prompt, forced_tool
 from engine.emulator._wire import ApiError, Reply, error_object, json_reply
 
@@ -61,15 +62,16 @@ def message_result(core: Core, provider: str, body: dict, mode: str, at: float |
     _system_messages(messages, spec.mid_conversation_system)
     check_tool_turns(body.get("messages"))
     prompt = anthropic_prompt(body, spec.image_input or p.image_input, spec.tool_prompt or p.tool_prompt)
-    call = core.text_call(p, spec, body["model"], prompt, body["max_tokens"], "max_tokens", mode, at)
     tool = forced_tool(body)
+    call = core.text_call(p, spec, body["model"], prompt, body["max_tokens"], "max_tokens", mode, at,
+                          answer=answer_of(body, "anthropic", text=tool is None or not forced(body)))
     # A forced call is the whole answer (no text before it), its input what the tool's schema requires.
     out = {
         "id": core.new_id("msg_"), "type": "message", "role": "assistant", "model": body["model"],
         "content": [*([] if tool is not None and forced(body) else [{"type": "text", "text": call.text,
                                                                       "citations": None}]),
                     *([] if tool is None else [{"type": "tool_use", "id": core.new_id("toolu_"), "name": tool,
-                                                "input": input_for(body, tool)}])],
+                                                "input": tool_input(call.args)}])],
         "stop_reason": "max_tokens" if call.capped else "end_turn" if tool is None else "tool_use",
         "stop_sequence": None,
         "usage": {"input_tokens": call.split.plain, "output_tokens": call.output_tokens,

@@ -3,17 +3,16 @@
 the turn right after it, and a ``tool_result`` answers a ``tool_use`` of the turn right before (consecutive turns
 of one role are one turn, as the API combines them); a forced call (``tool_choice`` ``any`` or ``tool``) is the
 answer's only content, "the model will not emit a natural language response before tool_use blocks" (Anthropic's
-tool-use docs), with an ``input`` that has every required property of the tool's schema, as a model fills it."""
+tool-use docs), with an ``input`` that is an instance of the tool's ``input_schema`` (``_schema``)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from engine.emulator._wire import ApiError
 
-__all__ = ["check_tool_turns", "check_tools", "forced", "input_for"]
-
-_PLACEHOLDER = {"string": "emulated", "integer": 1, "number": 1, "boolean": True, "array": [], "null": None}
+__all__ = ["check_tool_turns", "check_tools", "forced", "tool_input"]
 
 
 def check_tools(tools: Any) -> None:
@@ -78,28 +77,11 @@ def forced(body: dict) -> bool:
     return isinstance(choice, dict) and choice.get("type") in ("any", "tool")
 
 
-def input_for(body: dict, name: str) -> dict[str, Any]:
-    """The ``input`` of a call of tool ``name``: each required property of its schema, at a placeholder of its
-    type (an enum's first value)."""
-    tool = next((t for t in body.get("tools") or () if isinstance(t, dict) and t.get("name") == name), {})
-    value = _value(tool.get("input_schema"), 0)
+def tool_input(args: str | None) -> dict[str, Any]:
+    """A forced call's ``input``: its arguments (an instance of the tool's ``input_schema``, ``_schema``); a call
+    cut at ``max_tokens`` mid-arguments has what parses, which is nothing."""
+    try:
+        value = json.loads(args or "")
+    except ValueError:
+        return {}
     return value if isinstance(value, dict) else {}
-
-
-def _value(schema: Any, depth: int) -> Any:
-    if not isinstance(schema, dict) or depth > 8:
-        return None
-    if schema.get("enum"):
-        return schema["enum"][0]
-    if "const" in schema:
-        return schema["const"]
-    options = schema.get("anyOf") or schema.get("oneOf")
-    if isinstance(options, list) and options:
-        return _value(options[0], depth + 1)
-    kind = schema.get("type")
-    if isinstance(kind, list):
-        kind = next((k for k in kind if k != "null"), "null")
-    if kind == "object" or "properties" in schema:
-        props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
-        return {k: _value(props.get(k), depth + 1) for k in schema.get("required") or () if isinstance(k, str)}
-    return _PLACEHOLDER.get(kind, "emulated")

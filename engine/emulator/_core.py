@@ -20,7 +20,8 @@ from engine.core.request import Request, validation_context
 from engine.core.settings import Settings
 from engine.emulator._bill import BilledItem, Ledger
 from engine.emulator._cache import PromptCaches
-from engine.emulator._text import Prompt, filler_text, natural_tokens
+from engine.emulator._schema import Answer
+from engine.emulator._text import Prompt, natural_tokens
 from engine.emulator._wire import ApiError, Dropped
 
 __all__ = ["EMULATED_AUTO_QUALITY", "Core", "FileRecord", "TextCall"]
@@ -39,6 +40,7 @@ class TextCall(NamedTuple):
     capped: bool
     price: Price
     thoughts: int = 0  # of output_tokens, those the model thought (billed as output; not in the text)
+    args: str | None = None  # a forced tool call's arguments (JSON, billed as output), None without one
 
     @property
     def input_tokens(self) -> int:
@@ -158,10 +160,12 @@ class Core:
 
     # -- text ------------------------------------------------------------------------------------------------
     def text_call(self, provider: ProviderSpec, spec: ModelSpec, model: str, prompt: Prompt, cap: Any,
-                  cap_param: str, mode: BillMode, at: float | None = None, thoughts: int = 0) -> TextCall:
+                  cap_param: str, mode: BillMode, at: float | None = None, thoughts: int = 0,
+                  answer: Answer = Answer()) -> TextCall:
         """Count, cache and price one text call made at emulator time ``at`` (default: now). The cache is
         updated at once, as a provider caches the prompt at prefill. ``thoughts``: tokens the model thinks
-        first, within the cap (as Gemini's maximum output counts them), billed as output."""
+        first, within the cap (as Gemini's maximum output counts them), billed as output. ``answer``: what the
+        model writes (lorem text, JSON of a schema, a forced tool call: ``_schema``), billed as the tokens it is."""
         given = cap if isinstance(cap, int) and not isinstance(cap, bool) else 0  # a cap counts if asked
         if cap is None:
             cap = spec.max_output_tokens
@@ -180,15 +184,15 @@ class Core:
                            f"messages or {cap_param}.", code="context_length_exceeded")
         natural = natural_tokens(prompt.last_user, self.default_output_tokens)
         thoughts = min(thoughts, cap - 1)
-        out = min(cap - thoughts, natural)
+        written = answer.write(prompt.text, natural, cap - thoughts)
         pc = provider.cache_of(spec)
         use_cache = pc is not None and (mode != "batch_api" or pc.stacks_with_batch)
         with self.lock:
             split = (self.caches.use(provider, spec, model, prompt, self.now() if at is None else at) if use_cache
                      else CacheSplit(0, 0, prompt.tokens))
-        price = price_text(provider, spec, split, out + thoughts, mode)
-        return TextCall(provider.name, model, split, out + thoughts, filler_text(prompt.text, out),
-                        natural > cap - thoughts, price, thoughts)
+        price = price_text(provider, spec, split, written.tokens + thoughts, mode)
+        return TextCall(provider.name, model, split, written.tokens + thoughts, written.text, written.capped, price,
+                        thoughts, written.args)
 
     def bill_text(self, call: TextCall, mode: BillMode, route: str, request_id: str,
                   custom_id: str | None = None, idempotency_key: str | None = None) -> None:

@@ -19,6 +19,7 @@ from engine.emulator._core import EMULATED_AUTO_QUALITY, BillMode, Core, TextCal
 from engine.emulator._fields import check_fields
 from engine.emulator._gemini import gemini_image, gemini_image_answer, gemini_thoughts, gemini_usage
 from engine.emulator._routing import Ctx, Route, route
+from engine.emulator._schema import answer_of
 from engine.emulator._text import chat_prompt, forced_tool, responses_prompt
 from engine.emulator._wire import ApiError, Reply, json_reply
 
@@ -94,12 +95,12 @@ def chat_result(core: Core, provider: str, body: dict, mode: str, at: float | No
     thoughts = gemini_thoughts(body, spec) if p.compat == "gemini" else 0
     _sampling(body, spec)
     cap, cap_param = _cap(body, "max_completion_tokens", "max_tokens")
-    call = core.text_call(p, spec, body["model"], prompt, cap, cap_param, mode, at, thoughts)
+    call = core.text_call(p, spec, body["model"], prompt, cap, cap_param, mode, at, thoughts, answer_of(body, "chat"))
     message: dict[str, Any] = {"role": "assistant", "content": call.text, "refusal": None, "annotations": []}
     finish = "length" if call.capped else "stop"
     if (tool := forced_tool(body)) is not None:  # the text, then the call (the API may send both)
         message["tool_calls"] = [{"id": core.new_id("call_"), "type": "function",
-                                  "function": {"name": tool, "arguments": "{}"}}]
+                                  "function": {"name": tool, "arguments": call.args or ""}}]
         finish = "tool_calls"
     out = {
         "id": core.new_id("chatcmpl-"), "object": "chat.completion",
@@ -127,7 +128,8 @@ def responses_result(core: Core, provider: str, body: dict, mode: str, at: float
     prompt = responses_prompt(body, spec.image_input or p.image_input, spec.tool_prompt or p.tool_prompt)
     _sampling(body, spec)
     cap, cap_param = _cap(body, "max_output_tokens")
-    call = core.text_call(p, spec, body["model"], prompt, cap, cap_param, mode, at)
+    call = core.text_call(p, spec, body["model"], prompt, cap, cap_param, mode, at,
+                          answer=answer_of(body, "responses"))
     now = core.now() if at is None else at
     out = {
         "id": core.new_id("resp_"), "object": "response", "created_at": now, "completed_at": now,
@@ -139,7 +141,7 @@ def responses_result(core: Core, provider: str, body: dict, mode: str, at: float
         "output": [{"type": "message", "id": core.new_id("msg_"), "role": "assistant",
                     "status": "incomplete" if call.capped else "completed",
                     "content": [{"type": "output_text", "text": call.text, "annotations": []}]},
-                   *_function_calls(core, body)],
+                   *_function_calls(core, body, call)],
         "usage": {"input_tokens": call.input_tokens,
                   "input_tokens_details": {"cached_tokens": call.split.read,
                                            "cache_write_tokens": call.split.write},
@@ -149,10 +151,11 @@ def responses_result(core: Core, provider: str, body: dict, mode: str, at: float
     return call, out
 
 
-def _function_calls(core: Core, body: dict) -> list[dict]:
+def _function_calls(core: Core, body: dict, call: TextCall) -> list[dict]:
     tool = forced_tool(body)
     return [] if tool is None else [{"type": "function_call", "id": core.new_id("fc_"), "call_id": core.new_id("call_"),
-                                     "name": tool, "arguments": "{}", "status": "completed"}]
+                                     "name": tool, "arguments": call.args or "",
+                                     "status": "incomplete" if call.capped else "completed"}]
 
 
 def _served(mode: str) -> str:

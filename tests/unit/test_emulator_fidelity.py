@@ -224,7 +224,8 @@ def test_anthropic_tool_use_is_refused_and_answered_as_the_messages_api_does(emu
                                     tool_choice={"type": "tool", "name": "get_weather"})
     (call,) = forced.content  # the call alone: no text before a forced one
     assert call.type == "tool_use" and forced.stop_reason == "tool_use"
-    assert call.input == {"city": "emulated", "unit": "C"}  # what the schema requires, as a model fills it
+    # What the schema requires, as a model fills it (its free-form string seeded by the prompt, as lorem text is).
+    assert call.input["unit"] == "C" and call.input["city"].startswith("[emulator ") and "days" not in call.input
 
 
 def test_a_gpt_6_cache_write_is_billed_at_1_25x_its_input_price(emu: Emulator, sdk: Sdk):  # noqa: F811
