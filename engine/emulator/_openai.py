@@ -101,7 +101,7 @@ def chat_result(core: Core, provider: str, body: dict, mode: str, at: float | No
     if (tool := forced_tool(body)) is not None:  # the text, then the call (the API may send both)
         message["tool_calls"] = [{"id": core.new_id("call_"), "type": "function",
                                   "function": {"name": tool, "arguments": call.args or ""}}]
-        finish = "tool_calls"
+        finish = "length" if call.capped else "tool_calls"  # arguments cut at the cap are not a call
     out = {
         "id": core.new_id("chatcmpl-"), "object": "chat.completion",
         "created": int(core.now() if at is None else at),

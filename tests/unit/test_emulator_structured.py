@@ -82,6 +82,11 @@ def test_responses_json_schema_and_forced_tool_calls_follow_their_schemas(emu: E
     Order.model_validate(args["order"])
     # The call's arguments are output too: the text's 5 tokens and theirs.
     assert done.usage.completion_tokens == 5 + tokens(len(call.function.arguments))
+    # Past the cap the arguments are cut there, as a provider cuts them, and the answer says so.
+    cut = client.chat.completions.create(model="gpt-4o-mini", messages=asks(5), tools=[tool], tool_choice="required",
+                                         max_completion_tokens=8)
+    assert cut.choices[0].finish_reason == "length" and cut.usage.completion_tokens == 8
+    assert cut.choices[0].message.tool_calls[0].function.arguments == call.function.arguments[:4 * 3]
     rtool = {"type": "function", "name": "book", "parameters": params, "strict": True}
     resp = client.responses.create(model="gpt-4o-mini", input="Book.", tools=[rtool], tool_choice="required")
     jsonschema.validate(json.loads(resp.output[-1].arguments), params)
