@@ -41,6 +41,17 @@ def capped_rig(emu: Any, cap: int) -> Rig:  # noqa: F811
     return rig
 
 
+async def all_answered_from_their_batches(rig: Rig, emu: Any, jobs: list[Job]) -> None:  # noqa: F811
+    """Once a stalled read lets go: every member answered once, none sent back, each billed once in its batch and
+    none made by a sync call, and the budget settled to the emulator's bill."""
+    await rig.resolved(jobs)
+    assert len(rig.results) == len(jobs) and not rig.grouper.readmitted()
+    billed = billed_by_custom_id(emu)
+    assert set(billed) == {batch_key(j) for j in jobs} and len(emu.bill().items) == len(jobs)
+    assert emu.count("images.generations") == 0
+    await rig.settled_to(emu.bill().total_usd)
+
+
 def test_the_default_bound_is_512_mib_over_each_image_lines_own_bound():
     """An image dispatch is cut by its lines' bounds: gpt-image-2's largest size, 1536x1024, as a png stored
     uncompressed (4 bytes a pixel of RGBA, in base64: over 8 MiB) fits 62 to a batch; 1024x1024 ones fit 93."""
@@ -181,12 +192,7 @@ def test_a_hung_image_read_holds_no_other_image_batch_past_its_hedge(emu):  # no
             await rig.until(lambda: len(rig.results) == cap, "the other batch's members, by its hedge")
             assert len(first) == 1 and not rig.grouper.readmitted()
             stalled.set()
-            await rig.resolved(jobs)
-            assert len(rig.results) == len(jobs) and not rig.grouper.readmitted()
-            billed = billed_by_custom_id(emu)
-            assert set(billed) == {batch_key(j) for j in jobs} and len(emu.bill().items) == len(jobs)
-            assert emu.count("images.generations") == 0
-            await rig.settled_to(emu.bill().total_usd)
+            await all_answered_from_their_batches(rig, emu, jobs)
         finally:
             stalled.set()
             await rig.close()

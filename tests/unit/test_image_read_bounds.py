@@ -26,7 +26,7 @@ from tests.unit.test_http_providers import (  # noqa: F401  (emu: the fixture)
     billed_by_custom_id,
     emu,
 )
-from tests.unit.test_image_batch_memory import capped_rig, five_images
+from tests.unit.test_image_batch_memory import all_answered_from_their_batches, capped_rig, five_images
 from tests.unit.test_image_batches import image
 
 W, H = 1536, 1024
@@ -173,12 +173,7 @@ def test_a_stalled_read_holds_no_batch_past_its_hedge_and_nothing_is_lost_or_pai
             await rig.until(others_in, "the other batches' members, by their hedges")
             assert len(first) == 1 and not rig.grouper.readmitted() and peak[0] <= 2
             stalled.set()
-            await rig.resolved(jobs)
-            assert len(rig.results) == len(jobs) and not rig.grouper.readmitted()
-            billed = billed_by_custom_id(emu)
-            assert set(billed) == {batch_key(j) for j in jobs} and len(emu.bill().items) == len(jobs)
-            assert emu.count("images.generations") == 0
-            await rig.settled_to(emu.bill().total_usd)
+            await all_answered_from_their_batches(rig, emu, jobs)
         finally:
             stalled.set()
             await rig.close()
