@@ -145,6 +145,8 @@ class App:
         if fault.cut_connection:  # run (and billed, and kept under its key), the connection closed unanswered
             self._answer(r, ctx)
             return _DROP
+        if fault.trickle_s:  # answered as usual, slowly (``_Handler``)
+            return self._answer(r, ctx)._replace(trickle_s=fault.trickle_s)
         # Held in real seconds: the point is to outlast a client's (real) timeout.
         if fault.timeout_s and self.core.stopping.wait(fault.timeout_s):
             return _DROP

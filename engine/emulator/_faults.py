@@ -26,7 +26,9 @@ class FaultSpec(BaseModel):
     without an answer, so a client that waits longer sees a dropped connection, never a free result.
     ``cut_body``: the call runs and is billed, and its answer's body is cut in half (not JSON). ``cut_connection``:
     the call runs and is billed, then the connection is closed with no answer (a client sees the server disconnect
-    after it sent the request: httpx's ``RemoteProtocolError``). ``code`` and
+    after it sent the request: httpx's ``RemoteProtocolError``). ``trickle_s``: the call is answered as usual, its
+    body sent a byte every ``trickle_s`` real seconds (a server alive but slow: a byte inside a client's timeout
+    between chunks keeps its read going for the body's length times that, a results file's for hours). ``code`` and
     ``type``: the error body's ``error.code`` and ``error.type`` in place of the status's own, e.g. OpenAI's
     out-of-credit 429 ``{'status': 429, 'code': 'insufficient_quota', 'type': 'insufficient_quota'}`` (sent
     without ``retry-after``: no wait lifts it) or Anthropic's ``{'status': 402, 'type': 'billing_error'}``."""
@@ -41,13 +43,15 @@ class FaultSpec(BaseModel):
     type: str | None = None
     cut_body: bool = False
     cut_connection: bool = False
+    trickle_s: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _something(self) -> FaultSpec:
-        if self.status is None and self.timeout_s is None and not self.cut_body and not self.cut_connection:
-            raise ValueError("a fault needs 'status' (e.g. 429, 500, 529), 'timeout_s', 'cut_body' or "
-                             "'cut_connection'")
-        cut = [f for f in ("cut_body", "cut_connection") if getattr(self, f)]
+        if (self.status is None and self.timeout_s is None and not self.cut_body and not self.cut_connection
+                and self.trickle_s is None):
+            raise ValueError("a fault needs 'status' (e.g. 429, 500, 529), 'timeout_s', 'cut_body', "
+                             "'cut_connection' or 'trickle_s'")
+        cut = [f for f in ("cut_body", "cut_connection", "trickle_s") if getattr(self, f)]
         if cut and (self.status is not None or self.timeout_s is not None or len(cut) > 1):
             raise ValueError(f"{cut[0]!r} answers the call itself: give it alone")
         return self

@@ -49,7 +49,18 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.send_header("content-length", str(len(reply.body)))
         self.end_headers()
-        self.wfile.write(reply.body)
+        if not reply.trickle_s:
+            self.wfile.write(reply.body)
+            return
+        stopping = self.server.app.core.stopping
+        for i in range(len(reply.body)):
+            try:
+                self.wfile.write(reply.body[i:i + 1])
+            except OSError:  # the client gave the read up
+                break
+            if stopping.wait(reply.trickle_s):
+                break
+        self.close_connection = True
 
     def do_GET(self) -> None:
         self._dispatch("GET")

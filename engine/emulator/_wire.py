@@ -25,12 +25,14 @@ Family = Literal["openai", "anthropic", "google"]  # google: the Gemini API's ow
 
 
 class Reply(NamedTuple):
-    """One HTTP answer. ``drop``: close the connection without answering (a fault, or the emulator stopping)."""
+    """One HTTP answer. ``drop``: close the connection without answering (a fault, or the emulator stopping).
+    ``trickle_s``: send the body a byte every that many real seconds (``FaultSpec.trickle_s``)."""
 
     status: int
     headers: dict[str, str]
     body: bytes
     drop: bool = False
+    trickle_s: float = 0.0
 
 
 class ApiError(SmartbatchError):
