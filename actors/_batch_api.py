@@ -209,16 +209,29 @@ class BatchApiRuns(QueueFull, BatchWatch, ResultsReads):
             else:
                 await self._sleep(min(POLL_RETRY_S, until - now))
 
-    async def _fetch(self, handle) -> dict | None:
+    async def _fetch(self, handle, cjobs: list[CallJob], hedge_at: float | None) -> dict | None:
         """The results of an ended batch, or None if they could not be read. Its finished members were billed: a
-        failed read is tried again (a member handed back is sent again, paid twice), then given up on loudly."""
-        for attempt in range(FETCH_TRIES):
+        failed read is tried again (a member handed back is sent again, paid twice), then given up on loudly. A
+        try that outlasts its bound (``_read_bound_s``: a server trickling the file) is made again, not counted:
+        the file stays at the provider, and a read given up on sends the members again. Past
+        ``batch_results_read_max_s`` after the hedge, every member fails possibly billed (``_unread_batch``)."""
+        since = self.clock.now()
+        until = max(since, hedge_at or 0.0) + self.settings.batch_results_read_max_s
+        attempt = 0
+        while attempt < FETCH_TRIES:
             try:
-                return dict(await self.provider.fetch(handle))
+                return await self._read_results(handle, cjobs)
+            except asyncio.TimeoutError:  # (TimeoutError from 3.11)
+                log.warning("dispatcher %s: a try at reading batch results outlasted its bound (%.0f s); read again",
+                            self.name, self._read_bound_s(cjobs))
+                if self.clock.now() >= until:
+                    return self._unread_batch(handle, cjobs, since)
+                await asyncio.sleep(RETRY_BASE_S)
             except Exception as exc:
                 log.warning("dispatcher %s: batch results could not be read (%s)", self.name, _short(exc))
-                if attempt + 1 < FETCH_TRIES:
-                    await asyncio.sleep(RETRY_BASE_S * 2 ** attempt)
+                attempt += 1
+                if attempt < FETCH_TRIES:
+                    await asyncio.sleep(RETRY_BASE_S * 2 ** (attempt - 1))
         log.error("dispatcher %s: the results of an ended batch could not be read after %d tries%s", self.name,
                   FETCH_TRIES, " (the engine is cancelled: tried again)" if self._cancelled else "; its members are "
                   "sent again, and those it finished are paid twice (read later, counted and charged)")
@@ -315,9 +328,9 @@ class BatchApiRuns(QueueFull, BatchWatch, ResultsReads):
         # Held from the read of an image batch's results until every member is handed on (``_results_slot``).
         async with self._results_slot(jobs if handle is not None else [], hedge_at):
             if handle is not None:
-                read, rounds = await self._fetch(handle), 0
+                read, rounds = await self._fetch(handle, cjobs, hedge_at), 0
                 while read is None and self._cancelled and (rounds := rounds + 1) <= CANCELLED_READS:  # as above
-                    read = await self._sleep(POLL_RETRY_S) or await self._fetch(handle)
+                    read = await self._sleep(POLL_RETRY_S) or await self._fetch(handle, cjobs, hedge_at)
                 if read is None:
                     # The members go again for their deadlines, and the batch is read until it answers: what it
                     # finished is then on the bill twice, so it is counted (paid_twice) and charged to the

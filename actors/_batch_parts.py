@@ -15,7 +15,8 @@ from actors._types import Job
 from engine.core.catalog import ModelSpec
 from engine.core.request import Request
 
-__all__ = ["BYTES_PER_PIXEL", "LINE_OVERHEAD", "cut", "file_parts", "image_line_bytes", "results_parts"]
+__all__ = ["BYTES_PER_PIXEL", "LINE_OVERHEAD", "cut", "file_parts", "image_line_bytes", "results_parts",
+           "text_line_bytes"]
 
 LINE_OVERHEAD = 1024  # bytes a batch line adds to its request's body or prompt, at most (ids, url, model, caps)
 # A results line holds its image in base64 (a third more than the file). The most a file may weigh, a pixel, by
@@ -89,6 +90,14 @@ def image_line_bytes(model: ModelSpec, req: Request | None = None) -> int:
     prompt = body.get("prompt") or (req.prompt if req is not None else "")
     echo = 6 * len(prompt) if isinstance(prompt, str) else 0  # as JSON (\uXXXX): 6 bytes a character at most
     return 4 * math.ceil(image / 3) + RESULT_OVERHEAD + echo
+
+
+def text_line_bytes(model: ModelSpec, req: Request, cpt: float) -> int:
+    """A bound of a text answer's results line, for the time its read may take (``batch_results_min_kib_s``), not
+    the memory it holds: its output cap (the request's, else the model's) at ``cpt`` characters a token (4 at
+    least), each up to 6 bytes as JSON (``\\uXXXX``), with the line's own fields."""
+    cap = req.max_output_tokens or model.max_output_tokens
+    return 6 * math.ceil(cap * max(cpt, 4.0)) + RESULT_OVERHEAD
 
 
 def results_parts(parts: list[list[Job]], line_bytes: Callable[[Job], int | None], max_mb: float) -> list[list[Job]]:

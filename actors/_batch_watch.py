@@ -79,7 +79,7 @@ class BatchWatch:
                 outs = None
                 if st.status == "ended":  # counted below with no await between: then let go, as in ``_follow_batch``
                     async with self._results_slot(cjobs):
-                        outs = await p.fetch(handle)
+                        outs = await self._read_results(handle, cjobs)  # bounded: a trickle held the slot
             except Exception as exc:  # a failed poll or read is tried again: ending here would hide the count
                 log.warning("dispatcher %s: following a batch whose members went again failed (%s)", self.name,
                             _short(exc))

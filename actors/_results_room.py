@@ -11,11 +11,15 @@ import asyncio
 import contextlib
 import logging
 
-from actors._batch_parts import file_parts, image_line_bytes, results_parts
+from actors._batch_parts import file_parts, image_line_bytes, results_parts, text_line_bytes
+from engine.core.cost import reserve_bound
+from engine.core.provider_api import CallJob, CallOutcome
 
 log = logging.getLogger("smartbatch.dispatcher")
 
 __all__ = ["ResultsReads", "ResultsRoom"]
+
+FETCH_CALLS = 3  # calls a results read may make (a poll, the output file, the error file), each up to timeout_s
 
 
 class ResultsRoom:
@@ -76,7 +80,40 @@ class ResultsRoom:
 
 
 class ResultsReads:
-    """The dispatcher's image results room (``_image_reads``) and the cut that bounds each batch's results."""
+    """The dispatcher's image results room (``_image_reads``), the cut that bounds each batch's results, and the
+    time a try at reading them may take."""
+
+    def _read_bound_s(self, cjobs: list[CallJob]) -> float | None:
+        """Real seconds a try at reading the results of a batch of ``cjobs`` may take: its calls' timeouts and the
+        results' size bound (its lines' bounds, at most ``batch_results_max_mb`` but for a line heavier alone)
+        at ``batch_results_min_kib_s``. Each call's timeout bounds only the wait between chunks: a server that
+        trickled a byte inside it held the read, and every member's future, for as long as it went on (None: a
+        simulated provider, which answers at once)."""
+        if not self.provider.real or not cjobs:
+            return None
+        s = self.settings
+        lines = [self._line_bytes(j) or text_line_bytes(self.catalog.model(self.name, j.req.model), j.req,
+                                                        s.chars_per_token) for j in cjobs]
+        size = min(sum(lines), max(s.batch_results_max_mb * 2**20, max(lines)))
+        return FETCH_CALLS * s.providers.endpoints[self.name].timeout_s + size / (s.batch_results_min_kib_s * 1024)
+
+    async def _read_results(self, handle, cjobs: list[CallJob]) -> dict:
+        """One try at reading an ended batch's results, given up (``asyncio.TimeoutError``) past ``_read_bound_s``."""
+        return dict(await asyncio.wait_for(self.provider.fetch(handle), self._read_bound_s(cjobs)))
+
+    def _unread_batch(self, handle, cjobs: list[CallJob], at: float) -> dict[str, CallOutcome]:
+        """Every member of a batch whose results could not be read by ``batch_results_read_max_s``: failed and
+        possibly billed at its bound (the batch ran; what it finished is on the bill), never sent again (paid
+        twice), with where its results are to fetch by hand. Better than a future that never resolves. ``at``: when
+        the reads began, which a read then would have told (a turnaround learned from the give-up ran an hour long)."""
+        where = self.provider.results_at(handle)
+        err = (f"{self.name}: the results of {where} could not be read: every try outlasted its bound (its calls' "
+               f"timeout_s and its size at batch_results_min_kib_s={self.settings.batch_results_min_kib_s:g}) for "
+               f"batch_results_read_max_s={self.settings.batch_results_read_max_s:g} s; the request ran and may be "
+               "billed, so it is not sent again: fetch its line from that file")
+        log.error("dispatcher %s: %s", self.name, err)
+        return {cj.key: CallOutcome(False, at, reserve_bound(cj.req, self.catalog, "batch_api", None),
+                                    retryable=False, real=True, maybe_billed=True, error=err) for cj in cjobs}
 
     def _line_bytes(self, job) -> int | None:
         """The bound of ``job``'s results line (``image_line_bytes``): None for a model that is no image one."""

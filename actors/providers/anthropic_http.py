@@ -324,6 +324,9 @@ class AnthropicProvider(HttpBase):
             # canceled / expired: never ran, not billed; absent, so it is sent again
         return out
 
+    def results_at(self, handle: BatchHandle) -> str:
+        return f"Message Batch {handle.id} (results at {getattr(handle.batch, 'results_url', None)})"
+
     async def _results(self, bid: str) -> tuple[list[dict], list[str | None]]:
         """A Message Batch's results, each line read on its own (``jsonl_records``): the SDK's stream reads them
         all or fails, and one line cut short sent every finished member again."""

@@ -340,6 +340,10 @@ class OpenAIProvider(HttpBase):
                 resp, Mapping) else None, err))
         return out
 
+    def results_at(self, handle: BatchHandle) -> str:
+        b = handle.batch  # None: no poll of it was answered
+        return f"batch {handle.id} (output file {b and b.output_file_id}, error file {b and b.error_file_id})"
+
     async def discard(self, handle: BatchHandle) -> int:
         """Delete the batch's input file (its prompts; it counts against the project's file storage). Its output
         and error files stay: a resume or a take-back may read them again while the journal's archive names the

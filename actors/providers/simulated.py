@@ -112,6 +112,9 @@ class SimulatedProvider:
                           else CallOutcome(False, a.at, 0.0, error=f"{r.provider} batch member failed"))
         return out
 
+    def results_at(self, handle: _Handle) -> str:
+        return "a simulated batch (its results are the simulator's draws)"
+
     def resume_jobs(self, records) -> None:
         """Nothing simulated is journaled as a job (``CallJob.made`` is set over HTTP only)."""
 

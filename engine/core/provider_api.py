@@ -230,6 +230,10 @@ class Provider(Protocol):
         """Outcomes of the members that finished, by ``CallJob.key`` (ok, or failed inside the batch). A member
         absent from the map did not run (cancelled or expired): it was not billed and may be sent again."""
 
+    def results_at(self, handle: Any) -> str:
+        """Where an ended batch's results are kept at the provider, for a user to fetch them when the engine could
+        not read them: the batch's id and its results files (OpenAI's output and error files)."""
+
     async def discard(self, handle: Any) -> int:
         """After an ended batch's results were read: delete at the provider what it kept for that batch and
         nothing reads again (OpenAI: its input file, which holds the prompts). Returns how many things were

@@ -210,6 +210,17 @@ class Settings(BaseSettings):
         "and format asked, stored uncompressed, a png at 4 bytes a pixel of RGBA, in base64: over 8 MiB at "
         "1536x1024, so 62 such images a batch); a dispatcher reads one such batch at a time, and beside it, batches "
         "past their hedges within this much more; text is not cut by it"))
+    # A try of a results read is bounded by its file's size bound at this rate (``ResultsReads._read_bound_s``):
+    # a server that trickles a byte inside the endpoint's timeout_s, for ever, held the read and its members.
+    batch_results_min_kib_s: float = Field(default=64.0, gt=0, description=(
+        "KiB a second below which a try at reading an ended provider batch's results is given up and made again "
+        "(the file stays at the provider; reading it again is free, its members are never sent again): a try may "
+        "take its calls' timeout_s and its results' size bound at this rate"))
+    batch_results_read_max_s: float = Field(default=3600.0, gt=0, description=(
+        "engine seconds past an ended batch's hedge (or the first read, if later) that tries at reading its "
+        "results too slowly are made again; then every member fails, possibly billed (its budget keeps its bound), "
+        "with an error naming the batch and its results file, to fetch by hand: it ran, and sent again it would be "
+        "paid twice"))
     default_output_tokens: int = Field(default=256, ge=0, description="output estimate for a text line without one")
     prefix_block_tokens: int = Field(default=512, ge=1, description="tokens per prefix block id in traces")
     actor_hang_s: float = Field(default=30.0, ge=0, description=(
