@@ -58,12 +58,22 @@ class Outbox:
         usd = calls * reserve_bound(j.req, self.catalog, "sync", None) if calls else 0.0
         if flex := self._flex_unanswered.get(j.req.uid, 0):
             calls += flex
-            usd += flex * reserve_bound(j.req, self.catalog, "sync", None) * mode_factor(self.sim.spec, "flex")
+            usd += flex * self._flex_lost_bound(j.req)
         if out is not None and not out.ok and out.maybe_billed and out.cost:
             calls, usd = calls + 1, usd + out.cost
         self.possibly_billed += calls
         self.possibly_billed_usd += usd
         return usd
+
+    def _flex_lost_bound(self, r) -> float:
+        """What a flex call of ``r`` that got no answer may have billed: its upper bound at flex prices where the
+        server is seen serving the tier (``flex_served``: OpenAI's and the emulator's address, or a flex answer at
+        flex) and never seen ignoring it; else at standard prices, as a server that ignores the field bills it.
+        Kept at flex prices there, a probe given up at its timeout held half what it may have cost, again at each
+        probe (a server whose flex calls all time out is never seen serving the tier; a helper's hunt)."""
+        p = self.provider
+        served = getattr(p, "flex_served", True) and not getattr(p, "flex_unserved", False)
+        return reserve_bound(r, self.catalog, "sync", None) * (mode_factor(self.sim.spec, "flex") if served else 1.0)
 
     def _note_warm(self, r, out, start: float) -> None:
         """A call or batch member that read or wrote ``r``'s prompt prefix (``WarmNote.of``), for the groupers'

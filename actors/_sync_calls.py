@@ -25,7 +25,6 @@ import logging
 from actors._dispatch_jobs import CallSlot
 from actors._types import BatchJob, Job
 from actors.metrics import retry_reason
-from engine.core.cost import mode_factor, reserve_bound
 from engine.core.latency import flex_timeout_s, sync_latency_median
 from engine.runtime.outcomes import call_mode, throttled_verdict, throttled_wait, verdict
 
@@ -169,7 +168,7 @@ class SyncCalls:
         uid = j.req.uid
         claim = j.claim
         if n := self._flex_unanswered.pop(uid, 0):
-            usd = n * reserve_bound(j.req, self.catalog, "sync", None) * mode_factor(self.sim.spec, "flex")
+            usd = n * self._flex_lost_bound(j.req)
             self.possibly_billed += n
             self.possibly_billed_usd += usd
             self._settle.append((claim, usd))

@@ -262,6 +262,32 @@ def test_a_flex_call_that_times_out_is_possibly_billed_and_sent_standard(emu):  
     asyncio.run(go())
 
 
+def test_a_flex_call_that_times_out_at_a_server_not_yet_seen_serving_flex_keeps_its_standard_bound(emu):  # noqa: F811
+    """At a server named ``flex_tier: true`` not yet seen serving the tier (``flex_served`` unset), a flex call
+    given up at its timeout may have been served, and billed, standard (the server may ignore the field): its bound
+    stays at the standard prices, not the flex ones. Before, it kept the flex bound, half what the server may have
+    billed, and every such probe that timed out (the server never answering one, it never became known) passed a
+    hard budget by that half again."""
+    emu.faults.script("openai", "chat.completions", [{"timeout_s": 2.0}])  # held 2 real s: the client gives up
+
+    async def go():
+        rig = Rig(emu)
+        rig.d.provider.flex_served = False  # as at another address named flex_tier: true
+        r = timing_out(rig)
+        try:
+            res = await flex_result(rig, r)
+            assert res.status == "ok" and res.mode == "sync", res.error
+            assert _tiers(rig) == ["flex", None] and rig.calls[0][2].maybe_billed
+            bound = reserve_bound(r, rig.catalog, "sync", None)  # the standard call's, not its flex one
+            stats = await rig.d.stats()
+            assert stats["flex_timed_out"] == 1 and stats["possibly_billed"] == 1
+            assert stats["possibly_billed_usd"] == pytest.approx(bound, abs=1e-6)
+            await settled_at(rig, res.cost_usd + bound)
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
 def test_a_server_that_does_not_take_the_tier_gets_flex_decisions_standard(emu):  # noqa: F811
     """A wire-format-only server (vLLM, Groq) may not know ``service_tier: "flex"``: sent no tier, billed
     standard, its result saying sync."""
