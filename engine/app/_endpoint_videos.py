@@ -11,8 +11,10 @@ routes: its cost, mode, saving) or ``failed`` with its ``error``. It never submi
 
 Paying once: ``X-Smartbatch-Request-Id`` (or ``Idempotency-Key``) names the create; the same name again (from the
 same tenant) answers the same video, and the video's id is made from it, so a create retried after a restart
-finds it too. Without one, each create is a new video. The engine itself answers a request id it holds without
-generating it again.
+finds it too. Without one, each create is a new video, but an SDK's retry of it (``x-stainless-retry-count`` above
+0, the same tenant and fields), which takes the video of the try it repeats while that try is under way or was
+answered within ``ANSWERED_KEEP_S`` (``_endpoint_retries``; in memory: not across a restart). The engine itself
+answers a request id it holds without generating it again.
 
 Jobs live where the batches do (``_endpoint_batches``): in the replica's memory and, with a state directory, on
 disk (``EndpointState``, ``videos/<id>.json``): a restarted replica takes them back, an open one asked of the engine
@@ -34,6 +36,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
 
 from engine.app._endpoint_job import cut_by_cancel
+from engine.app._endpoint_retries import SdkRetries
 from engine.app._endpoint_state import EndpointState
 from engine.app._endpoint_video_job import VideoJob, VideoProgress, param_of
 from engine.app._endpoint_wire import (
@@ -69,8 +72,10 @@ class VideoRoutes:
     directory, or None (memory only)."""
 
     def __init__(self, engine: AsyncEngine, catalog: Catalog, *, headers_of: Callable[[Request, Result], dict],
-                 state: EndpointState | None = None, speedup: float = 1.0, now: Callable[[], float] = time.time):
+                 state: EndpointState | None = None, speedup: float = 1.0, now: Callable[[], float] = time.time,
+                 retries: SdkRetries | None = None):
         self.engine, self.catalog, self.state, self.speedup, self._now = engine, catalog, state, speedup, now
+        self.retries = retries if retries is not None else SdkRetries()  # an SDK's retry of a create is its try's
         self.headers_of, self.validator = headers_of, Validator(catalog, engine.settings)
         self.jobs: dict[str, VideoJob] = {}
         self.progress = VideoProgress(engine)  # how far the open ones are, asked of the engine in batches
@@ -95,8 +100,27 @@ class VideoRoutes:
         body = await _fields(http)
         req = self._checked(http, body)
         key = http.headers.get(HEADER_REQUEST_ID) or http.headers.get(IDEMPOTENCY_KEY)
-        vid = new_id("video_") if key is None else "video_" + hashlib.sha256(
-            f"{len(req.tenant)}:{req.tenant}/{key}".encode()).hexdigest()[:24]
+        if key is not None:
+            return await self._create(req, key, "video_" + hashlib.sha256(
+                f"{len(req.tenant)}:{req.tenant}/{key}".encode()).hexdigest()[:24])
+        # An SDK's retry (its try's answer lost: a timeout, a cut connection, a 5xx) takes the video of the try it
+        # repeats, as a batch create's does (``SdkRetries``): each try was a video, made and billed (a hunt).
+        once = SdkRetries.key(req.tenant, VIDEOS_URL, {**smartbatch_fields(http.headers), "body": body})
+        vid = self.retries.request_id(once, http.headers, lambda: new_id("video_"))
+        try:
+            made = await self._create(req, None, vid)
+        except ApiError:
+            self.retries.refused(once, vid)
+            raise
+        except BaseException:  # a bug's 500, or the client left: the create may have made the video
+            self.retries.answered(once, vid)
+            raise
+        self.retries.answered(once, vid)
+        return made
+
+    async def _create(self, req: Request, key: str | None, vid: str) -> JSONResponse:
+        """The video ``vid`` of create ``req`` (``key``: the caller's name of it): made, or, made already (the
+        same create again), as it is now."""
         while (job := self.jobs.get(vid)) is not None:  # the same create again: the same video, never a second
             if job.asked != VideoJob(vid, req, 0).asked or job.req.tenant != req.tenant:
                 raise ApiError(400, f"{HEADER_REQUEST_ID} {key!r} named another video (its model, prompt, seconds "

@@ -140,7 +140,7 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
                             max_open_lines=max_open_batch_lines, state_dir=state_dir, speedup=speedup,
                             retries=retries)
     videos = VideoRoutes(engine, catalog, headers_of=lambda req, res: _smartbatch_headers(req, res, catalog),
-                         state=store.state, speedup=speedup)
+                         state=store.state, speedup=speedup, retries=retries)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

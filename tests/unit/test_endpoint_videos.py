@@ -453,3 +453,44 @@ def test_a_null_field_is_one_left_out_at_the_endpoint_and_the_emulator(rig):
         for c in (client, direct_):
             v = c.post("/videos", body=body, cast_to=openai.types.Video)
             assert (v.model, v.seconds, v.size) == ("sora-2", "4", "720x1280")
+
+
+class SlowToAdmit(VideoEngine):
+    """Takes a create only once the SDK's retry of it has come (``retried``): the first try outlives the client's
+    timeout, as a create waiting for room in a full engine may."""
+
+    def __init__(self, emu: Emulator):
+        super().__init__(emu)
+        self.retried = threading.Event()
+
+    def submit_many(self, ds):
+        assert self.retried.wait(WAIT_S)
+        return super().submit_many(ds)
+
+
+def test_an_sdk_video_create_that_outlived_its_timeout_is_one_video_and_a_first_try_is_a_video_of_its_own():
+    """The SDK retries a create that timed out, with the same fields and no key of its own. Before, each try was a
+    video of its own, made and billed twice (the retry's id was fresh); now the retry (``x-stainless-retry-count``
+    above 0) takes the video of the try it repeats, as a batch create's does. A first try is always a new video."""
+    from engine.app._endpoint_retries import RETRY_COUNT
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED) as emu:
+        eng = SlowToAdmit(emu)
+        app = make_app(eng, catalog=CAT)
+
+        async def seen(scope, receive, send):  # the app, told when the SDK's retry comes
+            if (RETRY_COUNT.encode(), b"1") in scope.get("headers", ()):
+                eng.retried.set()
+            await app(scope, receive, send)
+        ask = {"model": "sora-2", "prompt": "A heron lands on a post", "seconds": "4", "size": "720x1280"}
+        try:
+            with serving(seen) as url, openai.OpenAI(base_url=url, api_key="unused", max_retries=1,
+                                                     timeout=0.5) as client:
+                made = client.videos.create(**ask)
+                assert until_ended(client, made.id).status == "completed"
+                assert [v.id for v in client.videos.list()] == [made.id]  # one video, though created twice
+                assert creates(emu) == 1 and len(emu.bill().items) == 1 and eng.submitted == [made.id]
+                again = client.with_options(timeout=WAIT_S).videos.create(**ask)  # a first try: a video of its own
+                assert again.id != made.id and until_ended(client, again.id).status == "completed"
+                assert creates(emu) == 2 and len(emu.bill().items) == 2
+        finally:
+            eng.close()
