@@ -55,6 +55,7 @@ class VideoJob:
     task: asyncio.Task | None = None
     admitted: asyncio.Future | None = None  # resolved once the engine has it (True) or refused it (False)
     progress: int = 0  # the most the provider's polls said while it is made, 0-99 (``VideoProgress``)
+    retry_key: str | None = None  # what an SDK's retry of its create repeats (``SdkRetries.key``), kept on disk
 
     @property
     def asked(self) -> tuple[str, str, str, str]:
@@ -82,7 +83,8 @@ class VideoJob:
         """What the state directory keeps of it (``EndpointState.save_video``); ``from_record`` reads it."""
         return {"id": self.id, "request": self.req.model_dump(mode="json", exclude={"arrival_s"}),
                 "created_at": self.created_at, "created_ns": self.created_ns, "completed_at": self.completed_at,
-                "result": self.result.model_dump(mode="json") if self.result is not None else None}
+                "result": self.result.model_dump(mode="json") if self.result is not None else None,
+                "retry_key": self.retry_key}
 
     @classmethod
     def from_record(cls, rec: dict[str, Any], validator: Validator) -> tuple[VideoJob, str | None]:
@@ -96,7 +98,8 @@ class VideoJob:
             d = rec["request"]  # as validated when it was kept (JSON has no tuple)
             req, refused = Request.model_construct(**{**d, "prefix_blocks": tuple(d["prefix_blocks"])}), exc.message
         res = Result.model_validate(rec["result"]) if rec["result"] is not None else None
-        job = cls(rec["id"], req, rec["created_at"], res, rec["completed_at"], rec["created_ns"])
+        job = cls(rec["id"], req, rec["created_at"], res, rec["completed_at"], rec["created_ns"],
+                  retry_key=rec.get("retry_key"))
         job.view(), job.record(), req.id, req.tenant  # one that cannot be answered is unreadable after all
         return job, refused
 

@@ -13,8 +13,8 @@ Paying once: ``X-Smartbatch-Request-Id`` (or ``Idempotency-Key``) names the crea
 same tenant) answers the same video, and the video's id is made from it, so a create retried after a restart
 finds it too. Without one, each create is a new video, but an SDK's retry of it (``x-stainless-retry-count`` above
 0, the same tenant and fields), which takes the video of the try it repeats while that try is under way or was
-answered within ``ANSWERED_KEEP_S`` (``_endpoint_retries``; in memory: not across a restart). The engine itself
-answers a request id it holds without generating it again.
+answered within ``ANSWERED_KEEP_S`` (``_endpoint_retries``; with a state directory, across a restart too: the
+job keeps its ``retry_key``). The engine itself answers a request id it holds without generating it again.
 
 Jobs live where the batches do (``_endpoint_batches``): in the replica's memory and, with a state directory, on
 disk (``EndpointState``, ``videos/<id>.json``): a restarted replica takes them back, an open one asked of the engine
@@ -36,7 +36,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
 
 from engine.app._endpoint_job import cut_by_cancel
-from engine.app._endpoint_retries import SdkRetries
+from engine.app._endpoint_retries import ANSWERED_KEEP_S, RETRY_COUNT, SdkRetries
 from engine.app._endpoint_state import EndpointState
 from engine.app._endpoint_video_job import VideoJob, VideoProgress, param_of
 from engine.app._endpoint_wire import (
@@ -107,8 +107,9 @@ class VideoRoutes:
         # repeats, as a batch create's does (``SdkRetries``): each try was a video, made and billed (a hunt).
         once = SdkRetries.key(req.tenant, VIDEOS_URL, {**smartbatch_fields(http.headers), "body": body})
         vid = self.retries.request_id(once, http.headers, lambda: new_id("video_"))
+        sdk = http.headers.get(RETRY_COUNT, "").isdigit()  # a try the table keeps: its key goes on record
         try:
-            made = await self._create(req, None, vid)
+            made = await self._create(req, None, vid, once if sdk else None)
         except ApiError:
             self.retries.refused(once, vid)
             raise
@@ -118,9 +119,9 @@ class VideoRoutes:
         self.retries.answered(once, vid)
         return made
 
-    async def _create(self, req: Request, key: str | None, vid: str) -> JSONResponse:
-        """The video ``vid`` of create ``req`` (``key``: the caller's name of it): made, or, made already (the
-        same create again), as it is now."""
+    async def _create(self, req: Request, key: str | None, vid: str, retry_key: str | None = None) -> JSONResponse:
+        """The video ``vid`` of create ``req`` (``key``: the caller's name of it; ``retry_key``: what an SDK's retry
+        of it repeats, kept for one after a restart): made, or, made already (the same create again), as it is."""
         while (job := self.jobs.get(vid)) is not None:  # the same create again: the same video, never a second
             if job.asked != VideoJob(vid, req, 0).asked or job.req.tenant != req.tenant:
                 raise ApiError(400, f"{HEADER_REQUEST_ID} {key!r} named another video (its model, prompt, seconds "
@@ -128,7 +129,7 @@ class VideoRoutes:
                                code=ID_TAKEN)
             if job.admitted is None or await asyncio.shield(job.admitted):
                 return JSONResponse(job.view(), headers={HEADER_REQUEST_ID: job.req.id})
-        job = VideoJob(vid, req.model_copy(update={"id": key or vid}), int(self._now()))
+        job = VideoJob(vid, req.model_copy(update={"id": key or vid}), int(self._now()), retry_key=retry_key)
         job.admitted = asyncio.get_running_loop().create_future()
         self.jobs[vid] = job  # before the engine has it: a create again meanwhile waits for this one
         # A task of its own: a client that leaves mid-create cancels only its wait, never a video admitted and
@@ -317,6 +318,9 @@ class VideoRoutes:
                 self.state.set_aside_video(str(rec.get("id")), exc)
                 continue
             self.jobs[job.id] = job
+            age = self._now() - job.created_at
+            if job.retry_key is not None and 0 <= age < ANSWERED_KEEP_S:  # its create's retry may come after it
+                self.retries.remember(job.retry_key, job.id, age)
             if job.result is None and why is None:
                 left = (job.req.deadline_s or 0.0) - (self._now() - job.created_at) * self.speedup
                 job.admitted = asyncio.get_running_loop().create_future()

@@ -494,3 +494,27 @@ def test_an_sdk_video_create_that_outlived_its_timeout_is_one_video_and_a_first_
                 assert creates(emu) == 2 and len(emu.bill().items) == 2
         finally:
             eng.close()
+
+
+def test_an_sdk_retry_of_a_video_create_after_a_restart_takes_the_video_its_try_made(tmp_path):
+    """With a state directory, a video made by an SDK's try keeps what its retry repeats: a retry that comes after
+    a restart (within 120 s of the create) is answered with that video, never a second one. Before, the table was
+    the replica's memory alone, and the retry made and billed a second video."""
+    from engine.app._endpoint_retries import RETRY_COUNT
+    ask = {"model": "sora-2", "prompt": "A heron", "seconds": "4", "size": "720x1280"}
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED) as emu:
+        eng = VideoEngine(emu)
+        try:
+            with restarted(eng, tmp_path) as client:
+                made = client.videos.create(**ask, extra_headers={RETRY_COUNT: "0"})
+                until_ended(client, made.id)
+            with restarted(eng, tmp_path) as client:
+                assert client.videos.create(**ask, extra_headers={RETRY_COUNT: "1"}).id == made.id
+                fresh = client.videos.create(**ask, extra_headers={RETRY_COUNT: "0"})  # a first try: its own
+                other = client.with_options(default_headers={"X-Smartbatch-Tenant": "globex"})
+                theirs = other.videos.create(**ask, extra_headers={RETRY_COUNT: "1"})  # another tenant's: its own
+                assert len({made.id, fresh.id, theirs.id}) == 3
+                until_ended(client, fresh.id), until_ended(other, theirs.id)
+                assert creates(emu) == 3
+        finally:
+            eng.close()
