@@ -16,8 +16,8 @@ request, as before, unless an earlier try of that content is still remembered (e
 one that broke otherwise (a bug's 500, the handler cut) is kept as answered: its request may run on. A first
 try (retry count 0) is always a request of its own: two clients that send the same body at once are two calls.
 What is matched is the content, so a retry from one client may take the request of another client's identical
-call of that tenant, which the cache's in-flight reuse would answer alike. A batch create takes its batch id from
-this table the same way (``_endpoint_batch_once``, its ``remember`` after a restart).
+call of that tenant, which the cache's in-flight reuse would answer alike. A batch create (``_endpoint_batch_once``)
+and a video create (``_endpoint_videos``) take their ids from this table the same way (``remember`` after a restart).
 """
 
 from __future__ import annotations
