@@ -11,8 +11,11 @@ import asyncio
 import logging
 import math
 
+from actors._dispatch_outbox import SPEND_WAIT_S
 from actors._shards import by_result_uid
 from actors._types import Job
+from engine.core.cost import reserve_bound
+from engine.core.errors import CatalogError
 from engine.core.result import CANCELLED, ENGINE_CANCELLED, Result
 from engine.runtime.scheduler import GroupFailed
 
@@ -181,11 +184,44 @@ class CancelDispatches:
         under_way = set(self._open)
         await self.cancel()
         await self._files.drain()  # the ended batches' input files: known to no later start once cut
+        await self._settle_cut_short()
         if self.open_jobs:  # (a drain, ``stop(drain_s=...)``, waits for them: they are calls under way)
             log.warning("dispatcher %s: the engine stops with %d video(s) under way: each is billed when it "
                         "completes and is not read; their records stay in the journal (%s)", self.name,
                         self.open_jobs, self._jobs_journal.space)
         return len(under_way), len(self._open.keys() - self._cancel_sent), self.open_jobs
+
+    _settled_at_stop: set[str] | None = None  # claims ``_settle_cut_short`` settled: never settled again
+
+    async def _settle_cut_short(self) -> None:
+        """What the stop cuts short here may have been billed, and nobody will read what it cost: a provider batch
+        under way (cancelled, or being created: any member it finished before the cancel took effect is billed)
+        and a sync call under way (sent: billed when it ends, a video when it completes). Each member's claim is
+        settled at its bound in the mode it was sent in, counted ``possibly_billed``, and handed to the budget
+        controller before this returns (bounded), which the stop keeps alive until then
+        (``actors.remote.kill_engine``). Left to the actor's kill, its claim held its room until
+        ``reservation_ttl_s`` (a Redis ledger) and was then released: spend billed and counted by no ledger."""
+        cut = [(rec[0].mode, j) for rec in self._open.values() for j in rec[1]]
+        cut += [(rec[0].mode, rec[1]) for rec in self._sync_calls.values()]
+        done = self._settled_at_stop = self._settled_at_stop or set()
+        for mode, j in cut:
+            if j.claim is None or j.claim in done:
+                continue
+            try:
+                usd = reserve_bound(j.req, self.catalog, mode, None)
+            except (ValueError, CatalogError):  # a mode its model no longer offers (a catalog changed under a restart)
+                usd = reserve_bound(j.req, self.catalog, "sync", None)
+            done.add(j.claim)
+            self._settle.append((j.claim, usd))
+            self.possibly_billed += 1
+            self.possibly_billed_usd += usd
+        settle, self._settle = self._settle, []
+        if settle:  # now, not at the next flush: the actor is killed once this answers
+            self._to_budget("settle_many", settle)
+        if self.budget is not None and not await self.budget.delivered(SPEND_WAIT_S):
+            log.error("dispatcher %s: the budget controller did not take the settlements of the work the stop cut "
+                      "short within %.0f s: their claims hold their room until they expire, their spend uncounted",
+                      self.name, SPEND_WAIT_S)
 
     _retrying: dict[object, tuple] | None = None  # a sync call's next try, waiting for its time: (batch, job)
 

@@ -326,7 +326,7 @@ class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, R
         self._kept.discard(j.req.uid)
         self._known.discard(j.req.uid)
         self._body_done(j)
-        if j.claim is not None:
+        if j.claim is not None and not (self._settled_at_stop and j.claim in self._settled_at_stop):
             self._settle.append((j.claim, cost))
 
     def _attempt(self, b: BatchJob, j: Job, ok: bool, cost: float, mode: str, out: CallOutcome | None = None) -> None:

@@ -14,14 +14,13 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Iterable
 
 import ray
 
 from actors._budget_kept import take_back_kept
-from actors._cancel import CANCEL_CALL_S
+from actors._engine_stop import kill_engine
 from actors._kv_journal import KvJournal
-from actors._peer import ClockRef, Named, publish_clock, read_layout, resolve_clock, unpublish_clock, warm_all
+from actors._peer import ClockRef, Named, publish_clock, read_layout, resolve_clock, warm_all
 from actors._shards import shard_kind
 from actors._wire import pack
 from actors.budget import BudgetController
@@ -187,7 +186,7 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
     kept = take_back_kept(ray, budget, settings)  # what engines stopped on this ledger while its Redis was away left
     publish_clock(engine, clock, base)
     # (its journal's name too: what its driver's clean stop removes under journal.dir, ``_driver_resume``; the
-    # kept files taken back, held until the stop has kept what their items left unsent, ``_keep_last_report``)
+    # kept files taken back, held until the stop has kept what their items left unsent, ``_keep_ledger``)
     return {**_handles(engine, named, clock, base, settings.log_level), "journal": journal, "kept": kept}
 
 
@@ -235,7 +234,6 @@ def cancel_work(h: dict, timeout_s: float) -> int:
 
 
 SETTLE_POLL_S = 0.25  # how often ``settle`` asks the dispatchers again (real seconds)
-DEATH_WAIT_S = 2.0  # how long a stop waits for its killed actors to be dead before it cleans Ray's store again
 
 
 def settle(h: dict, timeout_s: float, interrupted: threading.Event | None = None) -> int:
@@ -262,74 +260,6 @@ def settle(h: dict, timeout_s: float, interrupted: threading.Event | None = None
                 left += 1
         if not left or time.monotonic() >= give_up or stop.wait(SETTLE_POLL_S):
             return left
-
-
-def kill_engine(engine: str, handles: list | None = None, dispatchers: Iterable | None = None) -> int:
-    """Stop every actor of engine ``engine`` (the given handles, else those its layout names) and remove what it
-    published. Returns how many actors were stopped. Its dispatchers (``dispatchers``, else those of the layout)
-    go last: once the others are gone (so no driver takes what they publish for an answer), they cancel the
-    provider batches under way (``CANCEL_CALL_S`` for the cancels to go out). Killed with the engine, a batch ran
-    on at the provider and was billed in full for results nobody would read."""
-    if handles is None:
-        layout = read_layout(engine) or {"kinds": []}
-        handles, dispatchers = [], []
-        for kind in layout["kinds"]:
-            try:
-                h = ray.get_actor(actor_name(engine, kind), namespace=NAMESPACE)
-            except ValueError:  # already gone
-                continue
-            handles.append(h)
-            if kind.startswith("dispatcher-"):
-                dispatchers.append(h)
-    unpublish_clock(engine)  # first: drivers attached to it see it gone rather than a half-stopped engine
-    last = list(dispatchers or ())
-    rest = [h for h in handles if h not in last]
-    n = _kill(rest)
-    _cancel_batches(engine, last)
-    n += _kill(last)
-    # Again once they are dead (a kill lands later): the budget controller's copy of its ledger, written after the
-    # first, outlived the engine in Ray's store.
-    try:
-        if rest:
-            ray.wait([h.ping.remote() for h in rest], num_returns=len(rest), timeout=DEATH_WAIT_S)
-    except Exception:  # Ray is going down: nothing is left to clean
-        pass
-    unpublish_clock(engine)
-    return n
-
-
-def _kill(handles: list) -> int:
-    n = 0
-    for h in handles:
-        try:
-            ray.kill(h, no_restart=True)
-            n += 1
-        except Exception:  # already gone: nothing to stop
-            pass
-    return n
-
-
-def _cancel_batches(engine: str, dispatchers: list) -> None:
-    """Have ``dispatchers`` cancel their provider batches under way, and say what that left running."""
-    refs = [d.stop_spending.remote() for d in dispatchers]
-    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=CANCEL_CALL_S + 5.0)
-    cancelled = missed = 0
-    for ref in ready:
-        try:
-            open_, left = ray.get(ref)[:2]  # (its videos under way it logs itself)
-        except ray.exceptions.RayActorError:  # stopped already (by another driver's stop): nothing to cancel
-            continue
-        except Exception as exc:
-            log.warning("engine %s: a dispatcher could not cancel its batches at the stop (%s)", engine,
-                        type(exc).__name__)
-            continue
-        cancelled, missed = cancelled + open_ - left, missed + left
-    if cancelled:
-        log.warning("engine %s stopped with %d provider batch(es) under way: cancelled; what they finish before "
-                    "the cancel takes effect is billed and not read", engine, cancelled)
-    if missed or len(ready) < len(refs):
-        log.warning("engine %s stopped with %d provider batch(es) that no cancel reached (and %d dispatcher(s) "
-                    "not answering): they may run on, billed", engine, missed, len(refs) - len(ready))
 
 
 def rewire(h: dict, kind: str, metrics: tuple[int, str] | None = None, timeout_s: float | None = None) -> None:

@@ -197,26 +197,47 @@ class Pulling:
         return rep
 
     def _keep_last_report(self) -> None:
-        """Keep the report before the actors go (bounded: an engine whose actors died has none to give). First, a
-        Redis ledger's settlements and charges waiting for its Redis are given it a bounded time, then kept on
-        disk for the next engine on that ledger (``actors._budget_kept``); the report says what was left."""
+        """Keep the report before the actors go (bounded: an engine whose actors died has none to give); its
+        budget part is read again once the dispatchers settled what the stop cut short (``_keep_ledger``)."""
+        try:  # (after the dispatchers' and groupers' settlements reached the ledger: ``_read_report``)
+            self._last_report = self._read_report(timeout_s=LAST_REPORT_S)
+        except Exception as exc:
+            log.warning("engine %s: no report could be kept at its stop (%s)", self.name, type(exc).__name__)
+
+    def _keep_ledger(self) -> None:
+        """Called by the stop (``kill_engine``) once the other actors are gone and the dispatchers have cancelled
+        their provider batches and settled what the stop cut short (possibly billed, at its bound), before the
+        budget controller goes. A Redis ledger's settlements and charges waiting for its Redis are given it a
+        bounded time, then kept on disk for the next engine on that ledger (``actors._budget_kept``); the kept
+        report's budget and providers say what the stop settled and what was left. Asked before the cancel, the
+        controller was killed before it took those settlements: counted by no ledger, in no file."""
         from actors._budget_kept import keep_left
 
-        try:  # after the dispatchers' and groupers' settlements reached the ledger
-            _through_restarts(self._ray, lambda: [a.spend_told.remote() for a in [
-                *self._h["dispatchers"].values(), *self._h["groupers"]]], time.monotonic() + LAST_REPORT_S)
+        try:
+            _through_restarts(self._ray, lambda: [d.spend_told.remote() for d in self._h["dispatchers"].values()],
+                              time.monotonic() + LAST_REPORT_S)
         except Exception as exc:
             log.warning("engine %s: settlements not all told to the ledger at its stop (%s)", self.name,
                         type(exc).__name__)
         left = keep_left(self._ray, self._h.get("budget"), self.settings, self.name)  # none: no ledger to ask
         if self._h.get("kept") is not None:  # the files taken back at the start: deleted, or given back
             self._h["kept"].finish(left)
+        rep = self._last_report
+        if rep is None:
+            return
         try:
-            self._last_report = self._read_report(timeout_s=LAST_REPORT_S)
-        except Exception as exc:
-            log.warning("engine %s: no report could be kept at its stop (%s)", self.name, type(exc).__name__)
-        if left is not None and self._last_report is not None:
-            self._last_report.setdefault("budget", {}).setdefault("ledger", {})["left_at_stop"] = left
+            end = time.monotonic() + LAST_REPORT_S
+            (budget,) = _through_restarts(self._ray, lambda: [self._h["budget"].report.remote()], end)
+            stats = _through_restarts(self._ray, lambda: [d.stats.remote() for d in self._h["dispatchers"].values()],
+                                      end)
+        except Exception as exc:  # the report before the cancel stays
+            log.warning("engine %s: the report's budget could not be read after the stop's settlements (%s)",
+                        self.name, type(exc).__name__)
+        else:
+            rep["budget"] = {**budget, "rejected": rep.get("budget", {}).get("rejected", {})}
+            rep["providers"] = {x["provider"]: {k: v for k, v in x.items() if k != "provider"} for x in stats}
+        if left is not None:
+            rep.setdefault("budget", {}).setdefault("ledger", {})["left_at_stop"] = left
 
     def _by_ingest(self, reqs: Sequence[Request]) -> list[tuple[Any, list[Request]]]:
         """(ingest shard, its share of ``reqs``) for each shard that owns any: by compatibility class, as the

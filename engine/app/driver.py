@@ -247,7 +247,8 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, LiveBudgeting, Pulling, Shared
 
             if self._owner:
                 self._keep_last_report()  # report() after stop() answers with it
-                kill_engine(self._h["engine"], self._h["all"], self._h["dispatchers"].values())
+                kill_engine(self._h["engine"], self._h["all"], self._h["dispatchers"].values(),
+                            self._h.get("budget"), self._keep_ledger)
                 if self._kept is not None:  # (its dispatchers gone: nothing writes the journal now)
                     self._kept.finish(clean, self._h.get("journal", self.name))
             else:  # the ids only this driver held are forgotten after its retention window, as it would have

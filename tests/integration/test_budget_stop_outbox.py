@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,64 @@ def test_a_stop_waits_for_redis_to_come_back_and_keeps_nothing_once_it_took_the_
         assert rep["ledger"]["unsettled"] == 0 and rep["spent_usd"] == 1.5
         await ctl.close()
     asyncio.run(go())
+
+
+@pytest.mark.parametrize("ledger", ["redis", "redis away at the stop", "memory"])
+def test_a_provider_batch_the_stop_cancels_is_settled_at_its_bound_in_the_ledger(
+        ledger, ray_session, request, tmp_path, monkeypatch):
+    """A provider batch under way when the engine stops is cancelled, and any member it finished before the cancel
+    took effect is billed: its claim is settled at its batch bound (``possibly_billed``), in the ledger or, Redis
+    away, in the file kept for the next engine. Before, the budget controller was killed with the other actors and
+    the dispatchers cancelled after: the settlement reached no ledger and no file, the claim held its room until
+    ``reservation_ttl_s``, then was released with nothing spent."""
+    from engine import Engine
+    from engine.app.live import point_at_emulator
+    from engine.core.catalog import default_catalog
+    from engine.core.cost import reserve_bound
+    from engine.core.request import Request, validation_context
+    from engine.core.settings import JournalSettings, Settings
+    from engine.emulator import Emulator
+    from tests.integration._catalogs import OPENAI_ONLY
+
+    redis = request.getfixturevalue("own_redis") if ledger != "memory" else None
+    budgets = _budgets(redis.url) if redis else BudgetSettings(
+        specs=(BudgetSpec(max_budget=10.0, budget_duration="1d"),))
+    line = {"id": "s0", "model": "gpt-4o-mini", "prompt": "summarise part 0", "input_tokens": 20_000,
+            "deadline_s": 86_400}
+    bound = reserve_bound(Request.model_validate({**line, "arrival_s": 0.0}, context=validation_context(
+        default_catalog())), OPENAI_ONLY, "batch_api")
+    # Real time at the provider: the batch takes minutes there, so it is under way at the stop.
+    with Emulator(default_catalog(), speedup=1.0, seed=0, cancel_s=1.0) as emu:
+        settings = point_at_emulator(Settings(budgets=budgets, journal=JournalSettings(
+            ledger_dir=tmp_path / "ledgers", ledger_wait_s=0.5)), emu, providers=("openai",))
+        monkeypatch.setenv(settings.providers.endpoints["openai"].api_key_env, "sk-fake-stop")
+        params = {"batch_gather_s": 0.0, "min_batch_saving_usd": 0.0}
+        with Engine.start(settings, catalog=OPENAI_ONLY, speedup=100, policy_params=params,
+                          metrics_port=None) as eng:
+            fut = eng.submit(line)
+            end = time.monotonic() + 60.0
+            while not emu.count("batches.create", "openai", 200):  # polling the provider, as its client does
+                assert time.monotonic() < end, f"no batch reached the emulator: {emu.counters()}"
+                time.sleep(0.05)
+            if ledger == "redis away at the stop":
+                os.kill(redis.proc.pid, signal.SIGSTOP)
+        try:
+            rep = eng.report()
+        finally:
+            if ledger == "redis away at the stop":
+                os.kill(redis.proc.pid, signal.SIGCONT)
+        assert fut.result(timeout=5).status == "failed"
+        assert emu.count("batches.cancel", "openai", 200) == 1
+        if ledger == "memory":
+            (row,) = rep["budget"]["budgets"]
+        else:
+            if ledger == "redis away at the stop":  # kept for the next engine, its spend said
+                left = rep["budget"]["ledger"]["left_at_stop"]
+                assert (left["settlements"], left["unsettled_usd"]) == (1, pytest.approx(bound, abs=1e-6)), left
+            # (at the same speed: a budget's window is of engine time, the first engine's is window 0 of it)
+            with Engine.start(settings, catalog=OPENAI_ONLY, speedup=100, policy="naive", metrics_port=None) as again:
+                (row,) = again.report()["budget"]["budgets"]
+        # Counted at its bound, nothing held (before: $0 spent, the bound reserved until the claim expired).
+        assert (row["spent_usd"], row["reserved_usd"]) == (pytest.approx(bound, abs=1e-6), 0.0), row
+        said = rep["providers"]["openai"]  # and the stop's report says so
+        assert (said["possibly_billed"], said["possibly_billed_usd"]) == (1, pytest.approx(bound, abs=1e-6)), said

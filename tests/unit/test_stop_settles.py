@@ -1,0 +1,104 @@
+"""What the engine's stop cuts short at a dispatcher (``CancelDispatches.stop_spending``): a provider batch under
+way, cancelled (any member it finished before the cancel took effect is billed, and nobody reads it), and a sync
+call under way (billed when it ends). Each claim is settled at its bound, counted ``possibly_billed``, and the
+budget controller has it before the stop goes on; the stop then keeps the controller alive until the ledger is
+kept (``actors._engine_stop.kill_engine``). Before, the controller was killed before the dispatchers cancelled,
+and their claims were never settled: their room held until ``reservation_ttl_s``, then released, spend uncounted."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+import actors._engine_stop as engine_stop
+from engine.core.cost import reserve_bound
+from engine.emulator import Emulator
+
+from .test_batch_rescue import FAR
+from .test_http_providers import CAT, SPEED, VALIDATING_S, Rig, jobs_of
+
+
+@pytest.fixture
+def slow_cancel_emu():
+    """An emulator whose batches take a day to cancel: the batch is still ``cancelling`` when the actor goes."""
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED, cancel_s=86_400.0, validating_s=VALIDATING_S["openai"],
+                  finalizing_s=1.0) as e:
+        yield e
+
+
+def _stop_tasks(rig: Rig) -> None:  # the actor is killed: its follow-ups and calls die with it
+    for t in rig.d._tasks:
+        t.cancel()
+
+
+def test_a_provider_batch_under_way_at_the_stop_is_settled_at_its_members_bounds(slow_cancel_emu):
+    async def go():
+        rig = Rig(slow_cancel_emu, "openai")
+        try:
+            jobs = jobs_of("openai", claims=True)
+            await rig.reserve(jobs)
+            await rig.run("batch_api", jobs, hedge_at=FAR)
+            await rig.until(lambda: [r for r in rig.d._open.values() if r[4] is not None], "the batch created")
+            assert await rig.d.stop_spending() == (1, 0, 0)  # cancelled; nothing read yet
+            assert not rig.budget.book.claims  # each settled, none left to hold its room until it expires
+            bounds = [reserve_bound(j.req, rig.catalog, "batch_api") for j in jobs]
+            assert sum(rig.budget.book.spend.values()) == pytest.approx(sum(bounds), abs=1e-12)
+            stats = await rig.d.stats()
+            assert (stats["possibly_billed"], stats["possibly_billed_usd"]) == (
+                len(jobs), pytest.approx(sum(bounds), abs=1e-6))
+        finally:
+            _stop_tasks(rig)
+            await rig.close()
+    asyncio.run(go())
+
+
+def test_a_sync_call_under_way_at_the_stop_is_settled_at_its_bound_and_only_once(slow_cancel_emu):
+    async def go():
+        rig = Rig(slow_cancel_emu, "openai")
+        started, answer = asyncio.Event(), asyncio.Event()
+        inner = rig.d.provider.call
+
+        async def held(job):  # the call is at the provider when the stop comes
+            started.set()
+            await answer.wait()
+            return await inner(job)
+
+        rig.d.provider.call = held
+        try:
+            (j,) = jobs_of("openai", 1, claims=True)
+            await rig.reserve([j])
+            await rig.run("sync", [j])
+            await asyncio.wait_for(started.wait(), 10)
+            await rig.d.stop_spending()
+            bound = reserve_bound(j.req, rig.catalog, "sync")
+            assert not rig.budget.book.claims and sum(rig.budget.book.spend.values()) == pytest.approx(bound)
+            # Its answer coming before the actor goes settles nothing again (the ledger keeps the first anyway).
+            answer.set()
+            await rig.until(lambda: rig.results.get(j.req.id), "the call's result")
+            assert rig.d._settle == [] and (await rig.d.stats())["possibly_billed"] == 1
+        finally:
+            _stop_tasks(rig)
+            await rig.close()
+    asyncio.run(go())
+
+
+def test_the_stop_kills_the_budget_controller_after_the_dispatchers_settled_and_the_ledger_was_kept(monkeypatch):
+    """The order ``kill_engine`` keeps: the others first (no driver takes what the dispatchers publish, no grouper
+    sends again what comes back), then the dispatchers cancel and settle, then ``at_ledger`` (the driver keeps
+    what Redis has not taken), then the controller and the dispatchers go."""
+    done: list[tuple] = []
+    monkeypatch.setattr(engine_stop, "unpublish_clock", lambda engine: None)
+    monkeypatch.setattr(engine_stop, "_kill", lambda hs: done.append(("kill", *hs)) or len(hs))
+    monkeypatch.setattr(engine_stop, "_cancel_batches", lambda engine, ds: done.append(("cancel", *ds)))
+    monkeypatch.setattr(engine_stop.ray, "wait", lambda *a, **k: ([], []))
+
+    class Handle(str):
+        ping = type("Ping", (), {"remote": staticmethod(lambda: None)})
+
+    ingest, grouper, hub, budget, d1 = (Handle(x) for x in ("ingest", "grouper", "hub", "budget", "d1"))
+    n = engine_stop.kill_engine("e", [ingest, grouper, d1, budget, hub], [d1], budget,
+                                lambda: done.append(("keep ledger",)))
+    assert n == 5
+    assert done == [("kill", "ingest", "grouper", "hub"), ("cancel", "d1"), ("keep ledger",), ("kill", "budget"),
+                    ("kill", "d1")]
