@@ -10,10 +10,13 @@ of that and one write's latency (never one write per request: Ray's store is the
 
 Each snapshot carries an epoch (how many restarts took a ledger back before this incarnation) and a change number
 that goes on across restarts; a restart takes back the newest by (epoch, change), and its own epoch is one more.
-Each incarnation copies to a key of its own (``ledger@<incarnation>``): a dead incarnation's write still in flight
-when its successor wrote lands in its own key, never over the successor's, and its epoch ranks it below (by change
-number alone it could rank above: the successor goes on from the last copy that had landed, the late one's number
-may be higher). The older incarnations' keys go once this one's first copy landed.
+Each incarnation writes to a key of its own (``ledger@<incarnation>``), in the hub's journal as in Ray's store: a
+dead incarnation's write still in flight when its successor wrote lands in its own key, never over the successor's,
+and its epoch ranks it below (by change number alone it could rank above: the successor goes on from the last
+snapshot that had landed, the late one's number may be higher). In one key of the hub's journal (until stop 73),
+such a late write replaced the successor's snapshot, and a restart of the controller alone then took back the dead
+one's ledger over the successor's copies in Ray's store that had not landed yet (its last 0.25 s), or had none.
+The older incarnations' keys go from each store once this one's first snapshot landed there.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ from engine.core.budgets import BudgetSpec
 
 __all__ = ["JOURNAL_KEY", "LedgerJournal"]
 
-JOURNAL_KEY = ("budget", "ledger")
-_COPY = "ledger@"  # + the incarnation: the key of its copy in Ray's store
+JOURNAL_KEY = ("budget", "ledger")  # the space, and the stem of every key: ``ledger`` alone before stop 73
+_COPY = "ledger@"  # + the incarnation: the key of its snapshot, in the hub's journal and in Ray's store
 PUT_TIMEOUT_S = 10.0  # a snapshot write that takes longer is given up (logged); the next change writes again
 KV_RETRY_S = 1.0  # a copy Ray's store refused is written again this long after (the latest state), until it takes one
 # Copies start at most this often: under steady load the ledger changes all the time, and back-to-back copies would
@@ -64,9 +67,9 @@ class LedgerJournal:
         while self.__dict__.get("_kv_dirty") and not self._closed:
             self._kv_dirty, started = False, loop.time()
             try:  # the snapshot is taken here, so the changes made while the last write was out all go in this one
-                await asyncio.wait_for(self.kv_journal.put(JOURNAL_KEY[0], _COPY + self.spec_incarnation,
-                                                           self._snapshot()), PUT_TIMEOUT_S)
-                await self._drop_superseded()
+                await asyncio.wait_for(self.kv_journal.put(JOURNAL_KEY[0], self._own_key(), self._snapshot()),
+                                       PUT_TIMEOUT_S)
+                await self._drop_superseded(self.kv_journal, "_kv_superseded")
             except Exception as exc:
                 if not failing:
                     log.warning("budget ledger: snapshot not copied to Ray's key-value store (%s: %s); tried again "
@@ -81,26 +84,32 @@ class LedgerJournal:
                 if self.__dict__.get("_kv_dirty") and (wait := started + KV_EVERY_S - loop.time()) > 0:
                     await asyncio.sleep(wait)
 
-    async def _drop_superseded(self) -> None:
-        """Remove the copies of the incarnations before this one (read back at its restore), now that its own holds
-        what they held. A dead one's write landing after this re-creates its key, ranked below by its epoch."""
-        stale = self.__dict__.pop("_kv_superseded", None)
+    def _own_key(self) -> str:
+        return _COPY + self.spec_incarnation
+
+    async def _drop_superseded(self, journal, which: str) -> None:
+        """Remove from ``journal`` the snapshots of the incarnations before this one (``which``: those its restore
+        read there), now that its own there holds what they held. A dead one's write landing after this re-creates
+        its key, ranked below by its epoch (and removed by the next restore, or the engine's stop)."""
+        stale = self.__dict__.pop(which, None)
         if stale:
             try:
-                await asyncio.wait_for(self.kv_journal.delete(JOURNAL_KEY[0], stale), PUT_TIMEOUT_S)
-            except Exception as exc:  # left: ranked below this incarnation's copy, removed at the engine's stop
-                log.info("budget ledger: older copies not removed from Ray's key-value store (%s)", exc)
+                await asyncio.wait_for(journal.delete(JOURNAL_KEY[0], stale), PUT_TIMEOUT_S)
+            except Exception as exc:  # left: ranked below this incarnation's snapshot
+                log.info("budget ledger: older snapshots not removed (%s: %s)", type(exc).__name__, exc)
 
     async def _journal_soon(self) -> None:
         # One write at a time, of every change made before it: the changes made while one is out go in the next.
         while self._journal_dirty:
             self._journal_dirty = False
             upto = self._asked
-            await self._put_snapshot()  # a write that fails is logged: the ledger goes on, as without a journal
+            landed = await self._put_snapshot()  # a write that fails is logged: the ledger goes on, as without one
             self._written = upto
             cond = self._cond()
             async with cond:
                 cond.notify_all()
+            if landed:  # after the answers: they wait for this incarnation's snapshot, not for the older ones' end
+                await self._drop_superseded(self.journal, "_hub_superseded")
 
     def _cond(self) -> asyncio.Condition:
         if self._written_cond is None:
@@ -124,13 +133,17 @@ class LedgerJournal:
         await self._restored_first()
         if self.journal is None:
             return await self.rejournal_outbox()
-        await self._put_snapshot()
+        if await self._put_snapshot():
+            await self._drop_superseded(self.journal, "_hub_superseded")
 
-    async def _put_snapshot(self) -> None:
+    async def _put_snapshot(self) -> bool:
+        """Whether the snapshot landed in the hub's journal."""
         try:  # bounded: a reservation waits for this write (``_durable``), and a wedged hub must not hold it for good
-            await asyncio.wait_for(self.journal.put(*JOURNAL_KEY, self._snapshot()), PUT_TIMEOUT_S)
+            await asyncio.wait_for(self.journal.put(JOURNAL_KEY[0], self._own_key(), self._snapshot()), PUT_TIMEOUT_S)
         except Exception as exc:
             log.warning("budget ledger: snapshot not journaled (%s: %s)", type(exc).__name__, exc)
+            return False
+        return True
 
     async def recover(self) -> bool:
         """After a restart: take the memory ledger back from the journal. Its reservations still open are
@@ -146,16 +159,16 @@ class LedgerJournal:
         self._restoring = asyncio.Event()  # ledger calls wait: the restore overwrites what they would do meanwhile
         restored = False
         try:
-            hub = (await self._read(self.journal, "the hub's journal")).get(JOURNAL_KEY[1])
-            copies = {k: v for k, v in (await self._read(self.kv_journal, "Ray's key-value store")).items()
-                      if k.startswith(_COPY) and k != _COPY + self.spec_incarnation}
-            self._kv_superseded = list(copies)
-            found = [snap for snap in (hub, *copies.values()) if snap]
+            hub = self._others(await self._read(self.journal, "the hub's journal"))
+            copies = self._others(await self._read(self.kv_journal, "Ray's key-value store"))
+            self._hub_superseded, self._kv_superseded = list(hub), list(copies)
+            found = [snap for snap in (*hub.values(), *copies.values()) if snap]
             # Numbered past every incarnation read (one whose copy never landed is ranked below by its changes).
             self._epoch = max((_rank(snap)[0] for snap in found), default=0) + 1
             if not found:
                 return False
-            # The newest: the hub's while it lived (the copy lags it by a write at most), else Ray's store's.
+            # The newest: the hub's while it lived (the copy lags it by 0.25 s and a write at most), else Ray's
+            # store's; of the incarnations', the last one's (a dead one's late write is its own key's, ranked below).
             restored = self._restore(max(found, key=_rank))
             return restored
         finally:
@@ -163,6 +176,12 @@ class LedgerJournal:
             self._restoring = None
             if restored:  # copied from now on (not while it was read back: the empty ledger would replace the copy)
                 self._kv_soon()
+
+    def _others(self, records: dict) -> dict:
+        """The snapshots of incarnations before this one among a store's ``records`` (the key ``ledger`` alone
+        too: the hub's journal's one key before stop 73)."""
+        own = self._own_key()
+        return {k: v for k, v in records.items() if k.startswith(JOURNAL_KEY[1]) and k != own}
 
     async def _read(self, journal, where: str) -> dict:
         if journal is None:

@@ -176,3 +176,61 @@ def test_a_dead_incarnation_s_copy_landing_after_its_successor_s_does_not_replac
         assert _state(await third.report()) == newer  # before: reserved 4.0 (a0 to a3), spent 0
         await _stop(ctl, again, third)
     asyncio.run(go())
+
+
+class HeldHub(ResultHub):
+    """The hub, whose journal writes started while ``held`` each wait for a gate of their own (``gates``, in the
+    order they started): a dead controller's write still on its way to the hub lands when the test lets it."""
+
+    def __init__(self):
+        super().__init__()
+        self.held, self.gates, self.started = False, [], asyncio.Event()
+
+    async def journal_put(self, space: str, key: str, blob: bytes) -> None:
+        if self.held:
+            gate = asyncio.Event()
+            self.gates.append(gate)
+            self.started.set()
+            await gate.wait()
+        await super().journal_put(space, key, blob)
+
+
+def test_a_dead_incarnation_s_journal_write_landing_in_the_hub_after_its_successor_s_does_not_replace_the_newer_ledger():
+    """The controller dies alone (the hub lives) with a journal write on its way to the hub; its successor takes the
+    ledger back from the hub, answers changes (each in the hub's journal before its answer) and dies too before its
+    copies to Ray's store landed. Before, both wrote one key of the hub's journal: the late write replaced the
+    successor's snapshot, and a third incarnation took back the dead one's ledger, ranked above the successor's
+    copies that had landed (none here): the settlement and the claim it answered were gone."""
+    async def go():
+        store, clock, hub = HeldStore(), ManualClock(100.0), HeldHub()
+        ctl = BudgetController(SETTINGS, hub, clock, kv_journal=store)
+        await ctl.check_ledger()
+        assert (await ctl.reserve_many(_claims("a0", usd=1.0)))[0].ok
+        await _written(ctl)
+        store.held = hub.held = True
+        # Never answered: ctl dies with its journal write on its way to the hub (its task lives on, as Ray's call
+        # in the network would).
+        cut = asyncio.ensure_future(ctl.reserve_many(_claims("a1", usd=1.0)))
+        await asyncio.wait_for(hub.started.wait(), 10)
+        hub.held = False
+        again = BudgetController(SETTINGS, hub, clock, kv_journal=store)
+        again.reconstructed()
+        assert (await again.report())["reserved_usd"] == 1.0  # the hub's last snapshot that landed: a0
+        await again.settle_many([("a0", 0.5)])
+        assert (await again.reserve_many(_claims("b1", usd=2.0)))[0].ok
+        newer = _state(await again.report())
+        keys = {"ledger@" + again.spec_incarnation}
+        assert set(await hub.journal_items("budget")) == keys  # the older one's went once its own landed
+        for gate in hub.gates:  # the dead incarnation's write lands in the hub now, after its successor's
+            gate.set()
+        assert (await asyncio.wait_for(cut, 10))[0].ok
+        assert set(await hub.journal_items("budget")) == keys | {"ledger@" + ctl.spec_incarnation}
+        # Then the successor dies alone too, its copies to Ray's store still out.
+        third = BudgetController(SETTINGS, hub, clock, kv_journal=store)
+        third.reconstructed()
+        assert _state(await third.report()) == newer  # before: a0 and a1 held, a0's spend and b1 gone
+        await asyncio.wait_for(third._journaling, 10)
+        assert set(await hub.journal_items("budget")) == {"ledger@" + third.spec_incarnation}
+        store.gate.set()
+        await _stop(ctl, again, third)
+    asyncio.run(go())
