@@ -8,15 +8,13 @@ and a hard budget passable. The copy is off the hot path: no answer waits for it
 and the next carries the newest state, started at most every ``KV_EVERY_S``: a joint death loses at most the changes
 of that and one write's latency (never one write per request: Ray's store is the cluster's, on the head node).
 
-Each snapshot carries an epoch (how many restarts took a ledger back before this incarnation) and a change number
-that goes on across restarts; a restart takes back the newest by (epoch, change), and its own epoch is one more.
-Each incarnation writes to a key of its own (``ledger@<incarnation>``), in the hub's journal as in Ray's store: a
-dead incarnation's write still in flight when its successor wrote lands in its own key, never over the successor's,
-and its epoch ranks it below (by change number alone it could rank above: the successor goes on from the last
-snapshot that had landed, the late one's number may be higher). In one key of the hub's journal (until stop 73),
+Each snapshot carries an epoch (one past every snapshot the incarnation's restore read), when the incarnation began
+and a change number that goes on across restarts; each incarnation writes to a key of its own
+(``ledger@<incarnation>``), in the hub's journal as in Ray's store, and a restart takes back the newest by (epoch,
+start, change) (``actors._incarnations``): a dead incarnation's write still in flight when its successor wrote lands
+in its own key, never over the successor's, and ranks below it. In one key of the hub's journal (until stop 73),
 such a late write replaced the successor's snapshot, and a restart of the controller alone then took back the dead
 one's ledger over the successor's copies in Ray's store that had not landed yet (its last 0.25 s), or had none.
-The older incarnations' keys go from each store once this one's first snapshot landed there.
 """
 
 from __future__ import annotations
@@ -24,13 +22,13 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from actors._incarnations import began, drop_earlier, earlier, next_epoch, own_key
 from actors.journal import read_patiently
 from engine.core.budgets import BudgetSpec
 
 __all__ = ["JOURNAL_KEY", "LedgerJournal"]
 
 JOURNAL_KEY = ("budget", "ledger")  # the space, and the stem of every key: ``ledger`` alone before stop 73
-_COPY = "ledger@"  # + the incarnation: the key of its snapshot, in the hub's journal and in Ray's store
 PUT_TIMEOUT_S = 10.0  # a snapshot write that takes longer is given up (logged); the next change writes again
 KV_RETRY_S = 1.0  # a copy Ray's store refused is written again this long after (the latest state), until it takes one
 # Copies start at most this often: under steady load the ledger changes all the time, and back-to-back copies would
@@ -51,7 +49,8 @@ class LedgerJournal:
                 if self.spec_version else None)
         return (dict(b.spent), dict(b.reserved), dict(b.claims), dict(b.spend), dict(self.refusals), list(b.ended),
                 b.ended_overrun, b.latest, set(b.charged), live, dict(b.granted),
-                self.__dict__.get("_seq_base", 0) + self._asked, dict(self._charged), self.__dict__.get("_epoch", 0))
+                self.__dict__.get("_seq_base", 0) + self._asked, dict(self._charged), self.__dict__.get("_epoch", 0),
+                began(self))
 
     def _kv_soon(self) -> None:
         """Have the copy in Ray's store follow the ledger: one write at a time, each of the state when it starts."""
@@ -85,18 +84,13 @@ class LedgerJournal:
                     await asyncio.sleep(wait)
 
     def _own_key(self) -> str:
-        return _COPY + self.spec_incarnation
+        return own_key(JOURNAL_KEY[1], self.spec_incarnation)
 
     async def _drop_superseded(self, journal, which: str) -> None:
         """Remove from ``journal`` the snapshots of the incarnations before this one (``which``: those its restore
-        read there), now that its own there holds what they held. A dead one's write landing after this re-creates
-        its key, ranked below by its epoch (and removed by the next restore, or the engine's stop)."""
-        stale = self.__dict__.pop(which, None)
-        if stale:
-            try:
-                await asyncio.wait_for(journal.delete(JOURNAL_KEY[0], stale), PUT_TIMEOUT_S)
-            except Exception as exc:  # left: ranked below this incarnation's snapshot
-                log.info("budget ledger: older snapshots not removed (%s: %s)", type(exc).__name__, exc)
+        read there), now that its own there holds what they held."""
+        await drop_earlier(journal, JOURNAL_KEY[0], self.__dict__.pop(which, None) or [], "budget ledger",
+                           PUT_TIMEOUT_S)
 
     async def _journal_soon(self) -> None:
         # One write at a time, of every change made before it: the changes made while one is out go in the next.
@@ -159,12 +153,13 @@ class LedgerJournal:
         self._restoring = asyncio.Event()  # ledger calls wait: the restore overwrites what they would do meanwhile
         restored = False
         try:
-            hub = self._others(await self._read(self.journal, "the hub's journal"))
-            copies = self._others(await self._read(self.kv_journal, "Ray's key-value store"))
+            own = self._own_key()
+            hub = earlier(await self._read(self.journal, "the hub's journal"), JOURNAL_KEY[1], own)
+            copies = earlier(await self._read(self.kv_journal, "Ray's key-value store"), JOURNAL_KEY[1], own)
             self._hub_superseded, self._kv_superseded = list(hub), list(copies)
             found = [snap for snap in (*hub.values(), *copies.values()) if snap]
             # Numbered past every incarnation read (one whose copy never landed is ranked below by its changes).
-            self._epoch = max((_rank(snap)[0] for snap in found), default=0) + 1
+            self._epoch = next_epoch(_rank(snap)[0] for snap in found)
             if not found:
                 return False
             # The newest: the hub's while it lived (the copy lags it by 0.25 s and a write at most), else Ray's
@@ -176,12 +171,6 @@ class LedgerJournal:
             self._restoring = None
             if restored:  # copied from now on (not while it was read back: the empty ledger would replace the copy)
                 self._kv_soon()
-
-    def _others(self, records: dict) -> dict:
-        """The snapshots of incarnations before this one among a store's ``records`` (the key ``ledger`` alone
-        too: the hub's journal's one key before stop 73)."""
-        own = self._own_key()
-        return {k: v for k, v in records.items() if k.startswith(JOURNAL_KEY[1]) and k != own}
 
     async def _read(self, journal, where: str) -> dict:
         if journal is None:
@@ -195,7 +184,7 @@ class LedgerJournal:
     def _restore(self, snap: tuple) -> bool:
         b = self.book
         if len(snap) > 11:  # the change number (this run's snapshots number on from it), and the charges' USD
-            self._seq_base, charged, snap = snap[11], snap[12], snap[:11]  # (then the epoch: ``recover`` read it)
+            self._seq_base, charged, snap = snap[11], snap[12], snap[:11]  # (then the rank: ``recover`` read it)
             self._charged.update(charged)  # the report's charged_usd said 0 after every restart
         # 5 parts before ended windows, 7 before latest, 8 before charged, 9 before the budgets changed live, 10
         # before what windows had granted under a limit lowered since
@@ -226,6 +215,7 @@ class LedgerJournal:
             self._changed()
 
 
-def _rank(snap: tuple) -> tuple[int, int]:
-    """(epoch, change number): the later incarnation's first, then the later change."""
-    return (snap[13] if len(snap) > 13 else 0, snap[11] if len(snap) > 11 else 0)
+def _rank(snap: tuple) -> tuple[int, float, int]:
+    """(epoch, start, change number): the later incarnation's first, then the later change (``actors._incarnations``;
+    a snapshot of before stop 72 has no epoch, of before stop 73 no start)."""
+    return (snap[13] if len(snap) > 13 else 0, snap[14] if len(snap) > 14 else 0.0, snap[11] if len(snap) > 11 else 0)

@@ -10,6 +10,7 @@ import pickle
 from actors import BudgetController, ResultHub
 from engine.core.budgets import BudgetSettings, BudgetSpec, Charge, Claim
 from engine.core.clock import ManualClock
+from tests.unit.helpers import HeldHub
 
 SETTINGS = BudgetSettings(specs=(BudgetSpec(max_budget=10.0, budget_duration="1d"),))
 
@@ -178,23 +179,6 @@ def test_a_dead_incarnation_s_copy_landing_after_its_successor_s_does_not_replac
     asyncio.run(go())
 
 
-class HeldHub(ResultHub):
-    """The hub, whose journal writes started while ``held`` each wait for a gate of their own (``gates``, in the
-    order they started): a dead controller's write still on its way to the hub lands when the test lets it."""
-
-    def __init__(self):
-        super().__init__()
-        self.held, self.gates, self.started = False, [], asyncio.Event()
-
-    async def journal_put(self, space: str, key: str, blob: bytes) -> None:
-        if self.held:
-            gate = asyncio.Event()
-            self.gates.append(gate)
-            self.started.set()
-            await gate.wait()
-        await super().journal_put(space, key, blob)
-
-
 def test_a_dead_incarnation_s_journal_write_landing_in_the_hub_after_its_successor_s_does_not_replace_the_newer_ledger():
     """The controller dies alone (the hub lives) with a journal write on its way to the hub; its successor takes the
     ledger back from the hub, answers changes (each in the hub's journal before its answer) and dies too before its
@@ -233,4 +217,39 @@ def test_a_dead_incarnation_s_journal_write_landing_in_the_hub_after_its_success
         assert set(await hub.journal_items("budget")) == {"ledger@" + third.spec_incarnation}
         store.gate.set()
         await _stop(ctl, again, third)
+    asyncio.run(go())
+
+
+def test_two_incarnations_of_one_epoch_rank_by_when_they_began_not_by_their_change_numbers():
+    """b and c both took the ledger back from a's copy, neither having read the other's: one epoch. b died with its
+    hub and its first copy in flight, holding the claims that came while it read the ledger back (answered from its
+    hub); c settled a0 and its copy landed; then b's landed. Ranked by (epoch, change), b's came first (it held
+    more changes): a fourth incarnation took back a0 as open and c's settlement of it as never made."""
+    async def go():
+        store, clock = OneByOneStore(), ManualClock(100.0)
+        a = BudgetController(SETTINGS, ResultHub(), clock, kv_journal=store)
+        await a.check_ledger()
+        assert (await a.reserve_many(_claims("a0", usd=1.0)))[0].ok
+        await _written(a)
+        store.held = True  # a and its hub died; b's copies are on their way when b and its hub die too
+        b = BudgetController(SETTINGS, ResultHub(), clock, kv_journal=store)
+        b.reconstructed()
+        verdicts = await asyncio.gather(*(b.reserve_many(_claims(f"b{k}", usd=0.5)) for k in range(4)))
+        assert all(v[0].ok for v in verdicts)
+        await asyncio.wait_for(store.started.wait(), 10)
+        store.held = False
+        c = BudgetController(SETTINGS, ResultHub(), clock, kv_journal=store)
+        c.reconstructed()
+        assert (await c.report())["reserved_usd"] == 1.0  # a's copy: b's had not landed
+        await c.settle_many([("a0", 0.5)])
+        await _written(c)
+        newer = _state(await c.report())
+        assert c._epoch == b._epoch
+        for gate in store.gates:  # b's copy lands now, after c's
+            gate.set()
+        await _written(b)
+        d = BudgetController(SETTINGS, ResultHub(), clock, kv_journal=store)
+        d.reconstructed()
+        assert _state(await d.report()) == newer  # before: a0 and b0-b3 held, spent 0
+        await _stop(a, b, c, d)
     asyncio.run(go())
