@@ -10,6 +10,7 @@ import time
 from collections import OrderedDict
 
 from actors._batch_api import _short
+from actors._incarnations import began, drop_earlier, earlier, next_epoch, own_key
 from actors._shards import uid_shard
 from actors.journal import read_patiently
 from engine.core.result import Result
@@ -27,6 +28,12 @@ TALLY = ("paid_twice", "paid_twice_usd", "possibly_billed", "possibly_billed_usd
 # ledger, and the report lost it (a hunt). Last, the open requests whose last try gave up polling a job (``_kept``):
 # its bound is charged if the request ends with no try that polls it again.
 _ZERO_TALLY = (*(0 for _ in TALLY), {}, {}, {}, 0, 0, ())
+# Each incarnation journals its tally under a key of its own, ``tally@<incarnation>``, as (epoch, start, change,
+# tally), and a restart adds back the newest (``actors._incarnations``): in one key (until stop 73), a dead
+# incarnation's write landing after its successor's replaced the newer tally, which holds the dead one's too, until
+# the successor's next change (rare: it changes with faults); a restart meanwhile lost the successor's counts and
+# the settlements it held for a restarting budget controller (their claims held until ``reservation_ttl_s``).
+TALLY_STEM = "tally"
 # Finished requests kept to answer a re-admission (``recall``) rather than send it again: the newest DONE_KEEP, for
 # DONE_KEEP_S; and of their outputs, the newest DONE_OUTPUT_MB. An image's is a base64 image of 1-6 MB, so a
 # dispatch of images read batch after batch kept gigabytes here (a review); an output let go leaves its request
@@ -65,6 +72,8 @@ class Recovery:
     # batches again: billed twice. So a restarted one reads its journal first, whoever calls it first.
     _must_recover = False
     _tally_sent: tuple = _ZERO_TALLY  # the tally last journaled
+    _tally_epoch = 0  # one past every tally this incarnation's restore read
+    _tally_change = 0  # tallies journaled, numbered on across restarts
     _recovery: asyncio.Future | None = None
     journal_unread = 0  # recoveries that gave up on an unreadable journal (members sent again)
 
@@ -138,7 +147,7 @@ class Recovery:
             log.error("dispatcher %s: journal unreadable after a restart (%s) for %.0f s; batches it had submitted "
                       "are not followed and their members are sent again", self.name, _short(exc), wait_s)
             return -1
-        self._add_tally(tally.get("tally"))
+        self._take_back_tally(tally)
         ended = await self._ended_at_hub([rec[1].req.uid for rec in bodies.values()]
                                          + [j.req.uid for rec in records.values() for j in rec[1]])
         n, held, resumed = 0, {}, set()
@@ -242,6 +251,21 @@ class Recovery:
         return (*(getattr(self, k) for k in TALLY), dict(self._unanswered), dict(self._undelivered),
                 dict(self._flex_unanswered), self.flex_refused, self.flex_timed_out, tuple(sorted(self._kept)))
 
+    @property
+    def _tally_key(self) -> str:
+        return own_key(TALLY_STEM, self.incarnation)
+
+    def _take_back_tally(self, records: dict) -> None:
+        """Add back the newest tally of the incarnations before this one (read back from the tally space)."""
+        saved = earlier(records, TALLY_STEM, self._tally_key)
+        self._tally_superseded = list(saved)
+        ranked = [v if k != TALLY_STEM else (0, 0.0, 0, v) for k, v in saved.items()]  # (one key before stop 73)
+        self._tally_epoch = next_epoch(r[0] for r in ranked)
+        if ranked:
+            newest = max(ranked, key=lambda r: r[:3])
+            self._tally_change = newest[2]
+            self._add_tally(newest[3])
+
     def _add_tally(self, saved: tuple | None) -> None:
         """Add what the last process counted (it died with it) to what this one counts, and send again what it
         had not delivered to the budget controller."""
@@ -267,8 +291,10 @@ class Recovery:
         tally = self._tally()
         if tally == self._tally_sent or self.__dict__.get("_tally_retry"):
             return
+        self._tally_change += 1
         try:
-            await self.journal.put(self._tally_space, "tally", tally)
+            await self.journal.put(self._tally_space, self._tally_key,
+                                   (self._tally_epoch, began(self), self._tally_change, tally))
             self._tally_sent, self._tally_wait = tally, 1.0
         except Exception as exc:
             wait = self.__dict__.get("_tally_wait", 1.0)
@@ -281,6 +307,9 @@ class Recovery:
                 self._tally_task = asyncio.ensure_future(self._journal_tally())  # held: a task may be collected
 
             asyncio.get_running_loop().call_later(wait, again)
+            return
+        await drop_earlier(self.journal, self._tally_space, self.__dict__.pop("_tally_superseded", None) or [],
+                           f"dispatcher {self.name}", 10.0)
 
     async def rejournal(self) -> int:
         """Write every open batch and sync body to the journal again (after the hub, which keeps a memory

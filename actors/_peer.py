@@ -187,13 +187,18 @@ class Warm:
             p for v in vars(self).values() if isinstance(v, (list, dict))
             for p in (v.values() if isinstance(v, dict) else v) if isinstance(p, Peer)]
 
-    async def ping(self) -> str:
-        """This actor's incarnation: a token drawn at its first ping. Ray re-runs ``__init__`` when it restarts
+    @property
+    def incarnation(self) -> str:
+        """A token drawn once per run of the actor (at its first use). Ray re-runs ``__init__`` when it restarts
         an actor, so a new token tells the supervisor that the actor came back without its memory."""
         tok = self.__dict__.get("_incarnation")
         if tok is None:
             tok = self.__dict__["_incarnation"] = secrets.token_hex(6)
         return tok
+
+    async def ping(self) -> str:
+        """This actor's incarnation (``incarnation``)."""
+        return self.incarnation
 
     async def set_logging(self, level: str, actor: str, hub) -> None:
         """Ship this actor's ``smartbatch.*`` log records at ``level`` and up to the result hub ``hub`` (a

@@ -1,0 +1,54 @@
+"""A dispatcher's journaled tally (``actors._dispatch_recovery``): what its report counts and the settlements the
+budget controller had not taken, which a restart adds back and sends again. Driven without Ray: the hub's journal
+holds a dead dispatcher's last write until the test lets it land, after its successor's."""
+
+from __future__ import annotations
+
+import asyncio
+
+from actors import Dispatcher
+from engine.core.clock import ManualClock
+from engine.core.settings import Settings
+from tests.unit.helpers import HeldHub, Recorder
+from tests.unit.test_actors import CAT
+
+
+def _dispatcher(hub: HeldHub, budget: Recorder, restarted: bool = True) -> Dispatcher:
+    d = Dispatcher("openai", CAT, Settings(), 0, ManualClock(0.0), [], hub, None, budget)
+    if restarted:
+        d.reconstructed()
+    return d
+
+
+def test_a_dead_dispatcher_s_tally_landing_after_its_successor_s_does_not_replace_the_newer_one():
+    """The dispatcher dies with its tally's write on its way to the hub; its successor adds the last tally that
+    landed to its own, counts a member paid twice and holds a settlement for a restarting budget controller, and
+    journals that; then the dead one's write lands. Before, both wrote one key: a third incarnation took back the
+    dead one's tally, its report's count went back and the settlement was never sent (its claim held until
+    ``reservation_ttl_s``, its spend never counted)."""
+    async def go():
+        hub, budget = HeldHub(), Recorder()
+        d = _dispatcher(hub, budget, restarted=False)
+        d.paid_twice = 1
+        await d._journal_tally()
+        hub.held = True
+        d.paid_twice = 2
+        cut = asyncio.ensure_future(d._journal_tally())  # on its way when d dies (its task lives on, as Ray's call)
+        await asyncio.wait_for(hub.started.wait(), 10)
+        hub.held = False
+        again = _dispatcher(hub, budget)
+        await again.recover()
+        assert again.paid_twice == 1  # the last tally that landed
+        again.paid_twice += 3
+        again._undelivered[("settle_many", "c9")] = ("c9", 0.25)  # the budget controller restarting: not taken
+        await again._journal_tally()
+        for gate in hub.gates:  # the dead incarnation's write lands now, after its successor's
+            gate.set()
+        await asyncio.wait_for(cut, 10)
+        budget.calls.clear()
+        third = _dispatcher(hub, budget)
+        await third.recover()
+        assert await third.spend_told(10)
+        assert third.paid_twice == 4  # before: 2, the dead one's
+        assert ("settle_many", ([("c9", 0.25)],)) in budget.calls  # before: never sent, nor counted
+    asyncio.run(go())
