@@ -309,7 +309,7 @@ class Recovery:
             asyncio.get_running_loop().call_later(wait, again)
             return
         await drop_earlier(self.journal, self._tally_space, self.__dict__.pop("_tally_superseded", None) or [],
-                           f"dispatcher {self.name}", 10.0)
+                           f"dispatcher {self.name}")
 
     async def rejournal(self) -> int:
         """Write every open batch and sync body to the journal again (after the hub, which keeps a memory

@@ -29,6 +29,7 @@ from typing import Any
 __all__ = ["began", "drop_earlier", "earlier", "next_epoch", "own_key"]
 
 log = logging.getLogger("smartbatch.journal")
+DROP_TIMEOUT_S = 10.0  # a removal of older snapshots that takes longer is given up (they rank below: harmless)
 
 
 def own_key(stem: str, incarnation: str) -> str:
@@ -53,7 +54,8 @@ def began(actor: Any) -> float:
     return actor.__dict__.setdefault("_began", time.time())
 
 
-async def drop_earlier(journal: Any, space: str, keys: list[str], who: str, timeout_s: float) -> None:
+async def drop_earlier(journal: Any, space: str, keys: list[str], who: str,
+                       timeout_s: float = DROP_TIMEOUT_S) -> None:
     """Remove ``keys`` (earlier incarnations' snapshots) from ``journal``'s ``space``, now that this incarnation's
     own landed there. A failure is logged: they stay, ranked below, until the next restore or the engine's stop."""
     if not keys:
