@@ -15,21 +15,27 @@ A create refused (no video made) replaces its intent by a record saying so (``"r
 kept, a restart during the retry's wait looked for a video that create never made and took another request's of
 the same body (answered with it, its price counted twice); the restart counts the call unanswered only if an
 earlier create of it got no answer (``lost``).
-The jobs of calls that ended are journaled too, as one list (key ``ENDED``, the ``ENDED_KEEP`` newest): a restart
-gives them back (``"ended": True``) so a cut create's look-up never takes a video another request made and was
-answered with (the last process held its id in memory only: both requests were answered with one video).
+The jobs of calls that ended are journaled too, as one list (the ``ENDED_KEEP`` newest) per incarnation (key
+``ended@<incarnation>``): a restart gives them back (``"ended": True``) so a cut create's look-up never takes a video
+another request made and was answered with (the last process held its id in memory only: both requests were
+answered with one video). A restart merges every incarnation's list (each holds what its incarnation read), and the
+older keys go once its own list landed: in one key (until stop 73), a dead incarnation's write landing after its
+successor's replaced the successor's list, and a restart before its next video ended forgot the jobs it had added.
 At a stop the jobs still under way are said (``open_jobs``): they complete and are billed at the provider."""
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Awaitable, Callable
 
+from actors._incarnations import earlier, own_key
 from actors.journal import JournalWriter
 
 __all__ = ["ENDED", "ENDED_KEEP", "CallSlot", "MadeJobs"]
 
-ENDED = "ended"  # the key of the list of ended calls' jobs (no call key is this: they start with the tenant)
+ENDED = "ended"  # the stem of the keys of the lists of ended calls' jobs (no call key starts so: they start with
+# the tenant)
 ENDED_KEEP = 2000  # as many as the OpenAI video look-up holds (``_openai_video.HELD_KEEP``): older are past its look
 
 
@@ -81,13 +87,31 @@ class MadeJobs:
         self._ended[rec["job"]] = rec.get("api", "")
         while len(self._ended) > ENDED_KEEP:
             del self._ended[next(iter(self._ended))]
-        self._jobs_journal.put_soon(ENDED, list(self._ended.items()))
+        self._jobs_journal.put_soon(self._ended_key, list(self._ended.items()))
+
+    @property
+    def _ended_key(self) -> str:
+        return own_key(ENDED, self.incarnation)
+
+    async def _ended_merged(self, older: list[str]) -> None:
+        """Journal the merged list under this incarnation's key, then remove the older incarnations' lists."""
+        if await self._jobs_journal.put(self._ended_key, list(self._ended.items())):
+            for key in older:
+                self._jobs_journal.delete(key)
 
     def _resume_jobs(self, records: dict[str, dict], resumed: set[str]) -> None:
         """After a restart: the jobs of the calls made again (``resumed``, their keys) go back to the provider;
         the records of the others (their calls ended, or left) are cleared."""
         records = dict(records)
-        self._ended.update(dict(records.pop(ENDED, None) or []))
+        records.pop(self._ended_key, None)  # (its own, written after a read that failed: it holds no call)
+        lists = earlier(records, ENDED, self._ended_key)
+        for key, items in lists.items():
+            del records[key]
+            self._ended.update(dict(items or []))
+        while len(self._ended) > ENDED_KEEP:
+            del self._ended[next(iter(self._ended))]
+        if lists:  # held: a task may be collected
+            self._ended_merge = asyncio.ensure_future(self._ended_merged(list(lists)))
         back = [{"api": api, "job": job, "ended": True} for job, api in self._ended.items()]
         for key, rec in records.items():
             if key in resumed:
@@ -101,7 +125,7 @@ class MadeJobs:
     @property
     def _jobs_records(self) -> dict:
         """What the jobs space holds: the records of jobs under way, and the list of ended ones."""
-        return {**self._jobs, ENDED: list(self._ended.items())} if self._ended else self._jobs
+        return {**self._jobs, self._ended_key: list(self._ended.items())} if self._ended else self._jobs
 
     @property
     def open_jobs(self) -> int:

@@ -1,6 +1,7 @@
 """Snapshots an actor keeps in a journal (the budget controller's memory ledger, ``actors._budget_journal``; a
 dispatcher's tally, ``actors._dispatch_recovery``), each incarnation of the actor (each run Ray restarts) under a key
-of its own, ``<stem>@<incarnation>``, and taken back by rank: (epoch, start, change).
+of its own, ``<stem>@<incarnation>``, and taken back by rank: (epoch, start, change). (A dispatcher's list of ended
+videos, ``actors._dispatch_jobs``, is a union: every incarnation's is read back and merged, none ranked.)
 
 One key for every incarnation let a dead one's write still on its way (Ray killed the actor after its call to the
 hub, Redis or Ray's store left) land after its successor's and replace the newer snapshot with the older (until stop

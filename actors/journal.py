@@ -241,11 +241,12 @@ class JournalWriter:
         self.retries: set[asyncio.Task] = set()  # deletes tried again (``delete_later``)
         self._retrying: set[str] = set()  # their keys, until written anew
 
-    async def put(self, key: str, value: Any) -> None:
+    async def put(self, key: str, value: Any) -> bool:
+        """Whether the write holding it landed (one that failed is logged)."""
         self._retrying.discard(key)
         self._puts[key] = value
         fut = self._arm()
-        await asyncio.shield(fut)
+        return await asyncio.shield(fut)
 
     def put_soon(self, key: str, value: Any) -> None:
         """``put`` without waiting for its write (from code that cannot await)."""
@@ -280,13 +281,15 @@ class JournalWriter:
                     failed = [k for k in dels if k not in self._puts and k not in puts]
                     self._retrying.update(failed)
                     delete_later(self.journal, self.space, failed, self.retries, self._retrying)
+            landed = True
             if puts:
                 try:
                     await self.journal.put_many(self.space, puts)
                 except Exception as exc:  # the call goes on unjournaled: only a restart just now would lose it
                     log.warning("journal %s: write failed (%s: %s)", self.space, type(exc).__name__, exc)
+                    landed = False
             if done is not None and not done.done():
-                done.set_result(None)
+                done.set_result(landed)
 
 
 def check_keeps_records(settings):

@@ -260,10 +260,17 @@ class HeldHub(ResultHub):
         super().__init__(*args, **kwargs)
         self.held, self.gates, self.started = False, [], asyncio.Event()
 
-    async def journal_put(self, space: str, key: str, blob: bytes) -> None:
+    async def _gate(self) -> None:
         if self.held:
             gate = asyncio.Event()
             self.gates.append(gate)
             self.started.set()
             await gate.wait()
+
+    async def journal_put(self, space: str, key: str, blob: bytes) -> None:
+        await self._gate()
         await super().journal_put(space, key, blob)
+
+    async def journal_put_many(self, space: str, blobs: dict[str, bytes]) -> None:
+        await self._gate()
+        await super().journal_put_many(space, blobs)

@@ -1,6 +1,7 @@
 """A dispatcher's journaled tally (``actors._dispatch_recovery``): what its report counts and the settlements the
-budget controller had not taken, which a restart adds back and sends again. Driven without Ray: the hub's journal
-holds a dead dispatcher's last write until the test lets it land, after its successor's."""
+budget controller had not taken, which a restart adds back and sends again; and its list of ended videos
+(``actors._dispatch_jobs``). Driven without Ray: the hub's journal holds a dead dispatcher's last write until the
+test lets it land, after its successor's."""
 
 from __future__ import annotations
 
@@ -51,4 +52,40 @@ def test_a_dead_dispatcher_s_tally_landing_after_its_successor_s_does_not_replac
         assert await third.spend_told(10)
         assert third.paid_twice == 4  # before: 2, the dead one's
         assert ("settle_many", ([("c9", 0.25)],)) in budget.calls  # before: never sent, nor counted
+    asyncio.run(go())
+
+
+async def _jobs_written(d: Dispatcher) -> None:
+    if d._jobs_journal._task is not None:
+        await asyncio.wait_for(asyncio.shield(d._jobs_journal._task), 10)
+
+
+def test_a_dead_dispatcher_s_list_of_ended_videos_landing_after_its_successor_s_loses_none_of_them():
+    """The list of ended calls' jobs (``actors._dispatch_jobs``, key ``ended``): a restart hands it to the provider,
+    whose look-up for a cut create's video never takes one of them (another request was answered with it). The
+    dead dispatcher's write of v1-v2 lands after its successor's v1, v3: before, one key, and a third incarnation
+    no longer knew v3 had ended."""
+    async def go():
+        hub, budget = HeldHub(), Recorder()
+        d = _dispatcher(hub, budget, restarted=False)
+        d._end_job({"api": "videos", "job": "v1"})
+        await _jobs_written(d)
+        hub.held = True
+        d._end_job({"api": "videos", "job": "v2"})  # on its way when d dies
+        await asyncio.wait_for(hub.started.wait(), 10)
+        hub.held = False
+        again = _dispatcher(hub, budget)
+        await again.recover()
+        assert set(again._ended) == {"v1"}  # the last list that landed
+        again._end_job({"api": "videos", "job": "v3"})
+        await _jobs_written(again)
+        for gate in hub.gates:  # the dead incarnation's write lands now, after its successor's
+            gate.set()
+        await _jobs_written(d)
+        third = _dispatcher(hub, budget)
+        await third.recover()
+        assert set(third._ended) == {"v1", "v2", "v3"}  # before: v1 and v2, v3 forgotten
+        await asyncio.wait_for(third._ended_merge, 10)
+        await _jobs_written(third)
+        assert set(await hub.journal_items(third._jobs_journal.space)) == {third._ended_key}  # the older went
     asyncio.run(go())
