@@ -29,6 +29,7 @@ LINE_OVERHEAD = 1024  # bytes a batch line adds to its request's body or prompt,
 BYTES_PER_PIXEL = {"png": 4.0, "webp": 4.0, "jpeg": 6.0}
 PNG_SLACK = 1.01  # what a png adds to its pixels: a filter byte a row, deflate's stored blocks, 12 bytes a chunk
 FILE_OVERHEAD = 64 * 1024  # a file's own headers and ancillary chunks (a colour profile, text): a bound
+LOGPROB_ENTRY = 96  # a logprobs entry's fields beside its token: its logprob, the keys and brackets
 RESULT_OVERHEAD = 8 * 1024  # a results line's fields beside its image (custom_id, ids, status, usage, size)
 FALLBACK_PIXELS = (1536, 1024)  # a model whose price table names no WxH size: OpenAI's largest gpt-image size
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
@@ -95,9 +96,23 @@ def image_line_bytes(model: ModelSpec, req: Request | None = None) -> int:
 def text_line_bytes(model: ModelSpec, req: Request, cpt: float) -> int:
     """A bound of a text answer's results line, for the time its read may take (``batch_results_min_kib_s``), not
     the memory it holds: its output cap (the request's, else the model's) at ``cpt`` characters a token (4 at
-    least), each up to 6 bytes as JSON (``\\uXXXX``), with the line's own fields."""
+    least), each up to 6 bytes as JSON (``\\uXXXX``), with the line's own fields. Asked for (``logprobs``), each
+    token is written again with its bytes and its ``top_logprobs`` alternatives (``LOGPROB_ENTRY``): a line 7
+    times its answer, 120 times with 20 alternatives, whose read, bounded by the answer alone, was cut however
+    fast it went. A Responses model's answer echoes its request's fields but its input (``instructions``,
+    ``tools``, ``text``)."""
     cap = req.max_output_tokens or model.max_output_tokens
-    return 6 * math.ceil(cap * max(cpt, 4.0)) + RESULT_OVERHEAD
+    chars = max(cpt, 4.0)
+    body = req.body or {}
+    top = body.get("top_logprobs")
+    entries = 0
+    if body.get("logprobs") or any("logprobs" in str(x) for x in body.get("include") or ()):
+        entries = 1 + (top if type(top) is int and top > 0 else 0)
+    # An entry's token as JSON (12 bytes a character at most) and its bytes (4 a character, each "255, ")
+    token = 6 * chars + entries * (LOGPROB_ENTRY + 32 * chars)
+    echo = len(json.dumps({k: v for k, v in body.items() if k not in ("input", "messages")}, default=str)) \
+        if model.api == "responses" else 0
+    return math.ceil(cap * token) + RESULT_OVERHEAD + echo
 
 
 def results_parts(parts: list[list[Job]], line_bytes: Callable[[Job], int | None], max_mb: float) -> list[list[Job]]:

@@ -8,12 +8,14 @@ naming the batch and its results file."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 
 import pytest
 
-from actors._batch_parts import image_line_bytes
+from actors._batch_parts import image_line_bytes, text_line_bytes
 from tests.unit.test_http_providers import (  # noqa: F401  (emu: the fixture)
+    CAT,
     PROVIDERS,
     RESULTS_ROUTE,
     ROUTE,
@@ -24,6 +26,7 @@ from tests.unit.test_http_providers import (  # noqa: F401  (emu: the fixture)
     billed_by_custom_id,
     emu,
     jobs_of,
+    req,
 )
 from tests.unit.test_image_read_bounds import transparent
 
@@ -98,7 +101,8 @@ def test_results_that_trickle_past_the_read_allowance_fail_every_member_possibly
 
 def test_a_tries_bound_is_its_calls_timeouts_and_its_results_size_at_the_floor_rate(emu):  # noqa: F811
     """At the defaults (64 KiB/s): a full batch of 1536x1024 images, its lines' bounds, 512 MiB at most; a text
-    batch, its answers' caps at 6 bytes a character, also 512 MiB at most (text is not cut by it, the time is)."""
+    batch, its answers' caps at 6 bytes a character, however many (text is not cut by that setting, so its file
+    may weigh more: a bound capped at it cut a healthy read)."""
     rig = Rig(emu, "openai")
     try:
         d, s = rig.d, rig.settings
@@ -108,8 +112,88 @@ def test_a_tries_bound_is_its_calls_timeouts_and_its_results_size_at_the_floor_r
         size = sum(image_line_bytes(rig.catalog.model("openai", "gpt-image-2"), cj.req) for cj in images)
         assert size <= 512 * 2**20 and d._read_bound_s(images) == pytest.approx(calls + size / 65536)
         text = [d._call_job(j, 0.0, batch=True) for j in jobs_of("openai", 10_000)]
-        assert d._read_bound_s(text) == pytest.approx(calls + 512 * 2**20 / 65536)  # 8,192 s past the timeouts
+        lines = sum(text_line_bytes(rig.catalog.model("openai", cj.req.model), cj.req, 4.0) for cj in text)
+        assert lines > 512 * 2**20 and d._read_bound_s(text) == pytest.approx(calls + lines / 65536)  # not capped
         one = [d._call_job(j, 0.0, batch=True) for j in jobs_of("openai", 1, max_output_tokens=1000)]
         assert d._read_bound_s(one) == pytest.approx(calls + (6 * 4 * 1000 + 8 * 1024) / 65536)
     finally:
         asyncio.run(rig.close())
+
+
+def _openai_line(i: int, message: dict, logprobs: dict | None = None) -> bytes:
+    """A chat completion's line as OpenAI's output file holds it (its fields, ids and usage at their longest)."""
+    body = {"id": f"chatcmpl-{'x' * 29}", "object": "chat.completion", "created": 1_780_000_000,
+            "model": "gpt-5-mini-2025-08-07", "choices": [{"index": 0, "message": message, "logprobs": logprobs,
+                                                          "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 10**6, "completion_tokens": 10**6, "total_tokens": 2 * 10**6,
+                      "prompt_tokens_details": {"cached_tokens": 10**6, "audio_tokens": 0},
+                      "completion_tokens_details": {"reasoning_tokens": 10**6, "audio_tokens": 0,
+                                                    "accepted_prediction_tokens": 0,
+                                                    "rejected_prediction_tokens": 0}},
+            "service_tier": "default", "system_fingerprint": "fp_" + "0" * 10}
+    line = {"id": f"batch_req_{'x' * 32}", "custom_id": f"t{i}", "error": None,
+            "response": {"status_code": 200, "request_id": "r" * 32, "body": body}}
+    return json.dumps(line).encode() + b"\n"
+
+
+def test_a_text_batch_heavier_than_batch_results_max_mb_has_its_whole_size_read_at_the_floor_rate(emu):  # noqa: F811
+    """Text is not cut by ``batch_results_max_mb``, so its results may weigh more (OpenAI takes 50,000 requests a
+    batch: 50,000 answers of 4,000 tokens are 800 MB). A try's bound must cover every line at the floor rate, else
+    a healthy read above that rate is cut at each try and, past the allowance, every member fails while the file
+    was whole. Scaled down here (a 1 MiB setting; 100 answers of 4,000 tokens, 1.6 MB); before, the bound was
+    the setting's 1 MiB at the floor rate."""
+    rig = Rig(emu, "openai", batch_results_max_mb=1.0)
+    try:
+        d, s = rig.d, rig.settings
+        calls = 3 * s.providers.endpoints["openai"].timeout_s
+        jobs = jobs_of("openai", 100, max_output_tokens=4000)
+        text = [d._call_job(j, 0.0, batch=True) for j in jobs]
+        answer = {"role": "assistant", "content": "abcd" * 4000, "refusal": None, "annotations": []}
+        size = sum(len(_openai_line(i, answer)) for i in range(len(jobs)))  # 4 characters a token, as English
+        assert size > 1.5 * 2**20
+        assert d._read_bound_s(text) >= calls + size / (s.batch_results_min_kib_s * 1024)
+    finally:
+        asyncio.run(rig.close())
+
+
+@pytest.mark.parametrize("top", [0, 5, 20])
+def test_a_line_with_logprobs_fits_its_bound(top):
+    """``logprobs`` (``top_logprobs`` up to 20) writes each token of the answer again, with its bytes and its
+    alternatives, a line many times the answer's own: a bound of the answer alone cut a healthy read of a batch
+    asking for them (and past the allowance failed every member, the file whole). Each token here is the bound's
+    4 characters, non-ASCII (each written \\uXXXX, 3 bytes in UTF-8)."""
+    cap = 500
+    r = req(0, max_output_tokens=cap, body={"logprobs": True, **({"top_logprobs": top} if top else {})})
+    model = CAT.model("openai", r.model)
+    tok = "\u00e9\u4e2d\u00e9\u4e2d"
+    entry = {"token": tok, "logprob": -1.2345678901234567e-05, "bytes": list(tok.encode())}
+    content = [{**entry, "top_logprobs": [dict(entry) for _ in range(top)]} for _ in range(cap)]
+    line = _openai_line(0, {"role": "assistant", "content": tok * cap, "refusal": None, "annotations": []},
+                        {"content": content, "refusal": None})
+    assert len(line) <= text_line_bytes(model, r, 4.0), (len(line), text_line_bytes(model, r, 4.0))
+
+
+def test_a_responses_line_echoing_its_instructions_and_tools_fits_its_bound():
+    """A model served by OpenAI's Responses API (``api: responses``): its answer echoes the request's
+    ``instructions``, ``tools`` and ``text`` format, however long, beside a short answer. Before, its bound was
+    the answer's alone."""
+    tools = [{"type": "function", "name": f"f{k}", "description": "d\u00e9" * 500, "strict": True,
+              "parameters": {"type": "object", "properties": {"x": {"type": "string"}}}} for k in range(20)]
+    body = {"instructions": "\u4e2d" * 20_000, "tools": tools, "input": "hi"}
+    r = req(0, max_output_tokens=32, body=body)
+    model = CAT.model("openai", r.model).model_copy(update={"api": "responses"})
+    answer = {"id": "resp_" + "x" * 48, "object": "response", "created_at": 1_780_000_000, "status": "completed",
+              "error": None, "incomplete_details": None, "instructions": body["instructions"],
+              "max_output_tokens": 32, "model": "gpt-5-mini-2025-08-07", "parallel_tool_calls": True,
+              "output": [{"type": "message", "id": "msg_" + "x" * 48, "status": "completed", "role": "assistant",
+                          "content": [{"type": "output_text", "text": "abcd" * 32, "annotations": [],
+                                       "logprobs": []}]}],
+              "previous_response_id": None, "reasoning": {"effort": None, "summary": None}, "store": True,
+              "temperature": 1.0, "text": {"format": {"type": "text"}, "verbosity": "medium"}, "tool_choice": "auto",
+              "tools": tools, "top_p": 1.0, "truncation": "disabled", "user": None, "metadata": {},
+              "usage": {"input_tokens": 10**6, "input_tokens_details": {"cached_tokens": 10**6},
+                        "output_tokens": 10**6, "output_tokens_details": {"reasoning_tokens": 10**6},
+                        "total_tokens": 2 * 10**6}}
+    line = json.dumps({"id": "batch_req_" + "x" * 32, "custom_id": "t0", "error": None,
+                       "response": {"status_code": 200, "request_id": "r" * 32, "body": answer}}).encode() + b"\n"
+    assert len(line) <= text_line_bytes(model, r, 4.0), (len(line), text_line_bytes(model, r, 4.0))
