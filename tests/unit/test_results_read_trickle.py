@@ -197,3 +197,27 @@ def test_a_responses_line_echoing_its_instructions_and_tools_fits_its_bound():
     line = json.dumps({"id": "batch_req_" + "x" * 32, "custom_id": "t0", "error": None,
                        "response": {"status_code": 200, "request_id": "r" * 32, "body": answer}}).encode() + b"\n"
     assert len(line) <= text_line_bytes(model, r, 4.0), (len(line), text_line_bytes(model, r, 4.0))
+
+
+@PROVIDERS
+def test_a_slow_healthy_read_outlasting_the_allowance_in_engine_seconds_is_read_not_given_up(emu, provider):  # noqa: F811
+    """``batch_results_read_max_s`` is engine seconds and a try's bound real ones: at the rig's 1000x clock, a
+    read a byte each millisecond (seconds real, thousands of engine seconds) faster than the floor rate runs past
+    the allowance and is read whole, every member answered from its batch, none failed or sent again."""
+    jobs = jobs_of(provider, claims=True)
+    emu.faults.script(provider, RESULTS_ROUTE[provider], [{"trickle_s": 0.001}])
+
+    async def go():
+        rig = Rig(emu, provider, timeout_s=TIMEOUT_S, batch_results_min_kib_s=0.05,  # 51 B/s, under the trickle's
+                  batch_results_read_max_s=100.0)  # engine s: 0.1 s real
+        try:
+            await rig.reserve(jobs)
+            await rig.run("batch_api", jobs)
+            await rig.resolved(jobs, timeout_s=30.0)
+            billed = billed_by_custom_id(emu)
+            for j in jobs:
+                assert_batch_member(rig.results[j.req.id], j, billed[batch_key(j)], provider)
+            assert emu.count(RESULTS_ROUTE[provider]) == 1 and emu.count(ROUTE[provider]) == 0  # read once, whole
+        finally:
+            await rig.close()
+    asyncio.run(go())
