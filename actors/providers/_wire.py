@@ -11,15 +11,18 @@ recorded output length as ``[[emulator:output_tokens=N]]`` (the loopback emulato
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
+from typing import Any
 
 from engine.core.request import Request, split_body
 
-__all__ = ["billing_refusal", "error_message", "error_of", "error_text", "message_parts", "redact", "retry_after", "tokens"]
+__all__ = ["billing_refusal", "error_message", "error_of", "error_text", "message_parts", "paced", "redact",
+           "retry_after", "tokens"]
 
 # OpenAI's and Anthropic's keys (sk-...), and Google's (AIza and 35 more).
 _KEYLIKE = re.compile(r"(sk-(?:proj-|ant-)?[A-Za-z0-9_\-]{6,}|AIza[A-Za-z0-9_\-]{35})")
@@ -205,3 +208,21 @@ def tokens(value) -> int:
     the ledgers took it as spend given back, letting a hard limit be overrun (a helper's hunt)."""
     n = int(value or 0)
     return n if n > 0 else 0
+
+
+async def paced(chunks: AsyncIterator[bytes], headers: Mapping[str, str], settings: Any,
+                endpoint: Any) -> AsyncIterator[bytes]:
+    """A results file's ``chunks``, cut (``asyncio.TimeoutError``, a try the dispatcher makes again) once the file
+    has taken longer than its ``content-length`` at ``batch_results_min_kib_s``, and ``timeout_s`` more: its true
+    size, where the dispatcher's bound of a try is its lines' caps (``ResultsReads._read_bound_s``), for a text
+    batch sent without ``max_output_tokens`` days at the floor rate, each held that long by a trickle. A length
+    is the bytes on the wire, compressed or not; none given, that bound alone."""
+    length = headers.get("content-length", "")
+    loop = asyncio.get_running_loop()
+    end = (loop.time() + endpoint.timeout_s + int(length) / (settings.batch_results_min_kib_s * 1024)
+           if length.isdigit() else None)
+    async for chunk in chunks:
+        if end is not None and loop.time() > end:
+            raise asyncio.TimeoutError(f"a results file of {length} bytes read slower than "
+                                       f"batch_results_min_kib_s={settings.batch_results_min_kib_s:g}")
+        yield chunk

@@ -24,7 +24,7 @@ from actors.providers._http import (
     jsonl_records,
     whole_read,
 )
-from actors.providers._wire import error_message, error_of, message_parts, tokens
+from actors.providers._wire import error_message, error_of, message_parts, paced, tokens
 from engine.core._api_fields import MAX_CACHE_MARKS
 from engine.core._checks import cache_blocks
 from engine.core.cost import min_cacheable_tokens, shared_prefix_marks
@@ -332,7 +332,8 @@ class AnthropicProvider(HttpBase):
         all or fails, and one line cut short sent every finished member again."""
         stream = await self.client.messages.batches.results(bid)
         try:
-            data = b"".join([chunk async for chunk in stream.http_response.aiter_bytes()])
+            r = stream.http_response  # (``paced``: bounded by its length, where it gives one)
+            data = b"".join([c async for c in paced(r.aiter_bytes(), r.headers, self.settings, self.endpoint)])
         finally:
             await stream.close()
         return jsonl_records(data.decode("utf-8", errors="replace"))

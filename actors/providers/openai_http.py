@@ -32,7 +32,7 @@ from actors.providers._openai_answers import (
 from actors.providers._openai_video import VideoCalls
 from actors.providers._veo import VeoCalls
 from actors.providers._video_content import CONTENT_TIMEOUT_S, ContentAnswer, content_at, content_refusal
-from actors.providers._wire import error_message, error_of, message_parts
+from actors.providers._wire import error_message, error_of, message_parts, paced
 from engine.core.errors import ProviderError
 from engine.core.provider_api import BatchState, CallJob, CallOutcome, Usage, idempotency_key
 from engine.core.responses_input import as_messages
@@ -281,7 +281,7 @@ class OpenAIProvider(HttpBase):
             return [], []
         with self._refused("reading a batch's results"):
             async with self.client.files.with_streaming_response.content(file_id) as resp:
-                return await jsonl_stream(resp.iter_bytes())
+                return await jsonl_stream(paced(resp.iter_bytes(), resp.headers, self.settings, self.endpoint))
 
     async def _results(self, b: Any) -> tuple[list[dict], list[str | None], list[dict]]:
         """An ended batch's output lines (read, unread) and error lines. The output must hold a line per completed

@@ -221,3 +221,31 @@ def test_a_slow_healthy_read_outlasting_the_allowance_in_engine_seconds_is_read_
         finally:
             await rig.close()
     asyncio.run(go())
+
+
+@PROVIDERS
+def test_a_trickled_read_of_a_batch_sent_without_output_caps_is_cut_at_its_files_length(emu, provider):  # noqa: F811
+    """Requests without ``max_output_tokens``: each line's bound is the model's cap (128,000 tokens, 3 MB), the
+    try's bound hours at the floor rate (here 6,000 s at 2 KiB/s), each held that long by a trickle. The file's
+    ``content-length`` (3 KB) bounds the try at that rate instead: the trickled tries are cut in seconds and the
+    third reads it, every member answered from its batch. Before, no future resolved in 20 s."""
+    jobs = jobs_of(provider, claims=True)
+    assert all(j.req.max_output_tokens is None for j in jobs)
+    emu.faults.script(provider, RESULTS_ROUTE[provider], [{"trickle_s": TRICKLE_S}] * 2)
+
+    async def go():
+        rig = Rig(emu, provider, timeout_s=TIMEOUT_S, batch_results_min_kib_s=2.0,
+                  batch_results_read_max_s=30_000.0)  # engine s: 30 s real at the rig's speed-up
+        try:
+            assert rig.d._read_bound_s([rig.d._call_job(j, 0.0, batch=True) for j in jobs]) > 3000
+            await rig.reserve(jobs)
+            await rig.run("batch_api", jobs)
+            await rig.resolved(jobs, timeout_s=20.0)
+            billed = billed_by_custom_id(emu)
+            for j in jobs:
+                assert_batch_member(rig.results[j.req.id], j, billed[batch_key(j)], provider)
+            assert emu.count(ROUTE[provider]) == 0 and emu.count(RESULTS_ROUTE[provider]) >= 3
+            await rig.settled_to(emu.bill().total_usd)
+        finally:
+            await rig.close()
+    asyncio.run(go())
