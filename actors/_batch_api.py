@@ -221,9 +221,9 @@ class BatchApiRuns(QueueFull, BatchWatch, ResultsReads):
         while attempt < FETCH_TRIES:
             try:
                 return await self._read_results(handle, cjobs)
-            except asyncio.TimeoutError:  # (TimeoutError from 3.11)
-                log.warning("dispatcher %s: a try at reading batch results outlasted its bound (%.0f s); read again",
-                            self.name, self._read_bound_s(cjobs))
+            except asyncio.TimeoutError as exc:  # (TimeoutError from 3.11); with a text, its file's length's (paced)
+                log.warning("dispatcher %s: a try at reading batch results outlasted its bound (%s); read again",
+                            self.name, exc or f"{self._read_bound_s(cjobs):.0f} s")
                 if self.clock.now() >= until:
                     return self._unread_batch(handle, cjobs, since)
                 await asyncio.sleep(RETRY_BASE_S)
