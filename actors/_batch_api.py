@@ -325,6 +325,8 @@ class BatchApiRuns(QueueFull, BatchWatch, ResultsReads):
                 limit = (hedge_at if cancel_deadline is None and hedge_at is not None and not finishing else
                          cancel_deadline if gives_up else float("inf"))  # (finishing past its hedge: a spin)
                 await self._sleep(max(min(wait, limit - now), 0.0))
+        if handle is not None:  # ended: a stop has nothing of it to cancel while it is read (``_being_read``)
+            self._being_read = self._being_read | {key}
         # Held from the read of an image batch's results until every member is handed on (``_results_slot``).
         async with self._results_slot(jobs if handle is not None else [], hedge_at):
             if handle is not None:
@@ -342,6 +344,7 @@ class BatchApiRuns(QueueFull, BatchWatch, ResultsReads):
                 again = self._queue_refused(key, b, jobs, handle, outs)
                 learn = learn and again is None
             self._release_dispatch(key, tokens, jobs[0].req.model)
+            self._being_read = self._being_read - {key}
             self._counts.turnaround_s.append(self.clock.now() - start)
             if told and not learn:  # its start was told: closed with a bound of 0, it is left out of the fit; left
                 # open, it read as a batch still running, later and later (a review)

@@ -150,6 +150,10 @@ class CancelDispatches:
 
     _cancelled = False
     _cancel_event: asyncio.Event | None = None
+    # Journal keys of the batches that ended and are being read: nothing to cancel, they bill no more. Replaced,
+    # never changed in place (a class default). Before, a stop during a long read (a trickle) waited
+    # ``CANCEL_CALL_S`` for a cancel never sent, then said the batch might run on, billed.
+    _being_read: frozenset[str] = frozenset()
 
     async def cancel(self) -> int:
         """Cancel every provider batch under way: each one's follow-up, woken, sends its cancel now (a batch
@@ -171,7 +175,7 @@ class CancelDispatches:
         self._kick()
         loop = asyncio.get_running_loop()
         give_up = loop.time() + CANCEL_CALL_S
-        while not self._open.keys() <= self._cancel_sent and loop.time() < give_up:
+        while not self._open.keys() <= self._cancel_sent | self._being_read and loop.time() < give_up:
             await asyncio.sleep(0.05)  # the follow-ups' cancels go out on this loop
         return len(self._cancel_sent)
 
@@ -189,7 +193,7 @@ class CancelDispatches:
             log.warning("dispatcher %s: the engine stops with %d video(s) under way: each is billed when it "
                         "completes and is not read; their records stay in the journal (%s)", self.name,
                         self.open_jobs, self._jobs_journal.space)
-        return len(under_way), len(self._open.keys() - self._cancel_sent), self.open_jobs
+        return len(under_way), len(self._open.keys() - self._cancel_sent - self._being_read), self.open_jobs
 
     _settled_at_stop: set[str] | None = None  # claims ``_settle_cut_short`` settled: never settled again
 

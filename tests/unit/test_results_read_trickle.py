@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 
 import pytest
 
 from actors._batch_parts import image_line_bytes, text_line_bytes
+from actors._cancel import CANCEL_CALL_S
 from tests.unit.test_http_providers import (  # noqa: F401  (emu: the fixture)
     CAT,
     PROVIDERS,
@@ -246,6 +248,30 @@ def test_a_trickled_read_of_a_batch_sent_without_output_caps_is_cut_at_its_files
                 assert_batch_member(rig.results[j.req.id], j, billed[batch_key(j)], provider)
             assert emu.count(ROUTE[provider]) == 0 and emu.count(RESULTS_ROUTE[provider]) >= 3
             await rig.settled_to(emu.bill().total_usd)
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+def test_a_stop_during_a_trickled_read_waits_for_no_cancel_and_says_no_batch_runs_on(emu):  # noqa: F811
+    """The engine stops while an ended batch's results trickle in: it bills nothing more and has nothing to
+    cancel. Before, the stop waited ``CANCEL_CALL_S`` (10 s) for a cancel never sent, then counted it among the
+    batches "that no cancel reached: they may run on, billed" (``stop_spending``: 1 of 1)."""
+    jobs = jobs_of("openai", claims=True)
+    emu.faults.script("openai", RESULTS_ROUTE["openai"], [{"trickle_s": TRICKLE_S}] * 100)
+
+    async def go():
+        rig = Rig(emu, "openai", timeout_s=TIMEOUT_S, batch_results_min_kib_s=FAST,
+                  batch_results_read_max_s=1e6)  # engine s: the reads go on for the whole test
+        try:
+            await rig.reserve(jobs)
+            await rig.run("batch_api", jobs)
+            await rig.until(lambda: emu.count(RESULTS_ROUTE["openai"]) >= 1, "a read of the ended batch", 15.0)
+            t = time.monotonic()
+            open_, left, videos = await rig.d.stop_spending()
+            assert (open_, left, videos) == (1, 0, 0)
+            assert time.monotonic() - t < CANCEL_CALL_S / 2
+            assert emu.count("batches.cancel") == 0  # nothing to cancel: it ended
         finally:
             await rig.close()
     asyncio.run(go())
