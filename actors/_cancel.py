@@ -206,10 +206,17 @@ class CancelDispatches:
         (``actors.remote.kill_engine``). Left to the actor's kill, its claim held its room until
         ``reservation_ttl_s`` (a Redis ledger) and was then released: spend billed and counted by no ledger."""
         cut = [(rec[0].mode, j) for rec in self._open.values() for j in rec[1]]
-        cut += [(rec[0].mode, rec[1]) for rec in self._sync_calls.values()]
+        calling = self._calling or set()
+        cut += [(rec[0].mode if key in calling else None, rec[1]) for key, rec in self._sync_calls.items()]
         done = self._settled_at_stop = self._settled_at_stop or set()
         for mode, j in cut:
             if j.claim is None or j.claim in done:
+                continue
+            if mode is None:  # not at the provider (its body being journaled): never sent now, as at ``_not_sent``.
+                # At 0, unless an earlier try (or a call before a restart) got no answer (``_maybe_billed``). Taken
+                # for a call under way, it was settled at its bound: charged for a call no provider saw (a review).
+                done.add(j.claim)
+                self._settle.append((j.claim, self._maybe_billed(j)))
                 continue
             try:
                 usd = reserve_bound(j.req, self.catalog, mode, None)

@@ -354,7 +354,8 @@ class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, R
         now = max(self.clock.now(), r.arrival_s)
         # A success after an unanswered call: where the key is not honoured, that call may have been billed too,
         # unless the provider found that call's own job again and answered with it (``recovered``).
-        maybe = self._maybe_billed(j, out, ok and (self.provider.honours_keys or (out is not None and out.recovered)))
+        maybe = 0.0 if self._settled_at_stop and j.claim in self._settled_at_stop else self._maybe_billed(  # (counted)
+            j, out, ok and (self.provider.honours_keys or (out is not None and out.recovered)))
         self._member_done(j, cost + maybe if ok else maybe)
         if not ok or not r.met_by(now):
             missed = self._counts.deadline_missed

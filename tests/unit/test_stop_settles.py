@@ -102,3 +102,45 @@ def test_the_stop_kills_the_budget_controller_after_the_dispatchers_settled_and_
     assert n == 5
     assert done == [("kill", "ingest", "grouper", "hub"), ("cancel", "d1"), ("keep ledger",), ("kill", "budget"),
                     ("kill", "d1")]
+
+
+@pytest.mark.parametrize("unanswered", [0, 1], ids=["first try", "an earlier try unanswered"])
+def test_a_sync_call_the_stop_cut_before_it_was_sent_is_released_not_settled_at_its_bound(slow_cancel_emu,
+                                                                                          unanswered):
+    """A sync call whose body is being journaled when the stop comes is never sent (``_not_sent``, once the
+    write answers): billed nothing. Its record is in ``_sync_calls`` from before the write, and the stop took it
+    for a call under way: settled at its bound, counted ``possibly_billed`` (a review: a ledger charged for a call
+    no provider saw). Now it is released at 0 at the stop, or kept at the bound of an earlier try that got no
+    answer (as a call resumed after a restart has), counted once: its end after the stop counts nothing again."""
+    async def go():
+        rig = Rig(slow_cancel_emu, "openai")
+        writing, written = asyncio.Event(), asyncio.Event()
+        journal = rig.d._sync_journal
+        inner = journal.put
+
+        async def slow_put(key, rec):  # the journal write is under way when the stop comes
+            writing.set()
+            await written.wait()
+            return await inner(key, rec)
+
+        journal.put = slow_put
+        try:
+            (j,) = jobs_of("openai", 1, claims=True)
+            await rig.reserve([j])
+            rig.d._unanswered[j.req.uid] = unanswered
+            await rig.run("sync", [j])
+            await asyncio.wait_for(writing.wait(), 10)
+            await rig.d.stop_spending()
+            assert not rig.budget.book.claims, "its claim still holds its room"
+            kept = unanswered * reserve_bound(j.req, rig.catalog, "sync")  # this try never sent: billed nothing
+            assert sum(rig.budget.book.spend.values()) == pytest.approx(kept, abs=1e-12)
+            assert (await rig.d.stats())["possibly_billed"] == unanswered
+            written.set()  # the write answers before the actor goes: the call is not sent, nothing settles again
+            await rig.until(lambda: rig.results.get(j.req.id), "the call's result")
+            assert rig.results[j.req.id].status == "failed" and rig.calls == []
+            assert rig.d._settle == [] and (await rig.d.stats())["possibly_billed"] == unanswered
+            assert slow_cancel_emu.count("chat.completions", "openai", 200) == 0
+        finally:
+            _stop_tasks(rig)
+            await rig.close()
+    asyncio.run(go())
