@@ -56,18 +56,21 @@ def kill_engine(engine: str, handles: list | None = None, dispatchers: Iterable 
     except Exception as exc:  # the actors go all the same (and on a Ctrl-C, below)
         log.error("engine %s: the stop's cancel, or the keeping of its budget ledger, failed (%s: %s)", engine,
                   type(exc).__name__, str(exc)[:200])
-    finally:
+    finally:  # (a Ctrl-C too: it left before the second clean, and the ledger's copy stayed in Ray's store)
         n += _kill(ledger) + _kill(last)
-    # Again once they are dead (a kill lands later): the budget controller's copy of its ledger, written after the
-    # first, outlived the engine in Ray's store.
+        _clean_once_dead(engine, [*rest, *ledger])
+    return n
+
+
+def _clean_once_dead(engine: str, killed: list) -> None:
+    """Remove what ``engine`` published again once ``killed`` are dead (a kill lands later): the budget
+    controller's copy of its ledger, written after the first clean, outlived the engine in Ray's store."""
     try:
-        if rest or ledger:
-            ray.wait([h.ping.remote() for h in [*rest, *ledger]], num_returns=len(rest) + len(ledger),
-                     timeout=DEATH_WAIT_S)
+        if killed:
+            ray.wait([h.ping.remote() for h in killed], num_returns=len(killed), timeout=DEATH_WAIT_S)
     except Exception:  # Ray is going down: nothing is left to clean
         pass
     unpublish_clock(engine)
-    return n
 
 
 def _kill(handles: list) -> int:

@@ -157,3 +157,44 @@ def test_a_provider_batch_the_stop_cancels_is_settled_at_its_bound_in_the_ledger
         assert (row["spent_usd"], row["reserved_usd"]) == (pytest.approx(bound, abs=1e-6), 0.0), row
         said = rep["providers"]["openai"]  # and the stop's report says so
         assert (said["possibly_billed"], said["possibly_billed_usd"]) == (1, pytest.approx(bound, abs=1e-6)), said
+
+
+@pytest.mark.parametrize("at", ["reading the report", "keeping the ledger"])
+def test_a_ctrl_c_while_the_stop_reads_its_report_or_keeps_its_ledger_still_kills_every_actor(at, ray_session):
+    """A Ctrl-C (a second one, the first drained) while ``stop()`` keeps its report, before ``kill_engine``:
+    the stop left there and every actor of the engine ran on (on a cluster, until someone killed them; a
+    provider batch under way ran on, billed and never read). Now the actors go all the same, as they do on a
+    Ctrl-C inside ``kill_engine`` (its ``finally``)."""
+    import ray
+
+    from actors.remote import kill_engine
+    from engine import Engine
+    from engine.core.settings import Settings
+
+    budgets = BudgetSettings(specs=(BudgetSpec(max_budget=10.0, budget_duration="1d"),))
+    eng = Engine.start(Settings(budgets=budgets), speedup=100, metrics_port=None)
+    handles = list(eng._h["all"])
+    try:
+        assert eng.submit({"id": "q", "model": "gpt-4o-mini", "prompt": "Hi", "deadline_s": 60}).result(
+            timeout=60).status == "ok"
+
+        def interrupted(*a, **k):
+            raise KeyboardInterrupt
+
+        if at == "reading the report":
+            eng._read_report = interrupted
+        else:
+            eng._keep_ledger = interrupted
+        with pytest.raises(KeyboardInterrupt):
+            eng.stop()
+        alive = []
+        for h in handles:
+            try:
+                ray.get(h.ping.remote(), timeout=30)
+                alive.append(h)
+            except ray.exceptions.RayActorError:
+                pass
+        assert alive == [], f"{len(alive)} of {len(handles)} actors still running after the stop"
+        eng.stop()  # stopped already: returns at once
+    finally:
+        kill_engine(eng._h["engine"], handles)  # (left running on the code before: not in the next tests' way)

@@ -144,3 +144,30 @@ def test_a_sync_call_the_stop_cut_before_it_was_sent_is_released_not_settled_at_
             _stop_tasks(rig)
             await rig.close()
     asyncio.run(go())
+
+
+@pytest.mark.parametrize("at", ["cancel", "keep ledger"])
+def test_a_ctrl_c_in_the_stop_still_kills_every_actor_and_cleans_ray_s_store_after_them(monkeypatch, at):
+    """A Ctrl-C while the dispatchers cancel, or while the ledger is kept: the controller and the dispatchers are
+    killed (``finally``), and what the engine published is removed again once they are dead, as on a stop that
+    ends normally. Before, the Ctrl-C left before that second clean: the budget controller's copy of its ledger
+    (a Redis ledger's outbox), written after the first, outlived the engine in Ray's store."""
+    done: list[tuple] = []
+    monkeypatch.setattr(engine_stop, "unpublish_clock", lambda engine: done.append(("unpublish",)))
+    monkeypatch.setattr(engine_stop, "_kill", lambda hs: done.append(("kill", *hs)) or len(hs))
+
+    def interrupted(*a):
+        done.append((at,))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine_stop, "_cancel_batches", interrupted if at == "cancel" else lambda engine, ds: None)
+    monkeypatch.setattr(engine_stop.ray, "wait", lambda *a, **k: done.append(("wait dead",)) or ([], []))
+
+    class Handle(str):
+        ping = type("Ping", (), {"remote": staticmethod(lambda: None)})
+
+    grouper, budget, d1 = (Handle(x) for x in ("grouper", "budget", "d1"))
+    with pytest.raises(KeyboardInterrupt):
+        engine_stop.kill_engine("e", [grouper, d1, budget], [d1], budget, interrupted)
+    assert done == [("unpublish",), ("kill", "grouper"), (at,), ("kill", "budget"), ("kill", "d1"), ("wait dead",),
+                    ("unpublish",)]
