@@ -186,6 +186,7 @@ class CancelDispatches:
         time (they run on, billed), and how many jobs its calls were polling (videos: no cancel exists, each is
         billed when it completes; their records stay in the journal, ``_dispatch_jobs``)."""
         under_way = set(self._open)
+        self._stopping = True
         await self.cancel()
         await self._files.drain()  # the ended batches' input files: known to no later start once cut
         await self._settle_cut_short()
@@ -226,13 +227,26 @@ class CancelDispatches:
             self._settle.append((j.claim, usd))
             self.possibly_billed += 1
             self.possibly_billed_usd += usd
-        settle, self._settle = self._settle, []
+        settle, self._settle = [*self._settle, *self._released_at_stop(self._readmit)], []
         if settle:  # now, not at the next flush: the actor is killed once this answers
             self._to_budget("settle_many", settle)
         if self.budget is not None and not await self.budget.delivered(SPEND_WAIT_S):
             log.error("dispatcher %s: the budget controller did not take the settlements of the work the stop cut "
                       "short within %.0f s: their claims hold their room until they expire, their spend uncounted",
                       self.name, SPEND_WAIT_S)
+
+    _stopping = False  # ``stop_spending`` began: the groupers are gone (the stop kills them first)
+
+    def _released_at_stop(self, readmit: list[Job]) -> list[tuple[str, float]]:
+        """The claims of ``readmit`` (work handed back to a grouper, billed nothing: a batch the stop kept from
+        being created, say) released at 0 once the stop began: their grouper is gone, and nobody else releases
+        them. Handed back with them, each held its room until ``reservation_ttl_s`` (a review)."""
+        if not self._stopping:
+            return []
+        done = self._settled_at_stop = self._settled_at_stop or set()
+        out = [(j.claim, 0.0) for j in readmit if j.claim is not None and j.claim not in done]
+        done.update(c for c, _ in out)
+        return out
 
     _retrying: dict[object, tuple] | None = None  # a sync call's next try, waiting for its time: (batch, job)
 

@@ -148,7 +148,7 @@ class Outbox:
         fills, self._fills = self._fills, []
         orphans, self._orphans = self._orphans, []
         readmit, self._readmit = self._readmit, []
-        settle, self._settle = self._settle, []
+        settle, self._settle = [*self._settle, *self._released_at_stop(readmit)], []  # (the stop's: see there)
         observed, self._observed = self._observed, []
         turnarounds, self._turnarounds = self._turnarounds, []
         warmth, self._warmth = self._warmth, []

@@ -171,3 +171,40 @@ def test_a_ctrl_c_in_the_stop_still_kills_every_actor_and_cleans_ray_s_store_aft
         engine_stop.kill_engine("e", [grouper, d1, budget], [d1], budget, interrupted)
     assert done == [("unpublish",), ("kill", "grouper"), (at,), ("kill", "budget"), ("kill", "d1"), ("wait dead",),
                     ("unpublish",)]
+
+
+def test_a_batch_the_stop_kept_from_being_created_releases_its_members_claims(slow_cancel_emu):
+    """A provider batch whose record is being journaled when the stop comes is never created (``late``): its
+    members go back to their grouper, which the stop killed first, with their claims. Nobody released them:
+    each held its room until ``reservation_ttl_s`` (two days on a shared Redis ledger). Now the dispatcher, once
+    the stop began, releases at 0 the claims of what it hands back (billed nothing: never sent)."""
+    async def go():
+        rig = Rig(slow_cancel_emu, "openai")
+        writing, written = asyncio.Event(), asyncio.Event()
+        inner = rig.d.journal.put
+
+        async def slow_put(space, key, rec):  # the batch's record is being written when the stop comes
+            if space == rig.d._space:
+                writing.set()
+                await written.wait()
+            return await inner(space, key, rec)
+
+        rig.d.journal.put = slow_put
+        try:
+            jobs = jobs_of("openai", claims=True)
+            await rig.reserve(jobs)
+            await rig.run("batch_api", jobs, hedge_at=FAR)
+            await asyncio.wait_for(writing.wait(), 10)
+            stop = asyncio.ensure_future(rig.d.stop_spending())
+            await rig.until(lambda: rig.d._cancelled, "the stop's cancel")
+            written.set()  # the write answers: the batch is never created, its members go back
+            assert await asyncio.wait_for(stop, 30) == (1, 0, 0)
+            await rig.d.spend_told()
+            assert slow_cancel_emu.count("batches.create", "openai") == 0
+            assert {j.req.id for j in rig.grouper.readmitted()} == {j.req.id for j in jobs}
+            assert not rig.budget.book.claims, f"{len(rig.budget.book.claims)} claim(s) hold their room"
+            assert sum(rig.budget.book.spend.values()) == 0.0 and (await rig.d.stats())["possibly_billed"] == 0
+        finally:
+            _stop_tasks(rig)
+            await rig.close()
+    asyncio.run(go())
