@@ -204,7 +204,7 @@ class CancelDispatches:
         and a sync call under way (sent: billed when it ends, a video when it completes). Each member's claim is
         settled at its bound in the mode it was sent in, counted ``possibly_billed``, and handed to the budget
         controller before this returns (bounded), which the stop keeps alive until then
-        (``actors.remote.kill_engine``). Left to the actor's kill, its claim held its room until
+        (``actors._engine_stop.kill_engine``). Left to the actor's kill, its claim held its room until
         ``reservation_ttl_s`` (a Redis ledger) and was then released: spend billed and counted by no ledger."""
         cut = [(rec[0].mode, j) for rec in self._open.values() for j in rec[1]]
         calling = self._calling or set()
