@@ -50,12 +50,13 @@ def kill_engine(engine: str, handles: list | None = None, dispatchers: Iterable 
     rest = [h for h in handles if h not in last and h not in ledger]
     n = _kill(rest)
     try:
-        _cancel_batches(engine, last)
-        if at_ledger is not None:
-            at_ledger()
-    except Exception as exc:  # the actors go all the same (and on a Ctrl-C, below)
-        log.error("engine %s: the stop's cancel, or the keeping of its budget ledger, failed (%s: %s)", engine,
-                  type(exc).__name__, str(exc)[:200])
+        for step, what in ((lambda: _cancel_batches(engine, last), "cancel"), (at_ledger, "keeping of its ledger")):
+            try:  # each on its own: a failed cancel skipped the ledger's keeping (kept in no file, a review)
+                if step is not None:
+                    step()
+            except Exception as exc:  # the actors go all the same (and on a Ctrl-C, below)
+                log.error("engine %s: the stop's %s failed (%s: %s)", engine, what, type(exc).__name__,
+                          str(exc)[:200])
     finally:  # (a Ctrl-C too: it left before the second clean, and the ledger's copy stayed in Ray's store)
         n += _kill(ledger) + _kill(last)
         _clean_once_dead(engine, [*rest, *ledger])

@@ -208,3 +208,25 @@ def test_a_batch_the_stop_kept_from_being_created_releases_its_members_claims(sl
             _stop_tasks(rig)
             await rig.close()
     asyncio.run(go())
+
+
+def test_a_cancel_that_fails_at_the_stop_still_keeps_the_ledger_before_the_controller_goes(monkeypatch):
+    """The dispatchers' cancel failing (Ray's wait raising, say) skipped the keeping of the ledger: a Redis
+    ledger's settlements waiting for Redis went with the controller, kept in no file, and the files taken back at
+    the start were never finished. The ledger is kept all the same, then the actors go."""
+    done: list[tuple] = []
+    monkeypatch.setattr(engine_stop, "unpublish_clock", lambda engine: None)
+    monkeypatch.setattr(engine_stop, "_kill", lambda hs: done.append(("kill", *hs)) or len(hs))
+
+    def failing(engine, ds):
+        raise RuntimeError("Ray's wait failed")
+
+    monkeypatch.setattr(engine_stop, "_cancel_batches", failing)
+    monkeypatch.setattr(engine_stop.ray, "wait", lambda *a, **k: ([], []))
+
+    class Handle(str):
+        ping = type("Ping", (), {"remote": staticmethod(lambda: None)})
+
+    budget, d1 = Handle("budget"), Handle("d1")
+    assert engine_stop.kill_engine("e", [d1, budget], [d1], budget, lambda: done.append(("keep ledger",))) == 2
+    assert done == [("kill",), ("keep ledger",), ("kill", "budget"), ("kill", "d1")]
