@@ -29,7 +29,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["ANSWERED_KEEP_S", "MAX_KEPT", "PER_CONTENT", "RETRY_COUNT", "SdkRetries"]
+__all__ = ["ANSWERED_KEEP_S", "MAX_KEPT", "PER_CONTENT", "RETRY_COUNT", "SdkRetries", "retry_count"]
 
 RETRY_COUNT = "x-stainless-retry-count"
 ANSWERED_KEEP_S = 120.0  # real seconds a try's id outlives its answer: the SDKs back off 8 s at most (60 s on a
@@ -64,16 +64,22 @@ class SdkRetries:
     def request_id(self, key: str, headers: Mapping[str, str], fresh: Callable[[], str]) -> str:
         """The id of this try: a retry's, that of the latest try of its content still remembered; else
         ``fresh()``. A try of the SDKs (one that says its retry count) is remembered under ``key`` for its retries."""
-        count = _count(headers.get(RETRY_COUNT))
+        count = retry_count(headers)
         if count is None:
             return fresh()  # not an SDK's try: nothing will retry it on its own
         self._forget_old()
+        ids = self._of.get(key)
+        rid = ids[-1] if count > 0 and ids else fresh()
+        self.tried(key, rid)
+        return rid
+
+    def tried(self, key: str, rid: str) -> None:
+        """``rid`` is the latest try of ``key``, under way until its answer (a try replayed from the disk too:
+        ``_endpoint_retry_log``)."""
         ids = self._of.setdefault(key, [])
-        if count > 0 and ids:
-            rid = ids.pop()
-            self._answered.pop(rid, None)  # under way again until this try's answer
-        else:
-            rid = fresh()
+        if rid in ids:  # a retry's: under way again until this try's answer
+            ids.remove(rid)
+            self._answered.pop(rid, None)
         ids.append(rid)
         self._running[rid] = key
         self._running.move_to_end(rid)
@@ -81,12 +87,20 @@ class SdkRetries:
             self._drop(ids[0])
         while len(self._running) + len(self._answered) > self._max:
             self._drop(next(iter(self._answered or self._running)))
-        return rid
 
-    def answered(self, key: str, rid: str) -> None:
-        """The try's answer went out: its retries (the answer lost on the way) take it for ``ANSWERED_KEEP_S``."""
+    def answered(self, key: str, rid: str) -> bool:
+        """The try's answer went out: its retries (the answer lost on the way) take it for ``ANSWERED_KEEP_S``.
+        False: the table does not hold that try (not an SDK's, or pushed out)."""
         if self._running.pop(rid, None) is not None or self._answered.pop(rid, None) is not None:
             self._answered[rid] = (key, self._clock())
+            return True
+        return False
+
+    def kept(self) -> list[tuple[str, str, float | None]]:
+        """Every try remembered: (key, id, when answered, by the table's clock; None: under way), the tries of
+        each content in their order."""
+        return [(key, rid, self._answered[rid][1] if rid in self._answered else None)
+                for key, ids in self._of.items() for rid in ids]
 
     def remember(self, key: str, rid: str, age_s: float) -> None:
         """A try this table never saw, answered ``age_s`` ago: a batch create of the process before a restart
@@ -96,15 +110,18 @@ class SdkRetries:
             ids.append(rid)
             self._answered[rid] = (key, self._clock() - age_s)
 
-    def refused(self, key: str, rid: str) -> None:
+    def refused(self, key: str, rid: str) -> bool:
         """The try ended in an error the endpoint answered: a retry of it is a new request, or takes an earlier
         try of its content still under way (whose own retry is coming). The tries of that content answered before
-        it go with it: it was a call of its own after them, and its retry gets none of their answers."""
+        it go with it: it was a call of its own after them, and its retry gets none of their answers. False: the
+        table did not hold that try."""
         ids = self._of.get(key, [])
-        if rid in ids:
-            for old in [r for r in ids[:ids.index(rid)] if r in self._answered]:
-                self._drop(old)
+        if rid not in ids:
+            return False
+        for old in [r for r in ids[:ids.index(rid)] if r in self._answered]:
+            self._drop(old)
         self._drop(rid)
+        return True
 
     def _drop(self, rid: str) -> None:
         key = self._running.pop(rid, None)
@@ -125,7 +142,9 @@ class SdkRetries:
             self._drop(next(iter(self._answered)))
 
 
-def _count(text: str | None) -> int | None:
+def retry_count(headers: Mapping[str, str]) -> int | None:
+    """The SDK's retry count of a try (0: its first), or None: not an SDK's try."""
+    text = headers.get(RETRY_COUNT)
     try:
         return int(text) if text is not None else None
     except ValueError:

@@ -11,6 +11,8 @@ Layout under ``DIR``:
 - ``batches/<id>.results.jsonl``: each line's result as it arrives (an open batch only);
 - ``videos/<id>.json``: a video's record (the request the engine was given, and its result once in:
   ``engine.app._endpoint_videos``), written whole on every change;
+- ``retries-0.jsonl`` and ``retries-1.jsonl``: the SDK tries of generations, for their retries after a restart
+  (``engine.app._endpoint_retry_log``: append-only, a window of 120 s each, emptied in turn);
 - ``.lock``: held while an endpoint uses the directory (two would take each other's batches).
 
 A record that cannot be read (cut by a power loss, from another version) is renamed ``*.bad`` and logged: one bad

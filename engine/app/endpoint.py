@@ -72,6 +72,7 @@ from engine.app._endpoint_messages import AnthropicError, in_anthropic_shape, me
 from engine.app._endpoint_models import anthropic_caller, models_router
 from engine.app._endpoint_responses_stream import response_events, responses_stream_wanted
 from engine.app._endpoint_retries import SdkRetries
+from engine.app._endpoint_retry_log import KeptTries
 from engine.app._endpoint_stream import sse_chunks, stream_wanted
 from engine.app._endpoint_videos import VideoRoutes
 from engine.app._endpoint_wire import (
@@ -129,8 +130,9 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
     ``api_key_sha256``: the hex SHA-256 of the key a caller must send (None: no key asked); ``cancel_wait_s``: how
     long a cancelling batch waits for its running lines (real seconds); ``max_open_batch_lines``: unfinished batch
     lines held in the engine at once, past which a new batch fails (room left for chat calls); ``state_dir``: where
-    files and batches are kept on disk, taken back at the next start (None: in memory only); ``tenant_keys``: the
-    hex SHA-256 of a key -> the one tenant it acts for (``_endpoint_keys``; a bad entry is a ``ConfigError``)."""
+    files, batches, videos and the SDK tries of generations are kept on disk, taken back at the next start (None:
+    in memory only); ``tenant_keys``: the hex SHA-256 of a key -> the one tenant it acts for (``_endpoint_keys``;
+    a bad entry is a ``ConfigError``)."""
     keys = EndpointKeys(api_key_sha256, tenant_keys)  # first: a bad entry is refused before anything is opened
     # The client's timeout and the time a batch waited are real seconds; deadlines are engine seconds (a
     # compressed clock in demos and tests).
@@ -139,15 +141,18 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
     store = FilesAndBatches(engine, catalog, window_default_s=window_default_s, cancel_wait_s=cancel_wait_s,
                             max_open_lines=max_open_batch_lines, state_dir=state_dir, speedup=speedup,
                             retries=retries)
+    tries = KeptTries(retries)  # a generation's: on disk too with a state directory, for a retry after a restart
     videos = VideoRoutes(engine, catalog, headers_of=lambda req, res: _smartbatch_headers(req, res, catalog),
                          state=store.state, speedup=speedup, retries=retries)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        tries.resume(None if store.state is None else store.state.root)  # the SDK tries of before a restart
         await store.resume()  # the batches a state directory holds, from before a restart
         await videos.resume()  # and its videos
         yield
         await videos.shutdown()
+        await tries.close()  # while the directory is still this endpoint's
         await store.shutdown()  # (closes the state directory)
 
     app = FastAPI(title="smartbatch", summary="OpenAI-compatible front of the smartbatch engine",
@@ -183,17 +188,18 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
             fields["deadline_s"] = min(default, waits * CLIENT_TIMEOUT_SHARE * speedup)
         if rid is not None:
             return await _generation({"id": rid, **fields, "body": body}, url, n, came)
-        key = retries.key(fields.get("tenant", "default"), url, {**fields, "body": body, "n": n})
-        d = {"id": retries.request_id(key, http.headers, lambda: new_id("req_")), **fields, "body": body}
+        tenant = fields.get("tenant", "default")
+        key = retries.key(tenant, url, {**fields, "body": body, "n": n})
+        d = {"id": tries.request_id(tenant, key, http.headers, lambda: new_id("req_")), **fields, "body": body}
         try:
             done = await _generation(d, url, n, came)
         except ApiError:
-            retries.refused(key, d["id"])
+            tries.refused(key, d["id"])
             raise
         except BaseException:  # a bug's 500, or the handler cancelled: the request may run on, and its retry take it
-            retries.answered(key, d["id"])  # kept for a while, not as under way for good (it was, until pushed out)
+            tries.answered(key, d["id"])  # kept for a while, not as under way for good (it was, until pushed out)
             raise
-        retries.answered(key, d["id"])
+        tries.answered(key, d["id"])
         return done
 
     async def _generation(d: dict[str, Any], url: str, n: int,

@@ -1,0 +1,207 @@
+"""The SDKs' tries of a generation kept on disk (``--state-dir``), so a retry after a restart still takes its try's id.
+
+``SdkRetries`` lives in the replica's memory: a retry that came after the endpoint's replica restarted (the named
+engine still running, the try's request still under way or answered in it) was a new request id, and paid again.
+Batch and video creates keep their ``retry_key`` in their own records; a generation has no record, so each of its
+SDK tries (retry count 0 or more) appends a line here: the try (tenant, the table's key, the request id, the wall
+time), and its end (answered, or refused: a refused try is never taken by a retry, on disk as in memory). A
+restarted endpoint replays the lines into the table (``KeptTries.resume``): a retry within ``ANSWERED_KEEP_S`` of
+its try's answer takes its id, and the engine answers that id from the request it holds (billed once). A first
+try (retry count 0) never takes an old id, and the key holds the tenant: what the table does, after a restart too.
+
+The log is append-only and bounded: two files, ``retries-0.jsonl`` and ``retries-1.jsonl``, one per window of
+``ANSWERED_KEEP_S`` by the parity of the window; entering a window empties its file, which held only lines two
+windows old (all past the keep). A line is one ``write`` on an ``O_APPEND`` descriptor, before the engine gets the
+request: a killed process loses none. It reaches the disk as the batch-create records do, by ``fsync``, but off
+the event loop and one ``fsync`` for all the lines written meanwhile (on every call it cost the loop the disk's
+latency; a power loss that cuts the last lines took the head node's engine with it). A line cut by a power loss is
+skipped; a write that fails (a full disk) is logged and counted: the call goes on, its retry after a restart is
+a new request, as without a state directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from engine.app._endpoint_retries import ANSWERED_KEEP_S, SdkRetries, retry_count
+
+__all__ = ["KeptTries", "RetryLog", "replay"]
+
+log = logging.getLogger("smartbatch.endpoint")
+
+TRIED, ANSWERED, REFUSED = "try", "answered", "refused"
+
+
+class RetryLog:
+    """The two files of the log under ``root`` (see the module docstring). Single-threaded but for its ``fsync``,
+    which runs in a worker thread on descriptors kept open for the log's life."""
+
+    def __init__(self, root: Path, clock: Callable[[], float] = time.time) -> None:
+        self._clock, self._paths = clock, (Path(root) / "retries-0.jsonl", Path(root) / "retries-1.jsonl")
+        self._fds: tuple[int, ...] = ()
+        self._window = 0
+        self.write_errors = 0
+        self._dirty: set[int] = set()  # descriptors written since their last fsync
+        self._syncing: asyncio.Future | None = None
+        self._encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode  # built once: 4x faster
+
+    def __repr__(self) -> str:
+        return f"RetryLog({str(self._paths[0].parent)!r}, open={bool(self._fds)}, write_errors={self.write_errors})"
+
+    def open(self) -> list[dict[str, Any]]:
+        """The lines kept, oldest first (a cut or foreign line skipped); from now on, lines are appended."""
+        lines = []
+        for path in self._paths:
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue
+            for raw in data.split(b"\n"):
+                try:
+                    line = json.loads(raw)
+                except ValueError:
+                    continue
+                if isinstance(line, dict) and isinstance(at := line.get("at"), (int, float)) and math.isfinite(at):
+                    lines.append(line)
+        lines.sort(key=lambda line: line["at"])  # the two files' lines in one order (a sort that keeps ties)
+        # Not emptied now: the file of this window may hold lines of it, written before the restart.
+        self._window = int(self._clock() // ANSWERED_KEEP_S)
+        fds: list[int] = []
+        try:
+            for path in self._paths:
+                fds.append(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+        except OSError as exc:  # the endpoint starts all the same, as without a state directory for these
+            for fd in fds:
+                os.close(fd)
+            self._failed(exc)
+            return lines
+        self._fds = tuple(fds)
+        return lines
+
+    def note(self, event: str, tenant: str, key: str, rid: str) -> None:
+        if not self._fds:
+            return
+        now = self._clock()
+        line = self._encode({"e": event, "t": tenant, "k": key, "id": rid, "at": round(now, 3)}
+                            ).encode("utf-8", "surrogatepass") + b"\n"
+        try:
+            if (window := int(now // ANSWERED_KEEP_S)) > self._window:  # time going back keeps the file it had
+                self._window = window
+                os.ftruncate(self._fds[window % 2], 0)  # its lines are of window - 2 or before: all past the keep
+            fd = self._fds[self._window % 2]
+            os.write(fd, line)
+        except OSError as exc:
+            self._failed(exc)
+            return
+        self._dirty.add(fd)
+        self._sync_soon()
+
+    def _sync_soon(self) -> None:
+        if self._syncing is not None or not self._dirty:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a unit test, a close): at once
+            self._sync(self._take_dirty())
+            return
+        self._syncing = loop.run_in_executor(None, self._sync, self._take_dirty())
+        self._syncing.add_done_callback(self._synced)
+
+    def _take_dirty(self) -> set[int]:
+        fds, self._dirty = self._dirty, set()
+        return fds
+
+    def _synced(self, _: asyncio.Future) -> None:
+        self._syncing = None
+        if self._fds:
+            self._sync_soon()  # the lines written while it ran
+
+    def _sync(self, fds: set[int]) -> None:
+        for fd in fds:
+            try:
+                os.fsync(fd)
+            except OSError as exc:
+                self._failed(exc)
+
+    def _failed(self, exc: OSError) -> None:
+        self.write_errors += 1
+        log.error("endpoint state: could not keep an SDK try under %s (%s); its retry after a restart would be a "
+                  "new request", self._paths[0].parent, exc)
+
+    async def close(self) -> None:
+        while self._syncing is not None:  # its descriptors stay open until it is done (and the next, which
+            await asyncio.shield(self._syncing)  # its end may have started for the lines written meanwhile)
+        fds, self._fds = self._fds, ()
+        self._sync(self._take_dirty())
+        for fd in fds:
+            os.close(fd)
+
+
+def replay(lines: list[dict[str, Any]], now: float) -> list[tuple[str, str, float]]:
+    """What the table held at the end of ``lines`` (oldest first), replayed through ``SdkRetries`` itself on their
+    clock: ``(key, request id, age in seconds)`` of each try within ``ANSWERED_KEEP_S``, each content's in the
+    order of its tries. A try still under way when the lines end was cut by the restart: its client lost the
+    connection then, so its age counts from the last line (the last sign of the process's life)."""
+    at = [now]
+    table = SdkRetries(clock=lambda: at[0])
+    for line in lines:
+        at[0] = line["at"]
+        key, rid = line.get("k"), line.get("id")
+        if not isinstance(key, str) or not isinstance(rid, str):
+            continue
+        {TRIED: table.tried, ANSWERED: table.answered, REFUSED: table.refused}.get(line.get("e"), _skip)(key, rid)
+    out = []
+    for key, rid, answered_at in table.kept():
+        age = now - (at[0] if answered_at is None else answered_at)
+        if 0 <= age < ANSWERED_KEEP_S:
+            out.append((key, rid, age))
+    return out
+
+
+def _skip(key: str, rid: str) -> None:
+    """A line of an event this version does not know."""
+
+
+class KeptTries:
+    """``SdkRetries`` for the generation routes, each SDK try also on a ``RetryLog`` once ``resume`` opened one (a
+    state directory); without one, the table alone, as before."""
+
+    def __init__(self, table: SdkRetries) -> None:
+        self.table, self.log = table, None
+
+    def __repr__(self) -> str:
+        return f"KeptTries({self.table!r}, log={self.log!r})"
+
+    def resume(self, root: Path | None, clock: Callable[[], float] = time.time) -> None:
+        """At the endpoint's start: the tries kept under ``root`` (the state directory) back in the table."""
+        if root is None:
+            return
+        self.log = RetryLog(root, clock)
+        for key, rid, age in replay(self.log.open(), clock()):
+            self.table.remember(key, rid, age)
+
+    def request_id(self, tenant: str, key: str, headers: Mapping[str, str], fresh: Callable[[], str]) -> str:
+        rid = self.table.request_id(key, headers, fresh)
+        if self.log is not None and retry_count(headers) is not None:
+            self.log.note(TRIED, tenant, key, rid)
+        return rid
+
+    def answered(self, key: str, rid: str) -> None:
+        if self.table.answered(key, rid) and self.log is not None:
+            self.log.note(ANSWERED, "", key, rid)
+
+    def refused(self, key: str, rid: str) -> None:
+        if self.table.refused(key, rid) and self.log is not None:
+            self.log.note(REFUSED, "", key, rid)
+
+    async def close(self) -> None:
+        if self.log is not None:
+            await self.log.close()

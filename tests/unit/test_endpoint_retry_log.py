@@ -1,0 +1,178 @@
+"""An SDK's retry of a generation after the endpoint's replica restarted (the engine still running), with a state
+directory: it takes the request id of its try, kept on disk (``_endpoint_retry_log``), and the engine answers that
+id from the request it holds. Before, the table of tries was the replica's memory alone: the retry was a new
+request and the provider billed the call twice. The endpoint under uvicorn, restarted on the same directory over
+one engine stand-in whose requests are calls at the emulator (no Ray)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+
+import anthropic
+import openai
+import pytest
+
+from engine.app import endpoint
+from engine.app._endpoint_retries import ANSWERED_KEEP_S, PER_CONTENT, RETRY_COUNT, SdkRetries
+from engine.app._endpoint_retry_log import KeptTries, RetryLog, replay
+from engine.app.endpoint import make_app
+from engine.core.request import Request
+from engine.core.result import Result
+from engine.emulator import Emulator
+from engine.runtime.outcomes import ok_result
+from tests.unit.test_endpoint import serving
+from tests.unit.test_endpoint_videos import WAIT_S, VideoEngine
+from tests.unit.test_http_providers import CAT, MODEL, ROUTE, SPEED, direct, job_of
+
+ASK = [{"role": "user", "content": "Name a river."}]
+
+
+class TextEngine(VideoEngine):
+    """``VideoEngine`` for text too: a request is one call through its own provider (OpenAI or Anthropic) at the
+    emulator, and a (tenant, id) submitted again waits for the same call, as the engine's idempotency does."""
+
+    async def _make(self, emu):
+        self.providers = {name: direct(emu, name) for name in ("openai", "anthropic")}
+        return self.providers["openai"]
+
+    async def _call(self, req: Request) -> Result:
+        provider, job = self.providers[req.provider], job_of(req)
+        out = await provider.call(job._replace(body=provider.sync_body(job)))
+        assert out.ok, out.error
+        return ok_result(req, at=0.0, cost=out.cost, mode="sync", batch_id=None, recommendation=None, reason="",
+                         out=out)
+
+    async def asubmit(self, d: dict):
+        return await asyncio.shield(asyncio.wrap_future(self.submit_many([d])[0]))
+
+    def close(self) -> None:
+        self._on_loop(self.providers["anthropic"].close())
+        super().close()  # and the OpenAI provider's
+
+
+@contextlib.contextmanager
+def engine_at_the_emulator():
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED) as emu:
+        eng = TextEngine(emu)
+        try:
+            yield eng, emu
+        finally:
+            eng.close()
+
+
+@contextlib.contextmanager
+def replica(eng: TextEngine, state_dir):
+    """One life of the endpoint's replica on ``state_dir``: its base URL."""
+    with serving(make_app(eng, catalog=CAT, state_dir=state_dir)) as url:
+        yield url
+
+
+def billed(emu: Emulator, provider: str) -> int:
+    return sum(item.route == ROUTE[provider] for item in emu.bill().items)
+
+
+def chat(url: str, count: int, tenant: str = "acme") -> str:
+    """An OpenAI SDK's try ``count`` of one chat call of ``tenant``: the request id it was answered under."""
+    with openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=WAIT_S) as client:
+        raw = client.chat.completions.with_raw_response.create(
+            model=MODEL["openai"], messages=ASK, extra_headers={RETRY_COUNT: str(count), endpoint.HEADER_TENANT: tenant})
+    assert raw.parse().choices[0].message.content
+    return raw.headers[endpoint.HEADER_REQUEST_ID]
+
+
+def message(url: str, count: int, tenant: str = "acme") -> str:
+    """An Anthropic SDK's try ``count`` of one Messages call of ``tenant``: the request id it was answered under."""
+    with anthropic.Anthropic(base_url=url.removesuffix("/v1"), api_key="unused", max_retries=0,
+                             timeout=WAIT_S) as client:
+        raw = client.messages.with_raw_response.create(
+            model=MODEL["anthropic"], max_tokens=64, messages=ASK,
+            extra_headers={RETRY_COUNT: str(count), endpoint.HEADER_TENANT: tenant})
+    assert raw.parse().content[0].text
+    return raw.headers["request-id"]
+
+
+@pytest.mark.parametrize(("provider", "call"), [("openai", chat), ("anthropic", message)])
+def test_an_sdk_retry_after_the_replica_restarts_takes_its_tries_request_and_is_billed_once(tmp_path, provider,
+                                                                                            call):
+    with engine_at_the_emulator() as (eng, emu):
+        with replica(eng, tmp_path) as url:
+            first = call(url, 0)  # its answer lost on the way, say: the SDK retries once the replica is back
+        with replica(eng, tmp_path) as url:
+            again = call(url, 1)
+            assert billed(emu, provider) == 1  # answered by the engine from the request it held
+            assert again == first
+            fresh = call(url, 0)  # a first try with the same body: a call of its own, never an old id
+            theirs = call(url, 1, tenant="globex")  # another tenant's retry: its own
+            assert len({first, fresh, theirs}) == 3
+        with replica(eng, tmp_path) as url:  # a second restart: the retries of both tries still find them
+            assert call(url, 2) == fresh and call(url, 2, tenant="globex") == theirs
+        assert billed(emu, provider) == 3
+
+
+def test_without_a_state_directory_a_retry_after_a_restart_is_a_new_request():
+    with engine_at_the_emulator() as (eng, emu):
+        with replica(eng, None) as url:
+            first = chat(url, 0)
+        with replica(eng, None) as url:
+            assert chat(url, 1) != first
+        assert billed(emu, "openai") == 2
+
+
+# -- the log alone, on an injected wall clock ----------------------------------------------------------------------
+class Wall:
+    def __init__(self, now: float = 1_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def sdk(count: int) -> dict[str, str]:
+    return {RETRY_COUNT: str(count)}
+
+
+def test_refused_and_old_tries_are_not_taken_after_a_restart_and_a_try_cut_by_it_is(tmp_path):
+    wall = Wall()
+    before = KeptTries(SdkRetries(clock=wall))
+    before.resume(tmp_path, wall)
+    ids = iter(f"req_{i}" for i in range(100))
+    old = before.request_id("acme", "k-old", sdk(0), lambda: next(ids))
+    before.answered("k-old", old)
+    wall.now += ANSWERED_KEEP_S + 1  # past its keep by the time of the restart
+    kept = before.request_id("acme", "k", sdk(0), lambda: next(ids))
+    before.answered("k", kept)
+    no = before.request_id("acme", "k-no", sdk(0), lambda: next(ids))
+    before.refused("k-no", no)  # a 429: its retry is a new request
+    cut = before.request_id("acme", "k-cut", sdk(0), lambda: next(ids))  # under way when the replica went down
+    unlogged = before.request_id("acme", "k-plain", {}, lambda: next(ids))  # not an SDK's: nothing retries it
+    wall.now += 5
+    after = KeptTries(SdkRetries(clock=wall))
+    after.resume(tmp_path, wall)
+    fresh = lambda: next(ids)  # noqa: E731
+    assert after.request_id("acme", "k", sdk(1), fresh) == kept  # answered 5 s before: its retry takes it
+    assert after.request_id("acme", "k", sdk(0), fresh) != kept  # a first try: a call of its own, never an old id
+    assert after.request_id("acme", "k-cut", sdk(1), fresh) == cut  # cut 5 s before, by the restart
+    for key, rid in (("k-old", old), ("k-no", no), ("k-plain", unlogged)):
+        assert after.request_id("acme", key, sdk(1), fresh) != rid
+    asyncio.run(before.close()), asyncio.run(after.close())
+
+
+def test_the_log_keeps_two_windows_at_most_and_skips_a_cut_line(tmp_path):
+    wall = Wall(ANSWERED_KEEP_S * 1000)
+    log = RetryLog(tmp_path, wall)
+    assert log.open() == []
+    for i in range(5 * 12):  # five windows, a line every 10 s
+        log.note("try", "acme", "k", f"req_{i}")
+        wall.now += 10.0
+    asyncio.run(log.close())
+    lines = [json.loads(raw) for p in sorted(tmp_path.glob("retries-*.jsonl")) for raw in p.read_bytes().splitlines()]
+    assert len(lines) <= 2 * 12 and {line["id"] for line in lines} >= {f"req_{i}" for i in range(48, 60)}
+    with open(tmp_path / f"retries-{int(wall.now // ANSWERED_KEEP_S) % 2}.jsonl", "ab") as f:
+        f.write(b'{"e":"try","t":"acme","k":"k2","id":"req_cut","a')  # a power loss cut the last line
+    again = RetryLog(tmp_path, wall)
+    got = replay(again.open(), wall.now)
+    asyncio.run(again.close())
+    # The tries of "k" a table keeps (PER_CONTENT), latest last: the one a retry takes, 10 s after its last sign.
+    assert [(rid, age) for _, rid, age in got] == [(f"req_{i}", 10.0) for i in range(60 - PER_CONTENT, 60)]
