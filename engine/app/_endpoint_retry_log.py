@@ -13,9 +13,9 @@ The log is append-only and bounded: two files, ``retries-0.jsonl`` and ``retries
 ``ANSWERED_KEEP_S`` by the parity of the window; entering a window empties its file, which held only lines two
 windows old (all past the keep). A line is one ``write`` on an ``O_APPEND`` descriptor, before the engine gets the
 request: a killed process loses none. It reaches the disk as the batch-create records do, by ``fsync``, but off
-the event loop and one ``fsync`` for all the lines written meanwhile (on every call it cost the loop the disk's
-latency; a power loss that cuts the last lines took the head node's engine with it). A line cut by a power loss is
-skipped; a write that fails (a full disk) is logged and counted: the call goes on, its retry after a restart is
+the event loop, one ``fsync`` for all the lines written meanwhile: on the loop, each line cost every call the
+disk's latency (``benchmarks/bench_retry_log.py``), and the lines a power loss may cut before their ``fsync``
+are the last milliseconds' of a head node whose engine goes with it. A line cut by a power loss is skipped; a write that fails (a full disk) is logged and counted: the call goes on, its retry after a restart is
 a new request, as without a state directory.
 """
 
