@@ -7,12 +7,17 @@ one engine stand-in whose requests are calls at the emulator (no Ray)."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
+import socket
+import threading
+import time
 
 import anthropic
 import openai
 import pytest
+import uvicorn
 
 from engine.app import endpoint
 from engine.app._endpoint_retries import ANSWERED_KEEP_S, PER_CONTENT, RETRY_COUNT, SdkRetries
@@ -38,6 +43,7 @@ class TextEngine(VideoEngine):
         return self.providers["openai"]
 
     async def _call(self, req: Request) -> Result:
+        await self._go.wait()  # ``hold``
         provider, job = self.providers[req.provider], job_of(req)
         out = await provider.call(job._replace(body=provider.sync_body(job)))
         assert out.ok, out.error
@@ -67,6 +73,27 @@ def replica(eng: TextEngine, state_dir):
     """One life of the endpoint's replica on ``state_dir``: its base URL."""
     with serving(make_app(eng, catalog=CAT, state_dir=state_dir)) as url:
         yield url
+
+
+@contextlib.contextmanager
+def cut_replica(eng: TextEngine, state_dir):
+    """A life of the replica that ends by cutting the calls it is answering (as a restart does), not waiting."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(make_app(eng, catalog=CAT, state_dir=state_dir), log_level="critical",
+                                           ws="none", lifespan="on", timeout_graceful_shutdown=0.1))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        limit = time.monotonic() + WAIT_S
+        while not server.started and thread.is_alive() and time.monotonic() < limit:
+            time.sleep(0.01)  # as ``serving``: uvicorn says it started by a flag only
+        assert server.started, "uvicorn did not start"
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(WAIT_S)
+        sock.close()
 
 
 def billed(emu: Emulator, provider: str) -> int:
@@ -109,6 +136,40 @@ def test_an_sdk_retry_after_the_replica_restarts_takes_its_tries_request_and_is_
         with replica(eng, tmp_path) as url:  # a second restart: the retries of both tries still find them
             assert call(url, 2) == fresh and call(url, 2, tenant="globex") == theirs
         assert billed(emu, provider) == 3
+
+
+class Took(TextEngine):
+    """Says when it has taken a request (``took``)."""
+
+    def __init__(self, emu: Emulator):
+        super().__init__(emu)
+        self.took = threading.Event()
+
+    def submit_many(self, ds):
+        futs = super().submit_many(ds)
+        self.took.set()
+        return futs
+
+
+def test_a_retry_of_a_try_the_restart_cut_takes_the_request_the_engine_still_runs_and_is_billed_once(tmp_path):
+    """The replica restarts while the engine is still making a try's answer (a slow provider): the client's
+    connection is cut, its SDK retries once the replica is back, and the retry waits for that same request."""
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED) as emu:
+        eng = Took(emu)
+        try:
+            eng.hold()
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                with cut_replica(eng, tmp_path) as url:
+                    first = pool.submit(chat, url, 0)
+                    assert eng.took.wait(WAIT_S)
+                with pytest.raises((openai.APIConnectionError, openai.InternalServerError)):  # both retried
+                    first.result(WAIT_S)
+            with replica(eng, tmp_path) as url:
+                eng.release()
+                again = chat(url, 1)
+            assert billed(emu, "openai") == 1 and eng.submitted == [again, again]
+        finally:
+            eng.close()
 
 
 def test_without_a_state_directory_a_retry_after_a_restart_is_a_new_request():
