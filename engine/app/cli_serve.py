@@ -78,9 +78,9 @@ def serve(name: str = typer.Option("smartbatch", "--name", help="the engine's na
                                                            "acts for TENANT alone: its calls are that tenant's, "
                                                            "and naming another in X-Smartbatch-Tenant is refused "
                                                            "(repeatable)"),
-          state_dir: Path | None = typer.Option(None, "--state-dir", help="keep the endpoint's files and batches "
-                                                 "in this directory, so a restarted endpoint takes them back "
-                                                 "(default: in memory only)"),
+          state_dir: Path | None = typer.Option(None, "--state-dir", help="keep the endpoint's files, batches, "
+                                                 "videos and SDK tries in this directory, so a restarted "
+                                                 "endpoint takes them back (default: in memory only)"),
           drain_s: float = typer.Option(600.0, "--drain-s", min=0.0, help="at a stop, how long to wait for the "
                                         "provider batches under way to take their cancel, so what they finished "
                                         "is answered (and kept for the next start with --state-dir) rather than "
