@@ -49,7 +49,7 @@ class _Foresight(Smart):
         for r in self.trace:
             provider = catalog.providers[r.provider]
             spec = provider.models.get(r.model)
-            if (spec is None or not provider.supports_batch_api(r.kind) or not self._shares_prefix(r, provider, spec)
+            if (spec is None or not provider.supports_batch_api(r.kind, r.model) or not self._shares_prefix(r, provider, spec)
                     or r.deadline_s < self._band_cap_of(provider)):
                 continue
             run = tuple(r.prefix_blocks[:self._cacheable_blocks(provider, spec)])

@@ -92,11 +92,11 @@ class BatchAll(Policy):
 
     def group_key(self, req: Request, compat: tuple, now: float) -> Hashable:
         prov = self.catalog.provider(req.provider)
-        return compat if prov.supports_batch_api(req.kind) else req.uid
+        return compat if prov.supports_batch_api(req.kind, req.model) else req.uid
 
     def decide(self, group: Group, now: float) -> Decision:
         ba = group.provider.batch_api
-        if ba is None or group.spec.kind not in ba.kinds:
+        if ba is None or not group.provider.supports_batch_api(group.spec.kind, group.spec):
             return Decision("dispatch", mode="sync", recommendation="process_individually",
                             reason="batch-all: no batch API for this model")
         if len(group) >= ba.max_requests or now >= group.oldest_arrival_s + self.params.batch_wait_s:

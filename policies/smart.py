@@ -109,7 +109,7 @@ class Smart(GpuLane, Policy):
         # serving twice the work a sync call would.
         if p.flex and (held or req.deadline_at - now <= now_s) and _flex_fits(provider, spec, req, now):
             return ("flex", req.uid)
-        if _batch_lane(spec) and provider.supports_batch_api(req.kind) and not held:
+        if _batch_lane(spec) and provider.supports_batch_api(req.kind, req.model) and not held:
             c = self._text_consts(provider, spec, req.model)
             p_on_time = self._p_alone(provider, c, req, now)
             if p_on_time >= self.params.min_on_time_p:
@@ -253,7 +253,7 @@ class Smart(GpuLane, Policy):
         write, prefix = self._prefix(req, group, now)
         if lane == "flex":
             return Decision("dispatch", "flex", cache_write=write, reason="flex now: batch prices, no wait", prefix=prefix)
-        why = "deadline too close for a batch" if group.provider.supports_batch_api(req.kind) else \
+        why = "deadline too close for a batch" if group.provider.supports_batch_api(req.kind, req.model) else \
             "no batch lever for this model"
         # By the key's shape, not its last item: a plain sync key ends with the request's id, which may be "warm".
         if group.key == ("sync", req.uid, "warm"):  # it reads the prefix and writes its turn for the next

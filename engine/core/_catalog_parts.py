@@ -164,6 +164,12 @@ class FlexTier(_Frozen):
 
 class BatchApi(_Frozen):
     kinds: tuple[Kind, ...] = ("text",)
+    media_models: tuple[str, ...] | None = Field(default=None, description=(
+        "the image and video models that ride it, where only some of the kinds' models do (Google's native batch "
+        "takes generateContent's image models, not Imagen's predict); None: every model of the kinds listed"))
+    media_max_mb: float | None = Field(default=None, gt=0, description=(
+        "the most one batch of media_models may weigh, in MiB, where they ride another route than max_file_mb's "
+        "(Google's inline batchGenerateContent: 20 MB); None: max_file_mb"))
     discount: float = Field(gt=0, lt=1)
     completion_window_s: float = Field(gt=0)
     turnaround_median_s: float = Field(gt=0)

@@ -212,6 +212,13 @@ class ProviderSpec(_Frozen):
             if mname not in self.models or self.models[mname].kind != "text":
                 raise ValueError(f"flex.models names {mname!r}, which is not a text model of this provider; "
                                  f"list some of: {', '.join(k for k, m in self.models.items() if m.kind == 'text')}")
+        ba = self.batch_api
+        for mname in ba.media_models or () if ba is not None else ():
+            m = self.models.get(mname)
+            if m is None or m.kind == "text" or m.kind not in ba.kinds:
+                raise ValueError(f"batch_api.media_models names {mname!r}, which is no model of a kind in "
+                                 f"batch_api.kinds {list(ba.kinds)} other than text; list some of: "
+                                 f"{', '.join(k for k, x in self.models.items() if x.kind in ba.kinds and x.kind != 'text')}")
         return self
 
     def cache_of(self, model: str | ModelSpec) -> PromptCache | None:
@@ -225,8 +232,17 @@ class ProviderSpec(_Frozen):
             return pc
         return merged_cache(pc, spec.prompt_cache)
 
-    def supports_batch_api(self, kind: str) -> bool:
-        return self.batch_api is not None and kind in self.batch_api.kinds
+    def supports_batch_api(self, kind: str, model: str | ModelSpec) -> bool:
+        """Whether ``model`` (a name or its spec) of ``kind`` rides the provider's batch API: its kind listed, and
+        an image or video model among ``media_models`` where they are named (a spec by value: it knows no name)."""
+        ba = self.batch_api
+        if ba is None or kind not in ba.kinds:
+            return False
+        if kind == "text" or ba.media_models is None:
+            return True
+        if isinstance(model, str):
+            return model in ba.media_models
+        return any(self.models.get(m) == model for m in ba.media_models)
 
     def supports_flex(self, model: str) -> bool:
         return self.flex is not None and model in self.flex.models

@@ -114,7 +114,7 @@ def mode_allowed(provider: ProviderSpec, spec: ModelSpec, mode: Mode) -> bool:
     if mode in ("sync", "reuse"):
         return True
     if mode == "batch_api":
-        return provider.supports_batch_api(spec.kind)
+        return provider.supports_batch_api(spec.kind, spec)
     if mode == "flex":  # by value: a spec does not know its own name, and a runtime's view copies them
         return provider.flex is not None and any(provider.models.get(m) == spec for m in provider.flex.models)
     return spec.gpu_priced  # gpu_batch

@@ -171,7 +171,7 @@ def _create(ctx: Ctx) -> Reply:
     if not isinstance(reqs, list) or not reqs:
         raise ApiError(400, "requests: must be a non-empty list of {custom_id, params}", param="requests")
     p = core.catalog.provider(ctx.provider)
-    if not p.supports_batch_api("text") or p.batch_api is None:
+    if not p.supports_batch_api("text", "") or p.batch_api is None:
         raise ApiError(400, f"provider {ctx.provider} declares no batch API in the catalog")
     if len(reqs) > p.batch_api.max_requests:
         raise ApiError(400, f"a batch holds at most {p.batch_api.max_requests} requests, got {len(reqs)}")

@@ -152,11 +152,17 @@ def _create(ctx: Ctx) -> Reply:
         raise ApiError(400, f"file {file_id} has purpose {rec.purpose!r}; upload it with purpose 'batch'",
                        param="input_file_id")
     p = core.catalog.provider(ctx.provider)
-    if not p.supports_batch_api(_kind(endpoint)) or p.batch_api is None:
+    if p.batch_api is None or _kind(endpoint) not in p.batch_api.kinds:
         raise ApiError(400, f"provider {ctx.provider} declares no batch API for {_kind(endpoint)} models in the "
                        f"catalog (batch_api.kinds)", param="endpoint")
+    if p.compat == "gemini" and _kind(endpoint) != "text":  # the layer's batches are of chat completions only
+        raise ApiError(400, "Google's OpenAI compatibility layer batches chat completions only; an image model "
+                       "batches through models/{model}:batchGenerateContent", param="endpoint")
     _check_metadata(body.get("metadata"))
     members, problems, model = _parse_lines(rec.data, endpoint, p)
+    if model is not None and not p.supports_batch_api(_kind(endpoint), model):
+        raise ApiError(400, f"model {model} of provider {ctx.provider} rides no batch API in the catalog "
+                       f"(batch_api.media_models)", param="endpoint")
     with core.lock:  # the queue's count and this batch's place in it at once
         now = core.now()
         turnaround = core.draw_turnaround(p)

@@ -53,7 +53,7 @@ def release_lead(catalog: Catalog, reuse: ReuseSettings) -> Lead | None:
     def lead(req: Request) -> float | None:
         provider = catalog.providers.get(req.provider)
         spec = provider.models.get(req.model) if provider is not None else None
-        if spec is None or spec.gpu_priced or spec.kind == "text" and provider.supports_batch_api(req.kind):
+        if spec is None or spec.gpu_priced or spec.kind == "text" and provider.supports_batch_api(req.kind, req.model):
             return None
         sigma = provider.sync_latency.sigma if spec.kind == "text" else provider.media_latency.sigma
         return 2 * sync_latency_median(provider, spec, req) * math.exp(Z99 * sigma) + margin

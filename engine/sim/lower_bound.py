@@ -253,7 +253,7 @@ def lower_bound(requests: Sequence[Request], *, catalog: Catalog | None = None, 
     for pname, prov in catalog.providers.items():
         if prov.batch_api is None:
             continue
-        idx = np.flatnonzero([(p == pname and prov.supports_batch_api(reqs[i].kind))
+        idx = np.flatnonzero([(p == pname and prov.supports_batch_api(reqs[i].kind, reqs[i].model))
                               for i, p in enumerate(providers)])
         if not idx.size:
             continue

@@ -43,7 +43,7 @@ def test_policy_on_provider_kind(policy, kind):
     if policy == "naive":
         assert (res.mode == 0).all() or spec.gpu_priced
         assert all(b.size == 1 for b in res.batches)
-    if policy == "batch-all" and prov.supports_batch_api(spec.kind):
+    if policy == "batch-all" and prov.supports_batch_api(spec.kind, spec):
         assert (res.mode == 1).sum() > 0.8 * len(reqs)
 
 
