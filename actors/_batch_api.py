@@ -43,14 +43,19 @@ class BatchApiRuns(QueueFull, BatchWatch, ResultsReads):
         stem = f"{b.bid}-{secrets.token_hex(4)}"
         self._parts_left[stem] = len(parts)
         log.info("dispatcher %s: a batch of %d requests is sent as %d batches (at most %g MB of input each; "
-                 "images: at most %g MB of results each)", self.name, len(jobs), len(parts), self._max_file_mb(),
+                 "images: at most %g MB of results each)", self.name, len(jobs), len(parts), self._max_file_mb(jobs),
                  self.settings.batch_results_max_mb)
         for k, part in enumerate(parts):
             self._spawn(self._run_batch(b, part, e.start, e.outcome, name=f"{stem}#{k}"), part, b)
 
-    def _max_file_mb(self) -> float | None:
+    def _max_file_mb(self, jobs: list[Job] | None = None) -> float | None:
+        """The provider's limit on one batch of ``jobs`` (one model's): ``media_max_mb`` for a model of
+        ``media_models`` where the catalog gives one (Google's inline requests), else ``max_file_mb``."""
         ba = self.catalog.provider(self.name).batch_api
-        return None if ba is None else ba.max_file_mb
+        if ba is None:
+            return None
+        media = ba.media_max_mb is not None and bool(jobs) and jobs[0].req.model in (ba.media_models or ())
+        return ba.media_max_mb if media else ba.max_file_mb
 
     async def _run_batch(self, b: BatchJob, jobs: list[Job], start: float, tokens: int, key: str | None = None,
                          body=None, name: str | None = None) -> None:

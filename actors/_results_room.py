@@ -126,7 +126,7 @@ class ResultsReads:
         results weigh at most ``batch_results_max_mb`` (``results_parts``). An image's results line holds it in
         base64 (1-8 MB): read whole, the results of a batch of the provider's 50,000 members held ~75 GB in this
         actor, which died, was restarted by Ray and read them again."""
-        parts = file_parts(jobs, self._max_file_mb(), self.settings.chars_per_token)
+        parts = file_parts(jobs, self._max_file_mb(jobs), self.settings.chars_per_token)
         return results_parts(parts, self._line_bytes, self.settings.batch_results_max_mb)
 
     @contextlib.asynccontextmanager

@@ -1,5 +1,5 @@
-"""Implementations of ``engine.core.provider_api.Provider``: simulated, OpenAI-compatible over HTTP, Anthropic over
-HTTP. ``make_provider`` picks one by configuration; the dispatcher knows only the protocol."""
+"""Implementations of ``engine.core.provider_api.Provider``: simulated, OpenAI-compatible over HTTP (Gemini's with its
+media batches on Google's native routes), Anthropic over HTTP. ``make_provider`` picks one by configuration; the dispatcher knows only the protocol."""
 
 from __future__ import annotations
 
@@ -19,6 +19,10 @@ def make_provider(name: str, catalog: Catalog, settings: Settings, sim: SimProvi
     if name not in settings.providers.http_providers(catalog.providers):
         return SimulatedProvider(sim, clock)
     ep = settings.providers.endpoints[name]
+    if ep.api == "openai" and catalog.provider(name).compat == "gemini":  # its media batches on Google's routes
+        from actors.providers.gemini_http import GeminiProvider
+
+        return GeminiProvider(name, catalog, settings, ep, key, clock)
     if ep.api == "openai":
         from actors.providers.openai_http import OpenAIProvider
 

@@ -14,7 +14,7 @@ from engine.core._checks import FieldProblem
 if TYPE_CHECKING:
     from engine.core.catalog import ModelSpec
 
-__all__ = ["GEMINI_FIELDS", "GEMINI_IMAGE_FIELDS", "GEMINI_OPENAI_URL", "THINKING_KEYS", "check_gemini_body",
+__all__ = ["GEMINI_ASPECTS", "GEMINI_FIELDS", "GEMINI_IMAGE_FIELDS", "GEMINI_OPENAI_URL", "THINKING_KEYS", "check_gemini_body",
            "gemini_output_tokens", "gemini_sizes"]
 
 GEMINI_OPENAI_URL = "https://generativelanguage.googleapis.com/v1beta/openai/"
@@ -33,6 +33,7 @@ GEMINI_IMAGE_FIELDS = frozenset({"model", "prompt", "n", "size", "response_forma
 # image-generation, its table; read 2026-12-06): named beside a size in a refusal, as Google names them.
 _ASPECTS = {"1024x1024": "1:1", "832x1248": "2:3", "1248x832": "3:2", "864x1184": "3:4", "1184x864": "4:3",
             "896x1152": "4:5", "1152x896": "5:4", "768x1344": "9:16", "1344x768": "16:9", "1536x672": "21:9"}
+GEMINI_ASPECTS: Mapping[str, str] = _ASPECTS  # Google's native calls name the aspect ratio, not the size
 # ``extra_body.google.thinking_config``: its keys and their types (Gemini's thinking budget, or level, and whether
 # the answer shows the thoughts).
 THINKING_KEYS: dict[str, type] = {"thinking_budget": int, "thinking_level": str, "include_thoughts": bool}

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 from urllib.parse import parse_qsl
 
 from engine.core.errors import ConfigError
-from engine.emulator import _anthropic, _openai, _openai_batch, _veo, _videos
+from engine.emulator import _anthropic, _gemini_batch, _openai, _openai_batch, _veo, _videos
 from engine.emulator._core import Core
 from engine.emulator._faults import FaultPlan, FaultSpec
 from engine.emulator._gemini import gemini_error
@@ -20,7 +20,8 @@ from engine.emulator._wire import ApiError, Dropped, Family, Reply, error_reply,
 
 __all__ = ["ROUTE_NAMES", "App", "Call"]
 
-_ROUTES: list[Route] = [*_openai.ROUTES, *_openai_batch.ROUTES, *_videos.ROUTES, *_veo.ROUTES, *_anthropic.ROUTES]
+_ROUTES: list[Route] = [*_openai.ROUTES, *_openai_batch.ROUTES, *_videos.ROUTES, *_veo.ROUTES, *_gemini_batch.ROUTES,
+                      *_anthropic.ROUTES]
 ROUTE_NAMES: tuple[str, ...] = tuple(r.name for r in _ROUTES)
 _DROP = Reply(0, {}, b"", drop=True)
 

@@ -61,10 +61,16 @@ def test_every_aspect_ratio_costs_the_page_price_and_its_prompt_at_the_input_pri
     assert image(params={}).params["size"] == "1024x1024"
 
 
-def test_it_is_not_sent_through_googles_batch_api_which_documents_chat_completions_only():
-    assert "image" not in CAT.provider("google").batch_api.kinds
+def test_it_rides_googles_native_batch_at_half_price_and_imagen_rides_none():
+    """Batched through Google's native batchGenerateContent (tests/unit/test_gemini_batch.py), not the layer's
+    Batch API, which documents chat completions only; Imagen, called at :predict, takes no batch at all."""
+    google = CAT.provider("google")
+    assert google.supports_batch_api("image", NANO) and not google.supports_batch_api("image", "imagen-4")
+    assert price_alone(image(), CAT, "batch_api").media == pytest.approx(0.0195, abs=1e-12)  # the page's batch price
+    imagen = Request.model_validate({"id": "i", "arrival_s": 0.0, "model": "imagen-4", "prompt": "a banana"},
+                                    context=validation_context(CAT, live()))
     with pytest.raises(CatalogError):
-        price_alone(image(), CAT, "batch_api")
+        price_alone(imagen, CAT, "batch_api")
 
 
 # -- checks --------------------------------------------------------------------------------------------------------

@@ -1,0 +1,215 @@
+"""Gemini over HTTP: ``OpenAIProvider`` at Google's OpenAI compatibility layer (text, images and its chat batches),
+with the batches of the image models the catalog names (``batch_api.media_models``) sent through Google's native
+Batch API instead, whose inline requests take ``generateContent`` bodies: the layer's own Batch API documents chat
+completions only (docs/providers.md, "Gemini").
+
+The wire (``engine.emulator._gemini_batch`` gives the sources): ``POST v1beta/models/{model}:batchGenerateContent``
+with ``{"batch": {"displayName": ref, "inputConfig": {"requests": {"requests": [{"request", "metadata":
+{"key"}}]}}}}``; ``GET v1beta/batches/{id}`` (an operation whose ``metadata`` is the batch: its ``state``, and once
+ended ``output.inlinedResponses.inlinedResponses``, each with the ``metadata`` it was sent with); ``GET
+v1beta/batches`` (``operations``) to find a create whose answer was lost, by its display name;
+``POST v1beta/batches/{id}:cancel``. Members are read back by ``metadata.key`` (the call key), never by position.
+The key goes in ``x-goog-api-key`` (as Veo's calls send it), never in a URL or a log line."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from actors.providers._http import BatchHandle, PollBackoff
+from actors.providers._veo import native_root
+from actors.providers.openai_http import FIND_SCAN, OpenAIProvider
+from engine.core._gemini import GEMINI_ASPECTS
+from engine.core.errors import ProviderError
+from engine.core.provider_api import BatchState, CallJob, CallOutcome, Usage
+
+__all__ = ["GeminiProvider", "NativeHandle"]
+
+log = logging.getLogger("smartbatch.providers")
+
+_ENDED = frozenset({"BATCH_STATE_SUCCEEDED", "BATCH_STATE_FAILED", "BATCH_STATE_CANCELLED", "BATCH_STATE_EXPIRED"})
+_FINAL_CODES = frozenset({3, 7, 9})  # google.rpc INVALID_ARGUMENT, PERMISSION_DENIED, FAILED_PRECONDITION
+
+
+class NativeHandle(BatchHandle):
+    """A batch of Google's native Batch API. ``batch``: the last operation read, without its responses, which an
+    ended batch's read keeps in ``output`` (not journaled: a restart reads them again)."""
+
+    __slots__ = ("output",)
+
+    def __init__(self, bid: str, jobs: Sequence[CallJob], backoff: PollBackoff):
+        super().__init__(bid, jobs, backoff)
+        self.output: list | None = None
+
+    def __getstate__(self) -> tuple[None, dict[str, Any]]:
+        return None, {k: getattr(self, k) for k in ("backoff", "batch", "id", "jobs")} | {"output": None}
+
+
+def _state(op: Mapping) -> str:
+    return str((op.get("metadata") or {}).get("state") or "")
+
+
+class GeminiProvider(OpenAIProvider):
+    """``OpenAIProvider`` for a ``compat: gemini`` provider, its media batches on Google's native routes."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self._native = self._sdk.AsyncOpenAI(api_key=self._key.get() or "unset",
+                                             base_url=native_root(self.endpoint.base_url), max_retries=0,
+                                             timeout=self.endpoint.timeout_s,
+                                             default_headers={"x-goog-api-key": self._key.get() or "unset"})
+        # Google reads a bearer token as OAuth's: the SDK's own Authorization header is left out
+        self._opts = {"headers": {"Authorization": self._sdk.Omit()}}
+
+    def native(self, jobs: Sequence[CallJob]) -> bool:
+        """Whether these members ride the native Batch API: a model of ``batch_api.media_models``."""
+        ba = self.spec.batch_api
+        return bool(jobs) and ba is not None and jobs[0].req.model in (ba.media_models or ())
+
+    # -- bodies ---------------------------------------------------------------------------------------------
+    def inline_request(self, job: CallJob) -> dict[str, Any]:
+        """One member: the request's prompt as a text part, the image it asks for by its aspect ratio (the size the
+        cost model prices it at), and its call key in ``metadata``, by which its response is read back."""
+        r = job.req
+        body = r.body or {}
+        prompt = body.get("prompt") if isinstance(body.get("prompt"), str) else r.prompt
+        size = body.get("size") or r.params.get("size") or self.spec.models[r.model].default_size
+        config = {"responseModalities": ["IMAGE"], "imageConfig": {"aspectRatio": GEMINI_ASPECTS.get(size, "1:1")}}
+        return {"request": {"contents": [{"role": "user", "parts": [{"text": prompt}]}], "generationConfig": config},
+                "metadata": {"key": job.key}}
+
+    # -- batch API ------------------------------------------------------------------------------------------
+    async def submit_batch(self, jobs: Sequence[CallJob], hedge_at: float | None, ref: str,
+                           body: Any = None, wanted: Callable[[], bool] | None = None) -> Any:
+        if not self.native(jobs):
+            return await super().submit_batch(jobs, hedge_at, ref, body, wanted)
+        sent = {"batch": {"displayName": ref, "inputConfig": {"requests": {
+            "requests": [self.inline_request(j) for j in jobs]}}}}
+        with self._refused("batch submission"):
+            op = await self._native.post(f"v1beta/models/{jobs[0].req.model}:batchGenerateContent", body=sent,
+                                         cast_to=object, options=self._opts)
+        return self._native_handle(op, jobs)
+
+    def _native_handle(self, op: Any, jobs: Sequence[CallJob]) -> NativeHandle:
+        if not isinstance(op, dict) or not isinstance(op.get("name"), str):
+            raise ProviderError(f"{self.name}: a batch create was answered without a batch name")
+        handle = NativeHandle(op["name"], jobs, PollBackoff(self.endpoint.poll_min_s, self.endpoint.poll_max_s))
+        self._keep(handle, op)
+        return handle
+
+    def _keep(self, handle: NativeHandle, op: dict) -> None:
+        """The operation read, its responses apart (``NativeHandle.output``) once it has ended."""
+        meta = dict(op.get("metadata") or {})
+        out = meta.pop("output", None)
+        handle.batch = {**{k: v for k, v in op.items() if k != "response"}, "metadata": meta}
+        if _state(op) in _ENDED:
+            handle.output = ((out or {}).get("inlinedResponses") or {}).get("inlinedResponses") or []
+
+    async def find_batch(self, jobs: Sequence[CallJob], ref: str, known: frozenset[str] = frozenset()) -> Any:
+        if not self.native(jobs):
+            return await super().find_batch(jobs, ref, known)
+        token, seen = None, 0
+        with self._refused("batch lookup"):
+            while seen < FIND_SCAN:
+                page = await self._native.get("v1beta/batches", cast_to=object, options={
+                    **self._opts, "params": {"pageSize": 100, **({"pageToken": token} if token else {})}})
+                ops = (page.get("operations") or []) if isinstance(page, dict) else []
+                for op in ops:
+                    if (op.get("metadata") or {}).get("displayName") == ref and op.get("name") not in known:
+                        return self._native_handle(op, jobs)
+                seen += len(ops)
+                token = page.get("nextPageToken") if isinstance(page, dict) else None
+                if not token or not ops:
+                    break
+        return None
+
+    async def poll(self, handle: Any) -> BatchState:
+        if not isinstance(handle, NativeHandle):
+            return await super().poll(handle)
+        with self._refused("batch poll"):
+            op = await self._native.get(f"v1beta/{handle.id}", cast_to=object, options=self._opts)
+        if not isinstance(op, dict):
+            raise ProviderError(f"{self.name}: a poll of {handle.id} was answered with no batch")
+        self._keep(handle, op)
+        if _state(op) in _ENDED:
+            return BatchState("ended", 0.0)
+        return BatchState("running", handle.backoff.next())
+
+    async def cancel(self, handle: Any) -> BatchState | None:
+        if not isinstance(handle, NativeHandle):
+            return await super().cancel(handle)
+        try:
+            with self._refused("batch cancel"):  # answered with nothing: the polls tell when it has stopped
+                await self._native.post(f"v1beta/{handle.id}:cancel", body={}, cast_to=object, options=self._opts)
+        except ProviderError:  # refused: most often it ended just before its hedge, which a poll says in Google's
+            if (await self.poll(handle)).status == "ended":  # states (its refusal's words are not documented)
+                return BatchState("ended", 0.0)
+            raise
+        return None
+
+    async def fetch(self, handle: Any) -> Mapping[str, CallOutcome]:
+        if not isinstance(handle, NativeHandle):
+            return await super().fetch(handle)
+        if handle.output is None:  # known ended by a cancel's refusal, or after a restart: read it now
+            await self.poll(handle)
+            if handle.output is None:
+                raise ProviderError(f"{self.name}: batch {handle.id} is {_state(handle.batch)}, not ended")
+        responses, state = handle.output, _state(handle.batch)
+        stats = (handle.batch.get("metadata") or {}).get("batchStats") or {}
+        answered = sum(int(stats.get(k) or 0) for k in ("successfulRequestCount", "failedRequestCount"))
+        if len(responses) < answered:  # a finished member left unread would be sent again, paid twice
+            raise ProviderError(f"{self.name}: batch {handle.id}: {len(responses)} response(s) read of the "
+                                f"{answered} it answered; read again")
+        if state == "BATCH_STATE_FAILED":
+            log.warning("%s: batch %s failed: %s; its members did not run", self.name, handle.id,
+                        self._redact(str(handle.batch.get("error") or "no reason given"))[:300])
+        out: dict[str, CallOutcome] = {}
+        for item in responses:
+            job = self._member(handle, (item.get("metadata") or {}).get("key") if isinstance(item, dict) else None)
+            if job is None:
+                continue
+            try:
+                out[job.key] = self._native_outcome(job, item)
+            except (AttributeError, KeyError, TypeError, ValueError, IndexError):  # ran, and may be billed
+                self._unread_members(handle, [job.key], out)
+        handle.output = None  # handed on: the images are not held past their read
+        return out
+
+    def _native_outcome(self, job: CallJob, item: dict) -> CallOutcome:
+        now = self.clock.now()
+        err = item.get("error")
+        if err is not None:  # refused or failed inside the batch: billed nothing
+            code = err.get("code") if isinstance(err, dict) else None
+            said = self._redact(str(err.get("message", "")) if isinstance(err, dict) else str(err))
+            return CallOutcome(False, now, 0.0, real=True, retryable=code not in _FINAL_CODES,
+                               error=f"{self.name} batch member: code {code}: {said[:300]}")
+        resp = item["response"]
+        u = resp.get("usageMetadata") or {}
+        usage = Usage(int(u.get("promptTokenCount") or 0), 0)  # the image is priced per image, as a sync one
+        cand = (resp.get("candidates") or [{}])[0]
+        image = next((p["inlineData"]["data"] for p in (cand.get("content") or {}).get("parts") or []
+                      if isinstance(p, dict) and isinstance(p.get("inlineData"), dict)), None)
+        if not isinstance(image, str):  # it ran and made no image (a safety block): its answer says why
+            why = cand.get("finishReason") or (resp.get("promptFeedback") or {}).get("blockReason") or "no image"
+            return CallOutcome(False, now, 0.0, real=True, retryable=False, raw=resp,
+                               error=f"{self.name} batch member made no image: {self._redact(str(why))[:200]}")
+        return CallOutcome(True, now, self._priced(job, usage, "batch_api"), output=image, usage=usage,
+                           provider_request_id=resp.get("responseId"), raw=resp, real=True)
+
+    def results_at(self, handle: Any) -> str:
+        if not isinstance(handle, NativeHandle):
+            return super().results_at(handle)
+        return f"batch {handle.id} (its inline responses: GET v1beta/{handle.id})"
+
+    async def discard(self, handle: Any) -> int:
+        """Nothing for a native batch: it holds its responses beside its requests, which a resume or a take-back
+        reads again while the journal's archive names it."""
+        return 0 if isinstance(handle, NativeHandle) else await super().discard(handle)
+
+    def queue_refusal(self, handle: Any) -> int | None:
+        return None if isinstance(handle, NativeHandle) else super().queue_refusal(handle)
+
+    async def close(self) -> None:
+        await self._native.close()
+        await super().close()
