@@ -20,7 +20,10 @@ Paths. Every catalog provider is served under its catalog name, with both route 
 body, free), ``/v1/messages/batches``, ``.../{id}``, ``.../{id}/cancel``, ``.../{id}/results`` (Anthropic format:
 ``x-api-key: <key>``, or the Bearer header the SDK's ``auth_token`` sends; ``request-id``), and Google's Veo
 routes ``/<provider>/v1beta/models/{model}:predictLongRunning``, ``/v1beta/models/{model}/operations/{id}``,
-``/v1beta/files/{id}:download`` (``x-goog-api-key: <key>`` or ``?key=``; Google's error object; ``_veo``).
+``/v1beta/files/{id}:download`` (``x-goog-api-key: <key>`` or ``?key=``; Google's error object; ``_veo``), and
+Google's native Batch API with inline requests, for the image models the catalog batches there
+(``/v1beta/models/{model}:batchGenerateContent``, ``/v1beta/batches``, ``/v1beta/batches/{id}``,
+``/v1beta/batches/{id}:cancel``; ``_gemini_batch``).
 A missing key is a 401 in the family's error shape; any non-empty key passes and is never kept or echoed.
 Prices, cache rules and batch timings come from the provider's catalog entry, whatever the wire format.
 Control: ``GET /_emulator/bill``, ``GET /_emulator/calls``, ``POST /_emulator/faults`` (``FaultPlan.configure``).

@@ -181,8 +181,8 @@ def _create(ctx: Ctx) -> Reply:
         raise ApiError(400, f"Request payload size exceeds the limit: {INLINE_LIMIT_BYTES} bytes.")
     p, _ = core.model(ctx.provider, model, "image")
     if p.compat != "gemini" or p.batch_api is None or not p.supports_batch_api("image", model):
-        raise ApiError(400, f"provider {ctx.provider} declares no batch API for image models in the catalog "
-                       "(batch_api.kinds)", param="model")
+        raise ApiError(400, f"model {model} of provider {ctx.provider} rides no batch API in the catalog "
+                       "(batch_api.kinds, batch_api.media_models)", param="model")
     batch = ctx.json().get("batch")
     if not isinstance(batch, dict):
         raise _bad('the body must be {"batch": {"displayName", "inputConfig": {"requests": {"requests": [...]}}}}',
