@@ -49,7 +49,9 @@ def test_a_driver_killed_mid_job_and_run_again_pays_for_nothing_twice(tmp_path):
     assert results["r0"]["reason"] != KEPT_REASON
     kept = [r for i, r in results.items() if i != "r0"]
     assert all(r["reason"] == KEPT_REASON for r in kept)
-    assert sum(r["mode"] == "sync" for r in kept) >= URGENT  # the answers the killed script had received
+    # The answers the killed script had received: its urgent calls, each sync or, where its 60 s allowed the
+    # slower tier when it was decided (at 1000x, a matter of the machine's pace), at the flex tier.
+    assert sum(r["mode"] in ("sync", "flex") for r in kept) >= URGENT
     assert sum(r["mode"] == "batch_api" for r in kept) >= N - URGENT - 1  # read from its cancelled batches
     assert figures["answers"] == N - 1
     # Each kept answer at what the killed run paid for it: its bill, less r0's first content (one of its items).
