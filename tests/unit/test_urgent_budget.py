@@ -128,7 +128,7 @@ def counted_writes(ctl: BudgetController) -> list[int]:
 
     async def counted():
         writes.append(1)
-        await write()
+        return await write()
 
     ctl._put_snapshot = counted
     return writes
@@ -153,17 +153,19 @@ def test_a_try_that_must_wait_again_writes_no_journal_a_reservation_does():
 def test_a_restart_after_tries_that_wrote_no_journal_recovers_the_same_ledger():
     """A call that reserved and released nothing writes no journal, yet it moves the ledger's clock and lets an
     ended window go. A restart after it must still take back a ledger that counts and decides as the one it
-    replaces (only the refusal counts, a figure of the report, may lag). A 60 s window ends between the calls."""
+    replaces (only the refusal counts, a figure of the report, may lag). A 60 s window ends between the calls.
+    The restarted controller takes over, as under Ray, where the one it replaces is dead: its epoch ranks the old
+    incarnation's snapshots below its own, so a test that kept calling the old one would read a ledger nobody
+    serves (until stop 73 one key held the hub's snapshot, and the old one's writes replaced the new one's)."""
     async def go():
         spec, hub, clock = BudgetSpec(max_budget=1.0, budget_duration="60s"), ResultHub(), ManualClock(0.0)
         settings = BudgetSettings(specs=(spec,), throttle=Throttle(pace=False))
         ctl = BudgetController(settings, hub, clock)
-        writes = counted_writes(ctl)
 
         def claim(rid, usd, priority="normal"):
             return Claim(rid, "default", "openai", "gpt-5", priority, usd)
 
-        async def same_after_restart() -> BudgetController:
+        async def same_after_restart(ctl: BudgetController) -> BudgetController:
             again = BudgetController(settings, hub, clock)
             again.reconstructed()
             mine, theirs = await ctl.report(), await again.report()
@@ -171,18 +173,20 @@ def test_a_restart_after_tries_that_wrote_no_journal_recovers_the_same_ledger():
                 assert theirs[k] == mine[k], k
             return again
 
+        writes = counted_writes(ctl)
         assert (await ctl.reserve_many([claim("a", 0.5)]))[0].ok
         await ctl.settle_many([("a", 0.45)])
         n = len(writes)
         clock.advance(70.0)  # the first window ended, and nothing refers to it
         (v,) = await ctl.reserve_many([claim("c", 1.5)])  # more than the limit: refused
         assert not v.ok and len(writes) == n and len(ctl.book.ended) == 1  # the first window went, unwritten
-        await same_after_restart()
-        assert (await ctl.reserve_many([claim("open", 0.6)]))[0].ok
+        ctl = await same_after_restart(ctl)
+        writes = counted_writes(ctl)
+        assert (await ctl.reserve_many([claim("open", 0.6)]))[0].ok and writes
         n = len(writes)
         (v,) = await ctl.reserve_many([claim("b", 0.5, "urgent")])  # must wait for "open"
         assert v.reason == "wait" and len(writes) == n
-        again = await same_after_restart()
+        again = await same_after_restart(ctl)
         for book in (ctl, again):  # the same calls next: the same answers, the same ledger
             await book.settle_many([("open", 0.2)])
             assert [x.ok for x in await book.reserve_many([claim("d", 0.9), claim("e", 0.7)])] == [False, True]
