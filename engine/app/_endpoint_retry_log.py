@@ -11,8 +11,10 @@ try (retry count 0) never takes an old id, and the key holds the tenant: what th
 
 The log is append-only and bounded: two files, ``retries-0.jsonl`` and ``retries-1.jsonl``, one per window of
 ``ANSWERED_KEEP_S`` by the parity of the window; entering a window empties its file, which held only lines two
-windows old (all past the keep). A line is one ``write`` on an ``O_APPEND`` descriptor, before the engine gets the
-request: a killed process loses none. It reaches the disk as the batch-create records do, by ``fsync``, but off
+windows old (all past the keep), but for the tries still under way, written again in the new file (``UNDER``): a
+call may run for minutes. While a try is under way, a line every ``BEAT_S`` (and one at the stop) says the process
+lives: a try a crash cut is aged from it, not from its own line. A line is one ``write`` on an ``O_APPEND``
+descriptor, before the engine gets the request: a killed process loses none. It reaches the disk as the batch-create records do, by ``fsync``, but off
 the event loop, one ``fsync`` for all the lines written meanwhile: on the loop, each line cost every call the
 disk's latency (``benchmarks/bench_retry_log.py``), and the lines a power loss may cut before their ``fsync``
 are the last milliseconds' of a head node whose engine goes with it. A line cut by a power loss is skipped; a write that fails (a full disk) is logged and counted: the call goes on, its retry after a restart is
@@ -22,6 +24,7 @@ a new request, as without a state directory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -38,19 +41,25 @@ __all__ = ["KeptTries", "RetryLog", "replay"]
 log = logging.getLogger("smartbatch.endpoint")
 
 TRIED, ANSWERED, REFUSED = "try", "answered", "refused"
+UNDER = "under"  # a try still under way as its window's file is emptied, written again in the next (logrev)
+ALIVE = "alive"  # the process still lives (a beat while tries are under way, its stop): when they may be cut
+BEAT_S = 10.0  # real seconds between two ALIVE lines while a try is under way: a crash cuts it at most this before
 
 
 class RetryLog:
     """The two files of the log under ``root`` (see the module docstring). Single-threaded but for its ``fsync``,
     which runs in a worker thread on descriptors kept open for the log's life."""
 
-    def __init__(self, root: Path, clock: Callable[[], float] = time.time) -> None:
-        self._clock, self._paths = clock, (Path(root) / "retries-0.jsonl", Path(root) / "retries-1.jsonl")
+    def __init__(self, root: Path, clock: Callable[[], float] = time.time,
+                 under_way: Callable[[], list[tuple[str, str]]] = list, beat_s: float = BEAT_S) -> None:
+        self._clock, self._under_way = clock, under_way  # the (key, id) of the tries under way, oldest first
+        self._paths = (Path(root) / "retries-0.jsonl", Path(root) / "retries-1.jsonl")
         self._fds: tuple[int, ...] = ()
         self._window = 0
         self.write_errors = 0
         self._dirty: set[int] = set()  # descriptors written since their last fsync
         self._syncing: asyncio.Future | None = None
+        self._beat_s, self._beating = beat_s, None  # the timer of the next beat (asyncio.TimerHandle)
         self._encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode  # built once: 4x faster
 
     def __repr__(self) -> str:
@@ -87,22 +96,41 @@ class RetryLog:
         return lines
 
     def note(self, event: str, tenant: str, key: str, rid: str) -> None:
-        if not self._fds:
-            return
+        if self._fds and (fd := self._write(event, tenant, key, rid)) is not None:
+            self._dirty.add(fd)
+            self._sync_soon()
+            if self._beating is None:
+                with contextlib.suppress(RuntimeError):  # no loop (a unit test): no beat
+                    self._beating = asyncio.get_running_loop().call_later(self._beat_s, self.beat)
+
+    def beat(self) -> None:
+        """While a try is under way: a line saying the process lives. A crash (a replica's actor killed) writes
+        no stop, and a quiet replica's last line may be the try's own, minutes old: its retry after the restart
+        found it past the keep, a new request paid again (logrev)."""
+        self._beating = None
+        if self._fds and self._under_way():
+            self.note(ALIVE, "", "", "")  # (and the next beat)
+
+    def _write(self, event: str, tenant: str, key: str, rid: str) -> int | None:
         now = self._clock()
-        line = self._encode({"e": event, "t": tenant, "k": key, "id": rid, "at": round(now, 3)}
-                            ).encode("utf-8", "surrogatepass") + b"\n"
+        line = self._line(event, tenant, key, rid, now)
         try:
             if (window := int(now // ANSWERED_KEEP_S)) > self._window:  # time going back keeps the file it had
                 self._window = window
                 os.ftruncate(self._fds[window % 2], 0)  # its lines are of window - 2 or before: all past the keep
+                # But for the tries still under way: a call may outlive a window (a deadline of 600 s), and its
+                # retry after a restart must find it as the table does; written again, in the table's order.
+                line = b"".join(self._line(UNDER, "", k, r, now) for k, r in self._under_way()) + line
             fd = self._fds[self._window % 2]
             os.write(fd, line)
         except OSError as exc:
             self._failed(exc)
-            return
-        self._dirty.add(fd)
-        self._sync_soon()
+            return None
+        return fd
+
+    def _line(self, event: str, tenant: str, key: str, rid: str, now: float) -> bytes:
+        return self._encode({"e": event, "t": tenant, "k": key, "id": rid, "at": round(now, 3)}
+                            ).encode("utf-8", "surrogatepass") + b"\n"
 
     def _sync_soon(self) -> None:
         if self._syncing is not None or not self._dirty:
@@ -139,6 +167,11 @@ class RetryLog:
     async def close(self) -> None:
         while self._syncing is not None:  # its descriptors stay open until it is done (and the next, which
             await asyncio.shield(self._syncing)  # its end may have started for the lines written meanwhile)
+        if self._beating is not None:
+            self._beating.cancel()
+            self._beating = None
+        if self._fds and (fd := self._write(ALIVE, "", "", "")) is not None:  # when the tries under way were cut
+            self._dirty.add(fd)
         fds, self._fds = self._fds, ()
         self._sync(self._take_dirty())
         for fd in fds:
@@ -149,25 +182,28 @@ def replay(lines: list[dict[str, Any]], now: float) -> list[tuple[str, str, floa
     """What the table held at the end of ``lines`` (oldest first), replayed through ``SdkRetries`` itself on their
     clock: ``(key, request id, age in seconds)`` of each try within ``ANSWERED_KEEP_S``, each content's in the
     order of its tries. A try still under way when the lines end was cut by the restart: its client lost the
-    connection then, so its age counts from the last line (the last sign of the process's life)."""
+    connection then, so its age counts from the last line (the last sign of the process's life: a beat, its stop). A try whose own line went with its file (under way longer than a window) is known by its later
+    lines. The wall clock stepped back across the restart (NTP) makes a try answered just before it younger than
+    0 s: taken as just answered."""
     at = [now]
     table = SdkRetries(clock=lambda: at[0])
+    seen: set[str] = set()
     for line in lines:
         at[0] = line["at"]
-        key, rid = line.get("k"), line.get("id")
-        if not isinstance(key, str) or not isinstance(rid, str):
-            continue
-        {TRIED: table.tried, ANSWERED: table.answered, REFUSED: table.refused}.get(line.get("e"), _skip)(key, rid)
+        key, rid, event = line.get("k"), line.get("id"), line.get("e")
+        if not isinstance(key, str) or not isinstance(rid, str) or event not in (TRIED, UNDER, ANSWERED, REFUSED):
+            continue  # a sign of life, or a line of an event this version does not know
+        if event == TRIED or rid not in seen:
+            seen.add(rid)
+            table.tried(key, rid)
+        if event in (ANSWERED, REFUSED):
+            (table.answered if event == ANSWERED else table.refused)(key, rid)
     out = []
     for key, rid, answered_at in table.kept():
         age = now - (at[0] if answered_at is None else answered_at)
-        if 0 <= age < ANSWERED_KEEP_S:
-            out.append((key, rid, age))
+        if -ANSWERED_KEEP_S < age < ANSWERED_KEEP_S:
+            out.append((key, rid, max(age, 0.0)))
     return out
-
-
-def _skip(key: str, rid: str) -> None:
-    """A line of an event this version does not know."""
 
 
 class KeptTries:
@@ -184,7 +220,7 @@ class KeptTries:
         """At the endpoint's start: the tries kept under ``root`` (the state directory) back in the table."""
         if root is None:
             return
-        self.log = RetryLog(root, clock)
+        self.log = RetryLog(root, clock, lambda: [(key, rid) for key, rid, at in self.table.kept() if at is None])
         for key, rid, age in replay(self.log.open(), clock()):
             self.table.remember(key, rid, age)
 

@@ -228,6 +228,7 @@ def test_the_log_keeps_two_windows_at_most_and_skips_a_cut_line(tmp_path):
         log.note("try", "acme", "k", f"req_{i}")
         wall.now += 10.0
     asyncio.run(log.close())
+    wall.now += 10.0  # the restart, 10 s after the stop's line
     lines = [json.loads(raw) for p in sorted(tmp_path.glob("retries-*.jsonl")) for raw in p.read_bytes().splitlines()]
     assert len(lines) <= 2 * 12 and {line["id"] for line in lines} >= {f"req_{i}" for i in range(48, 60)}
     with open(tmp_path / f"retries-{int(wall.now // ANSWERED_KEEP_S) % 2}.jsonl", "ab") as f:
@@ -237,3 +238,108 @@ def test_the_log_keeps_two_windows_at_most_and_skips_a_cut_line(tmp_path):
     asyncio.run(again.close())
     # The tries of "k" a table keeps (PER_CONTENT), latest last: the one a retry takes, 10 s after its last sign.
     assert [(rid, age) for _, rid, age in got] == [(f"req_{i}", 10.0) for i in range(60 - PER_CONTENT, 60)]
+
+
+# -- a review (stop 73, logrev): tries longer than a window of the log, and a quiet replica's restart -------------
+def _tries(tmp_path, wall: Wall) -> KeptTries:
+    tries = KeptTries(SdkRetries(clock=wall))
+    tries.resume(tmp_path, wall)
+    return tries
+
+
+def test_a_try_under_way_longer_than_two_windows_is_taken_by_its_retry_after_a_restart(tmp_path):
+    """A generation with a long deadline (the SDKs wait 600 s) under way while the log turns its files twice: its
+    try's line went with the file emptied, and its retry after a restart was a new request, paid again."""
+    wall = Wall(ANSWERED_KEEP_S * 1000 + 100)
+    ids = iter(f"req_{i}" for i in range(100))
+    fresh = lambda: next(ids)  # noqa: E731
+    before = _tries(tmp_path, wall)
+    long = before.request_id("acme", "k-long", sdk(0), fresh)
+    late = before.request_id("acme", "k-late", sdk(0), fresh)
+    for step in range(1, 4):  # other calls, one a window: the files are emptied in turn under the long tries
+        wall.now += ANSWERED_KEEP_S
+        if step == 2:  # answered at last, its retry's answer lost on the way (and the first line of its window)
+            before.answered("k-late", late)
+        if step == 3:  # early in the next window: that of its try's last line is emptied, "k-late" in its keep
+            wall.now -= 90
+        other = before.request_id("acme", f"k-{step}", sdk(0), fresh)
+        before.answered(f"k-{step}", other)
+    wall.now += 5  # the replica restarts, "k-long" still under way in the engine
+    asyncio.run(before.close())
+    after = _tries(tmp_path, wall)
+    assert after.request_id("acme", "k-long", sdk(1), fresh) == long
+    assert after.request_id("acme", "k-late", sdk(1), fresh) == late
+    asyncio.run(after.close())
+
+
+def test_a_try_a_restart_of_a_quiet_replica_cut_is_taken_by_its_retry(tmp_path):
+    """No line for a while before the restart (a quiet replica, one slow call): the age of the try it cut counted
+    from its try's own line, so its retry was a new request past 120 s of the try, however soon after the restart."""
+    wall = Wall()
+    ids = iter(f"req_{i}" for i in range(100))
+    fresh = lambda: next(ids)  # noqa: E731
+    before = _tries(tmp_path, wall)
+    slow = before.request_id("acme", "k", sdk(0), fresh)
+    wall.now += ANSWERED_KEEP_S + 60  # nothing else on the replica meanwhile
+    asyncio.run(before.close())  # the replica stops (its call cut)
+    wall.now += 2
+    after = _tries(tmp_path, wall)
+    assert after.request_id("acme", "k", sdk(1), fresh) == slow
+    asyncio.run(after.close())
+
+
+def test_a_wall_clock_stepped_back_at_the_restart_keeps_the_tries_just_answered(tmp_path):
+    """NTP steps the wall clock back a second across the restart: the tries answered just before were ahead of
+    the new clock, their age below 0, and dropped; their retries were new requests."""
+    wall = Wall()
+    ids = iter(f"req_{i}" for i in range(100))
+    fresh = lambda: next(ids)  # noqa: E731
+    before = _tries(tmp_path, wall)
+    done = before.request_id("acme", "k", sdk(0), fresh)
+    before.answered("k", done)
+    asyncio.run(before.close())
+    wall.now -= 1.0
+    after = _tries(tmp_path, wall)
+    assert after.request_id("acme", "k", sdk(1), fresh) == done
+    asyncio.run(after.close())
+
+
+def test_a_try_a_crash_of_a_quiet_replica_cut_is_taken_by_its_retry(tmp_path):
+    """As above, but the replica's actor is killed (no stop, no line at its end): the beats written while the try
+    was under way tell when the crash may have cut it."""
+    wall = Wall()
+    ids = iter(f"req_{i}" for i in range(100))
+    fresh = lambda: next(ids)  # noqa: E731
+    before = _tries(tmp_path, wall)
+    slow = before.request_id("acme", "k", sdk(0), fresh)
+    wall.now += ANSWERED_KEEP_S + 60
+    before.log.beat()  # the timer's (below), the last before the crash
+    wall.now += 3  # killed, and restarted
+    after = _tries(tmp_path, wall)
+    assert after.request_id("acme", "k", sdk(1), fresh) == slow
+    asyncio.run(after.close()), asyncio.run(before.close())
+
+
+def test_the_beats_run_while_a_try_is_under_way_and_stop_with_the_log(tmp_path):
+    async def life():
+        tries = KeptTries(SdkRetries())
+        tries.resume(tmp_path)
+        tries.log._beat_s = 0.0  # at the loop's next turn
+        beats = asyncio.get_running_loop().create_future()
+        beat = tries.log.beat
+
+        def first_beat() -> None:
+            tries.log._beat_s = 3600.0  # the next one far off: one beat in the file
+            beat()
+            beats.set_result(None)
+
+        tries.log.beat = first_beat
+        rid = tries.request_id("acme", "k", sdk(0), lambda: "req_slow")
+        await asyncio.wait_for(beats, WAIT_S)
+        assert tries.log._beating is not None  # under way: the next beat is set
+        tries.answered("k", rid)
+        await tries.close()
+        assert tries.log._beating is None
+        return [json.loads(raw)["e"] for p in sorted(tmp_path.glob("retries-*.jsonl")) for raw in p.read_bytes().splitlines()]
+
+    assert asyncio.run(life()) == ["try", "alive", "answered", "alive"]
