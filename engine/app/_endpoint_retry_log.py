@@ -67,12 +67,15 @@ class RetryLog:
 
     def open(self) -> list[dict[str, Any]]:
         """The lines kept, oldest first (a cut or foreign line skipped); from now on, lines are appended."""
-        lines = []
+        lines: list[dict[str, Any]] = []
+        cut: set[Path] = set()
         for path in self._paths:
             try:
                 data = path.read_bytes()
             except OSError:
                 continue
+            if data and not data.endswith(b"\n"):
+                cut.add(path)
             for raw in data.split(b"\n"):
                 try:
                     line = json.loads(raw)
@@ -87,6 +90,8 @@ class RetryLog:
         try:
             for path in self._paths:
                 fds.append(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+                if path in cut:  # a power loss cut its last line: the next is not glued to it (logrev)
+                    os.write(fds[-1], b"\n")
         except OSError as exc:  # the endpoint starts all the same, as without a state directory for these
             for fd in fds:
                 os.close(fd)

@@ -343,3 +343,19 @@ def test_the_beats_run_while_a_try_is_under_way_and_stop_with_the_log(tmp_path):
         return [json.loads(raw)["e"] for p in sorted(tmp_path.glob("retries-*.jsonl")) for raw in p.read_bytes().splitlines()]
 
     assert asyncio.run(life()) == ["try", "alive", "answered", "alive"]
+
+
+def test_a_line_written_after_a_cut_line_is_not_glued_to_it(tmp_path):
+    """A power loss cut the last line of a file; the restarted endpoint's first line in that file was appended to
+    the cut bytes, made one line that is no JSON, and skipped at the next restart: its try's retry paid again."""
+    wall = Wall()
+    with open(tmp_path / f"retries-{int(wall.now // ANSWERED_KEEP_S) % 2}.jsonl", "ab") as f:
+        f.write(b'{"e":"try","t":"acme","k":"k0","id":"req_cut","a')
+    ids = iter(f"req_{i}" for i in range(100))
+    fresh = lambda: next(ids)  # noqa: E731
+    before = _tries(tmp_path, wall)
+    slow = before.request_id("acme", "k", sdk(0), fresh)  # under way when the replica is killed
+    wall.now += 3
+    after = _tries(tmp_path, wall)
+    assert after.request_id("acme", "k", sdk(1), fresh) == slow
+    asyncio.run(after.close()), asyncio.run(before.close())
