@@ -217,6 +217,9 @@ class KeptTries:
 
     def __init__(self, table: SdkRetries) -> None:
         self.table, self.log = table, None
+        # The generations' tries under way (id -> key, oldest first), not the table's: it holds the batch and video
+        # creates' too, which their own records keep.
+        self._under: dict[str, str] = {}
 
     def __repr__(self) -> str:
         return f"KeptTries({self.table!r}, log={self.log!r})"
@@ -225,21 +228,25 @@ class KeptTries:
         """At the endpoint's start: the tries kept under ``root`` (the state directory) back in the table."""
         if root is None:
             return
-        self.log = RetryLog(root, clock, lambda: [(key, rid) for key, rid, at in self.table.kept() if at is None])
+        self.log = RetryLog(root, clock, lambda: [(key, rid) for rid, key in self._under.items()])
         for key, rid, age in replay(self.log.open(), clock()):
             self.table.remember(key, rid, age)
 
     def request_id(self, tenant: str, key: str, headers: Mapping[str, str], fresh: Callable[[], str]) -> str:
         rid = self.table.request_id(key, headers, fresh)
         if self.log is not None and retry_count(headers) is not None:
+            self._under.pop(rid, None)
+            self._under[rid] = key  # a retry's: the latest again
             self.log.note(TRIED, tenant, key, rid)
         return rid
 
     def answered(self, key: str, rid: str) -> None:
+        self._under.pop(rid, None)
         if self.table.answered(key, rid) and self.log is not None:
             self.log.note(ANSWERED, "", key, rid)
 
     def refused(self, key: str, rid: str) -> None:
+        self._under.pop(rid, None)
         if self.table.refused(key, rid) and self.log is not None:
             self.log.note(REFUSED, "", key, rid)
 

@@ -256,6 +256,7 @@ def test_a_try_under_way_longer_than_two_windows_is_taken_by_its_retry_after_a_r
     before = _tries(tmp_path, wall)
     long = before.request_id("acme", "k-long", sdk(0), fresh)
     late = before.request_id("acme", "k-late", sdk(0), fresh)
+    create = before.table.request_id("k-batch", sdk(0), fresh)  # a batch create's, kept by its batch's record
     for step in range(1, 4):  # other calls, one a window: the files are emptied in turn under the long tries
         wall.now += ANSWERED_KEEP_S
         if step == 2:  # answered at last, its retry's answer lost on the way (and the first line of its window)
@@ -269,6 +270,7 @@ def test_a_try_under_way_longer_than_two_windows_is_taken_by_its_retry_after_a_r
     after = _tries(tmp_path, wall)
     assert after.request_id("acme", "k-long", sdk(1), fresh) == long
     assert after.request_id("acme", "k-late", sdk(1), fresh) == late
+    assert after.table.request_id("k-batch", sdk(1), fresh) != create  # not this log's: not written again
     asyncio.run(after.close())
 
 
