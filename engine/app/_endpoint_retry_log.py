@@ -14,8 +14,8 @@ The log is append-only and bounded: two files, ``retries-0.jsonl`` and ``retries
 windows old (all past the keep), but for the tries still under way, written again in the new file (``UNDER``): a
 call may run for minutes. While a try is under way, a line every ``BEAT_S`` (and one at the stop) says the process
 lives: a try a crash cut is aged from it, not from its own line. A line is one ``write`` on an ``O_APPEND``
-descriptor, before the engine gets the request: a killed process loses none. It reaches the disk as the batch-create records do, by ``fsync``, but off
-the event loop, one ``fsync`` for all the lines written meanwhile: on the loop, each line cost every call the
+descriptor, before the engine gets the request: a killed process loses none. It reaches the disk as the
+batch-create records do, by ``fsync``, but off the event loop, one ``fsync`` for all the lines written meanwhile: on the loop, each line cost every call the
 disk's latency (``benchmarks/bench_retry_log.py``), and the lines a power loss may cut before their ``fsync``
 are the last milliseconds' of a head node whose engine goes with it. A line cut by a power loss is skipped; a write that fails (a full disk) is logged and counted: the call goes on, its retry after a restart is
 a new request, as without a state directory.
@@ -124,7 +124,7 @@ class RetryLog:
                 self._window = window
                 os.ftruncate(self._fds[window % 2], 0)  # its lines are of window - 2 or before: all past the keep
                 # But for the tries still under way: a call may outlive a window (a deadline of 600 s), and its
-                # retry after a restart must find it as the table does; written again, in the table's order.
+                # retry after a restart must find it as the table does; written again, oldest first.
                 line = b"".join(self._line(UNDER, "", k, r, now) for k, r in self._under_way()) + line
             fd = self._fds[self._window % 2]
             os.write(fd, line)
@@ -187,8 +187,8 @@ def replay(lines: list[dict[str, Any]], now: float) -> list[tuple[str, str, floa
     """What the table held at the end of ``lines`` (oldest first), replayed through ``SdkRetries`` itself on their
     clock: ``(key, request id, age in seconds)`` of each try within ``ANSWERED_KEEP_S``, each content's in the
     order of its tries. A try still under way when the lines end was cut by the restart: its client lost the
-    connection then, so its age counts from the last line (the last sign of the process's life: a beat, its stop). A try whose own line went with its file (under way longer than a window) is known by its later
-    lines. The wall clock stepped back across the restart (NTP) makes a try answered just before it younger than
+    connection then, so its age counts from the last line (the last sign of the process's life: a beat, its
+    stop). A try whose own line went with its file (under way longer than a window) is known by its later lines. The wall clock stepped back across the restart (NTP) makes a try answered just before it younger than
     0 s: taken as just answered."""
     at = [now]
     table = SdkRetries(clock=lambda: at[0])
