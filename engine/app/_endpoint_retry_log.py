@@ -170,8 +170,10 @@ class RetryLog:
                   "new request", self._paths[0].parent, exc)
 
     async def close(self) -> None:
-        while self._syncing is not None:  # its descriptors stay open until it is done (and the next, which
-            await asyncio.shield(self._syncing)  # its end may have started for the lines written meanwhile)
+        while (syncing := self._syncing) is not None:  # its descriptors stay open until it is done (and the
+            await asyncio.shield(syncing)  # next, which its end may have started for the lines written meanwhile)
+            if self._syncing is syncing:  # done, its callback (``_synced``) not run yet: awaiting a done future
+                await asyncio.sleep(0)  # yields nothing, and this loop spun for good (a stuck endpoint's stop)
         if self._beating is not None:
             self._beating.cancel()
             self._beating = None

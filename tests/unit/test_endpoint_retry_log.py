@@ -361,3 +361,28 @@ def test_a_line_written_after_a_cut_line_is_not_glued_to_it(tmp_path):
     after = _tries(tmp_path, wall)
     assert after.request_id("acme", "k", sdk(1), fresh) == slow
     asyncio.run(after.close()), asyncio.run(before.close())
+
+
+def test_a_close_that_finds_the_fsync_just_done_ends_and_does_not_spin():
+    """The worker thread's fsync can be done with its callback (``_synced``) not yet run when ``close`` looks:
+    awaiting a done future yields nothing, and ``close`` spun at full CPU for good (seen in
+    ``bench_retry_log.py``, 1 run in 3). Run on a thread of its own: on the code before, this test's loop never
+    yields, so no timeout inside it could end it."""
+    ended = threading.Event()
+
+    async def go(tmp: str) -> None:
+        log = RetryLog(tmp, lambda: 1000.0)
+        log.open()
+        log.note("try", "acme", "k", "req_0")
+        fut = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(log._synced)  # as ``_sync_soon`` does
+        log._syncing = fut
+        fut.set_result(None)  # done: its callback is scheduled, not run
+        await log.close()
+        ended.set()
+
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        threading.Thread(target=asyncio.run, args=(go(tmp),), daemon=True).start()
+        assert ended.wait(10.0), "close() did not end"
+
