@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 from fastapi import Request as HttpRequest
 
 from engine.app._endpoint_job import BatchJob
-from engine.app._endpoint_retries import ANSWERED_KEEP_S, RETRY_COUNT, SdkRetries
+from engine.app._endpoint_retries import ANSWERED_KEEP_S, RETRY_COUNT, SdkRetries, try_outcome
 from engine.app._endpoint_wire import ApiError, new_id, tenant_of
 
 __all__ = ["OnceCreated"]
@@ -53,7 +53,7 @@ class OnceCreated:
         key = SdkRetries.key(tenant_of(http.headers), route, content)
         bid = self.retries.request_id(key, http.headers, lambda: new_id(prefix))
         sdk = http.headers.get(RETRY_COUNT, "").isdigit()  # a try the table keeps: its key goes on record
-        try:
+        with try_outcome(self.retries, key, bid, ApiError):
             if (job := self.batches.get(bid)) is not None:
                 shown = show(job)
             else:
@@ -65,13 +65,6 @@ class OnceCreated:
                     task.add_done_callback(lambda t: t.cancelled() or t.exception())  # each waiter gets it
                 # Its answer as its create made it: the batch in_progress, before the collector runs.
                 shown = await asyncio.shield(task)  # a client that leaves cancels its wait, not the create
-        except ApiError:
-            self.retries.refused(key, bid)
-            raise
-        except BaseException:  # a bug's 500, or the client left: the create may have made the batch
-            self.retries.answered(key, bid)
-            raise
-        self.retries.answered(key, bid)
         return shown
 
     def _remember_create(self, job: BatchJob) -> None:

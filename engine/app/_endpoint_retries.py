@@ -22,6 +22,7 @@ and a video create (``_endpoint_videos``) take their ids from this table the sam
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -29,7 +30,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["ANSWERED_KEEP_S", "MAX_KEPT", "PER_CONTENT", "RETRY_COUNT", "SdkRetries", "retry_count"]
+__all__ = ["ANSWERED_KEEP_S", "MAX_KEPT", "PER_CONTENT", "RETRY_COUNT", "SdkRetries", "retry_count", "try_outcome"]
 
 RETRY_COUNT = "x-stainless-retry-count"
 ANSWERED_KEEP_S = 120.0  # real seconds a try's id outlives its answer: the SDKs back off 8 s at most (60 s on a
@@ -149,3 +150,20 @@ def retry_count(headers: Mapping[str, str]) -> int | None:
         return int(text) if text is not None else None
     except ValueError:
         return None
+
+
+@contextlib.contextmanager
+def try_outcome(tries: Any, key: str, rid: str, refused: type[BaseException] | tuple[type[BaseException], ...]):
+    """Record in ``tries`` (a ``SdkRetries``, or what wraps one) how the try ``rid`` of ``key`` ended: refused when
+    ``refused`` is raised (nothing was made: its retry is a call of its own), else answered, also when it broke (a
+    bug's 500, a client gone, the handler cancelled: the work may run on, billed, and its retry must take it; kept
+    for a while, not as under way for good)."""
+    try:
+        yield
+    except refused:
+        tries.refused(key, rid)
+        raise
+    except BaseException:
+        tries.answered(key, rid)
+        raise
+    tries.answered(key, rid)

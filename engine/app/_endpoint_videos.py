@@ -36,7 +36,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
 
 from engine.app._endpoint_job import cut_by_cancel
-from engine.app._endpoint_retries import ANSWERED_KEEP_S, RETRY_COUNT, SdkRetries
+from engine.app._endpoint_retries import ANSWERED_KEEP_S, RETRY_COUNT, SdkRetries, try_outcome
 from engine.app._endpoint_state import EndpointState
 from engine.app._endpoint_video_job import VideoJob, VideoProgress, param_of
 from engine.app._endpoint_wire import (
@@ -108,16 +108,8 @@ class VideoRoutes:
         once = SdkRetries.key(req.tenant, VIDEOS_URL, {**smartbatch_fields(http.headers), "body": body})
         vid = self.retries.request_id(once, http.headers, lambda: new_id("video_"))
         sdk = http.headers.get(RETRY_COUNT, "").isdigit()  # a try the table keeps: its key goes on record
-        try:
-            made = await self._create(req, None, vid, once if sdk else None)
-        except ApiError:
-            self.retries.refused(once, vid)
-            raise
-        except BaseException:  # a bug's 500, or the client left: the create may have made the video
-            self.retries.answered(once, vid)
-            raise
-        self.retries.answered(once, vid)
-        return made
+        with try_outcome(self.retries, once, vid, ApiError):
+            return await self._create(req, None, vid, once if sdk else None)
 
     async def _create(self, req: Request, key: str | None, vid: str, retry_key: str | None = None) -> JSONResponse:
         """The video ``vid`` of create ``req`` (``key``: the caller's name of it; ``retry_key``: what an SDK's retry

@@ -71,7 +71,7 @@ from engine.app._endpoint_keys import EndpointKeys
 from engine.app._endpoint_messages import AnthropicError, in_anthropic_shape, message_events, messages_body
 from engine.app._endpoint_models import anthropic_caller, models_router
 from engine.app._endpoint_responses_stream import response_events, responses_stream_wanted
-from engine.app._endpoint_retries import SdkRetries
+from engine.app._endpoint_retries import SdkRetries, try_outcome
 from engine.app._endpoint_retry_log import KeptTries
 from engine.app._endpoint_stream import sse_chunks, stream_wanted
 from engine.app._endpoint_videos import VideoRoutes
@@ -191,16 +191,8 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
         tenant = fields.get("tenant", "default")
         key = retries.key(tenant, url, {**fields, "body": body, "n": n})
         d = {"id": tries.request_id(tenant, key, http.headers, lambda: new_id("req_")), **fields, "body": body}
-        try:
-            done = await _generation(d, url, n, came)
-        except ApiError:
-            tries.refused(key, d["id"])
-            raise
-        except BaseException:  # a bug's 500, or the handler cancelled: the request may run on, and its retry take it
-            tries.answered(key, d["id"])  # kept for a while, not as under way for good (it was, until pushed out)
-            raise
-        tries.answered(key, d["id"])
-        return done
+        with try_outcome(tries, key, d["id"], ApiError):
+            return await _generation(d, url, n, came)
 
     async def _generation(d: dict[str, Any], url: str, n: int,
                           came: dict[str, str] | None) -> tuple[dict, dict[str, str]]:
