@@ -159,6 +159,7 @@ class GeminiProvider(OpenAIProvider):
         stats = (handle.batch.get("metadata") or {}).get("batchStats") or {}
         answered = sum(int(stats.get(k) or 0) for k in ("successfulRequestCount", "failedRequestCount"))
         if len(responses) < answered:  # a finished member left unread would be sent again, paid twice
+            handle.output = None  # read again by the next try's poll: kept, every try re-checked this short answer
             raise ProviderError(f"{self.name}: batch {handle.id}: {len(responses)} response(s) read of the "
                                 f"{answered} it answered; read again")
         if state == "BATCH_STATE_FAILED":

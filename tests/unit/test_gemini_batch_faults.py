@@ -1,0 +1,121 @@
+"""Faults of Gemini 2.5 Flash Image's native batches (``actors/providers/gemini_http.py``) found by a review: a
+read of an ended batch that came back short is read again, not taken again from the same short answer; a native
+batch survives the dispatcher's death, before or after its create was answered, re-attached (found by its display
+name, or by its journaled handle), never created again, every member billed once."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from actors import Dispatcher
+from actors.providers.gemini_http import NativeHandle
+from engine.core.provider_api import Secret
+from tests.unit.test_gemini_batch import assert_native_member, billed, emu, jobs_of  # noqa: F401 - a fixture
+from tests.unit.test_http_providers import KEY, Rig, _create_then_die, batch_key
+
+CREATE = "gemini.batches.create"
+
+
+def short_first_read(rig: Rig) -> list[str]:
+    """The first read of an ended native batch answers one response fewer than it holds (a read the batch's own
+    ``batchStats`` shows short); later reads answer it whole. The keys dropped are in the list returned."""
+    native = rig.d.provider._native
+    inner, dropped = native.get, []
+
+    async def get(path: str, **kw: Any) -> Any:
+        op = await inner(path, **kw)
+        out = (op.get("metadata") or {}).get("output") if isinstance(op, dict) else None
+        if out is not None and not dropped:
+            gone = out["inlinedResponses"]["inlinedResponses"].pop()
+            op.get("response", {}).get("inlinedResponses", {}).get("inlinedResponses", [None]).pop()
+            dropped.append(gone["metadata"]["key"])
+        return op
+
+    native.get = get
+    return dropped
+
+
+def test_a_short_read_of_an_ended_native_batch_is_read_again_and_no_member_goes_sync(emu):  # noqa: F811
+    """The read of the ended batch holds fewer responses than its ``batchStats`` answered: the fetch refuses it
+    ("read again") and the dispatcher tries again. Before, the next try re-checked the same short answer kept on
+    the handle (only a handle with no answer was polled again), failed five times, and every member, finished
+    and billed, went back to be sent sync: each paid twice."""
+    jobs = jobs_of()
+
+    async def go():
+        rig = Rig(emu, "google")
+        dropped = short_first_read(rig)
+        try:
+            await rig.reserve(jobs)
+            await rig.run("batch_api", jobs)
+            await rig.resolved(jobs, timeout_s=20.0)
+            assert len(dropped) == 1
+            assert rig.grouper.readmitted() == [] and rig.calls == [] and rig.d.paid_twice == 0
+            got = billed(emu)
+            assert set(got) == {batch_key(j) for j in jobs}
+            for j in jobs:
+                assert_native_member(rig.results[j.req.id], j, got[batch_key(j)])
+            assert emu.count(CREATE) == 1
+            await rig.settled_to(emu.bill().total_usd)
+        finally:
+            await rig.close()
+    asyncio.run(go())
+
+
+def _on_handle_journaled(rig: Rig) -> asyncio.Future:
+    """A future set to the batch's handle once the dispatcher's journal has taken the record holding it."""
+    inner, fut = rig.d.journal.put, asyncio.get_running_loop().create_future()
+
+    async def put(space: str, key: str, rec: Any) -> None:
+        await inner(space, key, rec)
+        if space == rig.d._space and rec[4] is not None and not fut.done():
+            fut.set_result(rec[4])
+
+    rig.d.journal.put = put
+    return fut
+
+
+def _restarted(rig: Rig) -> Dispatcher:
+    return Dispatcher("google", rig.catalog, rig.settings, 0, rig.clock, [rig.grouper], rig.hub, None, rig.budget,
+                      key=Secret(KEY))
+
+
+@pytest.mark.parametrize("answered", [False, True], ids=["create-cut", "create-answered"])
+def test_a_native_batch_outlives_the_dispatchers_death_re_attached_never_created_again(emu, answered):  # noqa: F811
+    """The dispatcher dies after its create reached Google: before its answer (the batch is found by its display
+    name, the journal key) or after it (its ``NativeHandle`` read back from the journal, without the images it
+    holds once ended). Restarted, it follows that batch; every member is answered from it, billed once."""
+    jobs = jobs_of()
+
+    async def go():
+        rig = Rig(emu, "google")
+        try:
+            if answered:
+                put = _on_handle_journaled(rig)
+                await rig.reserve(jobs)
+                await rig.run("batch_api", jobs)
+                await asyncio.wait_for(put, 10.0)
+                for t in list(rig.d._tasks):
+                    t.cancel()
+                (rec,) = (await rig.d.journal.items(rig.d._space)).values()
+                assert isinstance(rec[4], NativeHandle) and rec[4].output is None  # read back, no images kept
+            else:
+                await _create_then_die(rig, emu, jobs, CREATE)
+            d2 = _restarted(rig)
+            assert await d2.recover() == 1
+            assert await d2.recall([j.req.uid for j in jobs]) == [j.req.uid for j in jobs]
+            await rig.resolved(jobs, timeout_s=20.0)
+            assert rig.grouper.readmitted() == [] and emu.count("images.generations") == 0
+            got = billed(emu)
+            assert set(got) == {batch_key(j) for j in jobs}
+            for j in jobs:
+                assert_native_member(rig.results[j.req.id], j, got[batch_key(j)])
+            assert emu.count(CREATE, status=200) == 1  # found or re-attached, never created again
+            await rig.until(lambda: not d2._open, "the batch left the journal")
+            await d2.provider.close()
+        finally:
+            await rig.close()
+    asyncio.run(go())
