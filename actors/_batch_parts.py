@@ -40,16 +40,19 @@ def file_parts(jobs: list[Job], limit_mb: float | None, cpt: float) -> list[list
     margin covers what the provider's body adds to a request: model, caps, the line's own fields). A
     request is weighed by its body or prompt as JSON, and at least by its input tokens as text, which is
     what a request sent at its recorded size sends (``message_parts``): that text holds its prompt, whose
-    characters past ASCII and JSON escapes weigh more than a byte each."""
+    characters past ASCII and JSON escapes weigh more than a byte each. An image's body that names no prompt is
+    sent with the request's own beside it (``OpenAIProvider.body``, ``GeminiProvider.inline_request``): both."""
     if limit_mb is None:
         return [jobs]
     limit = 0.95 * limit_mb * 2**20
 
     def weight(j: Job) -> float:
         r = j.req
-        raw = json.dumps(r.body if r.body is not None else r.prompt, ensure_ascii=False)
-        extra = len(json.dumps(r.prompt, ensure_ascii=False).encode()) - len(r.prompt)
-        return max(len(raw.encode()), r.input_tokens * cpt + extra) + LINE_OVERHEAD
+        prompt = len(json.dumps(r.prompt, ensure_ascii=False).encode())
+        raw = len(json.dumps(r.body if r.body is not None else r.prompt, ensure_ascii=False).encode())
+        if r.kind == "image" and isinstance(r.body, dict) and not isinstance(r.body.get("prompt"), str):
+            raw += prompt  # its declared input_tokens need not cover it (a trace's recorded size)
+        return max(raw, r.input_tokens * cpt + prompt - len(r.prompt)) + LINE_OVERHEAD
 
     return cut(jobs, weight, limit)
 

@@ -6,14 +6,28 @@ name, or by its journaled handle), never created again, every member billed once
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
 
 from actors import Dispatcher
-from actors.providers.gemini_http import NativeHandle
-from engine.core.provider_api import Secret
-from tests.unit.test_gemini_batch import assert_native_member, billed, emu, jobs_of  # noqa: F401 - a fixture
+from actors._batch_parts import file_parts
+from actors._types import Job
+from actors.providers.gemini_http import GeminiProvider, NativeHandle
+from engine.core.provider_api import CallJob, Secret
+from engine.core.request import Request, validation_context
+from engine.core.settings import ProviderEndpoint
+from engine.emulator._gemini_batch import INLINE_LIMIT_BYTES
+from tests.unit.test_gemini_batch import (  # noqa: F401 - emu: a fixture
+    CAT,
+    NANO,
+    assert_native_member,
+    billed,
+    emu,
+    jobs_of,
+    live,
+)
 from tests.unit.test_http_providers import KEY, Rig, _create_then_die, batch_key
 
 CREATE = "gemini.batches.create"
@@ -119,3 +133,23 @@ def test_a_native_batch_outlives_the_dispatchers_death_re_attached_never_created
         finally:
             await rig.close()
     asyncio.run(go())
+
+
+def test_a_prompt_sent_beside_a_body_that_omits_it_is_weighed_so_no_create_passes_the_inline_limit():
+    """An image request may give its prompt as the request's ``prompt`` beside a body that names no prompt
+    (``{"model", "size"}``), and declare fewer ``input_tokens`` than its text holds (a trace's recorded size):
+    the create sends that prompt (``inline_request``; OpenAI's line too, ``OpenAIProvider.body``). Before, its
+    weight was the body's JSON and the declared tokens' text: 197 such members of 100,000 characters rode one create
+    of 39,435,224 bytes, which Google refuses past 20 MB, every member then sent sync at twice the price."""
+    p = GeminiProvider("google", CAT, live(), ProviderEndpoint(api="openai", base_url="http://127.0.0.1:9/google/v1",
+                                                               api_key_env="X"), Secret("k"), None)
+    req = Request.model_validate({"id": "i", "arrival_s": 0.0, "model": NANO, "prompt": "\u00e9\"" * 50_000,
+                                  "input_tokens": 10, "body": {"model": NANO, "size": "1024x1024"}},
+                                 context=validation_context(CAT, live()))
+    jobs = [Job(i, req.model_copy(update={"id": f"i{i}"}), f"fp-{i}", claim=f"c{i}") for i in range(200)]
+    parts = file_parts(jobs, CAT.provider("google").batch_api.media_max_mb, live().chars_per_token)
+    assert len(parts) > 1 and sum(map(len, parts)) == len(jobs)
+    for part in parts:
+        body = {"batch": {"displayName": "sb-0123456789abcdef-01234567#12", "inputConfig": {"requests": {
+            "requests": [p.inline_request(CallJob(batch_key(j), j.req, 0.0, 0, 0)) for j in part]}}}}
+        assert len(json.dumps(body, ensure_ascii=False).encode()) < INLINE_LIMIT_BYTES
