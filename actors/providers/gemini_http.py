@@ -30,6 +30,9 @@ log = logging.getLogger("smartbatch.providers")
 
 _ENDED = frozenset({"BATCH_STATE_SUCCEEDED", "BATCH_STATE_FAILED", "BATCH_STATE_CANCELLED", "BATCH_STATE_EXPIRED"})
 _FINAL_CODES = frozenset({3, 7, 9})  # google.rpc INVALID_ARGUMENT, PERMISSION_DENIED, FAILED_PRECONDITION
+# What a lookup reads of each listed batch (Google's ``fields`` system parameter, a partial response): an ended
+# one's operation holds its images, twice (``metadata.output`` and ``response``), and a page of 100 held them all.
+_LISTED = "operations(name,metadata(displayName,state)),nextPageToken"
 
 
 class NativeHandle(BatchHandle):
@@ -91,11 +94,15 @@ class GeminiProvider(OpenAIProvider):
                                          cast_to=object, options=self._opts)
         return self._native_handle(op, jobs)
 
-    def _native_handle(self, op: Any, jobs: Sequence[CallJob]) -> NativeHandle:
+    def _native_handle(self, op: Any, jobs: Sequence[CallJob], whole: bool = True) -> NativeHandle:
+        """``whole``: ``op`` is the batch as read whole; a lookup's (``_LISTED``) is not, and its responses are read
+        by a poll (an ended batch's output taken from it would be none: every member sent again)."""
         if not isinstance(op, dict) or not isinstance(op.get("name"), str):
             raise ProviderError(f"{self.name}: a batch create was answered without a batch name")
         handle = NativeHandle(op["name"], jobs, PollBackoff(self.endpoint.poll_min_s, self.endpoint.poll_max_s))
         self._keep(handle, op)
+        if not whole:
+            handle.output = None
         return handle
 
     def _keep(self, handle: NativeHandle, op: dict) -> None:
@@ -112,12 +119,12 @@ class GeminiProvider(OpenAIProvider):
         token, seen = None, 0
         with self._refused("batch lookup"):
             while seen < FIND_SCAN:
-                page = await self._native.get("v1beta/batches", cast_to=object, options={
-                    **self._opts, "params": {"pageSize": 100, **({"pageToken": token} if token else {})}})
+                page = await self._native.get("v1beta/batches", cast_to=object, options={**self._opts, "params": {
+                    "pageSize": 100, "fields": _LISTED, **({"pageToken": token} if token else {})}})
                 ops = (page.get("operations") or []) if isinstance(page, dict) else []
                 for op in ops:
                     if (op.get("metadata") or {}).get("displayName") == ref and op.get("name") not in known:
-                        return self._native_handle(op, jobs)
+                        return self._native_handle(op, jobs, whole=False)
                 seen += len(ops)
                 token = page.get("nextPageToken") if isinstance(page, dict) else None
                 if not token or not ops:

@@ -19,7 +19,9 @@ requests while "the total request size stays under 20 MB", "50% of the standard 
 ASSUMPTIONS (not in what could be read): a create body over 20 MiB is a 400 in Google's generic words; a cancelled or
 expired batch gives the responses of the members that finished (the others absent), as OpenAI's and Anthropic's
 do; the state stays ``RUNNING`` during the emulator's ``cancel_s`` (Google names no cancelling state); ``done`` and
-``response`` (the output again, as the guide's REST example reads it) once the batch has ended.
+``response`` (the output again, as the guide's REST example reads it) once the batch has ended. The list honours
+the ``fields`` system parameter Google's APIs share (a partial response, ``_parse_mask``), as the engine's lookup
+asks it for names and states alone.
 
 Timing, failures and expiry are the OpenAI batches' (``Schedule``, ``draw_turnaround``, ``fail_members``,
 ``expire_batches``); each member that succeeds is billed once, at the catalog's batch price (mode ``batch_api``)."""
@@ -233,6 +235,61 @@ def _cancel(ctx: Ctx) -> Reply:
         return json_reply("google", 200, {}, ctx.request_id)
 
 
+def _mask(value: Any, paths: dict[str, Any] | None) -> Any:
+    """``value`` cut to the field mask ``paths`` (``_parse_mask``); a list's items each. None: all of it."""
+    if paths is None:
+        return value
+    if isinstance(value, list):
+        return [_mask(v, paths) for v in value]
+    if not isinstance(value, dict):
+        return value
+    return {k: _mask(value[k], sub) for k, sub in paths.items() if k in value}
+
+
+def _parse_mask(text: str) -> dict[str, Any]:
+    """Google's ``fields`` system parameter (a partial response: ``a,b(c,d(e)),f.g``) as nested paths, a leaf None
+    (all of it). Unbalanced parentheses are a 400, as a mask Google cannot read."""
+    pos = 0
+
+    def merge(tree: dict[str, Any], parts: list[str], sub: dict[str, Any] | None) -> None:
+        head, rest = parts[0], parts[1:]
+        if head in tree and tree[head] is None:  # all of it already
+            return
+        if rest:
+            merge(tree.setdefault(head, {}), rest, sub)
+        elif sub is None:
+            tree[head] = None
+        else:
+            node = tree.setdefault(head, {})
+            for k, v in sub.items():
+                merge(node, [k], v)
+
+    def group(depth: int) -> dict[str, Any]:
+        nonlocal pos
+        out: dict[str, Any] = {}
+        while True:
+            start = pos
+            while pos < len(text) and text[pos] not in ",()":
+                pos += 1
+            path, sub = text[start:pos].strip(), None
+            if pos < len(text) and text[pos] == "(":
+                pos += 1
+                sub = group(depth + 1)
+            if path:
+                merge(out, path.split("."), sub)
+            if pos >= len(text):
+                if depth:
+                    raise _bad(f"fields {text!r}: a '(' is not closed", "fields")
+                return out
+            pos += 1
+            if text[pos - 1] == ")":
+                if not depth:
+                    raise _bad(f"fields {text!r}: a ')' closes nothing", "fields")
+                return out
+
+    return group(0)
+
+
 def _list(ctx: Ctx) -> Reply:
     """Newest first, ``pageSize`` (1 to 100, default 20) after ``pageToken`` (a batch's name)."""
     try:
@@ -254,7 +311,8 @@ def _list(ctx: Ctx) -> Reply:
         out: dict[str, Any] = {"operations": [b.view(now) for b in page]}
         if len(mine) > size:
             out["nextPageToken"] = page[-1].id
-        return json_reply("google", 200, out, ctx.request_id)
+        fields = ctx.params.get("fields")  # a partial response: a page of ended batches without their images
+        return json_reply("google", 200, _mask(out, _parse_mask(fields) if fields else None), ctx.request_id)
 
 
 ROUTES: list[Route] = [

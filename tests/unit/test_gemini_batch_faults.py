@@ -15,6 +15,7 @@ from actors import Dispatcher
 from actors._batch_parts import file_parts
 from actors._types import Job
 from actors.providers.gemini_http import GeminiProvider, NativeHandle
+from engine.core.clock import ManualClock
 from engine.core.provider_api import CallJob, Secret
 from engine.core.request import Request, validation_context
 from engine.core.settings import ProviderEndpoint
@@ -28,7 +29,7 @@ from tests.unit.test_gemini_batch import (  # noqa: F401 - emu: a fixture
     jobs_of,
     live,
 )
-from tests.unit.test_http_providers import KEY, Rig, _create_then_die, batch_key
+from tests.unit.test_http_providers import KEY, Rig, T, _create_then_die, batch_key
 
 CREATE = "gemini.batches.create"
 
@@ -153,3 +154,43 @@ def test_a_prompt_sent_beside_a_body_that_omits_it_is_weighed_so_no_create_passe
         body = {"batch": {"displayName": "sb-0123456789abcdef-01234567#12", "inputConfig": {"requests": {
             "requests": [p.inline_request(CallJob(batch_key(j), j.req, 0.0, 0, 0)) for j in part]}}}}
         assert len(json.dumps(body, ensure_ascii=False).encode()) < INLINE_LIMIT_BYTES
+
+
+def test_a_lookup_reads_no_images_and_the_batch_it_finds_is_read_whole_by_its_poll(emu):  # noqa: F811
+    """A lost create's lookup lists the account's batches (``GET v1beta/batches``, 100 a page): an ended one's
+    operation holds its images, twice (``metadata.output`` and ``response``), so a page held every listed batch's
+    images at once (batches each cut at ``batch_results_max_mb``, 512 MB). It now asks for a partial response (Google's
+    ``fields`` system parameter): names, display names and states. The batch found is read whole by its poll, each
+    member answered from it."""
+    everyone = [CallJob(batch_key(j), j.req, 0.0, 0, 0) for j in jobs_of(4)]
+    cjobs, others = everyone[:3], everyone[3:]
+    clock = ManualClock(1000.0)
+    emu.follow(clock)  # the emulator on a clock the test moves: no wait for the batches' turnaround
+
+    async def go():
+        rig = Rig(emu, "google")
+        p = rig.d.provider
+        inner, pages = p._native.get, []
+
+        async def get(path: str, **kw: Any) -> Any:
+            out = await inner(path, **kw)
+            if path == "v1beta/batches":
+                pages.append(json.dumps(out))
+            return out
+
+        p._native.get = get
+        try:
+            other = await p.submit_batch(others, None, "ref-other")  # another batch, ended beside it
+            made = await p.submit_batch(cjobs, None, "ref-lost")
+            clock.advance(3 * T)
+            found = await p.find_batch(cjobs, "ref-lost", frozenset({other.id}))
+            assert found is not None and found.id == made.id and found.output is None
+            assert pages and not any("inlineData" in page for page in pages)
+            assert (await p.poll(found)).status == "ended"
+            return await p.fetch(found)
+        finally:
+            await rig.close()
+
+    out = asyncio.run(go())
+    assert set(out) == {cj.key for cj in cjobs} and all(o.ok for o in out.values())
+    assert set(billed(emu)) == {cj.key for cj in everyone}
