@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
-from actors.providers._wire import billing_refusal, error_of, error_text, redact, retry_after
+from actors.providers._wire import billing_refusal, error_of, error_text, quota_message, redact, retry_after
 from engine.core.catalog import Catalog
 from engine.core.cost import Mode, cached_blocks, min_cacheable_tokens, price_usage, reserve_bound
 from engine.core.errors import ProviderError
@@ -58,13 +58,6 @@ def _key_reused(code: int, exc: BaseException) -> bool:
 # The SDK's own options, not fields of the body: a body key of that name is a field, sent on the wire (a body
 # 'timeout' was taken as the client's timeout, and a body 'extra_body' was overwritten).
 _OPTIONS = frozenset({"self", "extra_headers", "extra_query", "extra_body", "timeout"})
-
-
-def quota_message(name: str, status: int, said: str, msg: str) -> str:
-    """A billing refusal's error, naming the cause and the fix."""
-    return (f"{name} HTTP {status} {said}: {msg[:300]} -- the provider account is out of credit or past its spend "
-            "limit: add credit or raise the limit in the provider's billing settings (check the plan), then submit "
-            "again; not retried, and billed nothing")
 
 
 class Unreadable(Exception):
@@ -233,9 +226,15 @@ class HttpBase:
     def _refused(self, what: str) -> Iterator[None]:
         """An SDK error of a batch call (which the dispatcher catches and logs) as a ``ProviderError`` whose text
         cannot show the key: a provider's error may quote the key it was sent. ``from None``: the SDK error,
-        unredacted, must not ride along as the cause either (a traceback would print it)."""
+        unredacted, must not ride along as the cause either (a traceback would print it). An answer that could not be
+        read (cut short, not JSON) came from a call that ran: ``maybe_done``, so a create's batch is looked for."""
         try:
             yield
+        except ValueError as exc:  # json.JSONDecodeError, or a shape the SDK's models refuse
+            err = ProviderError(f"{self.name}: {what}: its answer could not be read: {type(exc).__name__}: "
+                                f"{self._redact(str(exc))[:200]}")
+            err.maybe_done = True
+            raise err from None
         except self._sdk.APIError as exc:
             err = ProviderError(f"{self.name}: {what} failed: {type(exc).__name__}: {self._redact(error_text(exc))}")
             # Timeouts are connection errors; a connection never made (refused) sent nothing.

@@ -21,13 +21,20 @@ from typing import Any
 
 from engine.core.request import Request, split_body
 
-__all__ = ["billing_refusal", "error_message", "error_of", "error_text", "message_parts", "paced", "redact",
-           "retry_after", "tokens"]
+__all__ = ["billing_refusal", "error_message", "error_of", "error_text", "message_parts", "paced", "quota_message",
+           "redact", "retry_after", "tokens"]
 
 # OpenAI's and Anthropic's keys (sk-...), and Google's (AIza and 35 more).
 _KEYLIKE = re.compile(r"(sk-(?:proj-|ant-)?[A-Za-z0-9_\-]{6,}|AIza[A-Za-z0-9_\-]{35})")
 _WORDS = ("alpha", "bravo", "cobalt", "delta", "ember", "fjord", "garnet", "harbor", "indigo", "juniper",
           "kestrel", "lumen", "meadow", "nimbus", "onyx", "prairie", "quartz", "river", "saffron", "tundra")
+
+
+def quota_message(name: str, status: int, said: str, msg: str) -> str:
+    """A billing refusal's error, naming the cause and the fix."""
+    return (f"{name} HTTP {status} {said}: {msg[:300]} -- the provider account is out of credit or past its spend "
+            "limit: add credit or raise the limit in the provider's billing settings (check the plan), then submit "
+            "again; not retried, and billed nothing")
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
