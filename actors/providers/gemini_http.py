@@ -30,9 +30,11 @@ log = logging.getLogger("smartbatch.providers")
 
 _ENDED = frozenset({"BATCH_STATE_SUCCEEDED", "BATCH_STATE_FAILED", "BATCH_STATE_CANCELLED", "BATCH_STATE_EXPIRED"})
 _FINAL_CODES = frozenset({3, 7, 9})  # google.rpc INVALID_ARGUMENT, PERMISSION_DENIED, FAILED_PRECONDITION
-# What a lookup reads of each listed batch (Google's ``fields`` system parameter, a partial response): an ended
-# one's operation holds its images, twice (``metadata.output`` and ``response``), and a page of 100 held them all.
+# What a lookup reads of each listed batch, and a poll of its batch (Google's ``fields`` system parameter, a partial
+# response): an ended batch's operation holds its images, twice (``metadata.output`` and ``response``). A page of 100
+# held them all; a poll that saw the end held them outside the dispatcher's results slot (``fetch`` reads them whole).
 _LISTED = "operations(name,metadata(displayName,state)),nextPageToken"
+_POLLED = "name,done,error,metadata(displayName,state,batchStats)"
 
 
 class NativeHandle(BatchHandle):
@@ -95,23 +97,21 @@ class GeminiProvider(OpenAIProvider):
         return self._native_handle(op, jobs)
 
     def _native_handle(self, op: Any, jobs: Sequence[CallJob], whole: bool = True) -> NativeHandle:
-        """``whole``: ``op`` is the batch as read whole; a lookup's (``_LISTED``) is not, and its responses are read
-        by a poll (an ended batch's output taken from it would be none: every member sent again)."""
         if not isinstance(op, dict) or not isinstance(op.get("name"), str):
             raise ProviderError(f"{self.name}: a batch create was answered without a batch name")
         handle = NativeHandle(op["name"], jobs, PollBackoff(self.endpoint.poll_min_s, self.endpoint.poll_max_s))
-        self._keep(handle, op)
-        if not whole:
-            handle.output = None
+        self._keep(handle, op, whole)
         return handle
 
-    def _keep(self, handle: NativeHandle, op: dict) -> None:
-        """The operation read, its responses apart (``NativeHandle.output``) once it has ended."""
+    def _keep(self, handle: NativeHandle, op: dict, whole: bool) -> None:
+        """The operation read, its responses apart (``NativeHandle.output``) once it has ended. ``whole``: ``op`` is
+        the batch read whole; a lookup's or a poll's (``_LISTED``, ``_POLLED``) is not, and an ended batch's output
+        taken from it would be none (every member sent again): ``fetch`` reads it."""
         meta = dict(op.get("metadata") or {})
         out = meta.pop("output", None)
         handle.batch = {**{k: v for k, v in op.items() if k != "response"}, "metadata": meta}
-        if _state(op) in _ENDED:
-            handle.output = ((out or {}).get("inlinedResponses") or {}).get("inlinedResponses") or []
+        ended = whole and _state(op) in _ENDED
+        handle.output = (((out or {}).get("inlinedResponses") or {}).get("inlinedResponses") or []) if ended else None
 
     async def find_batch(self, jobs: Sequence[CallJob], ref: str, known: frozenset[str] = frozenset()) -> Any:
         if not self.native(jobs):
@@ -134,14 +134,21 @@ class GeminiProvider(OpenAIProvider):
     async def poll(self, handle: Any) -> BatchState:
         if not isinstance(handle, NativeHandle):
             return await super().poll(handle)
-        with self._refused("batch poll"):
-            op = await self._native.get(f"v1beta/{handle.id}", cast_to=object, options=self._opts)
-        if not isinstance(op, dict):
-            raise ProviderError(f"{self.name}: a poll of {handle.id} was answered with no batch")
-        self._keep(handle, op)
+        op = await self._read(handle, _POLLED)
         if _state(op) in _ENDED:
             return BatchState("ended", 0.0)
         return BatchState("running", handle.backoff.next())
+
+    async def _read(self, handle: NativeHandle, fields: str | None) -> dict:
+        """``GET v1beta/batches/{id}``: its state and counts (``_POLLED``), or whole (``fields`` None), its images in it
+        once ended: read by ``fetch``, within the dispatcher's results slot (``_results_slot``)."""
+        with self._refused("batch poll" if fields else "reading a batch's results"):
+            op = await self._native.get(f"v1beta/{handle.id}", cast_to=object, options={
+                **self._opts, "params": {"fields": fields} if fields else {}})
+        if not isinstance(op, dict):
+            raise ProviderError(f"{self.name}: a read of {handle.id} was answered with no batch")
+        self._keep(handle, op, fields is None)
+        return op
 
     async def cancel(self, handle: Any) -> BatchState | None:
         if not isinstance(handle, NativeHandle):
@@ -158,15 +165,15 @@ class GeminiProvider(OpenAIProvider):
     async def fetch(self, handle: Any) -> Mapping[str, CallOutcome]:
         if not isinstance(handle, NativeHandle):
             return await super().fetch(handle)
-        if handle.output is None:  # known ended by a cancel's refusal, or after a restart: read it now
-            await self.poll(handle)
+        if handle.output is None:  # polls read no responses: read it whole now
+            await self._read(handle, None)
             if handle.output is None:
                 raise ProviderError(f"{self.name}: batch {handle.id} is {_state(handle.batch)}, not ended")
         responses, state = handle.output, _state(handle.batch)
         stats = (handle.batch.get("metadata") or {}).get("batchStats") or {}
         answered = sum(int(stats.get(k) or 0) for k in ("successfulRequestCount", "failedRequestCount"))
         if len(responses) < answered:  # a finished member left unread would be sent again, paid twice
-            handle.output = None  # read again by the next try's poll: kept, every try re-checked this short answer
+            handle.output = None  # read again by the next try: kept, every try re-checked this short answer
             raise ProviderError(f"{self.name}: batch {handle.id}: {len(responses)} response(s) read of the "
                                 f"{answered} it answered; read again")
         if state == "BATCH_STATE_FAILED":

@@ -19,9 +19,9 @@ requests while "the total request size stays under 20 MB", "50% of the standard 
 ASSUMPTIONS (not in what could be read): a create body over 20 MiB is a 400 in Google's generic words; a cancelled or
 expired batch gives the responses of the members that finished (the others absent), as OpenAI's and Anthropic's
 do; the state stays ``RUNNING`` during the emulator's ``cancel_s`` (Google names no cancelling state); ``done`` and
-``response`` (the output again, as the guide's REST example reads it) once the batch has ended. The list honours
-the ``fields`` system parameter Google's APIs share (a partial response, ``_parse_mask``), as the engine's lookup
-asks it for names and states alone.
+``response`` (the output again, as the guide's REST example reads it) once the batch has ended. The list and
+the get honour the ``fields`` system parameter Google's APIs share (a partial response, ``_parse_mask``), as the
+engine's lookup asks for names and states alone, its polls for states and counts.
 
 Timing, failures and expiry are the OpenAI batches' (``Schedule``, ``draw_turnaround``, ``fail_members``,
 ``expire_batches``); each member that succeeds is billed once, at the catalog's batch price (mode ``batch_api``)."""
@@ -217,10 +217,11 @@ def _batch(ctx: Ctx) -> GeminiBatch:
 
 
 def _get(ctx: Ctx) -> Reply:
+    fields = ctx.params.get("fields")  # a partial response: a poll's state and counts, without the images
     with ctx.core.lock:  # one advance at a time: a member is never run (or billed) twice
         b, now = _batch(ctx), ctx.core.now()
         b.advance(ctx.core, ctx.faults, now)
-        return json_reply("google", 200, b.view(now), ctx.request_id)
+        return json_reply("google", 200, _mask(b.view(now), _parse_mask(fields) if fields else None), ctx.request_id)
 
 
 def _cancel(ctx: Ctx) -> Reply:

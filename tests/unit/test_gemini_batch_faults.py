@@ -194,3 +194,37 @@ def test_a_lookup_reads_no_images_and_the_batch_it_finds_is_read_whole_by_its_po
     out = asyncio.run(go())
     assert set(out) == {cj.key for cj in cjobs} and all(o.ok for o in out.values())
     assert set(billed(emu)) == {cj.key for cj in everyone}
+
+
+def test_a_native_batchs_images_are_read_only_within_the_dispatchers_results_room(emu):  # noqa: F811
+    """An ended native batch's answer holds its images, so whoever reads it holds them all: the polls ask for its
+    state and counts alone (``fields``), and the fetch reads it whole within the results slot, as OpenAI's results
+    file is read (``_results_slot``: image batches ending together are read one at a time, beside it a spare of one
+    batch's worth). Before, the poll that saw the end read the images, outside the slot, and held them until the
+    slot was free: k batches ending together held k batches' images."""
+    jobs = jobs_of()
+
+    async def go():
+        rig = Rig(emu, "google")
+        native, room = rig.d.provider._native, rig.d._image_reads
+        inner, reads = native.get, []
+
+        async def get(path: str, **kw: Any) -> Any:
+            op = await inner(path, **kw)
+            reads.append(("inlineData" in json.dumps(op), room.slot or room.spare_used > 0))
+            return op
+
+        native.get = get
+        try:
+            await rig.reserve(jobs)
+            await rig.run("batch_api", jobs)
+            await rig.resolved(jobs)
+            got = billed(emu)
+            for j in jobs:
+                assert_native_member(rig.results[j.req.id], j, got[batch_key(j)])
+            assert any(images for images, _ in reads)  # the images were read once, whole
+            assert all(in_room for images, in_room in reads if images), reads
+            await rig.settled_to(emu.bill().total_usd)
+        finally:
+            await rig.close()
+    asyncio.run(go())
