@@ -52,7 +52,14 @@ class NativeHandle(BatchHandle):
 
 
 def _state(op: Mapping) -> str:
-    return str((op.get("metadata") or {}).get("state") or "")
+    return str((op.get("metadata") or {}).get("state") or "") if isinstance(op, Mapping) else ""
+
+
+def _listed(page: Any) -> bool:
+    """A lookup's page holds what its mask (``_LISTED``) names: each operation's name, display name and state."""
+    ops = page.get("operations") or [] if isinstance(page, dict) else None
+    return isinstance(ops, list) and all(isinstance(o, dict) and isinstance(o.get("name"), str) and _state(o)
+                                         and (o.get("metadata") or {}).get("displayName") is not None for o in ops)
 
 
 class GeminiProvider(OpenAIProvider):
@@ -66,6 +73,7 @@ class GeminiProvider(OpenAIProvider):
                                              default_headers={"x-goog-api-key": self._key.get() or "unset"})
         # Google reads a bearer token as OAuth's: the SDK's own Authorization header is left out
         self._opts = {"headers": {"Authorization": self._sdk.Omit()}}
+        self._partial = True  # partial responses asked for (``_get``) until Google refuses or ignores one
 
     def native(self, jobs: Sequence[CallJob]) -> bool:
         """Whether these members ride the native Batch API: a model of ``batch_api.media_models``."""
@@ -119,8 +127,8 @@ class GeminiProvider(OpenAIProvider):
         token, seen = None, 0
         with self._refused("batch lookup"):
             while seen < FIND_SCAN:
-                page = await self._native.get("v1beta/batches", cast_to=object, options={**self._opts, "params": {
-                    "pageSize": 100, "fields": _LISTED, **({"pageToken": token} if token else {})}})
+                page = await self._get("v1beta/batches", {"pageSize": 100, **({"pageToken": token} if token else {})},
+                                       _LISTED, _listed, "batch lookup")
                 ops = (page.get("operations") or []) if isinstance(page, dict) else []
                 for op in ops:
                     if (op.get("metadata") or {}).get("displayName") == ref and op.get("name") not in known:
@@ -142,13 +150,37 @@ class GeminiProvider(OpenAIProvider):
     async def _read(self, handle: NativeHandle, fields: str | None) -> dict:
         """``GET v1beta/batches/{id}``: its state and counts (``_POLLED``), or whole (``fields`` None), its images in it
         once ended: read by ``fetch``, within the dispatcher's results slot (``_results_slot``)."""
-        with self._refused("batch poll" if fields else "reading a batch's results"):
-            op = await self._native.get(f"v1beta/{handle.id}", cast_to=object, options={
-                **self._opts, "params": {"fields": fields} if fields else {}})
+        if fields:
+            op = await self._get(f"v1beta/{handle.id}", {}, fields, lambda o: bool(_state(o)), "batch poll")
+        else:
+            with self._refused("reading a batch's results"):
+                op = await self._native.get(f"v1beta/{handle.id}", cast_to=object, options=self._opts)
         if not isinstance(op, dict):
             raise ProviderError(f"{self.name}: a read of {handle.id} was answered with no batch")
         self._keep(handle, op, fields is None)
         return op
+
+    async def _get(self, path: str, params: dict, fields: str, complete: Callable[[Any], bool], what: str) -> Any:
+        """``GET path`` asking for a partial response (``fields``), read whole instead where Google refuses the mask
+        or answers without what it names (a mask that does not reach into the operation's metadata, an ``Any``):
+        taken as it came, a batch would read as never ending, and a lookup would find none, its batch made again."""
+        if self._partial:
+            try:
+                with self._refused(what):
+                    got = await self._native.get(path, cast_to=object, options={
+                        **self._opts, "params": {**params, "fields": fields}})
+                if complete(got):
+                    return got
+            except ProviderError as exc:
+                if exc.maybe_done or exc.retry_after_s is not None or exc.quota:  # not the mask's refusal
+                    raise
+        with self._refused(what):
+            got = await self._native.get(path, cast_to=object, options={**self._opts, "params": params})
+        if self._partial:  # the whole answer came where the partial one did not: whole from now on
+            self._partial = False
+            log.warning("%s: Google refused or ignored a partial response (fields=%s); its batches are read whole "
+                        "from now on", self.name, fields)
+        return got
 
     async def cancel(self, handle: Any) -> BatchState | None:
         if not isinstance(handle, NativeHandle):

@@ -228,3 +228,46 @@ def test_a_native_batchs_images_are_read_only_within_the_dispatchers_results_roo
         finally:
             await rig.close()
     asyncio.run(go())
+
+
+@pytest.mark.parametrize("server", ["drops-metadata", "refuses-fields"])
+def test_a_partial_response_google_ignores_or_refuses_is_read_whole_never_a_batch_made_twice(emu, server):  # noqa: F811
+    """The lookup's and the polls' partial responses (``fields``) reach into the operation's ``metadata``, a
+    ``google.protobuf.Any``. Should Google answer such a mask without it, or refuse it, the read is made whole: taken
+    as it came, the lookup of a lost create found nothing and made the batch again (each member paid twice), and a
+    poll read a batch that never ends."""
+    jobs = jobs_of()
+    emu.faults.script("google", CREATE, [{"cut_connection": True}])  # made, its answer lost: looked up
+
+    async def go():
+        rig = Rig(emu, "google")
+        p = rig.d.provider
+        inner = p._native.get
+
+        async def get(path: str, **kw: Any) -> Any:
+            params = dict((kw.get("options") or {}).get("params") or {})
+            if "fields" in params and server == "refuses-fields":
+                params.pop("fields")
+                await inner("v1beta/batches/none-such", **{**kw, "options": {**kw["options"], "params": params}})
+            out = await inner(path, **kw)
+            if "fields" in params:
+                for op in (out.get("operations") or [out]):
+                    op.pop("metadata", None)
+            return out
+
+        p._native.get = get
+        try:
+            await rig.reserve(jobs)
+            await rig.run("batch_api", jobs)
+            await rig.resolved(jobs, timeout_s=20.0)
+            assert rig.grouper.readmitted() == [] and rig.calls == []
+            got = billed(emu)
+            assert set(got) == {batch_key(j) for j in jobs}
+            for j in jobs:
+                assert_native_member(rig.results[j.req.id], j, got[batch_key(j)])
+            assert len([b for b in emu._core.batches.values() if b.provider == "google"]) == 1
+            assert p._partial is False
+            await rig.settled_to(emu.bill().total_usd)
+        finally:
+            await rig.close()
+    asyncio.run(go())
