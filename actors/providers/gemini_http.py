@@ -9,6 +9,8 @@ with ``{"batch": {"displayName": ref, "inputConfig": {"requests": {"requests": [
 ended ``output.inlinedResponses.inlinedResponses``, each with the ``metadata`` it was sent with); ``GET
 v1beta/batches`` (``operations``) to find a create whose answer was lost, by its display name;
 ``POST v1beta/batches/{id}:cancel``. Members are read back by ``metadata.key`` (the call key), never by position.
+Lookups and polls ask for a partial response (``fields``: names, states, counts), so the images, which an ended
+batch's operation holds, are read once, by ``fetch``, within the dispatcher's results slot.
 The key goes in ``x-goog-api-key`` (as Veo's calls send it), never in a URL or a log line."""
 
 from __future__ import annotations
