@@ -1,7 +1,9 @@
-"""Faults of Gemini 2.5 Flash Image's native batches (``actors/providers/gemini_http.py``) found by a review: a
-read of an ended batch that came back short is read again, not taken again from the same short answer; a native
-batch survives the dispatcher's death, before or after its create was answered, re-attached (found by its display
-name, or by its journaled handle), never created again, every member billed once."""
+"""Faults of Gemini 2.5 Flash Image's native batches (``actors/providers/gemini_http.py``) found by a review
+(gemrev): a read of an ended batch that came back short is read again, not re-checked from the same short answer; a
+native batch survives the dispatcher's death, before or after its create was answered, re-attached (found by its
+display name, or by its journaled handle), never created again; a prompt sent beside a body that omits it is
+weighed against the 20 MB inline limit; lookups and polls read no images (a partial response, read whole where
+Google refuses or ignores it), the images read once, within the dispatcher's results slot."""
 
 from __future__ import annotations
 
