@@ -173,16 +173,14 @@ class GeminiProvider(OpenAIProvider):
                         **self._opts, "params": {**params, "fields": fields}})
                 if complete(got):
                     return got
-            except ProviderError as exc:
-                if exc.maybe_done or exc.retry_after_s is not None or exc.quota:  # not the mask's refusal
+                self._partial = False  # answered without what the mask names: ignored, so whole from now on
+                log.warning("%s: Google answered a partial response (fields=%s) without its fields; its batches are "
+                            "read whole from now on", self.name, fields)
+            except ProviderError as exc:  # refused (the mask, or the read itself, which the whole read tells)
+                if exc.maybe_done or exc.retry_after_s is not None or exc.quota:  # no refusal of the mask
                     raise
         with self._refused(what):
-            got = await self._native.get(path, cast_to=object, options={**self._opts, "params": params})
-        if self._partial:  # the whole answer came where the partial one did not: whole from now on
-            self._partial = False
-            log.warning("%s: Google refused or ignored a partial response (fields=%s); its batches are read whole "
-                        "from now on", self.name, fields)
-        return got
+            return await self._native.get(path, cast_to=object, options={**self._opts, "params": params})
 
     async def cancel(self, handle: Any) -> BatchState | None:
         if not isinstance(handle, NativeHandle):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from actors._batch_parts import file_parts
 from actors._types import Job
 from actors.providers.gemini_http import GeminiProvider, NativeHandle
 from engine.core.clock import ManualClock
+from engine.core.errors import ProviderError
 from engine.core.provider_api import CallJob, Secret
 from engine.core.request import Request, validation_context
 from engine.core.settings import ProviderEndpoint
@@ -235,9 +237,9 @@ def test_a_native_batchs_images_are_read_only_within_the_dispatchers_results_roo
 @pytest.mark.parametrize("server", ["drops-metadata", "refuses-fields"])
 def test_a_partial_response_google_ignores_or_refuses_is_read_whole_never_a_batch_made_twice(emu, server):  # noqa: F811
     """The lookup's and the polls' partial responses (``fields``) reach into the operation's ``metadata``, a
-    ``google.protobuf.Any``. Should Google answer such a mask without it, or refuse it, the read is made whole: taken
-    as it came, the lookup of a lost create found nothing and made the batch again (each member paid twice), and a
-    poll read a batch that never ends."""
+    ``google.protobuf.Any``. Should Google answer such a mask without it (then every later read is whole) or refuse
+    it (that read is made whole), the batch is still found and followed: taken as it came, the lookup of a lost
+    create found nothing and made the batch again (each member paid twice), and a poll read a batch that never ends."""
     jobs = jobs_of()
     emu.faults.script("google", CREATE, [{"cut_connection": True}])  # made, its answer lost: looked up
 
@@ -268,8 +270,40 @@ def test_a_partial_response_google_ignores_or_refuses_is_read_whole_never_a_batc
             for j in jobs:
                 assert_native_member(rig.results[j.req.id], j, got[batch_key(j)])
             assert len([b for b in emu._core.batches.values() if b.provider == "google"]) == 1
-            assert p._partial is False
+            assert p._partial is (server == "refuses-fields")  # a refused mask: that read whole, each time
             await rig.settled_to(emu.bill().total_usd)
         finally:
             await rig.close()
     asyncio.run(go())
+
+
+def test_the_key_quoted_in_a_native_routes_refusal_never_shows(emu, caplog):  # noqa: F811
+    """Google's key goes in ``x-goog-api-key``; a refusal that quotes it back (one not shaped like a key) is redacted
+    in every native route's error and in every log line, at DEBUG too (the SDK's and the transport's own)."""
+    key = "plainsecret-gemrev-42"
+    cjobs = [CallJob(batch_key(j), j.req, 0.0, 0, 0) for j in jobs_of(2)]
+    for route, n in (("gemini.batches.create", 1), ("gemini.batches.list", 2), ("gemini.batches.get", 2),
+                     ("gemini.batches.cancel", 1)):  # twice: a masked read refused is made whole once, refused again
+        emu.faults.script("google", route, n * [{"status": 400, "message": f"API key not valid: {key}"}])
+
+    async def go() -> list[str]:
+        rig = Rig(emu, "google", key=key)
+        p, said = rig.d.provider, []
+        try:
+            for call in (lambda: p.submit_batch(cjobs, None, "r"), lambda: p.find_batch(cjobs, "r")):
+                with pytest.raises(ProviderError) as refused:
+                    await call()
+                said.append(str(refused.value))
+            handle = await p.submit_batch(cjobs, None, "r")
+            for call in (lambda: p.poll(handle), lambda: p.cancel(handle)):
+                with pytest.raises(ProviderError) as refused:
+                    await call()
+                said.append(str(refused.value))
+            return said
+        finally:
+            await rig.close()
+
+    with caplog.at_level(logging.DEBUG):
+        said = asyncio.run(go())
+    assert len(said) == 4 and all("[redacted]" in s for s in said), said
+    assert not any(key in s for s in said) and not any(key in r.getMessage() for r in caplog.records)
