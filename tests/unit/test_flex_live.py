@@ -288,14 +288,19 @@ def test_a_flex_call_that_times_out_at_a_server_not_yet_seen_serving_flex_keeps_
     asyncio.run(go())
 
 
+def no_flex_tier(rig: Rig) -> None:
+    """The rig's OpenAI endpoint set ``flex_tier: false``: a wire-format-only server that does not take the tier."""
+    ep = rig.settings.providers.endpoints["openai"].model_copy(update={"flex_tier": False})
+    rig.d.provider.endpoint = ep
+    rig.d.provider.takes_flex = rig.d.provider._flex_to()
+
+
 def test_a_server_that_does_not_take_the_tier_gets_flex_decisions_standard(emu):  # noqa: F811
     """A wire-format-only server (vLLM, Groq) may not know ``service_tier: "flex"``: sent no tier, billed
     standard, its result saying sync."""
     async def go():
         rig = Rig(emu)
-        ep = rig.settings.providers.endpoints["openai"].model_copy(update={"flex_tier": False})
-        rig.d.provider.endpoint = ep
-        rig.d.provider.takes_flex = rig.d.provider._flex_to()
+        no_flex_tier(rig)
         try:
             r = flex_req()
             await rig.run("flex", [Job(0, r, "fp")])
@@ -313,9 +318,7 @@ def test_a_reserved_flex_decision_a_server_cannot_take_goes_back_for_the_standar
     the job to be released in that reservation."""
     async def go():
         rig = Rig(emu)
-        ep = rig.settings.providers.endpoints["openai"].model_copy(update={"flex_tier": False})
-        rig.d.provider.endpoint = ep
-        rig.d.provider.takes_flex = rig.d.provider._flex_to()
+        no_flex_tier(rig)
         try:
             r = flex_req()
             res = await flex_result(rig, r)
