@@ -83,7 +83,7 @@ def main() -> None:
         inline, syncs = _figure(root, a.inline_calls, inline_fsync=True)
         print(f"with an fsync on the loop per line:  {inline:7.1f} us per call ({syncs:,} fsyncs; not taken)")
         for rate in (100, 1000):  # calls per second over a whole window: the most a restart reads
-            lines = [{"e": e, "t": "acme", "k": f"{i:064x}", "id": f"req_{i:024x}", "at": i / rate}
+            lines = [{"e": e, "t": "acme", "h": f"{i:064x}", "id": f"req_{i:024x}", "at": i / rate}
                      for i in range(int(rate * ANSWERED_KEEP_S)) for e in ("try", "answered")]
             path = root / f"replay-{rate}"
             path.mkdir()

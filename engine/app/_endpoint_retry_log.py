@@ -9,32 +9,48 @@ restarted endpoint replays the lines into the table (``KeptTries.resume``): a re
 its try's answer takes its id, and the engine answers that id from the request it holds (billed once). A first
 try (retry count 0) never takes an old id, and the key holds the tenant: what the table does, after a restart too.
 
+The key a line holds (``h``) is the content's SHA-256 keyed by an HMAC under the state directory's secret
+(``_endpoint_retry_secret``), and the table holds the generations' tries under it too: a plain SHA-256 of the
+tenant, route and body let anyone who reads the directory confirm a guessed short prompt (retrylog, stop 74). The
+lines of stop 73 and before (``k``, unkeyed) are read, keyed at the start, and their files written again keyed.
+
 The log is append-only and bounded: two files, ``retries-0.jsonl`` and ``retries-1.jsonl``, one per window of
 ``ANSWERED_KEEP_S`` by the parity of the window; entering a window empties its file, which held only lines two
 windows old (all past the keep), but for the tries still under way, written again in the new file (``UNDER``): a
 call may run for minutes. While a try is under way, a line every ``BEAT_S`` (and one at the stop) says the process
 lives: a try a crash cut is aged from it, not from its own line. A line is one ``write`` on an ``O_APPEND``
 descriptor, before the engine gets the request: a killed process loses none. It reaches the disk as the
-batch-create records do, by ``fsync``, but off the event loop, one ``fsync`` for all the lines written meanwhile: on the loop, each line cost every call the
-disk's latency (``benchmarks/bench_retry_log.py``), and the lines a power loss may cut before their ``fsync``
-are the last milliseconds' of a head node whose engine goes with it. A line cut by a power loss is skipped; a write that fails (a full disk) is logged and counted: the call goes on, its retry after a restart is
-a new request, as without a state directory.
+batch-create records do, by ``fsync``, but off the event loop, in a daemon thread of the log's own, one ``fsync``
+for all the lines written meanwhile: on the loop, each line cost every call the disk's latency
+(``benchmarks/bench_retry_log.py``), and the lines a power loss may cut before their ``fsync`` are the last
+milliseconds' of a head node whose engine goes with it. The stop waits ``CLOSE_WAIT_S`` at most for the last
+``fsync`` (a hung disk or NFS server held it for good), logs the file it hangs on, and goes on; the thread closes
+the files once it returns. A line cut by a power loss is skipped; a write that fails (a full disk) is logged and
+counted: the call goes on, its retry after a restart is a new request, as without a state directory. Not
+bounded: the ``write`` itself, on the loop (it reaches the page cache, not the disk, but a hard NFS mount under
+memory pressure can block it), and the start's reading of the files.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
 import logging
 import math
 import os
+import queue
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from engine.app._endpoint_retries import ANSWERED_KEEP_S, SdkRetries, retry_count
+from engine.app._endpoint_retry_secret import state_secret
+from engine.core.files import write_atomic
 
 __all__ = ["KeptTries", "RetryLog", "replay"]
 
@@ -44,31 +60,54 @@ TRIED, ANSWERED, REFUSED = "try", "answered", "refused"
 UNDER = "under"  # a try still under way as its window's file is emptied, written again in the next (logrev)
 ALIVE = "alive"  # the process still lives (a beat while tries are under way, its stop): when they may be cut
 BEAT_S = 10.0  # real seconds between two ALIVE lines while a try is under way: a crash cuts it at most this before
+CLOSE_WAIT_S = 10.0  # real seconds the stop waits for the log's last fsync (a hung disk or NFS server holds it)
 
 
 class RetryLog:
     """The two files of the log under ``root`` (see the module docstring). Single-threaded but for its ``fsync``,
-    which runs in a worker thread on descriptors kept open for the log's life."""
+    which runs in a daemon thread of its own (``_work``) on descriptors kept open for the log's life."""
 
     def __init__(self, root: Path, clock: Callable[[], float] = time.time,
-                 under_way: Callable[[], list[tuple[str, str]]] = list, beat_s: float = BEAT_S) -> None:
+                 under_way: Callable[[], list[tuple[str, str]]] = list, beat_s: float = BEAT_S,
+                 close_wait_s: float = CLOSE_WAIT_S) -> None:
         self._clock, self._under_way = clock, under_way  # the (key, id) of the tries under way, oldest first
         self._paths = (Path(root) / "retries-0.jsonl", Path(root) / "retries-1.jsonl")
         self._fds: tuple[int, ...] = ()
         self._window = 0
         self.write_errors = 0
+        self._mac: Any = None  # the HMAC of the state directory's secret (``keyed``), once ``open`` read it
         self._dirty: set[int] = set()  # descriptors written since their last fsync
         self._syncing: asyncio.Future | None = None
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._worker: threading.Thread | None = None
+        self._in_fsync: int | None = None  # the descriptor the worker is in an fsync of (a close's message)
+        self._close_wait_s = close_wait_s
         self._beat_s, self._beating = beat_s, None  # the timer of the next beat (asyncio.TimerHandle)
         self._encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode  # built once: 4x faster
 
     def __repr__(self) -> str:
         return f"RetryLog({str(self._paths[0].parent)!r}, open={bool(self._fds)}, write_errors={self.write_errors})"
 
+    def keyed(self, key: str) -> str:
+        """``key`` (a SHA-256 of a try's content, ``SdkRetries.key``) as the log keeps it: an HMAC under the state
+        directory's secret, so the files confirm no guessed content (``_endpoint_retry_secret``)."""
+        if self._mac is None:  # no secret, no file written: nothing to hide it from
+            return key
+        mac = self._mac.copy()
+        mac.update(key.encode("utf-8", "surrogatepass"))
+        return mac.hexdigest()
+
     def open(self) -> list[dict[str, Any]]:
         """The lines kept, oldest first (a cut or foreign line skipped); from now on, lines are appended."""
+        root = self._paths[0].parent
+        try:
+            self._mac = hmac.new(state_secret(root), digestmod=hashlib.sha256)
+        except OSError as exc:  # no line can be keyed: none is written, as without a state directory
+            self._failed(exc)
+            return []
         lines: list[dict[str, Any]] = []
         cut: set[Path] = set()
+        unkeyed = 0
         for path in self._paths:
             try:
                 data = path.read_bytes()
@@ -76,13 +115,24 @@ class RetryLog:
                 continue
             if data and not data.endswith(b"\n"):
                 cut.add(path)
+            mine: list[dict[str, Any]] = []
             for raw in data.split(b"\n"):
                 try:
                     line = json.loads(raw)
                 except ValueError:
                     continue
                 if isinstance(line, dict) and isinstance(at := line.get("at"), (int, float)) and math.isfinite(at):
-                    lines.append(line)
+                    mine.append(line)
+            if n := self._key_old(mine):
+                unkeyed += n
+                with contextlib.suppress(OSError):  # else read so again at the next start (emptied in turn)
+                    write_atomic(path, b"".join(self._encode(line).encode("utf-8", "surrogatepass") + b"\n"
+                                                for line in mine), durable=True, mode=0o600)
+                    cut.discard(path)
+            lines += mine
+        if unkeyed:
+            log.info("endpoint state: %d lines of the log of SDK tries under %s had the unkeyed hashes of stop 73 "
+                     "and before; read, and written again keyed with the state directory's secret", unkeyed, root)
         lines.sort(key=lambda line: line["at"])  # the two files' lines in one order (a sort that keeps ties)
         # Not emptied now: the file of this window may hold lines of it, written before the restart.
         self._window = int(self._clock() // ANSWERED_KEEP_S)
@@ -99,6 +149,16 @@ class RetryLog:
             return lines
         self._fds = tuple(fds)
         return lines
+
+    def _key_old(self, lines: list[dict[str, Any]]) -> int:
+        """The lines of stop 73 and before (their content's SHA-256 as ``k``) keyed as this version's (``h``), in
+        place: read, their tries are taken by their retries across the upgrade too. How many there were."""
+        n = 0
+        for line in lines:
+            if "h" not in line and isinstance(key := line.pop("k", None), str):
+                line["h"] = self.keyed(key) if key else ""
+                n += 1
+        return n
 
     def note(self, event: str, tenant: str, key: str, rid: str) -> None:
         if self._fds and (fd := self._write(event, tenant, key, rid)) is not None:
@@ -134,7 +194,7 @@ class RetryLog:
         return fd
 
     def _line(self, event: str, tenant: str, key: str, rid: str, now: float) -> bytes:
-        return self._encode({"e": event, "t": tenant, "k": key, "id": rid, "at": round(now, 3)}
+        return self._encode({"e": event, "t": tenant, "h": key, "id": rid, "at": round(now, 3)}
                             ).encode("utf-8", "surrogatepass") + b"\n"
 
     def _sync_soon(self) -> None:
@@ -142,10 +202,10 @@ class RetryLog:
             return
         try:
             loop = asyncio.get_running_loop()
-        except RuntimeError:  # no loop (a unit test, a close): at once
+        except RuntimeError:  # no loop (a unit test): at once
             self._sync(self._take_dirty())
             return
-        self._syncing = loop.run_in_executor(None, self._sync, self._take_dirty())
+        self._syncing = self._to_worker(loop, self._take_dirty())
         self._syncing.add_done_callback(self._synced)
 
     def _take_dirty(self) -> set[int]:
@@ -157,12 +217,38 @@ class RetryLog:
         if self._fds:
             self._sync_soon()  # the lines written while it ran
 
+    def _to_worker(self, loop: asyncio.AbstractEventLoop, fds: set[int],
+                   last: tuple[int, ...] = ()) -> asyncio.Future:
+        """``fds`` fsynced by the worker, after what it was given before; ``last``: then closed, and the worker
+        ends. Its own daemon thread, not the loop's executor: a hung fsync there held the stop of the whole
+        process (the executor's threads are joined at the loop's and the interpreter's end)."""
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._work, name="smartbatch-retry-log-fsync", daemon=True)
+            self._worker.start()
+        done = loop.create_future()
+        self._jobs.put((fds, last, loop, done))
+        return done
+
+    def _work(self) -> None:
+        while True:
+            fds, last, loop, done = self._jobs.get()
+            self._sync(fds)
+            for fd in last:  # here, after every fsync of it: never under one, nor its number reused by another
+                os.close(fd)
+            with contextlib.suppress(RuntimeError):  # the loop is gone (a stop that waited no longer)
+                loop.call_soon_threadsafe(_settle, done)
+            if last:
+                return
+
     def _sync(self, fds: set[int]) -> None:
         for fd in fds:
+            self._in_fsync = fd
             try:
                 os.fsync(fd)
             except OSError as exc:
                 self._failed(exc)
+            finally:
+                self._in_fsync = None
 
     def _failed(self, exc: OSError) -> None:
         self.write_errors += 1
@@ -170,20 +256,31 @@ class RetryLog:
                   "new request", self._paths[0].parent, exc)
 
     async def close(self) -> None:
-        while (syncing := self._syncing) is not None:  # its descriptors stay open until it is done (and the
-            await asyncio.shield(syncing)  # next, which its end may have started for the lines written meanwhile)
-            if self._syncing is syncing:  # done, its callback (``_synced``) not run yet: awaiting a done future
-                await asyncio.sleep(0)  # yields nothing, and this loop spun for good (a stuck endpoint's stop)
+        """The stop's line, its fsync and the files closed, after the fsyncs under way; waited for
+        ``close_wait_s`` at most: a hung fsync (an NFS server gone) held the endpoint's stop for good."""
         if self._beating is not None:
             self._beating.cancel()
             self._beating = None
-        if self._fds and (fd := self._write(ALIVE, "", "", "")) is not None:  # when the tries under way were cut
+        if not self._fds:
+            return
+        if (fd := self._write(ALIVE, "", "", "")) is not None:  # when the tries under way were cut
             self._dirty.add(fd)
         fds, self._fds = self._fds, ()
-        self._sync(self._take_dirty())
-        for fd in fds:
-            os.close(fd)
+        done = self._to_worker(asyncio.get_running_loop(), self._take_dirty(), fds)
+        try:
+            await asyncio.wait_for(asyncio.shield(done), self._close_wait_s)
+        except asyncio.TimeoutError:
+            stuck = self._in_fsync
+            where = (str(self._paths[fds.index(stuck)]) if stuck in fds else
+                     " and ".join(str(p) for p in self._paths))
+            log.error("endpoint state: the fsync of %s has not returned in %.0f s (a hung disk or NFS server?); "
+                      "the stop goes on without it: the SDK tries written since the last fsync may not be on disk, "
+                      "and the log's files are closed once it returns", where, self._close_wait_s)
 
+
+def _settle(done: asyncio.Future) -> None:
+    if not done.done():
+        done.set_result(None)
 
 def replay(lines: list[dict[str, Any]], now: float) -> list[tuple[str, str, float]]:
     """What the table held at the end of ``lines`` (oldest first), replayed through ``SdkRetries`` itself on their
@@ -197,7 +294,7 @@ def replay(lines: list[dict[str, Any]], now: float) -> list[tuple[str, str, floa
     seen: set[str] = set()
     for line in lines:
         at[0] = line["at"]
-        key, rid, event = line.get("k"), line.get("id"), line.get("e")
+        key, rid, event = line.get("h"), line.get("id"), line.get("e")
         if not isinstance(key, str) or not isinstance(rid, str) or event not in (TRIED, UNDER, ANSWERED, REFUSED):
             continue  # a sign of life, or a line of an event this version does not know
         if event == TRIED or rid not in seen:
@@ -235,6 +332,7 @@ class KeptTries:
             self.table.remember(key, rid, age)
 
     def request_id(self, tenant: str, key: str, headers: Mapping[str, str], fresh: Callable[[], str]) -> str:
+        key = self._keyed(key)
         rid = self.table.request_id(key, headers, fresh)
         if self.log is not None and retry_count(headers) is not None:
             self._under.pop(rid, None)
@@ -243,14 +341,22 @@ class KeptTries:
         return rid
 
     def answered(self, key: str, rid: str) -> None:
+        key = self._keyed(key)
         self._under.pop(rid, None)
         if self.table.answered(key, rid) and self.log is not None:
             self.log.note(ANSWERED, "", key, rid)
 
     def refused(self, key: str, rid: str) -> None:
+        key = self._keyed(key)
         self._under.pop(rid, None)
         if self.table.refused(key, rid) and self.log is not None:
             self.log.note(REFUSED, "", key, rid)
+
+    def _keyed(self, key: str) -> str:
+        """The table holds a generation's tries under the key the log writes (keyed by the state directory's
+        secret), so the tries replayed from it are found by their retries; the batch and video creates' keys,
+        kept in their records beside their content, stay as they are."""
+        return key if self.log is None else self.log.keyed(key)
 
     async def close(self) -> None:
         if self.log is not None:

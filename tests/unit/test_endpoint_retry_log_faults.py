@@ -1,0 +1,165 @@
+"""The state directory's log of SDK tries (``_endpoint_retry_log``) against a reader of the directory, a start or
+a stop that fails half way, and a hung fsync (stop 74, retrylog).
+
+Before: its keys were an unsalted SHA-256 of the tenant, route and body, so anyone who can read the directory
+could confirm a guessed short prompt; a start that failed after the log opened, or a shutdown step that raised,
+skipped the log's close (its files left open); and a hung fsync (an NFS server gone) held the stop for good."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import stat
+import threading
+
+
+from engine.app import _endpoint_retry_log as retry_log
+from engine.app._endpoint_retries import RETRY_COUNT, SdkRetries
+from engine.app._endpoint_retry_log import KeptTries, RetryLog
+from engine.app._endpoint_retry_secret import SECRET_BYTES, SECRET_FILE
+from tests.unit.test_endpoint_videos import WAIT_S
+
+KEY = SdkRetries.key("acme", "/v1/chat/completions", {"body": {"model": "gpt-5-mini", "messages": [
+    {"role": "user", "content": "yes"}]}, "n": 1})  # a short prompt: a guess is cheap
+SDK0, SDK1 = {RETRY_COUNT: "0"}, {RETRY_COUNT: "1"}
+
+
+class Wall:
+    def __init__(self, now: float = 1_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def ids():
+    it = iter(f"req_{i}" for i in range(1000))
+    return lambda: next(it)
+
+
+def log_lines(root) -> list[dict]:
+    return [json.loads(raw) for p in sorted(root.glob("retries-*.jsonl")) for raw in p.read_bytes().splitlines()
+            if raw]
+
+
+def logged_keys(root) -> set[str]:
+    return {line.get("h", line.get("k")) for line in log_lines(root)} - {""}
+
+
+def open_log_files(root) -> list[str]:
+    """This process's descriptors open on the log's files under ``root``."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        with_name = os.path.join("/proc/self/fd", fd)
+        try:
+            target = os.readlink(with_name)
+        except OSError:
+            continue
+        if target.startswith(str(root)) and os.path.basename(target).startswith("retries-"):
+            out.append(target)
+    return out
+
+
+def one_life(root, wall: Wall, fresh, calls) -> KeptTries:
+    tries = KeptTries(SdkRetries(clock=wall))
+    tries.resume(root, wall)
+    calls(tries)
+    asyncio.run(tries.close())
+    return tries
+
+
+# -- 1. keyed by a secret of the state directory -------------------------------------------------------------------
+def test_the_same_content_is_kept_under_other_keys_in_two_state_dirs_and_its_retry_after_a_restart_takes_it(
+        tmp_path):
+    wall, fresh = Wall(), ids()
+    made: dict[str, str] = {}
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        one_life(tmp_path / name, wall, fresh,
+                 lambda t, name=name: made.__setitem__(name, t.request_id("acme", KEY, SDK0, fresh)))
+    a, b = logged_keys(tmp_path / "a"), logged_keys(tmp_path / "b")
+    assert len(a) == len(b) == 1 and a != b  # a guess hashed alone matches neither
+    raw = b"".join(p.read_bytes() for p in tmp_path.rglob("retries-*.jsonl"))
+    assert KEY.encode() not in raw
+    # The same directory across a restart: the same secret, the same key, the retry takes its try's id.
+    secret = (tmp_path / "a" / SECRET_FILE).read_bytes()
+    wall.now += 5
+    got = []
+    one_life(tmp_path / "a", wall, fresh, lambda t: got.append(t.request_id("acme", KEY, SDK1, fresh)))
+    assert got == [made["a"]]
+    assert (tmp_path / "a" / SECRET_FILE).read_bytes() == secret and len(secret) == SECRET_BYTES
+    assert stat.S_IMODE((tmp_path / "a" / SECRET_FILE).stat().st_mode) == 0o600
+
+
+def test_the_secret_is_0600_even_opened_up_and_never_logged_nor_written_in_the_log(tmp_path, caplog):
+    caplog.set_level(logging.DEBUG)
+    wall, fresh = Wall(), ids()
+    tries = one_life(tmp_path, wall, fresh, lambda t: t.answered(KEY, t.request_id("acme", KEY, SDK0, fresh)))
+    path = tmp_path / SECRET_FILE
+    secret = path.read_bytes()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    path.chmod(0o644)  # a copy, a hand: read again, it is made 0600 again (logged)
+    wall.now += 5
+    one_life(tmp_path, wall, fresh, lambda t: None)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.read_bytes() == secret
+    path.write_bytes(secret[:5])  # cut: set aside, a new one made (logged)
+    one_life(tmp_path, wall, fresh, lambda t: None)
+    assert (tmp_path / (SECRET_FILE + ".bad")).read_bytes() == secret[:5] and len(path.read_bytes()) == SECRET_BYTES
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "0600 again" in said and "set aside" in said
+    for text in (secret.hex(), repr(secret), repr(secret[:5]), secret[:5].hex()):
+        assert text not in said and text not in repr(tries) and text not in repr(tries.log)
+    assert secret not in b"".join(p.read_bytes() for p in tmp_path.glob("retries-*.jsonl"))
+
+
+def test_a_log_of_the_unkeyed_format_is_read_and_written_again_keyed(tmp_path, caplog):
+    """The files an endpoint of stop 73 left: their tries are taken by their retries after the upgrade, and the
+    plain hashes are gone from the disk at once (an idle endpoint never empties its files)."""
+    caplog.set_level(logging.INFO)
+    wall = Wall()
+    window = int(wall.now // 120) % 2
+    (tmp_path / f"retries-{window}.jsonl").write_bytes(
+        f'{{"e":"try","t":"acme","k":"{KEY}","id":"req_old","at":{wall.now - 30}}}\n'
+        f'{{"e":"answered","t":"","k":"{KEY}","id":"req_old","at":{wall.now - 29}}}\n'
+        f'{{"e":"alive","t":"","k":"","id":"","at":{wall.now - 20}}}\n'.encode())
+    got = []
+    one_life(tmp_path, wall, ids(), lambda t: got.append(t.request_id("acme", KEY, SDK1, ids())))
+    assert got == ["req_old"]
+    raw = b"".join(p.read_bytes() for p in tmp_path.glob("retries-*.jsonl"))
+    assert KEY.encode() not in raw and b'"k"' not in raw
+    assert sum("unkeyed hashes" in r.getMessage() for r in caplog.records) == 1
+
+
+# -- 3. a hung fsync does not hold the stop ------------------------------------------------------------------------
+def test_a_hung_fsync_holds_the_close_no_longer_than_its_bound_and_the_files_close_once_it_returns(tmp_path,
+                                                                                                 monkeypatch,
+                                                                                                 caplog):
+    caplog.set_level(logging.ERROR)
+    entered, release = threading.Event(), threading.Event()
+    real = os.fsync
+
+    def hung(fd: int) -> None:  # an NFS server gone: the call returns when the test says
+        entered.set()
+        assert release.wait(WAIT_S)
+        real(fd)
+
+    async def go() -> RetryLog:
+        log = RetryLog(tmp_path, Wall(), close_wait_s=0.2)
+        log.open()
+        monkeypatch.setattr(retry_log.os, "fsync", hung)
+        try:
+            log.note("try", "acme", "k", "req_0")  # its fsync goes to the worker, and hangs there
+            assert await asyncio.to_thread(entered.wait, WAIT_S)
+            await asyncio.wait_for(log.close(), WAIT_S)  # on the code before: never returned
+            assert open_log_files(tmp_path), "closed under the fsync, or before it returned"
+        finally:
+            release.set()
+        return log
+
+    log = asyncio.run(go())
+    said = [r.getMessage() for r in caplog.records if "has not returned" in r.getMessage()]
+    assert len(said) == 1 and str(tmp_path / "retries-") in said[0]
+    log._worker.join(WAIT_S)  # once the fsync returns the worker closes the files and ends
+    assert not log._worker.is_alive() and open_log_files(tmp_path) == []
