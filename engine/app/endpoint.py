@@ -147,13 +147,16 @@ def make_app(engine: AsyncEngine, *, catalog: Catalog, window_default_s: float =
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        tries.resume(None if store.state is None else store.state.root)  # the SDK tries of before a restart
-        await store.resume()  # the batches a state directory holds, from before a restart
-        await videos.resume()  # and its videos
-        yield
-        await videos.shutdown()
-        await tries.close()  # while the directory is still this endpoint's
-        await store.shutdown()  # (closes the state directory)
+        # Each opened part is closed on every way out, last opened first: a start that failed half way, or a
+        # shutdown step that raised, skipped the closes after it (the log's fsync thread and files left open).
+        async with contextlib.AsyncExitStack() as opened:
+            opened.push_async_callback(store.shutdown)  # (closes the state directory: last)
+            opened.push_async_callback(tries.close)  # while the directory is still this endpoint's
+            tries.resume(None if store.state is None else store.state.root)  # the SDK tries of before a restart
+            opened.push_async_callback(videos.shutdown)
+            await store.resume()  # the batches a state directory holds, from before a restart
+            await videos.resume()  # and its videos
+            yield
 
     app = FastAPI(title="smartbatch", summary="OpenAI-compatible front of the smartbatch engine",
                   lifespan=lifespan)

@@ -14,11 +14,16 @@ import os
 import stat
 import threading
 
+import pytest
 
 from engine.app import _endpoint_retry_log as retry_log
+from engine.app._endpoint_batches import FilesAndBatches
 from engine.app._endpoint_retries import RETRY_COUNT, SdkRetries
 from engine.app._endpoint_retry_log import KeptTries, RetryLog
 from engine.app._endpoint_retry_secret import SECRET_BYTES, SECRET_FILE
+from engine.app._endpoint_videos import VideoRoutes
+from engine.app.endpoint import make_app
+from tests.unit.test_endpoint import CAT, FakeEngine
 from tests.unit.test_endpoint_videos import WAIT_S
 
 KEY = SdkRetries.key("acme", "/v1/chat/completions", {"body": {"model": "gpt-5-mini", "messages": [
@@ -130,6 +135,38 @@ def test_a_log_of_the_unkeyed_format_is_read_and_written_again_keyed(tmp_path, c
     raw = b"".join(p.read_bytes() for p in tmp_path.glob("retries-*.jsonl"))
     assert KEY.encode() not in raw and b'"k"' not in raw
     assert sum("unkeyed hashes" in r.getMessage() for r in caplog.records) == 1
+
+
+# -- 2. closed on every way out of the endpoint's lifespan ----------------------------------------------------------
+async def _a_life(app) -> None:
+    async with app.router.lifespan_context(app):
+        assert open_log_files(app.state.smartbatch.state.root)  # open while it serves
+
+
+def test_a_start_that_fails_after_the_log_opened_closes_it_and_the_state_directory(tmp_path, monkeypatch):
+    async def broken(self) -> None:
+        raise RuntimeError("a record the start chokes on")
+
+    monkeypatch.setattr(FilesAndBatches, "resume", broken)
+    app = make_app(FakeEngine(), catalog=CAT, state_dir=tmp_path)
+    with pytest.raises(RuntimeError, match="chokes on"):
+        asyncio.run(_a_life(app))
+    assert open_log_files(tmp_path) == []
+    assert [line["e"] for line in log_lines(tmp_path)] == ["alive"]  # the close's own line
+    monkeypatch.undo()
+    asyncio.run(_a_life(make_app(FakeEngine(), catalog=CAT, state_dir=tmp_path)))  # the directory is free again
+
+
+def test_a_shutdown_step_that_raises_still_closes_the_log_and_the_state_directory(tmp_path, monkeypatch):
+    async def broken(self) -> None:
+        raise RuntimeError("a video task that would not stop")
+
+    monkeypatch.setattr(VideoRoutes, "shutdown", broken)
+    with pytest.raises(RuntimeError, match="would not stop"):
+        asyncio.run(_a_life(make_app(FakeEngine(), catalog=CAT, state_dir=tmp_path)))
+    assert open_log_files(tmp_path) == []
+    monkeypatch.undo()
+    asyncio.run(_a_life(make_app(FakeEngine(), catalog=CAT, state_dir=tmp_path)))
 
 
 # -- 3. a hung fsync does not hold the stop ------------------------------------------------------------------------
