@@ -124,11 +124,13 @@ class RetryLog:
                 if isinstance(line, dict) and isinstance(at := line.get("at"), (int, float)) and math.isfinite(at):
                     mine.append(line)
             if n := self._key_old(mine):
-                unkeyed += n
-                with contextlib.suppress(OSError):  # else read so again at the next start (emptied in turn)
+                try:
                     write_atomic(path, b"".join(self._encode(line).encode("utf-8", "surrogatepass") + b"\n"
                                                 for line in mine), durable=True, mode=0o600)
+                    unkeyed += n
                     cut.discard(path)
+                except OSError as exc:  # read so again at the next start, and emptied in turn
+                    self._failed(exc)
             lines += mine
         if unkeyed:
             log.info("endpoint state: %d lines of the log of SDK tries under %s had the unkeyed hashes of stop 73 "
