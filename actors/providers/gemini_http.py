@@ -19,6 +19,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from actors.providers._gemini_read import STREAMED, read_operation
 from actors.providers._http import BatchHandle, PollBackoff
 from actors.providers._veo import native_root
 from actors.providers.openai_http import FIND_SCAN, OpenAIProvider
@@ -113,15 +114,18 @@ class GeminiProvider(OpenAIProvider):
         self._keep(handle, op, whole)
         return handle
 
-    def _keep(self, handle: NativeHandle, op: dict, whole: bool) -> None:
+    def _keep(self, handle: NativeHandle, op: dict, whole: bool, members: list | None = None) -> None:
         """The operation read, its responses apart (``NativeHandle.output``) once it has ended. ``whole``: ``op`` is
         the batch read whole; a lookup's or a poll's (``_LISTED``, ``_POLLED``) is not, and an ended batch's output
-        taken from it would be none (every member sent again): ``fetch`` reads it."""
+        taken from it would be none (every member sent again): ``fetch`` reads it. ``members``: the responses a
+        streamed read took out of ``op`` (``read_operation``), where it found them."""
         meta = dict(op.get("metadata") or {})
         out = meta.pop("output", None)
         handle.batch = {**{k: v for k, v in op.items() if k != "response"}, "metadata": meta}
         ended = whole and _state(op) in _ENDED
-        handle.output = (((out or {}).get("inlinedResponses") or {}).get("inlinedResponses") or []) if ended else None
+        if members is None:
+            members = ((out or {}).get("inlinedResponses") or {}).get("inlinedResponses")
+        handle.output = (members or []) if ended else None
 
     async def find_batch(self, jobs: Sequence[CallJob], ref: str, known: frozenset[str] = frozenset()) -> Any:
         if not self.native(jobs):
@@ -152,14 +156,20 @@ class GeminiProvider(OpenAIProvider):
     async def _read(self, handle: NativeHandle, fields: str | None) -> dict:
         """``GET v1beta/batches/{id}``: its state and counts (``_POLLED``), or whole (``fields`` None), its images in it
         once ended: read by ``fetch``, within the dispatcher's results slot (``_results_slot``)."""
+        members = None
         if fields:
             op = await self._get(f"v1beta/{handle.id}", {}, fields, lambda o: bool(_state(o)), "batch poll")
-        else:
+        else:  # read as it arrives, a member at a time (``_gemini_read``): parsed whole, 6 times its images
             with self._refused("reading a batch's results"):
-                op = await self._native.get(f"v1beta/{handle.id}", cast_to=object, options=self._opts)
+                got = await self._native.get(f"v1beta/{handle.id}", cast_to=object, options={
+                    **self._opts, "headers": {**self._opts["headers"], **STREAMED}})
+                try:
+                    op, members = await read_operation(got.iter_bytes())
+                finally:
+                    await got.close()
         if not isinstance(op, dict):
             raise ProviderError(f"{self.name}: a read of {handle.id} was answered with no batch")
-        self._keep(handle, op, fields is None)
+        self._keep(handle, op, fields is None, members)
         return op
 
     async def _get(self, path: str, params: dict, fields: str, complete: Callable[[Any], bool], what: str) -> Any:

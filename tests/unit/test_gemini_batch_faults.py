@@ -38,6 +38,31 @@ from tests.unit.test_http_providers import KEY, Rig, T, _create_then_die, batch_
 CREATE = "gemini.batches.create"
 
 
+class Replay:
+    """A whole read's answer (streamed to the provider: ``_gemini_read``) that a spy of ``_native.get`` read first,
+    handed on as the bytes it holds, in chunks as a socket gives them."""
+
+    def __init__(self, body: bytes):
+        self.body = body
+
+    async def iter_bytes(self) -> Any:
+        for at in range(0, len(self.body), 65536):
+            yield self.body[at:at + 65536]
+
+    async def close(self) -> None:
+        pass
+
+
+async def streamed(got: Any) -> bytes | None:
+    """The body of a whole read's streamed answer, read (None for a masked read's answer: parsed by the SDK)."""
+    if not hasattr(got, "iter_bytes"):
+        return None
+    try:
+        return await got.read()
+    finally:
+        await got.close()
+
+
 def short_first_read(rig: Rig) -> list[str]:
     """The first read of an ended native batch answers one response fewer than it holds (a read the batch's own
     ``batchStats`` shows short); later reads answer it whole. The keys dropped are in the list returned."""
@@ -45,13 +70,15 @@ def short_first_read(rig: Rig) -> list[str]:
     inner, dropped = native.get, []
 
     async def get(path: str, **kw: Any) -> Any:
-        op = await inner(path, **kw)
+        got = await inner(path, **kw)
+        body = await streamed(got)
+        op = got if body is None else json.loads(body)
         out = (op.get("metadata") or {}).get("output") if isinstance(op, dict) else None
         if out is not None and not dropped:
             gone = out["inlinedResponses"]["inlinedResponses"].pop()
             op.get("response", {}).get("inlinedResponses", {}).get("inlinedResponses", [None]).pop()
             dropped.append(gone["metadata"]["key"])
-        return op
+        return op if body is None else Replay(json.dumps(op).encode())
 
     native.get = get
     return dropped
@@ -214,9 +241,11 @@ def test_a_native_batchs_images_are_read_only_within_the_dispatchers_results_roo
         inner, reads = native.get, []
 
         async def get(path: str, **kw: Any) -> Any:
-            op = await inner(path, **kw)
-            reads.append(("inlineData" in json.dumps(op), room.slot or room.spare_used > 0))
-            return op
+            got = await inner(path, **kw)
+            body = await streamed(got)
+            reads.append(("inlineData" in (json.dumps(got) if body is None else body.decode()),
+                          room.slot or room.spare_used > 0))
+            return got if body is None else Replay(body)
 
         native.get = get
         try:

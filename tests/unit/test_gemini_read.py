@@ -1,0 +1,151 @@
+"""The read of an ended Gemini native batch (``GET v1beta/batches/{id}``, its images inline, twice), made as the
+answer arrives (``actors/providers/_gemini_read.py``): the same operation and members as a parse of the whole, in
+any chunking; an answer cut short refused as before; and the memory it takes. Before (a review, stop 73), the SDK
+read the body whole and parsed it: the bytes, their text and the parsed copies of both, 6 times the images at once."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import json
+import os
+import tracemalloc
+from typing import Any
+
+import httpx2
+import openai
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from actors.providers._gemini_read import read_operation
+from actors.providers._http import PollBackoff
+from actors.providers._veo import native_root
+from actors.providers.gemini_http import GeminiProvider, NativeHandle
+from engine.core.clock import ManualClock
+from engine.core.errors import ProviderError
+from engine.core.provider_api import CallJob, Secret
+from tests.unit.test_gemini_batch import CAT, image, live
+
+# Strings that hold what the scan must not take for structure: quotes, backslashes, brackets, commas, colons,
+# escapes and characters of several UTF-8 bytes (split between chunks).
+_TEXT = st.text(alphabet=st.sampled_from(list('ab"\\[]{},: \n\té€😀\x00/')), max_size=12)
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
+                     | _TEXT, lambda kids: st.lists(kids, max_size=4) | st.dictionaries(_TEXT, kids, max_size=4),
+                     max_leaves=12)
+
+
+def _operation(members: list, extra: dict) -> dict:
+    output = {"inlinedResponses": {"inlinedResponses": members}}
+    return {"name": "batches/b1", "done": True, "response": copy.deepcopy(output),
+            "metadata": {**extra, "state": "BATCH_STATE_SUCCEEDED", "output": output}}
+
+
+def _expected(op: dict) -> tuple[dict, list]:
+    rest = copy.deepcopy(op)
+    members = rest["metadata"]["output"]["inlinedResponses"]["inlinedResponses"]
+    rest["metadata"]["output"]["inlinedResponses"]["inlinedResponses"], rest["response"] = [], None
+    return rest, members
+
+
+async def _chunks(body: bytes, cuts: list[int]) -> Any:
+    at = 0
+    for cut in sorted(set(cuts)):
+        yield body[at:cut]
+        at = cut
+    yield body[at:]
+
+
+@settings(max_examples=300, deadline=None)
+@given(members=st.lists(_JSON, max_size=5), extra=st.dictionaries(_TEXT, _JSON, max_size=3),
+       ascii_only=st.booleans(), indent=st.sampled_from([None, 0, 2]), data=st.data())
+def test_the_streamed_read_gives_what_a_parse_of_the_whole_gives_in_any_chunking(members, extra, ascii_only,
+                                                                                   indent, data):
+    op = _operation(members, extra)
+    body = json.dumps(op, ensure_ascii=ascii_only, indent=indent).encode()
+    cuts = data.draw(st.lists(st.integers(0, len(body)), max_size=12))
+    got = asyncio.run(read_operation(_chunks(body, cuts)))
+    assert got == _expected(json.loads(body))
+
+
+def test_an_answer_cut_short_anywhere_or_not_json_is_refused_as_a_parse_of_the_whole_refused_it():
+    body = json.dumps(_operation([{"metadata": {"key": "k"}, "response": {"x": ['a"]', "\\", 1.5]}}], {})).encode()
+    for end in range(len(body)):  # every strict prefix
+        with pytest.raises(ValueError):
+            asyncio.run(read_operation(_chunks(body[:end], [end // 2])))
+    for bad in (b'{"metadata": {"output": {"inlinedResponses": {"inlinedResponses": [1,,2]}}}}',
+                b'{"metadata": {"output": {"inlinedResponses": {"inlinedResponses": [1}}}}}', b'{"a": 1}}', b"nope"):
+        with pytest.raises(ValueError):
+            asyncio.run(read_operation(_chunks(bad, [])))
+
+
+def _provider(body: bytes) -> GeminiProvider:
+    """The engine's Gemini provider, its native routes answered ``body`` in 64 KiB chunks by an in-process transport
+    (no server's allocations in a measure of memory)."""
+
+    async def answer(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(200, headers={"content-type": "application/json"}, content=_chunks(
+            body, list(range(65536, len(body), 65536))))
+
+    settings_ = live()
+    ep = settings_.providers.endpoints["google"]
+    p = GeminiProvider("google", CAT, settings_, ep, Secret("k"), ManualClock(0.0))
+    asyncio.run(p._native.close())
+    p._native = openai.AsyncOpenAI(api_key="k", base_url=native_root(ep.base_url), max_retries=0,
+                                   http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(answer)))
+    return p
+
+
+def _ended(n: int, image_bytes: int) -> tuple[bytes, list[CallJob], int]:
+    jobs = [CallJob(f"k{i}", image(i), 0.0, 0, 0) for i in range(n)]
+    images = [base64.b64encode(os.urandom(image_bytes)).decode() for _ in range(n)]
+    members = [{"metadata": {"key": j.key}, "response": {
+        "candidates": [{"content": {"parts": [{"inlineData": {"mimeType": "image/png", "data": data}}]},
+                        "finishReason": "STOP"}], "usageMetadata": {"promptTokenCount": 7}, "responseId": f"r{i}"}}
+        for i, (j, data) in enumerate(zip(jobs, images, strict=True))]
+    op = _operation(members, {"batchStats": {"successfulRequestCount": str(n), "failedRequestCount": "0"}})
+    return json.dumps(op).encode(), jobs, sum(map(len, images))
+
+
+def test_reading_an_ended_batch_holds_little_more_than_its_images_once():
+    """8 images of 256 KB, the answer holding them twice: the read peaks below 2x the images' base64 (their one
+    copy is what the results hand on). Before, the body, its text and the parse of both peaked at 6x."""
+    body, jobs, b64 = _ended(8, 256_000)
+    p = _provider(body)
+    handle = NativeHandle("batches/b1", jobs, PollBackoff(1.0, 2.0))
+
+    async def go() -> tuple[dict, int]:
+        tracemalloc.start()
+        try:
+            base, _ = tracemalloc.get_traced_memory()
+            out = await p.fetch(handle)
+            return out, tracemalloc.get_traced_memory()[1] - base
+        finally:
+            tracemalloc.stop()
+            await p.close()
+
+    out, peak = asyncio.run(go())
+    assert sorted(out) == [j.key for j in jobs] and all(o.ok and o.output for o in out.values())
+    assert {o.output for o in out.values()} == {m["response"]["candidates"][0]["content"]["parts"][0]["inlineData"]
+                                                ["data"] for m in json.loads(body)["metadata"]["output"]
+                                                ["inlinedResponses"]["inlinedResponses"]}
+    assert peak < 2 * b64, f"peak {peak / b64:.2f}x the images"
+
+
+def test_an_answer_cut_short_is_a_read_that_ran_and_keeps_no_output():
+    """As when the SDK parsed it whole: a ``ProviderError`` whose call ran (``maybe_done``), nothing kept on the
+    handle, so the next try reads the batch again."""
+    body, jobs, _ = _ended(2, 1000)
+    p = _provider(body[:-40])
+    handle = NativeHandle("batches/b1", jobs, PollBackoff(1.0, 2.0))
+
+    async def go() -> None:
+        try:
+            with pytest.raises(ProviderError) as cut:
+                await p.fetch(handle)
+            assert cut.value.maybe_done and "could not be read" in str(cut.value)
+            assert handle.output is None
+        finally:
+            await p.close()
+    asyncio.run(go())
