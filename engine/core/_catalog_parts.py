@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Mapping
 from statistics import NormalDist
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["BatchApi", "FlexTier", "GpuBatching", "Kind", "LongContext", "ModelCache", "PromptCache", "merged_cache",
-           "respelt_cache_terms", "respelt_catalog"]
+__all__ = ["BatchApi", "FlexTier", "GpuBatching", "Kind", "LongContext", "ModelCache", "PromptCache",
+           "check_gemini_batches", "merged_cache", "respelt_cache_terms", "respelt_catalog"]
 
 
 Kind = Literal["text", "image", "video"]
@@ -147,6 +148,32 @@ def _lognormal_cdf(t: float, lo: float, window: float, median: float, den: float
         return 1.0
     return 0.5 * (1.0 + math.erf(math.log(max(t, 1e-9) / median) / den))
 
+
+
+def check_gemini_batches(ba: BatchApi | None, kinds: Mapping[str, str]) -> None:
+    """A ``compat: gemini`` provider's media batches (``kinds``: its models' kinds by name). Its OpenAI layer's Batch
+    API documents chat completions only, so a media model rides Google's native batchGenerateContent or no batch, and
+    that takes generateContent's image models (gemini-2.5-flash-image), not Imagen's ``:predict`` nor Veo's
+    ``:predictLongRunning``. Before, images in ``kinds`` without ``media_models`` planned every image model as
+    batched, Imagen too, at half price: each such batch was refused when sent, and its members went sync at the full
+    price. Refused at load, naming the models that have a batch route."""
+    media = [k for k in ba.kinds if k != "text"] if ba is not None else []
+    if not media:
+        return
+    images = ", ".join(m for m, kind in kinds.items() if kind == "image") or "none"
+    if ba.media_models is None:
+        listed = ", ".join(m for m, kind in kinds.items() if kind in media)
+        raise ValueError(
+            f"batch_api.kinds lists {media} but batch_api.media_models is not set, so every such model ({listed}) "
+            "is planned as batched, at the batch price; a compat: gemini provider batches media only through "
+            "Google's native batchGenerateContent, which takes generateContent's image models (not Imagen's "
+            ":predict, nor Veo), so the others' batches are refused when sent and go sync at the full price. Set "
+            "batch_api.media_models to the models that have a batch route, e.g. [gemini-2.5-flash-image] (this "
+            f"provider's image models: {images}), or take {media} out of batch_api.kinds")
+    if wrong := [m for m in ba.media_models if kinds.get(m) != "image"]:
+        raise ValueError(f"batch_api.media_models names {wrong}: a compat: gemini provider's native batch takes "
+                         f"image models only (Veo is called at :predictLongRunning, which no batch takes); list "
+                         f"image models with a batch route among: {images}")
 
 class FlexTier(_Frozen):
     """A synchronous tier billed at batch prices (OpenAI's ``service_tier: "flex"``): a call answers in seconds

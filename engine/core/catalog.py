@@ -24,6 +24,7 @@ from engine.core._catalog_parts import (
     ModelCache,
     PromptCache,
     _Frozen,
+    check_gemini_batches,
     merged_cache,
     respelt_cache_terms,
     respelt_catalog,
@@ -219,6 +220,8 @@ class ProviderSpec(_Frozen):
                 raise ValueError(f"batch_api.media_models names {mname!r}, which is no model of a kind in "
                                  f"batch_api.kinds {list(ba.kinds)} other than text; list some of: "
                                  f"{', '.join(k for k, x in self.models.items() if x.kind in ba.kinds and x.kind != 'text')}")
+        if self.compat == "gemini":
+            check_gemini_batches(ba, {k: m.kind for k, m in self.models.items()})
         return self
 
     def cache_of(self, model: str | ModelSpec) -> PromptCache | None:

@@ -11,9 +11,11 @@ from collections.abc import Iterator
 
 import openai
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from actors._types import Job
+from engine.core.catalog import load_catalog
 from engine.core.cost import price_alone
 from engine.core.errors import CatalogError
 from engine.core.request import Request, validation_context
@@ -136,3 +138,28 @@ def test_a_nano_banana_image_is_made_through_the_layer_and_billed_as_the_emulato
     assert res.usage["input_tokens"] == r.input_tokens
     assert res.cost_usd == pytest.approx(item.cost_usd, abs=1e-12)
     assert res.cost_usd == pytest.approx(0.039 + r.input_tokens * 0.30 / 1e6, abs=1e-12)
+
+
+@pytest.mark.parametrize("batch_api, said", [
+    ({"media_models": None}, ["batch_api.media_models is not set", "imagen-4", "gemini-2.5-flash-image"]),
+    ({"kinds": ["text", "image", "video"], "media_models": None}, ["batch_api.media_models is not set", "veo-3"]),
+    ({"kinds": ["text", "image", "video"], "media_models": [NANO, "veo-3"]}, ["batch_api.media_models", "veo-3",
+                                                                              "image models only"]),
+])
+def test_a_gemini_catalog_that_would_plan_a_model_with_no_batch_route_as_batched_is_refused_at_load(
+        tmp_path, batch_api, said):
+    """A ``compat: gemini`` provider's media ride Google's native batchGenerateContent or no batch: it takes
+    generateContent's image models, not Imagen's :predict nor Veo's. Before, images in ``batch_api.kinds`` without
+    ``batch_api.media_models`` planned every image model as batched (Imagen too) at half price, and each such batch
+    went sync at the full price when it was sent; a Veo model among them, the same."""
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text(yaml.safe_dump({"providers": {"google": {"batch_api": batch_api}}}))
+    with pytest.raises(CatalogError) as refused:
+        load_catalog(None, overlay)
+    for words in ["providers.google", *said]:
+        assert words in str(refused.value)
+    # The fix the error names loads, and plans Imagen and Veo sync.
+    overlay.write_text(yaml.safe_dump({"providers": {"google": {"batch_api": {**batch_api, "media_models": [NANO]}}}}))
+    google = load_catalog(None, overlay).provider("google")
+    assert google.supports_batch_api("image", NANO) and not google.supports_batch_api("image", "imagen-4")
+    assert not google.supports_batch_api("video", "veo-3")
