@@ -21,8 +21,9 @@ from typing import Any
 
 from actors.providers._gemini_read import STREAMED, read_operation
 from actors.providers._http import BatchHandle, PollBackoff
+from actors.providers._openai_batches import FIND_SCAN
 from actors.providers._veo import native_root
-from actors.providers.openai_http import FIND_SCAN, OpenAIProvider
+from actors.providers.openai_http import OpenAIProvider
 from engine.core._gemini import GEMINI_ASPECTS
 from engine.core.errors import ProviderError
 from engine.core.provider_api import BatchState, CallJob, CallOutcome, Usage
