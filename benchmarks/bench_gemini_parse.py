@@ -3,7 +3,7 @@ v1beta/batches/{id}`` read whole): a synthetic answer of ``--images`` images of 
 emulator and Google's batch guide give it (the responses twice: ``metadata.output`` and ``response``), served in
 64 KiB chunks by an in-process transport (no server's allocations in the figure), read through the official SDK.
 Prints the peak of ``tracemalloc`` over the read and its ratio to the images' base64 (one copy: what the results
-hand on). Asserts nothing.
+hand on). Asserts no figure (only that every member was read, so no figure is of a read that lost some).
 
     .venv/bin/python benchmarks/bench_gemini_parse.py [--images 20] [--mb 1]
 """
