@@ -179,12 +179,16 @@ class CancelDispatches:
             await asyncio.sleep(0.05)  # the follow-ups' cancels go out on this loop
         return len(self._cancel_sent)
 
-    async def stop_spending(self) -> tuple[int, int, int]:
+    async def stop_spending(self, clock=None, journal_copy: list | None = None) -> tuple[int, int, int]:
         """The engine stops (its other actors are gone already, so nothing this publishes reaches a driver): cancel
         the provider batches under way, as ``cancel`` does, and wait a little for the deletes of ended batches'
         input files (``FileCleanup.drain``). Returns how many were open, how many of those no cancel reached in
         time (they run on, billed), and how many jobs its calls were polling (videos: no cancel exists, each is
-        billed when it completes; their records stay in the journal, ``_dispatch_jobs``)."""
+        billed when it completes; their records stay in the journal, ``_dispatch_jobs``). A dispatcher Ray
+        restarted reads its journal first, with the engine's ``clock`` and ``journal_copy`` the stop gives it
+        (``Recovery._recover_at_stop``): asked before, it knew of no batch, and they ran on, billed."""
+        if self._must_recover:
+            await self._recover_at_stop(clock, journal_copy)
         under_way = set(self._open)
         self._stopping = True
         await self.cancel()

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections import OrderedDict
@@ -85,6 +86,33 @@ class Recovery:
     async def _ready(self) -> None:
         if self._must_recover:
             await self.recover()
+
+    async def _recover_at_stop(self, clock, journal_copy: list | None) -> None:
+        """Ray restarted this dispatcher in the engine's stop, or just before it (its process died), and no driver
+        rewires it now: the stop gives it what ``actors.remote.rewire`` would, the engine ``clock`` (the stop has
+        unpublished it) and, where the journal was the hub's memory, ``journal_copy``: ``[copy]``, or ``[ref]`` to
+        it, of the hub's records (``MemoryJournalStore.journal_copy``; the stop has killed the hub). It is
+        cancelled before it reads its journal: a create the restart cut is looked for, never made again, and a
+        call it would make again is ended unsent. Its peers are found by name, so its settlements reach the budget
+        controller, which the stop keeps until the dispatchers answer. Before, it answered the stop from an empty
+        memory, or not at all: its batches ran on at the provider, billed, their spend counted by no ledger and
+        their claims held until ``reservation_ttl_s``."""
+        from actors.journal import HubJournal
+
+        if clock is not None:
+            await self.set_clock(clock)
+        if self.clock is None:
+            raise RuntimeError(f"dispatcher {self.name}: restarted in the engine's stop, and given no engine clock: "
+                               "its batches under way are not cancelled, and may run on, billed")
+        if journal_copy and isinstance(self.journal, HubJournal):
+            try:
+                got = journal_copy[0]
+                self.journal.hold(await got if inspect.isawaitable(got) else got)
+            except Exception as exc:  # (the hub is gone: its journal read below waits, then gives up)
+                log.error("dispatcher %s: restarted in the engine's stop, it could not take the journal's copy "
+                          "(%s): its batches under way may run on, billed", self.name, _short(exc))
+        await self.cancel()
+        await self._ready()
 
     async def holds(self, uids: list[str]) -> list[str]:
         """Of ``uids``, those this dispatcher is carrying out or has finished (nothing is sent again)."""

@@ -4,22 +4,26 @@ settle what the stop cut short), the budget controller after them (``actors.remo
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Mapping
 
 import ray
 
 from actors._cancel import CANCEL_CALL_S
 from actors._dispatch_outbox import SPEND_WAIT_S
-from actors._peer import read_layout, unpublish_clock
+from actors._peer import RESTART_POLL_S, ClockRef, read_layout, resolve_clock, restarting, unpublish_clock
 
 __all__ = ["kill_engine"]
 
 log = logging.getLogger("smartbatch.engine")
 DEATH_WAIT_S = 2.0  # how long a stop waits for its killed actors to be dead before it cleans Ray's store again
+STOP_CALL_S = CANCEL_CALL_S + 5.0 + SPEND_WAIT_S  # how long the stop waits for its dispatchers' cancels (real s)
+RESTART_AT_STOP_S = 10.0  # and, past that, for Ray to restart a dispatcher that died in its cancel (2 s seen)
+JOURNAL_COPY_S = 2.0  # how long it waits for the hub's copy of its journal (``_journal_copy``)
 
 
-def kill_engine(engine: str, handles: list | None = None, dispatchers: Iterable | None = None, budget=None,
-                at_ledger: Callable[[], None] | None = None) -> int:
+def kill_engine(engine: str, handles: list | None = None, dispatchers: Mapping | Iterable | None = None,
+                budget=None, at_ledger: Callable[[], None] | None = None) -> int:
     """Stop every actor of engine ``engine`` (the given handles, else those its layout names) and remove what it
     published. Returns how many actors were stopped. Its dispatchers (``dispatchers``, else those of the layout)
     go last: once the others are gone (so no driver takes what they publish for an answer), they cancel the
@@ -28,12 +32,15 @@ def kill_engine(engine: str, handles: list | None = None, dispatchers: Iterable 
     else the layout's) goes with them, after: the dispatchers settle there what the stop cut short (possibly
     billed, at its bound), then ``at_ledger`` runs (the driver keeps what its Redis has not taken). Killed with
     the others, it took none of those settlements: their spend was counted by no ledger, and their claims held
-    their room until ``reservation_ttl_s``."""
+    their room until ``reservation_ttl_s``. ``dispatchers`` by provider (a mapping) names them in the log. One
+    whose process dies in its cancel, or just before, is asked again once Ray has restarted it
+    (``_stop_restarted``), with the engine's clock and a copy of the hub's journal, read here before the stop
+    removes them."""
     if handles is None:
         from actors.remote import NAMESPACE, actor_name  # (it imports this module)
 
         layout = read_layout(engine) or {"kinds": []}
-        handles, dispatchers = [], []
+        handles, dispatchers = [], {}
         for kind in layout["kinds"]:
             try:
                 h = ray.get_actor(actor_name(engine, kind), namespace=NAMESPACE)
@@ -41,16 +48,20 @@ def kill_engine(engine: str, handles: list | None = None, dispatchers: Iterable 
                 continue
             handles.append(h)
             if kind.startswith("dispatcher-"):
-                dispatchers.append(h)
+                dispatchers[kind] = h
             elif kind == "budget":
                 budget = h
+    # What a dispatcher Ray restarts in the stop needs, read before the stop removes it (``_stop_restarted``).
+    clock = resolve_clock(ClockRef(engine))[0]
+    last = _named_dispatchers(dispatchers)
+    copy = _journal_copy(engine) if last else None
     unpublish_clock(engine)  # first: drivers attached to it see it gone rather than a half-stopped engine
-    last = list(dispatchers or ())
     ledger = [budget] if budget is not None else []
-    rest = [h for h in handles if h not in last and h not in ledger]
+    rest = [h for h in handles if h not in last.values() and h not in ledger]
     n = _kill(rest)
     try:
-        for step, what in ((lambda: _cancel_batches(engine, last), "cancel"), (at_ledger, "keeping of its ledger")):
+        for step, what in ((lambda: _cancel_batches(engine, last, clock, copy), "cancel"),
+                           (at_ledger, "keeping of its ledger")):
             try:  # each on its own: a failed cancel skipped the ledger's keeping (kept in no file, a review)
                 if step is not None:
                     step()
@@ -58,7 +69,7 @@ def kill_engine(engine: str, handles: list | None = None, dispatchers: Iterable 
                 log.error("engine %s: the stop's %s failed (%s: %s)", engine, what, type(exc).__name__,
                           str(exc)[:200])
     finally:  # (a Ctrl-C too: it left before the second clean, and the ledger's copy stayed in Ray's store)
-        n += _kill(ledger) + _kill(last)
+        n += _kill(ledger) + _kill(list(last.values()))
         _clean_once_dead(engine, [*rest, *ledger])
     return n
 
@@ -85,20 +96,56 @@ def _kill(handles: list) -> int:
     return n
 
 
-def _cancel_batches(engine: str, dispatchers: list) -> None:
-    """Have ``dispatchers`` cancel their provider batches under way, and say what that left running."""
-    refs = [d.stop_spending.remote() for d in dispatchers]
-    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=CANCEL_CALL_S + 5.0 + SPEND_WAIT_S)
-    cancelled = missed = 0
+def _named_dispatchers(dispatchers: Mapping | Iterable | None) -> dict:
+    """The dispatchers by the names the stop's log gives them: a mapping's keys (a driver's handles, by provider),
+    else their actor ids."""
+    if isinstance(dispatchers, Mapping):
+        return {str(k) if str(k).startswith("dispatcher-") else f"dispatcher-{k}": d for k, d in dispatchers.items()}
+    return {f"dispatcher {_actor_id(d)}": d for d in dispatchers or ()}
+
+
+def _actor_id(h) -> str:
+    try:
+        return h._actor_id.hex()[:12]
+    except AttributeError:  # (a stand-in of a unit test)
+        return repr(h)
+
+
+def _journal_copy(engine: str):
+    """A reference to the records of hub shard 0's memory journal, taken before the stop kills the hub (empty
+    where the journal is kept in Redis or under ``journal.dir``): a dispatcher Ray restarts in the stop reads its
+    open batches there (``Recovery._recover_at_stop``). The reference is this driver's, so the copy outlives the
+    hub; a dispatcher that was not restarted never reads it. None when the hub does not answer in time."""
+    from actors.remote import NAMESPACE, actor_name  # (it imports this module)
+
+    try:
+        ref = ray.get_actor(actor_name(engine, "hub"), namespace=NAMESPACE).journal_copy.remote()
+        ready, _ = ray.wait([ref], timeout=JOURNAL_COPY_S)
+    except Exception:  # no hub (gone already), or no Ray: nothing to copy
+        return None
+    return ref if ready else None
+
+
+def _cancel_batches(engine: str, dispatchers: dict, clock=None, copy=None) -> None:
+    """Have ``dispatchers`` (by name) cancel their provider batches under way, and say what that left running.
+    One whose process died in its cancel, or just before (Ray restarts it), is asked again (``_stop_restarted``):
+    taken for one another stop had killed, its batches ran on at the provider, billed, counted by no ledger."""
+    args = (clock, [copy] if copy is not None else None)  # (the copy's reference, left unresolved: rarely read)
+    refs = {d.stop_spending.remote(*args): name for name, d in dispatchers.items()}
+    ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=STOP_CALL_S)
+    answers, died = [], []
     for ref in ready:
         try:
-            open_, left = ray.get(ref)[:2]  # (its videos under way it logs itself)
-        except ray.exceptions.RayActorError:  # stopped already (by another driver's stop): nothing to cancel
-            continue
+            answers.append(ray.get(ref))
+        except ray.exceptions.RayActorError:  # killed by another driver's stop, or died in this one: told apart
+            died.append(refs[ref])
         except Exception as exc:
-            log.warning("engine %s: a dispatcher could not cancel its batches at the stop (%s)", engine,
+            log.warning("engine %s: %s could not cancel its batches at the stop (%s)", engine, refs[ref],
                         type(exc).__name__)
-            continue
+    if died:
+        answers += _stop_restarted(engine, {name: dispatchers[name] for name in died}, args)
+    cancelled = missed = 0
+    for open_, left in (a[:2] for a in answers):  # (its videos under way it logs itself)
         cancelled, missed = cancelled + open_ - left, missed + left
     if cancelled:
         log.warning("engine %s stopped with %d provider batch(es) under way: cancelled; what they finish before "
@@ -107,3 +154,50 @@ def _cancel_batches(engine: str, dispatchers: list) -> None:
     if missed or len(ready) < len(refs):
         log.warning("engine %s stopped with %d provider batch(es) that no cancel reached (and %d dispatcher(s) "
                     "not answering): they may run on, billed", engine, missed, len(refs) - len(ready))
+
+
+def _stop_restarted(engine: str, dispatchers: dict, args: tuple) -> list[tuple]:
+    """Ask ``dispatchers``, whose answer to the stop was their death, to stop spending again, until each answers
+    or ``RESTART_AT_STOP_S`` + ``STOP_CALL_S`` pass: one Ray restarts (``max_restarts``) takes the call once it is
+    back, reads its journal and cancels what it names (``Recovery._recover_at_stop``); one that is dead for good
+    (another driver's stop killed it: nothing left to cancel) says so to a ping. Their answers; each left
+    unreached is logged at ERROR, by name."""
+    give_up = time.monotonic() + RESTART_AT_STOP_S + STOP_CALL_S
+    asked = {d.stop_spending.remote(*args): name for name, d in dispatchers.items()}
+    answers, unreached = [], []
+    while asked:
+        ready, _ = ray.wait(list(asked), num_returns=1, timeout=max(0.0, give_up - time.monotonic()))
+        if not ready:
+            break
+        name = asked.pop(ready[0])
+        try:
+            answers.append(ray.get(ready[0]))
+            continue
+        except ray.exceptions.RayActorError as exc:
+            if not restarting(exc) and _gone(dispatchers[name], give_up):
+                continue
+        except Exception as exc:
+            log.warning("engine %s: %s, restarted in the stop, could not cancel its batches (%s)", engine, name,
+                        type(exc).__name__)
+            continue
+        if time.monotonic() + RESTART_POLL_S >= give_up:
+            unreached.append(name)
+            continue
+        time.sleep(RESTART_POLL_S)  # restarting: Ray holds the call until it is back (a second, seen)
+        asked[dispatchers[name].stop_spending.remote(*args)] = name
+    for name in [*asked.values(), *unreached]:
+        log.error("engine %s: %s died in the stop's cancel and was not back within %.0f s: its provider batches "
+                  "under way may run on at the provider, billed and counted by no ledger, and its claims hold "
+                  "their room until reservation_ttl_s", engine, name, RESTART_AT_STOP_S + STOP_CALL_S)
+    return answers
+
+
+def _gone(d, give_up: float) -> bool:
+    """Whether dispatcher ``d`` is dead for good (its ping says so at once), not restarting."""
+    try:
+        ray.get(d.ping.remote(), timeout=max(0.1, min(RESTART_AT_STOP_S, give_up - time.monotonic())))
+    except ray.exceptions.RayActorError as exc:
+        return not restarting(exc)
+    except Exception:  # not answering yet: restarting
+        pass
+    return False

@@ -123,6 +123,11 @@ class MemoryJournalStore:
     async def journal_items(self, space: str) -> dict[str, bytes]:
         return dict(self._journal().get(space, {}))
 
+    async def journal_copy(self) -> dict[str, dict[str, bytes]]:
+        """Every record, by space: the engine's stop takes it before it kills this hub, for a dispatcher Ray
+        restarts in the stop (``HubJournal.hold``), which would otherwise find no journal to read."""
+        return {space: dict(d) for space, d in self._journal().items()}
+
 
 class HubJournal:
     """Journal records kept in the result hub's memory."""
@@ -148,6 +153,14 @@ class HubJournal:
 
     async def close(self) -> None:
         return None
+
+    def hold(self, spaces: dict[str, dict[str, bytes]]) -> None:
+        """Read and write ``spaces`` (a copy of the hub's records, ``MemoryJournalStore.journal_copy``) in this
+        process from now on: the engine's stop killed the hub, and with it the records of the batches a dispatcher
+        Ray restarts then must cancel (``Recovery._recover_at_stop``)."""
+        store = MemoryJournalStore()
+        store.__dict__["_journal_spaces"] = {space: dict(d) for space, d in spaces.items()}
+        self.hub = as_peer(store)
 
 
 class RedisJournal:

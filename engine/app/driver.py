@@ -208,7 +208,7 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, LiveBudgeting, Pulling, Shared
             else:
                 from actors.remote import kill_engine
 
-                kill_engine(handles["engine"], handles["all"], handles["dispatchers"].values())
+                kill_engine(handles["engine"], handles["all"], handles["dispatchers"])
                 if started and not Engine._running_engines:
                     ray.shutdown()
             raise
@@ -249,7 +249,7 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, LiveBudgeting, Pulling, Shared
                 try:
                     self._keep_last_report()  # report() after stop() answers with it
                 finally:  # a Ctrl-C while it is read: the actors go all the same (they ran on, a batch billed)
-                    kill_engine(self._h["engine"], self._h["all"], self._h["dispatchers"].values(),
+                    kill_engine(self._h["engine"], self._h["all"], self._h["dispatchers"],
                                 self._h.get("budget"), self._keep_ledger)
                 if self._kept is not None:  # (its dispatchers gone: nothing writes the journal now)
                     self._kept.finish(clean, self._h.get("journal", self.name))

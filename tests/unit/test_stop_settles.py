@@ -90,7 +90,7 @@ def test_the_stop_kills_the_budget_controller_after_the_dispatchers_settled_and_
     done: list[tuple] = []
     monkeypatch.setattr(engine_stop, "unpublish_clock", lambda engine: None)
     monkeypatch.setattr(engine_stop, "_kill", lambda hs: done.append(("kill", *hs)) or len(hs))
-    monkeypatch.setattr(engine_stop, "_cancel_batches", lambda engine, ds: done.append(("cancel", *ds)))
+    monkeypatch.setattr(engine_stop, "_cancel_batches", lambda engine, ds, *more: done.append(("cancel", *ds.values())))
     monkeypatch.setattr(engine_stop.ray, "wait", lambda *a, **k: ([], []))
 
     class Handle(str):
@@ -160,7 +160,7 @@ def test_a_ctrl_c_in_the_stop_still_kills_every_actor_and_cleans_ray_s_store_aft
         done.append((at,))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(engine_stop, "_cancel_batches", interrupted if at == "cancel" else lambda engine, ds: None)
+    monkeypatch.setattr(engine_stop, "_cancel_batches", interrupted if at == "cancel" else lambda engine, ds, *more: None)
     monkeypatch.setattr(engine_stop.ray, "wait", lambda *a, **k: done.append(("wait dead",)) or ([], []))
 
     class Handle(str):
@@ -218,7 +218,7 @@ def test_a_cancel_that_fails_at_the_stop_still_keeps_the_ledger_before_the_contr
     monkeypatch.setattr(engine_stop, "unpublish_clock", lambda engine: None)
     monkeypatch.setattr(engine_stop, "_kill", lambda hs: done.append(("kill", *hs)) or len(hs))
 
-    def failing(engine, ds):
+    def failing(engine, ds, *more):
         raise RuntimeError("Ray's wait failed")
 
     monkeypatch.setattr(engine_stop, "_cancel_batches", failing)

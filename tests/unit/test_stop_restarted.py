@@ -1,0 +1,61 @@
+"""A dispatcher Ray restarts in the engine's stop, or just before it (its process died), and a simulated provider's
+call under way at the stop (``CancelDispatches.stop_spending``, ``Recovery._recover_at_stop``).
+
+Before, a restarted dispatcher answered the stop's ``stop_spending`` from an empty memory (``(0, 0, 0)``: no batch
+under way), and the stop took the death of one that died in it for a kill by another stop: its provider batches
+ran on, billed, their spend counted by no ledger, their claims held until ``reservation_ttl_s``. The stop had
+killed the hub, whose memory held its journal, and unpublished the clock it reads after a restart."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from actors import Dispatcher
+from engine.core.cost import reserve_bound
+from engine.core.provider_api import Secret
+
+from . import test_stop_settles
+from .test_batch_rescue import FAR
+from .test_http_providers import KEY, Rig, jobs_of
+
+slow_cancel_emu = test_stop_settles.slow_cancel_emu  # (a fixture: a batch still cancelling when the actor goes)
+
+
+class _Gone:
+    """The hub, killed by the stop before the dispatchers are asked: every call to it fails."""
+
+    def __getattr__(self, name: str):
+        raise ConnectionError(f"the hub is gone ({name})")
+
+
+def test_a_dispatcher_restarted_at_the_stop_reads_the_hub_journal_copy_and_cancels_its_batch(slow_cancel_emu):
+    async def go():
+        rig = Rig(slow_cancel_emu, "openai")
+        again = None
+        try:
+            jobs = jobs_of("openai", claims=True)
+            await rig.reserve(jobs)
+            await rig.run("batch_api", jobs, hedge_at=FAR)
+            await rig.until(lambda: [r for r in rig.d._open.values() if r[4] is not None], "the batch created")
+            copy = await rig.hub.journal_copy()  # taken by the stop before it kills the hub
+            test_stop_settles._stop_tasks(rig)  # its process dies: its follow-ups with it
+            # Ray builds it again from its constructor's arguments: a clock the stop has unpublished, the hub gone.
+            again = Dispatcher("openai", rig.catalog, rig.settings, 0, None, [rig.grouper], _Gone(), None,
+                               rig.budget, key=Secret(KEY))
+            again.reconstructed()
+            assert await asyncio.wait_for(again.stop_spending(rig.clock, [copy]), 30) == (1, 0, 0)
+            assert slow_cancel_emu.count("batches.cancel", "openai", 200) == 1
+            assert slow_cancel_emu.count("batches.create", "openai") == 1  # followed again, never made again
+            assert not rig.budget.book.claims, "its members' claims still hold their room"
+            bounds = [reserve_bound(j.req, rig.catalog, "batch_api") for j in jobs]
+            assert sum(rig.budget.book.spend.values()) == pytest.approx(sum(bounds), abs=1e-12)
+            assert (await again.stats())["possibly_billed"] == len(jobs)
+        finally:
+            for t in again._tasks if again is not None else ():
+                t.cancel()
+            await rig.close()
+            if again is not None:
+                await again.provider.close()
+    asyncio.run(go())
