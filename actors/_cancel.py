@@ -211,8 +211,12 @@ class CancelDispatches:
         (``actors._engine_stop.kill_engine``). Left to the actor's kill, its claim held its room until
         ``reservation_ttl_s`` (a Redis ledger) and was then released: spend billed and counted by no ledger."""
         cut = [(rec[0].mode, j) for rec in self._open.values() for j in rec[1]]
-        calling = self._calling or set()
+        calling = self._calling or {}
         cut += [(rec[0].mode if key in calling else None, rec[1]) for key, rec in self._sync_calls.items()]
+        # A simulated provider's call (journaled nowhere: a restart makes it anew): left out, its claim held its
+        # room until ``reservation_ttl_s``, and a kept report showed it reserved. (A real call under way with no
+        # record any more belongs to a request that ended here, withdrawn say: settled then.)
+        cut += [] if self.provider.real else [(b.mode, j) for b, j in calling.values()]
         done = self._settled_at_stop = self._settled_at_stop or set()
         for mode, j in cut:
             if j.claim is None or j.claim in done:

@@ -180,9 +180,10 @@ class SyncCalls:
         self._kick()
         return True
 
-    # Keys of the sync calls sent and not yet answered; a record of ``_sync_calls`` not in it is not at the provider
-    # (its body being journaled, or waiting for a next try), and a stop ends it unsent (``_settle_cut_short``).
-    _calling: set[str] | None = None
+    # The sync calls sent and not yet answered, by key: (dispatch, job). A record of ``_sync_calls`` not in it is not
+    # at the provider (its body being journaled, or waiting for a next try), and a stop ends it unsent; a simulated
+    # provider's call has no record there, and is settled from here (``_settle_cut_short``).
+    _calling: dict[str, tuple] | None = None
 
     async def _run_sync(self, b: BatchJob, j: Job, cache_write: bool, start: float) -> None:
         r = j.req
@@ -230,12 +231,12 @@ class SyncCalls:
                 self._pump()
                 return
             self._flex_probe = r.uid
-        calling = self._calling = self._calling or set()  # at the provider from here: the stop settles it at its bound
-        calling.add(cj.key)
+        calling = self._calling = self._calling or {}  # at the provider from here: the stop settles it at its bound
+        calling[cj.key] = (b, j)
         try:
             a = await self.provider.call(cj)
         finally:  # a call cancelled (the dispatcher stopping) frees it too: held, every later one went standard
-            calling.discard(cj.key)
+            calling.pop(cj.key, None)
             if self._flex_probe == r.uid:
                 self._flex_probe = None
         # A give-up of its last try kept the job, which this try polled again: this outcome is that job's.

@@ -12,13 +12,19 @@ import asyncio
 
 import pytest
 
-from actors import Dispatcher
+from actors import BudgetController, Dispatcher, ResultHub
+from actors._types import BatchJob, Job
+from engine.core.budgets import BudgetSettings, Claim
+from engine.core.catalog import default_catalog
+from engine.core.clock import ManualClock
 from engine.core.cost import reserve_bound
 from engine.core.provider_api import Secret
+from engine.core.settings import Settings
+from tests.unit.helpers import Recorder
 
 from . import test_stop_settles
 from .test_batch_rescue import FAR
-from .test_http_providers import KEY, Rig, jobs_of
+from .test_http_providers import KEY, Rig, jobs_of, req
 
 slow_cancel_emu = test_stop_settles.slow_cancel_emu  # (a fixture: a batch still cancelling when the actor goes)
 
@@ -58,4 +64,39 @@ def test_a_dispatcher_restarted_at_the_stop_reads_the_hub_journal_copy_and_cance
             await rig.close()
             if again is not None:
                 await again.provider.close()
+    asyncio.run(go())
+
+
+def test_a_simulated_providers_sync_call_under_way_at_the_stop_is_settled_at_its_bound():
+    """A simulated provider's call has no record in ``_sync_calls`` (journaled nowhere: a restart makes it anew),
+    and the stop settled only those: its claim held its room until ``reservation_ttl_s``."""
+    async def go():
+        catalog = default_catalog()
+        budget = BudgetController(BudgetSettings(), None, ManualClock(0.0))
+        d = Dispatcher("openai", catalog, Settings(), 0, ManualClock(0.0), [Recorder()], ResultHub(), None, budget)
+        started, answer = asyncio.Event(), asyncio.Event()
+        inner = d.provider.call
+
+        async def held(job):  # the call is under way when the stop comes
+            started.set()
+            await answer.wait()
+            return await inner(job)
+
+        d.provider.call = held
+        j = Job(0, req(0), "fp-0", claim="c0")
+        try:
+            assert not d.provider.real
+            assert all(v.ok for v in await budget.reserve_many([Claim("c0", j.req.tenant, "openai", j.req.model,
+                                                                       j.req.priority, 1.0)]))
+            await d.run_many([BatchJob("b", "sync", None, False, "test", "test", [j])])
+            await asyncio.wait_for(started.wait(), 10)
+            await d.stop_spending()
+            bound = reserve_bound(j.req, catalog, "sync")
+            assert not budget.book.claims, "its claim still holds its room"
+            assert sum(budget.book.spend.values()) == pytest.approx(bound, abs=1e-12)
+            assert (await d.stats())["possibly_billed"] == 1
+        finally:
+            answer.set()
+            for t in d._tasks:
+                t.cancel()
     asyncio.run(go())
