@@ -18,7 +18,11 @@ import pytest
 from engine.core.budgets import BudgetSettings, BudgetSpec
 
 
-def test_a_dispatcher_that_dies_in_the_stops_cancel_is_asked_again_and_cancels_its_batch(ray_session, monkeypatch):
+@pytest.mark.parametrize("journal", ["the hub's memory", "journal.dir"])
+def test_a_dispatcher_that_dies_in_the_stops_cancel_is_asked_again_and_cancels_its_batch(journal, ray_session,
+                                                                                         monkeypatch, tmp_path):
+    """The journal in the hub's memory (the stop has killed the hub: the restarted dispatcher reads the copy the
+    stop took) or in files (``journal.dir``: it reads them)."""
     import ray
 
     from engine import Engine
@@ -26,7 +30,7 @@ def test_a_dispatcher_that_dies_in_the_stops_cancel_is_asked_again_and_cancels_i
     from engine.core.catalog import default_catalog
     from engine.core.cost import reserve_bound
     from engine.core.request import Request, validation_context
-    from engine.core.settings import Settings
+    from engine.core.settings import JournalSettings, Settings
     from engine.emulator import Emulator
     from tests.integration._catalogs import OPENAI_ONLY
 
@@ -37,7 +41,8 @@ def test_a_dispatcher_that_dies_in_the_stops_cancel_is_asked_again_and_cancels_i
         default_catalog())), OPENAI_ONLY, "batch_api")
     # Real time at the provider: the batch takes minutes there, so it is under way at the stop.
     with Emulator(default_catalog(), speedup=1.0, seed=0, cancel_s=1.0) as emu:
-        settings = point_at_emulator(Settings(budgets=budgets), emu, providers=("openai",))
+        kept = JournalSettings(dir=tmp_path / "journal") if journal == "journal.dir" else JournalSettings()
+        settings = point_at_emulator(Settings(budgets=budgets, journal=kept), emu, providers=("openai",))
         monkeypatch.setenv(settings.providers.endpoints["openai"].api_key_env, "sk-fake-stop")
         polled, cancelling = threading.Event(), threading.Event()
         asked = emu.faults.next_fault
