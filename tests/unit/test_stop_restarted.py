@@ -4,14 +4,19 @@ call under way at the stop (``CancelDispatches.stop_spending``, ``Recovery._reco
 Before, a restarted dispatcher answered the stop's ``stop_spending`` from an empty memory (``(0, 0, 0)``: no batch
 under way), and the stop took the death of one that died in it for a kill by another stop: its provider batches
 ran on, billed, their spend counted by no ledger, their claims held until ``reservation_ttl_s``. The stop had
-killed the hub, whose memory held its journal, and unpublished the clock it reads after a restart."""
+killed the hub, whose memory held its journal, and unpublished the clock it reads after a restart. Asked again
+now (``actors._engine_stop._stop_restarted``), within a bound: one that never comes back is named in an ERROR."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
+from types import SimpleNamespace
 
 import pytest
 
+import actors._engine_stop as engine_stop
 from actors import BudgetController, Dispatcher, ResultHub
 from actors._types import BatchJob, Job
 from engine.core.budgets import BudgetSettings, Claim
@@ -100,3 +105,48 @@ def test_a_simulated_providers_sync_call_under_way_at_the_stop_is_settled_at_its
             for t in d._tasks:
                 t.cancel()
     asyncio.run(go())
+
+
+class _Fails:
+    """A dispatcher's handle whose every call ends in ``err`` (Ray's error for it)."""
+
+    def __init__(self, err: Exception):
+        self.stop_spending = self.ping = SimpleNamespace(remote=lambda *a: err)
+
+
+@pytest.fixture
+def fake_ray(monkeypatch):
+    """Ray's wait and get over ``_Fails`` handles: each call is ready at once, and raises its error."""
+    import ray
+
+    monkeypatch.setattr(engine_stop.ray, "wait", lambda refs, num_returns=1, timeout=None: (
+        list(refs)[:num_returns], list(refs)[num_returns:]))
+
+    def get(ref, timeout=None):
+        raise ref
+
+    monkeypatch.setattr(engine_stop.ray, "get", get)
+    return ray
+
+
+def test_a_dispatcher_that_never_comes_back_leaves_the_stop_within_its_bound_named_in_an_error(fake_ray, monkeypatch,
+                                                                                               caplog):
+    """Ray keeps restarting it (or cannot place it): asked again until the bound, then said, never waited on."""
+    monkeypatch.setattr(engine_stop, "RESTART_AT_STOP_S", 0.5)
+    monkeypatch.setattr(engine_stop, "STOP_CALL_S", 0.0)
+    restarting = fake_ray.exceptions.ActorUnavailableError("restarting", None)
+    began = time.monotonic()
+    with caplog.at_level(logging.ERROR, logger="smartbatch.engine"):
+        assert engine_stop._stop_restarted("prod", {"dispatcher-openai": _Fails(restarting)}, (None, None)) == []
+    assert time.monotonic() - began < 5.0
+    (said,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert "prod" in said and "dispatcher-openai" in said and "may run on" in said, said
+
+
+def test_a_dispatcher_another_stop_killed_is_left_alone_and_not_said(fake_ray, caplog):
+    """Dead for good (its ping says so too): nothing left for this stop to cancel, nothing to say."""
+    dead = fake_ray.exceptions.ActorDiedError()
+    began = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="smartbatch.engine"):
+        assert engine_stop._stop_restarted("prod", {"dispatcher-openai": _Fails(dead)}, (None, None)) == []
+    assert time.monotonic() - began < 5.0 and not caplog.records
