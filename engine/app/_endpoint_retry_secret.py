@@ -4,7 +4,8 @@ A line of that log names its try's content by a hash. A plain SHA-256 of the ten
 who can read the state directory confirm a guessed short prompt (hash the guess, look for it); the log's keys are
 an HMAC-SHA256 under this secret instead: 32 random bytes in ``retries.secret``, mode 0600, beside the log. It is
 made once, atomically (written and fsynced under a temporary name, then linked into place: a crash leaves either
-no secret or a whole one, and a second maker never replaces the first's), and read back at every start, so that a
+no secret or a whole one, and a second maker never replaces the first's; renamed into place on a filesystem
+without hard links, where the state directory's lock keeps a second maker out), and read back at every start, so that a
 restarted endpoint computes the same keys and a retry after a restart still takes its try's id. A secret file of
 another size (cut by hand, another version) is set aside as ``retries.secret.bad`` and a new one made: the tries
 kept under the old one are then not taken by their retries (logged). The secret is never logged.
@@ -12,6 +13,7 @@ kept under the old one are then not taken by their retries (logged). The secret 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import stat
@@ -48,8 +50,12 @@ def state_secret(root: Path) -> bytes:
             os.link(tmp, path)  # fails if one is there: never replaces a secret another start made meanwhile
         except FileExistsError:
             pass
+        except OSError:  # a filesystem without hard links (an SMB share, a FUSE mount): the log was off there
+            if not path.exists():  # (no other maker: the state directory's lock is held)
+                os.rename(tmp, path)  # whole or not at all, as the link
     finally:
-        os.unlink(tmp)
+        with contextlib.suppress(FileNotFoundError):  # renamed into place
+            os.unlink(tmp)
     _sync_dir(root)  # its name too, before lines keyed with it are on disk
     secret = _read(path)
     if secret is None:

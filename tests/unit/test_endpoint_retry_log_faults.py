@@ -8,6 +8,7 @@ skipped the log's close (its files left open); and a hung fsync (an NFS server g
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -200,3 +201,24 @@ def test_a_hung_fsync_holds_the_close_no_longer_than_its_bound_and_the_files_clo
     assert len(said) == 1 and str(tmp_path / "retries-") in said[0]
     log._worker.join(WAIT_S)  # once the fsync returns the worker closes the files and ends
     assert not log._worker.is_alive() and open_log_files(tmp_path) == []
+
+
+# -- 4. found by a review of the above (revlog) ----------------------------------------------------------------------
+def test_a_state_dir_on_a_filesystem_without_hard_links_still_keeps_the_tries_for_their_retries(tmp_path,
+                                                                                               monkeypatch):
+    """An SMB share or a FUSE mount answers ``link`` with EPERM: the secret could not be made, so the log was off
+    and a retry after a restart paid again (where stop 73's log kept it); the batches' inputs there are copied."""
+    def no_links(src, dst, **_) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted", str(src))
+
+    monkeypatch.setattr(os, "link", no_links)
+    wall, fresh = Wall(), ids()
+    made = []
+    tries = one_life(tmp_path, wall, fresh, lambda t: made.append(t.request_id("acme", KEY, SDK0, fresh)))
+    assert tries.log.write_errors == 0 and len((tmp_path / SECRET_FILE).read_bytes()) == SECRET_BYTES
+    assert stat.S_IMODE((tmp_path / SECRET_FILE).stat().st_mode) == 0o600
+    assert not list(tmp_path.glob(".tmp-*"))
+    wall.now += 5
+    got = []
+    one_life(tmp_path, wall, fresh, lambda t: got.append(t.request_id("acme", KEY, SDK1, fresh)))
+    assert got == made
