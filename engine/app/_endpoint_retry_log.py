@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.app._endpoint_retries import ANSWERED_KEEP_S, SdkRetries, retry_count
-from engine.app._endpoint_retry_secret import state_secret
+from engine.app._endpoint_retry_secret import SECRET_FILE, state_secret
 from engine.core.files import write_atomic
 
 __all__ = ["KeptTries", "RetryLog", "replay"]
@@ -100,6 +100,7 @@ class RetryLog:
     def open(self) -> list[dict[str, Any]]:
         """The lines kept, oldest first (a cut or foreign line skipped); from now on, lines are appended."""
         root = self._paths[0].parent
+        made = not (root / SECRET_FILE).exists()  # then a line keyed before was keyed by a secret lost
         try:
             self._mac = hmac.new(state_secret(root), digestmod=hashlib.sha256)
         except OSError as exc:  # no line can be keyed: none is written, as without a state directory
@@ -107,7 +108,7 @@ class RetryLog:
             return []
         lines: list[dict[str, Any]] = []
         cut: set[Path] = set()
-        unkeyed = 0
+        unkeyed, lost = 0, False
         for path in self._paths:
             try:
                 data = path.read_bytes()
@@ -123,6 +124,7 @@ class RetryLog:
                     continue
                 if isinstance(line, dict) and isinstance(at := line.get("at"), (int, float)) and math.isfinite(at):
                     mine.append(line)
+            lost = lost or made and any(line.get("h") for line in mine)  # (not those of stop 73, keyed now)
             if n := self._key_old(mine):
                 try:
                     write_atomic(path, b"".join(self._encode(line).encode("utf-8", "surrogatepass") + b"\n"
@@ -135,6 +137,9 @@ class RetryLog:
         if unkeyed:
             log.info("endpoint state: %d lines of the log of SDK tries under %s had the unkeyed hashes of stop 73 "
                      "and before; read, and written again keyed with the state directory's secret", unkeyed, root)
+        if lost:  # deleted, left out of a copy of the directory: said, as a cut one is
+            log.error("endpoint state: %s was missing beside the log of SDK tries under it and a new one was made: "
+                      "the tries kept are not taken by their retries after this restart", root / SECRET_FILE)
         lines.sort(key=lambda line: line["at"])  # the two files' lines in one order (a sort that keeps ties)
         # Not emptied now: the file of this window may hold lines of it, written before the restart.
         self._window = int(self._clock() // ANSWERED_KEEP_S)

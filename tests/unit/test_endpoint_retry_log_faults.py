@@ -136,6 +136,7 @@ def test_a_log_of_the_unkeyed_format_is_read_and_written_again_keyed(tmp_path, c
     raw = b"".join(p.read_bytes() for p in tmp_path.glob("retries-*.jsonl"))
     assert KEY.encode() not in raw and b'"k"' not in raw
     assert sum("unkeyed hashes" in r.getMessage() for r in caplog.records) == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # no secret lost: there was none
 
 
 # -- 2. closed on every way out of the endpoint's lifespan ----------------------------------------------------------
@@ -222,3 +223,21 @@ def test_a_state_dir_on_a_filesystem_without_hard_links_still_keeps_the_tries_fo
     got = []
     one_life(tmp_path, wall, fresh, lambda t: got.append(t.request_id("acme", KEY, SDK1, fresh)))
     assert got == made
+
+
+def test_a_lost_secret_beside_a_keyed_log_is_said_once_not_lost_in_silence(tmp_path, caplog):
+    """A secret deleted, or left out of a copy of the directory (it is 0600): a new one was made and every try
+    kept went unanswered by its retry, paid again, with no word of why (a cut one was said)."""
+    caplog.set_level(logging.INFO)
+    wall, fresh = Wall(), ids()
+    one_life(tmp_path, wall, fresh, lambda t: t.request_id("acme", KEY, SDK0, fresh))
+    wall.now += 5
+    one_life(tmp_path, wall, fresh, lambda t: None)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # a plain restart says nothing
+    (tmp_path / SECRET_FILE).unlink()
+    wall.now += 5
+    one_life(tmp_path, wall, fresh, lambda t: None)
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(said) == 1 and SECRET_FILE in said[0] and "not taken by their retries" in said[0]
+    one_life(tmp_path, wall, fresh, lambda t: None)  # said once: the next start has the new secret
+    assert len([r for r in caplog.records if r.levelno >= logging.ERROR]) == 1
