@@ -97,6 +97,10 @@ class SdkRetries:
             return True
         return False
 
+    def holds(self, rid: str) -> bool:
+        """Whether the try ``rid`` is remembered (under way, or answered and not yet forgotten)."""
+        return rid in self._running or rid in self._answered
+
     def kept(self) -> list[tuple[str, str, float | None]]:
         """Every try remembered: (key, id, when answered, by the table's clock; None: under way), the tries of
         each content in their order."""

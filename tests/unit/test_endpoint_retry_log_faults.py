@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -241,3 +243,36 @@ def test_a_lost_secret_beside_a_keyed_log_is_said_once_not_lost_in_silence(tmp_p
     assert len(said) == 1 and SECRET_FILE in said[0] and "not taken by their retries" in said[0]
     one_life(tmp_path, wall, fresh, lambda t: None)  # said once: the next start has the new secret
     assert len([r for r in caplog.records if r.levelno >= logging.ERROR]) == 1
+
+
+def test_a_call_makes_its_key_once_and_a_call_of_no_sdk_none_and_the_keys_are_hmacs_of_the_secret(tmp_path,
+                                                                                                   monkeypatch):
+    """Each SDK call keyed its content again at its answer, and a call of no SDK (curl, a client of its own)
+    twice for nothing: two HMACs of 3.4 us on the loop per call for one, or none (``bench_retry_log.py``)."""
+    made = []
+    real = RetryLog.keyed
+
+    def counted(self, key: str) -> str:
+        made.append(key)
+        return real(self, key)
+
+    monkeypatch.setattr(RetryLog, "keyed", counted)
+    wall, fresh = Wall(), ids()
+    keys = [SdkRetries.key("acme", "/v1/chat/completions", {"body": {"i": i}}) for i in range(4)]
+
+    def calls(t: KeptTries) -> None:
+        for key in keys[:2]:  # an SDK's first try answered, then one refused
+            t.answered(key, t.request_id("acme", key, SDK0, fresh))
+        t.refused(keys[1], t.request_id("acme", keys[1], SDK1, fresh))
+        for key in keys[2:]:  # no retry count: not an SDK's, remembered by nothing
+            t.answered(key, t.request_id("acme", key, {}, fresh))
+            t.refused(key, t.request_id("acme", key, {}, fresh))
+
+    tries = one_life(tmp_path, wall, fresh, calls)
+    assert made == [keys[0], keys[1], keys[1]]
+    secret = (tmp_path / SECRET_FILE).read_bytes()
+    want = {hmac.new(secret, k.encode(), hashlib.sha256).hexdigest() for k in keys[:2]}
+    assert logged_keys(tmp_path) == want and {tries.log.keyed(k) for k in keys[:2]} == want
+    kinds = [(line["e"], line["h"]) for line in log_lines(tmp_path) if line["e"] != "alive"]
+    k0, k1 = (tries.log.keyed(k) for k in keys[:2])
+    assert kinds == [("try", k0), ("answered", k0), ("try", k1), ("answered", k1), ("try", k1), ("refused", k1)]
