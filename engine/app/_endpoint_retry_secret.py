@@ -8,7 +8,9 @@ no secret or a whole one, and a second maker never replaces the first's; renamed
 without hard links, where the state directory's lock keeps a second maker out), and read back at every start, so that a
 restarted endpoint computes the same keys and a retry after a restart still takes its try's id. A secret file of
 another size (cut by hand, another version) is set aside as ``retries.secret.bad`` and a new one made: the tries
-kept under the old one are then not taken by their retries (logged). The secret is never logged.
+kept under the old one are then not taken by their retries (logged). The secret is never logged. What a crash
+left under a temporary name is swept with the directory's other temporary files, by the endpoint that holds its
+lock (``EndpointState``): swept here, a second maker's file went from under its link, and that maker failed.
 """
 
 from __future__ import annotations
@@ -34,8 +36,6 @@ def state_secret(root: Path) -> bytes:
     when it can be neither read nor made."""
     root = Path(root)
     path = root / SECRET_FILE
-    for tmp in root.glob(_TMP_PREFIX + "*"):  # what a crash between its write and its link left
-        tmp.unlink(missing_ok=True)
     secret = _read(path)
     if secret is not None:
         return secret

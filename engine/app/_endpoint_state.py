@@ -71,7 +71,8 @@ class EndpointState:
     def _sweep(self) -> None:
         """What a kill left half made, now that no other endpoint writes here: the temporary files of writes it
         cut (an upload's bytes, up to its 200 MB; a helper's hunt), and inputs kept for a batch with no record."""
-        for d in (self.files_dir, self.batches_dir, self.videos_dir):
+        # The root's too: the log of SDK tries' rewrite and its secret, the ledger's id (a review, revlog).
+        for d in (self.root, self.files_dir, self.batches_dir, self.videos_dir):
             for tmp in d.glob(".tmp-*"):
                 tmp.unlink(missing_ok=True)
         for d, data in ((self.batches_dir, "*.input"), (self.files_dir, "*.data")):

@@ -23,7 +23,8 @@ from engine.app import _endpoint_retry_log as retry_log
 from engine.app._endpoint_batches import FilesAndBatches
 from engine.app._endpoint_retries import RETRY_COUNT, SdkRetries
 from engine.app._endpoint_retry_log import KeptTries, RetryLog
-from engine.app._endpoint_retry_secret import SECRET_BYTES, SECRET_FILE
+from engine.app._endpoint_retry_secret import SECRET_BYTES, SECRET_FILE, state_secret
+from engine.app._endpoint_state import EndpointState
 from engine.app._endpoint_videos import VideoRoutes
 from engine.app.endpoint import make_app
 from tests.unit.test_endpoint import CAT, FakeEngine
@@ -276,3 +277,16 @@ def test_a_call_makes_its_key_once_and_a_call_of_no_sdk_none_and_the_keys_are_hm
     kinds = [(line["e"], line["h"]) for line in log_lines(tmp_path) if line["e"] != "alive"]
     k0, k1 = (tries.log.keyed(k) for k in keys[:2])
     assert kinds == [("try", k0), ("answered", k0), ("try", k1), ("answered", k1), ("try", k1), ("refused", k1)]
+
+
+def test_the_temporary_files_of_the_state_dirs_root_are_swept_by_its_lock_holder_not_by_a_maker_of_the_secret(
+        tmp_path):
+    """A kill in the rewrite of a log of stop 73 (``write_atomic``) or in the ledger id's write left its temporary
+    file in the root for good (only files/, batches/ and videos/ were swept); and each maker of the secret swept
+    the root's ``.tmp-retries-secret-*``, another maker's file under way among them, whose link then failed."""
+    (tmp_path / ".tmp-retries-secret-other").write_bytes(b"another maker's, not yet linked")
+    state_secret(tmp_path)
+    assert (tmp_path / ".tmp-retries-secret-other").exists()
+    (tmp_path / ".tmp-abc123").write_bytes(b'{"e":"try"}\n' * 1000)  # a rewrite cut by a kill
+    EndpointState(tmp_path).close()
+    assert not list(tmp_path.glob(".tmp-*"))
