@@ -241,7 +241,10 @@ class RetryLog:
             fds, last, loop, done = self._jobs.get()
             self._sync(fds)
             for fd in last:  # here, after every fsync of it: never under one, nor its number reused by another
-                os.close(fd)
+                try:
+                    os.close(fd)
+                except OSError as exc:  # (a write-back's EIO) it is closed all the same; raised, it ended the
+                    self._failed(exc)  # thread: the stop waited its whole bound for a hung fsync, the next fd open
             with contextlib.suppress(RuntimeError):  # the loop is gone (a stop that waited no longer)
                 loop.call_soon_threadsafe(_settle, done)
             if last:

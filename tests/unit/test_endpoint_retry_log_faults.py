@@ -290,3 +290,34 @@ def test_the_temporary_files_of_the_state_dirs_root_are_swept_by_its_lock_holder
     (tmp_path / ".tmp-abc123").write_bytes(b'{"e":"try"}\n' * 1000)  # a rewrite cut by a kill
     EndpointState(tmp_path).close()
     assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_a_close_of_a_file_that_reports_an_error_ends_the_stop_at_once_and_closes_the_other(tmp_path, monkeypatch,
+                                                                                          caplog):
+    """``close`` reports a write-back's EIO (the descriptor is released all the same): raised in the log's thread,
+    it ended the thread before the other file's close and the stop's wake-up, so the stop waited its whole bound
+    and then said an fsync had not returned, when none hung."""
+    caplog.set_level(logging.ERROR)
+    real = os.close
+
+    async def go() -> RetryLog:
+        log = RetryLog(tmp_path, Wall(), close_wait_s=5.0)
+        log.open()
+        first = log._fds[0]
+
+        def eio(fd: int) -> None:
+            real(fd)
+            if fd == first:
+                raise OSError(errno.EIO, "Input/output error")
+
+        monkeypatch.setattr(retry_log.os, "close", eio)
+        log.note("try", "acme", "k", "req_0")
+        await log.close()
+        log._worker.join(WAIT_S)
+        return log
+
+    log = asyncio.run(asyncio.wait_for(go(), 4.0))  # on the code before: the close waited its bound, 5 s
+    monkeypatch.undo()
+    assert not log._worker.is_alive() and open_log_files(tmp_path) == [] and log.write_errors == 1
+    said = [r.getMessage() for r in caplog.records]
+    assert not [m for m in said if "has not returned" in m] and any("Input/output error" in m for m in said)
