@@ -11,7 +11,7 @@ under way. A first try is always a new batch; a try answered with an error is fo
 
 The create runs as a task of its own, so a client that leaves mid-create (its timeout) leaves the batch being made
 for its retry to find, not cut half-way. The table lives in memory; each batch made by an SDK's try keeps its key
-in its record on disk (``retry_key``), and a restarted endpoint with a state directory remembers the batches
+in its record on disk (``retry_h``: keyed by the state directory's secret, ``SdkRetries.keyed``), and a restarted endpoint with a state directory remembers the batches
 created within ``ANSWERED_KEEP_S`` before the restart: a retry that comes after the restart gets its batch too.
 Without a state directory the batch is gone with the restart, and the retry is a new batch.
 """
@@ -50,7 +50,7 @@ class OnceCreated:
         """``make(batch id, retry key)`` the batch of this try, and its answer; a retry: the answer of the try it
         repeats, that batch as it is now (``show``) or, its create under way, as that create answers it.
         ``content``: what a retry repeats, the body's fields (the tenant and ``route`` are added)."""
-        key = SdkRetries.key(tenant_of(http.headers), route, content)
+        key = self.retries.keyed(SdkRetries.key(tenant_of(http.headers), route, content))  # on record: hidden
         bid = self.retries.request_id(key, http.headers, lambda: new_id(prefix))
         sdk = http.headers.get(RETRY_COUNT, "").isdigit()  # a try the table keeps: its key goes on record
         with try_outcome(self.retries, key, bid, ApiError):

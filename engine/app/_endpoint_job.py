@@ -7,9 +7,11 @@ import asyncio
 import concurrent.futures
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from engine.app._endpoint_retries import retry_key_of
 from engine.core.batchfile import BatchFile
 from engine.core.request import Request
 from engine.core.result import ANSWERED, ENGINE_CANCELLED, Result
@@ -116,14 +118,17 @@ class BatchJob:
                 "tenant": self.tenant, "created_at": self.created_at, "status": self.status, "errors": self.errors,
                 "at": self.at, "output_file_id": self.output_file_id, "error_file_id": self.error_file_id,
                 "report": self.report, "final": list(self.final) if self.final is not None else None,
-                "created_ns": self.created_ns, "retry_key": self.retry_key}
+                "created_ns": self.created_ns, "retry_h": self.retry_key}
 
     @classmethod
-    def from_record(cls, rec: dict[str, Any]) -> BatchJob:
+    def from_record(cls, rec: dict[str, Any], keyed: Callable[[str], str] = str) -> BatchJob:  # (str: as it is)
+        """The job ``rec`` keeps; ``keyed``: the retry table's (``SdkRetries.keyed``), for the plain hash a
+        record of the version before kept as its ``retry_key`` (now ``retry_h``, hidden: a Message Batch's
+        requests are gone from the disk once it has them, and their plain hash let a reader confirm a guess)."""
         job = cls(rec["id"], rec["endpoint"], rec["input_file_id"], rec["completion_window"], rec["window_s"],
                   rec["metadata"], rec["tenant"], rec["created_at"], status=rec["status"], errors=rec["errors"],
                   at=rec["at"], output_file_id=rec["output_file_id"], error_file_id=rec["error_file_id"],
-                  report=rec["report"], created_ns=rec["created_ns"], retry_key=rec.get("retry_key"))
+                  report=rec["report"], created_ns=rec["created_ns"], retry_key=retry_key_of(rec, keyed))
         if rec["final"] is not None:
             job.final = (rec["final"][0], rec["final"][1])
         return job

@@ -50,8 +50,10 @@ class TakeBack:
 
     async def _take_back(self, rec: dict, input_path: Path, results: dict[str, Result]) -> None:
         assert self.state is not None
-        job = BatchJob.from_record(rec)
+        job = BatchJob.from_record(rec, self.retries.keyed)
         job.speedup = self.speedup
+        if "retry_key" in rec:  # its plain hash, by the version before: written again keyed (revlog)
+            self.state.save_batch(job.record())
         self.batches[job.id] = job
         self._remember_create(job)  # its create's retry may come after the restart
         if job.final is not None:

@@ -30,7 +30,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["ANSWERED_KEEP_S", "MAX_KEPT", "PER_CONTENT", "RETRY_COUNT", "SdkRetries", "retry_count", "try_outcome"]
+__all__ = ["ANSWERED_KEEP_S", "MAX_KEPT", "PER_CONTENT", "RETRY_COUNT", "SdkRetries", "retry_count", "retry_key_of",
+           "try_outcome"]
 
 RETRY_COUNT = "x-stainless-retry-count"
 ANSWERED_KEEP_S = 120.0  # real seconds a try's id outlives its answer: the SDKs back off 8 s at most (60 s on a
@@ -52,6 +53,7 @@ class SdkRetries:
         self._answered: OrderedDict[str, tuple[str, float]] = OrderedDict()  # id -> (key, answered at), oldest first
         self._of: dict[str, list[str]] = {}  # key -> the ids of its tries remembered, latest last
         self._swept_at = -float("inf")
+        self._keyer: Callable[[str], str] | None = None  # ``hide_keys_with``
 
     def __repr__(self) -> str:
         return f"SdkRetries(kept={len(self._running) + len(self._answered)}, running={len(self._running)})"
@@ -61,6 +63,16 @@ class SdkRetries:
         """What a retry repeats: ``content`` is the body and the fields the headers set (deadline, priority)."""
         text = json.dumps([tenant, url, content], sort_keys=True, default=str, ensure_ascii=False)
         return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+    def hide_keys_with(self, keyer: Callable[[str], str]) -> None:
+        """From now on ``keyed`` is ``keyer`` (an HMAC under the state directory's secret): the keys this table
+        holds go on disk (the log of generations' tries, the batch and video records), and a plain hash of a
+        content let a reader of the directory confirm a guess of it."""
+        self._keyer = keyer
+
+    def keyed(self, key: str) -> str:
+        """``key`` (``SdkRetries.key``) as this table holds it and the disk keeps it (``hide_keys_with``)."""
+        return key if self._keyer is None else self._keyer(key)
 
     def request_id(self, key: str, headers: Mapping[str, str], fresh: Callable[[], str]) -> str:
         """The id of this try: a retry's, that of the latest try of its content still remembered; else
@@ -154,6 +166,15 @@ def retry_count(headers: Mapping[str, str]) -> int | None:
         return int(text) if text is not None else None
     except ValueError:
         return None
+
+
+def retry_key_of(rec: Mapping[str, Any], keyed: Callable[[str], str]) -> str | None:
+    """What a batch's or a video's record keeps of its create's key: ``retry_h`` (``SdkRetries.keyed``); or the
+    plain ``retry_key`` of a record of the version before, keyed now, so its retry across the upgrade takes it."""
+    if isinstance(hidden := rec.get("retry_h"), str):
+        return hidden
+    plain = rec.get("retry_key")
+    return keyed(plain) if isinstance(plain, str) else None
 
 
 @contextlib.contextmanager

@@ -345,7 +345,9 @@ class KeptTries:
         if root is None:
             return
         self.log = RetryLog(root, clock, lambda: [(key, rid) for rid, key in self._under.items()])
-        for key, rid, age in replay(self.log.open(), clock()):
+        lines = self.log.open()
+        self.table.hide_keys_with(self.log.keyed)  # the batch and video creates' keys too, before their resume
+        for key, rid, age in replay(lines, clock()):
             self.table.remember(key, rid, age)
 
     def request_id(self, tenant: str, key: str, headers: Mapping[str, str], fresh: Callable[[], str]) -> str:
@@ -377,9 +379,8 @@ class KeptTries:
 
     def _keyed(self, key: str) -> str:
         """The table holds a generation's tries under the key the log writes (keyed by the state directory's
-        secret), so the tries replayed from it are found by their retries; the batch and video creates' keys,
-        kept in their records beside their content, stay as they are."""
-        return key if self.log is None else self.log.keyed(key)
+        secret), so the tries replayed from it are found by their retries; so are the batch and video creates'."""
+        return self.table.keyed(key)
 
     async def close(self) -> None:
         if self.log is not None:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.app._endpoint_retries import retry_key_of
 from engine.app._endpoint_wire import ApiError, AsyncEngine, Validator
 from engine.core.request import Request
 from engine.core.result import ANSWERED, ID_TAKEN, Result, why_not
@@ -84,10 +85,11 @@ class VideoJob:
         return {"id": self.id, "request": self.req.model_dump(mode="json", exclude={"arrival_s"}),
                 "created_at": self.created_at, "created_ns": self.created_ns, "completed_at": self.completed_at,
                 "result": self.result.model_dump(mode="json") if self.result is not None else None,
-                "retry_key": self.retry_key}
+                "retry_h": self.retry_key}
 
     @classmethod
-    def from_record(cls, rec: dict[str, Any], validator: Validator) -> tuple[VideoJob, str | None]:
+    def from_record(cls, rec: dict[str, Any], validator: Validator,
+                    keyed: Callable[[str], str] = str) -> tuple[VideoJob, str | None]:
         """The job ``rec`` keeps, and why its request is no longer one this engine takes (its catalog or its
         providers changed since; None: it is). Such a job is kept all the same, as it was: it may have been made
         and billed, and read as unreadable it was set aside, a 404 from then on."""
@@ -99,7 +101,7 @@ class VideoJob:
             req, refused = Request.model_construct(**{**d, "prefix_blocks": tuple(d["prefix_blocks"])}), exc.message
         res = Result.model_validate(rec["result"]) if rec["result"] is not None else None
         job = cls(rec["id"], req, rec["created_at"], res, rec["completed_at"], rec["created_ns"],
-                  retry_key=rec.get("retry_key"))
+                  retry_key=retry_key_of(rec, keyed))
         job.view(), job.record(), req.id, req.tenant  # one that cannot be answered is unreadable after all
         return job, refused
 

@@ -14,7 +14,7 @@ same tenant) answers the same video, and the video's id is made from it, so a cr
 finds it too. Without one, each create is a new video, but an SDK's retry of it (``x-stainless-retry-count`` above
 0, the same tenant and fields), which takes the video of the try it repeats while that try is under way or was
 answered within ``ANSWERED_KEEP_S`` (``_endpoint_retries``; with a state directory, across a restart too: the
-job keeps its ``retry_key``). The engine itself answers a request id it holds without generating it again.
+job keeps its ``retry_key``, keyed by the state directory's secret). The engine itself answers a request id it holds without generating it again.
 
 Jobs live where the batches do (``_endpoint_batches``): in the replica's memory and, with a state directory, on
 disk (``EndpointState``, ``videos/<id>.json``): a restarted replica takes them back, an open one asked of the engine
@@ -105,7 +105,8 @@ class VideoRoutes:
                 f"{len(req.tenant)}:{req.tenant}/{key}".encode()).hexdigest()[:24])
         # An SDK's retry (its try's answer lost: a timeout, a cut connection, a 5xx) takes the video of the try it
         # repeats, as a batch create's does (``SdkRetries``): each try was a video, made and billed (a hunt).
-        once = SdkRetries.key(req.tenant, VIDEOS_URL, {**smartbatch_fields(http.headers), "body": body})
+        once = self.retries.keyed(SdkRetries.key(req.tenant, VIDEOS_URL, {**smartbatch_fields(http.headers),
+                                                                          "body": body}))
         vid = self.retries.request_id(once, http.headers, lambda: new_id("video_"))
         sdk = http.headers.get(RETRY_COUNT, "").isdigit()  # a try the table keeps: its key goes on record
         with try_outcome(self.retries, once, vid, ApiError):
@@ -305,11 +306,13 @@ class VideoRoutes:
             return
         for rec in self.state.videos():
             try:
-                job, why = VideoJob.from_record(rec, self.validator)
+                job, why = VideoJob.from_record(rec, self.validator, self.retries.keyed)
             except Exception as exc:  # one bad record never keeps the endpoint from starting
                 self.state.set_aside_video(str(rec.get("id")), exc)
                 continue
             self.jobs[job.id] = job
+            if "retry_key" in rec:  # its plain hash, by the version before: written again keyed (revlog)
+                self.state.save_video(job.record())
             age = self._now() - job.created_at
             if job.retry_key is not None and 0 <= age < ANSWERED_KEEP_S:  # its create's retry may come after it
                 self.retries.remember(job.retry_key, job.id, age)

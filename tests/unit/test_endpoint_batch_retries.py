@@ -5,16 +5,18 @@ fake engine (no Ray)."""
 
 from __future__ import annotations
 
+import json
+import re
 import threading
 
 import openai
 import pytest
 
 from engine.app import endpoint
-from engine.app._endpoint_retries import RETRY_COUNT
+from engine.app._endpoint_retries import RETRY_COUNT, SdkRetries
 from engine.app.endpoint import make_app
 from tests.unit.test_endpoint import CAT, FakeEngine, batch_line, fake_endpoint, serving, upload, wait_done
-from tests.unit.test_endpoint_msgbatches import ask, claude_endpoint
+from tests.unit.test_endpoint_msgbatches import ask, claude_endpoint, ended
 
 CREATE = {"endpoint": "/v1/chat/completions", "completion_window": "24h"}
 
@@ -94,3 +96,40 @@ def test_a_retry_after_a_restart_answers_the_batch_its_try_made_before_it(tmp_pa
     with fake_endpoint(state_dir=state) as (eng, client):
         assert client.batches.create(input_file_id=f.id, **CREATE, **tries(1)).id == first.id
         assert client.batches.create(input_file_id=f.id, **CREATE, **tries(0)).id != first.id
+
+
+def test_an_ended_message_batch_leaves_no_plain_hash_of_its_requests_on_disk_and_is_still_taken_by_its_retry(
+        tmp_path, monkeypatch):
+    """A Message Batch's requests are its body, gone from the state directory once the batch has them (and its
+    input once it ended); its record kept the plain SHA-256 of that body, for good: a reader of the directory
+    confirmed a guessed short request by hashing it, as the log of generations' tries let before stop 74. The
+    record keeps an HMAC under the directory's secret, and a retry after a restart still takes the batch; a
+    record of the version before (its plain key) is taken by its retry too."""
+    plain: list[str] = []
+    real = SdkRetries.key
+
+    def seen(tenant, url, content):
+        plain.append(real(tenant, url, content))
+        return plain[-1]
+
+    monkeypatch.setattr(SdkRetries, "key", staticmethod(seen))
+    state = tmp_path / "state"
+    reqs = [ask("a", "yes")]
+    with claude_endpoint(state_dir=state) as (_, client):
+        made = client.messages.batches.create(requests=reqs, **tries(0))
+        ended(client, made.id)
+    assert plain, "no key made"
+    on_disk = b"".join(p.read_bytes() for p in state.rglob("*") if p.is_file())
+    assert not re.search(rb'"content":\s*"yes"', on_disk)  # the requests are gone: their hash was all a reader had
+    assert not [k for k in plain if k.encode() in on_disk]  # what a guess hashed alone finds
+    record = state / "batches" / f"{made.id}.json"
+    with claude_endpoint(state_dir=state) as (_, client):
+        assert client.messages.batches.create(requests=reqs, **tries(1)).id == made.id
+    old = json.loads(record.read_bytes())  # as the version before wrote it
+    old.pop("retry_h", None)
+    old["retry_key"] = plain[0]
+    record.write_text(json.dumps(old))
+    with claude_endpoint(state_dir=state) as (_, client):
+        assert client.messages.batches.create(requests=reqs, **tries(1)).id == made.id
+        assert client.messages.batches.create(requests=reqs, **tries(0)).id != made.id
+    assert plain[0].encode() not in record.read_bytes()  # written again keyed at that start
