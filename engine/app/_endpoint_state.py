@@ -13,7 +13,8 @@ Layout under ``DIR``:
   ``engine.app._endpoint_videos``), written whole on every change;
 - ``retries-0.jsonl`` and ``retries-1.jsonl``: the SDK tries of generations, for their retries after a restart
   (``engine.app._endpoint_retry_log``: append-only, a window of 120 s each, emptied in turn);
-- ``retries.secret``: the random key (0600) of the HMACs those lines name a try's content by, made once and kept
+- ``retries.secret``: the random key (0600) of the HMACs those lines, and the batch and video records
+  (``retry_h``), name a try's content by, made once and kept
   (``engine.app._endpoint_retry_secret``: a plain hash let a reader of the directory confirm a guessed prompt);
 - ``.lock``: held while an endpoint uses the directory (two would take each other's batches).
 
