@@ -16,6 +16,7 @@ lock (``EndpointState``): swept here, a second maker's file went from under its 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import stat
@@ -91,5 +92,8 @@ def _sync_dir(root: Path) -> None:
     fd = os.open(root, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as exc:  # a filesystem that cannot fsync a directory (EINVAL: an SMB mount of an older kernel)
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):  # keeps its names as it can: the log was off there
+            raise
     finally:
         os.close(fd)

@@ -321,3 +321,24 @@ def test_a_close_of_a_file_that_reports_an_error_ends_the_stop_at_once_and_close
     assert not log._worker.is_alive() and open_log_files(tmp_path) == [] and log.write_errors == 1
     said = [r.getMessage() for r in caplog.records]
     assert not [m for m in said if "has not returned" in m] and any("Input/output error" in m for m in said)
+
+
+def test_a_state_dir_whose_directory_cannot_be_fsynced_still_keeps_the_tries(tmp_path, monkeypatch):
+    """Some mounts (SMB on older kernels) answer a directory's fsync with EINVAL: the secret's name could not be
+    made durable, the log was off, and a retry after a restart paid again. A file's fsync still counts."""
+    real = os.fsync
+
+    def no_dir_fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", no_dir_fsync)
+    wall, fresh = Wall(), ids()
+    made = []
+    tries = one_life(tmp_path, wall, fresh, lambda t: made.append(t.request_id("acme", KEY, SDK0, fresh)))
+    assert tries.log.write_errors == 0
+    wall.now += 5
+    got = []
+    one_life(tmp_path, wall, fresh, lambda t: got.append(t.request_id("acme", KEY, SDK1, fresh)))
+    assert got == made
