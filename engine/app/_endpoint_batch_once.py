@@ -11,8 +11,9 @@ under way. A first try is always a new batch; a try answered with an error is fo
 
 The create runs as a task of its own, so a client that leaves mid-create (its timeout) leaves the batch being made
 for its retry to find, not cut half-way. The table lives in memory; each batch made by an SDK's try keeps its key
-in its record on disk (``retry_h``: keyed by the state directory's secret, ``SdkRetries.keyed``), and a restarted endpoint with a state directory remembers the batches
-created within ``ANSWERED_KEEP_S`` before the restart: a retry that comes after the restart gets its batch too.
+in its record on disk (``retry_h``, keyed by the state directory's secret: ``SdkRetries.keyed``), and a restarted
+endpoint with a state directory remembers the batches created within ``ANSWERED_KEEP_S`` before the restart: a
+retry that comes after the restart gets its batch too.
 Without a state directory the batch is gone with the restart, and the retry is a new batch.
 """
 

@@ -121,10 +121,11 @@ class BatchJob:
                 "created_ns": self.created_ns, "retry_h": self.retry_key}
 
     @classmethod
-    def from_record(cls, rec: dict[str, Any], keyed: Callable[[str], str] = str) -> BatchJob:  # (str: as it is)
-        """The job ``rec`` keeps; ``keyed``: the retry table's (``SdkRetries.keyed``), for the plain hash a
-        record of the version before kept as its ``retry_key`` (now ``retry_h``, hidden: a Message Batch's
-        requests are gone from the disk once it has them, and their plain hash let a reader confirm a guess)."""
+    def from_record(cls, rec: dict[str, Any], keyed: Callable[[str], str] = str) -> BatchJob:
+        """The job ``rec`` keeps; ``keyed``: the retry table's (``SdkRetries.keyed``; ``str``: as it is), for the
+        plain hash a record of the version before kept as its ``retry_key`` (now ``retry_h``, keyed: a Message
+        Batch's requests are gone from the disk once it has them, and their plain hash let a reader confirm a
+        guess of them)."""
         job = cls(rec["id"], rec["endpoint"], rec["input_file_id"], rec["completion_window"], rec["window_s"],
                   rec["metadata"], rec["tenant"], rec["created_at"], status=rec["status"], errors=rec["errors"],
                   at=rec["at"], output_file_id=rec["output_file_id"], error_file_id=rec["error_file_id"],

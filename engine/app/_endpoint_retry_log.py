@@ -370,9 +370,9 @@ class KeptTries:
             self.log.note(REFUSED, "", key, rid)
 
     def _key_of(self, key: str, rid: str) -> str | None:
-        """The key the table holds the try ``rid`` under, or None: it holds none (not an SDK's try). Made once a
-        call: the one its try made, kept while it is under way (keyed again at its answer, and for the calls of
-        no SDK, it cost each call two HMACs for one; a review, revlog)."""
+        """The key the table holds the try ``rid`` under, or None: it holds none (not an SDK's try). The HMAC is
+        made once a call, by its try, and kept while it is under way: made again at the answer, and for a call of
+        no SDK too, it cost each call two for one or none (a review, revlog)."""
         if (kept := self._under.pop(rid, None)) is not None:
             return kept
         return self._keyed(key) if self.table.holds(rid) else None

@@ -5,8 +5,8 @@ who can read the state directory confirm a guessed short prompt (hash the guess,
 an HMAC-SHA256 under this secret instead: 32 random bytes in ``retries.secret``, mode 0600, beside the log. It is
 made once, atomically (written and fsynced under a temporary name, then linked into place: a crash leaves either
 no secret or a whole one, and a second maker never replaces the first's; renamed into place on a filesystem
-without hard links, where the state directory's lock keeps a second maker out), and read back at every start, so that a
-restarted endpoint computes the same keys and a retry after a restart still takes its try's id. A secret file of
+without hard links, where the state directory's lock keeps a second maker out), and read back at every start, so
+that a restarted endpoint computes the same keys and a retry after a restart still takes its try's id. A secret file of
 another size (cut by hand, another version) is set aside as ``retries.secret.bad`` and a new one made: the tries
 kept under the old one are then not taken by their retries (logged). The secret is never logged. What a crash
 left under a temporary name is swept with the directory's other temporary files, by the endpoint that holds its
@@ -92,8 +92,8 @@ def _sync_dir(root: Path) -> None:
     fd = os.open(root, os.O_RDONLY)
     try:
         os.fsync(fd)
-    except OSError as exc:  # a filesystem that cannot fsync a directory (EINVAL: an SMB mount of an older kernel)
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):  # keeps its names as it can: the log was off there
+    except OSError as exc:  # a mount that cannot fsync a directory (EINVAL: SMB on an older kernel) keeps its
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):  # names as it does; raised, the log was off there
             raise
     finally:
         os.close(fd)

@@ -14,7 +14,8 @@ same tenant) answers the same video, and the video's id is made from it, so a cr
 finds it too. Without one, each create is a new video, but an SDK's retry of it (``x-stainless-retry-count`` above
 0, the same tenant and fields), which takes the video of the try it repeats while that try is under way or was
 answered within ``ANSWERED_KEEP_S`` (``_endpoint_retries``; with a state directory, across a restart too: the
-job keeps its ``retry_key``, keyed by the state directory's secret). The engine itself answers a request id it holds without generating it again.
+job keeps its ``retry_key``, keyed by the state directory's secret). The engine itself answers a request id it
+holds without generating it again.
 
 Jobs live where the batches do (``_endpoint_batches``): in the replica's memory and, with a state directory, on
 disk (``EndpointState``, ``videos/<id>.json``): a restarted replica takes them back, an open one asked of the engine
