@@ -518,3 +518,34 @@ def test_an_sdk_retry_of_a_video_create_after_a_restart_takes_the_video_its_try_
                 assert creates(emu) == 3
         finally:
             eng.close()
+
+
+def test_a_video_record_of_the_version_before_is_taken_by_its_retry_and_written_again_keyed(tmp_path, monkeypatch):
+    """A record written before a review (revlog) kept its create's plain hash (``retry_key``); the table now holds
+    the creates' keys keyed by the state directory's secret (``retry_h``), so such a record is keyed at the start:
+    its retry across the upgrade still takes the video, and the record is written again without the plain hash."""
+    import json
+
+    from engine.app._endpoint_retries import RETRY_COUNT, SdkRetries
+    plain: list[str] = []
+    real = SdkRetries.key
+    monkeypatch.setattr(SdkRetries, "key", staticmethod(lambda *a: plain.append(real(*a)) or plain[-1]))
+    ask = {"model": "sora-2", "prompt": "A heron", "seconds": "4", "size": "720x1280"}
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED) as emu:
+        eng = VideoEngine(emu)
+        try:
+            with restarted(eng, tmp_path) as client:
+                made = client.videos.create(**ask, extra_headers={RETRY_COUNT: "0"})
+                until_ended(client, made.id)
+            record = tmp_path / "videos" / f"{made.id}.json"
+            rec = json.loads(record.read_bytes())
+            assert rec["retry_h"] != plain[0] and plain[0].encode() not in record.read_bytes()
+            rec.pop("retry_h")
+            rec["retry_key"] = plain[0]  # as the version before wrote it
+            record.write_text(json.dumps(rec))
+            with restarted(eng, tmp_path) as client:
+                assert client.videos.create(**ask, extra_headers={RETRY_COUNT: "1"}).id == made.id
+                assert creates(emu) == 1
+            assert plain[0].encode() not in record.read_bytes()
+        finally:
+            eng.close()
