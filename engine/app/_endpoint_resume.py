@@ -52,7 +52,7 @@ class TakeBack:
         assert self.state is not None
         job = BatchJob.from_record(rec, self.retries.keyed)
         job.speedup = self.speedup
-        if "retry_key" in rec:  # its plain hash, by the version before: written again keyed (revlog)
+        if rec.get("retry_key") is not None:  # its plain hash, by the version before: written again keyed (revlog)
             self.state.save_batch(job.record())
         self.batches[job.id] = job
         self._remember_create(job)  # its create's retry may come after the restart

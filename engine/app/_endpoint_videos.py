@@ -312,7 +312,7 @@ class VideoRoutes:
                 self.state.set_aside_video(str(rec.get("id")), exc)
                 continue
             self.jobs[job.id] = job
-            if "retry_key" in rec:  # its plain hash, by the version before: written again keyed (revlog)
+            if rec.get("retry_key") is not None:  # its plain hash, by the version before: written again keyed
                 self.state.save_video(job.record())
             age = self._now() - job.created_at
             if job.retry_key is not None and 0 <= age < ANSWERED_KEEP_S:  # its create's retry may come after it
