@@ -144,7 +144,14 @@ class _Scan:
     def end(self) -> tuple[Any, list | None]:
         if self._in_str or self._stack or self._mode != _NORMAL:
             raise ValueError("a batch's answer was cut short (it ends inside a value)")
-        return json.loads(self.rest), self.members
+        op = json.loads(self.rest)
+        # A key given twice on the way to the members (``metadata``, ``output``, ...): a parse keeps its last value,
+        # which may hold no list where an earlier one held members (the scan kept those). The members stand only
+        # where the parse keeps the list the scan left (``[]``): the last list there is the one it keeps.
+        at = op
+        for key in _RESPONSES:
+            at = at.get(key) if isinstance(at, dict) else None
+        return op, self.members if isinstance(at, list) else None
 
 
 async def read_operation(chunks: AsyncIterator[bytes]) -> tuple[Any, list | None]:
