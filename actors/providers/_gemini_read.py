@@ -156,8 +156,8 @@ class _Scan:
 
 async def read_operation(chunks: AsyncIterator[bytes]) -> tuple[Any, list | None]:
     """The operation ``chunks`` make, without its inline responses (an empty list where they were, ``response``
-    null), and the members of ``metadata.output.inlinedResponses.inlinedResponses`` (None where it holds no list).
-    ``ValueError`` where the bytes are not JSON or end early."""
+    null), and the members of ``metadata.output.inlinedResponses.inlinedResponses`` (None where a parse
+    of the whole finds no list there). ``ValueError`` where the bytes are not JSON or end early."""
     scan = _Scan()
     async for chunk in chunks:
         scan.feed(chunk)
