@@ -34,7 +34,8 @@ _NORMAL, _MEMBERS, _SKIP = 0, 1, 2
 class _Scan:
     """The scan's state between chunks (a string, a key or a member may run across any number of them)."""
 
-    def __init__(self) -> None:
+    def __init__(self, members: bool) -> None:
+        self._keep = members  # the members parsed (a fetch), or passed over as ``response`` is (a poll)
         self.rest = bytearray()  # the operation but its members' array (``[]``) and ``response`` (``null``)
         self.members: list | None = None
         self._stack: list[list] = []  # outside the two: [is an object, its current key, a key is next]
@@ -127,7 +128,7 @@ class _Scan:
             path = tuple(f[1] if f[0] else "*" for f in stack)
             if path == _DROPPED or (path == _RESPONSES and c == 0x5B):
                 self.rest += chunk[start:j] + (b"null" if path == _DROPPED else b"[]")
-                if path == _DROPPED:
+                if path == _DROPPED or not self._keep:
                     self._mode, self._depth = _SKIP, 1
                 else:  # a later copy of the field replaces an earlier one, as in a parse of the whole
                     self._mode, self._depth, self.members, self._comma = _MEMBERS, 0, [], False
@@ -154,11 +155,12 @@ class _Scan:
         return op, self.members if isinstance(at, list) else None
 
 
-async def read_operation(chunks: AsyncIterator[bytes]) -> tuple[Any, list | None]:
+async def read_operation(chunks: AsyncIterator[bytes], members: bool = True) -> tuple[Any, list | None]:
     """The operation ``chunks`` make, without its inline responses (an empty list where they were, ``response``
     null), and the members of ``metadata.output.inlinedResponses.inlinedResponses`` (None where a parse
-    of the whole finds no list there). ``ValueError`` where the bytes are not JSON or end early."""
-    scan = _Scan()
+    of the whole finds no list there; always None unless ``members``: a poll's read, which keeps none, passes them
+    over). ``ValueError`` where the bytes are not JSON or end early."""
+    scan = _Scan(members)
     async for chunk in chunks:
         scan.feed(chunk)
     return scan.end()

@@ -158,30 +158,42 @@ class GeminiProvider(OpenAIProvider):
         """``GET v1beta/batches/{id}``: its state and counts (``_POLLED``), or whole (``fields`` None), its images in it
         once ended: read by ``fetch``, within the dispatcher's results slot (``_results_slot``)."""
         members = None
-        if fields:
-            op = await self._get(f"v1beta/{handle.id}", {}, fields, lambda o: bool(_state(o)), "batch poll")
+        if fields:  # streamed, its responses passed over: a server that ignores the mask answers them all
+            op = await self._get(f"v1beta/{handle.id}", {}, fields, lambda o: bool(_state(o)), "batch poll", True)
         else:  # read as it arrives, a member at a time (``_gemini_read``): parsed whole, 6 times its images
             with self._refused("reading a batch's results"):
-                got = await self._native.get(f"v1beta/{handle.id}", cast_to=object, options={
-                    **self._opts, "headers": {**self._opts["headers"], **STREAMED}})
-                try:
-                    op, members = await read_operation(got.iter_bytes())
-                finally:
-                    await got.close()
+                op, members = await self._streamed(f"v1beta/{handle.id}", self._opts, True)
         if not isinstance(op, dict):
             raise ProviderError(f"{self.name}: a read of {handle.id} was answered with no batch")
         self._keep(handle, op, fields is None, members)
         return op
 
-    async def _get(self, path: str, params: dict, fields: str, complete: Callable[[Any], bool], what: str) -> Any:
+    async def _streamed(self, path: str, options: dict, members: bool) -> tuple[Any, list | None]:
+        """``GET path`` read as it arrives (``read_operation``): an operation's ``response`` never held, and its
+        members parsed one at a time (``members``) or passed over too (a poll's read, which keeps none)."""
+        got = await self._native.get(path, cast_to=object, options={
+            **options, "headers": {**options["headers"], **STREAMED}})
+        try:
+            return await read_operation(got.iter_bytes(), members)
+        finally:
+            await got.close()
+
+    async def _get(self, path: str, params: dict, fields: str, complete: Callable[[Any], bool], what: str,
+                   operation: bool = False) -> Any:
         """``GET path`` asking for a partial response (``fields``), read whole instead where Google refuses the mask
         or answers without what it names (a mask that does not reach into the operation's metadata, an ``Any``):
-        taken as it came, a batch would read as never ending, and a lookup would find none, its batch made again."""
+        taken as it came, a batch would read as never ending, and a lookup would find none, its batch made again.
+        ``operation``: the answer is one batch's operation, read streamed (``_streamed``), so that an ended one's
+        images are never held, whether the mask is honoured, refused or ignored (then the answer holds them all)."""
+        async def read(options: dict) -> Any:
+            if operation:
+                return (await self._streamed(path, options, False))[0]
+            return await self._native.get(path, cast_to=object, options=options)
+
         if self._partial:
             try:
                 with self._refused(what):
-                    got = await self._native.get(path, cast_to=object, options={
-                        **self._opts, "params": {**params, "fields": fields}})
+                    got = await read({**self._opts, "params": {**params, "fields": fields}})
                 if complete(got):
                     return got
                 self._partial = False  # answered without what the mask names: ignored, so whole from now on
@@ -191,7 +203,7 @@ class GeminiProvider(OpenAIProvider):
                 if exc.maybe_done or exc.retry_after_s is not None or exc.quota:  # no refusal of the mask
                     raise
         with self._refused(what):
-            return await self._native.get(path, cast_to=object, options={**self._opts, "params": params})
+            return await read({**self._opts, "params": params})
 
     async def cancel(self, handle: Any) -> BatchState | None:
         if not isinstance(handle, NativeHandle):
