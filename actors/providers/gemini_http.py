@@ -10,7 +10,8 @@ ended ``output.inlinedResponses.inlinedResponses``, each with the ``metadata`` i
 v1beta/batches`` (``operations``) to find a create whose answer was lost, by its display name;
 ``POST v1beta/batches/{id}:cancel``. Members are read back by ``metadata.key`` (the call key), never by position.
 Lookups and polls ask for a partial response (``fields``: names, states, counts), so the images, which an ended
-batch's operation holds, are read once, by ``fetch``, within the dispatcher's results slot.
+batch's operation holds, are read once, by ``fetch``, within the dispatcher's results slot (a poll's answer is
+read as it arrives, the images passed over, should Google answer them despite the mask).
 The key goes in ``x-goog-api-key`` (as Veo's calls send it), never in a URL or a log line."""
 
 from __future__ import annotations
