@@ -19,13 +19,16 @@ import re
 from collections.abc import AsyncIterator
 from typing import Any
 
-__all__ = ["STREAMED", "read_operation"]
+__all__ = ["OPERATION_DROPPED", "PAGE_DROPPED", "STREAMED", "read_operation"]
 
 # The SDK's own request header for an answer handed back unread (what its ``with_streaming_response`` sets).
 STREAMED = {"X-Stainless-Raw-Response": "stream"}
 
 _RESPONSES = ("metadata", "output", "inlinedResponses", "inlinedResponses")  # parsed one member at a time
 _DROPPED = ("response",)  # the same responses again: never held (the handle keeps no ``response``)
+OPERATION_DROPPED = (_DROPPED,)
+# A lookup's page (``GET v1beta/batches``): each listed operation's responses, both copies, passed over (null).
+PAGE_DROPPED = (("operations", "*", "response"), ("operations", "*", "metadata", "output"))
 _OUTSIDE = re.compile(rb'[{}\[\],:"]')
 _INSIDE = re.compile(rb'["\\]')
 _NORMAL, _MEMBERS, _SKIP = 0, 1, 2
@@ -34,8 +37,9 @@ _NORMAL, _MEMBERS, _SKIP = 0, 1, 2
 class _Scan:
     """The scan's state between chunks (a string, a key or a member may run across any number of them)."""
 
-    def __init__(self, members: bool) -> None:
+    def __init__(self, members: bool, dropped: tuple[tuple[str, ...], ...]) -> None:
         self._keep = members  # the members parsed (a fetch), or passed over as ``response`` is (a poll)
+        self._dropped = dropped  # the values passed over unheld, each left null
         self.rest = bytearray()  # the operation but its members' array (``[]``) and ``response`` (``null``)
         self.members: list | None = None
         self._stack: list[list] = []  # outside the two: [is an object, its current key, a key is next]
@@ -126,9 +130,9 @@ class _Scan:
         stack = self._stack
         if c in (0x7B, 0x5B):  # { [: a value opens
             path = tuple(f[1] if f[0] else "*" for f in stack)
-            if path == _DROPPED or (path == _RESPONSES and c == 0x5B):
-                self.rest += chunk[start:j] + (b"null" if path == _DROPPED else b"[]")
-                if path == _DROPPED or not self._keep:
+            if path in self._dropped or (path == _RESPONSES and c == 0x5B):
+                self.rest += chunk[start:j] + (b"null" if path in self._dropped else b"[]")
+                if path in self._dropped or not self._keep:
                     self._mode, self._depth = _SKIP, 1
                 else:  # a later copy of the field replaces an earlier one, as in a parse of the whole
                     self._mode, self._depth, self.members, self._comma = _MEMBERS, 0, [], False
@@ -155,12 +159,14 @@ class _Scan:
         return op, self.members if isinstance(at, list) else None
 
 
-async def read_operation(chunks: AsyncIterator[bytes], members: bool = True) -> tuple[Any, list | None]:
+async def read_operation(chunks: AsyncIterator[bytes], members: bool = True,
+                         dropped: tuple[tuple[str, ...], ...] = OPERATION_DROPPED) -> tuple[Any, list | None]:
     """The operation ``chunks`` make, without its inline responses (an empty list where they were, ``response``
     null), and the members of ``metadata.output.inlinedResponses.inlinedResponses`` (None where a parse
     of the whole finds no list there; always None unless ``members``: a poll's read, which keeps none, passes them
-    over). ``ValueError`` where the bytes are not JSON or end early."""
-    scan = _Scan(members)
+    over). ``dropped``: the values passed over (null), an operation's ``response`` unless told (a lookup's page:
+    ``PAGE_DROPPED``). ``ValueError`` where the bytes are not JSON or end early."""
+    scan = _Scan(members, dropped)
     async for chunk in chunks:
         scan.feed(chunk)
     return scan.end()

@@ -10,8 +10,8 @@ ended ``output.inlinedResponses.inlinedResponses``, each with the ``metadata`` i
 v1beta/batches`` (``operations``) to find a create whose answer was lost, by its display name;
 ``POST v1beta/batches/{id}:cancel``. Members are read back by ``metadata.key`` (the call key), never by position.
 Lookups and polls ask for a partial response (``fields``: names, states, counts), so the images, which an ended
-batch's operation holds, are read once, by ``fetch``, within the dispatcher's results slot (a poll's answer is
-read as it arrives, the images passed over, should Google answer them despite the mask).
+batch's operation holds, are read once, by ``fetch``, within the dispatcher's results slot (a poll's or a
+lookup's answer is read as it arrives, the images passed over, should Google answer them despite the mask).
 The key goes in ``x-goog-api-key`` (as Veo's calls send it), never in a URL or a log line."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from actors.providers._gemini_read import STREAMED, read_operation
+from actors.providers._gemini_read import OPERATION_DROPPED, PAGE_DROPPED, STREAMED, read_operation
 from actors.providers._http import BatchHandle, PollBackoff
 from actors.providers._openai_batches import FIND_SCAN
 from actors.providers._veo import native_root
@@ -136,7 +136,7 @@ class GeminiProvider(OpenAIProvider):
         with self._refused("batch lookup"):
             while seen < FIND_SCAN:
                 page = await self._get("v1beta/batches", {"pageSize": 100, **({"pageToken": token} if token else {})},
-                                       _LISTED, _listed, "batch lookup")
+                                       _LISTED, _listed, "batch lookup", PAGE_DROPPED)
                 ops = (page.get("operations") or []) if isinstance(page, dict) else []
                 for op in ops:
                     if (op.get("metadata") or {}).get("displayName") == ref and op.get("name") not in known:
@@ -160,36 +160,36 @@ class GeminiProvider(OpenAIProvider):
         once ended: read by ``fetch``, within the dispatcher's results slot (``_results_slot``)."""
         members = None
         if fields:  # streamed, its responses passed over: a server that ignores the mask answers them all
-            op = await self._get(f"v1beta/{handle.id}", {}, fields, lambda o: bool(_state(o)), "batch poll", True)
+            op = await self._get(f"v1beta/{handle.id}", {}, fields, lambda o: bool(_state(o)), "batch poll",
+                                 OPERATION_DROPPED)
         else:  # read as it arrives, a member at a time (``_gemini_read``): parsed whole, 6 times its images
             with self._refused("reading a batch's results"):
-                op, members = await self._streamed(f"v1beta/{handle.id}", self._opts, True)
+                op, members = await self._streamed(f"v1beta/{handle.id}", self._opts, True, OPERATION_DROPPED)
         if not isinstance(op, dict):
             raise ProviderError(f"{self.name}: a read of {handle.id} was answered with no batch")
         self._keep(handle, op, fields is None, members)
         return op
 
-    async def _streamed(self, path: str, options: dict, members: bool) -> tuple[Any, list | None]:
-        """``GET path`` read as it arrives (``read_operation``): an operation's ``response`` never held, and its
-        members parsed one at a time (``members``) or passed over too (a poll's read, which keeps none)."""
+    async def _streamed(self, path: str, options: dict, members: bool, dropped: tuple) -> tuple[Any, list | None]:
+        """``GET path`` read as it arrives (``read_operation``): ``dropped`` (an operation's ``response``, a page's
+        responses) never held, and an operation's members parsed one at a time (``members``) or passed over too (a
+        poll's read, which keeps none)."""
         got = await self._native.get(path, cast_to=object, options={
             **options, "headers": {**options["headers"], **STREAMED}})
         try:
-            return await read_operation(got.iter_bytes(), members)
+            return await read_operation(got.iter_bytes(), members, dropped)
         finally:
             await got.close()
 
     async def _get(self, path: str, params: dict, fields: str, complete: Callable[[Any], bool], what: str,
-                   operation: bool = False) -> Any:
+                   dropped: tuple) -> Any:
         """``GET path`` asking for a partial response (``fields``), read whole instead where Google refuses the mask
         or answers without what it names (a mask that does not reach into the operation's metadata, an ``Any``):
         taken as it came, a batch would read as never ending, and a lookup would find none, its batch made again.
-        ``operation``: the answer is one batch's operation, read streamed (``_streamed``), so that an ended one's
-        images are never held, whether the mask is honoured, refused or ignored (then the answer holds them all)."""
+        Read as it arrives (``_streamed``), ``dropped`` passed over: an ended batch's images are never held, whether
+        the mask is honoured, refused or ignored (then the answer holds them all, a page every listed batch's)."""
         async def read(options: dict) -> Any:
-            if operation:
-                return (await self._streamed(path, options, False))[0]
-            return await self._native.get(path, cast_to=object, options=options)
+            return (await self._streamed(path, options, False, dropped))[0]
 
         if self._partial:
             try:

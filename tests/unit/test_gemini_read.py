@@ -224,3 +224,33 @@ def test_a_poll_of_an_ended_batch_holds_none_of_its_images_whatever_google_makes
     assert state.status == "ended" and handle.output is None  # the fetch reads them, within the slot
     assert handle.batch["metadata"]["batchStats"]["successfulRequestCount"] == "8"
     assert peak < 0.25 * b64, f"peak {peak / b64:.2f}x the images"
+
+
+def test_a_lookup_holds_none_of_the_listed_batches_images_where_google_ignores_the_mask():
+    """A lookup (``GET v1beta/batches``, a create whose answer was lost) asks for each listed batch's name, display
+    name and state alone; a server that ignores the mask answers every listed operation whole, each ended one's
+    images twice. Before (a review, revgem), the SDK parsed the page whole: 6 times the images of every batch on it
+    (a page of 100 ended image batches: gigabytes). Now read streamed, each operation's responses passed over."""
+    n, per = 4, 3
+    ops, b64 = [], 0
+    for b in range(n):
+        body, jobs, size = _ended(per, 256_000)
+        op = json.loads(body)
+        op["name"], op["metadata"]["displayName"] = f"batches/b{b}", f"ref-{b}"
+        ops.append(op)
+        b64 += size
+    p = _provider(json.dumps({"operations": ops, "nextPageToken": ""}).encode())
+
+    async def go() -> tuple[Any, int]:
+        tracemalloc.start()
+        try:
+            base, _ = tracemalloc.get_traced_memory()
+            found = await p.find_batch(jobs, f"ref-{n - 1}")
+            return found, tracemalloc.get_traced_memory()[1] - base
+        finally:
+            tracemalloc.stop()
+            await p.close()
+
+    found, peak = asyncio.run(go())
+    assert found is not None and found.id == f"batches/b{n - 1}" and found.output is None  # its fetch reads them
+    assert peak < 0.25 * b64, f"peak {peak / b64:.2f}x the images"
