@@ -51,15 +51,16 @@ def kill_engine(engine: str, handles: list | None = None, dispatchers: Mapping |
                 dispatchers[kind] = h
             elif kind == "budget":
                 budget = h
-    # What a dispatcher Ray restarts in the stop needs, read before the stop removes it (``_stop_restarted``).
-    clock = resolve_clock(ClockRef(engine))[0]
     last = _named_dispatchers(dispatchers)
-    copy = _journal_copy(engine) if last else None
-    unpublish_clock(engine)  # first: drivers attached to it see it gone rather than a half-stopped engine
     ledger = [budget] if budget is not None else []
     rest = [h for h in handles if h not in last.values() and h not in ledger]
-    n = _kill(rest)
-    try:
+    n = None
+    try:  # a Ctrl-C from here still kills them all: in the journal's copy's wait (before it), it left every one running
+        # What a dispatcher Ray restarts in the stop needs, read before the stop removes it (``_stop_restarted``).
+        clock = resolve_clock(ClockRef(engine))[0]
+        copy = _journal_copy(engine) if last else None
+        unpublish_clock(engine)  # first: drivers attached to it see it gone rather than a half-stopped engine
+        n = _kill(rest)
         for step, what in ((lambda: _cancel_batches(engine, last, clock, copy), "cancel"),
                            (at_ledger, "keeping of its ledger")):
             try:  # each on its own: a failed cancel skipped the ledger's keeping (kept in no file, a review)
@@ -69,7 +70,7 @@ def kill_engine(engine: str, handles: list | None = None, dispatchers: Mapping |
                 log.error("engine %s: the stop's %s failed (%s: %s)", engine, what, type(exc).__name__,
                           str(exc)[:200])
     finally:  # (a Ctrl-C too: it left before the second clean, and the ledger's copy stayed in Ray's store)
-        n += _kill(ledger) + _kill(list(last.values()))
+        n = (_kill(rest) if n is None else n) + _kill(ledger) + _kill(list(last.values()))
         _clean_once_dead(engine, [*rest, *ledger])
     return n
 

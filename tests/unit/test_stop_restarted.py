@@ -150,3 +150,27 @@ def test_a_dispatcher_another_stop_killed_is_left_alone_and_not_said(fake_ray, c
     with caplog.at_level(logging.WARNING, logger="smartbatch.engine"):
         assert engine_stop._stop_restarted("prod", {"dispatcher-openai": _Fails(dead)}, (None, None)) == []
     assert time.monotonic() - began < 5.0 and not caplog.records
+
+
+def test_a_ctrl_c_while_the_stop_copies_the_hub_journal_still_kills_every_actor(monkeypatch):
+    """The journal's copy waits up to ``JOURNAL_COPY_S`` for the hub, before any actor is killed: a Ctrl-C there
+    left every actor running (a batch under way billed, never read), and what the engine published in Ray's store."""
+    done: list[tuple] = []
+    monkeypatch.setattr(engine_stop, "unpublish_clock", lambda engine: done.append(("unpublish",)))
+    monkeypatch.setattr(engine_stop, "_kill", lambda hs: done.append(("kill", *hs)) or len(hs))
+    monkeypatch.setattr(engine_stop.ray, "wait", lambda *a, **k: done.append(("wait dead",)) or ([], []))
+
+    def interrupted(engine):  # the Ctrl-C lands in Ray's wait for the copy
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine_stop, "_journal_copy", interrupted)
+
+    class Handle(str):
+        ping = SimpleNamespace(remote=lambda: None)
+
+    grouper, budget, d1 = (Handle(x) for x in ("grouper", "budget", "d1"))
+    with pytest.raises(KeyboardInterrupt):
+        engine_stop.kill_engine("e", [grouper, d1, budget], {"openai": d1}, budget)
+    killed = {h for step in done if step[0] == "kill" for h in step[1:]}
+    assert killed == {"grouper", "budget", "d1"}, done
+    assert done[-1] == ("unpublish",), done
