@@ -182,7 +182,8 @@ class SyncCalls:
 
     # The sync calls sent and not yet answered, by key: (dispatch, job). A record of ``_sync_calls`` not in it is not
     # at the provider (its body being journaled, or waiting for a next try), and a stop ends it unsent; a simulated
-    # provider's call has no record there, and is settled from here (``_settle_cut_short``).
+    # provider's call has no record there, and is settled from here (``_settle_cut_short``), as is a simulated GPU
+    # batch's member under way (``Dispatcher._start_gpu_batch``).
     _calling: dict[str, tuple] | None = None
 
     async def _run_sync(self, b: BatchJob, j: Job, cache_write: bool, start: float) -> None:

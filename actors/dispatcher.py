@@ -294,8 +294,11 @@ class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, R
         self._job_done(key)
 
     def _start_gpu_batch(self, e: Event, b: BatchJob, jobs: list[Job]) -> None:
-        for j, a in zip(jobs, e.outcome):
-            self._at(a.at, lambda j=j, a=a: self._attempt(b, j, a.ok, a.cost, "gpu_batch"))
+        calling = self._calling = self._calling or {}  # under way (billed by the GPU second): the stop settles it
+        for j, a in zip(jobs, e.outcome):  # at its bound; left out, its claim held its room until reservation_ttl_s
+            calling[key := f"gpu_batch:{j.req.uid}"] = (b, j)
+            self._at(a.at, lambda j=j, a=a, key=key: (calling.pop(key, None),
+                                                      self._attempt(b, j, a.ok, a.cost, "gpu_batch")))
 
     def _start_reroute(self, e: Event, b: BatchJob, jobs: list[Job]) -> None:
         """The model's circuit is open: its work goes back to the policy as requests for the fallback."""

@@ -107,6 +107,38 @@ def test_a_simulated_providers_sync_call_under_way_at_the_stop_is_settled_at_its
     asyncio.run(go())
 
 
+def test_a_simulated_gpu_batch_under_way_at_the_stop_is_settled_at_its_bound():
+    """A GPU batch (simulated: its members end at the times its outcome drew) has no call and no record: the stop
+    settled none of its members, each claim held its room until ``reservation_ttl_s``, its GPU seconds uncounted."""
+    from engine.core.clock import ScaledClock
+    from engine.core.request import Request
+
+    async def go():
+        catalog, clock = default_catalog(), ScaledClock(time.time(), 1.0)  # real time: its 8 s warm-up is under way
+        budget = BudgetController(BudgetSettings(), None, clock)
+        d = Dispatcher("modal-h100", catalog, Settings(), 0, clock, [Recorder()], ResultHub(), None, budget)
+        r = Request.model_validate({"id": "g0", "arrival_s": clock.now(), "model": "flux-1-dev", "prompt": "a cat",
+                                    "provider": "modal-h100", "kind": "image"})
+        j = Job(0, r, "fp-0", claim="c0")
+        try:
+            assert all(v.ok for v in await budget.reserve_many([Claim("c0", r.tenant, r.provider, r.model,
+                                                                       r.priority, 1.0)]))
+            await d.run_many([BatchJob("b", "gpu_batch", None, False, "test", "test", [j])])
+            assert d.in_flight == 1 and d._timers, "the GPU batch is not under way"
+            await d.stop_spending()
+            assert not budget.book.claims, "its claim still holds its room"
+            bound = reserve_bound(r, catalog, "gpu_batch")
+            assert sum(budget.book.spend.values()) == pytest.approx(bound, abs=1e-12) and bound > 0
+            assert (await d.stats())["possibly_billed"] == 1
+            for t in list(d._timers):  # its end, come after the stop: nothing settles again
+                t._run()
+            assert d._settle == [] and sum(budget.book.spend.values()) == pytest.approx(bound, abs=1e-12)
+        finally:
+            for t in [*d._timers, *d._tasks]:
+                t.cancel()
+    asyncio.run(go())
+
+
 class _Fails:
     """A dispatcher's handle whose every call ends in ``err`` (Ray's error for it)."""
 
