@@ -202,6 +202,8 @@ class Recovery:
                     self._unanswered[j.req.uid] = lost
             elif job_rec.get("job") is None:
                 self._unanswered[j.req.uid] += 1
+            else:  # its job (a video) under way, billed when it ends: one bound until a try polls it again. Ended
+                self._kept.add(j.req.uid)  # unsent (the stop's cancel came first), it was settled at 0 (a review)
             resumed.add(key)
             self.in_flight += 1
             # Its gate slot, as the gate's start takes one: its end (or a video's made-hook) frees it, not another's.

@@ -206,3 +206,41 @@ def test_a_ctrl_c_while_the_stop_copies_the_hub_journal_still_kills_every_actor(
     killed = {h for step in done if step[0] == "kill" for h in step[1:]}
     assert killed == {"grouper", "budget", "d1"}, done
     assert done[-1] == ("unpublish",), done
+
+
+@pytest.mark.filterwarnings("ignore:The Sora API is scheduled:DeprecationWarning")
+def test_a_video_under_way_when_a_dispatcher_dies_in_the_stop_is_settled_at_its_bound_not_at_0():
+    """The restarted dispatcher is cancelled before it reads its journal, so the call it resumes for a video under
+    way (its job journaled: billed when it completes) ends unsent, polled no more. It was settled at 0 (no call
+    of it unanswered), the video billed and counted by no ledger; the first process's stop settled it at its bound."""
+    from engine.emulator import Emulator
+    from tests.unit.test_http_providers import SPEED
+    from tests.unit.test_video_durable import CAT, start, video
+
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED, honour_keys=False) as emu:
+        async def go():
+            rig = Rig(emu, "openai")
+            again = None
+            try:
+                job, _ = await start(rig, video(), hold=True)  # its polls never answer: the process dies in them
+                await asyncio.gather(*[t for t in (rig.d._jobs_journal._task,) if t])  # the video's id journaled
+                copy = await rig.hub.journal_copy()
+                test_stop_settles._stop_tasks(rig)
+                again = Dispatcher("openai", rig.catalog, rig.settings, 0, None, [rig.grouper], _Gone(), None,
+                                   rig.budget, key=rig.d._key)
+                again.reconstructed()
+                await asyncio.wait_for(again.stop_spending(rig.clock, [copy]), 30)
+                bound = reserve_bound(job.req, rig.catalog, "sync")
+                assert not rig.budget.book.claims, "its claim still holds its room"
+                assert sum(rig.budget.book.spend.values()) == pytest.approx(bound, abs=1e-12)
+                emu._core.clock.offset += 100_000  # the video has completed at the provider: billed
+                (item,) = emu.bill().items
+                assert 0 < item.cost_usd <= bound + 1e-12
+                assert (await again.stats())["possibly_billed"] == 1
+            finally:
+                for t in again._tasks if again is not None else ():
+                    t.cancel()
+                await rig.close()
+                if again is not None:
+                    await again.provider.close()
+        asyncio.run(go())
