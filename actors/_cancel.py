@@ -216,7 +216,8 @@ class CancelDispatches:
         # A simulated provider's call (journaled nowhere: a restart makes it anew): left out, its claim held its
         # room until ``reservation_ttl_s``, and a kept report showed it reserved. (A real call under way with no
         # record any more belongs to a request that ended here, withdrawn say: settled then.)
-        cut += [] if self.provider.real else [(b.mode, j) for b, j in calling.values()]
+        # A GPU batch's members (``Dispatcher._start_gpu_batch``) are no HTTP call, on any provider.
+        cut += [(b.mode, j) for b, j in calling.values() if not self.provider.real or b.mode == "gpu_batch"]
         done = self._settled_at_stop = self._settled_at_stop or set()
         for mode, j in cut:
             if j.claim is None or j.claim in done:
