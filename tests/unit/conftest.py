@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,14 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
 
 def pytest_collection_modifyitems(config, items):
     select(REALTIME_ENV, config, items, is_realtime)
+
+
+@pytest.fixture(autouse=True)
+def _no_ray_started():
+    """A unit test runs no Ray: one that started a local Ray by accident (an unpatched ``ray.get_actor`` auto-inits
+    it) cost 3 s and 650 MB, and a session's Ray fixture later in the same process then refused to start."""
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+        pytest.fail("this unit test started a local Ray: patch the Ray calls it reaches (tests/unit run without Ray)")

@@ -19,6 +19,15 @@ from .test_batch_rescue import FAR
 from .test_http_providers import CAT, SPEED, VALIDATING_S, Rig, jobs_of
 
 
+@pytest.fixture(autouse=True)
+def no_ray_reads(monkeypatch):
+    """``kill_engine`` reads the engine's clock and the hub journal's copy from Ray before it kills anything: with
+    stand-in handles, those reads started a local Ray in a unit test (3 s, 650 MB, and a session's Ray fixture
+    later in the same process refused to start)."""
+    monkeypatch.setattr(engine_stop, "resolve_clock", lambda ref: (None,))
+    monkeypatch.setattr(engine_stop, "_journal_copy", lambda engine: None)
+
+
 @pytest.fixture
 def slow_cancel_emu():
     """An emulator whose batches take a day to cancel: the batch is still ``cancelling`` when the actor goes."""
