@@ -95,10 +95,11 @@ def resolve_policies(names: str | Sequence[str], variants: dict[str, PolicySpec]
                      catalog: Catalog | None = None) -> list[PolicySpec]:
     """The entries ``names`` asks for. Given the ``catalog``, every variant of a registered policy is built once
     too, asked for or not: a variants file's bad entry failed only the run that asked for it, maybe days later."""
-    items = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
-    items = [n for n in items if n]
-    if not items:
-        raise ConfigError("--policies is empty; give e.g. --policies naive,smart")
+    items = [n for n in ([n.strip() for n in names.split(",")] if isinstance(names, str) else names) if n]
+    twice = next((n for k, n in enumerate(items) if n in items[:k]), None)  # it ran twice: two rows of one policy
+    if not items or twice:
+        raise ConfigError(f"--policies names {twice!r} twice; give each once" if twice else
+                          "--policies is empty; give e.g. --policies naive,smart")
     if catalog is not None:
         from policies import available_policies
 
@@ -152,9 +153,7 @@ def result_row(name: str, policy_class: str, params: dict, result: SimResult, na
     # every request is judged against naive's bill for the requests it served.
     reference = _served_naive_cost(result, naive) if refused else naive_cost
     row = {
-        "policy": name,
-        "policy_class": policy_class,
-        "params": params,
+        "policy": name, "policy_class": policy_class, "params": params,
         "cost_usd": s["cost_usd"],
         "naive_cost_usd": round(naive_cost, 6),
         "saving_vs_naive": _round((reference - cost) / reference if reference > 0 else 0.0),

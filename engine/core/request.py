@@ -27,6 +27,7 @@ from engine.core._checks import (
     tenant_problem,
 )
 from engine.core._media_checks import check_media, media_from_body
+from engine.core._window import check_window
 from engine.core.body_tokens import (
     body_image_tokens,
     call_chars,
@@ -122,33 +123,6 @@ def _check_names(d: dict) -> None:
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise FieldProblem(k or "line", f"{k!r} is not a request field; {hint}remove it or fix its spelling (provider "
                                "fields go in 'body'; see docs/traces.md)")
-
-
-def _check_window(req: Request, catalog: Catalog) -> None:
-    """Input plus the output the call may produce (its cap when it has one) must fit the model's context
-    window, and input its input limit: the provider would refuse the call, after it was queued and reserved."""
-    spec = catalog.model(req.provider, req.model)
-    out = max(req.output_tokens, req.max_output_tokens or 0)
-    need, limit = req.input_tokens + out, spec.context_window
-    if spec.max_input_tokens is not None and req.input_tokens > spec.max_input_tokens:
-        raise FieldProblem("input_tokens", f"input_tokens {req.input_tokens:,} exceeds {req.model}'s input limit of "
-                           f"{spec.max_input_tokens:,}; shorten the prompt{_larger(catalog, req.input_tokens, need)}")
-    if limit is not None and need > limit:
-        if req.input_tokens >= limit:
-            field, fix = "input_tokens", "shorten the prompt"
-        else:
-            field = "max_output_tokens" if (req.max_output_tokens or 0) > req.output_tokens else "output_tokens"
-            fix = f"lower {field} to at most {limit - req.input_tokens:,} or shorten the prompt"
-        raise FieldProblem(field, f"input_tokens {req.input_tokens:,} + output {out:,} = {need:,} tokens exceeds "
-                           f"{req.model}'s context window of {limit:,}; {fix}"
-                           f"{_larger(catalog, req.input_tokens, need)}")
-
-
-def _larger(catalog: Catalog, input_tokens: int, need: int) -> str:
-    fits = sorted((m.context_window, name) for p in catalog.providers.values() for name, m in p.models.items()
-                  if m.kind == "text" and m.context_window is not None and m.context_window >= need
-                  and (m.max_input_tokens is None or m.max_input_tokens >= input_tokens))
-    return f", or use a model with a larger window ({', '.join(n for _, n in fits[:3])})" if fits else ""
 
 
 def validation_context(catalog: Catalog | None = None, settings: Settings | None = None, *,
@@ -320,6 +294,8 @@ class Request(BaseModel):
                     and not only_tool_outputs(body)):
                 if body is not None:  # an OpenAI/Anthropic body: name its field (or a misspelt one), not the trace's
                     raise no_text_problem(body)
+                if "prompt" in d:  # given, and empty: named as 'input_tokens', the field was not the one given
+                    raise FieldProblem("prompt", "prompt is empty; give the text to send (or 'messages')")
                 raise FieldProblem("input_tokens", "a text request needs 'input_tokens' or a 'prompt' to estimate them from")
             sent = len(prompt) if isinstance(prompt, str) else 0  # sent beside the body's text, or a label of it
             chars = (sent + body_chars if sends_prompt(body, spec.kind) else max(sent, body_chars)) + tool_chars(body) + calls
@@ -361,7 +337,7 @@ class Request(BaseModel):
             raise FieldProblem(field, f"{field} {cap} is under output_tokens {self.output_tokens} (the output the "
                                f"request is priced for): raise {field} or lower output_tokens")
         if self.kind == "text":
-            _check_window(self, catalog)
+            check_window(self, catalog)
         return self
 
     @property

@@ -133,3 +133,32 @@ def test_a_bad_variant_parameter_names_the_variant_the_near_name_and_the_value(t
         run_bench(reqs, resolve_policies("naive,se", load_variants(p)), trace_name="t")
     msg = str(ei.value)
     assert "variant 'se'" in msg and "batch_gather_s = -5" in msg and "warm_margin_s" not in msg
+
+
+# A tour of stop 74 (a demanding new user): a driver's micro-batch of good and bad requests, the CLI.
+
+def _validate(d: dict):
+    from engine.core.catalog import default_catalog
+    from engine.core.request import Request, validation_context
+
+    return Request.model_validate({"arrival_s": 0, **d}, context=validation_context(default_catalog(), Settings()))
+
+
+def test_an_empty_prompt_is_named_as_the_prompt_with_the_fix():
+    # It was refused as field 'input_tokens' ("needs 'input_tokens' or a 'prompt'"), though a prompt was given.
+    from engine.core.trace import _problems_of
+
+    with pytest.raises(ValueError, match=r"prompt is empty; give the text to send") as ei:
+        _validate({"id": "e", "model": "gpt-5.4-mini", "prompt": ""})
+    assert [f for f, _ in _problems_of(ei.value, "the request")] == ["prompt"]
+    with pytest.raises(ValueError, match=r"needs 'input_tokens' or a 'prompt'"):  # none given: as before
+        _validate({"id": "n", "model": "gpt-5.4-mini"})
+
+
+def test_a_policy_named_twice_in_policies_is_refused():
+    # It ran twice and showed two rows of one policy (and, with --seeds, a paired difference from itself).
+    from engine.app.bench import resolve_policies
+
+    with pytest.raises(ConfigError, match=r"--policies names 'naive' twice; give each once"):
+        resolve_policies("naive,smart, naive", {})
+    assert [s.name for s in resolve_policies("naive,smart", {})] == ["naive", "smart"]
