@@ -154,8 +154,10 @@ def print_providers(doc: dict) -> None:
                           + (f"; answers an earlier run paid for, replayed under their Idempotency-Key: {n:,} "
                              f"(${p['replayed_usd']:.6f} then, $0 here)" if (n := p.get("replayed")) else ""))
     if n := (hidden := rep.get("billed_behind_refusal") or {}).get("requests"):
-        console.print(f"[red]{n} request(s) billed ${hidden['cost_usd']:.6f} after their driver got a refusal: a "
-                      "defect of the engine (its log says which); the providers' bills are above this spend[/red]")
+        # A Text: the console reads no markup (ids and tenants may hold brackets), so "[red]" printed as such.
+        console.print(Text(f"{n} request(s) billed ${hidden['cost_usd']:.6f} after their driver got a refusal: a "
+                           "defect of the engine (its log says which); the providers' bills are above this spend",
+                           style="red"))
     for r in doc.get("samples", []):
         how = "over HTTP" if r.get("real") else "simulated"
         console.print(Text(f"  {r['id']} ({r['provider']}/{r['model']}, {r['mode']}, {how}, ${r['cost_usd']:.6f}): "

@@ -162,3 +162,19 @@ def test_a_policy_named_twice_in_policies_is_refused():
     with pytest.raises(ConfigError, match=r"--policies names 'naive' twice; give each once"):
         resolve_policies("naive,smart, naive", {})
     assert [s.name for s in resolve_policies("naive,smart", {})] == ["naive", "smart"]
+
+
+def test_the_warning_of_answers_billed_behind_a_refusal_is_red_not_its_markup(monkeypatch):
+    # The CLI's console reads no markup (a tenant or an id may hold brackets), so the warning printed its tags,
+    # "[red]2 request(s) billed ...[/red]", in the terminal's plain colour.
+    from rich.console import Console
+
+    import engine.app.cli_report as cli_report
+
+    rec = Console(record=True, markup=False, force_terminal=True, color_system="standard", width=200)
+    monkeypatch.setattr(cli_report, "console", rec)
+    cli_report.print_providers({"engine_report": {"providers": {},
+                                                  "billed_behind_refusal": {"requests": 2, "cost_usd": 0.375}}})
+    out = rec.export_text(styles=True)
+    assert "2 request(s) billed $0.375000 after their driver got a refusal" in out
+    assert "[red]" not in out and "[/red]" not in out and "\x1b[31m" in out
