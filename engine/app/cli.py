@@ -42,7 +42,7 @@ def _budgets(settings: Settings, budget: float | None, tenant_budget: list[str] 
         settings = settings.model_copy(update={"budgets": budgets})
     tenants: dict[str, float] = {}
     for item in tenant_budget or []:
-        name, sep, usd = item.partition("=")
+        name, sep, usd = item.rpartition("=")  # a tenant may hold "=", a number never
         try:
             value = float(usd)
         except ValueError:

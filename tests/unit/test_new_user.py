@@ -178,3 +178,15 @@ def test_the_warning_of_answers_billed_behind_a_refusal_is_red_not_its_markup(mo
     out = rec.export_text(styles=True)
     assert "2 request(s) billed $0.375000 after their driver got a refusal" in out
     assert "[red]" not in out and "[/red]" not in out and "\x1b[31m" in out
+
+
+def test_a_tenant_budget_for_a_tenant_whose_name_holds_an_equals_sign_is_taken():
+    # A tenant may be named "team=a" (a request's tenant refuses only control characters), and the USD after the
+    # last '=' has none: split at the first, "--tenant-budget team=a=5" was refused as no NAME=USD.
+    from engine.app.cli import _budgets
+    from engine.core.tracegen import synth
+
+    reqs = [r.model_copy(update={"tenant": "team=a"}) for r in synth(3, seed=0)]
+    settings = _budgets(Settings(), None, ["team=a=5"], None, reqs)
+    (spec,) = settings.budgets.specs
+    assert (spec.tenant, spec.max_budget) == ("team=a", 5.0)
