@@ -371,12 +371,14 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, LiveBudgeting, Pulling, Shared
         return with_rejected(futs, at, refused)
 
     # -- reading ------------------------------------------------------------------------------------------------
-    def replay(self, requests: Sequence[Request], *, on_submit=None,
+    def replay(self, requests: Sequence[Request | Mapping], *, on_submit=None,
                into: list[ResultFuture] | None = None) -> list[ResultFuture]:
-        """Submit ``requests`` (sorted by arrival) as the engine clock reaches each arrival time. The futures are
-        appended to ``into`` (when given) as they are submitted, so a caller interrupted by Ctrl-C while the
-        replay still paces arrivals keeps those already sent."""
-        reqs = sorted(requests, key=lambda r: r.arrival_s)
+        """Submit ``requests`` (sorted by arrival; a dict without ``arrival_s`` arrives at 0) as the engine clock
+        reaches each arrival time. The futures are appended to ``into`` (when given) as they are submitted, so a
+        caller interrupted by Ctrl-C while the replay still paces arrivals keeps those already sent. A bad
+        request raises ``RequestError`` before any is sent, as ``submit_many``'s call does (a helper's tour: it
+        stopped the replay midway, the earlier sent and the rest never; a dict raised AttributeError)."""
+        reqs = sorted((self._as_request(r, k, now=0.0) for k, r in enumerate(requests)), key=lambda r: r.arrival_s)
         futs: list[ResultFuture] = into if into is not None else []
         k = 0
         while k < len(reqs):

@@ -190,3 +190,22 @@ def test_a_tenant_budget_for_a_tenant_whose_name_holds_an_equals_sign_is_taken()
     settings = _budgets(Settings(), None, ["team=a=5"], None, reqs)
     (spec,) = settings.budgets.specs
     assert (spec.tenant, spec.max_budget) == ("team=a", 5.0)
+
+
+def test_replay_checks_every_request_before_it_sends_any_and_takes_dicts(monkeypatch):
+    # A bad request late in a replay raised when its arrival came, the earlier ones sent and the rest never; a
+    # dict (what submit takes) raised AttributeError: 'dict' object has no attribute 'arrival_s'.
+    from engine.core.errors import RequestError
+    from engine.core.request import Request
+    from tests.unit.test_driver_tour import _bulk_engine
+
+    e = _bulk_engine(monkeypatch)
+    good = Request.model_validate({"id": "a", "arrival_s": 0.0, "model": "gpt-5.4-mini", "prompt": "hi"},
+                                  context=e._ctx)
+    late = good.model_copy(update={"id": "late", "arrival_s": 5.0, "model": "no-such-model"})
+    with pytest.raises(RequestError, match=r"request 'late' \(at 1 of the requests given.*field 'model'"):
+        e.replay([good, late], on_submit=lambda n: e.clock.advance(10.0))
+    assert e._futs == {}  # none sent
+    futs = e.replay([{"id": "d1", "model": "gpt-5.4-mini", "prompt": "hi"},
+                     {"id": "d0", "arrival_s": 0.0, "model": "gpt-5.4-mini", "prompt": "hello"}])
+    assert [f._req.id for f in futs] == ["d1", "d0"] and len(e._futs) == 2
