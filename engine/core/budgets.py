@@ -35,8 +35,7 @@ __all__ = ["LEDGER", "BudgetSettings", "BudgetSpec", "Charge", "Claim", "Coverin
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|mo)\s*$")
 _UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 EPS = 1e-9
-
-
+_QUOTED = re.compile(r"""[,=/@'"]|^\s|\s$""")  # a value a budget's name could not tell from its separators
 _MAX_MONTHS = 1200  # 100 years
 
 
@@ -86,7 +85,9 @@ def window_bounds(duration: str | None, t: float) -> tuple[float, float]:
 
 @functools.lru_cache(maxsize=1024)
 def _spec_name(tenant: str | None, provider: str | None, model: str | None, duration: str | None) -> str:
-    parts = [f"{k}={v}" for k, v in (("tenant", tenant), ("provider", provider), ("model", model)) if v is not None]
+    # Quoted where it needs: tenant "a/1d" and tenant "a" per 1d were one name, so one ledger window (and key).
+    parts = [f"{k}={v!r}" if _QUOTED.search(v) else f"{k}={v}"
+             for k, v in (("tenant", tenant), ("provider", provider), ("model", model)) if v is not None]
     base = ",".join(parts) or "global"
     return f"{base}/{duration}" if duration else base
 

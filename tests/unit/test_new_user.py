@@ -209,3 +209,25 @@ def test_replay_checks_every_request_before_it_sends_any_and_takes_dicts(monkeyp
     futs = e.replay([{"id": "d1", "model": "gpt-5.4-mini", "prompt": "hi"},
                      {"id": "d0", "arrival_s": 0.0, "model": "gpt-5.4-mini", "prompt": "hello"}])
     assert [f._req.id for f in futs] == ["d1", "d0"] and len(e._futs) == 2
+
+
+def test_budgets_of_tenants_whose_names_hold_a_budget_names_separators_are_kept_apart():
+    # Tenant "a/1d" (never resets) and tenant "a" per 1d were both named "tenant=a/1d": one ledger window (and one
+    # Redis key), so "a/1d" was held back by what "a" spent, and the settings refused the pair as one budget.
+    from engine.core.budgets import BudgetSpec, Claim
+    from engine.core.ledger import BudgetBook
+
+    pairs = [(BudgetSpec(tenant="a/1d", max_budget=1.0), BudgetSpec(tenant="a", budget_duration="1d", max_budget=1.0)),
+             (BudgetSpec(tenant="a,provider=openai", max_budget=1.0),
+              BudgetSpec(tenant="a", provider="openai", max_budget=1.0)),
+             (BudgetSpec(tenant=" acme", max_budget=1.0), BudgetSpec(tenant="acme", max_budget=1.0))]
+    for x, y in pairs:
+        assert x.name != y.name and x.key(0.0) != y.key(0.0), (x.name, y.name)
+        Settings(budgets={"specs": [x.model_dump(), y.model_dump()]})  # two budgets, not "two cover one"
+        book = BudgetBook([x, y])
+        (v,) = book.reserve_many([Claim("r1", y.tenant, "openai", "gpt-5", "urgent", 0.8)], 0.0)
+        assert v.ok
+        (v,) = book.reserve_many([Claim("r2", x.tenant, "openai", "gpt-5", "urgent", 0.5)], 0.0)
+        assert v.ok, (x.name, v)
+    assert BudgetSpec(tenant="tenant-a", budget_duration="1d", max_budget=1).name == "tenant=tenant-a/1d"  # as before
+    assert BudgetSpec(tenant="a/1d", max_budget=1).name == "tenant='a/1d'"
