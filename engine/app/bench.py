@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engine.app._words import counted
+from engine.core._yaml import yaml_problem
 from engine.core.catalog import Catalog, default_catalog
 from engine.core.draws import Draws
 from engine.core.errors import ConfigError
@@ -60,10 +61,7 @@ def load_variants(path: str | Path | None) -> dict[str, PolicySpec]:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}); "
                           "save the variants file as UTF-8 YAML") from exc
     except yaml.YAMLError as exc:  # one line: where, and what the parser expected (not its multi-line pointer)
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{where}: not valid YAML ({what}); see the variants example in README.md") from exc
+        raise ConfigError(f"{yaml_problem(exc, str(path))}; see the variants example in README.md") from exc
     items = raw.get("variants") if isinstance(raw, dict) else None
     if not isinstance(items, list):
         raise ConfigError(f"{path}: expected a top-level 'variants:' list of {{name, policy, params}}")

@@ -29,6 +29,7 @@ from engine.core._catalog_parts import (
     respelt_cache_terms,
     respelt_catalog,
 )
+from engine.core._yaml import yaml_problem
 from engine.core.body_tokens import ImageInput, ToolPrompt
 from engine.core.errors import CatalogError
 
@@ -343,7 +344,7 @@ def _read_yaml(path: str | Path | None, flag: str) -> tuple[dict, str]:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise CatalogError(f"catalog {where} is not valid YAML: {exc}") from exc
+        raise CatalogError(f"catalog {yaml_problem(exc, where)}") from exc  # one line, as every command error
     if not isinstance(raw, dict):
         raise CatalogError(f"catalog {where} must be a YAML mapping with 'providers'")
     return raw, where

@@ -231,3 +231,19 @@ def test_budgets_of_tenants_whose_names_hold_a_budget_names_separators_are_kept_
         assert v.ok, (x.name, v)
     assert BudgetSpec(tenant="tenant-a", budget_duration="1d", max_budget=1).name == "tenant=tenant-a/1d"  # as before
     assert BudgetSpec(tenant="a/1d", max_budget=1).name == "tenant='a/1d'"
+
+
+@pytest.mark.parametrize("flag", ["--catalog", "--catalog-overlay"])
+def test_a_catalog_that_is_not_yaml_is_one_error_line_naming_the_place(tmp_path, flag):
+    # A trace given as --catalog printed PyYAML's pointer, four lines of it, where every command error is one
+    # line (as a broken variants file's already was).
+    from typer.testing import CliRunner
+
+    from engine.app.cli import app
+
+    runner = CliRunner()
+    trace = tmp_path / "t.jsonl"
+    runner.invoke(app, ["trace", "synth", "--n", "5", "--out", str(trace)])
+    r = runner.invoke(app, ["bench", str(trace), flag, str(trace), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and f"catalog {trace}:2:1: not valid YAML (expected '<document start>'" in r.output
+    assert len(r.output.strip().splitlines()) == 1, r.output
