@@ -30,21 +30,22 @@ class FieldProblem(ValueError):
 def check_text(value: Any, where: str) -> None:
     """Strings must be valid Unicode: a lone surrogate (what json.loads gives for an escaped half pair) cannot
     be encoded for any provider, so it is refused here, per request, rather than failing a whole batch later.
-    Walked with a stack, not recursion, so a deeply nested body cannot exhaust Python's stack."""
-    stack = [value]
+    Walked with a stack, not recursion, so a deeply nested body cannot exhaust Python's stack. The message names
+    the string's path and the character (the field stays ``where``): one of fifty messages is found at once."""
+    stack: list[tuple[str, Any]] = [(where, value)]
     while stack:
-        v = stack.pop()
+        path, v = stack.pop()
         if isinstance(v, str):
             try:
                 v.encode("utf-8")
-            except UnicodeEncodeError:
-                raise FieldProblem(where, f"{where} is not valid Unicode (a lone surrogate such as \\ud800); "
-                                   "send UTF-8 text") from None
+            except UnicodeEncodeError as exc:
+                raise FieldProblem(where, f"{path} is not valid Unicode (a lone surrogate, {v[exc.start]!r} at "
+                                   f"character {exc.start}); send UTF-8 text") from None
         elif isinstance(v, dict):
-            stack.extend(v.keys())
-            stack.extend(v.values())
+            stack.extend((f"{path} (a key)", k) for k in v)
+            stack.extend((f"{path}.{k}", item) for k, item in v.items())
         elif isinstance(v, (list, tuple)):
-            stack.extend(v)
+            stack.extend((f"{path}[{n}]", item) for n, item in enumerate(v))
 
 
 MAX_DEPTH = 100  # levels of a request's body: a JSON schema in response_format nests a few dozen at most

@@ -247,3 +247,19 @@ def test_a_catalog_that_is_not_yaml_is_one_error_line_naming_the_place(tmp_path,
     r = runner.invoke(app, ["bench", str(trace), flag, str(trace), "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and f"catalog {trace}:2:1: not valid YAML (expected '<document start>'" in r.output
     assert len(r.output.strip().splitlines()) == 1, r.output
+
+
+def test_a_lone_surrogate_deep_in_a_body_is_named_by_its_path_and_itself():
+    # "body is not valid Unicode (a lone surrogate such as \ud800)": which of fifty messages, and which character
+    # (it was \udcff), the user had to find alone. The field stays the key the request gave it under.
+    from engine.core.trace import _problems_of
+
+    msgs = [{"role": "user", "content": "fine"}] * 3 + [{"role": "user", "content": [{"type": "text",
+                                                                                       "text": "ab\udcffc"}]}]
+    with pytest.raises(ValueError) as ei:
+        _validate({"id": "s", "model": "gpt-5.4-mini", "body": {"messages": msgs}})
+    ((field, msg),) = _problems_of(ei.value, "the request")
+    assert field == "body"
+    assert "body.messages[3].content[0].text is not valid Unicode (a lone surrogate, '\\udcff' at character 2)" in msg
+    with pytest.raises(ValueError, match=r"prompt is not valid Unicode \(a lone surrogate, '\\ud800' at character 0\)"):
+        _validate({"id": "s", "model": "gpt-5.4-mini", "prompt": "\ud800"})
