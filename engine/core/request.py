@@ -64,7 +64,7 @@ def _number(v: Any) -> Any:
     """A JSON number only: ``true`` is not 1 and ``"12"`` is not 12 (pydantic's lax mode would coerce both)."""
     if isinstance(v, (bool, str, bytes)):
         what = "a boolean" if isinstance(v, bool) else "a string"
-        shown = repr(v) if len(repr(v)) <= 40 else repr(v)[:37] + "..."
+        shown = str(v).lower() if isinstance(v, bool) else repr(v) if len(repr(v)) <= 40 else repr(v)[:37] + "..."
         raise ValueError(f"must be a number, not {what} ({shown}); write it as a bare JSON number")
     return v
 

@@ -83,6 +83,11 @@ def _json_kind(value: object) -> str:
                                                                     else type(value).__name__)
 
 
+def _shown(value: object) -> str:
+    """A value as a JSON line holds it (true, false and null, not Python's True, False and None), cut at 40."""
+    return f"{json.dumps(value) if value is None or isinstance(value, bool) else repr(value):.40}"
+
+
 def _problems_of(exc: ValidationError, where: str = "the line") -> list[tuple[str, str]]:
     """(field, message) per problem of a request's validation; a missing field is to be added to ``where``."""
     out = []
@@ -97,26 +102,27 @@ def _problems_of(exc: ValidationError, where: str = "the line") -> list[tuple[st
             msg = f"is required; add it to {where}"
         elif err["type"] in _JSON_TYPE_FIX:  # pydantic's "a valid tuple": a JSON file has none
             got = err.get("input")
-            msg = f"must be {_JSON_TYPE_FIX[err['type']]}, not {_json_kind(got)} ({got!r:.40})" + (
+            msg = f"must be {_JSON_TYPE_FIX[err['type']]}, not {_json_kind(got)}" + (
+                "" if got is None else f" ({_shown(got)})") + (
                 "; write it in quotes" if err["type"] == "string_type" else "")
         elif err["type"] == "extra_forbidden":
             msg = "is not a trace field; remove it or fix its spelling (see docs/traces.md)"
         elif err["type"] == "literal_error":  # "Input should be 'a', 'b' or 'c'": the fix, said as one
-            msg = f"{msg}, got {err.get('input')!r:.40}; give one of these"
+            msg = f"{msg}, got {_shown(err.get('input'))}; give one of these"
         elif err["type"] == "string_too_short" and err.get("input") == "":
             msg = "must not be empty; give a name, or leave the field out for its default where it has one"
         elif err["type"] in _BOUND_FIX:  # pydantic's "Input should be greater than or equal to 0": no value, no fix
             bound = next(iter((err.get("ctx") or {}).values()), "?")
             bound = f"{bound:g}" if isinstance(bound, (int, float)) else bound
-            msg = f"must be {_BOUND_FIX[err['type']]} {bound}, got {err.get('input')!r:.40}; give such a number"
+            msg = f"must be {_BOUND_FIX[err['type']]} {bound}, got {_shown(err.get('input'))}; give such a number"
         elif err["type"] == "string_too_long":
             msg = (f"is {len(err.get('input') or '')} characters long, over the limit of "
                    f"{(err.get('ctx') or {}).get('max_length')}; shorten it")
         elif err["type"] == "string_pattern_mismatch" and r"\x00" in str((err.get("ctx") or {}).get("pattern")):
             # the tenant's pattern: no control characters
-            msg = f"holds a control character ({err.get('input')!r:.40}); use printable characters only"
+            msg = f"holds a control character ({_shown(err.get('input'))}); use printable characters only"
         elif err["type"] == "int_from_float":
-            msg = f"must be a whole number, got {err.get('input')!r:.40}"
+            msg = f"must be a whole number, got {_shown(err.get('input'))}"
         out.append((loc, msg))
     return out
 

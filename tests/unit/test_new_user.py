@@ -263,3 +263,21 @@ def test_a_lone_surrogate_deep_in_a_body_is_named_by_its_path_and_itself():
     assert "body.messages[3].content[0].text is not valid Unicode (a lone surrogate, '\\udcff' at character 2)" in msg
     with pytest.raises(ValueError, match=r"prompt is not valid Unicode \(a lone surrogate, '\\ud800' at character 0\)"):
         _validate({"id": "s", "model": "gpt-5.4-mini", "prompt": "\ud800"})
+
+
+@pytest.mark.parametrize("fields, said", [
+    ({"priority": True}, "got true; give one of these"),
+    ({"priority": None}, "got null; give one of these"),
+    ({"reuse": False}, "got false; give one of these"),
+    ({"tenant": None}, "must be a string, not null; write it in quotes"),
+    ({"deadline_s": True}, "must be a number, not a boolean (true)"),
+])
+def test_a_json_value_is_quoted_in_json_words_not_pythons(fields, said):
+    # docs/traces.md: "Other JSON types are named in JSON's words"; a trace line's true and null were quoted back as
+    # True and None, which the file does not hold.
+    from engine.core.trace import _problems_of
+
+    with pytest.raises(ValueError) as ei:
+        _validate({"id": "j", "model": "gpt-5.4-mini", "prompt": "x", **fields})
+    ((_, msg),) = _problems_of(ei.value, "the line")
+    assert said in msg, msg
