@@ -309,7 +309,7 @@ class Request(BaseModel):
         if d.get("deadline_s") is None:
             prio = d.get("priority", "normal")
             d["deadline_s"] = getattr(settings.deadlines, prio if prio in PRIORITIES else "normal")
-        params = d.get("params") or {}
+        params = {} if d.get("params") is None else d["params"]  # null: none; [] or "" is no object
         if isinstance(params, dict):
             params = dict(params)
             came = {}  # a top-level media field went into the body, or the provider's own names them

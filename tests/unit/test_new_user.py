@@ -281,3 +281,16 @@ def test_a_json_value_is_quoted_in_json_words_not_pythons(fields, said):
         _validate({"id": "j", "model": "gpt-5.4-mini", "prompt": "x", **fields})
     ((_, msg),) = _problems_of(ei.value, "the line")
     assert said in msg, msg
+
+
+@pytest.mark.parametrize("params", [[], "", 0, False])
+def test_params_that_are_empty_but_no_object_are_refused_as_a_non_empty_one_is(params):
+    # "params": "x" was refused ("must be a JSON object"), while "", [], 0 and false read as no params at all.
+    from engine.core.trace import _problems_of
+
+    with pytest.raises(ValueError) as ei:
+        _validate({"id": "p", "model": "gpt-image-1", "prompt": "a cat", "params": params})
+    ((field, msg),) = _problems_of(ei.value, "the line")
+    assert field == "params" and msg.startswith('must be a JSON object, e.g. {"size": "1024x1024"}, not '), msg
+    assert _validate({"id": "p", "model": "gpt-image-1", "prompt": "a cat", "params": None}).params == {
+        "size": "1024x1024"}  # null: not set, as before
