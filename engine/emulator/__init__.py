@@ -78,7 +78,8 @@ job (once, when it completes, at the catalog's per-second price), is priced by
 prompt's text tokens once where the catalog prices them). Error answers, injected faults, replays of an
 ``Idempotency-Key`` and calls cut by ``stop()`` bill nothing; but three faults are answers cut short of calls that
 ran, and bill: ``cut_body`` (a sync answer), ``cut_connection`` (a sync call's connection closed unanswered) and
-``garble_members`` (a batch member's result line). A sync call is billed when its answer is ready, even if the
+``garble_members`` (a batch member's result line); ``keyless_members`` writes a batch member's result without its
+key (billed). A sync call is billed when its answer is ready, even if the
 client has given up by then, as real providers do.
 
 Time. Emulator time is a virtual unix time running ``speedup`` times the wall clock; a sync call sleeps its

@@ -261,7 +261,8 @@ def _results(ctx: Ctx) -> Reply:
         if batch.status(now) != "ended":
             raise ApiError(400, f"Message Batch {batch.id} has not yet ended; results are available once "
                            "processing_status is 'ended'")
-        data = "".join(ctx.faults.result_line(r.get("custom_id"), json.dumps(r, separators=(",", ":"))) + "\n"
+        data = "".join(ctx.faults.result_line(r.get("custom_id"), json.dumps(
+            ctx.faults.keyed(r.get("custom_id"), r, "custom_id"), separators=(",", ":"))) + "\n"
                        for r in batch.results).encode()
     return Reply(200, {"content-type": "application/x-jsonl", "request-id": ctx.request_id}, data)
 

@@ -2,7 +2,7 @@
 
 No fault answer is billed: a fault is decided before the call reaches the model. Three faults are answers
 cut short instead, of calls that ran and are billed: ``FaultSpec.cut_body``, ``FaultSpec.cut_connection`` and
-``garble_members``.
+``garble_members``; and one answered without its key: ``keyless_members``.
 """
 
 from __future__ import annotations
@@ -81,6 +81,9 @@ class FaultPlan:
     images.generations, messages); 5xx is 500 on OpenAI routes and 529 (overloaded) on Anthropic routes.
     ``fail_members``: custom_ids that fail with a server error inside any batch, until cleared.
     ``garble_members``: custom_ids that run (billed) inside any batch, their result line cut short, until cleared.
+    ``keyless_members``: custom_ids (Google's ``metadata.key``) that run inside any batch, their result written
+    without the key they were sent with (no ``custom_id``; Google's response without its ``metadata``, as
+    googleapis python-genai #2008 and js-genai #1191 report), until cleared.
     ``retry_after_header``: False answers an OpenAI-route 429 without ``retry-after``, its wait only in
     ``x-ratelimit-reset-requests``/``-tokens`` (``"1m40s"``) beside ``x-ratelimit-remaining-requests: 0``, as OpenAI's
     429s may come (openai-node issue 1477). True (the default): a ``retry-after`` header, as Anthropic's always has.
@@ -109,6 +112,7 @@ class FaultPlan:
         self._retry_after_s = 1.0
         self.fail_members: set[str] = set()
         self.garble_members: set[str] = set()
+        self.keyless_members: set[str] = set()
         self.batch_queue_limits: dict[str, int] = {}
         self.retry_after_header = True
         self._video_failures: dict[str | None, int] = {}  # by provider; None: any provider
@@ -207,6 +211,7 @@ class FaultPlan:
             self._retry_after_s = 1.0
             self.fail_members = set()
             self.garble_members = set()
+            self.keyless_members = set()
             self.batch_queue_limits = {}
             self.retry_after_header = True
             self._video_failures = {}
@@ -218,7 +223,7 @@ class FaultPlan:
         "fail_members": ["a"], "expire_batches": {"n": 1, "finished_fraction": 0.5},
         "batch_queue_limits": {"gpt-4o-mini": 2000000},
         "script": [{"provider": "openai", "route": "chat.completions", "specs": [{"status": 429}]}]}``."""
-        known = {"clear", "rate_429", "rate_5xx", "retry_after_s", "fail_members", "garble_members",
+        known = {"clear", "rate_429", "rate_5xx", "retry_after_s", "fail_members", "garble_members", "keyless_members",
                  "expire_batches", "script", "batch_queue_limits", "retry_after_header", "fail_videos",
                  "refuse_flex"}
         unknown = set(cfg) - known
@@ -229,7 +234,7 @@ class FaultPlan:
         for name in ("rate_429", "rate_5xx", "retry_after_s"):
             if name in cfg:
                 setattr(self, name, cfg[name])
-        for name in ("fail_members", "garble_members"):
+        for name in ("fail_members", "garble_members", "keyless_members"):
             if name in cfg:
                 ids = cfg[name]
                 if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
@@ -297,10 +302,17 @@ class FaultPlan:
             garbled = custom_id in self.garble_members
         return line[:len(line) // 2] if garbled else line
 
+    def keyed(self, custom_id: str | None, rec: dict, field: str) -> dict:
+        """A batch member's result as written: without ``field`` (its key) for a member of ``keyless_members``."""
+        with self._lock:
+            keyless = custom_id in self.keyless_members
+        return {k: v for k, v in rec.items() if k != field} if keyless else rec
+
     def __repr__(self) -> str:
         with self._lock:
             scripted = sum(len(q) for q in self._scripts.values())
             return (f"FaultPlan(scripted={scripted}, rate_429={self._rate_429}, rate_5xx={self._rate_5xx}, "
                     f"fail_members={len(self.fail_members)}, garble_members={len(self.garble_members)}, "
+                    f"keyless_members={len(self.keyless_members)}, "
                     f"batch_queue_limits={self.batch_queue_limits}, "
                     f"expiring_batches={len(self._expiries)})")

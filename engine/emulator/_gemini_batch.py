@@ -118,8 +118,13 @@ class GeminiBatch:
 
 
 def _run(core: Core, faults: FaultPlan, batch: GeminiBatch, meta: dict, body: dict) -> dict:
-    rid = core.new_id("req_")
+    """A member run: its response, with the request's ``metadata`` (without it for ``keyless_members``)."""
     key = str(meta.get("key", ""))
+    return faults.keyed(key, _response(core, faults, batch, meta, body, key), "metadata")
+
+
+def _response(core: Core, faults: FaultPlan, batch: GeminiBatch, meta: dict, body: dict, key: str) -> dict:
+    rid = core.new_id("req_")
     if faults.member_fails(key):
         batch.failed += 1
         return {"error": {"code": _FAILED[0], "message": _FAILED[2], "status": _FAILED[1]}, "metadata": meta}

@@ -211,8 +211,8 @@ def _advance(core: Core, faults: FaultPlan, batch: OpenAIBatch, now: float) -> N
     def close(b: OpenAIBatch) -> None:
         for lines, attr in ((b.outputs, "output_file_id"), (b.failures, "error_file_id")):
             if lines:
-                data = "".join(faults.result_line(x.get("custom_id"), json.dumps(x, separators=(",", ":"),
-                                                                                    ensure_ascii=False)) + "\n"
+                data = "".join(faults.result_line(x.get("custom_id"), json.dumps(
+                    faults.keyed(x.get("custom_id"), x, "custom_id"), separators=(",", ":"), ensure_ascii=False)) + "\n"
                                for x in lines).encode()
                 kind = "output" if attr == "output_file_id" else "error"
                 setattr(b, attr, core.add_file(f"{b.id}_{kind}.jsonl", "batch_output", data).id)
