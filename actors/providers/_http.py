@@ -14,9 +14,10 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
+from actors.providers._batch_members import BatchMembers
 from actors.providers._wire import billing_refusal, error_of, error_text, quota_message, redact, retry_after
 from engine.core.catalog import Catalog
-from engine.core.cost import Mode, cached_blocks, min_cacheable_tokens, price_usage, reserve_bound
+from engine.core.cost import Mode, cached_blocks, min_cacheable_tokens, price_usage
 from engine.core.errors import ProviderError
 from engine.core.latency import flex_timeout_s
 from engine.core.provider_api import CallJob, CallOutcome, Secret, Usage
@@ -185,7 +186,7 @@ class BatchHandle:
         self.id, self.jobs, self.backoff, self.batch = bid, {j.key: j for j in jobs}, backoff, None
 
 
-class HttpBase:
+class HttpBase(BatchMembers):
     real = True
     names_batches = True  # OpenAI's carry their name in their metadata (Anthropic's override it)
 
@@ -319,29 +320,6 @@ class HttpBase:
             self._tiers_told.add(tier)
             log.warning("%s: a call was served at service tier %r; its cost is counted at the catalog's "
                         "standard prices, so the provider's bill may differ (docs/providers.md)", self.name, tier)
-
-    def _unread_members(self, handle: BatchHandle, unread: list[str | None], out: dict[str, CallOutcome]) -> None:
-        """Members whose result line could not be read: they ran, so they may be billed, and sent again they
-        would be paid twice. Each fails, its budget keeping its upper bound at the batch price."""
-        if not unread:
-            return
-        now = self.clock.now()
-        for cid in unread:
-            job = handle.jobs.get(cid) if cid is not None else None
-            if job is not None:
-                usd = reserve_bound(job.req, self.catalog, "batch_api", None)
-                out[job.key] = CallOutcome(False, now, usd, retryable=False, real=True, maybe_billed=True,
-                                           error=f"{self.name}: batch {handle.id} answered this request with a "
-                                                 "line that could not be read (not JSON, or not of the shape "
-                                                 "documented); it ran and may be billed, so it is not sent again")
-        unnamed = sum(1 for cid in unread if cid is None or cid not in handle.jobs)
-        log.error("%s: batch %s: %d result line(s) could not be read%s", self.name, handle.id, len(unread),
-                  f"; {unnamed} name no member, which go again as if never run" if unnamed else "")
-
-    @staticmethod
-    def _member(handle: BatchHandle, custom_id: Any) -> CallJob | None:
-        """The member a results line names; None for a name of another type (a list cannot key the map)."""
-        return handle.jobs.get(custom_id) if isinstance(custom_id, str) else None
 
     def _unreadable(self, exc: BaseException) -> CallOutcome:
         """A sync call whose answer could not be read: it ran, so it may be billed (settled at its upper bound

@@ -161,12 +161,14 @@ class OpenAIBatches(HttpBase):
                         self._redact("; ".join(said) or "no reason given"))
         lines, unread, errors = await self._results(b)
         self._unread_members(handle, unread, out)  # an error file's are left out: its members were not billed
+        keyless = sum(self._member(handle, cid) is None for cid in unread)
         for line in lines:
             job = self._member(handle, line.get("custom_id"))
-            if job is None:
-                continue
             resp = line.get("response")
             code = _status(resp)
+            if job is None:  # a refusal (a status but 200) billed nothing; an answer, or none told, may be billed
+                keyless += code in (200, None)
+                continue
             if code == 200:
                 try:
                     out[job.key] = self._outcome(job, route, resp.get("body") or {}, resp.get("request_id"),
@@ -186,6 +188,7 @@ class OpenAIBatches(HttpBase):
             resp = line.get("response")
             out.setdefault(job.key, self._member_error(_status(resp) or 500, resp.get("body") if isinstance(
                 resp, Mapping) else None, err))
+        self._unnamed(handle, out, [*unread, *(x.get("custom_id") for x in (*lines, *errors))], keyless, "custom_id")
         return out
 
     def results_at(self, handle: BatchHandle) -> str:

@@ -300,12 +300,14 @@ class AnthropicProvider(HttpBase):
         whole_read(lines, unread, _answered(getattr(handle.batch, "request_counts", None)),
                    f"{self.name}: batch {handle.id}")
         self._unread_members(handle, unread, out)
+        keyless = sum(self._member(handle, cid) is None for cid in unread)
         for item in lines:
             job = self._member(handle, item.get("custom_id"))
-            if job is None:
-                continue
             res = item.get("result")
             kind = res.get("type") if isinstance(res, Mapping) else None
+            if job is None:  # errored, canceled, expired: billed nothing; any other may be a member's, billed
+                keyless += kind not in ("errored", "canceled", "expired")
+                continue
             if kind == "succeeded":
                 try:
                     out[job.key] = self._outcome(job, res.get("message") or {}, handle.id, "batch_api")
@@ -322,6 +324,7 @@ class AnthropicProvider(HttpBase):
             elif kind not in ("canceled", "expired"):  # no result it documents: it may have run and been billed
                 self._unread_members(handle, [job.key], out)
             # canceled / expired: never ran, not billed; absent, so it is sent again
+        self._unnamed(handle, out, [*unread, *(x.get("custom_id") for x in lines)], keyless, "custom_id")
         return out
 
     def results_at(self, handle: BatchHandle) -> str:

@@ -8,7 +8,8 @@ with ``{"batch": {"displayName": ref, "inputConfig": {"requests": {"requests": [
 {"key"}}]}}}}``; ``GET v1beta/batches/{id}`` (an operation whose ``metadata`` is the batch: its ``state``, and once
 ended ``output.inlinedResponses.inlinedResponses``, each with the ``metadata`` it was sent with); ``GET
 v1beta/batches`` (``operations``) to find a create whose answer was lost, by its display name;
-``POST v1beta/batches/{id}:cancel``. Members are read back by ``metadata.key`` (the call key), never by position.
+``POST v1beta/batches/{id}:cancel``. Members are read back by ``metadata.key`` (the call key), never by position;
+a response without it (python-genai #2008) fails each member no response names, possibly billed (``_unnamed``).
 Lookups and polls ask for a partial response (``fields``: names, states, counts), so the images, which an ended
 batch's operation holds, are read once, by ``fetch``, within the dispatcher's results slot (a poll's or a
 lookup's answer is read as it arrives, the images passed over, should Google answer them despite the mask).
@@ -236,14 +237,19 @@ class GeminiProvider(OpenAIProvider):
             log.warning("%s: batch %s failed: %s; its members did not run", self.name, handle.id,
                         self._redact(str(handle.batch.get("error") or "no reason given"))[:300])
         out: dict[str, CallOutcome] = {}
+        named, keyless = [], 0
         for item in responses:
-            job = self._member(handle, (item.get("metadata") or {}).get("key") if isinstance(item, dict) else None)
-            if job is None:
+            key = (item.get("metadata") or {}).get("key") if isinstance(item, dict) else None
+            named.append(key)
+            job = self._member(handle, key)
+            if job is None:  # an error billed nothing; anything else may be a member's answer, billed
+                keyless += not (isinstance(item, dict) and item.get("error") is not None)
                 continue
             try:
                 out[job.key] = self._native_outcome(job, item)
             except (AttributeError, KeyError, TypeError, ValueError, IndexError):  # ran, and may be billed
                 self._unread_members(handle, [job.key], out)
+        self._unnamed(handle, out, named, keyless, "metadata.key")
         handle.output = None  # handed on: the images are not held past their read
         return out
 
