@@ -9,14 +9,17 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from actors._types import Job
-from engine.core.catalog import ModelSpec
+from engine.core.catalog import Catalog, ModelSpec
 from engine.core.request import Request
 
-__all__ = ["BYTES_PER_PIXEL", "LINE_OVERHEAD", "cut", "file_parts", "image_line_bytes", "results_parts",
-           "text_line_bytes"]
+__all__ = ["BYTES_PER_PIXEL", "FETCH_CALLS", "LINE_OVERHEAD", "cut", "file_parts", "image_line_bytes", "line_bound",
+           "read_bound_s", "results_parts", "text_line_bytes"]
+
+FETCH_CALLS = 3  # calls a results read may make (a poll, the output file, the error file), each up to timeout_s
 
 LINE_OVERHEAD = 1024  # bytes a batch line adds to its request's body or prompt, at most (ids, url, model, caps)
 # A results line holds its image in base64 (a third more than the file). The most a file may weigh, a pixel, by
@@ -126,3 +129,23 @@ def results_parts(parts: list[list[Job]], line_bytes: Callable[[Job], int | None
     limit = max_mb * 2**20
     return [q for p in parts for q in (cut(p, lambda j: line_bytes(j) or 0, limit)
                                        if any(line_bytes(j) is not None for j in p) else [p])]
+
+
+def line_bound(catalog: Catalog, provider: str, req: Request) -> int | None:
+    """The bound of ``req``'s results line (``image_line_bytes``): None for a model that is no image one."""
+    spec = catalog.model(provider, req.model)
+    return image_line_bytes(spec, req) if spec.kind == "image" else None
+
+
+def read_bound_s(catalog: Catalog, settings: Any, provider: str, cjobs: Sequence[Any]) -> float:
+    """Real seconds a try at reading the results of a batch of ``cjobs`` (``CallJob`` s) may take: its calls'
+    timeouts and the results' size bound (the sum of its lines' bounds) at ``batch_results_min_kib_s``. Each
+    call's timeout bounds only the wait between chunks: a server that trickled a byte inside it held the read for
+    as long as it went on. Never capped at ``batch_results_max_mb``: text is not cut by it, and a text batch
+    heavier (50,000 answers of 4,000 tokens: 800 MB) read faster than the floor rate was cut at every try, then
+    failed whole. The dispatcher's reads (``ResultsReads._read_bound_s``) and a resume's
+    (``engine.app._batch_rescue``) are bounded by it."""
+    size = sum(line_bound(catalog, provider, j.req) or text_line_bytes(catalog.model(provider, j.req.model), j.req,
+                                                                        settings.chars_per_token) for j in cjobs)
+    timeout_s = settings.providers.endpoints[provider].timeout_s
+    return FETCH_CALLS * timeout_s + size / (settings.batch_results_min_kib_s * 1024)

@@ -11,15 +11,13 @@ import asyncio
 import contextlib
 import logging
 
-from actors._batch_parts import file_parts, image_line_bytes, results_parts, text_line_bytes
+from actors._batch_parts import file_parts, line_bound, read_bound_s, results_parts
 from engine.core.cost import reserve_bound
 from engine.core.provider_api import CallJob, CallOutcome
 
 log = logging.getLogger("smartbatch.dispatcher")
 
 __all__ = ["ResultsReads", "ResultsRoom"]
-
-FETCH_CALLS = 3  # calls a results read may make (a poll, the output file, the error file), each up to timeout_s
 
 
 class ResultsRoom:
@@ -84,19 +82,11 @@ class ResultsReads:
     time a try at reading them may take."""
 
     def _read_bound_s(self, cjobs: list[CallJob]) -> float | None:
-        """Real seconds a try at reading the results of a batch of ``cjobs`` may take: its calls' timeouts and the
-        results' size bound (the sum of its lines' bounds) at ``batch_results_min_kib_s``. Each call's timeout
-        bounds only the wait between chunks: a server that trickled a byte inside it held the read, and every
-        member's future, for as long as it went on (None: a simulated provider, which answers at once). Never
-        capped at ``batch_results_max_mb``: text is not cut by it, and a text batch heavier (50,000 answers of
-        4,000 tokens: 800 MB) read faster than the floor rate was cut at every try, then failed whole."""
+        """Real seconds a try at reading the results of a batch of ``cjobs`` may take (``read_bound_s``); None: a
+        simulated provider, which answers at once."""
         if not self.provider.real or not cjobs:
             return None
-        s = self.settings
-        lines = [self._line_bytes(j) or text_line_bytes(self.catalog.model(self.name, j.req.model), j.req,
-                                                        s.chars_per_token) for j in cjobs]
-        size = sum(lines)
-        return FETCH_CALLS * s.providers.endpoints[self.name].timeout_s + size / (s.batch_results_min_kib_s * 1024)
+        return read_bound_s(self.catalog, self.settings, self.name, cjobs)
 
     async def _read_results(self, handle, cjobs: list[CallJob]) -> dict:
         """One try at reading an ended batch's results, given up (``asyncio.TimeoutError``) past ``_read_bound_s``."""
@@ -117,9 +107,8 @@ class ResultsReads:
                                     retryable=False, real=True, maybe_billed=True, error=err) for cj in cjobs}
 
     def _line_bytes(self, job) -> int | None:
-        """The bound of ``job``'s results line (``image_line_bytes``): None for a model that is no image one."""
-        spec = self.catalog.model(self.name, job.req.model)
-        return image_line_bytes(spec, job.req) if spec.kind == "image" else None
+        """The bound of ``job``'s results line (``line_bound``): None for a model that is no image one."""
+        return line_bound(self.catalog, self.name, job.req)
 
     def _file_parts(self, jobs: list) -> list[list]:
         """``jobs`` in parts that each fit the provider's limit on one batch (``file_parts``) and, for images, whose

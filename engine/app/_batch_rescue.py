@@ -26,6 +26,7 @@ from pathlib import Path
 
 from actors._file_journal import ARCHIVE, engine_dirs, locked_out, read_spaces
 from actors.providers import make_provider
+from engine.app._batch_ended import ProviderUnread, brief, ended
 from engine.app._video_rescue import fail_lost, made_videos, read_video
 from engine.core.clock import ManualClock
 from engine.core.provider_api import CallJob, call_key
@@ -37,10 +38,6 @@ log = logging.getLogger("smartbatch.rescue")
 __all__ = ["ANSWERS", "Rescued", "charges", "finish", "journal_dir", "kept_answers", "pending", "prepare", "rescue",
            "sweep", "watch_answers"]
 
-# Past the provider's own cancel allowance, this many times over, a batch that has not ended is given up on: its
-# unfinished members are sent again (and paid twice if it still finishes them), with a warning.
-GIVE_UP_FACTOR = 2.0
-POLL_TRIES = 5  # failed polls in a row before a batch is given up on
 WRITERS_GONE_S = 60.0  # real seconds to wait for the processes of a killed run to end
 
 
@@ -257,7 +254,7 @@ async def _collect(provider, name: str, catalog, key: str, rec: tuple, watch: bo
         try:
             handle = await p.find_batch(cjobs, key)
         except Exception as exc:
-            return ProviderUnread(f"{name}: the lookup of batch {key} failed: {_brief(exc)}")
+            return ProviderUnread(f"{name}: the lookup of batch {key} failed: {brief(exc)}")
     if handle is None:
         got.lost_batches += 1
         say(f"a provider batch of the earlier run ({name}) was being created when it was cut off and cannot be "
@@ -268,13 +265,13 @@ async def _collect(provider, name: str, catalog, key: str, rec: tuple, watch: bo
     seen.add(handle.id)
     got.batches += 1  # (one still under way is cancelled, wanted or not: what it goes on finishing is billed)
     try:
-        outs = await _ended(p, handle, catalog.provider(name).batch_api.cancel_s, speed)
+        outs = await ended(p, handle, catalog.provider(name).batch_api.cancel_s, speed)
     except Exception as exc:
-        return ProviderUnread(f"{name} batch {handle.id}: {_brief(exc)}")
+        return ProviderUnread(f"{name} batch {handle.id}: {brief(exc)}")
     try:  # read: its input file (the prompts) goes, once; its output stays for a later read (docs/providers.md)
         await p.discard(handle)
     except Exception as exc:
-        log.warning("%s: the input file of batch %s could not be deleted (%s)", name, handle.id, _brief(exc))
+        log.warning("%s: the input file of batch %s could not be deleted (%s)", name, handle.id, brief(exc))
     asked = {j.req.uid: j.asked for j in jobs if getattr(j, "asked", None)}  # members rerouted to a fallback
     for ckey, o in outs.items():
         cj = handle.jobs.get(ckey)
@@ -288,44 +285,6 @@ async def _collect(provider, name: str, catalog, key: str, rec: tuple, watch: bo
         if (wanted is None or cj.req.id in wanted) and cj.req.id not in got.results:
             got.results[cj.req.id] = res
     return None
-
-
-class ProviderUnread(Exception):
-    """A batch of the earlier run that could not be read."""
-
-
-def _brief(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {str(exc)[:200]}"
-
-
-async def _retried(call, speed: float):
-    """``await call()``, tried ``POLL_TRIES`` times a few seconds apart while it fails (a blip)."""
-    for attempt in range(POLL_TRIES):
-        try:
-            return await call()
-        except Exception:
-            if attempt == POLL_TRIES - 1:
-                raise
-            await asyncio.sleep(min(2.0 ** attempt, 30.0) / max(speed, 1.0))
-    raise AssertionError("unreachable")
-
-
-async def _ended(p, handle, allowance: float, speedup: float):
-    """Cancel ``handle``'s batch and wait for it to end; its members' outcomes. Raises if it cannot be read,
-    or has not ended well after its cancel's allowance."""
-    give_up = time.monotonic() + GIVE_UP_FACTOR * allowance / speedup + 30.0
-    st = await _retried(lambda: p.poll(handle), speedup)
-    if st.status == "running":
-        try:
-            st = await p.cancel(handle) or await _retried(lambda: p.poll(handle), speedup)
-        except Exception:  # it ended meanwhile ("cannot cancel a completed batch"), or a blip: the polls tell
-            st = await _retried(lambda: p.poll(handle), speedup)
-    while st.status != "ended":
-        if time.monotonic() > give_up:
-            raise ProviderUnread(f"not ended {allowance:.0f} s after its cancel (status {st.status})")
-        await asyncio.sleep(min(max(st.next_poll_s, 1.0) / speedup, 30.0))
-        st = await _retried(lambda: p.poll(handle), speedup)
-    return await _retried(lambda: p.fetch(handle), speedup)
 
 
 def charges(results: dict[str, Result], out: Path) -> list:
