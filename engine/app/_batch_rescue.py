@@ -31,7 +31,7 @@ from engine.app._video_rescue import fail_lost, made_videos, read_video
 from engine.core.clock import ManualClock
 from engine.core.provider_api import CallJob, call_key
 from engine.core.result import Result
-from engine.runtime.outcomes import ok_result
+from engine.runtime.outcomes import failed_result, ok_result
 
 log = logging.getLogger("smartbatch.rescue")
 
@@ -275,10 +275,16 @@ async def _collect(provider, name: str, catalog, key: str, rec: tuple, watch: bo
     asked = {j.req.uid: j.asked for j in jobs if getattr(j, "asked", None)}  # members rerouted to a fallback
     for ckey, o in outs.items():
         cj = handle.jobs.get(ckey)
-        if cj is None or not o.ok:
+        # A member that ran and cannot be read (its line unreadable, or no response naming it beside one naming
+        # none) fails at its bound, kept: left out, the resume sent it again, paid twice.
+        if cj is None or not (o.ok or o.maybe_billed and not o.retryable):
             continue
         res = ok_result(cj.req, at=0.0, cost=o.cost, mode="batch_api", batch_id=b.bid,
-                        recommendation=b.recommendation, reason="answered by a provider batch of an earlier run", out=o)
+                        recommendation=b.recommendation, reason="answered by a provider batch of an earlier run",
+                        out=o) if o.ok else failed_result(
+            cj.req, at=0.0, batch_id=b.bid, recommendation=b.recommendation, tries=cj.attempt + 1,
+            max_attempts=cj.attempt + 1, real=True, error=f"{o.error}; read back by a resume, charged its upper "
+            f"bound ${o.cost:.6f}").model_copy(update={"cost_usd": o.cost})
         was = asked.get(cj.req.uid)  # the request as its driver asked it, not as rerouted
         got.members.setdefault(cj.req.uid, (cj.req.model_copy(update={"provider": was[0], "model": was[1]})
                                             if was else cj.req, res))

@@ -12,13 +12,18 @@ import logging
 
 import pytest
 
+from actors._file_journal import ARCHIVE
+from engine.app._batch_rescue import rescue
 from engine.core.cost import reserve_bound
+from engine.core.provider_api import Secret
+from tests.unit.test_batch_rescue import _crashed_after, _records
 from tests.unit.test_gemini_batch import CAT as GCAT
 from tests.unit.test_gemini_batch import assert_native_member, billed, emulator
 from tests.unit.test_gemini_batch import jobs_of as images
 from tests.unit.test_http_providers import (  # noqa: F401  (emu: the fixture)
     CAT,
-    ROUTE,
+    KEY,
+    SPEED,
     Rig,
     assert_batch_member,
     batch_key,
@@ -110,3 +115,26 @@ def test_a_refusal_without_its_key_billed_nothing_and_its_member_goes_again_as_b
         finally:
             await rig.close()
     asyncio.run(go())
+
+
+def test_a_resume_keeps_the_member_no_response_names_failed_at_its_bound_never_sent_again(emu, tmp_path):  # noqa: F811
+    """A ``batch`` run killed after its batch ended, before its answers reached the output file: the resume reads
+    the batch again, and the member no response names is kept failed, charged its bound, not among the lines
+    sent again. Before, the rescue kept answered members alone, and the resume sent that one again: paid twice
+    (as it did a member whose line could not be read)."""
+    root = tmp_path / "j"
+    jobs = jobs_of("openai", claims=True)
+    lost = jobs[1]
+    emu.faults.keyless_members = {batch_key(lost)}
+    ids = {j.req.id for j in jobs}
+    rig = _crashed_after(emu, root, jobs, lambda rig: ids <= set(rig.results) and _records(root).get(
+        ARCHIVE + "batches:openai"), "every member resolved, and the batch's record archived")
+    wanted = {jobs[0].req.id, lost.req.id}  # (the others reached the output file)
+    got = rescue(root, rig.settings, rig.catalog, {"openai": Secret(KEY)}, speedup=SPEED, wanted=wanted,
+                 say=lambda m: None)
+    assert set(got.results) == wanted  # so neither is sent again by the resume
+    assert got.results[jobs[0].req.id].status == "ok"
+    r = got.results[lost.req.id]
+    bound = reserve_bound(lost.req, CAT, "batch_api", None)
+    assert r.status == "failed" and "name no member" in r.error and r.cost_usd == pytest.approx(bound), r
+    assert r.cost_usd >= billed_by_custom_id(emu)[batch_key(lost)].cost_usd  # charged never under the bill
