@@ -10,7 +10,7 @@ import logging
 from actors._types import BatchJob, Job
 from actors.providers._wire import redact
 from engine.core.budgets import Charge
-from engine.core.provider_api import CallJob
+from engine.core.provider_api import CallJob, CallOutcome
 
 log = logging.getLogger("smartbatch.dispatcher")
 
@@ -24,6 +24,16 @@ _UNKNOWN = object()  # no lookup of a lost create's batch was answered: whether 
 
 def _short(exc: BaseException) -> str:
     return redact(f"{type(exc).__name__}: {str(exc)[:200]}")
+
+
+def _late(cjobs: list[CallJob], outs) -> list[tuple[CallJob, CallOutcome]]:
+    """What a batch whose members went again billed: its answered members and those possibly billed, but of the
+    members its responses leave unnamed (``CallOutcome.unnamed_ran``) only as many as ran, at the dearest bounds
+    (which ran cannot be told; never under the bill). Before (a review, revkeys), every unnamed member counted:
+    a cancelled Gemini batch's unfinished members, which never ran, read as paid twice and were charged."""
+    got = [(cj, o) for cj in cjobs if (o := outs.get(cj.key)) is not None and (o.ok or o.maybe_billed)]
+    unnamed = sorted((x for x in got if x[1].unnamed_ran), key=lambda x: -x[1].cost)  # (stable: ids replayable)
+    return [x for x in got if not x[1].unnamed_ran] + unnamed[:unnamed[0][1].unnamed_ran if unnamed else 0]
 
 
 class BatchWatch:
@@ -91,7 +101,7 @@ class BatchWatch:
                 cancel = False  # taken (its answer was lost), or past cancelling: nothing is left to stop
             if outs is not None:
                 self._files.discard(p, handle)
-                late = [(cj, o) for cj in cjobs if (o := outs.get(cj.key)) is not None and (o.ok or o.maybe_billed)]
+                late = _late(cjobs, outs)
                 usd = sum(o.cost for _, o in late)
                 self.paid_twice += len(late)
                 self.paid_twice_usd += usd

@@ -21,10 +21,10 @@ class BatchMembers:
     """A mixin of ``HttpBase``: the members of a batch (a ``BatchHandle``) its results name, and those they
     cannot be matched to. Reads ``name``, ``catalog`` and ``clock``."""
 
-    def _possibly_billed(self, job: CallJob, error: str) -> CallOutcome:
+    def _possibly_billed(self, job: CallJob, error: str, unnamed_ran: int = 0) -> CallOutcome:
         """``job`` failed, not sent again, its budget keeping its upper bound at the batch price."""
         return CallOutcome(False, self.clock.now(), reserve_bound(job.req, self.catalog, "batch_api", None),
-                           retryable=False, real=True, maybe_billed=True, error=error)
+                           retryable=False, real=True, maybe_billed=True, error=error, unnamed_ran=unnamed_ran)
 
     def _unread_members(self, handle: Any, unread: list[str | None], out: dict[str, CallOutcome]) -> None:
         """Members whose result line could not be read: they ran, so they may be billed, and sent again they
@@ -64,7 +64,7 @@ class BatchMembers:
         err = (f"{self.name}: batch {handle.id} ended with {keyless} response(s) that name no member of it (no "
                f"{field}, or one it does not hold) and none naming this request: it may be one that ran and is "
                "billed, so it is not sent again")
-        for job in left:
-            out[job.key] = self._possibly_billed(job, err)
+        for job in left:  # (``unnamed_ran``: a watch counts that many of them paid twice, not all)
+            out[job.key] = self._possibly_billed(job, err, keyless)
         log.error("%s: batch %s: %d response(s) without their key (%s); the %d member(s) no response names fail "
                   "possibly billed, not sent again", self.name, handle.id, keyless, field, len(left))

@@ -99,6 +99,10 @@ class CallOutcome(NamedTuple):
     # A job's polls gave up while it may still be billed (``maybe_billed``), and the provider keeps the job: the
     # request's next try polls that same job, whose end settles this try's bound (not one bound more per try).
     job_kept: bool = False
+    # Failed with every member its batch's responses leave unnamed, beside this many responses that named no member
+    # and may be billed (``actors.providers._batch_members``): of those members, only that many ran, which cannot
+    # be told apart. Each keeps its own bound (any may be one that ran); a count of what ran counts that many.
+    unnamed_ran: int = 0
 
 
 class BatchState(NamedTuple):
