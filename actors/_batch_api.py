@@ -8,7 +8,7 @@ import contextlib
 import logging
 import secrets
 
-from actors._batch_watch import _UNKNOWN, CANCEL_RETRY_S, POLL_RETRY_S, BatchWatch, _short
+from actors._batch_watch import _UNKNOWN, CANCEL_RETRY_S, POLL_RETRY_S, BatchWatch, _short, known_ran
 from actors._queue_full import QueueFull
 from actors._results_room import ResultsReads
 from actors._types import BatchJob, Job
@@ -355,7 +355,7 @@ class BatchApiRuns(QueueFull, BatchWatch, ResultsReads):
                 # open, it read as a batch still running, later and later (a review)
                 self._turnarounds.append(Turnaround(self.name, jobs[0].req.model, start, start, censored=True))
             elif learn:
-                ends = [o.at for o in outs.values()]
+                ends = [o.at for _, o in known_ran(list(outs.items()))]  # (members failed unnamed: as many as ran)
                 self._turnarounds.append(batch_turnaround(self.name, jobs[0].req.model, start, ends, len(jobs),
                                                           hedge_at if was_cancelled else self.clock.now()))
             for part in again or ():  # never ran: still this dispatcher's, they wait at its gate for room

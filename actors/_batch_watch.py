@@ -6,6 +6,7 @@ both use."""
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from actors._types import BatchJob, Job
 from actors.providers._wire import redact
@@ -14,7 +15,7 @@ from engine.core.provider_api import CallJob, CallOutcome
 
 log = logging.getLogger("smartbatch.dispatcher")
 
-__all__ = ["CANCEL_RETRY_S", "POLL_RETRY_S", "WATCH_S", "BatchWatch"]
+__all__ = ["CANCEL_RETRY_S", "POLL_RETRY_S", "WATCH_S", "BatchWatch", "known_ran"]
 
 POLL_RETRY_S = 30.0  # engine seconds before polling again after a failed poll
 CANCEL_RETRY_S = 10.0  # engine seconds before a cancel the provider did not take is made again
@@ -26,14 +27,19 @@ def _short(exc: BaseException) -> str:
     return redact(f"{type(exc).__name__}: {str(exc)[:200]}")
 
 
+def known_ran(pairs: list[tuple[Any, CallOutcome]]) -> list[tuple[Any, CallOutcome]]:
+    """``pairs`` (a member, its outcome) of a batch, less its members failed unnamed (``CallOutcome.unnamed_ran``)
+    beyond as many as ran: which of them ran cannot be told, so the dearest bounds stand for those (never under
+    the bill). Before (a review, revkeys), each counted as run: a cancelled Gemini batch's unfinished members,
+    never run, read as paid twice (charged) when it was followed, and as finished when its turnaround was learned."""
+    unnamed = sorted((x for x in pairs if x[1].unnamed_ran), key=lambda x: -x[1].cost)  # (stable: ids replayable)
+    return [x for x in pairs if not x[1].unnamed_ran] + unnamed[:unnamed[0][1].unnamed_ran if unnamed else 0]
+
+
 def _late(cjobs: list[CallJob], outs) -> list[tuple[CallJob, CallOutcome]]:
-    """What a batch whose members went again billed: its answered members and those possibly billed, but of the
-    members its responses leave unnamed (``CallOutcome.unnamed_ran``) only as many as ran, at the dearest bounds
-    (which ran cannot be told; never under the bill). Before (a review, revkeys), every unnamed member counted:
-    a cancelled Gemini batch's unfinished members, which never ran, read as paid twice and were charged."""
-    got = [(cj, o) for cj in cjobs if (o := outs.get(cj.key)) is not None and (o.ok or o.maybe_billed)]
-    unnamed = sorted((x for x in got if x[1].unnamed_ran), key=lambda x: -x[1].cost)  # (stable: ids replayable)
-    return [x for x in got if not x[1].unnamed_ran] + unnamed[:unnamed[0][1].unnamed_ran if unnamed else 0]
+    """What a batch whose members went again billed: its answered members and those possibly billed, as far as
+    can be told (``known_ran``)."""
+    return known_ran([(cj, o) for cj in cjobs if (o := outs.get(cj.key)) is not None and (o.ok or o.maybe_billed)])
 
 
 class BatchWatch:
