@@ -6,6 +6,7 @@ both use."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from actors._types import BatchJob, Job
@@ -27,19 +28,31 @@ def _short(exc: BaseException) -> str:
     return redact(f"{type(exc).__name__}: {str(exc)[:200]}")
 
 
-def known_ran(pairs: list[tuple[Any, CallOutcome]]) -> list[tuple[Any, CallOutcome]]:
+def known_ran(pairs: list[tuple[Any, CallOutcome]], group: Callable[[Any], Any] | None = None
+              ) -> list[tuple[Any, CallOutcome]]:
     """``pairs`` (a member, its outcome) of a batch, less its members failed unnamed (``CallOutcome.unnamed_ran``)
     beyond as many as ran: which of them ran cannot be told, so the dearest bounds stand for those (never under
-    the bill). Before (a review, revkeys), each counted as run: a cancelled Gemini batch's unfinished members,
-    never run, read as paid twice (charged) when it was followed, and as finished when its turnaround was learned."""
+    the bill). ``group``: that many in each group of members (a tenant: the one billed may be any tenant's, and
+    no budget is to be left under its bill). Before (a review, revkeys), each counted as run: a cancelled Gemini
+    batch's unfinished members, never run, read as paid twice (charged) when it was followed, and as finished
+    when its turnaround was learned."""
     unnamed = sorted((x for x in pairs if x[1].unnamed_ran), key=lambda x: -x[1].cost)  # (stable: ids replayable)
-    return [x for x in pairs if not x[1].unnamed_ran] + unnamed[:unnamed[0][1].unnamed_ran if unnamed else 0]
+    counted: dict[Any, int] = {}
+    kept = []
+    for x in unnamed:
+        k = group(x[0]) if group is not None else None
+        counted[k] = counted.get(k, 0) + 1
+        if counted[k] <= x[1].unnamed_ran:
+            kept.append(x)
+    return [x for x in pairs if not x[1].unnamed_ran] + kept
 
 
-def _late(cjobs: list[CallJob], outs) -> list[tuple[CallJob, CallOutcome]]:
+def _late(cjobs: list[CallJob], outs, group: Callable[[CallJob], Any] | None = None
+          ) -> list[tuple[CallJob, CallOutcome]]:
     """What a batch whose members went again billed: its answered members and those possibly billed, as far as
     can be told (``known_ran``)."""
-    return known_ran([(cj, o) for cj in cjobs if (o := outs.get(cj.key)) is not None and (o.ok or o.maybe_billed)])
+    return known_ran([(cj, o) for cj in cjobs if (o := outs.get(cj.key)) is not None and (o.ok or o.maybe_billed)],
+                     group)
 
 
 class BatchWatch:
@@ -113,12 +126,15 @@ class BatchWatch:
                 self.paid_twice_usd += usd
                 self._counts.paid_twice_members += len(late)
                 self._counts.paid_twice_usd += usd
-                if late and self.budget is not None:  # on the bill, so on the budgets too (docs/budgets.md)
+                # Charged: of members failed unnamed, as many as ran in each tenant (``known_ran``), so no tenant's
+                # budget is left under its bill whichever ran; counted above: as many as ran.
+                charged = _late(cjobs, outs, lambda cj: cj.req.tenant)
+                if charged and self.budget is not None:  # on the bill, so on the budgets too (docs/budgets.md)
                     # One id per member of this batch (its journal key, unique per batch, and the custom_id): a
                     # replay counts nothing twice, and the same ids in another batch (another engine on the
                     # ledger, the same file run again) are charged again, as they are billed again.
                     self._to_budget("charge_many", [Charge(f"late:{key}:{cj.key}", cj.req.tenant, cj.req.provider,
-                                                           cj.req.model, o.cost) for cj, o in late])
+                                                           cj.req.model, o.cost) for cj, o in charged])
                 self._kick()
                 return
             if self.clock.now() >= until:

@@ -12,7 +12,9 @@ import asyncio
 
 import pytest
 
+from actors._batch_watch import known_ran
 from engine.core.cost import reserve_bound
+from engine.core.provider_api import CallOutcome
 from engine.emulator import Emulator
 from tests.unit.test_batch_faults import _journal_quiet, _settled
 from tests.unit.test_gemini_batch import CAT, billed, jobs_of
@@ -50,3 +52,14 @@ def test_a_watched_batch_counts_paid_twice_only_as_many_unnamed_members_as_respo
             finally:
                 await rig.close()
         asyncio.run(go())
+
+
+def test_of_the_unnamed_members_as_many_as_ran_count_at_the_dearest_bounds_and_in_each_tenant_for_its_budget():
+    """One response without its key among four unnamed members of two tenants: one counts (the dearest bound),
+    and for the budgets one in each tenant (the one billed may be either's: neither budget is left under it)."""
+    def unnamed(usd: float) -> CallOutcome:
+        return CallOutcome(False, 0.0, usd, retryable=False, real=True, maybe_billed=True, unnamed_ran=1)
+    pairs = [(("x", "a"), unnamed(3.0)), (("x", "b"), unnamed(1.0)), (("y", "c"), unnamed(2.0)),
+             (("y", "d"), unnamed(5.0)), (("y", "e"), CallOutcome(True, 0.0, 0.5))]
+    assert [m for m, _ in known_ran(pairs)] == [("y", "e"), ("y", "d")]
+    assert [m for m, _ in known_ran(pairs, lambda m: m[0])] == [("y", "e"), ("y", "d"), ("x", "a")]
