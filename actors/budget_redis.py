@@ -61,11 +61,24 @@ def _names(field: str) -> list[str]:
     return [re.sub("%(25|1F)", lambda m: "%" if m.group(1) == "25" else _SEP, x) for x in field.split(_SEP)]
 
 
+# Errors of Redis's state, not of what a script was given: an outage like any other. Raised by a command inside a
+# script, they carry its "on @user_script" too (redis-py maps the first four by their code and strips it).
+_STATE_CODES = ("OOM", "READONLY", "NOPERM", "MISCONF", "BUSY", "LOADING", "MASTERDOWN", "NOREPLICAS", "TRYAGAIN")
+
+
 def _refused(exc: BaseException) -> bool:
     """The ledger's script failed on what it was given (a value it cannot read, a key of another type written
     under the ledger's prefix), not for Redis's state (busy, loading, read-only, out of memory, no permission),
     which is an outage like any other."""
+    from redis.exceptions import BusyLoadingError, NoPermissionError, OutOfMemoryError, ReadOnlyError
+
+    # Before (a helper's hunt), a full Redis's OOM inside the settlement's script read as a refusal: each
+    # settlement was dropped, its spend never counted and its reservation held until it expired.
+    if isinstance(exc, (OutOfMemoryError, ReadOnlyError, NoPermissionError, BusyLoadingError)):
+        return False
     text = str(exc)
+    if text.split(" ", 1)[0] in _STATE_CODES:
+        return False
     return "user_script" in text or "Error running script" in text or text.startswith("WRONGTYPE")
 
 
