@@ -341,17 +341,26 @@ class Recovery:
         await drop_earlier(self.journal, self._tally_space, self.__dict__.pop("_tally_superseded", None) or [],
                            f"dispatcher {self.name}")
 
-    async def rejournal(self) -> int:
+    async def _journal_back(self) -> None:
+        """Another Redis process answers for the journal (``RedisJournal``'s watch): one restarted without
+        persistence, or back from a snapshot, lost the records of the batches and calls under way, and a restart
+        of this dispatcher would then send their members again, paid twice (a helper's hunt). A restarted one
+        reads its journal first: its memory is no copy of what it had under way until then."""
+        await self._ready()
+        await self.rejournal(strict=True)
+
+    async def rejournal(self, strict: bool = False) -> int:
         """Write every open batch and sync body to the journal again (after the hub, which keeps a memory
-        journal, restarted)."""
-        for key in list(self._open):
-            await self._journal_put(key)
-        for space, recs in ((self._sync_journal.space, self._sync_calls), (self._watch_space, self._watching),
-                            (self._jobs_journal.space, self._jobs_records)):
+        journal, restarted, or a journal's Redis came back without them). ``strict``: a failed write raises, for
+        the journal's watch of its Redis to try them all again; else it is logged."""
+        for space, recs in ((self._space, self._open), (self._sync_journal.space, self._sync_calls),
+                            (self._watch_space, self._watching), (self._jobs_journal.space, self._jobs_records)):
             if recs:
                 try:
                     await self.journal.put_many(space, dict(recs))
                 except Exception as exc:
+                    if strict:
+                        raise
                     log.warning("dispatcher %s: could not journal %s: %s", self.name, space, _short(exc))
         self._tally_sent = _ZERO_TALLY  # the journal lost it too
         await self._journal_tally()

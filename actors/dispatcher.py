@@ -91,7 +91,7 @@ class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, R
         self.groupers = [as_peer(g) for g in groupers]
         self.hubs, self.caches = Shards(hub), Shards(cache)  # results by id, cache fills by class
         self.hub, self.budget = self.hubs.first, as_peer(budget)  # hub shard 0: metrics and the journal
-        self.journal = make_journal(settings, engine, self.hub)
+        self.journal = make_journal(settings, engine, self.hub, self._journal_back)
         self._space = f"batches:{provider}"
         # idempotency key -> (dispatch, job, cache_write, body) of a sync call over HTTP, until it ends
         self._sync_calls: dict[str, tuple] = {}

@@ -37,6 +37,7 @@ DELETE_TRIES = 8  # a failed delete, tried again 0.2 s later, then doubling: abo
 DELETE_BASE_S, DELETE_MAX_S = 0.2, 60.0  # real seconds between a failed delete's tries: doubling, then every minute
 JOURNAL_TTL_S = 8 * 86400  # a Redis journal's space outlives its last write by this long: a batch's 24 h and more
 JOURNAL_REFRESH_S = 86400.0  # real seconds between pushes of the expiry of the spaces a running journal holds
+SERVER_CHECK_S = 1.0  # real seconds between reads of which Redis process holds a journal's records (``run_id``)
 T = TypeVar("T")
 
 
@@ -168,7 +169,8 @@ class RedisJournal:
 
     durable = True
 
-    def __init__(self, url: str, prefix: str, engine: str, timeout_s: float = 1.0):
+    def __init__(self, url: str, prefix: str, engine: str, timeout_s: float = 1.0,
+                 rewrite: Callable[[], Awaitable[Any]] | None = None):
         import redis.asyncio as aioredis
 
         self._client = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
@@ -176,11 +178,49 @@ class RedisJournal:
         self._spaces: set[str] = set()  # those this journal wrote, read or cleared: its keeper pushes their expiry
         self._keeper: asyncio.Task | None = None
         self._closed = False
+        # Writes its holder's records again (raising if one failed) where another Redis process answers.
+        self._rewrite, self._watcher, self._server = rewrite, None, None
+        self._checking = asyncio.Lock()
 
     def _hold(self, space: str) -> None:
         self._spaces.add(space)
         if self._keeper is None and not self._closed:
             self._keeper = asyncio.get_running_loop().create_task(self._keep())
+        if self._watcher is None and self._rewrite is not None and not self._closed:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        # A Redis restarted without persistence, or back from a snapshot older than the records, has lost the
+        # batches and calls under way, unseen (the client re-makes its connections): a restart of the holder then
+        # sent their members again, paid twice (a helper's hunt). Once a second, which process answers.
+        while not self._closed:
+            try:
+                if await self.check_server() is None:
+                    return
+            except Exception as exc:  # Redis away, or a write failed: the next check tries them all again
+                if self._closed:  # (a close's cancel that lands in a Redis read can come back as its error)
+                    return
+                log.debug("journal %s: server check failed (%s: %s)", self._base, type(exc).__name__, exc)
+            await asyncio.sleep(SERVER_CHECK_S)
+
+    async def check_server(self) -> str | None:
+        """The ``run_id`` of the Redis process that holds this journal's records, written there again first if
+        another one answers than before; None if Redis refuses ``INFO`` (a restart then goes unnoticed)."""
+        from redis.exceptions import ResponseError
+
+        async with self._checking:
+            try:
+                sid = str((await self._client.info("server")).get("run_id", ""))
+            except ResponseError as exc:
+                log.warning("journal %s: Redis refuses INFO (%s): a restart of it that loses the records of work "
+                            "under way goes unnoticed", self._base, exc)
+                return None
+            if self._server is not None and sid != self._server:
+                log.warning("journal %s: another Redis process answers (run_id %s, was %s): the records of the work "
+                            "under way are written again", self._base, sid[:8], self._server[:8])
+                await self._rewrite()
+            self._server = sid  # only once written: a failure midway writes them all again at the next check
+            return sid
 
     async def _keep(self) -> None:
         # While this journal's holder runs, its spaces do not expire: a request accepted on an engine that then
@@ -233,9 +273,10 @@ class RedisJournal:
 
     async def close(self) -> None:
         self._closed = True
-        if self._keeper is not None:
-            self._keeper.cancel()
-            self._keeper = None
+        for task in (self._keeper, self._watcher):
+            if task is not None:
+                task.cancel()
+        self._keeper = self._watcher = None
         await self._client.aclose()
 
 
@@ -337,17 +378,19 @@ def check_keeps_records(settings):
                       "maxmemory-policy noeviction, or run this one so (CONFIG SET maxmemory-policy noeviction)")
 
 
-def redis_journal(settings, engine: str) -> RedisJournal | None:
+def redis_journal(settings, engine: str, rewrite: Callable[[], Awaitable[Any]] | None = None) -> RedisJournal | None:
     """The Redis journal of an engine named ``engine``, if Redis is configured."""
     url = settings.journal_redis_url()
-    return RedisJournal(url, settings.cache.redis_prefix, engine, settings.cache.redis_timeout_s) if url else None
+    return RedisJournal(url, settings.cache.redis_prefix, engine, settings.cache.redis_timeout_s,
+                        rewrite) if url else None
 
 
-def make_journal(settings, engine: str, hub: Any):
+def make_journal(settings, engine: str, hub: Any, rewrite: Callable[[], Awaitable[Any]] | None = None):
     """The journal for an engine named ``engine``: files under ``journal.dir`` when it is set, else Redis when one is
-    configured, else the hub's memory."""
+    configured (``rewrite`` writes the holder's records again where another Redis process answers), else the
+    hub's memory."""
     if settings.journal.dir is not None:
         from actors._file_journal import FileJournal
 
         return FileJournal(settings.journal.dir, engine, settings.journal.archive_s)
-    return redis_journal(settings, engine) or HubJournal(hub)
+    return redis_journal(settings, engine, rewrite) or HubJournal(hub)
