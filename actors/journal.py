@@ -24,6 +24,7 @@ import pickle
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+from actors._journal_watch import RecordsWatch
 from actors._peer import Peer, as_peer
 from engine.core.errors import ConfigError
 from engine.core.resilience import retry_delay
@@ -37,7 +38,6 @@ DELETE_TRIES = 8  # a failed delete, tried again 0.2 s later, then doubling: abo
 DELETE_BASE_S, DELETE_MAX_S = 0.2, 60.0  # real seconds between a failed delete's tries: doubling, then every minute
 JOURNAL_TTL_S = 8 * 86400  # a Redis journal's space outlives its last write by this long: a batch's 24 h and more
 JOURNAL_REFRESH_S = 86400.0  # real seconds between pushes of the expiry of the spaces a running journal holds
-SERVER_CHECK_S = 1.0  # real seconds between reads of which Redis process holds a journal's records (``run_id``)
 T = TypeVar("T")
 
 
@@ -164,7 +164,7 @@ class HubJournal:
         self.hub = as_peer(store)
 
 
-class RedisJournal:
+class RedisJournal(RecordsWatch):
     """Journal records in a Redis hash per space: they survive every actor and the driver."""
 
     durable = True
@@ -180,6 +180,7 @@ class RedisJournal:
         self._closed = False
         # Writes its holder's records again (raising if one failed) where another Redis process answers.
         self._rewrite, self._watcher, self._server = rewrite, None, None
+        self._unwritten = False  # a write failed (Redis full, away): its holder's records are written again
         self._checking = asyncio.Lock()
 
     def _hold(self, space: str) -> None:
@@ -188,39 +189,6 @@ class RedisJournal:
             self._keeper = asyncio.get_running_loop().create_task(self._keep())
         if self._watcher is None and self._rewrite is not None and not self._closed:
             self._watcher = asyncio.get_running_loop().create_task(self._watch())
-
-    async def _watch(self) -> None:
-        # A Redis restarted without persistence, or back from a snapshot older than the records, has lost the
-        # batches and calls under way, unseen (the client re-makes its connections): a restart of the holder then
-        # sent their members again, paid twice (a helper's hunt). Once a second, which process answers.
-        while not self._closed:
-            try:
-                if await self.check_server() is None:
-                    return
-            except Exception as exc:  # Redis away, or a write failed: the next check tries them all again
-                if self._closed:  # (a close's cancel that lands in a Redis read can come back as its error)
-                    return
-                log.debug("journal %s: server check failed (%s: %s)", self._base, type(exc).__name__, exc)
-            await asyncio.sleep(SERVER_CHECK_S)
-
-    async def check_server(self) -> str | None:
-        """The ``run_id`` of the Redis process that holds this journal's records, written there again first if
-        another one answers than before; None if Redis refuses ``INFO`` (a restart then goes unnoticed)."""
-        from redis.exceptions import ResponseError
-
-        async with self._checking:
-            try:
-                sid = str((await self._client.info("server")).get("run_id", ""))
-            except ResponseError as exc:
-                log.warning("journal %s: Redis refuses INFO (%s): a restart of it that loses the records of work "
-                            "under way goes unnoticed", self._base, exc)
-                return None
-            if self._server is not None and sid != self._server:
-                log.warning("journal %s: another Redis process answers (run_id %s, was %s): the records of the work "
-                            "under way are written again", self._base, sid[:8], self._server[:8])
-                await self._rewrite()
-            self._server = sid  # only once written: a failure midway writes them all again at the next check
-            return sid
 
     async def _keep(self) -> None:
         # While this journal's holder runs, its spaces do not expire: a request accepted on an engine that then
@@ -252,10 +220,16 @@ class RedisJournal:
         # Each write pushes the space's expiry on: an engine that stopped leaves nothing behind for good (its
         # records name one run of it, ``start_actors``), while a running one keeps what it writes to.
         self._hold(space)
-        async with self._client.pipeline(transaction=True) as pipe:
-            pipe.hset(self._base + space, mapping={k: pickle.dumps(v) for k, v in values.items()})
-            pipe.expire(self._base + space, JOURNAL_TTL_S)
-            await pipe.execute()
+        try:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.hset(self._base + space, mapping={k: pickle.dumps(v) for k, v in values.items()})
+                pipe.expire(self._base + space, JOURNAL_TTL_S)
+                await pipe.execute()
+        except Exception:
+            # Its batch or call goes on unjournaled (full under noeviction: a batch created then was sent again by
+            # a restart of its dispatcher, a helper's hunt): the watch writes them again once Redis takes writes.
+            self._unwritten = True
+            raise
 
     async def delete(self, space: str, keys: list[str]) -> None:
         if keys:

@@ -1,6 +1,7 @@
 """A journal's Redis that restarts and comes back without the records (no persistence, or back from a snapshot
-older than them): the dispatcher writes what it has under way again, so a restart of it later follows its
-batches and makes its cut calls again under their keys rather than send their members again, paid twice.
+older than them), or that was full when a batch was created: the dispatcher writes what it has under way again,
+so a restart of it later follows its batches and makes its cut calls again under their keys rather than send
+their members again, paid twice.
 
 The dispatcher runs as a plain object on one event loop (no Ray), as in ``test_journal.py``."""
 
@@ -15,36 +16,70 @@ from engine.core.settings import CacheSettings, JournalSettings, Settings
 from tests.integration.test_journal import die, dispatcher_args, past_the_end, req, until_async
 
 
+def settings_on(srv) -> Settings:
+    return Settings().model_copy(update={"journal": JournalSettings(redis_url=srv.url),
+                                         "cache": CacheSettings(redis_timeout_s=5.0)})
+
+
+def batch() -> BatchJob:
+    return BatchJob("b1", "batch_api", None, False, "process_as_batch", "cheap", [Job(i, req(i), f"fp{i}")
+                                                                                 for i in range(3)])
+
+
+async def follows_it_after_its_restart(args, clock, hub) -> None:
+    """A restart of the dispatcher re-attaches to the batch by its journal: its members are never sent again."""
+    d2 = Dispatcher(*args)
+    submitted = []
+    real_submit = d2.provider.submit_batch
+    d2.provider.submit_batch = lambda *a: submitted.append(a) or real_submit(*a)
+    assert await d2.recover() == 1  # before, 0, and the driver's re-admission sent its members again
+    got = await past_the_end(clock, hub, 3)
+    assert sorted(r.id for r in got) == ["r0", "r1", "r2"] and {r.batch_id for r in got} == {"b1"}
+    assert submitted == []
+    await d2.journal.close()
+
+
+async def written_again(d) -> None:
+    """The journal's watch (once a second) writes the records again: before, nothing did."""
+    async def there():
+        return list(await d.journal.items(d._space)) == list(d._open) != []
+    await until_async(there, "the batch's record written again")
+
+
 def test_a_batch_under_way_when_the_journals_redis_restarts_empty_is_followed_by_the_dispatchers_restart(
         own_redis):
-    settings = Settings().model_copy(update={"journal": JournalSettings(redis_url=own_redis.url),
-                                             "cache": CacheSettings(redis_timeout_s=5.0)})
-
     async def go():
-        hub, clock, args = dispatcher_args(settings)
+        hub, clock, args = dispatcher_args(settings_on(own_redis))
         d1 = Dispatcher(*args)
-        jobs = [Job(i, req(i), f"fp{i}") for i in range(3)]
-        await d1.run_many([BatchJob("b1", "batch_api", None, False, "process_as_batch", "cheap", jobs)])
+        await d1.run_many([batch()])
         await until_async(lambda: d1.journal.items(d1._space), "the batch submitted and journaled")
         own_redis.stop()
         own_redis.start()  # no persistence: the journal is empty, the batch still runs at the provider
         with contextlib.suppress(Exception):
             await d1.journal.items(d1._space)  # the connection the restart cut fails once
         assert await d1.journal.items(d1._space) == {}
-
-        async def written_again():
-            return list(await d1.journal.items(d1._space)) == list(d1._open)
-        # The journal's watch of which Redis process answers (once a second): before, nothing wrote them again
-        await until_async(written_again, "the records written again in the Redis that came back empty")
+        await written_again(d1)
         await die(d1)
+        await follows_it_after_its_restart(args, clock, hub)
+    asyncio.run(go())
 
-        d2 = Dispatcher(*args)
-        submitted = []
-        real_submit = d2.provider.submit_batch
-        d2.provider.submit_batch = lambda *a: submitted.append(a) or real_submit(*a)
-        assert await d2.recover() == 1  # followed: before, 0, and the driver's re-admission sent its members again
-        got = await past_the_end(clock, hub, 3)
-        assert sorted(r.id for r in got) == ["r0", "r1", "r2"] and {r.batch_id for r in got} == {"b1"}
-        assert submitted == []
-        await d2.journal.close()
+
+def test_a_batch_created_while_the_journals_redis_is_full_is_journaled_once_it_has_room(own_redis):
+    r = own_redis.client()
+
+    async def go():
+        hub, clock, args = dispatcher_args(settings_on(own_redis))
+        d1 = Dispatcher(*args)
+        await d1.journal.items(d1._space)  # its Redis seen before it fills
+        r.config_set("maxmemory-policy", "noeviction")
+        r.config_set("maxmemory", 1)  # full: every write answered OOM
+        await d1.run_many([batch()])
+        async def created():  # its handle known
+            return bool(d1._open) and all(rec[4] is not None for rec in d1._open.values())
+        await until_async(created, "the batch created, unjournaled")
+        assert await d1.journal.items(d1._space) == {}
+        r.config_set("maxmemory", 0)  # room again
+        await written_again(d1)
+        await die(d1)
+        await follows_it_after_its_restart(args, clock, hub)
     asyncio.run(go())

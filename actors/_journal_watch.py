@@ -1,0 +1,61 @@
+"""Which Redis process holds a Redis journal's records (``actors.journal.RedisJournal``), and its holder's records
+written again where they may be gone: a Redis restarted without persistence, or back from a snapshot older than
+them, has lost the records of the batches and calls under way, unseen (the client re-makes its connections), and a
+write that failed (Redis full under ``noeviction``, or away) left a batch or call unjournaled. Either way a restart
+of the holder then sent their members again, paid twice (a helper's hunt)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+__all__ = ["SERVER_CHECK_S", "RecordsWatch"]
+
+log = logging.getLogger("smartbatch.journal")
+
+SERVER_CHECK_S = 1.0  # real seconds between reads of which Redis process holds a journal's records (``run_id``)
+
+
+class RecordsWatch:
+    """Mixed into ``RedisJournal``, which provides ``_client``, ``_base``, ``_closed``, ``_rewrite`` (writes the
+    holder's records again, raising if one failed), ``_server`` (the ``run_id`` last seen), ``_unwritten`` (a
+    write failed since) and ``_checking`` (a lock)."""
+
+    async def _watch(self) -> None:
+        # Once a second while the holder runs: a batch lives up to 24 h, and a restart any time in it needs its record.
+        while not self._closed:
+            try:
+                if await self.check_server() is None:
+                    return
+            except Exception as exc:  # Redis away, or a write failed: the next check tries them all again
+                if self._closed:  # (a close's cancel that lands in a Redis read can come back as its error)
+                    return
+                log.debug("journal %s: server check failed (%s: %s)", self._base, type(exc).__name__, exc)
+            await asyncio.sleep(SERVER_CHECK_S)
+
+    async def check_server(self) -> str | None:
+        """The ``run_id`` of the Redis process that holds this journal's records, written there again first if
+        another one answers than before, or a write failed since the last check; None if Redis refuses ``INFO``
+        (a restart then goes unnoticed)."""
+        from redis.exceptions import ResponseError
+
+        async with self._checking:
+            failed = self._unwritten
+            try:
+                sid = str((await self._client.info("server")).get("run_id", ""))
+            except ResponseError as exc:
+                log.warning("journal %s: Redis refuses INFO (%s): a restart of it that loses the records of work "
+                            "under way goes unnoticed", self._base, exc)
+                return None
+            moved, self._unwritten = self._server is not None and sid != self._server, False
+            if moved:
+                log.warning("journal %s: another Redis process answers (run_id %s, was %s): the records of the work "
+                            "under way are written again", self._base, sid[:8], self._server[:8])
+            if moved or failed:
+                try:
+                    await self._rewrite()
+                except BaseException:  # (a write that fails marks them so too)
+                    self._unwritten = True
+                    raise
+            self._server = sid  # only once written: a failure midway writes them all again at the next check
+            return sid
