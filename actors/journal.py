@@ -12,7 +12,8 @@ it re-admits them after a restart) or rebuilt from them:
 Where it lives: in Redis when the engine has one (``journal.redis_url``, else the budgets' or the cache's
 URL), under ``<prefix>:journal:<engine>:<space>``; otherwise in the result hub's memory, which survives the
 death of any other actor. When the hub itself restarts, each holder writes its records again
-(``rejournal``), so one death at a time loses nothing. docs/reliability.md lists what survives what.
+(``rejournal``), so one death at a time loses nothing; so does a dispatcher when another Redis process answers
+for its Redis journal, or a write to it failed (``actors._journal_watch``). docs/reliability.md lists what survives what.
 """
 
 from __future__ import annotations
