@@ -3,12 +3,15 @@ enforced stops the engine's start with a ``ConfigError`` naming ``budgets.redis_
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 from engine.core.errors import ConfigError
 
 __all__ = ["check_redis_ledger"]
+
+log = logging.getLogger("smartbatch.budget")
 
 
 async def check_redis_ledger(book: Any, url: str, names: str, errors: tuple[type[BaseException], ...],
@@ -39,3 +42,24 @@ async def check_redis_ledger(book: Any, url: str, names: str, errors: tuple[type
             f"and with them the spend of budgets {names}, which would then be passed unsaid; point "
             "SMARTBATCH_BUDGETS__REDIS_URL at a Redis with maxmemory-policy noeviction, or run this one so "
             "(CONFIG SET maxmemory-policy noeviction)")
+    if kept := await _keeps_nothing(book.client):
+        # Not refused (a test's or a dev's Redis), but said: a restart of it forgets the budgets' spend older than
+        # what each engine resends (two hours), and every budget is then passable by that much (a helper's hunt).
+        log.warning("budget ledger: the Redis at %s (budgets.redis_url) keeps nothing on disk (%s): a restart of it forgets the spend "
+                    "of budgets %s older than two hours, and they can then be passed by that much; turn persistence "
+                    "on (CONFIG SET appendonly yes, and CONFIG REWRITE) (docs/budgets.md, Redis faults)", url, kept,
+                    names)
+
+
+async def _keeps_nothing(client: Any) -> str | None:
+    """How a Redis keeps nothing on disk (no RDB save point and no AOF), or None; None too when its configuration
+    cannot be read (managed services keep their own)."""
+    from redis.exceptions import ResponseError
+
+    try:
+        cfg = await client.config_get("save")
+        cfg.update(await client.config_get("appendonly"))
+    except ResponseError:
+        return None
+    save, aof = str(cfg.get("save", "")).strip(), str(cfg.get("appendonly", "")).strip()
+    return None if save or aof == "yes" else 'save "", appendonly no'

@@ -146,6 +146,25 @@ def test_a_ledger_redis_with_room_and_noeviction_passes_the_start_check(own_redi
     assert [x.ok for x in asyncio.run(go())] == [True]
 
 
+def test_a_ledger_redis_that_keeps_nothing_on_disk_is_said_at_start(own_redis, caplog):
+    """A restart of such a Redis forgets the budgets' spend older than what the engines send again (two hours):
+    not refused, but said, where the start said nothing (a helper's hunt)."""
+    from actors.budget import BudgetController
+
+    async def start() -> list[str]:
+        caplog.clear()
+        ctl = BudgetController(budgets(own_redis.url))
+        await ctl.check_ledger()
+        await ctl.close()
+        return [r.getMessage() for r in caplog.records if "keeps nothing on disk" in r.getMessage()]
+
+    with caplog.at_level("WARNING", logger="smartbatch.budget"):
+        said = asyncio.run(start())  # the fixture's Redis: --save "" --appendonly no
+        assert len(said) == 1 and "budgets.redis_url" in said[0] and "appendonly yes" in said[0], said
+        own_redis.client().config_set("save", "3600 1")  # a snapshot point: kept on disk
+        assert asyncio.run(start()) == []
+
+
 @pytest.mark.solo  # answers within a fraction of the Redis timeout, in real time
 def test_the_budget_controller_answers_at_once_while_redis_is_paused_and_settles_after(own_redis):
     """No Ray: the controller itself. Paused, a claim is answered ``budget_unavailable`` within the timeout and
