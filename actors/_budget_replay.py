@@ -78,6 +78,30 @@ class ServerWatch:
         self.server: str | None = None  # the run_id of the Redis process that took them
         self._server_read = -math.inf
         self.replayed = 0  # settlements and charges sent again after such a restart
+        self._watcher: asyncio.Task | None = None  # reads the server while claims are open (``_arm_watch``)
+        self._unwatched = False
+
+    def _arm_watch(self) -> None:
+        """While this book holds open claims, read which Redis process answers once a second, calls or not: an
+        engine sharing the ledger whose claims wait hours for a provider batch, with no call meanwhile, had them
+        reserved again only at their settlement, and the other engines were granted their room first (a helper's
+        hunt: $13 spent under a $10 limit after a restart without persistence)."""
+        if (self._watcher is None or self._watcher.done()) and not self._unwatched:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_open())
+
+    async def _watch_open(self) -> None:
+        while self._open and not self._unwatched:
+            await asyncio.sleep(SERVER_CHECK_S)
+            try:
+                await self._same_server()
+            except Exception as exc:  # Redis away (the controller's calls say so): the next check tries again
+                log.debug("budget ledger: server check failed (%s: %s)", type(exc).__name__, exc)
+
+    def stop_watch(self) -> None:
+        """No more checks (the ledger is closed)."""
+        self._unwatched = True
+        if self._watcher is not None:
+            self._watcher.cancel()
 
     async def _same_server(self) -> None:
         """Every ``SERVER_CHECK_S`` at most: if another Redis process answers than the one that took this book's

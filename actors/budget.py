@@ -154,6 +154,7 @@ class BudgetController(LedgerJournal, OutboxJournal, OutboxAtStop, LiveBudgets, 
             self._flusher.cancel()
         client = getattr(self.book, "client", None)
         if client is not None:
+            self.book.stop_watch()
             await client.aclose()
 
     def _describe(self, exc: BaseException) -> str:

@@ -152,6 +152,7 @@ class RedisBudgetBook(ServerWatch):
             if not text:  # granted
                 self._open[c.rid] = (time.monotonic(), _who(c.tenant, c.provider, c.model),
                                      [(s.key(now), _ttl(s, now)) for s in touched], float(c.amount))
+                self._arm_watch()
             refusals = []
             for j, rem, fits in (part.split(":") for part in text.split(",") if part):
                 s = touched[int(j) - 1]

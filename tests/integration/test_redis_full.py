@@ -1,5 +1,7 @@
-"""A Redis that fills up mid-run (``maxmemory`` under ``noeviction``: every write answered OOM) under the budget
-ledger: its state, not what the ledger sent, so an outage like any other. Each test starts its own redis-server."""
+"""Redis faults of the budget ledger (a helper's hunt): a Redis that refuses writes mid-run (``maxmemory`` under
+``noeviction``: every write answered OOM; a failover that made it a replica), which is its state, not what the
+ledger sent, so an outage like any other; and a restart without persistence seen by an engine that makes no call.
+Each test starts its own redis-server; no Ray."""
 
 import asyncio
 import itertools
@@ -70,3 +72,48 @@ def test_settlements_a_redis_refusing_writes_mid_run_refuses_wait_and_count_once
     assert full == ((0.0, 6.0), 0, 3)  # nothing counted while full, nothing dropped: 2 settlements, 1 charge wait
     assert rejected == 0 and rep["ledger"]["unsettled"] == 0 and rep["ledger"]["up"] is True
     assert window(own_redis, b) == (pytest.approx(3.75), pytest.approx(2.0))  # a2 still open
+
+
+async def decided(ctl, claim: Claim, timeout_s: float = 10.0):
+    """The verdict on ``claim`` once the ledger answers (its first call after a restart may meet the connection
+    the restart cut: ``budget_unavailable`` for ``redis_retry_s``), bounded."""
+    t_end = asyncio.get_running_loop().time() + timeout_s
+    while (v := (await ctl.reserve_many([claim]))[0]).reason == "budget_unavailable":
+        assert asyncio.get_running_loop().time() < t_end, v
+        await asyncio.sleep(0.05)
+    return v
+
+
+def test_an_idle_engine_s_claims_are_reserved_again_before_another_engine_takes_their_room(own_redis):
+    """Two engines share a budget; one holds a claim for work under way (a provider batch: hours) and makes no
+    ledger call meanwhile. Redis restarts without persistence: its claims were reserved again only at that engine's
+    next call, its settlement, so the other engine was granted their room first, and the budget passed by them
+    (before: $13 spent under a $10 limit). Now a book holding open claims reads which Redis process answers once a
+    second, calls or not, and reserves them again at once."""
+    from actors.budget import BudgetController
+
+    b = budgets(own_redis.url)
+
+    async def go():
+        a, idle = BudgetController(b), BudgetController(b)
+        await a.check_ledger()
+        await idle.check_ledger()
+        assert (await idle.reserve_many([Claim("batch1", "acme", "openai", "gpt-4o-mini", "urgent", 6.0)]))[0].ok
+        assert (await a.reserve_many([Claim("a0", "acme", "openai", "gpt-4o-mini", "urgent", 1.0)]))[0].ok
+        await a.settle_many([("a0", 1.0)])
+        own_redis.stop()
+        own_redis.start()  # no persistence: the claims and the spend are gone
+        r = own_redis.client()
+        t_end = asyncio.get_running_loop().time() + 10
+        while not r.exists(f"{b.redis_prefix}:c:batch1"):  # the idle engine's claim, back (bounded)
+            assert asyncio.get_running_loop().time() < t_end, "the idle engine's claim never reserved again"
+            await asyncio.sleep(0.02)
+        later = [await decided(a, Claim(f"a{k}", "acme", "openai", "gpt-4o-mini", "urgent", 3.0)) for k in (1, 2)]
+        await idle.settle_many([("batch1", 6.0)])  # the batch ends
+        await a.close()
+        await idle.close()
+        return [v.ok for v in later]
+    granted = asyncio.run(go())
+    spent, reserved = window(own_redis, b)
+    assert granted == [True, False]  # $1 (a0, sent again) + $6 + $3 = $10: the second $3 does not fit
+    assert spent + reserved <= 10.0 + 1e-9, (spent, reserved)
