@@ -58,9 +58,12 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _no_ray_started():
     """A unit test runs no Ray: one that started a local Ray by accident (an unpatched ``ray.get_actor`` auto-inits
-    it) cost 3 s and 650 MB, and a session's Ray fixture later in the same process then refused to start."""
+    it) cost 3 s and 650 MB, and a session's Ray fixture later in the same process then refused to start. (A Ray
+    an integration test's session fixture started before it, in one pytest run of both, is that fixture's.)"""
+    ray = sys.modules.get("ray")
+    before = ray is not None and ray.is_initialized()
     yield
     ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
+    if not before and ray is not None and ray.is_initialized():
         ray.shutdown()
         pytest.fail("this unit test started a local Ray: patch the Ray calls it reaches (tests/unit run without Ray)")
