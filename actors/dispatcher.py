@@ -369,7 +369,8 @@ class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, R
         else:
             res = failed_result(r, at=now, batch_id=b.bid, recommendation=b.recommendation, tries=j.attempts + 1,
                                 max_attempts=self.max_att, real=out is not None and out.real,
-                                error=maybe_billed_error(error or (out.error if out is not None and out.error else None), maybe))
+                                error=maybe_billed_error(error or (out.error if out is not None and out.error else None), maybe),
+                                possibly_billed_usd=maybe)
         price = list_price(r, self.catalog, res.usage if ok else None)
         self._results.append(res)
         self._list_prices.append(price)

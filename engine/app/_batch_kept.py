@@ -1,45 +1,56 @@
 """What ``smartbatch batch`` keeps of an earlier run writing the same output: the lines its output file answers
 and the choices its error file holds of lines of n choices (``engine.core._batch_rows``), written again and never
 sent again (``--resume``), or a refusal to send them again (paid twice) without ``--overwrite``; and what the kept
-answers cost, counted against the budgets of this run, never less than they were billed."""
+answers cost, counted against the budgets of this run, never less than they were billed. A line the error file
+says failed possibly billed (``BILLED_KEY``: it ran and its answer could not be read, or a call got none) is kept
+back too, written again as it was, unless ``--resend-possibly-billed`` asks for it to be sent again."""
 
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
 
-__all__ = ["earlier_answers", "kept_charges"]
+__all__ = ["RESEND_FLAG", "billed_charges", "earlier_answers", "kept_charges"]
+
+RESEND_FLAG = "--resend-possibly-billed"
 
 
-def earlier_answers(bf, input_file: Path, out: Path, errors: Path, *, resume: bool, overwrite: bool):
+def earlier_answers(bf, input_file: Path, out: Path, errors: Path, *, resume: bool, overwrite: bool,
+                    resend_billed: bool = False):
     """(the lines still to answer, with the choices kept from the error file; the rows of ``out`` kept, by line
-    number; the lines they answer). ``ConfigError`` where a paid answer would be sent again or dropped."""
-    from engine.core.batchfile import BatchFile, answered_choices, answered_lines
+    number; the lines they answer; the error rows of lines kept back as possibly billed, by line number).
+    ``ConfigError`` where a paid answer would be sent again or dropped."""
+    from engine.core.batchfile import BatchFile, answered_choices, answered_lines, possibly_billed_lines
     from engine.core.errors import ConfigError
 
     if resume and overwrite:
         raise ConfigError("--resume keeps the lines OUT answers and --overwrite sends them again: give one")
+    if resend_billed and not resume:
+        raise ConfigError(f"{RESEND_FLAG} sends again, on a --resume, the lines the earlier run's error file says "
+                          "failed possibly billed: give it with --resume (--overwrite sends every line again)")
     if overwrite:
-        return bf, {}, []
-    done, partly = answered_lines(out), answered_choices(errors)
+        return bf, {}, [], {}
+    done, partly, billed = answered_lines(out), answered_choices(errors), possibly_billed_lines(errors)
     ours = {ln.custom_id: ln for ln in bf.lines}
     if not resume:
         # Its answers were paid for: sent again, they are paid twice, and OUT's copy is lost (a helper's hunt).
-        # A line of n choices one of which failed is in the error file, with the choices answered.
-        again = [cid for cid in [*done, *partly] if cid in ours]
+        # A line of n choices one of which failed is in the error file, with the choices answered; a line that
+        # failed possibly billed is there too, and sent again it may be paid twice.
+        again = [cid for cid in dict.fromkeys([*done, *partly, *billed]) if cid in ours]
         if again:
             raise ConfigError(f"--out {out} (or its error file) already answers {len(again):,} line(s) of "
                               f"{input_file} (e.g. {again[0]!r}), or choices of them, paid for by an earlier run: "
                               "pass --resume to keep them and send only the others, --overwrite to send every line "
                               "again (paid again), or give another --out")
-        if done or partly:  # another input's answers, which writing OUT would drop
-            raise ConfigError(f"--out {out} (or its error file) holds {len(done) + len(partly):,} answered line(s) "
-                              f"of another input (e.g. {next(iter([*done, *partly]))!r}), paid for by an earlier "
-                              "run: give another --out, or --overwrite to replace them")
-        return bf, {}, []
+        if done or partly or billed:  # another input's answers, which writing OUT would drop
+            some = list(dict.fromkeys([*done, *partly, *billed]))
+            raise ConfigError(f"--out {out} (or its error file) holds {len(some):,} answered (or possibly billed) "
+                              f"line(s) of another input (e.g. {some[0]!r}), paid for by an earlier run: give "
+                              "another --out, or --overwrite to replace them")
+        return bf, {}, [], {}
     # What an earlier run answered was paid for: written again, never sent again. OUT and the error file are
     # rewritten below: a paid answer of another input would be lost with no word.
-    foreign = sorted(set(done) - set(ours)) + sorted(
+    foreign = sorted((set(done) | set(billed)) - set(ours)) + sorted(
         cid for cid, got in partly.items() if cid not in done and not _fits(ours.get(cid), got))
     if foreign:
         raise ConfigError(f"--resume: {out} (or its error file) holds {len(foreign):,} answered line(s) or choices "
@@ -47,9 +58,23 @@ def earlier_answers(bf, input_file: Path, out: Path, errors: Path, *, resume: bo
                           "many choices): it is another input's output, and resuming would drop them; give another "
                           "--out, or the input that made it")
     kept = {ln.no: done[ln.custom_id] for ln in bf.lines if ln.custom_id in done}
+    # It ran and its answer could not be read (or a call got none): its error said "not sent again", and a resume
+    # sent it again all the same, paid twice (a review). Kept back, its error line as it was, unless asked.
+    held = {} if resend_billed else {ln.no: billed[ln.custom_id] for ln in bf.lines
+                                     if ln.custom_id in billed and ln.no not in kept and ln.request is not None}
     lines = [dataclasses.replace(ln, kept=partly[ln.custom_id]) if ln.custom_id in partly else ln
-             for ln in bf.lines if ln.no not in kept]
-    return BatchFile(bf.source, lines, bf.file_problems), kept, [ln for ln in bf.lines if ln.no in kept]
+             for ln in bf.lines if ln.no not in kept and ln.no not in held]
+    return BatchFile(bf.source, lines, bf.file_problems), kept, [ln for ln in bf.lines if ln.no in kept], held
+
+
+def billed_charges(lines: list, held: dict[int, dict], out: Path) -> list:
+    """The lines kept back as possibly billed (``held``: their error rows, by line number) as charges of their
+    bound, as the earlier run's budget kept it: an in-process ledger starts at 0 with each run."""
+    from engine.core.batchfile import BILLED_KEY
+    from engine.core.budgets import Charge
+
+    return [Charge(f"resume-billed:{out}:{ln.request.uid}", ln.request.tenant, ln.request.provider,
+                   ln.request.model, float(held[ln.no][BILLED_KEY])) for ln in lines if ln.no in held]
 
 
 def _fits(ln, got: dict[int, dict]) -> bool:

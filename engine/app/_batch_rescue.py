@@ -284,7 +284,7 @@ async def _collect(provider, name: str, catalog, key: str, rec: tuple, watch: bo
                         out=o) if o.ok else failed_result(
             cj.req, at=0.0, batch_id=b.bid, recommendation=b.recommendation, tries=cj.attempt + 1,
             max_attempts=cj.attempt + 1, real=True, error=f"{o.error}; read back by a resume, charged its upper "
-            f"bound ${o.cost:.6f}").model_copy(update={"cost_usd": o.cost})
+            f"bound ${o.cost:.6f}", possibly_billed_usd=o.cost).model_copy(update={"cost_usd": o.cost})
         was = asked.get(cj.req.uid)  # the request as its driver asked it, not as rerouted
         got.members.setdefault(cj.req.uid, (cj.req.model_copy(update={"provider": was[0], "model": was[1]})
                                             if was else cj.req, res))

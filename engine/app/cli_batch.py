@@ -11,7 +11,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from engine.app._batch_kept import earlier_answers, kept_charges
+from engine.app._batch_kept import billed_charges, earlier_answers, kept_charges
 from engine.app._batch_rescue import charges, finish, prepare, watch_answers
 from engine.app._ray_stop import (
     Terminated,
@@ -61,6 +61,9 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
                                            "known by its custom_id"),
                overwrite: bool = typer.Option(False, "--overwrite", help="send every line again, though OUT "
                                               "already answers some of them (paid again), and replace OUT"),
+               resend_billed: bool = typer.Option(False, "--resend-possibly-billed", help="with --resume, send "
+                                                  "again the lines the error file says failed possibly billed "
+                                                  "(they ran; their answer could not be read): maybe paid twice"),
                catalog: Path | None = typer.Option(None, help="a catalog YAML replacing the packaged one"),
                catalog_overlay: Path | None = typer.Option(None, "--catalog-overlay", help="a YAML merged over the "
                                                            "catalog: adds or overrides providers, models, prices")) -> None:
@@ -97,7 +100,10 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
         errors = errors if errors is not None else out.with_name(out.stem + ".errors.jsonl")
         _check_outputs({"--out": out, err_flag: errors, "--report": report_path}, inputs=(input_file,))
         stack.enter_context(_output_lock(out))
-        bf, kept, kept_lines = earlier_answers(bf, input_file, out, errors, resume=resume, overwrite=overwrite)
+        every = bf.lines
+        bf, kept, kept_lines, held = earlier_answers(bf, input_file, out, errors, resume=resume,
+                                                     overwrite=overwrite, resend_billed=resend_billed)
+        held_lines = [ln for ln in every if ln.no in held]
         settings, rescued, sending = prepare(out, settings, cat, bf.requests, resume=resume, overwrite=overwrite,
                                              address=address, speedup=speedup)
         results = list(rescued.results.values())  # answered by the batches of a run cut off by a crash
@@ -115,7 +121,7 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
                 # Budgets in this process start at 0: the kept lines were paid for, and a resumed run was granted
                 # the whole budget again (a helper's hunt: 1.85x a hard limit). With Redis they are counted there.
                 eng.count_spent(kept_charges(kept_lines + [ln for ln in bf.lines if ln.kept], kept, cat, out)
-                                + charges(rescued.results, out))
+                                + charges(rescued.results, out) + billed_charges(held_lines, held, out))
             if settings.providers.mode != "http" and speedup <= 1:  # a quiet wait of hours read as a hang
                 err_console.print(f"simulated providers at real time: a line may wait for its batch up to the "
                                   f"{window} window (--speedup compresses time; --providers http makes real calls)",
@@ -137,7 +143,7 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
                 # The files before the engine's stop, which takes seconds: a second Ctrl-C (or one during the
                 # stop) left no file at all, every answer paid for and lost (a helper's fault hunt).
                 with _signals_held() as got:
-                    written = _write(bf, results, out, errors, kept)
+                    written = _write(bf, results, out, errors, {**kept, **held})
                 interrupted = interrupted or bool(got)
             finally:
                 try:
@@ -147,7 +153,7 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
                     interrupted = interrupted or ray_gone
                 except KeyboardInterrupt:  # the files are written; the interrupt ends the run as one would
                     interrupted = True
-        n_out, n_err = written or _write(bf, results, out, errors, kept)
+        n_out, n_err = written or _write(bf, results, out, errors, {**kept, **held})
         finish(settings, out, clean=not interrupted)  # (its journal: what a killed run leaves to --resume)
         doc = report(bf, results, cat, window_s=window_s, policy=policy)
         if report_path is not None:
@@ -168,7 +174,10 @@ def batch_file(input_file: Path = typer.Argument(..., metavar="INPUT.jsonl", hel
                      "kept from the earlier run's error file, not sent again" if partly else "")
                   + (f"; {len(rescued.results):,} line(s) answered by a run cut off earlier ({rescued.answered:,} "
                      "it had received, the rest read from its provider batches), not sent again"
-                     if rescued.results else ""))
+                     if rescued.results else "")
+                  + (f"; {len(held):,} line(s) kept back in the error file, not sent again: the earlier run's "
+                     "calls of them ran and may be billed, their answers unread (--resend-possibly-billed sends "
+                     "them)" if held else ""))
     if interrupted:
         n_open = sum(r.error == _INTERRUPTED for r in results)
         n_cancelled = sum((r.error or "").startswith(CANCELLED) for r in results)
@@ -227,7 +236,7 @@ def _write(bf, results: list, out: Path, errors: Path, kept: dict[int, dict]) ->
     except OSError as exc:
         paid = sum(r.status in ("ok", "reused") for r in results)
         raise ConfigError(f"could not write {out} or {errors}: {exc.strerror or exc}. Both are left as they were"
-                          + (f" (with the {len(kept):,} line(s) an earlier run answered)" if kept else "")
+                          + (f" (with the {len(kept):,} line(s) an earlier run wrote)" if kept else "")
                           + f"; the {paid:,} line(s) answered in this run are not written, and a --resume once "
                           "there is room sends them again") from None
 

@@ -26,12 +26,15 @@ from engine.core.result import ANSWERED, CANCELLED, Result, why_not
 if TYPE_CHECKING:
     from engine.core.batchfile import BatchFile, BatchLine
 
-__all__ = ["CHOICES_KEY", "ERROR_CODES", "error_line", "list_price_usd", "output_line", "provider_status", "report",
+__all__ = ["BILLED_KEY", "CHOICES_KEY", "ERROR_CODES", "error_line", "list_price_usd", "output_line", "provider_status", "report",
            "result_rows"]
 
 # Error codes of the error file, by the status of the request's result.
 ERROR_CODES = {"failed": "request_failed", "rejected": "request_rejected", "expired": "batch_expired"}
 CHOICES_KEY = "smartbatch_choices"  # an error line's answered choices (a line of n choices, one not answered)
+# An error line's bound, in USD, of calls that may have been billed (they ran and their answer could not be read,
+# or got none): ``smartbatch batch --resume`` keeps such a line back instead of paying for it again.
+BILLED_KEY = "smartbatch_possibly_billed_usd"
 _HTTP_STATUS = re.compile(r"\bHTTP (\d{3})\b")  # how a provider's refusal reads in Result.error
 
 
@@ -69,11 +72,15 @@ def error_line(custom_id: str, code: str, message: str, *, tenant: str = "defaul
             "error": {"code": code, "message": message}}
 
 
-def _failed_line(custom_id: str, tenant: str, res: Result, say: str = "{}") -> dict:
-    """The error line of a request that was not answered; ``say``: its message around ``why_not``."""
+def _failed_line(custom_id: str, tenant: str, res: Result, say: str = "{}", billed: float | None = None) -> dict:
+    """The error line of a request that was not answered; ``say``: its message around ``why_not``; ``billed``:
+    the bound of its calls that may have been billed (``BILLED_KEY``), when not the result's own."""
     cancelled = (res.error or "").startswith(CANCELLED)
     code = "batch_cancelled" if cancelled else ERROR_CODES.get(res.status, "request_failed")
     row = error_line(custom_id, code, say.format(why_not(res)), tenant=tenant)
+    billed = res.possibly_billed_usd if billed is None else billed
+    if billed > 0:  # a field of our own beside OpenAI's: readers of its shape pass it over
+        row[BILLED_KEY] = billed
     status = provider_status(res)
     if status is not None:
         # The provider answered with an HTTP error: OpenAI's error file gives such a line its response (status
@@ -155,7 +162,10 @@ def _choices_row(ln: BatchLine, by_id: Mapping[str, Result], called: Mapping[str
     kept = (f"; {len(answered)} of the {n} choices were answered (paid for, unless the cache answered them): "
             f"they are in this line's {CHOICES_KEY}, and smartbatch batch --resume sends only the others"
             if answered else "")
-    row = _failed_line(ln.custom_id, ln.request.tenant, res, f"choice {k} of {n}: {{}}{kept}")
+    # Every failed choice's bound: the line goes back whole or not at all, and any of them may be on the bill.
+    billed = sum(by_id[q.id].possibly_billed_usd for k2, q in enumerate(ln.choices) if k2 not in ln.kept
+                 and by_id[q.id].status not in ANSWERED)
+    row = _failed_line(ln.custom_id, ln.request.tenant, res, f"choice {k} of {n}: {{}}{kept}", billed)
     if answered:
         row[CHOICES_KEY] = answered
     return row

@@ -29,6 +29,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from engine.core._batch_rows import (
+    BILLED_KEY,
     CHOICES_KEY,
     error_line,
     list_price_usd,
@@ -49,8 +50,9 @@ from engine.core.result import Result
 from engine.core.settings import MAX_DEADLINE_S, Settings
 from engine.core.trace import Trace, _problems_of, _what_it_is, decode_lines, read_lines
 
-__all__ = ["CHOICES_KEY", "BatchFile", "BatchLine", "answered_choices", "answered_lines", "error_line",
+__all__ = ["BILLED_KEY", "CHOICES_KEY", "BatchFile", "BatchLine", "answered_choices", "answered_lines", "error_line",
            "from_openai_batch", "list_price_usd", "not_a_batch_file", "output_line", "parse_batch_file",
+           "possibly_billed_lines",
            "parse_window", "provider_status", "read_batch_file", "report", "response_body", "result_rows",
            "write_results"]
 
@@ -292,6 +294,14 @@ def answered_choices(path: str | Path) -> dict[str, dict[int, dict]]:
         if got and row.get("error") is not None and isinstance(row.get("custom_id"), str):
             found[row["custom_id"]] = got
     return found
+
+
+def possibly_billed_lines(path: str | Path) -> dict[str, dict]:
+    """The lines of an error file an earlier run wrote that failed possibly billed (``BILLED_KEY``: a positive
+    bound), by ``custom_id``; none when the file is absent."""
+    return {row["custom_id"]: row for row in _rows(path) if row.get("error") is not None
+            and isinstance(row.get("custom_id"), str) and type(row.get(BILLED_KEY)) in (int, float)
+            and row[BILLED_KEY] > 0}
 
 
 def _rows(path: str | Path) -> Iterable[dict]:

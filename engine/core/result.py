@@ -53,6 +53,10 @@ class Result(BaseModel):
     recommendation: str | None = None
     reason: str = ""
     error: str | None = None
+    # A failed request a call of which may have been billed (it ran, or got no answer): the upper bound its budget
+    # keeps (0: none). Its batch file line says so (``smartbatch_possibly_billed_usd``), and ``batch --resume``
+    # keeps that line back rather than pay for it twice.
+    possibly_billed_usd: float = 0.0
 
     @property
     def uid(self) -> str:

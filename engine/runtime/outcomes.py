@@ -68,15 +68,17 @@ def ok_result(req, *, at: float, cost: float, mode: str, batch_id: str | None, r
 
 
 def failed_result(req, *, at: float, batch_id: str | None, recommendation: str | None, tries: int,
-                  max_attempts: int, error: str | None, real: bool = False) -> Result:
+                  max_attempts: int, error: str | None, real: bool = False,
+                  possibly_billed_usd: float = 0.0) -> Result:
     """A request whose last attempt failed: the error names the provider and the attempts made. One the engine
-    ended unsent (cancelled) says so first, as the grouper's do: a batch file's line reads it as cancelled."""
+    ended unsent (cancelled) says so first, as the grouper's do: a batch file's line reads it as cancelled.
+    ``possibly_billed_usd``: the bound its budget keeps for a call that may have been billed (``Result``)."""
     msg = (error if error and error.startswith(CANCELLED) else
            f"{req.provider} failed after {tries} attempt(s): {error}" if error
            else f"{req.provider} failed {max_attempts} attempts")
     return Result(id=req.id, tenant=req.tenant, status="failed", provider=req.provider, model=req.model,
                   batch_id=batch_id, arrival_s=req.arrival_s, done_s=at, deadline_met=False,
-                  recommendation=recommendation, real=real, error=msg)
+                  recommendation=recommendation, real=real, error=msg, possibly_billed_usd=possibly_billed_usd)
 
 
 def refused_result(req, *, at: float, status: Status, error: str, reason: str = "") -> Result:

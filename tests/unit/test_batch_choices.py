@@ -204,7 +204,7 @@ def test_a_resumed_run_counts_each_kept_choice_against_its_budgets(tmp_path):
     results = [answer(q) for q in bf.requests]
     results[2] = Result(id="a/n2", status="failed", error="boom", provider=results[2].provider, model="gpt-5-mini")
     write_results(bf, results, out, err)
-    bf, kept, kept_lines = earlier_answers(bf, p, out, err, resume=True, overwrite=False)
+    bf, kept, kept_lines, _ = earlier_answers(bf, p, out, err, resume=True, overwrite=False)
     assert kept == {} and [q.id for q in bf.requests] == ["a/n2"]
     charges = kept_charges(kept_lines + bf.lines, kept, CAT, out)
     assert [c.cid.rsplit("/", 1)[-1] for c in charges] == ["a", "n1"]

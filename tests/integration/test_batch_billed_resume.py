@@ -1,0 +1,55 @@
+"""`smartbatch batch` against the emulator, a provider batch one of whose result lines cannot be read (the
+emulator's ``garble_members``): the member ran and is billed, its line fails possibly billed, and a later
+``--resume`` keeps it back rather than pay for it again, unless ``--resend-possibly-billed`` asks."""
+
+import json
+from collections import Counter
+
+import pytest
+from typer.testing import CliRunner
+
+from engine.app.cli import app
+from engine.core.batchfile import BILLED_KEY
+from engine.core.provider_api import call_key
+from engine.emulator import Emulator
+from tests.integration._catalogs import OPENAI_ONLY, catalog_file
+
+SPEEDUP = 1000.0  # a 1 h window in 3.6 s
+
+
+def _line(cid: str) -> dict:
+    return {"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
+            "body": {"model": "gpt-5-mini", "max_completion_tokens": 40,
+                     "messages": [{"role": "user", "content": f"Write a haiku about river {cid}."}]}}
+
+
+def test_a_resume_does_not_pay_again_for_a_batch_member_whose_result_line_could_not_be_read(ray_session, tmp_path,
+                                                                                              monkeypatch):
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    err = out.with_name(out.stem + ".errors.jsonl")
+    src.write_text("".join(json.dumps(_line(c)) + "\n" for c in ("a", "g", "b")))
+    monkeypatch.setenv("OPENAI_API_KEY", "emulator-test-key")
+    with Emulator(OPENAI_ONLY, speedup=SPEEDUP, seed=0, cancel_s=1.0) as emu:
+        emu.faults.garble_members = {call_key("default", "g", "gpt-5-mini", 0)}
+        args = ["batch", str(src), "--window", "1h", "--out", str(out), "--policy", "batch-all",
+                "--catalog", str(catalog_file(tmp_path, OPENAI_ONLY)), "--providers", "http",
+                "--base-url", f"openai={emu.base_url('openai')}", "--speedup", str(SPEEDUP)]
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 0, r.output
+        first = emu.bill()
+        rows = [json.loads(x) for x in err.read_text().splitlines()]
+        assert [x["custom_id"] for x in rows] == ["g"] and rows[0][BILLED_KEY] > 0, rows
+        assert "may be billed" in rows[0]["error"]["message"]
+        emu.faults.garble_members = set()
+        r = CliRunner().invoke(app, [*args, "--resume"])
+        assert r.exit_code == 0, r.output
+        again = emu.bill()
+        # Before, the resume sent g again: billed twice (4 items, $ more), its answer the second one's.
+        assert (len(again.items), again.total_usd) == (len(first.items), pytest.approx(first.total_usd)), \
+            Counter(i.custom_id for i in again.items)
+        assert "1 line(s) kept back in the error file" in " ".join(r.output.split()), r.output
+        assert [json.loads(x)["custom_id"] for x in err.read_text().splitlines()] == ["g"]
+        r = CliRunner().invoke(app, [*args, "--resume", "--resend-possibly-billed"])  # asked for: sent again
+        assert r.exit_code == 0, r.output
+        assert len(emu.bill().items) == len(first.items) + 1 and err.read_text() == ""
+    assert sorted(json.loads(x)["custom_id"] for x in out.read_text().splitlines()) == ["a", "b", "g"]
