@@ -27,6 +27,7 @@ from pathlib import Path
 from actors._file_journal import ARCHIVE, engine_dirs, locked_out, read_spaces
 from actors.providers import make_provider
 from engine.app._batch_ended import ProviderUnread, brief, ended
+from engine.app._rescue_settle import settle_claims
 from engine.app._video_rescue import fail_lost, made_videos, read_video
 from engine.core.clock import ManualClock
 from engine.core.provider_api import CallJob, call_key
@@ -57,6 +58,9 @@ class Rescued:
     # Every member a batch answered, by (tenant, id), with the request it answered: what a driver's take-back
     # (``engine.app._driver_resume``) matches against the content submitted again, tenants apart.
     members: dict[str, tuple] = field(default_factory=dict)  # Request.uid -> (Request, Result)
+    # The journaled claim of every member a batch finished (answered, or possibly billed), wanted or not: its cost,
+    # settled in a Redis ledger (``engine.app._rescue_settle``), where the killed run left it open.
+    claims: dict[str, float] = field(default_factory=dict)
 
 
 def _spaces_of(run: Path) -> dict[str, dict]:
@@ -207,6 +211,12 @@ async def _rescue(root, settings, catalog, keys, speedup, wanted, say, strict, k
             why = exc.strerror or exc
             raise ConfigError(f"could not keep what the earlier run's journal gave under {root} ({why}); nothing "
                               "of it was removed: free room there and run again") from None
+        try:  # before the journal goes: a run again settles them again, each counted once
+            await settle_claims(settings, got.claims)
+        except ConfigError as exc:
+            if strict:
+                raise
+            say(f"{exc}; what the earlier run's batches finished is counted by no ledger")
         for run in runs:
             shutil.rmtree(run, ignore_errors=True)
         for path in old_answers:
@@ -273,12 +283,15 @@ async def _collect(provider, name: str, catalog, key: str, rec: tuple, watch: bo
     except Exception as exc:
         log.warning("%s: the input file of batch %s could not be deleted (%s)", name, handle.id, brief(exc))
     asked = {j.req.uid: j.asked for j in jobs if getattr(j, "asked", None)}  # members rerouted to a fallback
+    claim = {j.req.uid: j.claim for j in jobs if getattr(j, "claim", None)}
     for ckey, o in outs.items():
         cj = handle.jobs.get(ckey)
         # A member that ran and cannot be read (its line unreadable, or no response naming it beside one naming
         # none) fails at its bound, kept: left out, the resume sent it again, paid twice.
         if cj is None or not (o.ok or o.maybe_billed and not o.retryable):
             continue
+        if cj.req.uid in claim:
+            got.claims[claim[cj.req.uid]] = o.cost
         res = ok_result(cj.req, at=0.0, cost=o.cost, mode="batch_api", batch_id=b.bid,
                         recommendation=b.recommendation, reason="answered by a provider batch of an earlier run",
                         out=o) if o.ok else failed_result(

@@ -1,0 +1,59 @@
+"""`smartbatch batch` with its budgets in Redis, killed with SIGKILL while its provider batch runs, then run
+again with --resume: what that batch finished is billed, read back by the resume, and counted once in the Redis
+ledger (its members' journaled claims settled at what they cost), never left to expire unspent."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from engine.app._batch_rescue import journal_dir
+from engine.emulator import Emulator
+from tests.integration._catalogs import openai_only_file
+from tests.integration.test_batch_crash import BIN, SPEEDUP, _env, _journaled_batches, _kill_when, _until
+from tests.unit.test_http_providers import fixed_turnaround_catalog
+
+N = 6
+
+
+def _spend(client, prefix: str) -> tuple[float, float, float]:
+    """(the ledger's spend per tenant, provider and model, summed; its windows' spent; their reserved)."""
+    spend = sum(float(v) for v in client.hgetall(f"{prefix}:spend").values())
+    windows = [client.hgetall(k) for k in client.keys(f"{prefix}:w:*")]
+    return (spend, sum(float(w.get(b"spent", 0)) for w in windows),
+            sum(float(w.get(b"reserved", 0)) for w in windows))
+
+
+def test_a_resume_counts_in_the_redis_ledger_what_the_killed_runs_batch_finished(tmp_path: Path, redis_server):
+    lines = [{"custom_id": f"r{k}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": "gpt-5-mini", "max_completion_tokens": 1000,
+                       "messages": [{"role": "user", "content": f"Summarise report number {k}. " * 150}]}}
+             for k in range(N)]
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    prefix = f"sbtest-resume-{tmp_path.name}"
+    env = {**_env(), "SMARTBATCH_BUDGETS__SPECS": '[{"max_budget": 50}]',
+           "SMARTBATCH_BUDGETS__REDIS_URL": redis_server.url, "SMARTBATCH_BUDGETS__REDIS_PREFIX": prefix}
+    client = redis_server.client()
+    with Emulator(fixed_turnaround_catalog(6000.0), speedup=SPEEDUP, seed=0, cancel_s=600.0) as emu:
+        args = [str(BIN), "batch", str(src), "--out", str(out), "--providers", "http", "--policy", "batch-all",
+                "--catalog", str(openai_only_file(tmp_path)),
+                "--base-url", f"openai={emu.base_url('openai')}", "--speedup", str(SPEEDUP)]
+        _kill_when(args, env, lambda: _journaled_batches(journal_dir(out)) >= 1, "its provider batch to be journaled")
+        _until(lambda: len(emu.bill().items) == N, "the killed run's batch to finish at the provider")
+        held = _spend(client, prefix)
+        assert held[0] == 0 and held[2] > 0, held  # its claims reserved, nothing settled: the run was killed
+        resumed = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+        bill = emu.bill()
+        spend, spent, reserved = _spend(client, prefix)
+        # Before, the resume counted nothing under Redis (so as not to count twice) and the killed run's claims
+        # were left to expire unspent after reservation_ttl_s: the ledger $0 against the bill.
+        assert spend == pytest.approx(bill.total_usd, abs=1e-9) and spent == pytest.approx(bill.total_usd, abs=1e-9)
+        assert reserved == pytest.approx(0.0, abs=1e-9)  # the claims settled, their room given back
+        resumed = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+        assert _spend(client, prefix)[0] == pytest.approx(bill.total_usd, abs=1e-9)  # counted once
+    assert len(emu.bill().items) == N
+    assert sorted(json.loads(x)["custom_id"] for x in out.read_text().splitlines()) == [f"r{k}" for k in range(N)]
