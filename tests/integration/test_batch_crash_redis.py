@@ -57,3 +57,34 @@ def test_a_resume_counts_in_the_redis_ledger_what_the_killed_runs_batch_finished
         assert _spend(client, prefix)[0] == pytest.approx(bill.total_usd, abs=1e-9)  # counted once
     assert len(emu.bill().items) == N
     assert sorted(json.loads(x)["custom_id"] for x in out.read_text().splitlines()) == [f"r{k}" for k in range(N)]
+
+
+def test_the_rescue_settles_each_claim_once_whoever_granted_it(redis_server):
+    """``settle_claims`` comes from a process that did not grant the claims: each counts through its record in
+    Redis (open, or swept at its expiry), once; one the killed run settled already counts nothing again."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import redis.asyncio as aioredis
+
+    from actors.budget_redis import RedisBudgetBook
+    from engine.app._rescue_settle import settle_claims
+    from engine.core.budgets import BudgetSettings, BudgetSpec, Claim
+
+    spec = BudgetSpec(max_budget=10.0)
+    budgets = BudgetSettings(specs=(spec,), redis_url=redis_server.url, redis_prefix="sbtest-rescue-settle")
+    settings = SimpleNamespace(budgets=budgets)
+
+    async def go():
+        client = aioredis.Redis.from_url(redis_server.url)
+        try:
+            killed = RedisBudgetBook(client, [spec], prefix=budgets.redis_prefix, reservation_ttl_s=600)
+            claims = [Claim(c, "default", "openai", "gpt-5-mini", "normal", 1.0) for c in ("open", "done")]
+            assert all(v.ok for v in await killed.reserve_many(claims, 0.0))
+            await killed.settle_many([("done", 0.25)])  # settled before the kill
+            await settle_claims(settings, {"open": 0.5, "done": 0.25})
+            await settle_claims(settings, {"open": 0.5, "done": 0.25})  # a rescue run again
+            return await killed.window(spec, 0.0)
+        finally:
+            await client.aclose()
+    assert asyncio.run(go()) == (pytest.approx(0.75), pytest.approx(0.0))  # (spent, reserved)
