@@ -67,14 +67,20 @@ def earlier_answers(bf, input_file: Path, out: Path, errors: Path, *, resume: bo
     return BatchFile(bf.source, lines, bf.file_problems), kept, [ln for ln in bf.lines if ln.no in kept], held
 
 
-def billed_charges(lines: list, held: dict[int, dict], out: Path) -> list:
+def billed_charges(lines: list, held: dict[int, dict], cat, out: Path) -> list:
     """The lines kept back as possibly billed (``held``: their error rows, by line number) as charges of their
-    bound, as the earlier run's budget kept it: an in-process ledger starts at 0 with each run."""
-    from engine.core.batchfile import BILLED_KEY
+    bound, as the earlier run's budget kept it, and of the choices their rows hold answered (a line of n
+    choices, ``kept_charges``): an in-process ledger starts at 0 with each run."""
+    from engine.core.batchfile import BILLED_KEY, CHOICES_KEY
     from engine.core.budgets import Charge
 
+    mine = [ln for ln in lines if ln.no in held and ln.request is not None]
+    answered = [dataclasses.replace(ln, kept={c["index"]: c for c in held[ln.no].get(CHOICES_KEY) or ()
+                                              if isinstance(c, dict) and type(c.get("index")) is int
+                                              and 0 <= c["index"] < len(ln.choices)}) for ln in mine]
     return [Charge(f"resume-billed:{out}:{ln.request.uid}", ln.request.tenant, ln.request.provider,
-                   ln.request.model, float(held[ln.no][BILLED_KEY])) for ln in lines if ln.no in held]
+                   ln.request.model, float(held[ln.no][BILLED_KEY])) for ln in mine] + kept_charges(
+        [ln for ln in answered if ln.kept], {}, cat, out)
 
 
 def _fits(ln, got: dict[int, dict]) -> bool:

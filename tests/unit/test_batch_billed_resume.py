@@ -125,3 +125,25 @@ def test_a_line_kept_back_counts_its_bound_against_budgets_that_live_in_the_run(
     b = read_batch_file(p, window_s=86400.0, catalog=CAT).lines[1].request
     mine = [c for c in counted if c.cid.startswith("resume-billed:")]
     assert [(c.tenant, c.model, c.usd) for c in mine] == [(b.tenant, b.model, pytest.approx(BOUND))], counted
+
+
+def test_a_line_of_n_choices_one_failed_possibly_billed_is_kept_back_whole_its_answered_choice_counted(
+        tmp_path, monkeypatch):
+    import engine.app.driver as driver_mod
+
+    sent: list[list[str]] = []
+    counted: list = []
+    monkeypatch.setattr(driver_mod.Engine, "start", classmethod(
+        lambda cls, *a, **k: _Engine(sent, counted, {"x/n1"}, set())))
+    p, out = tmp_path / "in.jsonl", tmp_path / "o.jsonl"
+    body = {"model": "gpt-5-mini", "n": 2, "max_completion_tokens": 50,
+            "messages": [{"role": "user", "content": "Name a river."}]}
+    p.write_text(json.dumps({"custom_id": "x", "method": "POST", "url": "/v1/chat/completions", "body": body}) + "\n")
+    assert runner.invoke(app, ["batch", str(p), "--out", str(out)]).exit_code == 0
+    (row,) = map(json.loads, (tmp_path / "o.errors.jsonl").read_text().splitlines())
+    assert row[BILLED_KEY] == pytest.approx(BOUND) and [c["index"] for c in row["smartbatch_choices"]] == [0]
+    monkeypatch.setenv("SMARTBATCH_BUDGETS__SPECS", '[{"max_budget": 1.0}]')
+    sent.clear()
+    r = runner.invoke(app, ["batch", str(p), "--out", str(out), "--resume"])
+    assert r.exit_code == 0 and sent == [], (r.output, sent)  # not even choice 1 alone: it may be billed
+    assert json.loads((tmp_path / "o.errors.jsonl").read_text()) == row
