@@ -34,6 +34,10 @@ class PromptCache(_Frozen):
     read_multiplier: float = Field(ge=0, le=1)
     write_multiplier: float = Field(ge=1)
     stacks_with_batch: bool
+    # Anthropic's one-hour entry (``cache_control.ttl: "1h"``), written at 2x where the 5-minute one is 1.25x.
+    # None: the provider has no such entry. The engine refuses the TTL at validation (every estimate and bound
+    # is at ``write_multiplier``); the emulator bills a caller that sends it as the provider does.
+    write_1h_multiplier: float | None = Field(default=None, ge=1)
 
 
 class ModelCache(_Frozen):

@@ -61,6 +61,7 @@ class CacheSplit(NamedTuple):
     read: int
     write: int
     plain: int
+    write_1h: int = 0  # of ``write``, the tokens written to a one-hour entry (``write_1h_multiplier``)
 
 
 def mode_factor(provider: ProviderSpec, mode: Mode) -> float:
@@ -175,12 +176,11 @@ def price_text(provider: ProviderSpec, spec: ModelSpec, split: CacheSplit, outpu
     f = mode_factor(provider, mode)
     p_in, p_out = token_prices(spec, split.read + split.write + split.plain)
     if pc is not None and (mode != "batch_api" or pc.stacks_with_batch):
-        cached = f * p_in * pc.read_multiplier * split.read
-        write = f * p_in * pc.write_multiplier * split.write
-        plain = f * p_in * split.plain
+        w1h = pc.write_multiplier if pc.write_1h_multiplier is None else pc.write_1h_multiplier
+        cached, plain = f * p_in * pc.read_multiplier * split.read, f * p_in * split.plain
+        write = f * p_in * (pc.write_multiplier * (split.write - split.write_1h) + w1h * split.write_1h)
     else:
-        cached, write = 0.0, 0.0
-        plain = f * p_in * (split.read + split.write + split.plain)
+        cached, write, plain = 0.0, 0.0, f * p_in * (split.read + split.write + split.plain)
     out = f * p_out * output_tokens
     return Price(plain + cached + write + out, plain, cached, write, out)
 

@@ -76,7 +76,8 @@ def message_result(core: Core, provider: str, body: dict, mode: str, at: float |
         "stop_sequence": None,
         "usage": {"input_tokens": call.split.plain, "output_tokens": call.output_tokens,
                   "cache_creation_input_tokens": call.split.write, "cache_read_input_tokens": call.split.read,
-                  "cache_creation": {"ephemeral_5m_input_tokens": call.split.write, "ephemeral_1h_input_tokens": 0},
+                  "cache_creation": {"ephemeral_5m_input_tokens": call.split.write - call.split.write_1h,
+                                     "ephemeral_1h_input_tokens": call.split.write_1h},
                   "service_tier": "batch" if mode == "batch_api" else "standard"},
     }
     return call, out

@@ -20,6 +20,7 @@ from engine.emulator._text import CHARS_PER_TOKEN, Prompt, tokens
 __all__ = ["PrefixTree", "PromptCaches"]
 
 _PRUNE_EVERY = 1024
+HOUR_TTL_S = 3600.0  # Anthropic's one-hour entry (``cache_control.ttl: "1h"``)
 LOOKBACK_BLOCKS = 20  # Anthropic checks for a hit at the block ends up to about 20 blocks before a breakpoint
 
 
@@ -111,6 +112,7 @@ class PromptCaches:
     def __init__(self) -> None:
         self._trees: dict[tuple[str, str], PrefixTree] = {}
         self._entries: dict[tuple[str, str], dict[bytes, float]] = {}
+        self._hour: set[tuple[tuple[str, str], bytes]] = set()  # the entries written for an hour: a hit refreshes them for an hour
         self._writes = 0
 
     def use(self, provider: ProviderSpec, spec: ModelSpec, model: str, prompt: Prompt, now: float) -> CacheSplit:
@@ -155,18 +157,27 @@ class PromptCaches:
         read = tokens(hit)
         last = tokens(bps[-1])
         write = last - read if bps[-1] > hit and last >= min_tokens else 0
-        if hit:
-            entries[digest[hit]] = now + ttl  # a hit refreshes the entry
+        if hit:  # a hit refreshes the entry, for its own TTL
+            entries[digest[hit]] = now + (HOUR_TTL_S if (key, digest[hit]) in self._hour else ttl)
+        hour, prev = 0, hit
         if write:
             for bp in bps:
                 if bp > hit and tokens(bp) >= min_tokens:
-                    entries[digest[bp]] = now + ttl
+                    # Each entry's own tokens (from the one before it) are written at its TTL's price.
+                    long = bp in prompt.hour_marks
+                    entries[digest[bp]] = now + (HOUR_TTL_S if long else ttl)
+                    if long:
+                        self._hour.add((key, digest[bp]))
+                        hour += tokens(bp) - tokens(prev)
+                    prev = bp
         self._writes += 1
         if self._writes % _PRUNE_EVERY == 0:
             for k in [k for k, exp in entries.items() if exp <= now]:
                 del entries[k]
-        return CacheSplit(read, write, total - read - write)
+                self._hour.discard((key, k))
+        return CacheSplit(read, write, total - read - write, min(hour, write))
 
     def clear(self) -> None:
         self._trees.clear()
         self._entries.clear()
+        self._hour.clear()

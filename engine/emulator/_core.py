@@ -50,6 +50,8 @@ class TextCall(NamedTuple):
         u: dict[str, int | str] = {"input_tokens": self.input_tokens, "cache_read_tokens": self.split.read,
                                    "cache_write_tokens": self.split.write, "plain_input_tokens": self.split.plain,
                                    "output_tokens": self.output_tokens}
+        if self.split.write_1h:
+            u["cache_write_1h_tokens"] = self.split.write_1h
         return {**u, "thought_tokens": self.thoughts} if self.thoughts else u
 
 

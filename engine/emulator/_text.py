@@ -56,6 +56,7 @@ class Prompt(NamedTuple):
     breakpoints: tuple[int, ...]
     last_user: str
     bounds: tuple[int, ...] = ()
+    hour_marks: frozenset[int] = frozenset()  # the breakpoints marked ``ttl: "1h"`` (Anthropic's one-hour entry)
 
     @property
     def tokens(self) -> int:
@@ -108,6 +109,8 @@ class _Builder:
         self.bounds: list[int] = []
         self.last_user = ""
         self.marks = 0  # cache_control blocks seen (Anthropic)
+        self.hour_marks: set[int] = set()
+        self._hour = False  # the block being marked asked for the one-hour entry
 
     def add(self, text: str, marked: bool) -> None:
         self.parts.append(text)
@@ -120,6 +123,9 @@ class _Builder:
         self.end_block()
         if self.length > 0 and (not self.breakpoints or self.breakpoints[-1] != self.length):
             self.breakpoints.append(self.length)
+        if self.length > 0 and self._hour:
+            self.hour_marks.add(self.length)
+        self._hour = False
 
     def end_block(self) -> None:
         """A block ends where the text so far ends."""
@@ -200,6 +206,7 @@ class _Builder:
             raise ApiError(400, f"{where}.cache_control: Input should be {{'type': 'ephemeral'}} with an optional "
                            f"ttl of '5m' or '1h', got {cc!r}", param=f"{where}.cache_control")
         self.marks += 1
+        self._hour = cc.get("ttl") == "1h"
         if self.marks > _MAX_BREAKPOINTS:
             raise ApiError(400, f"A maximum of {_MAX_BREAKPOINTS} blocks with cache_control may be provided. "
                            f"Found {self.marks}.", param=f"{where}.cache_control")
@@ -232,7 +239,8 @@ class _Builder:
                 self.last_user = text
 
     def build(self) -> Prompt:
-        return Prompt("".join(self.parts), tuple(self.breakpoints), self.last_user, tuple(self.bounds))
+        return Prompt("".join(self.parts), tuple(self.breakpoints), self.last_user, tuple(self.bounds),
+                      frozenset(self.hour_marks))
 
 
 def _image_text(source: str, n_tokens: int) -> str:

@@ -125,7 +125,7 @@ def test_cache_read_and_write_multipliers_are_exact():
 
 def test_reads_below_the_minimum_or_off_granularity_are_not_cached():
     prov, spec = CAT.provider("openai"), CAT.model("openai", "gpt-5")
-    assert cache_split(prov, spec, 5000, 1, 1, 0, 512) == (0, 0, 5000)  # 512-token prefix < 1024 minimum
+    assert cache_split(prov, spec, 5000, 1, 1, 0, 512) == (0, 0, 5000, 0)  # 512-token prefix < 1024 minimum
     s = cache_split(prov, spec, 5000, 3, 3, 0, 500)  # 1500 warm -> rounded down to 1408 (128-token steps)
     assert s.read == 1408 and s.read % prov.prompt_cache.block_tokens == 0
     assert cache_split(prov, spec, 5000, 3, 0, 0, 512).write == 1536  # automatic cache writes the prefix

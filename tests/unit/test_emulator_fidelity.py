@@ -16,6 +16,7 @@ from tests.unit.test_emulator import (  # noqa: F401  (emu, sdk: the fixtures)
     real_time,
     sdk,
     user,
+    wait_for,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:The model .* is deprecated:DeprecationWarning")
@@ -237,6 +238,33 @@ def test_a_gpt_6_cache_write_is_billed_at_1_25x_its_input_price(emu: Emulator, s
     (item,) = emu.bill().items
     plain, out = first.usage.prompt_tokens - write, first.usage.completion_tokens
     assert item.cost_usd == pytest.approx((plain * 2.0 + write * 2.0 * 1.25 + out * 10.0) / 1e6, rel=1e-12)
+
+
+@pytest.mark.parametrize("emu", [1000.0], indirect=True, ids=["speedup1e3"])
+def test_an_anthropic_one_hour_cache_write_is_billed_at_2x_and_outlives_the_5_minute_one(emu: Emulator,  # noqa: F811
+                                                                                         sdk: Sdk):  # noqa: F811
+    """Anthropic bills a ``ttl: "1h"`` entry's write at 2x the input price (1.25x for 5 minutes) and keeps it an
+    hour. The emulator billed it as a 5-minute write (a $0.0290 call at $0.0182 in a money audit) and let it go
+    after five minutes; the engine refuses the TTL, so only a caller of the emulator's own API met it."""
+    client = sdk.anthropic()
+
+    def call(ttl: str, prefix: str):
+        system = [{"type": "text", "text": prefix + words(1500), "cache_control": {"type": "ephemeral", "ttl": ttl}}]
+        return client.messages.create(model="claude-sonnet-4-5", max_tokens=10, system=system, messages=user("Q"))
+
+    hour, five = call("1h", "a"), call("5m", "b")
+    written = hour.usage.cache_creation_input_tokens
+    assert hour.usage.cache_creation.model_dump() == {"ephemeral_1h_input_tokens": written,
+                                                      "ephemeral_5m_input_tokens": 0}
+    assert five.usage.cache_creation.ephemeral_5m_input_tokens == five.usage.cache_creation_input_tokens == written
+    first, second = emu.bill().items
+    out = hour.usage.output_tokens * 15.0
+    assert first.cost_usd == pytest.approx((hour.usage.input_tokens * 3.0 + written * 3.0 * 2.0 + out) / 1e6)
+    assert second.cost_usd == pytest.approx((five.usage.input_tokens * 3.0 + written * 3.0 * 1.25 + out) / 1e6)
+    t0 = emu.now()
+    wait_for(lambda: emu.now() > t0 + 300.0, "the 5-minute TTL to pass at 1e3x")
+    assert call("1h", "a").usage.cache_read_input_tokens == written  # the hour's entry is still warm
+    assert call("5m", "b").usage.cache_read_input_tokens == 0
 
 
 def test_a_batch_with_more_metadata_than_openai_takes_is_a_400(emu: Emulator, sdk: Sdk):  # noqa: F811
