@@ -176,9 +176,9 @@ def price_text(provider: ProviderSpec, spec: ModelSpec, split: CacheSplit, outpu
     f = mode_factor(provider, mode)
     p_in, p_out = token_prices(spec, split.read + split.write + split.plain)
     if pc is not None and (mode != "batch_api" or pc.stacks_with_batch):
-        w1h = pc.write_multiplier if pc.write_1h_multiplier is None else pc.write_1h_multiplier
         cached, plain = f * p_in * pc.read_multiplier * split.read, f * p_in * split.plain
-        write = f * p_in * (pc.write_multiplier * (split.write - split.write_1h) + w1h * split.write_1h)
+        write = f * p_in * pc.write_multiplier * split.write  # a one-hour write adds its dearer multiplier's rest
+        write += f * p_in * ((pc.write_1h_multiplier or pc.write_multiplier) - pc.write_multiplier) * split.write_1h
     else:
         cached, write, plain = 0.0, 0.0, f * p_in * (split.read + split.write + split.plain)
     out = f * p_out * output_tokens
