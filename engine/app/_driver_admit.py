@@ -4,7 +4,9 @@ within ``max_pending``, and the resolution that frees it. Its state is the engin
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 
+from engine.app._driver_reject import check_ids
 from engine.app._future import ResultFuture
 from engine.core.errors import EngineStopped, Overloaded, RequestError
 from engine.core.request import Request
@@ -19,6 +21,14 @@ class Admitting:
     _kept = None  # answers an earlier, killed run of the job paid for (``engine.app._driver_resume``)
     _kept_due: list  # (future, kept answer) to resolve once the lock is let go (``_give_kept``)
     responses: ResponseOwners  # whose each response id is (``Engine.__init__``)
+
+    def _replay_order(self, requests: Sequence[Request | Mapping]) -> list[Request]:
+        """``requests`` checked, all before any is sent (an id twice with other content too: it raised when the
+        second one's arrival came, the first already sent), sorted by arrival. A dict without one arrives at 0."""
+        given = [self._as_request(r, k, now=0.0) for k, r in enumerate(requests)]
+        with self._lock:
+            check_ids(given, self._futs)
+        return sorted(given, key=lambda r: r.arrival_s)
 
     def _admit(self, reqs: list[Request]) -> tuple[list[ResultFuture], bool]:
         """Futures for ``reqs`` (existing ones for a repeated (tenant, id)), queuing the new ones; waits for

@@ -18,7 +18,7 @@ from engine.core.errors import ConfigError, RequestError
 from engine.core.request import Request
 from engine.core.result import ID_TAKEN, Result
 
-__all__ = ["INVALID", "OnInvalid", "check_on_invalid", "reject_taken", "rejected", "validated", "with_rejected"]
+__all__ = ["INVALID", "OnInvalid", "check_ids", "check_on_invalid", "reject_taken", "rejected", "validated", "with_rejected"]
 
 INVALID = "invalid_request"  # the ``error`` of a request ``on_invalid="reject"`` refused
 OnInvalid = Literal["raise", "reject"]
@@ -70,18 +70,32 @@ def reject_taken(reqs: list[Request], at: list[int], futs: Mapping[str, Any],
     keep_r: list[Request] = []
     keep_k: list[int] = []
     for r, k in zip(reqs, at, strict=True):
-        known = futs.get(r.uid)
-        earlier = known._req if known is not None else first.get(r.uid)
-        if earlier is not None and r.model_copy(update={"arrival_s": earlier.arrival_s}) != earlier:
-            where = "already submitted" if known is not None else "gave it earlier in this submission"
-            refused[k] = rejected(r, RequestError(
-                r.id, "id", f"tenant {r.tenant!r} {where} id {r.id!r} with other content; an id names one "
-                "request: use a new id for a new request", k, ID_TAKEN))
+        if (exc := _taken(r, k, futs, first)) is not None:
+            refused[k] = rejected(r, exc)
             continue
         first.setdefault(r.uid, r)
         keep_r.append(r)
         keep_k.append(k)
     return keep_r, keep_k
+
+
+def check_ids(reqs: list[Request], futs: Mapping[str, Any]) -> None:
+    """Raise what ``reject_taken`` would refuse first (``reqs`` in the order given: the position is theirs)."""
+    first: dict[str, Request] = {}
+    for k, r in enumerate(reqs):
+        if (exc := _taken(r, k, futs, first)) is not None:
+            raise exc
+        first.setdefault(r.uid, r)
+
+
+def _taken(r: Request, k: int, futs: Mapping[str, Any], first: dict[str, Request]) -> RequestError | None:
+    known = futs.get(r.uid)
+    earlier = known._req if known is not None else first.get(r.uid)
+    if earlier is None or r.model_copy(update={"arrival_s": earlier.arrival_s}) == earlier:
+        return None
+    where = "already submitted" if known is not None else "gave it earlier in this submission"
+    return RequestError(r.id, "id", f"tenant {r.tenant!r} {where} id {r.id!r} with other content; an id names one "
+                        "request: use a new id for a new request", k, ID_TAKEN)
 
 
 def with_rejected(futs: list, at: list[int], refused: dict[int, concurrent.futures.Future]) -> list:

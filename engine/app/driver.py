@@ -378,7 +378,7 @@ class Engine(Admitting, AsyncSubmit, IngestLanes, LiveBudgeting, Pulling, Shared
         caller interrupted by Ctrl-C while the replay still paces arrivals keeps those already sent. A bad
         request raises ``RequestError`` before any is sent, as ``submit_many``'s call does (a helper's tour: it
         stopped the replay midway, the earlier sent and the rest never; a dict raised AttributeError)."""
-        reqs = sorted((self._as_request(r, k, now=0.0) for k, r in enumerate(requests)), key=lambda r: r.arrival_s)
+        reqs = self._replay_order(requests)
         futs: list[ResultFuture] = into if into is not None else []
         k = 0
         while k < len(reqs):

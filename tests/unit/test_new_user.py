@@ -294,3 +294,22 @@ def test_params_that_are_empty_but_no_object_are_refused_as_a_non_empty_one_is(p
     assert field == "params" and msg.startswith('must be a JSON object, e.g. {"size": "1024x1024"}, not '), msg
     assert _validate({"id": "p", "model": "gpt-image-1", "prompt": "a cat", "params": None}).params == {
         "size": "1024x1024"}  # null: not set, as before
+
+
+def test_replay_refuses_an_id_given_twice_with_other_content_before_it_sends_any(monkeypatch):
+    # A review of stop 74: replay checked each request alone before sending, so an id given again with other
+    # content (in the list, or to this driver before) still raised when its arrival came, the first already sent.
+    from engine.core.errors import RequestError
+    from tests.unit.test_driver_tour import _bulk_engine
+
+    e = _bulk_engine(monkeypatch)
+    a = {"id": "x", "arrival_s": 0.0, "model": "gpt-5.4-mini", "prompt": "hi"}
+    with pytest.raises(RequestError, match=r"request 'x' \(at 1 of the requests given.*field 'id'.*other content"):
+        e.replay([a, {**a, "arrival_s": 5.0, "prompt": "other"}], on_submit=lambda n: e.clock.advance(10.0))
+    assert e._futs == {}  # none sent
+    (f,) = e.replay([a])
+    with pytest.raises(RequestError, match=r"already submitted id 'x' with other content"):
+        e.replay([{"id": "y", "model": "gpt-5.4-mini", "prompt": "hi"}, {**a, "prompt": "other"}])
+    assert list(e._futs) == [f._req.uid]  # y not sent either
+    again = e.replay([{**a, "arrival_s": 3.0}, a], on_submit=lambda n: e.clock.advance(10.0))
+    assert again == [f, f]  # the same content under its id: the same request, at any arrival
