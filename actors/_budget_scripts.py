@@ -4,7 +4,7 @@ calls them, which builds their arguments and reads their replies."""
 
 from __future__ import annotations
 
-__all__ = ["CHARGE", "PROBE", "RESERVE", "SETTLE", "SWEEP_ONLY"]
+__all__ = ["CHARGE", "PROBE", "RESERVE", "SETTLE", "SWEEP_ONLY", "UPGRADE"]
 
 # Run first by every script: release the reservations of claims past their expiry.
 SWEEP = """
@@ -156,5 +156,28 @@ return swept
 # one under noeviction) refuses this, where a sweep with nothing due writes nothing and passes (a helper's hunt).
 PROBE = """
 redis.call('SET', ARGV[1] .. ':probe', '1', 'PX', 60000)
+return 1
+"""
+
+# A budget's window under the key the version before stop 74 gave it (its name unquoted: ``legacy_key``) is
+# moved to today's key once, with the open claims that hold room in it (they release and settle on the new key):
+# left there, a tenant such as "alice@example.com" began its window (a never-resetting budget: its life) at $0.
+UPGRADE = """
+local prefix, old, new, ttl = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local ho, hn = prefix .. ':w:' .. old, prefix .. ':w:' .. new
+if redis.call('EXISTS', ho) == 0 then return 0 end
+for _, f in ipairs({'spent', 'reserved'}) do
+  redis.call('HINCRBYFLOAT', hn, f, tonumber(redis.call('HGET', ho, f) or '0'))
+end
+if ttl > 0 then redis.call('EXPIRE', hn, ttl) end
+for _, rid in ipairs(redis.call('ZRANGE', prefix .. ':exp', 0, -1)) do
+  local claim = prefix .. ':c:' .. rid
+  local held = redis.call('HGET', claim, old)
+  if held then
+    redis.call('HDEL', claim, old)
+    redis.call('HINCRBYFLOAT', claim, new, held)
+  end
+end
+redis.call('DEL', ho)
 return 1
 """

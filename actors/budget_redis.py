@@ -22,7 +22,8 @@ import re
 import time
 
 from actors._budget_replay import ScriptRefused, ServerWatch
-from actors._budget_scripts import CHARGE, PROBE, RESERVE, SETTLE, SWEEP_ONLY
+from actors._budget_scripts import CHARGE, PROBE, RESERVE, SETTLE, SWEEP_ONLY, UPGRADE
+from engine.core._budget_legacy import legacy_key
 from engine.core.budgets import (
     BudgetSpec,
     Charge,
@@ -101,6 +102,8 @@ class RedisBudgetBook(ServerWatch):
         self._sweep = client.register_script(SWEEP_ONLY)
         self._charge = client.register_script(CHARGE)
         self._probe = client.register_script(PROBE)
+        self._upgrade = client.register_script(UPGRADE)
+        self._looked: set[str] = set()  # the windows of before stop 74 (``legacy_key``) moved or found absent
         # The claims this book granted and has not settled: (when, whose spend, the windows it holds, its amount),
         # sent with its settlement (until Redis takes it) so that spend counts if Redis lost the claim's record, and
         # reserved again should another Redis process answer (``ServerWatch._reopen``). Oldest first.
@@ -144,6 +147,7 @@ class RedisBudgetBook(ServerWatch):
             for s, a in zip(touched, allowed):
                 args += [s.key(now), repr(float(s.max_budget)), repr(float(a)), _ttl(s, now)]
             args.append(_who(c.tenant, c.provider, c.model))
+        await self._take_legacy([s for touched in touched_all for s in touched], now)
         raw = await self._reserve(args=args)
         out = []
         self._forget_old()
@@ -162,6 +166,18 @@ class RedisBudgetBook(ServerWatch):
                                         allowed[int(j) - 1], th.pace_of(s, c.priority, now, self.origin) < 1.0))
             out.append(verdict_of(refusals, c.priority, now))
         return out
+
+    async def _take_legacy(self, specs: list[BudgetSpec], now: float) -> None:
+        """Move each of ``specs``' current window from its key of before stop 74 to today's, once per window (the
+        script finds none after). Not one another budget holds as its own today: tenant "a,provider=x" was named
+        as tenant a on provider x is now, and that window is the latter's."""
+        for s in specs:
+            old = legacy_key(s, now)
+            if old is None or old in self._looked:
+                continue
+            if all(t.key(now) != old for t in self.specs):
+                await self._upgrade(args=[self.prefix, old, s.key(now), _ttl(s, now)])
+            self._looked.add(old)
 
     async def settle_many(self, items: list[tuple[str, float]]) -> int:
         """Settle each (claim id, actual); returns how many settlements found their claim's record gone and were
@@ -215,6 +231,7 @@ class RedisBudgetBook(ServerWatch):
 
     async def _charge_items(self, charges: list[Charge], now: float) -> None:
         args: list = [self.prefix, len(charges)]
+        await self._take_legacy([s for c in charges for s in self.covering(c.tenant, c.provider, c.model)], now)
         for c in charges:
             touched = self.covering(c.tenant, c.provider, c.model)
             args += [c.cid, repr(float(c.usd)), _who(c.tenant, c.provider, c.model), len(touched)]
@@ -272,5 +289,6 @@ class RedisBudgetBook(ServerWatch):
 
     async def window(self, spec: BudgetSpec, now: float) -> tuple[float, float]:
         """(spent, reserved) of ``spec``'s window at ``now``."""
+        await self._take_legacy([spec], now)
         h = await self.client.hgetall(f"{self.prefix}:w:{spec.key(now)}")
         return float(h.get(b"spent", 0) or 0), float(h.get(b"reserved", 0) or 0)

@@ -1,0 +1,49 @@
+"""A Redis budget ledger kept across the upgrade of stop 74, whose budget names quote a value holding one of the
+name's separators (tenant "alice@example.com" is ``tenant='alice@example.com'``): the spend the version before kept
+under the unquoted name still counts, and a claim it left open releases and settles on the new window."""
+
+import asyncio
+import calendar
+
+import pytest
+
+from actors.budget_redis import RedisBudgetBook
+from engine.core.budgets import BudgetSpec, Claim
+
+T0 = float(calendar.timegm((2026, 12, 6, 10, 30, 0)))
+
+
+def test_a_budget_quoted_since_stop_74_keeps_the_spend_redis_holds_under_its_old_name(redis_server):
+    # A review of stop 74: the quoting renamed the Redis key of every budget whose tenant, provider or model holds
+    # "," "=" "/" "@" or a quote (an email as tenant, a model "org/name"). After the upgrade such a budget began at
+    # $0: a tenant's lifetime budget, $0.9 of $1 spent, was granted $1 again.
+    import redis.asyncio as aioredis
+
+    life = BudgetSpec(tenant="alice@example.com", max_budget=1.0)
+    day = BudgetSpec(model="org/model-x", budget_duration="1d", max_budget=1.0)
+    plain = BudgetSpec(tenant="bob", max_budget=1.0)  # named as before: nothing to move
+
+    async def go():
+        c = aioredis.Redis.from_url(redis_server.url)
+        p = "sbtest-upgrade74"
+        day_start = f"{T0 - T0 % 86400:.0f}"
+        # As the version before left them: windows under unquoted names, and a claim open on one of them.
+        await c.hset(f"{p}:w:tenant=alice@example.com@0", mapping={"spent": 0.5, "reserved": 0.3})
+        await c.hset(f"{p}:w:model=org/model-x/1d@{day_start}", mapping={"spent": 0.8})
+        await c.hset(f"{p}:w:tenant=bob@0", mapping={"spent": 0.6})
+        await c.hset(f"{p}:c:old-1", mapping={"_who": "alice@example.com\x1fopenai\x1fgpt-5",
+                                              "tenant=alice@example.com@0": 0.3})
+        await c.zadd(f"{p}:exp", {"old-1": T0 + 86400})
+        book = RedisBudgetBook(c, [life, day, plain], prefix=p)
+        assert await book.window(life, T0) == pytest.approx((0.5, 0.3))  # the old window, under the new name
+        (v,) = await book.reserve_many([Claim("new-1", "alice@example.com", "openai", "gpt-5", "urgent", 0.4)], T0)
+        assert not v.ok  # $0.5 spent + $0.3 held: $0.2 left
+        (v,) = await book.reserve_many([Claim("new-2", "carol", "openai", "org/model-x", "urgent", 0.3)], T0)
+        assert not v.ok  # $0.8 of the day spent
+        (v,) = await book.reserve_many([Claim("new-3", "bob", "openai", "gpt-5", "urgent", 0.5)], T0)
+        assert not v.ok
+        await book.settle_many([("old-1", 0.25)])  # the old engine's claim settles on the new window
+        assert await book.window(life, T0) == pytest.approx((0.75, 0.0))
+        assert not await c.exists(f"{p}:w:tenant=alice@example.com@0")
+        await c.aclose()
+    asyncio.run(go())
