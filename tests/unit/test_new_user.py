@@ -313,3 +313,29 @@ def test_replay_refuses_an_id_given_twice_with_other_content_before_it_sends_any
     assert list(e._futs) == [f._req.uid]  # y not sent either
     again = e.replay([{**a, "arrival_s": 3.0}, a], on_submit=lambda n: e.clock.advance(10.0))
     assert again == [f, f]  # the same content under its id: the same request, at any arrival
+
+
+def test_the_path_of_a_lone_surrogate_is_made_only_for_the_one_found_and_can_be_printed():
+    # A review of stop 74: each item pushed carried its path, made before any string was looked at; a key of
+    # 20,000 characters over 5,000 numbers (a 30 KB body) made 100 MB of paths (160 KB: 2 GB and 1.4 s). A key
+    # with a lone surrogate went into the message as it was, which no terminal or log could then encode.
+    import tracemalloc
+
+    from engine.core._checks import FieldProblem, check_text
+
+    body = {"k" * 20_000: [0] * 5_000, "tools": [{"x": "fine"}] * 1_000}
+    tracemalloc.start()
+    try:
+        check_text(body, "body")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 5_000_000, peak
+    with pytest.raises(FieldProblem) as ei:
+        check_text({"a": [{"b\udcff": "c\ud800"}]}, "body")
+    assert str(ei.value).encode("utf-8")  # printable
+    assert str(ei.value).startswith("body.a[0].b\\udcff is not valid Unicode (a lone surrogate, '\\ud800' at")
+    with pytest.raises(FieldProblem, match=r"^body.a \(a key\) is not valid Unicode"):
+        check_text({"a": {"\udcff": 1}}, "body")
+    with pytest.raises(FieldProblem, match=r"^body\.x{37}\.\.\.\[1\] is not valid Unicode"):
+        check_text({"x" * 500: ["ok", "\udcff"]}, "body")
