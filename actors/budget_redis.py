@@ -103,7 +103,9 @@ class RedisBudgetBook(ServerWatch):
         self._charge = client.register_script(CHARGE)
         self._probe = client.register_script(PROBE)
         self._upgrade = client.register_script(UPGRADE)
-        self._looked: set[str] = set()  # the windows of before stop 74 (``legacy_key``) moved or found absent
+        # Per budget, its last window looked for under its key of before stop 74 (``legacy_key``): one per budget,
+        # not one per window, which a quoted budget of "1s" windows would add every second for good.
+        self._looked: dict[str, str] = {}
         # The claims this book granted and has not settled: (when, whose spend, the windows it holds, its amount),
         # sent with its settlement (until Redis takes it) so that spend counts if Redis lost the claim's record, and
         # reserved again should another Redis process answer (``ServerWatch._reopen``). Oldest first.
@@ -173,11 +175,11 @@ class RedisBudgetBook(ServerWatch):
         as tenant a on provider x is now, and that window is the latter's."""
         for s in specs:
             old = legacy_key(s, now)
-            if old is None or old in self._looked:
+            if old is None or self._looked.get(s.name) == old:
                 continue
             if all(t.key(now) != old for t in self.specs):
                 await self._upgrade(args=[self.prefix, old, s.key(now), _ttl(s, now)])
-            self._looked.add(old)
+            self._looked[s.name] = old
 
     async def settle_many(self, items: list[tuple[str, float]]) -> int:
         """Settle each (claim id, actual); returns how many settlements found their claim's record gone and were
