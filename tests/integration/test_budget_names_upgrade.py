@@ -47,3 +47,21 @@ def test_a_budget_quoted_since_stop_74_keeps_the_spend_redis_holds_under_its_old
         assert not await c.exists(f"{p}:w:tenant=alice@example.com@0")
         await c.aclose()
     asyncio.run(go())
+
+
+def test_a_window_another_budget_holds_under_that_name_today_is_not_moved(redis_server):
+    # Tenant "a,provider=x" was named as tenant a on provider x is now: that window is the latter's own.
+    import redis.asyncio as aioredis
+
+    odd = BudgetSpec(tenant="a,provider=x", max_budget=1.0)
+    plain = BudgetSpec(tenant="a", provider="x", max_budget=1.0)
+
+    async def go():
+        c = aioredis.Redis.from_url(redis_server.url)
+        p = "sbtest-upgrade74-kept"
+        await c.hset(f"{p}:w:tenant=a,provider=x@0", mapping={"spent": 0.7})
+        book = RedisBudgetBook(c, [odd, plain], prefix=p)
+        assert await book.window(odd, T0) == (0.0, 0.0)
+        assert await book.window(plain, T0) == pytest.approx((0.7, 0.0))
+        await c.aclose()
+    asyncio.run(go())
