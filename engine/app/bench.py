@@ -90,14 +90,17 @@ def load_variants(path: str | Path | None) -> dict[str, PolicySpec]:
 
 
 def resolve_policies(names: str | Sequence[str], variants: dict[str, PolicySpec],
-                     catalog: Catalog | None = None) -> list[PolicySpec]:
-    """The entries ``names`` asks for. Given the ``catalog``, every variant of a registered policy is built once
-    too, asked for or not: a variants file's bad entry failed only the run that asked for it, maybe days later."""
+                     catalog: Catalog | None = None, *, flag: str = "--policies") -> list[PolicySpec]:
+    """The entries ``names`` asks for (given as ``flag``: run's is ``--policy``, of one). Given the ``catalog``,
+    every variant of a registered policy is built once too, asked for or not: a variants file's bad entry failed
+    only the run that asked for it, maybe days later."""
     items = [n for n in ([n.strip() for n in names.split(",")] if isinstance(names, str) else names) if n]
     twice = next((n for k, n in enumerate(items) if n in items[:k]), None)  # it ran twice: two rows of one policy
+    if flag == "--policy" and len(items) > 1:
+        raise ConfigError(f"--policy {names!r}: run takes one policy (bench compares several)")
     if not items or twice:
-        raise ConfigError(f"--policies names {twice!r} twice; give each once" if twice else
-                          "--policies is empty; give e.g. --policies naive,smart")
+        raise ConfigError(f"{flag} names {twice!r} twice; give each once" if twice else
+                          f"{flag} is empty; give e.g. {flag} {'smart' if flag == '--policy' else 'naive,smart'}")
     if catalog is not None:
         from policies import available_policies
 

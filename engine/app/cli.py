@@ -213,7 +213,7 @@ def run(trace: Path = typer.Argument(..., help="a JSONL trace"),
 
     try:
         settings, cat = _settings(catalog, catalog_overlay)
-        specs = resolve_policies(policy, load_variants(variants), cat)  # with cat: a bad variant named, as in bench
+        specs = resolve_policies(policy, load_variants(variants), cat, flag="--policy")  # a bad variant named too
         if len(specs) != 1:
             raise ConfigError(f"--policy {policy!r}: run takes one policy (bench compares several)")
         (spec,) = specs

@@ -339,3 +339,19 @@ def test_the_path_of_a_lone_surrogate_is_made_only_for_the_one_found_and_can_be_
         check_text({"a": {"\udcff": 1}}, "body")
     with pytest.raises(FieldProblem, match=r"^body\.x{37}\.\.\.\[1\] is not valid Unicode"):
         check_text({"x" * 500: ["ok", "\udcff"]}, "body")
+
+
+@pytest.mark.parametrize("policy, said", [("naive,naive", "--policy 'naive,naive': run takes one policy"),
+                                          ("naive,smart", "--policy 'naive,smart': run takes one policy"),
+                                          (" , ", "--policy is empty; give e.g. --policy smart")])
+def test_run_names_its_own_flag_for_a_policy_given_twice_or_none(tmp_path, policy, said):
+    # A review of stop 74: run --policy naive,naive said "--policies names 'naive' twice; give each once", a flag
+    # run has not, and the fix it gave (each once) still two policies where run takes one.
+    from typer.testing import CliRunner
+
+    from engine.app.cli import app
+
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"id": "a", "arrival_s": 0, "model": "gpt-5.4-mini", "prompt": "hi"}\n')
+    r = CliRunner().invoke(app, ["run", str(trace), "--policy", policy, "--dry-run"])
+    assert r.exit_code != 0 and said in " ".join(r.output.split()), r.output
