@@ -84,8 +84,18 @@ def _json_kind(value: object) -> str:
 
 
 def _shown(value: object) -> str:
-    """A value as a JSON line holds it (true, false and null, not Python's True, False and None), cut at 40."""
-    return f"{json.dumps(value) if value is None or isinstance(value, bool) else repr(value):.40}"
+    """A value as a JSON line holds it (true, false and null, not Python's True, False and None, in a list or an
+    object too: ``[True, None]`` was left, a review of stop 74), cut at 40. A string alone keeps its quotes."""
+    if value is None or isinstance(value, (bool, list, dict)):
+        try:
+            text = json.dumps(value, ensure_ascii=False)
+            text.encode("utf-8")  # a lone surrogate in it: escaped, or no log could print the message
+        except UnicodeEncodeError:
+            text = json.dumps(value)
+        except (TypeError, ValueError):  # not JSON's (a request made in Python): as Python writes it
+            text = repr(value)
+        return f"{text:.40}"
+    return f"{value!r:.40}"
 
 
 def _problems_of(exc: ValidationError, where: str = "the line") -> list[tuple[str, str]]:

@@ -265,7 +265,7 @@ def test_the_seeds_deadline_column_says_it_counts_seeds_with_fewer_deadlines_met
     ("prefix_blocks", 5, "must be a JSON list, e.g. [0, 1, 2], not a number (5)"),
     ("params", "x", "must be a JSON object, e.g. {\"size\": \"1024x1024\"}, not a string ('x')"),
     ("id", 20, "must be a string, not a number (20); write it in quotes"),
-    ("tenant", ["a"], "must be a string, not a list (['a']); write it in quotes"),
+    ("tenant", ["a"], 'must be a string, not a list (["a"]); write it in quotes'),
 ])
 def test_a_field_of_the_wrong_json_type_is_named_in_json_terms(field, value, said):
     from engine.core.trace import parse_trace_lines

@@ -271,6 +271,10 @@ def test_a_lone_surrogate_deep_in_a_body_is_named_by_its_path_and_itself():
     ({"reuse": False}, "got false; give one of these"),
     ({"tenant": None}, "must be a string, not null; write it in quotes"),
     ({"deadline_s": True}, "must be a number, not a boolean (true)"),
+    # and in a list or an object (a review of stop 74: "[True, None]", "got [False]")
+    ({"tenant": [True, None]}, "must be a string, not a list ([true, null])"),
+    ({"priority": [False]}, "got [false]; give one of these"),
+    ({"tenant": {"é": None}}, 'not an object ({"é": null})'),
 ])
 def test_a_json_value_is_quoted_in_json_words_not_pythons(fields, said):
     # docs/traces.md: "Other JSON types are named in JSON's words"; a trace line's true and null were quoted back as
