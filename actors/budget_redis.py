@@ -23,7 +23,7 @@ import time
 
 from actors._budget_replay import ScriptRefused, ServerWatch
 from actors._budget_scripts import CHARGE, PROBE, RESERVE, SETTLE, SWEEP_ONLY, UPGRADE
-from engine.core._budget_legacy import legacy_key
+from engine.core._budget_legacy import legacy_key, today_key
 from engine.core.budgets import (
     BudgetSpec,
     Charge,
@@ -128,8 +128,11 @@ class RedisBudgetBook(ServerWatch):
         return None if entry is None else entry[1:]
 
     def restore_copy(self, rid: str, copy: tuple) -> None:
-        """Take back a ``claim_copy`` kept from before a restart; its age starts again here."""
-        self._open.setdefault(rid, (time.monotonic(), *copy))
+        """Take back a ``claim_copy`` kept from before a restart; its age starts again here. A window named as
+        before stop 74 (kept by that version) is named as its budget is now: it is moved there (``_take_legacy``)."""
+        who, windows, *rest = copy
+        windows = [(today_key(k, self.specs), ttl) for k, ttl in windows]
+        self._open.setdefault(rid, (time.monotonic(), who, windows, *rest))
 
     async def reserve_many(self, claims: list[Claim], now: float) -> list[Verdict]:
         if not claims:

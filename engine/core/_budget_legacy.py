@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from engine.core.budgets import BudgetSpec
 
-__all__ = ["legacy_key"]
+__all__ = ["legacy_key", "today_key"]
 
 
 def legacy_key(spec: BudgetSpec, t: float) -> str | None:
@@ -26,3 +26,15 @@ def _legacy_name(tenant: str | None, provider: str | None, model: str | None, du
     base = ",".join(f"{k}={v}" for k, v in (("tenant", tenant), ("provider", provider), ("model", model))
                     if v is not None) or "global"
     return f"{base}/{duration}" if duration else base
+
+
+def today_key(key: str, specs: list[BudgetSpec]) -> str:
+    """A window ``key`` as the budget of ``specs`` whose name before stop 74 it bears is named now (a claim's copy
+    kept by that version); as it is when no budget's name changed to it or a budget bears that name today."""
+    name, at, start = key.rpartition("@")
+    names = {s.name for s in specs}
+    if not at or name in names:
+        return key
+    now = next((s.name for s in specs
+                if _legacy_name(s.tenant, s.provider, s.model, s.budget_duration) == name), None)
+    return key if now is None else f"{now}@{start}"

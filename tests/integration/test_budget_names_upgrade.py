@@ -65,3 +65,21 @@ def test_a_window_another_budget_holds_under_that_name_today_is_not_moved(redis_
         assert await book.window(plain, T0) == pytest.approx((0.7, 0.0))
         await c.aclose()
     asyncio.run(go())
+
+
+def test_a_claim_kept_on_disk_by_the_version_before_settles_on_the_budgets_window_of_today(redis_server):
+    # A settlement kept at a stop (``actors._budget_kept``) names the windows its claim held; one kept by the
+    # version before stop 74 named them unquoted, and counted there when Redis had lost the claim's record.
+    import redis.asyncio as aioredis
+
+    life = BudgetSpec(tenant="alice@example.com", max_budget=1.0)
+
+    async def go():
+        c = aioredis.Redis.from_url(redis_server.url)
+        book = RedisBudgetBook(c, [life], prefix="sbtest-upgrade74-copy")
+        assert await book.window(life, T0) == (0.0, 0.0)  # looked for under the old name already: nothing there
+        book.restore_copy("old-2", ("alice@example.com\x1fopenai\x1fgpt-5", [("tenant=alice@example.com@0", 0)], 0.3))
+        assert await book.settle_many([("old-2", 0.2)]) == 1  # its record gone: counted from the copy
+        assert await book.window(life, T0) == pytest.approx((0.2, 0.0))
+        await c.aclose()
+    asyncio.run(go())
