@@ -176,7 +176,7 @@ class RedisBudgetBook(ServerWatch):
         """Move each of ``specs``' current window from its key of before stop 74 to today's, once per window (the
         script finds none after). Not one another budget holds as its own today: tenant "a,provider=x" was named
         as tenant a on provider x is now, and that window is the latter's."""
-        for s in specs:
+        for s in {s.name: s for s in specs}.values():  # a batch's claims touch a few budgets, each many times
             old = legacy_key(s, now)
             if old is None or self._looked.get(s.name) == old:
                 continue
