@@ -176,13 +176,18 @@ class RedisBudgetBook(ServerWatch):
         """Move each of ``specs``' current window from its key of before stop 74 to today's, once per window (the
         script finds none after). Not one another budget holds as its own today: tenant "a,provider=x" was named
         as tenant a on provider x is now, and that window is the latter's."""
+        moves, looked, today = [], {}, None
         for s in {s.name: s for s in specs}.values():  # a batch's claims touch a few budgets, each many times
             old = legacy_key(s, now)
             if old is None or self._looked.get(s.name) == old:
                 continue
-            if all(t.key(now) != old for t in self.specs):
-                await self._upgrade(args=[self.prefix, old, s.key(now), _ttl(s, now)])
-            self._looked[s.name] = old
+            today = today or {t.key(now) for t in self.specs}  # once: per budget, 1,000 budgets took 0.8 s
+            if old not in today:
+                moves += [old, s.key(now), _ttl(s, now)]
+            looked[s.name] = old
+        if moves:  # one script for them all: it reads each open claim once (``UPGRADE``)
+            await self._upgrade(args=[self.prefix, len(moves) // 3, *moves])
+        self._looked.update(looked)
 
     async def settle_many(self, items: list[tuple[str, float]]) -> int:
         """Settle each (claim id, actual); returns how many settlements found their claim's record gone and were
