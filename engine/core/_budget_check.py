@@ -4,12 +4,14 @@ budget set on a running engine (``Engine.set_budget``), and the rule of such a c
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Iterable, Mapping
 from difflib import get_close_matches
 from typing import Any
 
 from pydantic import ValidationError
 
+from engine.core._budget_legacy import legacy_name
 from engine.core.budgets import BudgetSettings, BudgetSpec, parse_duration
 from engine.core.catalog import Catalog
 from engine.core.errors import CatalogError, ConfigError
@@ -111,9 +113,24 @@ def changed_specs(specs: Iterable[BudgetSpec], put: Iterable[BudgetSpec] = (),
     missing = [n for n in remove if n not in out]
     if missing:
         raise ConfigError(f"no budget named {', '.join(map(repr, missing))} runs (running: "
-                          f"{', '.join(out) or 'none'}); name one as `smartbatch budget list` shows it")
+                          f"{', '.join(out) or 'none'}); name one as `smartbatch budget list` shows it"
+                          + "".join(_quotes_lost(n, out) for n in missing))
     for n in remove:
         del out[n]
     for s in put:
         out[s.name] = s
     return BudgetSettings(specs=tuple(out.values())).specs
+
+
+def _quotes_lost(name: str, running: Mapping[str, BudgetSpec]) -> str:
+    """What to say of ``name`` when it is a running budget's quoted name without its quotes: a shell takes them from
+    ``tenant='alice@example.com'`` typed as ``budget list`` shows it, and the names before stop 74 had none."""
+    def bare(n: str) -> str:
+        return n.replace("'", "").replace('"', "").replace("\\", "")
+
+    for n, s in running.items():
+        if name in (bare(n), legacy_name(s)):
+            shell = f'"{n}"' if not set(n) & set('"\\$`!') else shlex.quote(n)
+            return (f"; {name!r} is {n!r} without its quotes (a shell takes them, and names before stop 74 had "
+                    f"none): give it quoted for the shell, as in `smartbatch budget remove {shell}`")
+    return ""

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from engine.core.budgets import BudgetSpec
 
-__all__ = ["legacy_key", "today_key"]
+__all__ = ["legacy_key", "legacy_name", "today_key"]
 
 
 def legacy_key(spec: BudgetSpec, t: float) -> str | None:
@@ -19,6 +19,11 @@ def legacy_key(spec: BudgetSpec, t: float) -> str | None:
 
     name = _legacy_name(spec.tenant, spec.provider, spec.model, spec.budget_duration)
     return None if name == spec.name else f"{name}@{window_bounds(spec.budget_duration, t)[0]:.0f}"
+
+
+def legacy_name(spec: BudgetSpec) -> str:
+    """``spec``'s name as the version before stop 74 wrote it."""
+    return _legacy_name(spec.tenant, spec.provider, spec.model, spec.budget_duration)
 
 
 @functools.lru_cache(maxsize=1024)  # asked per budget of every reservation, as the name itself is

@@ -652,3 +652,22 @@ def test_an_engine_started_without_budgets_on_a_ledger_with_some_starts_its_grou
         return await fresh.check_ledger()  # what the engine's start gives its groupers
 
     assert asyncio.run(go()) == (DAY.model_copy(update={"max_budget": 0.5}),)
+
+
+def test_removing_a_quoted_budget_by_its_name_with_the_quotes_a_shell_took_says_how_to_give_it():
+    # A review of stop 74: `smartbatch budget list` shows tenant='alice@example.com', and `smartbatch budget remove
+    # tenant='alice@example.com'` typed as shown reaches the engine as tenant=alice@example.com (the shell takes the
+    # quotes), as does a script written before stop 74: refused with the running names only, no word of why.
+    from engine.core._budget_check import changed_specs
+
+    life = BudgetSpec(tenant="alice@example.com", max_budget=1.0)
+    odd = BudgetSpec(tenant="it's \"x\"", max_budget=1.0, budget_duration="1d")
+    for spec in (life, odd):
+        unquoted = spec.name.replace("'", "").replace('"', "").replace("\\", "")
+        with pytest.raises(ConfigError) as err:
+            changed_specs([life, odd, DAY], remove=[unquoted])
+        shell = "\"tenant='alice@example.com'\"" if spec is life else "'tenant='\"'\"'it\\'\"'\"'s \"x\"'\"'\"'/1d'"
+        assert f"smartbatch budget remove {shell}" in str(err.value)
+        import shlex
+        assert shlex.split(f"smartbatch budget remove {shell}")[-1] == spec.name  # given so, the shell passes its name
+    assert changed_specs([life, DAY], remove=[life.name]) == (DAY,)
