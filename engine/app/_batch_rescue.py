@@ -185,7 +185,7 @@ async def _rescue(root, settings, catalog, keys, speedup, wanted, say, strict, k
             videos = made_videos(spaces)  # (their calls: read, not cut)
             jobs += [read_video(provider, sp, k, call, rec, got, speed=speedup, wanted=wanted, say=say)
                      for (sp, k), (call, rec) in videos.items()]
-            lost = fail_lost(spaces, settings, got, wanted=wanted, say=say)  # (Veo's: failed, not made again)
+            lost = fail_lost(spaces, settings, catalog, got, wanted=wanted, say=say)  # (Veo's: failed, not made again)
             for space, recs in spaces.items():
                 if space.startswith("sync:"):
                     got.cut_calls += sum((space, k) not in videos and (space, k) not in lost for k in recs)
@@ -307,11 +307,12 @@ async def _collect(provider, name: str, catalog, key: str, rec: tuple, watch: bo
 
 
 def charges(results: dict[str, Result], out: Path) -> list:
-    """The rescued answers as charges for this run's budgets (billed, never counted by the run that was cut off)."""
+    """The rescued answers as charges for this run's budgets (billed, never counted by the run that was cut off),
+    and the failures that may be billed at their bound (``Result.possibly_billed_usd``)."""
     from engine.core.budgets import Charge
 
-    return [Charge(f"rescue:{out}:{r.tenant}:{r.id}", r.tenant, r.provider, r.model, r.cost_usd)
-            for r in results.values()]
+    return [Charge(f"rescue:{out}:{r.tenant}:{r.id}", r.tenant, r.provider, r.model,
+                   max(r.cost_usd, r.possibly_billed_usd)) for r in results.values()]
 
 
 def prepare(out: Path, settings, cat, requests: list, *, resume: bool, overwrite: bool, address: str | None,

@@ -86,11 +86,13 @@ class KeptAnswers:
         return [r for _, r in self._kept.values()]
 
     def charges(self) -> list:
-        """Every kept answer as a charge for this run's budgets: billed, never counted by the run cut off."""
+        """Every kept answer as a charge for this run's budgets: billed, never counted by the run cut off; and
+        every kept failure that may be billed, at its bound (``Result.possibly_billed_usd``)."""
         from engine.core.budgets import Charge
 
-        return [Charge(f"resume:{self.root}:{r.tenant}:{r.id}", r.tenant, r.provider, r.model, r.cost_usd)
-                for _, r in self._kept.values() if r.cost_usd and r.provider and r.model]
+        return [Charge(f"resume:{self.root}:{r.tenant}:{r.id}", r.tenant, r.provider, r.model, usd)
+                for _, r in self._kept.values() if (usd := max(r.cost_usd, r.possibly_billed_usd))
+                and r.provider and r.model]
 
     def record(self, pairs: Iterable[tuple[Request, Result]]) -> None:
         """Append the answers among ``pairs`` (billed or reused) before their futures resolve: a kill after this

@@ -18,6 +18,8 @@ import time
 from collections.abc import Callable
 
 from engine.core.clock import ScaledClock
+from engine.core.cost import reserve_bound
+from engine.core.errors import CatalogError
 from engine.core.provider_api import CallJob
 from engine.runtime.outcomes import failed_result, ok_result
 
@@ -64,17 +66,18 @@ def lost_creates(spaces: dict[str, dict], settings) -> dict[tuple[str, str], tup
     return out
 
 
-def fail_lost(spaces: dict[str, dict], settings, got, *, wanted: set[str] | None,
+def fail_lost(spaces: dict[str, dict], settings, catalog, got, *, wanted: set[str] | None,
               say: Callable[[str], None]) -> set[tuple[str, str]]:
-    """The calls of ``lost_creates``, their requests failed into ``got`` (not made again: each may be billed);
-    returns their (space, call key)."""
+    """The calls of ``lost_creates``, their requests failed into ``got`` (not made again: each may be billed, at
+    the call's bound, as the live engine keeps for a create whose answer is lost); returns their (space, call
+    key)."""
     lost = lost_creates(spaces, settings)
     for (space, _), (call, _) in lost.items():
-        _fail(space, call, got, wanted, say)
+        _fail(space, call, catalog, got, wanted, say)
     return set(lost)
 
 
-def _fail(space: str, call: tuple, got, wanted: set[str] | None, say: Callable[[str], None]) -> None:
+def _fail(space: str, call: tuple, catalog, got, wanted: set[str] | None, say: Callable[[str], None]) -> None:
     name = space.split(":", 1)[1]
     b, j, _, _ = call
     if wanted is not None and j.req.id not in wanted:  # (``--overwrite``): sent again, as a call cut off
@@ -88,8 +91,17 @@ def _fail(space: str, call: tuple, got, wanted: set[str] | None, say: Callable[[
     say(f"request {j.req.id}: {error}")
     was = getattr(j, "asked", None)
     req = j.req.model_copy(update={"provider": was[0], "model": was[1]}) if was else j.req
+    try:
+        bound = reserve_bound(j.req, catalog, "sync", None)
+    except (ValueError, CatalogError):  # its model gone from the catalog since: the failure is said all the same
+        bound = 0.0
+    # Marked possibly billed, and its claim settled at that bound: left a plain failure (the journal removed
+    # after this), the next ``--resume`` sent its line again and Google made and billed a second video; and a
+    # Redis ledger left its claim to expire unspent, an in-process one counted $0 (a review).
     res = failed_result(j.req, at=0.0, batch_id=b.bid, recommendation=b.recommendation, tries=j.attempts + 1,
-                        max_attempts=j.attempts + 1, error=error, real=True)
+                        max_attempts=j.attempts + 1, error=error, real=True, possibly_billed_usd=bound)
+    if getattr(j, "claim", None) and bound:
+        got.claims[j.claim] = bound
     got.members.setdefault(j.req.uid, (req, res))
     got.results.setdefault(j.req.id, res)
 

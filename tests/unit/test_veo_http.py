@@ -144,6 +144,7 @@ def test_a_create_whose_answer_is_lost_fails_naming_the_setting_and_is_not_made_
             assert [c.route for c in emu_plain.calls].count("veo") == 1 and rig.d.possibly_billed == 1
             bound = reserve_bound(r, rig.catalog, "sync", None)
             assert item.cost_usd <= bound == pytest.approx(sum(rig.budget.book.spend.values()), abs=1e-12)
+            assert res.possibly_billed_usd == pytest.approx(bound, abs=1e-12)  # its batch file line says so
         finally:
             await rig.close()
     asyncio.run(go())

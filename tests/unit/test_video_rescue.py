@@ -120,4 +120,31 @@ def test_a_driver_run_again_gets_its_cut_veo_create_failed_not_made_again(tmp_pa
         assert kept is not None
         got = kept.take(r.model_copy(update={"arrival_s": 99.0}))
         assert got is not None and got.status == "failed" and "remake_lost_veo_creates" in got.error
-        assert _creates(emu, "google") == 1 and kept.charges() == []
+        assert _creates(emu, "google") == 1
+        # Counted at its bound, as the killed run's budget kept it (its ledger died with it); before, $0.
+        assert [c.usd for c in kept.charges()] == pytest.approx([got.possibly_billed_usd]) and got.possibly_billed_usd > 0
+
+
+def test_a_cut_veo_create_failed_by_the_rescue_is_marked_possibly_billed_so_no_later_resume_makes_it_again(
+        tmp_path):
+    """The rescue fails a Veo create cut by a kill (the video may be billed) and removes the journal: the line's
+    error must carry ``BILLED_KEY`` (the call's bound, as the live engine keeps for a create whose answer is lost),
+    or the next ``--resume`` reads a plain failure and makes (and Google bills) a second video. Its bound is a
+    charge of the run's in-process budgets and the claim's settlement in a Redis ledger (``Rescued.claims``), as
+    a batch member failed possibly billed is. Before, none of the three: the error line unmarked, $0 counted."""
+    from engine.app._batch_rescue import charges
+    from engine.core.batchfile import BILLED_KEY, BatchFile, BatchLine, result_rows
+    from engine.core.cost import reserve_bound
+
+    with Emulator(CAT, latency_scale=0.0, speedup=SPEED, honour_keys=False) as emu:
+        r = MADE["google"]()
+        rig = _killed_during_a_veo_create(emu, tmp_path / "j", r, False)
+        got = rescue(tmp_path / "j", rig.settings, rig.catalog, {"google": rig.d._key}, speedup=SPEED,
+                     wanted={r.id}, say=lambda m: None)
+        bound = reserve_bound(r, rig.catalog, "sync", None)
+        res = got.results[r.id]
+        assert res.status == "failed" and res.possibly_billed_usd == pytest.approx(bound, abs=1e-12)
+        (row,) = result_rows(BatchFile("in.jsonl", [BatchLine(1, "v1", "/v1/videos", r)]), [res])
+        assert row["error"] is not None and row[BILLED_KEY] == pytest.approx(bound, abs=1e-12)
+        assert [c.usd for c in charges(got.results, tmp_path / "o.jsonl")] == pytest.approx([bound], abs=1e-12)
+        assert got.claims == {"c0": pytest.approx(bound, abs=1e-12)}
