@@ -137,6 +137,8 @@ async def read_video(provider: Callable, space: str, key: str, call: tuple, rec:
         return None  # (else it failed: billed nothing, and its request is made again)
     if not rec.get("covers", True):  # earlier creates of its request got no answer: each may have made one
         got.cut_calls += 1
+    if getattr(j, "claim", None):  # billed: left open in a Redis ledger, it expired unspent (a review)
+        got.claims[j.claim] = out.cost
     was = getattr(j, "asked", None)  # the request as its driver asked it, not as rerouted
     req = j.req.model_copy(update={"provider": was[0], "model": was[1]}) if was else j.req
     res = ok_result(j.req, at=0.0, cost=out.cost, mode="sync", batch_id=b.bid, recommendation=b.recommendation,

@@ -66,6 +66,9 @@ def test_a_batch_run_resumed_takes_the_video_it_made_not_a_cut_call(tmp_path):
         res = got.results[r.id]
         assert res.status == "ok" and "video an earlier run made" in res.reason
         assert res.cost_usd == pytest.approx(item.cost_usd, abs=1e-12)
+        # Its claim settled at that cost in a Redis ledger (``_rescue_settle``), as a batch member's: before, it
+        # expired unspent after reservation_ttl_s, the video billed and counted by no ledger.
+        assert got.claims == {"c0": pytest.approx(item.cost_usd, abs=1e-12)}
         assert not (tmp_path / "j").exists() or not any((tmp_path / "j").glob("*/"))  # its journal read and gone
 
 
