@@ -307,9 +307,10 @@ class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, R
         for j in jobs:
             # A sync call of it that timed out may be billed, and the fallback does not retry its key: its claim
             # keeps that call's upper bound, as a failed request's does (``_maybe_billed``).
-            self._member_done(j, self._maybe_billed(j))
+            self._member_done(j, usd := self._maybe_billed(j))
             req = j.req.model_copy(update={"provider": provider, "model": model})
-            self._readmit.append(j._replace(req=req, asked=j.asked or (j.req.provider, j.req.model), claim=None))
+            self._readmit.append(j._replace(req=req, asked=j.asked or (j.req.provider, j.req.model), claim=None,
+                                            billed_usd=j.billed_usd + usd))
 
     def _at(self, at: float, fn) -> None:
         loop = asyncio.get_running_loop()
@@ -369,8 +370,9 @@ class Dispatcher(SyncCalls, CancelDispatches, Outbox, BatchApiRuns, BatchGate, R
         else:
             res = failed_result(r, at=now, batch_id=b.bid, recommendation=b.recommendation, tries=j.attempts + 1,
                                 max_attempts=self.max_att, real=out is not None and out.real,
-                                error=maybe_billed_error(error or (out.error if out is not None and out.error else None), maybe),
-                                possibly_billed_usd=maybe)
+                                error=maybe_billed_error(error or (out.error if out is not None and out.error else None),
+                                                         maybe + j.billed_usd),
+                                possibly_billed_usd=maybe + j.billed_usd)
         price = list_price(r, self.catalog, res.usage if ok else None)
         self._results.append(res)
         self._list_prices.append(price)

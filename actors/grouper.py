@@ -18,6 +18,7 @@ import secrets
 from collections import OrderedDict
 
 from actors._cancel import CancelGroups
+from actors._dispatch_outbox import maybe_billed_error
 from actors._grouper_budgets import BudgetFollow
 from actors._grouper_learn import Learning
 from actors._grouper_park import Parking
@@ -293,7 +294,11 @@ class Grouper(CancelGroups, Learning, BudgetFollow, Parking, Warm):
         return [(j, self._failed(j, f"policy error: {cause}")) for j in jobs]
 
     def _failed(self, job: Job, error: str, status: str = "failed", reason: str = "") -> Result:
-        return refused_result(job.req, at=self.clock.now(), status=status, error=error, reason=reason)
+        res = refused_result(job.req, at=self.clock.now(), status=status, error=error, reason=reason)
+        if job.billed_usd:  # a call of it on the model it was rerouted from may be billed (``Job.billed_usd``)
+            res = res.model_copy(update={"possibly_billed_usd": job.billed_usd,
+                                         "error": maybe_billed_error(res.error, job.billed_usd)})
+        return res
 
     def _schedule(self, wake: Wake | None) -> None:
         if wake is None:

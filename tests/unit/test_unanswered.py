@@ -174,6 +174,15 @@ def test_a_request_rerouted_after_a_timed_out_call_keeps_that_calls_upper_bound_
                 bound = await kept_bound(rig, j)
                 stats = await rig.d.stats()
                 assert stats["rerouted"] == 1 and stats["possibly_billed"] == 1 and not rig.d._unanswered
+                # The fallback refuses it: its result (its batch file line, smartbatch_possibly_billed_usd) still
+                # says the first model's call may be billed, or a --resume sent it there again, paid twice.
+                # Before, the reroute forgot it: a plain refusal, sent again (a review).
+                emu.faults.script("openai", "chat.completions", [{"status": 400}])
+                await rig.reserve([back := back._replace(claim="c-fallback")])
+                await rig.run("sync", [back])
+                got = await rig.until(lambda: rig.results.get(j.req.id), "the fallback's refusal")
+                assert got.status == "failed" and "HTTP 400" in got.error, got
+                assert got.possibly_billed_usd == pytest.approx(bound, abs=1e-12) and "possibly_billed" in got.error
                 await billed_later(emu, bound)
             finally:
                 await rig.close()
@@ -266,3 +275,25 @@ def test_a_connection_cut_after_the_request_went_keeps_its_bound_and_one_never_m
             finally:
                 await rig.close()
         asyncio.run(go())
+
+
+def test_a_rerouted_request_its_fallback_refuses_at_the_grouper_still_says_the_first_models_call_may_be_billed():
+    """A request rerouted after a timed-out call (``Job.billed_usd``: that call's bound, settled with the first
+    model's claim) that the fallback's grouper ends (here its budget spent) says the call may be billed: its line
+    is kept back by ``batch --resume``. Before, a plain refusal, sent again to the first model: maybe paid twice."""
+    from actors import Grouper, ResultHub
+    from actors._types import Job
+    from engine.core.clock import ManualClock
+    from policies import load_policy
+    from tests.unit.helpers import Recorder
+    from tests.unit.test_actors import CAT as ACAT
+    from tests.unit.test_actors import ledger, req
+
+    async def go():
+        disp, hub = Recorder(), ResultHub()
+        g = Grouper(load_policy("naive", ACAT), ACAT, ManualClock(0.0), {"openai": disp}, ledger(0.0), hub)
+        await g.add([Job(0, req(0), "a", billed_usd=0.25)])
+        (res,) = await hub.pull(0.01)
+        assert res.status == "rejected" and res.error.startswith("budget_exhausted")
+        assert res.possibly_billed_usd == pytest.approx(0.25) and "possibly_billed" in res.error
+    asyncio.run(go())
