@@ -166,7 +166,7 @@ class SyncCalls:
             return False
         self._to_standard(b, j, a)
         uid = j.req.uid
-        claim = j.claim
+        claim, usd = j.claim, 0.0
         if n := self._flex_unanswered.pop(uid, 0):
             usd = n * self._flex_lost_bound(j.req)
             self.possibly_billed += n
@@ -176,7 +176,9 @@ class SyncCalls:
         self.in_flight -= 1
         self._known.discard(uid)
         self._body_done(j)
-        self._readmit.append(j._replace(claim=claim, standard=(b.cache_write, b.recommendation, b.reason)))
+        # (``billed_usd``: settled here, said on its result should the standard call fail: ``Job.billed_usd``)
+        self._readmit.append(j._replace(claim=claim, standard=(b.cache_write, b.recommendation, b.reason),
+                                        billed_usd=j.billed_usd + usd))
         self._kick()
         return True
 

@@ -65,9 +65,10 @@ class Job(NamedTuple):
     # tier did not serve it, or it would start standard): its grouper reserves the standard price and sends it
     # sync as decided, no new decision (``SyncCalls._back_standard``).
     standard: tuple[bool, str, str] | None = None
-    # The bound of calls of it on a model it was rerouted from that may be billed (a timed-out call: settled with
-    # that model's claim): not settled again, but said on its result should it fail (``Result.possibly_billed_usd``),
-    # or a ``batch --resume`` sent it to that model again, maybe paid twice.
+    # The bound of earlier calls of it that may be billed and were settled with a claim it no longer holds (a call
+    # timed out on the model it was rerouted from; a flex call given up before it went standard): not settled
+    # again, but said on its result should it fail (``Result.possibly_billed_usd``), or ``batch --resume`` sent
+    # it again, maybe paid twice.
     billed_usd: float = 0.0
 
 

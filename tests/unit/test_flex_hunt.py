@@ -209,3 +209,26 @@ def test_a_journaled_flex_call_resumed_where_the_tier_is_gone_goes_standard(emu)
         finally:
             await rig.close()
     asyncio.run(go())
+
+
+def test_a_flex_call_that_timed_out_then_a_refused_standard_call_marks_the_result_possibly_billed(emu):  # noqa: F811
+    """The flex call got no answer (it may have run, under a key of its own; its bound settled with the flex
+    claim) and the standard call was refused (a 400, billed nothing): the request fails, and its result still says
+    the flex call may be billed (``Result.possibly_billed_usd``: its batch file line's
+    ``smartbatch_possibly_billed_usd``), so ``batch --resume`` keeps its line back. Before, a plain refusal: the
+    line was sent again, and the flex call maybe paid twice (a review)."""
+    from tests.unit.test_flex_live import timing_out
+
+    emu.faults.script("openai", "chat.completions", [{"timeout_s": 2.0}, {"status": 400}])
+
+    async def go():
+        rig = Rig(emu)
+        r = timing_out(rig)
+        try:
+            res = await flex_result(rig, r)
+            assert res.status == "failed" and "HTTP 400" in res.error and _tiers(rig) == ["flex", None], res.error
+            assert res.possibly_billed_usd == pytest.approx(flex_bound(r, rig), abs=1e-9), res
+            assert "possibly_billed" in res.error
+        finally:
+            await rig.close()
+    asyncio.run(go())
