@@ -118,7 +118,10 @@ for c = 1, n do
   end
   -- As long as the controller may send it again (it keeps who spent it that long): an hour's marker let a
   -- replay after a longer outage, whose first try Redis had run, count the spend twice (a helper's hunt).
-  if who ~= '' then redis.call('SET', done, '1', 'EX', marked) end
+  -- Left too by a settlement that counted the record without knowing it (a resume's rescue settling a killed
+  -- run's claims): without it, that run's own settlement kept in a file, sent later with the claim's copy,
+  -- found no record and no marker and counted its spend again as a record Redis lost (a review).
+  if who ~= '' or #kv > 0 then redis.call('SET', done, '1', 'EX', marked) end
   redis.call('DEL', claim)
   redis.call('ZREM', prefix .. ':exp', rid)
   i = i + 4 + 2 * nk

@@ -88,3 +88,40 @@ def test_the_rescue_settles_each_claim_once_whoever_granted_it(redis_server):
         finally:
             await client.aclose()
     assert asyncio.run(go()) == (pytest.approx(0.75), pytest.approx(0.0))  # (spent, reserved)
+
+
+def test_a_claim_the_rescue_settled_is_not_counted_again_by_the_stopped_runs_kept_settlement(redis_server):
+    """``batch`` interrupted while Redis was away: its stop settled the cut batch's members at their bound, kept
+    in a file with each claim's copy (whose spend, which windows: docs/budgets.md), and kept its journal. Redis
+    back, ``--resume`` rescues the batch and settles each claim at what it cost; then its engine's start takes the
+    file back and sends those settlements. Each claim must count once. Before, the rescue's settlement (no copy:
+    it granted none) removed the record and left no marker, and the file's, finding neither, counted its bound
+    again as a record Redis lost: $0.5 + $1.0 on the ledger for a claim billed $0.5 (a review)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import redis.asyncio as aioredis
+
+    from actors.budget_redis import RedisBudgetBook
+    from engine.app._rescue_settle import settle_claims
+    from engine.core.budgets import BudgetSettings, BudgetSpec, Claim
+
+    spec = BudgetSpec(max_budget=10.0)
+    budgets = BudgetSettings(specs=(spec,), redis_url=redis_server.url, redis_prefix="sbtest-rescue-then-kept")
+    settings = SimpleNamespace(budgets=budgets)
+
+    async def go():
+        client = aioredis.Redis.from_url(redis_server.url)
+        try:
+            stopped = RedisBudgetBook(client, [spec], prefix=budgets.redis_prefix, reservation_ttl_s=600)
+            claim = Claim("cut", "default", "openai", "gpt-5-mini", "normal", 1.0)
+            assert all(v.ok for v in await stopped.reserve_many([claim], 0.0))
+            await settle_claims(settings, {"cut": 0.5})  # the resume's rescue: what the batch finished
+            await stopped.settle_many([("cut", 1.0)])  # the stop's kept settlement, at the bound, taken back
+            return await stopped.window(spec, 0.0), float(await client.hget(f"{budgets.redis_prefix}:spend",
+                                                                             next(iter(await client.hkeys(
+                                                                                 f"{budgets.redis_prefix}:spend")))))
+        finally:
+            await client.aclose()
+    (spent, reserved), spend = asyncio.run(go())
+    assert (spent, reserved, spend) == (pytest.approx(0.5), pytest.approx(0.0), pytest.approx(0.5))
