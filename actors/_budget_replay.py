@@ -16,6 +16,8 @@ import math
 import time
 from collections import OrderedDict
 
+from actors._journal_watch import refuses_info
+
 __all__ = ["REPLAY_KEEP_MAX", "REPLAY_KEEP_S", "SERVER_CHECK_S", "ScriptRefused", "ServerWatch"]
 
 log = logging.getLogger("smartbatch.budget")
@@ -119,6 +121,10 @@ class ServerWatch:
         try:
             sid = str((await self.client.info("server")).get("run_id", ""))
         except ResponseError as exc:  # INFO refused (an ACL, a managed service): not watched, never an outage
+            if not refuses_info(exc):  # BUSY (a long script) for a while: checked again (a review: never again)
+                self._server_read = t
+                log.debug("budget ledger: server check failed (%s)", exc)
+                return
             log.warning("budget ledger: Redis refuses INFO (%s): a restart of it from an older state goes "
                         "unnoticed", exc)
             self._server_read = math.inf

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-__all__ = ["SERVER_CHECK_S", "RecordsWatch"]
+__all__ = ["SERVER_CHECK_S", "RecordsWatch", "refuses_info"]
 
 log = logging.getLogger("smartbatch.journal")
 
@@ -36,18 +36,26 @@ class RecordsWatch:
     async def check_server(self) -> str | None:
         """The ``run_id`` of the Redis process that holds this journal's records, written there again first if
         another one answers than before, or a write failed since the last check; None if Redis refuses ``INFO``
-        (a restart then goes unnoticed)."""
+        for good (an ACL, a renamed command: a restart then goes unnoticed)."""
         from redis.exceptions import ResponseError
 
         async with self._checking:
-            failed = self._unwritten
+            # Taken before the INFO, not after it: a write that failed while it was out marked them again, and the
+            # mark was then cleared unread, the batch left unjournaled for good (a review).
+            failed, self._unwritten = self._unwritten, False
             try:
                 sid = str((await self._client.info("server")).get("run_id", ""))
             except ResponseError as exc:
+                self._unwritten |= failed
+                if not refuses_info(exc):  # BUSY (a long script), MASTERDOWN: for a while, tried at the next check
+                    raise
                 log.warning("journal %s: Redis refuses INFO (%s): a restart of it that loses the records of work "
                             "under way goes unnoticed", self._base, exc)
                 return None
-            moved, self._unwritten = self._server is not None and sid != self._server, False
+            except BaseException:
+                self._unwritten |= failed
+                raise
+            moved = self._server is not None and sid != self._server
             if moved:
                 log.warning("journal %s: another Redis process answers (run_id %s, was %s): the records of the work "
                             "under way are written again", self._base, sid[:8], self._server[:8])
@@ -59,3 +67,13 @@ class RecordsWatch:
                     raise
             self._server = sid  # only once written: a failure midway writes them all again at the next check
             return sid
+
+
+def refuses_info(exc: BaseException) -> bool:
+    """Whether Redis's answer to ``INFO`` refuses it for good (an ACL without it, a managed service that renamed or
+    disabled it), not for a while: ``BUSY`` (another client's long script) was taken for a refusal, and the watch
+    of which Redis process answers ended for good, a later restart unseen (a review)."""
+    from redis.exceptions import NoPermissionError
+
+    text = str(exc).lower()
+    return isinstance(exc, NoPermissionError) or "unknown command" in text or text.startswith("noperm")
