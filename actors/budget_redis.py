@@ -65,6 +65,9 @@ def _names(field: str) -> list[str]:
 # Errors of Redis's state, not of what a script was given: an outage like any other. Raised by a command inside a
 # script, they carry its "on @user_script" too (redis-py maps the first four by their code and strips it).
 _STATE_CODES = ("OOM", "READONLY", "NOPERM", "MISCONF", "BUSY", "LOADING", "MASTERDOWN", "NOREPLICAS", "TRYAGAIN")
+# Redis 6.2 and older wrap such an error in "Error running script (call to f_...): @user_script:N: ...", the code
+# after a dash: read as a refusal, a full Redis's settlements were dropped there, uncounted (a review).
+_WRAPPED_STATE = re.compile(r"\s-(?:" + "|".join(_STATE_CODES) + r")\b")
 
 
 def _refused(exc: BaseException) -> bool:
@@ -78,7 +81,7 @@ def _refused(exc: BaseException) -> bool:
     if isinstance(exc, (OutOfMemoryError, ReadOnlyError, NoPermissionError, BusyLoadingError)):
         return False
     text = str(exc)
-    if text.split(" ", 1)[0] in _STATE_CODES:
+    if text.split(" ", 1)[0] in _STATE_CODES or _WRAPPED_STATE.search(text):
         return False
     return "user_script" in text or "Error running script" in text or text.startswith("WRONGTYPE")
 
