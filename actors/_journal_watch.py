@@ -59,6 +59,11 @@ class RecordsWatch:
             if moved:
                 log.warning("journal %s: another Redis process answers (run_id %s, was %s): the records of the work "
                             "under way are written again", self._base, sid[:8], self._server[:8])
+            if (moved or failed) and not await self._takes_writes():
+                # Full or read-only: the records would be refused whole, and were sent each second while it lasted
+                # (a review: 20 MB in 5 s for a 4 MB record), by every dispatcher. Sent once a write goes through.
+                self._unwritten, self._server = True, sid
+                return sid
             if moved or failed:
                 try:
                     await self._rewrite()
@@ -67,6 +72,24 @@ class RecordsWatch:
                     raise
             self._server = sid  # only once written: a failure midway writes them all again at the next check
             return sid
+
+    async def _takes_writes(self) -> bool:
+        """Whether Redis takes a write now: a full Redis (``noeviction``) refuses every write that may grow its
+        memory whatever its size, a replica or one failing its snapshots every write; a one-field write tells
+        (with the journal's own commands: an ACL that lets it write its records lets it)."""
+        from redis.exceptions import NoPermissionError, ResponseError
+
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.hset(self._base + "~takes-writes", "w", b"")
+                pipe.pexpire(self._base + "~takes-writes", 1000)
+                await pipe.execute()
+        except NoPermissionError:  # (not this key, say): the records' own write tells
+            return True
+        except ResponseError as exc:
+            log.debug("journal %s: Redis takes no writes yet (%s)", self._base, exc)
+            return False
+        return True
 
 
 def refuses_info(exc: BaseException) -> bool:

@@ -162,3 +162,42 @@ def test_a_budget_book_s_watch_outlives_a_busy_redis_and_reserves_its_claims_aga
 async def _until(probe) -> None:
     while not probe():
         await asyncio.sleep(0.002)
+
+
+def test_a_full_redis_is_not_sent_the_whole_journal_again_every_second(own_redis):
+    """While the journal's Redis stays full, each check (once a second) sent every open record of its dispatcher
+    again, to be refused whole (before: 5 checks with a 4 MB record, 20 MB into the full Redis, per dispatcher). Now
+    a one-key write tells first whether Redis takes writes (a full Redis refuses every growing write alike, whatever
+    its size); the records go once it does."""
+    from actors.journal import RedisJournal
+
+    r = own_redis.client()
+    big = {"b1": "x" * (4 << 20)}  # a provider batch's record holds its body
+
+    async def go():
+        tries = []
+
+        async def rewrite():
+            tries.append(1)
+            await j.put_many("batches:x", big)
+
+        j = RedisJournal(own_redis.url, "sbtest-watch", "e3", 5.0, rewrite)
+        await j.check_server()
+        r.config_set("maxmemory-policy", "noeviction")
+        r.config_set("maxmemory", 1)
+        with contextlib.suppress(redis.exceptions.OutOfMemoryError):
+            await j.put_many("batches:x", big)  # the batch's own write, refused
+        sent = int(r.info("stats")["total_net_input_bytes"])
+        for _ in range(5):
+            with contextlib.suppress(redis.exceptions.OutOfMemoryError):
+                await j.check_server()
+        sent = int(r.info("stats")["total_net_input_bytes"]) - sent
+        r.config_set("maxmemory", 0)
+        try:
+            await j.check_server()
+            assert list(await j.items("batches:x")) == ["b1"]  # written once Redis takes writes
+        finally:
+            await j.close()
+        return sent
+    sent = asyncio.run(go())
+    assert sent < 1 << 20, f"{sent / 2**20:.1f} MB sent to a full Redis"
