@@ -92,7 +92,8 @@ class ServerWatch:
             self._watcher = asyncio.get_running_loop().create_task(self._watch_open())
 
     async def _watch_open(self) -> None:
-        while self._open and not self._unwatched:
+        # Not once ``INFO`` is refused for good (no check left to make: it woke each second to do nothing, a review).
+        while self._open and not self._unwatched and self._server_read != math.inf:
             await asyncio.sleep(SERVER_CHECK_S)
             try:
                 await self._same_server()

@@ -201,3 +201,42 @@ def test_a_full_redis_is_not_sent_the_whole_journal_again_every_second(own_redis
         return sent
     sent = asyncio.run(go())
     assert sent < 1 << 20, f"{sent / 2**20:.1f} MB sent to a full Redis"
+
+
+def test_a_redis_that_refuses_info_for_good_is_said_once_and_its_watches_end(own_redis, monkeypatch, caplog):
+    """A managed Redis whose ACL leaves out ``INFO``: one WARNING per journal and per book, and no task left
+    checking. Before (a review), the book's watch woke every second for as long as it held claims, to do nothing."""
+    import logging
+
+    import redis.asyncio as aioredis
+
+    import actors._budget_replay as replay
+    import actors._journal_watch as jw
+    from actors.budget_redis import RedisBudgetBook
+    from actors.journal import RedisJournal
+
+    monkeypatch.setattr(jw, "SERVER_CHECK_S", 0.01)
+    monkeypatch.setattr(replay, "SERVER_CHECK_S", 0.01)
+    own_redis.client().acl_setuser("sb", enabled=True, passwords=["+pw"], keys=["*"], channels=["*"],
+                                   commands=["+@all", "-info"])
+    url = f"redis://sb:pw@127.0.0.1:{own_redis.port}/0"
+
+    async def go():
+        async def rewrite():
+            return None
+
+        j = RedisJournal(url, "sbtest-acl", "e4", 5.0, rewrite)
+        client = aioredis.Redis.from_url(url, socket_timeout=5.0)
+        book = RedisBudgetBook(client, [BudgetSpec(max_budget=10.0)], prefix="sbtest-acl-book")
+        try:
+            await j.put("s", "k", 1)
+            assert (await book.reserve_many([Claim("c1", "acme", "openai", "gpt-4o-mini", "urgent", 1.0)], 0.0))[0].ok
+            await asyncio.wait_for(asyncio.gather(j._watcher, book._watcher), 10)
+        finally:
+            book.stop_watch()
+            await client.aclose()
+            await j.close()
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(go())
+    said = [r.getMessage() for r in caplog.records if "refuses INFO" in r.getMessage()]
+    assert len(said) == 2, said
