@@ -356,12 +356,20 @@ class Recovery:
         for space, recs in ((self._space, self._open), (self._sync_journal.space, self._sync_calls),
                             (self._watch_space, self._watching), (self._jobs_journal.space, self._jobs_records)):
             if recs:
+                snap = dict(recs)
                 try:
-                    await self.journal.put_many(space, dict(recs))
+                    await self.journal.put_many(space, snap)
                 except Exception as exc:
                     if strict:
                         raise
                     log.warning("dispatcher %s: could not journal %s: %s", self.name, space, _short(exc))
+                # What ended while the write was out had its delete sent beside it, which Redis may run first (a
+                # few bytes beside megabytes of bodies): written back, its record outlived it, for a restart to
+                # take up again (a review). Deleted again after it, as any ended record is (``flush``).
+                live = self._jobs_records if space == self._jobs_journal.space else recs  # (that one is a copy)
+                if gone := [k for k in snap if k not in live]:
+                    self._unjournal.extend((space, k) for k in gone)
+                    self._kick()
         self._tally_sent = _ZERO_TALLY  # the journal lost it too
         await self._journal_tally()
         return len(self._open)

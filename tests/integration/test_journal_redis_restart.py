@@ -83,3 +83,33 @@ def test_a_batch_created_while_the_journals_redis_is_full_is_journaled_once_it_h
         await die(d1)
         await follows_it_after_its_restart(args, clock, hub)
     asyncio.run(go())
+
+
+def test_a_batch_that_ends_while_its_record_is_written_again_is_not_left_in_the_journal(own_redis):
+    """The watch writes every open batch again in one write, after a restart that lost them. A batch that ended
+    while that write was out had its record's delete sent beside it, which Redis ran first (a few bytes beside
+    megabytes of batch bodies): the ended batch's record was written back and outlived it, for any later restart
+    of the dispatcher to re-attach to (before: both records left, the ended one for good). Now what ended while
+    the write was out is deleted after it."""
+    async def go():
+        hub, clock, args = dispatcher_args(settings_on(own_redis))
+        d = Dispatcher(*args)
+        d._open.update({"ends": ("an ended batch's record",), "runs": ("an open batch's record",)})
+        real = d.journal.put_many
+
+        async def put_many(space, values):
+            if space == d._space and "ends" in d._open:  # it ends, and its delete lands, before this write
+                del d._open["ends"]
+                d._unjournal.append((d._space, "ends"))
+                await d.flush()
+            await real(space, values)
+
+        d.journal.put_many = put_many
+        try:
+            await d.rejournal(strict=True)
+            async def settled():
+                return sorted(await d.journal.items(d._space)) == ["runs"]
+            await until_async(settled, "the ended batch's record deleted after the rewrite")
+        finally:
+            await die(d)
+    asyncio.run(go())
