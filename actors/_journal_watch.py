@@ -40,37 +40,34 @@ class RecordsWatch:
         from redis.exceptions import ResponseError
 
         async with self._checking:
-            # Taken before the INFO, not after it: a write that failed while it was out marked them again, and the
-            # mark was then cleared unread, the batch left unjournaled for good (a review).
-            failed, self._unwritten = self._unwritten, False
             try:
                 sid = str((await self._client.info("server")).get("run_id", ""))
             except ResponseError as exc:
-                self._unwritten |= failed
                 if not refuses_info(exc):  # BUSY (a long script), MASTERDOWN: for a while, tried at the next check
                     raise
                 log.warning("journal %s: Redis refuses INFO (%s): a restart of it that loses the records of work "
                             "under way goes unnoticed", self._base, exc)
                 return None
-            except BaseException:
-                self._unwritten |= failed
-                raise
-            moved = self._server is not None and sid != self._server
-            if moved:
+            if self._server is not None and sid != self._server:
                 log.warning("journal %s: another Redis process answers (run_id %s, was %s): the records of the work "
                             "under way are written again", self._base, sid[:8], self._server[:8])
-            if (moved or failed) and not await self._takes_writes():
-                # Full or read-only: the records would be refused whole, and were sent each second while it lasted
-                # (a review: 20 MB in 5 s for a 4 MB record), by every dispatcher. Sent once a write goes through.
-                self._unwritten, self._server = True, sid
-                return sid
-            if moved or failed:
+                self._unwritten = True  # written below, or at a later check until they are
+            self._server = sid
+            if self._unwritten:
+                # Cleared after the INFO and before the writes, with no wait between: a write that failed while
+                # the INFO was out marked them and the mark was then cleared unread, the batch left unjournaled for
+                # good (a review); one that fails while they are written marks them again for the next check.
+                self._unwritten = False
                 try:
+                    if not await self._takes_writes():
+                        # Full or read-only: the records would be refused whole, and were sent each second while it
+                        # lasted, by every dispatcher (a review: 24 MB in 5 checks for a 4 MB record).
+                        self._unwritten = True
+                        return sid
                     await self._rewrite()
                 except BaseException:  # (a write that fails marks them so too)
                     self._unwritten = True
                     raise
-            self._server = sid  # only once written: a failure midway writes them all again at the next check
             return sid
 
     async def _takes_writes(self) -> bool:
