@@ -19,7 +19,7 @@ SERVER_CHECK_S = 1.0  # real seconds between reads of which Redis process holds 
 class RecordsWatch:
     """Mixed into ``RedisJournal``, which provides ``_client``, ``_base``, ``_closed``, ``_rewrite`` (writes the
     holder's records again, raising if one failed), ``_server`` (the ``run_id`` last seen), ``_unwritten`` (a
-    write failed since) and ``_checking`` (a lock)."""
+    write failed, or another Redis process answered, since they were last written) and ``_checking`` (a lock)."""
 
     async def _watch(self) -> None:
         # Once a second while the holder runs: a batch lives up to 24 h, and a restart any time in it needs its record.

@@ -181,7 +181,7 @@ class RedisJournal(RecordsWatch):
         self._closed = False
         # Writes its holder's records again (raising if one failed) where another Redis process answers.
         self._rewrite, self._watcher, self._server = rewrite, None, None
-        self._unwritten = False  # a write failed (Redis full, away): its holder's records are written again
+        self._unwritten = False  # a write failed (Redis full, away), or another Redis answers: written again
         self._checking = asyncio.Lock()
 
     def _hold(self, space: str) -> None:
