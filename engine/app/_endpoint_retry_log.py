@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import hmac
 import json
 import logging
 import math
@@ -74,7 +75,7 @@ class RetryLog:
         self._fds: tuple[int, ...] = ()
         self._window = 0
         self.write_errors = 0
-        self._pads: tuple[Any, Any] | None = None  # the secret's two HMAC pads hashed (``keyed``), once ``open``
+        self._mac: Any = None  # an HMAC-SHA256 under the state directory's secret (``keyed`` copies it), once ``open``
         self._dirty: set[int] = set()  # descriptors written since their last fsync
         self._syncing: asyncio.Future | None = None
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
@@ -90,19 +91,18 @@ class RetryLog:
     def keyed(self, key: str) -> str:
         """``key`` (a SHA-256 of a try's content, ``SdkRetries.key``) as the log keeps it: an HMAC under the state
         directory's secret, so the files confirm no guessed content (``_endpoint_retry_secret``)."""
-        if self._pads is None:  # no secret, no file written: nothing to hide it from
+        if self._mac is None:  # no secret, no file written: nothing to hide it from
             return key
-        inner, outer = self._pads[0].copy(), self._pads[1].copy()
-        inner.update(key.encode("utf-8", "surrogatepass"))
-        outer.update(inner.digest())
-        return outer.hexdigest()
+        mac = self._mac.copy()  # (its key's pads hashed once: 1.1 us a key here, against 1.7 for ``hmac.digest``)
+        mac.update(key.encode("utf-8", "surrogatepass"))
+        return mac.hexdigest()
 
     def open(self) -> list[dict[str, Any]]:
         """The lines kept, oldest first (a cut or foreign line skipped); from now on, lines are appended."""
         root = self._paths[0].parent
         made = not (root / SECRET_FILE).exists()  # then a line keyed before was keyed by a secret lost
         try:
-            self._pads = _hmac_pads(state_secret(root))
+            self._mac = hmac.new(state_secret(root), digestmod=hashlib.sha256)
         except OSError as exc:  # no line can be keyed: none is written, as without a state directory
             self._failed(exc)
             return []
@@ -286,13 +286,6 @@ class RetryLog:
             log.error("endpoint state: the fsync of %s has not returned in %.0f s (a hung disk or NFS server?); "
                       "the stop goes on without it: the SDK tries written since the last fsync may not be on disk, "
                       "and the log's files are closed once it returns", where, self._close_wait_s)
-
-
-def _hmac_pads(secret: bytes) -> tuple[Any, Any]:
-    """HMAC-SHA256 (RFC 2104) of ``secret`` with its two padded keys hashed once, for ``keyed`` to copy: ``hmac``'s
-    own ``copy()`` cost 3.4 us a key, these 1.1 (a test pins the keys to ``hmac``'s)."""
-    block = (hashlib.sha256(secret).digest() if len(secret) > 64 else secret).ljust(64, b"\0")
-    return (hashlib.sha256(bytes(b ^ 0x36 for b in block)), hashlib.sha256(bytes(b ^ 0x5C for b in block)))
 
 
 def _settle(done: asyncio.Future) -> None:
