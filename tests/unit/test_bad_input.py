@@ -229,7 +229,9 @@ def test_slot_draws_of_a_far_arrival_cost_one_chunk():
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < 1_000_000  # three 4,096-slot chunks; was one value per slot from 0 (1e10 s: 1.3 GB)
+    # Three 4,096-slot chunks take well under 1 MB; one value per slot from 0 took 1.3 GB at 1e10 s. The margin is
+    # for what other threads of the worker allocate meanwhile, which tracemalloc counts too (1.03 MB seen once).
+    assert peak < 16_000_000
 
 
 def test_slot_draws_below_the_bound_are_the_sequential_stream_of_before():
