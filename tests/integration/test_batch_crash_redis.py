@@ -52,9 +52,8 @@ def test_a_resume_counts_in_the_redis_ledger_what_the_killed_runs_batch_finished
         # were left to expire unspent after reservation_ttl_s: the ledger $0 against the bill.
         assert spend == pytest.approx(bill.total_usd, abs=1e-9) and spent == pytest.approx(bill.total_usd, abs=1e-9)
         assert reserved == pytest.approx(0.0, abs=1e-9)  # the claims settled, their room given back
-        resumed = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
-        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-        assert _spend(client, prefix)[0] == pytest.approx(bill.total_usd, abs=1e-9)  # counted once
+        # (Settled once whoever asks again: ``test_the_rescue_settles_each_claim_once_whoever_granted_it``, below,
+        # without a third run of the CLI and its Ray.)
     assert len(emu.bill().items) == N
     assert sorted(json.loads(x)["custom_id"] for x in out.read_text().splitlines()) == [f"r{k}" for k in range(N)]
 
