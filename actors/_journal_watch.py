@@ -48,7 +48,12 @@ class RecordsWatch:
                 log.warning("journal %s: Redis refuses INFO (%s): a restart of it that loses the records of work "
                             "under way goes unnoticed", self._base, exc)
                 return None
-            if self._server is not None and sid != self._server:
+            if self._server is None:
+                # Its first read comes after the first write (the watch starts with it): a restart between them left
+                # the new process's id read as the one that holds the records, and went unseen (a rehearsal's
+                # failure). So the first check writes the records under way again, once.
+                self._unwritten = True
+            elif sid != self._server:
                 log.warning("journal %s: another Redis process answers (run_id %s, was %s): the records of the work "
                             "under way are written again", self._base, sid[:8], self._server[:8])
                 self._unwritten = True  # written below, or at a later check until they are
