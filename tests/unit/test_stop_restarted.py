@@ -41,6 +41,15 @@ class _Gone:
         raise ConnectionError(f"the hub is gone ({name})")
 
 
+async def _close(rig, again) -> None:
+    """The rig and the restarted dispatcher (if the test got that far): its tasks stopped, its provider closed."""
+    for t in again._tasks if again is not None else ():
+        t.cancel()
+    await rig.close()
+    if again is not None:
+        await again.provider.close()
+
+
 def test_a_dispatcher_restarted_at_the_stop_reads_the_hub_journal_copy_and_cancels_its_batch(slow_cancel_emu):
     async def go():
         rig = Rig(slow_cancel_emu, "openai")
@@ -64,11 +73,7 @@ def test_a_dispatcher_restarted_at_the_stop_reads_the_hub_journal_copy_and_cance
             assert sum(rig.budget.book.spend.values()) == pytest.approx(sum(bounds), abs=1e-12)
             assert (await again.stats())["possibly_billed"] == len(jobs)
         finally:
-            for t in again._tasks if again is not None else ():
-                t.cancel()
-            await rig.close()
-            if again is not None:
-                await again.provider.close()
+            await _close(rig, again)
     asyncio.run(go())
 
 
@@ -238,9 +243,5 @@ def test_a_video_under_way_when_a_dispatcher_dies_in_the_stop_is_settled_at_its_
                 assert 0 < item.cost_usd <= bound + 1e-12
                 assert (await again.stats())["possibly_billed"] == 1
             finally:
-                for t in again._tasks if again is not None else ():
-                    t.cancel()
-                await rig.close()
-                if again is not None:
-                    await again.provider.close()
+                await _close(rig, again)
         asyncio.run(go())
