@@ -64,7 +64,12 @@ def _names(field: str) -> list[str]:
 
 # Errors of Redis's state, not of what a script was given: an outage like any other. Raised by a command inside a
 # script, they carry its "on @user_script" too (redis-py maps the first four by their code and strips it).
-_STATE_CODES = ("OOM", "READONLY", "NOPERM", "MISCONF", "BUSY", "LOADING", "MASTERDOWN", "NOREPLICAS", "TRYAGAIN")
+_STATE_CODES = ("OOM", "READONLY", "NOPERM", "MISCONF", "BUSY", "LOADING", "MASTERDOWN", "NOREPLICAS", "TRYAGAIN",
+                "CROSSSLOT", "CLUSTERDOWN", "MOVED", "ASK")
+# A cluster node refusing a key it does not serve inside a script (Redis 7 words it so, with no code): read as a
+# refusal, the settlement was settled again one by one over what its first try wrote, then dropped (a $0.80
+# settlement counted $1.60, its reservation released twice; docs/budgets.md, Redis Cluster).
+_NOT_LOCAL = re.compile(r"non local key|do not hash to the same slot")
 # Redis 6.2 and older wrap such an error in "Error running script (call to f_...): @user_script:N: ...", the code
 # after a dash: read as a refusal, a full Redis's settlements were dropped there, uncounted (a review).
 _WRAPPED_STATE = re.compile(r"\s-(?:" + "|".join(_STATE_CODES) + r")\b")
@@ -74,14 +79,24 @@ def _refused(exc: BaseException) -> bool:
     """The ledger's script failed on what it was given (a value it cannot read, a key of another type written
     under the ledger's prefix), not for Redis's state (busy, loading, read-only, out of memory, no permission),
     which is an outage like any other."""
-    from redis.exceptions import BusyLoadingError, NoPermissionError, OutOfMemoryError, ReadOnlyError
+    from redis.exceptions import (
+        AskError,
+        BusyLoadingError,
+        ClusterCrossSlotError,
+        ClusterDownError,
+        NoPermissionError,
+        OutOfMemoryError,
+        ReadOnlyError,
+        TryAgainError,
+    )
 
     # Before (a helper's hunt), a full Redis's OOM inside the settlement's script read as a refusal: each
     # settlement was dropped, its spend never counted and its reservation held until it expired.
-    if isinstance(exc, (OutOfMemoryError, ReadOnlyError, NoPermissionError, BusyLoadingError)):
+    if isinstance(exc, (OutOfMemoryError, ReadOnlyError, NoPermissionError, BusyLoadingError, AskError,
+                        ClusterCrossSlotError, ClusterDownError, TryAgainError)):
         return False
     text = str(exc)
-    if text.split(" ", 1)[0] in _STATE_CODES or _WRAPPED_STATE.search(text):
+    if text.split(" ", 1)[0] in _STATE_CODES or _WRAPPED_STATE.search(text) or _NOT_LOCAL.search(text):
         return False
     return "user_script" in text or "Error running script" in text or text.startswith("WRONGTYPE")
 

@@ -38,3 +38,24 @@ def test_a_full_or_read_only_redis_is_an_outage_in_every_redis_version_s_words(l
 @pytest.mark.parametrize("line", REFUSED)
 def test_what_a_script_cannot_read_is_still_a_refusal(line):
     assert _refused(BaseParser.parse_error(line))
+
+
+# A Redis Cluster's words for a key the node does not serve (a ledger on a cluster node through a plain client, or
+# its slot moving while a script ran): Redis's state, never what the script was given.
+CLUSTER = [
+    "ERR Script attempted to access a non local key in a cluster node script: 70bdbe20, on @user_script:68.",
+    "ERR Script attempted to access keys that do not hash to the same slot script: 5d2c3e1a, on @user_script:9.",
+    "CROSSSLOT Keys in request don't hash to the same slot",
+    "MOVED 3999 127.0.0.1:6381",
+    "ASK 3999 127.0.0.1:6381",
+    "CLUSTERDOWN The cluster is down",
+]
+
+
+@pytest.mark.parametrize("line", CLUSTER)
+def test_a_cluster_node_that_does_not_serve_a_ledger_key_is_an_outage_not_a_refusal(line):
+    """Before, a settlement's script meeting a key of another node was read as a refusal: it was settled again one
+    by one over what its first try had written (no script is rolled back), then dropped: a $0.80 settlement counted
+    $1.60 spent and released its $1.00 reservation twice (-$1.00 reserved), on a 3-node cluster
+    (docs/budgets.md, Redis Cluster). Now it waits in the outbox, as an outage does."""
+    assert not _refused(BaseParser.parse_error(line))
