@@ -7,6 +7,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from actors._redis_cluster import cluster_mode, config_get, mode_mismatch
 from engine.core.errors import ConfigError
 
 __all__ = ["check_redis_ledger"]
@@ -19,8 +20,12 @@ async def check_redis_ledger(book: Any, url: str, names: str, errors: tuple[type
     """Raise ``ConfigError`` when the Redis of ``book`` (``RedisBudgetBook``, at ``url``, password masked) does not
     answer, refuses the ledger's scripts or their writes (a replica, a full Redis), or may evict its keys;
     ``names``: the budgets it holds; ``errors``: what a failed call raises; ``describe``: an error, masked."""
+    from redis.asyncio.cluster import RedisCluster
     from redis.exceptions import ResponseError
 
+    cluster = isinstance(book.client, RedisCluster)
+    if await cluster_mode(book.client) not in (cluster, None):  # a cluster node's MOVED read as "no writes taken"
+        raise mode_mismatch("budgets", url, not cluster) from None
     try:
         await book.probe()  # reachable, authorised, scripting allowed, and its writes taken
         evicts = await book.eviction()
@@ -42,7 +47,7 @@ async def check_redis_ledger(book: Any, url: str, names: str, errors: tuple[type
             f"and with them the spend of budgets {names}, which would then be passed unsaid; point "
             "SMARTBATCH_BUDGETS__REDIS_URL at a Redis with maxmemory-policy noeviction, or run this one so "
             "(CONFIG SET maxmemory-policy noeviction)")
-    if kept := await _keeps_nothing(book.client):
+    if kept := await _keeps_nothing(book.client, book.route[0]):
         # Not refused (a test's or a dev's Redis), but said: a restart of it forgets the budgets' spend older than
         # what each engine resends (two hours), and every budget is then passable by that much (a helper's hunt).
         log.warning("budget ledger: the Redis at %s (budgets.redis_url) keeps nothing on disk (%s): a restart of it forgets the spend "
@@ -51,14 +56,14 @@ async def check_redis_ledger(book: Any, url: str, names: str, errors: tuple[type
                     names)
 
 
-async def _keeps_nothing(client: Any) -> str | None:
+async def _keeps_nothing(client: Any, key: str) -> str | None:
     """How a Redis keeps nothing on disk (no RDB save point and no AOF), or None; None too when its configuration
     cannot be read (managed services keep their own)."""
     from redis.exceptions import ResponseError
 
     try:
-        cfg = await client.config_get("save")
-        cfg.update(await client.config_get("appendonly"))
+        cfg = await config_get(client, key, "save")  # of the node holding the ledger, on a cluster
+        cfg.update(await config_get(client, key, "appendonly"))
     except ResponseError:
         return None
     save, aof = str(cfg.get("save", "")).strip(), str(cfg.get("appendonly", "")).strip()

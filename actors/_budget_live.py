@@ -56,7 +56,7 @@ class LiveBudgets:
 
     @property
     def _store(self) -> SpecStore:
-        return SpecStore(self.book.client, self.settings.redis_prefix)
+        return SpecStore(self.book.client, self.book.prefix)  # the ledger's namespace: one slot on a cluster
 
     async def budget_specs(self) -> tuple[int, tuple[BudgetSpec, ...]]:
         """(the number of the last change, 0 for none; the budgets in force). A Redis ledger's are checked first:

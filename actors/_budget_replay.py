@@ -17,6 +17,7 @@ import time
 from collections import OrderedDict
 
 from actors._journal_watch import refuses_info
+from actors._redis_cluster import server_info
 
 __all__ = ["REPLAY_KEEP_MAX", "REPLAY_KEEP_S", "SERVER_CHECK_S", "ScriptRefused", "ServerWatch"]
 
@@ -67,7 +68,7 @@ class ScriptRefused(Exception):
 
 
 class ServerWatch:
-    """Mixed into ``RedisBudgetBook``, which provides ``client``, ``prefix``, ``reservation_ttl_s``, ``_open``,
+    """Mixed into ``RedisBudgetBook``, which provides ``client``, ``prefix``, ``route``, ``reservation_ttl_s``, ``_open``,
     ``_settle_items``, ``_charge_items``."""
 
     def __init__(self) -> None:
@@ -120,7 +121,7 @@ class ServerWatch:
         from redis.exceptions import ResponseError
 
         try:
-            sid = str((await self.client.info("server")).get("run_id", ""))
+            sid = str((await server_info(self.client, self.route[0])).get("run_id", ""))
         except ResponseError as exc:  # INFO refused (an ACL, a managed service): not watched, never an outage
             if not refuses_info(exc):  # BUSY (a long script) for a while: checked again (a review: never again)
                 self._server_read = t
@@ -168,7 +169,7 @@ class ServerWatch:
                     left = ttl - int(elapsed)
                     args += [key, 0 if ttl == 0 else left if left > 0 else -1]
             if args[1]:
-                back += int(await self._reopen_script(args=args))
+                back += int(await self._reopen_script(keys=self.route, args=args))
         return back
 
     def _kept(self, book: OrderedDict, key: str, value: tuple) -> None:

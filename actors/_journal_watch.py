@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from actors._redis_cluster import server_info
+
 __all__ = ["SERVER_CHECK_S", "RecordsWatch", "refuses_info"]
 
 log = logging.getLogger("smartbatch.journal")
@@ -41,7 +43,7 @@ class RecordsWatch:
 
         async with self._checking:
             try:
-                sid = str((await self._client.info("server")).get("run_id", ""))
+                sid = str((await server_info(self._client, self._base)).get("run_id", ""))
             except ResponseError as exc:
                 if not refuses_info(exc):  # BUSY (a long script), MASTERDOWN: for a while, tried at the next check
                     raise

@@ -84,27 +84,24 @@ class BudgetController(LedgerJournal, OutboxJournal, OutboxAtStop, LiveBudgets, 
         self._flusher: asyncio.Task | None = None
         self._closed = False  # the flusher's stop (``close``): its cancel alone can be spent in a Redis read
         if settings.redis_url:
-            import redis.asyncio as aioredis
-            from redis.asyncio.retry import Retry
-            from redis.backoff import NoBackoff
             from redis.exceptions import RedisError
 
+            from actors._redis_cluster import async_client, cluster_errors, namespace
             from actors.budget_redis import RedisBudgetBook
             from engine.core.settings import masked_url
 
-            self._errors = (RedisError, OSError, asyncio.TimeoutError)
+            self._errors = (RedisError, OSError, asyncio.TimeoutError, *cluster_errors())
             self._url = masked_url(settings.redis_url)
-            t = settings.redis_timeout_s
             try:
                 # No client-side retries: the outage policy is this actor's (answer at once while down).
-                client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=t, socket_connect_timeout=t,
-                                                 retry=Retry(NoBackoff(), 0))
+                client = async_client(settings.redis_url, cluster=settings.redis_cluster,
+                                      timeout_s=settings.redis_timeout_s, retries=False)
             except Exception as exc:  # a URL redis-py refuses: reported by check_ledger, at start
                 self._config_error = f"setting budgets.redis_url = {self._url!r}: {exc}"
                 self.book = BudgetBook(list(settings.specs), settings.throttle)
             else:
                 self.book = RedisBudgetBook(client, list(settings.specs), settings.throttle,
-                                            prefix=settings.redis_prefix,
+                                            prefix=namespace(settings.redis_prefix, settings.redis_cluster),
                                             reservation_ttl_s=settings.reservation_ttl_s)
         else:
             self.book = BudgetBook(list(settings.specs), settings.throttle)

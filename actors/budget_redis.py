@@ -23,6 +23,7 @@ import time
 
 from actors._budget_replay import ScriptRefused, ServerWatch
 from actors._budget_scripts import CHARGE, PROBE, RESERVE, SETTLE, SWEEP_ONLY, UPGRADE
+from actors._redis_cluster import config_get
 from engine.core._budget_legacy import legacy_key, today_key
 from engine.core.budgets import (
     BudgetSpec,
@@ -114,6 +115,9 @@ class RedisBudgetBook(ServerWatch):
         self.throttle = throttle
         self.origin = 0.0  # where a horizon's pacing starts on this book's clock (``BudgetSpec.span``)
         self.prefix = prefix
+        # Each script names one key of the ledger, so a cluster client sends it to the node serving the ledger's
+        # slot (every key under one hash tag, ``actors._redis_cluster.namespace``); a single Redis ignores it.
+        self.route = [f"{prefix}:exp"]
         self.reservation_ttl_s = reservation_ttl_s
         self._reserve = client.register_script(RESERVE)
         self._settle = client.register_script(SETTLE)
@@ -171,7 +175,7 @@ class RedisBudgetBook(ServerWatch):
                 args += [s.key(now), repr(float(s.max_budget)), repr(float(a)), _ttl(s, now)]
             args.append(_who(c.tenant, c.provider, c.model))
         await self._take_legacy([s for touched in touched_all for s in touched], now)
-        raw = await self._reserve(args=args)
+        raw = await self._reserve(keys=self.route, args=args)
         out = []
         self._forget_old()
         for c, touched, allowed, r in zip(claims, touched_all, allowed_all, raw):
@@ -204,7 +208,7 @@ class RedisBudgetBook(ServerWatch):
                 moves += [old, s.key(now), _ttl(s, now)]
             looked[s.name] = old
         if moves:  # one script for them all: it reads each open claim once (``UPGRADE``)
-            await self._upgrade(args=[self.prefix, len(moves) // 3, *moves])
+            await self._upgrade(keys=self.route, args=[self.prefix, len(moves) // 3, *moves])
         self._looked.update(looked)
 
     async def settle_many(self, items: list[tuple[str, float]]) -> int:
@@ -229,7 +233,7 @@ class RedisBudgetBook(ServerWatch):
         from redis.exceptions import ResponseError
 
         try:
-            lost = int(await self._settle(args=args))
+            lost = int(await self._settle(keys=self.route, args=args))
         except ResponseError as exc:
             if not _refused(exc):
                 raise
@@ -265,7 +269,7 @@ class RedisBudgetBook(ServerWatch):
             args += [c.cid, repr(float(c.usd)), _who(c.tenant, c.provider, c.model), len(touched)]
             for s in touched:
                 args += [s.key(now), _ttl(s, now)]
-        await self._charge(args=args)
+        await self._charge(keys=self.route, args=args)
         t = time.monotonic()
         for c in charges:
             self._kept(self._charged, c.cid, (t, c, now))
@@ -273,11 +277,11 @@ class RedisBudgetBook(ServerWatch):
     async def sweep(self) -> int:
         """Release the reservations of expired claims now (every reservation or settlement does it too);
         returns how many were released. Also a check that the ledger's Redis answers and runs its scripts."""
-        return int(await self._sweep(args=[self.prefix, SWEEP_MAX]))
+        return int(await self._sweep(keys=self.route, args=[self.prefix, SWEEP_MAX]))
 
     async def probe(self) -> None:
         """Raise unless the ledger's Redis answers, runs its scripts and takes their writes."""
-        await self._probe(args=[self.prefix])
+        await self._probe(keys=self.route, args=[self.prefix])
         await self.sweep()
         await self._same_server()
 
@@ -288,7 +292,7 @@ class RedisBudgetBook(ServerWatch):
         from redis.exceptions import ResponseError
 
         try:
-            cfg = await self.client.config_get("maxmemory*")
+            cfg = await config_get(self.client, self.route[0], "maxmemory*")
         except ResponseError:
             return None
         policy, limit = str(cfg.get("maxmemory-policy", "")), int(cfg.get("maxmemory", 0) or 0)

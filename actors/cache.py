@@ -73,7 +73,7 @@ class ResultCache(CacheReports, NearIndex, Following, Warm):
         if redis is None and self.cfg.redis_url:
             redis = RedisLayer(self.cfg.redis_url, prefix=self.cfg.redis_prefix,
                                timeout_s=self.cfg.redis_timeout_s, retry_s=self.cfg.redis_retry_s,
-                               buffer_max_bytes=self.memory.max_bytes)
+                               buffer_max_bytes=self.memory.max_bytes, cluster=self.cfg.redis_cluster)
         self.redis = redis
         self.blobs = blobs if blobs is not None else LocalBlobStore(self.cfg.blob_dir)
         self.index = ReuseIndex(NEAR_DIM)

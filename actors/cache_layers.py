@@ -184,19 +184,17 @@ class RedisLayer:
 
     def __init__(self, url: str, *, prefix: str = "smartbatch", timeout_s: float = 0.25, retry_s: float = 5.0,
                  now: Callable[[], float] = time.monotonic, buffer_max: int = 10_000,
-                 buffer_max_bytes: int | None = None):
-        import redis.asyncio as aioredis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
+                 buffer_max_bytes: int | None = None, cluster: bool = False):
+        from actors._redis_cluster import async_client
 
         self.url = url
+        self.cluster = cluster
         self.prefix = prefix
         self.retry_s = retry_s
         self._now = now
         # No client-side retries: a retry would multiply a slow Redis's latency into every lookup. This
         # layer's own down/retry cycle is the policy.
-        self.client = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                              retry=Retry(NoBackoff(), 0))
+        self.client = async_client(url, cluster=cluster, timeout_s=timeout_s, retries=False)
         self.up = True
         self._retry_at = 0.0
         self._pending: deque[tuple[str, bytes, int, float]] = deque()  # (key, value, ttl_ms, when buffered)
@@ -247,17 +245,27 @@ class RedisLayer:
         if not keys or not self._usable():
             return [(None, -2)] * len(keys)
         try:
-            pipe = self.client.pipeline(transaction=False)
-            pipe.mget(keys)
-            for k in keys:
-                pipe.pttl(k)
-            vals, *left = await pipe.execute()
+            vals, left = await self._read(keys)
         except Exception as exc:  # any failure of the cache's Redis is a miss, never a failed request
             self._failed(exc)
             return [(None, -2)] * len(keys)
         await self._recovered()
         # A key that expired between the two reads reads None, or -2 left.
         return [(v if ms != -2 else None, ms) for v, ms in zip(vals, left, strict=True)]
+
+    async def _read(self, keys: list) -> tuple[list, list]:
+        """(values, milliseconds left) of ``keys``, in one round trip per node. On a Redis Cluster a GET each: one
+        MGET must name keys of one slot (a cache's keys are spread over the nodes, unlike the ledger's)."""
+        pipe = self.client.pipeline(transaction=False)
+        if self.cluster:
+            for k in keys:
+                pipe.get(k)
+        else:
+            pipe.mget(keys)
+        for k in keys:
+            pipe.pttl(k)
+        out = await pipe.execute()
+        return (out[:len(keys)], out[len(keys):]) if self.cluster else (out[0], out[1:])
 
     async def put_many(self, items: list[tuple[str, bytes, int]]) -> None:
         """``(key, value, ttl_ms)`` triples in one pipeline."""
@@ -316,11 +324,7 @@ class RedisLayer:
                     break
             for lo in range(0, len(keys), batch):
                 part = keys[lo:lo + batch]
-                pipe = self.client.pipeline(transaction=False)
-                pipe.mget(part)
-                for k in part:
-                    pipe.pttl(k)
-                vals, *left = await pipe.execute()
+                vals, left = await self._read(part)
                 # A key that expired between the two reads reads None, or -2 left.
                 out.extend((k.decode(), v, ms) for k, v, ms in zip(part, vals, left, strict=True)
                            if v is not None and ms != -2)

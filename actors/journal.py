@@ -171,11 +171,13 @@ class RedisJournal(RecordsWatch):
     durable = True
 
     def __init__(self, url: str, prefix: str, engine: str, timeout_s: float = 1.0,
-                 rewrite: Callable[[], Awaitable[Any]] | None = None):
-        import redis.asyncio as aioredis
+                 rewrite: Callable[[], Awaitable[Any]] | None = None, cluster: bool = False):
+        from actors._redis_cluster import async_client, namespace
 
-        self._client = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-        self._base = f"{prefix}:journal:{engine}:"
+        self._client = async_client(url, cluster=cluster, timeout_s=timeout_s)
+        # On a Redis Cluster, every space of the engine's journal under one hash tag: one node holds them, and the
+        # watch reads that node's run_id (a restart of it loses them all, or none). Named as before on one Redis.
+        self._base = namespace(f"{prefix}:journal:{engine}", cluster) + ":"
         self._spaces: set[str] = set()  # those this journal wrote, read or cleared: its keeper pushes their expiry
         self._keeper: asyncio.Task | None = None
         self._closed = False
@@ -357,7 +359,7 @@ def redis_journal(settings, engine: str, rewrite: Callable[[], Awaitable[Any]] |
     """The Redis journal of an engine named ``engine``, if Redis is configured."""
     url = settings.journal_redis_url()
     return RedisJournal(url, settings.cache.redis_prefix, engine, settings.cache.redis_timeout_s,
-                        rewrite) if url else None
+                        rewrite, settings.journal_redis_cluster()) if url else None
 
 
 def make_journal(settings, engine: str, hub: Any, rewrite: Callable[[], Awaitable[Any]] | None = None):

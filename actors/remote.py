@@ -21,6 +21,7 @@ from actors._budget_kept import take_back_kept
 from actors._engine_stop import kill_engine
 from actors._kv_journal import KvJournal
 from actors._peer import ClockRef, Named, publish_clock, read_layout, resolve_clock, warm_all
+from actors._redis_cluster import check_cluster_modes
 from actors._shards import shard_kind
 from actors._wire import pack
 from actors.budget import BudgetController
@@ -108,6 +109,7 @@ def start_actors(policy, catalog, settings, clock, *, seed: int, num_groupers: i
 
     check_fallbacks(catalog, settings.resilience)
     check_budgets(catalog, settings.budgets)
+    check_cluster_modes(settings)  # a cluster node read as a single Redis: MOVED for most keys, mid-run
     settings = check_keeps_records(settings)
     life = {"lifetime": "detached"} if detached else {}
 

@@ -20,16 +20,15 @@ async def settle_claims(settings, claims: dict[str, float]) -> None:
     b = settings.budgets
     if not b.redis_url or not claims:
         return
-    import redis.asyncio as aioredis
-
+    from actors._redis_cluster import async_client, namespace
     from actors.budget_redis import RedisBudgetBook
     from engine.core.errors import ConfigError
     from engine.core.settings import masked_url
 
     t = max(b.redis_timeout_s, 5.0)  # one call, at the start of a run: a slow answer is waited for, not given up
-    client = aioredis.Redis.from_url(b.redis_url, socket_timeout=t, socket_connect_timeout=t)
+    client = async_client(b.redis_url, cluster=b.redis_cluster, timeout_s=t)
     try:
-        book = RedisBudgetBook(client, list(b.specs), b.throttle, prefix=b.redis_prefix,
+        book = RedisBudgetBook(client, list(b.specs), b.throttle, prefix=namespace(b.redis_prefix, b.redis_cluster),
                                reservation_ttl_s=b.reservation_ttl_s)
         await book.settle_many(sorted(claims.items()))
     except Exception as exc:

@@ -371,9 +371,10 @@ class BudgetSettings(BaseModel):
         default="model_max",
         description="output tokens a reservation assumes: the model's maximum (the hard limit holds whatever "
                     "the output), or the request's output_tokens (only when it is sent as max_tokens)")
-    redis_url: str | None = Field(default=None, description="share the budgets with other engines through "
-                                                          "this Redis (None: this engine alone)")
+    redis_url: str | None = Field(default=None, description="the engines on this Redis share these budgets")
     redis_prefix: str = Field(default="smartbatch:budget", min_length=1)
+    redis_cluster: bool = Field(default=False, description="redis_url is a node of a Redis Cluster: every key of the "
+                                "ledger goes under one hash tag, {redis_prefix} (docs/budgets.md, Redis Cluster)")
     # Finite, and bounded: an infinite timeout blocked every claim while Redis was paused, an infinite retry
     # pause kept the ledger down for good after one blip (a helper's hunt).
     redis_timeout_s: float = Field(

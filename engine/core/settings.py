@@ -119,6 +119,8 @@ class CacheSettings(BaseModel):
     ttl_s: float = Field(default=7 * 86400.0, gt=0, description="how long a result may be reused, per entry")
     redis_url: str | None = Field(default=None, description="None: memory only; else a redis:// URL")
     redis_prefix: str = Field(default="smartbatch", min_length=1, description="namespace of every key")
+    redis_cluster: bool = Field(default=False, description="redis_url is a node of a Redis Cluster (docs/cache.md, "
+                                "Redis Cluster)")
     redis_timeout_s: float = Field(default=0.25, gt=0, description="a slower Redis answer counts as down")
     redis_retry_s: float = Field(default=5.0, gt=0, description="wait before trying a down Redis again")
     blob_dir: Path | None = Field(default=None, description="blob store directory (None: <tmp>/smartbatch-blobs)")
@@ -155,6 +157,8 @@ class JournalSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     redis_url: str | None = Field(default=None, description="None: the budgets' or the cache's Redis when one is "
                                   "set, else the result hub's memory")
+    redis_cluster: bool = Field(default=False, description="journal.redis_url is a node of a Redis Cluster (the "
+                                "budgets' or the cache's setting goes with their URL)")
     in_memory: bool = Field(default=False, description="keep the journal in the result hub's memory even where a "
                             "Redis is set (the engine sets it when the cache's Redis, which it would fall back "
                             "to, may evict keys)")
@@ -262,6 +266,12 @@ class Settings(BaseSettings):
         if self.journal.in_memory:
             return None
         return self.journal.redis_url or self.budgets.redis_url or self.cache.redis_url
+
+    def journal_redis_cluster(self) -> bool:
+        """Whether the journal's Redis (``journal_redis_url``) is a Redis Cluster: the setting beside that URL."""
+        if self.journal.redis_url:
+            return self.journal.redis_cluster
+        return self.budgets.redis_cluster if self.budgets.redis_url else self.cache.redis_cluster
 
 
 def check_redis_url(url: str | None, setting: str) -> str | None:

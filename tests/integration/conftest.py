@@ -8,7 +8,7 @@ from tests._passes import check, select, wanted
 # CI sets SMARTBATCH_REQUIRE_REDIS=1: there a Redis test that skips (redis-server missing, or any other reason)
 # fails instead, because the Redis settle and the cache TTL are only checked by these tests.
 REQUIRE_REDIS_ENV = "SMARTBATCH_REQUIRE_REDIS"
-REDIS_FIXTURES = frozenset({"redis_server", "own_redis"})
+REDIS_FIXTURES = frozenset({"redis_server", "own_redis", "redis_cluster"})
 # scripts/test runs the integration tests in two passes: the others on two workers, then the ``solo`` ones alone
 # (SMARTBATCH_SOLO=without, then =only). Unset, every test runs.
 SOLO_ENV = "SMARTBATCH_SOLO"
@@ -171,3 +171,24 @@ def own_redis(tmp_path):
     yield srv
     srv.close_clients()
     srv.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory):
+    """A real local Redis Cluster (three masters, no replicas) for a test module; each test uses its own prefix."""
+    import shutil
+
+    from tests.integration._cluster_redis import LocalCluster
+
+    _need_redis()
+    if shutil.which("redis-cli") is None:  # it joins the nodes (installed with redis-server by apt)
+        why = "redis-cli is not installed (apt-get install -y redis-tools), and it makes the local Redis Cluster"
+        if _redis_required():
+            pytest.fail(f"{why}, and {REQUIRE_REDIS_ENV}=1 says Redis tests must run here", pytrace=False)
+        pytest.skip(why)
+    cluster = LocalCluster(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()

@@ -1,0 +1,162 @@
+"""Redis Cluster (cluster mode enabled: AWS ElastiCache and MemoryDB in cluster mode, Redis Enterprise's OSS
+cluster API, a self-hosted cluster), for the ledger, the cache and the journal alike.
+
+A cluster splits keys over its nodes by hash slot: a plain client sent to one node gets ``MOVED`` for the keys of
+another, and a Lua script must touch keys of one slot only. So with ``redis_cluster`` set, the client is
+``redis.asyncio.cluster.RedisCluster`` (it follows the slots), and a key space that a script changes atomically
+(the budget ledger) or that one ``INFO run_id`` must watch (an engine's journal) lives under one hash tag, ``{...}``:
+its keys are then in one slot, on one node. Without it, nothing changes: a single Redis keeps the key names it had
+(an engine upgraded on its Redis finds its ledger and its journal where they were).
+
+``check_cluster_modes`` runs at the engine's start: a setting that says otherwise than the Redis it names is a
+``ConfigError`` naming the setting and the fix, never a run whose ledger refuses every call or whose cache and
+journal fail one key in three (what a cluster node gave a plain client before)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.core.errors import ConfigError
+from engine.core.settings import masked_url
+
+__all__ = ["async_client", "check_cluster_modes", "cluster_errors", "cluster_mode", "config_get", "has_hash_tag", "mode_mismatch",
+           "namespace",
+           "server_info"]
+
+
+def has_hash_tag(key: str) -> bool:
+    """Whether Redis Cluster hashes ``key`` by a tag: the first ``{`` followed, later, by a ``}`` with at least one
+    character between (Redis's own rule)."""
+    i = key.find("{")
+    return i >= 0 and key.find("}", i + 2) > i + 1
+
+
+def namespace(prefix: str, cluster: bool) -> str:
+    """The namespace of a key space that must live in one slot: ``{prefix}`` on a cluster, unless the prefix holds
+    a hash tag already (then as given); the prefix itself on a single Redis, as before."""
+    return "{" + prefix + "}" if cluster and not has_hash_tag(prefix) else prefix
+
+
+def async_client(url: str, *, cluster: bool, timeout_s: float, retries: bool = True) -> Any:
+    """A ``redis.asyncio`` client of ``url``: ``RedisCluster`` when ``cluster``, else ``Redis``. ``retries=False``:
+    no client-side retries, the caller's outage policy answers at once (a cluster client still follows ``MOVED``
+    and ``ASK``, which are not failures)."""
+    import redis.asyncio as aioredis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    kw: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+    if not retries:
+        kw["retry"] = Retry(NoBackoff(), 0)
+    if cluster:
+        from redis.asyncio.cluster import RedisCluster
+
+        return RedisCluster.from_url(url, **kw)
+    return aioredis.Redis.from_url(url, **kw)
+
+
+def cluster_errors() -> tuple[type[BaseException], ...]:
+    """What a cluster client raises beside ``RedisError`` (no node answers, a slot no node serves)."""
+    from redis.exceptions import RedisClusterException
+
+    return (RedisClusterException,)
+
+
+def _node(client: Any, key: str) -> dict[str, Any]:
+    """Keyword arguments sending a node-wide command (``INFO``, ``CONFIG GET``) to the node that serves ``key``: a
+    cluster client sends them to every node, or any, by default."""
+    from redis.asyncio.cluster import RedisCluster
+
+    if isinstance(client, RedisCluster):
+        return {"target_nodes": client.get_node_from_key(key)}
+    return {}
+
+
+async def server_info(client: Any, key: str, section: str = "server") -> dict[str, Any]:
+    """``INFO section`` of the Redis process that holds ``key`` (on a cluster, the node serving its slot now)."""
+    from redis.asyncio.cluster import RedisCluster
+
+    if isinstance(client, RedisCluster):  # its slots map is read at its first command (once: a no-op after)
+        await client.initialize()
+    return await client.info(section, **_node(client, key))
+
+
+async def config_get(client: Any, key: str, pattern: str) -> dict[str, Any]:
+    """``CONFIG GET pattern`` of the Redis process that holds ``key``."""
+    from redis.asyncio.cluster import RedisCluster
+
+    if isinstance(client, RedisCluster):
+        await client.initialize()
+    return await client.config_get(pattern, **_node(client, key))
+
+
+async def cluster_mode(client: Any) -> bool | None:
+    """Whether the Redis a client of ``async_client`` speaks to runs in cluster mode; None when that cannot be told
+    (no answer, ``INFO`` refused): the other checks say what they say of such a Redis."""
+    from redis.asyncio.cluster import RedisCluster
+    from redis.exceptions import RedisClusterException
+
+    try:
+        if isinstance(client, RedisCluster):
+            await client.initialize()  # refuses a Redis not in cluster mode
+            return True
+        return bool(int((await client.info("cluster")).get("cluster_enabled", 0)))
+    except RedisClusterException as exc:
+        return False if "not enabled" in str(exc) else None
+    except Exception:
+        return None
+
+
+def _cluster_enabled(url: str) -> bool | None:
+    """Whether the Redis at ``url`` runs in cluster mode; None when it does not answer (or refuses ``INFO``): the
+    checks of each part say what they say of an unreachable Redis."""
+    import redis
+
+    try:
+        with redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0) as client:
+            return bool(int(client.info("cluster").get("cluster_enabled", 0)))
+    except Exception:
+        return None
+
+
+def check_cluster_modes(settings: Any) -> None:
+    """Raise ``ConfigError`` when a Redis the engine uses runs in cluster mode and its ``redis_cluster`` setting is
+    off, or the other way round. Each Redis set is asked once (``INFO cluster``)."""
+    parts = [("budgets", settings.budgets.redis_url, settings.budgets.redis_cluster),
+             ("cache", settings.cache.redis_url, settings.cache.redis_cluster)]
+    journal_url = settings.journal_redis_url()
+    if journal_url and settings.journal.dir is None:
+        parts.append(("journal", journal_url, settings.journal_redis_cluster()))
+    asked: dict[str, bool | None] = {}
+    for part, url, said in parts:
+        if not url:
+            continue
+        if url not in asked:
+            asked[url] = _cluster_enabled(url)
+        enabled = asked[url]
+        if enabled is None or enabled == said:
+            continue
+        where = f"{part}.redis_url" if part != "journal" else _journal_source(settings)
+        raise mode_mismatch(part, masked_url(url), enabled, where)
+
+
+def mode_mismatch(part: str, url: str, enabled: bool, where: str = "") -> ConfigError:
+    """The error of ``{part}.redis_cluster`` saying otherwise than the Redis at ``url`` (masked), which runs in
+    cluster mode or not (``enabled``); ``where``: the setting holding the URL."""
+    env, where = f"SMARTBATCH_{part.upper()}__REDIS_CLUSTER", where or f"{part}.redis_url"
+    if enabled:
+        return ConfigError(
+            f"setting {part}.redis_cluster: the Redis at {url} ({where}) is a Redis Cluster node "
+            "(cluster_enabled:1), where a plain client meets MOVED for most keys and a script for keys of several "
+            f"slots is refused; set {env}=true ({part}.redis_cluster) to use it as a cluster (docs/budgets.md, "
+            "Redis Cluster), or point it at a single Redis")
+    return ConfigError(
+        f"setting {part}.redis_cluster: it is true, but the Redis at {url} ({where}) is not in cluster mode "
+        f"(cluster_enabled:0); unset {env} for a single Redis, or point {where} at a node of the cluster")
+
+
+def _journal_source(settings: Any) -> str:
+    """The setting whose URL the journal uses."""
+    if settings.journal.redis_url:
+        return "journal.redis_url"
+    return "budgets.redis_url" if settings.budgets.redis_url else "cache.redis_url"

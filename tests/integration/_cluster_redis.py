@@ -1,0 +1,129 @@
+"""A real local Redis Cluster for the tests: three masters, no replicas, on 127.0.0.1, no persistence. Started by
+the ``redis_cluster`` fixture (tests/integration/conftest.py), torn down after."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import threading
+import time
+
+READY_S = 20.0  # the bound on each wait: a node's start, the cluster's agreement
+
+
+def _drain(out) -> None:
+    """Read a node's output to its end, so a full pipe never blocks it."""
+    try:
+        for _ in out:
+            pass
+    except ValueError:  # closed by ``stop`` after its bounded wait
+        pass
+
+
+def _info(raw) -> dict[str, str]:
+    text = raw.decode() if isinstance(raw, bytes) else str(raw)
+    return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class LocalCluster:
+    """Three ``redis-server --cluster-enabled yes`` joined by ``redis-cli --cluster create``. ``url``: the first
+    node's (a cluster client finds the others from it); ``urls``: each node's."""
+
+    def __init__(self, tmp_dir) -> None:
+        ports = _free_ports(6)
+        self.ports, self._bus = ports[:3], ports[3:]  # the bus port given, not port + 10000 (maybe taken)
+        self.dir = tmp_dir
+        self.procs: list[subprocess.Popen] = []
+        self._drains: list[threading.Thread] = []
+        self.urls = [f"redis://127.0.0.1:{p}/0" for p in self.ports]
+        self.url = self.urls[0]
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        for port, bus in zip(self.ports, self._bus, strict=True):
+            proc = subprocess.Popen(
+                [binary, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+                 "--cluster-port", str(bus), "--cluster-config-file", f"nodes-{port}.conf", "--save", "",
+                 "--appendonly", "no", "--dir", str(self.dir), "--loglevel", "notice"],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            self.procs.append(proc)
+            seen = []
+            for line in proc.stdout:  # its own "ready" line: an event, not a guessed delay
+                seen.append(line)
+                if "Ready to accept connections" in line:
+                    break
+            else:
+                raise RuntimeError(f"redis-server (cluster node) did not start on {port}: {''.join(seen[-5:])}")
+            drain = threading.Thread(target=_drain, args=(proc.stdout,), daemon=True)
+            drain.start()
+            self._drains.append(drain)
+        create = subprocess.run(
+            [shutil.which("redis-cli"), "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
+             "--cluster-replicas", "0", "--cluster-yes"], capture_output=True, text=True, timeout=READY_S)
+        if create.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed: {create.stdout[-500:]} {create.stderr[-500:]}")
+        self._wait_agreed()
+
+    def _wait_agreed(self) -> None:
+        """Until every node says the cluster is ok, knows the three and serves all 16384 slots (bounded)."""
+        import redis
+
+        clients = [redis.Redis(port=p, socket_timeout=2.0) for p in self.ports]
+        try:
+            end = time.monotonic() + READY_S
+            while True:
+                infos = [_info(c.execute_command("CLUSTER", "INFO")) for c in clients]
+                if all(str(i.get("cluster_state")) == "ok" and int(i.get("cluster_known_nodes", 0)) == 3
+                       and int(i.get("cluster_slots_ok", 0)) == 16384 for i in infos):
+                    return
+                if time.monotonic() > end:
+                    raise RuntimeError(f"the local Redis Cluster did not agree within {READY_S} s: {infos}")
+                time.sleep(0.05)  # polling the servers' own state, bounded above: nothing to wait on instead
+        finally:
+            for c in clients:
+                c.close()
+
+    def node_of(self, key: str) -> int:
+        """The port of the node that serves ``key``'s slot."""
+        import redis
+        from redis.crc import key_slot
+
+        slot = key_slot(key.encode())
+        with redis.Redis(port=self.ports[0], socket_timeout=2.0) as c:
+            for lo, hi, (_, port, *_), *_ in c.execute_command("CLUSTER", "SLOTS"):
+                if lo <= slot <= hi:
+                    return int(port)
+        raise AssertionError(f"no node serves slot {slot}")
+
+    def keys(self, pattern: str = "*") -> dict[int, list[str]]:
+        """Every node's keys matching ``pattern``, by port."""
+        import redis
+
+        out = {}
+        for p in self.ports:
+            with redis.Redis(port=p, socket_timeout=2.0) as c:
+                out[p] = sorted(k.decode() for k in c.scan_iter(match=pattern, count=1000))
+        return out
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc, drain in zip(self.procs, self._drains, strict=False):
+            proc.wait(10)
+            drain.join(10)
+            proc.stdout.close()
+        self.procs.clear()

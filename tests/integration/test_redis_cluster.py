@@ -1,0 +1,218 @@
+"""The budget ledger, the cache and the journal on a real local Redis Cluster (three masters, ``redis_cluster``
+fixture), and a cluster node named as a single Redis refused at start (docs/budgets.md, Redis Cluster). No Ray."""
+
+import asyncio
+import itertools
+import random
+
+import pytest
+from redis.crc import key_slot
+
+from engine.core.budgets import BudgetSettings, BudgetSpec, Charge, Claim
+from engine.core.errors import ConfigError
+
+_prefix = itertools.count()
+
+
+def _local_prefix(cluster, port: int) -> str:
+    """A ledger prefix whose start-check keys (the probe, the sweep's) the node at ``port`` serves itself: the old
+    check passed there, and the ledger failed mid-run."""
+    for n in itertools.count():
+        p = f"sbtest-cl{n}"
+        if all(cluster.node_of(f"{p}:{k}") == port for k in ("probe", "exp")):
+            return p
+    raise AssertionError("unreachable")
+
+
+def test_a_cluster_node_named_as_a_single_redis_is_refused_at_start_naming_the_setting(redis_cluster):
+    """Before, with a prefix whose first keys the node served, the start passed and then every claim met another
+    node's key: each budgeted request waited out its deadline, a settlement was counted twice and its reservation
+    released twice; with another prefix, the start said to point at a primary with room to write."""
+    from actors.budget import BudgetController
+
+    prefix = _local_prefix(redis_cluster, redis_cluster.ports[0])
+
+    async def go():
+        ctl = BudgetController(BudgetSettings(specs=(BudgetSpec(max_budget=10.0),), redis_url=redis_cluster.url,
+                                              redis_prefix=prefix))
+        try:
+            with pytest.raises(ConfigError) as err:
+                await ctl.check_ledger()
+            return str(err.value)
+        finally:
+            await ctl.close()
+    msg = asyncio.run(go())
+    assert "budgets.redis_cluster" in msg and "SMARTBATCH_BUDGETS__REDIS_CLUSTER=true" in msg
+    assert "cluster_enabled:1" in msg and f"127.0.0.1:{redis_cluster.ports[0]}" in msg
+
+
+def test_the_settings_of_each_part_are_checked_against_the_redis_they_name(redis_cluster, redis_server):
+    """At the engine's start (``start_actors``), before any actor: the cache and the journal named a cluster node
+    as a single Redis met MOVED or CROSSSLOT one key in three, mid-run (the cache went to memory, the journal lost
+    its records); and a single Redis said to be a cluster is refused too."""
+    from actors._redis_cluster import check_cluster_modes
+    from engine.core.settings import Settings
+
+    with pytest.raises(ConfigError, match=r"cache\.redis_cluster.*SMARTBATCH_CACHE__REDIS_CLUSTER=true"):
+        check_cluster_modes(Settings(cache={"redis_url": redis_cluster.url}))
+    # The journal falls back to the cache's Redis, and to its setting: the two agree, nothing to say.
+    check_cluster_modes(Settings(cache={"redis_url": redis_cluster.url, "redis_cluster": True}))
+    with pytest.raises(ConfigError, match=r"journal\.redis_cluster.*SMARTBATCH_JOURNAL__REDIS_CLUSTER=true"):
+        check_cluster_modes(Settings(journal={"redis_url": redis_cluster.urls[1]}))
+    with pytest.raises(ConfigError, match=r"budgets\.redis_cluster: it is true.*cluster_enabled:0"):
+        check_cluster_modes(Settings(budgets={"redis_url": redis_server.url, "redis_cluster": True}))
+    check_cluster_modes(Settings(budgets={"redis_url": redis_server.url}))  # a single Redis, as before
+
+
+def test_engines_on_a_cluster_share_a_budget_atomically_and_count_each_dollar_once(redis_cluster):
+    """Two budget controllers, each given another node of the cluster, reserve at once against one $5 budget,
+    then settle, charge and settle again (a replay): never past the limit, every dollar counted once, and every
+    key of the ledger in one slot (its scripts stay atomic)."""
+    from actors.budget import BudgetController
+
+    prefix = f"sbtest-cl-shared{next(_prefix)}"
+    spec = BudgetSpec(tenant="acme", max_budget=5.0, budget_duration="1d")
+    rng = random.Random(11)
+
+    def settings(url):
+        return BudgetSettings(specs=(spec,), redis_url=url, redis_prefix=prefix, redis_cluster=True,
+                              reserve_output="request")
+
+    async def engine(ctl, name):
+        granted = []
+        for k in range(40):
+            batch = [Claim(f"{name}-{k}-{j}", "acme", "openai", "gpt-5", "urgent", round(rng.uniform(0.01, 0.4), 4))
+                     for j in range(rng.randint(1, 4))]
+            granted += [c for c, v in zip(batch, await ctl.reserve_many(batch)) if v.ok]
+            await asyncio.sleep(0)
+        return granted
+
+    async def go():
+        a, b = BudgetController(settings(redis_cluster.urls[0])), BudgetController(settings(redis_cluster.urls[2]))
+        try:
+            await a.check_ledger()
+            await b.check_ledger()
+            got_a, got_b = await asyncio.gather(engine(a, "a"), engine(b, "b"))
+            reserved = sum(c.amount for c in got_a + got_b)
+            assert got_a and got_b and spec.max_budget * 0.9 < reserved <= spec.max_budget + 1e-9
+            settle = [(c.rid, round(c.amount * rng.random(), 4)) for c in got_a + got_b]
+            await asyncio.gather(a.settle_many(settle[:len(got_a)]), b.settle_many(settle[len(got_a):]))
+            await a.settle_many(settle[:5])  # a replay (a lost reply): counted once
+            await b.charge_many([Charge("ch-1", "acme", "openai", "gpt-5", 0.25)] * 2)  # one charge id: once
+            rep = await a.report()
+            window = rep["budgets"][0]
+            assert window["reserved_usd"] == pytest.approx(0.0, abs=1e-9)
+            assert window["spent_usd"] == pytest.approx(sum(x for _, x in settle) + 0.25, abs=1e-6)
+            assert rep["ledger"]["up"] and rep["ledger"]["unsettled"] == 0 and rep["ledger"]["lost_records"] == 0
+        finally:
+            await a.close()
+            await b.close()
+    asyncio.run(go())
+    keys = redis_cluster.keys(f"*{prefix}*")
+    slots = {key_slot(k.encode()) for ks in keys.values() for k in ks}
+    assert len(slots) == 1 and all(k.startswith("{" + prefix + "}:") for ks in keys.values() for k in ks)
+
+
+def test_a_live_budget_change_on_a_cluster_ledger_reaches_the_other_engine(redis_cluster):
+    """The budgets' hash (``{prefix}:specs``) lives in the ledger's slot too: a change made on one engine is the
+    other's once it follows the ledger."""
+    from actors.budget import BudgetController
+
+    prefix = f"sbtest-cl-live{next(_prefix)}"
+    first = BudgetSpec(tenant="acme", max_budget=5.0)
+
+    async def go():
+        a, b = (BudgetController(BudgetSettings(specs=(first,), redis_url=u, redis_prefix=prefix, redis_cluster=True))
+                for u in redis_cluster.urls[:2])
+        try:
+            await a.check_ledger()
+            await b.check_ledger()
+            assert await a.change_budgets(put=[BudgetSpec(tenant="acme", max_budget=1.0)]) is not None
+            await b.follow_ledger()  # as the groupers' asks make it do, once a second
+            assert (await b.budget_specs())[1][0].max_budget == 1.0
+            (v,) = await b.reserve_many([Claim("x1", "acme", "openai", "gpt-5", "urgent", 2.0)])
+            assert not v.ok and v.reason == "budget_exhausted"  # the $1 limit made on a, in force on b
+        finally:
+            await a.close()
+            await b.close()
+    asyncio.run(go())
+
+
+def test_the_cache_on_a_cluster_reads_and_writes_keys_of_every_node(redis_cluster):
+    """A cache's keys are spread over the nodes (no hash tag: any node serves its share); one read of many keys
+    of several slots, which an MGET cannot make on a cluster, reads them all."""
+    from actors.cache_layers import RedisLayer
+
+    prefix = f"sbtest-cl-cache{next(_prefix)}"
+
+    async def go():
+        layer = RedisLayer(redis_cluster.url, prefix=prefix, timeout_s=2.0, cluster=True)
+        try:
+            keys = [layer.key("t", f"fp{i}") for i in range(30)]
+            await layer.put_many([(k, f"v{i}".encode(), 60_000) for i, k in enumerate(keys)])
+            got = await layer.get_many(keys + [layer.key("t", "absent")])
+            scanned = await layer.scan_values(100)
+            return keys, got, scanned, layer.errors, layer.up
+        finally:
+            await layer.close()
+    keys, got, scanned, errors, up = asyncio.run(go())
+    assert errors == 0 and up
+    assert [v for v, _ in got] == [f"v{i}".encode() for i in range(30)] + [None]
+    assert all(0 < ms <= 60_000 for _, ms in got[:-1])
+    assert sorted(k for k, _, _ in scanned) == sorted(keys)
+    assert len({redis_cluster.node_of(k) for k in keys}) == 3  # the test did read every node
+
+
+def test_the_journal_on_a_cluster_keeps_an_engine_s_spaces_on_one_node_and_watches_it(redis_cluster):
+    """An engine's journal spaces live under one hash tag: on one node, whose ``run_id`` the watch reads."""
+    from actors.journal import RedisJournal
+
+    rewrites = []
+
+    async def rewrite():  # the holder's records written again: at the first check, as on one Redis
+        rewrites.append(1)
+
+    async def go():
+        j = RedisJournal(redis_cluster.urls[1], f"sbtest-cl-journal{next(_prefix)}", "eng@1", timeout_s=2.0,
+                         rewrite=rewrite, cluster=True)
+        try:
+            for space in ("batches:openai", "calls:anthropic", "tally:openai"):
+                await j.put_many(space, {"k1": {"space": space}, "k2": [1, 2]})
+            await j.delete("calls:anthropic", ["k2"])
+            items = await j.items("calls:anthropic"), await j.items("batches:openai")
+            await j.refresh()
+            sid = await j.check_server()
+            return j._base, items, sid
+        finally:
+            await j.close()
+    base, (calls, batches), sid = asyncio.run(go())
+    assert calls == {"k1": {"space": "calls:anthropic"}} and batches == {"k1": {"space": "batches:openai"}, "k2": [1, 2]}
+    keys = [k for ks in redis_cluster.keys(base + "*").values() for k in ks]
+    assert {base + s for s in ("batches:openai", "calls:anthropic", "tally:openai")} <= set(keys)
+    assert rewrites == [1] and base.startswith("{") and len({key_slot(k.encode()) for k in keys}) == 1
+    import redis
+
+    with redis.Redis(port=redis_cluster.node_of(keys[0])) as c:
+        assert sid == c.info("server")["run_id"]  # the node that holds them, not the one the URL names
+
+
+def test_a_single_redis_ledger_keeps_its_key_names(redis_server):
+    """``redis_cluster`` off (the default): the ledger's keys are named as before, with no hash tag, so an engine
+    upgraded on its single Redis finds the spend it counted."""
+    from actors.budget import BudgetController
+
+    prefix = f"sbtest-cl-single{next(_prefix)}"
+
+    async def go():
+        ctl = BudgetController(BudgetSettings(specs=(BudgetSpec(max_budget=3.0),), redis_url=redis_server.url,
+                                              redis_prefix=prefix))
+        try:
+            await ctl.check_ledger()
+            await ctl.reserve_many([Claim("s1", "acme", "openai", "gpt-5", "urgent", 1.0)])
+            await ctl.settle_many([("s1", 0.5)])
+        finally:
+            await ctl.close()
+    asyncio.run(go())
+    c = redis_server.client()
+    assert float(c.hget(f"{prefix}:w:global@0", "spent")) == pytest.approx(0.5)
+    assert not list(c.scan_iter(match="{" + prefix + "}*"))
