@@ -27,16 +27,28 @@ def _info(raw) -> dict[str, str]:
 
 
 def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    """``n`` ports free on 127.0.0.1, each with its cluster bus port (port + 10000, Redis's rule before 7.0's
+    ``cluster-port``, so Redis 6 runs the tests too) free as well."""
+    import random
+
+    rng, out = random.Random(), []
+    while len(out) < n:
+        port = rng.randrange(20000, 55000)
+        if port in out:
+            continue
+        socks = []
+        try:
+            for p in (port, port + 10000):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+        out.append(port)
+    return out
 
 
 class LocalCluster:
@@ -44,8 +56,7 @@ class LocalCluster:
     node's (a cluster client finds the others from it); ``urls``: each node's."""
 
     def __init__(self, tmp_dir) -> None:
-        ports = _free_ports(6)
-        self.ports, self._bus = ports[:3], ports[3:]  # the bus port given, not port + 10000 (maybe taken)
+        self.ports = _free_ports(3)
         self.dir = tmp_dir
         self.procs: list[subprocess.Popen] = []
         self._drains: list[threading.Thread] = []
@@ -54,10 +65,10 @@ class LocalCluster:
 
     def start(self) -> None:
         binary = shutil.which("redis-server")
-        for port, bus in zip(self.ports, self._bus, strict=True):
+        for port in self.ports:
             proc = subprocess.Popen(
                 [binary, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-                 "--cluster-port", str(bus), "--cluster-config-file", f"nodes-{port}.conf", "--save", "",
+                 "--cluster-config-file", f"nodes-{port}.conf", "--save", "",
                  "--appendonly", "no", "--dir", str(self.dir), "--loglevel", "notice"],
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             self.procs.append(proc)
@@ -122,8 +133,11 @@ class LocalCluster:
     def stop(self) -> None:
         for proc in self.procs:
             proc.terminate()
-        for proc, drain in zip(self.procs, self._drains, strict=False):
+        for proc in self.procs:  # a node that never became ready has no drain: waited for all the same
             proc.wait(10)
+        for drain in self._drains:
             drain.join(10)
+        for proc in self.procs:
             proc.stdout.close()
         self.procs.clear()
+        self._drains.clear()

@@ -216,3 +216,43 @@ def test_a_single_redis_ledger_keeps_its_key_names(redis_server):
     c = redis_server.client()
     assert float(c.hget(f"{prefix}:w:global@0", "spent")) == pytest.approx(0.5)
     assert not list(c.scan_iter(match="{" + prefix + "}*"))
+
+
+def test_a_paused_ledger_node_is_an_outage_whose_settlements_count_once_when_it_answers(redis_cluster):
+    """The node holding the ledger's slot paused (SIGSTOP) mid-run: claims are answered ``budget_unavailable`` at
+    once, settlements and a charge wait in the outbox, and once it answers each counts once (the cluster client
+    finds the node again; no other node holds a key of the ledger)."""
+    import os
+    import signal
+
+    from actors.budget import BudgetController
+
+    prefix = f"sbtest-cl-pause{next(_prefix)}"
+    b = BudgetSettings(specs=(BudgetSpec(max_budget=10.0),), redis_url=redis_cluster.url, redis_prefix=prefix,
+                       redis_cluster=True, redis_timeout_s=0.3, redis_retry_s=0.3)
+    node = redis_cluster.procs[redis_cluster.ports.index(redis_cluster.node_of("{" + prefix + "}:exp"))]
+
+    async def go():
+        ctl = BudgetController(b)
+        try:
+            await ctl.check_ledger()
+            claims = [Claim(f"p{i}", "acme", "openai", "gpt-5", "urgent", 2.0) for i in range(3)]
+            assert all(v.ok for v in await ctl.reserve_many(claims))
+            os.kill(node.pid, signal.SIGSTOP)
+            try:
+                await ctl.settle_many([("p0", 1.5), ("p1", 2.0)])
+                await ctl.charge_many([Charge("late-1", "acme", "openai", "gpt-5", 0.5)])
+                (v,) = await ctl.reserve_many([Claim("p9", "acme", "openai", "gpt-5", "urgent", 1.0)])
+                assert not v.ok and v.reason == "budget_unavailable"
+                assert (await ctl.report())["ledger"]["unsettled"] == 3
+            finally:
+                os.kill(node.pid, signal.SIGCONT)
+            await asyncio.wait_for(ctl._flusher, timeout=15)  # the outbox replayed once the node answers
+            await ctl.settle_many([("p0", 1.5)])  # sent again (a lost reply): counted once
+            rep = await ctl.report()
+            assert rep["ledger"]["unsettled"] == 0 and rep["ledger"]["rejected_settlements"] == 0
+            window = rep["budgets"][0]
+            assert window["spent_usd"] == pytest.approx(4.0) and window["reserved_usd"] == pytest.approx(2.0)
+        finally:
+            await ctl.close()
+    asyncio.run(go())
