@@ -68,8 +68,8 @@ class ScriptRefused(Exception):
 
 
 class ServerWatch:
-    """Mixed into ``RedisBudgetBook``, which provides ``client``, ``prefix``, ``route``, ``reservation_ttl_s``, ``_open``,
-    ``_settle_items``, ``_charge_items``."""
+    """Mixed into ``RedisBudgetBook``, which provides ``client``, ``prefix``, ``route`` (the key its scripts name),
+    ``reservation_ttl_s``, ``_open``, ``_settle_items``, ``_charge_items``."""
 
     def __init__(self) -> None:
         self._reopen_script = self.client.register_script(_REOPEN)

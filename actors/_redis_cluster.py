@@ -19,9 +19,8 @@ from typing import Any
 from engine.core.errors import ConfigError
 from engine.core.settings import masked_url
 
-__all__ = ["async_client", "check_cluster_modes", "cluster_errors", "cluster_mode", "config_get", "has_hash_tag", "mode_mismatch",
-           "namespace",
-           "server_info"]
+__all__ = ["async_client", "check_cluster_modes", "cluster_errors", "cluster_mode", "config_get", "has_hash_tag",
+           "mode_mismatch", "namespace", "server_info"]
 
 
 def has_hash_tag(key: str) -> bool:
@@ -131,12 +130,17 @@ def check_cluster_modes(settings: Any) -> None:
     for part, url, said in parts:
         if not url:
             continue
+        where = f"{part}.redis_url" if part != "journal" else _journal_source(settings)
+        if said and _database(url) not in (None, 0):  # redis-py's cluster client refuses it, in the actor
+            raise ConfigError(
+                f"setting {where}: {masked_url(url)} names database {_database(url)}, and a Redis Cluster has "
+                f"database 0 only ({part}.redis_cluster is true); end the URL with /0, or give another prefix "
+                f"({part}.redis_prefix) to keep its keys apart")
         if url not in asked:
             asked[url] = _cluster_enabled(url)
         enabled = asked[url]
         if enabled is None or enabled == said:
             continue
-        where = f"{part}.redis_url" if part != "journal" else _journal_source(settings)
         raise mode_mismatch(part, masked_url(url), enabled, where)
 
 
@@ -153,6 +157,15 @@ def mode_mismatch(part: str, url: str, enabled: bool, where: str = "") -> Config
     return ConfigError(
         f"setting {part}.redis_cluster: it is true, but the Redis at {url} ({where}) is not in cluster mode "
         f"(cluster_enabled:0); unset {env} for a single Redis, or point {where} at a node of the cluster")
+
+
+def _database(url: str) -> int | None:
+    """The database number a Redis URL names (its path or ``?db=``), or None."""
+    from urllib.parse import parse_qs, urlsplit
+
+    parts = urlsplit(url)
+    raw = parse_qs(parts.query).get("db", [parts.path.strip("/")])[0]
+    return int(raw) if raw.isdigit() else None
 
 
 def _journal_source(settings: Any) -> str:

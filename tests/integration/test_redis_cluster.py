@@ -62,6 +62,9 @@ def test_the_settings_of_each_part_are_checked_against_the_redis_they_name(redis
     with pytest.raises(ConfigError, match=r"budgets\.redis_cluster: it is true.*cluster_enabled:0"):
         check_cluster_modes(Settings(budgets={"redis_url": redis_server.url, "redis_cluster": True}))
     check_cluster_modes(Settings(budgets={"redis_url": redis_server.url}))  # a single Redis, as before
+    # A cluster has database 0 only: redis-py's cluster client refused /2 inside the cache actor, at its start.
+    with pytest.raises(ConfigError, match=r"cache\.redis_url: .* names database 2.* database 0 only"):
+        check_cluster_modes(Settings(cache={"redis_url": redis_cluster.url[:-1] + "2", "redis_cluster": True}))
 
 
 def test_engines_on_a_cluster_share_a_budget_atomically_and_count_each_dollar_once(redis_cluster):
