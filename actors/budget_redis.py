@@ -69,8 +69,10 @@ _STATE_CODES = ("OOM", "READONLY", "NOPERM", "MISCONF", "BUSY", "LOADING", "MAST
                 "CROSSSLOT", "CLUSTERDOWN", "MOVED", "ASK")
 # A cluster node refusing a key it does not serve inside a script (Redis 7 words it so, with no code): read as a
 # refusal, the settlement was settled again one by one over what its first try wrote, then dropped (a $0.80
-# settlement counted $1.60, its reservation released twice; docs/budgets.md, Redis Cluster).
-_NOT_LOCAL = re.compile(r"non local key|do not hash to the same slot")
+# settlement counted $1.60, its reservation released twice; docs/budgets.md, Redis Cluster). And a cluster down
+# that serves reads (cluster-allow-reads-when-down yes) runs the script, EVALSHA being no write command, and stops it
+# at its first write: read as a refusal, the settlement was dropped, its spend never counted (a review).
+_NOT_LOCAL = re.compile(r"non local key|do not hash to the same slot|the cluster is down")
 # Redis 6.2 and older wrap such an error in "Error running script (call to f_...): @user_script:N: ...", the code
 # after a dash: read as a refusal, a full Redis's settlements were dropped there, uncounted (a review).
 _WRAPPED_STATE = re.compile(r"\s-(?:" + "|".join(_STATE_CODES) + r")\b")

@@ -259,3 +259,80 @@ def test_a_paused_ledger_node_is_an_outage_whose_settlements_count_once_when_it_
         finally:
             await ctl.close()
     asyncio.run(go())
+
+
+def _slots_down(cluster, port: int):
+    """Take one slot of the node at ``port`` out of every node's view: the cluster is down (a slot no node
+    serves), as a master lost before its failover is. Returns how to give it back."""
+    import redis
+
+    (lo, *_), = [s for s in _slot_ranges(cluster) if s[1] == port]
+    for p in cluster.ports:
+        with redis.Redis(port=p, socket_timeout=2.0) as c:
+            c.execute_command("CLUSTER", "DELSLOTS", lo)
+
+    def back():
+        with redis.Redis(port=port, socket_timeout=2.0) as c:
+            c.execute_command("CLUSTER", "ADDSLOTS", lo)
+        cluster._wait_agreed()
+    return back
+
+
+def _slot_ranges(cluster) -> list[tuple[int, int]]:
+    """(first slot, port) of each range the cluster serves."""
+    import redis
+
+    with redis.Redis(port=cluster.ports[0], socket_timeout=2.0) as c:
+        return [(int(lo), int(port)) for lo, _, (_, port, *_), *_ in c.execute_command("CLUSTER", "SLOTS")]
+
+
+def test_a_cluster_down_that_serves_reads_is_an_outage_whose_settlement_counts_once_when_it_is_back(redis_cluster):
+    """With ``cluster-allow-reads-when-down yes`` a down cluster runs the ledger's script (EVALSHA is no write
+    command) and stops it at its first write: "Script attempted to execute a write command while the cluster is
+    down and readonly". Before, that read as a refusal: the settlement was dropped (``rejected_settlements``), its
+    spend never counted. Nothing was written before the refusal, so the outbox's replay counts it once."""
+    import time
+
+    import redis
+
+    from actors.budget import BudgetController
+
+    prefix = f"sbtest-cl-down{next(_prefix)}"
+    ledger = redis_cluster.node_of("{" + prefix + "}:exp")
+    other = next(p for p in redis_cluster.ports if p != ledger)
+    b = BudgetSettings(specs=(BudgetSpec(max_budget=10.0),), redis_url=redis_cluster.url, redis_prefix=prefix,
+                       redis_cluster=True, redis_timeout_s=0.5, redis_retry_s=0.2)
+    node = redis.Redis(port=ledger, socket_timeout=2.0)
+
+    def down_seen() -> None:  # the node's own state, polled within a bound: nothing to wait on instead
+        end = time.monotonic() + 10
+        while "cluster_state:fail" not in node.execute_command("CLUSTER", "INFO").decode():
+            assert time.monotonic() < end, "the cluster never went down"
+            time.sleep(0.02)
+
+    async def go():
+        ctl = BudgetController(b)
+        try:
+            await ctl.check_ledger()
+            assert all(v.ok for v in await ctl.reserve_many([Claim("d1", "acme", "openai", "gpt-5", "urgent", 2.0)]))
+            node.config_set("cluster-allow-reads-when-down", "yes")
+            back = _slots_down(redis_cluster, other)
+            try:
+                down_seen()
+                await ctl.settle_many([("d1", 1.5)])
+                rep = await ctl.report()
+                assert rep["ledger"]["rejected_settlements"] == 0 and rep["ledger"]["unsettled"] == 1
+            finally:
+                back()
+                node.config_set("cluster-allow-reads-when-down", "no")
+            await asyncio.wait_for(ctl._flusher, timeout=15)  # the outbox replayed once the cluster is up
+            rep = await ctl.report()
+            assert rep["ledger"]["unsettled"] == 0 and rep["ledger"]["rejected_settlements"] == 0
+            window = rep["budgets"][0]
+            assert window["spent_usd"] == pytest.approx(1.5) and window["reserved_usd"] == pytest.approx(0.0)
+        finally:
+            await ctl.close()
+    try:
+        asyncio.run(go())
+    finally:
+        node.close()

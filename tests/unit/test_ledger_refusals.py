@@ -49,6 +49,11 @@ CLUSTER = [
     "MOVED 3999 127.0.0.1:6381",
     "ASK 3999 127.0.0.1:6381",
     "CLUSTERDOWN The cluster is down",
+    # cluster-allow-reads-when-down yes: the script runs, its first write is refused (Redis 7, then Redis 6's words)
+    "ERR Script attempted to execute a write command while the cluster is down and readonly script: 70bdbe20, on "
+    "@user_script:54.",
+    "ERR Error running script (call to f_70bdbe20): @user_script:54: @user_script: 54: Lua script attempted to "
+    "execute a write command while the cluster is down and readonly ",
 ]
 
 
