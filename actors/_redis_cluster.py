@@ -24,10 +24,11 @@ __all__ = ["async_client", "check_cluster_modes", "cluster_errors", "cluster_mod
 
 
 def has_hash_tag(key: str) -> bool:
-    """Whether Redis Cluster hashes ``key`` by a tag: the first ``{`` followed, later, by a ``}`` with at least one
-    character between (Redis's own rule)."""
+    """Whether Redis Cluster hashes ``key`` by a tag: the first ``{`` and the first ``}`` after it with at least one
+    character between (Redis's own rule: ``a{}b{c}`` is hashed whole, its later ``{c}`` is no tag; taken for one, a
+    ledger under that prefix had each key in a slot of its own, a review)."""
     i = key.find("{")
-    return i >= 0 and key.find("}", i + 2) > i + 1
+    return i >= 0 and key.find("}", i + 1) > i + 1
 
 
 def namespace(prefix: str, cluster: bool) -> str:

@@ -1,0 +1,27 @@
+"""The key names of a ledger and a journal on a Redis Cluster (``actors._redis_cluster.namespace``): every key of
+one ledger in one slot, as Redis hashes them (redis-py's ``key_slot`` follows Redis's rule); a single Redis's names
+as before. No Redis."""
+
+from __future__ import annotations
+
+import pytest
+from redis.crc import key_slot
+
+from actors._redis_cluster import namespace
+
+PREFIXES = ["smartbatch:budget", "{acme}:budget", "acme:{budget}", "a{}b", "a{}b{c}", "{}{x}", "x}{y", "{"]
+SUFFIXES = [":exp", ":spend", ":specs", ":probe", ":w:tenant=acme/1d@1700000000", ":c:r1", ":s:r1", ":x:charge-9"]
+
+
+@pytest.mark.parametrize("prefix", PREFIXES)
+def test_every_key_of_a_ledger_on_a_cluster_hashes_to_one_slot(prefix):
+    """Before (a review), a prefix whose first ``{`` closed at once (``a{}b{c}``) was taken as holding a hash tag
+    already and used as given; Redis hashes such a key whole, so each key of the ledger went to its own slot, and
+    every script met a key of another node (an outage for good)."""
+    ns = namespace(prefix, True)
+    assert len({key_slot((ns + s).encode()) for s in SUFFIXES}) == 1, ns
+
+
+@pytest.mark.parametrize("prefix", PREFIXES)
+def test_a_single_redis_keeps_the_prefix_as_given(prefix):
+    assert namespace(prefix, False) == prefix
