@@ -119,9 +119,9 @@ def _cluster_enabled(url: str) -> bool | None:
         return None
 
 
-def check_cluster_modes(settings: Any) -> None:
+def check_cluster_modes(settings: Any, only: tuple[str, ...] = ("budgets", "cache", "journal")) -> None:
     """Raise ``ConfigError`` when a Redis the engine uses runs in cluster mode and its ``redis_cluster`` setting is
-    off, or the other way round. Each Redis set is asked once (``INFO cluster``)."""
+    off, or the other way round. Each Redis set is asked once (``INFO cluster``); ``only``: the parts checked."""
     parts = [("budgets", settings.budgets.redis_url, settings.budgets.redis_cluster),
              ("cache", settings.cache.redis_url, settings.cache.redis_cluster)]
     journal_url = settings.journal_redis_url()
@@ -129,14 +129,14 @@ def check_cluster_modes(settings: Any) -> None:
         parts.append(("journal", journal_url, settings.journal_redis_cluster()))
     asked: dict[str, bool | None] = {}
     for part, url, said in parts:
-        if not url:
+        if not url or part not in only:
             continue
         where = f"{part}.redis_url" if part != "journal" else _journal_source(settings)
         if said and _database(url) not in (None, 0):  # redis-py's cluster client refuses it, in the actor
             raise ConfigError(
                 f"setting {where}: {masked_url(url)} names database {_database(url)}, and a Redis Cluster has "
                 f"database 0 only ({part}.redis_cluster is true); end the URL with /0, or give another prefix "
-                f"({part}.redis_prefix) to keep its keys apart")
+                f"({'cache' if part == 'journal' else part}.redis_prefix) to keep its keys apart")
         if url not in asked:
             asked[url] = _cluster_enabled(url)
         enabled = asked[url]

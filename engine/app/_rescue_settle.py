@@ -11,6 +11,8 @@ one is settled (its room given back), one swept at its expiry within a day still
 
 from __future__ import annotations
 
+import asyncio
+
 __all__ = ["settle_claims"]
 
 
@@ -20,11 +22,15 @@ async def settle_claims(settings, claims: dict[str, float]) -> None:
     b = settings.budgets
     if not b.redis_url or not claims:
         return
-    from actors._redis_cluster import async_client, namespace
+    from actors._redis_cluster import async_client, check_cluster_modes, namespace
     from actors.budget_redis import RedisBudgetBook
     from engine.core.errors import ConfigError
     from engine.core.settings import masked_url
 
+    # Before the first script: a cluster node read as a single Redis (or the other way round) answered MOVED, said
+    # as "run again once it answers", which it never did; a script it did run met keys of other nodes midway, after
+    # its first writes, counted again by that run again (a review). The engine's start checks it after this.
+    await asyncio.to_thread(check_cluster_modes, settings, only=("budgets",))
     t = max(b.redis_timeout_s, 5.0)  # one call, at the start of a run: a slow answer is waited for, not given up
     client = async_client(b.redis_url, cluster=b.redis_cluster, timeout_s=t)
     try:

@@ -336,3 +336,19 @@ def test_a_cluster_down_that_serves_reads_is_an_outage_whose_settlement_counts_o
         asyncio.run(go())
     finally:
         node.close()
+
+
+def test_a_resume_s_settlement_on_a_cluster_node_named_as_a_single_redis_is_refused_before_any_script(redis_cluster):
+    """A resume settles the claims of a run cut off (``settle_claims``) before the engine starts, so before its
+    check of the cluster setting: before, a cluster node named as a single Redis answered MOVED, said as "run again
+    once it answers", which it never would (and a script the node did run met keys of other nodes after its first
+    writes, counted again by that run again). Now refused first, naming the setting, nothing written."""
+    from engine.app._rescue_settle import settle_claims
+    from engine.core.settings import Settings
+
+    prefix = _local_prefix(redis_cluster, redis_cluster.ports[0])  # its first keys on the node named: it runs
+    s = Settings(budgets={"redis_url": redis_cluster.url, "redis_prefix": prefix,
+                          "specs": [BudgetSpec(max_budget=5.0)]})
+    with pytest.raises(ConfigError, match=r"budgets\.redis_cluster.*SMARTBATCH_BUDGETS__REDIS_CLUSTER=true"):
+        asyncio.run(settle_claims(s, {f"r{k}": 0.5 for k in range(20)}))
+    assert not any(redis_cluster.keys(f"{prefix}:*").values())

@@ -25,3 +25,15 @@ def test_every_key_of_a_ledger_on_a_cluster_hashes_to_one_slot(prefix):
 @pytest.mark.parametrize("prefix", PREFIXES)
 def test_a_single_redis_keeps_the_prefix_as_given(prefix):
     assert namespace(prefix, False) == prefix
+
+
+def test_a_journal_url_naming_another_database_on_a_cluster_names_the_prefix_setting_it_has():
+    """The journal's keys take the cache's prefix (there is no ``journal.redis_prefix``): before, the error named
+    that setting, which the settings refuse (a review). Checked before any Redis is asked."""
+    from actors._redis_cluster import check_cluster_modes
+    from engine.core.errors import ConfigError
+    from engine.core.settings import Settings
+
+    with pytest.raises(ConfigError, match=r"journal\.redis_url: .* names database 2") as err:
+        check_cluster_modes(Settings(journal={"redis_url": "redis://127.0.0.1:1/2", "redis_cluster": True}))
+    assert "cache.redis_prefix" in str(err.value) and "journal.redis_prefix" not in str(err.value)
