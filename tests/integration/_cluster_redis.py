@@ -26,15 +26,35 @@ def _info(raw) -> dict[str, str]:
     return dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
 
 
+def _ephemeral() -> range:
+    """The ports the kernel hands out to ``bind(0)`` and to outgoing connections."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = map(int, f.read().split())
+        return range(lo, hi + 1)
+    except (OSError, ValueError):
+        return range(32768, 61000)  # Linux's default
+
+
+def _candidates() -> range | list[int]:
+    """Ports for the nodes: above Ray's worker ports (10002-19999) and, with their bus ports, outside the kernel's
+    ephemeral range. A port found free there and bound a moment later could be taken meanwhile by whatever the
+    other xdist worker runs (its Ray picks its ports by ``bind(0)`` then binds them, as does ``redis_server``), and
+    a node taking a port Ray had just picked could fail that Ray's start (a review)."""
+    eph = _ephemeral()
+    ports = [p for p in range(20000, 55000) if p not in eph and p + 10000 not in eph]
+    return ports or range(20000, 55000)  # a machine whose ephemeral range leaves none: as before
+
+
 def _free_ports(n: int) -> list[int]:
     """``n`` ports free on 127.0.0.1, each with its cluster bus port (port + 10000, Redis's rule before 7.0's
-    ``cluster-port``, so Redis 6 runs the tests too) free as well."""
+    ``cluster-port``, so Redis 6 runs the tests too) free as well, none another's bus port."""
     import random
 
-    rng, out = random.Random(), []
+    rng, out, pool = random.Random(), [], _candidates()
     while len(out) < n:
-        port = rng.randrange(20000, 55000)
-        if port in out:
+        port = rng.choice(pool)
+        if {port, port + 10000} & {q + d for q in out for d in (0, 10000)}:
             continue
         socks = []
         try:
