@@ -51,7 +51,10 @@ def async_client(url: str, *, cluster: bool, timeout_s: float, retries: bool = T
     if cluster:
         from redis.asyncio.cluster import RedisCluster
 
-        return RedisCluster.from_url(url, **kw)
+        # Unbounded, as a single Redis's pool is: by default it holds 100 connections a node and raises
+        # MaxConnectionsError past them, at once, which the ledger (all on one node; its actor answers up to 1000
+        # calls at once) and the cache read as Redis down (300 claims at once: 200 budget_unavailable, a review).
+        return RedisCluster.from_url(url, max_connections=2**31, **kw)
     return aioredis.Redis.from_url(url, **kw)
 
 

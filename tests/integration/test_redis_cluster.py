@@ -352,3 +352,28 @@ def test_a_resume_s_settlement_on_a_cluster_node_named_as_a_single_redis_is_refu
     with pytest.raises(ConfigError, match=r"budgets\.redis_cluster.*SMARTBATCH_BUDGETS__REDIS_CLUSTER=true"):
         asyncio.run(settle_claims(s, {f"r{k}": 0.5 for k in range(20)}))
     assert not any(redis_cluster.keys(f"{prefix}:*").values())
+
+
+def test_more_claims_at_once_than_a_cluster_client_s_default_pool_are_all_answered(redis_cluster):
+    """The ledger's node is one node, and the budget actor answers hundreds of calls at once (max_concurrency
+    1000). redis-py's cluster client holds 100 connections per node by default and raises ``MaxConnectionsError``
+    past them, at once, where a single Redis's pool has no bound: before (a review), 300 claims at once had 200
+    answered ``budget_unavailable`` and the ledger marked down, on a ledger that was up."""
+    from actors.budget import BudgetController
+
+    prefix = f"sbtest-cl-many{next(_prefix)}"
+
+    async def go():
+        ctl = BudgetController(BudgetSettings(specs=(BudgetSpec(max_budget=1000.0),), redis_url=redis_cluster.url,
+                                              redis_prefix=prefix, redis_cluster=True))
+        try:
+            await ctl.check_ledger()
+            verdicts = await asyncio.gather(*(ctl.reserve_many([Claim(f"m{k}", "acme", "openai", "gpt-5", "urgent",
+                                                                      0.1)]) for k in range(300)))
+            rep = await ctl.report()
+            return [v.reason for (v,) in verdicts if not v.ok], rep
+        finally:
+            await ctl.close()
+    refused, rep = asyncio.run(go())
+    assert refused == [] and rep["ledger"]["up"] and rep["ledger"]["error"] is None
+    assert rep["budgets"][0]["reserved_usd"] == pytest.approx(30.0)
