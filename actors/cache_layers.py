@@ -283,10 +283,20 @@ class RedisLayer:
             self._failed(exc)
             self._buffer(items)
             return
+        # A cluster's pipeline answers a node that timed out or is away with an error per command (a single
+        # Redis's raises, above): Redis away, not a refusal; dropped as one, a paused node's writes were never
+        # written (a review). Kept for the replay, as a whole Redis away has them.
+        from redis.exceptions import ConnectionError as Unreachable
+        from redis.exceptions import TimeoutError as Unanswered
+
+        away = [(it, a) for it, a in zip(items, answers, strict=True) if isinstance(a, (Unreachable, Unanswered))]
+        if away:
+            self._failed(away[0][1])
+            self._buffer([it for it, _ in away])
         # A write the server refused (full under ``noeviction``, a read-only replica) is dropped, not buffered,
         # and Redis stays up for reads: marked down, a full Redis was read about once per retry interval (each
         # read replayed the refused writes, refused again), and what it held was generated again (a hunt).
-        refused = [a for a in answers if isinstance(a, Exception)]
+        refused = [a for a in answers if isinstance(a, Exception) and not isinstance(a, (Unreachable, Unanswered))]
         if refused and not self._refusing:
             log.warning("Redis at %s refuses writes (%s): results are not stored there, reads go on",
                         self.url, refused[0])
@@ -295,7 +305,8 @@ class RedisLayer:
         self._refusing = bool(refused)
         self.refused_writes += len(refused)
         self.dropped_writes += len(refused)  # never stored, as a write over the buffer's bounds
-        await self._recovered()
+        if not away:
+            await self._recovered()
 
     def _buffer(self, items: list[tuple[str, bytes, int]]) -> None:
         """Keep ``items`` for the replay; past either bound the oldest writes are dropped (counted)."""

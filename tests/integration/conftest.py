@@ -173,9 +173,10 @@ def own_redis(tmp_path):
     srv.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory):
-    """A real local Redis Cluster (three masters, no replicas) for a test module; each test uses its own prefix."""
+    """A real local Redis Cluster (three masters, no replicas) for the session (each start takes 2-4 s; three
+    modules use it); each test uses its own prefix, and one that pauses a node or takes slots down gives them back."""
     import shutil
 
     from tests.integration._cluster_redis import LocalCluster
