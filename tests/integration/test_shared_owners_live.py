@@ -12,11 +12,12 @@ from engine.core.result import Result
 
 
 def _responses_catalog():
-    """The default catalog with gpt-5-mini called through OpenAI's Responses API (a catalog overlay's ``api``)."""
+    """OpenAI alone (the one provider called: an engine starts no dispatcher of the others), with gpt-5-mini called
+    through its Responses API (a catalog overlay's ``api``)."""
     cat = default_catalog()
     openai = cat.providers["openai"]
     spec = openai.models["gpt-5-mini"].model_copy(update={"api": "responses"})
-    return cat.model_copy(update={"providers": {**cat.providers, "openai": openai.model_copy(
+    return cat.model_copy(update={"providers": {"openai": openai.model_copy(
         update={"models": {**openai.models, "gpt-5-mini": spec}})}})
 
 
