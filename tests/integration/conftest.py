@@ -12,6 +12,19 @@ REDIS_FIXTURES = frozenset({"redis_server", "own_redis", "redis_cluster"})
 # scripts/test runs the integration tests in two passes: the others on two workers, then the ``solo`` ones alone
 # (SMARTBATCH_SOLO=without, then =only). Unset, every test runs.
 SOLO_ENV = "SMARTBATCH_SOLO"
+# What each scope of the parallel pass takes (a module, or a class of one: what ``--dist loadscope`` keeps on one
+# worker), in seconds of its tests' setup, call and teardown (``--durations=0``), measured in stop 75 with other
+# work on the machine (about 1.5x a quiet one's: the order is what counts); one not named is taken for short (under
+# 10 s). The pass hands scopes out longest first (below): a new long module belongs here.
+SCOPE_SECONDS = {
+    "test_engine.py": 166, "test_budget_stop_outbox.py": 106, "test_http_engine.py": 74, "test_serve_crash.py": 72,
+    "test_driver_crash.py": 60, "test_chaos.py": 52, "test_shared_engine.py": 51, "test_budget_faults_hunt.py": 50,
+    "test_batch_crash.py": 40, "test_redis_faults.py": 35, "test_batch_crash_redis.py": 35,
+    "test_endpoint_live.py": 35, "test_reliability.py": 31, "test_serve_drain.py": 30, "test_release_faults.py": 26,
+    "test_flex_http.py": 23, "test_stop_crash.py": 21, "test_metrics_live.py": 21, "test_async_api.py": 19,
+    "test_budget_redis.py": 19, "test_parity_faults.py": 19, "test_hung_actor.py": 18, "test_batchfile_live.py": 13,
+    "test_driver_resume_live.py": 11, "test_engine.py::TestOnOneQuietEngine": 10,
+}
 
 
 def _redis_required() -> bool:
@@ -122,6 +135,12 @@ def _need_redis():
 
 def pytest_configure(config):
     check(SOLO_ENV, "the solo tests")
+    # pytest-xdist's loadscope hands scopes out by their number of tests, most first: the one-test modules, the
+    # longest of the pass among them (serving and killing real processes, 40-65 s each), came last, and the pass
+    # ended with one worker on such a test while the other had run dry. The order of collection (longest first,
+    # in ``pytest_collection_modifyitems``) is the one kept instead.
+    if getattr(config.option, "dist", "no") == "loadscope":
+        config.option.loadscopereorder = False
 
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
@@ -136,6 +155,16 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
 def pytest_collection_modifyitems(config, items):
     """Deselects by ``SMARTBATCH_SOLO``: ``only`` keeps the tests marked ``solo``, ``without`` the others."""
     select(SOLO_ENV, config, items, lambda item: item.get_closest_marker("solo") is not None)
+    if hasattr(config, "workerinput"):  # an xdist worker's collection, whose order its scheduler follows
+        # Longest scope first: the short ones left at the end even out the two workers' ends. A stable sort, so
+        # each scope's tests keep their order (a module's later tests may read what its earlier ones left on its
+        # shared engine).
+        items.sort(key=lambda item: -SCOPE_SECONDS.get(_scope(item), 0))
+
+
+def _scope(item: pytest.Item) -> str:
+    """The item's scope as ``--dist loadscope`` groups it (its node id up to the last ``::``), from its file's name."""
+    return item.nodeid.rsplit("::", 1)[0].rsplit("/", 1)[-1]
 
 
 @pytest.hookimpl(hookwrapper=True)
