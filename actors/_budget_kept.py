@@ -64,9 +64,10 @@ def _ledger(url: str, prefix: str) -> str:
     return f"{u.scheme}://{u.hostname}:{u.port or 6379}/{u.path.strip('/') or asked}|{prefix}"
 
 
-def keep_left(ray, budget, settings, engine: str) -> dict[str, Any] | None:
+def keep_left(ray, budget, settings, engine: str, where: str | Path | None = None) -> dict[str, Any] | None:
     """The engine stops: have ``budget`` wait for its Redis to take what waits for it, and keep what it has not
-    taken in a file. Returns the figures of what was left (None: nothing), for the stop's report."""
+    taken in a file, in ``where`` (the ledger's directory its start resolved, ``kept_dir``; None: resolved
+    here). Returns the figures of what was left (None: nothing), for the stop's report."""
     if not settings.budgets.redis_url:
         return None
     wait = settings.journal.ledger_wait_s
@@ -80,7 +81,7 @@ def keep_left(ray, budget, settings, engine: str) -> dict[str, Any] | None:
     if not left:
         return None
     records = left.pop("records")
-    path = kept_dir(settings) / f"{time.time_ns()}-{secrets.token_hex(4)}{_SUFFIX}"
+    path = Path(where or kept_dir(settings)) / f"{time.time_ns()}-{secrets.token_hex(4)}{_SUFFIX}"
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # spend, and who spent it: the owner's alone
         tmp = path.with_suffix(".tmp")

@@ -211,15 +211,10 @@ class Pulling:
         bounded time, then kept on disk for the next engine on that ledger (``actors._budget_kept``); the kept
         report's budget and providers say what the stop settled and what was left. Asked before the cancel, the
         controller was killed before it took those settlements: counted by no ledger, in no file."""
-        from actors._budget_kept import keep_left
+        from engine.app._ledger_stop import keep_ledger
 
-        try:
-            _through_restarts(self._ray, lambda: [d.spend_told.remote() for d in self._h["dispatchers"].values()],
-                              time.monotonic() + LAST_REPORT_S)
-        except Exception as exc:
-            log.warning("engine %s: settlements not all told to the ledger at its stop (%s)", self.name,
-                        type(exc).__name__)
-        left = keep_left(self._ray, self._h.get("budget"), self.settings, self.name)  # none: no ledger to ask
+        left = keep_ledger(self._ray, self.name, self._h.get("budget"), list(self._h["dispatchers"].values()),
+                           self.settings, self._ledger_dir)  # (its start's directory: ``ledger_home``)
         if self._h.get("kept") is not None:  # the files taken back at the start: deleted, or given back
             self._h["kept"].finish(left)
         rep = self._last_report

@@ -142,6 +142,10 @@ def stale_engine(name: str) -> bool:
 class SharedEngine:
     """Mixed into ``Engine``."""
 
+    # Where a stop keeps what a Redis ledger has not taken, as the engine's start resolved it (``ledger_home``):
+    # set by ``_publish_layout`` and ``connect``; None (resolved by the stop) before either ran.
+    _ledger_dir: str | None = None
+
     @classmethod
     def connect(cls, name: str, *, address: str = "auto", micro_batch: int = 1000, flush_ms: float = 2.0,
                 max_pending: int = 100_000, overload: str = "block", submit_timeout_s: float = 60.0,
@@ -175,6 +179,7 @@ class SharedEngine:
             if started and not cls._running_engines:
                 ray.shutdown()
             raise
+        eng._ledger_dir = layout.get("ledger_dir")
         eng.metrics_url = layout.get("metrics_url")
         eng.metrics_port = layout.get("metrics_port")
         eng.metrics_urls = layout.get("metrics_urls") or ([eng.metrics_url] if eng.metrics_url else [])
@@ -194,10 +199,11 @@ class SharedEngine:
 
         from actors._peer import read_layout, running_engines
         from actors.remote import attach_actors, cancel_work, kill_engine, settle
+        from engine.app._ledger_stop import keep_named
 
         started = _attach(name, address, flag)
         try:
-            if read_layout(name) is None:
+            if (layout := read_layout(name)) is None:
                 raise ConfigError(f"no engine named {name!r} runs on this Ray cluster (running: "
                                   f"{', '.join(running_engines()) or 'none'})")
             attached = attach_actors(name) if drain_s > 0 else None
@@ -209,7 +215,9 @@ class SharedEngine:
                     settle(attached[0], drain_s)
                 except KeyboardInterrupt:  # leave now: the stop below cancels what is still under way
                     pass
-            return kill_engine(name)
+            # What its ledger's Redis has not taken is kept as the engine's own driver's stop keeps it: killed
+            # with the budget controller, it was kept in no file, its spend counted by no ledger.
+            return kill_engine(name, at_ledger=lambda: keep_named(ray, name, layout))
         finally:
             if started:
                 ray.shutdown()
@@ -297,8 +305,10 @@ class SharedEngine:
 
     def _publish_layout(self, policy: str, detached: bool) -> None:
         from actors._peer import publish_layout
+        from engine.app._ledger_stop import ledger_home
 
-        publish_layout(self._h["engine"], {
+        self._ledger_dir = ledger_home(self.settings)
+        publish_layout(self._h["engine"], {"ledger_dir": self._ledger_dir,
             "kinds": list(self._h["named"]), "settings": self.settings, "catalog": self.catalog, "policy": policy,
             "detached": detached, "metrics_url": self.metrics_url, "metrics_port": self.metrics_port,
             "metrics_urls": self.metrics_urls})

@@ -200,3 +200,46 @@ def test_a_ctrl_c_while_the_stop_reads_its_report_or_keeps_its_ledger_still_kill
         eng.stop()  # stopped already: returns at once
     finally:
         kill_engine(eng._h["engine"], handles)  # (left running on the code before: not in the next tests' way)
+
+
+def test_a_detached_engine_stopped_by_name_while_redis_is_away_keeps_its_outbox_for_the_next_engine(
+        own_redis, ray_session, tmp_path):
+    """``Engine.stop_named`` (``smartbatch stop --name``) of a detached engine while its ledger's Redis is away:
+    the stop killed the budget controller with what waited for Redis in it, kept in no file (only a driver's own
+    stop kept it): a settlement's spend and a charge were counted by no ledger, the claim held its room until it
+    expired, then was released with its spend forgotten."""
+    import secrets
+
+    import ray
+
+    from engine import Engine
+    from engine.core.settings import JournalSettings, Settings
+    from tests.integration._catalogs import OPENAI_ONLY
+
+    settings = Settings(budgets=_budgets(own_redis.url),
+                        journal=JournalSettings(ledger_dir=tmp_path / "ledgers", ledger_wait_s=0.5))
+    name = f"stopledger-{secrets.token_hex(3)}"
+    eng = Engine.start(settings, catalog=OPENAI_ONLY, policy="naive", metrics_port=None, name=name, detached=True)
+    try:
+        budget = eng._h["named"]["budget"]
+        assert all(v.ok for v in ray.get(budget.reserve_many.remote(_claims("a0", "a1", usd=2.0)), timeout=30))
+        os.kill(own_redis.proc.pid, signal.SIGSTOP)
+        try:
+            ray.get(budget.settle_many.remote([("a0", 1.5)]), timeout=30)
+            ray.get(budget.charge_many.remote([Charge("late:m1", "acme", "openai", "gpt-5-mini", 0.5)]), timeout=30)
+            eng.stop()  # this driver leaves; the engine runs on
+            Engine.stop_named(name)  # stopped with Redis still paused
+        finally:
+            os.kill(own_redis.proc.pid, signal.SIGCONT)
+    finally:
+        eng.shutdown()  # (stopped already: returns at once; on a failure above, nothing left running)
+    kept = list((tmp_path / "ledgers").rglob("*.outbox"))
+
+    with Engine.start(settings, catalog=OPENAI_ONLY, policy="naive", metrics_port=None) as again:
+        rep = again.report()["budget"]
+    (row,) = rep["budgets"]
+    # Taken back and sent: a0's $1.5 and the $0.5 charge counted once, a1 still held (before: 0 spent, 4 held,
+    # and no file kept).
+    assert (row["spent_usd"], row["reserved_usd"], rep["charged_usd"]) == (
+        pytest.approx(2.0), pytest.approx(2.0), 0.5), rep
+    assert len(kept) == 1 and not kept[0].exists(), kept  # (the start that took it back removed it)

@@ -1,0 +1,65 @@
+"""A Redis budget ledger's outbox at an engine's stop, whoever stops it: its own driver (``Engine.stop``,
+``shutdown``) or another process by its name (``Engine.stop_named``, ``smartbatch stop --name``). Both keep what
+Redis has not taken in the same file, under the directory the engine's start resolved (``ledger_home``, published
+in its layout), which the next engine on that ledger takes back (``actors._budget_kept``).
+
+Only a driver's own stop kept it: ``stop_named`` killed the budget controller with what waited for Redis in it,
+the spend of those settlements and charges counted by no ledger (a hard budget passable unseen).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+__all__ = ["keep_ledger", "keep_named", "ledger_home"]
+
+log = logging.getLogger("smartbatch.driver")
+
+
+def ledger_home(settings) -> str | None:
+    """Where the stops of an engine on ``settings`` keep what its Redis ledger has not taken (None: no Redis
+    ledger), resolved by the process that starts it: a stop from another shell (``smartbatch stop --name``, with
+    another ``$XDG_STATE_HOME``, working directory or home) kept it where the next ``serve`` of that engine, started
+    as the first was, would not look."""
+    if not settings.budgets.redis_url:
+        return None
+    from actors._budget_kept import kept_dir
+
+    return str(kept_dir(settings).absolute())
+
+
+def keep_ledger(ray: Any, engine: str, budget, dispatchers: list, settings, where: str | None = None
+                ) -> dict[str, Any] | None:
+    """Once ``dispatchers`` have cancelled what the stop cut short (``kill_engine``): have them say the ledger
+    took what they settled, then keep what its Redis has not taken (``keep_left``, in ``where``). Returns what
+    was left (None: nothing; no Redis ledger)."""
+    from actors._budget_kept import keep_left
+    from engine.app._driver_pull import LAST_REPORT_S, _through_restarts
+
+    if budget is None:
+        return None
+    try:
+        _through_restarts(ray, lambda: [d.spend_told.remote() for d in dispatchers], time.monotonic() + LAST_REPORT_S)
+    except Exception as exc:
+        log.warning("engine %s: settlements not all told to the ledger at its stop (%s)", engine, type(exc).__name__)
+    return keep_left(ray, budget, settings, engine, where)
+
+
+def keep_named(ray: Any, engine: str, layout: dict) -> dict[str, Any] | None:
+    """``keep_ledger`` for a stop by name: the actors found by their names, the settings and directory its layout
+    (read before the stop removed it) published."""
+    from actors.remote import NAMESPACE, actor_name
+
+    def actor(kind: str):
+        try:
+            return ray.get_actor(actor_name(engine, kind), namespace=NAMESPACE)
+        except ValueError:  # gone already: nothing to ask
+            return None
+
+    kinds = layout.get("kinds", [])
+    dispatchers = [d for k in kinds if k.startswith("dispatcher-") and (d := actor(k)) is not None]
+    settings = layout["settings"]
+    return keep_ledger(ray, engine, actor("budget") if "budget" in kinds else None, dispatchers, settings,
+                       layout.get("ledger_dir") or ledger_home(settings))
