@@ -72,7 +72,7 @@ def keep_left(ray, budget, settings, engine: str, where: str | Path | None = Non
         return None
     wait = settings.journal.ledger_wait_s
     try:
-        left = ray.get(budget.leave.remote(wait), timeout=wait + 2 * settings.budgets.redis_timeout_s + 30.0)
+        left = _leave(ray, budget, wait, wait + 2 * settings.budgets.redis_timeout_s + 30.0)
     except Exception as exc:
         log.error("engine %s: the budget ledger did not say what waits for its Redis at the stop (%s): whatever "
                   "it held is dropped with the engine, its claims released at their expiry", engine,
@@ -103,6 +103,26 @@ def keep_left(ray, budget, settings, engine: str, where: str | Path | None = Non
               "sent by the next engine started on this ledger (journal.ledger_dir)", engine, left["redis_url"],
               wait, left["error"], left["settlements"], left["charges"], left["unsettled_usd"], path)
     return left
+
+
+def _leave(ray, budget, wait_s: float, call_s: float) -> dict[str, Any]:
+    """``budget.leave(wait_s)``, asked again while Ray restarts a controller that died in it (within
+    ``RESTART_AT_STOP_S`` more): its successor reads its outbox back from Ray's store first. The death taken for
+    the answer, nothing was kept, and the spend waiting for Redis was counted by no ledger. One dead for good
+    (another stop killed it, and kept what it held) raises."""
+    from actors._engine_stop import RESTART_AT_STOP_S, _gone
+    from actors._peer import RESTART_POLL_S, restarting
+
+    give_up = time.monotonic() + call_s + RESTART_AT_STOP_S
+    while True:
+        try:
+            return ray.get(budget.leave.remote(wait_s), timeout=max(0.001, min(call_s, give_up - time.monotonic())))
+        except ray.exceptions.RayActorError as exc:
+            if time.monotonic() + RESTART_POLL_S >= give_up or not (restarting(exc) or not _gone(budget, give_up)):
+                raise
+            log.warning("budget ledger: its controller died in the stop (%s); asked again once Ray restarted it",
+                        type(exc).__name__)
+        time.sleep(RESTART_POLL_S)  # a pause between asks of a restarting actor, not a wait for its answer
 
 
 class KeptClaims:

@@ -11,7 +11,15 @@ import ray
 
 from actors._cancel import CANCEL_CALL_S
 from actors._dispatch_outbox import SPEND_WAIT_S
-from actors._peer import RESTART_POLL_S, ClockRef, read_layout, resolve_clock, restarting, unpublish_clock
+from actors._peer import (
+    RESTART_POLL_S,
+    ClockRef,
+    read_layout,
+    resolve_clock,
+    restarting,
+    unpublish_clock,
+    unpublish_layout,
+)
 
 __all__ = ["kill_engine"]
 
@@ -59,7 +67,9 @@ def kill_engine(engine: str, handles: list | None = None, dispatchers: Mapping |
         # What a dispatcher Ray restarts in the stop needs, read before the stop removes it (``_stop_restarted``).
         clock = resolve_clock(ClockRef(engine))[0]
         copy = _journal_copy(engine) if last else None
-        unpublish_clock(engine)  # first: drivers attached to it see it gone rather than a half-stopped engine
+        # First: drivers attached to it see it gone rather than a half-stopped engine. Its journals in Ray's store
+        # stay until the controller is dead (``_clean_once_dead``): one that dies in the stop reads them back.
+        unpublish_layout(engine)
         n = _kill(rest)
         for step, what in ((lambda: _cancel_batches(engine, last, clock, copy), "cancel"),
                            (at_ledger, "keeping of its ledger")):

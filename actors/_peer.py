@@ -263,13 +263,21 @@ def publish_clock(engine: str, clock, base: float = 0.0) -> None:
 def unpublish_clock(engine: str) -> None:
     """Remove what the engine published (its clock and its layout) and what its runs journaled in Ray's store (a
     Redis ledger's outbox, ``actors._kv_journal``): the engine is gone, nobody reads them."""
-    from ray.experimental import internal_kv
-
     from actors._kv_journal import drop_engine
+
+    unpublish_layout(engine, drop_engine)
+
+
+def unpublish_layout(engine: str, *more) -> None:
+    """Remove the engine's clock and layout (and run ``more``, each Ray failing alone): drivers see it gone. Its
+    journals stay: the stop does this first, and a budget controller that dies in it reads its outbox (a memory
+    ledger, its copy) back from them (removed with the clock at the stop's first step, the successor had nothing
+    to give: the spend waiting for Redis was counted by no ledger)."""
+    from ray.experimental import internal_kv
 
     for drop in (lambda: internal_kv._internal_kv_del(f"{engine}:clock", namespace=_CLOCK_NS),
                  lambda: internal_kv._internal_kv_del(f"{engine}:layout", namespace=_CLOCK_NS),
-                 lambda: drop_engine(engine)):
+                 *(lambda f=f: f(engine) for f in more)):
         try:
             drop()
         except Exception:  # Ray is already down: nothing is left to clean

@@ -243,3 +243,54 @@ def test_a_detached_engine_stopped_by_name_while_redis_is_away_keeps_its_outbox_
     assert (row["spent_usd"], row["reserved_usd"], rep["charged_usd"]) == (
         pytest.approx(2.0), pytest.approx(2.0), 0.5), rep
     assert len(kept) == 1 and not kept[0].exists(), kept  # (the start that took it back removed it)
+
+
+def test_a_budget_controller_that_dies_while_the_stop_waits_for_redis_still_keeps_its_outbox(
+        own_redis, ray_session, tmp_path, monkeypatch):
+    """The budget controller's process dies as the stop asks it what waits for Redis (``leave``); Ray restarts it.
+    The stop took the death for an answer: "not asked", nothing kept, and it had removed the controller's journal
+    of its outbox from Ray's store at its start, so the restarted one had nothing to give either: the spend of
+    those settlements and charges was counted by no ledger."""
+    import ray
+
+    import actors._budget_kept as budget_kept
+    from engine import Engine
+    from engine.core.settings import JournalSettings, Settings
+    from tests.integration._catalogs import OPENAI_ONLY
+
+    settings = Settings(budgets=_budgets(own_redis.url),
+                        journal=JournalSettings(ledger_dir=tmp_path / "ledgers", ledger_wait_s=0.5))
+    keep_left = budget_kept.keep_left
+
+    def dies_in_leave(ray_, budget, *args):
+        def die_at_the_next_read_back(ctl) -> None:  # (run in the controller: ``leave`` reads its outbox back first)
+            async def die() -> None:
+                os._exit(1)
+            ctl._restored_first = die
+        ray.get(budget.__ray_call__.remote(die_at_the_next_read_back), timeout=30)
+        return keep_left(ray_, budget, *args)
+
+    with Engine.start(settings, catalog=OPENAI_ONLY, policy="naive", metrics_port=None) as eng:
+        budget = eng._h["named"]["budget"]
+        assert all(v.ok for v in ray.get(budget.reserve_many.remote(_claims("a0", "a1", usd=2.0)), timeout=30))
+        os.kill(own_redis.proc.pid, signal.SIGSTOP)
+        try:
+            ray.get(budget.settle_many.remote([("a0", 1.5)]), timeout=30)
+            ray.get(budget.charge_many.remote([Charge("late:m1", "acme", "openai", "gpt-5-mini", 0.5)]), timeout=30)
+        except BaseException:
+            os.kill(own_redis.proc.pid, signal.SIGCONT)
+            raise
+        monkeypatch.setattr(budget_kept, "keep_left", dies_in_leave)
+    try:  # stopped with Redis still paused
+        left = eng.report()["budget"]["ledger"].get("left_at_stop")
+    finally:
+        os.kill(own_redis.proc.pid, signal.SIGCONT)
+    monkeypatch.undo()
+
+    with Engine.start(settings, catalog=OPENAI_ONLY, policy="naive", metrics_port=None) as again:
+        rep = again.report()["budget"]
+    (row,) = rep["budgets"]
+    # Kept by the restarted controller, taken back and sent: a0's $1.5 and the charge counted once.
+    assert (row["spent_usd"], row["reserved_usd"], rep["charged_usd"]) == (
+        pytest.approx(2.0), pytest.approx(2.0), 0.5), (rep, left)
+    assert (left["settlements"], left["charges"], left["unsettled_usd"]) == (1, 1, 2.0), left
