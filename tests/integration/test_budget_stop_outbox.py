@@ -294,3 +294,4 @@ def test_a_budget_controller_that_dies_while_the_stop_waits_for_redis_still_keep
     assert (row["spent_usd"], row["reserved_usd"], rep["charged_usd"]) == (
         pytest.approx(2.0), pytest.approx(2.0), 0.5), (rep, left)
     assert (left["settlements"], left["charges"], left["unsettled_usd"]) == (1, 1, 2.0), left
+
