@@ -110,7 +110,7 @@ def _leave(ray, budget, wait_s: float, call_s: float) -> dict[str, Any]:
     ``RESTART_AT_STOP_S`` more): its successor reads its outbox back from Ray's store first. The death taken for
     the answer, nothing was kept, and the spend waiting for Redis was counted by no ledger. One dead for good
     (another stop killed it, and kept what it held) raises."""
-    from actors._engine_stop import RESTART_AT_STOP_S, _gone
+    from actors._engine_stop import RESTART_AT_STOP_S
     from actors._peer import RESTART_POLL_S, restarting
 
     give_up = time.monotonic() + call_s + RESTART_AT_STOP_S
@@ -118,11 +118,25 @@ def _leave(ray, budget, wait_s: float, call_s: float) -> dict[str, Any]:
         try:
             return ray.get(budget.leave.remote(wait_s), timeout=max(0.001, min(call_s, give_up - time.monotonic())))
         except ray.exceptions.RayActorError as exc:
-            if time.monotonic() + RESTART_POLL_S >= give_up or not (restarting(exc) or not _gone(budget, give_up)):
+            if time.monotonic() + RESTART_POLL_S >= give_up or not (restarting(exc) or _back(ray, budget)):
                 raise
             log.warning("budget ledger: its controller died in the stop (%s); asked again once Ray restarted it",
                         type(exc).__name__)
         time.sleep(RESTART_POLL_S)  # a pause between asks of a restarting actor, not a wait for its answer
+
+
+def _back(ray, budget) -> bool:
+    """Whether ``budget``, whose call failed with its death, is restarting or back (a ping it answers), not dead
+    for good (the ping says so at once)."""
+    from actors._peer import restarting
+
+    try:
+        ray.get(budget.ping.remote(), timeout=SENT_CALL_S)
+    except ray.exceptions.RayActorError as exc:
+        return restarting(exc)
+    except Exception:  # noqa: BLE001 (not answering yet: restarting)
+        pass
+    return True
 
 
 class KeptClaims:

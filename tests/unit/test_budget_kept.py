@@ -195,3 +195,43 @@ def test_redis_answering_at_the_start_leaves_nothing_held(tmp_path):
     up = _Budget()
     up.sent.update(_RECORDS)
     assert kept.take_back_kept(_Ray, up, settings).held == [] and _files(settings) == []
+
+
+class _RayErrors(_Ray):
+    from ray import exceptions
+
+
+def _dies_in_leave(then: list) -> _Budget:
+    """A controller whose ``leave`` answers each of ``then`` in turn (an error raised), and whose ping says dead
+    for good once an ``ActorDiedError`` was raised (else it answers)."""
+    from ray.exceptions import ActorDiedError
+
+    b, asked = _Budget(), []
+
+    def leave(wait):
+        asked.append(wait)
+        return then[min(len(asked), len(then)) - 1]
+    b.leave, b.asked = _Method(leave), asked
+    b.ping = _Method(lambda: ActorDiedError() if any(isinstance(x, ActorDiedError) for x in then) else "pong")
+    return b
+
+
+def test_a_controller_that_dies_in_the_stop_s_leave_is_asked_again_once_restarted_and_its_outbox_kept(tmp_path):
+    """Its death was taken for the answer: nothing kept, the spend waiting for Redis counted by no ledger. Its
+    successor reads the outbox back from Ray's store (``tests/integration/test_budget_stop_outbox.py``)."""
+    from ray.exceptions import ActorUnavailableError
+
+    settings = _settings(tmp_path)
+    budget = _dies_in_leave([ActorUnavailableError("restarting", None), _left()])
+    left = kept.keep_left(_RayErrors, budget, settings, "e1")
+    assert len(budget.asked) == 2 and left["kept_in"] and len(_files(settings)) == 1, left
+
+
+def test_a_controller_another_stop_killed_is_not_waited_for(tmp_path):
+    """Dead for good (its ping says so): not asked again for the 10 s a restart may take; the other stop kept what
+    it held."""
+    from ray.exceptions import ActorDiedError
+
+    budget = _dies_in_leave([ActorDiedError()])
+    left = kept.keep_left(_RayErrors, budget, _settings(tmp_path), "e1")
+    assert len(budget.asked) == 1 and left == {"error": "not asked: ActorDiedError"}, left
